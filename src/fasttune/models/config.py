@@ -1,0 +1,166 @@
+"""ModelConfig: everything the one decoder needs, read from a transformers config (4.5x or 5.x layout).
+
+Family quirks are fields, not subclasses (DESIGN.md): `norm_offset` for Gemma's (1 + w) RMSNorm, `qk_norm` for
+Qwen3, `attn_logit_softcap`/`final_logit_softcap` and the four-norm block for Gemma 2, `embed_scale` for Gemma,
+`fused_qkv`/`fused_gate_up` for Phi-3, per-layer `sliding_window` from `layer_types`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from fasttune.errors import ModelLoadError
+
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
+
+
+@dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    hidden_act: str = "silu"
+    attn_bias: bool = False  # q/k/v bias (qwen2: True; llama: attention_bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
+    sandwich_norm: bool = False  # Gemma 2: post-attention and pre/post-feedforward norms
+    embed_scale: float | None = None  # Gemma: hidden * sqrt(hidden_size)
+    attn_scale: float | None = None  # None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None
+    final_logit_softcap: float | None = None
+    sliding_windows: list = field(default_factory=list)  # per layer: window size or None
+    tie_embeddings: bool = False
+    fused_qkv: bool = False
+    fused_gate_up: bool = False
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: Any = None
+
+    @property
+    def scaling(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    @classmethod
+    def from_hf(cls, hf) -> "ModelConfig":
+        """Build from a transformers PretrainedConfig (or a plain config.json dict)."""
+        get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
+        model_type = get("model_type")
+        if model_type not in SUPPORTED_FAMILIES:
+            raise ModelLoadError(
+                f"Architecture '{model_type}' is not supported by fasttune's decoder yet (supported: "
+                f"{', '.join(SUPPORTED_FAMILIES)}). Use a model of a supported family; a transformers+PEFT fallback "
+                f"for other architectures is planned."
+            )
+        hidden = get("hidden_size")
+        heads = get("num_attention_heads")
+        kv_heads = get("num_key_value_heads") or heads
+        head_dim = get("head_dim") or hidden // heads
+        layers = get("num_hidden_layers")
+        theta, scaling, partial = _rope_fields(get)
+        gemma = model_type in ("gemma", "gemma2")
+        act = get("hidden_activation") if gemma else get("hidden_act", "silu")
+        act = act or ("gelu_pytorch_tanh" if gemma else "silu")
+        if act not in ACTIVATIONS:
+            raise ModelLoadError(f"Activation '{act}' in the model config is not supported (supported: {ACTIVATIONS}).")
+
+        cfg = cls(
+            model_type=model_type,
+            vocab_size=get("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=get("intermediate_size"),
+            num_layers=layers,
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rms_norm_eps=get("rms_norm_eps", 1e-6),
+            rope_theta=theta,
+            rope_scaling=scaling,
+            partial_rotary_factor=partial,
+            max_position_embeddings=get("max_position_embeddings", 4096),
+            hidden_act=act,
+            tie_embeddings=bool(get("tie_word_embeddings", False)),
+            pad_token_id=get("pad_token_id"),
+            bos_token_id=get("bos_token_id"),
+            eos_token_id=get("eos_token_id"),
+        )
+        if model_type in ("llama", "mistral"):
+            cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+            cfg.mlp_bias = bool(get("mlp_bias", False))
+        elif model_type == "qwen2":
+            cfg.attn_bias = True
+        elif model_type == "qwen3":
+            cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+            cfg.qk_norm = True
+        elif gemma:
+            cfg.norm_offset = 1.0
+            cfg.embed_scale = math.sqrt(hidden)
+            cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+        if model_type == "gemma2":
+            cfg.sandwich_norm = True
+            cfg.attn_scale = get("query_pre_attn_scalar") ** -0.5
+            cfg.attn_logit_softcap = get("attn_logit_softcapping")
+            cfg.final_logit_softcap = get("final_logit_softcapping")
+        if model_type == "phi3":
+            cfg.fused_qkv = cfg.fused_gate_up = True
+            cfg.attn_bias = cfg.o_bias = False
+        cfg.sliding_windows = _sliding_windows(get, model_type, layers)
+        return cfg
+
+
+def _rope_fields(get) -> tuple[float, dict | None, float]:
+    """RoPE theta, scaling and partial factor from either transformers 5 `rope_parameters` or 4.x fields."""
+    params = get("rope_parameters") or {}
+    if params and not isinstance(params.get("rope_type", params.get("type", "")), str):
+        raise ModelLoadError("Per-layer-type rope_parameters (Gemma 3 style) are not supported by this decoder yet.")
+    legacy = get("rope_scaling") or {}
+    theta = params.get("rope_theta", get("rope_theta", 10000.0))
+    partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0
+    scaling = dict(params) if params.get("rope_type", "default") != "default" else dict(legacy) or None
+    if scaling is not None:
+        scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
+        if scaling["rope_type"] == "default":
+            scaling = None
+        elif scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
+            raise ModelLoadError(
+                f"RoPE scaling type '{scaling['rope_type']}' is not supported yet (supported: "
+                f"{', '.join(SUPPORTED_ROPE_TYPES)})."
+            )
+    return float(theta), scaling, float(partial)
+
+
+def _sliding_windows(get, model_type: str, layers: int) -> list:
+    window = get("sliding_window")
+    layer_types = get("layer_types")
+    if model_type == "qwen2" or model_type == "qwen3":
+        # Qwen only slides when use_sliding_window is set, and only from max_window_layers on (4.x semantics).
+        if not get("use_sliding_window", False):
+            return [None] * layers
+    if layer_types:
+        return [window if t == "sliding_attention" else None for t in layer_types]
+    if model_type == "gemma2":
+        return [window if i % 2 == 0 else None for i in range(layers)]
+    if model_type in ("qwen2", "qwen3"):
+        start = get("max_window_layers", layers)
+        return [window if i >= start else None for i in range(layers)]
+    if model_type in ("mistral", "phi3") and window:
+        return [window] * layers
+    return [None] * layers

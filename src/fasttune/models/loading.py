@@ -1,0 +1,185 @@
+"""Load weights into our decoder: local HF checkpoint folders (single or sharded safetensors, or .bin), .gguf files
+(dequantised through transformers' GGUF reader), and hub ids when online. Tokenizers come from the same place.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from fasttune.errors import ModelLoadError
+from fasttune.models.config import SUPPORTED_FAMILIES, ModelConfig
+from fasttune.models.decoder import CausalLM
+
+# Buffers some checkpoints carry that our decoder recomputes.
+_IGNORED_KEYS = ("rotary_emb.inv_freq", "masked_bias", ".attn.bias")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
+    """A local folder or .gguf file as is; otherwise a hub id, downloaded only when online."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return path
+    name = str(name_or_path)
+    looks_like_hub_id = name.count("/") == 1 and not name.startswith((".", "/", "~")) and not name.endswith(".gguf")
+    if not looks_like_hub_id:
+        raise ModelLoadError(
+            f"Model path '{name}' does not exist. Pass a folder with config.json and *.safetensors, a .gguf file, "
+            f"an adapter folder saved by fasttune/PEFT, or (online) a Hugging Face hub id such as 'org/model'."
+        )
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1":
+        raise ModelLoadError(
+            f"'{name}' is not a local path and the hub is disabled (HF_HUB_OFFLINE=1). Download the model once with "
+            f"`huggingface-cli download {name} --local-dir DIR` on a machine with network, then pass DIR."
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        local = snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"])
+    except Exception as e:  # network errors, gated repos, missing repos all mean the same to the user
+        raise ModelLoadError(
+            f"Could not download '{name}' from the Hugging Face hub ({type(e).__name__}: {e}). If you are offline, "
+            f"download it elsewhere and pass the local folder; if the repo is gated, log in with `huggingface-cli login`."
+        ) from None
+    return Path(local)
+
+
+def load_hf_config(folder: Path):
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").exists():
+        raise ModelLoadError(
+            f"'{folder}' has no config.json. A model folder needs config.json and *.safetensors (as written by "
+            f"`save_pretrained`); for a single .gguf file pass the file path itself."
+        )
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (ValueError, KeyError) as e:
+        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
+        raise ModelLoadError(
+            f"transformers cannot read {folder / 'config.json'} (model_type '{model_type}'): {e}"
+        ) from None
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).exists()]
+        if missing:
+            raise ModelLoadError(f"{index} lists shards that are missing: {', '.join(missing)}. Re-download the model.")
+        return [folder / s for s in shards]
+    files = sorted(folder.glob("*.safetensors"))
+    files = [f for f in files if not f.name.startswith("adapter_")]
+    if not files:
+        files = sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise ModelLoadError(f"No weights in '{folder}': expected model.safetensors, sharded safetensors with "
+                             f"model.safetensors.index.json, or pytorch_model.bin.")
+    return files
+
+
+def _iter_tensors(files: list[Path]):
+    from safetensors import safe_open
+
+    for f in files:  # one shard at a time keeps host memory near one shard
+        if f.suffix == ".safetensors":
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    yield k, sf.get_tensor(k)
+        else:
+            yield from torch.load(f, map_location="cpu", weights_only=True).items()
+
+
+def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[attr] = tensor
+
+
+def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> CausalLM:
+    """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between)."""
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    expected = dict(model.state_dict(keep_vars=True))
+    seen = set()
+    for name, t in tensors:
+        if name.startswith("model.") is False and f"model.{name}" in expected:
+            name = f"model.{name}"  # bare decoder checkpoints (no `model.` prefix)
+        if name not in expected:
+            if not name.endswith(_IGNORED_KEYS):
+                warnings.warn(f"{source}: ignoring unexpected tensor '{name}'.")
+            continue
+        if tuple(t.shape) != tuple(expected[name].shape):
+            raise ModelLoadError(f"{source}: tensor '{name}' has shape {tuple(t.shape)} but the config implies "
+                                 f"{tuple(expected[name].shape)}. The checkpoint and config.json do not match.")
+        assign_tensor(model, name, t.to(device=device, dtype=dtype))
+        seen.add(name)
+    if cfg.tie_embeddings:
+        seen.add("lm_head.weight")
+    elif "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:
+        warnings.warn(f"{source}: no lm_head.weight; tying it to the embeddings.")
+        cfg.tie_embeddings = True
+        seen.add("lm_head.weight")
+    missing = [k for k in expected if k not in seen]
+    if missing:
+        raise ModelLoadError(f"{source}: checkpoint lacks {len(missing)} tensors the config needs, e.g. "
+                             f"{', '.join(missing[:4])}. Is it a complete checkpoint of a '{cfg.model_type}' model?")
+    model.tie_weights()
+    model.requires_grad_(False)
+    return model
+
+
+def load_model(path: Path, dtype: torch.dtype, device) -> tuple[CausalLM, object]:
+    """Returns (model, transformers config). `path` is a resolved folder or .gguf file."""
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
+        return _load_gguf(path, dtype, device)
+    hf_config = load_hf_config(path)
+    cfg = ModelConfig.from_hf(hf_config)
+    model = build_model(cfg, _iter_tensors(_weight_files(path)), dtype, device, str(path))
+    return model, hf_config
+
+
+def _load_gguf(path: Path, dtype: torch.dtype, device):
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        meta = load_gguf_checkpoint(str(path), return_tensors=False)
+    except Exception as e:  # the reader raises bare Exceptions for corrupt/unsupported files
+        raise ModelLoadError(f"Cannot read GGUF file '{path}': {e}") from None
+    cfg_dict = dict(meta["config"])
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type not in SUPPORTED_FAMILIES:
+        ModelConfig.from_hf({"model_type": model_type})  # raises the unsupported-architecture error
+    hf_config = AutoConfig.for_model(model_type, **cfg_dict)
+    cfg = ModelConfig.from_hf(hf_config)
+    # transformers maps GGUF names to HF names using a (weightless) HF model of the same config.
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    model = build_model(cfg, parsed["tensors"].items(), dtype, device, str(path))
+    return model, hf_config
+
+
+def load_tokenizer(path: Path, required: bool = True):
+    from transformers import AutoTokenizer
+
+    try:
+        if path.is_file():
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError, TypeError) as e:
+        if required:
+            raise ModelLoadError(f"No usable tokenizer in '{path}' ({e}). Save the tokenizer beside the weights "
+                                 f"(tokenizer.json / tokenizer_config.json).") from None
+        return None

@@ -1,0 +1,55 @@
+"""Tiny random configs (hidden 64, 2 layers, GQA) for every family, and helpers to save them as HF checkpoints."""
+import torch
+
+TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=0)
+
+
+def hf_config(family: str, **overrides):
+    import transformers as tf
+
+    kw = dict(TINY)
+    if family == "llama":
+        cfg = tf.LlamaConfig(**kw, tie_word_embeddings=False)
+    elif family == "mistral":
+        cfg = tf.MistralConfig(**kw, sliding_window=None, tie_word_embeddings=False)
+    elif family == "qwen2":
+        cfg = tf.Qwen2Config(**kw, tie_word_embeddings=True)
+    elif family == "qwen3":
+        cfg = tf.Qwen3Config(**kw, head_dim=32, tie_word_embeddings=True)
+    elif family == "gemma":
+        cfg = tf.GemmaConfig(**kw, head_dim=16)
+    elif family == "gemma2":
+        cfg = tf.Gemma2Config(**kw, head_dim=16, sliding_window=4, query_pre_attn_scalar=16)
+    elif family == "phi3":
+        cfg = tf.Phi3Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    cfg._attn_implementation = "eager"
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    # Random norm weights so a wrong (1 + w) or norm placement shows in the logits.
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+    return model
+
+
+def save_hf(model, folder, tokenizer=None):
+    model.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    return folder
