@@ -1,0 +1,50 @@
+"""Batching of tokenized SFT examples."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def collate(
+    examples: Sequence[Mapping],
+    pad_token_id: int | None,
+    *,
+    pad_to_multiple_of: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Right-pad examples ({"input_ids", "labels"}) into long tensors.
+
+    Returns input_ids (padded with pad_token_id), attention_mask (1 real / 0 pad) and labels (-100 on
+    padding). Pad positions are masked in both attention and loss, so any pad id works; None means 0.
+    """
+    if not examples:
+        raise ValueError("collate() needs at least one example")
+    pad = 0 if pad_token_id is None else int(pad_token_id)
+    lengths = [len(ex["input_ids"]) for ex in examples]
+    width = max(lengths)
+    if pad_to_multiple_of:
+        width = -(-width // pad_to_multiple_of) * pad_to_multiple_of
+    batch = len(examples)
+    input_ids = torch.full((batch, width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    for row, (ex, n) in enumerate(zip(examples, lengths)):
+        ex_labels = ex.get("labels")
+        if ex_labels is None:
+            ex_labels = ex["input_ids"]
+        if len(ex_labels) != n:
+            raise ValueError(f"example {row}: labels has {len(ex_labels)} entries, input_ids has {n}")
+        input_ids[row, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
+        attention_mask[row, :n] = 1
+        labels[row, :n] = torch.as_tensor(ex_labels, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def count_targets(labels: torch.Tensor) -> int:
+    """Number of tokens that carry loss after the causal shift (position t predicts token t+1)."""
+    if labels.dim() == 1:
+        labels = labels.unsqueeze(0)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum().item())

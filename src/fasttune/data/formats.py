@@ -1,0 +1,249 @@
+"""Dataset layouts for SFT: which one a dataset uses, and per-row conversion to chat messages.
+
+Layouts, in detection priority:
+  tokenized          `input_ids` (+ optional `labels`), used exactly as given
+  messages           `messages`: [{"role": "user"|"assistant"|"system"|"tool", "content": str}, ...]
+  sharegpt           `conversations`: [{"from": "human"|"gpt"|"system"|"tool", "value": str}, ...]
+  alpaca             `instruction` + `output` (+ optional `input`)
+  prompt-completion  `prompt` + `completion`
+  text               one text column (`dataset_text_field`, default "text")
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from fasttune.errors import DataError
+
+FORMATS = ("tokenized", "messages", "sharegpt", "alpaca", "prompt-completion", "text")
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "system": "system",
+    "tool": "tool",
+}
+
+# Columns each layout needs ("text" is replaced by dataset_text_field).
+REQUIRED_COLUMNS = {
+    "tokenized": ("input_ids",),
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "alpaca": ("instruction", "output"),
+    "prompt-completion": ("prompt", "completion"),
+    "text": ("text",),
+}
+# Columns a layout reads when present.
+OPTIONAL_COLUMNS = {"tokenized": ("labels",), "alpaca": ("input",)}
+
+
+def layouts_help(dataset_text_field: str = "text") -> str:
+    return (
+        "'input_ids' (already tokenized, optional 'labels'), "
+        "'messages' (list of {role, content}), "
+        "'conversations' (ShareGPT: list of {from, value}), "
+        "'instruction' + 'output' (Alpaca, optional 'input'), "
+        "'prompt' + 'completion', "
+        f"or a text column '{dataset_text_field}' (set dataset_text_field to use another column)"
+    )
+
+
+def row_label(index: int, source_name: str | None = None) -> str:
+    """How error messages name a row: 0-based, the same index as `dataset[index]`."""
+    return f"Row {index} of {source_name}" if source_name else f"Row {index} of the dataset"
+
+
+def required_columns(data_format: str, dataset_text_field: str = "text") -> tuple[str, ...]:
+    cols = REQUIRED_COLUMNS[data_format]
+    return (dataset_text_field,) if data_format == "text" else cols
+
+
+def detect_format(
+    column_names: Iterable[str],
+    override: str | None = "auto",
+    *,
+    dataset_text_field: str = "text",
+    source_name: str | None = None,
+) -> str:
+    """Return the layout of a dataset with these columns (one of FORMATS).
+
+    `override` forces a layout (its required columns must exist); "auto" or None detects it.
+    """
+    columns = list(column_names)
+    where = source_name or "The dataset"
+    override = "auto" if override is None else str(override).strip().lower()
+    override = {"prompt_completion": "prompt-completion", "chatml": "messages", "conversations": "sharegpt"}.get(
+        override, override
+    )
+    if override != "auto":
+        if override not in FORMATS:
+            hint = " (preference data is for DPO/ORPO/KTO, not SFT)" if override == "preference" else ""
+            raise DataError(
+                f"Unknown data format '{override}'{hint}. Use one of: auto, {', '.join(FORMATS)}."
+            )
+        missing = [c for c in required_columns(override, dataset_text_field) if c not in columns]
+        if missing:
+            raise DataError(
+                f"{where} was declared as '{override}' data, but it has no column {' or '.join(map(repr, missing))} "
+                f"(columns found: {_names(columns)}). Rename the columns, or use data format 'auto' to detect the "
+                f"layout; accepted layouts are {layouts_help(dataset_text_field)}."
+            )
+        return override
+
+    for fmt in FORMATS:
+        if all(c in columns for c in required_columns(fmt, dataset_text_field)):
+            return fmt
+
+    hint = ""
+    if "chosen" in columns and "rejected" in columns:
+        hint = " It looks like preference data (chosen/rejected), which is for DPO/ORPO/KTO, not SFT."
+    elif "instruction" in columns:
+        hint = " It has 'instruction' but Alpaca data also needs an 'output' column."
+    elif "prompt" in columns:
+        hint = " It has 'prompt' but prompt-completion data also needs a 'completion' column."
+    raise DataError(
+        f"{where} has no column fasttune can train on (columns found: {_names(columns)}).{hint} "
+        f"Accepted layouts are {layouts_help(dataset_text_field)}; rename the columns to one of these, "
+        "or set dataset_text_field to the column that holds the text."
+    )
+
+
+def _names(columns: list[str]) -> str:
+    return ", ".join(repr(c) for c in columns) if columns else "none"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Row conversion
+
+
+def require_text(value: Any, where: str, field: str, *, allow_empty: bool = False) -> str:
+    """`value` as a string, or a DataError naming the row and field."""
+    if value is None:
+        raise DataError(f"{where}: field '{field}' is missing or null. Give every row a string '{field}'.")
+    if not isinstance(value, str):
+        raise DataError(
+            f"{where}: field '{field}' must be a string, but it is a {type(value).__name__} ({_preview(value)}). "
+            f"Store '{field}' as text in every row."
+        )
+    if not allow_empty and not value.strip():
+        raise DataError(
+            f"{where}: field '{field}' is empty. Remove the row or give it some text."
+        )
+    return value
+
+
+def validate_messages(raw: Any, where: str, field: str = "messages") -> list[dict]:
+    """Check an OpenAI-style message list and return a clean copy (null keys dropped).
+
+    A JSON string (as CSV files store lists) is parsed first.
+    """
+    return _convert_messages(raw, where, field, role_key="role", content_key="content", role_map=None)
+
+
+def sharegpt_to_messages(raw: Any, where: str, field: str = "conversations") -> list[dict]:
+    """ShareGPT turns ({from, value}; human/gpt/system/tool) -> OpenAI-style messages."""
+    return _convert_messages(raw, where, field, role_key="from", content_key="value", role_map=SHAREGPT_ROLES)
+
+
+def _convert_messages(
+    raw: Any, where: str, field: str, *, role_key: str, content_key: str, role_map: dict | None
+) -> list[dict]:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError:
+            raise DataError(
+                f"{where}: field '{field}' is a string that is not a JSON list of messages. "
+                f"'{field}' must be a list of {{{role_key}, {content_key}}} dicts."
+            ) from None
+    if raw is None or (isinstance(raw, (list, tuple)) and len(raw) == 0):
+        raise DataError(
+            f"{where}: field '{field}' is empty; every row needs at least one user and one assistant message."
+        )
+    if not isinstance(raw, (list, tuple)):
+        raise DataError(
+            f"{where}: field '{field}' must be a list of {{{role_key}, {content_key}}} dicts, "
+            f"but it is a {type(raw).__name__} ({_preview(raw)})."
+        )
+    messages = []
+    for j, turn in enumerate(raw):
+        at = f"{where}, {field}[{j}]"
+        if not isinstance(turn, Mapping):
+            raise DataError(
+                f"{at} is a {type(turn).__name__}, not a dict. Each message must look like "
+                f"{{'{role_key}': ..., '{content_key}': ...}}."
+            )
+        # Arrow gives every struct the union of all keys, filling absent ones with None: drop those so
+        # templates that test `'key' in message` see the message as it was written.
+        turn = {k: v for k, v in turn.items() if v is not None}
+        rk, ck = role_key, content_key
+        if rk not in turn and role_map is not None and "role" in turn:  # ShareGPT column holding role/content
+            rk, ck = "role", "content"
+        role = turn.pop(rk, None)
+        content = turn.pop(ck, None)
+        if not isinstance(role, str):
+            raise DataError(
+                f"{at} has no string '{rk}' (found keys: {', '.join(map(repr, turn)) or 'none'}). "
+                f"Each message needs '{rk}' and '{ck}'."
+            )
+        if role_map is not None:
+            if role.lower() not in role_map:
+                raise DataError(
+                    f"{at} has the unknown role '{role}'. ShareGPT roles must be one of: "
+                    f"{', '.join(sorted(role_map))}. Fix the row or map the role before training."
+                )
+            role = role_map[role.lower()]
+        elif role not in CHAT_ROLES:
+            raise DataError(
+                f"{at} has the unknown role '{role}'. Roles must be one of: {', '.join(CHAT_ROLES)}."
+            )
+        if not isinstance(content, str) and not (content is None and "tool_calls" in turn):
+            what = "missing" if content is None else f"a {type(content).__name__}"
+            raise DataError(
+                f"{at}: '{ck}' must be a string, but it is {what}. Only text content is supported "
+                "(multimodal content lists are not)."
+            )
+        messages.append({"role": role, "content": content, **turn})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(
+            f"{where}: field '{field}' has no assistant message, so there is nothing to learn. "
+            "Every row needs at least one user and one assistant message."
+        )
+    return messages
+
+
+def alpaca_fields(row: Mapping, where: str) -> tuple[str, str, str]:
+    instruction = require_text(row.get("instruction"), where, "instruction")
+    output = require_text(row.get("output"), where, "output")
+    extra = row.get("input")
+    extra = "" if extra is None else require_text(extra, where, "input", allow_empty=True)
+    return instruction, extra.strip(), output
+
+
+def alpaca_to_messages(row: Mapping, where: str) -> list[dict]:
+    instruction, extra, output = alpaca_fields(row, where)
+    user = f"{instruction}\n\n{extra}" if extra else instruction
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+
+
+def alpaca_prompt(instruction: str, extra: str) -> str:
+    """The classic Alpaca prompt layout (our wording) for tokenizers without a chat template."""
+    if extra:
+        return (
+            "The following is an instruction describing a task, together with an input that gives more context. "
+            "Write a response that fulfils the request.\n\n"
+            f"### Instruction:\n{instruction}\n\n### Input:\n{extra}\n\n### Response:\n"
+        )
+    return (
+        "The following is an instruction describing a task. Write a response that fulfils the request.\n\n"
+        f"### Instruction:\n{instruction}\n\n### Response:\n"
+    )
+
+
+def _preview(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -1,0 +1,102 @@
+import json
+
+import datasets
+import pytest
+
+from fasttune.data import load_rows
+from fasttune.errors import DataError
+
+ROWS = [{"text": "hello"}, {"text": "world"}]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_dataset_and_list_and_dataframe():
+    ds = datasets.Dataset.from_list(ROWS)
+    assert load_rows(ds) is ds
+    assert load_rows(ROWS)["text"] == ["hello", "world"]
+    assert load_rows(ds.to_pandas())["text"] == ["hello", "world"]
+
+
+def test_dataset_dict_uses_train_split():
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS), "test": datasets.Dataset.from_list(ROWS[:1])})
+    assert len(load_rows(dd)) == 2
+
+
+def test_dataset_dict_without_train_split():
+    dd = datasets.DatasetDict({"validation": datasets.Dataset.from_list(ROWS)})
+    with pytest.raises(DataError, match="no 'train' split.*'validation'"):
+        load_rows(dd)
+
+
+@pytest.mark.parametrize("rows, match", [([], "empty"), ([{"text": "a"}, "b"], "Row 1 .* str, not a dict")])
+def test_bad_lists(rows, match):
+    with pytest.raises(DataError, match=match):
+        load_rows(rows)
+
+
+def test_unsupported_object():
+    with pytest.raises(DataError, match="got an object of type int"):
+        load_rows(42)
+
+
+def test_file_formats(tmp_path):
+    write_jsonl(tmp_path / "d.jsonl", ROWS)
+    (tmp_path / "d.json").write_text(json.dumps(ROWS), encoding="utf-8")
+    (tmp_path / "d.csv").write_text("text\nhello\nworld\n", encoding="utf-8")
+    datasets.Dataset.from_list(ROWS).to_parquet(str(tmp_path / "d.parquet"))
+    for name in ["d.jsonl", "d.json", "d.csv", "d.parquet"]:
+        assert load_rows(tmp_path / name)["text"] == ["hello", "world"], name
+    assert load_rows(str(tmp_path / "d.jsonl"))["text"] == ["hello", "world"]
+
+
+def test_save_to_disk_folders(tmp_path):
+    datasets.Dataset.from_list(ROWS).save_to_disk(str(tmp_path / "single"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS)}).save_to_disk(str(tmp_path / "dict"))
+    assert len(load_rows(tmp_path / "single")) == 2
+    assert len(load_rows(tmp_path / "dict")) == 2
+
+
+def test_missing_file(tmp_path):
+    path = tmp_path / "nope.jsonl"
+    with pytest.raises(DataError, match="not found") as err:
+        load_rows(path)
+    assert str(path) in str(err.value) and ".parquet" in str(err.value)
+
+
+def test_unknown_extension(tmp_path):
+    path = tmp_path / "data.txt"
+    path.write_text("hello\n")
+    with pytest.raises(DataError, match=r"extension '\.txt' is not supported") as err:
+        load_rows(path)
+    assert str(path) in str(err.value)
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_rows(path)
+
+
+def test_malformed_jsonl_names_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(DataError, match="line 2 is not valid JSON") as err:
+        load_rows(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncated_parquet(tmp_path):
+    path = tmp_path / "bad.parquet"
+    path.write_bytes(b"nope")
+    with pytest.raises(DataError, match="Cannot read .*bad.parquet as PARQUET"):
+        load_rows(path)
+
+
+def test_folder_that_is_not_a_dataset(tmp_path):
+    with pytest.raises(DataError, match="not a dataset written by datasets' save_to_disk"):
+        load_rows(tmp_path)
