@@ -163,6 +163,18 @@ class CausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
+    def save_pretrained(self, folder, tokenizer=None, **_):
+        """A LoRA model writes its PEFT adapter; a fully fine-tuned model writes a transformers checkpoint."""
+        from fasttune.export.merged import save_merged
+
+        method = "lora" if getattr(self, "lora_settings", None) is not None else "merged_16bit"
+        return save_merged(self, folder, tokenizer, save_method=method)
+
+    def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **_):
+        from fasttune.export.merged import save_merged
+
+        return save_merged(self, folder, tokenizer, save_method=save_method)
+
     def tie_weights(self):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight

@@ -1,0 +1,136 @@
+"""FastLanguageModel: the Unsloth-shaped entry point (from_pretrained, get_peft_model, for_inference/for_training)."""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+
+from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.models.loading import load_model, load_tokenizer, resolve_model_path
+from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
+from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
+
+CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
+# Unsloth keywords that have no effect here; accepted so that switching the import just works.
+_IGNORED_KWARGS = ("max_seq_length", "loftq_config", "use_gradient_checkpointing_ratio", "token", "trust_remote_code",
+                   "fix_tokenizer", "rope_scaling", "attn_implementation", "init_lora_weights", "task_type")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32  # half precision on CPU is slow and lossy; CPU runs train in fp32
+    if isinstance(dtype, str):
+        table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+                 "float16": torch.float16, "fp16": torch.float16}
+        if dtype not in table:
+            raise ConfigError(f"dtype='{dtype}' is not understood; use one of {sorted(table)} or None (automatic).")
+        return table[dtype]
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ConfigError(f"dtype={dtype} is not supported; use torch.float32, torch.bfloat16 or torch.float16.")
+    return dtype
+
+
+class FastLanguageModel:
+    @staticmethod
+    def from_pretrained(model_name: str = "", max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
+                        load_in_8bit: bool = False, full_finetuning: bool = False, device=None, **kwargs):
+        """Load a model folder, .gguf file, adapter folder or (online) hub id. Returns (model, tokenizer)."""
+        for k in kwargs:
+            if k not in _IGNORED_KWARGS:
+                raise ConfigError(f"from_pretrained got an unknown argument '{k}'.")
+        if load_in_4bit or load_in_8bit:
+            raise ConfigError("load_in_4bit / load_in_8bit are not available in this version of fasttune yet; load "
+                              "the model in 16 bits (load_in_4bit=False) and use LoRA.")
+        if not model_name:
+            from fasttune.defaults import default_model_path
+
+            model_name = default_model_path()
+        device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        dtype = resolve_dtype(dtype, device)
+        path = resolve_model_path(model_name)
+        if path.is_dir() and (path / CONFIG_NAME).exists():
+            return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning)
+        model, hf_config = load_model(path, dtype, device)
+        tokenizer = load_tokenizer(path, required=False)
+        _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
+        if full_finetuning:
+            model.requires_grad_(True)
+        return model, tokenizer
+
+    @staticmethod
+    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                       bias: str = "none", use_rslora: bool = False, modules_to_save=None,
+                       use_gradient_checkpointing="auto", random_state: int = 3407, **kwargs):
+        """Freeze the base and add LoRA (or rsLoRA) adapters; modules_to_save trains embed_tokens / lm_head."""
+        if kwargs.get("use_dora"):
+            raise ConfigError("use_dora=True is not supported yet; use plain LoRA or rsLoRA.")
+        for k in kwargs:
+            if k not in _IGNORED_KWARGS + ("use_dora",):
+                raise ConfigError(f"get_peft_model got an unknown argument '{k}'.")
+        if getattr(model, "lora_settings", None) is not None:
+            raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
+        settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                                target_modules=list(DEFAULT_TARGETS) if target_modules is None else target_modules,
+                                use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias)
+        apply_lora(model, settings, seed=random_state)
+        model.lora_settings = settings
+        set_gradient_checkpointing(model, use_gradient_checkpointing)
+        model.train()
+        return model
+
+    @staticmethod
+    def for_inference(model):
+        model.eval()
+        return model
+
+    @staticmethod
+    def for_training(model, use_gradient_checkpointing=None):
+        if use_gradient_checkpointing is not None:
+            set_gradient_checkpointing(model, use_gradient_checkpointing)
+        model.train()
+        return model
+
+
+def set_gradient_checkpointing(model, mode):
+    if mode not in CHECKPOINTING_MODES:
+        raise ConfigError(f"use_gradient_checkpointing={mode!r} is invalid; use one of {CHECKPOINTING_MODES}.")
+    if mode == "auto":
+        # Recompute costs ~1/3 more compute; on CPU memory is rarely the limit, on GPUs it usually is.
+        mode = model.device.type == "cuda"
+    elif mode == "unsloth":
+        mode = "offload"
+    model.gradient_checkpointing = mode
+
+
+def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int):
+    model.hf_config = hf_config
+    model.name_or_path = name_or_path
+    model.max_seq_length = max_seq_length
+    model.lora_settings = None
+    if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; labels mask padding anyway
+    model.eval()
+
+
+def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning):
+    cfg = read_adapter_config(folder)
+    base = cfg.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{folder / CONFIG_NAME} does not name its base model (base_model_name_or_path). Load the "
+                             f"base with from_pretrained(BASE) and the adapter with PEFT, or add the field.")
+    if full_finetuning:
+        warnings.warn("full_finetuning is ignored when loading an adapter; the adapter's trainable set is restored.")
+    model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
+                                                         device=device)
+    model.lora_settings = load_adapter_into(model, folder)
+    own_tokenizer = load_tokenizer(folder, required=False)
+    if own_tokenizer is not None:
+        tokenizer = own_tokenizer
+        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+    set_gradient_checkpointing(model, "auto")
+    return model, tokenizer

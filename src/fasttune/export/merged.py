@@ -1,0 +1,98 @@
+"""Full checkpoints that transformers loads: LoRA merged into the base (save_method="merged_16bit"), or the
+adapter alone (save_method="lora"). Written into a temporary folder and renamed into place when complete."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fasttune.errors import ConfigError
+from fasttune.peft.adapter_io import save_adapter
+from fasttune.peft.lora import LoraLinear
+
+SAVE_METHODS = ("merged_16bit", "lora")
+MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """HF-named tensors with each LoRA delta folded into its base weight (merged in fp32, then cast)."""
+    out = {}
+    lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    for name, t in model.state_dict().items():
+        owner = next((n for n in lora if name.startswith(n + ".")), None)
+        if owner is not None:
+            rest = name[len(owner) + 1:]
+            if not rest.startswith("base_layer."):
+                continue  # lora_A / lora_B
+            name = f"{owner}.{rest[len('base_layer.'):]}"
+            if rest == "base_layer.weight":
+                t = t.float() + lora[owner].delta_weight().float()
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        out[name] = t.detach().to(dtype).contiguous().cpu()
+    return out
+
+
+def _write_shards(tensors: dict, folder: Path):
+    import json
+
+    from safetensors.torch import save_file
+
+    shards, current, size = [], {}, 0
+    for k, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if current and size + nbytes > MAX_SHARD_BYTES:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = t
+        size += nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map, total = {}, 0
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update({k: fname for k in shard})
+        total += sum(t.numel() * t.element_size() for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit") -> Path:
+    if save_method not in SAVE_METHODS:
+        raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
+    folder = Path(folder)
+    if save_method == "lora":
+        save_adapter(model, folder)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
+        return folder
+    dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        _write_shards(merged_state_dict(model, dtype), tmp)
+        hf_config = model.hf_config
+        hf_config.tie_word_embeddings = model.config.tie_embeddings
+        hf_config.torch_dtype = str(dtype).removeprefix("torch.")
+        hf_config.save_pretrained(tmp)
+        try:
+            from transformers import GenerationConfig
+
+            GenerationConfig.from_model_config(hf_config).save_pretrained(tmp)
+        except ValueError:
+            pass  # a config without generation fields needs no generation_config.json
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"Could not write the merged model to '{folder}': {e}. Check the path, permissions and "
+                          f"free disk space.") from None
+    return folder

@@ -1,0 +1,130 @@
+"""PEFT-format adapters: adapter_config.json + adapter_model.safetensors with PEFT's key names.
+
+Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` for LoRA layers and
+`base_model.model.<module>.weight` for modules_to_save, exactly what `peft.PeftModel.from_pretrained` reads.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.peft.lora import LoraSettings, apply_lora, lora_layers
+
+PREFIX = "base_model.model."
+CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, layer in lora_layers(model):
+        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+    for m in model.lora_settings.modules_to_save:
+        full = "model.embed_tokens" if m == "embed_tokens" else "lm_head"
+        out[f"{PREFIX}{full}.weight"] = model.get_submodule(full).weight.detach()
+    return out
+
+
+def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, target_names: list[str]) -> dict:
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_name_or_path,
+        "r": settings.r,
+        "lora_alpha": settings.lora_alpha,
+        "lora_dropout": settings.lora_dropout,
+        "use_rslora": settings.use_rslora,
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in target_names}),
+        "modules_to_save": list(settings.modules_to_save) or None,
+        "bias": settings.bias,
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+def save_adapter(model, folder: str | Path) -> Path:
+    """Write the adapter atomically: into a temporary sibling folder, renamed into place when complete."""
+    from safetensors.torch import save_file
+
+    if getattr(model, "lora_settings", None) is None:
+        raise ConfigError("This model has no LoRA adapter to save; call FastLanguageModel.get_peft_model first "
+                          "(or use save_pretrained_merged for a full checkpoint).")
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        cfg = peft_config_dict(model.lora_settings, getattr(model, "name_or_path", None),
+                               [n for n, _ in lora_layers(model)])
+        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ConfigError(f"Could not write the adapter to '{folder}': {e}. Check the path, permissions and free "
+                          f"disk space.") from None
+    return folder
+
+
+def read_adapter_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelLoadError(f"Cannot read {folder / CONFIG_NAME}: {e}") from None
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ModelLoadError(f"{folder / CONFIG_NAME}: peft_type '{cfg.get('peft_type')}' is not supported; "
+                             f"fasttune loads LoRA adapters.")
+    if cfg.get("use_dora"):
+        raise ModelLoadError(f"{folder}: DoRA adapters are not supported yet.")
+    return cfg
+
+
+def settings_from_peft_config(cfg: dict) -> LoraSettings:
+    targets = cfg.get("target_modules")
+    return LoraSettings(r=cfg["r"], lora_alpha=cfg.get("lora_alpha", cfg["r"]),
+                        lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
+                        target_modules=list(targets) if isinstance(targets, (list, set, tuple)) else targets,
+                        use_rslora=bool(cfg.get("use_rslora", False)),
+                        modules_to_save=list(cfg.get("modules_to_save") or []), bias=cfg.get("bias", "none"))
+
+
+def load_adapter_into(model, folder: Path, seed: int | None = None):
+    """Apply the adapter's LoRA layout to `model` and load its weights; refuses a mismatching adapter."""
+    from safetensors.torch import load_file
+
+    settings = settings_from_peft_config(read_adapter_config(folder))
+    apply_lora(model, settings, seed=seed)
+    model.lora_settings = settings
+    path = folder / WEIGHTS_NAME
+    if not path.exists():
+        raise ModelLoadError(f"{folder} has no {WEIGHTS_NAME}; was the adapter saved completely?")
+    saved = load_file(str(path))
+    # PEFT may also write `.lora_A.default.weight`-free names only; normalise an adapter-name infix if present.
+    saved = {k.replace(".default.", "."): v for k, v in saved.items()}
+    expected = adapter_state_dict(model)
+    missing = sorted(set(expected) - set(saved))
+    unexpected = sorted(set(saved) - set(expected))
+    if missing or unexpected:
+        raise ModelLoadError(f"Adapter {folder} does not match this base model: missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]}. Load it onto the base it was trained from.")
+    with torch.no_grad():
+        for k, t in expected.items():
+            if t.shape != saved[k].shape:
+                raise ModelLoadError(f"Adapter {folder}: '{k}' has shape {tuple(saved[k].shape)}, the model expects "
+                                     f"{tuple(t.shape)} (different base model or rank).")
+            t.copy_(saved[k].to(t.dtype))
+    return settings

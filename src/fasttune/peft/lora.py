@@ -1,0 +1,152 @@
+"""LoRA / rsLoRA on our decoder's linear layers, and modules_to_save (trainable embed_tokens / lm_head).
+
+A wrapped layer keeps the frozen base Linear as `base_layer` and adds `lora_A` (r x in) and `lora_B` (out x r),
+as PEFT does, so adapters map one-to-one onto PEFT's key names. Trainable weights are kept in fp32 (master
+weights) and cast to the activation dtype in forward.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from fasttune.errors import ConfigError
+
+DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Phi-3 stores q/k/v and gate/up fused; PEFT targets the fused layers by these names.
+FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
+                 "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
+SAVABLE_MODULES = ("embed_tokens", "lm_head")
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    lora_alpha: float = 16
+    lora_dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: list(DEFAULT_TARGETS))
+    use_rslora: bool = False
+    modules_to_save: list = field(default_factory=list)
+    bias: str = "none"
+
+    @property
+    def scaling(self) -> float:
+        return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LoraLinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+        super().__init__()
+        self.base_layer = base
+        self.r, self.scaling = r, scaling
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.disabled = False
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def reset_parameters(self):
+        # PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapter starts as the identity.
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        if self.disabled:
+            return out
+        a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
+        return out + (self.lora_dropout(x) @ a.t()) @ b.t() * self.scaling
+
+
+def validate_settings(s: LoraSettings) -> LoraSettings:
+    if not isinstance(s.r, int) or s.r <= 0:
+        raise ConfigError(f"LoRA rank r={s.r!r} is invalid: use a positive integer such as 8, 16 or 64.")
+    if s.lora_alpha is None or s.lora_alpha <= 0:
+        raise ConfigError(f"lora_alpha={s.lora_alpha!r} is invalid: use a positive number (commonly equal to r).")
+    if not 0.0 <= s.lora_dropout < 1.0:
+        raise ConfigError(f"lora_dropout={s.lora_dropout!r} is invalid: use a value in [0, 1).")
+    if s.bias != "none":
+        raise ConfigError(f"bias='{s.bias}' is not supported yet: only bias='none' (biases stay frozen).")
+    bad = [m for m in s.modules_to_save if m not in SAVABLE_MODULES]
+    if bad:
+        raise ConfigError(f"modules_to_save={bad} is not supported: choose from {list(SAVABLE_MODULES)}.")
+    return s
+
+
+def _resolve_targets(model: nn.Module, targets) -> list[str]:
+    """Names of the Linear layers to wrap. `targets`: list of suffixes, a regex string, or 'all-linear'."""
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    if targets == "all-linear":
+        return linears
+    if isinstance(targets, str):
+        return [n for n in linears if re.fullmatch(targets, n)]
+    fused = any(n.endswith(("qkv_proj", "gate_up_proj")) for n in linears)
+    wanted = {FUSED_TARGETS.get(t, t) if fused else t for t in targets}
+    chosen = [n for n in linears if n.rsplit(".", 1)[-1] in wanted or n in wanted]
+    found = {n.rsplit(".", 1)[-1] for n in chosen}
+    unknown = sorted(t for t in wanted if t not in found and t not in chosen)
+    if unknown:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        raise ConfigError(f"target_modules {unknown} match no layer of this model. Its linear layers are: {names}.")
+    return chosen
+
+
+def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407) -> list[str]:
+    """Freeze the base, wrap the target layers with LoRA, make modules_to_save trainable. Returns wrapped names."""
+    validate_settings(settings)
+    if any(isinstance(m, LoraLinear) for m in model.modules()):
+        raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
+    model.requires_grad_(False)
+    names = _resolve_targets(model, settings.target_modules)
+    if not names:
+        raise ConfigError(f"target_modules={settings.target_modules!r} selects no layer of this model.")
+    gen_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name)
+            lora = LoraLinear(getattr(parent, attr), settings.r, settings.scaling, settings.lora_dropout)
+            lora.reset_parameters()
+            setattr(parent, attr, lora)
+    finally:
+        if seed is not None:
+            torch.random.set_rng_state(gen_state)
+    _make_savable_trainable(model, settings.modules_to_save)
+    return names
+
+
+def _make_savable_trainable(model: nn.Module, modules: list[str]):
+    if not modules:
+        return
+    cfg = model.config
+    if cfg.tie_embeddings:
+        # Like PEFT: a module to save gets its own trainable copy, which unties lm_head from embed_tokens.
+        model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
+        cfg.tie_embeddings = False
+    for m in modules:
+        module = model.model.embed_tokens if m == "embed_tokens" else model.lm_head
+        module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=True)
+
+
+def lora_layers(model: nn.Module):
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
+
+
+def set_adapters_enabled(model: nn.Module, enabled: bool):
+    for _, m in lora_layers(model):
+        m.disabled = not enabled

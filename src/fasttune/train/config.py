@@ -1,0 +1,86 @@
+"""SFTConfig: every field is also a CLI flag (--field-name) and a YAML key."""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, fields
+
+from fasttune.errors import ConfigError
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "outputs"
+    per_device_train_batch_size: int = 2
+    per_device_eval_batch_size: int = 8
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    embedding_learning_rate: float | None = None
+    max_steps: int = -1  # > 0 overrides num_train_epochs
+    num_train_epochs: float = 1
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    optim: str = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: no intermediate checkpoints
+    save_total_limit: int | None = None
+    eval_steps: int | None = None
+    seed: int = 3407
+    max_seq_length: int = 2048
+    packing: bool = False
+    dataset_text_field: str = "text"
+    data_format: str = "auto"
+    train_on_responses_only: bool = False
+    shuffle: bool = True
+    bf16: bool | None = None
+    fp16: bool | None = None
+    max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or grads) before stopping
+
+    def __post_init__(self):
+        positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                    "logging_steps", "max_seq_length", "max_nonfinite_steps")
+        for name in positive:
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}={v!r} is invalid: it must be a whole number >= 1.")
+        for name in ("learning_rate", "weight_decay", "max_grad_norm", "warmup_ratio", "num_train_epochs"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or v < 0:
+                raise ConfigError(f"{name}={v!r} is invalid: it must be a number >= 0.")
+        if self.embedding_learning_rate is not None and self.embedding_learning_rate < 0:
+            raise ConfigError(f"embedding_learning_rate={self.embedding_learning_rate!r} must be >= 0 or None.")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ConfigError("Set max_steps > 0 or num_train_epochs > 0; with neither, there is nothing to train.")
+        if self.lr_scheduler_type not in SCHEDULERS:
+            raise ConfigError(f"lr_scheduler_type='{self.lr_scheduler_type}' is not supported; use one of {SCHEDULERS}.")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim='{self.optim}' is not supported; use one of {OPTIMIZERS}.")
+        if self.warmup_ratio > 1:
+            raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be between 0 and 1.")
+        if self.packing:
+            raise ConfigError("packing=True is not available in this version yet; train with packing=False "
+                              "(examples are right-padded per batch).")
+        if self.bf16 and self.fp16:
+            raise ConfigError("bf16=True and fp16=True together: choose one.")
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "SFTConfig":
+        names = cls.field_names()
+        for k in values:
+            if k not in names:
+                near = difflib.get_close_matches(k, names, n=1)
+                hint = f" Did you mean '{near[0]}'?" if near else ""
+                raise ConfigError(f"{source}: unknown setting '{k}'.{hint}")
+        return cls(**values)

@@ -1,0 +1,212 @@
+"""The one trainer core: batching, gradient accumulation normalised by the target tokens of the whole accumulated
+batch, AdamW param groups, LR schedule, clipping, non-finite-step skipping, logging, checkpoints and resume.
+
+Objectives (SFT now; DPO/ORPO/KTO/GRPO later) subclass Trainer and implement `prepare` and `micro_batch_loss`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from fasttune.data.collate import collate, count_targets
+from fasttune.errors import ConfigError, FastTuneError
+from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fasttune.train.optim import build_optimizer, build_scheduler
+
+LOG_FILE = "log_history.jsonl"
+
+
+class NonFiniteLossError(FastTuneError):
+    pass
+
+
+class Trainer:
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
+                 processing_class=None, **kwargs):
+        if kwargs:
+            raise ConfigError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}.")
+        self.model = model
+        self.tokenizer = tokenizer if tokenizer is not None else processing_class
+        self.args = args if args is not None else config_cls()
+        self.log_history: list[dict] = []
+        self._train_source, self._eval_source = train_dataset, eval_dataset
+        if train_dataset is None:
+            raise ConfigError("train_dataset is required: a datasets.Dataset, a list of dicts or a file path.")
+        self.train_examples = self.prepare(train_dataset)
+        self.eval_examples = self.prepare(eval_dataset) if eval_dataset is not None else None
+        self.pad_id = self._pad_id()
+
+    # --- objective hooks -------------------------------------------------------------------------------------
+    def prepare(self, dataset) -> list[dict]:
+        raise NotImplementedError
+
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
+        """Returns (loss to backprop, already divided by num_items; unnormalised loss sum for logging)."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], num_items_in_batch=num_items)
+        return out.loss, float(out.loss_sum.detach())
+
+    # --- batching ----------------------------------------------------------------------------------------------
+    def _pad_id(self) -> int:
+        tok = self.tokenizer
+        if tok is not None and tok.pad_token_id is not None:
+            return tok.pad_token_id
+        pad = self.model.config.pad_token_id
+        return pad if isinstance(pad, int) else 0
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        n = len(self.train_examples)
+        if not self.args.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.args.seed + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def _micro_batches(self, epoch: int) -> list[list[int]]:
+        order, bs = self._epoch_order(epoch), self.args.per_device_train_batch_size
+        return [order[i:i + bs] for i in range(0, len(order), bs)]
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.model.device
+        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+
+    def steps_per_epoch(self) -> int:
+        micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        return math.ceil(micro / self.args.gradient_accumulation_steps)
+
+    def total_steps(self) -> int:
+        if self.args.max_steps > 0:
+            return self.args.max_steps
+        return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
+
+    def _step_batches(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [batches]) per optimizer step; epochs repeat until the caller stops."""
+        ga, epoch, micro = self.args.gradient_accumulation_steps, start_epoch, start_micro
+        while True:
+            batches = self._micro_batches(epoch)
+            while micro < len(batches):
+                group = batches[micro:micro + ga]
+                micro += len(group)
+                yield epoch, micro, [collate([self.train_examples[i] for i in ids], self.pad_id) for ids in group]
+            epoch, micro = epoch + 1, 0
+
+    # --- training ----------------------------------------------------------------------------------------------
+    def train(self, resume_from_checkpoint=None) -> dict:
+        args, model = self.args, self.model
+        out_dir = Path(args.output_dir)
+        _seed_everything(args.seed)
+        model.train()
+        optimizer = build_optimizer(model, args)
+        total = self.total_steps()
+        scheduler = build_scheduler(optimizer, args, total)
+        step, epoch, micro = 0, 0, 0
+        ckpt = resolve_resume(resume_from_checkpoint, out_dir)
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler)
+            step, epoch, micro = state["step"], state["epoch"], state["micro"]
+            self.log_history = state["log_history"]
+        self._check_precision()
+        log_path = out_dir / LOG_FILE
+        out_dir.mkdir(parents=True, exist_ok=True)
+        window, losses, bad_in_row, skipped = [], [], 0, 0
+        t0, tokens_done = time.perf_counter(), 0
+        bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
+        batches = self._step_batches(epoch, micro)
+        n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
+        while step < total:
+            epoch, micro, group = next(batches)
+            group = [self._to_device(b) for b in group]
+            num_items = sum(count_targets(b["labels"]) for b in group)
+            if num_items == 0:
+                continue  # nothing to learn from; cannot happen with the SFT data path, which drops such rows
+            lr = optimizer.param_groups[0]["lr"]
+            loss_sum = 0.0
+            for b in group:
+                loss, part = self.micro_batch_loss(b, num_items)
+                loss.backward()
+                loss_sum += part
+                tokens_done += int(b["attention_mask"].sum())
+            step_loss = loss_sum / num_items
+            grad_norm = self._clip(model)
+            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                if bad_in_row >= args.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"The loss or gradients were NaN/inf for {bad_in_row} steps in a row (step {step + 1}); "
+                        f"training stopped. Lower the learning rate, use bf16 instead of fp16, or check the data.")
+                continue
+            bad_in_row = 0
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            losses.append(step_loss)
+            window.append(step_loss)
+            bar.update(1)
+            elapsed = time.perf_counter() - t0
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):,.0f}")
+            if step % args.logging_steps == 0 or step == total:
+                self._log({"step": step, "epoch": round(epoch + micro / n_micro, 4),
+                           "loss": sum(window) / len(window), "learning_rate": lr, "grad_norm": grad_norm,
+                           "tokens_per_second": tokens_done / max(elapsed, 1e-9)}, log_path)
+                window = []
+            if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
+                self._log({"step": step, "eval_loss": self.evaluate()["eval_loss"]}, log_path)
+            if args.save_steps and step % args.save_steps == 0 and step < total:
+                save_checkpoint(out_dir, step, model, optimizer, scheduler,
+                                {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history},
+                                self.tokenizer, args.save_total_limit)
+        bar.close()
+        runtime = time.perf_counter() - t0
+        metrics = {"train_runtime": runtime, "train_loss": sum(losses) / max(1, len(losses)), "global_step": step,
+                   "train_steps_per_second": len(losses) / max(runtime, 1e-9),
+                   "train_tokens_per_second": tokens_done / max(runtime, 1e-9), "skipped_steps": skipped}
+        if self.eval_examples is not None:
+            metrics.update(self.evaluate())
+            self._log({"step": step, "eval_loss": metrics["eval_loss"]}, log_path)
+        model.eval()
+        return metrics
+
+    def _clip(self, model) -> float:
+        params = [p for p in model.parameters() if p.grad is not None]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def _check_precision(self):
+        dtype = self.model.dtype
+        if self.args.bf16 and dtype != torch.bfloat16 or self.args.fp16 and dtype != torch.float16:
+            want = "bfloat16" if self.args.bf16 else "float16"
+            raise ConfigError(f"The config asks for {want} training but the model was loaded in {dtype}. Load it with "
+                              f"FastLanguageModel.from_pretrained(..., dtype='{want}'), or leave bf16/fp16 unset.")
+
+    def _log(self, entry: dict, path: Path):
+        self.log_history.append(entry)
+        with open(path, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        if not self.eval_examples:
+            raise ConfigError("evaluate() needs an eval_dataset.")
+        was_training = self.model.training
+        self.model.eval()
+        total, count, bs = 0.0, 0, self.args.per_device_eval_batch_size
+        for i in range(0, len(self.eval_examples), bs):
+            b = self._to_device(collate(self.eval_examples[i:i + bs], self.pad_id))
+            out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
+            total, count = total + float(out.loss_sum), count + out.num_targets
+        self.model.train(was_training)
+        return {"eval_loss": total / max(1, count)}
+
+
+def _seed_everything(seed: int):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

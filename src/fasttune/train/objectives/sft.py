@@ -1,0 +1,29 @@
+"""SFT: next-token cross-entropy on the target tokens of each example."""
+from __future__ import annotations
+
+from fasttune.data.tokenize import tokenize_rows
+from fasttune.errors import ConfigError
+from fasttune.train.config import SFTConfig
+from fasttune.train.loop import Trainer
+
+
+class SFTTrainer(Trainer):
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
+                 **kwargs):
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
+
+    def prepare(self, dataset) -> list[dict]:
+        a = self.args
+        limit = min(a.max_seq_length, getattr(self.model, "max_seq_length", a.max_seq_length) or a.max_seq_length)
+        if self.tokenizer is None and not _is_tokenized(dataset):
+            raise ConfigError("SFTTrainer needs a tokenizer (tokenizer=...) unless the rows are already tokenized "
+                              "(`input_ids`).")
+        return tokenize_rows(dataset, self.tokenizer, max_seq_length=limit, data_format=a.data_format,
+                             dataset_text_field=a.dataset_text_field,
+                             train_on_responses_only=a.train_on_responses_only)
+
+
+def _is_tokenized(dataset) -> bool:
+    if isinstance(dataset, list):
+        return bool(dataset) and isinstance(dataset[0], dict) and "input_ids" in dataset[0]
+    return "input_ids" in getattr(dataset, "column_names", [])

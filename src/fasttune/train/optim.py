@@ -1,0 +1,47 @@
+"""Optimizer param groups (embedding_learning_rate) and HF-equivalent LR schedules."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fasttune.errors import ConfigError
+
+EMBEDDING_PARAM_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
+
+
+def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("The model has no trainable parameters. Call FastLanguageModel.get_peft_model(model, ...) "
+                          "for LoRA, or load with full_finetuning=True.")
+    embed = [p for n, p in trainable if n in EMBEDDING_PARAM_NAMES]
+    rest = [p for n, p in trainable if n not in EMBEDDING_PARAM_NAMES]
+    groups = []
+    if rest:
+        groups.append({"params": rest, "lr": cfg.learning_rate})
+    if embed:
+        lr = cfg.learning_rate if cfg.embedding_learning_rate is None else cfg.embedding_learning_rate
+        groups.append({"params": embed, "lr": lr})
+    fused = cfg.optim == "adamw_torch_fused" and all(p.is_cuda for g in groups for p in g["params"])
+    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                             weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if kind != "constant" and step < warmup:
+            return step / max(1, warmup)
+        if kind in ("constant", "constant_with_warmup"):
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
+
+    return f
+
+
+def build_scheduler(optimizer, cfg, total_steps: int):
+    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
