@@ -7,3 +7,16 @@ from tiny_tokenizer import make_tiny_tokenizer
 def tiny_tokenizer():
     """Byte-level tokenizer (259 ids) with a ChatML template; see tests/tiny_tokenizer.py."""
     return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_tokenizer):
+    """Factory: save a tiny random HF model of `family` (with the tiny tokenizer) and return its folder."""
+    from tiny import hf_model, save_hf
+
+    def make(family="llama", seed=0, **overrides):
+        folder = tmp_path / f"{family}-{seed}"
+        save_hf(hf_model(family, seed=seed, **overrides), folder, tiny_tokenizer)
+        return folder
+
+    return make

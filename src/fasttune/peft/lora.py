@@ -32,6 +32,10 @@ class LoraSettings:
     modules_to_save: list = field(default_factory=list)
     bias: str = "none"
 
+    def __post_init__(self):
+        if isinstance(self.target_modules, (list, tuple, set)):
+            self.target_modules = sorted(set(self.target_modules))  # order carries no meaning; keeps configs equal
+
     @property
     def scaling(self) -> float:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)

@@ -1,0 +1,128 @@
+"""LoRA: gradients equal PEFT's for the same weights; adapters round-trip through PEFT and from_pretrained."""
+import pytest
+import torch
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from tiny import FAMILIES
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+
+
+def _batch():
+    torch.manual_seed(3)
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    return ids, mask, labels
+
+
+def _lora_model(folder, **kw):
+    model, _ = FastLanguageModel.from_pretrained(str(folder))
+    return FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, **kw)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
+    folder = tiny_model_dir(family)
+    ours = _lora_model(folder)
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin(family, tmp_path / "adapter")
+    ids, mask, labels = _batch()
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs = peft_grads(ref)
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(mine) == len(theirs) and len(mine) == 2 * 2 * (4 if family == "phi3" else 7)
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_modules_to_save_and_rslora_grads_equal_peft(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    ours = _lora_model(folder, use_rslora=True, modules_to_save=["embed_tokens", "lm_head"],
+                       target_modules=["q_proj", "v_proj", "down_proj"])
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin("llama", tmp_path / "adapter")
+    assert ref.peft_config["default"].use_rslora
+    ids, mask, labels = _batch()
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs = peft_grads(ref)
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(mine)
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+def test_adapter_round_trip_peft_logits(family, tiny_model_dir, tmp_path):
+    """Tied families (qwen2/gemma) with modules_to_save get untied like PEFT does."""
+    ours = _lora_model(tiny_model_dir(family), modules_to_save=["lm_head"])
+    randomize_lora_b(ours)
+    with torch.no_grad():
+        ours.lm_head.weight.add_(0.01)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin(family, tmp_path / "adapter").eval()
+    ours.eval()
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[mask.bool()],
+                                   ref(input_ids=ids, attention_mask=mask).logits[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_from_pretrained_adapter_restores_trainable_set(tiny_model_dir, tmp_path):
+    ours = _lora_model(tiny_model_dir("llama"), modules_to_save=["embed_tokens", "lm_head"])
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    again, tok = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"))
+    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
+    assert tok is not None and count(again) == count(ours) > 0
+    assert again.lora_settings == ours.lora_settings
+    ours.eval()
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, attention_mask=mask).logits, ours(ids, attention_mask=mask).logits)
+
+
+def test_random_state_seeds_init(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    a = _lora_model(folder, random_state=1)
+    b = _lora_model(folder, random_state=1)
+    c = _lora_model(folder, random_state=2)
+    qa, qb, qc = (m.model.layers[0].self_attn.q_proj.lora_A for m in (a, b, c))
+    assert torch.equal(qa, qb) and not torch.equal(qa, qc)
+
+
+def test_lora_dropout_only_in_training(tiny_model_dir):
+    model = _lora_model(tiny_model_dir("llama"), lora_dropout=0.5)
+    randomize_lora_b(model)
+    ids, mask, _ = _batch()
+    model.train()
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    model.eval()
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"r": 0}, "rank"), ({"lora_dropout": 1.5}, "lora_dropout"), ({"bias": "all"}, "bias"),
+    ({"target_modules": ["nonexistent_proj"]}, "match no layer"), ({"modules_to_save": ["norm"]}, "modules_to_save"),
+    ({"use_gradient_checkpointing": "sometimes"}, "use_gradient_checkpointing"),
+])
+def test_bad_lora_settings_are_clear_errors(kw, match, tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    with pytest.raises(ConfigError, match=match):
+        FastLanguageModel.get_peft_model(model, **kw)
+
+
+def test_adapter_on_wrong_base_is_refused(tiny_model_dir, tmp_path):
+    from fasttune.errors import ModelLoadError
+    from fasttune.peft.adapter_io import load_adapter_into
+
+    ours = _lora_model(tiny_model_dir("llama"))
+    ours.save_pretrained(tmp_path / "adapter")
+    other, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama", intermediate_size=96)))
+    with pytest.raises(ModelLoadError, match="shape"):
+        load_adapter_into(other, tmp_path / "adapter")
