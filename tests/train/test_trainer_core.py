@@ -1,0 +1,127 @@
+"""Trainer core: resume, eval, logging files, non-finite steps and config errors."""
+import json
+
+import pytest
+import torch
+
+from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+from fasttune.errors import ConfigError
+
+
+def _rows(n=12):
+    return [{"text": f"sample {i} " + "abc " * (1 + i % 5)} for i in range(n)]
+
+
+def _trainer(folder, out, dropout=0.0, **cfg):
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout)
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     learning_rate=1e-2, **cfg)
+    return SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_resume_is_exact(tiny_model_dir, tmp_path):
+    """Dropout > 0 makes the RNG state matter; 7 steps cross an epoch boundary (3 steps per epoch)."""
+    folder = tiny_model_dir("llama")
+    full = _trainer(folder, tmp_path / "a", dropout=0.1, max_steps=7, save_steps=2)
+    full.train()
+    assert (tmp_path / "a" / "checkpoint-4" / "adapter" / "adapter_config.json").exists()
+    resumed = _trainer(folder, tmp_path / "a", dropout=0.1, max_steps=7, save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
+    losses = lambda t: [h["loss"] for h in t.log_history if "loss" in h]  # noqa: E731
+    assert losses(resumed) == losses(full)
+    a, b = _trainable(full.model), _trainable(resumed.model)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_resume_true_picks_latest_and_save_total_limit(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    _trainer(folder, tmp_path / "o", max_steps=7, save_steps=2, save_total_limit=2).train()
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    t = _trainer(folder, tmp_path / "o", max_steps=7)
+    t.train(resume_from_checkpoint=True)
+    assert [h["step"] for h in t.log_history if "loss" in h][-1] == 7
+
+
+def test_resume_without_checkpoint_is_clear(tiny_model_dir, tmp_path):
+    with pytest.raises(ConfigError, match="no complete checkpoint"):
+        _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=2).train(resume_from_checkpoint=True)
+
+
+def test_resume_with_other_rank_is_refused(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    _trainer(folder, tmp_path / "o", max_steps=3, save_steps=2).train()
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=8)
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(),
+                   args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=3))
+    with pytest.raises(ConfigError, match="LoRA rank"):
+        t.train(resume_from_checkpoint=True)
+
+
+def test_eval_and_log_file(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=4, eval_steps=2, learning_rate=1e-2,
+                     logging_steps=2)
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), eval_dataset=_rows(4), args=args)
+    metrics = t.train()
+    lines = [json.loads(x) for x in (tmp_path / "o" / "log_history.jsonl").read_text().splitlines()]
+    assert lines == t.log_history
+    assert [h["step"] for h in lines if "loss" in h] == [2, 4]
+    assert sum("eval_loss" in h for h in lines) == 3 and metrics["eval_loss"] > 0
+    assert {"learning_rate", "grad_norm", "tokens_per_second", "epoch"} <= set(lines[0])
+
+
+def test_nonfinite_loss_stops_with_message(tiny_model_dir, tmp_path):
+    t = _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=3, max_nonfinite_steps=2)
+    with torch.no_grad():
+        t.model.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(Exception, match="NaN/inf for 2 steps"):
+        t.train()
+
+
+def test_no_trainable_params_is_clear(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=SFTConfig(output_dir=str(tmp_path)))
+    with pytest.raises(ConfigError, match="no trainable parameters"):
+        t.train()
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"), ({"lr_scheduler_type": "wavy"}, "wavy"),
+    ({"optim": "sgd"}, "optim"), ({"learning_rate": -1.0}, "learning_rate"), ({"packing": True}, "packing"),
+    ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train"),
+])
+def test_bad_config_values(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        SFTConfig(**kw)
+
+
+def test_config_from_dict_suggests_nearest_key():
+    with pytest.raises(ConfigError, match="Did you mean 'learning_rate'"):
+        SFTConfig.from_dict({"learning_rat": 1e-4})
+
+
+def test_bf16_flag_with_fp32_model_is_clear(tiny_model_dir, tmp_path):
+    t = _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=1, bf16=True)
+    with pytest.raises(ConfigError, match="dtype='bfloat16'"):
+        t.train()
+
+
+def test_full_finetuning_trains_all_and_saves_checkpoint(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(),
+                   args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=2, learning_rate=1e-3))
+    t.train()
+    model.save_pretrained(tmp_path / "full", tok)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "full").eval()
+    ids = torch.randint(3, 300, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
