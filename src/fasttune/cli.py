@@ -1,0 +1,224 @@
+"""`fasttune train`: the command line over the Python API. Every SFTConfig field is a flag and a YAML key.
+
+Precedence: built-in defaults < YAML (--config) < flags. User errors print one paragraph, no traceback
+(--debug shows it), exit code 2, and leave no half-written output directory.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import shutil
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+from fasttune.errors import ConfigError, FastTuneError
+from fasttune.train.config import SFTConfig
+
+# Flags that are not SFTConfig fields: model, data, LoRA and run options.
+RUN_OPTIONS = {
+    "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
+    "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
+    "method": (str, "sft", "training objective"),
+    "lora_r": (int, 16, "LoRA rank"),
+    "lora_alpha": (float, 16.0, "LoRA alpha"),
+    "lora_dropout": (float, 0.0, "LoRA dropout"),
+    "target_modules": (str, None, "comma-separated layer names (default: q,k,v,o,gate,up,down projections)"),
+    "modules_to_save": (str, None, "comma-separated: embed_tokens,lm_head"),
+    "use_rslora": (bool, False, "rank-stabilised LoRA scaling (alpha / sqrt(r))"),
+    "full_finetuning": (bool, False, "train all weights instead of LoRA"),
+    "quantization": (str, "none", "none (int4/int8 are not available yet)"),
+    "dtype": (str, None, "float32 | bfloat16 | float16 (default: bf16 on capable GPUs, fp32 on CPU)"),
+    "gradient_checkpointing": (str, "auto", "auto | true | false | offload"),
+    "sample_prompt": (str, None, "prompt for the before/after sample (default: one from the data)"),
+    "no_sample": (bool, False, "skip the before/after sample"),
+}
+# Short aliases from DESIGN.md's CLI.
+ALIASES = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
+           "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "embedding_lr": "embedding_learning_rate"}
+# The demo run (no --data) uses settings that visibly learn the bundled data in about a minute on a CPU.
+DEMO_DEFAULTS = {"max_steps": 30, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
+                 "learning_rate": 1e-3, "logging_steps": 5}
+METHODS = ("sft",)
+DEFAULT_OUTPUT_DIR = "fasttune_output"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bool(text: str) -> bool:
+    low = str(text).lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
+
+
+def _optional_float(text: str):
+    return None if str(text).lower() == "none" else float(text)
+
+
+def _add_typed(parser, name: str, typ, helptext: str):
+    flags = [_flag(name)] + [_flag(a) for a, target in ALIASES.items() if target == name]
+    if typ is bool:
+        parser.add_argument(*flags, dest=name, nargs="?", const=True, type=_bool, default=None, help=helptext)
+    else:
+        parser.add_argument(*flags, dest=name, type=typ, default=None, help=helptext)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fasttune", description="Fine-tune LLMs fast and lean.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command")
+    train = sub.add_parser("train", help="fine-tune a model (no arguments: embedded model on demo data)")
+    train.add_argument("--config", help="YAML file whose keys are any of these flags (flags override it)")
+    train.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+    for name, (typ, _, helptext) in RUN_OPTIONS.items():
+        _add_typed(train, name, typ, helptext)
+    for f in fields(SFTConfig):
+        typ = {int: int, float: float, bool: bool, str: str}.get(type(f.default), str)
+        if f.name in ("embedding_learning_rate",):
+            typ = _optional_float
+        elif f.name in ("save_total_limit", "eval_steps"):
+            typ = int
+        elif f.name in ("bf16", "fp16"):
+            typ = bool
+        _add_typed(train, f.name, typ, f"SFTConfig.{f.name} (default {f.default!r})")
+    return parser
+
+
+def _load_yaml(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise ConfigError(f"Cannot read config file '{path}': {e.strerror}.") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file '{path}' must be a mapping of setting: value.")
+    known = list(RUN_OPTIONS) + [f.name for f in fields(SFTConfig)]
+    out = {}
+    for key, value in data.items():
+        name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
+        if name not in known:
+            near = difflib.get_close_matches(name, known, n=1)
+            hint = f" Did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"{path}: unknown setting '{key}'.{hint}")
+        out[name] = value
+    return out
+
+
+def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
+    values = {k: default for k, (_, default, _) in RUN_OPTIONS.items()}
+    values["output_dir"] = DEFAULT_OUTPUT_DIR
+    given = _load_yaml(ns.config) if ns.config else {}
+    given.update({k: v for k, v in vars(ns).items()
+                  if v is not None and (k in values or k in SFTConfig.field_names())})
+    if given.get("data") is None:
+        values.update(DEMO_DEFAULTS)
+    values.update(given)
+    sft = SFTConfig.from_dict({k: v for k, v in values.items() if k in SFTConfig.field_names()}, "settings")
+    run = {k: values[k] for k in RUN_OPTIONS}
+    if run["method"] not in METHODS:
+        raise ConfigError(f"--method {run['method']} is not available yet; this version trains: {', '.join(METHODS)}.")
+    if run["quantization"] != "none":
+        raise ConfigError(f"--quantization {run['quantization']} is not available yet; use --quantization none.")
+    return run, sft
+
+
+def _csv(text):
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def cmd_train(ns) -> int:
+    run, sft = resolve_settings(ns)
+    if ns.print_config:
+        import yaml
+
+        print(yaml.safe_dump({**run, **{f.name: getattr(sft, f.name) for f in fields(SFTConfig)}}, sort_keys=False))
+        return 0
+    out = Path(sft.output_dir)
+    created = not out.exists()
+    try:
+        _train(run, sft, out)
+    except BaseException:
+        if created and out.exists():
+            shutil.rmtree(out, ignore_errors=True)  # no half-written output directory
+        raise
+    return 0
+
+
+def _train(run: dict, sft: SFTConfig, out: Path):
+    from fasttune import FastLanguageModel, SFTTrainer
+    from fasttune.data import demo_dataset_path
+    from fasttune.generate import generate_text
+    from fasttune.plot import plot_losses
+
+    data = run["data"] or str(demo_dataset_path())
+    if not run["data"]:
+        print(f"fasttune: no --data given; training on the bundled demo set ({data}).")
+    model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=sft.max_seq_length,
+                                                   dtype=run["dtype"], full_finetuning=run["full_finetuning"])
+    if tok is None:
+        raise ConfigError(f"The model at '{run['model']}' has no tokenizer; save one beside the weights.")
+    print(f"fasttune: model {model.name_or_path} ({model.config.model_type}, {model.dtype}, {model.device})")
+    gc = {"true": True, "false": False}.get(str(run["gradient_checkpointing"]).lower(), run["gradient_checkpointing"])
+    if not run["full_finetuning"] and getattr(model, "lora_settings", None) is None:
+        model = FastLanguageModel.get_peft_model(
+            model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
+            target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
+            use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=sft.seed)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=data, args=sft)
+    prompt = run["sample_prompt"] or _first_prompt(data)
+    if not run["no_sample"] and prompt:
+        print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {generate_text(model, tok, prompt)}\n")
+    metrics = trainer.train()
+    if not run["no_sample"] and prompt:
+        print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {generate_text(model, tok, prompt)}\n")
+    target = out / ("model" if run["full_finetuning"] else "adapter")
+    model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
+    plot = plot_losses(trainer.log_history, out / "loss.png")
+    losses = [h["loss"] for h in trainer.log_history if "loss" in h]
+    print(f"fasttune: {metrics['global_step']} steps in {metrics['train_runtime']:.0f}s, loss {losses[0]:.3f} -> "
+          f"{losses[-1]:.3f}, {metrics['train_tokens_per_second']:,.0f} tokens/s")
+    print(f"fasttune: saved {target} (load with FastLanguageModel.from_pretrained('{target}')), log "
+          f"{out / 'log_history.jsonl'}, plot {plot}")
+
+
+def _first_prompt(data: str) -> str | None:
+    """A user prompt from the first row, for the before/after sample."""
+    from fasttune.data import load_rows
+
+    row = load_rows(data)[0]
+    for key in ("messages", "conversations"):
+        for m in row.get(key) or []:
+            if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human"):
+                return m.get("content", m.get("value"))
+    return row.get("instruction") or row.get("prompt")
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return cmd_train(ns)
+    except FastTuneError as e:
+        if ns.debug:
+            raise
+        print(f"fasttune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fasttune: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,34 @@
+"""Loss / learning-rate plot written at the end of every run."""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_losses(log_history: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on servers
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
+    evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
+    lrs = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if lrs:
+        ax2 = ax.twinx()
+        ax2.plot(*zip(*lrs), "--", color="tab:gray", alpha=0.6, label="learning rate")
+        ax2.set_ylabel("learning rate")
+    ax.legend(loc="upper right")
+    ax.set_title("fasttune training")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
