@@ -1,0 +1,84 @@
+"""fasttune train: runs end to end on a tiny model; user errors are one paragraph, exit 2, no output left."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fasttune.cli import main
+
+
+def _rows(path, n=8):
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} ok"}]}
+            for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
+def test_train_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(_rows(tmp_path / "d.jsonl")),
+               "--output-dir", str(out), "--max-steps", "3", "--lr", "1e-2", "--batch-size", "2",
+               "--grad-accum", "1", "--lora-r", "4", "--train-on-responses-only"])
+    assert rc == 0
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert (out / "adapter" / "tokenizer.json").exists()
+    assert (out / "loss.png").stat().st_size > 1000
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2, 3]
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(tiny_model_dir("llama").resolve())
+    assert "Sample after training" in capsys.readouterr().out
+
+
+def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text(f"model: {tiny_model_dir('llama')}\nlearning-rate: 0.005\nlora_r: 8\n"
+                                       f"max_steps: 2\n")
+    rc = main(["train", "--config", str(tmp_path / "run.yaml"), "--lora-r", "4", "--print-config"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "learning_rate: 0.005" in printed and "lora_r: 4" in printed
+
+
+@pytest.mark.parametrize("make_args, match", [
+    (lambda d, t: ["--model", str(t / "missing")], "does not exist"),
+    (lambda d, t: ["--model", str(d("llama")), "--data", str(t / "nope.jsonl")], "nope.jsonl"),
+    (lambda d, t: ["--model", str(d("llama")), "--data", str(_bad_columns(t))], "column"),
+    (lambda d, t: ["--model", str(_gpt2(t))], "'gpt2' is not supported"),
+    (lambda d, t: ["--config", str(_yaml(t, "lerning_rate: 1\n"))], "Did you mean 'learning_rate'"),
+    (lambda d, t: ["--lr-scheduler-type", "wavy"], "wavy"),
+    (lambda d, t: ["--method", "dpo"], "dpo"),
+    (lambda d, t: ["--quantization", "int4"], "int4"),
+])
+def test_user_errors(make_args, match, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["train", "--output-dir", str(out), "--max-steps", "1"] + make_args(tiny_model_dir, tmp_path))
+    err = capsys.readouterr().err
+    assert rc == 2 and match in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "fasttune.cli", "train", "--model", str(tmp_path / "none"),
+                           "--output-dir", str(tmp_path / "o")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def _bad_columns(t):
+    p = t / "bad.jsonl"
+    p.write_text(json.dumps({"question": "x", "answer": "y"}) + "\n")
+    return p
+
+
+def _gpt2(t):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(t / "g")
+    return t / "g"
+
+
+def _yaml(t, text):
+    (t / "c.yaml").write_text(text)
+    return t / "c.yaml"
