@@ -1,8 +1,19 @@
-"""fasttune: fine-tune LLMs (LoRA, full) fast and lean, with exports the ecosystem loads."""
-from fasttune.api import FastLanguageModel
-from fasttune.errors import FastTuneError
-from fasttune.train.config import SFTConfig
-from fasttune.train.objectives.sft import SFTTrainer
+"""fasttune: fine-tune LLMs (LoRA, full) fast and lean, with exports the ecosystem loads.
 
-__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "FastTuneError"]
+Public names are imported on first use, so `import fasttune.models` (the GPU benchmark, the CLI's --help) does
+not pay for the data stack.
+"""
+from fasttune.errors import FastTuneError
+
 __version__ = "0.1.0"
+_LAZY = {"FastLanguageModel": "fasttune.api", "SFTTrainer": "fasttune.train.objectives.sft",
+         "SFTConfig": "fasttune.train.config"}
+__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "FastTuneError"]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fasttune' has no attribute '{name}'")

@@ -1,0 +1,53 @@
+"""GPU checks (skipped without CUDA): our decoder and LoRA on the card against transformers+PEFT, bf16 and fp32,
+and the gradient-checkpointing modes."""
+import pytest
+import torch
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from tiny import FAMILIES, hf_model
+
+from fasttune import FastLanguageModel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _batch(device="cuda"):
+    torch.manual_seed(3)
+    ids = torch.randint(3, 300, (2, 40), device=device)
+    mask = torch.ones_like(ids)
+    mask[1, 30:] = 0
+    return ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bf16_logits_close_to_transformers_bf16(family, tiny_model_dir):
+    folder = tiny_model_dir(family)
+    ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
+    ref = hf_model(family).to("cuda", torch.bfloat16)
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits.float()
+        b = ref(input_ids=ids, attention_mask=mask).logits.float()
+        exact = hf_model(family).to("cuda").float()(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    # Our bf16 error against the fp32 truth is no worse than transformers' own bf16 error (plus slack).
+    ours_err = (a - exact)[valid].norm() / exact[valid].norm()
+    ref_err = (b - exact)[valid].norm() / exact[valid].norm()
+    assert ours_err < 1.5 * ref_err + 1e-3, (ours_err, ref_err)
+
+
+@pytest.mark.parametrize("mode", [False, True, "offload"])
+def test_lora_grads_equal_peft_on_gpu_fp32(mode, tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device="cuda")
+    ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=mode)
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin("llama", tmp_path / "adapter").to("cuda")
+    ids, mask, labels = _batch()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs = peft_grads(ref)
+    for n, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, theirs[n], rtol=1e-4, atol=1e-6, msg=n)
