@@ -51,6 +51,10 @@ def build_ours(shape: str, gc: bool, r: int):
     with torch.device("cuda"):
         model = CausalLM(ModelConfig.from_hf(hf_config(shape)))
     torch.set_default_dtype(torch.float32)
+    with torch.no_grad():  # transformers' init (normal, std = initializer_range) so both start from alike weights
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
     model.lora_settings = None
     return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, use_gradient_checkpointing=gc)
 
