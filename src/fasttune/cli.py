@@ -87,7 +87,20 @@ def build_parser() -> argparse.ArgumentParser:
         elif f.name in ("bf16", "fp16"):
             typ = bool
         _add_typed(train, f.name, typ, f"SFTConfig.{f.name} (default {f.default!r})")
+    train.set_defaults(func=cmd_train)
+    for register in _more_commands():
+        register(sub)
     return parser
+
+
+def _more_commands():
+    """Other subcommands live in fasttune/commands/; each module has `register(subparsers)` that sets `func`."""
+    import importlib
+    import pkgutil
+
+    import fasttune.commands as pkg
+
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}").register for m in pkgutil.iter_modules(pkg.__path__)]
 
 
 def _load_yaml(path: str) -> dict:
@@ -205,11 +218,13 @@ def _first_prompt(data: str) -> str | None:
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    if not hasattr(ns, "debug"):
+        ns.debug = False
     if ns.command is None:
         parser.print_help()
         return 2
     try:
-        return cmd_train(ns)
+        return ns.func(ns)
     except FastTuneError as e:
         if ns.debug:
             raise

@@ -1,0 +1,1 @@
+"""CLI subcommands besides `train`: each module defines `register(subparsers)` setting `func`."""
