@@ -32,6 +32,7 @@ RUN_OPTIONS = {
     "gradient_checkpointing": (str, "auto", "auto | true | false | offload"),
     "sample_prompt": (str, None, "prompt for the before/after sample (default: one from the data)"),
     "no_sample": (bool, False, "skip the before/after sample"),
+    "resume": (str, None, "continue from a checkpoint: 'latest' (or true) for the newest in --output-dir, or a path"),
 }
 # Short aliases from DESIGN.md's CLI.
 ALIASES = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
@@ -77,7 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     for name, (typ, _, helptext) in RUN_OPTIONS.items():
-        _add_typed(train, name, typ, helptext)
+        if name == "resume":  # `--resume` alone means the latest checkpoint
+            train.add_argument("--resume", nargs="?", const="latest", default=None, help=helptext)
+        else:
+            _add_typed(train, name, typ, helptext)
     for f in fields(SFTConfig):
         typ = {int: int, float: float, bool: bool, str: str}.get(type(f.default), str)
         if f.name in ("embedding_learning_rate",):
@@ -156,14 +160,16 @@ def cmd_train(ns) -> int:
         print(yaml.safe_dump({**run, **{f.name: getattr(sft, f.name) for f in fields(SFTConfig)}}, sort_keys=False))
         return 0
     out = Path(sft.output_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir '{out}' is a file; pass a folder (it is created if missing).")
     created = not out.exists()
     try:
-        _train(run, sft, out)
+        return _train(run, sft, out)
     except BaseException:
-        if created and out.exists():
-            shutil.rmtree(out, ignore_errors=True)  # no half-written output directory
+        # No half-written output directory: remove what this run created, unless it saved a checkpoint to resume.
+        if created and out.exists() and not any(out.glob("checkpoint-*")):
+            shutil.rmtree(out, ignore_errors=True)
         raise
-    return 0
 
 
 def _train(run: dict, sft: SFTConfig, out: Path):
@@ -190,7 +196,12 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     prompt = run["sample_prompt"] or _first_prompt(data)
     if not run["no_sample"] and prompt:
         print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {generate_text(model, tok, prompt)}\n")
-    metrics = trainer.train()
+    resume = run["resume"]
+    if resume is not None and str(resume).lower() in ("latest", "true", "1", "yes"):
+        resume = True
+    metrics = trainer.train(resume_from_checkpoint=resume)
+    if metrics["interrupted"]:
+        return 130  # the trainer printed where the checkpoint is and how to resume
     if not run["no_sample"] and prompt:
         print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {generate_text(model, tok, prompt)}\n")
     target = out / ("model" if run["full_finetuning"] else "adapter")
@@ -201,6 +212,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
           f"{losses[-1]:.3f}, {metrics['train_tokens_per_second']:,.0f} tokens/s")
     print(f"fasttune: saved {target} (load with FastLanguageModel.from_pretrained('{target}')), log "
           f"{out / 'log_history.jsonl'}, plot {plot}")
+    return 0
 
 
 def _first_prompt(data: str) -> str | None:

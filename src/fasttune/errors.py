@@ -1,4 +1,5 @@
 """User-facing errors. Every error a user can cause is a FastTuneError with one actionable paragraph."""
+import errno
 
 
 class FastTuneError(Exception):
@@ -15,3 +16,13 @@ class DataError(FastTuneError):
 
 class ConfigError(FastTuneError):
     """A training/LoRA option that is invalid or unsupported."""
+
+
+def write_error(e: OSError, what: str, where) -> ConfigError:
+    """An OSError while saving, as advice: disk full, no permission, or the system's own words."""
+    if e.errno == errno.ENOSPC:
+        return ConfigError(f"The disk is full: could not write {what} to '{where}'. Free some space or choose another "
+                           f"output location; earlier checkpoints are intact.")
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return ConfigError(f"No permission to write {what} to '{where}'. Choose a location you can write to.")
+    return ConfigError(f"Could not write {what} to '{where}': {e.strerror or e}.")

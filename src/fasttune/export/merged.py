@@ -2,12 +2,11 @@
 adapter alone (save_method="lora"). Written into a temporary folder and renamed into place when complete."""
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
 from fasttune.peft.adapter_io import save_adapter
 from fasttune.peft.lora import LoraLinear
@@ -72,9 +71,7 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
             tokenizer.save_pretrained(folder)
         return folder
     dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, "the merged model") as tmp:
         _write_shards(merged_state_dict(model, dtype), tmp)
         hf_config = model.hf_config
         hf_config.tie_word_embeddings = model.config.tie_embeddings
@@ -88,11 +85,4 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
             pass  # a config without generation fields needs no generation_config.json
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"Could not write the merged model to '{folder}': {e}. Check the path, permissions and "
-                          f"free disk space.") from None
     return folder

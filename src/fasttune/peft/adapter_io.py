@@ -6,12 +6,11 @@ Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` for LoRA laye
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.peft.lora import LoraSettings, apply_lora, lora_layers
 
@@ -62,21 +61,12 @@ def save_adapter(model, folder: str | Path) -> Path:
         raise ConfigError("This model has no LoRA adapter to save; call FastLanguageModel.get_peft_model first "
                           "(or use save_pretrained_merged for a full checkpoint).")
     folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, "the adapter") as tmp:
         tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         cfg = peft_config_dict(model.lora_settings, getattr(model, "name_or_path", None),
                                [n for n, _ in lora_layers(model)])
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"Could not write the adapter to '{folder}': {e}. Check the path, permissions and free "
-                          f"disk space.") from None
     return folder
 
 

@@ -1,7 +1,9 @@
-"""Training checkpoints: trainable weights, optimizer, scheduler, RNG states and the data position.
+"""Training checkpoints: trainable weights (safetensors), a PEFT adapter, optimizer, scheduler, grad scaler, RNG
+states, data position and the run's identity (what must match to resume).
 
 Each checkpoint is written into a temporary folder and renamed to `checkpoint-<step>` only when complete, so a
-folder with that name is always whole; `trainer_state.json` is written last inside it.
+folder with that name is always whole. Nothing here unpickles: tensors load with `weights_only=True`, the rest is
+JSON.
 """
 from __future__ import annotations
 
@@ -9,60 +11,60 @@ import json
 import random
 import re
 import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
 
 STATE_NAME = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.random.get_rng_state()}
+def rng_state() -> tuple[dict, dict]:
+    """(JSON part, tensor part) of the python, numpy, torch and cuda RNG states."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    js = {"python": [version, list(internal), gauss], "numpy": [kind, int(pos), int(has_gauss), float(cached)]}
+    tensors = {"numpy_keys": torch.from_numpy(keys.astype(np.int64)), "torch": torch.random.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    return js, tensors
 
 
-def set_rng_state(state: dict):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.random.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def set_rng_state(js: dict, tensors: dict):
+    version, internal, gauss = js["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, pos, has_gauss, cached = js["numpy"]
+    np.random.set_state((kind, tensors["numpy_keys"].numpy().astype(np.uint32), pos, has_gauss, cached))
+    torch.random.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, state: dict, tokenizer=None,
+def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict,
                     total_limit: int | None = None) -> Path:
     from safetensors.torch import save_file
 
-    output_dir.mkdir(parents=True, exist_ok=True)
     final = output_dir / f"checkpoint-{step}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".checkpoint-{step}.tmp-", dir=output_dir))
-    try:
+    with atomic_folder(final, f"checkpoint {final.name}") as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         if getattr(model, "lora_settings", None) is not None:
             from fasttune.peft.adapter_io import save_adapter
 
             save_adapter(model, tmp / "adapter")
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng_state()},
+        rng_js, rng_tensors = rng_state()
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_tensors},
                    tmp / "training_state.pt")
-        (tmp / STATE_NAME).write_text(json.dumps(state, indent=1))
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConfigError(f"Could not write checkpoint {final}: {e}. Check free disk space and permissions of "
-                          f"'{output_dir}'.") from None
+        (tmp / STATE_NAME).write_text(json.dumps({**state, "rng": rng_js}, indent=1))
     if total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
@@ -88,13 +90,38 @@ def resolve_resume(resume, output_dir: Path) -> Path | None:
         return found[-1]
     path = Path(resume)
     if not (path / STATE_NAME).exists():
-        raise ConfigError(f"'{path}' is not a complete fasttune checkpoint (no {STATE_NAME}).")
+        raise ConfigError(f"'{path}' is not a complete fasttune checkpoint (no {STATE_NAME}). Pass a "
+                          f"checkpoint-N folder, or True for the latest one in output_dir.")
     return path
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+def _check_identity(path: Path, saved: dict, current: dict):
+    if not saved:
+        return
+    if saved["architecture"] != current["architecture"]:
+        raise ConfigError(f"Checkpoint {path} was trained on a different base model (architecture "
+                          f"{saved['architecture']}, this one is {current['architecture']}). Resume with the "
+                          f"base it was trained from ({saved.get('base')}).")
+    if saved["lora"] != current["lora"]:
+        diff = {k: (saved["lora"] or {}).get(k) for k in (current["lora"] or saved["lora"] or {})
+                if (saved["lora"] or {}).get(k) != (current["lora"] or {}).get(k)}
+        raise ConfigError(f"Checkpoint {path} was written with other LoRA settings: it has {diff}, the model "
+                          f"now has {({k: (current['lora'] or {}).get(k) for k in diff})}. Resume with the same "
+                          f"LoRA rank, alpha, targets and modules_to_save.")
+    for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
+        if saved.get(k) != current.get(k):
+            warnings.warn(f"Resuming {path} with {k}={current[k]} (it was trained with {saved.get(k)}): the run "
+                          f"continues, but will not repeat the uninterrupted run exactly.")
+    if saved.get("base") != current.get("base"):
+        warnings.warn(f"Resuming {path}, trained from '{saved.get('base')}', on '{current.get('base')}' "
+                      f"(same architecture).")
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: dict) -> dict:
     from safetensors.torch import load_file
 
+    state = json.loads((path / STATE_NAME).read_text())
+    _check_identity(path, state.get("identity"), identity)
     saved = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
@@ -107,8 +134,10 @@ def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
                 raise ConfigError(f"Checkpoint {path}: '{n}' has shape {tuple(saved[n].shape)}, the model has "
                                   f"{tuple(p.shape)}. Resume with the same LoRA rank and base model.")
             p.copy_(saved[n])
-    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=False)
+    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
-    set_rng_state(blob["rng"])
-    return json.loads((path / STATE_NAME).read_text())
+    if scaler is not None and blob.get("scaler"):
+        scaler.load_state_dict(blob["scaler"])
+    set_rng_state(state["rng"], blob["rng"])
+    return state

@@ -45,6 +45,8 @@ class SFTConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or grads) before stopping
 
     def __post_init__(self):
+        for f in fields(self):
+            setattr(self, f.name, _checked_type(f.name, f.type, getattr(self, f.name)))
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                     "logging_steps", "max_seq_length", "max_nonfinite_steps")
         for name in positive:
@@ -84,3 +86,32 @@ class SFTConfig:
                 hint = f" Did you mean '{near[0]}'?" if near else ""
                 raise ConfigError(f"{source}: unknown setting '{k}'.{hint}")
         return cls(**values)
+
+
+def _checked_type(name: str, annotation: str, value):
+    """Values from YAML/JSON arrive loosely typed ('1e-4' is a string in YAML): coerce numbers, refuse the rest."""
+    kinds = {k.strip() for k in str(annotation).split("|")}
+    if value is None and "None" in kinds:
+        return value
+    if "bool" in kinds:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name}={value!r} is invalid: use true or false.")
+    if "int" in kinds:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{name}={value!r} is invalid: it must be a whole number.")
+    if "float" in kinds:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{name}={value!r} is invalid: it must be a number.")
+    if "str" in kinds and not isinstance(value, str):
+        raise ConfigError(f"{name}={value!r} is invalid: it must be a text value.")
+    return value

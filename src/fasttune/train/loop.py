@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError
 from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from fasttune.train.optim import build_optimizer, build_scheduler
+from fasttune.train.signals import GracefulStop
 
 LOG_FILE = "log_history.jsonl"
 
@@ -98,81 +100,140 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None) -> dict:
+        """Train to max_steps / num_train_epochs. SIGINT/SIGTERM stop after the current step with a checkpoint;
+        the returned metrics then hold `interrupted` and `checkpoint`."""
         args, model = self.args, self.model
         out_dir = Path(args.output_dir)
         _seed_everything(args.seed)
         model.train()
-        optimizer = build_optimizer(model, args)
+        optimizer = self.optimizer = build_optimizer(model, args)
         total = self.total_steps()
         scheduler = build_scheduler(optimizer, args, total)
+        # fp16 activations underflow without loss scaling; bf16 and fp32 need none.
+        scaler = torch.amp.GradScaler(model.device.type) if model.dtype == torch.float16 else None
         step, epoch, micro = 0, 0, 0
         ckpt = resolve_resume(resume_from_checkpoint, out_dir)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler)
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, self.run_identity())
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             self.log_history = state["log_history"]
         self._check_precision()
         log_path = out_dir / LOG_FILE
         out_dir.mkdir(parents=True, exist_ok=True)
+        # The log restarts from the checkpoint's history, so a resumed run's file equals an uninterrupted one's.
+        log_path.write_text("".join(json.dumps(h) + "\n" for h in self.log_history))
         window, losses, bad_in_row, skipped = [], [], 0, 0
-        t0, tokens_done = time.perf_counter(), 0
+        t0, tokens_done, saved = time.perf_counter(), 0, None
         bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
         batches = self._step_batches(epoch, micro)
         n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
-        while step < total:
-            epoch, micro, group = next(batches)
-            group = [self._to_device(b) for b in group]
-            num_items = sum(count_targets(b["labels"]) for b in group)
-            if num_items == 0:
-                continue  # nothing to learn from; cannot happen with the SFT data path, which drops such rows
-            lr = optimizer.param_groups[0]["lr"]
-            loss_sum = 0.0
-            for b in group:
-                loss, part = self.micro_batch_loss(b, num_items)
-                loss.backward()
-                loss_sum += part
-                tokens_done += int(b["attention_mask"].sum())
-            step_loss = loss_sum / num_items
-            grad_norm = self._clip(model)
-            if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+
+        def checkpoint():
+            state = {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history,
+                     "identity": self.run_identity()}
+            return save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state, args.save_total_limit)
+
+        with GracefulStop() as stop:
+            while step < total and not stop.requested:
+                epoch, micro, group = next(batches)
+                group = [self._to_device(b) for b in group]
+                num_items = sum(count_targets(b["labels"]) for b in group)
+                if num_items == 0:
+                    continue  # nothing to learn from; the SFT data path drops such rows before this
+                lr = optimizer.param_groups[0]["lr"]
+                step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler)
+                tokens_done += n_tokens
+                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+                    optimizer.zero_grad(set_to_none=True)
+                    if scaler is not None:
+                        scaler.update()  # lowers the scale; an fp16 overflow is not the data's fault
+                    bad_in_row, skipped = bad_in_row + 1, skipped + 1
+                    if bad_in_row >= args.max_nonfinite_steps:
+                        raise NonFiniteLossError(
+                            f"The loss or gradients were NaN/inf for {bad_in_row} steps in a row (step {step + 1}); "
+                            f"training stopped. Lower the learning rate, use bf16 instead of fp16, or check the data.")
+                    continue
+                bad_in_row = 0
+                if scaler is not None:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                if bad_in_row >= args.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"The loss or gradients were NaN/inf for {bad_in_row} steps in a row (step {step + 1}); "
-                        f"training stopped. Lower the learning rate, use bf16 instead of fp16, or check the data.")
-                continue
-            bad_in_row = 0
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            losses.append(step_loss)
-            window.append(step_loss)
-            bar.update(1)
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):,.0f}")
-            if step % args.logging_steps == 0 or step == total:
-                self._log({"step": step, "epoch": round(epoch + micro / n_micro, 4),
-                           "loss": sum(window) / len(window), "learning_rate": lr, "grad_norm": grad_norm,
-                           "tokens_per_second": tokens_done / max(elapsed, 1e-9)}, log_path)
-                window = []
-            if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
-                self._log({"step": step, "eval_loss": self.evaluate()["eval_loss"]}, log_path)
-            if args.save_steps and step % args.save_steps == 0 and step < total:
-                save_checkpoint(out_dir, step, model, optimizer, scheduler,
-                                {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history},
-                                self.tokenizer, args.save_total_limit)
+                step += 1
+                losses.append(step_loss)
+                window.append(step_loss)
+                bar.update(1)
+                elapsed = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):,.0f}")
+                if step % args.logging_steps == 0 or step == total:
+                    self._log({"step": step, "epoch": round(epoch + micro / n_micro, 4),
+                               "loss": sum(window) / len(window), "learning_rate": lr, "grad_norm": grad_norm,
+                               "tokens_per_second": tokens_done / max(elapsed, 1e-9)}, log_path)
+                    window = []
+                if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
+                    self._log({"step": step, "eval_loss": self.evaluate()["eval_loss"]}, log_path)
+                if args.save_steps and step % args.save_steps == 0 and step < total:
+                    saved = checkpoint()
+            if stop.requested and step < total:
+                saved = checkpoint()
         bar.close()
         runtime = time.perf_counter() - t0
         metrics = {"train_runtime": runtime, "train_loss": sum(losses) / max(1, len(losses)), "global_step": step,
                    "train_steps_per_second": len(losses) / max(runtime, 1e-9),
-                   "train_tokens_per_second": tokens_done / max(runtime, 1e-9), "skipped_steps": skipped}
-        if self.eval_examples is not None:
+                   "train_tokens_per_second": tokens_done / max(runtime, 1e-9), "skipped_steps": skipped,
+                   "interrupted": bool(stop.requested and step < total)}
+        if metrics["interrupted"]:
+            metrics["checkpoint"] = str(saved)
+            print(f"fasttune: stopped by {stop.requested} at step {step}/{total}; checkpoint saved to {saved}. "
+                  f"Resume with trainer.train(resume_from_checkpoint=True) or `fasttune train <same options> --resume`.",
+                  file=sys.stderr)
+        elif self.eval_examples is not None:
             metrics.update(self.evaluate())
             self._log({"step": step, "eval_loss": metrics["eval_loss"]}, log_path)
         model.eval()
         return metrics
+
+    def _guarded_step(self, group: list[dict], num_items: int, scaler) -> tuple[float, float, int]:
+        """Forward/backward over the accumulated micro-batches, then unscale and clip; CUDA OOM becomes advice."""
+        try:
+            loss_sum, n_tokens = 0.0, 0
+            for b in group:
+                loss, part = self.micro_batch_loss(b, num_items)
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+                loss_sum += part
+                n_tokens += int(b["attention_mask"].sum())
+            if scaler is not None:
+                scaler.unscale_(self.optimizer)
+            return loss_sum / num_items, self._clip(self.model), n_tokens
+        except torch.OutOfMemoryError:
+            raise self._oom_error(group) from None
+
+    def _oom_error(self, group) -> FastTuneError:
+        a, model = self.args, self.model
+        seq = max(b["input_ids"].shape[1] for b in group)
+        peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
+        for p in model.parameters():
+            p.grad = None
+        mode = getattr(model, "gradient_checkpointing", False)
+        advice = [f"lower per_device_train_batch_size (now {a.per_device_train_batch_size}) and raise "
+                  f"gradient_accumulation_steps (now {a.gradient_accumulation_steps}) to keep the global batch",
+                  f"lower max_seq_length (now {a.max_seq_length}; this batch is {seq} tokens long)"]
+        if mode is not True and mode != "offload":
+            advice.insert(0, "turn on gradient checkpointing (use_gradient_checkpointing=True or 'offload')")
+        return FastTuneError(f"CUDA ran out of memory at batch size {a.per_device_train_batch_size} x {seq} tokens "
+                             f"with gradient checkpointing {mode!r} (peak {peak:.1f} GiB allocated). To fit: "
+                             + "; or ".join(advice) + ".")
+
+    def run_identity(self) -> dict:
+        """What a checkpoint must agree on to be resumed into this trainer."""
+        c, lora = self.model.config, getattr(self.model, "lora_settings", None)
+        return {"architecture": [c.model_type, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+                                 c.num_kv_heads, c.intermediate_size],
+                "base": getattr(self.model, "name_or_path", None), "lora": lora.to_dict() if lora else None,
+                "per_device_train_batch_size": self.args.per_device_train_batch_size,
+                "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "seed": self.args.seed}
 
     def _clip(self, model) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
