@@ -25,6 +25,29 @@ class CausalLMOutput:
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None  # sum of target-token losses (for gradient-accumulation normalisation)
     num_targets: int | None = None
+    past_key_values: "KVCache | None" = None
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, preallocated for `max_len` positions (generation).
+
+    Each layer writes its new keys/values at `length` and attends over everything up to them; the model advances
+    `length` once all layers have run. Sliding-window layers keep every position too: their mask drops old ones.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len, self.length = max_len, 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")
+        self.keys[layer_idx][:, :, self.length:end] = k
+        self.values[layer_idx][:, :, self.length:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
 
 class RMSNorm(nn.Module):
@@ -56,7 +79,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
 
-    def forward(self, x, cos, sin, mask):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         b, t, _ = x.shape
         cfg = self.cfg
         if cfg.fused_qkv:
@@ -70,26 +93,30 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
         k = apply_rope(k.transpose(1, 2), cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
 
 
 def attention(q, k, v, mask, scale: float, softcap: float | None):
-    """q (B, Hq, T, D), k/v (B, Hkv, T, D); mask: None (plain causal) or bool (B, 1, T, T), True = attend."""
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D); mask: bool (B, 1, T, S), True = attend, or None: plain causal when
+    T == S, everything when T == 1 (one new token over a cache)."""
     if softcap:
         # Softcapping acts on the scores themselves, which SDPA cannot do: exact eager path (Gemma 2).
         groups = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
         scores = (q @ k.transpose(-1, -2)) * scale
         scores = torch.tanh(scores / softcap) * softcap
-        if mask is None:
+        if mask is None and q.shape[2] > 1:
             t = q.shape[2]
             mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                          enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
+                                          scale=scale, enable_gqa=gqa)
 
 
 class MLP(nn.Module):
@@ -125,8 +152,8 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x, cos, sin, mask):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         if self.sandwich:  # Gemma 2: norm after attention and around the MLP
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -175,6 +202,18 @@ class CausalLM(nn.Module):
 
         return save_merged(self, folder, tokenizer, save_method=save_method)
 
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """KV-cache generation with transformers-style arguments; see fasttune.generate.generate."""
+        from fasttune.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_pretrained_gguf(self, path, tokenizer=None, quantization_method: str = "q8_0", **kwargs):
+        """A llama.cpp / Ollama GGUF file (LoRA merged in) plus a Modelfile beside it; see fasttune.export.gguf."""
+        from fasttune.export.gguf import save_gguf
+
+        return save_gguf(self, path, tokenizer, quantization_method=quantization_method, **kwargs)
+
     def tie_weights(self):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -185,19 +224,26 @@ class CausalLM(nn.Module):
             self._inv_freq[device] = rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling).to(device)
         return self._inv_freq[device]
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None):
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
+                      cache: KVCache | None = None):
         cfg = self.config
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(self.dtype)
         b, t = x.shape[:2]
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        past = cache.length if cache is not None else 0
         if position_ids is None:
-            position_ids = torch.arange(t, device=x.device).expand(b, t)
+            position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
         cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
-        masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows))
-        for layer in self.model.layers:
-            x = self._run_layer(layer, x, cos, sin, masks)
+        masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows), past)
+        if cache is None:
+            for layer in self.model.layers:
+                x = self._run_layer(layer, x, cos, sin, masks)
+        else:  # generation: no recompute, keys/values go to the cache
+            for layer in self.model.layers:
+                x = layer(x, cos, sin, masks, cache)
+            cache.length += t
         return self.model.norm(x)
 
     def _run_layer(self, layer, x, cos, sin, masks):
@@ -214,11 +260,14 @@ class CausalLM(nn.Module):
         return logits_from_hidden(hidden, self.lm_head.weight, self.config.final_logit_softcap)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                num_items_in_batch=None, return_logits: bool | None = None, inputs_embeds=None, **_):
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds)
-        out = CausalLMOutput()
+                num_items_in_batch=None, return_logits: bool | None = None, inputs_embeds=None,
+                past_key_values: KVCache | None = None, logits_to_keep: int = 0, **_):
+        """`past_key_values`: a KVCache to read and extend (attention_mask then covers cached + new positions);
+        `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last)."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
+        out = CausalLMOutput(past_key_values=past_key_values)
         if labels is None or return_logits:
-            out.logits = self.logits(hidden)
+            out.logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1)
             out.loss_sum = chunked_linear_cross_entropy(
@@ -230,19 +279,21 @@ class CausalLM(nn.Module):
         return out
 
 
-def build_masks(attention_mask, t: int, device, windows: set) -> dict:
-    """Boolean (B, 1, T, T) masks per sliding-window size (None = full causal); {None: None} means plain causal."""
-    if attention_mask is None and windows == {None}:
+def build_masks(attention_mask, t: int, device, windows: set, past: int = 0) -> dict:
+    """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
+    `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`)."""
+    if attention_mask is None and windows == {None} and (past == 0 or t == 1):
         return {None: None}
-    i = torch.arange(t, device=device)
-    causal = i[None, :] <= i[:, None]
+    q = torch.arange(past, past + t, device=device)[:, None]
+    kv = torch.arange(past + t, device=device)[None, :]
+    causal = kv <= q
     masks = {}
     for w in windows:
-        allowed = causal if w is None else causal & (i[:, None] - i[None, :] < w)
+        allowed = causal if w is None else causal & (q - kv < w)
         allowed = allowed[None, None]
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()
             # A padding query that may see nothing would give NaN in softmax; let it see itself (its output is unused).
-            allowed = allowed | torch.eye(t, dtype=torch.bool, device=device)
+            allowed = allowed | (kv == q)
         masks[w] = allowed
     return masks
