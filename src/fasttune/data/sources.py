@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,18 +124,28 @@ def _load_path(path: Path) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"Dataset file {path} is empty. Put at least one training example in it.")
     kind = FILE_LOADERS[suffix]
+    loader = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
+              "parquet": datasets.Dataset.from_parquet}[kind]
     try:
-        if kind == "json":
-            ds = datasets.Dataset.from_json(str(path))
-        elif kind == "csv":
-            ds = datasets.Dataset.from_csv(str(path))
-        else:
-            ds = datasets.Dataset.from_parquet(str(path))
+        with _quiet_datasets_logger():
+            ds = loader(str(path))
     except Exception as e:  # the loaders raise StopIteration, ArrowInvalid, DatasetGenerationError, ...
         raise DataError(_unreadable_message(path, kind, e)) from e
     if not isinstance(ds, datasets.Dataset):  # from_* return a Dataset; guard against a dict of splits
         ds = _train_split(ds, f"Dataset file {path}")
     return _non_empty(ds, f"Dataset file {path}")
+
+
+@contextmanager
+def _quiet_datasets_logger():
+    """datasets logs parse failures with a full traceback before raising; our DataError says it in one paragraph."""
+    logger = logging.getLogger("datasets")
+    old = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def _load_folder(path: Path) -> datasets.Dataset:

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fasttune.data.collate import collate, count_targets
-from fasttune.errors import ConfigError, FastTuneError
+from fasttune.errors import ConfigError, FastTuneError, write_error
 from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.signals import GracefulStop
@@ -119,9 +119,7 @@ class Trainer:
             self.log_history = state["log_history"]
         self._check_precision()
         log_path = out_dir / LOG_FILE
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The log restarts from the checkpoint's history, so a resumed run's file equals an uninterrupted one's.
-        log_path.write_text("".join(json.dumps(h) + "\n" for h in self.log_history))
+        self._log_rewrite = True  # first write replaces the file (a resumed run's log = the uninterrupted one's)
         window, losses, bad_in_row, skipped = [], [], 0, 0
         t0, tokens_done, saved = time.perf_counter(), 0, None
         bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
@@ -249,8 +247,14 @@ class Trainer:
 
     def _log(self, entry: dict, path: Path):
         self.log_history.append(entry)
-        with open(path, "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        lines = self.log_history if self._log_rewrite else [entry]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "w" if self._log_rewrite else "a") as f:
+                f.write("".join(json.dumps(h) + "\n" for h in lines))
+        except OSError as e:
+            raise write_error(e, "the training log", path) from None
+        self._log_rewrite = False
 
     @torch.no_grad()
     def evaluate(self) -> dict:
