@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import asdict
 import random
 import sys
 import time
@@ -128,7 +129,7 @@ class Trainer:
 
         def checkpoint():
             state = {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history,
-                     "identity": self.run_identity()}
+                     "identity": self.run_identity(), "config": asdict(args)}
             return save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state, args.save_total_limit)
 
         with GracefulStop() as stop:
