@@ -1,0 +1,254 @@
+"""GGUF export for llama.cpp and Ollama, written directly with the `gguf` package (no llama.cpp build).
+
+The merged weights (`merged_state_dict`: LoRA folded in) are renamed with gguf's own tensor-name tables and put in
+the layout llama.cpp expects:
+- llama/mistral ("llama" architecture): llama.cpp rotates adjacent pairs of q/k dimensions while transformers
+  rotates the two halves, so q_proj/k_proj rows are reordered per head (half-split -> interleaved);
+- gemma/gemma2: RMSNorm weights are stored as 1 + w (llama.cpp multiplies by the weight as stored);
+- qwen2/qwen3/gemma/gemma2/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are.
+Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
+norm eps, Gemma 2 softcaps and sliding window). Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's
+quantizers; 1-D tensors stay f32, rows not divisible by 32 fall back to f16, and in q4_0 the output projection is
+kept in q8_0). K-quants (q4_k_m, ...) are not written: gguf-py has no quantizer for them.
+
+The file is written to a temporary name and renamed when complete; an Ollama `Modelfile` is written beside it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttune.errors import ConfigError
+
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
+                 "gemma2": "gemma2", "phi3": "phi3"}
+QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
+# Other spellings people use (Unsloth's included).
+ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
+           "not_quantized": "f16", "fast_quantized": "q8_0", "q8": "q8_0", "q4": "q4_0"}
+QK = 32  # block size of q8_0 / q4_0
+
+
+def resolve_quantization(method: str) -> str:
+    key = str(method).lower()
+    key = ALIASES.get(key, key)
+    if key not in QUANTIZATIONS:
+        hint = " K-quants such as q4_k_m are not available (gguf-py cannot write them); q4_0 is the 4-bit option." \
+            if "_k" in key or key == "quantized" else ""
+        raise ConfigError(f"quantization_method='{method}' is not supported; use one of {', '.join(QUANTIZATIONS)}."
+                          f"{hint}")
+    return key
+
+
+def _ggml_types(quant: str):
+    import gguf
+
+    t, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
+    return {"f32": (t.F32, f.ALL_F32), "f16": (t.F16, f.MOSTLY_F16), "bf16": (t.BF16, f.MOSTLY_BF16),
+            "q8_0": (t.Q8_0, f.MOSTLY_Q8_0), "q4_0": (t.Q4_0, f.MOSTLY_Q4_0)}[quant]
+
+
+def interleave_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder q/k projection rows within each head from transformers' rotate-half layout (dims i and i + d/2
+    form a pair) to llama.cpp's adjacent pairs (2i, 2i + 1). Works on weights (out, in) and biases (out,)."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def gguf_tensors(model) -> dict[str, torch.Tensor]:
+    """Merged weights under GGUF names, in llama.cpp's layout (see module docstring). Full precision (fp32)."""
+    import gguf
+
+    from fasttune.export.merged import merged_state_dict
+
+    cfg = model.config
+    arch = ARCHITECTURES[cfg.model_type]
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
+    names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
+    tensors = merged_state_dict(model, model.dtype)
+    if "lm_head.weight" in tensors and arch in ("gemma", "gemma2"):
+        # llama.cpp's Gemma always reuses the embedding as output layer.
+        if not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+            raise ConfigError("This Gemma model has an lm_head that differs from its embeddings (e.g. trained with "
+                              "modules_to_save=['lm_head']); llama.cpp's Gemma always uses the embeddings as output "
+                              "layer, so it cannot be exported to GGUF. Export it with save_pretrained_merged.")
+        del tensors["lm_head.weight"]
+    out = {}
+    for name in list(tensors):
+        t = tensors.pop(name).float()
+        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+            t = interleave_rotary_rows(t, cfg.num_heads)
+        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+            t = interleave_rotary_rows(t, cfg.num_kv_heads)
+        if cfg.norm_offset and name.endswith("norm.weight"):
+            t = t + cfg.norm_offset
+        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if new is None:
+            raise ConfigError(f"Tensor '{name}' has no place in llama.cpp's '{arch}' architecture; this model cannot "
+                              f"be exported to GGUF as it is.")
+        out[new] = t
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
+        if arch != "llama":
+            raise ConfigError(f"llama3 RoPE scaling in a '{cfg.model_type}' model has no GGUF form in llama.cpp.")
+        from fasttune.kernels.rope import rope_inv_freq
+
+        # llama.cpp divides each base frequency by its factor from this tensor.
+        base = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
+        out["rope_freqs.weight"] = base / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+    return out
+
+
+def _check_supported(cfg):
+    if cfg.model_type not in ARCHITECTURES:
+        raise ConfigError(f"GGUF export supports the families {', '.join(ARCHITECTURES)}; this model is "
+                          f"'{cfg.model_type}'.")
+    arch = ARCHITECTURES[cfg.model_type]
+    if arch == "gemma2":
+        # llama.cpp derives Gemma 2's query scale from the head size (from hidden/heads for the 46-layer 27B).
+        expected = (cfg.hidden_size / cfg.num_heads if cfg.num_layers == 46 else cfg.head_dim) ** -0.5
+        if not math.isclose(cfg.scaling, expected, rel_tol=1e-6):
+            raise ConfigError(f"This Gemma 2 model scales queries by {cfg.scaling:.6g} (query_pre_attn_scalar) but "
+                              f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
+    elif any(cfg.sliding_windows):
+        window = next(w for w in cfg.sliding_windows if w)
+        warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
+                      f"the whole context, which equals this model only for sequences up to {window} tokens.")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3"):
+        raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
+
+
+def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
+    import gguf
+
+    cfg = model.config
+    writer.add_name(name)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_block_count(cfg.num_layers)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_head_count(cfg.num_heads)
+    writer.add_head_count_kv(cfg.num_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.rotary_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(int(file_type))
+    if quantized:
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if cfg.model_type == "gemma2":
+        if cfg.attn_logit_softcap:
+            writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcap))
+        if cfg.final_logit_softcap:
+            writer.add_final_logit_softcapping(float(cfg.final_logit_softcap))
+        window = next((w for w in cfg.sliding_windows if w), None)
+        if window:
+            writer.add_sliding_window(int(window))
+
+
+def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool):
+    """The GGML type one tensor is stored in for a given quantization_method."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType
+    target = _ggml_types(quant)[0]
+    if t.dim() == 1:
+        return kind.F32  # norms, biases, rope factors: tiny, and llama.cpp expects them in f32
+    if target in (kind.F32, kind.F16, kind.BF16):
+        return target
+    if t.shape[-1] % QK:
+        return kind.F16  # block quantization needs rows that are a multiple of 32
+    is_output = gguf_name == "output.weight" or (tied_output and gguf_name == "token_embd.weight")
+    if target == kind.Q4_0 and is_output:
+        return kind.Q8_0  # the output projection is the most sensitive to 4-bit error
+    return target
+
+
+def encode_tensor(t: torch.Tensor, ggml_type):
+    """(array, raw_dtype) for GGUFWriter.add_tensor."""
+    import gguf
+
+    kind = gguf.GGMLQuantizationType
+    if ggml_type == kind.F32:
+        return t.float().numpy(), None
+    if ggml_type == kind.F16:
+        return t.to(torch.float16).numpy(), None
+    if ggml_type == kind.BF16:
+        return t.to(torch.bfloat16).view(torch.int16).numpy(), kind.BF16
+    return gguf.quants.quantize(t.float().numpy().astype(np.float32), ggml_type), ggml_type
+
+
+def _default_tokenizer(model):
+    from fasttune.models.loading import load_tokenizer
+
+    source = getattr(model, "name_or_path", None)
+    tok = load_tokenizer(Path(source), required=False) if source and Path(source).exists() else None
+    if tok is None:
+        raise ConfigError("GGUF export needs the tokenizer: pass it, as in model.save_pretrained_gguf(path, "
+                          "tokenizer).")
+    return tok
+
+
+def gguf_target(path, quant: str) -> Path:
+    """`*.gguf` is the file itself; anything else is a folder that gets `model.<QUANT>.gguf`."""
+    path = Path(path)
+    return path if path.suffix == ".gguf" else path / f"model.{quant.upper()}.gguf"
+
+
+def save_gguf(model, path, tokenizer=None, quantization_method: str = "q8_0", progress: bool = True,
+              modelfile: bool = True) -> Path:
+    """Write `path` (a .gguf file, or a folder that gets model.<QUANT>.gguf) and an Ollama Modelfile beside it."""
+    import gguf
+    from tqdm import tqdm
+
+    from fasttune.export.gguf_vocab import gguf_vocab
+    from fasttune.export.modelfile import ollama_modelfile
+
+    quant = resolve_quantization(quantization_method)
+    cfg = model.config
+    _check_supported(cfg)
+    tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(model)
+    vocab = gguf_vocab(tokenizer, cfg.vocab_size)
+    target = gguf_target(path, quant)
+    model_text = ollama_modelfile(target.name, tokenizer) if modelfile else None
+    name = Path(getattr(model, "name_or_path", None) or "fasttune-model").name.removesuffix(".gguf")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    tmp_modelfile = target.with_name(f".Modelfile.tmp-{os.getpid()}")
+    try:
+        tensors = gguf_tensors(model)
+        writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[cfg.model_type])
+        _write_metadata(writer, model, name, _ggml_types(quant)[1], quant not in ("f32", "f16", "bf16"))
+        vocab.write(writer)
+        tied = "output.weight" not in tensors
+        for gname in tqdm(list(tensors), desc=f"GGUF {quant}", unit="tensor", disable=not progress):
+            t = tensors.pop(gname)
+            data, raw = encode_tensor(t, tensor_type(gname, t, quant, tied))
+            writer.add_tensor(gname, data, raw_dtype=raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        if model_text is not None:
+            tmp_modelfile.write_text(model_text)
+        os.replace(tmp, target)
+        if model_text is not None:
+            os.replace(tmp_modelfile, target.parent / "Modelfile")
+    except OSError as e:
+        raise ConfigError(f"Could not write the GGUF file '{target}': {e}. Check the path, permissions and free "
+                          f"disk space.") from None
+    finally:
+        for leftover in (tmp, tmp_modelfile):
+            if leftover.exists():
+                leftover.unlink()
+    return target

@@ -1,0 +1,234 @@
+"""GGUF export: files load in llama.cpp (llama-cpp-python) and give our logits and our tokenization; metadata,
+quantization types, Modelfile, errors, atomic writes. The real SmolLM2, fine-tuned by us, is the slow test."""
+import numpy as np
+import pytest
+import torch
+from bpe_tokenizers import STYLES, make_bpe_tokenizer
+from peft_oracle import randomize_lora_b
+from tiny import FAMILIES, hf_model, save_hf
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
+           "Paris is the capital of France. Berlin is"]
+TEXTS = PROMPTS + ["  two spaces\n\nand\ttabs, 12345 and 3.14!", "Ünïcödé ★ — 日本語", "x=1000000;y=42 it's we've"]
+# Per format: allowed max |logit difference| relative to the logit range, and least top-1 agreement over positions
+# (tiny random models have near-tied logits, which 8- and 4-bit rounding may flip).
+TOLERANCE = {"f16": (2e-3, 1.0), "bf16": (1e-2, 0.9), "q8_0": (5e-2, 0.9), "q4_0": (0.15, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return make_bpe_tokenizer("gpt2")  # 400 tokens
+
+
+def _tiny_lora_model(family, folder, tokenizer, vocab_size=416):
+    """A tiny model whose embedding is larger than the tokenizer (padded vocab), with trained-looking LoRA."""
+    save_hf(hf_model(family, vocab_size=vocab_size), folder, tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    return FastLanguageModel.for_inference(model), tok
+
+
+def _llama_cpp(path, **kw):
+    llama_cpp = pytest.importorskip("llama_cpp")
+    return llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, **kw)
+
+
+def _compare_logits(model, tok, path, prompts=PROMPTS):
+    """(max relative logit difference, top-1 agreement over all positions, top-1 equal at every prompt's end)
+    between us and llama.cpp."""
+    llm = _llama_cpp(path)
+    worst, agree, total, last_equal = 0.0, 0, 0, True
+    for text in prompts:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            ours = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu().numpy()
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)])
+        worst = max(worst, float(np.abs(theirs - ours).max() / (ours.max() - ours.min())))
+        agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
+        total += len(ids)
+        last_equal &= bool(theirs[-1].argmax() == ours[-1].argmax())
+    llm.close()
+    return worst, agree / total, last_equal
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("quant", ["f16", "q8_0"])
+def test_llama_cpp_logits_match(family, quant, bpe, tmp_path):
+    model, tok = _tiny_lora_model(family, tmp_path / "m", bpe)
+    path = model.save_pretrained_gguf(tmp_path / f"m.{quant}.gguf", tok, quantization_method=quant, progress=False)
+    rel, top1, _ = _compare_logits(model, tok, path)
+    limit, least_top1 = TOLERANCE[quant]
+    print(f"{quant}: rel {rel:.2e} top-1 {top1:.3f}")
+    assert rel < limit and top1 >= least_top1
+
+
+@pytest.mark.parametrize("quant", ["bf16", "q4_0"])
+def test_llama_cpp_logits_other_formats(quant, bpe, tmp_path):
+    model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
+    path = model.save_pretrained_gguf(tmp_path / "out", tok, quantization_method=quant, progress=False)
+    assert path == tmp_path / "out" / f"model.{quant.upper()}.gguf"
+    rel, top1, _ = _compare_logits(model, tok, path)
+    limit, least_top1 = TOLERANCE[quant]
+    print(f"{quant}: rel {rel:.2e} top-1 {top1:.3f}")
+    assert rel < limit and top1 >= least_top1
+
+
+def test_llama3_rope_scaling_logits_match(bpe, tmp_path):
+    """llama3 RoPE scaling is written as llama.cpp's rope_freqs tensor; long positions exercise it."""
+    params = {"rope_theta": 10000.0, "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+              "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    save_hf(hf_model("llama", vocab_size=400, rope_parameters=params, rope_scaling=params), tmp_path / "m", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    rel, top1, _ = _compare_logits(model, tok, path, [" ".join(PROMPTS)])
+    assert rel < 2e-3 and top1 == 1.0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+def test_transformers_reads_back_the_same_model(family, bpe, tmp_path):
+    """Our f32 GGUF through transformers' own GGUF reader (which undoes llama.cpp's q/k layout) gives back our
+    model and tokenizer (transformers cannot read gemma, and misreads qwen3's head size, from GGUF)."""
+    model, tok = _tiny_lora_model(family, tmp_path / "m", bpe)
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    f32 = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)
+    back, back_tok = FastLanguageModel.from_pretrained(str(f32))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)  # LoRA merged
+    assert back_tok(PROMPTS[0])["input_ids"] == ids[0].tolist()
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_tokenization_matches_llama_cpp(style, tmp_path):
+    """Byte-level styles (GPT-2, SmolLM digits, Llama 3 and Qwen 2 regexes) and SentencePiece-style BPE."""
+    tok = make_bpe_tokenizer(style)
+    save_hf(hf_model("llama", vocab_size=len(tok)), tmp_path / "m")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    llm = _llama_cpp(path, vocab_only=True)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi 42"}], tokenize=False,
+                                   add_generation_prompt=True) if tok.chat_template else "<s>hi"
+    assert llm.tokenize(chat.encode(), add_bos=False, special=True) == tok(chat, add_special_tokens=False)["input_ids"]
+    llm.close()
+
+
+def test_metadata_types_and_modelfile(bpe, tmp_path):
+    import gguf
+
+    model, tok = _tiny_lora_model("qwen2", tmp_path / "m", bpe)
+    path = model.save_pretrained_gguf(tmp_path / "q.gguf", tok, quantization_method="q8_0", progress=False)
+    reader = gguf.GGUFReader(path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "qwen2"
+    assert field("qwen2.block_count") == 2 and field("qwen2.attention.head_count_kv") == 2
+    # transformers loads a qwen2 folder's tokenizer with Qwen 2's own regex split, and the export reads that off
+    assert field("tokenizer.ggml.model") == "gpt2" and field("tokenizer.ggml.pre") == "qwen2"
+    assert field("tokenizer.ggml.eos_token_id") == tok.eos_token_id
+    assert field("tokenizer.chat_template") == tok.chat_template
+    tokens = field("tokenizer.ggml.tokens")
+    assert len(tokens) == 416 and tokens[400] == "[PAD400]"
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_q.bias"] == "F32"
+    assert types["blk.0.attn_norm.weight"] == "F32" and "output.weight" not in types  # qwen2 tiny is tied
+    modelfile = (tmp_path / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./q.gguf\n")
+    assert 'TEMPLATE """{{ range $i, $_ := .Messages }}' in modelfile and "<|im_start|>assistant\n" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_modelfile_without_exact_template_mapping(bpe, tmp_path):
+    from fasttune.export.modelfile import ollama_modelfile
+
+    tok = make_bpe_tokenizer("gpt2")
+    # Llama-2 style: the system prompt is folded into the first user turn, which per-role wrappers cannot express.
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
+                         "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}{% if loop.index == 2 %} SYS{% endif %}"
+                         " [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
+    text = ollama_modelfile("m.gguf", tok)
+    assert "TEMPLATE \"\"\"" not in text and "could not be mapped" in text
+    tok.chat_template = None
+    assert "No chat template" in ollama_modelfile("m.gguf", tok)
+
+
+@pytest.mark.parametrize("bad", ["q4_k_m", "int3", "quantized"])
+def test_unknown_quantization_is_a_config_error(bad, bpe, tmp_path):
+    model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
+    with pytest.raises(ConfigError, match="f16, bf16, q8_0, q4_0"):
+        model.save_pretrained_gguf(tmp_path / "x.gguf", tok, quantization_method=bad)
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "Modelfile").exists()
+
+
+def test_unsupported_models_are_config_errors(bpe, tmp_path):
+    model, tok = _tiny_lora_model("gemma", tmp_path / "g", bpe)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone() + 1)  # an untied, different head
+    model.config.tie_embeddings = False
+    with pytest.raises(ConfigError, match="lm_head"):
+        model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
+    model.config.model_type = "falcon"
+    with pytest.raises(ConfigError, match="llama, mistral, qwen2, qwen3, gemma, gemma2, phi3"):
+        model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
+    save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "g2"))
+    with pytest.raises(ConfigError, match="query_pre_attn_scalar"):
+        model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
+    assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
+def test_failure_mid_write_leaves_nothing(bpe, tmp_path, monkeypatch):
+    import fasttune.export.gguf as gguf_export
+
+    model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
+    calls = []
+
+    def failing(t, kind):
+        calls.append(1)
+        if len(calls) > 3:
+            raise RuntimeError("disk on fire")
+        return real(t, kind)
+
+    real = gguf_export.encode_tensor
+    monkeypatch.setattr(gguf_export, "encode_tensor", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        model.save_pretrained_gguf(tmp_path / "out" / "m.gguf", tok, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.slow
+def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
+    """SmolLM2-135M-Instruct, a few LoRA steps on the demo data, exported f16 and q8_0, against llama.cpp."""
+    pytest.importorskip("llama_cpp")
+    from fasttune import SFTConfig, SFTTrainer
+    from fasttune.data import demo_dataset_path
+    from fasttune.defaults import default_model_path
+
+    model, tok = FastLanguageModel.from_pretrained(default_model_path())
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2,
+                     gradient_accumulation_steps=1, logging_steps=1)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=str(demo_dataset_path()), args=args)
+    trainer.train()
+    model = FastLanguageModel.for_inference(model)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is LoRA, in 12 words?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    for quant, (limit, _) in (("f16", TOLERANCE["f16"]), ("q8_0", TOLERANCE["q8_0"])):
+        path = model.save_pretrained_gguf(tmp_path / f"smol.{quant}.gguf", tok, quantization_method=quant,
+                                          progress=False)
+        rel, top1, last_equal = _compare_logits(model, tok, path, PROMPTS + [chat])
+        print(f"SmolLM2 {quant}: max |diff| / range {rel:.2e}, top-1 agreement {top1:.3f}")
+        assert rel < limit, (quant, rel)
+        assert last_equal and top1 > (0.97 if quant == "f16" else 0.9), (quant, top1)
+        if quant == "f16":
+            llm = _llama_cpp(path, vocab_only=True)
+            for text in TEXTS + [chat]:
+                assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+                    tok(text, add_special_tokens=False)["input_ids"]
+            llm.close()
