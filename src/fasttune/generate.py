@@ -55,12 +55,13 @@ def _check(max_new_tokens, temperature, top_p, top_k):
 def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
              do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
              eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True) -> torch.Tensor:
+             use_cache: bool = True, streamer=None) -> torch.Tensor:
     """Prompt (B, T) -> (B, T + new) token ids. Batches must be LEFT-padded (attention_mask 0 on the padding).
 
     eos_token_id: an id or a list of stop ids (default: the model config's eos). A stopped row is padded with
     pad_token_id (default: the first stop id). seed makes sampling reproducible (a private generator).
-    `use_cache` is accepted for transformers compatibility; the cache is always used.
+    `use_cache` is accepted for transformers compatibility; the cache is always used. `streamer`: an object with
+    put(ids) / end() as transformers' TextStreamer (gets the prompt, then each new token, then end()).
     """
     from fasttune.models.decoder import KVCache
 
@@ -84,6 +85,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
                           "tokenizer.padding_side = 'left'.")
     if max_new_tokens == 0:
         return input_ids
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
 
     generator = None
     if seed is not None:
@@ -107,6 +110,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
             # Stopped rows show padding; they still feed their own (ignored) token, as pad may not be a valid id.
             out.append(torch.where(unfinished, token, torch.full_like(token, pad_token_id))[:, None])
+            if streamer is not None:
+                streamer.put(out[-1][:, 0].cpu())
             if stop_t is not None:
                 unfinished &= ~torch.isin(token, stop_t)
                 if not bool(unfinished.any()):
@@ -119,6 +124,8 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
             next_pos = next_pos + 1
     finally:
         model.train(was_training)
+        if streamer is not None:
+            streamer.end()
     return torch.cat(out, dim=1)
 
 
@@ -139,6 +146,24 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     return sorted({i for i in ids if i is not None})
 
 
+def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id rows of different lengths, padded on the left."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+def new_tokens(row: torch.Tensor, prompt_len: int, stops) -> list[int]:
+    """The generated ids of one output row, up to (not including) the first stop token."""
+    out = []
+    for t in row[prompt_len:].tolist():
+        if t in stops:
+            break
+        out.append(t)
+    return out
+
+
 def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0,
                   chat: bool = True, seed: int = 0) -> str:
     """Continue `prompt` (as a user turn through the chat template when the tokenizer has one)."""
@@ -146,7 +171,4 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, tempe
     stops = stop_token_ids(tokenizer)
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                    temperature=temperature if temperature > 0 else 1.0, eos_token_id=stops, seed=seed)
-    new = [t for t in out[0, len(ids):].tolist()]
-    while new and new[-1] in stops:  # the stop token and the padding after it
-        new.pop()
-    return tokenizer.decode(new, skip_special_tokens=True)
+    return tokenizer.decode(new_tokens(out[0], len(ids), stops), skip_special_tokens=True)

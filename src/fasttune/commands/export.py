@@ -1,0 +1,45 @@
+"""`fasttune export`: a trained adapter (or any model we load) as a merged transformers checkpoint or a GGUF file.
+
+    fasttune export --adapter out/adapter --format gguf --quantization q8_0 --output model.gguf
+    fasttune export --adapter out/adapter --format merged --output merged/
+    fasttune export --model model.gguf --format merged --output merged/      # GGUF -> transformers
+"""
+from __future__ import annotations
+
+FORMATS = ("merged", "gguf")
+
+
+def register(subparsers):
+    from fasttune.command_helpers import add_model_flags
+
+    p = subparsers.add_parser("export", help="write a merged checkpoint or a GGUF file (+ Ollama Modelfile)")
+    add_model_flags(p, adapter_help="adapter folder to merge (its base model is loaded from the adapter config "
+                                    "unless --model is given)")
+    p.add_argument("--format", required=True, choices=FORMATS, help="merged: transformers safetensors folder; "
+                                                                     "gguf: llama.cpp / Ollama file")
+    p.add_argument("--quantization", default=None,
+                   help="GGUF only: f32 | f16 | bf16 | q8_0 (default) | q4_0")
+    p.add_argument("--output", required=True, help="merged: a folder; gguf: a .gguf path or a folder")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(ns) -> int:
+    from fasttune.command_helpers import load_model_and_tokenizer
+    from fasttune.errors import ConfigError
+    from fasttune.export.gguf import resolve_quantization
+
+    if not ns.model and not ns.adapter:
+        raise ConfigError("fasttune export needs --adapter DIR (a trained adapter) or --model PATH.")
+    if ns.format == "merged" and ns.quantization:
+        raise ConfigError("--quantization applies to --format gguf only; a merged checkpoint keeps the model's "
+                          "16/32-bit weights (pick them with --dtype).")
+    quant = resolve_quantization(ns.quantization or "q8_0") if ns.format == "gguf" else None  # fail before loading
+    model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype, need_tokenizer=ns.format == "gguf")
+    if ns.format == "merged":
+        out = model.save_pretrained_merged(ns.output, tok, save_method="merged_16bit")
+        print(f"fasttune: wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
+        return 0
+    out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quant)
+    print(f"fasttune: wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {quant}) and {out.parent / 'Modelfile'}")
+    print(f"  llama.cpp: llama-cli -m {out}\n  Ollama:    cd {out.parent} && ollama create my-model -f Modelfile")
+    return 0
