@@ -1,3 +1,11 @@
+import os
+
+import torch
+
+# Triton kernels run on a CPU only in the interpreter, which must be on before any kernel is defined.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 
 from tiny_tokenizer import make_tiny_tokenizer

@@ -1,9 +1,17 @@
-"""Gated MLP activations: SwiGLU (silu) and GeGLU (exact or tanh gelu)."""
+"""Gated MLP activations, act(gate) * up: SwiGLU (silu) and GeGLU (exact or tanh gelu).
+
+The Triton path computes in fp32 with one rounding, and saves only gate and up for backward (autograd on the
+torch reference also keeps act(gate), a third intermediate-sized tensor).
+"""
 import torch
 import torch.nn.functional as F
 
+from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
-def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+_ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
+
+
+def gated_act_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     if act == "silu":
         return F.silu(gate) * up
     if act in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -11,3 +19,75 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     if act == "gelu":
         return F.gelu(gate) * up
     raise ValueError(f"unsupported activation {act}")
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _act_and_grad(g, ACT: tl.constexpr):
+        """act(g) and act'(g) in fp32."""
+        if ACT == 0:
+            s = tl.sigmoid(g)
+            return g * s, s + g * s * (1.0 - s)
+        elif ACT == 1:
+            k: tl.constexpr = 0.7978845608028654  # sqrt(2 / pi)
+            inner = k * (g + 0.044715 * g * g * g)
+            t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0  # tanh
+            return 0.5 * g * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k * (1.0 + 0.134145 * g * g)
+        else:
+            cdf = 0.5 * (1.0 + tl.math.erf(g * 0.7071067811865476))
+            return g * cdf, cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
+
+    @triton.jit
+    def _gated_fwd(g_ptr, u_ptr, y_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a, _ = _act_and_grad(g, ACT)
+        tl.store(y_ptr + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
+    def _gated_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        a, da = _act_and_grad(g, ACT)
+        tl.store(dg_ptr + offs, (dy * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + offs, (dy * a).to(du_ptr.dtype.element_ty), mask=mask)
+
+
+_BLOCK = 1024
+
+
+class _GatedActFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, act_id):
+        gate, up = gate.contiguous(), up.contiguous()
+        y = torch.empty_like(gate)
+        n = gate.numel()
+        _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, ACT=act_id, BLOCK=_BLOCK)
+        ctx.save_for_backward(gate, up)
+        ctx.act_id = act_id
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        dy = dy.contiguous()
+        dg, du = torch.empty_like(gate), torch.empty_like(up)
+        n = gate.numel()
+        _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, ACT=ctx.act_id, BLOCK=_BLOCK)
+        return dg, du, None
+
+
+def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    if act not in _ACT_IDS:
+        raise ValueError(f"unsupported activation {act}")
+    if use_triton(gate) and gate.shape == up.shape:
+        return _GatedActFunction.apply(gate, up, _ACT_IDS[act])
+    return gated_act_reference(gate, up, act)

@@ -1,7 +1,14 @@
-"""Rotary position embeddings: inverse frequencies (default, linear, llama3 scaling), cos/sin tables, apply."""
+"""Rotary position embeddings: inverse frequencies (default, linear, llama3 scaling), cos/sin tables, apply.
+
+`apply_rope` takes q or k in the (batch, seq, heads, head_dim) layout the projections produce. The Triton kernel
+rotates all heads of a token in one program (cos/sin read once per token) and its backward is the same kernel
+with the angle negated; partial rotary dims pass through.
+"""
 import math
 
 import torch
+
+from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
@@ -41,11 +48,61 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, heads, seq, head_dim); rotates the first cos.shape[-1] dims (partial rotary leaves the rest)."""
-    cos, sin = cos[:, None], sin[:, None]
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); rotates the first cos.shape[-1] dims (partial rotary leaves the rest)."""
+    cos, sin = cos[:, :, None], sin[:, :, None]
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
         return x * cos + _rotate_half(x) * sin
     x_rot, x_pass = x[..., :rot], x[..., rot:]
     return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, head_dim, half, sign,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)  # one (batch, position) per program
+        d = tl.arange(0, BLOCK_D)
+        h = tl.arange(0, BLOCK_H)
+        dmask = d < half
+        c = tl.load(cos_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
+        s = sign * tl.load(sin_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
+        base = tok * n_heads * head_dim + h[:, None] * head_dim + d[None, :]
+        mask = (h[:, None] < n_heads) & dmask[None, :]
+        x1 = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
+        x2 = tl.load(x_ptr + base + half, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + base, (x1 * c[None, :] - x2 * s[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + base + half, (x2 * c[None, :] + x1 * s[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _rope_launch(x, cos, sin, sign: float):
+    b, t, n_heads, head_dim = x.shape
+    half = cos.shape[-1] // 2
+    y = x.clone() if 2 * half < head_dim else torch.empty_like(x)  # partial rotary: the tail passes through
+    _rope_kernel[(b * t,)](x, cos, sin, y, n_heads, head_dim, half, sign, BLOCK_H=next_pow2(n_heads),
+                           BLOCK_D=next_pow2(half))
+    return y
+
+
+class _RopeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        cos, sin = cos.contiguous(), sin.contiguous()
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x.contiguous(), cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors  # the inverse rotation: same angles, opposite sign
+        return _rope_launch(dy.contiguous(), cos, sin, -1.0), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, rotary_dim)."""
+    if use_triton(x) and cos.shape[:2] == x.shape[:2]:
+        return _RopeFunction.apply(x, cos, sin)
+    return apply_rope_reference(x, cos, sin)

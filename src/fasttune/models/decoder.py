@@ -91,8 +91,8 @@ class Attention(nn.Module):
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q.transpose(1, 2), cos, sin)
-        k = apply_rope(k.transpose(1, 2), cos, sin)
+        q = apply_rope(q, cos, sin).transpose(1, 2)
+        k = apply_rope(k, cos, sin).transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap)

@@ -1,0 +1,30 @@
+"""Which implementation runs: FASTTUNE_KERNELS=torch|triton (default: triton on CUDA when installed, else torch).
+
+On a CPU, Triton kernels run only under TRITON_INTERPRET=1 (tests do that); their bf16 arithmetic is wrong
+there, so kernels compute in fp32 internally and bf16 is tested on the GPU.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton  # noqa: F401
+
+    HAVE_TRITON = True
+except ImportError:  # CPU installs without triton use the torch references
+    HAVE_TRITON = False
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    choice = os.environ.get("FASTTUNE_KERNELS", "").lower()
+    if choice == "torch" or not HAVE_TRITON:
+        return False
+    if choice == "triton":
+        return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return x.is_cuda
+
+
+def next_pow2(n: int) -> int:
+    return 1 << (max(n, 1) - 1).bit_length()
