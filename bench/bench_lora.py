@@ -27,9 +27,12 @@ SHAPES = {
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# (impl, shape, gradient checkpointing, our kernels: FASTTUNE_KERNELS)
 MATRIX = {
-    "default": [("hf", "llama-3.2-1b", "on"), ("ours", "llama-3.2-1b", "on"), ("ours", "llama-3.2-1b", "off"),
-                ("hf", "llama-3.1-8b", "on"), ("ours", "llama-3.1-8b", "on"), ("ours", "llama-3.1-8b", "off")],
+    "default": [("hf", "llama-3.2-1b", "on", "-"), ("ours", "llama-3.2-1b", "on", "triton"),
+                ("ours", "llama-3.2-1b", "off", "triton"), ("ours", "llama-3.2-1b", "off", "torch"),
+                ("hf", "llama-3.1-8b", "on", "-"), ("ours", "llama-3.1-8b", "on", "triton"),
+                ("ours", "llama-3.1-8b", "on", "torch"), ("ours", "llama-3.1-8b", "off", "triton")],
 }
 
 
@@ -108,7 +111,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
     import transformers
 
-    row = {"bench": "lora_sft", "impl": impl, "shape": shape, "gradient_checkpointing": gc, "batch": bs, "seq": seq,
+    row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default", "shape": shape, "gradient_checkpointing": gc, "batch": bs, "seq": seq,
            "lora_r": r, "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
@@ -136,11 +139,12 @@ def main():
     a = ap.parse_args()
     if a.matrix:
         rows = []
-        for impl, shape, gc in MATRIX[a.matrix]:
+        for impl, shape, gc, kernels in MATRIX[a.matrix]:
+            env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
             cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--bs", str(a.bs),
                    "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--r", str(a.r),
                    "--out", a.out]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ)
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             if proc.returncode != 0:
                 print(f"FAILED {impl} {shape} gc={gc}:\n{proc.stderr[-3000:]}", flush=True)
                 continue
@@ -156,11 +160,11 @@ def main():
 
 
 def print_table(rows):
-    print(f"\n{'impl':<5} {'shape':<13} {'gc':<3} {'tok/s':>9} {'peak GiB':>9} {'vs hf':>6}  card")
+    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'gc':<3} {'tok/s':>9} {'peak GiB':>9} {'vs hf':>6}  card")
     base = {(r["shape"]): r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
     for r in rows:
         ratio = r["tokens_per_second"] / base[r["shape"]] if r["shape"] in base else float("nan")
-        print(f"{r['impl']:<5} {r['shape']:<13} {r['gradient_checkpointing']:<3} {r['tokens_per_second']:>9,.0f} "
+        print(f"{r['impl']:<5} {r.get('kernels', '-'):<8} {r['shape']:<13} {r['gradient_checkpointing']:<3} {r['tokens_per_second']:>9,.0f} "
               f"{r['peak_gib']:>9.2f} {ratio:>6.2f}  {r['card']}")
 
 
