@@ -98,12 +98,9 @@ class FastLanguageModel:
 def set_gradient_checkpointing(model, mode):
     if mode not in CHECKPOINTING_MODES:
         raise ConfigError(f"use_gradient_checkpointing={mode!r} is invalid; use one of {CHECKPOINTING_MODES}.")
-    if mode == "auto":
-        # Recompute costs ~1/3 more compute; on CPU memory is rarely the limit, on GPUs it usually is.
-        mode = model.device.type == "cuda"
-    elif mode == "unsloth":
+    if mode == "unsloth":
         mode = "offload"
-    model.gradient_checkpointing = mode
+    model.gradient_checkpointing = mode  # "auto" is resolved by the trainer, which knows the batch shape
 
 
 def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int):

@@ -248,6 +248,8 @@ class CausalLM(nn.Module):
 
     def _run_layer(self, layer, x, cos, sin, masks):
         mode = self.gradient_checkpointing
+        if mode == "auto":  # outside the trainer, which resolves it from the batch shape: be safe on GPUs
+            mode = x.is_cuda
         if not (mode and self.training and torch.is_grad_enabled()):
             return layer(x, cos, sin, masks)
         if mode == "offload":

@@ -107,6 +107,7 @@ class Trainer:
         out_dir = Path(args.output_dir)
         _seed_everything(args.seed)
         model.train()
+        self._resolve_auto_checkpointing()
         optimizer = self.optimizer = build_optimizer(model, args)
         total = self.total_steps()
         scheduler = build_scheduler(optimizer, args, total)
@@ -224,6 +225,16 @@ class Trainer:
         return FastTuneError(f"CUDA ran out of memory at batch size {a.per_device_train_batch_size} x {seq} tokens "
                              f"with gradient checkpointing {mode!r} (peak {peak:.1f} GiB allocated). To fit: "
                              + "; or ".join(advice) + ".")
+
+    def _resolve_auto_checkpointing(self):
+        if getattr(self.model, "gradient_checkpointing", None) != "auto":
+            return
+        from fasttune.train.memory_policy import choose_checkpointing
+
+        longest = max(len(ex["input_ids"]) for ex in self.train_examples)
+        mode, why = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
+        self.model.gradient_checkpointing = mode
+        print(f"fasttune: {why}", file=sys.stderr)
 
     def run_identity(self) -> dict:
         """What a checkpoint must agree on to be resumed into this trainer."""
