@@ -72,7 +72,9 @@ class LoraLinear(nn.Module):
         if self.disabled:
             return out
         a, b = self.lora_A.to(x.dtype), self.lora_B.to(x.dtype)
-        return out + (self.lora_dropout(x) @ a.t()) @ b.t() * self.scaling
+        xa = (self.lora_dropout(x) @ a.t()).flatten(0, -2)
+        # One GEMM adds the scaled low-rank product into the base output (no separate scale and add passes).
+        return torch.addmm(out.flatten(0, -2), xa, b.t(), alpha=self.scaling).view(out.shape)
 
 
 def validate_settings(s: LoraSettings) -> LoraSettings:
