@@ -21,6 +21,9 @@ def hf_config(family: str, **overrides):
         cfg = tf.GemmaConfig(**kw, head_dim=16)
     elif family == "gemma2":
         cfg = tf.Gemma2Config(**kw, head_dim=16, sliding_window=4, query_pre_attn_scalar=16)
+    elif family == "gemma3_text":
+        cfg = tf.Gemma3TextConfig(**kw, head_dim=16, sliding_window=4, query_pre_attn_scalar=16,
+                                  layer_types=["sliding_attention", "full_attention"])
     elif family == "phi3":
         cfg = tf.Phi3Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
     else:
@@ -30,7 +33,7 @@ def hf_config(family: str, **overrides):
     return cfg
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
 
 
 def hf_model(family: str, seed: int = 0, **overrides):

@@ -2,7 +2,8 @@
 
 Family quirks are fields, not subclasses (DESIGN.md): `norm_offset` for Gemma's (1 + w) RMSNorm, `qk_norm` for
 Qwen3, `attn_logit_softcap`/`final_logit_softcap` and the four-norm block for Gemma 2, `embed_scale` for Gemma,
-`fused_qkv`/`fused_gate_up` for Phi-3, per-layer `sliding_window` from `layer_types`.
+`fused_qkv`/`fused_gate_up` for Phi-3, per-layer `sliding_window` from `layer_types`, and Gemma 3's second RoPE
+base for its sliding-window layers (`rope_local_theta`).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 
 from fasttune.errors import ModelLoadError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
 
@@ -30,6 +31,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_local_theta: float | None = None  # Gemma 3: sliding-window layers rotate with this base, unscaled
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
@@ -75,8 +77,8 @@ class ModelConfig:
         kv_heads = get("num_key_value_heads") or heads
         head_dim = get("head_dim") or hidden // heads
         layers = get("num_hidden_layers")
-        theta, scaling, partial = _rope_fields(get)
-        gemma = model_type in ("gemma", "gemma2")
+        theta, scaling, partial, local_theta = _rope_fields(get)
+        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
         act = get("hidden_activation") if gemma else get("hidden_act", "silu")
         act = act or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in ACTIVATIONS:
@@ -94,6 +96,7 @@ class ModelConfig:
             rms_norm_eps=get("rms_norm_eps", 1e-6),
             rope_theta=theta,
             rope_scaling=scaling,
+            rope_local_theta=local_theta,
             partial_rotary_factor=partial,
             max_position_embeddings=get("max_position_embeddings", 4096),
             hidden_act=act,
@@ -114,7 +117,12 @@ class ModelConfig:
             cfg.norm_offset = 1.0
             cfg.embed_scale = math.sqrt(hidden)
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
-        if model_type == "gemma2":
+        if model_type == "gemma3_text":
+            if get("use_bidirectional_attention", False):
+                raise ModelLoadError("This Gemma 3 config uses bidirectional attention (an embedding model); "
+                                     "fasttune trains causal language models.")
+            cfg.qk_norm = True
+        if model_type in ("gemma2", "gemma3_text"):
             cfg.sandwich_norm = True
             cfg.attn_scale = get("query_pre_attn_scalar") ** -0.5
             cfg.attn_logit_softcap = get("attn_logit_softcapping")
@@ -126,11 +134,17 @@ class ModelConfig:
         return cfg
 
 
-def _rope_fields(get) -> tuple[float, dict | None, float]:
-    """RoPE theta, scaling and partial factor from either transformers 5 `rope_parameters` or 4.x fields."""
-    params = get("rope_parameters") or {}
-    if params and not isinstance(params.get("rope_type", params.get("type", "")), str):
-        raise ModelLoadError("Per-layer-type rope_parameters (Gemma 3 style) are not supported by this decoder yet.")
+def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
+    """RoPE theta, scaling, partial factor and Gemma 3's local theta, from transformers 5 `rope_parameters`
+    (flat, or keyed by layer type) or from the 4.x fields."""
+    params = dict(get("rope_parameters") or {})
+    local_theta = get("rope_local_base_freq")
+    if "full_attention" in params or "sliding_attention" in params:  # per layer type (Gemma 3)
+        local = params.get("sliding_attention") or {}
+        local_theta = local.get("rope_theta", local_theta)
+        if local.get("rope_type", "default") != "default":
+            raise ModelLoadError("RoPE scaling on sliding-window layers is not supported yet.")
+        params = dict(params.get("full_attention") or {})
     legacy = get("rope_scaling") or {}
     theta = params.get("rope_theta", get("rope_theta", 10000.0))
     partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0
@@ -144,7 +158,7 @@ def _rope_fields(get) -> tuple[float, dict | None, float]:
                 f"RoPE scaling type '{scaling['rope_type']}' is not supported yet (supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)})."
             )
-    return float(theta), scaling, float(partial)
+    return float(theta), scaling, float(partial), (float(local_theta) if local_theta else None)
 
 
 def _sliding_windows(get, model_type: str, layers: int) -> list:

@@ -78,6 +78,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
+        self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         b, t, _ = x.shape
@@ -218,11 +219,21 @@ class CausalLM(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def inv_freq(self, device) -> torch.Tensor:
-        if device not in self._inv_freq:
+    def inv_freq(self, device, local: bool = False) -> torch.Tensor:
+        key = (device, local)
+        if key not in self._inv_freq:
             c = self.config
-            self._inv_freq[device] = rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling).to(device)
-        return self._inv_freq[device]
+            freq = (rope_inv_freq(c.rotary_dim, c.rope_local_theta) if local else
+                    rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling))
+            self._inv_freq[key] = freq.to(device)
+        return self._inv_freq[key]
+
+    def rope_tables(self, position_ids, dtype) -> dict:
+        """cos/sin per RoPE kind: "global", and "local" for Gemma 3's sliding-window layers."""
+        tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype)}
+        if self.config.rope_local_theta is not None:
+            tables["local"] = rope_cos_sin(self.inv_freq(position_ids.device, local=True), position_ids, dtype)
+        return tables
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
                       cache: KVCache | None = None):
@@ -235,14 +246,14 @@ class CausalLM(nn.Module):
         past = cache.length if cache is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
-        cos, sin = rope_cos_sin(self.inv_freq(x.device), position_ids, x.dtype)
+        ropes = self.rope_tables(position_ids, x.dtype)
         masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows), past)
         if cache is None:
             for layer in self.model.layers:
-                x = self._run_layer(layer, x, cos, sin, masks)
+                x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks)
         else:  # generation: no recompute, keys/values go to the cache
             for layer in self.model.layers:
-                x = layer(x, cos, sin, masks, cache)
+                x = layer(x, *ropes[layer.self_attn.rope_kind], masks, cache)
             cache.length += t
         return self.model.norm(x)
 

