@@ -1,0 +1,148 @@
+"""Decode speed: fasttune's KV-cache generate() vs transformers' generate(), same weights, same GPU, same run.
+
+Random-init weights of a real shape (no downloads), random prompt tokens, greedy, a fixed number of new tokens
+(no stop token), batch 1 and 16. For each (impl, batch): a warm-up call, then `--repeats` timed calls of a
+1-token generate (prefill) and of the full generate; decode tokens/s = batch x (new - 1) / (full - prefill).
+Also reports end-to-end tokens/s, peak GiB, and how many greedy tokens the two implementations share (bf16
+rounding makes random-weight models diverge eventually; the CPU tests check exact equality in fp32).
+Appends one JSONL row per (impl, batch) to bench/results/generate.jsonl and prints a table. Usage:
+
+    python bench/bench_generate.py                                  # GPU: llama-3.2-1b shape, batch 1 and 16
+    python bench/bench_generate.py --shape tiny --device cpu --out /tmp/generate.jsonl   # a quick CPU check
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+SHAPES = {
+    "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True),
+}
+ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def build_pair(shape: str, device: str):
+    """transformers' Llama and our decoder holding the very same weight tensors."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from fasttune.models.config import ModelConfig
+    from fasttune.models.loading import build_model
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
+                      rope_scaling=dict(ROPE), rms_norm_eps=1e-5)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    ours = build_model(ModelConfig.from_hf(cfg), hf.state_dict().items(), dtype, device, "bench").eval()
+    return hf, ours
+
+
+def run_generate(impl, model, ids, new_tokens: int):
+    if impl == "hf":
+        return model.generate(input_ids=ids, attention_mask=torch_ones(ids), max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return model.generate(input_ids=ids, max_new_tokens=new_tokens, eos_token_id=[])
+
+
+def torch_ones(ids):
+    import torch
+
+    return torch.ones_like(ids)
+
+
+def timed(fn, device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
+def bench_one(impl, model, ids, new_tokens, repeats, device) -> dict:
+    import torch
+
+    run_generate(impl, model, ids, 4)  # warm-up: kernels, allocator, caches
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    prefill = statistics.median(timed(lambda: run_generate(impl, model, ids, 1), device)[0] for _ in range(repeats))
+    fulls, out = [], None
+    for _ in range(repeats):
+        t, out = timed(lambda: run_generate(impl, model, ids, new_tokens), device)
+        fulls.append(t)
+    full = statistics.median(fulls)
+    assert out.shape == (ids.shape[0], ids.shape[1] + new_tokens), out.shape
+    b = ids.shape[0]
+    return {"decode_tokens_per_second": round(b * (new_tokens - 1) / max(full - prefill, 1e-9), 1),
+            "end_to_end_tokens_per_second": round(b * new_tokens / full, 1), "prefill_s": round(prefill, 4),
+            "generate_s": round(full, 4),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None,
+            "_out": out}
+
+
+def main():
+    import torch
+    import transformers
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.jsonl"))
+    a = ap.parse_args()
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device; run with --device cpu (and --shape tiny) for a functional check.")
+    hf, ours = build_pair(a.shape, a.device)
+    vocab = SHAPES[a.shape]["vocab_size"]
+    card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
+    rows = []
+    for batch in [int(b) for b in a.batches.split(",")]:
+        g = torch.Generator().manual_seed(batch)
+        ids = torch.randint(3, vocab, (batch, a.prompt_len), generator=g).to(a.device)
+        results = {impl: bench_one(impl, m, ids, a.new_tokens, a.repeats, a.device)
+                   for impl, m in (("hf", hf), ("ours", ours))}
+        new_hf, new_ours = (results[i].pop("_out")[:, a.prompt_len:] for i in ("hf", "ours"))
+        same = (new_hf == new_ours).int().cumprod(dim=1).sum(dim=1)  # shared greedy prefix per row
+        for impl, r in results.items():
+            row = {"bench": "generate", "impl": impl, "shape": a.shape, "batch": batch, "prompt_len": a.prompt_len,
+                   "new_tokens": a.new_tokens, **r, "greedy_prefix_shared_min": int(same.min()),
+                   "dtype": str(ours.dtype).removeprefix("torch."), "card": card, "torch": torch.__version__,
+                   "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print_table(rows)
+
+
+def print_table(rows):
+    print(f"\n{'impl':<5} {'batch':>5} {'decode tok/s':>13} {'e2e tok/s':>10} {'prefill s':>10} {'peak GiB':>9} "
+          f"{'vs hf':>6} {'shared':>7}  card")
+    base = {r["batch"]: r["decode_tokens_per_second"] for r in rows if r["impl"] == "hf"}
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        print(f"{r['impl']:<5} {r['batch']:>5} {r['decode_tokens_per_second']:>13,.0f} "
+              f"{r['end_to_end_tokens_per_second']:>10,.0f} {r['prefill_s']:>10.4f} {peak:>9} "
+              f"{r['decode_tokens_per_second'] / base[r['batch']]:>6.2f} {r['greedy_prefix_shared_min']:>7}  "
+              f"{r['card']}")
+
+
+if __name__ == "__main__":
+    main()
