@@ -94,7 +94,7 @@ def test_no_trainable_params_is_clear(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"), ({"lr_scheduler_type": "wavy"}, "wavy"),
-    ({"optim": "sgd"}, "optim"), ({"learning_rate": -1.0}, "learning_rate"), ({"packing": True}, "packing"),
+    ({"optim": "sgd"}, "optim"), ({"learning_rate": -1.0}, "learning_rate"), ({"packing": "yes"}, "packing"),
     ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train"),
 ])
 def test_bad_config_values(kw, match):

@@ -40,7 +40,14 @@ def collate(
         input_ids[row, :n] = torch.as_tensor(ex["input_ids"], dtype=torch.long)
         attention_mask[row, :n] = 1
         labels[row, :n] = torch.as_tensor(ex_labels, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    batch_out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    for key in ("position_ids", "segment_ids"):  # packed rows (data/packing.py); padding gets 0
+        if key in examples[0]:
+            col = torch.zeros((batch, width), dtype=torch.long)
+            for row, (ex, n) in enumerate(zip(examples, lengths)):
+                col[row, :n] = torch.as_tensor(ex[key], dtype=torch.long)
+            batch_out[key] = col
+    return batch_out
 
 
 def count_targets(labels: torch.Tensor) -> int:

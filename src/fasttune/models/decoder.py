@@ -236,7 +236,7 @@ class CausalLM(nn.Module):
         return tables
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
-                      cache: KVCache | None = None):
+                      cache: KVCache | None = None, segment_ids=None):
         cfg = self.config
         x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(self.dtype)
@@ -247,7 +247,7 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
         ropes = self.rope_tables(position_ids, x.dtype)
-        masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows), past)
+        masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows), past, segment_ids)
         if cache is None:
             for layer in self.model.layers:
                 x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks)
@@ -274,10 +274,12 @@ class CausalLM(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
                 num_items_in_batch=None, return_logits: bool | None = None, inputs_embeds=None,
-                past_key_values: KVCache | None = None, logits_to_keep: int = 0, **_):
+                past_key_values: KVCache | None = None, logits_to_keep: int = 0, segment_ids=None, **_):
         """`past_key_values`: a KVCache to read and extend (attention_mask then covers cached + new positions);
-        `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last)."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values)
+        `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last);
+        `segment_ids`: document ids of packed rows (with per-document `position_ids`), see data/packing.py."""
+        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
+                                    segment_ids)
         out = CausalLMOutput(past_key_values=past_key_values)
         if labels is None or return_logits:
             out.logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -292,10 +294,11 @@ class CausalLM(nn.Module):
         return out
 
 
-def build_masks(attention_mask, t: int, device, windows: set, past: int = 0) -> dict:
+def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None) -> dict:
     """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
-    `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`)."""
-    if attention_mask is None and windows == {None} and (past == 0 or t == 1):
+    `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
+    `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal)."""
+    if attention_mask is None and segment_ids is None and windows == {None} and (past == 0 or t == 1):
         return {None: None}
     q = torch.arange(past, past + t, device=device)[:, None]
     kv = torch.arange(past + t, device=device)[None, :]
@@ -304,6 +307,8 @@ def build_masks(attention_mask, t: int, device, windows: set, past: int = 0) -> 
     for w in windows:
         allowed = causal if w is None else causal & (q - kv < w)
         allowed = allowed[None, None]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         if attention_mask is not None:
             allowed = allowed & attention_mask[:, None, None, :].bool()
             # A padding query that may see nothing would give NaN in softmax; let it see itself (its output is unused).

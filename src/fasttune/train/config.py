@@ -67,9 +67,6 @@ class SFTConfig:
             raise ConfigError(f"optim='{self.optim}' is not supported; use one of {OPTIMIZERS}.")
         if self.warmup_ratio > 1:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be between 0 and 1.")
-        if self.packing:
-            raise ConfigError("packing=True is not available in this version yet; train with packing=False "
-                              "(examples are right-padded per batch).")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16=True and fp16=True together: choose one.")
 

@@ -43,6 +43,8 @@ class Trainer:
         if train_dataset is None:
             raise ConfigError("train_dataset is required: a datasets.Dataset, a list of dicts or a file path.")
         self.train_examples = self.prepare(train_dataset)
+        if self.args.packing:
+            self.train_examples = self._pack(self.train_examples)
         self.eval_examples = self.prepare(eval_dataset) if eval_dataset is not None else None
         self.pad_id = self._pad_id()
 
@@ -52,9 +54,19 @@ class Trainer:
 
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
         """Returns (loss to backprop, already divided by num_items; unnormalised loss sum for logging)."""
+        packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], num_items_in_batch=num_items)
+                         labels=batch["labels"], num_items_in_batch=num_items, **packed)
         return out.loss, float(out.loss_sum.detach())
+
+    def _pack(self, examples: list[dict]) -> list[dict]:
+        from fasttune.data.packing import pack_examples
+        from fasttune.models.decoder import CausalLM
+
+        if not isinstance(self.model, CausalLM):
+            raise ConfigError("packing=True needs fasttune's own decoder (its attention keeps packed documents "
+                              "apart); this model runs through the transformers fallback. Set packing=False.")
+        return pack_examples(examples, self.args.max_seq_length)
 
     # --- batching ----------------------------------------------------------------------------------------------
     def _pad_id(self) -> int:
