@@ -44,7 +44,7 @@ def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
     (lambda d, t: ["--model", str(t / "missing")], "does not exist"),
     (lambda d, t: ["--model", str(d("llama")), "--data", str(t / "nope.jsonl")], "nope.jsonl"),
     (lambda d, t: ["--model", str(d("llama")), "--data", str(_bad_columns(t))], "column"),
-    (lambda d, t: ["--model", str(_gpt2(t))], "'gpt2' is not supported"),
+    (lambda d, t: ["--model", str(_t5(t))], "'t5' is not supported"),  # gpt2 trains: tests/test_cli_fallback.py
     (lambda d, t: ["--config", str(_yaml(t, "lerning_rate: 1\n"))], "Did you mean 'learning_rate'"),
     (lambda d, t: ["--lr-scheduler-type", "wavy"], "wavy"),
     (lambda d, t: ["--method", "dpo"], "dpo"),
@@ -72,11 +72,12 @@ def _bad_columns(t):
     return p
 
 
-def _gpt2(t):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _t5(t):
+    """An architecture neither our decoder nor transformers' AutoModelForCausalLM can train."""
+    from transformers import T5Config
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(t / "g")
-    return t / "g"
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(t / "t5")
+    return t / "t5"
 
 
 def _yaml(t, text):

@@ -7,7 +7,9 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.models.fallback import FallbackModel
 from fasttune.models.loading import load_model, load_tokenizer, resolve_model_path
+from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
 
@@ -36,8 +38,12 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 class FastLanguageModel:
     @staticmethod
     def from_pretrained(model_name: str = "", max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
-                        load_in_8bit: bool = False, full_finetuning: bool = False, device=None, **kwargs):
-        """Load a model folder, .gguf file, adapter folder or (online) hub id. Returns (model, tokenizer)."""
+                        load_in_8bit: bool = False, full_finetuning: bool = False, device=None, fast: bool = True,
+                        **kwargs):
+        """Load a model folder, .gguf file, adapter folder or (online) hub id. Returns (model, tokenizer).
+
+        Architectures outside our decoder, and any model with fast=False, load through transformers + PEFT
+        (models/fallback.py) with one warning; the rest of the API is the same."""
         for k in kwargs:
             if k not in _IGNORED_KWARGS:
                 raise ConfigError(f"from_pretrained got an unknown argument '{k}'.")
@@ -53,8 +59,8 @@ class FastLanguageModel:
         dtype = resolve_dtype(dtype, device)
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
-            return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning)
-        model, hf_config = load_model(path, dtype, device)
+            return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast)
+        model, hf_config = load_model(path, dtype, device, fast=fast)
         tokenizer = load_tokenizer(path, required=False)
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         if full_finetuning:
@@ -76,11 +82,22 @@ class FastLanguageModel:
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(DEFAULT_TARGETS) if target_modules is None else target_modules,
                                 use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias)
-        apply_lora(model, settings, seed=random_state)
-        model.lora_settings = settings
+        if isinstance(model, FallbackModel):
+            model.add_lora(settings, seed=random_state, targets_given=target_modules is not None)
+        else:
+            apply_lora(model, settings, seed=random_state)
+            model.lora_settings = settings
         set_gradient_checkpointing(model, use_gradient_checkpointing)
         model.train()
         return model
+
+    @staticmethod
+    def add_new_tokens(model, tokenizer, new_tokens, method: str = "mean"):
+        """Add (special) tokens to the tokenizer and grow embed_tokens / lm_head to match; the new rows start as
+        the mean of the existing ones. Call before get_peft_model (train the rows with modules_to_save)."""
+        if method != "mean":
+            raise ConfigError(f"add_new_tokens(method={method!r}): only 'mean' is available.")
+        return add_new_tokens(model, tokenizer, new_tokens)
 
     @staticmethod
     def for_inference(model):
@@ -113,7 +130,7 @@ def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int)
     model.eval()
 
 
-def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning):
+def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning, fast=True):
     cfg = read_adapter_config(folder)
     base = cfg.get("base_model_name_or_path")
     if not base:
@@ -122,9 +139,14 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
     if full_finetuning:
         warnings.warn("full_finetuning is ignored when loading an adapter; the adapter's trainable set is restored.")
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
-                                                         device=device)
-    model.lora_settings = load_adapter_into(model, folder)
+                                                         device=device, fast=fast)
     own_tokenizer = load_tokenizer(folder, required=False)
+    if own_tokenizer is not None:  # tokens added before training: grow the base the same way first
+        restore_added_tokens(model, tokenizer, own_tokenizer)
+    if isinstance(model, FallbackModel):
+        model.load_adapter(folder)
+    else:
+        model.lora_settings = load_adapter_into(model, folder)
     if own_tokenizer is not None:
         tokenizer = own_tokenizer
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:

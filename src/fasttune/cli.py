@@ -9,6 +9,7 @@ import argparse
 import difflib
 import shutil
 import sys
+import warnings
 from dataclasses import fields
 from pathlib import Path
 
@@ -33,10 +34,19 @@ RUN_OPTIONS = {
     "sample_prompt": (str, None, "prompt for the before/after sample (default: one from the data)"),
     "no_sample": (bool, False, "skip the before/after sample"),
     "resume": (str, None, "continue from a checkpoint: 'latest' (or true) for the newest in --output-dir, or a path"),
+    "no_fast": (bool, False, "load through transformers + PEFT (standard speed) even if fasttune's decoder supports "
+                             "the architecture; other architectures always take that path"),
+    "peft": (bool, None, "LoRA adapters: the default, accepted for autotrain compatibility (--full-finetuning "
+                         "trains all weights instead)"),
+    "use_sharegpt_mapping": (bool, False, "accepted for autotrain compatibility: ShareGPT rows (conversations of "
+                                          "from/value) are detected and mapped automatically"),
 }
-# Short aliases from DESIGN.md's CLI.
+# Short aliases from DESIGN.md's CLI, and autotrain's names (`autotrain llm` commands run with `fasttune train`).
 ALIASES = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
-           "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "embedding_lr": "embedding_learning_rate"}
+           "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "embedding_lr": "embedding_learning_rate",
+           "trainer": "method", "project_name": "output_dir", "data_path": "data"}
+# autotrain's --data-path may be a folder holding the training split as train.<ext>.
+DATA_FOLDER_FILES = ("train.jsonl", "train.json", "train.csv", "train.parquet")
 # The demo run (no --data) uses settings that visibly learn the bundled data in about a minute on a CPU.
 DEMO_DEFAULTS = {"max_steps": 30, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                  "learning_rate": 1e-3, "logging_steps": 5}
@@ -141,11 +151,30 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     values.update(given)
     sft = SFTConfig.from_dict({k: v for k, v in values.items() if k in SFTConfig.field_names()}, "settings")
     run = {k: values[k] for k in RUN_OPTIONS}
+    run["method"] = {"default": "sft"}.get(run["method"], run["method"])  # autotrain's generic trainer is SFT
+    run["data"] = _data_file(run["data"])
+    if run["peft"] is False and not run["full_finetuning"]:
+        raise ConfigError("--peft false: fasttune trains LoRA adapters unless --full-finetuning is given; pass "
+                          "--full-finetuning to train all weights.")
+    if run["peft"] and run["full_finetuning"]:
+        raise ConfigError("--peft and --full-finetuning contradict each other: choose LoRA (--peft) or training all "
+                          "weights (--full-finetuning).")
     if run["method"] not in METHODS:
         raise ConfigError(f"--method {run['method']} is not available yet; this version trains: {', '.join(METHODS)}.")
     if run["quantization"] != "none":
         raise ConfigError(f"--quantization {run['quantization']} is not available yet; use --quantization none.")
     return run, sft
+
+
+def _data_file(data):
+    """A folder that is not a save_to_disk dataset but holds train.jsonl/.json/.csv/.parquet means that file."""
+    if not data or not Path(data).is_dir():
+        return data
+    folder = Path(data)
+    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+        return data
+    found = [folder / f for f in DATA_FOLDER_FILES if (folder / f).is_file()]
+    return str(found[0]) if found else data
 
 
 def _csv(text):
@@ -175,14 +204,22 @@ def cmd_train(ns) -> int:
 def _train(run: dict, sft: SFTConfig, out: Path):
     from fasttune import FastLanguageModel, SFTTrainer
     from fasttune.data import demo_dataset_path
-    from fasttune.generate import generate_text
+    from fasttune.models.fallback import FallbackWarning
     from fasttune.plot import plot_losses
 
     data = run["data"] or str(demo_dataset_path())
     if not run["data"]:
         print(f"fasttune: no --data given; training on the bundled demo set ({data}).")
-    model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=sft.max_seq_length,
-                                                   dtype=run["dtype"], full_finetuning=run["full_finetuning"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FallbackWarning)
+        model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=sft.max_seq_length,
+                                                       dtype=run["dtype"], full_finetuning=run["full_finetuning"],
+                                                       fast=not run["no_fast"])
+    for w in caught:  # the fallback notice as one line of our own; other warnings as Python shows them
+        if issubclass(w.category, FallbackWarning):
+            print(f"fasttune: warning: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if tok is None:
         raise ConfigError(f"The model at '{run['model']}' has no tokenizer; save one beside the weights.")
     print(f"fasttune: model {model.name_or_path} ({model.config.model_type}, {model.dtype}, {model.device})")
@@ -195,7 +232,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=data, args=sft)
     prompt = run["sample_prompt"] or _first_prompt(data)
     if not run["no_sample"] and prompt:
-        print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {generate_text(model, tok, prompt)}\n")
+        print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
     resume = run["resume"]
     if resume is not None and str(resume).lower() in ("latest", "true", "1", "yes"):
         resume = True
@@ -203,7 +240,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
     if not run["no_sample"] and prompt:
-        print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {generate_text(model, tok, prompt)}\n")
+        print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
     target = out / ("model" if run["full_finetuning"] else "adapter")
     model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
     plot = plot_losses(trainer.log_history, out / "loss.png")
@@ -213,6 +250,15 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     print(f"fasttune: saved {target} (load with FastLanguageModel.from_pretrained('{target}')), log "
           f"{out / 'log_history.jsonl'}, plot {plot}")
     return 0
+
+
+def _sample(model, tok, prompt: str) -> str:
+    from fasttune.generate import generate_text
+    from fasttune.models.fallback import FallbackModel
+
+    if isinstance(model, FallbackModel):
+        return model.sample_text(tok, prompt)
+    return generate_text(model, tok, prompt)
 
 
 def _first_prompt(data: str) -> str | None:

@@ -31,12 +31,17 @@ def test_missing_path_is_a_clear_error(tmp_path):
         FastLanguageModel.from_pretrained(str(tmp_path / "nope"))
 
 
-def test_unsupported_architecture_is_a_clear_error(tmp_path):
+def test_other_architecture_loads_through_the_fallback(tmp_path):
+    """Architectures outside our decoder are no longer refused: transformers+PEFT, with a warning
+    (tests/models/test_fallback.py trains them; an architecture transformers cannot train still errors)."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from fasttune.models.fallback import FallbackModel, FallbackWarning
+
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "g")
-    with pytest.raises(ModelLoadError, match="'gpt2' is not supported"):
-        FastLanguageModel.from_pretrained(str(tmp_path / "g"))
+    with pytest.warns(FallbackWarning, match="'gpt2' is not supported by fasttune's fast decoder"):
+        model, _ = load_model(tmp_path / "g", torch.float32, "cpu")
+    assert isinstance(model, FallbackModel) and model.config.vocab_size == 100
 
 
 def test_offline_hub_id_is_a_clear_error(monkeypatch):

@@ -137,19 +137,25 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: s
     return model
 
 
-def load_model(path: Path, dtype: torch.dtype, device) -> tuple[CausalLM, object]:
-    """Returns (model, transformers config). `path` is a resolved folder or .gguf file."""
+def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True):
+    """Returns (model, transformers config). `path` is a resolved folder or .gguf file. Architectures outside our
+    decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
-        return _load_gguf(path, dtype, device)
+        return _load_gguf(path, dtype, device, fast)
     hf_config = load_hf_config(path)
+    if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
+        from fasttune.models.fallback import load_fallback
+
+        model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config)
+        return model, model.hf_config
     cfg = ModelConfig.from_hf(hf_config)
     model = build_model(cfg, _iter_tensors(_weight_files(path)), dtype, device, str(path))
     return model, hf_config
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device):
+def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -159,8 +165,11 @@ def _load_gguf(path: Path, dtype: torch.dtype, device):
         raise ModelLoadError(f"Cannot read GGUF file '{path}': {e}") from None
     cfg_dict = dict(meta["config"])
     model_type = cfg_dict.pop("model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
-        ModelConfig.from_hf({"model_type": model_type})  # raises the unsupported-architecture error
+    if not fast or model_type not in SUPPORTED_FAMILIES:
+        from fasttune.models.fallback import load_fallback
+
+        model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name)
+        return model, model.hf_config
     hf_config = AutoConfig.for_model(model_type, **cfg_dict)
     cfg = ModelConfig.from_hf(hf_config)
     # transformers maps GGUF names to HF names using a (weightless) HF model of the same config.

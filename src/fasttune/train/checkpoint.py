@@ -57,9 +57,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
     with atomic_folder(final, f"checkpoint {final.name}") as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         if getattr(model, "lora_settings", None) is not None:
-            from fasttune.peft.adapter_io import save_adapter
-
-            save_adapter(model, tmp / "adapter")
+            model.save_pretrained(tmp / "adapter")  # PEFT format (PEFT's own save on the transformers fallback)
         rng_js, rng_tensors = rng_state()
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_tensors},

@@ -15,8 +15,10 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     if not trainable:
         raise ConfigError("The model has no trainable parameters. Call FastLanguageModel.get_peft_model(model, ...) "
                           "for LoRA, or load with full_finetuning=True.")
-    embed = [p for n, p in trainable if n in EMBEDDING_PARAM_NAMES]
-    rest = [p for n, p in trainable if n not in EMBEDDING_PARAM_NAMES]
+    # The transformers fallback names its embeddings per architecture (e.g. GPT-2's wte) and says which they are.
+    embed_names = set(getattr(model, "embedding_param_names", EMBEDDING_PARAM_NAMES))
+    embed = [p for n, p in trainable if n in embed_names]
+    rest = [p for n, p in trainable if n not in embed_names]
     groups = []
     if rest:
         groups.append({"params": rest, "lr": cfg.learning_rate})

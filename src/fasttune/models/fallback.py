@@ -1,0 +1,342 @@
+"""The transformers+PEFT path for architectures outside our decoder (and for any model with fast=False / --no-fast).
+
+`FallbackModel` wraps `AutoModelForCausalLM` (+ `peft.get_peft_model` once LoRA is added) behind the interface
+the rest of fasttune uses for our `CausalLM`: `.config` with the fields the trainer and checkpoints read,
+`.device`, `.dtype`, `.lora_settings`, `.name_or_path`, `.hf_config`, `gradient_checkpointing`, and a forward that
+returns `loss` (= summed target-token cross-entropy / num_items_in_batch), `loss_sum`, `num_targets`, `logits`, so
+the one trainer core (batching, gradient accumulation, checkpoints) runs it unchanged. Adapters are PEFT's own.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttune.atomic import atomic_folder
+from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.models.config import SUPPORTED_FAMILIES
+from fasttune.models.decoder import CausalLMOutput
+from fasttune.peft.lora import LoraSettings, validate_settings
+
+ADAPTER = "default"  # PEFT's adapter name
+
+
+class FallbackWarning(UserWarning):
+    """Emitted once per load: the model runs through transformers+PEFT at standard speed."""
+
+
+@dataclass
+class FallbackConfig:
+    """What the trainer, checkpoints and CLI read from `model.config`, taken from the transformers config."""
+    model_type: str
+    vocab_size: int
+    hidden_size: int | None
+    num_layers: int | None
+    num_heads: int | None
+    num_kv_heads: int | None
+    intermediate_size: int | None
+    tie_embeddings: bool
+    pad_token_id: Any = None
+    bos_token_id: Any = None
+    eos_token_id: Any = None
+
+    @property
+    def head_dim(self) -> int | None:
+        return self.hidden_size // self.num_heads if self.hidden_size and self.num_heads else None
+
+    @classmethod
+    def from_hf(cls, hf_model) -> "FallbackConfig":
+        c = hf_model.config
+        get = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)  # noqa: E731
+        heads = get("num_attention_heads")
+        inp, out = hf_model.get_input_embeddings(), hf_model.get_output_embeddings()
+        return cls(model_type=c.model_type, vocab_size=inp.weight.shape[0], hidden_size=get("hidden_size"),
+                   num_layers=get("num_hidden_layers"), num_heads=heads,
+                   num_kv_heads=get("num_key_value_heads") or heads,
+                   intermediate_size=get("intermediate_size", "n_inner", "ffn_dim") or 4 * (get("hidden_size") or 0),
+                   tie_embeddings=out is not None and out.weight is inp.weight,
+                   pad_token_id=get("pad_token_id"), bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"))
+
+
+def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, forced: bool, hf_config=None,
+                  gguf_file: str | None = None) -> "FallbackModel":
+    """AutoModelForCausalLM from local files only (no remote code), frozen, in `dtype` on `device`."""
+    from transformers import AutoModelForCausalLM
+
+    kwargs = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
+    if gguf_file is not None:
+        kwargs["gguf_file"] = gguf_file
+    elif hf_config is not None:
+        kwargs["config"] = hf_config
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
+        raise ModelLoadError(
+            f"Architecture '{model_type}' is not supported by fasttune's fast decoder (supported: "
+            f"{', '.join(SUPPORTED_FAMILIES)}), and transformers cannot load '{path}' as a causal language model "
+            f"either ({type(e).__name__}: {_one_line(e)}). Use a decoder-only model that "
+            f"transformers' AutoModelForCausalLM loads without remote code.") from None
+    why = ("fast=False / --no-fast was given" if forced else
+           f"'{model_type}' is not supported by fasttune's fast decoder (supported: {', '.join(SUPPORTED_FAMILIES)})")
+    warnings.warn(f"Architecture '{model_type}': {why}, so it is loaded through transformers + PEFT and trains at "
+                  f"standard speed (same results, none of fasttune's speed-ups).", FallbackWarning, stacklevel=4)
+    hf_model.requires_grad_(False)
+    return FallbackModel(hf_model.to(device).eval(), dtype)
+
+
+class FallbackModel(nn.Module):
+    def __init__(self, hf_model, dtype: torch.dtype):
+        super().__init__()
+        self.hf_model = hf_model  # a transformers PreTrainedModel; a PeftModel around it once LoRA is added
+        self.config = FallbackConfig.from_hf(hf_model)
+        self.hf_config = hf_model.config
+        self._dtype, self._gc = dtype, False
+        names = {id(m): n for n, m in hf_model.named_modules()}
+        out = hf_model.get_output_embeddings()
+        # Module paths of the embeddings: "embed_tokens" / "lm_head" in fasttune's vocabulary map onto these.
+        self._embed_path = names[id(hf_model.get_input_embeddings())]
+        self._head_path = names.get(id(out)) if out is not None else None
+        self.name_or_path, self.lora_settings, self.max_seq_length = None, None, None
+
+    # --- the interface of our CausalLM -------------------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.base_model.get_input_embeddings().weight.device
+
+    @property
+    def base_model(self):
+        """The transformers model (inside the PeftModel when LoRA was added)."""
+        return self.hf_model.get_base_model() if self.lora_settings is not None else self.hf_model
+
+    @property
+    def gradient_checkpointing(self):
+        return self._gc
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode):
+        base = self.base_model
+        # "auto" is resolved by the trainer from the batch shape; until then recompute on GPUs, as our decoder does.
+        on = mode if mode != "auto" else self.device.type == "cuda"
+        if not base.supports_gradient_checkpointing:
+            mode = False
+        elif hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.2x names (with offload)
+            if on:
+                base.activation_checkpointing_enable({"use_reentrant": False}, offload=mode == "offload")
+            else:
+                base.activation_checkpointing_disable()
+        elif on:  # older transformers: no offload, "offload" recomputes like True
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_disable()
+        self._gc = mode
+
+    @property
+    def embedding_param_names(self) -> tuple[str, ...]:
+        """Parameters that get embedding_learning_rate: the embeddings and lm_head (or their trainable copies)."""
+        paths = [f".{p}." for p in (self._embed_path, self._head_path) if p]
+        return tuple(n for n, p in self.named_parameters() if p.requires_grad and any(s in f".{n}" for s in paths))
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
+                return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
+        """The loss is computed here from the logits (summed cross-entropy), as our decoder does, so gradient
+        accumulation divides by the target tokens of the whole accumulated batch."""
+        if position_ids is not None:
+            kwargs["position_ids"] = position_ids
+        logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               use_cache=False, **kwargs).logits
+        out = CausalLMOutput()
+        if labels is None or return_logits:
+            out.logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
+        if labels is not None:
+            shifted = labels[:, 1:].reshape(-1).to(logits.device)
+            out.loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
+                                           ignore_index=-100, reduction="sum")
+            out.num_targets = int((shifted != -100).sum())
+            out.loss = out.loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(out.num_targets, 1))
+        return out
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
+                 seed: int | None = None, **kwargs):
+        """transformers' generate() with fasttune.generate's arguments (seed seeds torch's global generator)."""
+        if seed is not None:
+            torch.manual_seed(seed)
+        input_ids = torch.as_tensor(input_ids, device=self.device)
+        attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(
+            attention_mask, device=self.device)
+        stops = eos_token_id if eos_token_id is not None else self.config.eos_token_id
+        if pad_token_id is None:
+            pad_token_id = stops[0] if isinstance(stops, (list, tuple)) and stops else stops
+        was_training = self.training
+        self.eval()
+        try:
+            sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
+            return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                                          max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stops,
+                                          pad_token_id=pad_token_id, **sampling, **kwargs)
+        finally:
+            self.train(was_training)
+
+    def sample_text(self, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy reply to `prompt` as a user turn (fasttune.generate.generate_text for this model)."""
+        from fasttune.generate import chat_prompt_ids, stop_token_ids
+
+        ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}])
+        stops = stop_token_ids(tokenizer, self)
+        out = self.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, eos_token_id=stops)[0, len(ids):]
+        new = []
+        for t in out.tolist():
+            if t in stops:
+                break
+            new.append(t)
+        return tokenizer.decode(new, skip_special_tokens=True)
+
+    # --- LoRA through PEFT --------------------------------------------------------------------------------------
+    def add_lora(self, settings: LoraSettings, seed: int | None, targets_given: bool):
+        """PEFT LoRA on the given targets (default: every linear layer but the output head). A is re-initialised
+        from `seed` in module order, exactly as our LoRA does, so both paths start from the same adapter."""
+        from peft import LoraConfig, get_peft_model
+        from peft.tuners.lora import LoraLayer
+        from transformers.pytorch_utils import Conv1D
+
+        validate_settings(settings)
+        base = self.hf_model
+        out_emb = base.get_output_embeddings()
+        linears = {n: m for n, m in base.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and m is not out_emb}
+        if targets_given:
+            targets = settings.target_modules
+        else:
+            targets = sorted({n.rsplit(".", 1)[-1] for n in linears})
+        save = [self._leaf(m) for m in settings.modules_to_save]
+        conv = any(isinstance(m, Conv1D) for n, m in linears.items() if n.rsplit(".", 1)[-1] in targets)
+        cfg = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                         target_modules=targets, use_rslora=settings.use_rslora, modules_to_save=save or None,
+                         bias=settings.bias, fan_in_fan_out=conv, task_type="CAUSAL_LM")
+        rng = torch.random.get_rng_state()
+        try:
+            with _quiet_peft():
+                peft_model = get_peft_model(base, cfg)
+            if seed is not None:
+                torch.manual_seed(seed)
+            with torch.no_grad():
+                for m in peft_model.modules():
+                    if isinstance(m, LoraLayer) and ADAPTER in m.lora_A:
+                        nn.init.kaiming_uniform_(m.lora_A[ADAPTER].weight, a=math.sqrt(5))
+                        nn.init.zeros_(m.lora_B[ADAPTER].weight)
+        except ValueError as e:
+            names = sorted({n.rsplit(".", 1)[-1] for n in linears})
+            raise ConfigError(f"PEFT cannot add LoRA to this '{self.config.model_type}' model with target_modules="
+                              f"{settings.target_modules!r}: {e}. Its linear layers are: {names}.") from None
+        finally:
+            torch.random.set_rng_state(rng)
+        self._wrap(peft_model, settings, targets)
+
+    def load_adapter(self, folder: Path) -> LoraSettings:
+        """A PEFT adapter folder onto this base, trainable (the same trainable set as when it was saved)."""
+        from peft import PeftModel
+
+        from fasttune.peft.adapter_io import read_adapter_config, settings_from_peft_config
+
+        settings = settings_from_peft_config(read_adapter_config(folder))
+        canonical = {self._leaf(m): m for m in ("embed_tokens", "lm_head")}
+        settings.modules_to_save = [canonical.get(m, m) for m in settings.modules_to_save]
+        try:
+            with _quiet_peft():
+                peft_model = PeftModel.from_pretrained(self.hf_model, str(folder), is_trainable=True)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            raise ModelLoadError(f"Adapter {folder} does not fit this '{self.config.model_type}' base: "
+                                 f"{_one_line(e)}. Load it onto the base it was trained from.") from None
+        targets = settings.target_modules
+        self._wrap(peft_model, settings, sorted({t.rsplit(".", 1)[-1] for t in targets})
+                   if isinstance(targets, list) else targets)
+        return settings
+
+    def _wrap(self, peft_model, settings: LoraSettings, targets):
+        peft_model.peft_config[ADAPTER].base_model_name_or_path = self.name_or_path
+        settings.target_modules = targets
+        self.hf_model, self.lora_settings = peft_model, settings
+        if settings.modules_to_save and self.config.tie_embeddings:
+            self.config.tie_embeddings = False  # PEFT trains separate copies, which unties them (as our LoRA does)
+        self.gradient_checkpointing = self._gc  # re-apply on the model PEFT returned
+
+    def _leaf(self, name: str) -> str:
+        """fasttune's module names (embed_tokens, lm_head) -> this architecture's (e.g. GPT-2: wte, lm_head)."""
+        path = {"embed_tokens": self._embed_path, "lm_head": self._head_path}.get(name)
+        if path is None:
+            raise ConfigError(f"modules_to_save={name!r}: choose from ['embed_tokens', 'lm_head'].")
+        return path.rsplit(".", 1)[-1]
+
+    # --- saving ---------------------------------------------------------------------------------------------------
+    def save_pretrained(self, folder, tokenizer=None, **_):
+        """A LoRA model writes its PEFT adapter; a fully fine-tuned one a transformers checkpoint."""
+        if self.lora_settings is None:
+            return self.save_pretrained_merged(folder, tokenizer)
+        with atomic_folder(Path(folder), "the adapter") as tmp:
+            self.hf_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return Path(folder)
+
+    def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **_):
+        from fasttune.export.merged import SAVE_METHODS
+
+        if save_method not in SAVE_METHODS:
+            raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
+        if save_method == "lora":
+            return self.save_pretrained(folder, tokenizer)
+        base = self.base_model
+        with atomic_folder(Path(folder), "the merged model") as tmp:
+            state = merged_state_dict(self.hf_model, self.dtype) if self.lora_settings is not None else None
+            base.config.tie_word_embeddings = self.config.tie_embeddings
+            base.save_pretrained(str(tmp), state_dict=state)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return Path(folder)
+
+    def save_pretrained_gguf(self, *args, **kwargs):
+        raise ConfigError(f"GGUF export is not available for '{self.config.model_type}' models on the "
+                          f"transformers+PEFT path; save a merged model (save_pretrained_merged) and convert it with "
+                          f"llama.cpp's convert_hf_to_gguf.py.")
+
+
+@contextmanager
+def _quiet_peft():
+    """PEFT's notices that do not apply here: transformers' checkpointing rename, and tied embeddings in
+    modules_to_save (we untie them on purpose, as our own LoRA does, and save merged models untied)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message=".*ensure_weight_tying.*")
+        yield
+
+
+def _one_line(e: Exception) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def merged_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The base model's tensors with each LoRA delta added (in fp32) and modules_to_save copies in place of the
+    originals, under the base model's own key names. The live model is left unchanged."""
+    base = peft_model.get_base_model()
+    deltas = {n: m.get_delta_weight(ADAPTER) for n, m in base.named_modules()
+              if hasattr(m, "get_delta_weight") and ADAPTER in getattr(m, "lora_A", {})}
+    out = {}
+    for key, t in base.state_dict().items():
+        if ".lora_" in key or ".original_module." in key:
+            continue
+        if key.endswith(".base_layer.weight") and key[:-len(".base_layer.weight")] in deltas:
+            t = t.float() + deltas[key[:-len(".base_layer.weight")]].float()
+        name = key.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
+        out[name] = t.detach().to(dtype).contiguous()
+    return out

@@ -1,0 +1,141 @@
+"""The transformers+PEFT fallback: architectures outside our decoder (GPT-2, OPT) train with one warning, their
+adapters are PEFT's and load back; fast=False on llama gives the fast path's losses (a check of both paths)."""
+import warnings
+
+import pytest
+import torch
+
+from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+from fasttune.errors import ModelLoadError
+from fasttune.models.fallback import FallbackModel, FallbackWarning
+
+
+def _rows(n=8):
+    words = ["alpha", "beta", "gamma", "delta", "epsilon"]
+    return [{"text": " ".join(words[(i + j) % 5] for j in range(2 + i % 4))} for i in range(n)]
+
+
+def _tiny_hf(family):
+    from transformers import GPT2Config, GPT2LMHeadModel, OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    ids = dict(vocab_size=300, bos_token_id=1, eos_token_id=256, pad_token_id=256)
+    if family == "gpt2":
+        return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=64, **ids))
+    return OPTForCausalLM(OPTConfig(hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=2,
+                                    word_embed_proj_dim=32, max_position_embeddings=64, **ids))
+
+
+@pytest.fixture
+def other_arch_dir(tmp_path, tiny_tokenizer):
+    def make(family="gpt2"):
+        folder = tmp_path / family
+        _tiny_hf(family).save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        return folder
+
+    return make
+
+
+def _load(folder, **kw):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, tok = FastLanguageModel.from_pretrained(str(folder), **kw)
+    return model, tok, [w for w in caught if issubclass(w.category, FallbackWarning)]
+
+
+def _train(model, tok, out, steps=4, **cfg):
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                     learning_rate=cfg.pop("learning_rate", 1e-2), max_steps=steps, **cfg)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
+    trainer.train()
+    return trainer, [h["loss"] for h in trainer.log_history if "loss" in h]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "opt"])
+def test_other_architecture_trains_with_one_warning_and_adapter_loads_in_peft(family, other_arch_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    folder = other_arch_dir(family)
+    model, tok, warned = _load(folder)
+    assert isinstance(model, FallbackModel) and len(warned) == 1
+    assert f"'{family}'" in str(warned[0].message) and "standard speed" in str(warned[0].message)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=True)
+    _, losses = _train(model, tok, tmp_path / "out")
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    model.save_pretrained(tmp_path / "adapter", tok)
+
+    ids = torch.randint(3, 259, (2, 9))
+    with torch.no_grad():
+        ours = model.eval()(ids).logits
+        ref = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder), str(tmp_path / "adapter"))
+        torch.testing.assert_close(ref.eval()(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
+        again, _, warned = _load(tmp_path / "adapter")
+        assert len(warned) == 1 and again.lora_settings == model.lora_settings
+        torch.testing.assert_close(again.eval()(ids).logits, ours, rtol=1e-5, atol=1e-5)
+    trainable = lambda m: sorted(n for n, p in m.named_parameters() if p.requires_grad)  # noqa: E731
+    assert trainable(again) == trainable(model)
+
+
+def test_no_fast_llama_gives_the_fast_paths_losses(tiny_model_dir, tmp_path):
+    """Same seed -> same initial adapter on both paths; then the same batches must give the same losses."""
+    folder = tiny_model_dir("llama")
+    runs = {}
+    for fast in (True, False):
+        model, tok, warned = _load(folder, fast=fast)
+        assert isinstance(model, FallbackModel) == (not fast) and len(warned) == (0 if fast else 1)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0,
+                                                 modules_to_save=["lm_head"], use_gradient_checkpointing=False)
+        runs[fast] = (model, _train(model, tok, tmp_path / f"o{fast}", steps=6)[1])
+        model.save_pretrained(tmp_path / f"a{fast}")
+    torch.testing.assert_close(torch.tensor(runs[False][1]), torch.tensor(runs[True][1]), rtol=1e-5, atol=0)
+    # The fallback's (PEFT-written) adapter loads on the fast path and gives the same logits.
+    fast_again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "aFalse"))
+    ids = torch.randint(3, 259, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fast_again(ids).logits, runs[False][0].eval()(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_merged_checkpoint_and_modules_to_save(other_arch_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, _ = _load(other_arch_dir("gpt2"))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=["embed_tokens", "lm_head"])
+    assert model.lora_settings.modules_to_save == ["embed_tokens", "lm_head"]
+    assert len(model.embedding_param_names) == 2 and not model.config.tie_embeddings  # wte + lm_head copies
+    _train(model, tok, tmp_path / "out", steps=2, embedding_learning_rate=1e-3)
+    model.save_pretrained_merged(tmp_path / "merged", tok)
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = torch.randint(3, 259, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+    assert model.lora_settings is not None  # saving merged leaves the live model as it was
+
+
+def test_full_finetuning_and_resume(other_arch_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    folder = other_arch_dir("gpt2")
+    model, tok, _ = _load(folder, full_finetuning=True)
+    assert all(p.requires_grad for p in model.parameters())
+    trainer, losses = _train(model, tok, tmp_path / "full", steps=4, save_steps=2, learning_rate=1e-3)
+    resumed_model, _, _ = _load(folder, full_finetuning=True)
+    args = SFTConfig(output_dir=str(tmp_path / "full"), per_device_train_batch_size=2,
+                     gradient_accumulation_steps=2, learning_rate=1e-3, max_steps=4, save_steps=2)
+    resumed = SFTTrainer(model=resumed_model, tokenizer=tok, train_dataset=_rows(), args=args)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    assert [h["loss"] for h in resumed.log_history] == losses
+    model.save_pretrained(tmp_path / "model", tok)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model").eval()
+    ids = torch.randint(3, 259, (1, 6))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_architecture_transformers_cannot_train_is_a_clear_error(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ModelLoadError, match="'t5' is not supported.*AutoModelForCausalLM"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "t5"))
