@@ -43,6 +43,7 @@ class SFTConfig:
     bf16: bool | None = None
     fp16: bool | None = None
     max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or grads) before stopping
+    report_to: str | list = "none"  # "none" | "tensorboard" | "wandb" | "all" | "a,b" | a list; becomes a list
 
     def __post_init__(self):
         for f in fields(self):
@@ -69,6 +70,9 @@ class SFTConfig:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be between 0 and 1.")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16=True and fp16=True together: choose one.")
+        from fasttune.train.reporters import parse_report_to
+
+        self.report_to = parse_report_to(self.report_to)  # also checks the packages are installed
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -90,6 +94,8 @@ def _checked_type(name: str, annotation: str, value):
     kinds = {k.strip() for k in str(annotation).split("|")}
     if value is None and "None" in kinds:
         return value
+    if "list" in kinds and isinstance(value, (list, tuple)):
+        return list(value)
     if "bool" in kinds:
         if isinstance(value, bool):
             return value

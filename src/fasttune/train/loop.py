@@ -21,6 +21,7 @@ from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
 from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from fasttune.train.optim import build_optimizer, build_scheduler
+from fasttune.train.reporters import open_reporters
 from fasttune.train.signals import GracefulStop
 
 LOG_FILE = "log_history.jsonl"
@@ -134,6 +135,7 @@ class Trainer:
         self._check_precision()
         log_path = out_dir / LOG_FILE
         self._log_rewrite = True  # first write replaces the file (a resumed run's log = the uninterrupted one's)
+        self._reporters = open_reporters(args)  # TensorBoard / W&B (report_to); fed by _log
         window, losses, bad_in_row, skipped = [], [], 0, 0
         t0, tokens_done, saved = time.perf_counter(), 0, None
         bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
@@ -204,6 +206,7 @@ class Trainer:
         elif self.eval_examples is not None:
             metrics.update(self.evaluate())
             self._log({"step": step, "eval_loss": metrics["eval_loss"]}, log_path)
+        self._reporters.close()
         model.eval()
         return metrics
 
@@ -271,6 +274,8 @@ class Trainer:
 
     def _log(self, entry: dict, path: Path):
         self.log_history.append(entry)
+        if getattr(self, "_reporters", None) is not None:
+            self._reporters.log(entry)
         lines = self.log_history if self._log_rewrite else [entry]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
