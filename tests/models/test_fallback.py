@@ -139,3 +139,19 @@ def test_architecture_transformers_cannot_train_is_a_clear_error(tmp_path):
     T5Config(d_model=16, d_ff=32, num_layers=1, num_heads=2, vocab_size=50).save_pretrained(tmp_path / "t5")
     with pytest.raises(ModelLoadError, match="'t5' is not supported.*AutoModelForCausalLM"):
         FastLanguageModel.from_pretrained(str(tmp_path / "t5"))
+
+
+def test_generation_uses_transformers_generate(other_arch_dir):
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.errors import ConfigError
+    from fasttune.generate import generate
+
+    folder = other_arch_dir("gpt2")
+    model, _, _ = _load(folder)
+    prompt = torch.tensor([[5, 6, 7]])
+    ref = AutoModelForCausalLM.from_pretrained(folder).eval().generate(prompt, max_new_tokens=4, do_sample=False,
+                                                                       pad_token_id=256)
+    assert torch.equal(model.generate(prompt, max_new_tokens=4), ref)
+    with pytest.raises(ConfigError, match="use model.generate"):  # fasttune's KV cache is our decoder's
+        generate(model, prompt, max_new_tokens=2)

@@ -151,6 +151,10 @@ class FallbackModel(nn.Module):
                 return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
         """The loss is computed here from the logits (summed cross-entropy), as our decoder does, so gradient
         accumulation divides by the target tokens of the whole accumulated batch."""
+        if kwargs.get("past_key_values") is not None:  # fasttune.generate's KVCache belongs to our decoder
+            raise ConfigError(f"fasttune's KV-cache generation runs on its own decoder; this "
+                              f"'{self.config.model_type}' model runs through transformers: use model.generate(...) "
+                              f"(transformers' generate) instead.")
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
