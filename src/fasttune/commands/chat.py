@@ -42,7 +42,7 @@ def cmd_chat(ns) -> int:
 
     from fasttune.command_helpers import load_model_and_tokenizer, sampling_kwargs
     from fasttune.errors import ConfigError
-    from fasttune.generate import generate, new_tokens, stop_token_ids
+    from fasttune.generate import new_tokens, stop_token_ids
 
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype)
     if not getattr(tok, "chat_template", None):
@@ -78,7 +78,7 @@ def cmd_chat(ns) -> int:
         history, ids = fit_context(tok, history + [{"role": "user", "content": text}], budget)
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
         try:
-            out = generate(model, torch.tensor([ids]), eos_token_id=stops, streamer=streamer, **kwargs)
+            out = model.generate(torch.tensor([ids]), eos_token_id=stops, streamer=streamer, **kwargs)
         except KeyboardInterrupt:
             print("\n(reply stopped)", flush=True)
             history = history[:-1]

@@ -22,7 +22,7 @@ def cmd_generate(ns) -> int:
     from transformers import TextStreamer
 
     from fasttune.command_helpers import load_model_and_tokenizer, sampling_kwargs
-    from fasttune.generate import chat_prompt_ids, generate, left_pad, new_tokens, stop_token_ids
+    from fasttune.generate import chat_prompt_ids, left_pad, new_tokens, stop_token_ids
 
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype)
     rows = [chat_prompt_ids(tok, [{"role": "user", "content": p}], chat=not ns.no_chat) for p in ns.prompt]
@@ -30,7 +30,8 @@ def cmd_generate(ns) -> int:
     ids, mask = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else stops[0])
     # One prompt streams its reply as it is generated; a batch prints each reply when all are done.
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if len(rows) == 1 else None
-    out = generate(model, ids, attention_mask=mask, eos_token_id=stops, streamer=streamer, **sampling_kwargs(ns))
+    # model.generate: our KV-cache generate, or transformers' for a model on the transformers fallback
+    out = model.generate(ids, attention_mask=mask, eos_token_id=stops, streamer=streamer, **sampling_kwargs(ns))
     if streamer is None:
         for i, prompt in enumerate(ns.prompt):
             reply = tok.decode(new_tokens(out[i], ids.shape[1], stops), skip_special_tokens=True)
