@@ -248,3 +248,17 @@ def test_gemma3_270m_sentencepiece_vocab_in_llama_cpp(tmp_path):
     for text in TEXTS:
         assert llm.tokenize(text.encode(), add_bos=True, special=True) == tok(text)["input_ids"], text
     llm.close()
+
+
+def test_unknown_pre_tokenizer_warns_and_writes_default(tmp_path):
+    from tokenizers import pre_tokenizers
+
+    tok = make_bpe_tokenizer("gpt2")
+    tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    save_hf(hf_model("llama", vocab_size=len(tok)), tmp_path / "m")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    with pytest.warns(UserWarning, match="no known llama.cpp equivalent"):
+        path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    import gguf
+
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "default"

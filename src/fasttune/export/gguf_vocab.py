@@ -85,7 +85,8 @@ def _steps(pre: dict | None) -> tuple:
     if kind == "Sequence":
         return tuple(s for p in pre.get("pretokenizers", []) for s in _steps(p))
     if kind == "ByteLevel":
-        return ("bytelevel+regex" if pre.get("use_regex", True) else "bytelevel",)
+        step = "bytelevel+regex" if pre.get("use_regex", True) else "bytelevel"
+        return (step + ("+prefix-space" if pre.get("add_prefix_space") else ""),)  # llama.cpp adds no space
     if kind == "Digits":
         return ("digits" if pre.get("individual_digits") else "digits-grouped",)
     if kind == "Split":
