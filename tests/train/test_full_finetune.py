@@ -1,10 +1,9 @@
 """Full fine-tuning (every weight trainable) against a plain transformers training loop on the same batches."""
 import torch
-import torch.nn.functional as F
+from peft_oracle import reference_sft_losses
 from tiny import hf_model
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
-from fasttune.data.collate import count_targets
 
 
 def _rows(n=16):
@@ -23,23 +22,8 @@ def test_20_steps_equal_a_transformers_loop(tiny_model_dir, tmp_path):
     trainer.train()
     ours = [h["loss"] for h in trainer.log_history if "loss" in h]
 
-    ref = hf_model("llama", seed=0).train()  # the weights tiny_model_dir saved
-    opt = torch.optim.AdamW(ref.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    theirs = []
-    for _ in range(20):
-        _, _, group = next(batches)
-        n = sum(count_targets(b["labels"]) for b in group)
-        total = 0.0
-        for b in group:
-            logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
-                                       ignore_index=-100, reduction="sum")
-            (loss_sum / n).backward()
-            total += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(ref.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad()
-        theirs.append(total / n)
+    ref = hf_model("llama", seed=0).train()
+    theirs = reference_sft_losses(ref, batches, 20, lr=1e-3)
     assert len(ours) == 20 and ours[-1] < ours[0] - 1.0
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=2e-5, atol=0)
     # ...and the trained weights agree too.

@@ -1,11 +1,9 @@
 """The SFT trainer against a transformers+PEFT reference loop, and gradient-accumulation invariance."""
 import pytest
 import torch
-import torch.nn.functional as F
-from peft_oracle import peft_twin
+from peft_oracle import peft_twin, reference_sft_losses
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
-from fasttune.data.collate import count_targets
 
 
 def _rows(n=16):
@@ -32,23 +30,7 @@ def test_20_steps_equal_transformers_peft_loop(tiny_model_dir, tmp_path):
     ours = [h["loss"] for h in trainer.log_history if "loss" in h]
 
     ref = peft_twin("llama", tmp_path / "init").train()
-    params = [p for p in ref.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=5e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-    theirs = []
-    for _ in range(20):
-        _, _, group = next(batches)
-        n = sum(count_targets(b["labels"]) for b in group)
-        total = 0.0
-        for b in group:
-            logits = ref(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
-            loss_sum = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b["labels"][:, 1:].flatten(),
-                                       ignore_index=-100, reduction="sum")
-            (loss_sum / n).backward()
-            total += loss_sum.item()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad()
-        theirs.append(total / n)
+    theirs = reference_sft_losses(ref, batches, 20, lr=5e-3)
     assert len(ours) == 20 and ours[-1] < ours[0]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=2e-5, atol=0)
 
