@@ -57,6 +57,17 @@ def row_label(index: int, source_name: str | None = None) -> str:
     return f"Row {index} of {source_name}" if source_name else f"Row {index} of the dataset"
 
 
+def require_dict_rows(rows: list, source_name: str | None = None) -> None:
+    """A list given as the dataset must hold at least one dict row."""
+    if not rows:
+        raise DataError("The list of rows passed as the dataset is empty. Pass at least one training example.")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            where = row_label(i, source_name or "the list passed as the dataset")
+            raise DataError(f"{where} is a {type(row).__name__}, not a dict. Every row must be a dict such as "
+                            "{'text': ...} or {'messages': [...]}.")
+
+
 def required_columns(data_format: str, dataset_text_field: str = "text") -> tuple[str, ...]:
     cols = REQUIRED_COLUMNS[data_format]
     return (dataset_text_field,) if data_format == "text" else cols

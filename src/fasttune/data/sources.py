@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
 import logging
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 
 import datasets
 
+from fasttune.data.formats import require_dict_rows
 from fasttune.errors import DataError
 
 FILE_LOADERS = {
@@ -84,14 +84,7 @@ def _train_split(dd: datasets.DatasetDict, what: str) -> datasets.Dataset:
 
 
 def _from_list(rows: list) -> datasets.Dataset:
-    if not rows:
-        raise DataError("The list of rows passed as the dataset is empty. Pass at least one training example.")
-    for i, row in enumerate(rows):
-        if not isinstance(row, Mapping):
-            raise DataError(
-                f"Row {i} of the list passed as the dataset is a {type(row).__name__}, not a dict. "
-                "Every row must be a dict such as {'text': ...} or {'messages': [...]}."
-            )
+    require_dict_rows(rows)
     try:
         return datasets.Dataset.from_list([dict(r) for r in rows])
     except Exception as e:  # pyarrow type-unification errors come in several classes

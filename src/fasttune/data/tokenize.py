@@ -52,14 +52,7 @@ def tokenize_rows(
     if not isinstance(rows, (datasets.Dataset, list)):
         rows = load_rows(rows)
     if isinstance(rows, list):
-        if not rows:
-            raise DataError("The list of rows passed as the dataset is empty. Pass at least one training example.")
-        for i, row in enumerate(rows):
-            if not isinstance(row, Mapping):
-                raise DataError(
-                    f"{formats.row_label(i, source_name)} is a {type(row).__name__}, not a dict. "
-                    "Every row must be a dict such as {'text': ...} or {'messages': [...]}."
-                )
+        formats.require_dict_rows(rows, source_name)
         columns = list(dict.fromkeys(k for row in rows for k in row))
     else:
         if len(rows) == 0:
