@@ -80,3 +80,17 @@ def test_trainer_with_packing(tiny_model_dir, tmp_path):
     trainer.train()
     losses = [h["loss"] for h in trainer.log_history]
     assert losses[-1] < losses[0]
+
+
+def test_changing_one_document_leaves_the_other_untouched(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3")))
+    a, b = {"input_ids": list(range(10, 19))}, {"input_ids": list(range(40, 47))}
+    a2 = {"input_ids": list(range(100, 109))}
+    rows = [pack_examples([a, b], capacity=32)[0], pack_examples([a2, b], capacity=32)[0]]
+    batch = collate(rows, 0)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], segment_ids=batch["segment_ids"]).logits
+    in_b = batch["segment_ids"] == batch["segment_ids"][0, -1]  # b is packed last (shorter) in both rows
+    assert not torch.allclose(logits[0][~in_b[0]], logits[1][~in_b[1]])
+    assert torch.equal(logits[0][in_b[0]], logits[1][in_b[1]])
