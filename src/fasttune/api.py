@@ -54,8 +54,10 @@ class FastLanguageModel:
             from fasttune.defaults import default_model_path
 
             model_name = default_model_path()
-        device = torch.device(device) if device is not None else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        from fasttune.train.distributed import local_device
+
+        device = torch.device(device) if device is not None else (local_device() or torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu"))  # under torchrun: this process's GPU
         dtype = resolve_dtype(dtype, device)
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():

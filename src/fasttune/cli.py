@@ -239,6 +239,8 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     metrics = trainer.train(resume_from_checkpoint=resume)
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
+    if not trainer.dist.is_main:
+        return 0  # under torchrun, rank 0 writes the adapter, plot and samples
     if not run["no_sample"] and prompt:
         print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
     target = out / ("model" if run["full_finetuning"] else "adapter")

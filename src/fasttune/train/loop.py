@@ -22,6 +22,7 @@ from fasttune.errors import ConfigError, FastTuneError, write_error
 from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.reporters import open_reporters
+from fasttune.train.distributed import Dist
 from fasttune.train.signals import GracefulStop
 
 LOG_FILE = "log_history.jsonl"
@@ -40,6 +41,7 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
         self.args = args if args is not None else config_cls()
         self.log_history: list[dict] = []
+        self.dist = Dist()  # torchrun: joins the process group; otherwise a single process
         self._train_source, self._eval_source = train_dataset, eval_dataset
         if train_dataset is None:
             raise ConfigError("train_dataset is required: a datasets.Dataset, a list of dicts or a file path.")
@@ -94,7 +96,7 @@ class Trainer:
 
     def steps_per_epoch(self) -> int:
         micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
-        return math.ceil(micro / self.args.gradient_accumulation_steps)
+        return math.ceil(micro / (self.args.gradient_accumulation_steps * self.dist.world))
 
     def total_steps(self) -> int:
         if self.args.max_steps > 0:
@@ -103,7 +105,8 @@ class Trainer:
 
     def _step_batches(self, start_epoch: int, start_micro: int):
         """Yields (epoch, next micro index, [batches]) per optimizer step; epochs repeat until the caller stops."""
-        ga, epoch, micro = self.args.gradient_accumulation_steps, start_epoch, start_micro
+        ga = self.args.gradient_accumulation_steps * self.dist.world
+        epoch, micro = start_epoch, start_micro
         while True:
             batches = self._micro_batches(epoch)
             while micro < len(batches):
@@ -135,28 +138,35 @@ class Trainer:
         self._check_precision()
         log_path = out_dir / LOG_FILE
         self._log_rewrite = True  # first write replaces the file (a resumed run's log = the uninterrupted one's)
-        self._reporters = open_reporters(args)  # TensorBoard / W&B (report_to); fed by _log
+        # TensorBoard / W&B (report_to), fed by _log, on rank 0 only
+        self._reporters = open_reporters(args) if self.dist.is_main else None
         window, losses, bad_in_row, skipped = [], [], 0, 0
         t0, tokens_done, saved = time.perf_counter(), 0, None
-        bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True,
+                   disable=not self.dist.is_main)
         batches = self._step_batches(epoch, micro)
         n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
 
         def checkpoint():
             state = {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history,
                      "identity": self.run_identity(), "config": asdict(args)}
-            return save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state, args.save_total_limit)
+            path = out_dir / f"checkpoint-{step}"
+            if self.dist.is_main:
+                path = save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state,
+                                       args.save_total_limit)
+            self.dist.barrier()
+            return path
 
         with GracefulStop() as stop:
-            while step < total and not stop.requested:
+            while step < total and not self.dist.any(bool(stop.requested)):
                 epoch, micro, group = next(batches)
-                group = [self._to_device(b) for b in group]
-                num_items = sum(count_targets(b["labels"]) for b in group)
+                group = [self._to_device(b) for b in self.dist.shard(group, args.gradient_accumulation_steps)]
+                num_items = int(self.dist.sum(sum(count_targets(b["labels"]) for b in group)))
                 if num_items == 0:
                     continue  # nothing to learn from; the SFT data path drops such rows before this
                 lr = optimizer.param_groups[0]["lr"]
                 step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler)
-                tokens_done += n_tokens
+                tokens_done += int(self.dist.sum(n_tokens))
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
                     if scaler is not None:
@@ -190,7 +200,8 @@ class Trainer:
                     self._log({"step": step, "eval_loss": self.evaluate()["eval_loss"]}, log_path)
                 if args.save_steps and step % args.save_steps == 0 and step < total:
                     saved = checkpoint()
-            if stop.requested and step < total:
+            if step < total and self.dist.any(bool(stop.requested)):
+                stop.requested = stop.requested or "a signal on another rank"
                 saved = checkpoint()
         bar.close()
         runtime = time.perf_counter() - t0
@@ -206,7 +217,8 @@ class Trainer:
         elif self.eval_examples is not None:
             metrics.update(self.evaluate())
             self._log({"step": step, "eval_loss": metrics["eval_loss"]}, log_path)
-        self._reporters.close()
+        if self._reporters is not None:
+            self._reporters.close()
         model.eval()
         return metrics
 
@@ -219,9 +231,10 @@ class Trainer:
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += part
                 n_tokens += int(b["attention_mask"].sum())
+            self.dist.sum_grads([p for p in self.model.parameters() if p.requires_grad])
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
-            return loss_sum / num_items, self._clip(self.model), n_tokens
+            return self.dist.sum(loss_sum) / num_items, self._clip(self.model), n_tokens
         except torch.OutOfMemoryError:
             raise self._oom_error(group) from None
 
@@ -274,6 +287,8 @@ class Trainer:
 
     def _log(self, entry: dict, path: Path):
         self.log_history.append(entry)
+        if not self.dist.is_main:
+            return  # every rank keeps log_history; only rank 0 writes
         if getattr(self, "_reporters", None) is not None:
             self._reporters.log(entry)
         lines = self.log_history if self._log_rewrite else [entry]

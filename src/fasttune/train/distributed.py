@@ -1,0 +1,68 @@
+"""torch.distributed for the trainer: launched by `torchrun`, one process per device (gloo on CPU, NCCL on GPUs).
+
+Each optimizer step takes `per_device x gradient_accumulation_steps x world_size` examples; rank r works on its
+own slice of the step's micro-batches. The target-token count that normalises the loss is summed over all ranks
+and gradients are all-reduced (summed) before clipping, so N processes compute exactly the update one process
+computes with N times the accumulation. Only rank 0 writes logs and checkpoints.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+
+import torch
+import torch.distributed as dist
+
+TIMEOUT = datetime.timedelta(minutes=10)  # a dead rank ends the job with an error instead of hanging forever
+
+
+def launched_by_torchrun() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def local_device() -> torch.device | None:
+    """The device of this process under torchrun (cuda:LOCAL_RANK), or None when not distributed."""
+    if launched_by_torchrun() and torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return None
+
+
+class Dist:
+    def __init__(self):
+        self.active = launched_by_torchrun() and dist.is_available()
+        if self.active and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(local_device())
+            dist.init_process_group(backend=backend, timeout=TIMEOUT)
+        self.world = dist.get_world_size() if self.active else 1
+        self.rank = dist.get_rank() if self.active else 0
+        self.is_main = self.rank == 0
+
+    def shard(self, group: list, per_rank: int) -> list:
+        return group[self.rank * per_rank:(self.rank + 1) * per_rank]
+
+    def _device(self) -> torch.device:
+        return local_device() or torch.device("cpu")
+
+    def sum(self, value: float) -> float:
+        if not self.active:
+            return value
+        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
+        dist.all_reduce(t)
+        return float(t.item())
+
+    def any(self, flag: bool) -> bool:
+        return self.sum(1.0 if flag else 0.0) > 0
+
+    def sum_grads(self, params):
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)  # a rank without data this step still joins the reduction
+            dist.all_reduce(p.grad)
+
+    def barrier(self):
+        if self.active:
+            dist.barrier()

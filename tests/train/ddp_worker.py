@@ -1,0 +1,22 @@
+"""Run by tests/train/test_distributed.py, alone or under torchrun: a few SFT steps on a tiny model."""
+import json
+import sys
+
+from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+
+
+def main(model_dir, out_dir, grad_accum):
+    model, tok = FastLanguageModel.from_pretrained(model_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
+    args = SFTConfig(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=int(grad_accum),
+                     learning_rate=1e-2, max_steps=5, save_steps=3, logging_steps=1)
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
+    trainer.train()
+    if trainer.dist.is_main:
+        model.save_pretrained(f"{out_dir}/adapter")
+        print(json.dumps([h["loss"] for h in trainer.log_history]))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
