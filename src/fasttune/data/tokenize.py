@@ -20,7 +20,7 @@ import datasets
 from tqdm.auto import tqdm
 
 from fasttune.errors import ConfigError, DataError
-from fasttune.data import formats
+from fasttune.data import formats, templates
 from fasttune.data.sources import load_rows, source_name as _source_name
 
 IGNORE_INDEX = -100
@@ -38,12 +38,15 @@ def tokenize_rows(
     dataset_text_field: str = "text",
     train_on_responses_only: bool = False,
     source_name: str | None = None,
+    chat_template: str | None = None,
 ) -> list[dict[str, list[int]]]:
     """Tokenize every row; return examples with equal-length `input_ids` and `labels`.
 
     `rows` is a datasets.Dataset, a list of dicts, or anything `load_rows` accepts (a path names itself in
     error messages; otherwise pass `source_name`). Examples are truncated to `max_seq_length`; examples left
     without any target token (after the causal shift) are dropped with one warning.
+    `chat_template` (a name from fasttune.data.templates.CHAT_TEMPLATES or a Jinja string) renders chat rows
+    instead of the tokenizer's own template.
     """
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}.")
@@ -66,7 +69,7 @@ def tokenize_rows(
         keep = formats.required_columns(fmt, dataset_text_field) + formats.OPTIONAL_COLUMNS.get(fmt, ())
         rows = rows.select_columns([c for c in keep if c in columns])
 
-    encode = _Encoder(tokenizer, fmt, dataset_text_field, train_on_responses_only, source_name)
+    encode = _Encoder(tokenizer, fmt, dataset_text_field, train_on_responses_only, source_name, chat_template)
     examples, dropped, truncated = [], 0, 0
     n = len(rows)
     bar = tqdm(rows, total=n, desc="Tokenizing", unit="row", disable=n <= PROGRESS_MIN_ROWS)
@@ -107,14 +110,21 @@ def tokenize_rows(
 class _Encoder:
     """Per-row encoding for one layout; call it with (row, index) -> (input_ids, labels)."""
 
-    def __init__(self, tokenizer, fmt: str, text_field: str, responses_only: bool, source_name: str | None):
+    def __init__(self, tokenizer, fmt: str, text_field: str, responses_only: bool, source_name: str | None,
+                 chat_template: str | None = None):
         self.tok = tokenizer
         self.fmt = fmt
         self.text_field = text_field
         self.responses_only = responses_only
         self.source_name = source_name
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
-        self.has_template = bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else False
+        self.template = None  # None: the tokenizer's own
+        if chat_template is not None and fmt in ("messages", "sharegpt", "alpaca"):
+            templates.check_template_tokens(chat_template, tokenizer)
+            self.template = templates.resolve_chat_template(chat_template)
+        self.has_template = self.template is not None or (
+            bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else False
+        )
         self._offsets_ok = bool(getattr(tokenizer, "is_fast", False))
 
         if tokenizer is None and fmt != "tokenized":
@@ -122,8 +132,9 @@ class _Encoder:
         if fmt in ("messages", "sharegpt") and not self.has_template:
             raise DataError(
                 f"{source_name or 'The dataset'} holds chat conversations ('{fmt}' layout), but the tokenizer has "
-                "no chat template to render them. Use a tokenizer that has one (e.g. the -Instruct variant of the "
-                "model), set tokenizer.chat_template yourself, or convert the rows to 'text'."
+                "no chat template to render them. Set chat_template (--chat-template) to one of the built-in "
+                f"templates ({templates.names()}) or to a Jinja template string, use a tokenizer that has one "
+                "(e.g. the -Instruct variant of the model), or convert the rows to 'text'."
             )
         self._encode: Callable[[Mapping, str], tuple[list[int], list[int]]] = {
             "text": self._text,
@@ -201,7 +212,7 @@ class _Encoder:
     def _render(self, messages: list[dict], where: str, *, add_generation_prompt: bool = False) -> str:
         try:
             text = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
             )
         except Exception as e:  # jinja raises TemplateError (incl. raise_exception in templates) and others
             raise DataError(

@@ -39,6 +39,7 @@ class SFTConfig:
     dataset_text_field: str = "text"
     data_format: str = "auto"
     train_on_responses_only: bool = False
+    chat_template: str | None = None  # a name from fasttune.data.templates (chatml, llama-3, ...) or a Jinja string
     shuffle: bool = True
     bf16: bool | None = None
     fp16: bool | None = None
@@ -70,6 +71,9 @@ class SFTConfig:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be between 0 and 1.")
         if self.bf16 and self.fp16:
             raise ConfigError("bf16=True and fp16=True together: choose one.")
+        if self.chat_template is not None:
+            from fasttune.data.templates import template_name
+            template_name(self.chat_template)  # unknown names: ConfigError listing the built-in ones
         from fasttune.train.reporters import parse_report_to
 
         self.report_to = parse_report_to(self.report_to)  # also checks the packages are installed

@@ -1,0 +1,143 @@
+import json
+
+import pytest
+
+from fasttune.data import tokenize_rows
+from fasttune.data.templates import CHAT_TEMPLATES, resolve_chat_template
+from fasttune.errors import ConfigError, DataError
+from fasttune.train.config import SFTConfig
+from tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
+
+EOS = 256
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Japan?"},
+    {"role": "assistant", "content": "Tokyo."},
+]
+# What must follow each assistant message so the model learns to stop ({eos}: the tokenizer's EOS).
+END_OF_TURN = {
+    "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>", "llama-3": "<|eot_id|>", "mistral": "{eos}",
+    "gemma": "<end_of_turn>", "phi-3": "<|end|>", "alpaca": "{eos}",
+}
+
+
+@pytest.fixture(scope="module")
+def bare_tokenizer():
+    return make_tiny_tokenizer(chat_template=None)
+
+
+def render(tok, name, messages, gen=False):
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen,
+                                   chat_template=resolve_chat_template(name))
+
+
+def test_every_name_has_an_end_marker_entry():
+    assert set(END_OF_TURN) == set(CHAT_TEMPLATES)
+
+
+@pytest.mark.parametrize("name", list(CHAT_TEMPLATES))
+@pytest.mark.parametrize("messages", [CONVERSATION, CONVERSATION[1:]], ids=["system", "no-system"])
+def test_templates_are_prefix_stable_and_end_assistant_turns(bare_tokenizer, name, messages):
+    tok = bare_tokenizer
+    full = render(tok, name, messages)
+    end_marker = END_OF_TURN[name].format(eos=tok.eos_token)
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start = render(tok, name, messages[:i], gen=True)
+        end = render(tok, name, messages[: i + 1])
+        assert full.startswith(end) and end.startswith(start)
+        turn = end[len(start):]
+        assert turn.lstrip().startswith(m["content"])  # the generation prompt opens the assistant turn
+        assert turn.rstrip("\n").endswith(end_marker)
+    for m in messages:
+        assert m["content"] in full
+
+
+def test_chatml_and_llama3_render_exactly(bare_tokenizer):
+    msgs = CONVERSATION[1:3]
+    assert render(bare_tokenizer, "chatml", msgs, gen=False) == (
+        "<|im_start|>user\nCapital of France?<|im_end|>\n<|im_start|>assistant\nParis.<|im_end|>\n")
+    assert render(bare_tokenizer, "llama-3", msgs[:1], gen=True) == (
+        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nCapital of France?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert render(bare_tokenizer, "mistral", CONVERSATION[:3]) == (
+        "[INST] Be brief.\n\nCapital of France? [/INST] Paris.<|endoftext|>")
+
+
+def test_named_template_equals_the_tokenizers_own(bare_tokenizer, tiny_tokenizer):
+    # The tiny tokenizer's own template is ChatML, so --chat-template chatml on the bare one gives the same ids.
+    rows = [{"messages": CONVERSATION}]
+    for responses_only in (False, True):
+        ours = tokenize_rows(rows, bare_tokenizer, max_seq_length=512, chat_template="chatml",
+                             train_on_responses_only=responses_only)
+        own = tokenize_rows(rows, tiny_tokenizer, max_seq_length=512, train_on_responses_only=responses_only)
+        assert ours == own
+
+
+def test_chat_template_overrides_the_tokenizers(tiny_tokenizer):
+    (ex,) = tokenize_rows([{"messages": CONVERSATION[1:3]}], tiny_tokenizer, max_seq_length=512,
+                          chat_template="alpaca", train_on_responses_only=True)
+    text = tiny_tokenizer.decode(ex["input_ids"])
+    assert "### Instruction:\nCapital of France?" in text and "<|im_start|>" not in text
+    targets = [t for t in ex["labels"] if t != -100]
+    assert tiny_tokenizer.decode(targets) == "Paris.<|endoftext|>\n\n" and EOS in targets
+
+
+def test_literal_jinja_template(bare_tokenizer):
+    jinja = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\n' }}{% endfor %}"
+    (ex,) = tokenize_rows([{"messages": CONVERSATION[1:3]}], bare_tokenizer, max_seq_length=512,
+                          chat_template=jinja)
+    assert bare_tokenizer.decode(ex["input_ids"]) == "user: Capital of France?\nassistant: Paris.\n"
+
+
+def test_alpaca_rows_use_the_chosen_template(bare_tokenizer):
+    row = {"instruction": "Add.", "input": "2 and 3", "output": "5"}
+    (ex,) = tokenize_rows([row], bare_tokenizer, max_seq_length=512, chat_template="chatml")
+    assert bare_tokenizer.decode(ex["input_ids"]).startswith("<|im_start|>user\nAdd.\n\n2 and 3<|im_end|>")
+
+
+def test_messages_without_any_template_name_the_choices(bare_tokenizer):
+    with pytest.raises(DataError, match="chat_template.*chatml, llama-3, mistral, gemma, qwen-2.5, phi-3, alpaca"):
+        tokenize_rows([{"messages": CONVERSATION}], bare_tokenizer, max_seq_length=512)
+
+
+@pytest.mark.parametrize("name, missing", [
+    ("llama-3", "<|begin_of_text|>, <|start_header_id|>, <|end_header_id|>, <|eot_id|>"),
+    ("gemma", "<start_of_turn>, <end_of_turn>, bos_token"),
+])
+def test_missing_special_tokens_are_an_error(bare_tokenizer, name, missing):
+    with pytest.raises(DataError, match="add_new_tokens") as e:
+        tokenize_rows([{"messages": CONVERSATION}], bare_tokenizer, max_seq_length=512, chat_template=name)
+    assert missing in str(e.value)
+
+
+def test_text_rows_ignore_the_template(bare_tokenizer):
+    (ex,) = tokenize_rows([{"text": "hi"}], bare_tokenizer, max_seq_length=64, chat_template="llama-3")
+    assert ex["input_ids"] == [ord("h"), ord("i"), EOS]
+
+
+def test_config_rejects_unknown_names():
+    assert SFTConfig(chat_template="ChatML").chat_template == "ChatML"
+    with pytest.raises(ConfigError, match="chatml, llama-3, mistral, gemma, qwen-2.5, phi-3, alpaca"):
+        SFTConfig(chat_template="vicuna")
+
+
+def test_cli_chat_template_flag(tmp_path, capsys):
+    from fasttune.cli import main
+    from tiny import hf_model, save_hf
+
+    model_dir = tmp_path / "base"
+    save_hf(hf_model("llama", seed=0), model_dir, make_tiny_tokenizer(chat_template=None))
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"messages": CONVERSATION[1:3]}) for _ in range(4)))
+    args = ["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "1", "--batch-size", "2",
+            "--grad-accum", "1", "--lora-r", "4"]
+    assert main(args + ["--output-dir", str(tmp_path / "a")]) == 2  # no template: a clear error
+    assert "--chat-template" in capsys.readouterr().err
+    assert main(args + ["--output-dir", str(tmp_path / "b"), "--chat-template", "chatml"]) == 0
+    assert main(args + ["--output-dir", str(tmp_path / "c"), "--chat-template", "vicuna"]) == 2
+    assert "chatml, llama-3" in capsys.readouterr().err
