@@ -58,10 +58,18 @@ class Dist:
     def sum_grads(self, params):
         if not self.active:
             return
+        by_dtype: dict = {}
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # a rank without data this step still joins the reduction
-            dist.all_reduce(p.grad)
+            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
+        for grads in by_dtype.values():  # one collective per dtype instead of one per LoRA matrix
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
 
     def barrier(self):
         if self.active:
