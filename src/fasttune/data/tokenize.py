@@ -39,12 +39,14 @@ def tokenize_rows(
     train_on_responses_only: bool = False,
     source_name: str | None = None,
     chat_template: str | None = None,
+    drop_long: bool = False,
 ) -> list[dict[str, list[int]]]:
     """Tokenize every row; return examples with equal-length `input_ids` and `labels`.
 
     `rows` is a datasets.Dataset, a list of dicts, or anything `load_rows` accepts (a path names itself in
     error messages; otherwise pass `source_name`). Examples are truncated to `max_seq_length`; examples left
-    without any target token (after the causal shift) are dropped with one warning.
+    without any target token (after the causal shift) are dropped with one warning. `drop_long=True` drops
+    examples longer than `max_seq_length` instead of truncating them (counted, one warning).
     `chat_template` (a name from fasttune.data.templates.CHAT_TEMPLATES or a Jinja string) renders chat rows
     instead of the tokenizer's own template.
     """
@@ -70,12 +72,15 @@ def tokenize_rows(
         rows = rows.select_columns([c for c in keep if c in columns])
 
     encode = _Encoder(tokenizer, fmt, dataset_text_field, train_on_responses_only, source_name, chat_template)
-    examples, dropped, truncated = [], 0, 0
+    examples, dropped, truncated, too_long = [], 0, 0, 0
     n = len(rows)
     bar = tqdm(rows, total=n, desc="Tokenizing", unit="row", disable=n <= PROGRESS_MIN_ROWS)
     for i, row in enumerate(bar):
         input_ids, labels = encode(row, i)
         if len(input_ids) > max_seq_length:
+            if drop_long:
+                too_long += 1
+                continue
             truncated += 1
             input_ids, labels = input_ids[:max_seq_length], labels[:max_seq_length]
         # Position t predicts token t+1, so labels[0] never counts as a target.
@@ -90,12 +95,25 @@ def tokenize_rows(
             "%d of %d rows of %s are longer than max_seq_length=%d tokens and were truncated.",
             truncated, n, where, max_seq_length,
         )
+    if not examples and too_long == n:
+        raise DataError(
+            f"No training example is left in {where}: all {n} rows are longer than max_seq_length="
+            f"{max_seq_length} tokens and drop_long is on. Raise max_seq_length, or turn drop_long off to "
+            "truncate them."
+        )
     if not examples:
         raise DataError(
             f"No usable training example is left in {where}: all {n} rows have no target token"
             f" after truncation to max_seq_length={max_seq_length}"
             + (" with train_on_responses_only (the prompts fill the whole window)" if train_on_responses_only else "")
             + ". Raise max_seq_length, shorten the prompts, or check that rows contain responses."
+        )
+    if too_long:
+        warnings.warn(
+            f"Dropped {too_long} of {n} rows of {where} that are longer than max_seq_length={max_seq_length} "
+            "tokens (drop_long); turn drop_long off to truncate them instead.",
+            UserWarning,
+            stacklevel=2,
         )
     if dropped:
         warnings.warn(

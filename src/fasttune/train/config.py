@@ -39,6 +39,7 @@ class SFTConfig:
     dataset_text_field: str = "text"
     data_format: str = "auto"
     train_on_responses_only: bool = False
+    drop_long: bool = False  # drop rows longer than max_seq_length instead of truncating them
     chat_template: str | None = None  # a name from fasttune.data.templates (chatml, llama-3, ...) or a Jinja string
     shuffle: bool = True
     bf16: bool | None = None

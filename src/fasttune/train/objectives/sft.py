@@ -20,7 +20,8 @@ class SFTTrainer(Trainer):
                               "(`input_ids`).")
         return tokenize_rows(dataset, self.tokenizer, max_seq_length=limit, data_format=a.data_format,
                              dataset_text_field=a.dataset_text_field,
-                             train_on_responses_only=a.train_on_responses_only, chat_template=a.chat_template)
+                             train_on_responses_only=a.train_on_responses_only, chat_template=a.chat_template,
+                             drop_long=a.drop_long)
 
 
 def _is_tokenized(dataset) -> bool:
