@@ -142,3 +142,12 @@ def test_responses_only_mask_equals_prefix_rendering(tok, messages):
     targets = tok.decode([t for t in labels if t != IGNORE])
     assert all(m["content"] + "<|im_end|>" in targets for m in messages if m["role"] == "assistant")
     assert not any(m["content"] in targets for m in messages if m["role"] != "assistant")
+
+
+def test_builtin_chatml_matches_smollm2s_own_template(tok):
+    # SmolLM2's template is ChatML (plus a default system message when there is none), so the built-in
+    # `chatml` gives the same ids and masks on conversations that start with a system message.
+    for responses_only in (False, True):
+        ours = one([{"messages": CONVERSATION}], tok, chat_template="chatml", train_on_responses_only=responses_only)
+        own = one([{"messages": CONVERSATION}], tok, train_on_responses_only=responses_only)
+        assert ours == own
