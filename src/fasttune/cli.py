@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a model (no arguments: embedded model on demo data)")
     train.add_argument("--config", help="YAML file whose keys are any of these flags (flags override it)")
     train.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+    train.add_argument("--gpus", type=int, default=None,
+                       help="data-parallel over N local GPUs: relaunches this command under torchrun")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     for name, (typ, _, helptext) in RUN_OPTIONS.items():
         if name == "resume":  # `--resume` alone means the latest checkpoint
@@ -181,7 +183,31 @@ def _csv(text):
     return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
+def _relaunch_under_torchrun(n: int, argv: list[str]) -> int:
+    """`fasttune train --gpus N ...` = `torchrun --standalone --nproc-per-node N -m fasttune.cli train ...`."""
+    import os
+    import subprocess
+
+    if n < 1:
+        raise ConfigError(f"--gpus {n} is invalid: give the number of GPUs to use (>= 1).")
+    if "WORLD_SIZE" in os.environ:
+        raise ConfigError("--gpus is for launching; this process already runs under torchrun. Drop --gpus.")
+    rest, skip = [], False
+    for a in argv:  # the same command without --gpus
+        if skip:
+            skip = False
+        elif a == "--gpus":
+            skip = True
+        elif not a.startswith("--gpus="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "fasttune.cli", *rest]
+    return subprocess.call(cmd)
+
+
 def cmd_train(ns) -> int:
+    if ns.gpus is not None:
+        return _relaunch_under_torchrun(ns.gpus, ns.argv)
     run, sft = resolve_settings(ns)
     if ns.print_config:
         import yaml
@@ -278,6 +304,7 @@ def _first_prompt(data: str) -> str | None:
 def main(argv=None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
+    ns.argv = list(sys.argv[1:] if argv is None else argv)
     if not hasattr(ns, "debug"):
         ns.debug = False
     if ns.command is None:

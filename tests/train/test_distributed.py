@@ -39,3 +39,16 @@ def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     # only rank 0 wrote: one log, one checkpoint
     assert (tmp_path / "two" / "checkpoint-3" / "trainer_state.json").exists()
     assert len((tmp_path / "two" / "log_history.jsonl").read_text().splitlines()) == 5
+
+
+def test_cli_gpus_flag_relaunches_under_torchrun(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"row {i} abc abc"}) for i in range(16)))
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "fasttune.cli", "train", "--gpus", "2", "--model",
+                           str(tiny_model_dir("llama")), "--data", str(data), "--output-dir", str(out),
+                           "--max-steps", "2", "--no-sample", "--lora-r", "4"], capture_output=True, text=True,
+                          env=_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert proc.stderr.count("gradient checkpointing auto") == 2  # two processes trained
