@@ -139,5 +139,11 @@ def test_cli_chat_template_flag(tmp_path, capsys):
     assert main(args + ["--output-dir", str(tmp_path / "a")]) == 2  # no template: a clear error
     assert "--chat-template" in capsys.readouterr().err
     assert main(args + ["--output-dir", str(tmp_path / "b"), "--chat-template", "chatml"]) == 0
+    from transformers import AutoTokenizer
+
+    from fasttune.data.templates import resolve_chat_template
+
+    saved = AutoTokenizer.from_pretrained(tmp_path / "b" / "adapter")  # the template travels with the adapter
+    assert saved.chat_template == resolve_chat_template("chatml")
     assert main(args + ["--output-dir", str(tmp_path / "c"), "--chat-template", "vicuna"]) == 2
     assert "chatml, llama-3" in capsys.readouterr().err

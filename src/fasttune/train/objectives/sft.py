@@ -11,6 +11,12 @@ class SFTTrainer(Trainer):
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  **kwargs):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
+        if self.args.chat_template and self.tokenizer is not None:
+            from fasttune.data.templates import resolve_chat_template
+
+            # The trained model speaks this template: keep it on the tokenizer that is saved with the adapter,
+            # so chat, generate and GGUF export after training use it too.
+            self.tokenizer.chat_template = resolve_chat_template(self.args.chat_template)
 
     def prepare(self, dataset) -> list[dict]:
         a = self.args
