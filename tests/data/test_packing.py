@@ -94,3 +94,23 @@ def test_changing_one_document_leaves_the_other_untouched(tiny_model_dir):
     in_b = batch["segment_ids"] == batch["segment_ids"][0, -1]  # b is packed last (shorter) in both rows
     assert not torch.allclose(logits[0][~in_b[0]], logits[1][~in_b[1]])
     assert torch.equal(logits[0][in_b[0]], logits[1][in_b[1]])
+
+
+def test_five_packed_steps_equal_five_padded_steps(tiny_model_dir, tmp_path):
+    """Each step covers every row (one micro-batch holds them all), so both runs see the same rows per step."""
+    rows = [{"text": "doc " + "xy " * (1 + i % 5)} for i in range(8)]
+    runs = {}
+    for packing in (False, True):
+        model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+        args = SFTConfig(output_dir=str(tmp_path / str(packing)), packing=packing, max_seq_length=32, max_steps=5,
+                         learning_rate=1e-2, per_device_train_batch_size=8, gradient_accumulation_steps=1)
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
+        if packing:  # rows really were packed; a document's first label never counts in either layout
+            assert len(trainer.train_examples) < 8
+        trainer.train()
+        runs[packing] = ([h["loss"] for h in trainer.log_history],
+                         {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    torch.testing.assert_close(torch.tensor(runs[True][0]), torch.tensor(runs[False][0]), rtol=1e-5, atol=0)
+    for n, p in runs[False][1].items():
+        torch.testing.assert_close(runs[True][1][n], p, rtol=1e-4, atol=1e-6, msg=n)
