@@ -53,3 +53,14 @@ def test_no_fast_equals_fast_losses(tiny_model_dir, tmp_path, capsys):
     assert "--no-fast was given" in capsys.readouterr().err
     torch.testing.assert_close(torch.tensor(_losses(tmp_path / "slow")), torch.tensor(_losses(tmp_path / "fast")),
                                rtol=1e-5, atol=0)
+
+
+def test_generate_with_model_and_adapter_on_a_fallback_base(tmp_path, tiny_tokenizer, capsys):
+    base = _gpt2(tmp_path / "g", tiny_tokenizer)
+    assert _train(base, _rows(tmp_path / "d.jsonl"), tmp_path / "out", "--no-sample") == 0
+    capsys.readouterr()
+    args = ["generate", "--prompt", "q1", "--max-new-tokens", "4"]
+    assert main(args + ["--adapter", str(tmp_path / "out" / "adapter")]) == 0
+    alone = capsys.readouterr().out
+    assert main(args + ["--model", str(base), "--adapter", str(tmp_path / "out" / "adapter")]) == 0
+    assert capsys.readouterr().out == alone  # the same adapter on the same base gives the same greedy reply

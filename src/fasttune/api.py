@@ -142,6 +142,13 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
         warnings.warn("full_finetuning is ignored when loading an adapter; the adapter's trainable set is restored.")
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
                                                          device=device, fast=fast)
+    tokenizer = attach_adapter(model, tokenizer, folder)
+    set_gradient_checkpointing(model, "auto")
+    return model, tokenizer
+
+
+def attach_adapter(model, tokenizer, folder: Path):
+    """Apply a saved adapter folder to a loaded base (either path); returns the tokenizer to use with it."""
     own_tokenizer = load_tokenizer(folder, required=False)
     if own_tokenizer is not None:  # tokens added before training: grow the base the same way first
         restore_added_tokens(model, tokenizer, own_tokenizer)
@@ -149,9 +156,8 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
         model.load_adapter(folder)
     else:
         model.lora_settings = load_adapter_into(model, folder)
-    if own_tokenizer is not None:
-        tokenizer = own_tokenizer
-        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
-            tokenizer.pad_token = tokenizer.eos_token
-    set_gradient_checkpointing(model, "auto")
-    return model, tokenizer
+    if own_tokenizer is None:
+        return tokenizer
+    if own_tokenizer.pad_token_id is None and own_tokenizer.eos_token is not None:
+        own_tokenizer.pad_token = own_tokenizer.eos_token
+    return own_tokenizer

@@ -35,7 +35,8 @@ def load_model_and_tokenizer(model: str | None, adapter: str | None, dtype: str 
     """--adapter alone loads the adapter's base; --model and --adapter apply the adapter to that model."""
     from fasttune import FastLanguageModel
     from fasttune.api import set_gradient_checkpointing
-    from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into
+    from fasttune.api import attach_adapter
+    from fasttune.peft.adapter_io import CONFIG_NAME
 
     if adapter and not (Path(adapter) / CONFIG_NAME).exists():
         raise ModelLoadError(f"--adapter {adapter}: no {CONFIG_NAME} there. Pass the folder written by "
@@ -47,7 +48,7 @@ def load_model_and_tokenizer(model: str | None, adapter: str | None, dtype: str 
         if adapter:
             if getattr(m, "lora_settings", None) is not None:
                 raise ConfigError(f"--model {model} already carries an adapter; pass only one of them.")
-            m.lora_settings = load_adapter_into(m, Path(adapter))
+            tok = attach_adapter(m, tok, Path(adapter))  # our decoder or the transformers fallback alike
             set_gradient_checkpointing(m, False)
     if need_tokenizer and tok is None:
         raise ModelLoadError(f"'{model or adapter}' has no tokenizer; save one beside the weights "
