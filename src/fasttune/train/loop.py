@@ -1,7 +1,10 @@
 """The one trainer core: batching, gradient accumulation normalised by the target tokens of the whole accumulated
 batch, AdamW param groups, LR schedule, clipping, non-finite-step skipping, logging, checkpoints and resume.
 
-Objectives (SFT now; DPO/ORPO/KTO/GRPO later) subclass Trainer and implement `prepare` and `micro_batch_loss`.
+Objectives (SFT, DPO, ORPO, KTO, GRPO) subclass Trainer and implement `prepare` and `micro_batch_loss`; those
+whose examples are not {"input_ids", "labels"} also override `collate_batch`, `count_items` (the normaliser of
+the accumulated batch: target tokens for SFT, pairs for DPO, ...), `batch_tokens`, `example_tokens`,
+`eval_batch_loss`, and may report extra metrics through `log_metrics`.
 """
 from __future__ import annotations
 
@@ -62,6 +65,35 @@ class Trainer:
                          labels=batch["labels"], num_items_in_batch=num_items, **packed)
         return out.loss, float(out.loss_sum.detach())
 
+    def collate_batch(self, examples: list[dict]) -> dict:
+        """Examples -> one micro-batch of tensors (on the CPU; the loop moves it to the device)."""
+        return collate(examples, self.pad_id)
+
+    def count_items(self, batch: dict) -> int:
+        """What this micro-batch adds to the accumulated batch's loss normaliser (SFT: target tokens)."""
+        return count_targets(batch["labels"])
+
+    def batch_tokens(self, batch: dict) -> int:
+        """Tokens this micro-batch runs through the model (for tokens/s)."""
+        return int(batch["attention_mask"].sum())
+
+    def example_tokens(self, example: dict) -> int:
+        """Tokens one example puts through the model (sizes the automatic gradient-checkpointing choice)."""
+        return len(example["input_ids"])
+
+    def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
+        """(loss sum, count_items) of one eval batch, under torch.no_grad."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        return float(out.loss_sum), out.num_targets
+
+    def log_metrics(self) -> dict:
+        """Extra metrics for the log entry of a logging step (averaged since the last one); resets them."""
+        return {}
+
+    def eval_metrics(self) -> dict:
+        """Extra metrics of the last evaluate() pass, merged into its result; resets them."""
+        return {}
+
     def _pack(self, examples: list[dict]) -> list[dict]:
         from fasttune.data.packing import pack_examples
         from fasttune.models.decoder import CausalLM
@@ -112,7 +144,7 @@ class Trainer:
             while micro < len(batches):
                 group = batches[micro:micro + ga]
                 micro += len(group)
-                yield epoch, micro, [collate([self.train_examples[i] for i in ids], self.pad_id) for ids in group]
+                yield epoch, micro, [self.collate_batch([self.train_examples[i] for i in ids]) for ids in group]
             epoch, micro = epoch + 1, 0
 
     # --- training ----------------------------------------------------------------------------------------------
@@ -161,7 +193,7 @@ class Trainer:
             while step < total and not self.dist.any(bool(stop.requested)):
                 epoch, micro, group = next(batches)
                 group = [self._to_device(b) for b in self.dist.shard(group, args.gradient_accumulation_steps)]
-                num_items = int(self.dist.sum(sum(count_targets(b["labels"]) for b in group)))
+                num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
                 if num_items == 0:
                     continue  # nothing to learn from; the SFT data path drops such rows before this
                 lr = optimizer.param_groups[0]["lr"]
@@ -194,10 +226,10 @@ class Trainer:
                 if step % args.logging_steps == 0 or step == total:
                     self._log({"step": step, "epoch": round(epoch + micro / n_micro, 4),
                                "loss": sum(window) / len(window), "learning_rate": lr, "grad_norm": grad_norm,
-                               "tokens_per_second": tokens_done / max(elapsed, 1e-9)}, log_path)
+                               "tokens_per_second": tokens_done / max(elapsed, 1e-9), **self.log_metrics()}, log_path)
                     window = []
                 if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
-                    self._log({"step": step, "eval_loss": self.evaluate()["eval_loss"]}, log_path)
+                    self._log({"step": step, **self.evaluate()}, log_path)
                 if args.save_steps and step % args.save_steps == 0 and step < total:
                     saved = checkpoint()
             if step < total and self.dist.any(bool(stop.requested)):
@@ -215,8 +247,9 @@ class Trainer:
                   f"Resume with trainer.train(resume_from_checkpoint=True) or `fasttune train <same options> --resume`.",
                   file=sys.stderr)
         elif self.eval_examples is not None:
-            metrics.update(self.evaluate())
-            self._log({"step": step, "eval_loss": metrics["eval_loss"]}, log_path)
+            evaluated = self.evaluate()
+            metrics.update(evaluated)
+            self._log({"step": step, **evaluated}, log_path)
         if self._reporters is not None:
             self._reporters.close()
         model.eval()
@@ -230,7 +263,7 @@ class Trainer:
                 loss, part = self.micro_batch_loss(b, num_items)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += part
-                n_tokens += int(b["attention_mask"].sum())
+                n_tokens += self.batch_tokens(b)
             self.dist.sum_grads([p for p in self.model.parameters() if p.requires_grad])
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
@@ -240,7 +273,7 @@ class Trainer:
 
     def _oom_error(self, group) -> FastTuneError:
         a, model = self.args, self.model
-        seq = max(b["input_ids"].shape[1] for b in group)
+        seq = max(b["input_ids"].shape[1] if "input_ids" in b else 0 for b in group)
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else float("nan")
         for p in model.parameters():
             p.grad = None
@@ -259,7 +292,7 @@ class Trainer:
             return
         from fasttune.train.memory_policy import choose_checkpointing
 
-        longest = max(len(ex["input_ids"]) for ex in self.train_examples)
+        longest = max(self.example_tokens(ex) for ex in self.train_examples)
         mode, why = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
         self.model.gradient_checkpointing = mode
         print(f"fasttune: {why}", file=sys.stderr)
@@ -308,11 +341,10 @@ class Trainer:
         self.model.eval()
         total, count, bs = 0.0, 0, self.args.per_device_eval_batch_size
         for i in range(0, len(self.eval_examples), bs):
-            b = self._to_device(collate(self.eval_examples[i:i + bs], self.pad_id))
-            out = self.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"])
-            total, count = total + float(out.loss_sum), count + out.num_targets
+            part, n = self.eval_batch_loss(self._to_device(self.collate_batch(self.eval_examples[i:i + bs])))
+            total, count = total + part, count + n
         self.model.train(was_training)
-        return {"eval_loss": total / max(1, count)}
+        return {"eval_loss": total / max(1, count), **self.eval_metrics()}
 
 
 def _seed_everything(seed: int):
