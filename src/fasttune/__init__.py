@@ -7,8 +7,9 @@ from fasttune.errors import FastTuneError
 
 __version__ = "0.1.0"
 _LAZY = {"FastLanguageModel": "fasttune.api", "SFTTrainer": "fasttune.train.objectives.sft",
-         "SFTConfig": "fasttune.train.config"}
-__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "FastTuneError"]
+         "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
+         "GRPOConfig": "fasttune.train.objectives.grpo_config"}
+__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "FastTuneError"]
 
 
 def __getattr__(name):

@@ -1,0 +1,97 @@
+"""Per-token log-probabilities of given tokens through the lm_head, in chunks of tokens (RL objectives: GRPO).
+
+log p(y | h) = z_y - logsumexp(z) with z = softcap(h @ W^T) / temperature, i.e. minus the per-token cross-entropy
+of `cross_entropy.py`. Unlike that loss, the gradient that reaches each token's log-prob is only known in backward
+(GRPO's clipped ratio depends on the log-prob itself), so it cannot be folded into the forward pass:
+- reference: plain log_softmax + gather of each chunk under torch.utils.checkpoint.
+- fused (default): the forward keeps only the per-token logsumexp (N floats); backward recomputes each chunk's
+  logits and applies d logp / d z = onehot(y) - softmax(z), so the (tokens x vocab) logits never exist at once
+  and no autograd graph over them is stored.
+"""
+import os
+
+import torch
+from torch.utils.checkpoint import checkpoint
+
+CHUNK_BYTES = 1 << 30  # fp32 logits per chunk
+
+
+def _chunk_tokens(vocab: int) -> int:
+    return max(256, min(8192, CHUNK_BYTES // (4 * vocab)))
+
+
+def _scaled_logits(hidden, weight, softcap, temperature):
+    """fp32 logits after the final softcap (Gemma 2) and the sampling temperature, as sampling sees them."""
+    z = (hidden @ weight.to(hidden.dtype).t()).float()
+    t = None
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
+    return z / temperature, t
+
+
+def _chunk_logprobs(hidden, weight, labels, softcap, temperature):
+    z, _ = _scaled_logits(hidden, weight, softcap, temperature)
+    return z.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+
+
+def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1.0, chunk_tokens=None):
+    chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
+    out = []
+    for start in range(0, hidden.shape[0], chunk):
+        h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            out.append(checkpoint(_chunk_logprobs, h, weight, y, softcap, temperature, use_reentrant=False))
+        else:
+            out.append(_chunk_logprobs(h, weight, y, softcap, temperature))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+class _FusedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            z, _ = _scaled_logits(hidden[rows], weight, softcap, temperature)
+            lse[rows] = torch.logsumexp(z, dim=-1)
+            out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.softcap, ctx.temperature, ctx.chunk = softcap, temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        w = weight.to(hidden.dtype)
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            hc, yc, go = hidden[rows], labels[rows], grad_out[rows].float()
+            z, t = _scaled_logits(hc, weight, ctx.softcap, ctx.temperature)
+            # d logp / dz = onehot - softmax; times the incoming grad, then back through 1/T and the softcap.
+            g = z.sub_(lse[rows, None]).exp_().mul_(-go[:, None])
+            g[torch.arange(g.shape[0], device=g.device), yc] += go
+            g.div_(ctx.temperature)
+            if t is not None:
+                g.mul_(1.0 - t * t)
+            g = g.to(hidden.dtype)
+            if need_h:
+                grad_h[rows] = g @ w
+            if need_w:
+                grad_w += (g.t() @ hc).float()
+        gw = grad_w.to(weight.dtype) if grad_w is not None else None
+        return grad_h, gw, None, None, None, None
+
+
+def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None,
+                   temperature: float = 1.0, chunk_tokens: int | None = None) -> torch.Tensor:
+    """hidden (N, H) at the positions that predict `labels` (N,), weight (V, H) -> fp32 log-probs (N,)."""
+    chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
+    wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if os.environ.get("FASTTUNE_KERNELS", "").lower() == "torch" or not wants_grad:
+        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk)
+    return _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk)

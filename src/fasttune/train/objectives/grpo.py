@@ -1,0 +1,339 @@
+"""GRPO over the one trainer core: each optimizer step samples num_generations completions per prompt with the
+KV-cache generate(), scores them with the reward functions, normalises the rewards per group into advantages, and
+runs the clipped objective (optional KL to the reference = the base with adapters disabled) over micro-batches.
+
+The loop stays the core's (accumulation, clipping, schedule, checkpoints, logging); this class supplies the step's
+micro-batches (`_step_batches`) and the loss of one (`micro_batch_loss`). The math is in grpo_loss.py.
+"""
+from __future__ import annotations
+
+import math
+import sys
+from collections import defaultdict
+from contextlib import contextmanager
+
+import torch
+
+from fasttune.data.sources import load_rows, source_name
+from fasttune.data.formats import require_text, row_label, validate_messages
+from fasttune.errors import ConfigError, DataError
+from fasttune.generate import left_pad, stop_token_ids
+from fasttune.kernels.token_logprobs import token_logprobs
+from fasttune.train.loop import Trainer
+from fasttune.train.objectives.grpo_config import GRPOConfig
+from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
+from fasttune.train.rewards import completion_text, resolve_reward_funcs, reward_name
+
+__all__ = ["GRPOTrainer", "GRPOConfig"]
+IGNORE_INDEX = -100
+
+
+class GRPOTrainer(Trainer):
+    def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
+                 eval_dataset=None, processing_class=None, tokenizer=None, **kwargs):
+        args = args if args is not None else GRPOConfig()
+        if not isinstance(args, GRPOConfig):
+            raise ConfigError(f"GRPOTrainer needs args=GRPOConfig(...), got {type(args).__name__}.")
+        tok = tokenizer if tokenizer is not None else processing_class
+        if tok is None:
+            raise ConfigError("GRPOTrainer needs a tokenizer (tokenizer=... or processing_class=...) to encode "
+                              "prompts and decode completions for the reward functions.")
+        if eval_dataset is not None:
+            raise ConfigError("GRPOTrainer does not evaluate an eval_dataset yet; leave eval_dataset=None.")
+        field = "reward_funcs" if reward_funcs is not None else "GRPOConfig.reward_funcs"
+        self.reward_funcs = resolve_reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs,
+                                                 args.max_completion_length, field)
+        self.reward_names = [reward_name(f) for f in self.reward_funcs]
+        weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ConfigError(f"reward_weights has {len(weights)} values but there are {len(self.reward_funcs)} "
+                              f"reward functions ({', '.join(self.reward_names)}); give one weight per function.")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        if args.chat_template:
+            from fasttune.data.templates import resolve_chat_template
+
+            tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
+        super().__init__(model, tok, train_dataset, None, args, config_cls=GRPOConfig, **kwargs)
+        a = self.args
+        completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
+        if completions_per_step % a.num_generations:
+            raise ConfigError(
+                f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "
+                f"{completions_per_step} completions, which must hold whole groups of num_generations="
+                f"{a.num_generations}. Make that product a multiple of num_generations (as in TRL).")
+        if a.beta != 0.0:
+            self._check_reference()
+        self.eps_low = a.epsilon
+        self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
+        self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
+        self._ratios: dict = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count] over the log window
+
+    # --- data --------------------------------------------------------------------------------------------------
+    def prepare(self, dataset) -> list[dict]:
+        """Rows with `prompt` (a string or a message list) and any columns the reward functions read. Returns
+        each prompt num_generations times in a row (the groups), so the core's batch counting holds."""
+        a, tok = self.args, self.tokenizer
+        rows, name = load_rows(dataset), source_name(dataset)
+        model_limit = getattr(self.model, "max_seq_length", None) or a.max_seq_length
+        limit = min(a.max_seq_length, model_limit) - a.max_completion_length
+        if limit < 1:
+            raise ConfigError(f"max_completion_length={a.max_completion_length} leaves no room for the prompt within "
+                              f"max_seq_length={min(a.max_seq_length, model_limit)}; lower max_completion_length.")
+        needed = sorted({c for f in self.reward_funcs for c in getattr(f, "needs_columns", ())})
+        examples = []
+        for i, row in enumerate(rows):
+            where = row_label(i, name)
+            raw = row.get("prompt")
+            if raw is None:
+                raise DataError(f"{where}: field 'prompt' is missing or null. GRPO rows need a 'prompt': a string or "
+                                f"a list of messages ({{'role': 'user', 'content': ...}}).")
+            if isinstance(raw, str):
+                prompt = require_text(raw, where, "prompt")
+                ids = tok(prompt)["input_ids"]  # as TRL encodes plain-text prompts
+            else:
+                prompt = validate_messages(raw, where, "prompt")
+                if not getattr(tok, "chat_template", None):
+                    raise DataError(f"{where}: field 'prompt' is a message list but the tokenizer has no chat "
+                                    f"template. Set chat_template (e.g. 'chatml') or give prompts as strings.")
+                ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=True)["input_ids"])
+            for col in needed:
+                if row.get(col) is None:
+                    users = [n for f, n in zip(self.reward_funcs, self.reward_names)
+                             if col in getattr(f, "needs_columns", ())]
+                    raise DataError(f"{where}: field '{col}' is missing or null; the reward function "
+                                    f"{', '.join(users)} compares each completion with it. Give every row '{col}'.")
+            if not ids:
+                raise DataError(f"{where}: field 'prompt' encodes to no tokens; give it some text.")
+            if len(ids) > limit:
+                if a.drop_long:
+                    continue
+                raise DataError(f"{where}: field 'prompt' is {len(ids)} tokens; with max_completion_length="
+                                f"{a.max_completion_length} at most {limit} fit in max_seq_length. Shorten it, raise "
+                                f"max_seq_length, or set drop_long=True to skip such rows.")
+            columns = {k: v for k, v in row.items() if k != "prompt"}
+            examples.append({"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns})
+        if not examples:
+            raise DataError("No usable prompts: every row was longer than the prompt limit and drop_long=True.")
+        return [ex for ex in examples for _ in range(a.num_generations)]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """Prompts in (seeded) random order, each prompt's num_generations copies kept together."""
+        g = self.args.num_generations
+        n = len(self.train_examples) // g
+        order = list(range(n))
+        if self.args.shuffle:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch)).tolist()
+        return [p * g + j for p in order for j in range(g)]
+
+    def steps_per_epoch(self) -> int:
+        return super().steps_per_epoch() * self.args.num_iterations  # each sampled batch is used num_iterations times
+
+    def _pack(self, examples):
+        raise ConfigError("packing does not apply to GRPO; set packing=False.")
+
+    def _resolve_auto_checkpointing(self):
+        if getattr(self.model, "gradient_checkpointing", None) != "auto":
+            return
+        from fasttune.train.memory_policy import choose_checkpointing
+
+        longest = max(len(ex["prompt_ids"]) for ex in self.train_examples) + self.args.max_completion_length
+        mode, why = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
+        self.model.gradient_checkpointing = mode
+        print(f"fasttune: {why}", file=sys.stderr)
+
+    # --- sampling and scoring, once per optimizer step ---------------------------------------------------------
+    def _step_batches(self, start_epoch: int, start_micro: int):
+        ga = self.args.gradient_accumulation_steps * self.dist.world
+        epoch, micro = start_epoch, start_micro
+        while True:
+            batches = self._micro_batches(epoch)
+            while micro < len(batches):
+                group = batches[micro:micro + ga]
+                micro += len(group)
+                sizes = [len(ids) for ids in group]
+                seed = self.args.seed + 1_000_003 * epoch + micro  # the same after a resume
+                step = self.rollout([self.train_examples[i] for ids in group for i in ids], sizes, seed)
+                for _ in range(self.args.num_iterations):
+                    yield epoch, micro, step
+            epoch, micro = epoch + 1, 0
+
+    @torch.no_grad()
+    def rollout(self, examples: list[dict], sizes: list[int], seed: int) -> list[dict]:
+        """Sample a completion for each example (consecutive copies of a prompt form a group), score, and return
+        the step's micro-batches (`sizes` completions each)."""
+        completion_ids, truncated = self.sample(examples, seed)
+        return self.score(examples, completion_ids, truncated, sizes)
+
+    def sample(self, examples: list[dict], seed: int) -> tuple[list[list[int]], list[bool]]:
+        a, model = self.args, self.model
+        stops = stop_token_ids(self.tokenizer, model)
+        ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
+                             max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
+                             top_p=a.top_p, top_k=a.top_k, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed)
+        completions, truncated = [], []
+        for row in out[:, ids.shape[1]:].tolist():
+            end = next((i for i, t in enumerate(row) if t in stops), None)
+            completions.append(row if end is None else row[:end + 1])  # the stop token is kept and trained, as TRL
+            truncated.append(end is None)
+        return completions, truncated
+
+    def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
+              sizes: list[int]) -> list[dict]:
+        """Rewards -> group advantages -> micro-batches with (optional) old and reference log-probs."""
+        a = self.args
+        rewards_per_func = self.compute_rewards(examples, completion_ids)
+        advantages, rewards, std = group_advantages(rewards_per_func, self.reward_weights, a.num_generations,
+                                                    a.scale_rewards)
+        self._record_rollout(rewards_per_func, rewards, std, completion_ids, truncated)
+        batches, start = [], 0
+        for n in sizes:
+            part = slice(start, start + n)
+            start += n
+            b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part])
+            b["steps"] = torch.tensor(len(sizes))
+            batches.append(b)
+        return batches
+
+    def compute_rewards(self, examples: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
+        """(completions, reward functions) float32, NaN where a function returned None."""
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [ex["prompt"] for ex in examples]
+        chat = not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
+        out = torch.zeros(len(examples), len(self.reward_funcs))
+        for j, (func, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
+            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+            values = list(values) if values is not None else []
+            if len(values) != len(examples):
+                raise ConfigError(f"The reward function '{name}' returned {len(values)} rewards for "
+                                  f"{len(examples)} completions; return one float (or None) per completion.")
+            try:
+                out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+            except (TypeError, ValueError):
+                raise ConfigError(f"The reward function '{name}' returned a value that is not a number "
+                                  f"({values[:3]!r}...); return floats (or None for 'not applicable').") from None
+        return out
+
+    def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
+        prompt_ids, prompt_mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
+        width = max(len(c) for c in completion_ids)
+        comp = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
+        comp_mask = torch.zeros((len(examples), width), dtype=torch.long)
+        for r, c in enumerate(completion_ids):
+            comp[r, :len(c)] = torch.tensor(c)
+            keep = not (self.args.mask_truncated_completions and truncated[r])
+            comp_mask[r, :len(c)] = int(keep)
+        input_ids = torch.cat([prompt_ids, comp], dim=1)
+        attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
+        # Completion tokens as labels: what the core counts to normalise token-level losses over the whole step.
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), comp.masked_fill(comp_mask == 0, IGNORE_INDEX)],
+                           dim=1)
+        b = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+             "completion_mask": comp_mask, "advantages": advantages.float()}
+        dev = self.model.device
+        if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
+            b["old_logps"] = self.completion_logps(input_ids.to(dev), attention_mask.to(dev), width).cpu()
+        if self.args.beta != 0.0:
+            with adapters_disabled(self.model):
+                b["ref_logps"] = self.completion_logps(input_ids.to(dev), attention_mask.to(dev), width).cpu()
+        return b
+
+    # --- the loss ----------------------------------------------------------------------------------------------
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
+        a = self.args
+        mask = batch["completion_mask"]
+        logps = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1])
+        old = batch.get("old_logps")
+        old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
+        adv = batch["advantages"]
+        token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
+                                               batch.get("ref_logps"))
+        loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
+        with torch.no_grad():
+            m = mask.float()
+            if kl is not None:
+                self._add_ratio("kl", float((kl * m).sum()), float(m.sum()))
+            for name, (s, n) in clip_stats(ratio, adv, mask, self.eps_low, self.eps_high).items():
+                self._add_ratio(name, s, n)
+        # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it.
+        return loss, float(loss.detach()) * num_items
+
+    def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+        """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked.
+        Positions come from the attention mask, as in generation."""
+        from fasttune.models.decoder import CausalLM
+
+        model, temp = self.model, self.args.temperature
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        targets, mask = input_ids[:, -n:], attention_mask[:, -n:].bool()
+        if isinstance(model, CausalLM):
+            # Only the completion positions go through the lm_head, in chunks (fasttune.kernels.token_logprobs).
+            hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, -n - 1:-1]
+            flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask],
+                                  model.config.final_logit_softcap, temp)
+            return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       return_logits=True, logits_to_keep=n + 1).logits[:, :-1]
+        logps = (logits.float() / temp).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+        return logps.masked_fill(~mask, 0.0)
+
+    def _check_reference(self):
+        settings = getattr(self.model, "lora_settings", None)
+        if settings is None:
+            raise ConfigError("beta > 0 needs a reference model; fasttune uses the base with the LoRA adapters "
+                              "disabled (no second copy of the weights), but this model has no adapters (full "
+                              "fine-tuning). Add LoRA with get_peft_model, or set beta=0.")
+        from fasttune.models.decoder import CausalLM
+
+        if isinstance(self.model, CausalLM) and settings.modules_to_save:
+            raise ConfigError(f"beta > 0 with modules_to_save={settings.modules_to_save}: those layers are trained in "
+                              f"place, so disabling the adapters does not give the base model back. Drop "
+                              f"modules_to_save or set beta=0.")
+
+    # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
+    def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):
+        rec = self._metrics
+        for j, name in enumerate(self.reward_names):
+            rec[f"rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, j])))
+            rec[f"rewards/{name}/std"].append(float(nanstd(rewards_per_func[:, j])))
+        rec["reward"].append(float(torch.nanmean(rewards)))
+        rec["reward_std"].append(float(nanstd(rewards)))
+        rec["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
+        rec["completions/mean_length"].append(float(lengths.mean()))
+        rec["completions/min_length"].append(float(lengths.min()))
+        rec["completions/max_length"].append(float(lengths.max()))
+        rec["completions/clipped_ratio"].append(sum(truncated) / len(truncated))
+
+    def _add_ratio(self, name: str, s: float, n: float):
+        self._ratios[name][0] += s
+        self._ratios[name][1] += n
+
+    def _log(self, entry: dict, path):
+        if "loss" in entry:
+            entry.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
+            entry.update({k: s / n if n else 0.0 for k, (s, n) in self._ratios.items()})
+            self._metrics.clear()
+            self._ratios.clear()
+        super()._log(entry, path)
+
+
+@contextmanager
+def adapters_disabled(model):
+    """The reference policy: the same weights with the LoRA adapters switched off (no second copy)."""
+    from fasttune.models.decoder import CausalLM
+
+    if isinstance(model, CausalLM):
+        from fasttune.peft.lora import set_adapters_enabled
+
+        set_adapters_enabled(model, False)
+        try:
+            yield
+        finally:
+            set_adapters_enabled(model, True)
+    else:  # the transformers fallback: PEFT's own switch
+        with model.hf_model.disable_adapter():
+            yield

@@ -1,0 +1,71 @@
+"""GRPOConfig: SFTConfig's fields plus GRPO's, named as in TRL's GRPOConfig (each also a CLI flag and YAML key).
+
+As in TRL, per_device_train_batch_size counts completions: each optimizer step samples
+per_device_train_batch_size x gradient_accumulation_steps x ranks completions, num_generations per prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fasttune.errors import ConfigError
+from fasttune.train.config import SFTConfig
+from fasttune.train.objectives.grpo_loss import LOSS_TYPES, SCALE_REWARDS
+
+
+@dataclass
+class GRPOConfig(SFTConfig):
+    num_generations: int = 8  # completions sampled per prompt (the group)
+    max_completion_length: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    beta: float = 0.0  # KL to the reference (the base with adapters disabled); 0 = no KL and no reference pass
+    epsilon: float = 0.2
+    epsilon_high: float | None = None  # None: epsilon (DAPO suggests 0.28)
+    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
+    scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
+    num_iterations: int = 1  # optimizer steps per generated batch (mu in the GRPO paper)
+    reward_funcs: str | list | None = None  # built-in names, e.g. ["exact_match", "regex:^Answer: \\d+$", "length"]
+    reward_weights: list | None = None  # one weight per reward function (default 1.0 each)
+    mask_truncated_completions: bool = False  # completions that hit max_completion_length get no loss
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        if isinstance(self.reward_weights, str):  # from a CLI flag: "1,0.5"
+            try:
+                self.reward_weights = [float(w) for w in self.reward_weights.split(",") if w.strip()]
+            except ValueError:
+                raise ConfigError(f"reward_weights='{self.reward_weights}' is invalid: give numbers, e.g. 1,0.5.") \
+                    from None
+        super().__post_init__()
+        for name in ("num_generations", "max_completion_length", "num_iterations"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{name}={v!r} is invalid: it must be a whole number >= 1.")
+        if self.num_generations < 2:
+            raise ConfigError(f"num_generations={self.num_generations} is invalid: GRPO compares completions within "
+                              f"a group, so sample at least 2 per prompt.")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type='{self.loss_type}' is not supported; use one of {LOSS_TYPES}.")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"scale_rewards='{self.scale_rewards}' is invalid; use one of {SCALE_REWARDS}.")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} is invalid: GRPO samples, so use a value > 0 "
+                              f"(1.0 is TRL's default).")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} is invalid: use a value in (0, 1]; 1 turns it off.")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k={self.top_k} is invalid: use 0 (off) or a number of tokens.")
+        for name in ("beta", "epsilon"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be >= 0.")
+        if self.epsilon_high is not None and self.epsilon_high < 0:
+            raise ConfigError(f"epsilon_high={self.epsilon_high} is invalid: it must be >= 0 (or None for epsilon).")
+        if self.packing:
+            raise ConfigError("packing=True does not apply to GRPO (completions are sampled per step); set it False.")
+        if self.reward_weights is not None:
+            if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights):
+                raise ConfigError(f"reward_weights={self.reward_weights!r} is invalid: give one number per reward "
+                                  f"function.")
+            self.reward_weights = [float(w) for w in self.reward_weights]

@@ -1,0 +1,90 @@
+"""GRPO math, with TRL 1.16's semantics: group-normalised advantages, the clipped per-token objective with an
+optional k3 KL to the reference, and the per-loss-type normalisation under gradient accumulation.
+
+Normalisation per `loss_type` (B = completions in the micro-batch, `steps` = micro-batches in the optimizer step
+summed over ranks, since fasttune sums gradients over ranks where DDP averages them):
+- dapo (TRL's default): sum over the completion tokens of the whole accumulated batch / their count (`num_items`);
+  the same result for any split into micro-batches.
+- grpo: mean over completions of each completion's token mean, / steps.
+- bnpo: token mean of the micro-batch, / steps (TRL normalises over the local micro-batch only).
+- dr_grpo: token sum / (B * max_completion_length), / steps.
+"""
+from __future__ import annotations
+
+import torch
+
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sample standard deviation (Bessel-corrected) ignoring NaNs; NaN with fewer than two values."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dim, keepdim=True)
+    var = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True) * count / (count - 1)
+    var = torch.where(count > 1, var, torch.full_like(var, float("nan")))
+    return var.sqrt().squeeze(dim) if dim is not None else var.sqrt().squeeze()
+
+
+def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
+                     scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, F) rewards of N = groups x num_generations completions (groups consecutive) -> (advantages (N,),
+    weighted rewards (N,), the std each advantage was scaled by (N,)). NaN rewards (a function returned None) are
+    left out of the sums; a completion no function scored gets advantage 0."""
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)
+    rewards = (rewards_per_func * weights[None]).nansum(dim=1)
+    rewards[unscorable] = float("nan")
+    grouped = rewards.view(-1, num_generations)
+    mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
+    if scale_rewards == "batch":
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+    else:  # "group"; with "none" it is only reported (zero-std groups)
+        std = nanstd(grouped, dim=1).repeat_interleave(num_generations) if num_generations > 1 \
+            else torch.zeros_like(rewards)
+    advantages = rewards - mean
+    if scale_rewards != "none":
+        advantages = advantages / (std + 1e-4)
+    return torch.nan_to_num(advantages, nan=0.0), rewards, std
+
+
+def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
+                   epsilon_high: float, beta: float, ref_logps: torch.Tensor | None):
+    """-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * KL_k3, per token. Returns (loss, ratio, kl or None)."""
+    adv = advantages[:, None]
+    ratio = torch.exp(logps - old_logps)
+    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+    loss = -torch.min(ratio * adv, clipped * adv)
+    kl = None
+    if beta != 0.0:
+        # k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0
+        kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        loss = loss + beta * kl
+    return loss, ratio, kl
+
+
+def reduce_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, num_items: int, steps: int,
+                max_completion_length: int) -> torch.Tensor:
+    """The micro-batch's share of the optimizer step's loss (see the module docstring)."""
+    mask = mask.to(token_loss.dtype)
+    masked = token_loss * mask
+    if loss_type == "dapo":
+        return masked.sum() / max(num_items, 1)
+    if loss_type == "grpo":
+        return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / steps
+    if loss_type == "bnpo":
+        return masked.sum() / mask.sum().clamp(min=1.0) / steps
+    if loss_type == "dr_grpo":
+        return masked.sum() / (token_loss.shape[0] * max_completion_length) / steps
+    raise ValueError(f"unknown loss_type {loss_type!r}")
+
+
+def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
+               epsilon_high: float) -> dict:
+    """Fractions of completion tokens whose ratio was clipped (TRL's clip_ratio/* metrics), as (sum, count)."""
+    adv = advantages[:, None]
+    low = (ratio < 1 - epsilon_low) & (adv < 0)
+    high = (ratio > 1 + epsilon_high) & (adv > 0)
+    m = mask.bool()
+    n = float(m.sum())
+    return {"clip_ratio/low_mean": (float((low & m).sum()), n), "clip_ratio/high_mean": (float((high & m).sum()), n),
+            "clip_ratio/region_mean": (float(((low | high) & m).sum()), n)}

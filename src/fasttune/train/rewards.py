@@ -1,0 +1,132 @@
+"""Reward functions for GRPO: the calling convention (TRL's) and the built-ins usable by name from the CLI/YAML.
+
+A reward function is `f(prompts, completions, **columns) -> list[float | None]`, one value per completion.
+`prompts`/`completions` are strings, or message lists when the dataset's prompts are conversations (a completion is
+then `[{"role": "assistant", "content": text}]`); `columns` holds every other dataset column (one value per
+completion) plus `completion_ids`. None means "not applicable" (TRL: NaN, ignored in the group statistics).
+
+Built-in names:
+- `exact_match`: 1.0 when the completion text (stripped) equals the row's `answer` column (stripped), else 0.0.
+- `regex:<pattern>`: 1.0 when `re.search(pattern, completion)` matches, else 0.0 (anchor with ^...$ yourself).
+- `length` / `length:<n>`: prefers short completions: 1 - tokens / n (floored at 0); n defaults to
+  max_completion_length.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from fasttune.errors import ConfigError
+
+BUILTIN_NAMES = ("exact_match", "regex:<pattern>", "length", "length:<n>")
+
+
+def completion_text(completion) -> str:
+    """The text of a completion: a string, or the content of the last message of a message list."""
+    if isinstance(completion, str):
+        return completion
+    if isinstance(completion, (list, tuple)) and completion and isinstance(completion[-1], dict):
+        return str(completion[-1].get("content", ""))
+    return str(completion)
+
+
+class ExactMatch:
+    """1.0 when the stripped completion equals the stripped `answer` column."""
+    __name__ = "exact_match"
+    needs_columns = ("answer",)
+
+    def __call__(self, prompts, completions, answer, **_) -> list[float]:
+        return [float(completion_text(c).strip() == str(a).strip()) for c, a in zip(completions, answer)]
+
+
+class RegexMatch:
+    """1.0 when the pattern is found in the completion (re.search, DOTALL), else 0.0."""
+    needs_columns = ()
+
+    def __init__(self, pattern: str):
+        self.pattern = pattern
+        self.regex = re.compile(pattern, re.DOTALL)
+        self.__name__ = f"regex:{pattern}"
+
+    def __call__(self, prompts, completions, **_) -> list[float]:
+        return [float(self.regex.search(completion_text(c)) is not None) for c in completions]
+
+
+class LengthReward:
+    """Prefers short completions: 1 - n_tokens / limit, floored at 0."""
+    needs_columns = ()
+
+    def __init__(self, limit: int | None, name: str = "length"):
+        self.limit = limit
+        self.__name__ = name
+
+    def __call__(self, prompts, completions, completion_ids, **_) -> list[float]:
+        return [max(0.0, 1.0 - len(ids) / self.limit) for ids in completion_ids]
+
+
+def builtin_reward(spec: str, max_completion_length: int, field: str = "reward_funcs") -> Callable:
+    """A built-in reward function from its name; a ConfigError naming `field` for unknown names or bad patterns."""
+    if spec == "exact_match":
+        return ExactMatch()
+    if spec.startswith("regex:"):
+        pattern = spec[len("regex:"):]
+        if not pattern:
+            raise ConfigError(f"{field}: 'regex:' needs a pattern after the colon, e.g. 'regex:^Answer: \\d+$'.")
+        try:
+            return RegexMatch(pattern)
+        except re.error as e:
+            raise ConfigError(f"{field}: the pattern in '{spec}' is not a valid regular expression ({e}). "
+                              f"Fix the pattern (Python `re` syntax).") from None
+    if spec == "length" or spec.startswith("length:"):
+        limit = max_completion_length
+        if spec != "length":
+            try:
+                limit = int(spec[len("length:"):])
+            except ValueError:
+                limit = 0
+            if limit < 1:
+                raise ConfigError(f"{field}: '{spec}' is invalid: write length:<n> with a whole number n >= 1 "
+                                  f"(tokens), or plain 'length' for max_completion_length.")
+        return LengthReward(limit, spec)
+    raise ConfigError(f"{field}: unknown reward function '{spec}'. Built-in names: {', '.join(BUILTIN_NAMES)}; "
+                      f"or pass Python callables f(prompts, completions, **columns) -> list[float] to "
+                      f"GRPOTrainer(reward_funcs=...).")
+
+
+def split_specs(text: str) -> list[str]:
+    """'exact_match,length,regex:^a,b$' -> specs. A `regex:` spec takes the rest of the text, commas included."""
+    specs, rest = [], text
+    while rest:
+        rest = rest.lstrip()
+        if rest.startswith("regex:"):
+            specs.append(rest)
+            break
+        head, _, rest = rest.partition(",")
+        if head.strip():
+            specs.append(head.strip())
+    return specs
+
+
+def resolve_reward_funcs(funcs, max_completion_length: int, field: str = "reward_funcs") -> list[Callable]:
+    """Names and/or callables -> callables. A list item is one name; a plain string may hold several,
+    comma-separated (see split_specs)."""
+    if funcs is None or (isinstance(funcs, (str, list, tuple)) and not funcs):
+        raise ConfigError(f"GRPO needs at least one reward function: set {field} to built-in names such as "
+                          f"['exact_match'] or pass callables f(prompts, completions, **columns) -> list[float].")
+    if isinstance(funcs, str):
+        items = split_specs(funcs)
+    else:
+        items = list(funcs) if isinstance(funcs, Sequence) else [funcs]
+    out = []
+    for item in items:
+        if isinstance(item, str):
+            out.append(builtin_reward(item.strip(), max_completion_length, field))
+        elif callable(item):
+            out.append(item)
+        else:
+            raise ConfigError(f"{field}: {item!r} is neither a built-in name nor a callable.")
+    return out
+
+
+def reward_name(func) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
