@@ -65,6 +65,11 @@ class Trainer:
                          labels=batch["labels"], num_items_in_batch=num_items, **packed)
         return out.loss, float(out.loss_sum.detach())
 
+    def prepare_step(self, group: list[dict]) -> None:
+        """Called with this rank's micro-batches of one optimizer step (on the device) before any forward: objectives
+        whose loss needs statistics of the whole accumulated batch (ORPO's token count, KTO's KL estimate) take
+        them here."""
+
     def collate_batch(self, examples: list[dict]) -> dict:
         """Examples -> one micro-batch of tensors (on the CPU; the loop moves it to the device)."""
         return collate(examples, self.pad_id)
@@ -193,6 +198,7 @@ class Trainer:
             while step < total and not self.dist.any(bool(stop.requested)):
                 epoch, micro, group = next(batches)
                 group = [self._to_device(b) for b in self.dist.shard(group, args.gradient_accumulation_steps)]
+                self.prepare_step(group)
                 num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
                 if num_items == 0:
                     continue  # nothing to learn from; the SFT data path drops such rows before this
