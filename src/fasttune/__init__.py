@@ -8,8 +8,12 @@ from fasttune.errors import FastTuneError
 __version__ = "0.1.0"
 _LAZY = {"FastLanguageModel": "fasttune.api", "SFTTrainer": "fasttune.train.objectives.sft",
          "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
-         "GRPOConfig": "fasttune.train.objectives.grpo_config"}
-__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "FastTuneError"]
+         "GRPOConfig": "fasttune.train.objectives.grpo_config",
+         "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
+         "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
+         "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto"}
+__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
+           "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "FastTuneError"]
 
 
 def __getattr__(name):

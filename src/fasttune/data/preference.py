@@ -1,0 +1,267 @@
+"""Preference rows -> token ids, and their batches (DPO, ORPO: paired; KTO: unpaired).
+
+Paired rows:   {"prompt", "chosen", "rejected"} (+ optional precomputed "ref_chosen_logps", "ref_rejected_logps")
+Unpaired rows: {"prompt", "completion", "label": bool}; KTO also takes paired rows (chosen -> True, rejected -> False)
+
+Each text field is a string, or a list of {role, content} messages (TRL's conversational format), rendered with the
+chat template: the prompt with the generation prompt, prompt + completion as one conversation. A string next to a
+message list becomes a user (prompt) or assistant (completion) message. As in TRL, plain-text completions get the
+EOS token appended, prompt + completion are tokenized together and the completion starts where that sequence and
+the prompt alone stop agreeing; `max_prompt_length` keeps the end of the prompt, `max_seq_length` the start of
+prompt + completion.
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import datasets
+import torch
+
+from fasttune.data import templates
+from fasttune.data.formats import CHAT_ROLES, require_dict_rows, require_text, row_label
+from fasttune.data.sources import load_rows, source_name as _source_name
+from fasttune.errors import DataError
+
+PAIRED = ("prompt", "chosen", "rejected")
+UNPAIRED = ("prompt", "completion", "label")
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+
+
+def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_prompt_length: int | None = None,
+                             chat_template: str | None = None, source_name: str | None = None) -> list[dict]:
+    """Paired rows -> [{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "ref_chosen_logps", "ref_rejected_logps")]."""
+    rows, columns, where = _rows_and_columns(rows, source_name)
+    _require_columns(columns, PAIRED, where, "paired preference data (DPO, ORPO)")
+    has_ref = [c for c in REF_COLUMNS if c in columns]
+    if len(has_ref) == 1:
+        missing = next(c for c in REF_COLUMNS if c not in columns)
+        raise DataError(f"{where} has the column '{has_ref[0]}' but not '{missing}'. Precomputed reference "
+                        f"log-probs need both columns (or neither, to compute them during training).")
+    enc = _Encoder(tokenizer, chat_template, where)
+    out, dropped = [], 0
+    for i, row in enumerate(rows):
+        at = row_label(i, source_name)
+        prompt, chosen, rejected = (row.get(k) for k in PAIRED)
+        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"))
+        prompt_ids = _clip_prompt(prompt_ids, max_prompt_length)
+        if len(prompt_ids) >= max_seq_length:
+            dropped += 1
+            continue
+        room = max_seq_length - len(prompt_ids)
+        ex = {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids[:room], "rejected_ids": rejected_ids[:room]}
+        for c in has_ref:
+            ex[c] = _number(row.get(c), at, c)
+        out.append(ex)
+    return _finish(out, dropped, len(rows), where, max_seq_length)
+
+
+def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_prompt_length: int | None = None,
+                           chat_template: str | None = None, source_name: str | None = None) -> list[dict]:
+    """Unpaired rows -> [{"prompt_ids", "completion_ids", "label"}]; paired rows are split into two each."""
+    rows, columns, where = _rows_and_columns(rows, source_name)
+    paired = all(c in columns for c in PAIRED) and "completion" not in columns
+    if not paired:
+        _require_columns(columns, UNPAIRED, where, "unpaired preference data (KTO)")
+    enc = _Encoder(tokenizer, chat_template, where)
+    out, dropped, n = [], 0, 0
+    for i, row in enumerate(rows):
+        at = row_label(i, source_name)
+        if paired:
+            fields = ("chosen", "rejected")
+            prompt_ids, completions = enc.encode(row.get("prompt"), [row.get(f) for f in fields], at, fields)
+            labels = [True, False]
+        else:
+            label = row.get("label")
+            if not isinstance(label, bool):
+                what = "missing" if label is None else f"{type(label).__name__} {label!r}"
+                raise DataError(f"{at}: field 'label' must be true (desirable) or false (undesirable), but it is "
+                                f"{what}. Store a boolean in every row.")
+            prompt_ids, completions = enc.encode(row.get("prompt"), [row.get("completion")], at, ("completion",))
+            labels = [label]
+        prompt_ids = _clip_prompt(prompt_ids, max_prompt_length)
+        for ids, label in zip(completions, labels):
+            n += 1
+            if len(prompt_ids) >= max_seq_length:
+                dropped += 1
+                continue
+            out.append({"prompt_ids": prompt_ids, "completion_ids": ids[:max_seq_length - len(prompt_ids)],
+                        "label": label})
+    return _finish(out, dropped, n, where, max_seq_length)
+
+
+# --- batches ------------------------------------------------------------------------------------------------------
+def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
+    """Right-padded prompt + completion rows: input_ids, attention_mask, completion_mask (1 on completion tokens)."""
+    width = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    n = len(prompts)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((n, width), dtype=torch.long)
+    completion_mask = torch.zeros((n, width), dtype=torch.long)
+    for r, (p, c) in enumerate(zip(prompts, completions)):
+        input_ids[r, :len(p) + len(c)] = torch.as_tensor(p + c, dtype=torch.long)
+        attention_mask[r, :len(p) + len(c)] = 1
+        completion_mask[r, len(p):len(p) + len(c)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+def collate_pairs(examples: list[dict], pad_id: int) -> dict:
+    """B pairs -> 2B rows, the chosen ones first (one forward for both, as TRL does)."""
+    prompts = [ex["prompt_ids"] for ex in examples] * 2
+    completions = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
+    batch = pad_sequences(prompts, completions, pad_id)
+    if REF_COLUMNS[0] in examples[0]:
+        for c in REF_COLUMNS:
+            batch[c] = torch.tensor([ex[c] for ex in examples], dtype=torch.float32)
+    return batch
+
+
+def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
+    batch = pad_sequences([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id)
+    batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    return batch
+
+
+# --- rows ---------------------------------------------------------------------------------------------------------
+def _rows_and_columns(rows, source_name):
+    if isinstance(rows, (str, os.PathLike)):
+        source_name = source_name or _source_name(rows)
+    if not isinstance(rows, (datasets.Dataset, list)):
+        rows = load_rows(rows)
+    if isinstance(rows, list):
+        require_dict_rows(rows, source_name)
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+    else:
+        if len(rows) == 0:
+            raise DataError(f"{source_name or 'The dataset'} has no rows. Pass at least one training example.")
+        columns = rows.column_names
+    return rows, columns, source_name or "the dataset"
+
+
+def _require_columns(columns, needed, where, what):
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        found = ", ".join(map(repr, columns)) or "none"
+        raise DataError(f"{where[0].upper() + where[1:]} has no column {' or '.join(map(repr, missing))}, which "
+                        f"{what} needs (columns found: {found}). Give every row {', '.join(map(repr, needed))}.")
+
+
+def _clip_prompt(ids: list[int], limit: int | None) -> list[int]:
+    return ids[-limit:] if limit and len(ids) > limit else ids
+
+
+def _number(value, where, field) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field '{field}' must be a finite number (the reference model's summed log-prob "
+                        f"of the completion), but it is {value!r}. Fill it in every row or drop the column.")
+    return float(value)
+
+
+def _finish(out, dropped, n, where, max_seq_length):
+    if not out:
+        raise DataError(f"No example is left in {where}: every prompt fills max_seq_length={max_seq_length} tokens, "
+                        f"leaving no room for the completion. Raise max_seq_length or set max_prompt_length.")
+    if dropped:
+        warnings.warn(f"Dropped {dropped} of {n} rows of {where} whose prompt alone fills max_seq_length="
+                      f"{max_seq_length} tokens; raise max_seq_length or set max_prompt_length to keep them.",
+                      UserWarning, stacklevel=3)
+    return out
+
+
+class _Encoder:
+    """(prompt, [completion, ...]) of one row -> (prompt_ids, [completion_ids, ...])."""
+
+    def __init__(self, tokenizer, chat_template, where):
+        if tokenizer is None:
+            raise DataError("A tokenizer is needed to tokenize preference rows; pass the model's tokenizer.")
+        self.tok, self.where = tokenizer, where
+        self.template = None
+        if chat_template is not None:
+            templates.check_template_tokens(chat_template, tokenizer)
+            self.template = templates.resolve_chat_template(chat_template)
+        self.eos = getattr(tokenizer, "eos_token", None)
+
+    def encode(self, prompt, completions, at, fields):
+        if any(isinstance(v, (list, tuple)) for v in (prompt, *completions)):
+            return self._chat(prompt, completions, at, fields)
+        prompt = require_text(prompt, at, "prompt")
+        texts = [require_text(c, at, f) for c, f in zip(completions, fields)]
+        if self.eos:
+            texts = [t if t.endswith(self.eos) else t + self.eos for t in texts]
+        prompt_ids = self._ids(prompt)
+        return self._split(prompt_ids, [self._ids(prompt + t) for t in texts], at, fields)
+
+    def _chat(self, prompt, completions, at, fields):
+        if not (self.template or getattr(self.tok, "chat_template", None)):
+            raise DataError(f"{at} holds chat messages, but the tokenizer has no chat template to render them. Set "
+                            f"chat_template (--chat-template) to one of {templates.names()} or to a Jinja string.")
+        prompt_msgs = _messages(prompt, at, "prompt", "user")
+        prompt_ids = self._render(prompt_msgs, at, add_generation_prompt=True)
+        full = []
+        for value, field in zip(completions, fields):
+            msgs = _messages(value, at, field, "assistant")
+            if not any(m["role"] == "assistant" for m in msgs):
+                raise DataError(f"{at}: field '{field}' has no assistant message, so there is nothing to score. "
+                                f"Give it the assistant's reply, e.g. [{{'role': 'assistant', 'content': ...}}].")
+            full.append(self._render(prompt_msgs + msgs, at))
+        return self._split(prompt_ids, full, at, fields)
+
+    def _split(self, prompt_ids, full, at, fields):
+        # The completion starts where prompt and prompt + completion stop agreeing (tokens may merge across the
+        # boundary, and some templates render a prompt alone differently), as in TRL.
+        n = min(_common_prefix(prompt_ids, ids) for ids in full)
+        completions = [ids[n:] for ids in full]
+        for ids, field in zip(completions, fields):
+            if not ids:
+                raise DataError(f"{at}: field '{field}' gives no tokens after the prompt. Give it some text.")
+        return prompt_ids[:n], completions
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tok(text)["input_ids"])
+
+    def _render(self, messages, at, add_generation_prompt=False) -> list[int]:
+        try:
+            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                chat_template=self.template)
+        except Exception as e:  # jinja's TemplateError (incl. raise_exception in templates) and others
+            raise DataError(f"{at}: the chat template could not render this conversation ({type(e).__name__}: {e}). "
+                            f"Check the roles and their order.") from e
+        return list(self.tok(text, add_special_tokens=False)["input_ids"])  # templates carry their own BOS
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _messages(value, at, field, default_role) -> list[dict]:
+    if isinstance(value, str):
+        require_text(value, at, field)
+        return [{"role": default_role, "content": value}]
+    if value is None:
+        raise DataError(f"{at}: field '{field}' is missing or null. Give every row a '{field}' (text or messages).")
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{at}: field '{field}' must be a string or a list of {{role, content}} messages, but it is "
+                        f"a {type(value).__name__}.")
+    if not value:
+        raise DataError(f"{at}: field '{field}' is an empty list. Give it at least one message.")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise DataError(f"{at}, {field}[{j}] is a {type(m).__name__}, not a dict. Each message must look like "
+                            "{'role': ..., 'content': ...}.")
+        m = {k: v for k, v in m.items() if v is not None}  # Arrow fills absent struct keys with None
+        if m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{at}, {field}[{j}] has the role {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}.")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{at}, {field}[{j}]: 'content' must be a string, but it is "
+                            f"{type(m.get('content')).__name__}.")
+        out.append(m)
+    return out

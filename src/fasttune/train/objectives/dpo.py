@@ -1,0 +1,97 @@
+"""DPO (Rafailov et al. 2023) as TRL 1.16 computes it: summed completion log-probs of policy and reference (the base
+with the adapters disabled, or log-probs precomputed into the data), a loss per pair, the mean over the pairs of
+the whole accumulated batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.errors import ConfigError
+from fasttune.train.config import SFTConfig
+from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
+from fasttune.train.objectives.reference import reference_problem, require_reference
+
+LOSS_TYPES = ("sigmoid", "ipo", "hinge")
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    beta: float = 0.1
+    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    max_prompt_length: int | None = None  # keep the last tokens of longer prompts
+    precompute_ref_log_probs: bool = False  # reference log-probs once before training (then no reference passes)
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_beta(self.beta)
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type='{self.loss_type}' is not supported by DPO; use one of {LOSS_TYPES}.")
+        check_prompt_length(self.max_prompt_length)
+
+
+def check_beta(beta):
+    if not beta > 0:
+        raise ConfigError(f"beta={beta!r} is invalid: it must be a number > 0 (0.1 is common).")
+
+
+def check_prompt_length(n):
+    if n is not None and n < 1:
+        raise ConfigError(f"max_prompt_length={n!r} is invalid: a whole number >= 1, or None for no limit.")
+
+
+class DPOTrainer(PreferenceTrainer):
+    config_cls = DPOConfig
+    method = "DPO"
+
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: DPOConfig | None = None,
+                 **kwargs):
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
+        sets = [self.train_examples] + ([self.eval_examples] if self.eval_examples else [])
+        missing = [s for s in sets if "ref_chosen_logps" not in s[0]]
+        if missing and self.args.precompute_ref_log_probs:
+            # Once, before training: the model as it is now (adapters off when it has them) is the reference.
+            for examples in missing:
+                self._precompute(examples)
+        elif missing:
+            require_reference(model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
+                                            "precompute_ref_log_probs=True to take them from the model before training.")
+
+    @torch.no_grad()
+    def _precompute(self, examples: list[dict]):
+        was_training = self.model.training
+        self.model.eval()
+        bs = self.args.per_device_eval_batch_size
+        for i in range(0, len(examples), bs):
+            part = examples[i:i + bs]
+            batch = self._to_device(self.collate_batch(part))
+            if reference_problem(self.model) is None:
+                ref = self.reference_logps(batch).sum(-1)
+            else:  # full fine-tuning: the weights before training are the reference
+                ref = self.logps(batch).sum(-1)
+            chosen, rejected = ref.cpu().chunk(2)
+            for ex, c, r in zip(part, chosen.tolist(), rejected.tolist()):
+                ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
+        self.model.train(was_training)
+
+    def batch_loss(self, batch: dict, num_items: int):
+        a = self.args
+        logps = self.logps(batch).sum(-1)
+        if "ref_chosen_logps" in batch:
+            ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+        else:
+            ref_chosen, ref_rejected = self.reference_logps(batch).sum(-1).chunk(2)
+        chosen, rejected = logps.chunk(2)
+        chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
+        delta = chosen_ratio - rejected_ratio
+        if a.loss_type == "sigmoid":
+            losses = -F.logsigmoid(a.beta * delta)
+        elif a.loss_type == "hinge":
+            losses = torch.relu(1 - a.beta * delta)
+        else:  # ipo: per-token averaged log-ratios, as TRL normalises them (confirmed with the IPO authors)
+            lengths = batch["completion_mask"].sum(-1).clamp(min=1).chunk(2)
+            avg = chosen_ratio / lengths[0] - rejected_ratio / lengths[1]
+            losses = (avg - 1 / (2 * a.beta)) ** 2
+        sums = pair_sums(a.beta * chosen_ratio, a.beta * rejected_ratio, chosen, rejected)
+        return losses.sum() / num_items, sums

@@ -1,0 +1,112 @@
+"""KTO (Ethayarajh et al. 2024) as TRL 1.16 computes it, on unpaired rows (prompt, completion, label).
+
+Summed completion log-probs of policy and reference (the base with the adapters disabled); the KL term is estimated
+from mismatched pairs, (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}): TRL rotates the completions within each batch,
+here within the whole accumulated batch of a step, so that bs 4 x GA 1 and bs 1 x GA 4 see the same estimate.
+The loss is the mean over the rows of the accumulated batch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fasttune.data.preference import collate_unpaired, pad_sequences, tokenize_unpaired_rows
+from fasttune.errors import ConfigError
+from fasttune.train.config import SFTConfig
+from fasttune.train.objectives.dpo import check_beta, check_prompt_length
+from fasttune.train.objectives.preference_base import PreferenceTrainer
+from fasttune.train.objectives.reference import require_reference, token_logps
+
+LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
+@dataclass
+class KTOConfig(SFTConfig):
+    beta: float = 0.1
+    desirable_weight: float = 1.0
+    undesirable_weight: float = 1.0
+    loss_type: str = "kto"  # kto | apo_zero_unpaired (no KL term)
+    max_prompt_length: int | None = None  # keep the last tokens of longer prompts
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_beta(self.beta)
+        check_prompt_length(self.max_prompt_length)
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type='{self.loss_type}' is not supported by KTO; use one of {LOSS_TYPES}.")
+        for name in ("desirable_weight", "undesirable_weight"):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be a number >= 0.")
+
+
+class KTOTrainer(PreferenceTrainer):
+    config_cls = KTOConfig
+    method = "KTO"
+
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: KTOConfig | None = None,
+                 **kwargs):
+        super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
+        require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (without "
+                                        "modules_to_save).")
+        self._kl = 0.0
+
+    def prepare(self, dataset) -> list[dict]:
+        return tokenize_unpaired_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
+                                      max_prompt_length=self.args.max_prompt_length,
+                                      chat_template=self.args.chat_template)
+
+    def collate_batch(self, examples: list[dict]) -> dict:
+        return collate_unpaired(examples, self.pad_id)
+
+    def count_items(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0]
+
+    def example_tokens(self, example: dict) -> int:
+        return len(example["prompt_ids"]) + len(example["completion_ids"])
+
+    @torch.no_grad()
+    def step_stats(self, group, across_ranks):
+        if self.args.loss_type != "kto":
+            return
+        prompts, completions = [], []
+        for b in group:
+            for ids, att, comp in zip(b["input_ids"].tolist(), b["attention_mask"].tolist(),
+                                      b["completion_mask"].tolist()):
+                prompts.append([t for t, a, c in zip(ids, att, comp) if a and not c])
+                completions.append([t for t, c in zip(ids, comp) if c])
+        completions = completions[-1:] + completions[:-1]  # y_{i-1} after x_i
+        limit, total, start = self._limit(), 0.0, 0
+        for b in group:  # the KL rows in micro-batches of the same sizes
+            n = b["input_ids"].shape[0]
+            p, c = prompts[start:start + n], completions[start:start + n]
+            kl = self._to_device(pad_sequences(p, [y[:limit - len(x)] for x, y in zip(p, c)], self.pad_id))
+            policy = token_logps(self.model, kl["input_ids"], kl["attention_mask"], kl["completion_mask"])
+            total += float((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())
+            start += n
+        count = len(prompts)
+        if across_ranks:
+            total, count = self.dist.sum(total), self.dist.sum(count)
+        self._kl = max(0.0, total / count)
+
+    def batch_loss(self, batch: dict, num_items: int):
+        a, kl = self.args, self._kl
+        logps = self.logps(batch).sum(-1)
+        ratio = logps - self.reference_logps(batch).sum(-1)
+        desirable = batch["label"]
+        if a.loss_type == "kto":
+            losses = torch.where(desirable, 1 - torch.sigmoid(a.beta * (ratio - kl)),
+                                 1 - torch.sigmoid(a.beta * (kl - ratio)))
+        else:
+            losses = torch.where(desirable, 1 - torch.sigmoid(a.beta * ratio), torch.sigmoid(a.beta * ratio))
+        weights = torch.where(desirable, a.desirable_weight, a.undesirable_weight)
+        rewards = a.beta * ratio.detach()
+        n_good, n_bad = int(desirable.sum()), int((~desirable).sum())
+        sums = {"kl": (kl, 1)}
+        if n_good:
+            sums["rewards/chosen"] = (rewards[desirable].sum(), n_good)
+            sums["logps/chosen"] = (logps.detach()[desirable].sum(), n_good)
+        if n_bad:
+            sums["rewards/rejected"] = (rewards[~desirable].sum(), n_bad)
+            sums["logps/rejected"] = (logps.detach()[~desirable].sum(), n_bad)
+        return (weights * losses).sum() / num_items, sums

@@ -1,0 +1,55 @@
+"""ORPO (Hong et al. 2024) as TRL 1.16 computes it: the NLL of the chosen rows (prompt and completion tokens, mean
+over tokens) minus beta x the mean log-sigmoid of the log odds ratio of per-token mean completion log-probs.
+No reference model. With gradient accumulation both means run over the whole accumulated batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.train.config import SFTConfig
+from fasttune.train.objectives.dpo import check_beta, check_prompt_length
+from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
+
+
+@dataclass
+class ORPOConfig(SFTConfig):
+    beta: float = 0.1  # lambda in the paper: weight of the odds-ratio term
+    max_prompt_length: int | None = None  # keep the last tokens of longer prompts
+
+    def __post_init__(self):
+        super().__post_init__()
+        check_beta(self.beta)
+        check_prompt_length(self.max_prompt_length)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, branching at -ln 2 to avoid cancellation."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+class ORPOTrainer(PreferenceTrainer):
+    config_cls = ORPOConfig
+    method = "ORPO"
+
+    def step_stats(self, group, across_ranks):
+        # Target tokens of the chosen rows (prompt included, as TRL's NLL): the NLL term's normaliser.
+        n = sum(int(b["attention_mask"][: b["input_ids"].shape[0] // 2, 1:].sum()) for b in group)
+        self._nll_tokens = max(1.0, self.dist.sum(n) if across_ranks else n)
+
+    def batch_loss(self, batch: dict, num_items: int):
+        beta, pairs = self.args.beta, batch["input_ids"].shape[0] // 2
+        logps = self.logps(batch, batch["attention_mask"])  # every token: the NLL needs the prompt's too
+        nll_sum = -logps[:pairs].sum()
+        completion = batch["completion_mask"][:, 1:]
+        mean_logps = (logps * completion).sum(-1) / completion.sum(-1)
+        chosen, rejected = mean_logps.chunk(2)
+        log_odds = (chosen - rejected) - (log1mexp(chosen) - log1mexp(rejected))
+        ratio = F.logsigmoid(log_odds)
+        loss = nll_sum / self._nll_tokens - beta * ratio.sum() / num_items
+        sums = pair_sums(beta * chosen, beta * rejected, chosen, rejected)
+        sums["nll_loss"] = (nll_sum.detach(), batch["attention_mask"][:pairs, 1:].sum())
+        sums["log_odds_ratio"] = (ratio.detach().sum(), pairs)
+        sums["log_odds_chosen"] = (log_odds.detach().sum(), pairs)
+        return loss, sums

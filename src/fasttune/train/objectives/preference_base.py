@@ -1,0 +1,131 @@
+"""What DPO, ORPO and KTO share over the trainer core: preference data, batches, metrics, the reference pass.
+
+An objective implements `batch_loss(batch, num_items) -> (loss already divided by the step's normaliser, metric
+sums)`; metric sums are {name: (sum, count)} and are averaged over the logging window under TRL's names.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+
+import torch
+
+from fasttune.data.preference import collate_pairs, tokenize_preference_rows
+from fasttune.errors import ConfigError
+from fasttune.train.config import SFTConfig
+from fasttune.train.loop import Trainer
+from fasttune.train.objectives.reference import adapters_disabled, token_logps
+
+DATA_FORMATS = ("auto", "preference")
+
+
+class PreferenceTrainer(Trainer):
+    config_cls = SFTConfig
+    method = "preference"
+
+    def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, **kwargs):
+        args = args if args is not None else self.config_cls()
+        if not isinstance(args, self.config_cls):
+            raise ConfigError(f"{type(self).__name__} needs args={self.config_cls.__name__}(...), got "
+                              f"{type(args).__name__}.")
+        if args.packing:
+            raise ConfigError(f"packing=True is for SFT; {self.method} scores whole prompt + completion rows. Set "
+                              f"packing=False.")
+        if args.data_format not in DATA_FORMATS:
+            raise ConfigError(f"data_format='{args.data_format}' does not fit {self.method}, which reads preference "
+                              f"rows; use data_format='auto' (or 'preference').")
+        tok = tokenizer if tokenizer is not None else kwargs.pop("processing_class", None)
+        if tok is None:
+            raise ConfigError(f"{type(self).__name__} needs a tokenizer (tokenizer=... or processing_class=...).")
+        if args.chat_template:
+            from fasttune.data.templates import resolve_chat_template
+
+            tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
+        self._sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
+        super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
+
+    # --- data -------------------------------------------------------------------------------------------------------
+    def _limit(self) -> int:
+        a = self.args
+        return min(a.max_seq_length, getattr(self.model, "max_seq_length", None) or a.max_seq_length)
+
+    def prepare(self, dataset) -> list[dict]:
+        return tokenize_preference_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
+                                        max_prompt_length=self.args.max_prompt_length,
+                                        chat_template=self.args.chat_template)
+
+    def _pack(self, examples):
+        raise ConfigError(f"packing=True is for SFT; set packing=False for {self.method}.")
+
+    def collate_batch(self, examples: list[dict]) -> dict:
+        return collate_pairs(examples, self.pad_id)
+
+    def count_items(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // 2  # pairs: TRL's losses are means over pairs
+
+    def example_tokens(self, example: dict) -> int:
+        return 2 * (len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"])))
+
+    # --- model passes -----------------------------------------------------------------------------------------------
+    def logps(self, batch: dict, score: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-token log-probs (B, T-1) of the scored tokens (default: the completions) under the policy."""
+        score = batch["completion_mask"] if score is None else score
+        return token_logps(self.model, batch["input_ids"], batch["attention_mask"], score)
+
+    @torch.no_grad()
+    def reference_logps(self, batch: dict, score: torch.Tensor | None = None) -> torch.Tensor:
+        with adapters_disabled(self.model):
+            return self.logps(batch, score)
+
+    # --- the core's hooks -------------------------------------------------------------------------------------------
+    def batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def step_stats(self, group: list[dict], across_ranks: bool):
+        """Statistics of the whole accumulated batch the loss needs (ORPO's token count, KTO's KL); see prepare_step."""
+
+    def prepare_step(self, group: list[dict]) -> None:
+        self.step_stats(group, across_ranks=True)
+
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
+        loss, sums = self.batch_loss(batch, num_items)
+        self._add(self._sums["train"], sums)
+        # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it.
+        return loss, float(loss.detach()) * num_items
+
+    @torch.no_grad()
+    def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
+        self.step_stats([batch], across_ranks=False)  # each eval batch on its own, as TRL evaluates
+        n = self.count_items(batch)
+        loss, sums = self.batch_loss(batch, n)
+        self._add(self._sums["eval"], sums)
+        return float(loss) * n, n
+
+    def log_metrics(self) -> dict:
+        return self._averages("train", "")
+
+    def eval_metrics(self) -> dict:
+        return self._averages("eval", "eval_")
+
+    @staticmethod
+    def _add(acc, sums: dict):
+        for k, (s, n) in sums.items():
+            acc[k][0] += float(s)
+            acc[k][1] += float(n)
+
+    def _averages(self, mode: str, prefix: str) -> dict:
+        acc = self._sums[mode]
+        out = {f"{prefix}{k}": s / n for k, (s, n) in acc.items() if n}
+        if f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
+            out[f"{prefix}rewards/margins"] = out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
+        acc.clear()
+        return out
+
+
+def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
+              rejected_logps: torch.Tensor) -> dict:
+    """TRL's paired metrics as (sum, count) over this micro-batch's pairs."""
+    n = chosen_rewards.numel()
+    c, r = chosen_rewards.detach(), rejected_rewards.detach()
+    return {"rewards/chosen": (c.sum(), n), "rewards/rejected": (r.sum(), n),
+            "rewards/accuracies": ((c > r).float().sum(), n),
+            "logps/chosen": (chosen_logps.detach().sum(), n), "logps/rejected": (rejected_logps.detach().sum(), n)}

@@ -1,0 +1,66 @@
+"""What preference objectives share about the model: per-token log-probs through the lm_head in chunks, and the
+reference policy = the same weights with the LoRA adapters switched off (no second copy of the model)."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from fasttune.errors import ConfigError
+from fasttune.kernels.token_logprobs import token_logprobs
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) as (B, T-1); 0 where score[:, t+1] is 0.
+
+    On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
+    logits of the batch never exist at once. The transformers fallback computes its logits as transformers does.
+    """
+    from fasttune.models.decoder import CausalLM
+
+    targets, mask = input_ids[:, 1:], score[:, 1:].bool()
+    if isinstance(model, CausalLM):
+        hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
+        flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask], model.config.final_logit_softcap)
+        return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, return_logits=True).logits[:, :-1]
+    logps = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    return logps.masked_fill(~mask, 0.0)
+
+
+@contextmanager
+def adapters_disabled(model):
+    """The reference policy: the model with its LoRA adapters switched off."""
+    from fasttune.models.decoder import CausalLM
+
+    if isinstance(model, CausalLM):
+        from fasttune.peft.lora import set_adapters_enabled
+
+        set_adapters_enabled(model, False)
+        try:
+            yield
+        finally:
+            set_adapters_enabled(model, True)
+    else:  # the transformers fallback: PEFT's own switch
+        with model.hf_model.disable_adapter():
+            yield
+
+
+def reference_problem(model) -> str | None:
+    """Why disabling the adapters would not give the base model back, or None when it does."""
+    settings = getattr(model, "lora_settings", None)
+    if settings is None:
+        return "this model has no LoRA adapters (full fine-tuning), so there is no base to fall back to"
+    from fasttune.models.decoder import CausalLM
+
+    if isinstance(model, CausalLM) and settings.modules_to_save:
+        return (f"modules_to_save={settings.modules_to_save} trains those layers in place, so disabling the adapters "
+                f"does not restore them")
+    return None
+
+
+def require_reference(model, method: str, remedy: str):
+    problem = reference_problem(model)
+    if problem is not None:
+        raise ConfigError(f"{method} compares the model with a reference, which fasttune takes to be the base with "
+                          f"the LoRA adapters disabled (no second copy of the weights); but {problem}. {remedy}")
