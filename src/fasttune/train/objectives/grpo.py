@@ -250,7 +250,7 @@ class GRPOTrainer(Trainer):
         old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
         adv = batch["advantages"]
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
-                                               batch.get("ref_logps"))
+                                               batch.get("ref_logps"), a.use_bias_correction_kl)
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
         with torch.no_grad():
             m = mask.float()

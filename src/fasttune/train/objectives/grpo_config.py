@@ -20,6 +20,7 @@ class GRPOConfig(SFTConfig):
     top_p: float = 1.0
     top_k: int = 0
     beta: float = 0.0  # KL to the reference (the base with adapters disabled); 0 = no KL and no reference pass
+    use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (DAPO suggests 0.28)
     loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
@@ -69,3 +70,7 @@ class GRPOConfig(SFTConfig):
                 raise ConfigError(f"reward_weights={self.reward_weights!r} is invalid: give one number per reward "
                                   f"function.")
             self.reward_weights = [float(w) for w in self.reward_weights]
+        if self.reward_funcs is not None:  # names fail here (CLI/YAML); callables are checked by the trainer
+            from fasttune.train.rewards import resolve_reward_funcs
+
+            resolve_reward_funcs(self.reward_funcs, self.max_completion_length)

@@ -48,8 +48,9 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
 
 
 def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
-                   epsilon_high: float, beta: float, ref_logps: torch.Tensor | None):
-    """-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * KL_k3, per token. Returns (loss, ratio, kl or None)."""
+                   epsilon_high: float, beta: float, ref_logps: torch.Tensor | None, bias_correction_kl: bool = True):
+    """-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * KL_k3, per token. Returns (loss, ratio, kl or None).
+    With bias_correction_kl the KL is weighted by the ratio r (DeepSeek-V3.2's unbiased reverse-KL gradient)."""
     adv = advantages[:, None]
     ratio = torch.exp(logps - old_logps)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
@@ -58,6 +59,8 @@ def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: tor
     if beta != 0.0:
         # k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0
         kl = torch.exp(ref_logps - logps) - (ref_logps - logps) - 1
+        if bias_correction_kl:
+            kl = kl * ratio
         loss = loss + beta * kl
     return loss, ratio, kl
 

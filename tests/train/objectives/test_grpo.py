@@ -1,0 +1,233 @@
+"""GRPO: TRL's GRPOTrainer (on a PEFT twin carrying our adapter) is the oracle for the advantages, the reference
+log-probs and the per-step loss and gradients; plus gradient-accumulation equivalence and data/config errors."""
+import pytest
+import torch
+from peft_oracle import peft_grads, randomize_lora_b
+from tiny import hf_model, save_hf
+
+from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer
+from fasttune.errors import ConfigError, DataError
+from fasttune.train.rewards import ExactMatch, RegexMatch
+
+trl = pytest.importorskip("trl")
+
+G = 4  # completions per prompt
+ROWS = [{"prompt": "add: 1+1", "answer": "ab"}, {"prompt": "x", "answer": "b"}]
+# Fixed completions (byte ids; 256 = <|endoftext|>, the stop token): different lengths, some hit the answer.
+COMPLETIONS = [[97, 98, 256], [97, 256], [98, 98, 98, 97, 256], [99, 100, 101, 102, 103],
+               [98, 256], [97, 98, 256], [98, 256], [120, 121, 256]]
+
+
+def count_a(prompts, completions, **_):
+    return [float(c.count("a")) for c in completions]
+
+
+def sometimes_none(prompts, completions, **_):
+    return [None if i % 3 == 0 else float(len(c)) for i, c in enumerate(completions)]
+
+
+REWARDS = [ExactMatch(), count_a, RegexMatch(r"^b+$")]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory, tiny_tokenizer):
+    folder = tmp_path_factory.mktemp("grpo") / "llama"
+    save_hf(hf_model("llama", seed=0), folder, tiny_tokenizer)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ours_and_adapter(tiny_dir, tmp_path_factory):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora_b(model)  # non-zero B: the adapter changes the logits and the reference differs from the policy
+    adapter = tmp_path_factory.mktemp("grpo_adapter") / "adapter"
+    model.save_pretrained(str(adapter))
+    return model, tok, adapter
+
+
+def _ours(model, tok, tmp_path, **cfg):
+    cfg = {"per_device_train_batch_size": len(COMPLETIONS), "gradient_accumulation_steps": 1,
+           "num_generations": G, "max_completion_length": 6, "max_steps": 1, "max_grad_norm": 0.0, **cfg}
+    return GRPOTrainer(model, reward_funcs=cfg.pop("reward_funcs", REWARDS), args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), shuffle=False, **cfg), train_dataset=ROWS, processing_class=tok)
+
+
+class FixedCompletionsTRL(trl.GRPOTrainer):
+    """TRL's trainer with its sampler replaced by our fixed completions (a subclass hook, no patching)."""
+
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return [list(c) for c in COMPLETIONS[:len(prompt_ids)]], None
+
+
+def _trl(adapter, tok, tmp_path, rewards=REWARDS, **cfg):
+    """TRL's trainer on the transformers twin of our model, carrying exactly our adapter weights.
+
+    The adapter is attached by TRL from a peft_config and then loaded with our weights: handed an already wrapped
+    PeftModel with beta > 0, TRL would take a frozen copy of the starting adapter as the reference, where fasttune
+    (and TRL for an adapter it creates) uses the base with adapters disabled. For a fresh adapter both agree."""
+    from datasets import Dataset
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(COMPLETIONS),
+                          gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
+                          report_to="none", bf16=False, **cfg)
+    lora = LoraConfig.from_pretrained(str(adapter))
+    lora.inference_mode = False  # saved adapters load frozen
+    tr = FixedCompletionsTRL(model=hf_model("llama", seed=0), reward_funcs=list(rewards), args=args,
+                             train_dataset=Dataset.from_list(ROWS), processing_class=tok, peft_config=lora)
+    missing = set_peft_model_state_dict(tr.model, load_file(str(adapter / "adapter_model.safetensors")))
+    assert not missing.unexpected_keys
+    tr.current_gradient_accumulation_steps = 1  # set by transformers' training loop; we call the loss directly
+    inputs = [row for row in ROWS for _ in range(G)]
+    return tr, tr._generate_and_score_completions(inputs)
+
+
+def _our_batch(trainer):
+    examples = [trainer.train_examples[i] for i in range(len(COMPLETIONS))]
+    return trainer.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
+
+
+@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
+def test_advantages_match_trl(ours_and_adapter, tmp_path, scale_rewards):
+    model, tok, adapter = ours_and_adapter
+    rewards = [*REWARDS, sometimes_none]
+    ours = _ours(model, tok, tmp_path, scale_rewards=scale_rewards, reward_funcs=rewards, reward_weights=[1, .5, 2, .1])
+    tr, want = _trl(adapter, tok, tmp_path, rewards, scale_rewards=scale_rewards, reward_weights=[1, .5, 2, .1])
+    got = _our_batch(ours)
+    assert got["advantages"].abs().sum() > 0
+    torch.testing.assert_close(got["advantages"], want["advantages"], rtol=1e-6, atol=1e-6)
+    # the same prompt tokens (left-padded) and completion masks as TRL builds them
+    width = want["prompt_ids"].shape[1]
+    torch.testing.assert_close(got["input_ids"][:, :width], want["prompt_ids"])
+    torch.testing.assert_close(got["completion_mask"], want["completion_mask"])
+    mine = ours._metrics
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "rewards/count_a/mean", "rewards/exact_match/std"):
+        assert mine[name][-1] == pytest.approx(tr._metrics["train"][name][-1], rel=1e-6, abs=1e-7), name
+
+
+@pytest.mark.parametrize("beta,bias_correction", [(0.0, True), (0.1, True), (0.1, False)])
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "bnpo", "dr_grpo"])
+def test_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, beta, bias_correction):
+    model, tok, adapter = ours_and_adapter
+    cfg = dict(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28, temperature=0.8,
+               use_bias_correction_kl=bias_correction)
+    ours = _ours(model, tok, tmp_path, **cfg)
+    tr, inputs = _trl(adapter, tok, tmp_path, **cfg)
+    batch = _our_batch(ours)
+    mask = inputs["completion_mask"].bool()
+    if beta:  # reference = adapters disabled, computed at sampling time on both sides
+        torch.testing.assert_close(batch["ref_logps"][mask], inputs["ref_per_token_logps"][mask], rtol=1e-5,
+                                   atol=1e-5)
+        assert not torch.allclose(batch["ref_logps"][mask], _policy_logps(ours, batch)[mask], atol=1e-3)
+    # Old log-probs away from the current ones, so the ratios leave [1 - eps, 1 + eps] and clipping acts.
+    old = _policy_logps(ours, batch) + 0.4 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
+    batch["old_logps"] = inputs["old_per_token_logps"] = old * mask
+    num_items = int(mask.sum())
+
+    model.zero_grad(set_to_none=True)
+    loss, _ = ours.micro_batch_loss(batch, num_items)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    want_loss = tr._compute_loss(tr.model, inputs)
+    want_loss.backward()
+    want = peft_grads(tr.model)
+
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7)
+    assert set(got) == set(want) and len(got) > 0
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert ours._ratios["clip_ratio/region_mean"][0] > 0  # clipping happened
+    m = tr._metrics["train"]
+    for name in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"] + (["kl"] if beta else []):
+        s, n = ours._ratios[name]
+        assert s / n == pytest.approx(m[name][-1], rel=1e-5, abs=1e-7), name
+
+
+def _policy_logps(trainer, batch):
+    with torch.no_grad():
+        return trainer.completion_logps(batch["input_ids"], batch["attention_mask"], batch["completion_mask"].shape[1])
+
+
+class FixedCompletions(GRPOTrainer):
+    """Our trainer with its sampler replaced by the fixed completions (for equivalence tests)."""
+
+    def sample(self, examples, seed):
+        by_prompt = {}
+        out = []
+        for ex in examples:
+            i = by_prompt.setdefault(ex["prompt"], 0)
+            by_prompt[ex["prompt"]] += 1
+            out.append(COMPLETIONS[(0 if ex["prompt"] == ROWS[0]["prompt"] else G) + i])
+        return out, [256 not in c for c in out]
+
+
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
+def test_grad_accumulation_equivalence(tiny_dir, tmp_path, loss_type):
+    """bs 4 x GA 1 == bs 1 x GA 4 (two groups of 2 completions per step): same step loss, grad norm and update.
+    (bnpo normalises each micro-batch by its own tokens, as TRL does, so it is left out.)"""
+    runs = []
+    for bs, ga in ((4, 1), (1, 4)):
+        model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+        randomize_lora_b(model)
+        args = GRPOConfig(output_dir=str(tmp_path / f"{bs}x{ga}"), per_device_train_batch_size=bs,
+                          gradient_accumulation_steps=ga, num_generations=2, max_completion_length=6, max_steps=2,
+                          loss_type=loss_type, beta=0.05, learning_rate=1e-2, shuffle=False, max_grad_norm=0.0)
+        tr = FixedCompletions(model, reward_funcs=REWARDS, args=args, train_dataset=ROWS, processing_class=tok)
+        tr.train()
+        params = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        runs.append(([(h["loss"], h["grad_norm"], h["reward"]) for h in tr.log_history], params))
+    (hist_a, params_a), (hist_b, params_b) = runs
+    assert hist_a[0][1] > 0
+    for a, b in zip(hist_a, hist_b):  # the policy loss nearly cancels at ratio 1: compare it absolutely
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6)
+    for n in params_a:  # Adam divides tiny gradients by their own size: rounding shows at ~1e-5 of a 1e-2 step
+        torch.testing.assert_close(params_a[n], params_b[n], rtol=1e-4, atol=2e-5)
+
+
+def test_trains_and_logs_trl_metrics(tiny_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                      num_generations=4, max_completion_length=5, max_steps=2, beta=0.1, num_iterations=2,
+                      reward_funcs=["exact_match", "regex:^a", "length"])
+    tr = GRPOTrainer(model, args=args, train_dataset=ROWS, processing_class=tok)
+    tr.train()
+    first, second = tr.log_history
+    for key in ("loss", "reward", "reward_std", "rewards/exact_match/mean", "rewards/regex:^a/mean",
+                "rewards/length/mean", "completions/mean_length", "kl", "clip_ratio/region_mean",
+                "frac_reward_zero_std"):
+        assert key in first, key
+    assert 1 <= first["completions/mean_length"] <= 5
+    # num_iterations=2: step 2 reuses step 1's completions (no new rollout metrics, as in TRL), with old log-probs
+    assert "reward" not in second and "kl" in second and "clip_ratio/region_mean" in second
+
+
+def test_errors_name_the_field(tiny_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    args = dict(output_dir=str(tmp_path / "e"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                num_generations=4, max_completion_length=4)
+    with pytest.raises(DataError, match=r"Row 1 .*'prompt'"):
+        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**args), train_dataset=[ROWS[0], {"q": "x"}],
+                    processing_class=tok)
+    with pytest.raises(DataError, match=r"Row 0 .*'answer'.*exact_match"):
+        GRPOTrainer(model, reward_funcs=["exact_match"], args=GRPOConfig(**args), train_dataset=[{"prompt": "x"}],
+                    processing_class=tok)
+    with pytest.raises(ConfigError, match="multiple of num_generations"):
+        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**{**args, "per_device_train_batch_size": 3}),
+                    train_dataset=ROWS, processing_class=tok)
+    with pytest.raises(ConfigError, match="beta > 0 .*no adapters"):
+        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**args, beta=0.1), train_dataset=ROWS,
+                    processing_class=tok)
+    with pytest.raises(ConfigError, match="loss_type"):
+        GRPOConfig(**args, loss_type="ppo")
+    with pytest.raises(ConfigError, match="reward_weights"):
+        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**args, reward_weights=[1, 2]),
+                    train_dataset=ROWS, processing_class=tok)
+    lora = FastLanguageModel.get_peft_model(model, r=2, lora_alpha=2)
+    bad = GRPOTrainer(lora, reward_funcs=[lambda prompts, completions, **_: [1.0]], args=GRPOConfig(**args),
+                      train_dataset=ROWS, processing_class=tok)
+    with pytest.raises(ConfigError, match="returned 1 rewards for 4 completions"):
+        bad.train()
