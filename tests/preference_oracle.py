@@ -1,0 +1,71 @@
+"""TRL 1.16 as the oracle for DPO / ORPO / KTO: our LoRA model and its transformers+PEFT twin with the same
+adapter (LoRA B randomised, so the policy differs from the reference), and one step's loss and gradients."""
+import torch
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+
+from fasttune import FastLanguageModel
+
+WORDS = ["alpha", "beta", "gamma", "delta", "epsilon"]
+
+
+def pair_rows(n=8):
+    # Different lengths, so that batches carry padding.
+    return [{"prompt": f"Q{i}: {WORDS[i % 5]}?", "chosen": " yes " + "ok " * (1 + i % 3),
+             "rejected": " no" + "!" * (1 + (i * 2) % 5)} for i in range(n)]
+
+
+def unpaired_rows(n=8):
+    return [{"prompt": f"Q{i}: {WORDS[i % 5]}?", "completion": " " + "so " * (1 + i % 4), "label": i % 3 != 1}
+            for i in range(n)]
+
+
+def lora_pair(folder, tmp_path):
+    """(our model, tokenizer, PEFT twin) with one adapter; LoRA B random so the adapter is not the identity."""
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "init")
+    return model, tok, peft_twin("llama", tmp_path / "init").train()
+
+
+def our_step(trainer, n=4):
+    """Loss and gradients of the trainer's objective on its first n examples as one micro-batch."""
+    model = trainer.model
+    model.train()
+    model.zero_grad(set_to_none=True)
+    batch = trainer._to_device(trainer.collate_batch(trainer.train_examples[:n]))
+    trainer.prepare_step([batch])
+    loss, _ = trainer.micro_batch_loss(batch, trainer.count_items(batch))
+    loss.backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def trl_step(trl_trainer, twin, batch):
+    if "ref" in twin.peft_config:
+        # TRL copies a given adapter as the reference ("ref"); fasttune's reference is the base with the adapters
+        # disabled, which TRL uses when there is no "ref" adapter.
+        twin.delete_adapter("ref")
+    twin.zero_grad(set_to_none=True)
+    loss = trl_trainer.compute_loss(twin, batch)
+    loss.backward()
+    return loss.detach(), peft_grads(twin)
+
+
+def trl_args(cls, tmp_path, **kw):
+    return cls(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, use_cpu=True, report_to=[], bf16=False,
+               save_strategy="no", **kw)
+
+
+def assert_same_step(ours, theirs):
+    (loss, grads), (ref_loss, ref_grads) = ours, theirs
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-7)
+    assert grads and set(grads) == set(ref_grads)
+    for k in grads:
+        torch.testing.assert_close(grads[k], ref_grads[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
+def first_logged_loss(trainer) -> float:
+    trainer.train()
+    return trainer.log_history[0]["loss"]

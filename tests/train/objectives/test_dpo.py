@@ -1,0 +1,96 @@
+"""DPO against TRL 1.16's DPOTrainer (loss and gradients on one batch), gradient accumulation, reference options."""
+import pytest
+import torch
+from preference_oracle import assert_same_step, first_logged_loss, lora_pair, our_step, pair_rows, trl_args, trl_step
+
+from fasttune import DPOConfig, DPOTrainer, FastLanguageModel
+from fasttune.errors import ConfigError
+
+
+def _args(tmp_path, **kw):
+    kw = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 1, "shuffle": False,
+          "learning_rate": 1e-2, **kw}
+    return DPOConfig(output_dir=str(tmp_path / "out"), **kw)
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
+def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
+    import trl
+    from datasets import Dataset
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    rows = pair_rows(4)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, loss_type=loss_type,
+                                                                                  beta=0.5))
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, loss_type=[loss_type]),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    assert [[ex[k] for k in keys] for ex in ours.train_examples] == [[ex[k] for k in keys] for ex in theirs.train_dataset]
+    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    assert_same_step(our_step(ours), ref)
+    assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(ours.log_history[0])
+
+
+def _trained(folder, tmp_path, bs, ga, **kw):
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    args = _args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                 max_steps=2, shuffle=True, **kw)
+    trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(8), args=args)
+    trainer.train()
+    return trainer, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
+    folder = tiny_model_dir("llama")
+    ta, a = _trained(folder, tmp_path, 4, 1)
+    tb, b = _trained(folder, tmp_path, 1, 4)
+    la, lb = ([h["loss"] for h in t.log_history] for t in (ta, tb))
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
+    assert la[1] != la[0]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_precomputed_reference_equals_reference_pass(tiny_model_dir, tmp_path):
+    model, tok, _ = lora_pair(tiny_model_dir("llama"), tmp_path)
+    live = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(4), args=_args(tmp_path))
+    pre = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(4),
+                     args=_args(tmp_path, precompute_ref_log_probs=True))
+    assert "ref_chosen_logps" in pre.train_examples[0]
+    rows = [{**r, "ref_chosen_logps": ex["ref_chosen_logps"], "ref_rejected_logps": ex["ref_rejected_logps"]}
+            for r, ex in zip(pair_rows(4), pre.train_examples)]
+    given = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path))
+    want = our_step(live)
+    for t in (pre, given):
+        (loss, grads) = our_step(t)
+        torch.testing.assert_close(loss, want[0], rtol=1e-6, atol=0)
+        for k in grads:
+            torch.testing.assert_close(grads[k], want[1][k], rtol=1e-5, atol=1e-8)
+
+
+def test_eval_loss_is_the_objective(tiny_model_dir, tmp_path):
+    model, tok, _ = lora_pair(tiny_model_dir("llama"), tmp_path)
+    trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(4), eval_dataset=pair_rows(4),
+                         args=_args(tmp_path, per_device_eval_batch_size=4))
+    loss, _ = our_step(trainer)
+    metrics = trainer.evaluate()
+    assert metrics["eval_loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert "eval_rewards/accuracies" in metrics
+
+
+def test_full_finetuning_needs_reference_log_probs(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
+    with pytest.raises(ConfigError, match="precompute_ref_log_probs"):
+        DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(2), args=_args(tmp_path))
+    trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(2),
+                         args=_args(tmp_path, precompute_ref_log_probs=True))
+    assert our_step(trainer, 2)[0] == pytest.approx(0.6931472, rel=1e-5)  # policy == reference before training
+
+
+@pytest.mark.parametrize("kw, match", [({"beta": 0}, "beta"), ({"loss_type": "kto"}, "loss_type"),
+                                       ({"max_prompt_length": 0}, "max_prompt_length")])
+def test_bad_config(kw, match, tmp_path):
+    with pytest.raises(ConfigError, match=match):
+        _args(tmp_path, **kw)
