@@ -218,7 +218,7 @@ def test_errors_name_the_field(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**{**args, "per_device_train_batch_size": 3}),
                     train_dataset=ROWS, processing_class=tok)
-    with pytest.raises(ConfigError, match="beta > 0 .*no adapters"):
+    with pytest.raises(ConfigError, match="beta > 0 .*no LoRA adapters"):
         GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**args, beta=0.1), train_dataset=ROWS,
                     processing_class=tok)
     with pytest.raises(ConfigError, match="loss_type"):

@@ -8,24 +8,22 @@ micro-batches (`_step_batches`) and the loss of one (`micro_batch_loss`). The ma
 from __future__ import annotations
 
 import math
-import sys
 from collections import defaultdict
-from contextlib import contextmanager
 
 import torch
 
-from fasttune.data.sources import load_rows, source_name
 from fasttune.data.formats import require_text, row_label, validate_messages
+from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.kernels.token_logprobs import token_logprobs
 from fasttune.train.loop import Trainer
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
-from fasttune.train.rewards import completion_text, resolve_reward_funcs, reward_name
+from fasttune.train.objectives.reference import adapters_disabled, require_reference
+from fasttune.train.rewards import resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
-IGNORE_INDEX = -100
 
 
 class GRPOTrainer(Trainer):
@@ -62,7 +60,7 @@ class GRPOTrainer(Trainer):
                 f"{completions_per_step} completions, which must hold whole groups of num_generations="
                 f"{a.num_generations}. Make that product a multiple of num_generations (as in TRL).")
         if a.beta != 0.0:
-            self._check_reference()
+            require_reference(self.model, "GRPO with beta > 0", "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
@@ -132,15 +130,12 @@ class GRPOTrainer(Trainer):
     def _pack(self, examples):
         raise ConfigError("packing does not apply to GRPO; set packing=False.")
 
-    def _resolve_auto_checkpointing(self):
-        if getattr(self.model, "gradient_checkpointing", None) != "auto":
-            return
-        from fasttune.train.memory_policy import choose_checkpointing
+    def example_tokens(self, example: dict) -> int:
+        return len(example["prompt_ids"]) + self.args.max_completion_length
 
-        longest = max(len(ex["prompt_ids"]) for ex in self.train_examples) + self.args.max_completion_length
-        mode, why = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
-        self.model.gradient_checkpointing = mode
-        print(f"fasttune: {why}", file=sys.stderr)
+    def count_items(self, batch: dict) -> int:
+        """Completion tokens: the normaliser of token-level losses (dapo) over the whole accumulated batch."""
+        return int(batch["completion_mask"].sum())
 
     # --- sampling and scoring, once per optimizer step ---------------------------------------------------------
     def _step_batches(self, start_epoch: int, start_micro: int):
@@ -228,11 +223,8 @@ class GRPOTrainer(Trainer):
             comp_mask[r, :len(c)] = int(keep)
         input_ids = torch.cat([prompt_ids, comp], dim=1)
         attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
-        # Completion tokens as labels: what the core counts to normalise token-level losses over the whole step.
-        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), comp.masked_fill(comp_mask == 0, IGNORE_INDEX)],
-                           dim=1)
-        b = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
-             "completion_mask": comp_mask, "advantages": advantages.float()}
+        b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
+             "advantages": advantages.float()}
         dev = self.model.device
         if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
             b["old_logps"] = self.completion_logps(input_ids.to(dev), attention_mask.to(dev), width).cpu()
@@ -280,19 +272,6 @@ class GRPOTrainer(Trainer):
         logps = (logits.float() / temp).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
         return logps.masked_fill(~mask, 0.0)
 
-    def _check_reference(self):
-        settings = getattr(self.model, "lora_settings", None)
-        if settings is None:
-            raise ConfigError("beta > 0 needs a reference model; fasttune uses the base with the LoRA adapters "
-                              "disabled (no second copy of the weights), but this model has no adapters (full "
-                              "fine-tuning). Add LoRA with get_peft_model, or set beta=0.")
-        from fasttune.models.decoder import CausalLM
-
-        if isinstance(self.model, CausalLM) and settings.modules_to_save:
-            raise ConfigError(f"beta > 0 with modules_to_save={settings.modules_to_save}: those layers are trained in "
-                              f"place, so disabling the adapters does not give the base model back. Drop "
-                              f"modules_to_save or set beta=0.")
-
     # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
     def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):
         rec = self._metrics
@@ -312,28 +291,10 @@ class GRPOTrainer(Trainer):
         self._ratios[name][0] += s
         self._ratios[name][1] += n
 
-    def _log(self, entry: dict, path):
-        if "loss" in entry:
-            entry.update({k: sum(v) / len(v) for k, v in self._metrics.items() if v})
-            entry.update({k: s / n if n else 0.0 for k, (s, n) in self._ratios.items()})
-            self._metrics.clear()
-            self._ratios.clear()
-        super()._log(entry, path)
+    def log_metrics(self) -> dict:
+        out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        out.update({k: s / n if n else 0.0 for k, (s, n) in self._ratios.items()})
+        self._metrics.clear()
+        self._ratios.clear()
+        return out
 
-
-@contextmanager
-def adapters_disabled(model):
-    """The reference policy: the same weights with the LoRA adapters switched off (no second copy)."""
-    from fasttune.models.decoder import CausalLM
-
-    if isinstance(model, CausalLM):
-        from fasttune.peft.lora import set_adapters_enabled
-
-        set_adapters_enabled(model, False)
-        try:
-            yield
-        finally:
-            set_adapters_enabled(model, True)
-    else:  # the transformers fallback: PEFT's own switch
-        with model.hf_model.disable_adapter():
-            yield
