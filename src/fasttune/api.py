@@ -47,9 +47,7 @@ class FastLanguageModel:
         for k in kwargs:
             if k not in _IGNORED_KWARGS:
                 raise ConfigError(f"from_pretrained got an unknown argument '{k}'.")
-        if load_in_4bit or load_in_8bit:
-            raise ConfigError("load_in_4bit / load_in_8bit are not available in this version of fasttune yet; load "
-                              "the model in 16 bits (load_in_4bit=False) and use LoRA.")
+        quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning)
         if not model_name:
             from fasttune.defaults import default_model_path
 
@@ -61,8 +59,8 @@ class FastLanguageModel:
         dtype = resolve_dtype(dtype, device)
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
-            return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast)
-        model, hf_config = load_model(path, dtype, device, fast=fast)
+            return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant)
+        model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
         tokenizer = load_tokenizer(path, required=False)
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         if full_finetuning:
@@ -132,7 +130,17 @@ def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int)
     model.eval()
 
 
-def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning, fast=True):
+def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool) -> str | None:
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one.")
+    quant = "nf4" if load_in_4bit else "int8" if load_in_8bit else None
+    if quant and full_finetuning:
+        raise ConfigError("full_finetuning=True needs 16-bit weights (quantised weights are frozen); drop "
+                          "load_in_4bit / load_in_8bit, or train LoRA adapters on the quantised model.")
+    return quant
+
+
+def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning, fast=True, quant=None):
     cfg = read_adapter_config(folder)
     base = cfg.get("base_model_name_or_path")
     if not base:
@@ -141,7 +149,8 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
     if full_finetuning:
         warnings.warn("full_finetuning is ignored when loading an adapter; the adapter's trainable set is restored.")
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
-                                                         device=device, fast=fast)
+                                                         device=device, fast=fast, load_in_4bit=quant == "nf4",
+                                                         load_in_8bit=quant == "int8")
     tokenizer = attach_adapter(model, tokenizer, folder)
     set_gradient_checkpointing(model, "auto")
     return model, tokenizer

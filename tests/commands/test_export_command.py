@@ -70,7 +70,7 @@ def test_export_merged_and_back_from_gguf(adapter_dir, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--format", "gguf", "--quantization", "q4_k_m"], "q4_k_m"),
-    (["--format", "merged", "--quantization", "q8_0"], "--format gguf only"),
+    (["--format", "merged", "--quantization", "q8_0"], "does not apply to --format merged"),
     (["--format", "gguf", "--adapter", "nowhere"], "adapter_config.json"),
 ])
 def test_export_user_errors(args, match, adapter_dir, tmp_path, capsys):

@@ -2,6 +2,7 @@
 
     fasttune export --adapter out/adapter --format gguf --quantization q8_0 --output model.gguf
     fasttune export --adapter out/adapter --format merged --output merged/
+    fasttune export --adapter out/adapter --format merged --quantization nf4 --output merged-4bit/   # bnb-4bit
     fasttune export --model model.gguf --format merged --output merged/      # GGUF -> transformers
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ def register(subparsers):
     p.add_argument("--format", required=True, choices=FORMATS, help="merged: transformers safetensors folder; "
                                                                      "gguf: llama.cpp / Ollama file")
     p.add_argument("--quantization", default=None,
-                   help="GGUF only: f32 | f16 | bf16 | q8_0 (default) | q4_0")
+                   help="GGUF: f32 | f16 | bf16 | q8_0 (default) | q4_0; merged: nf4 writes a bitsandbytes "
+                        "4-bit checkpoint (default: the model's 16/32-bit weights)")
     p.add_argument("--output", required=True, help="merged: a folder; gguf: a .gguf path or a folder")
     p.set_defaults(func=cmd_export)
 
@@ -30,13 +32,14 @@ def cmd_export(ns) -> int:
 
     if not ns.model and not ns.adapter:
         raise ConfigError("fasttune export needs --adapter DIR (a trained adapter) or --model PATH.")
-    if ns.format == "merged" and ns.quantization:
-        raise ConfigError("--quantization applies to --format gguf only; a merged checkpoint keeps the model's "
-                          "16/32-bit weights (pick them with --dtype).")
+    if ns.format == "merged" and ns.quantization not in (None, "nf4"):
+        raise ConfigError(f"--quantization {ns.quantization} does not apply to --format merged: use nf4 (a "
+                          f"bitsandbytes 4-bit checkpoint) or leave it out for 16/32-bit weights (see --dtype).")
     quant = resolve_quantization(ns.quantization or "q8_0") if ns.format == "gguf" else None  # fail before loading
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype, need_tokenizer=ns.format == "gguf")
     if ns.format == "merged":
-        out = model.save_pretrained_merged(ns.output, tok, save_method="merged_16bit")
+        method = "merged_4bit" if ns.quantization == "nf4" else "merged_16bit"
+        out = model.save_pretrained_merged(ns.output, tok, save_method=method)
         print(f"fasttune: wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
         return 0
     out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quant)

@@ -2,6 +2,7 @@
 adapter alone (save_method="lora"). Written into a temporary folder and renamed into place when complete."""
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import torch
@@ -11,15 +12,36 @@ from fasttune.errors import ConfigError
 from fasttune.peft.adapter_io import save_adapter
 from fasttune.peft.lora import LoraLinear
 
-SAVE_METHODS = ("merged_16bit", "lora")
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+# transformers' BitsAndBytesConfig for what merged_4bit writes (NF4, double-quantised, blocksize 64).
+BNB_4BIT_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
+                   "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "uint8",
+                   "llm_int8_skip_modules": None, "llm_int8_threshold": 6.0, "llm_int8_has_fp16_weight": False,
+                   "llm_int8_enable_fp32_cpu_offload": False}
 MAX_SHARD_BYTES = 5 * 1024**3
 
 
+def _plain_tensors(model):
+    """model.state_dict() with quantised (NF4 / int8) layers dequantised to fp32 under their plain names."""
+    from fasttune.quant.linear import QuantLinear
+
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, t in model.state_dict().items():
+        owner = next((n for n in quant if name.startswith(n + ".")), None)
+        if owner is None:
+            yield name, t
+        elif name == f"{owner}.weight":
+            yield name, quant[owner].dequantized_weight(torch.float32)
+        elif name == f"{owner}.bias":
+            yield name, t
+
+
 def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF-named tensors with each LoRA delta folded into its base weight (merged in fp32, then cast)."""
+    """HF-named tensors with each LoRA delta folded into its base weight (merged in fp32, then cast). Quantised
+    base weights are dequantised first, so a QLoRA model exports as a 16-bit checkpoint."""
     out = {}
     lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
-    for name, t in model.state_dict().items():
+    for name, t in _plain_tensors(model):
         owner = next((n for n in lora if name.startswith(n + ".")), None)
         if owner is not None:
             rest = name[len(owner) + 1:]
@@ -31,6 +53,23 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
         out[name] = t.detach().to(dtype).contiguous().cpu()
+    return out
+
+
+def _nf4_linears(model, tensors: dict) -> dict:
+    """The decoder's Linear weights (merged) re-quantised to NF4 in bitsandbytes' keys; lm_head, embeddings and
+    norms stay 16-bit, as transformers + bitsandbytes keep them."""
+    from fasttune.quant.linear import QuantLinear
+    from fasttune.quant.nf4 import quantize_nf4, state_to_tensors
+
+    linears = {n.removesuffix(".base_layer") for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n}
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(".weight") and name[:-len(".weight")] in linears:
+            out.update({k: v.contiguous() for k, v in state_to_tensors(quantize_nf4(t), name).items()})
+        else:
+            out[name] = t
     return out
 
 
@@ -72,8 +111,14 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
         return folder
     dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models
     with atomic_folder(folder, "the merged model") as tmp:
-        _write_shards(merged_state_dict(model, dtype), tmp)
-        hf_config = model.hf_config
+        tensors = merged_state_dict(model, dtype)
+        hf_config = copy.deepcopy(model.hf_config)
+        if hasattr(hf_config, "quantization_config"):
+            del hf_config.quantization_config  # a QLoRA base: the merged weights are plain unless asked below
+        if save_method == "merged_4bit":
+            tensors = _nf4_linears(model, tensors)
+            hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:])
+        _write_shards(tensors, tmp)
         hf_config.tie_word_embeddings = model.config.tie_embeddings
         hf_config.torch_dtype = str(dtype).removeprefix("torch.")
         hf_config.save_pretrained(tmp)

@@ -66,11 +66,14 @@ class FallbackConfig:
 
 
 def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, forced: bool, hf_config=None,
-                  gguf_file: str | None = None) -> "FallbackModel":
-    """AutoModelForCausalLM from local files only (no remote code), frozen, in `dtype` on `device`."""
+                  gguf_file: str | None = None, quant: str | None = None) -> "FallbackModel":
+    """AutoModelForCausalLM from local files only (no remote code), frozen, in `dtype` on `device`; quant="nf4" /
+    "int8" quantises through transformers' bitsandbytes integration."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
+    if quant is not None:
+        kwargs.update(quantization_config=_bnb_config(quant, dtype, model_type), device_map={"": str(device)})
     if gguf_file is not None:
         kwargs["gguf_file"] = gguf_file
     elif hf_config is not None:
@@ -88,7 +91,20 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
     warnings.warn(f"Architecture '{model_type}': {why}, so it is loaded through transformers + PEFT and trains at "
                   f"standard speed (same results, none of fasttune's speed-ups).", FallbackWarning, stacklevel=4)
     hf_model.requires_grad_(False)
-    return FallbackModel(hf_model.to(device).eval(), dtype)
+    return FallbackModel((hf_model if quant else hf_model.to(device)).eval(), dtype)
+
+
+def _bnb_config(quant: str, dtype: torch.dtype, model_type: str):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError:
+        raise ConfigError(f"'{model_type}' runs through transformers, whose 4/8-bit loading needs bitsandbytes: "
+                          f"`pip install bitsandbytes`, or load it in 16 bits.") from None
+    if quant == "nf4":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
 
 
 class FallbackModel(nn.Module):

@@ -104,15 +104,31 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
         module._buffers[attr] = tensor
 
 
-def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: str) -> CausalLM:
-    """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between)."""
+def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None
+                ) -> CausalLM:
+    """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between).
+
+    quant="nf4"/"int8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
+    memory stays near the quantised size. Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit")
+    load as they are, or are dequantised when quant is None."""
+    from fasttune.quant.prequantized import PendingQuantized
+
     with torch.device("meta"):
         model = CausalLM(cfg)
     expected = dict(model.state_dict(keep_vars=True))
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    pending = PendingQuantized(linears, source)
     seen = set()
     for name, t in tensors:
-        if name.startswith("model.") is False and f"model.{name}" in expected:
+        if not name.startswith("model.") and (f"model.{name}" in expected or pending.claims(f"model.{name}")):
             name = f"model.{name}"  # bare decoder checkpoints (no `model.` prefix)
+        taken, done = pending.add(name, t)
+        if done is not None:
+            module_name, state = done
+            _install_weight(model, module_name, state.to(device), dtype, quant)
+            seen.add(f"{module_name}.weight")
+        if taken:
+            continue
         if name not in expected:
             if not name.endswith(_IGNORED_KEYS):
                 warnings.warn(f"{source}: ignoring unexpected tensor '{name}'.")
@@ -120,8 +136,15 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: s
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ModelLoadError(f"{source}: tensor '{name}' has shape {tuple(t.shape)} but the config implies "
                                  f"{tuple(expected[name].shape)}. The checkpoint and config.json do not match.")
-        assign_tensor(model, name, t.to(device=device, dtype=dtype))
+        module_name, _, attr = name.rpartition(".")
+        if quant is not None and module_name in linears and attr == "weight":
+            from fasttune.quant.linear import quantize
+
+            _install_weight(model, module_name, quantize(t.to(device=device, dtype=dtype), quant), dtype, quant)
+        else:
+            assign_tensor(model, name, t.to(device=device, dtype=dtype))
         seen.add(name)
+    pending.check_complete()
     if cfg.tie_embeddings:
         seen.add("lm_head.weight")
     elif "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:
@@ -137,25 +160,52 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: s
     return model
 
 
-def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True):
+def _install_weight(model: nn.Module, module_name: str, state, dtype: torch.dtype, quant: str | None):
+    """Put a quantised weight (NF4State / Int8State) into `module_name`: as a QuantLinear when quantising,
+    dequantised into the plain Linear otherwise. A bias loaded earlier moves along."""
+    from fasttune.quant.linear import QuantLinear, quantize
+
+    parent_name, _, attr = module_name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    old = getattr(parent, attr)
+    if quant is None:
+        assign_tensor(model, f"{module_name}.weight", _dequantize(state, dtype))
+        return
+    if type(state).__name__ != {"nf4": "NF4State", "int8": "Int8State"}[quant]:
+        state = quantize(_dequantize(state, dtype), quant)  # a bnb-8bit checkpoint asked for in 4 bits, or back
+    bias = old.bias if old.bias is not None and not old.bias.is_meta else None
+    layer = QuantLinear(state, bias, dtype)
+    if old.bias is not None and bias is None:
+        layer.register_parameter("bias", nn.Parameter(torch.empty_like(old.bias, device="meta"), requires_grad=False))
+    setattr(parent, attr, layer)
+
+
+def _dequantize(state, dtype: torch.dtype) -> torch.Tensor:
+    from fasttune.quant.linear import QuantLinear
+
+    return QuantLinear(state, None, dtype).dequantized_weight()
+
+
+def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
     """Returns (model, transformers config). `path` is a resolved folder or .gguf file. Architectures outside our
     decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
-        return _load_gguf(path, dtype, device, fast)
+        return _load_gguf(path, dtype, device, fast, quant)
     hf_config = load_hf_config(path)
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 
-        model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config)
+        model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config,
+                              quant=quant)
         return model, model.hf_config
     cfg = ModelConfig.from_hf(hf_config)
-    model = build_model(cfg, _iter_tensors(_weight_files(path)), dtype, device, str(path))
+    model = build_model(cfg, _iter_tensors(_weight_files(path)), dtype, device, str(path), quant)
     return model, hf_config
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True):
+def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
@@ -168,7 +218,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True):
     if not fast or model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 
-        model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name)
+        model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name,
+                              quant=quant)
         return model, model.hf_config
     hf_config = AutoConfig.for_model(model_type, **cfg_dict)
     cfg = ModelConfig.from_hf(hf_config)
@@ -176,7 +227,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True):
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
-    model = build_model(cfg, parsed["tensors"].items(), dtype, device, str(path))
+    model = build_model(cfg, parsed["tensors"].items(), dtype, device, str(path), quant)
     return model, hf_config
 
 

@@ -45,11 +45,11 @@ class LoraSettings:
 
 
 class LoraLinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float):
+    def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float):
         super().__init__()
-        self.base_layer = base
+        self.base_layer = base  # nn.Linear, or a QuantLinear (NF4 / int8 storage)
         self.r, self.scaling = r, scaling
-        device = base.weight.device
+        device = next(base.buffers()).device if is_quantized(base) else base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=device, dtype=torch.float32))
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -77,6 +77,12 @@ class LoraLinear(nn.Module):
         return torch.addmm(out.flatten(0, -2), xa, b.t(), alpha=self.scaling).view(out.shape)
 
 
+def is_quantized(module: nn.Module) -> bool:
+    from fasttune.quant.linear import QuantLinear
+
+    return isinstance(module, QuantLinear)
+
+
 def validate_settings(s: LoraSettings) -> LoraSettings:
     if not isinstance(s.r, int) or s.r <= 0:
         raise ConfigError(f"LoRA rank r={s.r!r} is invalid: use a positive integer such as 8, 16 or 64.")
@@ -94,7 +100,7 @@ def validate_settings(s: LoraSettings) -> LoraSettings:
 
 def _resolve_targets(model: nn.Module, targets) -> list[str]:
     """Names of the Linear layers to wrap. `targets`: list of suffixes, a regex string, or 'all-linear'."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"]
+    linears = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_quantized(m)) and n != "lm_head"]
     if targets == "all-linear":
         return linears
     if isinstance(targets, str):

@@ -1,0 +1,114 @@
+"""QuantLinear: a frozen Linear whose weight lives in NF4 or int8 (bitsandbytes layouts). Forward and backward
+dequantise the weight into a temporary and multiply in the compute dtype; nothing weight-sized is kept for
+backward (autograd of a plain dequantise + matmul would save the 16-bit weight of every layer).
+
+`state_dict()` writes bitsandbytes' keys, so a model saved with quantised layers loads in transformers +
+bitsandbytes as a "bnb-4bit" / "bnb-8bit" checkpoint, and such checkpoints load here.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from fasttune.quant import int8, nf4
+
+QUANT_TYPES = ("nf4", "int8")
+
+
+class _DequantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return x @ layer.dequantized_weight(x.dtype).t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
+
+
+class QuantLinear(nn.Module):
+    def __init__(self, state, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
+        super().__init__()
+        self.compute_dtype = compute_dtype or state.dtype  # what `.weight` dequantises to
+        self.quant_type = "nf4" if isinstance(state, nf4.NF4State) else "int8"
+        self.out_features, self.in_features = state.shape
+        self.orig_dtype = state.dtype
+        if self.quant_type == "nf4":
+            self.blocksize, self.nested_blocksize, self.offset = state.blocksize, state.nested_blocksize, state.offset
+            self.register_buffer("packed", state.packed)
+            self.register_buffer("absmax", state.absmax)
+            self.register_buffer("code", state.code)
+            self.register_buffer("nested_absmax", state.nested_absmax)
+            self.register_buffer("nested_code", state.nested_code)
+        else:
+            self.register_buffer("qweight", state.weight)
+            self.register_buffer("scb", state.scb)
+        self.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad=False))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, quant_type: str) -> "QuantLinear":
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls(quantize(linear.weight, quant_type), bias, linear.weight.dtype)
+
+    @property
+    def state(self):
+        if self.quant_type == "int8":
+            return int8.Int8State(self.qweight, self.scb, self.orig_dtype)
+        return nf4.NF4State(self.packed, self.absmax, (self.out_features, self.in_features), self.orig_dtype,
+                            self.blocksize, self.nested_absmax, self.nested_code, self.nested_blocksize, self.offset,
+                            self.code)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (a new tensor each call), for code that reads `.weight` (merging, export)."""
+        return self.dequantized_weight()
+
+    def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.compute_dtype
+        if self.quant_type == "int8":
+            return int8.dequantize_int8(self.state, dtype)
+        from fasttune.kernels.nf4 import dequantize_nf4
+
+        return dequantize_nf4(self.state, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = _DequantMatmul.apply(x, self)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _apply(self, fn, recurse=True):
+        # model.to(dtype) must move the storage but never cast it (int codes, fp32 scales): keep the originals'
+        # dtypes and take only the device from the result.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, orig in before.items():
+            new = self._buffers[name]
+            if orig is not None and new.dtype != orig.dtype:
+                self._buffers[name] = orig.to(new.device)
+        if self.bias is not None:
+            self.compute_dtype = self.bias.dtype
+        return self
+
+    def nbytes(self) -> int:
+        return self.state.nbytes()
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, quant_type={self.quant_type}"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        # bitsandbytes' names instead of our buffer names, so saved models are bnb checkpoints.
+        if self.quant_type == "nf4":
+            destination.update(nf4.state_to_tensors(self.state, prefix + "weight"))
+        else:
+            destination.update(int8.state_to_tensors(self.state, prefix))
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+def quantize(weight: torch.Tensor, quant_type: str):
+    if quant_type == "nf4":
+        return nf4.quantize_nf4(weight)
+    if quant_type == "int8":
+        return int8.quantize_int8(weight)
+    raise ValueError(f"unknown quant_type {quant_type!r}; use one of {QUANT_TYPES}")
