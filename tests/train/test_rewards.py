@@ -1,0 +1,59 @@
+"""Built-in GRPO reward functions and how reward specs are parsed; bad specs are ConfigErrors naming the field."""
+import pytest
+
+from fasttune import GRPOConfig
+from fasttune.errors import ConfigError
+from fasttune.train.rewards import builtin_reward, resolve_reward_funcs, reward_name, split_specs
+
+
+def _call(func, completions, **columns):
+    ids = [[0] * len(c if isinstance(c, str) else c[-1]["content"]) for c in completions]
+    return func(prompts=["p"] * len(completions), completions=completions, completion_ids=ids, **columns)
+
+
+def test_exact_match_strips_and_reads_messages():
+    f = builtin_reward("exact_match", 16)
+    assert _call(f, [" 42\n", "41", "42."], answer=["42", "42", 42]) == [1.0, 0.0, 0.0]
+    chat = [[{"role": "assistant", "content": "7"}], [{"role": "assistant", "content": "8"}]]
+    assert _call(f, chat, answer=["7", "7"]) == [1.0, 0.0]
+    assert reward_name(f) == "exact_match"
+
+
+def test_regex_searches_with_the_users_anchors():
+    f = builtin_reward(r"regex:^Answer: \d+$", 16)
+    assert _call(f, ["Answer: 12", "Answer: 12 apples", "So. Answer: 3"]) == [1.0, 0.0, 0.0]
+    assert _call(builtin_reward(r"regex:\d", 16), ["a1", "ab"]) == [1.0, 0.0]
+    assert reward_name(f) == r"regex:^Answer: \d+$"
+
+
+def test_length_prefers_short_completions():
+    assert _call(builtin_reward("length", 10), ["ab", "a" * 10, "a" * 15]) == [0.8, 0.0, 0.0]
+    assert _call(builtin_reward("length:4", 10), ["ab"]) == [0.5]
+
+
+def test_specs_from_cli_and_yaml():
+    assert split_specs("exact_match, length,regex:^a,b$") == ["exact_match", "length", "regex:^a,b$"]
+    funcs = resolve_reward_funcs(["exact_match", "regex:^x, y$", len], 8)  # a list item is one spec
+    assert [reward_name(f) for f in funcs] == ["exact_match", "regex:^x, y$", "len"]
+    assert GRPOConfig(reward_funcs="exact_match,length").reward_funcs == "exact_match,length"
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("exact", "unknown reward function 'exact'.*exact_match"),
+    ("regex:(unclosed", "not a valid regular expression"),
+    ("regex:", "needs a pattern"),
+    ("length:zero", "length:<n>"),
+    ("length:0", "length:<n>"),
+])
+def test_bad_specs_name_the_field(spec, message):
+    with pytest.raises(ConfigError, match=f"^reward_funcs: .*{message}"):
+        GRPOConfig(reward_funcs=[spec])
+    with pytest.raises(ConfigError, match=message):
+        resolve_reward_funcs(spec, 8)
+
+
+def test_no_reward_function_and_non_callables():
+    with pytest.raises(ConfigError, match="at least one reward function"):
+        resolve_reward_funcs([], 8)
+    with pytest.raises(ConfigError, match="neither a built-in name nor a callable"):
+        resolve_reward_funcs([3], 8)
