@@ -7,6 +7,8 @@ JSONL row to bench/results/. Usage on a GPU machine:
 
     python bench/bench_lora.py --matrix default          # the table below, one process per row
     python bench/bench_lora.py --impl ours --shape llama-3.2-1b --gc on   # a single row
+    python bench/bench_lora.py --matrix qlora                             # NF4 QLoRA vs transformers+PEFT+bnb
+    python bench/bench_lora.py --max-context --impl ours --quant nf4 --gc offload   # longest bs-1 sequence
 """
 from __future__ import annotations
 
@@ -27,12 +29,15 @@ SHAPES = {
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (impl, shape, gradient checkpointing, our kernels: FASTTUNE_KERNELS)
+# (impl, shape, gradient checkpointing, our kernels: FASTTUNE_KERNELS, base weights: none = bf16 | nf4)
 MATRIX = {
-    "default": [("hf", "llama-3.2-1b", "on", "-"), ("ours", "llama-3.2-1b", "on", "triton"),
-                ("ours", "llama-3.2-1b", "off", "triton"), ("ours", "llama-3.2-1b", "off", "torch"),
-                ("hf", "llama-3.1-8b", "on", "-"), ("ours", "llama-3.1-8b", "on", "triton"),
-                ("ours", "llama-3.1-8b", "on", "torch"), ("ours", "llama-3.1-8b", "off", "triton")],
+    "default": [("hf", "llama-3.2-1b", "on", "-", "none"), ("ours", "llama-3.2-1b", "on", "triton", "none"),
+                ("ours", "llama-3.2-1b", "off", "triton", "none"), ("ours", "llama-3.2-1b", "off", "torch", "none"),
+                ("hf", "llama-3.1-8b", "on", "-", "none"), ("ours", "llama-3.1-8b", "on", "triton", "none"),
+                ("ours", "llama-3.1-8b", "on", "torch", "none"), ("ours", "llama-3.1-8b", "off", "triton", "none")],
+    "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
+              ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
+              ("ours", "llama-3.1-8b", "offload", "triton", "none")],
 }
 
 
@@ -43,7 +48,11 @@ def hf_config(shape: str):
                        rope_scaling=dict(ROPE), rms_norm_eps=1e-5)
 
 
-def build_ours(shape: str, gc: bool, r: int):
+def _gc_mode(gc: str):
+    return {"on": True, "off": False, "offload": "offload"}[gc]
+
+
+def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
     import torch
 
     from fasttune.api import FastLanguageModel
@@ -58,18 +67,47 @@ def build_ours(shape: str, gc: bool, r: int):
         for name, p in model.named_parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
+    if quant == "nf4":  # what load_in_4bit does on load, layer by layer
+        from fasttune.quant.linear import QuantLinear
+
+        for name, mod in list(model.named_modules()):
+            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+                parent, _, attr = name.rpartition(".")
+                setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, "nf4"))
+                del mod
+        torch.cuda.empty_cache()
     model.lora_settings = None
-    return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, use_gradient_checkpointing=gc)
+    return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, use_gradient_checkpointing=_gc_mode(gc))
 
 
-def build_hf(shape: str, gc: bool, r: int):
+def _bnb_quantize(model):
+    """transformers + bitsandbytes' QLoRA layers (Linear4bit, NF4, double quant, bf16 compute) in place of the
+    decoder's Linears, quantised from the same random bf16 weights (from_config cannot quantise)."""
+    import bitsandbytes as bnb
+    import torch
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and "lm_head" not in name:
+            q = bnb.nn.Linear4bit(mod.in_features, mod.out_features, bias=mod.bias is not None,
+                                  compute_dtype=torch.bfloat16, quant_type="nf4", compress_statistics=True,
+                                  device="meta")
+            q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, quant_type="nf4",
+                                         compress_statistics=True)
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, q.to("cuda"))
+    torch.cuda.empty_cache()
+
+
+def build_hf(shape: str, gc: str, r: int, quant: str = "none"):
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     with torch.device("cuda"):
         model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16, attn_implementation="sdpa")
-    if gc:
+    if quant == "nf4":
+        _bnb_quantize(model)
+    if gc != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
     model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, task_type="CAUSAL_LM"))
@@ -77,11 +115,12 @@ def build_hf(shape: str, gc: bool, r: int):
     return model
 
 
-def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmup: int, r: int) -> dict:
+def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmup: int, r: int,
+            quant: str = "none") -> dict:
     import torch
 
     torch.manual_seed(0)
-    model = (build_ours if impl == "ours" else build_hf)(shape, gc == "on", r)
+    model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
@@ -108,10 +147,11 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     assert min(norms) > 0, f"grad norm was 0: {norms}"
-    assert losses[-1] < losses[0], f"loss did not fall: {losses}"
+    assert len(losses) < 2 or losses[-1] < losses[0], f"loss did not fall: {losses}"
     import transformers
 
-    row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default", "shape": shape, "gradient_checkpointing": gc, "batch": bs, "seq": seq,
+    row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default", "shape": shape, "quant": quant,
+           "gradient_checkpointing": gc, "batch": bs, "seq": seq,
            "lora_r": r, "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
@@ -121,6 +161,10 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
         import peft
 
         row["peft"] = peft.__version__
+        if quant != "none":
+            import bitsandbytes
+
+            row["bitsandbytes"] = bitsandbytes.__version__
     return row
 
 
@@ -129,7 +173,11 @@ def main():
     ap.add_argument("--matrix", choices=sorted(MATRIX))
     ap.add_argument("--impl", choices=["ours", "hf"], default="ours")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
-    ap.add_argument("--gc", choices=["on", "off"], default="on")
+    ap.add_argument("--gc", choices=["on", "off", "offload"], default="on")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none")
+    ap.add_argument("--max-context", action="store_true",
+                    help="binary-search the longest bs-1 sequence that trains one step (in 1024-token steps)")
+    ap.add_argument("--context-range", default="16384,524288")
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=10)
@@ -139,33 +187,70 @@ def main():
     a = ap.parse_args()
     if a.matrix:
         rows = []
-        for impl, shape, gc, kernels in MATRIX[a.matrix]:
-            env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
-            cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--bs", str(a.bs),
-                   "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--r", str(a.r),
-                   "--out", a.out]
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode != 0:
-                print(f"FAILED {impl} {shape} gc={gc}:\n{proc.stderr[-3000:]}", flush=True)
-                continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), flush=True)
+        for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:
+            row = _subprocess_row(a, impl, shape, gc, kernels, quant, a.bs, a.seq, a.steps, a.warmup, a.out)
+            if row is not None:
+                rows.append(row)
         print_table(rows)
         return
-    row = run_one(a.impl, a.shape, a.gc, a.bs, a.seq, a.steps, a.warmup, a.r)
+    if a.max_context:
+        return max_context(a)
+    row = run_one(a.impl, a.shape, a.gc, a.bs, a.seq, a.steps, a.warmup, a.r, a.quant)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         f.write(json.dumps(row) + "\n")
     print(json.dumps(row))
 
 
+def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, out, quiet=False):
+    """One configuration in a fresh process (clean peak memory); None when it failed (e.g. out of memory)."""
+    env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
+    cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
+           "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
+           "--out", out]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        if not quiet:
+            print(f"FAILED {impl} {shape} gc={gc} quant={quant}:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def max_context(a):
+    """Longest sequence (bs 1) for which one full optimizer step succeeds, to 1024 tokens; one process per try."""
+    lo, hi = (int(x) for x in a.context_range.split(","))
+    scratch = str(Path(a.out).with_suffix(".trials.jsonl"))
+    best = None
+    while hi - lo >= 1024:
+        mid = (lo + hi) // 2 // 1024 * 1024
+        row = _subprocess_row(a, a.impl, a.shape, a.gc, os.environ.get("FASTTUNE_KERNELS", "triton"), a.quant,
+                              1, mid, 1, 0, scratch, quiet=True)
+        print(f"seq {mid:,}: {'ok' if row else 'failed'}", flush=True)
+        if row:
+            lo, best = mid, row
+        else:
+            hi = mid
+    if best is None:
+        print("no length in the range trained")
+        return
+    best = dict(best, bench="max_context", note="bs 1, one optimizer step; longest passing length to 1024 tokens")
+    with open(a.out, "a") as f:
+        f.write(json.dumps(best) + "\n")
+    print(json.dumps(best))
+
+
 def print_table(rows):
-    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'gc':<3} {'tok/s':>9} {'peak GiB':>9} {'vs hf':>6}  card")
-    base = {(r["shape"]): r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
+    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'quant':<5} {'gc':<7} {'tok/s':>9} {'peak GiB':>9} "
+          f"{'vs hf':>6}  card")
+    base = {(r["shape"], r.get("quant", "none")): r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
     for r in rows:
-        ratio = r["tokens_per_second"] / base[r["shape"]] if r["shape"] in base else float("nan")
-        print(f"{r['impl']:<5} {r.get('kernels', '-'):<8} {r['shape']:<13} {r['gradient_checkpointing']:<3} {r['tokens_per_second']:>9,.0f} "
-              f"{r['peak_gib']:>9.2f} {ratio:>6.2f}  {r['card']}")
+        key = (r["shape"], r.get("quant", "none"))
+        ratio = r["tokens_per_second"] / base[key] if key in base else float("nan")
+        print(f"{r['impl']:<5} {r.get('kernels', '-'):<8} {r['shape']:<13} {r.get('quant', 'none'):<5} "
+              f"{r['gradient_checkpointing']:<7} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  "
+              f"{r['card']}")
 
 
 if __name__ == "__main__":
