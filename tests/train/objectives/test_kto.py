@@ -1,0 +1,71 @@
+"""KTO against TRL 1.16's KTOTrainer (loss and gradients on one batch, KL from mismatched pairs), and gradient
+accumulation."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+from preference_oracle import (assert_same_step, first_logged_loss, lora_pair, our_step, trl_args, trl_step,
+                               unpaired_rows)
+
+from fasttune import FastLanguageModel, KTOConfig, KTOTrainer
+from fasttune.errors import ConfigError
+
+
+def _args(tmp_path, **kw):
+    kw = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 1, "shuffle": False,
+          "learning_rate": 1e-2, "beta": 0.5, "undesirable_weight": 1.5, **kw}
+    return KTOConfig(output_dir=str(tmp_path / "out"), **kw)
+
+
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
+    import trl
+    from datasets import Dataset
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    rows = unpaired_rows(4)
+    ours = KTOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, loss_type=loss_type))
+    theirs = trl.KTOTrainer(model=twin, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            args=trl_args(trl.KTOConfig, tmp_path, beta=0.5, undesirable_weight=1.5,
+                                          loss_type=loss_type, train_sampling_strategy="sequential"))
+    keys = ("prompt_ids", "completion_ids", "label")
+    assert [[ex[k] for k in keys] for ex in ours.train_examples] == [[t[k] for k in keys] for t in theirs.train_dataset]
+    examples = [{k: ex[k] for k in keys} for ex in ours.train_examples]
+    if loss_type == "kto":  # TRL's mismatched pairs: the completions rotated by one within the batch
+        for ex, prev in zip(examples, examples[-1:] + examples[:-1]):
+            ex["KL_completion_ids"] = prev["completion_ids"]
+    ref = trl_step(theirs, twin, theirs.data_collator(examples))
+    assert_same_step(our_step(ours), ref)
+    assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(ours.log_history[0])
+    if loss_type == "kto":
+        # a difference of two summed log-probs (~ -35 each): fp32 rounding is ~1e-6 in absolute terms
+        assert ours.log_history[0]["kl"] == pytest.approx(theirs._metrics["train"]["kl"][-1], abs=2e-5)
+
+
+def _trained(folder, tmp_path, bs, ga):
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)  # LoRA A gets real gradients from step 1 (Adam magnifies noise in near-zero ones)
+    args = _args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                 max_steps=2, shuffle=True)
+    trainer = KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(8), args=args)
+    trainer.train()
+    return trainer, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
+    """The KL estimate and the mean run over the whole accumulated batch, so micro-batching does not change them."""
+    folder = tiny_model_dir("llama")
+    ta, a = _trained(folder, tmp_path, 4, 1)
+    tb, b = _trained(folder, tmp_path, 1, 4)
+    la, lb = ([h["loss"] for h in t.log_history] for t in (ta, tb))
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
+    assert all("kl" in h for h in ta.log_history)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_needs_adapters(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
+    with pytest.raises(ConfigError, match="LoRA"):
+        KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(2), args=_args(tmp_path))

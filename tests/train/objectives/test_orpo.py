@@ -1,0 +1,69 @@
+"""ORPO against TRL 1.16's experimental ORPOTrainer (loss and gradients on one batch), and gradient accumulation."""
+import torch
+from peft_oracle import randomize_lora_b
+import pytest
+from preference_oracle import (assert_same_step, first_logged_loss, lora_pair, our_step, pair_rows, trl_args,
+                               trl_step)
+
+from fasttune import FastLanguageModel, ORPOConfig, ORPOTrainer
+
+
+def _args(tmp_path, **kw):
+    kw = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 1, "shuffle": False,
+          "learning_rate": 1e-2, "beta": 0.5, **kw}
+    return ORPOConfig(output_dir=str(tmp_path / "out"), **kw)
+
+
+def _trl_features(ex):
+    """Our tokenized pair in the layout TRL's ORPO collator pads (labels -100 on the prompt)."""
+    p = ex["prompt_ids"]
+    out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+    for side in ("chosen", "rejected"):
+        ids = p + ex[f"{side}_ids"]
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [-100] * len(p) + ex[f"{side}_ids"]})
+    return out
+
+
+def test_loss_and_grads_equal_trl(tiny_model_dir, tmp_path):
+    import warnings
+
+    from datasets import Dataset
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "experimental" notice
+        from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    rows = pair_rows(4)
+    ours = ORPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path))
+    theirs = TRLTrainer(model=twin, args=trl_args(TRLConfig, tmp_path, beta=0.5), train_dataset=Dataset.from_list(rows),
+                        processing_class=tok)
+    for ex, t in zip(ours.train_examples, theirs.train_dataset):  # same tokens as TRL's own tokenization
+        assert ex["prompt_ids"] + ex["chosen_ids"] == t["chosen_input_ids"]
+        assert ex["prompt_ids"] + ex["rejected_ids"] == t["rejected_input_ids"]
+    ref = trl_step(theirs, twin, theirs.data_collator([_trl_features(ex) for ex in ours.train_examples]))
+    assert_same_step(our_step(ours), ref)
+    assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
+    assert {"rewards/chosen", "rewards/margins", "nll_loss", "log_odds_ratio"} <= set(ours.log_history[0])
+
+
+def _trained(folder, tmp_path, bs, ga):
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)  # LoRA A gets real gradients from step 1 (Adam magnifies noise in near-zero ones)
+    args = _args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                 max_steps=2, shuffle=True)
+    trainer = ORPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(8), args=args)
+    trainer.train()
+    return trainer, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
+    """Both terms are means over the whole accumulated batch: chosen tokens for the NLL, pairs for the odds ratio."""
+    folder = tiny_model_dir("llama")
+    ta, a = _trained(folder, tmp_path, 4, 1)
+    tb, b = _trained(folder, tmp_path, 1, 4)
+    la, lb = ([h["loss"] for h in t.log_history] for t in (ta, tb))
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
