@@ -231,3 +231,43 @@ def test_errors_name_the_field(tiny_dir, tmp_path):
                       train_dataset=ROWS, processing_class=tok)
     with pytest.raises(ConfigError, match="returned 1 rewards for 4 completions"):
         bad.train()
+
+
+def test_transformers_fallback_gives_the_same_loss(tiny_dir, tmp_path):
+    """The transformers+PEFT path (logits, PEFT's disable_adapter for the reference) equals our decoder's."""
+    out = []
+    for fast in (True, False):
+        model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32", fast=fast)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+        randomize_lora_b(model)
+        tr = _ours(model, tok, tmp_path, beta=0.1, loss_type="grpo", temperature=0.7)
+        batch = _our_batch(tr)
+        loss, _ = tr.micro_batch_loss(batch, int(batch["completion_mask"].sum()))
+        loss.backward()
+        norm = torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]).norm()
+        out.append((batch["ref_logps"], float(loss), float(norm)))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=1e-5, atol=1e-5)
+    assert out[0][1:] == pytest.approx(out[1][1:], rel=1e-4)
+
+
+def test_conversational_prompts(tiny_dir, tmp_path, tiny_tokenizer):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    rows = [{"prompt": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}], "answer": "a"}]
+    args = GRPOConfig(output_dir=str(tmp_path / "c"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                      num_generations=2, max_completion_length=3)
+    tr = GRPOTrainer(model, reward_funcs=["exact_match"], args=args, train_dataset=rows, processing_class=tok)
+    want = tiny_tokenizer.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True, tokenize=False)
+    assert tok.decode(tr.train_examples[0]["prompt_ids"]) == want
+    seen = {}
+
+    def spy(prompts, completions, **_):
+        seen["c"] = completions
+        return [0.0] * len(completions)
+
+    tr.reward_funcs, tr.reward_names = [spy], ["spy"]
+    tr.reward_weights = torch.ones(1)
+    tr.compute_rewards(tr.train_examples[:2], [[97, 256], [98]])
+    assert seen["c"] == [[{"role": "assistant", "content": "a"}], [{"role": "assistant", "content": "b"}]]
+    with pytest.raises(DataError, match=r"Row 0 .*prompt\[0\]"):
+        GRPOTrainer(model, reward_funcs=["length"], args=args, train_dataset=[{"prompt": [{"role": "x"}]}],
+                    processing_class=tok)
