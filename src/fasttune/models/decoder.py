@@ -120,11 +120,14 @@ def attention(q, k, v, mask, scale: float, softcap: float | None):
                                           scale=scale, enable_gqa=gqa)
 
 
+MLP_TILE_BYTES = 1 << 30  # one bf16 (tokens x intermediate) activation per MLP tile
+
+
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
-        self.act, self.fused = cfg.hidden_act, cfg.fused_gate_up
+        self.act, self.fused, self.intermediate = cfg.hidden_act, cfg.fused_gate_up, i
         if self.fused:
             self.gate_up_proj = nn.Linear(h, 2 * i, bias=cfg.mlp_bias)
         else:
@@ -133,6 +136,16 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x):
+        tile = max(1, MLP_TILE_BYTES // (2 * self.intermediate * x.shape[0]))  # sequence positions per tile
+        if x.shape[1] <= 2 * tile:
+            return self._mlp(x)
+        # Long sequences: the three (tokens x intermediate) activations exist for one tile at a time; in training
+        # each tile is recomputed in backward, so only its input (a view of x) is kept.
+        if torch.is_grad_enabled():
+            return torch.cat([checkpoint(self._mlp, c, use_reentrant=False) for c in x.split(tile, dim=1)], dim=1)
+        return torch.cat([self._mlp(c) for c in x.split(tile, dim=1)], dim=1)
+
+    def _mlp(self, x):
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
