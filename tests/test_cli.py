@@ -47,7 +47,8 @@ def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
     (lambda d, t: ["--model", str(_t5(t))], "'t5' is not supported"),  # gpt2 trains: tests/test_cli_fallback.py
     (lambda d, t: ["--config", str(_yaml(t, "lerning_rate: 1\n"))], "Did you mean 'learning_rate'"),
     (lambda d, t: ["--lr-scheduler-type", "wavy"], "wavy"),
-    (lambda d, t: ["--method", "dpo"], "dpo"),
+    (lambda d, t: ["--method", "ppo"], "ppo"),
+    (lambda d, t: ["--method", "dpo"], "needs --data"),
     (lambda d, t: ["--quantization", "int4"], "int4"),
 ])
 def test_user_errors(make_args, match, tiny_model_dir, tmp_path, capsys):

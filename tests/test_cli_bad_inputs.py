@@ -59,7 +59,7 @@ CASES = {
     "flag modules to save": (lambda t, m: ["--modules-to-save", "norm"], "norm"),
     "flag dtype": (lambda t, m: ["--dtype", "float8"], "float8"),
     "flag quantization": (lambda t, m: ["--quantization", "int4"], "int4"),
-    "flag method": (lambda t, m: ["--method", "kto"], "kto"),
+    "flag method": (lambda t, m: ["--method", "ppo"], "ppo"),
     "model missing": (lambda t, m: ["--model", str(t / "no-model")], "no-model"),
     "model file not gguf": (lambda t, m: ["--model", str(_file(t, "w.bin", "x"))], "w.bin"),
     "model dir without config": (lambda t, m: ["--model", str(_dir(t, "empty-model"))], "config.json"),

@@ -1,4 +1,5 @@
-"""`fasttune train`: the command line over the Python API. Every SFTConfig field is a flag and a YAML key.
+"""`fasttune train`: the command line over the Python API. Every field of the method's config (SFTConfig, DPOConfig,
+...) is a flag and a YAML key.
 
 Precedence: built-in defaults < YAML (--config) < flags. User errors print one paragraph, no traceback
 (--debug shows it), exit code 2, and leave no half-written output directory.
@@ -10,7 +11,7 @@ import difflib
 import shutil
 import sys
 import warnings
-from dataclasses import fields
+from dataclasses import MISSING, fields
 from pathlib import Path
 
 from fasttune.errors import ConfigError, FastTuneError
@@ -20,7 +21,7 @@ from fasttune.train.config import SFTConfig
 RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
-    "method": (str, "sft", "training objective"),
+    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo (its config's fields become flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -50,7 +51,15 @@ DATA_FOLDER_FILES = ("train.jsonl", "train.json", "train.csv", "train.parquet")
 # The demo run (no --data) uses settings that visibly learn the bundled data in about a minute on a CPU.
 DEMO_DEFAULTS = {"max_steps": 30, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                  "learning_rate": 1e-3, "logging_steps": 5}
-METHODS = ("sft",)
+# --method -> (trainer, config) as "module:name", imported only when that method is asked for.
+METHODS = {
+    "sft": ("fasttune.train.objectives.sft:SFTTrainer", "fasttune.train.config:SFTConfig"),
+    "dpo": ("fasttune.train.objectives.dpo:DPOTrainer", "fasttune.train.objectives.dpo:DPOConfig"),
+    "orpo": ("fasttune.train.objectives.orpo:ORPOTrainer", "fasttune.train.objectives.orpo:ORPOConfig"),
+    "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
+    "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
+}
+PREFERENCE_METHODS = ("dpo", "orpo", "kto")
 DEFAULT_OUTPUT_DIR = "fasttune_output"
 
 
@@ -71,6 +80,63 @@ def _optional_float(text: str):
     return None if str(text).lower() == "none" else float(text)
 
 
+def _optional_int(text: str):
+    return None if str(text).lower() == "none" else int(text)
+
+
+def _import(dotted: str):
+    import importlib
+
+    module, _, name = dotted.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def load_method(method: str) -> tuple[type, type]:
+    """(trainer class, config class) of a --method."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method} is not a training method; choose one of: {', '.join(METHODS)}.")
+    trainer, config = METHODS[method]
+    try:
+        return _import(trainer), _import(config)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--method {method} is not available in this installation of fasttune ({e}). Use one of "
+                          f"the other methods, or update fasttune.") from None
+
+
+def _flag_type(f):
+    """argparse type of a config field, from its annotation ('int | None' -> int or 'none')."""
+    kinds = {k.strip() for k in str(f.type).split("|")}
+    if "bool" in kinds:
+        return bool
+    if "int" in kinds:
+        return _optional_int if "None" in kinds else int
+    if "float" in kinds:
+        return _optional_float if "None" in kinds else float
+    return str
+
+
+def _method_config(argv: list[str]) -> type:
+    """The config class of the method this `fasttune train` command asks for (flag, else YAML), so that its fields
+    become flags; SFTConfig when none is given or it is unknown (resolve_settings then reports that)."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--method", "--trainer", dest="method")
+    pre.add_argument("--config")
+    ns, _ = pre.parse_known_args(argv)
+    method = ns.method
+    if method is None and ns.config:
+        try:
+            import yaml
+
+            data = yaml.safe_load(Path(ns.config).read_text()) or {}
+            method = data.get("method", data.get("trainer")) if isinstance(data, dict) else None
+        except Exception:  # unreadable or invalid: _load_yaml reports it with the full message
+            method = None
+    try:
+        return load_method(str(method))[1] if method not in (None, "default") else SFTConfig
+    except ConfigError:
+        return SFTConfig
+
+
 def _add_typed(parser, name: str, typ, helptext: str):
     flags = [_flag(name)] + [_flag(a) for a, target in ALIASES.items() if target == name]
     if typ is bool:
@@ -79,7 +145,7 @@ def _add_typed(parser, name: str, typ, helptext: str):
         parser.add_argument(*flags, dest=name, type=typ, default=None, help=helptext)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(config_cls: type = SFTConfig) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fasttune", description="Fine-tune LLMs fast and lean.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command")
@@ -94,16 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
             train.add_argument("--resume", nargs="?", const="latest", default=None, help=helptext)
         else:
             _add_typed(train, name, typ, helptext)
-    for f in fields(SFTConfig):
-        typ = {int: int, float: float, bool: bool, str: str}.get(type(f.default), str)
-        if f.name in ("embedding_learning_rate",):
-            typ = _optional_float
-        elif f.name in ("save_total_limit", "eval_steps"):
-            typ = int
-        elif f.name in ("bf16", "fp16"):
-            typ = bool
-        _add_typed(train, f.name, typ, f"SFTConfig.{f.name} (default {f.default!r})")
-    train.set_defaults(func=cmd_train)
+    for f in fields(config_cls):
+        default = f.default if f.default is not MISSING else f.default_factory()
+        _add_typed(train, f.name, _flag_type(f), f"{config_cls.__name__}.{f.name} (default {default!r})")
+    train.set_defaults(func=cmd_train, config_cls=config_cls)
     for register in _more_commands():
         register(sub)
     return parser
@@ -119,7 +179,7 @@ def _more_commands():
     return [importlib.import_module(f"{pkg.__name__}.{m.name}").register for m in pkgutil.iter_modules(pkg.__path__)]
 
 
-def _load_yaml(path: str) -> dict:
+def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
     import yaml
 
     try:
@@ -130,7 +190,7 @@ def _load_yaml(path: str) -> dict:
         raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must be a mapping of setting: value.")
-    known = list(RUN_OPTIONS) + [f.name for f in fields(SFTConfig)]
+    known = list(RUN_OPTIONS) + [f.name for f in fields(config_cls)]
     out = {}
     for key, value in data.items():
         name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
@@ -143,17 +203,25 @@ def _load_yaml(path: str) -> dict:
 
 
 def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
+    """(run options, the method's config); run["trainer_cls"] is the method's trainer class."""
+    cls = getattr(ns, "config_cls", SFTConfig)
     values = {k: default for k, (_, default, _) in RUN_OPTIONS.items()}
     values["output_dir"] = DEFAULT_OUTPUT_DIR
-    given = _load_yaml(ns.config) if ns.config else {}
+    given = _load_yaml(ns.config, cls) if ns.config else {}
     given.update({k: v for k, v in vars(ns).items()
-                  if v is not None and (k in values or k in SFTConfig.field_names())})
+                  if v is not None and (k in values or k in cls.field_names())})
     if given.get("data") is None:
         values.update(DEMO_DEFAULTS)
     values.update(given)
-    sft = SFTConfig.from_dict({k: v for k, v in values.items() if k in SFTConfig.field_names()}, "settings")
+    method = {"default": "sft"}.get(values["method"], values["method"])  # autotrain's generic trainer is SFT
+    trainer_cls, config_cls = load_method(method)
+    sft = config_cls.from_dict({k: v for k, v in values.items() if k in config_cls.field_names()}, "settings")
     run = {k: values[k] for k in RUN_OPTIONS}
-    run["method"] = {"default": "sft"}.get(run["method"], run["method"])  # autotrain's generic trainer is SFT
+    run["method"], run["trainer_cls"] = method, trainer_cls
+    if method in PREFERENCE_METHODS and not run["data"]:
+        raise ConfigError(f"--method {method} needs --data with preference rows (prompt/chosen/rejected"
+                          f"{', or prompt/completion/label' if method == 'kto' else ''}); the bundled demo set is "
+                          f"for SFT.")
     run["data"] = _data_file(run["data"])
     if run["peft"] is False and not run["full_finetuning"]:
         raise ConfigError("--peft false: fasttune trains LoRA adapters unless --full-finetuning is given; pass "
@@ -161,8 +229,6 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     if run["peft"] and run["full_finetuning"]:
         raise ConfigError("--peft and --full-finetuning contradict each other: choose LoRA (--peft) or training all "
                           "weights (--full-finetuning).")
-    if run["method"] not in METHODS:
-        raise ConfigError(f"--method {run['method']} is not available yet; this version trains: {', '.join(METHODS)}.")
     if run["quantization"] != "none":
         raise ConfigError(f"--quantization {run['quantization']} is not available yet; use --quantization none.")
     return run, sft
@@ -212,7 +278,8 @@ def cmd_train(ns) -> int:
     if ns.print_config:
         import yaml
 
-        print(yaml.safe_dump({**run, **{f.name: getattr(sft, f.name) for f in fields(SFTConfig)}}, sort_keys=False))
+        shown = {k: v for k, v in run.items() if k != "trainer_cls"}
+        print(yaml.safe_dump({**shown, **{f.name: getattr(sft, f.name) for f in fields(sft)}}, sort_keys=False))
         return 0
     out = Path(sft.output_dir)
     if out.exists() and not out.is_dir():
@@ -228,7 +295,7 @@ def cmd_train(ns) -> int:
 
 
 def _train(run: dict, sft: SFTConfig, out: Path):
-    from fasttune import FastLanguageModel, SFTTrainer
+    from fasttune import FastLanguageModel
     from fasttune.data import demo_dataset_path
     from fasttune.models.fallback import FallbackWarning
     from fasttune.plot import plot_losses
@@ -255,7 +322,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
             use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=sft.seed)
-    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=data, args=sft)
+    trainer = run["trainer_cls"](model=model, tokenizer=tok, train_dataset=data, args=sft)
     prompt = run["sample_prompt"] or _first_prompt(data)
     if not run["no_sample"] and prompt:
         print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
@@ -298,13 +365,18 @@ def _first_prompt(data: str) -> str | None:
         for m in row.get(key) or []:
             if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human"):
                 return m.get("content", m.get("value"))
-    return row.get("instruction") or row.get("prompt")
+    prompt = row.get("instruction") or row.get("prompt")
+    if isinstance(prompt, list):  # conversational preference / GRPO rows: the last user message
+        users = [m.get("content") for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        prompt = users[-1] if users else None
+    return prompt if isinstance(prompt, str) else None
 
 
 def main(argv=None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_method_config(argv) if argv[:1] == ["train"] else SFTConfig)
     ns = parser.parse_args(argv)
-    ns.argv = list(sys.argv[1:] if argv is None else argv)
+    ns.argv = argv
     if not hasattr(ns, "debug"):
         ns.debug = False
     if ns.command is None:

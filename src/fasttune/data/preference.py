@@ -34,7 +34,8 @@ REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_prompt_length: int | None = None,
                              chat_template: str | None = None, source_name: str | None = None) -> list[dict]:
     """Paired rows -> [{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "ref_chosen_logps", "ref_rejected_logps")]."""
-    rows, columns, where = _rows_and_columns(rows, source_name)
+    rows, columns, source_name = _rows_and_columns(rows, source_name)
+    where = source_name or "the dataset"
     _require_columns(columns, PAIRED, where, "paired preference data (DPO, ORPO)")
     has_ref = [c for c in REF_COLUMNS if c in columns]
     if len(has_ref) == 1:
@@ -62,7 +63,8 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
 def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_prompt_length: int | None = None,
                            chat_template: str | None = None, source_name: str | None = None) -> list[dict]:
     """Unpaired rows -> [{"prompt_ids", "completion_ids", "label"}]; paired rows are split into two each."""
-    rows, columns, where = _rows_and_columns(rows, source_name)
+    rows, columns, source_name = _rows_and_columns(rows, source_name)
+    where = source_name or "the dataset"
     paired = all(c in columns for c in PAIRED) and "completion" not in columns
     if not paired:
         _require_columns(columns, UNPAIRED, where, "unpaired preference data (KTO)")
@@ -138,7 +140,7 @@ def _rows_and_columns(rows, source_name):
         if len(rows) == 0:
             raise DataError(f"{source_name or 'The dataset'} has no rows. Pass at least one training example.")
         columns = rows.column_names
-    return rows, columns, source_name or "the dataset"
+    return rows, columns, source_name
 
 
 def _require_columns(columns, needed, where, what):

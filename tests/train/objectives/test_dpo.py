@@ -26,7 +26,7 @@ def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
     theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, loss_type=[loss_type]),
                             train_dataset=Dataset.from_list(rows), processing_class=tok)
     keys = ("prompt_ids", "chosen_ids", "rejected_ids")
-    assert [[ex[k] for k in keys] for ex in ours.train_examples] == [[ex[k] for k in keys] for ex in theirs.train_dataset]
+    assert [[ex[k] for k in keys] for ex in ours.train_examples] == [[t[k] for k in keys] for t in theirs.train_dataset]
     ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
     assert_same_step(our_step(ours), ref)
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)

@@ -55,8 +55,9 @@ class DPOTrainer(PreferenceTrainer):
             for examples in missing:
                 self._precompute(examples)
         elif missing:
-            require_reference(model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
-                                            "precompute_ref_log_probs=True to take them from the model before training.")
+            require_reference(model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or "
+                                            "set precompute_ref_log_probs=True to take them from the model before "
+                                            "training.")
 
     @torch.no_grad()
     def _precompute(self, examples: list[dict]):
