@@ -96,3 +96,19 @@ def test_full_finetuning_needs_reference_log_probs(tiny_model_dir, tmp_path):
 def test_bad_config(kw, match, tmp_path):
     with pytest.raises(ConfigError, match=match):
         _args(tmp_path, **kw)
+
+
+def test_transformers_fallback_equals_our_decoder(tiny_model_dir, tmp_path):
+    """On the fallback path the reference comes from PEFT's disable_adapter(); same loss and gradients."""
+    model, tok, _ = lora_pair(tiny_model_dir("llama"), tmp_path)
+    fallback, _ = FastLanguageModel.from_pretrained(str(tmp_path / "init"), fast=False)
+    loss, grads = our_step(DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(4), args=_args(tmp_path)))
+    fb_loss, fb_grads = our_step(DPOTrainer(model=fallback, tokenizer=tok, train_dataset=pair_rows(4),
+                                            args=_args(tmp_path)))
+    fb_grads = {k.removeprefix("hf_model.base_model.model.").replace(".default.weight", ""): g
+                for k, g in fb_grads.items()}
+    assert loss != pytest.approx(0.6931472, rel=1e-3)  # the adapter matters: policy != reference
+    torch.testing.assert_close(fb_loss, loss, rtol=1e-5, atol=1e-7)
+    assert set(fb_grads) == set(grads)
+    for k in grads:
+        torch.testing.assert_close(fb_grads[k], grads[k], rtol=1e-4, atol=1e-7, msg=k)
