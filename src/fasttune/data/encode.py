@@ -1,0 +1,258 @@
+"""Per-row SFT encoding: one row of a known layout -> (input_ids, labels), and the batch function for
+`datasets.Dataset.map`.
+
+EOS: text and prompt-completion examples get `tokenizer.eos_token_id` appended (so the model learns to stop);
+chat examples end with whatever the chat template emits at the end of a turn; tokenized rows are untouched.
+Response-only masking for chat data is derived from the template itself: for assistant message i, the target
+span runs from the end of render(messages[:i], add_generation_prompt=True) to the end of
+render(messages[:i+1]), for every assistant turn.
+
+`SFTEncoder` is a plain picklable object: `datasets` pickles it to worker processes (num_proc > 1) and hashes
+it with dill to fingerprint the cached result, so every setting that changes the output lives in its state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from itertools import accumulate
+from pathlib import Path
+from typing import Any
+
+from fasttune.data import formats, templates
+from fasttune.errors import DataError
+
+IGNORE_INDEX = -100
+# Bit flags of the `fate` column: what happened to a row. A truncated row can also be left without targets.
+TRUNCATED, NO_TARGET, TOO_LONG = 1, 2, 4
+INT32_MAX = 2**31 - 1  # token ids are stored as int32 in the Arrow cache
+
+
+def _code_version() -> str:
+    """Hash of the code that decides the tokens: dill pickles classes by name, so a fix here must change the
+    fingerprint by itself, or an old cache would be reused after an upgrade."""
+    here = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for name in ("encode.py", "formats.py", "templates.py"):
+        digest.update((here / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+CODE_VERSION = _code_version()
+
+
+class SFTEncoder:
+    """Encodes rows of one layout. `encode(row, index)` -> (input_ids, labels), untruncated;
+    `encoder(batch, indices)` (the `datasets.Dataset.map` function, batched) -> truncated columns + `fate`."""
+
+    def __init__(self, tokenizer, fmt: str, text_field: str = "text", responses_only: bool = False,
+                 source_name: str | None = None, chat_template: str | None = None, *, max_seq_length: int = 2048,
+                 drop_long: bool = False):
+        self.tok = tokenizer
+        self.fmt = fmt
+        self.text_field = text_field
+        self.responses_only = responses_only
+        self.source_name = source_name
+        self.max_seq_length = max_seq_length
+        self.drop_long = drop_long
+        self.code_version = CODE_VERSION
+        self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+        self.template = None  # None: the tokenizer's own
+        if chat_template is not None and fmt in ("messages", "sharegpt", "alpaca"):
+            templates.check_template_tokens(chat_template, tokenizer)
+            self.template = templates.resolve_chat_template(chat_template)
+        self.has_template = self.template is not None or (
+            bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else False
+        )
+        self._offsets_ok = bool(getattr(tokenizer, "is_fast", False))
+
+        if tokenizer is None and fmt != "tokenized":
+            raise DataError(f"A tokenizer is needed to tokenize '{fmt}' rows; pass the model's tokenizer.")
+        if fmt in ("messages", "sharegpt") and not self.has_template:
+            raise DataError(
+                f"{source_name or 'The dataset'} holds chat conversations ('{fmt}' layout), but the tokenizer has "
+                "no chat template to render them. Set chat_template (--chat-template) to one of the built-in "
+                f"templates ({templates.names()}) or to a Jinja string, use a tokenizer that has one "
+                "(e.g. the -Instruct variant of the model), or convert the rows to 'text'."
+            )
+        # A method name, not a bound method: keeps the pickled state (and so the cache fingerprint) plain.
+        self._layout = {
+            "text": "_text",
+            "messages": "_messages",
+            "sharegpt": "_sharegpt",
+            "alpaca": "_alpaca",
+            "prompt-completion": "_prompt_completion",
+            "tokenized": "_tokenized",
+        }[fmt]
+
+    def encode(self, row: Mapping, index: int) -> tuple[list[int], list[int]]:
+        return getattr(self, self._layout)(row, formats.row_label(index, self.source_name))
+
+    def fit(self, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int]:
+        """Apply max_seq_length: -> (input_ids, labels, fate flags); dropped rows come back empty."""
+        fate = 0
+        if len(input_ids) > self.max_seq_length:
+            if self.drop_long:
+                return [], [], TOO_LONG
+            fate = TRUNCATED
+            input_ids, labels = input_ids[: self.max_seq_length], labels[: self.max_seq_length]
+        # Position t predicts token t+1, so labels[0] never counts as a target.
+        if all(label == IGNORE_INDEX for label in labels[1:]):
+            return [], [], fate | NO_TARGET
+        return input_ids, labels, fate
+
+    def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
+        out = {"input_ids": [], "labels": [], "fate": []}
+        columns = list(batch)
+        for j, index in enumerate(indices):
+            ids, labels, fate = self.fit(*self.encode({c: batch[c][j] for c in columns}, index))
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["fate"].append(fate)
+        return out
+
+    # -- layouts ---------------------------------------------------------------------------------------
+
+    def _text(self, row, where):
+        text = formats.require_text(row.get(self.text_field), where, self.text_field)
+        ids = self._ids(text, add_special_tokens=True)
+        if self.eos is not None and (not ids or ids[-1] != self.eos):
+            ids.append(self.eos)
+        return ids, list(ids)
+
+    def _prompt_completion(self, row, where):
+        prompt = formats.require_text(row.get("prompt"), where, "prompt")
+        completion = formats.require_text(row.get("completion"), where, "completion")
+        return self._join(prompt, completion)
+
+    def _alpaca(self, row, where):
+        if self.has_template:
+            return self._chat(formats.alpaca_to_messages(row, where), where)
+        instruction, extra, output = formats.alpaca_fields(row, where)
+        return self._join(formats.alpaca_prompt(instruction, extra), output)
+
+    def _messages(self, row, where):
+        return self._chat(formats.validate_messages(row.get("messages"), where), where)
+
+    def _sharegpt(self, row, where):
+        return self._chat(formats.sharegpt_to_messages(row.get("conversations"), where), where)
+
+    def _tokenized(self, row, where):
+        input_ids = _int_list(row.get("input_ids"), where, "input_ids")
+        if not input_ids:
+            raise DataError(f"{where}: field 'input_ids' is empty. Remove the row or give it tokens.")
+        vocab = len(self.tok) if self.tok is not None else None
+        bad = next((t for t in input_ids if t < 0 or t >= (INT32_MAX if vocab is None else vocab)), None)
+        if bad is not None:
+            what = "the tokenizer's vocabulary" if vocab is not None else "the range of token ids"
+            raise DataError(
+                f"{where}: 'input_ids' holds the token id {bad}, outside {what} "
+                f"(0..{(vocab or INT32_MAX + 1) - 1}). Tokenize the data with this model's tokenizer."
+            )
+        labels = row.get("labels")
+        if labels is None:
+            return input_ids, list(input_ids)
+        labels = _int_list(labels, where, "labels")
+        if any(abs(v) > INT32_MAX for v in labels):
+            raise DataError(f"{where}: 'labels' holds a value outside the int32 range; use token ids or -100.")
+        if len(labels) != len(input_ids):
+            raise DataError(
+                f"{where}: 'labels' has {len(labels)} entries but 'input_ids' has {len(input_ids)}. "
+                "They must have the same length (use -100 for positions without loss)."
+            )
+        return input_ids, labels
+
+    # -- helpers ---------------------------------------------------------------------------------------
+
+    def _ids(self, text: str, *, add_special_tokens: bool) -> list[int]:
+        return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+    def _join(self, prompt: str, completion: str):
+        prompt_ids = self._ids(prompt, add_special_tokens=True)
+        completion_ids = self._ids(completion, add_special_tokens=False)
+        if self.eos is not None:
+            completion_ids.append(self.eos)
+        prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if self.responses_only else list(prompt_ids)
+        return prompt_ids + completion_ids, prompt_labels + completion_ids
+
+    def _render(self, messages: list[dict], where: str, *, add_generation_prompt: bool = False) -> str:
+        try:
+            text = self.tok.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
+            )
+        except Exception as e:  # jinja raises TemplateError (incl. raise_exception in templates) and others
+            raise DataError(
+                f"{where}: the tokenizer's chat template could not render this conversation "
+                f"({type(e).__name__}: {e}). Check the roles and their order (many templates need "
+                "user/assistant turns to alternate)."
+            ) from e
+        if not isinstance(text, str):
+            raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected a string.")
+        return text
+
+    def _chat(self, messages: list[dict], where: str):
+        full = self._render(messages, where)
+        if not self.responses_only:
+            ids = self._ids(full, add_special_tokens=False)  # templates already include BOS
+            return ids, list(ids)
+        spans = []
+        for i, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            start = self._render(messages[:i], where, add_generation_prompt=True)
+            end = self._render(messages[: i + 1], where)
+            if not (end.startswith(start) and full.startswith(end)):
+                raise DataError(
+                    f"{where}: train_on_responses_only cannot find assistant turn {i} because the chat template "
+                    "is not prefix-stable (rendering the conversation up to that turn is not a prefix of "
+                    "rendering the whole conversation; some templates rewrite earlier turns, e.g. drop "
+                    "reasoning). Use a template without that behaviour or train with "
+                    "train_on_responses_only=False."
+                )
+            spans.append((len(start), len(end)))
+        return self._mask_spans(full, spans)
+
+    def _mask_spans(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+        """Tokenize `text`; label tokens that overlap a target char span, mask the rest."""
+        if self._offsets_ok:
+            try:
+                enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+            except NotImplementedError:  # slow tokenizers cannot report offsets
+                self._offsets_ok = False
+            else:
+                ids = list(enc["input_ids"])
+                mark = bytearray(len(text))
+                for s, e in spans:
+                    mark[s:e] = b"\x01" * (e - s)
+                covered = list(accumulate(mark, initial=0))  # covered[k] = target chars in text[:k]
+                labels = []
+                for tok_id, (a, b) in zip(ids, enc["offset_mapping"]):
+                    # A token straddling a span edge (e.g. "\nThe") counts: it produces target text.
+                    hit = covered[b] > covered[a] if b > a else (a < len(text) and mark[a] == 1)
+                    labels.append(tok_id if hit else IGNORE_INDEX)
+                return ids, labels
+        # Fallback: token counts of the prefixes (exact when tokenization does not merge across boundaries).
+        ids = self._ids(text, add_special_tokens=False)
+        labels = [IGNORE_INDEX] * len(ids)
+        for s, e in spans:
+            lo = len(self._ids(text[:s], add_special_tokens=False))
+            hi = len(self._ids(text[:e], add_special_tokens=False))
+            labels[lo:hi] = ids[lo:hi]
+        return ids, labels
+
+
+def _int_list(value: Any, where: str, field: str) -> list[int]:
+    if hasattr(value, "tolist"):  # numpy arrays / torch tensors
+        value = value.tolist()
+    if not isinstance(value, Sequence) or isinstance(value, (str, bytes)):
+        raise DataError(
+            f"{where}: field '{field}' must be a list of integers, but it is a {type(value).__name__}."
+        )
+    out = []
+    for v in value:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise DataError(
+                f"{where}: field '{field}' must hold only integers, but it contains {v!r}."
+            )
+        out.append(v)
+    return out
