@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -136,7 +137,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
         opt.step()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
 
     for i in range(warmup):
         step(i)
@@ -147,7 +148,9 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
     assert min(norms) > 0, f"grad norm was 0: {norms}"
-    assert len(losses) < 2 or losses[-1] < losses[0], f"loss did not fall: {losses}"
+    # A falling loss is asserted on real runs; the max-context probe (1-2 steps) only needs a finite one.
+    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
+    assert len(losses) < 4 or losses[-1] < losses[0], f"loss did not fall: {losses}"
     import transformers
 
     row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default", "shape": shape, "quant": quant,

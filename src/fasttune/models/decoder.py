@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
+from fasttune.models.offload import LayerInputOffloader, offloaded_layer
 from fasttune.kernels.rmsnorm import rms_norm
 from fasttune.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
@@ -262,24 +263,34 @@ class CausalLM(nn.Module):
         ropes = self.rope_tables(position_ids, x.dtype)
         masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows), past, segment_ids)
         if cache is None:
+            offload = self._offloader(x)
             for layer in self.model.layers:
-                x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks)
+                x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks, offload)
         else:  # generation: no recompute, keys/values go to the cache
             for layer in self.model.layers:
                 x = layer(x, *ropes[layer.self_attn.rope_kind], masks, cache)
             cache.length += t
         return self.model.norm(x)
 
-    def _run_layer(self, layer, x, cos, sin, masks):
+    def _checkpoint_mode(self, x):
         mode = self.gradient_checkpointing
         if mode == "auto":  # outside the trainer, which resolves it from the batch shape: be safe on GPUs
             mode = x.is_cuda
-        if not (mode and self.training and torch.is_grad_enabled()):
+        return mode if self.training and torch.is_grad_enabled() else False
+
+    def _offloader(self, x):
+        """(offloader, anchor) for one forward pass in "offload" mode, else None (see models/offload.py)."""
+        if self._checkpoint_mode(x) != "offload":
+            return None
+        return LayerInputOffloader(x.device), torch.empty(0, device=x.device, requires_grad=True)
+
+    def _run_layer(self, layer, x, cos, sin, masks, offload=None):
+        mode = self._checkpoint_mode(x)
+        if not mode:
             return layer(x, cos, sin, masks)
-        if mode == "offload":
-            # Saved layer inputs go to (pinned) CPU memory and come back for the recompute in backward.
-            with torch.autograd.graph.save_on_cpu(pin_memory=x.is_cuda):
-                return checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
+        if offload is not None:
+            # Layer inputs go to pinned CPU memory on a side stream and come back ahead of the recompute.
+            return offloaded_layer(lambda h: layer(h, cos, sin, masks), x, *offload)
         return checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

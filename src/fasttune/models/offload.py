@@ -1,0 +1,87 @@
+"""Activation offloading for use_gradient_checkpointing="offload": each decoder layer keeps only its input, and
+that input lives in pinned CPU memory between forward and backward.
+
+Forward: the layer runs without building a graph; its input is copied to the host on a side CUDA stream while
+the next layers compute. Backward (layers in reverse): the input of layer i is already on the GPU (it was
+prefetched while layer i+1 ran its backward); layer i is recomputed from it and back-propagated, and the copy
+of layer i-1's input starts. The copies overlap compute instead of stalling it.
+
+On a CPU the same path runs with plain host copies, so the recompute logic is tested without a GPU.
+"""
+from __future__ import annotations
+
+import torch
+
+
+class LayerInputOffloader:
+    """The saved inputs of one forward pass, in layer order."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.slots: list[dict | None] = []
+
+    def save(self, x: torch.Tensor) -> int:
+        if self.side is None:
+            self.slots.append({"dev": x.detach().clone(), "event": None})
+            return len(self.slots) - 1
+        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        self.side.wait_stream(torch.cuda.current_stream(self.device))  # x must be computed before it is copied
+        with torch.cuda.stream(self.side):
+            host.copy_(x, non_blocking=True)
+        x.record_stream(self.side)  # x's memory is not reused until the copy is done
+        self.slots.append({"host": host, "dev": None, "event": None})
+        return len(self.slots) - 1
+
+    def _fetch(self, i: int):
+        slot = self.slots[i]
+        if slot is None or slot["dev"] is not None:
+            return
+        with torch.cuda.stream(self.side):
+            slot["dev"] = slot["host"].to(self.device, non_blocking=True)
+            slot["event"] = torch.cuda.Event()
+            slot["event"].record(self.side)
+
+    def load(self, i: int) -> torch.Tensor:
+        """Layer i's input on the device; starts bringing back layer i-1's."""
+        slot = self.slots[i]
+        if self.side is not None:
+            self._fetch(i)
+            main = torch.cuda.current_stream(self.device)
+            main.wait_event(slot["event"])
+            slot["dev"].record_stream(main)
+            if i > 0:
+                self._fetch(i - 1)
+        self.slots[i] = None  # frees the host copy once backward no longer needs it
+        return slot["dev"]
+
+
+class _OffloadedLayer(torch.autograd.Function):
+    """run(x) with x offloaded; `anchor` (an empty tensor that requires grad) makes the output part of the graph
+    even when x does not require grad (the first layer's input comes from a frozen embedding)."""
+
+    @staticmethod
+    def forward(ctx, x, anchor, run, offloader):
+        ctx.run, ctx.offloader = run, offloader
+        ctx.slot = offloader.save(x)
+        ctx.x_requires_grad = x.requires_grad
+        ctx.cpu_rng = torch.get_rng_state()  # dropout in LoRA must draw the same masks in the recompute
+        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        with torch.no_grad():
+            return run(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x = ctx.offloader.load(ctx.slot).detach().requires_grad_(True)
+        devices = [x.device] if x.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            torch.set_rng_state(ctx.cpu_rng)
+            if ctx.cuda_rng is not None:
+                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+            out = ctx.run(x)
+        torch.autograd.backward(out, grad)  # LoRA grads accumulate here, as in a reentrant checkpoint
+        return (x.grad if ctx.x_requires_grad else None), None, None, None
+
+
+def offloaded_layer(run, x: torch.Tensor, offloader: LayerInputOffloader, anchor: torch.Tensor) -> torch.Tensor:
+    return _OffloadedLayer.apply(x, anchor, run, offloader)
