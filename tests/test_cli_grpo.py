@@ -1,0 +1,51 @@
+"""fasttune train --method grpo: reward functions by name from flags and YAML; bad specs and rows exit 2."""
+import json
+
+from fasttune.cli import main
+
+
+def _data(tmp_path, rows=None):
+    rows = rows or [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(3)]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return str(path)
+
+
+ARGS = ["--max-steps", "2", "--batch-size", "2", "--grad-accum", "1", "--num-generations", "2",
+        "--max-completion-length", "3", "--lora-r", "4", "--no-sample"]
+
+
+def test_grpo_trains_with_named_rewards(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["train", "--method", "grpo", "--reward-funcs", "exact_match,length", "--model",
+               str(tiny_model_dir("llama")), "--data", _data(tmp_path), "--output-dir", str(out), *ARGS])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in log] == [1, 2]
+    assert {"reward", "rewards/exact_match/mean", "rewards/length/mean", "completions/mean_length"} <= set(log[0])
+
+
+def test_grpo_yaml_reward_list(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text('method: grpo\nreward_funcs: ["exact_match", "regex:^\\\\d+, ?$"]\n'
+                                       "reward_weights: [1.0, 0.5]\nbeta: 0.05\n")
+    out = tmp_path / "out"
+    rc = main(["train", "--config", str(tmp_path / "run.yaml"), "--model", str(tiny_model_dir("llama")), "--data",
+               _data(tmp_path), "--output-dir", str(out), *ARGS])
+    assert rc == 0, capsys.readouterr().err
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    assert "rewards/regex:^\\d+, ?$/mean" in log[0] and "kl" in log[0]
+
+
+def test_grpo_bad_reward_spec_and_row(tiny_model_dir, tmp_path, capsys):
+    model = str(tiny_model_dir("llama"))
+    rc = main(["train", "--method", "grpo", "--reward-funcs", "exact_match,regex:(", "--model", model, "--data",
+               _data(tmp_path), "--output-dir", str(tmp_path / "o1"), *ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "reward_funcs" in err and "not a valid regular expression" in err and "Traceback" not in err
+    rc = main(["train", "--method", "grpo", "--reward-funcs", "exact_match", "--model", model, "--data",
+               _data(tmp_path, [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2="}]),
+               "--output-dir", str(tmp_path / "o2"), *ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Row 1 of prompts.jsonl" in err and "'answer'" in err
+    assert not (tmp_path / "o2").exists()
