@@ -40,6 +40,7 @@ class SFTConfig:
     data_format: str = "auto"
     train_on_responses_only: bool = False
     drop_long: bool = False  # drop rows longer than max_seq_length instead of truncating them
+    dataset_num_proc: int | None = None  # tokenizing processes; None: 1 below 10k rows, else min(8, cpus)
     chat_template: str | None = None  # a name from fasttune.data.templates (chatml, llama-3, ...) or a Jinja string
     shuffle: bool = True
     bf16: bool | None = None
