@@ -1,18 +1,22 @@
 """Turn whatever the user passed as a dataset into a `datasets.Dataset` of rows.
 
 Accepted: a `datasets.Dataset`, a `datasets.DatasetDict` (its "train" split), a list of dicts, a pandas
-DataFrame, or a path to a .jsonl / .json / .csv / .parquet file or to a folder written by `save_to_disk`.
-Hub ids are not supported yet: nothing here touches the network.
+DataFrame, a path to a .jsonl / .json / .csv / .parquet file or to a folder written by `save_to_disk`, or a
+Hugging Face Hub dataset id ("org/name", its "train" split). A string is a hub id only when no such local path
+exists and it has the id's shape; only then is the network used (by `datasets.load_dataset`, with its cache).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
+import re
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import datasets
 
@@ -27,9 +31,11 @@ FILE_LOADERS = {
 }
 ACCEPTED_SOURCES = (
     "a JSON Lines file (.jsonl), a JSON file holding a list of objects (.json), a CSV file (.csv), "
-    "a Parquet file (.parquet), a folder written by datasets' save_to_disk, a datasets.Dataset "
-    "or a list of dicts"
+    "a Parquet file (.parquet), a folder written by datasets' save_to_disk, a Hugging Face Hub dataset id "
+    "(org/name), a datasets.Dataset or a list of dicts"
 )
+# "org/name" as the hub spells repository ids; "./x/y", "/x/y", "a/b/c" or "x/y.jsonl" are local paths.
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 def load_rows(source: Any) -> datasets.Dataset:
@@ -38,6 +44,8 @@ def load_rows(source: Any) -> datasets.Dataset:
         return _non_empty(source, "The dataset passed in")
     if isinstance(source, datasets.DatasetDict):
         return _train_split(source, "The DatasetDict passed in")
+    if isinstance(source, str) and looks_like_hub_id(source):
+        return load_hub_rows(source)
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source).expanduser())
     if isinstance(source, (list, tuple)):
@@ -59,6 +67,33 @@ def load_rows(source: Any) -> datasets.Dataset:
     raise DataError(
         f"The dataset must be {ACCEPTED_SOURCES}; got an object of type {type(source).__name__}."
     )
+
+
+def looks_like_hub_id(source: str) -> bool:
+    """True for "org/name" strings that name no existing local path (a local path always wins)."""
+    return (
+        HUB_ID.fullmatch(source) is not None
+        and Path(source).suffix.lower() not in FILE_LOADERS
+        and not Path(source).expanduser().exists()
+    )
+
+
+def load_hub_rows(dataset_id: str) -> datasets.Dataset:
+    """The "train" split of a hub dataset, through datasets' download cache (which also serves offline mode)."""
+    offline_env = [k for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if _env_true(k)]
+    # datasets reads the offline switch at import: if it was set later, datasets would still go online.
+    if offline_env and not datasets.config.HF_HUB_OFFLINE:
+        raise DataError(_hub_unreachable(dataset_id, f"{' and '.join(offline_env)} is set"))
+    if not datasets.config.HF_HUB_OFFLINE:
+        unreachable = _hub_unreachable_reason()
+        if unreachable:  # fail now rather than after huggingface_hub's ~25 s of retries
+            raise DataError(_hub_unreachable(dataset_id, unreachable))
+    try:
+        with _quiet_datasets_logger():
+            ds = datasets.load_dataset(dataset_id, split="train")
+    except Exception as e:  # network, not-found, gated, missing split and parse errors all arrive here
+        raise DataError(_hub_error_message(dataset_id, e)) from e
+    return _non_empty(ds, f"The 'train' split of the hub dataset {dataset_id}")
 
 
 def source_name(source: Any) -> str | None:
@@ -102,10 +137,7 @@ def _load_path(path: Path) -> datasets.Dataset:
     if path.is_dir():
         return _load_folder(path)
     if not path.exists():
-        raise DataError(
-            f"Dataset file not found: {path}. Check the path; accepted are {ACCEPTED_SOURCES}. "
-            "(Hugging Face Hub dataset ids are not supported yet: download the data and pass the file.)"
-        )
+        raise DataError(f"Dataset file not found: {path}. Check the path; accepted are {ACCEPTED_SOURCES}.")
     if not path.is_file():
         raise DataError(f"{path} is not a regular file or folder. Pass {ACCEPTED_SOURCES}.")
     suffix = path.suffix.lower()
@@ -191,3 +223,66 @@ def _first_bad_json_line(path: Path) -> tuple[int | None, str] | None:
     except UnicodeDecodeError as e:
         return None, f"the file is not UTF-8 text ({e})"
     return None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_unreachable_reason() -> str | None:
+    """Why the hub's host cannot be reached (no DNS, no route), or None if it can or a proxy decides."""
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+    except OSError as e:
+        return f"no network: cannot connect to {host}:{port}: {e.strerror or e}"
+    return None
+
+
+def _download_hint(dataset_id: str) -> str:
+    return (
+        "To use it without network, download it once on a machine that has network: "
+        f"`python -c \"import datasets; datasets.load_dataset('{dataset_id}', split='train')"
+        f".save_to_disk('{dataset_id.split('/')[-1]}')\"` and pass that folder (or a .jsonl/.parquet file) instead."
+    )
+
+
+def _hub_unreachable(dataset_id: str, why: str, *, cache_checked: bool = False) -> str:
+    cache = ("datasets' cache does not hold it either" if cache_checked else
+             "if an earlier run downloaded it, set HF_HUB_OFFLINE=1 (before starting Python) to use datasets' cache")
+    return (
+        f"'{dataset_id}' is not a local file or folder, and it looks like a Hugging Face Hub dataset id, but the "
+        f"hub cannot be reached ({why}); {cache}. Check the path if you meant a local file. "
+        f"{_download_hint(dataset_id)}"
+    )
+
+
+def _hub_error_message(dataset_id: str, error: Exception) -> str:
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    name = type(error).__name__
+    chain = [error, error.__cause__, error.__context__]
+    if datasets.config.HF_HUB_OFFLINE or any(
+        type(e).__name__ in ("ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout",
+                             "OfflineModeIsEnabled", "LocalEntryNotFoundError", "gaierror")
+        for e in chain if e is not None
+    ):
+        if datasets.config.HF_HUB_OFFLINE:
+            return _hub_unreachable(dataset_id, "offline mode is on", cache_checked=True)
+        return _hub_unreachable(dataset_id, f"no network: {reason}")
+    if name in ("DatasetNotFoundError", "RepositoryNotFoundError", "GatedRepoError"):
+        return (
+            f"'{dataset_id}' is not a local file or folder, and the Hugging Face Hub has no dataset by that id that "
+            f"you can access ({reason}). Check the spelling; for a private or gated dataset, log in with "
+            "`hf auth login` and accept its terms on its hub page."
+        )
+    if "split" in str(error).lower() and "train" in str(error):
+        return (
+            f"The hub dataset '{dataset_id}' has no 'train' split ({reason}). Load the split you want with "
+            f"datasets.load_dataset('{dataset_id}', split=...) and pass the Dataset."
+        )
+    return f"The hub dataset '{dataset_id}' could not be loaded ({reason}). {_download_hint(dataset_id)}"
