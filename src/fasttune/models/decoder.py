@@ -279,19 +279,19 @@ class CausalLM(nn.Module):
         return mode if self.training and torch.is_grad_enabled() else False
 
     def _offloader(self, x):
-        """(offloader, anchor) for one forward pass in "offload" mode, else None (see models/offload.py)."""
-        if self._checkpoint_mode(x) != "offload":
-            return None
-        return LayerInputOffloader(x.device), torch.empty(0, device=x.device, requires_grad=True)
-
-    def _run_layer(self, layer, x, cos, sin, masks, offload=None):
+        """(saved-input store, anchor) for one forward pass with recompute, else None (see models/offload.py)."""
         mode = self._checkpoint_mode(x)
         if not mode:
+            return None
+        store = LayerInputOffloader(x.device, offload=mode == "offload")
+        return store, torch.empty(0, device=x.device, requires_grad=True)
+
+    def _run_layer(self, layer, x, cos, sin, masks, offload=None):
+        if offload is None:
             return layer(x, cos, sin, masks)
-        if offload is not None:
-            # Layer inputs go to pinned CPU memory on a side stream and come back ahead of the recompute.
-            return offloaded_layer(lambda h: layer(h, cos, sin, masks), x, *offload)
-        return checkpoint(layer, x, cos, sin, masks, use_reentrant=False)
+        # Only the layer input is kept (with "offload": in pinned CPU memory, copied on a side stream and
+        # brought back ahead of the recompute); backward recomputes the layer from it.
+        return offloaded_layer(lambda h: layer(h, cos, sin, masks), x, *offload)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return logits_from_hidden(hidden, self.lm_head.weight, self.config.final_logit_softcap)

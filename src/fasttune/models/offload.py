@@ -1,5 +1,5 @@
-"""Activation offloading for use_gradient_checkpointing="offload": each decoder layer keeps only its input, and
-that input lives in pinned CPU memory between forward and backward.
+"""Per-layer recompute for use_gradient_checkpointing=True / "offload": each decoder layer keeps only its input;
+with "offload" that input lives in pinned CPU memory between forward and backward.
 
 Forward: the layer runs without building a graph; its input is copied to the host on a side CUDA stream while
 the next layers compute. Backward (layers in reverse): the input of layer i is already on the GPU (it was
@@ -14,16 +14,18 @@ import torch
 
 
 class LayerInputOffloader:
-    """The saved inputs of one forward pass, in layer order."""
+    """The saved inputs of one forward pass, in layer order. offload=False keeps them on the device: plain
+    per-layer recompute through the same path (cheaper than torch.utils.checkpoint's saved-tensor hooks)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, offload: bool = True):
         self.device = device
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" and offload else None
         self.slots: list[dict | None] = []
 
     def save(self, x: torch.Tensor) -> int:
         if self.side is None:
-            self.slots.append({"dev": x.detach().clone(), "event": None})
+            # On the device (or a CPU): keep the tensor itself; a layer never writes into its input.
+            self.slots.append({"dev": x.detach(), "event": None})
             return len(self.slots) - 1
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         self.side.wait_stream(torch.cuda.current_stream(self.device))  # x must be computed before it is copied
