@@ -67,8 +67,11 @@ def plot(history: list[dict], path: Path):
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history if "reward" in h]
+    rewards = [h["reward"] for h in history if "reward" in h]
+    smooth = [sum(rewards[max(0, i - 4):i + 1]) / len(rewards[max(0, i - 4):i + 1]) for i in range(len(rewards))]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
-    ax.plot(steps, [h["reward"] for h in history if "reward" in h], label="mean reward (sampled)", color="tab:green")
+    ax.plot(steps, rewards, label="mean reward (sampled)", color="tab:green", alpha=0.5)
+    ax.plot(steps, smooth, label="mean reward, 5-step running mean", color="tab:green", linewidth=2)
     for key, color in (("rewards/exact_match/mean", "tab:blue"), ("rewards/contains_sum/mean", "tab:orange")):
         ax.plot(steps, [h[key] for h in history if "reward" in h], "--", label=key, color=color, alpha=0.7)
     ax.set_xlabel("step")
