@@ -7,6 +7,7 @@ import pytest
 
 from fasttune.data import tokenize_rows
 from fasttune.data.encode import SFTEncoder
+from fasttune.data.examples import TokenizedExamples
 from fasttune.data.tokenize import resolve_num_proc
 from fasttune.errors import ConfigError, DataError
 from tiny_tokenizer import make_tiny_tokenizer
@@ -129,6 +130,7 @@ def test_two_processes_give_the_same_examples(tmp_path, hf_cache, tiny_tokenizer
         two = tokenize_rows(path, tiny_tokenizer, num_proc=2, **settings)
         listed = tokenize_rows(rows, tiny_tokenizer, num_proc=2, **settings)  # a list through Arrow
     assert one == two == listed and len(one) == len(rows)
+    assert isinstance(one, list) and isinstance(two, TokenizedExamples)  # Arrow-backed when from a dataset
     assert cache_files(hf_cache)
 
 

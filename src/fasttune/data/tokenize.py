@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from fasttune.data import formats
 from fasttune.data.encode import IGNORE_INDEX, NO_TARGET, TOO_LONG, TRUNCATED, SFTEncoder
+from fasttune.data.examples import TokenizedExamples
 from fasttune.data.sources import load_rows, source_name as _source_name
 from fasttune.errors import ConfigError, DataError
 
@@ -62,8 +64,9 @@ def tokenize_rows(
     chat_template: str | None = None,
     drop_long: bool = False,
     num_proc: int | None = None,
-) -> list[dict[str, list[int]]]:
-    """Tokenize every row; return examples with equal-length `input_ids` and `labels`.
+) -> Sequence[dict[str, list[int]]]:
+    """Tokenize every row; return examples with equal-length `input_ids` and `labels`: a list for a list of rows,
+    else a TokenizedExamples (the same dicts, read from Arrow columns on access).
 
     `rows` is a datasets.Dataset, a list of dicts, or anything `load_rows` accepts (a path names itself in
     error messages; otherwise pass `source_name`). Examples are truncated to `max_seq_length`; examples left
@@ -96,13 +99,13 @@ def tokenize_rows(
         rows = _list_to_dataset(rows)  # worker processes need Arrow shards; stays a list if it cannot convert
     if isinstance(rows, list):
         input_ids, labels, fates = _encode_in_process(rows, encoder)
-    else:
-        keep = formats.required_columns(fmt, dataset_text_field) + formats.OPTIONAL_COLUMNS.get(fmt, ())
-        rows = rows.select_columns([c for c in keep if c in columns])  # read only the columns the layout uses
-        input_ids, labels, fates = _encode_with_map(rows, encoder, procs)
-
+        _report(fates, len(fates), source_name or "the dataset", max_seq_length, train_on_responses_only)
+        return [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
+    keep = formats.required_columns(fmt, dataset_text_field) + formats.OPTIONAL_COLUMNS.get(fmt, ())
+    rows = rows.select_columns([c for c in keep if c in columns])  # read only the columns the layout uses
+    examples, fates = _encode_with_map(rows, encoder, procs)
     _report(fates, len(fates), source_name or "the dataset", max_seq_length, train_on_responses_only)
-    return [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
+    return examples
 
 
 def _encode_in_process(rows: list, encoder: SFTEncoder) -> tuple[list, list, np.ndarray]:
@@ -117,7 +120,7 @@ def _encode_in_process(rows: list, encoder: SFTEncoder) -> tuple[list, list, np.
     return input_ids, labels, np.asarray(fates, dtype=np.int8)
 
 
-def _encode_with_map(ds: datasets.Dataset, encoder: SFTEncoder, procs: int) -> tuple[list, list, np.ndarray]:
+def _encode_with_map(ds: datasets.Dataset, encoder: SFTEncoder, procs: int) -> tuple[TokenizedExamples, np.ndarray]:
     # Batched: one Python call per MAP_BATCH_SIZE rows instead of per row (datasets' per-call overhead), with the
     # same per-row encoding, so a bad row still raises its own DataError (from a worker too: datasets re-raises
     # it in this process).
@@ -131,8 +134,7 @@ def _encode_with_map(ds: datasets.Dataset, encoder: SFTEncoder, procs: int) -> t
     input_ids, labels = table.column("input_ids"), table.column("labels")
     if not kept.all():
         input_ids, labels = pc.filter(input_ids, kept), pc.filter(labels, kept)
-    # The trainer, packer and collator index Python lists; to_pylist is the fast way out of Arrow.
-    return input_ids.to_pylist(), labels.to_pylist(), fates
+    return TokenizedExamples(input_ids, labels), fates
 
 
 def _list_to_dataset(rows: list) -> datasets.Dataset | list:
