@@ -10,16 +10,20 @@ import operator
 from collections.abc import Sequence
 from itertools import accumulate
 
+import numpy as np
 import pyarrow as pa
 
 
 class TokenizedExamples(Sequence):
     def __init__(self, input_ids: pa.ChunkedArray, labels: pa.ChunkedArray):
-        # Chunks are kept as they are: combining them could overflow a list array's int32 offsets (2^31 tokens).
-        self._ids = [c for c in input_ids.chunks if len(c)]
-        self._starts = list(accumulate((len(c) for c in self._ids), initial=0))
+        # Per chunk, numpy views of the offsets and the flat values (zero-copy): a row is values[o[j]:o[j + 1]],
+        # ~10x faster to read than through pyarrow scalars. Chunks are not combined: that could overflow a list
+        # array's int32 offsets (2^31 tokens).
+        chunks = [c for c in input_ids.chunks if len(c)]
+        self._starts = list(accumulate((len(c) for c in chunks), initial=0))
+        self._ids = [_flat(c) for c in chunks]
         # Labels chunked like the ids (they are when both come from one table; slicing is then zero-copy).
-        self._labels = [labels.slice(s, len(c)).combine_chunks() for s, c in zip(self._starts, self._ids)]
+        self._labels = [_flat(labels.slice(s, len(c)).combine_chunks()) for s, c in zip(self._starts, chunks)]
 
     def __len__(self) -> int:
         return self._starts[-1]
@@ -34,8 +38,8 @@ class TokenizedExamples(Sequence):
             raise IndexError(f"example index {index} out of range for {len(self)} examples")
         chunk = bisect.bisect_right(self._starts, i) - 1
         j = i - self._starts[chunk]
-        return {"input_ids": self._ids[chunk][j].values.to_pylist(),
-                "labels": self._labels[chunk][j].values.to_pylist()}
+        (io, iv), (lo, lv) = self._ids[chunk], self._labels[chunk]
+        return {"input_ids": iv[io[j]:io[j + 1]].tolist(), "labels": lv[lo[j]:lo[j + 1]].tolist()}
 
     def __eq__(self, other):
         if isinstance(other, Sequence) and not isinstance(other, (str, bytes)):
@@ -46,3 +50,8 @@ class TokenizedExamples(Sequence):
 
     def __repr__(self) -> str:
         return f"TokenizedExamples({len(self)} examples)"
+
+
+def _flat(chunk: pa.ListArray) -> tuple[np.ndarray, np.ndarray]:
+    # `offsets` honours a sliced chunk's offset and `values` ignores it, so together they address the right rows.
+    return chunk.offsets.to_numpy(), chunk.values.to_numpy()
