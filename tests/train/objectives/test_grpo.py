@@ -173,7 +173,7 @@ def test_grad_accumulation_equivalence(tiny_dir, tmp_path, loss_type):
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
         randomize_lora_b(model)
         args = GRPOConfig(output_dir=str(tmp_path / f"{bs}x{ga}"), per_device_train_batch_size=bs,
-                          gradient_accumulation_steps=ga, num_generations=2, max_completion_length=6, max_steps=2,
+                          gradient_accumulation_steps=ga, num_generations=2, max_completion_length=6, max_steps=1,
                           loss_type=loss_type, beta=0.05, learning_rate=1e-2, shuffle=False, max_grad_norm=0.0)
         tr = FixedCompletions(model, reward_funcs=REWARDS, args=args, train_dataset=ROWS, processing_class=tok)
         tr.train()
