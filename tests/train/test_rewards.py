@@ -3,7 +3,7 @@ import pytest
 
 from fasttune import GRPOConfig
 from fasttune.errors import ConfigError
-from fasttune.train.rewards import builtin_reward, resolve_reward_funcs, reward_name, split_specs
+from fasttune.train.rewards import builtin_reward, required_columns, resolve_reward_funcs, reward_name, split_specs
 
 
 def _call(func, completions, **columns):
@@ -57,3 +57,13 @@ def test_no_reward_function_and_non_callables():
         resolve_reward_funcs([], 8)
     with pytest.raises(ConfigError, match="neither a built-in name nor a callable"):
         resolve_reward_funcs([3], 8)
+
+
+def test_required_columns_from_signatures():
+    def f(prompts, completions, answer, difficulty=1, **kwargs):
+        return [0.0] * len(completions)
+
+    assert required_columns(f) == ("answer",)
+    assert required_columns(builtin_reward("exact_match", 8)) == ("answer",)
+    assert required_columns(builtin_reward("length", 8)) == ()
+    assert required_columns(len) == ()

@@ -13,6 +13,7 @@ Built-in names:
 """
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Callable, Sequence
 
@@ -126,6 +127,20 @@ def resolve_reward_funcs(funcs, max_completion_length: int, field: str = "reward
         else:
             raise ConfigError(f"{field}: {item!r} is neither a built-in name nor a callable.")
     return out
+
+
+def required_columns(func) -> tuple[str, ...]:
+    """Dataset columns a reward function needs: `needs_columns` of the built-ins, else the keyword parameters of
+    its signature without defaults (so a missing column is a DataError naming the row, not a TypeError later)."""
+    if hasattr(func, "needs_columns"):
+        return tuple(func.needs_columns)
+    try:
+        params = inspect.signature(func).parameters.values()
+    except (TypeError, ValueError):  # builtins and some C callables have no signature
+        return ()
+    own = ("prompts", "completions", "completion_ids")
+    return tuple(p.name for p in params if p.default is p.empty and p.name not in own
+                 and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 
 
 def reward_name(func) -> str:

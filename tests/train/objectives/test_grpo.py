@@ -215,6 +215,11 @@ def test_errors_name_the_field(tiny_dir, tmp_path):
     with pytest.raises(DataError, match=r"Row 0 .*'answer'.*exact_match"):
         GRPOTrainer(model, reward_funcs=["exact_match"], args=GRPOConfig(**args), train_dataset=[{"prompt": "x"}],
                     processing_class=tok)
+    def by_level(prompts, completions, level, **_):
+        return [0.0] * len(completions)
+
+    with pytest.raises(DataError, match=r"Row 0 .*'level'.*by_level"):
+        GRPOTrainer(model, reward_funcs=[by_level], args=GRPOConfig(**args), train_dataset=ROWS, processing_class=tok)
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**{**args, "per_device_train_batch_size": 3}),
                     train_dataset=ROWS, processing_class=tok)

@@ -21,7 +21,7 @@ from fasttune.train.loop import Trainer
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
 from fasttune.train.objectives.reference import adapters_disabled, require_reference
-from fasttune.train.rewards import resolve_reward_funcs, reward_name
+from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
 
@@ -77,7 +77,7 @@ class GRPOTrainer(Trainer):
         if limit < 1:
             raise ConfigError(f"max_completion_length={a.max_completion_length} leaves no room for the prompt within "
                               f"max_seq_length={min(a.max_seq_length, model_limit)}; lower max_completion_length.")
-        needed = sorted({c for f in self.reward_funcs for c in getattr(f, "needs_columns", ())})
+        needed = sorted({c for f in self.reward_funcs for c in required_columns(f)})
         examples = []
         for i, row in enumerate(rows):
             where = row_label(i, name)
@@ -97,8 +97,7 @@ class GRPOTrainer(Trainer):
                                                    return_dict=True)["input_ids"])
             for col in needed:
                 if row.get(col) is None:
-                    users = [n for f, n in zip(self.reward_funcs, self.reward_names)
-                             if col in getattr(f, "needs_columns", ())]
+                    users = [n for f, n in zip(self.reward_funcs, self.reward_names) if col in required_columns(f)]
                     raise DataError(f"{where}: field '{col}' is missing or null; the reward function "
                                     f"{', '.join(users)} compares each completion with it. Give every row '{col}'.")
             if not ids:
