@@ -10,7 +10,37 @@ On a CPU the same path runs with plain host copies, so the recompute logic is te
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
+
+HOST_MARGIN_BYTES = 8 << 30  # left free for the process itself, the data and the OS
+
+
+@lru_cache(maxsize=1)
+def host_offload_budget() -> int:
+    """Bytes of pinned host memory that offloaded layer inputs may use, measured once per process (later the
+    caching host allocator holds the earlier steps' buffers, which then no longer count as available)."""
+    available = _meminfo_available()
+    for path, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                       ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            limit, current = open(path).read().strip(), int(open(used).read())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit():
+            available = min(available, int(limit) - current)
+    return max(0, int(available * 0.9) - HOST_MARGIN_BYTES)
+
+
+def _meminfo_available() -> int:
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62  # unknown: do not limit
 
 
 class LayerInputOffloader:
@@ -21,12 +51,17 @@ class LayerInputOffloader:
         self.device = device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" and offload else None
         self.slots: list[dict | None] = []
+        self.host_left = host_offload_budget() if self.side is not None else 0
 
     def save(self, x: torch.Tensor) -> int:
-        if self.side is None:
-            # On the device (or a CPU): keep the tensor itself; a layer never writes into its input.
+        nbytes = x.numel() * x.element_size()
+        if self.side is None or nbytes > self.host_left:
+            # Kept on the device: no offloading asked for, a CPU, or host memory is used up (very long
+            # sequences: the remaining layers' inputs stay on the GPU instead of the OS killing the process).
+            # The tensor itself is kept: a layer never writes into its input.
             self.slots.append({"dev": x.detach(), "event": None})
             return len(self.slots) - 1
+        self.host_left -= nbytes
         host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
         self.side.wait_stream(torch.cuda.current_stream(self.device))  # x must be computed before it is copied
         with torch.cuda.stream(self.side):
@@ -38,7 +73,7 @@ class LayerInputOffloader:
     def _fetch(self, i: int):
         slot = self.slots[i]
         if slot is None or slot["dev"] is not None:
-            return
+            return  # freed, fetched already, or never left the device
         with torch.cuda.stream(self.side):
             slot["dev"] = slot["host"].to(self.device, non_blocking=True)
             slot["event"] = torch.cuda.Event()
@@ -50,8 +85,9 @@ class LayerInputOffloader:
         if self.side is not None:
             self._fetch(i)
             main = torch.cuda.current_stream(self.device)
-            main.wait_event(slot["event"])
-            slot["dev"].record_stream(main)
+            if slot["event"] is not None:
+                main.wait_event(slot["event"])
+                slot["dev"].record_stream(main)
             if i > 0:
                 self._fetch(i - 1)
         self.slots[i] = None  # frees the host copy once backward no longer needs it
