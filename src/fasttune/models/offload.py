@@ -43,6 +43,43 @@ def _meminfo_available() -> int:
     return 1 << 62  # unknown: do not limit
 
 
+class _HostPool:
+    """Page-locked host buffers, reused across steps. torch's pinned allocator rounds every block up to a power
+    of two (a 3.4 GB layer input at 400K tokens takes 4 GiB), so buffers are plain host byte tensors registered
+    with CUDA instead: exactly the bytes asked for, pinned once and reused while the sizes fit."""
+
+    def __init__(self):
+        self.idle: list[torch.Tensor] = []
+        self.registered: set[int] = set()
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        fits = [b for b in self.idle if nbytes <= b.numel() <= nbytes * 5 // 4]
+        if fits:
+            buf = min(fits, key=torch.Tensor.numel)
+            self.idle.remove(buf)
+            return buf
+        self.release_idle()  # other sizes (another sequence length): give their pages back first
+        buf = torch.empty(nbytes, dtype=torch.uint8)
+        if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
+            self.registered.add(buf.data_ptr())
+        else:  # registration refused (e.g. locked-memory limits): torch's own pinned memory
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        return buf
+
+    def put(self, buf: torch.Tensor):
+        self.idle.append(buf)
+
+    def release_idle(self):
+        for buf in self.idle:
+            if buf.data_ptr() in self.registered:
+                torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
+                self.registered.discard(buf.data_ptr())
+        self.idle = []  # dropping the references frees the memory
+
+
+_POOL = _HostPool()
+
+
 class LayerInputOffloader:
     """The saved inputs of one forward pass, in layer order. offload=False keeps them on the device: plain
     per-layer recompute through the same path (cheaper than torch.utils.checkpoint's saved-tensor hooks)."""
@@ -62,12 +99,13 @@ class LayerInputOffloader:
             self.slots.append({"dev": x.detach(), "event": None})
             return len(self.slots) - 1
         self.host_left -= nbytes
-        host = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        buf = _POOL.get(nbytes)
+        host = buf[:nbytes].view(x.dtype).view(x.shape)
         self.side.wait_stream(torch.cuda.current_stream(self.device))  # x must be computed before it is copied
         with torch.cuda.stream(self.side):
             host.copy_(x, non_blocking=True)
         x.record_stream(self.side)  # x's memory is not reused until the copy is done
-        self.slots.append({"host": host, "dev": None, "event": None})
+        self.slots.append({"host": host, "buf": buf, "dev": None, "event": None})
         return len(self.slots) - 1
 
     def _fetch(self, i: int):
@@ -88,6 +126,8 @@ class LayerInputOffloader:
             if slot["event"] is not None:
                 main.wait_event(slot["event"])
                 slot["dev"].record_stream(main)
+                slot["event"].synchronize()  # the copy from the host buffer is done: it may be reused
+                _POOL.put(slot["buf"])
             if i > 0:
                 self._fetch(i - 1)
         self.slots[i] = None  # frees the host copy once backward no longer needs it
