@@ -31,6 +31,24 @@ def test_train_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
     assert "Sample after training" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("quant, kind", [("int4", "nf4"), ("int8", "int8")])
+def test_train_quantized_base(quant, kind, tiny_model_dir, tmp_path, capsys):
+    import torch
+
+    from fasttune import FastLanguageModel
+
+    out = tmp_path / "out"
+    rc = main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(_rows(tmp_path / "d.jsonl")),
+               "--output-dir", str(out), "--max-steps", "2", "--lora-r", "4", "--quantization", quant])
+    assert rc == 0
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    assert all(h["grad_norm"] > 0 for h in log)
+    model, _ = FastLanguageModel.from_pretrained(str(out / "adapter"), load_in_4bit=kind == "nf4",
+                                                 load_in_8bit=kind == "int8")
+    assert model.model.layers[0].mlp.up_proj.base_layer.quant_type == kind
+    assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
+
+
 def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(f"model: {tiny_model_dir('llama')}\nlearning-rate: 0.005\nlora_r: 8\n"
                                        f"max_steps: 2\n")
@@ -49,7 +67,7 @@ def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
     (lambda d, t: ["--lr-scheduler-type", "wavy"], "wavy"),
     (lambda d, t: ["--method", "ppo"], "ppo"),
     (lambda d, t: ["--method", "dpo"], "needs --data"),
-    (lambda d, t: ["--quantization", "int4"], "int4"),
+    (lambda d, t: ["--quantization", "int2"], "int2"),
 ])
 def test_user_errors(make_args, match, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out"

@@ -62,8 +62,8 @@ def test_save_to_disk_folder_is_kept(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--quantization", "int4"], "--quantization int4 is not available yet"),
-    (["--quantization", "int8"], "--quantization int8 is not available yet"),
+    (["--quantization", "int2"], "--quantization int2 is not understood"),
+    (["--quantization", "int8", "--full-finetuning"], "cannot be combined with --full-finetuning"),
     (["--trainer", "ppo"], "--method ppo is not a training method"),
     (["--trainer", "dpo"], "--method dpo needs --data"),
     (["--peft", "false"], "--full-finetuning"),

@@ -58,7 +58,7 @@ CASES = {
     "flag target module": (lambda t, m: ["--target-modules", "foo_proj"], "foo_proj"),
     "flag modules to save": (lambda t, m: ["--modules-to-save", "norm"], "norm"),
     "flag dtype": (lambda t, m: ["--dtype", "float8"], "float8"),
-    "flag quantization": (lambda t, m: ["--quantization", "int4"], "int4"),
+    "flag quantization": (lambda t, m: ["--quantization", "fp3"], "fp3"),
     "flag method": (lambda t, m: ["--method", "ppo"], "ppo"),
     "model missing": (lambda t, m: ["--model", str(t / "no-model")], "no-model"),
     "model file not gguf": (lambda t, m: ["--model", str(_file(t, "w.bin", "x"))], "w.bin"),

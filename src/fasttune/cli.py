@@ -29,7 +29,7 @@ RUN_OPTIONS = {
     "modules_to_save": (str, None, "comma-separated: embed_tokens,lm_head"),
     "use_rslora": (bool, False, "rank-stabilised LoRA scaling (alpha / sqrt(r))"),
     "full_finetuning": (bool, False, "train all weights instead of LoRA"),
-    "quantization": (str, "none", "none (int4/int8 are not available yet)"),
+    "quantization": (str, "none", "frozen base weights: none | int4 (= nf4, QLoRA) | int8"),
     "dtype": (str, None, "float32 | bfloat16 | float16 (default: bf16 on capable GPUs, fp32 on CPU)"),
     "gradient_checkpointing": (str, "auto", "auto | true | false | offload"),
     "sample_prompt": (str, None, "prompt for the before/after sample (default: one from the data)"),
@@ -43,6 +43,7 @@ RUN_OPTIONS = {
                                           "from/value) are detected and mapped automatically"),
 }
 # Short aliases from DESIGN.md's CLI, and autotrain's names (`autotrain llm` commands run with `fasttune train`).
+QUANTIZATIONS = {"none": None, "int4": "nf4", "nf4": "nf4", "int8": "int8"}
 ALIASES = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
            "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "embedding_lr": "embedding_learning_rate",
            "trainer": "method", "project_name": "output_dir", "data_path": "data"}
@@ -229,8 +230,13 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     if run["peft"] and run["full_finetuning"]:
         raise ConfigError("--peft and --full-finetuning contradict each other: choose LoRA (--peft) or training all "
                           "weights (--full-finetuning).")
-    if run["quantization"] != "none":
-        raise ConfigError(f"--quantization {run['quantization']} is not available yet; use --quantization none.")
+    run["quantization"] = str(run["quantization"]).lower()
+    if run["quantization"] not in QUANTIZATIONS:
+        raise ConfigError(f"--quantization {run['quantization']} is not understood: use none, int4 (NF4, QLoRA) or "
+                          f"int8.")
+    if run["quantization"] != "none" and run["full_finetuning"]:
+        raise ConfigError(f"--quantization {run['quantization']} freezes the base weights, so it cannot be combined "
+                          f"with --full-finetuning; train LoRA adapters instead (drop --full-finetuning).")
     return run, sft
 
 
@@ -307,7 +313,9 @@ def _train(run: dict, sft: SFTConfig, out: Path):
         warnings.simplefilter("always", FallbackWarning)
         model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=sft.max_seq_length,
                                                        dtype=run["dtype"], full_finetuning=run["full_finetuning"],
-                                                       fast=not run["no_fast"])
+                                                       fast=not run["no_fast"],
+                                                       load_in_4bit=QUANTIZATIONS[run["quantization"]] == "nf4",
+                                                       load_in_8bit=QUANTIZATIONS[run["quantization"]] == "int8")
     for w in caught:  # the fallback notice as one line of our own; other warnings as Python shows them
         if issubclass(w.category, FallbackWarning):
             print(f"fasttune: warning: {w.message}", file=sys.stderr)
