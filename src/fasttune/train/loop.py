@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
 from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fasttune.train.memory_report import PhaseMemory
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.reporters import open_reporters
 from fasttune.train.distributed import Dist
@@ -194,6 +195,7 @@ class Trainer:
             self.dist.barrier()
             return path
 
+        memory = PhaseMemory(model.device)  # peak GiB per phase in the log (GPU only)
         with GracefulStop() as stop:
             while step < total and not self.dist.any(bool(stop.requested)):
                 epoch, micro, group = next(batches)
@@ -204,6 +206,7 @@ class Trainer:
                     continue  # nothing to learn from; the SFT data path drops such rows before this
                 lr = optimizer.param_groups[0]["lr"]
                 step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler)
+                memory.mark("forward_backward")
                 tokens_done += int(self.dist.sum(n_tokens))
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
                     optimizer.zero_grad(set_to_none=True)
@@ -223,6 +226,7 @@ class Trainer:
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
+                memory.mark("optimizer")
                 step += 1
                 losses.append(step_loss)
                 window.append(step_loss)
@@ -232,7 +236,8 @@ class Trainer:
                 if step % args.logging_steps == 0 or step == total:
                     self._log({"step": step, "epoch": round(epoch + micro / n_micro, 4),
                                "loss": sum(window) / len(window), "learning_rate": lr, "grad_norm": grad_norm,
-                               "tokens_per_second": tokens_done / max(elapsed, 1e-9), **self.log_metrics()}, log_path)
+                               "tokens_per_second": tokens_done / max(elapsed, 1e-9), **self.log_metrics(),
+                               **memory.report()}, log_path)
                     window = []
                 if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
                     self._log({"step": step, **self.evaluate()}, log_path)
