@@ -66,6 +66,7 @@ def test_save_to_disk_folder_is_kept(capsys, tmp_path):
     (["--quantization", "int8", "--full-finetuning"], "cannot be combined with --full-finetuning"),
     (["--trainer", "ppo"], "--method ppo is not a training method"),
     (["--trainer", "dpo"], "--method dpo needs --data"),
+    (["--trainer", "grpo", "--reward-funcs", "length"], "--method grpo needs --data"),
     (["--peft", "false"], "--full-finetuning"),
     (["--peft", "--full-finetuning"], "contradict"),
 ])

@@ -223,6 +223,9 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
         raise ConfigError(f"--method {method} needs --data with preference rows (prompt/chosen/rejected"
                           f"{', or prompt/completion/label' if method == 'kto' else ''}); the bundled demo set is "
                           f"for SFT.")
+    if method == "grpo" and not run["data"]:
+        raise ConfigError("--method grpo needs --data with prompt rows (a `prompt` column, plus any columns your "
+                          "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
     run["data"] = _data_file(run["data"])
     if run["peft"] is False and not run["full_finetuning"]:
         raise ConfigError("--peft false: fasttune trains LoRA adapters unless --full-finetuning is given; pass "
