@@ -1,0 +1,43 @@
+"""Where a LoRA training step spends GPU time: torch.profiler over a few steps of bench_lora's setup, top kernels
+by CUDA time. Usage on a GPU machine: python bench/profile_lora.py --shape llama-3.1-8b --gc off [--quant nf4]"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+from bench_lora import SHAPES, build_ours
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--gc", choices=["on", "off", "offload"], default="off")
+    ap.add_argument("--quant", choices=["none", "nf4"], default="none")
+    ap.add_argument("--bs", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--top", type=int, default=25)
+    a = ap.parse_args()
+    torch.manual_seed(0)
+    model = build_ours(a.shape, a.gc, 16, a.quant)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.bs, a.seq), device="cuda")
+
+    def step():
+        model(input_ids=ids, labels=ids).loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
+
+
+if __name__ == "__main__":
+    main()
