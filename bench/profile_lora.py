@@ -16,6 +16,7 @@ def main():
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = build_ours(a.shape, a.gc, 16, a.quant)
@@ -32,11 +33,16 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if a.ops else [])
+    with torch.profiler.profile(activities=acts, record_shapes=a.ops) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
+    if a.ops:  # aten ops with their input shapes: which call launches the expensive kernels
+        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=a.top,
+                                                                 max_name_column_width=40, max_shapes_column_width=90))
+    else:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
 
 
 if __name__ == "__main__":
