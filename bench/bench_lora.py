@@ -124,7 +124,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)  # both sides: transformers' default
     g = torch.Generator(device="cuda").manual_seed(1)
     vocab = SHAPES[shape]["vocab_size"]
     batches = [torch.randint(0, vocab, (bs, seq), device="cuda", generator=g) for _ in range(2)]

@@ -21,7 +21,7 @@ def main():
     torch.manual_seed(0)
     model = build_ours(a.shape, a.gc, 16, a.quant)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3)
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
     ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.bs, a.seq), device="cuda")
 
     def step():

@@ -25,8 +25,13 @@ class CausalLMOutput:
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None  # sum of target-token losses (for gradient-accumulation normalisation)
-    num_targets: int | None = None
+    target_count: torch.Tensor | int | None = None
     past_key_values: "KVCache | None" = None
+
+    @property
+    def num_targets(self) -> int | None:
+        # Read on demand: int() waits for the GPU, which a training step given num_items_in_batch never needs.
+        return None if self.target_count is None else int(self.target_count)
 
 
 class KVCache:
@@ -312,8 +317,8 @@ class CausalLM(nn.Module):
             out.loss_sum = chunked_linear_cross_entropy(
                 hidden[:, :-1].reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted,
                 self.config.final_logit_softcap)
-            out.num_targets = int((shifted != -100).sum())
-            denom = num_items_in_batch if num_items_in_batch is not None else max(out.num_targets, 1)
+            out.target_count = (shifted != -100).sum()
+            denom = num_items_in_batch if num_items_in_batch is not None else out.target_count.clamp(min=1)
             out.loss = out.loss_sum / denom
         return out
 

@@ -182,8 +182,9 @@ class FallbackModel(nn.Module):
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
             out.loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
                                            ignore_index=-100, reduction="sum")
-            out.num_targets = int((shifted != -100).sum())
-            out.loss = out.loss_sum / (num_items_in_batch if num_items_in_batch is not None else max(out.num_targets, 1))
+            out.target_count = (shifted != -100).sum()
+            out.loss = out.loss_sum / (num_items_in_batch if num_items_in_batch is not None
+                                       else out.target_count.clamp(min=1))
         return out
 
     @torch.no_grad()

@@ -25,7 +25,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     if embed:
         lr = cfg.learning_rate if cfg.embedding_learning_rate is None else cfg.embedding_learning_rate
         groups.append({"params": embed, "lr": lr})
-    fused = cfg.optim == "adamw_torch_fused" and all(p.is_cuda for g in groups for p in g["params"])
+    # "adamw" on a GPU takes torch's fused kernel (transformers' default, adamw_torch_fused): the same update in
+    # one launch instead of ~10 ms of foreach kernels per step at 8B LoRA; "adamw_torch" keeps the foreach one.
+    fused = cfg.optim in ("adamw", "adamw_torch_fused") and all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                              weight_decay=cfg.weight_decay, fused=fused or None)
 
