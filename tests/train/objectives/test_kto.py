@@ -1,9 +1,7 @@
 """KTO against TRL 1.16's KTOTrainer (loss and gradients on one batch, KL from mismatched pairs), and gradient
 accumulation."""
 import pytest
-import torch
-from peft_oracle import randomize_lora_b
-from preference_oracle import (assert_same_step, first_logged_loss, lora_pair, our_step, trl_args, trl_step,
+from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step, trl_args, trl_step,
                                unpaired_rows)
 
 from fasttune import FastLanguageModel, KTOConfig, KTOTrainer
@@ -42,27 +40,10 @@ def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
         assert ours.log_history[0]["kl"] == pytest.approx(theirs._metrics["train"]["kl"][-1], abs=2e-5)
 
 
-def _trained(folder, tmp_path, bs, ga):
-    model, tok = FastLanguageModel.from_pretrained(str(folder))
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
-    randomize_lora_b(model)  # LoRA A gets real gradients from step 1 (Adam magnifies noise in near-zero ones)
-    args = _args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                 max_steps=2, shuffle=True)
-    trainer = KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(8), args=args)
-    trainer.train()
-    return trainer, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
 def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
     """The KL estimate and the mean run over the whole accumulated batch, so micro-batching does not change them."""
-    folder = tiny_model_dir("llama")
-    ta, a = _trained(folder, tmp_path, 4, 1)
-    tb, b = _trained(folder, tmp_path, 1, 4)
-    la, lb = ([h["loss"] for h in t.log_history] for t in (ta, tb))
-    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
-    assert all("kl" in h for h in ta.log_history)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    trainer = assert_ga_invariant(KTOTrainer, _args, unpaired_rows(8), tiny_model_dir("llama"), tmp_path)
+    assert all("kl" in h for h in trainer.log_history)
 
 
 def test_needs_adapters(tiny_model_dir, tmp_path):

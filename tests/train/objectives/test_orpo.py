@@ -1,11 +1,9 @@
 """ORPO against TRL 1.16's experimental ORPOTrainer (loss and gradients on one batch), and gradient accumulation."""
 import pytest
-import torch
-from peft_oracle import randomize_lora_b
-from preference_oracle import (assert_same_step, first_logged_loss, lora_pair, our_step, pair_rows, trl_args,
+from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step, pair_rows, trl_args,
                                trl_step)
 
-from fasttune import FastLanguageModel, ORPOConfig, ORPOTrainer
+from fasttune import ORPOConfig, ORPOTrainer
 
 
 def _args(tmp_path, **kw):
@@ -47,23 +45,6 @@ def test_loss_and_grads_equal_trl(tiny_model_dir, tmp_path):
     assert {"rewards/chosen", "rewards/margins", "nll_loss", "log_odds_ratio"} <= set(ours.log_history[0])
 
 
-def _trained(folder, tmp_path, bs, ga):
-    model, tok = FastLanguageModel.from_pretrained(str(folder))
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
-    randomize_lora_b(model)  # LoRA A gets real gradients from step 1 (Adam magnifies noise in near-zero ones)
-    args = _args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
-                 max_steps=2, shuffle=True)
-    trainer = ORPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(8), args=args)
-    trainer.train()
-    return trainer, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
-
-
 def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
     """Both terms are means over the whole accumulated batch: chosen tokens for the NLL, pairs for the odds ratio."""
-    folder = tiny_model_dir("llama")
-    ta, a = _trained(folder, tmp_path, 4, 1)
-    tb, b = _trained(folder, tmp_path, 1, 4)
-    la, lb = ([h["loss"] for h in t.log_history] for t in (ta, tb))
-    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
+    assert_ga_invariant(ORPOTrainer, _args, pair_rows(8), tiny_model_dir("llama"), tmp_path)
