@@ -141,8 +141,9 @@ class Trainer:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
 
-    def _step_batches(self, start_epoch: int, start_micro: int):
-        """Yields (epoch, next micro index, [batches]) per optimizer step; epochs repeat until the caller stops."""
+    def _step_groups(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [example indices per micro-batch]) per optimizer step, all ranks'
+        micro-batches included; epochs repeat until the caller stops."""
         ga = self.args.gradient_accumulation_steps * self.dist.world
         epoch, micro = start_epoch, start_micro
         while True:
@@ -150,8 +151,13 @@ class Trainer:
             while micro < len(batches):
                 group = batches[micro:micro + ga]
                 micro += len(group)
-                yield epoch, micro, [self.collate_batch([self.train_examples[i] for i in ids]) for ids in group]
+                yield epoch, micro, group
             epoch, micro = epoch + 1, 0
+
+    def _step_batches(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [batches]) per optimizer step."""
+        for epoch, micro, group in self._step_groups(start_epoch, start_micro):
+            yield epoch, micro, [self.collate_batch([self.train_examples[i] for i in ids]) for ids in group]
 
     # --- training ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None) -> dict:

@@ -138,19 +138,12 @@ class GRPOTrainer(Trainer):
 
     # --- sampling and scoring, once per optimizer step ---------------------------------------------------------
     def _step_batches(self, start_epoch: int, start_micro: int):
-        ga = self.args.gradient_accumulation_steps * self.dist.world
-        epoch, micro = start_epoch, start_micro
-        while True:
-            batches = self._micro_batches(epoch)
-            while micro < len(batches):
-                group = batches[micro:micro + ga]
-                micro += len(group)
-                sizes = [len(ids) for ids in group]
-                seed = self.args.seed + 1_000_003 * epoch + micro  # the same after a resume
-                step = self.rollout([self.train_examples[i] for ids in group for i in ids], sizes, seed)
-                for _ in range(self.args.num_iterations):
-                    yield epoch, micro, step
-            epoch, micro = epoch + 1, 0
+        for epoch, micro, group in self._step_groups(start_epoch, start_micro):
+            sizes = [len(ids) for ids in group]
+            seed = self.args.seed + 1_000_003 * epoch + micro  # the same after a resume
+            step = self.rollout([self.train_examples[i] for ids in group for i in ids], sizes, seed)
+            for _ in range(self.args.num_iterations):
+                yield epoch, micro, step
 
     @torch.no_grad()
     def rollout(self, examples: list[dict], sizes: list[int], seed: int) -> list[dict]:
