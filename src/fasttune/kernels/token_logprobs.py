@@ -13,11 +13,7 @@ import os
 import torch
 from torch.utils.checkpoint import checkpoint
 
-CHUNK_BYTES = 1 << 30  # fp32 logits per chunk
-
-
-def _chunk_tokens(vocab: int) -> int:
-    return max(256, min(8192, CHUNK_BYTES // (4 * vocab)))
+from fasttune.kernels.cross_entropy import _chunk_tokens  # the loss's chunk size: 256 MiB of fp32 logits
 
 
 def _scaled_logits(hidden, weight, softcap, temperature):
