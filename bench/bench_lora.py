@@ -153,7 +153,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     assert len(losses) < 4 or losses[-1] < losses[0], f"loss did not fall: {losses}"
     import transformers
 
-    row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default", "shape": shape, "quant": quant,
+    row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default",
+           "shape": shape, "quant": quant,
            "gradient_checkpointing": gc, "batch": bs, "seq": seq,
            "lora_r": r, "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],

@@ -75,7 +75,8 @@ def test_sharegpt_unknown_role():
 def test_messages_validation():
     ok = [{"role": "user", "content": "a", "name": None}, {"role": "assistant", "content": "b"}]
     assert validate_messages(ok, "Row 0") == [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
-    assert validate_messages('[{"role": "assistant", "content": "x"}]', "Row 0") == [{"role": "assistant", "content": "x"}]
+    expect = [{"role": "assistant", "content": "x"}]
+    assert validate_messages('[{"role": "assistant", "content": "x"}]', "Row 0") == expect
     bad = [
         ([], "Row 5: field 'messages' is empty"),
         (None, "field 'messages' is empty"),

@@ -129,7 +129,8 @@ def test_tokenized_rows_are_used_exactly(tok):
     [
         CONVERSATION,
         CONVERSATION[1:],  # no system message: SmolLM2's template inserts its default one
-        CONVERSATION[1:] + [{"role": "user", "content": "Thanks!"}, {"role": "assistant", "content": "You're welcome."}],
+        CONVERSATION[1:] + [{"role": "user", "content": "Thanks!"},
+                            {"role": "assistant", "content": "You're welcome."}],
     ],
     ids=["system", "default-system", "three-turns"],
 )

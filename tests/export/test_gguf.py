@@ -12,7 +12,8 @@ from fasttune.errors import ConfigError
 
 PROMPTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b",
            "Paris is the capital of France. Berlin is"]
-TEXTS = PROMPTS + ["  two spaces\n\nand\ttabs, 12345 and 3.14!", "Ünïcödé ★ — 日本語", "x=1000000;y=42 it's we've"]
+TEXTS = PROMPTS + ["  two spaces\n\nand\ttabs, 12345 and 3.14!", "Ünïcödé ★ — 日本語",
+                   "x=1000000;y=42 it's we've"]
 # Per format: allowed max |logit difference| relative to the logit range, and least top-1 agreement over positions
 # (tiny random models have near-tied logits, which 8- and 4-bit rounding may flip).
 TOLERANCE = {"f16": (3e-3, 1.0), "bf16": (1e-2, 0.9), "q8_0": (5e-2, 0.9), "q4_0": (0.15, 0.5)}
@@ -150,7 +151,8 @@ def test_modelfile_without_exact_template_mapping(bpe, tmp_path):
     tok = make_bpe_tokenizer("gpt2")
     # Llama-2 style: the system prompt is folded into the first user turn, which per-role wrappers cannot express.
     tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{% set sys = m['content'] %}"
-                         "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}{% if loop.index == 2 %} SYS{% endif %}"
+                         "{% elif m['role'] == 'user' %}[INST] {{ m['content'] }}"
+                         "{% if loop.index == 2 %} SYS{% endif %}"
                          " [/INST]{% else %} {{ m['content'] }}</s>{% endif %}{% endfor %}")
     text = ollama_modelfile("m.gguf", tok)
     assert "TEMPLATE \"\"\"" not in text and "could not be mapped" in text

@@ -8,8 +8,8 @@ the layout llama.cpp expects:
   weight as stored);
 - qwen2/qwen3/gemma*/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are.
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
-norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base). Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's
-quantizers; 1-D tensors stay f32, rows not divisible by 32 fall back to f16, and in q4_0 the output projection is
+norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base).
+Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's quantizers; 1-D tensors stay f32, rows not divisible by 32 fall back to f16, and in q4_0 the output projection is
 kept in q8_0). K-quants (q4_k_m, ...) are not written: gguf-py has no quantizer for them.
 
 The file is written to a temporary name and renamed when complete; an Ollama `Modelfile` is written beside it.

@@ -124,7 +124,8 @@ def ollama_modelfile(gguf_name: str, tokenizer) -> str:
     elif getattr(tokenizer, "chat_template", None):
         lines += ["# TEMPLATE: this model's chat template could not be mapped to an Ollama Go template exactly, so",
                   "# none is set (Ollama then sends raw prompts). Write one by hand that renders the same text as",
-                  "# tokenizer_config.json's chat_template; see https://github.com/ollama/ollama/blob/main/docs/template.md",
+                  "# tokenizer_config.json's chat_template; see "
+                  "https://github.com/ollama/ollama/blob/main/docs/template.md",
                   ""]
     else:
         lines += ["# No chat template: the tokenizer has none, so Ollama sends raw prompts.", ""]

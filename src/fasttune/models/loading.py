@@ -43,7 +43,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     except Exception as e:  # network errors, gated repos, missing repos all mean the same to the user
         raise ModelLoadError(
             f"Could not download '{name}' from the Hugging Face hub ({type(e).__name__}: {e}). If you are offline, "
-            f"download it elsewhere and pass the local folder; if the repo is gated, log in with `huggingface-cli login`."
+            f"download it elsewhere and pass the local folder; if the repo is gated, log in with "
+            f"`huggingface-cli login`."
         ) from None
     return Path(local)
 

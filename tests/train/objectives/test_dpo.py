@@ -1,7 +1,8 @@
 """DPO against TRL 1.16's DPOTrainer (loss and gradients on one batch), gradient accumulation, reference options."""
 import pytest
 import torch
-from preference_oracle import assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step, pair_rows, trl_args, trl_step
+from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
+                               pair_rows, trl_args, trl_step)
 
 from fasttune import DPOConfig, DPOTrainer, FastLanguageModel
 from fasttune.errors import ConfigError

@@ -1,8 +1,8 @@
 """KTO against TRL 1.16's KTOTrainer (loss and gradients on one batch, KL from mismatched pairs), and gradient
 accumulation."""
 import pytest
-from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step, trl_args, trl_step,
-                               unpaired_rows)
+from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
+                               trl_args, trl_step, unpaired_rows)
 
 from fasttune import FastLanguageModel, KTOConfig, KTOTrainer
 from fasttune.errors import ConfigError

@@ -1,7 +1,7 @@
 """ORPO against TRL 1.16's experimental ORPOTrainer (loss and gradients on one batch), and gradient accumulation."""
 import pytest
-from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step, pair_rows, trl_args,
-                               trl_step)
+from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
+                               pair_rows, trl_args, trl_step)
 
 from fasttune import ORPOConfig, ORPOTrainer
 
