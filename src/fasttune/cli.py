@@ -233,6 +233,9 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     if run["peft"] and run["full_finetuning"]:
         raise ConfigError("--peft and --full-finetuning contradict each other: choose LoRA (--peft) or training all "
                           "weights (--full-finetuning).")
+    if getattr(sft, "fsdp", False) and run["full_finetuning"]:
+        raise ConfigError("--fsdp with --full-finetuning is not supported by the command line yet (the merged model "
+                          "cannot be written from shards). Train LoRA adapters with --fsdp, or drop --fsdp.")
     run["quantization"] = str(run["quantization"]).lower()
     if run["quantization"] not in QUANTIZATIONS:
         raise ConfigError(f"--quantization {run['quantization']} is not understood: use none, int4 (NF4, QLoRA) or "
@@ -343,12 +346,15 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     metrics = trainer.train(resume_from_checkpoint=resume)
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
+    target = out / ("model" if run["full_finetuning"] else "adapter")
+    if sft.fsdp:  # sharded weights: every rank joins the gather, rank 0 writes
+        model.save_pretrained(target, tok)
     if not trainer.dist.is_main:
         return 0  # under torchrun, rank 0 writes the adapter, plot and samples
-    if not run["no_sample"] and prompt:
+    if not run["no_sample"] and prompt and not sft.fsdp:  # generation would need all ranks in step
         print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
-    target = out / ("model" if run["full_finetuning"] else "adapter")
-    model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
+    if not sft.fsdp:
+        model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
     plot = plot_losses(trainer.log_history, out / "loss.png")
     losses = [h["loss"] for h in trainer.log_history if "loss" in h]
     print(f"fasttune: {metrics['global_step']} steps in {metrics['train_runtime']:.0f}s, loss {losses[0]:.3f} -> "

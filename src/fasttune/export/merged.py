@@ -11,6 +11,7 @@ from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
 from fasttune.peft.adapter_io import save_adapter
 from fasttune.peft.lora import LoraLinear
+from fasttune.train.fsdp import is_sharded, writes_here
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 # transformers' BitsAndBytesConfig for what merged_4bit writes (NF4, double-quantised, blocksize 64).
@@ -39,6 +40,10 @@ def _plain_tensors(model):
 def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """HF-named tensors with each LoRA delta folded into its base weight (merged in fp32, then cast). Quantised
     base weights are dequantised first, so a QLoRA model exports as a 16-bit checkpoint."""
+    if is_sharded(model):
+        raise ConfigError("Merged and GGUF exports need the whole base model, which FSDP keeps sharded over the "
+                          "ranks. Save the adapter (save_pretrained), then merge it in one process: `fasttune export` "
+                          "or FastLanguageModel.from_pretrained(adapter) and save_pretrained_merged.")
     out = {}
     lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     for name, t in _plain_tensors(model):
@@ -105,8 +110,8 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
         raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
     folder = Path(folder)
     if save_method == "lora":
-        save_adapter(model, folder)
-        if tokenizer is not None:
+        save_adapter(model, folder)  # FSDP: every rank gathers, rank 0 writes
+        if tokenizer is not None and writes_here(model):
             tokenizer.save_pretrained(folder)
         return folder
     dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models

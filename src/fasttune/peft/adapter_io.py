@@ -13,6 +13,7 @@ import torch
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.peft.lora import LoraSettings, apply_lora, lora_layers
+from fasttune.train.fsdp import gather_state, writes_here
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
@@ -53,16 +54,29 @@ def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, targ
     }
 
 
-def save_adapter(model, folder: str | Path) -> Path:
-    """Write the adapter atomically: into a temporary sibling folder, renamed into place when complete."""
-    from safetensors.torch import save_file
+def adapter_tensors(model) -> dict[str, torch.Tensor]:
+    """The adapter as full CPU tensors. FSDP-sharded weights are gathered: a collective, all ranks call it."""
+    return gather_state(adapter_state_dict(model), keep=True)
 
+
+def save_adapter(model, folder: str | Path) -> Path:
+    """Write the adapter atomically: into a temporary sibling folder, renamed into place when complete. For an
+    FSDP-sharded model every rank must call it (the weights are gathered); only rank 0 writes."""
     if getattr(model, "lora_settings", None) is None:
         raise ConfigError("This model has no LoRA adapter to save; call FastLanguageModel.get_peft_model first "
                           "(or use save_pretrained_merged for a full checkpoint).")
+    tensors = adapter_tensors(model)
+    if writes_here(model):
+        write_adapter(model, folder, tensors)
+    return Path(folder)
+
+
+def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """adapter_config.json + adapter_model.safetensors from `tensors` (see adapter_tensors), atomically."""
+    from safetensors.torch import save_file
+
     folder = Path(folder)
     with atomic_folder(folder, "the adapter") as tmp:
-        tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(model).items()}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         cfg = peft_config_dict(model.lora_settings, getattr(model, "name_or_path", None),
                                [n for n, _ in lora_layers(model)])

@@ -3,7 +3,8 @@ states, data position and the run's identity (what must match to resume).
 
 Each checkpoint is written into a temporary folder and renamed to `checkpoint-<step>` only when complete, so a
 folder with that name is always whole. Nothing here unpickles: tensors load with `weights_only=True`, the rest is
-JSON.
+JSON. Under FSDP every rank joins the gathers of a save (full tensors, the single-process format: it resumes on
+any world size, sharded or not) and rank 0 writes.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
+from fasttune.train.fsdp import full_optimizer_state, gather_state, is_sharded, shard_like, shard_optimizer_state
 
 STATE_NAME = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
@@ -45,21 +47,32 @@ def set_rng_state(js: dict, tensors: dict):
         torch.cuda.set_rng_state_all(tensors["cuda"])
 
 
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+def trainable_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    return gather_state({n: p for n, p in model.named_parameters() if p.requires_grad}, keep)
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict,
-                    total_limit: int | None = None) -> Path:
+                    total_limit: int | None = None, write: bool = True) -> Path:
+    """`write=False` (FSDP ranks other than 0): only join the gathers."""
     from safetensors.torch import save_file
 
+    from fasttune.peft.adapter_io import adapter_tensors, write_adapter
+
     final = output_dir / f"checkpoint-{step}"
+    sharded, lora = is_sharded(model), getattr(model, "lora_settings", None) is not None
+    trainable = trainable_state(model, keep=write)
+    adapter = adapter_tensors(model) if sharded and lora else None
+    optim = full_optimizer_state(optimizer, keep=write) if sharded else optimizer.state_dict()
+    if not write:
+        return final
     with atomic_folder(final, f"checkpoint {final.name}") as tmp:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        if getattr(model, "lora_settings", None) is not None:
+        save_file(trainable, str(tmp / "trainable.safetensors"))
+        if adapter is not None:
+            write_adapter(model, tmp / "adapter", adapter)
+        elif lora:
             model.save_pretrained(tmp / "adapter")  # PEFT format (PEFT's own save on the transformers fallback)
         rng_js, rng_tensors = rng_state()
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_tensors},
                    tmp / "training_state.pt")
         (tmp / STATE_NAME).write_text(json.dumps({**state, "rng": rng_js}, indent=1))
@@ -131,9 +144,9 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: d
             if saved[n].shape != p.shape:
                 raise ConfigError(f"Checkpoint {path}: '{n}' has shape {tuple(saved[n].shape)}, the model has "
                                   f"{tuple(p.shape)}. Resume with the same LoRA rank and base model.")
-            p.copy_(saved[n])
+            p.copy_(shard_like(saved[n], p))  # FSDP: this rank's shard of the full tensor
     blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(blob["optimizer"])
+    optimizer.load_state_dict(shard_optimizer_state(blob["optimizer"], optimizer))
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])

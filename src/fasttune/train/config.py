@@ -47,6 +47,7 @@ class SFTConfig:
     fp16: bool | None = None
     max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or grads) before stopping
     report_to: str | list = "none"  # "none" | "tensorboard" | "wandb" | "all" | "a,b" | a list; becomes a list
+    fsdp: bool = False  # under torchrun: shard the model over the ranks (FSDP2) instead of a copy per GPU
 
     def __post_init__(self):
         for f in fields(self):

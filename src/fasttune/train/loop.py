@@ -27,6 +27,7 @@ from fasttune.train.memory_report import PhaseMemory
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.reporters import open_reporters
 from fasttune.train.distributed import Dist
+from fasttune.train.fsdp import check_fsdp, full_tensor, is_sharded, shard_model
 from fasttune.train.signals import GracefulStop
 
 LOG_FILE = "log_history.jsonl"
@@ -46,6 +47,7 @@ class Trainer:
         self.args = args if args is not None else config_cls()
         self.log_history: list[dict] = []
         self.dist = Dist()  # torchrun: joins the process group; otherwise a single process
+        check_fsdp(model, self.args, self.dist.world, type(self).__name__)
         self._train_source, self._eval_source = train_dataset, eval_dataset
         if train_dataset is None:
             raise ConfigError("train_dataset is required: a datasets.Dataset, a list of dicts or a file path.")
@@ -167,6 +169,8 @@ class Trainer:
         out_dir = Path(args.output_dir)
         _seed_everything(args.seed)
         model.train()
+        if args.fsdp:
+            shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
         self._resolve_auto_checkpointing()
         optimizer = self.optimizer = build_optimizer(model, args)
         total = self.total_steps()
@@ -195,23 +199,27 @@ class Trainer:
             state = {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history,
                      "identity": self.run_identity(), "config": asdict(args)}
             path = out_dir / f"checkpoint-{step}"
-            if self.dist.is_main:
+            if self.dist.is_main or is_sharded(model):  # sharded: every rank joins the gathers, rank 0 writes
                 path = save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state,
-                                       args.save_total_limit)
+                                       args.save_total_limit, write=self.dist.is_main)
             self.dist.barrier()
             return path
 
         memory = PhaseMemory(model.device)  # peak GiB per phase in the log (GPU only)
         with GracefulStop() as stop:
             while step < total and not self.dist.any(bool(stop.requested)):
-                epoch, micro, group = next(batches)
-                group = [self._to_device(b) for b in self.dist.shard(group, args.gradient_accumulation_steps)]
+                epoch, micro, full_group = next(batches)
+                group = [self._to_device(b) for b in self.dist.shard(full_group, args.gradient_accumulation_steps)]
+                # FSDP: every rank must run as many forward/backward passes as the busiest one (each joins the
+                # layers' gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
+                fillers = (min(args.gradient_accumulation_steps, len(full_group)) - len(group)
+                           if is_sharded(model) else 0)
                 self.prepare_step(group)
                 num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
                 if num_items == 0:
                     continue  # nothing to learn from; the SFT data path drops such rows before this
                 lr = optimizer.param_groups[0]["lr"]
-                step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler)
+                step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler, fillers)
                 memory.mark("forward_backward")
                 tokens_done += int(self.dist.sum(n_tokens))
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -272,16 +280,22 @@ class Trainer:
         model.eval()
         return metrics
 
-    def _guarded_step(self, group: list[dict], num_items: int, scaler) -> tuple[float, float, int]:
-        """Forward/backward over the accumulated micro-batches, then unscale and clip; CUDA OOM becomes advice."""
+    def _guarded_step(self, group: list[dict], num_items: int, scaler, fillers: int = 0) -> tuple[float, float, int]:
+        """Forward/backward over the accumulated micro-batches, then unscale and clip; CUDA OOM becomes advice.
+        `fillers`: zero-weight passes that only join the FSDP collectives (a rank short of batches)."""
         try:
             loss_sum, n_tokens = 0.0, 0
+            for _ in range(fillers):
+                filler = self._to_device(self.collate_batch([self.train_examples[0]]))
+                loss, _ = self.micro_batch_loss(filler, num_items)
+                (loss * 0.0).backward()
             for b in group:
                 loss, part = self.micro_batch_loss(b, num_items)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 loss_sum += part
                 n_tokens += self.batch_tokens(b)
-            self.dist.sum_grads([p for p in self.model.parameters() if p.requires_grad])
+            if not is_sharded(self.model):  # FSDP reduce-scatters the gradients itself during backward
+                self.dist.sum_grads([p for p in self.model.parameters() if p.requires_grad])
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
             return self.dist.sum(loss_sum) / num_items, self._clip(self.model), n_tokens
@@ -326,7 +340,8 @@ class Trainer:
     def _clip(self, model) -> float:
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
-        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        # Sharded grads (DTensors): the norm is the full one, and the same on every rank.
+        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
 
     def _check_precision(self):
         dtype = self.model.dtype

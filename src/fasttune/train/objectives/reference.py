@@ -18,8 +18,11 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sc
     """
     from fasttune.models.decoder import CausalLM
 
+    from fasttune.train.fsdp import is_sharded
+
     targets, mask = input_ids[:, 1:], score[:, 1:].bool()
-    if isinstance(model, CausalLM):
+    # FSDP: the root's shards (embeddings, lm_head) are gathered only inside model(...), so take the logits path.
+    if isinstance(model, CausalLM) and not is_sharded(model):
         hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
         flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask], model.config.final_logit_softcap)
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)

@@ -1,0 +1,125 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`) for models that do not fit one GPU: SFTConfig(fsdp=True) under
+torchrun shards every parameter (frozen base included) over the ranks; each decoder layer all-gathers its weights
+just before it runs (forward, and the recompute in backward) and frees them after.
+
+Gradients are reduce-scattered by FSDP (summed: the loss is already divided by the global target count), the
+optimizer holds only this rank's shard, and checkpoints/adapters hold full tensors gathered with
+`DTensor.full_tensor()` (a collective: every rank calls it, rank 0 writes), so they resume on any world size, with
+or without FSDP. NF4/int8 weights are buffers, which fully_shard does not shard: with a quantised base each rank
+holds the whole quantised model and only the 16-bit parts (embeddings, lm_head, norms, biases, LoRA) are sharded.
+"""
+from __future__ import annotations
+
+import torch
+
+from fasttune.errors import ConfigError
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (collective: all ranks must call it in the same order); else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def writes_here(model) -> bool:
+    """False on ranks other than 0 of a sharded model: they join the gathers of a save but write nothing."""
+    import torch.distributed as dist
+
+    return not (is_sharded(model) and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def check_fsdp(model, args, world: int, trainer_name: str):
+    """ConfigError for combinations that cannot run sharded; called when the trainer is built."""
+    if not getattr(args, "fsdp", False):
+        return
+    from fasttune.models.decoder import CausalLM
+
+    if world < 2:
+        raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
+                          "process. Launch with `fasttune train --gpus N --fsdp ...` or `torchrun --nproc-per-node N "
+                          "...` (N >= 2), or set fsdp=False.")
+    if not isinstance(model, CausalLM):
+        raise ConfigError("fsdp=True needs fasttune's own decoder; this model runs through the transformers fallback. "
+                          "Set fsdp=False (data-parallel: each GPU holds the whole model).")
+    if model.dtype == torch.float16:
+        raise ConfigError("fsdp=True does not support float16 weights (loss scaling over shards is not implemented). "
+                          "Load the model in bfloat16 or float32 (dtype=...), or set fsdp=False.")
+    if trainer_name == "KTOTrainer" and getattr(args, "loss_type", "kto") == "kto":
+        raise ConfigError("fsdp=True is not supported for KTO with loss_type='kto' yet: its KL estimate runs a "
+                          "different number of forward passes on each rank in a short step. Set fsdp=False.")
+    if trainer_name == "GRPOTrainer":
+        raise ConfigError("fsdp=True is not supported for GRPO: its generation runs a different number of forward "
+                          "passes on each rank, and sharded layers need all ranks in every forward. Set fsdp=False.")
+
+
+def shard_model(model):
+    """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place. LoRA weights stay
+    fp32 masters; forward/backward compute in the model's dtype; gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if is_sharded(model):
+        return model  # a second trainer on the same model (e.g. a warm-up run): already sharded
+    dtype = model.dtype
+    # Mixed parameter dtypes (bf16 base, fp32 LoRA) all-gather in one dtype; fp32 models need no cast.
+    policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+    for layer in model.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    for m in model.modules():
+        if is_sharded(m):
+            # Sum, not mean: the loss is already divided by the global target count. A plain SUM (no PREMUL_SUM,
+            # which gloo lacks) with nothing to divide by afterwards.
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the unsharded weights' memory back to the device (auto checkpointing reads it)
+    return model
+
+
+def gather_state(tensors: dict, keep: bool) -> dict:
+    """{name: full CPU tensor} for a dict of (possibly sharded) tensors; every rank gathers, only `keep` keeps."""
+    out = {}
+    for k, v in tensors.items():
+        t = full_tensor(v.detach())
+        if keep:
+            out[k] = t.contiguous().cpu()
+    return out
+
+
+def full_optimizer_state(optimizer, keep: bool) -> dict | None:
+    """optimizer.state_dict() with sharded state (exp_avg, exp_avg_sq) gathered to full CPU tensors: the same
+    format a single process writes, so the checkpoint resumes on any number of ranks."""
+    sd = optimizer.state_dict()
+    state = {}
+    for idx in sorted(sd["state"]):
+        state[idx] = {k: (full_tensor(v).cpu() if isinstance(v, torch.Tensor) else v)
+                      for k, v in sd["state"][idx].items()}
+    return {"state": state, "param_groups": sd["param_groups"]} if keep else None
+
+
+def shard_like(full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """`full` laid out like `param`: this rank's shard for a sharded param (no communication), else itself."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if not isinstance(param, DTensor):
+        return full
+    full = full.to(device=param.device, dtype=param.dtype)
+    return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+
+
+def shard_optimizer_state(sd: dict, optimizer) -> dict:
+    """A full (single-process format) optimizer state laid out for this optimizer's (possibly sharded) params."""
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    state = {}
+    for idx, entry in sd["state"].items():
+        p = params[int(idx)]
+        state[idx] = {k: (shard_like(v, p) if isinstance(v, torch.Tensor) and v.shape == p.shape else v)
+                      for k, v in entry.items()}
+    return {"state": state, "param_groups": sd["param_groups"]}

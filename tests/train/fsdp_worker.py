@@ -1,0 +1,39 @@
+"""Run by tests/train/test_fsdp.py, alone or under torchrun: a few SFT steps on a tiny model, optionally FSDP.
+
+argv: model_dir out_dir options-json; options: grad_accum, fsdp, checkpointing, modules_to_save, max_steps, resume,
+dtype, load_in_4bit, packing, method ("sft" | "dpo").
+Prints the per-step losses (JSON) on rank 0.
+"""
+import json
+import sys
+
+from fasttune import DPOConfig, DPOTrainer, FastLanguageModel, SFTConfig, SFTTrainer
+
+
+def main(model_dir, out_dir, options):
+    o = json.loads(options)
+    model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
+                                                   load_in_4bit=o.get("load_in_4bit", False))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
+                                             use_gradient_checkpointing=o.get("checkpointing", False))
+    dpo = o.get("method") == "dpo"
+    if dpo:
+        from preference_oracle import pair_rows
+
+        rows, config, trainer_cls = pair_rows(24), DPOConfig, DPOTrainer
+    else:
+        rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
+        config, trainer_cls = SFTConfig, SFTTrainer
+    args = config(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
+                  learning_rate=1e-2, max_steps=o.get("max_steps", 5), save_steps=3, logging_steps=1,
+                  fsdp=o.get("fsdp", False), packing=o.get("packing", False),
+                  **({} if dpo else {"max_seq_length": 48}))
+    trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
+    trainer.train(resume_from_checkpoint=o.get("resume"))
+    model.save_pretrained(f"{out_dir}/adapter")  # FSDP: a collective, rank 0 writes
+    if trainer.dist.is_main:
+        print(json.dumps([h["loss"] for h in trainer.log_history]))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
