@@ -136,7 +136,7 @@ def main():
     a = ap.parse_args()
     if a.meta_init and not (a.fsdp or a.only_fsdp):
         ap.error("--meta-init needs --fsdp or --only-fsdp (an unsharded model is built whole)")
-    if a.shape == "llama-3.1-70b" and not (a.only_fsdp and a.meta_init):
+    if a.shape == "llama-3.1-70b" and not a.worker and not (a.only_fsdp and a.meta_init):
         ap.error("--shape llama-3.1-70b fits no single GPU: use it with --only-fsdp --meta-init")
     if a.worker:
         return worker(a)
