@@ -24,7 +24,6 @@ import json
 import math
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,7 +31,7 @@ import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_lora import ROPE, SHAPES, TARGETS, _gc_mode, hf_config  # noqa: E402
+from bench_lora import ROPE, SHAPES, TARGETS, _gc_mode, hf_config, run_row  # noqa: E402
 
 # The smoke shape: hidden 64, 2 layers, as in the tests; not in bench_lora's SHAPES (it is CPU/fp32 only).
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -297,13 +296,7 @@ def _subprocess_row(a, impl, method, gc):
         cmd += ["--lr", str(a.lr)]
     if a.smoke:
         cmd.append("--smoke")
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(f"FAILED {impl} {method} gc={gc}:\n{proc.stderr[-3000:]}", flush=True)
-        return None
-    row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(json.dumps(row), flush=True)
-    return row
+    return run_row(cmd, None, f"{impl} {method} gc={gc}")
 
 
 def print_table(rows):

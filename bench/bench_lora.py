@@ -212,10 +212,16 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
     cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
            "--out", out]
+    return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant}")
+
+
+def run_row(cmd: list[str], env: dict | None, label: str | None) -> dict | None:
+    """Run one benchmark row in its own process; its JSON row (the last stdout line), or None when it failed
+    (the error printed under `label` unless label is None)."""
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        if not quiet:
-            print(f"FAILED {impl} {shape} gc={gc} quant={quant}:\n{proc.stderr[-3000:]}", flush=True)
+        if label is not None:
+            print(f"FAILED {label}:\n{proc.stderr[-3000:]}", flush=True)
         return None
     row = json.loads(proc.stdout.strip().splitlines()[-1])
     print(json.dumps(row), flush=True)

@@ -1,31 +1,23 @@
 """Two processes (torchrun, gloo on CPU) equal one process with the same global batch: losses and adapter."""
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from dist_env import worker_env
 from safetensors.torch import load_file
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, also on a GPU machine
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def test_two_processes_equal_one(tiny_model_dir, tmp_path):
     folder = str(tiny_model_dir("llama"))
     one = subprocess.run([sys.executable, WORKER, folder, str(tmp_path / "one"), "2"], capture_output=True,
-                         text=True, env=_env(), timeout=300)
+                         text=True, env=worker_env(), timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          WORKER, folder, str(tmp_path / "two"), "1"], capture_output=True, text=True, env=_env(),
+                          WORKER, folder, str(tmp_path / "two"), "1"], capture_output=True, text=True, env=worker_env(),
                          timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     losses_one = json.loads(one.stdout.strip().splitlines()[-1])
@@ -48,7 +40,7 @@ def test_cli_gpus_flag_relaunches_under_torchrun(tiny_model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "fasttune.cli", "train", "--gpus", "2", "--model",
                            str(tiny_model_dir("llama")), "--data", str(data), "--output-dir", str(out),
                            "--max-steps", "2", "--no-sample", "--lora-r", "4"], capture_output=True, text=True,
-                          env=_env(), timeout=300)
+                          env=worker_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert proc.stderr.count("gradient checkpointing auto") == 2  # two processes trained

@@ -1,7 +1,6 @@
 """FSDP2 on CPU (gloo, 2 processes, fp32): per-step losses and the final adapter equal the 1-process run with the same
 global batch, with and without per-layer recompute; checkpoints resume across world sizes and with/without FSDP."""
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -9,25 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_env import worker_env
 from safetensors.torch import load_file
 
 WORKER = str(Path(__file__).with_name("fsdp_worker.py"))
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
-    env["CUDA_VISIBLE_DEVICES"] = ""  # gloo on CPU, also on a GPU machine
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
 def _run(model_dir, out: Path, procs: int, **options) -> list[float]:
     cmd = [sys.executable, WORKER] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), WORKER]
     proc = subprocess.run(cmd + [str(model_dir), str(out), json.dumps(options)], capture_output=True, text=True,
-                          env=_env(), timeout=300)
+                          env=worker_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -85,7 +77,7 @@ def test_cli_gpus_fsdp(tiny_model_dir, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, "-m", "fasttune.cli", "train", "--gpus", "2", "--fsdp", "--model",
                            str(tiny_model_dir("llama")), "--data", str(data), "--output-dir", str(out),
-                           "--max-steps", "2", "--lora-r", "4"], capture_output=True, text=True, env=_env(),
+                           "--max-steps", "2", "--lora-r", "4"], capture_output=True, text=True, env=worker_env(),
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = load_file(str(out / ADAPTER))
