@@ -44,3 +44,19 @@ def test_cli_gpus_flag_relaunches_under_torchrun(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert proc.stderr.count("gradient checkpointing auto") == 2  # two processes trained
+
+
+def test_a_dead_rank_ends_the_job(tiny_model_dir, tmp_path):
+    """Rank 1 dies mid-step while rank 0 waits in a collective: torchrun stops the job with an error naming the
+    failed rank within its grace period; nothing hangs until the 10-minute collective timeout."""
+    import time
+
+    folder = str(tiny_model_dir("llama"))
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           WORKER, folder, str(tmp_path / "out"), "1", "1"], capture_output=True, text=True,
+                          env=worker_env(), timeout=240)
+    assert proc.returncode != 0
+    assert "exitcode  : 3" in proc.stderr and "rank      : 1" in proc.stderr, proc.stderr[-2000:]
+    assert time.monotonic() - t0 < 180
+    assert not (tmp_path / "out" / "adapter").exists()
