@@ -7,6 +7,7 @@ computes with N times the accumulation. Only rank 0 writes logs and checkpoints.
 """
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 
@@ -14,6 +15,11 @@ import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a dead rank ends the job with an error instead of hanging forever
+
+
+def _destroy_process_group():
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def launched_by_torchrun() -> bool:
@@ -35,6 +41,9 @@ class Dist:
             if backend == "nccl":
                 torch.cuda.set_device(local_device())
             dist.init_process_group(backend=backend, timeout=TIMEOUT)
+            # Tear the group down before interpreter exit: a group left to die with the process can abort it
+            # ("terminate called without an active exception") after training has finished.
+            atexit.register(_destroy_process_group)
         self.world = dist.get_world_size() if self.active else 1
         self.rank = dist.get_rank() if self.active else 0
         self.is_main = self.rank == 0
