@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from peft_oracle import randomize_lora_b
 from safetensors.torch import load_file, save_file
 
 from fasttune import FastLanguageModel
@@ -98,10 +99,7 @@ def test_qlora_adapter_loads_in_peft_over_bnb_and_merges(bnb4_dir, tmp_path):
 
     model, tok = FastLanguageModel.from_pretrained(str(bnb4_dir), load_in_4bit=True, dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomize_lora_b(model)
     model.save_pretrained(tmp_path / "adapter")
     ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(1))
     ref = PeftModel.from_pretrained(_bnb_model(bnb4_dir, load_in_4bit=True), str(tmp_path / "adapter")).train()
@@ -123,10 +121,7 @@ def test_qlora_adapter_loads_in_peft_over_bnb_and_merges(bnb4_dir, tmp_path):
 def test_merged_4bit_is_a_bnb_checkpoint_for_transformers_and_us(tiny_model_dir, tmp_path):
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)
+    randomize_lora_b(model)
     model.save_pretrained_merged(tmp_path / "m4", tok, save_method="merged_4bit")
     cfg = json.loads((tmp_path / "m4" / "config.json").read_text())["quantization_config"]
     assert cfg["load_in_4bit"] and cfg["bnb_4bit_quant_type"] == "nf4"

@@ -14,10 +14,10 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
-from fasttune.models.offload import LayerInputOffloader, offloaded_layer
 from fasttune.kernels.rmsnorm import rms_norm
 from fasttune.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
+from fasttune.models.offload import LayerInputOffloader, offloaded_layer
 
 
 @dataclass

@@ -172,7 +172,7 @@ def _install_weight(model: nn.Module, module_name: str, state, dtype: torch.dtyp
     if quant is None:
         assign_tensor(model, f"{module_name}.weight", _dequantize(state, dtype))
         return
-    if type(state).__name__ != {"nf4": "NF4State", "int8": "Int8State"}[quant]:
+    if state.quant_type != quant:
         state = quantize(_dequantize(state, dtype), quant)  # a bnb-8bit checkpoint asked for in 4 bits, or back
     bias = old.bias if old.bias is not None and not old.bias.is_meta else None
     layer = QuantLinear(state, bias, dtype)

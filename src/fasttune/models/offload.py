@@ -108,6 +108,15 @@ class LayerInputOffloader:
         self.slots.append({"host": host, "buf": buf, "dev": None, "event": None})
         return len(self.slots) - 1
 
+    def __del__(self):
+        # A forward whose backward never ran (an exception, or a graph dropped unused) still holds host
+        # buffers: wait for their copies, then give them back to the pool instead of leaking page-locked memory.
+        leftovers = [slot["buf"] for slot in self.slots if slot is not None and "buf" in slot]
+        if leftovers:
+            self.side.synchronize()
+            for buf in leftovers:
+                _POOL.put(buf)
+
     def _fetch(self, i: int):
         slot = self.slots[i]
         if slot is None or slot["dev"] is not None:

@@ -16,6 +16,7 @@ class Int8State:
     weight: torch.Tensor   # int8 (out, in)
     scb: torch.Tensor      # fp32 (out,): each row's absmax
     dtype: torch.dtype
+    quant_type = "int8"  # a class attribute, not a field
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -32,7 +32,7 @@ class QuantLinear(nn.Module):
     def __init__(self, state, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.compute_dtype = compute_dtype or state.dtype  # what `.weight` dequantises to
-        self.quant_type = "nf4" if isinstance(state, nf4.NF4State) else "int8"
+        self.quant_type = state.quant_type
         self.out_features, self.in_features = state.shape
         self.orig_dtype = state.dtype
         if self.quant_type == "nf4":

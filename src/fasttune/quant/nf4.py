@@ -80,6 +80,8 @@ class NF4State:
     offset: float = 0.0
     code: torch.Tensor | None = None   # the 16 levels (stored in checkpoints as quant_map)
 
+    quant_type = "nf4"  # a class attribute, not a field
+
     @property
     def nested(self) -> bool:
         return self.nested_absmax is not None
