@@ -86,6 +86,14 @@ def test_incomplete_prequantised_checkpoint_is_named(bnb4_dir):
         FastLanguageModel.from_pretrained(str(bnb4_dir), load_in_4bit=True, dtype=torch.float32)
 
 
+def test_prequantised_shape_mismatch_is_named(bnb4_dir):
+    cfg = json.loads((bnb4_dir / "config.json").read_text())
+    cfg["intermediate_size"] = 96
+    (bnb4_dir / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match=r"mlp\.down_proj\.weight' has shape \(64, 128\)"):
+        FastLanguageModel.from_pretrained(str(bnb4_dir), load_in_4bit=True, dtype=torch.float32)
+
+
 def test_bad_quantisation_options(tiny_model_dir):
     folder = str(tiny_model_dir("llama"))
     with pytest.raises(ConfigError, match="choose one"):

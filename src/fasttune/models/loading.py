@@ -126,6 +126,11 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: s
         taken, done = pending.add(name, t)
         if done is not None:
             module_name, state = done
+            want = tuple(expected[f"{module_name}.weight"].shape)
+            if tuple(state.shape) != want:
+                raise ModelLoadError(f"{source}: quantised weight '{module_name}.weight' has shape "
+                                     f"{tuple(state.shape)} but the config implies {want}. The checkpoint and "
+                                     f"config.json do not match.")
             _install_weight(model, module_name, state.to(device), dtype, quant)
             seen.add(f"{module_name}.weight")
         if taken:
