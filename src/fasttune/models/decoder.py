@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
+from fasttune.kernels.lora import project
 from fasttune.kernels.rmsnorm import rms_norm
 from fasttune.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
@@ -92,7 +93,7 @@ class Attention(nn.Module):
         if cfg.fused_qkv:
             q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
@@ -155,7 +156,7 @@ class MLP(nn.Module):
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
+            gate, up = project(x, self.gate_proj, self.up_proj)
         return self.down_proj(gated_act(gate, up, self.act))
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ConfigError
+from fasttune.kernels.lora import can_fuse, lora_group
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Phi-3 stores q/k/v and gate/up fused; PEFT targets the fused layers by these names.
@@ -68,6 +69,8 @@ class LoraLinear(nn.Module):
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.disabled and can_fuse(x, (self,)):
+            return lora_group(x, (self,))[0]  # hand-derived backward (kernels/lora.py)
         out = self.base_layer(x)
         if self.disabled:
             return out

@@ -1,0 +1,143 @@
+"""Fused LoRA linear layers with a hand-derived backward, for one or several layers that read the same input
+(q/k/v, gate/up, or a single o/down projection).
+
+    out_i = x @ W_i^T (+ bias_i) + s_i * (drop_i(x) @ A_i^T) @ B_i^T
+
+Forward: without dropout the A projections of all layers run as one GEMM (x read once); each B product is added
+into its base output in place (the GEMM's beta=1), so no separate add pass exists.
+Backward, low-rank side first: gB_i = s_i * g_i @ B_i (tokens x r); dB_i = s_i * g_i^T @ xa_i; dA = gB^T @ x in
+one GEMM for all layers; d(x) accumulates every base and LoRA term into one buffer with beta=1 GEMMs, where
+autograd would allocate one (tokens x hidden) gradient per branch and add them up.
+Saved for backward: x, the (tokens x r) products, the 16-bit A/B copies and, with dropout, the masks (1 byte per
+element; the dropped input is rebuilt from x). The base weights are re-read (or dequantised again) in backward.
+
+The torch reference is the plain module path (`LoraLinear.forward`: base, dropout, two matmuls, autograd).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def fused_lora_enabled(x: torch.Tensor) -> bool:
+    """FASTTUNE_KERNELS=torch selects the reference path; "triton" forces this one; by default it runs on CUDA."""
+    choice = os.environ.get("FASTTUNE_KERNELS", "").lower()
+    if choice == "torch":
+        return False
+    return choice == "triton" or x.is_cuda
+
+
+def _base_weight(layer, dtype):
+    base = layer.base_layer
+    if hasattr(base, "dequantized_weight"):  # QuantLinear: a temporary 16-bit copy, never kept
+        return base.dequantized_weight(dtype)
+    return base.weight.to(dtype)
+
+
+def _dropout_p(layer) -> float:
+    drop = layer.lora_dropout
+    return drop.p if isinstance(drop, torch.nn.Dropout) and drop.training else 0.0
+
+
+class _LoraGroupFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layers, *params):
+        dtype, shape = x.dtype, x.shape
+        x2 = x.reshape(-1, shape[-1])
+        ranks = [layer.r for layer in layers]
+        scales = [layer.scaling for layer in layers]
+        # One cast for the whole group's A (and one GEMM below when there is no dropout).
+        a_all = (torch.cat(params[0::2]) if len(layers) > 1 else params[0]).to(dtype)
+        bs = [b.to(dtype) for b in params[1::2]]
+        probs = [_dropout_p(layer) for layer in layers]
+        masks = [None] * len(layers)
+        if any(probs):
+            # One mask per layer, drawn in layer order as separate nn.Dropout modules would draw them.
+            xas = []
+            for i, (p, a) in enumerate(zip(probs, a_all.split(ranks))):
+                xi = x2
+                if p:
+                    xi, masks[i] = torch.native_dropout(x2, p, True)
+                xas.append(xi @ a.t())
+            xa_all = torch.cat(xas, dim=1)
+        else:
+            xa_all = x2 @ a_all.t()
+        outs = []
+        for layer, xa, b, s in zip(layers, xa_all.split(ranks, dim=1), bs, scales):
+            w = _base_weight(layer, dtype)
+            bias = layer.base_layer.bias
+            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            out.addmm_(xa, b.t(), alpha=s)
+            outs.append(out.view(*shape[:-1], out.shape[-1]))
+        ctx.layers, ctx.ranks, ctx.scales, ctx.probs, ctx.shape = layers, ranks, scales, probs, shape
+        ctx.a_dtype, ctx.b_dtypes = params[0].dtype, [b.dtype for b in params[1::2]]
+        ctx.save_for_backward(x2, xa_all, a_all, *bs, *[m for m in masks if m is not None])
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        x2, xa_all, a_all, *rest = ctx.saved_tensors
+        n = len(ctx.layers)
+        bs, saved_masks = rest[:n], iter(rest[n:])
+        masks = [next(saved_masks) if p else None for p in ctx.probs]
+        gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
+        # Low-rank side first: (tokens x r) products.
+        gbs = [_scaled(torch.mm(g, b), s) for g, b, s in zip(gs, bs, ctx.scales)]
+        d_b = [_scaled(torch.mm(g.t(), xa), s).to(dt)
+               for g, xa, s, dt in zip(gs, xa_all.split(ctx.ranks, dim=1), ctx.scales, ctx.b_dtypes)]
+        a_parts = a_all.split(ctx.ranks)
+        dropped = [None if m is None else _undrop(x2, m, p) for m, p in zip(masks, ctx.probs)]
+        if any(ctx.probs):
+            d_a = [torch.mm(gb.t(), x2 if xd is None else xd).to(ctx.a_dtype) for gb, xd in zip(gbs, dropped)]
+        else:
+            gb_all = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
+            d_a = torch.mm(gb_all.t(), x2).to(ctx.a_dtype).split(ctx.ranks)
+        dx = None
+        if ctx.needs_input_grad[0]:
+            for layer, g in zip(ctx.layers, gs):
+                w = _base_weight(layer, x2.dtype)
+                dx = torch.mm(g, w) if dx is None else dx.addmm_(g, w)
+            if any(ctx.probs):
+                for gb, a, m, p in zip(gbs, a_parts, masks, ctx.probs):
+                    dx += gb @ a if m is None else _undrop(gb @ a, m, p)
+            else:
+                dx.addmm_(gb_all, a_all)
+            dx = dx.view(ctx.shape)
+        param_grads = [t for pair in zip(d_a, d_b) for t in pair]
+        return (dx, None, *param_grads)
+
+
+def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
+    return t if s == 1 else t.mul_(s)
+
+
+def _undrop(t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """t passed through the dropout whose mask is `mask` (dropout's backward, and the dropped input again)."""
+    return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
+
+
+def lora_group(x: torch.Tensor, layers) -> tuple:
+    """Outputs of the LoRA layers `layers` (all enabled, each reading x), through the fused path."""
+    params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    return _LoraGroupFunction.apply(x, list(layers), *params)
+
+
+def can_fuse(x: torch.Tensor, layers) -> bool:
+    from fasttune.peft.lora import LoraLinear
+
+    if not fused_lora_enabled(x):
+        return False
+    return all(type(layer) is LoraLinear and not layer.disabled and not _base_trains(layer) for layer in layers)
+
+
+def _base_trains(layer) -> bool:
+    base = layer.base_layer
+    return any(p.requires_grad for p in base.parameters(recurse=False))
+
+
+def project(x: torch.Tensor, *layers) -> tuple:
+    """(layer(x) for layer in layers), fused when they are all plain enabled LoRA layers and the path is on."""
+    if can_fuse(x, layers):
+        return lora_group(x, layers)
+    return tuple(layer(x) for layer in layers)

@@ -1,0 +1,115 @@
+"""The fused LoRA group (kernels/lora.py) against the module path (LoraLinear.forward under autograd) and fp64."""
+import pytest
+import torch
+import torch.nn as nn
+
+from fasttune.kernels.lora import can_fuse, lora_group, project
+from fasttune.peft.lora import LoraLinear
+from fasttune.quant.linear import QuantLinear
+from kernel_check import assert_as_good_as_reference, dtypes_for_device
+
+DEVICE, DTYPES = dtypes_for_device()
+
+
+def _layers(in_features, outs, r, alpha, dropout=0.0, bias=False, seed=0):
+    torch.manual_seed(seed)
+    layers = []
+    for out in outs:
+        base = nn.Linear(in_features, out, bias=bias, device=DEVICE).requires_grad_(False)
+        layer = LoraLinear(base, r, alpha / r, dropout)
+        layer.reset_parameters()
+        nn.init.normal_(layer.lora_B, std=0.5)  # B = 0 would hide every B-side gradient
+        layers.append(layer)
+    return layers
+
+
+def _run(layers, x, grads_out, fused: bool, dtype):
+    """Outputs, d(x) and every LoRA gradient, with the base in `dtype` and fp32 LoRA masters (as in training)."""
+    for layer in layers:
+        layer.base_layer.to(dtype)
+        layer.lora_A.grad = layer.lora_B.grad = None
+    x = x.to(dtype).detach().requires_grad_()
+    torch.manual_seed(7)  # the same dropout masks on both paths
+    outs = lora_group(x, layers) if fused else tuple(layer(x) for layer in layers)
+    torch.autograd.backward(outs, [g.to(dtype) for g in grads_out])
+    params = [t.grad for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    return [o.detach() for o in outs], x.grad, params
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("outs, r, alpha, dropout, bias", [
+    ((40, 24, 24), 4, 8, 0.0, False),   # q/k/v-like group, scale 2
+    ((77, 77), 3, 3, 0.0, True),        # gate/up-like pair with biases (Qwen2's q/k/v carry one)
+    ((19,), 5, 10, 0.0, False),         # a single o/down projection
+    ((40, 24, 24), 4, 8, 0.25, False),  # dropout: one mask per layer, as PEFT draws them
+])
+def test_group_matches_module_path(dtype, outs, r, alpha, dropout, bias, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")  # the per-layer reference must not route through the group
+    layers = _layers(33, outs, r, alpha, dropout, bias)
+    torch.manual_seed(1)
+    x = torch.randn(2, 11, 33, device=DEVICE)
+    grads_out = [torch.randn(2, 11, o, device=DEVICE) for o in outs]
+    ours = _run(layers, x, grads_out, True, dtype)
+    ref = _run(layers, x, grads_out, False, dtype)
+    exact = _run(layers, x.double(), [g.double() for g in grads_out], False, torch.float64)
+    for name, a, b, e in [("out", ours[0], ref[0], exact[0]), ("dx", [ours[1]], [ref[1]], [exact[1]]),
+                          ("lora grads", ours[2], ref[2], exact[2])]:
+        for i, (ai, bi, ei) in enumerate(zip(a, b, e)):
+            assert ai.dtype == bi.dtype and ai.shape == bi.shape, f"{name}[{i}]"
+            assert_as_good_as_reference(ai, bi, ei, dtype, f"{name}[{i}]")
+
+
+def test_dropout_masks_equal_module_path(monkeypatch):
+    """With dropout the masks themselves must be PEFT's: exact equality in fp32, not just a small error."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    layers = _layers(16, (12, 8), 2, 4, dropout=0.5)
+    x = torch.randn(3, 5, 16, device=DEVICE)
+    grads_out = [torch.randn(3, 5, 12, device=DEVICE), torch.randn(3, 5, 8, device=DEVICE)]
+    ours, ref = (_run(layers, x, grads_out, fused, torch.float32) for fused in (True, False))
+    for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_eval_mode_draws_no_dropout(monkeypatch):
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    layers = _layers(16, (12,), 2, 4, dropout=0.5)
+    for layer in layers:
+        layer.eval()
+    x = torch.randn(4, 16, device=DEVICE)
+    with torch.no_grad():
+        a, b = layers[0](x), layers[0](x)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_input_without_grad_skips_dx():
+    layers = _layers(16, (12, 8), 2, 2)
+    x = torch.randn(3, 16, device=DEVICE)  # like layer 0's normed embeddings under a frozen embedding
+    outs = lora_group(x, layers)
+    sum(o.sum() for o in outs).backward()
+    assert all(layer.lora_A.grad is not None and layer.lora_B.grad is not None for layer in layers)
+    assert layers[0].lora_A.grad.dtype == torch.float32
+
+
+def test_nf4_base_matches_module_path(monkeypatch):
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    layers = _layers(128, (64, 32), 4, 8)
+    for layer in layers:
+        layer.base_layer = QuantLinear.from_linear(layer.base_layer, "nf4")
+    x = torch.randn(2, 5, 128, device=DEVICE)
+    grads_out = [torch.randn(2, 5, 64, device=DEVICE), torch.randn(2, 5, 32, device=DEVICE)]
+    ours, ref = (_run(layers, x, grads_out, fused, torch.float32) for fused in (True, False))
+    for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_dispatch(monkeypatch):
+    layers = _layers(8, (4, 4), 2, 2)
+    x = torch.randn(2, 8, device=DEVICE)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    assert not can_fuse(x, layers)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    assert can_fuse(x, layers)
+    layers[1].disabled = True  # adapters off (DPO's reference pass): the plain path
+    assert not can_fuse(x, layers)
+    torch.testing.assert_close(project(x, *layers)[1], layers[1].base_layer(x))
+    assert not can_fuse(x, [layers[0], nn.Linear(8, 4, device=DEVICE)])
