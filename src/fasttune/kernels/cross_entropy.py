@@ -6,6 +6,8 @@ accumulated batch) and only send target rows through the lm_head.
 - fused (default): the gradient is computed in the forward pass, chunk by chunk (softmax - one-hot, times the
   softcap derivative), and multiplied into d(hidden) and d(lm_head) right away, so backward only scales by the
   incoming gradient: no logits are kept and no lm_head matmul is redone. d(lm_head) accumulates in fp32.
+  Per chunk, the lm_head GEMM gives 16-bit logits (as transformers does before its fp32 upcast); one Triton
+  kernel turns them, in place, into that gradient and a per-row loss, computing in fp32.
 """
 import os
 
@@ -13,10 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
+
 IGNORE_INDEX = -100
-# fp32 logits per chunk. 256 MiB (~520 tokens at a 128K vocab) keeps the matmuls large while the chunk's logits,
-# softmax and bf16 gradient stay well under 1 GiB at the training peak.
+# Logit bytes per chunk. 256 MiB (~520 tokens of fp32 logits at a 128K vocab) keeps the matmuls large while the
+# chunk's logits, softmax and bf16 gradient stay well under 1 GiB at the training peak. The Triton path needs
+# only the 16-bit logits buffer, so it counts 2 bytes a logit: twice the tokens, under the torch path's peak.
 CHUNK_BYTES = 1 << 28
+# Vocab block of the chunk kernel, at 8 warps (16 values a thread): ~80-95 registers, so 2-3 rows share an SM.
+_CE_BLOCK = 4096
 
 
 def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
@@ -26,8 +33,8 @@ def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, softcap: floa
     return logits
 
 
-def _chunk_tokens(vocab: int) -> int:
-    return max(256, min(8192, CHUNK_BYTES // (4 * vocab)))
+def _chunk_tokens(vocab: int, bytes_per_logit: int = 4) -> int:
+    return max(256, min(8192, CHUNK_BYTES // (bytes_per_logit * vocab)))
 
 
 def _chunk_loss_sum(hidden, weight, labels, softcap):
@@ -49,6 +56,94 @@ def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_t
     return total
 
 
+def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """Overwrite logits (rows, V) with d(loss)/d(logits) = softmax - onehot (times the softcap derivative) and
+    return the loss sum (fp32; fp64 for fp64 logits); rows labelled IGNORE_INDEX get loss 0 and gradient 0."""
+    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64 (the tests' exact oracle)
+    if softcap:
+        t = torch.tanh(z / softcap)
+        z = t * softcap
+    valid = labels != IGNORE_INDEX
+    y = labels.clamp_min(0)
+    lse = torch.logsumexp(z, dim=-1)
+    loss = torch.where(valid, lse - z.gather(1, y[:, None]).squeeze(1), 0.0).sum()
+    g = z.sub_(lse[:, None]).exp_()  # softmax, in place (z may alias fp32 logits: they are overwritten anyway)
+    g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+    if softcap:
+        g.mul_(1.0 - t * t)
+    logits.copy_(g.mul_(valid[:, None]))
+    return loss
+
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _softcapped(x, softcap):
+        t = 2.0 * tl.sigmoid(2.0 * (x / softcap)) - 1.0  # tanh: libdevice's does not run in the interpreter
+        return t * softcap, t
+
+    @triton.jit
+    def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, n_cols, stride, softcap, SOFTCAP: tl.constexpr,
+                         BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)  # rows * V can pass 2**31 (256K vocab, 8K-token chunks)
+        ptr = logits_ptr + row * stride
+        label = tl.load(labels_ptr + row)
+        valid = (label >= 0) & (label < n_cols)  # IGNORE_INDEX (or a bad id): loss 0, gradient 0, no stray read
+        cols = tl.arange(0, BLOCK)
+        # pass 1: online max / sum-exp in fp32
+        m = float("-inf")
+        s = 0.0
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            z = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                z, _ = _softcapped(z, softcap)
+            z = tl.where(mask, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            m = m_new
+        lse = m + tl.log(s)
+        zy = tl.load(ptr + tl.where(valid, label, 0)).to(tl.float32)
+        if SOFTCAP:
+            zy, _ = _softcapped(zy, softcap)
+        tl.store(loss_ptr + row, tl.where(valid, lse - zy, 0.0))
+        # pass 2: the gradient, over the logits it was computed from
+        for start in range(0, n_cols, BLOCK):
+            mask = start + cols < n_cols
+            x = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
+            if SOFTCAP:
+                z, t = _softcapped(x, softcap)
+            else:
+                z = x
+            g = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
+            if SOFTCAP:
+                g = g * (1.0 - t * t)
+            g = tl.where(valid, g, 0.0)
+            tl.store(ptr + start + cols, g.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                          block: int | None = None) -> torch.Tensor:
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1, "the kernel walks contiguous vocab rows"
+    loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    if rows == 0:
+        return loss.sum()
+    block = block or min(_CE_BLOCK, next_pow2(vocab))
+    _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, vocab, logits.stride(0), float(softcap or 1.0),
+                              SOFTCAP=bool(softcap), BLOCK=block, num_warps=min(8, max(1, block // 512)))
+    return loss.sum()
+
+
+def _ce_chunk_grad_(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+    """The chunk's fp32 loss sum; logits become their gradient in place (see `_ce_chunk_grad_reference`)."""
+    if use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return _ce_chunk_grad_triton(logits, labels, softcap)
+    return _ce_chunk_grad_reference(logits, labels, softcap)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, chunk):
@@ -61,17 +156,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], y[start:start + chunk]
-            logits = (hc @ w.t()).float()
-            if softcap:
-                t = torch.tanh(logits / softcap)
-                logits = t * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, yc[:, None]).squeeze(1)).sum()
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place of the logits
-            g[torch.arange(g.shape[0], device=g.device), yc] -= 1.0
-            if softcap:
-                g.mul_(1.0 - t * t)
-            g = g.to(hidden.dtype)
+            g = hc @ w.t()  # logits in the activation dtype, overwritten by their gradient
+            total += _ce_chunk_grad_(g, yc, softcap)
             if need_h:
                 grad_h.index_copy_(0, keep[start:start + chunk], g @ w)
             if need_w:
@@ -91,8 +177,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  softcap: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100."""
-    chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if os.environ.get("FASTTUNE_KERNELS", "").lower() == "torch" or not wants_grad:
+        chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
         return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk)
+    # the Triton chunk math keeps only the GEMM's logits buffer, so its chunks count that buffer's bytes
+    chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.element_size() if use_triton(hidden) else 4)
     return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk)
