@@ -17,6 +17,8 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
+    ap.add_argument("--stacks", default="", help="comma-separated aten ops (e.g. aten::copy_,aten::add) whose "
+                                                 "Python call sites to list, by CUDA time")
     a = ap.parse_args()
     torch.manual_seed(0)
     model = build_ours(a.shape, a.gc, 16, a.quant)
@@ -33,16 +35,30 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if a.ops else [])
-    with torch.profiler.profile(activities=acts, record_shapes=a.ops) as prof:
+    cpu = a.ops or a.stacks
+    acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu else [])
+    with torch.profiler.profile(activities=acts, record_shapes=a.ops, with_stack=bool(a.stacks)) as prof:
         for _ in range(3):
             step()
         torch.cuda.synchronize()
-    if a.ops:  # aten ops with their input shapes: which call launches the expensive kernels
+    if a.stacks:
+        _print_stacks(prof, a.stacks.split(","))
+    elif a.ops:  # aten ops with their input shapes: which call launches the expensive kernels
         print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=a.top,
                                                                  max_name_column_width=40, max_shapes_column_width=90))
     else:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
+
+
+def _print_stacks(prof, names):
+    """Where each named op is called from (our frames only), with its CUDA time: finds stray copies and adds."""
+    rows = [e for e in prof.key_averages(group_by_stack_n=12) if e.key in names]
+    rows.sort(key=lambda e: -e.device_time_total)
+    for e in rows[:30]:
+        frames = [f for f in e.stack if "fasttune" in f or "bench" in f][:5]
+        print(f"{e.key:<16} {e.device_time_total / 1e3:9.2f} ms  {e.count:6d} calls")
+        for f in frames:
+            print("      ", f)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 The Triton kernel reads each row once and saves only the input and the fp32 reciprocal RMS for backward (the
 torch reference keeps several fp32 copies). The weight gradient, needed only when norms train (full
-fine-tuning), is computed in torch from the saved statistics.
+fine-tuning), is computed in torch from the saved statistics. `add_rms_norm` also folds a decoder layer's residual
+add into the norm (forward) and the residual gradient into the norm's input gradient (backward).
 """
 import torch
 
@@ -19,17 +20,28 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset
     return weight * h.to(x.dtype)
 
 
+def add_rms_norm_reference(x, h, weight, eps: float, offset: float = 0.0):
+    """(s, rms_norm(s)) with s = x + h, or s = x when h is None: a decoder layer's residual and normed input."""
+    s = x if h is None else x + h
+    return s, rms_norm_reference(s, weight, eps, offset)
+
+
 if HAVE_TRITON:
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _rms_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, offset, stride, BLOCK: tl.constexpr,
-                 GEMMA: tl.constexpr):
-        row = tl.program_id(0)
+    def _rms_fwd(x_ptr, h_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, offset, stride, BLOCK: tl.constexpr,
+                 GEMMA: tl.constexpr, ADD: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        if ADD:  # the residual add, rounded to the activation dtype as a separate add would be
+            x = (x + tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32))
+            x = x.to(s_ptr.dtype.element_ty)
+            tl.store(s_ptr + row * stride + cols, x, mask=mask)
+            x = x.to(tl.float32)
         w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
         if GEMMA:
@@ -40,8 +52,9 @@ if HAVE_TRITON:
         tl.store(rstd_ptr + row, rstd)
 
     @triton.jit
-    def _rms_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols, offset, stride, BLOCK: tl.constexpr):
-        row = tl.program_id(0)
+    def _rms_bwd(dy_ptr, ds_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols, offset, stride, BLOCK: tl.constexpr,
+                 RESIDUAL: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         mask = cols < n_cols
         dy = tl.load(dy_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
@@ -51,40 +64,84 @@ if HAVE_TRITON:
         xhat = x * rstd
         dn = dy * (offset + w)
         dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=0) / n_cols))
+        if RESIDUAL:  # the gradient reaching the residual stream directly, added here instead of in a pass
+            dx = dx.to(dx_ptr.dtype.element_ty).to(tl.float32)
+            dx += tl.load(ds_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
         tl.store(dx_ptr + row * stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_fwd(x2, h2, weight, eps, offset):
+    y, s = torch.empty_like(x2), (torch.empty_like(x2) if h2 is not None else x2)
+    rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
+    block = next_pow2(x2.shape[1])
+    _rms_fwd[(x2.shape[0],)](x2, x2 if h2 is None else h2, s, weight, y, rstd, x2.shape[1], eps, offset,
+                             x2.stride(0), BLOCK=block, GEMMA=bool(offset), ADD=h2 is not None,
+                             num_warps=min(16, max(1, block // 256)))
+    return s, y, rstd
+
+
+def _launch_bwd(ctx, dy, ds=None):
+    s2, weight, rstd = ctx.saved_tensors
+    dy2 = dy.reshape(s2.shape).contiguous()
+    ds2 = None if ds is None else ds.reshape(s2.shape).contiguous()
+    dx = torch.empty_like(s2)
+    block = next_pow2(s2.shape[1])
+    _rms_bwd[(s2.shape[0],)](dy2, dy2 if ds2 is None else ds2, s2, weight, rstd, dx, s2.shape[1], ctx.offset,
+                             s2.stride(0), BLOCK=block, RESIDUAL=ds2 is not None,
+                             num_warps=min(16, max(1, block // 256)))
+    dw = None
+    if ctx.needs_weight_grad:
+        xhat = s2.float() * rstd[:, None]
+        if not ctx.offset:
+            xhat = xhat.to(s2.dtype).float()
+        dw = (dy2.float() * xhat).sum(0).to(weight.dtype)
+    return dx.view(ctx.shape), dw
 
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).contiguous()
-        y = torch.empty_like(x2)
-        rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x.device)
-        block = next_pow2(shape[-1])
-        _rms_fwd[(x2.shape[0],)](x2, weight, y, rstd, shape[-1], eps, offset, x2.stride(0), BLOCK=block,
-                                 GEMMA=bool(offset), num_warps=min(16, max(1, block // 256)))
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        _, y, rstd = _launch_fwd(x2, None, weight, eps, offset)
         ctx.save_for_backward(x2, weight, rstd)
-        ctx.offset, ctx.shape, ctx.block = offset, shape, block
-        return y.view(shape)
+        ctx.offset, ctx.shape, ctx.needs_weight_grad = offset, x.shape, ctx.needs_input_grad[1]
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        dy2 = dy.reshape(x2.shape).contiguous()
-        dx = torch.empty_like(x2)
-        _rms_bwd[(x2.shape[0],)](dy2, x2, weight, rstd, dx, x2.shape[1], ctx.offset, x2.stride(0),
-                                 BLOCK=ctx.block, num_warps=min(16, max(1, ctx.block // 256)))
-        dw = None
-        if ctx.needs_input_grad[1]:
-            xhat = x2.float() * rstd[:, None]
-            if not ctx.offset:
-                xhat = xhat.to(x2.dtype).float()
-            dw = (dy2.float() * xhat).sum(0).to(weight.dtype)
-        return dx.view(ctx.shape), dw, None, None
+        dx, dw = _launch_bwd(ctx, dy)
+        return dx, dw, None, None
+
+
+class _AddRMSNormFunction(torch.autograd.Function):
+    """(s, norm(s)), s = x + h (or x): the residual add fused into the norm, and in backward the residual's
+    gradient added to the norm's input gradient in the same kernel (each would otherwise be a full pass)."""
+
+    @staticmethod
+    def forward(ctx, x, h, weight, eps, offset):
+        x2 = x.reshape(-1, x.shape[-1]).contiguous()
+        h2 = None if h is None else h.reshape(x2.shape).contiguous()
+        s, y, rstd = _launch_fwd(x2, h2, weight, eps, offset)
+        ctx.save_for_backward(s, weight, rstd)
+        ctx.offset, ctx.shape, ctx.needs_weight_grad = offset, x.shape, ctx.needs_input_grad[2]
+        ctx.has_h = h2 is not None
+        s = s.view(x.shape) if h2 is not None else x.view_as(x)  # x itself: an alias, no copy
+        return s, y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, ds, dy):
+        dx, dw = _launch_bwd(ctx, dy, ds)
+        return dx, dx if ctx.has_h else None, dw, None, None
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     if use_triton(x):
         return _RMSNormFunction.apply(x, weight, eps, offset)
     return rms_norm_reference(x, weight, eps, offset)
+
+
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float = 0.0):
+    """(s, rms_norm(s)) with s = x + h, or s = x when h is None."""
+    if use_triton(x):
+        return _AddRMSNormFunction.apply(x, h, weight, eps, offset)
+    return add_rms_norm_reference(x, h, weight, eps, offset)

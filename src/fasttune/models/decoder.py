@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.lora import project
-from fasttune.kernels.rmsnorm import rms_norm
+from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
 from fasttune.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer
@@ -66,6 +66,10 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         return rms_norm(x, self.weight, self.eps, self.offset)
+
+    def with_residual(self, x, h=None):
+        """(s, norm(s)) for s = x + h (or x): the residual stream and this norm's output, in one kernel."""
+        return add_rms_norm(x, h, self.weight, self.eps, self.offset)
 
 
 class Attention(nn.Module):
@@ -174,12 +178,14 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
         if self.sandwich:  # Gemma 2: norm after attention and around the MLP
-            x = x + self.post_attention_layernorm(h)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x))
+            h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            x, normed = self.pre_feedforward_layernorm.with_residual(x, self.post_attention_layernorm(h))
+            return x + self.post_feedforward_layernorm(self.mlp(normed))
+        x, normed = self.input_layernorm.with_residual(x)
+        h = self.self_attn(normed, cos, sin, mask, cache)
+        x, normed = self.post_attention_layernorm.with_residual(x, h)
+        return x + self.mlp(normed)
 
 
 class DecoderModel(nn.Module):
