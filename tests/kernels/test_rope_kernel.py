@@ -3,7 +3,8 @@ import torch
 from kernel_check import assert_as_good_as_reference, dtypes_for_device, run_with_grads
 
 pytest.importorskip("triton")
-from fasttune.kernels.rope import _RopeFunction, apply_rope_reference, rope_cos_sin, rope_inv_freq  # noqa: E402
+from fasttune.kernels.rope import (  # noqa: E402
+    _RopeFunction, apply_rope_qk, apply_rope_reference, rope_cos_sin, rope_inv_freq)
 
 DEVICE, DTYPES = dtypes_for_device()
 
@@ -17,8 +18,44 @@ def test_rope_matches_reference(dtype, b, t, h, d, rot):
     x = torch.randn(b, t, h, d, device=DEVICE).to(dtype)
     dy = torch.randn(b, t, h, d, device=DEVICE).to(dtype)
     c, s = cos.to(dtype), sin.to(dtype)
-    ours, (dx,) = run_with_grads(lambda a: _RopeFunction.apply(a, c, s), [x], dy)
+    ours, (dx,) = run_with_grads(lambda a: _RopeFunction.apply(a, None, c, s)[0], [x], dy)
     ref, (rdx,) = run_with_grads(lambda a: apply_rope_reference(a, c, s), [x], dy)
     ex, (edx,) = run_with_grads(lambda a: apply_rope_reference(a, cos, sin), [x.double()], dy.double())
     assert_as_good_as_reference(ours, ref, ex, dtype, "y")
     assert_as_good_as_reference(dx, rdx, edx, dtype, "dx")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hq, hk, d, rot", [(4, 2, 16, 16), (5, 1, 24, 12), (3, 3, 8, 8)])
+def test_rope_qk_one_launch_matches_reference(dtype, hq, hk, d, rot):
+    """q and k rotated by one launch (different head counts, GQA) equal two reference rotations, gradients too."""
+    torch.manual_seed(4)
+    b, t = 2, 5
+    pos = torch.randint(0, 500, (b, t), device=DEVICE)
+    cos, sin = rope_cos_sin(rope_inv_freq(rot, 10000.0).to(DEVICE), pos, torch.float64)
+    q, dq = (torch.randn(b, t, hq, d, device=DEVICE).to(dtype) for _ in range(2))
+    k, dk = (torch.randn(b, t, hk, d, device=DEVICE).to(dtype) for _ in range(2))
+    c, s = cos.to(dtype), sin.to(dtype)
+
+    def grads(fn, tensors, ups):
+        leaves = [x.detach().clone().requires_grad_() for x in tensors]
+        outs = fn(*leaves)
+        torch.autograd.backward(outs, ups)
+        return [o.detach() for o in outs] + [x.grad for x in leaves]
+
+    ours = grads(lambda a, e: _RopeFunction.apply(a, e, c, s), [q, k], [dq, dk])
+    ref = grads(lambda a, e: (apply_rope_reference(a, c, s), apply_rope_reference(e, c, s)), [q, k], [dq, dk])
+    ex = grads(lambda a, e: (apply_rope_reference(a, cos, sin), apply_rope_reference(e, cos, sin)),
+               [q.double(), k.double()], [dq.double(), dk.double()])
+    for name, a, r, e in zip(("q", "k", "dq", "dk"), ours, ref, ex):
+        assert_as_good_as_reference(a, r, e, dtype, name)
+
+
+def test_rope_qk_dispatch(monkeypatch):
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    pos = torch.arange(3, device=DEVICE)[None]
+    cos, sin = rope_cos_sin(rope_inv_freq(8, 10000.0).to(DEVICE), pos, torch.float32)
+    q, k = torch.randn(1, 3, 2, 8, device=DEVICE), torch.randn(1, 3, 1, 8, device=DEVICE)
+    a, b = apply_rope_qk(q.requires_grad_(), k, cos, sin)
+    assert "Rope" in type(a.grad_fn).__name__
+    torch.testing.assert_close(b, apply_rope_reference(k, cos, sin))

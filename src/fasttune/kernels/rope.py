@@ -1,8 +1,10 @@
 """Rotary position embeddings: inverse frequencies (default, linear, llama3 scaling), cos/sin tables, apply.
 
 `apply_rope` takes q or k in the (batch, seq, heads, head_dim) layout the projections produce. The Triton kernel
-rotates all heads of a token in one program (cos/sin read once per token) and its backward is the same kernel
-with the angle negated; partial rotary dims pass through.
+rotates all heads of a token in one program (cos/sin read once per token), q's and k's heads in the same launch
+(`apply_rope_qk`), and its backward is the same kernel with the angle negated; partial rotary dims pass through.
+The outputs are new tensors: rotating in place would have to mark the projections' outputs dirty, which autograd
+refuses for outputs of our custom LoRA function, and saves no memory (the unrotated q/k are freed at once).
 """
 import math
 
@@ -63,14 +65,8 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rope_kernel(x_ptr, cos_ptr, sin_ptr, y_ptr, n_heads, head_dim, half, sign,
-                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
-        tok = tl.program_id(0).to(tl.int64)  # one (batch, position) per program
-        d = tl.arange(0, BLOCK_D)
+    def _rotate_heads(x_ptr, y_ptr, tok, c, s, n_heads, head_dim, half, d, dmask, BLOCK_H: tl.constexpr):
         h = tl.arange(0, BLOCK_H)
-        dmask = d < half
-        c = tl.load(cos_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
-        s = sign * tl.load(sin_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
         base = tok * n_heads * head_dim + h[:, None] * head_dim + d[None, :]
         mask = (h[:, None] < n_heads) & dmask[None, :]
         x1 = tl.load(x_ptr + base, mask=mask, other=0.0).to(tl.float32)
@@ -78,31 +74,56 @@ if HAVE_TRITON:
         tl.store(y_ptr + base, (x1 * c[None, :] - x2 * s[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(y_ptr + base + half, (x2 * c[None, :] + x1 * s[None, :]).to(y_ptr.dtype.element_ty), mask=mask)
 
+    @triton.jit
+    def _rope_kernel(q_ptr, k_ptr, cos_ptr, sin_ptr, qo_ptr, ko_ptr, n_q, n_k, head_dim, half, sign,
+                     BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr):
+        tok = tl.program_id(0).to(tl.int64)  # one (batch, position) per program: q and k heads together
+        d = tl.arange(0, BLOCK_D)
+        dmask = d < half
+        c = tl.load(cos_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
+        s = sign * tl.load(sin_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
+        _rotate_heads(q_ptr, qo_ptr, tok, c, s, n_q, head_dim, half, d, dmask, BLOCK_HQ)
+        if BLOCK_HK > 0:
+            _rotate_heads(k_ptr, ko_ptr, tok, c, s, n_k, head_dim, half, d, dmask, BLOCK_HK)
 
-def _rope_launch(x, cos, sin, sign: float):
-    b, t, n_heads, head_dim = x.shape
+
+def _rope_launch(q, k, cos, sin, sign: float):
+    """Rotated copies of q and k (k may be None) in one launch."""
+    b, t, n_q, head_dim = q.shape
     half = cos.shape[-1] // 2
-    y = x.clone() if 2 * half < head_dim else torch.empty_like(x)  # partial rotary: the tail passes through
-    _rope_kernel[(b * t,)](x, cos, sin, y, n_heads, head_dim, half, sign, BLOCK_H=next_pow2(n_heads),
-                           BLOCK_D=next_pow2(half))
-    return y
+    partial = 2 * half < head_dim  # partial rotary: the tail passes through, so start from a copy
+    qo = q.clone() if partial else torch.empty_like(q)
+    ko = None if k is None else (k.clone() if partial else torch.empty_like(k))
+    _rope_kernel[(b * t,)](q, q if k is None else k, cos, sin, qo, qo if k is None else ko, n_q,
+                           0 if k is None else k.shape[2], head_dim, half, sign, BLOCK_HQ=next_pow2(n_q),
+                           BLOCK_HK=0 if k is None else next_pow2(k.shape[2]), BLOCK_D=next_pow2(half))
+    return qo, ko
 
 
 class _RopeFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, cos, sin):
+    def forward(ctx, q, k, cos, sin):
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        return _rope_launch(x.contiguous(), cos, sin, 1.0)
+        qo, ko = _rope_launch(q.contiguous(), None if k is None else k.contiguous(), cos, sin, 1.0)
+        return qo, ko
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors  # the inverse rotation: same angles, opposite sign
-        return _rope_launch(dy.contiguous(), cos, sin, -1.0), None, None
+        gq, gk = _rope_launch(dq.contiguous(), None if dk is None else dk.contiguous(), cos, sin, -1.0)
+        return gq, gk, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, rotary_dim)."""
     if use_triton(x) and cos.shape[:2] == x.shape[:2]:
-        return _RopeFunction.apply(x, cos, sin)
+        return _RopeFunction.apply(x, None, cos, sin)[0]
     return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """(rotated q, rotated k) for q (B, T, Hq, D) and k (B, T, Hkv, D): one kernel launch for both."""
+    if use_triton(q) and cos.shape[:2] == q.shape[:2]:
+        return _RopeFunction.apply(q, k, cos, sin)
+    return apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)

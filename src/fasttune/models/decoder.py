@@ -16,9 +16,10 @@ from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.lora import project
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
-from fasttune.kernels.rope import apply_rope, rope_cos_sin, rope_inv_freq
+from fasttune.kernels.rope import apply_rope_qk, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer
+from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 
 
 @dataclass
@@ -100,11 +101,15 @@ class Attention(nn.Module):
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+        v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = apply_rope(q, cos, sin).transpose(1, 2)
-        k = apply_rope(k, cos, sin).transpose(1, 2)
+        q, k = apply_rope_qk(q, k, cos, sin)
+        spans = mask.get("varlen")
+        if spans is not None:  # packed rows on CUDA: one flash-attention sequence per document
+            out = varlen_attention(q, k, v, spans, self.sliding_window, cfg.scaling)
+            return self.o_proj(out.reshape(b, t, self.q_size))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap)
@@ -273,7 +278,11 @@ class CausalLM(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
         ropes = self.rope_tables(position_ids, x.dtype)
-        masks = build_masks(attention_mask, t, x.device, set(cfg.sliding_windows), past, segment_ids)
+        windows = set(cfg.sliding_windows)
+        if segment_ids is not None and cache is None and varlen_usable(x, cfg.attn_logit_softcap, windows):
+            masks = {"varlen": packed_spans(segment_ids)}
+        else:
+            masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids)
         if cache is None:
             offload = self._offloader(x)
             for layer in self.model.layers:

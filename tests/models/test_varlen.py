@@ -1,0 +1,80 @@
+"""Packed-row attention: document spans for flash attention's varlen kernel (CPU), and on CUDA the varlen path
+against the dense block-diagonal mask and against each document run alone."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+
+from fasttune import FastLanguageModel
+from fasttune.models import decoder
+from fasttune.models.varlen import packed_spans, varlen_usable
+
+
+def test_spans_split_documents_rows_and_padding():
+    seg = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 2, 2, 2, 3, 3]])
+    spans = packed_spans(seg)
+    # Row 0: docs of 3 and 2 tokens, then its padding; row 1 starts a new span although it starts with id 1 again.
+    assert spans.cu_seqlens.tolist() == [0, 3, 5, 6, 7, 10, 12]
+    assert spans.cu_seqlens.dtype == torch.int32 and spans.max_len == 3
+
+
+def test_same_id_in_adjacent_rows_is_two_documents():
+    spans = packed_spans(torch.tensor([[1, 1], [1, 1]]))
+    assert spans.cu_seqlens.tolist() == [0, 2, 4] and spans.max_len == 2
+
+
+def test_varlen_not_used_on_cpu_or_with_softcap():
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    assert not varlen_usable(x, None, {None})
+    if torch.cuda.is_available():
+        assert not varlen_usable(x.cuda(), 30.0, {None})
+
+
+def _packed_batch(device):
+    torch.manual_seed(5)
+    lens = [[7, 12, 9], [20, 6]]
+    ids = torch.randint(3, 300, (2, 30), device=device)
+    seg = torch.zeros(2, 30, dtype=torch.long, device=device)
+    pos = torch.zeros(2, 30, dtype=torch.long, device=device)
+    for r, row in enumerate(lens):
+        at = 0
+        for d, n in enumerate(row, 1):
+            seg[r, at:at + n] = d
+            pos[r, at:at + n] = torch.arange(n)
+            at += n
+    mask = (seg > 0).long()
+    return ids, mask, pos, seg, lens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])  # gemma3: sliding windows of 4
+def test_varlen_equals_dense_mask_and_unpacked_documents(family, tiny_model_dir, monkeypatch):
+    folder = tiny_model_dir(family)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    ids, mask, pos, seg, lens = _packed_batch("cuda")
+    assert varlen_usable(model.model.norm.weight, None, set(model.config.sliding_windows) or {None})
+
+    def run(varlen: bool):
+        monkeypatch.setattr(decoder, "varlen_usable", lambda *a: varlen)
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, position_ids=pos, segment_ids=seg, labels=ids.masked_fill(mask == 0,
+                                                                                                         -100),
+                    return_logits=True)
+        out.loss.backward()
+        return out.logits.float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    v_logits, v_grads = run(True)
+    d_logits, d_grads = run(False)
+    real = mask.bool()
+    torch.testing.assert_close(v_logits[real], d_logits[real], rtol=2e-2, atol=2e-2)
+    for n, g in v_grads.items():
+        assert (g.float() - d_grads[n].float()).norm() <= 2e-2 * d_grads[n].float().norm() + 1e-6, n
+    with torch.no_grad():  # each document alone, unpacked, gives the same logits
+        for r, row in enumerate(lens):
+            at = 0
+            for n in row:
+                alone = model(ids[r:r + 1, at:at + n]).logits.float()[0]
+                torch.testing.assert_close(v_logits[r, at:at + n], alone, rtol=2e-2, atol=2e-2)
+                at += n
