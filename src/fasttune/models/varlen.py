@@ -33,8 +33,6 @@ def varlen_usable(x: torch.Tensor, softcap: float | None, windows: set) -> bool:
         return False
     if os.environ.get("FASTTUNE_KERNELS", "").lower() == "torch":
         return False
-    if "enable_gqa" not in _PARAMS:
-        return False
     return not (windows - {None}) or "window_size" in _PARAMS
 
 
@@ -54,7 +52,13 @@ def packed_spans(segment_ids: torch.Tensor) -> PackedSpans:
 def varlen_attention(q, k, v, spans: PackedSpans, window: int | None, scale: float) -> torch.Tensor:
     """q (B, T, Hq, D), k/v (B, T, Hkv, D) -> (B, T, Hq, D), causal within each document."""
     b, t = q.shape[:2]
-    kw = dict(scale=scale, enable_gqa=q.shape[2] != k.shape[2])
+    kw = dict(scale=scale)
+    if q.shape[2] != k.shape[2]:
+        if "enable_gqa" in _PARAMS:
+            kw["enable_gqa"] = True
+        else:  # torch < 2.13's varlen kernel wants as many k/v heads as q heads
+            groups = q.shape[2] // k.shape[2]
+            k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
     if "window_size" in _PARAMS:
         kw["window_size"] = (-1, 0) if window is None else (window - 1, 0)  # key j allowed when i - j < window
     else:
