@@ -18,8 +18,11 @@ ADAPTER = Path("adapter") / "adapter_model.safetensors"
 def _run(model_dir, out: Path, procs: int, **options) -> list[float]:
     cmd = [sys.executable, WORKER] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), WORKER]
+    env = worker_env()
+    if "kernels" in options:  # e.g. "triton": the fused LoRA function and Triton kernels (interpreted on CPU)
+        env["FASTTUNE_KERNELS"] = options.pop("kernels")
     proc = subprocess.run(cmd + [str(model_dir), str(out), json.dumps(options)], capture_output=True, text=True,
-                          env=worker_env(), timeout=300)
+                          env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -39,7 +42,9 @@ def _assert_same_adapter(a_dir: Path, b_dir: Path):
     # NF4 buffers replicated, the rest sharded; packing leaves the last step short: one rank runs a filler pass
     {"checkpointing": True, "load_in_4bit": True, "packing": True},
     {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
-], ids=["recompute-off", "recompute-on-modules-to-save", "recompute-on-nf4-packing", "dpo"])
+    # the fused LoRA function (the default on GPUs) with sharded layers: its gradients reach FSDP's reduce-scatter
+    {"checkpointing": True, "kernels": "triton"},
+], ids=["recompute-off", "recompute-on-modules-to-save", "recompute-on-nf4-packing", "dpo", "fused-kernels"])
 def test_fsdp_two_processes_equal_one(tiny_model_dir, tmp_path, options):
     folder = tiny_model_dir("llama")
     one = _run(folder, tmp_path / "one", 1, grad_accum=2, **options)
