@@ -113,3 +113,13 @@ def test_dispatch(monkeypatch):
     assert not can_fuse(x, layers)
     torch.testing.assert_close(project(x, *layers)[1], layers[1].base_layer(x))
     assert not can_fuse(x, [layers[0], nn.Linear(8, 4, device=DEVICE)])
+
+
+def test_frozen_adapters_pass_gradients_to_x_only():
+    layers = _layers(16, (12, 8), 2, 2)
+    for layer in layers:
+        layer.requires_grad_(False)
+    x = torch.randn(3, 16, device=DEVICE, requires_grad=True)
+    sum(o.sum() for o in lora_group(x, layers)).backward()
+    assert x.grad is not None and all(layer.lora_A.grad is None for layer in layers)
+    torch.testing.assert_close(x.grad, torch.autograd.grad(sum(layer(x).sum() for layer in layers), x)[0])

@@ -38,6 +38,27 @@ def test_logits_and_lora_grads_equal_torch_path(family, tiny_model_dir, monkeypa
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+def test_lora_dropout_masks_equal_torch_path(tiny_model_dir, monkeypatch):
+    """In training with LoRA dropout the fused path draws the same masks, in the same order, as the module path."""
+    folder = tiny_model_dir("llama")
+    results = {}
+    for kernels in ("torch", "triton"):
+        monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device=DEVICE)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.3,
+                                                 use_gradient_checkpointing=False)
+        randomize_lora_b(model)
+        model.train()
+        ids = torch.randint(3, 300, (2, 9), device=DEVICE, generator=torch.Generator(DEVICE).manual_seed(2))
+        torch.manual_seed(9)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[kernels] = loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
+    for n, g in results["triton"][1].items():
+        torch.testing.assert_close(g, results["torch"][1][n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 @pytest.mark.slow  # ~40 s in the Triton interpreter on 2 CPU cores
 def test_20_step_losses_equal_torch_path(tiny_model_dir, tmp_path, monkeypatch):
     folder = tiny_model_dir("llama")

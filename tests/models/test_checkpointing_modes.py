@@ -18,7 +18,9 @@ def _grads(model, mode, ids, mask):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("mode", [True, "offload"])
-def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])  # triton: the fused LoRA function draws the masks
+def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode, kernels, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.1, modules_to_save=["lm_head"])
     model.train()

@@ -84,15 +84,17 @@ class _LoraGroupFunction(torch.autograd.Function):
         gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
         # Low-rank side first: (tokens x r) products.
         gbs = [_scaled(torch.mm(g, b), s) for g, b, s in zip(gs, bs, ctx.scales)]
-        d_b = [_scaled(torch.mm(g.t(), xa), s).to(dt)
-               for g, xa, s, dt in zip(gs, xa_all.split(ctx.ranks, dim=1), ctx.scales, ctx.b_dtypes)]
+        gb_all = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
         a_parts = a_all.split(ctx.ranks)
-        dropped = [None if m is None else _undrop(x2, m, p) for m, p in zip(masks, ctx.probs)]
-        if any(ctx.probs):
-            d_a = [torch.mm(gb.t(), x2 if xd is None else xd).to(ctx.a_dtype) for gb, xd in zip(gbs, dropped)]
-        else:
-            gb_all = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
-            d_a = torch.mm(gb_all.t(), x2).to(ctx.a_dtype).split(ctx.ranks)
+        d_a = d_b = [None] * n
+        if any(ctx.needs_input_grad[2:]):  # adapters that train (frozen ones skip these GEMMs)
+            d_b = [_scaled(torch.mm(g.t(), xa), s).to(dt)
+                   for g, xa, s, dt in zip(gs, xa_all.split(ctx.ranks, dim=1), ctx.scales, ctx.b_dtypes)]
+            if any(ctx.probs):
+                d_a = [torch.mm(gb.t(), x2 if m is None else _undrop(x2, m, p)).to(ctx.a_dtype)
+                       for gb, m, p in zip(gbs, masks, ctx.probs)]
+            else:
+                d_a = torch.mm(gb_all.t(), x2).to(ctx.a_dtype).split(ctx.ranks)
         dx = None
         if ctx.needs_input_grad[0]:
             for layer, g in zip(ctx.layers, gs):
@@ -105,7 +107,7 @@ class _LoraGroupFunction(torch.autograd.Function):
                 dx.addmm_(gb_all, a_all)
             dx = dx.view(ctx.shape)
         param_grads = [t for pair in zip(d_a, d_b) for t in pair]
-        return (dx, None, *param_grads)
+        return (dx, None, *[g if need else None for g, need in zip(param_grads, ctx.needs_input_grad[2:])])
 
 
 def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
