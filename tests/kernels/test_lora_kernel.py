@@ -123,3 +123,44 @@ def test_frozen_adapters_pass_gradients_to_x_only():
     sum(o.sum() for o in lora_group(x, layers)).backward()
     assert x.grad is not None and all(layer.lora_A.grad is None for layer in layers)
     torch.testing.assert_close(x.grad, torch.autograd.grad(sum(layer(x).sum() for layer in layers), x)[0])
+
+
+def test_values_unused_skips_base_gemms_and_keeps_gradients(monkeypatch):
+    """values_unused=True (a recompute whose output only feeds an add): no base weight is read in forward and
+    the gradients are those of the full computation."""
+    import fasttune.kernels.lora as lora_mod
+
+    layers = _layers(16, (12,), 2, 4)
+    x = torch.randn(3, 16, device=DEVICE)
+    res, g = torch.randn(3, 12, device=DEVICE), torch.randn(3, 12, device=DEVICE)
+    grads, real = [], lora_mod._base_weight
+    for unused in (False, True):
+        reads = []
+        monkeypatch.setattr(lora_mod, "_base_weight", lambda layer, dtype: reads.append(1) or real(layer, dtype))
+        xi = x.clone().requires_grad_()
+        out = lora_group(xi, layers, values_unused=unused)[0]
+        forward_reads = len(reads)
+        (res + out).backward(g)
+        assert forward_reads == (0 if unused else 1)
+        grads.append([xi.grad, layers[0].lora_A.grad.clone(), layers[0].lora_B.grad.clone()])
+        layers[0].zero_grad(set_to_none=True)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_recompute_skips_down_proj_forward(tiny_model_dir, monkeypatch):
+    """With per-layer recompute each layer's re-run reads every base weight but down_proj's."""
+    import fasttune.kernels.lora as lora_mod
+    from fasttune import FastLanguageModel
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=True)
+    model.train()
+    reads = []
+    real = lora_mod._base_weight
+    monkeypatch.setattr(lora_mod, "_base_weight", lambda layer, dtype: reads.append(1) or real(layer, dtype))
+    ids = torch.randint(3, 300, (1, 8))
+    model(ids, labels=ids).loss.backward()
+    layers = model.config.num_layers
+    assert len(reads) == layers * (7 + 6 + 7)  # forward, recompute without down_proj, backward

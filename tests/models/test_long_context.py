@@ -24,7 +24,7 @@ def test_tiled_mlp_equals_untiled(tiny_model_dir, monkeypatch, checkpointing):
     calls = []
     monkeypatch.setattr(decoder, "MLP_TILE_BYTES", 2 * 128 * 2 * 5)  # 5 positions per tile -> 8 tiles
     orig = decoder.MLP._mlp
-    monkeypatch.setattr(decoder.MLP, "_mlp", lambda self, x: calls.append(x.shape[1]) or orig(self, x))
+    monkeypatch.setattr(decoder.MLP, "_mlp", lambda self, x, *rest: calls.append(x.shape[1]) or orig(self, x, *rest))
     tiled_loss, tiled_grads = _loss_and_grads(model, ids)
     assert max(calls) == 5  # it did tile
     torch.testing.assert_close(tiled_loss, loss, rtol=1e-6, atol=1e-6)

@@ -42,7 +42,7 @@ def _dropout_p(layer) -> float:
 
 class _LoraGroupFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layers, *params):
+    def forward(ctx, x, layers, values_unused, *params):
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1])
         ranks = [layer.r for layer in layers]
@@ -65,6 +65,9 @@ class _LoraGroupFunction(torch.autograd.Function):
             xa_all = x2 @ a_all.t()
         outs = []
         for layer, xa, b, s in zip(layers, xa_all.split(ranks, dim=1), bs, scales):
+            if values_unused:  # a recompute whose output only carries the graph: skip the GEMMs (see below)
+                outs.append(x2.new_empty(*shape[:-1], b.shape[0]))
+                continue
             w = _base_weight(layer, dtype)
             bias = layer.base_layer.bias
             out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
@@ -87,7 +90,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         gb_all = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
         a_parts = a_all.split(ctx.ranks)
         d_a = d_b = [None] * n
-        if any(ctx.needs_input_grad[2:]):  # adapters that train (frozen ones skip these GEMMs)
+        if any(ctx.needs_input_grad[3:]):  # adapters that train (frozen ones skip these GEMMs)
             d_b = [_scaled(torch.mm(g.t(), xa), s).to(dt)
                    for g, xa, s, dt in zip(gs, xa_all.split(ctx.ranks, dim=1), ctx.scales, ctx.b_dtypes)]
             if any(ctx.probs):
@@ -107,7 +110,7 @@ class _LoraGroupFunction(torch.autograd.Function):
                 dx.addmm_(gb_all, a_all)
             dx = dx.view(ctx.shape)
         param_grads = [t for pair in zip(d_a, d_b) for t in pair]
-        return (dx, None, *[g if need else None for g, need in zip(param_grads, ctx.needs_input_grad[2:])])
+        return (dx, None, None, *[g if need else None for g, need in zip(param_grads, ctx.needs_input_grad[3:])])
 
 
 def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -119,10 +122,16 @@ def _undrop(t: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
 
 
-def lora_group(x: torch.Tensor, layers) -> tuple:
-    """Outputs of the LoRA layers `layers` (all enabled, each reading x), through the fused path."""
+def lora_group(x: torch.Tensor, layers, values_unused: bool = False) -> tuple:
+    """Outputs of the LoRA layers `layers` (all enabled, each reading x), through the fused path.
+
+    values_unused=True: the caller needs the outputs only as graph nodes, never their values; their backward
+    needs only x and the low-rank products, so the base GEMMs are skipped and the outputs left uninitialised.
+    Per-layer recompute uses this for a layer's last projection (down_proj), whose output only feeds the residual
+    add in backward: about a quarter of a recomputed layer's GEMM work.
+    """
     params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
-    return _LoraGroupFunction.apply(x, list(layers), *params)
+    return _LoraGroupFunction.apply(x, list(layers), values_unused, *params)
 
 
 def can_fuse(x: torch.Tensor, layers) -> bool:
@@ -138,8 +147,8 @@ def _base_trains(layer) -> bool:
     return any(p.requires_grad for p in base.parameters(recurse=False))
 
 
-def project(x: torch.Tensor, *layers) -> tuple:
+def project(x: torch.Tensor, *layers, values_unused: bool = False) -> tuple:
     """(layer(x) for layer in layers), fused when they are all plain enabled LoRA layers and the path is on."""
     if can_fuse(x, layers):
-        return lora_group(x, layers)
+        return lora_group(x, layers, values_unused)
     return tuple(layer(x) for layer in layers)

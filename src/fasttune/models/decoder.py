@@ -18,7 +18,7 @@ from fasttune.kernels.lora import project
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
 from fasttune.kernels.rope import apply_rope_qk, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
-from fasttune.models.offload import LayerInputOffloader, offloaded_layer
+from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 
 
@@ -151,22 +151,22 @@ class MLP(nn.Module):
             self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
-    def forward(self, x):
+    def forward(self, x, values_unused: bool = False):
         tile = max(1, MLP_TILE_BYTES // (2 * self.intermediate * x.shape[0]))  # sequence positions per tile
         if x.shape[1] <= 2 * tile:
-            return self._mlp(x)
+            return self._mlp(x, values_unused)
         # Long sequences: the three (tokens x intermediate) activations exist for one tile at a time; in training
         # each tile is recomputed in backward, so only its input (a view of x) is kept.
         if torch.is_grad_enabled():
             return torch.cat([checkpoint(self._mlp, c, use_reentrant=False) for c in x.split(tile, dim=1)], dim=1)
         return torch.cat([self._mlp(c) for c in x.split(tile, dim=1)], dim=1)
 
-    def _mlp(self, x):
+    def _mlp(self, x, values_unused: bool = False):
         if self.fused:
             gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = project(x, self.gate_proj, self.up_proj)
-        return self.down_proj(gated_act(gate, up, self.act))
+        return project(gated_act(gate, up, self.act), self.down_proj, values_unused=values_unused)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -190,7 +190,9 @@ class DecoderLayer(nn.Module):
         x, normed = self.input_layernorm.with_residual(x)
         h = self.self_attn(normed, cos, sin, mask, cache)
         x, normed = self.post_attention_layernorm.with_residual(x, h)
-        return x + self.mlp(normed)
+        # Re-run inside backward, the layer's output value is discarded and the add's backward needs no values:
+        # down_proj's base GEMM is skipped (kernels/lora.py). Gemma 2's post-MLP norm needs them, so not there.
+        return x + self.mlp(normed, values_unused=recomputing())
 
 
 class DecoderModel(nn.Module):

@@ -10,6 +10,8 @@ On a CPU the same path runs with plain host copies, so the recompute logic is te
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from functools import lru_cache
 
 import torch
@@ -78,6 +80,23 @@ class _HostPool:
 
 
 _POOL = _HostPool()
+_STATE = threading.local()
+
+
+def recomputing() -> bool:
+    """True while a layer is being re-run inside backward: its output value is thrown away (only its graph is
+    back-propagated), so a layer may skip work whose only use is that value (see DecoderLayer)."""
+    return getattr(_STATE, "recomputing", False)
+
+
+@contextlib.contextmanager
+def _recompute_scope():
+    before = recomputing()
+    _STATE.recomputing = True
+    try:
+        yield
+    finally:
+        _STATE.recomputing = before
 
 
 class LayerInputOffloader:
@@ -161,7 +180,7 @@ class _OffloadedLayer(torch.autograd.Function):
     def backward(ctx, grad):
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(True)
         devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _recompute_scope():
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
