@@ -25,7 +25,7 @@ def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode, kernels, mon
     model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.1, modules_to_save=["lm_head"])
     model.train()
     randomize_lora_b(model)
-    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0)).to(model.device)
     mask = torch.ones_like(ids)
     mask[1, 17:] = 0
     loss, ref = _grads(model, False, ids, mask)
