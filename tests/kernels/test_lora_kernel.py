@@ -59,15 +59,20 @@ def test_group_matches_module_path(dtype, outs, r, alpha, dropout, bias, monkeyp
             assert_as_good_as_reference(ai, bi, ei, dtype, f"{name}[{i}]")
 
 
+def _assert_fused_equals_module_path(layers, x_shape, rtol, atol):
+    """fp32: outputs, d(x) and LoRA gradients of the fused group equal the module path's, element by element."""
+    x = torch.randn(x_shape, device=DEVICE)
+    grads_out = [torch.randn(*x_shape[:-1], layer.base_layer.out_features, device=DEVICE) for layer in layers]
+    ours, ref = (_run(layers, x, grads_out, fused, torch.float32) for fused in (True, False))
+    for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2]):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
 def test_dropout_masks_equal_module_path(monkeypatch):
     """With dropout the masks themselves must be PEFT's: exact equality in fp32, not just a small error."""
     monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
     layers = _layers(16, (12, 8), 2, 4, dropout=0.5)
-    x = torch.randn(3, 5, 16, device=DEVICE)
-    grads_out = [torch.randn(3, 5, 12, device=DEVICE), torch.randn(3, 5, 8, device=DEVICE)]
-    ours, ref = (_run(layers, x, grads_out, fused, torch.float32) for fused in (True, False))
-    for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    _assert_fused_equals_module_path(layers, (3, 5, 16), rtol=1e-5, atol=1e-6)
 
 
 def test_eval_mode_draws_no_dropout(monkeypatch):
@@ -95,11 +100,7 @@ def test_nf4_base_matches_module_path(monkeypatch):
     layers = _layers(128, (64, 32), 4, 8)
     for layer in layers:
         layer.base_layer = QuantLinear.from_linear(layer.base_layer, "nf4")
-    x = torch.randn(2, 5, 128, device=DEVICE)
-    grads_out = [torch.randn(2, 5, 64, device=DEVICE), torch.randn(2, 5, 32, device=DEVICE)]
-    ours, ref = (_run(layers, x, grads_out, fused, torch.float32) for fused in (True, False))
-    for a, b in zip(ours[0] + [ours[1]] + ours[2], ref[0] + [ref[1]] + ref[2]):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    _assert_fused_equals_module_path(layers, (2, 5, 128), rtol=1e-4, atol=1e-5)
 
 
 def test_dispatch(monkeypatch):
