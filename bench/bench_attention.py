@@ -1,0 +1,99 @@
+"""Causal attention forward + backward per SDPA backend (cuDNN, flash, memory-efficient) and flash attention's
+varlen kernel, on one GPU, for the attention shapes of the LoRA benchmark: which exact path is fastest here.
+
+Each backend gets the same bf16 q/k/v (B, T, H, D layout viewed as SDPA wants it, GQA as the models have it);
+outputs are checked against the first backend (max abs difference), timings are the median of 20 runs after
+warm-up, and rows are appended to bench/results/attention.jsonl. Usage on a GPU machine:
+
+    python bench/bench_attention.py
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+SHAPES = {"llama-3.2-1b": (32, 8, 64), "llama-3.1-8b": (32, 8, 128)}  # q heads, kv heads, head dim
+
+
+def _sdpa(backend):
+    """SDPA restricted to one backend; None: SDPA's own choice (what the decoder gets)."""
+    def run(q, k, v):
+        with sdpa_kernel(backend) if backend is not None else contextlib.nullcontext():
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                 is_causal=True, enable_gqa=q.shape[2] != k.shape[2])
+        return out.transpose(1, 2)
+    return run
+
+
+def _varlen(q, k, v):
+    from fasttune.models.varlen import PackedSpans, varlen_attention
+
+    b, t = q.shape[:2]
+    cu = torch.arange(0, (b + 1) * t, t, device=q.device, dtype=torch.int32)  # one document per row
+    return varlen_attention(q, k, v, PackedSpans(cu, t), None, q.shape[-1] ** -0.5)
+
+
+def _time(fn, q, k, v, grad):
+    def once():
+        for x in (q, k, v):
+            x.grad = None
+        fn(q, k, v).backward(grad)
+
+    for _ in range(3):
+        once()
+    times = []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        once()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--bs", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.jsonl"))
+    a = ap.parse_args()
+    paths = {"cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION), "flash": _sdpa(SDPBackend.FLASH_ATTENTION),
+             "efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION), "default": _sdpa(None),
+             "varlen": _varlen}
+    print(f"{'shape':<14} {'path':<10} {'fwd+bwd ms':>10} {'TFLOP/s':>8} {'max diff':>9}  card")
+    for shape, (hq, hk, d) in SHAPES.items():
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(a.bs, a.seq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                   .requires_grad_() for h in (hq, hk, hk))
+        grad = torch.randn(a.bs, a.seq, hq, d, device="cuda", dtype=torch.bfloat16, generator=g)
+        flops = 3.5 * 4 * a.bs * a.seq * a.seq * hq * d / 2  # causal: half the scores; backward ~2.5x forward
+        first = None
+        for name, fn in paths.items():
+            try:
+                out = fn(q, k, v).detach()
+                ms = _time(fn, q, k, v, grad) * 1e3
+            except RuntimeError as e:  # a backend that does not take this shape/card
+                print(f"{shape:<14} {name:<10} {'-':>10} {'-':>8} {'-':>9}  unavailable: {str(e)[:60]}")
+                continue
+            first = out if first is None else first
+            diff = float((out.float() - first.float()).abs().max())
+            row = {"bench": "attention", "shape": shape, "path": name, "batch": a.bs, "seq": a.seq,
+                   "fwd_bwd_ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "max_diff": diff,
+                   "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            print(f"{shape:<14} {name:<10} {ms:>10.3f} {row['tflops']:>8.1f} {diff:>9.2e}  {row['card']}")
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            with open(a.out, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
