@@ -16,6 +16,7 @@ def main():
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--sort", default="self_cuda_time_total", help="with --ops, e.g. self_cpu_time_total")
     ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
     ap.add_argument("--stacks", default="", help="comma-separated aten ops (e.g. aten::copy_,aten::add) whose "
                                                  "Python call sites to list, by CUDA time")
@@ -44,7 +45,8 @@ def main():
     if a.stacks:
         _print_stacks(prof, a.stacks.split(","))
     elif a.ops:  # aten ops with their input shapes: which call launches the expensive kernels
-        print(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cuda_time_total", row_limit=a.top,
+        by_shape = "cuda" in a.sort  # CPU time: one row per op, all shapes together
+        print(prof.key_averages(group_by_input_shape=by_shape).table(sort_by=a.sort, row_limit=a.top,
                                                                  max_name_column_width=40, max_shapes_column_width=90))
     else:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
