@@ -11,6 +11,15 @@ import pytest
 from tiny_tokenizer import make_tiny_tokenizer
 
 
+@pytest.fixture(autouse=True)
+def _cpu_unless_a_gpu_test(request, monkeypatch):
+    """On a GPU machine the tests written for CI's CPU see no CUDA, so models load and train on the CPU as in CI;
+    tests marked `gpu` and the kernel tests (tests/kernels picks its device itself) use the card."""
+    if (torch.cuda.is_available() and request.node.get_closest_marker("gpu") is None
+            and "kernels" not in request.node.path.parts):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """Byte-level tokenizer (259 ids) with a ChatML template; see tests/tiny_tokenizer.py."""
