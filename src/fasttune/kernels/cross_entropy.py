@@ -144,6 +144,16 @@ def _ce_chunk_grad_(logits: torch.Tensor, labels: torch.Tensor, softcap: float |
     return _ce_chunk_grad_reference(logits, labels, softcap)
 
 
+GRAD_W_TILE_ROWS = 8192  # vocab rows of d(lm_head) per 16-bit product: its temporaries stay ~200 MiB at hidden 4096
+
+
+def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
+    """acc (fp32) += a @ b in tiles of rows: a whole-vocab 16-bit product plus its fp32 copy would be ~3 GiB at
+    a 128K vocab and hidden 4096 (a trainable lm_head)."""
+    for start in range(0, a.shape[0], GRAD_W_TILE_ROWS):
+        acc[start:start + GRAD_W_TILE_ROWS] += (a[start:start + GRAD_W_TILE_ROWS] @ b).float()
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, chunk):
@@ -161,7 +171,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             if need_h:
                 grad_h.index_copy_(0, keep[start:start + chunk], g @ w)
             if need_w:
-                grad_w += (g.t() @ hc).float()
+                _accumulate_fp32(grad_w, g.t(), hc)
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight.dtype
         return total
