@@ -15,9 +15,11 @@ The torch reference is the plain module path (`LoraLinear.forward`: base, dropou
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
+import torch.nn.functional as F
 
 
 def fused_lora_enabled(x: torch.Tensor) -> bool:
@@ -30,9 +32,13 @@ def fused_lora_enabled(x: torch.Tensor) -> bool:
 
 def _base_weight(layer, dtype):
     base = layer.base_layer
-    if hasattr(base, "dequantized_weight"):  # QuantLinear: a temporary 16-bit copy, never kept
+    if getattr(type(base), "dequantized_weight", None) is not None:  # QuantLinear: a temporary 16-bit copy
         return base.dequantized_weight(dtype)
-    return base.weight.to(dtype)
+    return _as(base.weight, dtype)
+
+
+def _as(t: torch.Tensor, dtype) -> torch.Tensor:
+    return t if t.dtype == dtype else t.to(dtype)  # (this runs per layer per step: no call when already right)
 
 
 def _dropout_p(layer) -> float:
@@ -49,7 +55,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         scales = [layer.scaling for layer in layers]
         # One cast for the whole group's A (and one GEMM below when there is no dropout).
         a_all = (torch.cat(params[0::2]) if len(layers) > 1 else params[0]).to(dtype)
-        bs = [b.to(dtype) for b in params[1::2]]
+        bs = [_as(b, dtype) for b in params[1::2]]
         probs = [_dropout_p(layer) for layer in layers]
         masks = [None] * len(layers)
         if any(probs):
@@ -59,10 +65,10 @@ class _LoraGroupFunction(torch.autograd.Function):
                 xi = x2
                 if p:
                     xi, masks[i] = torch.native_dropout(x2, p, True)
-                xas.append(xi @ a.t())
+                xas.append(F.linear(xi, a))
             xa_all = torch.cat(xas, dim=1)
         else:
-            xa_all = x2 @ a_all.t()
+            xa_all = F.linear(x2, a_all)
         outs = []
         for layer, xa, b, s in zip(layers, xa_all.split(ranks, dim=1), bs, scales):
             if values_unused:  # a recompute whose output only carries the graph: skip the GEMMs (see below)
@@ -70,7 +76,7 @@ class _LoraGroupFunction(torch.autograd.Function):
                 continue
             w = _base_weight(layer, dtype)
             bias = layer.base_layer.bias
-            out = x2 @ w.t() if bias is None else torch.addmm(bias.to(dtype), x2, w.t())
+            out = F.linear(x2, w, None if bias is None else _as(bias, dtype))
             out.addmm_(xa, b.t(), alpha=s)
             outs.append(out.view(*shape[:-1], out.shape[-1]))
         ctx.layers, ctx.ranks, ctx.scales, ctx.probs, ctx.shape = layers, ranks, scales, probs, shape
@@ -84,7 +90,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         n = len(ctx.layers)
         bs, saved_masks = rest[:n], iter(rest[n:])
         masks = [next(saved_masks) if p else None for p in ctx.probs]
-        gs = [g.reshape(-1, g.shape[-1]).to(x2.dtype) for g in grads]
+        gs = [_as(g.reshape(-1, g.shape[-1]), x2.dtype) for g in grads]
         # Low-rank side first: (tokens x r) products.
         gbs = [_scaled(torch.mm(g, b), s) for g, b, s in zip(gs, bs, ctx.scales)]
         gb_all = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
@@ -135,11 +141,17 @@ def lora_group(x: torch.Tensor, layers, values_unused: bool = False) -> tuple:
 
 
 def can_fuse(x: torch.Tensor, layers) -> bool:
-    from fasttune.peft.lora import LoraLinear
-
     if not fused_lora_enabled(x):
         return False
-    return all(type(layer) is LoraLinear and not layer.disabled and not _base_trains(layer) for layer in layers)
+    lora_cls = _lora_class()
+    return all(type(layer) is lora_cls and not layer.disabled and not _base_trains(layer) for layer in layers)
+
+
+@functools.cache
+def _lora_class():
+    from fasttune.peft.lora import LoraLinear  # imported late: peft/lora.py imports this module
+
+    return LoraLinear
 
 
 def _base_trains(layer) -> bool:
