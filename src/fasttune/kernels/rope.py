@@ -1,8 +1,8 @@
 """Rotary position embeddings: inverse frequencies (default, linear, llama3 scaling), cos/sin tables, apply.
 
-`apply_rope` takes q or k in the (batch, seq, heads, head_dim) layout the projections produce. The Triton kernel
-rotates all heads of a token in one program (cos/sin read once per token), q's and k's heads in the same launch
-(`apply_rope_qk`), and its backward is the same kernel with the angle negated; partial rotary dims pass through.
+`apply_rope_qk` takes q and k in the (batch, seq, heads, head_dim) layout the projections produce. The Triton
+kernel rotates all of a token's q and k heads in one program (cos/sin read once per token), q and k in one launch,
+and its backward is the same kernel with the angle negated; partial rotary dims pass through.
 The outputs are new tensors: rotating in place would have to mark the projections' outputs dirty, which autograd
 refuses for outputs of our custom LoRA function, and saves no memory (the unrotated q/k are freed at once).
 """
@@ -83,20 +83,17 @@ if HAVE_TRITON:
         c = tl.load(cos_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
         s = sign * tl.load(sin_ptr + tok * 2 * half + d, mask=dmask, other=0.0).to(tl.float32)
         _rotate_heads(q_ptr, qo_ptr, tok, c, s, n_q, head_dim, half, d, dmask, BLOCK_HQ)
-        if BLOCK_HK > 0:
-            _rotate_heads(k_ptr, ko_ptr, tok, c, s, n_k, head_dim, half, d, dmask, BLOCK_HK)
+        _rotate_heads(k_ptr, ko_ptr, tok, c, s, n_k, head_dim, half, d, dmask, BLOCK_HK)
 
 
 def _rope_launch(q, k, cos, sin, sign: float):
-    """Rotated copies of q and k (k may be None) in one launch."""
+    """Rotated copies of q and k, in one launch."""
     b, t, n_q, head_dim = q.shape
     half = cos.shape[-1] // 2
     partial = 2 * half < head_dim  # partial rotary: the tail passes through, so start from a copy
-    qo = q.clone() if partial else torch.empty_like(q)
-    ko = None if k is None else (k.clone() if partial else torch.empty_like(k))
-    _rope_kernel[(b * t,)](q, q if k is None else k, cos, sin, qo, qo if k is None else ko, n_q,
-                           0 if k is None else k.shape[2], head_dim, half, sign, BLOCK_HQ=next_pow2(n_q),
-                           BLOCK_HK=0 if k is None else next_pow2(k.shape[2]), BLOCK_D=next_pow2(half))
+    qo, ko = (x.clone() if partial else torch.empty_like(x) for x in (q, k))
+    _rope_kernel[(b * t,)](q, k, cos, sin, qo, ko, n_q, k.shape[2], head_dim, half, sign,
+                           BLOCK_HQ=next_pow2(n_q), BLOCK_HK=next_pow2(k.shape[2]), BLOCK_D=next_pow2(half))
     return qo, ko
 
 
@@ -105,21 +102,12 @@ class _RopeFunction(torch.autograd.Function):
     def forward(ctx, q, k, cos, sin):
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
-        qo, ko = _rope_launch(q.contiguous(), None if k is None else k.contiguous(), cos, sin, 1.0)
-        return qo, ko
+        return _rope_launch(q.contiguous(), k.contiguous(), cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors  # the inverse rotation: same angles, opposite sign
-        gq, gk = _rope_launch(dq.contiguous(), None if dk is None else dk.contiguous(), cos, sin, -1.0)
-        return gq, gk, None, None
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); cos/sin: (batch, seq, rotary_dim)."""
-    if use_triton(x) and cos.shape[:2] == x.shape[:2]:
-        return _RopeFunction.apply(x, None, cos, sin)[0]
-    return apply_rope_reference(x, cos, sin)
+        return (*_rope_launch(dq.contiguous(), dk.contiguous(), cos, sin, -1.0), None, None)
 
 
 def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
