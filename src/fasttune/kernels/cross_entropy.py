@@ -9,13 +9,12 @@ accumulated batch) and only send target rows through the lm_head.
   Per chunk, the lm_head GEMM gives 16-bit logits (as transformers does before its fp32 upcast); one Triton
   kernel turns them, in place, into that gradient and a per-row loss, computing in fp32.
 """
-import os
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
+from fasttune.kernels.dispatch import HAVE_TRITON, kernel_choice, next_pow2, use_triton
 
 IGNORE_INDEX = -100
 # Logit bytes per chunk. 256 MiB (~520 tokens of fp32 logits at a 128K vocab) keeps the matmuls large while the
@@ -188,7 +187,7 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
                                  softcap: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100."""
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if os.environ.get("FASTTUNE_KERNELS", "").lower() == "torch" or not wants_grad:
+    if kernel_choice() == "torch" or not wants_grad:
         chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
         return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk)
     # the Triton chunk math keeps only the GEMM's logits buffer, so its chunks count that buffer's bytes

@@ -17,8 +17,14 @@ except ImportError:  # CPU installs without triton use the torch references
     HAVE_TRITON = False
 
 
+def kernel_choice() -> str:
+    """FASTTUNE_KERNELS, lower-cased: "torch" (the references everywhere), "triton" (ours, also on a CPU where they
+    can run) or "" (the default: ours on CUDA)."""
+    return os.environ.get("FASTTUNE_KERNELS", "").lower()
+
+
 def use_triton(x: torch.Tensor) -> bool:
-    choice = os.environ.get("FASTTUNE_KERNELS", "").lower()
+    choice = kernel_choice()
     if choice == "torch" or not HAVE_TRITON:
         return False
     if choice == "triton":

@@ -16,15 +16,16 @@ The torch reference is the plain module path (`LoraLinear.forward`: base, dropou
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import torch.nn.functional as F
 
+from fasttune.kernels.dispatch import kernel_choice
+
 
 def fused_lora_enabled(x: torch.Tensor) -> bool:
     """FASTTUNE_KERNELS=torch selects the reference path; "triton" forces this one; by default it runs on CUDA."""
-    choice = os.environ.get("FASTTUNE_KERNELS", "").lower()
+    choice = kernel_choice()
     if choice == "torch":
         return False
     return choice == "triton" or x.is_cuda

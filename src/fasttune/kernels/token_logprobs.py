@@ -8,12 +8,12 @@ of `cross_entropy.py`. Unlike that loss, the gradient that reaches each token's 
   logits and applies d logp / d z = onehot(y) - softmax(z), so the (tokens x vocab) logits never exist at once
   and no autograd graph over them is stored.
 """
-import os
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.cross_entropy import _chunk_tokens  # the loss's chunk size: 256 MiB of fp32 logits
+from fasttune.kernels.dispatch import kernel_choice
 
 
 def _scaled_logits(hidden, weight, softcap, temperature):
@@ -88,6 +88,6 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     """hidden (N, H) at the positions that predict `labels` (N,), weight (V, H) -> fp32 log-probs (N,)."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if os.environ.get("FASTTUNE_KERNELS", "").lower() == "torch" or not wants_grad:
+    if kernel_choice() == "torch" or not wants_grad:
         return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk)
     return _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk)

@@ -9,10 +9,11 @@ padding at a row's end is a run of its own whose outputs are never used.
 from __future__ import annotations
 
 import inspect
-import os
 from dataclasses import dataclass
 
 import torch
+
+from fasttune.kernels.dispatch import kernel_choice
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -31,7 +32,7 @@ class PackedSpans:
 def varlen_usable(x: torch.Tensor, softcap: float | None, windows: set) -> bool:
     if varlen_attn is None or not x.is_cuda or softcap or x.dtype not in (torch.float16, torch.bfloat16):
         return False
-    if os.environ.get("FASTTUNE_KERNELS", "").lower() == "torch":
+    if kernel_choice() == "torch":
         return False
     return not (windows - {None}) or "window_size" in _PARAMS
 
