@@ -94,13 +94,13 @@ class _LoraGroupFunction(torch.autograd.Function):
         gs = [_as(g.reshape(-1, g.shape[-1]), x2.dtype) for g in grads]
         # Low-rank side first: (tokens x r) products.
         gbs = [_scaled(torch.mm(g, b), s) for g, b, s in zip(gs, bs, ctx.scales)]
-        gb_all = torch.cat(gbs, dim=1) if n > 1 else gbs[0]
-        a_parts = a_all.split(ctx.ranks)
+        dropout = any(ctx.probs)
+        gb_all = None if dropout else torch.cat(gbs, dim=1) if n > 1 else gbs[0]  # one GEMM each for dA and dx
         d_a = d_b = [None] * n
         if any(ctx.needs_input_grad[3:]):  # adapters that train (frozen ones skip these GEMMs)
             d_b = [_scaled(torch.mm(g.t(), xa), s).to(dt)
                    for g, xa, s, dt in zip(gs, xa_all.split(ctx.ranks, dim=1), ctx.scales, ctx.b_dtypes)]
-            if any(ctx.probs):
+            if dropout:
                 d_a = [torch.mm(gb.t(), x2 if m is None else _undrop(x2, m, p)).to(ctx.a_dtype)
                        for gb, m, p in zip(gbs, masks, ctx.probs)]
             else:
@@ -110,8 +110,8 @@ class _LoraGroupFunction(torch.autograd.Function):
             for layer, g in zip(ctx.layers, gs):
                 w = _base_weight(layer, x2.dtype)
                 dx = torch.mm(g, w) if dx is None else dx.addmm_(g, w)
-            if any(ctx.probs):
-                for gb, a, m, p in zip(gbs, a_parts, masks, ctx.probs):
+            if dropout:
+                for gb, a, m, p in zip(gbs, a_all.split(ctx.ranks), masks, ctx.probs):
                     dx += gb @ a if m is None else _undrop(gb @ a, m, p)
             else:
                 dx.addmm_(gb_all, a_all)
