@@ -3,7 +3,8 @@ import json
 import pytest
 
 from fasttune.data import tokenize_rows
-from fasttune.data.templates import CHAT_TEMPLATES, resolve_chat_template
+from fasttune.data.templates import CHAT_TEMPLATES, TEMPLATE_TOKENS, resolve_chat_template
+from fasttune.data.templates import END_OF_TURN as TEMPLATE_END_OF_TURN
 from fasttune.errors import ConfigError, DataError
 from fasttune.train.config import SFTConfig
 from tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
@@ -19,8 +20,9 @@ CONVERSATION = [
 ]
 # What must follow each assistant message so the model learns to stop ({eos}: the tokenizer's EOS).
 END_OF_TURN = {
-    "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>", "llama-3": "<|eot_id|>", "mistral": "{eos}",
-    "gemma": "<end_of_turn>", "phi-3": "<|end|>", "alpaca": "{eos}",
+    "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>", "qwen-3": "<|im_end|>", "llama-3": "<|eot_id|>",
+    "llama-3.1": "<|eot_id|>", "mistral": "{eos}", "gemma": "<end_of_turn>", "phi-3": "<|end|>", "phi-4": "<|im_end|>",
+    "alpaca": "{eos}", "zephyr": "{eos}", "vicuna": "{eos}", "unsloth": "{eos}",
 }
 
 
@@ -35,7 +37,9 @@ def render(tok, name, messages, gen=False):
 
 
 def test_every_name_has_an_end_marker_entry():
-    assert set(END_OF_TURN) == set(CHAT_TEMPLATES)
+    assert set(END_OF_TURN) == set(CHAT_TEMPLATES) == set(TEMPLATE_END_OF_TURN) == set(TEMPLATE_TOKENS)
+    for name, marker in TEMPLATE_END_OF_TURN.items():  # the marker map_eos_token uses is the one turns end with
+        assert END_OF_TURN[name] == (marker or "{eos}")
 
 
 @pytest.mark.parametrize("name", list(CHAT_TEMPLATES))
@@ -123,7 +127,7 @@ def test_text_rows_ignore_the_template(bare_tokenizer):
 def test_config_rejects_unknown_names():
     assert SFTConfig(chat_template="ChatML").chat_template == "ChatML"
     with pytest.raises(ConfigError, match="chatml, llama-3, mistral, gemma, qwen-2.5, phi-3, alpaca"):
-        SFTConfig(chat_template="vicuna")
+        SFTConfig(chat_template="no-such-format")
 
 
 def test_cli_chat_template_flag(tmp_path, capsys):
@@ -145,5 +149,47 @@ def test_cli_chat_template_flag(tmp_path, capsys):
 
     saved = AutoTokenizer.from_pretrained(tmp_path / "b" / "adapter")  # the template travels with the adapter
     assert saved.chat_template == resolve_chat_template("chatml")
-    assert main(args + ["--output-dir", str(tmp_path / "c"), "--chat-template", "vicuna"]) == 2
+    assert main(args + ["--output-dir", str(tmp_path / "c"), "--chat-template", "no-such-format"]) == 2
     assert "chatml, llama-3" in capsys.readouterr().err
+
+
+def test_mapping_renders_sharegpt_and_standard_rows_alike(bare_tokenizer):
+    from fasttune.data.templates import with_mapping
+
+    sharegpt = with_mapping(resolve_chat_template("chatml"),
+                            {"role": "from", "content": "value", "user": "human", "assistant": "gpt"})
+    rows = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
+    expected = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!<|im_end|>\n"
+    assert bare_tokenizer.apply_chat_template(rows, tokenize=False, chat_template=sharegpt) == expected
+    assert render(bare_tokenizer, sharegpt, CONVERSATION[1:3]) == render(bare_tokenizer, "chatml", CONVERSATION[1:3])
+    # Arrow gives every message the union of the keys, the absent ones None.
+    arrow_rows = [{**r, "role": None, "content": None} for r in rows]
+    assert bare_tokenizer.apply_chat_template(arrow_rows, tokenize=False, chat_template=sharegpt) == expected
+
+
+def test_system_message_is_added_only_when_missing(bare_tokenizer):
+    from fasttune.data.templates import with_mapping
+
+    jinja = with_mapping(resolve_chat_template("chatml"), None, system_message="Be kind.")
+    assert render(bare_tokenizer, jinja, CONVERSATION[1:2], gen=True) == (
+        "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    assert render(bare_tokenizer, jinja, CONVERSATION[:1]) == "<|im_start|>system\nBe brief.<|im_end|>\n"
+    assert with_mapping("X", None) == "X"  # the standard mapping and no system message add nothing
+
+
+def test_bad_mapping_is_a_config_error():
+    from fasttune.data.templates import with_mapping
+
+    with pytest.raises(ConfigError, match="'role', 'content', 'user' and 'assistant'"):
+        with_mapping(CHAT_TEMPLATES["chatml"], {"role": "from", "content": "value"})
+
+
+@pytest.mark.parametrize("alias, name", [("llama3", "llama-3"), ("Llama-3.1", "llama-3.1"), ("llama-31", "llama-3.1"),
+                                         ("gemma2", "gemma"), ("gemma-3", "gemma"), ("gemma3", "gemma"),
+                                         ("qwen2.5", "qwen-2.5"), ("qwen3", "qwen-3"), ("phi-4", "phi-4"),
+                                         ("PHI_3", "phi-3")])
+def test_aliases(alias, name):
+    from fasttune.data.templates import template_name
+
+    assert template_name(alias) == name

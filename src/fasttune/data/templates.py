@@ -14,9 +14,14 @@ generation never stops on. `check_template_tokens` names the missing ones; add t
 `FastLanguageModel.add_new_tokens(model, tokenizer, [...])` (which also resizes the embeddings) or pick a
 template whose markers the tokenizer has. We do not add tokens silently: that changes the vocabulary and the
 embedding matrix, which the user must decide to train (and save) on purpose.
+
+`END_OF_TURN` names each format's end-of-turn token (what `get_chat_template(map_eos_token=True)` makes the EOS), and
+`with_mapping` wraps a template so it also reads rows with other keys and role names (ShareGPT's from/value).
 """
 
 from __future__ import annotations
+
+import json
 
 from fasttune.errors import ConfigError, DataError
 
@@ -75,6 +80,22 @@ GEMMA = (
     "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
+# Llama 3.1: every conversation opens with a system header that states the knowledge cut-off and a date (the
+# format's fixed defaults), followed by the system message when there is one.
+LLAMA_3_1 = (
+    "{{ '<|begin_of_text|>' }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\n"
+    "Today Date: 26 Jul 2024\n\n' + system + '<|eot_id|>' }}"
+    "{% for message in turns %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + (message['content'] | trim)"
+    " + '<|eot_id|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+
 PHI_3 = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|>\n' + message['content'] + '<|end|>\n' }}"
@@ -97,6 +118,53 @@ ALPACA = (
     "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
 )
 
+# Phi-4: ChatML markers with <|im_sep|> between the role and the content, and no newline between turns.
+PHI_4 = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '<|im_sep|>' + message['content'] + '<|im_end|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant<|im_sep|>' }}{% endif %}"
+)
+
+# Zephyr: <|role|> headers written as plain text; every turn ends with the EOS token.
+ZEPHYR = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+
+# Vicuna v1.1: a system sentence (ours when the conversation has none), then "USER: ... ASSISTANT: ...</s>".
+VICUNA = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + ' ' }}{% set turns = messages[1:] %}"
+    "{% else %}"
+    "{{ 'A conversation between a user and an AI assistant that answers accurately and politely. ' }}"
+    "{% set turns = messages %}"
+    "{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('The vicuna template supports only system, user and assistant roles.') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
+# A plain template without special tokens: ">>> User: " / ">>> Assistant: " lines, EOS after each answer.
+UNSLOTH = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] + '\n' }}{% set turns = messages[1:] %}"
+    "{% else %}{{ 'You are a helpful assistant.\n' }}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}{{ '>>> User: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '>>> Assistant: ' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ raise_exception('The unsloth template supports only system, user and assistant roles.') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '>>> Assistant: ' }}{% endif %}"
+)
+
 CHAT_TEMPLATES: dict[str, str] = {
     "chatml": CHATML,
     "llama-3": LLAMA_3,
@@ -105,6 +173,12 @@ CHAT_TEMPLATES: dict[str, str] = {
     "qwen-2.5": QWEN_2_5,
     "phi-3": PHI_3,
     "alpaca": ALPACA,
+    "llama-3.1": LLAMA_3_1,
+    "qwen-3": CHATML,  # Qwen 3 without thinking: plain ChatML, no default system message
+    "phi-4": PHI_4,
+    "zephyr": ZEPHYR,
+    "vicuna": VICUNA,
+    "unsloth": UNSLOTH,
 }
 
 # Markers each template writes literally that must be single tokens of the tokenizer. Templates that use
@@ -112,20 +186,38 @@ CHAT_TEMPLATES: dict[str, str] = {
 TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "chatml": ("<|im_start|>", "<|im_end|>"),
     "qwen-2.5": ("<|im_start|>", "<|im_end|>"),
+    "qwen-3": ("<|im_start|>", "<|im_end|>"),
     "llama-3": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+    "llama-3.1": ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "mistral": (),
     "gemma": ("<start_of_turn>", "<end_of_turn>"),
     "phi-3": ("<|system|>", "<|user|>", "<|assistant|>", "<|end|>"),
+    "phi-4": ("<|im_start|>", "<|im_sep|>", "<|im_end|>"),
     "alpaca": (),
+    "zephyr": (),
+    "vicuna": (),
+    "unsloth": (),
 }
 TEMPLATE_SPECIAL: dict[str, tuple[str, ...]] = {
     "mistral": ("bos_token", "eos_token"),
     "gemma": ("bos_token",),
     "alpaca": ("eos_token",),
+    "zephyr": ("eos_token",),
+    "vicuna": ("eos_token",),
+    "unsloth": ("eos_token",),
+}
+# The token that ends an assistant turn, where the format has its own (None: the tokenizer's EOS ends it).
+# `get_chat_template(..., map_eos_token=True)` makes it the tokenizer's eos_token, so generation stops there.
+END_OF_TURN: dict[str, str | None] = {
+    "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>", "qwen-3": "<|im_end|>", "phi-4": "<|im_end|>",
+    "llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "gemma": "<end_of_turn>", "phi-3": "<|end|>",
+    "mistral": None, "alpaca": None, "zephyr": None, "vicuna": None, "unsloth": None,
 }
 
-_ALIASES = {"llama3": "llama-3", "qwen2.5": "qwen-2.5", "qwen-2_5": "qwen-2.5", "qwen": "qwen-2.5",
-            "phi3": "phi-3", "gemma-2": "gemma", "gemma-3": "gemma"}
+_ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1", "llama31": "llama-3.1",
+            "qwen2.5": "qwen-2.5", "qwen-2-5": "qwen-2.5", "qwen25": "qwen-2.5", "qwen": "qwen-2.5",
+            "qwen3": "qwen-3", "phi3": "phi-3", "phi4": "phi-4",
+            "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma"}
 
 
 def names() -> str:
@@ -133,15 +225,20 @@ def names() -> str:
 
 
 def template_name(value: str) -> str | None:
-    """The built-in name `value` refers to, or None when it is a literal Jinja template."""
+    """The built-in name `value` refers to, or None when it is a literal Jinja template.
+
+    Args: value: a name from CHAT_TEMPLATES or one of its aliases (case and `_`/`-` do not matter, e.g.
+        "Llama3", "qwen2.5", "gemma-3"), or a Jinja string (anything containing `{{` or `{%`).
+    Raises: ConfigError for a name that is neither, listing the built-in names.
+    """
     if "{{" in value or "{%" in value:
         return None
     key = value.strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
     if key not in CHAT_TEMPLATES:
         raise ConfigError(
-            f"chat_template={value!r} is not a known template name. Use one of: {names()}; "
-            "or pass a Jinja template string."
+            f"chat_template={value!r} is not a known template name. Use one of: {names()} "
+            f"(aliases: {', '.join(_ALIASES)}); or pass a Jinja template string."
         )
     return key
 
@@ -152,18 +249,74 @@ def resolve_chat_template(value: str) -> str:
     return value if name is None else CHAT_TEMPLATES[name]
 
 
-def check_template_tokens(value: str, tokenizer) -> None:
-    """Raise a DataError if the tokenizer lacks the special tokens the named template writes."""
+def missing_template_tokens(name: str, tokenizer) -> list[str]:
+    """The markers (and bos_token/eos_token attributes) the built-in template `name` needs that `tokenizer` lacks."""
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in TEMPLATE_TOKENS[name] if t not in vocab]
+    return missing + [s for s in TEMPLATE_SPECIAL.get(name, ()) if getattr(tokenizer, s, None) is None]
+
+
+def check_template_tokens(value: str, tokenizer, error: type[Exception] = DataError) -> None:
+    """Raise `error` if the tokenizer lacks the special tokens the named template writes (a Jinja string passes)."""
     name = template_name(value)
     if name is None or tokenizer is None:
         return
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in TEMPLATE_TOKENS[name] if t not in vocab]
-    missing += [s for s in TEMPLATE_SPECIAL.get(name, ()) if getattr(tokenizer, s, None) is None]
+    missing = missing_template_tokens(name, tokenizer)
     if missing:
-        raise DataError(
+        raise error(
             f"The '{name}' chat template needs {', '.join(missing)}, which the tokenizer does not have. "
             f"Add the tokens with FastLanguageModel.add_new_tokens(model, tokenizer, [...]) (this also resizes "
             f"the embeddings, which then need training: add 'embed_tokens' and 'lm_head' to modules_to_save), "
             f"or choose a template whose markers the tokenizer has (one of: {names()})."
         )
+
+
+STANDARD_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
+
+
+def with_mapping(template: str, mapping: dict | None = None, system_message: str | None = None) -> str:
+    """`template` behind a prelude that reads messages with other keys/role names, and adds a default system message.
+
+    Args:
+        template: a Jinja chat template that reads `message['role']`/`message['content']` with the roles
+            system/user/assistant.
+        mapping: {"role": key of the role, "content": key of the text, "user": the user's role name,
+            "assistant": the assistant's role name, optional "system"}, e.g. ShareGPT's
+            {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}. Messages that carry the
+            standard keys instead still render. None or the standard mapping adds nothing for this.
+        system_message: when given, conversations that do not start with a system message get this one.
+    Returns: the Jinja string (just `template` when neither argument changes anything).
+    Raises: ConfigError when `mapping` lacks one of its four keys or holds a non-string value.
+    """
+    mapping = dict(STANDARD_MAPPING if mapping is None else mapping)
+    missing = [k for k in STANDARD_MAPPING if k not in mapping]
+    if missing or not all(isinstance(v, str) and v for v in mapping.values()):
+        raise ConfigError(
+            f"mapping={mapping!r} is invalid: it needs the string keys 'role', 'content', 'user' and 'assistant' "
+            "(optionally 'system'), e.g. {'role': 'from', 'content': 'value', 'user': 'human', 'assistant': 'gpt'}."
+        )
+    if system_message is not None and not isinstance(system_message, str):
+        raise ConfigError(f"system_message must be a string or None, not a {type(system_message).__name__}.")
+    mapping.setdefault("system", "system")
+    if mapping == {**STANDARD_MAPPING, "system": "system"} and system_message is None:
+        return template
+    q = json.dumps  # a JSON string literal is a valid Jinja string literal
+    roles = "{" + ", ".join(f"{q(mapping[r])}: {q(r)}" for r in ("system", "user", "assistant")) + "}"
+    # Plain tags without whitespace control: the template's own first characters must stay as they are.
+    prelude = (
+        "{% set _ns = namespace(turns=[]) %}"
+        "{% for _m in messages %}"
+        f"{{% set _role = _m.get({q(mapping['role'])}) if _m.get({q(mapping['role'])}) is not none "
+        "else _m.get('role') %}"
+        f"{{% set _text = _m.get({q(mapping['content'])}) if _m.get({q(mapping['content'])}) is not none "
+        "else _m.get('content') %}"
+        f"{{% set _ns.turns = _ns.turns + [{{'role': {roles}.get(_role, _role), 'content': _text}}] %}}"
+        "{% endfor %}"
+    )
+    if system_message is not None:
+        prelude += (
+            "{% if _ns.turns | length == 0 or _ns.turns[0]['role'] != 'system' %}"
+            f"{{% set _ns.turns = [{{'role': 'system', 'content': {q(system_message)}}}] + _ns.turns %}}"
+            "{% endif %}"
+        )
+    return prelude + "{% set messages = _ns.turns %}" + template
