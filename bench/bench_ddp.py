@@ -40,7 +40,6 @@ def build_sharded(shape: str, device: str, r: int = 16):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.config import ModelConfig
     from fasttune.models.decoder import CausalLM
     from fasttune.train.distributed import Dist
     from fasttune.train.fsdp import shard_model
@@ -49,7 +48,7 @@ def build_sharded(shape: str, device: str, r: int = 16):
     cfg = shape_config(shape)
     torch.set_default_dtype(torch.bfloat16 if device == "cuda" else torch.float32)
     with torch.device("meta"):
-        model = CausalLM(ModelConfig.from_hf(cfg))
+        model = CausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     model.lora_settings, model.name_or_path, model.max_seq_length = None, shape, 4096
     model = FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r)  # LoRA weights on meta too (fp32)

@@ -88,12 +88,11 @@ def build_ours(shape: str, gc: str, r: int, device: str, dtype):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.config import ModelConfig
     from fasttune.models.decoder import CausalLM
 
     torch.set_default_dtype(dtype)  # build in the training dtype directly: no fp32 copy of the weights on the card
     with torch.device(device):
-        model = CausalLM(ModelConfig.from_hf(model_config(shape)))
+        model = CausalLM(model_config(shape))
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():  # transformers' init (normal, std = initializer_range) so both start from alike weights
         for p in model.parameters():

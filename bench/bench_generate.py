@@ -33,7 +33,6 @@ def build_pair(shape: str, device: str):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from fasttune.models.config import ModelConfig
     from fasttune.models.loading import build_model
 
     cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
@@ -42,7 +41,7 @@ def build_pair(shape: str, device: str):
     torch.manual_seed(0)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
-    ours = build_model(ModelConfig.from_hf(cfg), hf.state_dict().items(), dtype, device, "bench").eval()
+    ours = build_model(cfg, hf.state_dict().items(), dtype, device, "bench").eval()
     return hf, ours
 
 

@@ -57,12 +57,11 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.config import ModelConfig
     from fasttune.models.decoder import CausalLM
 
     torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no fp32 copy of the weights on the card
     with torch.device("cuda"):
-        model = CausalLM(ModelConfig.from_hf(hf_config(shape)))
+        model = CausalLM(hf_config(shape))
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():  # transformers' init (normal, std = initializer_range) so both start from alike weights
         for name, p in model.named_parameters():

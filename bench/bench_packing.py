@@ -29,7 +29,6 @@ def build(shape: str, device: str):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.config import ModelConfig
     from fasttune.models.decoder import CausalLM
 
     cfg = hf_config(shape) if shape != "tiny" else None
@@ -41,7 +40,7 @@ def build(shape: str, device: str):
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     with torch.device(device):
-        model = CausalLM(ModelConfig.from_hf(cfg))
+        model = CausalLM(cfg)
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():
         for p in model.parameters():

@@ -6,19 +6,25 @@ not pay for the data stack.
 from fasttune.errors import FastTuneError
 
 __version__ = "0.1.0"
-_LAZY = {"FastLanguageModel": "fasttune.api", "SFTTrainer": "fasttune.train.objectives.sft",
+_LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "SFTTrainer": "fasttune.train.objectives.sft",
          "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
          "GRPOConfig": "fasttune.train.objectives.grpo_config",
          "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
          "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
-         "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto"}
+         "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto",
+         "is_bfloat16_supported": "fasttune.dropin", "PatchDPOTrainer": "fasttune.dropin",
+         # Other fine-tuners' names for our trainer and its config (both take embedding_learning_rate).
+         "UnslothTrainer": "fasttune.train.objectives.sft:SFTTrainer",
+         "UnslothTrainingArguments": "fasttune.train.config:SFTConfig"}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
-           "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "FastTuneError"]
+           "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "FastTuneError", "FastModel",
+           "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments"]
 
 
 def __getattr__(name):
     if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        module, _, target = _LAZY[name].partition(":")
+        return getattr(importlib.import_module(module), target or name)
     raise AttributeError(f"module 'fasttune' has no attribute '{name}'")

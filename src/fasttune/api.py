@@ -112,6 +112,49 @@ class FastLanguageModel:
         return model
 
 
+class FastModel(FastLanguageModel):
+    """The loader scripts use for any model (`FastModel.from_pretrained`, `FastModel.get_peft_model`): the same
+    as FastLanguageModel for text models, with the layer-group switches those scripts pass to get_peft_model.
+
+    Vision-language checkpoints are not supported yet: loading one raises ModelLoadError (or, with fast=False,
+    loads the text part through transformers where it can)."""
+
+    @staticmethod
+    def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                       bias: str = "none", use_rslora: bool = False, modules_to_save=None,
+                       use_gradient_checkpointing="auto", random_state: int = 3407,
+                       finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
+                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True, **kwargs):
+        """FastLanguageModel.get_peft_model plus the layer-group switches: with target_modules=None, attention
+        (q/k/v/o) and MLP (gate/up/down) projections of the language model are chosen by
+        finetune_attention_modules / finetune_mlp_modules. Raises ConfigError when the switches select nothing,
+        or finetune_vision_layers=True on a text-only model (it has no vision layers to train)."""
+        if target_modules is None:
+            target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
+                                                 finetune_attention_modules, finetune_mlp_modules)
+        return FastLanguageModel.get_peft_model(
+            model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
+            use_rslora=use_rslora, modules_to_save=modules_to_save,
+            use_gradient_checkpointing=use_gradient_checkpointing, random_state=random_state, **kwargs)
+
+
+ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def layer_group_targets(vision: bool, language: bool, attention: bool, mlp: bool) -> list[str]:
+    """target_modules for FastModel's layer-group switches on a text model (see FastModel.get_peft_model)."""
+    if vision:
+        raise ConfigError("finetune_vision_layers=True: this is a text-only model, it has no vision layers. Set "
+                          "finetune_vision_layers=False (vision-language models are not supported yet).")
+    targets = (list(ATTENTION_TARGETS) if attention else []) + (list(MLP_TARGETS) if mlp else [])
+    if not language or not targets:
+        raise ConfigError("get_peft_model: finetune_language_layers / finetune_attention_modules / "
+                          "finetune_mlp_modules select no layers, so nothing would train. Enable the language "
+                          "layers with attention and/or MLP modules, or pass target_modules.")
+    return targets
+
+
 def set_gradient_checkpointing(model, mode):
     if mode not in CHECKPOINTING_MODES:
         raise ConfigError(f"use_gradient_checkpointing={mode!r} is invalid; use one of {CHECKPOINTING_MODES}.")

@@ -172,10 +172,10 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
     model, tok = _tiny_lora_model("gemma", tmp_path / "g", bpe)
     with torch.no_grad():
         model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.clone() + 1)  # an untied, different head
-    model.config.tie_embeddings = False
+    model.arch.tie_embeddings = False
     with pytest.raises(ConfigError, match="lm_head"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
-    model.config.model_type = "falcon"
+    model.arch.model_type = "falcon"
     with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3; this model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)

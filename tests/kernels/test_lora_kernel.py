@@ -163,5 +163,5 @@ def test_recompute_skips_down_proj_forward(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(lora_mod, "_base_weight", lambda layer, dtype: reads.append(1) or real(layer, dtype))
     ids = torch.randint(3, 300, (1, 8)).to(model.device)
     model(ids, labels=ids).loss.backward()
-    layers = model.config.num_layers
+    layers = model.arch.num_layers
     assert len(reads) == layers * (7 + 6 + 7)  # forward, recompute without down_proj, backward

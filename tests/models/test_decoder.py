@@ -45,7 +45,7 @@ def test_rope_scaling_equal_transformers(scaling, tmp_path):
     folder = save_hf(hf, tmp_path / "m")
     hf = hf_model("llama", rope_parameters=params, rope_scaling=params)
     positions = torch.arange(11).expand(3, 11) * 7  # long positions exercise the scaled frequencies
-    assert load_model(folder, torch.float32, "cpu")[0].config.rope_scaling["rope_type"] == scaling["rope_type"]
+    assert load_model(folder, torch.float32, "cpu")[0].arch.rope_scaling["rope_type"] == scaling["rope_type"]
     assert _compare(folder, hf, padded=False, position_ids=positions) < 1e-5
 
 
@@ -63,7 +63,7 @@ def test_partial_rotary_phi3_equal_transformers(tmp_path):
     params = {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5}
     hf = hf_model("phi3", rope_parameters=params, partial_rotary_factor=0.5)
     folder = save_hf(hf, tmp_path / "m")
-    assert load_model(folder, torch.float32, "cpu")[0].config.rotary_dim == 8
+    assert load_model(folder, torch.float32, "cpu")[0].arch.rotary_dim == 8
     assert _compare(folder, hf, padded=False) < 1e-5
 
 

@@ -103,7 +103,7 @@ def test_merged_checkpoint_and_modules_to_save(other_arch_dir, tmp_path):
     model, tok, _ = _load(other_arch_dir("gpt2"))
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=["embed_tokens", "lm_head"])
     assert model.lora_settings.modules_to_save == ["embed_tokens", "lm_head"]
-    assert len(model.embedding_param_names) == 2 and not model.config.tie_embeddings  # wte + lm_head copies
+    assert len(model.embedding_param_names) == 2 and not model.arch.tie_embeddings  # wte + lm_head copies
     _train(model, tok, tmp_path / "out", steps=2, embedding_learning_rate=1e-3)
     model.save_pretrained_merged(tmp_path / "merged", tok)
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
@@ -155,3 +155,26 @@ def test_generation_uses_transformers_generate(other_arch_dir):
     assert torch.equal(model.generate(prompt, max_new_tokens=4), ref)
     with pytest.raises(ConfigError, match="use model.generate"):  # fasttune's KV cache is our decoder's
         generate(model, prompt, max_new_tokens=2)
+
+
+def test_generation_arguments_pass_through_and_are_checked_as_on_our_decoder(other_arch_dir):
+    """transformers' generation arguments reach transformers' generate; the ones fasttune's generate refuses (and
+    misspelt ones) are the same ConfigError here, before transformers runs."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    from fasttune.errors import ConfigError
+
+    folder = other_arch_dir("gpt2")
+    model, _, _ = _load(folder)
+    hf = AutoModelForCausalLM.from_pretrained(folder).eval()
+    prompt = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    kw = dict(max_new_tokens=6, repetition_penalty=1.4, min_new_tokens=2, temperature=1.5, min_p=0.1)
+    assert torch.equal(model.generate(prompt, **kw), hf.generate(prompt, pad_token_id=256, **kw))
+    assert model.generate(prompt).shape == (2, 4 + 32)  # fasttune's default length on both model kinds
+    assert model.generate(prompt, generation_config=GenerationConfig(max_length=7)).shape == (2, 7)
+    out = model.generate(inputs=prompt, do_sample=True, num_return_sequences=3, max_new_tokens=3, seed=0)
+    assert out.shape == (6, 7) and torch.equal(out[:, :4], prompt.repeat_interleave(3, dim=0))
+    for bad, match in [(dict(num_beams=2), "beam search"), (dict(temprature=1.5), "Did you mean 'temperature'"),
+                       (dict(num_return_sequences=2), "needs do_sample=True")]:
+        with pytest.raises(ConfigError, match=match):
+            model.generate(prompt, **bad)

@@ -12,8 +12,8 @@ def test_gemma3_270m_logits_equal_transformers(gemma3_gguf):
     from fasttune import FastLanguageModel
 
     ours, tok = FastLanguageModel.from_pretrained(str(gguf_path))
-    assert ours.config.model_type == "gemma3_text" and ours.config.rope_local_theta == 10000.0
-    assert None in ours.config.sliding_windows and 512 in ours.config.sliding_windows
+    assert ours.arch.model_type == "gemma3_text" and ours.arch.rope_local_theta == 10000.0
+    assert None in ours.arch.sliding_windows and 512 in ours.arch.sliding_windows
     ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
                                                dtype=torch.float32).eval()
     batch = tok(["The capital of France is", "def add(a, b):\n    return"], return_tensors="pt", padding=True)

@@ -54,7 +54,7 @@ def test_varlen_equals_dense_mask_and_unpacked_documents(family, tiny_model_dir,
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora_b(model)
     ids, mask, pos, seg, lens = _packed_batch("cuda")
-    assert varlen_usable(model.model.norm.weight, None, set(model.config.sliding_windows) or {None})
+    assert varlen_usable(model.model.norm.weight, None, set(model.arch.sliding_windows) or {None})
 
     def run(varlen: bool):
         monkeypatch.setattr(decoder, "varlen_usable", lambda *a: varlen)

@@ -21,7 +21,7 @@ def test_new_rows_are_the_mean_and_old_rows_unchanged(family, tiny_model_dir):
     ids = FastLanguageModel.add_new_tokens(model, tok, NEW)
     assert ids == [259, 260] and tok.convert_tokens_to_ids(NEW) == ids
     assert tok("a <|think|>")["input_ids"][-1] == 259  # one token, as a special token
-    assert model.config.vocab_size == 261 == model.hf_config.vocab_size
+    assert model.arch.vocab_size == 261 == model.hf_config.vocab_size
     emb, head = model.model.embed_tokens.weight, model.lm_head.weight
     assert emb.shape == head.shape == (261, 64)
     assert (head is emb) == (family == "qwen2")
@@ -37,7 +37,7 @@ def test_ids_inside_a_padded_vocabulary_are_reinitialised(tiny_model_dir):
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))  # vocab 300 > 259 tokens
     before = model.model.embed_tokens.weight.detach().clone()
     ids = FastLanguageModel.add_new_tokens(model, tok, NEW)
-    assert model.config.vocab_size == 300 and ids == [259, 260]
+    assert model.arch.vocab_size == 300 and ids == [259, 260]
     keep = [i for i in range(300) if i not in ids]
     torch.testing.assert_close(model.model.embed_tokens.weight[259], before[keep].mean(0))
 
@@ -63,7 +63,7 @@ def test_adapter_of_a_grown_model_loads_back(family, modules, tiny_model_dir, tm
     model.save_pretrained(tmp_path / "adapter", tok)
 
     again, tok2 = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"))
-    assert len(tok2) == 261 and again.config.vocab_size == 261
+    assert len(tok2) == 261 and again.arch.vocab_size == 261
     ids = torch.tensor([tok("x <|think|> y <|tool|>")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
@@ -89,7 +89,7 @@ def test_fallback_model_grows_and_loads_back(tmp_path, tiny_tokenizer):
     before = model.base_model.get_input_embeddings().weight.detach().clone()
     FastLanguageModel.add_new_tokens(model, tok, NEW)
     grown = model.base_model.get_input_embeddings().weight
-    assert model.config.vocab_size == 261 and grown.shape == (261, 32)
+    assert model.arch.vocab_size == 261 and grown.shape == (261, 32)
     torch.testing.assert_close(grown[260], before.mean(0))
     model = FastLanguageModel.get_peft_model(model, r=4, modules_to_save=["embed_tokens", "lm_head"])
     model.save_pretrained(tmp_path / "adapter", tok)

@@ -70,7 +70,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
 
     from fasttune.export.merged import merged_state_dict
 
-    cfg = model.config
+    cfg = model.arch
     arch = ARCHITECTURES[cfg.model_type]
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
@@ -129,7 +129,7 @@ def _check_supported(cfg):
 def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     import gguf
 
-    cfg = model.config
+    cfg = model.arch
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -221,7 +221,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method: str = "q8_0", pr
     from fasttune.export.modelfile import ollama_modelfile
 
     quant = resolve_quantization(quantization_method)
-    cfg = model.config
+    cfg = model.arch
     _check_supported(cfg)
     tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(model)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)

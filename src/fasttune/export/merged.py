@@ -55,7 +55,7 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
             name = f"{owner}.{rest[len('base_layer.'):]}"
             if rest == "base_layer.weight":
                 t = t.float() + lora[owner].delta_weight().float()
-        if name == "lm_head.weight" and model.config.tie_embeddings:
+        if name == "lm_head.weight" and model.arch.tie_embeddings:
             continue
         out[name] = t.detach().to(dtype).contiguous().cpu()
     return out
@@ -124,7 +124,7 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
             tensors = _nf4_linears(model, tensors)
             hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:])
         _write_shards(tensors, tmp)
-        hf_config.tie_word_embeddings = model.config.tie_embeddings
+        hf_config.tie_word_embeddings = model.arch.tie_embeddings
         hf_config.torch_dtype = str(dtype).removeprefix("torch.")
         hf_config.save_pretrained(tmp)
         try:

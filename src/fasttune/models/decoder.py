@@ -11,7 +11,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput
 
+from fasttune.errors import ConfigError
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.lora import project
@@ -23,12 +27,16 @@ from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 
 
 @dataclass
-class CausalLMOutput:
+class CausalLMOutput(ModelOutput):
+    """transformers' causal-LM output (`out.loss`, `out["logits"]`, `out[0]`, `to_tuple()`), plus the two numbers
+    gradient accumulation over a whole accumulated batch needs.
+
+    loss: () float, summed target-token cross-entropy / (num_items_in_batch or the batch's own target count);
+    logits: (B, T or logits_to_keep, V) in the model's dtype; loss_sum: () fp32 sum; target_count: () int64."""
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None  # sum of target-token losses (for gradient-accumulation normalisation)
-    target_count: torch.Tensor | int | None = None
-    past_key_values: "KVCache | None" = None
+    target_count: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int | None:
@@ -196,66 +204,27 @@ class DecoderLayer(nn.Module):
 
 
 class DecoderModel(nn.Module):
+    """The backbone (transformers' `model.model`): embeddings, layers, final norm. `forward` returns the final
+    hidden state as transformers' base models do, so code that runs the backbone itself (TRL's fused LM head,
+    reached through `model.base_model`) gets our kernels too."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.arch = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
-
-
-class CausalLM(nn.Module):
-    """Our decoder. `forward(input_ids, attention_mask, position_ids, labels)` returns loss and/or logits."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = DecoderModel(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        if cfg.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        self.gradient_checkpointing: str | bool = False
+        self.gradient_checkpointing: str | bool = False  # "auto" | True | False | "offload" (see api.py)
         self._inv_freq: dict = {}
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.norm.weight.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.norm.weight.device
-
-    def save_pretrained(self, folder, tokenizer=None, **_):
-        """A LoRA model writes its PEFT adapter; a fully fine-tuned model writes a transformers checkpoint."""
-        from fasttune.export.merged import save_merged
-
-        method = "lora" if getattr(self, "lora_settings", None) is not None else "merged_16bit"
-        return save_merged(self, folder, tokenizer, save_method=method)
-
-    def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **_):
-        from fasttune.export.merged import save_merged
-
-        return save_merged(self, folder, tokenizer, save_method=save_method)
-
-    def generate(self, input_ids=None, attention_mask=None, **kwargs):
-        """KV-cache generation with transformers-style arguments; see fasttune.generate.generate."""
-        from fasttune.generate import generate
-
-        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
-
-    def save_pretrained_gguf(self, path, tokenizer=None, quantization_method: str = "q8_0", **kwargs):
-        """A llama.cpp / Ollama GGUF file (LoRA merged in) plus a Modelfile beside it; see fasttune.export.gguf."""
-        from fasttune.export.gguf import save_gguf
-
-        return save_gguf(self, path, tokenizer, quantization_method=quantization_method, **kwargs)
-
-    def tie_weights(self):
-        if self.config.tie_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
+        return self.norm.weight.dtype
 
     def inv_freq(self, device, local: bool = False) -> torch.Tensor:
         key = (device, local)
         if key not in self._inv_freq:
-            c = self.config
+            c = self.arch
             freq = (rope_inv_freq(c.rotary_dim, c.rope_local_theta) if local else
                     rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling))
             self._inv_freq[key] = freq.to(device)
@@ -264,36 +233,48 @@ class CausalLM(nn.Module):
     def rope_tables(self, position_ids, dtype) -> dict:
         """cos/sin per RoPE kind: "global", and "local" for Gemma 3's sliding-window layers."""
         tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype)}
-        if self.config.rope_local_theta is not None:
+        if self.arch.rope_local_theta is not None:
             tables["local"] = rope_cos_sin(self.inv_freq(position_ids.device, local=True), position_ids, dtype)
         return tables
 
-    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
-                      cache: KVCache | None = None, segment_ids=None):
-        cfg = self.config
-        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
+                inputs_embeds=None, use_cache: bool | None = None, segment_ids=None, return_dict: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                cache_position=None) -> BaseModelOutput:
+        """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
+
+        attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
+        with no attention_mask mark packed documents (as transformers reads padding-free batches), which then
+        attend only within themselves. `past_key_values`: a KVCache to read and extend (generation).
+        `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
+        the KVCache passed in. Raises ConfigError for output_attentions / output_hidden_states (not computed)."""
+        _refuse_extra_outputs(output_attentions, output_hidden_states)
+        cfg = self.arch
+        x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(self.dtype)
         b, t = x.shape[:2]
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
-        past = cache.length if cache is not None else 0
+        past = past_key_values.length if past_key_values is not None else 0
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
+        elif segment_ids is None and attention_mask is None and past_key_values is None:
+            segment_ids = packed_segments(position_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
         windows = set(cfg.sliding_windows)
-        if segment_ids is not None and cache is None and varlen_usable(x, cfg.attn_logit_softcap, windows):
+        if segment_ids is not None and past_key_values is None and varlen_usable(x, cfg.attn_logit_softcap, windows):
             masks = {"varlen": packed_spans(segment_ids)}
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids)
-        if cache is None:
+        if past_key_values is None:
             offload = self._offloader(x)
-            for layer in self.model.layers:
+            for layer in self.layers:
                 x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks, offload)
         else:  # generation: no recompute, keys/values go to the cache
-            for layer in self.model.layers:
-                x = layer(x, *ropes[layer.self_attn.rope_kind], masks, cache)
-            cache.length += t
-        return self.model.norm(x)
+            for layer in self.layers:
+                x = layer(x, *ropes[layer.self_attn.rope_kind], masks, past_key_values)
+            past_key_values.length += t
+        return BaseModelOutput(last_hidden_state=self.norm(x))
 
     def _checkpoint_mode(self, x):
         mode = self.gradient_checkpointing
@@ -316,29 +297,202 @@ class CausalLM(nn.Module):
         # brought back ahead of the recompute); backward recomputes the layer from it.
         return offloaded_layer(lambda h: layer(h, cos, sin, masks), x, *offload)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return logits_from_hidden(hidden, self.lm_head.weight, self.config.final_logit_softcap)
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None,
-                num_items_in_batch=None, return_logits: bool | None = None, inputs_embeds=None,
-                past_key_values: KVCache | None = None, logits_to_keep: int = 0, segment_ids=None, **_):
-        """`past_key_values`: a KVCache to read and extend (attention_mask then covers cached + new positions);
-        `logits_to_keep=n` computes logits for the last n positions only (generation needs just the last);
-        `segment_ids`: document ids of packed rows (with per-document `position_ids`), see data/packing.py."""
-        hidden = self.hidden_states(input_ids, attention_mask, position_ids, inputs_embeds, past_key_values,
-                                    segment_ids)
-        out = CausalLMOutput(past_key_values=past_key_values)
+def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
+    """Document ids (B, T) of rows whose positions restart at 0 after the first token (padding-free packing, as
+    TRL's collator and transformers' flash-attention path write it), or None when no row restarts."""
+    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
+        return None
+    return (position_ids == 0).long().cumsum(dim=1)
+
+
+def _refuse_extra_outputs(output_attentions, output_hidden_states):
+    if output_attentions or output_hidden_states:
+        raise ConfigError("fasttune's decoder returns neither attention weights nor per-layer hidden states "
+                          "(output_attentions / output_hidden_states): its fused attention never forms them. "
+                          "Call model.model(...) for the final hidden state, or load with fast=False to run the "
+                          "transformers model.")
+
+
+class CausalLM(PreTrainedModel):
+    """Our decoder as a transformers model: `CausalLM(config)` takes the family's transformers config (LlamaConfig,
+    Qwen2Config, ...), which stays `model.config`; `model.arch` is fasttune's reading of it (ModelConfig).
+
+    `forward` follows transformers' causal-LM contract (input_ids, attention_mask, position_ids, labels,
+    num_items_in_batch, logits_to_keep, use_cache, return_dict), so `transformers.Trainer` and TRL's trainers
+    train it as they are; unknown keyword arguments raise TypeError."""
+
+    config_class = PretrainedConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    accepts_loss_kwargs = True  # transformers.Trainer passes num_items_in_batch: exact gradient accumulation
+    _supports_sdpa = True
+    _no_split_modules = ["DecoderLayer"]
+
+    def __init__(self, config: PretrainedConfig):
+        if isinstance(config, ModelConfig):
+            raise TypeError("CausalLM(config) takes the transformers config of the family (e.g. LlamaConfig); "
+                            "ModelConfig.from_hf(config) is derived from it.")
+        super().__init__(config)
+        self.arch = ModelConfig.from_hf(config)
+        self.model = DecoderModel(self.arch)
+        self.lm_head = nn.Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False)
+        if self.arch.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.loss_type = "ForCausalLM"  # transformers.Trainer counts num_items_in_batch over shifted labels
+        self.generation_config = GenerationConfig.from_model_config(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    @property
+    def hf_config(self) -> PretrainedConfig:
+        """The transformers config (the same object as `model.config`)."""
+        return self.config
+
+    @hf_config.setter
+    def hf_config(self, value: PretrainedConfig):
+        self.config = value
+
+    @property
+    def gradient_checkpointing(self) -> str | bool:
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode: str | bool):
+        self.model.gradient_checkpointing = mode
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return bool(self.model.gradient_checkpointing)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+        """What transformers' and TRL's trainers call: recompute each layer in backward. An explicit
+        "offload" mode set earlier (use_gradient_checkpointing="unsloth") is kept; the kwargs (use_reentrant)
+        have no effect: our recompute is always the non-reentrant kind."""
+        if self.model.gradient_checkpointing not in ("offload",):
+            self.model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.model.gradient_checkpointing = False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear):
+        self.lm_head = value
+
+    def get_decoder(self) -> DecoderModel:
+        return self.model
+
+    def save_pretrained(self, save_directory, tokenizer=None, state_dict=None, is_main_process: bool | None = None,
+                        safe_serialization: bool = True, max_shard_size=None, push_to_hub: bool = False, **kwargs):
+        """A LoRA model writes its PEFT adapter (adapter_config.json + adapter_model.safetensors); a fully fine-tuned
+        model writes a transformers checkpoint. Files already in the folder under other names are kept.
+
+        The keywords transformers' Trainer passes are accepted (state_dict, is_main_process, safe_serialization,
+        max_shard_size; only is_main_process has an effect: other ranks write nothing). Called that way (a
+        trainer's checkpoint), a LoRA model also writes `model.safetensors` with its trainable tensors under
+        this model's parameter names: the file transformers' Trainer reloads on `resume_from_checkpoint` for a
+        model that is not a PeftModel. Raises ConfigError for push_to_hub (local files only) or unknown keywords."""
+        from fasttune.export.merged import save_merged
+        from fasttune.peft.adapter_io import write_trainable_state
+
+        _refuse_unknown("save_pretrained", kwargs)
+        if push_to_hub:
+            raise ConfigError("save_pretrained(push_to_hub=True): fasttune writes local files only; upload the folder "
+                              "with `huggingface-cli upload`.")
+        if is_main_process is False:
+            return None
+        lora = getattr(self, "lora_settings", None) is not None
+        folder = save_merged(self, save_directory, tokenizer, save_method="lora" if lora else "merged_16bit")
+        if lora and is_main_process is not None:
+            write_trainable_state(self, folder)
+        return folder
+
+    def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
+        """Merged transformers checkpoint (or the adapter, save_method="lora"); see fasttune.export.merged."""
+        from fasttune.export.merged import save_merged
+
+        _refuse_unknown("save_pretrained_merged", kwargs, ("safe_serialization", "max_shard_size", "token",
+                                                           "push_to_hub", "temporary_location",
+                                                           "maximum_memory_usage"))
+        return save_merged(self, save_directory, tokenizer, save_method=save_method)
+
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """KV-cache generation with transformers-style arguments; see fasttune.generate.generate."""
+        from fasttune.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+    def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="q8_0", **kwargs):
+        """A llama.cpp / Ollama GGUF file (LoRA merged in) plus a Modelfile beside it; see fasttune.export.gguf."""
+        from fasttune.export.gguf import save_gguf
+
+        return save_gguf(self, save_directory, tokenizer, quantization_method=quantization_method, **kwargs)
+
+    def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
+        if self.arch.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, inputs_embeds=None,
+                      cache: KVCache | None = None, segment_ids=None) -> torch.Tensor:
+        """(B, T, H) final hidden state; see DecoderModel.forward."""
+        return self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
+                          segment_ids=segment_ids).last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap)
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
+                inputs_embeds=None, labels=None, use_cache: bool | None = None, return_dict: bool | None = None,
+                logits_to_keep: int = 0, num_items_in_batch=None, return_logits: bool | None = None,
+                segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                cache_position=None):
+        """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
+
+        labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
+        `num_items_in_batch` (transformers.Trainer's count over the whole accumulated batch) or by this batch's
+        target count. With labels the logits are not formed (chunked fused cross-entropy) unless return_logits.
+        `past_key_values`: a KVCache to read and extend (attention_mask then covers cached + new positions);
+        `logits_to_keep=n` computes logits for the last n positions only; `segment_ids`: document ids of packed
+        rows (with per-document `position_ids`), see data/packing.py."""
+        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                            segment_ids, output_attentions=output_attentions,
+                            output_hidden_states=output_hidden_states).last_hidden_state
+        logits = loss = loss_sum = count = None
         if labels is None or return_logits:
-            out.logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
-            shifted = labels[:, 1:].reshape(-1)
-            out.loss_sum = chunked_linear_cross_entropy(
+            shifted = labels[:, 1:].reshape(-1).to(hidden.device)
+            loss_sum = chunked_linear_cross_entropy(
                 hidden[:, :-1].reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted,
-                self.config.final_logit_softcap)
-            out.target_count = (shifted != -100).sum()
-            denom = num_items_in_batch if num_items_in_batch is not None else out.target_count.clamp(min=1)
-            out.loss = out.loss_sum / denom
-        return out
+                self.arch.final_logit_softcap)
+            count = (shifted != -100).sum()
+            loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        # The KVCache is not returned: the caller passed it in and holds it (its field name differs across
+        # transformers versions).
+        out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count)
+        return out if return_dict is not False else out.to_tuple()
+
+
+def _refuse_unknown(method: str, kwargs: dict, accepted: tuple = ()):
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ConfigError(f"{method}() got unknown argument(s) {unknown}. Check the spelling; see the method's "
+                          f"docstring for what it takes.")
 
 
 def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None) -> dict:

@@ -1,13 +1,15 @@
 """The transformers+PEFT path for architectures outside our decoder (and for any model with fast=False / --no-fast).
 
 `FallbackModel` wraps `AutoModelForCausalLM` (+ `peft.get_peft_model` once LoRA is added) behind the interface
-the rest of fasttune uses for our `CausalLM`: `.config` with the fields the trainer and checkpoints read,
+the rest of fasttune uses for our `CausalLM`: `.config` (the transformers config), `.arch` with the fields the
+trainer and checkpoints read,
 `.device`, `.dtype`, `.lora_settings`, `.name_or_path`, `.hf_config`, `gradient_checkpointing`, and a forward that
 returns `loss` (= summed target-token cross-entropy / num_items_in_batch), `loss_sum`, `num_targets`, `logits`, so
 the one trainer core (batching, gradient accumulation, checkpoints) runs it unchanged. Adapters are PEFT's own.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from contextlib import contextmanager
@@ -34,7 +36,7 @@ class FallbackWarning(UserWarning):
 
 @dataclass
 class FallbackConfig:
-    """What the trainer, checkpoints and CLI read from `model.config`, taken from the transformers config."""
+    """What the trainer, checkpoints and CLI read from `model.arch`, taken from the transformers config."""
     model_type: str
     vocab_size: int
     hidden_size: int | None
@@ -111,7 +113,8 @@ class FallbackModel(nn.Module):
     def __init__(self, hf_model, dtype: torch.dtype):
         super().__init__()
         self.hf_model = hf_model  # a transformers PreTrainedModel; a PeftModel around it once LoRA is added
-        self.config = FallbackConfig.from_hf(hf_model)
+        self.arch = FallbackConfig.from_hf(hf_model)
+        self.config = hf_model.config  # the transformers config, as on our decoder
         self.hf_config = hf_model.config
         self._dtype, self._gc = dtype, False
         names = {id(m): n for n, m in hf_model.named_modules()}
@@ -169,7 +172,7 @@ class FallbackModel(nn.Module):
         accumulation divides by the target tokens of the whole accumulated batch."""
         if kwargs.get("past_key_values") is not None:  # fasttune.generate's KVCache belongs to our decoder
             raise ConfigError(f"fasttune's KV-cache generation runs on its own decoder; this "
-                              f"'{self.config.model_type}' model runs through transformers: use model.generate(...) "
+                              f"'{self.arch.model_type}' model runs through transformers: use model.generate(...) "
                               f"(transformers' generate) instead.")
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
@@ -188,25 +191,37 @@ class FallbackModel(nn.Module):
         return out
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, max_new_tokens: int = 32, do_sample: bool = False,
-                 temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
-                 seed: int | None = None, **kwargs):
-        """transformers' generate() with fasttune.generate's arguments (seed seeds torch's global generator)."""
+    def generate(self, input_ids=None, attention_mask=None, **kwargs):
+        """transformers' generate() on the wrapped model, taking what fasttune.generate.generate takes and refusing
+        what it refuses (an unknown or misspelt argument, num_beams > 1, penalty_alpha, assistant_model, ...: the
+        same ConfigError), with its defaults: 32 new tokens when no length is set, stopped rows padded with the
+        first stop id. `seed` seeds torch's global generator. input_ids (B, T) int64 -> (B * n, T + new) int64, or
+        transformers' output object with return_dict_in_generate=True."""
+        from fasttune.generate_args import length_and_pad_defaults, merged_options, resolve
+
+        seed = kwargs.pop("seed", None)
+        inputs = kwargs.pop("inputs", None)
+        if input_ids is not None and inputs is not None:
+            raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
+        input_ids = torch.as_tensor(input_ids if input_ids is not None else inputs, device=self.device)
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        options = merged_options(self.hf_model.generation_config, kwargs.get("generation_config"), kwargs)
+        extra = length_and_pad_defaults(options, resolve(options, input_ids.shape[1]))
+        if kwargs.get("generation_config") is not None and extra:  # kept in the config object: no mixing warning
+            kwargs["generation_config"] = copy.deepcopy(kwargs["generation_config"])
+            for name, value in extra.items():
+                setattr(kwargs["generation_config"], name, value)
+        else:
+            kwargs.update(extra)
+        if attention_mask is not None:
+            kwargs["attention_mask"] = torch.as_tensor(attention_mask, device=self.device)
         if seed is not None:
             torch.manual_seed(seed)
-        input_ids = torch.as_tensor(input_ids, device=self.device)
-        attention_mask = torch.ones_like(input_ids) if attention_mask is None else torch.as_tensor(
-            attention_mask, device=self.device)
-        stops = eos_token_id if eos_token_id is not None else self.config.eos_token_id
-        if pad_token_id is None:
-            pad_token_id = stops[0] if isinstance(stops, (list, tuple)) and stops else stops
         was_training = self.training
         self.eval()
         try:
-            sampling = {"temperature": temperature, "top_p": top_p, "top_k": top_k} if do_sample else {}
-            return self.hf_model.generate(input_ids=input_ids, attention_mask=attention_mask,
-                                          max_new_tokens=max_new_tokens, do_sample=do_sample, eos_token_id=stops,
-                                          pad_token_id=pad_token_id, **sampling, **kwargs)
+            return self.hf_model.generate(input_ids=input_ids, **kwargs)
         finally:
             self.train(was_training)
 
@@ -258,7 +273,7 @@ class FallbackModel(nn.Module):
                         nn.init.zeros_(m.lora_B[ADAPTER].weight)
         except ValueError as e:
             names = sorted({n.rsplit(".", 1)[-1] for n in linears})
-            raise ConfigError(f"PEFT cannot add LoRA to this '{self.config.model_type}' model with target_modules="
+            raise ConfigError(f"PEFT cannot add LoRA to this '{self.arch.model_type}' model with target_modules="
                               f"{settings.target_modules!r}: {e}. Its linear layers are: {names}.") from None
         finally:
             torch.random.set_rng_state(rng)
@@ -277,7 +292,7 @@ class FallbackModel(nn.Module):
             with _quiet_peft():
                 peft_model = PeftModel.from_pretrained(self.hf_model, str(folder), is_trainable=True)
         except (ValueError, OSError, RuntimeError, KeyError) as e:
-            raise ModelLoadError(f"Adapter {folder} does not fit this '{self.config.model_type}' base: "
+            raise ModelLoadError(f"Adapter {folder} does not fit this '{self.arch.model_type}' base: "
                                  f"{_one_line(e)}. Load it onto the base it was trained from.") from None
         targets = settings.target_modules
         self._wrap(peft_model, settings, sorted({t.rsplit(".", 1)[-1] for t in targets})
@@ -288,8 +303,8 @@ class FallbackModel(nn.Module):
         peft_model.peft_config[ADAPTER].base_model_name_or_path = self.name_or_path
         settings.target_modules = targets
         self.hf_model, self.lora_settings = peft_model, settings
-        if settings.modules_to_save and self.config.tie_embeddings:
-            self.config.tie_embeddings = False  # PEFT trains separate copies, which unties them (as our LoRA does)
+        if settings.modules_to_save and self.arch.tie_embeddings:
+            self.arch.tie_embeddings = False  # PEFT trains separate copies, which unties them (as our LoRA does)
         self.gradient_checkpointing = self._gc  # re-apply on the model PEFT returned
 
     def _leaf(self, name: str) -> str:
@@ -320,14 +335,14 @@ class FallbackModel(nn.Module):
         base = self.base_model
         with atomic_folder(Path(folder), "the merged model") as tmp:
             state = merged_state_dict(self.hf_model, self.dtype) if self.lora_settings is not None else None
-            base.config.tie_word_embeddings = self.config.tie_embeddings
+            base.config.tie_word_embeddings = self.arch.tie_embeddings
             base.save_pretrained(str(tmp), state_dict=state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         return Path(folder)
 
     def save_pretrained_gguf(self, *args, **kwargs):
-        raise ConfigError(f"GGUF export is not available for '{self.config.model_type}' models on the "
+        raise ConfigError(f"GGUF export is not available for '{self.arch.model_type}' models on the "
                           f"transformers+PEFT path; save a merged model (save_pretrained_merged) and convert it with "
                           f"llama.cpp's convert_hf_to_gguf.py.")
 

@@ -105,7 +105,7 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
         module._buffers[attr] = tensor
 
 
-def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None
+def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None
                 ) -> CausalLM:
     """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between).
 
@@ -115,7 +115,7 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: s
     from fasttune.quant.prequantized import PendingQuantized
 
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(hf_config)
     expected = dict(model.state_dict(keep_vars=True))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     pending = PendingQuantized(linears, source)
@@ -151,11 +151,12 @@ def build_model(cfg: ModelConfig, tensors, dtype: torch.dtype, device, source: s
             assign_tensor(model, name, t.to(device=device, dtype=dtype))
         seen.add(name)
     pending.check_complete()
+    cfg = model.arch
     if cfg.tie_embeddings:
         seen.add("lm_head.weight")
     elif "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:
         warnings.warn(f"{source}: no lm_head.weight; tying it to the embeddings.")
-        cfg.tie_embeddings = True
+        cfg.tie_embeddings = model.config.tie_word_embeddings = True
         seen.add("lm_head.weight")
     missing = [k for k in expected if k not in seen]
     if missing:
@@ -206,8 +207,8 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config,
                               quant=quant)
         return model, model.hf_config
-    cfg = ModelConfig.from_hf(hf_config)
-    model = build_model(cfg, _iter_tensors(_weight_files(path)), dtype, device, str(path), quant)
+    ModelConfig.from_hf(hf_config)  # unsupported settings fail here, before any tensor is read
+    model = build_model(hf_config, _iter_tensors(_weight_files(path)), dtype, device, str(path), quant)
     return model, hf_config
 
 
@@ -228,12 +229,12 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
                               quant=quant)
         return model, model.hf_config
     hf_config = AutoConfig.for_model(model_type, **cfg_dict)
-    cfg = ModelConfig.from_hf(hf_config)
+    ModelConfig.from_hf(hf_config)
     # transformers maps GGUF names to HF names using a (weightless) HF model of the same config.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
     parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
-    model = build_model(cfg, parsed["tensors"].items(), dtype, device, str(path), quant)
+    model = build_model(hf_config, parsed["tensors"].items(), dtype, device, str(path), quant)
     return model, hf_config
 
 

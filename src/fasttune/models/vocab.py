@@ -39,7 +39,7 @@ def restore_added_tokens(model, base_tokenizer, adapter_tokenizer) -> list[int]:
         base = base_tokenizer.get_vocab()
         ids = sorted(i for t, i in adapter_tokenizer.get_vocab().items() if t not in base)
     else:
-        ids = list(range(model.config.vocab_size, len(adapter_tokenizer)))
+        ids = list(range(model.arch.vocab_size, len(adapter_tokenizer)))
     if ids:
         init_token_rows(model, ids)
     return ids
@@ -56,12 +56,12 @@ def init_token_rows(model, ids: list[int]):
     size = max(emb.weight.shape[0], max(ids) + 1)
     emb.weight = nn.Parameter(_with_rows(emb.weight, size, ids), requires_grad=emb.weight.requires_grad)
     emb.num_embeddings = size
-    if model.config.tie_embeddings:
+    if model.arch.tie_embeddings:
         model.tie_weights()
     else:
         head.weight = nn.Parameter(_with_rows(head.weight, size, ids), requires_grad=head.weight.requires_grad)
     head.out_features = size
-    model.config.vocab_size = size
+    model.arch.vocab_size = size
     if getattr(model, "hf_config", None) is not None:
         model.hf_config.vocab_size = size
 
@@ -79,7 +79,7 @@ def _init_rows_transformers(model, ids: list[int]):
         base.get_input_embeddings().weight.copy_(rows["in"])
         if not tied:
             base.get_output_embeddings().weight.copy_(rows["out"])
-    model.config.vocab_size = size
+    model.arch.vocab_size = size
 
 
 def _with_rows(weight: torch.Tensor, size: int, ids: list[int]) -> torch.Tensor:

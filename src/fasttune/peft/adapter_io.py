@@ -84,6 +84,21 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
     return folder
 
 
+TRAINABLE_NAME = "model.safetensors"
+
+
+def write_trainable_state(model, folder: str | Path) -> Path:
+    """`folder/model.safetensors` with the trainable tensors (LoRA A/B, modules to save) under the model's own
+    parameter names: what transformers' Trainer loads (non-strictly) on resume_from_checkpoint for a model that
+    is not a PeftModel. Written beside the adapter of a trainer checkpoint only (see CausalLM.save_pretrained)."""
+    from safetensors.torch import save_file
+
+    tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    path = Path(folder) / TRAINABLE_NAME
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return path
+
+
 def read_adapter_config(folder: Path) -> dict:
     try:
         cfg = json.loads((folder / CONFIG_NAME).read_text())

@@ -148,11 +148,12 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
 def _make_savable_trainable(model: nn.Module, modules: list[str]):
     if not modules:
         return
-    cfg = model.config
+    cfg = model.arch
     if cfg.tie_embeddings:
         # Like PEFT: a module to save gets its own trainable copy, which unties lm_head from embed_tokens.
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
         cfg.tie_embeddings = False
+        model.config.tie_word_embeddings = False
     for m in modules:
         module = model.model.embed_tokens if m == "embed_tokens" else model.lm_head
         module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=True)

@@ -65,7 +65,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
     optim = full_optimizer_state(optimizer, keep=write) if sharded else optimizer.state_dict()
     if not write:
         return final
-    with atomic_folder(final, f"checkpoint {final.name}") as tmp:
+    with atomic_folder(final, f"checkpoint {final.name}", replace=True) as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         if adapter is not None:
             write_adapter(model, tmp / "adapter", adapter)

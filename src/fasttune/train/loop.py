@@ -116,7 +116,7 @@ class Trainer:
         tok = self.tokenizer
         if tok is not None and tok.pad_token_id is not None:
             return tok.pad_token_id
-        pad = self.model.config.pad_token_id
+        pad = self.model.arch.pad_token_id
         return pad if isinstance(pad, int) else 0
 
     def _epoch_order(self, epoch: int) -> list[int]:
@@ -330,7 +330,7 @@ class Trainer:
 
     def run_identity(self) -> dict:
         """What a checkpoint must agree on to be resumed into this trainer."""
-        c, lora = self.model.config, getattr(self.model, "lora_settings", None)
+        c, lora = self.model.arch, getattr(self.model, "lora_settings", None)
         return {"architecture": [c.model_type, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
                                  c.num_kv_heads, c.intermediate_size],
                 "base": getattr(self.model, "name_or_path", None), "lora": lora.to_dict() if lora else None,

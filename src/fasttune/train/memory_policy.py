@@ -25,7 +25,7 @@ def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, st
     """Returns (mode, one-line explanation)."""
     if model.device.type != "cuda":
         return False, "gradient checkpointing auto -> off (CPU)"
-    cfg, el = model.config, torch.finfo(model.dtype).bits // 8
+    cfg, el = model.arch, torch.finfo(model.dtype).bits // 8
     logits = 2 * 4 * min(micro_batch_tokens, 8192) * cfg.vocab_size  # fp32 logits chunk and its gradient
     free, _ = torch.cuda.mem_get_info(model.device)
     budget = free - RESERVE_BYTES

@@ -257,7 +257,7 @@ class GRPOTrainer(Trainer):
             # Only the completion positions go through the lm_head, in chunks (fasttune.kernels.token_logprobs).
             hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, -n - 1:-1]
             flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask],
-                                  model.config.final_logit_softcap, temp)
+                                  model.arch.final_logit_softcap, temp)
             return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        return_logits=True, logits_to_keep=n + 1).logits[:, :-1]

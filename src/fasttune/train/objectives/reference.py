@@ -24,7 +24,7 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sc
     # FSDP: the root's shards (embeddings, lm_head) are gathered only inside model(...), so take the logits path.
     if isinstance(model, CausalLM) and not is_sharded(model):
         hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
-        flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask], model.config.final_logit_softcap)
+        flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask], model.arch.final_logit_softcap)
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, return_logits=True).logits[:, :-1]
     logps = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)

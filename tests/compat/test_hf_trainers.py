@@ -1,0 +1,142 @@
+"""Our decoder inside transformers.Trainer and TRL's trainers, unpatched: same per-step losses as our own trainer,
+exact gradient accumulation (num_items_in_batch), checkpoints that are PEFT adapters and resume."""
+import json
+
+import pytest
+import torch
+
+from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+
+trl = pytest.importorskip("trl")
+
+STEPS = 3
+
+
+def _rows(tok, n=8):
+    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
+    # Different lengths so that every batch carries padding and micro-batches hold different token counts.
+    texts = [" ".join(words[(i + j) % 6] for j in range(2 + (i * 5) % 7)) for i in range(n)]
+    return [{"input_ids": tok(t)["input_ids"] + [tok.eos_token_id]} for t in texts]
+
+
+def _model(folder):
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    return FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False), tok
+
+
+def _trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _hf_args(cls, out, bs, ga, **kw):
+    # Each optimizer step consumes the whole data set (bs * ga rows), so the data order cannot matter.
+    kw = {"max_steps": STEPS, "save_strategy": "no", **kw}
+    return cls(output_dir=str(out), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+               learning_rate=1e-2, lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1,
+               report_to=[], use_cpu=True, bf16=False, seed=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory, tiny_tokenizer):
+    from tiny import hf_model, save_hf
+
+    return save_hf(hf_model("llama"), tmp_path_factory.mktemp("llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="module")
+def ours(llama_dir, tmp_path_factory):
+    """Our own SFTTrainer's per-step losses and final adapter on the same rows and settings."""
+    model, tok = _model(llama_dir)
+    args = SFTConfig(output_dir=str(tmp_path_factory.mktemp("ours")), per_device_train_batch_size=8,
+                     gradient_accumulation_steps=1, learning_rate=1e-2, lr_scheduler_type="constant",
+                     max_steps=STEPS, optim="adamw_torch")
+    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(tok), args=args)
+    trainer.train()
+    return [h["loss"] for h in trainer.log_history if "loss" in h], _trainable(model)
+
+
+def _trl_sft(llama_dir, out, bs, ga):
+    from datasets import Dataset
+
+    model, tok = _model(llama_dir)
+    args = _hf_args(trl.SFTConfig, out, bs, ga, gradient_checkpointing=False)
+    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(tok)),
+                             processing_class=tok)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model)
+
+
+@pytest.mark.parametrize("bs,ga", [(8, 1), (2, 4)])
+def test_trl_sft_trainer_equals_ours(llama_dir, ours, tmp_path, bs, ga):
+    losses, params = _trl_sft(llama_dir, tmp_path / "trl", bs, ga)
+    our_losses, our_params = ours
+    assert len(losses) == STEPS and losses[-1] < losses[0]
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(our_losses), rtol=1e-5, atol=0)
+    for n, p in our_params.items():
+        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _collate(pad_id):
+    def collate(rows):
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), pad_id)
+        mask = torch.zeros(len(rows), width, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r["input_ids"])] = torch.tensor(r["input_ids"])
+            mask[i, :len(r["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+    return collate
+
+
+def _hf_trainer(llama_dir, out, bs, ga, **kw):
+    from transformers import Trainer, TrainingArguments
+
+    model, tok = _model(llama_dir)
+    trainer = Trainer(model=model, args=_hf_args(TrainingArguments, out, bs, ga, **kw), train_dataset=_rows(tok),
+                      data_collator=_collate(tok.pad_token_id))
+    return trainer, model
+
+
+def test_transformers_trainer_gradient_accumulation_is_exact(llama_dir, ours, tmp_path):
+    results = []
+    for bs, ga in [(8, 1), (2, 4)]:
+        trainer, model = _hf_trainer(llama_dir, tmp_path / f"{bs}x{ga}", bs, ga)
+        trainer.train()
+        results.append(([h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model)))
+    (l1, p1), (l4, p4) = results
+    torch.testing.assert_close(torch.tensor(l4), torch.tensor(l1), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(l1), torch.tensor(ours[0]), rtol=1e-5, atol=0)
+    for n in p1:
+        torch.testing.assert_close(p4[n], p1[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_transformers_trainer_checkpoint_is_a_peft_adapter_and_resumes(llama_dir, tmp_path):
+    from peft import PeftModel
+    from tiny import hf_model
+
+    full, model = _hf_trainer(llama_dir, tmp_path / "full", 8, 1)
+    full.train()
+    trainer, _ = _hf_trainer(llama_dir, tmp_path / "run", 8, 1, save_strategy="steps", save_steps=2, max_steps=2)
+    trainer.train()
+    ckpt = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    PeftModel.from_pretrained(hf_model("llama"), str(ckpt))  # PEFT loads it as it is
+
+    resumed, model2 = _hf_trainer(llama_dir, tmp_path / "run", 8, 1, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    a, b = _trainable(model), _trainable(model2)
+    for n in a:
+        torch.testing.assert_close(b[n], a[n], rtol=1e-5, atol=1e-7, msg=n)
+
+
+def test_forward_follows_transformers_contract(llama_dir):
+    model, _ = _model(llama_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    out = model(input_ids=ids, labels=ids, return_logits=True)
+    assert out["loss"] is out.loss and out[0] is out.loss
+    assert model(input_ids=ids, labels=ids, return_dict=False)[0] == out.loss
+    assert model(input_ids=ids, logits_to_keep=1, use_cache=False).logits.shape == (1, 1, 300)
+    with pytest.raises(TypeError, match="label"):
+        model(input_ids=ids, label=ids)  # a typo is an error, not a silent no-loss forward
+    assert model.config.get_text_config().model_type == "llama"
+    assert model.get_input_embeddings() is model.model.embed_tokens
