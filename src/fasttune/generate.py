@@ -1,124 +1,223 @@
-"""Text generation with a KV cache: greedy or sampled (temperature, top-k, top-p), stop tokens, left-padded batches.
+"""Text generation with a KV cache, with transformers' generate() arguments and semantics.
 
-`generate()` follows transformers' `generate()` semantics so that greedy outputs agree token for token: the prompt
-is run once into a preallocated KVCache, then one token per step; positions come from the attention mask (left
-padding gives each row positions 0, 1, ...), rows that produced a stop token are padded with `pad_token_id` while
-the others continue, and the loop ends when all rows stopped or `max_new_tokens` were made.
+`generate()` runs the prompt once into a preallocated KVCache, then one token per step; positions come from the
+attention mask (left padding gives each row positions 0, 1, ...). Each step's last-position logits (fp32) go
+through transformers' logits processors in transformers' order (see fasttune/sampling.py): repetition penalty,
+the minimum-length eos suppression, the caller's `logits_processor` objects, then, only when sampling,
+temperature, top-k, top-p and min-p; greedy takes the argmax, sampling draws from the softmax. Rows that produced
+a stop token are padded with `pad_token_id` while the others continue; the loop ends when all rows stopped (or a
+`stopping_criteria` object says so) or max_new_tokens were made. Greedy output equals transformers' token for
+token. The arguments are read and checked in fasttune/generate_args.py.
 """
 from __future__ import annotations
 
 import torch
 
+from fasttune import sampling
 from fasttune.errors import ConfigError
+from fasttune.generate_args import GenerationSettings, merged_options, resolve, stop_ids
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token per row from (B, V) logits. Filters in transformers' order: temperature, top-k, top-p."""
+                generator: torch.Generator | None = None, min_p: float | None = None) -> torch.Tensor:
+    """Next token per row from (B, V) logits: argmax, or a draw after transformers' filters (temperature, top-k,
+    top-p, min-p, in that order; 0 / 1 / None turn one off). temperature 0 means greedy. Returns (B,) int64."""
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the best one always stays.
-        drop = (probs.cumsum(dim=-1) - probs) > top_p
-        drop[..., 0] = False
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return sampling.next_tokens(sampling.warp(logits.float(), temperature, top_k, top_p, min_p), True, generator)
 
 
 def _stop_ids(eos_token_id) -> list[int]:
-    if eos_token_id is None:
-        return []
-    if isinstance(eos_token_id, int):
-        return [eos_token_id]
-    return [int(t) for t in eos_token_id]
+    return stop_ids(eos_token_id)
 
 
-def _check(max_new_tokens, temperature, top_p, top_k):
-    if max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens={max_new_tokens} is invalid: use 0 or more.")
-    if temperature < 0:
-        raise ConfigError(f"temperature={temperature} is invalid: use 0 (greedy) or a positive value such as 0.7.")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} is invalid: use a value in (0, 1]; 1 turns it off.")
-    if top_k < 0:
-        raise ConfigError(f"top_k={top_k} is invalid: use 0 (off) or a positive number of tokens.")
+def _infer_attention_mask(input_ids: torch.Tensor, s: GenerationSettings) -> torch.Tensor:
+    """transformers' rule without an attention_mask: positions holding pad_token_id are padding when the prompt
+    contains it and it is not a stop id; otherwise every position is attended."""
+    pad = s.pad_token_id
+    if pad is not None and pad not in s.eos_token_ids and bool((input_ids == pad).any()):
+        return (input_ids != pad).long()
+    return torch.ones_like(input_ids)
+
+
+def _processors(s: GenerationSettings, custom: list, seen: list, stop_t, prompt_length: int) -> list:
+    """The (input_ids, scores) -> scores steps before the sampling filters, merged with the caller's
+    logits_processor as transformers merges them: a custom processor of the same class as a built-in one takes
+    its place, the others run after the built-in ones, in the order given."""
+    def penalty(ids, scores):
+        return sampling.repetition_penalty(scores, seen[0][:, :scores.shape[-1]], s.repetition_penalty)
+
+    def min_length(ids, scores):
+        return sampling.suppress(scores, stop_t) if ids.shape[1] - prompt_length < s.min_new_tokens else scores
+
+    built_in = []
+    if s.repetition_penalty is not None:
+        built_in.append(("RepetitionPenaltyLogitsProcessor", penalty))
+    if s.min_length_used:
+        built_in.append(("MinLengthLogitsProcessor", min_length))
+    if s.min_new_tokens_used:
+        built_in.append(("MinNewTokensLengthLogitsProcessor", min_length))
+    steps, used = [], set()
+    for name, fn in built_in:
+        match = next((c for c in custom if _is_transformers_class(c, name)), None)
+        steps.append(fn if match is None else match)
+        if match is not None:
+            used.add(id(match))
+    return steps + [c for c in custom if id(c) not in used]
+
+
+def _is_transformers_class(obj, name: str) -> bool:
+    from transformers.generation import logits_process
+
+    return type(obj) is getattr(logits_process, name)
+
+
+def _check_callables(objects, what: str) -> list:
+    objects = list(objects or [])
+    for o in objects:
+        if not callable(o):
+            raise ConfigError(f"generate(): every item of {what} must be callable as f(input_ids, scores) "
+                              f"(a transformers {'LogitsProcessor' if what == 'logits_processor' else 'StoppingCriteria'}"
+                              f"); got {type(o).__name__}.")
+    return objects
+
+
+def _seen_tokens(ids: torch.Tensor, attention_mask: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab + 1) bool: which ids occur in each prompt after its leading padding (transformers'
+    prompt_ignore_length); ids outside [0, vocab) land in the extra last column, which is never read."""
+    ignore = (attention_mask != 0).int().argmax(dim=1)
+    positions = torch.arange(ids.shape[1], device=ids.device)
+    ids = torch.where((ids < 0) | (ids >= vocab) | (positions[None] < ignore[:, None]), vocab, ids)
+    return torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device).scatter_(1, ids, True)
+
+
+def _output(sequences: torch.Tensor, s: GenerationSettings, scores: list, raw_logits: list):
+    if not s.return_dict_in_generate:
+        return sequences
+    from transformers.generation import GenerateDecoderOnlyOutput
+
+    return GenerateDecoderOnlyOutput(sequences=sequences, scores=tuple(scores) if s.output_scores else None,
+                                     logits=tuple(raw_logits) if s.output_logits else None)
 
 
 @torch.no_grad()
-def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 32,
-             do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-             eos_token_id=None, pad_token_id: int | None = None, seed: int | None = None,
-             use_cache: bool = True, streamer=None) -> torch.Tensor:
-    """Prompt (B, T) -> (B, T + new) token ids. Batches must be LEFT-padded (attention_mask 0 on the padding).
+def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, **kwargs):
+    """Prompt (B, T) int64 -> (B * num_return_sequences, T + new) int64 token ids (prompt + new tokens), or
+    transformers' GenerateDecoderOnlyOutput with return_dict_in_generate=True. Batches must be LEFT-padded
+    (attention_mask (B, T), 0 on the padding); without a mask, positions holding pad_token_id are padding (as in
+    transformers) when it is not a stop id.
 
-    eos_token_id: an id or a list of stop ids (default: the model config's eos). A stopped row is padded with
-    pad_token_id (default: the first stop id). seed makes sampling reproducible (a private generator).
-    `use_cache` is accepted for transformers compatibility; the cache is always used. `streamer`: an object with
-    put(ids) / end() as transformers' TextStreamer (gets the prompt, then each new token, then end()).
+    Keyword arguments are transformers' (transformers' precedence: these > `generation_config` (a
+    GenerationConfig) > `model.generation_config` > transformers' defaults; an explicit None overrides too):
+    `inputs` (alias of input_ids), `max_new_tokens` (default 32 when neither it nor `max_length`, the total length
+    with the prompt, is set; max_new_tokens wins), `min_new_tokens` / `min_length` (stop ids suppressed before),
+    `do_sample` (default False: greedy, and temperature/top_k/top_p/min_p are then ignored), `temperature` (0 with
+    do_sample=True also decodes greedily),
+    `top_k` (default 50 when sampling, 0 = off), `top_p`, `min_p`, `repetition_penalty` (over the prompt after its
+    padding and the new tokens; greedy too), `num_return_sequences` (sampling only; row i's copies are adjacent),
+    `eos_token_id` (an id or a list of stop ids), `pad_token_id` (fills stopped rows; default: the first stop id),
+    `logits_processor` (transformers LogitsProcessor objects, called as f(input_ids, scores)), `stopping_criteria`
+    (StoppingCriteria objects, in addition to the stop ids and the length), `streamer` (put(ids) / end(), as
+    TextStreamer: gets the prompt, then each new token), `output_scores` / `output_logits` /
+    `return_dict_in_generate`. `use_cache` is accepted (the KV cache is always used), as are `tokenizer`,
+    `token_type_ids` and `synced_gpus` (no effect here). fasttune's own: `seed` (sampling from a private generator).
+
+    Raises ConfigError for an unknown (misspelt) argument, for decoding modes not implemented here (num_beams > 1,
+    penalty_alpha, assistant_model, prefix_allowed_tokens_fn, ...; see generate_args.py), for invalid values and for
+    right-padded batches.
     """
     from fasttune.models.decoder import KVCache
 
-    _check(max_new_tokens, temperature, top_p, top_k)
+    inputs = kwargs.pop("inputs", None)
+    if input_ids is not None and inputs is not None:
+        raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
+    input_ids = input_ids if input_ids is not None else inputs
+    if input_ids is None:
+        raise ConfigError("generate() needs the prompt token ids: model.generate(input_ids=ids) with ids a (B, T) "
+                          "tensor, e.g. tokenizer(texts, return_tensors='pt').input_ids.")
+    generation_config = kwargs.pop("generation_config", None)
+    seed, streamer = kwargs.pop("seed", None), kwargs.pop("streamer", None)
+    custom_processors = _check_callables(kwargs.pop("logits_processor", None), "logits_processor")
+    criteria = _check_callables(kwargs.pop("stopping_criteria", None), "stopping_criteria")
+    model_config = getattr(model, "generation_config", None)
+    options = merged_options(model_config, generation_config, kwargs,
+                             default_eos=model.arch.eos_token_id if model_config is None else None)
+
     device = model.device
     input_ids = torch.as_tensor(input_ids, device=device)
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    b, t = input_ids.shape
-    stops = _stop_ids(eos_token_id if eos_token_id is not None else model.config.eos_token_id)
-    if pad_token_id is None:
-        pad_token_id = stops[0] if stops else 0
+    s = resolve(options, input_ids.shape[1])
     if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
+        attention_mask = _infer_attention_mask(input_ids, s)
     attention_mask = torch.as_tensor(attention_mask, device=device).long()
     if attention_mask.shape != input_ids.shape:
         raise ConfigError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids "
                           f"{tuple(input_ids.shape)}.")
-    if b > 1 and bool((attention_mask[:, -1] == 0).any()):
+    if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise ConfigError("generate() needs LEFT-padded batches (the last column is padding in some row); set "
                           "tokenizer.padding_side = 'left'.")
-    if max_new_tokens == 0:
-        return input_ids
+    if s.num_return_sequences > 1:
+        input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
+        attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
+    if s.max_new_tokens == 0:
+        return _output(input_ids, s, [], [])
     if streamer is not None:
         streamer.put(input_ids.cpu())
 
-    generator = None
-    if seed is not None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+    b, t = input_ids.shape
+    n_new = s.max_new_tokens
+    pad_token_id = s.pad_token_id if s.pad_token_id is not None else 0
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     padded = not bool(attention_mask.all())
     # The full mask for prompt + all new tokens, sliced per step; new positions are always attended.
-    full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, max_new_tokens)], dim=1)
+    full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, n_new)], dim=1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     next_pos = position_ids[:, -1:] + 1
-    stop_t = torch.tensor(stops, device=device) if stops else None
+    stop_t = torch.tensor(s.eos_token_ids, device=device) if s.eos_token_ids else None
+    seq = torch.cat([input_ids, input_ids.new_full((b, n_new), pad_token_id)], dim=1)
+    seen = [None]  # the repetition penalty's token set, filled once the vocabulary size is known
+    steps = _processors(s, custom_processors, seen, stop_t, t)
+    scores_out, logits_out = [], []
 
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.config, b, t + max_new_tokens, model.dtype, device)
+        cache = KVCache(model.arch, b, t + n_new, model.dtype, device)
         logits = model(input_ids, attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
                        past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        vocab = logits.shape[-1]
+        if s.repetition_penalty is not None:
+            seen[0] = _seen_tokens(input_ids, attention_mask, vocab)
         unfinished = torch.ones(b, dtype=torch.bool, device=device)
-        out = [input_ids]
-        for step in range(max_new_tokens):
-            token = sample_next(logits, do_sample, temperature, top_k, top_p, generator)
+        cur = t
+        for step in range(n_new):
+            raw = logits.float()
+            scores = raw
+            for fn in steps:
+                scores = fn(seq[:, :cur], scores)
+            if s.do_sample:
+                scores = sampling.warp(scores, s.temperature, s.top_k, s.top_p, s.min_p)
+            token = sampling.next_tokens(scores, s.do_sample, generator)
+            if s.output_scores:
+                scores_out.append(scores)
+            if s.output_logits:
+                logits_out.append(raw)
             # Stopped rows show padding; they still feed their own (ignored) token, as pad may not be a valid id.
-            out.append(torch.where(unfinished, token, torch.full_like(token, pad_token_id))[:, None])
+            emitted = torch.where(unfinished, token, torch.full_like(token, pad_token_id))
+            seq[:, cur] = emitted
+            cur += 1
+            if seen[0] is not None:
+                in_vocab = (emitted >= 0) & (emitted < vocab)
+                seen[0].scatter_(1, torch.where(in_vocab, emitted, vocab)[:, None], True)
             if streamer is not None:
-                streamer.put(out[-1][:, 0].cpu())
+                streamer.put(emitted.cpu())
             if stop_t is not None:
-                unfinished &= ~torch.isin(token, stop_t)
-                if not bool(unfinished.any()):
-                    break
-            if step == max_new_tokens - 1:
+                unfinished &= ~torch.isin(emitted, stop_t)
+            for criterion in criteria:
+                unfinished &= ~torch.as_tensor(criterion(seq[:, :cur], scores), device=device).bool()
+            if step == n_new - 1 or ((stop_t is not None or criteria) and not bool(unfinished.any())):
                 break
-            cur = t + step + 1
             logits = model(token[:, None], attention_mask=full_mask[:, :cur] if padded else None,
                            position_ids=next_pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
             next_pos = next_pos + 1
@@ -126,7 +225,7 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
         model.train(was_training)
         if streamer is not None:
             streamer.end()
-    return torch.cat(out, dim=1)
+    return _output(seq[:, :cur], s, scores_out, logits_out)
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], chat: bool = True) -> list[int]:
@@ -142,7 +241,7 @@ def stop_token_ids(tokenizer, model=None) -> list[int]:
     """The tokenizer's eos and pad ids (the CLI's samples stop at either), plus the model config's eos ids."""
     ids = [tokenizer.eos_token_id, tokenizer.pad_token_id]
     if model is not None:
-        ids += _stop_ids(model.config.eos_token_id)
+        ids += _stop_ids(model.arch.eos_token_id)
     return sorted({i for i in ids if i is not None})
 
 
@@ -170,5 +269,5 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, tempe
     ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": prompt}], chat)
     stops = stop_token_ids(tokenizer)
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
-                   temperature=temperature if temperature > 0 else 1.0, eos_token_id=stops, seed=seed)
+                   temperature=temperature if temperature > 0 else 1.0, top_k=0, eos_token_id=stops, seed=seed)
     return tokenizer.decode(new_tokens(out[0], len(ids), stops), skip_special_tokens=True)

@@ -203,7 +203,11 @@ class FallbackModel(nn.Module):
         inputs = kwargs.pop("inputs", None)
         if input_ids is not None and inputs is not None:
             raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
-        input_ids = torch.as_tensor(input_ids if input_ids is not None else inputs, device=self.device)
+        input_ids = input_ids if input_ids is not None else inputs
+        if input_ids is None:
+            raise ConfigError("generate() needs the prompt token ids: model.generate(input_ids=ids) with ids a (B, T) "
+                              "tensor, e.g. tokenizer(texts, return_tensors='pt').input_ids.")
+        input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         options = merged_options(self.hf_model.generation_config, kwargs.get("generation_config"), kwargs)
