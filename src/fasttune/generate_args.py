@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import dataclass
+from functools import lru_cache
 
 from fasttune.errors import ConfigError
 
@@ -69,40 +70,48 @@ class GenerationSettings:
     return_dict_in_generate: bool
 
 
+@lru_cache(maxsize=1)
 def _transformers_defaults() -> dict:
     from transformers import GenerationConfig
 
     return GenerationConfig._get_default_generation_params()
 
 
-def _known_fields() -> set[str]:
+@lru_cache(maxsize=1)
+def _known_fields() -> frozenset[str]:
     from transformers import GenerationConfig
 
-    return {k for k in vars(GenerationConfig()) if not k.startswith("_")}
+    return frozenset(k for k in vars(GenerationConfig()) if not k.startswith("_"))
 
 
 def _refusal(name: str, value, source: str) -> ConfigError:
     mode = MODES.get(name) or REFUSED_CALL_ARGS.get(name)
     what = f" ({mode})" if mode else ""
     shown = type(value).__name__ if callable(value) or hasattr(value, "config") else repr(value)
+    default = _transformers_defaults().get(name)
     return ConfigError(
         f"generate(): {name}={shown}{what}, from {source}, is not supported by fasttune's generate, which does greedy "
         f"decoding and sampling (temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, "
         f"num_return_sequences, logits_processor, stopping_criteria). Leave {name} out"
-        + (f" (or set it to {_transformers_defaults().get(name)!r})" if _transformers_defaults().get(name) is not None
-           else "")
+        + (f" (or set it to {default!r})" if default is not None else "")
         + "; for other decoding modes, save the merged model (model.save_pretrained_merged) and call transformers' "
           "generate on it.")
 
 
 def _is_noop(name: str, value) -> bool:
-    return value is None or value is False or value == _transformers_defaults().get(name, object())
+    """None, False, or transformers' default value for that field (e.g. num_beams=1): asks for nothing."""
+    if value is None or value is False:
+        return True
+    try:
+        return bool(value == _transformers_defaults().get(name, object()))
+    except (TypeError, ValueError, RuntimeError):  # a tensor or list compared with a scalar
+        return False
 
 
-def check_arguments(kwargs: dict, known_fields: set[str] | None = None) -> None:
+def check_arguments(kwargs: dict) -> None:
     """Raise ConfigError for a keyword argument of generate() that is misspelt, unknown, or asks for a decoding
     mode or option fasttune does not implement (num_beams > 1, penalty_alpha, assistant_model, ...)."""
-    known = known_fields or _known_fields()
+    known = _known_fields()
     for name, value in kwargs.items():
         if name in SUPPORTED or name in IGNORED or name in CALL_ARGS:
             continue
