@@ -48,6 +48,26 @@ def test_export_adapter_to_gguf_runs_in_llama_cpp(adapter_dir, tmp_path, capsys)
     assert np.abs(theirs - ours).max() / (ours.max() - ours.min()) < 2e-3
 
 
+def test_export_comma_list_of_quantizations(adapter_dir, tmp_path, capsys):
+    """--quantization q8_0,F16: one file per method in the output folder, each loads in llama.cpp; one Modelfile."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    out = tmp_path / "gguf"
+    assert main(["export", "--adapter", str(adapter_dir), "--format", "gguf", "--quantization", "q8_0,F16",
+                 "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    paths = [out / "model.Q8_0.gguf", out / "model.F16.gguf"]
+    assert all(str(p) in printed for p in paths) and "FROM model.Q8_0.gguf" in printed
+    assert sorted(p.name for p in out.iterdir()) == ["Modelfile", "model.F16.gguf", "model.Q8_0.gguf"]
+    ids = make_bpe_tokenizer("gpt2")(TEXT)["input_ids"]
+    ours = _our_logits(adapter_dir, ids)
+    for path, limit in zip(paths, (5e-2, 2e-3)):
+        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=2)
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)])
+        llm.close()
+        assert np.abs(theirs - ours).max() / (ours.max() - ours.min()) < limit, path
+
+
 def test_export_merged_and_back_from_gguf(adapter_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -70,6 +90,7 @@ def test_export_merged_and_back_from_gguf(adapter_dir, tmp_path):
 
 @pytest.mark.parametrize("args, match", [
     (["--format", "gguf", "--quantization", "q4_k_m"], "q4_k_m"),
+    (["--format", "gguf", "--quantization", "q8_0,q4_k_m"], "'q4_k_m' is not supported"),
     (["--format", "merged", "--quantization", "q8_0"], "does not apply to --format merged"),
     (["--format", "gguf", "--adapter", "nowhere"], "adapter_config.json"),
 ])

@@ -168,6 +168,82 @@ def test_unknown_quantization_is_a_config_error(bad, bpe, tmp_path):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "Modelfile").exists()
 
 
+def _types(path) -> dict:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(path).tensors}
+
+
+def test_list_of_methods_merges_once_and_writes_one_file_each(bpe, tmp_path, monkeypatch):
+    """["f16", "Q8_0"] with a .gguf path: <stem>.<QUANT>.gguf beside it, in the given order, one Modelfile for the
+    first; the merged tensors are computed once and the f16 file equals a single-method f16 export."""
+    import gguf
+
+    import fasttune.export.gguf as gguf_export
+
+    model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
+    calls = []
+    real = gguf_export.gguf_tensors
+    monkeypatch.setattr(gguf_export, "gguf_tensors", lambda m: calls.append(1) or real(m))
+    paths = model.save_pretrained_gguf(tmp_path / "out" / "tiny.gguf", tok, quantization_method=["f16", "Q8_0"],
+                                       progress=False)
+    assert paths == [tmp_path / "out" / "tiny.F16.gguf", tmp_path / "out" / "tiny.Q8_0.gguf"] and calls == [1]
+    assert _types(paths[0])["blk.0.attn_q.weight"] == "F16" and _types(paths[1])["blk.0.attn_q.weight"] == "Q8_0"
+    assert _types(paths[1])["blk.0.attn_norm.weight"] == "F32"
+    for path, file_type in zip(paths, (gguf.LlamaFileType.MOSTLY_F16, gguf.LlamaFileType.MOSTLY_Q8_0)):
+        assert gguf.GGUFReader(path).fields["general.file_type"].contents() == file_type
+    assert (tmp_path / "out" / "Modelfile").read_text().startswith("FROM ./tiny.F16.gguf\n")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["Modelfile", "tiny.F16.gguf", "tiny.Q8_0.gguf"]
+    single = model.save_pretrained_gguf(tmp_path / "single.gguf", tok, quantization_method="f16", progress=False)
+    read = lambda p: {t.name: np.array(t.data) for t in gguf.GGUFReader(p).tensors}  # noqa: E731
+    one, listed = read(single), read(paths[0])
+    assert one.keys() == listed.keys() and all(np.array_equal(one[k], listed[k]) for k in one)
+
+
+def test_comma_list_into_a_folder_and_case_insensitive_names(bpe, tmp_path):
+    model, tok = _tiny_lora_model("qwen2", tmp_path / "m", bpe)
+    paths = model.save_pretrained_gguf(tmp_path / "out", tok, quantization_method="Q4_0, bf16, q4_0",
+                                       progress=False)  # duplicates dropped
+    assert paths == [tmp_path / "out" / "model.Q4_0.gguf", tmp_path / "out" / "model.BF16.gguf"]
+    assert _types(paths[0])["blk.0.ffn_up.weight"] == "Q4_0" and _types(paths[1])["blk.0.ffn_up.weight"] == "BF16"
+    # one upper-case name or alias: today's single-file behaviour and path
+    path = model.save_pretrained_gguf(tmp_path / "one.gguf", tok, quantization_method="FP16", progress=False)
+    assert path == tmp_path / "one.gguf" and _types(path)["blk.0.ffn_up.weight"] == "F16"
+    assert model.save_pretrained_gguf(tmp_path / "dir", tok, quantization_method="Q8_0", progress=False) == \
+        tmp_path / "dir" / "model.Q8_0.gguf"
+
+
+@pytest.mark.parametrize("bad, match", [
+    (["q8_0", "q4_k_m"], "'q4_k_m' is not supported; use one of f32, f16, bf16, q8_0, q4_0. K-quants"),
+    (("f16", "int3"), "'int3' is not supported"),
+    ([], "names no method"),
+    ("q8_0,", "names no method"),
+])
+def test_bad_name_in_a_list_writes_nothing(bad, match, bpe, tmp_path):
+    model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
+    with pytest.raises(ConfigError, match=match):
+        model.save_pretrained_gguf(tmp_path / "out" / "x.gguf", tok, quantization_method=bad)
+    assert not (tmp_path / "out").exists()
+
+
+def test_list_export_failing_mid_way_leaves_no_file(bpe, tmp_path, monkeypatch):
+    """The first method's file is complete when the second fails: neither is renamed into place."""
+    import fasttune.export.gguf as gguf_export
+
+    model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
+    real = gguf_export.encode_tensor
+
+    def failing(t, kind):
+        if kind.name == "Q8_0":
+            raise RuntimeError("disk on fire")
+        return real(t, kind)
+
+    monkeypatch.setattr(gguf_export, "encode_tensor", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        model.save_pretrained_gguf(tmp_path / "out", tok, quantization_method=["f16", "q8_0"], progress=False)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
 def test_unsupported_models_are_config_errors(bpe, tmp_path):
     model, tok = _tiny_lora_model("gemma", tmp_path / "g", bpe)
     with torch.no_grad():

@@ -1,6 +1,7 @@
 """`fasttune export`: a trained adapter (or any model we load) as a merged transformers checkpoint or a GGUF file.
 
     fasttune export --adapter out/adapter --format gguf --quantization q8_0 --output model.gguf
+    fasttune export --adapter out/adapter --format gguf --quantization q8_0,f16 --output gguf/   # one file each
     fasttune export --adapter out/adapter --format merged --output merged/
     fasttune export --adapter out/adapter --format merged --quantization nf4 --output merged-4bit/   # bnb-4bit
     fasttune export --model model.gguf --format merged --output merged/      # GGUF -> transformers
@@ -19,30 +20,37 @@ def register(subparsers):
     p.add_argument("--format", required=True, choices=FORMATS, help="merged: transformers safetensors folder; "
                                                                      "gguf: llama.cpp / Ollama file")
     p.add_argument("--quantization", default=None,
-                   help="GGUF: f32 | f16 | bf16 | q8_0 (default) | q4_0; merged: nf4 writes a bitsandbytes "
-                        "4-bit checkpoint (default: the model's 16/32-bit weights)")
-    p.add_argument("--output", required=True, help="merged: a folder; gguf: a .gguf path or a folder")
+                   help="GGUF: f32 | f16 | bf16 | q8_0 (default) | q4_0, or a comma list such as q8_0,f16 (one "
+                        "file each, merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint (default: the "
+                        "model's 16/32-bit weights)")
+    p.add_argument("--output", required=True, help="merged: a folder; gguf: a .gguf path or a folder (several "
+                                                   "methods: <stem>.<QUANT>.gguf beside the path, or "
+                                                   "model.<QUANT>.gguf in the folder)")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(ns) -> int:
     from fasttune.command_helpers import load_model_and_tokenizer
     from fasttune.errors import ConfigError
-    from fasttune.export.gguf import resolve_quantization
+    from fasttune.export.gguf import resolve_quantizations
 
     if not ns.model and not ns.adapter:
         raise ConfigError("fasttune export needs --adapter DIR (a trained adapter) or --model PATH.")
     if ns.format == "merged" and ns.quantization not in (None, "nf4"):
         raise ConfigError(f"--quantization {ns.quantization} does not apply to --format merged: use nf4 (a "
                           f"bitsandbytes 4-bit checkpoint) or leave it out for 16/32-bit weights (see --dtype).")
-    quant = resolve_quantization(ns.quantization or "q8_0") if ns.format == "gguf" else None  # fail before loading
+    quants = resolve_quantizations(ns.quantization or "q8_0") if ns.format == "gguf" else None  # fail before loading
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype, need_tokenizer=ns.format == "gguf")
     if ns.format == "merged":
         method = "merged_4bit" if ns.quantization == "nf4" else "merged_16bit"
         out = model.save_pretrained_merged(ns.output, tok, save_method=method)
         print(f"fasttune: wrote {out} (load with transformers.AutoModelForCausalLM.from_pretrained('{out}'))")
         return 0
-    out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quant)
-    print(f"fasttune: wrote {out} ({out.stat().st_size / 2**20:,.1f} MiB, {quant}) and {out.parent / 'Modelfile'}")
-    print(f"  llama.cpp: llama-cli -m {out}\n  Ollama:    cd {out.parent} && ollama create my-model -f Modelfile")
+    out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quants if len(quants) > 1 else quants[0])
+    paths = out if isinstance(out, list) else [out]
+    for path, quant in zip(paths, quants):
+        print(f"fasttune: wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB, {quant})")
+    print(f"fasttune: wrote {paths[0].parent / 'Modelfile'} (FROM {paths[0].name})")
+    print(f"  llama.cpp: llama-cli -m {paths[0]}\n  Ollama:    cd {paths[0].parent} && ollama create my-model -f "
+          f"Modelfile")
     return 0

@@ -12,7 +12,10 @@ norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3'
 Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's quantizers; 1-D tensors stay f32, rows not divisible by 32 fall back to f16, and in q4_0 the output projection is
 kept in q8_0). K-quants (q4_k_m, ...) are not written: gguf-py has no quantizer for them.
 
-The file is written to a temporary name and renamed when complete; an Ollama `Modelfile` is written beside it.
+`quantization_method` is one name (case-insensitive; aliases such as fp16, float16, bfloat16, fp32, q8) or a
+list/tuple of names (or a comma-separated string): the LoRA is merged once and one file per method is written
+into one folder. Files are written to temporary names and renamed when all are complete; an Ollama `Modelfile`
+(pointing at the first file) is written beside them.
 """
 from __future__ import annotations
 
@@ -39,7 +42,9 @@ QK = 32  # block size of q8_0 / q4_0
 
 
 def resolve_quantization(method: str) -> str:
-    key = str(method).lower()
+    """One method name -> its canonical name ("Q8_0" -> "q8_0", "fp16" -> "f16"). Raises ConfigError listing the
+    valid names (and the k-quant note) for an unknown one."""
+    key = str(method).strip().lower()
     key = ALIASES.get(key, key)
     if key not in QUANTIZATIONS:
         hint = " K-quants such as q4_k_m are not available (gguf-py cannot write them); q4_0 is the 4-bit option." \
@@ -47,6 +52,30 @@ def resolve_quantization(method: str) -> str:
         raise ConfigError(f"quantization_method='{method}' is not supported; use one of {', '.join(QUANTIZATIONS)}."
                           f"{hint}")
     return key
+
+
+def resolve_quantizations(method) -> list[str]:
+    """A name, a comma-separated string of names, or a list/tuple of names -> canonical names, duplicates
+    dropped, in the given order. Every name is checked before anything is written: the ConfigError names the
+    first unknown one and lists the valid names."""
+    if not isinstance(method, (str, list, tuple)):
+        raise ConfigError(f"quantization_method={method!r}: use a name such as 'q8_0' or a list of names such as "
+                          f"['q8_0', 'f16'] (valid: {', '.join(QUANTIZATIONS)}).")
+    names = method.split(",") if isinstance(method, str) else list(method)
+    if not names or any(not str(m).strip() for m in names):
+        raise ConfigError(f"quantization_method={method!r} names no method; use one of {', '.join(QUANTIZATIONS)}, "
+                          f"or a list of them such as ['q8_0', 'f16'].")
+    out = []
+    for name in names:
+        quant = resolve_quantization(name)
+        if quant not in out:
+            out.append(quant)
+    return out
+
+
+def is_method_list(method) -> bool:
+    """Whether quantization_method asks for a list of files (a list/tuple or a comma-separated string)."""
+    return not isinstance(method, str) or "," in method
 
 
 def _ggml_types(quant: str):
@@ -205,57 +234,83 @@ def _default_tokenizer(model):
     return tok
 
 
-def gguf_target(path, quant: str) -> Path:
-    """`*.gguf` is the file itself; anything else is a folder that gets `model.<QUANT>.gguf`."""
+def gguf_target(path, quant: str, several: bool = False) -> Path:
+    """Where one method's file goes. `*.gguf` is the file itself (with several methods: `<stem>.<QUANT>.gguf`
+    beside it); anything else is a folder that gets `model.<QUANT>.gguf`."""
     path = Path(path)
-    return path if path.suffix == ".gguf" else path / f"model.{quant.upper()}.gguf"
+    if path.suffix != ".gguf":
+        return path / f"model.{quant.upper()}.gguf"
+    return path.with_name(f"{path.stem}.{quant.upper()}.gguf") if several else path
 
 
-def save_gguf(model, path, tokenizer=None, quantization_method: str = "q8_0", progress: bool = True,
-              modelfile: bool = True) -> Path:
-    """Write `path` (a .gguf file, or a folder that gets model.<QUANT>.gguf) and an Ollama Modelfile beside it."""
+def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, bar, consume: bool):
+    """One GGUF file of the merged `tensors` (GGUF name -> fp32 tensor) in `quant`; `consume` pops them to free
+    memory as they are encoded (the last method)."""
     import gguf
+
+    cfg = model.arch
+    writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[cfg.model_type])
+    _write_metadata(writer, model, name, _ggml_types(quant)[1], quant not in ("f32", "f16", "bf16"))
+    vocab.write(writer)
+    tied = "output.weight" not in tensors
+    bar.set_description(f"GGUF {quant}")
+    for gname in list(tensors):
+        t = tensors.pop(gname) if consume else tensors[gname]
+        data, raw = encode_tensor(t, tensor_type(gname, t, quant, tied))
+        writer.add_tensor(gname, data, raw_dtype=raw)
+        bar.update(1)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+
+
+def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress: bool = True,
+              modelfile: bool = True) -> Path | list[Path]:
+    """Write GGUF file(s) of `model` (LoRA merged in) and an Ollama Modelfile beside them.
+
+    path: a `.gguf` file, or a folder that gets `model.<QUANT>.gguf`. quantization_method: one name (f32, f16,
+    bf16, q8_0, q4_0; case-insensitive, aliases fp16/float16/bfloat16/fp32/q8/q4) or a list/tuple of names (or
+    "q8_0,f16"): one file per method, the merge done once; with a `.gguf` path the files are
+    `<stem>.<QUANT>.gguf` beside it. The Modelfile's FROM is the first file. Returns the file's Path for one
+    name, the list of Paths (in the given order) for a list. Raises ConfigError for an unknown method (before
+    anything is written), an unsupported model, or a failed write; files are renamed into place only when all are
+    complete, so a failure leaves none."""
     from tqdm import tqdm
 
     from fasttune.export.gguf_vocab import gguf_vocab
     from fasttune.export.modelfile import ollama_modelfile
 
-    quant = resolve_quantization(quantization_method)
+    quants = resolve_quantizations(quantization_method)
     cfg = model.arch
     _check_supported(cfg)
     tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(model)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
-    target = gguf_target(path, quant)
-    model_text = ollama_modelfile(target.name, tokenizer) if modelfile else None
+    targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
+    model_text = ollama_modelfile(targets[0].name, tokenizer) if modelfile else None
     name = Path(getattr(model, "name_or_path", None) or "fasttune-model").name.removesuffix(".gguf")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    tmp_modelfile = target.with_name(f".Modelfile.tmp-{os.getpid()}")
+    folder = targets[0].parent
+    folder.mkdir(parents=True, exist_ok=True)
+    tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
+    tmp_modelfile = folder / f".Modelfile.tmp-{os.getpid()}"
     try:
         tensors = gguf_tensors(model)
-        writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[cfg.model_type])
-        _write_metadata(writer, model, name, _ggml_types(quant)[1], quant not in ("f32", "f16", "bf16"))
-        vocab.write(writer)
-        tied = "output.weight" not in tensors
-        for gname in tqdm(list(tensors), desc=f"GGUF {quant}", unit="tensor", disable=not progress):
-            t = tensors.pop(gname)
-            data, raw = encode_tensor(t, tensor_type(gname, t, quant, tied))
-            writer.add_tensor(gname, data, raw_dtype=raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
+        with tqdm(total=len(quants) * len(tensors), unit="tensor", disable=not progress) as bar:
+            for i, (quant, tmp) in enumerate(zip(quants, tmps)):
+                _write_file(tmp, model, name, vocab, tensors, quant, bar, consume=i == len(quants) - 1)
         if model_text is not None:
             tmp_modelfile.write_text(model_text)
-        os.replace(tmp, target)
+        for tmp, target in zip(tmps, targets):
+            os.replace(tmp, target)
         if model_text is not None:
-            os.replace(tmp_modelfile, target.parent / "Modelfile")
+            os.replace(tmp_modelfile, folder / "Modelfile")
     except OSError as e:
-        raise ConfigError(f"Could not write the GGUF file '{target}': {e}. Check the path, permissions and free "
-                          f"disk space.") from None
+        where = f"the GGUF file '{targets[0]}'" if len(targets) == 1 else f"the GGUF files in '{folder}'"
+        raise ConfigError(f"Could not write {where}: {e}. Check the path, permissions and free disk "
+                          f"space.") from None
     finally:
-        for leftover in (tmp, tmp_modelfile):
+        for leftover in (*tmps, tmp_modelfile):
             if leftover.exists():
                 leftover.unlink()
-    return target
+    return targets if is_method_list(quantization_method) else targets[0]
