@@ -173,7 +173,7 @@ def test_generation_config_defaults_and_overrides(llama_pair):
     sampled = llama_pair[1].generate(ids, mask, generation_config=GenerationConfig(
         do_sample=True, top_k=1, temperature=0.5, max_new_tokens=6), eos_token_id=[])
     assert torch.equal(sampled, generate(llama_pair[1], ids, mask, max_new_tokens=6, eos_token_id=[]))
-    with pytest.raises(ConfigError, match="num_beams=3 \\(beam search\\), from the generation_config argument"):
+    with pytest.raises(ConfigError, match="num_beams=3 \\(beam search\\) \\(set in the generation_config argument\\)"):
         llama_pair[1].generate(ids, mask, generation_config=GenerationConfig(num_beams=3))
 
 

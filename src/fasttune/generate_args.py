@@ -90,7 +90,7 @@ def _refusal(name: str, value, source: str) -> ConfigError:
     shown = type(value).__name__ if callable(value) or hasattr(value, "config") else repr(value)
     default = _transformers_defaults().get(name)
     return ConfigError(
-        f"generate(): {name}={shown}{what}, from {source}, is not supported by fasttune's generate, which does greedy "
+        f"generate(): {name}={shown}{what} ({source}) is not supported by fasttune's generate, which does greedy "
         f"decoding and sampling (temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, "
         f"num_return_sequences, logits_processor, stopping_criteria). Leave {name} out"
         + (f" (or set it to {default!r})" if default is not None else "")
@@ -117,11 +117,11 @@ def check_arguments(kwargs: dict) -> None:
             continue
         if name in REFUSED_CALL_ARGS:
             if value is not None:
-                raise _refusal(name, value, "the arguments")
+                raise _refusal(name, value, "passed to generate()")
             continue
         if name in known:
             if not _is_noop(name, value):
-                raise _refusal(name, value, "the arguments")
+                raise _refusal(name, value, "passed to generate()")
             continue
         close = difflib.get_close_matches(name, sorted(set(SUPPORTED) | CALL_ARGS | known), n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -149,7 +149,7 @@ def _config_fields(config, source: str) -> dict:
         if value is None or name not in known or name in IGNORED:
             continue
         if name not in SUPPORTED and not _is_noop(name, value):
-            raise _refusal(name, value, source)
+            raise _refusal(name, value, f"set in {source}")
         out[name] = value
     return out
 

@@ -41,16 +41,18 @@ ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bf
 QK = 32  # block size of q8_0 / q4_0
 
 
-def resolve_quantization(method: str) -> str:
+def resolve_quantization(method: str, given=None) -> str:
     """One method name -> its canonical name ("Q8_0" -> "q8_0", "fp16" -> "f16"). Raises ConfigError listing the
-    valid names (and the k-quant note) for an unknown one."""
+    valid names (and the k-quant note) for an unknown one; `given` is the whole list it came from, if any."""
     key = str(method).strip().lower()
     key = ALIASES.get(key, key)
     if key not in QUANTIZATIONS:
         hint = " K-quants such as q4_k_m are not available (gguf-py cannot write them); q4_0 is the 4-bit option." \
             if "_k" in key or key == "quantized" else ""
-        raise ConfigError(f"quantization_method='{method}' is not supported; use one of {', '.join(QUANTIZATIONS)}."
-                          f"{hint}")
+        where = f"quantization_method={given!r}: '{str(method).strip()}'" if given is not None else \
+            f"quantization_method='{method}'"
+        raise ConfigError(f"{where} is not supported; use one of {', '.join(QUANTIZATIONS)}.{hint}"
+                          + (" Nothing was written." if given is not None else ""))
     return key
 
 
@@ -67,7 +69,7 @@ def resolve_quantizations(method) -> list[str]:
                           f"or a list of them such as ['q8_0', 'f16'].")
     out = []
     for name in names:
-        quant = resolve_quantization(name)
+        quant = resolve_quantization(name, given=method if is_method_list(method) else None)
         if quant not in out:
             out.append(quant)
     return out
