@@ -256,6 +256,10 @@ class DecoderModel(nn.Module):
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         past = past_key_values.length if past_key_values is not None else 0
+        if attention_mask is not None and past_key_values is None and bool(attention_mask.all()):
+            # All ones (what transformers' and TRL's collators pass for unpadded rows): plain causal attention
+            # is the same function, and a dense mask would keep SDPA off its causal kernels.
+            attention_mask = None
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
         elif segment_ids is None and attention_mask is None and past_key_values is None:
@@ -372,10 +376,12 @@ class CausalLM(PreTrainedModel):
     def is_gradient_checkpointing(self) -> bool:
         return bool(self.model.gradient_checkpointing)
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None):
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options):
         """What transformers' and TRL's trainers call: recompute each layer in backward. An explicit
-        "offload" mode set earlier (use_gradient_checkpointing="unsloth") is kept; the kwargs (use_reentrant)
-        have no effect: our recompute is always the non-reentrant kind."""
+        "offload" mode set earlier (use_gradient_checkpointing="unsloth") is kept. The options of transformers'
+        own implementation, which differ between its versions (gradient_checkpointing_kwargs such as
+        use_reentrant, every_n_layers), have no effect: our recompute is always the non-reentrant kind and
+        covers every layer."""
         if self.model.gradient_checkpointing not in ("offload",):
             self.model.gradient_checkpointing = True
 
