@@ -140,3 +140,62 @@ def test_forward_follows_transformers_contract(llama_dir):
         model(input_ids=ids, label=ids)  # a typo is an error, not a silent no-loss forward
     assert model.config.get_text_config().model_type == "llama"
     assert model.get_input_embeddings() is model.model.embed_tokens
+
+
+def test_trl_padding_free_packing_equals_padded_batches(llama_dir, tmp_path):
+    """TRL's packing hands the model one row of documents with position_ids restarting per document and
+    cu_seq_lens/seq_idx: each document must attend only to itself, as in a padded batch."""
+    from datasets import Dataset
+
+    losses = {}
+    for packing in (False, True):
+        model, tok = _model(llama_dir)
+        rows = [{"text": "alpha beta gamma " * (1 + i % 3)} for i in range(8)]
+        args = _hf_args(trl.SFTConfig, tmp_path / str(packing), 8, 1, max_steps=1, packing=packing, max_length=256,
+                        gradient_checkpointing=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        if packing:
+            batch = next(iter(trainer.get_train_dataloader()))
+            assert batch["input_ids"].shape[0] == 1 and "cu_seq_lens_q" in batch
+        trainer.train()
+        losses[packing] = trainer.state.log_history[0]["loss"]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_padding_free_inputs_attend_within_documents(llama_dir):
+    model, _ = _model(llama_dir)
+    a, b = torch.tensor([[5, 6, 7]]), torch.tensor([[8, 9]])
+    row = torch.cat([a, b], dim=1)
+    positions = torch.tensor([[0, 1, 2, 0, 1]])
+    cu = torch.tensor([0, 3, 5], dtype=torch.int32)
+    alone = torch.cat([model(input_ids=a).logits, model(input_ids=b).logits], dim=1)
+    for kw in ({"position_ids": positions}, {"position_ids": positions, "cu_seq_lens_q": cu, "cu_seq_lens_k": cu},
+               {"position_ids": positions, "seq_idx": torch.tensor([[0, 0, 0, 1, 1]], dtype=torch.int32)}):
+        torch.testing.assert_close(model(input_ids=row, **kw).logits, alone, rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="padding-free"):
+        model(input_ids=row.expand(2, -1), cu_seq_lens_q=cu)
+
+
+def test_all_ones_attention_mask_is_plain_causal(llama_dir):
+    model, _ = _model(llama_dir)
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12]])
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits,
+                               model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_trainer_facing_methods(llama_dir):
+    from fasttune.errors import ConfigError
+
+    model, _ = _model(llama_dir)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with pytest.raises(ConfigError, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+    model.gradient_checkpointing = "offload"
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.gradient_checkpointing == "offload"  # an explicit offload choice survives the trainer's call
+    model.gradient_checkpointing_disable()
+    assert model.gradient_checkpointing is False and not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable()
+    assert model.gradient_checkpointing is True
+    with pytest.raises(ConfigError, match="safe_serialisation"):
+        model.save_pretrained("unused", safe_serialisation=True)

@@ -240,12 +240,15 @@ class DecoderModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
                 inputs_embeds=None, use_cache: bool | None = None, segment_ids=None, return_dict: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                cache_position=None) -> BaseModelOutput:
+                cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
+                max_length_k=None, seq_idx=None) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
         with no attention_mask mark packed documents (as transformers reads padding-free batches), which then
-        attend only within themselves. `past_key_values`: a KVCache to read and extend (generation).
+        attend only within themselves. cu_seq_lens_q/k (D + 1,) int32: the document boundaries of a padding-free
+        row (B = 1) as TRL's collator and flash attention write them (max_length_q/k are implied by them);
+        seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids). `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
         the KVCache passed in. Raises ConfigError for output_attentions / output_hidden_states (not computed)."""
         _refuse_extra_outputs(output_attentions, output_hidden_states)
@@ -264,6 +267,10 @@ class DecoderModel(nn.Module):
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
         elif segment_ids is None and attention_mask is None and past_key_values is None:
             segment_ids = packed_segments(position_ids)
+        if seq_idx is not None and segment_ids is None:
+            segment_ids = seq_idx
+        if cu_seq_lens_q is not None and segment_ids is None:
+            segment_ids = segments_from_boundaries(cu_seq_lens_q, cu_seq_lens_k, b, t)
         ropes = self.rope_tables(position_ids, x.dtype)
         windows = set(cfg.sliding_windows)
         if segment_ids is not None and past_key_values is None and varlen_usable(x, cfg.attn_logit_softcap, windows):
@@ -308,6 +315,18 @@ def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
     if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
         return None
     return (position_ids == 0).long().cumsum(dim=1)
+
+
+def segments_from_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor | None, batch: int, t: int) -> torch.Tensor:
+    """Document ids (1, T) from cumulative document lengths (D + 1,) of one padding-free row. Raises ConfigError
+    for more than one row, boundaries that do not cover the row, or different query and key boundaries."""
+    if cu_k is not None and not torch.equal(cu_q, cu_k):
+        raise ConfigError("cu_seq_lens_q and cu_seq_lens_k differ; fasttune's decoder trains causal self-attention, "
+                          "where both are the document boundaries of the row.")
+    if batch != 1 or int(cu_q[-1]) != t or int(cu_q[0]) != 0:
+        raise ConfigError(f"cu_seq_lens_q {cu_q.tolist()} does not describe one padding-free row of {t} tokens "
+                          f"(batch {batch}); padding-free batches are one row holding every document.")
+    return torch.searchsorted(cu_q[1:].to(torch.long), torch.arange(t, device=cu_q.device), right=True)[None]
 
 
 def _refuse_extra_outputs(output_attentions, output_hidden_states):
@@ -466,7 +485,8 @@ class CausalLM(PreTrainedModel):
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, return_dict: bool | None = None,
                 logits_to_keep: int = 0, num_items_in_batch=None, return_logits: bool | None = None,
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
-                cache_position=None):
+                cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
+                seq_idx=None):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -474,10 +494,12 @@ class CausalLM(PreTrainedModel):
         target count. With labels the logits are not formed (chunked fused cross-entropy) unless return_logits.
         `past_key_values`: a KVCache to read and extend (attention_mask then covers cached + new positions);
         `logits_to_keep=n` computes logits for the last n positions only; `segment_ids`: document ids of packed
-        rows (with per-document `position_ids`), see data/packing.py."""
+        rows (with per-document `position_ids`), see data/packing.py; padding-free rows (position_ids restarting,
+        or cu_seq_lens_q/k) as in DecoderModel.forward."""
         hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                             segment_ids, output_attentions=output_attentions,
-                            output_hidden_states=output_hidden_states).last_hidden_state
+                            output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
+                            cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx).last_hidden_state
         logits = loss = loss_sum = count = None
         if labels is None or return_logits:
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
