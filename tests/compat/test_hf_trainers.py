@@ -199,3 +199,22 @@ def test_trainer_facing_methods(llama_dir):
     assert model.gradient_checkpointing is True
     with pytest.raises(ConfigError, match="safe_serialisation"):
         model.save_pretrained("unused", safe_serialisation=True)
+
+
+def test_fallback_model_in_trl_sft_trainer_equals_our_decoder(llama_dir, tmp_path):
+    """The transformers+PEFT fallback (fast=False) is a citizen of TRL's trainer too: same per-step losses."""
+    from datasets import Dataset
+
+    def losses(fast):
+        model, tok = FastLanguageModel.from_pretrained(str(llama_dir), fast=fast)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        rows = [{"text": "alpha beta gamma " * (1 + i % 3)} for i in range(8)]
+        args = _hf_args(trl.SFTConfig, tmp_path / str(fast), 8, 1, max_steps=2, max_length=256,
+                        gradient_checkpointing=False)
+        trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        trainer.train()
+        return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+    with pytest.warns(UserWarning, match="transformers"):
+        slow = losses(False)
+    torch.testing.assert_close(torch.tensor(slow), torch.tensor(losses(True)), rtol=1e-5, atol=0)

@@ -131,12 +131,42 @@ class FallbackModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.base_model.get_input_embeddings().weight.device
+        return self.transformers_model.get_input_embeddings().weight.device
+
+    @property
+    def transformers_model(self):
+        """The transformers causal-LM model (inside the PeftModel when LoRA was added)."""
+        return self.hf_model.get_base_model() if self.lora_settings is not None else self.hf_model
 
     @property
     def base_model(self):
-        """The transformers model (inside the PeftModel when LoRA was added)."""
-        return self.hf_model.get_base_model() if self.lora_settings is not None else self.hf_model
+        """The transformers backbone (what `model.base_model` is on a transformers model): TRL's fused LM head
+        runs it and then our output embeddings."""
+        return self.transformers_model.base_model
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.transformers_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.transformers_model.get_output_embeddings()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options):
+        """transformers' and TRL's trainers call this: recompute layers (an explicit "offload" choice is kept)."""
+        if self._gc != "offload":
+            self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self):
+        self.gradient_checkpointing = False
+
+    def __getattr__(self, name: str):
+        # Anything else a transformers trainer reads off a model (generation_config, add_model_tags,
+        # enable_input_require_grads, ...) is the wrapped transformers model's.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or "hf_model" not in self._modules:
+                raise
+            return getattr(self._modules["hf_model"], name)
 
     @property
     def gradient_checkpointing(self):
@@ -144,7 +174,7 @@ class FallbackModel(nn.Module):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, mode):
-        base = self.base_model
+        base = self.transformers_model
         # "auto" is resolved by the trainer from the batch shape; until then recompute on GPUs, as our decoder does.
         on = mode if mode != "auto" else self.device.type == "cuda"
         if not base.supports_gradient_checkpointing:
@@ -336,7 +366,7 @@ class FallbackModel(nn.Module):
             raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
         if save_method == "lora":
             return self.save_pretrained(folder, tokenizer)
-        base = self.base_model
+        base = self.transformers_model
         with atomic_folder(Path(folder), "the merged model") as tmp:
             state = merged_state_dict(self.hf_model, self.dtype) if self.lora_settings is not None else None
             base.config.tie_word_embeddings = self.arch.tie_embeddings

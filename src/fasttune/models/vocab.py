@@ -67,7 +67,7 @@ def init_token_rows(model, ids: list[int]):
 
 
 def _init_rows_transformers(model, ids: list[int]):
-    base = model.base_model
+    base = model.transformers_model
     inp, out = base.get_input_embeddings(), base.get_output_embeddings()
     tied = out is None or out.weight is inp.weight
     size = max(inp.weight.shape[0], max(ids) + 1)
