@@ -26,3 +26,12 @@ def write_error(e: OSError, what: str, where) -> ConfigError:
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         return ConfigError(f"No permission to write {what} to '{where}'. Choose a location you can write to.")
     return ConfigError(f"Could not write {what} to '{where}': {e.strerror or e}.")
+
+
+def refuse_unknown(method: str, kwargs: dict, accepted: tuple = ()) -> None:
+    """Raise ConfigError naming the keyword arguments of `method` outside `accepted` (a typo must not be dropped
+    silently)."""
+    unknown = sorted(k for k in kwargs if k not in accepted)
+    if unknown:
+        raise ConfigError(f"{method}() got unknown argument(s) {unknown}. Check the spelling; see the method's "
+                          f"docstring for what it takes.")

@@ -105,6 +105,11 @@ def _write_shards(tensors: dict, folder: Path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+# Keywords scripts pass to save_pretrained_merged that change nothing here (we write one local safetensors folder).
+SAVE_MERGED_IGNORED = ("safe_serialization", "max_shard_size", "token", "temporary_location",
+                       "maximum_memory_usage")
+
+
 def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit") -> Path:
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")

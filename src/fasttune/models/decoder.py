@@ -15,7 +15,7 @@ from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.utils import ModelOutput
 
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, refuse_unknown
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.lora import project
@@ -435,7 +435,7 @@ class CausalLM(PreTrainedModel):
         from fasttune.export.merged import save_merged
         from fasttune.peft.adapter_io import write_trainable_state
 
-        _refuse_unknown("save_pretrained", kwargs)
+        refuse_unknown("save_pretrained", kwargs)
         if push_to_hub:
             raise ConfigError("save_pretrained(push_to_hub=True): fasttune writes local files only; upload the folder "
                               "with `huggingface-cli upload`.")
@@ -448,12 +448,14 @@ class CausalLM(PreTrainedModel):
         return folder
 
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
-        """Merged transformers checkpoint (or the adapter, save_method="lora"); see fasttune.export.merged."""
+        """Merged transformers checkpoint (or the adapter, save_method="lora"); see fasttune.export.merged. The
+        peer's keywords in SAVE_MERGED_IGNORED (sharding, hub and memory options) have no effect here; any other
+        keyword is a ConfigError."""
         from fasttune.export.merged import save_merged
 
-        _refuse_unknown("save_pretrained_merged", kwargs, ("safe_serialization", "max_shard_size", "token",
-                                                           "push_to_hub", "temporary_location",
-                                                           "maximum_memory_usage"))
+        from fasttune.export.merged import SAVE_MERGED_IGNORED
+
+        refuse_unknown("save_pretrained_merged", kwargs, SAVE_MERGED_IGNORED)
         return save_merged(self, save_directory, tokenizer, save_method=save_method)
 
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
@@ -514,13 +516,6 @@ class CausalLM(PreTrainedModel):
         # transformers versions).
         out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count)
         return out if return_dict is not False else out.to_tuple()
-
-
-def _refuse_unknown(method: str, kwargs: dict, accepted: tuple = ()):
-    unknown = sorted(k for k in kwargs if k not in accepted)
-    if unknown:
-        raise ConfigError(f"{method}() got unknown argument(s) {unknown}. Check the spelling; see the method's "
-                          f"docstring for what it takes.")
 
 
 def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None) -> dict:

@@ -22,12 +22,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttune.atomic import atomic_folder
-from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.errors import ConfigError, ModelLoadError, refuse_unknown
 from fasttune.models.config import SUPPORTED_FAMILIES
 from fasttune.models.decoder import CausalLMOutput
 from fasttune.peft.lora import LoraSettings, validate_settings
 
 ADAPTER = "default"  # PEFT's adapter name
+# Keyword arguments of transformers' causal-LM forward that FallbackModel.forward passes on.
+TRANSFORMERS_FORWARD_KWARGS = ("use_cache", "past_key_values", "cache_position", "token_type_ids",
+                               "output_attentions", "output_hidden_states", "cu_seq_lens_q", "cu_seq_lens_k",
+                               "max_length_q", "max_length_k", "seq_idx", "output_router_logits")
 
 
 class FallbackWarning(UserWarning):
@@ -197,28 +201,32 @@ class FallbackModel(nn.Module):
         return tuple(n for n, p in self.named_parameters() if p.requires_grad and any(s in f".{n}" for s in paths))
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
-                return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0, **kwargs):
+                return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0,
+                return_dict: bool | None = None, **kwargs):
         """The loss is computed here from the logits (summed cross-entropy), as our decoder does, so gradient
-        accumulation divides by the target tokens of the whole accumulated batch."""
+        accumulation divides by the target tokens of the whole accumulated batch. Other keyword arguments go to
+        the transformers model when they are among TRANSFORMERS_FORWARD_KWARGS; any other one is a ConfigError."""
+        refuse_unknown("forward", kwargs, TRANSFORMERS_FORWARD_KWARGS)
         if kwargs.get("past_key_values") is not None:  # fasttune.generate's KVCache belongs to our decoder
             raise ConfigError(f"fasttune's KV-cache generation runs on its own decoder; this "
                               f"'{self.arch.model_type}' model runs through transformers: use model.generate(...) "
                               f"(transformers' generate) instead.")
+        kwargs.pop("use_cache", None)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
         logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                use_cache=False, **kwargs).logits
-        out = CausalLMOutput()
+        loss = loss_sum = count = kept = None
         if labels is None or return_logits:
-            out.logits = logits[:, -logits_to_keep:] if logits_to_keep else logits
+            kept = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
-            out.loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
-                                           ignore_index=-100, reduction="sum")
-            out.target_count = (shifted != -100).sum()
-            out.loss = out.loss_sum / (num_items_in_batch if num_items_in_batch is not None
-                                       else out.target_count.clamp(min=1))
-        return out
+            loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
+                                       ignore_index=-100, reduction="sum")
+            count = (shifted != -100).sum()
+            loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count)
+        return out if return_dict is not False else out.to_tuple()
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, **kwargs):
@@ -349,8 +357,14 @@ class FallbackModel(nn.Module):
         return path.rsplit(".", 1)[-1]
 
     # --- saving ---------------------------------------------------------------------------------------------------
-    def save_pretrained(self, folder, tokenizer=None, **_):
-        """A LoRA model writes its PEFT adapter; a fully fine-tuned one a transformers checkpoint."""
+    def save_pretrained(self, folder, tokenizer=None, state_dict=None, is_main_process: bool | None = None,
+                        safe_serialization: bool = True, max_shard_size=None, **kwargs):
+        """A LoRA model writes its PEFT adapter; a fully fine-tuned one a transformers checkpoint. transformers'
+        Trainer's keywords are accepted (only is_main_process=False has an effect: nothing is written); any
+        other keyword is a ConfigError."""
+        refuse_unknown("save_pretrained", kwargs)
+        if is_main_process is False:
+            return None
         if self.lora_settings is None:
             return self.save_pretrained_merged(folder, tokenizer)
         with atomic_folder(Path(folder), "the adapter") as tmp:
@@ -359,9 +373,10 @@ class FallbackModel(nn.Module):
                 tokenizer.save_pretrained(tmp)
         return Path(folder)
 
-    def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **_):
-        from fasttune.export.merged import SAVE_METHODS
+    def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
+        from fasttune.export.merged import SAVE_METHODS, SAVE_MERGED_IGNORED
 
+        refuse_unknown("save_pretrained_merged", kwargs, SAVE_MERGED_IGNORED)
         if save_method not in SAVE_METHODS:
             raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
         if save_method == "lora":
