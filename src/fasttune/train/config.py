@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from fasttune.errors import ConfigError
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
-OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused")
+OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 
 
 @dataclass

@@ -25,11 +25,28 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     if embed:
         lr = cfg.learning_rate if cfg.embedding_learning_rate is None else cfg.embedding_learning_rate
         groups.append({"params": embed, "lr": lr})
+    if cfg.optim in EIGHT_BIT:
+        return _bnb_adamw(cfg, groups)
     # "adamw" on a GPU takes torch's fused kernel (transformers' default, adamw_torch_fused): the same update in
     # one launch instead of ~10 ms of foreach kernels per step at 8B LoRA; "adamw_torch" keeps the foreach one.
     fused = cfg.optim in ("adamw", "adamw_torch_fused") and all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                              weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+# transformers' names for bitsandbytes' 8-bit AdamW (block-wise quantised moments; tensors under 4096 values keep
+# 32-bit moments, bitsandbytes' min_8bit_size), which Unsloth's notebooks pick.
+EIGHT_BIT = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def _bnb_adamw(cfg, groups) -> torch.optim.Optimizer:
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise ConfigError(f"optim='{cfg.optim}' is bitsandbytes' 8-bit AdamW: `pip install bitsandbytes`, or use "
+                          f"optim='adamw' (full-precision moments).") from None
+    cls = getattr(bnb.optim, EIGHT_BIT[cfg.optim])
+    return cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
