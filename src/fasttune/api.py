@@ -77,7 +77,7 @@ class FastLanguageModel:
         for k in kwargs:
             if k not in _IGNORED_KWARGS + ("use_dora",):
                 raise ConfigError(f"get_peft_model got an unknown argument '{k}'.")
-        if getattr(model, "lora_settings", None) is not None:
+        if model.lora_settings is not None:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(DEFAULT_TARGETS) if target_modules is None else target_modules,

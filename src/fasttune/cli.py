@@ -331,7 +331,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
         raise ConfigError(f"The model at '{run['model']}' has no tokenizer; save one beside the weights.")
     print(f"fasttune: model {model.name_or_path} ({model.config.model_type}, {model.dtype}, {model.device})")
     gc = {"true": True, "false": False}.get(str(run["gradient_checkpointing"]).lower(), run["gradient_checkpointing"])
-    if not run["full_finetuning"] and getattr(model, "lora_settings", None) is None:
+    if not run["full_finetuning"] and model.lora_settings is None:
         model = FastLanguageModel.get_peft_model(
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),

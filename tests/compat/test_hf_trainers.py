@@ -218,3 +218,20 @@ def test_fallback_model_in_trl_sft_trainer_equals_our_decoder(llama_dir, tmp_pat
     with pytest.warns(UserWarning, match="transformers"):
         slow = losses(False)
     torch.testing.assert_close(torch.tensor(slow), torch.tensor(losses(True)), rtol=1e-5, atol=0)
+
+
+def test_both_model_kinds_implement_the_interface(llama_dir):
+    from fasttune.models.interface import FineTunableLM
+
+    for fast in (True, False):
+        with pytest.warns() if not fast else _no_warning():
+            model, _ = FastLanguageModel.from_pretrained(str(llama_dir), fast=fast)
+        assert isinstance(model, FineTunableLM), type(model)
+        assert model.lora_settings is None and model.config.model_type == model.arch.model_type == "llama"
+        assert model.embedding_param_names == ()  # nothing trainable yet
+
+
+def _no_warning():
+    import contextlib
+
+    return contextlib.nullcontext()

@@ -228,7 +228,7 @@ def encode_tensor(t: torch.Tensor, ggml_type):
 def _default_tokenizer(model):
     from fasttune.models.loading import load_tokenizer
 
-    source = getattr(model, "name_or_path", None)
+    source = model.name_or_path
     tok = load_tokenizer(Path(source), required=False) if source and Path(source).exists() else None
     if tok is None:
         raise ConfigError("GGUF export needs the tokenizer: pass it, as in model.save_pretrained_gguf(path, "
@@ -290,7 +290,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
     targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
     model_text = ollama_modelfile(targets[0].name, tokenizer) if modelfile else None
-    name = Path(getattr(model, "name_or_path", None) or "fasttune-model").name.removesuffix(".gguf")
+    name = Path(model.name_or_path or "fasttune-model").name.removesuffix(".gguf")
 
     folder = targets[0].parent
     folder.mkdir(parents=True, exist_ok=True)

@@ -365,6 +365,8 @@ class CausalLM(PreTrainedModel):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.loss_type = "ForCausalLM"  # transformers.Trainer counts num_items_in_batch over shifted labels
         self.generation_config = GenerationConfig.from_model_config(config)
+        self.lora_settings = None  # set by get_peft_model / an adapter load (models/interface.py)
+        self.max_seq_length: int | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -406,6 +408,12 @@ class CausalLM(PreTrainedModel):
 
     def gradient_checkpointing_disable(self):
         self.model.gradient_checkpointing = False
+
+    @property
+    def embedding_param_names(self) -> tuple[str, ...]:
+        """Trainable parameters that get embedding_learning_rate (embed_tokens / lm_head as modules to save)."""
+        names = ("model.embed_tokens.weight", "lm_head.weight")
+        return tuple(n for n, p in self.named_parameters() if n in names and p.requires_grad)
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens

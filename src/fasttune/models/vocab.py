@@ -62,8 +62,7 @@ def init_token_rows(model, ids: list[int]):
         head.weight = nn.Parameter(_with_rows(head.weight, size, ids), requires_grad=head.weight.requires_grad)
     head.out_features = size
     model.arch.vocab_size = size
-    if getattr(model, "hf_config", None) is not None:
-        model.hf_config.vocab_size = size
+    model.config.vocab_size = size
 
 
 def _init_rows_transformers(model, ids: list[int]):
@@ -94,7 +93,7 @@ def _with_rows(weight: torch.Tensor, size: int, ids: list[int]) -> torch.Tensor:
 
 
 def _check_no_lora(model):
-    if getattr(model, "lora_settings", None) is not None:
+    if model.lora_settings is not None:
         raise ConfigError("Add new tokens before FastLanguageModel.get_peft_model: the adapter is built on the "
                           "embedding sizes, and the new rows are trained through modules_to_save=['embed_tokens', "
                           "'lm_head'].")

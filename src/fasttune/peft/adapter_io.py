@@ -62,7 +62,7 @@ def adapter_tensors(model) -> dict[str, torch.Tensor]:
 def save_adapter(model, folder: str | Path) -> Path:
     """Write the adapter atomically: into a temporary sibling folder, renamed into place when complete. For an
     FSDP-sharded model every rank must call it (the weights are gathered); only rank 0 writes."""
-    if getattr(model, "lora_settings", None) is None:
+    if model.lora_settings is None:
         raise ConfigError("This model has no LoRA adapter to save; call FastLanguageModel.get_peft_model first "
                           "(or use save_pretrained_merged for a full checkpoint).")
     tensors = adapter_tensors(model)
@@ -78,7 +78,7 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
     folder = Path(folder)
     with atomic_folder(folder, "the adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        cfg = peft_config_dict(model.lora_settings, getattr(model, "name_or_path", None),
+        cfg = peft_config_dict(model.lora_settings, model.name_or_path,
                                [n for n, _ in lora_layers(model)])
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return folder

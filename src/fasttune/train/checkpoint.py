@@ -59,7 +59,7 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
     from fasttune.peft.adapter_io import adapter_tensors, write_adapter
 
     final = output_dir / f"checkpoint-{step}"
-    sharded, lora = is_sharded(model), getattr(model, "lora_settings", None) is not None
+    sharded, lora = is_sharded(model), model.lora_settings is not None
     trainable = trainable_state(model, keep=write)
     adapter = adapter_tensors(model) if sharded and lora else None
     optim = full_optimizer_state(optimizer, keep=write) if sharded else optimizer.state_dict()

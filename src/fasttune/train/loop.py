@@ -319,7 +319,7 @@ class Trainer:
                              + "; or ".join(advice) + ".")
 
     def _resolve_auto_checkpointing(self):
-        if getattr(self.model, "gradient_checkpointing", None) != "auto":
+        if self.model.gradient_checkpointing != "auto":
             return
         from fasttune.train.memory_policy import choose_checkpointing
 
@@ -330,10 +330,10 @@ class Trainer:
 
     def run_identity(self) -> dict:
         """What a checkpoint must agree on to be resumed into this trainer."""
-        c, lora = self.model.arch, getattr(self.model, "lora_settings", None)
+        c, lora = self.model.arch, self.model.lora_settings
         return {"architecture": [c.model_type, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
                                  c.num_kv_heads, c.intermediate_size],
-                "base": getattr(self.model, "name_or_path", None), "lora": lora.to_dict() if lora else None,
+                "base": self.model.name_or_path, "lora": lora.to_dict() if lora else None,
                 "per_device_train_batch_size": self.args.per_device_train_batch_size,
                 "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "seed": self.args.seed}
 

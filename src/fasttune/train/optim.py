@@ -7,16 +7,13 @@ import torch
 
 from fasttune.errors import ConfigError
 
-EMBEDDING_PARAM_NAMES = ("model.embed_tokens.weight", "lm_head.weight")
-
-
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("The model has no trainable parameters. Call FastLanguageModel.get_peft_model(model, ...) "
                           "for LoRA, or load with full_finetuning=True.")
-    # The transformers fallback names its embeddings per architecture (e.g. GPT-2's wte) and says which they are.
-    embed_names = set(getattr(model, "embedding_param_names", EMBEDDING_PARAM_NAMES))
+    # Each model kind names its embeddings (the fallback per architecture, e.g. GPT-2's wte).
+    embed_names = set(model.embedding_param_names)
     embed = [p for n, p in trainable if n in embed_names]
     rest = [p for n, p in trainable if n not in embed_names]
     groups = []

@@ -72,7 +72,7 @@ class GRPOTrainer(Trainer):
         each prompt num_generations times in a row (the groups), so the core's batch counting holds."""
         a, tok = self.args, self.tokenizer
         rows, name = load_rows(dataset), source_name(dataset)
-        model_limit = getattr(self.model, "max_seq_length", None) or a.max_seq_length
+        model_limit = self.model.max_seq_length or a.max_seq_length
         limit = min(a.max_seq_length, model_limit) - a.max_completion_length
         if limit < 1:
             raise ConfigError(f"max_completion_length={a.max_completion_length} leaves no room for the prompt within "

@@ -46,7 +46,7 @@ class PreferenceTrainer(Trainer):
     # --- data -------------------------------------------------------------------------------------------------------
     def _limit(self) -> int:
         a = self.args
-        return min(a.max_seq_length, getattr(self.model, "max_seq_length", None) or a.max_seq_length)
+        return min(a.max_seq_length, self.model.max_seq_length or a.max_seq_length)
 
     def prepare(self, dataset) -> list[dict]:
         return tokenize_preference_rows(dataset, self.tokenizer, max_seq_length=self._limit(),

@@ -51,7 +51,7 @@ def adapters_disabled(model):
 
 def reference_problem(model) -> str | None:
     """Why disabling the adapters would not give the base model back, or None when it does."""
-    settings = getattr(model, "lora_settings", None)
+    settings = model.lora_settings
     if settings is None:
         return "this model has no LoRA adapters (full fine-tuning), so there is no base to fall back to"
     from fasttune.models.decoder import CausalLM

@@ -20,7 +20,7 @@ class SFTTrainer(Trainer):
 
     def prepare(self, dataset) -> list[dict]:
         a = self.args
-        limit = min(a.max_seq_length, getattr(self.model, "max_seq_length", a.max_seq_length) or a.max_seq_length)
+        limit = min(a.max_seq_length, self.model.max_seq_length or a.max_seq_length)
         if self.tokenizer is None and not _is_tokenized(dataset):
             raise ConfigError("SFTTrainer needs a tokenizer (tokenizer=...) unless the rows are already tokenized "
                               "(`input_ids`).")
