@@ -235,3 +235,26 @@ def _no_warning():
     import contextlib
 
     return contextlib.nullcontext()
+
+
+def test_trl_dpo_trainer_equals_our_dpo_trainer(llama_dir, tmp_path):
+    from datasets import Dataset
+
+    from fasttune import DPOConfig, DPOTrainer
+
+    rows = [{"prompt": f"question {i}: ", "chosen": f"good answer {i}", "rejected": f"bad {i * 7}"} for i in range(8)]
+    model, tok = _model(llama_dir)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                      args=DPOConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=8,
+                                     gradient_accumulation_steps=1, max_steps=STEPS, learning_rate=1e-2,
+                                     lr_scheduler_type="constant", optim="adamw_torch"))
+    ours.train()
+    expected = torch.tensor([h["loss"] for h in ours.log_history if "loss" in h])
+    for bs, ga in [(8, 1), (2, 4)]:
+        model, tok = _model(llama_dir)
+        args = _hf_args(trl.DPOConfig, tmp_path / f"trl{ga}", bs, ga, gradient_checkpointing=False)
+        trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok)
+        trainer.train()
+        losses = torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
+        assert losses[0] == pytest.approx(0.693147, abs=1e-6) and losses[-1] < losses[0]
+        torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
