@@ -32,3 +32,26 @@ def test_save_method_lora_and_bad_method(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="save_method"):
         model.save_pretrained_merged(tmp_path / "b", tok, save_method="merged_3bit")
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("family,expected", [("llama", "LlamaForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM"),
+                                             ("phi3", "Phi3ForCausalLM")])
+def test_config_names_its_transformers_class(family, expected, tiny_model_dir, tmp_path):
+    """Configs built from GGUF metadata (or written without `architectures`) get the family's causal-LM class, on the
+    loaded model and in what we save: tools that rebuild the model from the folder read it (TRL's DPOTrainer loads its
+    reference model through config.architectures[0])."""
+    import json
+
+    from transformers import AutoConfig
+
+    folder = tiny_model_dir(family)
+    cfg = json.loads((folder / "config.json").read_text())
+    del cfg["architectures"]
+    (folder / "config.json").write_text(json.dumps(cfg))
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    assert model.config.architectures == [expected]
+    model.save_pretrained(tmp_path / "full")  # no LoRA: a transformers checkpoint
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.save_pretrained_merged(tmp_path / "merged", tok)
+    for out in ("full", "merged"):
+        assert AutoConfig.from_pretrained(tmp_path / out).architectures == [expected]

@@ -9,6 +9,7 @@ import torch
 
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
+from fasttune.models.loading import with_architectures
 from fasttune.peft.adapter_io import save_adapter
 from fasttune.peft.lora import LoraLinear
 from fasttune.train.fsdp import is_sharded, writes_here
@@ -122,7 +123,7 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
     dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models
     with atomic_folder(folder, "the merged model") as tmp:
         tensors = merged_state_dict(model, dtype)
-        hf_config = copy.deepcopy(model.hf_config)
+        hf_config = with_architectures(copy.deepcopy(model.hf_config))
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config  # a QLoRA base: the merged weights are plain unless asked below
         if save_method == "merged_4bit":

@@ -49,6 +49,19 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
     return Path(local)
 
 
+def with_architectures(hf_config):
+    """Fill `config.architectures` (the transformers class that loads these weights, e.g. LlamaForCausalLM) when the
+    config lacks it, as configs built from GGUF metadata do; transformers' own save_pretrained always writes it, and
+    tools that rebuild a model from its folder read it (TRL's reference model, vLLM, llama.cpp's converter)."""
+    if not getattr(hf_config, "architectures", None):
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
+        if name is not None:
+            hf_config.architectures = [name]
+    return hf_config
+
+
 def load_hf_config(folder: Path):
     from transformers import AutoConfig
 
@@ -200,7 +213,7 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
         return _load_gguf(path, dtype, device, fast, quant)
-    hf_config = load_hf_config(path)
+    hf_config = with_architectures(load_hf_config(path))
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 
@@ -228,7 +241,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name,
                               quant=quant)
         return model, model.hf_config
-    hf_config = AutoConfig.for_model(model_type, **cfg_dict)
+    hf_config = with_architectures(AutoConfig.for_model(model_type, **cfg_dict))
     ModelConfig.from_hf(hf_config)
     # transformers maps GGUF names to HF names using a (weightless) HF model of the same config.
     with torch.device("meta"):
