@@ -175,7 +175,23 @@ def test_system_message_is_added_only_when_missing(bare_tokenizer):
         "<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nCapital of France?<|im_end|>\n"
         "<|im_start|>assistant\n")
     assert render(bare_tokenizer, jinja, CONVERSATION[:1]) == "<|im_start|>system\nBe brief.<|im_end|>\n"
-    assert with_mapping("X", None) == "X"  # the standard mapping and no system message add nothing
+
+
+@pytest.mark.parametrize("name", ["chatml", "gemma", "llama-3"])
+def test_content_as_a_list_of_text_parts(bare_tokenizer, name):
+    """transformers' multimodal message form (the Gemma 3 notebooks prompt with it) renders like plain strings;
+    a part that is not text is an error, not its Python repr in the prompt."""
+    from jinja2.exceptions import TemplateError
+
+    from fasttune.data.templates import with_mapping
+
+    jinja = with_mapping(resolve_chat_template(name), None)
+    parts = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+             for m in CONVERSATION]
+    assert render(bare_tokenizer, jinja, parts, gen=True) == render(bare_tokenizer, name, CONVERSATION, gen=True)
+    image = [{"role": "user", "content": [{"type": "image", "url": "x.png"}, {"type": "text", "text": "What?"}]}]
+    with pytest.raises(TemplateError, match="renders text only.*type image"):
+        render(bare_tokenizer, jinja, image)
 
 
 def test_bad_mapping_is_a_config_error():

@@ -275,17 +275,19 @@ STANDARD_MAPPING = {"role": "role", "content": "content", "user": "user", "assis
 
 
 def with_mapping(template: str, mapping: dict | None = None, system_message: str | None = None) -> str:
-    """`template` behind a prelude that reads messages with other keys/role names, and adds a default system message.
+    """`template` behind a prelude that reads messages with other keys/role names, takes content given as a list of
+    typed parts (transformers' multimodal message form, {"type": "text", "text": ...}; text parts are joined, any
+    other part is an error: these templates are for text models), and adds a default system message.
 
     Args:
         template: a Jinja chat template that reads `message['role']`/`message['content']` with the roles
-            system/user/assistant.
+            system/user/assistant and string content.
         mapping: {"role": key of the role, "content": key of the text, "user": the user's role name,
             "assistant": the assistant's role name, optional "system"}, e.g. ShareGPT's
             {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}. Messages that carry the
-            standard keys instead still render. None or the standard mapping adds nothing for this.
+            standard keys instead still render. None: the standard keys.
         system_message: when given, conversations that do not start with a system message get this one.
-    Returns: the Jinja string (just `template` when neither argument changes anything).
+    Returns: the Jinja string.
     Raises: ConfigError when `mapping` lacks one of its four keys or holds a non-string value.
     """
     mapping = dict(STANDARD_MAPPING if mapping is None else mapping)
@@ -298,8 +300,6 @@ def with_mapping(template: str, mapping: dict | None = None, system_message: str
     if system_message is not None and not isinstance(system_message, str):
         raise ConfigError(f"system_message must be a string or None, not a {type(system_message).__name__}.")
     mapping.setdefault("system", "system")
-    if mapping == {**STANDARD_MAPPING, "system": "system"} and system_message is None:
-        return template
     q = json.dumps  # a JSON string literal is a valid Jinja string literal
     roles = "{" + ", ".join(f"{q(mapping[r])}: {q(r)}" for r in ("system", "user", "assistant")) + "}"
     # Plain tags without whitespace control: the template's own first characters must stay as they are.
@@ -310,6 +310,15 @@ def with_mapping(template: str, mapping: dict | None = None, system_message: str
         "else _m.get('role') %}"
         f"{{% set _text = _m.get({q(mapping['content'])}) if _m.get({q(mapping['content'])}) is not none "
         "else _m.get('content') %}"
+        "{% if _text is not string and _text is iterable and _text is not mapping %}"
+        "{% set _parts = namespace(text='') %}"
+        "{% for _p in _text %}"
+        "{% if _p is mapping and _p.get('type') == 'text' %}{% set _parts.text = _parts.text + _p.get('text') %}"
+        "{% else %}{{ raise_exception('This chat template renders text only; a message has a content part of "
+        "type ' ~ (_p.get('type') if _p is mapping else _p) ~ '.') }}{% endif %}"
+        "{% endfor %}"
+        "{% set _text = _parts.text %}"
+        "{% endif %}"
         f"{{% set _ns.turns = _ns.turns + [{{'role': {roles}.get(_role, _role), 'content': _text}}] %}}"
         "{% endfor %}"
     )
