@@ -127,6 +127,68 @@ def test_apply_chat_template_options_and_errors():
         apply_chat_template(bad, make_tiny_tokenizer())
 
 
+# --- templates written with {INPUT} / {OUTPUT} / {SYSTEM} placeholders ---------------------------------------------
+
+TASK_TEMPLATE = "Below is a task. Write a reply that completes it.\n\n### Task:\n{INPUT}\n\n### Reply:\n{OUTPUT}"
+TWO_TURNS = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+
+
+def test_placeholder_template_one_example():
+    """The user's turn starts where the text before {INPUT} begins like the assistant's opening ("\n\n### "); the
+    rest is the default system text. No special token follows {OUTPUT}, so EOS is written there."""
+    rows = [{"instruction": "Add.", "input": "2 and 3", "output": "5"}, {"instruction": "Say hi.", "input": "",
+                                                                        "output": "Hi!"}]
+    ds = standardize_sharegpt(to_sharegpt(Dataset.from_list(rows), merged_prompt="{instruction}[[\nInput: {input}]]",
+                                          output_column_name="output"))
+    tok = make_tiny_tokenizer()
+    out = apply_chat_template(ds, tok, chat_template=TASK_TEMPLATE)
+    head = "Below is a task. Write a reply that completes it."
+    assert out["text"] == [head + "\n\n### Task:\nAdd.\nInput: 2 and 3\n\n### Reply:\n5<|endoftext|>",
+                           head + "\n\n### Task:\nSay hi.\n\n### Reply:\nHi!<|endoftext|>"]
+    # The template is now the tokenizer's: generation prompts and multi-turn chats follow it.
+    assert tok.apply_chat_template(TWO_TURNS[:3], tokenize=False, add_generation_prompt=True) == (
+        head + "\n\n### Task:\nQ1\n\n### Reply:\nA1<|endoftext|>\n\n### Task:\nQ2\n\n### Reply:\n")
+    # A conversation's system message (or default_system_message) takes the default system text's place.
+    assert tok.apply_chat_template([{"role": "system", "content": "Be brief."}, TWO_TURNS[0]], tokenize=False) == (
+        "Be brief.\n\n### Task:\nQ1")
+    other = apply_chat_template(ds, make_tiny_tokenizer(), chat_template=TASK_TEMPLATE, default_system_message="Hm.")
+    assert other["text"][1] == "Hm.\n\n### Task:\nSay hi.\n\n### Reply:\nHi!<|endoftext|>"
+
+
+CHATML_ONE = ("<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{INPUT}<|im_end|>\n"
+              "<|im_start|>assistant\n{OUTPUT}<|im_end|>\n")
+CHATML_TWO = CHATML_ONE + "<|im_start|>user\n{INPUT}<|im_end|>\n<|im_start|>assistant\n{OUTPUT}<|im_end|>\n"
+
+
+@pytest.mark.parametrize("template", [CHATML_ONE, CHATML_TWO])
+def test_placeholder_template_with_system_and_end_marker(template):
+    """ChatML written out: the same as the built-in chatml with a default system message; <|im_end|> after
+    {OUTPUT} is a special token, so no EOS is added. One example and the two-example form read alike."""
+    tok = get_chat_template(make_tiny_tokenizer(), template, system_message="Be kind.")
+    expected = get_chat_template(make_tiny_tokenizer(), "chatml", system_message="Be kind.", map_eos_token=False)
+    for messages in (TWO_TURNS, TWO_TURNS[:1], SYSTEM):
+        for gen in (False, True):
+            assert tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen) == \
+                expected.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert tok.eos_token == "<|endoftext|>"  # placeholder templates name no end-of-turn token to map
+
+
+def test_placeholder_template_errors():
+    tok = make_tiny_tokenizer()
+    with pytest.raises(ConfigError, match=r"\{INPUT\} where the user's message goes"):
+        get_chat_template(tok, "{OUTPUT} then {INPUT}")
+    with pytest.raises(ConfigError, match="not written the same way"):
+        get_chat_template(tok, "U: {INPUT}\nA: {OUTPUT}\nUser: {INPUT}\nA: {OUTPUT}\n")
+    with pytest.raises(ConfigError, match=r"has a \{SYSTEM\} part"):
+        get_chat_template(tok, CHATML_ONE)
+    assert tok.chat_template == CHATML_TEMPLATE  # left unchanged by the failed calls
+    ds = Dataset.from_list([{"conversations": SHAREGPT}, {"conversations": SHAREGPT + [{"from": "tool",
+                                                                                        "value": "x"}]}])
+    with pytest.raises(DataError, match="Row 1 .*user and assistant turns only, not tool"):
+        apply_chat_template(ds, tok, chat_template=TASK_TEMPLATE)
+
+
 # --- train_on_responses_only -------------------------------------------------------------------------------------
 
 CONVERSATIONS = [

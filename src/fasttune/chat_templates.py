@@ -51,10 +51,19 @@ def apply_chat_template(dataset, tokenizer, chat_template: str | None = None,
     """Render each row's `conversations`/`messages` into a `text` column with the tokenizer's (or the given) template.
 
     Args: dataset: a datasets.Dataset (or DatasetDict); tokenizer: its chat template renders the rows unless
-        `chat_template` (a built-in name or a Jinja string) is given; default_system_message: added to conversations
-        without a system message.
+        `chat_template` is given: a built-in name, a Jinja string, or plain text with {INPUT}/{OUTPUT} (and
+        optionally {SYSTEM}) placeholders (see fasttune.data.placeholder_template). A given template also becomes
+        the tokenizer's (as get_chat_template(..., map_eos_token=False) would set it), so generation, the saved
+        tokenizer and a GGUF's Modelfile use the format the model was trained on.
+        default_system_message: added to conversations without a system message (for a placeholder template:
+        what its {SYSTEM} part holds for them).
     Returns: the dataset with `text` in place of the conversation column.
-    Raises: ConfigError without a template; DataError for a missing column or a bad row (naming it).
+    Raises: ConfigError without a template or for a template that cannot be used; DataError for a missing column or
+        a bad row (naming it).
     """
-    return render_dataset(dataset, tokenizer, chat_template, default_system_message)
+    if chat_template is None:
+        return render_dataset(dataset, tokenizer, None, default_system_message)
+    set_chat_template(tokenizer, chat_template, SHAREGPT_MAPPING, map_eos_token=False,
+                      system_message=default_system_message)
+    return render_dataset(dataset, tokenizer)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import datasets
 
-from fasttune.data import formats, templates
+from fasttune.data import formats, placeholder_template, templates
+from fasttune.data.placeholder_template import is_placeholder_template
 from fasttune.errors import ConfigError, DataError
 
 TEXT_COLUMN = "text"
@@ -42,7 +43,8 @@ def render_dataset(dataset, tokenizer, chat_template: str | None = None, default
     Args:
         dataset: a `datasets.Dataset` (or DatasetDict: each split) with a `messages` or `conversations` column
             (standard {role, content} or ShareGPT {from, value} messages).
-        tokenizer: renders with its chat template, or with `chat_template` (a built-in name or a Jinja string).
+        tokenizer: renders with its chat template, or with `chat_template` (a built-in name, a Jinja string, or
+            text with {INPUT}/{OUTPUT}/{SYSTEM} placeholders: fasttune.data.placeholder_template).
         default_system_message: a system message for conversations that have none.
         num_proc: processes for `datasets.Dataset.map`.
     Returns: the dataset with a `text` column (exactly what the template writes, with add_generation_prompt off)
@@ -62,7 +64,9 @@ def render_dataset(dataset, tokenizer, chat_template: str | None = None, default
                         f"{', '.join(map(repr, dataset.column_names)) or 'none'}). Build one with to_sharegpt, or "
                         "rename the column that holds the conversations.")
     template = None
-    if chat_template is not None:
+    if is_placeholder_template(chat_template):
+        template = placeholder_template.to_jinja(chat_template, tokenizer, default_system_message)
+    elif chat_template is not None:
         templates.check_template_tokens(chat_template, tokenizer, error=ConfigError)
         template = templates.resolve_chat_template(chat_template)
     elif not getattr(tokenizer, "chat_template", None):

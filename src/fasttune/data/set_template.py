@@ -7,7 +7,8 @@ end of an answer. Tokens are never added to the vocabulary here (see fasttune.da
 
 from __future__ import annotations
 
-from fasttune.data import templates
+from fasttune.data import placeholder_template, templates
+from fasttune.data.placeholder_template import is_placeholder_template
 from fasttune.errors import ConfigError
 
 SHAREGPT_MAPPING = {"role": "from", "content": "value", "user": "human", "assistant": "gpt"}
@@ -20,12 +21,14 @@ def set_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
     Args:
         tokenizer: a transformers tokenizer.
         chat_template: a built-in name (fasttune.data.templates.CHAT_TEMPLATES and aliases such as "llama3",
-            "qwen2.5", "gemma3"), a Jinja string, or a (Jinja string, end-of-turn token) pair.
+            "qwen2.5", "gemma3"), a Jinja string, a (Jinja string, end-of-turn token) pair, or plain text with
+            {INPUT}/{OUTPUT} (and optionally {SYSTEM}) placeholders (fasttune.data.placeholder_template).
         mapping: keys and role names the rows use (see templates.with_mapping); None: ShareGPT's, and rows with the
             standard role/content keys render too.
         map_eos_token: make the format's end-of-turn marker (e.g. "<|im_end|>", "<|eot_id|>") the EOS token.
             Formats that end answers with the EOS token itself (mistral, alpaca, zephyr, vicuna, unsloth) keep it.
-        system_message: a system message for conversations that have none.
+        system_message: a system message for conversations that have none (with placeholders: what {SYSTEM}
+            holds for them).
     Returns: the tokenizer, changed in place.
     Raises: ConfigError for an unknown name (listing the names), a tokenizer that lacks the template's special tokens
         or its end-of-turn token (add them with FastLanguageModel.add_new_tokens first, or pick another template),
@@ -41,6 +44,9 @@ def set_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
         jinja, end_of_turn = chat_template
         templates.check_template_tokens(jinja, tokenizer, error=ConfigError)  # a name may stand for the Jinja
         jinja = templates.resolve_chat_template(jinja)
+    elif is_placeholder_template(chat_template):
+        jinja = placeholder_template.to_jinja(chat_template, tokenizer, system_message)
+        system_message = None  # written by the template itself: its {SYSTEM} part holds it
     elif isinstance(chat_template, str):
         name = templates.template_name(chat_template)
         templates.check_template_tokens(chat_template, tokenizer, error=ConfigError)
