@@ -15,7 +15,7 @@ import torch
 
 from fasttune import sampling
 from fasttune.errors import ConfigError
-from fasttune.generate_args import GenerationSettings, merged_options, resolve, stop_ids
+from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -128,13 +128,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     """
     from fasttune.models.decoder import KVCache
 
-    inputs = kwargs.pop("inputs", None)
-    if input_ids is not None and inputs is not None:
-        raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
-    input_ids = input_ids if input_ids is not None else inputs
-    if input_ids is None:
-        raise ConfigError("generate() needs the prompt token ids: model.generate(input_ids=ids) with ids a (B, T) "
-                          "tensor, e.g. tokenizer(texts, return_tensors='pt').input_ids.")
+    input_ids = prompt_argument(input_ids, kwargs)
     generation_config = kwargs.pop("generation_config", None)
     seed, streamer = kwargs.pop("seed", None), kwargs.pop("streamer", None)
     custom_processors = _check_callables(kwargs.pop("logits_processor", None), "logits_processor")

@@ -167,6 +167,19 @@ def merged_options(model_config, generation_config, kwargs: dict, default_eos=No
     return options
 
 
+def prompt_argument(input_ids, kwargs: dict):
+    """The prompt ids given as `input_ids` or transformers' `inputs` alias (popped from kwargs). Raises ConfigError
+    when both or neither are given."""
+    inputs = kwargs.pop("inputs", None)
+    if input_ids is not None and inputs is not None:
+        raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
+    input_ids = input_ids if input_ids is not None else inputs
+    if input_ids is None:
+        raise ConfigError("generate() needs the prompt token ids: model.generate(input_ids=ids) with ids a (B, T) "
+                          "tensor, e.g. tokenizer(texts, return_tensors='pt').input_ids.")
+    return input_ids
+
+
 def stop_ids(eos_token_id) -> list[int]:
     """An id, a list/tuple of ids, a tensor or None -> list of ints."""
     if eos_token_id is None:

@@ -10,12 +10,16 @@ def _max_rel_err(a, b, valid):
     return ((a - b).abs()[valid].max() / a[valid].abs().max()).item()
 
 
-def _compare(folder, hf, padded: bool, position_ids=None):
+def _compare(folder, hf, padded: bool | str, position_ids=None):
     ours, _ = load_model(folder, torch.float32, "cpu")
     torch.manual_seed(1)
     ids = torch.randint(3, 300, (3, 11))
     mask = torch.ones_like(ids)
-    if padded:
+    if padded == "left":  # keeps the mask (right padding runs as plain causal attention)
+        mask[1, :5] = 0
+        mask[2, :2] = 0
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    elif padded:
         mask[1, 6:] = 0
         mask[2, 9:] = 0
     with torch.no_grad():
@@ -25,7 +29,7 @@ def _compare(folder, hf, padded: bool, position_ids=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("padded", [False, True, "left"])
 def test_logits_equal_transformers(family, padded, tiny_model_dir):
     folder = tiny_model_dir(family)
     hf = hf_model(family)
@@ -84,3 +88,12 @@ def test_bf16_forward_runs(tiny_model_dir):
     ours, _ = load_model(tiny_model_dir("llama"), torch.bfloat16, "cpu")
     out = ours(torch.randint(3, 300, (1, 5)))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_right_padding_is_detected():
+    from fasttune.models.decoder import right_padded
+
+    assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
+    assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
+    assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole
+    assert right_padded(torch.tensor([[1]])) and not right_padded(torch.tensor([[0]]))

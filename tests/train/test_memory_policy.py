@@ -13,7 +13,7 @@ LLAMA_8B = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, 
 
 def _fake_gpu_model(monkeypatch, free_gib):
     monkeypatch.setattr(memory_policy.torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 0))
-    return SimpleNamespace(config=LLAMA_8B, dtype=torch.bfloat16, device=torch.device("cuda"))
+    return SimpleNamespace(arch=LLAMA_8B, dtype=torch.bfloat16, device=torch.device("cuda"))
 
 
 def test_estimate_matches_the_measured_8b_activations():

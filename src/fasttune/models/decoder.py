@@ -259,9 +259,11 @@ class DecoderModel(nn.Module):
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         past = past_key_values.length if past_key_values is not None else 0
-        if attention_mask is not None and past_key_values is None and bool(attention_mask.all()):
-            # All ones (what transformers' and TRL's collators pass for unpadded rows): plain causal attention
-            # is the same function, and a dense mask would keep SDPA off its causal kernels.
+        if attention_mask is not None and past_key_values is None and right_padded(attention_mask):
+            # No padding, or padding only after each row's tokens (what transformers', TRL's and our collators
+            # pass): under a causal mask no real token sees a later pad, so plain causal attention gives the real
+            # positions the same values, and a dense mask would keep SDPA off its causal kernels. Only the
+            # (ignored) outputs at pad positions differ.
             attention_mask = None
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
@@ -307,6 +309,13 @@ class DecoderModel(nn.Module):
         # Only the layer input is kept (with "offload": in pinned CPU memory, copied on a side stream and
         # brought back ahead of the recompute); backward recomputes the layer from it.
         return offloaded_layer(lambda h: layer(h, cos, sin, masks), x, *offload)
+
+
+def right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row of a (B, T) 0/1 mask is ones then zeros (no padding counts too)."""
+    if attention_mask.shape[1] < 2:
+        return bool(attention_mask.all())
+    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:

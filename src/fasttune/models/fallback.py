@@ -235,16 +235,10 @@ class FallbackModel(nn.Module):
         same ConfigError), with its defaults: 32 new tokens when no length is set, stopped rows padded with the
         first stop id. `seed` seeds torch's global generator. input_ids (B, T) int64 -> (B * n, T + new) int64, or
         transformers' output object with return_dict_in_generate=True."""
-        from fasttune.generate_args import length_and_pad_defaults, merged_options, resolve
+        from fasttune.generate_args import length_and_pad_defaults, merged_options, prompt_argument, resolve
 
         seed = kwargs.pop("seed", None)
-        inputs = kwargs.pop("inputs", None)
-        if input_ids is not None and inputs is not None:
-            raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
-        input_ids = input_ids if input_ids is not None else inputs
-        if input_ids is None:
-            raise ConfigError("generate() needs the prompt token ids: model.generate(input_ids=ids) with ids a (B, T) "
-                              "tensor, e.g. tokenizer(texts, return_tensors='pt').input_ids.")
+        input_ids = prompt_argument(input_ids, kwargs)
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
