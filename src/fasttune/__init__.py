@@ -15,10 +15,16 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "SFTT
          "is_bfloat16_supported": "fasttune.dropin", "PatchDPOTrainer": "fasttune.dropin",
          # Other fine-tuners' names for our trainer and its config (both take embedding_learning_rate).
          "UnslothTrainer": "fasttune.train.objectives.sft:SFTTrainer",
-         "UnslothTrainingArguments": "fasttune.train.config:SFTConfig"}
+         "UnslothTrainingArguments": "fasttune.train.config:SFTConfig",
+         # The dataset helpers scripts also import from the package itself (`from unsloth import to_sharegpt`).
+         **{name: "fasttune.chat_templates" for name in (
+             "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
+             "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
            "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "FastTuneError", "FastModel",
-           "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments"]
+           "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments",
+           "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
+           "apply_chat_template", "train_on_responses_only"]
 
 
 def __getattr__(name):
