@@ -240,6 +240,35 @@ def test_prompt_spellings_and_streamer(llama_pair):
         ours.generate(ids, inputs=ids)
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_tokenizer_output_as_the_prompt(llama_pair, tiny_model_dir, fast):
+    """transformers 5's apply_chat_template(..., return_tensors="pt") returns a BatchEncoding, which scripts written
+    for transformers 4 pass as input_ids: its ids and attention mask are used, on both model kinds."""
+    import warnings
+
+    from transformers import BatchEncoding
+
+    from fasttune import FastLanguageModel
+
+    if fast:
+        model = llama_pair[1]
+    else:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), fast=False)
+    ids, mask = _left_padded_batch()
+    ref = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4)
+    batch = BatchEncoding({"input_ids": ids, "attention_mask": mask})
+    assert torch.equal(model.generate(input_ids=batch, max_new_tokens=4), ref)
+    assert torch.equal(model.generate(batch, max_new_tokens=4), ref)
+    alone = model.generate(input_ids=ids[:1], max_new_tokens=4)  # a row without padding, no mask in the dict
+    assert torch.equal(model.generate(inputs={"input_ids": ids[:1]}, max_new_tokens=4), alone)
+    with pytest.raises(ConfigError, match="attention mask was given twice"):
+        model.generate(input_ids=batch, attention_mask=mask)
+    with pytest.raises(ConfigError, match="without 'input_ids' \\(keys: attention_mask\\)"):
+        model.generate(input_ids={"attention_mask": mask})
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(num_beams=2), "num_beams=2 \\(beam search\\).*Leave num_beams out \\(or set it to 1\\)"),
     (dict(penalty_alpha=0.6, top_k=4), "penalty_alpha=0.6 \\(contrastive search\\)"),

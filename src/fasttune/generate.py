@@ -109,7 +109,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
 
     Keyword arguments are transformers' (transformers' precedence: these > `generation_config` (a
     GenerationConfig) > `model.generation_config` > transformers' defaults; an explicit None overrides too):
-    `inputs` (alias of input_ids), `max_new_tokens` (default 32 when neither it nor `max_length`, the total length
+    `inputs` (alias of input_ids; either may also be a tokenizer's output, a BatchEncoding/dict with `input_ids` and
+    optionally `attention_mask`), `max_new_tokens` (default 32 when neither it nor `max_length`, the total length
     with the prompt, is set; max_new_tokens wins), `min_new_tokens` / `min_length` (stop ids suppressed before),
     `do_sample` (default False: greedy, and temperature/top_k/top_p/min_p are then ignored), `temperature` (0 with
     do_sample=True also decodes greedily),
@@ -128,7 +129,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     """
     from fasttune.models.decoder import KVCache
 
-    input_ids = prompt_argument(input_ids, kwargs)
+    input_ids, attention_mask = prompt_argument(input_ids, attention_mask, kwargs)
     generation_config = kwargs.pop("generation_config", None)
     seed, streamer = kwargs.pop("seed", None), kwargs.pop("streamer", None)
     custom_processors = _check_callables(kwargs.pop("logits_processor", None), "logits_processor")

@@ -167,9 +167,14 @@ def merged_options(model_config, generation_config, kwargs: dict, default_eos=No
     return options
 
 
-def prompt_argument(input_ids, kwargs: dict):
-    """The prompt ids given as `input_ids` or transformers' `inputs` alias (popped from kwargs). Raises ConfigError
-    when both or neither are given."""
+def prompt_argument(input_ids, attention_mask, kwargs: dict):
+    """(prompt ids, attention mask) from `input_ids` or transformers' `inputs` alias (popped from kwargs). The prompt
+    may also be a tokenizer's output (a BatchEncoding or dict with `input_ids` and optionally `attention_mask`), which
+    is what transformers 5's `tokenizer.apply_chat_template(..., return_tensors="pt")` returns and what scripts
+    written for transformers 4 pass as `input_ids=`; its mask is used then. Raises ConfigError when the prompt is
+    given twice or not at all, when such a mapping has no `input_ids`, or when the mask is given twice."""
+    from collections.abc import Mapping
+
     inputs = kwargs.pop("inputs", None)
     if input_ids is not None and inputs is not None:
         raise ConfigError("generate(): the prompt was given twice (input_ids and inputs); pass one of them.")
@@ -177,7 +182,18 @@ def prompt_argument(input_ids, kwargs: dict):
     if input_ids is None:
         raise ConfigError("generate() needs the prompt token ids: model.generate(input_ids=ids) with ids a (B, T) "
                           "tensor, e.g. tokenizer(texts, return_tensors='pt').input_ids.")
-    return input_ids
+    if isinstance(input_ids, Mapping):
+        if "input_ids" not in input_ids:
+            raise ConfigError(f"generate(): the prompt is a {type(input_ids).__name__} without 'input_ids' (keys: "
+                              f"{', '.join(map(str, input_ids))}); pass the token ids, e.g. "
+                              "model.generate(**tokenizer(texts, return_tensors='pt')).")
+        if attention_mask is not None and input_ids.get("attention_mask") is not None:
+            raise ConfigError("generate(): the attention mask was given twice (attention_mask= and inside the "
+                              "tokenizer output passed as the prompt); pass one of them.")
+        if attention_mask is None:
+            attention_mask = input_ids.get("attention_mask")
+        input_ids = input_ids["input_ids"]
+    return input_ids, attention_mask
 
 
 def stop_ids(eos_token_id) -> list[int]:

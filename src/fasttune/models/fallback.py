@@ -238,7 +238,7 @@ class FallbackModel(nn.Module):
         from fasttune.generate_args import length_and_pad_defaults, merged_options, prompt_argument, resolve
 
         seed = kwargs.pop("seed", None)
-        input_ids = prompt_argument(input_ids, kwargs)
+        input_ids, attention_mask = prompt_argument(input_ids, attention_mask, kwargs)
         input_ids = torch.as_tensor(input_ids, device=self.device)
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
