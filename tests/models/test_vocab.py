@@ -98,3 +98,20 @@ def test_fallback_model_grows_and_loads_back(tmp_path, tiny_tokenizer):
     ids = torch.tensor([tok("x <|think|>")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(again.eval()(ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_tokens_added_to_the_tokenizer_only_are_a_clear_error_until_resized(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama", vocab_size=259)))  # = len(tok)
+    tok.add_tokens(NEW, special_tokens=True)  # the model is not told (a common slip)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, per_device_train_batch_size=2)
+    with pytest.raises(ConfigError, match=r"token id 26\d.*259 rows.*resize_token_embeddings\(len\(tokenizer\)\)"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(2), args=args)
+    before = model.model.embed_tokens.weight.detach().clone()
+    assert model.resize_token_embeddings(len(tok), pad_to_multiple_of=8) is model.model.embed_tokens
+    assert model.arch.vocab_size == model.config.vocab_size == 264 and model.lm_head.weight.shape[0] == 264
+    torch.testing.assert_close(model.model.embed_tokens.weight[:259], before)
+    torch.testing.assert_close(model.model.embed_tokens.weight[261], before.mean(0))
+    model = FastLanguageModel.get_peft_model(model, r=4, modules_to_save=["embed_tokens", "lm_head"])
+    SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(2), args=args).train()
+    with pytest.raises(ConfigError, match="only grows"):
+        model.resize_token_embeddings(100)

@@ -31,6 +31,8 @@ from fasttune.train.fsdp import check_fsdp, full_tensor, is_sharded, shard_model
 from fasttune.train.signals import GracefulStop
 
 LOG_FILE = "log_history.jsonl"
+# Example fields that hold token ids (SFT, preference pairs, unpaired rows, GRPO prompts).
+ID_FIELDS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "completion_ids")
 
 
 class NonFiniteLossError(FastTuneError):
@@ -55,6 +57,7 @@ class Trainer:
         if self.args.packing:
             self.train_examples = self._pack(self.train_examples)
         self.eval_examples = self.prepare(eval_dataset) if eval_dataset is not None else None
+        self._check_ids_fit_model()
         self.pad_id = self._pad_id()
 
     # --- objective hooks -------------------------------------------------------------------------------------
@@ -112,6 +115,24 @@ class Trainer:
         return pack_examples(examples, self.args.max_seq_length)
 
     # --- batching ----------------------------------------------------------------------------------------------
+    def _check_ids_fit_model(self):
+        """Token ids past the model's embedding (tokens added to the tokenizer but not to the model) are a
+        ConfigError naming the fix, not an IndexError deep in the forward pass. Scans the data only when the
+        tokenizer is larger than the embedding."""
+        vocab = self.model.arch.vocab_size
+        if self.tokenizer is None or len(self.tokenizer) <= vocab:
+            return
+        for examples in (self.train_examples, self.eval_examples or []):
+            for ex in examples:
+                top = max((max(ex[k], default=-1) for k in ID_FIELDS if k in ex), default=-1)
+                if top >= vocab:
+                    raise ConfigError(
+                        f"The data holds token id {top}, but the model's embedding has {vocab} rows: the tokenizer "
+                        f"({len(self.tokenizer)} tokens) has tokens the model lacks. Grow the model first with "
+                        f"model.resize_token_embeddings(len(tokenizer)), or add tokens with "
+                        f"FastLanguageModel.add_new_tokens(model, tokenizer, [...]) (and train the new rows with "
+                        f"modules_to_save=['embed_tokens', 'lm_head']).")
+
     def _pad_id(self) -> int:
         tok = self.tokenizer
         if tok is not None and tok.pad_token_id is not None:
