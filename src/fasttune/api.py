@@ -14,9 +14,12 @@ from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapte
 from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
-# Unsloth keywords that have no effect here; accepted so that switching the import just works.
+# Unsloth keywords that have no effect here; accepted so that switching the import just works. fast_inference,
+# max_lora_rank and gpu_memory_utilization set up vLLM there (the GRPO notebooks pass them): here generation, also
+# inside TRL's GRPOTrainer (through model.generate), runs on fasttune's own KV-cache generate.
 _IGNORED_KWARGS = ("max_seq_length", "loftq_config", "use_gradient_checkpointing_ratio", "token", "trust_remote_code",
-                   "fix_tokenizer", "rope_scaling", "attn_implementation", "init_lora_weights", "task_type")
+                   "fix_tokenizer", "rope_scaling", "attn_implementation", "init_lora_weights", "task_type",
+                   "fast_inference", "max_lora_rank", "gpu_memory_utilization")
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
