@@ -315,11 +315,10 @@ def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
 
 
 @pytest.mark.slow
-def test_gemma3_270m_sentencepiece_vocab_in_llama_cpp(tmp_path, gemma3_gguf):
+def test_gemma3_270m_sentencepiece_vocab_in_llama_cpp(tmp_path, gemma3_loaded):
     """A real SentencePiece-style vocabulary (262k pieces, byte fallback) and the gemma3 architecture."""
     pytest.importorskip("llama_cpp")
-    source = gemma3_gguf()
-    model, tok = FastLanguageModel.from_pretrained(str(source))
+    model, tok = gemma3_loaded  # FastLanguageModel.from_pretrained(the Gemma 3 270M GGUF), shared by the session
     path = model.save_pretrained_gguf(tmp_path / "g3.gguf", tok, quantization_method="f16", progress=False)
     rel, top1, last_equal = _compare_logits(model, tok, path, PROMPTS[:2])
     assert rel < TOLERANCE["f16"][0] and top1 == 1.0

@@ -5,13 +5,11 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def test_gemma3_270m_logits_equal_transformers(gemma3_gguf):
+def test_gemma3_270m_logits_equal_transformers(gemma3_gguf, gemma3_loaded):
     gguf_path = gemma3_gguf()
     from transformers import AutoModelForCausalLM
 
-    from fasttune import FastLanguageModel
-
-    ours, tok = FastLanguageModel.from_pretrained(str(gguf_path))
+    ours, tok = gemma3_loaded  # FastLanguageModel.from_pretrained(str(gguf_path)), shared by the session
     assert ours.arch.model_type == "gemma3_text" and ours.arch.rope_local_theta == 10000.0
     assert None in ours.arch.sliding_windows and 512 in ours.arch.sliding_windows
     ref = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name,
