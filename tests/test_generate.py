@@ -295,15 +295,14 @@ def test_generate_text_with_chat_template(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_equals_transformers():
+def test_smollm2_greedy_equals_transformers(smollm2_dir):
     """The real model, chat prompts of different lengths in one left-padded batch, 24 new tokens. transformers
     runs the same weights (tests/models/test_smollm2_real.py shows they are the ones it reads from the GGUF)."""
     from transformers import AutoModelForCausalLM
 
     from fasttune import FastLanguageModel
-    from fasttune.defaults import default_model_path
 
-    model, tok = FastLanguageModel.from_pretrained(default_model_path())
+    model, tok = FastLanguageModel.from_pretrained(str(smollm2_dir))  # the GGUF's weights, loaded once per session
     hf = AutoModelForCausalLM.from_config(model.hf_config, dtype=torch.float32).eval()
     hf.load_state_dict(model.state_dict())
     prompts = ["What is the capital of France?", "Write a haiku about autumn leaves falling in a quiet park."]

@@ -282,14 +282,13 @@ def test_failure_mid_write_leaves_nothing(bpe, tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path):
+def test_smollm2_finetuned_by_us_in_llama_cpp(tmp_path, smollm2_dir):
     """SmolLM2-135M-Instruct, a few LoRA steps on the demo data, exported f16, against llama.cpp."""
     pytest.importorskip("llama_cpp")
     from fasttune import SFTConfig, SFTTrainer
     from fasttune.data import demo_dataset_path
-    from fasttune.defaults import default_model_path
 
-    model, tok = FastLanguageModel.from_pretrained(default_model_path())
+    model, tok = FastLanguageModel.from_pretrained(str(smollm2_dir))  # the GGUF's weights, loaded once per session
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16)
     args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2,
                      gradient_accumulation_steps=1, logging_steps=1)

@@ -8,13 +8,10 @@ SAMPLES = ["The capital of France is", "def add(a, b):\n    return", "LoRA adds 
 
 
 @pytest.fixture(scope="module")
-def smol():
-    from fasttune import FastLanguageModel
+def smol(smollm2_loaded):
     from fasttune.defaults import default_model_path
 
-    path = default_model_path()
-    model, tok = FastLanguageModel.from_pretrained(path)
-    return path, model, tok
+    return default_model_path(), *smollm2_loaded  # FastLanguageModel.from_pretrained(the GGUF), shared: read only
 
 
 @pytest.fixture(scope="module")
@@ -39,13 +36,13 @@ def test_logits_equal_transformers_gguf(smol, hf_smol):
     assert torch.equal(ours[valid].argmax(-1), ref[valid].argmax(-1))
 
 
-def test_trained_adapter_loads_in_peft_on_transformers(smol, hf_smol, tmp_path):
+def test_trained_adapter_loads_in_peft_on_transformers(smollm2_dir, hf_smol, tmp_path):
     from peft import PeftModel
 
     from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
     from fasttune.data import demo_dataset_path
 
-    _, model, tok = smol
+    model, tok = FastLanguageModel.from_pretrained(str(smollm2_dir))  # its own copy of the GGUF's weights
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
     args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=3, learning_rate=1e-3, per_device_train_batch_size=2,
                      gradient_accumulation_steps=1)
