@@ -51,7 +51,7 @@ def test_gemma3_flow(gemma3_dir, tmp_path, monkeypatch):
         model=model, processing_class=tokenizer, train_dataset=dataset, eval_dataset=None,
         args=trl.SFTConfig(dataset_text_field="text", max_length=128, per_device_train_batch_size=2,
                            gradient_accumulation_steps=1, warmup_steps=0, max_steps=2, learning_rate=2e-4,
-                           logging_steps=1, optim="adamw_torch", weight_decay=0.01, lr_scheduler_type="linear",
+                           logging_steps=1, optim="adamw_8bit", weight_decay=0.01, lr_scheduler_type="linear",
                            seed=3407, output_dir="outputs", report_to="none", fp16=not is_bfloat16_supported(),
                            bf16=is_bfloat16_supported()))
     trainer = train_on_responses_only(trainer, instruction_part="<start_of_turn>user\n",

@@ -6,7 +6,6 @@ TRL 1.x names differ from the ones those notebooks were written against (the pee
 `trl.experimental.orpo`, no `max_prompt_length` in GRPOConfig (TRL 1.16 removed it; prompts are not truncated), and
 transformers 5 has no `warmup_ratio` (a fraction goes to `warmup_steps`; 0 here, since with 2 steps any warm-up makes
 the first update use a learning rate of 0).
-`optim="adamw_8bit"` is replaced by "adamw_torch" only for time (see test_notebook_flows.py).
 """
 import math
 import re
@@ -67,7 +66,7 @@ def test_dpo_flow_first_loss_is_ln2(smollm2_dir, tmp_path, monkeypatch):
         model=model, ref_model=None, processing_class=tokenizer, train_dataset=dataset,
         args=trl.DPOConfig(per_device_train_batch_size=4, gradient_accumulation_steps=1, warmup_steps=0,
                            max_steps=2, learning_rate=5e-4, fp16=not is_bfloat16_supported(),
-                           bf16=is_bfloat16_supported(), logging_steps=1, optim="adamw_torch", weight_decay=0.0,
+                           bf16=is_bfloat16_supported(), logging_steps=1, optim="adamw_8bit", weight_decay=0.0,
                            lr_scheduler_type="linear", seed=42, output_dir="outputs", report_to="none", beta=0.1,
                            max_length=256))
     dpo_trainer.train()
@@ -104,7 +103,7 @@ def test_orpo_flow(smollm2_dir, tmp_path, monkeypatch):
     orpo_trainer = ORPOTrainer(
         model=model, train_dataset=dataset, processing_class=tokenizer,
         args=ORPOConfig(max_length=256, max_completion_length=64, per_device_train_batch_size=4,
-                        gradient_accumulation_steps=1, beta=0.1, logging_steps=1, optim="adamw_torch",
+                        gradient_accumulation_steps=1, beta=0.1, logging_steps=1, optim="adamw_8bit",
                         lr_scheduler_type="linear", max_steps=2, learning_rate=5e-4, fp16=not is_bfloat16_supported(),
                         bf16=is_bfloat16_supported(), output_dir="outputs", report_to="none"))
     orpo_trainer.train()
@@ -149,7 +148,7 @@ def test_grpo_flow(smollm2_dir, tmp_path, monkeypatch):
         model=model, processing_class=tokenizer, reward_funcs=[length_reward, correctness_reward],
         train_dataset=dataset,
         args=trl.GRPOConfig(learning_rate=5e-4, adam_beta1=0.9, adam_beta2=0.99, weight_decay=0.1, warmup_steps=0,
-                            lr_scheduler_type="cosine", optim="adamw_torch", logging_steps=1,
+                            lr_scheduler_type="cosine", optim="adamw_8bit", logging_steps=1,
                             per_device_train_batch_size=2, gradient_accumulation_steps=1, num_generations=2,
                             max_completion_length=8, max_steps=2, max_grad_norm=0.1, report_to="none",
                             fp16=not is_bfloat16_supported(), bf16=is_bfloat16_supported(),
