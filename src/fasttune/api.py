@@ -23,6 +23,8 @@ _IGNORED_KWARGS = ("max_seq_length", "loftq_config", "use_gradient_checkpointing
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """from_pretrained's `dtype` (None, a torch dtype or a name such as "bf16") -> a torch dtype. None picks bf16 on
+    GPUs that support it, else fp16, and fp32 on CPU. Raises ConfigError for other names or dtypes."""
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -39,6 +41,8 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 
 
 class FastLanguageModel:
+    """The Unsloth-shaped entry point: from_pretrained, get_peft_model, add_new_tokens, for_inference/for_training."""
+
     @staticmethod
     def from_pretrained(model_name: str = "", max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
                         load_in_8bit: bool = False, full_finetuning: bool = False, device=None, fast: bool = True,
@@ -104,11 +108,13 @@ class FastLanguageModel:
 
     @staticmethod
     def for_inference(model):
+        """Eval mode (no dropout, no recompute); returns the model."""
         model.eval()
         return model
 
     @staticmethod
     def for_training(model, use_gradient_checkpointing=None):
+        """Train mode, optionally with a new checkpointing mode (as get_peft_model takes); returns the model."""
         if use_gradient_checkpointing is not None:
             set_gradient_checkpointing(model, use_gradient_checkpointing)
         model.train()
@@ -159,6 +165,7 @@ def layer_group_targets(vision: bool, language: bool, attention: bool, mlp: bool
 
 
 def set_gradient_checkpointing(model, mode):
+    """Set "auto" | True | False | "offload" ("unsloth" means "offload"); raises ConfigError for other values."""
     if mode not in CHECKPOINTING_MODES:
         raise ConfigError(f"use_gradient_checkpointing={mode!r} is invalid; use one of {CHECKPOINTING_MODES}.")
     if mode == "unsloth":

@@ -265,14 +265,15 @@ class DecoderModel(nn.Module):
             # positions the same values, and a dense mask would keep SDPA off its causal kernels. Only the
             # (ignored) outputs at pad positions differ.
             attention_mask = None
+        # Padding-free documents, from the most explicit description given (seq_idx needs no host sync).
+        if segment_ids is None and seq_idx is not None:
+            segment_ids = seq_idx
+        elif segment_ids is None and cu_seq_lens_q is not None:
+            segment_ids = segments_from_boundaries(cu_seq_lens_q, cu_seq_lens_k, b, t)
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
         elif segment_ids is None and attention_mask is None and past_key_values is None:
             segment_ids = packed_segments(position_ids)
-        if seq_idx is not None and segment_ids is None:
-            segment_ids = seq_idx
-        if cu_seq_lens_q is not None and segment_ids is None:
-            segment_ids = segments_from_boundaries(cu_seq_lens_q, cu_seq_lens_k, b, t)
         ropes = self.rope_tables(position_ids, x.dtype)
         windows = set(cfg.sliding_windows)
         if segment_ids is not None and past_key_values is None and varlen_usable(x, cfg.attn_logit_softcap, windows):
@@ -412,7 +413,7 @@ class CausalLM(PreTrainedModel):
         own implementation, which differ between its versions (gradient_checkpointing_kwargs such as
         use_reentrant, every_n_layers), have no effect: our recompute is always the non-reentrant kind and
         covers every layer."""
-        if self.model.gradient_checkpointing not in ("offload",):
+        if self.model.gradient_checkpointing != "offload":
             self.model.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
