@@ -19,7 +19,8 @@ def _msgs(*pairs):
 
 GOOD = [_msgs(("user", "hi"), ("assistant", "hello there"))] * 4
 
-# name: (extra CLI args built from (tmp_path, tiny model folder), text the message must contain)
+# name: (extra CLI args built from (tmp_path, tiny model folder), text the message must contain, or a function of
+# tmp_path giving it)
 CASES = {
     "data file missing": (lambda t, m: ["--data", str(t / "missing.jsonl")], "missing.jsonl"),
     "data unknown extension": (lambda t, m: ["--data", str(_txt(t))], "notes.txt"),
@@ -63,7 +64,12 @@ CASES = {
     "model missing": (lambda t, m: ["--model", str(t / "no-model")], "no-model"),
     "model file not gguf": (lambda t, m: ["--model", str(_file(t, "w.bin", "x"))], "w.bin"),
     "model dir without config": (lambda t, m: ["--model", str(_dir(t, "empty-model"))], "config.json"),
-    "model unsupported arch": (lambda t, m: ["--model", str(_gpt2(t))], "gpt2"),
+    # GPT-2 trains through the transformers fallback now; these two are what is still unsupported.
+    "model unknown model_type": (lambda t, m: ["--model", str(_unknown_arch(t))],
+                                 lambda t: f"transformers cannot read {t / 'wizard' / 'config.json'} "
+                                           "(model_type 'wizardformer')"),
+    "model not a causal LM": (lambda t, m: ["--model", str(_t5(t))],
+                              lambda t: f"transformers cannot load '{t / 't5'}' as a causal language model"),
     "adapter with missing base": (lambda t, m: ["--model", str(_adapter(t))], "gone-base"),
     "resume without checkpoint": (lambda t, m: ["--resume"], "no complete checkpoint"),
     "resume path not a checkpoint": (lambda t, m: ["--resume", str(_dir(t, "not-ckpt"))], "not-ckpt"),
@@ -84,11 +90,22 @@ def _dir(t, name):
     return t / name
 
 
-def _gpt2(t):
-    from transformers import GPT2Config, GPT2LMHeadModel
+def _unknown_arch(t):
+    d = _dir(t, "wizard")
+    (d / "config.json").write_text(json.dumps({"model_type": "wizardformer", "hidden_size": 64,
+                                               "architectures": ["WizardformerForCausalLM"]}))
+    return d
 
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100)).save_pretrained(t / "g")
-    return t / "g"
+
+def _t5(t):
+    """An encoder-decoder that transformers knows but AutoModelForCausalLM does not take."""
+    from tiny_tokenizer import make_tiny_tokenizer
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16,
+                                        vocab_size=259)).save_pretrained(t / "t5")
+    make_tiny_tokenizer().save_pretrained(t / "t5")
+    return t / "t5"
 
 
 def _adapter(t):
@@ -105,6 +122,7 @@ def _snapshot(folder):
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input(case, tiny_model_dir, tmp_path, capsys):
     make_args, culprit = CASES[case]
+    culprit = culprit(tmp_path) if callable(culprit) else culprit
     model = tiny_model_dir("llama")
     out = tmp_path / "out"
     out.mkdir()

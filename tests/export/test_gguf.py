@@ -15,8 +15,9 @@ PROMPTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    
 TEXTS = PROMPTS + ["  two spaces\n\nand\ttabs, 12345 and 3.14!", "Ünïcödé ★ — 日本語",
                    "x=1000000;y=42 it's we've"]
 # Per format: allowed max |logit difference| relative to the logit range, and least top-1 agreement over positions
-# (tiny random models have near-tied logits, which 8- and 4-bit rounding may flip).
-TOLERANCE = {"f16": (3e-3, 1.0), "bf16": (1e-2, 0.9), "q8_0": (5e-2, 0.9), "q4_0": (0.15, 0.5)}
+# (tiny random models have near-tied logits, which 8- and 4-bit rounding may flip). f16 and q8_0 are the README's
+# "within 0.2% ... in f16 and 5% in q8_0" (measured worst over the families: 1.6e-3 and 3.8e-2).
+TOLERANCE = {"f16": (2e-3, 1.0), "bf16": (1e-2, 0.9), "q8_0": (5e-2, 0.9), "q4_0": (0.15, 0.5)}
 
 
 @pytest.fixture(scope="module")
