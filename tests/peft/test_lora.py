@@ -76,10 +76,19 @@ def test_adapter_round_trip_peft_logits(family, tiny_model_dir, tmp_path):
 def test_from_pretrained_adapter_restores_trainable_set(tiny_model_dir, tmp_path):
     ours = _lora_model(tiny_model_dir("llama"), modules_to_save=["embed_tokens", "lm_head"])
     randomize_lora_b(ours)
+    trainable = lambda m: {n: p for n, p in m.named_parameters() if p.requires_grad}  # noqa: E731
+    with torch.no_grad():  # "trained" embedding copies, so the base's own rows would not pass for them
+        for name, p in trainable(ours).items():
+            if "lora" not in name:
+                p.add_(0.01 * torch.randn_like(p))
     ours.save_pretrained(tmp_path / "adapter")
     again, tok = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"))
-    count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    assert tok is not None and count(again) == count(ours) > 0
+    # The same trainable tensors, by name and value (LoRA A/B and the embed_tokens/lm_head copies); the rest frozen.
+    a, b = trainable(ours), trainable(again)
+    assert tok is not None and sorted(b) == sorted(a)
+    assert any("lora_B" in n for n in a) and any("embed_tokens" in n for n in a) and any("lm_head" in n for n in a)
+    for name in a:
+        assert torch.equal(b[name], a[name]), name
     assert again.lora_settings == ours.lora_settings
     ours.eval()
     ids, mask, _ = _batch()

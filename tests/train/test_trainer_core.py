@@ -35,7 +35,7 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     losses = lambda t: [h["loss"] for h in t.log_history if "loss" in h]  # noqa: E731
     assert losses(resumed) == losses(full)
     a, b = _trainable(full.model), _trainable(resumed.model)
-    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_resume_true_picks_latest_and_save_total_limit(tiny_model_dir, tmp_path):
@@ -75,6 +75,46 @@ def test_eval_and_log_file(tiny_model_dir, tmp_path):
     assert [h["step"] for h in lines if "loss" in h] == [2, 4]
     assert sum("eval_loss" in h for h in lines) == 3 and metrics["eval_loss"] > 0
     assert {"learning_rate", "grad_norm", "tokens_per_second", "epoch"} <= set(lines[0])
+
+
+def _mean_token_loss(model, tok, rows):
+    """Mean next-token cross-entropy over every token of the rows (text + EOS), one unpadded row at a time
+    through the model's forward: independent of the trainer's batching, padding and chunked loss."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in rows:
+            ids = torch.tensor([tok(row["text"])["input_ids"] + [tok.eos_token_id]])
+            logits = model(ids).logits[0, :-1].float()
+            total += float(torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum"))
+            count += ids.shape[1] - 1
+    model.train(was_training)
+    return total / count
+
+
+def test_eval_loss_is_the_mean_token_loss(tiny_model_dir, tmp_path):
+    """Each eval point's eval_loss is the mean token loss of the eval set under the weights of that moment; here
+    eval_steps does not divide max_steps, so the final eval (step 3) is a point of its own."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), max_steps=3, eval_steps=2, learning_rate=1e-2,
+                     per_device_eval_batch_size=3)
+    eval_rows = _rows(5)  # different lengths, in batches of 3 and 2: padding and a short last batch
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), eval_dataset=eval_rows, args=args)
+    expected, evaluate = [], t.evaluate
+
+    def checked_evaluate():
+        expected.append(_mean_token_loss(t.model, tok, eval_rows))
+        return evaluate()
+
+    t.evaluate = checked_evaluate
+    metrics = t.train()
+    evals = [h for h in t.log_history if "eval_loss" in h]
+    assert [h["step"] for h in evals] == [2, 3] and len(expected) == 2 and expected[0] != expected[1]
+    for h, want in zip(evals, expected):
+        assert h["eval_loss"] == pytest.approx(want, rel=1e-5)
+    assert metrics["eval_loss"] == evals[-1]["eval_loss"]
 
 
 def test_nonfinite_loss_stops_with_message(tiny_model_dir, tmp_path):
