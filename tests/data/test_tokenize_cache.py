@@ -160,3 +160,41 @@ def test_resolve_num_proc(monkeypatch):
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ConfigError, match="dataset_num_proc"):
             resolve_num_proc(bad, 100)
+
+
+def test_sft_trainer_reads_the_cache_on_a_second_run(tmp_path, hf_cache, tiny_model_dir, monkeypatch):
+    """Through SFTTrainer, with the tokenizer from_pretrained gives (a transformers PreTrainedTokenizerFast): a
+    second trainer on the same file, with a freshly loaded tokenizer of the same content, never calls the
+    tokenizer, takes the examples from the cache file the first wrote, and trains on them."""
+    from transformers import PreTrainedTokenizerFast
+
+    from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "a" * (1 + i)}]}
+            for i in range(6)]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    folder = tiny_model_dir("llama")
+    calls = []
+    for name in ("__call__", "apply_chat_template"):  # on the class: the cache key hashes the instance
+        original = getattr(PreTrainedTokenizerFast, name)
+        monkeypatch.setattr(PreTrainedTokenizerFast, name, lambda self, *a, _f=original, _n=name, **k:
+                            calls.append(_n) or _f(self, *a, **k))
+
+    def trainer(out):
+        model, tok = FastLanguageModel.from_pretrained(str(folder))
+        assert isinstance(tok, PreTrainedTokenizerFast)
+        model = FastLanguageModel.get_peft_model(model, r=4)
+        args = SFTConfig(output_dir=str(tmp_path / out), max_steps=1, per_device_train_batch_size=2,
+                         max_seq_length=64, train_on_responses_only=True)
+        return SFTTrainer(model=model, tokenizer=tok, train_dataset=str(path), args=args)
+
+    first = trainer("a")
+    assert "__call__" in calls and "apply_chat_template" in calls
+    written = cache_files(hf_cache)
+    assert len(written) == 1
+    calls.clear()
+    second = trainer("b")
+    assert calls == [] and cache_files(hf_cache) == written
+    assert isinstance(second.train_examples, TokenizedExamples) and len(second.train_examples) == len(rows)
+    assert list(second.train_examples) == list(first.train_examples)
+    assert second.train()["global_step"] == 1
