@@ -100,3 +100,29 @@ def test_truncated_parquet(tmp_path):
 def test_folder_that_is_not_a_dataset(tmp_path):
     with pytest.raises(DataError, match="not a dataset written by datasets' save_to_disk"):
         load_rows(tmp_path)
+
+
+@pytest.mark.parametrize("name, content, line", [
+    ("latin1.jsonl", '{"text": "ok"}\n{"text": "café"}\n'.encode("latin-1"), 2),
+    ("latin1.json", '[{"text": "ok"},\n {"text": "café"}]'.encode("latin-1"), 2),
+    ("latin1.csv", "text\nok\ncafé\n".encode("cp1252"), 3),
+])
+def test_text_file_not_utf8_names_file_line_and_fix(tmp_path, name, content, line):
+    """Before: .jsonl loaded and failed at the first row access, .json/.csv with the decoder's words."""
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as e:
+        load_rows(str(tmp_path / name))
+    msg = str(e.value)
+    assert f"'{tmp_path / name}' is not UTF-8 text: byte 0xe9 on line {line}" in msg
+    assert "save it with that encoding" in msg and f"iconv -f <its encoding> -t utf-8 {name}" in msg
+
+
+def test_utf16_file_is_named_as_utf16(tmp_path):
+    (tmp_path / "wide.jsonl").write_bytes('{"text": "hi"}\n'.encode("utf-16"))
+    with pytest.raises(DataError, match=r"wide.jsonl' is not UTF-8 text: it is UTF-16 text\. .*save it"):
+        load_rows(str(tmp_path / "wide.jsonl"))
+
+
+def test_utf8_with_bom_and_multibyte_characters_load(tmp_path):
+    (tmp_path / "ok.csv").write_bytes("text\ncafé ★ 日本語\n".encode("utf-8-sig"))
+    assert load_rows(str(tmp_path / "ok.csv"))[0]["text"] == "café ★ 日本語"

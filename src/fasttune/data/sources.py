@@ -22,6 +22,7 @@ import datasets
 
 from fasttune.data.formats import require_dict_rows
 from fasttune.errors import DataError
+from fasttune.file_readers import check_utf8
 
 FILE_LOADERS = {
     ".jsonl": "json",
@@ -149,6 +150,8 @@ def _load_path(path: Path) -> datasets.Dataset:
     if path.stat().st_size == 0:
         raise DataError(f"Dataset file {path} is empty. Put at least one training example in it.")
     kind = FILE_LOADERS[suffix]
+    if kind in ("json", "csv"):  # the loaders would fail later (or mid-training) with a decoder traceback
+        check_utf8(path, DataError)
     loader = {"json": datasets.Dataset.from_json, "csv": datasets.Dataset.from_csv,
               "parquet": datasets.Dataset.from_parquet}[kind]
     try:

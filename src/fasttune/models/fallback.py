@@ -319,9 +319,13 @@ class FallbackModel(nn.Module):
         """A PEFT adapter folder onto this base, trainable (the same trainable set as when it was saved)."""
         from peft import PeftModel
 
-        from fasttune.peft.adapter_io import read_adapter_config, settings_from_peft_config
+        from fasttune.file_readers import check_safetensors
+        from fasttune.peft.adapter_io import (ADAPTER_FIX, WEIGHTS_NAME, read_adapter_config,
+                                              settings_from_peft_config)
 
         settings = settings_from_peft_config(read_adapter_config(folder))
+        if (Path(folder) / WEIGHTS_NAME).is_file():  # a damaged file is named, not reported as a mismatch
+            check_safetensors(Path(folder) / WEIGHTS_NAME, fix=ADAPTER_FIX)
         canonical = {self._leaf(m): m for m in ("embed_tokens", "lm_head")}
         settings.modules_to_save = [canonical.get(m, m) for m in settings.modules_to_save]
         try:

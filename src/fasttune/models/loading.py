@@ -3,7 +3,6 @@
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from pathlib import Path
@@ -12,6 +11,8 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ModelLoadError
+from fasttune.file_readers import (REDOWNLOAD, check_weight_files, gguf_failure, iter_safetensors, read_json,
+                                   torch_load)
 from fasttune.models.config import SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
 
@@ -70,10 +71,10 @@ def load_hf_config(folder: Path):
             f"'{folder}' has no config.json. A model folder needs config.json and *.safetensors (as written by "
             f"`save_pretrained`); for a single .gguf file pass the file path itself."
         )
+    model_type = read_json(folder / "config.json").get("model_type")  # not UTF-8 / not JSON: names the file
     try:
         return AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, KeyError) as e:
-        model_type = json.loads((folder / "config.json").read_text()).get("model_type")
         raise ModelLoadError(
             f"transformers cannot read {folder / 'config.json'} (model_type '{model_type}'): {e}"
         ) from None
@@ -82,7 +83,10 @@ def load_hf_config(folder: Path):
 def _weight_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ModelLoadError(f"{index} has no 'weight_map' (tensor name -> shard file). {REDOWNLOAD}")
+        shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (folder / s).exists()]
         if missing:
             raise ModelLoadError(f"{index} lists shards that are missing: {', '.join(missing)}. Re-download the model.")
@@ -98,15 +102,15 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 def _iter_tensors(files: list[Path]):
-    from safetensors import safe_open
-
     for f in files:  # one shard at a time keeps host memory near one shard
         if f.suffix == ".safetensors":
-            with safe_open(str(f), framework="pt") as sf:
-                for k in sf.keys():
-                    yield k, sf.get_tensor(k)
+            yield from iter_safetensors(f)
         else:
-            yield from torch.load(f, map_location="cpu", weights_only=True).items()
+            state = torch_load(f)
+            if not isinstance(state, dict):
+                raise ModelLoadError(f"'{f}' holds a {type(state).__name__}, not a state dict of tensors. "
+                                     f"{REDOWNLOAD}")
+            yield from state.items()
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
@@ -214,6 +218,8 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
         return _load_gguf(path, dtype, device, fast, quant)
     hf_config = with_architectures(load_hf_config(path))
+    # damaged weight files are named here, on both paths, before anything is loaded
+    check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 
@@ -232,7 +238,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     try:
         meta = load_gguf_checkpoint(str(path), return_tensors=False)
     except Exception as e:  # the reader raises bare Exceptions for corrupt/unsupported files
-        raise ModelLoadError(f"Cannot read GGUF file '{path}': {e}") from None
+        raise gguf_failure(path, e) from None
     cfg_dict = dict(meta["config"])
     model_type = cfg_dict.pop("model_type", None)
     if not fast or model_type not in SUPPORTED_FAMILIES:
@@ -246,9 +252,15 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     # transformers maps GGUF names to HF names using a (weightless) HF model of the same config.
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(hf_config)
-    parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    try:
+        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
+    except Exception as e:  # damaged tensor data
+        raise gguf_failure(path, e) from None
     model = build_model(hf_config, parsed["tensors"].items(), dtype, device, str(path), quant)
     return model, hf_config
+
+
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def load_tokenizer(path: Path, required: bool = True):
@@ -259,6 +271,11 @@ def load_tokenizer(path: Path, required: bool = True):
             return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
+        folder = path.parent if path.is_file() else path
+        for name in TOKENIZER_JSON_FILES:  # a damaged file is named rather than reported as "no tokenizer"
+            if (folder / name).is_file():
+                read_json(folder / name, fix="Save the tokenizer again (tokenizer.save_pretrained) or copy it "
+                                             "from the original model.")
         if required:
             raise ModelLoadError(f"No usable tokenizer in '{path}' ({e}). Save the tokenizer beside the weights "
                                  f"(tokenizer.json / tokenizer_config.json).") from None

@@ -12,11 +12,14 @@ import torch
 
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.file_readers import load_safetensors, read_json
 from fasttune.peft.lora import LoraSettings, apply_lora, lora_layers
 from fasttune.train.fsdp import gather_state, writes_here
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+ADAPTER_FIX = ("Save the adapter again (model.save_pretrained, or fasttune train, which writes OUTPUT_DIR/adapter), "
+               "or copy it again if a copy or download stopped part-way.")
 
 
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
@@ -100,10 +103,11 @@ def write_trainable_state(model, folder: str | Path) -> Path:
 
 
 def read_adapter_config(folder: Path) -> dict:
-    try:
-        cfg = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelLoadError(f"Cannot read {folder / CONFIG_NAME}: {e}") from None
+    """The adapter's adapter_config.json; unreadable, invalid or unsupported ones raise ModelLoadError naming it."""
+    cfg = read_json(Path(folder) / CONFIG_NAME, fix=ADAPTER_FIX)
+    if not isinstance(cfg.get("r"), int) or isinstance(cfg.get("r"), bool):
+        raise ModelLoadError(f"{folder / CONFIG_NAME} has no LoRA rank 'r' (a whole number), so it is not a "
+                             f"complete LoRA adapter config. {ADAPTER_FIX}")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{folder / CONFIG_NAME}: peft_type '{cfg.get('peft_type')}' is not supported; "
                              f"fasttune loads LoRA adapters.")
@@ -123,15 +127,13 @@ def settings_from_peft_config(cfg: dict) -> LoraSettings:
 
 def load_adapter_into(model, folder: Path, seed: int | None = None):
     """Apply the adapter's LoRA layout to `model` and load its weights; refuses a mismatching adapter."""
-    from safetensors.torch import load_file
-
     settings = settings_from_peft_config(read_adapter_config(folder))
     apply_lora(model, settings, seed=seed)
     model.lora_settings = settings
     path = folder / WEIGHTS_NAME
     if not path.exists():
         raise ModelLoadError(f"{folder} has no {WEIGHTS_NAME}; was the adapter saved completely?")
-    saved = load_file(str(path))
+    saved = load_safetensors(path, fix=ADAPTER_FIX)
     # PEFT may also write `.lora_A.default.weight`-free names only; normalise an adapter-name infix if present.
     saved = {k.replace(".default.", "."): v for k, v in saved.items()}
     expected = adapter_state_dict(model)

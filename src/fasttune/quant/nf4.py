@@ -151,6 +151,21 @@ def state_to_tensors(state: NF4State, key: str) -> dict[str, torch.Tensor]:
     return out
 
 
+def quant_state_meta(packed: torch.Tensor, where: str) -> dict:
+    """The JSON metadata bitsandbytes packs into a `quant_state.bitsandbytes__nf4` uint8 tensor; damaged metadata
+    raises ModelLoadError naming `where`."""
+    from fasttune.errors import ModelLoadError
+
+    try:
+        meta = json.loads(bytes(packed.reshape(-1).tolist()).decode())
+    except (ValueError, TypeError, OverflowError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        meta = e
+    if not isinstance(meta, dict) or not {"shape", "dtype", "blocksize"} <= set(meta):
+        raise ModelLoadError(f"{where}: the 4-bit quantisation metadata (quant_state) is damaged or incomplete "
+                             f"({str(meta)[:100]}). Re-download the checkpoint or quantise the model again.")
+    return meta
+
+
 def state_from_tensors(parts: dict[str, torch.Tensor], where: str) -> NF4State:
     """Inverse of state_to_tensors; `parts` maps '' (the packed weight) and the suffixes to tensors."""
     from fasttune.errors import ModelLoadError
@@ -161,7 +176,7 @@ def state_from_tensors(parts: dict[str, torch.Tensor], where: str) -> NF4State:
         kind = other[0].rsplit("__", 1)[-1] if other else "unknown"
         raise ModelLoadError(f"{where}: 4-bit weights of type '{kind}' are not supported; only NF4 "
                              f"(bnb_4bit_quant_type='nf4') checkpoints load.")
-    meta = json.loads(bytes(packed_meta.tolist()).decode())
+    meta = quant_state_meta(packed_meta, where)
     missing = [s for s in ("", "absmax", "quant_map") if s not in parts]
     if "nested_offset" in meta:
         missing += [s for s in ("nested_absmax", "nested_quant_map") if s not in parts]

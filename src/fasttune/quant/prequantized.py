@@ -51,7 +51,7 @@ class PendingQuantized:
                 return None
             state = int8.state_from_tensors(p[""], p["SCB"], torch.float16, where)
         else:
-            if not any(k.startswith("quant_state.") for k in p) or not _nf4_parts_present(p):
+            if not any(k.startswith("quant_state.") for k in p) or not _nf4_parts_present(p, where):
                 return None
             state = nf4.state_from_tensors(p, where)
         self.finished.add(module)
@@ -66,12 +66,10 @@ class PendingQuantized:
                                  f"{have}); {len(broken)} layer(s) affected. Re-download or re-save the checkpoint.")
 
 
-def _nf4_parts_present(p: dict) -> bool:
-    import json
-
+def _nf4_parts_present(p: dict, where: str) -> bool:
     meta_key = next(k for k in p if k.startswith("quant_state."))
     if not meta_key.endswith("__nf4"):
         return True  # let state_from_tensors name the unsupported type
-    meta = json.loads(bytes(p[meta_key].tolist()).decode())
+    meta = nf4.quant_state_meta(p[meta_key], where)
     need = ["absmax", "quant_map"] + (["nested_absmax", "nested_quant_map"] if "nested_offset" in meta else [])
     return all(k in p for k in need)
