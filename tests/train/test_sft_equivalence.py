@@ -49,11 +49,33 @@ def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
     a, ta = _final_adapter(folder, tmp_path, 4, 1)
     b, tb = _final_adapter(folder, tmp_path, 2, 2)
     c, tc = _final_adapter(folder, tmp_path, 1, 4)
+    assert a.keys() == b.keys() == c.keys()
+    assert all(a[n].abs().max() > 1e-3 for n in a if "lora_B" in n)  # trained (B starts at zero)
     for n in a:
         torch.testing.assert_close(b[n], a[n], rtol=1e-4, atol=1e-6, msg=n)
         torch.testing.assert_close(c[n], a[n], rtol=1e-4, atol=1e-6, msg=n)
-    la, lc = ([h["loss"] for h in t.log_history] for t in (ta, tc))
+    la, lb, lc = ([h["loss"] for h in t.log_history] for t in (ta, tb, tc))
+    assert len(la) == 3
+    torch.testing.assert_close(torch.tensor(lb), torch.tensor(la), rtol=1e-5, atol=0)
     torch.testing.assert_close(torch.tensor(lc), torch.tensor(la), rtol=1e-5, atol=0)
+
+
+def test_logged_loss_averages_the_logging_window(tiny_model_dir, tmp_path):
+    """logging_steps=2: each logged loss is the mean of its window's per-step losses (the last, short window
+    too), the per-step losses being those a logging_steps=1 run of the same training logs."""
+    folder = tiny_model_dir("llama")
+    runs = {}
+    for every in (1, 2):
+        model, tok = _setup(folder)
+        args = SFTConfig(output_dir=str(tmp_path / f"log{every}"), per_device_train_batch_size=2, max_steps=5,
+                         learning_rate=1e-2, logging_steps=every)
+        trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(12), args=args)
+        trainer.train()
+        runs[every] = [(h["step"], h["loss"]) for h in trainer.log_history if "loss" in h]
+    steps = [loss for _, loss in runs[1]]
+    assert [s for s, _ in runs[1]] == [1, 2, 3, 4, 5] and [s for s, _ in runs[2]] == [2, 4, 5]
+    want = [(steps[0] + steps[1]) / 2, (steps[2] + steps[3]) / 2, steps[4]]
+    torch.testing.assert_close(torch.tensor([loss for _, loss in runs[2]]), torch.tensor(want), rtol=1e-6, atol=0)
 
 
 def test_embedding_learning_rate_zero_freezes_embeddings(tiny_model_dir, tmp_path):
