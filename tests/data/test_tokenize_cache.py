@@ -157,6 +157,8 @@ def test_resolve_num_proc(monkeypatch):
     assert resolve_num_proc(None, 9_999) == 1
     assert resolve_num_proc(None, 10_000) == 8
     assert resolve_num_proc(3, 100) == 3 and resolve_num_proc(4, 2) == 2
+    monkeypatch.setattr("os.cpu_count", lambda: 2)  # min(8, CPU cores)
+    assert resolve_num_proc(None, 9_999) == 1 and resolve_num_proc(None, 50_000) == 2
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ConfigError, match="dataset_num_proc"):
             resolve_num_proc(bad, 100)
