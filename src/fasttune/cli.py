@@ -146,8 +146,25 @@ def _add_typed(parser, name: str, typ, helptext: str):
         parser.add_argument(*flags, dest=name, type=typ, default=None, help=helptext)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse that answers a mistyped flag with "did you mean" (argparse itself only lists it). Subcommand
+    parsers are of this class too, so each suggests from its own flags."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extras = super().parse_known_args(args, namespace)
+        flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
+        unknown = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
+        hints = []
+        for name in unknown:
+            hint = _did_you_mean(name[2:].replace("-", "_"), [f[2:].replace("-", "_") for f in flags], "--")
+            hints += [f"{name}:{hint}" if len(unknown) > 1 else hint.strip()] if hint else []
+        if hints:
+            self.error(f"unrecognized arguments: {' '.join(extras)}. {' '.join(hints)}")
+        return ns, extras
+
+
 def build_parser(config_cls: type = SFTConfig) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fasttune", description="Fine-tune LLMs fast and lean.")
+    parser = _Parser(prog="fasttune", description="Fine-tune LLMs fast and lean.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command")
     train = sub.add_parser("train", help="fine-tune a model (no arguments: embedded model on demo data)")
@@ -180,15 +197,23 @@ def _more_commands():
     return [importlib.import_module(f"{pkg.__name__}.{m.name}").register for m in pkgutil.iter_modules(pkg.__path__)]
 
 
-def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
-    import yaml
+def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
+    """' Did you mean ...?' from the settings and the short aliases (grad_acum -> grad_accum), or ''."""
+    def spelled(n):
+        return prefix + n.replace("_", "-") if prefix else n
 
-    try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-    except OSError as e:
-        raise ConfigError(f"Cannot read config file '{path}': {e.strerror}.") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"Config file '{path}' is not valid YAML: {e}") from None
+    # YAML keys: the aliases too; flags: `known` holds the aliases where the command has them (train)
+    near = difflib.get_close_matches(name, list(known) + ([] if prefix else list(ALIASES)), n=1)
+    if not near:
+        return ""
+    also = f" (short for {spelled(ALIASES[near[0]])})" if near[0] in ALIASES else ""
+    return f" Did you mean '{spelled(near[0])}'{also}?"
+
+
+def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
+    from fasttune.file_readers import read_yaml
+
+    data = read_yaml(path) or {}  # unreadable, not UTF-8, not YAML: a ConfigError naming the file
     if not isinstance(data, dict):
         raise ConfigError(f"Config file '{path}' must be a mapping of setting: value.")
     known = list(RUN_OPTIONS) + [f.name for f in fields(config_cls)]
@@ -196,9 +221,7 @@ def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
     for key, value in data.items():
         name = ALIASES.get(str(key).replace("-", "_"), str(key).replace("-", "_"))
         if name not in known:
-            near = difflib.get_close_matches(name, known, n=1)
-            hint = f" Did you mean '{near[0]}'?" if near else ""
-            raise ConfigError(f"{path}: unknown setting '{key}'.{hint}")
+            raise ConfigError(f"{path}: unknown setting '{key}'.{_did_you_mean(name, known)}")
         out[name] = value
     return out
 
@@ -217,7 +240,7 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     method = {"default": "sft"}.get(values["method"], values["method"])  # autotrain's generic trainer is SFT
     trainer_cls, config_cls = load_method(method)
     sft = config_cls.from_dict({k: v for k, v in values.items() if k in config_cls.field_names()}, "settings")
-    run = {k: values[k] for k in RUN_OPTIONS}
+    run = {k: _run_option(k, values[k]) for k in RUN_OPTIONS}
     run["method"], run["trainer_cls"] = method, trainer_cls
     if method in PREFERENCE_METHODS and not run["data"]:
         raise ConfigError(f"--method {method} needs --data with preference rows (prompt/chosen/rejected"
@@ -244,6 +267,28 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
         raise ConfigError(f"--quantization {run['quantization']} freezes the base weights, so it cannot be combined "
                           f"with --full-finetuning; train LoRA adapters instead (drop --full-finetuning).")
     return run, sft
+
+
+# Run options that the command line takes as comma-separated text and YAML also as a list.
+LIST_OPTIONS = ("target_modules", "modules_to_save")
+
+
+def _run_option(name: str, value):
+    """A run option's value as its flag would give it: YAML lists of names become comma-separated text, YAML
+    scalars of text options text, numbers written as text ('5e-2') numbers; other types raise ConfigError."""
+    from fasttune.train.config import _checked_type
+
+    typ, default, _ = RUN_OPTIONS[name]
+    if typ is str and isinstance(value, (list, tuple)) and name in LIST_OPTIONS:
+        if not all(isinstance(v, str) and v.strip() and "," not in v for v in value):
+            raise ConfigError(f"{name}={list(value)!r} is invalid: give layer names, as a list ([q_proj, v_proj]) or "
+                              f"as comma-separated text (q_proj,v_proj).")
+        return ",".join(v.strip() for v in value)
+    if name == "resume" and value is False:
+        return None
+    if typ is str and isinstance(value, (bool, int, float)):  # YAML's `gradient_checkpointing: false`, `model: 7`
+        return str(value).lower() if isinstance(value, bool) else str(value)
+    return _checked_type(name, typ.__name__ + (" | None" if default is None else ""), value)
 
 
 def _data_file(data):

@@ -106,8 +106,15 @@ def _checked_type(name: str, annotation: str, value):
     if "bool" in kinds:
         if isinstance(value, bool):
             return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "on", "off"):
+            return value.strip().lower() in ("true", "yes", "on")  # quoted in YAML/JSON: 'true'
         raise ConfigError(f"{name}={value!r} is invalid: use true or false.")
     if "int" in kinds:
+        if isinstance(value, str):  # '8', '1e3' (quoted, or a YAML 1.1 float without a dot)
+            try:
+                value = float(value) if not value.strip().lstrip("+-").isdigit() else int(value)
+            except ValueError:
+                pass
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, float) and value.is_integer():
