@@ -75,3 +75,56 @@ def test_chat_through_the_console_script(tiny_model_dir):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("fasttune chat with ") and proc.stdout.count(">>> ") == 3
+
+
+NO_SYSTEM_TEMPLATE = (  # Gemma (1/2) style: the template refuses a system message
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+@pytest.mark.parametrize("template, system, words", [
+    (NO_SYSTEM_TEMPLATE, ["--system", "be brief"],
+     "--system: this model's chat template has no system role (it says: System role not supported), so the "
+     "conversation cannot start with a system message. Drop --system and put the instructions into your first "
+     "message instead."),
+    ("{{ raise_exception('broken template') }}", [],
+     "This model's chat template cannot render a conversation (it says: broken template). Fix the tokenizer's "
+     "chat_template"),
+])
+def test_template_that_refuses_the_conversation_fails_before_the_first_prompt(template, system, words,
+                                                                              tiny_model_dir, monkeypatch, capsys):
+    """Before: a jinja traceback after the first message was typed."""
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_dir("llama")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = template
+    tok.save_pretrained(str(folder))
+    monkeypatch.setattr("builtins.input", lambda prompt="": pytest.fail("prompted despite the template"))
+    assert main(["chat", "--model", str(folder), *system]) == 2
+    captured = capsys.readouterr()
+    assert f"fasttune: error: {words}" in captured.err and "Traceback" not in captured.err
+    assert ">>> " not in captured.out
+
+
+def test_system_message_with_a_template_that_has_no_system_role_works_without_it(tiny_model_dir, monkeypatch,
+                                                                                  capsys):
+    from transformers import AutoTokenizer
+
+    folder = tiny_model_dir("llama")
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    tok.chat_template = NO_SYSTEM_TEMPLATE
+    tok.save_pretrained(str(folder))
+    lines = iter(["hi"])
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--model", str(folder), "--max-new-tokens", "2"]) == 0  # the probe did not refuse it
+    assert capsys.readouterr().out.count(">>> ") == 2

@@ -1,7 +1,9 @@
 """`fasttune chat`: talk to a model in the terminal, multi-turn through its chat template.
 
 /reset clears the conversation, /exit or Ctrl-D ends it; Ctrl-C stops a reply that is being written. When the
-conversation outgrows the model's context, the oldest turns are dropped (a system message stays).
+conversation outgrows the model's context, the oldest turns are dropped (a system message stays). A chat template
+that refuses the conversation (e.g. --system with a template that has no system role) is an error before the first
+prompt.
 """
 from __future__ import annotations
 
@@ -36,6 +38,32 @@ def fit_context(tokenizer, history: list[dict], budget: int) -> tuple[list[dict]
         history = history[:keep] + history[keep + 2:]  # the oldest user/assistant pair
 
 
+def check_template(tokenizer, start: list[dict]) -> None:
+    """Render a probe conversation (`start`, i.e. the --system message, plus one user turn) so that a template that
+    refuses it (Gemma's has no system role and raises) fails before the first prompt, with advice, rather than
+    with a jinja traceback after the first message."""
+    from fasttune.errors import ConfigError
+    from fasttune.generate import chat_prompt_ids
+
+    def fails(messages) -> str | None:
+        try:
+            chat_prompt_ids(tokenizer, messages + [{"role": "user", "content": "Hello"}])
+        except Exception as e:  # jinja's TemplateError (raise_exception in templates) and others
+            return " ".join(str(e).split())[:200] or type(e).__name__
+        return None
+
+    reason = fails(start)
+    if reason is None:
+        return
+    if start and fails([]) is None:
+        raise ConfigError(f"--system: this model's chat template has no system role (it says: {reason}), so the "
+                          f"conversation cannot start with a system message. Drop --system and put the "
+                          f"instructions into your first message instead.")
+    raise ConfigError(f"This model's chat template cannot render a conversation (it says: {reason}). Fix the "
+                      f"tokenizer's chat_template, or use `fasttune generate --no-chat --prompt ...` for plain "
+                      f"text continuation.")
+
+
 def cmd_chat(ns) -> int:
     import torch
     from transformers import TextStreamer
@@ -49,6 +77,7 @@ def cmd_chat(ns) -> int:
         raise ConfigError("This model's tokenizer has no chat template, so it cannot hold a conversation; use "
                           "`fasttune generate --no-chat --prompt ...` for plain text continuation.")
     start = [{"role": "system", "content": ns.system}] if ns.system else []
+    check_template(tok, start)
     history = list(start)
     stops = stop_token_ids(tok, model)
     budget = model.config.max_position_embeddings - ns.max_new_tokens
