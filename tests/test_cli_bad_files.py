@@ -8,6 +8,7 @@ import yaml
 
 from fasttune.cli import main
 
+LATIN1_ROW = '{"text": "café"}\n'.encode("latin-1")
 GOOD_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
 
 
@@ -23,7 +24,7 @@ def _cut(path, drop=10):
 
 # name: (extra `train` args from (tmp_path, tiny model folder), the message's parts)
 TRAIN_CASES = {
-    "data jsonl not UTF-8": (lambda t, m: ["--data", str(_write(t, "l1.jsonl", '{"text": "café"}\n'.encode("latin-1")))],
+    "data jsonl not UTF-8": (lambda t, m: ["--data", str(_write(t, "l1.jsonl", LATIN1_ROW))],
                              ["l1.jsonl' is not UTF-8 text: byte 0xe9 on line 1", "save it with that encoding"]),
     "data csv not UTF-8": (lambda t, m: ["--data", str(_write(t, "w.csv", "text\nna\xefve\n".encode("cp1252")))],
                            ["w.csv' is not UTF-8 text: byte 0xef on line 2", "iconv"]),
