@@ -53,8 +53,8 @@ def gemma3_gguf(tmp_path_factory):
     return get
 
 
-# The real GGUF models load once per session: transformers parses a GGUF three times (config, tensors, tokenizer),
-# ~30 s for SmolLM2 and ~1 min for Gemma 3 on 2 cores. `*_loaded` is shared and must not be changed (take
+# The real GGUF models load once per session (a few seconds for SmolLM2, more for Gemma 3's 262k vocabulary on 2
+# cores). `*_loaded` is shared and must not be changed (take
 # copy.deepcopy); `*_dir` is the same model saved as a transformers folder (fp32 safetensors + tokenizer), which a
 # test loads for its own copy in about a second.
 

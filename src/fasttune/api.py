@@ -8,7 +8,7 @@ import torch
 
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.models.fallback import FallbackModel
-from fasttune.models.loading import load_model, load_tokenizer, resolve_model_path
+from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
@@ -67,8 +67,7 @@ class FastLanguageModel:
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
             return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant)
-        model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
-        tokenizer = load_tokenizer(path, required=False)
+        model, hf_config, tokenizer = load_model_and_tokenizer(path, dtype, device, fast=fast, quant=quant)
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         if full_finetuning:
             model.requires_grad_(True)

@@ -1,5 +1,6 @@
 """Load weights into our decoder: local HF checkpoint folders (single or sharded safetensors, or .bin), .gguf files
-(dequantised through transformers' GGUF reader), and hub ids when online. Tokenizers come from the same place.
+(read once by models/gguf_file.py, dequantised with the gguf package), and hub ids when online. Tokenizers come
+from the same place.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ModelLoadError
-from fasttune.file_readers import (REDOWNLOAD, check_weight_files, gguf_failure, iter_safetensors, read_json,
+from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, read_json,
                                    torch_load)
 from fasttune.models.config import SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
@@ -231,15 +232,14 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     return model, hf_config
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None):
+    """A .gguf file, parsed once (models/gguf_file.py): `contents` is that parse when the caller has it."""
+    from transformers import AutoConfig
 
-    try:
-        meta = load_gguf_checkpoint(str(path), return_tensors=False)
-    except Exception as e:  # the reader raises bare Exceptions for corrupt/unsupported files
-        raise gguf_failure(path, e) from None
-    cfg_dict = dict(meta["config"])
+    from fasttune.models.gguf_file import read_gguf
+
+    contents = read_gguf(path) if contents is None else contents
+    cfg_dict = dict(contents.config)
     model_type = cfg_dict.pop("model_type", None)
     if not fast or model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
@@ -249,15 +249,38 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         return model, model.hf_config
     hf_config = with_architectures(AutoConfig.for_model(model_type, **cfg_dict))
     ModelConfig.from_hf(hf_config)
-    # transformers maps GGUF names to HF names using a (weightless) HF model of the same config.
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(hf_config)
+    with torch.device("meta"):  # our parameter names are transformers' names
+        names = list(CausalLM(hf_config).state_dict())
     try:
-        parsed = load_gguf_checkpoint(str(path), return_tensors=True, model_to_load=skeleton)
-    except Exception as e:  # damaged tensor data
-        raise gguf_failure(path, e) from None
-    model = build_model(hf_config, parsed["tensors"].items(), dtype, device, str(path), quant)
+        model = build_model(hf_config, contents.tensors(names), dtype, device, str(path), quant)
+    except (ValueError, KeyError, NotImplementedError) as e:  # a tensor type the gguf package cannot dequantise
+        raise ModelLoadError(f"Cannot load the weights of '{path}' ({type(e).__name__}: {e}). The file may use a "
+                             f"tensor type newer than the installed gguf package (`pip install -U gguf`), or be "
+                             f"damaged (download it again).") from None
     return model, hf_config
+
+
+def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
+    """(model, transformers config, tokenizer or None) of a resolved folder or .gguf file, as load_model and
+    load_tokenizer(required=False) give them; a .gguf file is read once for all three."""
+    if path.is_file() and path.suffix == ".gguf":
+        from fasttune.models.gguf_file import read_gguf
+
+        contents = read_gguf(path)
+        model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents)
+        return model, hf_config, _gguf_tokenizer(contents, required=False)
+    model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
+    return model, hf_config, load_tokenizer(path, required=False)
+
+
+def _gguf_tokenizer(contents, required: bool):
+    try:
+        return contents.build_tokenizer()
+    except (KeyError, ValueError, TypeError) as e:  # no vocabulary in the file, or a kind transformers cannot build
+        if required:
+            raise ModelLoadError(f"'{contents.path}' holds no tokenizer transformers can build ({type(e).__name__}: "
+                                 f"{e}). Pass a model folder with tokenizer.json instead.") from None
+        return None
 
 
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
@@ -268,7 +291,9 @@ def load_tokenizer(path: Path, required: bool = True):
 
     try:
         if path.is_file():
-            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+            from fasttune.models.gguf_file import read_gguf
+
+            return _gguf_tokenizer(read_gguf(path), required)
         return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError, TypeError) as e:
         folder = path.parent if path.is_file() else path

@@ -1,0 +1,214 @@
+"""Read a .gguf file once: the transformers config, the tokenizer and the dequantised tensors all come from one
+parse of the file (the `gguf` package's GGUFReader, memory-mapped), named and laid out with transformers' own GGUF
+tables and tensor processors. transformers' loaders parse the file anew for each of the three, which costs seconds
+per parse on a 49k-token vocabulary.
+"""
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fasttune.errors import ModelLoadError
+
+# GGUF metadata value types: number formats (struct), 8 = string, 9 = array.
+_NUMBERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+# GGUF architecture names whose transformers model_type differs (as transformers' load_gguf_checkpoint renames).
+_MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
+                "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+
+
+class _Cursor:
+    """Reads GGUF's little-endian header fields from a memory-mapped file."""
+
+    def __init__(self, blob: np.ndarray):
+        self.blob, self.pos = blob, 0
+
+    def number(self, fmt: str):
+        value = struct.unpack_from(fmt, self.blob, self.pos)[0]
+        self.pos += struct.calcsize(fmt)
+        return value
+
+    def string(self) -> str:
+        n = self.number("<Q")
+        self.pos += n
+        return bytes(self.blob[self.pos - n:self.pos]).decode("utf-8")
+
+    def value(self, kind: int):
+        if kind in _NUMBERS:
+            return self.number(_NUMBERS[kind])
+        if kind == _STRING:
+            return self.string()
+        if kind != _ARRAY:
+            raise ValueError(f"unknown metadata value type {kind}")
+        item, count = self.number("<I"), self.number("<Q")
+        if item in _NUMBERS:  # a block of numbers in one read (token types, scores)
+            dtype = np.dtype(_NUMBERS[item])
+            values = np.frombuffer(self.blob, dtype, count, self.pos).tolist()
+            self.pos += count * dtype.itemsize
+            return values
+        return [self.value(item) for _ in range(count)]
+
+
+def _parse(blob: np.ndarray) -> tuple[dict, list, int]:
+    """(metadata, [(name, numpy shape, ggml type, offset)], start of the tensor data) of a GGUF v2/v3 file."""
+    cur = _Cursor(blob)
+    if bytes(blob[:4]) != b"GGUF":
+        raise ValueError("it does not start with the GGUF magic bytes")
+    cur.pos = 4
+    version = cur.number("<I")
+    if version not in (2, 3):
+        raise ValueError(f"GGUF version {version} is not supported (2 and 3 are)")
+    n_tensors, n_kv = cur.number("<Q"), cur.number("<Q")
+    metadata = {}
+    for _ in range(n_kv):
+        key = cur.string()
+        metadata[key] = cur.value(cur.number("<I"))
+    tensors = []
+    for _ in range(n_tensors):
+        name = cur.string()
+        dims = [cur.number("<Q") for _ in range(cur.number("<I"))]
+        tensors.append((name, tuple(reversed(dims)), cur.number("<I"), cur.number("<Q")))
+    align = int(metadata.get("general.alignment", 32))
+    return metadata, tensors, (cur.pos + align - 1) // align * align
+
+
+class GGUFContents:
+    """One parsed .gguf file: `metadata` (GGUF keys), `architecture` (as the file names it), `model_type`, `config`
+    (transformers config keyword arguments), `tokenizer` and `tokenizer_config` (transformers' GGUF tokenizer
+    fields), and `tensors(names)`, which dequantises the weights one at a time under transformers' names."""
+
+    def __init__(self, path: Path, blob: np.ndarray, metadata: dict, tensor_table: list, data_start: int):
+        from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES, GGUF_TO_TRANSFORMERS_MAPPING
+
+        self.path, self.metadata = Path(path), metadata
+        self._blob, self._table, self._data_start = blob, tensor_table, data_start
+        if "general.architecture" not in metadata:
+            raise ModelLoadError(f"GGUF file '{path}' has no general.architecture in its metadata; it is not a "
+                                 f"model file that llama.cpp or transformers can load.")
+        # The config as transformers' load_gguf_checkpoint builds it: its GGUF key -> field tables and renames.
+        self.architecture = arch = metadata["general.architecture"]
+        renamed = "mistral" if "llama" in arch and "mistral" in str(metadata.get("general.name", "")) else arch
+        if arch not in GGUF_SUPPORTED_ARCHITECTURES and renamed not in GGUF_SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(f"transformers has no GGUF mapping for architecture '{arch}', so the GGUF file "
+                                 f"'{path}' cannot be read into a model. Use the model's transformers folder "
+                                 f"(config.json and *.safetensors) instead.")
+        parsed = {group: {} for group in GGUF_TO_TRANSFORMERS_MAPPING}
+        for key, value in metadata.items():
+            prefix, _, rest = key.replace(arch, renamed).partition(".")
+            if isinstance(value, list) and len(value) == 1:
+                value = value[0]
+            if isinstance(value, str) and arch in value:
+                value = value.replace(arch, renamed)
+            for group, renames in GGUF_TO_TRANSFORMERS_MAPPING.items():
+                target = renames.get(prefix, {}).get(rest)
+                if target is not None and target != -1:
+                    parsed[group][target] = value
+        config = parsed["config"]
+        config["tie_word_embeddings"] = all(t[0] != "output.weight" for t in tensor_table) or arch in ("falcon", "bloom")
+        try:
+            from transformers.modeling_gguf_pytorch_utils import GGUF_CONFIG_DEFAULTS_MAPPING as defaults
+        except ImportError:  # older transformers
+            defaults = {}
+        for key, value in defaults.get(renamed, defaults.get(arch, {})).items():
+            config.setdefault(key, value)
+        model_type = config.get("model_type", renamed)
+        config["model_type"] = self.model_type = _MODEL_TYPES.get(model_type, model_type)
+        if "vocab_size" not in config and "tokens" in parsed["tokenizer"]:
+            config["vocab_size"] = len(parsed["tokenizer"]["tokens"])
+        self.config, self.tokenizer, self.tokenizer_config = config, parsed["tokenizer"], parsed["tokenizer_config"]
+
+    def tensors(self, names):
+        """(transformers name, float32 tensor) for each weight the file has among `names` (the model's parameter
+        names, e.g. `model.layers.0.self_attn.q_proj.weight`), dequantised lazily, one tensor at a time."""
+        from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, dequantize, get_tensor_name_map
+        from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
+
+        processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.config)
+        arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == self.architecture), None)
+        if arch is None:
+            raise ModelLoadError(f"{self.path}: the installed gguf package does not know the architecture "
+                                 f"'{self.architecture}'; upgrade it with `pip install -U gguf`.")
+        gguf_names = get_tensor_name_map(arch, self.config["num_hidden_layers"])
+        to_hf = {}  # GGUF tensor name -> transformers name, as transformers' get_gguf_hf_weights_map finds it
+        for name in names:
+            name = processor.preprocess_name(name)
+            base, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if name.endswith(
+                (".weight", ".bias")) else (name, "")
+            found = gguf_names.get_name(base)
+            if found is not None:
+                to_hf[found + suffix] = name
+        parsed = {"config": self.config, "tensors": {}}
+        for name, shape, kind, offset in self._table:
+            kind = GGMLQuantizationType(kind)
+            block, size = GGML_QUANT_SIZES[kind]
+            count = int(np.prod(shape)) if shape else 1
+            start = self._data_start + offset
+            raw = self._blob[start:start + count // block * size]
+            raw = raw.reshape(*shape[:-1], shape[-1] // block * size) if shape else raw
+            result = processor.process(weights=dequantize(raw, kind), name=name, tensor_key_mapping=to_hf,
+                                       parsed_parameters=parsed)
+            if result.name in to_hf:
+                yield to_hf[result.name], torch.from_numpy(np.array(result.weights, dtype=np.float32))
+        yield from parsed["tensors"].items()  # tensors a processor assembled itself (split MoE experts)
+
+    def build_tokenizer(self):
+        """The transformers tokenizer the file describes, as AutoTokenizer.from_pretrained(gguf_file=...) builds it
+        (the tokens, merges and special tokens of the file, its chat template), without reading the file again."""
+        from transformers import PreTrainedTokenizerFast
+
+        try:
+            from transformers.integrations.gguf import convert_gguf_tokenizer
+        except ImportError:  # transformers < 5
+            from transformers.integrations.ggml import convert_gguf_tokenizer
+        tokenizer, config = dict(self.tokenizer), dict(self.tokenizer_config)
+        if tokenizer.get("tokenizer_type") == "llama":
+            config.setdefault("add_bos_token", True)  # llama.cpp's default for a sentencepiece vocabulary
+        tokens = tokenizer.get("tokens") or []
+        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"),
+                          ("pad_token", "pad_token_id")):
+            token_id = tokenizer.get(key)
+            config[name] = tokens[token_id] if token_id is not None and token_id < len(tokens) else None
+        backend, extra = convert_gguf_tokenizer(self.architecture, tokenizer)
+        return self._tokenizer_class(PreTrainedTokenizerFast)(tokenizer_object=backend,
+                                                              name_or_path=str(self.path.parent), **config, **extra)
+
+    def _tokenizer_class(self, generic):
+        """The class AutoTokenizer picks for this model type (e.g. GemmaTokenizer), else `generic`."""
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+        from transformers.models.auto.tokenization_auto import TOKENIZER_MAPPING
+
+        try:
+            found = TOKENIZER_MAPPING.get(CONFIG_MAPPING[self.model_type], None)
+        except (KeyError, ValueError, ImportError):
+            return generic
+        if isinstance(found, tuple):  # transformers < 5: (slow, fast)
+            found = found[1]
+        if found is None or found.__name__ in ("MistralCommonBackend", "PythonBackend"):
+            return generic
+        return found
+
+
+def read_gguf(path) -> GGUFContents:
+    """Parse a .gguf file's metadata and tensor table once; the tensor data stays memory-mapped until `tensors()`
+    reads it. Raises ModelLoadError for a file that is not a GGUF file, or a truncated or corrupt one."""
+    from gguf import GGML_QUANT_SIZES
+
+    from fasttune.file_readers import damaged_weights, gguf_failure
+
+    blob = None
+    try:
+        blob = np.memmap(path, mode="r", dtype=np.uint8).view(np.ndarray)  # plain views: no per-slice memmap cost
+        metadata, table, data_start = _parse(blob)
+        for name, shape, kind, offset in table:
+            block, size = GGML_QUANT_SIZES[kind]
+            if data_start + offset + int(np.prod(shape)) // block * size > len(blob):
+                raise ValueError(f"tensor '{name}' ends after the end of the file")
+    except (ValueError, KeyError, struct.error, UnicodeDecodeError, IndexError, OSError) as e:
+        if blob is None or not (len(blob) >= 4 and bytes(blob[:4]) == b"GGUF"):
+            raise gguf_failure(path, e) from None  # unreadable, or not a GGUF file at all
+        raise damaged_weights(path, e, "GGUF") from None
+    return GGUFContents(Path(path), blob, metadata, table, data_start)
