@@ -1,23 +1,46 @@
 """Atomic folder writes: build into a temporary sibling, rename into place only when complete."""
 from __future__ import annotations
 
+import secrets
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from fasttune.errors import write_error
+from fasttune.errors import FastTuneError, WriteError, os_error_of, write_error
+
+
+def tmp_prefix(name: str) -> str:
+    """The hidden prefix of `name`'s temporary siblings (`.checkpoint-8.tmp-1a2b3c4d`)."""
+    return f".{name}.tmp-"
+
+
+def remove_leftovers(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
+    """Delete temporary folders/files a killed save left in `folder` (names matching `pattern`); returns them."""
+    folder = Path(folder)
+    gone = sorted(folder.glob(pattern)) if folder.is_dir() else []
+    for p in gone:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+    return gone
 
 
 @contextmanager
 def atomic_folder(final: Path, what: str, replace: bool = False):
     """Yields a temporary folder; on success its files move into `final` (created, or an existing folder whose
     same-named entries are replaced and whose other entries, such as a trainer's checkpoint folders, are kept);
-    on any error it is removed (no partial output). replace=True swaps the whole folder instead."""
+    on any error it is removed (no partial output). replace=True swaps the whole folder instead.
+
+    The folder gets the permissions a plain mkdir gives under the current umask (not mkdtemp's 0700). Leftovers
+    of an earlier save of the same `final` that was killed are removed first. A failed write (disk full, no
+    permission; also when wrapped by safetensors or torch.save) raises ConfigError via `write_error`."""
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+        remove_leftovers(final.parent, tmp_prefix(final.name) + "*")
+        tmp = final.parent / (tmp_prefix(final.name) + secrets.token_hex(4))
+        tmp.mkdir()
     except OSError as e:
         raise write_error(e, what, final) from None
     try:
@@ -33,8 +56,11 @@ def atomic_folder(final: Path, what: str, replace: bool = False):
             tmp.rename(final)
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise write_error(e, what, final) from None
+        if isinstance(e, WriteError):  # a nested save (a checkpoint's adapter): report the outer folder
+            raise write_error(e.os_error, what, final) from None
+        cause = os_error_of(e) if isinstance(e, Exception) and not isinstance(e, FastTuneError) else None
+        if cause is not None:
+            raise write_error(cause, what, final) from None
         raise
 
 

@@ -1,5 +1,7 @@
 """User-facing errors. Every error a user can cause is a FastTuneError with one actionable paragraph."""
 import errno
+import os
+import re
 
 
 class FastTuneError(Exception):
@@ -18,14 +20,39 @@ class ConfigError(FastTuneError):
     """A training/LoRA option that is invalid or unsupported."""
 
 
-def write_error(e: OSError, what: str, where) -> ConfigError:
+class WriteError(ConfigError):
+    """A failed save (disk full, no permission, ...); `os_error` is the cause."""
+
+    def __init__(self, message: str, os_error: OSError):
+        super().__init__(message)
+        self.os_error = os_error
+
+
+def write_error(e: OSError, what: str, where) -> WriteError:
     """An OSError while saving, as advice: disk full, no permission, or the system's own words."""
     if e.errno == errno.ENOSPC:
-        return ConfigError(f"The disk is full: could not write {what} to '{where}'. Free some space or choose another "
-                           f"output location; earlier checkpoints are intact.")
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return ConfigError(f"No permission to write {what} to '{where}'. Choose a location you can write to.")
-    return ConfigError(f"Could not write {what} to '{where}': {e.strerror or e}.")
+        msg = (f"The disk is full: could not write {what} to '{where}'. Free some space or choose another output "
+               f"location; earlier checkpoints are intact.")
+    elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        msg = f"No permission to write {what} to '{where}'. Choose a location you can write to."
+    else:
+        msg = f"Could not write {what} to '{where}': {e.strerror or e}."
+    return WriteError(msg, e)
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """The OSError behind a failed write, or None. Writers that wrap it: safetensors' SafetensorError ("... (os
+    error 28)") and torch.save's RuntimeError to an open file (the OSError is its __context__)."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        found = re.search(r"\(os error (\d+)\)", str(seen)) if type(seen).__name__ == "SafetensorError" else None
+        if found:
+            code = int(found.group(1))
+            return OSError(code, os.strerror(code))
+        seen = seen.__context__
+    return None
 
 
 def refuse_unknown(method: str, kwargs: dict, accepted: tuple = ()) -> None:

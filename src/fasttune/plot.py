@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from fasttune.errors import write_error
+
 
 def plot_losses(log_history: list[dict], path: Path) -> Path:
     import matplotlib
@@ -28,7 +30,11 @@ def plot_losses(log_history: list[dict], path: Path) -> Path:
     ax.legend(loc="upper right")
     ax.set_title("fasttune training")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    except OSError as e:
+        raise write_error(e, "the loss plot", path) from None
+    finally:
+        plt.close(fig)
     return path

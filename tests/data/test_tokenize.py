@@ -207,6 +207,27 @@ def test_all_rows_dropped(tiny_tokenizer):
         tokenize_rows(rows, tiny_tokenizer, max_seq_length=8, train_on_responses_only=True)
 
 
+@pytest.mark.parametrize("layout", ["messages", "prompt-completion", "alpaca", "sharegpt"])
+def test_window_before_every_response_is_refused(tiny_tokenizer, layout):
+    # Training on all tokens, max_seq_length=5 keeps targets (prompt tokens) but no response: a DataError, not a
+    # run that only learns the prompts.
+    row = {"messages": {"messages": [{"role": "user", "content": "What is the capital of Chile?"},
+                                     {"role": "assistant", "content": "Santiago"}]},
+           "prompt-completion": {"prompt": "What is the capital of Chile?", "completion": "Santiago"},
+           "alpaca": {"instruction": "What is the capital of Chile?", "output": "Santiago"},
+           "sharegpt": {"conversations": [{"from": "human", "value": "What is the capital of Chile?"},
+                                          {"from": "gpt", "value": "Santiago"}]}}[layout]
+    with pytest.raises(DataError, match=r"max_seq_length=5 cuts off every response in the dataset: the 2 rows"):
+        tokenize_rows([row, row], tiny_tokenizer, max_seq_length=5)
+    short = {"prompt": "Q?", "completion": "Santiago"}
+    with pytest.warns(UserWarning, match=r"1 of 2 rows of the dataset are truncated to max_seq_length=5 before"):
+        examples = tokenize_rows([row if layout == "prompt-completion" else
+                                  {"prompt": "What is the capital of Chile?", "completion": "Santiago"}, short],
+                                 tiny_tokenizer, max_seq_length=5)
+    assert len(examples) == 2
+    assert tokenize_rows([{"text": "x" * 50}], tiny_tokenizer, max_seq_length=5)  # text rows: every token counts
+
+
 def test_single_token_row_has_no_target_after_shift(tiny_tokenizer):
     with pytest.raises(DataError, match="No usable training example"):
         tokenize_rows([{"input_ids": [5]}], tiny_tokenizer, max_seq_length=8)

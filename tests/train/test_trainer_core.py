@@ -73,7 +73,9 @@ def test_eval_and_log_file(tiny_model_dir, tmp_path):
     lines = [json.loads(x) for x in (tmp_path / "o" / "log_history.jsonl").read_text().splitlines()]
     assert lines == t.log_history
     assert [h["step"] for h in lines if "loss" in h] == [2, 4]
-    assert sum("eval_loss" in h for h in lines) == 3 and metrics["eval_loss"] > 0
+    # eval_steps divides max_steps: the final eval is step 4's, run and logged once
+    assert [h["step"] for h in lines if "eval_loss" in h] == [2, 4]
+    assert metrics["eval_loss"] == lines[-1]["eval_loss"] > 0
     assert {"learning_rate", "grad_norm", "tokens_per_second", "epoch"} <= set(lines[0])
 
 
@@ -136,6 +138,10 @@ def test_no_trainable_params_is_clear(tiny_model_dir, tmp_path):
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"), ({"lr_scheduler_type": "wavy"}, "wavy"),
     ({"optim": "sgd"}, "optim"), ({"learning_rate": -1.0}, "learning_rate"), ({"packing": "yes"}, "packing"),
     ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train"),
+    ({"max_steps": 0}, r"max_steps=0 is invalid: give the number of optimizer steps \(>= 1\), or -1"),
+    ({"max_steps": -2}, r"max_steps=-2 is invalid"), ({"save_steps": -1}, r"save_steps=-1 is invalid"),
+    ({"warmup_steps": -5}, r"warmup_steps=-5 is invalid"), ({"eval_steps": 0}, r"eval_steps=0 is invalid"),
+    ({"save_total_limit": 0}, r"save_total_limit=0 is invalid"),
 ])
 def test_bad_config_values(kw, match):
     with pytest.raises(ConfigError, match=match):

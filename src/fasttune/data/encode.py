@@ -23,8 +23,9 @@ from fasttune.data import formats, templates
 from fasttune.errors import DataError
 
 IGNORE_INDEX = -100
-# Bit flags of the `fate` column: what happened to a row. A truncated row can also be left without targets.
-TRUNCATED, NO_TARGET, TOO_LONG = 1, 2, 4
+# Bit flags of the `fate` column: what happened to a row. A truncated row can also be left without targets, or
+# (training on all tokens) without any token of its response: it then teaches only its prompt.
+TRUNCATED, NO_TARGET, TOO_LONG, NO_RESPONSE = 1, 2, 4, 8
 INT32_MAX = 2**31 - 1  # token ids are stored as int32 in the Arrow cache
 
 
@@ -101,11 +102,38 @@ class SFTEncoder:
             return [], [], fate | NO_TARGET
         return input_ids, labels, fate
 
+    def fit_row(self, row: Mapping, index: int) -> tuple[list[int], list[int], int]:
+        """encode + fit; a truncated row whose response starts past max_seq_length also gets NO_RESPONSE."""
+        ids, labels, fate = self.fit(*self.encode(row, index))
+        if fate == TRUNCATED and not self.responses_only:
+            start = self.response_start(row, index)
+            if start is not None and start >= self.max_seq_length:
+                fate |= NO_RESPONSE
+        return ids, labels, fate
+
+    def response_start(self, row: Mapping, index: int) -> int | None:
+        """Token index where the row's first response (assistant turn, completion, alpaca output) begins; None
+        for layouts without one (text, tokenized)."""
+        where = formats.row_label(index, self.source_name)
+        if self._layout == "_prompt_completion":
+            return len(self._ids(formats.require_text(row.get("prompt"), where, "prompt"), add_special_tokens=True))
+        if self._layout == "_alpaca" and not self.has_template:
+            instruction, extra, _ = formats.alpaca_fields(row, where)
+            return len(self._ids(formats.alpaca_prompt(instruction, extra), add_special_tokens=True))
+        if self._layout in ("_messages", "_sharegpt", "_alpaca"):
+            messages = self._conversation(row, where)
+            first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
+            if first is None:
+                return None
+            prompt = self._render(messages[:first], where, add_generation_prompt=True)
+            return len(self._ids(prompt, add_special_tokens=False))
+        return None
+
     def __call__(self, batch: Mapping[str, list], indices: list[int]) -> dict[str, list]:
         out = {"input_ids": [], "labels": [], "fate": []}
         columns = list(batch)
         for j, index in enumerate(indices):
-            ids, labels, fate = self.fit(*self.encode({c: batch[c][j] for c in columns}, index))
+            ids, labels, fate = self.fit_row({c: batch[c][j] for c in columns}, index)
             out["input_ids"].append(ids)
             out["labels"].append(labels)
             out["fate"].append(fate)
@@ -132,10 +160,17 @@ class SFTEncoder:
         return self._join(formats.alpaca_prompt(instruction, extra), output)
 
     def _messages(self, row, where):
-        return self._chat(formats.validate_messages(row.get("messages"), where), where)
+        return self._chat(self._conversation(row, where), where)
 
-    def _sharegpt(self, row, where):
-        return self._chat(formats.sharegpt_to_messages(row.get("conversations"), where), where)
+    _sharegpt = _messages
+
+    def _conversation(self, row, where) -> list[dict]:
+        """The row as validated chat messages (messages, sharegpt and, with a template, alpaca layouts)."""
+        if self._layout == "_sharegpt":
+            return formats.sharegpt_to_messages(row.get("conversations"), where)
+        if self._layout == "_alpaca":
+            return formats.alpaca_to_messages(row, where)
+        return formats.validate_messages(row.get("messages"), where)
 
     def _tokenized(self, row, where):
         input_ids = _int_list(row.get("input_ids"), where, "input_ids")

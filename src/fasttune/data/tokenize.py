@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from fasttune.data import formats
-from fasttune.data.encode import IGNORE_INDEX, NO_TARGET, TOO_LONG, TRUNCATED, SFTEncoder
+from fasttune.data.encode import IGNORE_INDEX, NO_RESPONSE, NO_TARGET, TOO_LONG, TRUNCATED, SFTEncoder
 from fasttune.data.examples import TokenizedExamples
 from fasttune.data.sources import load_rows, source_name as _source_name
 from fasttune.errors import ConfigError, DataError
@@ -112,7 +112,7 @@ def _encode_in_process(rows: list, encoder: SFTEncoder) -> tuple[list, list, np.
     input_ids, labels, fates = [], [], []
     bar = tqdm(rows, total=len(rows), desc="Tokenizing", unit="row", disable=len(rows) <= PROGRESS_MIN_ROWS)
     for i, row in enumerate(bar):
-        ids, labs, fate = encoder.fit(*encoder.encode(row, i))
+        ids, labs, fate = encoder.fit_row(row, i)
         fates.append(fate)
         if not fate & (NO_TARGET | TOO_LONG):
             input_ids.append(ids)
@@ -183,6 +183,21 @@ def _report(fates: np.ndarray, n: int, where: str, max_seq_length: int, response
             f" after truncation to max_seq_length={max_seq_length}"
             + (" with train_on_responses_only (the prompts fill the whole window)" if responses_only else "")
             + ". Raise max_seq_length, shorten the prompts, or check that rows contain responses."
+        )
+    promptonly = int(np.count_nonzero(fates & NO_RESPONSE))
+    kept = n - dropped - too_long
+    if promptonly and promptonly == kept:
+        raise DataError(
+            f"max_seq_length={max_seq_length} cuts off every response in {where}: the {kept} rows left are "
+            "truncated before their first response token, so training would only teach the prompts. Raise "
+            "max_seq_length above the prompts' length."
+        )
+    if promptonly:
+        warnings.warn(
+            f"{promptonly} of {n} rows of {where} are truncated to max_seq_length={max_seq_length} before their "
+            "response starts; they teach only their prompt. Raise max_seq_length to keep their responses.",
+            UserWarning,
+            stacklevel=3,
         )
     if too_long:
         warnings.warn(

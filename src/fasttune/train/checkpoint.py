@@ -18,12 +18,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttune.atomic import atomic_folder
+from fasttune.atomic import atomic_folder, remove_leftovers
 from fasttune.errors import ConfigError
+from fasttune.train.optim import lr_lambda, warmup_count
 from fasttune.train.fsdp import full_optimizer_state, gather_state, is_sharded, shard_like, shard_optimizer_state
 
 STATE_NAME = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
+SCHEDULE_KEYS = ("learning_rate", "embedding_learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
+                 "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size",
+                 "gradient_accumulation_steps", "seed")
+_PER_STEP = ("gradient_accumulation_steps", "world_size", "micro_batches_per_step", "total_steps")
 
 
 def rng_state() -> tuple[dict, dict]:
@@ -72,9 +77,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
         elif lora:
             model.save_pretrained(tmp / "adapter")  # PEFT format (PEFT's own save on the transformers fallback)
         rng_js, rng_tensors = rng_state()
-        torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_tensors},
-                   tmp / "training_state.pt")
+        with open(tmp / "training_state.pt", "wb") as f:  # a file object: a failed write keeps its OSError
+            torch.save({"optimizer": optim, "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_tensors}, f)
         (tmp / STATE_NAME).write_text(json.dumps({**state, "rng": rng_js}, indent=1))
     if total_limit:
         for old in list_checkpoints(output_dir)[:-total_limit]:
@@ -91,6 +96,8 @@ def list_checkpoints(output_dir: Path) -> list[Path]:
 
 
 def resolve_resume(resume, output_dir: Path) -> Path | None:
+    """The checkpoint folder a `resume_from_checkpoint` value names: None/False -> None; True -> the newest complete
+    checkpoint in output_dir; a path -> that checkpoint. Raises ConfigError when there is none."""
     if resume in (None, False):
         return None
     if resume is True:
@@ -106,9 +113,84 @@ def resolve_resume(resume, output_dir: Path) -> Path | None:
     return path
 
 
+def prepare_output_dir(output_dir: Path, resume, overwrite: bool = False) -> list[Path]:
+    """Before a run: remove temporary folders a killed save left behind, and refuse a new (not resumed) run into
+    a folder holding another run's checkpoints, which it would otherwise mix with its own (resume=True would pick
+    the newest of either, save_total_limit would delete the wrong ones). overwrite=True deletes those checkpoints
+    instead. Returns the checkpoints deleted. Raises ConfigError."""
+    output_dir = Path(output_dir)
+    remove_leftovers(output_dir, ".checkpoint-*.tmp-*")
+    if resume not in (None, False):
+        return []
+    found = sorted((p for p in output_dir.glob("checkpoint-*") if _CKPT.match(p.name) and p.is_dir()),
+                   key=lambda p: int(p.name.split("-")[1])) if output_dir.is_dir() else []
+    if found and not overwrite:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise ConfigError(f"'{output_dir}' already holds checkpoints of an earlier run ({names}). Continue that run "
+                          f"with resume_from_checkpoint=True (CLI: --resume), choose another output_dir, or set "
+                          f"overwrite_output_dir=True (CLI: --overwrite-output-dir) to delete them first.")
+    for p in found:
+        shutil.rmtree(p)
+    return found
+
+
+def schedule_settings(args, total_steps: int, world_size: int) -> dict:
+    """The settings a resumed run must share with the checkpoint's run: they shape the optimizer state, the
+    learning-rate schedule or the order of the data (and the total, checked by `check_schedule`)."""
+    # The micro-batches per optimizer step (accumulation x processes) fix the data order; how they split between
+    # accumulation and processes does not (an FSDP checkpoint resumes on another world size).
+    return {**{k: getattr(args, k) for k in SCHEDULE_KEYS if k != "gradient_accumulation_steps"},
+            "micro_batches_per_step": args.gradient_accumulation_steps * world_size,
+            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size,
+            "total_steps": total_steps}
+
+
+def check_schedule(path: Path, state: dict, current: dict, learning_rate: float):
+    """Refuse a resume whose schedule-defining settings differ from the checkpoint's, naming each difference. A
+    different total number of steps is accepted when the learning rate of every step already taken is the same
+    under the new total (constant schedules, or a warmup that is unchanged): the run then equals an uninterrupted
+    run with the new total. Older checkpoints without a saved schedule are compared on their saved config."""
+    saved = state.get("schedule") or {k: v for k, v in (state.get("config") or {}).items() if k in SCHEDULE_KEYS}
+    if "micro_batches_per_step" not in saved and "gradient_accumulation_steps" in saved:  # saved config only
+        saved = {**saved, "micro_batches_per_step": saved["gradient_accumulation_steps"] * current["world_size"]}
+    diff = [f"{k}={saved[k]!r} (now {current[k]!r})" for k in current
+            if k in saved and k not in _PER_STEP and saved[k] != current[k]]
+    if saved["micro_batches_per_step"] != current["micro_batches_per_step"]:
+        was = (f"{saved['gradient_accumulation_steps']} x {saved['world_size']}" if "world_size" in saved
+               else str(saved["micro_batches_per_step"]))
+        diff.append(f"gradient_accumulation_steps x processes={was} (now {current['gradient_accumulation_steps']} "
+                    f"x {current['world_size']})")
+    if diff:
+        raise ConfigError(f"Checkpoint {path} was trained with " + ", ".join(diff) + ". These settings shape the "
+                          f"optimizer state, the learning-rate schedule or the order of the data, so the resumed run "
+                          f"would not continue that run. Resume with the checkpoint's values, or start a new run "
+                          f"(another output_dir, or overwrite_output_dir=True).")
+    old_total, new_total, step = saved.get("total_steps"), current["total_steps"], state["step"]
+    if old_total is None or old_total == new_total:
+        return
+    kind, warmup, ratio = current["lr_scheduler_type"], saved["warmup_steps"], saved["warmup_ratio"]
+    old_f, new_f = (lr_lambda(kind, warmup_count(warmup, ratio, t), t) for t in (old_total, new_total))
+    if all(abs(old_f(s) - new_f(s)) <= 1e-12 for s in range(step + 1)):
+        return
+    raise ConfigError(
+        f"Checkpoint {path} is step {step} of a {old_total}-step run ({current['lr_scheduler_type']} schedule); this "
+        f"run asks for {new_total} steps, which changes the learning rate of the steps already taken (step {step}'s "
+        f"would be {learning_rate * new_f(step):.3g} instead of {learning_rate * old_f(step):.3g}), so the result "
+        f"would match neither run. Resume with the old total (max_steps={old_total}), or, to train longer, use "
+        f"lr_scheduler_type='constant' (or 'constant_with_warmup') from the start, or start a new run from the "
+        f"saved adapter.")
+
+
 def _check_identity(path: Path, saved: dict, current: dict):
     if not saved:
         return
+    vocab_only = [a for i, a in enumerate(saved["architecture"]) if i != 1] == \
+        [a for i, a in enumerate(current["architecture"]) if i != 1]
+    if saved["architecture"] != current["architecture"] and vocab_only:
+        raise ConfigError(f"Checkpoint {path} was trained with a vocabulary of {saved['architecture'][1]} tokens; "
+                          f"this model has {current['architecture'][1]}. The run added tokens (add_new_tokens or "
+                          f"resize_token_embeddings) before training: add the same tokens to this model and its "
+                          f"tokenizer, in the same order, before resuming.")
     if saved["architecture"] != current["architecture"]:
         raise ConfigError(f"Checkpoint {path} was trained on a different base model (architecture "
                           f"{saved['architecture']}, this one is {current['architecture']}). Resume with the "
@@ -119,20 +201,21 @@ def _check_identity(path: Path, saved: dict, current: dict):
         raise ConfigError(f"Checkpoint {path} was written with other LoRA settings: it has {diff}, the model "
                           f"now has {({k: (current['lora'] or {}).get(k) for k in diff})}. Resume with the same "
                           f"LoRA rank, alpha, targets and modules_to_save.")
-    for k in ("per_device_train_batch_size", "gradient_accumulation_steps", "seed"):
-        if saved.get(k) != current.get(k):
-            warnings.warn(f"Resuming {path} with {k}={current[k]} (it was trained with {saved.get(k)}): the run "
-                          f"continues, but will not repeat the uninterrupted run exactly.")
     if saved.get("base") != current.get("base"):
         warnings.warn(f"Resuming {path}, trained from '{saved.get('base')}', on '{current.get('base')}' "
                       f"(same architecture).")
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: dict) -> dict:
+def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: dict, check=None) -> dict:
+    """Load a checkpoint into the model, optimizer, scheduler and scaler; returns its trainer state. `identity`
+    (Trainer.run_identity) must match the saved one; `check(state)` may refuse the resume before anything is
+    loaded. Raises ConfigError."""
     from safetensors.torch import load_file
 
     state = json.loads((path / STATE_NAME).read_text())
     _check_identity(path, state.get("identity"), identity)
+    if check is not None:
+        check(state)
     saved = load_file(str(path / "trainable.safetensors"))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):

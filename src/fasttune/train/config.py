@@ -32,6 +32,7 @@ class SFTConfig:
     logging_steps: int = 1
     save_steps: int = 0  # 0: no intermediate checkpoints
     save_total_limit: int | None = None
+    overwrite_output_dir: bool = False  # a new run into a folder with another run's checkpoints deletes them
     eval_steps: int | None = None
     seed: int = 3407
     max_seq_length: int = 2048
@@ -62,6 +63,17 @@ class SFTConfig:
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"{name}={v!r} is invalid: it must be a number >= 0.")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps={self.max_steps} is invalid: give the number of optimizer steps (>= 1), "
+                              f"or -1 to train for num_train_epochs.")
+        for name in ("warmup_steps", "save_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be a whole number >= 0 "
+                                  f"(0 turns it off).")
+        for name in ("eval_steps", "save_total_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be a whole number >= 1, or "
+                                  f"None (unset).")
         if self.embedding_learning_rate is not None and self.embedding_learning_rate < 0:
             raise ConfigError(f"embedding_learning_rate={self.embedding_learning_rate!r} must be >= 0 or None.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:

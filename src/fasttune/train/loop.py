@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 
 from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
-from fasttune.train.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from fasttune.train.checkpoint import (check_schedule, load_checkpoint, prepare_output_dir, resolve_resume,
+                                       save_checkpoint, schedule_settings)
 from fasttune.train.memory_report import PhaseMemory
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.reporters import open_reporters
@@ -200,17 +201,25 @@ class Trainer:
         scaler = torch.amp.GradScaler(model.device.type) if model.dtype == torch.float16 else None
         step, epoch, micro = 0, 0, 0
         ckpt = resolve_resume(resume_from_checkpoint, out_dir)
+        if self.dist.is_main:
+            prepare_output_dir(out_dir, ckpt, args.overwrite_output_dir)
+        self.dist.barrier()
+        schedule = schedule_settings(args, total, self.dist.world)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, self.run_identity())
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, self.run_identity(),
+                                    lambda saved: check_schedule(ckpt, saved, schedule, args.learning_rate))
             step, epoch, micro = state["step"], state["epoch"], state["micro"]
             self.log_history = state["log_history"]
+            if self.dist.is_main:
+                done = " (already complete: nothing left to train)" if step >= total else ""
+                print(f"fasttune: resuming from {ckpt} at step {step} of {total}{done}.", file=sys.stderr)
         self._check_precision()
         log_path = out_dir / LOG_FILE
         self._log_rewrite = True  # first write replaces the file (a resumed run's log = the uninterrupted one's)
         # TensorBoard / W&B (report_to), fed by _log, on rank 0 only
         self._reporters = open_reporters(args) if self.dist.is_main else None
         window, losses, bad_in_row, skipped = [], [], 0, 0
-        t0, tokens_done, saved = time.perf_counter(), 0, None
+        t0, tokens_done, saved, evaluated = time.perf_counter(), 0, None, (None, None)
         bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True,
                    disable=not self.dist.is_main)
         batches = self._step_batches(epoch, micro)
@@ -218,7 +227,7 @@ class Trainer:
 
         def checkpoint():
             state = {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history,
-                     "identity": self.run_identity(), "config": asdict(args)}
+                     "identity": self.run_identity(), "schedule": schedule, "config": asdict(args)}
             path = out_dir / f"checkpoint-{step}"
             if self.dist.is_main or is_sharded(model):  # sharded: every rank joins the gathers, rank 0 writes
                 path = save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state,
@@ -275,8 +284,9 @@ class Trainer:
                                **memory.report()}, log_path)
                     window = []
                 if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
-                    self._log({"step": step, **self.evaluate()}, log_path)
-                if args.save_steps and step % args.save_steps == 0 and step < total:
+                    evaluated = (step, self.evaluate())
+                    self._log({"step": step, **evaluated[1]}, log_path)
+                if args.save_steps and step % args.save_steps == 0:  # the last step too, as transformers does
                     saved = checkpoint()
             if step < total and self.dist.any(bool(stop.requested)):
                 stop.requested = stop.requested or "a signal on another rank"
@@ -293,9 +303,10 @@ class Trainer:
                   f"Resume with trainer.train(resume_from_checkpoint=True) or `fasttune train <same options> --resume`.",
                   file=sys.stderr)
         elif self.eval_examples is not None:
-            evaluated = self.evaluate()
-            metrics.update(evaluated)
-            self._log({"step": step, **evaluated}, log_path)
+            if evaluated[0] != step:  # not evaluated at this step yet (eval_steps need not divide the total)
+                evaluated = (step, self.evaluate())
+                self._log({"step": step, **evaluated[1]}, log_path)
+            metrics.update(evaluated[1])
         if self._reporters is not None:
             self._reporters.close()
         model.eval()
@@ -354,9 +365,7 @@ class Trainer:
         c, lora = self.model.arch, self.model.lora_settings
         return {"architecture": [c.model_type, c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
                                  c.num_kv_heads, c.intermediate_size],
-                "base": self.model.name_or_path, "lora": lora.to_dict() if lora else None,
-                "per_device_train_batch_size": self.args.per_device_train_batch_size,
-                "gradient_accumulation_steps": self.args.gradient_accumulation_steps, "seed": self.args.seed}
+                "base": self.model.name_or_path, "lora": lora.to_dict() if lora else None}
 
     def _clip(self, model) -> float:
         params = [p for p in model.parameters() if p.grad is not None]

@@ -60,6 +60,11 @@ def lr_lambda(kind: str, warmup: int, total: int):
     return f
 
 
+def warmup_count(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
+    """Warmup steps as transformers counts them: warmup_steps if > 0, else ceil(warmup_ratio * total)."""
+    return warmup_steps if warmup_steps > 0 else math.ceil(warmup_ratio * total_steps)
+
+
 def build_scheduler(optimizer, cfg, total_steps: int):
-    warmup = cfg.warmup_steps if cfg.warmup_steps > 0 else math.ceil(cfg.warmup_ratio * total_steps)
+    warmup = warmup_count(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
