@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, FastTuneError
 
 
 def _rows(n=12):
@@ -150,3 +150,14 @@ def test_cli_write_failure_is_one_paragraph(tiny_model_dir, tmp_path, capsys):
     assert f"fasttune: error: Could not write checkpoint checkpoint-1 to '{out / 'checkpoint-1'}': File too large." \
         in err
     assert not out.exists() or not [p for p in out.iterdir() if ".tmp-" in p.name]
+
+
+@pytest.mark.parametrize("damage", ["trainer_state.json", "trainable.safetensors", "training_state.pt"])
+def test_damaged_checkpoint_is_named(tiny_model_dir, tmp_path, damage):
+    folder = tiny_model_dir("llama")
+    out = tmp_path / "run"
+    _trainer(folder, out, max_steps=2, save_steps=1).train()
+    target = out / "checkpoint-2" / damage
+    target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])  # a copy cut short
+    with pytest.raises(FastTuneError, match=rf"{target}.*resume from an earlier checkpoint-N in {out}"):
+        _trainer(folder, out, max_steps=2).train(resume_from_checkpoint=True)

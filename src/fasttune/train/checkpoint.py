@@ -210,13 +210,15 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: d
     """Load a checkpoint into the model, optimizer, scheduler and scaler; returns its trainer state. `identity`
     (Trainer.run_identity) must match the saved one; `check(state)` may refuse the resume before anything is
     loaded. Raises ConfigError."""
-    from safetensors.torch import load_file
+    from fasttune.file_readers import load_safetensors, read_json, torch_load
 
-    state = json.loads((path / STATE_NAME).read_text())
+    fix = (f"The checkpoint is damaged (a copy or disk failure): resume from an earlier checkpoint-N in "
+           f"{path.parent}, or start a new run.")
+    state = read_json(path / STATE_NAME, ConfigError, fix=fix)
     _check_identity(path, state.get("identity"), identity)
     if check is not None:
         check(state)
-    saved = load_file(str(path / "trainable.safetensors"))
+    saved = load_safetensors(path / "trainable.safetensors", fix=fix)
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
         raise ConfigError(f"Checkpoint {path} was written for a different trainable set ({len(saved)} tensors, this "
@@ -228,7 +230,7 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: d
                 raise ConfigError(f"Checkpoint {path}: '{n}' has shape {tuple(saved[n].shape)}, the model has "
                                   f"{tuple(p.shape)}. Resume with the same LoRA rank and base model.")
             p.copy_(shard_like(saved[n], p))  # FSDP: this rank's shard of the full tensor
-    blob = torch.load(path / "training_state.pt", map_location="cpu", weights_only=True)
+    blob = torch_load(path / "training_state.pt", fix=fix)
     optimizer.load_state_dict(shard_optimizer_state(blob["optimizer"], optimizer))
     scheduler.load_state_dict(blob["scheduler"])
     if scaler is not None and blob.get("scaler"):
