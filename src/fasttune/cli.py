@@ -339,8 +339,7 @@ def cmd_train(ns) -> int:
         print(yaml.safe_dump({**shown, **{f.name: getattr(sft, f.name) for f in fields(sft)}}, sort_keys=False))
         return 0
     out = Path(sft.output_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--output-dir '{out}' is a file; pass a folder (it is created if missing).")
+    _check_output_dir(out)
     created = not out.exists()
     try:
         return _train(run, sft, out)
@@ -351,15 +350,66 @@ def cmd_train(ns) -> int:
         raise
 
 
+def _check_output_dir(out: Path) -> None:
+    """--output-dir must be a folder or creatable as one, checked before anything slow runs (nothing is created)."""
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--output-dir '{out}' is a file; pass a folder (it is created if missing).")
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--output-dir '{out}' cannot be created: '{existing}' is a file, not a folder. Pass a "
+                          f"folder path (it is created if missing).")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--output-dir '{out}': no permission to write in '{existing}'. Choose a location you can "
+                          f"write to.")
+
+
+def _check_data(run: dict, sft: SFTConfig, data: str):
+    """The rows of the training data, read before the model loads, so that a missing or unreadable file (and, for
+    SFT, rows of no known layout) fails in a moment rather than after the model load. Raises DataError."""
+    from fasttune.data import load_rows
+    from fasttune.data.formats import detect_format
+    from fasttune.data.sources import source_name
+
+    rows = load_rows(data)
+    if run["method"] == "sft":
+        detect_format(rows.column_names, sft.data_format, dataset_text_field=sft.dataset_text_field,
+                      source_name=source_name(data))
+    return rows
+
+
+def _check_flags(run: dict):
+    """Run options checked before the model loads; returns the gradient checkpointing mode."""
+    import torch
+
+    from fasttune.api import CHECKPOINTING_MODES, resolve_dtype
+
+    if run["dtype"] is not None:
+        resolve_dtype(run["dtype"], torch.device("cpu"))  # ConfigError for a name it does not know
+    gc = {"true": True, "false": False}.get(str(run["gradient_checkpointing"]).lower(), run["gradient_checkpointing"])
+    if gc not in CHECKPOINTING_MODES:
+        raise ConfigError(f"--gradient-checkpointing {run['gradient_checkpointing']} is not understood; use one of "
+                          f"auto, true, false, offload.")
+    return gc
+
+
 def _train(run: dict, sft: SFTConfig, out: Path):
-    from fasttune import FastLanguageModel
-    from fasttune.data import demo_dataset_path
-    from fasttune.models.fallback import FallbackWarning
-    from fasttune.plot import plot_losses
+    from fasttune.data import demo_dataset_path, demo_sample_prompt
 
     data = run["data"] or str(demo_dataset_path())
     if not run["data"]:
         print(f"fasttune: no --data given; training on the bundled demo set ({data}).")
+    rows = _check_data(run, sft, data)  # data and flags first: their errors need no model (nor its imports)
+    gc = _check_flags(run)
+    from fasttune import FastLanguageModel
+    from fasttune.command_helpers import QUANTIZATION_NAMES
+    from fasttune.models.fallback import FallbackWarning
+    from fasttune.plot import plot_losses
+    from fasttune.wording import plural
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
         model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=sft.max_seq_length,
@@ -374,15 +424,16 @@ def _train(run: dict, sft: SFTConfig, out: Path):
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     if tok is None:
         raise ConfigError(f"The model at '{run['model']}' has no tokenizer; save one beside the weights.")
-    print(f"fasttune: model {model.name_or_path} ({model.config.model_type}, {model.dtype}, {model.device})")
-    gc = {"true": True, "false": False}.get(str(run["gradient_checkpointing"]).lower(), run["gradient_checkpointing"])
+    quant = QUANTIZATIONS[run["quantization"]]
+    print(f"fasttune: model {model.name_or_path} ({model.config.model_type}, {model.dtype}, {model.device}"
+          f"{', ' + QUANTIZATION_NAMES[quant] + ' frozen weights' if quant else ''})")
     if not run["full_finetuning"] and model.lora_settings is None:
         model = FastLanguageModel.get_peft_model(
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
             use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=sft.seed)
     trainer = run["trainer_cls"](model=model, tokenizer=tok, train_dataset=data, args=sft)
-    prompt = run["sample_prompt"] or _first_prompt(data)
+    prompt = run["sample_prompt"] or (_first_prompt(rows) if run["data"] else demo_sample_prompt())
     if not run["no_sample"] and prompt:
         print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
     resume = run["resume"]
@@ -401,9 +452,10 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     if not sft.fsdp:
         model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
     plot = plot_losses(trainer.log_history, out / "loss.png")
-    losses = [h["loss"] for h in trainer.log_history if "loss" in h]
-    print(f"fasttune: {metrics['global_step']} steps in {metrics['train_runtime']:.0f}s, loss {losses[0]:.3f} -> "
-          f"{losses[-1]:.3f}, {metrics['train_tokens_per_second']:,.0f} tokens/s")
+    first, last = metrics.get("first_step_loss"), metrics.get("last_step_loss")  # this run's first and last step
+    loss = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""
+    print(f"fasttune: {plural(metrics['global_step'], 'step')} in {metrics['train_runtime']:.0f}s{loss}, "
+          f"{metrics['train_tokens_per_second']:,.0f} tokens/s")
     print(f"fasttune: saved {target} (load with FastLanguageModel.from_pretrained('{target}')), log "
           f"{out / 'log_history.jsonl'}, plot {plot}")
     return 0
@@ -418,11 +470,9 @@ def _sample(model, tok, prompt: str) -> str:
     return generate_text(model, tok, prompt)
 
 
-def _first_prompt(data: str) -> str | None:
+def _first_prompt(rows) -> str | None:
     """A user prompt from the first row, for the before/after sample."""
-    from fasttune.data import load_rows
-
-    row = load_rows(data)[0]
+    row = rows[0]
     for key in ("messages", "conversations"):
         for m in row.get(key) or []:
             if isinstance(m, dict) and m.get("role", m.get("from")) in ("user", "human"):

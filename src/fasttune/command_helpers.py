@@ -31,6 +31,16 @@ def sampling_kwargs(ns) -> dict:
                 seed=ns.seed)
 
 
+def describe_model(model, adapter=None) -> str:
+    """How banners name a loaded model: its path and the adapter applied to it (--adapter), e.g.
+    "/m/base.gguf with adapter out/adapter"."""
+    return f"{model.name_or_path} with adapter {adapter}" if adapter else str(model.name_or_path)
+
+
+# quantization of frozen weights (from_pretrained's quant) -> how the train banner names it
+QUANTIZATION_NAMES = {"nf4": "int4 NF4", "int8": "int8"}
+
+
 def load_model_and_tokenizer(model: str | None, adapter: str | None, dtype: str | None, need_tokenizer=True):
     """--adapter alone loads the adapter's base; --model and --adapter apply the adapter to that model."""
     from fasttune import FastLanguageModel

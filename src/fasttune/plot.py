@@ -16,8 +16,9 @@ def plot_losses(log_history: list[dict], path: Path) -> Path:
     evals = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
     lrs = [(h["step"], h["learning_rate"]) for h in log_history if "learning_rate" in h]
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    marker = "o" if len(train) <= 50 else None  # markers while points are few: a lone point draws no line
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+        ax.plot(*zip(*train), label="train loss", color="tab:blue", marker=marker, markersize=4)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval loss", color="tab:orange")
     ax.set_xlabel("step")
@@ -25,7 +26,7 @@ def plot_losses(log_history: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     if lrs:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*lrs), "--", color="tab:gray", alpha=0.6, label="learning rate")
+        ax2.plot(*zip(*lrs), "--", color="tab:gray", alpha=0.6, label="learning rate", marker=marker, markersize=3)
         ax2.set_ylabel("learning rate")
     ax.legend(loc="upper right")
     ax.set_title("fasttune training")

@@ -68,7 +68,7 @@ def cmd_chat(ns) -> int:
     import torch
     from transformers import TextStreamer
 
-    from fasttune.command_helpers import load_model_and_tokenizer, sampling_kwargs
+    from fasttune.command_helpers import describe_model, load_model_and_tokenizer, sampling_kwargs
     from fasttune.errors import ConfigError
     from fasttune.generate import new_tokens, stop_token_ids
 
@@ -82,7 +82,7 @@ def cmd_chat(ns) -> int:
     stops = stop_token_ids(tok, model)
     budget = model.config.max_position_embeddings - ns.max_new_tokens
     kwargs = sampling_kwargs(ns)
-    print(f"fasttune chat with {model.name_or_path}. {HELP}", flush=True)
+    print(f"fasttune chat with {describe_model(model, ns.adapter)}. {HELP}", flush=True)
     while True:
         try:
             line = input(">>> ")

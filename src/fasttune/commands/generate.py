@@ -5,6 +5,8 @@
 """
 from __future__ import annotations
 
+import sys
+
 
 def register(subparsers):
     from fasttune.command_helpers import add_model_flags, add_sampling_flags
@@ -21,10 +23,11 @@ def register(subparsers):
 def cmd_generate(ns) -> int:
     from transformers import TextStreamer
 
-    from fasttune.command_helpers import load_model_and_tokenizer, sampling_kwargs
+    from fasttune.command_helpers import describe_model, load_model_and_tokenizer, sampling_kwargs
     from fasttune.generate import chat_prompt_ids, left_pad, new_tokens, stop_token_ids
 
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype)
+    print(f"fasttune generate with {describe_model(model, ns.adapter)}", file=sys.stderr, flush=True)  # stdout: replies
     rows = [chat_prompt_ids(tok, [{"role": "user", "content": p}], chat=not ns.no_chat) for p in ns.prompt]
     stops = stop_token_ids(tok, model)
     ids, mask = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else stops[0])

@@ -19,4 +19,18 @@ def demo_dataset_path() -> Path:
     return Path(__file__).resolve().parent / "demo" / "demo.jsonl"
 
 
-__all__ = ["load_rows", "detect_format", "tokenize_rows", "collate", "count_targets", "demo_dataset_path"]
+def demo_heldout_path() -> Path:
+    """Path of a few rows in the demo set's style that are not in it (the demo run's before/after sample prompt)."""
+    return Path(__file__).resolve().parent / "demo" / "heldout.jsonl"
+
+
+def demo_sample_prompt() -> str:
+    """The user prompt of the first held-out demo row: a question the demo run never trains on."""
+    import json
+
+    first = demo_heldout_path().read_text(encoding="utf-8").splitlines()[0]
+    return json.loads(first)["messages"][0]["content"]
+
+
+__all__ = ["load_rows", "detect_format", "tokenize_rows", "collate", "count_targets", "demo_dataset_path",
+           "demo_heldout_path", "demo_sample_prompt"]

@@ -296,7 +296,8 @@ class Trainer:
         metrics = {"train_runtime": runtime, "train_loss": sum(losses) / max(1, len(losses)), "global_step": step,
                    "train_steps_per_second": len(losses) / max(runtime, 1e-9),
                    "train_tokens_per_second": tokens_done / max(runtime, 1e-9), "skipped_steps": skipped,
-                   "interrupted": bool(stop.requested and step < total)}
+                   "interrupted": bool(stop.requested and step < total),
+                   "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None}
         if metrics["interrupted"]:
             metrics["checkpoint"] = str(saved)
             print(f"fasttune: stopped by {stop.requested} at step {step}/{total}; checkpoint saved to {saved}. "
