@@ -11,7 +11,7 @@ import difflib
 import shutil
 import sys
 import warnings
-from dataclasses import MISSING, fields
+from dataclasses import fields
 from pathlib import Path
 
 from fasttune.errors import ConfigError, FastTuneError
@@ -173,18 +173,30 @@ def build_parser(config_cls: type = SFTConfig) -> argparse.ArgumentParser:
     train.add_argument("--gpus", type=int, default=None,
                        help="data-parallel over N local GPUs: relaunches this command under torchrun")
     train.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
-    for name, (typ, _, helptext) in RUN_OPTIONS.items():
+    for name, (typ, default, helptext) in RUN_OPTIONS.items():
+        if default is not None and "default" not in helptext:
+            helptext += f" (default {default!r})"
         if name == "resume":  # `--resume` alone means the latest checkpoint
             train.add_argument("--resume", nargs="?", const="latest", default=None, help=helptext)
         else:
-            _add_typed(train, name, typ, helptext)
+            _add_typed(train, name, typ, helptext.replace("%", "%%"))
+    resolved = config_cls()  # defaults as the config normalises them (report_to 'none' -> [])
     for f in fields(config_cls):
-        default = f.default if f.default is not MISSING else f.default_factory()
-        _add_typed(train, f.name, _flag_type(f), f"{config_cls.__name__}.{f.name} (default {default!r})")
+        _add_typed(train, f.name, _flag_type(f), _default_help(config_cls, f.name, getattr(resolved, f.name)))
     train.set_defaults(func=cmd_train, config_cls=config_cls)
     for register in _more_commands():
         register(sub)
     return parser
+
+
+def _default_help(config_cls: type, name: str, default) -> str:
+    """A config field's flag help with the default `fasttune train` uses (as --print-config shows it): the field's
+    default, the command line's own output folder, and the demo run's setting when it differs."""
+    default = DEFAULT_OUTPUT_DIR if name == "output_dir" else default
+    text = f"{config_cls.__name__}.{name} (default {default!r}"
+    if name in DEMO_DEFAULTS and DEMO_DEFAULTS[name] != default:
+        text += f"; {DEMO_DEFAULTS[name]!r} for the demo run without --data"
+    return (text + ")").replace("%", "%%")
 
 
 def _more_commands():
