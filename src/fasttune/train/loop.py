@@ -246,10 +246,16 @@ class Trainer:
                            if is_sharded(model) else 0)
                 self.prepare_step(group)
                 num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
-                if num_items == 0:
-                    continue  # nothing to learn from; the SFT data path drops such rows before this
                 lr = optimizer.param_groups[0]["lr"]
-                step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler, fillers)
+                if num_items == 0:
+                    # Nothing to learn (e.g. GRPO with every completion masked): a counted step with loss 0 and zero
+                    # gradients, as TRL runs it; never re-sampled.
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.grad = torch.zeros_like(p)
+                    step_loss, grad_norm, n_tokens = 0.0, 0.0, 0
+                else:
+                    step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler, fillers)
                 memory.mark("forward_backward")
                 tokens_done += int(self.dist.sum(n_tokens))
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):

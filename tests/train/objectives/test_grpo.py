@@ -276,3 +276,85 @@ def test_conversational_prompts(tiny_dir, tmp_path, tiny_tokenizer):
     with pytest.raises(DataError, match=r"Row 0 .*prompt\[0\]"):
         GRPOTrainer(model, reward_funcs=["length"], args=args, train_dataset=[{"prompt": [{"role": "x"}]}],
                     processing_class=tok)
+
+
+TRUNCATED = [[97, 98, 99], [98, 98, 98], [99, 97, 98], [100, 101, 102]] * 2  # 3 tokens, no stop token
+
+
+class TruncatedTRL(trl.GRPOTrainer):
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        return [list(c) for c in TRUNCATED[:len(prompt_ids)]], None
+
+
+class Truncated(GRPOTrainer):
+    """Every completion runs to max_completion_length=3 without a stop token; counts the rollouts."""
+    rollouts = 0
+
+    def sample(self, examples, seed):
+        self.rollouts += 1
+        assert self.rollouts <= 10, "the step is re-sampled instead of counted"
+        return [list(c) for c in TRUNCATED[:len(examples)]], [True] * len(examples)
+
+
+def test_every_completion_masked_is_a_counted_step_of_loss_0(tiny_dir, tmp_path):
+    """mask_truncated_completions=True and nothing ends within max_completion_length: TRL 1.16 finishes the step
+    with loss 0 (and logs terminated lengths 0); we count and log it too instead of re-sampling forever."""
+    from datasets import Dataset
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    cfg = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=G,
+               max_completion_length=3, mask_truncated_completions=True, max_steps=2, logging_steps=1)
+    ours = Truncated(model, reward_funcs=[count_a], args=GRPOConfig(output_dir=str(tmp_path / "o"), **cfg),
+                     train_dataset=ROWS, processing_class=tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    ours.train()
+    theirs = TruncatedTRL(model=hf_model("llama", seed=0), reward_funcs=[count_a], train_dataset=Dataset.from_list(ROWS),
+                          processing_class=tok, args=trl.GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True,
+                                                                    report_to="none", bf16=False, save_strategy="no",
+                                                                    **cfg))
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert [h["loss"] for h in want] == [0.0, 0.0]  # the oracle
+    assert ours.rollouts == 2 and [h["step"] for h in ours.log_history] == [1, 2]
+    for h, w in zip(ours.log_history, want):
+        assert h["loss"] == w["loss"] and h["grad_norm"] == 0.0
+        for k in ("completions/clipped_ratio", "completions/mean_terminated_length",
+                  "completions/min_terminated_length", "completions/max_terminated_length",
+                  "completions/mean_length"):
+            assert h[k] == pytest.approx(w[k]), k
+    for n, p in model.named_parameters():  # zero gradients: AdamW moves nothing (no weight decay)
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0)
+
+
+def test_terminated_lengths_match_trl(ours_and_adapter, tmp_path):
+    model, tok, adapter = ours_and_adapter
+    ours = _ours(model, tok, tmp_path)
+    tr, _ = _trl(adapter, tok, tmp_path)
+    _our_batch(ours)
+    for k in ("mean", "min", "max"):
+        name = f"completions/{k}_terminated_length"
+        assert ours._metrics[name][-1] == pytest.approx(tr._metrics["train"][name][-1]), name
+
+
+def never(prompts, completions, **_):
+    return [None] * len(completions)
+
+
+def test_no_reward_at_all_warns_then_stops(tiny_dir, tmp_path):
+    """TRL 1.16 warns 'All reward functions returned None ...' (and trains on at loss 0); we warn the same way and
+    stop after max_unrewarded_steps such steps in a row."""
+    from fasttune.train.objectives.grpo import NoRewardError
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    args = GRPOConfig(output_dir=str(tmp_path / "n"), per_device_train_batch_size=8, gradient_accumulation_steps=1,
+                      num_generations=G, max_completion_length=3, max_steps=10, max_unrewarded_steps=3)
+    tr = Truncated(model, reward_funcs=[never], args=args, train_dataset=ROWS, processing_class=tok)
+    with pytest.warns(UserWarning, match="All reward functions returned None"):
+        with pytest.raises(NoRewardError, match=r"never.* 3 steps in a row.*max_unrewarded_steps"):
+            tr.train()
+    assert [h["loss"] for h in tr.log_history] == [0.0, 0.0]
+    with pytest.raises(ConfigError, match="max_unrewarded_steps"):
+        GRPOConfig(output_dir=str(tmp_path / "n"), max_unrewarded_steps=0)

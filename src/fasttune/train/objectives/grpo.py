@@ -8,13 +8,14 @@ micro-batches (`_step_batches`) and the loss of one (`micro_batch_loss`). The ma
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 
 import torch
 
 from fasttune.data.formats import CHAT_ROLES, require_text, row_label
 from fasttune.data.sources import load_rows, source_name
-from fasttune.errors import ConfigError, DataError
+from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.kernels.token_logprobs import token_logprobs
 from fasttune.train.loop import Trainer
@@ -24,6 +25,10 @@ from fasttune.train.objectives.reference import adapters_disabled, require_refer
 from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
+
+
+class NoRewardError(FastTuneError):
+    """No reward function scored any completion for max_unrewarded_steps steps in a row."""
 
 
 class GRPOTrainer(Trainer):
@@ -65,6 +70,7 @@ class GRPOTrainer(Trainer):
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
         self._ratios: dict = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count] over the log window
+        self._unrewarded_in_row = 0  # steps in a row with no reward at all (see _check_unrewarded)
 
     # --- data --------------------------------------------------------------------------------------------------
     def prepare(self, dataset) -> list[dict]:
@@ -171,6 +177,7 @@ class GRPOTrainer(Trainer):
         """Rewards -> group advantages -> micro-batches with (optional) old and reference log-probs."""
         a = self.args
         rewards_per_func = self.compute_rewards(examples, completion_ids)
+        self._check_unrewarded(rewards_per_func)
         advantages, rewards, std = group_advantages(rewards_per_func, self.reward_weights, a.num_generations,
                                                     a.scale_rewards)
         self._record_rollout(rewards_per_func, rewards, std, completion_ids, truncated)
@@ -182,6 +189,21 @@ class GRPOTrainer(Trainer):
             b["steps"] = torch.tensor(len(sizes))
             batches.append(b)
         return batches
+
+    def _check_unrewarded(self, rewards_per_func: torch.Tensor):
+        """A step where every reward function returned None for every completion teaches nothing (advantages 0):
+        after max_unrewarded_steps such steps in a row, stop."""
+        if not torch.isnan(rewards_per_func).all():
+            self._unrewarded_in_row = 0
+            return
+        self._unrewarded_in_row += 1
+        n = self._unrewarded_in_row
+        if n >= self.args.max_unrewarded_steps:
+            raise NoRewardError(
+                f"Every reward function ({', '.join(self.reward_names)}) returned None for every completion, "
+                f"{n} steps in a row: these steps have no reward to learn from (loss 0), so training stopped. Make "
+                f"at least one reward function return a number for each completion (None only where it does not "
+                f"apply), or raise max_unrewarded_steps (now {self.args.max_unrewarded_steps}).")
 
     def compute_rewards(self, examples: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
         """(completions, reward functions) float32, NaN where a function returned None."""
@@ -202,6 +224,14 @@ class GRPOTrainer(Trainer):
             except (TypeError, ValueError):
                 raise ConfigError(f"The reward function '{name}' returned a value that is not a number "
                                   f"({values[:3]!r}...); return floats (or None for 'not applicable').") from None
+        unscored = torch.isnan(out).all(dim=1)
+        if unscored.any():  # TRL's warning, with the first such completion's inputs
+            i = int(unscored.nonzero()[0, 0])
+            kwargs = {k: v[i] for k, v in columns.items()}
+            kwargs.update(prompt=prompts[i], completion=completions[i])
+            warnings.warn(f"All reward functions returned None for the following kwargs:\n{kwargs}\n"
+                          f"Please ensure that at least one reward function returns a valid reward.", UserWarning,
+                          stacklevel=2)
         return out
 
     def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
@@ -278,6 +308,11 @@ class GRPOTrainer(Trainer):
         rec["completions/min_length"].append(float(lengths.min()))
         rec["completions/max_length"].append(float(lengths.max()))
         rec["completions/clipped_ratio"].append(sum(truncated) / len(truncated))
+        ended = lengths[~torch.tensor(truncated, dtype=torch.bool)]
+        ended = ended if ended.numel() else torch.zeros(1)  # none ended with a stop token: 0, as TRL logs it
+        rec["completions/mean_terminated_length"].append(float(ended.mean()))
+        rec["completions/min_terminated_length"].append(float(ended.min()))
+        rec["completions/max_terminated_length"].append(float(ended.max()))
 
     def _add_ratio(self, name: str, s: float, n: float):
         self._ratios[name][0] += s

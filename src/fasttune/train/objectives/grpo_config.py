@@ -29,6 +29,7 @@ class GRPOConfig(SFTConfig):
     reward_funcs: str | list | None = None  # built-in names, e.g. ["exact_match", "regex:^Answer: \\d+$", "length"]
     reward_weights: list | None = None  # one weight per reward function (default 1.0 each)
     mask_truncated_completions: bool = False  # completions that hit max_completion_length get no loss
+    max_unrewarded_steps: int = 5  # steps in a row where no reward function scored any completion before stopping
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):
@@ -40,7 +41,7 @@ class GRPOConfig(SFTConfig):
                 raise ConfigError(f"reward_weights='{self.reward_weights}' is invalid: give numbers, e.g. 1,0.5.") \
                     from None
         super().__post_init__()
-        for name in ("num_generations", "max_completion_length", "num_iterations"):
+        for name in ("num_generations", "max_completion_length", "num_iterations", "max_unrewarded_steps"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r} is invalid: it must be a whole number >= 1.")
