@@ -50,3 +50,44 @@ def test_needs_adapters(tiny_model_dir, tmp_path):
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
     with pytest.raises(ConfigError, match="LoRA"):
         KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(2), args=_args(tmp_path))
+
+
+def test_one_row_per_step_is_refused(tiny_model_dir, tmp_path):
+    """TRL 1.16 refuses per_device_train_batch_size=1 ("the KL term will be equivalent to the implied reward"); our
+    KL runs over the accumulated batch, so only one row per step is refused (bs 1 x GA 2 is fine)."""
+    model, tok, _ = lora_pair(tiny_model_dir("llama"), tmp_path)
+    with pytest.raises(ConfigError, match=r"one row per optimizer step.*gradient_accumulation_steps to 2"):
+        KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
+                   args=_args(tmp_path, per_device_train_batch_size=1))
+    KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
+               args=_args(tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=2))
+    KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),  # no KL term
+               args=_args(tmp_path, per_device_train_batch_size=1, loss_type="apo_zero_unpaired"))
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 2.5), (0.4, 1.0), (1.0, 5.0)])
+def test_unbalanced_data_gets_trls_weight_advice(weights, tiny_model_dir, tmp_path, caplog):
+    import logging
+    import re
+    import warnings
+
+    import trl
+    from datasets import Dataset
+
+    rows = [{**r, "label": i < 6} for i, r in enumerate(unpaired_rows(8))]  # 6 desirable : 2 undesirable
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    kw = dict(desirable_weight=weights[0], undesirable_weight=weights[1])
+    with caplog.at_level(logging.WARNING):
+        trl.KTOTrainer(model=twin, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                       args=trl_args(trl.KTOConfig, tmp_path, **kw))
+    theirs = [r.getMessage() for r in caplog.records if "ideal range" in r.getMessage()]
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        KTOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, **kw))
+    ours = [str(w.message) for w in seen if "ideal range" in str(w.message)]
+    assert len(ours) == len(theirs) == (weights in [(1.0, 1.0), (1.0, 5.0)])
+    if ours:  # the same recommended ranges: for 6:2 at 1/1, desirable in [0.33, 0.44] or undesirable in [2.26, 3.0]
+        ranges = r"desirable_weight in \[[\d.]+, [\d.]+\] or undesirable_weight in \[[\d.]+, [\d.]+\]"
+        assert re.search(ranges, ours[0]).group() == re.search(ranges, theirs[0]).group()
+        if weights == (1.0, 1.0):
+            assert "desirable_weight in [0.33, 0.44] or undesirable_weight in [2.26, 3.0]" in ours[0]

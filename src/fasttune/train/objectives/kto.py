@@ -7,6 +7,7 @@ The loss is the mean over the rows of the accumulated batch.
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -40,6 +41,23 @@ class KTOConfig(SFTConfig):
                 raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: it must be a number >= 0.")
 
 
+def weight_advice(labels: list[bool], desirable_weight: float, undesirable_weight: float) -> str | None:
+    """TRL 1.16's advice for unbalanced data (Eq. 8 of the KTO paper): None when the counts are equal or one of
+    the weights is in its recommended range, else the warning naming both ranges."""
+    good = max(sum(labels), 1)
+    bad = max(len(labels) - good, 1)
+    if good == bad:
+        return None
+    des = (round(bad * undesirable_weight / good, 2), round(bad * undesirable_weight / good * 1.33, 2))
+    und = (round(good * desirable_weight / bad / 1.33, 2), round(good * desirable_weight / bad, 2))
+    if des[0] <= desirable_weight <= des[1] or und[0] <= undesirable_weight <= und[1]:
+        return None
+    return (f"The data has {sum(labels)} desirable and {len(labels) - sum(labels)} undesirable examples, but the "
+            f"weights on the desirable and undesirable losses don't seem to be in an ideal range. Based on your data, "
+            f"we recommend EITHER desirable_weight in [{des[0]}, {des[1]}] or undesirable_weight in "
+            f"[{und[0]}, {und[1]}] (but NOT BOTH), as TRL does (KTO paper, Eq. 8).")
+
+
 class KTOTrainer(PreferenceTrainer):
     config_cls = KTOConfig
     method = "KTO"
@@ -49,6 +67,21 @@ class KTOTrainer(PreferenceTrainer):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
         require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (without "
                                         "modules_to_save).")
+        a = self.args
+        rows_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
+        if a.loss_type == "kto" and rows_per_step < 2:
+            # TRL refuses per_device_train_batch_size=1; we estimate the KL over the whole accumulated batch, so
+            # only one row per optimizer step is degenerate.
+            raise ConfigError(
+                "KTO with one row per optimizer step (per_device_train_batch_size=1, gradient_accumulation_steps=1) "
+                "cannot estimate the KL term: the mismatched pair is the row itself, so the KL equals its own reward "
+                "and the loss is 0.5 every step. Set per_device_train_batch_size or gradient_accumulation_steps to "
+                "2 or more (TRL's KTOTrainer needs per_device_train_batch_size > 1), or use "
+                "loss_type='apo_zero_unpaired', which has no KL term.")
+        advice = weight_advice([ex["label"] for ex in self.train_examples], a.desirable_weight,
+                               a.undesirable_weight)
+        if advice:
+            warnings.warn(advice, UserWarning, stacklevel=2)
         self._kl = 0.0
 
     def prepare(self, dataset) -> list[dict]:
