@@ -131,7 +131,10 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
             hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:])
         _write_shards(tensors, tmp)
         hf_config.tie_word_embeddings = model.arch.tie_embeddings
-        hf_config.torch_dtype = str(dtype).removeprefix("torch.")
+        if isinstance(getattr(type(hf_config), "torch_dtype", None), property):  # a deprecated alias of dtype
+            hf_config.dtype = str(dtype).removeprefix("torch.")
+        else:  # transformers < 4.56 knows only torch_dtype
+            hf_config.torch_dtype = str(dtype).removeprefix("torch.")
         hf_config.save_pretrained(tmp)
         try:
             from transformers import GenerationConfig
