@@ -1,6 +1,7 @@
 """Preference rows -> token ids, and their batches (DPO, ORPO: paired; KTO: unpaired).
 
-Paired rows:   {"prompt", "chosen", "rejected"} (+ optional precomputed "ref_chosen_logps", "ref_rejected_logps")
+Paired rows:   {"prompt", "chosen", "rejected"} (+ optional precomputed "ref_chosen_logps", "ref_rejected_logps");
+               without "prompt", the prefix chosen and rejected share is the prompt (TRL's implicit prompt)
 Unpaired rows: {"prompt", "completion", "label": bool}; KTO also takes paired rows (chosen -> True, rejected -> False)
 
 Each text field is a string, or a list of {role, content} messages (TRL's conversational format), rendered with the
@@ -36,7 +37,9 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
     """Paired rows -> [{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "ref_chosen_logps", "ref_rejected_logps")]."""
     rows, columns, source_name = _rows_and_columns(rows, source_name)
     where = source_name or "the dataset"
-    _require_columns(columns, PAIRED, where, "paired preference data (DPO, ORPO)")
+    implicit = "prompt" not in columns and "chosen" in columns and "rejected" in columns
+    if not implicit:
+        _require_columns(columns, PAIRED, where, "paired preference data (DPO, ORPO)")
     has_ref = [c for c in REF_COLUMNS if c in columns]
     if len(has_ref) == 1:
         missing = next(c for c in REF_COLUMNS if c not in columns)
@@ -47,6 +50,8 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
     for i, row in enumerate(rows):
         at = row_label(i, source_name)
         prompt, chosen, rejected = (row.get(k) for k in PAIRED)
+        if implicit:
+            prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
         prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"))
         prompt_ids = _clip_prompt(prompt_ids, max_prompt_length)
         if len(prompt_ids) >= max_seq_length:
@@ -65,7 +70,7 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
     """Unpaired rows -> [{"prompt_ids", "completion_ids", "label"}]; paired rows are split into two each."""
     rows, columns, source_name = _rows_and_columns(rows, source_name)
     where = source_name or "the dataset"
-    paired = all(c in columns for c in PAIRED) and "completion" not in columns
+    paired = "chosen" in columns and "rejected" in columns and "completion" not in columns
     if not paired:
         _require_columns(columns, UNPAIRED, where, "unpaired preference data (KTO)")
     enc = _Encoder(tokenizer, chat_template, where)
@@ -74,7 +79,10 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
         at = row_label(i, source_name)
         if paired:
             fields = ("chosen", "rejected")
-            prompt_ids, completions = enc.encode(row.get("prompt"), [row.get(f) for f in fields], at, fields)
+            prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+            if "prompt" not in columns:
+                prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
+            prompt_ids, completions = enc.encode(prompt, [chosen, rejected], at, fields)
             labels = [True, False]
         else:
             label = row.get("label")
@@ -93,6 +101,31 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
             out.append({"prompt_ids": prompt_ids, "completion_ids": ids[:max_seq_length - len(prompt_ids)],
                         "label": label})
     return _finish(out, dropped, n, where, max_seq_length)
+
+
+def extract_prompt(chosen, rejected, at: str = "A row"):
+    """(prompt, chosen, rejected) from rows without a 'prompt' whose chosen and rejected repeat it (TRL's implicit
+    prompt, trl.data_utils.extract_prompt): the longest shared prefix of messages (or characters, for strings, a
+    space before the split going to the completions). A DataError when nothing is shared."""
+    conv = [isinstance(v, (list, tuple)) for v in (chosen, rejected)]
+    if conv[0] != conv[1] or not all(isinstance(v, (str, list, tuple)) for v in (chosen, rejected)):
+        raise DataError(f"{at}: there is no 'prompt', so it is taken from what 'chosen' and 'rejected' share; that "
+                        f"needs both to be message lists or both strings, but they are {type(chosen).__name__} and "
+                        f"{type(rejected).__name__}. Give the row a 'prompt'.")
+    if conv[0]:  # Arrow fills absent struct keys with None
+        chosen, rejected = ([{k: v for k, v in m.items() if v is not None} if isinstance(m, Mapping) else m
+                             for m in x] for x in (chosen, rejected))
+    n = min(len(chosen), len(rejected))
+    idx = n - 1  # as TRL's loop leaves it when one is a prefix of the other
+    for i in range(n):
+        if chosen[i] != rejected[i]:
+            idx = i - 1 if i > 0 and chosen[i - 1] == " " else i
+            break
+    if idx < 1:
+        raise DataError(f"{at}: there is no 'prompt', and 'chosen' and 'rejected' share no leading "
+                        f"{'message' if conv[0] else 'text'} to take it from. Give the row a 'prompt' column (and "
+                        f"the replies alone in 'chosen' / 'rejected').")
+    return chosen[:idx], chosen[idx:], rejected[idx:]
 
 
 # --- batches ------------------------------------------------------------------------------------------------------

@@ -94,3 +94,60 @@ def test_transformers_fallback_equals_our_decoder(tiny_model_dir, tmp_path):
     assert set(fb_grads) == set(grads)
     for k in grads:
         torch.testing.assert_close(fb_grads[k], grads[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def _implicit_rows():
+    """chosen/rejected that repeat the conversation (TRL's implicit prompt), as message lists and as strings."""
+    u = lambda c: {"role": "user", "content": c}  # noqa: E731
+    a = lambda c: {"role": "assistant", "content": c}  # noqa: E731
+    chat = [{"chosen": [u("hi"), a("yes")], "rejected": [u("hi"), a("no!")]},
+            {"chosen": [{"role": "system", "content": "brief"}, u("2+2?"), a("4"), u("and 3+3?"), a("6")],
+             "rejected": [{"role": "system", "content": "brief"}, u("2+2?"), a("4"), u("and 3+3?"), a("7, I think")]}]
+    text = [{"chosen": "Q: sky? A: blue", "rejected": "Q: sky? A: green"},
+            {"chosen": "Say hi. hello there", "rejected": "Say hi. go away"}]
+    return chat, text
+
+
+@pytest.mark.parametrize("kind", ["messages", "strings"])
+def test_implicit_prompt_gives_trls_tokens(kind, tiny_model_dir, tmp_path):
+    """Rows with only chosen/rejected: the shared prefix is the prompt, tokenized as TRL 1.16's DPOTrainer does."""
+    import trl
+    from datasets import Dataset
+
+    rows = _implicit_rows()[kind == "strings"]
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path))
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path), train_dataset=Dataset.from_list(rows),
+                            processing_class=tok)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    got = [[ex[k] for k in keys] for ex in ours.train_examples]
+    assert got == [[t[k] for k in keys] for t in theirs.train_dataset]
+    if kind == "messages":  # the whole shared conversation is the prompt, the replies the completions
+        assert tok.decode(got[1][1]).startswith("6") and tok.decode(got[1][2]).startswith("7, I think")
+        assert "and 3+3?" in tok.decode(got[1][0])
+    our_step(ours, 2)  # trains
+
+
+def test_implicit_prompt_kto_and_errors(tiny_model_dir, tmp_path):
+    import trl
+    from datasets import Dataset
+
+    from fasttune import KTOConfig, KTOTrainer
+    from fasttune.errors import DataError
+
+    chat, _ = _implicit_rows()
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    ours = KTOTrainer(model=model, tokenizer=tok, train_dataset=chat,
+                      args=KTOConfig(output_dir=str(tmp_path / "k"), per_device_train_batch_size=2))
+    theirs = trl.KTOTrainer(model=twin, train_dataset=Dataset.from_list(chat), processing_class=tok,
+                            args=trl_args(trl.KTOConfig, tmp_path))
+    keys = ("prompt_ids", "completion_ids", "label")
+    # the same rows (TRL lists all chosen rows first, we keep each pair's two rows together)
+    assert sorted([ex[k] for k in keys] for ex in ours.train_examples) == sorted([t[k] for k in keys]
+                                                                                 for t in theirs.train_dataset)
+    bad = [{"chosen": [{"role": "user", "content": "a"}], "rejected": [{"role": "user", "content": "b"}]}]
+    with pytest.raises(DataError, match="share no leading message.*'prompt'"):
+        DPOTrainer(model=model, tokenizer=tok, train_dataset=bad, args=_args(tmp_path))
+    with pytest.raises(DataError, match="both to be message lists or both strings"):
+        DPOTrainer(model=model, tokenizer=tok, train_dataset=[{"chosen": "a b", "rejected": chat[0]["rejected"]}],
+                   args=_args(tmp_path))
