@@ -22,7 +22,10 @@ def test_8bit_adamw_is_bitsandbytes_and_steps_like_it(name, cls):
     ours, ref = _model(), _model()
     opt = build_optimizer(ours, cfg)
     assert type(opt).__name__ == cls and opt.defaults["weight_decay"] == 0.01
-    ref_opt = getattr(bnb.optim, cls)(ref.parameters(), lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
+    # Biases are not decayed (transformers' Trainer rule).
+    groups = [{"params": [p for n, p in ref.named_parameters() if not n.endswith("bias")]},
+              {"params": [p for n, p in ref.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
+    ref_opt = getattr(bnb.optim, cls)(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
     x = torch.randn(8, 64)
     for model, o in ((ours, opt), (ref, ref_opt)):
         for _ in range(3):

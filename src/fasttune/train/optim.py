@@ -2,26 +2,31 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 
 from fasttune.errors import ConfigError
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    """AdamW (torch's, or bitsandbytes' 8-bit) over the trainable parameters: embeddings at embedding_learning_rate,
+    weight decay only where transformers' Trainer applies it (see decay_parameter_names)."""
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise ConfigError("The model has no trainable parameters. Call FastLanguageModel.get_peft_model(model, ...) "
                           "for LoRA, or load with full_finetuning=True.")
     # Each model kind names its embeddings (the fallback per architecture, e.g. GPT-2's wte).
     embed_names = set(model.embedding_param_names)
-    embed = [p for n, p in trainable if n in embed_names]
-    rest = [p for n, p in trainable if n not in embed_names]
+    embed_lr = cfg.learning_rate if cfg.embedding_learning_rate is None else cfg.embedding_learning_rate
+    # Weight decay skips biases and norm weights, as transformers' Trainer does; each learning rate then has a
+    # decayed and an undecayed group (one group each when there is no decay, as before).
+    decay = decay_parameter_names(model) if cfg.weight_decay else {n for n, _ in trainable}
     groups = []
-    if rest:
-        groups.append({"params": rest, "lr": cfg.learning_rate})
-    if embed:
-        lr = cfg.learning_rate if cfg.embedding_learning_rate is None else cfg.embedding_learning_rate
-        groups.append({"params": embed, "lr": lr})
+    for is_embed, lr in ((False, cfg.learning_rate), (True, embed_lr)):
+        for decayed in (True, False):
+            params = [p for n, p in trainable if (n in embed_names) == is_embed and (n in decay) == decayed]
+            if params:
+                groups.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0})
     if cfg.optim in EIGHT_BIT:
         return _bnb_adamw(cfg, groups)
     # "adamw" on a GPU takes torch's fused kernel (transformers' default, adamw_torch_fused): the same update in
@@ -29,6 +34,21 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     fused = cfg.optim in ("adamw", "adamw_torch_fused") and all(p.is_cuda for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                              weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+# transformers' Trainer.get_decay_parameter_names (5.x): no decay for parameters inside an nn.LayerNorm, nor for
+# (lower-cased) names that match one of these.
+NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")
+
+
+def decay_parameter_names(model: torch.nn.Module) -> set[str]:
+    """Names of the parameters that weight decay applies to, by transformers' Trainer rule: every parameter but
+    biases and norm weights (those of nn.LayerNorm modules, and names with 'layernorm', 'rmsnorm', a 'norm' or
+    '*_norm' component). LoRA A/B and trainable embedding copies are decayed; norms kept trainable are not."""
+    in_layernorm = {n for m_name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
+                    for n, _ in m.named_parameters(prefix=m_name)}
+    return {n for n, _ in model.named_parameters()
+            if n not in in_layernorm and not NO_DECAY_NAMES.search(n.lower())}
 
 
 # transformers' names for bitsandbytes' 8-bit AdamW (block-wise quantised moments; tensors under 4096 values keep
