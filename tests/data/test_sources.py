@@ -126,3 +126,34 @@ def test_utf16_file_is_named_as_utf16(tmp_path):
 def test_utf8_with_bom_and_multibyte_characters_load(tmp_path):
     (tmp_path / "ok.csv").write_bytes("text\ncafé ★ 日本語\n".encode("utf-8-sig"))
     assert load_rows(str(tmp_path / "ok.csv"))[0]["text"] == "café ★ 日本語"
+
+
+def test_csv_cells_are_the_text_in_the_file_as_pythons_csv_reads_it(tmp_path, tiny_tokenizer):
+    """Outputs that look like numbers or NA stay text (they used to become [4.0, 2.5, None, None, 2139.0])."""
+    import csv
+
+    from fasttune.data import tokenize_rows
+
+    path = tmp_path / "alpaca.csv"
+    path.write_text('instruction,input,output\nAdd 2 and 2,,4\nPrice?,a pen,2.50\nAge?,,NA\nValue?,"",None\n'
+                    'ZIP of Cambridge MA?,,02139\n', encoding="utf-8")
+    with path.open(newline="", encoding="utf-8") as f:
+        oracle = list(csv.DictReader(f))
+    rows = load_rows(str(path))
+    assert rows.to_list() == oracle
+    assert rows["output"] == ["4", "2.50", "NA", "None", "02139"]
+    examples = tokenize_rows(str(path), tiny_tokenizer, max_seq_length=256)
+    assert len(examples) == 5
+    last = tiny_tokenizer.decode(examples[4]["input_ids"])
+    assert "02139" in last and "2139.0" not in last
+
+
+def test_csv_keeps_kto_labels_and_reference_logps_typed(tmp_path):
+    path = tmp_path / "kto.csv"
+    path.write_text("prompt,completion,label,ref_chosen_logps\nHi,Hello,true,-1.5\nHi,Go away,False,-2\n",
+                    encoding="utf-8")
+    rows = load_rows(str(path))
+    assert rows["label"] == [True, False] and rows["ref_chosen_logps"] == [-1.5, -2.0]
+    assert rows["completion"] == ["Hello", "Go away"]
+    path.write_text("text,label\nfine,positive\nbad,negative\n", encoding="utf-8")
+    assert load_rows(str(path))["label"] == ["positive", "negative"]  # not booleans: stays text

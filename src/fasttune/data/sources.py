@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import datasets
+import pyarrow as pa
 
 from fasttune.data.formats import require_dict_rows
 from fasttune.errors import DataError
@@ -156,12 +157,44 @@ def _load_path(path: Path) -> datasets.Dataset:
               "parquet": datasets.Dataset.from_parquet}[kind]
     try:
         with _quiet_datasets_logger():
-            ds = loader(str(path))
+            ds = loader(str(path), **(_csv_as_text(path) if kind == "csv" else {}))
+            if kind == "csv":
+                ds = _typed_csv_columns(ds)
     except Exception as e:  # the loaders raise StopIteration, ArrowInvalid, DatasetGenerationError, ...
         raise DataError(_unreadable_message(path, kind, e)) from e
     if not isinstance(ds, datasets.Dataset):  # from_* return a Dataset; guard against a dict of splits
         ds = _train_split(ds, f"Dataset file {path}")
     return _non_empty(ds, f"Dataset file {path}")
+
+
+def _csv_as_text(path: Path) -> dict:
+    """from_csv options that keep every cell as the text in the file, as Python's csv module reads it: no number
+    or NA inference (`02139` stays `02139`, `NA`/`None` stay words, an empty cell is "")."""
+    import pandas as pd
+
+    columns = pd.read_csv(path, nrows=0).columns  # the names pandas gives the header (duplicates renamed)
+    return {"features": datasets.Features({str(c): datasets.Value("string") for c in columns}),
+            "keep_default_na": False, "na_filter": False}
+
+
+# The only CSV columns that are not text: KTO's boolean `label` and DPO's precomputed reference log-probs.
+CSV_TYPED_COLUMNS = {"label": datasets.Value("bool"), "ref_chosen_logps": datasets.Value("float64"),
+                     "ref_rejected_logps": datasets.Value("float64")}
+
+
+def _typed_csv_columns(ds: datasets.Dataset) -> datasets.Dataset:
+    """`label` as booleans when every cell is true/false (any case), the log-prob columns as numbers when every
+    cell is one; otherwise they stay text, and the preference reader names the bad cell."""
+    for name, feature in CSV_TYPED_COLUMNS.items():
+        if name not in ds.column_names:
+            continue
+        if feature.dtype == "bool" and not all(v.lower() in ("true", "false") for v in ds[name]):
+            continue
+        try:
+            ds = ds.cast_column(name, feature)  # Arrow's cast: true/false in any case, numbers as written
+        except (ValueError, TypeError, pa.ArrowInvalid):
+            pass
+    return ds
 
 
 @contextmanager
