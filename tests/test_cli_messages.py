@@ -95,3 +95,17 @@ def test_generate_and_chat_banners_name_the_adapter(adapter, tiny_model_dir, cap
     assert main(["chat", "--model", str(tiny_model_dir("llama")), "--adapter", str(adapter)]) == 0
     assert re.match(rf"fasttune chat with .*llama-0 with adapter {re.escape(str(adapter))}\.",
                     capsys.readouterr().out)
+
+
+def test_one_missing_tensor_is_singular(tiny_model_dir):
+    from safetensors.torch import load_file, save_file
+
+    from fasttune import FastLanguageModel
+    from fasttune.errors import ModelLoadError
+
+    folder = tiny_model_dir("llama")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.norm.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ModelLoadError, match=r"checkpoint lacks 1 tensor the config needs, e\.g\. model\.norm\.weight"):
+        FastLanguageModel.from_pretrained(str(folder))

@@ -16,6 +16,7 @@ from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetens
                                    torch_load)
 from fasttune.models.config import SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
+from fasttune.wording import plural
 
 # Buffers some checkpoints carry that our decoder recomputes.
 _IGNORED_KEYS = ("rotary_emb.inv_freq", "masked_bias", ".attn.bias")
@@ -178,7 +179,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
         seen.add("lm_head.weight")
     missing = [k for k in expected if k not in seen]
     if missing:
-        raise ModelLoadError(f"{source}: checkpoint lacks {len(missing)} tensors the config needs, e.g. "
+        raise ModelLoadError(f"{source}: checkpoint lacks {plural(len(missing), 'tensor')} the config needs, e.g. "
                              f"{', '.join(missing[:4])}. Is it a complete checkpoint of a '{cfg.model_type}' model?")
     model.tie_weights()
     model.requires_grad_(False)
