@@ -135,3 +135,39 @@ def test_adapter_on_wrong_base_is_refused(tiny_model_dir, tmp_path):
     other, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama", intermediate_size=96)))
     with pytest.raises(ModelLoadError, match="shape"):
         load_adapter_into(other, tmp_path / "adapter")
+
+
+def test_phi3_partial_fused_targets_warn_and_record_what_was_applied(tiny_model_dir, tmp_path):
+    """Phi-3 fuses q/k/v into qkv_proj: PEFT refuses target_modules=["q_proj", "v_proj"]; we apply qkv_proj (so
+    k_proj gets LoRA too), say so, and record both the asked and the applied names."""
+    import json
+
+    from peft import LoraConfig, get_peft_model
+    from tiny import hf_model
+
+    from fasttune.peft.lora import FusedTargetsWarning
+
+    with pytest.raises(ValueError, match="q_proj"):  # the oracle: PEFT has no layer by these names
+        get_peft_model(hf_model("phi3"), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("phi3")))
+    with pytest.warns(FusedTargetsWarning, match=r"\['q_proj', 'v_proj'\] were applied as 'qkv_proj', so k_proj"):
+        model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "v_proj"])
+    s = model.lora_settings
+    assert s.target_modules == ["qkv_proj"] and s.requested_target_modules == ["q_proj", "v_proj"]
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["target_modules"] == ["qkv_proj"]
+    # The same layers as PEFT's own request for qkv_proj.
+    twin = get_peft_model(hf_model("phi3"), LoraConfig(r=4, target_modules=["qkv_proj"]))
+    theirs = sorted(n.replace("base_model.model.", "").replace(".default", "")
+                    for n, p in twin.named_parameters() if p.requires_grad)
+    assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
+        n.replace(".weight", "") for n in theirs]
+
+
+def test_phi3_whole_fused_groups_are_applied_without_a_warning(tiny_model_dir, recwarn):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("phi3")))
+    model = FastLanguageModel.get_peft_model(model, r=4)  # the default q,k,v,o,gate,up,down
+    assert not [w for w in recwarn if "fuses" in str(w.message)]
+    assert model.lora_settings.target_modules == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    assert model.lora_settings.requested_target_modules == sorted(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -32,6 +33,9 @@ class LoraSettings:
     use_rslora: bool = False
     modules_to_save: list = field(default_factory=list)
     bias: str = "none"
+    # The names asked for when they were widened onto fused layers (Phi-3's q_proj -> qkv_proj); target_modules
+    # then holds the applied names, as the saved adapter_config.json does.
+    requested_target_modules: list | None = None
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -42,7 +46,11 @@ class LoraSettings:
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The settings as a plain dict (requested_target_modules only when it was recorded)."""
+        d = asdict(self)
+        if d["requested_target_modules"] is None:
+            del d["requested_target_modules"]
+        return d
 
 
 class LoraLinear(nn.Module):
@@ -110,6 +118,8 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
         return [n for n in linears if re.fullmatch(targets, n)]
     fused = any(n.endswith(("qkv_proj", "gate_up_proj")) for n in linears)
     wanted = {FUSED_TARGETS.get(t, t) if fused else t for t in targets}
+    if fused:
+        _warn_widened(targets)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in wanted or n in wanted]
     found = {n.rsplit(".", 1)[-1] for n in chosen}
     unknown = sorted(t for t in wanted if t not in found and t not in chosen)
@@ -117,6 +127,35 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
         names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ConfigError(f"target_modules {unknown} match no layer of this model. Its linear layers are: {names}.")
     return chosen
+
+
+class FusedTargetsWarning(UserWarning):
+    """LoRA was asked for part of a fused projection (Phi-3's qkv_proj / gate_up_proj) and covers all of it."""
+
+
+def _warn_widened(targets) -> None:
+    """Warn when the names cover only part of a fused layer: LoRA on it adapts its other projections too."""
+    asked = set(targets)
+    for fused in sorted(set(FUSED_TARGETS.values())):
+        parts = sorted((t for t, f in FUSED_TARGETS.items() if f == fused), key=DEFAULT_TARGETS.index)
+        given = [t for t in parts if t in asked]
+        if given and len(given) < len(parts):
+            others = [t for t in parts if t not in asked]
+            warnings.warn(
+                f"This model fuses {'/'.join(parts)} into one layer, {fused}: target_modules {given} were applied "
+                f"as {fused!r}, so {'/'.join(others)} get{'s' if len(others) == 1 else ''} LoRA too (PEFT refuses "
+                f"these names on such a model). Pass {fused!r} in target_modules to ask for it directly.",
+                FusedTargetsWarning, stacklevel=5)
+
+
+def _record_applied(settings: LoraSettings, names: list[str]) -> None:
+    """target_modules becomes the applied layer names when fused layers stood in for the asked ones."""
+    if not isinstance(settings.target_modules, list):
+        return
+    applied = sorted({n.rsplit(".", 1)[-1] for n in names})
+    asked = settings.target_modules
+    if any(t in FUSED_TARGETS for t in asked) and any(t in FUSED_TARGETS.values() for t in applied):
+        settings.requested_target_modules, settings.target_modules = asked, applied
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407) -> list[str]:
@@ -142,6 +181,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
         if seed is not None:
             torch.random.set_rng_state(gen_state)
     _make_savable_trainable(model, settings.modules_to_save)
+    _record_applied(settings, names)
     return names
 
 
