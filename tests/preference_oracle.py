@@ -42,11 +42,23 @@ def our_step(trainer, n=4):
     return loss.detach(), grads
 
 
+def shift_policy(model, twin, seed=7):
+    """After both trainers took their reference (TRL: a "ref" copy of the given adapter; fasttune: ReferencePolicy),
+    move the policy's LoRA B the same way on both sides, so that policy and reference differ."""
+    g = torch.Generator().manual_seed(seed)
+    theirs = {n.removeprefix("base_model.model.").replace(".default", "").removesuffix(".weight"): p
+              for n, p in twin.named_parameters() if ".default." in n and "lora_B" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                delta = torch.randn(p.shape, generator=g) * 0.05
+                p.add_(delta)
+                theirs.pop(n).add_(delta)
+    assert not theirs
+
+
 def trl_step(trl_trainer, twin, batch):
-    if "ref" in twin.peft_config:
-        # TRL copies a given adapter as the reference ("ref"); fasttune's reference is the base with the adapters
-        # disabled, which TRL uses when there is no "ref" adapter.
-        twin.delete_adapter("ref")
+    # TRL copies the adapter it is given as the reference ("ref"), as fasttune's ReferencePolicy does.
     twin.zero_grad(set_to_none=True)
     loss = trl_trainer.compute_loss(twin, batch)
     loss.backward()
@@ -80,10 +92,12 @@ def assert_ga_invariant(trainer_cls, make_args, rows, folder, tmp_path):
     def run(bs, ga):
         model, tok = FastLanguageModel.from_pretrained(str(folder))
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
-        randomize_lora_b(model)  # LoRA A gets real gradients from step 1 (Adam magnifies noise in near-zero ones)
         args = make_args(tmp_path / f"{bs}x{ga}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
                          max_steps=2, shuffle=True)
         trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
+        # After the trainer took its reference (the fresh adapter, i.e. the base), so that the policy differs from
+        # it, and LoRA A gets real gradients from step 1 (Adam magnifies noise in near-zero ones).
+        randomize_lora_b(model)
         trainer.train()
         return trainer, {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
-                               pair_rows, trl_args, trl_step)
+                               pair_rows, shift_policy, trl_args, trl_step)
 
 from fasttune import DPOConfig, DPOTrainer, FastLanguageModel
 from fasttune.errors import ConfigError
@@ -27,6 +27,7 @@ def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
                             train_dataset=Dataset.from_list(rows), processing_class=tok)
     keys = ("prompt_ids", "chosen_ids", "rejected_ids")
     assert [[ex[k] for k in keys] for ex in ours.train_examples] == [[t[k] for k in keys] for t in theirs.train_dataset]
+    shift_policy(model, twin)
     ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
     assert_same_step(our_step(ours), ref)
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
@@ -81,14 +82,22 @@ def test_bad_config(kw, match, tmp_path):
 
 
 def test_transformers_fallback_equals_our_decoder(tiny_model_dir, tmp_path):
-    """On the fallback path the reference comes from PEFT's disable_adapter(); same loss and gradients."""
+    """On the fallback path the reference is a frozen copy of the PEFT adapter as loaded; same loss and gradients."""
     model, tok, _ = lora_pair(tiny_model_dir("llama"), tmp_path)
     fallback, _ = FastLanguageModel.from_pretrained(str(tmp_path / "init"), fast=False)
-    loss, grads = our_step(DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(4), args=_args(tmp_path)))
-    fb_loss, fb_grads = our_step(DPOTrainer(model=fallback, tokenizer=tok, train_dataset=pair_rows(4),
-                                            args=_args(tmp_path)))
-    fb_grads = {k.removeprefix("hf_model.base_model.model.").replace(".default.weight", ""): g
-                for k, g in fb_grads.items()}
+    name = lambda k: k.removeprefix("hf_model.base_model.model.").replace(".default.weight", "")  # noqa: E731
+    trainers = [DPOTrainer(model=m, tokenizer=tok, train_dataset=pair_rows(4), args=_args(tmp_path))
+                for m in (model, fallback)]
+    # The reference is the adapter as handed over (a frozen copy); move both policies away from it the same way.
+    g = torch.Generator().manual_seed(3)
+    deltas = {n: torch.randn(p.shape, generator=g) * 0.05 for n, p in model.named_parameters() if "lora_B" in n}
+    with torch.no_grad():
+        for m in (model, fallback):
+            for n, p in m.named_parameters():
+                if "lora_B" in n:
+                    p.add_(deltas[name(n)])
+    (loss, grads), (fb_loss, fb_grads) = (our_step(t) for t in trainers)
+    fb_grads = {name(k): g for k, g in fb_grads.items()}
     assert loss != pytest.approx(0.6931472, rel=1e-3)  # the adapter matters: policy != reference
     torch.testing.assert_close(fb_loss, loss, rtol=1e-5, atol=1e-7)
     assert set(fb_grads) == set(grads)
@@ -151,3 +160,39 @@ def test_implicit_prompt_kto_and_errors(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match="both to be message lists or both strings"):
         DPOTrainer(model=model, tokenizer=tok, train_dataset=[{"chosen": "a b", "rejected": chat[0]["rejected"]}],
                    args=_args(tmp_path))
+
+
+def test_reference_is_the_loaded_adapter_as_in_trl(tiny_model_dir, tmp_path):
+    """DPO started from a saved (SFT) adapter that is not the identity: the reference is that adapter, as TRL 1.16
+    copies it ("ref"); step 0 has loss ln 2 and rewards 0, and the next steps' losses are TRL's. Precomputed
+    reference log-probs give the same numbers."""
+    import math
+
+    import trl
+    from datasets import Dataset
+    from peft_oracle import peft_twin
+
+    lora_pair(tiny_model_dir("llama"), tmp_path)  # saves the adapter (random LoRA B) to tmp_path / "init"
+    rows, steps = pair_rows(4), 3
+    runs = {}
+    for pre in (False, True):
+        model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "init"))
+        trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                             args=_args(tmp_path / str(pre), max_steps=steps, precompute_ref_log_probs=pre))
+        trainer.train()
+        runs[pre] = trainer.log_history
+    first = runs[False][0]
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
+    twin = peft_twin("llama", tmp_path / "init")
+    theirs = trl.DPOTrainer(model=twin, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            args=trl_args(trl.DPOConfig, tmp_path, max_steps=steps, learning_rate=1e-2,
+                                          logging_steps=1))
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert want[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # the oracle: ln 2 at step 0
+    assert want[0]["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    for pre in (False, True):
+        got = [h["loss"] for h in runs[pre]]
+        assert got == pytest.approx([h["loss"] for h in want], rel=1e-4), pre
+        assert got[-1] < got[0]

@@ -2,7 +2,7 @@
 accumulation."""
 import pytest
 from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
-                               trl_args, trl_step, unpaired_rows)
+                               shift_policy, trl_args, trl_step, unpaired_rows)
 
 from fasttune import FastLanguageModel, KTOConfig, KTOTrainer
 from fasttune.errors import ConfigError
@@ -31,6 +31,7 @@ def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
     if loss_type == "kto":  # TRL's mismatched pairs: the completions rotated by one within the batch
         for ex, prev in zip(examples, examples[-1:] + examples[:-1]):
             ex["KL_completion_ids"] = prev["completion_ids"]
+    shift_policy(model, twin)
     ref = trl_step(theirs, twin, theirs.data_collator(examples))
     assert_same_step(our_step(ours), ref)
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
@@ -91,3 +92,29 @@ def test_unbalanced_data_gets_trls_weight_advice(weights, tiny_model_dir, tmp_pa
         assert re.search(ranges, ours[0]).group() == re.search(ranges, theirs[0]).group()
         if weights == (1.0, 1.0):
             assert "desirable_weight in [0.33, 0.44] or undesirable_weight in [2.26, 3.0]" in ours[0]
+
+
+def test_reference_is_the_loaded_adapter_as_in_trl(tiny_model_dir, tmp_path):
+    """KTO started from a saved adapter: the reference is that adapter (TRL 1.16 copies it as "ref"); step 0 has
+    KL 0 and rewards 0 (loss = the weighted mean of 1 - sigmoid(0)), and the next steps' losses are TRL's."""
+    import trl
+    from datasets import Dataset
+    from peft_oracle import peft_twin
+
+    lora_pair(tiny_model_dir("llama"), tmp_path)  # saves the adapter (random LoRA B) to tmp_path / "init"
+    rows, steps = unpaired_rows(4), 3
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "init"))
+    ours = KTOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, max_steps=steps))
+    ours.train()
+    theirs = trl.KTOTrainer(model=peft_twin("llama", tmp_path / "init"), train_dataset=Dataset.from_list(rows),
+                            processing_class=tok,
+                            args=trl_args(trl.KTOConfig, tmp_path, beta=0.5, undesirable_weight=1.5, max_steps=steps,
+                                          learning_rate=1e-2, logging_steps=1, train_sampling_strategy="sequential"))
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    first = ours.log_history[0]
+    assert want[0]["loss"] == pytest.approx((0.5 + 0.75 + 0.5 + 0.5) / 4, abs=1e-6)  # labels T, F, T, T
+    assert first["loss"] == pytest.approx(want[0]["loss"], abs=1e-6)
+    assert first["kl"] == pytest.approx(0, abs=1e-5) and first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert [h["loss"] for h in ours.log_history] == pytest.approx([h["loss"] for h in want], rel=1e-4)
+    assert [h["kl"] for h in ours.log_history] == pytest.approx([h["kl"] for h in want], rel=1e-3, abs=1e-5)

@@ -1,6 +1,6 @@
-"""DPO (Rafailov et al. 2023) as TRL 1.16 computes it: summed completion log-probs of policy and reference (the base
-with the adapters disabled, or log-probs precomputed into the data), a loss per pair, the mean over the pairs of
-the whole accumulated batch."""
+"""DPO (Rafailov et al. 2023) as TRL 1.16 computes it: summed completion log-probs of policy and reference (the policy
+as handed to the trainer, see ReferencePolicy, or log-probs precomputed into the data), a loss per pair, the mean
+over the pairs of the whole accumulated batch."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fasttune.errors import ConfigError
 from fasttune.train.config import SFTConfig
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
-from fasttune.train.objectives.reference import reference_problem, require_reference
+from fasttune.train.objectives.reference import ReferencePolicy, require_reference
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -51,13 +51,15 @@ class DPOTrainer(PreferenceTrainer):
         sets = [self.train_examples] + ([self.eval_examples] if self.eval_examples else [])
         missing = [s for s in sets if "ref_chosen_logps" not in s[0]]
         if missing and self.args.precompute_ref_log_probs:
-            # Once, before training: the model as it is now (adapters off when it has them) is the reference.
+            # Once, before training: the model as it is now is the reference.
             for examples in missing:
                 self._precompute(examples)
         elif missing:
-            require_reference(model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or "
-                                            "set precompute_ref_log_probs=True to take them from the model before "
-                                            "training.")
+            if model.lora_settings is None:  # full fine-tuning: no second copy of the whole model
+                require_reference(model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, "
+                                                "or set precompute_ref_log_probs=True to take them from the model "
+                                                "before training.")
+            self.reference = ReferencePolicy(model)
 
     @torch.no_grad()
     def _precompute(self, examples: list[dict]):
@@ -67,10 +69,7 @@ class DPOTrainer(PreferenceTrainer):
         for i in range(0, len(examples), bs):
             part = examples[i:i + bs]
             batch = self._to_device(self.collate_batch(part))
-            if reference_problem(self.model) is None:
-                ref = self.reference_logps(batch).sum(-1)
-            else:  # full fine-tuning: the weights before training are the reference
-                ref = self.logps(batch).sum(-1)
+            ref = self.logps(batch).sum(-1)  # the policy as handed to the trainer is the reference
             chosen, rejected = ref.cpu().chunk(2)
             for ex, c, r in zip(part, chosen.tolist(), rejected.tolist()):
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
@@ -78,11 +77,11 @@ class DPOTrainer(PreferenceTrainer):
 
     def batch_loss(self, batch: dict, num_items: int):
         a = self.args
-        logps = self.logps(batch).sum(-1)
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        else:
+        else:  # before the policy's forward (ReferencePolicy swaps weights in place)
             ref_chosen, ref_rejected = self.reference_logps(batch).sum(-1).chunk(2)
+        logps = self.logps(batch).sum(-1)
         chosen, rejected = logps.chunk(2)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
         delta = chosen_ratio - rejected_ratio

@@ -1,6 +1,6 @@
 """KTO (Ethayarajh et al. 2024) as TRL 1.16 computes it, on unpaired rows (prompt, completion, label).
 
-Summed completion log-probs of policy and reference (the base with the adapters disabled); the KL term is estimated
+Summed completion log-probs of policy and reference (the policy as handed to the trainer, see ReferencePolicy); the KL term is estimated
 from mismatched pairs, (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}): TRL rotates the completions within each batch,
 here within the whole accumulated batch of a step, so that bs 4 x GA 1 and bs 1 x GA 4 see the same estimate.
 The loss is the mean over the rows of the accumulated batch.
@@ -17,7 +17,7 @@ from fasttune.errors import ConfigError
 from fasttune.train.config import SFTConfig
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer
-from fasttune.train.objectives.reference import require_reference, token_logps
+from fasttune.train.objectives.reference import ReferencePolicy, require_reference, token_logps
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -65,8 +65,9 @@ class KTOTrainer(PreferenceTrainer):
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: KTOConfig | None = None,
                  **kwargs):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
-        require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (without "
-                                        "modules_to_save).")
+        if model.lora_settings is None:  # full fine-tuning: no second copy of the whole model
+            require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model.")
+        self.reference = ReferencePolicy(model)
         a = self.args
         rows_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
         if a.loss_type == "kto" and rows_per_step < 2:
@@ -124,8 +125,9 @@ class KTOTrainer(PreferenceTrainer):
 
     def batch_loss(self, batch: dict, num_items: int):
         a, kl = self.args, self._kl
+        ref = self.reference_logps(batch).sum(-1)  # before the policy's forward (ReferencePolicy swaps in place)
         logps = self.logps(batch).sum(-1)
-        ratio = logps - self.reference_logps(batch).sum(-1)
+        ratio = logps - ref
         desirable = batch["label"]
         if a.loss_type == "kto":
             losses = torch.where(desirable, 1 - torch.sigmoid(a.beta * (ratio - kl)),

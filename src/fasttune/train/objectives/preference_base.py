@@ -13,7 +13,7 @@ from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import SFTConfig
 from fasttune.train.loop import Trainer
-from fasttune.train.objectives.reference import adapters_disabled, token_logps
+from fasttune.train.objectives.reference import ReferencePolicy, token_logps
 
 DATA_FORMATS = ("auto", "preference")
 
@@ -21,6 +21,7 @@ DATA_FORMATS = ("auto", "preference")
 class PreferenceTrainer(Trainer):
     config_cls = SFTConfig
     method = "preference"
+    reference: ReferencePolicy | None = None  # set by the objectives that compare with a reference
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, **kwargs):
         args = args if args is not None else self.config_cls()
@@ -73,7 +74,9 @@ class PreferenceTrainer(Trainer):
 
     @torch.no_grad()
     def reference_logps(self, batch: dict, score: torch.Tensor | None = None) -> torch.Tensor:
-        with adapters_disabled(self.model):
+        """Per-token log-probs under the reference policy (the model as handed to the trainer). Call it before the
+        policy's forward of the same batch (see ReferencePolicy)."""
+        with self.reference.active():
             return self.logps(batch, score)
 
     # --- the core's hooks -------------------------------------------------------------------------------------------

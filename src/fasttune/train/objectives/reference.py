@@ -1,10 +1,12 @@
 """What preference objectives share about the model: per-token log-probs through the lm_head in chunks, and the
-reference policy = the same weights with the LoRA adapters switched off (no second copy of the model)."""
+reference policy: the policy as handed to the trainer (DPO, KTO: ReferencePolicy), or the base with the LoRA
+adapters switched off (GRPO)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fasttune.errors import ConfigError
 from fasttune.kernels.token_logprobs import token_logprobs
@@ -47,6 +49,55 @@ def adapters_disabled(model):
     else:  # the transformers fallback: PEFT's own switch
         with model.hf_model.disable_adapter():
             yield
+
+
+class ReferencePolicy:
+    """DPO's and KTO's reference: the policy as handed to the trainer, as TRL takes it (TRL copies a given PEFT
+    adapter as a frozen "ref" adapter).
+
+    A fresh adapter (every LoRA B zero, nothing else trained) is the base itself: the reference passes switch the
+    adapters off, with no copy. An adapter that is not the identity (loaded from a folder, trained, or with
+    modules_to_save) is kept as a frozen copy of the trainable weights and swapped in for the reference passes. The
+    swap writes the parameters in place, so a reference pass must come before the policy's forward of the same
+    batch, never between that forward and its backward.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.saved = None
+        trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        identity = model.lora_settings is not None and all(
+            "lora_" in n and ("lora_B" not in n or not p.detach().any()) for n, p in trainable)
+        if not identity:
+            self.saved = {n: p.detach().clone() for n, p in trainable}
+
+    @property
+    def is_copy(self) -> bool:
+        """True when the reference is a frozen copy of the starting weights (not the base with adapters off)."""
+        return self.saved is not None
+
+    @contextmanager
+    def active(self):
+        """Within this context the model computes the reference policy."""
+        if self.saved is None:
+            with adapters_disabled(self.model):
+                yield
+            return
+        params = dict(self.model.named_parameters())
+        current = {}
+        with torch.no_grad():
+            for n, ref in self.saved.items():
+                p = params[n]
+                if isinstance(p, DTensor) and not isinstance(ref, DTensor):  # FSDP sharded it after the copy
+                    ref = self.saved[n] = distribute_tensor(ref.to(p.device), p.device_mesh, p.placements)
+                current[n] = p.detach().clone()
+                p.copy_(ref)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, value in current.items():
+                    params[n].copy_(value)
 
 
 def reference_problem(model) -> str | None:
