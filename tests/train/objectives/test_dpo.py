@@ -196,3 +196,21 @@ def test_reference_is_the_loaded_adapter_as_in_trl(tiny_model_dir, tmp_path):
         got = [h["loss"] for h in runs[pre]]
         assert got == pytest.approx([h["loss"] for h in want], rel=1e-4), pre
         assert got[-1] < got[0]
+
+
+def test_modules_to_save_reference_is_a_frozen_copy(tiny_model_dir, tmp_path):
+    """With modules_to_save the adapters' switch cannot restore the trained layers: the reference is a frozen copy
+    of the starting weights, so step 0 is ln 2 and training runs (the swap stays out of the backward pass)."""
+    import math
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=["lm_head"],
+                                             use_gradient_checkpointing=True)
+    trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(4), args=_args(tmp_path, max_steps=3))
+    assert trainer.reference.is_copy
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer.train()
+    losses = [h["loss"] for h in trainer.log_history]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
+    for n, saved in trainer.reference.saved.items():  # the copy is the start, not the trained weights
+        torch.testing.assert_close(saved, start[n], rtol=0, atol=0)
