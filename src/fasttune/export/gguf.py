@@ -9,8 +9,11 @@ the layout llama.cpp expects:
 - qwen2/qwen3/gemma*/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are.
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
 norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base).
-Quantizations: f32, f16, bf16, q8_0, q4_0 (gguf-py's quantizers; 1-D tensors stay f32, rows not divisible by 32 fall back to f16, and in q4_0 the output projection is
-kept in q8_0). K-quants (q4_k_m, ...) are not written: gguf-py has no quantizer for them.
+Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s,
+q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k. Each tensor gets the GGML type `llama-quantize` would give it
+(export/gguf_types.py: output/embedding, "more bits" layers, fallbacks for rows that do not divide into blocks; 1-D
+tensors stay f32; rows not divisible by 32 are f16) and is quantized by export/kquants.py, whose bytes equal
+llama.cpp's reference quantizers (no importance matrix), on the model's GPU when it has one.
 
 `quantization_method` is one name (case-insensitive; aliases such as fp16, float16, bfloat16, fp32, q8) or a
 list/tuple of names (or a comma-separated string): the LoRA is merged once and one file per method is written
@@ -21,34 +24,35 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_types import METHODS
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-QUANTIZATIONS = ("f32", "f16", "bf16", "q8_0", "q4_0")
-# Other spellings people use (Unsloth's included).
+QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
+# Other spellings people use (Unsloth's and llama-quantize's included).
 ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
-           "not_quantized": "f16", "fast_quantized": "q8_0", "q8": "q8_0", "q4": "q4_0"}
-QK = 32  # block size of q8_0 / q4_0
+           "not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "q8": "q8_0", "q4": "q4_0",
+           "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
 
 
 def resolve_quantization(method: str, given=None) -> str:
-    """One method name -> its canonical name ("Q8_0" -> "q8_0", "fp16" -> "f16"). Raises ConfigError listing the
-    valid names (and the k-quant note) for an unknown one; `given` is the whole list it came from, if any."""
+    """One method name -> its canonical name ("Q8_0" -> "q8_0", "fp16" -> "f16", "q4_k" -> "q4_k_m"). Raises
+    ConfigError listing the valid names for an unknown one; `given` is the whole list it came from, if any."""
     key = str(method).strip().lower()
     key = ALIASES.get(key, key)
     if key not in QUANTIZATIONS:
-        hint = " K-quants such as q4_k_m are not available (gguf-py cannot write them); q4_0 is the 4-bit option." \
-            if "_k" in key or key == "quantized" else ""
+        hint = " I-quants (iq4_xs, ...) need an importance matrix and are not written; q4_k_m is the usual 4-bit " \
+               "choice." if key.startswith("iq") else ""
         where = f"quantization_method={given!r}: '{str(method).strip()}'" if given is not None else \
             f"quantization_method='{method}'"
         raise ConfigError(f"{where} is not supported; use one of {', '.join(QUANTIZATIONS)}.{hint}"
@@ -84,8 +88,10 @@ def _ggml_types(quant: str):
     import gguf
 
     t, f = gguf.GGMLQuantizationType, gguf.LlamaFileType
-    return {"f32": (t.F32, f.ALL_F32), "f16": (t.F16, f.MOSTLY_F16), "bf16": (t.BF16, f.MOSTLY_BF16),
-            "q8_0": (t.Q8_0, f.MOSTLY_Q8_0), "q4_0": (t.Q4_0, f.MOSTLY_Q4_0)}[quant]
+    if quant in METHODS:
+        default, ftype = METHODS[quant]
+        return t[default], f[ftype]
+    return {"f32": (t.F32, f.ALL_F32), "f16": (t.F16, f.MOSTLY_F16), "bf16": (t.BF16, f.MOSTLY_BF16)}[quant]
 
 
 def interleave_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -193,27 +199,31 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
 
 
-def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool):
-    """The GGML type one tensor is stored in for a given quantization_method."""
+def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, cfg=None):
+    """The GGML type (gguf.GGMLQuantizationType) one tensor is stored in for a quantization_method: f32/f16/bf16
+    as named (1-D tensors f32), the quantized methods as llama-quantize chooses per tensor (gguf_types.py), which
+    needs the model's ModelConfig `cfg` (architecture, layers, heads)."""
     import gguf
+
+    from fasttune.export import gguf_types
 
     kind = gguf.GGMLQuantizationType
-    target = _ggml_types(quant)[0]
     if t.dim() == 1:
         return kind.F32  # norms, biases, rope factors: tiny, and llama.cpp expects them in f32
-    if target in (kind.F32, kind.F16, kind.BF16):
-        return target
-    if t.shape[-1] % QK:
-        return kind.F16  # block quantization needs rows that are a multiple of 32
-    is_output = gguf_name == "output.weight" or (tied_output and gguf_name == "token_embd.weight")
-    if target == kind.Q4_0 and is_output:
-        return kind.Q8_0  # the output projection is the most sensitive to 4-bit error
-    return target
+    if quant not in METHODS:
+        return _ggml_types(quant)[0]
+    name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=ARCHITECTURES[cfg.model_type],
+                                  n_layer=cfg.num_layers, n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
+                                  tied=tied_output)
+    return kind[name]
 
 
-def encode_tensor(t: torch.Tensor, ggml_type):
-    """(array, raw_dtype) for GGUFWriter.add_tensor."""
+def encode_tensor(t: torch.Tensor, ggml_type, device=None):
+    """(array, raw_dtype) for GGUFWriter.add_tensor. Block types are quantized by kquants.quantize (llama.cpp's
+    reference bytes) on `device` (default: the tensor's)."""
     import gguf
+
+    from fasttune.export.kquants import quantize
 
     kind = gguf.GGMLQuantizationType
     if ggml_type == kind.F32:
@@ -222,7 +232,7 @@ def encode_tensor(t: torch.Tensor, ggml_type):
         return t.to(torch.float16).numpy(), None
     if ggml_type == kind.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy(), kind.BF16
-    return gguf.quants.quantize(t.float().numpy().astype(np.float32), ggml_type), ggml_type
+    return quantize(t if device is None else t.to(device), ggml_type.name), ggml_type
 
 
 def _default_tokenizer(model):
@@ -234,6 +244,21 @@ def _default_tokenizer(model):
         raise ConfigError("GGUF export needs the tokenizer: pass it, as in model.save_pretrained_gguf(path, "
                           "tokenizer).")
     return tok
+
+
+def gguf_model_name(model) -> str:
+    """general.name for the GGUF: the base model's name (last part of its path or hub id, without .gguf), with
+    characters other than letters, digits, '.', '_' and '-' replaced, and the parts that name another llama.cpp
+    architecture (a llama model in a folder "phi3-ft") dropped: llama.cpp keys behaviour on such names, so a
+    misleading one can make the file fail to load. "fasttune-model" when nothing is left."""
+    import gguf
+
+    raw = Path(str(model.name_or_path or "")).name.removesuffix(".gguf")
+    own = ARCHITECTURES.get(model.arch.model_type, "")
+    others = {a for a in gguf.MODEL_ARCH_NAMES.values() if len(a) >= 4 and a not in own and own not in a}
+    parts = [p for p in re.split(r"[^A-Za-z0-9.]+", raw)
+             if p and not any(o in p.lower().replace("-", "").replace(".", "") for o in others)]
+    return "-".join(parts) or "fasttune-model"
 
 
 def gguf_target(path, quant: str, several: bool = False) -> Path:
@@ -256,9 +281,11 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
     vocab.write(writer)
     tied = "output.weight" not in tensors
     bar.set_description(f"GGUF {quant}")
+    device = model.device if getattr(model.device, "type", "cpu") == "cuda" else None
     for gname in list(tensors):
         t = tensors.pop(gname) if consume else tensors[gname]
-        data, raw = encode_tensor(t, tensor_type(gname, t, quant, tied))
+        kind = tensor_type(gname, t, quant, tied, cfg)
+        data, raw = encode_tensor(t, kind) if device is None else encode_tensor(t, kind, device)
         writer.add_tensor(gname, data, raw_dtype=raw)
         bar.update(1)
     writer.write_header_to_file()
@@ -272,8 +299,10 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     """Write GGUF file(s) of `model` (LoRA merged in) and an Ollama Modelfile beside them.
 
     path: a `.gguf` file, or a folder that gets `model.<QUANT>.gguf`. quantization_method: one name (f32, f16,
-    bf16, q8_0, q4_0; case-insensitive, aliases fp16/float16/bfloat16/fp32/q8/q4) or a list/tuple of names (or
-    "q8_0,f16"): one file per method, the merge done once; with a `.gguf` path the files are
+    bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k;
+    case-insensitive, aliases fp16/float16/bfloat16/fp32/q8/q4/q4_k/q5_k/q3_k/quantized) or a list/tuple of names
+    (or "q4_k_m,q8_0"): one file per method, the merge done once; the quantized methods give each tensor the type
+    llama.cpp's llama-quantize gives it, with the same bytes; with a `.gguf` path the files are
     `<stem>.<QUANT>.gguf` beside it. The Modelfile's FROM is the first file. Returns the file's Path for one
     name, the list of Paths (in the given order) for a list. Raises ConfigError for an unknown method (before
     anything is written), an unsupported model, or a failed write; files are renamed into place only when all are
@@ -290,7 +319,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
     targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
     model_text = ollama_modelfile(targets[0].name, tokenizer) if modelfile else None
-    name = Path(model.name_or_path or "fasttune-model").name.removesuffix(".gguf")
+    name = gguf_model_name(model)
 
     folder = targets[0].parent
     folder.mkdir(parents=True, exist_ok=True)

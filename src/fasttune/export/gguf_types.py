@@ -1,0 +1,99 @@
+"""The GGML type of each tensor for a quantization method, as llama.cpp's `llama-quantize` chooses it.
+
+A method names one of llama.cpp's file types ("mixtures"): q4_k_m is mostly Q4_K, with attn_v and ffn_down in Q6_K
+on the "more bits" layers, the output projection in Q6_K, and so on. `tensor_type` follows src/llama-quant.cpp
+(`llama_tensor_get_type_impl`, `tensor_type_fallback`, `tensor_allows_quantization`) for the architectures we
+export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3; no MoE), without imatrix and without user overrides:
+- `output.weight`, and `token_embd.weight` when the model has no separate output tensor (tied embeddings): Q6_K,
+  or Q8_0 when its rows do not divide into the method's blocks (and Q8_0 stays Q8_0);
+- attn_v (attn_qkv for phi3) and ffn_down get more bits on some layers: `use_more_bits(i, n)` is the first and
+  last eighth of the layers plus every third layer between; q3_k_m, q3_k_l, q4_k_s, q2_k have their own rules, q2_k
+  depends on the GQA ratio, and llama's 70B (80 layers, GQA) raises Q3_K/Q4_K attn_v to Q5_K;
+- attn_output gets Q3_K/Q4_K/Q5_K in q2_k/q3_k_m/q3_k_l;
+- a row that does not divide into the chosen type's blocks falls back (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
+  Q5_K -> Q5_1, Q6_K -> Q8_0), and to F16 when not even 32 divides it (where llama.cpp refuses for the 32-blocks);
+- 1-D tensors (norms, biases, rope factors) are F32.
+llama.cpp visits the tensors in layer order, so its attn_v / ffn_down counters equal the layer index here.
+"""
+from __future__ import annotations
+
+import re
+
+# method -> (default GGML type, gguf.LlamaFileType name)
+METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
+           "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
+           "q3_k_s": ("Q3_K", "MOSTLY_Q3_K_S"), "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
+           "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"), "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
+           "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"), "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
+           "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q6_k": ("Q6_K", "MOSTLY_Q6_K")}
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+         "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers, and every third layer in between."""
+    return i_layer < n_layers // 8 or i_layer >= 7 * n_layers // 8 or (i_layer - n_layers // 8) % 3 == 2
+
+
+def _layer(name: str) -> int:
+    m = re.match(r"blk\.(\d+)\.", name)
+    return int(m.group(1)) if m else -1
+
+
+def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_head: int, n_head_kv: int,
+                tied: bool) -> str:
+    """The GGML type name ("Q6_K", "F32", ...) llama-quantize gives tensor `name` for `method`.
+
+    name: the GGUF tensor name ("blk.3.attn_v.weight"); shape: torch order (rows, row length), the last dimension
+    being llama.cpp's ne[0]; method: a key of METHODS; arch: the GGUF architecture ("llama", "qwen2", ...);
+    n_layer / n_head / n_head_kv: the model's block count and attention heads; tied: True when the GGUF has no
+    `output.weight` (the token embedding is then quantized like the output)."""
+    default = METHODS[method][0]
+    if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+        return "F32"
+    ncols = shape[-1]
+    new = default
+    i = _layer(name)
+    gqa = n_head // n_head_kv
+    if name == "output.weight" or (tied and name == "token_embd.weight"):
+        if ncols % BLOCK[new]:
+            new = "Q8_0"
+        elif new != "Q8_0":
+            new = "Q6_K"
+    elif name == "token_embd.weight":
+        pass
+    elif "attn_v.weight" in name or "attn_qkv.weight" in name:
+        if method == "q2_k":
+            new = "Q4_K" if gqa >= 4 else "Q3_K"
+        elif method == "q3_k_m":
+            new = "Q5_K" if i < 2 else "Q4_K"
+        elif method == "q3_k_l":
+            new = "Q5_K"
+        elif method in ("q4_k_m", "q5_k_m") and use_more_bits(i, n_layer):
+            new = "Q6_K"
+        elif method == "q4_k_s" and i < 4:
+            new = "Q5_K"
+        if arch == "llama" and n_layer == 80 and n_head != n_head_kv and new in ("Q3_K", "Q4_K"):
+            new = "Q5_K"  # llama.cpp's LLM_TYPE_70B
+    elif "ffn_down" in name:
+        if method == "q2_k":
+            new = "Q3_K"
+        elif method == "q3_k_m":
+            new = "Q5_K" if i < n_layer // 16 else "Q4_K"
+        elif method == "q3_k_l":
+            new = "Q5_K"
+        elif method == "q4_k_m":
+            if use_more_bits(i, n_layer):
+                new = "Q6_K"
+        elif method == "q5_k_m" and use_more_bits(i, n_layer):
+            new = "Q6_K"
+        elif method == "q4_k_s" and i < n_layer // 8:
+            new = "Q5_K"
+    elif "attn_output.weight" in name:
+        new = {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(method, new)
+    if ncols % BLOCK[new]:
+        new = FALLBACK.get(new, "F16")
+        if ncols % BLOCK.get(new, 1 << 30):
+            new = "F16"
+    return new

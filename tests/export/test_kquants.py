@@ -1,0 +1,184 @@
+"""GGML quantizers (export/kquants.py) and llama.cpp's quantization mixtures (export/gguf_types.py) against
+llama.cpp itself, through llama-cpp-python's bundled ggml: ggml_quantize_chunk for the bytes of each block type,
+llama_model_quantize on our f32 GGUF for the per-tensor type choice and bytes of each mixture."""
+import ctypes
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from fasttune.export import kquants
+
+llama_cpp = pytest.importorskip("llama_cpp")
+gguf = pytest.importorskip("gguf")
+
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+METHODS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
+           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+@pytest.fixture(scope="module")
+def ggml():
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+
+    def quantize(x: np.ndarray, name: str) -> np.ndarray:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        block, size = kquants.BLOCKS[name]
+        out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
+        n = lib.ggml_quantize_chunk(int(gguf.GGMLQuantizationType[name]), x.ctypes.data, out.ctypes.data, 0,
+                                    x.shape[0], x.shape[1], None)
+        assert n == out.size
+        return out
+
+    return quantize
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    u = lambda *s: torch.rand(*s, generator=g)  # noqa: E731
+    shape = (32, 1024)
+    special = torch.zeros(8, 1024)
+    special[1] = 0.3  # constant block
+    special[2] = -u(1024)  # negative only
+    special[3, :256] = 1e-30 * r(256)  # tiny (products underflow)
+    special[3, 256:] = r(768) * 1e-38  # subnormal
+    special[4] = r(1024) * 1e15  # huge (x**3 overflows to inf in the weighted fits)
+    special[5] = torch.where(u(1024) < 0.05, r(1024), torch.zeros(1024))  # mostly zeros
+    special[6, ::2] = 1.0  # two values: ties in the rounding
+    special[7] = -0.0
+    return {
+        "normal": r(*shape) * 0.02,
+        "student_t": torch.distributions.StudentT(3.0).sample(shape) * 0.01,
+        "grid": torch.randint(-8, 8, shape, generator=g).float() * 0.125,  # exact halves everywhere
+        "bf16_weights": (r(*shape) * 0.05).bfloat16().float(),
+        "outliers": r(*shape) * 0.02 * (1 + 50 * (u(*shape) < 0.002)),
+        "positive": u(*shape) + 1,
+        "special": special,
+    }
+
+
+@pytest.mark.parametrize("qtype", TYPES)
+def test_quantizer_bytes_equal_ggml(qtype, ggml):
+    """Every block is byte-identical to ggml_quantize_chunk (no imatrix = the quantize_row_*_ref functions)."""
+    size = kquants.BLOCKS[qtype][1]
+    for name, x in _cases().items():
+        ours = kquants.quantize(x, qtype).reshape(-1, size)
+        theirs = ggml(x.numpy(), qtype).reshape(-1, size)
+        same = (ours == theirs).all(1)
+        assert same.all(), f"{qtype} {name}: {int((~same).sum())} of {len(same)} blocks differ"
+
+
+def test_quantize_shapes_and_errors():
+    out = kquants.quantize(torch.randn(3, 2, 512), "Q4_K")
+    assert out.dtype == np.uint8 and out.shape == (6, 2 * 144)
+    with pytest.raises(ValueError, match="multiple of 256"):
+        kquants.quantize(torch.randn(4, 96), "Q6_K")
+    with pytest.raises(ValueError, match="no quantizer"):
+        kquants.quantize(torch.randn(4, 256), "IQ4_XS")
+
+
+# --------------------------------------------------------------------------------------------------- mixtures
+
+SIZES = dict(hidden_size=256, intermediate_size=512, head_dim=64)  # rows divide into 256-blocks
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    """Factory: a tiny random HF model of `family` with a 400-token BPE tokenizer (vocab 416), saved to a folder."""
+    from bpe_tokenizers import make_bpe_tokenizer
+    from tiny import hf_model, save_hf
+
+    tok = make_bpe_tokenizer("gpt2")
+
+    def make(family, **overrides):
+        return save_hf(hf_model(family, vocab_size=416, **overrides), tmp_path / family, tok)
+
+    return make
+
+
+def _export(folder, tmp_path, methods):
+    from fasttune import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    out = model.save_pretrained_gguf(tmp_path / "gguf", tok, quantization_method=["f32", *methods], progress=False)
+    return out[0], dict(zip(methods, out[1:]))
+
+
+def _llama_quantize(src, dst, method):
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{method.upper()}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return dst
+
+
+def _tensors(path):
+    return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
+
+
+def _compare(ours_path, theirs_path):
+    ours, theirs = _tensors(ours_path), _tensors(theirs_path)
+    assert ours.keys() == theirs.keys()
+    types = {k: (ours[k][0], theirs[k][0]) for k in ours if ours[k][0] != theirs[k][0]}
+    assert not types, f"types differ (ours, llama.cpp): {types}"
+    differ = [k for k in ours if ours[k][1] != theirs[k][1]]
+    assert not differ, f"bytes differ: {differ}"
+    return {k: v[0] for k, v in ours.items()}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma"])
+def test_mixtures_equal_llama_quantize(family, model_dir, tmp_path):
+    """Per tensor, the type llama-quantize picks and the bytes it writes, for every method, on a 2-layer model
+    whose rows divide into 256-blocks (llama: separate output; qwen2/gemma: tied; phi3: fused qkv)."""
+    methods = METHODS if family == "llama" else ["q2_k", "q3_k_m", "q4_k_m", "q5_k_s", "q6_k"]
+    f32, ours = _export(model_dir(family, **SIZES), tmp_path, methods)
+    for method, path in ours.items():
+        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        if method == "q4_k_m":  # the "more bits" layer of 2 is the last one
+            v = "attn_qkv" if family == "phi3" else "attn_v"
+            assert types[f"blk.0.{v}.weight"] == "Q4_K" and types[f"blk.1.{v}.weight"] == "Q6_K"
+            assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.0.attn_q.weight" if v == "attn_v"
+                                                                           else "blk.0.ffn_up.weight"] == "Q4_K"
+            assert types["output.weight" if family in ("llama", "phi3") else "token_embd.weight"] == "Q6_K"
+
+
+def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
+    """9 layers (the more-bits pattern of llama.cpp's use_more_bits), GQA 4 (q2_k's attn_v in Q4_K)."""
+    folder = model_dir("llama", hidden_size=256, intermediate_size=256, head_dim=32, num_attention_heads=8,
+                            num_key_value_heads=2, num_hidden_layers=9)
+    methods = ["q2_k", "q3_k_m", "q4_k_s", "q4_k_m"]
+    f32, ours = _export(folder, tmp_path, methods)
+    for method, path in ours.items():
+        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        if method == "q4_k_m":
+            assert [types[f"blk.{i}.attn_v.weight"] for i in range(9)] == \
+                ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q6_K"]
+        if method == "q2_k":
+            assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q3_K"
+
+
+def test_small_rows_fall_back_as_llama_cpp_does(model_dir, tmp_path):
+    """Hidden 64: no row divides into 256-blocks, so the k-types fall back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...)."""
+    f32, ours = _export(model_dir("qwen3"), tmp_path, ["q4_k_m", "q3_k_l"])
+    for method, path in ours.items():
+        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        assert set(types.values()) <= {"F32", "Q5_0", "Q8_0", "Q4_0", "Q5_1"}
+
+
+def test_gguf_name_cannot_mislead_llama_cpp():
+    from types import SimpleNamespace
+
+    from fasttune.export.gguf import gguf_model_name
+
+    name = lambda path, mt="llama": gguf_model_name(SimpleNamespace(name_or_path=path,  # noqa: E731
+                                                                    arch=SimpleNamespace(model_type=mt)))
+    assert name("/tmp/phi3-finetune") == "finetune"
+    assert name("HuggingFaceTB/SmolLM2-135M-Instruct") == "SmolLM2-135M-Instruct"
+    assert name("Qwen/Qwen2.5-0.5B", "qwen2") == "Qwen2.5-0.5B"
+    assert name("/x/my model (v2)/") == "my-model-v2"
+    assert name(None) == name("/x/phi3") == "fasttune-model"
