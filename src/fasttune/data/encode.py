@@ -24,9 +24,31 @@ from fasttune.errors import DataError
 
 IGNORE_INDEX = -100
 # Bit flags of the `fate` column: what happened to a row. A truncated row can also be left without targets, or
-# (training on all tokens) without any token of its response: it then teaches only its prompt.
-TRUNCATED, NO_TARGET, TOO_LONG, NO_RESPONSE = 1, 2, 4, 8
+# (training on all tokens) without any token of its response: it then teaches only its prompt. BOS_IN_TEXT: the
+# text already starts with the BOS token (rendered with a chat template), so the tokenizer's own BOS was not added.
+TRUNCATED, NO_TARGET, TOO_LONG, NO_RESPONSE, BOS_IN_TEXT = 1, 2, 4, 8, 16
+# Row columns passed to the chat template as its keyword arguments (as TRL passes `tools`).
+TEMPLATE_COLUMNS = ("tools", "documents")
 INT32_MAX = 2**31 - 1  # token ids are stored as int32 in the Arrow cache
+
+
+def without_second_bos(tokenizer, text: str, ids: list[int]) -> list[int]:
+    """`ids` (`text` tokenized with special tokens) without the BOS the tokenizer added when `text` already starts
+    with the BOS token, as text rendered with a chat template does: one BOS, as apply_chat_template(tokenize=True)
+    gives. (TRL 1.16 tokenizes such text with both.)"""
+    bos_id, bos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if bos_id is None or not bos or not text.startswith(bos):
+        return ids
+    in_text = _leading(text, bos)  # BOS pieces the text itself starts with
+    in_ids = next((i for i, t in enumerate(ids) if t != bos_id), len(ids))
+    return ids[1:] if in_ids == in_text + 1 else ids
+
+
+def _leading(text: str, piece: str) -> int:
+    n = 0
+    while text.startswith(piece, n * len(piece)):
+        n += 1
+    return n
 
 
 def _code_version() -> str:
@@ -66,6 +88,7 @@ class SFTEncoder:
             bool(getattr(tokenizer, "chat_template", None)) if tokenizer is not None else False
         )
         self._offsets_ok = bool(getattr(tokenizer, "is_fast", False))
+        self.bos_text = _added_bos(tokenizer) if fmt in ("text", "prompt-completion") else None
 
         if tokenizer is None and fmt != "tokenized":
             raise DataError(f"A tokenizer is needed to tokenize '{fmt}' rows; pass the model's tokenizer.")
@@ -109,23 +132,33 @@ class SFTEncoder:
             start = self.response_start(row, index)
             if start is not None and start >= self.max_seq_length:
                 fate |= NO_RESPONSE
+        if self.bos_text is not None:
+            first = row.get(self.text_field if self._layout == "_text" else "prompt")
+            if isinstance(first, str) and first.startswith(self.bos_text):
+                fate |= BOS_IN_TEXT
         return ids, labels, fate
+
+    def template_reads(self, name: str) -> bool:
+        """Whether the chat template mentions `name` (e.g. 'tools'): a template that does not ignores it."""
+        template = self.template if self.template is not None else getattr(self.tok, "chat_template", None)
+        return name in str(template or "")
 
     def response_start(self, row: Mapping, index: int) -> int | None:
         """Token index where the row's first response (assistant turn, completion, alpaca output) begins; None
         for layouts without one (text, tokenized)."""
         where = formats.row_label(index, self.source_name)
         if self._layout == "_prompt_completion":
-            return len(self._ids(formats.require_text(row.get("prompt"), where, "prompt"), add_special_tokens=True))
+            return len(self._text_ids(formats.require_text(row.get("prompt"), where, "prompt")))
         if self._layout == "_alpaca" and not self.has_template:
             instruction, extra, _ = formats.alpaca_fields(row, where)
-            return len(self._ids(formats.alpaca_prompt(instruction, extra), add_special_tokens=True))
+            return len(self._text_ids(formats.alpaca_prompt(instruction, extra)))
         if self._layout in ("_messages", "_sharegpt", "_alpaca"):
             messages = self._conversation(row, where)
             first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), None)
             if first is None:
                 return None
-            prompt = self._render(messages[:first], where, add_generation_prompt=True)
+            extras = self._template_kwargs(row, where) if self._layout != "_alpaca" else None
+            prompt = self._render(messages[:first], where, add_generation_prompt=True, extras=extras)
             return len(self._ids(prompt, add_special_tokens=False))
         return None
 
@@ -143,7 +176,7 @@ class SFTEncoder:
 
     def _text(self, row, where):
         text = formats.require_text(row.get(self.text_field), where, self.text_field)
-        ids = self._ids(text, add_special_tokens=True)
+        ids = self._text_ids(text)
         if self.eos is not None and (not ids or ids[-1] != self.eos):
             ids.append(self.eos)
         return ids, list(ids)
@@ -160,7 +193,7 @@ class SFTEncoder:
         return self._join(formats.alpaca_prompt(instruction, extra), output)
 
     def _messages(self, row, where):
-        return self._chat(self._conversation(row, where), where)
+        return self._chat(self._conversation(row, where), where, self._template_kwargs(row, where))
 
     _sharegpt = _messages
 
@@ -202,18 +235,34 @@ class SFTEncoder:
     def _ids(self, text: str, *, add_special_tokens: bool) -> list[int]:
         return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
 
+    def _text_ids(self, text: str) -> list[int]:
+        """`text` with the tokenizer's special tokens, and one BOS when the text already starts with it."""
+        return without_second_bos(self.tok, text, self._ids(text, add_special_tokens=True))
+
+    def _template_kwargs(self, row: Mapping, where: str) -> dict:
+        """The row's `tools` / `documents` (a list, or a JSON string of one) for the chat template, as TRL
+        passes `tools`."""
+        out = {}
+        for name in TEMPLATE_COLUMNS:
+            value = formats.template_argument(row.get(name), where, name)
+            if value is not None:
+                out[name] = value
+        return out
+
     def _join(self, prompt: str, completion: str):
-        prompt_ids = self._ids(prompt, add_special_tokens=True)
+        prompt_ids = self._text_ids(prompt)
         completion_ids = self._ids(completion, add_special_tokens=False)
         if self.eos is not None:
             completion_ids.append(self.eos)
         prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if self.responses_only else list(prompt_ids)
         return prompt_ids + completion_ids, prompt_labels + completion_ids
 
-    def _render(self, messages: list[dict], where: str, *, add_generation_prompt: bool = False) -> str:
+    def _render(self, messages: list[dict], where: str, *, add_generation_prompt: bool = False,
+                extras: dict | None = None) -> str:
         try:
             text = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template,
+                **(extras or {}),
             )
         except Exception as e:  # jinja raises TemplateError (incl. raise_exception in templates) and others
             raise DataError(
@@ -225,8 +274,8 @@ class SFTEncoder:
             raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected a string.")
         return text
 
-    def _chat(self, messages: list[dict], where: str):
-        full = self._render(messages, where)
+    def _chat(self, messages: list[dict], where: str, extras: dict | None = None):
+        full = self._render(messages, where, extras=extras)
         if not self.responses_only:
             ids = self._ids(full, add_special_tokens=False)  # templates already include BOS
             return ids, list(ids)
@@ -234,8 +283,8 @@ class SFTEncoder:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            start = self._render(messages[:i], where, add_generation_prompt=True)
-            end = self._render(messages[: i + 1], where)
+            start = self._render(messages[:i], where, add_generation_prompt=True, extras=extras)
+            end = self._render(messages[: i + 1], where, extras=extras)
             if not (end.startswith(start) and full.startswith(end)):
                 raise DataError(
                     f"{where}: train_on_responses_only cannot find assistant turn {i} because the chat template "
@@ -274,6 +323,18 @@ class SFTEncoder:
             hi = len(self._ids(text[:e], add_special_tokens=False))
             labels[lo:hi] = ids[lo:hi]
         return ids, labels
+
+
+def _added_bos(tokenizer) -> str | None:
+    """The BOS token's text if the tokenizer puts BOS in front of text by itself (add_special_tokens=True)."""
+    bos_id, bos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "bos_token", None)
+    if tokenizer is None or bos_id is None or not bos:
+        return None
+    try:
+        ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    except Exception:  # an unusual tokenizer: no detection, nothing dropped by without_second_bos either way
+        return None
+    return bos if list(ids[:1]) == [bos_id] else None
 
 
 def _int_list(value: Any, where: str, field: str) -> list[int]:

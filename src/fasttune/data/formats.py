@@ -37,8 +37,9 @@ REQUIRED_COLUMNS = {
     "prompt-completion": ("prompt", "completion"),
     "text": ("text",),
 }
-# Columns a layout reads when present.
-OPTIONAL_COLUMNS = {"tokenized": ("labels",), "alpaca": ("input",)}
+# Columns a layout reads when present (chat rows pass `tools` / `documents` to the chat template).
+OPTIONAL_COLUMNS = {"tokenized": ("labels",), "alpaca": ("input",), "messages": ("tools", "documents"),
+                    "sharegpt": ("tools", "documents")}
 
 
 def layouts_help(dataset_text_field: str = "text") -> str:
@@ -225,6 +226,43 @@ def _convert_messages(
             "Every row needs at least one user and one assistant message."
         )
     return messages
+
+
+def template_argument(value: Any, where: str, field: str) -> list | None:
+    """A row's `tools` / `documents` for the chat template: a list of dicts, or a JSON string of one (as CSV and
+    some JSONL files store it); None when absent or empty. Keys Arrow filled with None (it gives every struct the
+    union of all rows' keys) are dropped, so each tool reads as it was written."""
+    if isinstance(value, str):
+        if not value.strip():
+            return None
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: field '{field}' is a string that is not JSON ({e.msg}). Store '{field}' as a "
+                            "list of objects, or as that list written as JSON.") from None
+        return _dict_list(value, where, field)
+    if value is None:
+        return None
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return _dict_list(_drop_none(value), where, field)
+
+
+def _dict_list(value: Any, where: str, field: str) -> list | None:
+    if isinstance(value, Mapping):
+        value = [value]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, Mapping) for v in value):
+        raise DataError(f"{where}: field '{field}' must be a list of objects (e.g. JSON schemas of functions), but "
+                        f"it is {_preview(value)}.")
+    return list(value) or None
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _drop_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [_drop_none(v) for v in value]
+    return value
 
 
 def alpaca_fields(row: Mapping, where: str) -> tuple[str, str, str]:

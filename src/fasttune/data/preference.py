@@ -255,7 +255,15 @@ class _Encoder:
         return prompt_ids[:n], completions
 
     def _ids(self, text: str) -> list[int]:
-        return list(self.tok(text)["input_ids"])
+        from fasttune.data.encode import without_second_bos
+
+        ids = list(self.tok(text)["input_ids"])
+        once = without_second_bos(self.tok, text, ids)  # a prompt already rendered with the template has its BOS
+        if len(once) < len(ids) and not getattr(self, "_said_bos", False):
+            self._said_bos = True
+            warnings.warn(f"Prompts of {self.where} already start with the BOS token {self.tok.bos_token!r} (rendered "
+                          f"with the chat template): no second BOS was added.", UserWarning, stacklevel=2)
+        return once
 
     def _render(self, messages, at, add_generation_prompt=False) -> list[int]:
         try:

@@ -22,7 +22,8 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from fasttune.data import formats
-from fasttune.data.encode import IGNORE_INDEX, NO_RESPONSE, NO_TARGET, TOO_LONG, TRUNCATED, SFTEncoder
+from fasttune.data.encode import (BOS_IN_TEXT, IGNORE_INDEX, NO_RESPONSE, NO_TARGET, TEMPLATE_COLUMNS, TOO_LONG,
+                                  TRUNCATED, SFTEncoder)
 from fasttune.data.examples import TokenizedExamples
 from fasttune.data.sources import load_rows, source_name as _source_name
 from fasttune.errors import ConfigError, DataError
@@ -95,17 +96,37 @@ def tokenize_rows(
     )
     encoder = SFTEncoder(tokenizer, fmt, dataset_text_field, train_on_responses_only, source_name, chat_template,
                          max_seq_length=max_seq_length, drop_long=drop_long)
+    keep = formats.required_columns(fmt, dataset_text_field) + formats.OPTIONAL_COLUMNS.get(fmt, ())
+    _name_ignored(columns, keep, fmt, encoder, source_name or "the dataset")
     if isinstance(rows, list) and procs > 1:
         rows = _list_to_dataset(rows)  # worker processes need Arrow shards; stays a list if it cannot convert
     if isinstance(rows, list):
         input_ids, labels, fates = _encode_in_process(rows, encoder)
         _report(fates, len(fates), source_name or "the dataset", max_seq_length, train_on_responses_only)
+        _say_bos(fates, source_name or "the dataset", encoder.bos_text)
         return [{"input_ids": i, "labels": lab} for i, lab in zip(input_ids, labels)]
-    keep = formats.required_columns(fmt, dataset_text_field) + formats.OPTIONAL_COLUMNS.get(fmt, ())
     rows = rows.select_columns([c for c in keep if c in columns])  # read only the columns the layout uses
     examples, fates = _encode_with_map(rows, encoder, procs)
     _report(fates, len(fates), source_name or "the dataset", max_seq_length, train_on_responses_only)
+    _say_bos(fates, source_name or "the dataset", encoder.bos_text)
     return examples
+
+
+def _name_ignored(columns: list, keep: tuple, fmt: str, encoder: SFTEncoder, where: str) -> None:
+    """One log line naming the columns that do not reach the tokens (also tools/documents the template never
+    reads)."""
+    ignored = [repr(c) for c in columns if c not in keep]
+    ignored += [f"{c!r} (the chat template does not use it)" for c in TEMPLATE_COLUMNS
+                if c in columns and c in keep and not encoder.template_reads(c)]
+    if ignored:
+        logger.warning("Columns of %s not used for '%s' rows: %s.", where, fmt, ", ".join(ignored))
+
+
+def _say_bos(fates: np.ndarray, where: str, bos: str | None) -> None:
+    count = int(np.count_nonzero(fates & BOS_IN_TEXT))
+    if count:
+        logger.warning("%d of %d rows of %s already start with the BOS token %r (text rendered with the chat "
+                       "template): no second BOS was added.", count, len(fates), where, bos)
 
 
 def _encode_in_process(rows: list, encoder: SFTEncoder) -> tuple[list, list, np.ndarray]:
