@@ -182,3 +182,35 @@ def test_gguf_name_cannot_mislead_llama_cpp():
     assert name("Qwen/Qwen2.5-0.5B", "qwen2") == "Qwen2.5-0.5B"
     assert name("/x/my model (v2)/") == "my-model-v2"
     assert name(None) == name("/x/phi3") == "fasttune-model"
+
+
+def test_cli_k_quant_export_loads_in_llama_cpp(model_dir, tmp_path, capsys):
+    """fasttune export --quantization q4_k_m,q8_0: two files, k-quant types inside, both load and run in llama.cpp
+    close to our logits."""
+    from bpe_tokenizers import make_bpe_tokenizer
+
+    from fasttune import FastLanguageModel
+    from fasttune.cli import main
+
+    folder = model_dir("llama", **SIZES)
+    out = tmp_path / "out"
+    assert main(["export", "--model", str(folder), "--format", "gguf", "--quantization", "Q4_K_M,q8_0",
+                 "--output", str(out)]) == 0
+    paths = [out / "model.Q4_K_M.gguf", out / "model.Q8_0.gguf"]
+    printed = capsys.readouterr().out
+    assert all(str(p) in printed for p in paths), printed
+    types = {k: v[0] for k, v in _tensors(paths[0]).items()}
+    assert types["blk.0.attn_q.weight"] == "Q4_K" and types["output.weight"] == "Q6_K"
+    reader = gguf.GGUFReader(paths[0])
+    assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert reader.fields["general.name"].contents() == "llama"
+    ids = make_bpe_tokenizer("gpt2")("The quick brown fox jumps over the lazy dog.")["input_ids"]
+    model, _ = FastLanguageModel.from_pretrained(str(folder))
+    with torch.no_grad():
+        ours = model(torch.tensor([ids])).logits[0].numpy()
+    for path, limit in zip(paths, (0.15, 0.05)):
+        llm = llama_cpp.Llama(str(path), n_ctx=64, logits_all=True, verbose=False, n_threads=1)
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)])
+        llm.close()
+        assert np.abs(theirs - ours).max() / (ours.max() - ours.min()) < limit, path

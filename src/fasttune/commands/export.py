@@ -1,7 +1,7 @@
 """`fasttune export`: a trained adapter (or any model we load) as a merged transformers checkpoint or a GGUF file.
 
     fasttune export --adapter out/adapter --format gguf --quantization q8_0 --output model.gguf
-    fasttune export --adapter out/adapter --format gguf --quantization q8_0,f16 --output gguf/   # one file each
+    fasttune export --adapter out/adapter --format gguf --quantization q4_k_m,q8_0 --output gguf/   # one file each
     fasttune export --adapter out/adapter --format merged --output merged/
     fasttune export --adapter out/adapter --format merged --quantization nf4 --output merged-4bit/   # bnb-4bit
     fasttune export --model model.gguf --format merged --output merged/      # GGUF -> transformers
@@ -20,9 +20,11 @@ def register(subparsers):
     p.add_argument("--format", required=True, choices=FORMATS, help="merged: transformers safetensors folder; "
                                                                      "gguf: llama.cpp / Ollama file")
     p.add_argument("--quantization", default=None,
-                   help="GGUF: f32 | f16 | bf16 | q8_0 (default) | q4_0, or a comma list such as q8_0,f16 (one "
-                        "file each, merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint (default: the "
-                        "model's 16/32-bit weights)")
+                   help="GGUF: f32 | f16 | bf16 | q8_0 (default) | q4_k_m | q5_k_m | q6_k | q4_k_s | q5_k_s | "
+                        "q3_k_s | q3_k_m | q3_k_l | q2_k | q4_0 | q4_1 | q5_0 | q5_1 (llama.cpp's mixtures, same "
+                        "types and bytes as llama-quantize), or a comma list such as q4_k_m,q8_0 (one file each, "
+                        "merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint (default: the model's "
+                        "16/32-bit weights)")
     p.add_argument("--output", required=True, help="merged: a folder; gguf: a .gguf path or a folder (several "
                                                    "methods: <stem>.<QUANT>.gguf beside the path, or "
                                                    "model.<QUANT>.gguf in the folder)")
