@@ -39,6 +39,10 @@ BAD_INPUTS = {
     "output is a file": (lambda t: ["--output-dir", str(_file(t / "file", "x"))], r"--output-dir '.*file' is a file"),
     "output under a file": (lambda t: ["--output-dir", str(_file(t / "f2", "x") / "sub" / "out")],
                             r"cannot be created: '.*f2' is a file"),
+    "stale checkpoints": (lambda t: ["--output-dir", str(_file(t / "old" / "checkpoint-8" / "trainer_state.json",
+                                                             "{}").parent.parent)],
+                          r"'.*old' already holds checkpoints of an earlier run \(checkpoint-8\).*--resume"),
+    "resume without checkpoint": (lambda t: ["--resume"], r"holds no complete checkpoint"),
     "dtype": (lambda t: ["--dtype", "float8"], r"dtype='float8' is not understood"),
     "checkpointing": (lambda t: ["--gradient-checkpointing", "sometimes"],
                       r"--gradient-checkpointing sometimes is not understood"),
@@ -56,6 +60,26 @@ def test_inputs_fail_before_the_model_loads(case, tmp_path, capsys, no_model_loa
     assert re.search(match, err, re.S), err
     assert "no-such-model" not in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--data", "missing.jsonl"], "Dataset file not found"),
+    (["--output-dir", "{old}"], "already holds checkpoints"),
+    (["--resume", "--output-dir", "{empty}"], "holds no complete checkpoint"),
+])
+def test_path_errors_come_before_the_slow_imports(tmp_path, args, match):
+    """A mistyped path or folder is refused before torch and datasets are imported (the seconds a command spends
+    before its first useful message)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "old" / "checkpoint-2").mkdir(parents=True)
+    args = [a.format(old=tmp_path / "old", empty=tmp_path / "empty") for a in args]
+    code = ("import sys; from fasttune.cli import main; rc = main(['train', *sys.argv[1:]]); "
+            "print(rc, 'torch' in sys.modules, 'datasets' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
+    assert match in proc.stderr
+    assert proc.stdout.split() == ["2", "False", "False"]
 
 
 def test_model_error_comes_after_good_inputs(tmp_path, capsys):

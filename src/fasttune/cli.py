@@ -104,6 +104,17 @@ def load_method(method: str) -> tuple[type, type]:
                           f"the other methods, or update fasttune.") from None
 
 
+def method_config(method: str) -> type:
+    """The config class of a --method (SFTConfig, DPOConfig, ...), without importing its trainer."""
+    if method not in METHODS:
+        raise ConfigError(f"--method {method} is not a training method; choose one of: {', '.join(METHODS)}.")
+    try:
+        return _import(METHODS[method][1])
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--method {method} is not available in this installation of fasttune ({e}). Use one of "
+                          f"the other methods, or update fasttune.") from None
+
+
 def _flag_type(f):
     """argparse type of a config field, from its annotation ('int | None' -> int or 'none')."""
     kinds = {k.strip() for k in str(f.type).split("|")}
@@ -133,7 +144,7 @@ def _method_config(argv: list[str]) -> type:
         except Exception:  # unreadable or invalid: _load_yaml reports it with the full message
             method = None
     try:
-        return load_method(str(method))[1] if method not in (None, "default") else SFTConfig
+        return method_config(str(method)) if method not in (None, "default") else SFTConfig
     except ConfigError:
         return SFTConfig
 
@@ -239,7 +250,8 @@ def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
 
 
 def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
-    """(run options, the method's config); run["trainer_cls"] is the method's trainer class."""
+    """(run options, the method's config). Imports only the config's module, so that a wrong setting or path
+    fails before the trainers' imports (torch, datasets)."""
     cls = getattr(ns, "config_cls", SFTConfig)
     values = {k: default for k, (_, default, _) in RUN_OPTIONS.items()}
     values["output_dir"] = DEFAULT_OUTPUT_DIR
@@ -250,10 +262,10 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
         values.update(DEMO_DEFAULTS)
     values.update(given)
     method = {"default": "sft"}.get(values["method"], values["method"])  # autotrain's generic trainer is SFT
-    trainer_cls, config_cls = load_method(method)
+    config_cls = method_config(method)
     sft = config_cls.from_dict({k: v for k, v in values.items() if k in config_cls.field_names()}, "settings")
     run = {k: _run_option(k, values[k]) for k in RUN_OPTIONS}
-    run["method"], run["trainer_cls"] = method, trainer_cls
+    run["method"] = method  # its trainer class is imported when training starts (load_method)
     if method in PREFERENCE_METHODS and not run["data"]:
         raise ConfigError(f"--method {method} needs --data with preference rows (prompt/chosen/rejected"
                           f"{', or prompt/completion/label' if method == 'kto' else ''}); the bundled demo set is "
@@ -347,11 +359,15 @@ def cmd_train(ns) -> int:
     if ns.print_config:
         import yaml
 
-        shown = {k: v for k, v in run.items() if k != "trainer_cls"}
+        shown = dict(run)
         print(yaml.safe_dump({**shown, **{f.name: getattr(sft, f.name) for f in fields(sft)}}, sort_keys=False))
         return 0
+    if run["data"]:  # a mistyped path fails here, before datasets' and torch's imports (seconds)
+        from fasttune.data.paths import check_local_source
+
+        check_local_source(run["data"])
     out = Path(sft.output_dir)
-    _check_output_dir(out)
+    _check_output_dir(out, _resume_value(run["resume"]), sft.overwrite_output_dir)
     created = not out.exists()
     try:
         return _train(run, sft, out)
@@ -362,9 +378,20 @@ def cmd_train(ns) -> int:
         raise
 
 
-def _check_output_dir(out: Path) -> None:
-    """--output-dir must be a folder or creatable as one, checked before anything slow runs (nothing is created)."""
+def _resume_value(resume):
+    """--resume's text as resume_from_checkpoint takes it: True for the latest checkpoint, else a path or None."""
+    if resume is not None and str(resume).lower() in ("latest", "true", "1", "yes"):
+        return True
+    return resume
+
+
+def _check_output_dir(out: Path, resume=None, overwrite: bool = False) -> None:
+    """--output-dir must be a folder or creatable as one, checked before anything slow runs (nothing is created);
+    --resume must find its checkpoint, and a new run must not land among another run's checkpoints
+    (train/run_folder.py)."""
     import os
+
+    from fasttune.train.run_folder import check_new_run
 
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--output-dir '{out}' is a file; pass a folder (it is created if missing).")
@@ -377,6 +404,7 @@ def _check_output_dir(out: Path) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"--output-dir '{out}': no permission to write in '{existing}'. Choose a location you can "
                           f"write to.")
+    check_new_run(out, resume, overwrite)
 
 
 def _check_data(run: dict, sft: SFTConfig, data: str):
@@ -444,14 +472,11 @@ def _train(run: dict, sft: SFTConfig, out: Path):
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
             use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=sft.seed)
-    trainer = run["trainer_cls"](model=model, tokenizer=tok, train_dataset=data, args=sft)
+    trainer = load_method(run["method"])[0](model=model, tokenizer=tok, train_dataset=data, args=sft)
     prompt = run["sample_prompt"] or (_first_prompt(rows) if run["data"] else demo_sample_prompt())
     if not run["no_sample"] and prompt:
         print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
-    resume = run["resume"]
-    if resume is not None and str(resume).lower() in ("latest", "true", "1", "yes"):
-        resume = True
-    metrics = trainer.train(resume_from_checkpoint=resume)
+    metrics = trainer.train(resume_from_checkpoint=_resume_value(run["resume"]))
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
     target = out / ("model" if run["full_finetuning"] else "adapter")

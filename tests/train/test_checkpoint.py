@@ -109,7 +109,7 @@ def test_resume_with_other_vocabulary_names_the_added_tokens(tiny_model_dir, tmp
 def test_a_failed_checkpoint_write_keeps_the_last_complete_one(tiny_model_dir, tmp_path, monkeypatch):
     import safetensors.torch
 
-    from fasttune.train import checkpoint
+    from fasttune.train import run_folder
 
     real = safetensors.torch.save_file
 
@@ -125,7 +125,7 @@ def test_a_failed_checkpoint_write_keeps_the_last_complete_one(tiny_model_dir, t
                                           r"checkpoints are intact"):
         _trainer(tiny_model_dir("llama"), out, max_steps=6, save_steps=2).train()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "log_history.jsonl"]
-    assert checkpoint.list_checkpoints(out) == [out / "checkpoint-2"]
+    assert run_folder.list_checkpoints(out) == [out / "checkpoint-2"]
 
 
 def test_cli_write_failure_is_one_paragraph(tiny_model_dir, tmp_path, capsys):

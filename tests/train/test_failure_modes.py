@@ -6,7 +6,7 @@ import torch
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 from fasttune.errors import ConfigError, FastTuneError
-from fasttune.train.checkpoint import STATE_NAME, list_checkpoints
+from fasttune.train.run_folder import STATE_NAME, list_checkpoints
 
 
 def _rows():

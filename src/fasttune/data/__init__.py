@@ -8,10 +8,18 @@
 
 from pathlib import Path
 
-from fasttune.data.sources import load_rows
-from fasttune.data.formats import detect_format
-from fasttune.data.tokenize import tokenize_rows
-from fasttune.data.collate import collate, count_targets
+# Imported on first use (PEP 562): `datasets` and torch are slow to import, and the command line checks its
+# arguments before it needs them; it also keeps data/encode and data/tokenize free of a cycle through here.
+_LAZY = {"load_rows": "sources", "detect_format": "formats", "tokenize_rows": "tokenize", "collate": "collate",
+         "count_targets": "collate"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'fasttune.data' has no attribute '{name}'")
+    import importlib
+
+    return getattr(importlib.import_module(f"fasttune.data.{_LAZY[name]}"), name)
 
 
 def demo_dataset_path() -> Path:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,22 +22,8 @@ import pyarrow as pa
 
 from fasttune.data.formats import require_dict_rows
 from fasttune.errors import DataError
+from fasttune.data.paths import ACCEPTED_SOURCES, FILE_LOADERS, check_local_source, looks_like_hub_id
 from fasttune.file_readers import check_utf8
-
-FILE_LOADERS = {
-    ".jsonl": "json",
-    ".json": "json",
-    ".csv": "csv",
-    ".parquet": "parquet",
-}
-ACCEPTED_SOURCES = (
-    "a JSON Lines file (.jsonl), a JSON file holding a list of objects (.json), a CSV file (.csv), "
-    "a Parquet file (.parquet), a folder written by datasets' save_to_disk, a Hugging Face Hub dataset id "
-    "(org/name), a datasets.Dataset or a list of dicts"
-)
-# "org/name" as the hub spells repository ids; "./x/y", "/x/y", "a/b/c" or "x/y.jsonl" are local paths.
-HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
-
 
 def load_rows(source: Any) -> datasets.Dataset:
     """Return the rows of `source` as a `datasets.Dataset` (see the module docstring for what is accepted)."""
@@ -68,15 +53,6 @@ def load_rows(source: Any) -> datasets.Dataset:
         )
     raise DataError(
         f"The dataset must be {ACCEPTED_SOURCES}; got an object of type {type(source).__name__}."
-    )
-
-
-def looks_like_hub_id(source: str) -> bool:
-    """True for "org/name" strings that name no existing local path (a local path always wins)."""
-    return (
-        HUB_ID.fullmatch(source) is not None
-        and Path(source).suffix.lower() not in FILE_LOADERS
-        and not Path(source).expanduser().exists()
     )
 
 
@@ -138,8 +114,7 @@ def _is_dataframe(obj: Any) -> bool:
 def _load_path(path: Path) -> datasets.Dataset:
     if path.is_dir():
         return _load_folder(path)
-    if not path.exists():
-        raise DataError(f"Dataset file not found: {path}. Check the path; accepted are {ACCEPTED_SOURCES}.")
+    check_local_source(path)
     if not path.is_file():
         raise DataError(f"{path} is not a regular file or folder. Pass {ACCEPTED_SOURCES}.")
     suffix = path.suffix.lower()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 import warnings
 from pathlib import Path
@@ -18,13 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fasttune.atomic import atomic_folder, remove_leftovers
+from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
 from fasttune.train.optim import lr_lambda, warmup_count
+from fasttune.train.run_folder import STATE_NAME, list_checkpoints
 from fasttune.train.fsdp import full_optimizer_state, gather_state, is_sharded, shard_like, shard_optimizer_state
 
-STATE_NAME = "trainer_state.json"
-_CKPT = re.compile(r"^checkpoint-(\d+)$")
 SCHEDULE_KEYS = ("learning_rate", "embedding_learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
                  "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size",
                  "gradient_accumulation_steps", "seed")
@@ -85,53 +83,6 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
         for old in list_checkpoints(output_dir)[:-total_limit]:
             shutil.rmtree(old, ignore_errors=True)
     return final
-
-
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder counts only once its trainer_state.json exists)."""
-    if not output_dir.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_NAME).exists()]
-
-
-def resolve_resume(resume, output_dir: Path) -> Path | None:
-    """The checkpoint folder a `resume_from_checkpoint` value names: None/False -> None; True -> the newest complete
-    checkpoint in output_dir; a path -> that checkpoint. Raises ConfigError when there is none."""
-    if resume in (None, False):
-        return None
-    if resume is True:
-        found = list_checkpoints(output_dir)
-        if not found:
-            raise ConfigError(f"resume_from_checkpoint=True but '{output_dir}' holds no complete checkpoint "
-                              f"(checkpoint-N with {STATE_NAME}). Train with save_steps > 0 first.")
-        return found[-1]
-    path = Path(resume)
-    if not (path / STATE_NAME).exists():
-        raise ConfigError(f"'{path}' is not a complete fasttune checkpoint (no {STATE_NAME}). Pass a "
-                          f"checkpoint-N folder, or True for the latest one in output_dir.")
-    return path
-
-
-def prepare_output_dir(output_dir: Path, resume, overwrite: bool = False) -> list[Path]:
-    """Before a run: remove temporary folders a killed save left behind, and refuse a new (not resumed) run into
-    a folder holding another run's checkpoints, which it would otherwise mix with its own (resume=True would pick
-    the newest of either, save_total_limit would delete the wrong ones). overwrite=True deletes those checkpoints
-    instead. Returns the checkpoints deleted. Raises ConfigError."""
-    output_dir = Path(output_dir)
-    remove_leftovers(output_dir, ".checkpoint-*.tmp-*")
-    if resume not in (None, False):
-        return []
-    found = sorted((p for p in output_dir.glob("checkpoint-*") if _CKPT.match(p.name) and p.is_dir()),
-                   key=lambda p: int(p.name.split("-")[1])) if output_dir.is_dir() else []
-    if found and not overwrite:
-        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
-        raise ConfigError(f"'{output_dir}' already holds checkpoints of an earlier run ({names}). Continue that run "
-                          f"with resume_from_checkpoint=True (CLI: --resume), choose another output_dir, or set "
-                          f"overwrite_output_dir=True (CLI: --overwrite-output-dir) to delete them first.")
-    for p in found:
-        shutil.rmtree(p)
-    return found
 
 
 def schedule_settings(args, total_steps: int, world_size: int) -> dict:

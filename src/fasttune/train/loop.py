@@ -22,8 +22,8 @@ from tqdm.auto import tqdm
 
 from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
-from fasttune.train.checkpoint import (check_schedule, load_checkpoint, prepare_output_dir, resolve_resume,
-                                       save_checkpoint, schedule_settings)
+from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
+from fasttune.train.run_folder import prepare_output_dir, resolve_resume
 from fasttune.train.memory_report import PhaseMemory
 from fasttune.train.optim import build_optimizer, build_scheduler
 from fasttune.train.reporters import open_reporters
