@@ -26,6 +26,12 @@ def hf_config(family: str, **overrides):
                                   layer_types=["sliding_attention", "full_attention"])
     elif family == "phi3":
         cfg = tf.Phi3Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+    elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
+        cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
+    elif family == "mixtral":
+        cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
+                               tie_word_embeddings=False)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -34,6 +40,7 @@ def hf_config(family: str, **overrides):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 
 def hf_model(family: str, seed: int = 0, **overrides):
@@ -48,6 +55,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+            if n.endswith("mlp.gate.weight"):  # MoE router: decisive routing, no near-ties between experts
+                p.normal_(0.0, 0.5)
     return model
 
 

@@ -3,7 +3,8 @@
 Family quirks are fields, not subclasses (DESIGN.md): `norm_offset` for Gemma's (1 + w) RMSNorm, `qk_norm` for
 Qwen3, `attn_logit_softcap`/`final_logit_softcap` and the four-norm block for Gemma 2, `embed_scale` for Gemma,
 `fused_qkv`/`fused_gate_up` for Phi-3, per-layer `sliding_window` from `layer_types`, and Gemma 3's second RoPE
-base for its sliding-window layers (`rope_local_theta`).
+base for its sliding-window layers (`rope_local_theta`), and the sparse MoE MLP of Qwen3-MoE and Mixtral
+(`num_experts` > 0, which layers are MoE in `moe_layers`; see models/moe.py).
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Any
 
 from fasttune.errors import ModelLoadError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
+                      "mixtral")
+MOE_FAMILIES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
 
@@ -52,6 +55,13 @@ class ModelConfig:
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: Any = None
+    # Sparse MoE (models/moe.py): 0 experts = dense MLPs everywhere
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum 1
+    router_jitter: float = 0.0  # Mixtral's router_jitter_noise (training only)
+    moe_layers: list = field(default_factory=list)  # per layer: True = sparse MoE MLP
 
     @property
     def scaling(self) -> float:
@@ -130,8 +140,31 @@ class ModelConfig:
         if model_type == "phi3":
             cfg.fused_qkv = cfg.fused_gate_up = True
             cfg.attn_bias = cfg.o_bias = False
+        if model_type in MOE_FAMILIES:
+            _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
         return cfg
+
+
+def _moe_fields(cfg: ModelConfig, get) -> None:
+    """Experts, top-k, normalisation and MoE layers as transformers' Qwen3MoeDecoderLayer / MixtralDecoderLayer
+    choose them: Qwen3-MoE layer i is sparse unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
+    if cfg.model_type == "mixtral":
+        cfg.num_experts = get("num_local_experts")
+        cfg.moe_intermediate_size = cfg.intermediate_size
+        cfg.norm_topk_prob = True
+        cfg.router_jitter = float(get("router_jitter_noise", 0.0) or 0.0)
+        cfg.moe_layers = [True] * cfg.num_layers
+    else:
+        cfg.num_experts = get("num_experts", get("num_local_experts"))
+        cfg.moe_intermediate_size = get("moe_intermediate_size")
+        cfg.norm_topk_prob = bool(get("norm_topk_prob", False))
+        cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+        cfg.qk_norm = True
+        step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
+        cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
+                          for i in range(cfg.num_layers)]
+    cfg.num_experts_per_tok = get("num_experts_per_tok")
 
 
 def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
@@ -164,7 +197,7 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
 def _sliding_windows(get, model_type: str, layers: int) -> list:
     window = get("sliding_window")
     layer_types = get("layer_types")
-    if model_type == "qwen2" or model_type == "qwen3":
+    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
         # Qwen only slides when use_sliding_window is set, and only from max_window_layers on (4.x semantics).
         if not get("use_sliding_window", False):
             return [None] * layers
@@ -175,6 +208,6 @@ def _sliding_windows(get, model_type: str, layers: int) -> list:
     if model_type in ("qwen2", "qwen3"):
         start = get("max_window_layers", layers)
         return [window if i >= start else None for i in range(layers)]
-    if model_type in ("mistral", "phi3") and window:
+    if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe") and window:
         return [window] * layers
     return [None] * layers

@@ -1,4 +1,5 @@
-"""The one decoder: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3 — family quirks are ModelConfig fields.
+"""The one decoder: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, and the MoE families qwen3_moe and mixtral
+(sparse MLP in models/moe.py) — family quirks are ModelConfig fields.
 
 Module and parameter names mirror transformers' (`model.layers.0.self_attn.q_proj.weight`), so HF state dicts
 load without renaming and adapters use PEFT's key names.
@@ -12,7 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, MoeModelOutputWithPast
 from transformers.utils import ModelOutput
 
 from fasttune.errors import ConfigError, refuse_unknown
@@ -22,6 +23,7 @@ from fasttune.kernels.lora import project
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
 from fasttune.kernels.rope import apply_rope_qk, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
+from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 
@@ -37,6 +39,8 @@ class CausalLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     loss_sum: torch.Tensor | None = None  # sum of target-token losses (for gradient-accumulation normalisation)
     target_count: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (output_router_logits), unscaled
+    router_logits: tuple | None = None  # MoE: one (B*T, E) tensor per sparse layer (output_router_logits)
 
     @property
     def num_targets(self) -> int | None:
@@ -182,7 +186,8 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         self.self_attn = Attention(cfg, layer_idx)
-        self.mlp = MLP(cfg)
+        self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
+        self.mlp = SparseMoeBlock(cfg) if self.is_moe else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.sandwich = cfg.sandwich_norm
@@ -190,7 +195,13 @@ class DecoderLayer(nn.Module):
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, router_logits: bool = False):
+        """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E))."""
+        if self.is_moe:
+            x, normed = self.input_layernorm.with_residual(x)
+            x, normed = self.post_attention_layernorm.with_residual(x, self.self_attn(normed, cos, sin, mask, cache))
+            h, logits = self.mlp(normed)
+            return (x + h, logits) if router_logits else x + h
         if self.sandwich:  # Gemma 2: norm after attention and around the MLP
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
             x, normed = self.pre_feedforward_layernorm.with_residual(x, self.post_attention_layernorm(h))
@@ -241,7 +252,7 @@ class DecoderModel(nn.Module):
                 inputs_embeds=None, use_cache: bool | None = None, segment_ids=None, return_dict: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
-                max_length_k=None, seq_idx=None) -> BaseModelOutput:
+                max_length_k=None, seq_idx=None, output_router_logits: bool = False) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
@@ -250,7 +261,8 @@ class DecoderModel(nn.Module):
         row (B = 1) as TRL's collator and flash attention write them (max_length_q/k are implied by them);
         seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids). `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
-        the KVCache passed in. Raises ConfigError for output_attentions / output_hidden_states (not computed)."""
+        the KVCache passed in. output_router_logits (MoE): also `.router_logits`, one (B*T, E) tensor per sparse
+        layer (a MoeModelOutputWithPast). Raises ConfigError for output_attentions / output_hidden_states."""
         _refuse_extra_outputs(output_attentions, output_hidden_states)
         cfg = self.arch
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
@@ -280,14 +292,21 @@ class DecoderModel(nn.Module):
             masks = {"varlen": packed_spans(segment_ids)}
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids)
+        router_logits = []
         if past_key_values is None:
             offload = self._offloader(x)
             for layer in self.layers:
-                x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks, offload)
+                x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks, offload,
+                                    output_router_logits and layer.is_moe)
+                if isinstance(x, tuple):
+                    x, logits = x
+                    router_logits.append(logits)
         else:  # generation: no recompute, keys/values go to the cache
             for layer in self.layers:
                 x = layer(x, *ropes[layer.self_attn.rope_kind], masks, past_key_values)
             past_key_values.length += t
+        if output_router_logits:
+            return MoeModelOutputWithPast(last_hidden_state=self.norm(x), router_logits=tuple(router_logits))
         return BaseModelOutput(last_hidden_state=self.norm(x))
 
     def _checkpoint_mode(self, x):
@@ -304,12 +323,12 @@ class DecoderModel(nn.Module):
         store = LayerInputOffloader(x.device, offload=mode == "offload")
         return store, torch.empty(0, device=x.device, requires_grad=True)
 
-    def _run_layer(self, layer, x, cos, sin, masks, offload=None):
+    def _run_layer(self, layer, x, cos, sin, masks, offload=None, router_logits: bool = False):
         if offload is None:
-            return layer(x, cos, sin, masks)
+            return layer(x, cos, sin, masks, router_logits=router_logits)
         # Only the layer input is kept (with "offload": in pinned CPU memory, copied on a side stream and
         # brought back ahead of the recompute); backward recomputes the layer from it.
-        return offloaded_layer(lambda h: layer(h, cos, sin, masks), x, *offload)
+        return offloaded_layer(lambda h: layer(h, cos, sin, masks, router_logits=router_logits), x, *offload)
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -529,7 +548,7 @@ class CausalLM(PreTrainedModel):
                 logits_to_keep: int = 0, num_items_in_batch=None, return_logits: bool | None = None,
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                seq_idx=None):
+                seq_idx=None, output_router_logits: bool | None = None):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -538,11 +557,22 @@ class CausalLM(PreTrainedModel):
         `past_key_values`: a KVCache to read and extend (attention_mask then covers cached + new positions);
         `logits_to_keep=n` computes logits for the last n positions only; `segment_ids`: document ids of packed
         rows (with per-document `position_ids`), see data/packing.py; padding-free rows (position_ids restarting,
-        or cu_seq_lens_q/k) as in DecoderModel.forward."""
-        hidden = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
-                            segment_ids, output_attentions=output_attentions,
-                            output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
-                            cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx).last_hidden_state
+        or cu_seq_lens_q/k) as in DecoderModel.forward.
+
+        MoE models: `output_router_logits` (default: config.output_router_logits) adds `aux_loss`, the
+        load-balancing loss over the sparse layers (models/moe.py), and `router_logits`; with labels, loss gets
+        `config.router_aux_loss_coef * aux_loss` added, as transformers' Qwen3MoeForCausalLM / MixtralForCausalLM
+        do (per forward pass: with gradient accumulation each micro-batch adds its own, as in transformers'
+        Trainer). loss_sum stays the cross-entropy alone."""
+        if output_router_logits is None:
+            output_router_logits = bool(getattr(self.config, "output_router_logits", False))
+        output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
+        out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
+                         segment_ids, output_attentions=output_attentions,
+                         output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
+                         cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits)
+        hidden = out.last_hidden_state
+        router_logits = out.router_logits if output_router_logits and out.router_logits else None
         logits = loss = loss_sum = count = None
         if labels is None or return_logits:
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
@@ -555,7 +585,14 @@ class CausalLM(PreTrainedModel):
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across
         # transformers versions).
-        out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count)
+        aux = None
+        if router_logits is not None:
+            aux = load_balancing_loss(router_logits, self.arch.num_experts, self.arch.num_experts_per_tok,
+                                      attention_mask)
+            if loss is not None:
+                loss = loss + float(getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0) * aux.to(loss.device)
+        out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count, aux_loss=aux,
+                             router_logits=router_logits)
         return out if return_dict is not False else out.to_tuple()
 
 

@@ -109,6 +109,8 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
             f"transformers' AutoModelForCausalLM loads without remote code.") from None
     why = ("fast=False / --no-fast was given" if forced else
            f"'{model_type}' is not supported by fasttune's fast decoder (supported: {', '.join(SUPPORTED_FAMILIES)})")
+    if not forced and gguf_file is not None and model_type in SUPPORTED_FAMILIES:  # MoE families from GGUF
+        why = f"fasttune's fast decoder does not read '{model_type}' GGUF files yet (its safetensors checkpoints it does)"
     warnings.warn(f"Architecture '{model_type}': {why}, so it is loaded through transformers + PEFT and trains at "
                   f"standard speed (same results, none of fasttune's speed-ups).", FallbackWarning, stacklevel=4)
     hf_model.requires_grad_(False)

@@ -14,7 +14,7 @@ import torch.nn as nn
 from fasttune.errors import ModelLoadError
 from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, read_json,
                                    torch_load)
-from fasttune.models.config import SUPPORTED_FAMILIES, ModelConfig
+from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
 from fasttune.wording import plural
 
@@ -131,6 +131,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     quant="nf4"/"int8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
     memory stays near the quantised size. Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit")
     load as they are, or are dequantised when quant is None."""
+    from fasttune.models.moe import ExpertStacker
     from fasttune.quant.prequantized import PendingQuantized
 
     with torch.device("meta"):
@@ -138,8 +139,15 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     expected = dict(model.state_dict(keep_vars=True))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     pending = PendingQuantized(linears, source)
+    experts = ExpertStacker(model, expected, device, dtype)
+    if quant is not None and model.arch.num_experts:
+        warnings.warn(f"{source}: the MoE experts are not quantised yet (NF4/int8 experts are planned); they load "
+                      f"in {dtype}, the other layers in {quant}.")
     seen = set()
     for name, t in tensors:
+        name = experts.rename(name)
+        if experts.take(name, t):  # one expert's tensor of a stacked MoE weight
+            continue
         if not name.startswith("model.") and (f"model.{name}" in expected or pending.claims(f"model.{name}")):
             name = f"model.{name}"  # bare decoder checkpoints (no `model.` prefix)
         taken, done = pending.add(name, t)
@@ -170,6 +178,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             assign_tensor(model, name, t.to(device=device, dtype=dtype))
         seen.add(name)
     pending.check_complete()
+    seen |= experts.complete()
     cfg = model.arch
     if cfg.tie_embeddings:
         seen.add("lm_head.weight")
@@ -242,7 +251,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     contents = read_gguf(path) if contents is None else contents
     cfg_dict = dict(contents.config)
     model_type = cfg_dict.pop("model_type", None)
-    if not fast or model_type not in SUPPORTED_FAMILIES:
+    if not fast or model_type not in SUPPORTED_FAMILIES or model_type in MOE_FAMILIES:  # GGUF MoE: transformers
         from fasttune.models.fallback import load_fallback
 
         model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name,

@@ -168,6 +168,7 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, anchor, run, offloader):
+        ctx.set_materialize_grads(False)  # a second output (MoE router logits) may get no gradient
         ctx.run, ctx.offloader = run, offloader
         ctx.slot = offloader.save(x)
         ctx.x_requires_grad = x.requires_grad
@@ -177,7 +178,7 @@ class _OffloadedLayer(torch.autograd.Function):
             return run(x)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx, *grads):
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(True)
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), _recompute_scope():
@@ -185,7 +186,10 @@ class _OffloadedLayer(torch.autograd.Function):
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             out = ctx.run(x)
-        torch.autograd.backward(out, grad)  # LoRA grads accumulate here, as in a reentrant checkpoint
+        # LoRA grads accumulate here, as in a reentrant checkpoint. `run` may return several tensors (an MoE
+        # layer's output and its router logits): each one that got a gradient is back-propagated.
+        pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads) if g is not None]
+        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (x.grad if ctx.x_requires_grad else None), None, None, None
 
 

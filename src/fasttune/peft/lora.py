@@ -129,6 +129,35 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
     return chosen
 
 
+MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _drop_expert_targets(model: nn.Module, settings: LoraSettings) -> None:
+    """MoE models (Qwen3-MoE, Mixtral): remove gate_proj/up_proj/down_proj from settings.target_modules, with a
+    warning. PEFT on transformers 5 reads these names on such a model as the stacked experts (target_parameters),
+    which fasttune does not adapt yet; keeping them out of the saved adapter_config keeps PEFT's model equal to
+    ours. Raises ConfigError for a string target_modules (regex / "all-linear"), which PEFT resolves onto the
+    experts too, and when nothing is left."""
+    if not getattr(getattr(model, "arch", None), "num_experts", 0):
+        return
+    targets = settings.target_modules
+    if isinstance(targets, str):
+        raise ConfigError(f"target_modules={targets!r}: on this mixture-of-experts model pass a list of attention "
+                          f"projections, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'] (LoRA on the experts is "
+                          f"not supported yet).")
+    dropped = [t for t in targets if t in MLP_TARGETS]
+    if not dropped:
+        return
+    settings.target_modules = [t for t in targets if t not in MLP_TARGETS]
+    if not settings.target_modules:
+        raise ConfigError(f"target_modules={dropped}: LoRA on the experts of this mixture-of-experts model is not "
+                          f"supported yet; target the attention projections ['q_proj', 'k_proj', 'v_proj', "
+                          f"'o_proj'].")
+    warnings.warn(f"target_modules {dropped} left out: LoRA on this model's MoE experts is not supported yet, so "
+                  f"LoRA goes on {settings.target_modules} (the experts and any dense MLP layers stay frozen).",
+                  stacklevel=4)
+
+
 class FusedTargetsWarning(UserWarning):
     """LoRA was asked for part of a fused projection (Phi-3's qkv_proj / gate_up_proj) and covers all of it."""
 
@@ -164,6 +193,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
     model.requires_grad_(False)
+    _drop_expert_targets(model, settings)
     names = _resolve_targets(model, settings.target_modules)
     if not names:
         raise ConfigError(f"target_modules={settings.target_modules!r} selects no layer of this model.")

@@ -1,0 +1,237 @@
+"""Sparse mixture-of-experts MLP (Qwen3-MoE, Mixtral): a linear router, top-k routing with the family's
+normalisation, and experts stored stacked as transformers 5 keeps them in memory (`experts.gate_up_proj`
+(E, 2I, H), `experts.down_proj` (E, H, I), router `gate.weight` (E, H)), so adapters and merged checkpoints use
+transformers' names.
+
+The experts run as two grouped GEMMs over the tokens sorted by expert (torch's grouped_mm, on CUDA and on
+CPU), or, where that kernel cannot run (unaligned shapes, fp32 on CUDA), as one padded batched GEMM; never as
+a Python loop over experts. `experts_reference` is the loop, as transformers' eager experts compute it, for
+the tests.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttune.kernels.activations import gated_act, gated_act_reference
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: softmax over all experts (fp32), the k largest, renormalised to sum 1 when norm_topk_prob.
+
+    router_logits (N, E) any float dtype -> (weights (N, k) fp32, experts (N, k) int64). Mixtral always
+    renormalises (the same as a softmax over the top-k logits); Qwen3-MoE does when `norm_topk_prob` (source:
+    transformers' MixtralTopKRouter / Qwen3MoeTopKRouter)."""
+    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    weights, experts = torch.topk(probs, top_k, dim=-1)
+    if norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, experts
+
+
+def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether torch's grouped GEMM kernel takes x (S, K) @ w (E, K, M) here: it exists, bf16 on CUDA (fp32 is
+    refused there), and rows of both operands are whole multiples of 16 bytes (the kernel's stride rule)."""
+    if _GROUPED_MM is None or x.dtype != w.dtype:
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
+        return False
+    size = x.element_size()
+    return (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
+               method: str = "auto") -> torch.Tensor:
+    """Rows of x grouped by expert times that expert's matrix: out[s] = x[s] @ w[e(s)].
+
+    x (S, K) sorted by expert; w (E, K, M) (a transposed view is fine); offsets (E,) int32 cumulative row ends
+    of the groups; counts (E,) their sizes. method: "grouped_mm" (torch's grouped GEMM kernel), "padded_bmm"
+    (groups padded to the largest one, one bmm; reads counts on the host) or "auto" (the kernel where
+    grouped_mm_usable). Returns (S, M) in x's dtype; differentiable in x and w."""
+    if method == "grouped_mm" or (method == "auto" and grouped_mm_usable(x, w)):
+        return _GROUPED_MM(x, w, offs=offsets)
+    experts = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts.long(),
+                                      output_size=x.shape[0])
+    starts = (offsets - counts).long()
+    slot = torch.arange(x.shape[0], device=x.device) - starts[experts]
+    capacity = max(int(counts.max()), 1) if x.shape[0] else 1
+    padded = x.new_zeros(w.shape[0], capacity, x.shape[1]).index_put((experts, slot), x)
+    return torch.bmm(padded, w)[experts, slot]
+
+
+def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
+                    down_proj: torch.Tensor, act: str, method: str = "auto") -> torch.Tensor:
+    """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)) for e = experts[n, j], without a loop over experts.
+
+    x (N, H); weights (N, k) float; experts (N, k) int64; gate_up_proj (E, 2I, H) with gate rows first;
+    down_proj (E, H, I); act: a gated activation name (kernels/activations.py). Returns (N, H) in x's dtype.
+    The N*k (token, expert) pairs are sorted by expert and run as two grouped GEMMs (see `grouped_mm`); each
+    token's k results are combined with its routing weights in one batched product."""
+    n, k = experts.shape
+    num_experts = gate_up_proj.shape[0]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    # histc instead of bincount: no device-to-host sync on CUDA (as transformers' grouped_mm experts do)
+    counts = torch.histc(flat.float() if not flat.is_cuda else flat.int(), bins=num_experts, min=0,
+                         max=num_experts - 1).to(torch.int32)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    xs = x[order // k]
+    w1 = gate_up_proj.to(x.dtype).transpose(1, 2)
+    gate, up = grouped_mm(xs, w1, offsets, counts, method).chunk(2, dim=-1)
+    h = gated_act(gate, up, act)
+    out = grouped_mm(h, down_proj.to(x.dtype).transpose(1, 2), offsets, counts, method)
+    unsorted = out.new_empty(out.shape).index_copy(0, order, out)  # row n*k + j: token n's j-th expert
+    return torch.bmm(weights.to(x.dtype).unsqueeze(1), unsorted.view(n, k, -1)).squeeze(1)
+
+
+def experts_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
+                      down_proj: torch.Tensor, act: str) -> torch.Tensor:
+    """The plain loop over experts of transformers' eager MixtralExperts / Qwen3MoeExperts.forward: the
+    reference `experts_forward` is tested against. Same arguments and result."""
+    out = torch.zeros_like(x)
+    for e in range(gate_up_proj.shape[0]):
+        token, slot = torch.where(experts == e)
+        if token.numel() == 0:
+            continue
+        gate, up = F.linear(x[token], gate_up_proj[e]).chunk(2, dim=-1)
+        y = F.linear(gated_act_reference(gate, up, act), down_proj[e]) * weights[token, slot, None]
+        out = out.index_add(0, token, y.to(x.dtype))
+    return out
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top_k: int,
+                        attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer auxiliary loss (eqs. 4-6 of arXiv:2101.03961) as transformers' load_balancing_loss_func
+    computes it: E * sum_e f_e * P_e, where f_e is the fraction of top-k assignments and P_e the mean router
+    probability of expert e, both pooled over all MoE layers' tokens (padding excluded by attention_mask).
+
+    router_logits: one (B*T, E) tensor per MoE layer; attention_mask (B, T) or None. Returns a () fp32 tensor,
+    differentiable through the router probabilities (the counts are not)."""
+    device = router_logits[0].device
+    tokens = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    probs_sum = torch.zeros(num_experts, dtype=torch.float32, device=device)
+    rows = 0.0
+    mask = None if attention_mask is None else attention_mask.reshape(-1).to(device=device, dtype=torch.float32)
+    for logits in router_logits:
+        probs = torch.softmax(logits.float(), dim=-1)
+        chosen = torch.topk(probs, top_k, dim=-1).indices.reshape(-1)
+        if mask is None:
+            tokens = tokens + torch.zeros_like(tokens).index_add(0, chosen, torch.ones_like(chosen, dtype=tokens.dtype))
+            probs_sum = probs_sum + probs.sum(dim=0)
+            rows = rows + probs.shape[0]
+        else:
+            tokens = tokens + torch.zeros_like(tokens).index_add(0, chosen, mask.repeat_interleave(top_k))
+            probs_sum = probs_sum + (probs * mask[:, None]).sum(dim=0)
+            rows = rows + mask.sum()
+    return torch.sum((tokens / rows) * (probs_sum / rows)) * num_experts
+
+
+class Router(nn.Module):
+    """The router linear, `weight` (E, H) without bias; forward: x (N, H) -> logits (N, E) in x's dtype."""
+
+    def __init__(self, hidden_size: int, num_experts: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+class Experts(nn.Module):
+    """E gated MLPs stored stacked: gate_up_proj (E, 2I, H) (gate rows, then up rows), down_proj (E, H, I)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.act = act
+
+    def forward(self, x, weights, experts):
+        return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj, self.act)
+
+
+class SparseMoeBlock(nn.Module):
+    """The MoE MLP of a decoder layer: `gate` (Router) picks `top_k` of the `experts` per token.
+
+    forward: x (B, T, H) -> (out (B, T, H) in x's dtype, router logits (B*T, E) for the auxiliary loss).
+    Mixtral's router jitter (training only) scales the block's input by U(1 - j, 1 + j) as transformers does."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.top_k, self.norm_topk_prob, self.jitter = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_jitter
+        self.gate = Router(cfg.hidden_size, cfg.num_experts)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
+
+    def forward(self, x: torch.Tensor, values_unused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        shape = x.shape
+        if self.training and self.jitter > 0:
+            x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+        flat = x.reshape(-1, shape[-1])
+        logits = self.gate(flat)
+        weights, experts = route(logits, self.top_k, self.norm_topk_prob)
+        return self.experts(flat, weights, experts).view(shape), logits
+
+
+_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                            r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_ROUTER_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.block_sparse_moe\.gate\.weight$")
+# Mixtral's w1/w3/w2 are gate/up/down (transformers' conversion_mapping: MergeModulelist + Concatenate).
+_PART = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+
+
+class ExpertStacker:
+    """Loads checkpoints that store one tensor per expert (what transformers 5 still writes: Qwen3-MoE
+    `mlp.experts.{e}.gate_proj/up_proj/down_proj.weight`, Mixtral `block_sparse_moe.experts.{e}.w1/w3/w2.weight`
+    and `block_sparse_moe.gate.weight`) into the stacked parameters, one slice at a time as tensors arrive, so no
+    second copy of a layer's experts is held. Checkpoints already in the stacked layout load as they are."""
+
+    def __init__(self, model: nn.Module, expected: dict, device, dtype: torch.dtype):
+        self.model, self.expected, self.device, self.dtype = model, expected, device, dtype
+        self.filled: dict[str, int] = {}
+
+    def rename(self, name: str) -> str:
+        """Mixtral's router name -> ours (`mlp.gate.weight`); other names unchanged."""
+        m = _ROUTER_TENSOR.match(name)
+        return f"model.{m.group(1)}.mlp.gate.weight" if m else name
+
+    def take(self, name: str, tensor: torch.Tensor) -> bool:
+        """Copy one expert's tensor into its stacked parameter; False when `name` is not a per-expert tensor.
+        Raises ModelLoadError for a tensor whose expert or shape the config does not have."""
+        from fasttune.errors import ModelLoadError
+
+        m = _EXPERT_TENSOR.match(name)
+        if m is None:
+            return False
+        layer, expert, part = m.group(1), int(m.group(2)), _PART[m.group(3)]
+        target = f"model.{layer}.mlp.experts.{'down_proj' if part == 2 else 'gate_up_proj'}"
+        if target not in self.expected:
+            raise ModelLoadError(f"checkpoint tensor '{name}' has no place in this config ({layer} is not a sparse "
+                                 f"MoE layer). The checkpoint and config.json do not match.")
+        param = self.model.get_parameter(target)
+        if param.is_meta:
+            param = nn.Parameter(torch.empty(param.shape, device=self.device, dtype=self.dtype), requires_grad=False)
+            module_name, _, attr = target.rpartition(".")
+            self.model.get_submodule(module_name)._parameters[attr] = param
+        rows = param.shape[1] // 2 if part < 2 else param.shape[1]
+        if expert >= param.shape[0] or tuple(tensor.shape) != (rows, param.shape[2]):
+            raise ModelLoadError(f"checkpoint tensor '{name}' {tuple(tensor.shape)} does not fit '{target}' "
+                                 f"{tuple(param.shape)}. The checkpoint and config.json do not match.")
+        start = rows if part == 1 else 0
+        with torch.no_grad():
+            param[expert, start:start + rows].copy_(tensor)
+        self.filled[target] = self.filled.get(target, 0) + 1
+        return True
+
+    def complete(self) -> set[str]:
+        """Names of the stacked parameters every expert slice of which arrived."""
+        done = set()
+        for target, n in self.filled.items():
+            shape = self.expected[target].shape
+            if n == shape[0] * (2 if target.endswith("gate_up_proj") else 1):
+                done.add(target)
+        return done
