@@ -170,3 +170,33 @@ def test_gguf_export_refuses_moe(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="GGUF export supports the families"):
         model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_merged_export_loads_in_transformers_and_back(tiny_model_dir, tmp_path):
+    """The merged checkpoint holds transformers 5's stacked layout (experts.gate_up_proj / down_proj, mlp.gate),
+    which transformers loads and our loader takes as it is; the adapter reloads too."""
+    from transformers import AutoModelForCausalLM
+
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("mixtral")), dtype=torch.float32)
+    with pytest.warns(UserWarning, match="left out"):
+        ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(ours)
+    ours.eval()
+    ids, _, _ = _batch(pad=False)
+    with torch.no_grad():
+        want = ours(ids).logits
+        ours.save_pretrained(tmp_path / "adapter")
+        ours.save_pretrained_merged(tmp_path / "merged", None, save_method="merged_16bit")
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        torch.testing.assert_close(hf(ids).logits, want, rtol=1e-5, atol=1e-5)
+        for folder in ("merged", "adapter"):
+            back, _ = FastLanguageModel.from_pretrained(str(tmp_path / folder), dtype=torch.float32)
+            torch.testing.assert_close(back.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_string_or_expert_only_targets_are_refused(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
+    with pytest.raises(ConfigError, match="list of attention"):
+        FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
+    with pytest.raises(ConfigError, match="target the attention projections"):
+        FastLanguageModel.get_peft_model(model, r=4, target_modules=["gate_proj", "down_proj"])
