@@ -217,7 +217,7 @@ def test_window_before_every_response_is_refused(tiny_tokenizer, layout):
            "alpaca": {"instruction": "What is the capital of Chile?", "output": "Santiago"},
            "sharegpt": {"conversations": [{"from": "human", "value": "What is the capital of Chile?"},
                                           {"from": "gpt", "value": "Santiago"}]}}[layout]
-    with pytest.raises(DataError, match=r"max_seq_length=5 cuts off every response in the dataset: the 2 rows"):
+    with pytest.raises(DataError, match=r"max_seq_length=5 cuts off every response in the dataset: all 2 rows left are truncated"):
         tokenize_rows([row, row], tiny_tokenizer, max_seq_length=5)
     short = {"prompt": "Q?", "completion": "Santiago"}
     with pytest.warns(UserWarning, match=r"1 of 2 rows of the dataset are truncated to max_seq_length=5 before"):

@@ -182,6 +182,12 @@ def _progress_bars(show: bool):
                 datasets.enable_progress_bars()
 
 
+def _all_rows(n: int, many: str, one: str, which: str = "") -> str:
+    """'all 3 rows are' / 'its only row is' (with `which`: 'all 3 rows left are')."""
+    which = f" {which}" if which else ""
+    return f"all {n} rows{which} {many}" if n != 1 else f"its only row{which} {one}"
+
+
 def _report(fates: np.ndarray, n: int, where: str, max_seq_length: int, responses_only: bool) -> None:
     """One log line for truncated rows, one warning per kind of dropped rows, an error if none is left."""
     truncated = int(np.count_nonzero(fates & TRUNCATED))
@@ -194,13 +200,13 @@ def _report(fates: np.ndarray, n: int, where: str, max_seq_length: int, response
         )
     if too_long == n:
         raise DataError(
-            f"No training example is left in {where}: all {n} rows are longer than max_seq_length="
+            f"No training example is left in {where}: {_all_rows(n, 'are', 'is')} longer than max_seq_length="
             f"{max_seq_length} tokens and drop_long is on. Raise max_seq_length, or turn drop_long off to "
             "truncate them."
         )
     if dropped + too_long == n:
         raise DataError(
-            f"No usable training example is left in {where}: all {n} rows have no target token"
+            f"No usable training example is left in {where}: {_all_rows(n, 'have', 'has')} no target token"
             f" after truncation to max_seq_length={max_seq_length}"
             + (" with train_on_responses_only (the prompts fill the whole window)" if responses_only else "")
             + ". Raise max_seq_length, shorten the prompts, or check that rows contain responses."
@@ -209,8 +215,8 @@ def _report(fates: np.ndarray, n: int, where: str, max_seq_length: int, response
     kept = n - dropped - too_long
     if promptonly and promptonly == kept:
         raise DataError(
-            f"max_seq_length={max_seq_length} cuts off every response in {where}: the {kept} rows left are "
-            "truncated before their first response token, so training would only teach the prompts. Raise "
+            f"max_seq_length={max_seq_length} cuts off every response in {where}: "
+            f"{_all_rows(kept, 'are', 'is', 'left')} truncated before the first response token, so training would only teach the prompts. Raise "
             "max_seq_length above the prompts' length."
         )
     if promptonly:

@@ -19,6 +19,7 @@ import torch
 
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
+from fasttune.wording import plural
 from fasttune.train.optim import lr_lambda, warmup_count
 from fasttune.train.run_folder import STATE_NAME, list_checkpoints
 from fasttune.train.fsdp import full_optimizer_state, gather_state, is_sharded, shard_like, shard_optimizer_state
@@ -125,7 +126,7 @@ def check_schedule(path: Path, state: dict, current: dict, learning_rate: float)
         return
     raise ConfigError(
         f"Checkpoint {path} is step {step} of a {old_total}-step run ({current['lr_scheduler_type']} schedule); this "
-        f"run asks for {new_total} steps, which changes the learning rate of the steps already taken (step {step}'s "
+        f"run asks for {plural(new_total, 'step')}, which changes the learning rate of the steps already taken (step {step}'s "
         f"would be {learning_rate * new_f(step):.3g} instead of {learning_rate * old_f(step):.3g}), so the result "
         f"would match neither run. Resume with the old total (max_steps={old_total}), or, to train longer, use "
         f"lr_scheduler_type='constant' (or 'constant_with_warmup') from the start, or start a new run from the "

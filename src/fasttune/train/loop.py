@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
+from fasttune.wording import plural
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
 from fasttune.train.memory_report import PhaseMemory
@@ -265,7 +266,7 @@ class Trainer:
                     bad_in_row, skipped = bad_in_row + 1, skipped + 1
                     if bad_in_row >= args.max_nonfinite_steps:
                         raise NonFiniteLossError(
-                            f"The loss or gradients were NaN/inf for {bad_in_row} steps in a row (step {step + 1}); "
+                            f"The loss or gradients were NaN/inf for {plural(bad_in_row, 'step')} in a row (step {step + 1}); "
                             f"training stopped. Lower the learning rate, use bf16 instead of fp16, or check the data.")
                     continue
                 bad_in_row = 0
