@@ -200,3 +200,14 @@ def test_string_or_expert_only_targets_are_refused(tiny_model_dir):
         FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
     with pytest.raises(ConfigError, match="target the attention projections"):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["gate_proj", "down_proj"])
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_greedy_generation_equals_transformers(family, tiny_model_dir):
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32)
+    ref = hf_model(family)
+    ids = torch.randint(3, 300, (2, 6), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    a = ours.eval().generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    b = ref.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(a, b)
