@@ -27,6 +27,14 @@ SHAPES = {
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
+# Mixture-of-experts shapes (transformers' Qwen3MoeConfig); LoRA goes on attention only (PEFT reads the MLP names
+# of an MoE model as its experts), top-8 of 128 experts per token.
+MOE_SHAPES = {
+    "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                          num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                          num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
+                          tie_word_embeddings=False, rope_theta=1e6),
+}
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -36,15 +44,25 @@ MATRIX = {
                 ("ours", "llama-3.2-1b", "off", "triton", "none"), ("ours", "llama-3.2-1b", "off", "torch", "none"),
                 ("hf", "llama-3.1-8b", "on", "-", "none"), ("ours", "llama-3.1-8b", "on", "triton", "none"),
                 ("ours", "llama-3.1-8b", "on", "torch", "none"), ("ours", "llama-3.1-8b", "off", "triton", "none")],
+    "moe": [("hf", "qwen3-30b-a3b", "on", "-", "none"), ("ours", "qwen3-30b-a3b", "on", "triton", "none"),
+            ("ours", "qwen3-30b-a3b", "off", "triton", "none")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
 }
 
 
+def targets(shape: str) -> list[str]:
+    return TARGETS[:4] if shape in MOE_SHAPES else TARGETS
+
+
 def hf_config(shape: str):
     from transformers import LlamaConfig
 
+    if shape in MOE_SHAPES:
+        from transformers import Qwen3MoeConfig
+
+        return Qwen3MoeConfig(**MOE_SHAPES[shape], max_position_embeddings=40960, rms_norm_eps=1e-6)
     return LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
                        rope_scaling=dict(ROPE), rms_norm_eps=1e-5)
 
@@ -65,7 +83,7 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
     torch.set_default_dtype(torch.float32)
     with torch.no_grad():  # transformers' init (normal, std = initializer_range) so both start from alike weights
         for name, p in model.named_parameters():
-            if p.dim() == 2:
+            if p.dim() >= 2:  # matrices and stacked experts
                 p.normal_(0.0, 0.02)
     if quant == "nf4":  # what load_in_4bit does on load, layer by layer
         from fasttune.quant.linear import QuantLinear
@@ -77,7 +95,8 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                 del mod
         torch.cuda.empty_cache()
     model.lora_settings = None
-    return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, use_gradient_checkpointing=_gc_mode(gc))
+    return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
+                                            use_gradient_checkpointing=_gc_mode(gc))
 
 
 def _bnb_quantize(model):
@@ -110,7 +129,7 @@ def build_hf(shape: str, gc: str, r: int, quant: str = "none"):
     if gc != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=targets(shape), task_type="CAUSAL_LM"))
     model.train()
     return model
 
@@ -125,7 +144,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)  # both sides: transformers' default
     g = torch.Generator(device="cuda").manual_seed(1)
-    vocab = SHAPES[shape]["vocab_size"]
+    vocab = {**SHAPES, **MOE_SHAPES}[shape]["vocab_size"]
     batches = [torch.randint(0, vocab, (bs, seq), device="cuda", generator=g) for _ in range(2)]
     losses, norms = [], []
 
@@ -175,7 +194,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--matrix", choices=sorted(MATRIX))
     ap.add_argument("--impl", choices=["ours", "hf"], default="ours")
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="llama-3.2-1b")
     ap.add_argument("--gc", choices=["on", "off", "offload"], default="on")
     ap.add_argument("--quant", choices=["none", "nf4"], default="none")
     ap.add_argument("--max-context", action="store_true",
