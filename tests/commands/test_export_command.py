@@ -89,8 +89,8 @@ def test_export_merged_and_back_from_gguf(adapter_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--format", "gguf", "--quantization", "q4_k_m"], "q4_k_m"),
-    (["--format", "gguf", "--quantization", "q8_0,q4_k_m"], "'q4_k_m' is not supported"),
+    (["--format", "gguf", "--quantization", "iq4_xs"], "iq4_xs"),
+    (["--format", "gguf", "--quantization", "q8_0,iq4_xs"], "'iq4_xs' is not supported"),
     (["--format", "merged", "--quantization", "q8_0"], "does not apply to --format merged"),
     (["--format", "gguf", "--adapter", "nowhere"], "adapter_config.json"),
 ])

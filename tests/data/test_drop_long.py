@@ -35,7 +35,7 @@ def test_drop_long_keeps_rows_that_fit_exactly(tiny_tokenizer):
 
 
 def test_drop_long_with_nothing_left_is_an_error(tiny_tokenizer):
-    with pytest.raises(DataError, match="all 1 rows are longer than max_seq_length=10.*drop_long"):
+    with pytest.raises(DataError, match="its only row is longer than max_seq_length=10.*drop_long"):
         tokenize_rows(ROWS[:1], tiny_tokenizer, max_seq_length=10, drop_long=True)
 
 

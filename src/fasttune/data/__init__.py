@@ -8,10 +8,13 @@
 
 from pathlib import Path
 
+# `collate` is also a submodule's name: importing it here keeps the attribute the function (importing a submodule
+# later would otherwise set it to the module). collate.py imports torch only when called.
+from fasttune.data.collate import collate, count_targets
+
 # Imported on first use (PEP 562): `datasets` and torch are slow to import, and the command line checks its
 # arguments before it needs them; it also keeps data/encode and data/tokenize free of a cycle through here.
-_LAZY = {"load_rows": "sources", "detect_format": "formats", "tokenize_rows": "tokenize", "collate": "collate",
-         "count_targets": "collate"}
+_LAZY = {"load_rows": "sources", "detect_format": "formats", "tokenize_rows": "tokenize"}
 
 
 def __getattr__(name: str):

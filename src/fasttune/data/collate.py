@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE_INDEX = -100
 
@@ -20,6 +22,8 @@ def collate(
     Returns input_ids (padded with pad_token_id), attention_mask (1 real / 0 pad) and labels (-100 on
     padding). Pad positions are masked in both attention and loss, so any pad id works; None means 0.
     """
+    import torch  # here, not at import: `fasttune.data` loads this module and must stay quick to import
+
     if not examples:
         raise ValueError("collate() needs at least one example")
     pad = 0 if pad_token_id is None else int(pad_token_id)

@@ -202,7 +202,7 @@ def _report(fates: np.ndarray, n: int, where: str, max_seq_length: int, response
         raise DataError(
             f"No training example is left in {where}: {_all_rows(n, 'are', 'is')} longer than max_seq_length="
             f"{max_seq_length} tokens and drop_long is on. Raise max_seq_length, or turn drop_long off to "
-            "truncate them."
+            "truncate long rows instead."
         )
     if dropped + too_long == n:
         raise DataError(
