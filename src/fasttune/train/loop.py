@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 import random
 import sys
 import time
@@ -39,6 +39,33 @@ ID_FIELDS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "completio
 
 class NonFiniteLossError(FastTuneError):
     pass
+
+
+@dataclass
+class _Run:
+    """The state of one Trainer.train call: what its step loop reads and advances."""
+    out_dir: Path
+    total: int
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    scaler: object
+    schedule: dict
+    step: int = 0
+    epoch: int = 0
+    micro: int = 0
+    lr: float = 0.0
+    grad_norm: float = 0.0
+    tokens_done: int = 0
+    bad_in_row: int = 0
+    skipped: int = 0
+    losses: list = field(default_factory=list)
+    window: list = field(default_factory=list)
+    evaluated: tuple = (None, None)  # (step, metrics) of the last eval
+    saved: Path | None = None  # the last checkpoint written
+    t0: float = 0.0
+    bar: object = None
+    batches: object = None
+    memory: object = None
 
 
 class Trainer:
@@ -186,8 +213,23 @@ class Trainer:
 
     # --- training ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None) -> dict:
-        """Train to max_steps / num_train_epochs. SIGINT/SIGTERM stop after the current step with a checkpoint;
-        the returned metrics then hold `interrupted` and `checkpoint`."""
+        """Train to max_steps / num_train_epochs; returns the run's metrics (train_loss, global_step, tokens/s,
+        first/last step loss, eval_loss with an eval set). SIGINT/SIGTERM stop after the current step with a
+        checkpoint; the metrics then hold `interrupted` and `checkpoint`. Raises ConfigError for a resume that
+        does not fit, NonFiniteLossError after max_nonfinite_steps bad steps in a row."""
+        run = self._start_run(resume_from_checkpoint)
+        with GracefulStop() as stop:
+            while run.step < run.total and not self.dist.any(bool(stop.requested)):
+                run.epoch, run.micro, full_group = next(run.batches)
+                if self._train_step(run, full_group):
+                    self._after_step(run)
+            if run.step < run.total and self.dist.any(bool(stop.requested)):
+                stop.requested = stop.requested or "a signal on another rank"
+                run.saved = self._save(run)
+        return self._finish_run(run, stop.requested)
+
+    def _start_run(self, resume_from_checkpoint) -> "_Run":
+        """Seed, shard (FSDP), choose checkpointing, build optimizer/scheduler/scaler, resume, open the loggers."""
         args, model = self.args, self.model
         out_dir = Path(args.output_dir)
         _seed_everything(args.seed)
@@ -197,127 +239,133 @@ class Trainer:
         self._resolve_auto_checkpointing()
         optimizer = self.optimizer = build_optimizer(model, args)
         total = self.total_steps()
-        scheduler = build_scheduler(optimizer, args, total)
         # fp16 activations underflow without loss scaling; bf16 and fp32 need none.
         scaler = torch.amp.GradScaler(model.device.type) if model.dtype == torch.float16 else None
-        step, epoch, micro = 0, 0, 0
+        run = _Run(out_dir=out_dir, total=total, optimizer=optimizer, scaler=scaler,
+                   scheduler=build_scheduler(optimizer, args, total),
+                   schedule=schedule_settings(args, total, self.dist.world))
         ckpt = resolve_resume(resume_from_checkpoint, out_dir)
         if self.dist.is_main:
             prepare_output_dir(out_dir, ckpt, args.overwrite_output_dir)
         self.dist.barrier()
-        schedule = schedule_settings(args, total, self.dist.world)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler, scaler, self.run_identity(),
-                                    lambda saved: check_schedule(ckpt, saved, schedule, args.learning_rate))
-            step, epoch, micro = state["step"], state["epoch"], state["micro"]
+            state = load_checkpoint(ckpt, model, optimizer, run.scheduler, scaler, self.run_identity(),
+                                    lambda saved: check_schedule(ckpt, saved, run.schedule, args.learning_rate))
+            run.step, run.epoch, run.micro = state["step"], state["epoch"], state["micro"]
             self.log_history = state["log_history"]
             if self.dist.is_main:
-                done = " (already complete: nothing left to train)" if step >= total else ""
-                print(f"fasttune: resuming from {ckpt} at step {step} of {total}{done}.", file=sys.stderr)
+                done = " (already complete: nothing left to train)" if run.step >= total else ""
+                print(f"fasttune: resuming from {ckpt} at step {run.step} of {total}{done}.", file=sys.stderr)
         self._check_precision()
-        log_path = out_dir / LOG_FILE
         self._log_rewrite = True  # first write replaces the file (a resumed run's log = the uninterrupted one's)
         # TensorBoard / W&B (report_to), fed by _log, on rank 0 only
         self._reporters = open_reporters(args) if self.dist.is_main else None
-        window, losses, bad_in_row, skipped = [], [], 0, 0
-        t0, tokens_done, saved, evaluated = time.perf_counter(), 0, None, (None, None)
-        bar = tqdm(total=total, initial=step, desc="training", unit="step", dynamic_ncols=True,
-                   disable=not self.dist.is_main)
-        batches = self._step_batches(epoch, micro)
-        n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
+        run.bar = tqdm(total=total, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
+                       disable=not self.dist.is_main)
+        run.batches = self._step_batches(run.epoch, run.micro)
+        run.memory = PhaseMemory(model.device)  # peak GiB per phase in the log (GPU only)
+        run.t0 = time.perf_counter()
+        return run
 
-        def checkpoint():
-            state = {"step": step, "epoch": epoch, "micro": micro, "log_history": self.log_history,
-                     "identity": self.run_identity(), "schedule": schedule, "config": asdict(args)}
-            path = out_dir / f"checkpoint-{step}"
-            if self.dist.is_main or is_sharded(model):  # sharded: every rank joins the gathers, rank 0 writes
-                path = save_checkpoint(out_dir, step, model, optimizer, scheduler, scaler, state,
-                                       args.save_total_limit, write=self.dist.is_main)
-            self.dist.barrier()
-            return path
+    def _train_step(self, run: "_Run", full_group: list[list[int]]) -> bool:
+        """One optimizer step over all ranks' micro-batches of `full_group`; False when it was skipped (NaN/inf)."""
+        args, model, optimizer, scaler = self.args, self.model, run.optimizer, run.scaler
+        group = [self._to_device(b) for b in self.dist.shard(full_group, args.gradient_accumulation_steps)]
+        # FSDP: every rank must run as many forward/backward passes as the busiest one (each joins the layers'
+        # gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
+        fillers = min(args.gradient_accumulation_steps, len(full_group)) - len(group) if is_sharded(model) else 0
+        self.prepare_step(group)
+        num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
+        run.lr = optimizer.param_groups[0]["lr"]
+        if num_items == 0:
+            # Nothing to learn (e.g. GRPO with every completion masked): a counted step with loss 0 and zero
+            # gradients, as TRL runs it; never re-sampled.
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.grad = torch.zeros_like(p)
+            step_loss, grad_norm, n_tokens = 0.0, 0.0, 0
+        else:
+            step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler, fillers)
+        run.memory.mark("forward_backward")
+        run.tokens_done += int(self.dist.sum(n_tokens))
+        if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.update()  # lowers the scale; an fp16 overflow is not the data's fault
+            run.bad_in_row, run.skipped = run.bad_in_row + 1, run.skipped + 1
+            if run.bad_in_row >= args.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"The loss or gradients were NaN/inf for {plural(run.bad_in_row, 'step')} in a row (step "
+                    f"{run.step + 1}); training stopped. Lower the learning rate, use bf16 instead of fp16, or check "
+                    f"the data.")
+            return False
+        run.bad_in_row = 0
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        run.scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        run.memory.mark("optimizer")
+        run.step += 1
+        run.losses.append(step_loss)
+        run.window.append(step_loss)
+        run.grad_norm = grad_norm
+        return True
 
-        memory = PhaseMemory(model.device)  # peak GiB per phase in the log (GPU only)
-        with GracefulStop() as stop:
-            while step < total and not self.dist.any(bool(stop.requested)):
-                epoch, micro, full_group = next(batches)
-                group = [self._to_device(b) for b in self.dist.shard(full_group, args.gradient_accumulation_steps)]
-                # FSDP: every rank must run as many forward/backward passes as the busiest one (each joins the
-                # layers' gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
-                fillers = (min(args.gradient_accumulation_steps, len(full_group)) - len(group)
-                           if is_sharded(model) else 0)
-                self.prepare_step(group)
-                num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
-                lr = optimizer.param_groups[0]["lr"]
-                if num_items == 0:
-                    # Nothing to learn (e.g. GRPO with every completion masked): a counted step with loss 0 and zero
-                    # gradients, as TRL runs it; never re-sampled.
-                    for p in model.parameters():
-                        if p.requires_grad:
-                            p.grad = torch.zeros_like(p)
-                    step_loss, grad_norm, n_tokens = 0.0, 0.0, 0
-                else:
-                    step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler, fillers)
-                memory.mark("forward_backward")
-                tokens_done += int(self.dist.sum(n_tokens))
-                if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
-                    optimizer.zero_grad(set_to_none=True)
-                    if scaler is not None:
-                        scaler.update()  # lowers the scale; an fp16 overflow is not the data's fault
-                    bad_in_row, skipped = bad_in_row + 1, skipped + 1
-                    if bad_in_row >= args.max_nonfinite_steps:
-                        raise NonFiniteLossError(
-                            f"The loss or gradients were NaN/inf for {plural(bad_in_row, 'step')} in a row (step {step + 1}); "
-                            f"training stopped. Lower the learning rate, use bf16 instead of fp16, or check the data.")
-                    continue
-                bad_in_row = 0
-                if scaler is not None:
-                    scaler.step(optimizer)
-                    scaler.update()
-                else:
-                    optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                memory.mark("optimizer")
-                step += 1
-                losses.append(step_loss)
-                window.append(step_loss)
-                bar.update(1)
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(elapsed, 1e-9):,.0f}")
-                if step % args.logging_steps == 0 or step == total:
-                    self._log({"step": step, "epoch": round(epoch + micro / n_micro, 4),
-                               "loss": sum(window) / len(window), "learning_rate": lr, "grad_norm": grad_norm,
-                               "tokens_per_second": tokens_done / max(elapsed, 1e-9), **self.log_metrics(),
-                               **memory.report()}, log_path)
-                    window = []
-                if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
-                    evaluated = (step, self.evaluate())
-                    self._log({"step": step, **evaluated[1]}, log_path)
-                if args.save_steps and step % args.save_steps == 0:  # the last step too, as transformers does
-                    saved = checkpoint()
-            if step < total and self.dist.any(bool(stop.requested)):
-                stop.requested = stop.requested or "a signal on another rank"
-                saved = checkpoint()
-        bar.close()
-        runtime = time.perf_counter() - t0
+    def _after_step(self, run: "_Run"):
+        """Progress bar, then the log entry, eval and checkpoint that fall on this step."""
+        args, step = self.args, run.step
+        elapsed = time.perf_counter() - run.t0
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{run.tokens_done / max(elapsed, 1e-9):,.0f}")
+        if step % args.logging_steps == 0 or step == run.total:
+            n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
+            self._log({"step": step, "epoch": round(run.epoch + run.micro / n_micro, 4),
+                       "loss": sum(run.window) / len(run.window), "learning_rate": run.lr,
+                       "grad_norm": run.grad_norm, "tokens_per_second": run.tokens_done / max(elapsed, 1e-9),
+                       **self.log_metrics(), **run.memory.report()}, run.out_dir / LOG_FILE)
+            run.window = []
+        if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
+            run.evaluated = (step, self.evaluate())
+            self._log({"step": step, **run.evaluated[1]}, run.out_dir / LOG_FILE)
+        if args.save_steps and step % args.save_steps == 0:  # the last step too, as transformers does
+            run.saved = self._save(run)
+
+    def _save(self, run: "_Run") -> Path:
+        """checkpoint-<step> (see train/checkpoint.py); under FSDP every rank joins the gathers, rank 0 writes."""
+        state = {"step": run.step, "epoch": run.epoch, "micro": run.micro, "log_history": self.log_history,
+                 "identity": self.run_identity(), "schedule": run.schedule, "config": asdict(self.args)}
+        path = run.out_dir / f"checkpoint-{run.step}"
+        if self.dist.is_main or is_sharded(self.model):
+            path = save_checkpoint(run.out_dir, run.step, self.model, run.optimizer, run.scheduler, run.scaler,
+                                   state, self.args.save_total_limit, write=self.dist.is_main)
+        self.dist.barrier()
+        return path
+
+    def _finish_run(self, run: "_Run", stopped_by) -> dict:
+        """Close the bar, the final eval (unless this step's ran) and the reporters; the run's metrics."""
+        run.bar.close()
+        runtime, losses, step, total = time.perf_counter() - run.t0, run.losses, run.step, run.total
         metrics = {"train_runtime": runtime, "train_loss": sum(losses) / max(1, len(losses)), "global_step": step,
                    "train_steps_per_second": len(losses) / max(runtime, 1e-9),
-                   "train_tokens_per_second": tokens_done / max(runtime, 1e-9), "skipped_steps": skipped,
-                   "interrupted": bool(stop.requested and step < total),
+                   "train_tokens_per_second": run.tokens_done / max(runtime, 1e-9), "skipped_steps": run.skipped,
+                   "interrupted": bool(stopped_by and step < total),
                    "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None}
         if metrics["interrupted"]:
-            metrics["checkpoint"] = str(saved)
-            print(f"fasttune: stopped by {stop.requested} at step {step}/{total}; checkpoint saved to {saved}. "
+            metrics["checkpoint"] = str(run.saved)
+            print(f"fasttune: stopped by {stopped_by} at step {step}/{total}; checkpoint saved to {run.saved}. "
                   f"Resume with trainer.train(resume_from_checkpoint=True) or `fasttune train <same options> --resume`.",
                   file=sys.stderr)
         elif self.eval_examples is not None:
-            if evaluated[0] != step:  # not evaluated at this step yet (eval_steps need not divide the total)
-                evaluated = (step, self.evaluate())
-                self._log({"step": step, **evaluated[1]}, log_path)
-            metrics.update(evaluated[1])
+            if run.evaluated[0] != step:  # not evaluated at this step yet (eval_steps need not divide the total)
+                run.evaluated = (step, self.evaluate())
+                self._log({"step": step, **run.evaluated[1]}, run.out_dir / LOG_FILE)
+            metrics.update(run.evaluated[1])
         if self._reporters is not None:
             self._reporters.close()
-        model.eval()
+        self.model.eval()
         return metrics
 
     def _guarded_step(self, group: list[dict], num_items: int, scaler, fillers: int = 0) -> tuple[float, float, int]:
