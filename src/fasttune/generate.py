@@ -16,6 +16,7 @@ import torch
 from fasttune import sampling
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
+from fasttune.models.kv_cache import KVCache
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -127,8 +128,6 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     penalty_alpha, assistant_model, prefix_allowed_tokens_fn, ...; see generate_args.py), for invalid values and for
     right-padded batches.
     """
-    from fasttune.models.decoder import KVCache
-
     input_ids, attention_mask = prompt_argument(input_ids, attention_mask, kwargs)
     generation_config = kwargs.pop("generation_config", None)
     seed, streamer = kwargs.pop("seed", None), kwargs.pop("streamer", None)

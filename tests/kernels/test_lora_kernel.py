@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fasttune.kernels.lora import can_fuse, lora_group, project
-from fasttune.peft.lora import LoraLinear
+from fasttune.kernels.lora import lora_group
+from fasttune.peft.lora import LoraLinear, can_fuse, project
 from fasttune.quant.linear import QuantLinear
 from kernel_check import assert_as_good_as_reference, dtypes_for_device
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-IGNORE_INDEX = -100
+from fasttune.constants import IGNORE_INDEX
 
 
 def collate(

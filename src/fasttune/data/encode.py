@@ -19,10 +19,10 @@ from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
+from fasttune.constants import IGNORE_INDEX
 from fasttune.data import formats, templates
 from fasttune.errors import DataError
 
-IGNORE_INDEX = -100
 # Bit flags of the `fate` column: what happened to a row. A truncated row can also be left without targets, or
 # (training on all tokens) without any token of its response: it then teaches only its prompt. BOS_IN_TEXT: the
 # text already starts with the BOS token (rendered with a chat template), so the tokenizer's own BOS was not added.

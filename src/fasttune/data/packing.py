@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 
-IGNORE_INDEX = -100
+from fasttune.constants import IGNORE_INDEX
 
 
 def pack_examples(examples: list[dict], capacity: int) -> list[dict]:

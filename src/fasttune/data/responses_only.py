@@ -16,9 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError
 
-IGNORE_INDEX = -100
 _PROBE_USER = ("fasttune probe question one", "fasttune probe question two")
 _PROBE_ASSISTANT = ("fasttune probe answer one", "fasttune probe answer two")
 

@@ -236,7 +236,7 @@ def encode_tensor(t: torch.Tensor, ggml_type, device=None):
 
 
 def _default_tokenizer(model):
-    from fasttune.models.loading import load_tokenizer
+    from fasttune.models.hf_files import load_tokenizer
 
     source = model.name_or_path
     tok = load_tokenizer(Path(source), required=False) if source and Path(source).exists() else None

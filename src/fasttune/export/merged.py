@@ -9,10 +9,10 @@ import torch
 
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
-from fasttune.models.loading import with_architectures
+from fasttune.models.hf_files import with_architectures
 from fasttune.peft.adapter_io import save_adapter
 from fasttune.peft.lora import LoraLinear
-from fasttune.train.fsdp import is_sharded, writes_here
+from fasttune.sharding import is_sharded, writes_here
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
 # transformers' BitsAndBytesConfig for what merged_4bit writes (NF4, double-quantised, blocksize 64).

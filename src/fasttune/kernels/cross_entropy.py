@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fasttune.constants import IGNORE_INDEX
 from fasttune.kernels.dispatch import HAVE_TRITON, kernel_choice, next_pow2, use_triton
 
-IGNORE_INDEX = -100
 # Logit bytes per chunk. 256 MiB (~520 tokens of fp32 logits at a 128K vocab) keeps the matmuls large while the
 # chunk's logits, softmax and bf16 gradient stay well under 1 GiB at the training peak. The Triton path needs
 # only the 16-bit logits buffer, so it counts 2 bytes a logit: twice the tokens, under the torch path's peak.

@@ -15,8 +15,6 @@ The torch reference is the plain module path (`LoraLinear.forward`: base, dropou
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
@@ -139,29 +137,3 @@ def lora_group(x: torch.Tensor, layers, values_unused: bool = False) -> tuple:
     """
     params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
     return _LoraGroupFunction.apply(x, list(layers), values_unused, *params)
-
-
-def can_fuse(x: torch.Tensor, layers) -> bool:
-    if not fused_lora_enabled(x):
-        return False
-    lora_cls = _lora_class()
-    return all(type(layer) is lora_cls and not layer.disabled and not _base_trains(layer) for layer in layers)
-
-
-@functools.cache
-def _lora_class():
-    from fasttune.peft.lora import LoraLinear  # imported late: peft/lora.py imports this module
-
-    return LoraLinear
-
-
-def _base_trains(layer) -> bool:
-    base = layer.base_layer
-    return any(p.requires_grad for p in base.parameters(recurse=False))
-
-
-def project(x: torch.Tensor, *layers, values_unused: bool = False) -> tuple:
-    """(layer(x) for layer in layers), fused when they are all plain enabled LoRA layers and the path is on."""
-    if can_fuse(x, layers):
-        return lora_group(x, layers, values_unused)
-    return tuple(layer(x) for layer in layers)

@@ -6,68 +6,28 @@ load without renaming and adapters use PEFT's key names.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MoeModelOutputWithPast
-from transformers.utils import ModelOutput
 
+from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, refuse_unknown
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
-from fasttune.kernels.lora import project
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
 from fasttune.kernels.rope import apply_rope_qk, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
+# KVCache and CausalLMOutput live in their own modules (generate.py and fallback.py use them without the
+# decoder); imported under these names here, as before.
+from fasttune.models.kv_cache import KVCache
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
+from fasttune.models.outputs import CausalLMOutput
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
-
-
-@dataclass
-class CausalLMOutput(ModelOutput):
-    """transformers' causal-LM output (`out.loss`, `out["logits"]`, `out[0]`, `to_tuple()`), plus the two numbers
-    gradient accumulation over a whole accumulated batch needs.
-
-    loss: () float, summed target-token cross-entropy / (num_items_in_batch or the batch's own target count);
-    logits: (B, T or logits_to_keep, V) in the model's dtype; loss_sum: () fp32 sum; target_count: () int64."""
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    loss_sum: torch.Tensor | None = None  # sum of target-token losses (for gradient-accumulation normalisation)
-    target_count: torch.Tensor | None = None
-    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (output_router_logits), unscaled
-    router_logits: tuple | None = None  # MoE: one (B*T, E) tensor per sparse layer (output_router_logits)
-
-    @property
-    def num_targets(self) -> int | None:
-        # Read on demand: int() waits for the GPU, which a training step given num_items_in_batch never needs.
-        return None if self.target_count is None else int(self.target_count)
-
-
-class KVCache:
-    """Keys and values of the positions seen so far, per layer, preallocated for `max_len` positions (generation).
-
-    Each layer writes its new keys/values at `length` and attends over everything up to them; the model advances
-    `length` once all layers have run. Sliding-window layers keep every position too: their mask drops old ones.
-    """
-
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
-        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
-        self.max_len, self.length = max_len, 0
-
-    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
-        end = self.length + k.shape[2]
-        if end > self.max_len:
-            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")
-        self.keys[layer_idx][:, :, self.length:end] = k
-        self.values[layer_idx][:, :, self.length:end] = v
-        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+from fasttune.peft.lora import project
 
 
 class RMSNorm(nn.Module):
@@ -581,7 +541,7 @@ class CausalLM(PreTrainedModel):
             loss_sum = chunked_linear_cross_entropy(
                 hidden[:, :-1].reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted,
                 self.arch.final_logit_softcap)
-            count = (shifted != -100).sum()
+            count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across
         # transformers versions).

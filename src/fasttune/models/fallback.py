@@ -22,9 +22,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttune.atomic import atomic_folder
+from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, ModelLoadError, refuse_unknown
 from fasttune.models.config import SUPPORTED_FAMILIES
-from fasttune.models.decoder import CausalLMOutput
+from fasttune.models.outputs import CausalLMOutput
 from fasttune.peft.lora import LoraSettings, validate_settings
 
 ADAPTER = "default"  # PEFT's adapter name
@@ -240,7 +241,7 @@ class FallbackModel(nn.Module):
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
             loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
                                        ignore_index=-100, reduction="sum")
-            count = (shifted != -100).sum()
+            count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count)
         return out if return_dict is not False else out.to_tuple()

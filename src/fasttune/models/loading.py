@@ -16,6 +16,8 @@ from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetens
                                    torch_load)
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
+# The config and tokenizer helpers live in models/hf_files.py (export/ uses them without the decoder).
+from fasttune.models.hf_files import gguf_tokenizer, load_tokenizer, with_architectures
 from fasttune.wording import plural
 
 # Buffers some checkpoints carry that our decoder recomputes.
@@ -50,19 +52,6 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
             f"`huggingface-cli login`."
         ) from None
     return Path(local)
-
-
-def with_architectures(hf_config):
-    """Fill `config.architectures` (the transformers class that loads these weights, e.g. LlamaForCausalLM) when the
-    config lacks it, as configs built from GGUF metadata do; transformers' own save_pretrained always writes it, and
-    tools that rebuild a model from its folder read it (TRL's reference model, vLLM, llama.cpp's converter)."""
-    if not getattr(hf_config, "architectures", None):
-        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-        name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(hf_config.model_type)
-        if name is not None:
-            hf_config.architectures = [name]
-    return hf_config
 
 
 def load_hf_config(folder: Path):
@@ -278,40 +267,6 @@ def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool 
 
         contents = read_gguf(path)
         model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents)
-        return model, hf_config, _gguf_tokenizer(contents, required=False)
+        return model, hf_config, gguf_tokenizer(contents, required=False)
     model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
     return model, hf_config, load_tokenizer(path, required=False)
-
-
-def _gguf_tokenizer(contents, required: bool):
-    try:
-        return contents.build_tokenizer()
-    except (KeyError, ValueError, TypeError) as e:  # no vocabulary in the file, or a kind transformers cannot build
-        if required:
-            raise ModelLoadError(f"'{contents.path}' holds no tokenizer transformers can build ({type(e).__name__}: "
-                                 f"{e}). Pass a model folder with tokenizer.json instead.") from None
-        return None
-
-
-TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
-
-def load_tokenizer(path: Path, required: bool = True):
-    from transformers import AutoTokenizer
-
-    try:
-        if path.is_file():
-            from fasttune.models.gguf_file import read_gguf
-
-            return _gguf_tokenizer(read_gguf(path), required)
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        folder = path.parent if path.is_file() else path
-        for name in TOKENIZER_JSON_FILES:  # a damaged file is named rather than reported as "no tokenizer"
-            if (folder / name).is_file():
-                read_json(folder / name, fix="Save the tokenizer again (tokenizer.save_pretrained) or copy it "
-                                             "from the original model.")
-        if required:
-            raise ModelLoadError(f"No usable tokenizer in '{path}' ({e}). Save the tokenizer beside the weights "
-                                 f"(tokenizer.json / tokenizer_config.json).") from None
-        return None

@@ -14,7 +14,7 @@ from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.file_readers import load_safetensors, read_json
 from fasttune.peft.lora import LoraSettings, apply_lora, lora_layers
-from fasttune.train.fsdp import gather_state, writes_here
+from fasttune.sharding import gather_state, writes_here
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"

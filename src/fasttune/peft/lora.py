@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ConfigError
-from fasttune.kernels.lora import can_fuse, lora_group
+from fasttune.kernels.lora import fused_lora_enabled, lora_group
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Phi-3 stores q/k/v and gate/up fused; PEFT targets the fused layers by these names.
@@ -86,6 +86,26 @@ class LoraLinear(nn.Module):
         xa = (self.lora_dropout(x) @ a.t()).flatten(0, -2)
         # One GEMM adds the scaled low-rank product into the base output (no separate scale and add passes).
         return torch.addmm(out.flatten(0, -2), xa, b.t(), alpha=self.scaling).view(out.shape)
+
+
+def can_fuse(x: torch.Tensor, layers) -> bool:
+    """True when `layers` are all plain (not subclassed), enabled LoRA layers with a frozen base and the fused
+    kernel path (kernels/lora.py) is on for `x`."""
+    if not fused_lora_enabled(x):
+        return False
+    return all(type(layer) is LoraLinear and not layer.disabled and not _base_trains(layer) for layer in layers)
+
+
+def _base_trains(layer) -> bool:
+    base = layer.base_layer
+    return any(p.requires_grad for p in base.parameters(recurse=False))
+
+
+def project(x: torch.Tensor, *layers, values_unused: bool = False) -> tuple:
+    """(layer(x) for layer in layers), fused when they are all plain enabled LoRA layers and the path is on."""
+    if can_fuse(x, layers):
+        return lora_group(x, layers, values_unused)
+    return tuple(layer(x) for layer in layers)
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -13,26 +13,8 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ConfigError
-
-
-def is_sharded(model) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
-
-
-def full_tensor(t: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of a DTensor shard (collective: all ranks must call it in the same order); else `t`."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
-
-
-def writes_here(model) -> bool:
-    """False on ranks other than 0 of a sharded model: they join the gathers of a save but write nothing."""
-    import torch.distributed as dist
-
-    return not (is_sharded(model) and dist.is_initialized() and dist.get_rank() != 0)
+# The sharding queries live below peft/ and export/, which use them too; re-exported here for train/.
+from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here  # noqa: F401
 
 
 def check_fsdp(model, args, world: int, trainer_name: str):
@@ -81,16 +63,6 @@ def shard_model(model):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unsharded weights' memory back to the device (auto checkpointing reads it)
     return model
-
-
-def gather_state(tensors: dict, keep: bool) -> dict:
-    """{name: full CPU tensor} for a dict of (possibly sharded) tensors; every rank gathers, only `keep` keeps."""
-    out = {}
-    for k, v in tensors.items():
-        t = full_tensor(v.detach())
-        if keep:
-            out[k] = t.contiguous().cpu()
-    return out
 
 
 def full_optimizer_state(optimizer, keep: bool) -> dict | None:

@@ -1,0 +1,29 @@
+"""The key/value cache of generation, below the decoder (which reads and extends it) and generate.py (which
+creates it)."""
+from __future__ import annotations
+
+import torch
+
+from fasttune.models.config import ModelConfig
+
+
+class KVCache:
+    """Keys and values of the positions seen so far, per layer, preallocated for `max_len` positions (generation).
+
+    Each layer writes its new keys/values at `length` and attends over everything up to them; the model advances
+    `length` once all layers have run. Sliding-window layers keep every position too: their mask drops old ones.
+    """
+
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
+        self.max_len, self.length = max_len, 0
+
+    def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")
+        self.keys[layer_idx][:, :, self.length:end] = k
+        self.values[layer_idx][:, :, self.length:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]

@@ -1,0 +1,27 @@
+"""The causal-LM output of fasttune's decoder and of the transformers fallback."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.utils import ModelOutput
+
+
+@dataclass
+class CausalLMOutput(ModelOutput):
+    """transformers' causal-LM output (`out.loss`, `out["logits"]`, `out[0]`, `to_tuple()`), plus the two numbers
+    gradient accumulation over a whole accumulated batch needs.
+
+    loss: () float, summed target-token cross-entropy / (num_items_in_batch or the batch's own target count);
+    logits: (B, T or logits_to_keep, V) in the model's dtype; loss_sum: () fp32 sum; target_count: () int64."""
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    loss_sum: torch.Tensor | None = None  # sum of target-token losses (for gradient-accumulation normalisation)
+    target_count: torch.Tensor | None = None
+    aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (output_router_logits), unscaled
+    router_logits: tuple | None = None  # MoE: one (B*T, E) tensor per sparse layer (output_router_logits)
+
+    @property
+    def num_targets(self) -> int | None:
+        # Read on demand: int() waits for the GPU, which a training step given num_items_in_batch never needs.
+        return None if self.target_count is None else int(self.target_count)

@@ -1,0 +1,38 @@
+"""Queries on possibly FSDP-sharded models and tensors, for the modules below training that save or read them
+(adapters, merged exports, checkpoints). Sharding itself is train/fsdp.py, which re-exports these names.
+
+They import only torch, so peft/ and export/ can use them without importing the training package.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def is_sharded(model) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a DTensor shard (collective: all ranks must call it in the same order); else `t`."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def writes_here(model) -> bool:
+    """False on ranks other than 0 of a sharded model: they join the gathers of a save but write nothing."""
+    import torch.distributed as dist
+
+    return not (is_sharded(model) and dist.is_initialized() and dist.get_rank() != 0)
+
+
+def gather_state(tensors: dict, keep: bool) -> dict:
+    """{name: full CPU tensor} for a dict of (possibly sharded) tensors; every rank gathers, only `keep` keeps."""
+    out = {}
+    for k, v in tensors.items():
+        t = full_tensor(v.detach())
+        if keep:
+            out[k] = t.contiguous().cpu()
+    return out
