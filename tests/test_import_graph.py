@@ -100,6 +100,23 @@ def test_no_import_cycles():
     assert not unused, f"allow-listed edges that no longer exist: {unused}"
 
 
+# Layers: what a package's modules never import, even inside a function. Kernels know tensors, not modules; models
+# and adapters are saved and sharded through helpers below training (fasttune.sharding).
+NEVER_IMPORTS = {
+    "fasttune.kernels": ("fasttune.models", "fasttune.peft", "fasttune.train", "fasttune.export", "fasttune.data"),
+    "fasttune.peft": ("fasttune.train", "fasttune.export"),
+    "fasttune.models": ("fasttune.train",),
+    "fasttune.data": ("fasttune.models", "fasttune.train"),
+}
+
+
+def test_layers():
+    wrong = [f"{a} -> {b} (line {line})" for a, edges in import_graph().items() for b, line in edges.items()
+             for layer, banned in NEVER_IMPORTS.items()
+             if (a == layer or a.startswith(layer + ".")) and any(b == x or b.startswith(x + ".") for x in banned)]
+    assert not wrong, "imports across layers:\n" + "\n".join(wrong)
+
+
 def test_each_module_imports_alone():
     """Each module imports in a fresh set of fasttune modules (third-party ones stay loaded, to keep this fast), so
     no module relies on another having been imported first."""

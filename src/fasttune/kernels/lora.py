@@ -12,6 +12,8 @@ Saved for backward: x, the (tokens x r) products, the 16-bit A/B copies and, wit
 element; the dropped input is rebuilt from x). The base weights are re-read (or dequantised again) in backward.
 
 The torch reference is the plain module path (`LoraLinear.forward`: base, dropout, two matmuls, autograd).
+Which layers take this path (plain, enabled LoRA layers on a frozen base) is decided in peft/lora.py
+(`can_fuse`, `project`): this module never imports the modules it runs for.
 """
 from __future__ import annotations
 
