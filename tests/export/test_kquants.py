@@ -131,12 +131,14 @@ def _compare(ours_path, theirs_path):
     return {k: v[0] for k, v in ours.items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "gemma", "mistral", "qwen3", "gemma2", "gemma3_text"])
 def test_mixtures_equal_llama_quantize(family, model_dir, tmp_path):
     """Per tensor, the type llama-quantize picks and the bytes it writes, for every method, on a 2-layer model
-    whose rows divide into 256-blocks (llama: separate output; qwen2/gemma: tied; phi3: fused qkv)."""
+    whose rows divide into 256-blocks, for every family we export (separate or tied output; phi3: fused qkv)."""
     methods = METHODS if family == "llama" else ["q2_k", "q3_k_m", "q4_k_m", "q5_k_s", "q6_k"]
-    f32, ours = _export(model_dir(family, **SIZES), tmp_path, methods)
+    # Gemma 2/3 scale queries by query_pre_attn_scalar**-0.5, which llama.cpp takes from head_dim
+    extra = {"query_pre_attn_scalar": SIZES["head_dim"]} if family in ("gemma2", "gemma3_text") else {}
+    f32, ours = _export(model_dir(family, **SIZES, **extra), tmp_path, methods)
     for method, path in ours.items():
         types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         if method == "q4_k_m":  # the "more bits" layer of 2 is the last one
@@ -144,7 +146,7 @@ def test_mixtures_equal_llama_quantize(family, model_dir, tmp_path):
             assert types[f"blk.0.{v}.weight"] == "Q4_K" and types[f"blk.1.{v}.weight"] == "Q6_K"
             assert types["blk.1.ffn_down.weight"] == "Q6_K" and types["blk.0.attn_q.weight" if v == "attn_v"
                                                                            else "blk.0.ffn_up.weight"] == "Q4_K"
-            assert types["output.weight" if family in ("llama", "phi3") else "token_embd.weight"] == "Q6_K"
+            assert types["output.weight" if "output.weight" in types else "token_embd.weight"] == "Q6_K"
 
 
 def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
