@@ -63,12 +63,16 @@ def main():
             run("cuda", method, 1, False)  # warm-up (kernel launches, allocator)
             plans.insert(0, ("cuda", LAYERS, True))
         for device, layers, with_global in plans:
+            if device == "cuda":
+                torch.cuda.reset_peak_memory_stats()
             r = run(device, method, layers, with_global)
             full = r["seconds"] if layers == LAYERS else r["seconds"] * LAYERS / layers
             rows.append({"bench": "gguf_quant", "shape": "llama-3.1-8b", "method": method, "device": device,
                          "card": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{torch.get_num_threads()}",
                          "layers_timed": layers, "with_embeddings": with_global, "seconds": round(r["seconds"], 3),
                          "seconds_whole_model": round(full, 2), "extrapolated": layers != LAYERS,
+                         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda"
+                         else None,  # one bf16 weight at a time plus the quantizer's working set
                          "mvalues_per_s": round(r["values"] / r["seconds"] / 1e6, 2), "gib_out": round(
                              r["bytes_out"] / 2**30, 3), "types": r["types"], "torch": torch.__version__,
                          "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -76,10 +80,10 @@ def main():
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
-    print(f"\n{'method':8} {'device':6} {'whole 8B (s)':>13} {'Mvalues/s':>10}")
+    print(f"\n{'method':8} {'device':6} {'whole 8B (s)':>13} {'Mvalues/s':>10} {'peak GiB':>9}")
     for r in rows:
         print(f"{r['method']:8} {r['device']:6} {r['seconds_whole_model']:>13}{'*' if r['extrapolated'] else ' '} "
-              f"{r['mvalues_per_s']:>10}")
+              f"{r['mvalues_per_s']:>10} {r['peak_gib'] if r['peak_gib'] is not None else '-':>9}")
     print("* extrapolated from the layers timed")
 
 
