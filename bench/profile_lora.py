@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from bench_lora import SHAPES, build_ours
+from bench_lora import MOE_SHAPES, SHAPES, build_ours
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.1-8b")
+    ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="llama-3.1-8b")
     ap.add_argument("--gc", choices=["on", "off", "offload"], default="off")
     ap.add_argument("--quant", choices=["none", "nf4"], default="none")
     ap.add_argument("--bs", type=int, default=2)
@@ -25,7 +25,7 @@ def main():
     model = build_ours(a.shape, a.gc, 16, a.quant)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, fused=True)
-    ids = torch.randint(0, SHAPES[a.shape]["vocab_size"], (a.bs, a.seq), device="cuda")
+    ids = torch.randint(0, {**SHAPES, **MOE_SHAPES}[a.shape]["vocab_size"], (a.bs, a.seq), device="cuda")
 
     def step():
         model(input_ids=ids, labels=ids).loss.backward()
