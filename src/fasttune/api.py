@@ -179,6 +179,7 @@ def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int)
     model.lora_settings = None
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; labels mask padding anyway
+    model.fast_tokenizer = tokenizer  # what model.fast_generate tokenizes with (vLLM keeps its own tokenizer too)
     model.eval()
 
 
@@ -205,6 +206,7 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
                                                          device=device, fast=fast, load_in_4bit=quant == "nf4",
                                                          load_in_8bit=quant == "int8")
     tokenizer = attach_adapter(model, tokenizer, folder)
+    model.fast_tokenizer = tokenizer
     set_gradient_checkpointing(model, "auto")
     return model, tokenizer
 

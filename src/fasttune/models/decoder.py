@@ -484,6 +484,37 @@ class CausalLM(PreTrainedModel):
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
 
+    def fast_generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True, tokenizer=None):
+        """vLLM's `llm.generate` as Unsloth's `fast_inference=True` models offer it, on fasttune's KV-cache
+        generate (fasttune.fast_inference; no vLLM, no CUDA graphs, no continuous batching).
+
+        prompts: str or list[str] of already formatted text. sampling_params: a vLLM SamplingParams (attributes read
+        by name) or a dict with n, temperature (0 = greedy), top_p, top_k (-1 or 0 = off), min_p, max_tokens
+        (default 16, as vLLM), min_tokens, stop (str or list[str]), stop_token_ids, seed, repetition_penalty,
+        ignore_eos, include_stop_str_in_output, skip_special_tokens; None = vLLM's defaults. lora_request: from
+        `self.load_lora(path)`; that adapter's weights are used for this call only. use_tqdm: accepted, no effect.
+        tokenizer: default the one from_pretrained loaded. Returns list[RequestOutput] (one per prompt; `.outputs`
+        holds n CompletionOutput with .text, .token_ids, .finish_reason "stop" or "length").
+        Raises ConfigError for unknown or unsupported sampling fields, invalid values, or an adapter that does not
+        fit this model's LoRA layers."""
+        from fasttune.fast_inference import fast_generate
+
+        return fast_generate(self, prompts, sampling_params, lora_request, use_tqdm, tokenizer)
+
+    def save_lora(self, save_directory):
+        """Write the current LoRA adapter to `save_directory` (PEFT format: adapter_config.json +
+        adapter_model.safetensors); returns the folder as a Path. Raises ConfigError without an adapter."""
+        from fasttune.fast_inference import save_lora
+
+        return save_lora(self, save_directory)
+
+    def load_lora(self, save_directory, load_tensors: bool = True):
+        """Read a saved adapter folder into a handle for `fast_generate(..., lora_request=...)`; the model itself is
+        not changed. Raises ModelLoadError for a missing or invalid adapter."""
+        from fasttune.fast_inference import load_lora
+
+        return load_lora(self, save_directory, load_tensors)
+
     def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="q8_0", **kwargs):
         """A llama.cpp / Ollama GGUF file (LoRA merged in) plus a Modelfile beside it; see fasttune.export.gguf."""
         from fasttune.export.gguf import save_gguf

@@ -279,6 +279,30 @@ class FallbackModel(nn.Module):
         finally:
             self.train(was_training)
 
+    def fast_generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True, tokenizer=None):
+        """vLLM-shaped generation (see CausalLM.fast_generate) through transformers' generate. `seed` seeds torch's
+        global generator. Raises ConfigError for lora_request (adapter swapping is implemented for fasttune's
+        decoder only) and for what CausalLM.fast_generate refuses."""
+        from fasttune.fast_inference import fast_generate
+
+        if lora_request is not None:
+            raise ConfigError(f"fast_generate(lora_request=...) swaps adapters on fasttune's own decoder only; this "
+                              f"'{self.arch.model_type}' model runs through transformers + PEFT. Attach the adapter "
+                              f"with fasttune.api.attach_adapter(model, tokenizer, folder) instead.")
+        return fast_generate(self, prompts, sampling_params, None, use_tqdm, tokenizer)
+
+    def save_lora(self, save_directory):
+        """Write the current LoRA adapter to `save_directory` (PEFT format, as save_pretrained)."""
+        if self.lora_settings is None:
+            raise ConfigError("This model has no LoRA adapter to save; call FastLanguageModel.get_peft_model first.")
+        self.save_pretrained(save_directory)
+        return Path(save_directory)
+
+    def load_lora(self, save_directory, load_tensors: bool = True):
+        """Refused: see fast_generate (ConfigError)."""
+        raise ConfigError(f"load_lora / fast_generate(lora_request=...) work on fasttune's own decoder only; this "
+                          f"'{self.arch.model_type}' model runs through transformers + PEFT.")
+
     def sample_text(self, tokenizer, prompt: str, max_new_tokens: int = 32) -> str:
         """Greedy reply to `prompt` as a user turn (fasttune.generate.generate_text for this model)."""
         from fasttune.generate import chat_prompt_ids, stop_token_ids
