@@ -62,7 +62,7 @@ def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
     (lambda d, t: ["--model", str(t / "missing")], "does not exist"),
     (lambda d, t: ["--model", str(d("llama")), "--data", str(t / "nope.jsonl")], "nope.jsonl"),
     (lambda d, t: ["--model", str(d("llama")), "--data", str(_bad_columns(t))], "column"),
-    (lambda d, t: ["--model", str(_t5(t))], "'t5' is not supported"),  # gpt2 trains: tests/test_cli_fallback.py
+    (lambda d, t: ["--model", str(_t5(t))], "'t5' is not supported"),  # gpt2 trains: tests/cli/test_cli_fallback.py
     (lambda d, t: ["--config", str(_yaml(t, "lerning_rate: 1\n"))], "Did you mean 'learning_rate'"),
     (lambda d, t: ["--lr-scheduler-type", "wavy"], "wavy"),
     (lambda d, t: ["--method", "ppo"], "ppo"),
