@@ -162,6 +162,8 @@ class _Parser(argparse.ArgumentParser):
     parsers are of this class too, so each suggests from its own flags."""
 
     def parse_known_args(self, args=None, namespace=None):
+        """argparse's parse_known_args; exits with argparse's usage error (code 2) and a suggestion when an
+        unknown `--flag` is near a known one."""
         ns, extras = super().parse_known_args(args, namespace)
         flags = [s for a in self._actions for s in a.option_strings if s.startswith("--")]
         unknown = [a.split("=", 1)[0] for a in extras if a.startswith("--")]
@@ -175,6 +177,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(config_cls: type = SFTConfig) -> argparse.ArgumentParser:
+    """The `fasttune` parser: `train` with a flag per run option and per field of `config_cls` (the method's
+    config, whose defaults the help shows), plus the subcommands of fasttune/commands/."""
     parser = _Parser(prog="fasttune", description="Fine-tune LLMs fast and lean.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command")
@@ -353,6 +357,9 @@ def _relaunch_under_torchrun(n: int, argv: list[str]) -> int:
 
 
 def cmd_train(ns) -> int:
+    """`fasttune train`: resolve the settings, check the data path and output folder (before the slow imports),
+    train, and write the adapter (or model), log and plot. Returns the exit code (0, or 130 when interrupted);
+    raises FastTuneError for user errors (main prints them)."""
     if ns.gpus is not None:
         return _relaunch_under_torchrun(ns.gpus, ns.argv)
     run, sft = resolve_settings(ns)
@@ -522,6 +529,8 @@ def _first_prompt(rows) -> str | None:
 
 
 def main(argv=None) -> int:
+    """The console script: parse `argv` (default sys.argv[1:]) and run the subcommand. Returns the exit code: 0,
+    2 for a user error (one paragraph on stderr, no traceback unless --debug), 130 when interrupted."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_method_config(argv) if argv[:1] == ["train"] else SFTConfig)
     ns = parser.parse_args(argv)

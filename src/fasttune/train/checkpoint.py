@@ -91,9 +91,8 @@ def schedule_settings(args, total_steps: int, world_size: int) -> dict:
     learning-rate schedule or the order of the data (and the total, checked by `check_schedule`)."""
     # The micro-batches per optimizer step (accumulation x processes) fix the data order; how they split between
     # accumulation and processes does not (an FSDP checkpoint resumes on another world size).
-    return {**{k: getattr(args, k) for k in SCHEDULE_KEYS if k != "gradient_accumulation_steps"},
-            "micro_batches_per_step": args.gradient_accumulation_steps * world_size,
-            "gradient_accumulation_steps": args.gradient_accumulation_steps, "world_size": world_size,
+    return {**{k: getattr(args, k) for k in SCHEDULE_KEYS},
+            "micro_batches_per_step": args.gradient_accumulation_steps * world_size, "world_size": world_size,
             "total_steps": total_steps}
 
 

@@ -14,12 +14,12 @@ STATE_NAME = "trainer_state.json"
 _CKPT = re.compile(r"^checkpoint-(\d+)$")
 
 
-def list_checkpoints(output_dir: Path) -> list[Path]:
-    """Complete checkpoints, oldest first (a folder counts only once its trainer_state.json exists)."""
+def list_checkpoints(output_dir: Path, complete: bool = True) -> list[Path]:
+    """checkpoint-N folders, oldest first; with complete=True only those whose trainer_state.json exists."""
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name))]
-    return [p for _, p in sorted(found) if (p / STATE_NAME).exists()]
+    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := _CKPT.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if not complete or (p / STATE_NAME).exists()]
 
 
 def resolve_resume(resume, output_dir: Path) -> Path | None:
@@ -61,8 +61,7 @@ def check_new_run(output_dir: Path, resume, overwrite: bool = False) -> list[Pat
     if resume not in (None, False):
         resolve_resume(resume, output_dir)
         return []
-    found = sorted((p for p in output_dir.glob("checkpoint-*") if _CKPT.match(p.name) and p.is_dir()),
-                   key=lambda p: int(p.name.split("-")[1])) if output_dir.is_dir() else []
+    found = list_checkpoints(output_dir, complete=False)  # a half-written one is another run's too
     if found and not overwrite:
         names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
         raise ConfigError(f"'{output_dir}' already holds checkpoints of an earlier run ({names}). Continue that run "
