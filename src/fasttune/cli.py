@@ -543,13 +543,22 @@ def main(argv=None) -> int:
     try:
         return ns.func(ns)
     except FastTuneError as e:
+        _note_distributed_failure()
         if ns.debug:
             raise
         print(f"fasttune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        _note_distributed_failure()
         print("fasttune: interrupted.", file=sys.stderr)
         return 130
+
+
+def _note_distributed_failure():
+    """Under torchrun, skip the exit barrier (peers may still be training); a no-op when never distributed."""
+    distributed = sys.modules.get("fasttune.train.distributed")  # loaded only if training started
+    if distributed is not None:
+        distributed.note_failure()
 
 
 if __name__ == "__main__":

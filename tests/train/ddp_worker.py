@@ -1,5 +1,6 @@
 """Run by tests/train/test_distributed.py, alone or under torchrun: a few SFT steps on a tiny model. With a 4th
 argument R, rank R dies (os._exit) in its third micro-batch, to test that the job ends instead of hanging."""
+import faulthandler
 import json
 import os
 import sys
@@ -34,4 +35,5 @@ def main(model_dir, out_dir, grad_accum, die_rank=None):
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # an abort prints every thread's Python stack
     main(*sys.argv[1:])

@@ -4,6 +4,7 @@ argv: model_dir out_dir options-json; options: grad_accum, fsdp, checkpointing, 
 dtype, load_in_4bit, packing, method ("sft" | "dpo").
 Prints the per-step losses (JSON) on rank 0.
 """
+import faulthandler
 import json
 import sys
 
@@ -36,4 +37,5 @@ def main(model_dir, out_dir, options):
 
 
 if __name__ == "__main__":
+    faulthandler.enable()  # an abort prints every thread's Python stack
     main(*sys.argv[1:])

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from dist_env import worker_env
 from safetensors.torch import load_file
@@ -60,3 +61,24 @@ def test_a_dead_rank_ends_the_job(tiny_model_dir, tmp_path):
     assert "exitcode  : 3" in proc.stderr and "rank      : 1" in proc.stderr, proc.stderr[-2000:]
     assert time.monotonic() - t0 < 180
     assert not (tmp_path / "out" / "adapter").exists()
+
+
+@pytest.mark.parametrize("failed", [False, True])
+def test_exit_meets_peers_in_a_barrier_unless_this_rank_failed(tmp_path, monkeypatch, failed):
+    """At exit the group is destroyed while Python is alive; a normal exit first waits for the peers (no collective
+    still in flight while a peer closes its connections), a failed one does not wait for peers stuck in training."""
+    import torch.distributed as dist
+
+    from fasttune.train import distributed
+
+    monkeypatch.setattr(distributed, "_failed", [])
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    barriers = []
+    real_barrier = dist.barrier
+    monkeypatch.setattr(dist, "barrier", lambda *a, **k: barriers.append(1) or real_barrier(*a, **k))
+    if failed:
+        distributed.note_failure()
+    distributed._destroy_process_group()
+    assert not dist.is_initialized()
+    assert barriers == ([] if failed else [1])
+    distributed._destroy_process_group()  # a second call (atexit after an explicit one) is a no-op

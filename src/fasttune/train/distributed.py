@@ -9,17 +9,44 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import gc
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
 TIMEOUT = datetime.timedelta(minutes=10)  # a dead rank ends the job with an error instead of hanging forever
+EXIT_BARRIER_TIMEOUT = datetime.timedelta(seconds=60)
+_failed = []  # set when this process dies of an uncaught exception: its peers will not reach the exit barrier
+
+
+def note_failure():
+    """Mark this process as ending in failure, so its exit skips the barrier that would wait for peers still
+    inside training. Uncaught exceptions are marked automatically; the CLI calls this for the errors it prints."""
+    _failed.append(True)
+
+
+def _note_failure(hook):
+    def excepthook(*exc):
+        note_failure()
+        hook(*exc)
+    return excepthook
 
 
 def _destroy_process_group():
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Tear the group down while the interpreter is fully alive. On a normal exit all ranks first meet in a
+    barrier, so no collective is still in flight on one rank while a peer closes its connections, and Python
+    objects that hold finished collectives are collected before the group goes."""
+    if not dist.is_initialized():
+        return
+    if not _failed:
+        try:
+            dist.barrier(async_op=True).wait(EXIT_BARRIER_TIMEOUT)
+        except Exception:  # noqa: BLE001 - a peer that died or left: nothing left to wait for
+            pass
+    gc.collect()
+    dist.destroy_process_group()
 
 
 def launched_by_torchrun() -> bool:
@@ -44,6 +71,7 @@ class Dist:
             # Tear the group down before interpreter exit: a group left to die with the process can abort it
             # ("terminate called without an active exception") after training has finished.
             atexit.register(_destroy_process_group)
+            sys.excepthook = _note_failure(sys.excepthook)
         self.world = dist.get_world_size() if self.active else 1
         self.rank = dist.get_rank() if self.active else 0
         self.is_main = self.rank == 0
