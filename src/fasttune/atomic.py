@@ -34,7 +34,7 @@ def atomic_folder(final: Path, what: str, replace: bool = False):
 
     The folder gets the permissions a plain mkdir gives under the current umask (not mkdtemp's 0700). Leftovers
     of an earlier save of the same `final` that was killed are removed first. A failed write (disk full, no
-    permission; also when wrapped by safetensors or torch.save) raises ConfigError via `write_error`."""
+    permission; also when wrapped by safetensors or torch.save) raises WriteError (a ConfigError) via `write_error`."""
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)

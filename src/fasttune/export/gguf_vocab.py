@@ -35,6 +35,9 @@ KNOWN_PRE = {
 
 @dataclass
 class GGUFVocab:
+    """A tokenizer as the `tokenizer.ggml.*` keys of a GGUF file (llama.cpp's gguf-py key names). `tokens`,
+    `types` (llama.cpp's token types, above) and `scores` are indexed by token id."""
+
     model: str  # "gpt2" | "llama"
     tokens: list[str]
     types: list[int]
@@ -48,6 +51,7 @@ class GGUFVocab:
     chat_template: str | None = None
 
     def write(self, writer):
+        """Add the vocabulary's keys to `writer`, a gguf-py `GGUFWriter`."""
         writer.add_tokenizer_model(self.model)
         if self.pre is not None:
             writer.add_tokenizer_pre(self.pre)

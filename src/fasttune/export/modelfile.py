@@ -20,6 +20,8 @@ CHECKS = [["user"], ["user", "assistant"], ["user", "assistant", "user"], ["syst
 
 @dataclass
 class ChatWrappers:
+    """A chat template as literal text around each message: `prefix` and `suffix` map role -> text."""
+
     start: str  # text before everything (e.g. the BOS token's text)
     default_system: str  # shown when the first message is not a system message
     prefix: dict
@@ -27,6 +29,8 @@ class ChatWrappers:
     generation_prompt: str
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The conversation (dicts with "role" and "content") as text, as apply_chat_template(tokenize=False)
+        would render it if these wrappers are exact."""
         out = self.start
         if not messages or messages[0]["role"] != "system":
             out += self.default_system
@@ -112,6 +116,9 @@ def stop_strings(tokenizer, w: ChatWrappers | None) -> list[str]:
 
 
 def ollama_modelfile(gguf_name: str, tokenizer) -> str:
+    """The text of an Ollama Modelfile for `gguf_name` (a file next to it): FROM, a TEMPLATE when the chat
+    template maps exactly (otherwise a comment saying why there is none), and PARAMETER stop lines. Format:
+    Ollama's docs/modelfile.md and docs/template.md."""
     from fasttune.export.gguf_vocab import _adds_bos_eos
 
     lines = [f"FROM ./{gguf_name}", ""]
