@@ -12,6 +12,9 @@ _ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
 
 
 def gated_act_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up in torch, for gate and up of the same shape (..., intermediate). act: "silu" (SwiGLU),
+    "gelu_pytorch_tanh" / "gelu_tanh" (tanh-approximated GeGLU) or "gelu" (exact erf GeGLU), as transformers'
+    ACT2FN names them. Raises ValueError for any other act."""
     if act == "silu":
         return F.silu(gate) * up
     if act in ("gelu_pytorch_tanh", "gelu_tanh"):
@@ -86,6 +89,8 @@ class _GatedActFunction(torch.autograd.Function):
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up, shaped like gate: the Triton kernel where `use_triton(gate)` and the shapes
+    match, else `gated_act_reference`. Raises ValueError for an act not listed there."""
     if act not in _ACT_IDS:
         raise ValueError(f"unsupported activation {act}")
     if use_triton(gate) and gate.shape == up.shape:

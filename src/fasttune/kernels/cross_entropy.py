@@ -26,6 +26,8 @@ _CE_BLOCK = 4096
 
 
 def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
+    """hidden (..., H) @ weight (V, H)^T in hidden's dtype -> logits (..., V); with softcap, Gemma 2's final
+    logit softcapping tanh(logits / softcap) * softcap."""
     logits = hidden @ weight.to(hidden.dtype).t()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -42,6 +44,9 @@ def _chunk_loss_sum(hidden, weight, labels, softcap):
 
 
 def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None):
+    """The torch path of `chunked_linear_cross_entropy` (same arguments and fp32 loss sum): target rows only,
+    `chunk_tokens` rows at a time (default: 256 MiB of fp32 logits), each chunk under activation checkpointing
+    when a gradient is needed."""
     keep = labels != IGNORE_INDEX
     hidden, labels = hidden[keep], labels[keep]
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])

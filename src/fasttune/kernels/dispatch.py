@@ -24,6 +24,8 @@ def kernel_choice() -> str:
 
 
 def use_triton(x: torch.Tensor) -> bool:
+    """Whether a kernel on `x` runs our Triton version: never without triton or under FASTTUNE_KERNELS=torch;
+    under "triton" for CUDA tensors or with TRITON_INTERPRET=1; by default for CUDA tensors."""
     choice = kernel_choice()
     if choice == "torch" or not HAVE_TRITON:
         return False
@@ -33,4 +35,5 @@ def use_triton(x: torch.Tensor) -> bool:
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1): Triton block sizes must be powers of two."""
     return 1 << (max(n, 1) - 1).bit_length()

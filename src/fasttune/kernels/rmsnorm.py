@@ -11,6 +11,8 @@ from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim; x (..., H), weight (H,). Rounding as
+    transformers' LlamaRMSNorm (offset 0) and GemmaRMSNorm (offset 1.0)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     if offset:
@@ -135,6 +137,7 @@ class _AddRMSNormFunction(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+    """RMSNorm of x (..., H) with weight (H,): the Triton kernel where `use_triton(x)`, else `rms_norm_reference`."""
     if use_triton(x):
         return _RMSNormFunction.apply(x, weight, eps, offset)
     return rms_norm_reference(x, weight, eps, offset)

@@ -14,6 +14,9 @@ from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
+    """fp32 inverse frequencies theta^(-2i / rotary_dim), shape (rotary_dim // 2,). `scaling` is the HF config's
+    rope_scaling: "linear" divides by its factor, "llama3" follows transformers' _compute_llama3_parameters
+    (modeling_rope_utils.py). Raises ValueError for another rope_type."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     if not scaling:
         return inv_freq

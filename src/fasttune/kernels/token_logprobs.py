@@ -32,6 +32,8 @@ def _chunk_logprobs(hidden, weight, labels, softcap, temperature):
 
 
 def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1.0, chunk_tokens=None):
+    """The torch path of `token_logprobs` (same arguments, fp32 log-probs (N,)): log_softmax + gather per chunk
+    of `chunk_tokens` rows, each under activation checkpointing when a gradient is needed."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk):
