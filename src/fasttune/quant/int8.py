@@ -13,6 +13,9 @@ import torch
 
 @dataclass
 class Int8State:
+    """One int8-quantised matrix in bitsandbytes' LLM.int8 row-wise layout; `dtype` is the dtype it was quantised
+    from (what it dequantises to by default)."""
+
     weight: torch.Tensor   # int8 (out, in)
     scb: torch.Tensor      # fp32 (out,): each row's absmax
     dtype: torch.dtype
@@ -20,16 +23,21 @@ class Int8State:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The matrix's (out, in) shape."""
         return tuple(self.weight.shape)
 
     def to(self, device) -> "Int8State":
+        """A copy of the state on `device`."""
         return Int8State(self.weight.to(device), self.scb.to(device), self.dtype)
 
     def nbytes(self) -> int:
+        """Bytes of storage: one a weight plus four an SCB row."""
         return self.weight.numel() + self.scb.numel() * 4
 
 
 def quantize_int8(weight: torch.Tensor) -> Int8State:
+    """Row-wise absmax int8 of a 2-D weight (out, in), as bitsandbytes stores LLM.int8 weights (LLM.int8 paper,
+    Dettmers et al. 2022): round(w * 127 / absmax(row)); an all-zero row stays zero."""
     w = weight.detach().float()
     scb = w.abs().amax(dim=1)
     q = torch.round(w * (127.0 / scb.unsqueeze(1))).to(torch.int8)  # an all-zero row gives nan -> 0 below
@@ -37,6 +45,7 @@ def quantize_int8(weight: torch.Tensor) -> Int8State:
 
 
 def dequantize_int8(state: Int8State, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """weight * SCB / 127 as an (out, in) tensor in `dtype` (default: the state's original dtype)."""
     return (state.weight.float() * (state.scb / 127.0).unsqueeze(1)).to(dtype or state.dtype)
 
 
@@ -48,6 +57,9 @@ def state_to_tensors(state: Int8State, prefix: str) -> dict[str, torch.Tensor]:
 
 def state_from_tensors(weight: torch.Tensor, scb: torch.Tensor, dtype: torch.dtype, where: str,
                        weight_format=None) -> Int8State:
+    """An Int8State from a checkpoint's `weight` (int8, (out, in)), `SCB` (one per row) and optional
+    `weight_format`; `dtype` is what it dequantises to. Raises ModelLoadError naming `where` for another
+    weight_format than 0 (row-major), a non-int8 weight or an SCB of the wrong shape."""
     from fasttune.errors import ModelLoadError
 
     if weight_format is not None and int(weight_format) != 0:

@@ -29,6 +29,9 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
+    """A frozen Linear (bias optional) whose weight is an NF4State or Int8State, dequantised to `compute_dtype`
+    on each use. x (..., in_features) -> (..., out_features) in x's dtype. The bias is not trained."""
+
     def __init__(self, state, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.compute_dtype = compute_dtype or state.dtype  # what `.weight` dequantises to
@@ -49,11 +52,14 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str) -> "QuantLinear":
+        """`linear` quantised to quant_type ("nf4" or "int8"), computing in its weight's dtype. Raises ValueError
+        for another quant_type."""
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(quantize(linear.weight, quant_type), bias, linear.weight.dtype)
 
     @property
     def state(self):
+        """The layer's buffers as an Int8State or NF4State (the same tensors, not copies)."""
         if self.quant_type == "int8":
             return int8.Int8State(self.qweight, self.scb, self.orig_dtype)
         return nf4.NF4State(self.packed, self.absmax, (self.out_features, self.in_features), self.orig_dtype,
@@ -66,6 +72,8 @@ class QuantLinear(nn.Module):
         return self.dequantized_weight()
 
     def dequantized_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The (out_features, in_features) weight in `dtype` (default: compute_dtype); NF4 goes through
+        kernels/nf4.py's dequantize_nf4."""
         dtype = dtype or self.compute_dtype
         if self.quant_type == "int8":
             return int8.dequantize_int8(self.state, dtype)
@@ -74,6 +82,7 @@ class QuantLinear(nn.Module):
         return dequantize_nf4(self.state, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W^T (+ bias) in x's dtype; backward recomputes the dequantised weight instead of saving it."""
         out = _DequantMatmul.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
@@ -91,9 +100,11 @@ class QuantLinear(nn.Module):
         return self
 
     def nbytes(self) -> int:
+        """Bytes of the quantised storage (see the states' nbytes); the bias is not counted."""
         return self.state.nbytes()
 
     def extra_repr(self) -> str:
+        """Shown in print(model): the shape and quant_type."""
         return f"in_features={self.in_features}, out_features={self.out_features}, quant_type={self.quant_type}"
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -107,6 +118,8 @@ class QuantLinear(nn.Module):
 
 
 def quantize(weight: torch.Tensor, quant_type: str):
+    """`weight` (out, in) as an NF4State ("nf4": blocksize 64, double-quantised) or Int8State ("int8"). Raises
+    ValueError for another quant_type."""
     if quant_type == "nf4":
         return nf4.quantize_nf4(weight)
     if quant_type == "int8":

@@ -38,10 +38,13 @@ def _dynamic_map_values() -> tuple[float, ...]:
 
 
 def dynamic_map(device=None) -> torch.Tensor:
+    """bitsandbytes' signed dynamic 8-bit map (256 sorted fp32 values in [-1, 1]; its create_dynamic_map), the
+    code of the double-quantised absmax."""
     return torch.tensor(_dynamic_map_values(), dtype=torch.float32, device=device)
 
 
 def nf4_levels(device=None) -> torch.Tensor:
+    """The 16 NF4 levels (NF4_LEVELS) as an fp32 tensor."""
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
@@ -84,20 +87,25 @@ class NF4State:
 
     @property
     def nested(self) -> bool:
+        """Whether the absmax is double-quantised."""
         return self.nested_absmax is not None
 
     def to(self, device) -> "NF4State":
+        """A copy of the state with its tensors on `device`."""
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return NF4State(move(self.packed), move(self.absmax), self.shape, self.dtype, self.blocksize,
                         move(self.nested_absmax), move(self.nested_code), self.nested_blocksize, self.offset,
                         move(self.code))
 
     def nbytes(self) -> int:
+        """Bytes of all the state's tensors (packed weight, absmax, nested statistics and codes)."""
         return sum(t.numel() * t.element_size() for t in (self.packed, self.absmax, self.nested_absmax,
                                                            self.nested_code, self.code) if t is not None)
 
 
 def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4State:
+    """`weight` (any shape, quantised in fp32) as NF4 in the layout above, as bitsandbytes' quantize_4bit writes
+    it (QLoRA, Dettmers et al. 2023). Raises ValueError for a blocksize outside BLOCKSIZES."""
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"NF4 blocksize must be one of {BLOCKSIZES}, not {blocksize}")
     flat = weight.detach().reshape(-1).float()

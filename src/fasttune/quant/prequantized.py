@@ -9,6 +9,9 @@ from fasttune.quant import int8, nf4
 
 
 class PendingQuantized:
+    """Pieces gathered for the Linear modules named in `linears` (names without ".weight"); `source` names the
+    checkpoint in error messages."""
+
     def __init__(self, linears: set[str], source: str):
         self.linears, self.source = linears, source
         self.parts: dict[str, dict[str, torch.Tensor]] = {}
@@ -23,6 +26,8 @@ class PendingQuantized:
         return None
 
     def claims(self, name: str) -> bool:
+        """Whether `name` is an extra piece (`.weight.<suffix>`, `.SCB`, `.weight_format`) of one of the Linears;
+        the packed `.weight` itself is recognised by `add`, from its dtype."""
         return self._split(name) is not None
 
     def add(self, name: str, t: torch.Tensor) -> tuple[bool, tuple | None]:
@@ -59,6 +64,7 @@ class PendingQuantized:
         return module, state
 
     def check_complete(self):
+        """Call when the checkpoint is read: raises ModelLoadError if some layer got pieces but never all of them."""
         broken = [m for m, p in self.parts.items() if p and m not in self.finished]
         if broken:
             have = ", ".join(k or "weight" for k in self.parts[broken[0]])
