@@ -18,6 +18,9 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 @dataclass
 class DPOConfig(SFTConfig):
+    """SFTConfig plus DPO's fields, named as in TRL's DPOConfig. Raises ConfigError for beta <= 0, an unknown
+    loss_type or max_prompt_length < 1."""
+
     beta: float = 0.1
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
@@ -32,16 +35,23 @@ class DPOConfig(SFTConfig):
 
 
 def check_beta(beta):
+    """Raise ConfigError unless beta > 0."""
     if not beta > 0:
         raise ConfigError(f"beta={beta!r} is invalid: it must be a number > 0 (0.1 is common).")
 
 
 def check_prompt_length(n):
+    """Raise ConfigError unless n is None or >= 1."""
     if n is not None and n < 1:
         raise ConfigError(f"max_prompt_length={n!r} is invalid: a whole number >= 1, or None for no limit.")
 
 
 class DPOTrainer(PreferenceTrainer):
+    """DPO on paired rows (prompt, chosen, rejected). The reference log-probs come from the data
+    (ref_chosen_logps / ref_rejected_logps), from the model before training (precompute_ref_log_probs=True), or
+    else from a ReferencePolicy each step; that needs LoRA, so full fine-tuning without the first two raises
+    ConfigError."""
+
     config_cls = DPOConfig
     method = "DPO"
 
@@ -76,6 +86,8 @@ class DPOTrainer(PreferenceTrainer):
         self.model.train(was_training)
 
     def batch_loss(self, batch: dict, num_items: int):
+        """Sigmoid, hinge or IPO loss of beta x the difference of chosen and rejected log-ratios (TRL's DPO
+        losses), summed over the pairs and divided by num_items; metrics rewards/* and logps/*."""
         a = self.args
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]

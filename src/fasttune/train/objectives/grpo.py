@@ -32,6 +32,12 @@ class NoRewardError(FastTuneError):
 
 
 class GRPOTrainer(Trainer):
+    """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
+    and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
+    args that are not a GRPOConfig, no tokenizer, an eval_dataset, a reward_weights length that does not match,
+    completions per step that are not whole groups of num_generations, or beta > 0 on a model whose adapters
+    cannot be switched off to give the base."""
+
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, **kwargs):
         args = args if args is not None else GRPOConfig()
@@ -130,12 +136,14 @@ class GRPOTrainer(Trainer):
         return [p * g + j for p in order for j in range(g)]
 
     def steps_per_epoch(self) -> int:
+        """Optimizer steps per epoch: each sampled batch is trained on num_iterations times."""
         return super().steps_per_epoch() * self.args.num_iterations  # each sampled batch is used num_iterations times
 
     def _pack(self, examples):
         raise ConfigError("packing does not apply to GRPO; set packing=False.")
 
     def example_tokens(self, example: dict) -> int:
+        """Prompt tokens plus max_completion_length (the longest a sampled row can be)."""
         return len(example["prompt_ids"]) + self.args.max_completion_length
 
     def count_items(self, batch: dict) -> int:
@@ -159,6 +167,8 @@ class GRPOTrainer(Trainer):
         return self.score(examples, completion_ids, truncated, sizes)
 
     def sample(self, examples: list[dict], seed: int) -> tuple[list[list[int]], list[bool]]:
+        """One completion per example from model.generate (temperature, top_p, top_k; seeded): (token ids up to
+        and including the first stop token, whether each hit max_completion_length without one)."""
         a, model = self.args, self.model
         stops = stop_token_ids(self.tokenizer, model)
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
@@ -257,6 +267,8 @@ class GRPOTrainer(Trainer):
 
     # --- the loss ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
+        """The clipped surrogate (+ beta x KL) of this micro-batch reduced by loss_type (grpo_loss.py); records the
+        clip-ratio metrics (and kl when beta > 0)."""
         a = self.args
         mask = batch["completion_mask"]
         logps = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1])
@@ -319,6 +331,8 @@ class GRPOTrainer(Trainer):
         self._ratios[name][1] += n
 
     def log_metrics(self) -> dict:
+        """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
+        over the steps since the last log entry; resets them."""
         out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
         out.update({k: s / n if n else 0.0 for k, (s, n) in self._ratios.items()})
         self._metrics.clear()

@@ -14,6 +14,10 @@ from fasttune.train.objectives.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 
 @dataclass
 class GRPOConfig(SFTConfig):
+    """Raises ConfigError for an out-of-range field (num_generations < 2, temperature <= 0, top_p outside (0, 1],
+    ...), an unknown loss_type / scale_rewards, packing=True, or a reward function name that does not resolve.
+    reward_weights may be given as "1,0.5" (the CLI's form)."""
+
     num_generations: int = 8  # completions sampled per prompt (the group)
     max_completion_length: int = 256
     temperature: float = 1.0

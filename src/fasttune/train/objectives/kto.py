@@ -24,6 +24,9 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 @dataclass
 class KTOConfig(SFTConfig):
+    """SFTConfig plus KTO's fields, as in TRL's KTOConfig. Raises ConfigError for beta <= 0, max_prompt_length
+    < 1, an unknown loss_type or a negative desirable_weight / undesirable_weight."""
+
     beta: float = 0.1
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
@@ -59,6 +62,11 @@ def weight_advice(labels: list[bool], desirable_weight: float, undesirable_weigh
 
 
 class KTOTrainer(PreferenceTrainer):
+    """KTO on unpaired rows (prompt, completion, label); paired rows are split into a desirable and an undesirable
+    row. The reference is a ReferencePolicy, so the model needs LoRA. Raises ConfigError without LoRA and, for
+    loss_type="kto", with one row per optimizer step; warns (UserWarning) when the weights do not fit the label
+    balance (weight_advice)."""
+
     config_cls = KTOConfig
     method = "KTO"
 
@@ -86,21 +94,27 @@ class KTOTrainer(PreferenceTrainer):
         self._kl = 0.0
 
     def prepare(self, dataset) -> list[dict]:
+        """Rows -> examples with prompt_ids / completion_ids / label (see tokenize_unpaired_rows)."""
         return tokenize_unpaired_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
                                       max_prompt_length=self.args.max_prompt_length,
                                       chat_template=self.args.chat_template)
 
     def collate_batch(self, examples: list[dict]) -> dict:
+        """Padded rows plus a bool `label` tensor (B,) (collate_unpaired)."""
         return collate_unpaired(examples, self.pad_id)
 
     def count_items(self, batch: dict) -> int:
+        """The micro-batch's rows: the loss is a mean over rows."""
         return batch["input_ids"].shape[0]
 
     def example_tokens(self, example: dict) -> int:
+        """Prompt plus completion tokens."""
         return len(example["prompt_ids"]) + len(example["completion_ids"])
 
     @torch.no_grad()
     def step_stats(self, group, across_ranks):
+        """The KL estimate of the step (loss_type="kto" only): the mean policy-minus-reference log-ratio of the
+        mismatched (prompt, rotated completion) rows over the accumulated batch, clamped at 0 (as TRL)."""
         if self.args.loss_type != "kto":
             return
         prompts, completions = [], []
@@ -124,6 +138,8 @@ class KTOTrainer(PreferenceTrainer):
         self._kl = max(0.0, total / count)
 
     def batch_loss(self, batch: dict, num_items: int):
+        """The weighted KTO (or APO-zero unpaired) losses of the rows, summed and divided by num_items; metrics
+        kl, rewards/* and logps/* split by label."""
         a, kl = self.args, self._kl
         ref = self.reference_logps(batch).sum(-1)  # before the policy's forward (ReferencePolicy swaps in place)
         logps = self.logps(batch).sum(-1)

@@ -15,6 +15,9 @@ from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_su
 
 @dataclass
 class ORPOConfig(SFTConfig):
+    """SFTConfig plus ORPO's fields, as in TRL's ORPOConfig. Raises ConfigError for beta <= 0 or
+    max_prompt_length < 1."""
+
     beta: float = 0.1  # lambda in the paper: weight of the odds-ratio term
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
 
@@ -30,15 +33,20 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 class ORPOTrainer(PreferenceTrainer):
+    """ORPO on paired rows (prompt, chosen, rejected); no reference model."""
+
     config_cls = ORPOConfig
     method = "ORPO"
 
     def step_stats(self, group, across_ranks):
+        """Count the chosen rows' target tokens in the accumulated batch: the NLL term's normaliser."""
         # Target tokens of the chosen rows (prompt included, as TRL's NLL): the NLL term's normaliser.
         n = sum(int(b["attention_mask"][: b["input_ids"].shape[0] // 2, 1:].sum()) for b in group)
         self._nll_tokens = max(1.0, self.dist.sum(n) if across_ranks else n)
 
     def batch_loss(self, batch: dict, num_items: int):
+        """This micro-batch's share of NLL(chosen) - beta x mean log-sigmoid(log odds ratio); metrics include
+        nll_loss, log_odds_ratio and log_odds_chosen (TRL's names)."""
         beta, pairs = self.args.beta, batch["input_ids"].shape[0] // 2
         logps = self.logps(batch, batch["attention_mask"])  # every token: the NLL needs the prompt's too
         nll_sum = -logps[:pairs].sum()

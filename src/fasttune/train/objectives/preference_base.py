@@ -19,6 +19,10 @@ DATA_FORMATS = ("auto", "preference")
 
 
 class PreferenceTrainer(Trainer):
+    """The base of DPOTrainer, ORPOTrainer and KTOTrainer; subclasses set `config_cls`, `method` and `batch_loss`.
+    Raises ConfigError for args of another config class, packing=True, a data_format other than "auto" /
+    "preference", or no tokenizer (`tokenizer` or `processing_class`)."""
+
     config_cls = SFTConfig
     method = "preference"
     reference: ReferencePolicy | None = None  # set by the objectives that compare with a reference
@@ -50,6 +54,8 @@ class PreferenceTrainer(Trainer):
         return min(a.max_seq_length, self.model.max_seq_length or a.max_seq_length)
 
     def prepare(self, dataset) -> list[dict]:
+        """Paired rows -> examples with prompt_ids / chosen_ids / rejected_ids (see tokenize_preference_rows),
+        cut to max_seq_length and max_prompt_length."""
         return tokenize_preference_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
                                         max_prompt_length=self.args.max_prompt_length,
                                         chat_template=self.args.chat_template)
@@ -58,12 +64,15 @@ class PreferenceTrainer(Trainer):
         raise ConfigError(f"packing=True is for SFT; set packing=False for {self.method}.")
 
     def collate_batch(self, examples: list[dict]) -> dict:
+        """B pairs -> 2B padded rows, chosen first (collate_pairs)."""
         return collate_pairs(examples, self.pad_id)
 
     def count_items(self, batch: dict) -> int:
+        """The micro-batch's pairs (half its rows)."""
         return batch["input_ids"].shape[0] // 2  # pairs: TRL's losses are means over pairs
 
     def example_tokens(self, example: dict) -> int:
+        """Two rows of prompt + the longer completion (both are padded to it)."""
         return 2 * (len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"])))
 
     # --- model passes -----------------------------------------------------------------------------------------------
@@ -81,15 +90,18 @@ class PreferenceTrainer(Trainer):
 
     # --- the core's hooks -------------------------------------------------------------------------------------------
     def batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, dict]:
+        """(the micro-batch's loss sum divided by num_items, {metric: (sum, count)}); each objective's own."""
         raise NotImplementedError
 
     def step_stats(self, group: list[dict], across_ranks: bool):
         """Statistics of the whole accumulated batch the loss needs (ORPO's token count, KTO's KL); see prepare_step."""
 
     def prepare_step(self, group: list[dict]) -> None:
+        """step_stats over the step's micro-batches, summed across ranks."""
         self.step_stats(group, across_ranks=True)
 
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
+        """batch_loss, with its metric sums added to the training log window."""
         loss, sums = self.batch_loss(batch, num_items)
         self._add(self._sums["train"], sums)
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it.
@@ -97,6 +109,7 @@ class PreferenceTrainer(Trainer):
 
     @torch.no_grad()
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
+        """(loss sum, pairs or rows) of one eval batch; step_stats are taken from this batch alone, as TRL does."""
         self.step_stats([batch], across_ranks=False)  # each eval batch on its own, as TRL evaluates
         n = self.count_items(batch)
         loss, sums = self.batch_loss(batch, n)
@@ -104,9 +117,11 @@ class PreferenceTrainer(Trainer):
         return float(loss) * n, n
 
     def log_metrics(self) -> dict:
+        """TRL's metrics (rewards/*, logps/*, ...) averaged since the last log entry, plus rewards/margins; resets."""
         return self._averages("train", "")
 
     def eval_metrics(self) -> dict:
+        """The same metrics for the last evaluate() pass, prefixed "eval_"; resets them."""
         return self._averages("eval", "eval_")
 
     @staticmethod

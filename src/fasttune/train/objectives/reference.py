@@ -114,6 +114,8 @@ def reference_problem(model) -> str | None:
 
 
 def require_reference(model, method: str, remedy: str):
+    """Raise ConfigError (naming `method` and ending with `remedy`) when the model with its adapters disabled is
+    not the base model (see reference_problem)."""
     problem = reference_problem(model)
     if problem is not None:
         raise ConfigError(f"{method} compares the model with a reference, which fasttune takes to be the base with "

@@ -8,6 +8,8 @@ from fasttune.train.loop import Trainer
 
 
 class SFTTrainer(Trainer):
+    """Supervised fine-tuning with SFTConfig; args.chat_template, if set, is also stored on the tokenizer."""
+
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  **kwargs):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
@@ -19,6 +21,8 @@ class SFTTrainer(Trainer):
             self.tokenizer.chat_template = resolve_chat_template(self.args.chat_template)
 
     def prepare(self, dataset) -> list[dict]:
+        """Rows -> examples with input_ids and labels (tokenize_rows), cut to the smaller of the config's and the
+        model's max_seq_length. Raises ConfigError without a tokenizer unless the rows have input_ids."""
         a = self.args
         limit = min(a.max_seq_length, self.model.max_seq_length or a.max_seq_length)
         if self.tokenizer is None and not _is_tokenized(dataset):
