@@ -7,6 +7,9 @@ from fasttune.errors import write_error
 
 
 def plot_losses(log_history: list[dict], path: Path) -> Path:
+    """Write a PNG (or whatever `path`'s suffix names) of train loss, eval loss and, on a second axis, learning
+    rate against the step, from the trainer's log entries; returns `path`. Needs matplotlib. A failed write raises
+    WriteError (a ConfigError)."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only; no display on servers

@@ -42,6 +42,7 @@ def rng_state() -> tuple[dict, dict]:
 
 
 def set_rng_state(js: dict, tensors: dict):
+    """Restore the RNG states saved by `rng_state`; the CUDA states only where CUDA is available."""
     version, internal, gauss = js["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, pos, has_gauss, cached = js["numpy"]
@@ -52,6 +53,8 @@ def set_rng_state(js: dict, tensors: dict):
 
 
 def trainable_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """{name: full CPU tensor} of the parameters with requires_grad. Under FSDP every rank must call it (the shards
+    are gathered); keep=False returns {} after joining the gathers."""
     return gather_state({n: p for n, p in model.named_parameters() if p.requires_grad}, keep)
 
 

@@ -14,6 +14,9 @@ RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and
 
 
 def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> int:
+    """Estimated bytes of activations saved for backward for `tokens` tokens at `bytes_per_el` bytes a value,
+    from the model's Config (hidden, kv heads x head_dim, intermediate, layers). recompute=True counts the
+    layer inputs of all layers plus one layer's full set; no safety factor, no logits (see choose_checkpointing)."""
     h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     per_layer_token = 6 * h + 2 * kv + 3 * cfg.intermediate_size
     if recompute:  # layer inputs for all layers + one layer's full set during its backward

@@ -5,6 +5,8 @@ import torch
 
 
 class PhaseMemory:
+    """Peak torch.cuda.max_memory_allocated per named phase on `device`; a no-op on other devices."""
+
     def __init__(self, device: torch.device):
         self.device = device
         self.on = device.type == "cuda"

@@ -67,6 +67,9 @@ def _bnb_adamw(cfg, groups) -> torch.optim.Optimizer:
 
 
 def lr_lambda(kind: str, warmup: int, total: int):
+    """The LR multiplier step -> float of transformers' schedules (optimization.py): linear warmup over `warmup`
+    steps (none for "constant"), then "linear" decay to 0 at `total`, half-cosine ("cosine"), or 1.0
+    ("constant", "constant_with_warmup")."""
     def f(step: int) -> float:
         if kind != "constant" and step < warmup:
             return step / max(1, warmup)
@@ -86,5 +89,6 @@ def warmup_count(warmup_steps: int, warmup_ratio: float, total_steps: int) -> in
 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
+    """A LambdaLR over `optimizer` with cfg.lr_scheduler_type and its warmup (see warmup_count, lr_lambda)."""
     warmup = warmup_count(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))

@@ -35,6 +35,8 @@ def parse_report_to(value) -> list[str]:
 
 
 def scalars(entry: dict) -> dict[str, float]:
+    """A log entry's numbers under transformers' scalar names: `eval_x` -> `eval/x`, anything else -> `train/x`.
+    `step`, booleans and non-numbers are left out."""
     out = {}
     for key, value in entry.items():
         if key == "step" or isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -44,10 +46,14 @@ def scalars(entry: dict) -> dict[str, float]:
 
 
 class Reporter:
+    """The interface of a logging integration."""
+
     def log(self, entry: dict):
+        """Record one trainer log entry (it has a `step`)."""
         raise NotImplementedError
 
     def close(self):
+        """Flush and finish at the end of train(); the default does nothing."""
         pass
 
 
@@ -60,11 +66,13 @@ class TensorBoardReporter(Reporter):
         self.writer = SummaryWriter(log_dir=str(Path(output_dir) / "runs"))
 
     def log(self, entry: dict):
+        """Each scalar of the entry at x = entry["step"], flushed to disk."""
         for name, value in scalars(entry).items():
             self.writer.add_scalar(name, value, entry["step"])
         self.writer.flush()  # an interrupted run keeps what it logged
 
     def close(self):
+        """Close the event file."""
         self.writer.close()
 
 
@@ -82,9 +90,11 @@ class WandbReporter(Reporter):
                               config=config)
 
     def log(self, entry: dict):
+        """The entry's scalars as one W&B log call at step = entry["step"]."""
         self.run.log(scalars(entry), step=entry["step"])
 
     def close(self):
+        """Finish the W&B run."""
         self.run.finish()
 
 
@@ -95,10 +105,12 @@ class Reporters(Reporter):
         self.reporters = reporters
 
     def log(self, entry: dict):
+        """Pass the entry to every reporter."""
         for r in self.reporters:
             r.log(entry)
 
     def close(self):
+        """Close every reporter."""
         for r in self.reporters:
             r.close()
 

@@ -144,4 +144,5 @@ def required_columns(func) -> tuple[str, ...]:
 
 
 def reward_name(func) -> str:
+    """The name metrics and messages use for a reward function: its __name__, else its class name."""
     return getattr(func, "__name__", None) or type(func).__name__
