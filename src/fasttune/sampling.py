@@ -1,7 +1,7 @@
 """The logits processors of generation, with transformers' formulas (generation/logits_process.py), as functions.
 
 Each takes `scores` (B, V) float32 (the last position's logits) and returns a new (B, V) tensor; filtered
-entries become -inf. `process_scores` applies them in transformers' order (`_get_logits_processor`):
+entries become -inf. generate.py applies them in transformers' order (`_get_logits_processor`):
 repetition penalty, minimum length (eos suppressed), the caller's own `logits_processor` objects, then only when
 sampling: temperature, top-k, top-p, min-p. `next_tokens` picks argmax (greedy) or draws from softmax (sampling).
 """
