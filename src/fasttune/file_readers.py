@@ -143,7 +143,8 @@ def iter_safetensors(path: str | Path, fix: str = REDOWNLOAD):
 
 
 def load_safetensors(path: str | Path, fix: str = REDOWNLOAD) -> dict:
-    """All tensors of a .safetensors file as a dict (safetensors.torch.load_file); damage raises ModelLoadError."""
+    """All tensors of a .safetensors file as a CPU dict, like safetensors.torch.load_file (read through
+    iter_safetensors); damage raises ModelLoadError."""
     return dict(iter_safetensors(path, fix))
 
 
