@@ -6,7 +6,9 @@ not pay for the data stack.
 from fasttune.errors import FastTuneError
 
 __version__ = "0.1.0"
-_LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "SFTTrainer": "fasttune.train.objectives.sft",
+_LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "FastVisionModel": "fasttune.api",
+         "VisionDataCollator": "fasttune.data.vision", "UnslothVisionDataCollator": "fasttune.data.vision:VisionDataCollator",
+         "SFTTrainer": "fasttune.train.objectives.sft",
          "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
          "GRPOConfig": "fasttune.train.objectives.grpo_config",
          "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
@@ -22,6 +24,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "SFTT
              "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
            "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "FastTuneError", "FastModel",
+           "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",
            "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments",
            "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
            "apply_chat_template", "train_on_responses_only"]

@@ -120,6 +120,18 @@ class FastLanguageModel:
         return model
 
 
+class FastVisionModel(FastLanguageModel):
+    """The loader for vision-language checkpoints (Qwen2.5-VL): `from_pretrained` returns (model, processor),
+    the model a VisionCausalLM (transformers' vision tower, our decoder), the processor a VisionProcessor
+    (data/vision.py). A text-only checkpoint loads as with FastLanguageModel. get_peft_model takes FastModel's
+    layer-group switches."""
+
+    @staticmethod
+    def get_peft_model(model, *args, **kwargs):
+        """See FastModel.get_peft_model."""
+        return FastModel.get_peft_model(model, *args, **kwargs)
+
+
 class FastModel(FastLanguageModel):
     """The loader scripts use for any model (`FastModel.from_pretrained`, `FastModel.get_peft_model`): the same
     as FastLanguageModel for text models, with the layer-group switches those scripts pass to get_peft_model.

@@ -16,6 +16,8 @@ from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
                       "mixtral")
+# Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
+VISION_TEXT_FAMILIES = ("qwen2_5_vl_text",)
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
@@ -35,6 +37,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
     rope_local_theta: float | None = None  # Gemma 3: sliding-window layers rotate with this base, unscaled
+    # Qwen2.5-VL's multimodal RoPE: frequency i of each half rotates with position axis (t, h, w) by section
+    mrope_section: list | None = None
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
@@ -76,7 +80,7 @@ class ModelConfig:
         """Build from a transformers PretrainedConfig (or a plain config.json dict)."""
         get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
         model_type = get("model_type")
-        if model_type not in SUPPORTED_FAMILIES:
+        if model_type not in SUPPORTED_FAMILIES + VISION_TEXT_FAMILIES:
             raise ModelLoadError(
                 f"Architecture '{model_type}' is not supported by fasttune's decoder yet (supported: "
                 f"{', '.join(SUPPORTED_FAMILIES)}). Use a model of a supported family; a transformers+PEFT fallback "
@@ -120,6 +124,13 @@ class ModelConfig:
             cfg.mlp_bias = bool(get("mlp_bias", False))
         elif model_type == "qwen2":
             cfg.attn_bias = True
+        elif model_type == "qwen2_5_vl_text":
+            cfg.attn_bias = True
+            cfg.mrope_section = list((get("rope_parameters") or {}).get("mrope_section")
+                                     or (get("rope_scaling") or {}).get("mrope_section") or [16, 24, 24])
+            if sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
+                raise ModelLoadError(f"mrope_section {cfg.mrope_section} does not cover head_dim {head_dim} (its sum "
+                                     f"must be head_dim / 2); the config is inconsistent.")
         elif model_type == "qwen3":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.qk_norm = True
@@ -184,7 +195,7 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
     scaling = dict(params) if params.get("rope_type", "default") != "default" else dict(legacy) or None
     if scaling is not None:
         scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
-        if scaling["rope_type"] == "default":
+        if scaling["rope_type"] in ("default", "mrope"):  # "mrope": Qwen2-VL's 4.x name, plain frequencies
             scaling = None
         elif scaling["rope_type"] not in SUPPORTED_ROPE_TYPES:
             raise ModelLoadError(
@@ -197,7 +208,7 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
 def _sliding_windows(get, model_type: str, layers: int) -> list:
     window = get("sliding_window")
     layer_types = get("layer_types")
-    if model_type in ("qwen2", "qwen3", "qwen3_moe"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl_text"):
         # Qwen only slides when use_sliding_window is set, and only from max_window_layers on (4.x semantics).
         if not get("use_sliding_window", False):
             return [None] * layers
@@ -205,7 +216,7 @@ def _sliding_windows(get, model_type: str, layers: int) -> list:
         return [window if t == "sliding_attention" else None for t in layer_types]
     if model_type == "gemma2":
         return [window if i % 2 == 0 else None for i in range(layers)]
-    if model_type in ("qwen2", "qwen3"):
+    if model_type in ("qwen2", "qwen3", "qwen2_5_vl_text"):
         start = get("max_window_layers", layers)
         return [window if i >= start else None for i in range(layers)]
     if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe") and window:

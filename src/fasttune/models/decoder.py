@@ -202,7 +202,11 @@ class DecoderModel(nn.Module):
         return self._inv_freq[key]
 
     def rope_tables(self, position_ids, dtype) -> dict:
-        """cos/sin per RoPE kind: "global", and "local" for Gemma 3's sliding-window layers."""
+        """cos/sin per RoPE kind: "global", and "local" for Gemma 3's sliding-window layers. position_ids (B, T),
+        or (3, B, T) temporal/height/width positions for multimodal RoPE (models/vision.py)."""
+        if position_ids.dim() == 3:
+            return {"global": mrope_cos_sin(self.inv_freq(position_ids.device), position_ids,
+                                            self.arch.mrope_section, dtype)}
         tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype)}
         if self.arch.rope_local_theta is not None:
             tables["local"] = rope_cos_sin(self.inv_freq(position_ids.device, local=True), position_ids, dtype)
@@ -242,9 +246,11 @@ class DecoderModel(nn.Module):
             segment_ids = seq_idx
         elif segment_ids is None and cu_seq_lens_q is not None:
             segment_ids = segments_from_boundaries(cu_seq_lens_q, cu_seq_lens_k, b, t)
+        if position_ids is not None and position_ids.dim() == 3:
+            position_ids = mrope_positions(position_ids, self.arch)
         if position_ids is None:
             position_ids = torch.arange(past, past + t, device=x.device).expand(b, t)
-        elif segment_ids is None and attention_mask is None and past_key_values is None:
+        elif segment_ids is None and attention_mask is None and past_key_values is None and position_ids.dim() == 2:
             segment_ids = packed_segments(position_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
         windows = set(cfg.sliding_windows)
@@ -296,6 +302,31 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     if attention_mask.shape[1] < 2:
         return bool(attention_mask.all())
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
+
+
+def mrope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, section: list, dtype: torch.dtype):
+    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): position_ids (3, B, T) int, the temporal, height and width position
+    of every token (all three equal for text); frequency j of the rotary half rotates with axis k where j lies in
+    the k-th block of `section` (sizes summing to rotary_dim / 2). Returns cos, sin (B, T, rotary_dim) in `dtype`,
+    computed in fp32 as transformers' Qwen2_5_VLRotaryEmbedding does, so the rotary kernels apply them unchanged."""
+    freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (3, B, T, D/2)
+    axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+    freqs = freqs.gather(0, axis.to(freqs.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def mrope_positions(position_ids: torch.Tensor, arch: ModelConfig) -> torch.Tensor:
+    """(3, B, T) positions as given, or (4, B, T) with transformers' leading text positions dropped; raises
+    ConfigError on a model without multimodal RoPE."""
+    if arch.mrope_section is None:
+        raise ConfigError(f"position_ids of shape {tuple(position_ids.shape)}: 3-axis positions are for models with "
+                          f"multimodal RoPE (Qwen2.5-VL); this {arch.model_type} model takes (batch, seq) positions.")
+    if position_ids.shape[0] == 4:
+        position_ids = position_ids[1:]
+    if position_ids.shape[0] != 3:
+        raise ConfigError(f"position_ids of shape {tuple(position_ids.shape)}: multimodal RoPE takes (3, batch, seq).")
+    return position_ids
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:

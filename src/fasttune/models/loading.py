@@ -4,6 +4,7 @@ from the same place.
 """
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -16,6 +17,8 @@ from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetens
                                    torch_load)
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
+from fasttune.models.vision import FAMILIES as VISION_FAMILIES
+from fasttune.models.vision import VisionCausalLM, is_vision_config
 # The config and tokenizer helpers live in models/hf_files.py (export/ uses them without the decoder).
 from fasttune.models.hf_files import gguf_tokenizer, load_tokenizer, with_architectures
 from fasttune.wording import plural
@@ -113,10 +116,11 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
         module._buffers[attr] = tensor
 
 
-def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None
-                ) -> CausalLM:
+def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None,
+                model_cls=CausalLM) -> CausalLM:
     """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between).
 
+    `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model).
     quant="nf4"/"int8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
     memory stays near the quantised size. Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit")
     load as they are, or are dequantised when quant is None."""
@@ -124,7 +128,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     from fasttune.quant.prequantized import PendingQuantized
 
     with torch.device("meta"):
-        model = CausalLM(hf_config)
+        model = model_cls(hf_config)
     expected = dict(model.state_dict(keep_vars=True))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     pending = PendingQuantized(linears, source)
@@ -210,6 +214,31 @@ def _dequantize(state, dtype: torch.dtype) -> torch.Tensor:
     return QuantLinear(state, None, dtype).dequantized_weight()
 
 
+def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None = None) -> VisionCausalLM:
+    """A vision-language checkpoint folder -> VisionCausalLM. transformers loads the whole model on the CPU (it
+    knows the checkpoint layouts); its vision modules move to `device`, and the language model's tensors fill our
+    decoder (quantised with `quant` like a text model). Raises ModelLoadError when transformers cannot load it."""
+    from transformers import AutoModelForImageTextToText
+
+    try:
+        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelLoadError(f"transformers cannot load the vision-language model in '{path}': {e}") from None
+    family = VISION_FAMILIES[hf.config.model_type]
+    text_config = copy.deepcopy(hf.config.text_config)
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    text_config.tie_word_embeddings = tied
+    language = hf.model.language_model
+    tensors = [(f"model.{k}", v) for k, v in language.state_dict().items()]
+    if not tied:
+        tensors.append(("lm_head.weight", hf.lm_head.weight))
+    model = build_model(text_config, iter(tensors), dtype, device, str(path), quant, model_cls=VisionCausalLM)
+    modules = {attr: getattr(hf.model, hf_name).to(device=device, dtype=dtype)
+               for attr, hf_name in family.vision_modules}
+    model.attach_vision(hf.config, family, modules)
+    return model
+
+
 def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
     """Returns (model, transformers config). `path` is a resolved folder or .gguf file. Architectures outside our
     decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel."""
@@ -220,6 +249,8 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     hf_config = with_architectures(load_hf_config(path))
     # damaged weight files are named here, on both paths, before anything is loaded
     check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
+    if fast and is_vision_config(hf_config):
+        return load_vision_model(path, dtype, device, quant), hf_config
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 
@@ -269,4 +300,10 @@ def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool 
         model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents)
         return model, hf_config, gguf_tokenizer(contents, required=False)
     model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
+    if isinstance(model, VisionCausalLM):
+        from fasttune.data.vision import VisionProcessor
+
+        merge = model.hf_config.vision_config.spatial_merge_size
+        return model, hf_config, VisionProcessor.from_pretrained(path, merge_size=merge,
+                                                                 tokenizer=load_tokenizer(path))
     return model, hf_config, load_tokenizer(path, required=False)

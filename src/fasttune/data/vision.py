@@ -1,0 +1,297 @@
+"""Image + text conversations for vision-language models: the processor, the per-row encoder and the collator.
+
+`VisionProcessor` is what transformers' processor does for training, from borrowed parts: the checkpoint's
+tokenizer, its image processor (`AutoImageProcessor`, which needs no torchvision) and its chat template. The
+rendered text carries one placeholder per image (`<|image_pad|>` for Qwen2.5-VL), which is expanded to as many
+placeholder tokens as the image gives features (grid t*h*w / merge^2), as Qwen2_5_VLProcessor does.
+
+Rows: `messages` whose `content` is a string or a list of `{"type": "text", "text": ...}` and
+`{"type": "image", "image": PIL image | path | bytes}` items (a path is relative to the data file); an `images`
+column may hold the images instead, in order, for items written as `{"type": "image"}` (TRL's layout).
+Labels: the image placeholders and padding are never targets; with train_on_responses_only only the assistant
+turns are, found as the text encoder finds them (data/encode.py): the span from the end of
+render(messages[:i], add_generation_prompt=True) to the end of render(messages[:i+1]).
+Images are decoded and processed when a batch is collated, so a dataset's pixels are never all in memory.
+"""
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import torch
+
+from fasttune.constants import IGNORE_INDEX
+from fasttune.errors import DataError, ModelLoadError
+
+CHAT_TEMPLATE_FILE = "chat_template.jinja"
+
+
+class VisionProcessor:
+    """Tokenizer + image processor + chat template of a vision-language checkpoint.
+
+    Attributes the tokenizer has (pad_token_id, eos_token, decode, ...) are read through to it, so the processor
+    stands where a tokenizer is expected. `image_token`: the placeholder the template writes per image;
+    `merge_size`: patches merged per side into one feature (Qwen2.5-VL: 2)."""
+
+    def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str, merge_size: int):
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
+        self.image_token = image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.merge_size = merge_size
+
+    @classmethod
+    def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int = 2,
+                        tokenizer=None) -> "VisionProcessor":
+        """Load the parts saved in `folder` (the tokenizer too unless given). Raises ModelLoadError naming the
+        missing part."""
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        folder = Path(folder)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError, TypeError) as e:
+                raise ModelLoadError(f"No usable tokenizer in '{folder}' ({e}).") from None
+        try:
+            image_processor = AutoImageProcessor.from_pretrained(str(folder), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"No usable image processor in '{folder}' ({e}): a vision-language model needs "
+                                 f"its preprocessor_config.json beside the weights.") from None
+        return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size)
+
+    def __getattr__(self, name):
+        if name in ("tokenizer", "image_processor"):  # not set yet (unpickling): no recursion
+            raise AttributeError(name)
+        return getattr(self.tokenizer, name)
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
+                            **kwargs) -> str:
+        """The conversation as text, one placeholder per image (not yet expanded). tokenize=True is refused:
+        call the processor on the text with the images."""
+        if tokenize:
+            raise DataError("VisionProcessor.apply_chat_template(tokenize=True): render the text (tokenize=False), "
+                            "then call the processor with text= and images=.")
+        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+
+    def process_images(self, images: list) -> dict:
+        """PIL images -> {"pixel_values": (patches, C*T*P*P) float32, "image_grid_thw": (images, 3) long}."""
+        out = self.image_processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"].long()}
+
+    def expand(self, text: str, grids) -> str:
+        """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
+        parts = text.split(self.image_token)
+        if len(parts) - 1 != len(grids):
+            raise DataError(f"The text has {len(parts) - 1} image placeholders but {len(grids)} images were given.")
+        out = [parts[0]]
+        for grid, rest in zip(grids, parts[1:]):
+            out.append(self.image_token * (int(torch.as_tensor(grid).prod()) // self.merge_size ** 2) + rest)
+        return "".join(out)
+
+    def __call__(self, text=None, images=None, return_tensors="pt", padding: bool = True, **kwargs) -> dict:
+        """text (str or list[str], rendered with placeholders) and the images in order over the texts ->
+        input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
+        images, as transformers' Qwen2.5-VL processor returns them."""
+        texts = [text] if isinstance(text, str) else list(text)
+        out = {}
+        grids = []
+        if images:
+            out = self.process_images([to_pil(im, "images") for im in images])
+            grids = out["image_grid_thw"].tolist()
+        expanded, used = [], 0
+        for t in texts:
+            n = t.count(self.image_token)
+            expanded.append(self.expand(t, grids[used:used + n]))
+            used += n
+        if used != len(grids):
+            raise DataError(f"{len(grids)} images were given for {used} image placeholders in the text.")
+        ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in expanded]
+        out.update(pad_rows(ids, ids, self.pad_id())[0])
+        return out
+
+    def pad_id(self) -> int:
+        pad = self.tokenizer.pad_token_id
+        return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+
+    def save_pretrained(self, folder):
+        """Write the tokenizer, image processor and chat template into `folder` (what from_pretrained reads)."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(folder)
+        self.image_processor.save_pretrained(folder)
+        if self.chat_template:
+            (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
+        return folder
+
+
+def read_chat_template(folder: Path) -> str | None:
+    """The processor's chat template saved in `folder` (chat_template.jinja, or chat_template.json's field)."""
+    if (folder / CHAT_TEMPLATE_FILE).is_file():
+        return (folder / CHAT_TEMPLATE_FILE).read_text()
+    if (folder / "chat_template.json").is_file():
+        return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
+    return None
+
+
+def to_pil(value, where: str, base_dir: Path | None = None):
+    """A PIL image, a path (relative to base_dir) or encoded bytes (also {"bytes": ...} / {"path": ...} as
+    datasets' Image feature stores them) -> an RGB PIL image. Raises DataError naming `where` and the file."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            with Image.open(io.BytesIO(value)) as im:
+                return im.convert("RGB")
+        if isinstance(value, (str, Path)):
+            path = _absolute(value, base_dir)
+            if not path.is_file():
+                raise DataError(f"{where}: image file '{path}' does not exist. Paths in the data are relative to the "
+                                f"data file's folder.")
+            with Image.open(path) as im:
+                return im.convert("RGB")
+    except (UnidentifiedImageError, OSError) as e:
+        raise DataError(f"{where}: the image cannot be read ({type(e).__name__}: {e}). Replace or remove it.") from None
+    raise DataError(f"{where}: an image must be a PIL image, a file path or bytes, not {type(value).__name__}.")
+
+
+def pad_rows(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[dict, dict, int]:
+    """Right-pad rows -> ({"input_ids", "attention_mask"}, {"labels"}, width), each (B, T) long."""
+    width = max(len(r) for r in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    lab = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
+    for i, (r, l) in enumerate(zip(ids, labels)):
+        input_ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+        mask[i, :len(r)] = 1
+        lab[i, :len(l)] = torch.tensor(l, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": mask}, {"labels": lab}, width
+
+
+class VisionEncoder:
+    """Rows of image + text conversations -> examples {"input_ids", "labels", "images"} (images as their
+    sources, decoded again at collate time). Raises DataError naming the row for a missing/unreadable image, a
+    row without messages, or a row whose images do not fit max_seq_length."""
+
+    def __init__(self, processor: VisionProcessor, max_seq_length: int, train_on_responses_only: bool,
+                 base_dir: Path | None = None):
+        self.processor, self.max_seq_length = processor, max_seq_length
+        self.responses_only, self.base_dir = train_on_responses_only, base_dir
+
+    def encode(self, row: dict, index: int) -> dict:
+        where = f"Row {index}"
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not messages:
+            raise DataError(f"{where}: a vision-language row needs 'messages', a list of {{'role', 'content'}} "
+                            f"whose content mixes {{'type': 'image', 'image': PATH}} and {{'type': 'text', ...}}.")
+        messages, sources = _split_images(messages, row.get("images"), where)
+        images = [to_pil(s, f"{where}, image {k + 1}", self.base_dir) for k, s in enumerate(sources)]
+        grids = self.processor.process_images(images)["image_grid_thw"].tolist() if images else []
+        p = self.processor
+
+        def tokens(msgs, gen=False):
+            text = p.apply_chat_template(msgs, add_generation_prompt=gen)
+            n = text.count(p.image_token)
+            return p.tokenizer(p.expand(text, grids[:n]), add_special_tokens=False)["input_ids"]
+
+        ids = tokens(messages)
+        if self.responses_only:
+            labels = [IGNORE_INDEX] * len(ids)
+            for i, m in enumerate(messages):
+                if m.get("role") == "assistant":
+                    start, end = len(tokens(messages[:i], gen=True)), len(tokens(messages[:i + 1]))
+                    labels[start:end] = ids[start:end]
+        else:
+            labels = list(ids)
+        labels = [IGNORE_INDEX if t == p.image_token_id else lab for t, lab in zip(ids, labels)]
+        if len(ids) > self.max_seq_length:
+            if p.image_token_id in ids[self.max_seq_length:]:
+                raise DataError(f"{where}: {len(ids)} tokens with its images, more than max_seq_length "
+                                f"{self.max_seq_length}, and the cut would fall inside an image. Raise "
+                                f"max_seq_length, or make the images smaller (the image processor's max_pixels).")
+            ids, labels = ids[:self.max_seq_length], labels[:self.max_seq_length]
+        kept = [str(_absolute(s, self.base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
+        return {"input_ids": ids, "labels": labels, "images": kept}
+
+
+def _absolute(path, base_dir: Path | None) -> Path:
+    path = Path(path).expanduser()
+    return base_dir / path if not path.is_absolute() and base_dir is not None else path
+
+
+def _split_images(messages: list, column, where: str) -> tuple[list[dict], list]:
+    """Messages with each image item reduced to {"type": "image"} (what the template reads), and the image sources
+    in order: inline ("image"/"path"/"url" keys) or, for bare items, the row's `images` column."""
+    column = list(column) if isinstance(column, (list, tuple)) else ([] if column is None else [column])
+    out, sources, from_column = [], [], 0
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m:
+            raise DataError(f"{where}: message {k + 1} is not a {{'role', 'content'}} dict.")
+        content = m.get("content")
+        if isinstance(content, str):
+            out.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, list):
+            raise DataError(f"{where}: message {k + 1}'s content must be a string or a list of items.")
+        items = []
+        for item in content:
+            kind = item.get("type") if isinstance(item, dict) else None
+            if kind == "image":
+                src = next((item[key] for key in ("image", "path", "url") if item.get(key) is not None), None)
+                if src is None:
+                    if from_column >= len(column):
+                        raise DataError(f"{where}: message {k + 1} has an image item without an image, and the "
+                                        f"row's 'images' column has no image left for it.")
+                    src = column[from_column]
+                    from_column += 1
+                sources.append(src)
+                items.append({"type": "image"})
+            elif kind == "text":
+                items.append({"type": "text", "text": str(item.get("text", ""))})
+            else:
+                raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text' or 'image'.")
+        out.append({"role": m["role"], "content": items})
+    return out, sources
+
+
+def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
+    """Examples of VisionEncoder -> one batch: input_ids / attention_mask / labels (B, T) right-padded, and the
+    images of all rows in order as pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3)."""
+    tensors, labels, _ = pad_rows([e["input_ids"] for e in examples], [e["labels"] for e in examples],
+                                  processor.pad_id())
+    batch = {**tensors, **labels}
+    images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]]
+    if images:
+        batch.update(processor.process_images(images))
+    return batch
+
+
+class VisionDataCollator:
+    """A data collator over raw rows (Unsloth's UnslothVisionDataCollator shape): `collator(rows)` encodes each
+    row (VisionEncoder) and collates the batch (collate_vision). Passed to SFTTrainer as data_collator=, its
+    settings (max_seq_length, train_on_responses_only) are the ones the trainer uses for a vision model.
+
+    model: the VisionCausalLM (read for its max_seq_length when none is given); processor: its VisionProcessor."""
+
+    def __init__(self, model, processor, max_seq_length: int | None = None, train_on_responses_only: bool = False,
+                 **_ignored):
+        self.processor = processor
+        self.max_seq_length = max_seq_length or getattr(model, "max_seq_length", None) or 2048
+        self.train_on_responses_only = train_on_responses_only
+
+    def encoder(self, base_dir: Path | None = None) -> VisionEncoder:
+        return VisionEncoder(self.processor, self.max_seq_length, self.train_on_responses_only, base_dir)
+
+    def __call__(self, rows: list[dict]) -> dict:
+        enc = self.encoder()
+        return collate_vision([enc.encode(r, i) for i, r in enumerate(rows)], self.processor)

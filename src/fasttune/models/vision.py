@@ -1,0 +1,224 @@
+"""Vision-language models: transformers' vision tower and projector in front of fasttune's decoder.
+
+The vision tower (and its patch merger / projector) is transformers' own module, loaded from the checkpoint as
+transformers loads it; the language model is our decoder with our kernels, built from the checkpoint's
+`text_config`. `VisionCausalLM.forward` owns the glue: image features replace the image placeholder tokens of
+the embedded sequence (as transformers' `masked_scatter` does), and Qwen2.5-VL's 3-axis positions for
+multimodal RoPE come from `qwen_vl_positions` (transformers' `get_rope_index` rule, for images).
+
+Parameter names inside the model: `model.*` (our decoder), `lm_head`, and the family's vision modules
+(`visual.*` for Qwen2.5-VL). `checkpoint_name` maps them to transformers' checkpoint names
+(`model.language_model.*`, `model.visual.*`), which the saved adapters and merged checkpoints use.
+"""
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fasttune.errors import ConfigError
+from fasttune.models.decoder import CausalLM
+
+
+@dataclass(frozen=True)
+class VisionFamily:
+    """What differs between vision-language families. `vision_modules`: our attribute -> transformers' name
+    under `model.`; `*_targets`: regexes (our names) of the vision tower's attention / MLP linears for
+    finetune_vision_layers."""
+    model_type: str
+    vision_modules: tuple
+    vision_attention_targets: str
+    vision_mlp_targets: str
+
+
+FAMILIES = {
+    "qwen2_5_vl": VisionFamily("qwen2_5_vl", (("visual", "visual"),),
+                               r"visual\.blocks\.\d+\.attn\.(qkv|proj)",
+                               r"visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"),
+}
+
+
+def is_vision_config(hf_config) -> bool:
+    return getattr(hf_config, "model_type", None) in FAMILIES
+
+
+class VisionCausalLM(CausalLM):
+    """A vision-language model on our decoder: CausalLM(text_config) plus the family's vision modules.
+
+    `config` is the language model's transformers config (what the decoder reads); `hf_config` is the whole
+    vision-language config, which merged checkpoints are saved with."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.family: VisionFamily | None = None
+        self._vlm_config = None
+
+    def attach_vision(self, vlm_config, family: VisionFamily, modules: dict):
+        """Install the vision modules (`{attribute: nn.Module}`, already on the model's device and dtype)."""
+        self.family, self._vlm_config = family, vlm_config
+        for attr, module in modules.items():
+            module.requires_grad_(False)
+            setattr(self, attr, module)
+
+    @property
+    def hf_config(self):
+        return self._vlm_config if self._vlm_config is not None else self.config
+
+    @hf_config.setter
+    def hf_config(self, value):
+        if self.family is None:
+            self.config = value
+        else:
+            self._vlm_config = value
+
+    @property
+    def image_token_id(self) -> int:
+        return self._vlm_config.image_token_id
+
+    def checkpoint_name(self, name: str) -> str:
+        """Our parameter/module name -> transformers' name in this family's checkpoints."""
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model."):]
+        for attr, hf_name in self.family.vision_modules:
+            if name == attr or name.startswith(attr + "."):
+                return f"model.{hf_name}{name[len(attr):]}"
+        return name
+
+    def our_name(self, checkpoint_name: str) -> str:
+        """The inverse of checkpoint_name."""
+        if checkpoint_name.startswith("model.language_model."):
+            return "model." + checkpoint_name[len("model.language_model."):]
+        for attr, hf_name in self.family.vision_modules:
+            prefix = f"model.{hf_name}"
+            if checkpoint_name == prefix or checkpoint_name.startswith(prefix + "."):
+                return attr + checkpoint_name[len(prefix):]
+        return checkpoint_name
+
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3) int, as the processor makes them ->
+        (image tokens, hidden) features in the decoder's dtype, images in order."""
+        out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
+        feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers < 5.x returns a tensor
+        return feats.to(self.dtype)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
+        """Token embeddings (B, T, H) with each image's features in place of its placeholder tokens. Raises
+        ConfigError when the number of placeholder tokens differs from the features the images give (a row cut
+        inside an image, or a grid that does not belong to these ids)."""
+        x = self.model.embed_tokens(input_ids)
+        is_image = input_ids == self.image_token_id
+        if pixel_values is None:
+            if bool(is_image.any()):
+                raise ConfigError("input_ids hold image placeholder tokens but no pixel_values were passed; pass "
+                                  "the processor's pixel_values and image_grid_thw with them.")
+            return x
+        if image_grid_thw is None:
+            raise ConfigError("pixel_values need image_grid_thw (images, 3), as the processor returns them.")
+        feats = self.image_features(pixel_values, image_grid_thw)
+        n_tokens = int(is_image.sum())
+        if n_tokens != feats.shape[0]:
+            raise ConfigError(f"The batch holds {n_tokens} image placeholder tokens but its images give "
+                              f"{feats.shape[0]} features: a row was cut inside an image (raise max_seq_length) "
+                              f"or pixel_values/image_grid_thw do not belong to these input_ids.")
+        return x.masked_scatter(is_image[..., None].expand_as(x), feats)
+
+    def positions(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None) -> torch.Tensor:
+        """(3, B, T) multimodal RoPE positions of these ids (see qwen_vl_positions)."""
+        merge = self._vlm_config.vision_config.spatial_merge_size
+        return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge)[0]
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
+                **kwargs):
+        """CausalLM.forward plus the image inputs the processor returns: pixel_values (patches, C*T*P*P),
+        image_grid_thw (images, 3); mm_token_type_ids is accepted and unused (image tokens are found by id).
+        Positions default to the multimodal RoPE positions of input_ids. See CausalLM.forward for the rest."""
+        if inputs_embeds is None and input_ids is not None and past_key_values is None:
+            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw)
+            if position_ids is None:
+                position_ids = self.positions(input_ids, image_grid_thw, attention_mask)
+            input_ids = None
+        elif pixel_values is not None:
+            raise ConfigError("pixel_values go with the first forward pass over the prompt's input_ids, not with "
+                              "inputs_embeds or a filled KV cache.")
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                               past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+
+def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,
+                      spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2-VL / Qwen2.5-VL positions for multimodal RoPE, as transformers' `get_rope_index` computes them for
+    images: text tokens count up on all three axes; an image's (t, h, w) grid of merged patches gets positions
+    start + (t, row, column), and the text after it continues at start + max(h, w) / merge.
+
+    input_ids (B, T) int; image_grid_thw (images, 3) int, images in order over the rows; attention_mask (B, T)
+    1 = real token (padding gets position 0). Returns (positions (3, B, T) long, rope_deltas (B, 1): the
+    position of the next token minus the row's length, which generation adds to text positions). Raises
+    ConfigError when the image tokens of a row do not match the grids."""
+    ids = input_ids.detach().cpu()
+    b, t = ids.shape
+    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.detach().cpu().tolist()]
+    next_grid = 0
+    out = torch.zeros(3, b, t, dtype=torch.long)
+    deltas = torch.zeros(b, 1, dtype=torch.long)
+    for row in range(b):
+        real = ids[row][mask[row]]
+        is_image = real == image_token_id
+        pieces, pos, i, n = [], 0, 0, len(real)
+        while i < n:
+            j = i
+            if not is_image[i]:
+                while j < n and not is_image[j]:
+                    j += 1
+                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
+                pos += j - i
+                i = j
+                continue
+            if next_grid >= len(grids):
+                raise ConfigError(f"Row {row} holds more image placeholder tokens than image_grid_thw describes.")
+            gt, gh, gw = grids[next_grid]
+            next_grid += 1
+            lh, lw = gh // spatial_merge_size, gw // spatial_merge_size
+            count = gt * lh * lw
+            if int(is_image[i:i + count].sum()) != count:
+                raise ConfigError(f"Row {row}: an image of grid {(gt, gh, gw)} needs {count} placeholder tokens in a "
+                                  f"row; the row was cut inside the image or does not belong to these grids.")
+            tt, hh, ww = torch.meshgrid(torch.arange(gt), torch.arange(lh), torch.arange(lw), indexing="ij")
+            pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
+            pos += max(gh, gw) // spatial_merge_size
+            i += count
+        if pieces:
+            positions = torch.cat(pieces, dim=1)
+            out[:, row, mask[row]] = positions
+            deltas[row, 0] = int(positions.max()) + 1 - n
+    return out.to(input_ids.device), deltas.to(input_ids.device)
+
+
+def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attention: bool, mlp: bool,
+                   attention_names, mlp_names) -> str:
+    """The target_modules regex (our names) for FastModel's layer-group switches on a vision-language model;
+    attention_names / mlp_names: the decoder's projection names. Raises ConfigError when nothing is selected."""
+    parts = []
+    if language:
+        names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
+        if names:
+            parts.append(rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
+    if vision:
+        fam = model.family
+        parts += ([fam.vision_attention_targets] if attention else []) + ([fam.vision_mlp_targets] if mlp else [])
+    if not parts:
+        raise ConfigError("get_peft_model: finetune_vision_layers / finetune_language_layers / "
+                          "finetune_attention_modules / finetune_mlp_modules select no layers, so nothing would "
+                          "train. Enable the language and/or vision layers with attention and/or MLP modules.")
+    return "|".join(f"({p})" for p in parts)
+
+
+def names_regex(names: list[str]) -> str:
+    """A regex that fullmatches exactly these module names with layer numbers generalised (`.3.` -> `.\\d+.`):
+    the compact target_modules PEFT reads for the layers an adapter covers."""
+    patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in names})
+    return "|".join(f"({p})" for p in patterns) if len(patterns) > 1 else patterns[0]

@@ -1,0 +1,76 @@
+"""Vision-language models on our decoder (models/vision.py): logits and multimodal RoPE positions equal
+transformers' Qwen2.5-VL on image + text batches (fp32, tiny random model, images of different sizes, padding)."""
+import pytest
+import torch
+from tiny_vision import save_qwen_vl, solid_image
+
+from fasttune.errors import ConfigError
+
+CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+
+
+@pytest.fixture(scope="module")
+def qwen_vl_dir(tmp_path_factory):
+    return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen2.5-vl")
+
+
+def _batch(proc):
+    text = proc.apply_chat_template(CONVERSATION)
+    two = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]}]
+    images = [solid_image("red"), solid_image((0, 0, 255), (84, 56)), solid_image((0, 200, 0), (56, 112))]
+    return proc(text=[text, proc.apply_chat_template(two, add_generation_prompt=True)], images=images)
+
+
+def _hf(folder):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+
+
+def test_logits_equal_transformers_on_images_of_different_sizes(qwen_vl_dir):
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    batch = _batch(proc)
+    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6], [1, 8, 4]]
+    assert batch["attention_mask"][1].all() and not batch["attention_mask"][0].all()  # row 0 is right-padded
+    hf = _hf(qwen_vl_dir)
+    with torch.no_grad():
+        ours = model(**batch).logits
+        ref = hf(**batch, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int()).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_positions_equal_transformers_rope_index(qwen_vl_dir):
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    batch = _batch(proc)
+    hf = _hf(qwen_vl_dir)
+    want, deltas = hf.model.get_rope_index(batch["input_ids"], (batch["input_ids"] == proc.image_token_id).int(),
+                                           image_grid_thw=batch["image_grid_thw"],
+                                           attention_mask=batch["attention_mask"])
+    from fasttune.models.vision import qwen_vl_positions
+
+    got, got_deltas = qwen_vl_positions(batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"],
+                                        proc.image_token_id, 2)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(got[:, real], want[:, real])
+    assert torch.equal(got_deltas.view(-1), deltas.view(-1))
+
+
+def test_placeholder_count_must_match_the_images(qwen_vl_dir):
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    batch = _batch(proc)
+    cut = {k: v for k, v in batch.items()}
+    cut["input_ids"] = batch["input_ids"][:, :12]  # cuts row 1 inside its first image
+    cut["attention_mask"] = batch["attention_mask"][:, :12]
+    with pytest.raises(ConfigError, match="image placeholder tokens"):
+        model(**cut)
+    no_pixels = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    with pytest.raises(ConfigError, match="no pixel_values"):
+        model(**no_pixels)

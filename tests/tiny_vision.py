@@ -1,0 +1,63 @@
+"""Tiny random vision-language checkpoints (hidden 64, 2 layers, a 2-block vision tower) with a working processor,
+built offline: the byte-level tiny tokenizer plus the vision special tokens, transformers' image processor, and a
+ChatML template that renders image items as the family's placeholder."""
+from tiny_tokenizer import make_tiny_tokenizer
+
+VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>"]  # ids 259, 260, 261
+QWEN_VL_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PATCH, MERGE = 14, 2
+
+
+def qwen_vl_config(**text_overrides):
+    from transformers import Qwen2_5_VLConfig
+
+    text = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    text.update(text_overrides)
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=PATCH, spatial_merge_size=MERGE, temporal_patch_size=2, window_size=56,
+                           fullatt_block_indexes=[1], in_channels=3),
+        image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
+        tie_word_embeddings=False)
+
+
+def qwen_vl_processor():
+    """fasttune's VisionProcessor of the tiny tokenizer (+ vision tokens) and transformers' PIL image processor."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=QWEN_VL_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+                                      min_pixels=28 * 28, max_pixels=112 * 112)
+    return VisionProcessor(tok, images, QWEN_VL_TEMPLATE, "<|image_pad|>", MERGE)
+
+
+def save_qwen_vl(folder, seed: int = 0):
+    """Save a random tiny Qwen2.5-VL (fp32) with its processor to `folder`; returns the folder."""
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config()).eval()
+    model.save_pretrained(folder)
+    qwen_vl_processor().save_pretrained(folder)
+    return folder
+
+
+def solid_image(color, size=(56, 56)):
+    from PIL import Image
+
+    return Image.new("RGB", size, color)
