@@ -149,7 +149,13 @@ class FastModel(FastLanguageModel):
         (q/k/v/o) and MLP (gate/up/down) projections of the language model are chosen by
         finetune_attention_modules / finetune_mlp_modules. Raises ConfigError when the switches select nothing,
         or finetune_vision_layers=True on a text-only model (it has no vision layers to train)."""
-        if target_modules is None:
+        if target_modules is None and getattr(model, "family", None) is not None:  # a vision-language model
+            from fasttune.models.vision import vision_targets
+
+            target_modules = vision_targets(model, finetune_vision_layers, finetune_language_layers,
+                                            finetune_attention_modules, finetune_mlp_modules, ATTENTION_TARGETS,
+                                            MLP_TARGETS)
+        elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
         return FastLanguageModel.get_peft_model(

@@ -74,3 +74,37 @@ def test_placeholder_count_must_match_the_images(qwen_vl_dir):
     no_pixels = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
     with pytest.raises(ConfigError, match="no pixel_values"):
         model(**no_pixels)
+
+
+@pytest.mark.parametrize("vision", [False, True], ids=["language-layers", "vision-and-language-layers"])
+def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(qwen_vl_dir, tmp_path, vision):
+    """LoRA from the layer-group switches: the saved adapter is PEFT's on transformers' VLM (same layers, same
+    keys), and loss and LoRA gradients equal PEFT's on an image + text batch."""
+    from peft import PeftModel
+
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=vision,
+                                           use_gradient_checkpointing=False)
+    with torch.no_grad():  # B != 0 so that A gets gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    batch = _batch(proc)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = labels.masked_fill(labels == proc.image_token_id, -100)
+    loss = model(**batch, labels=labels).loss
+    loss.backward()
+    model.save_pretrained(tmp_path / "adapter")
+
+    peft_model = PeftModel.from_pretrained(_hf(qwen_vl_dir), str(tmp_path / "adapter"), is_trainable=True)
+    ref = peft_model(**batch, labels=labels, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int())
+    ref.loss.backward()
+    torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
+    ours = {model.checkpoint_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
+    theirs = {n.removeprefix("base_model.model.").replace(".default", "").removesuffix(".weight"): p.grad
+              for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert set(ours) == set(theirs) and any("visual" in n for n in ours) == vision
+    for name, grad in ours.items():
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)

@@ -145,6 +145,11 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
 
 
 def _check_supported(cfg):
+    if cfg.mrope_section is not None:  # the language model of a vision-language checkpoint (models/vision.py)
+        raise ConfigError("GGUF export of vision-language models is not supported yet (llama.cpp needs the text "
+                          "GGUF plus an mmproj file for the vision tower). Save the merged model "
+                          "(save_pretrained_merged) and convert it with llama.cpp's convert_hf_to_gguf.py, once "
+                          "as is and once with --mmproj.")
     if cfg.model_type not in ARCHITECTURES:
         raise ConfigError(f"GGUF export supports the families {', '.join(ARCHITECTURES)}; this model is "
                           f"'{cfg.model_type}'.")

@@ -10,7 +10,7 @@ import torch
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
 from fasttune.models.hf_files import with_architectures
-from fasttune.peft.adapter_io import save_adapter
+from fasttune.peft.adapter_io import checkpoint_names, save_adapter
 from fasttune.peft.lora import LoraLinear
 from fasttune.sharding import is_sharded, writes_here
 
@@ -46,6 +46,7 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                           "ranks. Save the adapter (save_pretrained), then merge it in one process: `fasttune export` "
                           "or FastLanguageModel.from_pretrained(adapter) and save_pretrained_merged.")
     out = {}
+    hf_name = checkpoint_names(model)
     lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
     for name, t in _plain_tensors(model):
         owner = next((n for n in lora if name.startswith(n + ".")), None)
@@ -58,7 +59,7 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
                 t = t.float() + lora[owner].delta_weight().float()
         if name == "lm_head.weight" and model.arch.tie_embeddings:
             continue
-        out[name] = t.detach().to(dtype).contiguous().cpu()
+        out[hf_name(name)] = t.detach().to(dtype).contiguous().cpu()
     return out
 
 
@@ -134,6 +135,9 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config  # a QLoRA base: the merged weights are plain unless asked below
         if save_method == "merged_4bit":
+            if getattr(model, "family", None) is not None:
+                raise ConfigError("save_method='merged_4bit' is not supported for vision-language models yet; save "
+                                  "'merged_16bit' and load it with load_in_4bit=True.")
             tensors = _nf4_linears(model, tensors)
             hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:])
         _write_shards(tensors, tmp)

@@ -12,8 +12,6 @@ Parameter names inside the model: `model.*` (our decoder), `lm_head`, and the fa
 """
 from __future__ import annotations
 
-import copy
-import re
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +24,8 @@ from fasttune.models.decoder import CausalLM
 @dataclass(frozen=True)
 class VisionFamily:
     """What differs between vision-language families. `vision_modules`: our attribute -> transformers' name
-    under `model.`; `*_targets`: regexes (our names) of the vision tower's attention / MLP linears for
-    finetune_vision_layers."""
+    under `model.`; `*_targets`: regexes (transformers' checkpoint names, as PEFT matches them) of the vision
+    tower's attention / MLP linears for finetune_vision_layers."""
     model_type: str
     vision_modules: tuple
     vision_attention_targets: str
@@ -36,8 +34,8 @@ class VisionFamily:
 
 FAMILIES = {
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", (("visual", "visual"),),
-                               r"visual\.blocks\.\d+\.attn\.(qkv|proj)",
-                               r"visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"),
+                               r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
+                               r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"),
 }
 
 
@@ -200,13 +198,14 @@ def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, i
 
 def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attention: bool, mlp: bool,
                    attention_names, mlp_names) -> str:
-    """The target_modules regex (our names) for FastModel's layer-group switches on a vision-language model;
-    attention_names / mlp_names: the decoder's projection names. Raises ConfigError when nothing is selected."""
+    """The target_modules regex for FastModel's layer-group switches on a vision-language model, over
+    transformers' module names (what PEFT matches; LoRA resolves it through checkpoint_name); attention_names /
+    mlp_names: the decoder's projection names. Raises ConfigError when nothing is selected."""
     parts = []
     if language:
         names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
         if names:
-            parts.append(rf"model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
+            parts.append(rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
     if vision:
         fam = model.family
         parts += ([fam.vision_attention_targets] if attention else []) + ([fam.vision_mlp_targets] if mlp else [])
@@ -215,10 +214,3 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
                           "finetune_attention_modules / finetune_mlp_modules select no layers, so nothing would "
                           "train. Enable the language and/or vision layers with attention and/or MLP modules.")
     return "|".join(f"({p})" for p in parts)
-
-
-def names_regex(names: list[str]) -> str:
-    """A regex that fullmatches exactly these module names with layer numbers generalised (`.3.` -> `.\\d+.`):
-    the compact target_modules PEFT reads for the layers an adapter covers."""
-    patterns = sorted({re.sub(r"\\\.\d+\\\.", r"\\.\\d+\\.", re.escape(n)) for n in names})
-    return "|".join(f"({p})" for p in patterns) if len(patterns) > 1 else patterns[0]

@@ -22,14 +22,21 @@ ADAPTER_FIX = ("Save the adapter again (model.save_pretrained, or fasttune train
                "or copy it again if a copy or download stopped part-way.")
 
 
+def checkpoint_names(model):
+    """Our module name -> transformers' checkpoint name (the same, except for vision-language models)."""
+    return model.checkpoint_name if getattr(model, "family", None) is not None else (lambda name: name)
+
+
 def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """PEFT-named adapter tensors (views of the model's own; see the module docstring)."""
     out = {}
+    hf_name = checkpoint_names(model)
     for name, layer in lora_layers(model):
-        out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
-        out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+        out[f"{PREFIX}{hf_name(name)}.lora_A.weight"] = layer.lora_A.detach()
+        out[f"{PREFIX}{hf_name(name)}.lora_B.weight"] = layer.lora_B.detach()
     for m in model.lora_settings.modules_to_save:
         full = "model.embed_tokens" if m == "embed_tokens" else "lm_head"
-        out[f"{PREFIX}{full}.weight"] = model.get_submodule(full).weight.detach()
+        out[f"{PREFIX}{hf_name(full)}.weight"] = model.get_submodule(full).weight.detach()
     return out
 
 
@@ -85,6 +92,9 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
     with atomic_folder(folder, "the adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **marker})
         cfg = peft_config_dict(model.lora_settings, base, [n for n, _ in lora_layers(model)])
+        if getattr(model, "family", None) is not None and isinstance(model.lora_settings.target_modules, str):
+            # A vision-language model's layer groups: the suffixes alone would also match the other tower's layers
+            cfg["target_modules"] = model.lora_settings.target_modules
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return folder
 

@@ -135,7 +135,9 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
     if targets == "all-linear":
         return linears
     if isinstance(targets, str):
-        return [n for n in linears if re.fullmatch(targets, n)]
+        # A regex names modules as PEFT sees them: a vision-language model's checkpoint names (models/vision.py)
+        hf_name = getattr(model, "checkpoint_name", None) if getattr(model, "family", None) else None
+        return [n for n in linears if re.fullmatch(targets, hf_name(n) if hf_name else n)]
     fused = any(n.endswith(("qkv_proj", "gate_up_proj")) for n in linears)
     wanted = {FUSED_TARGETS.get(t, t) if fused else t for t in targets}
     if fused:
