@@ -93,28 +93,31 @@ class Trainer:
     def prepare(self, dataset) -> list[dict]:
         raise NotImplementedError
 
-    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
-        """Returns (loss to backprop, already divided by num_items; unnormalised loss sum for logging)."""
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """Returns (loss to backprop, already divided by num_items; unnormalised loss sum for logging). The sum may
+        stay a tensor on the device: the loop reads the step's sums once, after the last micro-batch (host_values)."""
         packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"], num_items_in_batch=num_items, **packed)
-        return out.loss, float(out.loss_sum.detach())
+        return out.loss, out.loss_sum.detach()
 
     def prepare_step(self, group: list[dict]) -> None:
-        """Called with this rank's micro-batches of one optimizer step (on the device) before any forward: objectives
-        whose loss needs statistics of the whole accumulated batch (ORPO's token count, KTO's KL estimate) take
-        them here."""
+        """Called with this rank's micro-batches of one optimizer step before any forward, as collated (on the
+        host, so reading them costs no device sync): objectives whose loss needs statistics of the whole accumulated
+        batch (ORPO's token count, KTO's KL estimate) take them here."""
 
     def collate_batch(self, examples: list[dict]) -> dict:
         """Examples -> one micro-batch of tensors (on the CPU; the loop moves it to the device)."""
         return collate(examples, self.pad_id)
 
     def count_items(self, batch: dict) -> int:
-        """What this micro-batch adds to the accumulated batch's loss normaliser (SFT: target tokens)."""
+        """What this micro-batch adds to the accumulated batch's loss normaliser (SFT: target tokens). Called on the
+        batch as collated, on the host."""
         return count_targets(batch["labels"])
 
     def batch_tokens(self, batch: dict) -> int:
-        """Tokens this micro-batch runs through the model (for tokens/s)."""
+        """Tokens this micro-batch runs through the model (for tokens/s). Called on the batch as collated, on the
+        host."""
         return int(batch["attention_mask"].sum())
 
     def example_tokens(self, example: dict) -> int:
@@ -181,8 +184,9 @@ class Trainer:
         return [order[i:i + bs] for i in range(0, len(order), bs)]
 
     def _to_device(self, batch: dict) -> dict:
+        """The batch's tensors moved to the model's device; other values (plain numbers) as they are."""
         dev = self.model.device
-        return {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+        return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def steps_per_epoch(self) -> int:
         micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
@@ -270,12 +274,15 @@ class Trainer:
     def _train_step(self, run: "_Run", full_group: list[list[int]]) -> bool:
         """One optimizer step over all ranks' micro-batches of `full_group`; False when it was skipped (NaN/inf)."""
         args, model, optimizer, scaler = self.args, self.model, run.optimizer, run.scaler
-        group = [self._to_device(b) for b in self.dist.shard(full_group, args.gradient_accumulation_steps)]
+        # The step's counts come from the batches as collated, on the host: no device sync per micro-batch.
+        host_group = self.dist.shard(full_group, args.gradient_accumulation_steps)
         # FSDP: every rank must run as many forward/backward passes as the busiest one (each joins the layers'
         # gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
-        fillers = min(args.gradient_accumulation_steps, len(full_group)) - len(group) if is_sharded(model) else 0
-        self.prepare_step(group)
-        num_items = int(self.dist.sum(sum(self.count_items(b) for b in group)))
+        fillers = min(args.gradient_accumulation_steps, len(full_group)) - len(host_group) if is_sharded(model) else 0
+        self.prepare_step(host_group)
+        num_items = int(self.dist.sum(sum(self.count_items(b) for b in host_group)))
+        n_tokens = sum(self.batch_tokens(b) for b in host_group)
+        group = [self._to_device(b) for b in host_group]
         run.lr = optimizer.param_groups[0]["lr"]
         if num_items == 0:
             # Nothing to learn (e.g. GRPO with every completion masked): a counted step with loss 0 and zero
@@ -285,7 +292,7 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             step_loss, grad_norm, n_tokens = 0.0, 0.0, 0
         else:
-            step_loss, grad_norm, n_tokens = self._guarded_step(group, num_items, scaler, fillers)
+            step_loss, grad_norm = self._guarded_step(group, num_items, scaler, fillers)
         run.memory.mark("forward_backward")
         run.tokens_done += int(self.dist.sum(n_tokens))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -368,11 +375,12 @@ class Trainer:
         self.model.eval()
         return metrics
 
-    def _guarded_step(self, group: list[dict], num_items: int, scaler, fillers: int = 0) -> tuple[float, float, int]:
-        """Forward/backward over the accumulated micro-batches, then unscale and clip; CUDA OOM becomes advice.
-        `fillers`: zero-weight passes that only join the FSDP collectives (a rank short of batches)."""
+    def _guarded_step(self, group: list[dict], num_items: int, scaler, fillers: int = 0) -> tuple[float, float]:
+        """Forward/backward over the accumulated micro-batches, then unscale and clip; (step loss, grad-norm). CUDA
+        OOM becomes advice. `fillers`: zero-weight passes that only join the FSDP collectives (a rank short of
+        batches)."""
         try:
-            loss_sum, n_tokens = 0.0, 0
+            parts = []  # each micro-batch's loss sum, left on the device until the step's one read
             for _ in range(fillers):
                 filler = self._to_device(self.collate_batch([self.train_examples[0]]))
                 loss, _ = self.micro_batch_loss(filler, num_items)
@@ -380,13 +388,15 @@ class Trainer:
             for b in group:
                 loss, part = self.micro_batch_loss(b, num_items)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
-                loss_sum += part
-                n_tokens += self.batch_tokens(b)
+                parts.append(part)
             if not is_sharded(self.model):  # FSDP reduce-scatters the gradients itself during backward
                 self.dist.sum_grads([p for p in self.model.parameters() if p.requires_grad])
             if scaler is not None:
                 scaler.unscale_(self.optimizer)
-            return self.dist.sum(loss_sum) / num_items, self._clip(self.model), n_tokens
+            # The step's one wait for the device: the loss sums and the grad-norm in one read, which the
+            # non-finite check needs before the optimizer steps. Summed on the host, in order, as floats.
+            *parts, grad_norm = host_values([*parts, self._clip(self.model)])
+            return self.dist.sum(sum(parts)) / num_items, grad_norm
         except torch.OutOfMemoryError:
             raise self._oom_error(group) from None
 
@@ -423,11 +433,12 @@ class Trainer:
                                  c.num_kv_heads, c.intermediate_size],
                 "base": self.model.name_or_path, "lora": lora.to_dict() if lora else None}
 
-    def _clip(self, model) -> float:
+    def _clip(self, model) -> torch.Tensor:
+        """Clip the gradients to max_grad_norm; their total norm before clipping, on the device (not read)."""
         params = [p for p in model.parameters() if p.grad is not None]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else float("inf")
         # Sharded grads (DTensors): the norm is the full one, and the same on every rank.
-        return float(full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+        return full_tensor(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
     def _check_precision(self):
         dtype = self.model.dtype
@@ -463,6 +474,26 @@ class Trainer:
             total, count = total + part, count + n
         self.model.train(was_training)
         return {"eval_loss": total / max(1, count), **self.eval_metrics()}
+
+
+def host_values(values: list) -> list[float]:
+    """`values` (numbers and tensors of one element) as Python floats, each exactly float(value); the tensors of
+    each device are copied to the host together. Every read of a GPU tensor waits for all the kernels queued before
+    it, so the trainer reads through here at most once per optimizer step, never once per micro-batch."""
+    by_device: dict = {}
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            by_device.setdefault(v.device, []).append(v.detach().reshape(()).to(torch.float64))
+    read = {dev: iter(torch.stack(ts).tolist()) for dev, ts in by_device.items()}
+    return [next(read[v.device]) if isinstance(v, torch.Tensor) else float(v) for v in values]
+
+
+def add_exact(total, value):
+    """total + value in float64, bit for bit what adding them as Python floats gives, without reading a tensor:
+    a tensor value keeps the running total on its device (for the metric sums objectives keep per micro-batch)."""
+    if isinstance(value, torch.Tensor):
+        return total + value.detach().to(torch.float64)
+    return total + float(value)
 
 
 def _seed_everything(seed: int):

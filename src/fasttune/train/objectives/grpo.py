@@ -18,10 +18,10 @@ from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.kernels.token_logprobs import token_logprobs
-from fasttune.train.loop import Trainer
+from fasttune.train.loop import Trainer, add_exact, host_values
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
-from fasttune.train.objectives.reference import adapters_disabled, require_reference
+from fasttune.train.objectives.reference import adapters_disabled, require_reference, score_positions, select_scored
 from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
@@ -196,7 +196,7 @@ class GRPOTrainer(Trainer):
             part = slice(start, start + n)
             start += n
             b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part])
-            b["steps"] = torch.tensor(len(sizes))
+            b["steps"] = len(sizes)  # a plain int: the loop moves only tensors to the device
             batches.append(b)
         return batches
 
@@ -256,13 +256,17 @@ class GRPOTrainer(Trainer):
         input_ids = torch.cat([prompt_ids, comp], dim=1)
         attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
         b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
-             "advantages": advantages.float()}
-        dev = self.model.device
+             "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
+        # The log-probs stay on the device (the loop's move is then a no-op): copying them back would wait for the
+        # device once per micro-batch.
+        dev = self._to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions")})
         if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
-            b["old_logps"] = self.completion_logps(input_ids.to(dev), attention_mask.to(dev), width).cpu()
+            b["old_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
+                                                   dev["completion_positions"])
         if self.args.beta != 0.0:
             with adapters_disabled(self.model):
-                b["ref_logps"] = self.completion_logps(input_ids.to(dev), attention_mask.to(dev), width).cpu()
+                b["ref_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
+                                                       dev["completion_positions"])
         return b
 
     # --- the loss ----------------------------------------------------------------------------------------------
@@ -271,25 +275,29 @@ class GRPOTrainer(Trainer):
         clip-ratio metrics (and kl when beta > 0)."""
         a = self.args
         mask = batch["completion_mask"]
-        logps = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1])
+        logps = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
+                                      batch.get("completion_positions"))
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
         adv = batch["advantages"]
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
                                                batch.get("ref_logps"), a.use_bias_correction_kl)
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
-        with torch.no_grad():
+        with torch.no_grad():  # the metric sums stay on the device until log_metrics reads them
             m = mask.float()
             if kl is not None:
-                self._add_ratio("kl", float((kl * m).sum()), float(m.sum()))
+                self._add_ratio("kl", (kl * m).sum(), m.sum())
             for name, (s, n) in clip_stats(ratio, adv, mask, self.eps_low, self.eps_high).items():
                 self._add_ratio(name, s, n)
-        # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it.
-        return loss, float(loss.detach()) * num_items
+        # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
+        # as float(loss) * num_items; the core reads it once per step).
+        return loss, loss.detach().to(torch.float64) * num_items
 
-    def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int) -> torch.Tensor:
+    def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
+                         positions: torch.Tensor | None = None) -> torch.Tensor:
         """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked.
-        Positions come from the attention mask, as in generation."""
+        Positions come from the attention mask, as in generation. `positions`: score_positions of
+        attention_mask[:, -n:], to select the completion tokens without a device sync."""
         from fasttune.models.decoder import CausalLM
 
         model, temp = self.model, self.args.temperature
@@ -298,8 +306,8 @@ class GRPOTrainer(Trainer):
         if isinstance(model, CausalLM):
             # Only the completion positions go through the lm_head, in chunks (fasttune.kernels.token_logprobs).
             hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, -n - 1:-1]
-            flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask],
-                                  model.arch.final_logit_softcap, temp)
+            flat = token_logprobs(select_scored(hidden, mask, positions), model.lm_head.weight,
+                                  select_scored(targets, mask, positions), model.arch.final_logit_softcap, temp)
             return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                        return_logits=True, logits_to_keep=n + 1).logits[:, :-1]
@@ -326,15 +334,18 @@ class GRPOTrainer(Trainer):
         rec["completions/min_terminated_length"].append(float(ended.min()))
         rec["completions/max_terminated_length"].append(float(ended.max()))
 
-    def _add_ratio(self, name: str, s: float, n: float):
-        self._ratios[name][0] += s
-        self._ratios[name][1] += n
+    def _add_ratio(self, name: str, s, n):
+        """Add a (sum, count) to the metric `name`; tensors stay on the device until log_metrics reads them."""
+        self._ratios[name][0] = add_exact(self._ratios[name][0], s)
+        self._ratios[name][1] = add_exact(self._ratios[name][1], n)
 
     def log_metrics(self) -> dict:
         """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
         over the steps since the last log entry; resets them."""
         out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
-        out.update({k: s / n if n else 0.0 for k, (s, n) in self._ratios.items()})
+        values = iter(host_values([x for pair in self._ratios.values() for x in pair]))  # one read for them all
+        totals = {k: (next(values), next(values)) for k in self._ratios}
+        out.update({k: s / n if n else 0.0 for k, (s, n) in totals.items()})
         self._metrics.clear()
         self._ratios.clear()
         return out

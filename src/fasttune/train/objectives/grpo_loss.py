@@ -83,11 +83,12 @@ def reduce_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, nu
 
 def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
                epsilon_high: float) -> dict:
-    """Fractions of completion tokens whose ratio was clipped (TRL's clip_ratio/* metrics), as (sum, count)."""
+    """Fractions of completion tokens whose ratio was clipped (TRL's clip_ratio/* metrics), as (sum, count): 0-dim
+    tensors on the device (not read here)."""
     adv = advantages[:, None]
     low = (ratio < 1 - epsilon_low) & (adv < 0)
     high = (ratio > 1 + epsilon_high) & (adv > 0)
     m = mask.bool()
-    n = float(m.sum())
-    return {"clip_ratio/low_mean": (float((low & m).sum()), n), "clip_ratio/high_mean": (float((high & m).sum()), n),
-            "clip_ratio/region_mean": (float(((low | high) & m).sum()), n)}
+    n = m.sum()
+    return {"clip_ratio/low_mean": ((low & m).sum(), n), "clip_ratio/high_mean": ((high & m).sum(), n),
+            "clip_ratio/region_mean": (((low | high) & m).sum(), n)}

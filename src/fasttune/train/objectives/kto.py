@@ -15,9 +15,10 @@ import torch
 from fasttune.data.preference import collate_unpaired, pad_sequences, tokenize_unpaired_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import SFTConfig
+from fasttune.train.loop import host_values
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
-from fasttune.train.objectives.preference_base import PreferenceTrainer
-from fasttune.train.objectives.reference import ReferencePolicy, require_reference, token_logps
+from fasttune.train.objectives.preference_base import PreferenceTrainer, with_score_positions
+from fasttune.train.objectives.reference import ReferencePolicy, require_reference
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -100,8 +101,13 @@ class KTOTrainer(PreferenceTrainer):
                                       chat_template=self.args.chat_template)
 
     def collate_batch(self, examples: list[dict]) -> dict:
-        """Padded rows plus a bool `label` tensor (B,) (collate_unpaired)."""
-        return collate_unpaired(examples, self.pad_id)
+        """Padded rows plus a bool `label` tensor (B,) (collate_unpaired), and the indices of the desirable and
+        undesirable rows, found here on the host so that the metrics select those rows on the device without a
+        sync."""
+        batch = with_score_positions(collate_unpaired(examples, self.pad_id))
+        rows = torch.arange(batch["label"].shape[0])
+        batch["desirable_rows"], batch["undesirable_rows"] = rows[batch["label"]], rows[~batch["label"]]
+        return batch
 
     def count_items(self, batch: dict) -> int:
         """The micro-batch's rows: the loss is a mean over rows."""
@@ -124,15 +130,16 @@ class KTOTrainer(PreferenceTrainer):
                 prompts.append([t for t, a, c in zip(ids, att, comp) if a and not c])
                 completions.append([t for t, c in zip(ids, comp) if c])
         completions = completions[-1:] + completions[:-1]  # y_{i-1} after x_i
-        limit, total, start = self._limit(), 0.0, 0
+        limit, parts, start = self._limit(), [], 0
         for b in group:  # the KL rows in micro-batches of the same sizes
             n = b["input_ids"].shape[0]
             p, c = prompts[start:start + n], completions[start:start + n]
-            kl = self._to_device(pad_sequences(p, [y[:limit - len(x)] for x, y in zip(p, c)], self.pad_id))
-            policy = token_logps(self.model, kl["input_ids"], kl["attention_mask"], kl["completion_mask"])
-            total += float((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())
+            kl = pad_sequences(p, [y[:limit - len(x)] for x, y in zip(p, c)], self.pad_id)
+            kl = self._to_device(with_score_positions(kl))
+            policy = self.logps(kl)
+            parts.append((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())
             start += n
-        count = len(prompts)
+        total, count = sum(host_values(parts)), len(prompts)  # one read for the step's KL passes
         if across_ranks:
             total, count = self.dist.sum(total), self.dist.sum(count)
         self._kl = max(0.0, total / count)
@@ -152,12 +159,12 @@ class KTOTrainer(PreferenceTrainer):
             losses = torch.where(desirable, 1 - torch.sigmoid(a.beta * ratio), torch.sigmoid(a.beta * ratio))
         weights = torch.where(desirable, a.desirable_weight, a.undesirable_weight)
         rewards = a.beta * ratio.detach()
-        n_good, n_bad = int(desirable.sum()), int((~desirable).sum())
+        good, bad = batch["desirable_rows"], batch["undesirable_rows"]  # rows[desirable], without a sync
         sums = {"kl": (kl, 1)}
-        if n_good:
-            sums["rewards/chosen"] = (rewards[desirable].sum(), n_good)
-            sums["logps/chosen"] = (logps.detach()[desirable].sum(), n_good)
-        if n_bad:
-            sums["rewards/rejected"] = (rewards[~desirable].sum(), n_bad)
-            sums["logps/rejected"] = (logps.detach()[~desirable].sum(), n_bad)
+        if good.numel():
+            sums["rewards/chosen"] = (rewards.index_select(0, good).sum(), good.numel())
+            sums["logps/chosen"] = (logps.detach().index_select(0, good).sum(), good.numel())
+        if bad.numel():
+            sums["rewards/rejected"] = (rewards.index_select(0, bad).sum(), bad.numel())
+            sums["logps/rejected"] = (logps.detach().index_select(0, bad).sum(), bad.numel())
         return (weights * losses).sum() / num_items, sums

@@ -48,7 +48,7 @@ class ORPOTrainer(PreferenceTrainer):
         """This micro-batch's share of NLL(chosen) - beta x mean log-sigmoid(log odds ratio); metrics include
         nll_loss, log_odds_ratio and log_odds_chosen (TRL's names)."""
         beta, pairs = self.args.beta, batch["input_ids"].shape[0] // 2
-        logps = self.logps(batch, batch["attention_mask"])  # every token: the NLL needs the prompt's too
+        logps = self.logps(batch, "attention_mask")  # every token: the NLL needs the prompt's too
         nll_sum = -logps[:pairs].sum()
         completion = batch["completion_mask"][:, 1:]
         mean_logps = (logps * completion).sum(-1) / completion.sum(-1)

@@ -12,10 +12,20 @@ import torch
 from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import SFTConfig
-from fasttune.train.loop import Trainer
-from fasttune.train.objectives.reference import ReferencePolicy, token_logps
+from fasttune.train.loop import Trainer, add_exact, host_values
+from fasttune.train.objectives.reference import ReferencePolicy, score_positions, token_logps
 
 DATA_FORMATS = ("auto", "preference")
+SCORE_MASKS = ("completion_mask", "attention_mask")  # the masks whose tokens objectives score (logps)
+
+
+def with_score_positions(batch: dict) -> dict:
+    """Add `<mask>_positions` (score_positions of mask[:, 1:]) for each of SCORE_MASKS in a batch on the host, so
+    that logps selects the scored tokens on the device without a sync."""
+    for key in SCORE_MASKS:
+        if key in batch:
+            batch[f"{key}_positions"] = score_positions(batch[key][:, 1:])
+    return batch
 
 
 class PreferenceTrainer(Trainer):
@@ -64,8 +74,8 @@ class PreferenceTrainer(Trainer):
         raise ConfigError(f"packing=True is for SFT; set packing=False for {self.method}.")
 
     def collate_batch(self, examples: list[dict]) -> dict:
-        """B pairs -> 2B padded rows, chosen first (collate_pairs)."""
-        return collate_pairs(examples, self.pad_id)
+        """B pairs -> 2B padded rows, chosen first (collate_pairs), with their score positions."""
+        return with_score_positions(collate_pairs(examples, self.pad_id))
 
     def count_items(self, batch: dict) -> int:
         """The micro-batch's pairs (half its rows)."""
@@ -76,13 +86,14 @@ class PreferenceTrainer(Trainer):
         return 2 * (len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"])))
 
     # --- model passes -----------------------------------------------------------------------------------------------
-    def logps(self, batch: dict, score: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-token log-probs (B, T-1) of the scored tokens (default: the completions) under the policy."""
-        score = batch["completion_mask"] if score is None else score
-        return token_logps(self.model, batch["input_ids"], batch["attention_mask"], score)
+    def logps(self, batch: dict, score: str = "completion_mask") -> torch.Tensor:
+        """Per-token log-probs (B, T-1) of the tokens that the mask batch[score] marks (default: the completions)
+        under the policy."""
+        return token_logps(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
+                           batch.get(f"{score}_positions"))
 
     @torch.no_grad()
-    def reference_logps(self, batch: dict, score: torch.Tensor | None = None) -> torch.Tensor:
+    def reference_logps(self, batch: dict, score: str = "completion_mask") -> torch.Tensor:
         """Per-token log-probs under the reference policy (the model as handed to the trainer). Call it before the
         policy's forward of the same batch (see ReferencePolicy)."""
         with self.reference.active():
@@ -100,12 +111,13 @@ class PreferenceTrainer(Trainer):
         """step_stats over the step's micro-batches, summed across ranks."""
         self.step_stats(group, across_ranks=True)
 
-    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
-        """batch_loss, with its metric sums added to the training log window."""
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """batch_loss, with its metric sums added to the training log window (on the device, read when logged)."""
         loss, sums = self.batch_loss(batch, num_items)
         self._add(self._sums["train"], sums)
-        # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it.
-        return loss, float(loss.detach()) * num_items
+        # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
+        # as float(loss) * num_items; the core reads it once per step).
+        return loss, loss.detach().to(torch.float64) * num_items
 
     @torch.no_grad()
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
@@ -126,13 +138,16 @@ class PreferenceTrainer(Trainer):
 
     @staticmethod
     def _add(acc, sums: dict):
+        """Add {metric: (sum, count)} to the running sums; tensors stay on the device until _averages reads them."""
         for k, (s, n) in sums.items():
-            acc[k][0] += float(s)
-            acc[k][1] += float(n)
+            acc[k][0] = add_exact(acc[k][0], s)
+            acc[k][1] = add_exact(acc[k][1], n)
 
     def _averages(self, mode: str, prefix: str) -> dict:
         acc = self._sums[mode]
-        out = {f"{prefix}{k}": s / n for k, (s, n) in acc.items() if n}
+        values = iter(host_values([x for pair in acc.values() for x in pair]))  # one read for all the metrics
+        totals = {k: (next(values), next(values)) for k in acc}
+        out = {f"{prefix}{k}": s / n for k, (s, n) in totals.items() if n}
         if f"{prefix}rewards/chosen" in out and f"{prefix}rewards/rejected" in out:
             out[f"{prefix}rewards/margins"] = out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
         acc.clear()

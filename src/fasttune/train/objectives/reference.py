@@ -12,8 +12,23 @@ from fasttune.errors import ConfigError
 from fasttune.kernels.token_logprobs import token_logprobs
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) as (B, T-1); 0 where score[:, t+1] is 0.
+def score_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Flat indices (row-major) of the nonzero entries of a (B, T) mask. Made on the host when a batch is collated,
+    they select on the device what the boolean mask would (select_scored) without its sync: a boolean mask's
+    output size is known only once the device has counted it, so the host would wait."""
+    return mask.reshape(-1).nonzero().squeeze(1)
+
+
+def select_scored(t: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """t[mask] for t of shape (B, T, ...) and a bool mask (B, T): the same rows, in the same order, taken with
+    `positions` (score_positions of the mask) when given."""
+    return t[mask] if positions is None else t.flatten(0, 1).index_select(0, positions)
+
+
+def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) as (B, T-1); 0 where score[:, t+1] is 0. `positions`:
+    score_positions(score[:, 1:]), to select the scored tokens without a device sync.
 
     On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
     logits of the batch never exist at once. The transformers fallback computes its logits as transformers does.
@@ -26,7 +41,8 @@ def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, sc
     # FSDP: the root's shards (embeddings, lm_head) are gathered only inside model(...), so take the logits path.
     if isinstance(model, CausalLM) and not is_sharded(model):
         hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
-        flat = token_logprobs(hidden[mask], model.lm_head.weight, targets[mask], model.arch.final_logit_softcap)
+        flat = token_logprobs(select_scored(hidden, mask, positions), model.lm_head.weight,
+                              select_scored(targets, mask, positions), model.arch.final_logit_softcap)
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, return_logits=True).logits[:, :-1]
     logps = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
