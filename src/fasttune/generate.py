@@ -128,6 +128,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     penalty_alpha, assistant_model, prefix_allowed_tokens_fn, ...; see generate_args.py), for invalid values and for
     right-padded batches.
     """
+    images = _image_inputs(model, input_ids, kwargs)
     input_ids, attention_mask = prompt_argument(input_ids, attention_mask, kwargs)
     generation_config = kwargs.pop("generation_config", None)
     seed, streamer = kwargs.pop("seed", None), kwargs.pop("streamer", None)
@@ -151,6 +152,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise ConfigError("generate() needs LEFT-padded batches (the last column is padding in some row); set "
                           "tokenizer.padding_side = 'left'.")
+    if s.num_return_sequences > 1 and images:
+        raise ConfigError("generate(): num_return_sequences > 1 with images is not supported; repeat the prompt and "
+                          "its images in the batch instead.")
     if s.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
@@ -178,8 +182,16 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     model.eval()
     try:
         cache = KVCache(model.arch, b, t + n_new, model.dtype, device)
-        logits = model(input_ids, attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
-                       past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
+            grid = images.get("image_grid_thw")
+            position_ids, deltas = model.rope_index(input_ids, grid, attention_mask)
+            next_pos = next_pos + deltas.to(device)  # text after the images continues past the images' positions
+            logits = model(inputs_embeds=model.embed(input_ids, images["pixel_values"].to(device), grid.to(device)),
+                           attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
+                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
+        else:
+            logits = model(input_ids, attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
+                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
         vocab = logits.shape[-1]
         if s.repetition_penalty is not None:
             seen[0] = _seen_tokens(input_ids, attention_mask, vocab)
@@ -220,6 +232,23 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if streamer is not None:
             streamer.end()
     return _output(seq[:, :cur], s, scores_out, logits_out)
+
+
+def _image_inputs(model, prompt, kwargs: dict) -> dict:
+    """pixel_values / image_grid_thw from the keywords or from a processor output passed as the prompt (popped);
+    refused (ConfigError) for a model without a vision tower. mm_token_type_ids is dropped (image tokens are found
+    by id)."""
+    from collections.abc import Mapping
+
+    kwargs.pop("mm_token_type_ids", None)
+    images = {k: kwargs.pop(k) for k in ("pixel_values", "image_grid_thw") if kwargs.get(k) is not None}
+    if isinstance(prompt, Mapping):
+        images.update({k: prompt[k] for k in ("pixel_values", "image_grid_thw") if prompt.get(k) is not None})
+    if images and getattr(model, "family", None) is None:
+        raise ConfigError("generate(): pixel_values were given, but this model has no vision tower.")
+    if images and ("pixel_values" not in images or "image_grid_thw" not in images):
+        raise ConfigError("generate(): images need both pixel_values and image_grid_thw, as the processor returns.")
+    return images
 
 
 def chat_prompt_ids(tokenizer, messages: list[dict], chat: bool = True) -> list[int]:

@@ -123,10 +123,14 @@ class VisionCausalLM(CausalLM):
                               f"or pixel_values/image_grid_thw do not belong to these input_ids.")
         return x.masked_scatter(is_image[..., None].expand_as(x), feats)
 
+    def rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None):
+        """((3, B, T) multimodal RoPE positions, (B, 1) deltas for the tokens after them); see qwen_vl_positions."""
+        merge = self._vlm_config.vision_config.spatial_merge_size
+        return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge)
+
     def positions(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None) -> torch.Tensor:
         """(3, B, T) multimodal RoPE positions of these ids (see qwen_vl_positions)."""
-        merge = self._vlm_config.vision_config.spatial_merge_size
-        return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge)[0]
+        return self.rope_index(input_ids, image_grid_thw, attention_mask)[0]
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,

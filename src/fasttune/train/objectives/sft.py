@@ -1,6 +1,7 @@
 """SFT: next-token cross-entropy on the target tokens of each example."""
 from __future__ import annotations
 
+from fasttune.data.collate import count_targets
 from fasttune.data.tokenize import tokenize_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import SFTConfig
@@ -11,7 +12,15 @@ class SFTTrainer(Trainer):
     """Supervised fine-tuning with SFTConfig; args.chat_template, if set, is also stored on the tokenizer."""
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
-                 **kwargs):
+                 data_collator=None, **kwargs):
+        from fasttune.train.objectives import vision_sft
+
+        self.vision = vision_sft.is_vision_model(model)
+        if data_collator is not None and not (self.vision and isinstance(data_collator, vision_sft.VisionDataCollator)):
+            raise ConfigError(f"data_collator={type(data_collator).__name__}: SFTTrainer batches its own examples; "
+                              f"a data_collator is taken only as a VisionDataCollator for a vision-language model. "
+                              f"Leave it out.")
+        self.vision_collator = data_collator
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
         if self.args.chat_template and self.tokenizer is not None:
             from fasttune.data.templates import resolve_chat_template
@@ -20,11 +29,40 @@ class SFTTrainer(Trainer):
             # so chat, generate and GGUF export after training use it too.
             self.tokenizer.chat_template = resolve_chat_template(self.args.chat_template)
 
+    def collate_batch(self, examples: list[dict]) -> dict:
+        """Text examples as the base trainer batches them; image + text ones with pixel_values/image_grid_thw."""
+        if self.vision:
+            from fasttune.train.objectives import vision_sft
+
+            return vision_sft.collate(examples, self.tokenizer)
+        return super().collate_batch(examples)
+
+    def micro_batch_loss(self, batch: dict, num_items: int):
+        """See Trainer.micro_batch_loss; a vision-language model also gets the batch's images."""
+        if self.vision:
+            from fasttune.train.objectives import vision_sft
+
+            return vision_sft.vision_loss(self.model, batch, num_items)
+        return super().micro_batch_loss(batch, num_items)
+
+    def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
+        """See Trainer.eval_batch_loss; a vision-language model also gets the batch's images."""
+        if self.vision:
+            from fasttune.train.objectives import vision_sft
+
+            _, loss_sum = vision_sft.vision_loss(self.model, batch, 1)
+            return float(loss_sum), count_targets(batch["labels"])
+        return super().eval_batch_loss(batch)
+
     def prepare(self, dataset) -> list[dict]:
         """Rows -> examples with input_ids and labels (tokenize_rows), cut to the smaller of the config's and the
         model's max_seq_length. Raises ConfigError without a tokenizer unless the rows have input_ids."""
         a = self.args
         limit = min(a.max_seq_length, self.model.max_seq_length or a.max_seq_length)
+        if self.vision:
+            from fasttune.train.objectives import vision_sft
+
+            return vision_sft.vision_examples(dataset, self.tokenizer, a, limit, self.vision_collator)
         if self.tokenizer is None and not _is_tokenized(dataset):
             raise ConfigError("SFTTrainer needs a tokenizer (tokenizer=...) unless the rows are already tokenized "
                               "(`input_ids`).")
@@ -38,3 +76,4 @@ def _is_tokenized(dataset) -> bool:
     if isinstance(dataset, list):
         return bool(dataset) and isinstance(dataset[0], dict) and "input_ids" in dataset[0]
     return "input_ids" in getattr(dataset, "column_names", [])
+

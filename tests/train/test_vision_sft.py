@@ -1,0 +1,134 @@
+"""SFTTrainer on image + text conversations (train/objectives/vision_sft.py) with a tiny random Qwen2.5-VL:
+the loss curve equals transformers + PEFT on the same batches, gradient accumulation over images of different
+sizes equals the bigger batch, bad rows are DataErrors naming the row, and the model learns to name colours."""
+import json
+import random
+
+import pytest
+import torch
+from tiny_vision import save_qwen_vl, solid_image
+
+from fasttune.errors import DataError
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
+
+
+@pytest.fixture(scope="module")
+def qwen_vl_dir(tmp_path_factory):
+    return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl_sft") / "tiny-qwen2.5-vl")
+
+
+def _rows(n, seed):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        name = rng.choice(sorted(COLOURS))
+        shade = tuple(max(0, min(255, c + rng.randint(-25, 25))) for c in COLOURS[name])
+        size = (rng.choice([28, 56, 84]), rng.choice([28, 56]))
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": solid_image(shade, size)},
+                                         {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": name}]}], "answer": name})
+    return rows
+
+
+def _load(folder, r=8):
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(folder))
+    model = FastVisionModel.get_peft_model(model, r=r, lora_alpha=r, finetune_vision_layers=True,
+                                           use_gradient_checkpointing=False)
+    return model, proc
+
+
+def _train(model, proc, rows, out, **args):
+    from fasttune import SFTConfig, SFTTrainer
+
+    config = SFTConfig(output_dir=str(out), report_to="none", logging_steps=1, save_steps=10_000, shuffle=False,
+                       **{"per_device_train_batch_size": 2, "gradient_accumulation_steps": 1, "learning_rate": 5e-3,
+                          "max_steps": 4, **args})
+    trainer = SFTTrainer(model=model, tokenizer=proc, train_dataset=rows, args=config)
+    trainer.train()
+    return [h["loss"] for h in trainer.log_history if "loss" in h]
+
+
+def test_loss_curve_equals_transformers_and_peft(qwen_vl_dir, tmp_path):
+    from peft import PeftModel
+    from transformers import Qwen2_5_VLForConditionalGeneration, get_linear_schedule_with_warmup
+
+    from fasttune.data.vision import VisionEncoder, collate_vision
+
+    rows, steps = _rows(16, seed=1), 8
+    model, proc = _load(qwen_vl_dir)
+    model.save_pretrained(tmp_path / "init")  # the same starting adapter for PEFT
+    ours = _train(model, proc, rows, tmp_path / "run", max_steps=steps)
+
+    ref = PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_vl_dir),
+                                    str(tmp_path / "init"), is_trainable=True).train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+    enc = VisionEncoder(proc, 2048, False)
+    examples = [enc.encode(r, i) for i, r in enumerate(rows)]
+    losses = []
+    for step in range(steps):
+        batch = collate_vision(examples[2 * step % 16: 2 * step % 16 + 2], proc)
+        out = ref(**batch, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int())
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(out.loss.item())
+    assert losses[-1] < losses[0]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(losses), rtol=2e-4, atol=1e-5)
+
+
+def test_gradient_accumulation_over_images_of_different_sizes(qwen_vl_dir, tmp_path):
+    rows = _rows(8, seed=2)
+    model, proc = _load(qwen_vl_dir)
+    big = _train(model, proc, rows, tmp_path / "big", per_device_train_batch_size=4, max_steps=2)
+    model, proc = _load(qwen_vl_dir)
+    accumulated = _train(model, proc, rows, tmp_path / "ga", per_device_train_batch_size=1,
+                         gradient_accumulation_steps=4, max_steps=2)
+    torch.testing.assert_close(torch.tensor(accumulated), torch.tensor(big), rtol=1e-5, atol=1e-6)
+
+
+def test_bad_image_rows_name_the_row(qwen_vl_dir, tmp_path):
+    from fasttune import SFTConfig, SFTTrainer
+
+    model, proc = _load(qwen_vl_dir)
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    solid_image("red").save(tmp_path / "ok.png")
+    for image, match in [("missing.png", "does not exist"), ("broken.png", "cannot be read")]:
+        rows = _rows(2, seed=3)
+        rows[0]["messages"][0]["content"][0]["image"] = "ok.png"  # relative to the data file
+        rows[1]["messages"][0]["content"][0]["image"] = image
+        data = tmp_path / "rows.jsonl"
+        data.write_text("\n".join(json.dumps({"messages": r["messages"]}) for r in rows))
+        with pytest.raises(DataError, match=rf"Row 1, image 1: .*{match}"):
+            SFTTrainer(model=model, tokenizer=proc, train_dataset=str(data),
+                       args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1))
+    with pytest.raises(DataError, match="Row 0: .* max_seq_length"):
+        SFTTrainer(model=model, tokenizer=proc, train_dataset=_rows(1, seed=4),
+                   args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, max_seq_length=8))
+
+
+def _accuracy(model, proc, rows) -> float:
+    hits = 0
+    for row in rows:
+        prompt = proc.apply_chat_template(row["messages"][:1], add_generation_prompt=True)
+        batch = proc(text=[prompt], images=[row["messages"][0]["content"][0]["image"]])
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+        hits += proc.decode(out[0, batch["input_ids"].shape[1]:]).startswith(row["answer"])
+    return hits / len(rows)
+
+
+def test_learns_to_name_the_colour_of_held_out_images(qwen_vl_dir, tmp_path):
+    model, proc = _load(qwen_vl_dir, r=16)
+    held_out = _rows(30, seed=99)
+    before = _accuracy(model, proc, held_out)
+    _train(model, proc, _rows(96, seed=5), tmp_path / "learn", per_device_train_batch_size=8, max_steps=60,
+           train_on_responses_only=True, learning_rate=1e-2)
+    after = _accuracy(model, proc, held_out)
+    assert before < 0.5 and after > 0.9, (before, after)
