@@ -472,7 +472,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     if tok is None:
         raise ConfigError(f"The model at '{run['model']}' has no tokenizer; save one beside the weights.")
     quant = QUANTIZATIONS[run["quantization"]]
-    print(f"fasttune: model {model.name_or_path} ({model.config.model_type}, {model.dtype}, {model.device}"
+    print(f"fasttune: model {model.name_or_path} ({model.hf_config.model_type}, {model.dtype}, {model.device}"
           f"{', ' + QUANTIZATION_NAMES[quant] + ' frozen weights' if quant else ''})")
     if not run["full_finetuning"] and model.lora_settings is None:
         model = FastLanguageModel.get_peft_model(
@@ -481,8 +481,10 @@ def _train(run: dict, sft: SFTConfig, out: Path):
             use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=sft.seed)
     trainer = load_method(run["method"])[0](model=model, tokenizer=tok, train_dataset=data, args=sft)
     prompt = run["sample_prompt"] or (_first_prompt(rows) if run["data"] else demo_sample_prompt())
+    image_dir = Path(run["data"]).expanduser().resolve().parent if run["data"] else None
     if not run["no_sample"] and prompt:
-        print(f"\nSample before training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
+        print(f"\nSample before training\n  prompt: {_preview(prompt)}\n  reply:  "
+              f"{_sample(model, tok, prompt, image_dir)}\n")
     metrics = trainer.train(resume_from_checkpoint=_resume_value(run["resume"]))
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
@@ -492,7 +494,8 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     if not trainer.dist.is_main:
         return 0  # under torchrun, rank 0 writes the adapter, plot and samples
     if not run["no_sample"] and prompt and not sft.fsdp:  # generation would need all ranks in step
-        print(f"\nSample after training\n  prompt: {prompt}\n  reply:  {_sample(model, tok, prompt)}\n")
+        print(f"\nSample after training\n  prompt: {_preview(prompt)}\n  reply:  "
+              f"{_sample(model, tok, prompt, image_dir)}\n")
     if not sft.fsdp:
         model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
     plot = plot_losses(trainer.log_history, out / "loss.png")
@@ -505,13 +508,24 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     return 0
 
 
-def _sample(model, tok, prompt: str) -> str:
+def _sample(model, tok, prompt, image_dir=None) -> str:
+    """The model's greedy reply to `prompt` (a string, or a vision-language row's content list with images)."""
     from fasttune.generate import generate_text
     from fasttune.models.fallback import FallbackModel
 
     if isinstance(model, FallbackModel):
         return model.sample_text(tok, prompt)
+    if getattr(model, "family", None) is not None:
+        from fasttune.generate import generate_vision_text
+
+        return generate_vision_text(model, tok, [prompt], image_dir)[0]
     return generate_text(model, tok, prompt)
+
+
+def _preview(prompt) -> str:
+    from fasttune.data.vision import content_preview
+
+    return content_preview(prompt)
 
 
 def _first_prompt(rows) -> str | None:

@@ -294,3 +294,15 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 32, tempe
     out = generate(model, torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=temperature > 0,
                    temperature=temperature if temperature > 0 else 1.0, top_k=0, eos_token_id=stops, seed=seed)
     return tokenizer.decode(new_tokens(out[0], len(ids), stops), skip_special_tokens=True)
+
+
+def generate_vision_text(model, processor, contents: list, image_dir=None, max_new_tokens: int = 32,
+                         streamer=None, **sampling) -> list[str]:
+    """Replies of a vision-language model to user turns (per row a string or a list of text / image items; image
+    paths relative to image_dir), greedy unless sampling options are given. Returns one string per row."""
+    batch = processor.prompt_inputs(contents, image_dir)
+    stops = stop_token_ids(processor, model)
+    out = generate(model, batch, max_new_tokens=max_new_tokens, eos_token_id=stops, streamer=streamer,
+                   **{"do_sample": False, **sampling})
+    width = batch["input_ids"].shape[1]
+    return [processor.decode(new_tokens(row, width, stops), skip_special_tokens=True) for row in out]

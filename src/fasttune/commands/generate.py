@@ -2,6 +2,7 @@
 
     fasttune generate --adapter out/adapter --prompt "What is LoRA?"
     fasttune generate --model model.gguf --prompt "One" --prompt "Two" --temperature 0.7 --seed 1
+    fasttune generate --adapter out/adapter --image cat.png --prompt "What is in the picture?"   # a VLM
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ def register(subparsers):
     p.add_argument("--prompt", action="append", required=True,
                    help="a user message (repeat the flag for a batch of prompts)")
     p.add_argument("--no-chat", action="store_true", help="use the prompt as raw text, not as a chat turn")
+    p.add_argument("--image", action="append", default=[],
+                   help="an image file for a vision-language model, shown before the prompt's text (repeat it: "
+                        "with one prompt all images go with it, with several prompts one image per prompt)")
     add_sampling_flags(p, temperature=0.0, top_p=1.0, max_new_tokens=256)
     p.set_defaults(func=cmd_generate)
 
@@ -28,6 +32,8 @@ def cmd_generate(ns) -> int:
 
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype)
     print(f"fasttune generate with {describe_model(model, ns.adapter)}", file=sys.stderr, flush=True)  # stdout: replies
+    if ns.image or getattr(model, "family", None) is not None:
+        return _generate_with_images(ns, model, tok)
     rows = [chat_prompt_ids(tok, [{"role": "user", "content": p}], chat=not ns.no_chat) for p in ns.prompt]
     stops = stop_token_ids(tok, model)
     ids, mask = left_pad(rows, tok.pad_token_id if tok.pad_token_id is not None else stops[0])
@@ -39,4 +45,31 @@ def cmd_generate(ns) -> int:
         for i, prompt in enumerate(ns.prompt):
             reply = tok.decode(new_tokens(out[i], ids.shape[1], stops), skip_special_tokens=True)
             print(f"### {prompt}\n{reply}\n")
+    return 0
+
+
+def _generate_with_images(ns, model, tok) -> int:
+    """A vision-language model's replies; images per prompt as --image describes. Raises ConfigError for images
+    on a text model or an image count that fits neither rule."""
+    from fasttune.command_helpers import sampling_kwargs
+    from fasttune.errors import ConfigError
+    from fasttune.generate import generate_vision_text
+
+    if getattr(model, "family", None) is None:
+        raise ConfigError(f"--image: {ns.model or ns.adapter} is a text-only model; pass a vision-language model "
+                          f"(e.g. Qwen2.5-VL) to generate from images.")
+    prompts, images = ns.prompt, ns.image
+    if len(prompts) == 1:
+        per_prompt = [images]
+    elif len(images) in (0, len(prompts)):
+        per_prompt = [[i] for i in images] if images else [[] for _ in prompts]
+    else:
+        raise ConfigError(f"{len(images)} --image for {len(prompts)} --prompt: give one image per prompt, or any "
+                          f"number of images with a single prompt.")
+    contents = [[{"type": "image", "image": i} for i in imgs] + [{"type": "text", "text": p}]
+                for p, imgs in zip(prompts, per_prompt)]
+    options = sampling_kwargs(ns)
+    replies = generate_vision_text(model, tok, contents, max_new_tokens=options.pop("max_new_tokens", 256), **options)
+    for prompt, reply in zip(prompts, replies):
+        print(f"### {prompt}\n{reply}\n")
     return 0

@@ -116,6 +116,26 @@ class VisionProcessor:
         out.update(pad_rows(ids, ids, self.pad_id())[0])
         return out
 
+    def prompt_inputs(self, contents: list, base_dir: Path | None = None) -> dict:
+        """User turns to generate from -> a LEFT-padded batch for model.generate: input_ids / attention_mask (B, T)
+        plus pixel_values / image_grid_thw of their images in order. contents: per row, a string or a list of
+        text / image items (as in data rows; image paths relative to base_dir). Raises DataError for unreadable
+        images."""
+        rows, images = [], []
+        for k, content in enumerate(contents):
+            messages, sources = _split_images([{"role": "user", "content": content}], None, f"Prompt {k + 1}")
+            row_images = [to_pil(s, f"Prompt {k + 1}, image {i + 1}", base_dir) for i, s in enumerate(sources)]
+            grids = self.process_images(row_images)["image_grid_thw"].tolist() if row_images else []
+            text = self.expand(self.apply_chat_template(messages, add_generation_prompt=True), grids)
+            rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+            images += row_images
+        width = max(len(r) for r in rows)
+        batch = {"input_ids": torch.tensor([[self.pad_id()] * (width - len(r)) + r for r in rows]),
+                 "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
+        if images:
+            batch.update(self.process_images(images))
+        return batch
+
     def pad_id(self) -> int:
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
@@ -295,3 +315,11 @@ class VisionDataCollator:
     def __call__(self, rows: list[dict]) -> dict:
         enc = self.encoder()
         return collate_vision([enc.encode(r, i) for i, r in enumerate(rows)], self.processor)
+
+
+def content_preview(content) -> str:
+    """A prompt's content for printing: its text, with <image> where an image item stands."""
+    if isinstance(content, str):
+        return content
+    return " ".join("<image>" if isinstance(i, dict) and i.get("type") == "image" else str(i.get("text", ""))
+                    for i in content if isinstance(i, dict))

@@ -1,0 +1,67 @@
+"""The command line with a vision-language model: train on image rows whose paths are relative to the data file
+(samples and the saved adapter carry the images' processor), generate with --image equal to the API, and the
+user errors (a missing image, --image on a text model) as one message with exit code 2."""
+import json
+
+import pytest
+from tiny_vision import save_qwen_vl, solid_image
+
+from fasttune.cli import main
+
+
+@pytest.fixture(scope="module")
+def vl_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vl_cli")
+    model = save_qwen_vl(root / "model")
+    (root / "data" / "img").mkdir(parents=True)
+    rows = []
+    for i, (name, colour) in enumerate([("red", (200, 30, 30)), ("blue", (30, 40, 210))] * 3):
+        solid_image(colour).save(root / "data" / "img" / f"{i}.png")
+        rows.append({"messages": [
+            {"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "assistant", "content": name}]})
+    (root / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return root, model
+
+
+def test_train_then_generate_with_an_image(vl_run, capsys):
+    from fasttune import FastVisionModel
+    from fasttune.generate import generate_vision_text
+
+    root, model = vl_run
+    out = root / "out"
+    assert main(["train", "--model", str(model), "--data", str(root / "data" / "rows.jsonl"), "--output-dir",
+                 str(out), "--max-steps", "2", "--lora-r", "4"]) == 0
+    printed = capsys.readouterr().out
+    assert "(qwen2_5_vl," in printed and "prompt: <image> Colour?" in printed
+    assert {"adapter_model.safetensors", "preprocessor_config.json", "chat_template.jinja"} <= {
+        p.name for p in (out / "adapter").iterdir()}
+
+    image = str(root / "data" / "img" / "1.png")
+    assert main(["generate", "--adapter", str(out / "adapter"), "--image", image, "--prompt", "Colour?",
+                 "--max-new-tokens", "4"]) == 0
+    printed = capsys.readouterr().out
+    loaded, proc = FastVisionModel.from_pretrained(str(out / "adapter"))
+    reply = generate_vision_text(loaded, proc, [[{"type": "image", "image": image},
+                                                 {"type": "text", "text": "Colour?"}]], max_new_tokens=4)[0]
+    assert printed == f"### Colour?\n{reply}\n\n"
+
+
+def test_missing_image_is_one_message(vl_run, tmp_path, capsys):
+    root, model = vl_run
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"messages": [
+        {"role": "user", "content": [{"type": "image", "image": "nowhere.png"}, {"type": "text", "text": "?"}]},
+        {"role": "assistant", "content": "red"}]}))
+    rc = main(["train", "--model", str(model), "--data", str(data), "--output-dir", str(tmp_path / "o"),
+               "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "Row 0, image 1" in err and "nowhere.png" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_image_on_a_text_model_is_refused(tiny_model_dir, tmp_path, capsys):
+    solid_image("red").save(tmp_path / "a.png")
+    rc = main(["generate", "--model", str(tiny_model_dir("llama")), "--image", str(tmp_path / "a.png"),
+               "--prompt", "hi"])
+    assert rc == 2 and "text-only model" in capsys.readouterr().err
