@@ -108,3 +108,28 @@ def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(qwen_vl_dir, t
     assert set(ours) == set(theirs) and any("visual" in n for n in ours) == vision
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_merged_checkpoint_loads_in_transformers_with_equal_logits(qwen_vl_dir, tmp_path):
+    from transformers import AutoModelForImageTextToText
+
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained_merged(tmp_path / "merged", proc)
+    batch = _batch(proc)
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
+    assert type(merged).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    with torch.no_grad():
+        ours = model.eval()(**batch).logits
+        ref = merged(**batch, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int()).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-4, atol=1e-5)
+    reloaded, _ = FastVisionModel.from_pretrained(str(tmp_path / "merged"))  # and back, processor included
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits[real], ours[real], rtol=1e-4, atol=1e-5)

@@ -216,23 +216,29 @@ def _dequantize(state, dtype: torch.dtype) -> torch.Tensor:
 
 def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None = None) -> VisionCausalLM:
     """A vision-language checkpoint folder -> VisionCausalLM. transformers loads the whole model on the CPU (it
-    knows the checkpoint layouts); its vision modules move to `device`, and the language model's tensors fill our
-    decoder (quantised with `quant` like a text model). Raises ModelLoadError when transformers cannot load it."""
+    knows the checkpoint layouts), then vision_model_from_hf moves it over. Raises ModelLoadError when
+    transformers cannot load it."""
     from transformers import AutoModelForImageTextToText
 
     try:
         hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"transformers cannot load the vision-language model in '{path}': {e}") from None
+    return vision_model_from_hf(hf, dtype, device, str(path), quant)
+
+
+def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str | None = None) -> VisionCausalLM:
+    """transformers' vision-language model (e.g. Qwen2_5_VLForConditionalGeneration) -> VisionCausalLM: its
+    vision modules move to `device` as they are; the language model's tensors fill our decoder (quantised with
+    `quant` like a text model). The language half of `hf` is left to the caller to free."""
     family = VISION_FAMILIES[hf.config.model_type]
     text_config = copy.deepcopy(hf.config.text_config)
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
     text_config.tie_word_embeddings = tied
-    language = hf.model.language_model
-    tensors = [(f"model.{k}", v) for k, v in language.state_dict().items()]
+    tensors = [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]
     if not tied:
         tensors.append(("lm_head.weight", hf.lm_head.weight))
-    model = build_model(text_config, iter(tensors), dtype, device, str(path), quant, model_cls=VisionCausalLM)
+    model = build_model(text_config, iter(tensors), dtype, device, source, quant, model_cls=VisionCausalLM)
     modules = {attr: getattr(hf.model, hf_name).to(device=device, dtype=dtype)
                for attr, hf_name in family.vision_modules}
     model.attach_vision(hf.config, family, modules)
