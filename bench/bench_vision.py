@@ -1,0 +1,315 @@
+"""Vision-language LoRA training throughput and peak memory: fasttune vs transformers+PEFT, same GPU, same run (#22).
+
+A Qwen2.5-VL-7B-shape model with random-init weights (no downloads), built by transformers in bf16 on the GPU with
+the same seed on both sides (so both start from the same weights). LoRA r16 on the language model's 7 projections
+only (the vision tower stays frozen and has no adapters). Each row of the batch is text + <|vision_start|> + 256
+image placeholders (one 448x448 image, grid (1, 32, 32)) + <|vision_end|> + text, 2048 tokens in all; labels are
+the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and cycled, so
+the loss must fall. AdamW (fused), lr 1e-3, grad clipping 1.0, 3 untimed warm-up steps then 10 timed ones. Each
+row runs in its own process for a clean peak-memory reading; every run asserts grad-norm > 0 and a finite, falling
+loss, then appends a JSONL row to bench/results/vision_lora.jsonl. Usage on a GPU machine:
+
+    python bench/bench_vision.py --matrix default        # hf (recompute on), ours on, ours off; table last
+    python bench/bench_vision.py --impl ours --gc on     # a single row
+    OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix default --smoke --out /tmp/v.jsonl   # CPU check
+
+tokens/s counts every position the language model runs (text + image placeholders): batch x seq per step.
+--smoke runs a tiny shape on the CPU (hidden 64, 2 layers, vision depth 2, seq 128, one 56x56 image per row,
+3 timed steps, plain AdamW, no CUDA memory statistics) to check that the script works; its rows say so.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import inspect
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# Qwen2.5-VL-7B-Instruct's config.json (max_position_embeddings cut to 32768: enough for these batches).
+SHAPES = {
+    "qwen2.5-vl-7b": dict(
+        text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                  num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+                  bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+        vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                    patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                    fullatt_block_indexes=[7, 15, 23, 31], in_channels=3),
+        ids=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                 vision_end_token_id=151653),
+        text_ids=151643,  # random text ids are drawn below the special tokens
+        image=448, prefix=64),
+    # --smoke: tests/tiny_vision.py's shape (hidden 64, 2 layers, a 2-block vision tower)
+    "tiny": dict(
+        text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
+                  bos_token_id=None, eos_token_id=256, pad_token_id=256),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
+                    spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
+                    in_channels=3),
+        ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260),
+        text_ids=256, image=56, prefix=8),
+}
+SHAPE_NAME = {"qwen2.5-vl-7b": "qwen2.5-vl-7b", "tiny": "tiny-qwen2.5-vl"}
+# The language model's 7 projections, as PEFT matches module names of transformers' Qwen2.5-VL (fullmatch): the
+# vision tower's blocks have gate/up/down_proj too, which this leaves out.
+HF_TARGETS = (r"model\.language_model\.layers\.\d+\."
+              r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+# (impl, gradient checkpointing, FASTTUNE_KERNELS for ours)
+MATRIX = {"default": [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]}
+
+
+def hf_config(shape: str):
+    from transformers import Qwen2_5_VLConfig
+
+    s = SHAPES[shape]
+    return Qwen2_5_VLConfig(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"],
+                            tie_word_embeddings=False)
+
+
+def build_transformers(shape: str, device: str):
+    """transformers' Qwen2.5-VL in bf16 on `device`, every matrix (and the patch conv) drawn from normal(0, 0.02)
+    in a fixed order: with the same seed, the hf and ours rows start from the same weights."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device(device):
+        model = AutoModelForImageTextToText.from_config(hf_config(shape), dtype=torch.bfloat16,
+                                                        attn_implementation="sdpa")
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def build_ours(shape: str, gc_mode: str, r: int, device: str):
+    import torch
+
+    from fasttune.api import FastModel
+    from fasttune.models.loading import vision_model_from_hf
+
+    hf = build_transformers(shape, device)
+    # Same device and dtype: our decoder takes the language model's tensors as they are (no copy), and the vision
+    # tower is transformers' module itself.
+    model = vision_model_from_hf(hf, torch.bfloat16, torch.device(device), f"random {shape}")
+    del hf
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    model.lora_settings = None
+    model = FastModel.get_peft_model(model, r=r, lora_alpha=r, finetune_vision_layers=False,
+                                     use_gradient_checkpointing={"on": True, "off": False}[gc_mode])
+    note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
+    return model, note
+
+
+def build_hf(shape: str, gc_mode: str, r: int, device: str):
+    from peft import LoraConfig, get_peft_model
+
+    model = build_transformers(shape, device)
+    model.config.use_cache = False
+    hooks = 0
+    if gc_mode == "on":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        hooks = len(getattr(model, "_require_grads_hooks", [None]))
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
+    model.train()
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    n_layers = SHAPES[shape]["text"]["num_hidden_layers"]
+    assert len(adapted) == 7 * n_layers and not any("visual" in n for n in adapted), sorted(adapted)[:8]
+    # transformers 5.24 hooks the vision tower's patch embedding as well as the token embeddings (2 hooks), so its
+    # backward also runs through the frozen vision tower; a version that hooks the token embeddings only gives 1.
+    note = f"enable_input_require_grads hooked {hooks} embedding layer(s)" if gc_mode == "on" else ""
+    return model, note
+
+
+def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
+    """n batches of bs rows: prefix text, <|vision_start|>, the image's placeholders, <|vision_end|>, text up to
+    seq; pixel values random normal (patches, 3*2*14*14) bf16, one square image per row."""
+    import torch
+
+    s = SHAPES[shape]
+    v, ids = s["vision"], s["ids"]
+    grid = s["image"] // v["patch_size"]
+    patches = grid * grid  # temporal 1: the image is repeated over temporal_patch_size frames
+    placeholders = patches // v["spatial_merge_size"] ** 2
+    patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
+    prefix = s["prefix"]
+    suffix = seq - prefix - placeholders - 2
+    assert suffix > 0, f"seq {seq} is too short for {placeholders} image tokens"
+    g = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for _ in range(n):
+        input_ids = torch.randint(0, s["text_ids"], (bs, seq), device=device, generator=g)
+        input_ids[:, prefix] = ids["vision_start_token_id"]
+        input_ids[:, prefix + 1:prefix + 1 + placeholders] = ids["image_token_id"]
+        input_ids[:, prefix + 1 + placeholders] = ids["vision_end_token_id"]
+        labels = input_ids.masked_fill(input_ids == ids["image_token_id"], -100)
+        pixel_values = torch.randn(bs * patches, patch_dim, device=device, generator=g).to(torch.bfloat16)
+        out.append(dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
+                        pixel_values=pixel_values,
+                        image_grid_thw=torch.tensor([[1, grid, grid]] * bs, device=device)))
+    return out, placeholders
+
+
+def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
+    """transformers 5.24's forward takes mm_token_type_ids (1 = image token) to build multimodal RoPE positions and
+    uses plain positions without it; a forward without that parameter finds the image tokens by id itself. Returns (a function of the
+    batch giving the extra kwargs, the note saying which)."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    image_id = SHAPES[shape]["ids"]["image_token_id"]
+    if "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters:
+        return (lambda b: {"mm_token_type_ids": (b["input_ids"] == image_id).int(), "use_cache": False},
+                "mm_token_type_ids passed (forward has the parameter)")
+    return (lambda b: {"use_cache": False},
+            "no mm_token_type_ids parameter: transformers computed the multimodal positions itself")
+
+
+def run_one(impl: str, gc_mode: str, bs: int, seq: int, steps: int, warmup: int, r: int, smoke: bool) -> dict:
+    import torch
+
+    shape = "tiny" if smoke else "qwen2.5-vl-7b"
+    device = "cpu" if smoke else "cuda"
+    if not smoke:
+        assert torch.cuda.is_available(), "bench_vision.py needs a CUDA GPU (or --smoke for a CPU check)"
+    torch.manual_seed(0)
+    model, note = (build_ours if impl == "ours" else build_hf)(shape, gc_mode, r, device)
+    extra, how = (lambda b: {}), ""
+    if impl == "hf":
+        extra, how = hf_forward_kwargs(model, shape)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()  # after building: the peak holds the weights, not init transients
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert params, "no trainable parameters"
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=device == "cuda")
+    batches, placeholders = make_batches(shape, bs, seq, device)
+    losses, norms = [], []
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def step(i):
+        b = batches[i % len(batches)]
+        out = model(**b, **extra(b))
+        out.loss.backward()
+        norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(out.loss.detach()))
+
+    for i in range(warmup):
+        step(i)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    sync()
+    elapsed = time.perf_counter() - t0
+    assert min(norms) > 0 and all(math.isfinite(v) for v in norms), f"grad norm 0 or not finite: {norms}"
+    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
+    # the batches alternate: compare the last step on batch 0 with the first, and the last step with the first
+    last_same = losses[(len(losses) - 1) // 2 * 2]
+    assert len(losses) >= 3 and last_same < losses[0] and losses[-1] < losses[0], f"loss did not fall: {losses}"
+    import peft
+    import transformers
+
+    row = {"bench": "vision_lora", "impl": impl,
+           "kernels": (os.environ.get("FASTTUNE_KERNELS") or "default") if impl == "ours" else "-",
+           "shape": SHAPE_NAME[shape], "gradient_checkpointing": gc_mode, "batch": bs, "seq": seq,
+           "images_per_row": 1, "image_tokens_per_row": placeholders,
+           "image_size": SHAPES[shape]["image"], "lora_r": r, "warmup": warmup, "steps": steps,
+           "tokens_per_second": round(bs * seq * steps / elapsed, 1),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if device == "cuda" else None,
+           "losses": [round(v, 4) for v in losses], "loss_first": losses[0], "loss_last": losses[-1],
+           "grad_norm_min": min(norms),
+           "card": torch.cuda.get_device_name() if device == "cuda" else "cpu (smoke)",
+           "torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+           "note": "; ".join(x for x in (how, note) if x) + ("; SMOKE (tiny shape, CPU)" if smoke else ""),
+           "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--matrix", choices=sorted(MATRIX))
+    ap.add_argument("--impl", choices=["ours", "hf"], default="ours")
+    ap.add_argument("--gc", choices=["on", "off"], default="on")
+    ap.add_argument("--bs", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 2048; 128 with --smoke)")
+    ap.add_argument("--steps", type=int, default=None, help="timed steps (default 10; 3 with --smoke)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; 1 with --smoke)")
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU: checks the script, not the speed")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vision_lora.jsonl"))
+    a = ap.parse_args()
+    a.seq = a.seq or (128 if a.smoke else 2048)
+    a.steps = a.steps or (3 if a.smoke else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.smoke else 3)
+    if a.smoke and Path(a.out).resolve().parent == (Path(__file__).parent / "results").resolve():
+        sys.exit("--smoke rows are not results: pass --out to a file outside bench/results/ (e.g. /tmp/v.jsonl)")
+    if a.matrix:
+        rows = []
+        for impl, gc_mode, kernels in MATRIX[a.matrix]:
+            if a.smoke and kernels != "-":
+                kernels = "torch"  # what runs on a CPU anyway (no Triton there)
+            env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
+            cmd = [sys.executable, __file__, "--impl", impl, "--gc", gc_mode, "--bs", str(a.bs), "--seq", str(a.seq),
+                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--r", str(a.r), "--out", a.out]
+            row = run_row(cmd + (["--smoke"] if a.smoke else []), env, f"{impl} gc={gc_mode} kernels={kernels}")
+            if row is not None:
+                rows.append(row)
+        print_table(rows)
+        if len(rows) < len(MATRIX[a.matrix]):
+            sys.exit(1)
+        return
+    row = run_one(a.impl, a.gc, a.bs, a.seq, a.steps, a.warmup, a.r, a.smoke)
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(json.dumps(row))
+
+
+def run_row(cmd: list[str], env: dict, label: str) -> dict | None:
+    """One row in its own process (clean peak memory); its JSON row (the last stdout line), or None when it failed
+    (e.g. out of memory), the error printed under `label`."""
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(f"FAILED {label}:\n{proc.stderr[-3000:]}", flush=True)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def print_table(rows):
+    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<16} {'gc':<4} {'tok/s':>9} {'peak GiB':>9} {'vs hf':>6} "
+          f"{'loss first -> last':>20}  card")
+    base = next((r for r in rows if r["impl"] == "hf"), None)
+    for r in rows:
+        ratio = r["tokens_per_second"] / base["tokens_per_second"] if base else float("nan")
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        loss = f"{r['loss_first']:.3f} -> {r['loss_last']:.3f}"
+        print(f"{r['impl']:<5} {r['kernels']:<8} {r['shape']:<16} {r['gradient_checkpointing']:<4} "
+              f"{r['tokens_per_second']:>9,.0f} {peak:>9} {ratio:>6.2f} {loss:>20}  {r['card']}")
+    if base:  # same seed, same weights, LoRA B = 0: the first losses should agree
+        for r in rows:
+            if r is not base and abs(r["loss_first"] - base["loss_first"]) > 0.02 * abs(base["loss_first"]):
+                print(f"WARNING: first loss {r['impl']} gc={r['gradient_checkpointing']} {r['loss_first']:.4f} vs "
+                      f"hf {base['loss_first']:.4f}: the two start from the same weights and should agree")
+    for r in rows:
+        if r["note"]:
+            print(f"note ({r['impl']} gc={r['gradient_checkpointing']}): {r['note']}")
+
+
+if __name__ == "__main__":
+    main()
