@@ -61,3 +61,49 @@ def solid_image(color, size=(56, 56)):
     from PIL import Image
 
     return Image.new("RGB", size, color)
+
+
+GEMMA3_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]  # ids 259, 260, 261
+GEMMA3_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<start_of_image>")
+GEMMA3_TOKENS_PER_IMAGE = 4
+
+
+def gemma3_config():
+    from transformers import Gemma3Config
+
+    text = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512,
+                sliding_window=4, layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-6,
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    return Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=GEMMA3_TOKENS_PER_IMAGE,
+                        boi_token_id=259, eoi_token_id=260, image_token_id=261, tie_word_embeddings=True)
+
+
+def gemma3_processor():
+    """fasttune's VisionProcessor as Gemma3Processor expands images: each <start_of_image> becomes
+    "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"."""
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=GEMMA3_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": GEMMA3_TOKENS})
+    images = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
+    sequence = "\n\n<start_of_image>" + "<image_soft_token>" * GEMMA3_TOKENS_PER_IMAGE + "<end_of_image>\n\n"
+    return VisionProcessor(tok, images, GEMMA3_TEMPLATE, "<start_of_image>", None, "<image_soft_token>", sequence)
+
+
+def save_gemma3(folder, seed: int = 0):
+    """Save a random tiny Gemma 3 vision-language model (fp32) with its processor to `folder`; returns it."""
+    import torch
+    from transformers import Gemma3ForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Gemma3ForConditionalGeneration(gemma3_config()).eval()
+    with torch.no_grad():  # transformers initialises the projection to zeros: images would carry nothing
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+    model.save_pretrained(folder)
+    gemma3_processor().save_pretrained(folder)
+    return folder

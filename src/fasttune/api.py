@@ -272,5 +272,6 @@ def attach_adapter(model, tokenizer, folder: Path):
         from fasttune.data.vision import VisionProcessor
 
         return VisionProcessor(own_tokenizer, tokenizer.image_processor, tokenizer.chat_template,
-                               tokenizer.image_token, tokenizer.merge_size)
+                               tokenizer.image_token, tokenizer.merge_size, tokenizer.feature_token,
+                               tokenizer.image_sequence)
     return own_tokenizer

@@ -184,11 +184,15 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         cache = KVCache(model.arch, b, t + n_new, model.dtype, device)
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
             grid = images.get("image_grid_thw")
-            position_ids, deltas = model.rope_index(input_ids, grid, attention_mask)
+            grid = grid.to(device) if grid is not None else None
+            vision_positions, deltas = model.rope_index(input_ids, grid, attention_mask)
+            if vision_positions is not None:  # Qwen2.5-VL's 3-axis positions
+                position_ids = vision_positions
             next_pos = next_pos + deltas.to(device)  # text after the images continues past the images' positions
-            logits = model(inputs_embeds=model.embed(input_ids, images["pixel_values"].to(device), grid.to(device)),
+            logits = model(inputs_embeds=model.embed(input_ids, images["pixel_values"].to(device), grid),
                            attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
-                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
+                           past_key_values=cache, logits_to_keep=1,
+                           image_blocks=model.image_blocks(input_ids)).logits[:, -1]
         else:
             logits = model(input_ids, attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
                            past_key_values=cache, logits_to_keep=1).logits[:, -1]
@@ -246,8 +250,8 @@ def _image_inputs(model, prompt, kwargs: dict) -> dict:
         images.update({k: prompt[k] for k in ("pixel_values", "image_grid_thw") if prompt.get(k) is not None})
     if images and getattr(model, "family", None) is None:
         raise ConfigError("generate(): pixel_values were given, but this model has no vision tower.")
-    if images and ("pixel_values" not in images or "image_grid_thw" not in images):
-        raise ConfigError("generate(): images need both pixel_values and image_grid_thw, as the processor returns.")
+    if images and "pixel_values" not in images:
+        raise ConfigError("generate(): image_grid_thw without pixel_values; pass the processor's output whole.")
     return images
 
 

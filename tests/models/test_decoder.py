@@ -97,3 +97,15 @@ def test_right_padding_is_detected():
     assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding
     assert not right_padded(torch.tensor([[1, 0, 1]]))  # a hole
     assert right_padded(torch.tensor([[1]])) and not right_padded(torch.tensor([[0]]))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma", "gemma2", "gemma3_text"])
+def test_inputs_embeds_equal_transformers(family, tiny_model_dir):
+    """Embeddings passed in are used as given: Gemma's scaling lives in its embedding module, which they skip."""
+    ours, _ = load_model(tiny_model_dir(family), torch.float32, "cpu")
+    hf = hf_model(family)
+    embeds = torch.randn(2, 7, hf.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = hf(inputs_embeds=embeds).logits
+        got = ours(inputs_embeds=embeds).logits
+    assert _max_rel_err(ref, got, torch.ones(2, 7, dtype=torch.bool)) < 1e-5

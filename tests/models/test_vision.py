@@ -1,8 +1,10 @@
-"""Vision-language models on our decoder (models/vision.py): logits and multimodal RoPE positions equal
-transformers' Qwen2.5-VL on image + text batches (fp32, tiny random model, images of different sizes, padding)."""
+"""Vision-language models on our decoder (models/vision.py): logits equal transformers' Qwen2.5-VL and Gemma 3 on
+image + text batches (fp32, tiny random models, images of different sizes, padding, Gemma 3's two-way attention
+inside each image), Qwen's multimodal RoPE positions equal get_rope_index, LoRA adapters load in PEFT with equal
+loss and gradients, and merged checkpoints load in transformers."""
 import pytest
 import torch
-from tiny_vision import save_qwen_vl, solid_image
+from tiny_vision import save_gemma3, save_qwen_vl, solid_image
 
 from fasttune.errors import ConfigError
 
@@ -15,6 +17,23 @@ def qwen_vl_dir(tmp_path_factory):
     return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen2.5-vl")
 
 
+@pytest.fixture(scope="module")
+def gemma3_vl_dir(tmp_path_factory):
+    return save_gemma3(tmp_path_factory.mktemp("gemma3_vl") / "tiny-gemma3")
+
+
+@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
+def vl_dir(request):
+    return request.getfixturevalue("qwen_vl_dir" if request.param == "qwen2_5_vl" else "gemma3_vl_dir")
+
+
+def _oracle_inputs(folder, batch, proc) -> dict:
+    """What transformers' model needs besides the processor output to see the images as its processor marks them:
+    Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention)."""
+    marks = (batch["input_ids"] == proc.image_token_id).long()
+    return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}
+
+
 def _batch(proc):
     text = proc.apply_chat_template(CONVERSATION)
     two = [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "image"}]}]
@@ -23,24 +42,27 @@ def _batch(proc):
 
 
 def _hf(folder):
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
-    return Qwen2_5_VLForConditionalGeneration.from_pretrained(folder).eval()
+    return AutoModelForImageTextToText.from_pretrained(folder).eval()
 
 
-def test_logits_equal_transformers_on_images_of_different_sizes(qwen_vl_dir):
+def test_logits_equal_transformers_on_images_of_different_sizes(vl_dir):
     from fasttune import FastVisionModel
 
-    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     batch = _batch(proc)
-    assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6], [1, 8, 4]]
-    assert batch["attention_mask"][1].all() and not batch["attention_mask"][0].all()  # row 0 is right-padded
-    hf = _hf(qwen_vl_dir)
+    if "image_grid_thw" in batch:  # Qwen: each image at its own resolution
+        assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6], [1, 8, 4]]
+    assert not batch["attention_mask"].all()  # one row is right-padded
+    hf = _hf(vl_dir)
     with torch.no_grad():
         ours = model(**batch).logits
-        ref = hf(**batch, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int()).logits
+        ref = hf(**batch, **_oracle_inputs(vl_dir, batch, proc)).logits
+        one_way = hf(**batch).logits  # without the image marks transformers' model sees a different input
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    assert (ours[real] - one_way[real]).abs().max() > 1e-3
 
 
 def test_positions_equal_transformers_rope_index(qwen_vl_dir):
@@ -61,10 +83,10 @@ def test_positions_equal_transformers_rope_index(qwen_vl_dir):
     assert torch.equal(got_deltas.view(-1), deltas.view(-1))
 
 
-def test_placeholder_count_must_match_the_images(qwen_vl_dir):
+def test_placeholder_count_must_match_the_images(vl_dir):
     from fasttune import FastVisionModel
 
-    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     batch = _batch(proc)
     cut = {k: v for k, v in batch.items()}
     cut["input_ids"] = batch["input_ids"][:, :12]  # cuts row 1 inside its first image
@@ -72,19 +94,20 @@ def test_placeholder_count_must_match_the_images(qwen_vl_dir):
     with pytest.raises(ConfigError, match="image placeholder tokens"):
         model(**cut)
     no_pixels = {k: v for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
+    no_pixels["input_ids"] = no_pixels["input_ids"].clone()
     with pytest.raises(ConfigError, match="no pixel_values"):
         model(**no_pixels)
 
 
 @pytest.mark.parametrize("vision", [False, True], ids=["language-layers", "vision-and-language-layers"])
-def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(qwen_vl_dir, tmp_path, vision):
+def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(vl_dir, tmp_path, vision):
     """LoRA from the layer-group switches: the saved adapter is PEFT's on transformers' VLM (same layers, same
     keys), and loss and LoRA gradients equal PEFT's on an image + text batch."""
     from peft import PeftModel
 
     from fasttune import FastVisionModel
 
-    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=vision,
                                            use_gradient_checkpointing=False)
     with torch.no_grad():  # B != 0 so that A gets gradients too
@@ -98,24 +121,24 @@ def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(qwen_vl_dir, t
     loss.backward()
     model.save_pretrained(tmp_path / "adapter")
 
-    peft_model = PeftModel.from_pretrained(_hf(qwen_vl_dir), str(tmp_path / "adapter"), is_trainable=True)
-    ref = peft_model(**batch, labels=labels, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int())
+    peft_model = PeftModel.from_pretrained(_hf(vl_dir), str(tmp_path / "adapter"), is_trainable=True)
+    ref = peft_model(**batch, labels=labels, **_oracle_inputs(vl_dir, batch, proc))
     ref.loss.backward()
     torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
     ours = {model.checkpoint_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
     theirs = {n.removeprefix("base_model.model.").replace(".default", "").removesuffix(".weight"): p.grad
               for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and any("visual" in n for n in ours) == vision
+    assert set(ours) == set(theirs) and any(".language_model." not in n for n in ours) == vision
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
-def test_merged_checkpoint_loads_in_transformers_with_equal_logits(qwen_vl_dir, tmp_path):
+def test_merged_checkpoint_loads_in_transformers_with_equal_logits(vl_dir, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     from fasttune import FastVisionModel
 
-    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     model = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -124,10 +147,10 @@ def test_merged_checkpoint_loads_in_transformers_with_equal_logits(qwen_vl_dir, 
     model.save_pretrained_merged(tmp_path / "merged", proc)
     batch = _batch(proc)
     merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged").eval()
-    assert type(merged).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    assert type(merged).__name__ == type(_hf(vl_dir)).__name__
     with torch.no_grad():
         ours = model.eval()(**batch).logits
-        ref = merged(**batch, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int()).logits
+        ref = merged(**batch, **_oracle_inputs(vl_dir, batch, proc)).logits
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[real], ref[real], rtol=1e-4, atol=1e-5)
     reloaded, _ = FastVisionModel.from_pretrained(str(tmp_path / "merged"))  # and back, processor included

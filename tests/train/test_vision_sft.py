@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from tiny_vision import save_qwen_vl, solid_image
+from tiny_vision import save_gemma3, save_qwen_vl, solid_image
 
 from fasttune.errors import DataError
 
@@ -16,6 +16,16 @@ COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
 @pytest.fixture(scope="module")
 def qwen_vl_dir(tmp_path_factory):
     return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl_sft") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="module")
+def gemma3_vl_dir(tmp_path_factory):
+    return save_gemma3(tmp_path_factory.mktemp("gemma3_sft") / "tiny-gemma3")
+
+
+@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
+def vl_dir(request):
+    return request.getfixturevalue("qwen_vl_dir" if request.param == "qwen2_5_vl" else "gemma3_vl_dir")
 
 
 def _rows(n, seed):
@@ -52,18 +62,18 @@ def _train(model, proc, rows, out, **args):
     return [h["loss"] for h in trainer.log_history if "loss" in h]
 
 
-def test_loss_curve_equals_transformers_and_peft(qwen_vl_dir, tmp_path):
+def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
     from peft import PeftModel
-    from transformers import Qwen2_5_VLForConditionalGeneration, get_linear_schedule_with_warmup
+    from transformers import AutoModelForImageTextToText, get_linear_schedule_with_warmup
 
     from fasttune.data.vision import VisionEncoder, collate_vision
 
     rows, steps = _rows(16, seed=1), 8
-    model, proc = _load(qwen_vl_dir)
+    model, proc = _load(vl_dir)
     model.save_pretrained(tmp_path / "init")  # the same starting adapter for PEFT
     ours = _train(model, proc, rows, tmp_path / "run", max_steps=steps)
 
-    ref = PeftModel.from_pretrained(Qwen2_5_VLForConditionalGeneration.from_pretrained(qwen_vl_dir),
+    ref = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vl_dir),
                                     str(tmp_path / "init"), is_trainable=True).train()
     params = [p for p in ref.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
@@ -73,7 +83,8 @@ def test_loss_curve_equals_transformers_and_peft(qwen_vl_dir, tmp_path):
     losses = []
     for step in range(steps):
         batch = collate_vision(examples[2 * step % 16: 2 * step % 16 + 2], proc)
-        out = ref(**batch, mm_token_type_ids=(batch["input_ids"] == proc.image_token_id).int())
+        marks = (batch["input_ids"] == proc.image_token_id).long()  # what transformers' processors add
+        out = ref(**batch, **({"token_type_ids": marks} if "gemma3" in str(vl_dir) else {"mm_token_type_ids": marks}))
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -124,8 +135,8 @@ def _accuracy(model, proc, rows) -> float:
     return hits / len(rows)
 
 
-def test_learns_to_name_the_colour_of_held_out_images(qwen_vl_dir, tmp_path):
-    model, proc = _load(qwen_vl_dir, r=16)
+def test_learns_to_name_the_colour_of_held_out_images(vl_dir, tmp_path):
+    model, proc = _load(vl_dir, r=16)
     held_out = _rows(30, seed=99)
     before = _accuracy(model, proc, held_out)
     _train(model, proc, _rows(96, seed=5), tmp_path / "learn", per_device_train_batch_size=8, max_steps=60,

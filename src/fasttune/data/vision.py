@@ -32,19 +32,25 @@ class VisionProcessor:
 
     Attributes the tokenizer has (pad_token_id, eos_token, decode, ...) are read through to it, so the processor
     stands where a tokenizer is expected. `image_token`: the placeholder the template writes per image;
-    `merge_size`: patches merged per side into one feature (Qwen2.5-VL: 2)."""
+    `feature_token`: the token each image feature replaces (default image_token); the placeholder becomes either
+    `image_sequence` (Gemma 3: "\\n\\n<start_of_image>" + 256 soft tokens + "<end_of_image>\\n\\n", as
+    Gemma3Processor writes) or one feature token per merged patch, `merge_size` per side (Qwen2.5-VL: 2)."""
 
-    def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str, merge_size: int):
+    def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
+                 merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = image_token
-        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.feature_token = feature_token or image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.feature_token)
         self.merge_size = merge_size
+        self.image_sequence = image_sequence
 
     @classmethod
-    def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int = 2,
-                        tokenizer=None) -> "VisionProcessor":
+    def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int | None = 2,
+                        tokenizer=None, feature_token: str | None = None,
+                        image_sequence: str | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given). Raises ModelLoadError naming the
         missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -60,7 +66,8 @@ class VisionProcessor:
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"No usable image processor in '{folder}' ({e}): a vision-language model needs "
                                  f"its preprocessor_config.json beside the weights.") from None
-        return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size)
+        return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
+                   image_sequence)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor"):  # not set yet (unpickling): no recursion
@@ -81,9 +88,19 @@ class VisionProcessor:
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
 
     def process_images(self, images: list) -> dict:
-        """PIL images -> {"pixel_values": (patches, C*T*P*P) float32, "image_grid_thw": (images, 3) long}."""
+        """PIL images -> {"pixel_values"} float32 (Qwen2.5-VL: patches (P, C*T*P*P) plus "image_grid_thw" (images,
+        3) long; Gemma 3: (images, C, H, W))."""
         out = self.image_processor(images=images, return_tensors="pt")
-        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"].long()}
+        batch = {"pixel_values": out["pixel_values"]}
+        if "image_grid_thw" in out:
+            batch["image_grid_thw"] = out["image_grid_thw"].long()
+        return batch
+
+    def image_grids(self, images: list) -> list:
+        """Per image what its token count depends on (Qwen: its (t, h, w) grid; fixed-size families: None)."""
+        if self.image_sequence is not None:
+            return [None] * len(images)
+        return self.process_images(images)["image_grid_thw"].tolist() if images else []
 
     def expand(self, text: str, grids) -> str:
         """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
@@ -92,7 +109,10 @@ class VisionProcessor:
             raise DataError(f"The text has {len(parts) - 1} image placeholders but {len(grids)} images were given.")
         out = [parts[0]]
         for grid, rest in zip(grids, parts[1:]):
-            out.append(self.image_token * (int(torch.as_tensor(grid).prod()) // self.merge_size ** 2) + rest)
+            if self.image_sequence is not None:
+                out.append(self.image_sequence + rest)
+            else:
+                out.append(self.feature_token * (int(torch.as_tensor(grid).prod()) // self.merge_size ** 2) + rest)
         return "".join(out)
 
     def __call__(self, text=None, images=None, return_tensors="pt", padding: bool = True, **kwargs) -> dict:
@@ -103,8 +123,8 @@ class VisionProcessor:
         out = {}
         grids = []
         if images:
-            out = self.process_images([to_pil(im, "images") for im in images])
-            grids = out["image_grid_thw"].tolist()
+            pil = [to_pil(im, "images") for im in images]
+            out, grids = self.process_images(pil), self.image_grids(pil)
         expanded, used = [], 0
         for t in texts:
             n = t.count(self.image_token)
@@ -125,7 +145,7 @@ class VisionProcessor:
         for k, content in enumerate(contents):
             messages, sources = _split_images([{"role": "user", "content": content}], None, f"Prompt {k + 1}")
             row_images = [to_pil(s, f"Prompt {k + 1}, image {i + 1}", base_dir) for i, s in enumerate(sources)]
-            grids = self.process_images(row_images)["image_grid_thw"].tolist() if row_images else []
+            grids = self.image_grids(row_images)
             text = self.expand(self.apply_chat_template(messages, add_generation_prompt=True), grids)
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
@@ -216,7 +236,7 @@ class VisionEncoder:
                             f"whose content mixes {{'type': 'image', 'image': PATH}} and {{'type': 'text', ...}}.")
         messages, sources = _split_images(messages, row.get("images"), where)
         images = [to_pil(s, f"{where}, image {k + 1}", self.base_dir) for k, s in enumerate(sources)]
-        grids = self.processor.process_images(images)["image_grid_thw"].tolist() if images else []
+        grids = self.processor.image_grids(images)
         p = self.processor
 
         def tokens(msgs, gen=False):

@@ -216,7 +216,8 @@ class DecoderModel(nn.Module):
                 inputs_embeds=None, use_cache: bool | None = None, segment_ids=None, return_dict: bool | None = None,
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
-                max_length_k=None, seq_idx=None, output_router_logits: bool = False) -> BaseModelOutput:
+                max_length_k=None, seq_idx=None, output_router_logits: bool = False,
+                image_blocks=None) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
@@ -226,16 +227,21 @@ class DecoderModel(nn.Module):
         seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids). `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
         the KVCache passed in. output_router_logits (MoE): also `.router_logits`, one (B*T, E) tensor per sparse
-        layer (a MoeModelOutputWithPast). Raises ConfigError for output_attentions / output_hidden_states."""
+        layer (a MoeModelOutputWithPast). image_blocks (B, T) long: a vision-language model's image tokens that
+        attend to each other both ways (Gemma 3), the k-th image's run of tokens k, text -1 (models/vision.py).
+        Raises ConfigError for output_attentions / output_hidden_states."""
         _refuse_extra_outputs(output_attentions, output_hidden_states)
         cfg = self.arch
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(self.dtype)
         b, t = x.shape[:2]
-        if cfg.embed_scale is not None:
+        # Gemma scales inside its embedding module (transformers 5's *TextScaledWordEmbedding), so embeddings passed
+        # in are used as given, as transformers' Gemma models use them.
+        if cfg.embed_scale is not None and inputs_embeds is None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         past = past_key_values.length if past_key_values is not None else 0
-        if attention_mask is not None and past_key_values is None and right_padded(attention_mask):
+        if attention_mask is not None and past_key_values is None and image_blocks is None and \
+                right_padded(attention_mask):
             # No padding, or padding only after each row's tokens (what transformers', TRL's and our collators
             # pass): under a causal mask no real token sees a later pad, so plain causal attention gives the real
             # positions the same values, and a dense mask would keep SDPA off its causal kernels. Only the
@@ -254,10 +260,11 @@ class DecoderModel(nn.Module):
             segment_ids = packed_segments(position_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
         windows = set(cfg.sliding_windows)
-        if segment_ids is not None and past_key_values is None and varlen_usable(x, cfg.attn_logit_softcap, windows):
+        if segment_ids is not None and past_key_values is None and image_blocks is None and \
+                varlen_usable(x, cfg.attn_logit_softcap, windows):
             masks = {"varlen": packed_spans(segment_ids)}
         else:
-            masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids)
+            masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
         router_logits = []
         if past_key_values is None:
             offload = self._offloader(x)
@@ -570,7 +577,7 @@ class CausalLM(PreTrainedModel):
                 logits_to_keep: int = 0, num_items_in_batch=None, return_logits: bool | None = None,
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                seq_idx=None, output_router_logits: bool | None = None):
+                seq_idx=None, output_router_logits: bool | None = None, image_blocks=None):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -592,7 +599,8 @@ class CausalLM(PreTrainedModel):
         out = self.model(input_ids, attention_mask, position_ids, past_key_values, inputs_embeds, use_cache,
                          segment_ids, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
-                         cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits)
+                         cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits,
+                         image_blocks=image_blocks)
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None
         logits = loss = loss_sum = count = None
@@ -618,19 +626,26 @@ class CausalLM(PreTrainedModel):
         return out if return_dict is not False else out.to_tuple()
 
 
-def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None) -> dict:
+def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None,
+                image_blocks=None) -> dict:
     """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
     `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
-    `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal)."""
-    if attention_mask is None and segment_ids is None and windows == {None} and (past == 0 or t == 1):
+    `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
+    (B, T; no cache): tokens of one image (equal ids >= 0) also see each other, later ones included; a window
+    still applies (transformers' Gemma 3: AND(window, OR(causal, block)))."""
+    if attention_mask is None and segment_ids is None and image_blocks is None and windows == {None} and (
+            past == 0 or t == 1):
         return {None: None}
     q = torch.arange(past, past + t, device=device)[:, None]
     kv = torch.arange(past + t, device=device)[None, :]
     causal = kv <= q
+    if image_blocks is not None:
+        same = (image_blocks[:, :, None] == image_blocks[:, None, :]) & (image_blocks[:, :, None] >= 0)
+        causal = causal[None] | same  # (B, T, T)
     masks = {}
     for w in windows:
         allowed = causal if w is None else causal & (q - kv < w)
-        allowed = allowed[None, None]
+        allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
         if attention_mask is not None:

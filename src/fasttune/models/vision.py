@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import re
+
 import torch
 import torch.nn as nn
 
@@ -25,17 +27,29 @@ from fasttune.models.decoder import CausalLM
 class VisionFamily:
     """What differs between vision-language families. `vision_modules`: our attribute -> transformers' name
     under `model.`; `*_targets`: regexes (transformers' checkpoint names, as PEFT matches them) of the vision
-    tower's attention / MLP linears for finetune_vision_layers."""
+    tower's attention / MLP linears for finetune_vision_layers; `mrope`: Qwen's 3-axis positions;
+    `bidirectional_images`: an image's tokens see each other both ways (Gemma 3); `scaled_embeddings`: the text
+    embeddings are multiplied by embed_scale before the image features go in (Gemma 3)."""
     model_type: str
     vision_modules: tuple
     vision_attention_targets: str
     vision_mlp_targets: str
+    mrope: bool = False
+    bidirectional_images: bool = False
+    scaled_embeddings: bool = False
 
 
 FAMILIES = {
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", (("visual", "visual"),),
                                r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
-                               r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)"),
+                               r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)", mrope=True),
+    # SigLIP tower + Gemma 3's projector (avg-pool, norm, projection): transformers' Gemma3ForConditionalGeneration
+    "gemma3": VisionFamily("gemma3", (("vision_tower", "vision_tower"),
+                                      ("multi_modal_projector", "multi_modal_projector")),
+                           r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.self_attn\."
+                           r"(q_proj|k_proj|v_proj|out_proj)",
+                           r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
+                           bidirectional_images=True, scaled_embeddings=True),
 }
 
 
@@ -95,9 +109,14 @@ class VisionCausalLM(CausalLM):
                 return attr + checkpoint_name[len(prefix):]
         return checkpoint_name
 
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw: torch.Tensor) -> torch.Tensor:
-        """pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3) int, as the processor makes them ->
-        (image tokens, hidden) features in the decoder's dtype, images in order."""
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw=None) -> torch.Tensor:
+        """The processor's pixel_values (Qwen2.5-VL: patches (P, C*T*14*14) with image_grid_thw (images, 3);
+        Gemma 3: images (N, C, H, W)) -> (image tokens, hidden) features in the decoder's dtype, images in order."""
+        if self.family.model_type == "gemma3":
+            tower = self.vision_tower
+            hidden = tower(pixel_values=pixel_values.to(self.multi_modal_projector.mm_input_projection_weight.dtype)
+                           ).last_hidden_state
+            return self.multi_modal_projector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype)
         out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers < 5.x returns a tensor
         return feats.to(self.dtype)
@@ -106,14 +125,17 @@ class VisionCausalLM(CausalLM):
         """Token embeddings (B, T, H) with each image's features in place of its placeholder tokens. Raises
         ConfigError when the number of placeholder tokens differs from the features the images give (a row cut
         inside an image, or a grid that does not belong to these ids)."""
-        x = self.model.embed_tokens(input_ids)
         is_image = input_ids == self.image_token_id
+        ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= self.arch.vocab_size else input_ids
+        x = self.model.embed_tokens(ids)  # an image token outside the vocabulary (Gemma 3) embeds as id 0
+        if self.family.scaled_embeddings:
+            x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         if pixel_values is None:
             if bool(is_image.any()):
                 raise ConfigError("input_ids hold image placeholder tokens but no pixel_values were passed; pass "
                                   "the processor's pixel_values and image_grid_thw with them.")
             return x
-        if image_grid_thw is None:
+        if image_grid_thw is None and self.family.mrope:
             raise ConfigError("pixel_values need image_grid_thw (images, 3), as the processor returns them.")
         feats = self.image_features(pixel_values, image_grid_thw)
         n_tokens = int(is_image.sum())
@@ -123,8 +145,20 @@ class VisionCausalLM(CausalLM):
                               f"or pixel_values/image_grid_thw do not belong to these input_ids.")
         return x.masked_scatter(is_image[..., None].expand_as(x), feats)
 
+    def image_blocks(self, input_ids: torch.Tensor):
+        """(B, T) long: each image's run of placeholder tokens numbered 0, 1, ... per row, text -1, for families
+        whose image tokens attend both ways (transformers' get_block_sequence_ids_for_mask); else None."""
+        if not self.family.bidirectional_images:
+            return None
+        is_image = input_ids == self.image_token_id
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
+
     def rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None):
-        """((3, B, T) multimodal RoPE positions, (B, 1) deltas for the tokens after them); see qwen_vl_positions."""
+        """((3, B, T) multimodal RoPE positions, (B, 1) deltas for the tokens after them), see qwen_vl_positions;
+        (None, zeros) for families with plain positions."""
+        if not self.family.mrope:
+            return None, torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
         merge = self._vlm_config.vision_config.spatial_merge_size
         return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge)
 
@@ -134,14 +168,17 @@ class VisionCausalLM(CausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                **kwargs):
+                token_type_ids=None, **kwargs):
         """CausalLM.forward plus the image inputs the processor returns: pixel_values (patches, C*T*P*P),
-        image_grid_thw (images, 3); mm_token_type_ids is accepted and unused (image tokens are found by id).
+        image_grid_thw (images, 3) (Qwen2.5-VL); mm_token_type_ids / token_type_ids are accepted and unused (image
+        tokens are found by id; Gemma 3's images attend within themselves both ways, as with its token_type_ids).
         Positions default to the multimodal RoPE positions of input_ids. See CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw)
             if position_ids is None:
                 position_ids = self.positions(input_ids, image_grid_thw, attention_mask)
+            if pixel_values is not None and kwargs.get("image_blocks") is None:
+                kwargs["image_blocks"] = self.image_blocks(input_ids)
             input_ids = None
         elif pixel_values is not None:
             raise ConfigError("pixel_values go with the first forward pass over the prompt's input_ids, not with "
@@ -217,4 +254,9 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
         raise ConfigError("get_peft_model: finetune_vision_layers / finetune_language_layers / "
                           "finetune_attention_modules / finetune_mlp_modules select no layers, so nothing would "
                           "train. Enable the language and/or vision layers with attention and/or MLP modules.")
+    names = [model.checkpoint_name(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    for p in parts:  # every asked-for group must find its layers (module names move between transformers versions)
+        if not any(re.fullmatch(p, n) for n in names):
+            raise ConfigError(f"get_peft_model: no layer of this {model.family.model_type} model matches {p!r}; this "
+                              f"transformers version names the layers differently. Pass target_modules yourself.")
     return "|".join(f"({p})" for p in parts)
