@@ -156,3 +156,24 @@ def test_merged_checkpoint_loads_in_transformers_with_equal_logits(vl_dir, tmp_p
     reloaded, _ = FastVisionModel.from_pretrained(str(tmp_path / "merged"))  # and back, processor included
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits[real], ours[real], rtol=1e-4, atol=1e-5)
+
+
+def test_load_in_4bit_quantises_the_language_model(vl_dir):
+    """QLoRA on a vision-language model: the decoder's linears are NF4, the vision tower stays as loaded, and the
+    loss on an image batch stays near the 16/32-bit model's (NF4 rounding only)."""
+    from fasttune import FastVisionModel
+    from fasttune.quant.linear import QuantLinear
+
+    losses = []
+    for four_bit in (False, True):
+        model, proc = FastVisionModel.from_pretrained(str(vl_dir), load_in_4bit=four_bit)
+        model = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+        batch = _batch(proc)
+        labels = batch["input_ids"].masked_fill(batch["input_ids"] == proc.image_token_id, -100)
+        out = model(**batch, labels=labels.masked_fill(batch["attention_mask"] == 0, -100))
+        out.loss.backward()
+        losses.append(out.loss.item())
+    quantised = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert quantised and all(n.startswith("model.layers.") for n in quantised)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert abs(losses[1] - losses[0]) < 0.05 * losses[0]

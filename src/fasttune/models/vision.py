@@ -254,7 +254,10 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
         raise ConfigError("get_peft_model: finetune_vision_layers / finetune_language_layers / "
                           "finetune_attention_modules / finetune_mlp_modules select no layers, so nothing would "
                           "train. Enable the language and/or vision layers with attention and/or MLP modules.")
-    names = [model.checkpoint_name(n) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    from fasttune.peft.lora import is_quantized
+
+    names = [model.checkpoint_name(n) for n, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) or is_quantized(m)]
     for p in parts:  # every asked-for group must find its layers (module names move between transformers versions)
         if not any(re.fullmatch(p, n) for n in names):
             raise ConfigError(f"get_peft_model: no layer of this {model.family.model_type} model matches {p!r}; this "
