@@ -135,9 +135,7 @@ class FastVisionModel(FastLanguageModel):
 class FastModel(FastLanguageModel):
     """The loader scripts use for any model (`FastModel.from_pretrained`, `FastModel.get_peft_model`): the same
     as FastLanguageModel for text models, with the layer-group switches those scripts pass to get_peft_model.
-
-    Vision-language checkpoints are not supported yet: loading one raises ModelLoadError (or, with fast=False,
-    loads the text part through transformers where it can)."""
+    A Qwen2.5-VL or Gemma 3 vision-language checkpoint loads as FastVisionModel loads it (models/vision.py)."""
 
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -147,8 +145,9 @@ class FastModel(FastLanguageModel):
                        finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True, **kwargs):
         """FastLanguageModel.get_peft_model plus the layer-group switches: with target_modules=None, attention
         (q/k/v/o) and MLP (gate/up/down) projections of the language model are chosen by
-        finetune_attention_modules / finetune_mlp_modules. Raises ConfigError when the switches select nothing,
-        or finetune_vision_layers=True on a text-only model (it has no vision layers to train)."""
+        finetune_attention_modules / finetune_mlp_modules, and on a vision-language model the vision tower's
+        attention / MLP layers too with finetune_vision_layers=True (models/vision.py's vision_targets). Raises
+        ConfigError when the switches select nothing, or finetune_vision_layers=True on a text-only model."""
         if target_modules is None and getattr(model, "family", None) is not None:  # a vision-language model
             from fasttune.models.vision import vision_targets
 
@@ -172,7 +171,8 @@ def layer_group_targets(vision: bool, language: bool, attention: bool, mlp: bool
     """target_modules for FastModel's layer-group switches on a text model (see FastModel.get_peft_model)."""
     if vision:
         raise ConfigError("finetune_vision_layers=True: this is a text-only model, it has no vision layers. Set "
-                          "finetune_vision_layers=False (vision-language models are not supported yet).")
+                          "finetune_vision_layers=False, or load a vision-language model (Qwen2.5-VL, Gemma 3) "
+                          "with FastVisionModel.")
     targets = (list(ATTENTION_TARGETS) if attention else []) + (list(MLP_TARGETS) if mlp else [])
     if not language or not targets:
         raise ConfigError("get_peft_model: finetune_language_layers / finetune_attention_modules / "
