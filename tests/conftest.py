@@ -94,3 +94,24 @@ def gemma3_loaded(gemma3_gguf):
 @pytest.fixture(scope="session")
 def gemma3_dir(gemma3_loaded, tmp_path_factory):
     return _saved(gemma3_loaded, tmp_path_factory.mktemp("gemma3-folder") / "gemma-3-270m-it")
+
+
+# Tiny vision-language checkpoints (tests/tiny_vision.py), saved once per session; tests load their own copies.
+@pytest.fixture(scope="session")
+def qwen_vl_dir(tmp_path_factory):
+    from tiny_vision import save_qwen_vl
+
+    return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen2.5-vl")
+
+
+@pytest.fixture(scope="session")
+def gemma3_vl_dir(tmp_path_factory):
+    from tiny_vision import save_gemma3
+
+    return save_gemma3(tmp_path_factory.mktemp("gemma3_vl") / "tiny-gemma3")
+
+
+@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
+def vl_dir(request):
+    """Each vision-language family's tiny checkpoint folder in turn."""
+    return request.getfixturevalue("qwen_vl_dir" if request.param == "qwen2_5_vl" else "gemma3_vl_dir")

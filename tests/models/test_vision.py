@@ -4,27 +4,12 @@ inside each image), Qwen's multimodal RoPE positions equal get_rope_index, LoRA 
 loss and gradients, and merged checkpoints load in transformers."""
 import pytest
 import torch
-from tiny_vision import save_gemma3, save_qwen_vl, solid_image
+from tiny_vision import solid_image
 
 from fasttune.errors import ConfigError
 
 CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "colour?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
-
-
-@pytest.fixture(scope="module")
-def qwen_vl_dir(tmp_path_factory):
-    return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen2.5-vl")
-
-
-@pytest.fixture(scope="module")
-def gemma3_vl_dir(tmp_path_factory):
-    return save_gemma3(tmp_path_factory.mktemp("gemma3_vl") / "tiny-gemma3")
-
-
-@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
-def vl_dir(request):
-    return request.getfixturevalue("qwen_vl_dir" if request.param == "qwen2_5_vl" else "gemma3_vl_dir")
 
 
 def _oracle_inputs(folder, batch, proc) -> dict:

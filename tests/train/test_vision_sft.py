@@ -1,31 +1,17 @@
-"""SFTTrainer on image + text conversations (train/objectives/vision_sft.py) with a tiny random Qwen2.5-VL:
-the loss curve equals transformers + PEFT on the same batches, gradient accumulation over images of different
-sizes equals the bigger batch, bad rows are DataErrors naming the row, and the model learns to name colours."""
+"""SFTTrainer on image + text conversations (train/objectives/vision_sft.py) with tiny random Qwen2.5-VL and
+Gemma 3: the loss curve equals transformers + PEFT on the same batches, gradient accumulation over images of
+different sizes equals the bigger batch, bad rows are DataErrors naming the row, and the model learns to name
+colours."""
 import json
 import random
 
 import pytest
 import torch
-from tiny_vision import save_gemma3, save_qwen_vl, solid_image
+from tiny_vision import solid_image
 
 from fasttune.errors import DataError
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
-
-
-@pytest.fixture(scope="module")
-def qwen_vl_dir(tmp_path_factory):
-    return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl_sft") / "tiny-qwen2.5-vl")
-
-
-@pytest.fixture(scope="module")
-def gemma3_vl_dir(tmp_path_factory):
-    return save_gemma3(tmp_path_factory.mktemp("gemma3_sft") / "tiny-gemma3")
-
-
-@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
-def vl_dir(request):
-    return request.getfixturevalue("qwen_vl_dir" if request.param == "qwen2_5_vl" else "gemma3_vl_dir")
 
 
 def _rows(n, seed):
