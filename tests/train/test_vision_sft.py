@@ -129,3 +129,28 @@ def test_learns_to_name_the_colour_of_held_out_images(vl_dir, tmp_path):
            train_on_responses_only=True, learning_rate=1e-2)
     after = _accuracy(model, proc, held_out)
     assert before < 0.5 and after > 0.9, (before, after)
+
+
+def test_other_objectives_refuse_a_vision_model(qwen_vl_dir, tmp_path):
+    from fasttune import DPOConfig, DPOTrainer
+    from fasttune.errors import ConfigError
+
+    model, proc = _load(qwen_vl_dir)
+    with pytest.raises(ConfigError, match="DPOTrainer does not train vision-language models yet"):
+        DPOTrainer(model=model, tokenizer=proc, train_dataset=[{"prompt": "a", "chosen": "b", "rejected": "c"}],
+                   args=DPOConfig(output_dir=str(tmp_path), max_steps=1))
+
+
+def test_eval_loss_is_the_target_token_mean(qwen_vl_dir, tmp_path):
+    from fasttune import SFTConfig, SFTTrainer
+    from fasttune.data.vision import VisionEncoder, collate_vision
+
+    model, proc = _load(qwen_vl_dir)
+    rows = _rows(5, seed=6)
+    trainer = SFTTrainer(model=model, tokenizer=proc, train_dataset=rows, eval_dataset=rows,
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_eval_batch_size=2))
+    enc = VisionEncoder(proc, 2048, False)
+    batch = collate_vision([enc.encode(r, i) for i, r in enumerate(rows)], proc)
+    with torch.no_grad():
+        want = model.eval()(**batch).loss.item()  # one batch: the mean over all target tokens
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-5)

@@ -79,6 +79,12 @@ class Trainer:
         self.log_history: list[dict] = []
         self.dist = Dist()  # torchrun: joins the process group; otherwise a single process
         check_fsdp(model, self.args, self.dist.world, type(self).__name__)
+        if getattr(model, "family", None) is not None and not getattr(self, "vision", False):
+            raise ConfigError(f"{type(self).__name__} does not train vision-language models yet; SFTTrainer does "
+                              f"(image + text conversations).")
+        if getattr(self, "vision", False) and self.args.fsdp:
+            raise ConfigError("fsdp=True is not supported for vision-language models yet; train on one GPU, or "
+                              "several with plain data parallelism (torchrun without fsdp).")
         self._train_source, self._eval_source = train_dataset, eval_dataset
         if train_dataset is None:
             raise ConfigError("train_dataset is required: a datasets.Dataset, a list of dicts or a file path.")
