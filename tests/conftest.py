@@ -111,7 +111,15 @@ def gemma3_vl_dir(tmp_path_factory):
     return save_gemma3(tmp_path_factory.mktemp("gemma3_vl") / "tiny-gemma3")
 
 
-@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
+@pytest.fixture(scope="session")
+def qwen3_vl_dir(tmp_path_factory):
+    from tiny_vision import save_qwen3_vl
+
+    return save_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl") / "tiny-qwen3-vl")
+
+
+@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "gemma3"])
 def vl_dir(request):
     """Each vision-language family's tiny checkpoint folder in turn."""
-    return request.getfixturevalue("qwen_vl_dir" if request.param == "qwen2_5_vl" else "gemma3_vl_dir")
+    return request.getfixturevalue({"qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
+                                    "gemma3": "gemma3_vl_dir"}[request.param])

@@ -107,3 +107,43 @@ def save_gemma3(folder, seed: int = 0):
     model.save_pretrained(folder)
     gemma3_processor().save_pretrained(folder)
     return folder
+
+
+def qwen3_vl_config():
+    from transformers import Qwen3VLConfig
+
+    text = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True},
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=MERGE, temporal_patch_size=2, num_position_embeddings=64,
+                  deepstack_visual_indexes=[0, 1], in_channels=3)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=261, video_token_id=271,
+                         vision_start_token_id=259, vision_end_token_id=260, tie_word_embeddings=False)
+
+
+def qwen3_vl_processor():
+    """As qwen_vl_processor, with Qwen3-VL's 16-pixel patches."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=QWEN_VL_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
+    images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=MERGE, temporal_patch_size=2,
+                                      min_pixels=32 * 32, max_pixels=128 * 128)
+    return VisionProcessor(tok, images, QWEN_VL_TEMPLATE, "<|image_pad|>", MERGE)
+
+
+def save_qwen3_vl(folder, seed: int = 0):
+    """Save a random tiny Qwen3-VL (fp32, 3 decoder layers, DeepStack from both vision blocks) with its processor."""
+    import torch
+    from transformers import Qwen3VLForConditionalGeneration
+
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(qwen3_vl_config()).eval()
+    model.save_pretrained(folder)
+    qwen3_vl_processor().save_pretrained(folder)
+    return folder

@@ -121,10 +121,10 @@ class FastLanguageModel:
 
 
 class FastVisionModel(FastLanguageModel):
-    """The loader for vision-language checkpoints (Qwen2.5-VL): `from_pretrained` returns (model, processor),
-    the model a VisionCausalLM (transformers' vision tower, our decoder), the processor a VisionProcessor
-    (data/vision.py). A text-only checkpoint loads as with FastLanguageModel. get_peft_model takes FastModel's
-    layer-group switches."""
+    """The loader for vision-language checkpoints (Qwen2.5-VL, Qwen3-VL, Gemma 3): `from_pretrained` returns
+    (model, processor), the model a VisionCausalLM (transformers' vision tower, our decoder), the processor a
+    VisionProcessor (data/vision.py). A text-only checkpoint loads as with FastLanguageModel. get_peft_model
+    takes FastModel's layer-group switches."""
 
     @staticmethod
     def get_peft_model(model, *args, **kwargs):
@@ -135,7 +135,8 @@ class FastVisionModel(FastLanguageModel):
 class FastModel(FastLanguageModel):
     """The loader scripts use for any model (`FastModel.from_pretrained`, `FastModel.get_peft_model`): the same
     as FastLanguageModel for text models, with the layer-group switches those scripts pass to get_peft_model.
-    A Qwen2.5-VL or Gemma 3 vision-language checkpoint loads as FastVisionModel loads it (models/vision.py)."""
+    A Qwen2.5-VL, Qwen3-VL or Gemma 3 vision-language checkpoint loads as FastVisionModel loads it
+    (models/vision.py)."""
 
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,

@@ -185,14 +185,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
             grid = images.get("image_grid_thw")
             grid = grid.to(device) if grid is not None else None
-            vision_positions, deltas = model.rope_index(input_ids, grid, attention_mask)
-            if vision_positions is not None:  # Qwen2.5-VL's 3-axis positions
-                position_ids = vision_positions
-            next_pos = next_pos + deltas.to(device)  # text after the images continues past the images' positions
-            logits = model(inputs_embeds=model.embed(input_ids, images["pixel_values"].to(device), grid),
-                           attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
-                           past_key_values=cache, logits_to_keep=1,
-                           image_blocks=model.image_blocks(input_ids)).logits[:, -1]
+            inputs = model.multimodal_inputs(input_ids, images["pixel_values"].to(device), grid, attention_mask)
+            if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
+                position_ids = inputs["position_ids"]
+            next_pos = next_pos + model.rope_index(input_ids, grid, attention_mask)[1].to(device)  # after the images
+            logits = model(attention_mask=full_mask[:, :t] if padded else None, past_key_values=cache,
+                           logits_to_keep=1, **{**inputs, "position_ids": position_ids}).logits[:, -1]
         else:
             logits = model(input_ids, attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
                            past_key_values=cache, logits_to_keep=1).logits[:, -1]

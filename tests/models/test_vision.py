@@ -1,7 +1,8 @@
-"""Vision-language models on our decoder (models/vision.py): logits equal transformers' Qwen2.5-VL and Gemma 3 on
-image + text batches (fp32, tiny random models, images of different sizes, padding, Gemma 3's two-way attention
-inside each image), Qwen's multimodal RoPE positions equal get_rope_index, LoRA adapters load in PEFT with equal
-loss and gradients, and merged checkpoints load in transformers."""
+"""Vision-language models on our decoder (models/vision.py): logits equal transformers' Qwen2.5-VL, Qwen3-VL
+(DeepStack, interleaved multimodal RoPE) and Gemma 3 on image + text batches (fp32, tiny random models, images
+of different sizes, padding, Gemma 3's two-way attention inside each image), Qwen's multimodal RoPE positions
+equal get_rope_index, LoRA adapters load in PEFT with equal loss and gradients, and merged checkpoints load in
+transformers."""
 import pytest
 import torch
 from tiny_vision import solid_image
@@ -38,24 +39,29 @@ def test_logits_equal_transformers_on_images_of_different_sizes(vl_dir):
     model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     batch = _batch(proc)
     if "image_grid_thw" in batch:  # Qwen: each image at its own resolution
-        assert batch["image_grid_thw"].tolist() == [[1, 4, 4], [1, 4, 6], [1, 8, 4]]
+        assert len(set(map(tuple, batch["image_grid_thw"].tolist()))) == 3
     assert not batch["attention_mask"].all()  # one row is right-padded
     hf = _hf(vl_dir)
     with torch.no_grad():
         ours = model(**batch).logits
         ref = hf(**batch, **_oracle_inputs(vl_dir, batch, proc)).logits
-        one_way = hf(**batch).logits  # without the image marks transformers' model sees a different input
+        try:  # without the image marks transformers' model sees a different input (Qwen3-VL refuses it)
+            unmarked = hf(**batch).logits
+        except ValueError:
+            unmarked = None
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
-    assert (ours[real] - one_way[real]).abs().max() > 1e-3
+    assert unmarked is None or (ours[real] - unmarked[real]).abs().max() > 1e-3
 
 
-def test_positions_equal_transformers_rope_index(qwen_vl_dir):
+@pytest.mark.parametrize("family", ["qwen_vl_dir", "qwen3_vl_dir"])
+def test_positions_equal_transformers_rope_index(family, request):
     from fasttune import FastVisionModel
 
-    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    folder = request.getfixturevalue(family)
+    model, proc = FastVisionModel.from_pretrained(str(folder))
     batch = _batch(proc)
-    hf = _hf(qwen_vl_dir)
+    hf = _hf(folder)
     want, deltas = hf.model.get_rope_index(batch["input_ids"], (batch["input_ids"] == proc.image_token_id).int(),
                                            image_grid_thw=batch["image_grid_thw"],
                                            attention_mask=batch["attention_mask"])

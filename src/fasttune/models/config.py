@@ -17,7 +17,7 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
                       "mixtral")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
-VISION_TEXT_FAMILIES = ("qwen2_5_vl_text",)
+VISION_TEXT_FAMILIES = ("qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
@@ -39,6 +39,7 @@ class ModelConfig:
     rope_local_theta: float | None = None  # Gemma 3: sliding-window layers rotate with this base, unscaled
     # Qwen2.5-VL's multimodal RoPE: frequency i of each half rotates with position axis (t, h, w) by section
     mrope_section: list | None = None
+    mrope_interleaved: bool = False  # Qwen3-VL: frequencies cycle t, h, w instead of running in sections
     partial_rotary_factor: float = 1.0
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
@@ -124,8 +125,12 @@ class ModelConfig:
             cfg.mlp_bias = bool(get("mlp_bias", False))
         elif model_type == "qwen2":
             cfg.attn_bias = True
-        elif model_type == "qwen2_5_vl_text":
-            cfg.attn_bias = True
+        elif model_type in ("qwen2_5_vl_text", "qwen3_vl_text"):
+            if model_type == "qwen3_vl_text":
+                cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+                cfg.qk_norm = cfg.mrope_interleaved = True
+            else:
+                cfg.attn_bias = True
             cfg.mrope_section = list((get("rope_parameters") or {}).get("mrope_section")
                                      or (get("rope_scaling") or {}).get("mrope_section") or [16, 24, 24])
             if sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
@@ -208,7 +213,7 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
 def _sliding_windows(get, model_type: str, layers: int) -> list:
     window = get("sliding_window")
     layer_types = get("layer_types")
-    if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl_text"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl_text", "qwen3_vl_text"):
         # Qwen only slides when use_sliding_window is set, and only from max_window_layers on (4.x semantics).
         if not get("use_sliding_window", False):
             return [None] * layers
@@ -216,7 +221,7 @@ def _sliding_windows(get, model_type: str, layers: int) -> list:
         return [window if t == "sliding_attention" else None for t in layer_types]
     if model_type == "gemma2":
         return [window if i % 2 == 0 else None for i in range(layers)]
-    if model_type in ("qwen2", "qwen3", "qwen2_5_vl_text"):
+    if model_type in ("qwen2", "qwen3", "qwen2_5_vl_text", "qwen3_vl_text"):
         start = get("max_window_layers", layers)
         return [window if i >= start else None for i in range(layers)]
     if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe") and window:

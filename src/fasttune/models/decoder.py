@@ -206,7 +206,7 @@ class DecoderModel(nn.Module):
         or (3, B, T) temporal/height/width positions for multimodal RoPE (models/vision.py)."""
         if position_ids.dim() == 3:
             return {"global": mrope_cos_sin(self.inv_freq(position_ids.device), position_ids,
-                                            self.arch.mrope_section, dtype)}
+                                            self.arch.mrope_section, dtype, self.arch.mrope_interleaved)}
         tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype)}
         if self.arch.rope_local_theta is not None:
             tables["local"] = rope_cos_sin(self.inv_freq(position_ids.device, local=True), position_ids, dtype)
@@ -217,7 +217,7 @@ class DecoderModel(nn.Module):
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                 max_length_k=None, seq_idx=None, output_router_logits: bool = False,
-                image_blocks=None) -> BaseModelOutput:
+                image_blocks=None, deepstack=None) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
@@ -229,6 +229,8 @@ class DecoderModel(nn.Module):
         the KVCache passed in. output_router_logits (MoE): also `.router_logits`, one (B*T, E) tensor per sparse
         layer (a MoeModelOutputWithPast). image_blocks (B, T) long: a vision-language model's image tokens that
         attend to each other both ways (Gemma 3), the k-th image's run of tokens k, text -1 (models/vision.py).
+        deepstack (Qwen3-VL): (image-token mask (B, T) bool, [(image tokens, H)] per layer): layer i's output gets
+        the i-th features added at the image tokens (transformers' Qwen3VLTextModel._deepstack_process).
         Raises ConfigError for output_attentions / output_hidden_states."""
         _refuse_extra_outputs(output_attentions, output_hidden_states)
         cfg = self.arch
@@ -266,17 +268,22 @@ class DecoderModel(nn.Module):
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
         router_logits = []
+        deep_mask, deep_feats = deepstack if deepstack is not None else (None, [])
         if past_key_values is None:
             offload = self._offloader(x)
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks, offload,
                                     output_router_logits and layer.is_moe)
                 if isinstance(x, tuple):
                     x, logits = x
                     router_logits.append(logits)
+                if i < len(deep_feats):
+                    x = add_at(x, deep_mask, deep_feats[i])
         else:  # generation: no recompute, keys/values go to the cache
-            for layer in self.layers:
+            for i, layer in enumerate(self.layers):
                 x = layer(x, *ropes[layer.self_attn.rope_kind], masks, past_key_values)
+                if i < len(deep_feats):
+                    x = add_at(x, deep_mask, deep_feats[i])
             past_key_values.length += t
         if output_router_logits:
             return MoeModelOutputWithPast(last_hidden_state=self.norm(x), router_logits=tuple(router_logits))
@@ -311,16 +318,29 @@ def right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
 
 
-def mrope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, section: list, dtype: torch.dtype):
-    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL): position_ids (3, B, T) int, the temporal, height and width position
-    of every token (all three equal for text); frequency j of the rotary half rotates with axis k where j lies in
-    the k-th block of `section` (sizes summing to rotary_dim / 2). Returns cos, sin (B, T, rotary_dim) in `dtype`,
-    computed in fp32 as transformers' Qwen2_5_VLRotaryEmbedding does, so the rotary kernels apply them unchanged."""
+def mrope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, section: list, dtype: torch.dtype,
+                  interleaved: bool = False):
+    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL / Qwen3-VL): position_ids (3, B, T) int, the temporal, height and
+    width position of every token (all three equal for text); frequency j of the rotary half rotates with axis k
+    where j lies in the k-th block of `section` (sizes summing to rotary_dim / 2), or, `interleaved` (Qwen3-VL),
+    with axis j % 3 while j < 3 * section[k] (the rest temporal). Returns cos, sin (B, T, rotary_dim) in `dtype`,
+    computed in fp32 as transformers' Qwen2_5_VL / Qwen3VL rotary embeddings do, so the rotary kernels apply them
+    unchanged."""
     freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (3, B, T, D/2)
-    axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+    if interleaved:
+        j = torch.arange(sum(section))
+        axis = torch.where((j % 3 == 1) & (j < 3 * section[1]), 1, torch.where((j % 3 == 2) & (j < 3 * section[2]),
+                                                                               2, 0))
+    else:
+        axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
     freqs = freqs.gather(0, axis.to(freqs.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def add_at(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """x (B, T, H) with values (mask.sum(), H) added at the positions where mask (B, T) is True, out of place."""
+    return x.masked_scatter(mask[..., None].expand_as(x), x[mask] + values.to(x.dtype))
 
 
 def mrope_positions(position_ids: torch.Tensor, arch: ModelConfig) -> torch.Tensor:
@@ -577,7 +597,7 @@ class CausalLM(PreTrainedModel):
                 logits_to_keep: int = 0, num_items_in_batch=None, return_logits: bool | None = None,
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                seq_idx=None, output_router_logits: bool | None = None, image_blocks=None):
+                seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -600,7 +620,7 @@ class CausalLM(PreTrainedModel):
                          segment_ids, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
                          cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits,
-                         image_blocks=image_blocks)
+                         image_blocks=image_blocks, deepstack=deepstack)
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None
         logits = loss = loss_sum = count = None

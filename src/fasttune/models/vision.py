@@ -3,11 +3,12 @@
 The vision tower (and its patch merger / projector) is transformers' own module, loaded from the checkpoint as
 transformers loads it; the language model is our decoder with our kernels, built from the checkpoint's
 `text_config`. `VisionCausalLM.forward` owns the glue: image features replace the image placeholder tokens of
-the embedded sequence (as transformers' `masked_scatter` does), and Qwen2.5-VL's 3-axis positions for
-multimodal RoPE come from `qwen_vl_positions` (transformers' `get_rope_index` rule, for images).
+the embedded sequence (as transformers' `masked_scatter` does), Qwen's 3-axis positions for multimodal RoPE come
+from `qwen_vl_positions` (transformers' `get_rope_index` rule, for images), Qwen3-VL's DeepStack features are
+added after its first decoder layers, and Gemma 3's image tokens attend to each other both ways.
 
 Parameter names inside the model: `model.*` (our decoder), `lm_head`, and the family's vision modules
-(`visual.*` for Qwen2.5-VL). `checkpoint_name` maps them to transformers' checkpoint names
+(`visual.*` for Qwen, `vision_tower.*` and `multi_modal_projector.*` for Gemma 3). `checkpoint_name` maps them to transformers' checkpoint names
 (`model.language_model.*`, `model.visual.*`), which the saved adapters and merged checkpoints use.
 """
 from __future__ import annotations
@@ -29,7 +30,8 @@ class VisionFamily:
     under `model.`; `*_targets`: regexes (transformers' checkpoint names, as PEFT matches them) of the vision
     tower's attention / MLP linears for finetune_vision_layers; `mrope`: Qwen's 3-axis positions;
     `bidirectional_images`: an image's tokens see each other both ways (Gemma 3); `scaled_embeddings`: the text
-    embeddings are multiplied by embed_scale before the image features go in (Gemma 3)."""
+    embeddings are multiplied by embed_scale before the image features go in (Gemma 3); `deepstack`: Qwen3-VL's
+    DeepStack features (see VisionCausalLM.multimodal_inputs)."""
     model_type: str
     vision_modules: tuple
     vision_attention_targets: str
@@ -37,12 +39,16 @@ class VisionFamily:
     mrope: bool = False
     bidirectional_images: bool = False
     scaled_embeddings: bool = False
+    deepstack: bool = False  # Qwen3-VL: features of inner vision layers are added after the first decoder layers
 
 
 FAMILIES = {
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", (("visual", "visual"),),
                                r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
                                r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)", mrope=True),
+    "qwen3_vl": VisionFamily("qwen3_vl", (("visual", "visual"),),
+                             r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
+                             r"model\.visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)", mrope=True, deepstack=True),
     # SigLIP tower + Gemma 3's projector (avg-pool, norm, projection): transformers' Gemma3ForConditionalGeneration
     "gemma3": VisionFamily("gemma3", (("vision_tower", "vision_tower"),
                                       ("multi_modal_projector", "multi_modal_projector")),
@@ -109,22 +115,35 @@ class VisionCausalLM(CausalLM):
                 return attr + checkpoint_name[len(prefix):]
         return checkpoint_name
 
-    def image_features(self, pixel_values: torch.Tensor, image_grid_thw=None) -> torch.Tensor:
-        """The processor's pixel_values (Qwen2.5-VL: patches (P, C*T*14*14) with image_grid_thw (images, 3);
-        Gemma 3: images (N, C, H, W)) -> (image tokens, hidden) features in the decoder's dtype, images in order."""
+    def image_features(self, pixel_values: torch.Tensor, image_grid_thw=None) -> tuple[torch.Tensor, list]:
+        """The processor's pixel_values (Qwen: patches (P, C*T*P*P) with image_grid_thw (images, 3); Gemma 3:
+        images (N, C, H, W)) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
+        DeepStack features, one (image tokens, hidden) tensor per early decoder layer, else [])."""
         if self.family.model_type == "gemma3":
             tower = self.vision_tower
             hidden = tower(pixel_values=pixel_values.to(self.multi_modal_projector.mm_input_projection_weight.dtype)
                            ).last_hidden_state
-            return self.multi_modal_projector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype)
+            return self.multi_modal_projector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype), []
         out = self.visual(pixel_values.to(self.visual.dtype), grid_thw=image_grid_thw)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers < 5.x returns a tensor
-        return feats.to(self.dtype)
+        deep = [f.to(self.dtype) for f in getattr(out, "deepstack_features", None) or []]
+        return feats.to(self.dtype), deep
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None) -> torch.Tensor:
-        """Token embeddings (B, T, H) with each image's features in place of its placeholder tokens. Raises
-        ConfigError when the number of placeholder tokens differs from the features the images give (a row cut
-        inside an image, or a grid that does not belong to these ids)."""
+    def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
+                          attention_mask=None) -> dict:
+        """What the decoder gets for a prompt with images: inputs_embeds (B, T, H) (see embed), position_ids
+        ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention, else None) and
+        deepstack ((image-token mask (B, T), [per-layer features]) for Qwen3-VL, else None)."""
+        x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True)
+        return {"inputs_embeds": x, "position_ids": self.positions(input_ids, image_grid_thw, attention_mask),
+                "image_blocks": self.image_blocks(input_ids) if pixel_values is not None else None,
+                "deepstack": (input_ids == self.image_token_id, deep) if deep else None}
+
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None, with_deepstack: bool = False):
+        """Token embeddings (B, T, H) with each image's features in place of its placeholder tokens (and, with
+        with_deepstack, the DeepStack features as a second value). Raises ConfigError when the number of
+        placeholder tokens differs from the features the images give (a row cut inside an image, or a grid that
+        does not belong to these ids)."""
         is_image = input_ids == self.image_token_id
         ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= self.arch.vocab_size else input_ids
         x = self.model.embed_tokens(ids)  # an image token outside the vocabulary (Gemma 3) embeds as id 0
@@ -134,16 +153,17 @@ class VisionCausalLM(CausalLM):
             if bool(is_image.any()):
                 raise ConfigError("input_ids hold image placeholder tokens but no pixel_values were passed; pass "
                                   "the processor's pixel_values and image_grid_thw with them.")
-            return x
+            return (x, []) if with_deepstack else x
         if image_grid_thw is None and self.family.mrope:
             raise ConfigError("pixel_values need image_grid_thw (images, 3), as the processor returns them.")
-        feats = self.image_features(pixel_values, image_grid_thw)
+        feats, deep = self.image_features(pixel_values, image_grid_thw)
         n_tokens = int(is_image.sum())
         if n_tokens != feats.shape[0]:
             raise ConfigError(f"The batch holds {n_tokens} image placeholder tokens but its images give "
                               f"{feats.shape[0]} features: a row was cut inside an image (raise max_seq_length) "
                               f"or pixel_values/image_grid_thw do not belong to these input_ids.")
-        return x.masked_scatter(is_image[..., None].expand_as(x), feats)
+        x = x.masked_scatter(is_image[..., None].expand_as(x), feats)
+        return (x, deep) if with_deepstack else x
 
     def image_blocks(self, input_ids: torch.Tensor):
         """(B, T) long: each image's run of placeholder tokens numbered 0, 1, ... per row, text -1, for families
@@ -174,11 +194,12 @@ class VisionCausalLM(CausalLM):
         tokens are found by id; Gemma 3's images attend within themselves both ways, as with its token_type_ids).
         Positions default to the multimodal RoPE positions of input_ids. See CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
-            inputs_embeds = self.embed(input_ids, pixel_values, image_grid_thw)
-            if position_ids is None:
-                position_ids = self.positions(input_ids, image_grid_thw, attention_mask)
-            if pixel_values is not None and kwargs.get("image_blocks") is None:
-                kwargs["image_blocks"] = self.image_blocks(input_ids)
+            inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
+            inputs_embeds = inputs["inputs_embeds"]
+            position_ids = inputs["position_ids"] if position_ids is None else position_ids
+            for key in ("image_blocks", "deepstack"):
+                if kwargs.get(key) is None:
+                    kwargs[key] = inputs[key]
             input_ids = None
         elif pixel_values is not None:
             raise ConfigError("pixel_values go with the first forward pass over the prompt's input_ids, not with "
@@ -189,8 +210,8 @@ class VisionCausalLM(CausalLM):
 
 def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,
                       spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2-VL / Qwen2.5-VL positions for multimodal RoPE, as transformers' `get_rope_index` computes them for
-    images: text tokens count up on all three axes; an image's (t, h, w) grid of merged patches gets positions
+    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL positions for multimodal RoPE, as transformers' `get_rope_index` computes
+    them for images: text tokens count up on all three axes; an image's (t, h, w) grid of merged patches gets positions
     start + (t, row, column), and the text after it continues at start + max(h, w) / merge.
 
     input_ids (B, T) int; image_grid_thw (images, 3) int, images in order over the rows; attention_mask (B, T)
