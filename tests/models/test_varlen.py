@@ -78,3 +78,47 @@ def test_varlen_equals_dense_mask_and_unpacked_documents(family, tiny_model_dir,
                 alone = model(ids[r:r + 1, at:at + n]).logits.float()[0]
                 torch.testing.assert_close(v_logits[r, at:at + n], alone, rtol=2e-2, atol=2e-2)
                 at += n
+
+
+def test_padding_runs_number_pads_and_tokens():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    assert decoder.padding_runs(mask).tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 2],
+                                                   [0, 0, 0, 0, 0]]
+    assert decoder.padding_runs(torch.tensor([[1, 0, 1]])) is None  # a hole: the dense mask keeps its meaning
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])  # gemma3: sliding windows of 4
+def test_left_padding_runs_varlen_equal_to_the_dense_mask(family, tiny_model_dir, monkeypatch):
+    """Left- and both-side-padded rows (generation prompts, GRPO's prompt + completion) take the varlen kernel and
+    give the dense mask's logits and gradients at the real tokens."""
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    torch.manual_seed(6)
+    ids = torch.randint(3, 300, (3, 24), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :9] = 0
+    mask[1, :3] = 0
+    mask[1, 20:] = 0
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    seen = []
+    real_spans = decoder.packed_spans
+
+    def run(varlen: bool):
+        monkeypatch.setattr(decoder, "varlen_usable", lambda *a: varlen)
+        monkeypatch.setattr(decoder, "packed_spans", lambda seg: seen.append(varlen) or real_spans(seg))
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, position_ids=pos, labels=ids.masked_fill(mask == 0, -100),
+                    return_logits=True)
+        out.loss.backward()
+        return out.logits.float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    v_logits, v_grads = run(True)
+    d_logits, d_grads = run(False)
+    assert seen == [True]  # only the varlen run built spans
+    real = mask.bool()
+    torch.testing.assert_close(v_logits[real], d_logits[real], rtol=2e-2, atol=2e-2)
+    for n, g in v_grads.items():
+        assert (g.float() - d_grads[n].float()).norm() <= 2e-2 * d_grads[n].float().norm() + 1e-6, n

@@ -249,6 +249,15 @@ class DecoderModel(nn.Module):
             # positions the same values, and a dense mask would keep SDPA off its causal kernels. Only the
             # (ignored) outputs at pad positions differ.
             attention_mask = None
+        windows = set(cfg.sliding_windows)
+        if attention_mask is not None and past_key_values is None and image_blocks is None and segment_ids is None \
+                and seq_idx is None and cu_seq_lens_q is None and attention_mask.shape[1] == t \
+                and varlen_usable(x, cfg.attn_logit_softcap, windows):
+            # Left padding (or padding on both sides, as GRPO's prompt + completion rows have): each row's tokens are
+            # one run, attended causally as one varlen sequence instead of through a dense (B, T, T) mask.
+            runs = padding_runs(attention_mask)
+            if runs is not None:
+                segment_ids, attention_mask = runs, None
         # Padding-free documents, from the most explicit description given (seq_idx needs no host sync).
         if segment_ids is None and seq_idx is not None:
             segment_ids = seq_idx
@@ -261,7 +270,6 @@ class DecoderModel(nn.Module):
         elif segment_ids is None and attention_mask is None and past_key_values is None and position_ids.dim() == 2:
             segment_ids = packed_segments(position_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
-        windows = set(cfg.sliding_windows)
         if segment_ids is not None and past_key_values is None and image_blocks is None and \
                 varlen_usable(x, cfg.attn_logit_softcap, windows):
             masks = {"varlen": packed_spans(segment_ids)}
@@ -354,6 +362,18 @@ def mrope_positions(position_ids: torch.Tensor, arch: ModelConfig) -> torch.Tens
     if position_ids.shape[0] != 3:
         raise ConfigError(f"position_ids of shape {tuple(position_ids.shape)}: multimodal RoPE takes (3, batch, seq).")
     return position_ids
+
+
+def padding_runs(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Segment ids (B, T) long that number the runs of padding and of real tokens in each row of a 0/1 mask (pads
+    before, tokens, pads after: 0, 1, 2), when every row's real tokens form one run; None when a row has a hole."""
+    m = attention_mask.bool()
+    runs_of_ones = (m[:, 1:] & ~m[:, :-1]).sum(dim=1) + m[:, 0].long()
+    if bool((runs_of_ones > 1).any()):
+        return None
+    change = torch.zeros_like(m, dtype=torch.long)
+    change[:, 1:] = (m[:, 1:] != m[:, :-1]).long()
+    return change.cumsum(dim=1)
 
 
 def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
