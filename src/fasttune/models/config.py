@@ -17,7 +17,7 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
                       "mixtral")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
-VISION_TEXT_FAMILIES = ("qwen2_5_vl_text", "qwen3_vl_text")
+VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
@@ -25,6 +25,9 @@ ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
 
 @dataclass
 class ModelConfig:
+    """The one decoder's view of a checkpoint's architecture: sizes, RoPE, norms, biases, soft-caps, sliding windows and
+    MoE fields, read from the transformers config by `from_hf` (family quirks are fields; see the module docstring)."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -70,15 +73,20 @@ class ModelConfig:
 
     @property
     def scaling(self) -> float:
+        """The attention score scale: attn_scale (Gemma 2/3: query_pre_attn_scalar ** -0.5) or head_dim ** -0.5."""
         return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
 
     @property
     def rotary_dim(self) -> int:
+        """How many of each head's head_dim channels RoPE rotates: int(head_dim * partial_rotary_factor)."""
         return int(self.head_dim * self.partial_rotary_factor)
 
     @classmethod
     def from_hf(cls, hf) -> "ModelConfig":
-        """Build from a transformers PretrainedConfig (or a plain config.json dict)."""
+        """Build from a transformers PretrainedConfig (or a plain config.json dict). Raises ModelLoadError for a
+        family outside SUPPORTED_FAMILIES (and the vision-language text towers), an activation outside ACTIVATIONS,
+        a RoPE scaling type outside SUPPORTED_ROPE_TYPES, an mrope_section that does not cover head_dim, or
+        Gemma 3's bidirectional (embedding) variant."""
         get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
         model_type = get("model_type")
         if model_type not in SUPPORTED_FAMILIES + VISION_TEXT_FAMILIES:
@@ -125,7 +133,7 @@ class ModelConfig:
             cfg.mlp_bias = bool(get("mlp_bias", False))
         elif model_type == "qwen2":
             cfg.attn_bias = True
-        elif model_type in ("qwen2_5_vl_text", "qwen3_vl_text"):
+        elif model_type in VISION_TEXT_FAMILIES:
             if model_type == "qwen3_vl_text":
                 cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
                 cfg.qk_norm = cfg.mrope_interleaved = True
@@ -213,7 +221,7 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
 def _sliding_windows(get, model_type: str, layers: int) -> list:
     window = get("sliding_window")
     layer_types = get("layer_types")
-    if model_type in ("qwen2", "qwen3", "qwen3_moe", "qwen2_5_vl_text", "qwen3_vl_text"):
+    if model_type in ("qwen2", "qwen3", "qwen3_moe") + VISION_TEXT_FAMILIES:
         # Qwen only slides when use_sliding_window is set, and only from max_window_layers on (4.x semantics).
         if not get("use_sliding_window", False):
             return [None] * layers
@@ -221,7 +229,7 @@ def _sliding_windows(get, model_type: str, layers: int) -> list:
         return [window if t == "sliding_attention" else None for t in layer_types]
     if model_type == "gemma2":
         return [window if i % 2 == 0 else None for i in range(layers)]
-    if model_type in ("qwen2", "qwen3", "qwen2_5_vl_text", "qwen3_vl_text"):
+    if model_type in ("qwen2", "qwen3") + VISION_TEXT_FAMILIES:
         start = get("max_window_layers", layers)
         return [window if i >= start else None for i in range(layers)]
     if model_type in ("mistral", "phi3", "mixtral", "qwen3_moe") and window:

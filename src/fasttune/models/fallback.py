@@ -56,10 +56,14 @@ class FallbackConfig:
 
     @property
     def head_dim(self) -> int | None:
+        """hidden_size // num_heads, or None when either is unknown."""
         return self.hidden_size // self.num_heads if self.hidden_size and self.num_heads else None
 
     @classmethod
     def from_hf(cls, hf_model) -> "FallbackConfig":
+        """Read from a loaded transformers model (not a config): vocab_size is the input embedding's row count,
+        tie_embeddings whether the output head shares its weight; intermediate_size falls back to n_inner, ffn_dim,
+        then 4 * hidden_size."""
         c = hf_model.config
         get = lambda *names: next((getattr(c, n) for n in names if getattr(c, n, None) is not None), None)  # noqa: E731
         heads = get("num_attention_heads")
@@ -132,6 +136,9 @@ def _bnb_config(quant: str, dtype: torch.dtype, model_type: str):
 
 
 class FallbackModel(nn.Module):
+    """A transformers AutoModelForCausalLM (a PeftModel around it once LoRA is added) behind the interface of our
+    CausalLM (models/interface.py); built by load_fallback. Attributes it lacks are read off the wrapped model."""
+
     def __init__(self, hf_model, dtype: torch.dtype):
         super().__init__()
         self.hf_model = hf_model  # a transformers PreTrainedModel; a PeftModel around it once LoRA is added
@@ -149,10 +156,12 @@ class FallbackModel(nn.Module):
     # --- the interface of our CausalLM -------------------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
+        """The dtype the model was loaded in."""
         return self._dtype
 
     @property
     def device(self) -> torch.device:
+        """The device of the input embeddings."""
         return self.transformers_model.get_input_embeddings().weight.device
 
     @property
@@ -167,9 +176,11 @@ class FallbackModel(nn.Module):
         return self.transformers_model.base_model
 
     def get_input_embeddings(self) -> nn.Module:
+        """The transformers model's token embedding module."""
         return self.transformers_model.get_input_embeddings()
 
     def get_output_embeddings(self) -> nn.Module:
+        """The transformers model's output head (None for a model without one)."""
         return self.transformers_model.get_output_embeddings()
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options):
@@ -178,6 +189,7 @@ class FallbackModel(nn.Module):
             self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
+        """Stop recomputing layers in backward."""
         self.gradient_checkpointing = False
 
     def __getattr__(self, name: str):
@@ -192,10 +204,15 @@ class FallbackModel(nn.Module):
 
     @property
     def gradient_checkpointing(self):
+        """The mode last set: "auto", True, False or "offload" (False when the transformers model does not support
+        checkpointing)."""
         return self._gc
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, mode):
+        """Apply `mode` to the transformers model (non-reentrant); "auto" recomputes on CUDA only, "offload" also
+        offloads activations on transformers versions with activation_checkpointing_enable (older ones recompute as for
+        True)."""
         base = self.transformers_model
         # "auto" is resolved by the trainer from the batch shape; until then recompute on GPUs, as our decoder does.
         on = mode if mode != "auto" else self.device.type == "cuda"
@@ -292,7 +309,8 @@ class FallbackModel(nn.Module):
         return fast_generate(self, prompts, sampling_params, None, use_tqdm, tokenizer)
 
     def save_lora(self, save_directory):
-        """Write the current LoRA adapter to `save_directory` (PEFT format, as save_pretrained)."""
+        """Write the current LoRA adapter to `save_directory` (PEFT format, as save_pretrained); returns the folder as
+        a Path. Raises ConfigError without an adapter."""
         if self.lora_settings is None:
             raise ConfigError("This model has no LoRA adapter to save; call FastLanguageModel.get_peft_model first.")
         self.save_pretrained(save_directory)
@@ -417,6 +435,10 @@ class FallbackModel(nn.Module):
         return Path(folder)
 
     def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
+        """A transformers checkpoint with any LoRA deltas added (merged_state_dict, in the model's dtype) and tied
+        embeddings as `arch.tie_embeddings` says, plus the tokenizer when given; save_method="lora" writes the adapter
+        (save_pretrained) instead. Returns the folder as a Path; written atomically. Raises ConfigError for a
+        save_method outside SAVE_METHODS or a keyword outside SAVE_MERGED_IGNORED."""
         from fasttune.export.merged import SAVE_METHODS, SAVE_MERGED_IGNORED
 
         refuse_unknown("save_pretrained_merged", kwargs, SAVE_MERGED_IGNORED)
@@ -434,6 +456,8 @@ class FallbackModel(nn.Module):
         return Path(folder)
 
     def save_pretrained_gguf(self, *args, **kwargs):
+        """Refused: raises ConfigError (GGUF export runs on fasttune's own decoder only; convert a merged model with
+        llama.cpp's convert_hf_to_gguf.py)."""
         raise ConfigError(f"GGUF export is not available for '{self.arch.model_type}' models on the "
                           f"transformers+PEFT path; save a merged model (save_pretrained_merged) and convert it with "
                           f"llama.cpp's convert_hf_to_gguf.py.")

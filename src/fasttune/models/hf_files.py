@@ -23,6 +23,8 @@ def with_architectures(hf_config):
 
 
 def gguf_tokenizer(contents, required: bool):
+    """The transformers tokenizer a parsed .gguf file (GGUFContents) describes (its build_tokenizer). For a file without
+    a vocabulary, or one transformers cannot build, raises ModelLoadError when `required`, else returns None."""
     try:
         return contents.build_tokenizer()
     except (KeyError, ValueError, TypeError) as e:  # no vocabulary in the file, or a kind transformers cannot build
@@ -36,6 +38,9 @@ TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_toke
 
 
 def load_tokenizer(path: Path, required: bool = True):
+    """The tokenizer of a model folder (AutoTokenizer, local files only) or of a .gguf file (from its metadata). A
+    damaged tokenizer JSON file is named in a ModelLoadError (file_readers.read_json); with no usable tokenizer, raises
+    ModelLoadError when `required`, else returns None."""
     from transformers import AutoTokenizer
 
     try:

@@ -21,6 +21,9 @@ class KVCache:
         self.max_len, self.length = max_len, 0
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
+        """Write layer `layer_idx`'s new k, v (B, num_kv_heads, T_new, head_dim) at positions length..length + T_new and
+        return that layer's keys and values up to them, (B, num_kv_heads, length + T_new, head_dim) each (views into the
+        cache). Does not advance `length`. Raises ValueError past max_len."""
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")

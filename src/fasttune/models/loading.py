@@ -58,6 +58,8 @@ def resolve_model_path(name_or_path: str | os.PathLike) -> Path:
 
 
 def load_hf_config(folder: Path):
+    """The transformers config of a checkpoint folder (AutoConfig, local files only). Raises ModelLoadError for a folder
+    without config.json, a config.json that is not UTF-8 JSON, or one transformers cannot read."""
     from transformers import AutoConfig
 
     if not (folder / "config.json").exists():
@@ -108,6 +110,8 @@ def _iter_tensors(files: list[Path]):
 
 
 def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
+    """Put `tensor` at the dotted `name` in `model` as it is (no copy or cast): a frozen Parameter where the module has
+    that parameter, else a buffer. Used to fill a model built on the meta device."""
     module_name, _, attr = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
     if attr in module._parameters:

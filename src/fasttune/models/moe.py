@@ -139,6 +139,7 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (N, H) -> router logits (N, E) in x's dtype (the weight is cast to it)."""
         return F.linear(x, self.weight.to(x.dtype))
 
 
@@ -152,6 +153,8 @@ class Experts(nn.Module):
         self.act = act
 
     def forward(self, x, weights, experts):
+        """x (N, H); weights (N, k) float and experts (N, k) int64 from `route` -> (N, H) in x's dtype; see
+        experts_forward."""
         return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj, self.act)
 
 
@@ -168,6 +171,8 @@ class SparseMoeBlock(nn.Module):
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
 
     def forward(self, x: torch.Tensor, values_unused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, T, H) -> (out (B, T, H) in x's dtype, router logits (B*T, E)). `values_unused` is accepted for the
+        dense MLP's signature (decoder layers pass it in recompute) and has no effect here."""
         shape = x.shape
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)

@@ -110,6 +110,9 @@ class LayerInputOffloader:
         self.host_left = host_offload_budget() if self.side is not None else 0
 
     def save(self, x: torch.Tensor) -> int:
+        """Keep a layer's input x until backward and return its slot index for `load`: copied to a pinned host buffer on
+        the side stream, or kept on the device (the tensor itself, detached) without offloading, on a CPU, or once the
+        host budget (host_offload_budget) is used up."""
         nbytes = x.numel() * x.element_size()
         if self.side is None or nbytes > self.host_left:
             # Kept on the device: no offloading asked for, a CPU, or host memory is used up (very long
@@ -194,4 +197,8 @@ class _OffloadedLayer(torch.autograd.Function):
 
 
 def offloaded_layer(run, x: torch.Tensor, offloader: LayerInputOffloader, anchor: torch.Tensor) -> torch.Tensor:
+    """run(x) without building a graph inside the layer (output: a tensor, or a tuple such as an MoE layer's output and
+    router logits); x is kept by `offloader` and backward recomputes run from it, with the forward's RNG state, and
+    back-propagates through it. `anchor`: an empty tensor that requires grad, so the output joins the graph even when x
+    does not."""
     return _OffloadedLayer.apply(x, anchor, run, offloader)

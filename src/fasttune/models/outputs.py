@@ -23,5 +23,6 @@ class CausalLMOutput(ModelOutput):
 
     @property
     def num_targets(self) -> int | None:
+        """target_count as a Python int (waits for the device), or None without labels."""
         # Read on demand: int() waits for the GPU, which a training step given num_items_in_batch never needs.
         return None if self.target_count is None else int(self.target_count)

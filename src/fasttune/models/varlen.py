@@ -25,11 +25,18 @@ _PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not N
 
 @dataclass
 class PackedSpans:
+    """The documents of packed rows as flash attention's varlen kernel takes them: cu_seqlens, int32 (documents + 1,)
+    start offsets into the flattened B*T tokens ending with B*T, and max_len, the longest document's length. Built by
+    packed_spans."""
+
     cu_seqlens: torch.Tensor  # int32 (documents + 1,) offsets into the flattened (B*T) tokens
     max_len: int
 
 
 def varlen_usable(x: torch.Tensor, softcap: float | None, windows: set) -> bool:
+    """Whether varlen_attention can run for hidden states x here: torch has varlen_attn, x is fp16/bf16 on CUDA, no
+    attention logit soft-cap, FASTTUNE_KERNELS is not "torch", and sliding windows only where this torch's varlen_attn
+    takes window_size."""
     if varlen_attn is None or not x.is_cuda or softcap or x.dtype not in (torch.float16, torch.bfloat16):
         return False
     if kernel_choice() == "torch":
