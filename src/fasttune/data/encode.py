@@ -110,6 +110,10 @@ class SFTEncoder:
         }[fmt]
 
     def encode(self, row: Mapping, index: int) -> tuple[list[int], list[int]]:
+        """Row `index` -> (input_ids, labels) of equal length, untruncated; labels are the ids, with -100 (IGNORE_INDEX)
+        on prompt tokens when responses_only (and wherever a tokenized row's labels say so). Raises DataError, naming
+        the row, for a row that does not fit the layout (missing or non-text fields, invalid messages, token ids outside
+        the vocabulary, labels of another length)."""
         return getattr(self, self._layout)(row, formats.row_label(index, self.source_name))
 
     def fit(self, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int], int]:

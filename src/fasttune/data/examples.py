@@ -15,6 +15,10 @@ import pyarrow as pa
 
 
 class TokenizedExamples(Sequence):
+    """A read-only sequence over two Arrow list<int32> columns of one table (input_ids, labels, chunked alike): item i
+    is {"input_ids": list[int], "labels": list[int]} built on access; negative indices and slices work as on a list; an
+    out-of-range index raises IndexError. Compares equal to any sequence of the same dicts."""
+
     def __init__(self, input_ids: pa.ChunkedArray, labels: pa.ChunkedArray):
         # Per chunk, numpy views of the offsets and the flat values (zero-copy): a row is values[o[j]:o[j + 1]],
         # ~10x faster to read than through pyarrow scalars. Chunks are not combined: that could overflow a list

@@ -43,6 +43,8 @@ OPTIONAL_COLUMNS = {"tokenized": ("labels",), "alpaca": ("input",), "messages": 
 
 
 def layouts_help(dataset_text_field: str = "text") -> str:
+    """One sentence listing the accepted SFT layouts and their columns, for error messages; `dataset_text_field` names
+    the text column."""
     return (
         "'input_ids' (already tokenized, optional 'labels'), "
         "'messages' (list of {role, content}), "
@@ -70,6 +72,8 @@ def require_dict_rows(rows: list, source_name: str | None = None) -> None:
 
 
 def required_columns(data_format: str, dataset_text_field: str = "text") -> tuple[str, ...]:
+    """The columns a layout (one of FORMATS) needs: REQUIRED_COLUMNS, with dataset_text_field as the text layout's one
+    column. Raises KeyError for an unknown layout."""
     cols = REQUIRED_COLUMNS[data_format]
     return (dataset_text_field,) if data_format == "text" else cols
 
@@ -266,6 +270,9 @@ def _drop_none(value: Any) -> Any:
 
 
 def alpaca_fields(row: Mapping, where: str) -> tuple[str, str, str]:
+    """An Alpaca row's (instruction, input, output); a missing or null `input` is "", and input is stripped. Raises
+    DataError naming `where` and the field when instruction or output is missing, not a string or blank, or input is not
+    a string."""
     instruction = require_text(row.get("instruction"), where, "instruction")
     output = require_text(row.get("output"), where, "output")
     extra = row.get("input")
@@ -274,6 +281,8 @@ def alpaca_fields(row: Mapping, where: str) -> tuple[str, str, str]:
 
 
 def alpaca_to_messages(row: Mapping, where: str) -> list[dict]:
+    """An Alpaca row as a user turn (the instruction, then a blank line and the input when there is one) and an
+    assistant turn (the output). Raises DataError as alpaca_fields."""
     instruction, extra, output = alpaca_fields(row, where)
     user = f"{instruction}\n\n{extra}" if extra else instruction
     return [{"role": "user", "content": user}, {"role": "assistant", "content": output}]

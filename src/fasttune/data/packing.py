@@ -14,6 +14,10 @@ from fasttune.constants import IGNORE_INDEX
 
 
 def pack_examples(examples: list[dict], capacity: int) -> list[dict]:
+    """Pack examples ({"input_ids", optional "labels"} lists) into rows of at most `capacity` tokens,
+    best-fit-decreasing; an example longer than capacity gets a row of its own (truncation is the encoder's job).
+    Returns one unpadded dict per row with input_ids, labels (each document's first label -100), position_ids (0.. per
+    document) and segment_ids (1, 2, ... per document), all list[int] of the row's length."""
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     free: list[tuple[int, int]] = []  # (free tokens, row index), kept sorted: best fit = first that fits
     rows: list[list[int]] = []

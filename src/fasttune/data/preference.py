@@ -155,6 +155,8 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
 
 
 def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
+    """B unpaired (KTO) examples -> their right-padded prompt + completion rows (pad_sequences: input_ids,
+    attention_mask, completion_mask, (B, L) int64) and `label` (B,) bool, True for a desirable completion."""
     batch = pad_sequences([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id)
     batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
     return batch

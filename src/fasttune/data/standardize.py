@@ -44,6 +44,10 @@ class ConversationStandardizer:
         return {self.column: self.convert(row.get(self.column), row_label(index))}
 
     def convert(self, raw: Any, where: str) -> list[dict]:
+        """One row's conversation (a list, or a JSON string of one, as CSV files store it) -> [{"role", "content"}] with
+        the roles mapped through `roles` (keys read: role/from, content/value/text). Raises DataError naming `where` and
+        the message for an empty or non-list value, a message that is not a dict or lacks a role or text, a role with no
+        alias, or non-string content."""
         field = self.column
         if isinstance(raw, str):  # CSV files store lists as JSON text
             try:

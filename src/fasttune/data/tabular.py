@@ -61,6 +61,8 @@ def parse_prompt(merged_prompt: str) -> list[_Part]:
 
 
 def merge_prompt(parts: Sequence[_Part], row: dict) -> str:
+    """The pattern's parts (from parse_prompt) filled from `row`: {name} fields become the column's text (None -> "");
+    an optional part is dropped when any column in it is blank."""
     return "".join(p.render(row) for p in parts)
 
 

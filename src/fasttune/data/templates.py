@@ -221,6 +221,7 @@ _ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1
 
 
 def names() -> str:
+    """The built-in chat template names (CHAT_TEMPLATES), comma-separated, for messages."""
     return ", ".join(CHAT_TEMPLATES)
 
 
