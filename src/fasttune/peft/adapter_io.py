@@ -41,6 +41,9 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, target_names: list[str]) -> dict:
+    """The adapter_config.json PEFT's LoraConfig writes for these settings (PEFT's field names; a plain LoRA: no DoRA,
+    no rank/alpha patterns, inference_mode true). target_modules is the sorted set of the wrapped layers' last name
+    parts; `base_name_or_path` is written as base_model_name_or_path."""
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -129,6 +132,9 @@ def read_adapter_config(folder: Path) -> dict:
 
 
 def settings_from_peft_config(cfg: dict) -> LoraSettings:
+    """LoraSettings from a PEFT adapter_config.json dict (as read_adapter_config checked it): PEFT's defaults where a
+    field is absent (lora_alpha = r, dropout 0, bias "none"); a string target_modules (a regex) is kept as it is. Raises
+    KeyError without `r`."""
     targets = cfg.get("target_modules")
     return LoraSettings(r=cfg["r"], lora_alpha=cfg.get("lora_alpha", cfg["r"]),
                         lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,

@@ -26,6 +26,11 @@ SAVABLE_MODULES = ("embed_tokens", "lm_head")
 
 @dataclass
 class LoraSettings:
+    """A LoRA adapter's settings, meaning what the same fields of PEFT's LoraConfig mean (r, lora_alpha, lora_dropout,
+    target_modules: layer-name suffixes, a regex string or "all-linear", use_rslora, modules_to_save: "embed_tokens" /
+    "lm_head", bias); the defaults are fasttune's (r=16, lora_alpha=16, the seven attention and MLP projections).
+    Checked by validate_settings."""
+
     r: int = 16
     lora_alpha: float = 16
     lora_dropout: float = 0.0
@@ -43,6 +48,8 @@ class LoraSettings:
 
     @property
     def scaling(self) -> float:
+        """The factor on B @ A: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora (PEFT's LoRA / rsLoRA
+        scaling)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
     def to_dict(self) -> dict:
@@ -54,6 +61,10 @@ class LoraSettings:
 
 
 class LoraLinear(nn.Module):
+    """A frozen base Linear (or QuantLinear) plus a trainable low-rank update, as PEFT's lora.Linear: y = base(x) +
+    scaling * dropout(x) @ A^T @ B^T, with lora_A (r, in_features) and lora_B (out_features, r) fp32 master weights cast
+    to x's dtype. `disabled` turns the update off (set_adapters_enabled)."""
+
     def __init__(self, base: nn.Module, r: int, scaling: float, dropout: float):
         super().__init__()
         self.base_layer = base  # nn.Linear, or a QuantLinear (NF4 / int8 storage)
@@ -66,17 +77,25 @@ class LoraLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
+        """The base layer's (out_features, in_features) weight, without the LoRA update (dequantised, a new tensor, for
+        a QuantLinear base)."""
         return self.base_layer.weight
 
     def reset_parameters(self):
+        """PEFT's default init: lora_A kaiming-uniform (a=sqrt(5)), lora_B zeros, so the layer starts equal to its base.
+        Draws from torch's global generator."""
         # PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapter starts as the identity.
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:
+        """scaling * (lora_B @ lora_A): the (out_features, in_features) update to the base weight, in the adapter's
+        dtype (fp32)."""
         return (self.lora_B @ self.lora_A) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in_features) -> (..., out_features) in the base output's dtype: base(x) plus the LoRA update unless
+        disabled; through kernels/lora.py's fused function when can_fuse allows it."""
         if not self.disabled and can_fuse(x, (self,)):
             return lora_group(x, (self,))[0]  # hand-derived backward (kernels/lora.py)
         out = self.base_layer(x)
@@ -109,12 +128,15 @@ def project(x: torch.Tensor, *layers, values_unused: bool = False) -> tuple:
 
 
 def is_quantized(module: nn.Module) -> bool:
+    """Whether `module` is a QuantLinear (NF4 or int8 storage; quant/linear.py)."""
     from fasttune.quant.linear import QuantLinear
 
     return isinstance(module, QuantLinear)
 
 
 def validate_settings(s: LoraSettings) -> LoraSettings:
+    """Return `s` unchanged when usable. Raises ConfigError for r not a positive int, lora_alpha missing or <= 0,
+    lora_dropout outside [0, 1), bias other than "none", or modules_to_save outside SAVABLE_MODULES."""
     if not isinstance(s.r, int) or s.r <= 0:
         raise ConfigError(f"LoRA rank r={s.r!r} is invalid: use a positive integer such as 8, 16 or 64.")
     if s.lora_alpha is None or s.lora_alpha <= 0:
@@ -252,9 +274,12 @@ def _make_savable_trainable(model: nn.Module, modules: list[str]):
 
 
 def lora_layers(model: nn.Module):
+    """[(module name, LoraLinear)] of `model`, in module order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
 def set_adapters_enabled(model: nn.Module, enabled: bool):
+    """Turn every LoraLinear's update on or off (the base layers alone compute when off); the adapter weights are
+    kept."""
     for _, m in lora_layers(model):
         m.disabled = not enabled
