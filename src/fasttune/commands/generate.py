@@ -10,6 +10,8 @@ import sys
 
 
 def register(subparsers):
+    """Add the `generate` subcommand (model flags, --prompt (repeatable), --no-chat, --image (repeatable), sampling
+    flags: greedy, 256 new tokens) to the CLI's argparse subparsers."""
     from fasttune.command_helpers import add_model_flags, add_sampling_flags
 
     p = subparsers.add_parser("generate", help="generate text from prompts (KV cache, batched)")
@@ -25,6 +27,11 @@ def register(subparsers):
 
 
 def cmd_generate(ns) -> int:
+    """Run `fasttune generate` on parsed arguments `ns`. A text model gets the prompts as one left-padded batch
+    (through the chat template unless --no-chat): one prompt streams its reply to stdout, several print "### <prompt>"
+    and the reply each; a vision-language model (or --image) goes through _generate_with_images, which prints the same
+    blocks. Returns 0. Raises ConfigError for --image on a text model or an image count that fits no rule, and what
+    load_model_and_tokenizer (ModelLoadError, ConfigError) and generate (ConfigError) raise."""
     from transformers import TextStreamer
 
     from fasttune.command_helpers import describe_model, load_model_and_tokenizer, sampling_kwargs
