@@ -267,7 +267,7 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     values.update(given)
     method = {"default": "sft"}.get(values["method"], values["method"])  # autotrain's generic trainer is SFT
     config_cls = method_config(method)
-    sft = config_cls.from_dict({k: v for k, v in values.items() if k in config_cls.field_names()}, "settings")
+    config = config_cls.from_dict({k: v for k, v in values.items() if k in config_cls.field_names()}, "settings")
     run = {k: _run_option(k, values[k]) for k in RUN_OPTIONS}
     run["method"] = method  # its trainer class is imported when training starts (load_method)
     if method in PREFERENCE_METHODS and not run["data"]:
@@ -284,7 +284,7 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     if run["peft"] and run["full_finetuning"]:
         raise ConfigError("--peft and --full-finetuning contradict each other: choose LoRA (--peft) or training all "
                           "weights (--full-finetuning).")
-    if getattr(sft, "fsdp", False) and run["full_finetuning"]:
+    if getattr(config, "fsdp", False) and run["full_finetuning"]:
         raise ConfigError("--fsdp with --full-finetuning is not supported by the command line yet (the merged model "
                           "cannot be written from shards). Train LoRA adapters with --fsdp, or drop --fsdp.")
     run["quantization"] = str(run["quantization"]).lower()
@@ -294,7 +294,7 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     if run["quantization"] != "none" and run["full_finetuning"]:
         raise ConfigError(f"--quantization {run['quantization']} freezes the base weights, so it cannot be combined "
                           f"with --full-finetuning; train LoRA adapters instead (drop --full-finetuning).")
-    return run, sft
+    return run, config
 
 
 # Run options that the command line takes as comma-separated text and YAML also as a list.
@@ -362,22 +362,22 @@ def cmd_train(ns) -> int:
     raises FastTuneError for user errors (main prints them)."""
     if ns.gpus is not None:
         return _relaunch_under_torchrun(ns.gpus, ns.argv)
-    run, sft = resolve_settings(ns)
+    run, config = resolve_settings(ns)
     if ns.print_config:
         import yaml
 
         shown = dict(run)
-        print(yaml.safe_dump({**shown, **{f.name: getattr(sft, f.name) for f in fields(sft)}}, sort_keys=False))
+        print(yaml.safe_dump({**shown, **{f.name: getattr(config, f.name) for f in fields(config)}}, sort_keys=False))
         return 0
     if run["data"]:  # a mistyped path fails here, before datasets' and torch's imports (seconds)
         from fasttune.data.paths import check_local_source
 
         check_local_source(run["data"])
-    out = Path(sft.output_dir)
-    _check_output_dir(out, _resume_value(run["resume"]), sft.overwrite_output_dir)
+    out = Path(config.output_dir)
+    _check_output_dir(out, _resume_value(run["resume"]), config.overwrite_output_dir)
     created = not out.exists()
     try:
-        return _train(run, sft, out)
+        return _train(run, config, out)
     except BaseException:
         # No half-written output directory: remove what this run created, unless it saved a checkpoint to resume.
         if created and out.exists() and not any(out.glob("checkpoint-*")):
@@ -414,7 +414,7 @@ def _check_output_dir(out: Path, resume=None, overwrite: bool = False) -> None:
     check_new_run(out, resume, overwrite)
 
 
-def _check_data(run: dict, sft: SFTConfig, data: str):
+def _check_data(run: dict, config: SFTConfig, data: str):
     """The rows of the training data, read before the model loads, so that a missing or unreadable file (and, for
     SFT, rows of no known layout) fails in a moment rather than after the model load. Raises DataError."""
     from fasttune.data import load_rows
@@ -423,7 +423,7 @@ def _check_data(run: dict, sft: SFTConfig, data: str):
 
     rows = load_rows(data)
     if run["method"] == "sft":
-        detect_format(rows.column_names, sft.data_format, dataset_text_field=sft.dataset_text_field,
+        detect_format(rows.column_names, config.data_format, dataset_text_field=config.dataset_text_field,
                       source_name=source_name(data))
     return rows
 
@@ -443,13 +443,13 @@ def _check_flags(run: dict):
     return gc
 
 
-def _train(run: dict, sft: SFTConfig, out: Path):
+def _train(run: dict, config: SFTConfig, out: Path):
     from fasttune.data import demo_dataset_path, demo_sample_prompt
 
     data = run["data"] or str(demo_dataset_path())
     if not run["data"]:
         print(f"fasttune: no --data given; training on the bundled demo set ({data}).")
-    rows = _check_data(run, sft, data)  # data and flags first: their errors need no model (nor its imports)
+    rows = _check_data(run, config, data)  # data and flags first: their errors need no model (nor its imports)
     gc = _check_flags(run)
     from fasttune import FastLanguageModel
     from fasttune.command_helpers import QUANTIZATION_NAMES
@@ -459,7 +459,7 @@ def _train(run: dict, sft: SFTConfig, out: Path):
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
-        model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=sft.max_seq_length,
+        model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=config.max_seq_length,
                                                        dtype=run["dtype"], full_finetuning=run["full_finetuning"],
                                                        fast=not run["no_fast"],
                                                        load_in_4bit=QUANTIZATIONS[run["quantization"]] == "nf4",
@@ -478,8 +478,8 @@ def _train(run: dict, sft: SFTConfig, out: Path):
         model = FastLanguageModel.get_peft_model(
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
-            use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=sft.seed)
-    trainer = load_method(run["method"])[0](model=model, tokenizer=tok, train_dataset=data, args=sft)
+            use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=config.seed)
+    trainer = load_method(run["method"])[0](model=model, tokenizer=tok, train_dataset=data, args=config)
     prompt = run["sample_prompt"] or (_first_prompt(rows) if run["data"] else demo_sample_prompt())
     image_dir = Path(run["data"]).expanduser().resolve().parent if run["data"] else None
     if not run["no_sample"] and prompt:
@@ -489,14 +489,14 @@ def _train(run: dict, sft: SFTConfig, out: Path):
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
     target = out / ("model" if run["full_finetuning"] else "adapter")
-    if sft.fsdp:  # sharded weights: every rank joins the gather, rank 0 writes
+    if config.fsdp:  # sharded weights: every rank joins the gather, rank 0 writes
         model.save_pretrained(target, tok)
     if not trainer.dist.is_main:
         return 0  # under torchrun, rank 0 writes the adapter, plot and samples
-    if not run["no_sample"] and prompt and not sft.fsdp:  # generation would need all ranks in step
+    if not run["no_sample"] and prompt and not config.fsdp:  # generation would need all ranks in step
         print(f"\nSample after training\n  prompt: {_preview(prompt)}\n  reply:  "
               f"{_sample(model, tok, prompt, image_dir)}\n")
-    if not sft.fsdp:
+    if not config.fsdp:
         model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
     plot = plot_losses(trainer.log_history, out / "loss.png")
     first, last = metrics.get("first_step_loss"), metrics.get("last_step_loss")  # this run's first and last step
