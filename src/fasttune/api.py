@@ -169,7 +169,9 @@ MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 
 def layer_group_targets(vision: bool, language: bool, attention: bool, mlp: bool) -> list[str]:
-    """target_modules for FastModel's layer-group switches on a text model (see FastModel.get_peft_model)."""
+    """target_modules for FastModel's layer-group switches on a text model (see FastModel.get_peft_model): the
+    attention and/or MLP projections. Raises ConfigError for vision=True (a text model has no vision layers) or
+    switches that select no layer."""
     if vision:
         raise ConfigError("finetune_vision_layers=True: this is a text-only model, it has no vision layers. Set "
                           "finetune_vision_layers=False, or load a vision-language model (Qwen2.5-VL, Gemma 3) "

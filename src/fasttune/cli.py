@@ -93,7 +93,8 @@ def _import(dotted: str):
 
 
 def load_method(method: str) -> tuple[type, type]:
-    """(trainer class, config class) of a --method."""
+    """(trainer class, config class) of a --method. Raises ConfigError for a method outside METHODS or one whose
+    modules cannot be imported."""
     if method not in METHODS:
         raise ConfigError(f"--method {method} is not a training method; choose one of: {', '.join(METHODS)}.")
     trainer, config = METHODS[method]
@@ -105,7 +106,8 @@ def load_method(method: str) -> tuple[type, type]:
 
 
 def method_config(method: str) -> type:
-    """The config class of a --method (SFTConfig, DPOConfig, ...), without importing its trainer."""
+    """The config class of a --method (SFTConfig, DPOConfig, ...), without importing its trainer. Raises ConfigError
+    as load_method."""
     if method not in METHODS:
         raise ConfigError(f"--method {method} is not a training method; choose one of: {', '.join(METHODS)}.")
     try:
@@ -255,7 +257,10 @@ def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
 
 def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
     """(run options, the method's config). Imports only the config's module, so that a wrong setting or path
-    fails before the trainers' imports (torch, datasets)."""
+    fails before the trainers' imports (torch, datasets). Raises ConfigError for an unknown method or invalid config
+    values, an unreadable --config YAML or one with unknown keys, a preference or GRPO method without --data,
+    contradicting --peft / --full-finetuning, --fsdp or --quantization with --full-finetuning, or an unknown
+    --quantization."""
     cls = getattr(ns, "config_cls", SFTConfig)
     values = {k: default for k, (_, default, _) in RUN_OPTIONS.items()}
     values["output_dir"] = DEFAULT_OUTPUT_DIR
