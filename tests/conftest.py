@@ -118,8 +118,25 @@ def qwen3_vl_dir(tmp_path_factory):
     return save_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl") / "tiny-qwen3-vl")
 
 
-@pytest.fixture(params=["qwen2_5_vl", "qwen3_vl", "gemma3"])
+@pytest.fixture(scope="session")
+def qwen2_vl_dir(tmp_path_factory):
+    from tiny_vision import save_qwen2_vl
+
+    return save_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl") / "tiny-qwen2-vl")
+
+
+VL_FIXTURES = {"qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
+               "gemma3": "gemma3_vl_dir"}
+
+
+@pytest.fixture(params=sorted(VL_FIXTURES))
 def vl_dir(request):
     """Each vision-language family's tiny checkpoint folder in turn."""
-    return request.getfixturevalue({"qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
-                                    "gemma3": "gemma3_vl_dir"}[request.param])
+    return request.getfixturevalue(VL_FIXTURES[request.param])
+
+
+@pytest.fixture(params=["qwen2_5_vl", "gemma3"])
+def vl_train_dir(request):
+    """The two families whose training paths differ most (multimodal RoPE; two-way image attention), for the
+    slower training tests (Qwen2-VL and Qwen3-VL share Qwen2.5-VL's path there)."""
+    return request.getfixturevalue(VL_FIXTURES[request.param])

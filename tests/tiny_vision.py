@@ -147,3 +147,21 @@ def save_qwen3_vl(folder, seed: int = 0):
     model.save_pretrained(folder)
     qwen3_vl_processor().save_pretrained(folder)
     return folder
+
+
+def save_qwen2_vl(folder, seed: int = 0):
+    """Save a random tiny Qwen2-VL (fp32) with the Qwen2.5-VL test processor (the same image processing)."""
+    import torch
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    text = qwen_vl_config().text_config.to_dict()
+    text.pop("model_type", None)
+    config = Qwen2VLConfig(text_config=text, vision_config=dict(
+        depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
+        temporal_patch_size=2, in_channels=3), image_token_id=261, video_token_id=271, vision_start_token_id=259,
+        vision_end_token_id=260, tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config).eval()
+    model.save_pretrained(folder)
+    qwen_vl_processor().save_pretrained(folder)
+    return folder

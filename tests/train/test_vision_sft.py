@@ -121,8 +121,8 @@ def _accuracy(model, proc, rows) -> float:
     return hits / len(rows)
 
 
-def test_learns_to_name_the_colour_of_held_out_images(vl_dir, tmp_path):
-    model, proc = _load(vl_dir, r=16)
+def test_learns_to_name_the_colour_of_held_out_images(vl_train_dir, tmp_path):
+    model, proc = _load(vl_train_dir, r=16)
     held_out = _rows(30, seed=99)
     before = _accuracy(model, proc, held_out)
     _train(model, proc, _rows(96, seed=5), tmp_path / "learn", per_device_train_batch_size=8, max_steps=60,
