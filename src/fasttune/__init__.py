@@ -7,7 +7,8 @@ from fasttune.errors import FastTuneError
 
 __version__ = "0.1.0"
 _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "FastVisionModel": "fasttune.api",
-         "VisionDataCollator": "fasttune.data.vision", "UnslothVisionDataCollator": "fasttune.data.vision:VisionDataCollator",
+         "VisionDataCollator": "fasttune.data.vision",
+         "UnslothVisionDataCollator": "fasttune.data.vision:VisionDataCollator",
          "SFTTrainer": "fasttune.train.objectives.sft",
          "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
          "GRPOConfig": "fasttune.train.objectives.grpo_config",

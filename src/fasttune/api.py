@@ -121,9 +121,9 @@ class FastLanguageModel:
 
 
 class FastVisionModel(FastLanguageModel):
-    """The loader for vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): `from_pretrained` returns
-    (model, processor), the model a VisionCausalLM (transformers' vision tower, our decoder), the processor a
-    VisionProcessor (data/vision.py). A text-only checkpoint loads as with FastLanguageModel. get_peft_model
+    """The loader for vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): `from_pretrained`
+    returns (model, processor), the model a VisionCausalLM (transformers' vision tower, our decoder), the processor
+    a VisionProcessor (data/vision.py). A text-only checkpoint loads as with FastLanguageModel. get_peft_model
     takes FastModel's layer-group switches."""
 
     @staticmethod
