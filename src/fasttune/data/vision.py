@@ -157,6 +157,7 @@ class VisionProcessor:
         return batch
 
     def pad_id(self) -> int:
+        """The tokenizer's pad id, else its eos id, else 0."""
         pad = self.tokenizer.pad_token_id
         return pad if pad is not None else (self.tokenizer.eos_token_id or 0)
 
@@ -229,6 +230,8 @@ class VisionEncoder:
         self.responses_only, self.base_dir = train_on_responses_only, base_dir
 
     def encode(self, row: dict, index: int) -> dict:
+        """Row `index` -> {"input_ids", "labels" (lists of int, equal length), "images" (their sources)}; see the
+        class docstring for the DataErrors."""
         where = f"Row {index}"
         messages = row.get("messages") if isinstance(row, dict) else None
         if not isinstance(messages, list) or not messages:
@@ -330,6 +333,7 @@ class VisionDataCollator:
         self.train_on_responses_only = train_on_responses_only
 
     def encoder(self, base_dir: Path | None = None) -> VisionEncoder:
+        """A VisionEncoder with this collator's settings; image paths relative to base_dir."""
         return VisionEncoder(self.processor, self.max_seq_length, self.train_on_responses_only, base_dir)
 
     def __call__(self, rows: list[dict]) -> dict:

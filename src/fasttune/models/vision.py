@@ -64,6 +64,7 @@ FAMILIES = {
 
 
 def is_vision_config(hf_config) -> bool:
+    """True for a transformers config of a vision-language family fasttune runs (FAMILIES)."""
     return getattr(hf_config, "model_type", None) in FAMILIES
 
 
@@ -87,10 +88,12 @@ class VisionCausalLM(CausalLM):
 
     @property
     def hf_config(self):
+        """The whole vision-language config (before attach_vision: the language model's)."""
         return self._vlm_config if self._vlm_config is not None else self.config
 
     @hf_config.setter
     def hf_config(self, value):
+        """Replace the vision-language config (the language model's before attach_vision)."""
         if self.family is None:
             self.config = value
         else:
@@ -98,6 +101,7 @@ class VisionCausalLM(CausalLM):
 
     @property
     def image_token_id(self) -> int:
+        """The id of the token each image feature replaces (config.image_token_id)."""
         return self._vlm_config.image_token_id
 
     def checkpoint_name(self, name: str) -> str:
