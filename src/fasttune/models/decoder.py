@@ -31,6 +31,8 @@ from fasttune.peft.lora import project
 
 
 class RMSNorm(nn.Module):
+    """x / rms(x) * w (Gemma: * (1 + w)), computed in fp32 (transformers' LlamaRMSNorm / GemmaRMSNorm)."""
+
     def __init__(self, dim: int, eps: float, offset: float = 0.0):
         super().__init__()
         # Gemma stores w with the scale (1 + w), so its neutral weight is 0.
@@ -38,6 +40,7 @@ class RMSNorm(nn.Module):
         self.eps, self.offset = eps, offset
 
     def forward(self, x):
+        """x (..., dim) -> normalised x, same shape and dtype."""
         return rms_norm(x, self.weight, self.eps, self.offset)
 
     def with_residual(self, x, h=None):
@@ -46,6 +49,9 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    """Self-attention of one layer: q/k/v projections (fused for Phi-3), optional q/k norm (Qwen3, Gemma 3), RoPE,
+    SDPA or varlen attention (GQA), o_proj; names as transformers' `self_attn`."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.cfg, self.layer_idx = cfg, layer_idx
@@ -65,6 +71,8 @@ class Attention(nn.Module):
         self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+        """x (B, T, H); cos/sin (B, T, rotary_dim); mask: build_masks' dict (or {"varlen": spans}); cache: a
+        KVCache to extend (generation). Returns (B, T, H)."""
         b, t, _ = x.shape
         cfg = self.cfg
         if cfg.fused_qkv:
@@ -112,6 +120,9 @@ MLP_TILE_BYTES = 1 << 30  # one bf16 (tokens x intermediate) activation per MLP 
 
 
 class MLP(nn.Module):
+    """The gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)), gate/up fused for Phi-3; long sequences run in
+    tiles (MLP_TILE_BYTES of intermediate activations each)."""
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
@@ -124,6 +135,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x, values_unused: bool = False):
+        """x (B, T, H) -> (B, T, H). values_unused: inside a recompute whose output value is discarded, down_proj's
+        base GEMM is skipped (see kernels/lora.py)."""
         tile = max(1, MLP_TILE_BYTES // (2 * self.intermediate * x.shape[0]))  # sequence positions per tile
         if x.shape[1] <= 2 * tile:
             return self._mlp(x, values_unused)
@@ -142,6 +155,9 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm decoder block (attention, then dense MLP or sparse MoE), with Gemma 2/3's four norms when
+    `sandwich_norm`; names as transformers' `model.layers.N`."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
@@ -190,9 +206,12 @@ class DecoderModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (the final norm's weight dtype)."""
         return self.norm.weight.dtype
 
     def inv_freq(self, device, local: bool = False) -> torch.Tensor:
+        """RoPE inverse frequencies (rotary_dim / 2,) fp32 on `device`, cached; local=True: Gemma 3's
+        sliding-window base."""
         key = (device, local)
         if key not in self._inv_freq:
             c = self.arch
@@ -437,10 +456,12 @@ class CausalLM(PreTrainedModel):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The compute dtype (the decoder's)."""
         return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
+        """The device the decoder runs on."""
         return self.model.norm.weight.device
 
     @property
@@ -450,18 +471,22 @@ class CausalLM(PreTrainedModel):
 
     @hf_config.setter
     def hf_config(self, value: PretrainedConfig):
+        """Replace the transformers config (model.config)."""
         self.config = value
 
     @property
     def gradient_checkpointing(self) -> str | bool:
+        """The recompute mode: "auto" | True | False | "offload" (see api.set_gradient_checkpointing)."""
         return self.model.gradient_checkpointing
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, mode: str | bool):
+        """Set the recompute mode (validated by api.set_gradient_checkpointing, not here)."""
         self.model.gradient_checkpointing = mode
 
     @property
     def is_gradient_checkpointing(self) -> bool:
+        """transformers' flag: True when any recompute mode is on."""
         return bool(self.model.gradient_checkpointing)
 
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **options):
@@ -474,6 +499,7 @@ class CausalLM(PreTrainedModel):
             self.model.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
+        """Turn recompute off (what transformers' and TRL's trainers call)."""
         self.model.gradient_checkpointing = False
 
     @property
@@ -483,15 +509,19 @@ class CausalLM(PreTrainedModel):
         return tuple(n for n, p in self.named_parameters() if n in names and p.requires_grad)
 
     def get_input_embeddings(self) -> nn.Embedding:
+        """embed_tokens (vocab, hidden), as transformers' models return it."""
         return self.model.embed_tokens
 
     def set_input_embeddings(self, value: nn.Embedding):
+        """Replace embed_tokens."""
         self.model.embed_tokens = value
 
     def get_output_embeddings(self) -> nn.Linear:
+        """lm_head (hidden -> vocab)."""
         return self.lm_head
 
     def set_output_embeddings(self, value: nn.Linear):
+        """Replace lm_head."""
         self.lm_head = value
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
@@ -518,6 +548,7 @@ class CausalLM(PreTrainedModel):
         return self.get_input_embeddings()
 
     def get_decoder(self) -> DecoderModel:
+        """The backbone (transformers' `model.model`)."""
         return self.model
 
     def save_pretrained(self, save_directory, tokenizer=None, state_dict=None, is_main_process: bool | None = None,
@@ -600,6 +631,7 @@ class CausalLM(PreTrainedModel):
         return save_gguf(self, save_directory, tokenizer, quantization_method=quantization_method, **kwargs)
 
     def tie_weights(self, missing_keys=None, recompute_mapping: bool = True):
+        """lm_head shares embed_tokens' weight when the config ties them (transformers' signature)."""
         if self.arch.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
@@ -610,6 +642,7 @@ class CausalLM(PreTrainedModel):
                           segment_ids=segment_ids).last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden (..., H) -> logits (..., vocab) in the hidden dtype, Gemma 2's final softcap applied."""
         return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
