@@ -1,21 +1,33 @@
 """Vision-language LoRA training throughput and peak memory: fasttune vs transformers+PEFT, same GPU, same run (#22).
 
-A Qwen2.5-VL-7B-shape model with random-init weights (no downloads), built by transformers in bf16 on the GPU with
-the same seed on both sides (so both start from the same weights). LoRA r16 on the language model's 7 projections
-only (the vision tower stays frozen and has no adapters). Each row of the batch is text + <|vision_start|> + 256
-image placeholders (one 448x448 image, grid (1, 32, 32)) + <|vision_end|> + text, 2048 tokens in all; labels are
-the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and cycled, so
-the loss must fall. AdamW (fused), lr 1e-3, grad clipping 1.0, 3 untimed warm-up steps then 10 timed ones. Each
-row runs in its own process for a clean peak-memory reading; every run asserts grad-norm > 0 and a finite, falling
-loss, then appends a JSONL row to bench/results/vision_lora.jsonl. Usage on a GPU machine:
+A vision-language model of a real shape (--shape: qwen2.5-vl-7b, the default; qwen3-vl-8b; gemma-3-4b) with
+random-init weights (no downloads), built by transformers in bf16 on the GPU with the same seed on both sides (so
+both start from the same weights). LoRA r16 on the language model's 7 projections only (the vision tower stays
+frozen and has no adapters). Each row of the batch is text + one image's tokens + text, 2048 tokens in all, 256
+image placeholders per row:
+  qwen2.5-vl-7b: <|vision_start|> + 256 placeholders (one 448x448 image, grid (1, 32, 32) of 14-pixel patches) +
+                 <|vision_end|>; pixel_values (2*1024, 3*2*14*14), image_grid_thw
+  qwen3-vl-8b:   the same with one 512x512 image (grid (1, 32, 32) of 16-pixel patches, DeepStack at vision layers
+                 8, 16, 24); pixel_values (2*1024, 3*2*16*16)
+  gemma-3-4b:    "\\n\\n<start_of_image>" + 256 soft tokens + "<end_of_image>\\n\\n" (one 896x896 image, SigLIP
+                 so400m, pooled to 256); pixel_values (2, 3, 896, 896)
+Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
+cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
+Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
+says which. AdamW (fused), lr 1e-3, grad clipping 1.0, 3 untimed warm-up steps then 10 timed ones. Each row runs in
+its own process for a clean peak-memory reading; every run asserts grad-norm > 0 and a finite, falling loss, then
+appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. Usage on a GPU machine:
 
-    python bench/bench_vision.py --matrix default        # hf (recompute on), ours on, ours off; table last
-    python bench/bench_vision.py --impl ours --gc on     # a single row
-    OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix default --smoke --out /tmp/v.jsonl   # CPU check
+    python bench/bench_vision.py --matrix default        # qwen2.5-vl-7b: hf (recompute on), ours on, ours off
+    python bench/bench_vision.py --matrix qwen3          # the same three rows, qwen3-vl-8b
+    python bench/bench_vision.py --matrix gemma3         # the same three rows, gemma-3-4b
+    python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
+    OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
 tokens/s counts every position the language model runs (text + image placeholders): batch x seq per step.
---smoke runs a tiny shape on the CPU (hidden 64, 2 layers, vision depth 2, seq 128, one 56x56 image per row,
-3 timed steps, plain AdamW, no CUDA memory statistics) to check that the script works; its rows say so.
+--smoke runs a tiny shape of the same family on the CPU (tests/tiny_vision.py's: hidden 64, 2-3 layers, vision
+depth 2, seq 128, one small image per row, 3 timed steps, plain AdamW, no CUDA memory statistics; a matrix's rows
+in one process) to check that the script works; its rows say so.
 """
 from __future__ import annotations
 
@@ -30,9 +42,17 @@ import sys
 import time
 from pathlib import Path
 
-# Qwen2.5-VL-7B-Instruct's config.json (max_position_embeddings cut to 32768: enough for these batches).
+# Real shapes from the checkpoints' config.json (max_position_embeddings cut to 32768 for the Qwen ones: enough for
+# these batches). Per shape: `family` (fasttune.models.vision.FAMILIES), transformers' text / vision / top-level
+# config, `before` / `after`: the token ids around an image's `image_token_id` placeholders, `text_ids`: random
+# text ids are drawn from [0, text_ids) (below the special tokens), `image`: the square image's side in pixels,
+# `prefix`: text tokens before the image; `tiny`: the --smoke shape of the same family (tests/tiny_vision.py's).
+QWEN_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
+                   vision_end_token_id=151653)
 SHAPES = {
+    # Qwen2.5-VL-7B-Instruct
     "qwen2.5-vl-7b": dict(
+        family="qwen2_5_vl", tiny="tiny-qwen2.5-vl",
         text=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
                   num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=32768, rms_norm_eps=1e-6,
                   rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
@@ -40,12 +60,39 @@ SHAPES = {
         vision=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
                     patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=112,
                     fullatt_block_indexes=[7, 15, 23, 31], in_channels=3),
-        ids=dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
-                 vision_end_token_id=151653),
-        text_ids=151643,  # random text ids are drawn below the special tokens
-        image=448, prefix=64),
-    # --smoke: tests/tiny_vision.py's shape (hidden 64, 2 layers, a 2-block vision tower)
-    "tiny": dict(
+        ids=dict(QWEN_VL_IDS, tie_word_embeddings=False),
+        before=[151652], after=[151653], text_ids=151643, image=448, prefix=64),
+    # Qwen3-VL-8B-Instruct: 512x512 -> grid (1, 32, 32) of 16-pixel patches -> 256 merged tokens
+    "qwen3-vl-8b": dict(
+        family="qwen3_vl", tiny="tiny-qwen3-vl",
+        text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True},
+                  bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], in_channels=3),
+        ids=dict(QWEN_VL_IDS, tie_word_embeddings=False),
+        before=[151652], after=[151653], text_ids=151643, image=512, prefix=64),
+    # gemma-3-4b-it: SigLIP so400m at 896x896 (64x64 patches of 14), pooled to 256 soft tokens; an image is
+    # "\n\n<start_of_image>" + 256 x <image_soft_token> + "<end_of_image>\n\n" (108 is Gemma's "\n\n")
+    "gemma-3-4b": dict(
+        family="gemma3", tiny="tiny-gemma3",
+        text=dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+                  sliding_window=1024, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 5
+                  + ["sliding_attention"] * 4, rms_norm_eps=1e-6, bos_token_id=2, eos_token_id=1, pad_token_id=0),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=896, patch_size=14, vision_use_head=False),
+        ids=dict(mm_tokens_per_image=256, boi_token_id=255999, eoi_token_id=256000, image_token_id=262144,
+                 tie_word_embeddings=True),
+        before=[108, 255999], after=[256000, 108], text_ids=255999, image=896, prefix=64),
+    # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
+    # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
+    "tiny-qwen2.5-vl": dict(
+        family="qwen2_5_vl",
         text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]},
@@ -53,29 +100,57 @@ SHAPES = {
         vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=14,
                     spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1],
                     in_channels=3),
-        ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260),
-        text_ids=256, image=56, prefix=8),
+        ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
+                 tie_word_embeddings=False),
+        before=[259], after=[260], text_ids=256, image=56, prefix=8),
+    "tiny-qwen3-vl": dict(
+        family="qwen3_vl",
+        text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True},
+                  bos_token_id=None, eos_token_id=256, pad_token_id=256),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                    deepstack_visual_indexes=[0, 1], in_channels=3),
+        ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
+                 tie_word_embeddings=False),
+        before=[259], after=[260], text_ids=256, image=64, prefix=8),
+    "tiny-gemma3": dict(
+        family="gemma3",
+        text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16, max_position_embeddings=512,
+                  sliding_window=4, layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-6,
+                  bos_token_id=None, eos_token_id=256, pad_token_id=256),
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                    patch_size=14),
+        ids=dict(mm_tokens_per_image=4, boi_token_id=259, eoi_token_id=260, image_token_id=261,
+                 tie_word_embeddings=True),
+        before=[10, 10, 259], after=[260, 10, 10], text_ids=256, image=28, prefix=8),
 }
-SHAPE_NAME = {"qwen2.5-vl-7b": "qwen2.5-vl-7b", "tiny": "tiny-qwen2.5-vl"}
-# The language model's 7 projections, as PEFT matches module names of transformers' Qwen2.5-VL (fullmatch): the
-# vision tower's blocks have gate/up/down_proj too, which this leaves out.
+REAL_SHAPES = [k for k, v in SHAPES.items() if "tiny" in v]
+# The language model's 7 projections, as PEFT matches module names of transformers' Qwen2.5-VL / Qwen3-VL / Gemma 3
+# (fullmatch): the vision towers' blocks have gate/up/down_proj (Qwen2.5-VL) or q/k/v_proj (SigLIP) too, which
+# this leaves out.
 HF_TARGETS = (r"model\.language_model\.layers\.\d+\."
               r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
-# (impl, gradient checkpointing, FASTTUNE_KERNELS for ours)
-MATRIX = {"default": [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]}
+# matrix -> (shape, rows of (impl, gradient checkpointing, FASTTUNE_KERNELS for ours))
+ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
+MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS)}
 
 
 def hf_config(shape: str):
-    from transformers import Qwen2_5_VLConfig
+    import transformers
 
     s = SHAPES[shape]
-    return Qwen2_5_VLConfig(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"],
-                            tie_word_embeddings=False)
+    cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config"}[s["family"]]
+    return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
 def build_transformers(shape: str, device: str):
-    """transformers' Qwen2.5-VL in bf16 on `device`, every matrix (and the patch conv) drawn from normal(0, 0.02)
-    in a fixed order: with the same seed, the hf and ours rows start from the same weights."""
+    """transformers' model of the shape's family in bf16 on `device`, every matrix (and the patch conv, and Gemma 3's
+    projection, which transformers initialises to zeros) drawn from normal(0, 0.02) in a fixed order: with the same
+    seed, the hf and ours rows start from the same weights."""
     import torch
     from transformers import AutoModelForImageTextToText
 
@@ -106,7 +181,11 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
     model.lora_settings = None
     model = FastModel.get_peft_model(model, r=r, lora_alpha=r, finetune_vision_layers=False,
                                      use_gradient_checkpointing={"on": True, "off": False}[gc_mode])
-    note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
+    if SHAPES[shape]["family"] == "gemma3":
+        note = ("two-way image attention: our image_blocks inside forward; vision tower and projector: "
+                "transformers' modules, frozen")
+    else:
+        note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
     return model, note
 
 
@@ -124,60 +203,75 @@ def build_hf(shape: str, gc_mode: str, r: int, device: str):
     model.train()
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     n_layers = SHAPES[shape]["text"]["num_hidden_layers"]
-    assert len(adapted) == 7 * n_layers and not any("visual" in n for n in adapted), sorted(adapted)[:8]
-    # transformers 5.24 hooks the vision tower's patch embedding as well as the token embeddings (2 hooks), so its
-    # backward also runs through the frozen vision tower; a version that hooks the token embeddings only gives 1.
+    assert len(adapted) == 7 * n_layers and all(".language_model." in n for n in adapted), sorted(adapted)[:8]
+    # transformers 5.24 hooks Qwen2.5-VL's and Gemma 3's vision patch embedding as well as the token embeddings (2
+    # hooks), so their backward also runs through the frozen vision tower; Qwen3-VL's token embeddings only give 1.
     note = f"enable_input_require_grads hooked {hooks} embedding layer(s)" if gc_mode == "on" else ""
     return model, note
 
 
 def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
-    """n batches of bs rows: prefix text, <|vision_start|>, the image's placeholders, <|vision_end|>, text up to
-    seq; pixel values random normal (patches, 3*2*14*14) bf16, one square image per row."""
+    """n batches of bs rows: prefix text, the shape's `before` ids, the image's placeholders, its `after` ids, text
+    up to seq; one square image per row, pixel values random normal bf16: Qwen: patches (bs * patches,
+    3*2*P*P) with image_grid_thw; Gemma 3: images (bs, 3, S, S)."""
     import torch
 
     s = SHAPES[shape]
     v, ids = s["vision"], s["ids"]
     grid = s["image"] // v["patch_size"]
-    patches = grid * grid  # temporal 1: the image is repeated over temporal_patch_size frames
-    placeholders = patches // v["spatial_merge_size"] ** 2
-    patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
-    prefix = s["prefix"]
-    suffix = seq - prefix - placeholders - 2
+    patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
+    if s["family"] == "gemma3":
+        placeholders = ids["mm_tokens_per_image"]
+    else:
+        placeholders = patches // v["spatial_merge_size"] ** 2
+        patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
+    prefix, before, after = s["prefix"], s["before"], s["after"]
+    start = prefix + len(before)
+    suffix = seq - start - placeholders - len(after)
     assert suffix > 0, f"seq {seq} is too short for {placeholders} image tokens"
     g = torch.Generator(device=device).manual_seed(1)
     out = []
     for _ in range(n):
         input_ids = torch.randint(0, s["text_ids"], (bs, seq), device=device, generator=g)
-        input_ids[:, prefix] = ids["vision_start_token_id"]
-        input_ids[:, prefix + 1:prefix + 1 + placeholders] = ids["image_token_id"]
-        input_ids[:, prefix + 1 + placeholders] = ids["vision_end_token_id"]
+        input_ids[:, prefix:start] = torch.tensor(before, device=device)
+        input_ids[:, start:start + placeholders] = ids["image_token_id"]
+        input_ids[:, start + placeholders:start + placeholders + len(after)] = torch.tensor(after, device=device)
         labels = input_ids.masked_fill(input_ids == ids["image_token_id"], -100)
-        pixel_values = torch.randn(bs * patches, patch_dim, device=device, generator=g).to(torch.bfloat16)
-        out.append(dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
-                        pixel_values=pixel_values,
-                        image_grid_thw=torch.tensor([[1, grid, grid]] * bs, device=device)))
+        batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
+        if s["family"] == "gemma3":
+            batch["pixel_values"] = torch.randn(bs, 3, s["image"], s["image"], device=device,
+                                                generator=g).to(torch.bfloat16)
+        else:
+            batch["pixel_values"] = torch.randn(bs * patches, patch_dim, device=device, generator=g).to(torch.bfloat16)
+            batch["image_grid_thw"] = torch.tensor([[1, grid, grid]] * bs, device=device)
+        out.append(batch)
     return out, placeholders
 
 
 def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
-    """transformers 5.24's forward takes mm_token_type_ids (1 = image token) to build multimodal RoPE positions and
-    uses plain positions without it; a forward without that parameter finds the image tokens by id itself. Returns (a function of the
-    batch giving the extra kwargs, the note saying which)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    """The image-token marks transformers' processors add, passed only when the model's forward has the
+    parameter: Qwen's mm_token_type_ids (1 = image token; transformers 5.24 builds the multimodal RoPE positions
+    from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
+    itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
+    function of the batch giving the extra kwargs, the note saying which)."""
+    name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
     image_id = SHAPES[shape]["ids"]["image_token_id"]
-    if "mm_token_type_ids" in inspect.signature(Qwen2_5_VLForConditionalGeneration.forward).parameters:
-        return (lambda b: {"mm_token_type_ids": (b["input_ids"] == image_id).int(), "use_cache": False},
-                "mm_token_type_ids passed (forward has the parameter)")
+    cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+    if name in inspect.signature(cls.forward).parameters:
+        return (lambda b: {name: (b["input_ids"] == image_id).int(), "use_cache": False},
+                f"{name} passed (forward has the parameter)")
+    if name == "token_type_ids":
+        return (lambda b: {"use_cache": False},
+                "no token_type_ids parameter: not passed (the image tokens attend causally)")
     return (lambda b: {"use_cache": False},
             "no mm_token_type_ids parameter: transformers computed the multimodal positions itself")
 
 
-def run_one(impl: str, gc_mode: str, bs: int, seq: int, steps: int, warmup: int, r: int, smoke: bool) -> dict:
+def run_one(impl: str, gc_mode: str, bs: int, seq: int, steps: int, warmup: int, r: int, smoke: bool,
+            shape: str = "qwen2.5-vl-7b") -> dict:
     import torch
 
-    shape = "tiny" if smoke else "qwen2.5-vl-7b"
+    shape = SHAPES[shape]["tiny"] if smoke else shape
     device = "cpu" if smoke else "cuda"
     if not smoke:
         assert torch.cuda.is_available(), "bench_vision.py needs a CUDA GPU (or --smoke for a CPU check)"
@@ -225,7 +319,7 @@ def run_one(impl: str, gc_mode: str, bs: int, seq: int, steps: int, warmup: int,
 
     row = {"bench": "vision_lora", "impl": impl,
            "kernels": (os.environ.get("FASTTUNE_KERNELS") or "default") if impl == "ours" else "-",
-           "shape": SHAPE_NAME[shape], "gradient_checkpointing": gc_mode, "batch": bs, "seq": seq,
+           "shape": shape, "gradient_checkpointing": gc_mode, "batch": bs, "seq": seq,
            "images_per_row": 1, "image_tokens_per_row": placeholders,
            "image_size": SHAPES[shape]["image"], "lora_r": r, "warmup": warmup, "steps": steps,
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
@@ -241,7 +335,11 @@ def run_one(impl: str, gc_mode: str, bs: int, seq: int, steps: int, warmup: int,
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--matrix", choices=sorted(MATRIX))
+    ap.add_argument("--matrix", choices=sorted(MATRIX), help="default: qwen2.5-vl-7b; qwen3: qwen3-vl-8b; "
+                    "gemma3: gemma-3-4b (hf recompute on, ours on, ours off)")
+    ap.add_argument("--shape", choices=REAL_SHAPES, default=None,
+                    help="model shape (default qwen2.5-vl-7b, or the --matrix's); --smoke runs a tiny one of its "
+                    "family")
     ap.add_argument("--impl", choices=["ours", "hf"], default="ours")
     ap.add_argument("--gc", choices=["on", "off"], default="on")
     ap.add_argument("--bs", type=int, default=2)
@@ -258,25 +356,55 @@ def main():
     if a.smoke and Path(a.out).resolve().parent == (Path(__file__).parent / "results").resolve():
         sys.exit("--smoke rows are not results: pass --out to a file outside bench/results/ (e.g. /tmp/v.jsonl)")
     if a.matrix:
+        shape, matrix = MATRIX[a.matrix]
+        if a.shape not in (None, shape):
+            sys.exit(f"--matrix {a.matrix} runs the {shape} shape; leave --shape out (or pass --shape {shape})")
         rows = []
-        for impl, gc_mode, kernels in MATRIX[a.matrix]:
+        for impl, gc_mode, kernels in matrix:
             if a.smoke and kernels != "-":
                 kernels = "torch"  # what runs on a CPU anyway (no Triton there)
             env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
-            cmd = [sys.executable, __file__, "--impl", impl, "--gc", gc_mode, "--bs", str(a.bs), "--seq", str(a.seq),
-                   "--steps", str(a.steps), "--warmup", str(a.warmup), "--r", str(a.r), "--out", a.out]
-            row = run_row(cmd + (["--smoke"] if a.smoke else []), env, f"{impl} gc={gc_mode} kernels={kernels}")
+            label = f"{impl} gc={gc_mode} kernels={kernels}"
+            if a.smoke:  # no peak memory to keep apart on a CPU: one process, imports paid once
+                rows += [r for r in [smoke_row(a, shape, impl, gc_mode, env, label)] if r is not None]
+                continue
+            cmd = [sys.executable, __file__, "--shape", shape, "--impl", impl, "--gc", gc_mode, "--bs", str(a.bs),
+                   "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup), "--r", str(a.r),
+                   "--out", a.out]
+            row = run_row(cmd, env, label)
             if row is not None:
                 rows.append(row)
         print_table(rows)
-        if len(rows) < len(MATRIX[a.matrix]):
+        if len(rows) < len(matrix):
             sys.exit(1)
         return
-    row = run_one(a.impl, a.gc, a.bs, a.seq, a.steps, a.warmup, a.r, a.smoke)
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    with open(a.out, "a") as f:
-        f.write(json.dumps(row) + "\n")
+    row = run_one(a.impl, a.gc, a.bs, a.seq, a.steps, a.warmup, a.r, a.smoke, a.shape or "qwen2.5-vl-7b")
+    append_row(a.out, row)
     print(json.dumps(row))
+
+
+def append_row(out: str, row: dict):
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def smoke_row(a, shape: str, impl: str, gc_mode: str, env: dict, label: str) -> dict | None:
+    """A --smoke matrix row in this process (FASTTUNE_KERNELS is read at call time); its row, appended to a.out,
+    or None when it failed, the error printed under `label`."""
+    import traceback
+
+    os.environ["FASTTUNE_KERNELS"] = env["FASTTUNE_KERNELS"]
+    try:
+        row = run_one(impl, gc_mode, a.bs, a.seq, a.steps, a.warmup, a.r, True, shape)
+    except Exception:
+        print(f"FAILED {label}:\n{traceback.format_exc()[-3000:]}", flush=True)
+        return None
+    finally:
+        gc.collect()
+    append_row(a.out, row)
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def run_row(cmd: list[str], env: dict, label: str) -> dict | None:
