@@ -273,7 +273,9 @@ class DecoderModel(nn.Module):
                 and seq_idx is None and cu_seq_lens_q is None and attention_mask.shape[1] == t \
                 and varlen_usable(x, cfg.attn_logit_softcap, windows):
             # Left padding (or padding on both sides, as GRPO's prompt + completion rows have): each row's tokens are
-            # one run, attended causally as one varlen sequence instead of through a dense (B, T, T) mask.
+            # one run, attended causally as one varlen sequence instead of through a dense (B, T, T) mask. Only the
+            # outputs at padding positions differ (made from padding either way), so does the prediction a padding
+            # position makes of the first real token, which no collator makes a target.
             runs = padding_runs(attention_mask)
             if runs is not None:
                 segment_ids, attention_mask = runs, None
