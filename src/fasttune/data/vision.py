@@ -27,7 +27,16 @@ from fasttune.errors import DataError, ModelLoadError
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-class VisionProcessor:
+def _processor_base():
+    """transformers' ProcessorMixin, so that code which checks for a processor (TRL's SFTTrainer) takes ours; its
+    __init__ (which validates its parts' classes, including a video processor that needs torchvision) is not
+    used."""
+    from transformers import ProcessorMixin
+
+    return ProcessorMixin
+
+
+class VisionProcessor(_processor_base()):
     """Tokenizer + image processor + chat template of a vision-language checkpoint.
 
     Attributes the tokenizer has (pad_token_id, eos_token, decode, ...) are read through to it, so the processor

@@ -100,6 +100,12 @@ class VisionCausalLM(CausalLM):
             self._vlm_config = value
 
     @property
+    def base_model(self) -> "VisionBackbone":
+        """The backbone as transformers' vision-language models expose it: called with input_ids and the images,
+        it returns the final hidden state (what TRL's fused LM head runs before projecting)."""
+        return VisionBackbone(self)
+
+    @property
     def image_token_id(self) -> int:
         """The id of the token each image feature replaces (config.image_token_id)."""
         return self._vlm_config.image_token_id
@@ -214,6 +220,25 @@ class VisionCausalLM(CausalLM):
                               "inputs_embeds or a filled KV cache.")
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+
+
+class VisionBackbone:
+    """VisionCausalLM's decoder with the image inputs in front: `backbone(input_ids, attention_mask=...,
+    pixel_values=..., image_grid_thw=...)` -> BaseModelOutput with `.last_hidden_state` (B, T, H), as transformers'
+    Qwen2_5_VLModel / Gemma3Model return it. Not a module of its own (it holds no weights)."""
+
+    def __init__(self, model: VisionCausalLM):
+        self.model = model
+
+    def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, pixel_values=None,
+                 image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, **kwargs):
+        m = self.model
+        if inputs_embeds is None and input_ids is not None:
+            inputs = m.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
+            inputs_embeds = inputs["inputs_embeds"]
+            position_ids = inputs["position_ids"] if position_ids is None else position_ids
+            kwargs.update({k: inputs[k] for k in ("image_blocks", "deepstack") if kwargs.get(k) is None})
+        return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
 
 
 def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,
