@@ -168,3 +168,18 @@ def test_load_in_4bit_quantises_the_language_model(vl_dir):
     assert quantised and all(n.startswith("model.layers.") for n in quantised)
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
     assert abs(losses[1] - losses[0]) < 0.05 * losses[0]
+
+
+def test_text_only_calls_behave_as_the_tokenizer(qwen_vl_dir):
+    """Without images the processor is its tokenizer (chat, fast_generate and the CLI's samples tokenize through
+    it), and a text-only prompt generates on the vision model."""
+    from fasttune import FastVisionModel
+    from fasttune.generate import generate_text
+
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    assert proc("abc", add_special_tokens=False) == proc.tokenizer("abc", add_special_tokens=False)
+    assert proc(["a", "bc"])["input_ids"] == proc.tokenizer(["a", "bc"])["input_ids"]
+    reply = generate_text(model, proc, "hello", max_new_tokens=4)
+    assert isinstance(reply, str)
+    with_image = proc(text=[proc.apply_chat_template(CONVERSATION)], images=[solid_image("red")])
+    assert torch.is_tensor(with_image["input_ids"]) and "pixel_values" in with_image

@@ -124,10 +124,13 @@ class VisionProcessor(_processor_base()):
                 out.append(self.feature_token * (int(torch.as_tensor(grid).prod()) // self.merge_size ** 2) + rest)
         return "".join(out)
 
-    def __call__(self, text=None, images=None, return_tensors="pt", padding: bool = True, **kwargs) -> dict:
+    def __call__(self, text=None, images=None, return_tensors=None, **kwargs) -> dict:
         """text (str or list[str], rendered with placeholders) and the images in order over the texts ->
         input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
-        images, as transformers' Qwen2.5-VL processor returns them."""
+        images, as transformers' Qwen2.5-VL processor returns them (always as torch tensors). Without images the
+        call is the tokenizer's (same arguments and result), so the processor stands in for it in text-only code."""
+        if not images and (text is None or self.image_token not in "".join([text] if isinstance(text, str) else text)):
+            return self.tokenizer(text, return_tensors=return_tensors, **kwargs)
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
         grids = []
