@@ -1,6 +1,7 @@
 """The command line with a vision-language model: train on image rows whose paths are relative to the data file
-(samples and the saved adapter carry the images' processor), generate with --image equal to the API, and the
-user errors (a missing image, --image on a text model) as one message with exit code 2."""
+(samples and the saved adapter carry the images' processor), generate with --image equal to the API, export the
+merged checkpoint (GGUF is refused with the way out), and the user errors (a missing image, --image on a text
+model) as one message with exit code 2."""
 import json
 
 import pytest
@@ -18,7 +19,8 @@ def vl_run(tmp_path_factory):
     for i, (name, colour) in enumerate([("red", (200, 30, 30)), ("blue", (30, 40, 210))] * 3):
         solid_image(colour).save(root / "data" / "img" / f"{i}.png")
         rows.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"}, {"type": "text", "text": "Colour?"}]},
+            {"role": "user", "content": [{"type": "image", "image": f"img/{i}.png"},
+                                         {"type": "text", "text": "Colour?"}]},
             {"role": "assistant", "content": name}]})
     (root / "data" / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     return root, model
@@ -45,6 +47,12 @@ def test_train_then_generate_with_an_image(vl_run, capsys):
     reply = generate_vision_text(loaded, proc, [[{"type": "image", "image": image},
                                                  {"type": "text", "text": "Colour?"}]], max_new_tokens=4)[0]
     assert printed == f"### Colour?\n{reply}\n\n"
+
+    assert main(["export", "--adapter", str(out / "adapter"), "--format", "merged", "--output", str(root / "m")]) == 0
+    assert "AutoModelForImageTextToText" in capsys.readouterr().out
+    assert (root / "m" / "preprocessor_config.json").exists()
+    rc = main(["export", "--adapter", str(out / "adapter"), "--format", "gguf", "--output", str(root / "g")])
+    assert rc == 2 and "mmproj" in capsys.readouterr().err and not (root / "g").exists()
 
 
 def test_missing_image_is_one_message(vl_run, tmp_path, capsys):
