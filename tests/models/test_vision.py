@@ -183,3 +183,11 @@ def test_text_only_calls_behave_as_the_tokenizer(qwen_vl_dir):
     assert isinstance(reply, str)
     with_image = proc(text=[proc.apply_chat_template(CONVERSATION)], images=[solid_image("red")])
     assert torch.is_tensor(with_image["input_ids"]) and "pixel_values" in with_image
+
+
+def test_fast_false_names_the_way_out(qwen_vl_dir):
+    from fasttune import FastVisionModel
+    from fasttune.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match="vision-language model.*leave fast at True"):
+        FastVisionModel.from_pretrained(str(qwen_vl_dir), fast=False)

@@ -259,7 +259,11 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     hf_config = with_architectures(load_hf_config(path))
     # damaged weight files are named here, on both paths, before anything is loaded
     check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
-    if fast and is_vision_config(hf_config):
+    if is_vision_config(hf_config):
+        if not fast:
+            raise ModelLoadError(f"'{path}' is a {hf_config.model_type} vision-language model, which the "
+                                 f"transformers fallback (fast=False) does not load; leave fast at True (its language "
+                                 f"model runs on fasttune's decoder, its vision tower is transformers' own).")
         return load_vision_model(path, dtype, device, quant), hf_config
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
