@@ -119,16 +119,6 @@ class VisionCausalLM(CausalLM):
                 return f"model.{hf_name}{name[len(attr):]}"
         return name
 
-    def our_name(self, checkpoint_name: str) -> str:
-        """The inverse of checkpoint_name."""
-        if checkpoint_name.startswith("model.language_model."):
-            return "model." + checkpoint_name[len("model.language_model."):]
-        for attr, hf_name in self.family.vision_modules:
-            prefix = f"model.{hf_name}"
-            if checkpoint_name == prefix or checkpoint_name.startswith(prefix + "."):
-                return attr + checkpoint_name[len(prefix):]
-        return checkpoint_name
-
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw=None) -> tuple[torch.Tensor, list]:
         """The processor's pixel_values (Qwen: patches (P, C*T*P*P) with image_grid_thw (images, 3); Gemma 3:
         images (N, C, H, W)) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
