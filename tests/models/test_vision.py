@@ -191,3 +191,27 @@ def test_fast_false_names_the_way_out(qwen_vl_dir):
 
     with pytest.raises(ModelLoadError, match="vision-language model.*leave fast at True"):
         FastVisionModel.from_pretrained(str(qwen_vl_dir), fast=False)
+
+
+def test_generate_with_images_equals_full_forwards(vl_dir):
+    """Greedy KV-cache generation from an image prompt (left-padded batch of two) gives the tokens that re-running
+    the whole sequence each step gives: the cached steps continue the images' positions (rope deltas)."""
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(vl_dir))
+    model.eval()
+    contents = [[{"type": "image", "image": solid_image("red")}, {"type": "text", "text": "colour?"}],
+                [{"type": "text", "text": "and"}, {"type": "image", "image": solid_image((0, 0, 255), (84, 56))}]]
+    batch = proc.prompt_inputs(contents)
+    assert not batch["attention_mask"].all()  # left padding in one row
+    out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with torch.no_grad():
+        for _ in range(5):
+            # Gemma 3's plain positions count from each row's first real token, as generate's do
+            plain = None if "image_grid_thw" in batch else (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
+                           image_grid_thw=batch.get("image_grid_thw"), position_ids=plain).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    assert torch.equal(out, ids)
