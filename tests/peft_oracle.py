@@ -33,7 +33,7 @@ def peft_grads(peft_model) -> dict:
 def reference_sft_losses(ref_model, batches, steps: int, lr: float) -> list[float]:
     """The transformers(+PEFT) reference loop: per-step loss = summed token CE of the accumulated batch over its
     target count, AdamW (torch defaults as HF uses them, no weight decay), clipping at 1.0. `batches` yields what
-    Trainer._step_batches yields, so both sides see the same data."""
+    Trainer.step_batches yields, so both sides see the same data."""
     import torch.nn.functional as F
 
     from fasttune.data.collate import count_targets

@@ -33,8 +33,8 @@ def our_step(trainer, n=4):
     model = trainer.model
     model.train()
     model.zero_grad(set_to_none=True)
-    batch = trainer._to_device(trainer.collate_batch(trainer.train_examples[:n]))
-    trainer.prepare_step([batch])
+    batch = trainer.to_device(trainer.collate_batch(trainer.train_examples[:n]))
+    trainer.prepare_step([batch], across_ranks=True)
     loss, _ = trainer.micro_batch_loss(batch, trainer.count_items(batch))
     loss.backward()
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}

@@ -18,7 +18,7 @@ def test_20_steps_equal_a_transformers_loop(tiny_model_dir, tmp_path):
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                      learning_rate=1e-3, lr_scheduler_type="constant", max_steps=20, max_grad_norm=1.0)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
-    batches = trainer._step_batches(0, 0)  # the very batches the trainer will see, for the reference loop
+    batches = trainer.step_batches(0, 0)  # the very batches the trainer will see, for the reference loop
     trainer.train()
     ours = [h["loss"] for h in trainer.log_history if "loss" in h]
 

@@ -4,7 +4,7 @@ queueing the next micro-batch. The trainer reads the device once per optimizer s
 grad-norm together, which the non-finite check needs before the optimizer steps), plus once per logging step for
 the objectives' metrics; never once per micro-batch.
 
-CI has no GPU, so `DeviceReads` plays one on the CPU: what Trainer._to_device returns (copied, so the host's batch
+CI has no GPU, so `DeviceReads` plays one on the CPU: what Trainer.to_device returns (copied, so the host's batch
 stays apart), the model's parameters, and everything computed from them are "on the device", and each op that
 hands such a tensor's values to the host is counted. Reads inside the model's forward (fasttune/models,
 fasttune/kernels) are the model's own and left out here: this test holds the trainer and its objectives. So is
@@ -65,7 +65,7 @@ class DeviceReads(TorchDispatchMode):
 @pytest.fixture
 def device_reads(monkeypatch):
     mode = DeviceReads()
-    to_device = Trainer._to_device
+    to_device = Trainer.to_device
 
     def copied_to_device(self, batch):
         out = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in to_device(self, batch).items()}
@@ -81,7 +81,7 @@ def device_reads(monkeypatch):
             return method(t, *a, **k)
         return read
 
-    monkeypatch.setattr(Trainer, "_to_device", copied_to_device)
+    monkeypatch.setattr(Trainer, "to_device", copied_to_device)
     for name in ("tolist", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, reader(name))
     return mode

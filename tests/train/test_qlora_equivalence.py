@@ -42,7 +42,7 @@ def test_20_qlora_steps_equal_transformers_peft_bitsandbytes(tiny_model_dir, tin
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                      learning_rate=5e-3, lr_scheduler_type="constant", max_steps=20, max_grad_norm=1.0)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
-    batches = trainer._step_batches(0, 0)
+    batches = trainer.step_batches(0, 0)
     trainer.train()
     ours = [h["loss"] for h in trainer.log_history if "loss" in h]
 

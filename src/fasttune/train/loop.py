@@ -1,10 +1,19 @@
 """The one trainer core: batching, gradient accumulation normalised by the target tokens of the whole accumulated
 batch, AdamW param groups, LR schedule, clipping, non-finite-step skipping, logging, checkpoints and resume.
 
-Objectives (SFT, DPO, ORPO, KTO, GRPO) subclass Trainer and implement `prepare` and `micro_batch_loss`; those
-whose examples are not {"input_ids", "labels"} also override `collate_batch`, `count_items` (the normaliser of
-the accumulated batch: target tokens for SFT, pairs for DPO, ...), `batch_tokens`, `example_tokens`,
-`eval_batch_loss`, and may report extra metrics through `log_metrics`.
+Objectives (SFT, DPO, ORPO, KTO, GRPO) subclass Trainer. The contract between them and the loop is the "objective
+hooks" section of Trainer, and nothing else:
+
+- data: `prepare` (rows -> examples; required), `supports_packing` (False: packing=True is a ConfigError),
+  `collate_batch`, `example_tokens`;
+- the step's batches: `epoch_order`, `steps_per_epoch`, `step_groups`, `step_batches` (GRPO samples there);
+- counts, on the host: `count_items` (the normaliser of the accumulated batch: target tokens for SFT, pairs for
+  DPO, ...), `batch_tokens`;
+- the loss: `prepare_step` (statistics of the whole accumulated batch), `micro_batch_loss`, `eval_batch_loss`;
+- metrics: `log_metrics`, `eval_metrics`;
+- a helper objectives call: `to_device`.
+
+The defaults are SFT's (examples {"input_ids", "labels"}); the other methods are private to the loop.
 """
 from __future__ import annotations
 
@@ -96,21 +105,32 @@ class Trainer:
         self.pad_id = self._pad_id()
 
     # --- objective hooks -------------------------------------------------------------------------------------
+    supports_packing: bool = True
+    """Whether packing=True may pack this objective's examples into shared rows (pack_examples). An objective whose
+    examples are not {"input_ids", "labels"} sets False, and packing=True is then a ConfigError (packing_refusal)."""
+    packing_refusal: str = "packing=True does not apply to {method}; set packing=False."
+    """The ConfigError message of packing=True where supports_packing is False; {method} is the objective's
+    `method` (its class name without one)."""
+
     def prepare(self, dataset) -> list[dict]:
+        """Rows (datasets.Dataset, list of dicts or a file path) -> this objective's examples (dicts of token ids
+        and whatever collate_batch needs). Required; raises ConfigError / DataError for data that does not fit."""
         raise NotImplementedError
 
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor | float]:
-        """Returns (loss to backprop, already divided by num_items; unnormalised loss sum for logging). The sum may
-        stay a tensor on the device: the loop reads the step's sums once, after the last micro-batch (host_values)."""
+        """The loss of one micro-batch (on the device). Returns (loss to backprop, already divided by num_items;
+        unnormalised loss sum for logging). The sum may stay a tensor on the device: the loop reads the step's sums
+        once, after the last micro-batch (host_values)."""
         packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          labels=batch["labels"], num_items_in_batch=num_items, **packed)
         return out.loss, out.loss_sum.detach()
 
-    def prepare_step(self, group: list[dict]) -> None:
+    def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
         """Called with this rank's micro-batches of one optimizer step before any forward, as collated (on the
-        host, so reading them costs no device sync): objectives whose loss needs statistics of the whole accumulated
-        batch (ORPO's token count, KTO's KL estimate) take them here."""
+        host, so reading them costs no device sync), with across_ranks=True: objectives whose loss needs statistics
+        of the whole accumulated batch (ORPO's token count, KTO's KL estimate) take them here, summed over the ranks
+        when across_ranks. An objective may call it itself with across_ranks=False (e.g. per eval batch)."""
 
     def collate_batch(self, examples: list[dict]) -> dict:
         """Examples -> one micro-batch of tensors (on the CPU; the loop moves it to the device)."""
@@ -143,7 +163,49 @@ class Trainer:
         """Extra metrics of the last evaluate() pass, merged into its result; resets them."""
         return {}
 
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The training examples' indices in the order epoch `epoch` visits them (seeded by args.seed + epoch when
+        args.shuffle). GRPO keeps each prompt's copies together."""
+        n = len(self.train_examples)
+        if not self.args.shuffle:
+            return list(range(n))
+        g = torch.Generator().manual_seed(self.args.seed + epoch)
+        return torch.randperm(n, generator=g).tolist()
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch, all ranks' micro-batches together."""
+        micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        return math.ceil(micro / (self.args.gradient_accumulation_steps * self.dist.world))
+
+    def step_groups(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [example indices per micro-batch]) per optimizer step, all ranks'
+        micro-batches included; epochs repeat until the caller stops."""
+        ga = self.args.gradient_accumulation_steps * self.dist.world
+        epoch, micro = start_epoch, start_micro
+        while True:
+            batches = self._micro_batches(epoch)
+            while micro < len(batches):
+                group = batches[micro:micro + ga]
+                micro += len(group)
+                yield epoch, micro, group
+            epoch, micro = epoch + 1, 0
+
+    def step_batches(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [batches as collated, on the host]) per optimizer step, all ranks'
+        micro-batches included, from (start_epoch, start_micro) on (a resume's position). The loop trains on
+        what this yields: GRPO samples and scores its completions here."""
+        for epoch, micro, group in self.step_groups(start_epoch, start_micro):
+            yield epoch, micro, [self.collate_batch([self.train_examples[i] for i in ids]) for ids in group]
+
+    def to_device(self, batch: dict) -> dict:
+        """The batch's tensors moved to the model's device; other values (plain numbers) as they are."""
+        dev = self.model.device
+        return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    # --- batching ----------------------------------------------------------------------------------------------
     def _pack(self, examples: list[dict]) -> list[dict]:
+        if not self.supports_packing:
+            raise ConfigError(self.packing_refusal.format(method=getattr(self, "method", type(self).__name__)))
         from fasttune.data.packing import pack_examples
         from fasttune.models.decoder import CausalLM
 
@@ -152,7 +214,6 @@ class Trainer:
                               "apart); this model runs through the transformers fallback. Set packing=False.")
         return pack_examples(examples, self.args.max_seq_length)
 
-    # --- batching ----------------------------------------------------------------------------------------------
     def _check_ids_fit_model(self):
         """Token ids past the model's embedding (tokens added to the tokenizer but not to the model) are a
         ConfigError naming the fix, not an IndexError deep in the forward pass. Scans the data only when the
@@ -178,48 +239,14 @@ class Trainer:
         pad = self.model.arch.pad_token_id
         return pad if isinstance(pad, int) else 0
 
-    def _epoch_order(self, epoch: int) -> list[int]:
-        n = len(self.train_examples)
-        if not self.args.shuffle:
-            return list(range(n))
-        g = torch.Generator().manual_seed(self.args.seed + epoch)
-        return torch.randperm(n, generator=g).tolist()
-
     def _micro_batches(self, epoch: int) -> list[list[int]]:
-        order, bs = self._epoch_order(epoch), self.args.per_device_train_batch_size
+        order, bs = self.epoch_order(epoch), self.args.per_device_train_batch_size
         return [order[i:i + bs] for i in range(0, len(order), bs)]
-
-    def _to_device(self, batch: dict) -> dict:
-        """The batch's tensors moved to the model's device; other values (plain numbers) as they are."""
-        dev = self.model.device
-        return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-    def steps_per_epoch(self) -> int:
-        micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
-        return math.ceil(micro / (self.args.gradient_accumulation_steps * self.dist.world))
 
     def total_steps(self) -> int:
         if self.args.max_steps > 0:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
-
-    def _step_groups(self, start_epoch: int, start_micro: int):
-        """Yields (epoch, next micro index, [example indices per micro-batch]) per optimizer step, all ranks'
-        micro-batches included; epochs repeat until the caller stops."""
-        ga = self.args.gradient_accumulation_steps * self.dist.world
-        epoch, micro = start_epoch, start_micro
-        while True:
-            batches = self._micro_batches(epoch)
-            while micro < len(batches):
-                group = batches[micro:micro + ga]
-                micro += len(group)
-                yield epoch, micro, group
-            epoch, micro = epoch + 1, 0
-
-    def _step_batches(self, start_epoch: int, start_micro: int):
-        """Yields (epoch, next micro index, [batches]) per optimizer step."""
-        for epoch, micro, group in self._step_groups(start_epoch, start_micro):
-            yield epoch, micro, [self.collate_batch([self.train_examples[i] for i in ids]) for ids in group]
 
     # --- training ----------------------------------------------------------------------------------------------
     def train(self, resume_from_checkpoint=None) -> dict:
@@ -272,7 +299,7 @@ class Trainer:
         self._reporters = open_reporters(args) if self.dist.is_main else None
         run.bar = tqdm(total=total, initial=run.step, desc="training", unit="step", dynamic_ncols=True,
                        disable=not self.dist.is_main)
-        run.batches = self._step_batches(run.epoch, run.micro)
+        run.batches = self.step_batches(run.epoch, run.micro)
         run.memory = PhaseMemory(model.device)  # peak GiB per phase in the log (GPU only)
         run.t0 = time.perf_counter()
         return run
@@ -285,10 +312,10 @@ class Trainer:
         # FSDP: every rank must run as many forward/backward passes as the busiest one (each joins the layers'
         # gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
         fillers = min(args.gradient_accumulation_steps, len(full_group)) - len(host_group) if is_sharded(model) else 0
-        self.prepare_step(host_group)
+        self.prepare_step(host_group, across_ranks=True)
         num_items = int(self.dist.sum(sum(self.count_items(b) for b in host_group)))
         n_tokens = sum(self.batch_tokens(b) for b in host_group)
-        group = [self._to_device(b) for b in host_group]
+        group = [self.to_device(b) for b in host_group]
         run.lr = optimizer.param_groups[0]["lr"]
         if num_items == 0:
             # Nothing to learn (e.g. GRPO with every completion masked): a counted step with loss 0 and zero
@@ -388,7 +415,7 @@ class Trainer:
         try:
             parts = []  # each micro-batch's loss sum, left on the device until the step's one read
             for _ in range(fillers):
-                filler = self._to_device(self.collate_batch([self.train_examples[0]]))
+                filler = self.to_device(self.collate_batch([self.train_examples[0]]))
                 loss, _ = self.micro_batch_loss(filler, num_items)
                 (loss * 0.0).backward()
             for b in group:
@@ -476,7 +503,7 @@ class Trainer:
         self.model.eval()
         total, count, bs = 0.0, 0, self.args.per_device_eval_batch_size
         for i in range(0, len(self.eval_examples), bs):
-            part, n = self.eval_batch_loss(self._to_device(self.collate_batch(self.eval_examples[i:i + bs])))
+            part, n = self.eval_batch_loss(self.to_device(self.collate_batch(self.eval_examples[i:i + bs])))
             total, count = total + part, count + n
         self.model.train(was_training)
         return {"eval_loss": total / max(1, count), **self.eval_metrics()}

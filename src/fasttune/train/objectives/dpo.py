@@ -78,14 +78,14 @@ class DPOTrainer(PreferenceTrainer):
         bs = self.args.per_device_eval_batch_size
         for i in range(0, len(examples), bs):
             part = examples[i:i + bs]
-            batch = self._to_device(self.collate_batch(part))
+            batch = self.to_device(self.collate_batch(part))
             ref = self.logps(batch).sum(-1)  # the policy as handed to the trainer is the reference
             chosen, rejected = ref.cpu().chunk(2)
             for ex, c, r in zip(part, chosen.tolist(), rejected.tolist()):
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
         self.model.train(was_training)
 
-    def batch_loss(self, batch: dict, num_items: int):
+    def micro_batch_loss(self, batch: dict, num_items: int):
         """Sigmoid, hinge or IPO loss of beta x the difference of chosen and rejected log-ratios (TRL's DPO
         losses), summed over the pairs and divided by num_items; metrics rewards/* and logps/*."""
         a = self.args
@@ -106,4 +106,4 @@ class DPOTrainer(PreferenceTrainer):
             avg = chosen_ratio / lengths[0] - rejected_ratio / lengths[1]
             losses = (avg - 1 / (2 * a.beta)) ** 2
         sums = pair_sums(a.beta * chosen_ratio, a.beta * rejected_ratio, chosen, rejected)
-        return losses.sum() / num_items, sums
+        return self.report(losses.sum() / num_items, sums, num_items)

@@ -3,7 +3,7 @@ KV-cache generate(), scores them with the reward functions, normalises the rewar
 runs the clipped objective (optional KL to the reference = the base with adapters disabled) over micro-batches.
 
 The loop stays the core's (accumulation, clipping, schedule, checkpoints, logging); this class supplies the step's
-micro-batches (`_step_batches`) and the loss of one (`micro_batch_loss`). The math is in grpo_loss.py.
+micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The math is in grpo_loss.py.
 """
 from __future__ import annotations
 
@@ -37,6 +37,9 @@ class GRPOTrainer(Trainer):
     args that are not a GRPOConfig, no tokenizer, an eval_dataset, a reward_weights length that does not match,
     completions per step that are not whole groups of num_generations, or beta > 0 on a model whose adapters
     cannot be switched off to give the base."""
+
+    supports_packing = False
+    packing_refusal = "packing does not apply to GRPO; set packing=False."
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, **kwargs):
@@ -126,7 +129,7 @@ class GRPOTrainer(Trainer):
             raise DataError("No usable prompts: every row was longer than the prompt limit and drop_long=True.")
         return [ex for ex in examples for _ in range(a.num_generations)]
 
-    def _epoch_order(self, epoch: int) -> list[int]:
+    def epoch_order(self, epoch: int) -> list[int]:
         """Prompts in (seeded) random order, each prompt's num_generations copies kept together."""
         g = self.args.num_generations
         n = len(self.train_examples) // g
@@ -139,9 +142,6 @@ class GRPOTrainer(Trainer):
         """Optimizer steps per epoch: each sampled batch is trained on num_iterations times."""
         return super().steps_per_epoch() * self.args.num_iterations  # each sampled batch is used num_iterations times
 
-    def _pack(self, examples):
-        raise ConfigError("packing does not apply to GRPO; set packing=False.")
-
     def example_tokens(self, example: dict) -> int:
         """Prompt tokens plus max_completion_length (the longest a sampled row can be)."""
         return len(example["prompt_ids"]) + self.args.max_completion_length
@@ -151,8 +151,10 @@ class GRPOTrainer(Trainer):
         return int(batch["completion_mask"].sum())
 
     # --- sampling and scoring, once per optimizer step ---------------------------------------------------------
-    def _step_batches(self, start_epoch: int, start_micro: int):
-        for epoch, micro, group in self._step_groups(start_epoch, start_micro):
+    def step_batches(self, start_epoch: int, start_micro: int):
+        """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
+        that a resume samples the same), yielded num_iterations times as (epoch, next micro index, micro-batches)."""
+        for epoch, micro, group in self.step_groups(start_epoch, start_micro):
             sizes = [len(ids) for ids in group]
             seed = self.args.seed + 1_000_003 * epoch + micro  # the same after a resume
             step = self.rollout([self.train_examples[i] for ids in group for i in ids], sizes, seed)
@@ -259,7 +261,7 @@ class GRPOTrainer(Trainer):
              "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
         # The log-probs stay on the device (the loop's move is then a no-op): copying them back would wait for the
         # device once per micro-batch.
-        dev = self._to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions")})
+        dev = self.to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions")})
         if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
             b["old_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
                                                    dev["completion_positions"])

@@ -118,7 +118,7 @@ class KTOTrainer(PreferenceTrainer):
         return len(example["prompt_ids"]) + len(example["completion_ids"])
 
     @torch.no_grad()
-    def step_stats(self, group, across_ranks):
+    def prepare_step(self, group, across_ranks):
         """The KL estimate of the step (loss_type="kto" only): the mean policy-minus-reference log-ratio of the
         mismatched (prompt, rotated completion) rows over the accumulated batch, clamped at 0 (as TRL)."""
         if self.args.loss_type != "kto":
@@ -135,7 +135,7 @@ class KTOTrainer(PreferenceTrainer):
             n = b["input_ids"].shape[0]
             p, c = prompts[start:start + n], completions[start:start + n]
             kl = pad_sequences(p, [y[:limit - len(x)] for x, y in zip(p, c)], self.pad_id)
-            kl = self._to_device(with_score_positions(kl))
+            kl = self.to_device(with_score_positions(kl))
             policy = self.logps(kl)
             parts.append((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())
             start += n
@@ -144,7 +144,7 @@ class KTOTrainer(PreferenceTrainer):
             total, count = self.dist.sum(total), self.dist.sum(count)
         self._kl = max(0.0, total / count)
 
-    def batch_loss(self, batch: dict, num_items: int):
+    def micro_batch_loss(self, batch: dict, num_items: int):
         """The weighted KTO (or APO-zero unpaired) losses of the rows, summed and divided by num_items; metrics
         kl, rewards/* and logps/* split by label."""
         a, kl = self.args, self._kl
@@ -167,4 +167,4 @@ class KTOTrainer(PreferenceTrainer):
         if bad.numel():
             sums["rewards/rejected"] = (rewards.index_select(0, bad).sum(), bad.numel())
             sums["logps/rejected"] = (logps.detach().index_select(0, bad).sum(), bad.numel())
-        return (weights * losses).sum() / num_items, sums
+        return self.report((weights * losses).sum() / num_items, sums, num_items)

@@ -38,13 +38,13 @@ class ORPOTrainer(PreferenceTrainer):
     config_cls = ORPOConfig
     method = "ORPO"
 
-    def step_stats(self, group, across_ranks):
+    def prepare_step(self, group, across_ranks):
         """Count the chosen rows' target tokens in the accumulated batch: the NLL term's normaliser."""
         # Target tokens of the chosen rows (prompt included, as TRL's NLL): the NLL term's normaliser.
         n = sum(int(b["attention_mask"][: b["input_ids"].shape[0] // 2, 1:].sum()) for b in group)
         self._nll_tokens = max(1.0, self.dist.sum(n) if across_ranks else n)
 
-    def batch_loss(self, batch: dict, num_items: int):
+    def micro_batch_loss(self, batch: dict, num_items: int):
         """This micro-batch's share of NLL(chosen) - beta x mean log-sigmoid(log odds ratio); metrics include
         nll_loss, log_odds_ratio and log_odds_chosen (TRL's names)."""
         beta, pairs = self.args.beta, batch["input_ids"].shape[0] // 2
@@ -60,4 +60,4 @@ class ORPOTrainer(PreferenceTrainer):
         sums["nll_loss"] = (nll_sum.detach(), batch["attention_mask"][:pairs, 1:].sum())
         sums["log_odds_ratio"] = (ratio.detach().sum(), pairs)
         sums["log_odds_chosen"] = (log_odds.detach().sum(), pairs)
-        return loss, sums
+        return self.report(loss, sums, num_items)

@@ -1,7 +1,9 @@
 """What DPO, ORPO and KTO share over the trainer core: preference data, batches, metrics, the reference pass.
 
-An objective implements `batch_loss(batch, num_items) -> (loss already divided by the step's normaliser, metric
-sums)`; metric sums are {name: (sum, count)} and are averaged over the logging window under TRL's names.
+An objective implements the core's `micro_batch_loss(batch, num_items)` and ends it with
+`return self.report(loss already divided by the step's normaliser, metric sums, num_items)`; metric sums are
+{name: (sum, count)} and are averaged over the logging window (train or eval) under TRL's names. Objectives whose
+loss needs statistics of the whole accumulated batch take them in `prepare_step(group, across_ranks)`.
 """
 from __future__ import annotations
 
@@ -29,12 +31,14 @@ def with_score_positions(batch: dict) -> dict:
 
 
 class PreferenceTrainer(Trainer):
-    """The base of DPOTrainer, ORPOTrainer and KTOTrainer; subclasses set `config_cls`, `method` and `batch_loss`.
-    Raises ConfigError for args of another config class, packing=True, a data_format other than "auto" /
-    "preference", or no tokenizer (`tokenizer` or `processing_class`)."""
+    """The base of DPOTrainer, ORPOTrainer and KTOTrainer; subclasses set `config_cls`, `method` and
+    `micro_batch_loss`. Raises ConfigError for args of another config class, packing=True, a data_format other
+    than "auto" / "preference", or no tokenizer (`tokenizer` or `processing_class`)."""
 
     config_cls = SFTConfig
     method = "preference"
+    supports_packing = False
+    packing_refusal = "packing=True is for SFT; set packing=False for {method}."
     reference: ReferencePolicy | None = None  # set by the objectives that compare with a reference
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, **kwargs):
@@ -56,6 +60,7 @@ class PreferenceTrainer(Trainer):
 
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
         self._sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
+        self._window = "train"  # the metric sums report() adds to: "eval" during eval_batch_loss
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
 
     # --- data -------------------------------------------------------------------------------------------------------
@@ -69,9 +74,6 @@ class PreferenceTrainer(Trainer):
         return tokenize_preference_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
                                         max_prompt_length=self.args.max_prompt_length,
                                         chat_template=self.args.chat_template)
-
-    def _pack(self, examples):
-        raise ConfigError(f"packing=True is for SFT; set packing=False for {self.method}.")
 
     def collate_batch(self, examples: list[dict]) -> dict:
         """B pairs -> 2B padded rows, chosen first (collate_pairs), with their score positions."""
@@ -100,32 +102,29 @@ class PreferenceTrainer(Trainer):
             return self.logps(batch, score)
 
     # --- the core's hooks -------------------------------------------------------------------------------------------
-    def batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, dict]:
-        """(the micro-batch's loss sum divided by num_items, {metric: (sum, count)}); each objective's own."""
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The micro-batch's loss sum divided by num_items; each objective's own, returning through report()."""
         raise NotImplementedError
 
-    def step_stats(self, group: list[dict], across_ranks: bool):
-        """Statistics of the whole accumulated batch the loss needs (ORPO's token count, KTO's KL); see prepare_step."""
-
-    def prepare_step(self, group: list[dict]) -> None:
-        """step_stats over the step's micro-batches, summed across ranks."""
-        self.step_stats(group, across_ranks=True)
-
-    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """batch_loss, with its metric sums added to the training log window (on the device, read when logged)."""
-        loss, sums = self.batch_loss(batch, num_items)
-        self._add(self._sums["train"], sums)
+    def report(self, loss: torch.Tensor, sums: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What micro_batch_loss returns: (loss, this micro-batch's share of the logged step loss), with the metric
+        sums {metric: (sum, count)} added to the current log window (on the device, read when logged)."""
+        self._add(self._sums[self._window], sums)
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
         # as float(loss) * num_items; the core reads it once per step).
         return loss, loss.detach().to(torch.float64) * num_items
 
     @torch.no_grad()
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
-        """(loss sum, pairs or rows) of one eval batch; step_stats are taken from this batch alone, as TRL does."""
-        self.step_stats([batch], across_ranks=False)  # each eval batch on its own, as TRL evaluates
+        """(loss sum, pairs or rows) of one eval batch; prepare_step takes its statistics from this batch alone, as
+        TRL does."""
+        self.prepare_step([batch], across_ranks=False)  # each eval batch on its own, as TRL evaluates
         n = self.count_items(batch)
-        loss, sums = self.batch_loss(batch, n)
-        self._add(self._sums["eval"], sums)
+        self._window = "eval"
+        try:
+            loss, _ = self.micro_batch_loss(batch, n)
+        finally:
+            self._window = "train"
         return float(loss) * n, n
 
     def log_metrics(self) -> dict:
