@@ -105,3 +105,21 @@ def test_alpaca_conversion():
     assert "### Input:" not in alpaca_prompt("Say hi.", "")
     with pytest.raises(DataError, match="Row 0: field 'output' is empty"):
         alpaca_to_messages({**row, "output": " "}, "Row 0")
+
+
+def test_message_list_is_the_one_check_for_conversational_fields():
+    """Preference rows and GRPO prompts read their message fields through formats.message_list."""
+    import pytest as _pytest
+
+    from fasttune.data import formats, preference
+    from fasttune.errors import DataError
+    from fasttune.train.objectives import grpo
+
+    assert preference.message_list is formats.message_list is grpo.message_list
+    assert formats.message_list("hi", "Row 0", "prompt", "user") == [{"role": "user", "content": "hi"}]
+    assert formats.message_list([{"role": "user", "content": "a", "tool_calls": None}], "Row 0", "prompt", "user") \
+        == [{"role": "user", "content": "a"}]
+    for bad, match in [([], "empty list"), ([{"role": "robot", "content": "x"}], r"prompt\[0\] has the role"),
+                       ([{"role": "user", "content": 3}], "'content' must be a string"), (5, "must be a string")]:
+        with _pytest.raises(DataError, match=match):
+            formats.message_list(bad, "Row 0", "prompt", "user")

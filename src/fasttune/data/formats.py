@@ -305,3 +305,33 @@ def alpaca_prompt(instruction: str, extra: str) -> str:
 def _preview(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def message_list(value: Any, at: str, field: str, default_role: str) -> list[dict]:
+    """A conversational field as messages: a string becomes one `default_role` message; a list must hold
+    {role, content} dicts with a role of CHAT_ROLES and string content (keys Arrow filled with None dropped).
+    Used for preference rows (prompt / chosen / rejected / completion) and GRPO prompts. Raises DataError naming
+    `at`, the field and the message index otherwise."""
+    if isinstance(value, str):
+        require_text(value, at, field)
+        return [{"role": default_role, "content": value}]
+    if value is None:
+        raise DataError(f"{at}: field '{field}' is missing or null. Give every row a '{field}' (text or messages).")
+    if not isinstance(value, (list, tuple)):
+        raise DataError(f"{at}: field '{field}' must be a string or a list of {{role, content}} messages, but it is "
+                        f"a {type(value).__name__}.")
+    if not value:
+        raise DataError(f"{at}: field '{field}' is an empty list. Give it at least one message.")
+    out = []
+    for j, m in enumerate(value):
+        if not isinstance(m, Mapping):
+            raise DataError(f"{at}, {field}[{j}] is a {type(m).__name__}, not a dict. Each message must look like "
+                            "{'role': ..., 'content': ...}.")
+        m = {k: v for k, v in m.items() if v is not None}  # Arrow fills absent struct keys with None
+        if m.get("role") not in CHAT_ROLES:
+            raise DataError(f"{at}, {field}[{j}] has the role {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}.")
+        if not isinstance(m.get("content"), str):
+            raise DataError(f"{at}, {field}[{j}]: 'content' must be a string, but it is "
+                            f"{type(m.get('content')).__name__}.")
+        out.append(m)
+    return out

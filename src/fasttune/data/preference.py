@@ -23,7 +23,7 @@ import datasets
 import torch
 
 from fasttune.data import templates
-from fasttune.data.formats import CHAT_ROLES, require_dict_rows, require_text, row_label
+from fasttune.data.formats import message_list, require_dict_rows, require_text, row_label
 from fasttune.data.sources import load_rows, source_name as _source_name
 from fasttune.errors import DataError
 
@@ -235,11 +235,11 @@ class _Encoder:
         if not (self.template or getattr(self.tok, "chat_template", None)):
             raise DataError(f"{at} holds chat messages, but the tokenizer has no chat template to render them. Set "
                             f"chat_template (--chat-template) to one of {templates.names()} or to a Jinja string.")
-        prompt_msgs = _messages(prompt, at, "prompt", "user")
+        prompt_msgs = message_list(prompt, at, "prompt", "user")
         prompt_ids = self._render(prompt_msgs, at, add_generation_prompt=True)
         full = []
         for value, field in zip(completions, fields):
-            msgs = _messages(value, at, field, "assistant")
+            msgs = message_list(value, at, field, "assistant")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise DataError(f"{at}: field '{field}' has no assistant message, so there is nothing to score. "
                                 f"Give it the assistant's reply, e.g. [{{'role': 'assistant', 'content': ...}}].")
@@ -284,29 +284,3 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
             break
         n += 1
     return n
-
-
-def _messages(value, at, field, default_role) -> list[dict]:
-    if isinstance(value, str):
-        require_text(value, at, field)
-        return [{"role": default_role, "content": value}]
-    if value is None:
-        raise DataError(f"{at}: field '{field}' is missing or null. Give every row a '{field}' (text or messages).")
-    if not isinstance(value, (list, tuple)):
-        raise DataError(f"{at}: field '{field}' must be a string or a list of {{role, content}} messages, but it is "
-                        f"a {type(value).__name__}.")
-    if not value:
-        raise DataError(f"{at}: field '{field}' is an empty list. Give it at least one message.")
-    out = []
-    for j, m in enumerate(value):
-        if not isinstance(m, Mapping):
-            raise DataError(f"{at}, {field}[{j}] is a {type(m).__name__}, not a dict. Each message must look like "
-                            "{'role': ..., 'content': ...}.")
-        m = {k: v for k, v in m.items() if v is not None}  # Arrow fills absent struct keys with None
-        if m.get("role") not in CHAT_ROLES:
-            raise DataError(f"{at}, {field}[{j}] has the role {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}.")
-        if not isinstance(m.get("content"), str):
-            raise DataError(f"{at}, {field}[{j}]: 'content' must be a string, but it is "
-                            f"{type(m.get('content')).__name__}.")
-        out.append(m)
-    return out

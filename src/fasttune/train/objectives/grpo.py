@@ -13,7 +13,7 @@ from collections import defaultdict
 
 import torch
 
-from fasttune.data.formats import CHAT_ROLES, require_text, row_label
+from fasttune.data.formats import message_list, require_text, row_label
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
@@ -104,7 +104,7 @@ class GRPOTrainer(Trainer):
                 prompt = require_text(raw, where, "prompt")
                 ids = tok(prompt)["input_ids"]  # as TRL encodes plain-text prompts
             else:
-                prompt = _prompt_messages(raw, where)
+                prompt = message_list(raw, where, "prompt", "user")
                 if not getattr(tok, "chat_template", None):
                     raise DataError(f"{where}: field 'prompt' is a message list but the tokenizer has no chat "
                                     f"template. Set chat_template (e.g. 'chatml') or give prompts as strings.")
@@ -351,20 +351,3 @@ class GRPOTrainer(Trainer):
         self._metrics.clear()
         self._ratios.clear()
         return out
-
-
-
-def _prompt_messages(raw, where: str) -> list[dict]:
-    """A conversational prompt: a non-empty list of {role, content} messages (no assistant reply needed)."""
-    if not isinstance(raw, (list, tuple)) or not raw:
-        raise DataError(f"{where}: field 'prompt' must be a string or a non-empty list of messages "
-                        f"({{'role': 'user', 'content': ...}}), but it is {type(raw).__name__} {str(raw)[:60]!r}.")
-    messages = []
-    for j, turn in enumerate(raw):
-        # Arrow gives every struct the union of all keys, filling absent ones with None: drop those.
-        turn = {k: v for k, v in turn.items() if v is not None} if isinstance(turn, dict) else turn
-        if not (isinstance(turn, dict) and turn.get("role") in CHAT_ROLES and isinstance(turn.get("content"), str)):
-            raise DataError(f"{where}: prompt[{j}] must be a message {{'role': one of {', '.join(CHAT_ROLES)}, "
-                            f"'content': a string}}; got {str(turn)[:80]!r}.")
-        messages.append(turn)
-    return messages
