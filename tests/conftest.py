@@ -97,33 +97,20 @@ def gemma3_dir(gemma3_loaded, tmp_path_factory):
 
 
 # Tiny vision-language checkpoints (tests/tiny_vision.py), saved once per session; tests load their own copies.
-@pytest.fixture(scope="session")
-def qwen_vl_dir(tmp_path_factory):
-    from tiny_vision import save_qwen_vl
+def _saved_vl(saver: str, name: str):
+    @pytest.fixture(scope="session")
+    def folder(tmp_path_factory):
+        import tiny_vision
 
-    return save_qwen_vl(tmp_path_factory.mktemp("qwen_vl") / "tiny-qwen2.5-vl")
+        return getattr(tiny_vision, saver)(tmp_path_factory.mktemp(name) / name)
 
-
-@pytest.fixture(scope="session")
-def gemma3_vl_dir(tmp_path_factory):
-    from tiny_vision import save_gemma3
-
-    return save_gemma3(tmp_path_factory.mktemp("gemma3_vl") / "tiny-gemma3")
+    return folder
 
 
-@pytest.fixture(scope="session")
-def qwen3_vl_dir(tmp_path_factory):
-    from tiny_vision import save_qwen3_vl
-
-    return save_qwen3_vl(tmp_path_factory.mktemp("qwen3_vl") / "tiny-qwen3-vl")
-
-
-@pytest.fixture(scope="session")
-def qwen2_vl_dir(tmp_path_factory):
-    from tiny_vision import save_qwen2_vl
-
-    return save_qwen2_vl(tmp_path_factory.mktemp("qwen2_vl") / "tiny-qwen2-vl")
-
+qwen_vl_dir = _saved_vl("save_qwen_vl", "tiny-qwen2.5-vl")
+gemma3_vl_dir = _saved_vl("save_gemma3", "tiny-gemma3")
+qwen3_vl_dir = _saved_vl("save_qwen3_vl", "tiny-qwen3-vl")
+qwen2_vl_dir = _saved_vl("save_qwen2_vl", "tiny-qwen2-vl")
 
 VL_FIXTURES = {"qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
                "gemma3": "gemma3_vl_dir"}

@@ -32,29 +32,39 @@ def qwen_vl_config(**text_overrides):
         tie_word_embeddings=False)
 
 
-def qwen_vl_processor():
-    """fasttune's VisionProcessor of the tiny tokenizer (+ vision tokens) and transformers' PIL image processor."""
+def qwen_vl_processor(patch: int = PATCH):
+    """fasttune's VisionProcessor of the tiny tokenizer (+ vision tokens) and transformers' PIL image processor
+    (Qwen2.5-VL's 14-pixel patches; Qwen3-VL's are 16), images of 2 x 2 to 8 x 8 patches."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from fasttune.data.vision import VisionProcessor
 
     tok = make_tiny_tokenizer(chat_template=QWEN_VL_TEMPLATE)
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
-                                      min_pixels=28 * 28, max_pixels=112 * 112)
+    images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=MERGE, temporal_patch_size=2,
+                                      min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2)
     return VisionProcessor(tok, images, QWEN_VL_TEMPLATE, "<|image_pad|>", MERGE)
+
+
+def _save(folder, model_cls, config, processor, seed: int, init=None):
+    """A random model of `config` (fp32, seeded; `init(model)` adjusts weights) and `processor` saved to `folder`."""
+    import torch
+
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    if init is not None:
+        with torch.no_grad():
+            init(model)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
 
 
 def save_qwen_vl(folder, seed: int = 0):
     """Save a random tiny Qwen2.5-VL (fp32) with its processor to `folder`; returns the folder."""
-    import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen2_5_VLForConditionalGeneration(qwen_vl_config()).eval()
-    model.save_pretrained(folder)
-    qwen_vl_processor().save_pretrained(folder)
-    return folder
+    return _save(folder, Qwen2_5_VLForConditionalGeneration, qwen_vl_config(), qwen_vl_processor(), seed)
 
 
 def solid_image(color, size=(56, 56)):
@@ -96,17 +106,12 @@ def gemma3_processor():
 
 
 def save_gemma3(folder, seed: int = 0):
-    """Save a random tiny Gemma 3 vision-language model (fp32) with its processor to `folder`; returns it."""
-    import torch
+    """Save a random tiny Gemma 3 vision-language model (fp32) with its processor to `folder`; returns it.
+    transformers initialises the projection to zeros (images would carry nothing): here it is random."""
     from transformers import Gemma3ForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Gemma3ForConditionalGeneration(gemma3_config()).eval()
-    with torch.no_grad():  # transformers initialises the projection to zeros: images would carry nothing
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
-    model.save_pretrained(folder)
-    gemma3_processor().save_pretrained(folder)
-    return folder
+    return _save(folder, Gemma3ForConditionalGeneration, gemma3_config(), gemma3_processor(), seed,
+                 init=lambda m: m.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3))
 
 
 def qwen3_vl_config():
@@ -124,34 +129,15 @@ def qwen3_vl_config():
                          vision_start_token_id=259, vision_end_token_id=260, tie_word_embeddings=False)
 
 
-def qwen3_vl_processor():
-    """As qwen_vl_processor, with Qwen3-VL's 16-pixel patches."""
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from fasttune.data.vision import VisionProcessor
-
-    tok = make_tiny_tokenizer(chat_template=QWEN_VL_TEMPLATE)
-    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
-    images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=MERGE, temporal_patch_size=2,
-                                      min_pixels=32 * 32, max_pixels=128 * 128)
-    return VisionProcessor(tok, images, QWEN_VL_TEMPLATE, "<|image_pad|>", MERGE)
-
-
 def save_qwen3_vl(folder, seed: int = 0):
     """Save a random tiny Qwen3-VL (fp32, 3 decoder layers, DeepStack from both vision blocks) with its processor."""
-    import torch
     from transformers import Qwen3VLForConditionalGeneration
 
-    torch.manual_seed(seed)
-    model = Qwen3VLForConditionalGeneration(qwen3_vl_config()).eval()
-    model.save_pretrained(folder)
-    qwen3_vl_processor().save_pretrained(folder)
-    return folder
+    return _save(folder, Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen_vl_processor(patch=16), seed)
 
 
 def save_qwen2_vl(folder, seed: int = 0):
     """Save a random tiny Qwen2-VL (fp32) with the Qwen2.5-VL test processor (the same image processing)."""
-    import torch
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     text = qwen_vl_config().text_config.to_dict()
@@ -160,8 +146,4 @@ def save_qwen2_vl(folder, seed: int = 0):
         depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
         temporal_patch_size=2, in_channels=3), image_token_id=261, video_token_id=271, vision_start_token_id=259,
         vision_end_token_id=260, tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config).eval()
-    model.save_pretrained(folder)
-    qwen_vl_processor().save_pretrained(folder)
-    return folder
+    return _save(folder, Qwen2VLForConditionalGeneration, config, qwen_vl_processor(), seed)

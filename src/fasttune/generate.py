@@ -188,7 +188,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             inputs = model.multimodal_inputs(input_ids, images["pixel_values"].to(device), grid, attention_mask)
             if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
                 position_ids = inputs["position_ids"]
-            next_pos = next_pos + model.rope_index(input_ids, grid, attention_mask)[1].to(device)  # after the images
+            next_pos = next_pos + inputs.pop("rope_deltas").to(device)  # text after the images continues past them
             logits = model(attention_mask=full_mask[:, :t] if padded else None, past_key_values=cache,
                            logits_to_keep=1, **{**inputs, "position_ids": position_ids}).logits[:, -1]
         else:

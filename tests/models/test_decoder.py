@@ -91,7 +91,7 @@ def test_bf16_forward_runs(tiny_model_dir):
 
 
 def test_right_padding_is_detected():
-    from fasttune.models.decoder import right_padded
+    from fasttune.models.masks import right_padded
 
     assert right_padded(torch.tensor([[1, 1, 1], [1, 1, 0], [1, 0, 0]]))
     assert not right_padded(torch.tensor([[1, 1, 1], [0, 1, 1]]))  # left padding

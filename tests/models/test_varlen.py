@@ -5,7 +5,7 @@ import torch
 from peft_oracle import randomize_lora_b
 
 from fasttune import FastLanguageModel
-from fasttune.models import decoder
+from fasttune.models import decoder, masks
 from fasttune.models.varlen import packed_spans, varlen_usable
 
 
@@ -82,9 +82,9 @@ def test_varlen_equals_dense_mask_and_unpacked_documents(family, tiny_model_dir,
 
 def test_padding_runs_number_pads_and_tokens():
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
-    assert decoder.padding_runs(mask).tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 2],
+    assert masks.padding_runs(mask).tolist() == [[0, 0, 1, 1, 1], [0, 0, 0, 1, 1], [0, 1, 1, 1, 2],
                                                    [0, 0, 0, 0, 0]]
-    assert decoder.padding_runs(torch.tensor([[1, 0, 1]])) is None  # a hole: the dense mask keeps its meaning
+    assert masks.padding_runs(torch.tensor([[1, 0, 1]])) is None  # a hole: the dense mask keeps its meaning
 
 
 @pytest.mark.gpu

@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 import torch
+from transformers import ProcessorMixin
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import DataError, ModelLoadError
@@ -27,20 +28,13 @@ from fasttune.errors import DataError, ModelLoadError
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-def _processor_base():
-    """transformers' ProcessorMixin, so that code which checks for a processor (TRL's SFTTrainer) takes ours; its
-    __init__ (which validates its parts' classes, including a video processor that needs torchvision) is not
-    used."""
-    from transformers import ProcessorMixin
-
-    return ProcessorMixin
-
-
-class VisionProcessor(_processor_base()):
+class VisionProcessor(ProcessorMixin):
     """Tokenizer + image processor + chat template of a vision-language checkpoint.
 
     Attributes the tokenizer has (pad_token_id, eos_token, decode, ...) are read through to it, so the processor
-    stands where a tokenizer is expected. `image_token`: the placeholder the template writes per image;
+    stands where a tokenizer is expected. It is a transformers ProcessorMixin for code that checks for a processor
+    (TRL's SFTTrainer); ProcessorMixin's __init__, which validates its parts' classes (a video processor among them,
+    which needs torchvision), is not used. `image_token`: the placeholder the template writes per image;
     `feature_token`: the token each image feature replaces (default image_token); the placeholder becomes either
     `image_sequence` (Gemma 3: "\\n\\n<start_of_image>" + 256 soft tokens + "<end_of_image>\\n\\n", as
     Gemma3Processor writes) or one feature token per merged patch, `merge_size` per side (Qwen2.5-VL: 2)."""

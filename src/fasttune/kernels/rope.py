@@ -118,3 +118,23 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if use_triton(q) and cos.shape[:2] == q.shape[:2]:
         return _RopeFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+
+
+def mrope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, section: list, dtype: torch.dtype,
+                  interleaved: bool = False):
+    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL / Qwen3-VL): position_ids (3, B, T) int, the temporal, height and
+    width position of every token (all three equal for text); frequency j of the rotary half rotates with axis k
+    where j lies in the k-th block of `section` (sizes summing to rotary_dim / 2), or, `interleaved` (Qwen3-VL),
+    with axis j % 3 while j < 3 * section[k] (the rest temporal). Returns cos, sin (B, T, rotary_dim) in `dtype`,
+    computed in fp32 as transformers' Qwen2_5_VL / Qwen3VL rotary embeddings do, so the rotary kernels apply them
+    unchanged."""
+    freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (3, B, T, D/2)
+    if interleaved:
+        j = torch.arange(sum(section))
+        axis = torch.where((j % 3 == 1) & (j < 3 * section[1]), 1, torch.where((j % 3 == 2) & (j < 3 * section[2]),
+                                                                               2, 0))
+    else:
+        axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
+    freqs = freqs.gather(0, axis.to(freqs.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)

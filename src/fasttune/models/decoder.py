@@ -18,11 +18,13 @@ from fasttune.errors import ConfigError, refuse_unknown
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
-from fasttune.kernels.rope import apply_rope_qk, rope_cos_sin, rope_inv_freq
+from fasttune.kernels.rope import apply_rope_qk, mrope_cos_sin, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
 # KVCache and CausalLMOutput live in their own modules (generate.py and fallback.py use them without the
 # decoder); imported under these names here, as before.
 from fasttune.models.kv_cache import KVCache
+from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
+                                   segments_from_boundaries)
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
@@ -340,32 +342,6 @@ class DecoderModel(nn.Module):
         return offloaded_layer(lambda h: layer(h, cos, sin, masks, router_logits=router_logits), x, *offload)
 
 
-def right_padded(attention_mask: torch.Tensor) -> bool:
-    """True when every row of a (B, T) 0/1 mask is ones then zeros (no padding counts too)."""
-    if attention_mask.shape[1] < 2:
-        return bool(attention_mask.all())
-    return bool((attention_mask[:, 1:] <= attention_mask[:, :-1]).all())
-
-
-def mrope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, section: list, dtype: torch.dtype,
-                  interleaved: bool = False):
-    """Multimodal RoPE (Qwen2-VL / Qwen2.5-VL / Qwen3-VL): position_ids (3, B, T) int, the temporal, height and
-    width position of every token (all three equal for text); frequency j of the rotary half rotates with axis k
-    where j lies in the k-th block of `section` (sizes summing to rotary_dim / 2), or, `interleaved` (Qwen3-VL),
-    with axis j % 3 while j < 3 * section[k] (the rest temporal). Returns cos, sin (B, T, rotary_dim) in `dtype`,
-    computed in fp32 as transformers' Qwen2_5_VL / Qwen3VL rotary embeddings do, so the rotary kernels apply them
-    unchanged."""
-    freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)  # (3, B, T, D/2)
-    if interleaved:
-        j = torch.arange(sum(section))
-        axis = torch.where((j % 3 == 1) & (j < 3 * section[1]), 1, torch.where((j % 3 == 2) & (j < 3 * section[2]),
-                                                                               2, 0))
-    else:
-        axis = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(section)])
-    freqs = freqs.gather(0, axis.to(freqs.device).view(1, 1, 1, -1).expand(1, *freqs.shape[1:]))[0]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
 
 def add_at(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """x (B, T, H) with values (mask.sum(), H) added at the positions where mask (B, T) is True, out of place."""
@@ -384,37 +360,6 @@ def mrope_positions(position_ids: torch.Tensor, arch: ModelConfig) -> torch.Tens
         raise ConfigError(f"position_ids of shape {tuple(position_ids.shape)}: multimodal RoPE takes (3, batch, seq).")
     return position_ids
 
-
-def padding_runs(attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Segment ids (B, T) long that number the runs of padding and of real tokens in each row of a 0/1 mask (pads
-    before, tokens, pads after: 0, 1, 2), when every row's real tokens form one run; None when a row has a hole."""
-    m = attention_mask.bool()
-    runs_of_ones = (m[:, 1:] & ~m[:, :-1]).sum(dim=1) + m[:, 0].long()
-    if bool((runs_of_ones > 1).any()):
-        return None
-    change = torch.zeros_like(m, dtype=torch.long)
-    change[:, 1:] = (m[:, 1:] != m[:, :-1]).long()
-    return change.cumsum(dim=1)
-
-
-def packed_segments(position_ids: torch.Tensor) -> torch.Tensor | None:
-    """Document ids (B, T) of rows whose positions restart at 0 after the first token (padding-free packing, as
-    TRL's collator and transformers' flash-attention path write it), or None when no row restarts."""
-    if position_ids.shape[1] < 2 or not bool((position_ids[:, 1:] == 0).any()):
-        return None
-    return (position_ids == 0).long().cumsum(dim=1)
-
-
-def segments_from_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor | None, batch: int, t: int) -> torch.Tensor:
-    """Document ids (1, T) from cumulative document lengths (D + 1,) of one padding-free row. Raises ConfigError
-    for more than one row, boundaries that do not cover the row, or different query and key boundaries."""
-    if cu_k is not None and not torch.equal(cu_q, cu_k):
-        raise ConfigError("cu_seq_lens_q and cu_seq_lens_k differ; fasttune's decoder trains causal self-attention, "
-                          "where both are the document boundaries of the row.")
-    if batch != 1 or int(cu_q[-1]) != t or int(cu_q[0]) != 0:
-        raise ConfigError(f"cu_seq_lens_q {cu_q.tolist()} does not describe one padding-free row of {t} tokens "
-                          f"(batch {batch}); padding-free batches are one row holding every document.")
-    return torch.searchsorted(cu_q[1:].to(torch.long), torch.arange(t, device=cu_q.device), right=True)[None]
 
 
 def _refuse_extra_outputs(output_attentions, output_hidden_states):
@@ -699,33 +644,3 @@ class CausalLM(PreTrainedModel):
         out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count, aux_loss=aux,
                              router_logits=router_logits)
         return out if return_dict is not False else out.to_tuple()
-
-
-def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None,
-                image_blocks=None) -> dict:
-    """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
-    `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
-    `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
-    (B, T; no cache): tokens of one image (equal ids >= 0) also see each other, later ones included; a window
-    still applies (transformers' Gemma 3: AND(window, OR(causal, block)))."""
-    if attention_mask is None and segment_ids is None and image_blocks is None and windows == {None} and (
-            past == 0 or t == 1):
-        return {None: None}
-    q = torch.arange(past, past + t, device=device)[:, None]
-    kv = torch.arange(past + t, device=device)[None, :]
-    causal = kv <= q
-    if image_blocks is not None:
-        same = (image_blocks[:, :, None] == image_blocks[:, None, :]) & (image_blocks[:, :, None] >= 0)
-        causal = causal[None] | same  # (B, T, T)
-    masks = {}
-    for w in windows:
-        allowed = causal if w is None else causal & (q - kv < w)
-        allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
-        if segment_ids is not None:
-            allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
-        if attention_mask is not None:
-            allowed = allowed & attention_mask[:, None, None, :].bool()
-            # A padding query that may see nothing would give NaN in softmax; let it see itself (its output is unused).
-            allowed = allowed | (kv == q)
-        masks[w] = allowed
-    return masks

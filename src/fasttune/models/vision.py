@@ -136,12 +136,23 @@ class VisionCausalLM(CausalLM):
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
                           attention_mask=None) -> dict:
         """What the decoder gets for a prompt with images: inputs_embeds (B, T, H) (see embed), position_ids
-        ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention, else None) and
-        deepstack ((image-token mask (B, T), [per-layer features]) for Qwen3-VL, else None)."""
+        ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention, else None),
+        deepstack ((image-token mask (B, T), [per-layer features]) for Qwen3-VL, else None) and rope_deltas (B, 1)
+        (what generation adds to the positions of the tokens after the prompt)."""
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True)
-        return {"inputs_embeds": x, "position_ids": self.positions(input_ids, image_grid_thw, attention_mask),
+        positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask)
+        return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
                 "image_blocks": self.image_blocks(input_ids) if pixel_values is not None else None,
                 "deepstack": (input_ids == self.image_token_id, deep) if deep else None}
+
+    def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
+        """(inputs_embeds, position_ids) for the decoder from input_ids and their images (multimodal_inputs);
+        the decoder's image_blocks / deepstack keywords are added to `kwargs` unless given. Given position_ids win."""
+        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
+        for key in ("image_blocks", "deepstack"):
+            if kwargs.get(key) is None:
+                kwargs[key] = inputs[key]
+        return inputs["inputs_embeds"], inputs["position_ids"] if position_ids is None else position_ids
 
     def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None, with_deepstack: bool = False):
         """Token embeddings (B, T, H) with each image's features in place of its placeholder tokens (and, with
@@ -186,10 +197,6 @@ class VisionCausalLM(CausalLM):
         merge = self._vlm_config.vision_config.spatial_merge_size
         return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge)
 
-    def positions(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None) -> torch.Tensor:
-        """(3, B, T) multimodal RoPE positions of these ids (see qwen_vl_positions)."""
-        return self.rope_index(input_ids, image_grid_thw, attention_mask)[0]
-
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
                 token_type_ids=None, **kwargs):
@@ -198,12 +205,8 @@ class VisionCausalLM(CausalLM):
         tokens are found by id; Gemma 3's images attend within themselves both ways, as with its token_type_ids).
         Positions default to the multimodal RoPE positions of input_ids. See CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
-            inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
-            inputs_embeds = inputs["inputs_embeds"]
-            position_ids = inputs["position_ids"] if position_ids is None else position_ids
-            for key in ("image_blocks", "deepstack"):
-                if kwargs.get(key) is None:
-                    kwargs[key] = inputs[key]
+            inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                                           position_ids, kwargs)
             input_ids = None
         elif pixel_values is not None:
             raise ConfigError("pixel_values go with the first forward pass over the prompt's input_ids, not with "
@@ -224,10 +227,8 @@ class VisionBackbone:
                  image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, **kwargs):
         m = self.model
         if inputs_embeds is None and input_ids is not None:
-            inputs = m.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
-            inputs_embeds = inputs["inputs_embeds"]
-            position_ids = inputs["position_ids"] if position_ids is None else position_ids
-            kwargs.update({k: inputs[k] for k in ("image_blocks", "deepstack") if kwargs.get(k) is None})
+            inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, image_grid_thw, attention_mask,
+                                                        position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
 
 
