@@ -235,10 +235,10 @@ def test_list_export_failing_mid_way_leaves_no_file(bpe, tmp_path, monkeypatch):
     model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
     real = gguf_export.encode_tensor
 
-    def failing(t, kind):
+    def failing(t, kind, *rest):
         if kind.name == "Q8_0":
             raise RuntimeError("disk on fire")
-        return real(t, kind)
+        return real(t, kind, *rest)
 
     monkeypatch.setattr(gguf_export, "encode_tensor", failing)
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -269,11 +269,11 @@ def test_failure_mid_write_leaves_nothing(bpe, tmp_path, monkeypatch):
     model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
     calls = []
 
-    def failing(t, kind):
+    def failing(t, kind, *rest):
         calls.append(1)
         if len(calls) > 3:
             raise RuntimeError("disk on fire")
-        return real(t, kind)
+        return real(t, kind, *rest)
 
     real = gguf_export.encode_tensor
     monkeypatch.setattr(gguf_export, "encode_tensor", failing)

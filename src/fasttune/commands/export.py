@@ -5,6 +5,8 @@
     fasttune export --adapter out/adapter --format merged --output merged/
     fasttune export --adapter out/adapter --format merged --quantization nf4 --output merged-4bit/   # bnb-4bit
     fasttune export --model model.gguf --format merged --output merged/      # GGUF -> transformers
+    fasttune export --adapter out/adapter --format gguf --quantization q4_k_m --imatrix --imatrix-data train.jsonl \
+        --output model.gguf      # k-quants weighted by an importance matrix measured on the training data
 """
 from __future__ import annotations
 
@@ -27,6 +29,16 @@ def register(subparsers):
                         "types and bytes as llama-quantize), or a comma list such as q4_k_m,q8_0 (one file each, "
                         "merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint (default: the model's "
                         "16/32-bit weights)")
+    p.add_argument("--imatrix", action="store_true",
+                   help="GGUF: weight the quantizers by an importance matrix (llama.cpp's imatrix: the mean square "
+                        "of each input feature), measured on --imatrix-data through the fine-tuned model; for the "
+                        "k-quants and q4_0/q4_1/q5_0/q5_1 (llama.cpp ignores it for f16/bf16/f32/q8_0)")
+    p.add_argument("--imatrix-data", default=None, metavar="FILE",
+                   help="sample text for --imatrix (implies it): your training data file (.jsonl/.json/.csv/.parquet "
+                        "or a save_to_disk folder; rows formatted as in training), a .txt file, or a llama.cpp "
+                        "imatrix .gguf to use as it is")
+    p.add_argument("--imatrix-tokens", type=int, default=None, metavar="N",
+                   help="tokens of --imatrix-data to measure (default 4096)")
     p.add_argument("--output", required=True, help="merged: a folder; gguf: a .gguf path or a folder (several "
                                                    "methods: <stem>.<QUANT>.gguf beside the path, or "
                                                    "model.<QUANT>.gguf in the folder)")
@@ -41,7 +53,7 @@ def cmd_export(ns) -> int:
     (ModelLoadError) and the exporters raise."""
     from fasttune.command_helpers import load_model_and_tokenizer
     from fasttune.errors import ConfigError
-    from fasttune.export.gguf import resolve_quantizations
+    from fasttune.export.gguf import IMATRIX_METHODS, resolve_quantizations
 
     if not ns.model and not ns.adapter:
         raise ConfigError("fasttune export needs --adapter DIR (a trained adapter) or --model PATH.")
@@ -49,6 +61,7 @@ def cmd_export(ns) -> int:
         raise ConfigError(f"--quantization {ns.quantization} does not apply to --format merged: use nf4 (a "
                           f"bitsandbytes 4-bit checkpoint) or leave it out for 16/32-bit weights (see --dtype).")
     quants = resolve_quantizations(ns.quantization or "q8_0") if ns.format == "gguf" else None  # fail before loading
+    imatrix = _imatrix_source(ns, quants)
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype, need_tokenizer=ns.format == "gguf")
     if ns.format == "merged":
         method = "merged_4bit" if ns.quantization == "nf4" else "merged_16bit"
@@ -56,11 +69,40 @@ def cmd_export(ns) -> int:
         auto = "AutoModelForImageTextToText" if getattr(model, "family", None) is not None else "AutoModelForCausalLM"
         print(f"fasttune: wrote {out} (load with transformers.{auto}.from_pretrained('{out}'))")
         return 0
-    out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quants if len(quants) > 1 else quants[0])
+    out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quants if len(quants) > 1 else quants[0],
+                                     imatrix=imatrix, imatrix_tokens=ns.imatrix_tokens)
     paths = out if isinstance(out, list) else [out]
     for path, quant in zip(paths, quants):
         print(f"fasttune: wrote {path} ({path.stat().st_size / 2**20:,.1f} MiB, {quant})")
+    if imatrix is not None:
+        used = [q for q in quants if q in IMATRIX_METHODS]
+        print(f"fasttune: importance matrix from {imatrix} weighted the quantizers of {', '.join(used)}")
     print(f"fasttune: wrote {paths[0].parent / 'Modelfile'} (FROM {paths[0].name})")
     print(f"  llama.cpp: llama-cli -m {paths[0]}\n  Ollama:    cd {paths[0].parent} && ollama create my-model -f "
           f"Modelfile")
     return 0
+
+
+def _imatrix_source(ns, quants):
+    """The --imatrix-data path when --imatrix or --imatrix-data is given, else None; ConfigError (before the model
+    loads) for --format merged, methods that do not use it, no --imatrix-data, or a path that does not exist."""
+    from pathlib import Path
+
+    from fasttune.errors import ConfigError
+    from fasttune.export.gguf import IMATRIX_METHODS
+
+    if not ns.imatrix and ns.imatrix_data is None and ns.imatrix_tokens is None:
+        return None
+    if ns.format != "gguf":
+        raise ConfigError("--imatrix applies to --format gguf only (it weights llama.cpp's quantizers).")
+    if not any(q in IMATRIX_METHODS for q in quants):
+        raise ConfigError(f"--imatrix has no effect on --quantization {','.join(quants)}: llama.cpp uses an importance "
+                          f"matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1. Leave --imatrix out, "
+                          f"or use e.g. --quantization q4_k_m.")
+    if ns.imatrix_data is None:
+        raise ConfigError("--imatrix needs --imatrix-data FILE: the text to measure the importance matrix on, usually "
+                          "the training data file (.jsonl/.json/.csv/.parquet, or a .txt), or a llama.cpp imatrix "
+                          ".gguf. Training runs do not record their data file, so it is not found by itself.")
+    if not Path(ns.imatrix_data).expanduser().exists():
+        raise ConfigError(f"--imatrix-data {ns.imatrix_data}: no such file or folder.")
+    return ns.imatrix_data

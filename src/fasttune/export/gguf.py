@@ -13,7 +13,9 @@ Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, 
 q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k. Each tensor gets the GGML type `llama-quantize` would give it
 (export/gguf_types.py: output/embedding, "more bits" layers, fallbacks for rows that do not divide into blocks; 1-D
 tensors stay f32; rows not divisible by 32 are f16) and is quantized by export/kquants.py, whose bytes equal
-llama.cpp's reference quantizers (no importance matrix), on the model's GPU when it has one.
+llama.cpp's quantizers, on the model's GPU when it has one. With `imatrix` the quantizers are weighted by an
+importance matrix (export/imatrix.py: collected by our forward on sample text, or read from llama.cpp's file), as
+`llama-quantize --imatrix` weights them; the per-tensor types do not change.
 
 `quantization_method` is one name (case-insensitive; aliases such as fp16, float16, bfloat16, fp32, q8) or a
 list/tuple of names (or a comma-separated string): the LoRA is merged once and one file per method is written
@@ -31,14 +33,13 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.export.gguf_types import METHODS
-
-ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                 "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+from fasttune.export.gguf_types import ARCHITECTURES, METHODS
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
+# Methods whose tensors an importance matrix changes: all but q8_0 (ggml's Q8_0 ignores it; floats are not quantized).
+IMATRIX_METHODS = tuple(m for m in METHODS if m != "q8_0")
 # Other spellings people use (Unsloth's and llama-quantize's included).
 ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
            "not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "q8": "q8_0", "q4": "q4_0",
@@ -223,9 +224,10 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
     return kind[name]
 
 
-def encode_tensor(t: torch.Tensor, ggml_type, device=None):
+def encode_tensor(t: torch.Tensor, ggml_type, device=None, imatrix: torch.Tensor | None = None):
     """(array, raw_dtype) for GGUFWriter.add_tensor. Block types are quantized by kquants.quantize (llama.cpp's
-    reference bytes) on `device` (default: the tensor's)."""
+    bytes) on `device` (default: the tensor's); `imatrix` (t.shape[-1],) float32, the tensor's importance weights,
+    selects ggml's weighted quantizers (ignored by Q8_0 and the float types)."""
     import gguf
 
     from fasttune.export.kquants import quantize
@@ -237,7 +239,7 @@ def encode_tensor(t: torch.Tensor, ggml_type, device=None):
         return t.to(torch.float16).numpy(), None
     if ggml_type == kind.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy(), kind.BF16
-    return quantize(t if device is None else t.to(device), ggml_type.name), ggml_type
+    return quantize(t if device is None else t.to(device), ggml_type.name, imatrix), ggml_type
 
 
 def _default_tokenizer(model):
@@ -275,14 +277,20 @@ def gguf_target(path, quant: str, several: bool = False) -> Path:
     return path.with_name(f"{path.stem}.{quant.upper()}.gguf") if several else path
 
 
-def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, bar, consume: bool):
+def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, bar, consume: bool, im=None):
     """One GGUF file of the merged `tensors` (GGUF name -> fp32 tensor) in `quant`; `consume` pops them to free
-    memory as they are encoded (the last method)."""
+    memory as they are encoded (the last method). `im`: an Imatrix whose entries weight the quantizers."""
     import gguf
 
     cfg = model.arch
     writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[cfg.model_type])
     _write_metadata(writer, model, name, _ggml_types(quant)[1], quant not in ("f32", "f16", "bf16"))
+    im = im if quant in IMATRIX_METHODS else None
+    if im is not None:  # the keys llama-quantize writes when it is given an imatrix
+        writer.add_string("quantize.imatrix.file", "(collected by fasttune)")
+        writer.add_string("quantize.imatrix.dataset", ", ".join(im.datasets) or "(unknown)")
+        writer.add_int32("quantize.imatrix.entries_count", len(im.sums))
+        writer.add_int32("quantize.imatrix.chunks_count", int(im.chunk_count))
     vocab.write(writer)
     tied = "output.weight" not in tensors
     bar.set_description(f"GGUF {quant}")
@@ -290,7 +298,8 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
     for gname in list(tensors):
         t = tensors.pop(gname) if consume else tensors[gname]
         kind = tensor_type(gname, t, quant, tied, cfg)
-        data, raw = encode_tensor(t, kind) if device is None else encode_tensor(t, kind, device)
+        weights = im.weights(gname) if im is not None else None
+        data, raw = encode_tensor(t, kind, device, weights)
         writer.add_tensor(gname, data, raw_dtype=raw)
         bar.update(1)
     writer.write_header_to_file()
@@ -299,8 +308,53 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
     writer.close()
 
 
+def resolve_imatrix(model, tokenizer, imatrix, quants: list[str], tokens: int | None = None,
+                    progress: bool = True):
+    """The Imatrix an export uses, or None. imatrix: None/False (none); sample text to collect it on (a .txt file,
+    a dataset file or folder, a list of strings or rows, a datasets.Dataset: export/imatrix.sample_token_ids),
+    measured on up to `tokens` tokens (default imatrix.DEFAULT_TOKENS); a llama.cpp imatrix file (.gguf); or an
+    Imatrix. Raises ConfigError when none of `quants` uses one, for imatrix=True (it names no text: fasttune runs do
+    not record their data file), and for a bad `tokens`."""
+    from fasttune.export import imatrix as imx
+
+    if imatrix is None or imatrix is False:
+        return None
+    if not any(q in IMATRIX_METHODS for q in quants):
+        raise ConfigError(f"imatrix has no effect on quantization_method {', '.join(quants)}: llama.cpp uses an "
+                          f"importance matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1 (f32/f16/bf16 "
+                          f"are not quantized, q8_0 rounds each value to its nearest level). Leave imatrix out, or "
+                          f"choose e.g. quantization_method='q4_k_m'.")
+    if imatrix is True:
+        raise ConfigError("imatrix=True does not say which text to measure the importance matrix on: pass the sample "
+                          "instead, e.g. imatrix='train.jsonl' (your training data: .jsonl/.json/.csv/.parquet or a "
+                          ".txt file), a list of strings, or a llama.cpp imatrix .gguf file (CLI: --imatrix-data FILE).")
+    tokens = imx.DEFAULT_TOKENS if tokens is None else tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
+        raise ConfigError(f"imatrix_tokens={tokens!r}: use an integer >= 16 (the tokens of sample text the importance "
+                          f"matrix is measured on; default {imx.DEFAULT_TOKENS}).")
+    if isinstance(imatrix, imx.Imatrix):
+        return imatrix
+    if isinstance(imatrix, (str, os.PathLike)) and Path(imatrix).suffix.lower() == ".gguf":
+        return imx.load_imatrix(imatrix)
+    ids, source = imx.sample_token_ids(imatrix, tokenizer, tokens)
+    return imx.collect_imatrix(model, ids, min(imx.CHUNK_TOKENS, len(ids)), progress=progress, dataset=source)
+
+
+def _check_imatrix(im, tensors: dict):
+    """ConfigError when an imatrix entry's length differs from its tensor's rows (llama-quantize refuses too) or
+    when no entry names a tensor of this model."""
+    known = [n for n in im.sums if n in tensors]
+    if not known:
+        raise ConfigError(f"None of the imatrix's {len(im.sums)} entries ({', '.join(sorted(im.sums)[:3])}, ...) names "
+                          f"a tensor of this model: it was made for another model.")
+    for name in known:
+        if im.sums[name].numel() != tensors[name].shape[-1]:
+            raise ConfigError(f"The imatrix entry for {name} has {im.sums[name].numel()} values but the tensor's rows "
+                              f"have {tensors[name].shape[-1]}: the imatrix was made for another model.")
+
+
 def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress: bool = True,
-              modelfile: bool = True) -> Path | list[Path]:
+              modelfile: bool = True, imatrix=None, imatrix_tokens: int | None = None) -> Path | list[Path]:
     """Write GGUF file(s) of `model` (LoRA merged in) and an Ollama Modelfile beside them.
 
     path: a `.gguf` file, or a folder that gets `model.<QUANT>.gguf`. quantization_method: one name (f32, f16,
@@ -311,7 +365,14 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     `<stem>.<QUANT>.gguf` beside it. The Modelfile's FROM is the first file. Returns the file's Path for one
     name, the list of Paths (in the given order) for a list. Raises ConfigError for an unknown method (before
     anything is written), an unsupported model, or a failed write; files are renamed into place only when all are
-    complete, so a failure leaves none."""
+    complete, so a failure leaves none.
+
+    imatrix: quantize with an importance matrix, as llama-quantize --imatrix does (export/imatrix.py): sample text
+    to measure it on (a .txt, .jsonl/.json/.csv/.parquet file or dataset folder, a list of strings or rows, a
+    datasets.Dataset; up to `imatrix_tokens` tokens, default 4096, through this model with its LoRA), a llama.cpp
+    imatrix .gguf file, or an export.imatrix.Imatrix. It weights the quantizers of the `blk.N.*` matrices in the
+    methods that use one (all but f32/f16/bf16/q8_0; a ConfigError when none of the methods does); the types
+    chosen per tensor stay those of the method."""
     from tqdm import tqdm
 
     from fasttune.export.gguf_vocab import gguf_vocab
@@ -326,15 +387,19 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     model_text = ollama_modelfile(targets[0].name, tokenizer) if modelfile else None
     name = gguf_model_name(model)
 
+    im = resolve_imatrix(model, tokenizer, imatrix, quants, imatrix_tokens, progress)
+
     folder = targets[0].parent
     folder.mkdir(parents=True, exist_ok=True)
     tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
     tmp_modelfile = folder / f".Modelfile.tmp-{os.getpid()}"
     try:
         tensors = gguf_tensors(model)
+        if im is not None:
+            _check_imatrix(im, tensors)
         with tqdm(total=len(quants) * len(tensors), unit="tensor", disable=not progress) as bar:
             for i, (quant, tmp) in enumerate(zip(quants, tmps)):
-                _write_file(tmp, model, name, vocab, tensors, quant, bar, consume=i == len(quants) - 1)
+                _write_file(tmp, model, name, vocab, tensors, quant, bar, consume=i == len(quants) - 1, im=im)
         if model_text is not None:
             tmp_modelfile.write_text(model_text)
         for tmp, target in zip(tmps, targets):

@@ -1,0 +1,232 @@
+"""Importance matrices for GGUF quantization: llama.cpp's `imatrix`, collected by our own forward.
+
+llama.cpp's `llama-imatrix` (tools/imatrix/imatrix.cpp) runs the model over sample text and, for every matrix
+multiplication with a weight `blk.N.*` (the output projection only on request), adds up the square of each input
+feature over all tokens: `in_sum2[j] = sum_t x_t[j]^2`, `counts = tokens`. `llama-quantize` hands
+`in_sum2 / counts` (the mean square of input column j, length n_per_row = the weight's row length) to ggml's
+quantizers as `quant_weights`, whose weighted searches then spend the levels where the inputs are large
+(export/kquants.py, `*_weighted`). Here the same statistic is collected with forward pre-hooks on our decoder's
+linear layers (LoRA layers included, so the fine-tuned model is what is measured) on a sample of the user's text,
+under torch.no_grad with the reference (torch) kernels so that every projection runs through its module; the
+token embedding (a lookup, not a product) and the output projection get none, as in llama.cpp by default.
+
+Files: `save_imatrix` writes llama.cpp's GGUF imatrix format (`<tensor>.in_sum2` (1, n) and `<tensor>.counts` (1, 1)
+float32, `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`), which llama-quantize reads with
+`--imatrix`; `load_imatrix` reads that format back, so one made by llama-imatrix can be used too.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from fasttune.errors import ConfigError
+
+DEFAULT_TOKENS = 4096  # sample size: llama.cpp's examples use 100+ chunks, but a few thousand tokens already help
+CHUNK_TOKENS = 512  # tokens per forward, llama-imatrix's default context
+TEXT_SUFFIXES = (".txt", ".md", ".text")
+
+
+@dataclass
+class Imatrix:
+    """Collected importance statistics. sums: GGUF tensor name ("blk.0.attn_q.weight") -> float64 (n_per_row,) sum
+    over tokens of each input feature's square; counts: name -> tokens summed; datasets: where the text came from;
+    chunk_size / chunk_count: tokens per forward and forwards (llama.cpp's file metadata)."""
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, int] = field(default_factory=dict)
+    datasets: list[str] = field(default_factory=list)
+    chunk_size: int = CHUNK_TOKENS
+    chunk_count: int = 0
+
+    def weights(self, name: str) -> torch.Tensor | None:
+        """The quant_weights llama-quantize derives for tensor `name`: in_sum2 / counts as float32 (n_per_row,);
+        None when the tensor has no entry (ggml then uses its reference quantizer)."""
+        if name not in self.sums or not self.counts.get(name):
+            return None
+        return (self.sums[name] / self.counts[name]).float().cpu()
+
+
+def imatrix_targets(model) -> dict[str, str]:
+    """Module name -> GGUF tensor name for every linear layer whose weight llama.cpp would collect (`blk.N.*`):
+    q/k/v/o (or fused qkv), gate/up/down (or fused gate_up) of each layer; LoRA and NF4/int8 layers included."""
+    import gguf
+
+    from fasttune.export.gguf_types import ARCHITECTURES
+    from fasttune.peft.adapter_io import checkpoint_names
+    from fasttune.peft.lora import LoraLinear
+    from fasttune.quant.linear import QuantLinear
+
+    cfg = model.arch
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[ARCHITECTURES[cfg.model_type]]
+    names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
+    hf_name = checkpoint_names(model)
+    out = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, (torch.nn.Linear, LoraLinear, QuantLinear)) or name.endswith(".base_layer"):
+            continue
+        new = names.get_name(f"{hf_name(name)}.weight", try_suffixes=(".weight",))
+        if new is not None and new.startswith("blk."):
+            out[name] = new
+    return out
+
+
+@contextlib.contextmanager
+def _reference_kernels():
+    """FASTTUNE_KERNELS=torch for the duration: the fused LoRA kernel computes several projections without calling
+    their modules, which the hooks need."""
+    old = os.environ.get("FASTTUNE_KERNELS")
+    os.environ["FASTTUNE_KERNELS"] = "torch"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FASTTUNE_KERNELS", None)
+        else:
+            os.environ["FASTTUNE_KERNELS"] = old
+
+
+@torch.no_grad()
+def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress: bool = True,
+                    dataset: str = "") -> Imatrix:
+    """Run `model` (our decoder, LoRA applied) over `token_ids` in chunks of `chunk_tokens` (the last chunk may be
+    shorter) and collect, per GGUF weight `blk.N.*`, the sum over tokens of each input feature's square and the
+    token count, as llama-imatrix does. The model is put in eval mode for the forward and restored after. Raises
+    ConfigError when there are no tokens or a targeted layer received no input."""
+    from tqdm import tqdm
+
+    if len(token_ids) < 2:
+        raise ConfigError("The importance matrix needs sample text: the data given has fewer than 2 tokens.")
+    targets = imatrix_targets(model)
+    im = Imatrix(datasets=[dataset] if dataset else [], chunk_size=chunk_tokens)
+    modules = dict(model.named_modules())
+
+    def hook(gname):
+        def pre(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            sq = x.square().sum(0).double()
+            im.sums[gname] = sq if gname not in im.sums else im.sums[gname] + sq
+            im.counts[gname] = im.counts.get(gname, 0) + x.shape[0]
+        return pre
+
+    handles = [modules[m].register_forward_pre_hook(hook(g)) for m, g in targets.items()]
+    backbone = model.model if isinstance(getattr(model, "model", None), torch.nn.Module) else model
+    was_training = model.training
+    ids = torch.tensor(token_ids, dtype=torch.long, device=model.device)
+    chunks = list(ids.split(chunk_tokens))
+    try:
+        model.eval()
+        with _reference_kernels():
+            for chunk in tqdm(chunks, desc="imatrix", unit="chunk", disable=not progress):
+                backbone(input_ids=chunk[None])
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    im.chunk_count = len(chunks)
+    missing = sorted(set(targets.values()) - set(im.sums))
+    if missing:
+        raise ConfigError(f"The importance matrix got no activations for {', '.join(missing[:4])}"
+                          f"{' ...' if len(missing) > 4 else ''}; this model's forward does not run those layers "
+                          f"as modules. Export without imatrix.")
+    return im
+
+
+def sample_token_ids(source, tokenizer, max_tokens: int = DEFAULT_TOKENS, max_seq_length: int = CHUNK_TOKENS
+                     ) -> tuple[list[int], str]:
+    """Up to `max_tokens` token ids of sample text, and a short description of where they came from.
+
+    source: a plain-text file (.txt/.md: its text, tokenized as one document, like llama-imatrix -f), a dataset
+    file or folder our trainer reads (.jsonl/.json/.csv/.parquet, save_to_disk; rows are tokenized as in training,
+    chat template included, and taken evenly spaced over the file so a sorted file is sampled throughout), a list
+    of strings, a list of row dicts or a datasets.Dataset. Raises ConfigError for an unreadable source, a format
+    without text (preference pairs), or one that gives fewer than 2 tokens."""
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() in TEXT_SUFFIXES:
+        path = Path(source).expanduser()
+        try:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read(max_tokens * 16)  # more characters than tokens can need
+        except OSError as e:
+            raise ConfigError(f"Cannot read the imatrix sample text '{path}': {e}.") from None
+        return list(tokenizer(text)["input_ids"][:max_tokens]), str(path)
+    if isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source):
+        ids = []
+        for text in source:
+            ids.extend(tokenizer(text)["input_ids"])
+            if len(ids) >= max_tokens:
+                break
+        return ids[:max_tokens], f"{len(source)} texts"
+    from fasttune.data import load_rows, tokenize_rows
+
+    rows = load_rows(source)
+    name = str(source) if isinstance(source, (str, os.PathLike)) else f"{type(source).__name__} of {len(rows)} rows"
+    take = min(len(rows), max(1, max_tokens // 16))  # rows of 16+ tokens fill the sample; more would only cost time
+    picked = sorted({round(i * (len(rows) - 1) / max(1, take - 1)) for i in range(take)})
+    examples = tokenize_rows(rows.select(picked), tokenizer, max_seq_length=max_seq_length, source_name=name)
+    ids = []
+    for ex in examples:
+        ids.extend(int(t) for t in ex["input_ids"])
+        if len(ids) >= max_tokens:
+            break
+    return ids[:max_tokens], name
+
+
+def save_imatrix(im: Imatrix, path) -> Path:
+    """Write `im` in llama.cpp's GGUF imatrix format (see the module docstring) to `path`; returns the path.
+    llama-quantize --imatrix reads it (for k-quants and the i-quants we do not write)."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    writer = gguf.GGUFWriter(str(path), arch="")
+    writer.add_string("general.type", "imatrix")
+    writer.add_array("imatrix.datasets", list(im.datasets))
+    writer.add_uint32("imatrix.chunk_count", int(im.chunk_count))
+    writer.add_uint32("imatrix.chunk_size", int(im.chunk_size))
+    for name in sorted(im.sums):
+        writer.add_tensor(f"{name}.in_sum2", im.sums[name].float().cpu().numpy().reshape(1, -1))
+        writer.add_tensor(f"{name}.counts", np.array([[im.counts[name]]], dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()
+    return path
+
+
+def load_imatrix(path) -> Imatrix:
+    """Read a GGUF imatrix file (ours, or llama-imatrix's default output; not its legacy .dat format). Only dense
+    entries (one count per tensor) are kept: MoE expert entries have no use in our export. Raises ConfigError for a
+    file that is not one."""
+    import gguf
+
+    path = Path(path).expanduser()
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"Cannot read the imatrix file '{path}': {e}. Pass a GGUF imatrix (llama-imatrix's "
+                          f"default output) or sample text.") from None
+    tensors = {t.name: t for t in reader.tensors}
+    im = Imatrix()
+    for name, t in tensors.items():
+        if not name.endswith(".in_sum2"):
+            continue
+        base = name[:-len(".in_sum2")]
+        counts = tensors.get(f"{base}.counts")
+        if counts is None:
+            raise ConfigError(f"The imatrix file '{path}' has {name} without {base}.counts.")
+        sums = torch.from_numpy(t.data.astype("float64").copy())
+        if counts.data.size != 1:
+            continue
+        im.sums[base] = sums.reshape(-1)
+        im.counts[base] = int(counts.data.reshape(-1)[0])
+    if not im.sums:
+        raise ConfigError(f"'{path}' holds no imatrix entries (<tensor>.in_sum2 with <tensor>.counts).")
+    field_ = reader.fields.get("imatrix.datasets")
+    if field_ is not None:
+        im.datasets = [str(v) for v in field_.contents()]
+    for key, attr in (("imatrix.chunk_count", "chunk_count"), ("imatrix.chunk_size", "chunk_size")):
+        if key in reader.fields:
+            setattr(im, attr, int(reader.fields[key].contents()))
+    return im
