@@ -27,8 +27,9 @@ SHAPES = {
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
-# Mixture-of-experts shapes (transformers' Qwen3MoeConfig); LoRA goes on attention only (PEFT reads the MLP names
-# of an MoE model as its experts), top-8 of 128 experts per token.
+# Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
+# only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
+# MoE model as the stacked experts, gate_up_proj at rank 2r).
 MOE_SHAPES = {
     "qwen3-30b-a3b": dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
@@ -52,8 +53,11 @@ MATRIX = {
 }
 
 
+EXPERT_LORA = [False]  # --expert-lora (set in main)
+
+
 def targets(shape: str) -> list[str]:
-    return TARGETS[:4] if shape in MOE_SHAPES else TARGETS
+    return TARGETS[:4] if shape in MOE_SHAPES and not EXPERT_LORA[0] else TARGETS
 
 
 def hf_config(shape: str):
@@ -174,7 +178,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default",
            "shape": shape, "quant": quant,
            "gradient_checkpointing": gc, "batch": bs, "seq": seq,
-           "lora_r": r, "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
+           "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
@@ -205,8 +209,11 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--expert-lora", action="store_true",
+                    help="MoE shapes: LoRA on the experts too (target_modules with gate/up/down), both impls")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
+    EXPERT_LORA[0] = a.expert_lora
     if a.matrix:
         rows = []
         for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:
@@ -229,7 +236,7 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
     env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
     cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
-           "--out", out]
+           "--out", out] + (["--expert-lora"] if a.expert_lora else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant}")
 
 

@@ -76,8 +76,16 @@ class FastLanguageModel:
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
                        bias: str = "none", use_rslora: bool = False, modules_to_save=None,
-                       use_gradient_checkpointing="auto", random_state: int = 3407, **kwargs):
-        """Freeze the base and add LoRA (or rsLoRA) adapters; modules_to_save trains embed_tokens / lm_head."""
+                       use_gradient_checkpointing="auto", random_state: int = 3407, target_parameters=None,
+                       **kwargs):
+        """Freeze the base and add LoRA (or rsLoRA) adapters; modules_to_save trains embed_tokens / lm_head.
+
+        On a mixture-of-experts model (Qwen3-MoE, Mixtral) the MLP names in target_modules mean the stacked experts
+        and "gate" the router, as PEFT on transformers 5 reads them (gate_proj + up_proj -> experts.gate_up_proj
+        at rank 2r, alpha 2 * lora_alpha); target_parameters takes PEFT's parameter names directly
+        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight", at rank r). See peft/lora.py's
+        _map_moe_targets and the README. Raises ConfigError for invalid settings (e.g. lora_dropout > 0 with LoRA
+        on the experts / router, gate_proj without up_proj there, use_dora)."""
         if kwargs.get("use_dora"):
             raise ConfigError("use_dora=True is not supported yet; use plain LoRA or rsLoRA.")
         for k in kwargs:
@@ -87,7 +95,8 @@ class FastLanguageModel:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(DEFAULT_TARGETS) if target_modules is None else target_modules,
-                                use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias)
+                                use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias,
+                                target_parameters=list(target_parameters or []))
         if isinstance(model, FallbackModel):
             model.add_lora(settings, seed=random_state, targets_given=target_modules is not None)
         else:

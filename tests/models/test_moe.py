@@ -1,5 +1,6 @@
-"""Sparse MoE (Qwen3-MoE, Mixtral): grouped expert GEMMs against the loop, routing and the load-balancing loss
-against transformers, logits, LoRA gradients and a short loss curve against transformers(+PEFT)."""
+"""Sparse MoE (Qwen3-MoE, Mixtral): grouped expert GEMMs (with and without LoRA) against the loop, routing and the
+load-balancing loss against transformers, logits, LoRA gradients (attention, experts, router) and short loss curves
+against transformers(+PEFT), merged and adapter round trips."""
 import pytest
 import torch
 from peft_oracle import peft_grads, peft_twin, randomize_lora_b, reference_sft_losses
@@ -8,6 +9,8 @@ from tiny import MOE_FAMILIES, hf_model
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 from fasttune.errors import ConfigError
 from fasttune.models.moe import experts_forward, experts_reference, load_balancing_loss, route
+from fasttune.peft.adapter_io import adapter_parameters
+from fasttune.peft.lora import ExpertLora, set_adapters_enabled
 
 
 def _batch(pad=True):
@@ -40,6 +43,36 @@ def test_grouped_experts_equal_the_loop_forward_and_backward(method, act):
     for g, w, name in zip(got, want, ("x", "weights", "gate_up_proj", "down_proj")):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6, msg=name)
     assert got[2][3].abs().max() == 0  # the empty expert gets no gradient
+
+
+@pytest.mark.parametrize("method", ["grouped_mm", "padded_bmm"])
+def test_grouped_expert_lora_equals_the_loop_on_merged_weights(method):
+    """LoRA on both stacked weights as grouped GEMMs on the sorted tokens equals PEFT's formulation (each expert's
+    weight W_e + s * B_e @ A_e, PEFT's ParamWrapper layout), run through the loop: outputs and the gradients of x,
+    the routing weights and the four LoRA tensors."""
+    torch.manual_seed(0)
+    n, h, i, e, k, r = 29, 64, 32, 5, 2, 4
+    x = torch.randn(n, h, requires_grad=True)
+    gate_up, down = torch.randn(e, 2 * i, h) * 0.1, torch.randn(e, h, i) * 0.1
+    weights, experts = route(torch.randn(n, e), k, norm_topk_prob=True)
+    experts = experts.masked_fill(experts == 3, 4)  # an empty group
+    weights = weights.requires_grad_()
+    adapters = {"gate_up_proj": ExpertLora(gate_up, r, 0.5), "down_proj": ExpertLora(down, 2 * r, 2.0)}
+    for a in adapters.values():
+        a.reset_parameters()
+        torch.nn.init.normal_(a.lora_B, std=0.1)
+    leaves = (x, weights, *(p for a in adapters.values() for p in (a.lora_A, a.lora_B)))
+    grad = torch.randn(n, h)
+    ref = experts_reference(x, weights, experts, gate_up + adapters["gate_up_proj"].delta_weight(),
+                            down + adapters["down_proj"].delta_weight(), "silu")
+    want = torch.autograd.grad(ref, leaves, grad)
+    out = experts_forward(x, weights, experts, gate_up, down, "silu", method=method,
+                          lora={name: a.factors(x.dtype) for name, a in adapters.items()})
+    got = torch.autograd.grad(out, leaves, grad)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for g, w, name in zip(got, want, ("x", "weights", "gate_up A", "gate_up B", "down A", "down B")):
+        # the two sides sum in different orders: to 1e-6 of each tensor's largest entry
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item(), msg=name)
 
 
 @pytest.mark.parametrize("family,norm", [("mixtral", True), ("qwen3_moe", True), ("qwen3_moe", False)])
@@ -98,13 +131,20 @@ def test_qwen3_moe_sparse_step_and_dense_layers(tiny_model_dir):
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)
 def test_aux_loss_and_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
-    """output_router_logits: loss = CE + router_aux_loss_coef * aux as transformers computes it (padding masked);
-    LoRA gradients (default targets: the MLP names are left out, so attention only) equal PEFT's, the aux term
-    included."""
+    """output_router_logits: loss = CE + router_aux_loss_coef * aux as transformers computes it (padding masked).
+    Default targets (the MLP names adapt the experts: gate_up_proj at rank 2r as PEFT maps them) plus the router
+    by target_parameters: the adapter loads in transformers + PEFT with the same keys, and loss and every LoRA
+    gradient equal PEFT's, the aux term included; disabled adapters give the base model's logits. (PEFT warns that
+    the gate_up_proj rank / alpha patterns match no module: its check looks at modules only; the shapes show they
+    apply.)"""
     folder = tiny_model_dir(family, output_router_logits=True, router_aux_loss_coef=0.3)
     ours, _ = FastLanguageModel.from_pretrained(str(folder))
-    with pytest.warns(UserWarning, match="LoRA on this model's MoE experts is not supported yet"):
-        ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                            target_parameters=["mlp.gate.weight"])
+    settings = ours.lora_settings
+    assert settings.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    assert settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj", "mlp.gate.weight"]
+    assert settings.rank_pattern == {r".*\.gate_up_proj": 8} and settings.alpha_pattern == {r".*\.gate_up_proj": 16}
     randomize_lora_b(ours)
     ours.save_pretrained(tmp_path / "adapter")
     ref = peft_twin(family, tmp_path / "adapter", output_router_logits=True, router_aux_loss_coef=0.3)
@@ -117,11 +157,15 @@ def test_aux_loss_and_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
     out.loss.backward()
     want.loss.backward()
     theirs = peft_grads(ref)
-    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
-    assert len(mine) == len(theirs) == 2 * 4 * 2
-    assert ours.lora_settings.target_modules == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad
+            for k, p in adapter_parameters(ours).items()}
+    moe_layers = 1 if family == "qwen3_moe" else 2
+    assert len(mine) == 2 * 4 * 2 + moe_layers * 3 * 2 and set(mine) == set(theirs)
     for n, g in mine.items():  # summation order differs (experts, aux): to 1e-5 of each tensor's largest entry
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-5 * theirs[n].abs().max().item(), msg=n)
+    set_adapters_enabled(ours, False)
+    with torch.no_grad(), ref.disable_adapter():
+        torch.testing.assert_close(ours(ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_recompute_keeps_the_aux_loss_gradient(tiny_model_dir):
@@ -147,21 +191,29 @@ def _rows(n=16):
     return [{"text": " ".join(words[(i + j) % 6] for j in range(2 + (i * 7) % 9))} for i in range(n)]
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_loss_curve_equals_transformers_peft(family, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,targets", [
+    ("qwen3_moe", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    ("mixtral", dict(target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
+    # LoRA on the experts (rank r, PEFT's target_parameters) and the router ("gate"), recompute on
+    ("qwen3_moe", dict(target_modules=["q_proj", "v_proj", "gate"],
+                       target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])),
+])
+def test_loss_curve_equals_transformers_peft(family, targets, tiny_model_dir, tmp_path):
     folder = tiny_model_dir(family)
     model, tok = FastLanguageModel.from_pretrained(str(folder))
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    experts = "target_parameters" in targets
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=experts,
+                                             **targets)
     model.save_pretrained(tmp_path / "init")
+    steps = 10 if experts else 8
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                     learning_rate=5e-3, lr_scheduler_type="constant", max_steps=8, max_grad_norm=1.0)
+                     learning_rate=5e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=1.0)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
     batches = trainer.step_batches(0, 0)
     trainer.train()
     ours = [h["loss"] for h in trainer.log_history if "loss" in h]
-    theirs = reference_sft_losses(peft_twin(family, tmp_path / "init").train(), batches, 8, lr=5e-3)
-    assert len(ours) == 8 and ours[-1] < ours[0]
+    theirs = reference_sft_losses(peft_twin(family, tmp_path / "init").train(), batches, steps, lr=5e-3)
+    assert len(ours) == steps and ours[-1] < ours[0]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=2e-5, atol=0)
 
 
@@ -173,13 +225,17 @@ def test_gguf_export_refuses_moe(tiny_model_dir, tmp_path):
 
 
 def test_merged_export_loads_in_transformers_and_back(tiny_model_dir, tmp_path):
-    """The merged checkpoint holds transformers 5's stacked layout (experts.gate_up_proj / down_proj, mlp.gate),
-    which transformers loads and our loader takes as it is; the adapter reloads too."""
+    """With LoRA on attention, experts and router, the merged checkpoint holds transformers 5's stacked layout
+    (experts.gate_up_proj / down_proj, mlp.gate) with each weight = base + delta as PEFT's merge_and_unload forms it;
+    transformers loads it with our logits and our loader takes it as it is; the adapter reloads into fasttune with
+    the same settings and logits."""
     from transformers import AutoModelForCausalLM
 
     ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("mixtral")), dtype=torch.float32)
-    with pytest.warns(UserWarning, match="left out"):
-        ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                            target_modules="all-linear")
+    assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj",
+                                                    "mlp.gate.weight"]
     randomize_lora_b(ours)
     ours.eval()
     ids, _, _ = _batch(pad=False)
@@ -187,19 +243,53 @@ def test_merged_export_loads_in_transformers_and_back(tiny_model_dir, tmp_path):
         want = ours(ids).logits
         ours.save_pretrained(tmp_path / "adapter")
         ours.save_pretrained_merged(tmp_path / "merged", None, save_method="merged_16bit")
+        merged = peft_twin("mixtral", tmp_path / "adapter").merge_and_unload().state_dict()
         hf = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+        for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.mlp.experts.down_proj",
+                     "model.layers.1.mlp.gate.weight", "model.layers.1.self_attn.q_proj.weight"):
+            torch.testing.assert_close(hf.state_dict()[name], merged[name], rtol=1e-6, atol=1e-7, msg=name)
         torch.testing.assert_close(hf(ids).logits, want, rtol=1e-5, atol=1e-5)
         for folder in ("merged", "adapter"):
             back, _ = FastLanguageModel.from_pretrained(str(tmp_path / folder), dtype=torch.float32)
             torch.testing.assert_close(back.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
+    saved = ours.lora_settings.to_dict()
+    assert saved.pop("requested_target_modules") == "all-linear"
+    assert back.lora_settings.to_dict() == saved  # the adapter's config holds the applied targets
 
 
-def test_string_or_expert_only_targets_are_refused(tiny_model_dir):
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
-    with pytest.raises(ConfigError, match="list of attention"):
-        FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
-    with pytest.raises(ConfigError, match="target the attention projections"):
-        FastLanguageModel.get_peft_model(model, r=4, target_modules=["gate_proj", "down_proj"])
+def test_single_expert_parameter_keys_load_in_peft(tiny_model_dir, tmp_path):
+    """One adapted parameter per experts module: PEFT keys it without the base_layer level; rank r, no pattern."""
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")), dtype=torch.float32)
+    ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, target_modules=["o_proj"],
+                                            target_parameters=["mlp.experts.down_proj"])
+    randomize_lora_b(ours)
+    keys = [k for k in adapter_parameters(ours) if ".mlp." in k]
+    assert keys == ["base_model.model.model.layers.1.mlp.experts.lora_A.weight",
+                    "base_model.model.model.layers.1.mlp.experts.lora_B.weight"]
+    assert adapter_parameters(ours)[keys[0]].shape == (4 * 4, 32) and not ours.lora_settings.rank_pattern
+    ours.save_pretrained(tmp_path / "adapter")
+    ids, _, _ = _batch(pad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, peft_twin("qwen3_moe", tmp_path / "adapter")(ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_expert_lora_settings_are_refused(tiny_model_dir):
+    qwen, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
+    with pytest.raises(ConfigError, match="list of layer names"):
+        FastLanguageModel.get_peft_model(qwen, r=4, target_modules=r".*\.q_proj")
+    with pytest.raises(ConfigError, match="'gate_proj' without 'up_proj'"):
+        FastLanguageModel.get_peft_model(qwen, r=4, target_modules=["q_proj", "gate_proj", "down_proj"])
+    with pytest.raises(ConfigError, match="lora_dropout=0.1 with LoRA on the MoE experts"):
+        FastLanguageModel.get_peft_model(qwen, r=4, lora_dropout=0.1)
+    with pytest.raises(ConfigError, match="selects 'model.layers.0.self_attn.q_proj.weight'"):
+        FastLanguageModel.get_peft_model(qwen, r=4, target_modules=["o_proj"],
+                                         target_parameters=["self_attn.q_proj.weight"])
+    with pytest.raises(ConfigError, match="use_dora=True is not supported"):
+        FastLanguageModel.get_peft_model(qwen, r=4, use_dora=True, target_parameters=["mlp.experts.down_proj"])
+    dense, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    with pytest.raises(ConfigError, match="no mixture-of-experts layers"):
+        FastLanguageModel.get_peft_model(dense, r=4, target_parameters=["mlp.experts.gate_up_proj"])
 
 
 @pytest.mark.parametrize("family", MOE_FAMILIES)

@@ -11,7 +11,7 @@ from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError
 from fasttune.models.hf_files import with_architectures
 from fasttune.peft.adapter_io import checkpoint_names, save_adapter
-from fasttune.peft.lora import LoraLinear
+from fasttune.peft.lora import LoraLinear, expert_lora_layers
 from fasttune.sharding import is_sharded, writes_here
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
@@ -39,7 +39,8 @@ def _plain_tensors(model):
 
 
 def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """HF-named tensors with each LoRA delta folded into its base weight (merged in fp32, then cast). Quantised
+    """HF-named tensors with each LoRA delta (linear layers, routers, stacked MoE experts) folded into its base
+    weight (merged in fp32, then cast). Quantised
     base weights are dequantised first, so a QLoRA model exports as a 16-bit checkpoint."""
     if is_sharded(model):
         raise ConfigError("Merged and GGUF exports need the whole base model, which FSDP keeps sharded over the "
@@ -48,7 +49,15 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     out = {}
     hf_name = checkpoint_names(model)
     lora = {n: m for n, m in model.named_modules() if isinstance(m, LoraLinear)}
+    experts = dict(expert_lora_layers(model))  # stacked expert weight name -> its ExpertLora
+    # An ExpertLora's own tensors (<experts>.lora.<param>.lora_A / lora_B) are merged into <experts>.<param>.
+    adapter_tensors = {f"{owner}.lora.{param}.{ab}" for owner, _, param in (n.rpartition(".") for n in experts)
+                       for ab in ("lora_A", "lora_B")}
     for name, t in _plain_tensors(model):
+        if name in adapter_tensors:
+            continue
+        if name in experts:
+            t = t.float() + experts[name].delta_weight().float()
         owner = next((n for n in lora if name.startswith(n + ".")), None)
         if owner is not None:
             rest = name[len(owner) + 1:]

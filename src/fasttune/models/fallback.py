@@ -355,7 +355,8 @@ class FallbackModel(nn.Module):
         conv = any(isinstance(m, Conv1D) for n, m in linears.items() if n.rsplit(".", 1)[-1] in targets)
         cfg = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                          target_modules=targets, use_rslora=settings.use_rslora, modules_to_save=save or None,
-                         bias=settings.bias, fan_in_fan_out=conv, task_type="CAUSAL_LM")
+                         bias=settings.bias, fan_in_fan_out=conv, task_type="CAUSAL_LM",
+                         target_parameters=settings.target_parameters or None)
         rng = torch.random.get_rng_state()
         try:
             with _quiet_peft():

@@ -6,7 +6,8 @@ transformers' names.
 The experts run as two grouped GEMMs over the tokens sorted by expert (torch's grouped_mm, on CUDA and on
 CPU), or, where that kernel cannot run (unaligned shapes, fp32 on CUDA), as one padded batched GEMM; never as
 a Python loop over experts. `experts_reference` is the loop, as transformers' eager experts compute it, for
-the tests.
+the tests. LoRA on the stacked weights (peft/lora.py's ExpertLora) adds two more grouped GEMMs of width r per
+weight on the same sorted tokens: x @ (W_e + s B_e A_e)^T = x @ W_e^T + s (x @ A_e^T) @ B_e^T, exactly.
 """
 from __future__ import annotations
 
@@ -64,14 +65,27 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     return torch.bmm(padded, w)[experts, slot]
 
 
+def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method: str) -> torch.Tensor:
+    """out + s * (x @ A_e^T) @ B_e^T per group; lora = (a (E, K, r), b (E, r, M), s) or None (out unchanged)."""
+    if lora is None:
+        return out
+    a, b, scaling = lora
+    low = grouped_mm(grouped_mm(x, a, offsets, counts, method), b, offsets, counts, method)
+    return torch.add(out, low, alpha=scaling)
+
+
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor, act: str, method: str = "auto") -> torch.Tensor:
+                    down_proj: torch.Tensor, act: str, method: str = "auto", lora: dict | None = None) -> torch.Tensor:
     """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)) for e = experts[n, j], without a loop over experts.
 
     x (N, H); weights (N, k) float; experts (N, k) int64; gate_up_proj (E, 2I, H) with gate rows first;
     down_proj (E, H, I); act: a gated activation name (kernels/activations.py). Returns (N, H) in x's dtype.
     The N*k (token, expert) pairs are sorted by expert and run as two grouped GEMMs (see `grouped_mm`); each
-    token's k results are combined with its routing weights in one batched product."""
+    token's k results are combined with its routing weights in one batched product.
+    lora: optional low-rank updates of the stacked weights, {"gate_up_proj" | "down_proj": (a, b, scaling)} with
+    a (E, in, r) and b (E, r, out) in x's dtype (ExpertLora.factors): expert e's weight acts as W_e + scaling *
+    (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed)."""
+    lora = lora or {}
     n, k = experts.shape
     num_experts = gate_up_proj.shape[0]
     flat = experts.reshape(-1)
@@ -82,9 +96,12 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     xs = x[order // k]
     w1 = gate_up_proj.to(x.dtype).transpose(1, 2)
-    gate, up = grouped_mm(xs, w1, offsets, counts, method).chunk(2, dim=-1)
+    gate_up = _with_lora(grouped_mm(xs, w1, offsets, counts, method), xs, lora.get("gate_up_proj"), offsets,
+                         counts, method)
+    gate, up = gate_up.chunk(2, dim=-1)
     h = gated_act(gate, up, act)
-    out = grouped_mm(h, down_proj.to(x.dtype).transpose(1, 2), offsets, counts, method)
+    out = _with_lora(grouped_mm(h, down_proj.to(x.dtype).transpose(1, 2), offsets, counts, method), h,
+                     lora.get("down_proj"), offsets, counts, method)
     unsorted = out.new_empty(out.shape).index_copy(0, order, out)  # row n*k + j: token n's j-th expert
     return torch.bmm(weights.to(x.dtype).unsqueeze(1), unsorted.view(n, k, -1)).squeeze(1)
 
@@ -132,11 +149,26 @@ def load_balancing_loss(router_logits: list[torch.Tensor], num_experts: int, top
 
 
 class Router(nn.Module):
-    """The router linear, `weight` (E, H) without bias; forward: x (N, H) -> logits (N, E) in x's dtype."""
+    """The router linear, `weight` (E, H) without bias; forward: x (N, H) -> logits (N, E) in x's dtype.
+    It has nn.Linear's in_features / out_features / bias (None) so a LoraLinear can wrap it (LoRA on the router),
+    but is not an nn.Linear: quantisation and "linear layer" selections leave it alone, as transformers 5's
+    router module is left alone by bitsandbytes and PEFT."""
+
+    bias = None
 
     def __init__(self, hidden_size: int, num_experts: int):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+
+    @property
+    def in_features(self) -> int:
+        """H, the hidden size."""
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        """E, the number of experts."""
+        return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (N, H) -> router logits (N, E) in x's dtype (the weight is cast to it)."""
@@ -144,18 +176,22 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """E gated MLPs stored stacked: gate_up_proj (E, 2I, H) (gate rows, then up rows), down_proj (E, H, I)."""
+    """E gated MLPs stored stacked: gate_up_proj (E, 2I, H) (gate rows, then up rows), down_proj (E, H, I).
+    `lora` holds LoRA adapters of the stacked weights by parameter name (peft/lora.py's ExpertLora; empty
+    without LoRA): anything with `disabled` and `factors(dtype) -> (a, b, scaling)` as experts_forward takes."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act = act
+        self.lora = nn.ModuleDict()
 
     def forward(self, x, weights, experts):
         """x (N, H); weights (N, k) float and experts (N, k) int64 from `route` -> (N, H) in x's dtype; see
-        experts_forward."""
-        return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj, self.act)
+        experts_forward (with the enabled LoRA adapters of `lora`)."""
+        lora = {name: adapter.factors(x.dtype) for name, adapter in self.lora.items() if not adapter.disabled}
+        return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj, self.act, lora=lora)
 
 
 class SparseMoeBlock(nn.Module):

@@ -2,6 +2,9 @@
 
 Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` for LoRA layers and
 `base_model.model.<module>.weight` for modules_to_save, exactly what `peft.PeftModel.from_pretrained` reads.
+LoRA on stacked MoE experts (target_parameters) is keyed as PEFT's nested ParamWrappers are: the wrapper of the
+last adapted parameter of `mlp.experts` is outermost, so with both adapted gate_up_proj's tensors are
+`<layer>.mlp.experts.base_layer.lora_A.weight` and down_proj's `<layer>.mlp.experts.lora_A.weight`.
 """
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.file_readers import load_safetensors, read_json
-from fasttune.peft.lora import LoraSettings, apply_lora, lora_layers
+from fasttune.peft.lora import LoraSettings, apply_lora, expert_lora_layers, lora_layers, matches_parameter
 from fasttune.sharding import gather_state, writes_here
 
 PREFIX = "base_model.model."
@@ -27,23 +30,52 @@ def checkpoint_names(model):
     return model.checkpoint_name if getattr(model, "family", None) is not None else (lambda name: name)
 
 
-def adapter_state_dict(model) -> dict[str, torch.Tensor]:
-    """PEFT-named adapter tensors (views of the model's own; see the module docstring)."""
+def expert_adapter_keys(model) -> dict[str, str]:
+    """Stacked expert parameter name -> its PEFT key stem (without `.lora_A.weight`), e.g.
+    "model.layers.1.mlp.experts.gate_up_proj" -> "base_model.model.model.layers.1.mlp.experts.base_layer".
+    PEFT wraps a module's targeted parameters in their registration order, each wrapper around the previous one,
+    so the i-th of k adapted parameters sits under k - 1 - i `base_layer` levels."""
+    hf_name = checkpoint_names(model)
+    by_module: dict[str, list[str]] = {}
+    for name, _ in expert_lora_layers(model):
+        by_module.setdefault(name.rpartition(".")[0], []).append(name)
+    out = {}
+    for module, names in by_module.items():
+        for i, name in enumerate(names):
+            out[name] = PREFIX + hf_name(module) + ".base_layer" * (len(names) - 1 - i)
+    return out
+
+
+def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
+    """PEFT key -> the model's own trainable adapter tensor (LoRA A/B of layers and expert weights, modules to
+    save); see the module docstring for the keys."""
     out = {}
     hf_name = checkpoint_names(model)
     for name, layer in lora_layers(model):
-        out[f"{PREFIX}{hf_name(name)}.lora_A.weight"] = layer.lora_A.detach()
-        out[f"{PREFIX}{hf_name(name)}.lora_B.weight"] = layer.lora_B.detach()
+        out[f"{PREFIX}{hf_name(name)}.lora_A.weight"] = layer.lora_A
+        out[f"{PREFIX}{hf_name(name)}.lora_B.weight"] = layer.lora_B
+    stems = expert_adapter_keys(model)
+    for name, adapter in expert_lora_layers(model):
+        out[f"{stems[name]}.lora_A.weight"] = adapter.lora_A
+        out[f"{stems[name]}.lora_B.weight"] = adapter.lora_B
     for m in model.lora_settings.modules_to_save:
         full = "model.embed_tokens" if m == "embed_tokens" else "lm_head"
-        out[f"{PREFIX}{hf_name(full)}.weight"] = model.get_submodule(full).weight.detach()
+        out[f"{PREFIX}{hf_name(full)}.weight"] = model.get_submodule(full).weight
     return out
+
+
+def adapter_state_dict(model) -> dict[str, torch.Tensor]:
+    """PEFT-named adapter tensors (views of the model's own; see the module docstring)."""
+    return {k: p.detach() for k, p in adapter_parameters(model).items()}
 
 
 def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, target_names: list[str]) -> dict:
     """The adapter_config.json PEFT's LoraConfig writes for these settings (PEFT's field names; a plain LoRA: no DoRA,
-    no rank/alpha patterns, inference_mode true). target_modules is the sorted set of the wrapped layers' last name
-    parts; `base_name_or_path` is written as base_model_name_or_path."""
+    inference_mode true). target_modules is the sorted set of the wrapped layers' last name parts (routers, which
+    PEFT adapts as a parameter, excluded); target_parameters, rank_pattern and alpha_pattern are the settings'
+    (PEFT's keys for LoRA on MoE experts); `base_name_or_path` is written as base_model_name_or_path."""
+    routers = {n for n in target_names if n.endswith(".mlp.gate")
+               and matches_parameter(f"{n}.weight", settings.target_parameters)}
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -52,7 +84,8 @@ def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, targ
         "lora_alpha": settings.lora_alpha,
         "lora_dropout": settings.lora_dropout,
         "use_rslora": settings.use_rslora,
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in target_names}),
+        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in target_names if n not in routers}),
+        "target_parameters": list(settings.target_parameters) or None,
         "modules_to_save": list(settings.modules_to_save) or None,
         "bias": settings.bias,
         "fan_in_fan_out": False,
@@ -61,8 +94,8 @@ def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, targ
         "use_dora": False,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": dict(settings.rank_pattern),
+        "alpha_pattern": dict(settings.alpha_pattern),
         "revision": None,
     }
 
@@ -136,11 +169,16 @@ def settings_from_peft_config(cfg: dict) -> LoraSettings:
     field is absent (lora_alpha = r, dropout 0, bias "none"); a string target_modules (a regex) is kept as it is. Raises
     KeyError without `r`."""
     targets = cfg.get("target_modules")
+    if targets is None and cfg.get("target_parameters"):
+        targets = []  # PEFT allows target_modules=None when target_parameters are given
     return LoraSettings(r=cfg["r"], lora_alpha=cfg.get("lora_alpha", cfg["r"]),
                         lora_dropout=cfg.get("lora_dropout", 0.0) or 0.0,
                         target_modules=list(targets) if isinstance(targets, (list, set, tuple)) else targets,
                         use_rslora=bool(cfg.get("use_rslora", False)),
-                        modules_to_save=list(cfg.get("modules_to_save") or []), bias=cfg.get("bias", "none"))
+                        modules_to_save=list(cfg.get("modules_to_save") or []), bias=cfg.get("bias", "none"),
+                        target_parameters=list(cfg.get("target_parameters") or []),
+                        rank_pattern=dict(cfg.get("rank_pattern") or {}),
+                        alpha_pattern=dict(cfg.get("alpha_pattern") or {}))
 
 
 def load_adapter_into(model, folder: Path, seed: int | None = None):

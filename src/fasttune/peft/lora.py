@@ -1,7 +1,9 @@
-"""LoRA / rsLoRA on our decoder's linear layers, and modules_to_save (trainable embed_tokens / lm_head).
+"""LoRA / rsLoRA on our decoder's linear layers, on the stacked MoE experts and router, and modules_to_save
+(trainable embed_tokens / lm_head).
 
 A wrapped layer keeps the frozen base Linear as `base_layer` and adds `lora_A` (r x in) and `lora_B` (out x r),
-as PEFT does, so adapters map one-to-one onto PEFT's key names. Trainable weights are kept in fp32 (master
+as PEFT does, so adapters map one-to-one onto PEFT's key names. A stacked expert weight (E, out, in) gets an
+ExpertLora with PEFT's ParamWrapper layout (`target_parameters`). Trainable weights are kept in fp32 (master
 weights) and cast to the activation dtype in forward.
 """
 from __future__ import annotations
@@ -28,7 +30,8 @@ SAVABLE_MODULES = ("embed_tokens", "lm_head")
 class LoraSettings:
     """A LoRA adapter's settings, meaning what the same fields of PEFT's LoraConfig mean (r, lora_alpha, lora_dropout,
     target_modules: layer-name suffixes, a regex string or "all-linear", use_rslora, modules_to_save: "embed_tokens" /
-    "lm_head", bias); the defaults are fasttune's (r=16, lora_alpha=16, the seven attention and MLP projections).
+    "lm_head", bias, target_parameters: MoE parameter names such as "mlp.experts.gate_up_proj", rank_pattern /
+    alpha_pattern); the defaults are fasttune's (r=16, lora_alpha=16, the seven attention and MLP projections).
     Checked by validate_settings."""
 
     r: int = 16
@@ -38,13 +41,20 @@ class LoraSettings:
     use_rslora: bool = False
     modules_to_save: list = field(default_factory=list)
     bias: str = "none"
-    # The names asked for when they were widened onto fused layers (Phi-3's q_proj -> qkv_proj); target_modules
-    # then holds the applied names, as the saved adapter_config.json does.
+    # The names asked for when they were widened onto fused layers (Phi-3's q_proj -> qkv_proj) or mapped onto the
+    # experts of an MoE model; target_modules then holds the applied names, as the saved adapter_config.json does.
     requested_target_modules: list | None = None
+    # PEFT's target_parameters (stacked MoE weights, the router weight) and per-target rank / alpha overrides
+    # (regex -> value, PEFT's rank_pattern / alpha_pattern matching).
+    target_parameters: list = field(default_factory=list)
+    rank_pattern: dict = field(default_factory=dict)
+    alpha_pattern: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
             self.target_modules = sorted(set(self.target_modules))  # order carries no meaning; keeps configs equal
+        params = self.target_parameters or []
+        self.target_parameters = sorted({params} if isinstance(params, str) else set(params))
 
     @property
     def scaling(self) -> float:
@@ -52,11 +62,30 @@ class LoraSettings:
         scaling)."""
         return self.lora_alpha / (math.sqrt(self.r) if self.use_rslora else self.r)
 
+    def rank_alpha(self, name: str) -> tuple[int, float]:
+        """(r, lora_alpha) for the layer or parameter `name` (e.g. "model.layers.1.mlp.experts.gate_up_proj"): the
+        first rank_pattern / alpha_pattern key (a regex) that matches the end of `name` at a dot boundary, as PEFT's
+        get_pattern_key picks it, else r / lora_alpha."""
+        def pick(pattern: dict, default):
+            for key, value in pattern.items():
+                if re.match(rf"(.*\.)?({key})$", name):
+                    return value
+            return default
+
+        return pick(self.rank_pattern, self.r), pick(self.alpha_pattern, self.lora_alpha)
+
+    def scaling_for(self, name: str) -> float:
+        """The scaling of layer / parameter `name` with its rank_alpha."""
+        r, alpha = self.rank_alpha(name)
+        return alpha / (math.sqrt(r) if self.use_rslora else r)
+
     def to_dict(self) -> dict:
-        """The settings as a plain dict (requested_target_modules only when it was recorded)."""
+        """The settings as a plain dict (requested_target_modules, target_parameters and the patterns only when
+        set, so settings recorded before they existed compare equal)."""
         d = asdict(self)
-        if d["requested_target_modules"] is None:
-            del d["requested_target_modules"]
+        for k in ("requested_target_modules", "target_parameters", "rank_pattern", "alpha_pattern"):
+            if not d[k]:
+                del d[k]
         return d
 
 
@@ -134,9 +163,51 @@ def is_quantized(module: nn.Module) -> bool:
     return isinstance(module, QuantLinear)
 
 
+class ExpertLora(nn.Module):
+    """LoRA on one stacked expert weight W (E, out, in) (Experts.gate_up_proj / down_proj), as PEFT's ParamWrapper
+    adapts a 3-d parameter named in target_parameters: expert e's weight acts as W_e + scaling * B_e @ A_e.
+
+    Parameters in PEFT's layout, so the adapter file holds them as they are: lora_A (E*r, in), rows e*r + j =
+    A_e[j]; lora_B (out, r*E), column j*E + e = B_e[:, j] (PEFT reshapes B to (out, r, E)). fp32 master weights,
+    cast to the activation dtype in `factors`. `disabled` turns the update off (set_adapters_enabled)."""
+
+    def __init__(self, weight: torch.Tensor, r: int, scaling: float):
+        super().__init__()
+        self.num_experts, self.out_features, self.in_features = weight.shape
+        self.r, self.scaling = r, scaling
+        e, device = self.num_experts, weight.device
+        self.lora_A = nn.Parameter(torch.empty(e * r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r * e, device=device, dtype=torch.float32))
+        self.disabled = False
+
+    def reset_parameters(self):
+        """PEFT's default init of the (E*r, in) lora_A: kaiming-uniform (a=sqrt(5)); lora_B zeros. Draws from torch's
+        global generator."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """(a (E, in, r), b (E, r, out), scaling) in `dtype`, differentiable: x_e @ a_e @ b_e * scaling is expert
+        e's LoRA output for rows x_e (models/moe.py's experts_forward). `a` is a view of lora_A; `b` a small copy
+        (PEFT's expert-minor column order is not a strided view grouped GEMMs take)."""
+        e, r = self.num_experts, self.r
+        a = self.lora_A.to(dtype).view(e, r, self.in_features).transpose(1, 2)
+        b = self.lora_B.to(dtype).view(self.out_features, r, e).permute(2, 1, 0).contiguous()
+        return a, b, self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B_e @ A_e for every expert: the (E, out, in) fp32 update to the stacked weight (PEFT's
+        ParamWrapper.get_delta_weight)."""
+        e, r = self.num_experts, self.r
+        a = self.lora_A.view(e, r, self.in_features)
+        b = self.lora_B.view(self.out_features, r, e)
+        return torch.einsum("ore,eri->eoi", b, a) * self.scaling
+
+
 def validate_settings(s: LoraSettings) -> LoraSettings:
     """Return `s` unchanged when usable. Raises ConfigError for r not a positive int, lora_alpha missing or <= 0,
-    lora_dropout outside [0, 1), bias other than "none", or modules_to_save outside SAVABLE_MODULES."""
+    lora_dropout outside [0, 1), bias other than "none", modules_to_save outside SAVABLE_MODULES, or
+    target_parameters that are not names."""
     if not isinstance(s.r, int) or s.r <= 0:
         raise ConfigError(f"LoRA rank r={s.r!r} is invalid: use a positive integer such as 8, 16 or 64.")
     if s.lora_alpha is None or s.lora_alpha <= 0:
@@ -148,12 +219,15 @@ def validate_settings(s: LoraSettings) -> LoraSettings:
     bad = [m for m in s.modules_to_save if m not in SAVABLE_MODULES]
     if bad:
         raise ConfigError(f"modules_to_save={bad} is not supported: choose from {list(SAVABLE_MODULES)}.")
+    if not all(isinstance(t, str) for t in s.target_parameters):
+        raise ConfigError(f"target_parameters={s.target_parameters!r} is invalid: use parameter names such as "
+                          f"{list(SUPPORTED_PARAMETERS)}.")
     return s
 
 
 def _resolve_targets(model: nn.Module, targets) -> list[str]:
     """Names of the Linear layers to wrap. `targets`: list of suffixes, a regex string, or 'all-linear'."""
-    linears = [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_quantized(m)) and n != "lm_head"]
+    linears = _linear_names(model)
     if targets == "all-linear":
         return linears
     if isinstance(targets, str):
@@ -174,32 +248,98 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
 
 
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
+# The parameters target_parameters can name: Experts' stacked weights (in their registration order, which is the
+# order PEFT nests its ParamWrappers in, so the adapter keys depend on it: adapter_io.expert_adapter_keys) and the
+# router's weight.
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+ROUTER_PARAMETER = "mlp.gate.weight"
+SUPPORTED_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS) + (ROUTER_PARAMETER,)
+# target_modules names that PEFT on transformers 5 reads as parameters of an MoE model (PEFT's
+# _MOE_TARGET_MODULE_MAPPING); Mixtral's checkpoint names w1/w3/w2 there too. The first two of each fused pair
+# are one stacked weight, so PEFT requires both.
+MOE_TARGET_NAMES = {"gate": ROUTER_PARAMETER, "gate_proj": "mlp.experts.gate_up_proj",
+                    "up_proj": "mlp.experts.gate_up_proj", "down_proj": "mlp.experts.down_proj"}
+MIXTRAL_TARGET_NAMES = {"w1": "mlp.experts.gate_up_proj", "w3": "mlp.experts.gate_up_proj",
+                        "w2": "mlp.experts.down_proj"}
+FUSED_EXPERT_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
+# PEFT's rank / alpha pattern key for a gate_up_proj fused from two rank-r targets (rank 2r, alpha 2 * alpha).
+GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 
-def _drop_expert_targets(model: nn.Module, settings: LoraSettings) -> None:
-    """MoE models (Qwen3-MoE, Mixtral): remove gate_proj/up_proj/down_proj from settings.target_modules, with a
-    warning. PEFT on transformers 5 reads these names on such a model as the stacked experts (target_parameters),
-    which fasttune does not adapt yet; keeping them out of the saved adapter_config keeps PEFT's model equal to
-    ours. Raises ConfigError for a string target_modules (regex / "all-linear"), which PEFT resolves onto the
-    experts too, and when nothing is left."""
-    if not getattr(getattr(model, "arch", None), "num_experts", 0):
+def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
+    """MoE models (Qwen3-MoE, Mixtral): rewrite settings as PEFT on transformers 5 rewrites the same LoraConfig
+    (peft.utils.transformers_weight_conversion._convert_peft_config_moe), so that the same call trains the same
+    adapter and the saved adapter_config.json is what PEFT builds its model from:
+    gate_proj + up_proj (Mixtral also w1 + w3) -> target_parameters "mlp.experts.gate_up_proj" with rank 2r and
+    alpha 2 * lora_alpha (rank_pattern / alpha_pattern; alpha / r is kept), down_proj (w2) ->
+    "mlp.experts.down_proj", gate -> the router "mlp.gate.weight"; the names leave target_modules (recorded in
+    requested_target_modules), so dense MLP layers of the model (Qwen3-MoE's mlp_only_layers) stay frozen, as
+    with PEFT. "all-linear" means every linear layer, the experts and the router.
+    Raises ConfigError for another string target_modules (a regex) and for gate_proj without up_proj (or w1
+    without w3), which PEFT refuses too: they are one stacked weight."""
+    arch = getattr(model, "arch", None)
+    if not getattr(arch, "num_experts", 0):
         return
-    targets = settings.target_modules
+    names = {**MOE_TARGET_NAMES, **(MIXTRAL_TARGET_NAMES if arch.model_type == "mixtral" else {})}
+    asked = targets = settings.target_modules
     if isinstance(targets, str):
-        raise ConfigError(f"target_modules={targets!r}: on this mixture-of-experts model pass a list of attention "
-                          f"projections, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj'] (LoRA on the experts is "
-                          f"not supported yet).")
-    dropped = [t for t in targets if t in MLP_TARGETS]
-    if not dropped:
+        if targets != "all-linear":
+            raise ConfigError(f"target_modules={targets!r}: on this mixture-of-experts model pass a list of layer "
+                              f"names, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', "
+                              f"'down_proj'] (the MLP names adapt the experts), or 'all-linear'.")
+        targets = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)} | set(MOE_TARGET_NAMES))
+    mapped = [t for t in targets if t in names]
+    if not mapped and targets is asked:
         return
-    settings.target_modules = [t for t in targets if t not in MLP_TARGETS]
-    if not settings.target_modules:
-        raise ConfigError(f"target_modules={dropped}: LoRA on the experts of this mixture-of-experts model is not "
-                          f"supported yet; target the attention projections ['q_proj', 'k_proj', 'v_proj', "
-                          f"'o_proj'].")
-    warnings.warn(f"target_modules {dropped} left out: LoRA on this model's MoE experts is not supported yet, so "
-                  f"LoRA goes on {settings.target_modules} (the experts and any dense MLP layers stay frozen).",
-                  stacklevel=4)
+    for pair in FUSED_EXPERT_PAIRS:
+        given = [t for t in pair if t in targets]
+        if len(given) == 1:
+            other = pair[1] if given[0] == pair[0] else pair[0]
+            raise ConfigError(f"target_modules has {given[0]!r} without {other!r}: on this mixture-of-experts model "
+                              f"both are one stacked weight, experts.gate_up_proj (E, 2I, H), which LoRA adapts as a "
+                              f"whole. Target both (or neither), as PEFT requires too.")
+    if any(all(t in targets for t in pair) for pair in FUSED_EXPERT_PAIRS):
+        # PEFT: two rank-r LoRAs fused into one gate_up_proj LoRA of rank 2r, alpha doubled to keep alpha / r.
+        settings.rank_pattern = {**settings.rank_pattern, GATE_UP_PATTERN: 2 * settings.r}
+        settings.alpha_pattern = {**settings.alpha_pattern, GATE_UP_PATTERN: 2 * settings.lora_alpha}
+    settings.requested_target_modules = asked if isinstance(asked, str) else list(asked)
+    settings.target_modules = sorted(t for t in targets if t not in names)
+    settings.target_parameters = sorted(set(settings.target_parameters) | {names[t] for t in mapped})
+
+
+def _linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_quantized(m)) and n != "lm_head"]
+
+
+def matches_parameter(name: str, targets) -> bool:
+    """Whether parameter `name` is selected by target_parameters `targets`: equal to an entry or ending in "." plus
+    one (PEFT's rule)."""
+    return any(name == t or name.endswith("." + t) for t in targets or ())
+
+
+def _resolve_parameters(model: nn.Module, targets: list[str]) -> list[str]:
+    """Names of the parameters `targets` (PEFT's target_parameters: a full name or a suffix after a dot) select,
+    in model order. Raises ConfigError for an entry that matches nothing, or a parameter other than an MoE
+    layer's stacked expert weights or router weight (SUPPORTED_PARAMETERS)."""
+    if not targets:
+        return []
+    names = [n for n, _ in model.named_parameters()]
+    chosen = set()
+    for t in targets:
+        hits = [n for n in names if matches_parameter(n, (t,))]
+        if not hits:
+            moe = bool(getattr(getattr(model, "arch", None), "num_experts", 0))
+            raise ConfigError(f"target_parameters entry {t!r} matches no parameter of this model. "
+                              + (f"Use {list(SUPPORTED_PARAMETERS)}." if moe else
+                                 "This model has no mixture-of-experts layers: target_parameters adapts stacked MoE "
+                                 "experts and routers only; use target_modules for linear layers."))
+        bad = [n for n in hits if not n.endswith(SUPPORTED_PARAMETERS)]
+        if bad:
+            raise ConfigError(f"target_parameters entry {t!r} selects {bad[0]!r}: fasttune adapts by parameter only "
+                              f"the MoE experts and router {list(SUPPORTED_PARAMETERS)}; name linear layers in "
+                              f"target_modules instead.")
+        chosen.update(hits)
+    return [n for n in names if n in chosen]
 
 
 class FusedTargetsWarning(UserWarning):
@@ -232,31 +372,58 @@ def _record_applied(settings: LoraSettings, names: list[str]) -> None:
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407) -> list[str]:
-    """Freeze the base, wrap the target layers with LoRA, make modules_to_save trainable. Returns wrapped names."""
+    """Freeze the base, wrap the target layers with LoRA (LoraLinear), add LoRA to the target parameters (stacked
+    experts: ExpertLora in Experts.lora; the router weight: a LoraLinear around the router), make modules_to_save
+    trainable. On an MoE model the settings are first rewritten as PEFT rewrites them (_map_moe_targets).
+    Returns the wrapped layer names and the adapted parameter names. Raises ConfigError for invalid settings,
+    targets that select nothing, lora_dropout > 0 with target_parameters (PEFT cannot apply dropout to a
+    parameter's update and refuses it too), or a model that already has LoRA."""
     validate_settings(settings)
-    if any(isinstance(m, LoraLinear) for m in model.modules()):
+    if any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules()):
         raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
     model.requires_grad_(False)
-    _drop_expert_targets(model, settings)
+    _map_moe_targets(model, settings)
+    if settings.target_parameters and settings.lora_dropout > 0:
+        raise ConfigError(f"lora_dropout={settings.lora_dropout} with LoRA on the MoE experts / router "
+                          f"(target_parameters {settings.target_parameters}): the update of a stacked weight cannot "
+                          f"drop its input per layer, and PEFT refuses this adapter too. Use lora_dropout=0.")
     names = _resolve_targets(model, settings.target_modules)
-    if not names:
+    params = _resolve_parameters(model, settings.target_parameters)
+    if not names and not params:
         raise ConfigError(f"target_modules={settings.target_modules!r} selects no layer of this model.")
+    hf_name = getattr(model, "checkpoint_name", None) if getattr(model, "family", None) else None
     gen_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
     try:
         for name in names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            lora = LoraLinear(getattr(parent, attr), settings.r, settings.scaling, settings.lora_dropout)
-            lora.reset_parameters()
-            setattr(parent, attr, lora)
+            _wrap_linear(model, name, settings, hf_name(name) if hf_name else name)
+        for name in params:
+            owner, _, attr = name.rpartition(".")
+            if attr == "weight":  # the router: a Linear-like module, wrapped as PEFT's keys name it (mlp.gate.lora_A)
+                _wrap_linear(model, owner, settings, name)
+                continue
+            experts = model.get_submodule(owner)
+            r, _ = settings.rank_alpha(name)
+            adapter = ExpertLora(getattr(experts, attr), r, settings.scaling_for(name))
+            adapter.reset_parameters()
+            experts.lora[attr] = adapter
     finally:
         if seed is not None:
             torch.random.set_rng_state(gen_state)
     _make_savable_trainable(model, settings.modules_to_save)
     _record_applied(settings, names)
-    return names
+    return names + params
+
+
+def _wrap_linear(model: nn.Module, name: str, settings: LoraSettings, key: str) -> None:
+    """Replace module `name` by a LoraLinear around it, with the rank / alpha settings give `key`."""
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    r, _ = settings.rank_alpha(key)
+    lora = LoraLinear(getattr(parent, attr), r, settings.scaling_for(key), settings.lora_dropout)
+    lora.reset_parameters()
+    setattr(parent, attr, lora)
 
 
 def _make_savable_trainable(model: nn.Module, modules: list[str]):
@@ -274,12 +441,23 @@ def _make_savable_trainable(model: nn.Module, modules: list[str]):
 
 
 def lora_layers(model: nn.Module):
-    """[(module name, LoraLinear)] of `model`, in module order."""
+    """[(module name, LoraLinear)] of `model`, in module order (routers with LoRA included)."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLinear)]
 
 
+def expert_lora_layers(model: nn.Module):
+    """[(stacked parameter name, ExpertLora)] of `model` in module order, e.g.
+    ("model.layers.1.mlp.experts.gate_up_proj", adapter); within one Experts module in EXPERT_PARAMETERS order."""
+    out = []
+    for n, m in model.named_modules():
+        adapters = getattr(m, "lora", None)
+        if isinstance(adapters, nn.ModuleDict):
+            out += [(f"{n}.{p}", adapters[p]) for p in EXPERT_PARAMETERS if p in adapters]
+    return out
+
+
 def set_adapters_enabled(model: nn.Module, enabled: bool):
-    """Turn every LoraLinear's update on or off (the base layers alone compute when off); the adapter weights are
-    kept."""
-    for _, m in lora_layers(model):
+    """Turn every LoRA update (LoraLinear and ExpertLora) on or off (the base weights alone compute when off); the
+    adapter weights are kept."""
+    for _, m in lora_layers(model) + expert_lora_layers(model):
         m.disabled = not enabled
