@@ -274,6 +274,25 @@ def test_single_expert_parameter_keys_load_in_peft(tiny_model_dir, tmp_path):
                                    rtol=1e-5, atol=1e-5)
 
 
+def test_adapter_written_by_peft_loads_into_fasttune(tiny_model_dir, tmp_path):
+    """PEFT's own adapter for the default names plus the router (its converted config: suffix target_parameters,
+    rank / alpha patterns) loads onto our model with transformers+PEFT's logits."""
+    from peft import LoraConfig, get_peft_model
+
+    from fasttune.peft.adapter_io import load_adapter_into
+
+    ref = get_peft_model(hf_model("qwen3_moe"), LoraConfig(r=4, lora_alpha=8, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "gate"]))
+    randomize_lora_b(ref)
+    ref.save_pretrained(tmp_path / "adapter")
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")), dtype=torch.float32)
+    settings = load_adapter_into(ours, tmp_path / "adapter")
+    assert settings.rank_pattern == {r".*\.gate_up_proj": 8} and len(settings.target_parameters) == 3
+    ids, _, _ = _batch(pad=False)
+    with torch.no_grad():
+        torch.testing.assert_close(ours.eval()(ids).logits, ref.eval()(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_unsupported_expert_lora_settings_are_refused(tiny_model_dir):
     qwen, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
     with pytest.raises(ConfigError, match="list of layer names"):
