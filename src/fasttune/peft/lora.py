@@ -247,7 +247,6 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
     return chosen
 
 
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 # The parameters target_parameters can name: Experts' stacked weights (in their registration order, which is the
 # order PEFT nests its ParamWrappers in, so the adapter keys depend on it: adapter_io.expert_adapter_keys) and the
 # router's weight.
