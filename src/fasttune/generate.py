@@ -17,6 +17,9 @@ from fasttune import sampling
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
+from fasttune.models.static_decode import DecodeStep, graphs_wanted
+
+CHECK_EVERY = 16  # tokens between two host reads of the stop state on CUDA
 
 
 def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -181,8 +184,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     was_training = model.training
     model.eval()
     try:
-        cache = KVCache(model.arch, b, t + n_new, model.dtype, device)
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
+            cache = KVCache(model.arch, b, t + n_new, model.dtype, device)
             grid = images.get("image_grid_thw")
             grid = grid.to(device) if grid is not None else None
             inputs = model.multimodal_inputs(input_ids, images["pixel_values"].to(device), grid, attention_mask)
@@ -192,12 +195,16 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             logits = model(attention_mask=full_mask[:, :t] if padded else None, past_key_values=cache,
                            logits_to_keep=1, **{**inputs, "position_ids": position_ids}).logits[:, -1]
         else:
-            logits = model(input_ids, attention_mask=full_mask[:, :t] if padded else None, position_ids=position_ids,
-                           past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            cache, logits = _prefill(model, input_ids, full_mask[:, :t] if padded else None, position_ids,
+                                     t + n_new)
         vocab = logits.shape[-1]
         if s.repetition_penalty is not None:
             seen[0] = _seen_tokens(input_ids, attention_mask, vocab)
+        cache.start_decoding()
+        decode = DecodeStep(model, cache, full_mask, graphs_wanted(model, device))
+        check_every = _stop_check_interval(device, streamer is not None or bool(criteria))
         unfinished = torch.ones(b, dtype=torch.bool, device=device)
+        alive = []  # per step: whether any row was still unfinished after it
         cur = t
         for step in range(n_new):
             raw = logits.float()
@@ -224,16 +231,59 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                 unfinished &= ~torch.isin(emitted, stop_t)
             for criterion in criteria:
                 unfinished &= ~torch.as_tensor(criterion(seq[:, :cur], scores), device=device).bool()
-            if step == n_new - 1 or ((stop_t is not None or criteria) and not bool(unfinished.any())):
+            if step == n_new - 1:
                 break
-            logits = model(token[:, None], attention_mask=full_mask[:, :cur] if padded else None,
-                           position_ids=next_pos, past_key_values=cache, logits_to_keep=1).logits[:, -1]
+            if stop_t is not None or criteria:
+                alive.append(unfinished.any())
+                if (step + 1) % check_every == 0:
+                    done = (~torch.stack(alive)).nonzero()
+                    if done.numel():  # all rows stopped at that step: the output ends there, as transformers'
+                        cur = t + int(done[0, 0]) + 1
+                        break
+            logits = decode(token[:, None], next_pos)
             next_pos = next_pos + 1
+        if alive and cur == t + n_new:  # stops after the last check
+            done = (~torch.stack(alive)).nonzero()
+            if done.numel():
+                cur = t + int(done[0, 0]) + 1
     finally:
         model.train(was_training)
         if streamer is not None:
             streamer.end()
-    return _output(seq[:, :cur], s, scores_out, logits_out)
+    made = cur - t
+    return _output(seq[:, :cur], s, scores_out[:made], logits_out[:made])
+
+
+def _stop_check_interval(device: torch.device, host_per_token: bool) -> int:
+    """Tokens between two reads of the stop state on the host. Each read stalls the GPU's queue, so on CUDA it is
+    read every CHECK_EVERY tokens (rows that stopped meanwhile only add padding, which is cut off), unless a
+    streamer or stopping criteria bring every token to the host anyway; on the CPU (no queue to stall, and
+    extra steps cost compute) every token."""
+    return CHECK_EVERY if device.type == "cuda" and not host_per_token else 1
+
+
+def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor, max_len: int):
+    """Run the prompts into a new KVCache of `max_len` positions: (cache, last-position logits (B, V)). Identical
+    rows (GRPO's and num_return_sequences' copies of a prompt) are run once and their cache rows copied."""
+    b, t = input_ids.shape
+    rows = input_ids if attention_mask is None else torch.cat([input_ids, attention_mask], dim=1)
+    index = None
+    if b > 1:
+        unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if unique.shape[0] < b:
+            first = torch.full((unique.shape[0],), b, dtype=torch.long, device=rows.device)
+            index = first.scatter_reduce(0, inverse, torch.arange(b, device=rows.device), "amin")
+    if index is None:
+        cache = KVCache(model.arch, b, max_len, model.dtype, input_ids.device)
+        logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
+                       logits_to_keep=1).logits[:, -1]
+        return cache, logits
+    sub = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
+    cache = KVCache(model.arch, len(index), max_len, model.dtype, input_ids.device)
+    logits = model(sub(input_ids), attention_mask=sub(attention_mask), position_ids=sub(position_ids),
+                   past_key_values=cache, logits_to_keep=1).logits[:, -1]
+    cache.select_rows(inverse)
+    return cache, logits.index_select(0, inverse)
 
 
 def _image_inputs(model, prompt, kwargs: dict) -> dict:

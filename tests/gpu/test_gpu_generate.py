@@ -1,0 +1,80 @@
+"""GPU checks of generation's CUDA-graph decode (models/static_decode.py; skipped without CUDA): replayed steps give
+the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, sliding windows), greedy fp32 equals
+transformers' generate(), and training between two generate() calls is seen by the next one."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+from tiny import hf_model
+
+from fasttune import FastLanguageModel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (4, 9), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[3, :6] = 0
+    return ids.masked_fill(mask == 0, 0).cuda(), mask.cuda()
+
+
+def _both(model, monkeypatch, **kw):
+    ids, mask = _prompts()
+    graphed = model.generate(ids, mask, pad_token_id=0, **kw)
+    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
+    eager = model.generate(ids, mask, pad_token_id=0, **kw)
+    monkeypatch.delenv("FASTTUNE_CUDA_GRAPHS")
+    return graphed, eager
+
+
+def test_greedy_fp32_equals_transformers(tiny_model_dir, monkeypatch):
+    folder = tiny_model_dir("llama")
+    ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device="cuda")
+    ref = hf_model("llama").cuda().eval()
+    ids, mask = _prompts()
+    want = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                        eos_token_id=[7, 9])
+    graphed, eager = _both(ours, monkeypatch, max_new_tokens=40, eos_token_id=[7, 9])
+    assert torch.equal(graphed, want) and torch.equal(eager, want)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
+def test_graphs_equal_eager_bf16_lora(family, tiny_model_dir, monkeypatch):
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
+    ours = FastLanguageModel.get_peft_model(ours, r=8)
+    randomize_lora_b(ours)
+    graphed, eager = _both(ours, monkeypatch, max_new_tokens=48, eos_token_id=[])
+    assert torch.equal(graphed, eager)
+    graphed, eager = _both(ours, monkeypatch, max_new_tokens=48, do_sample=True, temperature=1.5, top_p=0.9,
+                           top_k=50, min_p=0.02, repetition_penalty=1.1, eos_token_id=[5, 6, 7], seed=11)
+    assert torch.equal(graphed, eager)
+
+
+def test_graphs_equal_eager_nf4(tiny_model_dir, monkeypatch):
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=True,
+                                                dtype=torch.bfloat16, device="cuda")
+    ours = FastLanguageModel.get_peft_model(ours, r=8)
+    randomize_lora_b(ours)
+    graphed, eager = _both(ours, monkeypatch, max_new_tokens=32, eos_token_id=[])
+    assert torch.equal(graphed, eager)
+
+
+def test_training_between_calls_is_seen(tiny_model_dir):
+    """The graph is captured per call and reads the LoRA weights in place: an optimizer step between two calls
+    changes the next call's output exactly as an uncaptured model's."""
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32, device="cuda")
+    ours = FastLanguageModel.get_peft_model(ours, r=8)
+    randomize_lora_b(ours)
+    ids, mask = _prompts()
+    before = ours.generate(ids, mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=5.0)
+    ours.train()
+    ours(ids, attention_mask=mask, labels=ids).loss.backward()
+    opt.step()
+    after = ours.generate(ids, mask, max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    with torch.no_grad():
+        logits = ours(before[:, :10], attention_mask=torch.cat([mask, mask.new_ones(4, 1)], 1)).logits[:, -1]
+    assert not torch.equal(after, before)
+    assert torch.equal(after[:, 9], logits.argmax(-1))

@@ -1,0 +1,98 @@
+"""The fixed-shape decode step (models/static_decode.py): its logits equal one forward over the whole sequence (left
+padding, sliding windows, softcapping, Gemma 3's two RoPE bases); generate() prefills identical prompts once and
+its deferred stop checks give the output of checking every token. The CUDA-graph replay is tested in tests/gpu."""
+import pytest
+import torch
+from tiny import hf_model, save_hf
+
+import fasttune.generate as gen
+from fasttune.models.kv_cache import KVCache
+from fasttune.models.loading import load_model
+from fasttune.models.static_decode import DecodeStep, graphs_wanted
+
+
+def _ours(family, tmp_path, **overrides):
+    return load_model(save_hf(hf_model(family, **overrides), tmp_path / family), torch.float32, "cpu")[0]
+
+
+def _batch(rows=3, width=7, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 300, (rows, width), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    mask[2, :5] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("family,overrides", [("llama", {}), ("gemma2", {}), ("gemma3_text", {}),
+                                              ("mistral", {"sliding_window": 3})])
+def test_decode_steps_equal_a_full_forward(family, overrides, tmp_path):
+    ours = _ours(family, tmp_path, **overrides)
+    ids, mask = _batch()
+    extra = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))
+    full_ids, full_mask = torch.cat([ids, extra], 1), torch.cat([mask, torch.ones_like(extra)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = ours(full_ids, attention_mask=full_mask, position_ids=positions).logits
+        cache = KVCache(ours.arch, 3, full_ids.shape[1] + 2, torch.float32, "cpu")  # spare slots stay masked
+        got = [ours(ids, attention_mask=mask, position_ids=positions[:, :7], past_key_values=cache).logits[:, -1]]
+        cache.start_decoding()
+        key_mask = torch.cat([full_mask, torch.ones(3, 2, dtype=torch.long)], 1)
+        step = DecodeStep(ours, cache, key_mask, graph=False)
+        for i in range(7, full_ids.shape[1]):
+            got.append(step(full_ids[:, i:i + 1], positions[:, i:i + 1]))
+    torch.testing.assert_close(torch.stack(got, 1), ref[:, 6:], rtol=1e-5, atol=1e-5)
+    assert int(cache.slot) == full_ids.shape[1]
+    step(full_ids[:, :1], positions[:, :1])
+    step(full_ids[:, :1], positions[:, :1])
+    with pytest.raises(ValueError, match="holds 15 positions"):
+        step(full_ids[:, :1], positions[:, :1])
+
+
+def test_graphs_only_on_cuda_and_not_for_moe(tmp_path, monkeypatch):
+    ours = _ours("llama", tmp_path)
+    assert not graphs_wanted(ours, torch.device("cpu"))
+    assert graphs_wanted(ours, torch.device("cuda"))
+    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
+    assert not graphs_wanted(ours, torch.device("cuda"))
+    monkeypatch.delenv("FASTTUNE_CUDA_GRAPHS")
+    ours.arch.num_experts = 4  # MoE routing has data-dependent sizes
+    assert not graphs_wanted(ours, torch.device("cuda"))
+
+
+def test_identical_prompts_are_prefilled_once(tmp_path):
+    ours = _ours("llama", tmp_path)
+    ids, mask = _batch()
+    rows = torch.tensor([0, 1, 0, 2, 1, 0])
+    batches = []
+    hook = ours.model.embed_tokens.register_forward_hook(lambda m, a, out: batches.append(out.shape[:2]))
+    try:
+        got = ours.generate(ids[rows], mask[rows], max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    finally:
+        hook.remove()
+    assert batches[0] == (3, 7) and all(b == (6, 1) for b in batches[1:])
+    alone = ours.generate(ids, mask, max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    assert torch.equal(got, alone[rows])
+    # sampled copies of one prompt still draw their own tokens
+    out = ours.generate(ids[:1].repeat(4, 1), mask[:1].repeat(4, 1), do_sample=True, temperature=3.0, top_k=0,
+                        max_new_tokens=8, eos_token_id=[], seed=0)
+    assert len({tuple(r) for r in out[:, 7:].tolist()}) > 1
+
+
+def test_deferred_stop_checks_give_the_same_output(tmp_path, monkeypatch):
+    """Checking the stop state every 4 tokens (as on CUDA every CHECK_EVERY) ends where checking every token
+    ends: rows that stopped show padding, the output is cut at the step where the last row stopped."""
+    ours = _ours("llama", tmp_path)
+    ids, mask = _batch(rows=4)
+    kw = dict(do_sample=True, temperature=2.0, top_k=0, max_new_tokens=30, pad_token_id=0, seed=5,
+              output_scores=True, return_dict_in_generate=True)
+    stops = sorted({int(t) for t in ours.generate(ids, mask, max_new_tokens=30, do_sample=True, temperature=2.0,
+                                                  top_k=0, eos_token_id=[], seed=5)[:, 7:12].flatten()})[:6]
+    assert gen._stop_check_interval(torch.device("cuda"), False) == gen.CHECK_EVERY
+    assert gen._stop_check_interval(torch.device("cuda"), True) == 1  # a streamer reads every token anyway
+    every = ours.generate(ids, mask, eos_token_id=stops, **kw)
+    assert 7 < every.sequences.shape[1] < 37  # every row stopped early, at different steps
+    monkeypatch.setattr(gen, "_stop_check_interval", lambda device, host_per_token: 4)
+    deferred = ours.generate(ids, mask, eos_token_id=stops, **kw)
+    assert torch.equal(deferred.sequences, every.sequences)
+    assert len(deferred.scores) == len(every.scores) == every.sequences.shape[1] - 7
