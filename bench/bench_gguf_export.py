@@ -21,6 +21,15 @@ on one machine (issue #19's "Must show" for SmolLM2).
 5. Appends one JSONL row to bench/results/gguf_export.jsonl and prints a table.
 
     OMP_NUM_THREADS=2 python bench/bench_gguf_export.py            # about 2 minutes on 2 idle cores
+
+With --imatrix (issue #19's stretch), instead: after the same training, one child collects an importance matrix on
+the training data (the demo set, 4096 tokens through the merged model) and writes q4_k_m and q3_k_m with and
+without it (plus f32); every weighted tensor is checked byte for byte against ggml_quantize_chunk with the same
+importance weights, and each file's perplexity, mean KL divergence from our fp32 next-token distribution (less
+noisy than perplexity on a few hundred tokens) and top-1 agreement are measured on the held-out text, which the
+importance matrix never saw. One JSONL row ("bench": "gguf_export_imatrix").
+
+    OMP_NUM_THREADS=1 python bench/bench_gguf_export.py --imatrix
 """
 from __future__ import annotations
 
@@ -126,6 +135,112 @@ def step_llama(work: Path, method: str):
              "rss_before_mib": round(before, 1), "nthread": params.nthread})
 
 
+IMATRIX_METHODS = ("q4_k_m", "q3_k_m")
+
+
+def step_imatrix(work: Path, tokens: int):
+    """Export f32 and IMATRIX_METHODS without and with an importance matrix measured on the demo training data;
+    save the matrix (llama.cpp's format) for the parent's byte check."""
+    from fasttune import FastLanguageModel
+    from fasttune.data import demo_dataset_path
+    from fasttune.export.imatrix import collect_imatrix, sample_token_ids, save_imatrix
+
+    model, tok = FastLanguageModel.from_pretrained(str(work / MERGED))
+    out = {}
+    t0 = time.perf_counter()
+    plain = model.save_pretrained_gguf(work / "plain" / "smol.gguf", tok,
+                                       quantization_method=["f32", *IMATRIX_METHODS], progress=False)
+    out["plain_export_seconds"] = round(time.perf_counter() - t0, 2)
+    t0 = time.perf_counter()
+    ids, source = sample_token_ids(str(demo_dataset_path()), tok, tokens)
+    im = collect_imatrix(model, ids, progress=False, dataset=source)
+    out["collect_seconds"], out["collect_tokens"] = round(time.perf_counter() - t0, 2), len(ids)
+    save_imatrix(im, work / "imatrix.gguf")
+    t0 = time.perf_counter()
+    weighted = model.save_pretrained_gguf(work / "imatrix" / "smol.gguf", tok,
+                                          quantization_method=list(IMATRIX_METHODS), imatrix=im, progress=False)
+    out["imatrix_export_seconds"] = round(time.perf_counter() - t0, 2)
+    out["entries"] = len(im.sums)
+    out["files"] = {"f32": str(plain[0]), **{f"plain_{m}": str(p) for m, p in zip(IMATRIX_METHODS, plain[1:])},
+                    **{f"imatrix_{m}": str(p) for m, p in zip(IMATRIX_METHODS, weighted)}}
+    _result(out)
+
+
+def check_against_ggml(f32_path: Path, path: Path, imatrix_path: Path) -> dict:
+    """Every quantized tensor of `path` against ggml_quantize_chunk of the f32 file's tensor, with the imatrix's
+    weights where it has an entry (as llama-quantize passes them): counts of identical tensors."""
+    import ctypes
+
+    import gguf
+    import llama_cpp
+    import numpy as np
+
+    from fasttune.export.imatrix import load_imatrix
+    from fasttune.export.kquants import BLOCKS
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    im = load_imatrix(imatrix_path)
+    f32 = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(f32_path).tensors}
+    same = weighted = total = 0
+    for t in gguf.GGUFReader(path).tensors:
+        name = t.tensor_type.name
+        if name not in BLOCKS:
+            continue
+        x = np.ascontiguousarray(f32[t.name].reshape(-1, f32[t.name].shape[-1]), dtype=np.float32)
+        qw = im.weights(t.name)
+        qw = None if qw is None else np.ascontiguousarray(qw.numpy())
+        block, size = BLOCKS[name]
+        ref = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
+        lib.ggml_quantize_chunk(int(t.tensor_type), x.ctypes.data, ref.ctypes.data, 0, x.shape[0], x.shape[1],
+                                None if qw is None else qw.ctypes.data)
+        total += 1
+        weighted += qw is not None
+        same += ref.tobytes() == np.asarray(t.data).tobytes()
+    return {"quantized_tensors": total, "weighted_tensors": weighted, "identical_to_ggml": same}
+
+
+def run_imatrix(a, work: Path):
+    """The --imatrix flow (see the module docstring)."""
+    t_start, load_start = time.perf_counter(), os.getloadavg()
+    print(f"[{time.strftime('%H:%M:%S')}] training {a.steps} LoRA steps, merging", flush=True)
+    prep = _child(work, "prepare", str(a.steps))
+    print(f"[{time.strftime('%H:%M:%S')}] exports without and with imatrix", flush=True)
+    exp = _child(work, "imatrix", str(a.imatrix_tokens))
+    files = {k: Path(v) for k, v in exp.pop("files").items()}
+    print(f"[{time.strftime('%H:%M:%S')}] checking bytes against ggml, perplexity", flush=True)
+    checks = {m: check_against_ggml(files["f32"], files[f"imatrix_{m}"], work / "imatrix.gguf")
+              for m in IMATRIX_METHODS}
+    quality = evaluate(work, {"f32_gguf": files["f32"], **{k: v for k, v in files.items() if k != "f32"}})
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip()
+    row = {"bench": "gguf_export_imatrix", "model": "SmolLM2-135M-Instruct", "device": "cpu",
+           "cpu_count": os.cpu_count(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+           "python": platform.python_version(), **_versions(), "commit": commit, "train": prep,
+           "imatrix_data": "demo training set (bundled demo.jsonl)", **exp, "ggml_check": checks,
+           "heldout_tokens": quality["tokens"], "ppl": quality["ppl"], "kld_vs_fp32": quality["kld_vs_fp32"],
+           "top1_vs_fp32": quality["top1_vs_fp32"], "file_bytes": {k: v.stat().st_size for k, v in files.items()},
+           "total_seconds": round(time.perf_counter() - t_start, 1),
+           "loadavg_start_end": [load_start, os.getloadavg()], "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(a.out, "a") as f:
+        f.write(json.dumps(row) + "\n")
+    print(f"\nSmolLM2-135M-Instruct, {a.steps} LoRA steps; imatrix from {exp['collect_tokens']} training tokens "
+          f"({exp['entries']} matrices, {exp['collect_seconds']:.1f} s); held-out: {quality['tokens']} tokens; "
+          f"our fp32 ppl {quality['ppl']['fp32_torch']:.3f}, f32 GGUF {quality['ppl']['f32_gguf']:.3f}")
+    print(f"{'file':18} {'ppl':>8} {'KLD':>8} {'top-1':>6} {'MiB':>6}  bytes = ggml_quantize_chunk")
+    for m in IMATRIX_METHODS:
+        for kind in ("plain", "imatrix"):
+            k = f"{kind}_{m}"
+            c = checks[m]
+            check = f"{c['identical_to_ggml']}/{c['quantized_tensors']} ({c['weighted_tensors']} weighted)" \
+                if kind == "imatrix" else ""
+            print(f"{k:18} {quality['ppl'][k]:>8.3f} {quality['kld_vs_fp32'][k]:>8.4f} "
+                  f"{quality['top1_vs_fp32'][k]:>6.3f} {files[k].stat().st_size / 2**20:>6.1f}  {check}")
+
+
 def _child(work: Path, step: str, arg: str) -> dict:
     """Run one step in a fresh Python process and return its RESULT."""
     cmd = [sys.executable, __file__, "--work", str(work), "--step", step, "--arg", arg]
@@ -223,18 +338,29 @@ def evaluate(work: Path, files: dict) -> dict:
     with torch.no_grad():
         logits = model(torch.tensor([ids])).logits[0].float().numpy()
     nll, ref_top1 = _nll_top1(logits, ids)
-    out = {"tokens": len(ids), "ppl": {"fp32_torch": math.exp(nll)}, "top1_vs_fp32": {}}
+    ref_logp = _log_softmax(logits)
+    out = {"tokens": len(ids), "ppl": {"fp32_torch": math.exp(nll)}, "top1_vs_fp32": {}, "kld_vs_fp32": {}}
     del model
     for label, path in files.items():
         llm = llama_cpp.Llama(str(path), n_ctx=max(512, len(ids)), n_batch=512, logits_all=True, verbose=False,
-                              n_threads=os.cpu_count())
+                              n_threads=int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count()))
         llm.eval(ids)
         scores = np.asarray(llm.scores[:len(ids)])
         llm.close()
         nll, top1 = _nll_top1(scores, ids)
         out["ppl"][label] = math.exp(nll)
         out["top1_vs_fp32"][label] = float((top1 == ref_top1).mean())
+        logp = _log_softmax(scores)
+        out["kld_vs_fp32"][label] = float((np.exp(ref_logp) * (ref_logp - logp)).sum(-1).mean())
     return out
+
+
+def _log_softmax(logits):
+    import numpy as np
+
+    x = logits.astype(np.float64)
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -256,17 +382,25 @@ def main():
     ap.add_argument("--steps", type=int, default=10, help="LoRA steps before the export")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gguf_export.jsonl"))
     ap.add_argument("--work", help="working folder (default: a temporary one, removed at the end)")
+    ap.add_argument("--imatrix", action="store_true", help="compare q4_k_m/q3_k_m with and without an importance "
+                                                            "matrix instead (see the module docstring)")
+    ap.add_argument("--imatrix-tokens", type=int, default=4096, help="training tokens the imatrix is measured on")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--arg", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.step:
         work = Path(a.work)
         {"prepare": lambda: step_prepare(work, int(a.arg)), "ours": lambda: step_ours(work, a.arg),
-         "llama": lambda: step_llama(work, a.arg)}[a.step]()
+         "llama": lambda: step_llama(work, a.arg), "imatrix": lambda: step_imatrix(work, int(a.arg))}[a.step]()
         return
     tmp = None if a.work else tempfile.TemporaryDirectory(prefix="bench_gguf_export_")
     work = Path(a.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
+    if a.imatrix:
+        run_imatrix(a, work)
+        if tmp is not None:
+            tmp.cleanup()
+        return
     t_start, load_start = time.perf_counter(), os.getloadavg()
     print(f"[{time.strftime('%H:%M:%S')}] training {a.steps} LoRA steps, merging", flush=True)
     prep = _child(work, "prepare", str(a.steps))

@@ -248,7 +248,8 @@ def test_imatrix_errors_name_the_fix(lora_model, tmp_path):
         save(quantization_method="q4_k_m", imatrix=str(tmp_path / "missing.txt"))
     with pytest.raises(ConfigError, match="fewer than 2 tokens"):
         save(quantization_method="q4_k_m", imatrix=[""])
-    other = Imatrix(sums={"blk.0.attn_q.weight": torch.ones(128, dtype=torch.float64)}, counts={"blk.0.attn_q.weight": 1})
+    q = "blk.0.attn_q.weight"
+    other = Imatrix(sums={q: torch.ones(128, dtype=torch.float64)}, counts={q: 1})
     with pytest.raises(ConfigError, match="blk.0.attn_q.weight has 128 values but the tensor's rows have 256"):
         save(quantization_method="q4_k_m", imatrix=other)
     with pytest.raises(ConfigError, match="names a tensor of this model"):

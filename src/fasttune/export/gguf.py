@@ -321,13 +321,14 @@ def resolve_imatrix(model, tokenizer, imatrix, quants: list[str], tokens: int | 
         return None
     if not any(q in IMATRIX_METHODS for q in quants):
         raise ConfigError(f"imatrix has no effect on quantization_method {', '.join(quants)}: llama.cpp uses an "
-                          f"importance matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1 (f32/f16/bf16 "
-                          f"are not quantized, q8_0 rounds each value to its nearest level). Leave imatrix out, or "
-                          f"choose e.g. quantization_method='q4_k_m'.")
+                          f"importance matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1 "
+                          f"(f32/f16/bf16 are not quantized, q8_0 rounds each value to its nearest level). Leave "
+                          f"imatrix out, or choose e.g. quantization_method='q4_k_m'.")
     if imatrix is True:
         raise ConfigError("imatrix=True does not say which text to measure the importance matrix on: pass the sample "
                           "instead, e.g. imatrix='train.jsonl' (your training data: .jsonl/.json/.csv/.parquet or a "
-                          ".txt file), a list of strings, or a llama.cpp imatrix .gguf file (CLI: --imatrix-data FILE).")
+                          ".txt file), a list of strings, or a llama.cpp imatrix .gguf file (CLI: --imatrix-data "
+                          "FILE).")
     tokens = imx.DEFAULT_TOKENS if tokens is None else tokens
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
         raise ConfigError(f"imatrix_tokens={tokens!r}: use an integer >= 16 (the tokens of sample text the importance "
