@@ -1,19 +1,23 @@
 """Decode speed: fasttune's KV-cache generate() vs transformers' generate(), same weights, same GPU, same run.
 
 Random-init weights of a real shape (no downloads), random prompt tokens, greedy, a fixed number of new tokens
-(no stop token), batch 1 and 16. For each (impl, batch): a warm-up call, then `--repeats` timed calls of a
+(no stop token), batch 1 and 64. Implementations: "hf" (transformers' generate, SDPA, its default dynamic cache),
+"ours" (fasttune's generate: CUDA-graph decode steps, models/static_decode.py) and "ours-eager" (the same steps
+without graphs, FASTTUNE_CUDA_GRAPHS=0). For each (impl, batch): a warm-up call, then `--repeats` timed calls of a
 1-token generate (prefill) and of the full generate; decode tokens/s = batch x (new - 1) / (full - prefill).
 Also reports end-to-end tokens/s, peak GiB, and how many greedy tokens the two implementations share (bf16
 rounding makes random-weight models diverge eventually; the CPU tests check exact equality in fp32).
 Appends one JSONL row per (impl, batch) to bench/results/generate.jsonl and prints a table. Usage:
 
-    python bench/bench_generate.py                                  # GPU: llama-3.2-1b shape, batch 1 and 16
+    python bench/bench_generate.py                                  # GPU: llama-3.2-1b shape, batch 1 and 64
+    python bench/bench_generate.py --shape llama-3.1-8b
     python bench/bench_generate.py --shape tiny --device cpu --out /tmp/generate.jsonl   # a quick CPU check
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -21,6 +25,8 @@ from pathlib import Path
 SHAPES = {
     "llama-3.2-1b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
 }
@@ -46,6 +52,7 @@ def build_pair(shape: str, device: str):
 
 
 def run_generate(impl, model, ids, new_tokens: int):
+    os.environ["FASTTUNE_CUDA_GRAPHS"] = "0" if impl == "ours-eager" else "1"
     if impl == "hf":
         return model.generate(input_ids=ids, attention_mask=torch_ones(ids), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -98,7 +105,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
     ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
-    ap.add_argument("--batches", default="1,16")
+    ap.add_argument("--batches", default="1,64")
+    ap.add_argument("--impls", default="hf,ours,ours-eager")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
@@ -113,11 +121,12 @@ def main():
     for batch in [int(b) for b in a.batches.split(",")]:
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(3, vocab, (batch, a.prompt_len), generator=g).to(a.device)
-        results = {impl: bench_one(impl, m, ids, a.new_tokens, a.repeats, a.device)
-                   for impl, m in (("hf", hf), ("ours", ours))}
-        new_hf, new_ours = (results[i].pop("_out")[:, a.prompt_len:] for i in ("hf", "ours"))
-        same = (new_hf == new_ours).int().cumprod(dim=1).sum(dim=1)  # shared greedy prefix per row
+        impls = a.impls.split(",")
+        results = {impl: bench_one(impl, hf if impl == "hf" else ours, ids, a.new_tokens, a.repeats, a.device)
+                   for impl in impls}
+        outs = {i: results[i].pop("_out")[:, a.prompt_len:] for i in impls}
         for impl, r in results.items():
+            same = (outs[impl] == outs[impls[0]]).int().cumprod(dim=1).sum(dim=1)  # shared greedy prefix per row
             row = {"bench": "generate", "impl": impl, "shape": a.shape, "batch": batch, "prompt_len": a.prompt_len,
                    "new_tokens": a.new_tokens, **r, "greedy_prefix_shared_min": int(same.min()),
                    "dtype": str(ours.dtype).removeprefix("torch."), "card": card, "torch": torch.__version__,
@@ -132,14 +141,14 @@ def main():
 
 
 def print_table(rows):
-    print(f"\n{'impl':<5} {'batch':>5} {'decode tok/s':>13} {'e2e tok/s':>10} {'prefill s':>10} {'peak GiB':>9} "
-          f"{'vs hf':>6} {'shared':>7}  card")
-    base = {r["batch"]: r["decode_tokens_per_second"] for r in rows if r["impl"] == "hf"}
+    print(f"\n{'impl':<10} {'batch':>5} {'decode tok/s':>13} {'e2e tok/s':>10} {'prefill s':>10} {'peak GiB':>9} "
+          f"{'vs ' + rows[0]['impl']:>8} {'shared':>7}  card")
+    base = {r["batch"]: r["decode_tokens_per_second"] for r in rows if r["impl"] == rows[0]["impl"]}
     for r in rows:
         peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
-        print(f"{r['impl']:<5} {r['batch']:>5} {r['decode_tokens_per_second']:>13,.0f} "
+        print(f"{r['impl']:<10} {r['batch']:>5} {r['decode_tokens_per_second']:>13,.0f} "
               f"{r['end_to_end_tokens_per_second']:>10,.0f} {r['prefill_s']:>10.4f} {peak:>9} "
-              f"{r['decode_tokens_per_second'] / base[r['batch']]:>6.2f} {r['greedy_prefix_shared_min']:>7}  "
+              f"{r['decode_tokens_per_second'] / base[r['batch']]:>8.2f} {r['greedy_prefix_shared_min']:>7}  "
               f"{r['card']}")
 
 

@@ -3,8 +3,8 @@
 `model.fast_generate(prompts, sampling_params, lora_request=...)` takes vLLM's arguments and returns vLLM's result
 shape (`RequestOutput`-like objects with `.prompt` and `.outputs[i].text / .token_ids / .finish_reason`), but runs
 fasttune's own KV-cache `generate` (fasttune/generate.py): one left-padded batch of all prompts, transformers'
-sampling filters (fasttune/sampling.py). There are no CUDA graphs and no continuous batching: it is as fast as
-`model.generate`, not as fast as vLLM.
+sampling filters (fasttune/sampling.py), CUDA-graph decode steps (models/static_decode.py), the `n` samples of a
+prompt sharing its prefill. There is no continuous batching: finished rows keep their slot until the batch ends.
 
 `model.save_lora(path)` writes the current adapter (PEFT format) and `model.load_lora(path)` returns a `LoraRequest`
 handle holding that adapter's tensors; passed as `lora_request=`, those tensors are copied into the model's LoRA

@@ -63,6 +63,9 @@ class DecodeStep:
         # build_masks' rule for a query at slot s: keys at slot j with s - j < window
         masks = {w: (visible if w is None else visible & (cache.slot - self.slots < w))[:, None, None, :]
                  for w in self.windows}
+        if not self.model.arch.attn_logit_softcap:  # SDPA would turn a bool mask into this in every layer
+            masks = {w: torch.zeros(m.shape, dtype=decoder.dtype, device=m.device).masked_fill_(~m, float("-inf"))
+                     for w, m in masks.items()}
         x = decoder.embed_tokens(self.token).to(decoder.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
