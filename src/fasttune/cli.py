@@ -217,13 +217,15 @@ def _default_help(config_cls: type, name: str, default) -> str:
 
 
 def _more_commands():
-    """Other subcommands live in fasttune/commands/; each module has `register(subparsers)` that sets `func`."""
+    """Other subcommands live in fasttune/commands/; each module has `register(subparsers)` that sets `func`
+    (modules named _*, the commands' shared pieces, are not subcommands)."""
     import importlib
     import pkgutil
 
     import fasttune.commands as pkg
 
-    return [importlib.import_module(f"{pkg.__name__}.{m.name}").register for m in pkgutil.iter_modules(pkg.__path__)]
+    return [importlib.import_module(f"{pkg.__name__}.{m.name}").register for m in pkgutil.iter_modules(pkg.__path__)
+            if not m.name.startswith("_")]
 
 
 def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
@@ -457,7 +459,7 @@ def _train(run: dict, config: SFTConfig, out: Path):
     rows = _check_data(run, config, data)  # data and flags first: their errors need no model (nor its imports)
     gc = _check_flags(run)
     from fasttune import FastLanguageModel
-    from fasttune.command_helpers import QUANTIZATION_NAMES
+    from fasttune.commands._common import QUANTIZATION_NAMES
     from fasttune.models.fallback import FallbackWarning
     from fasttune.plot import plot_losses
     from fasttune.wording import plural

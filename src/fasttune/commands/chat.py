@@ -15,7 +15,7 @@ HELP = "/reset clears the conversation, /exit or Ctrl-D ends it, Ctrl-C stops a 
 def register(subparsers):
     """Add the `chat` subcommand (model flags, --system, sampling flags: temperature 0.7, top-p 0.9, 512 new tokens) to
     the CLI's argparse subparsers."""
-    from fasttune.command_helpers import add_model_flags, add_sampling_flags
+    from fasttune.commands._common import add_model_flags, add_sampling_flags
 
     p = subparsers.add_parser("chat", help="interactive multi-turn chat in the terminal")
     add_model_flags(p)
@@ -74,7 +74,7 @@ def cmd_chat(ns) -> int:
     import torch
     from transformers import TextStreamer
 
-    from fasttune.command_helpers import describe_model, load_model_and_tokenizer, sampling_kwargs
+    from fasttune.commands._common import describe_model, load_model_and_tokenizer, sampling_kwargs
     from fasttune.errors import ConfigError
     from fasttune.generate import new_tokens, stop_token_ids
 

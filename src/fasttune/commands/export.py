@@ -16,7 +16,7 @@ FORMATS = ("merged", "gguf")
 def register(subparsers):
     """Add the `export` subcommand (model flags, --format merged|gguf, --quantization, --output) to the CLI's argparse
     subparsers."""
-    from fasttune.command_helpers import add_model_flags
+    from fasttune.commands._common import add_model_flags
 
     p = subparsers.add_parser("export", help="write a merged checkpoint or a GGUF file (+ Ollama Modelfile)")
     add_model_flags(p, adapter_help="adapter folder to merge (its base model is loaded from the adapter config "
@@ -51,7 +51,7 @@ def cmd_export(ns) -> int:
     was written; returns 0. Raises ConfigError, before loading anything, without --model or --adapter, for a
     --quantization other than nf4 with --format merged, or an unknown GGUF quantization; and what loading
     (ModelLoadError) and the exporters raise."""
-    from fasttune.command_helpers import load_model_and_tokenizer
+    from fasttune.commands._common import load_model_and_tokenizer
     from fasttune.errors import ConfigError
     from fasttune.export.gguf import IMATRIX_METHODS, resolve_quantizations
 

@@ -12,7 +12,7 @@ import sys
 def register(subparsers):
     """Add the `generate` subcommand (model flags, --prompt (repeatable), --no-chat, --image (repeatable), sampling
     flags: greedy, 256 new tokens) to the CLI's argparse subparsers."""
-    from fasttune.command_helpers import add_model_flags, add_sampling_flags
+    from fasttune.commands._common import add_model_flags, add_sampling_flags
 
     p = subparsers.add_parser("generate", help="generate text from prompts (KV cache, batched)")
     add_model_flags(p)
@@ -34,7 +34,7 @@ def cmd_generate(ns) -> int:
     load_model_and_tokenizer (ModelLoadError, ConfigError) and generate (ConfigError) raise."""
     from transformers import TextStreamer
 
-    from fasttune.command_helpers import describe_model, load_model_and_tokenizer, sampling_kwargs
+    from fasttune.commands._common import describe_model, load_model_and_tokenizer, sampling_kwargs
     from fasttune.generate import chat_prompt_ids, left_pad, new_tokens, stop_token_ids
 
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype)
@@ -58,7 +58,7 @@ def cmd_generate(ns) -> int:
 def _generate_with_images(ns, model, tok) -> int:
     """A vision-language model's replies; images per prompt as --image describes. Raises ConfigError for images
     on a text model or an image count that fits neither rule."""
-    from fasttune.command_helpers import sampling_kwargs
+    from fasttune.commands._common import sampling_kwargs
     from fasttune.errors import ConfigError
     from fasttune.generate import generate_vision_text
 

@@ -1,5 +1,5 @@
 """Shared pieces of the inference commands (export, generate, chat): model/adapter flags and loading, sampling
-flags. Kept outside fasttune/commands/, whose modules are all subcommands."""
+flags. The leading underscore keeps it out of the CLI's subcommand discovery (cli._more_commands)."""
 from __future__ import annotations
 
 import argparse
