@@ -436,9 +436,9 @@ class FallbackModel(nn.Module):
         return Path(folder)
 
     def save_pretrained_merged(self, folder, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
-        """A transformers checkpoint with any LoRA deltas added (merged_state_dict, in the model's dtype) and tied
-        embeddings as `arch.tie_embeddings` says, plus the tokenizer when given; save_method="lora" writes the adapter
-        (save_pretrained) instead. Returns the folder as a Path; written atomically. Raises ConfigError for a
+        """A transformers checkpoint with any LoRA deltas added (merged_peft_state_dict, in the model's dtype) and
+        tied embeddings as `arch.tie_embeddings` says, plus the tokenizer when given; save_method="lora" writes the
+        adapter (save_pretrained) instead. Returns the folder as a Path; written atomically. Raises ConfigError for a
         save_method outside SAVE_METHODS or a keyword outside SAVE_MERGED_IGNORED."""
         from fasttune.export.merged import SAVE_METHODS, SAVE_MERGED_IGNORED
 
@@ -449,7 +449,7 @@ class FallbackModel(nn.Module):
             return self.save_pretrained(folder, tokenizer)
         base = self.transformers_model
         with atomic_folder(Path(folder), "the merged model") as tmp:
-            state = merged_state_dict(self.hf_model, self.dtype) if self.lora_settings is not None else None
+            state = merged_peft_state_dict(self.hf_model, self.dtype) if self.lora_settings is not None else None
             base.config.tie_word_embeddings = self.arch.tie_embeddings
             base.save_pretrained(str(tmp), state_dict=state)
             if tokenizer is not None:
@@ -478,7 +478,7 @@ def _one_line(e: Exception) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def merged_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def merged_peft_state_dict(peft_model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The base model's tensors with each LoRA delta added (in fp32) and modules_to_save copies in place of the
     originals, under the base model's own key names. The live model is left unchanged."""
     base = peft_model.get_base_model()
