@@ -179,7 +179,9 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "shape": shape, "quant": quant,
            "gradient_checkpointing": gc, "batch": bs, "seq": seq,
            "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "loss_first": losses[0],
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+           "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+           "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
