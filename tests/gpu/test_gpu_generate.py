@@ -1,5 +1,5 @@
 """GPU checks of generation's CUDA-graph decode (models/static_decode.py; skipped without CUDA): replayed steps give
-the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, sliding windows), greedy fp32 equals
+the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, sliding windows, KV buckets), greedy fp32 equals
 transformers' generate(), and training between two generate() calls is seen by the next one."""
 import pytest
 import torch
@@ -7,6 +7,7 @@ from peft_oracle import randomize_lora_b
 from tiny import hf_model
 
 from fasttune import FastLanguageModel
+from fasttune.models import static_decode
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -42,6 +43,7 @@ def test_greedy_fp32_equals_transformers(tiny_model_dir, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3"])
 def test_graphs_equal_eager_bf16_lora(family, tiny_model_dir, monkeypatch):
+    monkeypatch.setattr(static_decode, "KV_BUCKET", 16)  # 9 + 48 slots: four buckets, four graphs, one pool
     ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
     ours = FastLanguageModel.get_peft_model(ours, r=8)
     randomize_lora_b(ours)

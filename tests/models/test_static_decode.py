@@ -6,6 +6,7 @@ import torch
 from tiny import hf_model, save_hf
 
 import fasttune.generate as gen
+from fasttune.models import static_decode
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.loading import load_model
 from fasttune.models.static_decode import DecodeStep, graphs_wanted
@@ -24,9 +25,11 @@ def _batch(rows=3, width=7, seed=3):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("family,overrides", [("llama", {}), ("gemma2", {}), ("gemma3_text", {}),
-                                              ("mistral", {"sliding_window": 3})])
-def test_decode_steps_equal_a_full_forward(family, overrides, tmp_path):
+@pytest.mark.parametrize("family,overrides,bucket", [
+    ("llama", {}, 256), ("gemma2", {}, 256), ("gemma3_text", {}, 256), ("mistral", {"sliding_window": 3}, 256),
+    ("llama", {}, 4), ("mistral", {"sliding_window": 3}, 4)])  # 4: steps cross from one KV bucket to the next
+def test_decode_steps_equal_a_full_forward(family, overrides, bucket, tmp_path, monkeypatch):
+    monkeypatch.setattr(static_decode, "KV_BUCKET", bucket)
     ours = _ours(family, tmp_path, **overrides)
     ids, mask = _batch()
     extra = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))

@@ -14,8 +14,9 @@ class KVCache:
     `length` once all layers have run. Sliding-window layers keep every position too: their mask drops old ones.
 
     Decode mode (`start_decoding`, models/static_decode.py): one token per row is written at the device-side slot
-    `slot` ((1,) int64) and every read returns the whole buffer, so a decode step has fixed shapes and reads no
-    host value (what a CUDA graph needs); the mask then hides the slots not written yet.
+    `slot` ((1,) int64) and every read returns the first `read_len` slots (a length fixed by the caller, not the
+    slot), so a decode step has fixed shapes and reads no host value (what a CUDA graph needs); the mask then hides
+    the slots not written yet.
     """
 
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
@@ -24,16 +25,17 @@ class KVCache:
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(cfg.num_layers)]
         self.max_len, self.length = max_len, 0
         self.slot: torch.Tensor | None = None
+        self.read_len = max_len
 
     def update(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor):
         """Write layer `layer_idx`'s new k, v (B, num_kv_heads, T_new, head_dim) at positions length..length + T_new and
         return that layer's keys and values up to them, (B, num_kv_heads, length + T_new, head_dim) each (views into the
         cache). Does not advance `length`. Raises ValueError past max_len. In decode mode (T_new = 1): written at
-        `slot`, and the whole buffers (B, num_kv_heads, max_len, head_dim) are returned."""
+        `slot`, and the first `read_len` slots (B, num_kv_heads, read_len, head_dim) are returned."""
         if self.slot is not None:
             self.keys[layer_idx].index_copy_(2, self.slot, k)
             self.values[layer_idx].index_copy_(2, self.slot, v)
-            return self.keys[layer_idx], self.values[layer_idx]
+            return self.keys[layer_idx][:, :, :self.read_len], self.values[layer_idx][:, :, :self.read_len]
         end = self.length + k.shape[2]
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")

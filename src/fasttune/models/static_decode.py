@@ -1,17 +1,18 @@
-"""Generation's decode step: one new token per row over the whole preallocated KV cache, with fixed shapes and no
-host reads, replayed as a CUDA graph on the GPU.
+"""Generation's decode step: one new token per row over the preallocated KV cache, with fixed shapes and no host
+reads, replayed as CUDA graphs on the GPU.
 
 A step of the ordinary forward pass costs hundreds of kernel launches plus Python work per layer, and host
 syncs (mask checks, slicing by a host length): at batch 1 a 1B model then decodes at ~80 tokens/s where the card's
 bandwidth allows ~2,000. Here the step reads the cache in decode mode (models/kv_cache.py: keys/values written
 at a device-side slot, whole buffers read) under a mask built on the device from that slot, so every tensor
-keeps its address and shape from one token to the next. On CUDA the step is captured once per generate() call
-(`torch.cuda.CUDAGraph`, after one eager warm-up run on a side stream, as PyTorch's documentation prescribes) and
-replayed for each token; the LoRA layers run unmerged inside it, so training goes on between rollouts. On the
+keeps its address and shape from one token to the next. A step reads the cache up to the next multiple of
+KV_BUCKET slots. On CUDA the step is captured once per bucket per generate() call (`torch.cuda.CUDAGraph`, after
+one eager warm-up run on a side stream, as PyTorch's documentation prescribes; the buckets' graphs share one memory
+pool) and replayed for each token; the LoRA layers run unmerged inside it, so training goes on between rollouts. On the
 CPU, and where capturing is off, the same step runs eagerly.
 
 The values equal the ordinary forward's: a masked key contributes exp(-inf) = 0 to the softmax, so attending
-over the whole buffer gives what attending over the written slots gives (greedy output is tested equal to
+over more slots gives what attending over the written slots gives (greedy output is tested equal to
 transformers' and to the cache-slicing path).
 """
 from __future__ import annotations
@@ -21,6 +22,11 @@ import os
 import torch
 
 from fasttune.models.kv_cache import KVCache
+
+# A step attends over the cache up to the next multiple of KV_BUCKET slots (capped at max_len), not the whole
+# buffer: reading every slot of a long generation from its first token on would cost as much as the weights. One
+# graph per bucket, captured when the slot first reaches it.
+KV_BUCKET = 256
 
 
 def graphs_wanted(model, device: torch.device) -> bool:
@@ -37,7 +43,7 @@ class DecodeStep:
 
     Args: model (our CausalLM or VisionCausalLM), cache (a KVCache holding the prompt, `start_decoding()`
     called), key_mask ((B, max_len) bool: False at left padding; the slots of new tokens True), graph (capture a
-    CUDA graph on the first call; see `graphs_wanted`).
+    CUDA graph when a step first reaches a KV_BUCKET; see `graphs_wanted`).
     Call with token (B, 1) int64 and position (B, 1) int64 (the new token's RoPE position); returns logits
     (B, V) in the model dtype and advances the cache's slot. Raises ValueError past the cache's max_len."""
 
@@ -52,16 +58,21 @@ class DecodeStep:
         self.windows = set(model.arch.sliding_windows) or {None}
         scale = model.arch.embed_scale
         self.embed_scale = None if scale is None else torch.tensor(scale, dtype=decoder.dtype, device=device)
-        self.logits = None
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._pool = None
-        self._steps_left = cache.max_len - int(cache.slot)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
+        self._pool = None  # one memory pool for all buckets' graphs (they never run at the same time)
+        self._slot = int(cache.slot)  # the host's copy, so that choosing a bucket reads nothing from the device
 
-    def _run(self) -> torch.Tensor:
+    def _bucket(self) -> int:
+        return min(self.cache.max_len, (self._slot // KV_BUCKET + 1) * KV_BUCKET)
+
+    def _run(self, length: int) -> torch.Tensor:
+        """The step attending over slots [0, length)."""
         decoder, cache = self.model.model, self.cache
-        visible = self.key_mask & (self.slots <= cache.slot)
+        cache.read_len = length
+        slots = self.slots[:length]
+        visible = self.key_mask[:, :length] & (slots <= cache.slot)
         # build_masks' rule for a query at slot s: keys at slot j with s - j < window
-        masks = {w: (visible if w is None else visible & (cache.slot - self.slots < w))[:, None, None, :]
+        masks = {w: (visible if w is None else visible & (cache.slot - slots < w))[:, None, None, :]
                  for w in self.windows}
         if not self.model.arch.attn_logit_softcap:  # SDPA would turn a bool mask into this in every layer
             masks = {w: torch.zeros(m.shape, dtype=decoder.dtype, device=m.device).masked_fill_(~m, float("-inf"))
@@ -74,28 +85,32 @@ class DecodeStep:
             x = layer(x, *ropes[layer.self_attn.rope_kind], masks, cache)
         return self.model.logits(decoder.norm(x)[:, -1])
 
-    def _capture(self):
+    def _capture(self, length: int):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy initialisation, cuBLAS workspaces, cached RoPE tables
-            self._run()
+            self._run(length)
         torch.cuda.current_stream().wait_stream(side)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self.logits = self._run()
+        graph = torch.cuda.CUDAGraph()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self._run(length)
+        self._graphs[length] = (graph, logits)
 
     def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        if self._steps_left <= 0:
+        if self._slot >= self.cache.max_len:
             raise ValueError(f"KV cache holds {self.cache.max_len} positions; one more was requested.")
         self.token.copy_(token)
         self.position.copy_(position)
+        length = self._bucket()
         if not self.graph:
-            logits = self._run()
+            logits = self._run(length)
         else:
-            if self._graph is None:
-                self._capture()
-            self._graph.replay()
-            logits = self.logits
+            if length not in self._graphs:
+                self._capture(length)
+            graph, logits = self._graphs[length]
+            graph.replay()
         self.cache.slot += 1
-        self._steps_left -= 1
+        self._slot += 1
         return logits
