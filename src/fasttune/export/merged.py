@@ -24,14 +24,19 @@ MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def _plain_tensors(model):
-    """model.state_dict() with quantised (NF4 / int8) layers dequantised to fp32 under their plain names."""
+    """model.state_dict() with quantised (NF4 / int8) layers and NF4 expert stacks dequantised to fp32 under their
+    plain names."""
+    from fasttune.quant.experts import QuantExpertWeight
     from fasttune.quant.linear import QuantLinear
 
-    quant = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    quant = {n: m for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExpertWeight))}
     for name, t in model.state_dict().items():
         owner = next((n for n in quant if name.startswith(n + ".")), None)
         if owner is None:
             yield name, t
+        elif isinstance(quant[owner], QuantExpertWeight):
+            if name == f"{owner}.packed":  # one stack, under the parameter name it stands for
+                yield owner, quant[owner].dequantized(torch.float32)
         elif name == f"{owner}.weight":
             yield name, quant[owner].dequantized_weight(torch.float32)
         elif name == f"{owner}.bias":

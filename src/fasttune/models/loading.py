@@ -126,8 +126,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
 
     `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model).
     quant="nf4"/"int8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
-    memory stays near the quantised size. Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit")
-    load as they are, or are dequantised when quant is None."""
+    memory stays near the quantised size; with "nf4" the stacked MoE experts too, each stack once it is whole.
+    Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit") load as they are, or are dequantised
+    when quant is None."""
     from fasttune.models.moe import ExpertStacker
     from fasttune.quant.prequantized import PendingQuantized
 
@@ -137,13 +138,15 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
-    if quant is not None and model.arch.num_experts:
-        warnings.warn(f"{source}: the MoE experts are not quantised yet (NF4/int8 experts are planned); they load "
-                      f"in {dtype}, the other layers in {quant}.")
+    if quant == "int8" and model.arch.num_experts:
+        warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
+                      f"they load in {dtype}, the other layers in int8.")
     seen = set()
     for name, t in tensors:
         name = experts.rename(name)
         if experts.take(name, t):  # one expert's tensor of a stacked MoE weight
+            while quant == "nf4" and experts.just_completed:  # quantised as soon as its stack is whole
+                _quantize_experts(model, experts.just_completed.pop())
             continue
         if not name.startswith("model.") and (f"model.{name}" in expected or pending.claims(f"model.{name}")):
             name = f"model.{name}"  # bare decoder checkpoints (no `model.` prefix)
@@ -173,6 +176,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             _install_weight(model, module_name, quantize(t.to(device=device, dtype=dtype), quant), dtype, quant)
         else:
             assign_tensor(model, name, t.to(device=device, dtype=dtype))
+            if quant == "nf4" and attr in EXPERT_STACKS and module_name.endswith(".experts"):
+                _quantize_experts(model, name)
         seen.add(name)
     pending.check_complete()
     seen |= experts.complete()
@@ -190,6 +195,19 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     model.tie_weights()
     model.requires_grad_(False)
     return model
+
+
+EXPERT_STACKS = ("gate_up_proj", "down_proj")  # models/moe.py's Experts parameters
+
+
+def _quantize_experts(model: nn.Module, name: str):
+    """Replace the stacked expert parameter `name` (E, out, in) by its NF4 QuantExpertWeight (quant/experts.py)."""
+    from fasttune.quant.experts import QuantExpertWeight
+
+    owner, _, attr = name.rpartition(".")
+    module = model.get_submodule(owner)
+    holder = QuantExpertWeight.quantize(module._parameters.pop(attr).detach())
+    module.add_module(attr, holder)
 
 
 def _install_weight(model: nn.Module, module_name: str, state, dtype: torch.dtype, quant: str | None):

@@ -8,6 +8,7 @@ CPU), or, where that kernel cannot run (unaligned shapes, fp32 on CUDA), as one 
 a Python loop over experts. `experts_reference` is the loop, as transformers' eager experts compute it, for
 the tests. LoRA on the stacked weights (peft/lora.py's ExpertLora) adds two more grouped GEMMs of width r per
 weight on the same sorted tokens: x @ (W_e + s B_e A_e)^T = x @ W_e^T + s (x @ A_e^T) @ B_e^T, exactly.
+With `load_in_4bit` the stacked weights are NF4 (quant/experts.py's QuantExpertWeight), dequantised per use.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttune.kernels.activations import gated_act, gated_act_reference
+from fasttune.quant.experts import QuantExpertWeight
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
@@ -65,6 +67,36 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     return torch.bmm(padded, w)[experts, slot]
 
 
+class _DequantGroupedMM(torch.autograd.Function):
+    """out[s] = x[s] @ W[e(s)]^T for rows sorted by expert, an NF4 stack W dequantised in forward and again in
+    backward (nothing weight-sized is saved)."""
+
+    @staticmethod
+    def forward(ctx, x, holder, offsets, counts, method):
+        ctx.holder, ctx.method = holder, method
+        ctx.save_for_backward(offsets, counts)
+        return grouped_mm(x, holder.dequantized(x.dtype).transpose(1, 2), offsets, counts, method)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None, None
+        offsets, counts = ctx.saved_tensors
+        # d x[s] = grad[s] @ W[e(s)]: the (E, out, in) stack is the (E, K=out, M=in) operand as it is
+        return grouped_mm(grad, ctx.holder.dequantized(grad.dtype), offsets, counts, ctx.method), None, None, None, \
+            None
+
+
+def stacked_matmul(x: torch.Tensor, weight, offsets: torch.Tensor, counts: torch.Tensor,
+                   method: str = "auto") -> torch.Tensor:
+    """Rows x (S, in) sorted by expert times their expert's weight transposed: out[s] = x[s] @ W[e(s)]^T, (S, out)
+    in x's dtype. weight: a stacked (E, out, in) tensor (differentiable in x and W) or a QuantExpertWeight (NF4,
+    frozen; differentiable in x, dequantised per use: quant/experts.py). offsets/counts/method as grouped_mm."""
+    if isinstance(weight, QuantExpertWeight):
+        return _DequantGroupedMM.apply(x, weight, offsets, counts, method)
+    return grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offsets, counts, method)
+
+
 def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method: str) -> torch.Tensor:
     """out + s * (x @ A_e^T) @ B_e^T per group; lora = (a (E, K, r), b (E, r, M), s) or None (out unchanged)."""
     if lora is None:
@@ -95,13 +127,12 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
                          max=num_experts - 1).to(torch.int32)
     offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
     xs = x[order // k]
-    w1 = gate_up_proj.to(x.dtype).transpose(1, 2)
-    gate_up = _with_lora(grouped_mm(xs, w1, offsets, counts, method), xs, lora.get("gate_up_proj"), offsets,
-                         counts, method)
+    gate_up = _with_lora(stacked_matmul(xs, gate_up_proj, offsets, counts, method), xs, lora.get("gate_up_proj"),
+                         offsets, counts, method)
     gate, up = gate_up.chunk(2, dim=-1)
     h = gated_act(gate, up, act)
-    out = _with_lora(grouped_mm(h, down_proj.to(x.dtype).transpose(1, 2), offsets, counts, method), h,
-                     lora.get("down_proj"), offsets, counts, method)
+    out = _with_lora(stacked_matmul(h, down_proj, offsets, counts, method), h, lora.get("down_proj"), offsets,
+                     counts, method)
     unsorted = out.new_empty(out.shape).index_copy(0, order, out)  # row n*k + j: token n's j-th expert
     return torch.bmm(weights.to(x.dtype).unsqueeze(1), unsorted.view(n, k, -1)).squeeze(1)
 
@@ -234,6 +265,7 @@ class ExpertStacker:
     def __init__(self, model: nn.Module, expected: dict, device, dtype: torch.dtype):
         self.model, self.expected, self.device, self.dtype = model, expected, device, dtype
         self.filled: dict[str, int] = {}
+        self.just_completed: list[str] = []  # stacks whose last slice arrived, for the loader to quantise
 
     def rename(self, name: str) -> str:
         """Mixtral's router name -> ours (`mlp.gate.weight`); other names unchanged."""
@@ -266,6 +298,8 @@ class ExpertStacker:
         with torch.no_grad():
             param[expert, start:start + rows].copy_(tensor)
         self.filled[target] = self.filled.get(target, 0) + 1
+        if self.filled[target] == param.shape[0] * (2 if part < 2 else 1):
+            self.just_completed.append(target)
         return True
 
     def complete(self) -> set[str]:

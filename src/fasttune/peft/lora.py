@@ -322,7 +322,7 @@ def _resolve_parameters(model: nn.Module, targets: list[str]) -> list[str]:
     layer's stacked expert weights or router weight (SUPPORTED_PARAMETERS)."""
     if not targets:
         return []
-    names = [n for n, _ in model.named_parameters()]
+    names = _parameter_names(model)
     chosen = set()
     for t in targets:
         hits = [n for n in names if matches_parameter(n, (t,))]
@@ -339,6 +339,20 @@ def _resolve_parameters(model: nn.Module, targets: list[str]) -> list[str]:
                               f"target_modules instead.")
         chosen.update(hits)
     return [n for n in names if n in chosen]
+
+
+def _parameter_names(model: nn.Module) -> list[str]:
+    """model.named_parameters()'s names in order, with NF4 stacked expert weights (QuantExpertWeight modules, which
+    hold buffers) under the parameter name they replace."""
+    from fasttune.quant.experts import QuantExpertWeight
+
+    names = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, QuantExpertWeight):
+            names.append(module_name)
+            continue
+        names += [f"{module_name}.{p}" if module_name else p for p, _ in module.named_parameters(recurse=False)]
+    return names
 
 
 class FusedTargetsWarning(UserWarning):
