@@ -8,6 +8,7 @@ JSONL row to bench/results/. Usage on a GPU machine:
     python bench/bench_lora.py --matrix default          # the table below, one process per row
     python bench/bench_lora.py --impl ours --shape llama-3.2-1b --gc on   # a single row
     python bench/bench_lora.py --matrix qlora                             # NF4 QLoRA vs transformers+PEFT+bnb
+    python bench/bench_lora.py --matrix moe-qlora [--expert-lora]         # Qwen3-30B-A3B shape, NF4 experts
     python bench/bench_lora.py --max-context --impl ours --quant nf4 --gc offload   # longest bs-1 sequence
 """
 from __future__ import annotations
@@ -47,6 +48,8 @@ MATRIX = {
                 ("ours", "llama-3.1-8b", "on", "torch", "none"), ("ours", "llama-3.1-8b", "off", "triton", "none")],
     "moe": [("hf", "qwen3-30b-a3b", "on", "-", "none"), ("ours", "qwen3-30b-a3b", "on", "triton", "none"),
             ("ours", "qwen3-30b-a3b", "off", "triton", "none")],
+    # transformers + bitsandbytes quantises the Linears only: its stacked MoE experts stay bf16
+    "moe-qlora": [("hf", "qwen3-30b-a3b", "on", "-", "nf4"), ("ours", "qwen3-30b-a3b", "on", "triton", "nf4")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
@@ -97,6 +100,11 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, "nf4"))
                 del mod
+            elif type(mod).__name__ == "Experts":  # MoE: the stacked experts in NF4 as well
+                from fasttune.quant.experts import QuantExpertWeight
+
+                for attr in ("gate_up_proj", "down_proj"):
+                    mod.add_module(attr, QuantExpertWeight.quantize(mod._parameters.pop(attr).detach()))
         torch.cuda.empty_cache()
     model.lora_settings = None
     return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
