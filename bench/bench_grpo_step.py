@@ -1,0 +1,340 @@
+"""GRPO step wall time: fasttune's GRPOTrainer against TRL's GRPOTrainer (transformers generation), same GPU, same run.
+
+Issue #23's "must show": GRPO steps on a Llama-3.2-1B shape, 8 prompts per step x 8 generations x 256 completion
+tokens. Random-init weights (no downloads; seeded, so both trainers start from the same base), bf16, LoRA r16 on the
+7 projections (PEFT's LoraConfig for TRL, FastLanguageModel.get_peft_model for ours), gradient checkpointing on for
+both. The tokenizer is built here (a word-level vocabulary "w3".."w<vocab-1>" covering every id, plus <unk>, <eos>
+(= pad) and <bos>), prompts are 64 random words as plain text (64 tokens each), no chat template. Random weights
+practically never sample <eos>, so completions run to max_completion_length: the intended, comparable workload.
+Reward: the share of a completion's words with an even id (deterministic, cheap, differs within a group, so the
+advantages and the grad-norm are non-zero).
+
+Both trainers get the same settings: one optimizer step = per_device_train_batch_size 8 x gradient_accumulation 8 =
+64 completions = 8 prompts x num_generations 8, sampled in one generate() call (TRL: steps_per_generation defaults
+to gradient_accumulation_steps, so the old log-probs pass is skipped; ours samples the step's prompts at once),
+num_iterations 1, beta 0 (no reference model), loss_type dapo, epsilon 0.2, scale_rewards group, temperature 1,
+top_p 1, top_k 0, AdamW (fused on CUDA), constant LR 1e-5, max_grad_norm 1.0, bf16.
+
+Each trainer runs in its own process (clean CUDA state and peak memory). Per step: wall time (step end to step end,
+synchronized; the first step is a warm-up: CUDA graph capture, autotuning, allocator), the time inside generate()
+and its generated positions per second, loss, grad-norm, mean reward and completion length from the trainer's logs.
+Every run asserts finite losses and a grad-norm > 0 at every step (GRPO's loss with one iteration is ~0 by
+construction, so a falling loss is not asserted). The parent appends one JSONL row per trainer to
+bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / step_s. Usage:
+
+    python bench/bench_grpo_step.py                     # GPU: llama-3.2-1b shape, 4 steps (1 warm-up), both rows
+    python bench/bench_grpo_step.py --impl ours --row-out /tmp/r.json   # one child run (what the parent starts)
+    OMP_NUM_THREADS=1 python bench/bench_grpo_step.py --shape tiny --device cpu --steps 2 --completion-len 8 \
+        --out /tmp/grpo_step.jsonl                      # functional check on a CPU
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_generate import ROPE, SHAPES  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+UNK, EOS, BOS = 0, 1, 2  # special ids; pad = eos (the stop ids are then the same for both trainers: {eos})
+FIRST_WORD = 3
+
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer whose vocabulary covers every model id: "w<id>" for ids >= 3, whitespace split, decode
+    joins words with spaces (the special tokens are skipped)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = {"<unk>": UNK, "<eos>": EOS, "<bos>": BOS, **{f"w{i}": i for i in range(FIRST_WORD, vocab)}}
+    tok = Tokenizer(models.WordLevel(words, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>", bos_token="<bos>",
+                                   pad_token="<eos>", padding_side="left")
+
+
+def make_prompts(vocab: int, n: int, length: int) -> list[dict]:
+    import random
+
+    rng = random.Random(1)
+    return [{"prompt": " ".join(f"w{rng.randrange(FIRST_WORD, vocab)}" for _ in range(length))} for _ in range(n)]
+
+
+def even_ids(completions, **kwargs) -> list[float]:
+    """The share of a completion's words whose id is even (0 for an empty completion)."""
+    out = []
+    for text in completions:
+        words = text.split()
+        out.append(sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in words) / max(1, len(words)))
+    return out
+
+
+def build_hf(shape: str, device: str):
+    """transformers' Llama of the shape, random-init from seed 0, bf16 on CUDA (fp32 on a CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
+                      rope_scaling=dict(ROPE), rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS,
+                      pad_token_id=EOS)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    model.generation_config.eos_token_id = EOS
+    model.generation_config.pad_token_id = EOS
+    return model, cfg, dtype
+
+
+def _sync(device: str):
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def clock_generate(model, device: str, record: list):
+    """Wrap model.generate (an instance attribute shadows the method): append (seconds, generated positions) of
+    each call, synchronized."""
+    inner = model.generate
+
+    def generate(*args, **kwargs):
+        ids = args[0] if args else kwargs.get("input_ids")
+        _sync(device)
+        t0 = time.perf_counter()
+        out = inner(*args, **kwargs)
+        _sync(device)
+        seqs = out if hasattr(out, "shape") else out.sequences
+        record.append((time.perf_counter() - t0, int(seqs.shape[0] * (seqs.shape[1] - ids.shape[1]))))
+        return out
+
+    model.generate = generate
+
+
+class StepClock:
+    """Step-end timestamps (synchronized) and the generate() time/positions of each step."""
+
+    def __init__(self, device: str):
+        self.device, self.ends, self.gen, self.gen_seconds, self.gen_positions = device, [], [], [], []
+
+    def start(self):
+        _sync(self.device)
+        self.ends.append(time.perf_counter())
+
+    def step_end(self):
+        _sync(self.device)
+        self.ends.append(time.perf_counter())
+        self.gen_seconds.append(sum(s for s, _ in self.gen))
+        self.gen_positions.append(sum(n for _, n in self.gen))
+        self.gen.clear()
+
+    def step_seconds(self) -> list[float]:
+        return [b - a for a, b in zip(self.ends, self.ends[1:])]
+
+
+def common_fields(a, cuda: bool) -> dict:
+    """GRPOConfig fields both trainers take under the same names and meaning."""
+    return dict(per_device_train_batch_size=a.num_generations, gradient_accumulation_steps=a.prompts,
+                num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0,
+                top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, scale_rewards="group",
+                num_iterations=1, mask_truncated_completions=False, learning_rate=a.lr, lr_scheduler_type="constant",
+                warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=a.steps, logging_steps=1,
+                optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, seed=3407)
+
+
+def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from peft import LoraConfig
+
+    model, _, _ = build_hf(a.shape, a.device)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    class Clock(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            clock.step_end()
+
+    args = trl.GRPOConfig(output_dir=out_dir, **common_fields(a, a.device == "cuda"), use_vllm=False,
+                          gradient_checkpointing=a.gc == "on", save_strategy="no", report_to=[],
+                          dataloader_num_workers=0, use_cpu=a.device == "cpu")
+    peft_config = LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, target_modules=TARGETS, bias="none",
+                             task_type="CAUSAL_LM")
+    trainer = trl.GRPOTrainer(model=model, reward_funcs=even_ids, args=args, train_dataset=Dataset.from_list(prompts),
+                              processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
+    clock_generate(trainer.model, a.device, clock.gen)
+    clock.start()
+    trainer.train()
+    history = trainer.state.log_history
+    # TRL 1.16 logs its own per-step wall time (unsynchronized); kept as a cross-check of the clock here.
+    return history, {"trl_logged_step_time": [h.get("step_time") for h in history if "loss" in h]}
+
+
+def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
+    import torch
+
+    from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer
+    from fasttune.models.loading import build_model
+
+    hf, cfg, dtype = build_hf(a.shape, a.device)
+    model = build_model(cfg, hf.state_dict().items(), dtype, a.device, "bench")  # the same weights
+    del hf
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model.name_or_path = f"random-{a.shape}"
+    model = FastLanguageModel.get_peft_model(model, r=a.r, lora_alpha=a.r, target_modules=TARGETS,
+                                             use_gradient_checkpointing=a.gc == "on")
+    clock_generate(model, a.device, clock.gen)
+
+    class Timed(GRPOTrainer):
+        def _after_step(self, run):
+            clock.step_end()
+            super()._after_step(run)
+
+    args = GRPOConfig(output_dir=out_dir, **common_fields(a, a.device == "cuda"))
+    trainer = Timed(model, reward_funcs=[even_ids], args=args, train_dataset=prompts, processing_class=tok)
+    clock.start()
+    trainer.train()
+    hist = [h for h in trainer.log_history if "loss" in h]
+    # Our trainer logs the peak per phase and restarts the allocator's peak counter for each phase.
+    peaks = [v for h in hist for k, v in h.items() if k.startswith("memory/") and k.endswith("_peak_gib")]
+    return trainer.log_history, {"logged_peak_gib": max(peaks)} if peaks else {}
+
+
+def child(a) -> dict:
+    import torch
+    import transformers
+
+    if a.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("No CUDA device; run with --device cpu (and --shape tiny) for a functional check.")
+    vocab = SHAPES[a.shape]["vocab_size"]
+    tok = build_tokenizer(vocab)
+    prompts = make_prompts(vocab, a.prompts * a.steps, a.prompt_len)
+    clock = StepClock(a.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_trl if a.impl == "trl" else run_ours
+        history, extra = run(a, clock, prompts, tok, str(Path(tmp) / "run"))
+    logs = [h for h in history if "loss" in h]
+    steps = clock.step_seconds()
+    assert len(steps) == a.steps and len(logs) == a.steps, (len(steps), len(logs), a.steps)
+    losses = [float(h["loss"]) for h in logs]
+    grad_norms = [float(h["grad_norm"]) for h in logs]
+    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
+    assert all(math.isfinite(g) and g > 0 for g in grad_norms), f"grad-norm not finite and > 0: {grad_norms}"
+    timed = steps[a.warmup:] or steps
+    gen_s = clock.gen_seconds[a.warmup:] or clock.gen_seconds
+    gen_n = clock.gen_positions[a.warmup:] or clock.gen_positions
+    peak = None
+    if a.device == "cuda":
+        peak = round(max(torch.cuda.max_memory_allocated() / 2**30, extra.pop("logged_peak_gib", 0)), 3)
+    return {"bench": "grpo_step", "impl": a.impl, "shape": a.shape, "prompts_per_step": a.prompts,
+            "num_generations": a.num_generations, "max_completion_length": a.completion_len,
+            "prompt_len": a.prompt_len, "steps": a.steps, "warmup_steps": a.warmup,
+            "step_seconds": round(statistics.median(timed), 4), "each_step_seconds": [round(s, 4) for s in steps],
+            "generate_seconds": round(statistics.median(gen_s), 4) if any(gen_s) else None,
+            "each_generate_seconds": [round(s, 4) for s in clock.gen_seconds],
+            "generated_tokens_per_second": round(sum(gen_n) / sum(gen_s), 1) if any(gen_s) else None,
+            "losses": losses, "grad_norms": grad_norms,
+            "rewards": [h.get("reward") for h in logs],
+            "completion_mean_length": [h.get("completions/mean_length") for h in logs],
+            "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": a.gc, "learning_rate": a.lr, "beta": 0.0,
+            "loss_type": "dapo", "dtype": "bfloat16" if a.device == "cuda" else "float32",
+            "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
+            "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--impl", choices=["ours", "trl"], help="child mode: run one trainer, write its row to --row-out")
+    ap.add_argument("--impls", default="ours,trl")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="llama-3.2-1b")
+    ap.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    ap.add_argument("--steps", type=int, default=4, help="optimizer steps, the first --warmup of them not timed")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per optimizer step")
+    ap.add_argument("--num-generations", type=int, default=8)
+    ap.add_argument("--completion-len", type=int, default=256)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--r", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-5)
+    ap.add_argument("--gc", choices=["on", "off"], default="on", help="gradient checkpointing, both trainers")
+    ap.add_argument("--row-out", help="child mode: where to write the row (JSON)")
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_step.jsonl"))
+    a = ap.parse_args()
+    if a.impl:
+        row = child(a)
+        print(json.dumps(row), flush=True)
+        if a.row_out:
+            Path(a.row_out).write_text(json.dumps(row))
+        return
+    rows = []
+    for impl in a.impls.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            row_file = Path(tmp) / "row.json"
+            cmd = [sys.executable, __file__, "--impl", impl, "--row-out", str(row_file)]
+            for flag in ("shape", "device", "steps", "warmup", "prompts", "num_generations", "completion_len",
+                         "prompt_len", "r", "lr", "gc"):
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+            print(f"--- {impl}: {' '.join(cmd[1:])}", flush=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0 or not row_file.exists():
+                print(f"FAILED {impl} (exit {proc.returncode})", flush=True)
+                continue
+            rows.append(json.loads(row_file.read_text()))
+    trl_row = next((r for r in rows if r["impl"] == "trl"), None)
+    for r in rows:
+        r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
+    if rows:
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        with open(a.out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
+    print_table(rows)
+    if len(rows) != len(a.impls.split(",")):
+        raise SystemExit(1)
+
+
+def print_table(rows):
+    if not rows:
+        return
+    r0 = rows[0]
+    print(f"\nGRPO step, {r0['shape']}: {r0['prompts_per_step']} prompts x {r0['num_generations']} generations x "
+          f"{r0['max_completion_length']} tokens, prompt {r0['prompt_len']} tokens, LoRA r{r0['lora_r']}, "
+          f"recompute {r0['gradient_checkpointing']}; median of {r0['steps'] - r0['warmup_steps']} steps after "
+          f"{r0['warmup_steps']} warm-up; {r0['card']}")
+    print(f"{'impl':<6} {'step s':>8} {'generate s':>11} {'gen tok/s':>10} {'peak GiB':>9} {'vs trl':>7} "
+          f"{'reward':>7}  grad norms")
+    for r in rows:
+        peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
+        gen = f"{r['generate_seconds']:.3f}" if r["generate_seconds"] is not None else "-"
+        tps = f"{r['generated_tokens_per_second']:,.0f}" if r["generated_tokens_per_second"] is not None else "-"
+        vs = f"{r['speedup_vs_trl']:.2f}x" if r["speedup_vs_trl"] is not None else "-"
+        rewards = [x for x in r["rewards"] if x is not None]
+        reward = f"{sum(rewards) / len(rewards):.3f}" if rewards else "-"
+        print(f"{r['impl']:<6} {r['step_seconds']:>8.3f} {gen:>11} {tps:>10} {peak:>9} {vs:>7} {reward:>7}  "
+              f"{', '.join(f'{g:.3g}' for g in r['grad_norms'])}")
+
+
+if __name__ == "__main__":
+    main()
