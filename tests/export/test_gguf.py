@@ -5,7 +5,7 @@ import pytest
 import torch
 from bpe_tokenizers import STYLES, make_bpe_tokenizer
 from peft_oracle import randomize_lora_b
-from tiny import FAMILIES, hf_model, save_hf
+from tiny import FAMILIES, MOE_FAMILIES, hf_model, save_hf
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError
@@ -254,13 +254,96 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     model.arch.model_type = "falcon"
-    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3; this model is 'falcon'"):
+    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, qwen3_moe, mixtral; this "
+                                          "model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
     model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "g2"))
     with pytest.raises(ConfigError, match="query_pre_attn_scalar"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob(".*"))
+
+
+def _tiny_moe_lora_model(family, folder, tokenizer, **overrides):
+    """A tiny MoE model (every layer sparse, as llama.cpp's MoE architectures are) with trained-looking LoRA on
+    attention, the stacked experts and (all-linear) the router."""
+    overrides = {"mlp_only_layers": [], **overrides} if family == "qwen3_moe" else overrides
+    save_hf(hf_model(family, vocab_size=416, **overrides), folder, tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
+    randomize_lora_b(model)
+    return FastLanguageModel.for_inference(model), tok
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_llama_cpp_logits_match(family, bpe, tmp_path):
+    """Qwen3-MoE ("qwen3moe") and Mixtral ("llama" with experts) in f16, LoRA on attention, experts and router
+    merged: llama.cpp's logits equal ours; the router is f32, the experts 3-D (ne = in, out, E)."""
+    import gguf
+
+    model, tok = _tiny_moe_lora_model(family, tmp_path / "m", bpe)
+    assert any("experts.lora" in n for n, _ in model.named_parameters())  # the experts are adapted
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    reader = gguf.GGUFReader(path)
+    arch = {"qwen3_moe": "qwen3moe", "mixtral": "llama"}[family]
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == arch
+    assert field(f"{arch}.expert_count") == 4 and field(f"{arch}.expert_used_count") == 2
+    assert (f"{arch}.expert_feed_forward_length" in reader.fields) == (family == "qwen3_moe")
+    tensors = {t.name: t for t in reader.tensors}
+    inter = model.arch.moe_intermediate_size
+    assert tensors["blk.1.ffn_gate_inp.weight"].tensor_type.name == "F32"
+    for kind, shape in (("gate", [64, inter, 4]), ("up", [64, inter, 4]), ("down", [inter, 64, 4])):
+        t = tensors[f"blk.1.ffn_{kind}_exps.weight"]
+        assert t.tensor_type.name == "F16" and t.shape.tolist() == shape
+    rel, top1, _ = _compare_logits(model, tok, path)
+    print(f"{family} f16: rel {rel:.2e} top-1 {top1:.3f}")
+    assert rel < TOLERANCE["f16"][0] and top1 >= TOLERANCE["f16"][1]
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_export_holds_the_merged_experts_and_loads_back(family, bpe, tmp_path):
+    """The f32 GGUF's expert tensors are base + LoRA delta (PEFT's ParamWrapper layout, per expert), split into
+    gate and up; the file loads onto our MoE decoder (not the transformers fallback) with our LoRA model's logits."""
+    import gguf
+
+    from fasttune.models.decoder import CausalLM
+    from fasttune.peft.lora import expert_lora_layers
+
+    model, tok = _tiny_moe_lora_model(family, tmp_path / "m", bpe)
+    path = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)
+    tensors = {t.name: torch.from_numpy(np.array(t.data)) for t in gguf.GGUFReader(path).tensors}
+    adapters = dict(expert_lora_layers(model))
+    params = dict(model.named_parameters())
+    for layer in range(2):
+        experts = f"model.layers.{layer}.mlp.experts"
+        gate_up = params[f"{experts}.gate_up_proj"].detach()
+        merged = gate_up + adapters[f"{experts}.gate_up_proj"].delta_weight().detach()
+        assert not torch.allclose(merged, gate_up)
+        gate, up = merged.chunk(2, dim=1)
+        torch.testing.assert_close(tensors[f"blk.{layer}.ffn_gate_exps.weight"], gate)
+        torch.testing.assert_close(tensors[f"blk.{layer}.ffn_up_exps.weight"], up)
+        down = params[f"{experts}.down_proj"].detach() + adapters[f"{experts}.down_proj"].delta_weight().detach()
+        torch.testing.assert_close(tensors[f"blk.{layer}.ffn_down_exps.weight"], down)
+    back, back_tok = FastLanguageModel.from_pretrained(str(path))
+    assert isinstance(back, CausalLM) and back.arch.model_type == family and back.arch.num_experts == 4
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert back_tok(PROMPTS[0])["input_ids"] == ids[0].tolist()
+
+
+def test_moe_models_llama_cpp_cannot_run_are_config_errors(bpe, tmp_path):
+    """llama.cpp's qwen3moe makes every layer sparse and always renormalises the top-k weights."""
+    save_hf(hf_model("qwen3_moe", vocab_size=416), tmp_path / "dense", bpe)  # layer 0 dense (mlp_only_layers)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "dense"))
+    with pytest.raises(ConfigError, match="dense MLP layers \\(0: mlp_only_layers"):
+        model.save_pretrained_gguf(tmp_path / "x.gguf", tok, progress=False)
+    save_hf(hf_model("qwen3_moe", vocab_size=416, mlp_only_layers=[], norm_topk_prob=False), tmp_path / "n", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "n"))
+    with pytest.raises(ConfigError, match="norm_topk_prob=False"):
+        model.save_pretrained_gguf(tmp_path / "x.gguf", tok, progress=False)
+    assert not list(tmp_path.glob("*.gguf"))
 
 
 def test_failure_mid_write_leaves_nothing(bpe, tmp_path, monkeypatch):

@@ -149,6 +149,27 @@ def test_mixtures_equal_llama_quantize(family, model_dir, tmp_path):
             assert types["output.weight" if "output.weight" in types else "token_embd.weight"] == "Q6_K"
 
 
+@pytest.mark.parametrize("family, experts, methods", [
+    ("qwen3_moe", 4, ["q8_0", "q4_k_m", "q3_k_m"]),
+    ("mixtral", 8, ["q8_0", "q4_k_m", "q2_k"]),  # 8 experts: Mixtral-8x7B's attn_v/attn_k/attn_output
+])
+def test_moe_mixtures_equal_llama_quantize(family, experts, methods, model_dir, tmp_path):
+    """MoE: the 3-D expert tensors (ffn_{gate,up,down}_exps, quantized as E * out rows, ffn_down_exps' layer read
+    from its name), the f32 router and llama.cpp's 8-expert rules, against llama_model_quantize of our f32 file.
+    (All 14 methods were compared for both families with 4 and 8 experts when this was written; a subset runs.)"""
+    n = {"num_experts": experts, "moe_intermediate_size": 256, "mlp_only_layers": []} if family == "qwen3_moe" \
+        else {"num_local_experts": experts}
+    f32, ours = _export(model_dir(family, hidden_size=256, intermediate_size=256, head_dim=64, **n), tmp_path,
+                        methods)
+    for method, path in ours.items():
+        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+        if method == "q4_k_m":
+            assert types["blk.0.ffn_up_exps.weight"] == "Q4_K" and types["blk.1.ffn_down_exps.weight"] == "Q6_K"
+            assert types["blk.0.attn_v.weight"] == ("Q8_0" if experts == 8 else "Q4_K")
+            assert types["blk.0.attn_output.weight"] == ("Q5_K" if experts == 8 else "Q4_K")
+
+
 def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
     """9 layers (the more-bits pattern of llama.cpp's use_more_bits), GQA 4 (q2_k's attn_v in Q4_K)."""
     folder = model_dir("llama", hidden_size=256, intermediate_size=256, head_dim=32, num_attention_heads=8,

@@ -217,13 +217,6 @@ def test_loss_curve_equals_transformers_peft(family, targets, tiny_model_dir, tm
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=2e-5, atol=0)
 
 
-def test_gguf_export_refuses_moe(tiny_model_dir, tmp_path):
-    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("mixtral")))
-    with pytest.raises(ConfigError, match="GGUF export supports the families"):
-        model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16")
-    assert not (tmp_path / "m.gguf").exists()
-
-
 def test_merged_export_loads_in_transformers_and_back(tiny_model_dir, tmp_path):
     """With LoRA on attention, experts and router, the merged checkpoint holds transformers 5's stacked layout
     (experts.gate_up_proj / down_proj, mlp.gate) with each weight = base + delta as PEFT's merge_and_unload forms it;

@@ -6,9 +6,15 @@ the layout llama.cpp expects:
   rotates the two halves, so q_proj/k_proj rows are reordered per head (half-split -> interleaved);
 - gemma/gemma2/gemma3: RMSNorm weights (q/k norms included) are stored as 1 + w (llama.cpp multiplies by the
   weight as stored);
-- qwen2/qwen3/gemma*/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are.
+- qwen2/qwen3/gemma*/phi3 use the half-split rotation in llama.cpp too, so their q/k stay as they are;
+- MoE (qwen3_moe -> "qwen3moe", mixtral -> "llama" with experts): the router `mlp.gate.weight` (E, H) is
+  `ffn_gate_inp` (kept f32), the stacked experts `mlp.experts.gate_up_proj` (E, 2I, H) are split into
+  `ffn_gate_exps` and `ffn_up_exps` (E, I, H) and `mlp.experts.down_proj` (E, H, I) is `ffn_down_exps`: 3-D
+  tensors, ggml's ne = (in, out, E), as convert_hf_to_gguf.py stacks the per-expert weights; the quantizers run on
+  their E * out rows. llama.cpp's MoE layers renormalise the top-k weights and have no dense layers.
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
-norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base).
+norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base, the expert
+count, experts per token and (qwen3moe) the experts' feed-forward length).
 Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s,
 q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k. Each tensor gets the GGML type `llama-quantize` would give it
 (export/gguf_types.py: output/embedding, "more bits" layers, fallbacks for rows that do not divide into blocks; 1-D
@@ -123,6 +129,14 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     out = {}
     for name in list(tensors):
         t = tensors.pop(name).float()
+        if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H), gate rows first -> two (E, I, H) tensors
+            gate, up = t.chunk(2, dim=1)
+            for part, proj in ((gate, "gate_proj"), (up, "up_proj")):
+                out[names.get_name(f"{name.removesuffix('gate_up_proj')}{proj}.weight",
+                                   try_suffixes=(".weight",))] = part.contiguous()
+            continue
+        if name.endswith("mlp.experts.down_proj"):
+            name += ".weight"
         if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_heads)
         elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -167,6 +181,18 @@ def _check_supported(cfg):
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3"):
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
+    if cfg.num_experts:
+        if not all(cfg.moe_layers):
+            dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
+            raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "
+                              f"mlp_only_layers / decoder_sparse_step) between its MoE layers; llama.cpp's "
+                              f"'{arch}' architecture makes every layer sparse, so it cannot be exported to GGUF. "
+                              f"Save the merged model with save_pretrained_merged instead.")
+        if not cfg.norm_topk_prob:
+            raise ConfigError(f"This {cfg.model_type} model does not renormalise its top-{cfg.num_experts_per_tok} "
+                              f"routing weights (norm_topk_prob=False); llama.cpp's '{arch}' architecture always "
+                              f"does, so the GGUF would compute another model. Save the merged model with "
+                              f"save_pretrained_merged instead.")
 
 
 def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
@@ -203,6 +229,11 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
+    if cfg.num_experts:
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        if ARCHITECTURES[cfg.model_type] == "qwen3moe":  # llama's experts use feed_forward_length
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
 def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, cfg=None):
@@ -214,13 +245,13 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
     from fasttune.export import gguf_types
 
     kind = gguf.GGMLQuantizationType
-    if t.dim() == 1:
-        return kind.F32  # norms, biases, rope factors: tiny, and llama.cpp expects them in f32
+    if t.dim() == 1 or gguf_name.endswith("ffn_gate_inp.weight"):
+        return kind.F32  # norms, biases, rope factors, MoE routers: small, and llama.cpp keeps them in f32
     if quant not in METHODS:
         return _ggml_types(quant)[0]
     name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=ARCHITECTURES[cfg.model_type],
                                   n_layer=cfg.num_layers, n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
-                                  tied=tied_output)
+                                  tied=tied_output, n_expert=cfg.num_experts)
     return kind[name]
 
 
@@ -239,7 +270,8 @@ def encode_tensor(t: torch.Tensor, ggml_type, device=None, imatrix: torch.Tensor
         return t.to(torch.float16).numpy(), None
     if ggml_type == kind.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy(), kind.BF16
-    return quantize(t if device is None else t.to(device), ggml_type.name, imatrix), ggml_type
+    data = quantize(t if device is None else t.to(device), ggml_type.name, imatrix)
+    return data.reshape(*t.shape[:-1], -1), ggml_type  # 3-D MoE experts keep their (E, out) rows
 
 
 def _default_tokenizer(model):
@@ -389,6 +421,10 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     name = gguf_model_name(model)
 
     im = resolve_imatrix(model, tokenizer, imatrix, quants, imatrix_tokens, progress)
+    if im is not None and cfg.num_experts:
+        warnings.warn("The importance matrix weights the attention tensors of this MoE model only: per-expert "
+                      "statistics are not collected yet, so the expert tensors (ffn_*_exps) are quantized without "
+                      "it (as llama-quantize does for tensors its imatrix has no entry for).")
 
     folder = targets[0].parent
     folder.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,8 @@
 A method names one of llama.cpp's file types ("mixtures"): q4_k_m is mostly Q4_K, with attn_v and ffn_down in Q6_K
 on the "more bits" layers, the output projection in Q6_K, and so on. `tensor_type` follows src/llama-quant.cpp
 (`llama_tensor_get_type_impl`, `tensor_type_fallback`, `tensor_allows_quantization`) for the architectures we
-export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3; no MoE), without imatrix and without user overrides:
+export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, and the MoE qwen3moe and llama-with-experts (Mixtral)),
+without imatrix and without user overrides:
 - `output.weight`, and `token_embd.weight` when the model has no separate output tensor (tied embeddings): Q6_K,
   or Q8_0 when its rows do not divide into the method's blocks (and Q8_0 stays Q8_0);
 - attn_v (attn_qkv for phi3) and ffn_down get more bits on some layers: `use_more_bits(i, n)` is the first and
@@ -12,7 +13,11 @@ export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3; no MoE), without imatr
 - attn_output gets Q3_K/Q4_K/Q5_K in q2_k/q3_k_m/q3_k_l;
 - a row that does not divide into the chosen type's blocks falls back (Q2_K/Q3_K -> Q4_0, Q4_K -> Q5_0,
   Q5_K -> Q5_1, Q6_K -> Q8_0), and to F16 when not even 32 divides it (where llama.cpp refuses for the 32-blocks);
-- 1-D tensors (norms, biases, rope factors) are F32.
+- 1-D tensors (norms, biases, rope factors) and the MoE router (`ffn_gate_inp`) are F32;
+- MoE: the expert tensors (`ffn_gate_exps`, `ffn_up_exps`, `ffn_down_exps`, 3-D (E, out, in)) follow the
+  ffn_gate/up/down rules with the layer read from the name, quantized per row as (E * out) rows; a model with
+  exactly 8 experts (Mixtral-8x7B's rules) gets attn_v and attn_k in Q8_0, and attn_output in Q5_K for q2_k,
+  q3_k_s, q3_k_m, q4_k_s and q4_k_m.
 llama.cpp visits the tensors in layer order, so its attn_v / ffn_down counters equal the layer index here.
 """
 from __future__ import annotations
@@ -21,7 +26,8 @@ import re
 
 # transformers' model_type -> llama.cpp's architecture name
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
-                 "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+                 "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "qwen3_moe": "qwen3moe",
+                 "mixtral": "llama"}
 # method -> (default GGML type, gguf.LlamaFileType name)
 METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
            "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
@@ -45,15 +51,16 @@ def _layer(name: str) -> int:
 
 
 def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_head: int, n_head_kv: int,
-                tied: bool) -> str:
+                tied: bool, n_expert: int = 0) -> str:
     """The GGML type name ("Q6_K", "F32", ...) llama-quantize gives tensor `name` for `method`.
 
     name: the GGUF tensor name ("blk.3.attn_v.weight"); shape: torch order (rows, row length), the last dimension
     being llama.cpp's ne[0]; method: a key of METHODS; arch: the GGUF architecture ("llama", "qwen2", ...);
     n_layer / n_head / n_head_kv: the model's block count and attention heads; tied: True when the GGUF has no
-    `output.weight` (the token embedding is then quantized like the output)."""
+    `output.weight` (the token embedding is then quantized like the output); n_expert: the MoE expert count (0 for
+    a dense model)."""
     default = METHODS[method][0]
-    if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name:
+    if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name or "ffn_gate_inp.weight" in name:
         return "F32"
     ncols = shape[-1]
     new = default
@@ -79,6 +86,11 @@ def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_hea
             new = "Q5_K"
         if arch == "llama" and n_layer == 80 and n_head != n_head_kv and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"  # llama.cpp's LLM_TYPE_70B
+        if n_expert == 8:
+            new = "Q8_0"  # llama.cpp: "for the 8-expert model, bumping this to Q8_0 trades just ~128MB"
+    elif "attn_k.weight" in name:
+        if n_expert == 8:
+            new = "Q8_0"
     elif "ffn_down" in name:
         if method == "q2_k":
             new = "Q3_K"
@@ -94,7 +106,11 @@ def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_hea
         elif method == "q4_k_s" and i < n_layer // 8:
             new = "Q5_K"
     elif "attn_output.weight" in name:
-        new = {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(method, new)
+        if n_expert == 8:
+            if method in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"):
+                new = "Q5_K"
+        else:
+            new = {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(method, new)
     if ncols % BLOCK[new]:
         new = FALLBACK.get(new, "F16")
         if ncols % BLOCK.get(new, 1 << 30):

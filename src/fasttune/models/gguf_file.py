@@ -5,6 +5,7 @@ per parse on a 49k-token vocabulary.
 """
 from __future__ import annotations
 
+import re
 import struct
 from pathlib import Path
 
@@ -19,6 +20,13 @@ _STRING, _ARRAY = 8, 9
 # GGUF architecture names whose transformers model_type differs (as transformers' load_gguf_checkpoint renames).
 _MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe",
                 "gpt-oss": "gpt_oss", "minimax-m2": "minimax_m2"}
+# GGUF architectures whose metadata transformers reads under another name (load_gguf_checkpoint's
+# updated_architecture).
+_RENAMED_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
+                          "minimax-m2": "minimax_m2"}
+# Stacked MoE experts (llama.cpp's 3-D ffn_{gate,up,down}_exps, ne = (in, out, E)) -> transformers 5's stacked
+# weights: gate and up are concatenated (gate rows first) into experts.gate_up_proj (E, 2I, H).
+_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
 
 
 class _Cursor:
@@ -92,6 +100,7 @@ class GGUFContents:
         # The config as transformers' load_gguf_checkpoint builds it: its GGUF key -> field tables and renames.
         self.architecture = arch = metadata["general.architecture"]
         renamed = "mistral" if "llama" in arch and "mistral" in str(metadata.get("general.name", "")) else arch
+        renamed = _RENAMED_ARCHITECTURES.get(arch, renamed)
         if arch not in GGUF_SUPPORTED_ARCHITECTURES and renamed not in GGUF_SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(f"transformers has no GGUF mapping for architecture '{arch}', so the GGUF file "
                                  f"'{path}' cannot be read into a model. Use the model's transformers folder "
@@ -116,6 +125,13 @@ class GGUFContents:
         for key, value in defaults.get(renamed, defaults.get(arch, {})).items():
             config.setdefault(key, value)
         model_type = config.get("model_type", renamed)
+        experts = metadata.get(f"{arch}.expert_count") or 0
+        if arch == "llama" and experts:  # Mixtral: llama.cpp's llama with experts, which transformers reads as dense
+            model_type = "mixtral"
+            config.update(num_local_experts=experts, num_experts_per_tok=metadata[f"{arch}.expert_used_count"])
+        if f"{arch}.expert_feed_forward_length" in metadata and renamed in ("qwen2_moe", "qwen3_moe"):
+            # transformers' tables drop this key (its Qwen3-MoE default, 768, is Qwen3-30B-A3B's)
+            config["moe_intermediate_size"] = metadata[f"{arch}.expert_feed_forward_length"]
         config["model_type"] = self.model_type = _MODEL_TYPES.get(model_type, model_type)
         if "vocab_size" not in config and "tokens" in parsed["tokenizer"]:
             config["vocab_size"] = len(parsed["tokenizer"]["tokens"])
@@ -142,6 +158,7 @@ class GGUFContents:
             if found is not None:
                 to_hf[found + suffix] = name
         parsed = {"config": self.config, "tensors": {}}
+        wanted, halves = set(names), {}
         for name, shape, kind, offset in self._table:
             kind = GGMLQuantizationType(kind)
             block, size = GGML_QUANT_SIZES[kind]
@@ -149,6 +166,20 @@ class GGUFContents:
             start = self._data_start + offset
             raw = self._blob[start:start + count // block * size]
             raw = raw.reshape(*shape[:-1], shape[-1] // block * size) if shape else raw
+            if m := _EXPERTS.fullmatch(name):  # stacked experts, read here for every MoE architecture
+                layer, part = m.groups()
+                target = f"model.layers.{layer}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+                if target not in wanted:
+                    continue
+                weights = torch.from_numpy(np.array(dequantize(raw, kind), dtype=np.float32))
+                if part == "down":
+                    yield target, weights
+                    continue
+                halves.setdefault(target, {})[part] = weights
+                if len(halves[target]) == 2:  # (E, I, H) gate and up -> (E, 2I, H)
+                    pair = halves.pop(target)
+                    yield target, torch.cat([pair["gate"], pair["up"]], dim=1)
+                continue
             result = processor.process(weights=dequantize(raw, kind), name=name, tensor_key_mapping=to_hf,
                                        parsed_parameters=parsed)
             if result.name in to_hf:

@@ -19,6 +19,7 @@ from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.decoder import CausalLM
 from fasttune.models.vision import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
+from fasttune.quant.mxfp4 import mxfp4_tensors
 # The config and tokenizer helpers live in models/hf_files.py (export/ uses them without the decoder).
 from fasttune.models.hf_files import gguf_tokenizer, load_tokenizer, with_architectures
 from fasttune.wording import plural
@@ -290,8 +291,26 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
                               quant=quant)
         return model, model.hf_config
     ModelConfig.from_hf(hf_config)  # unsupported settings fail here, before any tensor is read
-    model = build_model(hf_config, _iter_tensors(_weight_files(path)), dtype, device, str(path), quant)
+    tensors = _iter_tensors(_weight_files(path))
+    if _mxfp4_checkpoint(hf_config):
+        tensors = mxfp4_tensors(tensors, dtype)
+    model = build_model(hf_config, tensors, dtype, device, str(path), quant)
     return model, hf_config
+
+
+def _mxfp4_checkpoint(hf_config) -> bool:
+    """Whether the checkpoint stores MoE experts in MXFP4 (gpt-oss as OpenAI publishes it). They are dequantised to
+    the model dtype on load (quant/mxfp4.py), so the config's quantization_config is dropped: the model, and what
+    it saves, holds plain weights."""
+    qc = getattr(hf_config, "quantization_config", None)
+    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
+    if str(getattr(method, "value", method)) != "mxfp4":
+        return False
+    del hf_config.quantization_config
+    return True
+
+
+GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral")
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None):
@@ -303,7 +322,10 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     contents = read_gguf(path) if contents is None else contents
     cfg_dict = dict(contents.config)
     model_type = cfg_dict.pop("model_type", None)
-    if not fast or model_type not in SUPPORTED_FAMILIES or model_type in MOE_FAMILIES:  # GGUF MoE: transformers
+    # MoE GGUF files load onto our decoder for the families whose llama.cpp expert tensors gguf_file.py stacks and
+    # tests (qwen3moe, llama with experts = Mixtral); other MoE files go through transformers.
+    moe_elsewhere = model_type in MOE_FAMILIES and model_type not in GGUF_MOE_FAMILIES
+    if not fast or model_type not in SUPPORTED_FAMILIES or moe_elsewhere:
         from fasttune.models.fallback import load_fallback
 
         model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name,
