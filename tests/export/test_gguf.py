@@ -1,5 +1,6 @@
-"""GGUF export: files load in llama.cpp (llama-cpp-python) and give our logits and our tokenization; metadata,
-quantization types, Modelfile, errors, atomic writes. The real SmolLM2, fine-tuned by us, is the slow test."""
+"""GGUF export: files load in llama.cpp (llama-cpp-python) and give our logits and our tokenization (MoE included);
+metadata, quantization types, Modelfile, errors, atomic writes. The real SmolLM2, fine-tuned by us, is the slow
+test."""
 import numpy as np
 import pytest
 import torch
@@ -344,6 +345,16 @@ def test_moe_models_llama_cpp_cannot_run_are_config_errors(bpe, tmp_path):
     with pytest.raises(ConfigError, match="norm_topk_prob=False"):
         model.save_pretrained_gguf(tmp_path / "x.gguf", tok, progress=False)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_moe_imatrix_weights_attention_only_with_a_warning(bpe, tmp_path):
+    import gguf
+
+    model, tok = _tiny_moe_lora_model("mixtral", tmp_path / "m", bpe)
+    with pytest.warns(UserWarning, match="expert tensors \\(ffn_\\*_exps\\) are quantized without it"):
+        path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="q4_k_m",
+                                          imatrix=PROMPTS * 4, progress=False)
+    assert "quantize.imatrix.entries_count" in gguf.GGUFReader(path).fields
 
 
 def test_failure_mid_write_leaves_nothing(bpe, tmp_path, monkeypatch):
