@@ -29,6 +29,13 @@ def hf_config(family: str, **overrides):
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
         cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
+    elif family == "gpt_oss":  # sinks, biases, one sliding (window 4) and one full layer, yarn RoPE, 4 experts top-2
+        kw.update(intermediate_size=32)
+        cfg = tf.GptOssConfig(**kw, head_dim=64, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=False,
+                              rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
+                                               "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                               "original_max_position_embeddings": 32})
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -55,8 +62,13 @@ def hf_model(family: str, seed: int = 0, **overrides):
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
-            if n.endswith("mlp.gate.weight"):  # MoE router: decisive routing, no near-ties between experts
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties
                 p.normal_(0.0, 0.5)
+            if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
+                if n.endswith(("bias", "sinks")):
+                    p.normal_(0.0, 0.5)
+                if n.endswith("experts.gate_up_proj"):  # pre-activations beyond the clamp limit 7 occur
+                    p.normal_(0.0, 0.6)
     return model
 
 

@@ -40,6 +40,8 @@ def test_logits_equal_transformers(family, padded, tiny_model_dir):
     {"rope_type": "linear", "factor": 4.0},
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 8},
+    # yarn also scales cos/sin (its attention factor, 0.1 ln 4 + 1 here)
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8},
 ])
 def test_rope_scaling_equal_transformers(scaling, tmp_path):
     from tiny import save_hf

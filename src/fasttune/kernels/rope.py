@@ -1,4 +1,4 @@
-"""Rotary position embeddings: inverse frequencies (default, linear, llama3 scaling), cos/sin tables, apply.
+"""Rotary position embeddings: inverse frequencies (default, linear, llama3, yarn scaling), cos/sin tables, apply.
 
 `apply_rope_qk` takes q and k in the (batch, seq, heads, head_dim) layout the projections produce. The Triton
 kernel rotates all of a token's q and k heads in one program (cos/sin read once per token), q and k in one launch,
@@ -15,8 +15,9 @@ from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) -> torch.Tensor:
     """fp32 inverse frequencies theta^(-2i / rotary_dim), shape (rotary_dim // 2,). `scaling` is the HF config's
-    rope_scaling: "linear" divides by its factor, "llama3" follows transformers' _compute_llama3_parameters
-    (modeling_rope_utils.py). Raises ValueError for another rope_type."""
+    rope_scaling: "linear" divides by its factor, "llama3" follows transformers' _compute_llama3_parameters,
+    "yarn" its _compute_yarn_parameters (modeling_rope_utils.py; yarn also scales cos/sin, see
+    rope_attention_factor). Raises ValueError for another rope_type."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     if not scaling:
         return inv_freq
@@ -25,7 +26,46 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
         return inv_freq / scaling["factor"]
     if kind == "llama3":
         return _llama3_inv_freq(inv_freq, scaling)
+    if kind == "yarn":
+        return _yarn_inv_freq(rotary_dim, theta, scaling)
     raise ValueError(f"unsupported rope_type {kind}")
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+    """The factor transformers' rotary embeddings multiply cos and sin by: for yarn `attention_factor`, else
+    0.1 * ln(factor) + 1 (or the ratio of two such terms with `mscale` / `mscale_all_dim`), 1 for factor <= 1;
+    1.0 for every other rope_type (transformers' _compute_yarn_parameters)."""
+    if not scaling or scaling["rope_type"] != "yarn":
+        return 1.0
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
+    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else float(mscale(factor))
+
+
+def _yarn_inv_freq(dim: int, theta: float, s: dict) -> torch.Tensor:
+    # YaRN (arXiv:2309.00071): frequencies that rotate fewer than beta_slow times over the original context are
+    # interpolated (divided by `factor`), those rotating more than beta_fast times kept, a linear ramp between.
+    factor, old_len = s["factor"], s["original_max_position_embeddings"]
+    beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # transformers' guard against a zero-width ramp
+    pos_freqs = theta ** (torch.arange(0, dim, 2).float() / dim)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # weight of the unscaled (extrapolated) frequency
+    return (1.0 / (factor * pos_freqs)) * (1 - keep) + (1.0 / pos_freqs) * keep
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
@@ -41,10 +81,13 @@ def _llama3_inv_freq(inv_freq: torch.Tensor, s: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype):
-    """cos/sin of shape (batch, seq, rotary_dim), computed in fp32 then cast (as transformers does)."""
+def rope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, dtype: torch.dtype, scale: float = 1.0):
+    """cos/sin of shape (batch, seq, rotary_dim), computed in fp32, times `scale` (yarn's attention factor), then
+    cast (as transformers does)."""
     freqs = position_ids[..., None].float() * inv_freq.float().to(position_ids.device)
     emb = torch.cat((freqs, freqs), dim=-1)
+    if scale != 1.0:
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
 

@@ -3,8 +3,9 @@
 Family quirks are fields, not subclasses (DESIGN.md): `norm_offset` for Gemma's (1 + w) RMSNorm, `qk_norm` for
 Qwen3, `attn_logit_softcap`/`final_logit_softcap` and the four-norm block for Gemma 2, `embed_scale` for Gemma,
 `fused_qkv`/`fused_gate_up` for Phi-3, per-layer `sliding_window` from `layer_types`, and Gemma 3's second RoPE
-base for its sliding-window layers (`rope_local_theta`), and the sparse MoE MLP of Qwen3-MoE and Mixtral
-(`num_experts` > 0, which layers are MoE in `moe_layers`; see models/moe.py).
+base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Qwen3-MoE and Mixtral
+(`num_experts` > 0, which layers are MoE in `moe_layers`; see models/moe.py), and gpt-oss's attention sinks
+(`attn_sinks`) and its MoE block with biases and a clamped SwiGLU (`moe_block = "gpt_oss"`, models/gpt_oss.py).
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
-                      "mixtral")
+                      "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
-MOE_FAMILIES = ("qwen3_moe", "mixtral")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu")
 
 
@@ -38,7 +39,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", "factor": ..., ...}
+    rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3"|"yarn", "factor": ..., ...}
     rope_local_theta: float | None = None  # Gemma 3: sliding-window layers rotate with this base, unscaled
     # Qwen2.5-VL's multimodal RoPE: frequency i of each half rotates with position axis (t, h, w) by section
     mrope_section: list | None = None
@@ -55,6 +56,7 @@ class ModelConfig:
     embed_scale: float | None = None  # Gemma: hidden * sqrt(hidden_size)
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None
+    attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax's denominator
     final_logit_softcap: float | None = None
     sliding_windows: list = field(default_factory=list)  # per layer: window size or None
     tie_embeddings: bool = False
@@ -70,6 +72,11 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum 1
     router_jitter: float = 0.0  # Mixtral's router_jitter_noise (training only)
     moe_layers: list = field(default_factory=list)  # per layer: True = sparse MoE MLP
+    # Which MoE module: "sparse" (Qwen3-MoE, Mixtral: models/moe.py) or "gpt_oss" (router and expert biases,
+    # interleaved gate/up, clamped SwiGLU: models/gpt_oss.py)
+    moe_block: str = "sparse"
+    swiglu_limit: float = 7.0  # gpt-oss: gate clamped above, up on both sides, at this value
+    swiglu_alpha: float = 1.702  # gpt-oss: glu = gate * sigmoid(alpha * gate)
 
     @property
     def scaling(self) -> float:
@@ -164,6 +171,9 @@ class ModelConfig:
         if model_type == "phi3":
             cfg.fused_qkv = cfg.fused_gate_up = True
             cfg.attn_bias = cfg.o_bias = False
+        if model_type == "gpt_oss":
+            cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", True))
+            cfg.attn_sinks = True
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
@@ -173,7 +183,14 @@ class ModelConfig:
 def _moe_fields(cfg: ModelConfig, get) -> None:
     """Experts, top-k, normalisation and MoE layers as transformers' Qwen3MoeDecoderLayer / MixtralDecoderLayer
     choose them: Qwen3-MoE layer i is sparse unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
-    if cfg.model_type == "mixtral":
+    if cfg.model_type == "gpt_oss":  # every layer sparse (transformers' GptOssDecoderLayer)
+        cfg.num_experts = get("num_local_experts")
+        cfg.moe_intermediate_size = cfg.intermediate_size
+        cfg.moe_layers = [True] * cfg.num_layers
+        cfg.moe_block = "gpt_oss"
+        cfg.swiglu_limit = float(get("swiglu_limit", 7.0))
+        cfg.swiglu_alpha = float(get("swiglu_alpha", 1.702))
+    elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size
         cfg.norm_topk_prob = True
@@ -193,7 +210,8 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
 
 def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
     """RoPE theta, scaling, partial factor and Gemma 3's local theta, from transformers 5 `rope_parameters`
-    (flat, or keyed by layer type) or from the 4.x fields."""
+    (flat, or keyed by layer type) or from the 4.x fields. Yarn gets the defaults transformers fills in:
+    original_max_position_embeddings = max_position_embeddings, factor = their ratio when None."""
     params = dict(get("rope_parameters") or {})
     local_theta = get("rope_local_base_freq")
     if "full_attention" in params or "sliding_attention" in params:  # per layer type (Gemma 3)
@@ -215,6 +233,12 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
                 f"RoPE scaling type '{scaling['rope_type']}' is not supported yet (supported: "
                 f"{', '.join(SUPPORTED_ROPE_TYPES)})."
             )
+        elif scaling["rope_type"] == "yarn":
+            old = scaling.get("original_max_position_embeddings") or get("original_max_position_embeddings") \
+                or get("max_position_embeddings")
+            scaling["original_max_position_embeddings"] = old
+            if scaling.get("factor") is None:
+                scaling["factor"] = get("max_position_embeddings") / old
     return float(theta), scaling, float(partial), (float(local_theta) if local_theta else None)
 
 

@@ -1,5 +1,6 @@
 """The one decoder: llama, mistral, qwen2, qwen3, gemma, gemma2, phi3, and the MoE families qwen3_moe and mixtral
-(sparse MLP in models/moe.py) — family quirks are ModelConfig fields.
+(sparse MLP in models/moe.py) and gpt_oss (attention sinks here, its MoE MLP in models/gpt_oss.py) — family quirks
+are ModelConfig fields.
 
 Module and parameter names mirror transformers' (`model.layers.0.self_attn.q_proj.weight`), so HF state dicts
 load without renaming and adapters use PEFT's key names.
@@ -18,13 +19,14 @@ from fasttune.errors import ConfigError, refuse_unknown
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
-from fasttune.kernels.rope import apply_rope_qk, mrope_cos_sin, rope_cos_sin, rope_inv_freq
+from fasttune.kernels.rope import apply_rope_qk, mrope_cos_sin, rope_attention_factor, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
 # KVCache and CausalLMOutput live in their own modules (generate.py and fallback.py use them without the
 # decoder); imported under these names here, as before.
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
                                    segments_from_boundaries)
+from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
@@ -52,7 +54,8 @@ class RMSNorm(nn.Module):
 
 class Attention(nn.Module):
     """Self-attention of one layer: q/k/v projections (fused for Phi-3), optional q/k norm (Qwen3, Gemma 3), RoPE,
-    SDPA or varlen attention (GQA), o_proj; names as transformers' `self_attn`."""
+    SDPA or varlen attention (GQA), gpt-oss's per-head sink logits (`sinks`), o_proj; names as transformers'
+    `self_attn`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -69,6 +72,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+        if cfg.attn_sinks:
+            self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
 
@@ -94,13 +99,18 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap)
+        out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap,
+                        self.sinks if cfg.attn_sinks else None)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
 
 
-def attention(q, k, v, mask, scale: float, softcap: float | None):
-    """q (B, Hq, T, D), k/v (B, Hkv, S, D); mask: bool (B, 1, T, S), True = attend, or None: plain causal when
-    T == S, everything when T == 1 (one new token over a cache)."""
+def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None):
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D); mask: bool (B, 1, T, S), True = attend, or an additive float mask
+    (0 / -inf), or None: plain causal when T == S, everything when T == 1 (one new token over a cache).
+    sinks (Hq,): gpt-oss's learned logit per head, one more term exp(sink) in each softmax denominator with no
+    value (transformers' GptOss eager attention); see attention_with_sinks."""
+    if sinks is not None:
+        return attention_with_sinks(q, k, v, mask, scale, sinks)
     if softcap:
         # Softcapping acts on the scores themselves, which SDPA cannot do: exact eager path (Gemma 2).
         groups = q.shape[1] // k.shape[1]
@@ -116,6 +126,49 @@ def attention(q, k, v, mask, scale: float, softcap: float | None):
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
                                           scale=scale, enable_gqa=gqa)
+
+
+def attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor):
+    """Attention whose softmax denominators also hold exp(sinks[h]), through SDPA's fused kernels.
+
+    The sink is one more key, put first, whose score is the sink logit and whose value is zero: q gets one more
+    channel holding sinks[h] / scale, k one holding 1 for the sink key and 0 for the real keys (the same for every
+    head, so grouped-query attention stays grouped), both padded with zeros to a multiple of 8 channels so flash /
+    memory-efficient attention still take them; v is zero there. Every query sees the sink key: causal attention
+    without a mask becomes lower-right aligned (query i sees the sink and keys 0..i), a mask gets a leading
+    always-on column. Gradients reach q, k, v and sinks through the same graph."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    pad = -(-(d + 1) // 8) * 8 - d - 1
+    sink_channel = (sinks.to(q.dtype) / scale).view(1, hq, 1, 1).expand(b, hq, t, 1)
+    q = F.pad(torch.cat((q, sink_channel), dim=-1), (0, pad))
+    sink_key = F.pad(k.new_ones(b, hkv, 1, 1), (d, pad))  # (B, Hkv, 1, width): 1 in channel d
+    k = torch.cat((sink_key, F.pad(k, (0, 1 + pad))), dim=2)
+    v = F.pad(v, (0, 1 + pad, 1, 0))  # a zero value for the sink key, zero channels to match q/k's width
+    if mask is None and t > 1:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(t, s + 1)
+    elif mask is not None:
+        first = mask.new_ones(*mask.shape[:-1], 1) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1)
+        mask = torch.cat((first.expand(*mask.shape[:-1], 1), mask), dim=-1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    return out[..., :d]
+
+
+def attention_with_sinks_reference(q, k, v, mask, scale: float, sinks: torch.Tensor):
+    """transformers' GptOss eager attention (scores, sink column appended, max subtracted, softmax, sink dropped),
+    for the tests; arguments as attention_with_sinks with a bool mask or None (causal)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    col = sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(scores.dtype)
+    logits = torch.cat((scores, col), dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
 
 
 MLP_TILE_BYTES = 1 << 30  # one bf16 (tokens x intermediate) activation per MLP tile
@@ -165,7 +218,8 @@ class DecoderLayer(nn.Module):
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
         self.self_attn = Attention(cfg, layer_idx)
         self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
-        self.mlp = SparseMoeBlock(cfg) if self.is_moe else MLP(cfg)
+        moe = GptOssMoeBlock if cfg.moe_block == "gpt_oss" else SparseMoeBlock
+        self.mlp = moe(cfg) if self.is_moe else MLP(cfg)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.sandwich = cfg.sandwich_norm
@@ -222,13 +276,18 @@ class DecoderModel(nn.Module):
             self._inv_freq[key] = freq.to(device)
         return self._inv_freq[key]
 
+    @property
+    def rope_scale(self) -> float:
+        """The factor on cos/sin of the global RoPE (yarn's attention factor; 1.0 otherwise)."""
+        return rope_attention_factor(self.arch.rope_scaling)
+
     def rope_tables(self, position_ids, dtype) -> dict:
         """cos/sin per RoPE kind: "global", and "local" for Gemma 3's sliding-window layers. position_ids (B, T),
         or (3, B, T) temporal/height/width positions for multimodal RoPE (models/vision.py)."""
         if position_ids.dim() == 3:
             return {"global": mrope_cos_sin(self.inv_freq(position_ids.device), position_ids,
                                             self.arch.mrope_section, dtype, self.arch.mrope_interleaved)}
-        tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype)}
+        tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype, self.rope_scale)}
         if self.arch.rope_local_theta is not None:
             tables["local"] = rope_cos_sin(self.inv_freq(position_ids.device, local=True), position_ids, dtype)
         return tables
@@ -273,7 +332,7 @@ class DecoderModel(nn.Module):
         windows = set(cfg.sliding_windows)
         if attention_mask is not None and past_key_values is None and image_blocks is None and segment_ids is None \
                 and seq_idx is None and cu_seq_lens_q is None and attention_mask.shape[1] == t \
-                and varlen_usable(x, cfg.attn_logit_softcap, windows):
+                and not cfg.attn_sinks and varlen_usable(x, cfg.attn_logit_softcap, windows):
             # Left padding (or padding on both sides, as GRPO's prompt + completion rows have): each row's tokens are
             # one run, attended causally as one varlen sequence instead of through a dense (B, T, T) mask. Only the
             # outputs at padding positions differ (made from padding either way), so does the prediction a padding
@@ -293,7 +352,8 @@ class DecoderModel(nn.Module):
         elif segment_ids is None and attention_mask is None and past_key_values is None and position_ids.dim() == 2:
             segment_ids = packed_segments(position_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
-        if segment_ids is not None and past_key_values is None and image_blocks is None and \
+        # Varlen attention has no sink term: models with sinks take the masked SDPA path.
+        if segment_ids is not None and past_key_values is None and image_blocks is None and not cfg.attn_sinks and \
                 varlen_usable(x, cfg.attn_logit_softcap, windows):
             masks = {"varlen": packed_spans(segment_ids)}
         else:

@@ -169,12 +169,16 @@ class ExpertLora(nn.Module):
 
     Parameters in PEFT's layout, so the adapter file holds them as they are: lora_A (E*r, in), rows e*r + j =
     A_e[j]; lora_B (out, r*E), column j*E + e = B_e[:, j] (PEFT reshapes B to (out, r, E)). fp32 master weights,
-    cast to the activation dtype in `factors`. `disabled` turns the update off (set_adapters_enabled)."""
+    cast to the activation dtype in `factors`. `disabled` turns the update off (set_adapters_enabled).
+    transposed: W is stored (E, in, out) (gpt-oss's experts, which PEFT reads so by their `is_transposed`); the
+    factors are the same, `delta_weight` comes in W's layout."""
 
-    def __init__(self, weight: torch.Tensor, r: int, scaling: float):
+    def __init__(self, weight: torch.Tensor, r: int, scaling: float, transposed: bool = False):
         super().__init__()
         self.num_experts, self.out_features, self.in_features = weight.shape
-        self.r, self.scaling = r, scaling
+        if transposed:
+            self.in_features, self.out_features = self.out_features, self.in_features
+        self.r, self.scaling, self.transposed = r, scaling, transposed
         e, device = self.num_experts, weight.device
         self.lora_A = nn.Parameter(torch.empty(e * r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r * e, device=device, dtype=torch.float32))
@@ -196,12 +200,12 @@ class ExpertLora(nn.Module):
         return a, b, self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        """scaling * B_e @ A_e for every expert: the (E, out, in) fp32 update to the stacked weight (PEFT's
-        ParamWrapper.get_delta_weight)."""
+        """scaling * B_e @ A_e for every expert: the (E, out, in) fp32 update to the stacked weight ((E, in, out)
+        when `transposed`; PEFT's ParamWrapper.get_delta_weight)."""
         e, r = self.num_experts, self.r
         a = self.lora_A.view(e, r, self.in_features)
         b = self.lora_B.view(self.out_features, r, e)
-        return torch.einsum("ore,eri->eoi", b, a) * self.scaling
+        return torch.einsum("ore,eri->eio" if self.transposed else "ore,eri->eoi", b, a) * self.scaling
 
 
 def validate_settings(s: LoraSettings) -> LoraSettings:
@@ -252,6 +256,7 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
 # router's weight.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 ROUTER_PARAMETER = "mlp.gate.weight"
+GPT_OSS_ROUTER = "mlp.router.weight"  # refused: not in SUPPORTED_PARAMETERS
 SUPPORTED_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS) + (ROUTER_PARAMETER,)
 # target_modules names that PEFT on transformers 5 reads as parameters of an MoE model (PEFT's
 # _MOE_TARGET_MODULE_MAPPING); Mixtral's checkpoint names w1/w3/w2 there too. The first two of each fused pair
@@ -274,19 +279,22 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
     "mlp.experts.down_proj", gate -> the router "mlp.gate.weight"; the names leave target_modules (recorded in
     requested_target_modules), so dense MLP layers of the model (Qwen3-MoE's mlp_only_layers) stay frozen, as
     with PEFT. "all-linear" means every linear layer, the experts and the router.
-    Raises ConfigError for another string target_modules (a regex) and for gate_proj without up_proj (or w1
-    without w3), which PEFT refuses too: they are one stacked weight."""
+    gpt-oss (which PEFT does not map) gets the same expert mapping, without a router name (its router takes no
+    LoRA here). Raises ConfigError for another string target_modules (a regex) and for gate_proj without up_proj
+    (or w1 without w3), which PEFT refuses too: they are one stacked weight."""
     arch = getattr(model, "arch", None)
     if not getattr(arch, "num_experts", 0):
         return
     names = {**MOE_TARGET_NAMES, **(MIXTRAL_TARGET_NAMES if arch.model_type == "mixtral" else {})}
+    if arch.moe_block == "gpt_oss":
+        names.pop("gate")
     asked = targets = settings.target_modules
     if isinstance(targets, str):
         if targets != "all-linear":
             raise ConfigError(f"target_modules={targets!r}: on this mixture-of-experts model pass a list of layer "
                               f"names, e.g. ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', "
                               f"'down_proj'] (the MLP names adapt the experts), or 'all-linear'.")
-        targets = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)} | set(MOE_TARGET_NAMES))
+        targets = sorted({n.rsplit(".", 1)[-1] for n in _linear_names(model)} | (set(names) & set(MOE_TARGET_NAMES)))
     mapped = [t for t in targets if t in names]
     if not mapped and targets is asked:
         return
@@ -332,6 +340,10 @@ def _resolve_parameters(model: nn.Module, targets: list[str]) -> list[str]:
                               + (f"Use {list(SUPPORTED_PARAMETERS)}." if moe else
                                  "This model has no mixture-of-experts layers: target_parameters adapts stacked MoE "
                                  "experts and routers only; use target_modules for linear layers."))
+        if any(n.endswith(GPT_OSS_ROUTER) for n in hits):
+            raise ConfigError(f"target_parameters entry {t!r}: LoRA on gpt-oss's router (a linear layer with bias) "
+                              f"is not supported; adapt the experts ('mlp.experts.gate_up_proj', "
+                              f"'mlp.experts.down_proj') and attention instead.")
         bad = [n for n in hits if not n.endswith(SUPPORTED_PARAMETERS)]
         if bad:
             raise ConfigError(f"target_parameters entry {t!r} selects {bad[0]!r}: fasttune adapts by parameter only "
@@ -418,7 +430,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
                 continue
             experts = model.get_submodule(owner)
             r, _ = settings.rank_alpha(name)
-            adapter = ExpertLora(getattr(experts, attr), r, settings.scaling_for(name))
+            adapter = ExpertLora(getattr(experts, attr), r, settings.scaling_for(name),
+                                 transposed=getattr(experts, "is_transposed", False))
             adapter.reset_parameters()
             experts.lora[attr] = adapter
     finally:
