@@ -9,6 +9,7 @@ JSONL row to bench/results/. Usage on a GPU machine:
     python bench/bench_lora.py --impl ours --shape llama-3.2-1b --gc on   # a single row
     python bench/bench_lora.py --matrix qlora                             # NF4 QLoRA vs transformers+PEFT+bnb
     python bench/bench_lora.py --matrix moe-qlora [--expert-lora]         # Qwen3-30B-A3B shape, NF4 experts
+    python bench/bench_lora.py --matrix gpt-oss [--expert-lora]           # gpt-oss-20b shape, bf16 experts
     python bench/bench_lora.py --max-context --impl ours --quant nf4 --gc offload   # longest bs-1 sequence
 """
 from __future__ import annotations
@@ -36,7 +37,15 @@ MOE_SHAPES = {
                           num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                           num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1,
                           tie_word_embeddings=False, rope_theta=1e6),
+    # transformers' GptOssConfig defaults are gpt-oss-20b's: 24 layers, 32 experts top-4, sliding (128) / full
+    # layers, attention sinks, yarn RoPE; the checkpoint's MXFP4 experts are bf16 here (random init)
+    "gpt-oss-20b": dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
+                        num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+                        num_experts_per_tok=4, sliding_window=128, tie_word_embeddings=False),
 }
+# PEFT maps no MLP names onto gpt-oss's experts: with --expert-lora its LoraConfig names them as the adapter
+# fasttune writes for the seven names does (target_parameters, gate_up_proj at rank 2r / alpha 2r).
+GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -50,6 +59,9 @@ MATRIX = {
             ("ours", "qwen3-30b-a3b", "off", "triton", "none")],
     # transformers + bitsandbytes quantises the Linears only: its stacked MoE experts stay bf16
     "moe-qlora": [("hf", "qwen3-30b-a3b", "on", "-", "nf4"), ("ours", "qwen3-30b-a3b", "on", "triton", "nf4")],
+    # transformers runs gpt-oss with eager attention (its sinks have no SDPA path there)
+    "gpt-oss": [("hf", "gpt-oss-20b", "on", "-", "none"), ("ours", "gpt-oss-20b", "on", "triton", "none"),
+                ("ours", "gpt-oss-20b", "off", "triton", "none")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
@@ -66,6 +78,10 @@ def targets(shape: str) -> list[str]:
 def hf_config(shape: str):
     from transformers import LlamaConfig
 
+    if shape.startswith("gpt-oss"):
+        from transformers import GptOssConfig
+
+        return GptOssConfig(**MOE_SHAPES[shape])
     if shape in MOE_SHAPES:
         from transformers import Qwen3MoeConfig
 
@@ -92,6 +108,8 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
         for name, p in model.named_parameters():
             if p.dim() >= 2:  # matrices and stacked experts
                 p.normal_(0.0, 0.02)
+            elif not name.endswith("norm.weight"):  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF
+                p.zero_()
     if quant == "nf4":  # what load_in_4bit does on load, layer by layer
         from fasttune.quant.linear import QuantLinear
 
@@ -135,13 +153,20 @@ def build_hf(shape: str, gc: str, r: int, quant: str = "none"):
     from transformers import AutoModelForCausalLM
 
     with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16, attn_implementation="sdpa")
+        attn = "eager" if shape.startswith("gpt-oss") else "sdpa"  # GptOss has no SDPA attention in transformers
+        model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16, attn_implementation=attn)
     if quant == "nf4":
         _bnb_quantize(model)
     if gc != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=targets(shape), task_type="CAUSAL_LM"))
+    if shape.startswith("gpt-oss") and EXPERT_LORA[0]:
+        pattern = {r".*\.gate_up_proj": 2 * r}
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS[:4], target_parameters=GPT_OSS_EXPERTS,
+                            rank_pattern=pattern, alpha_pattern=pattern, task_type="CAUSAL_LM")
+    else:
+        config = LoraConfig(r=r, lora_alpha=r, target_modules=targets(shape), task_type="CAUSAL_LM")
+    model = get_peft_model(model, config)
     model.train()
     return model
 

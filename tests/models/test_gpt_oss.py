@@ -278,3 +278,24 @@ def test_router_lora_is_refused(folder):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj"], target_parameters=["mlp.router.weight"])
     with pytest.raises(ConfigError, match="match no layer"):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "gate"])
+
+
+def test_load_in_4bit_quantizes_the_experts(folder):
+    """load_in_4bit stores the (E, in, out) expert stacks in NF4 (quant/experts.py) and the block computes with
+    their dequantised values; LoRA on them trains."""
+    model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.float32)
+    block = model.model.layers[0].mlp
+    x = torch.randn(1, 10, 64)
+    with torch.no_grad():
+        got = block(x)[0]
+        for attr in ("gate_up_proj", "down_proj"):
+            holder = block.experts._modules.pop(attr)
+            assert tuple(holder.shape) == ((4, 64, 64) if attr == "gate_up_proj" else (4, 32, 64))
+            block.experts.register_parameter(attr, torch.nn.Parameter(holder.dequantized(torch.float32)))
+        torch.testing.assert_close(got, block(x)[0], rtol=1e-6, atol=1e-6)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    ids, mask, labels = _batch()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter_parameters(model).values())
