@@ -152,7 +152,12 @@ def attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor):
     elif mask is not None:
         first = mask.new_ones(*mask.shape[:-1], 1) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1)
         mask = torch.cat((first.expand(*mask.shape[:-1], 1), mask), dim=-1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=hq != hkv)
+    gqa = hq != hkv
+    if gqa and isinstance(mask, torch.Tensor) and t > 1:
+        # SDPA's memory-efficient CUDA kernel takes masks but not grouped heads; with both it would fall back to
+        # the math path, which forms the (B, H, T, S) scores: repeating k/v heads costs far less.
+        k, v, gqa = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1), False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[..., :d]
 
 
