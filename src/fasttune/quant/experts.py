@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.quant import nf4
+from fasttune.quant.linear import move_storage
 
 
 class QuantExpertWeight(nn.Module):
@@ -65,13 +66,7 @@ class QuantExpertWeight(nn.Module):
         return self.state.nbytes()
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) moves the storage but never casts it (uint8 codes, fp32 statistics).
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, orig in before.items():
-            new = self._buffers[name]
-            if orig is not None and new.dtype != orig.dtype:
-                self._buffers[name] = orig.to(new.device)
+        move_storage(self, super()._apply, fn, recurse)  # model.to(dtype) moves the NF4 storage, never casts it
         return self
 
     def extra_repr(self) -> str:

@@ -87,14 +87,7 @@ class QuantLinear(nn.Module):
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def _apply(self, fn, recurse=True):
-        # model.to(dtype) must move the storage but never cast it (int codes, fp32 scales): keep the originals'
-        # dtypes and take only the device from the result.
-        before = dict(self._buffers)
-        super()._apply(fn, recurse)
-        for name, orig in before.items():
-            new = self._buffers[name]
-            if orig is not None and new.dtype != orig.dtype:
-                self._buffers[name] = orig.to(new.device)
+        move_storage(self, super()._apply, fn, recurse)
         if self.bias is not None:
             self.compute_dtype = self.bias.dtype
         return self
@@ -115,6 +108,18 @@ class QuantLinear(nn.Module):
             destination.update(int8.state_to_tensors(self.state, prefix))
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+def move_storage(module: nn.Module, apply, fn, recurse: bool = True):
+    """`apply(fn, recurse)` (the module's nn.Module._apply) for a module holding quantised storage as buffers:
+    model.to(dtype) must move the storage but never cast it (int codes, fp32 scales), so each buffer keeps its
+    original dtype and takes only the device of the result."""
+    before = dict(module._buffers)
+    apply(fn, recurse)
+    for name, orig in before.items():
+        new = module._buffers[name]
+        if orig is not None and new.dtype != orig.dtype:
+            module._buffers[name] = orig.to(new.device)
 
 
 def quantize(weight: torch.Tensor, quant_type: str):
