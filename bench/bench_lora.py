@@ -61,7 +61,7 @@ MATRIX = {
     "moe-qlora": [("hf", "qwen3-30b-a3b", "on", "-", "nf4"), ("ours", "qwen3-30b-a3b", "on", "triton", "nf4")],
     # transformers runs gpt-oss with eager attention (its sinks have no SDPA path there)
     "gpt-oss": [("hf", "gpt-oss-20b", "on", "-", "none"), ("ours", "gpt-oss-20b", "on", "triton", "none"),
-                ("ours", "gpt-oss-20b", "off", "triton", "none")],
+                ("ours", "gpt-oss-20b", "off", "triton", "none"), ("ours", "gpt-oss-20b", "on", "triton", "nf4")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
@@ -118,7 +118,7 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                 parent, _, attr = name.rpartition(".")
                 setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, "nf4"))
                 del mod
-            elif type(mod).__name__ == "Experts":  # MoE: the stacked experts in NF4 as well
+            elif type(mod).__name__ in ("Experts", "GptOssExperts"):  # MoE: the stacked experts in NF4 as well
                 from fasttune.quant.experts import QuantExpertWeight
 
                 for attr in ("gate_up_proj", "down_proj"):
