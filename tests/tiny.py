@@ -77,3 +77,16 @@ def save_hf(model, folder, tokenizer=None):
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def lora_losses(model, ids, steps: int = 5, lr: float = 1e-2) -> list[float]:
+    """Per-step losses of `steps` AdamW steps on the trainable parameters, labels = ids (a does-it-train check)."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses

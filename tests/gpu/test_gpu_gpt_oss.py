@@ -40,7 +40,7 @@ def test_sinks_attention_bf16_cuda(mask_kind):
 
 
 def test_tiny_gpt_oss_bf16_logits_and_lora_steps(tiny_model_dir):
-    from tiny import hf_model
+    from tiny import hf_model, lora_losses
 
     folder = tiny_model_dir("gpt_oss")
     model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
@@ -51,12 +51,5 @@ def test_tiny_gpt_oss_bf16_logits_and_lora_steps(tiny_model_dir):
     # bf16 rounding, and now and then a routing decision that flips: near on average, not everywhere
     assert (ours - want).abs().mean() < 0.05 * want.abs().mean()
     model = FastLanguageModel.get_peft_model(model, r=8)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lora_losses(model, ids, 5)
     assert losses[-1] < losses[0]

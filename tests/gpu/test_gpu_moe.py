@@ -2,6 +2,7 @@
 dequantised stack, forward and backward, and a load_in_4bit MoE model trains LoRA on attention and experts."""
 import pytest
 import torch
+from tiny import lora_losses
 
 from fasttune import FastLanguageModel
 from fasttune.models.moe import experts_forward
@@ -33,13 +34,5 @@ def test_load_in_4bit_moe_lora_steps(tiny_model_dir):
                                                  dtype=torch.bfloat16, device="cuda")
     assert any(isinstance(m, QuantExpertWeight) for m in model.modules())
     model = FastLanguageModel.get_peft_model(model, r=8, target_modules="all-linear")
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    ids = torch.randint(3, 300, (2, 32), device="cuda")
-    losses = []
-    for _ in range(5):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lora_losses(model, torch.randint(3, 300, (2, 32), device="cuda"), 5)
     assert losses[-1] < losses[0]

@@ -4,7 +4,7 @@ models hold their experts in NF4 (per-expert and stacked checkpoints), train LoR
 export merged weights equal to the dequantised base plus the LoRA delta."""
 import pytest
 import torch
-from tiny import hf_model, save_hf
+from tiny import hf_model, lora_losses, save_hf
 
 from fasttune import FastLanguageModel
 from fasttune.export.merged import merged_state_dict
@@ -61,14 +61,7 @@ def test_load_in_4bit_moe_trains_and_merges(family, tiny_model_dir, tmp_path):
 
     model = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
     assert any(n.endswith("experts.lora.gate_up_proj.lora_A") for n, _ in model.named_parameters())
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(4):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lora_losses(model, ids, 4)
     assert losses[-1] < losses[0]
     merged = merged_state_dict(model, torch.float32)
     name = next(n for n, m in model.named_modules() if isinstance(m, QuantExpertWeight))

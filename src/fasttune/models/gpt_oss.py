@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fasttune.models.moe import _with_lora, grouped_mm
+from fasttune.models.moe import _with_lora, grouped_mm, sort_by_expert
 
 
 def route_top_logits(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,14 +55,8 @@ def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: tor
     models/moe.py's grouped_mm. Returns (N, H) in x's dtype."""
     lora = lora or {}
     n, k = experts.shape
-    num_experts = gate_up_bias.shape[0]
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    # histc instead of bincount: no device-to-host sync on CUDA (as in models/moe.py's experts_forward)
-    counts = torch.histc(flat.float() if not flat.is_cuda else flat.int(), bins=num_experts, min=0,
-                         max=num_experts - 1).to(torch.int32)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
-    sorted_experts = flat[order]
+    order, counts, offsets = sort_by_expert(experts, gate_up_bias.shape[0])
+    sorted_experts = experts.reshape(-1)[order]
     xs = x[order // k]
     gate_up = grouped_mm(xs, _dense(gate_up_proj, x.dtype), offsets, counts, method)
     gate_up = _with_lora(gate_up, xs, lora.get("gate_up_proj"), offsets, counts, method)

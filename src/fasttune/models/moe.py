@@ -106,6 +106,18 @@ def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method
     return torch.add(out, low, alpha=scaling)
 
 
+def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The grouping of the N*k (token, expert) pairs of `experts` (N, k) int64: (order (N*k,) int64, a stable
+    sort of the flattened pairs by expert; counts (E,) int32 per expert; offsets (E,) int32, their cumulative
+    ends), as grouped_mm takes them. histc instead of bincount: no device-to-host sync on CUDA (as transformers'
+    grouped_mm experts do)."""
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.histc(flat.float() if not flat.is_cuda else flat.int(), bins=num_experts, min=0,
+                         max=num_experts - 1).to(torch.int32)
+    return order, counts, torch.cumsum(counts, dim=0, dtype=torch.int32)
+
+
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor, act: str, method: str = "auto", lora: dict | None = None) -> torch.Tensor:
     """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)) for e = experts[n, j], without a loop over experts.
@@ -119,13 +131,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed)."""
     lora = lora or {}
     n, k = experts.shape
-    num_experts = gate_up_proj.shape[0]
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    # histc instead of bincount: no device-to-host sync on CUDA (as transformers' grouped_mm experts do)
-    counts = torch.histc(flat.float() if not flat.is_cuda else flat.int(), bins=num_experts, min=0,
-                         max=num_experts - 1).to(torch.int32)
-    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    order, counts, offsets = sort_by_expert(experts, gate_up_proj.shape[0])
     xs = x[order // k]
     gate_up = _with_lora(stacked_matmul(xs, gate_up_proj, offsets, counts, method), xs, lora.get("gate_up_proj"),
                          offsets, counts, method)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.quant import nf4
-from fasttune.quant.linear import move_storage
+from fasttune.quant.linear import hold_nf4, move_storage
 
 
 class QuantExpertWeight(nn.Module):
@@ -28,12 +28,7 @@ class QuantExpertWeight(nn.Module):
         super().__init__()
         self.shape = torch.Size(state.shape)
         self.compute_dtype, self.orig_dtype = compute_dtype, state.dtype
-        self.blocksize, self.nested_blocksize, self.offset = state.blocksize, state.nested_blocksize, state.offset
-        self.register_buffer("packed", state.packed)
-        self.register_buffer("absmax", state.absmax)
-        self.register_buffer("code", state.code)
-        self.register_buffer("nested_absmax", state.nested_absmax)
-        self.register_buffer("nested_code", state.nested_code)
+        hold_nf4(self, state)
 
     @classmethod
     def quantize(cls, weight: torch.Tensor) -> "QuantExpertWeight":

@@ -39,12 +39,7 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = state.shape
         self.orig_dtype = state.dtype
         if self.quant_type == "nf4":
-            self.blocksize, self.nested_blocksize, self.offset = state.blocksize, state.nested_blocksize, state.offset
-            self.register_buffer("packed", state.packed)
-            self.register_buffer("absmax", state.absmax)
-            self.register_buffer("code", state.code)
-            self.register_buffer("nested_absmax", state.nested_absmax)
-            self.register_buffer("nested_code", state.nested_code)
+            hold_nf4(self, state)
         else:
             self.register_buffer("qweight", state.weight)
             self.register_buffer("scb", state.scb)
@@ -108,6 +103,14 @@ class QuantLinear(nn.Module):
             destination.update(int8.state_to_tensors(self.state, prefix))
         if self.bias is not None:
             destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+
+def hold_nf4(module: nn.Module, state: nf4.NF4State):
+    """Register an NF4State's tensors as `module`'s buffers (packed, absmax, code, nested_absmax, nested_code) and
+    its settings as attributes (blocksize, nested_blocksize, offset), the layout `state` properties rebuild."""
+    module.blocksize, module.nested_blocksize, module.offset = state.blocksize, state.nested_blocksize, state.offset
+    for name in ("packed", "absmax", "code", "nested_absmax", "nested_code"):
+        module.register_buffer(name, getattr(state, name))
 
 
 def move_storage(module: nn.Module, apply, fn, recurse: bool = True):
