@@ -326,6 +326,18 @@ def _run_option(name: str, value):
     return _checked_type(name, typ.__name__ + (" | None" if default is None else ""), value)
 
 
+RUN_RECORD = "fasttune_run.json"  # beside the adapter: what `fasttune export --imatrix` measures on by default
+
+
+def _record_run(out: Path, method: str, data: str):
+    """Write out/fasttune_run.json: the method and the training data (an absolute path when it is a local one)."""
+    import json
+
+    local = Path(data).expanduser()
+    (out / RUN_RECORD).write_text(json.dumps({"method": method,
+                                              "data": str(local.resolve()) if local.exists() else data}, indent=1))
+
+
 def _data_file(data):
     """A folder that is not a save_to_disk dataset but holds train.jsonl/.json/.csv/.parquet means that file."""
     if not data or not Path(data).is_dir():
@@ -505,6 +517,7 @@ def _train(run: dict, config: SFTConfig, out: Path):
               f"{_sample(model, tok, prompt, image_dir)}\n")
     if not config.fsdp:
         model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
+    _record_run(out, run["method"], data)
     plot = plot_losses(trainer.log_history, out / "loss.png")
     first, last = metrics.get("first_step_loss"), metrics.get("last_step_loss")  # this run's first and last step
     loss = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""

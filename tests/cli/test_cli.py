@@ -29,6 +29,9 @@ def test_train_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
     cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert cfg["r"] == 4 and cfg["base_model_name_or_path"] == str(tiny_model_dir("llama").resolve())
     assert "Sample after training" in capsys.readouterr().out
+    # what `fasttune export --imatrix` measures on by default
+    assert json.loads((out / "fasttune_run.json").read_text()) == {
+        "method": "sft", "data": str((tmp_path / "d.jsonl").resolve())}
 
 
 @pytest.mark.parametrize("quant, kind", [("int4", "nf4"), ("int8", "int8")])

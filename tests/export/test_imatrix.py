@@ -2,9 +2,11 @@
 `ggml_quantize_chunk(type, src, dst, start, nrows, n_per_row, imatrix)` from llama-cpp-python's bundled libggml-base,
 byte for byte; the collection (export/imatrix.py) on a tiny model; the GGUF plumbing and its errors."""
 import ctypes
+import json
 import os
 
 import numpy as np
+
 import pytest
 import torch
 
@@ -283,3 +285,7 @@ def test_cli_imatrix(lora_model, tmp_path, capsys):
                             "no such file")]:
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
+    # `fasttune train` records its data beside the adapter: --imatrix alone measures on it
+    (tmp_path / "fasttune_run.json").write_text(json.dumps({"method": "sft", "data": str(data)}))
+    assert main([*base, "--quantization", "q4_k_m", "--imatrix", "--imatrix-tokens", "64"]) == 0
+    assert f"training data recorded in {tmp_path / 'fasttune_run.json'}: {data}" in capsys.readouterr().out

@@ -83,9 +83,30 @@ def cmd_export(ns) -> int:
     return 0
 
 
+def _training_data(ns):
+    """The data file `fasttune train` recorded in the run folder holding --adapter (or --model), when it still
+    exists; else None."""
+    import json
+    from pathlib import Path
+
+    folder = ns.adapter or ns.model
+    record = Path(folder).expanduser().parent / "fasttune_run.json" if folder else None
+    if record is None or not record.is_file():
+        return None
+    try:
+        data = json.loads(record.read_text()).get("data")
+    except (OSError, ValueError):
+        return None
+    if data and Path(data).exists():
+        print(f"fasttune: --imatrix measures on the training data recorded in {record}: {data}")
+        return data
+    return None
+
+
 def _imatrix_source(ns, quants):
-    """The --imatrix-data path when --imatrix or --imatrix-data is given, else None; ConfigError (before the model
-    loads) for --format merged, methods that do not use it, no --imatrix-data, or a path that does not exist."""
+    """The --imatrix-data path (by default the training data recorded beside --adapter) when --imatrix or
+    --imatrix-data is given, else None; ConfigError (before the model loads) for --format merged, methods that do
+    not use it, no data given or recorded, or a path that does not exist."""
     from pathlib import Path
 
     from fasttune.errors import ConfigError
@@ -100,9 +121,12 @@ def _imatrix_source(ns, quants):
                           f"matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1. Leave --imatrix out, "
                           f"or use e.g. --quantization q4_k_m.")
     if ns.imatrix_data is None:
+        ns.imatrix_data = _training_data(ns)
+    if ns.imatrix_data is None:
         raise ConfigError("--imatrix needs --imatrix-data FILE: the text to measure the importance matrix on, usually "
                           "the training data file (.jsonl/.json/.csv/.parquet, or a .txt), or a llama.cpp imatrix "
-                          ".gguf. Training runs do not record their data file, so it is not found by itself.")
+                          ".gguf. Without it, the data file `fasttune train` recorded beside the adapter "
+                          "(fasttune_run.json in its run folder) is used; none was found.")
     if not Path(ns.imatrix_data).expanduser().exists():
         raise ConfigError(f"--imatrix-data {ns.imatrix_data}: no such file or folder.")
     return ns.imatrix_data
