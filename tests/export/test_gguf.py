@@ -255,8 +255,8 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     model.arch.model_type = "falcon"
-    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, qwen3_moe, mixtral; this "
-                                          "model is 'falcon'"):
+    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, qwen3_moe, mixtral, gpt_oss; "
+                                          "this model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
     model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "g2"))
@@ -434,3 +434,50 @@ def test_unknown_pre_tokenizer_warns_and_writes_default(tmp_path):
     import gguf
 
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "default"
+
+
+def _tiny_gpt_oss_lora_model(folder, tokenizer):
+    """The tiny gpt-oss (sinks, biases, sliding + full layer, yarn, 4 experts top-2) with LoRA on attention."""
+    save_hf(hf_model("gpt_oss", vocab_size=416), folder, tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    randomize_lora_b(model)
+    return FastLanguageModel.for_inference(model), tok
+
+
+@pytest.mark.parametrize("quant", ["f16", "bf16", "q8_0"])
+def test_gpt_oss_llama_cpp_logits_match(quant, bpe, tmp_path):
+    """gpt-oss as llama.cpp's "gpt-oss" (LoRA on attention merged): sinks, router with bias, experts split from
+    the interleaved (E, in, out) gate_up into (E, out, in) gate/up with their biases; llama.cpp's logits equal ours."""
+    import gguf
+
+    model, tok = _tiny_gpt_oss_lora_model(tmp_path / "m", bpe)
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method=quant, progress=False)
+    reader = gguf.GGUFReader(path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "gpt-oss"
+    assert field("gpt-oss.expert_count") == 4 and field("gpt-oss.expert_used_count") == 2
+    assert field("gpt-oss.attention.sliding_window") == 4
+    tensors = {t.name: t for t in reader.tensors}
+    inter = model.arch.moe_intermediate_size
+    for name in ("blk.0.attn_sinks.weight", "blk.1.ffn_gate_inp.bias", "blk.1.ffn_gate_exps.bias",
+                 "blk.1.ffn_gate_inp.weight", "blk.0.attn_q.bias"):
+        assert tensors[name].tensor_type.name == "F32"
+    for kind, shape in (("gate", [64, inter, 4]), ("up", [64, inter, 4]), ("down", [inter, 64, 4])):
+        t = tensors[f"blk.1.ffn_{kind}_exps.weight"]
+        assert t.tensor_type.name == quant.upper() and t.shape.tolist() == shape
+    rel, top1, _ = _compare_logits(model, tok, path)
+    print(f"gpt-oss {quant}: rel {rel:.2e} top-1 {top1:.3f}")
+    assert rel < TOLERANCE[quant][0] and top1 >= TOLERANCE[quant][1]
+
+
+@pytest.mark.parametrize("overrides", [{"swiglu_limit": 5.0},
+                                       {"layer_types": ["full_attention", "full_attention"]}])
+def test_gpt_oss_llama_cpp_cannot_compute_is_a_config_error(overrides, bpe, tmp_path):
+    """llama.cpp's gpt-oss fixes the SwiGLU limit (7) and alternates sliding/full layers: other models are refused
+    before anything is written."""
+    save_hf(hf_model("gpt_oss", vocab_size=416, **overrides), tmp_path / "m", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    with pytest.raises(ConfigError, match="gpt-oss"):
+        model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    assert not (tmp_path / "m.gguf").exists()

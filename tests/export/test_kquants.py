@@ -170,6 +170,15 @@ def test_moe_mixtures_equal_llama_quantize(family, experts, methods, model_dir, 
             assert types["blk.0.attn_output.weight"] == ("Q5_K" if experts == 8 else "Q4_K")
 
 
+def test_gpt_oss_q8_0_equals_llama_quantize(model_dir, tmp_path):
+    """gpt-oss ("gpt-oss"): q8_0 of the tiny model (sinks, biases, 2-D expert biases kept F32, 3-D experts split
+    from the interleaved gate_up) has llama_model_quantize's types and bytes for every tensor."""
+    f32, ours = _export(model_dir("gpt_oss"), tmp_path, ["q8_0"])
+    types = _compare(ours["q8_0"], _llama_quantize(f32, tmp_path / "llama.q8_0.gguf", "q8_0"))
+    assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0" and types["blk.0.ffn_gate_exps.bias"] == "F32"
+    assert types["blk.0.attn_sinks.weight"] == "F32" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+
+
 def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
     """9 layers (the more-bits pattern of llama.cpp's use_more_bits), GQA 4 (q2_k's attn_v in Q4_K)."""
     folder = model_dir("llama", hidden_size=256, intermediate_size=256, head_dim=32, num_attention_heads=8,

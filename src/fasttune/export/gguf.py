@@ -12,6 +12,10 @@ the layout llama.cpp expects:
   `ffn_gate_exps` and `ffn_up_exps` (E, I, H) and `mlp.experts.down_proj` (E, H, I) is `ffn_down_exps`: 3-D
   tensors, ggml's ne = (in, out, E), as convert_hf_to_gguf.py stacks the per-expert weights; the quantizers run on
   their E * out rows. llama.cpp's MoE layers renormalise the top-k weights and have no dense layers.
+- gpt_oss -> "gpt-oss": sinks as `attn_sinks.weight`, the biased router as `ffn_gate_inp`, the (E, in, out)
+  experts with interleaved gate/up transposed and de-interleaved into `ffn_{gate,up,down}_exps` weights and biases
+  (as convert_hf_to_gguf.py's GptOssModel does for unquantised experts); biases stay f32; configs llama.cpp's
+  gpt-oss does not compute (SwiGLU alpha/limit, layer pattern) are ConfigErrors (_check_gpt_oss).
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
 norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base, the expert
 count, experts per token and (qwen3moe) the experts' feed-forward length).
@@ -129,6 +133,11 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     out = {}
     for name in list(tensors):
         t = tensors.pop(name).float()
+        if arch == "gpt-oss" and ".mlp.experts." in name:
+            out.update(_gpt_oss_experts(name, t, names))
+            continue
+        if name.endswith("self_attn.sinks"):
+            name += ".weight"
         if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H), gate rows first -> two (E, I, H) tensors
             gate, up = t.chunk(2, dim=1)
             for part, proj in ((gate, "gate_proj"), (up, "up_proj")):
@@ -159,6 +168,22 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tensor]:
+    """gpt-oss's stacked experts (transformers' (E, in, out) weights, gate/up interleaved along out, biases (E, out))
+    -> llama.cpp's ffn_{gate,up,down}_exps weights (E, out, in) and biases (E, out), as convert_hf_to_gguf.py's
+    GptOssModel writes them from unquantised experts."""
+    prefix, _, kind = name.rpartition(".")
+    if kind in ("gate_up_proj", "down_proj"):
+        t = t.transpose(-1, -2)  # (E, out, in)
+    suffix = "bias" if kind.endswith("_bias") else "weight"
+    if kind.startswith("gate_up_proj"):
+        parts = {"gate_proj": t[:, ::2], "up_proj": t[:, 1::2]}
+    else:
+        parts = {"down_proj": t}
+    return {names.get_name(f"{prefix}.{proj}.{suffix}", try_suffixes=(".weight", ".bias")): v.contiguous()
+            for proj, v in parts.items()}
+
+
 def _check_supported(cfg):
     if cfg.mrope_section is not None:  # the language model of a vision-language checkpoint (models/vision.py)
         raise ConfigError("GGUF export of vision-language models is not supported yet (llama.cpp needs the text "
@@ -175,13 +200,15 @@ def _check_supported(cfg):
         if not math.isclose(cfg.scaling, expected, rel_tol=1e-6):
             raise ConfigError(f"This {arch} model scales queries by {cfg.scaling:.6g} (query_pre_attn_scalar) but "
                               f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
+    elif arch == "gpt-oss":
+        _check_gpt_oss(cfg)
     elif any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
-    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3"):
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and arch != "gpt-oss":
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
-    if cfg.num_experts:
+    if cfg.num_experts and arch != "gpt-oss":
         if not all(cfg.moe_layers):
             dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
             raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "
@@ -193,6 +220,29 @@ def _check_supported(cfg):
                               f"routing weights (norm_topk_prob=False); llama.cpp's '{arch}' architecture always "
                               f"does, so the GGUF would compute another model. Save the merged model with "
                               f"save_pretrained_merged instead.")
+
+
+def _check_gpt_oss(cfg):
+    """ConfigError for a gpt-oss model whose computation llama.cpp's 'gpt-oss' architecture does not reproduce:
+    llama.cpp fixes the SwiGLU's alpha and limit, alternates sliding (even layers) and full attention, and takes
+    YaRN RoPE (or none)."""
+    if not math.isclose(cfg.swiglu_alpha, 1.702, rel_tol=1e-6) or not math.isclose(cfg.swiglu_limit, 7.0,
+                                                                                      rel_tol=1e-6):
+        raise ConfigError(f"This gpt-oss model's SwiGLU has alpha {cfg.swiglu_alpha} and limit {cfg.swiglu_limit}; "
+                          f"llama.cpp's gpt-oss fixes them at 1.702 and 7.0, so it cannot be exported to GGUF.")
+    windows = list(cfg.sliding_windows)
+    window = next((w for w in windows if w), None)
+    if window is None or any(bool(w) != (i % 2 == 0) for i, w in enumerate(windows)) \
+            or any(w and w != window for w in windows):
+        raise ConfigError("llama.cpp's gpt-oss alternates sliding-window attention (even layers, one window) and "
+                          "full attention (odd layers); this model's layer_types differ, so it cannot be exported "
+                          "to GGUF.")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "yarn":
+        raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' in a gpt-oss model has no GGUF form "
+                          f"in llama.cpp (its gpt-oss takes YaRN).")
+    if not all(cfg.moe_layers) or not cfg.attn_sinks:
+        raise ConfigError("llama.cpp's gpt-oss has attention sinks and MoE MLPs in every layer; this model does "
+                          "not, so it cannot be exported to GGUF.")
 
 
 def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
@@ -229,10 +279,16 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
+    if ARCHITECTURES[cfg.model_type] == "gpt-oss":
+        writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
+        if cfg.rope_scaling:  # yarn (_check_gpt_oss)
+            writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+            writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+            writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling.get("original_max_position_embeddings", 4096)))
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] == "qwen3moe":  # llama's experts use feed_forward_length
+        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "gpt-oss"):  # llama's experts use feed_forward_length
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
@@ -245,7 +301,7 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
     from fasttune.export import gguf_types
 
     kind = gguf.GGMLQuantizationType
-    if t.dim() == 1 or gguf_name.endswith("ffn_gate_inp.weight"):
+    if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", ".bias")):
         return kind.F32  # norms, biases, rope factors, MoE routers: small, and llama.cpp keeps them in f32
     if quant not in METHODS:
         return _ggml_types(quant)[0]

@@ -3,7 +3,8 @@
 A method names one of llama.cpp's file types ("mixtures"): q4_k_m is mostly Q4_K, with attn_v and ffn_down in Q6_K
 on the "more bits" layers, the output projection in Q6_K, and so on. `tensor_type` follows src/llama-quant.cpp
 (`llama_tensor_get_type_impl`, `tensor_type_fallback`, `tensor_allows_quantization`) for the architectures we
-export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, and the MoE qwen3moe and llama-with-experts (Mixtral)),
+export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, and the MoE qwen3moe, llama-with-experts (Mixtral) and
+gpt-oss (compared for q8_0 only)),
 without imatrix and without user overrides:
 - `output.weight`, and `token_embd.weight` when the model has no separate output tensor (tied embeddings): Q6_K,
   or Q8_0 when its rows do not divide into the method's blocks (and Q8_0 stays Q8_0);
@@ -27,7 +28,7 @@ import re
 # transformers' model_type -> llama.cpp's architecture name
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "qwen3_moe": "qwen3moe",
-                 "mixtral": "llama"}
+                 "mixtral": "llama", "gpt_oss": "gpt-oss"}
 # method -> (default GGML type, gguf.LlamaFileType name)
 METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
            "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
