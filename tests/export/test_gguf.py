@@ -436,11 +436,13 @@ def test_unknown_pre_tokenizer_warns_and_writes_default(tmp_path):
     assert gguf.GGUFReader(path).fields["tokenizer.ggml.pre"].contents() == "default"
 
 
-def _tiny_gpt_oss_lora_model(folder, tokenizer):
-    """The tiny gpt-oss (sinks, biases, sliding + full layer, yarn, 4 experts top-2) with LoRA on attention."""
+def _tiny_gpt_oss_lora_model(folder, tokenizer, target_modules=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """The tiny gpt-oss (sinks, biases, sliding + full layer, yarn, 4 experts top-2) with LoRA on attention (or on
+    `target_modules`: None is the default set, attention and the stacked experts)."""
     save_hf(hf_model("gpt_oss", vocab_size=416), folder, tokenizer)
     model, tok = FastLanguageModel.from_pretrained(str(folder))
-    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    targets = list(target_modules) if target_modules is not None else None
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=targets)
     randomize_lora_b(model)
     return FastLanguageModel.for_inference(model), tok
 
@@ -469,6 +471,16 @@ def test_gpt_oss_llama_cpp_logits_match(quant, bpe, tmp_path):
     rel, top1, _ = _compare_logits(model, tok, path)
     print(f"gpt-oss {quant}: rel {rel:.2e} top-1 {top1:.3f}")
     assert rel < TOLERANCE[quant][0] and top1 >= TOLERANCE[quant][1]
+
+
+def test_gpt_oss_expert_lora_merged_llama_cpp_logits_match(bpe, tmp_path):
+    """LoRA on the stacked experts too (the default targets): the merged, de-interleaved experts give llama.cpp our
+    logits in f16."""
+    model, tok = _tiny_gpt_oss_lora_model(tmp_path / "m", bpe, target_modules=None)
+    assert any("experts.lora" in n for n, _ in model.named_parameters())
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    rel, top1, _ = _compare_logits(model, tok, path)
+    assert rel < TOLERANCE["f16"][0] and top1 >= TOLERANCE["f16"][1]
 
 
 @pytest.mark.parametrize("overrides", [{"swiglu_limit": 5.0},

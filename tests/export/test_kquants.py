@@ -170,13 +170,20 @@ def test_moe_mixtures_equal_llama_quantize(family, experts, methods, model_dir, 
             assert types["blk.0.attn_output.weight"] == ("Q5_K" if experts == 8 else "Q4_K")
 
 
-def test_gpt_oss_q8_0_equals_llama_quantize(model_dir, tmp_path):
-    """gpt-oss ("gpt-oss"): q8_0 of the tiny model (sinks, biases, 2-D expert biases kept F32, 3-D experts split
-    from the interleaved gate_up) has llama_model_quantize's types and bytes for every tensor."""
-    f32, ours = _export(model_dir("gpt_oss"), tmp_path, ["q8_0"])
-    types = _compare(ours["q8_0"], _llama_quantize(f32, tmp_path / "llama.q8_0.gguf", "q8_0"))
-    assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0" and types["blk.0.ffn_gate_exps.bias"] == "F32"
-    assert types["blk.0.attn_sinks.weight"] == "F32" and types["blk.0.ffn_gate_inp.weight"] == "F32"
+def test_gpt_oss_mixtures_equal_llama_quantize(model_dir, tmp_path):
+    """gpt-oss ("gpt-oss", hidden and expert width 256): q8_0, q4_k_m and q4_0 (sinks, biases, 2-D expert biases
+    kept F32, 3-D experts split from the interleaved gate_up) have llama_model_quantize's types and bytes for every
+    tensor."""
+    folder = model_dir("gpt_oss", hidden_size=256, intermediate_size=256)
+    f32, ours = _export(folder, tmp_path, ["q8_0", "q4_k_m", "q4_0"])
+    for method, path in ours.items():
+        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        assert types["blk.0.ffn_gate_exps.bias"] == "F32" and types["blk.0.attn_sinks.weight"] == "F32"
+        assert types["blk.0.ffn_gate_inp.weight"] == "F32"
+        if method == "q8_0":
+            assert types["blk.0.ffn_gate_exps.weight"] == "Q8_0"
+        if method == "q4_k_m":
+            assert types["blk.0.ffn_up_exps.weight"] == "Q4_K" and types["blk.1.ffn_down_exps.weight"] == "Q6_K"
 
 
 def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):

@@ -4,7 +4,7 @@ A method names one of llama.cpp's file types ("mixtures"): q4_k_m is mostly Q4_K
 on the "more bits" layers, the output projection in Q6_K, and so on. `tensor_type` follows src/llama-quant.cpp
 (`llama_tensor_get_type_impl`, `tensor_type_fallback`, `tensor_allows_quantization`) for the architectures we
 export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, and the MoE qwen3moe, llama-with-experts (Mixtral) and
-gpt-oss (compared for q8_0 only)),
+gpt-oss (compared for q8_0, q4_k_m and q4_0)),
 without imatrix and without user overrides:
 - `output.weight`, and `token_embd.weight` when the model has no separate output tensor (tied embeddings): Q6_K,
   or Q8_0 when its rows do not divide into the method's blocks (and Q8_0 stays Q8_0);
