@@ -272,6 +272,34 @@ def check_template_tokens(value: str, tokenizer, error: type[Exception] = DataEr
         )
 
 
+def render_chat(tokenizer, messages: list[dict], where: str, *, add_generation_prompt: bool = False,
+                chat_template: str | None = None, **template_kwargs) -> str:
+    """One conversation rendered to text with a chat template (`tokenizer.apply_chat_template(tokenize=False)`).
+
+    Args:
+        tokenizer: a transformers tokenizer; its own chat template renders unless `chat_template` is given.
+        messages: validated {role, content} dicts (formats.message_list / formats.validate_messages).
+        where: the row, for messages (formats.row_label).
+        add_generation_prompt: append the header that opens an assistant turn (for a prompt to complete).
+        chat_template: a Jinja string that replaces the tokenizer's template (resolve_chat_template's result).
+        template_kwargs: further template variables (e.g. `tools`, `documents`).
+    Returns: the rendered text, with whatever special tokens (BOS, turn markers) the template writes; tokenize it
+        with add_special_tokens=False, as apply_chat_template(tokenize=True) does.
+    Raises: DataError naming `where` when the template fails (Jinja's TemplateError, raise_exception in the
+        template, ...) or returns something other than a string.
+    """
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                             chat_template=chat_template, **template_kwargs)
+    except Exception as e:  # jinja raises TemplateError (incl. raise_exception in templates) and others
+        whose = "the tokenizer's chat template" if chat_template is None else "the chat template"
+        raise DataError(f"{where}: {whose} could not render this conversation ({type(e).__name__}: {e}). Check the "
+                        "roles and their order (many templates need user/assistant turns to alternate).") from e
+    if not isinstance(text, str):
+        raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected a string.")
+    return text
+
+
 STANDARD_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
 
 

@@ -13,7 +13,8 @@ from collections import defaultdict
 
 import torch
 
-from fasttune.data.formats import message_list, require_text, row_label
+from fasttune.data.formats import row_label
+from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
@@ -83,8 +84,9 @@ class GRPOTrainer(Trainer):
 
     # --- data --------------------------------------------------------------------------------------------------
     def prepare(self, dataset) -> list[dict]:
-        """Rows with `prompt` (a string or a message list) and any columns the reward functions read. Returns
-        each prompt num_generations times in a row (the groups), so the core's batch counting holds."""
+        """Rows with `prompt` (a string or a message list, encoded by data.prompts.encode_prompt) and any columns
+        the reward functions read. Returns each prompt num_generations times in a row (the groups), so the core's
+        batch counting holds."""
         a, tok = self.args, self.tokenizer
         rows, name = load_rows(dataset), source_name(dataset)
         model_limit = self.model.max_seq_length or a.max_seq_length
@@ -96,27 +98,12 @@ class GRPOTrainer(Trainer):
         examples = []
         for i, row in enumerate(rows):
             where = row_label(i, name)
-            raw = row.get("prompt")
-            if raw is None:
-                raise DataError(f"{where}: field 'prompt' is missing or null. GRPO rows need a 'prompt': a string or "
-                                f"a list of messages ({{'role': 'user', 'content': ...}}).")
-            if isinstance(raw, str):
-                prompt = require_text(raw, where, "prompt")
-                ids = tok(prompt)["input_ids"]  # as TRL encodes plain-text prompts
-            else:
-                prompt = message_list(raw, where, "prompt", "user")
-                if not getattr(tok, "chat_template", None):
-                    raise DataError(f"{where}: field 'prompt' is a message list but the tokenizer has no chat "
-                                    f"template. Set chat_template (e.g. 'chatml') or give prompts as strings.")
-                ids = list(tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=True)["input_ids"])
+            prompt, ids = encode_prompt(row.get("prompt"), tok, where)
             for col in needed:
                 if row.get(col) is None:
                     users = [n for f, n in zip(self.reward_funcs, self.reward_names) if col in required_columns(f)]
                     raise DataError(f"{where}: field '{col}' is missing or null; the reward function "
                                     f"{', '.join(users)} compares each completion with it. Give every row '{col}'.")
-            if not ids:
-                raise DataError(f"{where}: field 'prompt' encodes to no tokens; give it some text.")
             if len(ids) > limit:
                 if a.drop_long:
                     continue
