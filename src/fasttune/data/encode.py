@@ -263,20 +263,8 @@ class SFTEncoder:
 
     def _render(self, messages: list[dict], where: str, *, add_generation_prompt: bool = False,
                 extras: dict | None = None) -> str:
-        try:
-            text = self.tok.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt, chat_template=self.template,
-                **(extras or {}),
-            )
-        except Exception as e:  # jinja raises TemplateError (incl. raise_exception in templates) and others
-            raise DataError(
-                f"{where}: the tokenizer's chat template could not render this conversation "
-                f"({type(e).__name__}: {e}). Check the roles and their order (many templates need "
-                "user/assistant turns to alternate)."
-            ) from e
-        if not isinstance(text, str):
-            raise DataError(f"{where}: the chat template returned {type(text).__name__}, expected a string.")
-        return text
+        return templates.render_chat(self.tok, messages, where, add_generation_prompt=add_generation_prompt,
+                                     chat_template=self.template, **(extras or {}))
 
     def _chat(self, messages: list[dict], where: str, extras: dict | None = None):
         full = self._render(messages, where, extras=extras)

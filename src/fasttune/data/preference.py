@@ -268,12 +268,8 @@ class _Encoder:
         return once
 
     def _render(self, messages, at, add_generation_prompt=False) -> list[int]:
-        try:
-            text = self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                chat_template=self.template)
-        except Exception as e:  # jinja's TemplateError (incl. raise_exception in templates) and others
-            raise DataError(f"{at}: the chat template could not render this conversation ({type(e).__name__}: {e}). "
-                            f"Check the roles and their order.") from e
+        text = templates.render_chat(self.tok, messages, at, add_generation_prompt=add_generation_prompt,
+                                     chat_template=self.template)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])  # templates carry their own BOS
 
 

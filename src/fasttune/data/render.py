@@ -26,14 +26,7 @@ class ConversationRenderer:
         messages = formats.sharegpt_to_messages(row.get(self.column), where, self.column)
         if self.default_system_message is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": self.default_system_message}, *messages]
-        try:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False,
-                                                      chat_template=self.template)
-        except Exception as e:  # jinja raises TemplateError (incl. raise_exception in templates) and others
-            raise DataError(f"{where}: the chat template could not render this conversation ({type(e).__name__}: "
-                            f"{e}). Check the roles and their order (many templates need user/assistant turns to "
-                            "alternate).") from e
-        return {TEXT_COLUMN: text}
+        return {TEXT_COLUMN: templates.render_chat(self.tokenizer, messages, where, chat_template=self.template)}
 
 
 def render_dataset(dataset, tokenizer, chat_template: str | None = None, default_system_message: str | None = None,
