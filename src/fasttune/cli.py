@@ -15,9 +15,9 @@ from dataclasses import fields
 from pathlib import Path
 
 from fasttune.errors import ConfigError, FastTuneError
-from fasttune.train.config import SFTConfig
+from fasttune.train.config import SFTConfig, TrainingConfig
 
-# Flags that are not SFTConfig fields: model, data, LoRA and run options.
+# Flags that are not config fields: model, data, LoRA and run options.
 RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
@@ -257,7 +257,7 @@ def _load_yaml(path: str, config_cls: type = SFTConfig) -> dict:
     return out
 
 
-def resolve_settings(ns: argparse.Namespace) -> tuple[dict, SFTConfig]:
+def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
     """(run options, the method's config). Imports only the config's module, so that a wrong setting or path
     fails before the trainers' imports (torch, datasets). Raises ConfigError for an unknown method or invalid config
     values, an unreadable --config YAML or one with unknown keys, a preference or GRPO method without --data,
@@ -433,7 +433,7 @@ def _check_output_dir(out: Path, resume=None, overwrite: bool = False) -> None:
     check_new_run(out, resume, overwrite)
 
 
-def _check_data(run: dict, config: SFTConfig, data: str):
+def _check_data(run: dict, config: TrainingConfig, data: str):
     """The rows of the training data, read before the model loads, so that a missing or unreadable file (and, for
     SFT, rows of no known layout) fails in a moment rather than after the model load. Raises DataError."""
     from fasttune.data import load_rows
@@ -462,7 +462,7 @@ def _check_flags(run: dict):
     return gc
 
 
-def _train(run: dict, config: SFTConfig, out: Path):
+def _train(run: dict, config: TrainingConfig, out: Path):
     from fasttune.data import demo_dataset_path, demo_sample_prompt
 
     data = run["data"] or str(demo_dataset_path())

@@ -1,4 +1,6 @@
-"""SFTConfig: every field is also a CLI flag (--field-name) and a YAML key."""
+"""TrainingConfig: the fields every method's config shares (the loop's batching, schedule, optimizer, precision,
+checkpoints, logging, data and distributed settings); SFTConfig, DPOConfig, ORPOConfig, KTOConfig and GRPOConfig
+derive from it. Every field is also a CLI flag (--field-name) and a YAML key."""
 from __future__ import annotations
 
 import difflib
@@ -11,7 +13,14 @@ OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_
 
 
 @dataclass
-class SFTConfig:
+class TrainingConfig:
+    """The settings of a training run that every method shares, named as in transformers' TrainingArguments / TRL.
+
+    Raises ConfigError (in __post_init__) for a value of the wrong type that cannot be coerced (YAML's '1e-4' is
+    coerced), an out-of-range number, an unknown lr_scheduler_type / optim / chat_template name, bf16 and fp16
+    together, or a report_to whose package is not installed.
+    """
+
     output_dir: str = "outputs"
     per_device_train_batch_size: int = 2
     per_device_eval_batch_size: int = 8
@@ -95,10 +104,13 @@ class SFTConfig:
 
     @classmethod
     def field_names(cls) -> list[str]:
+        """The config's field names, in declaration order (the base's first)."""
         return [f.name for f in fields(cls)]
 
     @classmethod
-    def from_dict(cls, values: dict, source: str = "config") -> "SFTConfig":
+    def from_dict(cls, values: dict, source: str = "config") -> "TrainingConfig":
+        """`cls(**values)`. Raises ConfigError naming `source` for a key that is not a field (with the nearest
+        field name as a hint), and whatever __post_init__ raises for a bad value."""
         names = cls.field_names()
         for k in values:
             if k not in names:
@@ -106,6 +118,13 @@ class SFTConfig:
                 hint = f" Did you mean '{near[0]}'?" if near else ""
                 raise ConfigError(f"{source}: unknown setting '{k}'.{hint}")
         return cls(**values)
+
+
+@dataclass
+class SFTConfig(TrainingConfig):
+    """Supervised fine-tuning's config (SFTTrainer; also UnslothTrainingArguments): TrainingConfig's fields, of which
+    packing, dataset_text_field, data_format, train_on_responses_only and dataset_num_proc shape the SFT examples.
+    Raises ConfigError as TrainingConfig does."""
 
 
 def _checked_type(name: str, annotation: str, value):

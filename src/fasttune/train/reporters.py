@@ -116,7 +116,7 @@ class Reporters(Reporter):
 
 
 def open_reporters(args) -> Reporters:
-    """The reporters named by `args.report_to` (an SFTConfig), writing next to args.output_dir."""
+    """The reporters named by `args.report_to` (a TrainingConfig), writing next to args.output_dir."""
     from dataclasses import asdict
 
     made = []

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.errors import ConfigError
-from fasttune.train.config import SFTConfig
+from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
 from fasttune.train.objectives.reference import ReferencePolicy, require_reference
 
@@ -17,8 +17,8 @@ LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
-class DPOConfig(SFTConfig):
-    """SFTConfig plus DPO's fields, named as in TRL's DPOConfig. Raises ConfigError for beta <= 0, an unknown
+class DPOConfig(TrainingConfig):
+    """TrainingConfig plus DPO's fields, named as in TRL's DPOConfig. Raises ConfigError for beta <= 0, an unknown
     loss_type or max_prompt_length < 1."""
 
     beta: float = 0.1

@@ -1,4 +1,4 @@
-"""GRPOConfig: SFTConfig's fields plus GRPO's, named as in TRL's GRPOConfig (each also a CLI flag and YAML key).
+"""GRPOConfig: TrainingConfig's fields plus GRPO's, named as in TRL's GRPOConfig (each also a CLI flag and YAML key).
 
 As in TRL, per_device_train_batch_size counts completions: each optimizer step samples
 per_device_train_batch_size x gradient_accumulation_steps x ranks completions, num_generations per prompt.
@@ -8,12 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fasttune.errors import ConfigError
-from fasttune.train.config import SFTConfig
+from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass
-class GRPOConfig(SFTConfig):
+class GRPOConfig(TrainingConfig):
     """Raises ConfigError for an out-of-range field (num_generations < 2, temperature <= 0, top_p outside (0, 1],
     ...), an unknown loss_type / scale_rewards, packing=True, or a reward function name that does not resolve.
     reward_weights may be given as "1,0.5" (the CLI's form)."""

@@ -14,7 +14,7 @@ import torch
 
 from fasttune.data.preference import collate_unpaired, pad_sequences, tokenize_unpaired_rows
 from fasttune.errors import ConfigError
-from fasttune.train.config import SFTConfig
+from fasttune.train.config import TrainingConfig
 from fasttune.train.loop import host_values
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer, with_score_positions
@@ -24,8 +24,8 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
 
 @dataclass
-class KTOConfig(SFTConfig):
-    """SFTConfig plus KTO's fields, as in TRL's KTOConfig. Raises ConfigError for beta <= 0, max_prompt_length
+class KTOConfig(TrainingConfig):
+    """TrainingConfig plus KTO's fields, as in TRL's KTOConfig. Raises ConfigError for beta <= 0, max_prompt_length
     < 1, an unknown loss_type or a negative desirable_weight / undesirable_weight."""
 
     beta: float = 0.1

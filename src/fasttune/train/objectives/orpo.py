@@ -8,14 +8,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fasttune.train.config import SFTConfig
+from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
 
 
 @dataclass
-class ORPOConfig(SFTConfig):
-    """SFTConfig plus ORPO's fields, as in TRL's ORPOConfig. Raises ConfigError for beta <= 0 or
+class ORPOConfig(TrainingConfig):
+    """TrainingConfig plus ORPO's fields, as in TRL's ORPOConfig. Raises ConfigError for beta <= 0 or
     max_prompt_length < 1."""
 
     beta: float = 0.1  # lambda in the paper: weight of the odds-ratio term

@@ -13,7 +13,7 @@ import torch
 
 from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
-from fasttune.train.config import SFTConfig
+from fasttune.train.config import TrainingConfig
 from fasttune.train.loop import Trainer, add_exact, host_values
 from fasttune.train.objectives.reference import ReferencePolicy, score_positions, token_logps
 
@@ -35,7 +35,7 @@ class PreferenceTrainer(Trainer):
     `micro_batch_loss`. Raises ConfigError for args of another config class, packing=True, a data_format other
     than "auto" / "preference", or no tokenizer (`tokenizer` or `processing_class`)."""
 
-    config_cls = SFTConfig
+    config_cls = TrainingConfig
     method = "preference"
     supports_packing = False
     packing_refusal = "packing=True is for SFT; set packing=False for {method}."
