@@ -28,6 +28,9 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
+    "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
 }
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
@@ -69,6 +72,7 @@ MATRIX = {
 
 
 EXPERT_LORA = [False]  # --expert-lora (set in main)
+OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 
 
 def targets(shape: str) -> list[str]:
@@ -86,6 +90,10 @@ def hf_config(shape: str):
         from transformers import Qwen3MoeConfig
 
         return Qwen3MoeConfig(**MOE_SHAPES[shape], max_position_embeddings=40960, rms_norm_eps=1e-6)
+    if shape.startswith("qwen2.5"):
+        from transformers import Qwen2Config
+
+        return Qwen2Config(**SHAPES[shape], max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6)
     return LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
                        rope_scaling=dict(ROPE), rms_norm_eps=1e-5)
 
@@ -125,6 +133,10 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                     mod.add_module(attr, QuantExpertWeight.quantize(mod._parameters.pop(attr).detach()))
         torch.cuda.empty_cache()
     model.lora_settings = None
+    if OFFLOAD_EMBEDDING[0]:  # what from_pretrained(..., offload_embedding=True) does after loading
+        from fasttune.models.host_embedding import offload_input_embedding
+
+        offload_input_embedding(model)
     return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
                                             use_gradient_checkpointing=_gc_mode(gc))
 
@@ -211,7 +223,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     row = {"bench": "lora_sft", "impl": impl, "kernels": os.environ.get("FASTTUNE_KERNELS") or "default",
            "shape": shape, "quant": quant,
            "gradient_checkpointing": gc, "batch": bs, "seq": seq,
-           "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
+           "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0],
+           "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
@@ -246,9 +259,12 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--expert-lora", action="store_true",
                     help="MoE shapes: LoRA on the experts too (target_modules with gate/up/down), both impls")
+    ap.add_argument("--offload-embedding", action="store_true",
+                    help="ours: the frozen input embedding in pinned host memory (from_pretrained's offload_embedding)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
     EXPERT_LORA[0] = a.expert_lora
+    OFFLOAD_EMBEDDING[0] = a.offload_embedding
     if a.matrix:
         rows = []
         for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:
@@ -271,7 +287,8 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
     env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
     cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
-           "--out", out] + (["--expert-lora"] if a.expert_lora else [])
+           "--out", out] + (["--expert-lora"] if a.expert_lora else []) + \
+        (["--offload-embedding"] if a.offload_embedding else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant}")
 
 

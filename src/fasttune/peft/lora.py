@@ -456,6 +456,12 @@ def _make_savable_trainable(model: nn.Module, modules: list[str]):
     if not modules:
         return
     cfg = model.arch
+    from fasttune.models.host_embedding import HostEmbedding
+
+    if "embed_tokens" in modules and isinstance(model.model.embed_tokens, HostEmbedding):
+        raise ConfigError("modules_to_save=['embed_tokens'] trains the input embedding, but the model was loaded "
+                          "with offload_embedding=True, which keeps it frozen in host memory; load without "
+                          "offload_embedding to train it.")
     if cfg.tie_embeddings:
         # Like PEFT: a module to save gets its own trainable copy, which unties lm_head from embed_tokens.
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
