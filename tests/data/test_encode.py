@@ -150,3 +150,46 @@ def test_tools_that_are_not_a_list_of_objects_name_the_row(tiny_tokenizer):
         tokenize_rows([{"messages": CONVERSATION, "tools": "[{oops"}], tiny_tokenizer, max_seq_length=512)
     with pytest.raises(DataError, match="field 'tools' must be a list of objects"):
         tokenize_rows([{"messages": CONVERSATION, "tools": [1, 2]}], tiny_tokenizer, max_seq_length=512)
+
+
+@pytest.mark.parametrize("form", ["list", "json string"])
+def test_preference_chat_rows_pass_tools_as_trl(form, tmp_path, caplog):
+    """DPO and KTO rows of messages pass the row's `tools` to the template, as TRL 1.16's DPOTrainer/KTOTrainer do
+    (they were dropped); string rows cannot use them, and a column that reaches no token is named once."""
+    from fasttune.data.preference import tokenize_unpaired_rows
+
+    tok = make_tiny_tokenizer(TOOLS_TEMPLATE)
+    tools = json.dumps(TOOLS) if form == "json string" else TOOLS
+    prompt, answer = TOOL_CALL[:3], TOOL_CALL[3:]
+    paired = [{"prompt": prompt, "chosen": answer, "rejected": [{"role": "assistant", "content": "No idea."}],
+               "tools": tools, "id": 7}]
+    with caplog.at_level(logging.WARNING, logger="fasttune.data"):
+        ours = tokenize_preference_rows(paired, tok, max_seq_length=4096)[0]
+    said = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(said) == 1 and "'id'" in said[0] and "tools" not in said[0]
+    # the oracle: apply_chat_template(..., tools=tools), and TRL's own tokenization of the same row
+    with_tools = tok.apply_chat_template(prompt + answer, tools=TOOLS, tokenize=True, return_dict=True)["input_ids"]
+    assert ours["prompt_ids"] + ours["chosen_ids"] == with_tools
+    assert len(ours["prompt_ids"]) > len(tok.apply_chat_template(prompt, add_generation_prompt=True)) + 100
+    args = dict(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to=[], bf16=False, save_strategy="no")
+    theirs = trl.DPOTrainer(model=hf_model("llama"), ref_model=hf_model("llama"), args=trl.DPOConfig(**args),
+                            train_dataset=Dataset.from_list(paired), processing_class=tok).train_dataset[0]
+    assert [ours[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")] == [
+        theirs[k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")]
+
+    unpaired = [{"prompt": prompt, "completion": answer, "label": True, "tools": tools},
+                {"prompt": prompt, "completion": [{"role": "assistant", "content": "No."}], "label": False,
+                 "tools": tools}]
+    ours = tokenize_unpaired_rows(unpaired, tok, max_seq_length=4096)
+    theirs = trl.KTOTrainer(model=hf_model("llama"), ref_model=hf_model("llama"), args=trl.KTOConfig(**args),
+                            train_dataset=Dataset.from_list(unpaired), processing_class=tok).train_dataset
+    keys = ("prompt_ids", "completion_ids", "label")
+    assert [[ex[k] for k in keys] for ex in ours] == [[t[k] for k in keys] for t in theirs]
+    assert ours[0]["prompt_ids"] + ours[0]["completion_ids"] == with_tools
+
+    caplog.clear()
+    strings = [{"prompt": "Weather?", "chosen": "sunny", "rejected": "no", "tools": tools}]
+    with caplog.at_level(logging.WARNING, logger="fasttune.data"):
+        tokenize_preference_rows(strings, tok, max_seq_length=4096)
+    said = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
+    assert len(said) == 1 and "'tools' (only chat rows use it)" in said[0]

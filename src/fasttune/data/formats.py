@@ -309,7 +309,8 @@ def _preview(value: Any, limit: int = 60) -> str:
 
 def message_list(value: Any, at: str, field: str, default_role: str) -> list[dict]:
     """A conversational field as messages: a string becomes one `default_role` message; a list must hold
-    {role, content} dicts with a role of CHAT_ROLES and string content (keys Arrow filled with None dropped).
+    {role, content} dicts with a role of CHAT_ROLES and string content, or content None beside `tool_calls` (keys
+    Arrow filled with None dropped).
     Used for preference rows (prompt / chosen / rejected / completion) and GRPO prompts. Raises DataError naming
     `at`, the field and the message index otherwise."""
     if isinstance(value, str):
@@ -327,10 +328,10 @@ def message_list(value: Any, at: str, field: str, default_role: str) -> list[dic
         if not isinstance(m, Mapping):
             raise DataError(f"{at}, {field}[{j}] is a {type(m).__name__}, not a dict. Each message must look like "
                             "{'role': ..., 'content': ...}.")
-        m = {k: v for k, v in m.items() if v is not None}  # Arrow fills absent struct keys with None
+        m = {k: v for k, v in m.items() if v is not None or k == "content"}  # Arrow fills absent keys with None
         if m.get("role") not in CHAT_ROLES:
             raise DataError(f"{at}, {field}[{j}] has the role {m.get('role')!r}; use one of {', '.join(CHAT_ROLES)}.")
-        if not isinstance(m.get("content"), str):
+        if not isinstance(m.get("content"), str) and not (m.get("content") is None and "tool_calls" in m):
             raise DataError(f"{at}, {field}[{j}]: 'content' must be a string, but it is "
                             f"{type(m.get('content')).__name__}.")
         out.append(m)

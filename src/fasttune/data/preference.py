@@ -6,13 +6,16 @@ Unpaired rows: {"prompt", "completion", "label": bool}; KTO also takes paired ro
 
 Each text field is a string, or a list of {role, content} messages (TRL's conversational format), rendered with the
 chat template: the prompt with the generation prompt, prompt + completion as one conversation. A string next to a
-message list becomes a user (prompt) or assistant (completion) message. As in TRL, plain-text completions get the
+message list becomes a user (prompt) or assistant (completion) message; a row's `tools` / `documents` (a list, or a
+JSON string of one) reach the template as its keyword arguments (TRL passes `tools`). As in TRL, plain-text
+completions get the
 EOS token appended, prompt + completion are tokenized together and the completion starts where that sequence and
 the prompt alone stop agreeing; `max_prompt_length` keeps the end of the prompt, `max_seq_length` the start of
 prompt + completion.
 """
 from __future__ import annotations
 
+import logging
 import math
 import os
 import warnings
@@ -23,13 +26,16 @@ import datasets
 import torch
 
 from fasttune.data import templates
-from fasttune.data.formats import message_list, require_dict_rows, require_text, row_label
+from fasttune.data.formats import message_list, require_dict_rows, require_text, row_label, template_argument
 from fasttune.data.sources import load_rows, source_name as _source_name
 from fasttune.errors import DataError
 
 PAIRED = ("prompt", "chosen", "rejected")
 UNPAIRED = ("prompt", "completion", "label")
 REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
+# Row columns passed to the chat template of conversational rows as its keyword arguments (TRL passes `tools`).
+TEMPLATE_COLUMNS = ("tools", "documents")
+logger = logging.getLogger("fasttune.data")
 
 
 def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_prompt_length: int | None = None,
@@ -52,7 +58,8 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
         prompt, chosen, rejected = (row.get(k) for k in PAIRED)
         if implicit:
             prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
-        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"))
+        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"),
+                                                            row)
         prompt_ids = _clip_prompt(prompt_ids, max_prompt_length)
         if len(prompt_ids) >= max_seq_length:
             dropped += 1
@@ -62,6 +69,7 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
         for c in has_ref:
             ex[c] = _number(row.get(c), at, c)
         out.append(ex)
+    enc.name_unused(columns, (*PAIRED, *has_ref))
     return _finish(out, dropped, len(rows), where, max_seq_length)
 
 
@@ -82,7 +90,7 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
             prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
             if "prompt" not in columns:
                 prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
-            prompt_ids, completions = enc.encode(prompt, [chosen, rejected], at, fields)
+            prompt_ids, completions = enc.encode(prompt, [chosen, rejected], at, fields, row)
             labels = [True, False]
         else:
             label = row.get("label")
@@ -90,7 +98,8 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
                 what = "missing" if label is None else f"{type(label).__name__} {label!r}"
                 raise DataError(f"{at}: field 'label' must be true (desirable) or false (undesirable), but it is "
                                 f"{what}. Store a boolean in every row.")
-            prompt_ids, completions = enc.encode(row.get("prompt"), [row.get("completion")], at, ("completion",))
+            prompt_ids, completions = enc.encode(row.get("prompt"), [row.get("completion")], at, ("completion",),
+                                                 row)
             labels = [label]
         prompt_ids = _clip_prompt(prompt_ids, max_prompt_length)
         for ids, label in zip(completions, labels):
@@ -100,6 +109,7 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
                 continue
             out.append({"prompt_ids": prompt_ids, "completion_ids": ids[:max_seq_length - len(prompt_ids)],
                         "label": label})
+    enc.name_unused(columns, ("prompt", "chosen", "rejected") if paired else UNPAIRED)
     return _finish(out, dropped, n, where, max_seq_length)
 
 
@@ -220,10 +230,18 @@ class _Encoder:
             templates.check_template_tokens(chat_template, tokenizer)
             self.template = templates.resolve_chat_template(chat_template)
         self.eos = getattr(tokenizer, "eos_token", None)
+        self.templated = set()  # TEMPLATE_COLUMNS that some conversational row passed to the template
 
-    def encode(self, prompt, completions, at, fields):
+    def encode(self, prompt, completions, at, fields, row: Mapping):
+        """(prompt_ids, [completion_ids, ...]) of one row; `row` gives its `tools` / `documents` for the chat
+        template (conversational rows only, as in TRL). Raises DataError naming the row and field."""
         if any(isinstance(v, (list, tuple)) for v in (prompt, *completions)):
-            return self._chat(prompt, completions, at, fields)
+            extras = {}
+            for name in TEMPLATE_COLUMNS:
+                value = template_argument(row.get(name), at, name)
+                if value is not None:
+                    extras[name] = value
+            return self._chat(prompt, completions, at, fields, extras)
         prompt = require_text(prompt, at, "prompt")
         texts = [require_text(c, at, f) for c, f in zip(completions, fields)]
         if self.eos:
@@ -231,19 +249,30 @@ class _Encoder:
         prompt_ids = self._ids(prompt)
         return self._split(prompt_ids, [self._ids(prompt + t) for t in texts], at, fields)
 
-    def _chat(self, prompt, completions, at, fields):
+    def name_unused(self, columns, used):
+        """One log line naming the columns that reached no token: those the layout does not read, and `tools` /
+        `documents` that no conversational row passed to a template that mentions them."""
+        template = str(self.template or getattr(self.tok, "chat_template", None) or "")
+        unused = [repr(c) for c in columns if c not in used and c not in TEMPLATE_COLUMNS]
+        unused += [f"{c!r} ({'the chat template does not use it' if c not in template else 'only chat rows use it'})"
+                   for c in TEMPLATE_COLUMNS if c in columns and not (c in self.templated and c in template)]
+        if unused:
+            logger.warning("Columns of %s not used for preference rows: %s.", self.where, ", ".join(unused))
+
+    def _chat(self, prompt, completions, at, fields, extras):
         if not (self.template or getattr(self.tok, "chat_template", None)):
             raise DataError(f"{at} holds chat messages, but the tokenizer has no chat template to render them. Set "
                             f"chat_template (--chat-template) to one of {templates.names()} or to a Jinja string.")
         prompt_msgs = message_list(prompt, at, "prompt", "user")
-        prompt_ids = self._render(prompt_msgs, at, add_generation_prompt=True)
+        self.templated.update(extras)
+        prompt_ids = self._render(prompt_msgs, at, extras, add_generation_prompt=True)
         full = []
         for value, field in zip(completions, fields):
             msgs = message_list(value, at, field, "assistant")
             if not any(m["role"] == "assistant" for m in msgs):
                 raise DataError(f"{at}: field '{field}' has no assistant message, so there is nothing to score. "
                                 f"Give it the assistant's reply, e.g. [{{'role': 'assistant', 'content': ...}}].")
-            full.append(self._render(prompt_msgs + msgs, at))
+            full.append(self._render(prompt_msgs + msgs, at, extras))
         return self._split(prompt_ids, full, at, fields)
 
     def _split(self, prompt_ids, full, at, fields):
@@ -267,9 +296,9 @@ class _Encoder:
                           f"with the chat template): no second BOS was added.", UserWarning, stacklevel=2)
         return once
 
-    def _render(self, messages, at, add_generation_prompt=False) -> list[int]:
+    def _render(self, messages, at, extras, add_generation_prompt=False) -> list[int]:
         text = templates.render_chat(self.tok, messages, at, add_generation_prompt=add_generation_prompt,
-                                     chat_template=self.template)
+                                     chat_template=self.template, **extras)
         return list(self.tok(text, add_special_tokens=False)["input_ids"])  # templates carry their own BOS
 
 
