@@ -166,9 +166,12 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
 
 def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
     """B unpaired (KTO) examples -> their right-padded prompt + completion rows (pad_sequences: input_ids,
-    attention_mask, completion_mask, (B, L) int64) and `label` (B,) bool, True for a desirable completion."""
+    attention_mask, completion_mask, (B, L) int64), `label` (B,) bool, True for a desirable completion, and
+    `ref_logps` (B,) float32 when the examples carry their precomputed reference log-probs."""
     batch = pad_sequences([ex["prompt_ids"] for ex in examples], [ex["completion_ids"] for ex in examples], pad_id)
     batch["label"] = torch.tensor([ex["label"] for ex in examples], dtype=torch.bool)
+    if "ref_logps" in examples[0]:  # precomputed reference log-probs (KTO's precompute_ref_log_probs)
+        batch["ref_logps"] = torch.tensor([ex["ref_logps"] for ex in examples], dtype=torch.float32)
     return batch
 
 

@@ -94,27 +94,64 @@ def test_unbalanced_data_gets_trls_weight_advice(weights, tiny_model_dir, tmp_pa
             assert "desirable_weight in [0.33, 0.44] or undesirable_weight in [2.26, 3.0]" in ours[0]
 
 
-def test_reference_is_the_loaded_adapter_as_in_trl(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("loss_type", ["kto", "apo_zero_unpaired"])
+def test_reference_is_the_loaded_adapter_as_in_trl(loss_type, tiny_model_dir, tmp_path):
     """KTO started from a saved adapter: the reference is that adapter (TRL 1.16 copies it as "ref"); step 0 has
-    KL 0 and rewards 0 (loss = the weighted mean of 1 - sigmoid(0)), and the next steps' losses are TRL's."""
+    KL 0 and rewards 0 (loss = the weighted mean of 1 - sigmoid(0)), and the next steps' losses, KL and rewards are
+    TRL's. precompute_ref_log_probs=True gives the same numbers, on both sides."""
     import trl
     from datasets import Dataset
     from peft_oracle import peft_twin
 
     lora_pair(tiny_model_dir("llama"), tmp_path)  # saves the adapter (random LoRA B) to tmp_path / "init"
     rows, steps = unpaired_rows(4), 3
-    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "init"))
-    ours = KTOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, max_steps=steps))
-    ours.train()
-    theirs = trl.KTOTrainer(model=peft_twin("llama", tmp_path / "init"), train_dataset=Dataset.from_list(rows),
+    ours, theirs = {}, {}
+    for pre in (False, True):
+        model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "init"))
+        trainer = KTOTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                             args=_args(tmp_path / f"o{pre}", max_steps=steps, precompute_ref_log_probs=pre,
+                                        loss_type=loss_type))
+        assert ("ref_logps" in trainer.train_examples[0]) == pre
+        trainer.train()
+        ours[pre] = trainer.log_history
+        tr = trl.KTOTrainer(model=peft_twin("llama", tmp_path / "init"), train_dataset=Dataset.from_list(rows),
                             processing_class=tok,
-                            args=trl_args(trl.KTOConfig, tmp_path, beta=0.5, undesirable_weight=1.5, max_steps=steps,
-                                          learning_rate=1e-2, logging_steps=1, train_sampling_strategy="sequential"))
-    theirs.train()
-    want = [h for h in theirs.state.log_history if "loss" in h]
-    first = ours.log_history[0]
-    assert want[0]["loss"] == pytest.approx((0.5 + 0.75 + 0.5 + 0.5) / 4, abs=1e-6)  # labels T, F, T, T
+                            args=trl_args(trl.KTOConfig, tmp_path / f"t{pre}", beta=0.5, undesirable_weight=1.5,
+                                          max_steps=steps, learning_rate=1e-2, logging_steps=1, loss_type=loss_type,
+                                          train_sampling_strategy="sequential", precompute_ref_log_probs=pre))
+        tr.train()
+        theirs[pre] = [h for h in tr.state.log_history if "loss" in h]
+    want = theirs[False]
+    first = ours[False][0]
+    if loss_type == "kto":
+        assert want[0]["loss"] == pytest.approx((0.5 + 0.75 + 0.5 + 0.5) / 4, abs=1e-6)  # labels T, F, T, T
+        assert first["kl"] == pytest.approx(0, abs=1e-5)
     assert first["loss"] == pytest.approx(want[0]["loss"], abs=1e-6)
-    assert first["kl"] == pytest.approx(0, abs=1e-5) and first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
-    assert [h["loss"] for h in ours.log_history] == pytest.approx([h["loss"] for h in want], rel=1e-4)
-    assert [h["kl"] for h in ours.log_history] == pytest.approx([h["kl"] for h in want], rel=1e-3, abs=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) == want[0]["rewards/chosen"]
+    for pre in (False, True):
+        assert [h["loss"] for h in theirs[pre]] == pytest.approx([h["loss"] for h in want], rel=1e-5), pre
+        got = ours[pre]
+        assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4), pre
+        for k in ("rewards/chosen", "rewards/rejected") + (("kl",) if loss_type == "kto" else ()):
+            assert [h[k] for h in got] == pytest.approx([h[k] for h in want], rel=1e-3, abs=1e-5), (pre, k)
+        assert got[-1]["loss"] < got[0]["loss"]
+
+
+def test_precomputed_reference_allows_full_finetuning_without_kl(tiny_model_dir, tmp_path):
+    """With every reference log-prob computed before training (apo_zero_unpaired has no KL rows), full fine-tuning
+    needs no second copy of the model; loss_type="kto" still pairs its KL rows per step, so it is refused."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
+    trainer = KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
+                         args=_args(tmp_path, max_steps=2, learning_rate=1e-4, loss_type="apo_zero_unpaired",
+                                    precompute_ref_log_probs=True))
+    assert trainer.reference is None
+    trainer.train()
+    first = trainer.log_history[0]
+    # step 0: policy = reference, rewards 0; the loss is the weighted mean of 1 - sigmoid(0) (desirable, weight 1)
+    # and sigmoid(0) (undesirable, weight 1.5) over the labels T, F, T, T
+    assert first["loss"] == pytest.approx((0.5 + 0.75 + 0.5 + 0.5) / 4, abs=1e-6)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+    assert trainer.log_history[1]["loss"] < first["loss"]
+    with pytest.raises(ConfigError, match="LoRA.*apo_zero_unpaired"):
+        KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
+                   args=_args(tmp_path, precompute_ref_log_probs=True))

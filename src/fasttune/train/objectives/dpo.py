@@ -71,19 +71,11 @@ class DPOTrainer(PreferenceTrainer):
                                                 "before training.")
             self.reference = ReferencePolicy(model)
 
-    @torch.no_grad()
     def _precompute(self, examples: list[dict]):
-        was_training = self.model.training
-        self.model.eval()
-        bs = self.args.per_device_eval_batch_size
-        for i in range(0, len(examples), bs):
-            part = examples[i:i + bs]
-            batch = self.to_device(self.collate_batch(part))
-            ref = self.logps(batch).sum(-1)  # the policy as handed to the trainer is the reference
-            chosen, rejected = ref.cpu().chunk(2)
+        for part, ref in self.logps_before_training(examples):
+            chosen, rejected = ref.chunk(2)  # the chosen rows first
             for ex, c, r in zip(part, chosen.tolist(), rejected.tolist()):
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
-        self.model.train(was_training)
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """Sigmoid, hinge or IPO loss of beta x the difference of chosen and rejected log-ratios (TRL's DPO

@@ -33,6 +33,7 @@ class KTOConfig(TrainingConfig):
     undesirable_weight: float = 1.0
     loss_type: str = "kto"  # kto | apo_zero_unpaired (no KL term)
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
+    precompute_ref_log_probs: bool = False  # the rows' reference log-probs once before training (TRL's name)
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,9 +65,11 @@ def weight_advice(labels: list[bool], desirable_weight: float, undesirable_weigh
 
 class KTOTrainer(PreferenceTrainer):
     """KTO on unpaired rows (prompt, completion, label); paired rows are split into a desirable and an undesirable
-    row. The reference is a ReferencePolicy, so the model needs LoRA. Raises ConfigError without LoRA and, for
-    loss_type="kto", with one row per optimizer step; warns (UserWarning) when the weights do not fit the label
-    balance (weight_advice)."""
+    row. The reference is the model as handed to the trainer: a ReferencePolicy, or with precompute_ref_log_probs
+    the rows' log-probs computed once before training (the KL rows of loss_type="kto" are paired anew each step, so
+    their reference passes remain). Raises ConfigError when a reference pass is needed and the model has no LoRA
+    (full fine-tuning), and, for loss_type="kto", with one row per optimizer step; warns (UserWarning) when the
+    weights do not fit the label balance (weight_advice)."""
 
     config_cls = KTOConfig
     method = "KTO"
@@ -74,10 +77,18 @@ class KTOTrainer(PreferenceTrainer):
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: KTOConfig | None = None,
                  **kwargs):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
-        if model.lora_settings is None:  # full fine-tuning: no second copy of the whole model
-            require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model.")
-        self.reference = ReferencePolicy(model)
         a = self.args
+        if not a.precompute_ref_log_probs or a.loss_type == "kto":  # reference passes during training
+            if model.lora_settings is None:  # full fine-tuning: no second copy of the whole model
+                require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (with "
+                                                "full fine-tuning, loss_type='apo_zero_unpaired' and "
+                                                "precompute_ref_log_probs=True need no reference passes).")
+            self.reference = ReferencePolicy(model)
+        if a.precompute_ref_log_probs:  # once, before training: the model as it is now is the reference
+            for examples in [self.train_examples] + ([self.eval_examples] if self.eval_examples else []):
+                for part, ref in self.logps_before_training(examples):
+                    for ex, value in zip(part, ref.tolist()):
+                        ex["ref_logps"] = value
         rows_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
         if a.loss_type == "kto" and rows_per_step < 2:
             # TRL refuses per_device_train_batch_size=1; we estimate the KL over the whole accumulated batch, so
@@ -148,7 +159,10 @@ class KTOTrainer(PreferenceTrainer):
         """The weighted KTO (or APO-zero unpaired) losses of the rows, summed and divided by num_items; metrics
         kl, rewards/* and logps/* split by label."""
         a, kl = self.args, self._kl
-        ref = self.reference_logps(batch).sum(-1)  # before the policy's forward (ReferencePolicy swaps in place)
+        if "ref_logps" in batch:  # precomputed
+            ref = batch["ref_logps"]
+        else:  # before the policy's forward (ReferencePolicy swaps in place)
+            ref = self.reference_logps(batch).sum(-1)
         logps = self.logps(batch).sum(-1)
         ratio = logps - ref
         desirable = batch["label"]

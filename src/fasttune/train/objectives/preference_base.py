@@ -95,6 +95,22 @@ class PreferenceTrainer(Trainer):
                            batch.get(f"{score}_positions"))
 
     @torch.no_grad()
+    def logps_before_training(self, examples: list[dict]):
+        """precompute_ref_log_probs: the summed completion log-probs of the collated rows of `examples` under the
+        model as it is now (the policy as handed to the trainer is the reference), in chunks of
+        per_device_eval_batch_size. Yields (chunk of examples, (rows,) float CPU tensor in collate_batch's row
+        order)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            bs = self.args.per_device_eval_batch_size
+            for i in range(0, len(examples), bs):
+                part = examples[i:i + bs]
+                yield part, self.logps(self.to_device(self.collate_batch(part))).sum(-1).cpu()
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def reference_logps(self, batch: dict, score: str = "completion_mask") -> torch.Tensor:
         """Per-token log-probs under the reference policy (the model as handed to the trainer). Call it before the
         policy's forward of the same batch (see ReferencePolicy)."""
