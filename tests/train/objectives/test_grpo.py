@@ -328,6 +328,30 @@ def test_every_completion_masked_is_a_counted_step_of_loss_0(tiny_dir, tmp_path)
             torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0)
 
 
+def test_a_step_without_items_is_counted_by_the_core_for_every_objective(tiny_dir, tmp_path):
+    """The guard lives in the trainer core, not in GRPO: any objective's step whose batches count no items (here
+    SFT, told so through the count_items hook) is a counted, logged step of loss 0 with zero gradients."""
+    from fasttune import SFTConfig, SFTTrainer
+
+    class NothingToLearn(SFTTrainer):
+        def count_items(self, batch):
+            return 0
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora_b(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    tr = NothingToLearn(model=model, tokenizer=tok, train_dataset=[{"text": "ab ab ab"}] * 4,
+                        args=SFTConfig(output_dir=str(tmp_path / "s"), per_device_train_batch_size=2, max_steps=2,
+                                       learning_rate=1e-2, logging_steps=1))
+    metrics = tr.train()
+    assert [(h["step"], h["loss"], h["grad_norm"]) for h in tr.log_history] == [(1, 0.0, 0.0), (2, 0.0, 0.0)]
+    assert metrics["global_step"] == 2 and metrics["skipped_steps"] == 0
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), before[n], rtol=0, atol=0)
+
+
 def test_terminated_lengths_match_trl(ours_and_adapter, tmp_path):
     model, tok, adapter = ours_and_adapter
     ours = _ours(model, tok, tmp_path)
@@ -342,19 +366,39 @@ def never(prompts, completions, **_):
     return [None] * len(completions)
 
 
-def test_no_reward_at_all_warns_then_stops(tiny_dir, tmp_path):
-    """TRL 1.16 warns 'All reward functions returned None ...' (and trains on at loss 0); we warn the same way and
-    stop after max_unrewarded_steps such steps in a row."""
+def test_no_reward_at_all_warns_then_stops(tiny_dir, tmp_path, caplog):
+    """TRL 1.16 warns 'All reward functions returned None ...' (and trains on at loss 0); we give the same warning
+    and the same losses, and stop after max_unrewarded_steps such steps in a row."""
+    import logging
+    import warnings
+
+    from datasets import Dataset
+
     from fasttune.train.objectives.grpo import NoRewardError
 
     model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
-    args = GRPOConfig(output_dir=str(tmp_path / "n"), per_device_train_batch_size=8, gradient_accumulation_steps=1,
-                      num_generations=G, max_completion_length=3, max_steps=10, max_unrewarded_steps=3)
+    cfg = dict(per_device_train_batch_size=8, gradient_accumulation_steps=1, num_generations=G,
+               max_completion_length=3, logging_steps=1)
+    args = GRPOConfig(output_dir=str(tmp_path / "n"), max_steps=10, max_unrewarded_steps=3, shuffle=False, **cfg)
     tr = Truncated(model, reward_funcs=[never], args=args, train_dataset=ROWS, processing_class=tok)
-    with pytest.warns(UserWarning, match="All reward functions returned None"):
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
         with pytest.raises(NoRewardError, match=r"never.* 3 steps in a row.*max_unrewarded_steps"):
             tr.train()
-    assert [h["loss"] for h in tr.log_history] == [0.0, 0.0]
+    ours = [str(w.message) for w in seen if "All reward functions returned None" in str(w.message)]
+    with caplog.at_level(logging.WARNING):
+        theirs = TruncatedTRL(model=hf_model("llama", seed=0), reward_funcs=[never],
+                              train_dataset=Dataset.from_list(ROWS), processing_class=tok,
+                              args=trl.GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none",
+                                                  bf16=False, save_strategy="no", max_steps=2,
+                                                  shuffle_dataset=False, **cfg))
+        theirs.train()
+    said = [r.getMessage().removeprefix("[RANK 0] ") for r in caplog.records  # accelerate's logger adds the rank
+            if "All reward functions returned None" in r.getMessage()]
+    assert len(said) == 2 and len(ours) == 3  # once per step
+    assert ours[0] == said[0]  # the oracle's text, with the same first unscored completion's inputs
+    want = [h["loss"] for h in theirs.state.log_history if "loss" in h]
+    assert want == [0.0, 0.0] and [h["loss"] for h in tr.log_history] == want
     with pytest.raises(ConfigError, match="max_unrewarded_steps"):
         GRPOConfig(output_dir=str(tmp_path / "n"), max_unrewarded_steps=0)
