@@ -257,7 +257,7 @@ class FallbackModel(nn.Module):
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
             loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
-                                       ignore_index=-100, reduction="sum")
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count)

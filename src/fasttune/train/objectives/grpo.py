@@ -18,11 +18,11 @@ from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
-from fasttune.kernels.token_logprobs import token_logprobs
 from fasttune.train.loop import Trainer, add_exact, host_values
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
-from fasttune.train.objectives.reference import adapters_disabled, require_reference, score_positions, select_scored
+from fasttune.train.objectives.reference import (adapters_disabled, model_token_logprobs, require_reference,
+                                                 score_positions)
 from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
@@ -284,24 +284,12 @@ class GRPOTrainer(Trainer):
 
     def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
                          positions: torch.Tensor | None = None) -> torch.Tensor:
-        """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked.
-        Positions come from the attention mask, as in generation. `positions`: score_positions of
-        attention_mask[:, -n:], to select the completion tokens without a device sync."""
-        from fasttune.models.decoder import CausalLM
-
-        model, temp = self.model, self.args.temperature
+        """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked
+        (reference.model_token_logprobs). Positions come from the attention mask, as in generation. `positions`:
+        score_positions of attention_mask[:, -n:], to select the completion tokens without a device sync."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        targets, mask = input_ids[:, -n:], attention_mask[:, -n:].bool()
-        if isinstance(model, CausalLM):
-            # Only the completion positions go through the lm_head, in chunks (fasttune.kernels.token_logprobs).
-            hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, -n - 1:-1]
-            flat = token_logprobs(select_scored(hidden, mask, positions), model.lm_head.weight,
-                                  select_scored(targets, mask, positions), model.arch.final_logit_softcap, temp)
-            return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       return_logits=True, logits_to_keep=n + 1).logits[:, :-1]
-        logps = (logits.float() / temp).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-        return logps.masked_fill(~mask, 0.0)
+        return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
+                                    position_ids=position_ids, temperature=self.args.temperature)
 
     # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
     def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):

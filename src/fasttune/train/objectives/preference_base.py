@@ -15,7 +15,7 @@ from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.loop import Trainer, add_exact, host_values
-from fasttune.train.objectives.reference import ReferencePolicy, score_positions, token_logps
+from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, score_positions
 
 DATA_FORMATS = ("auto", "preference")
 SCORE_MASKS = ("completion_mask", "attention_mask")  # the masks whose tokens objectives score (logps)
@@ -91,8 +91,8 @@ class PreferenceTrainer(Trainer):
     def logps(self, batch: dict, score: str = "completion_mask") -> torch.Tensor:
         """Per-token log-probs (B, T-1) of the tokens that the mask batch[score] marks (default: the completions)
         under the policy."""
-        return token_logps(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
-                           batch.get(f"{score}_positions"))
+        return model_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
+                                    batch.get(f"{score}_positions"))
 
     @torch.no_grad()
     def logps_before_training(self, examples: list[dict]):

@@ -1,6 +1,6 @@
-"""What preference objectives share about the model: per-token log-probs through the lm_head in chunks, and the
-reference policy: the policy as handed to the trainer (DPO, KTO: ReferencePolicy), or the base with the LoRA
-adapters switched off (GRPO)."""
+"""What the preference and RL objectives share about the model: per-token log-probs through the lm_head in chunks
+(model_token_logprobs), and the reference policy: the policy as handed to the trainer (DPO, KTO: ReferencePolicy),
+or the base with the LoRA adapters switched off (GRPO)."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -25,27 +25,44 @@ def select_scored(t: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor |
     return t[mask] if positions is None else t.flatten(0, 1).index_select(0, positions)
 
 
-def token_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-    """fp32 log p(input_ids[:, t+1] | input_ids[:, :t+1]) as (B, T-1); 0 where score[:, t+1] is 0. `positions`:
-    score_positions(score[:, 1:]), to select the scored tokens without a device sync.
+def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
+                         positions: torch.Tensor | None = None, *, last: int | None = None,
+                         position_ids: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+    """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
+    KTO and GRPO objectives call (the lm_head part is fasttune.kernels.token_logprobs).
+
+    Args:
+        model: fasttune's CausalLM (LoRA or not) or the transformers fallback (FallbackModel).
+        input_ids: (B, T) int64 token ids; attention_mask: (B, T) 1 for real tokens, 0 for padding.
+        score: (B, T) mask (bool or 0/1) of the tokens to score; the first token is never scored (no context).
+        positions: score_positions(score[:, T - n:]), to select the scored tokens without a device sync.
+        last: score only the last n = `last` tokens of each row (GRPO's completions; the lm_head then sees only
+            those positions on the fallback too); None: n = T - 1, every token after the first.
+        position_ids: (B, T) positions for the model (GRPO's left-padded rows: attention_mask.cumsum - 1); None:
+            the model's default (0..T-1).
+        temperature: the logits are divided by it before the softmax (GRPO scores at the sampling temperature).
+    Returns: (B, n) float32: log p(input_ids[:, t] | input_ids[:, :t]) for the n scored columns t = T - n .. T - 1,
+        0 where score is 0.
 
     On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
-    logits of the batch never exist at once. The transformers fallback computes its logits as transformers does.
+    logits of the batch never exist at once; under FSDP (the root's shards, embeddings and lm_head, are gathered
+    only inside model(...)) and on the transformers fallback the logits come from model(...), as transformers
+    computes them.
     """
     from fasttune.models.decoder import CausalLM
-
     from fasttune.train.fsdp import is_sharded
 
-    targets, mask = input_ids[:, 1:], score[:, 1:].bool()
-    # FSDP: the root's shards (embeddings, lm_head) are gathered only inside model(...), so take the logits path.
+    start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
+    targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
-        hidden = model.hidden_states(input_ids, attention_mask)[:, :-1]
+        hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
         flat = token_logprobs(select_scored(hidden, mask, positions), model.lm_head.weight,
-                              select_scored(targets, mask, positions), model.arch.final_logit_softcap)
+                              select_scored(targets, mask, positions), model.arch.final_logit_softcap, temperature)
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, return_logits=True).logits[:, :-1]
-    logps = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
+    keep = 0 if last is None else last + 1  # 0: every position's logits
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
+                   logits_to_keep=keep).logits[:, :-1]
+    logps = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     return logps.masked_fill(~mask, 0.0)
 
 
