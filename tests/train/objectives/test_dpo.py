@@ -196,6 +196,8 @@ def test_reference_is_the_loaded_adapter_as_in_trl(tiny_model_dir, tmp_path):
         got = [h["loss"] for h in runs[pre]]
         assert got == pytest.approx([h["loss"] for h in want], rel=1e-4), pre
         assert got[-1] < got[0]
+        for k in ("rewards/chosen", "rewards/rejected", "rewards/margins"):
+            assert [h[k] for h in runs[pre]] == pytest.approx([h[k] for h in want], rel=1e-3, abs=1e-5), (pre, k)
 
 
 def test_modules_to_save_reference_is_a_frozen_copy(tiny_model_dir, tmp_path):

@@ -56,7 +56,14 @@ def test_needs_adapters(tiny_model_dir, tmp_path):
 def test_one_row_per_step_is_refused(tiny_model_dir, tmp_path):
     """TRL 1.16 refuses per_device_train_batch_size=1 ("the KL term will be equivalent to the implied reward"); our
     KL runs over the accumulated batch, so only one row per step is refused (bs 1 x GA 2 is fine)."""
-    model, tok, _ = lora_pair(tiny_model_dir("llama"), tmp_path)
+    import trl
+    from datasets import Dataset
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    with pytest.raises(ValueError, match="batch size must be > 1"):  # the oracle refuses it
+        trl.KTOTrainer(model=twin, train_dataset=Dataset.from_list(unpaired_rows(4)), processing_class=tok,
+                       args=trl.KTOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=1,
+                                          use_cpu=True, report_to=[], bf16=False))
     with pytest.raises(ConfigError, match=r"one row per optimizer step.*gradient_accumulation_steps to 2"):
         KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
                    args=_args(tmp_path, per_device_train_batch_size=1))
