@@ -193,3 +193,18 @@ def test_preference_chat_rows_pass_tools_as_trl(form, tmp_path, caplog):
         tokenize_preference_rows(strings, tok, max_seq_length=4096)
     said = [r.getMessage() for r in caplog.records if "not used" in r.getMessage()]
     assert len(said) == 1 and "'tools' (only chat rows use it)" in said[0]
+
+
+def test_grpo_string_prompt_rendered_with_the_template_gets_one_bos():
+    """A GRPO prompt string already rendered with the chat template: the tokens of apply_chat_template (one BOS),
+    where tokenizing the string as TRL 1.16 does adds a second."""
+    from fasttune.data.prompts import encode_prompt
+
+    tok = bos_tokenizer()
+    rendered = tok.apply_chat_template(CONVERSATION[:1], tokenize=False, add_generation_prompt=True)
+    oracle = tok.apply_chat_template(CONVERSATION[:1], add_generation_prompt=True, tokenize=True,
+                                     return_dict=True)["input_ids"]
+    assert tok(rendered)["input_ids"][:2] == [tok.bos_token_id] * 2  # TRL's encoding of a string prompt
+    with pytest.warns(UserWarning, match="already start with the BOS token '<s>'"):
+        assert encode_prompt(rendered, tok, "Row 0")[1] == oracle
+    assert encode_prompt("2+2=", tok, "Row 1")[1] == tok("2+2=")["input_ids"]  # a plain prompt keeps its BOS

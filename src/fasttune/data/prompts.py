@@ -6,8 +6,10 @@ functions see it and its token ids, encoded as TRL encodes them.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
+from fasttune.data.encode import without_second_bos
 from fasttune.data.formats import message_list, require_text
 from fasttune.data.templates import render_chat
 from fasttune.errors import DataError
@@ -16,7 +18,9 @@ from fasttune.errors import DataError
 def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], list[int]]:
     """A row's `prompt` field -> (prompt, token ids).
 
-    A string is tokenized with the tokenizer's special tokens (e.g. a BOS), as TRL encodes plain-text prompts. A
+    A string is tokenized with the tokenizer's special tokens (e.g. a BOS), as TRL encodes plain-text prompts, but
+    a string that already starts with the BOS token (rendered with the chat template) keeps one BOS, as
+    apply_chat_template(tokenize=True) gives (TRL 1.16 adds a second; a UserWarning says so). A
     list of {role, content} messages (a string role/content per message, formats.message_list) is rendered with
     the tokenizer's chat template and the header of the assistant turn (add_generation_prompt), then tokenized
     without adding special tokens (the template writes its own), as apply_chat_template(tokenize=True) does.
@@ -36,6 +40,11 @@ def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], 
     if isinstance(value, str):
         prompt = require_text(value, where, "prompt")
         ids = list(tokenizer(prompt)["input_ids"])
+        once = without_second_bos(tokenizer, prompt, ids)
+        if len(once) < len(ids):  # one message for the whole dataset (Python shows a repeated warning once)
+            warnings.warn(f"GRPO prompts already start with the BOS token {tokenizer.bos_token!r} (rendered with the "
+                          f"chat template): no second BOS was added.", UserWarning, stacklevel=2)
+        ids = once
     else:
         prompt = message_list(value, where, "prompt", "user")
         if not getattr(tokenizer, "chat_template", None):
