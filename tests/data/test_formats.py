@@ -111,11 +111,10 @@ def test_message_list_is_the_one_check_for_conversational_fields():
     """Preference rows and GRPO prompts read their message fields through formats.message_list."""
     import pytest as _pytest
 
-    from fasttune.data import formats, preference
+    from fasttune.data import formats, preference, prompts
     from fasttune.errors import DataError
-    from fasttune.train.objectives import grpo
 
-    assert preference.message_list is formats.message_list is grpo.message_list
+    assert preference.message_list is formats.message_list is prompts.message_list  # prompts: GRPO's prompt rows
     assert formats.message_list("hi", "Row 0", "prompt", "user") == [{"role": "user", "content": "hi"}]
     assert formats.message_list([{"role": "user", "content": "a", "tool_calls": None}], "Row 0", "prompt", "user") \
         == [{"role": "user", "content": "a"}]
