@@ -125,3 +125,23 @@ def test_smollm2_tokenizer_equals_autotokenizer(smollm2_loaded):
             == want.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
     for text in TEXTS + ["<|im_start|>user\nhi<|im_end|>"]:
         assert got(text)["input_ids"] == want(text)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "F16", "Q5_0"])
+def test_dequantize_fast_equals_gguf_bit_for_bit(kind):
+    """The whole-tensor Q4_0/Q4_1/Q8_0 path gives gguf's float32 bits (other types are gguf's own), for 2-D and
+    3-D (stacked experts) tensors, zero scales and extreme values included."""
+    import numpy as np
+    from gguf import GGMLQuantizationType, dequantize, quantize
+
+    qtype = GGMLQuantizationType[kind]
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 6, 512)).astype(np.float32) * np.float32(3.0)
+    x[0, 0] = 0.0  # all-zero blocks: zero scale
+    x[1, 1, :256] = np.float32(6.0e4)  # near fp16's largest scale
+    for data in (x, x[0]):
+        raw = quantize(data, qtype)
+        got = gguf_file.dequantize_fast(raw, qtype)
+        want = dequantize(raw, qtype)
+        assert got.dtype == np.float32 and got.shape == want.shape == data.shape
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
