@@ -493,7 +493,8 @@ def _train(run: dict, config: TrainingConfig, out: Path):
     quant = QUANTIZATIONS[run["quantization"]]
     print(f"fasttune: model {model.name_or_path} ({model.hf_config.model_type}, {model.dtype}, {model.device}"
           f"{', ' + QUANTIZATION_NAMES[quant] + ' frozen weights' if quant else ''})")
-    if not run["full_finetuning"] and model.lora_settings is None:
+    fresh_lora = not run["full_finetuning"] and model.lora_settings is None  # zero updates until trained
+    if fresh_lora:
         model = FastLanguageModel.get_peft_model(
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
@@ -503,7 +504,7 @@ def _train(run: dict, config: TrainingConfig, out: Path):
     image_dir = Path(run["data"]).expanduser().resolve().parent if run["data"] else None
     if not run["no_sample"] and prompt:
         print(f"\nSample before training\n  prompt: {_preview(prompt)}\n  reply:  "
-              f"{_sample(model, tok, prompt, image_dir)}\n")
+              f"{_sample(model, tok, prompt, image_dir, base_only=fresh_lora)}\n")
     metrics = trainer.train(resume_from_checkpoint=_resume_value(run["resume"]))
     if metrics["interrupted"]:
         return 130  # the trainer printed where the checkpoint is and how to resume
@@ -528,13 +529,23 @@ def _train(run: dict, config: TrainingConfig, out: Path):
     return 0
 
 
-def _sample(model, tok, prompt, image_dir=None) -> str:
-    """The model's greedy reply to `prompt` (a string, or a vision-language row's content list with images)."""
+def _sample(model, tok, prompt, image_dir=None, base_only: bool = False) -> str:
+    """The model's greedy reply to `prompt` (a string, or a vision-language row's content list with images).
+    base_only: the LoRA layers were just created (B = 0, so they add nothing): decode with them switched off,
+    the same reply without their extra GEMMs per layer and token (the demo's sample before training)."""
     from fasttune.generate import generate_text
     from fasttune.models.fallback import FallbackModel
 
     if isinstance(model, FallbackModel):
         return model.sample_text(tok, prompt)
+    if base_only:
+        from fasttune.peft.lora import set_adapters_enabled
+
+        set_adapters_enabled(model, False)
+        try:
+            return _sample(model, tok, prompt, image_dir)
+        finally:
+            set_adapters_enabled(model, True)
     if getattr(model, "family", None) is not None:
         from fasttune.generate import generate_vision_text
 

@@ -109,3 +109,25 @@ def test_one_missing_tensor_is_singular(tiny_model_dir):
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(ModelLoadError, match=r"checkpoint lacks 1 tensor the config needs, e\.g\. model\.norm\.weight"):
         FastLanguageModel.from_pretrained(str(folder))
+
+
+def test_sample_before_training_decodes_the_base_and_leaves_the_adapters_on(tiny_model_dir):
+    """The demo's before-sample runs with the fresh LoRA layers switched off (their B is 0, so the reply is the
+    base model's) and switches them back on for training."""
+    import torch
+
+    from fasttune import FastLanguageModel
+    from fasttune.cli import _sample
+    from fasttune.generate import generate_text
+    from fasttune.peft.lora import lora_layers
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    base_reply = generate_text(model, tok, "q1")
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    layers = [m for _, m in lora_layers(model)]
+    with torch.no_grad():  # a non-zero update: only switching the layers off gives the base reply back
+        for m in layers:
+            m.lora_B.normal_(0, 5.0)
+    assert _sample(model, tok, "q1") != base_reply  # (the update changes the reply)
+    assert _sample(model, tok, "q1", base_only=True) == base_reply
+    assert layers and not any(m.disabled for m in layers)
