@@ -136,6 +136,7 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
     if OFFLOAD_EMBEDDING[0]:  # what from_pretrained(..., offload_embedding=True) does after loading
         from fasttune.models.host_embedding import offload_input_embedding
 
+        model.model.embed_tokens.weight.requires_grad_(False)  # loaded models come frozen
         offload_input_embedding(model)
     return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
                                             use_gradient_checkpointing=_gc_mode(gc))
@@ -154,6 +155,8 @@ def _bnb_quantize(model):
                                   device="meta")
             q.weight = bnb.nn.Params4bit(mod.weight.data.cpu(), requires_grad=False, quant_type="nf4",
                                          compress_statistics=True)
+            if mod.bias is not None:  # Qwen2's q/k/v biases stay 16-bit, as bitsandbytes keeps them
+                q.bias = torch.nn.Parameter(mod.bias.data.cpu(), requires_grad=False)
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, q.to("cuda"))
     torch.cuda.empty_cache()

@@ -17,7 +17,7 @@ from fasttune import sampling
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
-from fasttune.models.static_decode import DecodeStep, graphs_wanted
+from fasttune.models.static_decode import decode_session, graphs_wanted, release_decode_session
 
 CHECK_EVERY = 16  # tokens between two host reads of the stop state on CUDA
 
@@ -184,24 +184,24 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     was_training = model.training
     model.eval()
     try:
+        rows = None
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
-            cache = KVCache(model.arch, b, t + n_new, model.dtype, device)
+            prompt = KVCache(model.arch, b, t, model.dtype, device)
             grid = images.get("image_grid_thw")
             grid = grid.to(device) if grid is not None else None
             inputs = model.multimodal_inputs(input_ids, images["pixel_values"].to(device), grid, attention_mask)
             if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
                 position_ids = inputs["position_ids"]
             next_pos = next_pos + inputs.pop("rope_deltas").to(device)  # text after the images continues past them
-            logits = model(attention_mask=full_mask[:, :t] if padded else None, past_key_values=cache,
+            logits = model(attention_mask=full_mask[:, :t] if padded else None, past_key_values=prompt,
                            logits_to_keep=1, **{**inputs, "position_ids": position_ids}).logits[:, -1]
         else:
-            cache, logits = _prefill(model, input_ids, full_mask[:, :t] if padded else None, position_ids,
-                                     t + n_new)
+            prompt, logits, rows = _prefill(model, input_ids, full_mask[:, :t] if padded else None, position_ids)
         vocab = logits.shape[-1]
         if s.repetition_penalty is not None:
             seen[0] = _seen_tokens(input_ids, attention_mask, vocab)
-        cache.start_decoding()
-        decode = DecodeStep(model, cache, full_mask, graphs_wanted(model, device))
+        decode = decode_session(model, b, t + n_new, graphs_wanted(model, device)).start(prompt, rows, full_mask)
+        del prompt
         check_every = _stop_check_interval(device, streamer is not None or bool(criteria))
         unfinished = torch.ones(b, dtype=torch.bool, device=device)
         alive = []  # per step: whether any row was still unfinished after it
@@ -248,6 +248,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                 cur = t + int(done[0, 0]) + 1
     finally:
         model.train(was_training)
+        if was_training:  # sampling inside training (GRPO): the KV cache and graphs give their memory back
+            release_decode_session(model)
         if streamer is not None:
             streamer.end()
     made = cur - t
@@ -262,28 +264,28 @@ def _stop_check_interval(device: torch.device, host_per_token: bool) -> int:
     return CHECK_EVERY if device.type == "cuda" and not host_per_token else 1
 
 
-def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor, max_len: int):
-    """Run the prompts into a new KVCache of `max_len` positions: (cache, last-position logits (B, V)). Identical
-    rows (GRPO's and num_return_sequences' copies of a prompt) are run once and their cache rows copied."""
+def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor):
+    """Run the prompts into a new KVCache of their length: (cache, last-position logits (B, V), rows). Identical
+    rows (GRPO's and num_return_sequences' copies of a prompt) are run once: then the cache holds the distinct
+    prompts and rows (B,) int64 says which one each row continues (None when every row was run)."""
     b, t = input_ids.shape
     rows = input_ids if attention_mask is None else torch.cat([input_ids, attention_mask], dim=1)
-    index = None
+    index = inverse = None
     if b > 1:
         unique, inverse = torch.unique(rows, dim=0, return_inverse=True)
         if unique.shape[0] < b:
             first = torch.full((unique.shape[0],), b, dtype=torch.long, device=rows.device)
             index = first.scatter_reduce(0, inverse, torch.arange(b, device=rows.device), "amin")
     if index is None:
-        cache = KVCache(model.arch, b, max_len, model.dtype, input_ids.device)
+        cache = KVCache(model.arch, b, t, model.dtype, input_ids.device)
         logits = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, past_key_values=cache,
                        logits_to_keep=1).logits[:, -1]
-        return cache, logits
+        return cache, logits, None
     sub = lambda x: None if x is None else x.index_select(0, index)  # noqa: E731
-    cache = KVCache(model.arch, len(index), max_len, model.dtype, input_ids.device)
+    cache = KVCache(model.arch, len(index), t, model.dtype, input_ids.device)
     logits = model(sub(input_ids), attention_mask=sub(attention_mask), position_ids=sub(position_ids),
                    past_key_values=cache, logits_to_keep=1).logits[:, -1]
-    cache.select_rows(inverse)
-    return cache, logits.index_select(0, inverse)
+    return cache, logits.index_select(0, inverse), inverse
 
 
 def _image_inputs(model, prompt, kwargs: dict) -> dict:

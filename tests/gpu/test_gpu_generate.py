@@ -80,3 +80,30 @@ def test_training_between_calls_is_seen(tiny_model_dir):
         logits = ours(before[:, :10], attention_mask=torch.cat([mask, mask.new_ones(4, 1)], 1)).logits[:, -1]
     assert not torch.equal(after, before)
     assert torch.equal(after[:, 9], logits.argmax(-1))
+
+
+def test_graphs_are_kept_between_calls_and_read_weights_in_place(tiny_model_dir, monkeypatch):
+    """A second call of the same batch size replays the first call's graphs (no capture); a weight changed in place
+    in between, and a shorter prompt, give what eager steps give."""
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.bfloat16, device="cuda")
+    ours = FastLanguageModel.get_peft_model(ours, r=8)
+    randomize_lora_b(ours)
+    ours.eval()
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=24, eos_token_id=[], pad_token_id=0)
+    first = ours.generate(ids, mask, **kw)
+    session = static_decode._SESSIONS[ours]
+    graphs = dict(session.step._graphs)
+    assert graphs
+    assert torch.equal(ours.generate(ids, mask, **kw), first)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.05)
+    graphed = ours.generate(ids, mask, **kw)
+    shorter = ours.generate(ids[:, 4:], mask[:, 4:], **kw)
+    assert static_decode._SESSIONS[ours] is session and session.step._graphs == graphs
+    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
+    assert torch.equal(graphed, ours.generate(ids, mask, **kw))
+    assert torch.equal(shorter, ours.generate(ids[:, 4:], mask[:, 4:], **kw))
+    assert not torch.equal(graphed, first)

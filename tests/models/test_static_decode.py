@@ -99,3 +99,46 @@ def test_deferred_stop_checks_give_the_same_output(tmp_path, monkeypatch):
     deferred = ours.generate(ids, mask, eos_token_id=stops, **kw)
     assert torch.equal(deferred.sequences, every.sequences)
     assert len(deferred.scores) == len(every.scores) == every.sequences.shape[1] - 7
+
+
+def test_the_decode_session_is_kept_between_calls_and_renewed_when_it_must(tmp_path):
+    """generate() keeps its KV cache (and on CUDA its graphs) for the next call of the same batch size: a shorter
+    prompt after a longer one sees nothing of the first call's keys; a longer total, a changed adapter switch, a
+    replaced weight or model.train() renew or free it."""
+    ours = _ours("llama", tmp_path).eval()  # as from_pretrained hands it over
+    fresh = _ours("llama", tmp_path).eval()
+    ids, mask = _batch()
+    kw = dict(max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    ours.generate(ids, mask, **kw)
+    session = static_decode._SESSIONS[ours]
+    assert session.capacity == static_decode.KV_BUCKET
+    short = ours.generate(ids[:, 3:], mask[:, 3:], **kw)
+    assert static_decode._SESSIONS[ours] is session
+    assert torch.equal(short, fresh.generate(ids[:, 3:], mask[:, 3:], **kw))
+    ours.generate(ids, mask, max_new_tokens=static_decode.KV_BUCKET, eos_token_id=[], pad_token_id=0)
+    assert static_decode._SESSIONS[ours].capacity == 2 * static_decode.KV_BUCKET
+    session = static_decode._SESSIONS[ours]
+    ours.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(ours.model.layers[0].mlp.up_proj.weight * 1.5)
+    fresh.model.layers[0].mlp.up_proj.weight = torch.nn.Parameter(fresh.model.layers[0].mlp.up_proj.weight * 1.5)
+    assert torch.equal(ours.generate(ids, mask, **kw), fresh.generate(ids, mask, **kw))
+    assert static_decode._SESSIONS[ours] is not session
+    ours.train()
+    assert ours not in static_decode._SESSIONS
+    ours.generate(ids, mask, **kw)  # called in training mode (GRPO's rollouts): nothing is kept
+    assert ours not in static_decode._SESSIONS and ours.training
+
+
+def test_graph_state_sees_adapter_switches_and_in_place_updates_do_not_change_it(tmp_path):
+    from fasttune import FastLanguageModel
+    from fasttune.peft.lora import set_adapters_enabled
+
+    ours = FastLanguageModel.get_peft_model(_ours("llama", tmp_path), r=4)
+    ours.eval()
+    state = static_decode.graph_state(ours)
+    with torch.no_grad():
+        ours.model.layers[0].self_attn.q_proj.lora_B.add_(1.0)  # same memory: the graphs read the new values
+    assert static_decode.graph_state(ours) == state
+    set_adapters_enabled(ours, False)
+    assert static_decode.graph_state(ours) != state
+    set_adapters_enabled(ours, True)
+    assert static_decode.graph_state(ours) == state

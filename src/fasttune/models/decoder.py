@@ -486,6 +486,15 @@ class CausalLM(PreTrainedModel):
         """Replace the transformers config (model.config)."""
         self.config = value
 
+    def train(self, mode: bool = True):
+        """nn.Module.train; entering training also frees the KV cache and CUDA graphs generate() keeps between
+        calls (models/static_decode.py), so training never holds them."""
+        if mode:
+            from fasttune.models.static_decode import release_decode_session
+
+            release_decode_session(self)
+        return super().train(mode)
+
     @property
     def gradient_checkpointing(self) -> str | bool:
         """The recompute mode: "auto" | True | False | "offload" (see api.set_gradient_checkpointing)."""

@@ -46,9 +46,3 @@ class KVCache:
     def start_decoding(self):
         """Enter decode mode at slot `length` (after the prompt's prefill)."""
         self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.keys[0].device)
-
-    def select_rows(self, index: torch.Tensor):
-        """Keep the rows `index` (R,) int64 of every layer's buffers, in that order (repeats allowed): prompts
-        prefilled once are copied to the rows that sample from them."""
-        self.keys = [k.index_select(0, index) for k in self.keys]
-        self.values = [v.index_select(0, index) for v in self.values]

@@ -18,9 +18,12 @@ transformers' and to the cache-slicing path).
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
+from torch import nn
 
+from fasttune.kernels.dispatch import kernel_choice
 from fasttune.models.kv_cache import KVCache
 
 # A step attends over the cache up to the next multiple of KV_BUCKET slots (capped at max_len), not the whole
@@ -60,7 +63,7 @@ class DecodeStep:
         self.embed_scale = None if scale is None else torch.tensor(scale, dtype=decoder.dtype, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self._pool = None  # one memory pool for all buckets' graphs (they never run at the same time)
-        self._slot = int(cache.slot)  # the host's copy, so that choosing a bucket reads nothing from the device
+        self._slot = cache.length  # the host's copy of cache.slot, so that choosing a bucket reads nothing
 
     def _bucket(self) -> int:
         return min(self.cache.max_len, (self._slot // KV_BUCKET + 1) * KV_BUCKET)
@@ -114,3 +117,87 @@ class DecodeStep:
         self.cache.slot += 1
         self._slot += 1
         return logits
+
+
+class DecodeSession:
+    """A KV cache of `capacity` slots for `batch` rows and its DecodeStep, whose CUDA graphs stay valid from one
+    generate() call to the next: each call copies its prompt's keys/values into the same buffers and replays the
+    graphs captured by an earlier call, so only the first call of a shape pays for capturing (two model steps
+    and the graph's instantiation per KV bucket, ~30 ms for a 1B model).
+
+    Args: model (our CausalLM or VisionCausalLM), batch (rows), capacity (slots; a multiple of KV_BUCKET),
+    graph (capture CUDA graphs; see `graphs_wanted`). Built by `decode_session`, which also decides reuse."""
+
+    def __init__(self, model, batch: int, capacity: int, graph: bool, key):
+        device = model.device
+        self.key, self.batch, self.capacity = key, batch, capacity
+        self.cache = KVCache(model.arch, batch, capacity, model.dtype, device)
+        self.cache.start_decoding()  # the slot tensor the graphs read; each call refills it
+        self.step = DecodeStep(model, self.cache, torch.ones(batch, capacity, dtype=torch.bool, device=device), graph)
+
+    def start(self, prompt: KVCache, rows: torch.Tensor | None, key_mask: torch.Tensor) -> DecodeStep:
+        """Load a prefilled prompt and return the step to decode with.
+
+        prompt: the KVCache the prompt ran into (its `length` slots are copied); rows (B,) int64: which prompt row
+        each row continues (identical prompts prefilled once), or None for one each; key_mask (B, L) with
+        L <= capacity: 0 at left padding, 1 at the prompt's and new tokens' slots."""
+        t, cache = prompt.length, self.cache
+        for dst, src in ((cache.keys, prompt.keys), (cache.values, prompt.values)):
+            for d, s in zip(dst, src):
+                d[:, :, :t].copy_(s[:, :, :t] if rows is None else s[:, :, :t].index_select(0, rows))
+        cache.length = t
+        cache.slot.fill_(t)
+        mask = self.step.key_mask
+        mask[:, :key_mask.shape[1]].copy_(key_mask.bool())
+        mask[:, key_mask.shape[1]:] = True  # never reached this call; unwritten slots are hidden by the slot rule
+        self.step._slot = t
+        return self.step
+
+
+# One session per model, dropped with the model (a weak key, so copies and pickles of the model never carry CUDA
+# graphs) or by `release_decode_session`.
+_SESSIONS: "weakref.WeakKeyDictionary[nn.Module, DecodeSession]" = weakref.WeakKeyDictionary()
+
+
+def decode_session(model, batch: int, length: int, graph: bool) -> DecodeSession:
+    """The model's DecodeSession for `batch` rows of up to `length` positions: the kept one when its shape fits and
+    nothing its graphs read has changed (see `graph_state`), else a new one with capacity `length` rounded up to
+    KV_BUCKET (the old one is released first)."""
+    key = (batch, graph, model.dtype, graph_state(model))
+    kept = _SESSIONS.get(model)
+    if kept is not None and kept.key == key and kept.capacity >= length:
+        return kept
+    release_decode_session(model)
+    capacity = -(-length // KV_BUCKET) * KV_BUCKET
+    session = _SESSIONS[model] = DecodeSession(model, batch, capacity, graph, key)
+    return session
+
+
+def release_decode_session(model) -> None:
+    """Free the model's kept KV cache and CUDA graphs (generate() does so after a call made in training mode, and
+    `model.train()` does, so training never holds them)."""
+    if _SESSIONS.pop(model, None) is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def graph_state(model) -> int:
+    """A hash of what a captured decode step depends on besides its own buffers: every parameter's and buffer's
+    address, dtype and shape, the tensors modules keep in attributes (cached RoPE tables, one level into dicts,
+    lists and tuples), every module's plain settings (flags such as a LoRA layer's `disabled`, scalings, windows)
+    and the kernel choice. Any change means the graphs would read stale memory or replay the wrong branch."""
+    state = [kernel_choice(), repr(model.arch)]
+    for module in model.modules():
+        state.append(type(module))
+        for name, value in vars(module).items():
+            if name in ("_parameters", "_buffers", "_modules"):  # parameters and buffers: below
+                continue
+            if isinstance(value, (bool, int, float, str, type(None))):
+                state.append((name, value))
+            elif isinstance(value, torch.Tensor):
+                state.append((name, value.data_ptr(), value.dtype, tuple(value.shape)))
+            elif isinstance(value, (dict, list, tuple)):
+                items = value.values() if isinstance(value, dict) else value
+                state.extend((name, t.data_ptr(), tuple(t.shape)) for t in items if isinstance(t, torch.Tensor))
+    for t in list(model.parameters()) + list(model.buffers()):
+        state.append((t.data_ptr(), t.dtype, tuple(t.shape)))
+    return hash(tuple(state))
