@@ -330,12 +330,18 @@ RUN_RECORD = "fasttune_run.json"  # beside the adapter: what `fasttune export --
 
 
 def _record_run(out: Path, method: str, data: str):
-    """Write out/fasttune_run.json: the method and the training data (an absolute path when it is a local one)."""
+    """Write out/fasttune_run.json: the method and the training data (an absolute path when it is a local one).
+    Raises WriteError (a ConfigError) when the file cannot be written."""
     import json
 
+    from fasttune.errors import write_error
+
     local = Path(data).expanduser()
-    (out / RUN_RECORD).write_text(json.dumps({"method": method,
-                                              "data": str(local.resolve()) if local.exists() else data}, indent=1))
+    try:
+        (out / RUN_RECORD).write_text(json.dumps({"method": method,
+                                                  "data": str(local.resolve()) if local.exists() else data}, indent=1))
+    except OSError as e:
+        raise write_error(e, "the run record", out / RUN_RECORD) from None
 
 
 def _data_file(data):

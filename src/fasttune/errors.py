@@ -35,19 +35,26 @@ def write_error(e: OSError, what: str, where) -> WriteError:
                f"location; earlier checkpoints are intact.")
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         msg = f"No permission to write {what} to '{where}'. Choose a location you can write to."
+    elif e.errno is None and (short := re.search(r"(\d+) requested and (\d+) written", str(e))):
+        # numpy's tofile (gguf's writer) reports a short write without an errno: the disk or a size limit
+        msg = (f"Could not write {what} to '{where}': only {short.group(2)} of {short.group(1)} bytes were "
+               f"written (the disk is full or a file-size limit was reached). Free some space or choose another "
+               f"output location.")
     else:
         msg = f"Could not write {what} to '{where}': {e.strerror or e}."
     return WriteError(msg, e)
 
 
 def os_error_of(e: BaseException) -> OSError | None:
-    """The OSError behind a failed write, or None. Writers that wrap it: safetensors' SafetensorError ("... (os
-    error 28)") and torch.save's RuntimeError to an open file (the OSError is its __context__)."""
+    """The OSError behind a failed write, or None. Writers that wrap it: the Rust libraries, whose errors end in
+    Rust's "(os error 28)" (safetensors' SafetensorError, tokenizers' plain Exception from
+    `tokenizer.save_pretrained`), and torch.save's RuntimeError to an open file (the OSError is its
+    __context__)."""
     seen = e
     while seen is not None:
         if isinstance(seen, OSError):
             return seen
-        found = re.search(r"\(os error (\d+)\)", str(seen)) if type(seen).__name__ == "SafetensorError" else None
+        found = None if isinstance(seen, FastTuneError) else re.search(r"\(os error (\d+)\)", str(seen))
         if found:
             code = int(found.group(1))
             return OSError(code, os.strerror(code))

@@ -42,7 +42,8 @@ from pathlib import Path
 
 import torch
 
-from fasttune.errors import ConfigError
+from fasttune.atomic import remove_leftovers
+from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_types import ARCHITECTURES, METHODS
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
@@ -483,10 +484,12 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
                       "it (as llama-quantize does for tensors its imatrix has no entry for).")
 
     folder = targets[0].parent
-    folder.mkdir(parents=True, exist_ok=True)
     tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
     tmp_modelfile = folder / f".Modelfile.tmp-{os.getpid()}"
     try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for target in (*targets, folder / "Modelfile"):  # what an earlier export that was killed left behind
+            remove_leftovers(folder, f".{target.name}.tmp-*")
         tensors = gguf_tensors(model)
         if im is not None:
             _check_imatrix(im, tensors)
@@ -499,10 +502,9 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
             os.replace(tmp, target)
         if model_text is not None:
             os.replace(tmp_modelfile, folder / "Modelfile")
-    except OSError as e:
-        where = f"the GGUF file '{targets[0]}'" if len(targets) == 1 else f"the GGUF files in '{folder}'"
-        raise ConfigError(f"Could not write {where}: {e}. Check the path, permissions and free disk "
-                          f"space.") from None
+    except OSError as e:  # disk full, no permission, ...: one paragraph naming the file (no partial file left)
+        what, where = ("the GGUF file", targets[0]) if len(targets) == 1 else ("the GGUF files", folder)
+        raise write_error(e, what, where) from None
     finally:
         for leftover in (*tmps, tmp_modelfile):
             if leftover.exists():

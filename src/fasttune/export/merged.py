@@ -138,9 +138,12 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
         raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
     folder = Path(folder)
     if save_method == "lora":
-        save_adapter(model, folder)  # FSDP: every rank gathers, rank 0 writes
-        if tokenizer is not None and writes_here(model):
-            tokenizer.save_pretrained(folder)
+        if tokenizer is None or not writes_here(model):
+            save_adapter(model, folder)  # FSDP: every rank gathers, rank 0 writes
+            return folder
+        with atomic_folder(folder, "the adapter") as tmp:  # adapter and tokenizer as one unit: all or nothing
+            save_adapter(model, tmp)
+            tokenizer.save_pretrained(tmp)
         return folder
     dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models
     with atomic_folder(folder, "the merged model") as tmp:

@@ -141,12 +141,22 @@ TRAINABLE_NAME = "model.safetensors"
 def write_trainable_state(model, folder: str | Path) -> Path:
     """`folder/model.safetensors` with the trainable tensors (LoRA A/B, modules to save) under the model's own
     parameter names: what transformers' Trainer loads (non-strictly) on resume_from_checkpoint for a model that
-    is not a PeftModel. Written beside the adapter of a trainer checkpoint only (see CausalLM.save_pretrained)."""
+    is not a PeftModel. Written beside the adapter of a trainer checkpoint only (see CausalLM.save_pretrained).
+    Returns the file's path; raises WriteError (a ConfigError) when it cannot be written."""
     from safetensors.torch import save_file
+
+    from fasttune.errors import os_error_of, write_error
 
     tensors = {n: p.detach().contiguous().cpu() for n, p in model.named_parameters() if p.requires_grad}
     path = Path(folder) / TRAINABLE_NAME
-    save_file(tensors, str(path), metadata={"format": "pt"})
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    except Exception as e:  # disk full, no permission (OSError, or safetensors' error naming the os error)
+        cause = os_error_of(e)
+        if cause is None:
+            raise
+        path.unlink(missing_ok=True)
+        raise write_error(cause, "the trainable tensors", path) from None
     return path
 
 

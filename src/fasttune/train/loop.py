@@ -255,14 +255,18 @@ class Trainer:
         checkpoint; the metrics then hold `interrupted` and `checkpoint`. Raises ConfigError for a resume that
         does not fit, NonFiniteLossError after max_nonfinite_steps bad steps in a row."""
         run = self._start_run(resume_from_checkpoint)
-        with GracefulStop() as stop:
-            while run.step < run.total and not self.dist.any(bool(stop.requested)):
-                run.epoch, run.micro, full_group = next(run.batches)
-                if self._train_step(run, full_group):
-                    self._after_step(run)
-            if run.step < run.total and self.dist.any(bool(stop.requested)):
-                stop.requested = stop.requested or "a signal on another rank"
-                run.saved = self._save(run)
+        try:
+            with GracefulStop() as stop:
+                while run.step < run.total and not self.dist.any(bool(stop.requested)):
+                    run.epoch, run.micro, full_group = next(run.batches)
+                    if self._train_step(run, full_group):
+                        self._after_step(run)
+                if run.step < run.total and self.dist.any(bool(stop.requested)):
+                    stop.requested = stop.requested or "a signal on another rank"
+                    run.saved = self._save(run)
+        except BaseException:
+            run.bar.close()  # ends the bar's line, so an error message starts on a line of its own
+            raise
         return self._finish_run(run, stop.requested)
 
     def _start_run(self, resume_from_checkpoint) -> "_Run":
