@@ -38,6 +38,12 @@ TRAIN_CASES = {
     "model weights truncated": (lambda t, m: ["--model", str(_cut(m / "model.safetensors").parent)],
                                 ["model.safetensors' as safetensors: the file is truncated, corrupt",
                                  "Download or copy it again"]),
+    "data json not UTF-8": (lambda t, m: ["--data", str(_write(t, "l1.json", b'[' + LATIN1_ROW + b']'))],
+                            ["l1.json' is not UTF-8 text: byte 0xe9 on line 1", "save it with that encoding"]),
+    "model pytorch_model.bin truncated": (lambda t, m: ["--model", str(_bin_cut(m))],
+                                          ["pytorch_model.bin", "zip archive torch.save writes has no end"]),
+    "model gguf truncated": (lambda t, m: ["--model", str(_cut(_gguf(t), 4000))],
+                             ["m.gguf' as GGUF: the file is truncated, corrupt", "Download or copy it again"]),
     "yaml wrong type for a run option": (lambda t, m: ["--config", str(_write(t, "d.yaml", "lora_dropout: high\n"))],
                                          ["lora_dropout='high' is invalid: it must be a number"]),
     "yaml list of non-names": (lambda t, m: ["--config", str(_write(t, "tm.yaml", "target_modules: [1, 2]\n"))],
@@ -52,6 +58,26 @@ TRAIN_CASES = {
     "yaml alias typo epoch": (lambda t, m: ["--config", str(_write(t, "e.yaml", "epoch: 2\n"))],
                               ["Did you mean 'epochs' (short for num_train_epochs)?"]),
 }
+
+
+def _bin_cut(m):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(m / "model.safetensors"), m / "pytorch_model.bin")
+    (m / "model.safetensors").unlink()
+    return _cut(m / "pytorch_model.bin", 100).parent
+
+
+def _gguf(t):
+    from bpe_tokenizers import make_bpe_tokenizer
+    from tiny import hf_model, save_hf
+
+    from fasttune import FastLanguageModel
+
+    save_hf(hf_model("llama", vocab_size=416), t / "g", make_bpe_tokenizer("gpt2"))
+    model, tok = FastLanguageModel.from_pretrained(str(t / "g"))
+    return model.save_pretrained_gguf(t / "m.gguf", tok, quantization_method="f16", progress=False)
 
 
 def _bad_config(m):
@@ -85,7 +111,7 @@ def _adapter(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "hi", "--max-new-tokens", "2"],
-                                     ["export", "--format", "merged", "--output", "merged"]])
+                                     ["export", "--format", "merged", "--output", "merged"], ["chat"]])
 def test_damaged_adapter_in_generate_and_export(command, tiny_model_dir, tmp_path, capsys):
     base, adapter = _adapter(tiny_model_dir, tmp_path)
     _cut(adapter / "adapter_model.safetensors")
