@@ -54,6 +54,9 @@ CASES = {
     "config file missing": (lambda t, m: ["--config", str(t / "nope.yaml")], "nope.yaml"),
     "flag scheduler": (lambda t, m: ["--lr-scheduler-type", "wavy"], "wavy"),
     "flag optimizer": (lambda t, m: ["--optim", "sgd"], "sgd"),
+    "flag max seq length cuts every response": (lambda t, m: ["--max-seq-length", "5"],
+                                                "max_seq_length=5 cuts off every response in good.jsonl: all 4 rows "
+                                                "left are truncated before the first response token"),
     "flag batch size zero": (lambda t, m: ["--batch-size", "0"], "per_device_train_batch_size"),
     "flag lora rank zero": (lambda t, m: ["--lora-r", "0"], "r=0"),
     "flag target module": (lambda t, m: ["--target-modules", "foo_proj"], "foo_proj"),

@@ -44,6 +44,9 @@ BAD_INPUTS = {
                           r"'.*old' already holds checkpoints of an earlier run \(checkpoint-8\).*--resume"),
     "resume without checkpoint": (lambda t: ["--resume"], r"holds no complete checkpoint"),
     "dtype": (lambda t: ["--dtype", "float8"], r"dtype='float8' is not understood"),
+    "max steps 0": (lambda t: ["--max-steps", "0"],
+                    r"max_steps=0 is invalid: give the number of optimizer steps \(>= 1\), or -1"),
+    "max steps below -1": (lambda t: ["--max-steps", "-2"], r"max_steps=-2 is invalid"),
     "checkpointing": (lambda t: ["--gradient-checkpointing", "sometimes"],
                       r"--gradient-checkpointing sometimes is not understood"),
 }
