@@ -60,6 +60,19 @@ def local_device() -> torch.device | None:
     return None
 
 
+_HOST_GROUPS: dict = {}
+
+
+def _host_group():
+    """The group that sums host values: the default group when it is gloo already, else one gloo group over all
+    ranks, made once per process (creating a group is itself a collective every rank joins)."""
+    if dist.get_backend() == "gloo":
+        return None
+    if "gloo" not in _HOST_GROUPS:
+        _HOST_GROUPS["gloo"] = dist.new_group(backend="gloo")
+    return _HOST_GROUPS["gloo"]
+
+
 class Dist:
     def __init__(self):
         self.active = launched_by_torchrun() and dist.is_available()
@@ -75,18 +88,19 @@ class Dist:
         self.world = dist.get_world_size() if self.active else 1
         self.rank = dist.get_rank() if self.active else 0
         self.is_main = self.rank == 0
+        self._host_group = _host_group() if self.active else None
 
     def shard(self, group: list, per_rank: int) -> list:
         return group[self.rank * per_rank:(self.rank + 1) * per_rank]
 
-    def _device(self) -> torch.device:
-        return local_device() or torch.device("cpu")
-
     def sum(self, value: float) -> float:
+        """`value` summed over the ranks (a host float in, a host float out). It travels through a gloo group on
+        the CPU: through NCCL it would queue behind the device's work and its read would wait for all of it
+        (draining the queue the CPU keeps ahead of the GPU, several times a step)."""
         if not self.active:
             return value
-        t = torch.tensor([float(value)], dtype=torch.float64, device=self._device())
-        dist.all_reduce(t)
+        t = torch.tensor([float(value)], dtype=torch.float64)
+        dist.all_reduce(t, group=self._host_group)
         return float(t.item())
 
     def any(self, flag: bool) -> bool:
