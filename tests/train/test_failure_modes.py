@@ -51,7 +51,7 @@ def test_incomplete_checkpoint_is_ignored(tiny_model_dir, tmp_path):
     t = _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=5, save_steps=2)
     t.train()
     (tmp_path / "o" / "checkpoint-4" / STATE_NAME).unlink()  # as if killed while writing
-    assert [p.name for p in list_checkpoints(tmp_path / "o")] == ["checkpoint-2"]
+    assert [p.name for p in list_checkpoints(tmp_path / "o")] == ["checkpoint-2", "checkpoint-5"]
 
 
 def test_resume_on_other_base_is_refused(tiny_model_dir, tmp_path):

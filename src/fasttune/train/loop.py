@@ -374,8 +374,8 @@ class Trainer:
         if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
             run.evaluated = (step, self.evaluate())
             self._log({"step": step, **run.evaluated[1]}, run.out_dir / LOG_FILE)
-        if args.save_steps and step % args.save_steps == 0:  # the last step too, as transformers does
-            run.saved = self._save(run)
+        if args.save_steps and (step % args.save_steps == 0 or step == run.total):
+            run.saved = self._save(run)  # the last step too, on a multiple or not, as transformers saves it
 
     def _save(self, run: "_Run") -> Path:
         """checkpoint-<step> (see train/checkpoint.py); under FSDP every rank joins the gathers, rank 0 writes."""
