@@ -7,6 +7,7 @@ import torch
 from fasttune.train.distributed import Dist
 
 d = Dist()
+torch.distributed.barrier(group=d._host_group)  # both ranks start the measured part together
 done = torch.cuda.Event()
 torch.cuda._sleep(3_000_000_000)  # a few hundred ms of queued device work (cycles)
 done.record()
