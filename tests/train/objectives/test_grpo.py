@@ -2,7 +2,8 @@
 log-probs and the per-step loss and gradients; plus gradient-accumulation equivalence and data/config errors."""
 import pytest
 import torch
-from peft_oracle import peft_grads, randomize_lora_b
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from preference_oracle import shift_policy
 from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer
@@ -60,28 +61,30 @@ class FixedCompletionsTRL(trl.GRPOTrainer):
         return [list(c) for c in COMPLETIONS[:len(prompt_ids)]], None
 
 
-def _trl(adapter, tok, tmp_path, rewards=REWARDS, **cfg):
-    """TRL's trainer on the transformers twin of our model, carrying exactly our adapter weights.
-
-    The adapter is attached by TRL from a peft_config and then loaded with our weights: handed an already wrapped
-    PeftModel with beta > 0, TRL would take a frozen copy of the starting adapter as the reference, where fasttune
-    (and TRL for an adapter it creates) uses the base with adapters disabled. For a fresh adapter both agree."""
+def _trl_trainer(adapter, tok, tmp_path, rewards=REWARDS, **cfg):
+    """TRL's trainer on the transformers twin of our model, handed our saved adapter as a PeftModel (as our trainer
+    is handed our model): with beta > 0 TRL copies that adapter as its frozen "ref" adapter, the reference, as
+    fasttune's ReferencePolicy keeps the adapter as handed over."""
     from datasets import Dataset
-    from peft import LoraConfig, set_peft_model_state_dict
-    from safetensors.torch import load_file
 
     args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(COMPLETIONS),
                           gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
                           report_to="none", bf16=False, **cfg)
-    lora = LoraConfig.from_pretrained(str(adapter))
-    lora.inference_mode = False  # saved adapters load frozen
-    tr = FixedCompletionsTRL(model=hf_model("llama", seed=0), reward_funcs=list(rewards), args=args,
-                             train_dataset=Dataset.from_list(ROWS), processing_class=tok, peft_config=lora)
-    missing = set_peft_model_state_dict(tr.model, load_file(str(adapter / "adapter_model.safetensors")))
-    assert not missing.unexpected_keys
+    tr = FixedCompletionsTRL(model=peft_twin("llama", adapter), reward_funcs=list(rewards), args=args,
+                             train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    assert ("ref" in tr.model.peft_config) == bool(args.beta)
     tr.current_gradient_accumulation_steps = 1  # set by transformers' training loop; we call the loss directly
-    inputs = [row for row in ROWS for _ in range(G)]
-    return tr, tr._generate_and_score_completions(inputs)
+    return tr
+
+
+def _trl_rollout(tr):
+    """TRL's scored batch of the fixed completions (prompt i // G for completion i)."""
+    return tr._generate_and_score_completions([row for row in ROWS for _ in range(G)])
+
+
+def _trl(adapter, tok, tmp_path, rewards=REWARDS, **cfg):
+    tr = _trl_trainer(adapter, tok, tmp_path, rewards, **cfg)
+    return tr, _trl_rollout(tr)
 
 
 def _our_batch(trainer):
@@ -113,11 +116,26 @@ def test_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, beta, b
     model, tok, adapter = ours_and_adapter
     cfg = dict(loss_type=loss_type, beta=beta, epsilon=0.2, epsilon_high=0.28, temperature=0.8,
                use_bias_correction_kl=bias_correction)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg)
+    finally:  # the model is shared by the module's tests
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+
+
+def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg):
+    beta = cfg["beta"]
     ours = _ours(model, tok, tmp_path, **cfg)
-    tr, inputs = _trl(adapter, tok, tmp_path, **cfg)
+    tr = _trl_trainer(adapter, tok, tmp_path, **cfg)
+    if beta:  # both took the adapter as handed over as the reference; now move the policy away from it
+        shift_policy(model, tr.model)
+    inputs = _trl_rollout(tr)
     batch = _our_batch(ours)
     mask = inputs["completion_mask"].bool()
-    if beta:  # reference = adapters disabled, computed at sampling time on both sides
+    if beta:  # reference = the starting adapter, computed at sampling time on both sides
         torch.testing.assert_close(batch["ref_logps"][mask], inputs["ref_per_token_logps"][mask], rtol=1e-5,
                                    atol=1e-5)
         assert not torch.allclose(batch["ref_logps"][mask], _policy_logps(ours, batch)[mask], atol=1e-3)
@@ -161,6 +179,32 @@ class FixedCompletions(GRPOTrainer):
             by_prompt[ex["prompt"]] += 1
             out.append(COMPLETIONS[(0 if ex["prompt"] == ROWS[0]["prompt"] else G) + i])
         return out, [256 not in c for c in out]
+
+
+def test_reference_is_the_loaded_adapter_as_in_trl(ours_and_adapter, tmp_path):
+    """GRPO with beta > 0 started from a saved adapter that is not the identity (random LoRA B), loaded with
+    from_pretrained(adapter_folder): the KL reference is that adapter as loaded, as TRL 1.16's GRPOTrainer copies a
+    given PeftModel's adapter ("ref"), not the bare base. So step 0 logs kl 0, and every step's loss and kl equal
+    TRL's on the same adapter and the same (fixed) completions."""
+    _, tok, adapter = ours_and_adapter
+    steps = 3
+    cfg = dict(beta=0.1, loss_type="dapo", temperature=0.8, learning_rate=1e-2, max_grad_norm=1.0, max_steps=steps)
+    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=len(COMPLETIONS), gradient_accumulation_steps=1,
+        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    assert ours.reference.is_copy  # a loaded adapter: a frozen copy, not the adapters switched off
+    ours.train()
+    got = ours.log_history
+    theirs = _trl_trainer(adapter, tok, tmp_path, shuffle_dataset=False, logging_steps=1, save_strategy="no", **cfg)
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == steps
+    assert want[0]["kl"] == pytest.approx(0, abs=1e-7) and want[-1]["kl"] > 1e-4  # the oracle: kl 0 at step 0
+    assert [h["kl"] for h in got] == pytest.approx([h["kl"] for h in want], rel=1e-4, abs=1e-7)
+    # the policy term nearly cancels at ratio 1: compare the losses absolutely too
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4, abs=1e-6)
+    assert [h["reward"] for h in got] == pytest.approx([h["reward"] for h in want], rel=1e-6)
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo", "dr_grpo"])
@@ -244,8 +288,8 @@ def test_transformers_fallback_gives_the_same_loss(tiny_dir, tmp_path):
     for fast in (True, False):
         model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32", fast=fast)
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
-        randomize_lora_b(model)
         tr = _ours(model, tok, tmp_path, beta=0.1, loss_type="grpo", temperature=0.7)
+        randomize_lora_b(model)  # after the trainer took the fresh adapter (the base, adapters off) as reference
         batch = _our_batch(tr)
         loss, _ = tr.micro_batch_loss(batch, int(batch["completion_mask"].sum()))
         loss.backward()

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
-from fasttune.train.objectives.reference import ReferencePolicy, require_reference
+from fasttune.train.objectives.reference import reference_policy
 
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
@@ -65,11 +65,9 @@ class DPOTrainer(PreferenceTrainer):
             for examples in missing:
                 self._precompute(examples)
         elif missing:
-            if model.lora_settings is None:  # full fine-tuning: no second copy of the whole model
-                require_reference(model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, "
-                                                "or set precompute_ref_log_probs=True to take them from the model "
-                                                "before training.")
-            self.reference = ReferencePolicy(model)
+            self.reference = reference_policy(
+                model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
+                              "precompute_ref_log_probs=True to take them from the model before training.")
 
     def _precompute(self, examples: list[dict]):
         for part, ref in self.logps_before_training(examples):

@@ -1,6 +1,7 @@
 """GRPO over the one trainer core: each optimizer step samples num_generations completions per prompt with the
 KV-cache generate(), scores them with the reward functions, normalises the rewards per group into advantages, and
-runs the clipped objective (optional KL to the reference = the base with adapters disabled) over micro-batches.
+runs the clipped objective (optional KL to the reference = the policy as handed to the trainer, as in TRL) over
+micro-batches.
 
 The loop stays the core's (accumulation, clipping, schedule, checkpoints, logging); this class supplies the step's
 micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The math is in grpo_loss.py.
@@ -21,8 +22,7 @@ from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.loop import Trainer, add_exact, host_values
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
-from fasttune.train.objectives.reference import (adapters_disabled, model_token_logprobs, require_reference,
-                                                 score_positions)
+from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
 from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
@@ -36,8 +36,13 @@ class GRPOTrainer(Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
     args that are not a GRPOConfig, no tokenizer, an eval_dataset, a reward_weights length that does not match,
-    completions per step that are not whole groups of num_generations, or beta > 0 on a model whose adapters
-    cannot be switched off to give the base."""
+    completions per step that are not whole groups of num_generations, or beta > 0 on a model without LoRA
+    adapters (full fine-tuning).
+
+    With beta > 0 the KL reference is the policy as handed to the trainer, as TRL 1.16's GRPOTrainer takes a PEFT
+    model: a fresh adapter (LoRA B zero) is the base with the adapters off; an adapter loaded from a folder, already
+    trained, or with modules_to_save is kept as a frozen copy (ReferencePolicy). With beta == 0 there is no
+    reference and no copy."""
 
     supports_packing = False
     packing_refusal = "packing does not apply to GRPO; set packing=False."
@@ -74,8 +79,11 @@ class GRPOTrainer(Trainer):
                 f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "
                 f"{completions_per_step} completions, which must hold whole groups of num_generations="
                 f"{a.num_generations}. Make that product a multiple of num_generations (as in TRL).")
+        # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
+        self.reference: ReferencePolicy | None = None
         if a.beta != 0.0:
-            require_reference(self.model, "GRPO with beta > 0", "Add LoRA with get_peft_model, or set beta=0.")
+            self.reference = reference_policy(self.model, "GRPO with beta > 0",
+                                              "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
@@ -233,6 +241,7 @@ class GRPOTrainer(Trainer):
                           stacklevel=2)
         return out
 
+    @torch.no_grad()  # the old and reference log-probs are constants of the loss (also when score() is called alone)
     def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
         prompt_ids, prompt_mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
         width = max(len(c) for c in completion_ids)
@@ -252,8 +261,8 @@ class GRPOTrainer(Trainer):
         if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
             b["old_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
                                                    dev["completion_positions"])
-        if self.args.beta != 0.0:
-            with adapters_disabled(self.model):
+        if self.reference is not None:  # at sampling time, before the policy's forward (the swap is in place)
+            with self.reference.active():
                 b["ref_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
                                                        dev["completion_positions"])
         return b

@@ -23,7 +23,7 @@ class GRPOConfig(TrainingConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    beta: float = 0.0  # KL to the reference (the base with adapters disabled); 0 = no KL and no reference pass
+    beta: float = 0.0  # KL to the reference (the policy as handed to the trainer); 0 = no KL, no reference
     use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (DAPO suggests 0.28)

@@ -18,7 +18,7 @@ from fasttune.train.config import TrainingConfig
 from fasttune.train.loop import host_values
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer, with_score_positions
-from fasttune.train.objectives.reference import ReferencePolicy, require_reference
+from fasttune.train.objectives.reference import reference_policy
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -79,11 +79,10 @@ class KTOTrainer(PreferenceTrainer):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
         a = self.args
         if not a.precompute_ref_log_probs or a.loss_type == "kto":  # reference passes during training
-            if model.lora_settings is None:  # full fine-tuning: no second copy of the whole model
-                require_reference(model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (with "
-                                                "full fine-tuning, loss_type='apo_zero_unpaired' and "
-                                                "precompute_ref_log_probs=True need no reference passes).")
-            self.reference = ReferencePolicy(model)
+            self.reference = reference_policy(
+                model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (with full fine-tuning, "
+                              "loss_type='apo_zero_unpaired' and precompute_ref_log_probs=True need no reference "
+                              "passes).")
         if a.precompute_ref_log_probs:  # once, before training: the model as it is now is the reference
             for examples in [self.train_examples] + ([self.eval_examples] if self.eval_examples else []):
                 for part, ref in self.logps_before_training(examples):

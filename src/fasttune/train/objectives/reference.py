@@ -1,6 +1,6 @@
 """What the preference and RL objectives share about the model: per-token log-probs through the lm_head in chunks
-(model_token_logprobs), and the reference policy: the policy as handed to the trainer (DPO, KTO: ReferencePolicy),
-or the base with the LoRA adapters switched off (GRPO)."""
+(model_token_logprobs), and the reference policy of DPO, KTO and GRPO (beta > 0): the policy as handed to the
+trainer (reference_policy, a ReferencePolicy), as TRL 1.16 takes it."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -85,8 +85,8 @@ def adapters_disabled(model):
 
 
 class ReferencePolicy:
-    """DPO's and KTO's reference: the policy as handed to the trainer, as TRL takes it (TRL copies a given PEFT
-    adapter as a frozen "ref" adapter).
+    """The reference of DPO, KTO and GRPO: the policy as handed to the trainer, as TRL takes it (TRL copies a given
+    PEFT adapter as a frozen "ref" adapter; an adapter it creates from a peft_config is the base, adapters off).
 
     A fresh adapter (every LoRA B zero, nothing else trained) is the base itself: the reference passes switch the
     adapters off, with no copy. An adapter that is not the identity (loaded from a folder, trained, or with
@@ -133,23 +133,16 @@ class ReferencePolicy:
                     params[n].copy_(value)
 
 
-def reference_problem(model) -> str | None:
-    """Why disabling the adapters would not give the base model back, or None when it does."""
-    settings = model.lora_settings
-    if settings is None:
-        return "this model has no LoRA adapters (full fine-tuning), so there is no base to fall back to"
-    from fasttune.models.decoder import CausalLM
+def reference_policy(model, method: str, remedy: str) -> ReferencePolicy:
+    """The reference of `method` (DPO, KTO, GRPO with beta > 0): the model as it is now, i.e. as handed to the
+    trainer (see ReferencePolicy). Call it once the trainer holds the model, before any training step.
 
-    if isinstance(model, CausalLM) and settings.modules_to_save:
-        return (f"modules_to_save={settings.modules_to_save} trains those layers in place, so disabling the adapters "
-                f"does not restore them")
-    return None
-
-
-def require_reference(model, method: str, remedy: str):
-    """Raise ConfigError (naming `method` and ending with `remedy`) when the model with its adapters disabled is
-    not the base model (see reference_problem)."""
-    problem = reference_problem(model)
-    if problem is not None:
-        raise ConfigError(f"{method} compares the model with a reference, which fasttune takes to be the base with "
-                          f"the LoRA adapters disabled (no second copy of the weights); but {problem}. {remedy}")
+    Raises ConfigError (naming `method` and ending with `remedy`) for a model without LoRA adapters (full
+    fine-tuning): its reference would be a second copy of every weight, which fasttune does not keep.
+    """
+    if model.lora_settings is None:
+        raise ConfigError(f"{method} compares the model with a reference, the model as handed to the trainer, which "
+                          f"fasttune keeps as a frozen copy of the LoRA weights (or the base with the adapters off); "
+                          f"but this model has no LoRA adapters (full fine-tuning), and fasttune keeps no second copy "
+                          f"of the whole model. {remedy}")
+    return ReferencePolicy(model)
