@@ -27,14 +27,15 @@ def remove_leftovers(folder: Path, pattern: str = ".*.tmp-*") -> list[Path]:
 
 
 @contextmanager
-def atomic_folder(final: Path, what: str, replace: bool = False):
+def atomic_folder(final: Path, what: str, replace: bool = False, kept: str = ""):
     """Yields a temporary folder; on success its files move into `final` (created, or an existing folder whose
     same-named entries are replaced and whose other entries, such as a trainer's checkpoint folders, are kept);
     on any error it is removed (no partial output). replace=True swaps the whole folder instead.
 
     The folder gets the permissions a plain mkdir gives under the current umask (not mkdtemp's 0700). Leftovers
     of an earlier save of the same `final` that was killed are removed first. A failed write (disk full, no
-    permission; also when wrapped by safetensors or torch.save) raises WriteError (a ConfigError) via `write_error`."""
+    permission; also when wrapped by safetensors or torch.save) raises WriteError (a ConfigError) via `write_error`,
+    whose message ends with `kept` (what is still complete)."""
     final = Path(final)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +43,7 @@ def atomic_folder(final: Path, what: str, replace: bool = False):
         tmp = final.parent / (tmp_prefix(final.name) + secrets.token_hex(4))
         tmp.mkdir()
     except OSError as e:
-        raise write_error(e, what, final) from None
+        raise write_error(e, what, final, kept) from None
     try:
         yield tmp
         if final.is_dir() and not replace:
@@ -57,10 +58,10 @@ def atomic_folder(final: Path, what: str, replace: bool = False):
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, WriteError):  # a nested save (a checkpoint's adapter): report the outer folder
-            raise write_error(e.os_error, what, final) from None
+            raise write_error(e.os_error, what, final, kept) from None
         cause = os_error_of(e) if isinstance(e, Exception) and not isinstance(e, FastTuneError) else None
         if cause is not None:
-            raise write_error(cause, what, final) from None
+            raise write_error(cause, what, final, kept) from None
         raise
 
 

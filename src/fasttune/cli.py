@@ -14,7 +14,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
-from fasttune.errors import ConfigError, FastTuneError
+from fasttune.errors import ConfigError, FastTuneError, WriteError
 from fasttune.train.config import SFTConfig, TrainingConfig
 
 # Flags that are not config fields: model, data, LoRA and run options.
@@ -404,10 +404,16 @@ def cmd_train(ns) -> int:
     try:
         return _train(run, config, out)
     except BaseException:
-        # No half-written output directory: remove what this run created, unless it saved a checkpoint to resume.
-        if created and out.exists() and not any(out.glob("checkpoint-*")):
+        # No half-written output directory: remove what this run created, unless it saved a checkpoint to resume
+        # or the trained adapter / model (moved into place only when complete; a later file failed).
+        if created and out.exists() and not any(out.glob("checkpoint-*")) and not _trained_output(out):
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def _trained_output(out: Path) -> bool:
+    """Whether `out` holds a complete trained adapter or model (atomic_folder moves them in only when whole)."""
+    return (out / "adapter" / "adapter_config.json").exists() or (out / "model" / "config.json").exists()
 
 
 def _resume_value(resume):
@@ -524,8 +530,11 @@ def _train(run: dict, config: TrainingConfig, out: Path):
               f"{_sample(model, tok, prompt, image_dir)}\n")
     if not config.fsdp:
         model.save_pretrained(target, tok)  # adapter (or full model) plus the tokenizer
-    _record_run(out, run["method"], data)
-    plot = plot_losses(trainer.log_history, out / "loss.png")
+    try:
+        _record_run(out, run["method"], data)
+        plot = plot_losses(trainer.log_history, out / "loss.png")
+    except WriteError as e:  # the trained weights are saved: say so, so nobody trains again for a plot
+        raise WriteError(f"{e} The trained {target.name} itself is complete in '{target}'.", e.os_error) from None
     first, last = metrics.get("first_step_loss"), metrics.get("last_step_loss")  # this run's first and last step
     loss = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""
     print(f"fasttune: {plural(metrics['global_step'], 'step')} in {metrics['train_runtime']:.0f}s{loss}, "

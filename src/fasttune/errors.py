@@ -28,11 +28,12 @@ class WriteError(ConfigError):
         self.os_error = os_error
 
 
-def write_error(e: OSError, what: str, where) -> WriteError:
-    """An OSError while saving, as advice: disk full, no permission, or the system's own words."""
+def write_error(e: OSError, what: str, where, kept: str = "") -> WriteError:
+    """An OSError while saving, as advice: disk full, no permission, or the system's own words. kept: a sentence
+    on what is still complete (a checkpoint save: "Earlier checkpoints are intact."), appended to the message."""
     if e.errno == errno.ENOSPC:
         msg = (f"The disk is full: could not write {what} to '{where}'. Free some space or choose another output "
-               f"location; earlier checkpoints are intact.")
+               f"location.")
     elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
         msg = f"No permission to write {what} to '{where}'. Choose a location you can write to."
     elif e.errno is None and (short := re.search(r"(\d+) requested and (\d+) written", str(e))):
@@ -42,7 +43,7 @@ def write_error(e: OSError, what: str, where) -> WriteError:
                f"output location.")
     else:
         msg = f"Could not write {what} to '{where}': {e.strerror or e}."
-    return WriteError(msg, e)
+    return WriteError(f"{msg} {kept}" if kept else msg, e)
 
 
 def os_error_of(e: BaseException) -> OSError | None:

@@ -59,8 +59,13 @@ def test_train_write_past_the_limit_is_one_paragraph(extra, limit, failing, what
         code = _train(model, tmp_path, out, *extra)
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
-    assert f"fasttune: error: Could not write {what} to '{out / failing}': File too large." in err.splitlines()
+    line = f"fasttune: error: Could not write {what} to '{out / failing}': File too large."
     assert _no_temporaries(out)
+    if failing == "adapter":  # nothing complete: the run's folder is removed
+        assert line in err.splitlines() and not out.exists()
+    else:  # the adapter was saved before the plot failed: it is kept, and the message says so
+        assert f"{line} The trained adapter itself is complete in '{out / 'adapter'}'." in err.splitlines()
+        assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 @pytest.mark.parametrize("name, what", [("log_history.jsonl", "the training log"),
@@ -70,8 +75,10 @@ def test_train_output_file_that_is_a_folder(name, what, tiny_model_dir, tmp_path
     (out / name).mkdir(parents=True)
     assert _train(tiny_model_dir("llama"), tmp_path, out) == 2
     err = capsys.readouterr().err
-    assert f"fasttune: error: Could not write {what} to '{out / name}': Is a directory." in err.splitlines()
+    assert f"fasttune: error: Could not write {what} to '{out / name}': Is a directory." in err
     assert "Traceback" not in err
+    # the log is written during training (nothing complete yet); the run record and plot after the adapter
+    assert ("The trained adapter itself is complete" in err) == (name != "log_history.jsonl")
 
 
 @pytest.fixture

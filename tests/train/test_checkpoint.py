@@ -121,8 +121,8 @@ def test_a_failed_checkpoint_write_keeps_the_last_complete_one(tiny_model_dir, t
 
     monkeypatch.setattr(safetensors.torch, "save_file", full_disk_on_second_save)
     out = tmp_path / "run"
-    with pytest.raises(ConfigError, match=r"The disk is full: could not write checkpoint checkpoint-4 to .*earlier "
-                                          r"checkpoints are intact"):
+    with pytest.raises(ConfigError, match=r"The disk is full: could not write checkpoint checkpoint-4 to .*another "
+                                          r"output location\. Earlier checkpoints are intact\.$"):
         _trainer(tiny_model_dir("llama"), out, max_steps=6, save_steps=2).train()
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "log_history.jsonl"]
     assert run_folder.list_checkpoints(out) == [out / "checkpoint-2"]

@@ -72,7 +72,9 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
     optim = full_optimizer_state(optimizer, keep=write) if sharded else optimizer.state_dict()
     if not write:
         return final
-    with atomic_folder(final, f"checkpoint {final.name}", replace=True) as tmp:
+    earlier = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p != final]
+    with atomic_folder(final, f"checkpoint {final.name}", replace=True,
+                       kept="Earlier checkpoints are intact." if earlier else "") as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
         if adapter is not None:
             write_adapter(model, tmp / "adapter", adapter)
