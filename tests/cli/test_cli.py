@@ -52,6 +52,25 @@ def test_train_quantized_base(quant, kind, tiny_model_dir, tmp_path, capsys):
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 
 
+def test_offload_embedding_trains_the_same_and_is_refused_for_tied_heads(tiny_model_dir, tmp_path, capsys):
+    """--offload-embedding gives the losses of the GPU table (here the CPU, where it is the same lookup); a model
+    whose LM head is tied to the embedding is refused before training, leaving nothing behind."""
+    data = _rows(tmp_path / "d.jsonl")
+    logs = []
+    for flags, out in (([], tmp_path / "plain"), (["--offload-embedding"], tmp_path / "host")):
+        assert main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(data), "--output-dir", str(out),
+                     "--max-steps", "2", "--lora-r", "4", "--no-sample", *flags]) == 0
+        logs.append([json.loads(x)["loss"] for x in (out / "log_history.jsonl").read_text().splitlines()])
+    assert logs[0] == logs[1] and len(logs[0]) == 2
+    capsys.readouterr()
+    out = tmp_path / "tied"
+    assert main(["train", "--model", str(tiny_model_dir("qwen2")), "--data", str(data), "--output-dir", str(out),
+                 "--max-steps", "1", "--offload-embedding"]) == 2
+    err = capsys.readouterr().err
+    assert "offload_embedding=True: this model ties its LM head to the input embedding" in err
+    assert "Traceback" not in err and not out.exists()
+
+
 def test_yaml_config_and_flag_override(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(f"model: {tiny_model_dir('llama')}\nlearning-rate: 0.005\nlora_r: 8\n"
                                        f"max_steps: 2\n")
