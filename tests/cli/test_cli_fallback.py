@@ -3,15 +3,12 @@ gives the same per-step losses as the fast path."""
 import json
 
 import torch
+from chat_rows import write_chat_rows
 
 from fasttune.cli import main
 
 
-def _rows(path, n=8):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} ok"}]}
-            for i in range(n)]
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+_rows = write_chat_rows
 
 
 def _gpt2(folder, tokenizer):

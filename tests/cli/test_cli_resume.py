@@ -3,15 +3,13 @@ run and says which checkpoint it resumes; a longer linear schedule resumed from 
 (the learning-rate jump the issue saw) is refused naming the difference, leaving the folder as it was."""
 import json
 
+from chat_rows import write_chat_rows
+
 from fasttune.cli import main
 
 
 def _data(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} ok"}]}
-            for i in range(8)]
-    path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+    return write_chat_rows(tmp_path / "d.jsonl")
 
 
 def _args(model, data, out, *extra):

@@ -3,7 +3,6 @@ when the system refuses the write: the adapter and its tokenizer, the training l
 (train), the merged model and GGUF files (export). The failures are real ones: a file-size limit (RLIMIT_FSIZE:
 writes past it fail with EFBIG, as a full disk fails with ENOSPC) or a folder where the file should go.
 Checkpoints: tests/train/test_checkpoint.py."""
-import json
 import re
 import resource
 import signal
@@ -11,6 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 from bpe_tokenizers import make_bpe_tokenizer
+from chat_rows import write_chat_rows
 from tiny import hf_model, save_hf
 
 from fasttune.cli import main
@@ -30,11 +30,7 @@ def file_size_limit(limit: int):
 
 
 def _data(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i} ok"}]}
-            for i in range(8)]
-    path = tmp_path / "d.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows))
-    return path
+    return write_chat_rows(tmp_path / "d.jsonl")
 
 
 def _train(model_dir, tmp_path, out, *extra):
