@@ -1,6 +1,8 @@
 """The fixed-shape decode step (models/static_decode.py): its logits equal one forward over the whole sequence (left
 padding, sliding windows, softcapping, Gemma 3's two RoPE bases); generate() prefills identical prompts once and
 its deferred stop checks give the output of checking every token. The CUDA-graph replay is tested in tests/gpu."""
+import os
+
 import pytest
 import torch
 from tiny import hf_model, save_hf
@@ -142,3 +144,25 @@ def test_graph_state_sees_adapter_switches_and_in_place_updates_do_not_change_it
     assert static_decode.graph_state(ours) != state
     set_adapters_enabled(ours, True)
     assert static_decode.graph_state(ours) == state
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # q/k/v without and with biases
+def test_batch_one_decode_through_the_gemv_kernel_gives_the_same_tokens(family, tmp_path, monkeypatch):
+    """At batch 1 a decode step's q/k/v run as one launch (kernels/gemv.py): their modules' own forwards are
+    skipped, the tokens are unchanged. (On a GPU machine the CPU tests have no Triton interpreter: skipped.)"""
+    pytest.importorskip("triton")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    ours = _ours(family, tmp_path).eval()
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=5, eos_token_id=[], pad_token_id=0)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    want = ours.generate(ids, **kw)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    calls = []
+    attn = ours.model.layers[0].self_attn
+    for module in (attn.q_proj, attn.v_proj):
+        module.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
+    got = ours.generate(ids, **kw)
+    assert torch.equal(got, want)
+    assert [s[:2] for s in calls] == [(1, 6), (1, 6)]  # the prefill's only: the decode steps took the kernels

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ConfigError
+from fasttune.kernels.gemv import gemv, one_row_linears
 from fasttune.kernels.lora import fused_lora_enabled, lora_group
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -150,9 +151,12 @@ def _base_trains(layer) -> bool:
 
 
 def project(x: torch.Tensor, *layers, values_unused: bool = False) -> tuple:
-    """(layer(x) for layer in layers), fused when they are all plain enabled LoRA layers and the path is on."""
+    """(layer(x) for layer in layers), fused when they are all plain enabled LoRA layers and the path is on; for
+    one row without autograd (a batch-1 decode step) over plain Linears, one matrix-vector launch (kernels/gemv.py)."""
     if can_fuse(x, layers):
         return lora_group(x, layers, values_unused)
+    if one_row_linears(x, layers):
+        return gemv(x, [m.weight for m in layers], [m.bias for m in layers])
     return tuple(layer(x) for layer in layers)
 
 
