@@ -150,12 +150,13 @@ def test_mixtures_equal_llama_quantize(family, model_dir, tmp_path):
 
 
 @pytest.mark.parametrize("family, experts, methods", [
-    ("qwen3_moe", 4, ["q8_0", "q4_k_m", "q3_k_m"]),
-    ("mixtral", 8, ["q8_0", "q4_k_m", "q2_k"]),  # 8 experts: Mixtral-8x7B's attn_v/attn_k/attn_output
+    ("qwen3_moe", 4, ["q8_0", "q4_k_m", "q3_k_m", "mxfp4_moe"]),
+    ("mixtral", 8, ["q8_0", "q4_k_m", "q2_k", "mxfp4_moe"]),  # 8 experts: Mixtral-8x7B's attn_v/attn_k/attn_output
 ])
 def test_moe_mixtures_equal_llama_quantize(family, experts, methods, model_dir, tmp_path):
     """MoE: the 3-D expert tensors (ffn_{gate,up,down}_exps, quantized as E * out rows, ffn_down_exps' layer read
-    from its name), the f32 router and llama.cpp's 8-expert rules, against llama_model_quantize of our f32 file.
+    from its name), the f32 router and llama.cpp's 8-expert rules, against llama_model_quantize of our f32 file;
+    mxfp4_moe (MXFP4 experts) too.
     (All 14 methods were compared for both families with 4 and 8 experts when this was written; a subset runs.)"""
     n = {"num_experts": experts, "moe_intermediate_size": 256, "mlp_only_layers": []} if family == "qwen3_moe" \
         else {"num_local_experts": experts}
@@ -168,6 +169,8 @@ def test_moe_mixtures_equal_llama_quantize(family, experts, methods, model_dir, 
             assert types["blk.0.ffn_up_exps.weight"] == "Q4_K" and types["blk.1.ffn_down_exps.weight"] == "Q6_K"
             assert types["blk.0.attn_v.weight"] == ("Q8_0" if experts == 8 else "Q4_K")
             assert types["blk.0.attn_output.weight"] == ("Q5_K" if experts == 8 else "Q4_K")
+        if method == "mxfp4_moe":  # experts MXFP4, every other matrix Q8_0 (8 experts or not)
+            assert types["blk.1.ffn_down_exps.weight"] == "MXFP4" and types["blk.0.attn_output.weight"] == "Q8_0"
 
 
 def test_gpt_oss_mixtures_equal_llama_quantize(model_dir, tmp_path):

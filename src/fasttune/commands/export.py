@@ -25,7 +25,8 @@ def register(subparsers):
                                                                      "gguf: llama.cpp / Ollama file")
     p.add_argument("--quantization", default=None,
                    help="GGUF: f32 | f16 | bf16 | q8_0 (default) | q4_k_m | q5_k_m | q6_k | q4_k_s | q5_k_s | "
-                        "q3_k_s | q3_k_m | q3_k_l | q2_k | q4_0 | q4_1 | q5_0 | q5_1 (llama.cpp's mixtures, same "
+                        "q3_k_s | q3_k_m | q3_k_l | q2_k | q4_0 | q4_1 | q5_0 | q5_1 | mxfp4_moe (MoE models: "
+                        "experts in MXFP4, as llama.cpp's gpt-oss files) (llama.cpp's mixtures, same "
                         "types and bytes as llama-quantize), or a comma list such as q4_k_m,q8_0 (one file each, "
                         "merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint (default: the model's "
                         "16/32-bit weights)")

@@ -20,7 +20,10 @@ Metadata per architecture follows llama.cpp's loader (context, sizes, heads, hea
 norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base, the expert
 count, experts per token and (qwen3moe) the experts' feed-forward length).
 Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s,
-q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k. Each tensor gets the GGML type `llama-quantize` would give it
+q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, and for MoE models mxfp4_moe (llama-quantize's MXFP4_MOE:
+experts in MXFP4 (export/mxfp4.py; a gpt-oss loaded from an MXFP4 checkpoint with its experts unchanged keeps
+the checkpoint's blocks, as convert_hf_to_gguf.py does: export/gguf_mxfp4.py), the rest Q8_0; the type of
+llama.cpp's own gpt-oss files). Each tensor gets the GGML type `llama-quantize` would give it
 (export/gguf_types.py: output/embedding, "more bits" layers, fallbacks for rows that do not divide into blocks; 1-D
 tensors stay f32; rows not divisible by 32 are f16) and is quantized by export/kquants.py, whose bytes equal
 llama.cpp's quantizers, on the model's GPU when it has one. With `imatrix` the quantizers are weighted by an
@@ -44,17 +47,18 @@ import torch
 
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
-from fasttune.export.gguf_types import ARCHITECTURES, METHODS
+from fasttune.export.gguf_types import ARCHITECTURES, METHODS, MOE_METHODS
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
-# Methods whose tensors an importance matrix changes: all but q8_0 (ggml's Q8_0 ignores it; floats are not quantized).
-IMATRIX_METHODS = tuple(m for m in METHODS if m != "q8_0")
+# Methods whose tensors an importance matrix changes: all but q8_0 and mxfp4_moe (ggml's Q8_0 and MXFP4 ignore it;
+# floats are not quantized).
+IMATRIX_METHODS = tuple(m for m in METHODS if m not in ("q8_0", "mxfp4_moe"))
 # Other spellings people use (Unsloth's and llama-quantize's included).
 ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
            "not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "q8": "q8_0", "q4": "q4_0",
-           "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
+           "q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m", "mxfp4": "mxfp4_moe"}
 
 
 def resolve_quantization(method: str, given=None) -> str:
@@ -223,6 +227,17 @@ def _check_supported(cfg):
                               f"save_pretrained_merged instead.")
 
 
+def _check_methods(cfg, quants: list[str]):
+    """ConfigError for a method that does not fit the model: mxfp4_moe (MXFP4 experts) on a model without experts,
+    which llama-quantize would write as Q8_0 throughout."""
+    for quant in quants:
+        if quant in MOE_METHODS and not cfg.num_experts:
+            raise ConfigError(f"quantization_method '{quant}' stores the experts of a mixture-of-experts model in "
+                              f"MXFP4 (and the other tensors in Q8_0); this {cfg.model_type} model has no experts. "
+                              f"Use 'q8_0' (the same file for a dense model), or a 4-bit method such as 'q4_k_m'. "
+                              f"Nothing was written.")
+
+
 def _check_gpt_oss(cfg):
     """ConfigError for a gpt-oss model whose computation llama.cpp's 'gpt-oss' architecture does not reproduce:
     llama.cpp fixes the SwiGLU's alpha and limit, alternates sliding (even layers) and full attention, and takes
@@ -366,9 +381,11 @@ def gguf_target(path, quant: str, several: bool = False) -> Path:
     return path.with_name(f"{path.stem}.{quant.upper()}.gguf") if several else path
 
 
-def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, bar, consume: bool, im=None):
+def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, bar, consume: bool, im=None,
+                packed: dict | None = None):
     """One GGUF file of the merged `tensors` (GGUF name -> fp32 tensor) in `quant`; `consume` pops them to free
-    memory as they are encoded (the last method). `im`: an Imatrix whose entries weight the quantizers."""
+    memory as they are encoded (the last method). `im`: an Imatrix whose entries weight the quantizers. `packed`:
+    GGUF name -> MXFP4 bytes to write as they are where the tensor's type is MXFP4 (export/gguf_mxfp4.py)."""
     import gguf
 
     cfg = model.arch
@@ -388,7 +405,10 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
         t = tensors.pop(gname) if consume else tensors[gname]
         kind = tensor_type(gname, t, quant, tied, cfg)
         weights = im.weights(gname) if im is not None else None
-        data, raw = encode_tensor(t, kind, device, weights)
+        if packed and kind == gguf.GGMLQuantizationType.MXFP4 and gname in packed:
+            data, raw = packed[gname].reshape(*t.shape[:-1], -1), kind  # the checkpoint's own blocks
+        else:
+            data, raw = encode_tensor(t, kind, device, weights)
         writer.add_tensor(gname, data, raw_dtype=raw)
         bar.update(1)
     writer.write_header_to_file()
@@ -411,7 +431,8 @@ def resolve_imatrix(model, tokenizer, imatrix, quants: list[str], tokens: int | 
     if not any(q in IMATRIX_METHODS for q in quants):
         raise ConfigError(f"imatrix has no effect on quantization_method {', '.join(quants)}: llama.cpp uses an "
                           f"importance matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1 "
-                          f"(f32/f16/bf16 are not quantized, q8_0 rounds each value to its nearest level). Leave "
+                          f"(f32/f16/bf16 are not quantized, q8_0 and mxfp4_moe round each value to its nearest "
+                          f"level). Leave "
                           f"imatrix out, or choose e.g. quantization_method='q4_k_m'.")
     if imatrix is True:
         raise ConfigError("imatrix=True does not say which text to measure the importance matrix on: pass the sample "
@@ -448,14 +469,16 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     """Write GGUF file(s) of `model` (LoRA merged in) and an Ollama Modelfile beside them.
 
     path: a `.gguf` file, or a folder that gets `model.<QUANT>.gguf`. quantization_method: one name (f32, f16,
-    bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k;
-    case-insensitive, aliases fp16/float16/bfloat16/fp32/q8/q4/q4_k/q5_k/q3_k/quantized) or a list/tuple of names
+    bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, and
+    mxfp4_moe for MoE models (experts in MXFP4, the rest Q8_0, as llama-quantize's MXFP4_MOE);
+    case-insensitive, aliases fp16/float16/bfloat16/fp32/q8/q4/q4_k/q5_k/q3_k/quantized/mxfp4) or a list/tuple of names
     (or "q4_k_m,q8_0"): one file per method, the merge done once; the quantized methods give each tensor the type
     llama.cpp's llama-quantize gives it, with the same bytes; with a `.gguf` path the files are
     `<stem>.<QUANT>.gguf` beside it. The Modelfile's FROM is the first file. Returns the file's Path for one
-    name, the list of Paths (in the given order) for a list. Raises ConfigError for an unknown method (before
-    anything is written), an unsupported model, or a failed write; files are renamed into place only when all are
-    complete, so a failure leaves none.
+    name, the list of Paths (in the given order) for a list. Raises ConfigError for an unknown method or
+    mxfp4_moe on a model without experts (before anything is written), an unsupported model, or a failed write;
+    files are renamed into place only when all are complete, so a failure leaves none. mxfp4_moe on a gpt-oss
+    loaded from an MXFP4 checkpoint whose experts are unchanged writes the checkpoint's blocks (export/gguf_mxfp4.py).
 
     imatrix: quantize with an importance matrix, as llama-quantize --imatrix does (export/imatrix.py): sample text
     to measure it on (a .txt, .jsonl/.json/.csv/.parquet file or dataset folder, a list of strings or rows, a
@@ -471,6 +494,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     quants = resolve_quantizations(quantization_method)
     cfg = model.arch
     _check_supported(cfg)
+    _check_methods(cfg, quants)
     tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(model)
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
     targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
@@ -493,9 +517,15 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
         tensors = gguf_tensors(model)
         if im is not None:
             _check_imatrix(im, tensors)
+        packed = {}
+        if "mxfp4_moe" in quants and ARCHITECTURES[cfg.model_type] == "gpt-oss":
+            from fasttune.export.gguf_mxfp4 import checkpoint_mxfp4_experts
+
+            packed = checkpoint_mxfp4_experts(model, tensors)  # unchanged experts of an MXFP4 checkpoint
         with tqdm(total=len(quants) * len(tensors), unit="tensor", disable=not progress) as bar:
             for i, (quant, tmp) in enumerate(zip(quants, tmps)):
-                _write_file(tmp, model, name, vocab, tensors, quant, bar, consume=i == len(quants) - 1, im=im)
+                _write_file(tmp, model, name, vocab, tensors, quant, bar, consume=i == len(quants) - 1, im=im,
+                            packed=packed)
         if model_text is not None:
             tmp_modelfile.write_text(model_text)
         for tmp, target in zip(tmps, targets):

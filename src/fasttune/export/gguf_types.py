@@ -35,8 +35,11 @@ METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4
            "q3_k_s": ("Q3_K", "MOSTLY_Q3_K_S"), "q3_k_m": ("Q3_K", "MOSTLY_Q3_K_M"),
            "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"), "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
            "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"), "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
-           "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q6_k": ("Q6_K", "MOSTLY_Q6_K")}
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32,
+           "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
+           "mxfp4_moe": ("MXFP4", "MOSTLY_MXFP4_MOE")}
+# Methods for MoE models only: their rule is about the expert tensors (a dense model would be all Q8_0).
+MOE_METHODS = ("mxfp4_moe",)
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "MXFP4": 32,
          "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
 
@@ -64,6 +67,9 @@ def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_hea
     if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name or "ffn_gate_inp.weight" in name:
         return "F32"
     ncols = shape[-1]
+    if method == "mxfp4_moe":  # llama_tensor_get_type_impl: `tensor->ne[2] > 1` -> MXFP4, else Q8_0
+        new = "MXFP4" if len(shape) == 3 and shape[0] > 1 else "Q8_0"
+        return "F16" if ncols % BLOCK[new] else new
     new = default
     i = _layer(name)
     gqa = n_head // n_head_kv

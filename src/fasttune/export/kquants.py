@@ -1,4 +1,5 @@
-"""GGML block quantizers in torch: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0.
+"""GGML block quantizers in torch: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (and MXFP4, from
+export/mxfp4.py, through `quantize`).
 
 Each reproduces the bytes of llama.cpp's quantizers (ggml/src/ggml-quants.c): the reference ones,
 `quantize_row_<type>_ref`, which `ggml_quantize_chunk` and `llama-quantize` use when no imatrix is given, and, for
@@ -19,10 +20,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fasttune.export.mxfp4 import quantize_mxfp4_blocks
+
 QK_K = 256
 # ggml type name -> (elements per block, bytes per block)
 BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
-          "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210)}
+          "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
+          "MXFP4": (32, 17)}
 GROUP_MAX_EPS = float(np.float32(1e-15))
 _CHUNK = 1 << 22  # elements quantized at once (bounds the working memory to a few hundred MB)
 
@@ -627,7 +631,7 @@ def quantize_q8_0(blocks):
 
 QUANTIZERS = {"Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1, "Q5_0": quantize_q5_0, "Q5_1": quantize_q5_1,
               "Q8_0": quantize_q8_0, "Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k,
-              "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k}
+              "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k, "MXFP4": quantize_mxfp4_blocks}
 
 
 # Types whose quantizer uses an importance matrix: K types take (blocks, block weights), the 32-blocks whole rows
@@ -647,7 +651,7 @@ def quantize(t: torch.Tensor, qtype: str, imatrix: torch.Tensor | None = None) -
     chunks of rows. qtype: a GGML type name, one of BLOCKS ("Q4_K", "Q6_K", ...). imatrix: None (ggml's reference
     quantizers, `quantize_row_<type>_ref`), or the importance of each column, shape (t.shape[-1],), finite and
     >= 0 (llama.cpp's imatrix: the mean square of that input feature); the types in USES_IMATRIX then run ggml's
-    weighted search (`quantize_row_<type>_impl`), Q8_0 ignores it as ggml does. Returns a uint8 numpy array
+    weighted search (`quantize_row_<type>_impl`), Q8_0 and MXFP4 ignore it as ggml does. Returns a uint8 numpy array
     (rows, row bytes) where rows is the product of the leading dimensions, as gguf's GGUFWriter.add_tensor takes
     with raw_dtype. Raises ValueError for an unknown type, a row that does not divide into blocks, or an imatrix
     of the wrong length or with negative or non-finite values."""
