@@ -127,10 +127,10 @@ def test_smollm2_tokenizer_equals_autotokenizer(smollm2_loaded):
         assert got(text)["input_ids"] == want(text)["input_ids"]
 
 
-@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "F16", "Q5_0"])
+@pytest.mark.parametrize("kind", ["Q4_0", "Q4_1", "Q8_0", "MXFP4", "F16", "Q5_0"])
 def test_dequantize_fast_equals_gguf_bit_for_bit(kind):
-    """The whole-tensor Q4_0/Q4_1/Q8_0 path gives gguf's float32 bits (other types are gguf's own), for 2-D and
-    3-D (stacked experts) tensors, zero scales and extreme values included."""
+    """The whole-tensor Q4_0/Q4_1/Q8_0/MXFP4 path gives gguf's float32 bits (other types are gguf's own), for 2-D
+    and 3-D (stacked experts) tensors, zero scales and extreme values included."""
     import numpy as np
     from gguf import GGMLQuantizationType, dequantize, quantize
 

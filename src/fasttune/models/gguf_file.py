@@ -2,6 +2,13 @@
 parse of the file (the `gguf` package's GGUFReader, memory-mapped), named and laid out with transformers' own GGUF
 tables and tensor processors. transformers' loaders parse the file anew for each of the three, which costs seconds
 per parse on a 49k-token vocabulary.
+
+gpt-oss ("gpt-oss" in llama.cpp) is read here without transformers' GGUF code, which does not load it (as of
+transformers 5.24 its rope-scaling reader fails on any gpt-oss file, its table misses the sliding-window key, and its
+GptOssTensorProcessor expects `ffn_*_projs` names that llama.cpp does not write). The reverse of what llama.cpp's
+convert_hf_to_gguf.py (GptOssModel) and our export/gguf.py write: `gpt_oss_config` builds GptOssConfig's fields from
+the metadata and `tensors` puts the `ffn_{gate,up,down}_exps` weights and biases back into transformers' transposed,
+gate/up-interleaved expert stacks (`_gpt_oss_experts`).
 """
 from __future__ import annotations
 
@@ -27,6 +34,8 @@ _RENAMED_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt
 # Stacked MoE experts (llama.cpp's 3-D ffn_{gate,up,down}_exps, ne = (in, out, E)) -> transformers 5's stacked
 # weights: gate and up are concatenated (gate rows first) into experts.gate_up_proj (E, 2I, H).
 _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
+# gpt-oss's experts, weights and biases (llama.cpp's GPT_OSS tensors; source: llama.cpp's src/llama-arch.cpp).
+_GPT_OSS_EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.(weight|bias)")
 
 
 class _Cursor:
@@ -86,21 +95,26 @@ def _parse(blob: np.ndarray) -> tuple[dict, list, int]:
 
 def dequantize_fast(raw: np.ndarray, kind) -> np.ndarray:
     """gguf's `dequantize(raw, kind)` (float32, the same bits), with the block formats of most small GGUF files
-    (Q4_0, Q4_1, Q8_0) computed by whole-tensor torch operations instead of gguf's numpy loop over groups of 16
-    rows, which costs about a second on a 135M-parameter model. Other types go to gguf's own code.
+    (Q4_0, Q4_1, Q8_0) and gpt-oss's MXFP4 experts computed by whole-tensor torch operations instead of gguf's numpy
+    loop over groups of 16 rows, which costs about a second on a 135M-parameter model. Other types go to gguf's own
+    code.
 
     Args: raw: the tensor's bytes as a uint8 array (rows of blocks, last axis bytes); kind: its
     GGMLQuantizationType. Returns a float32 array of the tensor's shape. Raises ValueError / NotImplementedError
     as gguf does for a type it cannot dequantise or bytes that do not fill whole blocks."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize
 
-    if kind not in (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0):
+    fast = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q8_0,
+            GGMLQuantizationType.MXFP4)
+    if kind not in fast:
         return dequantize(raw, kind)
     block, size = GGML_QUANT_SIZES[kind]
     if raw.ndim == 0 or raw.shape[-1] % size:
         return dequantize(raw, kind)  # gguf's own error for bytes that are not whole blocks
     shape = (*raw.shape[:-1], raw.shape[-1] // size * block)
     blocks = torch.from_numpy(np.array(raw, copy=True).reshape(-1, size))  # (n_blocks, bytes): fp16 scale first
+    if kind == GGMLQuantizationType.MXFP4:
+        return _dequantize_mxfp4(blocks).reshape(shape).numpy()
     scale = blocks[:, :2].contiguous().view(torch.float16).float()
     if kind == GGMLQuantizationType.Q8_0:  # int8 quants times the scale
         out = blocks[:, 2:].contiguous().view(torch.int8).float().mul_(scale)
@@ -117,12 +131,87 @@ def dequantize_fast(raw: np.ndarray, kind) -> np.ndarray:
     return out.reshape(shape).numpy()
 
 
+# ggml's MXFP4 (E2M1) values, doubled (kvalues_mxfp4 in ggml-common.h; gguf's quants.MXFP4.kvalues).
+_MXFP4_VALUES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
+
+
+def _dequantize_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
+    """ggml's MXFP4 blocks (n, 17 bytes: an E8M0 exponent, then 16 bytes whose low nibbles are values 0-15 and high
+    nibbles values 16-31) -> (n, 32) float32, as gguf's quants.MXFP4.dequantize_blocks: doubled E2M1 value times
+    half the block scale (ggml_e8m0_to_fp32_half; exponents 0 and 1 give the subnormals 2**-128 and 2**-127). Every
+    product is exact in float32, so the bits equal gguf's."""
+    e = blocks[:, :1].to(torch.int32)
+    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32) << e, (e - 1) << 23)
+    half_scale = bits.view(torch.float32)
+    packed = blocks[:, 1:].to(torch.int64)
+    nibbles = torch.cat([packed & 0x0F, packed >> 4], dim=1)
+    return _MXFP4_VALUES[nibbles].mul_(half_scale)
+
+
 def _owned_float32(weights: np.ndarray) -> torch.Tensor:
     """A writable float32 tensor of `weights`, sharing the array when it is already one (no second copy of every
     weight), else copied (views of the memory-mapped file are read-only)."""
     if weights.dtype == np.float32 and weights.flags.writeable and weights.flags.c_contiguous:
         return torch.from_numpy(weights)
     return torch.from_numpy(np.array(weights, dtype=np.float32))
+
+
+def gpt_oss_config(metadata: dict, path) -> dict:
+    """GptOssConfig fields of a llama.cpp "gpt-oss" file that transformers' GGUF table does not give (source:
+    llama.cpp's convert_hf_to_gguf.py GptOssModel.set_gguf_parameters and src/llama-model.cpp's LLM_ARCH_OPENAI_MOE
+    hparams; our export/gguf.py writes the same keys):
+    - head_dim from `attention.key_length` (64 in every gpt-oss; GptOssConfig's default too);
+    - intermediate_size from `expert_feed_forward_length` (llama.cpp's n_ff_exp), else `feed_forward_length`;
+    - sliding_window from `attention.sliding_window` (llama.cpp requires it), layer_types alternating sliding
+      (even layers) and full attention (odd), as llama.cpp's set_swa_pattern(2) for gpt-oss;
+    - rope_parameters: YaRN with `rope.scaling.factor`, `rope.scaling.original_context_length` (4096 when absent,
+      as the converter's default), beta_fast / beta_slow from `rope.scaling.yarn_beta_fast` / `yarn_beta_slow`
+      (32 and 1, llama.cpp's defaults, when absent) and truncate False (GptOssConfig's default and OpenAI's
+      checkpoints; the GGUF does not record it); plain RoPE when `rope.scaling.type` is absent or "none".
+
+    Args: metadata: the file's GGUF keys; path: the file, for messages. Returns the fields as a dict.
+    Raises ModelLoadError when the file has no sliding window or a RoPE scaling type other than yarn/none."""
+    def get(key, default=None):
+        value = metadata.get(f"gpt-oss.{key}", default)
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+
+    layers = int(get("block_count"))
+    window = get("attention.sliding_window")
+    if window is None:
+        raise ModelLoadError(f"{path}: this gpt-oss GGUF has no gpt-oss.attention.sliding_window, which llama.cpp's "
+                             f"gpt-oss requires (its even layers attend over that window). The file is incomplete; "
+                             f"convert the model again.")
+    fields = dict(sliding_window=int(window),
+                  layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+                  intermediate_size=int(get("expert_feed_forward_length", get("feed_forward_length"))))
+    if get("attention.key_length") is not None:
+        fields["head_dim"] = int(get("attention.key_length"))
+    theta = float(get("rope.freq_base", 150000.0))
+    scaling = get("rope.scaling.type", "none")
+    if scaling == "none":
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+    elif scaling == "yarn":
+        fields["rope_parameters"] = {
+            "rope_type": "yarn", "rope_theta": theta, "factor": float(get("rope.scaling.factor", 1.0)),
+            "beta_fast": float(get("rope.scaling.yarn_beta_fast", 32.0)),
+            "beta_slow": float(get("rope.scaling.yarn_beta_slow", 1.0)), "truncate": False,
+            "original_max_position_embeddings": int(get("rope.scaling.original_context_length", 4096))}
+    else:
+        raise ModelLoadError(f"{path}: gpt-oss with RoPE scaling '{scaling}' is not something llama.cpp or "
+                             f"transformers computes (gpt-oss takes YaRN); the file cannot be loaded.")
+    return fields
+
+
+def _gpt_oss_experts(parts: dict, weight: bool) -> torch.Tensor:
+    """llama.cpp's gpt-oss expert tensors -> transformers' GptOssExperts layout: {"down": (E, H, I)} weight ->
+    down_proj (E, I, H); {"gate", "up": (E, I, H)} weights -> gate_up_proj (E, H, 2I) with gate in the even and up
+    in the odd columns; biases (E, out) keep their rows, gate/up interleaved the same way (E, 2I). The reverse of
+    convert_hf_to_gguf.py's GptOssModel.modify_tensors (transpose, then [:, ::2] / [:, 1::2])."""
+    if "down" in parts:
+        t = parts["down"]
+    else:
+        t = torch.stack([parts["gate"], parts["up"]], dim=2).flatten(1, 2)  # rows gate0, up0, gate1, up1, ...
+    return t.transpose(1, 2).contiguous() if weight else t
 
 
 class GGUFContents:
@@ -173,6 +262,8 @@ class GGUFContents:
         if f"{arch}.expert_feed_forward_length" in metadata and renamed in ("qwen2_moe", "qwen3_moe"):
             # transformers' tables drop this key (its Qwen3-MoE default, 768, is Qwen3-30B-A3B's)
             config["moe_intermediate_size"] = metadata[f"{arch}.expert_feed_forward_length"]
+        if renamed == "gpt_oss":
+            config.update(gpt_oss_config(metadata, path))
         config["model_type"] = self.model_type = _MODEL_TYPES.get(model_type, model_type)
         if "vocab_size" not in config and "tokens" in parsed["tokenizer"]:
             config["vocab_size"] = len(parsed["tokenizer"]["tokens"])
@@ -190,6 +281,7 @@ class GGUFContents:
             raise ModelLoadError(f"{self.path}: the installed gguf package does not know the architecture "
                                  f"'{self.architecture}'; upgrade it with `pip install -U gguf`.")
         gguf_names = get_tensor_name_map(arch, self.config["num_hidden_layers"])
+        gpt_oss = self.model_type == "gpt_oss"
         to_hf = {}  # GGUF tensor name -> transformers name, as transformers' get_gguf_hf_weights_map finds it
         for name in names:
             name = processor.preprocess_name(name)
@@ -197,9 +289,10 @@ class GGUFContents:
                 (".weight", ".bias")) else (name, "")
             found = gguf_names.get_name(base)
             if found is not None:
-                to_hf[found + suffix] = name
+                # gpt-oss's sinks are a bare parameter (self_attn.sinks) that llama.cpp names attn_sinks.weight
+                to_hf[found + (".weight" if found.endswith(".attn_sinks") else suffix)] = name
         parsed = {"config": self.config, "tensors": {}}
-        wanted, halves = set(names), {}
+        wanted, halves, given = set(names), {}, set()
         for name, shape, kind, offset in self._table:
             kind = GGMLQuantizationType(kind)
             block, size = GGML_QUANT_SIZES[kind]
@@ -207,12 +300,23 @@ class GGUFContents:
             start = self._data_start + offset
             raw = self._blob[start:start + count // block * size]
             raw = raw.reshape(*shape[:-1], shape[-1] // block * size) if shape else raw
-            if m := _EXPERTS.fullmatch(name):  # stacked experts, read here for every MoE architecture
+            if gpt_oss and (m := _GPT_OSS_EXPERTS.fullmatch(name)):
+                layer, part, kind_name = m.groups()
+                target = f"model.layers.{layer}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
+                target += "_bias" if kind_name == "bias" else ""
+                if target not in wanted:
+                    continue
+                halves.setdefault(target, {})[part] = _owned_float32(self._dequantize(name, raw, kind))
+                if part == "down" or len(halves[target]) == 2:
+                    given.add(target)
+                    yield target, _gpt_oss_experts(halves.pop(target), kind_name == "weight")
+                continue
+            if m := _EXPERTS.fullmatch(name):  # stacked experts, read here for the other MoE architectures
                 layer, part = m.groups()
                 target = f"model.layers.{layer}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
                 if target not in wanted:
                     continue
-                weights = _owned_float32(dequantize_fast(raw, kind))
+                weights = _owned_float32(self._dequantize(name, raw, kind))
                 if part == "down":
                     yield target, weights
                     continue
@@ -221,11 +325,54 @@ class GGUFContents:
                     pair = halves.pop(target)
                     yield target, torch.cat([pair["gate"], pair["up"]], dim=1)
                 continue
-            result = processor.process(weights=dequantize_fast(raw, kind), name=name, tensor_key_mapping=to_hf,
-                                       parsed_parameters=parsed)
+            result = processor.process(weights=self._dequantize(name, raw, kind), name=name,
+                                       tensor_key_mapping=to_hf, parsed_parameters=parsed)
             if result.name in to_hf:
+                given.add(to_hf[result.name])
                 yield to_hf[result.name], _owned_float32(result.weights)
         yield from parsed["tensors"].items()  # tensors a processor assembled itself (split MoE experts)
+        if gpt_oss:
+            self._check_gpt_oss_complete(names, given, to_hf, halves)
+
+    def _dequantize(self, name: str, raw: np.ndarray, kind) -> np.ndarray:
+        """dequantize_fast of one tensor; a ModelLoadError naming the tensor and its type when the installed gguf
+        package has no dequantiser for it."""
+        try:
+            return dequantize_fast(raw, kind)
+        except NotImplementedError:
+            from importlib.metadata import version
+
+            raise ModelLoadError(
+                f"{self.path}: tensor '{name}' is stored as GGML type {kind.name}, which the installed gguf package "
+                f"({version('gguf')}) cannot dequantise. Upgrade it (`pip install -U gguf`) if a newer release reads "
+                f"{kind.name}, or convert the file to a type it reads with llama.cpp's quantizer, e.g. "
+                f"`llama-quantize --allow-requantize {self.path.name} out.gguf Q8_0`.") from None
+
+    def _check_gpt_oss_complete(self, names, given: set, to_hf: dict, halves: dict):
+        """ModelLoadError naming the first GGUF tensor llama.cpp's gpt-oss needs that the file lacks (a layer's
+        expert gate without its up half, a missing sink, ...); the output tensor may be absent (tied)."""
+        for target, parts in halves.items():  # half of a gate/up pair arrived
+            layer = target.split(".")[2]
+            have = next(iter(parts))
+            other = "up" if have == "gate" else "gate"
+            suffix = "bias" if target.endswith("_bias") else "weight"
+            raise ModelLoadError(f"{self.path}: the GGUF file has blk.{layer}.ffn_{have}_exps.{suffix} but no "
+                                 f"blk.{layer}.ffn_{other}_exps.{suffix}, which llama.cpp's gpt-oss needs beside it. "
+                                 f"The file is incomplete or damaged; convert the model again.")
+        to_gguf = {hf: g for g, hf in to_hf.items()}
+        for name in names:
+            if name in given or (name == "lm_head.weight" and self.config.get("tie_word_embeddings")):
+                continue
+            if m := re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(gate_up|down)_proj(_bias)?", name):
+                layer, part, bias = m.groups()
+                suffix = "bias" if bias else "weight"
+                gguf_name = " and ".join(f"blk.{layer}.ffn_{p}_exps.{suffix}"
+                                         for p in (("down",) if part == "down" else ("gate", "up")))
+            else:
+                gguf_name = to_gguf.get(name, "(no llama.cpp name)")
+            raise ModelLoadError(f"{self.path}: the GGUF file has no tensor {gguf_name} ({name}), which llama.cpp's "
+                                 f"gpt-oss has in every model. The file is incomplete, or holds another architecture "
+                                 f"under the name gpt-oss; convert the model again.")
 
     def build_tokenizer(self):
         """The transformers tokenizer the file describes, as AutoTokenizer.from_pretrained(gguf_file=...) builds it

@@ -310,7 +310,7 @@ def _mxfp4_checkpoint(hf_config) -> bool:
     return True
 
 
-GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral")
+GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None):
@@ -323,7 +323,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     cfg_dict = dict(contents.config)
     model_type = cfg_dict.pop("model_type", None)
     # MoE GGUF files load onto our decoder for the families whose llama.cpp expert tensors gguf_file.py stacks and
-    # tests (qwen3moe, llama with experts = Mixtral); other MoE files go through transformers.
+    # tests (qwen3moe, llama with experts = Mixtral, gpt-oss); other MoE files go through transformers.
     moe_elsewhere = model_type in MOE_FAMILIES and model_type not in GGUF_MOE_FAMILIES
     if not fast or model_type not in SUPPORTED_FAMILIES or moe_elsewhere:
         from fasttune.models.fallback import load_fallback
