@@ -258,3 +258,13 @@ def test_no_sliding_window_is_a_model_load_error(exported, tmp_path):
     path = _rewrite(paths["f32"], tmp_path / "nowindow.gguf", drop_keys=("gpt-oss.attention.sliding_window",))
     with pytest.raises(ModelLoadError, match=r"no gpt-oss\.attention\.sliding_window, which llama\.cpp's gpt-oss"):
         FastLanguageModel.from_pretrained(str(path))
+
+
+def test_fast_false_says_to_drop_it(exported):
+    """transformers cannot read a gpt-oss GGUF; with fast=False the error says our decoder can, not that the
+    architecture is unsupported."""
+    _, _, paths, _ = exported
+    with pytest.raises(ModelLoadError, match=r"fast=False / --no-fast asks transformers .* fasttune's own decoder "
+                                             r"reads this 'gpt_oss' model: load it without fast=False") as e:
+        FastLanguageModel.from_pretrained(str(paths["f32"]), fast=False)
+    assert "is not supported by fasttune's fast decoder" not in str(e.value)

@@ -107,10 +107,15 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (ValueError, OSError, KeyError, TypeError, RuntimeError) as e:
+        cause = f"({type(e).__name__}: {_one_line(e)})"
+        if forced and model_type in SUPPORTED_FAMILIES:  # e.g. a gpt-oss GGUF, which transformers cannot read
+            raise ModelLoadError(
+                f"fast=False / --no-fast asks transformers to load '{path}', and it cannot {cause}. fasttune's own "
+                f"decoder reads this '{model_type}' model: load it without fast=False / --no-fast.") from None
         raise ModelLoadError(
             f"Architecture '{model_type}' is not supported by fasttune's fast decoder (supported: "
             f"{', '.join(SUPPORTED_FAMILIES)}), and transformers cannot load '{path}' as a causal language model "
-            f"either ({type(e).__name__}: {_one_line(e)}). Use a decoder-only model that "
+            f"either {cause}. Use a decoder-only model that "
             f"transformers' AutoModelForCausalLM loads without remote code.") from None
     why = ("fast=False / --no-fast was given" if forced else
            f"'{model_type}' is not supported by fasttune's fast decoder (supported: {', '.join(SUPPORTED_FAMILIES)})")
