@@ -86,12 +86,11 @@ def _cases():
 def test_quantizer_bytes_equal_ggml(ggml):
     """Every block byte-identical to ggml_quantize_chunk(GGML_TYPE_MXFP4) (quantize_row_mxfp4_ref)."""
     for name, x in _cases().items():
-        ours = mxfp4.quantize_mxfp4(x).reshape(-1, 17)
+        ours = kquants.quantize(x, "MXFP4").reshape(-1, 17)
         theirs = _ggml_quantize(ggml, x.numpy()).reshape(-1, 17)
         same = (ours == theirs).all(1)
         assert same.all(), f"{name}: {int((~same).sum())} of {len(same)} blocks differ"
         assert len(same) == x.numel() // 32
-        assert np.array_equal(kquants.quantize(x, "MXFP4"), mxfp4.quantize_mxfp4(x))  # the exporter's entry point
 
 
 def test_dequantizer_equals_ggml(ggml):
@@ -100,7 +99,7 @@ def test_dequantizer_equals_ggml(ggml):
     g = torch.Generator().manual_seed(1)
     random_bytes = torch.randint(0, 256, (256 * 17,), generator=g, dtype=torch.uint8).numpy()
     random_bytes[::17] = np.arange(256)
-    for data, cols in ((random_bytes, 256), (mxfp4.quantize_mxfp4(_cases()["normal"]), 512)):
+    for data, cols in ((random_bytes, 256), (kquants.quantize(_cases()["normal"], "MXFP4"), 512)):
         data = np.ascontiguousarray(data, np.uint8)
         theirs = np.zeros(data.size // 17 * 32, np.float32)
         ggml.dequantize_row_mxfp4(data.ctypes.data, theirs.ctypes.data, theirs.size)
@@ -114,10 +113,10 @@ def test_representable_values_round_trip_and_errors():
     x = _cases()["levels_and_midpoints"]
     on_grid = torch.where(torch.isin(x.abs() / x.abs().amax(1, keepdim=True) * 6,
                                      torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6.])), x, torch.zeros(()))
-    data = mxfp4.quantize_mxfp4(on_grid.reshape(4, 8, 512))
+    data = kquants.quantize(on_grid.reshape(4, 8, 512), "MXFP4")
     assert data.shape == (32, 16 * 17) and data.dtype == np.uint8
     torch.testing.assert_close(mxfp4.dequantize_mxfp4(data, 512), on_grid, rtol=0, atol=0)
     with pytest.raises(ValueError, match="multiple of 32"):
-        mxfp4.quantize_mxfp4(torch.randn(2, 48))
+        kquants.quantize(torch.randn(2, 48), "MXFP4")
     with pytest.raises(ValueError, match="whole rows"):
         mxfp4.dequantize_mxfp4(np.zeros(20, np.uint8), 32)

@@ -58,32 +58,11 @@ def quantize_mxfp4_blocks(blocks: torch.Tensor) -> torch.Tensor:
     return torch.cat([e[:, None], qs], 1).to(torch.uint8)
 
 
-def quantize_mxfp4(t: torch.Tensor) -> np.ndarray:
-    """Quantize to GGML_TYPE_MXFP4, bytes equal to ggml's `ggml_quantize_chunk(GGML_TYPE_MXFP4, ...)` (the reference
-    quantizer; ggml's MXFP4 takes no importance matrix).
-
-    t: a float tensor (any dtype, any device) whose last dimension (the GGUF row, ggml's ne[0]) is a multiple of
-    32; quantized on its device in float32. Returns uint8 numpy (rows, cols / 32 * 17), rows being the product of
-    the leading dimensions (what gguf's GGUFWriter.add_tensor takes with raw_dtype MXFP4). Raises ValueError for
-    rows that do not divide into 32-blocks."""
-    cols = t.shape[-1]
-    if cols % BLOCK:
-        raise ValueError(f"MXFP4 needs rows that are a multiple of {BLOCK} values; this tensor's rows have {cols}")
-    rows = t.numel() // cols
-    flat = t.detach().reshape(rows, cols)
-    out = torch.empty(rows, cols // BLOCK * BLOCK_BYTES, dtype=torch.uint8, device=t.device)
-    step = max(1, (1 << 21) // cols)
-    for r in range(0, rows, step):
-        chunk = flat[r:r + step].to(torch.float32).reshape(-1, BLOCK)
-        out[r:r + step] = quantize_mxfp4_blocks(chunk).reshape(-1, cols // BLOCK * BLOCK_BYTES)
-    return out.cpu().numpy()
-
-
 def dequantize_mxfp4(data, cols: int) -> torch.Tensor:
     """ggml's dequantize_row_mxfp4: MXFP4 bytes -> float32 values kvalues[q] * 2^(e - 128).
 
     data: uint8 numpy array or tensor holding whole blocks (any shape, rows of cols / 32 * 17 bytes, e.g. what
-    quantize_mxfp4 returns or a GGUF tensor's raw data); cols: values per row (a multiple of 32). Returns a float32
+    kquants.quantize(t, "MXFP4") returns or a GGUF tensor's raw data); cols: values per row (a multiple of 32). Returns a float32
     tensor (rows, cols) on data's device (CPU for numpy). Raises ValueError when the bytes do not make whole rows."""
     raw = torch.as_tensor(np.ascontiguousarray(data) if isinstance(data, np.ndarray) else data).reshape(-1)
     per_row = cols // BLOCK * BLOCK_BYTES

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fasttune.errors import ModelLoadError
+from fasttune.export.mxfp4 import dequantize_mxfp4
 
 # GGUF metadata value types: number formats (struct), 8 = string, 9 = array.
 _NUMBERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -114,7 +115,7 @@ def dequantize_fast(raw: np.ndarray, kind) -> np.ndarray:
     shape = (*raw.shape[:-1], raw.shape[-1] // size * block)
     blocks = torch.from_numpy(np.array(raw, copy=True).reshape(-1, size))  # (n_blocks, bytes): fp16 scale first
     if kind == GGMLQuantizationType.MXFP4:
-        return _dequantize_mxfp4(blocks).reshape(shape).numpy()
+        return dequantize_mxfp4(blocks, block).reshape(shape).numpy()  # ggml's bits, as gguf's
     scale = blocks[:, :2].contiguous().view(torch.float16).float()
     if kind == GGMLQuantizationType.Q8_0:  # int8 quants times the scale
         out = blocks[:, 2:].contiguous().view(torch.int8).float().mul_(scale)
@@ -129,23 +130,6 @@ def dequantize_fast(raw: np.ndarray, kind) -> np.ndarray:
         if kind == GGMLQuantizationType.Q4_1:  # scale * q + minimum, two roundings as gguf's numpy (no fused FMA)
             out.add_(blocks[:, 2:4].contiguous().view(torch.float16).float())
     return out.reshape(shape).numpy()
-
-
-# ggml's MXFP4 (E2M1) values, doubled (kvalues_mxfp4 in ggml-common.h; gguf's quants.MXFP4.kvalues).
-_MXFP4_VALUES = torch.tensor([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], dtype=torch.float32)
-
-
-def _dequantize_mxfp4(blocks: torch.Tensor) -> torch.Tensor:
-    """ggml's MXFP4 blocks (n, 17 bytes: an E8M0 exponent, then 16 bytes whose low nibbles are values 0-15 and high
-    nibbles values 16-31) -> (n, 32) float32, as gguf's quants.MXFP4.dequantize_blocks: doubled E2M1 value times
-    half the block scale (ggml_e8m0_to_fp32_half; exponents 0 and 1 give the subnormals 2**-128 and 2**-127). Every
-    product is exact in float32, so the bits equal gguf's."""
-    e = blocks[:, :1].to(torch.int32)
-    bits = torch.where(e < 2, torch.tensor(0x00200000, dtype=torch.int32) << e, (e - 1) << 23)
-    half_scale = bits.view(torch.float32)
-    packed = blocks[:, 1:].to(torch.int64)
-    nibbles = torch.cat([packed & 0x0F, packed >> 4], dim=1)
-    return _MXFP4_VALUES[nibbles].mul_(half_scale)
 
 
 def _owned_float32(weights: np.ndarray) -> torch.Tensor:
