@@ -8,7 +8,8 @@ import torch
 from tiny import hf_model, save_hf
 
 import fasttune.generate as gen
-from fasttune.models import static_decode
+from fasttune.kernels.decode_attention import decode_attention
+from fasttune.models import decoder, static_decode
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.loading import load_model
 from fasttune.models.static_decode import DecodeStep, graphs_wanted
@@ -27,11 +28,21 @@ def _batch(rows=3, width=7, seed=3):
     return ids.masked_fill(mask == 0, 0), mask
 
 
-@pytest.mark.parametrize("family,overrides,bucket", [
-    ("llama", {}, 256), ("gemma2", {}, 256), ("gemma3_text", {}, 256), ("mistral", {"sliding_window": 3}, 256),
-    ("llama", {}, 4), ("mistral", {"sliding_window": 3}, 4)])  # 4: steps cross from one KV bucket to the next
-def test_decode_steps_equal_a_full_forward(family, overrides, bucket, tmp_path, monkeypatch):
+@pytest.mark.parametrize("family,overrides,bucket,kernels", [
+    ("llama", {}, 256, "torch"), ("gemma2", {}, 256, "torch"), ("gemma3_text", {}, 256, "torch"),
+    ("mistral", {"sliding_window": 3}, 256, "torch"),
+    ("llama", {}, 4, "torch"), ("mistral", {"sliding_window": 3}, 4, "torch"),  # 4: steps cross KV buckets
+    # the fused decode attention (kernels/decode_attention.py); Gemma 2's softcapping keeps the unfused path
+    ("llama", {}, 4, "triton"), ("mistral", {"sliding_window": 3}, 4, "triton"), ("gemma3_text", {}, 256, "triton")])
+def test_decode_steps_equal_a_full_forward(family, overrides, bucket, kernels, tmp_path, monkeypatch):
+    if kernels == "triton":
+        pytest.importorskip("triton")
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     monkeypatch.setattr(static_decode, "KV_BUCKET", bucket)
+    fused = []
+    monkeypatch.setattr(decoder, "decode_attention", lambda *a, **k: fused.append(1) or decode_attention(*a, **k))
     ours = _ours(family, tmp_path, **overrides)
     ids, mask = _batch()
     extra = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))
@@ -48,6 +59,7 @@ def test_decode_steps_equal_a_full_forward(family, overrides, bucket, tmp_path, 
             got.append(step(full_ids[:, i:i + 1], positions[:, i:i + 1]))
     torch.testing.assert_close(torch.stack(got, 1), ref[:, 6:], rtol=1e-5, atol=1e-5)
     assert int(cache.slot) == full_ids.shape[1]
+    assert len(fused) == (6 * ours.arch.num_layers if kernels == "triton" else 0)
     step(full_ids[:, :1], positions[:, :1])
     step(full_ids[:, :1], positions[:, :1])
     with pytest.raises(ValueError, match="holds 15 positions"):
@@ -146,10 +158,12 @@ def test_graph_state_sees_adapter_switches_and_in_place_updates_do_not_change_it
     assert static_decode.graph_state(ours) == state
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])  # q/k/v without and with biases
-def test_batch_one_decode_through_the_gemv_kernel_gives_the_same_tokens(family, tmp_path, monkeypatch):
-    """At batch 1 a decode step's q/k/v run as one launch (kernels/gemv.py): their modules' own forwards are
-    skipped, the tokens are unchanged. (On a GPU machine the CPU tests have no Triton interpreter: skipped.)"""
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])  # q/k/v plain, with biases; fused qkv and gate_up
+def test_batch_one_decode_through_the_gemv_kernels_gives_the_same_tokens(family, tmp_path, monkeypatch):
+    """At batch 1 a decode step's projections run as matrix-vector kernels (kernels/gemv.py: q/k/v in one launch,
+    o_proj, gate/up with the activation in one, down_proj) and attention as kernels/decode_attention.py: the
+    modules' own forwards are skipped, the tokens are unchanged. (On a GPU machine the CPU tests have no Triton
+    interpreter: skipped.)"""
     pytest.importorskip("triton")
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("Triton kernels on CPU tensors need TRITON_INTERPRET=1")
@@ -160,9 +174,12 @@ def test_batch_one_decode_through_the_gemv_kernel_gives_the_same_tokens(family, 
     want = ours.generate(ids, **kw)
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     calls = []
-    attn = ours.model.layers[0].self_attn
-    for module in (attn.q_proj, attn.v_proj):
+    layer = ours.model.layers[0]
+    mlp = layer.mlp
+    watched = [layer.self_attn.o_proj, mlp.down_proj] + ([layer.self_attn.qkv_proj, mlp.gate_up_proj]
+                                                         if family == "phi3" else [layer.self_attn.v_proj, mlp.up_proj])
+    for module in watched:
         module.register_forward_hook(lambda m, a, out: calls.append(a[0].shape))
     got = ours.generate(ids, **kw)
     assert torch.equal(got, want)
-    assert [s[:2] for s in calls] == [(1, 6), (1, 6)]  # the prefill's only: the decode steps took the kernels
+    assert [s[:2] for s in calls] == [(1, 6)] * 4  # the prefill's only: the decode steps took the kernels

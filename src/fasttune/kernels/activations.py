@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
-_ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
+ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
 
 
 def gated_act_reference(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
@@ -29,7 +29,7 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _act_and_grad(g, ACT: tl.constexpr):
+    def act_and_grad(g, ACT: tl.constexpr):
         """act(g) and act'(g) in fp32."""
         if ACT == 0:
             s = tl.sigmoid(g)
@@ -49,7 +49,7 @@ if HAVE_TRITON:
         mask = offs < n
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        a, _ = _act_and_grad(g, ACT)
+        a, _ = act_and_grad(g, ACT)
         tl.store(y_ptr + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
@@ -59,7 +59,7 @@ if HAVE_TRITON:
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        a, da = _act_and_grad(g, ACT)
+        a, da = act_and_grad(g, ACT)
         tl.store(dg_ptr + offs, (dy * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
         tl.store(du_ptr + offs, (dy * a).to(du_ptr.dtype.element_ty), mask=mask)
 
@@ -91,8 +91,8 @@ class _GatedActFunction(torch.autograd.Function):
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up, shaped like gate: the Triton kernel where `use_triton(gate)` and the shapes
     match, else `gated_act_reference`. Raises ValueError for an act not listed there."""
-    if act not in _ACT_IDS:
+    if act not in ACT_IDS:
         raise ValueError(f"unsupported activation {act}")
     if use_triton(gate) and gate.shape == up.shape:
-        return _GatedActFunction.apply(gate, up, _ACT_IDS[act])
+        return _GatedActFunction.apply(gate, up, ACT_IDS[act])
     return gated_act_reference(gate, up, act)

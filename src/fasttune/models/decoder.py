@@ -18,6 +18,9 @@ from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, refuse_unknown
 from fasttune.kernels.activations import gated_act
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
+from fasttune.kernels.decode_attention import decode_attention, decode_attention_usable
+from fasttune.kernels.dispatch import use_triton
+from fasttune.kernels.gemv import gated_gemv, gemv, one_row_linears
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
 from fasttune.kernels.rope import apply_rope_qk, mrope_cos_sin, rope_attention_factor, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
@@ -83,7 +86,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         cfg = self.cfg
         if cfg.fused_qkv:
-            q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q, k, v = one_linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
@@ -91,6 +94,14 @@ class Attention(nn.Module):
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
+        if cache is not None and cache.slot is not None:  # a decode step: RoPE, cache write, attention in one kernel
+            step_mask = mask.get(self.sliding_window)
+            sinks = self.sinks if cfg.attn_sinks else None
+            if use_triton(q) and decode_attention_usable(q, step_mask, cfg.attn_logit_softcap, sinks):
+                i = self.layer_idx
+                out = decode_attention(q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.slot, step_mask,
+                                       cfg.scaling)
+                return one_linear(self.o_proj, out)
         q, k = apply_rope_qk(q, k, cos, sin)
         spans = mask.get("varlen")
         if spans is not None:  # packed rows on CUDA: one flash-attention sequence per document
@@ -101,7 +112,15 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap,
                         self.sinks if cfg.attn_sinks else None)
-        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.q_size))
+        return one_linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.q_size))
+
+
+
+def one_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """layer(x), as one matrix-vector kernel in a batch-1 decode step (kernels/gemv.py; plain Linears only)."""
+    if one_row_linears(x, (layer,)):
+        return gemv(x, [layer.weight], [layer.bias])[0]
+    return layer(x)
 
 
 def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None):
@@ -207,11 +226,19 @@ class MLP(nn.Module):
         return torch.cat([self._mlp(c) for c in x.split(tile, dim=1)], dim=1)
 
     def _mlp(self, x, values_unused: bool = False):
-        if self.fused:
-            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        pair = (self.gate_up_proj,) if self.fused else (self.gate_proj, self.up_proj)
+        if one_row_linears(x, pair):  # a batch-1 decode step: both projections and the activation in one launch
+            if self.fused:
+                bias = self.gate_up_proj.bias
+                weights, biases = self.gate_up_proj.weight.chunk(2), (None, None) if bias is None else bias.chunk(2)
+            else:
+                weights, biases = (m.weight for m in pair), (m.bias for m in pair)
+            h = gated_gemv(x, *weights, *biases, self.act)
+        elif self.fused:
+            h = gated_act(*self.gate_up_proj(x).chunk(2, dim=-1), self.act)
         else:
-            gate, up = project(x, self.gate_proj, self.up_proj)
-        return project(gated_act(gate, up, self.act), self.down_proj, values_unused=values_unused)[0]
+            h = gated_act(*project(x, self.gate_proj, self.up_proj), self.act)
+        return project(h, self.down_proj, values_unused=values_unused)[0]
 
 
 class DecoderLayer(nn.Module):
@@ -231,6 +258,16 @@ class DecoderLayer(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+
+    def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None):
+        """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
+        sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
+        only). Plain pre-norm blocks; MoE and sandwich-norm layers sum first and return h' None."""
+        if self.is_moe or self.sandwich:
+            return self(x if h is None else x + h, cos, sin, mask, cache), None
+        x, normed = self.input_layernorm.with_residual(x, h)
+        x, normed = self.post_attention_layernorm.with_residual(x, self.self_attn(normed, cos, sin, mask, cache))
+        return x, self.mlp(normed)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, router_logits: bool = False):
         """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E))."""

@@ -84,9 +84,10 @@ class DecodeStep:
         if self.embed_scale is not None:
             x = x * self.embed_scale
         ropes = decoder.rope_tables(self.position, x.dtype)
+        h = None  # each layer's output stays x + h, the add done by the next norm's kernel
         for layer in decoder.layers:
-            x = layer(x, *ropes[layer.self_attn.rope_kind], masks, cache)
-        return self.model.logits(decoder.norm(x)[:, -1])
+            x, h = layer.unsummed(x, h, *ropes[layer.self_attn.rope_kind], masks, cache)
+        return self.model.logits(decoder.norm.with_residual(x, h)[1][:, -1])
 
     def _capture(self, length: int):
         side = torch.cuda.Stream()
