@@ -211,8 +211,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         plain_greedy = not (steps or s.do_sample or s.output_scores or s.output_logits)
         stoppable = stop_t is not None or bool(criteria)
         for step in range(n_new):
-            if plain_greedy:
-                token = logits.argmax(dim=-1)
+            if plain_greedy:  # after the first, each step's graph has computed the argmax (and fed it back)
+                token = logits.argmax(dim=-1) if step == 0 else decode.argmax
             else:
                 raw = logits.float()
                 scores = raw
@@ -233,7 +233,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                 in_vocab = (emitted >= 0) & (emitted < vocab)
                 seen[0].scatter_(1, torch.where(in_vocab, emitted, vocab)[:, None], True)
             if streamer is not None:
-                streamer.put(emitted.cpu())
+                streamer.put(emitted.to("cpu", copy=True))  # emitted may be the decode step's own buffer
             if stop_t is not None:
                 unfinished &= ~torch.isin(emitted, stop_t)
             if criteria and plain_greedy:  # criteria see transformers' fp32 scores
@@ -249,8 +249,10 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
                     if done.numel():  # all rows stopped at that step: the output ends there, as transformers'
                         cur = t + int(done[0, 0]) + 1
                         break
-            logits = decode(token[:, None], next_pos)
-            next_pos = next_pos + 1
+            if plain_greedy and step > 0:  # the step's own argmax and next position are its inputs already
+                logits = decode()
+            else:
+                logits = decode(token[:, None], next_pos + step)
         if alive and cur == t + n_new:  # stops after the last check
             done = (~torch.stack(alive)).nonzero()
             if done.numel():

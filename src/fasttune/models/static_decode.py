@@ -48,7 +48,9 @@ class DecodeStep:
     called), key_mask ((B, max_len) bool: False at left padding; the slots of new tokens True), graph (capture a
     CUDA graph when a step first reaches a KV_BUCKET; see `graphs_wanted`).
     Call with token (B, 1) int64 and position (B, 1) int64 (the new token's RoPE position); returns logits
-    (B, V) in the model dtype and advances the cache's slot. Raises ValueError past the cache's max_len."""
+    (B, V) in the model dtype and advances the cache's slot. Left out, token is the previous step's greedy token
+    (`argmax`, (B,) int64, which each step also computes) and position the previous one plus 1. Raises ValueError
+    past the cache's max_len."""
 
     def __init__(self, model, cache: KVCache, key_mask: torch.Tensor, graph: bool):
         self.model, self.cache, self.graph = model, cache, graph
@@ -57,6 +59,7 @@ class DecodeStep:
         self.key_mask = key_mask.bool()
         self.token = torch.zeros(b, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(b, 1, dtype=torch.long, device=device)
+        self.argmax = torch.zeros(b, dtype=torch.long, device=device)  # the last step's greedy token per row
         self.slots = torch.arange(cache.max_len, device=device)
         self.windows = set(model.arch.sliding_windows) or {None}
         scale = model.arch.embed_scale
@@ -87,14 +90,24 @@ class DecodeStep:
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
         for layer in decoder.layers:
             x, h = layer.unsummed(x, h, *ropes[layer.self_attn.rope_kind], masks, cache)
-        return self.model.logits(decoder.norm.with_residual(x, h)[1][:, -1])
+        logits = self.model.logits(decoder.norm.with_residual(x, h)[1][:, -1])
+        # The next step's inputs, unless the caller gives others: the greedy token, the next position and slot.
+        # Inside the graph these cost no launches of their own (greedy decoding then needs none per token).
+        torch.argmax(logits, dim=-1, out=self.argmax)
+        self.token.copy_(self.argmax[:, None])
+        self.position.add_(1)
+        cache.slot.add_(1)
+        return logits
 
     def _capture(self, length: int):
+        inputs = [t.clone() for t in (self.token, self.position, self.cache.slot)]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy initialisation, cuBLAS workspaces, cached RoPE tables
             self._run(length)
         torch.cuda.current_stream().wait_stream(side)
+        for t, saved in zip((self.token, self.position, self.cache.slot), inputs):  # the warm-up advanced them
+            t.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
@@ -102,11 +115,13 @@ class DecodeStep:
             logits = self._run(length)
         self._graphs[length] = (graph, logits)
 
-    def __call__(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def __call__(self, token: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
         if self._slot >= self.cache.max_len:
             raise ValueError(f"KV cache holds {self.cache.max_len} positions; one more was requested.")
-        self.token.copy_(token)
-        self.position.copy_(position)
+        if token is not None:
+            self.token.copy_(token)
+        if position is not None:
+            self.position.copy_(position)
         length = self._bucket()
         if not self.graph:
             logits = self._run(length)
@@ -115,7 +130,6 @@ class DecodeStep:
                 self._capture(length)
             graph, logits = self._graphs[length]
             graph.replay()
-        self.cache.slot += 1
         self._slot += 1
         return logits
 
