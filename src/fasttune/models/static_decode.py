@@ -195,6 +195,12 @@ def release_decode_session(model) -> None:
         torch.cuda.empty_cache()
 
 
+# What every nn.Module keeps (parameter/buffer/submodule tables, a dozen hook tables): skipped by graph_state,
+# whose cost is a Python loop over the attributes of every module (~5 ms of each generate() call for a 1B model
+# when these were walked too).
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
 def graph_state(model) -> int:
     """A hash of what a captured decode step depends on besides its own buffers: every parameter's and buffer's
     address, dtype and shape, the tensors modules keep in attributes (cached RoPE tables, one level into dicts,
@@ -202,9 +208,9 @@ def graph_state(model) -> int:
     and the kernel choice. Any change means the graphs would read stale memory or replay the wrong branch."""
     state = [kernel_choice(), repr(model.arch)]
     for module in model.modules():
-        state.append(type(module))
+        state.append((type(module), module.training))
         for name, value in vars(module).items():
-            if name in ("_parameters", "_buffers", "_modules"):  # parameters and buffers: below
+            if name in _MODULE_INTERNALS:  # parameters and buffers: below; hook tables hold no tensors
                 continue
             if isinstance(value, (bool, int, float, str, type(None))):
                 state.append((name, value))
