@@ -1,18 +1,20 @@
 """Run by tests/train/test_fsdp.py, alone or under torchrun: a few SFT steps on a tiny model, optionally FSDP.
 
-argv: model_dir out_dir options-json; options: grad_accum, fsdp, checkpointing, modules_to_save, max_steps, resume,
-dtype, load_in_4bit, packing, method ("sft" | "dpo").
-Prints the per-step losses (JSON) on rank 0.
+argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
+torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
+max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo"), kernels (FASTTUNE_KERNELS for that run).
+Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
 import json
+import os
 import sys
 
 from fasttune import DPOConfig, DPOTrainer, FastLanguageModel, SFTConfig, SFTTrainer
 
 
-def main(model_dir, out_dir, options):
-    o = json.loads(options)
+def run(model_dir, out_dir, o):
+    os.environ["FASTTUNE_KERNELS"] = o.get("kernels", "")
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
                                                    load_in_4bit=o.get("load_in_4bit", False))
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
@@ -32,8 +34,15 @@ def main(model_dir, out_dir, options):
     trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
     trainer.train(resume_from_checkpoint=o.get("resume"))
     model.save_pretrained(f"{out_dir}/adapter")  # FSDP: a collective, rank 0 writes
-    if trainer.dist.is_main:
-        print(json.dumps([h["loss"] for h in trainer.log_history]))
+    return trainer.dist.is_main, [h["loss"] for h in trainer.log_history]
+
+
+def main(model_dir, runs):
+    losses, main_rank = {}, True
+    for out_dir, options in json.loads(runs):
+        main_rank, losses[out_dir] = run(model_dir, out_dir, options)
+    if main_rank:
+        print(json.dumps(losses))
 
 
 if __name__ == "__main__":

@@ -15,15 +15,17 @@ WORKER = str(Path(__file__).with_name("fsdp_worker.py"))
 ADAPTER = Path("adapter") / "adapter_model.safetensors"
 
 
-def _run(model_dir, out: Path, procs: int, **options) -> list[float]:
+def _run(model_dir, procs: int, runs: list) -> dict:
+    """Run the worker once (1 plain process or `procs` under torchrun) for every (out_dir, options) in `runs`;
+    returns {out_dir: per-step losses}."""
     cmd = [sys.executable, WORKER] if procs == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(procs), WORKER]
     env = worker_env()
-    if "kernels" in options:  # "triton": the fused LoRA function; the element-wise Triton kernels stay off
-        env["FASTTUNE_KERNELS"] = options.pop("kernels")  # (interpreted they cost a minute; tests/kernels has them)
-        env["TRITON_INTERPRET"] = "0"
-    proc = subprocess.run(cmd + [str(model_dir), str(out), json.dumps(options)], capture_output=True, text=True,
-                          env=env, timeout=300)
+    env["TRITON_INTERPRET"] = "0"  # kernels="triton": the fused LoRA function; the element-wise Triton kernels
+    # stay off (interpreted they cost a minute; tests/kernels has them)
+    runs = [(str(out), options) for out, options in runs]
+    proc = subprocess.run(cmd + [str(model_dir), json.dumps(runs)], capture_output=True, text=True, env=env,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -35,47 +37,67 @@ def _assert_same_adapter(a_dir: Path, b_dir: Path):
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
-@pytest.mark.parametrize("options", [
-    {"checkpointing": False},
+CASES = {
+    "recompute-off": {"checkpointing": False},
     # recompute inside backward re-runs each sharded layer (its all-gather hooks fire again); trainable
     # embeddings/lm_head live in the root's shard group, whose gradients are reduced at the end of backward
-    {"checkpointing": True, "modules_to_save": ["embed_tokens", "lm_head"]},
+    "recompute-on-modules-to-save": {"checkpointing": True, "modules_to_save": ["embed_tokens", "lm_head"]},
     # NF4 buffers replicated, the rest sharded; packing leaves the last step short: one rank runs a filler pass
-    {"checkpointing": True, "load_in_4bit": True, "packing": True},
-    {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
+    "recompute-on-nf4-packing": {"checkpointing": True, "load_in_4bit": True, "packing": True},
+    "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
     # the fused LoRA function (the default on GPUs) with sharded layers: its gradients reach FSDP's reduce-scatter
-    {"checkpointing": True, "kernels": "triton"},
-], ids=["recompute-off", "recompute-on-modules-to-save", "recompute-on-nf4-packing", "dpo", "fused-kernels"])
-def test_fsdp_two_processes_equal_one(tiny_model_dir, tmp_path, options):
-    folder = tiny_model_dir("llama")
-    one = _run(folder, tmp_path / "one", 1, grad_accum=2, **options)
-    two = _run(folder, tmp_path / "two", 2, grad_accum=1, fsdp=True, **options)
-    steps = options.get("max_steps", 5)
+    "fused-kernels": {"checkpointing": True, "kernels": "triton"},
+    # the first half of the resume test below
+    "lm-head-to-save": {"modules_to_save": ["lm_head"]},
+}
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, tiny_tokenizer):
+    """Every case run by one plain process (accumulating 2 micro-batches) and by 2 FSDP processes (1 each): two
+    launches for all of them. Returns (model folder, root of the outputs, {case: (one, two)} losses)."""
+    from tiny import hf_model, save_hf
+
+    root = tmp_path_factory.mktemp("fsdp")
+    folder = root / "llama"
+    save_hf(hf_model("llama"), folder, tiny_tokenizer)
+    one = _run(folder, 1, [(root / "one" / c, dict(grad_accum=2, **o)) for c, o in CASES.items()])
+    two = _run(folder, 2, [(root / "two" / c, dict(grad_accum=1, fsdp=True, **o)) for c, o in CASES.items()])
+    return folder, root, {c: (one[str(root / "one" / c)], two[str(root / "two" / c)]) for c in CASES}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c != "lm-head-to-save"])
+def test_fsdp_two_processes_equal_one(fsdp_runs, case):
+    _, root, losses = fsdp_runs
+    one, two = losses[case]
+    one_dir, two_dir = root / "one" / case, root / "two" / case
+    steps = 5
     assert len(one) == steps and one[-1] < one[0] and len(set(one)) == steps
     torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=0)
-    _assert_same_adapter(tmp_path / "one", tmp_path / "two")
+    _assert_same_adapter(one_dir, two_dir)
     # only rank 0 wrote: one log, one checkpoint with full (gathered) tensors
-    assert len((tmp_path / "two" / "log_history.jsonl").read_text().splitlines()) == steps
-    _assert_same_adapter(tmp_path / "one" / "checkpoint-3", tmp_path / "two" / "checkpoint-3")
+    assert len((two_dir / "log_history.jsonl").read_text().splitlines()) == steps
+    _assert_same_adapter(one_dir / "checkpoint-3", two_dir / "checkpoint-3")
 
 
-def test_fsdp_checkpoint_resumes_on_another_world_size(tiny_model_dir, tmp_path):
+def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs, tmp_path):
     """The checkpoint holds full LoRA tensors and the full optimizer state: a 2-process FSDP checkpoint resumes in
     one plain process, and a 1-process checkpoint in 2 FSDP processes, each continuing the uninterrupted run."""
-    folder, opts = tiny_model_dir("llama"), {"modules_to_save": ["lm_head"]}
-    two = _run(folder, tmp_path / "two", 2, grad_accum=1, fsdp=True, **opts)
-    (tmp_path / "resumed_one").mkdir()
-    shutil.copytree(tmp_path / "two" / "checkpoint-3", tmp_path / "resumed_one" / "checkpoint-3")
-    resumed = _run(folder, tmp_path / "resumed_one", 1, grad_accum=2, resume=True, **opts)
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(two), rtol=1e-5, atol=0)
-    _assert_same_adapter(tmp_path / "two", tmp_path / "resumed_one")
-
-    one = _run(folder, tmp_path / "one", 1, grad_accum=2, **opts)
-    (tmp_path / "resumed_two").mkdir()
-    shutil.copytree(tmp_path / "one" / "checkpoint-3", tmp_path / "resumed_two" / "checkpoint-3")
-    resumed = _run(folder, tmp_path / "resumed_two", 2, grad_accum=1, fsdp=True, resume=True, **opts)
-    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(one), rtol=1e-5, atol=0)
-    _assert_same_adapter(tmp_path / "one", tmp_path / "resumed_two")
+    folder, root, losses = fsdp_runs
+    case = "lm-head-to-save"
+    one, two = losses[case]
+    opts = CASES[case]
+    for source, target in (("two", "resumed_one"), ("one", "resumed_two")):
+        (tmp_path / target).mkdir()
+        shutil.copytree(root / source / case / "checkpoint-3", tmp_path / target / "checkpoint-3")
+    resumed_one = _run(folder, 1, [(tmp_path / "resumed_one", dict(grad_accum=2, resume=True, **opts))])
+    resumed_two = _run(folder, 2, [(tmp_path / "resumed_two", dict(grad_accum=1, fsdp=True, resume=True, **opts))])
+    torch.testing.assert_close(torch.tensor(resumed_one[str(tmp_path / "resumed_one")]), torch.tensor(two),
+                               rtol=1e-5, atol=0)
+    _assert_same_adapter(root / "two" / case, tmp_path / "resumed_one")
+    torch.testing.assert_close(torch.tensor(resumed_two[str(tmp_path / "resumed_two")]), torch.tensor(one),
+                               rtol=1e-5, atol=0)
+    _assert_same_adapter(root / "one" / case, tmp_path / "resumed_two")
 
 
 def test_cli_gpus_fsdp(tiny_model_dir, tmp_path):
