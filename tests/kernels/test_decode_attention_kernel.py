@@ -32,6 +32,8 @@ def _case(b, hq, hkv, d, rot, cap, s, slot, dtype, window=None, seed=0):
     (3, 6, 2, 16, 8, 80, 80, 79, None, 4),       # groups of 3 (padded to 4), partial rotary, four splits
     (2, 8, 8, 32, 32, 64, 48, 30, 5, 2),         # plain MHA, a sliding window of 5, two splits
     (1, 4, 1, 16, 16, 300, 256, 3, None, 8),     # early in a long bucket: most splits see only masked slots
+    (2, 4, 2, 24, 24, 40, 40, 33, None, None),   # head_dim not a power of two (Phi-3's 96), padded tiles
+    (33, 2, 2, 16, 16, 24, 24, 10, None, None),  # 66 (row, head) pairs: the large-batch tiling, one split
 ])
 def test_decode_attention_equals_the_unfused_path(dtype, b, hq, hkv, d, rot, cap, s, slot, window, splits):
     args = _case(b, hq, hkv, d, rot, cap, s, slot, dtype, window)
