@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from bpe_tokenizers import STYLES, make_bpe_tokenizer
+from llama_cpp_check import compare_logits
 from peft_oracle import randomize_lora_b
 from tiny import FAMILIES, MOE_FAMILIES, hf_model, save_hf
 
@@ -41,23 +42,9 @@ def _llama_cpp(path, **kw):
 
 
 def _compare_logits(model, tok, path, prompts=PROMPTS):
-    """(max relative logit difference, top-1 agreement over all positions, top-1 equal at every prompt's end)
-    between us and llama.cpp."""
-    llm = _llama_cpp(path)
-    worst, agree, total, last_equal = 0.0, 0, 0, True
-    for text in prompts:
-        ids = tok(text)["input_ids"]
-        with torch.no_grad():
-            ours = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu().numpy()
-        llm.reset()
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[:len(ids)])
-        worst = max(worst, float(np.abs(theirs - ours).max() / (ours.max() - ours.min())))
-        agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
-        total += len(ids)
-        last_equal &= bool(theirs[-1].argmax() == ours[-1].argmax())
-    llm.close()
-    return worst, agree / total, last_equal
+    """llama_cpp_check.compare_logits over this file's prompts."""
+    pytest.importorskip("llama_cpp")
+    return compare_logits(model, tok, path, prompts)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

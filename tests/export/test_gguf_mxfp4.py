@@ -3,13 +3,13 @@ llama.cpp: every tensor's type and bytes equal llama_model_quantize of our bf16 
 our logits, an unchanged MXFP4 checkpoint keeps its own blocks (as convert_hf_to_gguf.py repacks them), the CLI, and
 the refusal on dense models. One tiny gpt-oss (hidden 64, 4 experts top-2, sliding + full layer) stored as an MXFP4
 checkpoint serves the module."""
-import ctypes
 import json
 
 import numpy as np
 import pytest
 import torch
 from bpe_tokenizers import make_bpe_tokenizer
+from llama_cpp_check import compare_logits, llama_quantize
 from peft_oracle import randomize_lora_b
 from tiny import hf_model, save_hf
 
@@ -58,34 +58,8 @@ def checkpoint(tmp_path_factory, bpe):
     return folder, pairs
 
 
-def _llama_quantize(src, dst):
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    return dst
-
-
 def _tensors(path):
     return {t.name: (t.tensor_type.name, np.asarray(t.data).copy()) for t in gguf.GGUFReader(path).tensors}
-
-
-def _logit_gap(model, tok, path):
-    """(max |logit difference| / logit range, top-1 agreement) of llama.cpp on `path` against our model."""
-    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=1)
-    worst, agree, total = 0.0, 0, 0
-    for text in PROMPTS:
-        ids = tok(text)["input_ids"]
-        with torch.no_grad():
-            ours = model(torch.tensor([ids])).logits[0].float().numpy()
-        llm.reset()
-        llm.eval(ids)
-        theirs = np.asarray(llm.scores[:len(ids)])
-        worst = max(worst, float(np.abs(theirs - ours).max() / (ours.max() - ours.min())))
-        agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
-        total += len(ids)
-    llm.close()
-    return worst, agree / total
 
 
 def test_mxfp4_moe_equals_llama_quantize_and_runs_in_llama_cpp(checkpoint, tmp_path):
@@ -102,7 +76,7 @@ def test_mxfp4_moe_equals_llama_quantize_and_runs_in_llama_cpp(checkpoint, tmp_p
     bf16, ours = model.save_pretrained_gguf(tmp_path / "g", tok, quantization_method=["bf16", "mxfp4_moe"],
                                             progress=False)
     assert ours.name == "model.MXFP4_MOE.gguf"
-    theirs = _tensors(_llama_quantize(bf16, tmp_path / "llama.gguf"))
+    theirs = _tensors(llama_quantize(bf16, tmp_path / "llama.gguf", "mxfp4_moe"))
     mine = _tensors(ours)
     assert mine.keys() == theirs.keys()
     assert {k: v[0] for k, v in mine.items()} == {k: v[0] for k, v in theirs.items()}
@@ -114,7 +88,7 @@ def test_mxfp4_moe_equals_llama_quantize_and_runs_in_llama_cpp(checkpoint, tmp_p
     assert types["blk.0.attn_sinks.weight"] == "F32"
     reader = gguf.GGUFReader(ours)
     assert reader.fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_MXFP4_MOE)
-    rel, top1 = _logit_gap(model, tok, ours)
+    rel, top1, _ = compare_logits(model, tok, ours, PROMPTS, n_threads=1)
     print(f"mxfp4_moe (LoRA merged, re-quantized): rel {rel:.2e} top-1 {top1:.3f}")
     assert rel < 0.15 and top1 >= 0.5
 
@@ -137,7 +111,7 @@ def test_unchanged_mxfp4_checkpoint_keeps_its_blocks(checkpoint, tmp_path):
     randomize_lora_b(model)
     f32, ours = model.save_pretrained_gguf(tmp_path / "g", tok, quantization_method=["f32", "mxfp4_moe"],
                                            progress=False)
-    mine, theirs = _tensors(ours), _tensors(_llama_quantize(f32, tmp_path / "llama.gguf"))
+    mine, theirs = _tensors(ours), _tensors(llama_quantize(f32, tmp_path / "llama.gguf", "mxfp4_moe"))
     requantized_blocks = 0
     for name in EXPERTS:
         layer, proj = int(name.split(".")[1]), name.split(".")[2].split("_")[1]
@@ -161,7 +135,7 @@ def test_unchanged_mxfp4_checkpoint_keeps_its_blocks(checkpoint, tmp_path):
         requantized_blocks += int((data.reshape(-1, 17) != theirs[name][1].reshape(-1, 17)).any(1).sum())
     assert requantized_blocks > 0  # the repack is not what re-quantizing would write
     assert [k for k in mine if k not in EXPERTS and not np.array_equal(mine[k][1], theirs[k][1])] == []
-    rel, top1 = _logit_gap(model, tok, ours)
+    rel, top1, _ = compare_logits(model, tok, ours, PROMPTS, n_threads=1)
     print(f"mxfp4_moe (checkpoint blocks): rel {rel:.2e} top-1 {top1:.3f}")
     assert rel < 5e-2 and top1 >= 0.9
 

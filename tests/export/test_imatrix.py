@@ -3,12 +3,12 @@
 byte for byte; the collection (export/imatrix.py) on a tiny model; the GGUF plumbing and its errors."""
 import ctypes
 import json
-import os
 
 import numpy as np
 
 import pytest
 import torch
+from llama_cpp_check import ggml_lib, ggml_quantize
 
 from fasttune.export import kquants
 
@@ -21,22 +21,8 @@ WEIGHTED = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_
 @pytest.fixture(scope="module")
 def ggml():
     """ggml_quantize_chunk(name, x (rows, n_per_row) float32, imatrix (n_per_row,) float32 or None) -> bytes."""
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-
-    def quantize(x: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
-        block, size = kquants.BLOCKS[name]
-        out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
-        n = lib.ggml_quantize_chunk(int(gguf.GGMLQuantizationType[name]), x.ctypes.data, out.ctypes.data, 0,
-                                    x.shape[0], x.shape[1], None if qw is None else qw.ctypes.data)
-        assert n == out.size
-        return out
-
-    return quantize
+    lib = ggml_lib()
+    return lambda x, name, imatrix: ggml_quantize(lib, x, name, imatrix)
 
 
 def _inputs():
@@ -195,7 +181,7 @@ def test_imatrix_file_round_trip_and_llama_cpp_reads_it(lora_model, tmp_path):
     im = collect_imatrix(model, sample_token_ids(TEXTS, tok, 100)[0], progress=False, dataset="texts")
     path = save_imatrix(im, tmp_path / "imatrix.gguf")
 
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib = ggml_lib()
 
     class Params(ctypes.Structure):
         _fields_ = [("no_alloc", ctypes.c_bool), ("ctx", ctypes.c_void_p)]

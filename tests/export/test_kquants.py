@@ -1,12 +1,11 @@
 """GGML quantizers (export/kquants.py) and llama.cpp's quantization mixtures (export/gguf_types.py) against
 llama.cpp itself, through llama-cpp-python's bundled ggml: ggml_quantize_chunk for the bytes of each block type,
 llama_model_quantize on our f32 GGUF for the per-tensor type choice and bytes of each mixture."""
-import ctypes
-import os
 
 import numpy as np
 import pytest
 import torch
+from llama_cpp_check import ggml_lib, ggml_quantize, llama_quantize
 
 from fasttune.export import kquants
 
@@ -20,21 +19,8 @@ METHODS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "
 
 @pytest.fixture(scope="module")
 def ggml():
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-
-    def quantize(x: np.ndarray, name: str) -> np.ndarray:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        block, size = kquants.BLOCKS[name]
-        out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
-        n = lib.ggml_quantize_chunk(int(gguf.GGMLQuantizationType[name]), x.ctypes.data, out.ctypes.data, 0,
-                                    x.shape[0], x.shape[1], None)
-        assert n == out.size
-        return out
-
-    return quantize
+    lib = ggml_lib()
+    return lambda x, name: ggml_quantize(lib, x, name)
 
 
 def _cases():
@@ -109,14 +95,6 @@ def _export(folder, tmp_path, methods):
     return out[0], dict(zip(methods, out[1:]))
 
 
-def _llama_quantize(src, dst, method):
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{method.upper()}")
-    params.nthread = 1
-    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
-    return dst
-
-
 def _tensors(path):
     return {t.name: (t.tensor_type.name, np.asarray(t.data).tobytes()) for t in gguf.GGUFReader(path).tensors}
 
@@ -140,7 +118,7 @@ def test_mixtures_equal_llama_quantize(family, model_dir, tmp_path):
     extra = {"query_pre_attn_scalar": SIZES["head_dim"]} if family in ("gemma2", "gemma3_text") else {}
     f32, ours = _export(model_dir(family, **SIZES, **extra), tmp_path, methods)
     for method, path in ours.items():
-        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         if method == "q4_k_m":  # the "more bits" layer of 2 is the last one
             v = "attn_qkv" if family == "phi3" else "attn_v"
             assert types[f"blk.0.{v}.weight"] == "Q4_K" and types[f"blk.1.{v}.weight"] == "Q6_K"
@@ -163,7 +141,7 @@ def test_moe_mixtures_equal_llama_quantize(family, experts, methods, model_dir, 
     f32, ours = _export(model_dir(family, hidden_size=256, intermediate_size=256, head_dim=64, **n), tmp_path,
                         methods)
     for method, path in ours.items():
-        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         assert types["blk.0.ffn_gate_inp.weight"] == "F32"
         if method == "q4_k_m":
             assert types["blk.0.ffn_up_exps.weight"] == "Q4_K" and types["blk.1.ffn_down_exps.weight"] == "Q6_K"
@@ -180,7 +158,7 @@ def test_gpt_oss_mixtures_equal_llama_quantize(model_dir, tmp_path):
     folder = model_dir("gpt_oss", hidden_size=256, intermediate_size=256)
     f32, ours = _export(folder, tmp_path, ["q8_0", "q4_k_m", "q4_0"])
     for method, path in ours.items():
-        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         assert types["blk.0.ffn_gate_exps.bias"] == "F32" and types["blk.0.attn_sinks.weight"] == "F32"
         assert types["blk.0.ffn_gate_inp.weight"] == "F32"
         if method == "q8_0":
@@ -196,7 +174,7 @@ def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
     methods = ["q2_k", "q3_k_m", "q4_k_s", "q4_k_m"]
     f32, ours = _export(folder, tmp_path, methods)
     for method, path in ours.items():
-        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         if method == "q4_k_m":
             assert [types[f"blk.{i}.attn_v.weight"] for i in range(9)] == \
                 ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q6_K"]
@@ -208,7 +186,7 @@ def test_small_rows_fall_back_as_llama_cpp_does(model_dir, tmp_path):
     """Hidden 64: no row divides into 256-blocks, so the k-types fall back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...)."""
     f32, ours = _export(model_dir("qwen3"), tmp_path, ["q4_k_m", "q3_k_l"])
     for method, path in ours.items():
-        types = _compare(path, _llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         assert set(types.values()) <= {"F32", "Q5_0", "Q8_0", "Q4_0", "Q5_1"}
 
 

@@ -1,11 +1,10 @@
 """GGML's MXFP4 (export/mxfp4.py) against ggml itself, through llama-cpp-python's bundled libggml-base:
 ggml_quantize_chunk(GGML_TYPE_MXFP4) for the bytes, dequantize_row_mxfp4 for the values."""
-import ctypes
-import os
 
 import numpy as np
 import pytest
 import torch
+from llama_cpp_check import ggml_lib, ggml_quantize
 
 from fasttune.export import kquants, mxfp4
 
@@ -15,22 +14,7 @@ gguf = pytest.importorskip("gguf")
 
 @pytest.fixture(scope="module")
 def ggml():
-    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
-    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
-    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
-                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    lib.dequantize_row_mxfp4.restype = None
-    lib.dequantize_row_mxfp4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
-    return lib
-
-
-def _ggml_quantize(lib, x: np.ndarray) -> np.ndarray:
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    out = np.zeros((x.shape[0], x.shape[1] // 32 * 17), np.uint8)
-    n = lib.ggml_quantize_chunk(int(gguf.GGMLQuantizationType.MXFP4), x.ctypes.data, out.ctypes.data, 0,
-                                x.shape[0], x.shape[1], None)
-    assert n == out.size
-    return out
+    return ggml_lib()
 
 
 def _near_powers_of_two() -> torch.Tensor:
@@ -87,7 +71,7 @@ def test_quantizer_bytes_equal_ggml(ggml):
     """Every block byte-identical to ggml_quantize_chunk(GGML_TYPE_MXFP4) (quantize_row_mxfp4_ref)."""
     for name, x in _cases().items():
         ours = kquants.quantize(x, "MXFP4").reshape(-1, 17)
-        theirs = _ggml_quantize(ggml, x.numpy()).reshape(-1, 17)
+        theirs = ggml_quantize(ggml, x.numpy(), "MXFP4").reshape(-1, 17)
         same = (ours == theirs).all(1)
         assert same.all(), f"{name}: {int((~same).sum())} of {len(same)} blocks differ"
         assert len(same) == x.numel() // 32

@@ -1,0 +1,71 @@
+"""llama.cpp as the oracle of the GGUF tests, through llama-cpp-python: its bundled libggml-base's quantizers
+(ctypes) and its runtime's logits beside ours. Import only after pytest.importorskip("llama_cpp")."""
+import ctypes
+import os
+
+import numpy as np
+import torch
+
+
+def ggml_lib() -> ctypes.CDLL:
+    """llama-cpp-python's libggml-base with ggml_quantize_chunk and dequantize_row_mxfp4 typed."""
+    import llama_cpp
+
+    lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                        ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    lib.dequantize_row_mxfp4.restype = None
+    lib.dequantize_row_mxfp4.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    return lib
+
+
+def ggml_quantize(lib: ctypes.CDLL, x: np.ndarray, name: str, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """ggml_quantize_chunk(type `name`, x (rows, n_per_row) float32, imatrix (n_per_row,) or None): the blocks'
+    bytes, (rows, n_per_row / block * block bytes) uint8."""
+    import gguf
+
+    from fasttune.export import kquants
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    qw = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    block, size = kquants.BLOCKS[name]
+    out = np.zeros((x.shape[0], x.shape[1] // block * size), np.uint8)
+    n = lib.ggml_quantize_chunk(int(gguf.GGMLQuantizationType[name]), x.ctypes.data, out.ctypes.data, 0,
+                                x.shape[0], x.shape[1], None if qw is None else qw.ctypes.data)
+    assert n == out.size
+    return out
+
+
+def compare_logits(model, tok, path, prompts, n_threads: int = 2):
+    """(max |logit difference| / our logit range, top-1 agreement over all positions, top-1 equal at every
+    prompt's end) of llama.cpp running the GGUF at `path` against `model`."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=n_threads)
+    worst, agree, total, last_equal = 0.0, 0, 0, True
+    for text in prompts:
+        ids = tok(text)["input_ids"]
+        with torch.no_grad():
+            ours = model(torch.tensor([ids], device=model.device)).logits[0].float().cpu().numpy()
+        llm.reset()
+        llm.eval(ids)
+        theirs = np.asarray(llm.scores[:len(ids)])
+        worst = max(worst, float(np.abs(theirs - ours).max() / (ours.max() - ours.min())))
+        agree += int((theirs.argmax(-1) == ours.argmax(-1)).sum())
+        total += len(ids)
+        last_equal &= bool(theirs[-1].argmax() == ours[-1].argmax())
+    llm.close()
+    return worst, agree / total, last_equal
+
+
+def llama_quantize(src, dst, method: str):
+    """llama.cpp's llama_model_quantize of the GGUF at `src` into `dst` with `method` (a fasttune name such as
+    "q4_k_m" or "mxfp4_moe": llama.cpp's LLAMA_FTYPE_MOSTLY_<METHOD>), one thread; returns dst."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{method.upper()}")
+    params.nthread = 1
+    assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
+    return dst
