@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.kernels.activations import ACT_IDS, gated_act_reference
-from fasttune.kernels.dispatch import HAVE_TRITON
+from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
 
 def gemv_reference(x: torch.Tensor, weights, biases) -> tuple[torch.Tensor, ...]:
@@ -138,8 +138,6 @@ def one_row_linears(x: torch.Tensor, layers) -> bool:
     """Whether `gemv` (or, for a gate/up pair, `gated_gemv`) computes layer(x) for these layers: Triton on (see
     dispatch.use_triton), no autograd, x one contiguous row, one to three plain nn.Linear layers (not LoRA, not
     quantised) of x's dtype over the same K with contiguous weights, all or none with biases."""
-    from fasttune.kernels.dispatch import use_triton
-
     if torch.is_grad_enabled() or not use_triton(x) or not 1 <= len(layers) <= 3:
         return False
     if x.numel() != x.shape[-1] or not x.is_contiguous():

@@ -46,16 +46,20 @@ class _Cursor:
         self.blob, self.pos = blob, 0
 
     def number(self, fmt: str):
+        """The next little-endian number in struct format `fmt` (e.g. "<Q"); advances past it."""
         value = struct.unpack_from(fmt, self.blob, self.pos)[0]
         self.pos += struct.calcsize(fmt)
         return value
 
     def string(self) -> str:
+        """The next GGUF string (uint64 length, UTF-8 bytes); advances past it."""
         n = self.number("<Q")
         self.pos += n
         return bytes(self.blob[self.pos - n:self.pos]).decode("utf-8")
 
     def value(self, kind: int):
+        """The next metadata value of GGUF value type `kind` (number, string or array of them); ValueError for an
+        unknown type."""
         if kind in _NUMBERS:
             return self.number(_NUMBERS[kind])
         if kind == _STRING:
