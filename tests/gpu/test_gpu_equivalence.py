@@ -51,3 +51,29 @@ def test_lora_grads_equal_peft_on_gpu_fp32(mode, tiny_model_dir, tmp_path):
     for n, p in ours.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(p.grad, theirs[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_offload_reuses_forward_attention_on_gpu(dtype, tiny_model_dir, monkeypatch):
+    """On the card the recompute answers each layer's fused SDPA call (cuDNN or flash) from the kept forward
+    results: one replay per layer, gradients equal to on-device recompute."""
+    from fasttune.models import kept_attention
+
+    made = []
+    init = kept_attention.AttentionKeeper.__init__
+    monkeypatch.setattr(kept_attention.AttentionKeeper, "__init__", lambda self, store: (init(self, store),
+                                                                                      made.append(self))[0])
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=dtype, device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    model.train()
+    randomize_lora_b(model)
+    ids, mask, labels = _batch()
+    grads = []
+    for mode in (True, "offload"):
+        model.gradient_checkpointing = mode
+        model.zero_grad(set_to_none=True)
+        model(ids, attention_mask=mask, labels=labels).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert [k.replays for k in made] == [model.arch.num_layers]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)

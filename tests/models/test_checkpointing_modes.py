@@ -16,9 +16,10 @@ def _grads(model, mode, ids, mask):
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+# triton: the fused LoRA function draws the masks. It runs Triton's CPU interpreter (~10 s a case), so only on
+# llama; gemma2's sandwich norms are the same recompute logic with more norms.
+@pytest.mark.parametrize("family,kernels", [("llama", "torch"), ("gemma2", "torch"), ("llama", "triton")])
 @pytest.mark.parametrize("mode", [True, "offload"])
-@pytest.mark.parametrize("kernels", ["torch", "triton"])  # triton: the fused LoRA function draws the masks
 def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode, kernels, monkeypatch):
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32)
@@ -34,3 +35,41 @@ def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode, kernels, mon
     assert got.keys() == ref.keys() and all(g is not None for g in got.values())
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.fixture
+def keepers(monkeypatch):
+    """The AttentionKeepers made during a test (each forward pass with "offload" makes one)."""
+    from fasttune.models import kept_attention
+
+    made = []
+    init = kept_attention.AttentionKeeper.__init__
+
+    def spy(self, store):
+        init(self, store)
+        made.append(self)
+
+    monkeypatch.setattr(kept_attention.AttentionKeeper, "__init__", spy)
+    return made
+
+
+@pytest.mark.parametrize("left_pad", [False, True])
+def test_offload_reuses_forward_attention(tiny_model_dir, keepers, left_pad):
+    """With "offload" the recompute answers each layer's causal SDPA call from the forward's kept output and
+    log-sum-exp (models/kept_attention.py): one replay per layer, gradients bit-equal to recomputing it. Left
+    padding needs a mask, which is not kept: no replays, same gradients."""
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.train()
+    randomize_lora_b(model)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    if left_pad:
+        mask[1, :6] = 0
+    _, ref = _grads(model, True, ids, mask)
+    assert keepers == []  # on-device recompute keeps nothing: the outputs would cost GPU memory
+    _, got = _grads(model, "offload", ids, mask)
+    assert [k.replays for k in keepers] == [0 if left_pad else model.arch.num_layers]
+    assert all(not k.records for k in keepers)  # every kept result was used (and released) by backward
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n

@@ -31,7 +31,7 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
-from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
+from fasttune.models.offload import LayerInputOffloader, kept_attention, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 from fasttune.peft.lora import project
@@ -143,8 +143,14 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
             scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and q.shape[2] > 1,
-                                          scale=scale, enable_gqa=gqa)
+    causal = mask is None and q.shape[2] > 1
+
+    def attend():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+    if causal and q.shape[2] == k.shape[2]:  # training's plain causal case: recompute may reuse the forward's result
+        return kept_attention(attend)
+    return attend()
 
 
 def attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor):
@@ -434,6 +440,11 @@ class DecoderModel(nn.Module):
         if not mode:
             return None
         store = LayerInputOffloader(x.device, offload=mode == "offload")
+        if mode == "offload":  # the attention outputs go to the host too: the recompute skips the attention kernel
+            b, t, _ = x.shape
+            arch = self.arch
+            store.keep_attention(arch.num_layers, x.numel() * x.element_size(),
+                                 b * t * arch.num_heads * arch.head_dim * x.element_size())
         return store, torch.empty(0, device=x.device, requires_grad=True)
 
     def _run_layer(self, layer, x, cos, sin, masks, offload=None, router_logits: bool = False):

@@ -90,24 +90,49 @@ def recomputing() -> bool:
 
 
 @contextlib.contextmanager
-def _recompute_scope():
-    before = recomputing()
-    _STATE.recomputing = True
+def _layer_scope(offloader, slot: int, recompute: bool):
+    before = recomputing(), getattr(_STATE, "layer", None)
+    _STATE.recomputing, _STATE.layer = recompute, (offloader, slot)
     try:
         yield
     finally:
-        _STATE.recomputing = before
+        _STATE.recomputing, _STATE.layer = before
+
+
+def kept_attention(attend):
+    """attend() -> an attention output, run through the AttentionKeeper of the offloaded layer now running (kept in
+    the forward pass, answered from what was kept in the recompute), or plainly outside such a layer."""
+    offloader, slot = getattr(_STATE, "layer", None) or (None, None)
+    if offloader is None or offloader.attention is None:
+        return attend()
+    return offloader.attention.run(slot, recomputing(), attend)
 
 
 class LayerInputOffloader:
     """The saved inputs of one forward pass, in layer order. offload=False keeps them on the device: plain
     per-layer recompute through the same path (cheaper than torch.utils.checkpoint's saved-tensor hooks)."""
 
-    def __init__(self, device: torch.device, offload: bool = True):
+    def __init__(self, device: torch.device, offload: bool = True, host_bytes: int | None = None):
+        """host_bytes: the most pinned host memory this store may fill (default: all of host_offload_budget())."""
         self.device = device
         self.side = torch.cuda.Stream(device) if device.type == "cuda" and offload else None
         self.slots: list[dict | None] = []
-        self.host_left = host_offload_budget() if self.side is not None else 0
+        budget = host_offload_budget() if host_bytes is None else host_bytes
+        self.host_left = budget if self.side is not None else 0
+        self.attention = None  # an AttentionKeeper when the layers' attention outputs are kept (keep_attention)
+
+    def keep_attention(self, layers: int, input_bytes: int, output_bytes: int) -> bool:
+        """Also keep each layer's attention output (models/kept_attention.py), when the host budget holds `layers`
+        layer inputs and outputs (bytes each); the inputs come first, so very long sequences keep only those.
+        Returns whether outputs are kept."""
+        if self.side is not None and self.host_left < layers * (input_bytes + output_bytes):
+            return False
+        from fasttune.models.kept_attention import AttentionKeeper
+
+        share = layers * output_bytes if self.side is not None else 0
+        self.host_left -= share
+        self.attention = AttentionKeeper(LayerInputOffloader(self.device, self.side is not None, host_bytes=share))
+        return True
 
     def save(self, x: torch.Tensor) -> int:
         """Keep a layer's input x until backward and return its slot index for `load`: copied to a pinned host buffer on
@@ -177,14 +202,15 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.x_requires_grad = x.requires_grad
         ctx.cpu_rng = torch.get_rng_state()  # dropout in LoRA must draw the same masks in the recompute
         ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
-        with torch.no_grad():
+        with torch.no_grad(), _layer_scope(offloader, ctx.slot, recompute=False):
             return run(x)
 
     @staticmethod
     def backward(ctx, *grads):
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(True)
         devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), _recompute_scope():
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+                _layer_scope(ctx.offloader, ctx.slot, recompute=True):
             torch.set_rng_state(ctx.cpu_rng)
             if ctx.cuda_rng is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
