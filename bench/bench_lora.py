@@ -73,6 +73,7 @@ MATRIX = {
 
 EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
+OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 
 
 def targets(shape: str) -> list[str]:
@@ -138,6 +139,11 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
 
         model.model.embed_tokens.weight.requires_grad_(False)  # loaded models come frozen
         offload_input_embedding(model)
+    if OFFLOAD_LM_HEAD[0]:  # what from_pretrained(..., offload_lm_head=True) does after loading
+        from fasttune.models.host_head import offload_lm_head
+
+        model.lm_head.weight.requires_grad_(False)
+        offload_lm_head(model)
     return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
                                             use_gradient_checkpointing=_gc_mode(gc))
 
@@ -227,7 +233,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "shape": shape, "quant": quant,
            "gradient_checkpointing": gc, "batch": bs, "seq": seq,
            "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0],
-           "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
+           "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0],
+           "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
@@ -264,10 +271,13 @@ def main():
                     help="MoE shapes: LoRA on the experts too (target_modules with gate/up/down), both impls")
     ap.add_argument("--offload-embedding", action="store_true",
                     help="ours: the frozen input embedding in pinned host memory (from_pretrained's offload_embedding)")
+    ap.add_argument("--offload-lm-head", action="store_true",
+                    help="ours: the frozen LM head in pinned host memory, streamed (from_pretrained's offload_lm_head)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
     EXPERT_LORA[0] = a.expert_lora
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
+    OFFLOAD_LM_HEAD[0] = a.offload_lm_head
     if a.matrix:
         rows = []
         for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:
@@ -291,7 +301,7 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
     cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
            "--out", out] + (["--expert-lora"] if a.expert_lora else []) + \
-        (["--offload-embedding"] if a.offload_embedding else [])
+        (["--offload-embedding"] if a.offload_embedding else []) + (["--offload-lm-head"] if a.offload_lm_head else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant}")
 
 

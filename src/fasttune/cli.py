@@ -32,6 +32,8 @@ RUN_OPTIONS = {
     "quantization": (str, "none", "frozen base weights: none | int4 (= nf4, QLoRA) | int8"),
     "offload_embedding": (bool, False, "keep the frozen input embedding in host memory, read row by row by the GPU "
                                        "(1-2 GiB less GPU memory for 8B-20B models with an untied LM head)"),
+    "offload_lm_head": (bool, False, "keep the frozen, untied LM head in host memory, streamed to the GPU in tiles "
+                                     "(1-1.6 GiB less GPU memory for 8B-14B models; ~30 ms a step for the copy)"),
     "dtype": (str, None, "float32 | bfloat16 | float16 (default: bf16 on capable GPUs, fp32 on CPU)"),
     "gradient_checkpointing": (str, "auto", "auto | true | false | offload"),
     "sample_prompt": (str, None, "prompt for the before/after sample (default: one from the data)"),
@@ -497,7 +499,8 @@ def _train(run: dict, config: TrainingConfig, out: Path):
                                                        fast=not run["no_fast"],
                                                        load_in_4bit=QUANTIZATIONS[run["quantization"]] == "nf4",
                                                        load_in_8bit=QUANTIZATIONS[run["quantization"]] == "int8",
-                                                       offload_embedding=run["offload_embedding"])
+                                                       offload_embedding=run["offload_embedding"],
+                                                       offload_lm_head=run["offload_lm_head"])
     for w in caught:  # the fallback notice as one line of our own; other warnings as Python shows them
         if issubclass(w.category, FallbackWarning):
             print(f"fasttune: warning: {w.message}", file=sys.stderr)

@@ -131,6 +131,12 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     penalty_alpha, assistant_model, prefix_allowed_tokens_fn, ...; see generate_args.py), for invalid values and for
     right-padded batches.
     """
+    from fasttune.models.host_head import head_on_device, host_head
+
+    if host_head(model) is not None and model.device.type == "cuda":  # offload_lm_head: every token reads the
+        # whole head, so it comes to the GPU once for the call instead of streaming over PCIe per token
+        with head_on_device(model, model.device):
+            return generate(model, input_ids, attention_mask, **kwargs)
     images = _image_inputs(model, input_ids, kwargs)
     input_ids, attention_mask = prompt_argument(input_ids, attention_mask, kwargs)
     generation_config = kwargs.pop("generation_config", None)

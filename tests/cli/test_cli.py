@@ -54,11 +54,13 @@ def test_offload_embedding_trains_the_same_and_is_refused_for_tied_heads(tiny_mo
     whose LM head is tied to the embedding is refused before training, leaving nothing behind."""
     data = _rows(tmp_path / "d.jsonl")
     logs = []
-    for flags, out in (([], tmp_path / "plain"), (["--offload-embedding"], tmp_path / "host")):
+    for flags, out in (([], tmp_path / "plain"), (["--offload-embedding"], tmp_path / "host"),
+                       (["--offload-embedding", "--offload-lm-head"], tmp_path / "host_head")):
         assert main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(data), "--output-dir", str(out),
                      "--max-steps", "2", "--lora-r", "4", "--no-sample", *flags]) == 0
         logs.append([json.loads(x)["loss"] for x in (out / "log_history.jsonl").read_text().splitlines()])
     assert logs[0] == logs[1] and len(logs[0]) == 2
+    assert logs[2] == pytest.approx(logs[0], rel=1e-5)  # the streamed head's online softmax: same loss to fp32
     capsys.readouterr()
     out = tmp_path / "tied"
     assert main(["train", "--model", str(tiny_model_dir("qwen2")), "--data", str(data), "--output-dir", str(out),

@@ -31,6 +31,8 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
+from fasttune.kernels.streamed_head import streamed_cross_entropy, streamed_logits
+from fasttune.models.host_head import host_head
 from fasttune.models.offload import LayerInputOffloader, kept_attention, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
@@ -712,6 +714,9 @@ class CausalLM(PreTrainedModel):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> logits (..., vocab) in the hidden dtype, Gemma 2's final softcap applied."""
+        host = host_head(self)
+        if host is not None:  # offload_lm_head: streamed from host memory in tiles
+            return streamed_logits(hidden, host, self.arch.final_logit_softcap)
         return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
@@ -750,9 +755,12 @@ class CausalLM(PreTrainedModel):
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(hidden.device)
-            loss_sum = chunked_linear_cross_entropy(
-                hidden[:, :-1].reshape(-1, hidden.shape[-1]), self.lm_head.weight, shifted,
-                self.arch.final_logit_softcap)
+            flat, host = hidden[:, :-1].reshape(-1, hidden.shape[-1]), host_head(self)
+            if host is not None:  # offload_lm_head: one online-softmax pass over the streamed head
+                loss_sum = streamed_cross_entropy(flat, host, shifted, self.arch.final_logit_softcap)
+            else:
+                loss_sum = chunked_linear_cross_entropy(flat, self.lm_head.weight, shifted,
+                                                        self.arch.final_logit_softcap)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across

@@ -34,7 +34,7 @@ class HostEmbedding(nn.Embedding):
         for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
             setattr(host, attr, getattr(embedding, attr, None))
         weight = embedding.weight.detach().to("cpu")
-        host.weight = nn.Parameter(_pinned(weight), requires_grad=False)
+        host.weight = nn.Parameter(pinned(weight), requires_grad=False)
         return host
 
     def _apply(self, fn, recurse=True):
@@ -42,7 +42,7 @@ class HostEmbedding(nn.Embedding):
         # effect is kept, so the table never lands on the GPU.
         moved = fn(torch.empty(0, dtype=self.weight.dtype, device="cpu"))
         if moved.dtype != self.weight.dtype and moved.dtype.is_floating_point:
-            self.weight = nn.Parameter(_pinned(self.weight.detach().to(moved.dtype)), requires_grad=False)
+            self.weight = nn.Parameter(pinned(self.weight.detach().to(moved.dtype)), requires_grad=False)
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -54,7 +54,7 @@ class HostEmbedding(nn.Embedding):
                               "memory; load without offload_embedding to train it.")
         if ids.is_cuda:
             if not table.is_pinned():  # replaced by resizing or a load: pin again before the GPU reads it
-                self.weight = nn.Parameter(_pinned(table.detach()), requires_grad=False)
+                self.weight = nn.Parameter(pinned(table.detach()), requires_grad=False)
                 table = self.weight
             if device_reads_host(ids.device):
                 return embedding_rows(ids, table.detach())
@@ -64,7 +64,8 @@ class HostEmbedding(nn.Embedding):
         return f"{self.num_embeddings}, {self.embedding_dim}, in pinned host memory"
 
 
-def _pinned(t: torch.Tensor) -> torch.Tensor:
+def pinned(t: torch.Tensor) -> torch.Tensor:
+    """t (contiguous) in page-locked host memory when CUDA is available, else t."""
     t = t.contiguous()
     return t.pin_memory() if torch.cuda.is_available() and not t.is_pinned() else t
 

@@ -466,6 +466,12 @@ def _make_savable_trainable(model: nn.Module, modules: list[str]):
         raise ConfigError("modules_to_save=['embed_tokens'] trains the input embedding, but the model was loaded "
                           "with offload_embedding=True, which keeps it frozen in host memory; load without "
                           "offload_embedding to train it.")
+    from fasttune.models.host_head import HostLMHead
+
+    if "lm_head" in modules and isinstance(model.lm_head, HostLMHead):
+        raise ConfigError("modules_to_save=['lm_head'] trains the LM head, but the model was loaded with "
+                          "offload_lm_head=True, which keeps it frozen in host memory; load without offload_lm_head "
+                          "to train it.")
     if cfg.tie_embeddings:
         # Like PEFT: a module to save gets its own trainable copy, which unties lm_head from embed_tokens.
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)

@@ -30,6 +30,11 @@ def check_fsdp(model, args, world: int, trainer_name: str):
     if not isinstance(model, CausalLM):
         raise ConfigError("fsdp=True needs fasttune's own decoder; this model runs through the transformers fallback. "
                           "Set fsdp=False (data-parallel: each GPU holds the whole model).")
+    from fasttune.models.host_head import HostLMHead
+
+    if isinstance(model.lm_head, HostLMHead):
+        raise ConfigError("fsdp=True shards the LM head over the GPUs, but offload_lm_head=True keeps it in host "
+                          "memory; load without offload_lm_head (each GPU then holds only its shard of the head).")
     if model.dtype == torch.float16:
         raise ConfigError("fsdp=True does not support float16 weights (loss scaling over shards is not implemented). "
                           "Load the model in bfloat16 or float32 (dtype=...), or set fsdp=False.")
