@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.constants import IGNORE_INDEX
+from fasttune.kernels.dispatch import side_stream
 
 TILE_ROWS = 8192          # vocab rows per copied tile: 84 MB at hidden 5120 in bf16
 CHUNK_BYTES = 1 << 27     # fp32 logits of one (tokens x tile) block: 4096 tokens at 8192 rows
@@ -37,7 +38,7 @@ def head_tiles(weight: torch.Tensor, device: torch.device, dtype: torch.dtype, r
             yield start, weight[start:start + rows].to(device=device, dtype=dtype)
         return
     main = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
+    side = side_stream(device)
 
     def fetch(start):
         with torch.cuda.stream(side):

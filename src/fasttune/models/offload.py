@@ -16,6 +16,8 @@ from functools import lru_cache
 
 import torch
 
+from fasttune.kernels.dispatch import side_stream
+
 HOST_MARGIN_BYTES = 8 << 30  # left free for the process itself, the data and the OS
 
 
@@ -115,7 +117,7 @@ class LayerInputOffloader:
     def __init__(self, device: torch.device, offload: bool = True, host_bytes: int | None = None):
         """host_bytes: the most pinned host memory this store may fill (default: all of host_offload_budget())."""
         self.device = device
-        self.side = torch.cuda.Stream(device) if device.type == "cuda" and offload else None
+        self.side = side_stream(device) if device.type == "cuda" and offload else None
         self.slots: list[dict | None] = []
         budget = host_offload_budget() if host_bytes is None else host_bytes
         self.host_left = budget if self.side is not None else 0
