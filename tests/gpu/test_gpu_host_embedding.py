@@ -9,16 +9,20 @@ from fasttune.models.host_embedding import HostEmbedding
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def test_qlora_logits_grads_generation_and_memory(tiny_model_dir):
-    folder = tiny_model_dir("llama", vocab_size=32000)
-    models = {}
-    for offload in (False, True):
+def _nf4_pair(folder, option: str) -> list:
+    """[(model, GPU bytes it took)] for the tiny NF4 model loaded without and with `option`=True."""
+    pair = []
+    for on in (False, True):
         torch.cuda.empty_cache()
         before = torch.cuda.memory_allocated()
         model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda",
-                                                     load_in_4bit=True, offload_embedding=offload)
-        models[offload] = (model, torch.cuda.memory_allocated() - before)
-    (ref, ref_bytes), (ours, our_bytes) = models[False], models[True]
+                                                     load_in_4bit=True, **{option: on})
+        pair.append((model, torch.cuda.memory_allocated() - before))
+    return pair
+
+
+def test_qlora_logits_grads_generation_and_memory(tiny_model_dir):
+    (ref, ref_bytes), (ours, our_bytes) = _nf4_pair(tiny_model_dir("llama", vocab_size=32000), "offload_embedding")
     emb = ours.model.embed_tokens
     assert isinstance(emb, HostEmbedding) and emb.weight.is_pinned()
     assert ref_bytes - our_bytes >= 32000 * 64 * 2  # the bf16 table left the card
@@ -42,16 +46,8 @@ def test_host_lm_head_bf16_qlora_matches_device_head(tiny_model_dir, monkeypatch
     from fasttune.models.host_head import HostLMHead
 
     monkeypatch.setattr(streamed_head, "TILE_ROWS", 4096)  # 8 tiles over the 32,000 rows, the last partial
-    folder = tiny_model_dir("llama", vocab_size=32000)
-    models = {}
-    for offload in (False, True):
-        torch.cuda.empty_cache()
-        before = torch.cuda.memory_allocated()
-        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda",
-                                                     load_in_4bit=True, offload_lm_head=offload)
-        models[offload] = (FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0),
-                           torch.cuda.memory_allocated() - before)
-    (ref, ref_bytes), (ours, our_bytes) = models[False], models[True]
+    (ref, ref_bytes), (ours, our_bytes) = _nf4_pair(tiny_model_dir("llama", vocab_size=32000), "offload_lm_head")
+    ref, ours = (FastLanguageModel.get_peft_model(m, r=8, lora_alpha=16, random_state=0) for m in (ref, ours))
     assert isinstance(ours.lm_head, HostLMHead) and ours.lm_head.weight.is_pinned()
     assert ref_bytes - our_bytes >= 32000 * 64 * 2
     ids = torch.randint(3, 32000, (2, 300), device="cuda", generator=torch.Generator("cuda").manual_seed(0))

@@ -69,6 +69,15 @@ def test_moves_keep_the_head_on_the_host(pair):
     assert ours(torch.tensor([[1, 2, 3]])).logits.dtype == torch.float64
 
 
+def test_new_tokens_grow_the_host_head(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32,
+                                                 offload_lm_head=True)
+    model.resize_token_embeddings(310)
+    head = model.lm_head
+    assert isinstance(head, HostLMHead) and head.weight.shape == (310, 64) and head.weight.device.type == "cpu"
+    assert model(torch.tensor([[309, 1]])).logits.shape == (1, 2, 310)
+
+
 def test_refusals_name_the_conflict(tiny_model_dir):
     untied = str(tiny_model_dir("llama"))
     with pytest.raises(ConfigError, match="full_finetuning"):

@@ -38,12 +38,7 @@ class HostEmbedding(nn.Embedding):
         return host
 
     def _apply(self, fn, recurse=True):
-        # Module.to(device) / .cuda() / .half() call this with one function for every tensor; only its dtype
-        # effect is kept, so the table never lands on the GPU.
-        moved = fn(torch.empty(0, dtype=self.weight.dtype, device="cpu"))
-        if moved.dtype != self.weight.dtype and moved.dtype.is_floating_point:
-            self.weight = nn.Parameter(pinned(self.weight.detach().to(moved.dtype)), requires_grad=False)
-        return self
+        return apply_dtype_only(self, fn)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) integer -> rows (..., H) on ids' device. Raises IndexError for an id outside the vocabulary
@@ -62,6 +57,16 @@ class HostEmbedding(nn.Embedding):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, in pinned host memory"
+
+
+def apply_dtype_only(module: nn.Module, fn) -> nn.Module:
+    """nn.Module._apply for a module whose frozen `weight` lives in pinned host memory: Module.to(device) / .cuda() /
+    .half() call _apply with one function for every tensor; only its dtype effect is kept, so the weight never
+    lands on the GPU. Returns the module."""
+    moved = fn(torch.empty(0, dtype=module.weight.dtype, device="cpu"))
+    if moved.dtype != module.weight.dtype and moved.dtype.is_floating_point:
+        module.weight = nn.Parameter(pinned(module.weight.detach().to(moved.dtype)), requires_grad=False)
+    return module
 
 
 def pinned(t: torch.Tensor) -> torch.Tensor:

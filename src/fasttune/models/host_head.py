@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from fasttune.errors import ConfigError
-from fasttune.models.host_embedding import pinned
+from fasttune.models.host_embedding import apply_dtype_only, pinned
 
 
 class HostLMHead(nn.Linear):
@@ -43,11 +43,7 @@ class HostLMHead(nn.Linear):
         return head
 
     def _apply(self, fn, recurse=True):
-        # As HostEmbedding: keep only a dtype change, so the weight never lands on the GPU.
-        moved = fn(torch.empty(0, dtype=self.weight.dtype, device="cpu"))
-        if moved.dtype != self.weight.dtype and moved.dtype.is_floating_point:
-            self.weight = nn.Parameter(pinned(self.weight.detach().to(moved.dtype)), requires_grad=False)
-        return self
+        return apply_dtype_only(self, fn)
 
     def host_weight(self) -> torch.Tensor:
         """The (V, H) weight in pinned host memory (pinned again if something replaced it), detached. Raises
