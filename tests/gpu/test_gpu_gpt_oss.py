@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fasttune import FastLanguageModel
-from fasttune.models.decoder import attention_with_sinks, attention_with_sinks_reference
+from fasttune.models.attention import attention_with_sinks, attention_with_sinks_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 

@@ -13,7 +13,7 @@ from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 from fasttune.errors import ConfigError
 from fasttune.kernels.rope import rope_attention_factor, rope_inv_freq
 from fasttune.models.config import ModelConfig
-from fasttune.models.decoder import attention_with_sinks, attention_with_sinks_reference
+from fasttune.models.attention import attention_with_sinks, attention_with_sinks_reference
 from fasttune.models.gpt_oss import (clamped_swiglu, gpt_oss_experts_forward, gpt_oss_experts_reference,
                                      route_top_logits)
 from fasttune.peft.adapter_io import adapter_parameters

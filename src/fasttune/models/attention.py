@@ -1,0 +1,87 @@
+"""Attention over (B, H, T, D) queries, keys and values for the decoder's layers: SDPA (GQA, causal or masked,
+with the forward's results kept for recompute under "offload"), Gemma 2's softcapped scores (eager), and gpt-oss's
+sink logits as one extra key column; each beside the exact eager path it must equal."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.models.offload import kept_attention
+
+
+def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None):
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D); mask: bool (B, 1, T, S), True = attend, or an additive float mask
+    (0 / -inf), or None: plain causal when T == S, everything when T == 1 (one new token over a cache).
+    sinks (Hq,): gpt-oss's learned logit per head, one more term exp(sink) in each softmax denominator with no
+    value (transformers' GptOss eager attention); see attention_with_sinks."""
+    if sinks is not None:
+        return attention_with_sinks(q, k, v, mask, scale, sinks)
+    if softcap:
+        # Softcapping acts on the scores themselves, which SDPA cannot do: exact eager path (Gemma 2).
+        groups = q.shape[1] // k.shape[1]
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        scores = (q @ k.transpose(-1, -2)) * scale
+        scores = torch.tanh(scores / softcap) * softcap
+        if mask is None and q.shape[2] > 1:
+            t = q.shape[2]
+            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+        if mask is not None:
+            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+    gqa = q.shape[1] != k.shape[1]
+    causal = mask is None and q.shape[2] > 1
+
+    def attend():
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
+
+    if causal and q.shape[2] == k.shape[2]:  # training's plain causal case: recompute may reuse the forward's result
+        return kept_attention(attend)
+    return attend()
+
+
+def attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor):
+    """Attention whose softmax denominators also hold exp(sinks[h]), through SDPA's fused kernels.
+
+    The sink is one more key, put first, whose score is the sink logit and whose value is zero: q gets one more
+    channel holding sinks[h] / scale, k one holding 1 for the sink key and 0 for the real keys (the same for every
+    head, so grouped-query attention stays grouped), both padded with zeros to a multiple of 8 channels so flash /
+    memory-efficient attention still take them; v is zero there. Every query sees the sink key: causal attention
+    without a mask becomes lower-right aligned (query i sees the sink and keys 0..i), a mask gets a leading
+    always-on column. Gradients reach q, k, v and sinks through the same graph."""
+    b, hq, t, d = q.shape
+    hkv, s = k.shape[1], k.shape[2]
+    pad = -(-(d + 1) // 8) * 8 - d - 1
+    sink_channel = (sinks.to(q.dtype) / scale).view(1, hq, 1, 1).expand(b, hq, t, 1)
+    q = F.pad(torch.cat((q, sink_channel), dim=-1), (0, pad))
+    sink_key = F.pad(k.new_ones(b, hkv, 1, 1), (d, pad))  # (B, Hkv, 1, width): 1 in channel d
+    k = torch.cat((sink_key, F.pad(k, (0, 1 + pad))), dim=2)
+    v = F.pad(v, (0, 1 + pad, 1, 0))  # a zero value for the sink key, zero channels to match q/k's width
+    if mask is None and t > 1:
+        from torch.nn.attention.bias import causal_lower_right
+
+        mask = causal_lower_right(t, s + 1)
+    elif mask is not None:
+        first = mask.new_ones(*mask.shape[:-1], 1) if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1)
+        mask = torch.cat((first.expand(*mask.shape[:-1], 1), mask), dim=-1)
+    gqa = hq != hkv
+    if gqa and isinstance(mask, torch.Tensor) and t > 1:
+        # SDPA's memory-efficient CUDA kernel takes masks but not grouped heads; with both it would fall back to
+        # the math path, which forms the (B, H, T, S) scores: repeating k/v heads costs far less.
+        k, v, gqa = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1), False
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out[..., :d]
+
+
+def attention_with_sinks_reference(q, k, v, mask, scale: float, sinks: torch.Tensor):
+    """transformers' GptOss eager attention (scores, sink column appended, max subtracted, softmax, sink dropped),
+    for the tests; arguments as attention_with_sinks with a bool mask or None (causal)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if mask is None:
+        mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    col = sinks.view(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(scores.dtype)
+    logits = torch.cat((scores, col), dim=-1)
+    probs = torch.softmax(logits - logits.amax(dim=-1, keepdim=True), dim=-1)[..., :-1]
+    return probs.to(v.dtype) @ v
