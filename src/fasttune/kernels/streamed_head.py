@@ -73,14 +73,29 @@ def _softcapped(z: torch.Tensor, softcap: float | None):
     return t * softcap, 1.0 - t * t
 
 
+def _online_step(m: torch.Tensor, s: torch.Tensor, z: torch.Tensor):
+    """One tile z (N, rows) of the online softmax: (new running max, new running sum, the factor exp(m_old - m_new)
+    that rescales what was summed before (0 on the first tile, where m = -inf), exp(z - m_new))."""
+    m_new = torch.maximum(m, z.amax(1))
+    rescale = torch.exp(m - m_new)
+    p = torch.exp(z - m_new[:, None])
+    return m_new, s * rescale + p.sum(1), rescale, p
+
+
+def _in_tile(y: torch.Tensor, start: int, rows: int):
+    """(whether each label falls in the tile of `rows` rows from `start`, its column there, clamped so that rows
+    whose label lies elsewhere still index safely)."""
+    return (y >= start) & (y < start + rows), (y - start).clamp(0, rows - 1)
+
+
 class _StreamedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap):
-        n, _ = hidden.shape
+        n, chunk = hidden.shape[0], _chunk_tokens(TILE_ROWS)
         losses = torch.zeros(n, dtype=_math_dtype(hidden), device=hidden.device)
         grad_h = torch.zeros_like(hidden)
-        for c0 in range(0, n, _chunk_tokens(TILE_ROWS)):
-            rows = slice(c0, c0 + _chunk_tokens(TILE_ROWS))
+        for c0 in range(0, n, chunk):
+            rows = slice(c0, c0 + chunk)
             losses[rows], grad_h[rows] = _ce_pass(hidden[rows], weight, labels[rows], softcap)
         ctx.save_for_backward(grad_h)
         return losses
@@ -102,21 +117,17 @@ def _ce_pass(h, weight, y, softcap):
     target = torch.zeros(h.shape, dtype=f, device=dev)  # d_y * W_y, picked up in the tile holding y
     for start, tile in head_tiles(weight, dev, h.dtype):
         z, dz = _softcapped((h @ tile.t()).to(f), softcap)
-        here = valid & (y >= start) & (y < start + tile.shape[0])
-        col = (y - start).clamp(0, tile.shape[0] - 1)
+        here, col = _in_tile(y, start, tile.shape[0])
+        here = here & valid
         z_y = torch.where(here, z.gather(1, col[:, None]).squeeze(1), z_y)
         w_y = tile.index_select(0, col).to(f)
         if dz is not None:
             w_y = w_y * dz.gather(1, col[:, None])
         target = torch.where(here[:, None], w_y, target)
-        m_new = torch.maximum(m, z.amax(1))
-        rescale = torch.exp(m - m_new)  # 0 on the first tile (m = -inf)
-        p = torch.exp(z - m_new[:, None])
-        s = s * rescale + p.sum(1)
+        m, s, rescale, p = _online_step(m, s, z)
         if dz is not None:
             p = p * dz
         acc = acc * rescale[:, None] + (p.to(h.dtype) @ tile).to(f)
-        m = m_new
     loss = torch.where(valid, m + torch.log(s) - z_y, 0.0)
     grad = torch.where(valid[:, None], acc / s[:, None] - target, 0.0)
     return loss, grad.to(h.dtype)
@@ -142,13 +153,10 @@ def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None):
     for start, tile in head_tiles(weight, dev, h.dtype):
         z, dz = _softcapped((h @ tile.t()).to(f), softcap)
         z = z / temperature
-        here = (y >= start) & (y < start + tile.shape[0])
-        col = (y - start).clamp(0, tile.shape[0] - 1)
+        here, col = _in_tile(y, start, tile.shape[0])
         if lse is None:
             z_y = torch.where(here, z.gather(1, col[:, None]).squeeze(1), z_y)
-            m_new = torch.maximum(m, z.amax(1))
-            s = s * torch.exp(m - m_new) + torch.exp(z - m_new[:, None]).sum(1)
-            m = m_new
+            m, s, _, _ = _online_step(m, s, z)
             continue
         # d log p_y / d z_v = onehot - softmax, times go, then through 1/T and the softcap
         g = -torch.exp(z - lse[:, None]) * go[:, None]

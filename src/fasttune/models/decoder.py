@@ -22,6 +22,8 @@ from fasttune.kernels.dispatch import use_triton
 from fasttune.kernels.gemv import gated_gemv, gemv, one_row_linears
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
 from fasttune.kernels.rope import apply_rope_qk, mrope_cos_sin, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from fasttune.kernels.streamed_head import streamed_cross_entropy, streamed_logits, streamed_token_logprobs
+from fasttune.kernels.token_logprobs import token_logprobs
 from fasttune.models.config import ModelConfig
 # KVCache and CausalLMOutput live in their own modules (generate.py and fallback.py use them without the
 # decoder); imported under these names here, as before.
@@ -30,9 +32,8 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
-from fasttune.kernels.streamed_head import streamed_cross_entropy, streamed_logits
-from fasttune.models.host_head import host_head
 from fasttune.models.attention import attention
+from fasttune.models.host_head import host_head
 from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
@@ -640,6 +641,15 @@ class CausalLM(PreTrainedModel):
         if host is not None:  # offload_lm_head: streamed from host memory in tiles
             return streamed_logits(hidden, host, self.arch.final_logit_softcap)
         return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap)
+
+    def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """log p(labels | hidden) through the LM head, chunked so the (N x vocab) logits never exist at once:
+        hidden (N, H), labels (N,) int64 -> (N,) fp32, with Gemma 2's final softcap and the logits divided by
+        `temperature`. A head in host memory (offload_lm_head) is streamed in tiles."""
+        host = host_head(self)
+        if host is not None:
+            return streamed_token_logprobs(hidden, host, labels, self.arch.final_logit_softcap, temperature)
+        return token_logprobs(hidden, self.lm_head.weight, labels, self.arch.final_logit_softcap, temperature)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, return_dict: bool | None = None,

@@ -56,6 +56,7 @@ class HostLMHead(nn.Linear):
         return self.weight.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., H) -> logits (..., V) in x's dtype, the head streamed to x's device in tiles."""
         from fasttune.kernels.streamed_head import streamed_logits
 
         return streamed_logits(x, self.host_weight())

@@ -9,7 +9,6 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fasttune.errors import ConfigError
-from fasttune.kernels.token_logprobs import token_logprobs
 
 
 def score_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -29,7 +28,8 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
                          positions: torch.Tensor | None = None, *, last: int | None = None,
                          position_ids: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
     """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
-    KTO and GRPO objectives call (the lm_head part is fasttune.kernels.token_logprobs).
+    KTO and GRPO objectives call (the lm_head part is CausalLM.token_logprobs: kernels/token_logprobs.py, or the
+    streamed head of offload_lm_head).
 
     Args:
         model: fasttune's CausalLM (LoRA or not) or the transformers fallback (FallbackModel).
@@ -49,19 +49,15 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     only inside model(...)) and on the transformers fallback the logits come from model(...), as transformers
     computes them.
     """
-    from fasttune.kernels.streamed_head import streamed_token_logprobs
     from fasttune.models.decoder import CausalLM
-    from fasttune.models.host_head import host_head
     from fasttune.train.fsdp import is_sharded
 
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
     targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
         hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
-        host = host_head(model)  # offload_lm_head: the head streamed from host memory
-        score_logprobs = token_logprobs if host is None else streamed_token_logprobs
-        flat = score_logprobs(select_scored(hidden, mask, positions), model.lm_head.weight if host is None else host,
-                              select_scored(targets, mask, positions), model.arch.final_logit_softcap, temperature)
+        flat = model.token_logprobs(select_scored(hidden, mask, positions), select_scored(targets, mask, positions),
+                                    temperature)
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
     keep = 0 if last is None else last + 1  # 0: every position's logits
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
