@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import torch
+import bench_lora
 from bench_lora import MOE_SHAPES, SHAPES, build_ours
 
 
@@ -15,12 +16,14 @@ def main():
     ap.add_argument("--quant", choices=["none", "nf4"], default="none")
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--expert-lora", action="store_true", help="MoE shapes: LoRA on the experts too (as bench_lora)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="self_cuda_time_total", help="with --ops, e.g. self_cpu_time_total")
     ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
     ap.add_argument("--stacks", default="", help="comma-separated aten ops (e.g. aten::copy_,aten::add) whose "
                                                  "Python call sites to list, by CUDA time")
     a = ap.parse_args()
+    bench_lora.EXPERT_LORA[0] = a.expert_lora
     torch.manual_seed(0)
     model = build_ours(a.shape, a.gc, 16, a.quant)
     params = [p for p in model.parameters() if p.requires_grad]

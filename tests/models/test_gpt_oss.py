@@ -61,10 +61,13 @@ def test_clamped_swiglu_and_router_equal_transformers():
     torch.testing.assert_close(weights, scores, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("method", ["grouped_mm", "padded_bmm"])
-def test_experts_equal_the_loop_with_lora(method):
+@pytest.mark.parametrize("method,kernels", [("grouped_mm", "torch"), ("padded_bmm", "torch"), ("grouped_mm", "triton")])
+def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels):
     """Grouped GEMMs + per-expert biases + LoRA factors equal the loop over experts on W + delta (PEFT's
     ParamWrapper merge for transposed experts): outputs and gradients of x, routing weights, biases, LoRA."""
+    if kernels == "triton":  # the permute/unpermute kernels (the interpreter on a CPU)
+        pytest.importorskip("triton")
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     torch.manual_seed(0)
     n, h, i, e, k, r = 29, 64, 32, 5, 2, 4
     x = torch.randn(n, h, requires_grad=True)

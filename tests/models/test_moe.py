@@ -22,9 +22,14 @@ def _batch(pad=True):
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
 @pytest.mark.parametrize("method", ["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize("act", ["silu", "gelu_pytorch_tanh"])
-def test_grouped_experts_equal_the_loop_forward_and_backward(method, act):
+def test_grouped_experts_equal_the_loop_forward_and_backward(monkeypatch, kernels, method, act):
+    """Also through the Triton permute/unpermute and packed activation (the interpreter on a CPU)."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     torch.manual_seed(0)
     n, h, i, e, k = 37, 64, 32, 5, 2
     x = torch.randn(n, h, requires_grad=True)

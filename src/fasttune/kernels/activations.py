@@ -44,24 +44,29 @@ if HAVE_TRITON:
             return g * cdf, cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
 
     @triton.jit
-    def _gated_fwd(g_ptr, u_ptr, y_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_fwd(g_ptr, u_ptr, y_ptr, n, cols, stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        """y (rows, cols) contiguous from gate and up rows `stride` elements apart (cols: separate tensors, 2 * cols:
+        the two halves of one gate_up tensor)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        src = (offs // cols) * stride + offs % cols
+        g = tl.load(g_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + src, mask=mask, other=0.0).to(tl.float32)
         a, _ = act_and_grad(g, ACT)
         tl.store(y_ptr + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gated_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    def _gated_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, cols, stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
+        """dgate and dup laid out as gate and up (rows `stride` apart) from dy (rows, cols) contiguous."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
+        src = (offs // cols) * stride + offs % cols
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-        u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + src, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptr + src, mask=mask, other=0.0).to(tl.float32)
         a, da = act_and_grad(g, ACT)
-        tl.store(dg_ptr + offs, (dy * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
-        tl.store(du_ptr + offs, (dy * a).to(du_ptr.dtype.element_ty), mask=mask)
+        tl.store(dg_ptr + src, (dy * u * da).to(dg_ptr.dtype.element_ty), mask=mask)
+        tl.store(du_ptr + src, (dy * a).to(du_ptr.dtype.element_ty), mask=mask)
 
 
 _BLOCK = 1024
@@ -72,8 +77,8 @@ class _GatedActFunction(torch.autograd.Function):
     def forward(ctx, gate, up, act_id):
         gate, up = gate.contiguous(), up.contiguous()
         y = torch.empty_like(gate)
-        n = gate.numel()
-        _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, ACT=act_id, BLOCK=_BLOCK)
+        n, cols = gate.numel(), max(gate.shape[-1], 1)
+        _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, cols, cols, ACT=act_id, BLOCK=_BLOCK)
         ctx.save_for_backward(gate, up)
         ctx.act_id = act_id
         return y
@@ -83,9 +88,37 @@ class _GatedActFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
-        n = gate.numel()
-        _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, ACT=ctx.act_id, BLOCK=_BLOCK)
+        n, cols = gate.numel(), max(gate.shape[-1], 1)
+        _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, cols, cols, ACT=ctx.act_id, BLOCK=_BLOCK)
         return dg, du, None
+
+
+class _PackedGatedActFunction(torch.autograd.Function):
+    """act(gate) * up from one (..., 2I) tensor, gate in the first half: no copies of the halves in forward, and
+    its gradient comes back as one (..., 2I) tensor (autograd of chunk would concatenate two)."""
+
+    @staticmethod
+    def forward(ctx, gate_up, act_id):
+        gate_up = gate_up.contiguous()
+        cols = gate_up.shape[-1] // 2
+        y = gate_up.new_empty(*gate_up.shape[:-1], cols)
+        n = y.numel()
+        _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate_up, gate_up[..., cols:], y, n, cols, 2 * cols, ACT=act_id,
+                                              BLOCK=_BLOCK)
+        ctx.save_for_backward(gate_up)
+        ctx.act_id = act_id
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        (gate_up,) = ctx.saved_tensors
+        dy = dy.contiguous()
+        cols = gate_up.shape[-1] // 2
+        d = torch.empty_like(gate_up)
+        n = dy.numel()
+        _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate_up, gate_up[..., cols:], d, d[..., cols:], n, cols, 2 * cols,
+                                              ACT=ctx.act_id, BLOCK=_BLOCK)
+        return d, None
 
 
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
@@ -96,3 +129,17 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     if use_triton(gate) and gate.shape == up.shape:
         return _GatedActFunction.apply(gate, up, ACT_IDS[act])
     return gated_act_reference(gate, up, act)
+
+
+def gated_act_packed(gate_up: torch.Tensor, act: str) -> torch.Tensor:
+    """act(gate) * up for gate_up (..., 2I) holding gate in its first half and up in its second (a fused gate_up
+    projection's output, transformers' MoE experts layout): (..., I). Equals gated_act(*gate_up.chunk(2, -1), act);
+    the Triton path (use_triton) reads the halves in place. Raises ValueError for an act gated_act refuses or an
+    odd last dimension."""
+    if act not in ACT_IDS:
+        raise ValueError(f"unsupported activation {act}")
+    if gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} is odd: it must hold gate and up halves")
+    if use_triton(gate_up) and gate_up.numel():
+        return _PackedGatedActFunction.apply(gate_up, ACT_IDS[act])
+    return gated_act_reference(*gate_up.chunk(2, dim=-1), act)

@@ -33,52 +33,62 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _rms_fwd(x_ptr, h_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, offset, stride, BLOCK: tl.constexpr,
-                 GEMMA: tl.constexpr, ADD: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _rms_fwd(x_ptr, h_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps, offset, stride,
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr, GEMMA: tl.constexpr, ADD: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        at = rows[:, None] * stride + cols[None, :]
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
         if ADD:  # the residual add, rounded to the activation dtype as a separate add would be
-            x = (x + tl.load(h_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32))
+            x = (x + tl.load(h_ptr + at, mask=mask, other=0.0).to(tl.float32))
             x = x.to(s_ptr.dtype.element_ty)
-            tl.store(s_ptr + row * stride + cols, x, mask=mask)
+            tl.store(s_ptr + at, x, mask=mask)
             x = x.to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         if GEMMA:
-            y = x * rstd * (offset + w)
+            y = x * rstd[:, None] * (offset + w)
         else:  # round to the activation dtype before scaling, as the reference does
-            y = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32) * w
-        tl.store(y_ptr + row * stride + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + row, rstd)
+            y = (x * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32) * w
+        tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
     @triton.jit
-    def _rms_bwd(dy_ptr, ds_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols, offset, stride, BLOCK: tl.constexpr,
-                 RESIDUAL: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
+    def _rms_bwd(dy_ptr, ds_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_cols, offset, stride,
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr, RESIDUAL: tl.constexpr):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
-        mask = cols < n_cols
-        dy = tl.load(dy_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-        w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + row)
+        mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
+        at = rows[:, None] * stride + cols[None, :]
+        dy = tl.load(dy_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
+        rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)[:, None]
         xhat = x * rstd
         dn = dy * (offset + w)
-        dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=0) / n_cols))
+        dx = rstd * (dn - xhat * (tl.sum(dn * xhat, axis=1) / n_cols)[:, None])
         if RESIDUAL:  # the gradient reaching the residual stream directly, added here instead of in a pass
             dx = dx.to(dx_ptr.dtype.element_ty).to(tl.float32)
-            dx += tl.load(ds_ptr + row * stride + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + row * stride + cols, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx += tl.load(ds_ptr + at, mask=mask, other=0.0).to(tl.float32)
+        tl.store(dx_ptr + at, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+def _tiling(n_cols: int) -> tuple[int, int, int]:
+    """(BLOCK columns, ROWS per program, warps): short rows (per-head q/k norms, 64-256 wide) share a program, as
+    one program per 128-element row leaves the card mostly idle."""
+    block = next_pow2(n_cols)
+    rows = max(1, 2048 // block)
+    return block, rows, min(16, max(1, block * rows // 256))
 
 
 def _launch_fwd(x2, h2, weight, eps, offset):
     y, s = torch.empty_like(x2), (torch.empty_like(x2) if h2 is not None else x2)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
-    block = next_pow2(x2.shape[1])
-    _rms_fwd[(x2.shape[0],)](x2, x2 if h2 is None else h2, s, weight, y, rstd, x2.shape[1], eps, offset,
-                             x2.stride(0), BLOCK=block, GEMMA=bool(offset), ADD=h2 is not None,
-                             num_warps=min(16, max(1, block // 256)))
+    block, rows, warps = _tiling(x2.shape[1])
+    _rms_fwd[(triton.cdiv(x2.shape[0], rows),)](x2, x2 if h2 is None else h2, s, weight, y, rstd, x2.shape[0],
+                                                x2.shape[1], eps, offset, x2.stride(0), BLOCK=block, ROWS=rows,
+                                                GEMMA=bool(offset), ADD=h2 is not None, num_warps=warps)
     return s, y, rstd
 
 
@@ -87,10 +97,10 @@ def _launch_bwd(ctx, dy, ds=None):
     dy2 = dy.reshape(s2.shape).contiguous()
     ds2 = None if ds is None else ds.reshape(s2.shape).contiguous()
     dx = torch.empty_like(s2)
-    block = next_pow2(s2.shape[1])
-    _rms_bwd[(s2.shape[0],)](dy2, dy2 if ds2 is None else ds2, s2, weight, rstd, dx, s2.shape[1], ctx.offset,
-                             s2.stride(0), BLOCK=block, RESIDUAL=ds2 is not None,
-                             num_warps=min(16, max(1, block // 256)))
+    block, rows, warps = _tiling(s2.shape[1])
+    _rms_bwd[(triton.cdiv(s2.shape[0], rows),)](dy2, dy2 if ds2 is None else ds2, s2, weight, rstd, dx, s2.shape[0],
+                                                s2.shape[1], ctx.offset, s2.stride(0), BLOCK=block, ROWS=rows,
+                                                RESIDUAL=ds2 is not None, num_warps=warps)
     dw = None
     if ctx.needs_weight_grad:
         xhat = s2.float() * rstd[:, None]

@@ -15,7 +15,7 @@ from transformers.modeling_outputs import BaseModelOutput, MoeModelOutputWithPas
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, refuse_unknown
-from fasttune.kernels.activations import gated_act
+from fasttune.kernels.activations import gated_act, gated_act_packed
 from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy, logits_from_hidden
 from fasttune.kernels.decode_attention import decode_attention, decode_attention_usable
 from fasttune.kernels.dispatch import use_triton
@@ -166,7 +166,7 @@ class MLP(nn.Module):
                 weights, biases = (m.weight for m in pair), (m.bias for m in pair)
             h = gated_gemv(x, *weights, *biases, self.act)
         elif self.fused:
-            h = gated_act(*self.gate_up_proj(x).chunk(2, dim=-1), self.act)
+            h = gated_act_packed(self.gate_up_proj(x), self.act)
         else:
             h = gated_act(*project(x, self.gate_proj, self.up_proj), self.act)
         return project(h, self.down_proj, values_unused=values_unused)[0]

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttune.kernels.moe_permute import inverse_order, permute, unpermute
 from fasttune.models.moe import _with_lora, grouped_mm, sort_by_expert
 
 
@@ -54,17 +55,17 @@ def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: tor
     {"gate_up_proj" | "down_proj": (a (E, in, r), b (E, r, out), scaling)} (ExpertLora.factors). method: see
     models/moe.py's grouped_mm. Returns (N, H) in x's dtype."""
     lora = lora or {}
-    n, k = experts.shape
+    k = experts.shape[1]
     order, counts, offsets = sort_by_expert(experts, gate_up_bias.shape[0])
     sorted_experts = experts.reshape(-1)[order]
-    xs = x[order // k]
+    pos = inverse_order(order, k)
+    xs = permute(x, order, pos)
     gate_up = grouped_mm(xs, _dense(gate_up_proj, x.dtype), offsets, counts, method)
     gate_up = _with_lora(gate_up, xs, lora.get("gate_up_proj"), offsets, counts, method)
     h = clamped_swiglu(gate_up + gate_up_bias.to(x.dtype)[sorted_experts], limit, alpha)
     out = grouped_mm(h, _dense(down_proj, x.dtype), offsets, counts, method)
     out = _with_lora(out, h, lora.get("down_proj"), offsets, counts, method) + down_bias.to(x.dtype)[sorted_experts]
-    unsorted = out.new_empty(out.shape).index_copy(0, order, out)  # row n*k + j: token n's j-th expert
-    return torch.bmm(weights.to(x.dtype).unsqueeze(1), unsorted.view(n, k, -1)).squeeze(1)
+    return unpermute(out, pos, weights)
 
 
 def gpt_oss_experts_reference(x, weights, experts, gate_up_proj, gate_up_bias, down_proj, down_bias, limit: float,

@@ -18,7 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fasttune.kernels.activations import gated_act, gated_act_reference
+from fasttune.kernels.activations import gated_act_packed, gated_act_reference
+from fasttune.kernels.moe_permute import inverse_order, permute, unpermute
 from fasttune.quant.experts import QuantExpertWeight
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -124,23 +125,23 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
 
     x (N, H); weights (N, k) float; experts (N, k) int64; gate_up_proj (E, 2I, H) with gate rows first;
     down_proj (E, H, I); act: a gated activation name (kernels/activations.py). Returns (N, H) in x's dtype.
-    The N*k (token, expert) pairs are sorted by expert and run as two grouped GEMMs (see `grouped_mm`); each
-    token's k results are combined with its routing weights in one batched product.
+    The N*k (token, expert) pairs are sorted by expert and run as two grouped GEMMs (see `grouped_mm`); the
+    rows move between token and expert order by kernels/moe_permute.py (gathers, also in backward), which also
+    weights and sums each token's k results.
     lora: optional low-rank updates of the stacked weights, {"gate_up_proj" | "down_proj": (a, b, scaling)} with
     a (E, in, r) and b (E, r, out) in x's dtype (ExpertLora.factors): expert e's weight acts as W_e + scaling *
     (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed)."""
     lora = lora or {}
-    n, k = experts.shape
+    k = experts.shape[1]
     order, counts, offsets = sort_by_expert(experts, gate_up_proj.shape[0])
-    xs = x[order // k]
+    pos = inverse_order(order, k)
+    xs = permute(x, order, pos)
     gate_up = _with_lora(stacked_matmul(xs, gate_up_proj, offsets, counts, method), xs, lora.get("gate_up_proj"),
                          offsets, counts, method)
-    gate, up = gate_up.chunk(2, dim=-1)
-    h = gated_act(gate, up, act)
+    h = gated_act_packed(gate_up, act)
     out = _with_lora(stacked_matmul(h, down_proj, offsets, counts, method), h, lora.get("down_proj"), offsets,
                      counts, method)
-    unsorted = out.new_empty(out.shape).index_copy(0, order, out)  # row n*k + j: token n's j-th expert
-    return torch.bmm(weights.to(x.dtype).unsqueeze(1), unsorted.view(n, k, -1)).squeeze(1)
+    return unpermute(out, pos, weights)
 
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
