@@ -2,7 +2,7 @@
 Engine's names), with backward passes that are gathers instead of scatters.
 
 A token n routed to experts e_0..e_{k-1} is row n*k + j of the flattened pairs; `order` (N*k,) sorts those pairs by
-expert (models/moe.py's sort_by_expert) and `pos` (N, k) is its inverse: pair (n, j) sits at row pos[n, j] of the
+expert (group_by_expert) and `pos` (N, k) is its inverse: pair (n, j) sits at row pos[n, j] of the
 expert-sorted rows. Then
 
     permute:   xs[s] = x[order[s] // k]                         (the tokens copied into expert order)
@@ -18,17 +18,37 @@ CPU and under FASTTUNE_KERNELS=torch.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
-def inverse_order(order: torch.Tensor, k: int) -> torch.Tensor:
-    """pos (N, k) int64 with pos.view(-1)[order[s]] = s: where pair (n, j) sits among the expert-sorted rows.
-    order: (N*k,) int64, a permutation of 0..N*k-1."""
+class ExpertGroups(NamedTuple):
+    """The (token, expert) pairs of a routing grouped by expert, as grouped GEMMs and permute/unpermute take them:
+    order (N*k,) int64, the pairs sorted by expert, stably (pair n*k + j is token n's j-th choice); pos (N, k)
+    int64, its inverse (pair (n, j) is sorted row pos[n, j]); rows (N*k,) int64 = order // k, the token of each
+    sorted row; counts (E,) int32 rows per expert; offsets (E,) int32 their cumulative ends."""
+    order: torch.Tensor
+    pos: torch.Tensor
+    rows: torch.Tensor
+    counts: torch.Tensor
+    offsets: torch.Tensor
+
+
+def group_by_expert_reference(experts: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """group_by_expert in torch ops: a stable argsort, a histogram (histc: no device-to-host sync on CUDA, as
+    transformers' grouped_mm experts do) and its cumulative sum, and the inverse permutation."""
+    k = experts.shape[1]
+    flat = experts.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.histc(flat.float() if not flat.is_cuda else flat.int(), bins=num_experts, min=0,
+                         max=num_experts - 1).to(torch.int32)
     pos = torch.empty_like(order)
     pos[order] = torch.arange(order.numel(), device=order.device)
-    return pos.view(-1, k)
+    return ExpertGroups(order, pos.view(-1, k), torch.div(order, k, rounding_mode="floor"), counts,
+                        torch.cumsum(counts, dim=0, dtype=torch.int32))
 
 
 def gather_sum_reference(src: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,6 +64,37 @@ def gather_sum_reference(src: torch.Tensor, pos: torch.Tensor, weights: torch.Te
 if HAVE_TRITON:
     import triton
     import triton.language as tl
+
+    @triton.jit
+    def _expert_counts_kernel(experts_ptr, counts_ptr, S, BLOCK: tl.constexpr):
+        """counts[e] = #{s : experts[s] == e}, program e scanning all pairs (E x N*k int reads, from L2)."""
+        e = tl.program_id(0)
+        acc = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, S, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            acc += (tl.load(experts_ptr + offs, mask=offs < S, other=-1) == e).to(tl.int32)
+        tl.store(counts_ptr + e, tl.sum(acc, axis=0))
+
+    @triton.jit
+    def _expert_order_kernel(experts_ptr, counts_ptr, offsets_ptr, order_ptr, pos_ptr, rows_ptr, S, E,
+                             K: tl.constexpr, BLOCK: tl.constexpr, EBLOCK: tl.constexpr):
+        """Program e: its group starts after the counts of experts < e; its pairs, in pair order (a stable sort),
+        take the next rows (an exclusive prefix sum of the match mask per block)."""
+        e = tl.program_id(0)
+        es = tl.arange(0, EBLOCK)
+        c = tl.load(counts_ptr + es, mask=es < E, other=0)
+        base = tl.sum(tl.where(es < e, c, 0), axis=0)
+        tl.store(offsets_ptr + e, base + tl.sum(tl.where(es == e, c, 0), axis=0))
+        base = base.to(tl.int64)
+        for start in range(0, S, BLOCK):
+            offs = start + tl.arange(0, BLOCK)
+            hit = tl.load(experts_ptr + offs, mask=offs < S, other=-1) == e
+            m = hit.to(tl.int64)
+            dest = base + tl.cumsum(m, axis=0) - m
+            tl.store(order_ptr + dest, offs.to(tl.int64), mask=hit)
+            tl.store(rows_ptr + dest, (offs // K).to(tl.int64), mask=hit)
+            tl.store(pos_ptr + offs, dest, mask=hit)
+            base += tl.sum(m, axis=0)
 
     @triton.jit
     def _gather_sum_kernel(src_ptr, pos_ptr, w_ptr, y_ptr, H, K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
@@ -78,6 +129,25 @@ if HAVE_TRITON:
             tl.store(dw_ptr + n * K + j, tl.sum(dot, axis=0))
 
 
+def group_by_expert(experts: torch.Tensor, num_experts: int) -> ExpertGroups:
+    """The pairs of a top-k routing grouped by expert (see ExpertGroups). experts (N, k) int64 in [0, E).
+    Where use_triton(experts): two launches (per-expert counts, then each expert's rows), equal to
+    group_by_expert_reference's nine torch ops, with no device-to-host sync."""
+    if not use_triton(experts) or experts.numel() == 0:
+        return group_by_expert_reference(experts, num_experts)
+    n, k = experts.shape
+    flat = experts.reshape(-1).contiguous()
+    s = flat.numel()
+    counts = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
+    offsets = torch.empty_like(counts)
+    order, pos, rows = (torch.empty(s, dtype=torch.int64, device=flat.device) for _ in range(3))
+    block = min(next_pow2(s), 2048)
+    _expert_counts_kernel[(num_experts,)](flat, counts, s, BLOCK=block)
+    _expert_order_kernel[(num_experts,)](flat, counts, offsets, order, pos, rows, s, num_experts, K=k, BLOCK=block,
+                                         EBLOCK=next_pow2(num_experts))
+    return ExpertGroups(order, pos.view(n, k), rows, counts, offsets)
+
+
 _COLS = 1024  # columns per program of the gather-sum: H up to 1024 in one program, else column blocks
 
 
@@ -98,9 +168,9 @@ def gather_sum(src: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | Non
 
 class _Permute(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, order, pos):
+    def forward(ctx, x, rows, pos):
         ctx.save_for_backward(pos)
-        return x.index_select(0, torch.div(order, pos.shape[1], rounding_mode="floor"))
+        return x.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, dxs):
@@ -126,18 +196,18 @@ class _Unpermute(torch.autograd.Function):
         return dout, None, dw.to(weights.dtype)
 
 
-def permute(x: torch.Tensor, order: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """The tokens in expert order: xs[s] = x[order[s] // k], differentiable in x (its backward is
+def permute(x: torch.Tensor, groups: ExpertGroups) -> torch.Tensor:
+    """The tokens in expert order: xs[s] = x[groups.rows[s]], differentiable in x (its backward is
     dx[n] = sum_j dxs[pos[n, j]], a gather; autograd of x[index] would be a sorting scatter-add).
 
-    x (N, H); order (N*k,) int64 from sort_by_expert; pos (N, k) = inverse_order(order, k). Returns (N*k, H)."""
-    return _Permute.apply(x, order, pos)
+    x (N, H); groups from group_by_expert. Returns (N*k, H) in x's dtype."""
+    return _Permute.apply(x, groups.rows, groups.pos)
 
 
 def unpermute(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Each token's expert outputs, weighted and summed: y[n] = sum_j weights[n, j] * out[pos[n, j]].
 
-    out (N*k, H) in expert order; pos (N, k) int64 = inverse_order(order, k); weights (N, k) float (the routing
+    out (N*k, H) in expert order; pos (N, k) int64 = group_by_expert(...).pos; weights (N, k) float (the routing
     weights, differentiable). Returns (N, H) in out's dtype, differentiable in out and weights. The Triton path
     (use_triton(out)) adds in fp32 with the weights in their own precision and rounds once; the torch path is
     gather_sum_reference (the weights cast to out's dtype, one batched GEMM), through autograd."""

@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fasttune.kernels.moe_permute import inverse_order, permute, unpermute
-from fasttune.models.moe import _with_lora, grouped_mm, sort_by_expert
+from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
+from fasttune.models.moe import _with_lora, grouped_mm
 
 
 def route_top_logits(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,17 +55,16 @@ def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: tor
     {"gate_up_proj" | "down_proj": (a (E, in, r), b (E, r, out), scaling)} (ExpertLora.factors). method: see
     models/moe.py's grouped_mm. Returns (N, H) in x's dtype."""
     lora = lora or {}
-    k = experts.shape[1]
-    order, counts, offsets = sort_by_expert(experts, gate_up_bias.shape[0])
-    sorted_experts = experts.reshape(-1)[order]
-    pos = inverse_order(order, k)
-    xs = permute(x, order, pos)
+    groups = group_by_expert(experts, gate_up_bias.shape[0])
+    offsets, counts = groups.offsets, groups.counts
+    sorted_experts = experts.reshape(-1)[groups.order]
+    xs = permute(x, groups)
     gate_up = grouped_mm(xs, _dense(gate_up_proj, x.dtype), offsets, counts, method)
     gate_up = _with_lora(gate_up, xs, lora.get("gate_up_proj"), offsets, counts, method)
     h = clamped_swiglu(gate_up + gate_up_bias.to(x.dtype)[sorted_experts], limit, alpha)
     out = grouped_mm(h, _dense(down_proj, x.dtype), offsets, counts, method)
     out = _with_lora(out, h, lora.get("down_proj"), offsets, counts, method) + down_bias.to(x.dtype)[sorted_experts]
-    return unpermute(out, pos, weights)
+    return unpermute(out, groups.pos, weights)
 
 
 def gpt_oss_experts_reference(x, weights, experts, gate_up_proj, gate_up_bias, down_proj, down_bias, limit: float,

@@ -12,6 +12,7 @@ With `load_in_4bit` the stacked weights are NF4 (quant/experts.py's QuantExpertW
 """
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -19,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttune.kernels.activations import gated_act_packed, gated_act_reference
-from fasttune.kernels.moe_permute import inverse_order, permute, unpermute
+from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
 from fasttune.quant.experts import QuantExpertWeight
 
 _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -38,12 +39,17 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tupl
     return weights, experts
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)  # (a property query per call costs more than the check)
+
+
 def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM kernel takes x (S, K) @ w (E, K, M) here: it exists, bf16 on CUDA (fp32 is
     refused there), and rows of both operands are whole multiples of 16 bytes (the kernel's stride rule)."""
     if _GROUPED_MM is None or x.dtype != w.dtype:
         return False
-    if x.is_cuda and (x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0)):
+    if x.is_cuda and (x.dtype != torch.bfloat16 or _capability(x.device.index or 0) < (8, 0)):
         return False
     size = x.element_size()
     return (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
@@ -107,18 +113,6 @@ def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method
     return torch.add(out, low, alpha=scaling)
 
 
-def sort_by_expert(experts: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The grouping of the N*k (token, expert) pairs of `experts` (N, k) int64: (order (N*k,) int64, a stable
-    sort of the flattened pairs by expert; counts (E,) int32 per expert; offsets (E,) int32, their cumulative
-    ends), as grouped_mm takes them. histc instead of bincount: no device-to-host sync on CUDA (as transformers'
-    grouped_mm experts do)."""
-    flat = experts.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts = torch.histc(flat.float() if not flat.is_cuda else flat.int(), bins=num_experts, min=0,
-                         max=num_experts - 1).to(torch.int32)
-    return order, counts, torch.cumsum(counts, dim=0, dtype=torch.int32)
-
-
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
                     down_proj: torch.Tensor, act: str, method: str = "auto", lora: dict | None = None) -> torch.Tensor:
     """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)) for e = experts[n, j], without a loop over experts.
@@ -132,16 +126,15 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     a (E, in, r) and b (E, r, out) in x's dtype (ExpertLora.factors): expert e's weight acts as W_e + scaling *
     (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed)."""
     lora = lora or {}
-    k = experts.shape[1]
-    order, counts, offsets = sort_by_expert(experts, gate_up_proj.shape[0])
-    pos = inverse_order(order, k)
-    xs = permute(x, order, pos)
+    groups = group_by_expert(experts, gate_up_proj.shape[0])
+    offsets, counts = groups.offsets, groups.counts
+    xs = permute(x, groups)
     gate_up = _with_lora(stacked_matmul(xs, gate_up_proj, offsets, counts, method), xs, lora.get("gate_up_proj"),
                          offsets, counts, method)
     h = gated_act_packed(gate_up, act)
     out = _with_lora(stacked_matmul(h, down_proj, offsets, counts, method), h, lora.get("down_proj"), offsets,
                      counts, method)
-    return unpermute(out, pos, weights)
+    return unpermute(out, groups.pos, weights)
 
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
