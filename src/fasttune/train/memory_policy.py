@@ -13,15 +13,26 @@ SAFETY = 1.3  # allocator fragmentation and temporaries the count leaves out
 RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and the optimizer step
 
 
+def _layer_values(cfg) -> list[int]:
+    """Values saved per token by each decoder layer: attention (6h + 2 kv) plus the MLP's gate, up and act (3I),
+    or for a sparse MoE layer k times its expert rows (input h, gate_up 2I, act I, output h) and the fp32 router
+    logits (2E values)."""
+    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
+    dense = 6 * h + 2 * kv + 3 * cfg.intermediate_size
+    sparse = 6 * h + 2 * kv + cfg.num_experts_per_tok * (2 * h + 3 * cfg.moe_intermediate_size) + 2 * cfg.num_experts
+    moe = list(cfg.moe_layers) if cfg.num_experts else []
+    return [sparse if i < len(moe) and moe[i] else dense for i in range(cfg.num_layers)]
+
+
 def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> int:
     """Estimated bytes of activations saved for backward for `tokens` tokens at `bytes_per_el` bytes a value,
-    from the model's Config (hidden, kv heads x head_dim, intermediate, layers). recompute=True counts the
-    layer inputs of all layers plus one layer's full set; no safety factor, no logits (see choose_checkpointing)."""
-    h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
-    per_layer_token = 6 * h + 2 * kv + 3 * cfg.intermediate_size
+    from the model's Config (hidden, kv heads x head_dim, intermediate, layers; for MoE layers the top-k expert
+    rows). recompute=True counts the layer inputs of all layers plus the largest layer's full set; no safety
+    factor, no logits (see choose_checkpointing)."""
+    values = _layer_values(cfg)
     if recompute:  # layer inputs for all layers + one layer's full set during its backward
-        return tokens * bytes_per_el * (cfg.num_layers * h + per_layer_token)
-    return tokens * bytes_per_el * cfg.num_layers * per_layer_token
+        return tokens * bytes_per_el * (cfg.num_layers * cfg.hidden_size + max(values))
+    return tokens * bytes_per_el * sum(values)
 
 
 def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, str]:
