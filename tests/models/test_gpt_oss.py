@@ -88,7 +88,7 @@ def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels):
                                     down + adapters["down_proj"].delta_weight(), d_bias, 7.0, 1.702)
     want = torch.autograd.grad(ref, leaves, grad)
     out = gpt_oss_experts_forward(x, weights, experts, gate_up, gu_bias, down, d_bias, 7.0, 1.702, method=method,
-                                  lora=adapters)
+                                  lora={name: a.factors(x.dtype) for name, a in adapters.items()})
     got = torch.autograd.grad(out, leaves, grad)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for g, w, name in zip(got, want, ("x", "weights", "gu bias", "d bias", "gu A", "gu B", "d A", "d B")):

@@ -52,7 +52,7 @@ def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: tor
 
     x (N, H); weights (N, k) float; experts (N, k) int64; gate_up_proj (E, H, 2I), gate_up_bias (E, 2I),
     down_proj (E, I, H), down_bias (E, H) (transformers' layouts); act = clamped_swiglu(limit, alpha). lora:
-    {"gate_up_proj" | "down_proj": ExpertLora} (peft/lora.py). method: see
+    {"gate_up_proj" | "down_proj": (a (E, in, r), b (E, r, out), scaling)} (ExpertLora.factors). method: see
     models/moe.py's grouped_mm. Returns (N, H) in x's dtype."""
     lora = lora or {}
     groups = group_by_expert(experts, gate_up_bias.shape[0])
@@ -116,7 +116,7 @@ class GptOssExperts(nn.Module):
     def forward(self, x, weights, experts):
         """x (N, H); weights (N, k) and experts (N, k) from route_top_logits -> (N, H) in x's dtype (with the
         enabled LoRA adapters of `lora`)."""
-        lora = {name: adapter for name, adapter in self.lora.items() if not adapter.disabled}
+        lora = {name: adapter.factors(x.dtype) for name, adapter in self.lora.items() if not adapter.disabled}
         return gpt_oss_experts_forward(x, weights, experts, self.gate_up_proj, self.gate_up_proj_bias,
                                        self.down_proj, self.down_proj_bias, self.limit, self.alpha, lora=lora)
 

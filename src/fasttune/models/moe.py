@@ -44,20 +44,15 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)  # (a property query per call costs more than the check)
 
 
-def _grouped_ok(x: torch.Tensor, other_dtype: torch.dtype, k: int, m: int) -> bool:
-    """torch's grouped GEMM kernel's rules for operands of widths k and m: it exists, equal dtypes, bf16 on CUDA
-    (fp32 is refused there), rows whole multiples of 16 bytes."""
-    if _GROUPED_MM is None or x.dtype != other_dtype:
-        return False
-    if x.is_cuda and (x.dtype != torch.bfloat16 or _capability(x.device.index or 0) < (8, 0)):
-        return False
-    return (k * x.element_size()) % 16 == 0 and (m * x.element_size()) % 16 == 0
-
-
 def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether torch's grouped GEMM kernel takes x (S, K) @ w (E, K, M) here: it exists, bf16 on CUDA (fp32 is
     refused there), and rows of both operands are whole multiples of 16 bytes (the kernel's stride rule)."""
-    return _grouped_ok(x, w.dtype, w.shape[1], w.shape[2])
+    if _GROUPED_MM is None or x.dtype != w.dtype:
+        return False
+    if x.is_cuda and (x.dtype != torch.bfloat16 or _capability(x.device.index or 0) < (8, 0)):
+        return False
+    size = x.element_size()
+    return (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
 
 
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
@@ -77,55 +72,6 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     capacity = max(int(counts.max()), 1) if x.shape[0] else 1
     padded = x.new_zeros(w.shape[0], capacity, x.shape[1]).index_put((experts, slot), x)
     return torch.bmm(padded, w)[experts, slot]
-
-
-def grouped_weight_grad(x: torch.Tensor, g: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
-                        method: str = "auto") -> torch.Tensor:
-    """Per-group products x_e^T @ g_e: the gradient of a stacked weight w (E, K, M) in out = grouped_mm(x, w).
-
-    x (S, K) and g (S, M) sorted by expert; offsets/counts as grouped_mm (an empty group gets zeros). Returns
-    (E, K, M) in x's dtype: torch's grouped GEMM with the groups along the contraction ("auto" where it takes
-    the operands), else the groups padded to the largest one and one bmm."""
-    if method == "grouped_mm" or (method == "auto" and _grouped_ok(x, g.dtype, x.shape[1], g.shape[1])):
-        return _GROUPED_MM(x.t(), g, offs=offsets)
-    experts = torch.repeat_interleave(torch.arange(counts.shape[0], device=x.device), counts.long(),
-                                      output_size=x.shape[0])
-    slot = torch.arange(x.shape[0], device=x.device) - (offsets - counts).long()[experts]
-    capacity = max(int(counts.max()), 1) if x.shape[0] else 1
-    xp = x.new_zeros(counts.shape[0], capacity, x.shape[1]).index_put((experts, slot), x)
-    gp = g.new_zeros(counts.shape[0], capacity, g.shape[1]).index_put((experts, slot), g)
-    return torch.bmm(xp.transpose(1, 2), gp)
-
-
-class _ExpertLoraProduct(torch.autograd.Function):
-    """(x_s @ A_e) @ B_e for rows sorted by expert, from an ExpertLora's fp32 parameters in PEFT's layout, with the
-    backward written out: one autograd node instead of the casts, layout changes and two grouped GEMM nodes (a
-    training step's CPU time on MoE models is mostly such per-op overhead)."""
-
-    @staticmethod
-    def forward(ctx, x, lora_A, lora_B, adapter, offsets, counts, method):
-        a, b, _ = adapter.factors(x.dtype)  # under no grad here: casts of the fp32 parameters, no graph
-        xa = grouped_mm(x, a, offsets, counts, method)
-        ctx.save_for_backward(x, xa, a, b, offsets, counts)
-        ctx.adapter, ctx.method = adapter, method
-        return grouped_mm(xa, b, offsets, counts, method)
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, xa, a, b, offsets, counts = ctx.saved_tensors
-        adapter, method = ctx.adapter, ctx.method
-        grad = grad.to(x.dtype)
-        dxa = grouped_mm(grad, b.transpose(1, 2), offsets, counts, method)  # (S, r)
-        dx = grouped_mm(dxa, a.transpose(1, 2), offsets, counts, method) if ctx.needs_input_grad[0] else None
-        d_a = d_b = None
-        e, r = adapter.num_experts, adapter.r
-        if ctx.needs_input_grad[1]:  # (E, in, r) -> lora_A's (E*r, in)
-            d_a = grouped_weight_grad(x, dxa, offsets, counts, method).transpose(1, 2).reshape(e * r, -1)
-            d_a = d_a.to(adapter.lora_A.dtype)
-        if ctx.needs_input_grad[2]:  # (E, r, out) -> lora_B's (out, r*E), column j*E + e
-            d_b = grouped_weight_grad(xa, grad, offsets, counts, method).permute(2, 1, 0).reshape(-1, r * e)
-            d_b = d_b.to(adapter.lora_B.dtype)
-        return dx, d_a, d_b, None, None, None, None
 
 
 class _DequantGroupedMM(torch.autograd.Function):
@@ -158,13 +104,13 @@ def stacked_matmul(x: torch.Tensor, weight, offsets: torch.Tensor, counts: torch
     return grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offsets, counts, method)
 
 
-def _with_lora(out: torch.Tensor, x: torch.Tensor, adapter, offsets, counts, method: str) -> torch.Tensor:
-    """out + s * (x @ A_e) @ B_e per group for an ExpertLora `adapter` (peft/lora.py) on the sorted rows x, or out
-    unchanged for None. The scaling goes into the add, as PEFT's lora_B(...) * scaling + result rounds it."""
-    if adapter is None:
+def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method: str) -> torch.Tensor:
+    """out + s * (x @ A_e^T) @ B_e^T per group; lora = (a (E, K, r), b (E, r, M), s) or None (out unchanged)."""
+    if lora is None:
         return out
-    low = _ExpertLoraProduct.apply(x, adapter.lora_A, adapter.lora_B, adapter, offsets, counts, method)
-    return torch.add(out, low, alpha=adapter.scaling)
+    a, b, scaling = lora
+    low = grouped_mm(grouped_mm(x, a, offsets, counts, method), b, offsets, counts, method)
+    return torch.add(out, low, alpha=scaling)
 
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -176,9 +122,9 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     The N*k (token, expert) pairs are sorted by expert and run as two grouped GEMMs (see `grouped_mm`); the
     rows move between token and expert order by kernels/moe_permute.py (gathers, also in backward), which also
     weights and sums each token's k results.
-    lora: optional low-rank updates of the stacked weights, {"gate_up_proj" | "down_proj": ExpertLora}
-    (peft/lora.py): expert e's weight acts as W_e + scaling * B_e @ A_e, computed as two more grouped GEMMs on the
-    sorted rows (no merged weight is formed)."""
+    lora: optional low-rank updates of the stacked weights, {"gate_up_proj" | "down_proj": (a, b, scaling)} with
+    a (E, in, r) and b (E, r, out) in x's dtype (ExpertLora.factors): expert e's weight acts as W_e + scaling *
+    (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed)."""
     lora = lora or {}
     groups = group_by_expert(experts, gate_up_proj.shape[0])
     offsets, counts = groups.offsets, groups.counts
@@ -263,7 +209,7 @@ class Router(nn.Module):
 class Experts(nn.Module):
     """E gated MLPs stored stacked: gate_up_proj (E, 2I, H) (gate rows, then up rows), down_proj (E, H, I).
     `lora` holds LoRA adapters of the stacked weights by parameter name (peft/lora.py's ExpertLora; empty
-    without LoRA), as experts_forward takes them."""
+    without LoRA): anything with `disabled` and `factors(dtype) -> (a, b, scaling)` as experts_forward takes."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str):
         super().__init__()
@@ -275,7 +221,7 @@ class Experts(nn.Module):
     def forward(self, x, weights, experts):
         """x (N, H); weights (N, k) float and experts (N, k) int64 from `route` -> (N, H) in x's dtype; see
         experts_forward (with the enabled LoRA adapters of `lora`)."""
-        lora = {name: adapter for name, adapter in self.lora.items() if not adapter.disabled}
+        lora = {name: adapter.factors(x.dtype) for name, adapter in self.lora.items() if not adapter.disabled}
         return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj, self.act, lora=lora)
 
 
