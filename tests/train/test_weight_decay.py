@@ -48,9 +48,11 @@ def test_one_step_with_weight_decay_equals_transformers_trainer(tiny_model_dir, 
     assert len(ours) == 26 and len(decayed & set(ours)) == 15  # 14 matrices + the (tied) embedding
     assert decay_parameter_names(model) == decayed & set(ours)
     for name, p in theirs.items():
-        # Adam's first step is about lr * sign(grad): the rare entries with a near-zero gradient may differ.
+        # Adam's first step is about lr * sign(grad): an entry whose gradient is near zero may move by anything up
+        # to lr either way, and which entries do depends on the CPU's GEMM kernels (1.1e-4 on one machine). A
+        # misplaced decay (lr * wd * w, ~1e-4 here) would move nearly every entry: at most a few may differ.
         off = (ours[name] - p).abs()
-        assert off.max() < 1e-4 and (off > 2e-5).float().mean() < 1e-3, name
+        assert int((off > 2e-5).sum()) <= max(2, off.numel() // 1000) and off.max() <= 2 * lr, name
     # Decaying the final norm would have moved it by lr * wd * w (the 1.19494 instead of 1.20094).
     assert (before["model.norm.weight"] * lr * wd).abs().min() > 100 * 2e-5
 
