@@ -1,5 +1,6 @@
 """Where a LoRA training step spends GPU time: torch.profiler over a few steps of bench_lora's setup, top kernels
-by CUDA time. Usage on a GPU machine: python bench/profile_lora.py --shape llama-3.1-8b --gc off [--quant nf4]"""
+by CUDA time. Usage on a GPU machine: python bench/profile_lora.py --shape llama-3.1-8b --gc off [--quant nf4];
+--host checks whether the step is bound by the host instead (the MoE shapes are)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +21,9 @@ def main():
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="self_cuda_time_total", help="with --ops, e.g. self_cpu_time_total")
     ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
+    ap.add_argument("--host", action="store_true", help="host-bound check instead of a profile: the CPU time to issue "
+                                                        "forward and backward, the wait for the GPU after them, and "
+                                                        "every synchronising op of one step")
     ap.add_argument("--stacks", default="", help="comma-separated aten ops (e.g. aten::copy_,aten::add) whose "
                                                  "Python call sites to list, by CUDA time")
     a = ap.parse_args()
@@ -39,6 +43,9 @@ def main():
     for _ in range(3):
         step()
     torch.cuda.synchronize()
+    if a.host:
+        _host_check(model, ids, step)
+        return
     cpu = a.ops or a.stacks
     acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu else [])
     with torch.profiler.profile(activities=acts, record_shapes=a.ops, with_stack=bool(a.stacks)) as prof:
@@ -53,6 +60,48 @@ def main():
                                                                  max_name_column_width=40, max_shapes_column_width=90))
     else:
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=a.top, max_name_column_width=70))
+
+
+def _host_check(model, ids, step):
+    """A step is host-bound when the GPU waits for Python to issue its kernels: then "wait" (GPU work still queued
+    when backward returns) is near zero, and only fewer or cheaper launches make it faster, not faster kernels."""
+    import time
+    import traceback
+    import warnings
+
+    for _ in range(3):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        loss = model(input_ids=ids, labels=ids).loss
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        print(f"host: forward {1e3 * (t1 - t0):.1f} ms, backward {1e3 * (t2 - t1):.1f} ms; "
+              f"then the GPU {1e3 * (t3 - t2):.1f} ms more")
+        model.zero_grad(set_to_none=True)
+    sites = {}
+
+    def note(message, *_args, **_kwargs):
+        frames = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_stack()
+                  if "fasttune" in f.filename or "bench" in f.filename]
+        key = (str(message).split("\n")[0][:100], tuple(frames[-3:]))
+        sites[key] = sites.get(key, 0) + 1
+
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always")
+        warnings.showwarning = note
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print(f"synchronising ops in one step: {sum(sites.values())}")
+    for (message, frames), n in sorted(sites.items(), key=lambda kv: -kv[1]):
+        print(f"{n:4d}  {message}")
+        for f in frames:
+            print("        ", f)
 
 
 def _print_stacks(prof, names):
