@@ -44,23 +44,29 @@ if HAVE_TRITON:
             return g * cdf, cdf + g * 0.3989422804014327 * tl.exp(-0.5 * g * g)
 
     @triton.jit
-    def _gated_fwd(g_ptr, u_ptr, y_ptr, n, cols, stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        """y (rows, cols) contiguous from gate and up rows `stride` elements apart (cols: separate tensors, 2 * cols:
-        the two halves of one gate_up tensor)."""
+    def _gated_fwd(g_ptr, u_ptr, y_ptr, n, cols, stride, ACT: tl.constexpr, PACKED: tl.constexpr,
+                   BLOCK: tl.constexpr):
+        """y (rows, cols) contiguous from gate and up: contiguous tensors, or with PACKED rows `stride` elements
+        apart (the two halves of one gate_up tensor; only then the per-element row/column split)."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        src = (offs // cols) * stride + offs % cols
+        src = offs
+        if PACKED:
+            src = (offs // cols) * stride + offs % cols
         g = tl.load(g_ptr + src, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + src, mask=mask, other=0.0).to(tl.float32)
         a, _ = act_and_grad(g, ACT)
         tl.store(y_ptr + offs, (a * u).to(y_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
-    def _gated_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, cols, stride, ACT: tl.constexpr, BLOCK: tl.constexpr):
-        """dgate and dup laid out as gate and up (rows `stride` apart) from dy (rows, cols) contiguous."""
+    def _gated_bwd(dy_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, cols, stride, ACT: tl.constexpr, PACKED: tl.constexpr,
+                   BLOCK: tl.constexpr):
+        """dgate and dup laid out as gate and up (see _gated_fwd) from dy (rows, cols) contiguous."""
         offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        src = (offs // cols) * stride + offs % cols
+        src = offs
+        if PACKED:
+            src = (offs // cols) * stride + offs % cols
         dy = tl.load(dy_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + src, mask=mask, other=0.0).to(tl.float32)
         u = tl.load(u_ptr + src, mask=mask, other=0.0).to(tl.float32)
@@ -73,12 +79,14 @@ _BLOCK = 1024
 
 
 class _GatedActFunction(torch.autograd.Function):
+    """act(gate) * up for two tensors of one shape (made contiguous); saves gate and up for backward."""
+
     @staticmethod
     def forward(ctx, gate, up, act_id):
         gate, up = gate.contiguous(), up.contiguous()
         y = torch.empty_like(gate)
-        n, cols = gate.numel(), max(gate.shape[-1], 1)
-        _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, cols, cols, ACT=act_id, BLOCK=_BLOCK)
+        n = gate.numel()
+        _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, 1, 1, ACT=act_id, PACKED=False, BLOCK=_BLOCK)
         ctx.save_for_backward(gate, up)
         ctx.act_id = act_id
         return y
@@ -88,8 +96,9 @@ class _GatedActFunction(torch.autograd.Function):
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
-        n, cols = gate.numel(), max(gate.shape[-1], 1)
-        _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, cols, cols, ACT=ctx.act_id, BLOCK=_BLOCK)
+        n = gate.numel()
+        _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate, up, dg, du, n, 1, 1, ACT=ctx.act_id, PACKED=False,
+                                              BLOCK=_BLOCK)
         return dg, du, None
 
 
@@ -104,7 +113,7 @@ class _PackedGatedActFunction(torch.autograd.Function):
         y = gate_up.new_empty(*gate_up.shape[:-1], cols)
         n = y.numel()
         _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate_up, gate_up[..., cols:], y, n, cols, 2 * cols, ACT=act_id,
-                                              BLOCK=_BLOCK)
+                                              PACKED=True, BLOCK=_BLOCK)
         ctx.save_for_backward(gate_up)
         ctx.act_id = act_id
         return y
@@ -117,7 +126,7 @@ class _PackedGatedActFunction(torch.autograd.Function):
         d = torch.empty_like(gate_up)
         n = dy.numel()
         _gated_bwd[(triton.cdiv(n, _BLOCK),)](dy, gate_up, gate_up[..., cols:], d, d[..., cols:], n, cols, 2 * cols,
-                                              ACT=ctx.act_id, BLOCK=_BLOCK)
+                                              ACT=ctx.act_id, PACKED=True, BLOCK=_BLOCK)
         return d, None
 
 

@@ -167,6 +167,8 @@ def gather_sum(src: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor | Non
 
 
 class _Permute(torch.autograd.Function):
+    """x.index_select(0, rows) whose backward sums each token's k rows by their positions `pos` (see permute)."""
+
     @staticmethod
     def forward(ctx, x, rows, pos):
         ctx.save_for_backward(pos)
@@ -179,6 +181,8 @@ class _Permute(torch.autograd.Function):
 
 
 class _Unpermute(torch.autograd.Function):
+    """The weighted gather-sum of unpermute on the Triton path; backward writes dout and dweights in one kernel."""
+
     @staticmethod
     def forward(ctx, out, pos, weights):
         ctx.save_for_backward(out, pos, weights)

@@ -49,7 +49,7 @@ def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     refused there), and rows of both operands are whole multiples of 16 bytes (the kernel's stride rule)."""
     if _GROUPED_MM is None or x.dtype != w.dtype:
         return False
-    if x.is_cuda and (x.dtype != torch.bfloat16 or _capability(x.device.index or 0) < (8, 0)):
+    if x.is_cuda and (x.dtype != torch.bfloat16 or _capability(x.get_device()) < (8, 0)):
         return False
     size = x.element_size()
     return (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
