@@ -74,6 +74,7 @@ MATRIX = {
 EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
+CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
 
 
 def targets(shape: str) -> list[str]:
@@ -205,15 +206,24 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     vocab = {**SHAPES, **MOE_SHAPES}[shape]["vocab_size"]
     batches = [torch.randint(0, vocab, (bs, seq), device="cuda", generator=g) for _ in range(2)]
     losses, norms = [], []
+    graphs = None
+    if impl == "ours" and CUDA_GRAPHS[0]:  # what SFTConfig(cuda_graphs=True) runs per micro-batch
+        from fasttune.train.cuda_graphs import CudaGraphStep
+
+        graphs = CudaGraphStep(model)
 
     def step(i):
         ids = batches[i % len(batches)]
-        out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
+        if graphs is not None:
+            n = bs * (seq - 1)  # the targets of labels=ids, as the model counts them
+            loss = graphs.run({"input_ids": ids, "labels": ids}, n) / n
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
         opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(float(out.loss.detach()))
+        opt.zero_grad(set_to_none=graphs is None)
+        losses.append(float(loss.detach()))
 
     for i in range(warmup):
         step(i)
@@ -234,7 +244,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "gradient_checkpointing": gc, "batch": bs, "seq": seq,
            "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0],
            "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0],
-           "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0], "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
+           "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
+           "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
@@ -273,17 +284,24 @@ def main():
                     help="ours: the frozen input embedding in pinned host memory (from_pretrained's offload_embedding)")
     ap.add_argument("--offload-lm-head", action="store_true",
                     help="ours: the frozen LM head in pinned host memory, streamed (from_pretrained's offload_lm_head)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="ours: replay forward+backward as CUDA graphs (cuda_graphs=True); with --matrix, each of our "
+                         "rows without offload runs again with graphs")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
     EXPERT_LORA[0] = a.expert_lora
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
+    CUDA_GRAPHS[0] = a.cuda_graphs
     if a.matrix:
         rows = []
         for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:
-            row = _subprocess_row(a, impl, shape, gc, kernels, quant, a.bs, a.seq, a.steps, a.warmup, a.out)
-            if row is not None:
-                rows.append(row)
+            plain = impl == "hf" or gc == "offload" or not a.cuda_graphs
+            for graphs in ([False] if plain else [False, True]):
+                row = _subprocess_row(a, impl, shape, gc, kernels, quant, a.bs, a.seq, a.steps, a.warmup, a.out,
+                                      graphs=graphs)
+                if row is not None:
+                    rows.append(row)
         print_table(rows)
         return
     if a.max_context:
@@ -295,14 +313,15 @@ def main():
     print(json.dumps(row))
 
 
-def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, out, quiet=False):
+def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, out, quiet=False, graphs=False):
     """One configuration in a fresh process (clean peak memory); None when it failed (e.g. out of memory)."""
     env = dict(os.environ, FASTTUNE_KERNELS=kernels if kernels != "-" else "")
     cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
            "--out", out] + (["--expert-lora"] if a.expert_lora else []) + \
-        (["--offload-embedding"] if a.offload_embedding else []) + (["--offload-lm-head"] if a.offload_lm_head else [])
-    return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant}")
+        (["--offload-embedding"] if a.offload_embedding else []) + (["--offload-lm-head"] if a.offload_lm_head else []) + \
+        (["--cuda-graphs"] if graphs and impl == "ours" else [])
+    return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 
 def run_row(cmd: list[str], env: dict | None, label: str | None) -> dict | None:
@@ -342,14 +361,14 @@ def max_context(a):
 
 
 def print_table(rows):
-    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'quant':<5} {'gc':<7} {'tok/s':>9} {'peak GiB':>9} "
+    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'quant':<5} {'gc':<7} {'graphs':<6} {'tok/s':>9} {'peak GiB':>9} "
           f"{'vs hf':>6}  card")
     base = {(r["shape"], r.get("quant", "none")): r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
     for r in rows:
         key = (r["shape"], r.get("quant", "none"))
         ratio = r["tokens_per_second"] / base[key] if key in base else float("nan")
         print(f"{r['impl']:<5} {r.get('kernels', '-'):<8} {r['shape']:<13} {r.get('quant', 'none'):<5} "
-              f"{r['gradient_checkpointing']:<7} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  "
+              f"{r['gradient_checkpointing']:<7} {str(r.get('cuda_graphs', False)):<6} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  "
               f"{r['card']}")
 
 

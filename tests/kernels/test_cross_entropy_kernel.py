@@ -21,15 +21,17 @@ def _grads(fn, h, w, y, softcap, chunk):
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("softcap", [None, 5.0])
-@pytest.mark.parametrize("n, hdim, vocab, chunk", [(37, 24, 1000, 8), (16, 33, 77, 64)])
-def test_fused_linear_ce_matches_reference(monkeypatch, kernels, dtype, softcap, n, hdim, vocab, chunk):
+@pytest.mark.parametrize("n, hdim, vocab, chunk, compact", [(37, 24, 1000, 8, True), (16, 33, 77, 64, True),
+                                                             (37, 24, 1000, 8, False)])
+def test_fused_linear_ce_matches_reference(monkeypatch, kernels, dtype, softcap, n, hdim, vocab, chunk, compact):
+    """compact=False (every row through the GEMMs, as under CUDA graph capture) gives the same loss and grads."""
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     torch.manual_seed(3)
     h = torch.randn(n, hdim, device=DEVICE).to(dtype)
     w = (torch.randn(vocab, hdim, device=DEVICE) * 0.2).to(dtype)
     y = torch.randint(0, vocab, (n,), device=DEVICE)
     y[::5] = -100
-    ours = _grads(_FusedLinearCrossEntropy.apply, h, w, y, softcap, chunk)
+    ours = _grads(lambda *a: _FusedLinearCrossEntropy.apply(*a, compact), h, w, y, softcap, chunk)
     ref = _grads(linear_cross_entropy_reference, h, w, y, softcap, chunk)
     exact = _grads(linear_cross_entropy_reference, h.double(), w.double(), y, softcap, chunk)
     for name, a, b, e in zip(("loss", "dh", "dw"), ours, ref, exact):
@@ -38,12 +40,13 @@ def test_fused_linear_ce_matches_reference(monkeypatch, kernels, dtype, softcap,
 
 
 @pytest.mark.parametrize("kernels", KERNELS)
-def test_fused_ce_frozen_weight_and_all_ignored(monkeypatch, kernels):
+@pytest.mark.parametrize("compact", [True, False])
+def test_fused_ce_frozen_weight_and_all_ignored(monkeypatch, kernels, compact):
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     h = torch.randn(6, 8, requires_grad=True)
     w = torch.randn(20, 8)
     y = torch.full((6,), -100)
-    loss = _FusedLinearCrossEntropy.apply(h, w, y, None, 4)
+    loss = _FusedLinearCrossEntropy.apply(h, w, y, None, 4, compact)
     loss.backward()
     assert loss.item() == 0 and h.grad.abs().max() == 0
 

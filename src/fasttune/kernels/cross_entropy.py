@@ -160,9 +160,12 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, chunk):
-        keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        h, y = hidden.index_select(0, keep), labels.index_select(0, keep)
+    def forward(ctx, hidden, weight, labels, softcap, chunk, compact):
+        if compact:  # only the rows with a label: no work on padding or prompts (a host sync: dynamic shape)
+            keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+            h, y = hidden.index_select(0, keep), labels.index_select(0, keep)
+        else:  # every row, static shapes (CUDA graph capture); ignored rows give 0 loss and 0 gradient
+            keep, h, y = None, hidden, labels
         w = weight.to(hidden.dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.zeros_like(hidden) if need_h else None
@@ -172,7 +175,9 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             hc, yc = h[start:start + chunk], y[start:start + chunk]
             g = hc @ w.t()  # logits in the activation dtype, overwritten by their gradient
             total += _ce_chunk_grad_(g, yc, softcap)
-            if need_h:
+            if need_h and keep is None:
+                torch.matmul(g, w, out=grad_h[start:start + chunk])
+            elif need_h:
                 grad_h.index_copy_(0, keep[start:start + chunk], g @ w)
             if need_w:
                 _accumulate_fp32(grad_w, g.t(), hc)
@@ -185,16 +190,23 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None
+        return gh, gw, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                                 softcap: float | None = None, chunk_tokens: int | None = None) -> torch.Tensor:
-    """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100."""
+                                 softcap: float | None = None, chunk_tokens: int | None = None,
+                                 compact: bool | None = None) -> torch.Tensor:
+    """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100.
+
+    compact: True drops the rows without a label before the GEMMs (less work when many are ignored, at the cost of
+    one host sync for their count); False keeps every row (static shapes, as a CUDA graph capture needs); None: True
+    unless the current CUDA stream is being captured."""
+    if compact is None:
+        compact = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
         chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
         return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk)
     # the Triton chunk math keeps only the GEMM's logits buffer, so its chunks count that buffer's bytes
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.element_size() if use_triton(hidden) else 4)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact)

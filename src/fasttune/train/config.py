@@ -58,6 +58,7 @@ class TrainingConfig:
     max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or grads) before stopping
     report_to: str | list = "none"  # "none" | "tensorboard" | "wandb" | "all" | "a,b" | a list; becomes a list
     fsdp: bool = False  # under torchrun: shard the model over the ranks (FSDP2) instead of a copy per GPU
+    cuda_graphs: bool = False  # SFT: replay each micro-batch's forward+backward as a CUDA graph (train/cuda_graphs.py)
 
     def __post_init__(self):
         for f in fields(self):

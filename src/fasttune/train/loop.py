@@ -106,6 +106,9 @@ class Trainer:
 
     # --- objective hooks -------------------------------------------------------------------------------------
     supports_packing: bool = True
+    supports_cuda_graphs: bool = False
+    """Whether args.cuda_graphs may replay this objective's micro-batches as CUDA graphs (train/cuda_graphs.py):
+    only where micro_batch_loss is the plain SFT loss of {"input_ids", "attention_mask", "labels"}."""
     """Whether packing=True may pack this objective's examples into shared rows (pack_examples). An objective whose
     examples are not {"input_ids", "labels"} sets False, and packing=True is then a ConfigError (packing_refusal)."""
     packing_refusal: str = "packing=True does not apply to {method}; set packing=False."
@@ -278,6 +281,7 @@ class Trainer:
         if args.fsdp:
             shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
         self._resolve_auto_checkpointing()
+        self._graph_step = self._cuda_graph_step() if args.cuda_graphs else None
         optimizer = self.optimizer = build_optimizer(model, args)
         total = self.total_steps()
         # fp16 activations underflow without loss scaling; bf16 and fp32 need none.
@@ -329,7 +333,7 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             step_loss, grad_norm, n_tokens = 0.0, 0.0, 0
         else:
-            step_loss, grad_norm = self._guarded_step(group, num_items, scaler, fillers)
+            step_loss, grad_norm = self._guarded_step(group, num_items, scaler, fillers, host_group)
         run.memory.mark("forward_backward")
         run.tokens_done += int(self.dist.sum(n_tokens))
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -350,7 +354,8 @@ class Trainer:
         else:
             optimizer.step()
         run.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        # cuda_graphs: the graphs accumulate into these very tensors; zeroing in place keeps them attached
+        optimizer.zero_grad(set_to_none=getattr(self, "_graph_step", None) is None)
         run.memory.mark("optimizer")
         run.step += 1
         run.losses.append(step_loss)
@@ -412,17 +417,21 @@ class Trainer:
         self.model.eval()
         return metrics
 
-    def _guarded_step(self, group: list[dict], num_items: int, scaler, fillers: int = 0) -> tuple[float, float]:
+    def _guarded_step(self, group: list[dict], num_items: int, scaler, fillers: int = 0,
+                      host_group: list[dict] | None = None) -> tuple[float, float]:
         """Forward/backward over the accumulated micro-batches, then unscale and clip; (step loss, grad-norm). CUDA
         OOM becomes advice. `fillers`: zero-weight passes that only join the FSDP collectives (a rank short of
-        batches)."""
+        batches). `host_group`: the same batches on the host (cuda_graphs reads their masks there)."""
         try:
             parts = []  # each micro-batch's loss sum, left on the device until the step's one read
             for _ in range(fillers):
                 filler = self.to_device(self.collate_batch([self.train_examples[0]]))
                 loss, _ = self.micro_batch_loss(filler, num_items)
                 (loss * 0.0).backward()
-            for b in group:
+            for i, b in enumerate(group):
+                if self._graph_replayable(b, host_group[i] if host_group is not None else None):
+                    parts.append(self._graph_step.run(b, num_items))
+                    continue
                 loss, part = self.micro_batch_loss(b, num_items)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
                 parts.append(part)
@@ -452,6 +461,27 @@ class Trainer:
         return FastTuneError(f"CUDA ran out of memory at batch size {a.per_device_train_batch_size} x {seq} tokens "
                              f"with gradient checkpointing {mode!r} (peak {peak:.1f} GiB allocated). To fit: "
                              + "; or ".join(advice) + ".")
+
+    def _cuda_graph_step(self):
+        """The CudaGraphStep of args.cuda_graphs=True: every batch padded to per_device_train_batch_size rows of the
+        longest training example, so one graph serves the run. Raises ConfigError where graphs cannot apply."""
+        from fasttune.train import cuda_graphs
+
+        if not self.supports_cuda_graphs or getattr(self, "vision", False):
+            raise ConfigError(f"cuda_graphs=True applies to SFTTrainer on text models; {type(self).__name__}'s "
+                              f"loss is not captured. Set cuda_graphs=False.")
+        cuda_graphs.check(self.model, self.args)
+        longest = max(self.example_tokens(ex) for ex in self.train_examples)
+        return cuda_graphs.CudaGraphStep(self.model, self.pad_id, rows=self.args.per_device_train_batch_size,
+                                         length=longest)
+
+    def _graph_replayable(self, batch: dict, host_batch: dict | None) -> bool:
+        if getattr(self, "_graph_step", None) is None or host_batch is None:
+            return False
+        from fasttune.models.masks import right_padded
+
+        mask = host_batch.get("attention_mask")
+        return self._graph_step.accepts(batch, mask is None or right_padded(mask))
 
     def _resolve_auto_checkpointing(self):
         if self.model.gradient_checkpointing != "auto":

@@ -11,6 +11,8 @@ from fasttune.train.loop import Trainer
 class SFTTrainer(Trainer):
     """Supervised fine-tuning with SFTConfig; args.chat_template, if set, is also stored on the tokenizer."""
 
+    supports_cuda_graphs = True  # text models (vision ones are refused in Trainer._cuda_graph_step)
+
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  data_collator=None, **kwargs):
         from fasttune.train.objectives import vision_sft
