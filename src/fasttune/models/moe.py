@@ -65,6 +65,9 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     grouped_mm_usable). Returns (S, M) in x's dtype; differentiable in x and w."""
     if method == "grouped_mm" or (method == "auto" and grouped_mm_usable(x, w)):
         return _GROUPED_MM(x, w, offs=offsets)
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():  # cuda_graphs: this fails the capture, clearly
+        raise RuntimeError("the padded-bmm expert path sizes its groups on the host, which a CUDA graph cannot "
+                           "hold; graphs need torch's grouped GEMM kernel (bf16 experts, compute capability >= 8.0)")
     experts = torch.repeat_interleave(torch.arange(w.shape[0], device=x.device), counts.long(),
                                       output_size=x.shape[0])
     starts = (offsets - counts).long()

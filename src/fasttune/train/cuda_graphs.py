@@ -127,6 +127,8 @@ class CudaGraphStep:
             try:
                 self._capture(slot)
             except Exception as e:  # an op CUDA cannot capture: the run goes on eagerly
+                while e.__context__ is not None:  # the capture's end re-raises; the first error names the op
+                    e = e.__context__
                 self.off_reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 print(f"fasttune: cuda_graphs turned off for this run, the capture failed ({self.off_reason}); "
                       f"training continues without graphs.", file=sys.stderr)
