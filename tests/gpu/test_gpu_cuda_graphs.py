@@ -102,6 +102,10 @@ def test_failed_capture_falls_back_to_eager(tiny_model_dir, monkeypatch, capsys)
     assert step.off_reason is not None and step.replays == 0
     assert "cuda_graphs turned off" in capsys.readouterr().err
     _compare(got_sums, want_sums, _grads(model), want)
+    torch.manual_seed(0)
+    a = torch.rand(3, device="cuda")  # the aborted capture leaves the random generator usable, at its old state
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(3, device="cuda"), a)
 
 
 def test_fp32_moe_falls_back_naming_the_expert_path(tiny_model_dir, capsys):

@@ -180,8 +180,17 @@ class CudaGraphStep:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            loss_sum = self._forward_backward(slot)
+        device = slot.ids.device.index if slot.ids.device.index is not None else torch.cuda.current_device()
+        generator = torch.cuda.default_generators[device]
+        before = generator.clone_state()  # a copy: not marked as capturing
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                loss_sum = self._forward_backward(slot)
+        except Exception:
+            # torch leaves the generator of an aborted capture marked as capturing, and every later random op
+            # (dropout, init) would fail; nothing ran, so its state before the capture is the right one
+            generator.graphsafe_set_state(before)
+            raise
         # The capture recorded the kernels without running them: the gradients are still what they were.
         slot.graph, slot.loss_sum = graph, loss_sum
         if self.pool is None:
