@@ -88,3 +88,17 @@ def test_gradients_stay_the_tensors_the_graphs_write(lora_model):
     step._bind_grads()
     assert all(p.grad is g for p, g in zip(params, bound))
     assert torch.all(params[0].grad == 3.0) and all(torch.all(p.grad == 0) for p in params[1:])
+
+
+def test_cli_flag_reaches_the_check(tiny_model_dir, tmp_path, capsys):
+    """`fasttune train --cuda-graphs` on a CPU: the refusal as one message, exit 2, no output folder."""
+    from chat_rows import write_chat_rows
+
+    from fasttune.cli import main
+
+    out = tmp_path / "out"
+    rc = main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(write_chat_rows(tmp_path / "d.jsonl")),
+               "--output-dir", str(out), "--max-steps", "1", "--lora-r", "4", "--cuda-graphs"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cuda_graphs=True does not apply here: it needs a CUDA GPU" in err
+    assert "Traceback" not in err and not out.exists()
