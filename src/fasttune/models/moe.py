@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttune.kernels.activations import gated_act_packed, gated_act_reference
+from fasttune.kernels.dispatch import use_triton
+from fasttune.kernels.grouped_lora import lora_grouped_mm
 from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
 from fasttune.quant.experts import QuantExpertWeight
 
@@ -112,8 +114,16 @@ def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method
     if lora is None:
         return out
     a, b, scaling = lora
-    low = grouped_mm(grouped_mm(x, a, offsets, counts, method), b, offsets, counts, method)
+    low = _lora_mm(_lora_mm(x, a, offsets, counts, method), b, offsets, counts, method)
     return torch.add(out, low, alpha=scaling)
+
+
+def _lora_mm(x, w, offsets, counts, method: str) -> torch.Tensor:
+    """grouped_mm for a LoRA factor: with our kernels on, the weight gradient by kernels/grouped_lora.py (torch's
+    grouped GEMM is slow for these rank-thin products over the rows)."""
+    if use_triton(x) and (method == "grouped_mm" or (method == "auto" and grouped_mm_usable(x, w))):
+        return lora_grouped_mm(x, w, offsets, _GROUPED_MM)
+    return grouped_mm(x, w, offsets, counts, method)
 
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
