@@ -38,7 +38,7 @@ if HAVE_TRITON:
     @triton.jit
     def _grouped_weight_grad_kernel(x_ptr, dy_ptr, offsets_ptr, out_ptr, P, Q, stride_x, stride_dy,
                                     stride_oe, stride_op, stride_oq, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
-                                    BLOCK_S: tl.constexpr):
+                                    BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
         """Program (e, p-tile, q-tile): sum over expert e's rows of x[s, p] * dy[s, q], fp32."""
         e = tl.program_id(0)
         offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -53,7 +53,10 @@ if HAVE_TRITON:
                          mask=live[None, :] & (offs_p[:, None] < P), other=0.0)  # (BLOCK_P, BLOCK_S)
             g = tl.load(dy_ptr + rows[:, None] * stride_dy + offs_q[None, :],
                         mask=live[:, None] & (offs_q[None, :] < Q), other=0.0)  # (BLOCK_S, BLOCK_Q)
-            acc += tl.dot(xt, g)
+            if IEEE:  # fp32 inputs: full fp32 products (the default would round them to tf32)
+                acc += tl.dot(xt, g, input_precision="ieee")
+            else:
+                acc += tl.dot(xt, g)
         tl.store(out_ptr + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
 
@@ -78,7 +81,8 @@ def grouped_weight_grad(x: torch.Tensor, dy: torch.Tensor, offsets: torch.Tensor
     bp, bq = _blocks(p, q)
     grid = (e, triton.cdiv(p, bp), triton.cdiv(q, bq))
     _grouped_weight_grad_kernel[grid](x, dy, offsets, out, p, q, x.stride(0), dy.stride(0), *out.stride(),
-                                      BLOCK_P=bp, BLOCK_Q=bq, BLOCK_S=64, num_warps=4)
+                                      BLOCK_P=bp, BLOCK_Q=bq, BLOCK_S=64,
+                                      IEEE=x.dtype == torch.float32, num_warps=4)
     return out
 
 
