@@ -102,3 +102,16 @@ def test_cli_flag_reaches_the_check(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "cuda_graphs=True does not apply here: it needs a CUDA GPU" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_auto_checkpointing_that_chose_offload_is_named(lora_model, tmp_path, monkeypatch):
+    """gradient checkpointing "auto" picking "offload" (memory is short) is refused as that choice, with the fix."""
+    import fasttune.train.memory_policy as policy
+
+    monkeypatch.setattr(policy, "choose_checkpointing", lambda model, tokens: ("offload", "auto -> offload"))
+    model, tok = lora_model(gc="auto")
+    trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
+                         args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, cuda_graphs=True))
+    with pytest.raises(ConfigError, match="'auto' chose 'offload'.*Lower per_device_train_batch_size"):
+        trainer.train()
+    assert not (tmp_path / "o").exists()

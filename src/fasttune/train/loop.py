@@ -470,6 +470,11 @@ class Trainer:
         if not self.supports_cuda_graphs or getattr(self, "vision", False):
             raise ConfigError(f"cuda_graphs=True applies to SFTTrainer on text models; {type(self).__name__}'s "
                               f"loss is not captured. Set cuda_graphs=False.")
+        if getattr(self, "_auto_offload", False):
+            raise ConfigError("cuda_graphs=True does not apply here: use_gradient_checkpointing='auto' chose "
+                              "'offload' (by its estimate even recompute on the GPU does not fit this batch), and "
+                              "host copies cannot run inside a graph. Lower per_device_train_batch_size or "
+                              "max_seq_length, or set cuda_graphs=False.")
         cuda_graphs.check(self.model, self.args)
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
         return cuda_graphs.CudaGraphStep(self.model, self.pad_id, rows=self.args.per_device_train_batch_size,
@@ -491,6 +496,7 @@ class Trainer:
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
         mode, why = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
         self.model.gradient_checkpointing = mode
+        self._auto_offload = mode == "offload"
         print(f"fasttune: {why}", file=sys.stderr)
 
     def run_identity(self) -> dict:
