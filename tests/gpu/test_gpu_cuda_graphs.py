@@ -117,7 +117,7 @@ def test_fp32_moe_falls_back_naming_the_expert_path(tiny_model_dir, capsys):
     assert "padded-bmm expert path" in step.off_reason and step.replays == 0
 
 
-def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_path):
+def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
     from fasttune import SFTConfig, SFTTrainer
 
     rows = [{"text": "word " * (5 + (i * 7) % 23)} for i in range(24)]
@@ -131,6 +131,7 @@ def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_
         trainer.train()
         curves.append([h["loss"] for h in trainer.log_history if "loss" in h])
         if graphs:
+            assert "cuda_graphs on: each micro-batch runs padded to 2 x" in capsys.readouterr().err
             assert trainer._graph_step.replays == 9  # 10 micro-batches, the first one eager and trainer._graph_step.off_reason is None
     assert len(curves[0]) == 5
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)

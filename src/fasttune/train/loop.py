@@ -476,9 +476,14 @@ class Trainer:
                               "host copies cannot run inside a graph. Lower per_device_train_batch_size or "
                               "max_seq_length, or set cuda_graphs=False.")
         cuda_graphs.check(self.model, self.args)
-        longest = max(self.example_tokens(ex) for ex in self.train_examples)
-        return cuda_graphs.CudaGraphStep(self.model, self.pad_id, rows=self.args.per_device_train_batch_size,
-                                         length=longest)
+        lengths = [self.example_tokens(ex) for ex in self.train_examples]
+        longest, mean, rows = max(lengths), sum(lengths) / len(lengths), self.args.per_device_train_batch_size
+        if self.dist.is_main:
+            waste = (f"; the examples average {mean:,.0f} tokens, so about {1 - mean / longest:.0%} of each batch is "
+                     f"padding (graphs suit examples of similar length)" if mean < 0.75 * longest else "")
+            print(f"fasttune: cuda_graphs on: each micro-batch runs padded to {rows} x {longest:,} tokens (the "
+                  f"longest example){waste}.", file=sys.stderr)
+        return cuda_graphs.CudaGraphStep(self.model, self.pad_id, rows=rows, length=longest)
 
     def _graph_replayable(self, batch: dict, host_batch: dict | None) -> bool:
         if getattr(self, "_graph_step", None) is None or host_batch is None:
