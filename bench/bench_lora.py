@@ -245,7 +245,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "lora_r": r, "expert_lora": shape in MOE_SHAPES and EXPERT_LORA[0],
            "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0],
            "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
-           "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps, "tokens_per_second": round(bs * seq * steps / elapsed, 1),
+           "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
+           "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
@@ -319,8 +320,8 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
     cmd = [sys.executable, __file__, "--impl", impl, "--shape", shape, "--gc", gc, "--quant", quant,
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
            "--out", out] + (["--expert-lora"] if a.expert_lora else []) + \
-        (["--offload-embedding"] if a.offload_embedding else []) + (["--offload-lm-head"] if a.offload_lm_head else []) + \
-        (["--cuda-graphs"] if graphs and impl == "ours" else [])
+        (["--offload-embedding"] if a.offload_embedding else []) + \
+        (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 
@@ -361,14 +362,16 @@ def max_context(a):
 
 
 def print_table(rows):
-    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'quant':<5} {'gc':<7} {'graphs':<6} {'tok/s':>9} {'peak GiB':>9} "
+    print(f"\n{'impl':<5} {'kernels':<8} {'shape':<13} {'quant':<5} {'gc':<7} {'graphs':<6} {'tok/s':>9} "
+          f"{'peak GiB':>9} "
           f"{'vs hf':>6}  card")
     base = {(r["shape"], r.get("quant", "none")): r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
     for r in rows:
         key = (r["shape"], r.get("quant", "none"))
         ratio = r["tokens_per_second"] / base[key] if key in base else float("nan")
         print(f"{r['impl']:<5} {r.get('kernels', '-'):<8} {r['shape']:<13} {r.get('quant', 'none'):<5} "
-              f"{r['gradient_checkpointing']:<7} {str(r.get('cuda_graphs', False)):<6} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  "
+              f"{r['gradient_checkpointing']:<7} {str(r.get('cuda_graphs', False)):<6} "
+              f"{r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  "
               f"{r['card']}")
 
 

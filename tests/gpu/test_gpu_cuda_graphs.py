@@ -132,6 +132,7 @@ def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_
         curves.append([h["loss"] for h in trainer.log_history if "loss" in h])
         if graphs:
             assert "cuda_graphs on: each micro-batch runs padded to 2 x" in capsys.readouterr().err
-            assert trainer._graph_step.replays == 9  # 10 micro-batches, the first one eager and trainer._graph_step.off_reason is None
+            # 10 micro-batches: the first runs eagerly (the warm-up), the second is captured and replayed
+            assert trainer._graph_step.replays == 9 and trainer._graph_step.off_reason is None
     assert len(curves[0]) == 5
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)
