@@ -83,6 +83,7 @@ class _GatedActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate, up, act_id):
+        """gate, up (...) same shape, any float dtype; act_id: ACT_IDS value. Returns act(gate) * up like gate."""
         gate, up = gate.contiguous(), up.contiguous()
         y = torch.empty_like(gate)
         n = gate.numel()
@@ -93,6 +94,7 @@ class _GatedActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """dy like the output -> (dgate, dup, None), by the fp32 kernel."""
         gate, up = ctx.saved_tensors
         dy = dy.contiguous()
         dg, du = torch.empty_like(gate), torch.empty_like(up)
@@ -108,6 +110,7 @@ class _PackedGatedActFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, gate_up, act_id):
+        """gate_up (..., 2I) -> (..., I); saves gate_up for backward."""
         gate_up = gate_up.contiguous()
         cols = gate_up.shape[-1] // 2
         y = gate_up.new_empty(*gate_up.shape[:-1], cols)
@@ -120,6 +123,7 @@ class _PackedGatedActFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """dy (..., I) -> (d gate_up (..., 2I), None)."""
         (gate_up,) = ctx.saved_tensors
         dy = dy.contiguous()
         cols = gate_up.shape[-1] // 2

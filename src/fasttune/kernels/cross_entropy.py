@@ -159,8 +159,14 @@ def _accumulate_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor):
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """The loss sum of hidden @ weight^T against labels, with both gradients formed in forward, chunk by chunk
+    (the logits of one chunk are overwritten by their gradient); backward only scales them by grad_out."""
+
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, chunk, compact):
+        """hidden (N, H), weight (V, H), labels (N,) int64; chunk: rows per GEMM; compact: see
+        chunked_linear_cross_entropy. Returns the fp32 () loss sum; saves d(sum)/d(hidden) (hidden's dtype) and
+        d(sum)/d(weight) (fp32)."""
         if compact:  # only the rows with a label: no work on padding or prompts (a host sync: dynamic shape)
             keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
             h, y = hidden.index_select(0, keep), labels.index_select(0, keep)
@@ -187,6 +193,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """grad_out () -> the saved gradients times grad_out (weight's in its dtype), None for the rest."""
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None

@@ -92,12 +92,14 @@ class _LoraGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, offsets, mm):
+        """x (S, K), w (E, K, N), offsets (E,) int32; mm: the grouped GEMM. Returns (S, N); saves x, w, offsets."""
         ctx.save_for_backward(x, w, offsets)
         ctx.mm = mm
         return mm(x, w, offs=offsets)
 
     @staticmethod
     def backward(ctx, dy):
+        """dy (S, N) -> (dx (S, K) by mm, dw (E, K, N) in w's strides by grouped_weight_grad, None, None)."""
         x, w, offsets = ctx.saved_tensors
         dx = dw = None
         if ctx.needs_input_grad[0]:

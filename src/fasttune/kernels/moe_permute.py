@@ -171,11 +171,13 @@ class _Permute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, rows, pos):
+        """x (N, H), rows (N*k,) int64 (each sorted row's token), pos (N, k) int64. Returns (N*k, H)."""
         ctx.save_for_backward(pos)
         return x.index_select(0, rows)
 
     @staticmethod
     def backward(ctx, dxs):
+        """dxs (N*k, H) -> (dx (N, H) = sum_j dxs[pos[n, j]], None, None)."""
         (pos,) = ctx.saved_tensors
         return gather_sum(dxs, pos), None, None
 
@@ -185,11 +187,13 @@ class _Unpermute(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, out, pos, weights):
+        """out (N*k, H) expert outputs, pos (N, k) int64, weights (N, k) float. Returns (N, H) in out's dtype."""
         ctx.save_for_backward(out, pos, weights)
         return gather_sum(out, pos, weights)
 
     @staticmethod
     def backward(ctx, dy):
+        """dy (N, H) -> (dout (N*k, H) = w[n, j] dy[n] at pos[n, j], None, dweights (N, k) in weights' dtype)."""
         out, pos, weights = ctx.saved_tensors
         n, k = pos.shape
         dy = dy.contiguous()

@@ -111,8 +111,11 @@ def _launch_bwd(ctx, dy, ds=None):
 
 
 class _RMSNormFunction(torch.autograd.Function):
+    """norm(x) * (offset + weight) over the last dimension, by the Triton kernels (fp32 inside)."""
+
     @staticmethod
     def forward(ctx, x, weight, eps, offset):
+        """x (..., H), weight (H,). Returns (..., H) in x's dtype; saves x, weight and 1/rms per row."""
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         _, y, rstd = _launch_fwd(x2, None, weight, eps, offset)
         ctx.save_for_backward(x2, weight, rstd)
@@ -121,6 +124,7 @@ class _RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        """dy (..., H) -> (dx, dweight (None when weight is frozen), None, None)."""
         dx, dw = _launch_bwd(ctx, dy)
         return dx, dw, None, None
 
@@ -131,6 +135,7 @@ class _AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, h, weight, eps, offset):
+        """x (..., H), h like x or None, weight (H,). Returns (s, norm(s)); saves s, weight and 1/rms."""
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         h2 = None if h is None else h.reshape(x2.shape).contiguous()
         s, y, rstd = _launch_fwd(x2, h2, weight, eps, offset)
@@ -142,6 +147,7 @@ class _AddRMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, ds, dy):
+        """ds, dy (..., H) -> (dx, dh (= dx when h was given), dweight, None, None)."""
         dx, dw = _launch_bwd(ctx, dy, ds)
         return dx, dx if ctx.has_h else None, dw, None, None
 

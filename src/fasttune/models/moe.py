@@ -57,6 +57,10 @@ def grouped_mm_usable(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (w.shape[1] * size) % 16 == 0 and (w.shape[2] * size) % 16 == 0
 
 
+def _grouped_kernel(x: torch.Tensor, w: torch.Tensor, method: str) -> bool:
+    return method == "grouped_mm" or (method == "auto" and grouped_mm_usable(x, w))
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: torch.Tensor,
                method: str = "auto") -> torch.Tensor:
     """Rows of x grouped by expert times that expert's matrix: out[s] = x[s] @ w[e(s)].
@@ -65,7 +69,7 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
     of the groups; counts (E,) their sizes. method: "grouped_mm" (torch's grouped GEMM kernel), "padded_bmm"
     (groups padded to the largest one, one bmm; reads counts on the host) or "auto" (the kernel where
     grouped_mm_usable). Returns (S, M) in x's dtype; differentiable in x and w."""
-    if method == "grouped_mm" or (method == "auto" and grouped_mm_usable(x, w)):
+    if _grouped_kernel(x, w, method):
         return _GROUPED_MM(x, w, offs=offsets)
     if x.is_cuda and torch.cuda.is_current_stream_capturing():  # cuda_graphs: this fails the capture, clearly
         raise RuntimeError("the padded-bmm expert path sizes its groups on the host, which a CUDA graph cannot "
@@ -85,12 +89,14 @@ class _DequantGroupedMM(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, holder, offsets, counts, method):
+        """x (S, in) sorted by expert, holder a QuantExpertWeight (E, out, in). Returns (S, out) in x's dtype."""
         ctx.holder, ctx.method = holder, method
         ctx.save_for_backward(offsets, counts)
         return grouped_mm(x, holder.dequantized(x.dtype).transpose(1, 2), offsets, counts, method)
 
     @staticmethod
     def backward(ctx, grad):
+        """grad (S, out) -> (dx (S, in), None x 4): the NF4 stack is frozen."""
         if not ctx.needs_input_grad[0]:
             return None, None, None, None, None
         offsets, counts = ctx.saved_tensors
@@ -121,7 +127,7 @@ def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method
 def _lora_mm(x, w, offsets, counts, method: str) -> torch.Tensor:
     """grouped_mm for a LoRA factor: with our kernels on, the weight gradient by kernels/grouped_lora.py (torch's
     grouped GEMM is slow for these rank-thin products over the rows)."""
-    if use_triton(x) and (method == "grouped_mm" or (method == "auto" and grouped_mm_usable(x, w))):
+    if use_triton(x) and _grouped_kernel(x, w, method):
         return lora_grouped_mm(x, w, offsets, _GROUPED_MM)
     return grouped_mm(x, w, offsets, counts, method)
 

@@ -47,7 +47,7 @@ ID_FIELDS = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids", "completio
 
 
 class NonFiniteLossError(FastTuneError):
-    pass
+    """max_nonfinite_steps optimizer steps in a row had a NaN/inf loss or gradient norm."""
 
 
 @dataclass
@@ -78,6 +78,11 @@ class _Run:
 
 
 class Trainer:
+    """The training loop shared by every objective (see the module docstring for its hooks). model: a fasttune
+    model (or the transformers fallback); tokenizer / processing_class; train_dataset (required) and eval_dataset:
+    rows as `prepare` takes them; args: the objective's config (config_cls() when None). Raises ConfigError for
+    unknown keyword arguments, a missing train_dataset, FSDP settings that do not fit, or data that does not fit."""
+
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
                  processing_class=None, **kwargs):
         if kwargs:
@@ -106,14 +111,14 @@ class Trainer:
 
     # --- objective hooks -------------------------------------------------------------------------------------
     supports_packing: bool = True
-    supports_cuda_graphs: bool = False
-    """Whether args.cuda_graphs may replay this objective's micro-batches as CUDA graphs (train/cuda_graphs.py):
-    only where micro_batch_loss is the plain SFT loss of {"input_ids", "attention_mask", "labels"}."""
     """Whether packing=True may pack this objective's examples into shared rows (pack_examples). An objective whose
     examples are not {"input_ids", "labels"} sets False, and packing=True is then a ConfigError (packing_refusal)."""
     packing_refusal: str = "packing=True does not apply to {method}; set packing=False."
     """The ConfigError message of packing=True where supports_packing is False; {method} is the objective's
     `method` (its class name without one)."""
+    supports_cuda_graphs: bool = False
+    """Whether args.cuda_graphs may replay this objective's micro-batches as CUDA graphs (train/cuda_graphs.py):
+    only where micro_batch_loss is the plain SFT loss of {"input_ids", "attention_mask", "labels"}."""
 
     def prepare(self, dataset) -> list[dict]:
         """Rows (datasets.Dataset, list of dicts or a file path) -> this objective's examples (dicts of token ids
@@ -247,6 +252,7 @@ class Trainer:
         return [order[i:i + bs] for i in range(0, len(order), bs)]
 
     def total_steps(self) -> int:
+        """Optimizer steps of the run: max_steps when set (> 0), else num_train_epochs x steps_per_epoch (>= 1)."""
         if self.args.max_steps > 0:
             return self.args.max_steps
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
@@ -542,6 +548,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
+        """{"eval_loss": summed eval_batch_loss / its count over eval_dataset, plus eval_metrics()}, under no_grad
+        in eval mode (the training mode is restored). Raises ConfigError without an eval_dataset."""
         if not self.eval_examples:
             raise ConfigError("evaluate() needs an eval_dataset.")
         was_training = self.model.training
