@@ -30,9 +30,10 @@ def test_nf4_experts_grouped_mm_bf16():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
-def test_expert_lora_grads_bf16_grouped_equal_fp32():
-    """bf16 through torch's grouped GEMMs against fp32 on the padded-bmm path: output, x and the four LoRA
-    gradients to bf16 accuracy (relative norms)."""
+@pytest.mark.parametrize("kernels", ["triton", "torch"])
+def test_expert_lora_grads_bf16_grouped_equal_fp32(monkeypatch, kernels):
+    """bf16 through the grouped GEMMs (our fused expert LoRA, or torch's path) against fp32 on torch's padded-bmm
+    path: output, x and the four LoRA gradients to bf16 accuracy (relative norms)."""
     torch.manual_seed(0)
     n, h, i, e, k, r = 96, 128, 64, 8, 2, 8
     x = torch.randn(n, h, device="cuda")
@@ -46,6 +47,7 @@ def test_expert_lora_grads_bf16_grouped_equal_fp32():
     grad = torch.randn(n, h, device="cuda")
     results = []
     for dtype, method in ((torch.bfloat16, "grouped_mm"), (torch.float32, "padded_bmm")):
+        monkeypatch.setenv("FASTTUNE_KERNELS", kernels if dtype == torch.bfloat16 else "torch")
         xi = x.to(dtype).requires_grad_()
         out = experts_forward(xi, weights, experts, gate_up.to(dtype), down.to(dtype), "silu", method=method,
                               lora={name: a.factors(dtype) for name, a in adapters.items()})

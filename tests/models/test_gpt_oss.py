@@ -61,18 +61,28 @@ def test_clamped_swiglu_and_router_equal_transformers():
     torch.testing.assert_close(weights, scores, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("method,kernels", [("grouped_mm", "torch"), ("padded_bmm", "torch"), ("grouped_mm", "triton")])
-def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels):
+@pytest.mark.parametrize("method,kernels,bias_grad", [("grouped_mm", "torch", True), ("padded_bmm", "torch", True),
+                                                     ("grouped_mm", "triton", True), ("grouped_mm", "triton", False)])
+def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels, bias_grad):
     """Grouped GEMMs + per-expert biases + LoRA factors equal the loop over experts on W + delta (PEFT's
-    ParamWrapper merge for transposed experts): outputs and gradients of x, routing weights, biases, LoRA."""
+    ParamWrapper merge for transposed experts): outputs and gradients of x, routing weights, biases, LoRA. With our
+    kernels and frozen biases (LoRA training) both projections take the fused expert_lora_linear, biases folded in;
+    trained biases keep torch's path."""
     if kernels == "triton":  # the permute/unpermute kernels (the interpreter on a CPU)
         pytest.importorskip("triton")
+    from fasttune.kernels.dispatch import use_triton
+    from fasttune.kernels.grouped_lora import expert_lora_linear
+    from fasttune.models import moe
+
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    fused = []
+    monkeypatch.setattr(moe, "expert_lora_linear", lambda *a, **k: fused.append(1) or expert_lora_linear(*a, **k))
     torch.manual_seed(0)
     n, h, i, e, k, r = 29, 64, 32, 5, 2, 4
     x = torch.randn(n, h, requires_grad=True)
     gate_up, down = torch.randn(e, h, 2 * i) * 0.8, torch.randn(e, i, h) * 0.1
-    gu_bias, d_bias = (torch.randn(e, 2 * i) * 0.5).requires_grad_(), (torch.randn(e, h) * 0.5).requires_grad_()
+    gu_bias, d_bias = (torch.randn(e, 2 * i) * 0.5).requires_grad_(bias_grad), \
+        (torch.randn(e, h) * 0.5).requires_grad_(bias_grad)
     weights, experts = route_top_logits(torch.randn(n, e), k)
     experts = experts.masked_fill(experts == 3, 4)  # an empty group
     weights = weights.requires_grad_()
@@ -82,7 +92,8 @@ def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels):
         a.reset_parameters()
         torch.nn.init.normal_(a.lora_B, std=0.1)
     assert adapters["gate_up_proj"].lora_A.shape == (e * r, h) and adapters["gate_up_proj"].lora_B.shape == (2 * i, r * e)
-    leaves = (x, weights, gu_bias, d_bias, *(p for a in adapters.values() for p in (a.lora_A, a.lora_B)))
+    leaves = (x, weights, *((gu_bias, d_bias) if bias_grad else ()),
+              *(p for a in adapters.values() for p in (a.lora_A, a.lora_B)))
     grad = torch.randn(n, h)
     ref = gpt_oss_experts_reference(x, weights, experts, gate_up + adapters["gate_up_proj"].delta_weight(), gu_bias,
                                     down + adapters["down_proj"].delta_weight(), d_bias, 7.0, 1.702)
@@ -91,8 +102,10 @@ def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels):
                                   lora={name: a.factors(x.dtype) for name, a in adapters.items()})
     got = torch.autograd.grad(out, leaves, grad)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    for g, w, name in zip(got, want, ("x", "weights", "gu bias", "d bias", "gu A", "gu B", "d A", "d B")):
+    names = ("x", "weights", *(("gu bias", "d bias") if bias_grad else ()), "gu A", "gu B", "d A", "d B")
+    for g, w, name in zip(got, want, names):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5 * w.abs().max().item(), msg=name)
+    assert len(fused) == (2 if use_triton(x) and not bias_grad else 0)  # a GPU machine: torch's path on a CPU
 
 
 @pytest.mark.parametrize("params", [

@@ -8,6 +8,8 @@ from tiny import MOE_FAMILIES, hf_model
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 from fasttune.errors import ConfigError
+from fasttune.kernels.dispatch import use_triton
+from fasttune.kernels.grouped_lora import expert_lora_linear
 from fasttune.models.moe import experts_forward, experts_reference, load_balancing_loss, route
 from fasttune.peft.adapter_io import adapter_parameters
 from fasttune.peft.lora import ExpertLora, set_adapters_enabled
@@ -50,11 +52,20 @@ def test_grouped_experts_equal_the_loop_forward_and_backward(monkeypatch, kernel
     assert got[2][3].abs().max() == 0  # the empty expert gets no gradient
 
 
-@pytest.mark.parametrize("method", ["grouped_mm", "padded_bmm"])
-def test_grouped_expert_lora_equals_the_loop_on_merged_weights(method):
+@pytest.mark.parametrize("method,kernels", [("grouped_mm", "torch"), ("padded_bmm", "torch"),
+                                            ("grouped_mm", "triton"), ("padded_bmm", "triton")])
+def test_grouped_expert_lora_equals_the_loop_on_merged_weights(monkeypatch, method, kernels):
     """LoRA on both stacked weights as grouped GEMMs on the sorted tokens equals PEFT's formulation (each expert's
     weight W_e + s * B_e @ A_e, PEFT's ParamWrapper layout), run through the loop: outputs and the gradients of x,
-    the routing weights and the four LoRA tensors."""
+    the routing weights and the four LoRA tensors. With our kernels, both projections take the fused
+    expert_lora_linear (the rank-r products added in place)."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    from fasttune.models import moe
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    fused = []
+    monkeypatch.setattr(moe, "expert_lora_linear", lambda *a, **k: fused.append(1) or expert_lora_linear(*a, **k))
     torch.manual_seed(0)
     n, h, i, e, k, r = 29, 64, 32, 5, 2, 4
     x = torch.randn(n, h, requires_grad=True)
@@ -78,6 +89,7 @@ def test_grouped_expert_lora_equals_the_loop_on_merged_weights(method):
     for g, w, name in zip(got, want, ("x", "weights", "gate_up A", "gate_up B", "down A", "down B")):
         # the two sides sum in different orders: to 1e-6 of each tensor's largest entry
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item(), msg=name)
+    assert len(fused) == (2 if use_triton(x) else 0)  # a GPU machine runs these CPU tensors on torch's path
 
 
 @pytest.mark.parametrize("family,norm", [("mixtral", True), ("qwen3_moe", True), ("qwen3_moe", False)])

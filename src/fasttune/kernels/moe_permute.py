@@ -66,35 +66,34 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _expert_counts_kernel(experts_ptr, counts_ptr, S, BLOCK: tl.constexpr):
-        """counts[e] = #{s : experts[s] == e}, program e scanning all pairs (E x N*k int reads, from L2)."""
+    def _expert_hist_kernel(experts_ptr, hist_ptr, S, SPLIT, BLOCK: tl.constexpr):
+        """Program (e, c): hist[e, c] = #{s in chunk c : experts[s] == e}."""
         e = tl.program_id(0)
-        acc = tl.zeros([BLOCK], dtype=tl.int32)
-        for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            acc += (tl.load(experts_ptr + offs, mask=offs < S, other=-1) == e).to(tl.int32)
-        tl.store(counts_ptr + e, tl.sum(acc, axis=0))
+        c = tl.program_id(1)
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        hit = tl.load(experts_ptr + offs, mask=offs < S, other=-1) == e
+        tl.store(hist_ptr + e * SPLIT + c, tl.sum(hit.to(tl.int32), axis=0))
 
     @triton.jit
-    def _expert_order_kernel(experts_ptr, counts_ptr, offsets_ptr, order_ptr, pos_ptr, rows_ptr, S, E,
-                             K: tl.constexpr, BLOCK: tl.constexpr, EBLOCK: tl.constexpr):
-        """Program e: its group starts after the counts of experts < e; its pairs, in pair order (a stable sort),
-        take the next rows (an exclusive prefix sum of the match mask per block)."""
+    def _expert_order_kernel(experts_ptr, hist_ptr, ends_ptr, counts_ptr, offsets_ptr, order_ptr, pos_ptr, rows_ptr,
+                             S, SPLIT, K: tl.constexpr, BLOCK: tl.constexpr):
+        """Program (e, c): expert e's pairs in chunk c, in pair order (a stable sort), take the rows after every
+        pair of a smaller expert and of e's earlier chunks: ends is the inclusive prefix sum of hist (E, SPLIT)
+        in expert-major order, so its (e, c) entry minus hist's is that start."""
         e = tl.program_id(0)
-        es = tl.arange(0, EBLOCK)
-        c = tl.load(counts_ptr + es, mask=es < E, other=0)
-        base = tl.sum(tl.where(es < e, c, 0), axis=0)
-        tl.store(offsets_ptr + e, base + tl.sum(tl.where(es == e, c, 0), axis=0))
-        base = base.to(tl.int64)
-        for start in range(0, S, BLOCK):
-            offs = start + tl.arange(0, BLOCK)
-            hit = tl.load(experts_ptr + offs, mask=offs < S, other=-1) == e
-            m = hit.to(tl.int64)
-            dest = base + tl.cumsum(m, axis=0) - m
-            tl.store(order_ptr + dest, offs.to(tl.int64), mask=hit)
-            tl.store(rows_ptr + dest, (offs // K).to(tl.int64), mask=hit)
-            tl.store(pos_ptr + offs, dest, mask=hit)
-            base += tl.sum(m, axis=0)
+        c = tl.program_id(1)
+        base = (tl.load(ends_ptr + e * SPLIT + c) - tl.load(hist_ptr + e * SPLIT + c)).to(tl.int64)
+        if c == 0:
+            end = tl.load(ends_ptr + e * SPLIT + SPLIT - 1)
+            tl.store(offsets_ptr + e, end)
+            tl.store(counts_ptr + e, end - base.to(tl.int32))
+        offs = c * BLOCK + tl.arange(0, BLOCK)
+        hit = tl.load(experts_ptr + offs, mask=offs < S, other=-1) == e
+        m = hit.to(tl.int64)
+        dest = base + tl.cumsum(m, axis=0) - m
+        tl.store(order_ptr + dest, offs.to(tl.int64), mask=hit)
+        tl.store(rows_ptr + dest, (offs // K).to(tl.int64), mask=hit)
+        tl.store(pos_ptr + offs, dest, mask=hit)
 
     @triton.jit
     def _gather_sum_kernel(src_ptr, pos_ptr, w_ptr, y_ptr, H, K: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr):
@@ -131,20 +130,25 @@ if HAVE_TRITON:
 
 def group_by_expert(experts: torch.Tensor, num_experts: int) -> ExpertGroups:
     """The pairs of a top-k routing grouped by expert (see ExpertGroups). experts (N, k) int64 in [0, E).
-    Where use_triton(experts): two launches (per-expert counts, then each expert's rows), equal to
-    group_by_expert_reference's nine torch ops, with no device-to-host sync."""
+    Where use_triton(experts): a counting sort in chunks of 2048 pairs (per-expert counts of each chunk, their
+    prefix sum, then each (expert, chunk) program places its pairs), equal to group_by_expert_reference's nine
+    torch ops, with no device-to-host sync. Every program reads one chunk: E x chunks programs in parallel (a
+    program per expert scanning every pair took ~120 us per Qwen3-30B-A3B layer)."""
     if not use_triton(experts) or experts.numel() == 0:
         return group_by_expert_reference(experts, num_experts)
     n, k = experts.shape
     flat = experts.reshape(-1).contiguous()
     s = flat.numel()
+    block = min(next_pow2(s), 2048)
+    split = triton.cdiv(s, block)
+    hist = torch.empty(num_experts, split, dtype=torch.int32, device=flat.device)
+    _expert_hist_kernel[(num_experts, split)](flat, hist, s, split, BLOCK=block)
+    ends = hist.view(-1).cumsum(0, dtype=torch.int32)
     counts = torch.empty(num_experts, dtype=torch.int32, device=flat.device)
     offsets = torch.empty_like(counts)
     order, pos, rows = (torch.empty(s, dtype=torch.int64, device=flat.device) for _ in range(3))
-    block = min(next_pow2(s), 2048)
-    _expert_counts_kernel[(num_experts,)](flat, counts, s, BLOCK=block)
-    _expert_order_kernel[(num_experts,)](flat, counts, offsets, order, pos, rows, s, num_experts, K=k, BLOCK=block,
-                                         EBLOCK=next_pow2(num_experts))
+    _expert_order_kernel[(num_experts, split)](flat, hist, ends, counts, offsets, order, pos, rows, s, split, K=k,
+                                               BLOCK=block)
     return ExpertGroups(order, pos.view(n, k), rows, counts, offsets)
 
 

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
-from fasttune.models.moe import _with_lora, grouped_mm
+from fasttune.models.moe import expert_linear
 
 
 def route_top_logits(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,12 +38,6 @@ def clamped_swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.T
     return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
-def _dense(weight, dtype: torch.dtype) -> torch.Tensor:
-    """A stacked weight as a tensor in `dtype`: itself, or the dequantised stack of a quantised holder (anything
-    with `dequantized(dtype)`, e.g. quant/experts.py's NF4 storage)."""
-    return weight.to(dtype) if isinstance(weight, torch.Tensor) else weight.dequantized(dtype)
-
-
 def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj,
                             gate_up_bias: torch.Tensor, down_proj, down_bias: torch.Tensor, limit: float,
                             alpha: float, method: str = "auto", lora: dict | None = None) -> torch.Tensor:
@@ -57,13 +51,11 @@ def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: tor
     lora = lora or {}
     groups = group_by_expert(experts, gate_up_bias.shape[0])
     offsets, counts = groups.offsets, groups.counts
-    sorted_experts = experts.reshape(-1)[groups.order]
     xs = permute(x, groups)
-    gate_up = grouped_mm(xs, _dense(gate_up_proj, x.dtype), offsets, counts, method)
-    gate_up = _with_lora(gate_up, xs, lora.get("gate_up_proj"), offsets, counts, method)
-    h = clamped_swiglu(gate_up + gate_up_bias.to(x.dtype)[sorted_experts], limit, alpha)
-    out = grouped_mm(h, _dense(down_proj, x.dtype), offsets, counts, method)
-    out = _with_lora(out, h, lora.get("down_proj"), offsets, counts, method) + down_bias.to(x.dtype)[sorted_experts]
+    gate_up = expert_linear(xs, gate_up_proj, lora.get("gate_up_proj"), offsets, counts, method, stacked=False,
+                            bias=gate_up_bias)
+    h = clamped_swiglu(gate_up, limit, alpha)
+    out = expert_linear(h, down_proj, lora.get("down_proj"), offsets, counts, method, stacked=False, bias=down_bias)
     return unpermute(out, groups.pos, weights)
 
 

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels.activations import gated_act_packed, gated_act_reference
 from fasttune.kernels.dispatch import use_triton
-from fasttune.kernels.grouped_lora import lora_grouped_mm
+from fasttune.kernels.grouped_lora import expert_lora_linear
 from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
 from fasttune.quant.experts import QuantExpertWeight
 
@@ -116,20 +116,49 @@ def stacked_matmul(x: torch.Tensor, weight, offsets: torch.Tensor, counts: torch
 
 
 def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method: str) -> torch.Tensor:
-    """out + s * (x @ A_e^T) @ B_e^T per group; lora = (a (E, K, r), b (E, r, M), s) or None (out unchanged)."""
+    """out + s * (x @ A_e^T) @ B_e^T per group; lora = (a (E, K, r), b (E, r, M), s) or None (out unchanged). The
+    plain path (torch's grouped GEMMs); expert_linear takes the fused one where it can."""
     if lora is None:
         return out
     a, b, scaling = lora
-    low = _lora_mm(_lora_mm(x, a, offsets, counts, method), b, offsets, counts, method)
+    low = grouped_mm(grouped_mm(x, a, offsets, counts, method), b, offsets, counts, method)
     return torch.add(out, low, alpha=scaling)
 
 
-def _lora_mm(x, w, offsets, counts, method: str) -> torch.Tensor:
-    """grouped_mm for a LoRA factor: with our kernels on, the weight gradient by kernels/grouped_lora.py (torch's
-    grouped GEMM is slow for these rank-thin products over the rows)."""
-    if use_triton(x) and _grouped_kernel(x, w, method):
-        return lora_grouped_mm(x, w, offsets, _GROUPED_MM)
-    return grouped_mm(x, w, offsets, counts, method)
+def _frozen(t) -> bool:
+    return t is None or isinstance(t, QuantExpertWeight) or not t.requires_grad
+
+
+def expert_linear(x: torch.Tensor, weight, lora, offsets: torch.Tensor, counts: torch.Tensor, method: str,
+                  stacked: bool, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """One expert projection on rows sorted by expert, with its LoRA and bias: x[s] @ W_e (+ LoRA) (+ bias_e).
+
+    x (S, K); weight: an (E, N, K) stack (`stacked`, models/moe.py's layout: out[s] = x[s] @ W_e^T) or an (E, K, N)
+    one (gpt-oss's), a tensor or a QuantExpertWeight (NF4, dequantised per use); lora: (a (E, K, r), b (E, r, N),
+    scaling) or None; bias (E, N) or None; offsets/counts/method as grouped_mm. With our kernels on and the base
+    and bias frozen, one fused Function (kernels/grouped_lora.py's expert_lora_linear: the rank-r products added
+    in place, the weight gradients in Triton); otherwise torch's grouped GEMMs. Returns (S, N) in x's dtype."""
+    if lora is not None and use_triton(x) and _frozen(weight) and _frozen(bias):
+        a, b, scaling = lora
+        if stacked:
+            def dense(dtype):
+                w = weight.dequantized(dtype) if isinstance(weight, QuantExpertWeight) else weight.to(dtype)
+                return w.transpose(1, 2)
+        else:
+            def dense(dtype):
+                return weight.dequantized(dtype) if isinstance(weight, QuantExpertWeight) else weight.to(dtype)
+        mm = functools.partial(grouped_mm, method=method)
+        return expert_lora_linear(x, dense, mm, a, b, scaling, offsets, counts,
+                                  None if bias is None else bias.to(x.dtype))
+    if stacked:
+        out = stacked_matmul(x, weight, offsets, counts, method)
+    else:
+        dense = weight.to(x.dtype) if isinstance(weight, torch.Tensor) else weight.dequantized(x.dtype)
+        out = grouped_mm(x, dense, offsets, counts, method)
+    out = _with_lora(out, x, lora, offsets, counts, method)
+    if bias is not None:  # the groups are contiguous: bias_e per row by the row's expert
+        out = out + bias.to(x.dtype).repeat_interleave(counts.long(), dim=0, output_size=x.shape[0])
+    return out
 
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -148,11 +177,9 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     groups = group_by_expert(experts, gate_up_proj.shape[0])
     offsets, counts = groups.offsets, groups.counts
     xs = permute(x, groups)
-    gate_up = _with_lora(stacked_matmul(xs, gate_up_proj, offsets, counts, method), xs, lora.get("gate_up_proj"),
-                         offsets, counts, method)
+    gate_up = expert_linear(xs, gate_up_proj, lora.get("gate_up_proj"), offsets, counts, method, stacked=True)
     h = gated_act_packed(gate_up, act)
-    out = _with_lora(stacked_matmul(h, down_proj, offsets, counts, method), h, lora.get("down_proj"), offsets,
-                     counts, method)
+    out = expert_linear(h, down_proj, lora.get("down_proj"), offsets, counts, method, stacked=True)
     return unpermute(out, groups.pos, weights)
 
 

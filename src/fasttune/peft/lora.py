@@ -19,6 +19,7 @@ import torch.nn as nn
 from fasttune.errors import ConfigError
 from fasttune.kernels.gemv import gemv, one_row_linears
 from fasttune.kernels.lora import fused_lora_enabled, lora_group
+from fasttune.kernels.transpose import swap_outer
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Phi-3 stores q/k/v and gate/up fused; PEFT targets the fused layers by these names.
@@ -197,10 +198,11 @@ class ExpertLora(nn.Module):
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
         """(a (E, in, r), b (E, r, out), scaling) in `dtype`, differentiable: x_e @ a_e @ b_e * scaling is expert
         e's LoRA output for rows x_e (models/moe.py's experts_forward). `a` is a view of lora_A; `b` a small copy
-        (PEFT's expert-minor column order is not a strided view grouped GEMMs take)."""
+        (PEFT's expert-minor column order is not a strided view grouped GEMMs take), cast and transposed in one
+        pass (kernels/transpose.py)."""
         e, r = self.num_experts, self.r
         a = self.lora_A.to(dtype).view(e, r, self.in_features).transpose(1, 2)
-        b = self.lora_B.to(dtype).view(self.out_features, r, e).permute(2, 1, 0).contiguous()
+        b = swap_outer(self.lora_B.view(self.out_features, r, e), dtype)
         return a, b, self.scaling
 
     def delta_weight(self) -> torch.Tensor:
