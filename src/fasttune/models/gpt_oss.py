@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttune.kernels.clamped_swiglu import clamped_swiglu, clamped_swiglu_reference
 from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
 from fasttune.models.moe import expert_linear
 
@@ -28,14 +29,6 @@ def route_top_logits(router_logits: torch.Tensor, top_k: int) -> tuple[torch.Ten
     in fp32 both are the same.)"""
     top, experts = torch.topk(router_logits, top_k, dim=-1)
     return torch.softmax(top, dim=-1, dtype=torch.float32), experts
-
-
-def clamped_swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
-    """gpt-oss's activation on interleaved (..., 2I) gate/up -> (..., I): gate = [..., ::2] clamped above at
-    `limit`, up = [..., 1::2] clamped to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate)."""
-    gate = gate_up[..., ::2].clamp(max=limit)
-    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
-    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj,
@@ -68,7 +61,7 @@ def gpt_oss_experts_reference(x, weights, experts, gate_up_proj, gate_up_bias, d
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue
-        h = clamped_swiglu(x[token] @ gate_up_proj[e] + gate_up_bias[e], limit, alpha)
+        h = clamped_swiglu_reference(x[token] @ gate_up_proj[e] + gate_up_bias[e], limit, alpha)
         y = (h @ down_proj[e] + down_bias[e]) * weights[token, slot, None]
         out = out.index_add(0, token, y.to(x.dtype))
     return out
