@@ -10,7 +10,8 @@ GptOssTopKRouter / GptOssExperts) and checkpoints, adapters and merged exports n
 - the activation is a clamped SwiGLU: gate <= limit, -limit <= up <= limit, (up + 1) * gate * sigmoid(alpha gate);
 - each expert adds its biases after both GEMMs.
 LoRA on the stacked weights is peft/lora.py's ExpertLora in PEFT's ParamWrapper layout for transposed experts
-(lora_A (E*r, in), lora_B (out, r*E), out in the interleaved order), as two more grouped GEMMs of width r.
+(lora_A (E*r, in), lora_B (out, r*E), out in the interleaved order), as two rank-r products per weight
+(models/moe.py's expert_linear, which also adds the expert biases).
 """
 from __future__ import annotations
 

@@ -6,8 +6,9 @@ transformers' names.
 The experts run as two grouped GEMMs over the tokens sorted by expert (torch's grouped_mm, on CUDA and on
 CPU), or, where that kernel cannot run (unaligned shapes, fp32 on CUDA), as one padded batched GEMM; never as
 a Python loop over experts. `experts_reference` is the loop, as transformers' eager experts compute it, for
-the tests. LoRA on the stacked weights (peft/lora.py's ExpertLora) adds two more grouped GEMMs of width r per
-weight on the same sorted tokens: x @ (W_e + s B_e A_e)^T = x @ W_e^T + s (x @ A_e^T) @ B_e^T, exactly.
+the tests. LoRA on the stacked weights (peft/lora.py's ExpertLora) adds two rank-r products per weight on the
+same sorted tokens: x @ (W_e + s B_e A_e)^T = x @ W_e^T + s (x @ A_e^T) @ B_e^T, exactly; with our kernels on they
+are added into the base output and its input gradient in place (`expert_linear`, kernels/grouped_lora.py).
 With `load_in_4bit` the stacked weights are NF4 (quant/experts.py's QuantExpertWeight), dequantised per use.
 """
 from __future__ import annotations
