@@ -142,3 +142,17 @@ def test_expert_lora_linear_matches_autograd(monkeypatch, bias):
     torch.testing.assert_close(a.grad, a2.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(b.grad, b2.grad, rtol=1e-5, atol=1e-5)
     assert a.grad.stride() == a.stride() and len(calls) == 2  # the base is materialised again in backward
+
+
+def test_no_rows(monkeypatch):
+    """A batch with no routed rows (S = 0) goes through all three products and their gradients."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    offsets = _offsets([0, 0])
+    x = torch.zeros(0, 24, device=DEVICE, requires_grad=True)
+    a = torch.randn(2, 24, 4, device=DEVICE, requires_grad=True)
+    b = torch.randn(2, 4, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(2, 24, 8, device=DEVICE)
+    y = expert_lora_linear(x, lambda dtype: weight.to(dtype), lambda x_, w_, o, c: x_.new_zeros(0, w_.shape[2]),
+                           a, b, 2.0, offsets, torch.zeros(2, dtype=torch.int32, device=DEVICE))
+    y.sum().backward()
+    assert y.shape == (0, 8) and a.grad.abs().max() == 0 and b.grad.abs().max() == 0

@@ -71,6 +71,15 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _dot(a, b, IEEE: tl.constexpr):
+        """a @ b summed in fp32; IEEE: full fp32 products (fp32 inputs; the default would round them to tf32)."""
+        if IEEE:
+            out = tl.dot(a, b, input_precision="ieee")
+        else:
+            out = tl.dot(a, b)
+        return out
+
+    @triton.jit
     def _grouped_weight_grad_kernel(x_ptr, dy_ptr, offsets_ptr, out_ptr, P, Q, stride_x, stride_dy,
                                     stride_oe, stride_op, stride_oq, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                                     BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
@@ -88,10 +97,7 @@ if HAVE_TRITON:
                          mask=live[None, :] & (offs_p[:, None] < P), other=0.0)  # (BLOCK_P, BLOCK_S)
             g = tl.load(dy_ptr + rows[:, None] * stride_dy + offs_q[None, :],
                         mask=live[:, None] & (offs_q[None, :] < Q), other=0.0)  # (BLOCK_S, BLOCK_Q)
-            if IEEE:  # fp32 inputs: full fp32 products (the default would round them to tf32)
-                acc += tl.dot(xt, g, input_precision="ieee")
-            else:
-                acc += tl.dot(xt, g)
+            acc += _dot(xt, g, IEEE)
         tl.store(out_ptr + e * stride_oe + offs_p[:, None] * stride_op + offs_q[None, :] * stride_oq,
                  acc.to(out_ptr.dtype.element_ty), mask=(offs_p[:, None] < P) & (offs_q[None, :] < Q))
 
@@ -130,10 +136,7 @@ if HAVE_TRITON:
                     xt = tl.load(x_rows + ks[None, :], mask=live & (ks[None, :] < K), other=0.0)
                     wt = tl.load(w_e + ks[:, None] * stride_wk, mask=(ks[:, None] < K) & (offs_r[None, :] < R),
                                  other=0.0)
-                    if IEEE:
-                        acc += tl.dot(xt, wt, input_precision="ieee")
-                    else:
-                        acc += tl.dot(xt, wt)
+                    acc += _dot(xt, wt, IEEE)
         tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_o + offs_r[None, :],
                  acc.to(out_ptr.dtype.element_ty), mask=(rows[:, None] < S) & (offs_r[None, :] < R))
 
@@ -160,10 +163,7 @@ if HAVE_TRITON:
                                  mask=live & (rs[None, :] < R), other=0.0)
                     wt = tl.load(w_e + rs[:, None] * stride_wr, mask=(rs[:, None] < R) & (cols[None, :] < N),
                                  other=0.0)
-                    if IEEE:
-                        acc += tl.dot(lt, wt, input_precision="ieee")
-                    else:
-                        acc += tl.dot(lt, wt)
+                    acc += _dot(lt, wt, IEEE)
                 if HAS_BIAS:
                     b = tl.load(bias_ptr + e * stride_be + cols, mask=cols < N, other=0.0).to(tl.float32)
                     shift += tl.where(live, b[None, :], 0.0)
@@ -215,7 +215,7 @@ def grouped_thin_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor) -> 
     strides), offsets (E,) int32 cumulative row ends. Returns (S, R) in x's dtype, summed in fp32 (rows past
     offsets[-1] are 0). The Triton kernel where use_triton(x) and x, w share a 16-bit or fp32 dtype, else the
     reference. Not differentiable (expert_lora_linear's backward calls it)."""
-    if not _kernels_take(x, w):
+    if not _kernels_take(x, w) or x.shape[0] == 0:
         return grouped_thin_mm_reference(x, w, offsets)
     x = x.contiguous()
     s, k = x.shape
@@ -235,7 +235,7 @@ def grouped_expand_add_(out: torch.Tensor, low: torch.Tensor, w: torch.Tensor, o
     contiguous, low (S, R), w (E, R, N) (any strides), bias (E, N) or None, offsets (E,) int32 cumulative row ends.
     Sums in fp32 and rounds once into out's dtype. The Triton kernel where use_triton(out) and low, w share out's
     16-bit or fp32 dtype, else the reference. Returns out."""
-    if not (_kernels_take(out, low, w) and out.is_contiguous()):
+    if not (_kernels_take(out, low, w) and out.is_contiguous()) or out.shape[0] == 0:
         return grouped_expand_add_reference(out, low, w, offsets, scale, bias)
     low = low.contiguous()
     s, n = out.shape
