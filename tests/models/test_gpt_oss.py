@@ -203,11 +203,16 @@ def test_mxfp4_checkpoint_dequantises_on_load(folder, ref, tmp_path):
         torch.testing.assert_close(ours(ids).logits, twin(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_grads_and_aux_loss_equal_peft(folder, tmp_path):
+@pytest.mark.parametrize("kernels", ["torch", "triton"])
+def test_lora_grads_and_aux_loss_equal_peft(monkeypatch, kernels, folder, tmp_path):
     """Default targets: attention, and the MLP names map onto the stacked experts (gate_up_proj at rank 2r, as on
     the other MoE families); PEFT builds the same model from the adapter (target_parameters on GptOssExperts,
     which it reads transposed). Loss (aux term included) and every LoRA gradient equal PEFT's; disabled adapters
-    give the base model's logits."""
+    give the base model's logits. With our kernels (the Triton interpreter on a CPU) the experts' LoRA takes the
+    fused path, the biases and the clamped SwiGLU included."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     ours, _ = FastLanguageModel.from_pretrained(str(folder))
     ours.config.output_router_logits, ours.config.router_aux_loss_coef = True, 0.3
     ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False)

@@ -146,14 +146,17 @@ def test_qwen3_moe_sparse_step_and_dense_layers(tiny_model_dir):
         torch.testing.assert_close(ours(ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("family", MOE_FAMILIES)
-def test_aux_loss_and_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("family,kernels", [(f, "torch") for f in MOE_FAMILIES] + [("qwen3_moe", "triton")])
+def test_aux_loss_and_lora_grads_equal_peft(monkeypatch, family, kernels, tiny_model_dir, tmp_path):
     """output_router_logits: loss = CE + router_aux_loss_coef * aux as transformers computes it (padding masked).
     Default targets (the MLP names adapt the experts: gate_up_proj at rank 2r as PEFT maps them) plus the router
     by target_parameters: the adapter loads in transformers + PEFT with the same keys, and loss and every LoRA
     gradient equal PEFT's, the aux term included; disabled adapters give the base model's logits. (PEFT warns that
     the gate_up_proj rank / alpha patterns match no module: its check looks at modules only; the shapes show they
-    apply.)"""
+    apply.) With our kernels (the Triton interpreter on a CPU) the experts' LoRA takes the fused path."""
+    if kernels == "triton":
+        pytest.importorskip("triton")
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     folder = tiny_model_dir(family, output_router_logits=True, router_aux_loss_coef=0.3)
     ours, _ = FastLanguageModel.from_pretrained(str(folder))
     ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False,
