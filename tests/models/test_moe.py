@@ -225,7 +225,7 @@ def test_loss_curve_equals_transformers_peft(family, targets, tiny_model_dir, tm
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=experts,
                                              **targets)
     model.save_pretrained(tmp_path / "init")
-    steps = 10 if experts else 8
+    steps = 20  # optimizer steps, gradient accumulation 2 on both sides
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
                      learning_rate=5e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=1.0)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
