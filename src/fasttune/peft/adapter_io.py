@@ -8,6 +8,7 @@ last adapted parameter of `mlp.experts` is outermost, so with both adapted gate_
 """
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.file_readers import load_safetensors, read_json
 from fasttune.peft.lora import LoraSettings, apply_lora, expert_lora_layers, lora_layers, matches_parameter
+from fasttune.peft.per_expert_adapter import has_per_expert_keys, stack_per_expert_adapter
 from fasttune.sharding import gather_state, writes_here
 
 PREFIX = "base_model.model."
@@ -194,6 +196,7 @@ def settings_from_peft_config(cfg: dict) -> LoraSettings:
 def load_adapter_into(model, folder: Path, seed: int | None = None):
     """Apply the adapter's LoRA layout to `model` and load its weights; refuses a mismatching adapter."""
     settings = settings_from_peft_config(read_adapter_config(folder))
+    asked = copy.deepcopy(settings)  # apply_lora maps MoE names in place; per-expert adapters need the originals
     apply_lora(model, settings, seed=seed)
     model.lora_settings = settings
     path = folder / WEIGHTS_NAME
@@ -202,6 +205,8 @@ def load_adapter_into(model, folder: Path, seed: int | None = None):
     saved = load_safetensors(path, fix=ADAPTER_FIX)
     # PEFT may also write `.lora_A.default.weight`-free names only; normalise an adapter-name infix if present.
     saved = {k.replace(".default.", "."): v for k, v in saved.items()}
+    if has_per_expert_keys(saved):  # trained on transformers 4's per-expert MoE layers: stacked as PEFT does
+        saved = stack_per_expert_adapter(model, saved, asked, folder)
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))
