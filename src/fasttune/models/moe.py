@@ -139,23 +139,19 @@ def expert_linear(x: torch.Tensor, weight, lora, offsets: torch.Tensor, counts: 
     scaling) or None; bias (E, N) or None; offsets/counts/method as grouped_mm. With our kernels on and the base
     and bias frozen, one fused Function (kernels/grouped_lora.py's expert_lora_linear: the rank-r products added
     in place, the weight gradients in Triton); otherwise torch's grouped GEMMs. Returns (S, N) in x's dtype."""
+    def dense(dtype):  # the (E, K, N) operand: a view, or a fresh dequantisation of an NF4 stack
+        w = weight.dequantized(dtype) if isinstance(weight, QuantExpertWeight) else weight.to(dtype)
+        return w.transpose(1, 2) if stacked else w
+
     if lora is not None and use_triton(x) and _frozen(weight) and _frozen(bias):
         a, b, scaling = lora
-        if stacked:
-            def dense(dtype):
-                w = weight.dequantized(dtype) if isinstance(weight, QuantExpertWeight) else weight.to(dtype)
-                return w.transpose(1, 2)
-        else:
-            def dense(dtype):
-                return weight.dequantized(dtype) if isinstance(weight, QuantExpertWeight) else weight.to(dtype)
         mm = functools.partial(grouped_mm, method=method)
         return expert_lora_linear(x, dense, mm, a, b, scaling, offsets, counts,
                                   None if bias is None else bias.to(x.dtype))
-    if stacked:
+    if stacked:  # stacked_matmul keeps an NF4 stack out of autograd's saved tensors
         out = stacked_matmul(x, weight, offsets, counts, method)
     else:
-        dense = weight.to(x.dtype) if isinstance(weight, torch.Tensor) else weight.dequantized(x.dtype)
-        out = grouped_mm(x, dense, offsets, counts, method)
+        out = grouped_mm(x, dense(x.dtype), offsets, counts, method)
     out = _with_lora(out, x, lora, offsets, counts, method)
     if bias is not None:  # the groups are contiguous: bias_e per row by the row's expert
         out = out + bias.to(x.dtype).repeat_interleave(counts.long(), dim=0, output_size=x.shape[0])
