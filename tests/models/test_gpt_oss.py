@@ -301,6 +301,31 @@ def test_router_lora_is_refused(folder):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "gate"])
 
 
+def test_nf4_stacks_without_lora_save_no_dequantised_weight():
+    """gpt-oss's (E, in, out) NF4 stacks without LoRA on them (attention-only QLoRA): the input gradient equals the
+    dequantised stack's, and autograd keeps no 16-bit stack (it is dequantised again in backward)."""
+    from fasttune.quant.experts import QuantExpertWeight
+
+    g = torch.Generator().manual_seed(0)
+    gate_up, down = torch.randn(4, 64, 64, generator=g) * 0.1, torch.randn(4, 32, 64, generator=g) * 0.1
+    q_gate_up, q_down = QuantExpertWeight.quantize(gate_up), QuantExpertWeight.quantize(down)
+    weights, experts = route_top_logits(torch.randn(10, 4, generator=g), 2)
+    bias_gu, bias_d = torch.randn(4, 64, generator=g), torch.randn(4, 64, generator=g)
+    x = torch.randn(10, 64, generator=g)
+    grads, saved = [], []
+    for stacks in ((q_gate_up, q_down), (q_gate_up.dequantized(torch.float32), q_down.dequantized(torch.float32))):
+        xi = x.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+            out = gpt_oss_experts_forward(xi, weights, experts, stacks[0], bias_gu, stacks[1], bias_d, 7.0, 1.702,
+                                          method="padded_bmm")
+        out.square().sum().backward()
+        grads.append((out.detach(), xi.grad))
+        if not grads[1:]:
+            assert torch.Size([4, 64, 64]) not in saved and torch.Size([4, 32, 64]) not in saved
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-5, atol=1e-6)
+
+
 def test_load_in_4bit_quantizes_the_experts(folder):
     """load_in_4bit stores the (E, in, out) expert stacks in NF4 (quant/experts.py) and the block computes with
     their dequantised values; LoRA on them trains."""

@@ -85,25 +85,27 @@ def grouped_mm(x: torch.Tensor, w: torch.Tensor, offsets: torch.Tensor, counts: 
 
 
 class _DequantGroupedMM(torch.autograd.Function):
-    """out[s] = x[s] @ W[e(s)]^T for rows sorted by expert, an NF4 stack W dequantised in forward and again in
-    backward (nothing weight-sized is saved)."""
+    """out[s] = x[s] @ W[e(s)]^T for rows sorted by expert (or x[s] @ W[e(s)] for an (E, in, out) stack, `kn`),
+    an NF4 stack W dequantised in forward and again in backward (nothing weight-sized is saved)."""
 
     @staticmethod
-    def forward(ctx, x, holder, offsets, counts, method):
-        """x (S, in) sorted by expert, holder a QuantExpertWeight (E, out, in). Returns (S, out) in x's dtype."""
-        ctx.holder, ctx.method = holder, method
+    def forward(ctx, x, holder, offsets, counts, method, kn=False):
+        """x (S, in) sorted by expert, holder a QuantExpertWeight (E, out, in), or (E, in, out) with kn. Returns
+        (S, out) in x's dtype."""
+        ctx.holder, ctx.method, ctx.kn = holder, method, kn
         ctx.save_for_backward(offsets, counts)
-        return grouped_mm(x, holder.dequantized(x.dtype).transpose(1, 2), offsets, counts, method)
+        w = holder.dequantized(x.dtype)
+        return grouped_mm(x, w if kn else w.transpose(1, 2), offsets, counts, method)
 
     @staticmethod
     def backward(ctx, grad):
-        """grad (S, out) -> (dx (S, in), None x 4): the NF4 stack is frozen."""
+        """grad (S, out) -> (dx (S, in), None x 5): the NF4 stack is frozen."""
         if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         offsets, counts = ctx.saved_tensors
-        # d x[s] = grad[s] @ W[e(s)]: the (E, out, in) stack is the (E, K=out, M=in) operand as it is
-        return grouped_mm(grad, ctx.holder.dequantized(grad.dtype), offsets, counts, ctx.method), None, None, None, \
-            None
+        w = ctx.holder.dequantized(grad.dtype)  # d x[s] = grad[s] @ W[e(s)]: the (E, out, in) stack as it is
+        dx = grouped_mm(grad, w.transpose(1, 2) if ctx.kn else w, offsets, counts, ctx.method)
+        return dx, None, None, None, None, None
 
 
 def stacked_matmul(x: torch.Tensor, weight, offsets: torch.Tensor, counts: torch.Tensor,
@@ -150,6 +152,8 @@ def expert_linear(x: torch.Tensor, weight, lora, offsets: torch.Tensor, counts: 
                                   None if bias is None else bias.to(x.dtype))
     if stacked:  # stacked_matmul keeps an NF4 stack out of autograd's saved tensors
         out = stacked_matmul(x, weight, offsets, counts, method)
+    elif isinstance(weight, QuantExpertWeight):  # likewise for gpt-oss's (E, in, out) stacks
+        out = _DequantGroupedMM.apply(x, weight, offsets, counts, method, True)
     else:
         out = grouped_mm(x, dense(x.dtype), offsets, counts, method)
     out = _with_lora(out, x, lora, offsets, counts, method)
