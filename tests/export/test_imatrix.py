@@ -240,7 +240,7 @@ def test_imatrix_errors_name_the_fix(lora_model, tmp_path):
         save(quantization_method="q4_k_m", imatrix=[""])
     q = "blk.0.attn_q.weight"
     other = Imatrix(sums={q: torch.ones(128, dtype=torch.float64)}, counts={q: 1})
-    with pytest.raises(ConfigError, match="blk.0.attn_q.weight has 128 values but the tensor's rows have 256"):
+    with pytest.raises(ConfigError, match=r"blk.0.attn_q.weight has shape \(128,\) but the tensor is \(256, 256\)"):
         save(quantization_method="q4_k_m", imatrix=other)
     with pytest.raises(ConfigError, match="names a tensor of this model"):
         save(quantization_method="q4_k_m", imatrix=Imatrix(sums={"x.weight": torch.ones(4)}, counts={"x.weight": 1}))

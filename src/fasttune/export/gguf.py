@@ -330,7 +330,8 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
 def encode_tensor(t: torch.Tensor, ggml_type, device=None, imatrix: torch.Tensor | None = None):
     """(array, raw_dtype) for GGUFWriter.add_tensor. Block types are quantized by kquants.quantize (llama.cpp's
     bytes) on `device` (default: the tensor's); `imatrix` (t.shape[-1],) float32, the tensor's importance weights,
-    selects ggml's weighted quantizers (ignored by Q8_0 and the float types)."""
+    or (E, t.shape[-1]) for an (E, out, in) expert stack (each expert's rows by its own, as llama-quantize slices
+    a MoE imatrix), selects ggml's weighted quantizers (ignored by Q8_0 and the float types)."""
     import gguf
 
     from fasttune.export.kquants import quantize
@@ -342,7 +343,13 @@ def encode_tensor(t: torch.Tensor, ggml_type, device=None, imatrix: torch.Tensor
         return t.to(torch.float16).numpy(), None
     if ggml_type == kind.BF16:
         return t.to(torch.bfloat16).view(torch.int16).numpy(), kind.BF16
-    data = quantize(t if device is None else t.to(device), ggml_type.name, imatrix)
+    t = t if device is None else t.to(device)
+    if imatrix is not None and imatrix.dim() == 2:  # an expert stack: expert e's rows by its own weights
+        import numpy as np
+
+        data = np.concatenate([quantize(t[e], ggml_type.name, imatrix[e]) for e in range(t.shape[0])])
+    else:
+        data = quantize(t, ggml_type.name, imatrix)
     return data.reshape(*t.shape[:-1], -1), ggml_type  # 3-D MoE experts keep their (E, out) rows
 
 
@@ -459,9 +466,10 @@ def _check_imatrix(im, tensors: dict):
         raise ConfigError(f"None of the imatrix's {len(im.sums)} entries ({', '.join(sorted(im.sums)[:3])}, ...) names "
                           f"a tensor of this model: it was made for another model.")
     for name in known:
-        if im.sums[name].numel() != tensors[name].shape[-1]:
-            raise ConfigError(f"The imatrix entry for {name} has {im.sums[name].numel()} values but the tensor's rows "
-                              f"have {tensors[name].shape[-1]}: the imatrix was made for another model.")
+        sums, t = im.sums[name], tensors[name]
+        if sums.shape[-1] != t.shape[-1] or (sums.dim() == 2 and (t.dim() != 3 or sums.shape[0] != t.shape[0])):
+            raise ConfigError(f"The imatrix entry for {name} has shape {tuple(sums.shape)} but the tensor is "
+                              f"{tuple(t.shape)} (rows of {t.shape[-1]}): the imatrix was made for another model.")
 
 
 def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress: bool = True,
@@ -502,10 +510,6 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     name = gguf_model_name(model)
 
     im = resolve_imatrix(model, tokenizer, imatrix, quants, imatrix_tokens, progress)
-    if im is not None and cfg.num_experts:
-        warnings.warn("The importance matrix weights the attention tensors of this MoE model only: per-expert "
-                      "statistics are not collected yet, so the expert tensors (ffn_*_exps) are quantized without "
-                      "it (as llama-quantize does for tensors its imatrix has no entry for).")
 
     folder = targets[0].parent
     tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]

@@ -10,14 +10,22 @@ linear layers (LoRA layers included, so the fine-tuned model is what is measured
 under torch.no_grad with the reference (torch) kernels so that every projection runs through its module; the
 token embedding (a lookup, not a product) and the output projection get none, as in llama.cpp by default.
 
+Mixture-of-experts layers: llama-imatrix collects the stacked expert tensors (`ffn_{gate,up,down}_exps`, ggml's
+MUL_MAT_ID) per expert, each over the tokens routed to it: in_sum2 (E, n) and counts (E,), and llama-quantize weights
+expert e's rows by in_sum2[e] / counts[e] (1 where an expert saw no token). Here a forward pre-hook on each experts
+module takes the tokens and their routing and computes the same, the down projection's input (the gated activation)
+from the expert weights with their LoRA update.
+
 Files: `save_imatrix` writes llama.cpp's GGUF imatrix format (`<tensor>.in_sum2` (1, n) and `<tensor>.counts` (1, 1)
-float32, `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`), which llama-quantize reads with
-`--imatrix`; `load_imatrix` reads that format back, so one made by llama-imatrix can be used too.
+float32, (E, n) and (E, 1) for expert stacks; `imatrix.datasets`, `imatrix.chunk_count`, `imatrix.chunk_size`),
+which llama-quantize reads with `--imatrix`; `load_imatrix` reads that format back, so one made by llama-imatrix can
+be used too.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,20 +41,30 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 @dataclass
 class Imatrix:
     """Collected importance statistics. sums: GGUF tensor name ("blk.0.attn_q.weight") -> float64 (n_per_row,) sum
-    over tokens of each input feature's square; counts: name -> tokens summed; datasets: where the text came from;
-    chunk_size / chunk_count: tokens per forward and forwards (llama.cpp's file metadata)."""
+    over tokens of each input feature's square, or (E, n_per_row) per expert for a stacked expert tensor
+    ("blk.1.ffn_down_exps.weight"); counts: name -> tokens summed (an int), or a float64 (E,) tensor of each
+    expert's tokens; datasets: where the text came from; chunk_size / chunk_count: tokens per forward and forwards
+    (llama.cpp's file metadata)."""
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
-    counts: dict[str, int] = field(default_factory=dict)
+    counts: dict[str, int | torch.Tensor] = field(default_factory=dict)
     datasets: list[str] = field(default_factory=list)
     chunk_size: int = CHUNK_TOKENS
     chunk_count: int = 0
 
     def weights(self, name: str) -> torch.Tensor | None:
-        """The quant_weights llama-quantize derives for tensor `name`: in_sum2 / counts as float32 (n_per_row,);
-        None when the tensor has no entry (ggml then uses its reference quantizer)."""
-        if name not in self.sums or not self.counts.get(name):
+        """The quant_weights llama-quantize derives for tensor `name`: in_sum2 / counts as float32 (n_per_row,), or
+        (E, n_per_row) for an expert stack with 1 for experts that saw no token (tools/quantize/quantize.cpp's
+        load_imatrix); None when the tensor has no entry or no token (ggml then uses its reference quantizer)."""
+        if name not in self.sums:
             return None
-        return (self.sums[name] / self.counts[name]).float().cpu()
+        sums, counts = self.sums[name], self.counts.get(name)
+        if sums.dim() == 1:
+            return (sums / counts).float().cpu() if counts else None
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        if not bool((counts > 0).any()):
+            return None
+        mean = sums / counts.clamp(min=1)[:, None]
+        return torch.where((counts > 0)[:, None], mean, torch.ones_like(mean)).float().cpu()
 
 
 def imatrix_targets(model) -> dict[str, str]:
@@ -73,6 +91,63 @@ def imatrix_targets(model) -> dict[str, str]:
     return out
 
 
+def expert_imatrix_targets(model) -> dict[str, tuple[str, str, str]]:
+    """Experts module name -> the GGUF names of its stacks (ffn_gate_exps, ffn_up_exps, ffn_down_exps) for every
+    mixture-of-experts layer (Qwen3-MoE, Mixtral, gpt-oss)."""
+    from fasttune.models.gpt_oss import GptOssExperts
+    from fasttune.models.moe import Experts
+
+    out = {}
+    for name, module in model.named_modules():
+        if isinstance(module, (Experts, GptOssExperts)):
+            layer = re.search(r"layers\.(\d+)\.", name + ".")
+            if layer is not None:
+                out[name] = tuple(f"blk.{layer[1]}.ffn_{k}_exps.weight" for k in ("gate", "up", "down"))
+    return out
+
+
+def _expert_weight(module, name: str, e: int, dense: dict) -> torch.Tensor:
+    """Expert e's float32 weight `name` (gate_up_proj / down_proj) in the module's layout, its enabled LoRA update
+    (scaling * B_e @ A_e, PEFT's ParamWrapper layout) added."""
+    from fasttune.quant.experts import QuantExpertWeight
+
+    if name not in dense:  # an NF4 stack is dequantised once per forward
+        w = getattr(module, name)
+        dense[name] = w.dequantized(torch.float32) if isinstance(w, QuantExpertWeight) else w
+    w = dense[name][e].float()
+    adapter = module.lora[name] if name in module.lora else None
+    if adapter is None or adapter.disabled:
+        return w
+    r, n = adapter.r, adapter.num_experts
+    a = adapter.lora_A.view(n, r, adapter.in_features)[e].float()
+    b = adapter.lora_B.view(adapter.out_features, r, n)[:, :, e].float()
+    delta = adapter.scaling * (b @ a)  # (out, in)
+    return w + (delta.t() if adapter.transposed else delta)
+
+
+def _expert_stats(module, x: torch.Tensor, experts: torch.Tensor):
+    """Per expert e: (tokens routed to e, sum over them of x^2 (H,), sum of the down projection's input squared)."""
+    from fasttune.kernels.activations import gated_act_reference
+    from fasttune.kernels.clamped_swiglu import clamped_swiglu_reference
+    from fasttune.models.gpt_oss import GptOssExperts
+
+    x = x.reshape(-1, x.shape[-1]).float()
+    experts = experts.reshape(x.shape[0], -1)
+    dense = {}
+    for e in range(module.gate_up_proj.shape[0]):
+        xe = x[(experts == e).any(-1)]
+        if xe.shape[0] == 0:
+            yield 0, None, None
+            continue
+        gate_up = _expert_weight(module, "gate_up_proj", e, dense)
+        if isinstance(module, GptOssExperts):  # (in, out) weights, interleaved gate/up, biases
+            h = clamped_swiglu_reference(xe @ gate_up + module.gate_up_proj_bias[e].float(), module.limit,
+                                         module.alpha)
+        else:
+            h = gated_act_reference(*(xe @ gate_up.t()).chunk(2, dim=-1), module.act)
+        yield xe.shape[0], xe.square().sum(0).double(), h.square().sum(0).double()
+
+
 @contextlib.contextmanager
 def _reference_kernels():
     """FASTTUNE_KERNELS=torch for the duration: the fused LoRA kernel computes several projections without calling
@@ -88,12 +163,16 @@ def _reference_kernels():
             os.environ["FASTTUNE_KERNELS"] = old
 
 
+def _gpt_oss(module) -> bool:
+    return bool(getattr(module, "is_transposed", False))  # (E, in, out) stacks
+
+
 @torch.no_grad()
 def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress: bool = True,
                     dataset: str = "") -> Imatrix:
     """Run `model` (our decoder, LoRA applied) over `token_ids` in chunks of `chunk_tokens` (the last chunk may be
     shorter) and collect, per GGUF weight `blk.N.*`, the sum over tokens of each input feature's square and the
-    token count, as llama-imatrix does. The model is put in eval mode for the forward and restored after. Raises
+    token count, as llama-imatrix does (per expert, over its routed tokens, for expert stacks). The model is put in eval mode for the forward and restored after. Raises
     ConfigError when there are no tokens or a targeted layer received no input."""
     from tqdm import tqdm
 
@@ -111,7 +190,23 @@ def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKEN
             im.counts[gname] = im.counts.get(gname, 0) + x.shape[0]
         return pre
 
+    def expert_hook(names):
+        def pre(module, args):
+            gate, up, down = names
+            stats = list(_expert_stats(module, args[0].detach(), args[2]))
+            counts = torch.tensor([c for c, _, _ in stats], dtype=torch.float64)
+            zero_in = torch.zeros(module.gate_up_proj.shape[-2 if _gpt_oss(module) else -1], dtype=torch.float64)
+            zero_h = torch.zeros(module.down_proj.shape[-2 if _gpt_oss(module) else -1], dtype=torch.float64)
+            x2 = torch.stack([s.cpu() if s is not None else zero_in for _, s, _ in stats])
+            h2 = torch.stack([s.cpu() if s is not None else zero_h for _, _, s in stats])
+            for gname, sq in ((gate, x2), (up, x2), (down, h2)):
+                im.sums[gname] = sq if gname not in im.sums else im.sums[gname] + sq
+                im.counts[gname] = counts if gname not in im.counts else im.counts[gname] + counts
+        return pre
+
     handles = [modules[m].register_forward_pre_hook(hook(g)) for m, g in targets.items()]
+    experts = expert_imatrix_targets(model)
+    handles += [modules[m].register_forward_pre_hook(expert_hook(names)) for m, names in experts.items()]
     backbone = model.model if isinstance(getattr(model, "model", None), torch.nn.Module) else model
     was_training = model.training
     ids = torch.tensor(token_ids, dtype=torch.long, device=model.device)
@@ -126,7 +221,7 @@ def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKEN
             h.remove()
         model.train(was_training)
     im.chunk_count = len(chunks)
-    missing = sorted(set(targets.values()) - set(im.sums))
+    missing = sorted((set(targets.values()) | {n for names in experts.values() for n in names}) - set(im.sums))
     if missing:
         raise ConfigError(f"The importance matrix got no activations for {', '.join(missing[:4])}"
                           f"{' ...' if len(missing) > 4 else ''}; this model's forward does not run those layers "
@@ -177,7 +272,6 @@ def save_imatrix(im: Imatrix, path) -> Path:
     """Write `im` in llama.cpp's GGUF imatrix format (see the module docstring) to `path`; returns the path.
     llama-quantize --imatrix reads it (for k-quants and the i-quants we do not write)."""
     import gguf
-    import numpy as np
 
     path = Path(path)
     writer = gguf.GGUFWriter(str(path), arch="")
@@ -186,8 +280,10 @@ def save_imatrix(im: Imatrix, path) -> Path:
     writer.add_uint32("imatrix.chunk_count", int(im.chunk_count))
     writer.add_uint32("imatrix.chunk_size", int(im.chunk_size))
     for name in sorted(im.sums):
-        writer.add_tensor(f"{name}.in_sum2", im.sums[name].float().cpu().numpy().reshape(1, -1))
-        writer.add_tensor(f"{name}.counts", np.array([[im.counts[name]]], dtype=np.float32))
+        sums = im.sums[name].float().cpu()
+        writer.add_tensor(f"{name}.in_sum2", sums.numpy().reshape(-1 if sums.dim() == 2 else 1, sums.shape[-1]))
+        counts = torch.as_tensor(im.counts[name], dtype=torch.float32).reshape(-1, 1)
+        writer.add_tensor(f"{name}.counts", counts.numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file(progress=False)
@@ -196,9 +292,8 @@ def save_imatrix(im: Imatrix, path) -> Path:
 
 
 def load_imatrix(path) -> Imatrix:
-    """Read a GGUF imatrix file (ours, or llama-imatrix's default output; not its legacy .dat format). Only dense
-    entries (one count per tensor) are kept: MoE expert entries have no use in our export. Raises ConfigError for a
-    file that is not one."""
+    """Read a GGUF imatrix file (ours, or llama-imatrix's default output; not its legacy .dat format): dense entries
+    (one count) and expert stacks (one count per expert). Raises ConfigError for a file that is not one."""
     import gguf
 
     path = Path(path).expanduser()
@@ -217,10 +312,15 @@ def load_imatrix(path) -> Imatrix:
         if counts is None:
             raise ConfigError(f"The imatrix file '{path}' has {name} without {base}.counts.")
         sums = torch.from_numpy(t.data.astype("float64").copy())
-        if counts.data.size != 1:
-            continue
-        im.sums[base] = sums.reshape(-1)
-        im.counts[base] = int(counts.data.reshape(-1)[0])
+        n = counts.data.size
+        if n == 1:
+            im.sums[base] = sums.reshape(-1)
+            im.counts[base] = int(counts.data.reshape(-1)[0])
+        elif sums.numel() % n == 0:  # an expert stack: (E, n_per_row) sums, E counts
+            im.sums[base] = sums.reshape(n, -1)
+            im.counts[base] = torch.from_numpy(counts.data.astype("float64").reshape(-1).copy())
+        else:
+            raise ConfigError(f"The imatrix file '{path}': {name} has {sums.numel()} values for {n} counts.")
     if not im.sums:
         raise ConfigError(f"'{path}' holds no imatrix entries (<tensor>.in_sum2 with <tensor>.counts).")
     field_ = reader.fields.get("imatrix.datasets")
