@@ -28,6 +28,7 @@ RUN_OPTIONS = {
     "target_modules": (str, None, "comma-separated layer names (default: q,k,v,o,gate,up,down projections)"),
     "modules_to_save": (str, None, "comma-separated: embed_tokens,lm_head"),
     "use_rslora": (bool, False, "rank-stabilised LoRA scaling (alpha / sqrt(r))"),
+    "use_dora": (bool, False, "DoRA: a trained magnitude per output feature on top of LoRA (slower than LoRA)"),
     "full_finetuning": (bool, False, "train all weights instead of LoRA"),
     "quantization": (str, "none", "frozen base weights: none | int4 (= nf4, QLoRA) | int8"),
     "offload_embedding": (bool, False, "keep the frozen input embedding in host memory, read row by row by the GPU "
@@ -516,7 +517,8 @@ def _train(run: dict, config: TrainingConfig, out: Path):
         model = FastLanguageModel.get_peft_model(
             model, r=run["lora_r"], lora_alpha=run["lora_alpha"], lora_dropout=run["lora_dropout"],
             target_modules=_csv(run["target_modules"]), modules_to_save=_csv(run["modules_to_save"]),
-            use_rslora=run["use_rslora"], use_gradient_checkpointing=gc, random_state=config.seed)
+            use_rslora=run["use_rslora"], use_dora=run["use_dora"], use_gradient_checkpointing=gc,
+            random_state=config.seed)
     trainer = load_method(run["method"])[0](model=model, tokenizer=tok, train_dataset=data, args=config)
     prompt = run["sample_prompt"] or (_first_prompt(rows) if run["data"] else demo_sample_prompt())
     image_dir = Path(run["data"]).expanduser().resolve().parent if run["data"] else None

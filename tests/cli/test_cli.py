@@ -123,3 +123,15 @@ def _t5(t):
 def _yaml(t, text):
     (t / "c.yaml").write_text(text)
     return t / "c.yaml"
+
+
+def test_use_dora_flag(tiny_model_dir, tmp_path):
+    """--use-dora trains DoRA layers and writes a DoRA adapter (use_dora and the magnitudes, PEFT's keys)."""
+    from safetensors.torch import load_file
+
+    out = tmp_path / "dora"
+    assert main(["train", "--model", str(tiny_model_dir("llama")), "--data", str(_rows(tmp_path / "d.jsonl")),
+                 "--output-dir", str(out), "--max-steps", "2", "--lora-r", "4", "--no-sample", "--use-dora"]) == 0
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["use_dora"] is True
+    assert any(k.endswith("q_proj.lora_magnitude_vector") for k in load_file(out / "adapter" /
+                                                                            "adapter_model.safetensors"))

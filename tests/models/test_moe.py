@@ -317,7 +317,7 @@ def test_unsupported_expert_lora_settings_are_refused(tiny_model_dir):
     with pytest.raises(ConfigError, match="selects 'model.layers.0.self_attn.q_proj.weight'"):
         FastLanguageModel.get_peft_model(qwen, r=4, target_modules=["o_proj"],
                                          target_parameters=["self_attn.q_proj.weight"])
-    with pytest.raises(ConfigError, match="use_dora=True is not supported"):
+    with pytest.raises(ConfigError, match="use_dora=True with LoRA on the MoE experts"):
         FastLanguageModel.get_peft_model(qwen, r=4, use_dora=True, target_parameters=["mlp.experts.down_proj"])
     dense, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
     with pytest.raises(ConfigError, match="no mixture-of-experts layers"):

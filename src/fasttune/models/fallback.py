@@ -361,7 +361,7 @@ class FallbackModel(nn.Module):
         cfg = LoraConfig(r=settings.r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                          target_modules=targets, use_rslora=settings.use_rslora, modules_to_save=save or None,
                          bias=settings.bias, fan_in_fan_out=conv, task_type="CAUSAL_LM",
-                         target_parameters=settings.target_parameters or None)
+                         target_parameters=settings.target_parameters or None, use_dora=settings.use_dora)
         rng = torch.random.get_rng_state()
         try:
             with _quiet_peft():

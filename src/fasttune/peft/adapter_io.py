@@ -1,7 +1,8 @@
 """PEFT-format adapters: adapter_config.json + adapter_model.safetensors with PEFT's key names.
 
-Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` for LoRA layers and
-`base_model.model.<module>.weight` for modules_to_save, exactly what `peft.PeftModel.from_pretrained` reads.
+Keys: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` for LoRA layers (DoRA layers also
+`<module>.lora_magnitude_vector`) and `base_model.model.<module>.weight` for modules_to_save, exactly what
+`peft.PeftModel.from_pretrained` reads.
 LoRA on stacked MoE experts (target_parameters) is keyed as PEFT's nested ParamWrappers are: the wrapper of the
 last adapted parameter of `mlp.experts` is outermost, so with both adapted gate_up_proj's tensors are
 `<layer>.mlp.experts.base_layer.lora_A.weight` and down_proj's `<layer>.mlp.experts.lora_A.weight`.
@@ -56,6 +57,8 @@ def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
     for name, layer in lora_layers(model):
         out[f"{PREFIX}{hf_name(name)}.lora_A.weight"] = layer.lora_A
         out[f"{PREFIX}{hf_name(name)}.lora_B.weight"] = layer.lora_B
+        if hasattr(layer, "lora_magnitude_vector"):  # DoRA: PEFT's key has no `.weight`
+            out[f"{PREFIX}{hf_name(name)}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     stems = expert_adapter_keys(model)
     for name, adapter in expert_lora_layers(model):
         out[f"{stems[name]}.lora_A.weight"] = adapter.lora_A
@@ -72,7 +75,7 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, target_names: list[str]) -> dict:
-    """The adapter_config.json PEFT's LoraConfig writes for these settings (PEFT's field names; a plain LoRA: no DoRA,
+    """The adapter_config.json PEFT's LoraConfig writes for these settings (PEFT's field names; use_dora as set,
     inference_mode true). target_modules is the sorted set of the wrapped layers' last name parts (routers, which
     PEFT adapts as a parameter, excluded); target_parameters, rank_pattern and alpha_pattern are the settings'
     (PEFT's keys for LoRA on MoE experts); `base_name_or_path` is written as base_model_name_or_path."""
@@ -93,7 +96,7 @@ def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, targ
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "use_dora": False,
+        "use_dora": settings.use_dora,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": dict(settings.rank_pattern),
@@ -171,8 +174,6 @@ def read_adapter_config(folder: Path) -> dict:
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ModelLoadError(f"{folder / CONFIG_NAME}: peft_type '{cfg.get('peft_type')}' is not supported; "
                              f"fasttune loads LoRA adapters.")
-    if cfg.get("use_dora"):
-        raise ModelLoadError(f"{folder}: DoRA adapters are not supported yet.")
     return cfg
 
 
@@ -190,7 +191,7 @@ def settings_from_peft_config(cfg: dict) -> LoraSettings:
                         modules_to_save=list(cfg.get("modules_to_save") or []), bias=cfg.get("bias", "none"),
                         target_parameters=list(cfg.get("target_parameters") or []),
                         rank_pattern=dict(cfg.get("rank_pattern") or {}),
-                        alpha_pattern=dict(cfg.get("alpha_pattern") or {}))
+                        alpha_pattern=dict(cfg.get("alpha_pattern") or {}), use_dora=bool(cfg.get("use_dora")))
 
 
 def load_adapter_into(model, folder: Path, seed: int | None = None):

@@ -33,8 +33,8 @@ class LoraSettings:
     """A LoRA adapter's settings, meaning what the same fields of PEFT's LoraConfig mean (r, lora_alpha, lora_dropout,
     target_modules: layer-name suffixes, a regex string or "all-linear", use_rslora, modules_to_save: "embed_tokens" /
     "lm_head", bias, target_parameters: MoE parameter names such as "mlp.experts.gate_up_proj", rank_pattern /
-    alpha_pattern); the defaults are fasttune's (r=16, lora_alpha=16, the seven attention and MLP projections).
-    Checked by validate_settings."""
+    alpha_pattern, use_dora); the defaults are fasttune's (r=16, lora_alpha=16, the seven attention and MLP
+    projections). Checked by validate_settings."""
 
     r: int = 16
     lora_alpha: float = 16
@@ -51,6 +51,7 @@ class LoraSettings:
     target_parameters: list = field(default_factory=list)
     rank_pattern: dict = field(default_factory=dict)
     alpha_pattern: dict = field(default_factory=dict)
+    use_dora: bool = False  # DoRA on the wrapped layers (peft/dora.py)
 
     def __post_init__(self):
         if isinstance(self.target_modules, (list, tuple, set)):
@@ -232,6 +233,10 @@ def validate_settings(s: LoraSettings) -> LoraSettings:
     if not all(isinstance(t, str) for t in s.target_parameters):
         raise ConfigError(f"target_parameters={s.target_parameters!r} is invalid: use parameter names such as "
                           f"{list(SUPPORTED_PARAMETERS)}.")
+    if s.use_dora and s.target_parameters:
+        raise ConfigError(f"use_dora=True with LoRA on the MoE experts / router (target_parameters "
+                          f"{s.target_parameters}): DoRA applies to linear layers only, and PEFT refuses it on "
+                          f"parameters too. Target the attention layers only, or use plain LoRA.")
     return s
 
 
@@ -414,6 +419,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
         raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
     model.requires_grad_(False)
     _map_moe_targets(model, settings)
+    validate_settings(settings)  # again: the MoE names may have become target_parameters (DoRA refuses those)
     if settings.target_parameters and settings.lora_dropout > 0:
         raise ConfigError(f"lora_dropout={settings.lora_dropout} with LoRA on the MoE experts / router "
                           f"(target_parameters {settings.target_parameters}): the update of a stacked weight cannot "
@@ -453,7 +459,12 @@ def _wrap_linear(model: nn.Module, name: str, settings: LoraSettings, key: str) 
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     r, _ = settings.rank_alpha(key)
-    lora = LoraLinear(getattr(parent, attr), r, settings.scaling_for(key), settings.lora_dropout)
+    if settings.use_dora:
+        from fasttune.peft.dora import DoraLinear
+
+        lora = DoraLinear(getattr(parent, attr), r, settings.scaling_for(key), settings.lora_dropout)
+    else:
+        lora = LoraLinear(getattr(parent, attr), r, settings.scaling_for(key), settings.lora_dropout)
     lora.reset_parameters()
     setattr(parent, attr, lora)
 

@@ -35,6 +35,12 @@ def check_fsdp(model, args, world: int, trainer_name: str):
     if isinstance(model.lm_head, HostLMHead):
         raise ConfigError("fsdp=True shards the LM head over the GPUs, but offload_lm_head=True keeps it in host "
                           "memory; load without offload_lm_head (each GPU then holds only its shard of the head).")
+    from fasttune.peft.dora import DoraLinear
+
+    if any(isinstance(m, DoraLinear) for m in model.modules()):
+        raise ConfigError("fsdp=True with DoRA (use_dora=True) is not supported yet: the DoRA norm needs each layer's "
+                          "whole weight, which has not been tested with sharded layers. Use plain LoRA with fsdp, or "
+                          "DoRA without it.")
     if model.dtype == torch.float16:
         raise ConfigError("fsdp=True does not support float16 weights (loss scaling over shards is not implemented). "
                           "Load the model in bfloat16 or float32 (dtype=...), or set fsdp=False.")
