@@ -106,10 +106,12 @@ class FastLanguageModel:
         and "gate" the router, as PEFT on transformers 5 reads them (gate_proj + up_proj -> experts.gate_up_proj
         at rank 2r, alpha 2 * lora_alpha); target_parameters takes PEFT's parameter names directly
         ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight", at rank r). See peft/lora.py's
-        _map_moe_targets and the README. use_dora=True makes the wrapped layers DoRA (peft/dora.py). Raises
+        _map_moe_targets and the README. use_dora=True makes the wrapped layers DoRA (peft/dora.py); rank_pattern /
+        alpha_pattern (PEFT's: regex -> rank / alpha) override them per layer. Raises
         ConfigError for invalid settings (e.g. lora_dropout > 0 with LoRA on the experts / router, gate_proj without
         up_proj there, use_dora with LoRA on the experts / router)."""
         use_dora = bool(kwargs.pop("use_dora", False))
+        patterns = {k: dict(kwargs.pop(k) or {}) for k in ("rank_pattern", "alpha_pattern") if k in kwargs}
         for k in kwargs:
             if k not in _IGNORED_KWARGS:
                 raise ConfigError(f"get_peft_model got an unknown argument '{k}'.")
@@ -118,7 +120,7 @@ class FastLanguageModel:
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=list(DEFAULT_TARGETS) if target_modules is None else target_modules,
                                 use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias,
-                                target_parameters=list(target_parameters or []), use_dora=use_dora)
+                                target_parameters=list(target_parameters or []), use_dora=use_dora, **patterns)
         if isinstance(model, FallbackModel):
             model.add_lora(settings, seed=random_state, targets_given=target_modules is not None)
         else:

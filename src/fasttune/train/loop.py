@@ -84,12 +84,14 @@ class Trainer:
     unknown keyword arguments, a missing train_dataset, FSDP settings that do not fit, or data that does not fit."""
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
-                 processing_class=None, **kwargs):
+                 processing_class=None, peft_config=None, **kwargs):
         if kwargs:
             raise ConfigError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}.")
+        self.args = args if args is not None else config_cls()
+        if peft_config is not None:  # TRL's way: the trainer adds the LoRA to a base model
+            model = _add_peft_config(model, peft_config, self.args)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
-        self.args = args if args is not None else config_cls()
         self.log_history: list[dict] = []
         self.dist = Dist()  # torchrun: joins the process group; otherwise a single process
         check_fsdp(model, self.args, self.dist.world, type(self).__name__)
@@ -586,3 +588,21 @@ def _seed_everything(seed: int):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _add_peft_config(model, peft_config, args):
+    """The model with the LoRA a TRL-style `peft_config` (peft.LoraConfig or its dict) describes
+    (peft/peft_config.py), added as FastLanguageModel.get_peft_model adds it, seeded by args.seed. Raises
+    ConfigError for a model that already has LoRA or is not one of ours, and for configs peft_config.py refuses."""
+    from fasttune.api import FastLanguageModel
+    from fasttune.peft.peft_config import lora_kwargs
+
+    if not hasattr(model, "lora_settings"):
+        raise ConfigError(f"peft_config needs a model loaded with FastLanguageModel.from_pretrained; got "
+                          f"{type(model).__name__}.")
+    if model.lora_settings is not None:
+        raise ConfigError("peft_config was given for a model that already has LoRA adapters (get_peft_model was "
+                          "called, or an adapter was loaded): drop peft_config, or pass the base model.")
+    model_type = getattr(getattr(model, "hf_config", None), "model_type", "")
+    return FastLanguageModel.get_peft_model(model, random_state=getattr(args, "seed", 3407),
+                                            **lora_kwargs(peft_config, model_type))

@@ -1,0 +1,69 @@
+"""TRL's `peft_config=`: a PEFT LoraConfig given to our trainers adds that LoRA to the base (peft/peft_config.py) and
+trains exactly as get_peft_model with the same settings and seed; PEFT's default targets where target_modules=None;
+configs fasttune does not implement, and models that already have LoRA, are refused by name."""
+import pytest
+from peft import IA3Config, LoraConfig
+
+from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+from fasttune.errors import ConfigError
+
+ROWS = [{"text": f"alpha beta gamma delta {i} epsilon"} for i in range(8)]
+
+
+def _args(tmp_path, name):
+    return SFTConfig(output_dir=str(tmp_path / name), per_device_train_batch_size=2, max_steps=3,
+                     learning_rate=5e-3, lr_scheduler_type="constant", seed=7)
+
+
+def test_peft_config_trains_as_get_peft_model(tiny_model_dir, tmp_path):
+    folder = str(tiny_model_dir("llama"))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], use_rslora=True,
+                        rank_pattern={"down_proj": 8}, task_type="CAUSAL_LM")
+    model, tok = FastLanguageModel.from_pretrained(folder)
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "a"),
+                         peft_config=config)
+    settings = trainer.model.lora_settings
+    assert (settings.r, settings.lora_alpha, settings.use_rslora) == (4, 8, True)
+    assert settings.target_modules == ["down_proj", "q_proj", "v_proj"] and settings.rank_pattern == {"down_proj": 8}
+    assert trainer.model.model.layers[0].mlp.down_proj.r == 8
+    trainer.train()
+    model2, tok2 = FastLanguageModel.from_pretrained(folder)
+    model2 = FastLanguageModel.get_peft_model(model2, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj",
+                                                                                         "down_proj"],
+                                              use_rslora=True, rank_pattern={"down_proj": 8}, random_state=7)
+    reference = SFTTrainer(model=model2, processing_class=tok2, train_dataset=ROWS, args=_args(tmp_path, "b"))
+    reference.train()
+    losses = lambda t: [h["loss"] for h in t.log_history if "loss" in h]  # noqa: E731
+    assert losses(trainer) == losses(reference) and len(losses(trainer)) == 3
+
+
+def test_default_targets_are_peft_defaults(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "a"),
+                         peft_config={"r": 4, "lora_alpha": 8, "use_dora": True})
+    assert trainer.model.lora_settings.target_modules == ["q_proj", "v_proj"] and trainer.model.lora_settings.use_dora
+
+
+@pytest.mark.parametrize("config, match", [
+    (LoraConfig(r=4, init_lora_weights="gaussian"), "init_lora_weights='gaussian'"),
+    (LoraConfig(r=4, layers_to_transform=[0]), "layers_to_transform"),
+    (IA3Config(target_modules=["q_proj"], feedforward_modules=[]), "IA3 config"),
+    ("r=4", "must be a peft.LoraConfig"),
+])
+def test_unsupported_configs_are_named(config, match, tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    with pytest.raises(ConfigError, match=match):
+        SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "a"),
+                   peft_config=config)
+
+
+def test_model_with_lora_or_without_peft_default_is_refused(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    with pytest.raises(ConfigError, match="already has LoRA adapters"):
+        SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "a"),
+                   peft_config=LoraConfig(r=4))
+    moe, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
+    with pytest.raises(ConfigError, match="PEFT has no default for 'qwen3_moe'"):
+        SFTTrainer(model=moe, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "b"),
+                   peft_config=LoraConfig(r=4))
