@@ -67,3 +67,19 @@ def test_model_with_lora_or_without_peft_default_is_refused(tiny_model_dir, tmp_
     with pytest.raises(ConfigError, match="PEFT has no default for 'qwen3_moe'"):
         SFTTrainer(model=moe, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "b"),
                    peft_config=LoraConfig(r=4))
+
+
+def test_dpo_trainer_takes_peft_config(tiny_model_dir, tmp_path):
+    """The preference trainers pass peft_config on: the reference policy is the base (the fresh adapter's identity),
+    as TRL's DPOTrainer makes it for an adapter it creates."""
+    from fasttune import DPOConfig, DPOTrainer
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    rows = [{"prompt": f"alpha {i}", "chosen": " beta gamma", "rejected": " delta"} for i in range(4)]
+    trainer = DPOTrainer(model=model, processing_class=tok, train_dataset=rows,
+                         args=DPOConfig(output_dir=str(tmp_path / "dpo"), per_device_train_batch_size=2, max_steps=1),
+                         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert trainer.model.lora_settings.target_modules == ["q_proj", "v_proj"]
+    trainer.train()
+    first = [h["loss"] for h in trainer.log_history if "loss" in h][0]
+    assert abs(first - 0.6931) < 1e-3  # policy == reference at the start: -log sigmoid(0)
