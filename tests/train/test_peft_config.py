@@ -83,3 +83,16 @@ def test_dpo_trainer_takes_peft_config(tiny_model_dir, tmp_path):
     trainer.train()
     first = [h["loss"] for h in trainer.log_history if "loss" in h][0]
     assert abs(first - 0.6931) < 1e-3  # policy == reference at the start: -log sigmoid(0)
+
+
+def test_model_given_by_path(tiny_model_dir, tmp_path):
+    """TRL's SFTTrainer(model="path", peft_config=...): the model and its tokenizer are loaded (FastModel), the LoRA
+    added; a path that does not exist is the loader's ModelLoadError."""
+    from fasttune.errors import ModelLoadError
+
+    trainer = SFTTrainer(model=str(tiny_model_dir("llama")), train_dataset=ROWS, args=_args(tmp_path, "a"),
+                         peft_config=LoraConfig(r=4, target_modules=["q_proj"]))
+    assert trainer.tokenizer is not None and trainer.model.lora_settings.target_modules == ["q_proj"]
+    trainer.train()
+    with pytest.raises(ModelLoadError):
+        SFTTrainer(model=str(tmp_path / "missing"), train_dataset=ROWS, args=_args(tmp_path, "b"))

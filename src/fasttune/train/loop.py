@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 import random
 import sys
@@ -606,3 +607,14 @@ def _add_peft_config(model, peft_config, args):
     model_type = getattr(getattr(model, "hf_config", None), "model_type", "")
     return FastLanguageModel.get_peft_model(model, random_state=getattr(args, "seed", 3407),
                                             **lora_kwargs(peft_config, model_type))
+
+
+def load_named_model(model, tokenizer):
+    """TRL's `model="path/or/id"`: (the model FastModel.from_pretrained loads, the tokenizer given or else the one
+    loaded with it); anything else is returned as it is. Raises what from_pretrained raises for a bad path."""
+    if not isinstance(model, (str, os.PathLike)):
+        return model, tokenizer
+    from fasttune.api import FastModel
+
+    loaded, tok = FastModel.from_pretrained(str(model))
+    return loaded, tokenizer if tokenizer is not None else tok

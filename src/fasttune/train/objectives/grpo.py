@@ -19,7 +19,7 @@ from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
-from fasttune.train.loop import Trainer, add_exact, host_values
+from fasttune.train.loop import Trainer, add_exact, host_values, load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
@@ -52,7 +52,7 @@ class GRPOTrainer(Trainer):
         args = args if args is not None else GRPOConfig()
         if not isinstance(args, GRPOConfig):
             raise ConfigError(f"GRPOTrainer needs args=GRPOConfig(...), got {type(args).__name__}.")
-        tok = tokenizer if tokenizer is not None else processing_class
+        model, tok = load_named_model(model, tokenizer if tokenizer is not None else processing_class)
         if tok is None:
             raise ConfigError("GRPOTrainer needs a tokenizer (tokenizer=... or processing_class=...) to encode "
                               "prompts and decode completions for the reward functions.")

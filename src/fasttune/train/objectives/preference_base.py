@@ -14,7 +14,7 @@ import torch
 from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
-from fasttune.train.loop import Trainer, add_exact, host_values
+from fasttune.train.loop import Trainer, add_exact, host_values, load_named_model
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, score_positions
 
 DATA_FORMATS = ("auto", "preference")
@@ -52,7 +52,8 @@ class PreferenceTrainer(Trainer):
         if args.data_format not in DATA_FORMATS:
             raise ConfigError(f"data_format='{args.data_format}' does not fit {self.method}, which reads preference "
                               f"rows; use data_format='auto' (or 'preference').")
-        tok = tokenizer if tokenizer is not None else kwargs.pop("processing_class", None)
+        model, tok = load_named_model(model, tokenizer if tokenizer is not None else
+                                      kwargs.pop("processing_class", None))
         if tok is None:
             raise ConfigError(f"{type(self).__name__} needs a tokenizer (tokenizer=... or processing_class=...).")
         if args.chat_template:

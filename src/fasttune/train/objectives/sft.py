@@ -15,8 +15,11 @@ class SFTTrainer(Trainer):
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  data_collator=None, **kwargs):
+        from fasttune.train.loop import load_named_model
         from fasttune.train.objectives import vision_sft
 
+        model, tokenizer = load_named_model(model, tokenizer if tokenizer is not None else
+                                            kwargs.pop("processing_class", None))
         self.vision = vision_sft.is_vision_model(model)
         if data_collator is not None and not (self.vision and isinstance(data_collator, vision_sft.VisionDataCollator)):
             raise ConfigError(f"data_collator={type(data_collator).__name__}: SFTTrainer batches its own examples; "
