@@ -207,7 +207,7 @@ def load_adapter_into(model, folder: Path, seed: int | None = None):
     # PEFT may also write `.lora_A.default.weight`-free names only; normalise an adapter-name infix if present.
     saved = {k.replace(".default.", "."): v for k, v in saved.items()}
     if has_per_expert_keys(saved):  # trained on transformers 4's per-expert MoE layers: stacked as PEFT does
-        saved = stack_per_expert_adapter(model, saved, asked, folder)
+        saved = stack_per_expert_adapter(model, saved, asked, folder, expert_adapter_keys(model))
     expected = adapter_state_dict(model)
     missing = sorted(set(expected) - set(saved))
     unexpected = sorted(set(saved) - set(expected))

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fasttune.peft.lora import LoraLinear
+from fasttune.peft.lora_layer import LoraLinear
 
 
 class DoraLinear(LoraLinear):

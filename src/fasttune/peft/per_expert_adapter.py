@@ -35,15 +35,13 @@ def has_per_expert_keys(saved: dict) -> bool:
     return any(PER_EXPERT_KEY.match(k) for k in saved)
 
 
-def stack_per_expert_adapter(model, saved: dict[str, torch.Tensor], asked: LoraSettings,
-                             folder: Path) -> dict[str, torch.Tensor]:
+def stack_per_expert_adapter(model, saved: dict[str, torch.Tensor], asked: LoraSettings, folder: Path,
+                             stems: dict[str, str]) -> dict[str, torch.Tensor]:
     """`saved` with its per-expert LoRA tensors replaced by the stacked ones of `model`'s ExpertLora layers (already
-    applied from the same adapter config; their keys as adapter_io.expert_adapter_keys names them), and Mixtral's
-    `block_sparse_moe.` renamed to `mlp.`. asked: the settings as the adapter config gave them, before the MoE
-    mapping (each per-expert projection's own rank and scaling). Raises ModelLoadError naming `folder` for an
+    applied from the same adapter config; `stems`: their PEFT key stems, adapter_io.expert_adapter_keys), and
+    Mixtral's `block_sparse_moe.` renamed to `mlp.`. asked: the settings as the adapter config gave them, before the
+    MoE mapping (each per-expert projection's own rank and scaling). Raises ModelLoadError naming `folder` for an
     expert, projection or rank the stacked layer cannot take."""
-    from fasttune.peft.adapter_io import expert_adapter_keys
-
     per_expert: dict[tuple[str, str], dict[int, dict[str, torch.Tensor]]] = {}
     blocks: dict[tuple[str, str], str] = {}  # the adapter's own module path, as its rank / alpha patterns saw it
     rest = {}
@@ -54,7 +52,6 @@ def stack_per_expert_adapter(model, saved: dict[str, torch.Tensor], asked: LoraS
             continue
         per_expert.setdefault((m["layer"], m["proj"]), {}).setdefault(int(m["e"]), {})[m["ab"]] = t
         blocks[(m["layer"], m["proj"])] = f"{m['layer']}.{m['block']}.experts.{{}}.{m['proj']}"
-    stems = expert_adapter_keys(model)
     used = set()
     for name, adapter in expert_lora_layers(model):
         layer = name.split(".mlp.experts.")[0]
