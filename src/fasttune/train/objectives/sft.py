@@ -15,8 +15,8 @@ class SFTTrainer(Trainer):
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  data_collator=None, **kwargs):
-        from fasttune.train.loop import load_named_model
         from fasttune.train.objectives import vision_sft
+        from fasttune.train.trl_args import load_named_model
 
         model, tokenizer = load_named_model(model, tokenizer if tokenizer is not None else
                                             kwargs.pop("processing_class", None))

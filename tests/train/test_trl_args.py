@@ -1,6 +1,7 @@
-"""TRL's `peft_config=`: a PEFT LoraConfig given to our trainers adds that LoRA to the base (peft/peft_config.py) and
-trains exactly as get_peft_model with the same settings and seed; PEFT's default targets where target_modules=None;
-configs fasttune does not implement, and models that already have LoRA, are refused by name."""
+"""train/trl_args.py: TRL's `peft_config=` (a PEFT LoraConfig given to our trainers adds that LoRA to the base,
+peft/peft_config.py) trains exactly as get_peft_model with the same settings and seed; PEFT's default targets where
+target_modules=None; configs fasttune does not implement, and models that already have LoRA, are refused by name;
+`model=` may be a path."""
 import pytest
 from peft import IA3Config, LoraConfig
 
