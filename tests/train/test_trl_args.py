@@ -97,3 +97,4 @@ def test_model_given_by_path(tiny_model_dir, tmp_path):
     trainer.train()
     with pytest.raises(ModelLoadError):
         SFTTrainer(model=str(tmp_path / "missing"), train_dataset=ROWS, args=_args(tmp_path, "b"))
+

@@ -111,3 +111,24 @@ def test_lr_schedule_matches_transformers(kind, tiny_model_dir, tmp_path):
         opt.step()
         sched.step()
     assert ours == pytest.approx(theirs, rel=1e-9, abs=1e-12)
+
+
+def test_formatting_func(tiny_model_dir, tmp_path):
+    """TRL's formatting_func: its string per row is the text trained on (the same losses as those rows given as
+    text), for the eval rows too; a function that returns a list (the old batched convention) is named."""
+    from fasttune.errors import DataError
+
+    rows = [{"q": f"alpha {i}", "a": "beta gamma"} for i in range(8)]
+    fmt = lambda r: f"Q: {r['q']} A: {r['a']}"  # noqa: E731
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=1)
+    a = SFTTrainer(model=model, processing_class=tok, train_dataset=rows, eval_dataset=rows[:2],
+                   args=SFTConfig(output_dir=str(tmp_path / "a")), formatting_func=fmt)
+    model2, tok2 = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model2 = FastLanguageModel.get_peft_model(model2, r=4, random_state=1)
+    b = SFTTrainer(model=model2, processing_class=tok2, train_dataset=[{"text": fmt(r)} for r in rows],
+                   args=SFTConfig(output_dir=str(tmp_path / "b")))
+    assert a.train_examples == b.train_examples and len(a.eval_examples) == 2
+    with pytest.raises(DataError, match="returned list for row 0.*for one row"):
+        SFTTrainer(model=model2, processing_class=tok2, train_dataset=rows, args=SFTConfig(output_dir=str(tmp_path / "c")),
+                   formatting_func=lambda r: [fmt(r)])

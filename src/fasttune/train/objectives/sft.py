@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from fasttune.data.collate import count_targets
 from fasttune.data.tokenize import tokenize_rows
-from fasttune.errors import ConfigError
+from fasttune.errors import ConfigError, DataError
 from fasttune.train.config import SFTConfig
 from fasttune.train.loop import Trainer
 
@@ -14,7 +14,7 @@ class SFTTrainer(Trainer):
     supports_cuda_graphs = True  # text models (vision ones are refused in Trainer._cuda_graph_step)
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
-                 data_collator=None, **kwargs):
+                 data_collator=None, formatting_func=None, **kwargs):
         from fasttune.train.objectives import vision_sft
         from fasttune.train.trl_args import load_named_model
 
@@ -26,6 +26,10 @@ class SFTTrainer(Trainer):
                               f"a data_collator is taken only as a VisionDataCollator for a vision-language model. "
                               f"Leave it out.")
         self.vision_collator = data_collator
+        if formatting_func is not None and not callable(formatting_func):
+            raise ConfigError(f"formatting_func must be a function of one row returning its text; got "
+                              f"{type(formatting_func).__name__}.")
+        self.formatting_func = formatting_func
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
         if self.args.chat_template and self.tokenizer is not None:
             from fasttune.data.templates import resolve_chat_template
@@ -68,11 +72,14 @@ class SFTTrainer(Trainer):
             from fasttune.train.objectives import vision_sft
 
             return vision_sft.vision_examples(dataset, self.tokenizer, a, limit, self.vision_collator)
+        text_field = a.dataset_text_field
+        if self.formatting_func is not None:  # TRL: the function's string per row is the text trained on
+            dataset, text_field = formatted_rows(dataset, self.formatting_func), "text"
         if self.tokenizer is None and not _is_tokenized(dataset):
             raise ConfigError("SFTTrainer needs a tokenizer (tokenizer=...) unless the rows are already tokenized "
                               "(`input_ids`).")
         return tokenize_rows(dataset, self.tokenizer, max_seq_length=limit, data_format=a.data_format,
-                             dataset_text_field=a.dataset_text_field,
+                             dataset_text_field=text_field,
                              train_on_responses_only=a.train_on_responses_only, chat_template=a.chat_template,
                              drop_long=a.drop_long, num_proc=a.dataset_num_proc)
 
@@ -82,3 +89,21 @@ def _is_tokenized(dataset) -> bool:
         return bool(dataset) and isinstance(dataset[0], dict) and "input_ids" in dataset[0]
     return "input_ids" in getattr(dataset, "column_names", [])
 
+
+
+def formatted_rows(dataset, formatting_func) -> list[dict]:
+    """[{"text": formatting_func(row)}] for every row of `dataset` (anything data/sources.load_rows reads), as TRL's
+    SFTTrainer applies a formatting_func (one row in, one string out). Raises DataError naming the first row whose
+    result is not a string (a list: the old batched convention, which TRL no longer uses)."""
+    from fasttune.data.sources import load_rows
+
+    out = []
+    for i, row in enumerate(load_rows(dataset)):
+        text = formatting_func(row)
+        if not isinstance(text, str):
+            hint = (" (a list: write it for one row, as TRL's SFTTrainer now calls it, not for a batch)"
+                    if isinstance(text, (list, tuple)) else "")
+            raise DataError(f"formatting_func returned {type(text).__name__} for row {i}{hint}; return the row's "
+                            f"text as one string.")
+        out.append({"text": text})
+    return out
