@@ -7,14 +7,16 @@ import difflib
 from dataclasses import dataclass, fields
 
 from fasttune.errors import ConfigError
+from fasttune.train.config_names import ConfigMeta
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 
 
 @dataclass
-class TrainingConfig:
+class TrainingConfig(metaclass=ConfigMeta):
     """The settings of a training run that every method shares, named as in transformers' TrainingArguments / TRL.
+    Their other settings are translated, dropped or refused by name (train/config_names.py).
 
     Raises ConfigError (in __post_init__) for a value of the wrong type that cannot be coerced (YAML's '1e-4' is
     coerced), an out-of-range number, an unknown lr_scheduler_type / optim / chat_template name, bf16 and fp16
