@@ -236,6 +236,7 @@ def _more_commands():
 def _did_you_mean(name: str, known: list[str], prefix: str = "") -> str:
     """' Did you mean ...?' from the settings and the short aliases (grad_acum -> grad_accum), or ''."""
     def spelled(n):
+        """A setting's name as the user writes it here: a --flag-name with `prefix`, else the YAML key."""
         return prefix + n.replace("_", "-") if prefix else n
 
     # YAML keys: the aliases too; flags: `known` holds the aliases where the command has them (train)

@@ -1,4 +1,4 @@
-"""NF4 stacked MoE experts (quant/experts.py, models/moe.py's stacked_matmul): the grouped GEMM on the NF4 stack
+"""NF4 stacked MoE experts (quant/experts.py, models/moe.py's expert_linear): the grouped GEMM on the NF4 stack
 equals it on the dequantised stack, forward and backward, without saving the 16-bit stack; `load_in_4bit` MoE
 models hold their experts in NF4 (per-expert and stacked checkpoints), train LoRA on attention and experts, and
 export merged weights equal to the dequantised base plus the LoRA delta."""

@@ -107,8 +107,8 @@ def expert_imatrix_targets(model) -> dict[str, tuple[str, str, str]]:
 
 
 def _expert_weight(module, name: str, e: int, dense: dict) -> torch.Tensor:
-    """Expert e's float32 weight `name` (gate_up_proj / down_proj) in the module's layout, its enabled LoRA update
-    (scaling * B_e @ A_e, PEFT's ParamWrapper layout) added."""
+    """Expert e's float32 weight `name` (gate_up_proj / down_proj) in the module's layout, with its enabled LoRA
+    update added (ExpertLora.delta_weight of that expert). `dense` caches a stack dequantised from NF4."""
     from fasttune.quant.experts import QuantExpertWeight
 
     if name not in dense:  # an NF4 stack is dequantised once per forward
@@ -116,36 +116,39 @@ def _expert_weight(module, name: str, e: int, dense: dict) -> torch.Tensor:
         dense[name] = w.dequantized(torch.float32) if isinstance(w, QuantExpertWeight) else w
     w = dense[name][e].float()
     adapter = module.lora[name] if name in module.lora else None
-    if adapter is None or adapter.disabled:
-        return w
-    r, n = adapter.r, adapter.num_experts
-    a = adapter.lora_A.view(n, r, adapter.in_features)[e].float()
-    b = adapter.lora_B.view(adapter.out_features, r, n)[:, :, e].float()
-    delta = adapter.scaling * (b @ a)  # (out, in)
-    return w + (delta.t() if adapter.transposed else delta)
+    return w if adapter is None or adapter.disabled else w + adapter.delta_weight(e).float()
 
 
 def _expert_stats(module, x: torch.Tensor, experts: torch.Tensor):
-    """Per expert e: (tokens routed to e, sum over them of x^2 (H,), sum of the down projection's input squared)."""
+    """(counts (E,), sum of x^2 (E, H), sum of the down projection's input squared (E, I)), float64 on the CPU, over
+    the tokens routed to each expert: x (..., H) the experts module's input, experts (..., k) its routing."""
     from fasttune.kernels.activations import gated_act_reference
     from fasttune.kernels.clamped_swiglu import clamped_swiglu_reference
     from fasttune.models.gpt_oss import GptOssExperts
 
     x = x.reshape(-1, x.shape[-1]).float()
     experts = experts.reshape(x.shape[0], -1)
+    gpt_oss = isinstance(module, GptOssExperts)  # (in, out) weights, interleaved gate/up, biases
+    n_experts = module.gate_up_proj.shape[0]
+    inner = module.down_proj.shape[-2 if gpt_oss else -1]
+    counts = torch.zeros(n_experts, dtype=torch.float64)
+    x2 = torch.zeros(n_experts, x.shape[1], dtype=torch.float64)
+    h2 = torch.zeros(n_experts, inner, dtype=torch.float64)
     dense = {}
-    for e in range(module.gate_up_proj.shape[0]):
+    for e in range(n_experts):
         xe = x[(experts == e).any(-1)]
         if xe.shape[0] == 0:
-            yield 0, None, None
             continue
         gate_up = _expert_weight(module, "gate_up_proj", e, dense)
-        if isinstance(module, GptOssExperts):  # (in, out) weights, interleaved gate/up, biases
+        if gpt_oss:
             h = clamped_swiglu_reference(xe @ gate_up + module.gate_up_proj_bias[e].float(), module.limit,
                                          module.alpha)
         else:
             h = gated_act_reference(*(xe @ gate_up.t()).chunk(2, dim=-1), module.act)
-        yield xe.shape[0], xe.square().sum(0).double(), h.square().sum(0).double()
+        counts[e] = xe.shape[0]
+        x2[e] = xe.square().sum(0).double().cpu()
+        h2[e] = h.square().sum(0).double().cpu()
+    return counts, x2, h2
 
 
 @contextlib.contextmanager
@@ -163,17 +166,14 @@ def _reference_kernels():
             os.environ["FASTTUNE_KERNELS"] = old
 
 
-def _gpt_oss(module) -> bool:
-    return bool(getattr(module, "is_transposed", False))  # (E, in, out) stacks
-
-
 @torch.no_grad()
 def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKENS, progress: bool = True,
                     dataset: str = "") -> Imatrix:
     """Run `model` (our decoder, LoRA applied) over `token_ids` in chunks of `chunk_tokens` (the last chunk may be
     shorter) and collect, per GGUF weight `blk.N.*`, the sum over tokens of each input feature's square and the
-    token count, as llama-imatrix does (per expert, over its routed tokens, for expert stacks). The model is put in eval mode for the forward and restored after. Raises
-    ConfigError when there are no tokens or a targeted layer received no input."""
+    token count, as llama-imatrix does (per expert, over its routed tokens, for expert stacks). The model is put
+    in eval mode for the forward and restored after. Raises ConfigError when there are no tokens or a targeted
+    layer received no input."""
     from tqdm import tqdm
 
     if len(token_ids) < 2:
@@ -183,7 +183,9 @@ def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKEN
     modules = dict(model.named_modules())
 
     def hook(gname):
+        """A forward pre-hook adding the squares of a linear layer's input features to entry `gname`."""
         def pre(_module, args):
+            """args[0] (..., in): the layer's input."""
             x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
             sq = x.square().sum(0).double()
             im.sums[gname] = sq if gname not in im.sums else im.sums[gname] + sq
@@ -191,14 +193,12 @@ def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKEN
         return pre
 
     def expert_hook(names):
+        """A forward pre-hook on an experts module (args: x, weights, experts) adding per-expert statistics to
+        its three entries `names` (gate, up, down stacks)."""
         def pre(module, args):
+            """args: (x (..., H), weights (..., k), experts (..., k)), as Experts.forward takes them."""
             gate, up, down = names
-            stats = list(_expert_stats(module, args[0].detach(), args[2]))
-            counts = torch.tensor([c for c, _, _ in stats], dtype=torch.float64)
-            zero_in = torch.zeros(module.gate_up_proj.shape[-2 if _gpt_oss(module) else -1], dtype=torch.float64)
-            zero_h = torch.zeros(module.down_proj.shape[-2 if _gpt_oss(module) else -1], dtype=torch.float64)
-            x2 = torch.stack([s.cpu() if s is not None else zero_in for _, s, _ in stats])
-            h2 = torch.stack([s.cpu() if s is not None else zero_h for _, _, s in stats])
+            counts, x2, h2 = _expert_stats(module, args[0].detach(), args[2])
             for gname, sq in ((gate, x2), (up, x2), (down, h2)):
                 im.sums[gname] = sq if gname not in im.sums else im.sums[gname] + sq
                 im.counts[gname] = counts if gname not in im.counts else im.counts[gname] + counts

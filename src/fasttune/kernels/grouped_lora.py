@@ -80,6 +80,11 @@ if HAVE_TRITON:
         return out
 
     @triton.jit
+    def _group_span(offsets_ptr, e):
+        """Expert e's rows [start, end)."""
+        return tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0), tl.load(offsets_ptr + e)
+
+    @triton.jit
     def _grouped_weight_grad_kernel(x_ptr, dy_ptr, offsets_ptr, out_ptr, P, Q, stride_x, stride_dy,
                                     stride_oe, stride_op, stride_oq, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
                                     BLOCK_S: tl.constexpr, IEEE: tl.constexpr):
@@ -87,8 +92,8 @@ if HAVE_TRITON:
         e = tl.program_id(0)
         offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
         offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
-        end = tl.load(offsets_ptr + e).to(tl.int64)
-        start = tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0).to(tl.int64)
+        start, end = _group_span(offsets_ptr, e)
+        start, end = start.to(tl.int64), end.to(tl.int64)
         acc = tl.zeros([BLOCK_P, BLOCK_Q], dtype=tl.float32)
         for s0 in range(start, end, BLOCK_S):
             rows = s0 + tl.arange(0, BLOCK_S)
@@ -109,11 +114,6 @@ if HAVE_TRITON:
         first = tl.sum((ends <= row0).to(tl.int32))
         last = tl.minimum(tl.sum((ends <= row_end - 1).to(tl.int32)), E - 1)
         return first, last
-
-    @triton.jit
-    def _group_span(offsets_ptr, e):
-        """Expert e's rows [start, end)."""
-        return tl.where(e > 0, tl.load(offsets_ptr + tl.maximum(e - 1, 0)), 0), tl.load(offsets_ptr + e)
 
     @triton.jit
     def _thin_mm_kernel(x_ptr, w_ptr, offsets_ptr, out_ptr, S, K, R, E, stride_x, stride_we, stride_wk, stride_wr,

@@ -108,16 +108,6 @@ class _DequantGroupedMM(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
-def stacked_matmul(x: torch.Tensor, weight, offsets: torch.Tensor, counts: torch.Tensor,
-                   method: str = "auto") -> torch.Tensor:
-    """Rows x (S, in) sorted by expert times their expert's weight transposed: out[s] = x[s] @ W[e(s)]^T, (S, out)
-    in x's dtype. weight: a stacked (E, out, in) tensor (differentiable in x and W) or a QuantExpertWeight (NF4,
-    frozen; differentiable in x, dequantised per use: quant/experts.py). offsets/counts/method as grouped_mm."""
-    if isinstance(weight, QuantExpertWeight):
-        return _DequantGroupedMM.apply(x, weight, offsets, counts, method)
-    return grouped_mm(x, weight.to(x.dtype).transpose(1, 2), offsets, counts, method)
-
-
 def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method: str) -> torch.Tensor:
     """out + s * (x @ A_e^T) @ B_e^T per group; lora = (a (E, K, r), b (E, r, M), s) or None (out unchanged). The
     plain path (torch's grouped GEMMs); expert_linear takes the fused one where it can."""
@@ -141,7 +131,8 @@ def expert_linear(x: torch.Tensor, weight, lora, offsets: torch.Tensor, counts: 
     scaling) or None; bias (E, N) or None; offsets/counts/method as grouped_mm. With our kernels on and the base
     and bias frozen, one fused Function (kernels/grouped_lora.py's expert_lora_linear: the rank-r products added
     in place, the weight gradients in Triton); otherwise torch's grouped GEMMs. Returns (S, N) in x's dtype."""
-    def dense(dtype):  # the (E, K, N) operand: a view, or a fresh dequantisation of an NF4 stack
+    def dense(dtype):
+        """The (E, K, N) operand in `dtype`: a view of the stack, or a fresh dequantisation of an NF4 one."""
         w = weight.dequantized(dtype) if isinstance(weight, QuantExpertWeight) else weight.to(dtype)
         return w.transpose(1, 2) if stacked else w
 
@@ -150,10 +141,8 @@ def expert_linear(x: torch.Tensor, weight, lora, offsets: torch.Tensor, counts: 
         mm = functools.partial(grouped_mm, method=method)
         return expert_lora_linear(x, dense, mm, a, b, scaling, offsets, counts,
                                   None if bias is None else bias.to(x.dtype))
-    if stacked:  # stacked_matmul keeps an NF4 stack out of autograd's saved tensors
-        out = stacked_matmul(x, weight, offsets, counts, method)
-    elif isinstance(weight, QuantExpertWeight):  # likewise for gpt-oss's (E, in, out) stacks
-        out = _DequantGroupedMM.apply(x, weight, offsets, counts, method, True)
+    if isinstance(weight, QuantExpertWeight):  # dequantised again in backward: no 16-bit stack is saved
+        out = _DequantGroupedMM.apply(x, weight, offsets, counts, method, not stacked)
     else:
         out = grouped_mm(x, dense(x.dtype), offsets, counts, method)
     out = _with_lora(out, x, lora, offsets, counts, method)

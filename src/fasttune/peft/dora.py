@@ -30,11 +30,12 @@ class DoraLinear(LoraLinear):
         self.lora_magnitude_vector = nn.Parameter(torch.ones(base.out_features, device=self.lora_A.device,
                                                              dtype=torch.float32))
 
-    def weight_norm(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def weight_norm(self, dtype: torch.dtype = torch.float32, w: torch.Tensor | None = None) -> torch.Tensor:
         """||W + s B A|| over each output row, (out_features,) in `dtype` (computed in it, as PEFT does with the
-        activation dtype), without gradient."""
+        activation dtype), without gradient. w: the base weight already in `dtype` (a quantised base is then not
+        dequantised again), else read from the base layer."""
         with torch.no_grad():
-            w = self.base_layer.weight.to(dtype)
+            w = self.base_layer.weight.to(dtype) if w is None else w
             lora = (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
             return torch.linalg.norm(w + self.scaling * lora, dim=1).to(dtype)
 
@@ -61,13 +62,14 @@ class DoraLinear(LoraLinear):
         if self.disabled:
             return out
         dtype = x.dtype
+        w = self.base_layer.weight.to(dtype)  # read (dequantised) once per forward
         # m / n in fp32, as PEFT's fp32 magnitude makes it; the two terms are then summed in fp32 and rounded once
-        scale = (self.lora_magnitude_vector / self.weight_norm(dtype).float()).view(*([1] * (out.dim() - 1)), -1)
+        scale = (self.lora_magnitude_vector / self.weight_norm(dtype, w).float()).view(*([1] * (out.dim() - 1)), -1)
         dropped = self.lora_dropout(x)
         lora = (dropped @ self.lora_A.to(dtype).t()) @ self.lora_B.to(dtype).t()
         if dropped is x or not self.training:
             bias = getattr(self.base_layer, "bias", None)
             base = out if bias is None else out - bias.to(out.dtype)
         else:  # PEFT: with dropout in training the base product is taken again on the dropped-out input
-            base = F.linear(dropped, self.base_layer.weight.to(dtype))
+            base = F.linear(dropped, w)
         return (out + (scale - 1) * base + scale * lora * self.scaling).to(out.dtype)

@@ -72,6 +72,7 @@ class LoraSettings:
         first rank_pattern / alpha_pattern key (a regex) that matches the end of `name` at a dot boundary, as PEFT's
         get_pattern_key picks it, else r / lora_alpha."""
         def pick(pattern: dict, default):
+            """The value of the first key of `pattern` that matches `name`, else `default`."""
             for key, value in pattern.items():
                 if re.match(rf"(.*\.)?({key})$", name):
                     return value
@@ -141,12 +142,16 @@ class ExpertLora(nn.Module):
         b = swap_outer(self.lora_B.view(self.out_features, r, e), dtype)
         return a, b, self.scaling
 
-    def delta_weight(self) -> torch.Tensor:
+    def delta_weight(self, expert: int | None = None) -> torch.Tensor:
         """scaling * B_e @ A_e for every expert: the (E, out, in) fp32 update to the stacked weight ((E, in, out)
-        when `transposed`; PEFT's ParamWrapper.get_delta_weight)."""
+        when `transposed`; PEFT's ParamWrapper.get_delta_weight); for one `expert` only its (out, in) slice
+        ((in, out) when transposed), without forming the others."""
         e, r = self.num_experts, self.r
         a = self.lora_A.view(e, r, self.in_features)
         b = self.lora_B.view(self.out_features, r, e)
+        if expert is not None:
+            delta = (b[:, :, expert] @ a[expert]) * self.scaling
+            return delta.t() if self.transposed else delta
         return torch.einsum("ore,eri->eio" if self.transposed else "ore,eri->eoi", b, a) * self.scaling
 
 

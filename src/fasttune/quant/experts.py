@@ -3,7 +3,7 @@
 A `QuantExpertWeight` takes the place of `Experts.gate_up_proj` / `down_proj` (E, out, in) when a MoE model is
 loaded with `load_in_4bit`: the whole stack is quantised as one tensor (bitsandbytes' NF4 layout, blocks of 64
 along the flattened weight, double-quantised absmax; quant/nf4.py), 0.53 bytes a weight instead of 2.
-models/moe.py's `stacked_matmul` runs the grouped GEMM on it: forward and backward each dequantise the stack into
+models/moe.py's `expert_linear` runs the grouped GEMM on it: forward and backward each dequantise the stack into
 a temporary (one layer's experts at a time) and nothing weight-sized is saved for backward, as QuantLinear does for
 dense layers (autograd of a plain dequantise + grouped GEMM would keep every layer's 16-bit experts).
 The weights are frozen; LoRA on them (peft/lora.py's ExpertLora) adds its own grouped GEMMs beside.
