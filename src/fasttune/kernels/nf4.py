@@ -17,22 +17,27 @@ if HAVE_TRITON:
     @triton.jit
     def _dequant_nf4(packed_ptr, absmax_ptr, code_ptr, nested_absmax_ptr, nested_code_ptr, out_ptr, n, offset,
                      BLOCKSIZE: tl.constexpr, NESTED_BLOCKSIZE: tl.constexpr, NESTED: tl.constexpr,
-                     BLOCK: tl.constexpr):
-        # Each program writes BLOCK weights = BLOCK // 2 packed bytes; BLOCK is a multiple of BLOCKSIZE only by
-        # choice of the caller, so the absmax is looked up per element (the loads hit the same cache line).
-        offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        byte = tl.load(packed_ptr + offs // 2, mask=mask, other=0).to(tl.int32)
-        nibble = tl.where(offs % 2 == 0, byte >> 4, byte & 15)
-        level = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-        blk = offs // BLOCKSIZE
+                     ROWS: tl.constexpr):
+        # Each program writes ROWS quantisation blocks as a (ROWS, BLOCKSIZE) tile: the packed bytes are read once
+        # as (ROWS, BLOCKSIZE / 2), each byte gives two weights (high nibble first, bitsandbytes' order) that are
+        # interleaved back into place, and the absmax is one load per block. (A program per 1,024 weights with
+        # per-weight byte and absmax loads ran at ~2.7 TB/s on an H200.)
+        half: tl.constexpr = BLOCKSIZE // 2
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        first = rows[:, None] * BLOCKSIZE + 2 * tl.arange(0, half)[None, :]  # element index of each high nibble
+        byte = tl.load(packed_ptr + first // 2, mask=first < n, other=0).to(tl.int32)
+        hi = tl.load(code_ptr + (byte >> 4))
+        lo = tl.load(code_ptr + (byte & 15))
+        block_mask = rows * BLOCKSIZE < n
         if NESTED:
-            q = tl.load(absmax_ptr + blk, mask=mask, other=0).to(tl.int32)
-            scale = tl.load(nested_code_ptr + q, mask=mask, other=0.0) * \
-                tl.load(nested_absmax_ptr + blk // NESTED_BLOCKSIZE, mask=mask, other=0.0) + offset
+            q = tl.load(absmax_ptr + rows, mask=block_mask, other=0).to(tl.int32)
+            scale = tl.load(nested_code_ptr + q) * \
+                tl.load(nested_absmax_ptr + rows // NESTED_BLOCKSIZE, mask=block_mask, other=0.0) + offset
         else:
-            scale = tl.load(absmax_ptr + blk, mask=mask, other=0.0)
-        tl.store(out_ptr + offs, (level * scale).to(out_ptr.dtype.element_ty), mask=mask)
+            scale = tl.load(absmax_ptr + rows, mask=block_mask, other=0.0)
+        values = tl.interleave(hi * scale[:, None], lo * scale[:, None])  # (ROWS, BLOCKSIZE)
+        offs = rows[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+        tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
 def dequantize_nf4(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
@@ -42,13 +47,16 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     n = 1
     for s in state.shape:
         n *= s
+    bs = state.blocksize
+    if bs & (bs - 1):  # bitsandbytes' block sizes are powers of two; another one takes the torch path
+        return dequantize_nf4_reference(state, dtype)
     out = torch.empty(state.shape, dtype=dtype, device=state.packed.device)
-    block = 1024
+    rows = max(1, 4096 // bs)  # ~4,096 weights per program
     nested = state.nested
     absmax = state.absmax if nested else state.absmax.float()
     # Unused pointers (no double quantisation) still need a tensor; absmax stands in.
-    _dequant_nf4[(triton.cdiv(n, block),)](
+    _dequant_nf4[(triton.cdiv(triton.cdiv(n, bs), rows),)](
         state.packed, absmax, state.code, state.nested_absmax if nested else absmax,
         state.nested_code if nested else absmax, out, n, state.offset,
-        BLOCKSIZE=state.blocksize, NESTED_BLOCKSIZE=state.nested_blocksize, NESTED=nested, BLOCK=block)
+        BLOCKSIZE=bs, NESTED_BLOCKSIZE=state.nested_blocksize, NESTED=nested, ROWS=rows)
     return out
