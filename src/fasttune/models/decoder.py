@@ -34,7 +34,7 @@ from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock, load_balancing_loss
 from fasttune.models.attention import attention
 from fasttune.models.host_head import host_head
-from fasttune.models.offload import LayerInputOffloader, offloaded_layer, recomputing
+from fasttune.models.offload import LayerInputOffloader, kept_block, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 from fasttune.peft.lora import project
@@ -82,16 +82,21 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
+        # Whether "offload" may keep q/k/v and the post-attention residual so the recompute skips the projections
+        # (models/kept_block.py): only where no other op reads the values skipped.
+        self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         """x (B, T, H); cos/sin (B, T, rotary_dim); mask: build_masks' dict (or {"varlen": spans}); cache: a
         KVCache to extend (generation). Returns (B, T, H)."""
         b, t, _ = x.shape
         cfg = self.cfg
+        block = kept_block() if self.keeps_block and cache is None else None
+        replay = block is not None and block[2]  # a recompute with kept values: the base GEMMs are skipped
         if cfg.fused_qkv:
             q, k, v = one_linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
-            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj)
+            q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, values_unused=replay)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
@@ -106,16 +111,26 @@ class Attention(nn.Module):
                                        cfg.scaling)
                 return one_linear(self.o_proj, out)
         q, k = apply_rope_qk(q, k, cos, sin)
+        if block is not None:
+            keeper, slot, _ = block
+            if replay:
+                q, k, v = (keeper.substitute(slot, name, part) for name, part in (("q", q), ("k", k), ("v", v)))
+            else:
+                for name, part in (("q", q), ("k", k), ("v", v)):
+                    keeper.keep(slot, name, part)
         spans = mask.get("varlen")
         if spans is not None:  # packed rows on CUDA: one flash-attention sequence per document
             out = varlen_attention(q, k, v, spans, self.sliding_window, cfg.scaling)
-            return self.o_proj(out.reshape(b, t, self.q_size))
+            return project(out.reshape(b, t, self.q_size), self.o_proj, values_unused=replay)[0]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap,
                         self.sinks if cfg.attn_sinks else None)
-        return one_linear(self.o_proj, out.transpose(1, 2).reshape(b, t, self.q_size))
+        out = out.transpose(1, 2).reshape(b, t, self.q_size)
+        if replay:  # only the graph is needed: the layer takes the kept residual in place of x + o_proj(out)
+            return project(out, self.o_proj, values_unused=True)[0]
+        return one_linear(self.o_proj, out)
 
 
 
@@ -200,11 +215,24 @@ class DecoderLayer(nn.Module):
         x, normed = self.post_attention_layernorm.with_residual(x, self.self_attn(normed, cos, sin, mask, cache))
         return x, self.mlp(normed)
 
+    def _post_attention(self, x, h, cache):
+        """(s, post_attention_layernorm(s)) for s = x + h. With the attention block kept ("offload",
+        models/kept_block.py) the forward pass keeps s, and the recompute takes it back in place of x + h, whose
+        o_proj part it skipped."""
+        block = kept_block() if self.self_attn.keeps_block and cache is None else None
+        if block is not None and block[2]:
+            keeper, slot, _ = block
+            return self.post_attention_layernorm.with_residual(keeper.substitute(slot, "h", x, h))
+        x, normed = self.post_attention_layernorm.with_residual(x, h)
+        if block is not None:
+            block[0].keep(block[1], "h", x)
+        return x, normed
+
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, router_logits: bool = False):
         """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E))."""
         if self.is_moe:
             x, normed = self.input_layernorm.with_residual(x)
-            x, normed = self.post_attention_layernorm.with_residual(x, self.self_attn(normed, cos, sin, mask, cache))
+            x, normed = self._post_attention(x, self.self_attn(normed, cos, sin, mask, cache), cache)
             h, logits = self.mlp(normed)
             return (x + h, logits) if router_logits else x + h
         if self.sandwich:  # Gemma 2: norm after attention and around the MLP
@@ -213,7 +241,7 @@ class DecoderLayer(nn.Module):
             return x + self.post_feedforward_layernorm(self.mlp(normed))
         x, normed = self.input_layernorm.with_residual(x)
         h = self.self_attn(normed, cos, sin, mask, cache)
-        x, normed = self.post_attention_layernorm.with_residual(x, h)
+        x, normed = self._post_attention(x, h, cache)
         # Re-run inside backward, the layer's output value is discarded and the add's backward needs no values:
         # down_proj's base GEMM is skipped (kernels/lora.py). Gemma 2's post-MLP norm needs them, so not there.
         return x + self.mlp(normed, values_unused=recomputing())
@@ -367,9 +395,12 @@ class DecoderModel(nn.Module):
         store = LayerInputOffloader(x.device, offload=mode == "offload")
         if mode == "offload":  # the attention outputs go to the host too: the recompute skips the attention kernel
             b, t, _ = x.shape
-            arch = self.arch
-            store.keep_attention(arch.num_layers, x.numel() * x.element_size(),
-                                 b * t * arch.num_heads * arch.head_dim * x.element_size())
+            arch, size = self.arch, x.element_size()
+            layers, per_input = arch.num_layers, x.numel() * size
+            if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.head_dim * size):
+                # and q/k/v with the post-attention residual: the recompute skips the attention block's projections
+                qkv = b * t * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * size
+                store.keep_block(layers, per_input, qkv + per_input)
         return store, torch.empty(0, device=x.device, requires_grad=True)
 
     def _run_layer(self, layer, x, cos, sin, masks, offload=None, router_logits: bool = False):

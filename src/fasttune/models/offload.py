@@ -101,6 +101,18 @@ def _layer_scope(offloader, slot: int, recompute: bool):
         _STATE.recomputing, _STATE.layer = before
 
 
+def kept_block():
+    """(BlockKeeper, slot, replay) for the offloaded layer now running when its forward pass keeps (replay False) or
+    kept (replay True) its attention block's values (models/kept_block.py), else None."""
+    offloader, slot = getattr(_STATE, "layer", None) or (None, None)
+    if offloader is None or offloader.block is None:
+        return None
+    keeper = offloader.block
+    if recomputing():
+        return (keeper, slot, True) if keeper.has(slot) else None
+    return keeper, slot, False
+
+
 def kept_attention(attend):
     """attend() -> an attention output, run through the AttentionKeeper of the offloaded layer now running (kept in
     the forward pass, answered from what was kept in the recompute), or plainly outside such a layer."""
@@ -122,6 +134,7 @@ class LayerInputOffloader:
         budget = host_offload_budget() if host_bytes is None else host_bytes
         self.host_left = budget if self.side is not None else 0
         self.attention = None  # an AttentionKeeper when the layers' attention outputs are kept (keep_attention)
+        self.block = None  # a BlockKeeper when their q/k/v and post-attention residuals are kept too (keep_block)
 
     def keep_attention(self, layers: int, input_bytes: int, output_bytes: int) -> bool:
         """Also keep each layer's attention output (models/kept_attention.py), when the host budget holds `layers`
@@ -134,6 +147,20 @@ class LayerInputOffloader:
         share = layers * output_bytes if self.side is not None else 0
         self.host_left -= share
         self.attention = AttentionKeeper(LayerInputOffloader(self.device, self.side is not None, host_bytes=share))
+        return True
+
+    def keep_block(self, layers: int, input_bytes: int, layer_bytes: int) -> bool:
+        """Also keep each layer's q/k/v and post-attention residual (models/kept_block.py; `layer_bytes` per layer),
+        when the attention outputs are kept and the host budget left holds them and the `layers` layer inputs
+        (`input_bytes` each, saved later). Returns whether they are kept."""
+        if self.attention is None or (self.side is not None and
+                                      self.host_left < layers * (input_bytes + layer_bytes)):
+            return False
+        from fasttune.models.kept_block import BlockKeeper
+
+        share = layers * layer_bytes if self.side is not None else 0
+        self.host_left -= share
+        self.block = BlockKeeper(LayerInputOffloader(self.device, self.side is not None, host_bytes=share))
         return True
 
     def save(self, x: torch.Tensor) -> int:
@@ -166,7 +193,8 @@ class LayerInputOffloader:
             for buf in leftovers:
                 _POOL.put(buf)
 
-    def _fetch(self, i: int):
+    def fetch(self, i: int):
+        """Start copying entry i back to the device on the side stream (no-op if it is there already)."""
         slot = self.slots[i]
         if slot is None or slot["dev"] is not None:
             return  # freed, fetched already, or never left the device
@@ -175,19 +203,19 @@ class LayerInputOffloader:
             slot["event"] = torch.cuda.Event()
             slot["event"].record(self.side)
 
-    def load(self, i: int) -> torch.Tensor:
-        """Layer i's input on the device; starts bringing back layer i-1's."""
+    def load(self, i: int, prefetch: bool = True) -> torch.Tensor:
+        """Entry i (layer i's input) on the device; with `prefetch`, starts bringing back entry i-1."""
         slot = self.slots[i]
         if self.side is not None:
-            self._fetch(i)
+            self.fetch(i)
             main = torch.cuda.current_stream(self.device)
             if slot["event"] is not None:
                 main.wait_event(slot["event"])
                 slot["dev"].record_stream(main)
                 slot["event"].synchronize()  # the copy from the host buffer is done: it may be reused
                 _POOL.put(slot["buf"])
-            if i > 0:
-                self._fetch(i - 1)
+            if prefetch and i > 0:
+                self.fetch(i - 1)
         self.slots[i] = None  # frees the host copy once backward no longer needs it
         return slot["dev"]
 

@@ -1,0 +1,94 @@
+""""offload" keeps each layer's q/k/v and post-attention residual (models/kept_block.py): the recompute skips the
+attention block's projections and the gradients stay bit-equal to recomputing everything."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+
+from fasttune import FastLanguageModel
+from fasttune.models.offload import LayerInputOffloader
+
+
+@pytest.fixture
+def block_keepers(monkeypatch):
+    """The BlockKeepers made during a test (one per forward pass that keeps the block)."""
+    from fasttune.models import kept_block
+
+    made = []
+    init = kept_block.BlockKeeper.__init__
+
+    def spy(self, store):
+        init(self, store)
+        made.append(self)
+
+    monkeypatch.setattr(kept_block.BlockKeeper, "__init__", spy)
+    return made
+
+
+def _grads(model, mode, ids, mask=None):
+    model.gradient_checkpointing = mode
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(5)  # the same LoRA dropout masks in every mode
+    labels = ids if mask is None else ids.masked_fill(mask == 0, -100)
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _lora(tiny_model_dir, family, dropout=0.0):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=dropout)
+    model.train()
+    randomize_lora_b(model)
+    return model
+
+
+def test_recompute_skips_attention_projections(tiny_model_dir, block_keepers, monkeypatch):
+    """Through the fused LoRA path (where projections can skip their base GEMM): the recompute reads only gate/up's
+    base weights (q/k/v/o from the kept block, down_proj's output unused), every layer replays, and the gradients
+    (LoRA dropout on, so the recompute must draw the forward's masks) equal plain recompute bit for bit."""
+    import fasttune.kernels.lora as lora_mod
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    model = _lora(tiny_model_dir, "llama", dropout=0.1)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    ref = _grads(model, True, ids)
+    assert block_keepers == []  # on-device recompute keeps nothing
+    reads, real = [], lora_mod._base_weight
+    monkeypatch.setattr(lora_mod, "_base_weight", lambda layer, dtype: reads.append(1) or real(layer, dtype))
+    got = _grads(model, "offload", ids)
+    layers = model.arch.num_layers
+    assert len(reads) == layers * (7 + 2 + 7)  # forward, recompute (gate and up only), backward
+    assert [k.replays for k in block_keepers] == [layers] and not block_keepers[0].records
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
+
+
+@pytest.mark.parametrize("family,kept", [("llama", True), ("mixtral", True), ("qwen3", False), ("gemma2", False)])
+def test_offload_equals_recompute(tiny_model_dir, block_keepers, family, kept):
+    """Dense and MoE layers keep their block; q/k norms (Qwen3) and sandwich norms (Gemma 2) read the values a kept
+    block would skip, so those layers recompute everything. Left padding (a masked attention, not kept by
+    kept_attention) still takes the kept q/k/v. Gradients bit-equal to plain recompute either way."""
+    model = _lora(tiny_model_dir, family)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ref = _grads(model, True, ids, mask)
+    got = _grads(model, "offload", ids, mask)
+    replays = [k.replays for k in block_keepers]
+    assert replays == ([model.arch.num_layers] if kept else [0])
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
+
+
+def test_block_needs_attention_outputs_and_host_room():
+    """keep_block only joins kept attention outputs, and only when the host budget holds the block beside every
+    layer's input (which are saved later, from the same budget)."""
+    store = LayerInputOffloader(torch.device("cpu"), offload=False)
+    assert not store.keep_block(4, 10, 30)  # no kept attention outputs
+    store = LayerInputOffloader(torch.device("cpu"), offload=False)
+    store.side, store.host_left = object(), 4 * (10 + 20 + 30) - 1  # as if offloading on a GPU
+    assert store.keep_attention(4, 10, 20)
+    assert not store.keep_block(4, 10, 30)  # one byte short
+    store = LayerInputOffloader(torch.device("cpu"), offload=False)
+    store.side, store.host_left = object(), 4 * (10 + 20 + 30)
+    assert store.keep_attention(4, 10, 20) and store.keep_block(4, 10, 30)
+    assert store.host_left == 4 * 10  # what is left is the layer inputs' share
