@@ -56,14 +56,18 @@ def test_lora_grads_equal_peft_on_gpu_fp32(mode, tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_offload_reuses_forward_attention_on_gpu(dtype, tiny_model_dir, monkeypatch):
     """On the card the recompute answers each layer's fused 16-bit SDPA call (cuDNN or flash) from the kept forward
-    results: one replay per layer, gradients equal to on-device recompute. (fp32 SDPA on CUDA takes another kernel
+    results, and the attention block's projections from the kept q/k/v and residual: one replay of each per layer,
+    gradients equal to on-device recompute. (fp32 SDPA on CUDA takes another kernel
     without grad than with it, so there the recompute runs it again: tested equal by the offload case above.)"""
-    from fasttune.models import kept_attention
+    from fasttune.models import kept_attention, kept_block
 
-    made = []
+    made, blocks = [], []
     init = kept_attention.AttentionKeeper.__init__
     monkeypatch.setattr(kept_attention.AttentionKeeper, "__init__", lambda self, store: (init(self, store),
                                                                                       made.append(self))[0])
+    init_block = kept_block.BlockKeeper.__init__  # q/k/v and the residual kept too (side-stream copies)
+    monkeypatch.setattr(kept_block.BlockKeeper, "__init__", lambda self, store: (init_block(self, store),
+                                                                              blocks.append(self))[0])
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=dtype, device="cuda")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
     model.train()
@@ -76,5 +80,6 @@ def test_offload_reuses_forward_attention_on_gpu(dtype, tiny_model_dir, monkeypa
         model(ids, attention_mask=mask, labels=labels).loss.backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
     assert [k.replays for k in made] == [model.arch.num_layers]
+    assert [k.replays for k in blocks] == [model.arch.num_layers]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
