@@ -92,3 +92,30 @@ def test_block_needs_attention_outputs_and_host_room():
     store.side, store.host_left = object(), 4 * (10 + 20 + 30)
     assert store.keep_attention(4, 10, 20) and store.keep_block(4, 10, 30)
     assert store.host_left == 4 * 10  # what is left is the layer inputs' share
+
+
+def test_block_kept_only_where_its_copies_hide_under_the_arithmetic():
+    """The measured case: Llama-3.1-8B's shape at 2,048 tokens a row became copy-bound with the block kept, at
+    32,768 it gained; an MoE layer counts its top-k experts' arithmetic."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    from fasttune.models.config import ModelConfig
+    from fasttune.models.kept_block import block_pays
+
+    llama = ModelConfig.from_hf(LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                            num_attention_heads=32, num_key_value_heads=8))
+    assert not block_pays(llama, 2048, 2) and block_pays(llama, 32768, 2)
+    mixtral = ModelConfig.from_hf(MixtralConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                                num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2))
+    assert block_pays(mixtral, 2048, 2)  # two experts' MLPs a token: twice the dense arithmetic
+
+
+def test_host_pool_reuses_a_buffer_among_other_sizes():
+    """A pooled buffer is found among idle ones of other sizes (list.remove compared tensors elementwise)."""
+    from fasttune.models.offload import _HostPool
+
+    pool = _HostPool()
+    big, fit = torch.empty(100, dtype=torch.uint8), torch.empty(50, dtype=torch.uint8)
+    pool.idle = [big, fit]
+    assert pool.get(48) is fit
+    assert len(pool.idle) == 1 and pool.idle[0] is big

@@ -27,6 +27,7 @@ from fasttune.kernels.token_logprobs import token_logprobs
 from fasttune.models.config import ModelConfig
 # KVCache and CausalLMOutput live in their own modules (generate.py and fallback.py use them without the
 # decoder); imported under these names here, as before.
+from fasttune.models.kept_block import block_pays
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
                                    segments_from_boundaries)
@@ -397,8 +398,10 @@ class DecoderModel(nn.Module):
             b, t, _ = x.shape
             arch, size = self.arch, x.element_size()
             layers, per_input = arch.num_layers, x.numel() * size
-            if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.head_dim * size):
+            if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.head_dim * size) and \
+                    (store.side is None or block_pays(arch, t, size)):
                 # and q/k/v with the post-attention residual: the recompute skips the attention block's projections
+                # (on a CPU always: no copies, and the tests take this path)
                 qkv = b * t * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * size
                 store.keep_block(layers, per_input, qkv + per_input)
         return store, torch.empty(0, device=x.device, requires_grad=True)

@@ -18,6 +18,25 @@ from __future__ import annotations
 
 import torch
 
+# GPU arithmetic per byte over the host link: ~700 TFLOP/s of bf16 GEMMs over ~50 GB/s of pinned PCIe 5 copies (an
+# H200; an A100 over PCIe 4 is alike). Measured: on the 8B shape at 2 x 2048 tokens, keeping the block (144 MiB of
+# copies a layer) took the forward pass from compute-bound to copy-bound, 12,412 -> 12,068 tokens/s; at 32,768 tokens
+# the attention's arithmetic hides the copies, 7,745 -> 8,111.
+FLOP_PER_HOST_BYTE = 14_000
+
+
+def block_pays(arch, seq_len: int, element_size: int) -> bool:
+    """Whether keeping the attention block is worth its copies for `arch` (a ModelConfig) at `seq_len` tokens a row:
+    a layer's forward arithmetic per token (its projections and MLP, top-k experts for MoE layers, and causal
+    attention over seq_len / 2 keys on average) must cover copying everything "offload" keeps per token (the
+    layer input, the attention output, q/k/v and the residual) at FLOP_PER_HOST_BYTE."""
+    h, q, kv = arch.hidden_size, arch.num_heads * arch.head_dim, arch.num_kv_heads * arch.head_dim
+    mlp = 3 * h * (arch.moe_intermediate_size * arch.num_experts_per_tok if any(arch.moe_layers) else
+                   arch.intermediate_size)
+    flops = 2 * (h * (2 * q + 2 * kv) + mlp) + 2 * seq_len * q  # per token: 2 per weight; QK^T and PV, causal
+    kept = (3 * h + 2 * q + 2 * kv) * element_size  # input, residual, attention output, q, k, v
+    return flops >= kept * FLOP_PER_HOST_BYTE
+
 
 class _Substitute(torch.autograd.Function):
     """value in the place of the sum of `parts` (or of the one part): forward returns value, backward gives each part

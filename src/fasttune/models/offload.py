@@ -57,11 +57,10 @@ class _HostPool:
         self.registered: set[int] = set()
 
     def get(self, nbytes: int) -> torch.Tensor:
-        fits = [b for b in self.idle if nbytes <= b.numel() <= nbytes * 5 // 4]
+        # By position, not list.remove: that compares tensors with ==, elementwise (an error between sizes).
+        fits = [i for i, b in enumerate(self.idle) if nbytes <= b.numel() <= nbytes * 5 // 4]
         if fits:
-            buf = min(fits, key=torch.Tensor.numel)
-            self.idle.remove(buf)
-            return buf
+            return self.idle.pop(min(fits, key=lambda i: self.idle[i].numel()))
         self.release_idle()  # other sizes (another sequence length): give their pages back first
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
