@@ -76,6 +76,7 @@ def test_experts_equal_the_loop_with_lora(monkeypatch, method, kernels, bias_gra
 
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     fused = []
+    monkeypatch.setattr(moe, "EAGER_FUSED_MIN_WORK", 0)  # the fused path at a tiny size (see test_moe's policy test)
     monkeypatch.setattr(moe, "expert_lora_linear", lambda *a, **k: fused.append(1) or expert_lora_linear(*a, **k))
     torch.manual_seed(0)
     n, h, i, e, k, r = 29, 64, 32, 5, 2, 4
@@ -213,6 +214,7 @@ def test_lora_grads_and_aux_loss_equal_peft(monkeypatch, kernels, folder, tmp_pa
     if kernels == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    monkeypatch.setattr("fasttune.models.moe.EAGER_FUSED_MIN_WORK", 0)  # the fused path at a tiny size
     ours, _ = FastLanguageModel.from_pretrained(str(folder))
     ours.config.output_router_logits, ours.config.router_aux_loss_coef = True, 0.3
     ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False)

@@ -1,6 +1,8 @@
 """Sparse MoE (Qwen3-MoE, Mixtral): grouped expert GEMMs (with and without LoRA) against the loop, routing and the
 load-balancing loss against transformers, logits, LoRA gradients (attention, experts, router) and short loss curves
 against transformers(+PEFT), merged and adapter round trips."""
+import contextlib
+
 import pytest
 import torch
 from peft_oracle import peft_grads, peft_twin, randomize_lora_b, reference_sft_losses
@@ -65,6 +67,7 @@ def test_grouped_expert_lora_equals_the_loop_on_merged_weights(monkeypatch, meth
 
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     fused = []
+    monkeypatch.setattr(moe, "EAGER_FUSED_MIN_WORK", 0)  # the fused path at a tiny size (see test_moe's policy test)
     monkeypatch.setattr(moe, "expert_lora_linear", lambda *a, **k: fused.append(1) or expert_lora_linear(*a, **k))
     torch.manual_seed(0)
     n, h, i, e, k, r = 29, 64, 32, 5, 2, 4
@@ -90,6 +93,46 @@ def test_grouped_expert_lora_equals_the_loop_on_merged_weights(monkeypatch, meth
         # the two sides sum in different orders: to 1e-6 of each tensor's largest entry
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6 * w.abs().max().item(), msg=name)
     assert len(fused) == (2 if use_triton(x) else 0)  # a GPU machine runs these CPU tensors on torch's path
+
+
+def test_fused_expert_lora_only_where_its_launches_pay(monkeypatch):
+    """Eager steps take the fused expert LoRA only from EAGER_FUSED_MIN_WORK up (measured: Qwen3-30B-A3B's
+    projections are host-bound with it, gpt-oss-20b's gain); a step that a CUDA graph captures or warms up for
+    (replayed_launches) takes it at any size; both paths give the same result."""
+    pytest.importorskip("triton")
+    from fasttune.kernels.dispatch import replayed_launches
+    from fasttune.models import moe
+
+    def pays(rows, k_in, n_out):
+        return moe._fused_pays(torch.empty(rows, k_in, device="meta"), (None, torch.empty(1, 4, n_out, device="meta")))
+
+    tokens = 2 * 2048
+    assert not pays(tokens * 8, 2048, 2 * 768) and not pays(tokens * 8, 768, 2048)  # Qwen3-30B-A3B, top-8
+    assert pays(tokens * 4, 2880, 2 * 2880) and pays(tokens * 4, 2880, 2880)  # gpt-oss-20b, top-4
+    with replayed_launches():
+        assert pays(1, 1, 1)
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    fused = []
+    monkeypatch.setattr(moe, "expert_lora_linear", lambda *a, **k: fused.append(1) or expert_lora_linear(*a, **k))
+    torch.manual_seed(1)
+    n, h, i, e = 9, 32, 16, 3
+    x = torch.randn(n, h)
+    gate_up, down = torch.randn(e, 2 * i, h) * 0.1, torch.randn(e, h, i) * 0.1
+    weights, experts = route(torch.randn(n, e), 2, norm_topk_prob=True)
+    adapters = {"gate_up_proj": ExpertLora(gate_up, 2, 0.5), "down_proj": ExpertLora(down, 2, 2.0)}
+    for a in adapters.values():
+        a.reset_parameters()
+        torch.nn.init.normal_(a.lora_B, std=0.1)
+    outs, counts = [], []
+    for replayed in (False, True):
+        fused.clear()
+        with replayed_launches() if replayed else contextlib.nullcontext():
+            outs.append(experts_forward(x, weights, experts, gate_up, down, "silu", method="grouped_mm",
+                                        lora={name: a.factors(x.dtype) for name, a in adapters.items()}))
+        counts.append(len(fused))
+    assert counts == [0, 2]
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("family,norm", [("mixtral", True), ("qwen3_moe", True), ("qwen3_moe", False)])
@@ -157,6 +200,7 @@ def test_aux_loss_and_lora_grads_equal_peft(monkeypatch, family, kernels, tiny_m
     if kernels == "triton":
         pytest.importorskip("triton")
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    monkeypatch.setattr("fasttune.models.moe.EAGER_FUSED_MIN_WORK", 0)  # the fused path at a tiny size
     folder = tiny_model_dir(family, output_router_logits=True, router_aux_loss_coef=0.3)
     ours, _ = FastLanguageModel.from_pretrained(str(folder))
     ours = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False,

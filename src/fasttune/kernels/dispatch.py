@@ -5,6 +5,7 @@ there, so kernels compute in fp32 internally and bf16 is tested on the GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -32,6 +33,27 @@ def use_triton(x: torch.Tensor) -> bool:
     if choice == "triton":
         return x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     return x.is_cuda
+
+
+_REPLAYED = [0]  # depth of replayed_launches() blocks
+
+
+@contextlib.contextmanager
+def replayed_launches():
+    """Marks a step that a CUDA graph captures or warms up for (train/cuda_graphs.py): its kernel launches cost the
+    host once, at capture, so paths of more, fused launches are taken even where eager steps would be host-bound."""
+    _REPLAYED[0] += 1
+    try:
+        yield
+    finally:
+        _REPLAYED[0] -= 1
+
+
+def launches_replayed() -> bool:
+    """True inside replayed_launches() or while the current CUDA stream is capturing a graph."""
+    if _REPLAYED[0]:
+        return True
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
 
 
 def next_pow2(n: int) -> int:

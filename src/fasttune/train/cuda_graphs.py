@@ -28,6 +28,7 @@ import torch
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError
+from fasttune.kernels.dispatch import replayed_launches
 
 MAX_GRAPHS = 8  # shapes captured at most; later new shapes run eagerly (each graph holds its own kernel list)
 
@@ -153,8 +154,9 @@ class CudaGraphStep:
         slot.num_items.fill_(float(num_items))
 
     def _forward_backward(self, slot: _Captured) -> torch.Tensor:
-        out = self.model(input_ids=slot.ids, labels=slot.labels, num_items_in_batch=slot.num_items)
-        out.loss.backward()
+        with replayed_launches():  # the warm-up takes the paths the capture will (their kernels compile here)
+            out = self.model(input_ids=slot.ids, labels=slot.labels, num_items_in_batch=slot.num_items)
+            out.loss.backward()
         return out.loss_sum.detach()
 
     def _bind_grads(self):
