@@ -20,6 +20,22 @@ def _cpu_unless_a_gpu_test(request, monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
 
 
+@pytest.fixture
+def instances_of(monkeypatch):
+    """instances_of(cls) -> a list that collects every cls made during the test (a spy on cls.__init__)."""
+    def spy(cls):
+        made, init = [], cls.__init__
+
+        def record(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            made.append(self)
+
+        monkeypatch.setattr(cls, "__init__", record)
+        return made
+
+    return spy
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     """Byte-level tokenizer (259 ids) with a ChatML template; see tests/tiny_tokenizer.py."""

@@ -38,19 +38,11 @@ def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode, kernels, mon
 
 
 @pytest.fixture
-def keepers(monkeypatch):
+def keepers(instances_of):
     """The AttentionKeepers made during a test (each forward pass with "offload" makes one)."""
-    from fasttune.models import kept_attention
+    from fasttune.models.kept_attention import AttentionKeeper
 
-    made = []
-    init = kept_attention.AttentionKeeper.__init__
-
-    def spy(self, store):
-        init(self, store)
-        made.append(self)
-
-    monkeypatch.setattr(kept_attention.AttentionKeeper, "__init__", spy)
-    return made
+    return instances_of(AttentionKeeper)
 
 
 @pytest.mark.parametrize("left_pad", [False, True])

@@ -9,19 +9,11 @@ from fasttune.models.offload import LayerInputOffloader
 
 
 @pytest.fixture
-def block_keepers(monkeypatch):
+def block_keepers(instances_of):
     """The BlockKeepers made during a test (one per forward pass that keeps the block)."""
-    from fasttune.models import kept_block
+    from fasttune.models.kept_block import BlockKeeper
 
-    made = []
-    init = kept_block.BlockKeeper.__init__
-
-    def spy(self, store):
-        init(self, store)
-        made.append(self)
-
-    monkeypatch.setattr(kept_block.BlockKeeper, "__init__", spy)
-    return made
+    return instances_of(BlockKeeper)
 
 
 def _grads(model, mode, ids, mask=None):
