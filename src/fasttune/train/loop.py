@@ -32,6 +32,8 @@ from tqdm.auto import tqdm
 from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
 from fasttune.wording import plural
+from fasttune.train.callbacks import CallbackMethods, TrainerCallbacks
+from fasttune.train.host_reads import host_values
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
 from fasttune.train.memory_report import PhaseMemory
@@ -78,14 +80,15 @@ class _Run:
     memory: object = None
 
 
-class Trainer:
+class Trainer(CallbackMethods):
     """The training loop shared by every objective (see the module docstring for its hooks). model: a fasttune
     model (or the transformers fallback); tokenizer / processing_class; train_dataset (required) and eval_dataset:
-    rows as `prepare` takes them; args: the objective's config (config_cls() when None). Raises ConfigError for
-    unknown keyword arguments, a missing train_dataset, FSDP settings that do not fit, or data that does not fit."""
+    rows as `prepare` takes them; args: the objective's config (config_cls() when None); callbacks: transformers
+    TrainerCallbacks (train/callbacks.py). Raises ConfigError for unknown keyword arguments, a missing
+    train_dataset, FSDP settings that do not fit, callbacks it cannot honour, or data that does not fit."""
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
-                 processing_class=None, peft_config=None, **kwargs):
+                 processing_class=None, peft_config=None, callbacks=None, **kwargs):
         if kwargs:
             raise ConfigError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}.")
         self.args = args if args is not None else config_cls()
@@ -111,6 +114,8 @@ class Trainer:
         self.eval_examples = self.prepare(eval_dataset) if eval_dataset is not None else None
         self._check_ids_fit_model()
         self.pad_id = self._pad_id()
+        self.callbacks = TrainerCallbacks(self, callbacks)
+        self.callbacks.fire("on_init_end")
 
     # --- objective hooks -------------------------------------------------------------------------------------
     supports_packing: bool = True
@@ -267,10 +272,13 @@ class Trainer:
         checkpoint; the metrics then hold `interrupted` and `checkpoint`. Raises ConfigError for a resume that
         does not fit, NonFiniteLossError after max_nonfinite_steps bad steps in a row."""
         run = self._start_run(resume_from_checkpoint)
+        self.callbacks.train_begin(run)
         try:
             with GracefulStop() as stop:
-                while run.step < run.total and not self.dist.any(bool(stop.requested)):
+                while run.step < run.total and not self.dist.any(bool(stop.requested)) and \
+                        not self.callbacks.should_stop():
                     run.epoch, run.micro, full_group = next(run.batches)
+                    self.callbacks.step_begin(run)
                     if self._train_step(run, full_group):
                         self._after_step(run)
                 if run.step < run.total and self.dist.any(bool(stop.requested)):
@@ -357,11 +365,13 @@ class Trainer:
                     f"the data.")
             return False
         run.bad_in_row = 0
+        self.callbacks.fire("on_pre_optimizer_step")
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
         else:
             optimizer.step()
+        self.callbacks.fire("on_optimizer_step")
         run.scheduler.step()
         # cuda_graphs: the graphs accumulate into these very tensors; zeroing in place keeps them attached
         optimizer.zero_grad(set_to_none=getattr(self, "_graph_step", None) is None)
@@ -373,22 +383,25 @@ class Trainer:
         return True
 
     def _after_step(self, run: "_Run"):
-        """Progress bar, then the log entry, eval and checkpoint that fall on this step."""
+        """Progress bar, on_step_end, then the log entry, eval and checkpoint that fall on this step (by the
+        *_steps settings, or asked for by a callback's control)."""
         args, step = self.args, run.step
         elapsed = time.perf_counter() - run.t0
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{run.tokens_done / max(elapsed, 1e-9):,.0f}")
-        if step % args.logging_steps == 0 or step == run.total:
+        control = self.callbacks.step_end(run)
+        if step % args.logging_steps == 0 or step == run.total or control.should_log:
             n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
             self._log({"step": step, "epoch": round(run.epoch + run.micro / n_micro, 4),
                        "loss": sum(run.window) / len(run.window), "learning_rate": run.lr,
                        "grad_norm": run.grad_norm, "tokens_per_second": run.tokens_done / max(elapsed, 1e-9),
                        **self.log_metrics(), **run.memory.report()}, run.out_dir / LOG_FILE)
             run.window = []
-        if self.eval_examples is not None and args.eval_steps and step % args.eval_steps == 0:
+        if self.eval_examples is not None and (args.eval_steps and step % args.eval_steps == 0 or
+                                               control.should_evaluate):
             run.evaluated = (step, self.evaluate())
             self._log({"step": step, **run.evaluated[1]}, run.out_dir / LOG_FILE)
-        if args.save_steps and (step % args.save_steps == 0 or step == run.total):
+        if args.save_steps and (step % args.save_steps == 0 or step == run.total) or control.should_save:
             run.saved = self._save(run)  # the last step too, on a multiple or not, as transformers saves it
 
     def _save(self, run: "_Run") -> Path:
@@ -400,6 +413,7 @@ class Trainer:
             path = save_checkpoint(run.out_dir, run.step, self.model, run.optimizer, run.scheduler, run.scaler,
                                    state, self.args.save_total_limit, write=self.dist.is_main)
         self.dist.barrier()
+        self.callbacks.fire("on_save")
         return path
 
     def _finish_run(self, run: "_Run", stopped_by) -> dict:
@@ -423,6 +437,7 @@ class Trainer:
             metrics.update(run.evaluated[1])
         if self._reporters is not None:
             self._reporters.close()
+        self.callbacks.train_end(run, stopped_early=step < total and not stopped_by)
         self.model.eval()
         return metrics
 
@@ -536,6 +551,7 @@ class Trainer:
 
     def _log(self, entry: dict, path: Path):
         self.log_history.append(entry)
+        self.callbacks.fire("on_log", logs=dict(entry))  # a copy: callbacks may pop keys (PrinterCallback does)
         if not self.dist.is_main:
             return  # every rank keeps log_history; only rank 0 writes
         if getattr(self, "_reporters", None) is not None:
@@ -562,27 +578,9 @@ class Trainer:
             part, n = self.eval_batch_loss(self.to_device(self.collate_batch(self.eval_examples[i:i + bs])))
             total, count = total + part, count + n
         self.model.train(was_training)
-        return {"eval_loss": total / max(1, count), **self.eval_metrics()}
-
-
-def host_values(values: list) -> list[float]:
-    """`values` (numbers and tensors of one element) as Python floats, each exactly float(value); the tensors of
-    each device are copied to the host together. Every read of a GPU tensor waits for all the kernels queued before
-    it, so the trainer reads through here at most once per optimizer step, never once per micro-batch."""
-    by_device: dict = {}
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            by_device.setdefault(v.device, []).append(v.detach().reshape(()).to(torch.float64))
-    read = {dev: iter(torch.stack(ts).tolist()) for dev, ts in by_device.items()}
-    return [next(read[v.device]) if isinstance(v, torch.Tensor) else float(v) for v in values]
-
-
-def add_exact(total, value):
-    """total + value in float64, bit for bit what adding them as Python floats gives, without reading a tensor:
-    a tensor value keeps the running total on its device (for the metric sums objectives keep per micro-batch)."""
-    if isinstance(value, torch.Tensor):
-        return total + value.detach().to(torch.float64)
-    return total + float(value)
+        metrics = {"eval_loss": total / max(1, count), **self.eval_metrics()}
+        self.callbacks.fire("on_evaluate", metrics=metrics)
+        return metrics
 
 
 def _seed_everything(seed: int):

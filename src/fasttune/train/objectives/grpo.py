@@ -19,7 +19,8 @@ from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
-from fasttune.train.loop import Trainer, add_exact, host_values
+from fasttune.train.host_reads import add_exact, host_values
+from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss

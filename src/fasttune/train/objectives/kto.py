@@ -15,7 +15,7 @@ import torch
 from fasttune.data.preference import collate_unpaired, pad_sequences, tokenize_unpaired_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
-from fasttune.train.loop import host_values
+from fasttune.train.host_reads import host_values
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer, with_score_positions
 from fasttune.train.objectives.reference import reference_policy

@@ -14,7 +14,8 @@ import torch
 from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
-from fasttune.train.loop import Trainer, add_exact, host_values
+from fasttune.train.host_reads import add_exact, host_values
+from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, score_positions
 
