@@ -37,7 +37,7 @@ from fasttune.train.host_reads import host_values
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
 from fasttune.train.memory_report import PhaseMemory
-from fasttune.train.optim import build_optimizer, build_scheduler
+from fasttune.train.optim import build_optimizer, build_scheduler, given_optimizers
 from fasttune.train.reporters import open_reporters
 from fasttune.train.distributed import Dist
 from fasttune.train.fsdp import check_fsdp, full_tensor, is_sharded, shard_model
@@ -84,11 +84,11 @@ class Trainer(CallbackMethods):
     """The training loop shared by every objective (see the module docstring for its hooks). model: a fasttune
     model (or the transformers fallback); tokenizer / processing_class; train_dataset (required) and eval_dataset:
     rows as `prepare` takes them; args: the objective's config (config_cls() when None); callbacks: transformers
-    TrainerCallbacks (train/callbacks.py). Raises ConfigError for unknown keyword arguments, a missing
+    TrainerCallbacks (train/callbacks.py); optimizers: transformers' (optimizer, lr_scheduler), either None. Raises ConfigError for unknown keyword arguments, a missing
     train_dataset, FSDP settings that do not fit, callbacks it cannot honour, or data that does not fit."""
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
-                 processing_class=None, peft_config=None, callbacks=None, **kwargs):
+                 processing_class=None, peft_config=None, callbacks=None, optimizers=None, **kwargs):
         if kwargs:
             raise ConfigError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}.")
         self.args = args if args is not None else config_cls()
@@ -114,6 +114,7 @@ class Trainer(CallbackMethods):
         self.eval_examples = self.prepare(eval_dataset) if eval_dataset is not None else None
         self._check_ids_fit_model()
         self.pad_id = self._pad_id()
+        self._given_optimizers = given_optimizers(optimizers, self.model, self.args)  # transformers' (opt, sched)
         self.callbacks = TrainerCallbacks(self, callbacks)
         self.callbacks.fire("on_init_end")
 
@@ -299,12 +300,12 @@ class Trainer(CallbackMethods):
             shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
         self._resolve_auto_checkpointing()
         self._graph_step = self._cuda_graph_step() if args.cuda_graphs else None
-        optimizer = self.optimizer = build_optimizer(model, args)
+        optimizer = self.optimizer = self._given_optimizers[0] or build_optimizer(model, args)
         total = self.total_steps()
         # fp16 activations underflow without loss scaling; bf16 and fp32 need none.
         scaler = torch.amp.GradScaler(model.device.type) if model.dtype == torch.float16 else None
         run = _Run(out_dir=out_dir, total=total, optimizer=optimizer, scaler=scaler,
-                   scheduler=build_scheduler(optimizer, args, total),
+                   scheduler=self._given_optimizers[1] or build_scheduler(optimizer, args, total),
                    schedule=schedule_settings(args, total, self.dist.world))
         ckpt = resolve_resume(resume_from_checkpoint, out_dir)
         if self.dist.is_main:

@@ -92,3 +92,36 @@ def build_scheduler(optimizer, cfg, total_steps: int):
     """A LambdaLR over `optimizer` with cfg.lr_scheduler_type and its warmup (see warmup_count, lr_lambda)."""
     warmup = warmup_count(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
+
+
+def given_optimizers(optimizers, model: torch.nn.Module, cfg) -> tuple:
+    """transformers' `optimizers=(optimizer, lr_scheduler)` checked: (a torch Optimizer or None, a scheduler with
+    step() / state_dict() or None); None parts are built from the config when training starts (a given optimizer
+    gets cfg's schedule). Raises ConfigError for another shape, a scheduler without an optimizer, an optimizer that
+    holds none of the model's trainable parameters, or fsdp=True (the optimizer must hold the shards made later)."""
+    if optimizers is None:
+        return None, None
+    if not isinstance(optimizers, (tuple, list)) or len(optimizers) != 2:
+        raise ConfigError("optimizers takes a pair (optimizer, lr_scheduler), either of them None, as in "
+                          f"transformers' Trainer; got {type(optimizers).__name__}.")
+    optimizer, scheduler = optimizers
+    if optimizer is None and scheduler is None:
+        return None, None
+    if optimizer is None:
+        raise ConfigError("optimizers=(None, lr_scheduler): a scheduler needs the optimizer it steps; pass "
+                          "optimizers=(optimizer, lr_scheduler), or set lr_scheduler_type in the config.")
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ConfigError(f"optimizers[0] must be a torch.optim.Optimizer; got {type(optimizer).__name__}.")
+    if scheduler is not None and not (callable(getattr(scheduler, "step", None)) and
+                                      callable(getattr(scheduler, "state_dict", None))):
+        raise ConfigError(f"optimizers[1] must be a learning-rate scheduler (with step() and state_dict()); got "
+                          f"{type(scheduler).__name__}.")
+    if getattr(cfg, "fsdp", False):
+        raise ConfigError("optimizers=(...) with fsdp=True: FSDP shards the parameters when training starts, after "
+                          "your optimizer was built over the whole ones. Leave optimizers unset (the config's AdamW "
+                          "is built over the shards) or train without fsdp.")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not any(id(p) in held for p in model.parameters() if p.requires_grad):
+        raise ConfigError("optimizers[0] holds none of the model's trainable parameters: build it from "
+                          "[p for p in model.parameters() if p.requires_grad] after adding LoRA (get_peft_model).")
+    return optimizer, scheduler
