@@ -50,10 +50,9 @@ def replayed_launches():
 
 
 def launches_replayed() -> bool:
-    """True inside replayed_launches() or while the current CUDA stream is capturing a graph."""
-    if _REPLAYED[0]:
-        return True
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    """True inside replayed_launches(). (Not merely while a stream captures: a graph captured elsewhere was warmed
+    up eagerly, and its capture must take the paths, and the compiled kernels, of that warm-up.)"""
+    return _REPLAYED[0] > 0
 
 
 def next_pow2(n: int) -> int:
