@@ -51,6 +51,8 @@ def _dropout_p(layer) -> float:
 class _LoraGroupFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layers, values_unused, *params):
+        """x (..., in); layers: the LoRA layers reading x; values_unused: skip the base GEMMs (see lora_group);
+        params: (lora_A, lora_B) per layer. Returns one (..., out_i) tensor per layer in x's dtype."""
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1])
         ranks = [layer.r for layer in layers]
@@ -93,6 +95,7 @@ class _LoraGroupFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        """grads: one (..., out_i) per output -> (dx (..., in) or None, None, None, dA/dB per layer or None)."""
         x2, xa_all, a_all, *rest = ctx.saved_tensors
         n = len(ctx.layers)
         bs, saved_masks = rest[:n], iter(rest[n:])

@@ -57,6 +57,7 @@ class _HostPool:
         self.registered: set[int] = set()
 
     def get(self, nbytes: int) -> torch.Tensor:
+        """A pinned uint8 host buffer of at least `nbytes` (an idle one up to 25% larger, else a new one)."""
         # By position, not list.remove: that compares tensors with ==, elementwise (an error between sizes).
         fits = [i for i, b in enumerate(self.idle) if nbytes <= b.numel() <= nbytes * 5 // 4]
         if fits:
@@ -70,9 +71,11 @@ class _HostPool:
         return buf
 
     def put(self, buf: torch.Tensor):
+        """Return `buf` (from get) to the pool once no copy reads or writes it."""
         self.idle.append(buf)
 
     def release_idle(self):
+        """Unpin and free every idle buffer."""
         for buf in self.idle:
             if buf.data_ptr() in self.registered:
                 torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
@@ -225,6 +228,7 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, anchor, run, offloader):
+        """run(x) without a graph inside the layer; x is saved by `offloader`, with the RNG states for the replay."""
         ctx.set_materialize_grads(False)  # a second output (MoE router logits) may get no gradient
         ctx.run, ctx.offloader = run, offloader
         ctx.slot = offloader.save(x)
@@ -236,6 +240,8 @@ class _OffloadedLayer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
+        """Recompute run from the saved input and back-propagate grads (one per output, None where unused)
+        through it -> (dx or None, None, None, None)."""
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(True)
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \

@@ -48,6 +48,7 @@ class QuantExpertWeight(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the NF4 storage."""
         return self.packed.device
 
     def dequantized(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -65,4 +66,5 @@ class QuantExpertWeight(nn.Module):
         return self
 
     def extra_repr(self) -> str:
+        """Shown in print(model): the stacked shape and quant_type."""
         return f"shape={tuple(self.shape)}, quant_type=nf4"

@@ -14,7 +14,6 @@ EarlyStoppingCallback needs load_best_model_at_end, which fasttune does not impl
 """
 from __future__ import annotations
 
-import math
 import os
 import sys
 
@@ -87,10 +86,11 @@ class TrainerCallbacks:
         s, t = self.state, self.trainer
         self.run = run
         s.global_step, s.max_steps, s.num_input_tokens_seen = run.step, run.total, run.tokens_done
-        s.epoch = run.epoch + run.micro / math.ceil(len(t.train_examples) / t.args.per_device_train_batch_size)
+        s.epoch = t.epoch_progress(run)
         s.log_history = t.log_history
 
     def train_begin(self, run):
+        """on_train_begin, with should_training_stop cleared (as transformers does)."""
         self.sync(run)
         self.control.should_training_stop = False
         self.fire("on_train_begin")
@@ -114,11 +114,13 @@ class TrainerCallbacks:
         self.sync(run)
         return self.fire("on_step_end")
 
-    def should_stop(self) -> bool:
-        """Whether a callback asked to stop (any rank's callbacks: every rank then stops after the same step)."""
-        return bool(self.trainer.dist.any(bool(self.control.should_training_stop)))
+    def stop_asked(self) -> bool:
+        """Whether a callback on this rank asked to stop (the loop ORs it over the ranks with its signal check, so
+        every rank stops after the same step)."""
+        return bool(self.control.should_training_stop)
 
     def train_end(self, run, stopped_early: bool):
+        """on_epoch_end for the open epoch, then on_train_end; stopped_early (a callback's stop) is said on stderr."""
         self.sync(run)
         if self.epoch is not None:
             self.fire("on_epoch_end")

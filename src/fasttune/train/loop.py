@@ -84,8 +84,9 @@ class Trainer(CallbackMethods):
     """The training loop shared by every objective (see the module docstring for its hooks). model: a fasttune
     model (or the transformers fallback); tokenizer / processing_class; train_dataset (required) and eval_dataset:
     rows as `prepare` takes them; args: the objective's config (config_cls() when None); callbacks: transformers
-    TrainerCallbacks (train/callbacks.py); optimizers: transformers' (optimizer, lr_scheduler), either None. Raises ConfigError for unknown keyword arguments, a missing
-    train_dataset, FSDP settings that do not fit, callbacks it cannot honour, or data that does not fit."""
+    TrainerCallbacks (train/callbacks.py); optimizers: transformers' (optimizer, lr_scheduler), either None.
+    Raises ConfigError for unknown keyword arguments, a missing train_dataset, FSDP settings that do not fit,
+    callbacks or optimizers it cannot honour, or data that does not fit."""
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
                  processing_class=None, peft_config=None, callbacks=None, optimizers=None, **kwargs):
@@ -276,8 +277,8 @@ class Trainer(CallbackMethods):
         self.callbacks.train_begin(run)
         try:
             with GracefulStop() as stop:
-                while run.step < run.total and not self.dist.any(bool(stop.requested)) and \
-                        not self.callbacks.should_stop():
+                # one collective a step: a signal, or a callback's should_training_stop, on any rank
+                while run.step < run.total and not self.dist.any(bool(stop.requested) or self.callbacks.stop_asked()):
                     run.epoch, run.micro, full_group = next(run.batches)
                     self.callbacks.step_begin(run)
                     if self._train_step(run, full_group):
@@ -392,8 +393,7 @@ class Trainer(CallbackMethods):
         run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{run.tokens_done / max(elapsed, 1e-9):,.0f}")
         control = self.callbacks.step_end(run)
         if step % args.logging_steps == 0 or step == run.total or control.should_log:
-            n_micro = math.ceil(len(self.train_examples) / args.per_device_train_batch_size)
-            self._log({"step": step, "epoch": round(run.epoch + run.micro / n_micro, 4),
+            self._log({"step": step, "epoch": round(self.epoch_progress(run), 4),
                        "loss": sum(run.window) / len(run.window), "learning_rate": run.lr,
                        "grad_norm": run.grad_norm, "tokens_per_second": run.tokens_done / max(elapsed, 1e-9),
                        **self.log_metrics(), **run.memory.report()}, run.out_dir / LOG_FILE)
@@ -404,6 +404,10 @@ class Trainer(CallbackMethods):
             self._log({"step": step, **run.evaluated[1]}, run.out_dir / LOG_FILE)
         if args.save_steps and (step % args.save_steps == 0 or step == run.total) or control.should_save:
             run.saved = self._save(run)  # the last step too, on a multiple or not, as transformers saves it
+
+    def epoch_progress(self, run: "_Run") -> float:
+        """Epochs done as a float: the run's epoch plus the share of its micro-batches already trained."""
+        return run.epoch + run.micro / math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
 
     def _save(self, run: "_Run") -> Path:
         """checkpoint-<step> (see train/checkpoint.py); under FSDP every rank joins the gathers, rank 0 writes."""

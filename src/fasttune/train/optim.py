@@ -71,6 +71,7 @@ def lr_lambda(kind: str, warmup: int, total: int):
     steps (none for "constant"), then "linear" decay to 0 at `total`, half-cosine ("cosine"), or 1.0
     ("constant", "constant_with_warmup")."""
     def f(step: int) -> float:
+        """The multiplier at optimizer step `step` (0-based, as LambdaLR counts)."""
         if kind != "constant" and step < warmup:
             return step / max(1, warmup)
         if kind in ("constant", "constant_with_warmup"):
