@@ -1,7 +1,8 @@
 """NF4 dequantisation (bitsandbytes layout, see quant/nf4.py): one launch unpacks the nibbles, undoes the double
 quantisation of the block absmax and writes the weight in the compute dtype.
 
-The reference is `quant.nf4.dequantize_nf4_reference`; both compute level * absmax in fp32 and round once.
+The reference is `quant.nf4.dequantize_nf4_reference`; both compute level * absmax in fp32 with the same roundings
+(no fused multiply-add), so they agree bit for bit.
 """
 from __future__ import annotations
 
@@ -58,5 +59,8 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     _dequant_nf4[(triton.cdiv(triton.cdiv(n, bs), rows),)](
         state.packed, absmax, state.code, state.nested_absmax if nested else absmax,
         state.nested_code if nested else absmax, out, n, state.offset,
-        BLOCKSIZE=bs, NESTED_BLOCKSIZE=state.nested_blocksize, NESTED=nested, ROWS=rows)
+        BLOCKSIZE=bs, NESTED_BLOCKSIZE=state.nested_blocksize, NESTED=nested, ROWS=rows,
+        # No fused multiply-add: the nested scale is code * absmax rounded, then + offset rounded, as in
+        # bitsandbytes and the reference; an FMA moves the fp32 scale's last bit and, at bf16 ties, the weight.
+        enable_fp_fusion=False)
     return out
