@@ -13,8 +13,8 @@ from fasttune.train.cuda_graphs import CudaGraphStep
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-def _model(tiny_model_dir, family, gc, dtype=torch.float32):
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=dtype, device="cuda")
+def _model(tiny_model_dir, family, gc, dtype=torch.float32, **load):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=dtype, device="cuda", **load)
     model = FastLanguageModel.get_peft_model(model, r=8, target_modules="all-linear", use_gradient_checkpointing=gc)
     with torch.no_grad():  # B = 0 at init would leave A's gradients zero
         for name, p in model.named_parameters():
@@ -85,6 +85,30 @@ def test_graph_step_equals_eager(tiny_model_dir, family, dtype, gc):
         for p in params:
             p.grad = None
     assert step.off_reason is None and step.replays == 7 and len(step.shapes) == 1
+
+
+@pytest.mark.parametrize("gc", [False, True])
+def test_graph_step_with_host_embedding(tiny_model_dir, gc):
+    """offload_embedding: the rows are read from pinned host memory inside the graph; the replays equal eager."""
+    from fasttune.models.host_embedding import HostEmbedding
+    from fasttune import SFTConfig
+    from fasttune.train.cuda_graphs import refusal
+
+    model = _model(tiny_model_dir, "llama", gc, offload_embedding=True)
+    assert isinstance(model.model.embed_tokens, HostEmbedding) and refusal(model, SFTConfig()) is None
+    step = CudaGraphStep(model, pad_token_id=0, rows=2, length=24)
+    for seed in (0, 1):
+        batches = _batches(seed)
+        n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        want_sums = _eager(model, batches, n)
+        want = _grads(model)
+        for p in model.parameters():
+            p.grad = None
+        got_sums = [step.run(b, n) for b in batches]
+        _compare(got_sums, want_sums, _grads(model), want)
+        for p in model.parameters():
+            p.grad = None
+    assert step.off_reason is None and step.replays == 7
 
 
 def test_failed_capture_falls_back_to_eager(tiny_model_dir, monkeypatch, capsys):

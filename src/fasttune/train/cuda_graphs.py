@@ -38,6 +38,7 @@ def refusal(model, args) -> str | None:
     before training starts, after gradient_checkpointing="auto" is resolved."""
     from fasttune.models.decoder import CausalLM
     from fasttune.models.host_embedding import HostEmbedding
+    from fasttune.kernels.embedding import device_reads_host
     from fasttune.models.host_head import host_head
 
     if not isinstance(model, CausalLM):
@@ -47,8 +48,8 @@ def refusal(model, args) -> str | None:
     if mode not in (True, False):
         return (f"use_gradient_checkpointing={mode!r} copies layer inputs to the host during the step, which a "
                 f"graph cannot hold; use True (recompute on the GPU) or False")
-    if host_head(model) is not None or isinstance(model.model.embed_tokens, HostEmbedding):
-        return "offload_embedding / offload_lm_head stream weights from host memory, which a graph cannot hold"
+    if host_head(model) is not None:
+        return "offload_lm_head streams the head from host memory in tiles, which a graph cannot hold"
     if bool(getattr(model.config, "output_router_logits", False)) and model.arch.num_experts > 0:
         return ("output_router_logits=True: the router's auxiliary loss counts the real tokens through the attention "
                 "mask, which the graph does not take; set config.output_router_logits=False")
@@ -60,6 +61,11 @@ def refusal(model, args) -> str | None:
         return "packing=True needs per-document attention (variable shapes); set packing=False"
     if model.device.type != "cuda":
         return f"it needs a CUDA GPU; the model is on {model.device}"
+    # offload_embedding's rows are read from pinned host memory by a kernel, which a graph holds like any other;
+    # only a device that cannot address host memory looks them up on the host (a sync).
+    if isinstance(model.model.embed_tokens, HostEmbedding) and not device_reads_host(model.device):
+        return (f"offload_embedding on {torch.cuda.get_device_name(model.device)} looks the rows up on the host "
+                f"(the device cannot read host memory), which a graph cannot hold")
     return None
 
 
