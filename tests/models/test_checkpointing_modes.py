@@ -65,3 +65,23 @@ def test_offload_reuses_forward_attention(tiny_model_dir, keepers, left_pad):
     assert all(not k.records for k in keepers)  # every kept result was used (and released) by backward
     for n in ref:
         assert torch.equal(got[n], ref[n]), n
+
+
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_first_layer_without_trainable_parameters(tiny_model_dir, mode):
+    """The first layer's input (frozen embedding rows) needs no gradient, so its recompute computes none; with that
+    layer's adapters frozen too, nothing in its recompute needs a gradient and backward skips it, while the other
+    layers' gradients equal no checkpointing's."""
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.train()
+    randomize_lora_b(model)
+    for p in model.model.layers[0].parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    _, ref = _grads(model, False, ids, mask)
+    _, got = _grads(model, mode, ids, mask)
+    assert got.keys() == ref.keys() and not any(".layers.0." in n for n in got)
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.utils.checkpoint import checkpoint
 from transformers import GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput, MoeModelOutputWithPast
 
@@ -37,6 +36,7 @@ from fasttune.models.attention import attention
 from fasttune.models.host_head import host_head
 from fasttune.models.offload import LayerInputOffloader, kept_block, offloaded_layer, recomputing
 from fasttune.models.outputs import CausalLMOutput
+from fasttune.models.tiled_mlp import tiled_mlp
 from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
 from fasttune.peft.lora import project
 
@@ -167,10 +167,9 @@ class MLP(nn.Module):
         if x.shape[1] <= 2 * tile:
             return self._mlp(x, values_unused)
         # Long sequences: the three (tokens x intermediate) activations exist for one tile at a time; in training
-        # each tile is recomputed in backward, so only its input (a view of x) is kept.
-        if torch.is_grad_enabled():
-            return torch.cat([checkpoint(self._mlp, c, use_reentrant=False) for c in x.split(tile, dim=1)], dim=1)
-        return torch.cat([self._mlp(c) for c in x.split(tile, dim=1)], dim=1)
+        # each tile is recomputed in backward, so only x is kept (models/tiled_mlp.py).
+        trainable = any(p.requires_grad for p in self.parameters())
+        return tiled_mlp(self._mlp, x, tile, values_unused, trainable)
 
     def _mlp(self, x, values_unused: bool = False):
         pair = (self.gate_up_proj,) if self.fused else (self.gate_proj, self.up_proj)

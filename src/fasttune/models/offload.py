@@ -242,7 +242,8 @@ class _OffloadedLayer(torch.autograd.Function):
     def backward(ctx, *grads):
         """Recompute run from the saved input and back-propagate grads (one per output, None where unused)
         through it -> (dx or None, None, None, None)."""
-        x = ctx.offloader.load(ctx.slot).detach().requires_grad_(True)
+        # The first layer's input (a frozen embedding's rows) needs no gradient: its d(input) GEMMs are not run.
+        x = ctx.offloader.load(ctx.slot).detach().requires_grad_(ctx.x_requires_grad)
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
                 _layer_scope(ctx.offloader, ctx.slot, recompute=True):
@@ -252,8 +253,11 @@ class _OffloadedLayer(torch.autograd.Function):
             out = ctx.run(x)
         # LoRA grads accumulate here, as in a reentrant checkpoint. `run` may return several tensors (an MoE
         # layer's output and its router logits): each one that got a gradient is back-propagated.
-        pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads) if g is not None]
-        torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        # (An output that needs no gradient: a layer without trainable parameters whose input needs none either.)
+        pairs = [(o, g) for o, g in zip(out if isinstance(out, tuple) else (out,), grads)
+                 if g is not None and o.requires_grad]
+        if pairs:
+            torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
         return (x.grad if ctx.x_requires_grad else None), None, None, None
 
 
