@@ -38,7 +38,9 @@ class _TiledMLP(torch.autograd.Function):
         """Recompute tile by tile (down_proj's base GEMM skipped) and back-propagate grad's slice through each ->
         (dx or None, None, None, None, None)."""
         (x,) = ctx.saved_tensors
-        dx = torch.empty_like(x) if ctx.x_requires_grad else None
+        # Each tile's d(input) is kept apart and joined at the end: a whole-sequence buffer made up front would sit
+        # beside every tile's activations (the peak), the joined one only beside the tile gradients.
+        dxs = []
         devices = [x.device] if x.is_cuda else []
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.set_rng_state(ctx.cpu_rng)
@@ -49,9 +51,10 @@ class _TiledMLP(torch.autograd.Function):
                 out = ctx.mlp(part, values_unused=True)
                 if out.requires_grad:
                     torch.autograd.backward(out, grad[:, start:start + ctx.tile])
-                if dx is not None:
-                    dx[:, start:start + ctx.tile] = part.grad if part.grad is not None else 0
-        return dx, None, None, None, None
+                if ctx.x_requires_grad:
+                    dxs.append(part.grad if part.grad is not None else torch.zeros_like(part))
+                del part, out  # the tile's graph and activations go before the next tile's are made
+        return (torch.cat(dxs, dim=1) if dxs else None), None, None, None, None
 
 
 def tiled_mlp(mlp, x: torch.Tensor, tile: int, values_unused: bool, trainable: bool) -> torch.Tensor:
