@@ -40,7 +40,7 @@ def build_sharded(shape: str, device: str, r: int = 16):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
     from fasttune.train.distributed import Dist
     from fasttune.train.fsdp import shard_model
 

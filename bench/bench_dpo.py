@@ -88,7 +88,7 @@ def build_ours(shape: str, gc: str, r: int, device: str, dtype):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
 
     torch.set_default_dtype(dtype)  # build in the training dtype directly: no fp32 copy of the weights on the card
     with torch.device(device):

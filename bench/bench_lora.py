@@ -108,7 +108,7 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
 
     torch.set_default_dtype(torch.bfloat16)  # build in bf16 directly: no fp32 copy of the weights on the card
     with torch.device("cuda"):

@@ -29,7 +29,7 @@ def build(shape: str, device: str):
     import torch
 
     from fasttune.api import FastLanguageModel
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
 
     cfg = hf_config(shape) if shape != "tiny" else None
     if cfg is None:

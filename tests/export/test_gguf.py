@@ -295,7 +295,7 @@ def test_moe_export_holds_the_merged_experts_and_loads_back(family, bpe, tmp_pat
     gate and up; the file loads onto our MoE decoder (not the transformers fallback) with our LoRA model's logits."""
     import gguf
 
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
     from fasttune.peft.lora import expert_lora_layers
 
     model, tok = _tiny_moe_lora_model(family, tmp_path / "m", bpe)

@@ -114,10 +114,10 @@ def test_graph_step_with_host_embedding(tiny_model_dir, gc):
 def test_failed_capture_falls_back_to_eager(tiny_model_dir, monkeypatch, capsys):
     """An op that cannot be captured (here the cross-entropy's row compaction, a host sync) turns graphs off for
     the run; the batch still trains, with the eager result."""
-    import fasttune.models.decoder as decoder
+    import fasttune.models.causal_lm as causal_lm
 
-    real = decoder.chunked_linear_cross_entropy
-    monkeypatch.setattr(decoder, "chunked_linear_cross_entropy", lambda *a, **k: real(*a, **k, compact=True))
+    real = causal_lm.chunked_linear_cross_entropy
+    monkeypatch.setattr(causal_lm, "chunked_linear_cross_entropy", lambda *a, **k: real(*a, **k, compact=True))
     model = _model(tiny_model_dir, "llama", False)
     batches = _batches(0)
     n = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)

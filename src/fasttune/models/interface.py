@@ -1,4 +1,4 @@
-"""The interface every fasttune model implements: our decoder (models/decoder.py `CausalLM`) and the
+"""The interface every fasttune model implements: our decoder (models/causal_lm.py `CausalLM`) and the
 transformers+PEFT fallback (models/fallback.py `FallbackModel`). The trainers, objectives, exporters and CLI use
 these members and nothing else, so either model serves every path.
 

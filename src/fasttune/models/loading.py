@@ -16,7 +16,7 @@ from fasttune.errors import ModelLoadError
 from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, read_json,
                                    torch_load)
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
-from fasttune.models.decoder import CausalLM
+from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
 from fasttune.quant.mxfp4 import mxfp4_tensors

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ConfigError
-from fasttune.models.decoder import CausalLM
+from fasttune.models.causal_lm import CausalLM
 
 
 @dataclass(frozen=True)

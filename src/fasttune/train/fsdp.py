@@ -21,7 +21,7 @@ def check_fsdp(model, args, world: int, trainer_name: str):
     """ConfigError for combinations that cannot run sharded; called when the trainer is built."""
     if not getattr(args, "fsdp", False):
         return
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
 
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "

@@ -225,7 +225,7 @@ class Trainer(CallbackMethods):
         if not self.supports_packing:
             raise ConfigError(self.packing_refusal.format(method=getattr(self, "method", type(self).__name__)))
         from fasttune.data.packing import pack_examples
-        from fasttune.models.decoder import CausalLM
+        from fasttune.models.causal_lm import CausalLM
 
         if not isinstance(self.model, CausalLM):
             raise ConfigError("packing=True needs fasttune's own decoder (its attention keeps packed documents "

@@ -49,7 +49,7 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     only inside model(...)) and on the transformers fallback the logits come from model(...), as transformers
     computes them.
     """
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
     from fasttune.train.fsdp import is_sharded
 
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
@@ -69,7 +69,7 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
 @contextmanager
 def adapters_disabled(model):
     """The reference policy: the model with its LoRA adapters switched off."""
-    from fasttune.models.decoder import CausalLM
+    from fasttune.models.causal_lm import CausalLM
 
     if isinstance(model, CausalLM):
         from fasttune.peft.lora import set_adapters_enabled

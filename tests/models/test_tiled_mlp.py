@@ -1,4 +1,4 @@
-"""Long-sequence paths: the tiled MLP gives the same logits and LoRA gradients as the one-shot MLP."""
+"""models/tiled_mlp.py: the tiled MLP gives the one-shot MLP's logits and LoRA gradients, and its recompute skips what is unused."""
 import pytest
 import torch
 from peft_oracle import randomize_lora_b
