@@ -222,6 +222,23 @@ class LayerInputOffloader:
         return slot["dev"]
 
 
+def rng_states(device: torch.device) -> tuple:
+    """(CPU state, CUDA state of `device` or None): what a recompute restores so that dropout (LoRA's) draws the
+    forward pass's masks again."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+@contextlib.contextmanager
+def replayed_rng(states: tuple, device: torch.device):
+    """Run the block with the random states `states` (from rng_states) and put the current ones back after."""
+    cpu, cuda = states
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.set_rng_state(cpu)
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda, device)
+        yield
+
+
 class _OffloadedLayer(torch.autograd.Function):
     """run(x) with x offloaded; `anchor` (an empty tensor that requires grad) makes the output part of the graph
     even when x does not require grad (the first layer's input comes from a frozen embedding)."""
@@ -233,8 +250,7 @@ class _OffloadedLayer(torch.autograd.Function):
         ctx.run, ctx.offloader = run, offloader
         ctx.slot = offloader.save(x)
         ctx.x_requires_grad = x.requires_grad
-        ctx.cpu_rng = torch.get_rng_state()  # dropout in LoRA must draw the same masks in the recompute
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.rng = rng_states(x.device)  # dropout in LoRA must draw the same masks in the recompute
         with torch.no_grad(), _layer_scope(offloader, ctx.slot, recompute=False):
             return run(x)
 
@@ -244,12 +260,8 @@ class _OffloadedLayer(torch.autograd.Function):
         through it -> (dx or None, None, None, None)."""
         # The first layer's input (a frozen embedding's rows) needs no gradient: its d(input) GEMMs are not run.
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(ctx.x_requires_grad)
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
+        with replayed_rng(ctx.rng, x.device), torch.enable_grad(), \
                 _layer_scope(ctx.offloader, ctx.slot, recompute=True):
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
             out = ctx.run(x)
         # LoRA grads accumulate here, as in a reentrant checkpoint. `run` may return several tensors (an MoE
         # layer's output and its router logits): each one that got a gradient is back-propagated.

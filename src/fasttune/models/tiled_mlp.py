@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from fasttune.models.offload import replayed_rng, rng_states
+
 
 class _TiledMLP(torch.autograd.Function):
     """mlp over x in sequence tiles; backward recomputes each tile and back-propagates into x and the parameters
@@ -26,8 +28,7 @@ class _TiledMLP(torch.autograd.Function):
         returned value is a zero placeholder (its graph is all that is used)."""
         ctx.mlp, ctx.tile, ctx.x_requires_grad = mlp, tile, x.requires_grad
         ctx.save_for_backward(x)
-        ctx.cpu_rng = torch.get_rng_state()
-        ctx.cuda_rng = torch.cuda.get_rng_state(x.device) if x.is_cuda else None
+        ctx.rng = rng_states(x.device)
         if values_unused:
             return x.new_zeros(()).expand(x.shape)
         with torch.no_grad():
@@ -41,11 +42,7 @@ class _TiledMLP(torch.autograd.Function):
         # Each tile's d(input) is kept apart and joined at the end: a whole-sequence buffer made up front would sit
         # beside every tile's activations (the peak), the joined one only beside the tile gradients.
         dxs = []
-        devices = [x.device] if x.is_cuda else []
-        with torch.random.fork_rng(devices=devices), torch.enable_grad():
-            torch.set_rng_state(ctx.cpu_rng)
-            if ctx.cuda_rng is not None:
-                torch.cuda.set_rng_state(ctx.cuda_rng, x.device)
+        with replayed_rng(ctx.rng, x.device), torch.enable_grad():
             for start in range(0, x.shape[1], ctx.tile):
                 part = x[:, start:start + ctx.tile].detach().requires_grad_(ctx.x_requires_grad)
                 out = ctx.mlp(part, values_unused=True)

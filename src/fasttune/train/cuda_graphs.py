@@ -36,9 +36,9 @@ MAX_GRAPHS = 8  # shapes captured at most; later new shapes run eagerly (each gr
 def refusal(model, args) -> str | None:
     """Why `model` cannot train with cuda_graphs=True under `args` (a TrainingConfig), or None when it can. Checked
     before training starts, after gradient_checkpointing="auto" is resolved."""
+    from fasttune.kernels.embedding import device_reads_host
     from fasttune.models.causal_lm import CausalLM
     from fasttune.models.host_embedding import HostEmbedding
-    from fasttune.kernels.embedding import device_reads_host
     from fasttune.models.host_head import host_head
 
     if not isinstance(model, CausalLM):
