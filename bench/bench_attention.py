@@ -1,11 +1,13 @@
-"""Causal attention forward + backward per SDPA backend (cuDNN, flash, memory-efficient) and flash attention's
-varlen kernel, on one GPU, for the attention shapes of the LoRA benchmark: which exact path is fastest here.
+"""Causal attention forward + backward per SDPA backend (cuDNN, flash, memory-efficient), flash attention's
+varlen kernel, and flash-attn-4's CuTe kernels (`flash_attn.cute`, only when that package is installed), on one
+GPU, for the attention shapes of the LoRA benchmark: which exact path is fastest here.
 
 Each backend gets the same bf16 q/k/v (B, T, H, D layout viewed as SDPA wants it, GQA as the models have it);
 outputs are checked against the first backend (max abs difference), timings are the median of 20 runs after
 warm-up, and rows are appended to bench/results/attention.jsonl. Usage on a GPU machine:
 
-    python bench/bench_attention.py
+    python bench/bench_attention.py                    # bs 2 x 2048
+    python bench/bench_attention.py --bs 1 --seq 32768 --shapes llama-3.1-8b
 """
 from __future__ import annotations
 
@@ -41,6 +43,20 @@ def _varlen(q, k, v):
     return varlen_attention(q, k, v, PackedSpans(cu, t), None, q.shape[-1] ** -0.5)
 
 
+def _fa4():
+    """flash-attn-4's causal attention (q (B, T, Hq, D), k/v (B, T, Hkv, D), GQA native), or None when the
+    package is not installed. Its first call per shape compiles the kernels (seconds), inside the warm-up."""
+    try:
+        from flash_attn.cute import flash_attn_func
+    except ImportError:
+        return None
+
+    def run(q, k, v):
+        out = flash_attn_func(q, k, v, softmax_scale=q.shape[-1] ** -0.5, causal=True)
+        return out[0] if isinstance(out, tuple) else out
+    return run
+
+
 def _time(fn, q, k, v, grad):
     def once():
         for x in (q, k, v):
@@ -63,13 +79,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "attention.jsonl"))
     a = ap.parse_args()
     paths = {"cudnn": _sdpa(SDPBackend.CUDNN_ATTENTION), "flash": _sdpa(SDPBackend.FLASH_ATTENTION),
              "efficient": _sdpa(SDPBackend.EFFICIENT_ATTENTION), "default": _sdpa(None),
              "varlen": _varlen}
+    if _fa4() is not None:
+        paths["fa4"] = _fa4()
     print(f"{'shape':<14} {'path':<10} {'fwd+bwd ms':>10} {'TFLOP/s':>8} {'max diff':>9}  card")
-    for shape, (hq, hk, d) in SHAPES.items():
+    for shape in a.shapes:
+        hq, hk, d = SHAPES[shape]
         g = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(a.bs, a.seq, h, d, device="cuda", dtype=torch.bfloat16, generator=g)
                    .requires_grad_() for h in (hq, hk, hk))
@@ -89,6 +109,9 @@ def main():
                    "fwd_bwd_ms": round(ms, 3), "tflops": round(flops / ms / 1e9, 1), "max_diff": diff,
                    "card": torch.cuda.get_device_name(), "torch": torch.__version__,
                    "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            if name == "fa4":
+                from importlib.metadata import version
+                row["flash_attn_4"] = version("flash-attn-4")
             print(f"{shape:<14} {name:<10} {ms:>10.3f} {row['tflops']:>8.1f} {diff:>9.2e}  {row['card']}")
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             with open(a.out, "a") as f:
