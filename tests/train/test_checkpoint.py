@@ -59,6 +59,10 @@ def test_schedule_changes_are_refused_with_the_difference(tiny_model_dir, tmp_pa
                                           r"gradient_accumulation_steps x processes=2 x 1 \(now 1 x 1\)\."):
         _trainer(folder, out, max_steps=4, learning_rate=2e-3, gradient_accumulation_steps=1).train(
             resume_from_checkpoint=True)
+    with pytest.raises(ConfigError, match=r"lr_scheduler_type='linear' \(now 'cosine_with_min_lr'\), "
+                                          r"lr_scheduler_kwargs=None \(now \{'min_lr_rate': 0\.1\}\)"):
+        _trainer(folder, out, max_steps=4, learning_rate=1e-3, lr_scheduler_type="cosine_with_min_lr",
+                 lr_scheduler_kwargs={"min_lr_rate": 0.1}).train(resume_from_checkpoint=True)
     # The same settings: the finished run resumes to nothing left to do.
     done = _trainer(folder, out, max_steps=4, learning_rate=1e-3)
     assert done.train(resume_from_checkpoint=True)["global_step"] == 4

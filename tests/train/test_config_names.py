@@ -28,3 +28,108 @@ def test_trl_names_translate_and_bookkeeping_is_accepted():
 def test_unsupported_settings_are_named(kw, match):
     with pytest.raises(ConfigError, match=match):
         SFTConfig(**kw)
+
+
+def _configs():
+    from fasttune import GRPOConfig, KTOConfig, ORPOConfig
+
+    return [SFTConfig, DPOConfig, KTOConfig, GRPOConfig, ORPOConfig]
+
+
+@pytest.mark.parametrize("cls", _configs(), ids=lambda c: c.__name__)
+def test_every_upstream_setting_is_accepted_at_its_default(cls):
+    """Every field of transformers' TrainingArguments and of TRL's config of the same name, as installed, given at
+    its own default: a script that spells out defaults runs with only the import changed."""
+    from fasttune.train.config_names import upstream_defaults
+
+    owners = upstream_defaults(cls)
+    assert owners[0][0] == "transformers' TrainingArguments" and len(owners[0][1]) > 100
+    if cls.__name__ != "ORPOConfig":  # TRL 1.x moved ORPO to trl.experimental: transformers' names only
+        assert len(owners) == 2 and owners[1][0] == f"TRL's {cls.__name__}"
+    refused = []
+    for owner, defaults in owners:
+        for name, default in defaults.items():
+            try:
+                cls(**{"output_dir": "o", name: default})
+            except ConfigError as e:
+                refused.append(f"{owner}.{name}={default!r}: {e}")
+    assert refused == []
+
+
+@pytest.mark.parametrize("cls, kw, match", [
+    (SFTConfig, dict(optim_args="betas=(0.9,0.95)"),
+     r"does not implement transformers' TrainingArguments\.optim_args; leave it at its default \(None\)"),
+    (SFTConfig, dict(truncation_mode="keep_end"),
+     r"does not implement TRL's SFTConfig\.truncation_mode; leave it at its default \('keep_start'\)"),
+    (SFTConfig, dict(packing_strategy="wrapped"), r"TRL's SFTConfig\.packing_strategy.*'bfd'"),
+    ("GRPOConfig", dict(use_vllm=True), r"TRL's GRPOConfig\.use_vllm; leave it at its default \(False\)"),
+    (DPOConfig, dict(loss_type=["sigmoid", "sft"]), r"one loss at a time; TRL's weighted sum"),
+    (SFTConfig, dict(label_smoothing_factor=0.1), "label smoothing is not implemented"),
+    (SFTConfig, dict(use_cpu=True), "CUDA_VISIBLE_DEVICES="),
+    (SFTConfig, dict(deepspeed="ds.json"), "torchrun"),
+    (SFTConfig, dict(activation_offloading=True), "use_gradient_checkpointing='offload'"),
+    (SFTConfig, dict(trust_remote_code=True), "runs no code from model folders"),
+    (SFTConfig, dict(metric_for_best_model="eval_loss"), "tracks no best one"),
+    (SFTConfig, dict(fsdp="hybrid_shard auto_wrap"), r"hybrid_shard is not implemented\. Use fsdp=True"),
+    (SFTConfig, dict(train_sampling_strategy="group_by_length"), "'random'.*'sequential'"),
+    (SFTConfig, dict(train_sampling_strategy="random", shuffle=False), "disagree"),
+    (SFTConfig, dict(warmup_steps=0.1, warmup_ratio=0.2), "same setting"),
+    (SFTConfig, dict(use_vlm=True), r"unknown setting 'use_vlm'"),
+])
+def test_settings_fasttune_does_not_implement_name_their_owner_and_fix(cls, kw, match):
+    if isinstance(cls, str):
+        import fasttune
+
+        cls = getattr(fasttune, cls)
+    with pytest.raises(ConfigError, match=match):
+        cls(**kw)
+
+
+def test_upstream_values_translate():
+    c = SFTConfig(output_dir=None, fsdp="full_shard auto_wrap", train_sampling_strategy="sequential",
+                  warmup_steps=0.05, tf32=True, data_seed=11, dataloader_drop_last=False, ddp_timeout=600,
+                  eval_accumulation_steps=4, pad_to_multiple_of=8)
+    assert (c.output_dir, c.fsdp, c.shuffle, c.warmup_ratio, c.warmup_steps, c.tf32, c.data_seed) == \
+        ("outputs", True, False, 0.05, 0, True, 11)
+    assert SFTConfig(fsdp="").fsdp is False and SFTConfig(fsdp=None).fsdp is False
+    assert DPOConfig(loss_type=["ipo"]).loss_type == "ipo"
+
+
+def test_chat_template_path(tmp_path):
+    import json
+
+    jinja = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    (tmp_path / "t.jinja").write_text(jinja)
+    assert SFTConfig(chat_template_path=str(tmp_path / "t.jinja")).chat_template == jinja
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "x"}, {"name": "default", "template": jinja}]}))
+    assert SFTConfig(chat_template_path=str(folder)).chat_template == jinja
+    (folder / "chat_template.jinja").write_text(jinja + " ")
+    assert SFTConfig(chat_template_path=str(folder)).chat_template == jinja + " "  # the file wins, as transformers
+    with pytest.raises(ConfigError, match=r"chat_template_path='.*empty' holds no chat template"):
+        (tmp_path / "empty").mkdir()
+        SFTConfig(chat_template_path=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="both give the chat template"):
+        SFTConfig(chat_template="chatml", chat_template_path=str(tmp_path / "t.jinja"))
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(lr_scheduler_type="cosine_with_min_lr"), r"cosine_with_min_lr.*One of min_lr or min_lr_rate"),
+    (dict(lr_scheduler_kwargs={"min_lr": 1e-6}), r"'linear'.*unexpected keyword argument 'min_lr'"),
+    (dict(lr_scheduler_type="polynomial", lr_scheduler_kwargs={"lr_end": 1.0}, learning_rate=1e-4),
+     r"lr_end \(1\.0\) must be smaller than initial lr"),
+    (dict(lr_scheduler_kwargs="{min_lr: 1}"), r"is not valid JSON .*give an object"),
+    (dict(lr_scheduler_kwargs=[1]), "must be a mapping"),
+    (dict(lr_scheduler_type="reduce_lr_on_plateau"), "follows an evaluation metric"),
+    (dict(lr_scheduler_type="cosine_decay"), r"not supported; use one of \('linear'"),
+])
+def test_schedule_keywords_are_checked_with_the_config(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        SFTConfig(**kw)
+
+
+def test_schedule_keywords_from_json_text():
+    c = SFTConfig(lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs='{"num_decay_steps": 3}')
+    assert c.lr_scheduler_kwargs == {"num_decay_steps": 3}

@@ -172,3 +172,29 @@ def test_full_finetuning_trains_all_and_saves_checkpoint(tiny_model_dir, tmp_pat
     ids = torch.randint(3, 300, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_data_seed_orders_the_data(tiny_model_dir, tmp_path):
+    """transformers' data_seed: the shuffle follows it instead of seed; unset, the order is seed's."""
+    folder = tiny_model_dir("llama")
+    order = {name: _trainer(folder, tmp_path / name, max_steps=1, **kw).epoch_order(0)
+             for name, kw in {"seed7": dict(seed=7), "data7": dict(data_seed=7), "data8": dict(data_seed=8),
+                              "plain": {}}.items()}
+    assert order["data7"] == order["seed7"] != order["plain"]
+    assert order["data8"] != order["data7"] and sorted(order["data8"]) == list(range(len(_rows())))
+
+
+def test_tf32_sets_torch_flags_on_cuda(monkeypatch):
+    from fasttune.train import loop
+
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        loop._set_tf32(True)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+        loop._set_tf32(None)  # unset: torch's settings stay
+        assert torch.backends.cuda.matmul.allow_tf32
+        loop._set_tf32(False)
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags

@@ -24,9 +24,9 @@ from fasttune.train.optim import lr_lambda, warmup_count
 from fasttune.train.run_folder import STATE_NAME, list_checkpoints
 from fasttune.train.fsdp import full_optimizer_state, gather_state, is_sharded, shard_like, shard_optimizer_state
 
-SCHEDULE_KEYS = ("learning_rate", "embedding_learning_rate", "lr_scheduler_type", "warmup_steps", "warmup_ratio",
-                 "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon", "per_device_train_batch_size",
-                 "gradient_accumulation_steps", "seed")
+SCHEDULE_KEYS = ("learning_rate", "embedding_learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
+                 "warmup_steps", "warmup_ratio", "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
+                 "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed")
 _PER_STEP = ("gradient_accumulation_steps", "world_size", "micro_batches_per_step", "total_steps")
 
 
@@ -125,7 +125,9 @@ def check_schedule(path: Path, state: dict, current: dict, learning_rate: float)
     if old_total is None or old_total == new_total:
         return
     kind, warmup, ratio = current["lr_scheduler_type"], saved["warmup_steps"], saved["warmup_ratio"]
-    old_f, new_f = (lr_lambda(kind, warmup_count(warmup, ratio, t), t) for t in (old_total, new_total))
+    kwargs = current.get("lr_scheduler_kwargs")
+    old_f, new_f = (lr_lambda(kind, warmup_count(warmup, ratio, t), t, kwargs, learning_rate)
+                    for t in (old_total, new_total))
     if all(abs(old_f(s) - new_f(s)) <= 1e-12 for s in range(step + 1)):
         return
     raise ConfigError(

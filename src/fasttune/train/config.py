@@ -4,12 +4,19 @@ derive from it. Every field is also a CLI flag (--field-name) and a YAML key."""
 from __future__ import annotations
 
 import difflib
+import json
 from dataclasses import dataclass, fields
 
 from fasttune.errors import ConfigError
 from fasttune.train.config_names import ConfigMeta
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+# transformers.SchedulerType's values (5.x), kept here so that checking a config's name imports nothing. The
+# schedules themselves are transformers' own code (transformers.get_scheduler).
+SCHEDULE_NAMES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                  "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay")
+# Those that need an evaluation metric each step (ReduceLROnPlateau, "greedy"), which fasttune's loop does not feed.
+METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
+SIMPLE_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")  # need no keywords
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
 
 
@@ -33,7 +40,8 @@ class TrainingConfig(metaclass=ConfigMeta):
     num_train_epochs: float = 1
     warmup_steps: int = 0
     warmup_ratio: float = 0.0
-    lr_scheduler_type: str = "linear"
+    lr_scheduler_type: str = "linear"  # any of transformers' schedules that need no metric (train/optim.py)
+    lr_scheduler_kwargs: dict | None = None  # that schedule's own keywords, e.g. {"min_lr_rate": 0.1}; JSON on the CLI
     weight_decay: float = 0.0
     optim: str = "adamw"
     adam_beta1: float = 0.9
@@ -46,6 +54,7 @@ class TrainingConfig(metaclass=ConfigMeta):
     overwrite_output_dir: bool = False  # a new run into a folder with another run's checkpoints deletes them
     eval_steps: int | None = None
     seed: int = 3407
+    data_seed: int | None = None  # seeds the data order (shuffle); None: seed, as in transformers
     max_seq_length: int = 2048
     packing: bool = False
     dataset_text_field: str = "text"
@@ -55,6 +64,7 @@ class TrainingConfig(metaclass=ConfigMeta):
     dataset_num_proc: int | None = None  # tokenizing processes; None: 1 below 10k rows, else min(8, cpus)
     chat_template: str | None = None  # a name from fasttune.data.templates (chatml, llama-3, ...) or a Jinja string
     shuffle: bool = True
+    tf32: bool | None = None  # CUDA: allow TF32 for fp32 matmuls and convolutions (True) or not (False); None: torch's
     bf16: bool | None = None
     fp16: bool | None = None
     max_nonfinite_steps: int = 5  # consecutive skipped steps (NaN/inf loss or grads) before stopping
@@ -90,8 +100,19 @@ class TrainingConfig(metaclass=ConfigMeta):
             raise ConfigError(f"embedding_learning_rate={self.embedding_learning_rate!r} must be >= 0 or None.")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise ConfigError("Set max_steps > 0 or num_train_epochs > 0; with neither, there is nothing to train.")
-        if self.lr_scheduler_type not in SCHEDULERS:
-            raise ConfigError(f"lr_scheduler_type='{self.lr_scheduler_type}' is not supported; use one of {SCHEDULERS}.")
+        self.lr_scheduler_type = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
+        if self.lr_scheduler_type in METRIC_SCHEDULES:
+            raise ConfigError(f"lr_scheduler_type='{self.lr_scheduler_type}' follows an evaluation metric, which "
+                              f"fasttune's loop does not feed it; use one of {SCHEDULE_NAMES}.")
+        if self.lr_scheduler_type not in SCHEDULE_NAMES:
+            raise ConfigError(f"lr_scheduler_type='{self.lr_scheduler_type}' is not supported; use one of "
+                              f"{SCHEDULE_NAMES}.")
+        if self.lr_scheduler_kwargs or self.lr_scheduler_type not in SIMPLE_SCHEDULES:
+            # Bad keywords fail here, before a model loads (this imports transformers' trainer utilities, ~3 s on a
+            # CPU, which training imports anyway; the plain schedules skip it).
+            from fasttune.train.optim import lr_lambda
+
+            lr_lambda(self.lr_scheduler_type, 1, 10, self.lr_scheduler_kwargs, self.learning_rate or 1.0)(5)
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"optim='{self.optim}' is not supported; use one of {OPTIMIZERS}.")
         if self.warmup_ratio > 1:
@@ -131,9 +152,20 @@ class SFTConfig(TrainingConfig):
 
 
 def _checked_type(name: str, annotation: str, value):
-    """Values from YAML/JSON arrive loosely typed ('1e-4' is a string in YAML): coerce numbers, refuse the rest."""
+    """Values from YAML/JSON arrive loosely typed ('1e-4' is a string in YAML): coerce numbers, refuse the rest.
+    A dict field takes a dict, or its JSON text (the CLI, as transformers' TrainingArguments)."""
     kinds = {k.strip() for k in str(annotation).split("|")}
     if value is None and "None" in kinds:
+        return value
+    if "dict" in kinds:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{name}={value!r} is not valid JSON ({e.msg} at character {e.pos}): give an "
+                                  f"object such as '{{\"min_lr_rate\": 0.1}}'.") from None
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name}={value!r} is invalid: it must be a mapping of names to values.")
         return value
     if "list" in kinds and isinstance(value, (list, tuple)):
         return list(value)

@@ -182,13 +182,17 @@ class Trainer(CallbackMethods):
         return {}
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """The training examples' indices in the order epoch `epoch` visits them (seeded by args.seed + epoch when
-        args.shuffle). GRPO keeps each prompt's copies together."""
+        """The training examples' indices in the order epoch `epoch` visits them (seeded by args.data_seed, else
+        args.seed, + epoch when args.shuffle). GRPO keeps each prompt's copies together."""
         n = len(self.train_examples)
         if not self.args.shuffle:
             return list(range(n))
-        g = torch.Generator().manual_seed(self.args.seed + epoch)
-        return torch.randperm(n, generator=g).tolist()
+        return torch.randperm(n, generator=self.data_generator(epoch)).tolist()
+
+    def data_generator(self, epoch: int) -> torch.Generator:
+        """The generator that shuffles epoch `epoch`: seeded by args.data_seed (else args.seed) + epoch."""
+        seed = self.args.seed if getattr(self.args, "data_seed", None) is None else self.args.data_seed
+        return torch.Generator().manual_seed(seed + epoch)
 
     def steps_per_epoch(self) -> int:
         """Optimizer steps of one epoch, all ranks' micro-batches together."""
@@ -296,6 +300,7 @@ class Trainer(CallbackMethods):
         args, model = self.args, self.model
         out_dir = Path(args.output_dir)
         _seed_everything(args.seed)
+        _set_tf32(getattr(args, "tf32", None))
         model.train()
         if args.fsdp:
             shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
@@ -586,6 +591,15 @@ class Trainer(CallbackMethods):
         metrics = {"eval_loss": total / max(1, count), **self.eval_metrics()}
         self.callbacks.fire("on_evaluate", metrics=metrics)
         return metrics
+
+
+def _set_tf32(tf32: bool | None):
+    """transformers' `tf32`: allow (True) or forbid (False) TF32 in CUDA fp32 matmuls and cuDNN convolutions, as
+    TrainingArguments does; None leaves torch's settings. Without CUDA there is nothing to set."""
+    if tf32 is None or not torch.cuda.is_available():
+        return
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 def _seed_everything(seed: int):

@@ -1,4 +1,4 @@
-"""Optimizer param groups (embedding_learning_rate) and HF-equivalent LR schedules."""
+"""Optimizer param groups (embedding_learning_rate), and the LR schedules: transformers' own (get_scheduler)."""
 from __future__ import annotations
 
 import math
@@ -32,8 +32,9 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     # "adamw" on a GPU takes torch's fused kernel (transformers' default, adamw_torch_fused): the same update in
     # one launch instead of ~10 ms of foreach kernels per step at 8B LoRA; "adamw_torch" keeps the foreach one.
     fused = cfg.optim in ("adamw", "adamw_torch_fused") and all(p.is_cuda for g in groups for p in g["params"])
-    return torch.optim.AdamW(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                             weight_decay=cfg.weight_decay, fused=fused or None)
+    # lr= sets optimizer.defaults["lr"], which transformers' polynomial and min-lr schedules read, as its Trainer has it
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay, fused=fused or None)
 
 
 # transformers' Trainer.get_decay_parameter_names (5.x): no decay for parameters inside an nn.LayerNorm, nor for
@@ -63,25 +64,30 @@ def _bnb_adamw(cfg, groups) -> torch.optim.Optimizer:
         raise ConfigError(f"optim='{cfg.optim}' is bitsandbytes' 8-bit AdamW: `pip install bitsandbytes`, or use "
                           f"optim='adamw' (full-precision moments).") from None
     cls = getattr(bnb.optim, EIGHT_BIT[cfg.optim])
-    return cls(groups, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+    return cls(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+               weight_decay=cfg.weight_decay)
 
 
-def lr_lambda(kind: str, warmup: int, total: int):
-    """The LR multiplier step -> float of transformers' schedules (optimization.py): linear warmup over `warmup`
-    steps (none for "constant"), then "linear" decay to 0 at `total`, half-cosine ("cosine"), or 1.0
-    ("constant", "constant_with_warmup")."""
-    def f(step: int) -> float:
-        """The multiplier at optimizer step `step` (0-based, as LambdaLR counts)."""
-        if kind != "constant" and step < warmup:
-            return step / max(1, warmup)
-        if kind in ("constant", "constant_with_warmup"):
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        if kind == "linear":
-            return max(0.0, 1.0 - progress)
-        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))  # cosine
+def lr_lambda(kind: str, warmup: int, total: int, kwargs: dict | None = None, learning_rate: float = 1.0):
+    """The LR multiplier step -> float of transformers' schedule `kind` (transformers.get_scheduler: its own code,
+    so the values are transformers'), for `warmup` warm-up steps of `total` optimizer steps, `kwargs` its
+    lr_scheduler_kwargs (e.g. {"min_lr_rate": 0.1} for cosine_with_min_lr, {"num_cycles": 2} for
+    cosine_with_restarts, {"power": 2.0, "lr_end": 1e-7} for polynomial) and `learning_rate` the optimizer's
+    default lr (polynomial's lr_end and cosine_with_min_lr's min_lr are absolute). Raises ConfigError naming the
+    schedule for keywords it does not take or lacks, or values it refuses."""
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=learning_rate)
+    return _transformers_schedule(optimizer, kind, warmup, total, kwargs).lr_lambdas[0]
 
-    return f
+
+def _transformers_schedule(optimizer, kind: str, warmup: int, total: int, kwargs: dict | None):
+    from transformers import get_scheduler
+
+    try:
+        return get_scheduler(kind, optimizer, num_warmup_steps=warmup, num_training_steps=total,
+                             scheduler_specific_kwargs=dict(kwargs or {}))
+    except (TypeError, ValueError) as e:  # a missing or unknown keyword of that schedule, or a value it refuses
+        raise ConfigError(f"lr_scheduler_type='{kind}' with lr_scheduler_kwargs={kwargs or {}!r}: {e}. Give the "
+                          f"keywords transformers' {kind} schedule takes (transformers.get_scheduler).") from None
 
 
 def warmup_count(warmup_steps: int, warmup_ratio: float, total_steps: int) -> int:
@@ -90,9 +96,11 @@ def warmup_count(warmup_steps: int, warmup_ratio: float, total_steps: int) -> in
 
 
 def build_scheduler(optimizer, cfg, total_steps: int):
-    """A LambdaLR over `optimizer` with cfg.lr_scheduler_type and its warmup (see warmup_count, lr_lambda)."""
+    """transformers' LambdaLR for cfg.lr_scheduler_type over `optimizer`, with its warmup (warmup_count) and
+    cfg.lr_scheduler_kwargs. Raises ConfigError as lr_lambda does."""
     warmup = warmup_count(cfg.warmup_steps, cfg.warmup_ratio, total_steps)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.lr_scheduler_type, warmup, total_steps))
+    return _transformers_schedule(optimizer, cfg.lr_scheduler_type, warmup, total_steps,
+                                  getattr(cfg, "lr_scheduler_kwargs", None))
 
 
 def given_optimizers(optimizers, model: torch.nn.Module, cfg) -> tuple:

@@ -92,19 +92,22 @@ def test_embedding_learning_rate_zero_freezes_embeddings(tiny_model_dir, tmp_pat
     assert len(moved) == len([n for n in before if "lora_A" in n])
 
 
-@pytest.mark.parametrize("kind", ["linear", "cosine", "constant_with_warmup"])
-def test_lr_schedule_matches_transformers(kind, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("kind, kwargs", [("linear", None), ("cosine", None), ("constant_with_warmup", None),
+                                          ("cosine_with_min_lr", {"min_lr": 2e-4}),  # absolute: the optimizer's lr
+                                          ("polynomial", {"lr_end": 1e-5, "power": 2.0})])
+def test_lr_schedule_matches_transformers(kind, kwargs, tiny_model_dir, tmp_path):
     from transformers import get_scheduler
 
     model, tok = _setup(tiny_model_dir("llama"))
     args = SFTConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-3, max_steps=8, warmup_steps=3,
-                     lr_scheduler_type=kind, per_device_train_batch_size=4, gradient_accumulation_steps=1)
+                     lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, per_device_train_batch_size=4,
+                     gradient_accumulation_steps=1)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
     trainer.train()
     ours = [h["learning_rate"] for h in trainer.log_history]
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=1e-3)
-    sched = get_scheduler(kind, opt, num_warmup_steps=3, num_training_steps=8)
+    sched = get_scheduler(kind, opt, num_warmup_steps=3, num_training_steps=8, scheduler_specific_kwargs=kwargs)
     theirs = []
     for _ in range(8):
         theirs.append(opt.param_groups[0]["lr"])

@@ -127,12 +127,12 @@ class GRPOTrainer(Trainer):
         return [ex for ex in examples for _ in range(a.num_generations)]
 
     def epoch_order(self, epoch: int) -> list[int]:
-        """Prompts in (seeded) random order, each prompt's num_generations copies kept together."""
+        """Prompts in random order (data_generator's), each prompt's num_generations copies kept together."""
         g = self.args.num_generations
         n = len(self.train_examples) // g
         order = list(range(n))
         if self.args.shuffle:
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(self.args.seed + epoch)).tolist()
+            order = torch.randperm(n, generator=self.data_generator(epoch)).tolist()
         return [p * g + j for p in order for j in range(g)]
 
     def steps_per_epoch(self) -> int:
