@@ -99,14 +99,15 @@ def test_lr_schedule_matches_transformers(kind, kwargs, tiny_model_dir, tmp_path
     from transformers import get_scheduler
 
     model, tok = _setup(tiny_model_dir("llama"))
-    args = SFTConfig(output_dir=str(tmp_path / "o"), learning_rate=1e-3, max_steps=8, warmup_steps=3,
+    # 3e-3, not AdamW's own default lr: polynomial's lr_end and min_lr are absolute, so they read the optimizer's lr
+    args = SFTConfig(output_dir=str(tmp_path / "o"), learning_rate=3e-3, max_steps=8, warmup_steps=3,
                      lr_scheduler_type=kind, lr_scheduler_kwargs=kwargs, per_device_train_batch_size=4,
                      gradient_accumulation_steps=1)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)
     trainer.train()
     ours = [h["learning_rate"] for h in trainer.log_history]
     p = torch.nn.Parameter(torch.zeros(1))
-    opt = torch.optim.AdamW([p], lr=1e-3)
+    opt = torch.optim.AdamW([p], lr=3e-3)
     sched = get_scheduler(kind, opt, num_warmup_steps=3, num_training_steps=8, scheduler_specific_kwargs=kwargs)
     theirs = []
     for _ in range(8):
