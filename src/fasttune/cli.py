@@ -90,6 +90,14 @@ def _optional_int(text: str):
     return None if str(text).lower() == "none" else int(text)
 
 
+def _int_or_share(text: str):
+    """--logging-steps / --eval-steps / --save-steps: a whole number, a share of the run's steps (0.1), or none."""
+    if text.strip().lower() == "none":
+        return None
+    value = float(text)  # argparse reports a ValueError as an invalid value of the flag
+    return int(value) if value.is_integer() else value
+
+
 def _import(dotted: str):
     import importlib
 
@@ -127,6 +135,8 @@ def _flag_type(f):
     kinds = {k.strip() for k in str(f.type).split("|")}
     if "bool" in kinds:
         return bool
+    if "int" in kinds and "float" in kinds:  # *_steps: a whole number, or a share of the run below 1
+        return _int_or_share
     if "int" in kinds:
         return _optional_int if "None" in kinds else int
     if "float" in kinds:

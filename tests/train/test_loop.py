@@ -198,3 +198,24 @@ def test_tf32_sets_torch_flags_on_cuda(monkeypatch):
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
+def test_steps_below_one_are_shares_of_the_run(tiny_model_dir, tmp_path):
+    """transformers' logging/save/eval steps below 1: ceil(share x total steps), in the loop and in the callbacks'
+    TrainerState."""
+    t = _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=8, logging_steps=0.25, save_steps=0.5,
+                 eval_steps=0.3)
+    t.train()
+    assert [h["step"] for h in t.log_history if "loss" in h] == [2, 4, 6, 8]
+    assert sorted(p.name for p in (tmp_path / "o").glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-8"]
+    assert (t.callbacks.state.logging_steps, t.callbacks.state.save_steps, t.callbacks.state.eval_steps) == (2, 4, 3)
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"logging_steps": 1.5}, r"logging_steps=1\.5 is invalid: it must be a whole number"),
+    ({"logging_steps": 0}, r"logging_steps=0 is invalid: it must be a whole number >= 1, or a share"),
+    ({"eval_steps": 0.0}, r"eval_steps=0 is invalid"), ({"save_steps": -0.5}, r"save_steps=-0\.5"),
+])
+def test_bad_step_shares(kw, match):
+    with pytest.raises(ConfigError, match=match):
+        SFTConfig(**kw)

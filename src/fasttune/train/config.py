@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass, fields
 
 from fasttune.errors import ConfigError
@@ -48,11 +49,11 @@ class TrainingConfig(metaclass=ConfigMeta):
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
-    logging_steps: int = 1
-    save_steps: int = 0  # 0: no intermediate checkpoints
+    logging_steps: int | float = 1  # a float below 1 is a share of the run's steps, as in transformers
+    save_steps: int | float = 0  # 0: no intermediate checkpoints; below 1: a share of the run's steps
     save_total_limit: int | None = None
     overwrite_output_dir: bool = False  # a new run into a folder with another run's checkpoints deletes them
-    eval_steps: int | None = None
+    eval_steps: int | float | None = None  # below 1: a share of the run's steps
     seed: int = 3407
     data_seed: int | None = None  # seeds the data order (shuffle); None: seed, as in transformers
     max_seq_length: int = 2048
@@ -76,7 +77,7 @@ class TrainingConfig(metaclass=ConfigMeta):
         for f in fields(self):
             setattr(self, f.name, _checked_type(f.name, f.type, getattr(self, f.name)))
         positive = ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                    "logging_steps", "max_seq_length", "max_nonfinite_steps")
+                    "max_seq_length", "max_nonfinite_steps")
         for name in positive:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -92,7 +93,12 @@ class TrainingConfig(metaclass=ConfigMeta):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be a whole number >= 0 "
                                   f"(0 turns it off).")
+        if not _is_ratio(self.logging_steps) and (isinstance(self.logging_steps, float) or self.logging_steps < 1):
+            raise ConfigError(f"logging_steps={self.logging_steps!r} is invalid: it must be a whole number >= 1, or a "
+                              f"share of the run's steps between 0 and 1.")
         for name in ("eval_steps", "save_total_limit"):
+            if _is_ratio(getattr(self, name)):
+                continue
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be a whole number >= 1, or "
                                   f"None (unset).")
@@ -151,6 +157,17 @@ class SFTConfig(TrainingConfig):
     Raises ConfigError as TrainingConfig does."""
 
 
+def _is_ratio(value) -> bool:
+    """transformers' reading of a *_steps value: a float strictly between 0 and 1 is a share of the run's steps."""
+    return isinstance(value, float) and 0 < value < 1
+
+
+def steps_every(value, total: int) -> int:
+    """A logging/eval/save interval for a run of `total` optimizer steps: a share (0 < value < 1) becomes
+    ceil(value * total) steps, as transformers' Trainer computes it; whole numbers (and 0 / None: off) stay."""
+    return math.ceil(value * total) if _is_ratio(value) else (value or 0)
+
+
 def _checked_type(name: str, annotation: str, value):
     """Values from YAML/JSON arrive loosely typed ('1e-4' is a string in YAML): coerce numbers, refuse the rest.
     A dict field takes a dict, or its JSON text (the CLI, as transformers' TrainingArguments)."""
@@ -185,6 +202,8 @@ def _checked_type(name: str, annotation: str, value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
+        if "float" in kinds and _is_ratio(value):  # logging/eval/save steps: a share of the run
+            return value
         raise ConfigError(f"{name}={value!r} is invalid: it must be a whole number.")
     if "float" in kinds:
         if isinstance(value, str):

@@ -39,6 +39,7 @@ from fasttune.train.run_folder import prepare_output_dir, resolve_resume
 from fasttune.train.memory_report import PhaseMemory
 from fasttune.train.optim import build_optimizer, build_scheduler, given_optimizers
 from fasttune.train.reporters import open_reporters
+from fasttune.train.config import steps_every
 from fasttune.train.distributed import Dist
 from fasttune.train.fsdp import check_fsdp, full_tensor, is_sharded, shard_model
 from fasttune.train.signals import GracefulStop
@@ -69,6 +70,7 @@ class _Run:
     grad_norm: float = 0.0
     tokens_done: int = 0
     bad_in_row: int = 0
+    every: dict = field(default_factory=dict)  # logging/eval/save intervals in steps (steps_every)
     skipped: int = 0
     losses: list = field(default_factory=list)
     window: list = field(default_factory=list)
@@ -312,7 +314,10 @@ class Trainer(CallbackMethods):
         scaler = torch.amp.GradScaler(model.device.type) if model.dtype == torch.float16 else None
         run = _Run(out_dir=out_dir, total=total, optimizer=optimizer, scaler=scaler,
                    scheduler=self._given_optimizers[1] or build_scheduler(optimizer, args, total),
-                   schedule=schedule_settings(args, total, self.dist.world))
+                   schedule=schedule_settings(args, total, self.dist.world),
+                   every={k: steps_every(getattr(args, f"{k}_steps"), total) for k in ("logging", "eval", "save")})
+        self.callbacks.state.logging_steps, self.callbacks.state.eval_steps, self.callbacks.state.save_steps = (
+            run.every["logging"], run.every["eval"], run.every["save"])  # shares resolved, as transformers does
         ckpt = resolve_resume(resume_from_checkpoint, out_dir)
         if self.dist.is_main:
             prepare_output_dir(out_dir, ckpt, args.overwrite_output_dir)
@@ -392,22 +397,23 @@ class Trainer(CallbackMethods):
     def _after_step(self, run: "_Run"):
         """Progress bar, on_step_end, then the log entry, eval and checkpoint that fall on this step (by the
         *_steps settings, or asked for by a callback's control)."""
-        args, step = self.args, run.step
+        step = run.step
         elapsed = time.perf_counter() - run.t0
         run.bar.update(1)
         run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{run.tokens_done / max(elapsed, 1e-9):,.0f}")
         control = self.callbacks.step_end(run)
-        if step % args.logging_steps == 0 or step == run.total or control.should_log:
+        every = run.every
+        if step % every["logging"] == 0 or step == run.total or control.should_log:
             self._log({"step": step, "epoch": round(self.epoch_progress(run), 4),
                        "loss": sum(run.window) / len(run.window), "learning_rate": run.lr,
                        "grad_norm": run.grad_norm, "tokens_per_second": run.tokens_done / max(elapsed, 1e-9),
                        **self.log_metrics(), **run.memory.report()}, run.out_dir / LOG_FILE)
             run.window = []
-        if self.eval_examples is not None and (args.eval_steps and step % args.eval_steps == 0 or
+        if self.eval_examples is not None and (every["eval"] and step % every["eval"] == 0 or
                                                control.should_evaluate):
             run.evaluated = (step, self.evaluate())
             self._log({"step": step, **run.evaluated[1]}, run.out_dir / LOG_FILE)
-        if args.save_steps and (step % args.save_steps == 0 or step == run.total) or control.should_save:
+        if every["save"] and (step % every["save"] == 0 or step == run.total) or control.should_save:
             run.saved = self._save(run)  # the last step too, on a multiple or not, as transformers saves it
 
     def epoch_progress(self, run: "_Run") -> float:
