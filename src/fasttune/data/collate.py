@@ -59,3 +59,46 @@ def count_targets(labels: torch.Tensor) -> int:
     if labels.dim() == 1:
         labels = labels.unsqueeze(0)
     return int((labels[:, 1:] != IGNORE_INDEX).sum().item())
+
+
+def collate_with(collator, examples: Sequence[Mapping]) -> dict[str, torch.Tensor]:
+    """A user's data_collator (transformers' Trainer contract: a list of feature dicts -> a batch) over tokenized
+    SFT examples: each feature is {"input_ids", "attention_mask" (ones), "labels"}, the keys transformers'
+    DataCollatorForSeq2Seq / DataCollatorForLanguageModeling and TRL's collators read. Returns the batch's
+    input_ids, attention_mask and labels as long tensors of one shape (a collator may rebuild labels, e.g.
+    DataCollatorForLanguageModeling(mlm=False) trains on every non-pad token, as it does under transformers).
+
+    Raises DataError naming what the collator returned when it has no input_ids / attention_mask / labels, or they
+    do not share a (batch, length) shape."""
+    import torch
+
+    from fasttune.errors import DataError
+
+    def ints(v) -> list[int]:  # examples may hold tensors or arrays; collators pad plain lists
+        return v.tolist() if hasattr(v, "tolist") else list(v)
+
+    features = [{"input_ids": ints(ex["input_ids"]), "attention_mask": [1] * len(ex["input_ids"]),
+                 "labels": ints(ex["labels"] if ex.get("labels") is not None else ex["input_ids"])}
+                for ex in examples]
+    name = getattr(collator, "__name__", type(collator).__name__)
+    out = collator(features)
+    if not isinstance(out, Mapping):
+        raise DataError(f"data_collator {name} returned {type(out).__name__}; it must return a dict of input_ids, "
+                        f"attention_mask and labels.")
+    missing = [key for key in ("input_ids", "attention_mask", "labels") if key not in out]
+    if missing:
+        raise DataError(f"data_collator {name} returned no {', '.join(missing)} (keys: {sorted(out)}); SFTTrainer "
+                        f"trains on its input_ids, attention_mask and labels (-100 = no loss). Use one that builds "
+                        f"them, e.g. transformers' DataCollatorForSeq2Seq(tokenizer), or leave data_collator out.")
+    batch = {}
+    for key in ("input_ids", "attention_mask", "labels"):
+        try:
+            batch[key] = torch.as_tensor(out[key]).long()
+        except (ValueError, TypeError) as e:  # ragged lists: the collator did not pad
+            raise DataError(f"data_collator {name} returned a {key} that is not one (batch, length) array ({e}); "
+                            f"it must pad the rows to one length.") from None
+    shapes = {k: tuple(v.shape) for k, v in batch.items()}
+    if len(set(shapes.values())) != 1 or batch["input_ids"].dim() != 2:
+        raise DataError(f"data_collator {name} returned tensors of shapes {shapes}; input_ids, attention_mask and "
+                        f"labels must each be (batch, length).")
+    return batch

@@ -4,6 +4,7 @@ import torch
 from peft_oracle import peft_twin, reference_sft_losses
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+from fasttune.errors import ConfigError
 
 
 def _rows(n=16):
@@ -136,3 +137,58 @@ def test_formatting_func(tiny_model_dir, tmp_path):
     with pytest.raises(DataError, match="returned list for row 0.*for one row"):
         SFTTrainer(model=model2, processing_class=tok2, train_dataset=rows, args=SFTConfig(output_dir=str(tmp_path / "c")),
                    formatting_func=lambda r: [fmt(r)])
+
+
+def test_data_collator_builds_the_batches(tiny_model_dir, tmp_path):
+    """transformers' Trainer contract: a given data_collator makes every batch. DataCollatorForSeq2Seq pads as our
+    own batching does (the same losses, bit for bit, also padded to a multiple of 8); a collator's own labels are
+    what is trained on."""
+    from transformers import DataCollatorForSeq2Seq
+
+    folder = tiny_model_dir("llama")
+    rows = [{"prompt": f"alpha {i}", "completion": " beta gamma" * (1 + i % 3)} for i in range(8)]
+
+    def run(name, collator=None, **cfg):
+        model, tok = _setup(folder)
+        args = SFTConfig(output_dir=str(tmp_path / name), learning_rate=1e-3, max_steps=2, per_device_train_batch_size=4,
+                         gradient_accumulation_steps=1, lr_scheduler_type="constant", **cfg)
+        t = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args, data_collator=collator)
+        t.train()
+        return t, [h["loss"] for h in t.log_history]
+
+    own, own_losses = run("own")
+    _, tok = _setup(folder)
+    assert run("seq2seq", DataCollatorForSeq2Seq(tok))[1] == own_losses
+    eights, losses = run("eights", DataCollatorForSeq2Seq(tok, pad_to_multiple_of=8))
+    assert losses == own_losses and eights.collate_batch(eights.train_examples[:3])["input_ids"].shape[1] % 8 == 0
+
+    def last_token_only(features):  # a collator of one's own: only each row's last token is a target
+        batch = DataCollatorForSeq2Seq(tok)(features)
+        batch["labels"][:] = -100
+        for row, f in enumerate(features):
+            batch["labels"][row, len(f["input_ids"]) - 1] = f["input_ids"][-1]
+        return batch
+
+    mine, losses = run("mine", last_token_only)
+    assert losses != own_losses and (mine.collate_batch(mine.train_examples[:4])["labels"] != -100).sum() == 4
+    with pytest.raises(ConfigError, match="packing=True with a data_collator"):
+        run("packed", DataCollatorForSeq2Seq(tok), packing=True)
+
+
+@pytest.mark.parametrize("collator, match", [
+    (lambda feats: {"input_ids": [f["input_ids"] for f in feats]}, r"returned no attention_mask"),
+    (lambda feats: [1, 2], r"returned list; it must return a dict"),
+    (lambda feats: {k: [f[k] for f in feats] for k in feats[0]}, r"not one \(batch, length\) array.*must pad"),
+    (lambda feats: {"input_ids": [[1, 2]], "attention_mask": [[1, 1]], "labels": [[1, 2, 3]]}, r"shapes"),
+])
+def test_data_collator_output_is_checked(collator, match, tiny_model_dir, tmp_path):
+    from fasttune.errors import DataError
+
+    model, tok = _setup(tiny_model_dir("llama"))
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(4), data_collator=collator,
+                   args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1))
+    with pytest.raises(DataError, match=match):
+        t.train()
+    with pytest.raises(ConfigError, match="data_collator must be a function"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(4), data_collator="pad",
+                   args=SFTConfig(output_dir=str(tmp_path / "p"), max_steps=1))

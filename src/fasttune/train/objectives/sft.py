@@ -21,11 +21,20 @@ class SFTTrainer(Trainer):
         model, tokenizer = load_named_model(model, tokenizer if tokenizer is not None else
                                             kwargs.pop("processing_class", None))
         self.vision = vision_sft.is_vision_model(model)
-        if data_collator is not None and not (self.vision and isinstance(data_collator, vision_sft.VisionDataCollator)):
-            raise ConfigError(f"data_collator={type(data_collator).__name__}: SFTTrainer batches its own examples; "
-                              f"a data_collator is taken only as a VisionDataCollator for a vision-language model. "
-                              f"Leave it out.")
-        self.vision_collator = data_collator
+        if self.vision and data_collator is not None and \
+                not isinstance(data_collator, vision_sft.VisionDataCollator):
+            raise ConfigError(f"data_collator={type(data_collator).__name__}: a vision-language model's batches "
+                              f"carry images, so the collator is taken only as a VisionDataCollator. Leave it out.")
+        if data_collator is not None and not callable(data_collator):
+            raise ConfigError(f"data_collator must be a function of a list of examples returning a batch (as "
+                              f"transformers' collators are); got {type(data_collator).__name__}.")
+        self.vision_collator = data_collator if self.vision else None
+        # transformers' Trainer contract: a text model's batches come from the given collator (data/collate.py)
+        self.text_collator = data_collator if not self.vision else None
+        if self.text_collator is not None and args is not None and args.packing:
+            raise ConfigError("packing=True with a data_collator: packed rows carry per-document position and segment "
+                              "ids that a collator does not pass on, so documents would attend to each other. Use "
+                              "packing=False with the collator, or leave data_collator out.")
         if formatting_func is not None and not callable(formatting_func):
             raise ConfigError(f"formatting_func must be a function of one row returning its text; got "
                               f"{type(formatting_func).__name__}.")
@@ -39,11 +48,16 @@ class SFTTrainer(Trainer):
             self.tokenizer.chat_template = resolve_chat_template(self.args.chat_template)
 
     def collate_batch(self, examples: list[dict]) -> dict:
-        """Text examples as the base trainer batches them; image + text ones with pixel_values/image_grid_thw."""
+        """Text examples as the base trainer batches them, or through the data_collator given (collate_with);
+        image + text ones with pixel_values/image_grid_thw."""
         if self.vision:
             from fasttune.train.objectives import vision_sft
 
             return vision_sft.collate(examples, self.tokenizer)
+        if self.text_collator is not None:
+            from fasttune.data.collate import collate_with
+
+            return collate_with(self.text_collator, examples)
         return super().collate_batch(examples)
 
     def micro_batch_loss(self, batch: dict, num_items: int):
