@@ -43,7 +43,7 @@ from fasttune.train.config import steps_every
 from fasttune.train.distributed import Dist
 from fasttune.train.fsdp import check_fsdp, full_tensor, is_sharded, shard_model
 from fasttune.train.signals import GracefulStop
-from fasttune.train.trl_args import add_peft_config
+from fasttune.train.trl_args import add_peft_config, check_trainer_kwargs
 
 LOG_FILE = "log_history.jsonl"
 # Example fields that hold token ids (SFT, preference pairs, unpaired rows, GRPO prompts).
@@ -92,8 +92,7 @@ class Trainer(CallbackMethods):
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
                  processing_class=None, peft_config=None, callbacks=None, optimizers=None, **kwargs):
-        if kwargs:
-            raise ConfigError(f"{type(self).__name__} got unknown arguments {sorted(kwargs)}.")
+        check_trainer_kwargs(type(self).__name__, kwargs)
         self.args = args if args is not None else config_cls()
         if peft_config is not None:  # TRL's way: the trainer adds the LoRA to a base model
             model = add_peft_config(model, peft_config, self.args)

@@ -1,5 +1,6 @@
 """What TRL's trainers take besides a loaded model: `model=` as a path (loaded with its tokenizer) and `peft_config=`
-(a PEFT LoraConfig the trainer applies), so that scripts written for them run with only the import changed."""
+(a PEFT LoraConfig the trainer applies), so that scripts written for them run with only the import changed; and
+transformers' / TRL's other trainer arguments, accepted when None and otherwise refused naming the fix."""
 from __future__ import annotations
 
 import os
@@ -34,3 +35,31 @@ def load_named_model(model, tokenizer):
 
     loaded, tok = FastModel.from_pretrained(str(model))
     return loaded, tokenizer if tokenizer is not None else tok
+
+
+# transformers' Trainer and TRL's trainers' arguments that fasttune's trainers do not implement -> the fix. None (their
+# default) is accepted, so a script that passes them explicitly unset runs.
+NOT_IMPLEMENTED = {
+    "compute_metrics": "fasttune's evaluation computes eval_loss only and gathers no predictions; compute other "
+                       "metrics on generate() outputs after training",
+    "preprocess_logits_for_metrics": "fasttune's evaluation gathers no logits (see compute_metrics)",
+    "compute_loss_func": "the objective's loss runs fused with the LM head in fasttune's kernels; a custom loss "
+                         "function is not implemented",
+    "model_init": "pass the model itself as model=",
+    "optimizer_cls_and_kwargs": "pass optimizers=(your_optimizer, None): an optimizer you build over the model's "
+                                "trainable parameters, with the config's schedule",
+    "data_collator": "this trainer batches its own examples (SFTTrainer takes a data_collator)",
+}
+
+
+def check_trainer_kwargs(trainer_name: str, kwargs: dict):
+    """Refuse keyword arguments a trainer does not take: ConfigError naming each one, with the fix for transformers'
+    and TRL's arguments fasttune does not implement (NOT_IMPLEMENTED; None is accepted for those)."""
+    unknown = sorted(k for k, v in kwargs.items() if not (k in NOT_IMPLEMENTED and v is None))
+    if not unknown:
+        return
+    fixes = [f"{k}: {NOT_IMPLEMENTED[k]}" for k in unknown if k in NOT_IMPLEMENTED]
+    rest = [k for k in unknown if k not in NOT_IMPLEMENTED]
+    parts = ([f"{trainer_name} does not implement " + "; ".join(fixes) + "."] if fixes else []) + \
+        ([f"{trainer_name} got unknown arguments {rest}."] if rest else [])
+    raise ConfigError(" ".join(parts))
