@@ -143,6 +143,23 @@ def test_forward_follows_transformers_contract(llama_dir):
     assert model.get_input_embeddings() is model.model.embed_tokens
 
 
+def test_eval_mode_forward_answers_as_transformers_models(llama_dir):
+    """In eval mode with labels (transformers' Trainer evaluation) both model kinds return the loss and the logits
+    and nothing else, so prediction_step's predictions are the logits; training mode and fasttune's own callers
+    (return_logits given) keep loss_sum / target_count, without logits unless asked."""
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for fast in (True, False):
+        with pytest.warns() if not fast else _no_warning():
+            model, _ = FastLanguageModel.from_pretrained(str(llama_dir), fast=fast)
+        model.eval()
+        out = model(input_ids=ids, labels=ids)
+        assert list(out.keys()) == ["loss", "logits"] and out.logits.shape == (1, 4, 300)
+        own = model(input_ids=ids, labels=ids, return_logits=False)
+        assert own.logits is None and int(own.target_count) == 3 and torch.equal(own.loss, out.loss)
+        model.train()
+        assert model(input_ids=ids, labels=ids).logits is None
+
+
 def test_trl_padding_free_packing_equals_padded_batches(llama_dir, tmp_path):
     """TRL's packing hands the model one row of documents with position_ids restarting per document and
     cu_seq_lens/seq_idx: each document must attend only to itself, as in a padded batch."""

@@ -110,14 +110,15 @@ def test_other_trainer_arguments_are_accepted_unset_and_named_when_set(tiny_mode
     unset = dict(compute_metrics=None, preprocess_logits_for_metrics=None, model_init=None, compute_loss_func=None,
                  optimizer_cls_and_kwargs=None)
     SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "a"), **unset)
-    with pytest.raises(ConfigError, match=r"SFTTrainer does not implement compute_metrics: fasttune's evaluation "
-                                          r"computes eval_loss only.*; model_init: pass the model itself"):
+    with pytest.raises(ConfigError, match=r"SFTTrainer does not implement compute_loss_func: the objective's loss "
+                                          r"runs fused.*; model_init: pass the model itself"):
         SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "b"),
-                   compute_metrics=lambda p: {}, model_init=lambda: model)
+                   compute_loss_func=lambda *a, **k: 0, model_init=lambda: model)
     with pytest.raises(ConfigError, match=r"SFTTrainer got unknown arguments \['max_seq_length'\]"):
         SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "c"),
                    max_seq_length=64)
     pairs = [{"prompt": "alpha", "chosen": " beta", "rejected": " gamma"}] * 2
-    with pytest.raises(ConfigError, match=r"DPOTrainer does not implement data_collator: this trainer batches its "
-                                          r"own examples"):
-        DPOTrainer(model=model, processing_class=tok, train_dataset=pairs, data_collator=lambda f: f)
+    with pytest.raises(ConfigError, match=r"DPOTrainer does not implement compute_metrics: only SFTTrainer's "
+                                          r"evaluation.*; data_collator: this trainer batches its own examples"):
+        DPOTrainer(model=model, processing_class=tok, train_dataset=pairs, data_collator=lambda f: f,
+                   compute_metrics=lambda p: {})

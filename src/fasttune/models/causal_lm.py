@@ -17,7 +17,7 @@ from fasttune.models.config import ModelConfig
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.moe import load_balancing_loss
 from fasttune.models.host_head import host_head
-from fasttune.models.outputs import CausalLMOutput
+from fasttune.models.outputs import CausalLMOutput, evaluation_as_transformers
 from fasttune.models.decoder import DecoderModel
 
 
@@ -296,7 +296,8 @@ class CausalLM(PreTrainedModel):
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None
         logits = loss = loss_sum = count = None
-        if labels is None or return_logits:
+        hf_eval = evaluation_as_transformers(self, labels, return_logits)
+        if labels is None or return_logits or hf_eval:
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(hidden.device)
@@ -316,6 +317,8 @@ class CausalLM(PreTrainedModel):
                                       attention_mask)
             if loss is not None:
                 loss = loss + float(getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0) * aux.to(loss.device)
+        if hf_eval:
+            loss_sum = count = None
         out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count, aux_loss=aux,
                              router_logits=router_logits)
         return out if return_dict is not False else out.to_tuple()

@@ -25,7 +25,7 @@ from fasttune.atomic import atomic_folder
 from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, ModelLoadError, refuse_unknown
 from fasttune.models.config import SUPPORTED_FAMILIES
-from fasttune.models.outputs import CausalLMOutput
+from fasttune.models.outputs import CausalLMOutput, evaluation_as_transformers
 from fasttune.peft.lora import LoraSettings, validate_settings
 
 ADAPTER = "default"  # PEFT's adapter name
@@ -257,7 +257,8 @@ class FallbackModel(nn.Module):
         logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                use_cache=False, **kwargs).logits
         loss = loss_sum = count = kept = None
-        if labels is None or return_logits:
+        hf_eval = evaluation_as_transformers(self, labels, return_logits)
+        if labels is None or return_logits or hf_eval:
             kept = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
@@ -265,6 +266,8 @@ class FallbackModel(nn.Module):
                                        ignore_index=IGNORE_INDEX, reduction="sum")
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+        if hf_eval:
+            loss_sum = count = None
         out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count)
         return out if return_dict is not False else out.to_tuple()
 

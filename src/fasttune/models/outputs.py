@@ -26,3 +26,11 @@ class CausalLMOutput(ModelOutput):
         """target_count as a Python int (waits for the device), or None without labels."""
         # Read on demand: int() waits for the GPU, which a training step given num_items_in_batch never needs.
         return None if self.target_count is None else int(self.target_count)
+
+
+def evaluation_as_transformers(model, labels, return_logits) -> bool:
+    """Whether a forward with `labels` answers as transformers' causal LMs do under transformers' Trainer evaluation
+    (prediction_step reads every field of the output but the loss as the predictions): in eval mode, unless
+    return_logits says otherwise, the logits are formed and only transformers' own fields are returned (no
+    loss_sum / target_count). fasttune's trainers ask explicitly (return_logits=False or True)."""
+    return labels is not None and return_logits is None and not model.training

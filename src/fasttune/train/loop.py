@@ -171,7 +171,8 @@ class Trainer(CallbackMethods):
 
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
         """(loss sum, count_items) of one eval batch, under torch.no_grad."""
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         return_logits=False)
         return float(out.loss_sum), out.num_targets
 
     def log_metrics(self) -> dict:

@@ -40,9 +40,9 @@ def load_named_model(model, tokenizer):
 # transformers' Trainer and TRL's trainers' arguments that fasttune's trainers do not implement -> the fix. None (their
 # default) is accepted, so a script that passes them explicitly unset runs.
 NOT_IMPLEMENTED = {
-    "compute_metrics": "fasttune's evaluation computes eval_loss only and gathers no predictions; compute other "
-                       "metrics on generate() outputs after training",
-    "preprocess_logits_for_metrics": "fasttune's evaluation gathers no logits (see compute_metrics)",
+    "compute_metrics": "only SFTTrainer's evaluation gathers predictions for it; this trainer logs its own eval "
+                       "metrics",
+    "preprocess_logits_for_metrics": "only SFTTrainer takes it, with compute_metrics",
     "compute_loss_func": "the objective's loss runs fused with the LM head in fasttune's kernels; a custom loss "
                          "function is not implemented",
     "model_init": "pass the model itself as model=",

@@ -14,7 +14,8 @@ class SFTTrainer(Trainer):
     supports_cuda_graphs = True  # text models (vision ones are refused in Trainer._cuda_graph_step)
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
-                 data_collator=None, formatting_func=None, **kwargs):
+                 data_collator=None, formatting_func=None, compute_metrics=None, preprocess_logits_for_metrics=None,
+                 **kwargs):
         from fasttune.train.objectives import vision_sft
         from fasttune.train.trl_args import load_named_model
 
@@ -39,6 +40,17 @@ class SFTTrainer(Trainer):
             raise ConfigError(f"formatting_func must be a function of one row returning its text; got "
                               f"{type(formatting_func).__name__}.")
         self.formatting_func = formatting_func
+        self.predictions = None
+        if compute_metrics is not None:  # transformers' contract: the eval pass gathers logits (eval_predictions.py)
+            from fasttune.train.eval_predictions import PredictionGatherer
+
+            if self.vision:
+                raise ConfigError("compute_metrics on a vision-language model is not implemented: evaluation logs "
+                                  "eval_loss; leave compute_metrics out.")
+            self.predictions = PredictionGatherer(compute_metrics, preprocess_logits_for_metrics)
+        elif preprocess_logits_for_metrics is not None:
+            raise ConfigError("preprocess_logits_for_metrics is used only with compute_metrics; give both, or "
+                              "neither.")
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
         if self.args.chat_template and self.tokenizer is not None:
             from fasttune.data.templates import resolve_chat_template
@@ -69,13 +81,29 @@ class SFTTrainer(Trainer):
         return super().micro_batch_loss(batch, num_items)
 
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
-        """See Trainer.eval_batch_loss; a vision-language model also gets the batch's images."""
+        """See Trainer.eval_batch_loss; a vision-language model also gets the batch's images; with compute_metrics
+        the logits are gathered too."""
         if self.vision:
             from fasttune.train.objectives import vision_sft
 
             _, loss_sum = vision_sft.vision_loss(self.model, batch, 1)
             return float(loss_sum), count_targets(batch["labels"])
-        return super().eval_batch_loss(batch)
+        if self.predictions is None:
+            return super().eval_batch_loss(batch)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         return_logits=True)  # the same loss, with the logits compute_metrics reads
+        self.predictions.add(out.logits, batch["labels"])
+        return float(out.loss_sum), out.num_targets
+
+    def evaluate(self) -> dict:
+        """See Trainer.evaluate; with compute_metrics, its metrics over this pass are added ("eval_"-prefixed)."""
+        if self.predictions is not None:
+            self.predictions.parts = []  # a pass that raised must not leave its batches to the next one
+        return super().evaluate()
+
+    def eval_metrics(self) -> dict:
+        """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given."""
+        return self.predictions.metrics() if self.predictions is not None else {}
 
     def prepare(self, dataset) -> list[dict]:
         """Rows -> examples with input_ids and labels (tokenize_rows), cut to the smaller of the config's and the

@@ -47,7 +47,7 @@ def vision_examples(dataset, processor, args, max_seq_length: int, collator: Vis
 def vision_loss(model, batch: dict, num_items: int):
     """(loss / num_items to backprop, loss sum tensor) of one image + text micro-batch."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                num_items_in_batch=num_items, **{k: batch[k] for k in IMAGE_KEYS if k in batch})
+                num_items_in_batch=num_items, return_logits=False, **{k: batch[k] for k in IMAGE_KEYS if k in batch})
     return out.loss, out.loss_sum.detach()
 
 
