@@ -146,7 +146,7 @@ class CudaGraphStep:
         return slot.loss_sum.clone()
 
     def _eager(self, ids, labels, num_items) -> torch.Tensor:
-        out = self.model(input_ids=ids, labels=labels, num_items_in_batch=num_items)
+        out = self.model(input_ids=ids, labels=labels, num_items_in_batch=num_items, return_logits=False)
         out.loss.backward()
         return out.loss_sum.detach()
 
@@ -161,7 +161,8 @@ class CudaGraphStep:
 
     def _forward_backward(self, slot: _Captured) -> torch.Tensor:
         with replayed_launches():  # the warm-up takes the paths the capture will (their kernels compile here)
-            out = self.model(input_ids=slot.ids, labels=slot.labels, num_items_in_batch=slot.num_items)
+            out = self.model(input_ids=slot.ids, labels=slot.labels, num_items_in_batch=slot.num_items,
+                             return_logits=False)
             out.loss.backward()
         return out.loss_sum.detach()
 

@@ -142,7 +142,7 @@ class Trainer(CallbackMethods):
         once, after the last micro-batch (host_values)."""
         packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], num_items_in_batch=num_items, **packed)
+                         labels=batch["labels"], num_items_in_batch=num_items, return_logits=False, **packed)
         return out.loss, out.loss_sum.detach()
 
     def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
