@@ -13,17 +13,10 @@ from fasttune.models.host_head import offload_lm_head as offload_lm_head_
 from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
+from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
-# Unsloth keywords that have no effect here; accepted so that switching the import just works. fast_inference,
-# max_lora_rank and gpu_memory_utilization set up vLLM there (the GRPO notebooks pass them): here generation, also
-# inside TRL's GRPOTrainer (through model.generate), runs on fasttune's own KV-cache generate.
-_IGNORED_KWARGS = ("max_seq_length", "loftq_config", "use_gradient_checkpointing_ratio", "token", "trust_remote_code",
-                   "fix_tokenizer", "rope_scaling", "attn_implementation", "init_lora_weights", "task_type",
-                   "fast_inference", "max_lora_rank", "gpu_memory_utilization")
-
-
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """from_pretrained's `dtype` (None, a torch dtype or a name such as "bf16") -> a torch dtype. None picks bf16 on
     GPUs that support it, else fp16, and fp32 on CPU. Raises ConfigError for other names or dtypes."""
@@ -60,9 +53,12 @@ class FastLanguageModel:
         tokens (~30 ms for a 14B head). Raises ConfigError for contradicting options (4 and 8 bits, quantised full
         fine-tuning, offload_embedding / offload_lm_head with full fine-tuning, tied embeddings or the transformers
         fallback)."""
-        for k in kwargs:
-            if k not in _IGNORED_KWARGS:
-                raise ConfigError(f"from_pretrained got an unknown argument '{k}'.")
+        extra = checked_kwargs("from_pretrained", kwargs)  # the peer's other arguments (peer_args.py)
+        if device is None and "device" in extra:
+            device = extra["device"]
+        if extra.get("load_in_16bit") and (load_in_4bit or load_in_8bit):
+            raise ConfigError("load_in_16bit=True asks for 16-bit weights and load_in_4bit / load_in_8bit for "
+                              "quantised ones; give one.")
         quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning)
         for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
             if on and full_finetuning:
@@ -79,8 +75,8 @@ class FastLanguageModel:
         dtype = resolve_dtype(dtype, device)
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
-            return _load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant,
-                                      offload_embedding, offload_lm_head)
+            return _at_load(*_load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant,
+                                                offload_embedding, offload_lm_head), extra)
         model, hf_config, tokenizer = load_model_and_tokenizer(path, dtype, device, fast=fast, quant=quant)
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         for name, on, offload in (("offload_embedding", offload_embedding, offload_input_embedding),
@@ -93,7 +89,7 @@ class FastLanguageModel:
             offload(model)
         if full_finetuning:
             model.requires_grad_(True)
-        return model, tokenizer
+        return _at_load(model, tokenizer, extra)
 
     @staticmethod
     def get_peft_model(model, r: int = 16, target_modules=None, lora_alpha: float = 16, lora_dropout: float = 0.0,
@@ -112,9 +108,7 @@ class FastLanguageModel:
         up_proj there, use_dora with LoRA on the experts / router)."""
         use_dora = bool(kwargs.pop("use_dora", False))
         patterns = {k: dict(kwargs.pop(k) or {}) for k in ("rank_pattern", "alpha_pattern") if k in kwargs}
-        for k in kwargs:
-            if k not in _IGNORED_KWARGS:
-                raise ConfigError(f"get_peft_model got an unknown argument '{k}'.")
+        checked_kwargs("get_peft_model", kwargs)  # the peer's other arguments: no effect, or refused (peer_args.py)
         if model.lora_settings is not None:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
@@ -215,6 +209,14 @@ def layer_group_targets(vision: bool, language: bool, attention: bool, mlp: bool
                           "finetune_mlp_modules select no layers, so nothing would train. Enable the language "
                           "layers with attention and/or MLP modules, or pass target_modules.")
     return targets
+
+
+def _at_load(model, tokenizer, extra: dict):
+    """(model, tokenizer) with the peer's use_gradient_checkpointing given to from_pretrained applied (it governs
+    full fine-tuning; get_peft_model sets its own)."""
+    if CHECKPOINTING_AT_LOAD in extra:
+        set_gradient_checkpointing(model, extra[CHECKPOINTING_AT_LOAD])
+    return model, tokenizer
 
 
 def set_gradient_checkpointing(model, mode):
