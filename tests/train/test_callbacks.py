@@ -48,11 +48,11 @@ def test_events_in_transformers_order_with_its_state(tiny_model_dir, tmp_path):
             want += [("on_epoch_end", 4), ("on_epoch_begin", 4)]
         want += [(e, step - 1 if e in ("on_step_begin", "on_pre_optimizer_step", "on_optimizer_step") else step)
                  for e in step_events]
-        if step % 2 == 0:
-            want += [("on_evaluate", step), ("on_log", step)]
+        if step % 2 == 0:  # one eval batch (2 rows)
+            want += [("on_prediction_step", step), ("on_evaluate", step), ("on_log", step)]
         if step in (4, 5):
             want += [("on_save", step)]
-    want += [("on_evaluate", 5), ("on_log", 5), ("on_epoch_end", 5), ("on_train_end", 5)]
+    want += [("on_prediction_step", 5), ("on_evaluate", 5), ("on_log", 5), ("on_epoch_end", 5), ("on_train_end", 5)]
     assert rec.events == want
     # the keyword arguments transformers passes, with the loop's objects
     assert rec.kwargs["on_step_end"]["model"] is trainer.model
@@ -62,6 +62,19 @@ def test_events_in_transformers_order_with_its_state(tiny_model_dir, tmp_path):
     state = trainer.state
     assert (state.global_step, state.max_steps) == (5, 5) and state.log_history is trainer.log_history
     assert state.epoch == pytest.approx(1.25) and state.num_input_tokens_seen > 0
+
+
+def test_substeps_and_prediction_steps(tiny_model_dir, tmp_path):
+    """Gradient accumulation 3: on_substep_end after the first two micro-batches of each step, as transformers
+    fires it; one on_prediction_step per evaluation batch."""
+    rec = Recorder()
+    _trainer(tiny_model_dir, tmp_path, [rec], max_steps=2, per_device_train_batch_size=1,
+             gradient_accumulation_steps=3, eval_steps=2, per_device_eval_batch_size=1).train()
+    names = [e for e, _ in rec.events]
+    first = names[names.index("on_step_begin"):names.index("on_step_end")]
+    assert first == ["on_step_begin", "on_substep_end", "on_substep_end", "on_pre_optimizer_step",
+                     "on_optimizer_step"]
+    assert names.count("on_substep_end") == 4 and names.count("on_prediction_step") == 2  # 1 eval x 2 batches
 
 
 class _Control(TrainerCallback):

@@ -471,10 +471,12 @@ class Trainer(CallbackMethods):
             for i, b in enumerate(group):
                 if self._graph_replayable(b, host_group[i] if host_group is not None else None):
                     parts.append(self._graph_step.run(b, num_items))
-                    continue
-                loss, part = self.micro_batch_loss(b, num_items)
-                (scaler.scale(loss) if scaler is not None else loss).backward()
-                parts.append(part)
+                else:
+                    loss, part = self.micro_batch_loss(b, num_items)
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                    parts.append(part)
+                if i < len(group) - 1:  # transformers: after each accumulation micro-batch but the step's last
+                    self.callbacks.fire("on_substep_end")
             if not is_sharded(self.model):  # FSDP reduce-scatters the gradients itself during backward
                 self.dist.sum_grads([p for p in self.model.parameters() if p.requires_grad])
             if scaler is not None:
@@ -593,6 +595,7 @@ class Trainer(CallbackMethods):
         for i in range(0, len(self.eval_examples), bs):
             part, n = self.eval_batch_loss(self.to_device(self.collate_batch(self.eval_examples[i:i + bs])))
             total, count = total + part, count + n
+            self.callbacks.fire("on_prediction_step")  # transformers: after each evaluation batch
         self.model.train(was_training)
         metrics = {"eval_loss": total / max(1, count), **self.eval_metrics()}
         self.callbacks.fire("on_evaluate", metrics=metrics)
