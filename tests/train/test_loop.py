@@ -219,3 +219,17 @@ def test_steps_below_one_are_shares_of_the_run(tiny_model_dir, tmp_path):
 def test_bad_step_shares(kw, match):
     with pytest.raises(ConfigError, match=match):
         SFTConfig(**kw)
+
+
+def test_evaluate_takes_transformers_arguments(tiny_model_dir, tmp_path):
+    """evaluate(eval_dataset=..., metric_key_prefix=...), a dict of named sets, and a trainer built without one."""
+    t = _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=1)  # no eval_dataset
+    with pytest.raises(ConfigError, match="needs an eval_dataset"):
+        t.evaluate()
+    short, long = _rows(4), [{"text": "abc " * 20 + str(i)} for i in range(3)]
+    a, b = t.evaluate(short), t.evaluate(eval_dataset=long, metric_key_prefix="test", ignore_keys=["past"])
+    assert set(a) == {"eval_loss"} and set(b) == {"test_loss"} and a["eval_loss"] != b["test_loss"]
+    both = t.evaluate({"short": short, "long": long})
+    assert both == {"eval_short_loss": a["eval_loss"], "eval_long_loss": b["test_loss"]}
+    with pytest.raises(ConfigError, match="hyperparameter search"):
+        t.train(trial={"learning_rate": 1e-3})

@@ -130,6 +130,8 @@ class Trainer(CallbackMethods):
     supports_cuda_graphs: bool = False
     """Whether args.cuda_graphs may replay this objective's micro-batches as CUDA graphs (train/cuda_graphs.py):
     only where micro_batch_loss is the plain SFT loss of {"input_ids", "attention_mask", "labels"}."""
+    evaluates: bool = True
+    """Whether evaluate() has a loss to report (GRPO: not yet)."""
 
     def prepare(self, dataset) -> list[dict]:
         """Rows (datasets.Dataset, list of dicts or a file path) -> this objective's examples (dicts of token ids
@@ -274,11 +276,15 @@ class Trainer(CallbackMethods):
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
 
     # --- training ----------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None) -> dict:
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None) -> dict:
         """Train to max_steps / num_train_epochs; returns the run's metrics (train_loss, global_step, tokens/s,
         first/last step loss, eval_loss with an eval set). SIGINT/SIGTERM stop after the current step with a
-        checkpoint; the metrics then hold `interrupted` and `checkpoint`. Raises ConfigError for a resume that
-        does not fit, NonFiniteLossError after max_nonfinite_steps bad steps in a row."""
+        checkpoint; the metrics then hold `interrupted` and `checkpoint`. transformers' trial (hyperparameter
+        search) must be None; ignore_keys_for_eval is accepted (see evaluate). Raises ConfigError for a trial, a
+        resume that does not fit, NonFiniteLossError after max_nonfinite_steps bad steps in a row."""
+        if trial is not None:
+            raise ConfigError("train(trial=...) is transformers' hyperparameter search, which fasttune does not "
+                              "implement; run one training per setting instead.")
         run = self._start_run(resume_from_checkpoint)
         self.callbacks.train_begin(run)
         try:
@@ -584,20 +590,31 @@ class Trainer(CallbackMethods):
         self._log_rewrite = False
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
-        """{"eval_loss": summed eval_batch_loss / its count over eval_dataset, plus eval_metrics()}, under no_grad
-        in eval mode (the training mode is restored). Raises ConfigError without an eval_dataset."""
-        if not self.eval_examples:
-            raise ConfigError("evaluate() needs an eval_dataset.")
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """{"eval_loss": summed eval_batch_loss / its count over the eval set, plus eval_metrics()}, under no_grad
+        in eval mode (the training mode is restored). transformers' signature: eval_dataset (rows as `prepare`
+        takes them, or a dict of named sets, each evaluated with the prefix eval_<name>) replaces the trainer's
+        eval_dataset for this call; metric_key_prefix replaces "eval" in the keys; ignore_keys is accepted (only the
+        logits are ever gathered). Raises ConfigError without an eval set, or for a trainer that does not evaluate."""
+        if not self.evaluates:
+            raise ConfigError(f"{type(self).__name__} does not evaluate an eval_dataset yet.")
+        if isinstance(eval_dataset, dict):  # transformers: each named set in turn
+            return {k: v for name, ds in eval_dataset.items()
+                    for k, v in self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}").items()}
+        examples = self.eval_examples if eval_dataset is None else self.prepare(eval_dataset)
+        if not examples:
+            raise ConfigError("evaluate() needs an eval_dataset (given to the trainer, or to evaluate()).")
         was_training = self.model.training
         self.model.eval()
         total, count, bs = 0.0, 0, self.args.per_device_eval_batch_size
-        for i in range(0, len(self.eval_examples), bs):
-            part, n = self.eval_batch_loss(self.to_device(self.collate_batch(self.eval_examples[i:i + bs])))
+        for i in range(0, len(examples), bs):
+            part, n = self.eval_batch_loss(self.to_device(self.collate_batch(examples[i:i + bs])))
             total, count = total + part, count + n
             self.callbacks.fire("on_prediction_step")  # transformers: after each evaluation batch
         self.model.train(was_training)
         metrics = {"eval_loss": total / max(1, count), **self.eval_metrics()}
+        if metric_key_prefix != "eval":
+            metrics = {f"{metric_key_prefix}_{k[5:]}" if k.startswith("eval_") else k: v for k, v in metrics.items()}
         self.callbacks.fire("on_evaluate", metrics=metrics)
         return metrics
 

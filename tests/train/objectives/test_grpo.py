@@ -251,6 +251,8 @@ def test_trains_and_logs_trl_metrics(tiny_dir, tmp_path):
     assert 1 <= first["completions/mean_length"] <= 5
     # num_iterations=2: step 2 reuses step 1's completions (no new rollout metrics, as in TRL), with old log-probs
     assert "reward" not in second and "kl" in second and "clip_ratio/region_mean" in second
+    with pytest.raises(ConfigError, match="GRPOTrainer does not evaluate an eval_dataset yet"):
+        tr.evaluate(ROWS)
 
 
 def test_errors_name_the_field(tiny_dir, tmp_path):

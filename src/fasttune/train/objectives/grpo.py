@@ -46,6 +46,8 @@ class GRPOTrainer(Trainer):
     trained, or with modules_to_save is kept as a frozen copy (ReferencePolicy). With beta == 0 there is no
     reference and no copy."""
 
+    evaluates = False  # no eval loss for sampled completions yet
+
     supports_packing = False
     packing_refusal = "packing does not apply to GRPO; set packing=False."
 

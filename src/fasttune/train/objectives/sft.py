@@ -95,11 +95,11 @@ class SFTTrainer(Trainer):
         self.predictions.add(out.logits, batch["labels"])
         return float(out.loss_sum), out.num_targets
 
-    def evaluate(self) -> dict:
-        """See Trainer.evaluate; with compute_metrics, its metrics over this pass are added ("eval_"-prefixed)."""
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
+        """See Trainer.evaluate; with compute_metrics, its metrics over this pass are added (prefixed)."""
         if self.predictions is not None:
             self.predictions.parts = []  # a pass that raised must not leave its batches to the next one
-        return super().evaluate()
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
 
     def eval_metrics(self) -> dict:
         """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given."""
