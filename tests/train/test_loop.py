@@ -233,3 +233,18 @@ def test_evaluate_takes_transformers_arguments(tiny_model_dir, tmp_path):
     assert both == {"eval_short_loss": a["eval_loss"], "eval_long_loss": b["test_loss"]}
     with pytest.raises(ConfigError, match="hyperparameter search"):
         t.train(trial={"learning_rate": 1e-3})
+
+
+def test_logging_first_step_and_eval_on_start(tiny_model_dir, tmp_path):
+    """transformers' logging_first_step logs step 1 too; eval_on_start logs an evaluation at step 0."""
+    folder = tiny_model_dir("llama")
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    args = SFTConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                     max_steps=4, logging_steps=3, logging_first_step=True, eval_on_start=True)
+    t = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), eval_dataset=_rows(2), args=args)
+    t.train()
+    assert [h["step"] for h in t.log_history if "loss" in h] == [1, 3, 4]
+    assert [h["step"] for h in t.log_history if "eval_loss" in h] == [0, 4]
+    with pytest.raises(ConfigError, match="eval_on_start=True .* needs an eval_dataset"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(), args=args)

@@ -25,7 +25,7 @@ import functools
 from fasttune.errors import ConfigError
 
 ALIASES = {"max_length": "max_seq_length"}
-NO_EFFECT = {"run_name", "logging_dir", "logging_strategy", "logging_first_step", "logging_nan_inf_filter",
+NO_EFFECT = {"run_name", "logging_dir", "logging_strategy", "logging_nan_inf_filter",
              "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
              "dataloader_prefetch_factor", "remove_unused_columns", "ddp_find_unused_parameters", "label_names",
              "disable_tqdm", "save_safetensors", "save_only_model", "hub_model_id", "hub_strategy", "hub_token",
@@ -55,7 +55,6 @@ REFUSED = {
     "completion_only_loss": ((None, True), "fasttune trains on the completion of prompt/completion rows (and on "
                                            "whole texts otherwise); for chat rows use train_on_responses_only=True"),
     "assistant_only_loss": ((False, None), "use train_on_responses_only=True (the assistant turns only)"),
-    "eval_on_start": ((False, None), "evaluate with trainer.evaluate() before trainer.train()"),
     "label_smoothing_factor": ((0, 0.0, None), "label smoothing is not implemented; leave it at 0"),
     "torch_compile_backend": ((None,), "our decoder runs its own kernels; leave torch_compile off"),
     "torch_compile_mode": ((None,), "our decoder runs its own kernels; leave torch_compile off"),

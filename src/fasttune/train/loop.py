@@ -114,6 +114,8 @@ class Trainer(CallbackMethods):
         if self.args.packing:
             self.train_examples = self._pack(self.train_examples)
         self.eval_examples = self.prepare(eval_dataset) if eval_dataset is not None else None
+        if getattr(self.args, "eval_on_start", False) and not self.eval_examples:
+            raise ConfigError("eval_on_start=True evaluates before the first step and needs an eval_dataset.")
         self._check_ids_fit_model()
         self.pad_id = self._pad_id()
         self._given_optimizers = given_optimizers(optimizers, self.model, self.args)  # transformers' (opt, sched)
@@ -287,6 +289,9 @@ class Trainer(CallbackMethods):
                               "implement; run one training per setting instead.")
         run = self._start_run(resume_from_checkpoint)
         self.callbacks.train_begin(run)
+        if self.args.eval_on_start and run.step == 0:  # transformers' eval_on_start: a baseline before step 1
+            run.evaluated = (0, self.evaluate())
+            self._log({"step": 0, **run.evaluated[1]}, run.out_dir / LOG_FILE)
         try:
             with GracefulStop() as stop:
                 # one collective a step: a signal, or a callback's should_training_stop, on any rank
@@ -409,7 +414,8 @@ class Trainer(CallbackMethods):
         run.bar.set_postfix(loss=f"{run.losses[-1]:.4f}", tok_s=f"{run.tokens_done / max(elapsed, 1e-9):,.0f}")
         control = self.callbacks.step_end(run)
         every = run.every
-        if step % every["logging"] == 0 or step == run.total or control.should_log:
+        first = step == 1 and self.args.logging_first_step  # transformers' logging_first_step
+        if step % every["logging"] == 0 or step == run.total or control.should_log or first:
             self._log({"step": step, "epoch": round(self.epoch_progress(run), 4),
                        "loss": sum(run.window) / len(run.window), "learning_rate": run.lr,
                        "grad_norm": run.grad_norm, "tokens_per_second": run.tokens_done / max(elapsed, 1e-9),
