@@ -1,4 +1,5 @@
-"""optim="adamw_8bit" (the peer notebooks' choice) is bitsandbytes' 8-bit AdamW with the config's settings."""
+"""optim="adamw_8bit" (the peer notebooks' choice) is bitsandbytes' 8-bit AdamW with the config's settings; the other
+optimizers transformers names are built as its Trainer builds them."""
 import pytest
 import torch
 
@@ -40,3 +41,35 @@ def test_8bit_adamw_is_bitsandbytes_and_steps_like_it(name, cls):
 def test_unknown_optimizer_is_refused():
     with pytest.raises(ConfigError, match="adamw_8bit"):
         SFTConfig(optim="adamw_9bit")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "rmsprop", "adafactor", "lion_32bit", "lion_8bit",
+                                  "rmsprop_bnb_8bit", "ademamix"])
+def test_transformers_other_optimizers_are_built_as_its_trainer_builds_them(name):
+    """optim names beyond AdamW: transformers' Trainer.get_optimizer_cls_and_kwargs picks class and keywords; the
+    optimizer then steps exactly as that class built by hand over the same groups."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    cfg = SFTConfig(optim=name, learning_rate=1e-3, adam_beta2=0.99)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(SimpleNamespace(
+        optim=name, learning_rate=1e-3, adam_beta1=0.9, adam_beta2=0.99, adam_epsilon=1e-8, optim_args=None,
+        optim_target_modules=None))
+    ours, ref = _model(), _model()
+    # transformers' Trainer gives the weight decay in the param groups (0.0 here), over the class's own default
+    opt, ref_opt = build_optimizer(ours, cfg), cls([{"params": list(ref.parameters()), "weight_decay": 0.0}], **kwargs)
+    assert type(opt) is cls and all(opt.defaults[k] == v for k, v in kwargs.items() if k in opt.defaults)
+    x = torch.randn(8, 64)
+    for model, o in ((ours, opt), (ref, ref_opt)):
+        for _ in range(2):
+            model(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_optimizers_fasttune_cannot_drive_are_refused():
+    with pytest.raises(ConfigError, match="optim='galore_adamw' is not supported"):
+        SFTConfig(optim="galore_adamw")

@@ -19,6 +19,13 @@ SCHEDULE_NAMES = ("linear", "cosine", "cosine_with_restarts", "polynomial", "con
 METRIC_SCHEDULES = ("reduce_lr_on_plateau", "greedy")
 SIMPLE_SCHEDULES = ("linear", "cosine", "constant", "constant_with_warmup")  # need no keywords
 OPTIMIZERS = ("adamw", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "adamw_bnb_8bit", "paged_adamw_8bit")
+# transformers' other optimizers, built as its Trainer builds them (train/optim.py): a plain class over the param
+# groups. Not here: GaLore / APOLLO / LOMO and the layer-wise ones (they hook the backward), schedule-free ones (they
+# switch modes with train/eval), and the XLA / NPU ones.
+BORROWED_OPTIMIZERS = ("sgd", "adagrad", "rmsprop", "adafactor", "lion_8bit", "lion_32bit", "paged_lion_8bit",
+                       "paged_lion_32bit", "paged_adamw_32bit", "ademamix", "ademamix_8bit", "paged_ademamix_8bit",
+                       "paged_ademamix_32bit", "rmsprop_bnb", "rmsprop_bnb_8bit", "rmsprop_bnb_32bit",
+                       "adamw_torch_4bit", "adamw_torch_8bit", "adamw_anyprecision", "grokadamw", "stable_adamw")
 
 
 @dataclass
@@ -121,8 +128,9 @@ class TrainingConfig(metaclass=ConfigMeta):
             from fasttune.train.optim import lr_lambda
 
             lr_lambda(self.lr_scheduler_type, 1, 10, self.lr_scheduler_kwargs, self.learning_rate or 1.0)(5)
-        if self.optim not in OPTIMIZERS:
-            raise ConfigError(f"optim='{self.optim}' is not supported; use one of {OPTIMIZERS}.")
+        self.optim = str(getattr(self.optim, "value", self.optim))
+        if self.optim not in OPTIMIZERS + BORROWED_OPTIMIZERS:
+            raise ConfigError(f"optim='{self.optim}' is not supported; use one of {OPTIMIZERS + BORROWED_OPTIMIZERS}.")
         if self.warmup_ratio > 1:
             raise ConfigError(f"warmup_ratio={self.warmup_ratio} must be between 0 and 1.")
         if self.bf16 and self.fp16:

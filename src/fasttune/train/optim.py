@@ -7,6 +7,7 @@ import re
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.train.config import BORROWED_OPTIMIZERS
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW (torch's, or bitsandbytes' 8-bit) over the trainable parameters: embeddings at embedding_learning_rate,
@@ -29,6 +30,8 @@ def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
                 groups.append({"params": params, "lr": lr, "weight_decay": cfg.weight_decay if decayed else 0.0})
     if cfg.optim in EIGHT_BIT:
         return _bnb_adamw(cfg, groups)
+    if cfg.optim in BORROWED_OPTIMIZERS:
+        return _transformers_optimizer(cfg, groups)
     # "adamw" on a GPU takes torch's fused kernel (transformers' default, adamw_torch_fused): the same update in
     # one launch instead of ~10 ms of foreach kernels per step at 8B LoRA; "adamw_torch" keeps the foreach one.
     fused = cfg.optim in ("adamw", "adamw_torch_fused") and all(p.is_cuda for g in groups for p in g["params"])
@@ -55,6 +58,26 @@ def decay_parameter_names(model: torch.nn.Module) -> set[str]:
 # transformers' names for bitsandbytes' 8-bit AdamW (block-wise quantised moments; tensors under 4096 values keep
 # 32-bit moments, bitsandbytes' min_8bit_size), which Unsloth's notebooks pick.
 EIGHT_BIT = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_adamw_8bit": "PagedAdamW8bit"}
+
+
+def _transformers_optimizer(cfg, groups) -> torch.optim.Optimizer:
+    """cfg.optim (one of BORROWED_OPTIMIZERS) over `groups` with the class and keywords transformers' Trainer picks
+    for it (Trainer.get_optimizer_cls_and_kwargs, its own code: e.g. Adafactor with relative_step=False, bitsandbytes'
+    Lion with optim_bits 8 and betas (adam_beta1, adam_beta2)). Raises ConfigError when the optimizer's package is
+    not installed."""
+    from types import SimpleNamespace
+
+    from transformers import Trainer
+
+    args = SimpleNamespace(optim=cfg.optim, learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1,
+                           adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                           optim_args=None, optim_target_modules=None)
+    try:
+        cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
+    except ImportError as e:
+        raise ConfigError(f"optim='{cfg.optim}' needs a package that is not installed ({e}); install it, or use "
+                          f"optim='adamw'.") from None
+    return cls(groups, **kwargs)
 
 
 def _bnb_adamw(cfg, groups) -> torch.optim.Optimizer:
