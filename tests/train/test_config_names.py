@@ -57,8 +57,8 @@ def test_every_upstream_setting_is_accepted_at_its_default(cls):
 
 
 @pytest.mark.parametrize("cls, kw, match", [
-    (SFTConfig, dict(optim_args="betas=(0.9,0.95)"),
-     r"does not implement transformers' TrainingArguments\.optim_args; leave it at its default \(None\)"),
+    (SFTConfig, dict(optim_target_modules=["attn"]),
+     r"does not implement transformers' TrainingArguments\.optim_target_modules; leave it at its default \(None\)"),
     (SFTConfig, dict(truncation_mode="keep_end"),
      r"does not implement TRL's SFTConfig\.truncation_mode; leave it at its default \('keep_start'\)"),
     (SFTConfig, dict(packing_strategy="wrapped"), r"TRL's SFTConfig\.packing_strategy.*'bfd'"),

@@ -73,3 +73,8 @@ def test_transformers_other_optimizers_are_built_as_its_trainer_builds_them(name
 def test_optimizers_fasttune_cannot_drive_are_refused():
     with pytest.raises(ConfigError, match="optim='galore_adamw' is not supported"):
         SFTConfig(optim="galore_adamw")
+
+
+def test_optim_args_reach_transformers_optimizers():
+    opt = build_optimizer(_model(), SFTConfig(optim="ademamix", optim_args="alpha=8.0,beta3=0.999"))
+    assert opt.defaults["alpha"] == 8.0 and opt.defaults["betas"][2] == 0.999

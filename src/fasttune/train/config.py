@@ -52,6 +52,7 @@ class TrainingConfig(metaclass=ConfigMeta):
     lr_scheduler_kwargs: dict | None = None  # that schedule's own keywords, e.g. {"min_lr_rate": 0.1}; JSON on the CLI
     weight_decay: float = 0.0
     optim: str = "adamw"
+    optim_args: str | None = None  # "key=value,..." for transformers' other optimizers (e.g. ademamix's alpha)
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     adam_epsilon: float = 1e-8

@@ -63,15 +63,15 @@ EIGHT_BIT = {"adamw_8bit": "AdamW8bit", "adamw_bnb_8bit": "AdamW8bit", "paged_ad
 def _transformers_optimizer(cfg, groups) -> torch.optim.Optimizer:
     """cfg.optim (one of BORROWED_OPTIMIZERS) over `groups` with the class and keywords transformers' Trainer picks
     for it (Trainer.get_optimizer_cls_and_kwargs, its own code: e.g. Adafactor with relative_step=False, bitsandbytes'
-    Lion with optim_bits 8 and betas (adam_beta1, adam_beta2)). Raises ConfigError when the optimizer's package is
-    not installed."""
+    Lion with optim_bits 8 and betas (adam_beta1, adam_beta2); cfg.optim_args as it parses them). Raises ConfigError
+    when the optimizer's package is not installed."""
     from types import SimpleNamespace
 
     from transformers import Trainer
 
     args = SimpleNamespace(optim=cfg.optim, learning_rate=cfg.learning_rate, adam_beta1=cfg.adam_beta1,
                            adam_beta2=cfg.adam_beta2, adam_epsilon=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
-                           optim_args=None, optim_target_modules=None)
+                           optim_args=getattr(cfg, "optim_args", None), optim_target_modules=None)
     try:
         cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args)
     except ImportError as e:
