@@ -46,10 +46,30 @@ def test_compute_metrics_misuse_is_named(tiny_model_dir, tmp_path):
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
     model = FastLanguageModel.get_peft_model(model, r=4)
     args = SFTConfig(output_dir=str(tmp_path / "o"))
-    with pytest.raises(ConfigError, match="preprocess_logits_for_metrics is used only with compute_metrics"):
+    with pytest.raises(ConfigError, match="preprocess_logits_for_metrics must be a function"):
         SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=args,
-                   preprocess_logits_for_metrics=_argmax)
+                   preprocess_logits_for_metrics="argmax")
     t = SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, eval_dataset=ROWS[:2], args=args,
                    compute_metrics=lambda p: np.float32(1.0))
     with pytest.raises(ConfigError, match="compute_metrics returned float32; it must return a dict"):
         t.evaluate()
+
+
+def test_predict_equals_transformers_trainer(tiny_model_dir, tmp_path):
+    """Trainer.predict: the same predictions (the argmax here), label_ids and metrics as transformers' Trainer,
+    without compute_metrics too; evaluation afterwards gathers nothing."""
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4, random_state=1)
+    ours = SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, eval_dataset=ROWS[:2],
+                      args=SFTConfig(output_dir=str(tmp_path / "o"), per_device_eval_batch_size=3),
+                      preprocess_logits_for_metrics=_argmax)
+    mine = ours.predict(ROWS)
+    rows = [{"input_ids": list(ex["input_ids"]), "labels": list(ex["labels"])} for ex in ours.prepare(ROWS)]
+    theirs = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "t"), per_device_eval_batch_size=3,
+                                                         report_to=[], remove_unused_columns=False),
+                     data_collator=DataCollatorForSeq2Seq(tok), preprocess_logits_for_metrics=_argmax).predict(rows)
+    assert np.array_equal(mine.predictions, theirs.predictions) and np.array_equal(mine.label_ids, theirs.label_ids)
+    assert set(mine.metrics) == {"test_loss"} and ours.predictions is None
+    assert set(ours.evaluate()) == {"eval_loss"}

@@ -137,7 +137,7 @@ def test_no_trainable_params_is_clear(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("kw, match", [
     ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"), ({"lr_scheduler_type": "wavy"}, "wavy"),
-    ({"optim": "sgd"}, "optim"), ({"learning_rate": -1.0}, "learning_rate"), ({"packing": "maybe"}, "packing"),
+    ({"optim": "sgdm"}, "optim"), ({"learning_rate": -1.0}, "learning_rate"), ({"packing": "maybe"}, "packing"),
     ({"max_steps": -1, "num_train_epochs": 0}, "nothing to train"),
     ({"max_steps": 0}, r"max_steps=0 is invalid: give the number of optimizer steps \(>= 1\), or -1"),
     ({"max_steps": -2}, r"max_steps=-2 is invalid"), ({"save_steps": -1}, r"save_steps=-1 is invalid"),

@@ -204,3 +204,26 @@ class CudaGraphStep:
         slot.graph, slot.loss_sum = graph, loss_sum
         if self.pool is None:
             self.pool = graph.pool()
+
+
+def cuda_graph_step_for(trainer) -> "CudaGraphStep":
+    """The CudaGraphStep of a trainer's args.cuda_graphs=True: every batch padded to per_device_train_batch_size
+    rows of the longest training example, so one graph serves the run. Raises ConfigError where graphs cannot
+    apply (another objective, a vision model, an "auto" choice of "offload", and what check() refuses)."""
+    if not trainer.supports_cuda_graphs or getattr(trainer, "vision", False):
+        raise ConfigError(f"cuda_graphs=True applies to SFTTrainer on text models; {type(trainer).__name__}'s "
+                          f"loss is not captured. Set cuda_graphs=False.")
+    if getattr(trainer, "_auto_offload", False):
+        raise ConfigError("cuda_graphs=True does not apply here: use_gradient_checkpointing='auto' chose "
+                          "'offload' (by its estimate even recompute on the GPU does not fit this batch), and "
+                          "host copies cannot run inside a graph. Lower per_device_train_batch_size or "
+                          "max_seq_length, or set cuda_graphs=False.")
+    check(trainer.model, trainer.args)
+    lengths = [trainer.example_tokens(ex) for ex in trainer.train_examples]
+    longest, mean, rows = max(lengths), sum(lengths) / len(lengths), trainer.args.per_device_train_batch_size
+    if trainer.dist.is_main:
+        waste = (f"; the examples average {mean:,.0f} tokens, so about {1 - mean / longest:.0%} of each batch is "
+                 f"padding (graphs suit examples of similar length)" if mean < 0.75 * longest else "")
+        print(f"fasttune: cuda_graphs on: each micro-batch runs padded to {rows} x {longest:,} tokens (the "
+              f"longest example){waste}.", file=sys.stderr)
+    return CudaGraphStep(trainer.model, trainer.pad_id, rows=rows, length=longest)

@@ -17,7 +17,7 @@ PAD = -100  # transformers' padding_index for predictions and labels alike
 class PredictionGatherer:
     """Collects (predictions, labels) per eval batch and turns them into compute_metrics' result.
 
-    compute_metrics: EvalPrediction -> dict of metrics; preprocess: (logits (B, T, V), labels (B, T)) -> a tensor
+    compute_metrics: EvalPrediction -> dict of metrics (None: only gather, for predict()); preprocess: (logits (B, T, V), labels (B, T)) -> a tensor
     with B rows (e.g. the argmax, so the vocab-wide logits of the eval set are not all kept), or None."""
 
     def __init__(self, compute_metrics, preprocess=None):
@@ -26,6 +26,7 @@ class PredictionGatherer:
                 raise ConfigError(f"{name} must be a function; got {type(fn).__name__}.")
         self.compute_metrics, self.preprocess = compute_metrics, preprocess
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.last = None  # (predictions, label_ids) of the last pass
 
     def add(self, logits: torch.Tensor, labels: torch.Tensor):
         """One eval batch: logits (B, T, V) as the model returns them, labels (B, T) as collated."""
@@ -33,14 +34,17 @@ class PredictionGatherer:
         self.parts.append((preds.detach().to("cpu"), labels.detach().to("cpu")))
 
     def metrics(self) -> dict:
-        """compute_metrics over the gathered batches ({} when none were gathered), keys prefixed "eval_"; resets.
-        Raises ConfigError when compute_metrics does not return a dict."""
+        """compute_metrics over the gathered batches ({} when none were gathered, or without compute_metrics), keys
+        prefixed "eval_"; the joined arrays stay in `last` (predictions, label_ids) for predict(); resets. Raises
+        ConfigError when compute_metrics does not return a dict."""
         if not self.parts:
             return {}
         from transformers import EvalPrediction
 
         preds, labels = (_joined([p[i] for p in self.parts]) for i in (0, 1))
-        self.parts = []
+        self.parts, self.last = [], (preds, labels)
+        if self.compute_metrics is None:
+            return {}
         out = self.compute_metrics(EvalPrediction(predictions=preds, label_ids=labels))
         if not isinstance(out, dict):
             raise ConfigError(f"compute_metrics returned {type(out).__name__}; it must return a dict of metrics.")

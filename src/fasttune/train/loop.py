@@ -10,7 +10,7 @@ hooks" section of Trainer, and nothing else:
 - counts, on the host: `count_items` (the normaliser of the accumulated batch: target tokens for SFT, pairs for
   DPO, ...), `batch_tokens`;
 - the loss: `prepare_step` (statistics of the whole accumulated batch), `micro_batch_loss`, `eval_batch_loss`;
-- metrics: `log_metrics`, `eval_metrics`;
+- metrics: `step_metrics`, `eval_metrics`;
 - a helper objectives call: `to_device`.
 
 The defaults are SFT's (examples {"input_ids", "labels"}); the other methods are private to the loop.
@@ -33,6 +33,8 @@ from fasttune.data.collate import collate, count_targets
 from fasttune.errors import ConfigError, FastTuneError, write_error
 from fasttune.wording import plural
 from fasttune.train.callbacks import CallbackMethods, TrainerCallbacks
+from fasttune.train.cuda_graphs import cuda_graph_step_for
+from fasttune.train.trainer_api import TrainerMethods
 from fasttune.train.host_reads import host_values
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
@@ -82,7 +84,7 @@ class _Run:
     memory: object = None
 
 
-class Trainer(CallbackMethods):
+class Trainer(CallbackMethods, TrainerMethods):
     """The training loop shared by every objective (see the module docstring for its hooks). model: a fasttune
     model (or the transformers fallback); tokenizer / processing_class; train_dataset (required) and eval_dataset:
     rows as `prepare` takes them; args: the objective's config (config_cls() when None); callbacks: transformers
@@ -179,7 +181,7 @@ class Trainer(CallbackMethods):
                          return_logits=False)
         return float(out.loss_sum), out.num_targets
 
-    def log_metrics(self) -> dict:
+    def step_metrics(self) -> dict:
         """Extra metrics for the log entry of a logging step (averaged since the last one); resets them."""
         return {}
 
@@ -318,7 +320,7 @@ class Trainer(CallbackMethods):
         if args.fsdp:
             shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
         self._resolve_auto_checkpointing()
-        self._graph_step = self._cuda_graph_step() if args.cuda_graphs else None
+        self._graph_step = cuda_graph_step_for(self) if args.cuda_graphs else None
         optimizer = self.optimizer = self._given_optimizers[0] or build_optimizer(model, args)
         total = self.total_steps()
         # fp16 activations underflow without loss scaling; bf16 and fp32 need none.
@@ -419,7 +421,7 @@ class Trainer(CallbackMethods):
             self._log({"step": step, "epoch": round(self.epoch_progress(run), 4),
                        "loss": sum(run.window) / len(run.window), "learning_rate": run.lr,
                        "grad_norm": run.grad_norm, "tokens_per_second": run.tokens_done / max(elapsed, 1e-9),
-                       **self.log_metrics(), **run.memory.report()}, run.out_dir / LOG_FILE)
+                       **self.step_metrics(), **run.memory.report()}, run.out_dir / LOG_FILE)
             run.window = []
         if self.eval_examples is not None and (every["eval"] and step % every["eval"] == 0 or
                                                control.should_evaluate):
@@ -516,29 +518,6 @@ class Trainer(CallbackMethods):
                              f"with gradient checkpointing {mode!r} (peak {peak:.1f} GiB allocated). To fit: "
                              + "; or ".join(advice) + ".")
 
-    def _cuda_graph_step(self):
-        """The CudaGraphStep of args.cuda_graphs=True: every batch padded to per_device_train_batch_size rows of the
-        longest training example, so one graph serves the run. Raises ConfigError where graphs cannot apply."""
-        from fasttune.train import cuda_graphs
-
-        if not self.supports_cuda_graphs or getattr(self, "vision", False):
-            raise ConfigError(f"cuda_graphs=True applies to SFTTrainer on text models; {type(self).__name__}'s "
-                              f"loss is not captured. Set cuda_graphs=False.")
-        if getattr(self, "_auto_offload", False):
-            raise ConfigError("cuda_graphs=True does not apply here: use_gradient_checkpointing='auto' chose "
-                              "'offload' (by its estimate even recompute on the GPU does not fit this batch), and "
-                              "host copies cannot run inside a graph. Lower per_device_train_batch_size or "
-                              "max_seq_length, or set cuda_graphs=False.")
-        cuda_graphs.check(self.model, self.args)
-        lengths = [self.example_tokens(ex) for ex in self.train_examples]
-        longest, mean, rows = max(lengths), sum(lengths) / len(lengths), self.args.per_device_train_batch_size
-        if self.dist.is_main:
-            waste = (f"; the examples average {mean:,.0f} tokens, so about {1 - mean / longest:.0%} of each batch is "
-                     f"padding (graphs suit examples of similar length)" if mean < 0.75 * longest else "")
-            print(f"fasttune: cuda_graphs on: each micro-batch runs padded to {rows} x {longest:,} tokens (the "
-                  f"longest example){waste}.", file=sys.stderr)
-        return cuda_graphs.CudaGraphStep(self.model, self.pad_id, rows=rows, length=longest)
-
     def _graph_replayable(self, batch: dict, host_batch: dict | None) -> bool:
         if getattr(self, "_graph_step", None) is None or host_batch is None:
             return False
@@ -594,35 +573,6 @@ class Trainer(CallbackMethods):
         except OSError as e:
             raise write_error(e, "the training log", path) from None
         self._log_rewrite = False
-
-    @torch.no_grad()
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
-        """{"eval_loss": summed eval_batch_loss / its count over the eval set, plus eval_metrics()}, under no_grad
-        in eval mode (the training mode is restored). transformers' signature: eval_dataset (rows as `prepare`
-        takes them, or a dict of named sets, each evaluated with the prefix eval_<name>) replaces the trainer's
-        eval_dataset for this call; metric_key_prefix replaces "eval" in the keys; ignore_keys is accepted (only the
-        logits are ever gathered). Raises ConfigError without an eval set, or for a trainer that does not evaluate."""
-        if not self.evaluates:
-            raise ConfigError(f"{type(self).__name__} does not evaluate an eval_dataset yet.")
-        if isinstance(eval_dataset, dict):  # transformers: each named set in turn
-            return {k: v for name, ds in eval_dataset.items()
-                    for k, v in self.evaluate(ds, ignore_keys, f"{metric_key_prefix}_{name}").items()}
-        examples = self.eval_examples if eval_dataset is None else self.prepare(eval_dataset)
-        if not examples:
-            raise ConfigError("evaluate() needs an eval_dataset (given to the trainer, or to evaluate()).")
-        was_training = self.model.training
-        self.model.eval()
-        total, count, bs = 0.0, 0, self.args.per_device_eval_batch_size
-        for i in range(0, len(examples), bs):
-            part, n = self.eval_batch_loss(self.to_device(self.collate_batch(examples[i:i + bs])))
-            total, count = total + part, count + n
-            self.callbacks.fire("on_prediction_step")  # transformers: after each evaluation batch
-        self.model.train(was_training)
-        metrics = {"eval_loss": total / max(1, count), **self.eval_metrics()}
-        if metric_key_prefix != "eval":
-            metrics = {f"{metric_key_prefix}_{k[5:]}" if k.startswith("eval_") else k: v for k, v in metrics.items()}
-        self.callbacks.fire("on_evaluate", metrics=metrics)
-        return metrics
 
 
 def _set_tf32(tf32: bool | None):

@@ -7,7 +7,7 @@ import re
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.train.config import BORROWED_OPTIMIZERS
+from fasttune.train.choices import BORROWED_OPTIMIZERS
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     """AdamW (torch's, or bitsandbytes' 8-bit) over the trainable parameters: embeddings at embedding_learning_rate,

@@ -285,7 +285,7 @@ class GRPOTrainer(Trainer):
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
                                                batch.get("ref_logps"), a.use_bias_correction_kl)
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
-        with torch.no_grad():  # the metric sums stay on the device until log_metrics reads them
+        with torch.no_grad():  # the metric sums stay on the device until step_metrics reads them
             m = mask.float()
             if kl is not None:
                 self._add_ratio("kl", (kl * m).sum(), m.sum())
@@ -325,11 +325,11 @@ class GRPOTrainer(Trainer):
         rec["completions/max_terminated_length"].append(float(ended.max()))
 
     def _add_ratio(self, name: str, s, n):
-        """Add a (sum, count) to the metric `name`; tensors stay on the device until log_metrics reads them."""
+        """Add a (sum, count) to the metric `name`; tensors stay on the device until step_metrics reads them."""
         self._ratios[name][0] = add_exact(self._ratios[name][0], s)
         self._ratios[name][1] = add_exact(self._ratios[name][1], n)
 
-    def log_metrics(self) -> dict:
+    def step_metrics(self) -> dict:
         """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
         over the steps since the last log entry; resets them."""
         out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}

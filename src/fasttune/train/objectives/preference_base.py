@@ -146,7 +146,7 @@ class PreferenceTrainer(Trainer):
             self._window = "train"
         return float(loss) * n, n
 
-    def log_metrics(self) -> dict:
+    def step_metrics(self) -> dict:
         """TRL's metrics (rewards/*, logps/*, ...) averaged since the last log entry, plus rewards/margins; resets."""
         return self._averages("train", "")
 

@@ -11,7 +11,7 @@ from fasttune.train.loop import Trainer
 class SFTTrainer(Trainer):
     """Supervised fine-tuning with SFTConfig; args.chat_template, if set, is also stored on the tokenizer."""
 
-    supports_cuda_graphs = True  # text models (vision ones are refused in Trainer._cuda_graph_step)
+    supports_cuda_graphs = True  # text models (vision ones are refused in cuda_graphs.cuda_graph_step_for)
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: SFTConfig | None = None,
                  data_collator=None, formatting_func=None, compute_metrics=None, preprocess_logits_for_metrics=None,
@@ -40,7 +40,8 @@ class SFTTrainer(Trainer):
             raise ConfigError(f"formatting_func must be a function of one row returning its text; got "
                               f"{type(formatting_func).__name__}.")
         self.formatting_func = formatting_func
-        self.predictions = None
+        self.predictions = None  # a PredictionGatherer while an evaluation pass gathers predictions
+        self.preprocess_logits = preprocess_logits_for_metrics  # predict() applies it without compute_metrics too
         if compute_metrics is not None:  # transformers' contract: the eval pass gathers logits (eval_predictions.py)
             from fasttune.train.eval_predictions import PredictionGatherer
 
@@ -48,9 +49,9 @@ class SFTTrainer(Trainer):
                 raise ConfigError("compute_metrics on a vision-language model is not implemented: evaluation logs "
                                   "eval_loss; leave compute_metrics out.")
             self.predictions = PredictionGatherer(compute_metrics, preprocess_logits_for_metrics)
-        elif preprocess_logits_for_metrics is not None:
-            raise ConfigError("preprocess_logits_for_metrics is used only with compute_metrics; give both, or "
-                              "neither.")
+        elif preprocess_logits_for_metrics is not None and not callable(preprocess_logits_for_metrics):
+            raise ConfigError(f"preprocess_logits_for_metrics must be a function; got "
+                              f"{type(preprocess_logits_for_metrics).__name__}.")
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
         if self.args.chat_template and self.tokenizer is not None:
             from fasttune.data.templates import resolve_chat_template
@@ -100,6 +101,27 @@ class SFTTrainer(Trainer):
         if self.predictions is not None:
             self.predictions.parts = []  # a pass that raised must not leave its batches to the next one
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        """transformers' Trainer.predict: a PredictionOutput of the logits (or preprocess_logits_for_metrics' result)
+        and labels over `test_dataset`, joined and padded with -100 as transformers does, and its metrics (loss and
+        compute_metrics', prefixed metric_key_prefix); fires on_predict. Raises as evaluate() does."""
+        from transformers.trainer_utils import PredictionOutput
+
+        from fasttune.train.eval_predictions import PredictionGatherer
+
+        if self.vision:
+            raise ConfigError("predict() on a vision-language model is not implemented; generate() its answers.")
+        own = self.predictions
+        self.predictions = own if own is not None else PredictionGatherer(None, self.preprocess_logits)
+        self.predictions.parts, self.predictions.last = [], None
+        try:
+            metrics = self.evaluation_pass(test_dataset, metric_key_prefix)
+            predictions, label_ids = self.predictions.last
+        finally:
+            self.predictions = own
+        self.callbacks.fire("on_predict", metrics=metrics)
+        return PredictionOutput(predictions=predictions, label_ids=label_ids, metrics=metrics)
 
     def eval_metrics(self) -> dict:
         """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given."""
