@@ -3,14 +3,14 @@ transformers' or TRL's trainers keeps its callbacks when only the import changes
 
 The events are transformers' (trainer_callback.TrainerCallback), fired at the same points of a step: on_init_end,
 on_train_begin, on_epoch_begin, on_step_begin, on_pre_optimizer_step, on_optimizer_step, on_step_end, on_log,
-on_evaluate, on_save, on_epoch_end, on_train_end, on_substep_end (after each gradient-accumulation micro-batch but
-a step's last) and on_prediction_step (after each evaluation batch); each callback gets (args, state, control) and the keyword
-arguments transformers passes (model, processing_class, optimizer, lr_scheduler, train_dataloader=None,
+on_evaluate, on_save, on_epoch_end, on_train_end, on_substep_end (after each gradient-accumulation micro-batch
+but a step's last) and on_prediction_step (after each evaluation batch); each callback gets (args, state, control)
+and the keyword arguments transformers passes (model, processing_class, optimizer, lr_scheduler, train_dataloader=None,
 eval_dataloader=None; logs for on_log, metrics for on_evaluate). `state` is transformers' TrainerState, kept in step
 with the loop; `control` is its TrainerControl, and the loop honours should_training_stop (stops after the step, on
 every rank), should_log, should_evaluate and should_save (on top of logging_steps / eval_steps / save_steps).
-Not honoured: should_epoch_stop (the loop's batches are planned per step, not per epoch), and no on_predict event
-(there is no predict()).
+on_predict fires from SFTTrainer.predict. Not honoured: should_epoch_stop (the loop's batches are planned per step,
+not per epoch).
 EarlyStoppingCallback needs load_best_model_at_end, which fasttune does not implement: it is refused.
 """
 from __future__ import annotations
