@@ -17,6 +17,18 @@ def _model():
     return model
 
 
+def _steps_equal(ours, opt, ref, ref_opt, steps: int):
+    """`steps` identical updates of both models by their optimizers leave bit-equal parameters."""
+    x = torch.randn(8, 64)
+    for model, o in ((ours, opt), (ref, ref_opt)):
+        for _ in range(steps):
+            model(x).pow(2).mean().backward()
+            o.step()
+            o.zero_grad()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name,cls", [("adamw_8bit", "AdamW8bit"), ("paged_adamw_8bit", "PagedAdamW8bit")])
 def test_8bit_adamw_is_bitsandbytes_and_steps_like_it(name, cls):
     cfg = SFTConfig(optim=name, learning_rate=1e-3, weight_decay=0.01)
@@ -27,14 +39,7 @@ def test_8bit_adamw_is_bitsandbytes_and_steps_like_it(name, cls):
     groups = [{"params": [p for n, p in ref.named_parameters() if not n.endswith("bias")]},
               {"params": [p for n, p in ref.named_parameters() if n.endswith("bias")], "weight_decay": 0.0}]
     ref_opt = getattr(bnb.optim, cls)(groups, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01)
-    x = torch.randn(8, 64)
-    for model, o in ((ours, opt), (ref, ref_opt)):
-        for _ in range(3):
-            model(x).pow(2).mean().backward()
-            o.step()
-            o.zero_grad()
-    for a, b in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _steps_equal(ours, opt, ref, ref_opt, 3)
     assert opt.state[next(iter(ours[0].parameters()))]["state1"].dtype == torch.uint8  # 8-bit moments
 
 
@@ -60,14 +65,7 @@ def test_transformers_other_optimizers_are_built_as_its_trainer_builds_them(name
     # transformers' Trainer gives the weight decay in the param groups (0.0 here), over the class's own default
     opt, ref_opt = build_optimizer(ours, cfg), cls([{"params": list(ref.parameters()), "weight_decay": 0.0}], **kwargs)
     assert type(opt) is cls and all(opt.defaults[k] == v for k, v in kwargs.items() if k in opt.defaults)
-    x = torch.randn(8, 64)
-    for model, o in ((ours, opt), (ref, ref_opt)):
-        for _ in range(2):
-            model(x).pow(2).mean().backward()
-            o.step()
-            o.zero_grad()
-    for a, b in zip(ours.parameters(), ref.parameters()):
-        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _steps_equal(ours, opt, ref, ref_opt, 2)
 
 
 def test_optimizers_fasttune_cannot_drive_are_refused():
