@@ -53,7 +53,7 @@ CASES = {
                               "learning_rate"),
     "config file missing": (lambda t, m: ["--config", str(t / "nope.yaml")], "nope.yaml"),
     "flag scheduler": (lambda t, m: ["--lr-scheduler-type", "wavy"], "wavy"),
-    "flag optimizer": (lambda t, m: ["--optim", "sgd"], "sgd"),
+    "flag optimizer": (lambda t, m: ["--optim", "lomo"], "lomo"),
     "flag max seq length cuts every response": (lambda t, m: ["--max-seq-length", "5"],
                                                 "max_seq_length=5 cuts off every response in good.jsonl: all 4 rows "
                                                 "left are truncated before the first response token"),
