@@ -14,7 +14,7 @@ loss, then appends a JSONL row to bench/results/preference.jsonl. Usage on a GPU
 
 tok/s counts every token of the chosen and rejected sequences (prompt + completion, both sides) of the timed steps,
 the same number for both impls; time = wall time from the end of the last warmup step to the end of the last step,
-read after torch.cuda.synchronize() in a per-step hook (TRL: a TrainerCallback's on_step_end; ours: log_metrics,
+read after torch.cuda.synchronize() in a per-step hook (TRL: a TrainerCallback's on_step_end; ours: step_metrics,
 which the loop calls after each optimizer step, with logging_steps=1 on both sides).
 """
 from __future__ import annotations
@@ -127,10 +127,10 @@ def run_ours(method, shape, gc, rows, tok, a, device, dtype, out_dir):
     ends = []
 
     class Timed(base_cls):
-        def log_metrics(self):  # called once per optimizer step (logging_steps=1), after the update
+        def step_metrics(self):  # called once per optimizer step (logging_steps=1), after the update
             _sync()
             ends.append(time.perf_counter())
-            return super().log_metrics()
+            return super().step_metrics()
 
     torch.manual_seed(0)
     model = build_ours(shape, gc, a.r, device, dtype)
