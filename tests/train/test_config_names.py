@@ -20,8 +20,7 @@ def test_trl_names_translate_and_bookkeeping_is_accepted():
     (dict(save_strategy="epoch"), "save_strategy='epoch'.*save_steps=N"),
     (dict(eval_strategy="epoch"), "eval_strategy='epoch'.*eval_steps=N"),
     (dict(neftune_noise_alpha=5.0), "NEFTune"),
-    (dict(assistant_only_loss=True), "train_on_responses_only=True"),
-    (dict(padding_free=True), "packing=True"),
+    (dict(assistant_only_loss=True, train_on_responses_only=False), "disagree"),
     (dict(max_lenght=3), "unknown setting 'max_lenght'. Did you mean 'max_seq_length'"),
     (dict(max_length=3, max_seq_length=4), "max_length and max_seq_length are the same setting"),
 ])
@@ -93,6 +92,8 @@ def test_upstream_values_translate():
         ("outputs", True, False, 0.05, 0, True, 11)
     assert SFTConfig(fsdp="").fsdp is False and SFTConfig(fsdp=None).fsdp is False
     assert DPOConfig(loss_type=["ipo"]).loss_type == "ipo"
+    assert SFTConfig(assistant_only_loss=True).train_on_responses_only is True
+    assert SFTConfig(padding_free=True, assistant_only_loss=False).train_on_responses_only is False
 
 
 def test_chat_template_path(tmp_path):

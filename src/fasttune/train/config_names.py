@@ -5,7 +5,8 @@ TypeError).
 
 - TRL's current names of our fields are translated (`max_length` -> `max_seq_length`), and so are a few values
   (`fsdp="full_shard"` -> fsdp=True, `train_sampling_strategy="sequential"` -> shuffle=False, `chat_template_path`
-  -> the template text of that file or tokenizer folder).
+  -> the template text of that file or tokenizer folder, TRL's `assistant_only_loss=True` ->
+  train_on_responses_only=True).
 - Bookkeeping settings that change nothing fasttune computes are accepted and dropped (run names, dataloader
   workers, hub ids with push_to_hub off, DDP tuning, eval gathering, ...).
 - `gradient_checkpointing` is accepted: recompute is the model's setting here (`use_gradient_checkpointing` of
@@ -41,7 +42,10 @@ NO_EFFECT = {"run_name", "logging_dir", "logging_strategy", "logging_nan_inf_fil
              "ddp_static_graph", "ddp_backend", "ddp_timeout", "dataloader_multiprocessing_context",
              "resume_from_checkpoint", "length_column_name",
              # TRL: padding shapes and eval packing leave every token's loss as it is (no cross-document attention)
-             "pad_to_multiple_of", "eval_packing", "shuffle_dataset"}
+             "pad_to_multiple_of", "eval_packing", "shuffle_dataset",
+             # TRL: rows flattened without padding, attended per document; the same losses as padded rows, which
+             # fasttune batches (right padding runs as plain causal attention; packing=True packs for speed)
+             "padding_free"}
 # setting -> (values that keep fasttune's behaviour, the fix for any other value)
 REFUSED = {
     "push_to_hub": ((False, None), "fasttune does not upload during training (no network at run time); save with "
@@ -51,10 +55,8 @@ REFUSED = {
     "group_by_length": ((False, None), "batches are drawn in the data's order (shuffled); leave it off"),
     "load_best_model_at_end": ((False, None), "the last step's weights are kept; pick a checkpoint from "
                                               "output_dir by its eval loss instead"),
-    "padding_free": ((False, None), "use packing=True, which trains packed rows without cross-attention"),
     "completion_only_loss": ((None, True), "fasttune trains on the completion of prompt/completion rows (and on "
                                            "whole texts otherwise); for chat rows use train_on_responses_only=True"),
-    "assistant_only_loss": ((False, None), "use train_on_responses_only=True (the assistant turns only)"),
     "label_smoothing_factor": ((0, 0.0, None), "label smoothing is not implemented; leave it at 0"),
     "torch_compile_backend": ((None,), "our decoder runs its own kernels; leave torch_compile off"),
     "torch_compile_mode": ((None,), "our decoder runs its own kernels; leave torch_compile off"),
@@ -119,6 +121,12 @@ def translate(cls, kwargs: dict) -> dict:
                                   f"{STRATEGIES[key]} steps; use {key}='steps' with {STRATEGIES[key]}=N, or 'no'.")
             if value == "no" and key == "save_strategy" and "save_steps" not in kwargs:
                 out["save_steps"] = 0
+        elif key == "assistant_only_loss" and "train_on_responses_only" in names:
+            if value and kwargs.get("train_on_responses_only") is False:
+                raise ConfigError(f"{cls.__name__}: assistant_only_loss=True and train_on_responses_only=False "
+                                  f"disagree; give one.")
+            if value:
+                out["train_on_responses_only"] = True  # TRL's name: the loss on the assistant turns only
         elif key == "train_sampling_strategy":
             _sampling(cls, value, kwargs, out)
         elif key == "chat_template_path" and "chat_template" in names:
