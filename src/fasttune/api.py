@@ -12,11 +12,13 @@ from fasttune.models.host_embedding import offload_input_embedding
 from fasttune.models.host_head import offload_lm_head as offload_lm_head_
 from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
-from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
+from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
+
+
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     """from_pretrained's `dtype` (None, a torch dtype or a name such as "bf16") -> a torch dtype. None picks bf16 on
     GPUs that support it, else fp16, and fp32 on CPU. Raises ConfigError for other names or dtypes."""

@@ -14,6 +14,7 @@ import warnings
 from dataclasses import fields
 from pathlib import Path
 
+from fasttune.commands._flag_types import flag_name, flag_type, parse_bool
 from fasttune.errors import ConfigError, FastTuneError, WriteError
 from fasttune.train.config import SFTConfig, TrainingConfig
 
@@ -69,35 +70,6 @@ PREFERENCE_METHODS = ("dpo", "orpo", "kto")
 DEFAULT_OUTPUT_DIR = "fasttune_output"
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _bool(text: str) -> bool:
-    low = str(text).lower()
-    if low in ("1", "true", "yes", "on"):
-        return True
-    if low in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got '{text}'")
-
-
-def _optional_float(text: str):
-    return None if str(text).lower() == "none" else float(text)
-
-
-def _optional_int(text: str):
-    return None if str(text).lower() == "none" else int(text)
-
-
-def _int_or_share(text: str):
-    """--logging-steps / --eval-steps / --save-steps: a whole number, a share of the run's steps (0.1), or none."""
-    if text.strip().lower() == "none":
-        return None
-    value = float(text)  # argparse reports a ValueError as an invalid value of the flag
-    return int(value) if value.is_integer() else value
-
-
 def _import(dotted: str):
     import importlib
 
@@ -130,20 +102,6 @@ def method_config(method: str) -> type:
                           f"the other methods, or update fasttune.") from None
 
 
-def _flag_type(f):
-    """argparse type of a config field, from its annotation ('int | None' -> int or 'none')."""
-    kinds = {k.strip() for k in str(f.type).split("|")}
-    if "bool" in kinds:
-        return bool
-    if "int" in kinds and "float" in kinds:  # *_steps: a whole number, or a share of the run below 1
-        return _int_or_share
-    if "int" in kinds:
-        return _optional_int if "None" in kinds else int
-    if "float" in kinds:
-        return _optional_float if "None" in kinds else float
-    return str
-
-
 def _method_config(argv: list[str]) -> type:
     """The config class of the method this `fasttune train` command asks for (flag, else YAML), so that its fields
     become flags; SFTConfig when none is given or it is unknown (resolve_settings then reports that)."""
@@ -167,9 +125,9 @@ def _method_config(argv: list[str]) -> type:
 
 
 def _add_typed(parser, name: str, typ, helptext: str):
-    flags = [_flag(name)] + [_flag(a) for a, target in ALIASES.items() if target == name]
+    flags = [flag_name(name)] + [flag_name(a) for a, target in ALIASES.items() if target == name]
     if typ is bool:
-        parser.add_argument(*flags, dest=name, nargs="?", const=True, type=_bool, default=None, help=helptext)
+        parser.add_argument(*flags, dest=name, nargs="?", const=True, type=parse_bool, default=None, help=helptext)
     else:
         parser.add_argument(*flags, dest=name, type=typ, default=None, help=helptext)
 
@@ -214,7 +172,7 @@ def build_parser(config_cls: type = SFTConfig) -> argparse.ArgumentParser:
             _add_typed(train, name, typ, helptext.replace("%", "%%"))
     resolved = config_cls()  # defaults as the config normalises them (report_to 'none' -> [])
     for f in fields(config_cls):
-        _add_typed(train, f.name, _flag_type(f), _default_help(config_cls, f.name, getattr(resolved, f.name)))
+        _add_typed(train, f.name, flag_type(f), _default_help(config_cls, f.name, getattr(resolved, f.name)))
     train.set_defaults(func=cmd_train, config_cls=config_cls)
     for register in _more_commands():
         register(sub)

@@ -73,3 +73,13 @@ def test_predict_equals_transformers_trainer(tiny_model_dir, tmp_path):
     assert np.array_equal(mine.predictions, theirs.predictions) and np.array_equal(mine.label_ids, theirs.label_ids)
     assert set(mine.metrics) == {"test_loss"} and ours.predictions is None
     assert set(ours.evaluate()) == {"eval_loss"}
+
+
+def test_compute_metrics_per_named_eval_set(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    t = SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, compute_metrics=_accuracy,
+                   args=SFTConfig(output_dir=str(tmp_path / "o"), per_device_eval_batch_size=3))
+    both = t.evaluate({"a": ROWS[:2], "b": ROWS[2:]})
+    assert both["eval_a_targets"] == t.evaluate(ROWS[:2])["eval_targets"] and "eval_b_accuracy" in both
+    assert t.predictions is None

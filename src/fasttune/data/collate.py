@@ -74,7 +74,8 @@ def collate_with(collator, examples: Sequence[Mapping]) -> dict[str, torch.Tenso
 
     from fasttune.errors import DataError
 
-    def ints(v) -> list[int]:  # examples may hold tensors or arrays; collators pad plain lists
+    def ints(v) -> list[int]:
+        """A row of token ids (list, tensor or array) as a plain list: collators pad lists."""
         return v.tolist() if hasattr(v, "tolist") else list(v)
 
     features = [{"input_ids": ints(ex["input_ids"]), "attention_mask": [1] * len(ex["input_ids"]),

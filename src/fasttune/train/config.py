@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 from fasttune.errors import ConfigError
 from fasttune.train.choices import (BORROWED_OPTIMIZERS, METRIC_SCHEDULES, OPTIMIZERS, SCHEDULE_NAMES,
                                      SIMPLE_SCHEDULES)
-from fasttune.train.config_names import ConfigMeta
+from fasttune.train.config_names import ConfigMeta, is_share
 
 
 @dataclass
@@ -89,11 +89,11 @@ class TrainingConfig(metaclass=ConfigMeta):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be a whole number >= 0 "
                                   f"(0 turns it off).")
-        if not _is_ratio(self.logging_steps) and (isinstance(self.logging_steps, float) or self.logging_steps < 1):
+        if not is_share(self.logging_steps) and (isinstance(self.logging_steps, float) or self.logging_steps < 1):
             raise ConfigError(f"logging_steps={self.logging_steps!r} is invalid: it must be a whole number >= 1, or a "
                               f"share of the run's steps between 0 and 1.")
         for name in ("eval_steps", "save_total_limit"):
-            if _is_ratio(getattr(self, name)):
+            if is_share(getattr(self, name)):
                 continue
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} is invalid: it must be a whole number >= 1, or "
@@ -154,15 +154,10 @@ class SFTConfig(TrainingConfig):
     Raises ConfigError as TrainingConfig does."""
 
 
-def _is_ratio(value) -> bool:
-    """transformers' reading of a *_steps value: a float strictly between 0 and 1 is a share of the run's steps."""
-    return isinstance(value, float) and 0 < value < 1
-
-
 def steps_every(value, total: int) -> int:
     """A logging/eval/save interval for a run of `total` optimizer steps: a share (0 < value < 1) becomes
     ceil(value * total) steps, as transformers' Trainer computes it; whole numbers (and 0 / None: off) stay."""
-    return math.ceil(value * total) if _is_ratio(value) else (value or 0)
+    return math.ceil(value * total) if is_share(value) else (value or 0)
 
 
 def _checked_type(name: str, annotation: str, value):
@@ -199,7 +194,7 @@ def _checked_type(name: str, annotation: str, value):
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
-        if "float" in kinds and _is_ratio(value):  # logging/eval/save steps: a share of the run
+        if "float" in kinds and is_share(value):  # logging/eval/save steps: a share of the run
             return value
         raise ConfigError(f"{name}={value!r} is invalid: it must be a whole number.")
     if "float" in kinds:

@@ -98,7 +98,7 @@ def translate(cls, kwargs: dict) -> dict:
                 out["fsdp"] = _fsdp(cls, value)
         elif key == "output_dir" and value is None:
             continue  # transformers' default: our own default folder
-        elif key == "warmup_steps" and isinstance(value, float) and 0 < value < 1:
+        elif key == "warmup_steps" and is_share(value):
             if kwargs.get("warmup_ratio"):
                 raise ConfigError(f"{cls.__name__}: warmup_steps={value} (a ratio, as transformers 5 reads a value "
                                   f"below 1) and warmup_ratio={kwargs['warmup_ratio']} are the same setting; give one.")
@@ -144,6 +144,12 @@ def translate(cls, kwargs: dict) -> dict:
     if out.get("save_steps") is not None and kwargs.get("save_strategy") == "no" and "save_steps" in kwargs:
         out["save_steps"] = 0  # save_strategy='no' wins over a save_steps left over from another run
     return out
+
+
+def is_share(value) -> bool:
+    """transformers' reading of a *_steps value (warmup, logging, eval, save): a float strictly between 0 and 1 is a
+    share of the run's steps."""
+    return isinstance(value, float) and 0 < value < 1
 
 
 def _fsdp(cls, value) -> bool:

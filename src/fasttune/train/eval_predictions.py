@@ -17,13 +17,11 @@ PAD = -100  # transformers' padding_index for predictions and labels alike
 class PredictionGatherer:
     """Collects (predictions, labels) per eval batch and turns them into compute_metrics' result.
 
-    compute_metrics: EvalPrediction -> dict of metrics (None: only gather, for predict()); preprocess: (logits (B, T, V), labels (B, T)) -> a tensor
-    with B rows (e.g. the argmax, so the vocab-wide logits of the eval set are not all kept), or None."""
+    compute_metrics: EvalPrediction -> dict of metrics (None: only gather, for predict()); preprocess: (logits
+    (B, T, V), labels (B, T)) -> a tensor with B rows (e.g. the argmax, so the vocab-wide logits of the eval set are
+    not all kept), or None. One gatherer serves one pass."""
 
     def __init__(self, compute_metrics, preprocess=None):
-        for name, fn in (("compute_metrics", compute_metrics), ("preprocess_logits_for_metrics", preprocess)):
-            if fn is not None and not callable(fn):
-                raise ConfigError(f"{name} must be a function; got {type(fn).__name__}.")
         self.compute_metrics, self.preprocess = compute_metrics, preprocess
         self.parts: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.last = None  # (predictions, label_ids) of the last pass

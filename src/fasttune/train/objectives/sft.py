@@ -40,18 +40,17 @@ class SFTTrainer(Trainer):
             raise ConfigError(f"formatting_func must be a function of one row returning its text; got "
                               f"{type(formatting_func).__name__}.")
         self.formatting_func = formatting_func
-        self.predictions = None  # a PredictionGatherer while an evaluation pass gathers predictions
-        self.preprocess_logits = preprocess_logits_for_metrics  # predict() applies it without compute_metrics too
-        if compute_metrics is not None:  # transformers' contract: the eval pass gathers logits (eval_predictions.py)
-            from fasttune.train.eval_predictions import PredictionGatherer
-
-            if self.vision:
-                raise ConfigError("compute_metrics on a vision-language model is not implemented: evaluation logs "
-                                  "eval_loss; leave compute_metrics out.")
-            self.predictions = PredictionGatherer(compute_metrics, preprocess_logits_for_metrics)
-        elif preprocess_logits_for_metrics is not None and not callable(preprocess_logits_for_metrics):
-            raise ConfigError(f"preprocess_logits_for_metrics must be a function; got "
-                              f"{type(preprocess_logits_for_metrics).__name__}.")
+        for name, fn in (("compute_metrics", compute_metrics), ("preprocess_logits_for_metrics",
+                                                                 preprocess_logits_for_metrics)):
+            if fn is not None and not callable(fn):
+                raise ConfigError(f"{name} must be a function; got {type(fn).__name__}.")
+        if compute_metrics is not None and self.vision:
+            raise ConfigError("compute_metrics on a vision-language model is not implemented: evaluation logs "
+                              "eval_loss; leave compute_metrics out.")
+        # transformers' contract: evaluation gathers logits for compute_metrics (eval_predictions.py); predict()
+        # gathers them, through preprocess_logits_for_metrics, with or without compute_metrics
+        self.compute_metrics, self.preprocess_logits = compute_metrics, preprocess_logits_for_metrics
+        self.predictions = None  # the PredictionGatherer of the evaluation pass running, when it gathers
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
         if self.args.chat_template and self.tokenizer is not None:
             from fasttune.data.templates import resolve_chat_template
@@ -98,9 +97,10 @@ class SFTTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """See Trainer.evaluate; with compute_metrics, its metrics over this pass are added (prefixed)."""
-        if self.predictions is not None:
-            self.predictions.parts = []  # a pass that raised must not leave its batches to the next one
-        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        if self.compute_metrics is None or isinstance(eval_dataset, dict):  # a dict: each set comes back here
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        return self._gathering(lambda: super(SFTTrainer, self).evaluate(eval_dataset, ignore_keys,
+                                                                        metric_key_prefix))[0]
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         """transformers' Trainer.predict: a PredictionOutput of the logits (or preprocess_logits_for_metrics' result)
@@ -108,20 +108,23 @@ class SFTTrainer(Trainer):
         compute_metrics', prefixed metric_key_prefix); fires on_predict. Raises as evaluate() does."""
         from transformers.trainer_utils import PredictionOutput
 
-        from fasttune.train.eval_predictions import PredictionGatherer
-
         if self.vision:
             raise ConfigError("predict() on a vision-language model is not implemented; generate() its answers.")
-        own = self.predictions
-        self.predictions = own if own is not None else PredictionGatherer(None, self.preprocess_logits)
-        self.predictions.parts, self.predictions.last = [], None
-        try:
-            metrics = self.evaluation_pass(test_dataset, metric_key_prefix)
-            predictions, label_ids = self.predictions.last
-        finally:
-            self.predictions = own
+        metrics, (predictions, label_ids) = self._gathering(
+            lambda: self.evaluation_pass(test_dataset, metric_key_prefix))
         self.callbacks.fire("on_predict", metrics=metrics)
         return PredictionOutput(predictions=predictions, label_ids=label_ids, metrics=metrics)
+
+    def _gathering(self, run_pass):
+        """(run_pass()'s metrics, (predictions, label_ids)) with a fresh PredictionGatherer collecting the pass's
+        logits; none is left behind, also when the pass raises."""
+        from fasttune.train.eval_predictions import PredictionGatherer
+
+        gatherer = self.predictions = PredictionGatherer(self.compute_metrics, self.preprocess_logits)
+        try:
+            return run_pass(), gatherer.last
+        finally:
+            self.predictions = None
 
     def eval_metrics(self) -> dict:
         """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given."""

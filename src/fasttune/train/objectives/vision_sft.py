@@ -14,6 +14,7 @@ IMAGE_KEYS = ("pixel_values", "image_grid_thw")
 
 
 def is_vision_model(model) -> bool:
+    """Whether `model` is one of our vision-language models (models/vision.py gives them a `family`)."""
     return getattr(model, "family", None) is not None
 
 
@@ -52,4 +53,6 @@ def vision_loss(model, batch: dict, num_items: int):
 
 
 def collate(examples: list[dict], processor) -> dict:
+    """Encoded image + text examples -> one batch (input_ids, attention_mask, labels, pixel_values, image_grid_thw),
+    as data/vision.py's collate_vision builds it with `processor`."""
     return collate_vision(examples, processor)
