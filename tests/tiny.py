@@ -26,6 +26,9 @@ def hf_config(family: str, **overrides):
                                   layer_types=["sliding_attention", "full_attention"])
     elif family == "phi3":
         cfg = tf.Phi3Config(**kw, resid_pdrop=0.0, embd_pdrop=0.0, attention_dropout=0.0, tie_word_embeddings=False)
+    elif family == "smollm3":  # 4 layers: the 4th has no RoPE (the default interval, which llama.cpp assumes)
+        kw.update(num_hidden_layers=4)
+        cfg = tf.SmolLM3Config(**kw, tie_word_embeddings=True)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
         cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
@@ -46,7 +49,7 @@ def hf_config(family: str, **overrides):
     return cfg
 
 
-FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"]
+FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

@@ -242,7 +242,7 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     model.arch.model_type = "falcon"
-    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, qwen3_moe, mixtral, gpt_oss; "
+    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, smollm3, qwen3_moe, mixtral, gpt_oss; "
                                           "this model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
@@ -483,3 +483,21 @@ def test_gpt_oss_llama_cpp_cannot_compute_is_a_config_error(overrides, bpe, tmp_
     with pytest.raises(ConfigError, match="gpt-oss"):
         model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_smollm3_nope_layers_in_llama_cpp(bpe, tmp_path):
+    """llama.cpp's smollm3 leaves RoPE out of every 4th layer, as the tiny model does (logits match above); our
+    model made to rotate there too is far off llama.cpp's logits, so the match is not blind to the pattern. Any other
+    pattern is refused before a file is written."""
+    model, tok = _tiny_lora_model("smollm3", tmp_path / "m", bpe)
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f32", progress=False)
+    exact = _compare_logits(model, tok, path)[0]
+    model.model.layers[3].self_attn.rope_kind = "global"
+    rotated = _compare_logits(model, tok, path)[0]
+    print(f"f32 rel: {exact:.2e}; with RoPE in layer 3: {rotated:.2e}")
+    assert exact < 5e-4 and rotated > 5 * exact
+    save_hf(hf_model("smollm3", vocab_size=416, no_rope_layers=[1, 0, 1, 0]), tmp_path / "other", bpe)
+    other, tok = FastLanguageModel.from_pretrained(str(tmp_path / "other"))
+    with pytest.raises(ConfigError, match=r"no RoPE in layers \[1, 3\].*every 4th layer"):
+        other.save_pretrained_gguf(tmp_path / "other.gguf", tok)
+    assert not (tmp_path / "other.gguf").exists()

@@ -151,9 +151,10 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
             continue
         if name.endswith("mlp.experts.down_proj"):
             name += ".weight"
-        if arch == "llama" and name.endswith(("q_proj.weight", "q_proj.bias")):
+        # llama.cpp's llama and smollm3 rotate adjacent pairs (a NoPE layer's q and k move alike: scores unchanged)
+        if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_heads)
-        elif arch == "llama" and name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_kv_heads)
         if cfg.norm_offset and name.endswith("norm.weight"):
             t = t + cfg.norm_offset
@@ -189,6 +190,10 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
             for proj, v in parts.items()}
 
 
+ROTATE_PAIRS = ("llama", "smollm3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+SMOLLM3_NOPE_STEP = 4  # llama.cpp's smollm3: layer i has no RoPE when (i + 1) % 4 == 0, fixed (no GGUF key)
+
+
 def _check_supported(cfg):
     if cfg.mrope_section is not None:  # the language model of a vision-language checkpoint (models/vision.py)
         raise ConfigError("GGUF export of vision-language models is not supported yet (llama.cpp needs the text "
@@ -207,7 +212,13 @@ def _check_supported(cfg):
                               f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
     elif arch == "gpt-oss":
         _check_gpt_oss(cfg)
-    elif any(cfg.sliding_windows):
+    if arch == "smollm3" and cfg.rope_layers != [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(cfg.num_layers)]:
+        nope = [i for i, rope in enumerate(cfg.rope_layers) if not rope]
+        raise ConfigError(f"This SmolLM3 model has no RoPE in layers {nope} (no_rope_layers); llama.cpp's smollm3 "
+                          f"always leaves it out of every {SMOLLM3_NOPE_STEP}th layer and reads no pattern from the "
+                          f"file, so the GGUF would compute another model. Save the merged model with "
+                          f"save_pretrained_merged instead. Nothing was written.")
+    if arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")

@@ -15,8 +15,8 @@ from typing import Any
 
 from fasttune.errors import ModelLoadError
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "qwen3_moe",
-                      "mixtral", "gpt_oss")
+SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
+                      "qwen3_moe", "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -45,6 +45,8 @@ class ModelConfig:
     mrope_section: list | None = None
     mrope_interleaved: bool = False  # Qwen3-VL: frequencies cycle t, h, w instead of running in sections
     partial_rotary_factor: float = 1.0
+    # per layer: False = the layer applies no RoPE (SmolLM3's NoPE layers, transformers' no_rope_layers 0); empty = all
+    rope_layers: list = field(default_factory=list)
     max_position_embeddings: int = 4096
     hidden_act: str = "silu"
     attn_bias: bool = False  # q/k/v bias (qwen2: True; llama: attention_bias)
@@ -135,9 +137,11 @@ class ModelConfig:
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
         )
-        if model_type in ("llama", "mistral"):
+        if model_type in ("llama", "mistral", "smollm3"):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
+            if model_type == "smollm3":
+                cfg.rope_layers = _rope_layers(get, layers)
         elif model_type == "qwen2":
             cfg.attn_bias = True
         elif model_type in VISION_TEXT_FAMILIES:
@@ -242,11 +246,26 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
     return float(theta), scaling, float(partial), (float(local_theta) if local_theta else None)
 
 
+def _rope_layers(get, layers: int) -> list:
+    """SmolLM3's RoPE layers as transformers' SmolLM3Config reads them: no_rope_layers[i] 1 = layer i rotates q/k,
+    0 = no positional encoding; absent, every no_rope_layer_interval-th layer (i + 1 divisible by it) has none.
+    Raises ModelLoadError for a list shorter than the layers or with entries other than 0/1."""
+    given = get("no_rope_layers")
+    if given is None:
+        interval = int(get("no_rope_layer_interval", 4) or 4)
+        return [(i + 1) % interval != 0 for i in range(layers)]
+    if len(given) < layers or any(v not in (0, 1, True, False) for v in given):
+        raise ModelLoadError(f"no_rope_layers in the model config must hold a 0 or 1 for each of the {layers} "
+                             f"layers (1 = RoPE); it is {list(given)}. Fix config.json.")
+    return [bool(v) for v in given[:layers]]
+
+
 def _sliding_windows(get, model_type: str, layers: int) -> list:
     window = get("sliding_window")
     layer_types = get("layer_types")
-    if model_type in ("qwen2", "qwen3", "qwen3_moe") + VISION_TEXT_FAMILIES:
-        # Qwen only slides when use_sliding_window is set, and only from max_window_layers on (4.x semantics).
+    if model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3") + VISION_TEXT_FAMILIES:
+        # Qwen (and SmolLM3's attention) only slide when use_sliding_window is set; Qwen only from
+        # max_window_layers on (4.x semantics).
         if not get("use_sliding_window", False):
             return [None] * layers
     if layer_types:

@@ -75,6 +75,8 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
+        if cfg.rope_layers and not cfg.rope_layers[layer_idx]:
+            self.rope_kind = "none"  # SmolLM3's NoPE layers: identity cos/sin for the fused decode kernel
         # Whether "offload" may keep q/k/v and the post-attention residual so the recompute skips the projections
         # (models/kept_block.py): only where no other op reads the values skipped.
         self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm)
@@ -103,7 +105,8 @@ class Attention(nn.Module):
                 out = decode_attention(q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.slot, step_mask,
                                        cfg.scaling)
                 return one_linear(self.o_proj, out)
-        q, k = apply_rope_qk(q, k, cos, sin)
+        if self.rope_kind != "none":
+            q, k = apply_rope_qk(q, k, cos, sin)
         if block is not None:
             keeper, slot, _ = block
             if replay:
@@ -275,14 +278,18 @@ class DecoderModel(nn.Module):
         return rope_attention_factor(self.arch.rope_scaling)
 
     def rope_tables(self, position_ids, dtype) -> dict:
-        """cos/sin per RoPE kind: "global", and "local" for Gemma 3's sliding-window layers. position_ids (B, T),
-        or (3, B, T) temporal/height/width positions for multimodal RoPE (models/vision.py)."""
+        """cos/sin per RoPE kind: "global", "local" for Gemma 3's sliding-window layers, and "none" (cos 1, sin 0:
+        rotation by nothing) for SmolLM3's NoPE layers. position_ids (B, T), or (3, B, T) temporal/height/width
+        positions for multimodal RoPE (models/vision.py)."""
         if position_ids.dim() == 3:
             return {"global": mrope_cos_sin(self.inv_freq(position_ids.device), position_ids,
                                             self.arch.mrope_section, dtype, self.arch.mrope_interleaved)}
         tables = {"global": rope_cos_sin(self.inv_freq(position_ids.device), position_ids, dtype, self.rope_scale)}
         if self.arch.rope_local_theta is not None:
             tables["local"] = rope_cos_sin(self.inv_freq(position_ids.device, local=True), position_ids, dtype)
+        if not all(self.arch.rope_layers or [True]):
+            cos = tables["global"][0]
+            tables["none"] = (torch.ones_like(cos), torch.zeros_like(cos))
         return tables
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
