@@ -80,10 +80,11 @@ def test_llama3_rope_scaling_logits_match(bpe, tmp_path):
     assert rel < 2e-3 and top1 == 1.0
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "phi3", "smollm3"])
 def test_transformers_reads_back_the_same_model(family, bpe, tmp_path):
     """Our f32 GGUF through transformers' own GGUF reader (which undoes llama.cpp's q/k layout) gives back our
-    model and tokenizer (transformers cannot read gemma, and misreads qwen3's head size, from GGUF)."""
+    model and tokenizer (transformers cannot read gemma, and misreads qwen3's head size, from GGUF). smollm3 goes
+    through its llama tables, with llama.cpp's fixed NoPE step."""
     model, tok = _tiny_lora_model(family, tmp_path / "m", bpe)
     ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
     f32 = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)

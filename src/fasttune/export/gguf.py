@@ -48,6 +48,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_types import ARCHITECTURES, METHODS, MOE_METHODS
+from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
@@ -191,7 +192,6 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
 
 
 ROTATE_PAIRS = ("llama", "smollm3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
-SMOLLM3_NOPE_STEP = 4  # llama.cpp's smollm3: layer i has no RoPE when (i + 1) % 4 == 0, fixed (no GGUF key)
 
 
 def _check_supported(cfg):

@@ -32,6 +32,10 @@ _MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "q
 # updated_architecture).
 _RENAMED_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
                           "minimax-m2": "minimax_m2"}
+# llama.cpp's smollm3 is its llama (same keys, tensors and q/k row pairing) with no RoPE in every 4th layer, a step
+# fixed in llama.cpp's code (no GGUF key); transformers has no GGUF table for it, so it is read as llama.
+SMOLLM3_NOPE_STEP = 4
+_READ_AS = {"smollm3": "llama"}
 # Stacked MoE experts (llama.cpp's 3-D ffn_{gate,up,down}_exps, ne = (in, out, E)) -> transformers 5's stacked
 # weights: gate and up are concatenated (gate rows first) into experts.gate_up_proj (E, 2I, H).
 _EXPERTS = re.compile(r"blk\.(\d+)\.ffn_(gate|up|down)_exps\.weight")
@@ -218,7 +222,7 @@ class GGUFContents:
         # The config as transformers' load_gguf_checkpoint builds it: its GGUF key -> field tables and renames.
         self.architecture = arch = metadata["general.architecture"]
         renamed = "mistral" if "llama" in arch and "mistral" in str(metadata.get("general.name", "")) else arch
-        renamed = _RENAMED_ARCHITECTURES.get(arch, renamed)
+        renamed = _RENAMED_ARCHITECTURES.get(arch, _READ_AS.get(arch, renamed))
         if arch not in GGUF_SUPPORTED_ARCHITECTURES and renamed not in GGUF_SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(f"transformers has no GGUF mapping for architecture '{arch}', so the GGUF file "
                                  f"'{path}' cannot be read into a model. Use the model's transformers folder "
@@ -252,6 +256,9 @@ class GGUFContents:
             config["moe_intermediate_size"] = metadata[f"{arch}.expert_feed_forward_length"]
         if renamed == "gpt_oss":
             config.update(gpt_oss_config(metadata, path))
+        if arch == "smollm3":
+            model_type = "smollm3"
+            config.update(no_rope_layer_interval=SMOLLM3_NOPE_STEP, no_rope_layers=None)
         config["model_type"] = self.model_type = _MODEL_TYPES.get(model_type, model_type)
         if "vocab_size" not in config and "tokens" in parsed["tokenizer"]:
             config["vocab_size"] = len(parsed["tokenizer"]["tokens"])
@@ -263,7 +270,8 @@ class GGUFContents:
         from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
-        processor = TENSOR_PROCESSORS.get(self.architecture, TensorProcessor)(config=self.config)
+        processor = TENSOR_PROCESSORS.get(_READ_AS.get(self.architecture, self.architecture),
+                                          TensorProcessor)(config=self.config)
         arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == self.architecture), None)
         if arch is None:
             raise ModelLoadError(f"{self.path}: the installed gguf package does not know the architecture "
