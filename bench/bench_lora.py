@@ -28,6 +28,9 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "llama-3.1-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    # transformers' SmolLM3Config: no RoPE in every 4th layer (its default no_rope_layer_interval), SmolLM3-3B's shape
+    "smollm3-3b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                       num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
@@ -92,6 +95,10 @@ def hf_config(shape: str):
         from transformers import Qwen3MoeConfig
 
         return Qwen3MoeConfig(**MOE_SHAPES[shape], max_position_embeddings=40960, rms_norm_eps=1e-6)
+    if shape.startswith("smollm3"):
+        from transformers import SmolLM3Config
+
+        return SmolLM3Config(**SHAPES[shape], max_position_embeddings=65536, rope_theta=5e6, rms_norm_eps=1e-6)
     if shape.startswith("qwen2.5"):
         from transformers import Qwen2Config
 
