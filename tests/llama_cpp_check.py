@@ -37,12 +37,15 @@ def ggml_quantize(lib: ctypes.CDLL, x: np.ndarray, name: str, imatrix: np.ndarra
     return out
 
 
-def compare_logits(model, tok, path, prompts, n_threads: int = 2):
+def compare_logits(model, tok, path, prompts, n_threads: int = 2, f32_cache: bool = False):
     """(max |logit difference| / our logit range, top-1 agreement over all positions, top-1 equal at every
-    prompt's end) of llama.cpp running the GGUF at `path` against `model`."""
+    prompt's end) of llama.cpp running the GGUF at `path` against `model`. f32_cache: llama.cpp keeps keys and
+    values in fp32 instead of its default f16, so the file is measured rather than the cache's rounding (which
+    OLMo's normed keys feel more than most)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=n_threads)
+    cache = {"type_k": 0, "type_v": 0} if f32_cache else {}  # 0 = GGML_TYPE_F32
+    llm = llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=n_threads, **cache)
     worst, agree, total, last_equal = 0.0, 0, 0, True
     for text in prompts:
         ids = tok(text)["input_ids"]

@@ -41,10 +41,10 @@ def _llama_cpp(path, **kw):
     return llama_cpp.Llama(str(path), n_ctx=128, logits_all=True, verbose=False, n_threads=2, **kw)
 
 
-def _compare_logits(model, tok, path, prompts=PROMPTS):
+def _compare_logits(model, tok, path, prompts=PROMPTS, f32_cache=False):
     """llama_cpp_check.compare_logits over this file's prompts."""
     pytest.importorskip("llama_cpp")
-    return compare_logits(model, tok, path, prompts)
+    return compare_logits(model, tok, path, prompts, f32_cache=f32_cache)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -52,7 +52,7 @@ def _compare_logits(model, tok, path, prompts=PROMPTS):
 def test_llama_cpp_logits_match(family, quant, bpe, tmp_path):
     model, tok = _tiny_lora_model(family, tmp_path / "m", bpe)
     path = model.save_pretrained_gguf(tmp_path / f"m.{quant}.gguf", tok, quantization_method=quant, progress=False)
-    rel, top1, _ = _compare_logits(model, tok, path)
+    rel, top1, _ = _compare_logits(model, tok, path, f32_cache=True)  # the file's error, not the f16 cache's
     limit, least_top1 = TOLERANCE[quant]
     print(f"{quant}: rel {rel:.2e} top-1 {top1:.3f}")
     assert rel < limit and top1 >= least_top1
@@ -243,7 +243,7 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
     with pytest.raises(ConfigError, match="lm_head"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     model.arch.model_type = "falcon"
-    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, smollm3, qwen3_moe, mixtral, gpt_oss; "
+    with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, smollm3, olmo2, olmo3, qwen3_moe, mixtral, gpt_oss; "
                                           "this model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
@@ -502,3 +502,18 @@ def test_smollm3_nope_layers_in_llama_cpp(bpe, tmp_path):
     with pytest.raises(ConfigError, match=r"no RoPE in layers \[1, 3\].*every 4th layer"):
         other.save_pretrained_gguf(tmp_path / "other.gguf", tok)
     assert not (tmp_path / "other.gguf").exists()
+
+
+def test_olmo_layouts_llama_cpp_cannot_run_are_refused(bpe, tmp_path):
+    """llama.cpp's olmo2 has no biases and slides every layer but each 4th (the tiny olmo3 above matches it)."""
+    save_hf(hf_model("olmo2", vocab_size=416, attention_bias=True), tmp_path / "b", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="biases .*save_pretrained_merged"):
+        model.save_pretrained_gguf(tmp_path / "b.gguf", tok)
+    layout = ["sliding_attention", "full_attention"] * 2
+    save_hf(hf_model("olmo3", vocab_size=416, layer_types=layout), tmp_path / "w", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "w"))
+    assert model.arch.sliding_windows == [4, None, 4, None]
+    with pytest.raises(ConfigError, match="every layer but each 4th"):
+        model.save_pretrained_gguf(tmp_path / "w.gguf", tok)
+    assert not list(tmp_path.glob("*.gguf"))

@@ -192,6 +192,7 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
 
 
 ROTATE_PAIRS = ("llama", "smollm3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+OLMO_FULL_EVERY = 4  # llama.cpp's olmo2 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
 
 
 def _check_supported(cfg):
@@ -218,7 +219,9 @@ def _check_supported(cfg):
                           f"always leaves it out of every {SMOLLM3_NOPE_STEP}th layer and reads no pattern from the "
                           f"file, so the GGUF would compute another model. Save the merged model with "
                           f"save_pretrained_merged instead. Nothing was written.")
-    if arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
+    if arch == "olmo2":
+        _check_olmo(cfg)
+    elif arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
@@ -247,6 +250,21 @@ def _check_methods(cfg, quants: list[str]):
                               f"MXFP4 (and the other tensors in Q8_0); this {cfg.model_type} model has no experts. "
                               f"Use 'q8_0' (the same file for a dense model), or a 4-bit method such as 'q4_k_m'. "
                               f"Nothing was written.")
+
+
+def _check_olmo(cfg):
+    """ConfigError for an OLMo 2/3 model llama.cpp's 'olmo2' does not compute: it has no biases, and its sliding
+    windows (OLMo 3) are one size in every layer but each OLMO_FULL_EVERY-th, which attends to everything."""
+    if cfg.attn_bias or cfg.o_bias or cfg.mlp_bias:
+        raise ConfigError(f"This {cfg.model_type} model has biases (attention_bias / mlp_bias); llama.cpp's olmo2 "
+                          f"has none, so it cannot be exported to GGUF. Save the merged model with "
+                          f"save_pretrained_merged instead.")
+    window = next((w for w in cfg.sliding_windows if w), None)
+    expected = [None if (i + 1) % OLMO_FULL_EVERY == 0 else window for i in range(cfg.num_layers)]
+    if window is not None and list(cfg.sliding_windows) != expected:
+        raise ConfigError(f"llama.cpp's olmo2 slides every layer but each {OLMO_FULL_EVERY}th (one window size); "
+                          f"this {cfg.model_type} model's layer_types / sliding_window differ, so it cannot be "
+                          f"exported to GGUF. Save the merged model with save_pretrained_merged instead.")
 
 
 def _check_gpt_oss(cfg):
@@ -306,6 +324,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
+    if ARCHITECTURES[cfg.model_type] == "olmo2" and any(cfg.sliding_windows):  # the layout _check_olmo demands
+        writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
     if ARCHITECTURES[cfg.model_type] == "gpt-oss":
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
         if cfg.rope_scaling:  # yarn (_check_gpt_oss)

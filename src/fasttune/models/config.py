@@ -16,7 +16,7 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                      "qwen3_moe", "mixtral", "gpt_oss")
+                      "olmo2", "olmo3", "qwen3_moe", "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -53,8 +53,10 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False
+    qk_norm_full: bool = False  # OLMo 2/3: q/k norms span all heads' channels (one RMSNorm over the projection)
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
     sandwich_norm: bool = False  # Gemma 2: post-attention and pre/post-feedforward norms
+    post_norm: bool = False  # OLMo 2/3: no pre-norms; the attention and MLP outputs are normed before each residual add
     embed_scale: float | None = None  # Gemma: hidden * sqrt(hidden_size)
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None
@@ -137,11 +139,13 @@ class ModelConfig:
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
         )
-        if model_type in ("llama", "mistral", "smollm3"):
+        if model_type in ("llama", "mistral", "smollm3", "olmo2", "olmo3"):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
             if model_type == "smollm3":
                 cfg.rope_layers = _rope_layers(get, layers)
+            if model_type in ("olmo2", "olmo3"):
+                cfg.qk_norm = cfg.qk_norm_full = cfg.post_norm = True
         elif model_type == "qwen2":
             cfg.attn_bias = True
         elif model_type in VISION_TEXT_FAMILIES:

@@ -68,9 +68,10 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
             self.v_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.q_size, h, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(d, cfg.rms_norm_eps, cfg.norm_offset)
+        if cfg.qk_norm:  # per head (Qwen3, Gemma 3), or over the whole projection (OLMo 2/3)
+            q_dim, k_dim = (self.q_size, self.kv_size) if cfg.qk_norm_full else (d, d)
+            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset)
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
@@ -79,7 +80,7 @@ class Attention(nn.Module):
             self.rope_kind = "none"  # SmolLM3's NoPE layers: identity cos/sin for the fused decode kernel
         # Whether "offload" may keep q/k/v and the post-attention residual so the recompute skips the projections
         # (models/kept_block.py): only where no other op reads the values skipped.
-        self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm)
+        self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm or cfg.post_norm)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         """x (B, T, H); cos/sin (B, T, rotary_dim); mask: build_masks' dict (or {"varlen": spans}); cache: a
@@ -92,10 +93,12 @@ class Attention(nn.Module):
             q, k, v = one_linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, values_unused=replay)
+        if cfg.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm:
+        if cfg.qk_norm and not cfg.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None and cache.slot is not None:  # a decode step: RoPE, cache write, attention in one kernel
             step_mask = mask.get(self.sliding_window)
@@ -184,7 +187,8 @@ class MLP(nn.Module):
 
 class DecoderLayer(nn.Module):
     """One pre-norm decoder block (attention, then dense MLP or sparse MoE), with Gemma 2/3's four norms when
-    `sandwich_norm`; names as transformers' `model.layers.N`."""
+    `sandwich_norm`, or OLMo 2/3's two norms after attention and MLP when `post_norm`; names as transformers'
+    `model.layers.N`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -193,18 +197,21 @@ class DecoderLayer(nn.Module):
         self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
         moe = GptOssMoeBlock if cfg.moe_block == "gpt_oss" else SparseMoeBlock
         self.mlp = moe(cfg) if self.is_moe else MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_norm = cfg.post_norm
+        if not self.post_norm:
+            self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.sandwich = cfg.sandwich_norm
         if self.sandwich:
             self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        if self.sandwich or self.post_norm:
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
         sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
-        only). Plain pre-norm blocks; MoE and sandwich-norm layers sum first and return h' None."""
-        if self.is_moe or self.sandwich:
+        only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
+        if self.is_moe or self.sandwich or self.post_norm:
             return self(x if h is None else x + h, cos, sin, mask, cache), None
         x, normed = self.input_layernorm.with_residual(x, h)
         x, normed = self.post_attention_layernorm.with_residual(x, self.self_attn(normed, cos, sin, mask, cache))
@@ -230,6 +237,9 @@ class DecoderLayer(nn.Module):
             x, normed = self._post_attention(x, self.self_attn(normed, cos, sin, mask, cache), cache)
             h, logits = self.mlp(normed)
             return (x + h, logits) if router_logits else x + h
+        if self.post_norm:  # OLMo 2/3: the sublayers' outputs are normed, their inputs are not
+            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            return x + self.post_feedforward_layernorm(self.mlp(x))
         if self.sandwich:  # Gemma 2: norm after attention and around the MLP
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
             x, normed = self.pre_feedforward_layernorm.with_residual(x, self.post_attention_layernorm(h))
