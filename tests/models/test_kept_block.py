@@ -56,7 +56,7 @@ def test_recompute_skips_attention_projections(tiny_model_dir, block_keepers, mo
 
 
 @pytest.mark.parametrize("family,kept", [("llama", True), ("mixtral", True), ("smollm3", True), ("qwen3", False),
-                                         ("gemma2", False), ("olmo3", False)])
+                                         ("gemma2", False), ("olmo3", False), ("granite", True)])
 def test_offload_equals_recompute(tiny_model_dir, block_keepers, family, kept):
     """Dense and MoE layers (and SmolLM3's NoPE layer, whose kept q/k are unrotated) keep their block; q/k norms (Qwen3) and sandwich or post norms (Gemma 2, OLMo 3) read the
     values a kept block would skip, so those layers recompute everything. Left padding (a masked attention, not kept by

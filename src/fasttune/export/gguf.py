@@ -191,7 +191,7 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
             for proj, v in parts.items()}
 
 
-ROTATE_PAIRS = ("llama", "smollm3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+ROTATE_PAIRS = ("llama", "smollm3", "granite")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
 OLMO_FULL_EVERY = 4  # llama.cpp's olmo2 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
 
 
@@ -324,6 +324,11 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
+    if cfg.model_type == "granite":  # llama.cpp's granite reads the four multipliers (the logit one divides)
+        writer.add_embedding_scale(float(cfg.embedding_multiplier))
+        writer.add_residual_scale(float(cfg.residual_multiplier))
+        writer.add_attention_scale(float(cfg.scaling))
+        writer.add_logit_scale(float(cfg.logits_scaling))
     if ARCHITECTURES[cfg.model_type] == "olmo2" and any(cfg.sliding_windows):  # the layout _check_olmo demands
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
     if ARCHITECTURES[cfg.model_type] == "gpt-oss":

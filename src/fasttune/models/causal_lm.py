@@ -248,8 +248,15 @@ class CausalLM(PreTrainedModel):
         return self.model(input_ids, attention_mask, position_ids, cache, inputs_embeds,
                           segment_ids=segment_ids).last_hidden_state
 
+    def head_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden as the LM head takes it: divided by Granite's logits_scaling, since logits / s = (hidden / s) W^T
+        (the head has no bias), so every head path (fused cross-entropy, log-probs, streamed) divides alike."""
+        s = self.arch.logits_scaling
+        return hidden if s is None else hidden / s
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden (..., H) -> logits (..., vocab) in the hidden dtype, Gemma 2's final softcap applied."""
+        hidden = self.head_input(hidden)
         host = host_head(self)
         if host is not None:  # offload_lm_head: streamed from host memory in tiles
             return streamed_logits(hidden, host, self.arch.final_logit_softcap)
@@ -259,6 +266,7 @@ class CausalLM(PreTrainedModel):
         """log p(labels | hidden) through the LM head, chunked so the (N x vocab) logits never exist at once:
         hidden (N, H), labels (N,) int64 -> (N,) fp32, with Gemma 2's final softcap and the logits divided by
         `temperature`. A head in host memory (offload_lm_head) is streamed in tiles."""
+        hidden = self.head_input(hidden)
         host = host_head(self)
         if host is not None:
             return streamed_token_logprobs(hidden, host, labels, self.arch.final_logit_softcap, temperature)
@@ -301,7 +309,7 @@ class CausalLM(PreTrainedModel):
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(hidden.device)
-            flat, host = hidden[:, :-1].reshape(-1, hidden.shape[-1]), host_head(self)
+            flat, host = self.head_input(hidden[:, :-1].reshape(-1, hidden.shape[-1])), host_head(self)
             if host is not None:  # offload_lm_head: one online-softmax pass over the streamed head
                 loss_sum = streamed_cross_entropy(flat, host, shifted, self.arch.final_logit_softcap)
             else:

@@ -16,7 +16,7 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                      "olmo2", "olmo3", "qwen3_moe", "mixtral", "gpt_oss")
+                      "olmo2", "olmo3", "granite", "qwen3_moe", "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -58,6 +58,11 @@ class ModelConfig:
     sandwich_norm: bool = False  # Gemma 2: post-attention and pre/post-feedforward norms
     post_norm: bool = False  # OLMo 2/3: no pre-norms; the attention and MLP outputs are normed before each residual add
     embed_scale: float | None = None  # Gemma: hidden * sqrt(hidden_size)
+    # Granite's multipliers (transformers' GraniteConfig): embeddings (given ones too) times embedding_multiplier,
+    # each sublayer's output times residual_multiplier before its residual add, logits divided by logits_scaling
+    embedding_multiplier: float | None = None
+    residual_multiplier: float | None = None
+    logits_scaling: float | None = None
     attn_scale: float | None = None  # None: head_dim ** -0.5
     attn_logit_softcap: float | None = None
     attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax's denominator
@@ -139,13 +144,18 @@ class ModelConfig:
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
         )
-        if model_type in ("llama", "mistral", "smollm3", "olmo2", "olmo3"):
+        if model_type in ("llama", "mistral", "smollm3", "olmo2", "olmo3", "granite"):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
             if model_type == "smollm3":
                 cfg.rope_layers = _rope_layers(get, layers)
             if model_type in ("olmo2", "olmo3"):
                 cfg.qk_norm = cfg.qk_norm_full = cfg.post_norm = True
+            if model_type == "granite":
+                cfg.embedding_multiplier = float(get("embedding_multiplier", 1.0))
+                cfg.residual_multiplier = float(get("residual_multiplier", 1.0))
+                cfg.logits_scaling = float(get("logits_scaling", 1.0))
+                cfg.attn_scale = float(get("attention_multiplier", 1.0))
         elif model_type == "qwen2":
             cfg.attn_bias = True
         elif model_type in VISION_TEXT_FAMILIES:

@@ -198,6 +198,7 @@ class DecoderLayer(nn.Module):
         moe = GptOssMoeBlock if cfg.moe_block == "gpt_oss" else SparseMoeBlock
         self.mlp = moe(cfg) if self.is_moe else MLP(cfg)
         self.post_norm = cfg.post_norm
+        self.residual_multiplier = cfg.residual_multiplier  # Granite
         if not self.post_norm:
             self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
@@ -214,8 +215,13 @@ class DecoderLayer(nn.Module):
         if self.is_moe or self.sandwich or self.post_norm:
             return self(x if h is None else x + h, cos, sin, mask, cache), None
         x, normed = self.input_layernorm.with_residual(x, h)
-        x, normed = self.post_attention_layernorm.with_residual(x, self.self_attn(normed, cos, sin, mask, cache))
-        return x, self.mlp(normed)
+        h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
+        x, normed = self.post_attention_layernorm.with_residual(x, h)
+        return x, self._scaled(self.mlp(normed))
+
+    def _scaled(self, h):
+        """A sublayer's output as its residual add takes it: times Granite's residual_multiplier."""
+        return h if self.residual_multiplier is None else h * self.residual_multiplier
 
     def _post_attention(self, x, h, cache):
         """(s, post_attention_layernorm(s)) for s = x + h. With the attention block kept ("offload",
@@ -245,11 +251,11 @@ class DecoderLayer(nn.Module):
             x, normed = self.pre_feedforward_layernorm.with_residual(x, self.post_attention_layernorm(h))
             return x + self.post_feedforward_layernorm(self.mlp(normed))
         x, normed = self.input_layernorm.with_residual(x)
-        h = self.self_attn(normed, cos, sin, mask, cache)
+        h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)
         # Re-run inside backward, the layer's output value is discarded and the add's backward needs no values:
         # down_proj's base GEMM is skipped (kernels/lora.py). Gemma 2's post-MLP norm needs them, so not there.
-        return x + self.mlp(normed, values_unused=recomputing())
+        return x + self._scaled(self.mlp(normed, values_unused=recomputing()))
 
 
 class DecoderModel(nn.Module):
@@ -331,6 +337,8 @@ class DecoderModel(nn.Module):
         # in are used as given, as transformers' Gemma models use them.
         if cfg.embed_scale is not None and inputs_embeds is None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.embedding_multiplier is not None:  # Granite scales given embeddings too, by a Python float
+            x = x * cfg.embedding_multiplier
         past = past_key_values.length if past_key_values is not None else 0
         if attention_mask is not None and past_key_values is None and image_blocks is None and \
                 right_padded(attention_mask):

@@ -86,6 +86,8 @@ class DecodeStep:
         x = decoder.embed_tokens(self.token).to(decoder.dtype)
         if self.embed_scale is not None:
             x = x * self.embed_scale
+        if self.model.arch.embedding_multiplier is not None:  # Granite
+            x = x * self.model.arch.embedding_multiplier
         ropes = decoder.rope_tables(self.position, x.dtype)
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
         for layer in decoder.layers:
