@@ -37,6 +37,9 @@ def hf_config(family: str, **overrides):
     elif family == "granite":  # Granite 3's multipliers, away from 1 so a missed one shows
         cfg = tf.GraniteConfig(**kw, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
                                logits_scaling=8.0, tie_word_embeddings=True)
+    elif family == "ministral":  # Ministral-8B's layout: sliding (window 4) and full layers by layer_types
+        cfg = tf.MinistralConfig(**kw, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                 tie_word_embeddings=False)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
         cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
@@ -58,7 +61,7 @@ def hf_config(family: str, **overrides):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
-            "olmo3", "granite"]
+            "olmo3", "granite", "ministral"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

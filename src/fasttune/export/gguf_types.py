@@ -28,7 +28,8 @@ import re
 # transformers' model_type -> llama.cpp's architecture name
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "smollm3": "smollm3", "olmo2": "olmo2",
-                 "olmo3": "olmo2", "granite": "granite", "qwen3_moe": "qwen3moe",
+                 "olmo3": "olmo2", "granite": "granite", "ministral": "llama",
+                 "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
 # method -> (default GGML type, gguf.LlamaFileType name)
 METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),

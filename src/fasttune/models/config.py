@@ -16,7 +16,7 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                      "olmo2", "olmo3", "granite", "qwen3_moe", "mixtral", "gpt_oss")
+                      "olmo2", "olmo3", "granite", "ministral", "qwen3_moe", "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
