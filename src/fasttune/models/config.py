@@ -5,7 +5,10 @@ Qwen3, `attn_logit_softcap`/`final_logit_softcap` and the four-norm block for Ge
 `fused_qkv`/`fused_gate_up` for Phi-3, per-layer `sliding_window` from `layer_types`, and Gemma 3's second RoPE
 base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Qwen3-MoE and Mixtral
 (`num_experts` > 0, which layers are MoE in `moe_layers`; see models/moe.py), and gpt-oss's attention sinks
-(`attn_sinks`) and its MoE block with biases and a clamped SwiGLU (`moe_block = "gpt_oss"`, models/gpt_oss.py).
+(`attn_sinks`) and its MoE block with biases and a clamped SwiGLU (`moe_block = "gpt_oss"`, models/gpt_oss.py),
+SmolLM3's layers without RoPE (`rope_layers`), OLMo 2/3's post-norm layers and whole-projection q/k norms
+(`post_norm`, `qk_norm_full`), and Granite's multipliers (`embedding_multiplier`, `residual_multiplier`,
+`logits_scaling`, with `attn_scale` its attention_multiplier).
 """
 from __future__ import annotations
 
