@@ -165,7 +165,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
                               f"be exported to GGUF as it is.")
         out[new] = t
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
-        if arch != "llama":
+        if arch not in ("llama", "exaone4"):  # the architectures whose graphs read rope_freqs
             raise ConfigError(f"llama3 RoPE scaling in a '{cfg.model_type}' model has no GGUF form in llama.cpp.")
         from fasttune.kernels.rope import rope_inv_freq
 
@@ -221,6 +221,8 @@ def _check_supported(cfg):
                           f"save_pretrained_merged instead. Nothing was written.")
     if arch == "olmo2":
         _check_olmo(cfg)
+    elif arch == "exaone4":
+        _check_exaone4(cfg)
     elif arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
@@ -265,6 +267,26 @@ def _check_olmo(cfg):
         raise ConfigError(f"llama.cpp's olmo2 slides every layer but each {OLMO_FULL_EVERY}th (one window size); "
                           f"this {cfg.model_type} model's layer_types / sliding_window differ, so it cannot be "
                           f"exported to GGUF. Save the merged model with save_pretrained_merged instead.")
+
+
+def _check_exaone4(cfg):
+    """ConfigError for an EXAONE 4 layout llama.cpp's exaone4 does not compute: it slides only in 64-layer models
+    (EXAONE 4.0 32B), every layer but each 4th, and then rotates only the sliding layers; without a window every
+    layer rotates."""
+    window = next((w for w in cfg.sliding_windows if w), None)
+    if window is None:
+        if not all(cfg.rope_layers or [True]):
+            raise ConfigError("This exaone4 model has no sliding layers but leaves RoPE out of some (sliding_window "
+                              "is set while layer_types are all full); llama.cpp's exaone4 would rotate every "
+                              "layer, so it cannot be exported to GGUF. Save the merged model with "
+                              "save_pretrained_merged instead.")
+        return
+    expected = [None if (i + 1) % 4 == 0 else window for i in range(cfg.num_layers)]
+    if cfg.num_layers != 64 or list(cfg.sliding_windows) != expected:
+        raise ConfigError(f"llama.cpp's exaone4 applies sliding windows only to 64-layer models (EXAONE 4.0 32B), "
+                          f"in every layer but each 4th; this model has {cfg.num_layers} layers with "
+                          f"layer_types {['sliding' if w else 'full' for w in cfg.sliding_windows]}, so it cannot "
+                          f"be exported to GGUF. Save the merged model with save_pretrained_merged instead.")
 
 
 def _check_gpt_oss(cfg):
@@ -329,7 +351,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_residual_scale(float(cfg.residual_multiplier))
         writer.add_attention_scale(float(cfg.scaling))
         writer.add_logit_scale(float(cfg.logits_scaling))
-    if ARCHITECTURES[cfg.model_type] == "olmo2" and any(cfg.sliding_windows):  # the layout _check_olmo demands
+    if ARCHITECTURES[cfg.model_type] in ("olmo2", "exaone4") and any(cfg.sliding_windows):  # layouts checked
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
     if ARCHITECTURES[cfg.model_type] == "gpt-oss":
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
