@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import re
 
 import torch
-import torch.nn as nn
 
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
