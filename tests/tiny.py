@@ -35,15 +35,17 @@ def hf_config(family: str, **overrides):
         kw.update(num_hidden_layers=4)
         cfg = tf.Olmo3Config(**kw, sliding_window=4, tie_word_embeddings=False)
     elif family == "granite":  # Granite 3's multipliers, away from 1 so a missed one shows
-        cfg = tf.GraniteConfig(**kw, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125,
-                               logits_scaling=8.0, tie_word_embeddings=True)
+        cfg = tf.GraniteConfig(**kw, embedding_multiplier=12.0, residual_multiplier=0.22,
+                               attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True)
     elif family == "ministral":  # Ministral-8B's layout: sliding (window 4) and full layers by layer_types
-        cfg = tf.MinistralConfig(**kw, head_dim=16, sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                 tie_word_embeddings=False)
+        cfg = tf.MinistralConfig(**kw, head_dim=16, sliding_window=4, tie_word_embeddings=False,
+                                 layer_types=["sliding_attention", "full_attention"])
     elif family == "exaone4":  # 4 layers: 3 sliding with RoPE (window 4), the 4th global without RoPE
         kw.update(num_hidden_layers=4)
         cfg = tf.Exaone4Config(**kw, head_dim=16, sliding_window=4, sliding_window_pattern=4,
                                tie_word_embeddings=False)
+    elif family == "ernie4_5":  # adjacent-pair RoPE (Ernie-4.5-0.3B has no biases; test_ernie4_5.py adds them)
+        cfg = tf.Ernie4_5Config(**kw, head_dim=16, tie_word_embeddings=True)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
         cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
@@ -65,7 +67,7 @@ def hf_config(family: str, **overrides):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
-            "olmo3", "granite", "ministral", "exaone4"]
+            "olmo3", "granite", "ministral", "exaone4", "ernie4_5"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

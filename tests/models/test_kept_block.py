@@ -56,11 +56,13 @@ def test_recompute_skips_attention_projections(tiny_model_dir, block_keepers, mo
 
 
 @pytest.mark.parametrize("family,kept", [("llama", True), ("mixtral", True), ("smollm3", True), ("qwen3", False),
-                                         ("gemma2", False), ("olmo3", False), ("granite", True)])
+                                         ("gemma2", False), ("olmo3", False), ("granite", True),
+                                         ("ernie4_5", True)])
 def test_offload_equals_recompute(tiny_model_dir, block_keepers, family, kept):
-    """Dense and MoE layers (and SmolLM3's NoPE layer, whose kept q/k are unrotated) keep their block; q/k norms (Qwen3) and sandwich or post norms (Gemma 2, OLMo 3) read the
-    values a kept block would skip, so those layers recompute everything. Left padding (a masked attention, not kept by
-    kept_attention) still takes the kept q/k/v. Gradients bit-equal to plain recompute either way."""
+    """Dense and MoE layers (and SmolLM3's NoPE layer, whose kept q/k are unrotated, Granite's scaled residuals and
+    Ernie 4.5's reordered q/k) keep their block; q/k norms (Qwen3) and sandwich or post norms (Gemma 2, OLMo 3) read
+    the values a kept block would skip, so those layers recompute everything. Left padding (a masked attention, not
+    kept by kept_attention) still takes the kept q/k/v. Gradients bit-equal to plain recompute either way."""
     model = _lora(tiny_model_dir, family)
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(3))
     mask = torch.ones_like(ids)

@@ -223,6 +223,9 @@ def _check_supported(cfg):
         _check_olmo(cfg)
     elif arch == "exaone4":
         _check_exaone4(cfg)
+    elif arch == "ernie4_5" and (cfg.attn_bias or cfg.o_bias or cfg.mlp_bias):
+        raise ConfigError("This ernie4_5 model has biases (use_bias=True); llama.cpp's ernie4_5 reads none, so it "
+                          "cannot be exported to GGUF. Save the merged model with save_pretrained_merged instead.")
     elif arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "

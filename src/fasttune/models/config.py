@@ -6,9 +6,10 @@ Qwen3, `attn_logit_softcap`/`final_logit_softcap` and the four-norm block for Ge
 base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Qwen3-MoE and Mixtral
 (`num_experts` > 0, which layers are MoE in `moe_layers`; see models/moe.py), and gpt-oss's attention sinks
 (`attn_sinks`) and its MoE block with biases and a clamped SwiGLU (`moe_block = "gpt_oss"`, models/gpt_oss.py),
-SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXAONE 4's post-norm layers and whole-projection q/k norms
-(`post_norm`, `qk_norm_full`), and Granite's multipliers (`embedding_multiplier`, `residual_multiplier`,
-`logits_scaling`, with `attn_scale` its attention_multiplier).
+SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXAONE 4's post-norm layers and
+OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's adjacent-pair RoPE
+(`rope_interleaved`), and Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
+with `attn_scale` its attention_multiplier).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                      "olmo2", "olmo3", "granite", "ministral", "exaone4", "qwen3_moe", "mixtral",
-                      "gpt_oss")
+                      "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "qwen3_moe",
+                      "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -49,6 +50,7 @@ class ModelConfig:
     mrope_section: list | None = None
     mrope_interleaved: bool = False  # Qwen3-VL: frequencies cycle t, h, w instead of running in sections
     partial_rotary_factor: float = 1.0
+    rope_interleaved: bool = False  # Ernie 4.5 (GLM's rotate_half): RoPE pairs channels 2i, 2i + 1 (not i, i + d/2)
     # per layer: False = the layer applies no RoPE (SmolLM3's NoPE layers, transformers' no_rope_layers 0); empty = all
     rope_layers: list = field(default_factory=list)
     max_position_embeddings: int = 4096
@@ -176,6 +178,9 @@ class ModelConfig:
         elif model_type == "qwen3":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.qk_norm = True
+        elif model_type == "ernie4_5":
+            cfg.attn_bias = cfg.o_bias = cfg.mlp_bias = bool(get("use_bias", False))
+            cfg.rope_interleaved = True
         elif model_type == "exaone4":  # OLMo 2's post-norm layers, per-head q/k norms; with a sliding window,
             cfg.qk_norm = cfg.post_norm = True  # only the sliding layers rotate (transformers' Exaone4Attention)
             if get("sliding_window") is not None:

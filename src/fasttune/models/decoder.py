@@ -8,6 +8,8 @@ generation, saving) is models/causal_lm.py's `CausalLM`.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutput, MoeModelOutputWithPast
@@ -81,6 +83,9 @@ class Attention(nn.Module):
         # Whether "offload" may keep q/k/v and the post-attention residual so the recompute skips the projections
         # (models/kept_block.py): only where no other op reads the values skipped.
         self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm or cfg.post_norm)
+        # Adjacent-pair RoPE (rope_interleaved) as the usual half-split one on channels reordered evens-then-odds
+        # inside the rotary part, in q and k alike: each pair lands at (j, j + rotary/2) and q.k is unchanged.
+        self.pair_order = cfg.rope_interleaved
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         """x (B, T, H); cos/sin (B, T, rotary_dim); mask: build_masks' dict (or {"varlen": spans}); cache: a
@@ -100,6 +105,9 @@ class Attention(nn.Module):
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm and not cfg.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
+        if self.pair_order:
+            order = _pair_order(cfg.head_dim, cfg.rotary_dim, q.device)
+            q, k = q.index_select(-1, order), k.index_select(-1, order)
         if cache is not None and cache.slot is not None:  # a decode step: RoPE, cache write, attention in one kernel
             step_mask = mask.get(self.sliding_window)
             sinks = self.sinks if cfg.attn_sinks else None
@@ -131,6 +139,14 @@ class Attention(nn.Module):
             return project(out, self.o_proj, values_unused=True)[0]
         return one_linear(self.o_proj, out)
 
+
+
+@functools.lru_cache(maxsize=None)
+def _pair_order(head_dim: int, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    """Channel order (head_dim,) int64 on `device` that puts a head's rotary channels 0, 2, 4, ... before
+    1, 3, 5, ... (the rest after), turning adjacent-pair RoPE into the half-split RoPE our kernels apply."""
+    rot = torch.arange(rotary_dim)
+    return torch.cat([rot[0::2], rot[1::2], torch.arange(rotary_dim, head_dim)]).to(device)
 
 
 def one_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
