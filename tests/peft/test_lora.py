@@ -35,7 +35,8 @@ def test_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
     theirs = peft_grads(ref)
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     layers = hf_config(family).num_hidden_layers
-    assert len(mine) == len(theirs) and len(mine) == 2 * layers * (4 if family == "phi3" else 7)
+    per_layer = {"phi3": 4, "glm4": 6}.get(family, 7)  # fused qkv_proj / gate_up_proj count once
+    assert len(mine) == len(theirs) and len(mine) == 2 * layers * per_layer
     for n, g in mine.items():  # fp32 sums in another order: noise ~1e-6 of the tensor's largest entry
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
 
@@ -163,6 +164,16 @@ def test_phi3_partial_fused_targets_warn_and_record_what_was_applied(tiny_model_
                     for n, p in twin.named_parameters() if p.requires_grad)
     assert sorted(n for n, p in model.named_parameters() if p.requires_grad) == [
         n.replace(".weight", "") for n in theirs]
+
+
+def test_glm4_fuses_only_gate_up(tiny_model_dir):
+    """GLM-4 keeps q/k/v apart and fuses gate/up: only gate_proj moves (with the warning), q_proj stays itself."""
+    from fasttune.peft.lora import FusedTargetsWarning
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("glm4")))
+    with pytest.warns(FusedTargetsWarning, match=r"\['gate_proj'\] were applied as 'gate_up_proj', so up_proj"):
+        model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "gate_proj"])
+    assert model.lora_settings.target_modules == ["gate_up_proj", "q_proj"]
 
 
 def test_phi3_whole_fused_groups_are_applied_without_a_warning(tiny_model_dir, recwarn):

@@ -7,7 +7,7 @@ base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Q
 (`num_experts` > 0, which layers are MoE in `moe_layers`; see models/moe.py), and gpt-oss's attention sinks
 (`attn_sinks`) and its MoE block with biases and a clamped SwiGLU (`moe_block = "gpt_oss"`, models/gpt_oss.py),
 SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXAONE 4's post-norm layers and
-OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's adjacent-pair RoPE
+OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and GLM-4's adjacent-pair RoPE
 (`rope_interleaved`), and Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
 with `attn_scale` its attention_multiplier).
 """
@@ -20,8 +20,8 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                      "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "qwen3_moe",
-                      "mixtral", "gpt_oss")
+                      "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
+                      "qwen3_moe", "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -178,6 +178,9 @@ class ModelConfig:
         elif model_type == "qwen3":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.qk_norm = True
+        elif model_type == "glm4":  # Phi-3's fused gate_up, Gemma 2's four norms, adjacent-pair partial RoPE
+            cfg.attn_bias = bool(get("attention_bias", True))
+            cfg.fused_gate_up = cfg.sandwich_norm = cfg.rope_interleaved = True
         elif model_type == "ernie4_5":
             cfg.attn_bias = cfg.o_bias = cfg.mlp_bias = bool(get("use_bias", False))
             cfg.rope_interleaved = True

@@ -201,10 +201,15 @@ class MLP(nn.Module):
         return project(h, self.down_proj, values_unused=values_unused)[0]
 
 
+# The sandwich block's norms (after attention, before the MLP, after the MLP) as each family names them.
+SANDWICH_NAMES = {"gemma2": ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
+                  "glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}
+
+
 class DecoderLayer(nn.Module):
     """One pre-norm decoder block (attention, then dense MLP or sparse MoE), with Gemma 2/3's four norms when
-    `sandwich_norm`, or OLMo 2/3's two norms after attention and MLP when `post_norm`; names as transformers'
-    `model.layers.N`."""
+    `sandwich_norm` (GLM-4's under its own names), or OLMo 2/3's two norms after attention and MLP when `post_norm`;
+    names as transformers' `model.layers.N`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -217,11 +222,15 @@ class DecoderLayer(nn.Module):
         self.residual_multiplier = cfg.residual_multiplier  # Granite
         if not self.post_norm:
             self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         self.sandwich = cfg.sandwich_norm
+        # the three norms of a sandwich block (after attention, before and after the MLP) by transformers' names
+        self.norm_names = SANDWICH_NAMES.get(cfg.model_type, SANDWICH_NAMES["gemma2"])
         if self.sandwich:
-            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
-        if self.sandwich or self.post_norm:
+            for name in self.norm_names:
+                setattr(self, name, RMSNorm(cfg.hidden_size, eps, off))
+        else:
+            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        if self.post_norm:
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None):
@@ -262,10 +271,11 @@ class DecoderLayer(nn.Module):
         if self.post_norm:  # OLMo 2/3: the sublayers' outputs are normed, their inputs are not
             x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(x))
-        if self.sandwich:  # Gemma 2: norm after attention and around the MLP
+        if self.sandwich:  # Gemma 2, GLM-4: norm after attention and around the MLP
+            post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
             h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-            x, normed = self.pre_feedforward_layernorm.with_residual(x, self.post_attention_layernorm(h))
-            return x + self.post_feedforward_layernorm(self.mlp(normed))
+            x, normed = pre_mlp.with_residual(x, post_attn(h))
+            return x + post_mlp(self.mlp(normed))
         x, normed = self.input_layernorm.with_residual(x)
         h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)

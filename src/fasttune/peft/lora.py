@@ -24,7 +24,7 @@ from fasttune.peft.dora import DoraLinear
 from fasttune.peft.lora_layer import LoraLinear, can_fuse, is_quantized  # noqa: F401 - re-exported
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# Phi-3 stores q/k/v and gate/up fused; PEFT targets the fused layers by these names.
+# Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
 SAVABLE_MODULES = ("embed_tokens", "lm_head")
@@ -189,10 +189,11 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
         # A regex names modules as PEFT sees them: a vision-language model's checkpoint names (models/vision.py)
         hf_name = getattr(model, "checkpoint_name", None) if getattr(model, "family", None) else None
         return [n for n in linears if re.fullmatch(targets, hf_name(n) if hf_name else n)]
-    fused = any(n.endswith(("qkv_proj", "gate_up_proj")) for n in linears)
-    wanted = {FUSED_TARGETS.get(t, t) if fused else t for t in targets}
-    if fused:
-        _warn_widened(targets)
+    # Each name moves onto its fused layer where the model has one (Phi-3: both; GLM-4: gate_up_proj only).
+    present = {n.rsplit(".", 1)[-1] for n in linears} & set(FUSED_TARGETS.values())
+    wanted = {FUSED_TARGETS[t] if FUSED_TARGETS.get(t) in present else t for t in targets}
+    if present:
+        _warn_widened(targets, present)
     chosen = [n for n in linears if n.rsplit(".", 1)[-1] in wanted or n in wanted]
     found = {n.rsplit(".", 1)[-1] for n in chosen}
     unknown = sorted(t for t in wanted if t not in found and t not in chosen)
@@ -322,10 +323,11 @@ class FusedTargetsWarning(UserWarning):
     """LoRA was asked for part of a fused projection (Phi-3's qkv_proj / gate_up_proj) and covers all of it."""
 
 
-def _warn_widened(targets) -> None:
-    """Warn when the names cover only part of a fused layer: LoRA on it adapts its other projections too."""
+def _warn_widened(targets, present: set) -> None:
+    """Warn when the names cover only part of a fused layer the model has (`present`: qkv_proj / gate_up_proj):
+    LoRA on it adapts its other projections too."""
     asked = set(targets)
-    for fused in sorted(set(FUSED_TARGETS.values())):
+    for fused in sorted(present):
         parts = sorted((t for t, f in FUSED_TARGETS.items() if f == fused), key=DEFAULT_TARGETS.index)
         given = [t for t in parts if t in asked]
         if given and len(given) < len(parts):
