@@ -176,3 +176,14 @@ def test_damaged_nf4_metadata_is_named():
         quant_state_meta(torch.tensor(list(b'{"shape": [2'), dtype=torch.uint8), "m.safetensors: 'q_proj.weight'")
     assert quant_state_meta(torch.tensor(list(b'{"shape": [2], "dtype": "float16", "blocksize": 64}'),
                                          dtype=torch.uint8), "w")["blocksize"] == 64
+
+
+def test_attention_dropout_in_the_config_is_named_as_not_applied(tmp_path, recwarn):
+    """Granite 3 ships attention_dropout=0.1, which transformers applies in training and our attention does not."""
+    save_hf(hf_model("granite", attention_dropout=0.1), tmp_path / "g")
+    with pytest.warns(UserWarning, match="attention_dropout=0.1 is not applied"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "g"))
+    save_hf(hf_model("granite"), tmp_path / "z")
+    recwarn.clear()
+    FastLanguageModel.from_pretrained(str(tmp_path / "z"))
+    assert not [w for w in recwarn if "attention_dropout" in str(w.message)]

@@ -139,6 +139,12 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
+    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
+    dropout = float(get("attention_dropout", 0.0) or 0.0)
+    if dropout > 0:  # e.g. Granite 3's 0.1: transformers drops attention weights in training, we do not
+        warnings.warn(f"{source}: the config's attention_dropout={dropout:g} is not applied: fasttune's attention "
+                      f"runs without dropout, where transformers drops attention weights while training. LoRA's "
+                      f"own lora_dropout is applied as usual.")
     if quant == "int8" and model.arch.num_experts:
         warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
                       f"they load in {dtype}, the other layers in int8.")
