@@ -21,10 +21,10 @@ def test_biased_model_and_its_lora_grads_equal_transformers_and_peft(tmp_path):
         got = ours(ids, attention_mask=mask).logits
         torch.testing.assert_close(got[valid], want[valid], rtol=1e-5, atol=1e-5)
         for layer in ours.model.layers:
-            layer.self_attn.pair_order = False
+            layer.self_attn.reorder_pairs = False
         assert (ours(ids, attention_mask=mask).logits - want)[valid].abs().max() > 1e-3
         for layer in ours.model.layers:
-            layer.self_attn.pair_order = True
+            layer.self_attn.reorder_pairs = True
     model = FastLanguageModel.get_peft_model(ours, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora_b(model)
     model.save_pretrained(tmp_path / "adapter")

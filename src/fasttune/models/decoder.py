@@ -85,7 +85,7 @@ class Attention(nn.Module):
         self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm or cfg.post_norm)
         # Adjacent-pair RoPE (rope_interleaved) as the usual half-split one on channels reordered evens-then-odds
         # inside the rotary part, in q and k alike: each pair lands at (j, j + rotary/2) and q.k is unchanged.
-        self.pair_order = cfg.rope_interleaved
+        self.reorder_pairs = cfg.rope_interleaved
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         """x (B, T, H); cos/sin (B, T, rotary_dim); mask: build_masks' dict (or {"varlen": spans}); cache: a
@@ -105,7 +105,7 @@ class Attention(nn.Module):
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         if cfg.qk_norm and not cfg.qk_norm_full:
             q, k = self.q_norm(q), self.k_norm(k)
-        if self.pair_order:
+        if self.reorder_pairs:
             order = _pair_order(cfg.head_dim, cfg.rotary_dim, q.device)
             q, k = q.index_select(-1, order), k.index_select(-1, order)
         if cache is not None and cache.slot is not None:  # a decode step: RoPE, cache write, attention in one kernel
