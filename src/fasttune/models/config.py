@@ -187,7 +187,7 @@ class ModelConfig:
         elif model_type == "exaone4":  # OLMo 2's post-norm layers, per-head q/k norms; with a sliding window,
             cfg.qk_norm = cfg.post_norm = True  # only the sliding layers rotate (transformers' Exaone4Attention)
             if get("sliding_window") is not None:
-                cfg.rope_layers = [t == "sliding_attention" for t in get("layer_types")]
+                cfg.rope_layers = [t == "sliding_attention" for t in _layer_types(get, model_type, layers)]
         elif gemma:
             cfg.norm_offset = 1.0
             cfg.embed_scale = math.sqrt(hidden)
@@ -290,9 +290,21 @@ def _rope_layers(get, layers: int) -> list:
     return [bool(v) for v in given[:layers]]
 
 
+def _layer_types(get, model_type: str, layers: int) -> list | None:
+    """The config's layer_types; for an EXAONE 4 config without them, Exaone4Config's: sliding_window_pattern as a
+    period (every p-th layer full) or as letters ("LLLG": L local, G global) repeated from layer 0."""
+    types = get("layer_types")
+    if types or model_type != "exaone4" or get("sliding_window") is None:
+        return types
+    pattern = get("sliding_window_pattern", 4)
+    if isinstance(pattern, str):
+        return ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(layers)]
+    return ["sliding_attention" if (i + 1) % int(pattern) else "full_attention" for i in range(layers)]
+
+
 def _sliding_windows(get, model_type: str, layers: int) -> list:
     window = get("sliding_window")
-    layer_types = get("layer_types")
+    layer_types = _layer_types(get, model_type, layers)
     if model_type in ("qwen2", "qwen3", "qwen3_moe", "smollm3") + VISION_TEXT_FAMILIES:
         # Qwen (and SmolLM3's attention) only slide when use_sliding_window is set; Qwen only from
         # max_window_layers on (4.x semantics).
