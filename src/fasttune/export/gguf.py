@@ -152,7 +152,8 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
             continue
         if name.endswith("mlp.experts.down_proj"):
             name += ".weight"
-        # llama.cpp's llama and smollm3 rotate adjacent pairs (a NoPE layer's q and k move alike: scores unchanged)
+        # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
+        # unchanged)
         if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_heads)
         elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -192,7 +193,12 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
 
 
 ROTATE_PAIRS = ("llama", "smollm3", "granite")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
-OLMO_FULL_EVERY = 4  # llama.cpp's olmo2 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
+FULL_EVERY = 4  # llama.cpp's olmo2 and exaone4 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
+
+
+def _every_fourth_full(cfg, window) -> bool:
+    """Whether the model slides with `window` in every layer but each FULL_EVERY-th, llama.cpp's fixed layout."""
+    return list(cfg.sliding_windows) == [None if (i + 1) % FULL_EVERY == 0 else window for i in range(cfg.num_layers)]
 
 
 def _check_supported(cfg):
@@ -259,15 +265,14 @@ def _check_methods(cfg, quants: list[str]):
 
 def _check_olmo(cfg):
     """ConfigError for an OLMo 2/3 model llama.cpp's 'olmo2' does not compute: it has no biases, and its sliding
-    windows (OLMo 3) are one size in every layer but each OLMO_FULL_EVERY-th, which attends to everything."""
+    windows (OLMo 3) are one size in every layer but each FULL_EVERY-th, which attends to everything."""
     if cfg.attn_bias or cfg.o_bias or cfg.mlp_bias:
         raise ConfigError(f"This {cfg.model_type} model has biases (attention_bias / mlp_bias); llama.cpp's olmo2 "
                           f"has none, so it cannot be exported to GGUF. Save the merged model with "
                           f"save_pretrained_merged instead.")
     window = next((w for w in cfg.sliding_windows if w), None)
-    expected = [None if (i + 1) % OLMO_FULL_EVERY == 0 else window for i in range(cfg.num_layers)]
-    if window is not None and list(cfg.sliding_windows) != expected:
-        raise ConfigError(f"llama.cpp's olmo2 slides every layer but each {OLMO_FULL_EVERY}th (one window size); "
+    if window is not None and not _every_fourth_full(cfg, window):
+        raise ConfigError(f"llama.cpp's olmo2 slides every layer but each {FULL_EVERY}th (one window size); "
                           f"this {cfg.model_type} model's layer_types / sliding_window differ, so it cannot be "
                           f"exported to GGUF. Save the merged model with save_pretrained_merged instead.")
 
@@ -284,8 +289,7 @@ def _check_exaone4(cfg):
                               "layer, so it cannot be exported to GGUF. Save the merged model with "
                               "save_pretrained_merged instead.")
         return
-    expected = [None if (i + 1) % 4 == 0 else window for i in range(cfg.num_layers)]
-    if cfg.num_layers != 64 or list(cfg.sliding_windows) != expected:
+    if cfg.num_layers != 64 or not _every_fourth_full(cfg, window):
         raise ConfigError(f"llama.cpp's exaone4 applies sliding windows only to 64-layer models (EXAONE 4.0 32B), "
                           f"in every layer but each 4th; this model has {cfg.num_layers} layers with "
                           f"layer_types {['sliding' if w else 'full' for w in cfg.sliding_windows]}, so it cannot "
