@@ -30,11 +30,28 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     # transformers' SmolLM3Config: no RoPE in every 4th layer (its default no_rope_layer_interval), SmolLM3-3B's shape
     "smollm3-3b": dict(vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
-                       num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True),
+                       num_attention_heads=16, num_key_value_heads=4, tie_word_embeddings=True,
+                       max_position_embeddings=65536, rope_theta=5e6, rms_norm_eps=1e-6),
+    # Olmo3Config: post-norm layers, whole-projection q/k norms, 3 sliding (4096) : 1 full layers; OLMo-3-7B's shape
+    "olmo-3-7b": dict(vocab_size=100278, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, sliding_window=4096,
+                      max_position_embeddings=65536, rope_theta=5e5, rms_norm_eps=1e-6, tie_word_embeddings=False),
+    # GraniteConfig with Granite-3.3-8B's shape and multipliers
+    "granite-3.3-8b": dict(vocab_size=49159, hidden_size=4096, intermediate_size=12800, num_hidden_layers=40,
+                           num_attention_heads=32, num_key_value_heads=8, embedding_multiplier=12.0,
+                           residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=16.0,
+                           max_position_embeddings=131072, rope_theta=1e7, rms_norm_eps=1e-5,
+                           tie_word_embeddings=True),
+    # Glm4Config (half, adjacent-pair RoPE; fused gate_up; four norms), GLM-4-9B-0414's shape
+    "glm-4-9b": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
+                     num_attention_heads=32, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
 }
+# The transformers config class of the SHAPES that are neither Llama nor Qwen2 (their keyword arguments are whole).
+OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
+                 "glm-4-9b": "Glm4Config"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -95,10 +112,10 @@ def hf_config(shape: str):
         from transformers import Qwen3MoeConfig
 
         return Qwen3MoeConfig(**MOE_SHAPES[shape], max_position_embeddings=40960, rms_norm_eps=1e-6)
-    if shape.startswith("smollm3"):
-        from transformers import SmolLM3Config
+    if shape in OTHER_CONFIGS:
+        import transformers
 
-        return SmolLM3Config(**SHAPES[shape], max_position_embeddings=65536, rope_theta=5e6, rms_norm_eps=1e-6)
+        return getattr(transformers, OTHER_CONFIGS[shape])(**SHAPES[shape])
     if shape.startswith("qwen2.5"):
         from transformers import Qwen2Config
 
