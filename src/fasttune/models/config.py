@@ -9,7 +9,7 @@ base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Q
 SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXAONE 4's post-norm layers and
 OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and GLM-4's adjacent-pair RoPE
 (`rope_interleaved`), and Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
-with `attn_scale` its attention_multiplier).
+with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`).
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
-                      "qwen3_moe", "mixtral", "gpt_oss")
+                      "hunyuan_v1_dense", "qwen3_moe", "mixtral", "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
@@ -60,6 +60,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False
     qk_norm_full: bool = False  # OLMo 2/3: q/k norms span all heads' channels (one RMSNorm over the projection)
+    qk_norm_after_rope: bool = False  # Hunyuan: per-head q/k norms (query_/key_layernorm) on the rotated q and k
     norm_offset: float = 0.0  # Gemma's RMSNorm multiplies by (1 + w)
     sandwich_norm: bool = False  # Gemma 2: post-attention and pre/post-feedforward norms
     post_norm: bool = False  # OLMo 2/3: no pre-norms; the attention and MLP outputs are normed before each residual add
@@ -181,6 +182,9 @@ class ModelConfig:
         elif model_type == "glm4":  # Phi-3's fused gate_up, Gemma 2's four norms, adjacent-pair partial RoPE
             cfg.attn_bias = bool(get("attention_bias", True))
             cfg.fused_gate_up = cfg.sandwich_norm = cfg.rope_interleaved = True
+        elif model_type == "hunyuan_v1_dense":
+            cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+            cfg.qk_norm = cfg.qk_norm_after_rope = True
         elif model_type == "ernie4_5":
             cfg.attn_bias = cfg.o_bias = cfg.mlp_bias = bool(get("use_bias", False))
             cfg.rope_interleaved = True
@@ -258,6 +262,12 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
     theta = params.get("rope_theta", get("rope_theta", 10000.0))
     partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0
     scaling = dict(params) if params.get("rope_type", "default") != "default" else dict(legacy) or None
+    if get("model_type") == "hunyuan_v1_dense" and scaling and scaling.get("alpha") and \
+            scaling.get("rope_type", scaling.get("type")) == "dynamic":
+        # Hunyuan's NTK-alpha RoPE: a fixed, larger base, theta * alpha ** (d / (d - 2)), whatever the length
+        # (transformers' HunYuanDenseV1RotaryEmbedding.compute_ntk_alpha_rope_parameters)
+        d = get("head_dim") or get("hidden_size") // get("num_attention_heads")
+        theta, scaling = float(theta) * float(scaling["alpha"]) ** (d / (d - 2)), None
     if scaling is not None:
         scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
         if scaling["rope_type"] in ("default", "mrope"):  # "mrope": Qwen2-VL's 4.x name, plain frequencies

@@ -54,7 +54,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Self-attention of one layer: q/k/v projections (fused for Phi-3), optional q/k norm (Qwen3, Gemma 3), RoPE,
+    """Self-attention of one layer: q/k/v projections (fused for Phi-3), optional q/k norm (Qwen3, Gemma 3, OLMo;
+    after RoPE for Hunyuan), RoPE (none in SmolLM3's NoPE layers; adjacent pairs for Ernie 4.5 / GLM-4),
     SDPA or varlen attention (GQA), gpt-oss's per-head sink logits (`sinks`), o_proj; names as transformers'
     `self_attn`."""
 
@@ -70,10 +71,13 @@ class Attention(nn.Module):
             self.k_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
             self.v_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.q_size, h, bias=cfg.o_bias)
-        if cfg.qk_norm:  # per head (Qwen3, Gemma 3), or over the whole projection (OLMo 2/3)
+        # q/k norms by transformers' names: per head (Qwen3, Gemma 3; Hunyuan's after RoPE), or over the whole
+        # projection (OLMo 2/3)
+        self.qk_norm_names = ("query_layernorm", "key_layernorm") if cfg.qk_norm_after_rope else ("q_norm", "k_norm")
+        if cfg.qk_norm:
             q_dim, k_dim = (self.q_size, self.kv_size) if cfg.qk_norm_full else (d, d)
-            self.q_norm = RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset)
-            self.k_norm = RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset)
+            setattr(self, self.qk_norm_names[0], RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset))
+            setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset))
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
@@ -99,16 +103,17 @@ class Attention(nn.Module):
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, values_unused=replay)
         if cfg.qk_norm_full:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k = self._qk_norms(q, k)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
-        if cfg.qk_norm and not cfg.qk_norm_full:
-            q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.qk_norm and not (cfg.qk_norm_full or cfg.qk_norm_after_rope):
+            q, k = self._qk_norms(q, k)
         if self.reorder_pairs:
             order = _pair_order(cfg.head_dim, cfg.rotary_dim, q.device)
             q, k = q.index_select(-1, order), k.index_select(-1, order)
-        if cache is not None and cache.slot is not None:  # a decode step: RoPE, cache write, attention in one kernel
+        # a decode step: RoPE, cache write, attention in one kernel (not for norms that follow RoPE)
+        if cache is not None and cache.slot is not None and not cfg.qk_norm_after_rope:
             step_mask = mask.get(self.sliding_window)
             sinks = self.sinks if cfg.attn_sinks else None
             if use_triton(q) and decode_attention_usable(q, step_mask, cfg.attn_logit_softcap, sinks):
@@ -118,6 +123,8 @@ class Attention(nn.Module):
                 return one_linear(self.o_proj, out)
         if self.rope_kind != "none":
             q, k = apply_rope_qk(q, k, cos, sin)
+        if cfg.qk_norm_after_rope:
+            q, k = self._qk_norms(q, k)
         if block is not None:
             keeper, slot, _ = block
             if replay:
@@ -139,6 +146,11 @@ class Attention(nn.Module):
             return project(out, self.o_proj, values_unused=True)[0]
         return one_linear(self.o_proj, out)
 
+
+
+    def _qk_norms(self, q, k):
+        """(q_norm(q), k_norm(k)) under the family's names (qk_norm_names)."""
+        return getattr(self, self.qk_norm_names[0])(q), getattr(self, self.qk_norm_names[1])(k)
 
 
 @functools.lru_cache(maxsize=None)
