@@ -8,8 +8,8 @@ base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Q
 (`attn_sinks`) and its MoE block with biases and a clamped SwiGLU (`moe_block = "gpt_oss"`, models/gpt_oss.py),
 SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXAONE 4's post-norm layers and
 OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and GLM-4's adjacent-pair RoPE
-(`rope_interleaved`), and Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
-with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`).
+(`rope_interleaved`), Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
+with `attn_scale` its attention_multiplier), and Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`).
 """
 from __future__ import annotations
 
