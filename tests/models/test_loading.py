@@ -187,3 +187,13 @@ def test_attention_dropout_in_the_config_is_named_as_not_applied(tmp_path, recwa
     recwarn.clear()
     FastLanguageModel.from_pretrained(str(tmp_path / "z"))
     assert not [w for w in recwarn if "attention_dropout" in str(w.message)]
+
+
+def test_our_decoder_built_on_another_architecture_points_to_the_fallback():
+    """CausalLM / ModelConfig on a config we do not run: the error names the families and from_pretrained's
+    transformers+PEFT fallback."""
+    from fasttune.models.config import ModelConfig
+
+    with pytest.raises(ModelLoadError, match=r"'falcon' is not supported .*glm4, hunyuan_v1_dense.*through "
+                                             r"transformers\+PEFT \(the fallback\)"):
+        ModelConfig.from_hf({"model_type": "falcon"})

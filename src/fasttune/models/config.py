@@ -115,8 +115,8 @@ class ModelConfig:
         if model_type not in SUPPORTED_FAMILIES + VISION_TEXT_FAMILIES:
             raise ModelLoadError(
                 f"Architecture '{model_type}' is not supported by fasttune's decoder yet (supported: "
-                f"{', '.join(SUPPORTED_FAMILIES)}). Use a model of a supported family; a transformers+PEFT fallback "
-                f"for other architectures is planned."
+                f"{', '.join(SUPPORTED_FAMILIES)}). Load it with FastLanguageModel.from_pretrained, which runs other "
+                f"architectures through transformers+PEFT (the fallback), or use a model of a supported family."
             )
         hidden = get("hidden_size")
         heads = get("num_attention_heads")
