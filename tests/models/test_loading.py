@@ -183,10 +183,13 @@ def test_attention_dropout_in_the_config_is_named_as_not_applied(tmp_path, recwa
     save_hf(hf_model("granite", attention_dropout=0.1), tmp_path / "g")
     with pytest.warns(UserWarning, match="attention_dropout=0.1 is not applied"):
         FastLanguageModel.from_pretrained(str(tmp_path / "g"))
+    save_hf(hf_model("phi3", resid_pdrop=0.1, embd_pdrop=0.05), tmp_path / "p")
+    with pytest.warns(UserWarning, match="resid_pdrop=0.1, embd_pdrop=0.05 are not applied"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "p"))
     save_hf(hf_model("granite"), tmp_path / "z")
     recwarn.clear()
     FastLanguageModel.from_pretrained(str(tmp_path / "z"))
-    assert not [w for w in recwarn if "attention_dropout" in str(w.message)]
+    assert not [w for w in recwarn if "not applied" in str(w.message)]
 
 
 def test_our_decoder_built_on_another_architecture_points_to_the_fallback():

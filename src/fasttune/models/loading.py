@@ -121,6 +121,23 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
         module._buffers[attr] = tensor
 
 
+# Model-level dropouts of the families we run (attention weights; Phi-3's residual and embedding dropout), which
+# transformers applies while training and our decoder does not.
+DROPOUT_FIELDS = ("attention_dropout", "resid_pdrop", "embd_pdrop")
+
+
+def _warn_unapplied_dropout(hf_config, source: str) -> None:
+    """A warning naming each DROPOUT_FIELDS value above 0 in the config (e.g. Granite 3's attention_dropout=0.1)."""
+    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
+    given = {name: float(get(name, 0.0) or 0.0) for name in DROPOUT_FIELDS}
+    given = {name: p for name, p in given.items() if p > 0}
+    if given:
+        named = ", ".join(f"{name}={p:g}" for name, p in given.items())
+        warnings.warn(f"{source}: the config's {named} {'is' if len(given) == 1 else 'are'} not applied: fasttune's "
+                      f"decoder runs without model dropout, where transformers drops activations while training. "
+                      f"LoRA's own lora_dropout is applied as usual.")
+
+
 def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None,
                 model_cls=CausalLM) -> CausalLM:
     """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between).
@@ -139,12 +156,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
-    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
-    dropout = float(get("attention_dropout", 0.0) or 0.0)
-    if dropout > 0:  # e.g. Granite 3's 0.1: transformers drops attention weights in training, we do not
-        warnings.warn(f"{source}: the config's attention_dropout={dropout:g} is not applied: fasttune's attention "
-                      f"runs without dropout, where transformers drops attention weights while training. LoRA's "
-                      f"own lora_dropout is applied as usual.")
+    _warn_unapplied_dropout(hf_config, source)
     if quant == "int8" and model.arch.num_experts:
         warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
                       f"they load in {dtype}, the other layers in int8.")
