@@ -52,6 +52,8 @@ def hf_config(family: str, **overrides):
         cfg = tf.HunYuanDenseV1Config(**kw, head_dim=16, tie_word_embeddings=True,
                                       rope_parameters={"rope_type": "dynamic", "alpha": 1000.0, "rope_theta": 10000.0,
                                                        "factor": 1.0})
+    elif family == "arcee":  # the ungated ReLU² MLP (up_proj, down_proj)
+        cfg = tf.ArceeConfig(**kw, tie_word_embeddings=False)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
         cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
@@ -74,7 +76,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense"]
+            "hunyuan_v1_dense", "arcee"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

@@ -14,7 +14,7 @@ from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, re
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
-from fasttune.peft.lora import DEFAULT_TARGETS, LoraSettings, apply_lora
+from fasttune.peft.lora import LoraSettings, apply_lora, default_targets
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
 
@@ -114,7 +114,7 @@ class FastLanguageModel:
         if model.lora_settings is not None:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                target_modules=list(DEFAULT_TARGETS) if target_modules is None else target_modules,
+                                target_modules=default_targets(model) if target_modules is None else target_modules,
                                 use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias,
                                 target_parameters=list(target_parameters or []), use_dora=use_dora, **patterns)
         if isinstance(model, FallbackModel):

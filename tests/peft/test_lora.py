@@ -35,7 +35,8 @@ def test_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
     theirs = peft_grads(ref)
     mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
     layers = hf_config(family).num_hidden_layers
-    per_layer = {"phi3": 4, "glm4": 6}.get(family, 7)  # fused qkv_proj / gate_up_proj count once
+    # fused qkv_proj / gate_up_proj count once; Arcee has no gate_proj
+    per_layer = {"phi3": 4, "glm4": 6, "arcee": 6}.get(family, 7)
     assert len(mine) == len(theirs) and len(mine) == 2 * layers * per_layer
     for n, g in mine.items():  # fp32 sums in another order: noise ~1e-6 of the tensor's largest entry
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
@@ -183,3 +184,16 @@ def test_phi3_whole_fused_groups_are_applied_without_a_warning(tiny_model_dir, r
     assert model.lora_settings.target_modules == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
     assert model.lora_settings.requested_target_modules == sorted(
         ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+
+
+def test_default_targets_skip_names_a_dense_model_lacks(tiny_model_dir):
+    """Arcee's MLP has no gate_proj: the default seven names apply as the six it has (PEFT applies a list that
+    matches some layers too); a gate_proj asked for by name is still an error naming the layers."""
+    from fasttune.errors import ConfigError
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("arcee")))
+    assert FastLanguageModel.get_peft_model(model, r=4).lora_settings.target_modules == [
+        "down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("arcee")))
+    with pytest.raises(ConfigError, match=r"\['gate_proj'\] match no layer"):
+        FastLanguageModel.get_peft_model(model, r=4, target_modules=["gate_proj", "up_proj"])

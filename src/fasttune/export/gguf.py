@@ -192,7 +192,7 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
             for proj, v in parts.items()}
 
 
-ROTATE_PAIRS = ("llama", "smollm3", "granite")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
 FULL_EVERY = 4  # llama.cpp's olmo2 and exaone4 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
 
 

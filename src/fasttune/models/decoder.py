@@ -172,17 +172,19 @@ MLP_TILE_BYTES = 1 << 30  # one bf16 (tokens x intermediate) activation per MLP 
 
 
 class MLP(nn.Module):
-    """The gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)), gate/up fused for Phi-3; long sequences run in
-    tiles (MLP_TILE_BYTES of intermediate activations each)."""
+    """The gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)), gate/up fused for Phi-3 and GLM-4; or Arcee's
+    ungated down(relu(up(x)) ** 2); long sequences run in tiles (MLP_TILE_BYTES of intermediate activations each)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.act, self.fused, self.intermediate = cfg.hidden_act, cfg.fused_gate_up, i
+        self.gated = cfg.mlp_gated
         if self.fused:
             self.gate_up_proj = nn.Linear(h, 2 * i, bias=cfg.mlp_bias)
         else:
-            self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+            if self.gated:
+                self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
             self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
@@ -198,6 +200,9 @@ class MLP(nn.Module):
         return tiled_mlp(self._mlp, x, tile, values_unused, trainable)
 
     def _mlp(self, x, values_unused: bool = False):
+        if not self.gated:  # Arcee: down(relu(up(x)) ** 2), in torch ops
+            h = torch.relu(one_linear(self.up_proj, x)).square()
+            return project(h, self.down_proj, values_unused=values_unused)[0]
         pair = (self.gate_up_proj,) if self.fused else (self.gate_proj, self.up_proj)
         if one_row_linears(x, pair):  # a batch-1 decode step: both projections and the activation in one launch
             if self.fused:

@@ -266,6 +266,18 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
     settings.target_parameters = sorted(set(settings.target_parameters) | {names[t] for t in mapped})
 
 
+def default_targets(model: nn.Module) -> list[str]:
+    """DEFAULT_TARGETS less the names a dense model has no layer for (Arcee has no gate_proj), as PEFT applies a
+    list that matches some layers. MoE models keep all seven: their MLP names stand for the stacked experts."""
+    from fasttune.models.config import ModelConfig
+
+    arch = getattr(model, "arch", None)
+    if not isinstance(arch, ModelConfig) or arch.num_experts:  # the fallback picks its own (fallback.add_lora)
+        return list(DEFAULT_TARGETS)
+    leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
+    return [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
+
+
 def _linear_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_quantized(m)) and n != "lm_head"]
 
