@@ -54,6 +54,8 @@ def hf_config(family: str, **overrides):
                                                        "factor": 1.0})
     elif family == "arcee":  # the ungated ReLU² MLP (up_proj, down_proj)
         cfg = tf.ArceeConfig(**kw, tie_word_embeddings=False)
+    elif family == "apertus":  # xIELU in an ungated MLP, q/k norms, renamed pre-norms, llama3 RoPE (its default)
+        cfg = tf.ApertusConfig(**kw, tie_word_embeddings=False)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
         cfg = tf.Qwen3MoeConfig(**kw, head_dim=16, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                 norm_topk_prob=True, mlp_only_layers=[0], tie_word_embeddings=False)
@@ -76,7 +78,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee"]
+            "hunyuan_v1_dense", "arcee", "apertus"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 
@@ -93,6 +95,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
             if "norm" in n:
                 p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties
+                p.normal_(0.0, 0.5)
+            if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):

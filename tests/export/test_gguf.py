@@ -258,7 +258,8 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     model.arch.model_type = "falcon"
     with pytest.raises(ConfigError, match="supports the families llama, mistral, .*phi3, smollm3, olmo2, olmo3, "
-                                          "granite, ministral, exaone4, ernie4_5, glm4, hunyuan_v1_dense, arcee, qwen3_moe, "
+                                          "granite, ministral, exaone4, ernie4_5, glm4, hunyuan_v1_dense, arcee, apertus, "
+                                          "qwen3_moe, "
                                           "mixtral, gpt_oss; "
                                           "this model is 'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)

@@ -58,7 +58,8 @@ def test_recompute_skips_attention_projections(tiny_model_dir, block_keepers, mo
 @pytest.mark.parametrize("family,kept", [("llama", True), ("mixtral", True), ("smollm3", True), ("qwen3", False),
                                          ("gemma2", False), ("olmo3", False), ("granite", True),
                                          ("ernie4_5", True), ("glm4", False),
-                                         ("hunyuan_v1_dense", False), ("arcee", True)])
+                                         ("hunyuan_v1_dense", False), ("arcee", True),
+                                         ("apertus", False)])
 def test_offload_equals_recompute(tiny_model_dir, block_keepers, family, kept):
     """Dense and MoE layers (and SmolLM3's NoPE layer, whose kept q/k are unrotated, Granite's scaled residuals and
     Ernie 4.5's reordered q/k) keep their block; q/k norms (Qwen3) and sandwich or post norms (Gemma 2, OLMo 3) read

@@ -142,6 +142,8 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
         if arch == "gpt-oss" and ".mlp.experts." in name:
             out.update(_gpt_oss_experts(name, t, names))
             continue
+        if ".mlp.act_fn." in name:  # Apertus' xIELU scalars: GGUF metadata (_write_metadata), not tensors
+            continue
         if name.endswith("self_attn.sinks"):
             name += ".weight"
         if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H), gate rows first -> two (E, I, H) tensors
@@ -166,7 +168,7 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
                               f"be exported to GGUF as it is.")
         out[new] = t
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
-        if arch not in ("llama", "exaone4"):  # the architectures whose graphs read rope_freqs
+        if arch not in ("llama", "exaone4", "apertus"):  # the architectures whose graphs read rope_freqs
             raise ConfigError(f"llama3 RoPE scaling in a '{cfg.model_type}' model has no GGUF form in llama.cpp.")
         from fasttune.kernels.rope import rope_inv_freq
 
@@ -353,6 +355,12 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
+    if cfg.model_type == "apertus":  # per-layer xIELU scalars, as stored (before softplus), as llama.cpp reads them
+        acts = [layer.mlp.act_fn for layer in model.model.layers]
+        writer.add_xielu_alpha_p([float(a.alpha_p) for a in acts])
+        writer.add_xielu_alpha_n([float(a.alpha_n) for a in acts])
+        writer.add_xielu_beta([float(a.beta) for a in acts])
+        writer.add_xielu_eps([float(a.eps) for a in acts])
     if cfg.model_type == "granite":  # llama.cpp's granite reads the four multipliers (the logit one divides)
         writer.add_embedding_scale(float(cfg.embedding_multiplier))
         writer.add_residual_scale(float(cfg.residual_multiplier))

@@ -4,7 +4,7 @@ A method names one of llama.cpp's file types ("mixtures"): q4_k_m is mostly Q4_K
 on the "more bits" layers, the output projection in Q6_K, and so on. `tensor_type` follows src/llama-quant.cpp
 (`llama_tensor_get_type_impl`, `tensor_type_fallback`, `tensor_allows_quantization`) for the architectures we
 export (llama, qwen2, qwen3, gemma, gemma2, gemma3, phi3, smollm3, olmo2, granite, exaone4, ernie4_5, glm4,
-hunyuan-dense, arcee, and the MoE qwen3moe, llama-with-experts (Mixtral) and
+hunyuan-dense, arcee, apertus, and the MoE qwen3moe, llama-with-experts (Mixtral) and
 gpt-oss (compared for q8_0, q4_k_m and q4_0)),
 without imatrix and without user overrides:
 - `output.weight`, and `token_embd.weight` when the model has no separate output tensor (tied embeddings): Q6_K,
@@ -32,6 +32,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "olmo3": "olmo2", "granite": "granite", "ministral": "llama",
                  "exaone4": "exaone4", "ernie4_5": "ernie4_5", "glm4": "glm4",
                  "hunyuan_v1_dense": "hunyuan-dense", "arcee": "arcee",
+                 "apertus": "apertus",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
 # method -> (default GGML type, gguf.LlamaFileType name)

@@ -9,8 +9,8 @@ base for its sliding-window layers (`rope_local_theta`), the sparse MoE MLP of Q
 SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXAONE 4's post-norm layers and
 OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and GLM-4's adjacent-pair RoPE
 (`rope_interleaved`), Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
-with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`), and Arcee's ungated
-ReLU² MLP (`mlp_gated`).
+with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`), and the ungated MLP
+(`mlp_gated`) of Arcee (ReLU²) and Apertus (xIELU).
 """
 from __future__ import annotations
 
@@ -22,12 +22,14 @@ from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
-                      "hunyuan_v1_dense", "arcee", "qwen3_moe", "mixtral", "gpt_oss")
+                      "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
+                      "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2")
+ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
+UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
 
 
 @dataclass
@@ -129,9 +131,9 @@ class ModelConfig:
         gemma = model_type in ("gemma", "gemma2", "gemma3_text")
         act = get("hidden_activation") if gemma else get("hidden_act", "silu")
         act = act or ("gelu_pytorch_tanh" if gemma else "silu")
-        if act not in ACTIVATIONS or (act == "relu2") != (model_type == "arcee"):  # relu2: the plain MLP only
+        if act not in ACTIVATIONS or (act in UNGATED.values()) != (UNGATED.get(model_type) == act):
             raise ModelLoadError(f"Activation '{act}' in the model config is not supported (supported: {ACTIVATIONS}; "
-                                 f"relu2 in Arcee's ungated MLP only).")
+                                 f"relu2 in Arcee's ungated MLP only, xielu in Apertus').")
 
         cfg = cls(
             model_type=model_type,
@@ -154,14 +156,15 @@ class ModelConfig:
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
         )
-        if model_type in ("llama", "mistral", "smollm3", "olmo2", "olmo3", "granite", "arcee"):
+        if model_type in ("llama", "mistral", "smollm3", "olmo2", "olmo3", "granite", "arcee", "apertus"):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
             if model_type == "smollm3":
                 cfg.rope_layers = _rope_layers(get, layers)
             if model_type in ("olmo2", "olmo3"):
                 cfg.qk_norm = cfg.qk_norm_full = cfg.post_norm = True
-            cfg.mlp_gated = model_type != "arcee"
+            cfg.mlp_gated = model_type not in UNGATED
+            cfg.qk_norm = model_type == "apertus" or cfg.qk_norm
             if model_type == "granite":
                 cfg.embedding_multiplier = float(get("embedding_multiplier", 1.0))
                 cfg.residual_multiplier = float(get("residual_multiplier", 1.0))

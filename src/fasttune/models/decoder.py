@@ -28,6 +28,7 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
+from fasttune.models.xielu import XIELU
 from fasttune.models.attention import attention
 from fasttune.models.offload import LayerInputOffloader, kept_block, offloaded_layer, recomputing
 from fasttune.models.tiled_mlp import tiled_mlp
@@ -172,8 +173,9 @@ MLP_TILE_BYTES = 1 << 30  # one bf16 (tokens x intermediate) activation per MLP 
 
 
 class MLP(nn.Module):
-    """The gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)), gate/up fused for Phi-3 and GLM-4; or Arcee's
-    ungated down(relu(up(x)) ** 2); long sequences run in tiles (MLP_TILE_BYTES of intermediate activations each)."""
+    """The gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)), gate/up fused for Phi-3 and GLM-4; or the ungated
+    down(act(up(x))) of Arcee (ReLU²) and Apertus (xIELU, models/xielu.py); long sequences run in tiles
+    (MLP_TILE_BYTES of intermediate activations each)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -186,6 +188,8 @@ class MLP(nn.Module):
             if self.gated:
                 self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
             self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+        if self.act == "xielu":  # Apertus: a learnable activation, under transformers' name
+            self.act_fn = XIELU()
         self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
 
     def forward(self, x, values_unused: bool = False):
@@ -200,8 +204,9 @@ class MLP(nn.Module):
         return tiled_mlp(self._mlp, x, tile, values_unused, trainable)
 
     def _mlp(self, x, values_unused: bool = False):
-        if not self.gated:  # Arcee: down(relu(up(x)) ** 2), in torch ops
-            h = torch.relu(one_linear(self.up_proj, x)).square()
+        if not self.gated:  # Arcee's down(relu(up(x)) ** 2), Apertus' down(xielu(up(x))), in torch ops
+            u = one_linear(self.up_proj, x)
+            h = self.act_fn(u) if self.act == "xielu" else torch.relu(u).square()
             return project(h, self.down_proj, values_unused=values_unused)[0]
         pair = (self.gate_up_proj,) if self.fused else (self.gate_proj, self.up_proj)
         if one_row_linears(x, pair):  # a batch-1 decode step: both projections and the activation in one launch
@@ -221,6 +226,8 @@ class MLP(nn.Module):
 # The sandwich block's norms (after attention, before the MLP, after the MLP) as each family names them.
 SANDWICH_NAMES = {"gemma2": ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
                   "glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}
+# A pre-norm block's two norms (before attention, before the MLP) where a family renames them (Apertus).
+PRE_NORM_NAMES = {"apertus": ("attention_layernorm", "feedforward_layernorm")}
 
 
 class DecoderLayer(nn.Module):
@@ -237,8 +244,10 @@ class DecoderLayer(nn.Module):
         self.mlp = moe(cfg) if self.is_moe else MLP(cfg)
         self.post_norm = cfg.post_norm
         self.residual_multiplier = cfg.residual_multiplier  # Granite
+        renamed = PRE_NORM_NAMES.get(cfg.model_type)
+        self.pre_norm_names = renamed or ("input_layernorm", "post_attention_layernorm")
         if not self.post_norm:
-            self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            setattr(self, self.pre_norm_names[0], RMSNorm(cfg.hidden_size, eps, off))
         self.sandwich = cfg.sandwich_norm
         # the three norms of a sandwich block (after attention, before and after the MLP) by transformers' names
         self.norm_names = SANDWICH_NAMES.get(cfg.model_type, SANDWICH_NAMES["gemma2"])
@@ -246,7 +255,7 @@ class DecoderLayer(nn.Module):
             for name in self.norm_names:
                 setattr(self, name, RMSNorm(cfg.hidden_size, eps, off))
         else:
-            self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            setattr(self, self.pre_norm_names[1], RMSNorm(cfg.hidden_size, eps, off))
         if self.post_norm:
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
 
@@ -256,10 +265,20 @@ class DecoderLayer(nn.Module):
         only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
         if self.is_moe or self.sandwich or self.post_norm:
             return self(x if h is None else x + h, cos, sin, mask, cache), None
-        x, normed = self.input_layernorm.with_residual(x, h)
+        x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
-        x, normed = self.post_attention_layernorm.with_residual(x, h)
+        x, normed = self.mlp_norm.with_residual(x, h)
         return x, self._scaled(self.mlp(normed))
+
+    @property
+    def attn_norm(self) -> nn.Module:
+        """The norm before attention (input_layernorm, or the family's name for it)."""
+        return getattr(self, self.pre_norm_names[0])
+
+    @property
+    def mlp_norm(self) -> nn.Module:
+        """The norm before the MLP in a pre-norm block (post_attention_layernorm, or the family's name for it)."""
+        return getattr(self, self.pre_norm_names[1])
 
     def _scaled(self, h):
         """A sublayer's output as its residual add takes it: times Granite's residual_multiplier."""
@@ -272,8 +291,8 @@ class DecoderLayer(nn.Module):
         block = kept_block() if self.self_attn.keeps_block and cache is None else None
         if block is not None and block[2]:
             keeper, slot, _ = block
-            return self.post_attention_layernorm.with_residual(keeper.substitute(slot, "h", x, h))
-        x, normed = self.post_attention_layernorm.with_residual(x, h)
+            return self.mlp_norm.with_residual(keeper.substitute(slot, "h", x, h))
+        x, normed = self.mlp_norm.with_residual(x, h)
         if block is not None:
             block[0].keep(block[1], "h", x)
         return x, normed
@@ -281,7 +300,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None, router_logits: bool = False):
         """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E))."""
         if self.is_moe:
-            x, normed = self.input_layernorm.with_residual(x)
+            x, normed = self.attn_norm.with_residual(x)
             x, normed = self._post_attention(x, self.self_attn(normed, cos, sin, mask, cache), cache)
             h, logits = self.mlp(normed)
             return (x + h, logits) if router_logits else x + h
@@ -290,10 +309,10 @@ class DecoderLayer(nn.Module):
             return x + self.post_feedforward_layernorm(self.mlp(x))
         if self.sandwich:  # Gemma 2, GLM-4: norm after attention and around the MLP
             post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
-            h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+            h = self.self_attn(self.attn_norm(x), cos, sin, mask, cache)
             x, normed = pre_mlp.with_residual(x, post_attn(h))
             return x + post_mlp(self.mlp(normed))
-        x, normed = self.input_layernorm.with_residual(x)
+        x, normed = self.attn_norm.with_residual(x)
         h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)
         # Re-run inside backward, the layer's output value is discarded and the add's backward needs no values:
