@@ -522,11 +522,16 @@ def test_smollm3_nope_layers_in_llama_cpp(bpe, tmp_path):
 
 
 def test_olmo_layouts_llama_cpp_cannot_run_are_refused(bpe, tmp_path):
-    """llama.cpp's olmo2 has no biases and slides every layer but each 4th (the tiny olmo3 above matches it)."""
+    """llama.cpp's olmo2 and ernie4_5 have no biases, and olmo2 slides every layer but each 4th (the tiny olmo3
+    above matches it)."""
     save_hf(hf_model("olmo2", vocab_size=416, attention_bias=True), tmp_path / "b", bpe)
     model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "b"))
     with pytest.raises(ConfigError, match="biases .*save_pretrained_merged"):
         model.save_pretrained_gguf(tmp_path / "b.gguf", tok)
+    save_hf(hf_model("ernie4_5", vocab_size=416, use_bias=True), tmp_path / "e", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "e"))
+    with pytest.raises(ConfigError, match="llama.cpp's ernie4_5 reads none"):
+        model.save_pretrained_gguf(tmp_path / "e.gguf", tok)
     layout = ["sliding_attention", "full_attention"] * 2
     save_hf(hf_model("olmo3", vocab_size=416, layer_types=layout), tmp_path / "w", bpe)
     model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "w"))

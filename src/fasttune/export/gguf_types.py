@@ -35,6 +35,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "apertus": "apertus",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
+ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
 # method -> (default GGML type, gguf.LlamaFileType name)
 METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
            "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q2_k": ("Q2_K", "MOSTLY_Q2_K"),

@@ -164,7 +164,8 @@ class ModelConfig:
             if model_type in ("olmo2", "olmo3"):
                 cfg.qk_norm = cfg.qk_norm_full = cfg.post_norm = True
             cfg.mlp_gated = model_type not in UNGATED
-            cfg.qk_norm = model_type == "apertus" or cfg.qk_norm
+            if model_type == "apertus":
+                cfg.qk_norm = True
             if model_type == "granite":
                 cfg.embedding_multiplier = float(get("embedding_multiplier", 1.0))
                 cfg.residual_multiplier = float(get("residual_multiplier", 1.0))

@@ -164,6 +164,7 @@ def gpt_oss_config(metadata: dict, path) -> dict:
     Args: metadata: the file's GGUF keys; path: the file, for messages. Returns the fields as a dict.
     Raises ModelLoadError when the file has no sliding window or a RoPE scaling type other than yarn/none."""
     def get(key, default=None):
+        """metadata["gpt-oss." + key] (default when absent), a one-element list unwrapped to its value."""
         value = metadata.get(f"gpt-oss.{key}", default)
         return value[0] if isinstance(value, list) and len(value) == 1 else value
 

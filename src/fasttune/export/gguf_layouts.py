@@ -1,0 +1,146 @@
+"""Which models llama.cpp computes as they are: GGUF export's checks before anything is written.
+
+llama.cpp fixes some layouts in its code rather than reading them from the file (sources: llama.cpp's
+src/llama-model.cpp and src/models/*.cpp): SmolLM3's NoPE step of 4, OLMo 3's and EXAONE 4's "every 4th layer
+full" sliding pattern (EXAONE 4 only at 64 layers), gpt-oss's SwiGLU constants and alternating layers, Gemma 2/3's
+query scale, and biases absent from some architectures. A model that differs is a ConfigError pointing to
+save_pretrained_merged; a sliding window llama.cpp drops is a warning. Tested through save_pretrained_gguf
+(tests/export/test_gguf.py).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from fasttune.errors import ConfigError
+from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS
+from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
+
+# llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
+# whose query_pre_attn_scalar is hidden / heads.
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
+WITHOUT_BIASES = ("olmo2", "ernie4_5")  # llama.cpp architectures that read no q/k/v/o or MLP biases
+FULL_EVERY = 4  # llama.cpp's olmo2 and exaone4 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
+
+
+def _every_fourth_full(cfg, window) -> bool:
+    """Whether the model slides with `window` in every layer but each FULL_EVERY-th, llama.cpp's fixed layout."""
+    return list(cfg.sliding_windows) == [None if (i + 1) % FULL_EVERY == 0 else window for i in range(cfg.num_layers)]
+
+
+def check_supported(cfg) -> None:
+    """ConfigError when llama.cpp has no architecture for `cfg` (a ModelConfig), or its architecture would compute
+    another model (layer layouts, biases, RoPE scaling, MoE routing it does not have); a warning when llama.cpp
+    drops a sliding window. Raises before anything is written."""
+    if cfg.mrope_section is not None:  # the language model of a vision-language checkpoint (models/vision.py)
+        raise ConfigError("GGUF export of vision-language models is not supported yet (llama.cpp needs the text "
+                          "GGUF plus an mmproj file for the vision tower). Save the merged model "
+                          "(save_pretrained_merged) and convert it with llama.cpp's convert_hf_to_gguf.py, once "
+                          "as is and once with --mmproj.")
+    if cfg.model_type not in ARCHITECTURES:
+        raise ConfigError(f"GGUF export supports the families {', '.join(ARCHITECTURES)}; this model is "
+                          f"'{cfg.model_type}'.")
+    arch = ARCHITECTURES[cfg.model_type]
+    if arch in GEMMA_27B_LAYERS:
+        big = cfg.num_layers == GEMMA_27B_LAYERS[arch]
+        expected = (cfg.hidden_size / cfg.num_heads if big else cfg.head_dim) ** -0.5
+        if not math.isclose(cfg.scaling, expected, rel_tol=1e-6):
+            raise ConfigError(f"This {arch} model scales queries by {cfg.scaling:.6g} (query_pre_attn_scalar) but "
+                              f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
+    elif arch == "gpt-oss":
+        _check_gpt_oss(cfg)
+    if arch == "smollm3" and cfg.rope_layers != [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(cfg.num_layers)]:
+        nope = [i for i, rope in enumerate(cfg.rope_layers) if not rope]
+        raise ConfigError(f"This SmolLM3 model has no RoPE in layers {nope} (no_rope_layers); llama.cpp's smollm3 "
+                          f"always leaves it out of every {SMOLLM3_NOPE_STEP}th layer and reads no pattern from the "
+                          f"file, so the GGUF would compute another model. Save the merged model with "
+                          f"save_pretrained_merged instead. Nothing was written.")
+    if arch in WITHOUT_BIASES and (cfg.attn_bias or cfg.o_bias or cfg.mlp_bias):
+        raise ConfigError(f"This {cfg.model_type} model has biases (attention_bias / mlp_bias / use_bias); "
+                          f"llama.cpp's {arch} reads none, so it cannot be exported to GGUF. Save the merged model "
+                          f"with save_pretrained_merged instead.")
+    if arch == "olmo2":
+        _check_olmo(cfg)
+    elif arch == "exaone4":
+        _check_exaone4(cfg)
+    elif arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
+        window = next(w for w in cfg.sliding_windows if w)
+        warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
+                      f"the whole context, which equals this model only for sequences up to {window} tokens.")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and arch != "gpt-oss":
+        raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
+    if cfg.num_experts and arch != "gpt-oss":
+        if not all(cfg.moe_layers):
+            dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
+            raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "
+                              f"mlp_only_layers / decoder_sparse_step) between its MoE layers; llama.cpp's "
+                              f"'{arch}' architecture makes every layer sparse, so it cannot be exported to GGUF. "
+                              f"Save the merged model with save_pretrained_merged instead.")
+        if not cfg.norm_topk_prob:
+            raise ConfigError(f"This {cfg.model_type} model does not renormalise its top-{cfg.num_experts_per_tok} "
+                              f"routing weights (norm_topk_prob=False); llama.cpp's '{arch}' architecture always "
+                              f"does, so the GGUF would compute another model. Save the merged model with "
+                              f"save_pretrained_merged instead.")
+
+
+def check_methods(cfg, quants: list[str]) -> None:
+    """ConfigError for a method that does not fit the model: mxfp4_moe (MXFP4 experts) on a model without experts,
+    which llama-quantize would write as Q8_0 throughout."""
+    for quant in quants:
+        if quant in MOE_METHODS and not cfg.num_experts:
+            raise ConfigError(f"quantization_method '{quant}' stores the experts of a mixture-of-experts model in "
+                              f"MXFP4 (and the other tensors in Q8_0); this {cfg.model_type} model has no experts. "
+                              f"Use 'q8_0' (the same file for a dense model), or a 4-bit method such as 'q4_k_m'. "
+                              f"Nothing was written.")
+
+
+def _check_olmo(cfg):
+    """ConfigError for an OLMo 3 layout llama.cpp's 'olmo2' does not compute: its sliding windows are one size in
+    every layer but each FULL_EVERY-th, which attends to everything."""
+    window = next((w for w in cfg.sliding_windows if w), None)
+    if window is not None and not _every_fourth_full(cfg, window):
+        raise ConfigError(f"llama.cpp's olmo2 slides every layer but each {FULL_EVERY}th (one window size); "
+                          f"this {cfg.model_type} model's layer_types / sliding_window differ, so it cannot be "
+                          f"exported to GGUF. Save the merged model with save_pretrained_merged instead.")
+
+
+def _check_exaone4(cfg):
+    """ConfigError for an EXAONE 4 layout llama.cpp's exaone4 does not compute: it slides only in 64-layer models
+    (EXAONE 4.0 32B), every layer but each 4th, and then rotates only the sliding layers; without a window every
+    layer rotates."""
+    window = next((w for w in cfg.sliding_windows if w), None)
+    if window is None:
+        if not all(cfg.rope_layers or [True]):
+            raise ConfigError("This exaone4 model has no sliding layers but leaves RoPE out of some (sliding_window "
+                              "is set while layer_types are all full); llama.cpp's exaone4 would rotate every "
+                              "layer, so it cannot be exported to GGUF. Save the merged model with "
+                              "save_pretrained_merged instead.")
+        return
+    if cfg.num_layers != 64 or not _every_fourth_full(cfg, window):
+        raise ConfigError(f"llama.cpp's exaone4 applies sliding windows only to 64-layer models (EXAONE 4.0 32B), "
+                          f"in every layer but each 4th; this model has {cfg.num_layers} layers with "
+                          f"layer_types {['sliding' if w else 'full' for w in cfg.sliding_windows]}, so it cannot "
+                          f"be exported to GGUF. Save the merged model with save_pretrained_merged instead.")
+
+
+def _check_gpt_oss(cfg):
+    """ConfigError for a gpt-oss model whose computation llama.cpp's 'gpt-oss' architecture does not reproduce:
+    llama.cpp fixes the SwiGLU's alpha and limit, alternates sliding (even layers) and full attention, and takes
+    YaRN RoPE (or none)."""
+    if not math.isclose(cfg.swiglu_alpha, 1.702, rel_tol=1e-6) or not math.isclose(cfg.swiglu_limit, 7.0,
+                                                                                      rel_tol=1e-6):
+        raise ConfigError(f"This gpt-oss model's SwiGLU has alpha {cfg.swiglu_alpha} and limit {cfg.swiglu_limit}; "
+                          f"llama.cpp's gpt-oss fixes them at 1.702 and 7.0, so it cannot be exported to GGUF.")
+    windows = list(cfg.sliding_windows)
+    window = next((w for w in windows if w), None)
+    if window is None or any(bool(w) != (i % 2 == 0) for i, w in enumerate(windows)) \
+            or any(w and w != window for w in windows):
+        raise ConfigError("llama.cpp's gpt-oss alternates sliding-window attention (even layers, one window) and "
+                          "full attention (odd layers); this model's layer_types differ, so it cannot be exported "
+                          "to GGUF.")
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] != "yarn":
+        raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' in a gpt-oss model has no GGUF form "
+                          f"in llama.cpp (its gpt-oss takes YaRN).")
+    if not all(cfg.moe_layers) or not cfg.attn_sinks:
+        raise ConfigError("llama.cpp's gpt-oss has attention sinks and MoE MLPs in every layer; this model does "
+                          "not, so it cannot be exported to GGUF.")
