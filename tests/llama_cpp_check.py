@@ -72,3 +72,47 @@ def llama_quantize(src, dst, method: str):
     params.nthread = 1
     assert llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params)) == 0
     return dst
+
+
+def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int = 2):
+    """llama.cpp's libmtmd on a prompt with one image: `before` + the image + `after` (libmtmd wraps the image in
+    the family's start/end tokens itself) through the text GGUF and its mmproj. `image`: (H, W, 3) uint8 RGB of the
+    size the model's processor would resize it to (libmtmd then leaves it as it is). Returns (the image's
+    embeddings (tokens, hidden) float32, the last position's logits (vocab,) float32, the prompt's token count)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as L
+    import llama_cpp.mtmd_cpp as M
+
+    llm = llama_cpp.Llama(str(text_gguf), n_ctx=512, n_batch=512, n_ubatch=512, verbose=False, n_threads=n_threads,
+                          type_k=0, type_v=0)  # fp32 KV cache: the file is measured, not the cache's rounding
+    params = M.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.warmup, params.print_timings = False, n_threads, False, False
+    params.image_min_tokens, params.image_max_tokens = 1, 4096  # transformers' pixel limits decided the size
+    ctx = M.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
+    assert ctx, f"libmtmd could not load {mmproj}"
+    image = np.ascontiguousarray(image, dtype=np.uint8)
+    data = (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())
+    bitmap = M.mtmd_bitmap_init(image.shape[1], image.shape[0], data)
+    text = (before + M.mtmd_default_marker().decode() + after).encode()
+    prompt = M.mtmd_input_text(text, len(text), False, True)
+    chunks = M.mtmd_input_chunks_init()
+    try:
+        assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
+        embeddings = None
+        for i in range(M.mtmd_input_chunks_size(chunks)):
+            chunk = M.mtmd_input_chunks_get(chunks, i)
+            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+                n = M.mtmd_input_chunk_get_n_tokens(chunk)
+                assert M.mtmd_encode_chunk(ctx, chunk) == 0
+                embeddings = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * llm.n_embd(),))
+                embeddings = embeddings.reshape(n, -1).copy()
+        n_past = L.llama_pos(0)
+        assert M.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
+        logits = np.ctypeslib.as_array(L.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
+        count = M.mtmd_helper_get_n_tokens(chunks)
+    finally:
+        M.mtmd_input_chunks_free(chunks)
+        M.mtmd_bitmap_free(bitmap)
+        M.mtmd_free(ctx)
+        llm.close()
+    return embeddings, logits, count

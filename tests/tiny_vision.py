@@ -32,17 +32,18 @@ def qwen_vl_config(**text_overrides):
         tie_word_embeddings=False)
 
 
-def qwen_vl_processor(patch: int = PATCH):
-    """fasttune's VisionProcessor of the tiny tokenizer (+ vision tokens) and transformers' PIL image processor
-    (Qwen2.5-VL's 14-pixel patches; Qwen3-VL's are 16), images of 2 x 2 to 8 x 8 patches."""
+def qwen_vl_processor(patch: int = PATCH, tok=None, max_side: int = 8):
+    """fasttune's VisionProcessor of the tiny tokenizer (or `tok`) plus the vision tokens and transformers' PIL
+    image processor (Qwen2.5-VL's 14-pixel patches; Qwen3-VL's are 16), images of 2 x 2 to `max_side` squared
+    patches."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     from fasttune.data.vision import VisionProcessor
 
-    tok = make_tiny_tokenizer(chat_template=QWEN_VL_TEMPLATE)
+    tok = make_tiny_tokenizer(chat_template=QWEN_VL_TEMPLATE) if tok is None else tok
     tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS})
     images = Qwen2VLImageProcessorPil(patch_size=patch, merge_size=MERGE, temporal_patch_size=2,
-                                      min_pixels=(2 * patch) ** 2, max_pixels=(8 * patch) ** 2)
+                                      min_pixels=(2 * patch) ** 2, max_pixels=(max_side * patch) ** 2)
     return VisionProcessor(tok, images, QWEN_VL_TEMPLATE, "<|image_pad|>", MERGE)
 
 
@@ -91,14 +92,14 @@ def gemma3_config():
                         boi_token_id=259, eoi_token_id=260, image_token_id=261, tie_word_embeddings=True)
 
 
-def gemma3_processor():
+def gemma3_processor(tok=None):
     """fasttune's VisionProcessor as Gemma3Processor expands images: each <start_of_image> becomes
-    "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n"."""
+    "\\n\\n<start_of_image>" + soft tokens + "<end_of_image>\\n\\n". `tok`: another tokenizer than the tiny one."""
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     from fasttune.data.vision import VisionProcessor
 
-    tok = make_tiny_tokenizer(chat_template=GEMMA3_TEMPLATE)
+    tok = make_tiny_tokenizer(chat_template=GEMMA3_TEMPLATE) if tok is None else tok
     tok.add_special_tokens({"additional_special_tokens": GEMMA3_TOKENS})
     images = Gemma3ImageProcessorPil(size={"height": 28, "width": 28})
     sequence = "\n\n<start_of_image>" + "<image_soft_token>" * GEMMA3_TOKENS_PER_IMAGE + "<end_of_image>\n\n"
@@ -136,14 +137,56 @@ def save_qwen3_vl(folder, seed: int = 0):
     return _save(folder, Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen_vl_processor(patch=16), seed)
 
 
-def save_qwen2_vl(folder, seed: int = 0):
-    """Save a random tiny Qwen2-VL (fp32) with the Qwen2.5-VL test processor (the same image processing)."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+def qwen2_vl_config():
+    from transformers import Qwen2VLConfig
 
     text = qwen_vl_config().text_config.to_dict()
     text.pop("model_type", None)
-    config = Qwen2VLConfig(text_config=text, vision_config=dict(
+    return Qwen2VLConfig(text_config=text, vision_config=dict(
         depth=2, embed_dim=32, hidden_size=64, mlp_ratio=2, num_heads=2, patch_size=PATCH, spatial_merge_size=MERGE,
         temporal_patch_size=2, in_channels=3), image_token_id=261, video_token_id=271, vision_start_token_id=259,
         vision_end_token_id=260, tie_word_embeddings=False)
-    return _save(folder, Qwen2VLForConditionalGeneration, config, qwen_vl_processor(), seed)
+
+
+def save_qwen2_vl(folder, seed: int = 0):
+    """Save a random tiny Qwen2-VL (fp32) with the Qwen2.5-VL test processor (the same image processing)."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return _save(folder, Qwen2VLForConditionalGeneration, qwen2_vl_config(), qwen_vl_processor(), seed)
+
+
+def save_with_bpe(folder, family: str, seed: int = 0, **vision):
+    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl") whose tokenizer is a trained
+    BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a 416-token
+    embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides (Qwen2.5-VL:
+    window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
+    import transformers
+    from bpe_tokenizers import make_bpe_tokenizer
+
+    tok = make_bpe_tokenizer("gpt2")
+    tok.chat_template = GEMMA3_TEMPLATE if family == "gemma3" else QWEN_VL_TEMPLATE
+    processor = gemma3_processor(tok) if family == "gemma3" else qwen_vl_processor(tok=tok, max_side=16)
+    start, end, image = tok.convert_tokens_to_ids(GEMMA3_TOKENS if family == "gemma3" else VISION_TOKENS)
+    if family == "gemma3":
+        config = gemma3_config()
+        config.boi_token_id, config.eoi_token_id = start, end
+    else:
+        config = qwen_vl_config() if family == "qwen2_5_vl" else qwen2_vl_config()
+        config.vision_start_token_id, config.vision_end_token_id, config.video_token_id = start, end, image + 1
+
+    def init(model):  # sharper attention than the default init's, so positions and windows change the outputs
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and (".visual." in name or ".vision_tower." in name or "q_proj" in name or "k_proj" in name):
+                p.mul_(3.0)
+        if family == "gemma3":
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+    config.image_token_id = image
+    config.text_config.vocab_size = 416
+    if family != "gemma3":  # llama-cpp-python 0.3.36's qwen2vl ignores the RMSNorm eps it is given (runs ~0)
+        config.text_config.rms_norm_eps = 1e-12
+    config.text_config.eos_token_id = config.text_config.pad_token_id = tok.eos_token_id
+    for key, value in vision.items():
+        setattr(config.vision_config, key, value)
+    cls = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family]
+    return _save(folder, getattr(transformers, cls), config, processor, seed, init=init)

@@ -188,7 +188,7 @@ def test_list_of_methods_merges_once_and_writes_one_file_each(bpe, tmp_path, mon
     model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
     calls = []
     real = gguf_export.gguf_tensors
-    monkeypatch.setattr(gguf_export, "gguf_tensors", lambda m: calls.append(1) or real(m))
+    monkeypatch.setattr(gguf_export, "gguf_tensors", lambda m, *a: calls.append(1) or real(m, *a))
     paths = model.save_pretrained_gguf(tmp_path / "out" / "tiny.gguf", tok, quantization_method=["f16", "Q8_0"],
                                        progress=False)
     assert paths == [tmp_path / "out" / "tiny.F16.gguf", tmp_path / "out" / "tiny.Q8_0.gguf"] and calls == [1]

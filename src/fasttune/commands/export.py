@@ -55,6 +55,7 @@ def cmd_export(ns) -> int:
     from fasttune.commands._common import load_model_and_tokenizer
     from fasttune.errors import ConfigError
     from fasttune.export.gguf import IMATRIX_METHODS, resolve_quantizations
+    from fasttune.export.gguf_mmproj import is_vision_model, mmproj_target, mmproj_type
 
     if not ns.model and not ns.adapter:
         raise ConfigError("fasttune export needs --adapter DIR (a trained adapter) or --model PATH.")
@@ -78,6 +79,13 @@ def cmd_export(ns) -> int:
     if imatrix is not None:
         used = [q for q in quants if q in IMATRIX_METHODS]
         print(f"fasttune: importance matrix from {imatrix} weighted the quantizers of {', '.join(used)}")
+    if is_vision_model(model):  # the vision tower and projector: one mmproj file beside the text model's
+        projector = mmproj_target(paths[0], mmproj_type(quants))
+        print(f"fasttune: wrote {projector} ({projector.stat().st_size / 2**20:,.1f} MiB, vision tower and projector)")
+        print(f"fasttune: wrote {paths[0].parent / 'Modelfile'} (FROM {paths[0].name}, FROM {projector.name})")
+        print(f"  llama.cpp: llama-mtmd-cli -m {paths[0]} --mmproj {projector} --image IMAGE -p PROMPT\n"
+              f"  Ollama:    cd {paths[0].parent} && ollama create my-model -f Modelfile")
+        return 0
     print(f"fasttune: wrote {paths[0].parent / 'Modelfile'} (FROM {paths[0].name})")
     print(f"  llama.cpp: llama-cli -m {paths[0]}\n  Ollama:    cd {paths[0].parent} && ollama create my-model -f "
           f"Modelfile")

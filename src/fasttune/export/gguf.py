@@ -46,6 +46,8 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
+from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
+                                        mmproj_type, write_mmproj)
 from fasttune.export.gguf_types import ARCHITECTURES, METHODS, ROTATE_PAIRS
 
 QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
@@ -114,10 +116,13 @@ def interleave_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
-def gguf_tensors(model) -> dict[str, torch.Tensor]:
-    """Merged weights under GGUF names, in llama.cpp's layout (see module docstring). Full precision (fp32)."""
+def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
+    """Merged weights under GGUF names, in llama.cpp's layout (see module docstring). Full precision (fp32). For a
+    vision-language model these are the language model's; its vision tower's and projector's go into `vision`
+    (export/gguf_mmproj.py's names and layout) when a dict is given."""
     import gguf
 
+    from fasttune.export.gguf_mmproj import split_vision
     from fasttune.export.merged import merged_state_dict
 
     cfg = model.arch
@@ -125,6 +130,10 @@ def gguf_tensors(model) -> dict[str, torch.Tensor]:
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
     tensors = merged_state_dict(model, model.dtype)
+    if is_vision_model(model):
+        moved = split_vision(model, tensors)
+        if vision is not None:
+            vision.update(moved)
     if "lm_head.weight" in tensors and arch in ("gemma", "gemma2"):  # (llama.cpp's gemma3 reads an output tensor)
         # llama.cpp's Gemma always reuses the embedding as output layer.
         if not torch.equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
@@ -224,6 +233,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
+    if cfg.mrope_section:  # Qwen2-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
+        writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
     if cfg.model_type == "apertus":  # per-layer xIELU scalars, as stored (before softplus), as llama.cpp reads them
         acts = [layer.mlp.act_fn for layer in model.model.layers]
         writer.add_xielu_alpha_p([float(a.alpha_p) for a in acts])
@@ -445,22 +456,36 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     cfg = model.arch
     check_supported(cfg)
     check_methods(cfg, quants)
-    tokenizer = tokenizer if tokenizer is not None else _default_tokenizer(model)
+    vlm = is_vision_model(model)
+    if vlm:
+        check_vision_supported(model)
+    processor = tokenizer if tokenizer is not None else _default_tokenizer(model)
+    if vlm:
+        image_processor_of(processor)  # its mean and std go into the mmproj: fail before writing anything
+    tokenizer = getattr(processor, "tokenizer", processor)  # a vision-language model's processor wraps it
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
     targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
-    model_text = ollama_modelfile(targets[0].name, tokenizer) if modelfile else None
+    # a vision-language model's tower and projector: one mmproj file beside the text model's (f16, or f32 if asked)
+    mm_type = mmproj_type(quants)
+    projector = mmproj_target(targets[0], mm_type) if vlm else None
+    model_text = ollama_modelfile(targets[0].name, tokenizer, projector.name if vlm else None) if modelfile else None
     name = gguf_model_name(model)
 
     im = resolve_imatrix(model, tokenizer, imatrix, quants, imatrix_tokens, progress)
 
     folder = targets[0].parent
-    tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in targets]
+    finals = [*targets, *([projector] if vlm else [])]
+    tmps = [t.with_name(f".{t.name}.tmp-{os.getpid()}") for t in finals]
     tmp_modelfile = folder / f".Modelfile.tmp-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        for target in (*targets, folder / "Modelfile"):  # what an earlier export that was killed left behind
+        for target in (*finals, folder / "Modelfile"):  # what an earlier export that was killed left behind
             remove_leftovers(folder, f".{target.name}.tmp-*")
-        tensors = gguf_tensors(model)
+        vision = {}
+        tensors = gguf_tensors(model, vision)
+        if vlm:
+            write_mmproj(tmps[-1], model, processor, vision, mm_type, name)
+            del vision
         if im is not None:
             _check_imatrix(im, tensors)
         packed = {}
@@ -474,7 +499,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
                             packed=packed)
         if model_text is not None:
             tmp_modelfile.write_text(model_text)
-        for tmp, target in zip(tmps, targets):
+        for tmp, target in zip(tmps, finals):
             os.replace(tmp, target)
         if model_text is not None:
             os.replace(tmp_modelfile, folder / "Modelfile")

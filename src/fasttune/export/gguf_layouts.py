@@ -32,11 +32,11 @@ def check_supported(cfg) -> None:
     """ConfigError when llama.cpp has no architecture for `cfg` (a ModelConfig), or its architecture would compute
     another model (layer layouts, biases, RoPE scaling, MoE routing it does not have); a warning when llama.cpp
     drops a sliding window. Raises before anything is written."""
-    if cfg.mrope_section is not None:  # the language model of a vision-language checkpoint (models/vision.py)
-        raise ConfigError("GGUF export of vision-language models is not supported yet (llama.cpp needs the text "
-                          "GGUF plus an mmproj file for the vision tower). Save the merged model "
-                          "(save_pretrained_merged) and convert it with llama.cpp's convert_hf_to_gguf.py, once "
-                          "as is and once with --mmproj.")
+    if cfg.mrope_interleaved:  # Qwen3-VL's language model (models/vision.py)
+        raise ConfigError("GGUF export of Qwen3-VL is not supported yet (llama.cpp's qwen3vl adds DeepStack features "
+                          "this exporter does not write); Qwen2-VL, Qwen2.5-VL and Gemma 3 export. Save the merged "
+                          "model (save_pretrained_merged) and convert it with llama.cpp's convert_hf_to_gguf.py, "
+                          "once as it is and once with --mmproj.")
     if cfg.model_type not in ARCHITECTURES:
         raise ConfigError(f"GGUF export supports the families {', '.join(ARCHITECTURES)}; this model is "
                           f"'{cfg.model_type}'.")

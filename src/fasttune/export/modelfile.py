@@ -115,13 +115,14 @@ def stop_strings(tokenizer, w: ChatWrappers | None) -> list[str]:
     return list(dict.fromkeys(stops))
 
 
-def ollama_modelfile(gguf_name: str, tokenizer) -> str:
-    """The text of an Ollama Modelfile for `gguf_name` (a file next to it): FROM, a TEMPLATE when the chat
-    template maps exactly (otherwise a comment saying why there is none), and PARAMETER stop lines. Format:
-    Ollama's docs/modelfile.md and docs/template.md."""
+def ollama_modelfile(gguf_name: str, tokenizer, projector: str | None = None) -> str:
+    """The text of an Ollama Modelfile for `gguf_name` (a file next to it): FROM, a second FROM for a
+    vision-language model's `projector` (its mmproj file, beside it), a TEMPLATE when the chat template maps
+    exactly (otherwise a comment saying why there is none), and PARAMETER stop lines. Format: Ollama's
+    docs/modelfile.md and docs/template.md."""
     from fasttune.export.gguf_vocab import _adds_bos_eos
 
-    lines = [f"FROM ./{gguf_name}", ""]
+    lines = [f"FROM ./{gguf_name}", *([f"FROM ./{projector}"] if projector else []), ""]
     # llama.cpp adds BOS itself when the tokenizer does; the template then must not add a second one.
     adds_bos = _adds_bos_eos(tokenizer)[0]
     wrappers = chat_wrappers(tokenizer, split_bos=adds_bos) if getattr(tokenizer, "chat_template", None) else None

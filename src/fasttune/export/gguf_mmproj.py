@@ -1,0 +1,226 @@
+"""The vision half of a vision-language model's GGUF export: the "mmproj" file that llama.cpp's libmtmd (clip)
+loads beside the text model's GGUF (`llama-mtmd-cli -m model.gguf --mmproj mmproj.F16.gguf`, llama-server
+`--mmproj`, or a second FROM line in an Ollama Modelfile).
+
+Layout and keys follow llama.cpp's tools/mtmd (clip-impl.h's tensor names, clip.cpp's hparams) as
+convert_hf_to_gguf.py --mmproj writes them:
+- Gemma 3 (projector "gemma3"): the SigLIP tower (`v.patch_embd`, `v.position_embd`, `v.blk.N.{attn_q,attn_k,
+  attn_v,attn_out,ln1,ln2,ffn_up,ffn_down}`, `v.post_ln`), the projection `mm.input_projection.weight` stored as
+  transformers keeps it ((vision hidden, text hidden), not transposed) and `mm.soft_emb_norm.weight` as 1 + w
+  (Gemma's RMSNorm scales by 1 + w, clip's by w). The average pool's size is `clip.vision.projector.scale_factor`
+  when it is not llama.cpp's default of 4 patches a side.
+- Qwen2-VL ("qwen2vl_merger") and Qwen2.5-VL ("qwen2.5vl_merger"): the Conv3d patch embedding split along its
+  two frames into `v.patch_embd.weight` and `v.patch_embd.weight.1` (a still image is the same frame twice, so
+  clip sums the two 2-D convolutions), the fused qkv split into q, k and v, `merger.ln_q` as `v.post_ln` and the
+  merger MLP as `mm.0` / `mm.2`. Qwen2.5-VL's windowed layers are given by `clip.vision.n_wa_pattern` (every n-th
+  layer attends fully); llama.cpp fixes the window at 112 pixels.
+Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
+for f32), as the converter stores them.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from fasttune.errors import ConfigError
+
+PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
+DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
+QWEN_WINDOW_PIXELS = 112  # clip.cpp's fixed window for qwen2.5vl_merger
+QWEN_NORM_EPS = 1e-6  # transformers' Qwen2-VL / Qwen2.5-VL vision norms use this eps, not a config field
+QWEN_IMAGE_SIZE = 560  # what convert_hf_to_gguf.py writes for Qwen (clip only uses it for its warm-up image)
+ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",)}
+
+# transformers' names (without the leading "model."; the SigLIP tower may sit under "vision_model.") -> clip's
+_GEMMA3 = [(r"vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
+           (r"vision_tower\.(?:vision_model\.)?embeddings\.position_embedding\.weight", "v.position_embd.weight"),
+           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
+            r"v.blk.\1.attn_\2.\3"),
+           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
+            r"v.blk.\1.attn_out.\2"),
+           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)",
+            r"v.blk.\1.ln\2.\3"),
+           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
+           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)",
+            r"v.blk.\1.ffn_down.\2"),
+           (r"vision_tower\.(?:vision_model\.)?post_layernorm\.(weight|bias)", r"v.post_ln.\1"),
+           (r"multi_modal_projector\.mm_input_projection_weight", "mm.input_projection.weight"),
+           (r"multi_modal_projector\.mm_soft_emb_norm\.weight", "mm.soft_emb_norm.weight")]
+_QWEN = [(r"visual\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"v.blk.\1.ln\2.\3"),
+         (r"visual\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"v.blk.\1.attn_out.\2"),
+         (r"visual\.blocks\.(\d+)\.mlp\.(?:fc1|up_proj)\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
+         (r"visual\.blocks\.(\d+)\.mlp\.gate_proj\.(weight|bias)", r"v.blk.\1.ffn_gate.\2"),
+         (r"visual\.blocks\.(\d+)\.mlp\.(?:fc2|down_proj)\.(weight|bias)", r"v.blk.\1.ffn_down.\2"),
+         (r"visual\.merger\.ln_q\.(weight|bias)", r"v.post_ln.\1"),
+         (r"visual\.merger\.mlp\.([02])\.(weight|bias)", r"mm.\1.\2")]
+_SKIPPED = re.compile(r"vision_tower\.(?:vision_model\.)?head\.")  # SigLIP's pooling head: Gemma 3 never runs it
+
+
+def is_vision_model(model) -> bool:
+    """Whether `model` is a vision-language model (models/vision.py's VisionCausalLM with its tower attached)."""
+    return getattr(model, "family", None) is not None
+
+
+def check_vision_supported(model) -> None:
+    """ConfigError, before anything is written, when llama.cpp's clip has no projector for this vision-language
+    model or would compute another tower (activation, patch frames, window size or layer pattern it fixes)."""
+    family = model.family.model_type
+    vision = model.hf_config.vision_config
+    if family not in PROJECTORS:
+        raise ConfigError(f"GGUF export of {family} vision-language models is not supported yet (llama.cpp's "
+                          f"{family} reads DeepStack features this exporter does not write); GGUF export covers "
+                          f"{', '.join(sorted(PROJECTORS))}. Save the merged model (save_pretrained_merged) and "
+                          f"convert it with llama.cpp's convert_hf_to_gguf.py, once as it is and once with --mmproj.")
+    act = getattr(vision, "hidden_act", None)
+    if act not in ACTIVATIONS[family]:
+        raise ConfigError(f"This {family} vision tower uses hidden_act={act!r}; llama.cpp's clip computes "
+                          f"{ACTIVATIONS[family][0]} for it, so it cannot be exported to GGUF.")
+    if family == "gemma3":
+        _pool_size(model)
+        return
+    if vision.temporal_patch_size != 2:
+        raise ConfigError(f"This {family} vision tower has temporal_patch_size={vision.temporal_patch_size}; "
+                          f"llama.cpp's clip reads two frames per patch, so it cannot be exported to GGUF.")
+    if family == "qwen2_5_vl":
+        window = vision.window_size
+        if window != QWEN_WINDOW_PIXELS:
+            raise ConfigError(f"This Qwen2.5-VL vision tower attends in windows of {window} pixels (window_size); "
+                              f"llama.cpp fixes the window at {QWEN_WINDOW_PIXELS}, so the GGUF would compute "
+                              f"another model. Save the merged model with save_pretrained_merged instead.")
+        _window_pattern(vision)
+
+
+def _pool_size(model) -> int:
+    """Gemma 3's average-pool size: patches a side over tokens a side (transformers' Gemma3MultiModalProjector)."""
+    cfg = model.hf_config
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    tokens = round(cfg.mm_tokens_per_image ** 0.5)
+    if tokens * tokens != cfg.mm_tokens_per_image or side % tokens:
+        raise ConfigError(f"This Gemma 3 model has {cfg.mm_tokens_per_image} tokens per image over {side} x {side} "
+                          f"patches, which llama.cpp's gemma3 projector cannot pool; it cannot be exported to GGUF.")
+    return side // tokens
+
+
+def _window_pattern(vision) -> int:
+    """Qwen2.5-VL's n_wa_pattern: layer i attends fully when (i + 1) % n == 0, the only layout clip computes."""
+    full, depth = list(vision.fullatt_block_indexes), vision.depth
+    n = full[0] + 1 if full else 0
+    if not full or full != [i for i in range(depth) if (i + 1) % n == 0]:
+        raise ConfigError(f"This Qwen2.5-VL vision tower attends fully in layers {full} (fullatt_block_indexes); "
+                          f"llama.cpp only computes full attention in every n-th layer (n - 1, 2n - 1, ...), so it "
+                          f"cannot be exported to GGUF. Save the merged model with save_pretrained_merged instead.")
+    return n
+
+
+def split_vision(model, tensors: dict) -> dict:
+    """Take the vision tower's and projector's tensors out of `tensors` (merged_state_dict's transformers names;
+    the language model's `model.language_model.*` become `model.*`, as a text model's are) and return them under
+    clip's GGUF names, fp32, in clip's layout (see the module docstring)."""
+    family = model.family.model_type
+    table = _GEMMA3 if family == "gemma3" else _QWEN
+    out = {}
+    for name in list(tensors):
+        if name.startswith("model.language_model."):
+            tensors["model." + name[len("model.language_model."):]] = tensors.pop(name)
+            continue
+        if name == "lm_head.weight":
+            continue
+        t = tensors.pop(name).float()
+        short = name.removeprefix("model.")
+        if _SKIPPED.match(short):
+            continue
+        if short == "visual.patch_embed.proj.weight":  # (D, C, 2, P, P): one 2-D kernel per frame
+            out["v.patch_embd.weight"], out["v.patch_embd.weight.1"] = (t[:, :, i].contiguous() for i in (0, 1))
+            continue
+        fused = re.fullmatch(r"visual\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", short)
+        if fused:  # rows q, k, v, as transformers' VisionAttention splits them
+            for part, value in zip("qkv", t.chunk(3, dim=0)):
+                out[f"v.blk.{fused[1]}.attn_{part}.{fused[2]}"] = value.contiguous()
+            continue
+        new = next((re.sub(pattern, repl, short) for pattern, repl in table if re.fullmatch(pattern, short)), None)
+        if new is None:
+            raise ConfigError(f"Tensor '{name}' has no place in llama.cpp's {PROJECTORS[family]} projector; this "
+                              f"vision tower cannot be exported to GGUF as it is.")
+        if new == "mm.soft_emb_norm.weight":
+            t = t + 1.0
+        out[new] = t
+    return out
+
+
+def mmproj_type(quants: list[str]) -> str:
+    """The mmproj's float type for an export's methods: "f32" when f32 is among them, else "f16" (clip's usual
+    type; the tower is small beside the text model, and llama.cpp quantizes it only on request)."""
+    return "f32" if "f32" in quants else "f16"
+
+
+def mmproj_target(text_target: Path, float_type: str) -> Path:
+    """The mmproj file's path beside the text GGUF(s): `mmproj.<TYPE>.gguf` in an export folder's files
+    (`model.<QUANT>.gguf`), else `mmproj-<stem>.<TYPE>.gguf` (llama.cpp's and Ollama's tools look for `mmproj*`)."""
+    stem = text_target.name.split(".")[0]
+    name = f"mmproj.{float_type.upper()}.gguf" if stem == "model" else f"mmproj-{stem}.{float_type.upper()}.gguf"
+    return text_target.with_name(name)
+
+
+def image_processor_of(processor):
+    """The image processor of a vision-language model's `processor` (its image_mean / image_std go into the
+    mmproj). Raises ConfigError when it has none (a bare tokenizer was passed)."""
+    images = getattr(processor, "image_processor", None)
+    if images is None or getattr(images, "image_mean", None) is None:
+        raise ConfigError("GGUF export of a vision-language model needs its image processor (for the image mean and "
+                          "std clip normalises with): pass the processor FastVisionModel.from_pretrained returned, "
+                          "as in model.save_pretrained_gguf(path, processor).")
+    return images
+
+
+def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, name: str):
+    """Write the mmproj GGUF of `tensors` (split_vision's output) to `path`: clip's metadata for the family (sizes,
+    heads, norm eps, activation, image mean/std from `processor`'s image processor, projector settings) and the
+    tensors in f32 (1-D, patch and position embeddings) or `float_type` ("f16" or "f32"). Raises ConfigError
+    when the processor has no image processor."""
+    import gguf
+
+    family = model.family.model_type
+    vision = model.hf_config.vision_config
+    images = image_processor_of(processor)
+    writer = gguf.GGUFWriter(str(path), "clip")
+    writer.add_name(name)
+    writer.add_type("mmproj")
+    writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16))
+    writer.add_clip_has_vision_encoder(True)
+    writer.add_clip_projector_type(PROJECTORS[family])
+    writer.add_vision_projection_dim(model.config.hidden_size)
+    writer.add_vision_patch_size(int(vision.patch_size))
+    writer.add_vision_head_count(int(vision.num_heads if family != "gemma3" else vision.num_attention_heads))
+    writer.add_vision_image_mean([float(v) for v in images.image_mean])
+    writer.add_vision_image_std([float(v) for v in images.image_std])
+    if family == "gemma3":
+        writer.add_vision_image_size(int(vision.image_size))
+        writer.add_vision_embedding_length(int(vision.hidden_size))
+        writer.add_vision_feed_forward_length(int(vision.intermediate_size))
+        writer.add_vision_block_count(int(vision.num_hidden_layers))
+        writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
+        writer.add_vision_use_gelu(True)
+        pool = _pool_size(model)
+        if pool != DEFAULT_POOL:
+            writer.add_vision_projector_scale_factor(pool)
+    else:
+        writer.add_vision_image_size(QWEN_IMAGE_SIZE)
+        writer.add_vision_embedding_length(int(tensors["v.blk.0.attn_q.weight"].shape[1]))
+        writer.add_vision_feed_forward_length(int(tensors["v.blk.0.ffn_up.weight"].shape[0]))
+        writer.add_vision_block_count(int(vision.depth))
+        writer.add_vision_attention_layernorm_eps(QWEN_NORM_EPS)
+        writer.add_vision_spatial_merge_size(int(vision.spatial_merge_size))
+        if family == "qwen2_5_vl":
+            writer.add_vision_use_silu(True)
+            writer.add_vision_n_wa_pattern(_window_pattern(vision))
+    for gname, t in tensors.items():
+        if t.dim() == 1 or "patch_embd" in gname or "position_embd" in gname or float_type == "f32":
+            writer.add_tensor(gname, t.float().numpy())
+        else:
+            writer.add_tensor(gname, t.to(torch.float16).numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=False)
+    writer.close()

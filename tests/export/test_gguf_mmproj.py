@@ -1,0 +1,163 @@
+"""GGUF export of vision-language models: the text model's GGUF plus an mmproj file, run by llama.cpp's own libmtmd
+(llama-cpp-python's build). On tiny random Gemma 3, Qwen2-VL and Qwen2.5-VL models with LoRA on the language model
+and the vision tower: llama.cpp's image embeddings, and its logits after a prompt with an image (so positions,
+Gemma 3's two-way image attention and Qwen2.5-VL's windows count), equal ours; the refusals leave nothing behind."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from llama_cpp_check import compare_logits, mtmd_run
+from tiny_vision import save_with_bpe
+
+from fasttune import FastVisionModel
+from fasttune.cli import main
+from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj import _pool_size, _window_pattern
+
+FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112)}  # llama.cpp's fixed Qwen2.5 window
+WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
+        "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>")}
+# (width, height): Gemma 3's fixed size; for Qwen 16 x 8 patches, two of Qwen2.5-VL's 112-pixel windows
+IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112)}
+
+
+@pytest.fixture(scope="module")
+def bpe_vl(tmp_path_factory):
+    made = {}
+
+    def get(family):
+        if family not in made:
+            made[family] = save_with_bpe(tmp_path_factory.mktemp(family) / family, family, **FAMILIES[family])
+        return made[family]
+
+    return get
+
+
+def _lora_model(folder):
+    model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=True)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)  # a trained-looking adapter, so the merge into both halves counts
+    return model, proc
+
+
+def _image(family):
+    from PIL import Image
+
+    width, height = IMAGE_SIZE[family]
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _ours(model, proc, family, before, image, after):
+    """(image features (tokens, hidden), last logits (vocab,), token count) of our model on the prompt libmtmd builds:
+    before + start + one placeholder per image token + end + after."""
+    start, end = WRAP[family]
+    pix = proc.image_processor(images=[image], return_tensors="pt")
+    grid = pix.get("image_grid_thw")
+    with torch.no_grad():
+        feats = model.image_features(pix["pixel_values"], grid)[0]
+        ids = (proc.tokenizer(before + start)["input_ids"] + [model.image_token_id] * feats.shape[0]
+               + proc.tokenizer(end + after)["input_ids"])
+        logits = model(input_ids=torch.tensor([ids]), pixel_values=pix["pixel_values"], image_grid_thw=grid).logits
+    return feats.numpy(), logits[0, -1].numpy(), len(ids)
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / (b.max() - b.min()))
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_llama_cpp_runs_the_exported_model_as_ours(family, bpe_vl, tmp_path):
+    model, proc = _lora_model(bpe_vl(family))
+    text = model.save_pretrained_gguf(tmp_path / "g", proc, quantization_method="f32")
+    projector = tmp_path / "g" / "mmproj.F32.gguf"
+    assert text == tmp_path / "g" / "model.F32.gguf" and projector.exists()
+    assert (tmp_path / "g" / "Modelfile").read_text().startswith("FROM ./model.F32.gguf\nFROM ./mmproj.F32.gguf\n")
+
+    image, before, after = _image(family), "Look at this: ", " What is it?"
+    feats, logits, count = _ours(model, proc, family, before, image, after)
+    their_feats, their_logits, their_count = mtmd_run(text, projector, before, np.asarray(image), after)
+    assert their_count == count
+    # ggml's GELU runs through an fp16 table, hence ~5e-4 rather than fp32's 1e-6; a wrong position or window
+    # moves these by > 2e-2 (tried: plain positions for Qwen2.5-VL's image tokens, 56-pixel windows)
+    assert _rel(their_feats, feats) < 2e-3
+    assert _rel(their_logits, logits) < 3e-3 and their_logits.argmax() == logits.argmax()
+    # text alone through the text GGUF (Qwen's multimodal RoPE is plain RoPE there; Gemma's GELU is ggml's table)
+    worst, agree, _ = compare_logits(model, proc.tokenizer, text, ["The quick brown fox", "Paris is the capital"],
+                                     f32_cache=True)
+    assert worst < 1e-3 and agree == 1.0
+
+
+def test_default_export_quantizes_the_text_model_and_keeps_the_tower_f16(bpe_vl, tmp_path):
+    import gguf
+
+    family = "qwen2_5_vl"
+    model, proc = _lora_model(bpe_vl(family))
+    text = model.save_pretrained_gguf(tmp_path / "g", proc)  # q8_0
+    projector = tmp_path / "g" / "mmproj.F16.gguf"
+    assert text.name == "model.Q8_0.gguf" and sorted(p.name for p in (tmp_path / "g").iterdir()) == [
+        "Modelfile", "mmproj.F16.gguf", "model.Q8_0.gguf"]
+    reader = gguf.GGUFReader(str(projector))
+    kinds = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert kinds["v.blk.0.attn_q.weight"] == "F16" and kinds["v.blk.0.ln1.weight"] == "F32"
+    assert kinds["v.patch_embd.weight"] == kinds["v.patch_embd.weight.1"] == "F32"
+    field = reader.fields["clip.projector_type"]
+    assert bytes(field.parts[field.data[0]]).decode() == "qwen2.5vl_merger"
+    assert int(reader.fields["clip.vision.n_wa_pattern"].parts[-1][0]) == 2
+
+    image = _image(family)
+    _, logits, _ = _ours(model, proc, family, "A: ", image, " B")
+    _, their_logits, _ = mtmd_run(text, projector, "A: ", np.asarray(image), " B")
+    assert _rel(their_logits, logits) < 8e-2
+
+
+def test_cli_export_writes_the_projector_and_says_how_to_run_it(bpe_vl, tmp_path, capsys):
+    model, proc = _lora_model(bpe_vl("gemma3"))
+    model.save_pretrained(tmp_path / "adapter")
+    proc.save_pretrained(tmp_path / "adapter")
+    assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "gguf", "--quantization", "f16",
+                 "--output", str(tmp_path / "g")]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'g' / 'mmproj.F16.gguf'}" in printed and "--mmproj" in printed
+    assert "FROM model.F16.gguf, FROM mmproj.F16.gguf" in printed
+
+    image = _image("gemma3")
+    _, logits, _ = _ours(model, proc, "gemma3", "Hi ", image, " there")
+    _, theirs, _ = mtmd_run(tmp_path / "g" / "model.F16.gguf", tmp_path / "g" / "mmproj.F16.gguf", "Hi ",
+                            np.asarray(image), " there")
+    assert _rel(theirs, logits) < 2e-2
+
+
+def test_towers_llama_cpp_cannot_compute_are_refused_before_writing(qwen3_vl_dir, qwen_vl_dir, bpe_vl, tmp_path):
+    model, proc = FastVisionModel.from_pretrained(str(qwen3_vl_dir), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="Qwen3-VL is not supported yet"):
+        model.save_pretrained_gguf(tmp_path / "a", proc)
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="windows of 56 pixels .* fixes the window at 112.*save_pretrained_merged"):
+        model.save_pretrained_gguf(tmp_path / "b", proc)
+    model, proc = FastVisionModel.from_pretrained(str(bpe_vl("gemma3")), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="needs its image processor"):
+        model.save_pretrained_gguf(tmp_path / "c", proc.tokenizer)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_layouts_clip_fixes():
+    vision = SimpleNamespace(depth=8, fullatt_block_indexes=[3, 7])
+    assert _window_pattern(vision) == 4
+    for full in ([2, 7], [3], []):
+        with pytest.raises(ConfigError, match="every n-th layer"):
+            _window_pattern(SimpleNamespace(depth=8, fullatt_block_indexes=full))
+
+    def gemma(image_size, tokens):
+        return SimpleNamespace(hf_config=SimpleNamespace(
+            vision_config=SimpleNamespace(image_size=image_size, patch_size=14), mm_tokens_per_image=tokens))
+
+    assert _pool_size(gemma(896, 256)) == 4 and _pool_size(gemma(28, 4)) == 1
+    for tokens in (255, 9):  # not a square; 64 patches a side do not split into 3
+        with pytest.raises(ConfigError, match="cannot pool"):
+            _pool_size(gemma(896, tokens))
+
