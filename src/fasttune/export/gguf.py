@@ -19,6 +19,8 @@ the layout llama.cpp expects:
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
 norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base, the expert
 count, experts per token and (qwen3moe) the experts' feed-forward length).
+Vision-language models: the language model as above (Qwen2-VL / Qwen2.5-VL as "qwen2vl" with its M-RoPE sections)
+and the vision tower in a second, "mmproj" file (export/gguf_mmproj.py).
 Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s,
 q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, and for MoE models mxfp4_moe (llama-quantize's MXFP4_MOE:
 experts in MXFP4 (export/mxfp4.py; a gpt-oss loaded from an MXFP4 checkpoint with its experts unchanged keeps
@@ -440,6 +442,9 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     mxfp4_moe on a model without experts (before anything is written), an unsupported model, or a failed write;
     files are renamed into place only when all are complete, so a failure leaves none. mxfp4_moe on a gpt-oss
     loaded from an MXFP4 checkpoint whose experts are unchanged writes the checkpoint's blocks (export/gguf_mxfp4.py).
+    A vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL; pass its processor as `tokenizer`) also gets an mmproj
+    file beside the first (export/gguf_mmproj.py: `mmproj.F16.gguf`, f32 when f32 is among the methods), named by
+    the Modelfile's second FROM line; towers llama.cpp cannot compute are a ConfigError before anything is written.
 
     imatrix: quantize with an importance matrix, as llama-quantize --imatrix does (export/imatrix.py): sample text
     to measure it on (a .txt, .jsonl/.json/.csv/.parquet file or dataset folder, a list of strings or rows, a

@@ -38,8 +38,9 @@ def check_supported(cfg) -> None:
                           "model (save_pretrained_merged) and convert it with llama.cpp's convert_hf_to_gguf.py, "
                           "once as it is and once with --mmproj.")
     if cfg.model_type not in ARCHITECTURES:
-        raise ConfigError(f"GGUF export supports the families {', '.join(ARCHITECTURES)}; this model is "
-                          f"'{cfg.model_type}'.")
+        text = [t for t in ARCHITECTURES if not t.endswith("_vl_text")]  # those come with their vision tower
+        raise ConfigError(f"GGUF export supports the families {', '.join(text)} and the vision-language models "
+                          f"gemma3, qwen2_vl and qwen2_5_vl; this model is '{cfg.model_type}'.")
     arch = ARCHITECTURES[cfg.model_type]
     if arch in GEMMA_27B_LAYERS:
         big = cfg.num_layers == GEMMA_27B_LAYERS[arch]
