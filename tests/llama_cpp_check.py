@@ -78,7 +78,7 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
     """llama.cpp's libmtmd on a prompt with one image: `before` + the image + `after` (libmtmd wraps the image in
     the family's start/end tokens itself) through the text GGUF and its mmproj. `image`: (H, W, 3) uint8 RGB of the
     size the model's processor would resize it to (libmtmd then leaves it as it is). Returns (the image's
-    embeddings (tokens, hidden) float32, the last position's logits (vocab,) float32, the prompt's token count)."""
+    embeddings (tokens, hidden) float32 (Qwen3-VL: its DeepStack features follow on each row), the last position's logits (vocab,) float32, the prompt's token count)."""
     import llama_cpp
     import llama_cpp.llama_cpp as L
     import llama_cpp.mtmd_cpp as M
@@ -104,7 +104,8 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
             if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
                 n = M.mtmd_input_chunk_get_n_tokens(chunk)
                 assert M.mtmd_encode_chunk(ctx, chunk) == 0
-                embeddings = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * llm.n_embd(),))
+                width = L.llama_model_n_embd_inp(llm._model.model)  # Qwen3-VL: + one DeepStack feature per layer
+                embeddings = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * width,))
                 embeddings = embeddings.reshape(n, -1).copy()
         n_past = L.llama_pos(0)
         assert M.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0

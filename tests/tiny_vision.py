@@ -156,7 +156,7 @@ def save_qwen2_vl(folder, seed: int = 0):
 
 
 def save_with_bpe(folder, family: str, seed: int = 0, **vision):
-    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl") whose tokenizer is a trained
+    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") whose tokenizer is a trained
     BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a 416-token
     embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides (Qwen2.5-VL:
     window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -165,13 +165,14 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
 
     tok = make_bpe_tokenizer("gpt2")
     tok.chat_template = GEMMA3_TEMPLATE if family == "gemma3" else QWEN_VL_TEMPLATE
-    processor = gemma3_processor(tok) if family == "gemma3" else qwen_vl_processor(tok=tok, max_side=16)
+    patch = 16 if family == "qwen3_vl" else PATCH
+    processor = gemma3_processor(tok) if family == "gemma3" else qwen_vl_processor(patch, tok=tok, max_side=16)
     start, end, image = tok.convert_tokens_to_ids(GEMMA3_TOKENS if family == "gemma3" else VISION_TOKENS)
     if family == "gemma3":
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
     else:
-        config = qwen_vl_config() if family == "qwen2_5_vl" else qwen2_vl_config()
+        config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config}[family]()
         config.vision_start_token_id, config.vision_end_token_id, config.video_token_id = start, end, image + 1
 
     def init(model):  # sharper attention than the default init's, so positions and windows change the outputs
@@ -185,8 +186,11 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
     if family != "gemma3":  # llama-cpp-python 0.3.36's qwen2vl ignores the RMSNorm eps it is given (runs ~0)
         config.text_config.rms_norm_eps = 1e-12
     config.text_config.eos_token_id = config.text_config.pad_token_id = tok.eos_token_id
+    if family == "qwen3_vl":  # sections that llama.cpp's interleaved M-RoPE splits as transformers does (its rule
+        # sends the pairs that [2, 3, 3] leaves over to a fourth axis; export/gguf_mmproj.py warns about that)
+        config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [3, 3, 2]}
     for key, value in vision.items():
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}[family]
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}[family]
     return _save(folder, getattr(transformers, cls), config, processor, seed, init=init)

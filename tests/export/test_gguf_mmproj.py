@@ -13,13 +13,15 @@ from tiny_vision import save_with_bpe
 from fasttune import FastVisionModel
 from fasttune.cli import main
 from fasttune.errors import ConfigError
-from fasttune.export.gguf_mmproj import _pool_size, _window_pattern
+from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_fourth_axis_pairs
 
-FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112)}  # llama.cpp's fixed Qwen2.5 window
+# llama.cpp's fixed Qwen2.5 window
+FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
-        "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>")}
-# (width, height): Gemma 3's fixed size; for Qwen 16 x 8 patches, two of Qwen2.5-VL's 112-pixel windows
-IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112)}
+        "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>")}
+# (width, height): Gemma 3's fixed size; for Qwen 16 x 8 patches, two of Qwen2.5-VL's 112-pixel windows (Qwen3-VL:
+# its 8 x 8 position table resized to 16 x 8)
+IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112), "qwen3_vl": (256, 128)}
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +55,15 @@ def _image(family):
 
 
 def _ours(model, proc, family, before, image, after):
-    """(image features (tokens, hidden), last logits (vocab,), token count) of our model on the prompt libmtmd builds:
+    """(image features (tokens, hidden; Qwen3-VL: its DeepStack features follow), last logits (vocab,), token count) of
+    our model on the prompt libmtmd builds:
     before + start + one placeholder per image token + end + after."""
     start, end = WRAP[family]
     pix = proc.image_processor(images=[image], return_tensors="pt")
     grid = pix.get("image_grid_thw")
     with torch.no_grad():
-        feats = model.image_features(pix["pixel_values"], grid)[0]
+        feats, deep = model.image_features(pix["pixel_values"], grid)
+        feats = torch.cat([feats, *deep], dim=-1)  # Qwen3-VL: as libmtmd lays them out
         ids = (proc.tokenizer(before + start)["input_ids"] + [model.image_token_id] * feats.shape[0]
                + proc.tokenizer(end + after)["input_ids"])
         logits = model(input_ids=torch.tensor([ids]), pixel_values=pix["pixel_values"], image_grid_thw=grid).logits
@@ -134,7 +138,10 @@ def test_cli_export_writes_the_projector_and_says_how_to_run_it(bpe_vl, tmp_path
 
 def test_towers_llama_cpp_cannot_compute_are_refused_before_writing(qwen3_vl_dir, qwen_vl_dir, bpe_vl, tmp_path):
     model, proc = FastVisionModel.from_pretrained(str(qwen3_vl_dir), dtype=torch.float32)
-    with pytest.raises(ConfigError, match="Qwen3-VL is not supported yet"):
+    # its mrope_section [2, 3, 3] leaves pair 6 of 8 to llama.cpp's fourth axis (a warning); its tokenizer has no
+    # merges, which llama.cpp needs (refused)
+    with pytest.warns(UserWarning, match=r"rotates pairs \[6\] of this model's 8"), \
+            pytest.raises(ConfigError, match="merges"):
         model.save_pretrained_gguf(tmp_path / "a", proc)
     model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir), dtype=torch.float32)
     with pytest.raises(ConfigError, match="windows of 56 pixels .* fixes the window at 112.*save_pretrained_merged"):
@@ -143,6 +150,11 @@ def test_towers_llama_cpp_cannot_compute_are_refused_before_writing(qwen3_vl_dir
     with pytest.raises(ConfigError, match="needs its image processor"):
         model.save_pretrained_gguf(tmp_path / "c", proc.tokenizer)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_imrope_pairs_llama_cpp_sends_to_its_fourth_axis():
+    assert imrope_fourth_axis_pairs([3, 3, 2], 8) == [] and imrope_fourth_axis_pairs([2, 3, 3], 8) == [6]
+    assert imrope_fourth_axis_pairs([24, 20, 20], 64) == [61, 62]  # Qwen3-VL-8B's sections, head_dim 128
 
 
 def test_layouts_clip_fixes():

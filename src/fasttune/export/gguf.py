@@ -19,7 +19,7 @@ the layout llama.cpp expects:
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
 norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base, the expert
 count, experts per token and (qwen3moe) the experts' feed-forward length).
-Vision-language models: the language model as above (Qwen2-VL / Qwen2.5-VL as "qwen2vl" with its M-RoPE sections)
+Vision-language models: the language model as above (Qwen2-VL / Qwen2.5-VL as "qwen2vl", Qwen3-VL as "qwen3vl")
 and the vision tower in a second, "mmproj" file (export/gguf_mmproj.py).
 Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s,
 q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, and for MoE models mxfp4_moe (llama-quantize's MXFP4_MOE:
@@ -235,8 +235,10 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_sliding_window_pattern([bool(w) for w in cfg.sliding_windows])
     if cfg.rope_local_theta is not None:
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
-    if cfg.mrope_section:  # Qwen2-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
+    if cfg.mrope_section:  # Qwen-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
         writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
+    if ARCHITECTURES[cfg.model_type] == "qwen3vl":  # image embeddings arrive with one DeepStack feature per layer
+        writer.add_num_deepstack_layers(len(model.hf_config.vision_config.deepstack_visual_indexes))
     if cfg.model_type == "apertus":  # per-layer xIELU scalars, as stored (before softplus), as llama.cpp reads them
         acts = [layer.mlp.act_fn for layer in model.model.layers]
         writer.add_xielu_alpha_p([float(a.alpha_p) for a in acts])
@@ -442,7 +444,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     mxfp4_moe on a model without experts (before anything is written), an unsupported model, or a failed write;
     files are renamed into place only when all are complete, so a failure leaves none. mxfp4_moe on a gpt-oss
     loaded from an MXFP4 checkpoint whose experts are unchanged writes the checkpoint's blocks (export/gguf_mxfp4.py).
-    A vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL; pass its processor as `tokenizer`) also gets an mmproj
+    A vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL; pass its processor as `tokenizer`) gets an mmproj
     file beside the first (export/gguf_mmproj.py: `mmproj.F16.gguf`, f32 when f32 is among the methods), named by
     the Modelfile's second FROM line; towers llama.cpp cannot compute are a ConfigError before anything is written.
 

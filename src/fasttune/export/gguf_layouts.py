@@ -32,15 +32,10 @@ def check_supported(cfg) -> None:
     """ConfigError when llama.cpp has no architecture for `cfg` (a ModelConfig), or its architecture would compute
     another model (layer layouts, biases, RoPE scaling, MoE routing it does not have); a warning when llama.cpp
     drops a sliding window. Raises before anything is written."""
-    if cfg.mrope_interleaved:  # Qwen3-VL's language model (models/vision.py)
-        raise ConfigError("GGUF export of Qwen3-VL is not supported yet (llama.cpp's qwen3vl adds DeepStack features "
-                          "this exporter does not write); Qwen2-VL, Qwen2.5-VL and Gemma 3 export. Save the merged "
-                          "model (save_pretrained_merged) and convert it with llama.cpp's convert_hf_to_gguf.py, "
-                          "once as it is and once with --mmproj.")
     if cfg.model_type not in ARCHITECTURES:
         text = [t for t in ARCHITECTURES if not t.endswith("_vl_text")]  # those come with their vision tower
         raise ConfigError(f"GGUF export supports the families {', '.join(text)} and the vision-language models "
-                          f"gemma3, qwen2_vl and qwen2_5_vl; this model is '{cfg.model_type}'.")
+                          f"gemma3, qwen2_vl, qwen2_5_vl and qwen3_vl; this model is '{cfg.model_type}'.")
     arch = ARCHITECTURES[cfg.model_type]
     if arch in GEMMA_27B_LAYERS:
         big = cfg.num_layers == GEMMA_27B_LAYERS[arch]

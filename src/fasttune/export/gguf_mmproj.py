@@ -9,10 +9,13 @@ convert_hf_to_gguf.py --mmproj writes them:
   transformers keeps it ((vision hidden, text hidden), not transposed) and `mm.soft_emb_norm.weight` as 1 + w
   (Gemma's RMSNorm scales by 1 + w, clip's by w). The average pool's size is `clip.vision.projector.scale_factor`
   when it is not llama.cpp's default of 4 patches a side.
-- Qwen2-VL ("qwen2vl_merger") and Qwen2.5-VL ("qwen2.5vl_merger"): the Conv3d patch embedding split along its
+- Qwen2-VL ("qwen2vl_merger"), Qwen2.5-VL ("qwen2.5vl_merger") and Qwen3-VL ("qwen3vl_merger"): the Conv3d patch embedding split along its
   two frames into `v.patch_embd.weight` and `v.patch_embd.weight.1` (a still image is the same frame twice, so
   clip sums the two 2-D convolutions), the fused qkv split into q, k and v, `merger.ln_q` as `v.post_ln` and the
-  merger MLP as `mm.0` / `mm.2`. Qwen2.5-VL's windowed layers are given by `clip.vision.n_wa_pattern` (every n-th
+  merger MLP as `mm.0` / `mm.2`. Qwen3-VL keeps its qkv fused (`attn_qkv`), adds the patch bias, the learned
+  position table (`v.position_embd`, whose grid gives `clip.vision.image_size`) and its DeepStack mergers as
+  `v.deepstack.<vision layer>.{norm,fc1,fc2}` flagged by `clip.vision.is_deepstack_layers`; its text GGUF
+  (llama.cpp's qwen3vl) records `n_deepstack_layers`. Qwen2.5-VL's windowed layers are given by `clip.vision.n_wa_pattern` (every n-th
   layer attends fully); llama.cpp fixes the window at 112 pixels.
 Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
 for f32), as the converter stores them.
@@ -20,18 +23,21 @@ for f32), as the converter stores them.
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 
 import torch
 
 from fasttune.errors import ConfigError
 
-PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger"}
+PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
+              "qwen3_vl": "qwen3vl_merger"}
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
 QWEN_WINDOW_PIXELS = 112  # clip.cpp's fixed window for qwen2.5vl_merger
 QWEN_NORM_EPS = 1e-6  # transformers' Qwen2-VL / Qwen2.5-VL vision norms use this eps, not a config field
 QWEN_IMAGE_SIZE = 560  # what convert_hf_to_gguf.py writes for Qwen (clip only uses it for its warm-up image)
-ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",)}
+ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",),
+               "qwen3_vl": ("gelu_pytorch_tanh",)}
 
 # transformers' names (without the leading "model."; the SigLIP tower may sit under "vision_model.") -> clip's
 _GEMMA3 = [(r"vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
@@ -55,6 +61,17 @@ _QWEN = [(r"visual\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"v.blk.\1.ln\2.\
          (r"visual\.blocks\.(\d+)\.mlp\.(?:fc2|down_proj)\.(weight|bias)", r"v.blk.\1.ffn_down.\2"),
          (r"visual\.merger\.ln_q\.(weight|bias)", r"v.post_ln.\1"),
          (r"visual\.merger\.mlp\.([02])\.(weight|bias)", r"mm.\1.\2")]
+_QWEN3 = [(r"visual\.patch_embed\.proj\.bias", "v.patch_embd.bias"),
+          (r"visual\.pos_embed\.weight", "v.position_embd.weight"),
+          (r"visual\.blocks\.(\d+)\.norm([12])\.(weight|bias)", r"v.blk.\1.ln\2.\3"),
+          (r"visual\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", r"v.blk.\1.attn_qkv.\2"),  # clip reads it fused
+          (r"visual\.blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"v.blk.\1.attn_out.\2"),
+          (r"visual\.blocks\.(\d+)\.mlp\.linear_fc1\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
+          (r"visual\.blocks\.(\d+)\.mlp\.linear_fc2\.(weight|bias)", r"v.blk.\1.ffn_down.\2"),
+          (r"visual\.merger\.norm\.(weight|bias)", r"v.post_ln.\1"),
+          (r"visual\.merger\.linear_fc1\.(weight|bias)", r"mm.0.\1"),
+          (r"visual\.merger\.linear_fc2\.(weight|bias)", r"mm.2.\1")]
+_DEEPSTACK = re.compile(r"visual\.deepstack_merger_list\.(\d+)\.(norm|linear_fc1|linear_fc2)\.(weight|bias)")
 _SKIPPED = re.compile(r"vision_tower\.(?:vision_model\.)?head\.")  # SigLIP's pooling head: Gemma 3 never runs it
 
 
@@ -69,8 +86,7 @@ def check_vision_supported(model) -> None:
     family = model.family.model_type
     vision = model.hf_config.vision_config
     if family not in PROJECTORS:
-        raise ConfigError(f"GGUF export of {family} vision-language models is not supported yet (llama.cpp's "
-                          f"{family} reads DeepStack features this exporter does not write); GGUF export covers "
+        raise ConfigError(f"GGUF export of {family} vision-language models is not supported yet; it covers "
                           f"{', '.join(sorted(PROJECTORS))}. Save the merged model (save_pretrained_merged) and "
                           f"convert it with llama.cpp's convert_hf_to_gguf.py, once as it is and once with --mmproj.")
     act = getattr(vision, "hidden_act", None)
@@ -80,6 +96,13 @@ def check_vision_supported(model) -> None:
     if family == "gemma3":
         _pool_size(model)
         return
+    if family == "qwen3_vl":
+        _warn_imrope_split(model.arch)
+        side = round(vision.num_position_embeddings ** 0.5)
+        if side * side != vision.num_position_embeddings:
+            raise ConfigError(f"This Qwen3-VL vision tower has {vision.num_position_embeddings} position embeddings, "
+                              f"not a square grid, which llama.cpp's clip cannot resize; it cannot be exported to "
+                              f"GGUF.")
     if vision.temporal_patch_size != 2:
         raise ConfigError(f"This {family} vision tower has temporal_patch_size={vision.temporal_patch_size}; "
                           f"llama.cpp's clip reads two frames per patch, so it cannot be exported to GGUF.")
@@ -90,6 +113,28 @@ def check_vision_supported(model) -> None:
                               f"llama.cpp fixes the window at {QWEN_WINDOW_PIXELS}, so the GGUF would compute "
                               f"another model. Save the merged model with save_pretrained_merged instead.")
         _window_pattern(vision)
+
+
+def imrope_fourth_axis_pairs(sections, pairs: int) -> list[int]:
+    """The rotary pairs (of `pairs`) that transformers' interleaved M-RoPE (Qwen3-VL's apply_interleaved_mrope)
+    rotates by the temporal position but llama.cpp's rule (ggml's rope_multi with GGML_ROPE_TYPE_IMROPE: pair k goes
+    to axis k % 3 only while k < 3 * that axis' section) sends to its fourth position axis instead."""
+    t, h, w = sections
+    return [k for k in range(pairs)
+            if not ((k % 3 == 1 and k < 3 * h) or (k % 3 == 2 and k < 3 * w) or (k % 3 == 0 and k < 3 * t))]
+
+
+def _warn_imrope_split(cfg):
+    """A warning when llama.cpp splits this Qwen3-VL's rotary pairs over the position axes otherwise than transformers
+    (imrope_fourth_axis_pairs), with the largest angle between the two at max_position_embeddings."""
+    pairs = imrope_fourth_axis_pairs(cfg.mrope_section, cfg.rotary_dim // 2)
+    if pairs:
+        fastest = cfg.rope_theta ** (-2 * pairs[0] / cfg.rotary_dim)
+        warnings.warn(f"llama.cpp's interleaved M-RoPE rotates pairs {pairs} of this model's {cfg.rotary_dim // 2} "
+                      f"rotary pairs (mrope_section {list(cfg.mrope_section)}) by a fourth position axis where "
+                      f"transformers uses the temporal one; at position {cfg.max_position_embeddings} their angles "
+                      f"differ by up to {cfg.max_position_embeddings * fastest:.3g} rad (the GGUF computes a slightly "
+                      f"different model there; nearer positions differ less).")
 
 
 def _pool_size(model) -> int:
@@ -119,7 +164,7 @@ def split_vision(model, tensors: dict) -> dict:
     the language model's `model.language_model.*` become `model.*`, as a text model's are) and return them under
     clip's GGUF names, fp32, in clip's layout (see the module docstring)."""
     family = model.family.model_type
-    table = _GEMMA3 if family == "gemma3" else _QWEN
+    table = {"gemma3": _GEMMA3, "qwen3_vl": _QWEN3}.get(family, _QWEN)
     out = {}
     for name in list(tensors):
         if name.startswith("model.language_model."):
@@ -134,8 +179,14 @@ def split_vision(model, tensors: dict) -> dict:
         if short == "visual.patch_embed.proj.weight":  # (D, C, 2, P, P): one 2-D kernel per frame
             out["v.patch_embd.weight"], out["v.patch_embd.weight.1"] = (t[:, :, i].contiguous() for i in (0, 1))
             continue
+        deep = _DEEPSTACK.fullmatch(short)
+        if deep:  # Qwen3-VL: under the vision layer whose output each DeepStack merger takes
+            layer = model.hf_config.vision_config.deepstack_visual_indexes[int(deep[1])]
+            part = {"norm": "norm", "linear_fc1": "fc1", "linear_fc2": "fc2"}[deep[2]]
+            out[f"v.deepstack.{layer}.{part}.{deep[3]}"] = t
+            continue
         fused = re.fullmatch(r"visual\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", short)
-        if fused:  # rows q, k, v, as transformers' VisionAttention splits them
+        if fused and family != "qwen3_vl":  # rows q, k, v, as transformers' VisionAttention splits them
             for part, value in zip("qkv", t.chunk(3, dim=0)):
                 out[f"v.blk.{fused[1]}.attn_{part}.{fused[2]}"] = value.contiguous()
             continue
@@ -205,6 +256,16 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
         pool = _pool_size(model)
         if pool != DEFAULT_POOL:
             writer.add_vision_projector_scale_factor(pool)
+    elif family == "qwen3_vl":  # the learned position table's grid sets the size clip resizes it from
+        writer.add_vision_image_size(round(vision.num_position_embeddings ** 0.5) * int(vision.patch_size))
+        writer.add_vision_embedding_length(int(vision.hidden_size))
+        writer.add_vision_feed_forward_length(int(vision.intermediate_size))
+        writer.add_vision_block_count(int(vision.depth))
+        writer.add_vision_attention_layernorm_eps(QWEN_NORM_EPS)
+        writer.add_vision_use_gelu(True)
+        writer.add_vision_spatial_merge_size(int(vision.spatial_merge_size))
+        deep = set(vision.deepstack_visual_indexes)
+        writer.add_vision_is_deepstack_layers([i in deep for i in range(int(vision.depth))])
     else:
         writer.add_vision_image_size(QWEN_IMAGE_SIZE)
         writer.add_vision_embedding_length(int(tensors["v.blk.0.attn_q.weight"].shape[1]))

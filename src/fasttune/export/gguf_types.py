@@ -33,7 +33,8 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "exaone4": "exaone4", "ernie4_5": "ernie4_5", "glm4": "glm4",
                  "hunyuan_v1_dense": "hunyuan-dense", "arcee": "arcee",
                  "apertus": "apertus",
-                 "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl",  # vision-language models' text halves
+                 # vision-language models' text halves
+                 "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
