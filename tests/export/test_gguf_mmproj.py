@@ -136,6 +136,12 @@ def test_cli_export_writes_the_projector_and_says_how_to_run_it(bpe_vl, tmp_path
     assert _rel(theirs, logits) < 2e-2
 
 
+def test_the_processor_beside_the_weights_is_used_when_none_is_given(bpe_vl, tmp_path):
+    model, proc = FastVisionModel.from_pretrained(str(bpe_vl("qwen2_vl")), dtype=torch.float32)
+    model.save_pretrained_gguf(tmp_path / "g", quantization_method="f16")
+    assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["Modelfile", "mmproj.F16.gguf", "model.F16.gguf"]
+
+
 def test_towers_llama_cpp_cannot_compute_are_refused_before_writing(qwen3_vl_dir, qwen_vl_dir, bpe_vl, tmp_path):
     model, proc = FastVisionModel.from_pretrained(str(qwen3_vl_dir), dtype=torch.float32)
     # its mrope_section [2, 3, 3] leaves pair 6 of 8 to llama.cpp's fourth axis (a warning); its tokenizer has no

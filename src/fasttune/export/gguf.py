@@ -311,6 +311,8 @@ def encode_tensor(t: torch.Tensor, ggml_type, device=None, imatrix: torch.Tensor
 
 
 def _default_tokenizer(model):
+    """The tokenizer saved beside the model's weights (a vision-language model's processor, tokenizer and image
+    processor, when the folder has one). Raises ConfigError when there is no tokenizer."""
     from fasttune.models.hf_files import load_tokenizer
 
     source = model.name_or_path
@@ -318,6 +320,11 @@ def _default_tokenizer(model):
     if tok is None:
         raise ConfigError("GGUF export needs the tokenizer: pass it, as in model.save_pretrained_gguf(path, "
                           "tokenizer).")
+    if is_vision_model(model) and (Path(source) / "preprocessor_config.json").exists():
+        from fasttune.data.vision import VisionProcessor
+        from fasttune.models.loading import processor_settings
+
+        return VisionProcessor.from_pretrained(source, tokenizer=tok, **processor_settings(model.hf_config, tok))
     return tok
 
 
