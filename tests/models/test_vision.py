@@ -1,8 +1,8 @@
 """Vision-language models on our decoder (models/vision.py): logits equal transformers' Qwen2.5-VL, Qwen3-VL
 (DeepStack, interleaved multimodal RoPE) and Gemma 3 on image + text batches (fp32, tiny random models, images
 of different sizes, padding, Gemma 3's two-way attention inside each image), Qwen's multimodal RoPE positions
-equal get_rope_index, LoRA adapters load in PEFT with equal loss and gradients, and merged checkpoints load in
-transformers."""
+equal get_rope_index, LoRA adapters load in PEFT with equal loss and gradients, and merged checkpoints (16-bit, and
+NF4 with a 16-bit tower) load in transformers."""
 import pytest
 import torch
 from tiny_vision import solid_image
@@ -147,6 +147,38 @@ def test_merged_checkpoint_loads_in_transformers_with_equal_logits(vl_dir, tmp_p
     reloaded, _ = FastVisionModel.from_pretrained(str(tmp_path / "merged"))  # and back, processor included
     with torch.no_grad():
         torch.testing.assert_close(reloaded(**batch).logits[real], ours[real], rtol=1e-4, atol=1e-5)
+
+
+def test_merged_4bit_is_a_bitsandbytes_checkpoint_with_a_16_bit_tower(vl_train_dir, tmp_path):
+    """save_method="merged_4bit": the language model's merged linears in NF4, the vision modules 16-bit (named in
+    llm_int8_skip_modules); transformers + bitsandbytes and our load_in_4bit=True give equal logits on images."""
+    from transformers import AutoModelForImageTextToText
+
+    from fasttune import FastVisionModel
+    from fasttune.export.merged import merged_state_dict
+    from fasttune.quant.nf4 import quantize_nf4
+
+    model, proc = FastVisionModel.from_pretrained(str(vl_train_dir), dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    model.save_pretrained_merged(tmp_path / "m4", proc, save_method="merged_4bit")
+    ref = AutoModelForImageTextToText.from_pretrained(tmp_path / "m4", device_map="cpu", dtype=torch.float32)
+    ref.train()  # as tests/models/test_loading_quantized.py: no bf16 inference kernel of bitsandbytes on the CPU
+    kinds = {type(m).__name__ for n, m in ref.named_modules() if n.startswith(("model.visual.", "model.vision_tower."))}
+    assert "Linear" in kinds and "Linear4bit" not in kinds
+    assert type(ref.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
+    ours, _ = FastVisionModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=True, dtype=torch.float32)
+    batch = _batch(proc)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        theirs = ref(**batch, **_oracle_inputs(vl_train_dir, batch, proc)).logits
+        torch.testing.assert_close(ours(**batch).logits[real], theirs[real], rtol=1e-5, atol=1e-5)
+    name = "model.language_model.layers.1.mlp.up_proj.weight"  # the NF4 of the merged (base + LoRA) weight
+    assert torch.equal(ours.model.layers[1].mlp.up_proj.packed,
+                       quantize_nf4(merged_state_dict(model, torch.float32)[name]).packed)
 
 
 def test_load_in_4bit_quantises_the_language_model(vl_dir):

@@ -78,13 +78,16 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 
 def _nf4_linears(model, tensors: dict) -> dict:
-    """The decoder's Linear weights (merged) re-quantised to NF4 in bitsandbytes' keys; lm_head, embeddings and
-    norms stay 16-bit, as transformers + bitsandbytes keep them."""
+    """The decoder's Linear weights (merged; `tensors` under checkpoint names) re-quantised to NF4 in bitsandbytes'
+    keys; lm_head, embeddings, norms and a vision-language model's vision modules stay 16-bit (the modules
+    `skipped_4bit_modules` names), as transformers + bitsandbytes keep them."""
     from fasttune.quant.linear import QuantLinear
     from fasttune.quant.nf4 import quantize_nf4, state_to_tensors
 
-    linears = {n.removesuffix(".base_layer") for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n}
+    hf_name = checkpoint_names(model)
+    vision = tuple(f"{attr}." for attr, _ in model.family.vision_modules) if getattr(model, "family", None) else ()
+    linears = {hf_name(n.removesuffix(".base_layer")) for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n and not n.startswith(vision)}
     out = {}
     for name, t in tensors.items():
         if name.endswith(".weight") and name[:-len(".weight")] in linears:
@@ -92,6 +95,16 @@ def _nf4_linears(model, tensors: dict) -> dict:
         else:
             out[name] = t
     return out
+
+
+def skipped_4bit_modules(model) -> list[str] | None:
+    """bitsandbytes' llm_int8_skip_modules for a merged_4bit checkpoint: a vision-language model's vision modules
+    (transformers' names, e.g. "model.visual" or "model.vision_tower" and "model.multi_modal_projector") and lm_head
+    stay 16-bit, as load_in_4bit=True keeps them; None (transformers' default, lm_head only) for a text model. Full
+    module paths: transformers 5 matches them from the start of a module's name."""
+    if getattr(model, "family", None) is None:
+        return None
+    return [f"model.{hf}" for _, hf in model.family.vision_modules] + ["lm_head"]
 
 
 def _write_shards(tensors: dict, folder: Path):
@@ -152,11 +165,9 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
         if hasattr(hf_config, "quantization_config"):
             del hf_config.quantization_config  # a QLoRA base: the merged weights are plain unless asked below
         if save_method == "merged_4bit":
-            if getattr(model, "family", None) is not None:
-                raise ConfigError("save_method='merged_4bit' is not supported for vision-language models yet; save "
-                                  "'merged_16bit' and load it with load_in_4bit=True.")
             tensors = _nf4_linears(model, tensors)
-            hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:])
+            hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:],
+                                                 llm_int8_skip_modules=skipped_4bit_modules(model))
         _write_shards(tensors, tmp)
         hf_config.tie_word_embeddings = model.arch.tie_embeddings
         if isinstance(getattr(type(hf_config), "torch_dtype", None), property):  # a deprecated alias of dtype
