@@ -78,7 +78,8 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
     """llama.cpp's libmtmd on a prompt with one image: `before` + the image + `after` (libmtmd wraps the image in
     the family's start/end tokens itself) through the text GGUF and its mmproj. `image`: (H, W, 3) uint8 RGB of the
     size the model's processor would resize it to (libmtmd then leaves it as it is). Returns (the image's
-    embeddings (tokens, hidden) float32 (Qwen3-VL: its DeepStack features follow on each row), the last position's logits (vocab,) float32, the prompt's token count)."""
+    embeddings (tokens, hidden) float32 (Qwen3-VL: its DeepStack features follow on each row), the last position's
+    logits (vocab,) float32, the prompt's token count)."""
     import llama_cpp
     import llama_cpp.llama_cpp as L
     import llama_cpp.mtmd_cpp as M

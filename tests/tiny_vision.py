@@ -156,10 +156,10 @@ def save_qwen2_vl(folder, seed: int = 0):
 
 
 def save_with_bpe(folder, family: str, seed: int = 0, **vision):
-    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") whose tokenizer is a trained
-    BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a 416-token
-    embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides (Qwen2.5-VL:
-    window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
+    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") whose tokenizer is a
+    trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
+    416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
+    (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
     import transformers
     from bpe_tokenizers import make_bpe_tokenizer
 
@@ -177,7 +177,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
 
     def init(model):  # sharper attention than the default init's, so positions and windows change the outputs
         for name, p in model.named_parameters():
-            if p.dim() >= 2 and (".visual." in name or ".vision_tower." in name or "q_proj" in name or "k_proj" in name):
+            if p.dim() >= 2 and any(k in name for k in (".visual.", ".vision_tower.", "q_proj", "k_proj")):
                 p.mul_(3.0)
         if family == "gemma3":
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)

@@ -89,8 +89,8 @@ def test_export_merged_and_back_from_gguf(adapter_dir, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (["--format", "gguf", "--quantization", "iq4_xs"], "iq4_xs"),
-    (["--format", "gguf", "--quantization", "q8_0,iq4_xs"], "'iq4_xs' is not supported"),
+    (["--format", "gguf", "--quantization", "iq2_xs"], "iq2_xs"),
+    (["--format", "gguf", "--quantization", "q8_0,iq2_xs"], "'iq2_xs' is not supported"),
     (["--format", "merged", "--quantization", "q8_0"], "does not apply to --format merged"),
     (["--format", "gguf", "--adapter", "nowhere"], "adapter_config.json"),
 ])

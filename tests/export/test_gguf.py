@@ -164,7 +164,7 @@ def test_modelfile_without_exact_template_mapping(bpe, tmp_path):
     assert "No chat template" in ollama_modelfile("m.gguf", tok)
 
 
-@pytest.mark.parametrize("bad", ["iq4_xs", "int3", "q4_k_x"])
+@pytest.mark.parametrize("bad", ["iq2_xs", "int3", "q4_k_x"])
 def test_unknown_quantization_is_a_config_error(bad, bpe, tmp_path):
     model, tok = _tiny_lora_model("llama", tmp_path / "m", bpe)
     with pytest.raises(ConfigError, match="f16, bf16, q8_0, q4_0"):
@@ -218,8 +218,8 @@ def test_comma_list_into_a_folder_and_case_insensitive_names(bpe, tmp_path):
 
 
 @pytest.mark.parametrize("bad, match", [
-    (["q8_0", "iq4_xs"], "\\['q8_0', 'iq4_xs'\\]: 'iq4_xs' is not supported; use one of f32, f16, bf16, q8_0, q4_0, "
-                         ".*I-quants.*Nothing was written"),
+    (["q8_0", "iq2_xs"], "\\['q8_0', 'iq2_xs'\\]: 'iq2_xs' is not supported; use one of f32, f16, bf16, q8_0, q4_0, "
+                         ".*only iq4_nl and iq4_xs.*Nothing was written"),
     (("f16", "int3"), "'int3' is not supported"),
     ([], "names no method"),
     ("q8_0,", "names no method"),

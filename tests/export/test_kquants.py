@@ -12,9 +12,9 @@ from fasttune.export import kquants
 llama_cpp = pytest.importorskip("llama_cpp")
 gguf = pytest.importorskip("gguf")
 
-TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+TYPES = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL", "IQ4_XS"]
 METHODS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k",
-           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+           "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "iq4_xs"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_quantize_shapes_and_errors():
     with pytest.raises(ValueError, match="multiple of 256"):
         kquants.quantize(torch.randn(4, 96), "Q6_K")
     with pytest.raises(ValueError, match="no quantizer"):
-        kquants.quantize(torch.randn(4, 256), "IQ4_XS")
+        kquants.quantize(torch.randn(4, 256), "IQ2_XS")
 
 
 # --------------------------------------------------------------------------------------------------- mixtures
@@ -171,7 +171,7 @@ def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
     """9 layers (the more-bits pattern of llama.cpp's use_more_bits), GQA 4 (q2_k's attn_v in Q4_K)."""
     folder = model_dir("llama", hidden_size=256, intermediate_size=256, head_dim=32, num_attention_heads=8,
                             num_key_value_heads=2, num_hidden_layers=9)
-    methods = ["q2_k", "q3_k_m", "q4_k_s", "q4_k_m"]
+    methods = ["q2_k", "q3_k_m", "q4_k_s", "q4_k_m", "iq4_xs"]
     f32, ours = _export(folder, tmp_path, methods)
     for method, path in ours.items():
         types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
@@ -180,14 +180,33 @@ def test_mixture_layer_rules_and_gqa(model_dir, tmp_path):
                 ["Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q4_K", "Q4_K", "Q6_K", "Q6_K", "Q6_K"]
         if method == "q2_k":
             assert types["blk.0.attn_v.weight"] == "Q4_K" and types["blk.0.ffn_down.weight"] == "Q3_K"
+        if method == "iq4_xs":  # GQA >= 4: attn_v in Q5_K; without an imatrix the first eighth's ffn_down in Q5_K
+            assert types["blk.0.attn_v.weight"] == "Q5_K" and types["blk.0.ffn_down.weight"] == "Q5_K"
+            assert types["blk.1.ffn_down.weight"] == "IQ4_XS" and types["output.weight"] == "Q6_K"
 
 
 def test_small_rows_fall_back_as_llama_cpp_does(model_dir, tmp_path):
-    """Hidden 64: no row divides into 256-blocks, so the k-types fall back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...)."""
-    f32, ours = _export(model_dir("qwen3"), tmp_path, ["q4_k_m", "q3_k_l"])
+    """Hidden 64: no row divides into 256-blocks, so the k-types fall back (Q4_K -> Q5_0, Q6_K -> Q8_0, ...) and
+    IQ4_XS to IQ4_NL."""
+    f32, ours = _export(model_dir("qwen3"), tmp_path, ["q4_k_m", "q3_k_l", "iq4_xs"])
     for method, path in ours.items():
         types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
-        assert set(types.values()) <= {"F32", "Q5_0", "Q8_0", "Q4_0", "Q5_1"}
+        assert set(types.values()) <= {"F32", "Q5_0", "Q8_0", "Q4_0", "Q5_1", "IQ4_NL"}
+        assert method != "iq4_xs" or types["blk.0.ffn_up.weight"] == "IQ4_NL"
+
+
+def test_iq4_ffn_down_rule_follows_the_imatrix():
+    """llama-quantize raises the first eighth of the layers' ffn_down to Q5_K for IQ4 methods only without an
+    importance matrix (llama_tensor_get_type: `!has_imatrix`)."""
+    from fasttune.export.gguf_types import tensor_type
+
+    def kind(method, imatrix, layer=0):
+        return tensor_type(f"blk.{layer}.ffn_down.weight", (256, 512), method, arch="llama", n_layer=16, n_head=8,
+                           n_head_kv=8, tied=False, imatrix=imatrix)
+
+    assert kind("iq4_xs", False) == kind("iq4_nl", False) == "Q5_K" and kind("iq4_xs", False, layer=2) == "IQ4_XS"
+    assert kind("iq4_xs", True) == "IQ4_XS" and kind("iq4_nl", True) == "IQ4_NL"
+    assert kind("q4_k_s", True) == "Q5_K"  # the k-quants' rule does not look at the imatrix
 
 
 def test_gguf_name_cannot_mislead_llama_cpp():

@@ -22,7 +22,8 @@ count, experts per token and (qwen3moe) the experts' feed-forward length).
 Vision-language models: the language model as above (Qwen2-VL / Qwen2.5-VL as "qwen2vl", Qwen3-VL as "qwen3vl")
 and the vision tower in a second, "mmproj" file (export/gguf_mmproj.py).
 Quantizations: f32, f16, bf16, and llama.cpp's quantized file types q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s,
-q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, and for MoE models mxfp4_moe (llama-quantize's MXFP4_MOE:
+q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, the non-linear iq4_nl and iq4_xs (export/iquants.py), and
+for MoE models mxfp4_moe (llama-quantize's MXFP4_MOE:
 experts in MXFP4 (export/mxfp4.py; a gpt-oss loaded from an MXFP4 checkpoint with its experts unchanged keeps
 the checkpoint's blocks, as convert_hf_to_gguf.py does: export/gguf_mxfp4.py), the rest Q8_0; the type of
 llama.cpp's own gpt-oss files). Each tensor gets the GGML type `llama-quantize` would give it
@@ -68,8 +69,8 @@ def resolve_quantization(method: str, given=None) -> str:
     key = str(method).strip().lower()
     key = ALIASES.get(key, key)
     if key not in QUANTIZATIONS:
-        hint = " I-quants (iq4_xs, ...) need an importance matrix and are not written; q4_k_m is the usual 4-bit " \
-               "choice." if key.startswith("iq") else ""
+        hint = " Of the i-quants only iq4_nl and iq4_xs are written (the 1-3 bit ones need their lattice " \
+               "searches); q4_k_m is the usual 4-bit choice." if key.startswith("iq") else ""
         where = f"quantization_method={given!r}: '{str(method).strip()}'" if given is not None else \
             f"quantization_method='{method}'"
         raise ConfigError(f"{where} is not supported; use one of {', '.join(QUANTIZATIONS)}.{hint}"
@@ -265,10 +266,10 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 
-def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, cfg=None):
+def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, cfg=None, imatrix: bool = False):
     """The GGML type (gguf.GGMLQuantizationType) one tensor is stored in for a quantization_method: f32/f16/bf16
     as named (1-D tensors f32), the quantized methods as llama-quantize chooses per tensor (gguf_types.py), which
-    needs the model's ModelConfig `cfg` (architecture, layers, heads)."""
+    needs the model's ModelConfig `cfg` (architecture, layers, heads) and whether an imatrix is used."""
     import gguf
 
     from fasttune.export import gguf_types
@@ -280,7 +281,7 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
         return _ggml_types(quant)[0]
     name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=ARCHITECTURES[cfg.model_type],
                                   n_layer=cfg.num_layers, n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
-                                  tied=tied_output, n_expert=cfg.num_experts)
+                                  tied=tied_output, n_expert=cfg.num_experts, imatrix=imatrix)
     return kind[name]
 
 
@@ -374,7 +375,7 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
     device = model.device if getattr(model.device, "type", "cpu") == "cuda" else None
     for gname in list(tensors):
         t = tensors.pop(gname) if consume else tensors[gname]
-        kind = tensor_type(gname, t, quant, tied, cfg)
+        kind = tensor_type(gname, t, quant, tied, cfg, imatrix=im is not None)
         weights = im.weights(gname) if im is not None else None
         if packed and kind == gguf.GGMLQuantizationType.MXFP4 and gname in packed:
             data, raw = packed[gname].reshape(*t.shape[:-1], -1), kind  # the checkpoint's own blocks
@@ -401,10 +402,9 @@ def resolve_imatrix(model, tokenizer, imatrix, quants: list[str], tokens: int | 
         return None
     if not any(q in IMATRIX_METHODS for q in quants):
         raise ConfigError(f"imatrix has no effect on quantization_method {', '.join(quants)}: llama.cpp uses an "
-                          f"importance matrix only in the k-quants (q2_k .. q6_k) and q4_0/q4_1/q5_0/q5_1 "
-                          f"(f32/f16/bf16 are not quantized, q8_0 and mxfp4_moe round each value to its nearest "
-                          f"level). Leave "
-                          f"imatrix out, or choose e.g. quantization_method='q4_k_m'.")
+                          f"importance matrix only in the k-quants (q2_k .. q6_k), q4_0/q4_1/q5_0/q5_1 and "
+                          f"iq4_nl/iq4_xs (f32/f16/bf16 are not quantized, q8_0 and mxfp4_moe round each value to its "
+                          f"nearest level). Leave imatrix out, or choose e.g. quantization_method='q4_k_m'.")
     if imatrix is True:
         raise ConfigError("imatrix=True does not say which text to measure the importance matrix on: pass the sample "
                           "instead, e.g. imatrix='train.jsonl' (your training data: .jsonl/.json/.csv/.parquet or a "
@@ -441,7 +441,8 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     """Write GGUF file(s) of `model` (LoRA merged in) and an Ollama Modelfile beside them.
 
     path: a `.gguf` file, or a folder that gets `model.<QUANT>.gguf`. quantization_method: one name (f32, f16,
-    bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, and
+    bf16, q8_0, q4_0, q4_1, q5_0, q5_1, q2_k, q3_k_s, q3_k_m, q3_k_l, q4_k_s, q4_k_m, q5_k_s, q5_k_m, q6_k, iq4_nl,
+    iq4_xs, and
     mxfp4_moe for MoE models (experts in MXFP4, the rest Q8_0, as llama-quantize's MXFP4_MOE);
     case-insensitive, aliases fp16/float16/bfloat16/fp32/q8/q4/q4_k/q5_k/q3_k/quantized/mxfp4) or a list/tuple of names
     (or "q4_k_m,q8_0"): one file per method, the merge done once; the quantized methods give each tensor the type

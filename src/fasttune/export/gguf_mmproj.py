@@ -9,14 +9,14 @@ convert_hf_to_gguf.py --mmproj writes them:
   transformers keeps it ((vision hidden, text hidden), not transposed) and `mm.soft_emb_norm.weight` as 1 + w
   (Gemma's RMSNorm scales by 1 + w, clip's by w). The average pool's size is `clip.vision.projector.scale_factor`
   when it is not llama.cpp's default of 4 patches a side.
-- Qwen2-VL ("qwen2vl_merger"), Qwen2.5-VL ("qwen2.5vl_merger") and Qwen3-VL ("qwen3vl_merger"): the Conv3d patch embedding split along its
-  two frames into `v.patch_embd.weight` and `v.patch_embd.weight.1` (a still image is the same frame twice, so
-  clip sums the two 2-D convolutions), the fused qkv split into q, k and v, `merger.ln_q` as `v.post_ln` and the
-  merger MLP as `mm.0` / `mm.2`. Qwen3-VL keeps its qkv fused (`attn_qkv`), adds the patch bias, the learned
-  position table (`v.position_embd`, whose grid gives `clip.vision.image_size`) and its DeepStack mergers as
-  `v.deepstack.<vision layer>.{norm,fc1,fc2}` flagged by `clip.vision.is_deepstack_layers`; its text GGUF
-  (llama.cpp's qwen3vl) records `n_deepstack_layers`. Qwen2.5-VL's windowed layers are given by `clip.vision.n_wa_pattern` (every n-th
-  layer attends fully); llama.cpp fixes the window at 112 pixels.
+- Qwen2-VL ("qwen2vl_merger"), Qwen2.5-VL ("qwen2.5vl_merger") and Qwen3-VL ("qwen3vl_merger"): the Conv3d patch
+  embedding split along its two frames into `v.patch_embd.weight` and `v.patch_embd.weight.1` (a still image is
+  the same frame twice, so clip sums the two 2-D convolutions), the fused qkv split into q, k and v, `merger.ln_q`
+  as `v.post_ln` and the merger MLP as `mm.0` / `mm.2`. Qwen3-VL keeps its qkv fused (`attn_qkv`), adds the patch
+  bias, the learned position table (`v.position_embd`, whose grid gives `clip.vision.image_size`) and its
+  DeepStack mergers as `v.deepstack.<vision layer>.{norm,fc1,fc2}` flagged by `clip.vision.is_deepstack_layers`;
+  its text GGUF (llama.cpp's qwen3vl) records `n_deepstack_layers`. Qwen2.5-VL's windowed layers are given by
+  `clip.vision.n_wa_pattern` (every n-th layer attends fully); llama.cpp fixes the window at 112 pixels.
 Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
 for f32), as the converter stores them.
 """

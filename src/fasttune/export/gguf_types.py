@@ -45,12 +45,14 @@ METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4
            "q3_k_l": ("Q3_K", "MOSTLY_Q3_K_L"), "q4_k_s": ("Q4_K", "MOSTLY_Q4_K_S"),
            "q4_k_m": ("Q4_K", "MOSTLY_Q4_K_M"), "q5_k_s": ("Q5_K", "MOSTLY_Q5_K_S"),
            "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
-           "mxfp4_moe": ("MXFP4", "MOSTLY_MXFP4_MOE")}
+           "mxfp4_moe": ("MXFP4", "MOSTLY_MXFP4_MOE"),
+           "iq4_nl": ("IQ4_NL", "MOSTLY_IQ4_NL"), "iq4_xs": ("IQ4_XS", "MOSTLY_IQ4_XS")}
 # Methods for MoE models only: their rule is about the expert tensors (a dense model would be all Q8_0).
 MOE_METHODS = ("mxfp4_moe",)
-BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "MXFP4": 32,
-         "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
-FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "MXFP4": 32, "IQ4_NL": 32,
+         "Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256, "IQ4_XS": 256}
+FALLBACK = {"Q2_K": "Q4_0", "Q3_K": "Q4_0", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "IQ4_XS": "IQ4_NL"}
+IQ4 = ("iq4_nl", "iq4_xs")
 
 
 def use_more_bits(i_layer: int, n_layers: int) -> bool:
@@ -64,14 +66,15 @@ def _layer(name: str) -> int:
 
 
 def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_head: int, n_head_kv: int,
-                tied: bool, n_expert: int = 0) -> str:
+                tied: bool, n_expert: int = 0, imatrix: bool = False) -> str:
     """The GGML type name ("Q6_K", "F32", ...) llama-quantize gives tensor `name` for `method`.
 
     name: the GGUF tensor name ("blk.3.attn_v.weight"); shape: torch order (rows, row length), the last dimension
     being llama.cpp's ne[0]; method: a key of METHODS; arch: the GGUF architecture ("llama", "qwen2", ...);
     n_layer / n_head / n_head_kv: the model's block count and attention heads; tied: True when the GGUF has no
     `output.weight` (the token embedding is then quantized like the output); n_expert: the MoE expert count (0 for
-    a dense model)."""
+    a dense model); imatrix: whether an importance matrix weights the quantizers (the IQ4 methods then keep their
+    first layers' ffn_down in IQ4)."""
     default = METHODS[method][0]
     if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name or "ffn_gate_inp.weight" in name:
         return "F32"
@@ -100,6 +103,8 @@ def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_hea
             new = "Q6_K"
         elif method == "q4_k_s" and i < 4:
             new = "Q5_K"
+        elif method in IQ4 and gqa >= 4:
+            new = "Q5_K"
         if arch == "llama" and n_layer == 80 and n_head != n_head_kv and new in ("Q3_K", "Q4_K"):
             new = "Q5_K"  # llama.cpp's LLM_TYPE_70B
         if n_expert == 8:
@@ -121,9 +126,11 @@ def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_hea
             new = "Q6_K"
         elif method == "q4_k_s" and i < n_layer // 8:
             new = "Q5_K"
+        elif method in IQ4 and i < n_layer // 8 and not imatrix:
+            new = "Q5_K"
     elif "attn_output.weight" in name:
         if n_expert == 8:
-            if method in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m"):
+            if method in ("q2_k", "q3_k_s", "q3_k_m", "q4_k_s", "q4_k_m", *IQ4):
                 new = "Q5_K"
         else:
             new = {"q2_k": "Q3_K", "q3_k_m": "Q4_K", "q3_k_l": "Q5_K"}.get(method, new)

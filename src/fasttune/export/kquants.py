@@ -1,5 +1,5 @@
 """GGML block quantizers in torch: Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (and MXFP4, from
-export/mxfp4.py, through `quantize`).
+export/mxfp4.py, and IQ4_NL / IQ4_XS, from export/iquants.py, through `quantize`).
 
 Each reproduces the bytes of llama.cpp's quantizers (ggml/src/ggml-quants.c): the reference ones,
 `quantize_row_<type>_ref`, which `ggml_quantize_chunk` and `llama-quantize` use when no imatrix is given, and, for
@@ -26,7 +26,7 @@ QK_K = 256
 # ggml type name -> (elements per block, bytes per block)
 BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
           "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
-          "MXFP4": (32, 17)}
+          "MXFP4": (32, 17), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
 GROUP_MAX_EPS = float(np.float32(1e-15))
 _CHUNK = 1 << 22  # elements quantized at once (bounds the working memory to a few hundred MB)
 
@@ -629,15 +629,25 @@ def quantize_q8_0(blocks):
     return _u8cat([_bytes16(_fp16(d)), _u8(q.to(torch.int32))])
 
 
+def _iquants():
+    from fasttune.export import iquants  # it builds on this module's helpers
+
+    return iquants
+
+
 QUANTIZERS = {"Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1, "Q5_0": quantize_q5_0, "Q5_1": quantize_q5_1,
               "Q8_0": quantize_q8_0, "Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k,
-              "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k, "MXFP4": quantize_mxfp4_blocks}
+              "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k, "MXFP4": quantize_mxfp4_blocks,
+              "IQ4_NL": lambda blocks: _iquants().quantize_iq4_nl(blocks),
+              "IQ4_XS": lambda blocks: _iquants().quantize_iq4_xs(blocks)}
 
 
-# Types whose quantizer uses an importance matrix: K types take (blocks, block weights), the 32-blocks whole rows
-# (their weights use the row's mean square). Q8_0 ignores it, as in ggml.
+# Types whose quantizer uses an importance matrix: K and IQ4 types take (blocks, block weights), the 32-blocks whole
+# rows (their weights use the row's mean square). Q8_0 ignores it, as in ggml.
 WEIGHTED_BLOCKS = {"Q2_K": quantize_q2_k_weighted, "Q3_K": quantize_q3_k_weighted, "Q4_K": quantize_q4_k_weighted,
-                   "Q5_K": quantize_q5_k_weighted, "Q6_K": quantize_q6_k_weighted}
+                   "Q5_K": quantize_q5_k_weighted, "Q6_K": quantize_q6_k_weighted,
+                   "IQ4_NL": lambda blocks, qw: _iquants().quantize_iq4_nl(blocks, qw),
+                   "IQ4_XS": lambda blocks, qw: _iquants().quantize_iq4_xs(blocks, qw)}
 WEIGHTED_ROWS = {"Q4_0": quantize_q4_0_weighted, "Q4_1": quantize_q4_1_weighted, "Q5_0": quantize_q5_0_weighted,
                  "Q5_1": quantize_q5_1_weighted}
 USES_IMATRIX = frozenset(WEIGHTED_BLOCKS) | frozenset(WEIGHTED_ROWS)
