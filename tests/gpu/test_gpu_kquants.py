@@ -30,3 +30,13 @@ def test_gpu_bytes_equal_cpu_bytes(qtype):
         cpu = kquants.quantize(x, qtype)
         gpu = kquants.quantize(x.cuda(), qtype)
         assert (cpu == gpu).all(), f"{qtype} {name}: {(cpu != gpu).any(axis=1).mean():.2%} of rows differ"
+
+
+@pytest.mark.parametrize("qtype", ["IQ4_NL", "IQ4_XS", "Q4_K"])
+def test_gpu_weighted_bytes_equal_cpu_bytes(qtype):
+    """With an importance matrix too (the IQ4 search weighs by qw * sqrt(sigma2 + x^2))."""
+    qw = torch.rand(1024, generator=torch.Generator().manual_seed(1)) ** 3
+    for name, x in _inputs().items():
+        cpu = kquants.quantize(x, qtype, qw)
+        gpu = kquants.quantize(x.cuda(), qtype, qw)
+        assert (cpu == gpu).all(), f"{qtype} {name}: {(cpu != gpu).any(axis=1).mean():.2%} of rows differ"
