@@ -21,6 +21,7 @@ on one machine (issue #19's "Must show" for SmolLM2).
 5. Appends one JSONL row to bench/results/gguf_export.jsonl and prints a table.
 
     OMP_NUM_THREADS=2 python bench/bench_gguf_export.py            # about 2 minutes on 2 idle cores
+    OMP_NUM_THREADS=2 python bench/bench_gguf_export.py --methods iq4_xs,iq4_nl   # the non-linear 4-bit methods
 
 With --imatrix (issue #19's stretch), instead: after the same training, one child collects an importance matrix on
 the training data (the demo set, 4096 tokens through the merged model) and writes q4_k_m and q3_k_m with and
@@ -378,6 +379,7 @@ def _versions() -> dict:
 
 
 def main():
+    global METHODS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=10, help="LoRA steps before the export")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "gguf_export.jsonl"))
@@ -385,9 +387,12 @@ def main():
     ap.add_argument("--imatrix", action="store_true", help="compare q4_k_m/q3_k_m with and without an importance "
                                                             "matrix instead (see the module docstring)")
     ap.add_argument("--imatrix-tokens", type=int, default=4096, help="training tokens the imatrix is measured on")
+    ap.add_argument("--methods", default=",".join(METHODS), help="the quantized methods compared (default "
+                                                                 "q4_k_m,q5_k_m; e.g. iq4_xs,iq4_nl)")
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--arg", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    METHODS = tuple(m.strip() for m in a.methods.split(",") if m.strip())
     if a.step:
         work = Path(a.work)
         {"prepare": lambda: step_prepare(work, int(a.arg)), "ours": lambda: step_ours(work, a.arg),
