@@ -41,11 +41,12 @@ def _sums(xt: torch.Tensor, wt: torch.Tensor, inv: torch.Tensor):
     `sumqx += w*q*x; sumq2 += w*q*q` in element order."""
     levels = torch.tensor(KVALUES, dtype=torch.float32, device=xt.device)
     q = levels[best_index(inv * xt)]
+    wq = wt * q
+    pqx, pq2 = wq * xt, wq * q  # the products at once (each rounded as C rounds it); the sums in order
     sqx, sq2 = torch.zeros_like(inv), torch.zeros_like(inv)
     for j in range(xt.shape[0]):
-        wq = wt[j] * q[j]
-        sqx = sqx + wq * xt[j]
-        sq2 = sq2 + wq * q[j]
+        sqx = sqx + pqx[j]
+        sq2 = sq2 + pq2[j]
     return sqx, sq2
 
 
