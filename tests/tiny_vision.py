@@ -137,6 +137,41 @@ def save_qwen3_vl(folder, seed: int = 0):
     return _save(folder, Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen_vl_processor(patch=16), seed)
 
 
+def qwen3_vl_moe_config():
+    """Qwen3-VL's tiny config with a Qwen3-MoE decoder: 4 experts of width 32, top 2, layer 1 dense
+    (mlp_only_layers), hidden 64 (so 2 x 32 = 64: experts square in gate_up; the loader goes through transformers,
+    which knows the layout)."""
+    from transformers import Qwen3VLMoeConfig
+
+    base = qwen3_vl_config()
+    text = base.text_config.to_dict()
+    text.pop("model_type", None)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48, mlp_only_layers=[1],
+                decoder_sparse_step=1)
+    vision = base.vision_config.to_dict()
+    vision.pop("model_type", None)
+    return Qwen3VLMoeConfig(text_config=text, vision_config=vision, image_token_id=261, video_token_id=271,
+                            vision_start_token_id=259, vision_end_token_id=260, tie_word_embeddings=False)
+
+
+def save_qwen3_vl_moe(folder, seed: int = 0):
+    """Save a random tiny Qwen3-VL-MoE (fp32) with the Qwen3-VL test processor; experts drawn like the other weights
+    (transformers' init leaves the stacked experts as they were allocated)."""
+    from transformers import Qwen3VLMoeForConditionalGeneration
+
+    return _save(folder, Qwen3VLMoeForConditionalGeneration, qwen3_vl_moe_config(), qwen_vl_processor(patch=16), seed,
+                 init=_init_experts)
+
+
+def _init_experts(model):
+    """Draw a Qwen3-VL-MoE's stacked experts like its other weights (transformers' init leaves them unset)."""
+    for layer in model.model.language_model.layers:
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            experts.gate_up_proj.normal_(0, 0.02)
+            experts.down_proj.normal_(0, 0.02)
+
+
 def qwen2_vl_config():
     from transformers import Qwen2VLConfig
 
@@ -165,17 +200,20 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
 
     tok = make_bpe_tokenizer("gpt2")
     tok.chat_template = GEMMA3_TEMPLATE if family == "gemma3" else QWEN_VL_TEMPLATE
-    patch = 16 if family == "qwen3_vl" else PATCH
+    patch = 16 if family.startswith("qwen3") else PATCH
     processor = gemma3_processor(tok) if family == "gemma3" else qwen_vl_processor(patch, tok=tok, max_side=16)
     start, end, image = tok.convert_tokens_to_ids(GEMMA3_TOKENS if family == "gemma3" else VISION_TOKENS)
     if family == "gemma3":
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
     else:
-        config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config}[family]()
+        config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
+                  "qwen3_vl_moe": qwen3_vl_moe_config}[family]()
         config.vision_start_token_id, config.vision_end_token_id, config.video_token_id = start, end, image + 1
 
     def init(model):  # sharper attention than the default init's, so positions and windows change the outputs
+        if family == "qwen3_vl_moe":
+            _init_experts(model)
         for name, p in model.named_parameters():
             if p.dim() >= 2 and any(k in name for k in (".visual.", ".vision_tower.", "q_proj", "k_proj")):
                 p.mul_(3.0)
@@ -186,11 +224,14 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
     if family != "gemma3":  # llama-cpp-python 0.3.36's qwen2vl ignores the RMSNorm eps it is given (runs ~0)
         config.text_config.rms_norm_eps = 1e-12
     config.text_config.eos_token_id = config.text_config.pad_token_id = tok.eos_token_id
-    if family == "qwen3_vl":  # sections that llama.cpp's interleaved M-RoPE splits as transformers does (its rule
+    if family == "qwen3_vl_moe":  # llama.cpp's qwen3vlmoe makes every layer sparse
+        config.text_config.mlp_only_layers = []
+    if family in ("qwen3_vl", "qwen3_vl_moe"):  # sections that llama.cpp's interleaved M-RoPE splits as transformers does (its rule
         # sends the pairs that [2, 3, 3] leaves over to a fourth axis; export/gguf_mmproj.py warns about that)
         config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [3, 3, 2]}
     for key, value in vision.items():
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
-           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration"}[family]
+           "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[family]
     return _save(folder, getattr(transformers, cls), config, processor, seed, init=init)

@@ -184,6 +184,9 @@ class FastModel(FastLanguageModel):
             target_modules = vision_targets(model, finetune_vision_layers, finetune_language_layers,
                                             finetune_attention_modules, finetune_mlp_modules, ATTENTION_TARGETS,
                                             MLP_TARGETS)
+            if model.arch.num_experts and finetune_language_layers and finetune_mlp_modules and \
+                    kwargs.get("target_parameters") is None:  # Qwen3-VL-MoE: the experts are parameters, not layers
+                kwargs["target_parameters"] = list(VISION_MOE_EXPERTS)
         elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
@@ -194,6 +197,8 @@ class FastModel(FastLanguageModel):
 
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+# The stacked experts a vision-language MoE model's language MLP switch adapts (PEFT's target_parameters, rank r).
+VISION_MOE_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 

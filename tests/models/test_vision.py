@@ -93,10 +93,12 @@ def test_placeholder_count_must_match_the_images(vl_dir):
 @pytest.mark.parametrize("vision", [False, True], ids=["language-layers", "vision-and-language-layers"])
 def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(vl_dir, tmp_path, vision):
     """LoRA from the layer-group switches: the saved adapter is PEFT's on transformers' VLM (same layers, same
-    keys), and loss and LoRA gradients equal PEFT's on an image + text batch."""
+    keys; Qwen3-VL-MoE's experts as target_parameters), and loss and LoRA gradients equal PEFT's on an image + text
+    batch."""
     from peft import PeftModel
 
     from fasttune import FastVisionModel
+    from fasttune.peft.adapter_io import adapter_parameters
 
     model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=vision,
@@ -116,10 +118,11 @@ def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(vl_dir, tmp_pa
     ref = peft_model(**batch, labels=labels, **_oracle_inputs(vl_dir, batch, proc))
     ref.loss.backward()
     torch.testing.assert_close(loss, ref.loss, rtol=1e-5, atol=1e-6)
-    ours = {model.checkpoint_name(n): p.grad for n, p in model.named_parameters() if p.requires_grad}
-    theirs = {n.removeprefix("base_model.model.").replace(".default", "").removesuffix(".weight"): p.grad
-              for n, p in peft_model.named_parameters() if p.requires_grad}
+    # under PEFT's keys (adapter_io: Qwen3-VL-MoE's experts as PEFT's parameter wrappers)
+    ours = {k: p.grad for k, p in adapter_parameters(model).items()}
+    theirs = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
     assert set(ours) == set(theirs) and any(".language_model." not in n for n in ours) == vision
+    assert any(".experts." in n for n in ours) == bool(model.arch.num_experts)
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
 

@@ -238,7 +238,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
     if cfg.mrope_section:  # Qwen-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
         writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
-    if ARCHITECTURES[cfg.model_type] == "qwen3vl":  # image embeddings arrive with one DeepStack feature per layer
+    if ARCHITECTURES[cfg.model_type] in ("qwen3vl", "qwen3vlmoe"):  # images bring a DeepStack feature per layer
         writer.add_num_deepstack_layers(len(model.hf_config.vision_config.deepstack_visual_indexes))
     if cfg.model_type == "apertus":  # per-layer xIELU scalars, as stored (before softplus), as llama.cpp reads them
         acts = [layer.mlp.act_fn for layer in model.model.layers]
@@ -262,7 +262,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "gpt-oss"):  # llama's experts use feed_forward_length
+        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss"):  # llama's: feed_forward_length
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
 
 

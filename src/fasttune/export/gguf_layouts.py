@@ -35,7 +35,7 @@ def check_supported(cfg) -> None:
     if cfg.model_type not in ARCHITECTURES:
         text = [t for t in ARCHITECTURES if not t.endswith("_vl_text")]  # those come with their vision tower
         raise ConfigError(f"GGUF export supports the families {', '.join(text)} and the vision-language models "
-                          f"gemma3, qwen2_vl, qwen2_5_vl and qwen3_vl; this model is '{cfg.model_type}'.")
+                          f"gemma3, qwen2_vl, qwen2_5_vl, qwen3_vl and qwen3_vl_moe; this model is '{cfg.model_type}'.")
     arch = ARCHITECTURES[cfg.model_type]
     if arch in GEMMA_27B_LAYERS:
         big = cfg.num_layers == GEMMA_27B_LAYERS[arch]

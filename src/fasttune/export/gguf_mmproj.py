@@ -31,13 +31,14 @@ import torch
 from fasttune.errors import ConfigError
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
-              "qwen3_vl": "qwen3vl_merger"}
+              "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger"}
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe")  # one tower (learned positions, DeepStack), a dense or an MoE decoder
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
 QWEN_WINDOW_PIXELS = 112  # clip.cpp's fixed window for qwen2.5vl_merger
 QWEN_NORM_EPS = 1e-6  # transformers' Qwen2-VL / Qwen2.5-VL vision norms use this eps, not a config field
 QWEN_IMAGE_SIZE = 560  # what convert_hf_to_gguf.py writes for Qwen (clip only uses it for its warm-up image)
 ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",),
-               "qwen3_vl": ("gelu_pytorch_tanh",)}
+               "qwen3_vl": ("gelu_pytorch_tanh",), "qwen3_vl_moe": ("gelu_pytorch_tanh",)}
 
 # transformers' names (without the leading "model."; the SigLIP tower may sit under "vision_model.") -> clip's
 _GEMMA3 = [(r"vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
@@ -96,7 +97,7 @@ def check_vision_supported(model) -> None:
     if family == "gemma3":
         _pool_size(model)
         return
-    if family == "qwen3_vl":
+    if family in QWEN3:
         _warn_imrope_split(model.arch)
         side = round(vision.num_position_embeddings ** 0.5)
         if side * side != vision.num_position_embeddings:
@@ -164,7 +165,7 @@ def split_vision(model, tensors: dict) -> dict:
     the language model's `model.language_model.*` become `model.*`, as a text model's are) and return them under
     clip's GGUF names, fp32, in clip's layout (see the module docstring)."""
     family = model.family.model_type
-    table = {"gemma3": _GEMMA3, "qwen3_vl": _QWEN3}.get(family, _QWEN)
+    table = _GEMMA3 if family == "gemma3" else _QWEN3 if family in QWEN3 else _QWEN
     out = {}
     for name in list(tensors):
         if name.startswith("model.language_model."):
@@ -186,7 +187,7 @@ def split_vision(model, tensors: dict) -> dict:
             out[f"v.deepstack.{layer}.{part}.{deep[3]}"] = t
             continue
         fused = re.fullmatch(r"visual\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)", short)
-        if fused and family != "qwen3_vl":  # rows q, k, v, as transformers' VisionAttention splits them
+        if fused and family not in QWEN3:  # rows q, k, v, as transformers' VisionAttention splits them
             for part, value in zip("qkv", t.chunk(3, dim=0)):
                 out[f"v.blk.{fused[1]}.attn_{part}.{fused[2]}"] = value.contiguous()
             continue
@@ -256,7 +257,7 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
         pool = _pool_size(model)
         if pool != DEFAULT_POOL:
             writer.add_vision_projector_scale_factor(pool)
-    elif family == "qwen3_vl":  # the learned position table's grid sets the size clip resizes it from
+    elif family in QWEN3:  # the learned position table's grid sets the size clip resizes it from
         writer.add_vision_image_size(round(vision.num_position_embeddings ** 0.5) * int(vision.patch_size))
         writer.add_vision_embedding_length(int(vision.hidden_size))
         writer.add_vision_feed_forward_length(int(vision.intermediate_size))

@@ -35,6 +35,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "apertus": "apertus",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
+                 "qwen3_vl_moe_text": "qwen3vlmoe",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours

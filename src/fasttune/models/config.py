@@ -25,8 +25,8 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
-VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -174,7 +174,7 @@ class ModelConfig:
         elif model_type == "qwen2":
             cfg.attn_bias = True
         elif model_type in VISION_TEXT_FAMILIES:
-            if model_type == "qwen3_vl_text":
+            if model_type in ("qwen3_vl_text", "qwen3_vl_moe_text"):
                 cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
                 cfg.qk_norm = cfg.mrope_interleaved = True
             else:
@@ -245,7 +245,8 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
     else:
         cfg.num_experts = get("num_experts", get("num_local_experts"))
         cfg.moe_intermediate_size = get("moe_intermediate_size")
-        cfg.norm_topk_prob = bool(get("norm_topk_prob", False))
+        # Qwen3-VL-MoE's router always renormalises (transformers' Qwen3VLMoeTextTopKRouter has no switch)
+        cfg.norm_topk_prob = cfg.model_type == "qwen3_vl_moe_text" or bool(get("norm_topk_prob", False))
         cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
         cfg.qk_norm = True
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])

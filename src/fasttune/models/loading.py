@@ -274,6 +274,7 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
     `quant` like a text model). The language half of `hf` is left to the caller to free."""
     family = VISION_FAMILIES[hf.config.model_type]
     text_config = copy.deepcopy(hf.config.text_config)
+    text_config._experts_implementation = None  # transformers' choice for its own MoE modules; ours are in moe.py
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
     text_config.tie_word_embeddings = tied
     tensors = [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]

@@ -14,7 +14,7 @@ merged checkpoints use.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import re
 
@@ -60,6 +60,8 @@ FAMILIES = {
                            r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
                            bidirectional_images=True, scaled_embeddings=True),
 }
+# Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
+FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
 
 
 def is_vision_config(hf_config) -> bool:

@@ -241,6 +241,8 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
     if arch.moe_block == "gpt_oss":
         names.pop("gate")
     asked = targets = settings.target_modules
+    if isinstance(targets, str) and targets != "all-linear" and getattr(model, "family", None) is not None:
+        return  # a vision-language model's layer-group regex: layers only (its experts come as target_parameters)
     if isinstance(targets, str):
         if targets != "all-linear":
             raise ConfigError(f"target_modules={targets!r}: on this mixture-of-experts model pass a list of layer "
