@@ -21,6 +21,8 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
     python bench/bench_vision.py --matrix default        # qwen2.5-vl-7b: hf (recompute on), ours on, ours off
     python bench/bench_vision.py --matrix qwen3          # the same three rows, qwen3-vl-8b
     python bench/bench_vision.py --matrix gemma3         # the same three rows, gemma-3-4b
+    python bench/bench_vision.py --matrix qwen3-moe      # the same three rows, qwen3-vl-30b-a3b (LoRA on the experts
+                                                         # too, as target_parameters on both sides)
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -76,6 +78,22 @@ SHAPES = {
                     deepstack_visual_indexes=[8, 16, 24], in_channels=3),
         ids=dict(QWEN_VL_IDS, tie_word_embeddings=False),
         before=[151652], after=[151653], text_ids=151643, image=512, prefix=64),
+    # Qwen3-VL-30B-A3B-Instruct: Qwen3-VL's tower (out_hidden_size 2048) and a 48-layer MoE decoder (128 experts of
+    # width 768, top 8, every layer sparse)
+    "qwen3-vl-30b-a3b": dict(
+        family="qwen3_vl_moe", tiny="tiny-qwen3-vl-moe",
+        text=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                  num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=32768,
+                  rms_norm_eps=1e-6, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+                  decoder_sparse_step=1, mlp_only_layers=[],
+                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                                   "mrope_interleaved": True},
+                  bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
+        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
+                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                    deepstack_visual_indexes=[8, 16, 24], in_channels=3),
+        ids=dict(QWEN_VL_IDS, tie_word_embeddings=False),
+        before=[151652], after=[151653], text_ids=151643, image=512, prefix=64),
     # gemma-3-4b-it: SigLIP so400m at 896x896 (64x64 patches of 14), pooled to 256 soft tokens; an image is
     # "\n\n<start_of_image>" + 256 x <image_soft_token> + "<end_of_image>\n\n" (108 is Gemma's "\n\n")
     "gemma-3-4b": dict(
@@ -116,6 +134,20 @@ SHAPES = {
         ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
                  tie_word_embeddings=False),
         before=[259], after=[260], text_ids=256, image=64, prefix=8),
+    "tiny-qwen3-vl-moe": dict(
+        family="qwen3_vl_moe",
+        text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[],
+                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                   "mrope_interleaved": True},
+                  bos_token_id=None, eos_token_id=256, pad_token_id=256),
+        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
+                    deepstack_visual_indexes=[0, 1], in_channels=3),
+        ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
+                 tie_word_embeddings=False),
+        before=[259], after=[260], text_ids=256, image=64, prefix=8),
     "tiny-gemma3": dict(
         family="gemma3",
         text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -136,14 +168,19 @@ HF_TARGETS = (r"model\.language_model\.layers\.\d+\."
               r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 # matrix -> (shape, rows of (impl, gradient checkpointing, FASTTUNE_KERNELS for ours))
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
-MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS)}
+MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
+          "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS)}
+# Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
+# picks the same two from its layer-group switches)
+MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 
 
 def hf_config(shape: str):
     import transformers
 
     s = SHAPES[shape]
-    cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config"}[s["family"]]
+    cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
+           "qwen3_vl_moe": "Qwen3VLMoeConfig"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -199,11 +236,16 @@ def build_hf(shape: str, gc_mode: str, r: int, device: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
         hooks = len(getattr(model, "_require_grads_hooks", [None]))
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=HF_TARGETS, task_type="CAUSAL_LM"))
+    moe = SHAPES[shape]["family"] == "qwen3_vl_moe"
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=HF_TARGETS, task_type="CAUSAL_LM",
+                                             target_parameters=MOE_TARGET_PARAMETERS if moe else None))
     model.train()
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     n_layers = SHAPES[shape]["text"]["num_hidden_layers"]
-    assert len(adapted) == 7 * n_layers and all(".language_model." in n for n in adapted), sorted(adapted)[:8]
+    # MoE: 4 attention projections and one wrapper per layer holding both expert LoRAs (PEFT's nesting)
+    per_layer = 4 + len(MOE_TARGET_PARAMETERS) if moe else 7
+    assert all(".language_model." in n for n in adapted), sorted(adapted)[:8]
+    assert len({n for n, _ in model.named_parameters() if ".lora_A." in n}) == per_layer * n_layers, sorted(adapted)
     # transformers 5.24 hooks Qwen2.5-VL's and Gemma 3's vision patch embedding as well as the token embeddings (2
     # hooks), so their backward also runs through the frozen vision tower; Qwen3-VL's token embeddings only give 1.
     note = f"enable_input_require_grads hooked {hooks} embedding layer(s)" if gc_mode == "on" else ""
