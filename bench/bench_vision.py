@@ -134,20 +134,6 @@ SHAPES = {
         ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
                  tie_word_embeddings=False),
         before=[259], after=[260], text_ids=256, image=64, prefix=8),
-    "tiny-qwen3-vl-moe": dict(
-        family="qwen3_vl_moe",
-        text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                  num_key_value_heads=2, head_dim=16, max_position_embeddings=512, rms_norm_eps=1e-6,
-                  moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[],
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
-                                   "mrope_interleaved": True},
-                  bos_token_id=None, eos_token_id=256, pad_token_id=256),
-        vision=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
-                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64,
-                    deepstack_visual_indexes=[0, 1], in_channels=3),
-        ids=dict(image_token_id=261, video_token_id=271, vision_start_token_id=259, vision_end_token_id=260,
-                 tie_word_embeddings=False),
-        before=[259], after=[260], text_ids=256, image=64, prefix=8),
     "tiny-gemma3": dict(
         family="gemma3",
         text=dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -160,6 +146,9 @@ SHAPES = {
                  tie_word_embeddings=True),
         before=[10, 10, 259], after=[260, 10, 10], text_ids=256, image=28, prefix=8),
 }
+# tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
+SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
+    SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
 REAL_SHAPES = [k for k, v in SHAPES.items() if "tiny" in v]
 # The language model's 7 projections, as PEFT matches module names of transformers' Qwen2.5-VL / Qwen3-VL / Gemma 3
 # (fullmatch): the vision towers' blocks have gate/up/down_proj (Qwen2.5-VL) or q/k/v_proj (SigLIP) too, which
