@@ -138,6 +138,22 @@ def test_cli_export_writes_the_projector_and_says_how_to_run_it(bpe_vl, tmp_path
     assert _rel(theirs, logits) < 2e-2
 
 
+def test_imatrix_weights_the_text_model(bpe_vl, tmp_path):
+    """An importance matrix measured on text through the vision-language model names every decoder projection
+    (the text GGUF's blk.N tensors; the tower goes to the mmproj unweighted), and libmtmd runs the files."""
+    import gguf
+
+    model, proc = _lora_model(bpe_vl("qwen2_5_vl"))
+    text = model.save_pretrained_gguf(tmp_path / "g", proc, quantization_method="q5_0", progress=False,
+                                      imatrix=["The quick brown fox jumps over the lazy dog. " * 8], imatrix_tokens=64)
+    field = gguf.GGUFReader(str(text)).fields["quantize.imatrix.entries_count"]
+    assert int(field.parts[-1][0]) == 7 * model.arch.num_layers
+    image = _image("qwen2_5_vl")
+    _, logits, _ = _ours(model, proc, "qwen2_5_vl", "A: ", image, " B")
+    _, theirs, _ = mtmd_run(text, tmp_path / "g" / "mmproj.F16.gguf", "A: ", np.asarray(image), " B")
+    assert _rel(theirs, logits) < 8e-2
+
+
 def test_the_processor_beside_the_weights_is_used_when_none_is_given(bpe_vl, tmp_path):
     model, proc = FastVisionModel.from_pretrained(str(bpe_vl("qwen2_vl")), dtype=torch.float32)
     model.save_pretrained_gguf(tmp_path / "g", quantization_method="f16")

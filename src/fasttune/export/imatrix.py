@@ -73,19 +73,19 @@ def imatrix_targets(model) -> dict[str, str]:
     import gguf
 
     from fasttune.export.gguf_types import ARCHITECTURES
-    from fasttune.peft.adapter_io import checkpoint_names
     from fasttune.peft.lora import LoraLinear
     from fasttune.quant.linear import QuantLinear
 
     cfg = model.arch
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[ARCHITECTURES[cfg.model_type]]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
-    hf_name = checkpoint_names(model)
     out = {}
     for name, module in model.named_modules():
         if not isinstance(module, (torch.nn.Linear, LoraLinear, QuantLinear)) or name.endswith(".base_layer"):
             continue
-        new = names.get_name(f"{hf_name(name)}.weight", try_suffixes=(".weight",))
+        # our decoder's own names (`model.layers.N...`), as the text GGUF is written; a vision-language model's
+        # tower (`visual.*`, `vision_tower.*`) has no `blk.N` place and goes to the mmproj unweighted
+        new = names.get_name(f"{name}.weight", try_suffixes=(".weight",))
         if new is not None and new.startswith("blk."):
             out[name] = new
     return out
