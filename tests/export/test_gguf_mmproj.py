@@ -181,6 +181,16 @@ def test_imrope_pairs_llama_cpp_sends_to_its_fourth_axis():
     assert imrope_fourth_axis_pairs([24, 20, 20], 64) == [61, 62]  # Qwen3-VL-8B's sections, head_dim 128
 
 
+def test_mmproj_file_names():
+    from pathlib import Path
+
+    from fasttune.export.gguf_mmproj import mmproj_target
+
+    assert mmproj_target(Path("o/model.Q8_0.gguf"), "f16") == Path("o/mmproj.F16.gguf")
+    assert mmproj_target(Path("o/smol.gguf"), "f32") == Path("o/mmproj-smol.F32.gguf")
+    assert mmproj_target(Path("o/smol.Q4_K_M.gguf"), "f16") == Path("o/mmproj-smol.F16.gguf")
+
+
 def test_layouts_clip_fixes():
     vision = SimpleNamespace(depth=8, fullatt_block_indexes=[3, 7])
     assert _window_pattern(vision) == 4
