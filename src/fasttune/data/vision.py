@@ -353,3 +353,14 @@ def content_preview(content) -> str:
         return content
     return " ".join("<image>" if isinstance(i, dict) and i.get("type") == "image" else str(i.get("text", ""))
                     for i in content if isinstance(i, dict))
+
+
+def processor_settings(vlm_config, tokenizer) -> dict:
+    """VisionProcessor's placeholder settings for a vision-language config: Qwen2.5-VL's one <|image_pad|> per
+    merged patch, or Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence)."""
+    if vlm_config.model_type == "gemma3":
+        boi, eoi, soft = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
+                                                          vlm_config.image_token_id])
+        return dict(image_token=boi, merge_size=None, feature_token=soft,
+                    image_sequence=f"\n\n{boi}{soft * vlm_config.mm_tokens_per_image}{eoi}\n\n")
+    return dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)

@@ -14,6 +14,7 @@ import warnings
 
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS
+from fasttune.models.config import VISION_TEXT_FAMILIES
 from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
 
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
@@ -33,7 +34,7 @@ def check_supported(cfg) -> None:
     another model (layer layouts, biases, RoPE scaling, MoE routing it does not have); a warning when llama.cpp
     drops a sliding window. Raises before anything is written."""
     if cfg.model_type not in ARCHITECTURES:
-        text = [t for t in ARCHITECTURES if not t.endswith("_vl_text")]  # those come with their vision tower
+        text = [t for t in ARCHITECTURES if t not in VISION_TEXT_FAMILIES]  # those come with their vision tower
         raise ConfigError(f"GGUF export supports the families {', '.join(text)} and the vision-language models "
                           f"gemma3, qwen2_vl, qwen2_5_vl, qwen3_vl and qwen3_vl_moe; this model is '{cfg.model_type}'.")
     arch = ARCHITECTURES[cfg.model_type]

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from fasttune.export.kquants import GROUP_MAX_EPS, _bytes16, _c, _fp16, _sqrtf, _u8cat, nearest_int
+from fasttune.export.ggml_rounding import GROUP_MAX_EPS, _bytes16, _c, _fp16, _sqrtf, _u8cat, nearest_int
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 NTRY = 7  # quantize_iq4_nl / quantize_iq4_xs pass ntry = 7: 15 scales besides the first

@@ -20,6 +20,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fasttune.export import iquants
+from fasttune.export.ggml_rounding import GROUP_MAX_EPS, _bytes16, _c, _fp16, _sqrtf, _u8cat, nearest_int
 from fasttune.export.mxfp4 import quantize_mxfp4_blocks
 
 QK_K = 256
@@ -27,18 +29,7 @@ QK_K = 256
 BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24), "Q8_0": (32, 34),
           "Q2_K": (256, 84), "Q3_K": (256, 110), "Q4_K": (256, 144), "Q5_K": (256, 176), "Q6_K": (256, 210),
           "MXFP4": (32, 17), "IQ4_NL": (32, 18), "IQ4_XS": (256, 136)}
-GROUP_MAX_EPS = float(np.float32(1e-15))
 _CHUNK = 1 << 22  # elements quantized at once (bounds the working memory to a few hundred MB)
-
-
-def _c(v, like: torch.Tensor) -> torch.Tensor:
-    """A float32 constant on `like`'s device (0-dim)."""
-    return torch.tensor(np.float32(v), dtype=torch.float32, device=like.device)
-
-
-def nearest_int(v: torch.Tensor) -> torch.Tensor:
-    """ggml's nearest_int: round half to even through the float32 mantissa; int32."""
-    return ((v + _c(12582912.0, v)).view(torch.int32) & 0x7FFFFF) - 0x400000
 
 
 def _seqsum(p: torch.Tensor, from_first: bool = False) -> torch.Tensor:
@@ -47,16 +38,6 @@ def _seqsum(p: torch.Tensor, from_first: bool = False) -> torch.Tensor:
     for i in range(1, p.shape[0]):
         acc = acc + p[i]
     return acc
-
-
-def _fp16(v: torch.Tensor) -> torch.Tensor:
-    """GGML_FP32_TO_FP16 (round to nearest even)."""
-    return v.to(torch.float16)
-
-
-def _bytes16(h: torch.Tensor) -> torch.Tensor:
-    """fp16 (n,) -> its little-endian bytes (n, 2) uint8."""
-    return h.contiguous().view(torch.uint8).reshape(-1, 2)
 
 
 def _u8(v: torch.Tensor) -> torch.Tensor:
@@ -284,10 +265,6 @@ def _pack_scales_k4(ls, lm):
     return torch.cat([lo, mid, hi], 1)
 
 
-def _u8cat(parts):
-    return torch.cat([p.to(torch.uint8) for p in parts], 1)
-
-
 # ---------------------------------------------------------------------------------------------- k-quant blocks
 
 def _qkx_block(blocks, nmax, rmin, rdelta, nstep):
@@ -416,10 +393,6 @@ def quantize_q2_k(blocks: torch.Tensor) -> torch.Tensor:
 # ggml's quantize_<type>(src, dst, nrow, n_per_row, quant_weights) with quant_weights given: quantize_row_<type>_impl
 # on each row. The weights of element j of a row are quant_weights[j] * sqrt(sigma2 + x_j^2), sigma2 a mean square
 # of the row (Q4_0/Q4_1/Q5_0/Q5_1) or of the super-block (the K types; Q6_K uses quant_weights alone).
-
-def _sqrtf(v):
-    """C's sqrtf (correctly rounded), through float64."""
-    return torch.sqrt(v.double()).float()
 
 
 def _block_sigma2(blocks, factor: int):
@@ -629,25 +602,17 @@ def quantize_q8_0(blocks):
     return _u8cat([_bytes16(_fp16(d)), _u8(q.to(torch.int32))])
 
 
-def _iquants():
-    from fasttune.export import iquants  # it builds on this module's helpers
-
-    return iquants
-
-
 QUANTIZERS = {"Q4_0": quantize_q4_0, "Q4_1": quantize_q4_1, "Q5_0": quantize_q5_0, "Q5_1": quantize_q5_1,
               "Q8_0": quantize_q8_0, "Q2_K": quantize_q2_k, "Q3_K": quantize_q3_k, "Q4_K": quantize_q4_k,
               "Q5_K": quantize_q5_k, "Q6_K": quantize_q6_k, "MXFP4": quantize_mxfp4_blocks,
-              "IQ4_NL": lambda blocks: _iquants().quantize_iq4_nl(blocks),
-              "IQ4_XS": lambda blocks: _iquants().quantize_iq4_xs(blocks)}
+              "IQ4_NL": iquants.quantize_iq4_nl, "IQ4_XS": iquants.quantize_iq4_xs}
 
 
 # Types whose quantizer uses an importance matrix: K and IQ4 types take (blocks, block weights), the 32-blocks whole
 # rows (their weights use the row's mean square). Q8_0 ignores it, as in ggml.
 WEIGHTED_BLOCKS = {"Q2_K": quantize_q2_k_weighted, "Q3_K": quantize_q3_k_weighted, "Q4_K": quantize_q4_k_weighted,
                    "Q5_K": quantize_q5_k_weighted, "Q6_K": quantize_q6_k_weighted,
-                   "IQ4_NL": lambda blocks, qw: _iquants().quantize_iq4_nl(blocks, qw),
-                   "IQ4_XS": lambda blocks, qw: _iquants().quantize_iq4_xs(blocks, qw)}
+                   "IQ4_NL": iquants.quantize_iq4_nl, "IQ4_XS": iquants.quantize_iq4_xs}
 WEIGHTED_ROWS = {"Q4_0": quantize_q4_0_weighted, "Q4_1": quantize_q4_1_weighted, "Q5_0": quantize_q5_0_weighted,
                  "Q5_1": quantize_q5_1_weighted}
 USES_IMATRIX = frozenset(WEIGHTED_BLOCKS) | frozenset(WEIGHTED_ROWS)
