@@ -51,12 +51,10 @@ from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
 from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
                                         mmproj_type, write_mmproj)
-from fasttune.export.gguf_types import ARCHITECTURES, METHODS, ROTATE_PAIRS
+from fasttune.export.gguf_types import ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS
+from fasttune.export.imatrix import check_imatrix, resolve_imatrix
 
 QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
-# Methods whose tensors an importance matrix changes: all but q8_0 and mxfp4_moe (ggml's Q8_0 and MXFP4 ignore it;
-# floats are not quantized).
-IMATRIX_METHODS = tuple(m for m in METHODS if m not in ("q8_0", "mxfp4_moe"))
 # Other spellings people use (Unsloth's and llama-quantize's included).
 ALIASES = {"fp32": "f32", "float32": "f32", "fp16": "f16", "float16": "f16", "bfloat16": "bf16",
            "not_quantized": "f16", "fast_quantized": "q8_0", "quantized": "q4_k_m", "q8": "q8_0", "q4": "q4_0",
@@ -388,53 +386,6 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
     writer.close()
 
 
-def resolve_imatrix(model, tokenizer, imatrix, quants: list[str], tokens: int | None = None,
-                    progress: bool = True):
-    """The Imatrix an export uses, or None. imatrix: None/False (none); sample text to collect it on (a .txt file,
-    a dataset file or folder, a list of strings or rows, a datasets.Dataset: export/imatrix.sample_token_ids),
-    measured on up to `tokens` tokens (default imatrix.DEFAULT_TOKENS); a llama.cpp imatrix file (.gguf); or an
-    Imatrix. Raises ConfigError when none of `quants` uses one, for imatrix=True (it names no text: fasttune runs do
-    not record their data file), and for a bad `tokens`."""
-    from fasttune.export import imatrix as imx
-
-    if imatrix is None or imatrix is False:
-        return None
-    if not any(q in IMATRIX_METHODS for q in quants):
-        raise ConfigError(f"imatrix has no effect on quantization_method {', '.join(quants)}: llama.cpp uses an "
-                          f"importance matrix only in the k-quants (q2_k .. q6_k), q4_0/q4_1/q5_0/q5_1 and "
-                          f"iq4_nl/iq4_xs (f32/f16/bf16 are not quantized, q8_0 and mxfp4_moe round each value to its "
-                          f"nearest level). Leave imatrix out, or choose e.g. quantization_method='q4_k_m'.")
-    if imatrix is True:
-        raise ConfigError("imatrix=True does not say which text to measure the importance matrix on: pass the sample "
-                          "instead, e.g. imatrix='train.jsonl' (your training data: .jsonl/.json/.csv/.parquet or a "
-                          ".txt file), a list of strings, or a llama.cpp imatrix .gguf file (CLI: --imatrix-data "
-                          "FILE).")
-    tokens = imx.DEFAULT_TOKENS if tokens is None else tokens
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
-        raise ConfigError(f"imatrix_tokens={tokens!r}: use an integer >= 16 (the tokens of sample text the importance "
-                          f"matrix is measured on; default {imx.DEFAULT_TOKENS}).")
-    if isinstance(imatrix, imx.Imatrix):
-        return imatrix
-    if isinstance(imatrix, (str, os.PathLike)) and Path(imatrix).suffix.lower() == ".gguf":
-        return imx.load_imatrix(imatrix)
-    ids, source = imx.sample_token_ids(imatrix, tokenizer, tokens)
-    return imx.collect_imatrix(model, ids, min(imx.CHUNK_TOKENS, len(ids)), progress=progress, dataset=source)
-
-
-def _check_imatrix(im, tensors: dict):
-    """ConfigError when an imatrix entry's length differs from its tensor's rows (llama-quantize refuses too) or
-    when no entry names a tensor of this model."""
-    known = [n for n in im.sums if n in tensors]
-    if not known:
-        raise ConfigError(f"None of the imatrix's {len(im.sums)} entries ({', '.join(sorted(im.sums)[:3])}, ...) names "
-                          f"a tensor of this model: it was made for another model.")
-    for name in known:
-        sums, t = im.sums[name], tensors[name]
-        if sums.shape[-1] != t.shape[-1] or (sums.dim() == 2 and (t.dim() != 3 or sums.shape[0] != t.shape[0])):
-            raise ConfigError(f"The imatrix entry for {name} has shape {tuple(sums.shape)} but the tensor is "
-                              f"{tuple(t.shape)} (rows of {t.shape[-1]}): the imatrix was made for another model.")
-
-
 def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress: bool = True,
               modelfile: bool = True, imatrix=None, imatrix_tokens: int | None = None) -> Path | list[Path]:
     """Write GGUF file(s) of `model` (LoRA merged in) and an Ollama Modelfile beside them.
@@ -501,7 +452,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
             write_mmproj(tmps[-1], model, processor, vision, mm_type, name)
             del vision
         if im is not None:
-            _check_imatrix(im, tensors)
+            check_imatrix(im, tensors)
         packed = {}
         if "mxfp4_moe" in quants and ARCHITECTURES[cfg.model_type] == "gpt-oss":
             from fasttune.export.gguf_mxfp4 import checkpoint_mxfp4_experts

@@ -48,6 +48,9 @@ METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4
            "q5_k_m": ("Q5_K", "MOSTLY_Q5_K_M"), "q6_k": ("Q6_K", "MOSTLY_Q6_K"),
            "mxfp4_moe": ("MXFP4", "MOSTLY_MXFP4_MOE"),
            "iq4_nl": ("IQ4_NL", "MOSTLY_IQ4_NL"), "iq4_xs": ("IQ4_XS", "MOSTLY_IQ4_XS")}
+# Methods whose tensors an importance matrix changes: all but q8_0 and mxfp4_moe (ggml's Q8_0 and MXFP4 ignore it;
+# floats are not quantized).
+IMATRIX_METHODS = tuple(m for m in METHODS if m not in ("q8_0", "mxfp4_moe"))
 # Methods for MoE models only: their rule is about the expert tensors (a dense model would be all Q8_0).
 MOE_METHODS = ("mxfp4_moe",)
 BLOCK = {"Q4_0": 32, "Q4_1": 32, "Q5_0": 32, "Q5_1": 32, "Q8_0": 32, "MXFP4": 32, "IQ4_NL": 32,

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_types import IMATRIX_METHODS
 
 DEFAULT_TOKENS = 4096  # sample size: llama.cpp's examples use 100+ chunks, but a few thousand tokens already help
 CHUNK_TOKENS = 512  # tokens per forward, llama-imatrix's default context
@@ -330,3 +331,48 @@ def load_imatrix(path) -> Imatrix:
         if key in reader.fields:
             setattr(im, attr, int(reader.fields[key].contents()))
     return im
+
+
+def resolve_imatrix(model, tokenizer, imatrix, quants: list[str], tokens: int | None = None,
+                    progress: bool = True):
+    """The Imatrix an export uses, or None. imatrix: None/False (none); sample text to collect it on (a .txt file,
+    a dataset file or folder, a list of strings or rows, a datasets.Dataset: export/imatrix.sample_token_ids),
+    measured on up to `tokens` tokens (default imatrix.DEFAULT_TOKENS); a llama.cpp imatrix file (.gguf); or an
+    Imatrix. Raises ConfigError when none of `quants` uses one, for imatrix=True (it names no text: fasttune runs do
+    not record their data file), and for a bad `tokens`."""
+    if imatrix is None or imatrix is False:
+        return None
+    if not any(q in IMATRIX_METHODS for q in quants):
+        raise ConfigError(f"imatrix has no effect on quantization_method {', '.join(quants)}: llama.cpp uses an "
+                          f"importance matrix only in the k-quants (q2_k .. q6_k), q4_0/q4_1/q5_0/q5_1 and "
+                          f"iq4_nl/iq4_xs (f32/f16/bf16 are not quantized, q8_0 and mxfp4_moe round each value to its "
+                          f"nearest level). Leave imatrix out, or choose e.g. quantization_method='q4_k_m'.")
+    if imatrix is True:
+        raise ConfigError("imatrix=True does not say which text to measure the importance matrix on: pass the sample "
+                          "instead, e.g. imatrix='train.jsonl' (your training data: .jsonl/.json/.csv/.parquet or a "
+                          ".txt file), a list of strings, or a llama.cpp imatrix .gguf file (CLI: --imatrix-data "
+                          "FILE).")
+    tokens = DEFAULT_TOKENS if tokens is None else tokens
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
+        raise ConfigError(f"imatrix_tokens={tokens!r}: use an integer >= 16 (the tokens of sample text the importance "
+                          f"matrix is measured on; default {DEFAULT_TOKENS}).")
+    if isinstance(imatrix, Imatrix):
+        return imatrix
+    if isinstance(imatrix, (str, os.PathLike)) and Path(imatrix).suffix.lower() == ".gguf":
+        return load_imatrix(imatrix)
+    ids, source = sample_token_ids(imatrix, tokenizer, tokens)
+    return collect_imatrix(model, ids, min(CHUNK_TOKENS, len(ids)), progress=progress, dataset=source)
+
+
+def check_imatrix(im, tensors: dict):
+    """ConfigError when an imatrix entry's length differs from its tensor's rows (llama-quantize refuses too) or
+    when no entry names a tensor of this model."""
+    known = [n for n in im.sums if n in tensors]
+    if not known:
+        raise ConfigError(f"None of the imatrix's {len(im.sums)} entries ({', '.join(sorted(im.sums)[:3])}, ...) names "
+                          f"a tensor of this model: it was made for another model.")
+    for name in known:
+        sums, t = im.sums[name], tensors[name]
+        if sums.shape[-1] != t.shape[-1] or (sums.dim() == 2 and (t.dim() != 3 or sums.shape[0] != t.shape[0])):
+            raise ConfigError(f"The imatrix entry for {name} has shape {tuple(sums.shape)} but the tensor is "
+                              f"{tuple(t.shape)} (rows of {t.shape[-1]}): the imatrix was made for another model.")
