@@ -150,7 +150,7 @@ class FastLanguageModel:
 
 
 class FastVisionModel(FastLanguageModel):
-    """The loader for vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Gemma 3): `from_pretrained`
+    """The loader for vision-language checkpoints (Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Gemma 3): `from_pretrained`
     returns (model, processor), the model a VisionCausalLM (transformers' vision tower, our decoder), the processor
     a VisionProcessor (data/vision.py). A text-only checkpoint loads as with FastLanguageModel. get_peft_model
     takes FastModel's layer-group switches."""
@@ -164,7 +164,7 @@ class FastVisionModel(FastLanguageModel):
 class FastModel(FastLanguageModel):
     """The loader scripts use for any model (`FastModel.from_pretrained`, `FastModel.get_peft_model`): the same
     as FastLanguageModel for text models, with the layer-group switches those scripts pass to get_peft_model.
-    A Qwen2-VL, Qwen2.5-VL, Qwen3-VL or Gemma 3 vision-language checkpoint loads as FastVisionModel loads it
+    A Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE) or Gemma 3 vision-language checkpoint loads as FastVisionModel loads it
     (models/vision.py)."""
 
     @staticmethod
