@@ -1,6 +1,7 @@
 """ggml's float32 arithmetic conventions as torch helpers, shared by the block quantizers (export/kquants.py,
-export/iquants.py): float32 constants on a tensor's device, ggml's nearest_int, C's sqrtf, fp16 rounding and the
-little-endian byte packing of ggml's block structs (ggml/src/ggml-quants.c, ggml-common.h)."""
+export/iquants.py): float32 constants on a tensor's device, ggml's nearest_int, C's sqrtf, sums in C's order, the
+first element of largest magnitude, fp16 rounding and the little-endian byte packing of ggml's block structs
+(ggml/src/ggml-quants.c, ggml-common.h)."""
 from __future__ import annotations
 
 import numpy as np
@@ -37,3 +38,21 @@ def _sqrtf(v):
 def _u8cat(parts):
     """Columns of small ints (each (n, k)) -> one (n, sum of k) uint8 tensor: a block struct's bytes."""
     return torch.cat([p.to(torch.uint8) for p in parts], 1)
+
+
+def _seqsum(p: torch.Tensor, from_first: bool = False) -> torch.Tensor:
+    """Sum over dim 0 in order, one float32 add at a time (C's `s += p[i]` from s = 0, or from s = p[0])."""
+    acc = p[0].clone() if from_first else torch.zeros_like(p[0]) + p[0]
+    for i in range(1, p.shape[0]):
+        acc = acc + p[i]
+    return acc
+
+
+def _first_absmax(x: torch.Tensor):
+    """(amax, max) over dim 0 as ggml's `if (fabsf(x) > amax) { amax = fabsf(x); max = x; }` from 0: the first
+    element of largest magnitude, with its sign."""
+    a = x.abs()
+    a = torch.where(torch.isnan(a), _c(0, a), a)  # NaN never compares greater
+    idx = a.argmax(0, keepdim=True)
+    amax = a.gather(0, idx)[0]
+    return amax, torch.where(amax > 0, x.gather(0, idx)[0], _c(0, x))

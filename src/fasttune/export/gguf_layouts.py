@@ -13,6 +13,7 @@ import math
 import warnings
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj import PROJECTORS
 from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS
 from fasttune.models.config import VISION_TEXT_FAMILIES
 from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
@@ -35,8 +36,9 @@ def check_supported(cfg) -> None:
     drops a sliding window. Raises before anything is written."""
     if cfg.model_type not in ARCHITECTURES:
         text = [t for t in ARCHITECTURES if t not in VISION_TEXT_FAMILIES]  # those come with their vision tower
+        *vlms, last = PROJECTORS
         raise ConfigError(f"GGUF export supports the families {', '.join(text)} and the vision-language models "
-                          f"gemma3, qwen2_vl, qwen2_5_vl, qwen3_vl and qwen3_vl_moe; this model is '{cfg.model_type}'.")
+                          f"{', '.join(vlms)} and {last}; this model is '{cfg.model_type}'.")
     arch = ARCHITECTURES[cfg.model_type]
     if arch in GEMMA_27B_LAYERS:
         big = cfg.num_layers == GEMMA_27B_LAYERS[arch]

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from fasttune.export.ggml_rounding import GROUP_MAX_EPS, _bytes16, _c, _fp16, _sqrtf, _u8cat, nearest_int
+from fasttune.export.ggml_rounding import (GROUP_MAX_EPS, _bytes16, _c, _first_absmax, _fp16, _seqsum, _sqrtf,
+                                          _u8cat, nearest_int)
 
 KVALUES = (-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113)  # kvalues_iq4nl
 NTRY = 7  # quantize_iq4_nl / quantize_iq4_xs pass ntry = 7: 15 scales besides the first
@@ -42,12 +43,7 @@ def _sums(xt: torch.Tensor, wt: torch.Tensor, inv: torch.Tensor):
     levels = torch.tensor(KVALUES, dtype=torch.float32, device=xt.device)
     q = levels[best_index(inv * xt)]
     wq = wt * q
-    pqx, pq2 = wq * xt, wq * q  # the products at once (each rounded as C rounds it); the sums in order
-    sqx, sq2 = torch.zeros_like(inv), torch.zeros_like(inv)
-    for j in range(xt.shape[0]):
-        sqx = sqx + pqx[j]
-        sq2 = sq2 + pq2[j]
-    return sqx, sq2
+    return _seqsum(wq * xt), _seqsum(wq * q)  # the products at once (each rounded as C rounds it), sums in order
 
 
 def _scales(x: torch.Tensor, qw: torch.Tensor | None, super_size: int) -> torch.Tensor:
@@ -58,17 +54,9 @@ def _scales(x: torch.Tensor, qw: torch.Tensor | None, super_size: int) -> torch.
     if qw is None:
         wt = xt * xt
     else:
-        sq = (x * x).t()
-        sigma2 = torch.zeros(nb, dtype=torch.float32, device=x.device)
-        for j in range(super_size):
-            sigma2 = sigma2 + sq[j]
-        sigma2 = (sigma2 * _c(2.0 / super_size, x)).repeat_interleave(super_size // 32)
+        sigma2 = (_seqsum((x * x).t()) * _c(2.0 / super_size, x)).repeat_interleave(super_size // 32)
         wt = qw.reshape(-1, 32).t() * _sqrtf(sigma2 + xt * xt)
-    a = xt.abs()
-    a = torch.where(torch.isnan(a), _c(0, a), a)
-    first = a.argmax(0, keepdim=True)  # ggml keeps the first element of largest magnitude, with its sign
-    amax = a.gather(0, first)[0]
-    mx = torch.where(amax > 0, xt.gather(0, first)[0], _c(0, a))
+    amax, mx = _first_absmax(xt)
     d = -mx / _c(KVALUES[0], x)
     sqx, sq2 = _sums(xt, wt, _c(1, x) / d)
     d = torch.where(sq2 > 0, sqx / sq2, _c(0, x))
@@ -104,11 +92,7 @@ def quantize_iq4_nl(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> tor
 def quantize_iq4_xs(blocks: torch.Tensor, qw: torch.Tensor | None = None) -> torch.Tensor:
     """quantize_iq4_xs: (nb, 256) float32 (and optional importance weights, same shape) -> (nb, 136) uint8."""
     s = _scales(blocks, qw, 256)  # (nb, 8)
-    a = s.abs()
-    a = torch.where(torch.isnan(a), _c(0, a), a)
-    first = a.argmax(1, keepdim=True)
-    amax = a.gather(1, first)[:, 0]
-    max_scale = torch.where(amax > 0, s.gather(1, first)[:, 0], _c(0, s))
+    max_scale = _first_absmax(s.t())[1]  # the first sub-block of largest |scale|, with its sign
     d = -max_scale / _c(32, s)  # an all-zero super-block gives -0.0: fp16 0x8000, as ggml writes it
     l = nearest_int(_inv_or_zero(d)[:, None] * s).clamp(-32, 31)  # noqa: E741
     dl = d[:, None] * l.to(torch.float32)

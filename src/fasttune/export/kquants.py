@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from fasttune.export import iquants
-from fasttune.export.ggml_rounding import GROUP_MAX_EPS, _bytes16, _c, _fp16, _sqrtf, _u8cat, nearest_int
+from fasttune.export.ggml_rounding import (GROUP_MAX_EPS, _bytes16, _c, _first_absmax, _fp16, _seqsum, _sqrtf,
+                                          _u8cat, nearest_int)
 from fasttune.export.mxfp4 import quantize_mxfp4_blocks
 
 QK_K = 256
@@ -32,14 +33,6 @@ BLOCKS = {"Q4_0": (32, 18), "Q4_1": (32, 20), "Q5_0": (32, 22), "Q5_1": (32, 24)
 _CHUNK = 1 << 22  # elements quantized at once (bounds the working memory to a few hundred MB)
 
 
-def _seqsum(p: torch.Tensor, from_first: bool = False) -> torch.Tensor:
-    """Sum over dim 0 in order, one float32 add at a time (C's `s += p[i]` from s = 0, or from s = p[0])."""
-    acc = p[0].clone() if from_first else torch.zeros_like(p[0]) + p[0]
-    for i in range(1, p.shape[0]):
-        acc = acc + p[i]
-    return acc
-
-
 def _u8(v: torch.Tensor) -> torch.Tensor:
     """C's conversion of an int to uint8_t (modulo 256), as int32."""
     return v & 0xFF
@@ -48,16 +41,6 @@ def _u8(v: torch.Tensor) -> torch.Tensor:
 def _i8(v: torch.Tensor) -> torch.Tensor:
     """C's conversion of an int to int8_t (two's complement wrap), as int32."""
     return ((v + 128) & 0xFF) - 128
-
-
-def _first_absmax(x: torch.Tensor):
-    """(amax, max) over dim 0 as ggml's `if (fabsf(x) > amax) { amax = fabsf(x); max = x; }` from 0: the first
-    element of largest magnitude, with its sign."""
-    a = x.abs()
-    a = torch.where(torch.isnan(a), _c(0, a), a)  # NaN never compares greater
-    idx = a.argmax(0, keepdim=True)
-    amax = a.gather(0, idx)[0]
-    return amax, torch.where(amax > 0, x.gather(0, idx)[0], _c(0, x))
 
 
 def _cmax0(v: torch.Tensor) -> torch.Tensor:
