@@ -66,6 +66,11 @@ def hf_config(family: str, **overrides):
                               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 8.0,
                                                "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                                                "original_max_position_embeddings": 32})
+    elif family == "qwen3_5_text":  # 4 layers: 3 gated-DeltaNet, then gated softmax attention; 2 key, 4 value heads
+        kw.update(num_hidden_layers=4)
+        cfg = tf.Qwen3_5TextConfig(**kw, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                                   linear_key_head_dim=16, linear_value_head_dim=8, tie_word_embeddings=False,
+                                   layer_types=["linear_attention"] * 3 + ["full_attention"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -78,7 +83,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

@@ -23,7 +23,7 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss")
+                      "gpt_oss", "qwen3_5_text")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config.
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text")
@@ -97,6 +97,16 @@ class ModelConfig:
     moe_block: str = "sparse"
     swiglu_limit: float = 7.0  # gpt-oss: gate clamped above, up on both sides, at this value
     swiglu_alpha: float = 1.702  # gpt-oss: glu = gate * sigmoid(alpha * gate)
+    # Qwen3.5: q_proj also yields a per-channel gate; the attention output is multiplied by sigmoid(gate)
+    attn_output_gate: bool = False
+    # Qwen3.5's gated DeltaNet layers (models/gated_deltanet.py): per layer True = linear attention instead of
+    # softmax attention (transformers' layer_types "linear_attention"); empty = none
+    linear_layers: list = field(default_factory=list)
+    linear_key_heads: int = 0
+    linear_value_heads: int = 0
+    linear_key_dim: int = 0
+    linear_value_dim: int = 0
+    linear_conv_kernel: int = 4
 
     @property
     def scaling(self) -> float:
@@ -220,10 +230,43 @@ class ModelConfig:
         if model_type == "gpt_oss":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", True))
             cfg.attn_sinks = True
+        if model_type == "qwen3_5_text":
+            _qwen3_5_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
         return cfg
+
+
+def _qwen3_5_fields(cfg: ModelConfig, get) -> None:
+    """Qwen3.5 (transformers' Qwen3_5TextConfig): gated DeltaNet layers where layer_types says "linear_attention"
+    (absent: every full_attention_interval-th layer is softmax attention), gated softmax attention with per-head q/k
+    norms, (1 + w) RMSNorms, and Qwen3-VL's interleaved multimodal RoPE on a partial rotary dimension (plain RoPE
+    for text, whose three position axes are equal). Raises ModelLoadError for a layer type it does not know."""
+    types = get("layer_types")
+    if not types:
+        interval = int(get("full_attention_interval", 4) or 4)
+        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(cfg.num_layers)]
+    unknown = sorted(set(types) - {"linear_attention", "full_attention"})
+    if unknown or len(types) < cfg.num_layers:
+        raise ModelLoadError(f"layer_types in the Qwen3.5 config must name 'linear_attention' or 'full_attention' for "
+                             f"each of the {cfg.num_layers} layers; it has {list(types)}. Fix config.json.")
+    cfg.linear_layers = [t == "linear_attention" for t in types[:cfg.num_layers]]
+    cfg.linear_key_heads, cfg.linear_value_heads = get("linear_num_key_heads"), get("linear_num_value_heads")
+    cfg.linear_key_dim, cfg.linear_value_dim = get("linear_key_head_dim"), get("linear_value_head_dim")
+    cfg.linear_conv_kernel = int(get("linear_conv_kernel_dim", 4))
+    if cfg.linear_value_heads % cfg.linear_key_heads:
+        raise ModelLoadError(f"linear_num_value_heads ({cfg.linear_value_heads}) must be a multiple of "
+                             f"linear_num_key_heads ({cfg.linear_key_heads}) in the Qwen3.5 config.")
+    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+    cfg.qk_norm = cfg.attn_output_gate = cfg.mrope_interleaved = True
+    cfg.norm_offset = 1.0
+    given = (get("rope_parameters") or {}).get("mrope_section")
+    # without one, transformers' default sections, where they fit (text alone never needs them: its axes are equal)
+    cfg.mrope_section = list(given) if given else [11, 11, 10] if cfg.rotary_dim == 64 else None
+    if given and sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
+        raise ModelLoadError(f"mrope_section {cfg.mrope_section} does not cover the rotary dimension {cfg.rotary_dim} "
+                             f"(its sum must be half of it); the config is inconsistent.")
 
 
 def _moe_fields(cfg: ModelConfig, get) -> None:

@@ -26,6 +26,7 @@ from fasttune.models.kept_block import block_pays
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
                                    segments_from_boundaries)
+from fasttune.models.gated_deltanet import GatedDeltaNet
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
 from fasttune.models.xielu import XIELU
@@ -68,7 +69,8 @@ class Attention(nn.Module):
         if cfg.fused_qkv:
             self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attn_bias)
         else:
-            self.q_proj = nn.Linear(h, self.q_size, bias=cfg.attn_bias)
+            # Qwen3.5: q_proj yields each head's query then its output gate (head_dim channels each)
+            self.q_proj = nn.Linear(h, self.q_size * (2 if cfg.attn_output_gate else 1), bias=cfg.attn_bias)
             self.k_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
             self.v_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
         self.o_proj = nn.Linear(self.q_size, h, bias=cfg.o_bias)
@@ -103,6 +105,10 @@ class Attention(nn.Module):
             q, k, v = one_linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, values_unused=replay)
+        gate = None
+        if cfg.attn_output_gate:
+            q, gate = q.view(b, t, cfg.num_heads, 2 * cfg.head_dim).chunk(2, dim=-1)
+            q, gate = q.contiguous(), gate.reshape(b, t, self.q_size)
         if cfg.qk_norm_full:
             q, k = self._qk_norms(q, k)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
@@ -121,7 +127,7 @@ class Attention(nn.Module):
                 i = self.layer_idx
                 out = decode_attention(q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.slot, step_mask,
                                        cfg.scaling)
-                return one_linear(self.o_proj, out)
+                return one_linear(self.o_proj, _gated(out, gate))
         if self.rope_kind != "none":
             q, k = apply_rope_qk(q, k, cos, sin)
         if cfg.qk_norm_after_rope:
@@ -136,13 +142,13 @@ class Attention(nn.Module):
         spans = mask.get("varlen")
         if spans is not None:  # packed rows on CUDA: one flash-attention sequence per document
             out = varlen_attention(q, k, v, spans, self.sliding_window, cfg.scaling)
-            return project(out.reshape(b, t, self.q_size), self.o_proj, values_unused=replay)[0]
+            return project(_gated(out.reshape(b, t, self.q_size), gate), self.o_proj, values_unused=replay)[0]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap,
                         self.sinks if cfg.attn_sinks else None)
-        out = out.transpose(1, 2).reshape(b, t, self.q_size)
+        out = _gated(out.transpose(1, 2).reshape(b, t, self.q_size), gate)
         if replay:  # only the graph is needed: the layer takes the kept residual in place of x + o_proj(out)
             return project(out, self.o_proj, values_unused=True)[0]
         return one_linear(self.o_proj, out)
@@ -152,6 +158,11 @@ class Attention(nn.Module):
     def _qk_norms(self, q, k):
         """(q_norm(q), k_norm(k)) under the family's names (qk_norm_names)."""
         return getattr(self, self.qk_norm_names[0])(q), getattr(self, self.qk_norm_names[1])(k)
+
+
+def _gated(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
+    """The attention output times sigmoid(gate) (Qwen3.5's output gate, in the model dtype), or as it is."""
+    return out if gate is None else out * torch.sigmoid(gate.reshape(out.shape))
 
 
 @functools.lru_cache(maxsize=None)
@@ -238,7 +249,12 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
-        self.self_attn = Attention(cfg, layer_idx)
+        # the token mixer: softmax attention, or Qwen3.5's gated DeltaNet (models/gated_deltanet.py)
+        self.is_linear = bool(cfg.linear_layers and cfg.linear_layers[layer_idx])
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
         self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
         moe = GptOssMoeBlock if cfg.moe_block == "gpt_oss" else SparseMoeBlock
         self.mlp = moe(cfg) if self.is_moe else MLP(cfg)
@@ -266,9 +282,15 @@ class DecoderLayer(nn.Module):
         if self.is_moe or self.sandwich or self.post_norm:
             return self(x if h is None else x + h, cos, sin, mask, cache), None
         x, normed = self.attn_norm.with_residual(x, h)
-        h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
+        h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self.mlp_norm.with_residual(x, h)
         return x, self._scaled(self.mlp(normed))
+
+    @property
+    def mixer(self) -> nn.Module:
+        """The layer's token mixer: `self_attn` (Attention), or `linear_attn` (GatedDeltaNet) in Qwen3.5's linear
+        layers."""
+        return self.linear_attn if self.is_linear else self.self_attn
 
     @property
     def attn_norm(self) -> nn.Module:
@@ -288,7 +310,7 @@ class DecoderLayer(nn.Module):
         """(s, post_attention_layernorm(s)) for s = x + h. With the attention block kept ("offload",
         models/kept_block.py) the forward pass keeps s, and the recompute takes it back in place of x + h, whose
         o_proj part it skipped."""
-        block = kept_block() if self.self_attn.keeps_block and cache is None else None
+        block = kept_block() if self.mixer.keeps_block and cache is None else None
         if block is not None and block[2]:
             keeper, slot, _ = block
             return self.mlp_norm.with_residual(keeper.substitute(slot, "h", x, h))
@@ -301,19 +323,19 @@ class DecoderLayer(nn.Module):
         """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E))."""
         if self.is_moe:
             x, normed = self.attn_norm.with_residual(x)
-            x, normed = self._post_attention(x, self.self_attn(normed, cos, sin, mask, cache), cache)
+            x, normed = self._post_attention(x, self.mixer(normed, cos, sin, mask, cache), cache)
             h, logits = self.mlp(normed)
             return (x + h, logits) if router_logits else x + h
         if self.post_norm:  # OLMo 2/3: the sublayers' outputs are normed, their inputs are not
-            x = x + self.post_attention_layernorm(self.self_attn(x, cos, sin, mask, cache))
+            x = x + self.post_attention_layernorm(self.mixer(x, cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.mlp(x))
         if self.sandwich:  # Gemma 2, GLM-4: norm after attention and around the MLP
             post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
-            h = self.self_attn(self.attn_norm(x), cos, sin, mask, cache)
+            h = self.mixer(self.attn_norm(x), cos, sin, mask, cache)
             x, normed = pre_mlp.with_residual(x, post_attn(h))
             return x + post_mlp(self.mlp(normed))
         x, normed = self.attn_norm.with_residual(x)
-        h = self._scaled(self.self_attn(normed, cos, sin, mask, cache))
+        h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)
         # Re-run inside backward, the layer's output value is discarded and the add's backward needs no values:
         # down_proj's base GEMM is skipped (kernels/lora.py). Gemma 2's post-MLP norm needs them, so not there.
@@ -438,12 +460,14 @@ class DecoderModel(nn.Module):
             masks = {"varlen": packed_spans(segment_ids)}
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
+        if cfg.linear_layers:  # what Qwen3.5's linear-attention layers read (models/gated_deltanet.py)
+            masks = {**masks, "padding": attention_mask, "segments": segment_ids}
         router_logits = []
         deep_mask, deep_feats = deepstack if deepstack is not None else (None, [])
         if past_key_values is None:
             offload = self._offloader(x)
             for i, layer in enumerate(self.layers):
-                x = self._run_layer(layer, x, *ropes[layer.self_attn.rope_kind], masks, offload,
+                x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload,
                                     output_router_logits and layer.is_moe)
                 if isinstance(x, tuple):
                     x, logits = x
@@ -452,7 +476,7 @@ class DecoderModel(nn.Module):
                     x = add_at(x, deep_mask, deep_feats[i])
         else:  # generation: no recompute, keys/values go to the cache
             for i, layer in enumerate(self.layers):
-                x = layer(x, *ropes[layer.self_attn.rope_kind], masks, past_key_values)
+                x = layer(x, *ropes[layer.mixer.rope_kind], masks, past_key_values)
                 if i < len(deep_feats):
                     x = add_at(x, deep_mask, deep_feats[i])
             past_key_values.length += t
@@ -472,7 +496,9 @@ class DecoderModel(nn.Module):
         if not mode:
             return None
         store = LayerInputOffloader(x.device, offload=mode == "offload")
-        if mode == "offload":  # the attention outputs go to the host too: the recompute skips the attention kernel
+        # the attention outputs go to the host too: the recompute skips the attention kernel (models whose every
+        # layer attends; Qwen3.5's linear-attention layers keep nothing)
+        if mode == "offload" and not self.arch.linear_layers:
             b, t, _ = x.shape
             arch, size = self.arch, x.element_size()
             layers, per_input = arch.num_layers, x.numel() * size

@@ -91,7 +91,7 @@ class DecodeStep:
         ropes = decoder.rope_tables(self.position, x.dtype)
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
         for layer in decoder.layers:
-            x, h = layer.unsummed(x, h, *ropes[layer.self_attn.rope_kind], masks, cache)
+            x, h = layer.unsummed(x, h, *ropes[layer.mixer.rope_kind], masks, cache)
         logits = self.model.logits(decoder.norm.with_residual(x, h)[1][:, -1])
         # The next step's inputs, unless the caller gives others: the greedy token, the next position and slot.
         # Inside the graph these cost no launches of their own (greedy decoding then needs none per token).
@@ -162,6 +162,9 @@ class DecodeSession:
         for dst, src in ((cache.keys, prompt.keys), (cache.values, prompt.values)):
             for d, s in zip(dst, src):
                 d[:, :, :t].copy_(s[:, :, :t] if rows is None else s[:, :, :t].index_select(0, rows))
+        for dst, src in ((cache.conv, prompt.conv), (cache.recurrent, prompt.recurrent)):  # Qwen3.5's linear layers
+            for i, s in src.items():
+                dst[i].copy_(s if rows is None else s.index_select(0, rows))
         cache.length = t
         cache.slot.fill_(t)
         mask = self.step.key_mask

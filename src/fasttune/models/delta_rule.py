@@ -1,0 +1,133 @@
+"""The gated delta rule of Qwen3.5's linear-attention layers (Yang, Kautz & Hatamizadeh, "Gated Delta Networks",
+2024), as transformers' Qwen3Next/Qwen3.5 layers compute it.
+
+Per value head, with a state S (d_k x d_v) that starts at zero, for each position t:
+    S <- exp(g_t) S;   u_t = beta_t (v_t - S^T k_t);   S <- S + k_t u_t^T;   o_t = S^T q_t
+with q, k L2-normalised (eps 1e-6 inside the square root) and q scaled by d_k ** -0.5. Each query/key head serves
+`value heads / key heads` consecutive value heads.
+
+`gated_delta_rule` runs a whole sequence: on CUDA with flash-linear-attention installed, its chunked Triton kernels
+(`fla.ops.gated_delta_rule.chunk_gated_delta_rule`, forward and backward); otherwise `chunked_delta_rule`, the same
+chunked form in torch (fp32; autograd differentiates it). `delta_rule_step` is one decode step on a kept state.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+CHUNK = 64  # positions per chunk of the chunked form (fla's and transformers' size)
+L2_EPS = 1e-6
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(sum(x^2) + 1e-6) over the last dim, in x's dtype (fla's and transformers' l2norm)."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + L2_EPS)
+
+
+@functools.lru_cache(maxsize=None)
+def _fla_chunk():
+    """fla's chunked kernel, or None when flash-linear-attention is not installed or FASTTUNE_FLA=0."""
+    if os.environ.get("FASTTUNE_FLA", "1") == "0":
+        return None
+    try:
+        from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    except Exception:  # not installed, or its Triton cannot load here
+        return None
+    return chunk_gated_delta_rule
+
+
+def uses_fla(x: torch.Tensor) -> bool:
+    """Whether gated_delta_rule runs fla's kernels for tensors like x (CUDA, fla importable, FASTTUNE_FLA != 0)."""
+    return x.is_cuda and _fla_chunk() is not None
+
+
+def gated_delta_rule(q, k, v, g, beta, spans=None, initial_state=None, final_state: bool = False):
+    """The gated delta rule over whole sequences.
+
+    q, k (B, T, Hk, dk); v (B, T, Hv, dv) (Hv a multiple of Hk); g (B, T, Hv) fp32 log-decay (<= 0); beta (B, T, Hv)
+    in (0, 1). spans: None (each row one sequence), or a list of (row, start, end) runs, each its own sequence
+    starting from a zero state (packed documents, padding runs). initial_state (B, Hv, dk, dv) fp32 (rows only,
+    not with spans). Returns (o (B, T, Hv, dv) in v's dtype, final state (B, Hv, dk, dv) fp32 or None)."""
+    if uses_fla(q):
+        return _fla(q, k, v, g, beta, spans, initial_state, final_state)
+    if spans is None:
+        return chunked_delta_rule(q, k, v, g, beta, initial_state, final_state)
+    out = torch.zeros_like(v)
+    for row, start, end in spans:  # each run alone (a correctness path: CPU, or CUDA without fla)
+        part = slice(start, end)
+        o, _ = chunked_delta_rule(*(x[row:row + 1, part] for x in (q, k, v, g, beta)))
+        out[row:row + 1, part] = o
+    return out, None
+
+
+def _fla(q, k, v, g, beta, spans, initial_state, final_state):
+    chunk = _fla_chunk()
+    if spans is None:
+        return chunk(q, k, v, g, beta, initial_state=initial_state, output_final_state=final_state,
+                     use_qk_l2norm_in_kernel=True)
+    b, t = q.shape[:2]
+    # All runs as one packed row with fla's varlen boundaries (cu_seqlens, FlashAttention's convention).
+    starts = torch.tensor([row * t + s for row, s, _ in spans] + [b * t], dtype=torch.long, device=q.device)
+    flat = [x.reshape(1, b * t, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    o, _ = chunk(*flat, use_qk_l2norm_in_kernel=True, cu_seqlens=starts, cu_seqlens_cpu=starts.cpu())
+    return o.reshape(v.shape), None
+
+
+def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool = False, chunk: int = CHUNK):
+    """gated_delta_rule in torch for one sequence per row, chunk positions at a time (same arguments; fp32 math).
+
+    Inside a chunk the updates are solved at once: with G the cumulative log-decay from the chunk start and
+    A[s, r] = beta_s exp(G_s - G_r) k_s . k_r (r < s), the corrected values are
+    U = (I + A)^-1 (beta V - beta exp(G) K S0), the outputs O = exp(G) Q S0 + (Q K^T * exp(G_t - G_s), s <= t) U and
+    the state S = exp(G_C) S0 + sum_s exp(G_C - G_s) k_s u_s^T (the WY form of the delta rule, Yang et al. 2024)."""
+    dtype = v.dtype
+    b, t, hk, dk = k.shape
+    hv, dv = v.shape[2:]
+    group = hv // hk
+    q, k = (l2_normalize(x.float()).repeat_interleave(group, dim=2) for x in (q, k))
+    q = q * dk ** -0.5
+    # (B, Hv, T, d) and (B, Hv, T), padded to whole chunks (zero keys and values; zero log-decay)
+    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
+    g, beta = (x.transpose(1, 2).float() for x in (g, beta))
+    pad = -t % chunk
+    if pad:
+        q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (torch.nn.functional.pad(x, (0, pad)) for x in (g, beta))
+    n = (t + pad) // chunk
+    q, k, v = (x.reshape(b, hv, n, chunk, -1) for x in (q, k, v))
+    g, beta = (x.reshape(b, hv, n, chunk) for x in (g, beta))
+    cum = g.cumsum(-1)  # G within each chunk
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(G_s - G_r), r <= s
+    kb = k * beta[..., None]
+    a = (kb @ k.transpose(-1, -2) * decay).tril(-1)  # strictly lower
+    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
+    u = torch.linalg.solve_triangular(eye + a, v * beta[..., None], upper=False, unitriangular=True)
+    w = torch.linalg.solve_triangular(eye + a, kb * cum.exp()[..., None], upper=False, unitriangular=True)
+    scores = q @ k.transpose(-1, -2) * decay
+    q_decayed = q * cum.exp()[..., None]
+    k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
+    chunk_decay = cum[..., -1].exp()[..., None, None]
+    state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
+    outs = []
+    for i in range(n):
+        ui = u[:, :, i] - w[:, :, i] @ state
+        outs.append(q_decayed[:, :, i] @ state + scores[:, :, i] @ ui)
+        state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ ui
+    o = torch.stack(outs, dim=2).reshape(b, hv, n * chunk, dv)[:, :, :t]
+    return o.transpose(1, 2).to(dtype), (state if final_state else None)
+
+
+def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
+    """One position per row (decode): q, k (B, 1, Hk, dk), v (B, 1, Hv, dv), g, beta (B, 1, Hv); state
+    (B, Hv, dk, dv) fp32, updated in place. Returns o (B, 1, Hv, dv) in v's dtype."""
+    group = v.shape[2] // k.shape[2]
+    q, k = (l2_normalize(x[:, 0].float()).repeat_interleave(group, dim=1) for x in (q, k))
+    q = q * k.shape[-1] ** -0.5
+    s = state * g[:, 0].float().exp()[..., None, None]
+    u = (v[:, 0].float() - (s * k[..., None]).sum(-2)) * beta[:, 0].float()[..., None]
+    s = s + k[..., None] * u[..., None, :]
+    state.copy_(s)
+    return (s * q[..., None]).sum(-2)[:, None].to(v.dtype)
