@@ -37,9 +37,13 @@ def test_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
     layers = hf_config(family).num_hidden_layers
     # fused qkv_proj / gate_up_proj count once; Arcee and Apertus have no gate_proj
     per_layer = {"phi3": 4, "glm4": 6, "arcee": 6, "apertus": 6}.get(family, 7)
-    assert len(mine) == len(theirs) and len(mine) == 2 * layers * per_layer
-    for n, g in mine.items():  # fp32 sums in another order: noise ~1e-6 of the tensor's largest entry
-        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
+    expected = 2 * (3 * 3 + 7) if family == "qwen3_5_text" else 2 * layers * per_layer  # 3 DeltaNet layers: MLP
+    assert len(mine) == len(theirs) and len(mine) == expected
+    # fp32 sums in another order: noise ~1e-6 of the tensor's largest entry (~3e-6 through Qwen3.5's delta rule,
+    # whose triangular solves and chunk scan run in another order than transformers')
+    noise = 5e-6 if family == "qwen3_5_text" else 1e-6
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + noise * theirs[n].abs().max().item(), msg=n)
 
 
 def test_modules_to_save_and_rslora_grads_equal_peft(tiny_model_dir, tmp_path):
