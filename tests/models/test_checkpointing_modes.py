@@ -18,7 +18,8 @@ def _grads(model, mode, ids, mask):
 
 # triton: the fused LoRA function draws the masks. It runs Triton's CPU interpreter (~10 s a case), so only on
 # llama; gemma2's sandwich norms are the same recompute logic with more norms.
-@pytest.mark.parametrize("family,kernels", [("llama", "torch"), ("gemma2", "torch"), ("llama", "triton")])
+@pytest.mark.parametrize("family,kernels", [("llama", "torch"), ("gemma2", "torch"), ("llama", "triton"),
+                                             ("qwen3_5_text", "torch")])
 @pytest.mark.parametrize("mode", [True, "offload"])
 def test_mode_equals_no_checkpointing(tiny_model_dir, family, mode, kernels, monkeypatch):
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)

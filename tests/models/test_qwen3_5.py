@@ -1,0 +1,91 @@
+"""Qwen3.5's text model: its config fields, packed documents in the gated DeltaNet layers, 4-bit loading.
+(Logits, LoRA gradients, generation and merged checkpoints against transformers run with every family: tiny.py.)"""
+import pytest
+import torch
+from tiny import hf_config
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ModelLoadError
+from fasttune.models.config import ModelConfig
+
+
+def test_layer_types_and_fields():
+    arch = ModelConfig.from_hf(hf_config("qwen3_5_text"))
+    assert arch.linear_layers == [True, True, True, False]
+    assert (arch.linear_key_heads, arch.linear_value_heads, arch.linear_key_dim, arch.linear_value_dim) == (2, 4, 16, 8)
+    assert arch.attn_output_gate and arch.qk_norm and arch.norm_offset == 1.0 and arch.rotary_dim == 4
+    # without layer_types: every full_attention_interval-th layer attends (transformers' default)
+    cfg = hf_config("qwen3_5_text").to_dict()
+    cfg.pop("layer_types")
+    cfg.update(full_attention_interval=2)
+    assert ModelConfig.from_hf(cfg).linear_layers == [True, False, True, False]
+
+
+def test_unknown_layer_type_is_refused():
+    cfg = hf_config("qwen3_5_text").to_dict()
+    cfg["layer_types"] = ["linear_attention", "mamba", "linear_attention", "full_attention"]
+    with pytest.raises(ModelLoadError, match="layer_types.*'linear_attention' or 'full_attention'"):
+        ModelConfig.from_hf(cfg)
+
+
+def test_packed_documents_equal_each_document_alone(tiny_model_dir):
+    """Two documents in one row (positions restarting at 0, as padding-free collators write them): each one's
+    logits equal the document run alone, so neither the conv nor the delta-rule state carries across."""
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), dtype=torch.float32)
+    model.eval()
+    ids = torch.randint(3, 300, (1, 30), generator=torch.Generator().manual_seed(2))
+    positions = torch.cat([torch.arange(17), torch.arange(13)])[None]
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+        first = model(ids[:, :17]).logits
+        second = model(ids[:, 17:]).logits
+    torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        joined = model(ids).logits
+    assert not torch.allclose(joined[:, 17:], second, atol=1e-3)  # without the restart the second sees the first
+
+
+def test_loads_in_4bit_and_trains(tiny_model_dir):
+    """QLoRA: the linear-attention projections load in NF4 like the others and LoRA on them trains."""
+    pytest.importorskip("bitsandbytes")
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["in_proj_qkv", "in_proj_z", "out_proj",
+                                                                           "q_proj", "down_proj"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any("linear_attn.in_proj_qkv" in n for n in names) and any("self_attn.q_proj" in n for n in names)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+def test_lora_on_the_linear_attention_equals_peft(tiny_model_dir, tmp_path):
+    """LoRA on every projection of the DeltaNet layers (the fused in_proj group and out_proj): gradients equal
+    PEFT's on transformers' model, left padding included (zeroed pads, as transformers does)."""
+    from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), dtype=torch.float32)
+    targets = ["in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "out_proj", "q_proj", "o_proj"]
+    ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, target_modules=targets,
+                                            use_gradient_checkpointing=False)
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin("qwen3_5_text", tmp_path / "adapter")
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(4))
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[1, 6] = -100  # predicted from a padding position, whose output means nothing in either model
+    ours(ids, attention_mask=mask, labels=labels).loss.backward()
+    ref(input_ids=ids, attention_mask=mask, labels=labels).loss.backward()
+    theirs = peft_grads(ref)
+    mine = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert len(mine) == len(theirs) == 2 * (3 * 5 + 2)
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 5e-6 * theirs[n].abs().max().item(), msg=n)
