@@ -137,6 +137,37 @@ def save_qwen3_vl(folder, seed: int = 0):
     return _save(folder, Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen_vl_processor(patch=16), seed)
 
 
+def qwen3_5_config():
+    """Qwen3.5: Qwen3-VL's tower (no DeepStack) and a 4-layer text model, 3 gated-DeltaNet layers then attention;
+    head_dim 32 with half of it rotated, in interleaved sections (3, 3, 2)."""
+    from transformers import Qwen3_5Config
+
+    text = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6,
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                layer_types=["linear_attention"] * 3 + ["full_attention"],
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2],
+                                 "mrope_interleaved": True, "partial_rotary_factor": 0.5},
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, patch_size=16,
+                  spatial_merge_size=MERGE, temporal_patch_size=2, num_position_embeddings=64, in_channels=3)
+    return Qwen3_5Config(text_config=text, vision_config=vision, image_token_id=261, video_token_id=271,
+                         vision_start_token_id=259, vision_end_token_id=260, tie_word_embeddings=False)
+
+
+def save_qwen3_5(folder, seed: int = 0):
+    """Save a random tiny Qwen3.5 (fp32; decay and conv weights spread so the DeltaNet layers matter) with its
+    processor."""
+    from transformers import Qwen3_5ForConditionalGeneration
+
+    def init(model):
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "conv1d.weight")):
+                p.normal_(0.0, 0.5)
+
+    return _save(folder, Qwen3_5ForConditionalGeneration, qwen3_5_config(), qwen_vl_processor(patch=16), seed, init)
+
+
 def qwen3_vl_moe_config():
     """Qwen3-VL's tiny config with a Qwen3-MoE decoder: 4 experts of width 32, top 2, layer 1 dense
     (mlp_only_layers), hidden 64 (so 2 x 32 = 64: experts square in gate_up; the loader goes through transformers,

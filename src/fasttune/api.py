@@ -14,7 +14,7 @@ from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, re
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
-from fasttune.peft.lora import LoraSettings, apply_lora, default_targets
+from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS, LoraSettings, apply_lora, default_targets
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
 
@@ -190,6 +190,8 @@ class FastModel(FastLanguageModel):
         elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
+            if finetune_attention_modules and getattr(getattr(model, "arch", None), "linear_layers", None):
+                target_modules += LINEAR_ATTENTION_TARGETS  # Qwen3.5's linear-attention layers attend too
         return FastLanguageModel.get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
             use_rslora=use_rslora, modules_to_save=modules_to_save,

@@ -89,3 +89,23 @@ def test_lora_on_the_linear_attention_equals_peft(tiny_model_dir, tmp_path):
     assert len(mine) == len(theirs) == 2 * (3 * 5 + 2)
     for n, g in mine.items():
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 5e-6 * theirs[n].abs().max().item(), msg=n)
+
+
+def test_default_targets_adapt_every_token_mixer(tiny_model_dir, qwen3_5_vl_dir):
+    """Without target_modules, LoRA goes on the DeltaNet projections too (not only on the one attention layer);
+    FastModel's attention switch does the same on the vision-language model, and leaves them out when off."""
+    from fasttune import FastModel, FastVisionModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    adapted = {n.split(".lora_")[0] for n, p in model.named_parameters() if p.requires_grad}
+    for i in range(3):
+        assert {f"model.layers.{i}.linear_attn.{m}" for m in ("in_proj_qkv", "in_proj_z", "out_proj")} <= adapted
+    assert "model.layers.3.self_attn.q_proj" in adapted and "model.layers.0.linear_attn.in_proj_a" not in adapted
+    vlm, _ = FastVisionModel.from_pretrained(str(qwen3_5_vl_dir), dtype=torch.float32)
+    on = FastModel.get_peft_model(vlm, r=4, finetune_vision_layers=False)
+    names = {n for n, p in on.named_parameters() if p.requires_grad}
+    assert any(".linear_attn.in_proj_qkv.lora_A" in n for n in names)
+    vlm, _ = FastVisionModel.from_pretrained(str(qwen3_5_vl_dir), dtype=torch.float32)
+    off = FastModel.get_peft_model(vlm, r=4, finetune_vision_layers=False, finetune_attention_modules=False)
+    assert not any(".linear_attn." in n for n, p in off.named_parameters() if p.requires_grad)

@@ -62,6 +62,8 @@ FAMILIES = {
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
+# Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
+FAMILIES["qwen3_5"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_5", deepstack=False)
 
 
 def is_vision_config(hf_config) -> bool:
@@ -293,6 +295,10 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
         names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
         if names:
             parts.append(rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
+        if attention and model.arch.linear_layers:  # Qwen3.5's linear-attention layers
+            from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS
+
+            parts.append(rf"model\.language_model\.layers\.\d+\.linear_attn\.({'|'.join(LINEAR_ATTENTION_TARGETS)})")
     if vision:
         fam = model.family
         parts += ([fam.vision_attention_targets] if attention else []) + ([fam.vision_mlp_targets] if mlp else [])

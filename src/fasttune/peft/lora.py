@@ -24,6 +24,9 @@ from fasttune.peft.dora import DoraLinear
 from fasttune.peft.lora_layer import LoraLinear, can_fuse, is_quantized  # noqa: F401 - re-exported
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# Qwen3.5's linear-attention (gated DeltaNet) projections that the defaults and the attention switch add where a
+# model has such layers: its q|k|v, its output gate and its output (not the per-head decay / beta scalars)
+LINEAR_ATTENTION_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -270,14 +273,17 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
 
 def default_targets(model: nn.Module) -> list[str]:
     """DEFAULT_TARGETS less the names a dense model has no layer for (Arcee has no gate_proj), as PEFT applies a
-    list that matches some layers. MoE models keep all seven: their MLP names stand for the stacked experts."""
+    list that matches some layers, plus LINEAR_ATTENTION_TARGETS in a model with Qwen3.5's linear-attention layers
+    (so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the stacked
+    experts."""
     from fasttune.models.config import ModelConfig
 
     arch = getattr(model, "arch", None)
     if not isinstance(arch, ModelConfig) or arch.num_experts:  # the fallback picks its own (fallback.add_lora)
         return list(DEFAULT_TARGETS)
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
-    return [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
+    chosen = [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
+    return chosen + (list(LINEAR_ATTENTION_TARGETS) if arch.linear_layers else [])
 
 
 def _linear_names(model: nn.Module) -> list[str]:
