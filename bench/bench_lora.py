@@ -45,13 +45,17 @@ SHAPES = {
     # Glm4Config (half, adjacent-pair RoPE; fused gate_up; four norms), GLM-4-9B-0414's shape
     "glm-4-9b": dict(vocab_size=151552, hidden_size=4096, intermediate_size=13696, num_hidden_layers=40,
                      num_attention_heads=32, num_key_value_heads=2, head_dim=128, tie_word_embeddings=False),
+    # Qwen3_5TextConfig's defaults are Qwen3.5-9B's language model: 24 gated-DeltaNet layers (16 key / 32 value
+    # heads of 128) and 8 gated-attention layers (16 heads of 256, 4 KV heads, a quarter rotated)
+    "qwen3.5-9b": dict(vocab_size=248320, hidden_size=4096, intermediate_size=12288, num_hidden_layers=32,
+                       num_attention_heads=16, num_key_value_heads=4, head_dim=256, tie_word_embeddings=False),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
 }
 # The transformers config class of the SHAPES that are neither Llama nor Qwen2 (their keyword arguments are whole).
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
-                 "glm-4-9b": "Glm4Config"}
+                 "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -85,6 +89,10 @@ MATRIX = {
     # transformers runs gpt-oss with eager attention (its sinks have no SDPA path there)
     "gpt-oss": [("hf", "gpt-oss-20b", "on", "-", "none"), ("ours", "gpt-oss-20b", "on", "triton", "none"),
                 ("ours", "gpt-oss-20b", "off", "triton", "none"), ("ours", "gpt-oss-20b", "on", "triton", "nf4")],
+    # Qwen3.5-9B's language model; both sides run flash-linear-attention's delta-rule kernels when it is installed
+    "qwen3.5": [("hf", "qwen3.5-9b", "on", "-", "none"), ("ours", "qwen3.5-9b", "on", "triton", "none"),
+                ("ours", "qwen3.5-9b", "off", "triton", "none"), ("hf", "qwen3.5-9b", "on", "-", "nf4"),
+                ("ours", "qwen3.5-9b", "on", "triton", "nf4")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
@@ -97,7 +105,13 @@ OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM 
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
 
 
+# Qwen3.5's linear-attention projections, adapted too on both sides (fasttune's default targets for Qwen3.5)
+LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
+
+
 def targets(shape: str) -> list[str]:
+    if shape.startswith("qwen3.5"):
+        return TARGETS + LINEAR_TARGETS
     return TARGETS[:4] if shape in MOE_SHAPES and not EXPERT_LORA[0] else TARGETS
 
 
@@ -142,6 +156,10 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
         for name, p in model.named_parameters():
             if p.dim() >= 2:  # matrices and stacked experts
                 p.normal_(0.0, 0.02)
+            elif name.endswith("A_log"):  # Qwen3.5's decay rates: log(uniform(0.01, 16)) as transformers starts them
+                p.copy_(torch.empty(p.shape, device=p.device).uniform_(0.01, 16).log())
+            elif name.endswith("dt_bias"):
+                p.fill_(1.0)
             elif not name.endswith("norm.weight"):  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF
                 p.zero_()
     if quant == "nf4":  # what load_in_4bit does on load, layer by layer
@@ -277,6 +295,13 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    if shape.startswith("qwen3.5"):  # both sides' delta rule: fla's kernels when installed, else torch
+        try:
+            import fla
+
+            row["fla"] = fla.__version__
+        except ImportError:
+            row["fla"] = None
     if impl == "hf":
         import peft
 

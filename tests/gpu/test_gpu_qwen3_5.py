@@ -1,0 +1,96 @@
+"""Qwen3.5 on the card (skipped without CUDA): flash-linear-attention's delta-rule kernels (when installed) against
+our torch chunked form, forward and backward, whole rows and packed runs; the model with and without fla; LoRA
+training and CUDA-graph generation of the tiny Qwen3.5."""
+import pytest
+import torch
+
+from fasttune import FastLanguageModel
+from fasttune.models import delta_rule
+from fasttune.models.delta_rule import chunked_delta_rule, gated_delta_rule
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def _inputs(b=2, t=300, hk=4, hv=8, dk=64, dv=64, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    make = lambda *s: torch.randn(*s, device="cuda", generator=g)  # noqa: E731
+    q, k, v = make(b, t, hk, dk), make(b, t, hk, dk), make(b, t, hv, dv)
+    decay = -torch.rand(b, t, hv, device="cuda", generator=g) * 0.5
+    beta = torch.rand(b, t, hv, device="cuda", generator=g)
+    return [x.to(dtype).requires_grad_() for x in (q, k, v)] + [decay.requires_grad_(), beta.to(dtype).requires_grad_()]
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_fla_equals_the_torch_form(packed):
+    """Outputs and every input's gradient within bf16 rounding of the fp32 torch form (grouped value heads,
+    300 positions: four whole chunks and a partial one; packed: runs of 100, 137 and 63 positions per row)."""
+    pytest.importorskip("fla")
+    assert delta_rule.uses_fla(torch.empty(1, device="cuda"))
+    args = _inputs()
+    spans = [(r, s, e) for r in range(2) for s, e in ((0, 100), (100, 237), (237, 300))] if packed else None
+    out, _ = gated_delta_rule(*args, spans)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, args, grad)
+    ref_args = [x.detach().float().requires_grad_() for x in args]
+    if packed:
+        ref = torch.zeros_like(out, dtype=torch.float32)
+        for row, s, e in spans:
+            part, _ = chunked_delta_rule(*(x[row:row + 1, s:e] for x in ref_args))
+            ref = ref.index_put((torch.tensor([row], device="cuda")[:, None], torch.arange(s, e, device="cuda")),
+                                part)
+    else:
+        ref, _ = chunked_delta_rule(*ref_args)
+    want = torch.autograd.grad(ref, ref_args, grad.float())
+    assert _rel(out, ref) < 1e-2
+    for name, a, b in zip("q k v g beta".split(), got, want):
+        assert _rel(a, b) < 2e-2, name
+
+
+def test_model_with_fla_equals_without(tiny_model_dir, monkeypatch):
+    """The tiny Qwen3.5 in fp32: logits and LoRA gradients through fla's kernels equal the torch form's."""
+    pytest.importorskip("fla")
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), dtype=torch.float32,
+                                                 device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    ids = torch.randint(3, 300, (2, 150), device="cuda", generator=torch.Generator(device="cuda").manual_seed(1))
+    results = []
+    for fla_on in (True, False):
+        monkeypatch.setattr(delta_rule, "_fla_chunk", delta_rule._fla_chunk if fla_on else lambda: None)
+        model.zero_grad(set_to_none=True)
+        out = model(ids, labels=ids)
+        out.loss.backward()
+        results.append((out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                              if p.requires_grad}))
+    (logits, grads), (logits_ref, grads_ref) = results
+    assert _rel(logits, logits_ref) < 1e-3
+    for n in grads_ref:
+        assert _rel(grads[n], grads_ref[n]) < 1e-2, n
+
+
+def test_bf16_lora_trains_and_generation_graphs_equal_eager(tiny_model_dir, monkeypatch):
+    """bf16 LoRA with recompute trains (loss falls); greedy generation through the CUDA-graph decode equals the
+    eager decode (the linear layers' conv and state updated in place inside the graph)."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), dtype=torch.bfloat16,
+                                                   device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
+    ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    prompt = ids[:, :20]
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0  # left padding
+    graphed = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
+    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    assert torch.equal(graphed, eager)
