@@ -38,9 +38,37 @@ def _fla_chunk():
     return chunk_gated_delta_rule
 
 
+class FlaUnusableWarning(UserWarning):
+    """flash-linear-attention is installed but failed its first forward/backward on this GPU: the torch form runs."""
+
+
+@functools.lru_cache(maxsize=None)
+def _fla_works(device: torch.device) -> bool:
+    """One small bf16 forward and backward through fla on `device`: fla refuses some GPU/Triton pairs (e.g. Hopper
+    with Triton 3.4 to 3.7.0, whose gated backward it knows to be wrong) and may fail to compile elsewhere; then
+    gated_delta_rule keeps to the torch form, with one FlaUnusableWarning naming fla's reason."""
+    import warnings
+
+    try:
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v = (torch.randn(1, 64, 2, 64, device=device, generator=g, dtype=torch.bfloat16).requires_grad_()
+                   for _ in range(3))
+        decay = -torch.rand(1, 64, 2, device=device, generator=g).requires_grad_()
+        beta = torch.rand(1, 64, 2, device=device, generator=g).to(torch.bfloat16).requires_grad_()
+        o, _ = _fla_chunk()(q, k, v, decay, beta, use_qk_l2norm_in_kernel=True)
+        o.float().sum().backward()
+        return True
+    except Exception as e:  # any failure of the optional kernels: the torch form gives the same values
+        warnings.warn(f"flash-linear-attention cannot run the gated delta rule on this GPU ({type(e).__name__}: "
+                      f"{str(e)[:300]}); Qwen3.5's linear-attention layers use fasttune's torch form instead "
+                      f"(same results, slower).", FlaUnusableWarning, stacklevel=3)
+        return False
+
+
 def uses_fla(x: torch.Tensor) -> bool:
-    """Whether gated_delta_rule runs fla's kernels for tensors like x (CUDA, fla importable, FASTTUNE_FLA != 0)."""
-    return x.is_cuda and _fla_chunk() is not None
+    """Whether gated_delta_rule runs fla's kernels for tensors like x: on CUDA, with flash-linear-attention
+    importable, FASTTUNE_FLA not 0, and fla's kernels working on that GPU (_fla_works)."""
+    return x.is_cuda and _fla_chunk() is not None and _fla_works(x.device)
 
 
 def gated_delta_rule(q, k, v, g, beta, spans=None, initial_state=None, final_state: bool = False):
