@@ -102,13 +102,16 @@ class DecodeStep:
         return logits
 
     def _capture(self, length: int):
-        inputs = [t.clone() for t in (self.token, self.position, self.cache.slot)]
+        # what the warm-up step advances: the inputs, and Qwen3.5's linear-layer states (updated in place)
+        advanced = [self.token, self.position, self.cache.slot, *self.cache.conv.values(),
+                    *self.cache.recurrent.values()]
+        inputs = [t.clone() for t in advanced]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm-up: lazy initialisation, cuBLAS workspaces, cached RoPE tables
             self._run(length)
         torch.cuda.current_stream().wait_stream(side)
-        for t, saved in zip((self.token, self.position, self.cache.slot), inputs):  # the warm-up advanced them
+        for t, saved in zip(advanced, inputs):  # the warm-up advanced them
             t.copy_(saved)
         graph = torch.cuda.CUDAGraph()
         if self._pool is None:
