@@ -17,6 +17,8 @@ import os
 
 import torch
 
+from fasttune.kernels.delta_scan import chunk_scan
+
 CHUNK = 64  # positions per chunk of the chunked form (fla's and transformers' size)
 L2_EPS = 1e-6
 
@@ -137,14 +139,10 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     scores = q @ k.transpose(-1, -2) * decay
     q_decayed = q * cum.exp()[..., None]
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
-    chunk_decay = cum[..., -1].exp()[..., None, None]
     state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
-    outs = []
-    for i in range(n):
-        ui = u[:, :, i] - w[:, :, i] @ state
-        outs.append(q_decayed[:, :, i] @ state + scores[:, :, i] @ ui)
-        state = state * chunk_decay[:, :, i] + k_to_end[:, :, i].transpose(-1, -2) @ ui
-    o = torch.stack(outs, dim=2).reshape(b, hv, n * chunk, dv)[:, :, :t]
+    # the only sequential part: each chunk's starting state and corrected values (kernels/delta_scan.py)
+    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state)
+    o = (q_decayed @ states + scores @ u).reshape(b, hv, n * chunk, dv)[:, :, :t]
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
 
 
