@@ -69,7 +69,7 @@ def hf_config(family: str, **overrides):
     elif family == "qwen3_5_text":  # 4 layers: 3 gated-DeltaNet, then gated softmax attention; 2 key, 4 value heads
         kw.update(num_hidden_layers=4)
         cfg = tf.Qwen3_5TextConfig(**kw, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-                                   linear_key_head_dim=16, linear_value_head_dim=8, tie_word_embeddings=False,
+                                   linear_key_head_dim=16, linear_value_head_dim=16, tie_word_embeddings=False,
                                    layer_types=["linear_attention"] * 3 + ["full_attention"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
@@ -97,8 +97,9 @@ def hf_model(family: str, seed: int = 0, **overrides):
     # Random norm weights so a wrong (1 + w) or norm placement shows in the logits.
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "norm" in n:
-                p.normal_(0.0 if family.startswith("gemma") else 1.0, 0.1)
+            if "norm" in n:  # Gemma's and Qwen3.5's RMSNorms scale by (1 + w) (not Qwen3.5's gated norm)
+                centred = family.startswith("gemma") or (family == "qwen3_5_text" and "linear_attn" not in n)
+                p.normal_(0.0 if centred else 1.0, 0.1)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties
                 p.normal_(0.0, 0.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values

@@ -12,7 +12,7 @@ from fasttune.models.config import ModelConfig
 def test_layer_types_and_fields():
     arch = ModelConfig.from_hf(hf_config("qwen3_5_text"))
     assert arch.linear_layers == [True, True, True, False]
-    assert (arch.linear_key_heads, arch.linear_value_heads, arch.linear_key_dim, arch.linear_value_dim) == (2, 4, 16, 8)
+    assert (arch.linear_key_heads, arch.linear_value_heads, arch.linear_key_dim, arch.linear_value_dim) == (2, 4, 16, 16)
     assert arch.attn_output_gate and arch.qk_norm and arch.norm_offset == 1.0 and arch.rotary_dim == 4
     # without layer_types: every full_attention_interval-th layer attends (transformers' default)
     cfg = hf_config("qwen3_5_text").to_dict()

@@ -49,6 +49,8 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
+from fasttune.export.gguf_qwen35 import is_gated_norm, linear_attention_tensor
+from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
 from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
                                         mmproj_type, write_mmproj)
 from fasttune.export.gguf_types import ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS
@@ -166,7 +168,9 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             t = interleave_rotary_rows(t, cfg.num_heads)
         elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_kv_heads)
-        if cfg.norm_offset and name.endswith("norm.weight"):
+        if arch == "qwen35":
+            name, t = linear_attention_tensor(name, t, cfg)
+        if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
             t = t + cfg.norm_offset
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if new is None:
@@ -236,6 +240,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
     if cfg.mrope_section:  # Qwen-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
         writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
+    if ARCHITECTURES[cfg.model_type] == "qwen35":
+        qwen35_metadata(writer, cfg)
     if ARCHITECTURES[cfg.model_type] in ("qwen3vl", "qwen3vlmoe"):  # images bring a DeepStack feature per layer
         writer.add_num_deepstack_layers(len(model.hf_config.vision_config.deepstack_visual_indexes))
     if cfg.model_type == "apertus":  # per-layer xIELU scalars, as stored (before softplus), as llama.cpp reads them
@@ -273,8 +279,8 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
     from fasttune.export import gguf_types
 
     kind = gguf.GGMLQuantizationType
-    if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", ".bias")):
-        return kind.F32  # norms, biases, rope factors, MoE routers: small, and llama.cpp keeps them in f32
+    if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", ".bias", "ssm_conv1d.weight")):
+        return kind.F32  # norms, biases, rope factors, MoE routers, convs: small, and llama.cpp keeps them in f32
     if quant not in METHODS:
         return _ggml_types(quant)[0]
     name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=ARCHITECTURES[cfg.model_type],

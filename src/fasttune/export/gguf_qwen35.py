@@ -1,0 +1,92 @@
+"""Qwen3.5's language model in llama.cpp's "qwen35" layout: the tensors of the gated DeltaNet layers and the keys
+llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py, Qwen3NextModel.modify_tensors and
+_LinearAttentionVReorderBase; src/models/qwen35.cpp's loader and graph).
+
+- A_log is stored as ssm_a = -exp(A_log), dt_bias as ssm_dt.bias, the conv as (channels, kernel);
+- every RMSNorm weight gets the 1 of transformers' (1 + w), except the gated norm of the DeltaNet layers (a plain w);
+- value heads: transformers lets each key head serve `value heads / key heads` consecutive value heads, llama.cpp
+  pairs value head p with key head p % key heads (a tiled broadcast), so with more value than key heads the value
+  heads are reordered, in the value rows of in_proj_qkv, in in_proj_z / in_proj_a / in_proj_b / A_log / dt_bias,
+  the value channels of the conv and the input columns of out_proj;
+- q_proj stays whole (each head's query, then its gate), as llama.cpp splits it.
+"""
+from __future__ import annotations
+
+import torch
+
+from fasttune.errors import ConfigError
+
+
+def is_gated_norm(name: str) -> bool:
+    """The DeltaNet layers' gated RMSNorm, whose weight is used as it is (no 1 + w)."""
+    return name.endswith("linear_attn.norm.weight")
+
+
+def _tile_heads(t: torch.Tensor, dim: int, key_heads: int, per_key: int, head: int) -> torch.Tensor:
+    """Heads along `dim` from transformers' order (key head g's per_key value heads in a row) to llama.cpp's tiled
+    one: position i * key_heads + g holds head g * per_key + i."""
+    shape = t.shape
+    grouped = t.reshape(*shape[:dim], key_heads, per_key, head, *shape[dim + 1:])
+    return grouped.transpose(dim, dim + 1).reshape(shape)
+
+
+def linear_attention_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
+    """One merged tensor of a DeltaNet layer (our name, fp32) -> (the name gguf's qwen35 map knows, the tensor as
+    llama.cpp reads it); other tensors pass unchanged."""
+    if ".linear_attn." not in name:
+        return name, t
+    nk, nv, dv = cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_value_dim
+    per_key = nv // nk
+    tile = (lambda x, dim, head: _tile_heads(x, dim, nk, per_key, head)) if per_key > 1 else (lambda x, *_: x)
+    keys = 2 * nk * cfg.linear_key_dim  # the q and k rows / channels before the values
+    if name.endswith("in_proj_qkv.weight"):
+        t = torch.cat([t[:keys], tile(t[keys:], 0, dv)])
+    elif name.endswith("in_proj_z.weight"):
+        t = tile(t, 0, dv)
+    elif name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
+        t = tile(t, 0, 1)
+    elif name.endswith(".A_log"):
+        t = tile(-t.exp(), 0, 1)
+    elif name.endswith(".dt_bias"):
+        name, t = name.removesuffix("dt_bias") + "dt_proj.bias", tile(t, 0, 1)
+    elif name.endswith("conv1d.weight"):
+        t = t[:, 0]
+        t = torch.cat([t[:keys], tile(t[keys:], 0, dv)])
+    elif name.endswith("out_proj.weight"):
+        t = tile(t, 1, dv)
+    return name, t
+
+
+def full_attention_interval(cfg) -> int:
+    """llama.cpp's full_attention_interval for `cfg`'s layer pattern (every n-th layer softmax attention, the rest
+    DeltaNet). Raises ConfigError for a pattern llama.cpp cannot describe, or DeltaNet value heads wider than the
+    key heads (llama.cpp sizes both by ssm.state_size)."""
+    linear = cfg.linear_layers
+    full = [i for i, lin in enumerate(linear) if not lin]
+    interval = full[0] + 1 if full else 0
+    if not full or [not lin for lin in linear] != [(i + 1) % interval == 0 for i in range(len(linear))]:
+        raise ConfigError(f"llama.cpp's qwen35 makes every n-th layer softmax attention and the others gated "
+                          f"DeltaNet; this model's layer_types {['full' if not x else 'linear' for x in linear]} are "
+                          f"not such a pattern, so it cannot be exported to GGUF. Save the merged model with "
+                          f"save_pretrained_merged instead. Nothing was written.")
+    if cfg.linear_key_dim != cfg.linear_value_dim:
+        raise ConfigError(f"llama.cpp's qwen35 needs linear_key_head_dim == linear_value_head_dim; this model has "
+                          f"{cfg.linear_key_dim} and {cfg.linear_value_dim}, so it cannot be exported to GGUF. Save "
+                          f"the merged model with save_pretrained_merged instead. Nothing was written.")
+    return interval
+
+
+def write_metadata(writer, cfg) -> None:
+    """The qwen35 keys beyond the common ones: the DeltaNet sizes, the layer interval and the four RoPE sections.
+    A config without sections (text positions are equal on every axis) gets llama.cpp's interleaved rule's
+    covering split of the rotary pairs: pair j rotates with axis j % 3, so (11, 11, 10) for 64 rotary dims, as
+    transformers' default."""
+    writer.add_ssm_conv_kernel(cfg.linear_conv_kernel)
+    writer.add_ssm_state_size(cfg.linear_key_dim)
+    writer.add_ssm_group_count(cfg.linear_key_heads)
+    writer.add_ssm_time_step_rank(cfg.linear_value_heads)
+    writer.add_ssm_inner_size(cfg.linear_value_dim * cfg.linear_value_heads)
+    writer.add_full_attention_interval(full_attention_interval(cfg))
+    if not cfg.mrope_section:
+        pairs = cfg.rotary_dim // 2
+        writer.add_rope_dimension_sections([len(range(axis, pairs, 3)) for axis in range(3)] + [0])
