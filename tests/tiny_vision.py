@@ -144,7 +144,7 @@ def qwen3_5_config():
 
     text = dict(vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512, rms_norm_eps=1e-6,
-                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
                 layer_types=["linear_attention"] * 3 + ["full_attention"],
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [3, 3, 2],
                                  "mrope_interleaved": True, "partial_rotary_factor": 0.5},
@@ -160,12 +160,15 @@ def save_qwen3_5(folder, seed: int = 0):
     processor."""
     from transformers import Qwen3_5ForConditionalGeneration
 
-    def init(model):
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", "dt_bias", "conv1d.weight")):
-                p.normal_(0.0, 0.5)
+    return _save(folder, Qwen3_5ForConditionalGeneration, qwen3_5_config(), qwen_vl_processor(patch=16), seed,
+                 _init_deltanet)
 
-    return _save(folder, Qwen3_5ForConditionalGeneration, qwen3_5_config(), qwen_vl_processor(patch=16), seed, init)
+
+def _init_deltanet(model):
+    """Spread Qwen3.5's decay rates and conv taps, so that the DeltaNet layers' arithmetic shows in the outputs."""
+    for name, p in model.named_parameters():
+        if name.endswith(("A_log", "dt_bias", "conv1d.weight")):
+            p.normal_(0.0, 0.5)
 
 
 def qwen3_vl_moe_config():
@@ -222,7 +225,8 @@ def save_qwen2_vl(folder, seed: int = 0):
 
 
 def save_with_bpe(folder, family: str, seed: int = 0, **vision):
-    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl") whose tokenizer is a
+    """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
+    "qwen3_5") whose tokenizer is a
     trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
     416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
     (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -239,12 +243,14 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
         config.boi_token_id, config.eoi_token_id = start, end
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
-                  "qwen3_vl_moe": qwen3_vl_moe_config}[family]()
+                  "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config}[family]()
         config.vision_start_token_id, config.vision_end_token_id, config.video_token_id = start, end, image + 1
 
     def init(model):  # sharper attention than the default init's, so positions and windows change the outputs
         if family == "qwen3_vl_moe":
             _init_experts(model)
+        if family == "qwen3_5":
+            _init_deltanet(model)
         for name, p in model.named_parameters():
             if p.dim() >= 2 and any(k in name for k in (".visual.", ".vision_tower.", "q_proj", "k_proj")):
                 p.mul_(3.0)
@@ -264,5 +270,5 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration"}[family]
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}[family]
     return _save(folder, getattr(transformers, cls), config, processor, seed, init=init)
