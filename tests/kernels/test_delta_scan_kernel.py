@@ -13,11 +13,11 @@ DEVICE, _ = dtypes_for_device()
 
 
 @pytest.mark.skipif(not HAVE_TRITON, reason="no triton")
-@pytest.mark.parametrize("dk,dv", [(16, 8), (24, 40)])
-def test_kernel_equals_the_torch_loop(monkeypatch, dk, dv):
+@pytest.mark.parametrize("c,dk,dv", [(16, 16, 8), (64, 24, 40)])
+def test_kernel_equals_the_torch_loop(monkeypatch, c, dk, dv):
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     g = torch.Generator(device=DEVICE).manual_seed(0)
-    b, h, n, c = 2, 3, 5, 16
+    b, h, n = 2, 3, 5
     w, k = (torch.randn(b, h, n, c, dk, device=DEVICE, generator=g) * 0.2 for _ in range(2))
     u = torch.randn(b, h, n, c, dv, device=DEVICE, generator=g)
     gamma = torch.rand(b, h, n, device=DEVICE, generator=g)
@@ -32,10 +32,10 @@ def test_kernel_equals_the_torch_loop(monkeypatch, dk, dv):
     grads = [torch.randn_like(x) for x in want]
     torch.autograd.backward(got, grads)
     torch.autograd.backward(want, grads)
-    for a, e in zip(got, want):
-        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
-    for name, a, e in zip(["w", "u", "k", "gamma", "s0"], inputs, twins):
-        torch.testing.assert_close(a.grad, e.grad, rtol=1e-5, atol=1e-5, msg=name)
+    for name, a, e in [*zip(["states", "v", "final"], got, want),
+                       *((n, x.grad, y.grad) for n, x, y in zip(["dw", "du", "dk", "dgamma", "ds0"], inputs, twins))]:
+        err = ((a - e).norm() / e.norm()).item()  # fp32 products in another order: ~1e-7
+        assert err < 1e-5, (name, err)
 
 
 _apply = delta_scan._ChunkScan.apply if HAVE_TRITON else None

@@ -8,6 +8,13 @@ from transformers.models.qwen3_next.modeling_qwen3_next import (torch_chunk_gate
 from fasttune.models.delta_rule import chunked_delta_rule, delta_rule_step, gated_delta_rule
 
 
+def _grouped(q, k, v, g, beta):
+    """The inputs with q/k repeated to the value heads (each key head's consecutive value heads): transformers'
+    references take grouped heads only in recent versions."""
+    group = v.shape[2] // k.shape[2]
+    return q.repeat_interleave(group, 2), k.repeat_interleave(group, 2), v, g, beta
+
+
 def _inputs(b=2, t=150, hk=2, hv=4, dk=16, dv=8, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k = torch.randn(b, t, hk, dk, generator=g), torch.randn(b, t, hk, dk, generator=g)
@@ -22,8 +29,9 @@ def test_chunked_equals_the_recurrence(t):
     """Across whole chunks, a partial last chunk and one position; grouped value heads (4 value heads, 2 key heads);
     the final state too."""
     args = _inputs(t=t)
-    ref, ref_state = torch_recurrent_gated_delta_rule(*args, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    chunk_ref, _ = torch_chunk_gated_delta_rule(*args, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    ref, ref_state = torch_recurrent_gated_delta_rule(*_grouped(*args), output_final_state=True,
+                                                      use_qk_l2norm_in_kernel=True)
+    chunk_ref, _ = torch_chunk_gated_delta_rule(*_grouped(*args), output_final_state=True, use_qk_l2norm_in_kernel=True)
     got, state = chunked_delta_rule(*args, final_state=True)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(got, chunk_ref, rtol=1e-5, atol=2e-6)
@@ -41,7 +49,7 @@ def test_initial_state_continues_a_sequence():
 
 def test_steps_equal_the_recurrence_and_update_the_state_in_place():
     q, k, v, g, beta = _inputs(t=20)
-    ref, ref_state = torch_recurrent_gated_delta_rule(q, k, v, g, beta, output_final_state=True,
+    ref, ref_state = torch_recurrent_gated_delta_rule(*_grouped(q, k, v, g, beta), output_final_state=True,
                                                       use_qk_l2norm_in_kernel=True)
     state = torch.zeros(2, 4, 16, 8)
     out = [delta_rule_step(*(x[:, i:i + 1] for x in (q, k, v, g, beta)), state) for i in range(20)]
