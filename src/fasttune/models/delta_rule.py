@@ -111,7 +111,8 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     Inside a chunk the updates are solved at once: with G the cumulative log-decay from the chunk start and
     A[s, r] = beta_s exp(G_s - G_r) k_s . k_r (r < s), the corrected values are
     U = (I + A)^-1 (beta V - beta exp(G) K S0), the outputs O = exp(G) Q S0 + (Q K^T * exp(G_t - G_s), s <= t) U and
-    the state S = exp(G_C) S0 + sum_s exp(G_C - G_s) k_s u_s^T (the WY form of the delta rule, Yang et al. 2024)."""
+    the state S = exp(G_C) S0 + sum_s exp(G_C - G_s) k_s u_s^T (the WY form of the delta rule, Yang et al. 2024).
+    The chunk size must be a power of two (unit_lower_inverse)."""
     dtype = v.dtype
     b, t, hk, dk = k.shape
     hv, dv = v.shape[2:]
@@ -133,9 +134,9 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(G_s - G_r), r <= s
     kb = k * beta[..., None]
     a = (kb @ k.transpose(-1, -2) * decay).tril(-1)  # strictly lower
-    eye = torch.eye(chunk, dtype=q.dtype, device=q.device)
-    u = torch.linalg.solve_triangular(eye + a, v * beta[..., None], upper=False, unitriangular=True)
-    w = torch.linalg.solve_triangular(eye + a, kb * cum.exp()[..., None], upper=False, unitriangular=True)
+    inverse = unit_lower_inverse(a)
+    u = inverse @ (v * beta[..., None])
+    w = inverse @ (kb * cum.exp()[..., None])
     scores = q @ k.transpose(-1, -2) * decay
     q_decayed = q * cum.exp()[..., None]
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
@@ -144,6 +145,18 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state)
     o = (q_decayed @ states + scores @ u).reshape(b, hv, n * chunk, dv)[:, :, :t]
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
+
+
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """(I + a)^-1 for strictly lower-triangular a (..., C, C), C a power of two, as the product
+    (I - a)(I + a^2)(I + a^4)...(I + a^(C/2)): a is nilpotent (a^C = 0), so this is the whole series sum (-a)^j.
+    Batched matmuls only; on the GPU much faster than a batched triangular solve, and as accurate here (|a| <= 1)."""
+    inverse = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) - a
+    power = a @ a
+    for _ in range(a.shape[-1].bit_length() - 2):  # powers a^2 ... a^(C/2)
+        inverse = inverse + inverse @ power
+        power = power @ power
+    return inverse
 
 
 def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
