@@ -40,7 +40,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, C, DK, DV,
-                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
         """One (row x head, d_v block): the state (BK x BV) through the n chunks (layouts in chunk_scan)."""
         bh = tl.program_id(0).to(tl.int64)
         rc, rk = tl.arange(0, BC), tl.arange(0, BK)
@@ -55,15 +55,15 @@ if HAVE_TRITON:
             chunk = bh * n + i
             tl.store(states_ptr + chunk * DK * DV + kv, s, mask=m_kv)
             w = tl.load(w_ptr + chunk * C * DK + ck, mask=m_ck, other=0.0)
-            v = tl.load(u_ptr + chunk * C * DV + cv, mask=m_cv, other=0.0) - tl.dot(w, s, input_precision="ieee")
+            v = tl.load(u_ptr + chunk * C * DV + cv, mask=m_cv, other=0.0) - tl.dot(w, s, input_precision=PRECISION)
             tl.store(v_ptr + chunk * C * DV + cv, v, mask=m_cv)
             k = tl.load(k_ptr + chunk * C * DK + ck, mask=m_ck, other=0.0)
-            s = s * tl.load(gamma_ptr + chunk) + tl.dot(tl.trans(k), v, input_precision="ieee")
+            s = s * tl.load(gamma_ptr + chunk) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
         tl.store(final_ptr + bh * DK * DV + kv, s, mask=m_kv)
 
     @triton.jit
     def _scan_bwd(w_ptr, k_ptr, gamma_ptr, dstates_ptr, dv_ptr, dfinal_ptr, g_ptr, ds0_ptr, n, C, DK, DV,
-                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
         """The reverse scan: dv (in: the later ops' dV; out: the total), g (out: the gradient of each chunk's
         end state), ds0 (out: the initial state's)."""
         bh = tl.program_id(0).to(tl.int64)
@@ -79,12 +79,20 @@ if HAVE_TRITON:
             chunk = bh * n + (n - 1 - j)
             tl.store(g_ptr + chunk * DK * DV + kv, g, mask=m_kv)
             k = tl.load(k_ptr + chunk * C * DK + ck, mask=m_ck, other=0.0)
-            dv = tl.load(dv_ptr + chunk * C * DV + cv, mask=m_cv, other=0.0) + tl.dot(k, g, input_precision="ieee")
+            dv = tl.load(dv_ptr + chunk * C * DV + cv, mask=m_cv, other=0.0) + tl.dot(k, g, input_precision=PRECISION)
             tl.store(dv_ptr + chunk * C * DV + cv, dv, mask=m_cv)
             w = tl.load(w_ptr + chunk * C * DK + ck, mask=m_ck, other=0.0)
             g = tl.load(dstates_ptr + chunk * DK * DV + kv, mask=m_kv, other=0.0) + g * tl.load(gamma_ptr + chunk) \
-                - tl.dot(tl.trans(w), dv, input_precision="ieee")
+                - tl.dot(tl.trans(w), dv, input_precision=PRECISION)
         tl.store(ds0_ptr + bh * DK * DV + kv, g, mask=m_kv)
+
+
+def _precision() -> str:
+    """The scan's matmul precision: "ieee" (fp32 products, the default) or "tf32" (FASTTUNE_DELTA_SCAN=tf32:
+    tensor cores, 10-bit mantissas; not in the interpreter)."""
+    import os
+
+    return "tf32" if os.environ.get("FASTTUNE_DELTA_SCAN") == "tf32" else "ieee"
 
 
 def _blocks(c: int, dk: int, dv: int) -> tuple[int, int, int]:
@@ -103,7 +111,7 @@ class _ChunkScan(torch.autograd.Function):
         final = torch.empty_like(s0)
         bc, bk, bv = _blocks(c, dk, dv)
         _scan_fwd[(b * h, triton.cdiv(dv, bv))](w, u, k, gamma, s0, states, v, final, n, c, dk, dv,
-                                                 BC=bc, BK=bk, BV=bv, num_warps=8)
+                                                 BC=bc, BK=bk, BV=bv, PRECISION=_precision(), num_warps=8)
         ctx.save_for_backward(w, k, gamma, states, v)
         return states, v, final
 
@@ -119,7 +127,7 @@ class _ChunkScan(torch.autograd.Function):
         d_s0 = torch.empty_like(d_final)
         bc, bk, bv = _blocks(c, dk, dv)
         _scan_bwd[(b * h, triton.cdiv(dv, bv))](w, k, gamma, d_states, d_total, d_final, g, d_s0, n, c, dk, dv,
-                                                 BC=bc, BK=bk, BV=bv, num_warps=8)
+                                                 BC=bc, BK=bk, BV=bv, PRECISION=_precision(), num_warps=8)
         d_w = -(d_total @ states.transpose(-1, -2))
         d_k = v @ g.transpose(-1, -2)
         d_gamma = (states * g).sum((-1, -2))
