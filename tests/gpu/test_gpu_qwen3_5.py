@@ -3,6 +3,7 @@ our torch chunked form, forward and backward, whole rows and packed runs; the mo
 training and CUDA-graph generation of the tiny Qwen3.5."""
 import pytest
 import torch
+from tiny import lora_losses
 
 from fasttune import FastLanguageModel
 from fasttune.models import delta_rule
@@ -83,14 +84,7 @@ def test_bf16_lora_trains_and_generation_graphs_equal_eager(tiny_model_dir, monk
                                                    device="cuda")
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
     ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lora_losses(model, ids, steps=6)
     assert losses[-1] < losses[0]
     prompt = ids[:, :20]
     mask = torch.ones_like(prompt)

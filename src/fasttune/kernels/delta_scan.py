@@ -39,17 +39,22 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, C, DK, DV,
-                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
-        """One (row x head, d_v block): the state (BK x BV) through the n chunks (layouts in chunk_scan)."""
-        bh = tl.program_id(0).to(tl.int64)
+    def _tiles(C, DK, DV, BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+        """Offsets and masks of this program's (C x DK), (C x DV block) and (DK x DV block) tiles."""
         rc, rk = tl.arange(0, BC), tl.arange(0, BK)
         rv = tl.program_id(1) * BV + tl.arange(0, BV)
         mc, mk, mv = rc < C, rk < DK, rv < DV
         ck = rc[:, None] * DK + rk[None, :]
         cv = rc[:, None] * DV + rv[None, :]
         kv = rk[:, None] * DV + rv[None, :]
-        m_ck, m_cv, m_kv = mc[:, None] & mk[None, :], mc[:, None] & mv[None, :], mk[:, None] & mv[None, :]
+        return ck, cv, kv, mc[:, None] & mk[None, :], mc[:, None] & mv[None, :], mk[:, None] & mv[None, :]
+
+    @triton.jit
+    def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, C, DK, DV,
+                  BC: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, PRECISION: tl.constexpr):
+        """One (row x head, d_v block): the state (BK x BV) through the n chunks (layouts in chunk_scan)."""
+        bh = tl.program_id(0).to(tl.int64)
+        ck, cv, kv, m_ck, m_cv, m_kv = _tiles(C, DK, DV, BC, BK, BV)
         s = tl.load(s0_ptr + bh * DK * DV + kv, mask=m_kv, other=0.0)
         for i in range(n):
             chunk = bh * n + i
@@ -67,13 +72,7 @@ if HAVE_TRITON:
         """The reverse scan: dv (in: the later ops' dV; out: the total), g (out: the gradient of each chunk's
         end state), ds0 (out: the initial state's)."""
         bh = tl.program_id(0).to(tl.int64)
-        rc, rk = tl.arange(0, BC), tl.arange(0, BK)
-        rv = tl.program_id(1) * BV + tl.arange(0, BV)
-        mc, mk, mv = rc < C, rk < DK, rv < DV
-        ck = rc[:, None] * DK + rk[None, :]
-        cv = rc[:, None] * DV + rv[None, :]
-        kv = rk[:, None] * DV + rv[None, :]
-        m_ck, m_cv, m_kv = mc[:, None] & mk[None, :], mc[:, None] & mv[None, :], mk[:, None] & mv[None, :]
+        ck, cv, kv, m_ck, m_cv, m_kv = _tiles(C, DK, DV, BC, BK, BV)
         g = tl.load(dfinal_ptr + bh * DK * DV + kv, mask=m_kv, other=0.0)
         for j in range(n):
             chunk = bh * n + (n - 1 - j)
