@@ -103,7 +103,9 @@ class FastLanguageModel:
         On a mixture-of-experts model (Qwen3-MoE, Mixtral) the MLP names in target_modules mean the stacked experts
         and "gate" the router, as PEFT on transformers 5 reads them (gate_proj + up_proj -> experts.gate_up_proj
         at rank 2r, alpha 2 * lora_alpha); target_parameters takes PEFT's parameter names directly
-        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight", at rank r). See peft/lora.py's
+        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight", at rank r). On Qwen3.5-MoE, as
+        with PEFT there, the MLP names mean its shared expert's layers; without target_modules and
+        target_parameters the routed experts are adapted too (target_parameters at rank r). See peft/lora.py's
         _map_moe_targets and the README. use_dora=True makes the wrapped layers DoRA (peft/dora.py); rank_pattern /
         alpha_pattern (PEFT's: regex -> rank / alpha) override them per layer. Raises
         ConfigError for invalid settings (e.g. lora_dropout > 0 with LoRA on the experts / router, gate_proj without
@@ -113,6 +115,9 @@ class FastLanguageModel:
         checked_kwargs("get_peft_model", kwargs)  # the peer's other arguments: no effect, or refused (peer_args.py)
         if model.lora_settings is not None:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
+        if target_modules is None and target_parameters is None and \
+                getattr(getattr(model, "arch", None), "shared_expert_size", 0):
+            target_parameters = list(VISION_MOE_EXPERTS)  # Qwen3.5-MoE's routed experts (PEFT's names, rank r)
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=default_targets(model) if target_modules is None else target_modules,
                                 use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias,

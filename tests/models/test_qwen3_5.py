@@ -102,3 +102,62 @@ def test_default_targets_adapt_every_token_mixer(tiny_model_dir, qwen3_5_vl_dir)
     vlm, _ = FastVisionModel.from_pretrained(str(qwen3_5_vl_dir), dtype=torch.float32)
     off = FastModel.get_peft_model(vlm, r=4, finetune_vision_layers=False, finetune_attention_modules=False)
     assert not any(".linear_attn." in n for n, p in off.named_parameters() if p.requires_grad)
+
+
+# ------------------------------------------------------------------------------------------------ Qwen3.5-MoE
+
+def test_moe_logits_generation_and_merged_equal_transformers(tiny_model_dir, tmp_path):
+    """Qwen3.5-MoE (4 experts, top 2, a gated shared expert in every layer): logits equal transformers' (left padding
+    too), greedy generation too, and a merged checkpoint after LoRA loads in transformers with our logits."""
+    from tiny import hf_model
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir("qwen3_5_moe_text")
+    hf = hf_model("qwen3_5_moe_text")
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    assert model.arch.shared_expert_size == 48 and all(model.arch.moe_layers)
+    ids = torch.randint(3, 300, (2, 30), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            ref, got = hf(input_ids=ids, attention_mask=m).logits, model(ids, attention_mask=m).logits
+            real = slice(None) if m is None else m.bool()
+            assert ((ref - got).abs()[real].max() / ref[real].abs().max()).item() < 1e-5
+    prompt = ids[:1, :8]
+    want = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), want)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    from peft_oracle import randomize_lora_b
+
+    randomize_lora_b(model)
+    model.save_pretrained_merged(tmp_path / "merged", save_method="merged_16bit")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(tiny_model_dir, tmp_path):
+    """Without targets: attention, DeltaNet and shared-expert layers by name and the routed experts as
+    target_parameters; PEFT builds the same adapter from the saved config (it maps no MLP names on Qwen3.5-MoE) and
+    its gradients equal ours."""
+    from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+
+    from fasttune.peft.adapter_io import adapter_parameters
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_moe_text")), dtype=torch.float32)
+    ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin("qwen3_5_moe_text", tmp_path / "adapter")
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))
+    ours(ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    theirs = peft_grads(ref)
+    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad  # under PEFT's names
+            for k, p in adapter_parameters(ours).items()}
+    assert mine.keys() == theirs.keys()
+    assert any("shared_expert.gate_proj" in n for n in mine) and any(".mlp.experts.lora_A" in n for n in mine)
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 5e-6 * theirs[n].abs().max().item(), msg=n)

@@ -23,11 +23,11 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss", "qwen3_5_text")
+                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -98,6 +98,9 @@ class ModelConfig:
     moe_block: str = "sparse"
     swiglu_limit: float = 7.0  # gpt-oss: gate clamped above, up on both sides, at this value
     swiglu_alpha: float = 1.702  # gpt-oss: glu = gate * sigmoid(alpha * gate)
+    # Qwen3.5-MoE: beside the routed experts, a shared expert MLP of this width whose output is scaled by
+    # sigmoid(shared_expert_gate(x)); 0 = none
+    shared_expert_size: int = 0
     # Qwen3.5: q_proj also yields a per-channel gate; the attention output is multiplied by sigmoid(gate)
     attn_output_gate: bool = False
     # Qwen3.5's gated DeltaNet layers (models/gated_deltanet.py): per layer True = linear attention instead of
@@ -231,7 +234,7 @@ class ModelConfig:
         if model_type == "gpt_oss":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", True))
             cfg.attn_sinks = True
-        if model_type == "qwen3_5_text":
+        if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):
             _qwen3_5_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
@@ -280,6 +283,12 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
         cfg.moe_block = "gpt_oss"
         cfg.swiglu_limit = float(get("swiglu_limit", 7.0))
         cfg.swiglu_alpha = float(get("swiglu_alpha", 1.702))
+    elif cfg.model_type == "qwen3_5_moe_text":  # every layer sparse, renormalised top-k, one shared expert
+        cfg.num_experts = get("num_experts")
+        cfg.moe_intermediate_size = get("moe_intermediate_size")
+        cfg.shared_expert_size = int(get("shared_expert_intermediate_size") or 0)
+        cfg.norm_topk_prob = True  # transformers' Qwen3_5MoeTopKRouter always renormalises
+        cfg.moe_layers = [True] * cfg.num_layers
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

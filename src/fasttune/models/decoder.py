@@ -9,6 +9,7 @@ generation, saving) is models/causal_lm.py's `CausalLM`.
 from __future__ import annotations
 
 import functools
+from dataclasses import replace
 
 import torch
 import torch.nn as nn
@@ -256,8 +257,13 @@ class DecoderLayer(nn.Module):
         else:
             self.self_attn = Attention(cfg, layer_idx)
         self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
-        moe = GptOssMoeBlock if cfg.moe_block == "gpt_oss" else SparseMoeBlock
-        self.mlp = moe(cfg) if self.is_moe else MLP(cfg)
+        if not self.is_moe:
+            self.mlp = MLP(cfg)
+        elif cfg.moe_block == "gpt_oss":
+            self.mlp = GptOssMoeBlock(cfg)
+        else:  # Qwen3.5-MoE's shared expert is our dense MLP at its own width
+            shared = MLP(replace(cfg, intermediate_size=cfg.shared_expert_size)) if cfg.shared_expert_size else None
+            self.mlp = SparseMoeBlock(cfg, shared)
         self.post_norm = cfg.post_norm
         self.residual_multiplier = cfg.residual_multiplier  # Granite
         renamed = PRE_NORM_NAMES.get(cfg.model_type)

@@ -277,16 +277,20 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """The MoE MLP of a decoder layer: `gate` (Router) picks `top_k` of the `experts` per token.
+    """The MoE MLP of a decoder layer: `gate` (Router) picks `top_k` of the `experts` per token; Qwen3.5-MoE adds
+    `shared_expert` (a dense MLP module given by the decoder) times sigmoid(`shared_expert_gate`(x)).
 
     forward: x (B, T, H) -> (out (B, T, H) in x's dtype, router logits (B*T, E) for the auxiliary loss).
     Mixtral's router jitter (training only) scales the block's input by U(1 - j, 1 + j) as transformers does."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, shared_expert: nn.Module | None = None):
         super().__init__()
         self.top_k, self.norm_topk_prob, self.jitter = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_jitter
         self.gate = Router(cfg.hidden_size, cfg.num_experts)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
+        if shared_expert is not None:  # Qwen3.5-MoE: a dense MLP every token takes, scaled by a learned gate
+            self.shared_expert = shared_expert
+            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, values_unused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, H) -> (out (B, T, H) in x's dtype, router logits (B*T, E)). `values_unused` is accepted for the
@@ -297,7 +301,10 @@ class SparseMoeBlock(nn.Module):
         flat = x.reshape(-1, shape[-1])
         logits = self.gate(flat)
         weights, experts = route(logits, self.top_k, self.norm_topk_prob)
-        return self.experts(flat, weights, experts).view(shape), logits
+        out = self.experts(flat, weights, experts)
+        if hasattr(self, "shared_expert"):  # transformers' Qwen3NextSparseMoeBlock
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat[None])[0]
+        return out.view(shape), logits
 
 
 _EXPERT_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."

@@ -64,6 +64,7 @@ FAMILIES = {
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
 # Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
 FAMILIES["qwen3_5"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_5", deepstack=False)
+FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
 
 
 def is_vision_config(hf_config) -> bool:

@@ -238,7 +238,9 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
     LoRA here). Raises ConfigError for another string target_modules (a regex) and for gate_proj without up_proj
     (or w1 without w3), which PEFT refuses too: they are one stacked weight."""
     arch = getattr(model, "arch", None)
-    if not getattr(arch, "num_experts", 0):
+    if not getattr(arch, "num_experts", 0) or getattr(arch, "shared_expert_size", 0):
+        # (Qwen3.5-MoE: PEFT maps no names there, so the MLP names adapt its shared expert's layers, and the routed
+        # experts are target_parameters)
         return
     names = {**MOE_TARGET_NAMES, **(MIXTRAL_TARGET_NAMES if arch.model_type == "mixtral" else {})}
     if arch.moe_block == "gpt_oss":
@@ -275,12 +277,14 @@ def default_targets(model: nn.Module) -> list[str]:
     """DEFAULT_TARGETS less the names a dense model has no layer for (Arcee has no gate_proj), as PEFT applies a
     list that matches some layers, plus LINEAR_ATTENTION_TARGETS in a model with Qwen3.5's linear-attention layers
     (so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the stacked
-    experts."""
+    experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts)."""
     from fasttune.models.config import ModelConfig
 
     arch = getattr(model, "arch", None)
-    if not isinstance(arch, ModelConfig) or arch.num_experts:  # the fallback picks its own (fallback.add_lora)
+    if not isinstance(arch, ModelConfig):  # the fallback picks its own (fallback.add_lora)
         return list(DEFAULT_TARGETS)
+    if arch.num_experts:
+        return list(DEFAULT_TARGETS) + (list(LINEAR_ATTENTION_TARGETS) if arch.linear_layers else [])
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
     chosen = [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
     return chosen + (list(LINEAR_ATTENTION_TARGETS) if arch.linear_layers else [])
