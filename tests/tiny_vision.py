@@ -155,6 +155,33 @@ def qwen3_5_config():
                          vision_start_token_id=259, vision_end_token_id=260, tie_word_embeddings=False)
 
 
+def qwen3_5_moe_config():
+    """Qwen3.5-MoE: qwen3_5_config's model with 4 experts (top 2) and a 48-wide shared expert in every layer."""
+    from transformers import Qwen3_5MoeConfig
+
+    base = qwen3_5_config()
+    text = base.text_config.to_dict()
+    for key in ("model_type", "intermediate_size"):
+        text.pop(key, None)
+    text.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48)
+    vision = base.vision_config.to_dict()
+    vision.pop("model_type", None)
+    return Qwen3_5MoeConfig(text_config=text, vision_config=vision, image_token_id=261, video_token_id=271,
+                            vision_start_token_id=259, vision_end_token_id=260, tie_word_embeddings=False)
+
+
+def save_qwen3_5_moe(folder, seed: int = 0):
+    """Save a random tiny Qwen3.5-MoE (fp32) with its processor."""
+    from transformers import Qwen3_5MoeForConditionalGeneration
+
+    def init(model):
+        _init_deltanet(model)
+        _init_experts(model)
+
+    return _save(folder, Qwen3_5MoeForConditionalGeneration, qwen3_5_moe_config(), qwen_vl_processor(patch=16),
+                 seed, init)
+
+
 def save_qwen3_5(folder, seed: int = 0):
     """Save a random tiny Qwen3.5 (fp32; decay and conv weights spread so the DeltaNet layers matter) with its
     processor."""

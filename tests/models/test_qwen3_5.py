@@ -161,3 +161,18 @@ def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(tiny_mode
     assert any("shared_expert.gate_proj" in n for n in mine) and any(".mlp.experts.lora_A" in n for n in mine)
     for n, g in mine.items():
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 5e-6 * theirs[n].abs().max().item(), msg=n)
+
+
+def test_moe_vision_switches_adapt_the_shared_and_routed_experts(qwen3_5_moe_vl_dir):
+    """FastModel's language MLP switch on Qwen3.5-MoE: the shared expert's layers by name, the routed experts as
+    target_parameters; off, neither."""
+    from fasttune import FastModel, FastVisionModel
+
+    vlm, _ = FastVisionModel.from_pretrained(str(qwen3_5_moe_vl_dir), dtype=torch.float32)
+    on = FastModel.get_peft_model(vlm, r=4, finetune_vision_layers=False)
+    names = {n for n, p in on.named_parameters() if p.requires_grad}
+    assert any(".mlp.shared_expert.down_proj.lora_A" in n for n in names)
+    assert sorted(on.lora_settings.target_parameters) == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    vlm, _ = FastVisionModel.from_pretrained(str(qwen3_5_moe_vl_dir), dtype=torch.float32)
+    off = FastModel.get_peft_model(vlm, r=4, finetune_vision_layers=False, finetune_mlp_modules=False)
+    assert not any(".mlp." in n for n, p in off.named_parameters() if p.requires_grad)

@@ -296,6 +296,8 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
         names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
         if names:
             parts.append(rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
+        if mlp and model.arch.shared_expert_size:  # Qwen3.5-MoE's shared expert (its routed ones: target_parameters)
+            parts.append(rf"model\.language_model\.layers\.\d+\.mlp\.shared_expert\.({'|'.join(mlp_names)})")
         if attention and model.arch.linear_layers:  # Qwen3.5's linear-attention layers
             from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS
 
