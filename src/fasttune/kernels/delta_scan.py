@@ -16,6 +16,8 @@ dgamma_i = sum(S_i * g_i).
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
@@ -87,10 +89,8 @@ if HAVE_TRITON:
 
 
 def _precision() -> str:
-    """The scan's matmul precision: "ieee" (fp32 products, the default) or "tf32" (FASTTUNE_DELTA_SCAN=tf32:
-    tensor cores, 10-bit mantissas; not in the interpreter)."""
-    import os
-
+    """The kernels' matmul precision: "ieee" (fp32 products) or "tf32" (FASTTUNE_DELTA_SCAN=tf32: tensor cores,
+    10-bit mantissas; not in the interpreter)."""
     return "tf32" if os.environ.get("FASTTUNE_DELTA_SCAN") == "tf32" else "ieee"
 
 
@@ -133,9 +133,55 @@ class _ChunkScan(torch.autograd.Function):
         return d_w, d_total, d_k, d_gamma, d_s0
 
 
+class _ChunkScanTorch(torch.autograd.Function):
+    """The scan in torch with the backward written out (the kernels' recurrences, one fused multiply-add matmul per
+    step): autograd through chunk_scan_reference's loop differentiates each chunk's slice of the stacked inputs
+    into a zero tensor of the whole stack, which made its backward four times its forward on the GPU."""
+
+    @staticmethod
+    def forward(ctx, w, u, k, gamma, s0):
+        b, h, n, c, dk = w.shape
+        dv = u.shape[-1]
+        w, u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (w, u, k))
+        gamma = gamma.reshape(b * h, n)
+        states = w.new_empty(b * h, n, dk, dv)
+        v = torch.empty_like(u)
+        state = s0.reshape(b * h, dk, dv)
+        for i in range(n):
+            states[:, i] = state
+            v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
+            state = torch.baddbmm(state * gamma[:, i, None, None], k[:, i].transpose(1, 2), v[:, i])
+        ctx.save_for_backward(w, k, gamma, states, v)
+        ctx.shape = (b, h)
+        return states.view(b, h, n, dk, dv), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
+
+    @staticmethod
+    def backward(ctx, d_states, d_v, d_final):
+        w, k, gamma, states, v = ctx.saved_tensors
+        b, h = ctx.shape
+        bh, n, c, dk = w.shape
+        dv = v.shape[-1]
+        d_states = d_states.reshape(bh, n, dk, dv)
+        d_total = d_v.reshape(bh, n, c, dv).clone()
+        g = d_final.reshape(bh, dk, dv)
+        ends = torch.empty_like(states)  # the gradient of each chunk's end state
+        for i in reversed(range(n)):
+            ends[:, i] = g
+            d_total[:, i] = torch.baddbmm(d_total[:, i], k[:, i], g)
+            g = torch.baddbmm(d_states[:, i] + gamma[:, i, None, None] * g, w[:, i].transpose(1, 2), d_total[:, i],
+                              alpha=-1)
+        d_w = -(d_total @ states.transpose(-1, -2))
+        d_k = v @ ends.transpose(-1, -2)
+        d_gamma = (states * ends).sum((-1, -2))
+        shape = lambda x: x.view(b, h, *x.shape[1:])  # noqa: E731
+        return shape(d_w), shape(d_total), shape(d_k), shape(d_gamma), shape(g)
+
+
 def chunk_scan(w, u, k, gamma, s0):
-    """chunk_scan_reference's scan (same arguments and returns, fp32), by the Triton kernels where they run
-    (kernels/dispatch.py), else in torch ops."""
-    if use_triton(w):
+    """chunk_scan_reference's scan (same arguments and returns, fp32): in torch with a written-out backward
+    (_ChunkScanTorch), or by the Triton kernels with FASTTUNE_DELTA_SCAN=triton (or tf32) where Triton runs
+    (kernels/dispatch.py). On an H200 at Qwen3.5-9B's shape the torch form is the faster: the kernels' fp32 state
+    tiles spill (8.7 ms forward per layer against cuBLAS's ~3 ms)."""
+    if os.environ.get("FASTTUNE_DELTA_SCAN") in ("triton", "tf32") and use_triton(w):
         return _ChunkScan.apply(w, u, k, gamma, s0)
-    return chunk_scan_reference(w, u, k, gamma, s0)
+    return _ChunkScanTorch.apply(w, u, k, gamma, s0)
