@@ -270,13 +270,14 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
         config.boi_token_id, config.eoi_token_id = start, end
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
-                  "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config}[family]()
+                  "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config,
+                  "qwen3_5_moe": qwen3_5_moe_config}[family]()
         config.vision_start_token_id, config.vision_end_token_id, config.video_token_id = start, end, image + 1
 
     def init(model):  # sharper attention than the default init's, so positions and windows change the outputs
-        if family == "qwen3_vl_moe":
+        if family in ("qwen3_vl_moe", "qwen3_5_moe"):
             _init_experts(model)
-        if family == "qwen3_5":
+        if family in ("qwen3_5", "qwen3_5_moe"):
             _init_deltanet(model)
         for name, p in model.named_parameters():
             if p.dim() >= 2 and any(k in name for k in (".visual.", ".vision_tower.", "q_proj", "k_proj")):
@@ -297,5 +298,6 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
-           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration"}[family]
+           "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
+           "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}[family]
     return _save(folder, getattr(transformers, cls), config, processor, seed, init=init)

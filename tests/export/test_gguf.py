@@ -553,3 +553,31 @@ def test_exaone4_layouts_llama_cpp_cannot_run_are_refused(bpe, tmp_path):
     with pytest.raises(ConfigError, match="leaves RoPE out"):
         model.save_pretrained_gguf(tmp_path / "n.gguf", tok)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_qwen3_5_moe_llama_cpp_logits_match(bpe, tmp_path):
+    """Qwen3.5-MoE ("qwen35moe"): DeltaNet layers, routed experts and the gated shared expert, with LoRA merged into
+    all of them (the defaults: experts as target_parameters); llama.cpp's f16 logits equal ours; the router and the
+    (1, H) shared-expert gate stay f32."""
+    import gguf
+
+    save_hf(hf_model("qwen3_5_moe_text", vocab_size=416), tmp_path / "m", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    model = FastLanguageModel.for_inference(model)
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    reader = gguf.GGUFReader(path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "qwen35moe" and field("qwen35moe.expert_count") == 4
+    assert field("qwen35moe.expert_shared_feed_forward_length") == 48
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_gate_inp.weight"] == types["blk.0.ffn_gate_inp_shexp.weight"] == "F32"
+    assert types["blk.0.ffn_gate_exps.weight"] == types["blk.0.ffn_down_shexp.weight"] == "F16"
+    rel, top1, _ = _compare_logits(model, tok, path, f32_cache=True)
+    print(f"qwen35moe f16: rel {rel:.2e} top-1 {top1:.3f}")
+    # within the f16 tolerance; one near-tied position of the 48 flips its argmax (the f32 file below: none)
+    assert rel < TOLERANCE["f16"][0] and top1 >= 0.95
+    path = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)
+    rel, top1, _ = _compare_logits(model, tok, path, f32_cache=True)
+    assert rel < 1e-5 and top1 == 1.0

@@ -256,3 +256,14 @@ def test_cli_k_quant_export_loads_in_llama_cpp(model_dir, tmp_path, capsys):
         theirs = np.asarray(llm.scores[:len(ids)])
         llm.close()
         assert np.abs(theirs - ours).max() / (ours.max() - ours.min()) < limit, path
+
+
+def test_qwen3_5_moe_mixtures_equal_llama_quantize(model_dir, tmp_path):
+    """Qwen3.5-MoE ("qwen35moe", widths 256): DeltaNet tensors, routed experts, the shared expert and its (1, H) gate
+    (F32, as ggml counts it 1-D) have llama_model_quantize's types and bytes for q8_0, q4_k_m, q3_k_m and q6_k."""
+    methods = ["q8_0", "q4_k_m", "q3_k_m", "q6_k"]
+    f32, ours = _export(model_dir("qwen3_5_moe_text", hidden_size=256, head_dim=64, moe_intermediate_size=256,
+                                  shared_expert_intermediate_size=256), tmp_path, methods)
+    for method, path in ours.items():
+        types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
+        assert types["blk.0.ffn_gate_inp_shexp.weight"] == types["blk.0.ssm_conv1d.weight"] == "F32"

@@ -168,7 +168,7 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             t = interleave_rotary_rows(t, cfg.num_heads)
         elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_kv_heads)
-        if arch == "qwen35":
+        if arch in ("qwen35", "qwen35moe"):
             name, t = linear_attention_tensor(name, t, cfg)
         if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
             t = t + cfg.norm_offset
@@ -212,7 +212,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    if cfg.intermediate_size:  # (Qwen3.5-MoE has only experts' widths)
+        writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_kv_heads)
     writer.add_key_length(cfg.head_dim)
@@ -240,7 +241,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
     if cfg.mrope_section:  # Qwen-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
         writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
-    if ARCHITECTURES[cfg.model_type] == "qwen35":
+    if ARCHITECTURES[cfg.model_type] in ("qwen35", "qwen35moe"):
         qwen35_metadata(writer, cfg)
     if ARCHITECTURES[cfg.model_type] in ("qwen3vl", "qwen3vlmoe"):  # images bring a DeepStack feature per layer
         writer.add_num_deepstack_layers(len(model.hf_config.vision_config.deepstack_visual_indexes))
@@ -266,8 +267,10 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss"):  # llama's: feed_forward_length
+        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe"):  # llama's: its FFN
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if cfg.shared_expert_size:
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)
 
 
 def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, cfg=None, imatrix: bool = False):
@@ -279,7 +282,8 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
     from fasttune.export import gguf_types
 
     kind = gguf.GGMLQuantizationType
-    if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", ".bias", "ssm_conv1d.weight")):
+    if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias",
+                                           "ssm_conv1d.weight")):
         return kind.F32  # norms, biases, rope factors, MoE routers, convs: small, and llama.cpp keeps them in f32
     if quant not in METHODS:
         return _ggml_types(quant)[0]

@@ -49,7 +49,7 @@ def check_supported(cfg) -> None:
                               f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
     elif arch == "gpt-oss":
         _check_gpt_oss(cfg)
-    elif arch == "qwen35":
+    elif arch in ("qwen35", "qwen35moe"):
         full_attention_interval(cfg)  # raises for layer patterns and head sizes llama.cpp cannot run
     if arch == "smollm3" and cfg.rope_layers != [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(cfg.num_layers)]:
         nope = [i for i, rope in enumerate(cfg.rope_layers) if not rope]

@@ -31,16 +31,17 @@ import torch
 from fasttune.errors import ConfigError
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
-              "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger"}
+              "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger",
+              "qwen3_5_moe": "qwen3vl_merger"}
 # one tower (learned positions; DeepStack but in Qwen3.5), a dense, an MoE or Qwen3.5's decoder
-QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5")
+QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
 QWEN_WINDOW_PIXELS = 112  # clip.cpp's fixed window for qwen2.5vl_merger
 QWEN_NORM_EPS = 1e-6  # transformers' Qwen2-VL / Qwen2.5-VL vision norms use this eps, not a config field
 QWEN_IMAGE_SIZE = 560  # what convert_hf_to_gguf.py writes for Qwen (clip only uses it for its warm-up image)
 ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",),
                "qwen3_vl": ("gelu_pytorch_tanh",), "qwen3_vl_moe": ("gelu_pytorch_tanh",),
-               "qwen3_5": ("gelu_pytorch_tanh",)}
+               "qwen3_5": ("gelu_pytorch_tanh",), "qwen3_5_moe": ("gelu_pytorch_tanh",)}
 
 # transformers' names (without the leading "model."; the SigLIP tower may sit under "vision_model.") -> clip's
 _GEMMA3 = [(r"vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),

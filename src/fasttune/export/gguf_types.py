@@ -32,7 +32,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "olmo3": "olmo2", "granite": "granite", "ministral": "llama",
                  "exaone4": "exaone4", "ernie4_5": "ernie4_5", "glm4": "glm4",
                  "hunyuan_v1_dense": "hunyuan-dense", "arcee": "arcee",
-                 "apertus": "apertus", "qwen3_5_text": "qwen35",
+                 "apertus": "apertus", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_vl_moe_text": "qwen3vlmoe",
@@ -80,7 +80,9 @@ def tensor_type(name: str, shape, method: str, *, arch: str, n_layer: int, n_hea
     a dense model); imatrix: whether an importance matrix weights the quantizers (the IQ4 methods then keep their
     first layers' ffn_down in IQ4)."""
     default = METHODS[method][0]
-    if len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name or "ffn_gate_inp.weight" in name:
+    # (ggml counts no trailing 1s: Qwen3.5-MoE's (1, H) shared-expert gate is 1-D there)
+    if len(shape) < 2 or shape[0] == 1 or not name.endswith("weight") or "_norm.weight" in name or \
+            "ffn_gate_inp.weight" in name:
         return "F32"
     ncols = shape[-1]
     if method == "mxfp4_moe":  # llama_tensor_get_type_impl: `tensor->ne[2] > 1` -> MXFP4, else Q8_0
