@@ -42,3 +42,22 @@ def test_scan_equals_the_torch_loop(monkeypatch, c, dk, dv, form):
         err = ((a - e).norm() / e.norm()).item()  # fp32 products in another order: ~1e-7
         assert err < 1e-5, (name, err)
 
+
+
+def test_keep_zeroes_the_state_where_a_run_starts():
+    """keep (B, n): the torch form's values and gradients equal autograd through the loop with the resets."""
+    g = torch.Generator().manual_seed(1)
+    b, h, n, c, dk, dv = 2, 2, 6, 16, 8, 8
+    inputs = [torch.randn(b, h, n, c, dk, generator=g) * 0.2, torch.randn(b, h, n, c, dv, generator=g),
+              torch.randn(b, h, n, c, dk, generator=g) * 0.2, torch.rand(b, h, n, generator=g),
+              torch.randn(b, h, dk, dv, generator=g)]
+    keep = torch.tensor([[1.0, 1, 0, 1, 0, 1], [0.0, 1, 1, 1, 1, 0]])
+    inputs = [x.requires_grad_() for x in inputs]
+    twins = [x.detach().clone().requires_grad_() for x in inputs]
+    got, want = chunk_scan(*inputs, keep=keep), chunk_scan_reference(*twins, keep=keep)
+    assert (got[0][0, :, 2] == 0).all()  # row 0's third chunk starts from zero
+    grads = [torch.randn_like(x) for x in want]
+    torch.autograd.backward(got, grads)
+    torch.autograd.backward(want, grads)
+    for a, e in [*zip(got, want), *((x.grad, y.grad) for x, y in zip(inputs, twins))]:
+        assert ((a - e).norm() / e.norm()).item() < 1e-5

@@ -58,12 +58,23 @@ def test_steps_equal_the_recurrence_and_update_the_state_in_place():
 
 
 def test_spans_run_each_run_from_a_zero_state():
-    """Packed runs: each (row, start, end) is its own sequence; a run's output equals it run alone."""
-    q, k, v, g, beta = _inputs(t=90)
-    spans = [(0, 0, 30), (0, 30, 90), (1, 0, 70), (1, 70, 90)]
-    got, _ = gated_delta_rule(q, k, v, g, beta, spans)
+    """Packed runs (one chunked pass, each run moved to a chunk start, the state zeroed there): each (row, start,
+    end) is its own sequence; a run's outputs and gradients equal it run alone, runs longer than a chunk too."""
+    inputs = [x.requires_grad_() for x in _inputs(t=150)]
+    spans = [(0, 0, 30), (0, 30, 100), (0, 100, 150), (1, 0, 70), (1, 70, 150)]
+    got, _ = gated_delta_rule(*inputs, spans)
+    grad = torch.randn_like(got)
+    got_grads = torch.autograd.grad(got, inputs, grad)
+    want = torch.zeros_like(got)
+    want_grads = [torch.zeros_like(x) for x in inputs]
     for row, start, end in spans:
-        alone, _ = chunked_delta_rule(*(x[row:row + 1, start:end] for x in (q, k, v, g, beta)))
-        torch.testing.assert_close(got[row:row + 1, start:end], alone, rtol=0, atol=0)
-    whole, _ = gated_delta_rule(q, k, v, g, beta)
+        part = [x.detach()[row:row + 1, start:end].requires_grad_() for x in inputs]
+        alone, _ = chunked_delta_rule(*part)
+        want[row:row + 1, start:end] = alone.detach()
+        for total, x_grad in zip(want_grads, torch.autograd.grad(alone, part, grad[row:row + 1, start:end])):
+            total[row:row + 1, start:end] = x_grad
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, e in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
+    whole, _ = gated_delta_rule(*inputs)
     assert not torch.allclose(got[0, 30:], whole[0, 30:], atol=1e-3)  # the second run does not see the first

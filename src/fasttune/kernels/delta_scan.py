@@ -23,12 +23,15 @@ import torch
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
-def chunk_scan_reference(w, u, k, gamma, s0):
+def chunk_scan_reference(w, u, k, gamma, s0, keep=None):
     """The scan in torch ops (autograd differentiates it). w, k (B, H, n, C, d_k); u (B, H, n, C, d_v); gamma
-    (B, H, n); s0 (B, H, d_k, d_v); all fp32. Returns (states (B, H, n, d_k, d_v), v (B, H, n, C, d_v), final
-    state (B, H, d_k, d_v))."""
+    (B, H, n); s0 (B, H, d_k, d_v); all fp32; keep: None or (B, n) 0/1, the state multiplied by it as chunk i
+    starts (0: a new sequence begins there, packed documents). Returns (states (B, H, n, d_k, d_v), v
+    (B, H, n, C, d_v), final state (B, H, d_k, d_v))."""
     state, states, values = s0, [], []
     for i in range(w.shape[2]):
+        if keep is not None:
+            state = state * keep[:, i, None, None, None]
         states.append(state)
         v = u[:, :, i] - w[:, :, i] @ state
         values.append(v)
@@ -139,25 +142,28 @@ class _ChunkScanTorch(torch.autograd.Function):
     into a zero tensor of the whole stack, which made its backward four times its forward on the GPU."""
 
     @staticmethod
-    def forward(ctx, w, u, k, gamma, s0):
+    def forward(ctx, w, u, k, gamma, s0, keep):
         b, h, n, c, dk = w.shape
         dv = u.shape[-1]
         w, u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (w, u, k))
         gamma = gamma.reshape(b * h, n)
+        keep = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
         states = w.new_empty(b * h, n, dk, dv)
         v = torch.empty_like(u)
         state = s0.reshape(b * h, dk, dv)
         for i in range(n):
+            if keep is not None:
+                state = state * keep[:, i, None, None]
             states[:, i] = state
             v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
             state = torch.baddbmm(state * gamma[:, i, None, None], k[:, i].transpose(1, 2), v[:, i])
-        ctx.save_for_backward(w, k, gamma, states, v)
+        ctx.save_for_backward(w, k, gamma, states, v, keep)
         ctx.shape = (b, h)
         return states.view(b, h, n, dk, dv), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
 
     @staticmethod
     def backward(ctx, d_states, d_v, d_final):
-        w, k, gamma, states, v = ctx.saved_tensors
+        w, k, gamma, states, v, keep = ctx.saved_tensors
         b, h = ctx.shape
         bh, n, c, dk = w.shape
         dv = v.shape[-1]
@@ -170,18 +176,20 @@ class _ChunkScanTorch(torch.autograd.Function):
             d_total[:, i] = torch.baddbmm(d_total[:, i], k[:, i], g)
             g = torch.baddbmm(d_states[:, i] + gamma[:, i, None, None] * g, w[:, i].transpose(1, 2), d_total[:, i],
                               alpha=-1)
+            if keep is not None:
+                g = g * keep[:, i, None, None]
         d_w = -(d_total @ states.transpose(-1, -2))
         d_k = v @ ends.transpose(-1, -2)
         d_gamma = (states * ends).sum((-1, -2))
         shape = lambda x: x.view(b, h, *x.shape[1:])  # noqa: E731
-        return shape(d_w), shape(d_total), shape(d_k), shape(d_gamma), shape(g)
+        return shape(d_w), shape(d_total), shape(d_k), shape(d_gamma), shape(g), None
 
 
-def chunk_scan(w, u, k, gamma, s0):
+def chunk_scan(w, u, k, gamma, s0, keep=None):
     """chunk_scan_reference's scan (same arguments and returns, fp32): in torch with a written-out backward
     (_ChunkScanTorch), or by the Triton kernels with FASTTUNE_DELTA_SCAN=triton (or tf32) where Triton runs
-    (kernels/dispatch.py). On an H200 at Qwen3.5-9B's shape the torch form is the faster: the kernels' fp32 state
-    tiles spill (8.7 ms forward per layer against cuBLAS's ~3 ms)."""
-    if os.environ.get("FASTTUNE_DELTA_SCAN") in ("triton", "tf32") and use_triton(w):
+    (kernels/dispatch.py) and no `keep` is given. On an H200 at Qwen3.5-9B's shape the torch form is the faster:
+    the kernels' fp32 state tiles spill (8.7 ms forward per layer against cuBLAS's ~3 ms)."""
+    if keep is None and os.environ.get("FASTTUNE_DELTA_SCAN") in ("triton", "tf32") and use_triton(w):
         return _ChunkScan.apply(w, u, k, gamma, s0)
-    return _ChunkScanTorch.apply(w, u, k, gamma, s0)
+    return _ChunkScanTorch.apply(w, u, k, gamma, s0, keep)

@@ -84,12 +84,38 @@ def gated_delta_rule(q, k, v, g, beta, spans=None, initial_state=None, final_sta
         return _fla(q, k, v, g, beta, spans, initial_state, final_state)
     if spans is None:
         return chunked_delta_rule(q, k, v, g, beta, initial_state, final_state)
-    out = torch.zeros_like(v)
-    for row, start, end in spans:  # each run alone (a correctness path: CPU, or CUDA without fla)
-        part = slice(start, end)
-        o, _ = chunked_delta_rule(*(x[row:row + 1, part] for x in (q, k, v, g, beta)))
-        out[row:row + 1, part] = o
-    return out, None
+    return _packed(q, k, v, g, beta, spans), None
+
+
+def _packed(q, k, v, g, beta, spans, chunk: int = CHUNK):
+    """Runs that each start from a zero state, in one chunked pass: every run is moved to start a chunk (its row's
+    runs one after another, padded to whole chunks with inert positions: zero key, value, decay and beta), and the
+    scan zeroes the state as each run's first chunk starts."""
+    b, t = q.shape[:2]
+    index, keep = [], []
+    for row in range(b):
+        positions, starts = [], []
+        for r, start, end in spans:
+            if r == row:
+                starts.append(len(positions) // chunk)
+                positions += list(range(row * t + start, row * t + end)) + [-1] * (-(end - start) % chunk)
+        index.append(positions)
+        starts = set(starts)
+        keep.append([0.0 if i in starts else 1.0 for i in range(len(positions) // chunk)])
+    width = max(len(p) for p in index)
+    index = torch.tensor([p + [-1] * (width - len(p)) for p in index], device=q.device)  # (B, L); -1: padding
+    keep = torch.tensor([kp + [1.0] * (width // chunk - len(kp)) for kp in keep], device=q.device)
+    real = index >= 0
+    gather = index.clamp(min=0).reshape(-1)
+
+    def moved(x):  # (B, T, ...) -> (B, L, ...), zeros at the padding
+        flat = x.reshape(b * t, *x.shape[2:]).index_select(0, gather).reshape(b, width, *x.shape[2:])
+        return flat * real.view(b, width, *([1] * (x.dim() - 2))).to(x.dtype)
+
+    o, _ = chunked_delta_rule(*(moved(x) for x in (q, k, v, g, beta)), keep=keep, chunk=chunk)
+    out = torch.zeros(b * t, *v.shape[2:], dtype=o.dtype, device=o.device)
+    out = out.index_copy(0, index[real], o[real])
+    return out.reshape(v.shape)
 
 
 def _fla(q, k, v, g, beta, spans, initial_state, final_state):
@@ -105,8 +131,10 @@ def _fla(q, k, v, g, beta, spans, initial_state, final_state):
     return o.reshape(v.shape), None
 
 
-def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool = False, chunk: int = CHUNK):
-    """gated_delta_rule in torch for one sequence per row, chunk positions at a time (same arguments; fp32 math).
+def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool = False, chunk: int = CHUNK,
+                       keep=None):
+    """gated_delta_rule in torch for one sequence per row, chunk positions at a time (same arguments; fp32 math);
+    keep (B, T / chunk) 0/1: the state is zeroed where a chunk's entry is 0 (kernels/delta_scan.py; packed runs).
 
     Inside a chunk the updates are solved at once: with G the cumulative log-decay from the chunk start and
     A[s, r] = beta_s exp(G_s - G_r) k_s . k_r (r < s), the corrected values are
@@ -142,7 +170,7 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
     state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
     # the only sequential part: each chunk's starting state and corrected values (kernels/delta_scan.py)
-    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state)
+    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state, keep)
     o = (q_decayed @ states + scores @ u).reshape(b, hv, n * chunk, dv)[:, :, :t]
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
 
