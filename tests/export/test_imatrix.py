@@ -275,3 +275,29 @@ def test_cli_imatrix(lora_model, tmp_path, capsys):
     (tmp_path / "fasttune_run.json").write_text(json.dumps({"method": "sft", "data": str(data)}))
     assert main([*base, "--quantization", "q4_k_m", "--imatrix", "--imatrix-tokens", "64"]) == 0
     assert f"training data recorded in {tmp_path / 'fasttune_run.json'}: {data}" in capsys.readouterr().out
+
+
+def test_qwen3_5_ssm_out_entry_follows_the_gguf_column_order(tmp_path):
+    """Qwen3.5: the DeltaNet layers' entries are collected (attn_qkv, attn_gate, ssm_alpha/beta, ssm_out), and
+    ssm_out's, whose columns are value heads, comes in the export's tiled head order (llama.cpp's)."""
+    from bpe_tokenizers import make_bpe_tokenizer
+    from tiny import hf_model, save_hf
+
+    from fasttune import FastLanguageModel
+    from fasttune.export.gguf_qwen35 import _tile_heads
+    from fasttune.export.imatrix import collect_imatrix, sample_token_ids
+
+    folder = save_hf(hf_model("qwen3_5_text", vocab_size=416), tmp_path / "q", make_bpe_tokenizer("gpt2"))
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    ids, _ = sample_token_ids(TEXTS, tok, max_tokens=100)
+    seen = []
+    handle = model.model.layers[0].linear_attn.out_proj.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1]).float().square().sum(0)))
+    im = collect_imatrix(model, ids, chunk_tokens=64, progress=False)
+    handle.remove()
+    assert {"blk.0.attn_qkv.weight", "blk.0.attn_gate.weight", "blk.0.ssm_alpha.weight",
+            "blk.0.ssm_out.weight", "blk.3.attn_q.weight"} <= set(im.sums)
+    ours = torch.stack(seen).sum(0).double()
+    tiled = _tile_heads(ours, 0, 2, 2, 16)  # 2 key heads serving 2 value heads each, 16 wide
+    assert not torch.equal(tiled, ours)
+    torch.testing.assert_close(im.sums["blk.0.ssm_out.weight"], tiled, rtol=1e-5, atol=1e-6)

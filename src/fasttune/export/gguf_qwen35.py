@@ -57,6 +57,16 @@ def linear_attention_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch
     return name, t
 
 
+def imatrix_in_gguf_order(name: str, values, cfg):
+    """An importance-matrix entry (per input column, float64) collected on our model, in the column order of the GGUF
+    tensor `name`: ssm_out's input columns are value heads, which the export tiles (linear_attention_tensor); the
+    other entries' columns are the hidden size, unchanged."""
+    per_key = cfg.linear_value_heads // max(cfg.linear_key_heads, 1)
+    if not name.endswith("ssm_out.weight") or per_key < 2:
+        return values
+    return _tile_heads(values, 0, cfg.linear_key_heads, per_key, cfg.linear_value_dim)
+
+
 def full_attention_interval(cfg) -> int:
     """llama.cpp's full_attention_interval for `cfg`'s layer pattern (every n-th layer softmax attention, the rest
     DeltaNet). Raises ConfigError for a pattern llama.cpp cannot describe, or DeltaNet value heads wider than the

@@ -222,6 +222,10 @@ def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKEN
             h.remove()
         model.train(was_training)
     im.chunk_count = len(chunks)
+    if model.arch.linear_layers:  # Qwen3.5: ssm_out's columns are value heads in llama.cpp's tiled order
+        from fasttune.export.gguf_qwen35 import imatrix_in_gguf_order
+
+        im.sums = {n: imatrix_in_gguf_order(n, v, model.arch) for n, v in im.sums.items()}
     missing = sorted((set(targets.values()) | {n for names in experts.values() for n in names}) - set(im.sums))
     if missing:
         raise ConfigError(f"The importance matrix got no activations for {', '.join(missing[:4])}"
