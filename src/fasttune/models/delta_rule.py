@@ -92,19 +92,8 @@ def _packed(q, k, v, g, beta, spans, chunk: int = CHUNK):
     runs one after another, padded to whole chunks with inert positions: zero key, value, decay and beta), and the
     scan zeroes the state as each run's first chunk starts."""
     b, t = q.shape[:2]
-    index, keep = [], []
-    for row in range(b):
-        positions, starts = [], []
-        for r, start, end in spans:
-            if r == row:
-                starts.append(len(positions) // chunk)
-                positions += list(range(row * t + start, row * t + end)) + [-1] * (-(end - start) % chunk)
-        index.append(positions)
-        starts = set(starts)
-        keep.append([0.0 if i in starts else 1.0 for i in range(len(positions) // chunk)])
-    width = max(len(p) for p in index)
-    index = torch.tensor([p + [-1] * (width - len(p)) for p in index], device=q.device)  # (B, L); -1: padding
-    keep = torch.tensor([kp + [1.0] * (width // chunk - len(kp)) for kp in keep], device=q.device)
+    index, keep = _packing_plan(tuple(spans), b, t, chunk, q.device)
+    width = index.shape[1]
     real = index >= 0
     gather = index.clamp(min=0).reshape(-1)
 
@@ -129,6 +118,24 @@ def _fla(q, k, v, g, beta, spans, initial_state, final_state):
     flat = [x.reshape(1, b * t, *x.shape[2:]) for x in (q, k, v, g, beta)]
     o, _ = chunk(*flat, use_qk_l2norm_in_kernel=True, cu_seqlens=starts, cu_seqlens_cpu=starts.cpu())
     return o.reshape(v.shape), None
+
+
+@functools.lru_cache(maxsize=4)  # every DeltaNet layer of a forward pass (and its recompute) packs alike
+def _packing_plan(spans: tuple, b: int, t: int, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index (B, L) long: the flat source position of each packed slot, -1 for padding; keep (B, L / chunk): 0
+    where a run starts) for _packed."""
+    index, keep = [], []
+    for row in range(b):
+        positions, starts = [], set()
+        for r, start, end in spans:
+            if r == row:
+                starts.add(len(positions) // chunk)
+                positions += list(range(row * t + start, row * t + end)) + [-1] * (-(end - start) % chunk)
+        index.append(positions)
+        keep.append([0.0 if i in starts else 1.0 for i in range(len(positions) // chunk)])
+    width = max(len(p) for p in index)
+    return (torch.tensor([p + [-1] * (width - len(p)) for p in index], device=device),
+            torch.tensor([kp + [1.0] * (width // chunk - len(kp)) for kp in keep], device=device))
 
 
 def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool = False, chunk: int = CHUNK,
