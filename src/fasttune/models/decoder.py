@@ -27,7 +27,7 @@ from fasttune.models.kept_block import block_pays
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
                                    segments_from_boundaries)
-from fasttune.models.gated_deltanet import GatedDeltaNet
+from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
 from fasttune.models.xielu import XIELU
@@ -467,7 +467,8 @@ class DecoderModel(nn.Module):
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
         if cfg.linear_layers:  # what Qwen3.5's linear-attention layers read (models/gated_deltanet.py)
-            masks = {**masks, "padding": attention_mask, "segments": segment_ids}
+            masks = {**masks, "padding": attention_mask, "segments": segment_ids,
+                     "spans": None if segment_ids is None else segment_spans(segment_ids)}
         router_logits = []
         deep_mask, deep_feats = deepstack if deepstack is not None else (None, [])
         if past_key_values is None:

@@ -65,7 +65,7 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x (B, T, H) -> (B, T, H). mask: the decoder's mask dict, read for "padding" (attention mask (B, T), 0 =
-        padding) and "segments" (packed document ids (B, T)); cache: a KVCache (prefill fills this layer's states,
+        padding), "segments" (packed document ids (B, T)) and "spans" (their runs, segment_spans'); cache: a KVCache (prefill fills this layer's states,
         a decode step (cache.slot set) reads and updates them)."""
         b, t, _ = x.shape
         padding, segments = mask.get("padding"), mask.get("segments")
@@ -88,7 +88,9 @@ class GatedDeltaNet(nn.Module):
         if step:
             o = delta_rule_step(q, k, v, g, beta, cache.recurrent[self.layer_idx])
         else:
-            spans = segment_spans(segments) if segments is not None else None
+            spans = mask.get("spans")
+            if spans is None and segments is not None:
+                spans = segment_spans(segments)
             o, state = gated_delta_rule(q, k, v, g, beta, spans, final_state=cache is not None)
             if cache is not None:
                 cache.recurrent[self.layer_idx].copy_(state)
