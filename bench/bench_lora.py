@@ -302,8 +302,6 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
             row["fla"] = fla.__version__
         except ImportError:
             row["fla"] = None
-        if impl == "ours":  # kernels/delta_scan.py's product precision
-            row["delta_scan"] = os.environ.get("FASTTUNE_DELTA_SCAN") or "ieee"
     if impl == "hf":
         import peft
 

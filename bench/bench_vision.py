@@ -51,6 +51,12 @@ from pathlib import Path
 # `prefix`: text tokens before the image; `tiny`: the --smoke shape of the same family (tests/tiny_vision.py's).
 QWEN_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
+# Qwen3-VL's SigLIP-2 tower (its out_hidden_size is the decoder's width) and text RoPE, shared by the 8B and 30B-A3B
+QWEN3_VL_TOWER = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                      spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
+                      deepstack_visual_indexes=[8, 16, 24], in_channels=3)
+QWEN3_VL_ROPE = {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
+                 "mrope_interleaved": True}
 SHAPES = {
     # Qwen2.5-VL-7B-Instruct
     "qwen2.5-vl-7b": dict(
@@ -70,12 +76,9 @@ SHAPES = {
         text=dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                   num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
                   rms_norm_eps=1e-6,
-                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True},
+                  rope_parameters=dict(QWEN3_VL_ROPE),
                   bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=4096,
-                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                    deepstack_visual_indexes=[8, 16, 24], in_channels=3),
+        vision=dict(QWEN3_VL_TOWER, out_hidden_size=4096),
         ids=dict(QWEN_VL_IDS, tie_word_embeddings=False),
         before=[151652], after=[151653], text_ids=151643, image=512, prefix=64),
     # Qwen3-VL-30B-A3B-Instruct: Qwen3-VL's tower (out_hidden_size 2048) and a 48-layer MoE decoder (128 experts of
@@ -86,12 +89,9 @@ SHAPES = {
                   num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=32768,
                   rms_norm_eps=1e-6, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
                   decoder_sparse_step=1, mlp_only_layers=[],
-                  rope_parameters={"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [24, 20, 20],
-                                   "mrope_interleaved": True},
+                  rope_parameters=dict(QWEN3_VL_ROPE),
                   bos_token_id=151643, eos_token_id=151645, pad_token_id=151643),
-        vision=dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, out_hidden_size=2048,
-                    patch_size=16, spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304,
-                    deepstack_visual_indexes=[8, 16, 24], in_channels=3),
+        vision=dict(QWEN3_VL_TOWER, out_hidden_size=2048),
         ids=dict(QWEN_VL_IDS, tie_word_embeddings=False),
         before=[151652], after=[151653], text_ids=151643, image=512, prefix=64),
     # gemma-3-4b-it: SigLIP so400m at 896x896 (64x64 patches of 14), pooled to 256 soft tokens; an image is

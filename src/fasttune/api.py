@@ -14,7 +14,8 @@ from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, re
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
-from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS, LoraSettings, apply_lora, default_targets
+from fasttune.peft.lora import (EXPERT_TARGET_PARAMETERS, LINEAR_ATTENTION_TARGETS, LoraSettings, apply_lora,
+                                default_targets)
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
 
@@ -117,7 +118,7 @@ class FastLanguageModel:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
         if target_modules is None and target_parameters is None and \
                 getattr(getattr(model, "arch", None), "shared_expert_size", 0):
-            target_parameters = list(VISION_MOE_EXPERTS)  # Qwen3.5-MoE's routed experts (PEFT's names, rank r)
+            target_parameters = list(EXPERT_TARGET_PARAMETERS)  # Qwen3.5-MoE's routed experts (PEFT's names, rank r)
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=default_targets(model) if target_modules is None else target_modules,
                                 use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias,
@@ -191,7 +192,7 @@ class FastModel(FastLanguageModel):
                                             MLP_TARGETS)
             if model.arch.num_experts and finetune_language_layers and finetune_mlp_modules and \
                     kwargs.get("target_parameters") is None:  # Qwen3-VL-MoE: the experts are parameters, not layers
-                kwargs["target_parameters"] = list(VISION_MOE_EXPERTS)
+                kwargs["target_parameters"] = list(EXPERT_TARGET_PARAMETERS)
         elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
@@ -204,8 +205,6 @@ class FastModel(FastLanguageModel):
 
 
 ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-# The stacked experts a vision-language MoE model's language MLP switch adapts (PEFT's target_parameters, rank r).
-VISION_MOE_EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
 

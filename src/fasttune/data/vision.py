@@ -249,6 +249,8 @@ class VisionEncoder:
         p = self.processor
 
         def tokens(msgs, gen=False):
+            """Token ids of messages `msgs` rendered by the chat template (gen: with the generation prompt), each
+            image placeholder expanded to its image's tokens."""
             text = p.apply_chat_template(msgs, add_generation_prompt=gen)
             n = text.count(p.image_token)
             return p.tokenizer(p.expand(text, grids[:n]), add_special_tokens=False)["input_ids"]

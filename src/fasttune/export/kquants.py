@@ -73,6 +73,8 @@ def _make_qkx_quants(x, w, nmax, rmin, rdelta, nstep, use_mad, guarded):
     L = nearest_int(iscale * (x - mn)).clamp(0, nmax)
 
     def error(s, m, q):
+        """ggml's weighted error of levels q (rows, 32) under scale s and min m (rows, 1): sum of w * |d| (use_mad)
+        or w * d^2 over each row, in ggml's order."""
         diff = s * q.float() + m - x
         diff = diff.abs() if use_mad else diff * diff
         return _seqsum(w * diff)
@@ -133,6 +135,8 @@ def make_qx_quants(x, nmax: int, w=None):
     f = np.float32
 
     def fit(iscale):
+        """Levels of x at inverse scale iscale (rows, 1), clamped to [-nmax, nmax - 1], with their weighted sums
+        sum(w * x * l) and sum(w * l^2) per row (ggml's make_qx_quants)."""
         l = nearest_int(iscale * x).clamp(-nmax, nmax - 1)
         lf = l.float()
         return l, _seqsum(wx * lf), _seqsum(w * lf * lf)
@@ -165,6 +169,7 @@ def make_qp_quants(x, nmax: int, w):
     f = np.float32
 
     def sse(scale, l):
+        """Weighted squared error per row of levels l (rows, n) at scale (rows, 1), in ggml's order."""
         diff = x - scale * l.float()
         return _seqsum(w * diff * diff)
 

@@ -97,7 +97,8 @@ def _packed(q, k, v, g, beta, spans, chunk: int = CHUNK):
     real = index >= 0
     gather = index.clamp(min=0).reshape(-1)
 
-    def moved(x):  # (B, T, ...) -> (B, L, ...), zeros at the padding
+    def moved(x):
+        """x (B, T, ...) -> (B, L, ...) in the packed layout, zeros at the padding."""
         flat = x.reshape(b * t, *x.shape[2:]).index_select(0, gather).reshape(b, width, *x.shape[2:])
         return flat * real.view(b, width, *([1] * (x.dim() - 2))).to(x.dtype)
 

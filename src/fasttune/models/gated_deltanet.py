@@ -88,10 +88,7 @@ class GatedDeltaNet(nn.Module):
         if step:
             o = delta_rule_step(q, k, v, g, beta, cache.recurrent[self.layer_idx])
         else:
-            spans = mask.get("spans")
-            if spans is None and segments is not None:
-                spans = segment_spans(segments)
-            o, state = gated_delta_rule(q, k, v, g, beta, spans, final_state=cache is not None)
+            o, state = gated_delta_rule(q, k, v, g, beta, mask.get("spans"), final_state=cache is not None)
             if cache is not None:
                 cache.recurrent[self.layer_idx].copy_(state)
         o = self.norm(o.reshape(-1, self.value_dim), z.reshape(-1, self.value_dim))

@@ -212,7 +212,10 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
 ROUTER_PARAMETER = "mlp.gate.weight"
 GPT_OSS_ROUTER = "mlp.router.weight"  # refused: not in SUPPORTED_PARAMETERS
-SUPPORTED_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS) + (ROUTER_PARAMETER,)
+# The stacked experts under PEFT's target_parameters names (rank r each): what a vision-language MoE model's language
+# MLP switch and Qwen3.5-MoE's defaults adapt (api.py)
+EXPERT_TARGET_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS)
+SUPPORTED_PARAMETERS = EXPERT_TARGET_PARAMETERS + (ROUTER_PARAMETER,)
 # target_modules names that PEFT on transformers 5 reads as parameters of an MoE model (PEFT's
 # _MOE_TARGET_MODULE_MAPPING); Mixtral's checkpoint names w1/w3/w2 there too. The first two of each fused pair
 # are one stacked weight, so PEFT requires both.
