@@ -1,50 +1,75 @@
-"""kernels/delta_scan.py: the chunk scan with its written-out backward against autograd through the torch loop,
-values and gradients of every input (the initial state included), and the state resets of packed runs."""
+"""kernels/delta_scan.py: the chunk scan (the Triton kernels, in the interpreter on a CPU, and the torch loop, both
+with their written-out backward) against autograd through the torch loop: values and gradients of every input (the
+initial state included), the state resets of packed runs, and which form runs for which shapes."""
 import pytest
 import torch
 
-from fasttune.kernels.delta_scan import chunk_scan, chunk_scan_reference
+from fasttune.kernels.delta_scan import ScanConfig, chunk_scan, chunk_scan_reference, scan_config
 from kernel_check import dtypes_for_device
 
 DEVICE, _ = dtypes_for_device()
+FORMS = {"torch": "torch", "triton": "", "triton-split": "16,4,1,ieee"}  # FASTTUNE_DELTA_SCAN per form
 
 
-@pytest.mark.parametrize("c,dk,dv", [(16, 16, 8), (64, 24, 40)])
-def test_scan_equals_the_torch_loop(c, dk, dv):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    b, h, n = 2, 3, 5
+def _inputs(b, h, n, c, dk, dv, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
     w, k = (torch.randn(b, h, n, c, dk, device=DEVICE, generator=g) * 0.2 for _ in range(2))
     u = torch.randn(b, h, n, c, dv, device=DEVICE, generator=g)
     gamma = torch.rand(b, h, n, device=DEVICE, generator=g)
     s0 = torch.randn(b, h, dk, dv, device=DEVICE, generator=g)
-    inputs = [x.requires_grad_() for x in (w, u, k, gamma, s0)]
+    return [x.requires_grad_() for x in (w, u, k, gamma, s0)]
+
+
+def _check(inputs, keep, tolerance):
     twins = [x.detach().clone().requires_grad_() for x in inputs]
-    got = chunk_scan(*inputs)
-    want = chunk_scan_reference(*twins)
+    got, want = chunk_scan(*inputs, keep=keep), chunk_scan_reference(*twins, keep=keep)
     grads = [torch.randn_like(x) for x in want]
     torch.autograd.backward(got, grads)
     torch.autograd.backward(want, grads)
     for name, a, e in [*zip(["states", "v", "final"], got, want),
                        *((n, x.grad, y.grad) for n, x, y in zip(["dw", "du", "dk", "dgamma", "ds0"], inputs, twins))]:
-        err = ((a - e).norm() / e.norm()).item()  # fp32 products in another order: ~1e-7
-        assert err < 1e-5, (name, err)
+        err = ((a - e).norm() / e.norm()).item()
+        assert err < tolerance, (name, err)
+    return got
 
 
+def _use(form, monkeypatch):
+    """FASTTUNE_DELTA_SCAN for the form; the Triton ones (in the interpreter on a CPU) under FASTTUNE_KERNELS=triton.
+    Returns the tolerance: fp32 products in another order (~1e-7), or TF32's 10-bit mantissas on a GPU (~1e-3)."""
+    monkeypatch.setenv("FASTTUNE_DELTA_SCAN", FORMS[form])
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    config = scan_config(torch.empty(1, 16, 16, device=DEVICE), torch.empty(1, 16, 16, device=DEVICE))
+    assert (config is None) == (form == "torch")
+    return 1e-5 if config is None or config.precision == "ieee" else 5e-3
 
-def test_keep_zeroes_the_state_where_a_run_starts():
-    """keep (B, n): the torch form's values and gradients equal autograd through the loop with the resets."""
-    g = torch.Generator().manual_seed(1)
-    b, h, n, c, dk, dv = 2, 2, 6, 16, 8, 8
-    inputs = [torch.randn(b, h, n, c, dk, generator=g) * 0.2, torch.randn(b, h, n, c, dv, generator=g),
-              torch.randn(b, h, n, c, dk, generator=g) * 0.2, torch.rand(b, h, n, generator=g),
-              torch.randn(b, h, dk, dv, generator=g)]
-    keep = torch.tensor([[1.0, 1, 0, 1, 0, 1], [0.0, 1, 1, 1, 1, 0]])
-    inputs = [x.requires_grad_() for x in inputs]
-    twins = [x.detach().clone().requires_grad_() for x in inputs]
-    got, want = chunk_scan(*inputs, keep=keep), chunk_scan_reference(*twins, keep=keep)
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+@pytest.mark.parametrize("c,dk,dv", [(16, 16, 32), (64, 32, 16)])
+def test_scan_equals_the_torch_loop(form, c, dk, dv, monkeypatch):
+    _check(_inputs(2, 3, 5, c, dk, dv), None, _use(form, monkeypatch))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_keep_zeroes_the_state_where_a_run_starts(form, monkeypatch):
+    """keep (B, n): values and gradients equal autograd through the loop with the resets."""
+    keep = torch.tensor([[1.0, 1, 0, 1, 0, 1], [0.0, 1, 1, 1, 1, 0]], device=DEVICE)
+    got = _check(_inputs(2, 2, 6, 16, 16, 32, seed=1), keep, _use(form, monkeypatch))
     assert (got[0][0, :, 2] == 0).all()  # row 0's third chunk starts from zero
-    grads = [torch.randn_like(x) for x in want]
-    torch.autograd.backward(got, grads)
-    torch.autograd.backward(want, grads)
-    for a, e in [*zip(got, want), *((x.grad, y.grad) for x, y in zip(inputs, twins))]:
-        assert ((a - e).norm() / e.norm()).item() < 1e-5
+
+
+def test_which_form_runs(monkeypatch):
+    """The Triton scan only for power-of-two tiles of at least 16 (tl.dot), never under FASTTUNE_DELTA_SCAN=torch;
+    FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles, bv capped at d_v; TF32 only on CUDA."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    w = lambda c, dk: torch.empty(1, 1, 1, c, dk, device=DEVICE)  # noqa: E731
+    u = lambda c, dv: torch.empty(1, 1, 1, c, dv, device=DEVICE)  # noqa: E731
+    assert scan_config(w(64, 128), u(64, 128)) is not None
+    for c, dk, dv in [(64, 24, 128), (48, 128, 128), (64, 128, 8)]:
+        assert scan_config(w(c, dk), u(c, dv)) is None
+    monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "64,8,3,tf32")
+    assert scan_config(w(64, 128), u(64, 32)) == ScanConfig(32, 8, 3, "tf32" if DEVICE == "cuda" else "ieee")
+    monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "torch")
+    assert scan_config(w(64, 128), u(64, 128)) is None
+    monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "")
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    assert scan_config(w(64, 128), u(64, 128)) is None

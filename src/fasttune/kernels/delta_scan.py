@@ -18,7 +18,12 @@ removed.
 """
 from __future__ import annotations
 
+import os
+from typing import NamedTuple
+
 import torch
+
+from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
 
 def chunk_scan_reference(w, u, k, gamma, s0, keep=None):
@@ -37,7 +42,62 @@ def chunk_scan_reference(w, u, k, gamma, s0, keep=None):
     return torch.stack(states, dim=2), torch.stack(values, dim=2), state
 
 
-class _ChunkScan(torch.autograd.Function):
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, keep_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, H,
+                  C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  PRECISION: tl.constexpr, STAGES: tl.constexpr):
+        """One (row x head, d_v block): the state (DK x BV, fp32) kept in registers through the n chunks."""
+        bh = tl.program_id(0).to(tl.int64)
+        rc, rk = tl.arange(0, C), tl.arange(0, DK)
+        rv = tl.program_id(1) * BV + tl.arange(0, BV)
+        ck = rc[:, None] * DK + rk[None, :]
+        cv = rc[:, None] * DV + rv[None, :]
+        kv = rk[:, None] * DV + rv[None, :]
+        s = tl.load(s0_ptr + bh * DK * DV + kv)
+        for i in tl.range(0, n, num_stages=STAGES):
+            chunk = bh * n + i
+            if HAS_KEEP:
+                s = s * tl.load(keep_ptr + (bh // H) * n + i)
+            tl.store(states_ptr + chunk * DK * DV + kv, s)
+            w = tl.load(w_ptr + chunk * C * DK + ck)
+            v = tl.load(u_ptr + chunk * C * DV + cv) - tl.dot(w, s, input_precision=PRECISION)
+            tl.store(v_ptr + chunk * C * DV + cv, v)
+            k = tl.load(k_ptr + chunk * C * DK + ck)
+            s = s * tl.load(gamma_ptr + chunk) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
+        tl.store(final_ptr + bh * DK * DV + kv, s)
+
+    @triton.jit
+    def _scan_bwd(w_ptr, k_ptr, gamma_ptr, keep_ptr, dstates_ptr, dv_ptr, dfinal_ptr, ends_ptr, ds0_ptr, n, H,
+                  C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
+                  PRECISION: tl.constexpr, STAGES: tl.constexpr):
+        """The reverse scan: dv (in: the later ops' dV; out: the total), ends (out: the gradient of each chunk's
+        end state), ds0 (out: the initial state's)."""
+        bh = tl.program_id(0).to(tl.int64)
+        rc, rk = tl.arange(0, C), tl.arange(0, DK)
+        rv = tl.program_id(1) * BV + tl.arange(0, BV)
+        ck = rc[:, None] * DK + rk[None, :]
+        cv = rc[:, None] * DV + rv[None, :]
+        kv = rk[:, None] * DV + rv[None, :]
+        g = tl.load(dfinal_ptr + bh * DK * DV + kv)
+        for j in tl.range(0, n, num_stages=STAGES):
+            chunk = bh * n + (n - 1 - j)
+            tl.store(ends_ptr + chunk * DK * DV + kv, g)
+            k = tl.load(k_ptr + chunk * C * DK + ck)
+            dv = tl.load(dv_ptr + chunk * C * DV + cv) + tl.dot(k, g, input_precision=PRECISION)
+            tl.store(dv_ptr + chunk * C * DV + cv, dv)
+            w = tl.load(w_ptr + chunk * C * DK + ck)
+            g = tl.load(dstates_ptr + chunk * DK * DV + kv) + g * tl.load(gamma_ptr + chunk) \
+                - tl.dot(tl.trans(w), dv, input_precision=PRECISION)
+            if HAS_KEEP:
+                g = g * tl.load(keep_ptr + (bh // H) * n + (n - 1 - j))
+        tl.store(ds0_ptr + bh * DK * DV + kv, g)
+
+
+class _ChunkScanTorch(torch.autograd.Function):
     """The scan with its backward written out (the recurrences in the module docstring, one fused multiply-add
     matmul per chunk and direction)."""
 
@@ -88,6 +148,76 @@ class _ChunkScan(torch.autograd.Function):
         return shape(d_w), shape(d_total), shape(d_k), shape(d_gamma), shape(g), None
 
 
+class _ChunkScanTriton(torch.autograd.Function):
+    """The scan by _scan_fwd / _scan_bwd: one program per (row x head, d_v block) keeps its state block in
+    registers through every chunk (one launch each way instead of a few per chunk); the gradients of w, k and
+    gamma follow in batched matmuls as in _ChunkScanTorch."""
+
+    @staticmethod
+    def forward(ctx, w, u, k, gamma, s0, keep, config):
+        """chunk_scan's arguments and a ScanConfig -> (states, v, final state)."""
+        b, h, n, c, dk = w.shape
+        dv = u.shape[-1]
+        w, u, k, gamma, s0 = (x.contiguous() for x in (w, u, k, gamma, s0))
+        keep = None if keep is None else keep.float().contiguous()
+        states = w.new_empty(b, h, n, dk, dv)
+        v = torch.empty_like(u)
+        final = torch.empty_like(s0)
+        _scan_fwd[(b * h, dv // config.bv)](w, u, k, gamma, keep, s0, states, v, final, n, h, C=c, DK=dk, DV=dv,
+                                             BV=config.bv, HAS_KEEP=keep is not None, PRECISION=config.precision,
+                                             STAGES=config.stages, num_warps=config.warps)
+        ctx.save_for_backward(w, k, gamma, states, v, keep)
+        ctx.config = config
+        return states, v, final
+
+    @staticmethod
+    def backward(ctx, d_states, d_v, d_final):
+        """As _ChunkScanTorch.backward, the reverse scan in _scan_bwd."""
+        w, k, gamma, states, v, keep = ctx.saved_tensors
+        config = ctx.config
+        b, h, n, c, dk = w.shape
+        dv = v.shape[-1]
+        d_states, d_final = d_states.contiguous(), d_final.contiguous()
+        d_total = d_v.contiguous().clone()  # the kernel adds into it
+        ends = torch.empty_like(states)
+        d_s0 = torch.empty_like(d_final)
+        _scan_bwd[(b * h, dv // config.bv)](w, k, gamma, keep, d_states, d_total, d_final, ends, d_s0, n, h, C=c,
+                                             DK=dk, DV=dv, BV=config.bv, HAS_KEEP=keep is not None,
+                                             PRECISION=config.precision, STAGES=config.stages,
+                                             num_warps=config.warps)
+        d_w = -(d_total @ states.transpose(-1, -2))
+        d_k = v @ ends.transpose(-1, -2)
+        d_gamma = (states * ends).sum((-1, -2))
+        return d_w, d_total, d_k, d_gamma, d_s0, None, None
+
+
+class ScanConfig(NamedTuple):
+    """Tiles of the Triton scan: bv (d_v columns per program), warps, stages (software pipelining of the chunk
+    loads) and precision of tl.dot ("ieee": fp32 products; "tf32": tensor cores, 10-bit mantissas)."""
+    bv: int = 32
+    warps: int = 4
+    stages: int = 2
+    precision: str = "ieee"
+
+
+def scan_config(w: torch.Tensor, u: torch.Tensor) -> ScanConfig | None:
+    """The Triton scan's tiles for these inputs, or None where the torch loop runs: no Triton for w
+    (kernels/dispatch.py), FASTTUNE_DELTA_SCAN=torch, or C, d_k, d_v not powers of two >= 16 (tl.dot's limits).
+    FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles (benchmarks); TF32 only on CUDA."""
+    choice = os.environ.get("FASTTUNE_DELTA_SCAN", "")
+    c, dk, dv = w.shape[-2], w.shape[-1], u.shape[-1]
+    if choice == "torch" or not use_triton(w) or any(x < 16 or x & (x - 1) for x in (c, dk, dv)):
+        return None
+    config = ScanConfig(*(int(x) for x in choice.split(",")[:3]), *choice.split(",")[3:]) if choice else \
+        ScanConfig()
+    config = config._replace(bv=min(config.bv, dv))
+    return config if w.is_cuda else config._replace(precision="ieee")
+
+
 def chunk_scan(w, u, k, gamma, s0, keep=None):
-    """chunk_scan_reference's scan (same arguments and returns, fp32) with the backward written out."""
-    return _ChunkScan.apply(w, u, k, gamma, s0, keep)
+    """chunk_scan_reference's scan (same arguments and returns, fp32) with the backward written out: by the Triton
+    kernels where scan_config allows, else the torch loop."""
+    config = scan_config(w, u)
+    if config is not None:
+        return _ChunkScanTriton.apply(w, u, k, gamma, s0, keep, config)
+    return _ChunkScanTorch.apply(w, u, k, gamma, s0, keep)
