@@ -19,6 +19,8 @@ import itertools
 import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -87,17 +89,59 @@ def _time(fn, inputs, grad, backward: bool, runs: int = 10) -> float:
     return 1e3 * statistics.median(times)
 
 
-def _with_fastest_on_tf32(variants, rows):
-    """The variants, then the fastest Triton one measured so far (in rows) again with TF32 fp32 matmuls."""
-    yield from variants
-    done = [r for r in rows if r["variant"].startswith("ours triton")]
-    if done:
-        best = min(done, key=lambda r: r["forward_backward_ms"])
-        yield f"{best['variant']} mm-tf32", _ours, best["delta_scan"], True
-
-
 def _rel(a, b) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+VARIANTS = {"transformers": _transformers, "ours": _ours}
+
+
+def measure(a, impl: str, scan: str, tf32: bool, profile: bool) -> dict:
+    """One variant, in this process: its row (timings and errors against ours in fp32 IEEE); with profile, prints
+    its GPU kernels for one forward + backward instead of timing."""
+    import transformers
+
+    hk, hv, d = 16, 32, 128  # Qwen3.5-9B's linear layers
+    inputs = _inputs(a.bs, a.seq, hk, hv, d)
+    grad = torch.randn(a.bs, a.seq, hv, d, device="cuda", dtype=torch.bfloat16)
+    with _setting("torch", False):
+        ref = _ours(*inputs)
+        ref_dq = torch.autograd.grad(ref, inputs[0], grad)[0]
+    fn = VARIANTS[impl]
+    with _setting(scan, tf32):
+        out = fn(*inputs)
+        dq = torch.autograd.grad(out, inputs[0], grad)[0]
+        if profile:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                fn(*inputs).backward(grad)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30))
+            return {}
+        fwd = _time(fn, inputs, grad, backward=False)
+        both = _time(fn, inputs, grad, backward=True)
+    return {"bench": "delta_rule", "impl": impl, "delta_scan": scan, "matmul_tf32": tf32, "batch": a.bs,
+            "seq": a.seq, "key_heads": hk, "value_heads": hv, "head_dim": d, "forward_ms": round(fwd, 3),
+            "forward_backward_ms": round(both, 3), "out_rel_err": _rel(out, ref), "dq_rel_err": _rel(dq, ref_dq),
+            "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def _child(a, impl, scan, tf32, profile=False) -> dict | None:
+    """One variant in a fresh process (a tile configuration that faults must not poison the others' context)."""
+    cmd = [sys.executable, __file__, "--bs", str(a.bs), "--seq", str(a.seq), "--only", f"{impl}:{scan}:{int(tf32)}"]
+    proc = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True)
+    name = f"{impl} scan={scan} mm-{'tf32' if tf32 else 'ieee'}"
+    if proc.returncode != 0:
+        print(f"{name:<40} failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}",
+              flush=True)
+        return None
+    if profile:
+        print(proc.stdout)
+        return None
+    row = json.loads(proc.stdout.strip().splitlines()[-1])
+    print(f"{name:<40} fwd {row['forward_ms']:7.2f} ms  fwd+bwd {row['forward_backward_ms']:7.2f} ms  "
+          f"out err {row['out_rel_err']:.1e}  dq err {row['dq_rel_err']:.1e}", flush=True)
+    return row
 
 
 def main():
@@ -105,58 +149,31 @@ def main():
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="a few Triton tile configurations instead of the sweep")
+    ap.add_argument("--only", help="impl:scan:tf32 (one variant in this process; prints its JSON row)")
+    ap.add_argument("--profile", action="store_true", help="with --only: list its GPU kernels instead")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "delta_rule.jsonl"))
     a = ap.parse_args()
-    hk, hv, d = 16, 32, 128  # Qwen3.5-9B (and 27B's key heads per value head)
-    inputs = _inputs(a.bs, a.seq, hk, hv, d)
-    grad = torch.randn(a.bs, a.seq, hv, d, device="cuda", dtype=torch.bfloat16)
-
-    def reference():
-        with _setting("torch", False):
-            out = _ours(*inputs)
-            return out.detach(), torch.autograd.grad(out, inputs[0], grad)[0]
-
-    ref_out, ref_dq = reference()
-    variants = [("transformers", _transformers, "torch", False), ("ours torch-loop", _ours, "torch", False),
-                ("ours torch-loop tf32", _ours, "torch", True)]
-    tiles = [(32, 4, 2), (64, 4, 2), (32, 8, 2)] if a.quick else \
+    if a.only:
+        impl, scan, tf32 = a.only.split(":")
+        row = measure(a, impl, scan, tf32 == "1", a.profile)
+        if row:
+            print(json.dumps(row))
+        return
+    tiles = [(16, 4, 1), (32, 4, 2), (64, 4, 2)] if a.quick else \
         list(itertools.product((16, 32, 64), (4, 8), (1, 2)))
-    for (bv, warps, stages), precision in itertools.product(tiles, ("ieee", "tf32")):
-        variants.append((f"ours triton {bv},{warps},{stages},{precision}", _ours, f"{bv},{warps},{stages},{precision}",
-                         False))
-    import transformers
-
-    rows = []
-    for name, fn, scan, tf32 in _with_fastest_on_tf32(variants, rows):
-        try:
-            with _setting(scan, tf32):
-                out = fn(*inputs)
-                dq = torch.autograd.grad(out, inputs[0], grad)[0]
-                fwd = _time(fn, inputs, grad, backward=False)
-                both = _time(fn, inputs, grad, backward=True)
-        except Exception as e:  # a tile configuration that does not fit the card (shared memory, registers)
-            print(f"{name}: failed ({type(e).__name__}: {str(e)[:160]})", flush=True)
-            continue
-        row = {"bench": "delta_rule", "variant": name, "delta_scan": scan, "matmul_tf32": tf32, "batch": a.bs,
-               "seq": a.seq, "key_heads": hk, "value_heads": hv, "head_dim": d, "forward_ms": round(fwd, 3),
-               "forward_backward_ms": round(both, 3), "out_rel_err": _rel(out, ref_out),
-               "dq_rel_err": _rel(dq, ref_dq), "card": torch.cuda.get_device_name(), "torch": torch.__version__,
-               "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        rows.append(row)
-        print(f"{name:<44} fwd {fwd:7.2f} ms  fwd+bwd {both:7.2f} ms  out err {row['out_rel_err']:.1e}  "
-              f"dq err {row['dq_rel_err']:.1e}", flush=True)
+    variants = [("transformers", "torch", False), ("ours", "torch", False)] + \
+        [("ours", f"{bv},{warps},{stages},tf32", False) for bv, warps, stages in tiles] + \
+        [("ours", f"{bv},8,1,ieee", False) for bv in (16, 32)]
+    rows = [row for row in (_child(a, *v) for v in variants) if row is not None]
+    best = min((r for r in rows if r["impl"] == "ours"), key=lambda r: r["forward_backward_ms"])
+    rows += [row for row in [_child(a, "ours", best["delta_scan"], True)] if row is not None]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    best = min((r for r in rows if r["variant"].startswith("ours")), key=lambda r: r["forward_backward_ms"])
-    print(f"\nfastest of ours: {best['variant']} ({best['forward_backward_ms']:.2f} ms fwd+bwd); its kernels:")
+    print(f"\nfastest of ours: scan={best['delta_scan']} ({best['forward_backward_ms']:.2f} ms fwd+bwd); its kernels:")
     print(f"FASTEST_SCAN={best['delta_scan']}")
-    with _setting(best["delta_scan"], best["matmul_tf32"]), torch.profiler.profile(
-            activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        _ours(*inputs).backward(grad)
-        torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    _child(a, "ours", best["delta_scan"], False, profile=True)
 
 
 if __name__ == "__main__":
