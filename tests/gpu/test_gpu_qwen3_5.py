@@ -93,3 +93,27 @@ def test_bf16_lora_trains_and_generation_graphs_equal_eager(tiny_model_dir, monk
     monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
     eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
     assert torch.equal(graphed, eager)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)])
+def test_triton_scan_at_qwen3_5_head_size(dtype, tolerance, monkeypatch):
+    """The default Triton chunk scan at Qwen3.5's head size (128; d_v in two blocks) against the torch loop, whole
+    rows and packed runs: TF32 products for 16-bit inputs (within bf16 rounding), IEEE for fp32 (to 1e-5)."""
+    monkeypatch.setenv("FASTTUNE_FLA", "0")
+    delta_rule._fla_chunk.cache_clear()
+    try:
+        args = _inputs(b=2, t=300, hk=2, hv=4, dk=128, dv=128, dtype=dtype)
+        spans = [(r, s, e) for r in range(2) for s, e in ((0, 100), (100, 237), (237, 300))]
+        grad = torch.randn(2, 300, 4, 128, device="cuda", dtype=dtype)
+        for runs in (None, spans):
+            results = []
+            for scan in ("", "torch"):
+                monkeypatch.setenv("FASTTUNE_DELTA_SCAN", scan)
+                out, _ = gated_delta_rule(*args, runs)
+                results.append((out, torch.autograd.grad(out, args, grad)))
+            (out, grads), (ref, ref_grads) = results
+            assert _rel(out, ref) < tolerance
+            for name, a, b in zip("q k v g beta".split(), grads, ref_grads):
+                assert _rel(a, b) < 4 * tolerance, name
+    finally:
+        delta_rule._fla_chunk.cache_clear()

@@ -8,7 +8,7 @@ from fasttune.kernels.delta_scan import ScanConfig, chunk_scan, chunk_scan_refer
 from kernel_check import dtypes_for_device
 
 DEVICE, _ = dtypes_for_device()
-FORMS = {"torch": "torch", "triton": "", "triton-split": "16,4,1,ieee"}  # FASTTUNE_DELTA_SCAN per form
+FORMS = {"torch": "torch", "triton": "", "triton-split": "16,4,1,ieee", "triton-tf32": "32,4,2,tf32"}  # the env
 
 
 def _inputs(b, h, n, c, dk, dv, seed=0):
@@ -63,11 +63,14 @@ def test_which_form_runs(monkeypatch):
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     w = lambda c, dk: torch.empty(1, 1, 1, c, dk, device=DEVICE)  # noqa: E731
     u = lambda c, dv: torch.empty(1, 1, 1, c, dv, device=DEVICE)  # noqa: E731
-    assert scan_config(w(64, 128), u(64, 128)) is not None
+    cuda = DEVICE == "cuda"
+    assert scan_config(w(64, 128), u(64, 128)) == ScanConfig(64, 4, 2, "ieee")  # fp32 inputs: IEEE products
+    assert scan_config(w(64, 128), u(64, 128), tf32=True) == ScanConfig(64, 4, 2, "tf32" if cuda else "ieee")
+    assert scan_config(w(64, 128), u(64, 32)).bv == 32
     for c, dk, dv in [(64, 24, 128), (48, 128, 128), (64, 128, 8)]:
         assert scan_config(w(c, dk), u(c, dv)) is None
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "64,8,3,tf32")
-    assert scan_config(w(64, 128), u(64, 32)) == ScanConfig(32, 8, 3, "tf32" if DEVICE == "cuda" else "ieee")
+    assert scan_config(w(64, 128), u(64, 32)) == ScanConfig(32, 8, 3, "tf32" if cuda else "ieee")
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "torch")
     assert scan_config(w(64, 128), u(64, 128)) is None
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "")

@@ -10,11 +10,12 @@ Backward, with g the gradient of the state after chunk i (starting from the fina
 (primes: the gradients arriving from the later torch ops); the gradients of U, W, K and gamma follow in batched
 matmuls: dU = dV, dW_i = -dV_i S_i^T, dK_i = V_i g_i^T, dgamma_i = sum(S_i * g_i).
 
-Why not autograd through the loop (chunk_scan_reference): it differentiates each chunk's slice of the stacked inputs
-into a zero tensor of the whole stack, which made the backward four times the forward on the GPU (6.3x slower than
-this on the CPU). Triton kernels for this scan (fp32 state in registers; commit 79566be) were slower than the torch
-loop on an H200 at Qwen3.5-9B's shape (11.4 ms forward per layer against 4.0: the state tiles spill) and were
-removed.
+Two forms run it: Triton kernels (_scan_fwd, _scan_bwd: one program per (row x head, d_v block) keeps its fp32 state
+block in registers through every chunk, one launch each way) and a torch loop (a few launches per chunk). Why not
+autograd through the loop (chunk_scan_reference): it differentiates each chunk's slice of the stacked inputs into a
+zero tensor of the whole stack, which made the backward four times the forward on the GPU (6.3x slower than the
+written-out backward on the CPU). An earlier Triton version held whole 128 x 128 states with IEEE products and
+spilled (11.4 ms forward per layer on an H200); d_v blocks of 64 with TF32 products take 0.2 ms.
 """
 from __future__ import annotations
 
@@ -193,31 +194,39 @@ class _ChunkScanTriton(torch.autograd.Function):
 
 class ScanConfig(NamedTuple):
     """Tiles of the Triton scan: bv (d_v columns per program), warps, stages (software pipelining of the chunk
-    loads) and precision of tl.dot ("ieee": fp32 products; "tf32": tensor cores, 10-bit mantissas)."""
-    bv: int = 32
+    loads) and precision of tl.dot ("ieee": fp32 products; "tf32": tensor cores, 10-bit mantissas).
+
+    The default is the fastest measured on an H200 at Qwen3.5-9B's shape (bench/bench_delta_rule.py; 0.2 ms each
+    way per layer at 2 x 2048 tokens, against ~1.7 ms forward for the torch loop). There bv 16 with 8 warps and TF32
+    faulted (illegal memory access, Triton 3.6) and bv 64 with 8 warps and 2 stages exceeded shared memory."""
+    bv: int = 64
     warps: int = 4
     stages: int = 2
-    precision: str = "ieee"
+    precision: str = "tf32"
 
 
-def scan_config(w: torch.Tensor, u: torch.Tensor) -> ScanConfig | None:
+def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanConfig | None:
     """The Triton scan's tiles for these inputs, or None where the torch loop runs: no Triton for w
     (kernels/dispatch.py), FASTTUNE_DELTA_SCAN=torch, or C, d_k, d_v not powers of two >= 16 (tl.dot's limits).
-    FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles (benchmarks); TF32 only on CUDA."""
+    Products in TF32 only where `tf32` (the caller's inputs were 16-bit, so TF32's 10-bit mantissas lose nothing
+    they had) and w is on CUDA; else IEEE fp32. FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles
+    (benchmarks; TF32 still only on CUDA)."""
     choice = os.environ.get("FASTTUNE_DELTA_SCAN", "")
     c, dk, dv = w.shape[-2], w.shape[-1], u.shape[-1]
     if choice == "torch" or not use_triton(w) or any(x < 16 or x & (x - 1) for x in (c, dk, dv)):
         return None
-    config = ScanConfig(*(int(x) for x in choice.split(",")[:3]), *choice.split(",")[3:]) if choice else \
-        ScanConfig()
+    if choice:
+        config = ScanConfig(*(int(x) for x in choice.split(",")[:3]), *choice.split(",")[3:])
+    else:
+        config = ScanConfig(precision="tf32" if tf32 else "ieee")
     config = config._replace(bv=min(config.bv, dv))
     return config if w.is_cuda else config._replace(precision="ieee")
 
 
-def chunk_scan(w, u, k, gamma, s0, keep=None):
+def chunk_scan(w, u, k, gamma, s0, keep=None, tf32: bool = False):
     """chunk_scan_reference's scan (same arguments and returns, fp32) with the backward written out: by the Triton
-    kernels where scan_config allows, else the torch loop."""
-    config = scan_config(w, u)
+    kernels where scan_config allows (tf32: see there), else the torch loop."""
+    config = scan_config(w, u, tf32)
     if config is not None:
         return _ChunkScanTriton.apply(w, u, k, gamma, s0, keep, config)
     return _ChunkScanTorch.apply(w, u, k, gamma, s0, keep)

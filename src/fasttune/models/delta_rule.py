@@ -178,7 +178,8 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
     state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
     # the only sequential part: each chunk's starting state and corrected values (kernels/delta_scan.py)
-    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state, keep)
+    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state, keep,
+                                  tf32=dtype in (torch.bfloat16, torch.float16))
     o = (q_decayed @ states + scores @ u).reshape(b, hv, n * chunk, dv)[:, :, :t]
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
 
