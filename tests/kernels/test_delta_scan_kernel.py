@@ -35,12 +35,12 @@ def _check(inputs, keep, tolerance):
 
 def _use(form, monkeypatch):
     """FASTTUNE_DELTA_SCAN for the form; the Triton ones (in the interpreter on a CPU) under FASTTUNE_KERNELS=triton.
-    Returns the tolerance: fp32 products in another order (~1e-7), or TF32's 10-bit mantissas on a GPU (~1e-3)."""
+    Returns the tolerance: fp32 products in another order (~1e-7), or TF32 products on a GPU (~5e-3 after 5 chunks)."""
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", FORMS[form])
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     config = scan_config(torch.empty(1, 16, 16, device=DEVICE), torch.empty(1, 16, 16, device=DEVICE))
     assert (config is None) == (form == "torch")
-    return 1e-5 if config is None or config.precision == "ieee" else 5e-3
+    return 1e-5 if config is None or config.precision == "ieee" else 2e-2
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
