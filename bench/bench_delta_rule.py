@@ -4,7 +4,8 @@ flash-linear-attention), ours with the chunk scan as a torch loop, and ours with
 configuration (`FASTTUNE_DELTA_SCAN=bv,warps,stages,precision`), with fp32 matmuls as IEEE or TF32.
 
 Inputs are bf16 q/k/v and beta and fp32 log-decay at Qwen3.5-9B's linear-layer shape (16 key heads, 32 value heads,
-head size 128); outputs and dq are compared with ours in fp32 IEEE throughout (relative Frobenius error). Timings
+head size 128); outputs and dq are compared with ours on fp32 copies of the inputs (IEEE products throughout;
+relative Frobenius error). Timings
 are medians of 10 runs after warm-up; rows go to bench/results/delta_rule.jsonl; the fastest configuration's GPU
 kernels are then listed (torch.profiler). Usage on a GPU machine:
 
@@ -104,9 +105,10 @@ def measure(a, impl: str, scan: str, tf32: bool, profile: bool) -> dict:
     hk, hv, d = 16, 32, 128  # Qwen3.5-9B's linear layers
     inputs = _inputs(a.bs, a.seq, hk, hv, d)
     grad = torch.randn(a.bs, a.seq, hv, d, device="cuda", dtype=torch.bfloat16)
+    exact = [x.detach().float().requires_grad_() for x in inputs]  # fp32 inputs: IEEE products throughout
     with _setting("torch", False):
-        ref = _ours(*inputs)
-        ref_dq = torch.autograd.grad(ref, inputs[0], grad)[0]
+        ref = _ours(*exact)
+        ref_dq = torch.autograd.grad(ref, exact[0], grad.float())[0]
     fn = VARIANTS[impl]
     with _setting(scan, tf32):
         out = fn(*inputs)

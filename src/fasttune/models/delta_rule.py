@@ -8,7 +8,8 @@ with q, k L2-normalised (eps 1e-6 inside the square root) and q scaled by d_k **
 
 `gated_delta_rule` runs a whole sequence: on CUDA with flash-linear-attention installed, its chunked Triton kernels
 (`fla.ops.gated_delta_rule.chunk_gated_delta_rule`, forward and backward); otherwise `chunked_delta_rule`, the same
-chunked form in torch (fp32; autograd differentiates it). `delta_rule_step` is one decode step on a kept state.
+chunked form in torch (fp32; on CUDA with 16-bit inputs its products in TF32 and the chunk scan in Triton).
+`delta_rule_step` is one decode step on a kept state.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import os
 import torch
 
 from fasttune.kernels.delta_scan import chunk_scan
+from fasttune.kernels.tf32_matmul import tf32_matmul
 
 CHUNK = 64  # positions per chunk of the chunked form (fla's and transformers' size)
 L2_EPS = 1e-6
@@ -148,16 +150,19 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     A[s, r] = beta_s exp(G_s - G_r) k_s . k_r (r < s), the corrected values are
     U = (I + A)^-1 (beta V - beta exp(G) K S0), the outputs O = exp(G) Q S0 + (Q K^T * exp(G_t - G_s), s <= t) U and
     the state S = exp(G_C) S0 + sum_s exp(G_C - G_s) k_s u_s^T (the WY form of the delta rule, Yang et al. 2024).
-    The chunk size must be a power of two (unit_lower_inverse)."""
+    The chunk size must be a power of two (unit_lower_inverse). On CUDA with 16-bit inputs the fp32 products run
+    on TF32 tensor cores (kernels/tf32_matmul.py, kernels/delta_scan.py): 10-bit mantissas, more than bf16 carries."""
     dtype = v.dtype
+    tf32 = q.is_cuda and dtype in (torch.bfloat16, torch.float16)
+    mm = tf32_matmul if tf32 else torch.matmul
     b, t, hk, dk = k.shape
     hv, dv = v.shape[2:]
     group = hv // hk
-    q, k = (l2_normalize(x.float()).repeat_interleave(group, dim=2) for x in (q, k))
-    q = q * dk ** -0.5
-    # (B, Hv, T, d) and (B, Hv, T), padded to whole chunks (zero keys and values; zero log-decay)
-    q, k, v = (x.transpose(1, 2).float() for x in (q, k, v))
-    g, beta = (x.transpose(1, 2).float() for x in (g, beta))
+    q, k = l2_normalize(q.float()) * dk ** -0.5, l2_normalize(k.float())
+    # (B, Hv, T, d) and (B, Hv, T), each made contiguous in one copy, padded to whole chunks (zero keys and values;
+    # zero log-decay)
+    q, k = (x.transpose(1, 2).repeat_interleave(group, dim=1) for x in (q, k))
+    v, g, beta = (x.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for x in (v, g, beta))
     pad = -t % chunk
     if pad:
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -169,30 +174,31 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(G_s - G_r), r <= s
     kb = k * beta[..., None]
-    a = (kb @ k.transpose(-1, -2) * decay).tril(-1)  # strictly lower
-    inverse = unit_lower_inverse(a)
-    u = inverse @ (v * beta[..., None])
-    w = inverse @ (kb * cum.exp()[..., None])
-    scores = q @ k.transpose(-1, -2) * decay
-    q_decayed = q * cum.exp()[..., None]
+    a = (mm(kb, k.transpose(-1, -2)) * decay).tril(-1)  # strictly lower
+    inverse = unit_lower_inverse(a, mm)
+    grow = cum.exp()[..., None]  # exp(G)
+    u = mm(inverse, v * beta[..., None])
+    w = mm(inverse, kb * grow)
+    scores = mm(q, k.transpose(-1, -2)) * decay
+    q_decayed = q * grow
     k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
     state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
     # the only sequential part: each chunk's starting state and corrected values (kernels/delta_scan.py)
-    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state, keep,
-                                  tf32=dtype in (torch.bfloat16, torch.float16))
-    o = (q_decayed @ states + scores @ u).reshape(b, hv, n * chunk, dv)[:, :, :t]
+    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state, keep, tf32=tf32)
+    o = (mm(q_decayed, states) + mm(scores, u)).reshape(b, hv, n * chunk, dv)[:, :, :t]
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
 
 
-def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+def unit_lower_inverse(a: torch.Tensor, mm=torch.matmul) -> torch.Tensor:
     """(I + a)^-1 for strictly lower-triangular a (..., C, C), C a power of two, as the product
     (I - a)(I + a^2)(I + a^4)...(I + a^(C/2)): a is nilpotent (a^C = 0), so this is the whole series sum (-a)^j.
-    Batched matmuls only; on the GPU much faster than a batched triangular solve, and as accurate here (|a| <= 1)."""
+    Batched matmuls only (mm: torch.matmul or tf32_matmul); on the GPU much faster than a batched triangular solve,
+    and as accurate here (|a| <= 1)."""
     inverse = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) - a
-    power = a @ a
+    power = mm(a, a)
     for _ in range(a.shape[-1].bit_length() - 2):  # powers a^2 ... a^(C/2)
-        inverse = inverse + inverse @ power
-        power = power @ power
+        inverse = inverse + mm(inverse, power)
+        power = mm(power, power)
     return inverse
 
 
