@@ -19,12 +19,14 @@ spilled (11.4 ms forward per layer on an H200); d_v blocks of 64 with TF32 produ
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import NamedTuple
 
 import torch
 
 from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
+from fasttune.kernels.tf32_matmul import tf32_products
 
 
 def chunk_scan_reference(w, u, k, gamma, s0, keep=None):
@@ -173,7 +175,8 @@ class _ChunkScanTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_states, d_v, d_final):
-        """As _ChunkScanTorch.backward, the reverse scan in _scan_bwd."""
+        """As _ChunkScanTorch.backward, the reverse scan in _scan_bwd (the products after it in TF32 too where the
+        scan's are)."""
         w, k, gamma, states, v, keep = ctx.saved_tensors
         config = ctx.config
         b, h, n, c, dk = w.shape
@@ -186,8 +189,9 @@ class _ChunkScanTriton(torch.autograd.Function):
                                              DK=dk, DV=dv, BV=config.bv, HAS_KEEP=keep is not None,
                                              PRECISION=config.precision, STAGES=config.stages,
                                              num_warps=config.warps)
-        d_w = -(d_total @ states.transpose(-1, -2))
-        d_k = v @ ends.transpose(-1, -2)
+        with tf32_products() if config.precision == "tf32" else contextlib.nullcontext():
+            d_w = -(d_total @ states.transpose(-1, -2))
+            d_k = v @ ends.transpose(-1, -2)
         d_gamma = (states * ends).sum((-1, -2))
         return d_w, d_total, d_k, d_gamma, d_s0, None, None
 

@@ -13,13 +13,14 @@ chunked form in torch (fp32; on CUDA with 16-bit inputs its products in TF32 and
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 import torch
 
 from fasttune.kernels.delta_scan import chunk_scan
-from fasttune.kernels.tf32_matmul import tf32_matmul
+from fasttune.kernels.tf32_matmul import tf32_matmul, tf32_products
 
 CHUNK = 64  # positions per chunk of the chunked form (fla's and transformers' size)
 L2_EPS = 1e-6
@@ -175,7 +176,7 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(G_s - G_r), r <= s
     kb = k * beta[..., None]
     a = (mm(kb, k.transpose(-1, -2)) * decay).tril(-1)  # strictly lower
-    inverse = unit_lower_inverse(a, mm)
+    inverse = unit_lower_inverse(a, tf32)
     grow = cum.exp()[..., None]  # exp(G)
     u = mm(inverse, v * beta[..., None])
     w = mm(inverse, kb * grow)
@@ -189,17 +190,39 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
 
 
-def unit_lower_inverse(a: torch.Tensor, mm=torch.matmul) -> torch.Tensor:
-    """(I + a)^-1 for strictly lower-triangular a (..., C, C), C a power of two, as the product
+def unit_lower_inverse(a: torch.Tensor, tf32: bool = False) -> torch.Tensor:
+    """(I + a)^-1 for strictly lower-triangular a (..., C, C) fp32, C a power of two, as the product
     (I - a)(I + a^2)(I + a^4)...(I + a^(C/2)): a is nilpotent (a^C = 0), so this is the whole series sum (-a)^j.
-    Batched matmuls only (mm: torch.matmul or tf32_matmul); on the GPU much faster than a batched triangular solve,
-    and as accurate here (|a| <= 1)."""
-    inverse = torch.eye(a.shape[-1], dtype=a.dtype, device=a.device) - a
-    power = mm(a, a)
-    for _ in range(a.shape[-1].bit_length() - 2):  # powers a^2 ... a^(C/2)
-        inverse = inverse + mm(inverse, power)
-        power = mm(power, power)
-    return inverse
+    Batched matmuls only (in TF32 where `tf32`, kernels/tf32_matmul.py); on the GPU much faster than a batched
+    triangular solve, and as accurate here (|a| <= 1). The backward is the inverse's own, d a = -M^T dM M^T (strictly
+    lower part; M the result): two products instead of autograd's two per product of the series."""
+    return _UnitLowerInverse.apply(a, tf32)
+
+
+class _UnitLowerInverse(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, tf32):
+        """a (..., C, C) strictly lower -> M = (I + a)^-1; saves M."""
+        c = a.shape[-1]
+        flat = a.reshape(-1, c, c)
+        with tf32_products() if tf32 else contextlib.nullcontext():
+            inverse = torch.eye(c, dtype=a.dtype, device=a.device) - flat
+            power = flat @ flat
+            for _ in range(c.bit_length() - 2):  # powers a^2 ... a^(C/2)
+                inverse = torch.baddbmm(inverse, inverse, power)  # inverse (I + power), one kernel
+                power = power @ power
+        inverse = inverse.view(a.shape)
+        ctx.save_for_backward(inverse)
+        ctx.tf32 = tf32
+        return inverse
+
+    @staticmethod
+    def backward(ctx, grad):
+        """dM -> d a = -(M^T dM M^T), strictly lower (d(M^-1) = -M^-1 dM M^-1 with M^-1 = I + a)."""
+        inverse, = ctx.saved_tensors
+        mt = inverse.transpose(-1, -2)
+        with tf32_products() if ctx.tf32 else contextlib.nullcontext():
+            return -(mt @ grad @ mt).tril(-1), None
 
 
 def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:
