@@ -18,6 +18,7 @@ from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.static_decode import decode_session, graphs_wanted, release_decode_session
+from fasttune.models.vision import VIDEO_KEYS
 
 CHECK_EVERY = 16  # tokens between two host reads of the stop state on CUDA
 
@@ -193,9 +194,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         rows = None
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
             prompt = KVCache(model.arch, b, t, model.dtype, device)
-            grid = images.get("image_grid_thw")
-            grid = grid.to(device) if grid is not None else None
-            inputs = model.multimodal_inputs(input_ids, images["pixel_values"].to(device), grid, attention_mask)
+            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
+            inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), moved.get("image_grid_thw"),
+                                             attention_mask, {k: moved.get(k) for k in VIDEO_KEYS})
             if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
                 position_ids = inputs["position_ids"]
             next_pos = next_pos + inputs.pop("rope_deltas").to(device)  # text after the images continues past them
@@ -306,19 +307,23 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch
 
 
 def _image_inputs(model, prompt, kwargs: dict) -> dict:
-    """pixel_values / image_grid_thw from the keywords or from a processor output passed as the prompt (popped);
-    refused (ConfigError) for a model without a vision tower. mm_token_type_ids is dropped (image tokens are found
-    by id)."""
+    """pixel_values / image_grid_thw and the video keys (models/vision.py's VIDEO_KEYS) from the keywords or from a
+    processor output passed as the prompt (popped); refused (ConfigError) for a model without a vision tower, or
+    grids without their pixels. mm_token_type_ids is dropped (image and video tokens are found by id)."""
     from collections.abc import Mapping
 
+    keys = ("pixel_values", "image_grid_thw", *VIDEO_KEYS)
     kwargs.pop("mm_token_type_ids", None)
-    images = {k: kwargs.pop(k) for k in ("pixel_values", "image_grid_thw") if kwargs.get(k) is not None}
+    images = {k: kwargs.pop(k) for k in keys if kwargs.get(k) is not None}
+    for k in keys:
+        kwargs.pop(k, None)  # None entries
     if isinstance(prompt, Mapping):
-        images.update({k: prompt[k] for k in ("pixel_values", "image_grid_thw") if prompt.get(k) is not None})
+        images.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     if images and getattr(model, "family", None) is None:
         raise ConfigError("generate(): pixel_values were given, but this model has no vision tower.")
-    if images and "pixel_values" not in images:
-        raise ConfigError("generate(): image_grid_thw without pixel_values; pass the processor's output whole.")
+    for grid, pixels in (("image_grid_thw", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
+        if grid in images and pixels not in images:
+            raise ConfigError(f"generate(): {grid} without {pixels}; pass the processor's output whole.")
     return images
 
 

@@ -309,6 +309,10 @@ def _split_images(messages: list, column, where: str) -> tuple[list[dict], list]
                 items.append({"type": "image"})
             elif kind == "text":
                 items.append({"type": "text", "text": str(item.get("text", ""))})
+            elif kind == "video":
+                raise DataError(f"{where}: message {k + 1} has a video item; fasttune's data pipeline reads text and "
+                                f"images only (videos train through the model with the processor's "
+                                f"pixel_values_videos and video_grid_thw, or pass sampled frames as images).")
             else:
                 raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text' or 'image'.")
         out.append({"role": m["role"], "content": items})

@@ -40,18 +40,24 @@ class VisionFamily:
     bidirectional_images: bool = False
     scaled_embeddings: bool = False
     deepstack: bool = False  # Qwen3-VL: features of inner vision layers are added after the first decoder layers
+    # How a video's grid takes positions (None: the family takes no videos): "plain" (Qwen2-VL: like an image of t
+    # frames), "scaled" (Qwen2.5-VL: frame index x tokens_per_second x second_per_grid_ts), "frames" (Qwen3-VL,
+    # Qwen3.5: each frame its own grid, the processor's timestamps as text between them)
+    video: str | None = None
 
 
 FAMILIES = {
     "qwen2_5_vl": VisionFamily("qwen2_5_vl", (("visual", "visual"),),
                                r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
-                               r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)", mrope=True),
+                               r"model\.visual\.blocks\.\d+\.mlp\.(gate_proj|up_proj|down_proj)", mrope=True,
+                               video="scaled"),
     "qwen2_vl": VisionFamily("qwen2_vl", (("visual", "visual"),),
                              r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
-                             r"model\.visual\.blocks\.\d+\.mlp\.(fc1|fc2)", mrope=True),
+                             r"model\.visual\.blocks\.\d+\.mlp\.(fc1|fc2)", mrope=True, video="plain"),
     "qwen3_vl": VisionFamily("qwen3_vl", (("visual", "visual"),),
                              r"model\.visual\.blocks\.\d+\.attn\.(qkv|proj)",
-                             r"model\.visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)", mrope=True, deepstack=True),
+                             r"model\.visual\.blocks\.\d+\.mlp\.(linear_fc1|linear_fc2)", mrope=True, deepstack=True,
+                             video="frames"),
     # SigLIP tower + Gemma 3's projector (avg-pool, norm, projection): transformers' Gemma3ForConditionalGeneration
     "gemma3": VisionFamily("gemma3", (("vision_tower", "vision_tower"),
                                       ("multi_modal_projector", "multi_modal_projector")),
@@ -65,6 +71,28 @@ FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_mo
 # Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
 FAMILIES["qwen3_5"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_5", deepstack=False)
 FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
+
+
+# The processor's video inputs, passed as keywords to forward, generate and the trainers.
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+
+
+def _joint_deepstack(parts: list):
+    """[(token mask (B, T), [per-layer (tokens, H) features])] of images and videos -> (their joint mask,
+    [per-layer features over the joint tokens in sequence order]) as transformers' Qwen3-VL joins them; None when
+    there are none."""
+    if not parts:
+        return None
+    if len(parts) == 1:
+        return parts[0]
+    joint = parts[0][0] | parts[1][0]
+    layers = []
+    for feats in zip(*(deep for _, deep in parts)):
+        out = feats[0].new_zeros(int(joint.sum()), feats[0].shape[-1])
+        for (mask, _), f in zip(parts, feats):
+            out[mask[joint]] = f
+        layers.append(out)
+    return joint, layers
 
 
 def is_vision_config(hf_config) -> bool:
@@ -114,6 +142,12 @@ class VisionCausalLM(CausalLM):
         """The id of the token each image feature replaces (config.image_token_id)."""
         return self._vlm_config.image_token_id
 
+    @property
+    def video_token_id(self) -> int | None:
+        """The id of the token each video feature replaces (config.video_token_id), None for families without
+        videos."""
+        return getattr(self._vlm_config, "video_token_id", None) if self.family.video else None
+
     def checkpoint_name(self, name: str) -> str:
         """Our parameter/module name -> transformers' name in this family's checkpoints."""
         if name.startswith("model."):
@@ -138,51 +172,70 @@ class VisionCausalLM(CausalLM):
         return feats.to(self.dtype), deep
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
-                          attention_mask=None) -> dict:
-        """What the decoder gets for a prompt with images: inputs_embeds (B, T, H) (see embed), position_ids
-        ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention, else None),
-        deepstack ((image-token mask (B, T), [per-layer features]) for Qwen3-VL, else None) and rope_deltas (B, 1)
-        (what generation adds to the positions of the tokens after the prompt)."""
-        x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True)
-        positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask)
+                          attention_mask=None, videos: dict | None = None) -> dict:
+        """What the decoder gets for a prompt with images and videos: inputs_embeds (B, T, H) (see embed),
+        position_ids ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention,
+        else None), deepstack ((visual-token mask (B, T), [per-layer features]) for Qwen3-VL, else None) and
+        rope_deltas (B, 1) (what generation adds to the positions of the tokens after the prompt). videos: the
+        processor's pixel_values_videos, video_grid_thw and (Qwen2.5-VL) second_per_grid_ts (VIDEO_KEYS)."""
+        x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
+        positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask, videos)
         return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
                 "image_blocks": self.image_blocks(input_ids) if pixel_values is not None else None,
-                "deepstack": (input_ids == self.image_token_id, deep) if deep else None}
+                "deepstack": deep}
 
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
-        """(inputs_embeds, position_ids) for the decoder from input_ids and their images (multimodal_inputs);
-        the decoder's image_blocks / deepstack keywords are added to `kwargs` unless given. Given position_ids win."""
-        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask)
+        """(inputs_embeds, position_ids) for the decoder from input_ids and their images and videos
+        (multimodal_inputs; the video keys are popped from `kwargs`); the decoder's image_blocks / deepstack keywords
+        are added to `kwargs` unless given. Given position_ids win."""
+        videos = {k: kwargs.pop(k) for k in VIDEO_KEYS if k in kwargs}
+        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos)
         for key in ("image_blocks", "deepstack"):
             if kwargs.get(key) is None:
                 kwargs[key] = inputs[key]
         return inputs["inputs_embeds"], inputs["position_ids"] if position_ids is None else position_ids
 
-    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None, with_deepstack: bool = False):
-        """Token embeddings (B, T, H) with each image's features in place of its placeholder tokens (and, with
-        with_deepstack, the DeepStack features as a second value). Raises ConfigError when the number of
-        placeholder tokens differs from the features the images give (a row cut inside an image, or a grid that
-        does not belong to these ids)."""
+    def embed(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None, with_deepstack: bool = False,
+              videos: dict | None = None):
+        """Token embeddings (B, T, H) with each image's and video's features in place of its placeholder tokens
+        (and, with with_deepstack, Qwen3-VL's DeepStack input as a second value: (visual-token mask (B, T), one
+        (visual tokens, H) tensor per early decoder layer, images and videos in sequence order), or None). Videos
+        go through the same vision tower as images (transformers' get_video_features). Raises ConfigError when
+        placeholder tokens come without their pixels, when their number differs from the features the pixels give
+        (a row cut inside an image, or grids that do not belong to these ids), or for videos on a family without
+        them."""
         is_image = input_ids == self.image_token_id
         ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= self.arch.vocab_size else input_ids
         x = self.model.embed_tokens(ids)  # an image token outside the vocabulary (Gemma 3) embeds as id 0
         if self.family.scaled_embeddings:
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
-        if pixel_values is None:
-            if bool(is_image.any()):
-                raise ConfigError("input_ids hold image placeholder tokens but no pixel_values were passed; pass "
-                                  "the processor's pixel_values and image_grid_thw with them.")
-            return (x, []) if with_deepstack else x
-        if image_grid_thw is None and self.family.mrope:
-            raise ConfigError("pixel_values need image_grid_thw (images, 3), as the processor returns them.")
-        feats, deep = self.image_features(pixel_values, image_grid_thw)
-        n_tokens = int(is_image.sum())
-        if n_tokens != feats.shape[0]:
-            raise ConfigError(f"The batch holds {n_tokens} image placeholder tokens but its images give "
-                              f"{feats.shape[0]} features: a row was cut inside an image (raise max_seq_length) "
-                              f"or pixel_values/image_grid_thw do not belong to these input_ids.")
-        x = x.masked_scatter(is_image[..., None].expand_as(x), feats)
-        return (x, deep) if with_deepstack else x
+        videos = {k: v for k, v in (videos or {}).items() if v is not None}
+        if videos and self.video_token_id is None:
+            raise ConfigError(f"{self.family.model_type} takes no videos (pixel_values_videos was passed); pass its "
+                              f"frames as images.")
+        parts = [("image", "pixel_values", is_image, pixel_values, image_grid_thw)]
+        if self.video_token_id is not None:
+            parts.append(("video", "pixel_values_videos", input_ids == self.video_token_id,
+                          videos.get("pixel_values_videos"), videos.get("video_grid_thw")))
+        deep_parts = []
+        for what, key, mask, pixels, grid in parts:
+            if pixels is None:
+                if bool(mask.any()):
+                    raise ConfigError(f"input_ids hold {what} placeholder tokens but no {key} were passed; pass "
+                                      f"the processor's {key} and {what}_grid_thw with them.")
+                continue
+            if grid is None and self.family.mrope:
+                raise ConfigError(f"{key} need {what}_grid_thw ({what}s, 3), as the processor returns them.")
+            feats, deep = self.image_features(pixels, grid)
+            n_tokens = int(mask.sum())
+            if n_tokens != feats.shape[0]:
+                raise ConfigError(f"The batch holds {n_tokens} {what} placeholder tokens but its {what}s give "
+                                  f"{feats.shape[0]} features: a row was cut inside {'an' if what == 'image' else 'a'} {what} (raise "
+                                  f"max_seq_length) or {key}/{what}_grid_thw do not belong to these input_ids.")
+            x = x.masked_scatter(mask[..., None].expand_as(x), feats)
+            if deep:
+                deep_parts.append((mask, deep))
+        return (x, _joint_deepstack(deep_parts)) if with_deepstack else x
 
     def image_blocks(self, input_ids: torch.Tensor):
         """(B, T) long: each image's run of placeholder tokens numbered 0, 1, ... per row, text -1, for families
@@ -193,28 +246,43 @@ class VisionCausalLM(CausalLM):
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
 
-    def rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None):
+    def rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None, videos: dict | None = None):
         """((3, B, T) multimodal RoPE positions, (B, 1) deltas for the tokens after them), see qwen_vl_positions;
-        (None, zeros) for families with plain positions."""
+        (None, zeros) for families with plain positions. videos: as in multimodal_inputs."""
         if not self.family.mrope:
             return None, torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
         merge = self._vlm_config.vision_config.spatial_merge_size
-        return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge)
+        videos = videos or {}
+        grids, intervals = videos.get("video_grid_thw"), None
+        if grids is not None and self.family.video == "frames":  # each frame its own grid of one frame
+            grids = torch.repeat_interleave(grids, grids[:, 0], dim=0)
+            grids[:, 0] = 1
+        elif grids is not None and self.family.video == "scaled":
+            per_grid = videos.get("second_per_grid_ts")
+            per_grid = [1.0] * len(grids) if per_grid is None else torch.as_tensor(per_grid).tolist()
+            tokens_per_second = self._vlm_config.vision_config.tokens_per_second
+            intervals = [tokens_per_second * t for t in per_grid]
+        return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge,
+                                 self.video_token_id, grids, intervals)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
                 token_type_ids=None, **kwargs):
-        """CausalLM.forward plus the image inputs the processor returns: pixel_values (patches, C*T*P*P),
-        image_grid_thw (images, 3) (Qwen2.5-VL); mm_token_type_ids / token_type_ids are accepted and unused (image
-        tokens are found by id; Gemma 3's images attend within themselves both ways, as with its token_type_ids).
-        Positions default to the multimodal RoPE positions of input_ids. See CausalLM.forward for the rest."""
+        """CausalLM.forward plus the image and video inputs the processor returns: pixel_values (patches,
+        C*T*P*P), image_grid_thw (images, 3) (Qwen); pixel_values_videos, video_grid_thw (videos, 3) and
+        second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); mm_token_type_ids / token_type_ids are
+        accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
+        ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
+        CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, image_grid_thw, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
-        elif pixel_values is not None:
-            raise ConfigError("pixel_values go with the first forward pass over the prompt's input_ids, not with "
-                              "inputs_embeds or a filled KV cache.")
+        elif pixel_values is not None or kwargs.get("pixel_values_videos") is not None:
+            raise ConfigError("pixel_values and pixel_values_videos go with the first forward pass over the "
+                              "prompt's input_ids, not with inputs_embeds or a filled KV cache.")
+        for key in VIDEO_KEYS:  # None (or consumed above)
+            kwargs.pop(key, None)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 
@@ -237,45 +305,56 @@ class VisionBackbone:
 
 
 def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,
-                      spatial_merge_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      spatial_merge_size: int, video_token_id: int | None = None, video_grid_thw=None,
+                      video_intervals: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen2-VL / Qwen2.5-VL / Qwen3-VL positions for multimodal RoPE, as transformers' `get_rope_index` computes
-    them for images: text tokens count up on all three axes; an image's (t, h, w) grid of merged patches gets positions
-    start + (t, row, column), and the text after it continues at start + max(h, w) / merge.
+    them: text tokens count up on all three axes; an image's or video's (t, h, w) grid of merged patches gets
+    positions start + (t * interval, row, column), and the text after it continues at start + max(h, w) / merge.
 
-    input_ids (B, T) int; image_grid_thw (images, 3) int, images in order over the rows; attention_mask (B, T)
-    1 = real token (padding gets position 0). Returns (positions (3, B, T) long, rope_deltas (B, 1): the
-    position of the next token minus the row's length, which generation adds to text positions). Raises
-    ConfigError when the image tokens of a row do not match the grids."""
+    input_ids (B, T) int; image_grid_thw (images, 3) and video_grid_thw (videos, 3) int, in order over the rows
+    (Qwen3-VL's videos already split into one grid per frame, see VisionCausalLM.rope_index); video_intervals: per
+    video the temporal step (Qwen2.5-VL: tokens_per_second x second_per_grid_ts; default 1, also for images);
+    attention_mask (B, T) 1 = real token (padding gets position 0). Returns (positions (3, B, T) long, rope_deltas
+    (B, 1): the position of the next token minus the row's length, which generation adds to text positions). Raises
+    ConfigError when the image or video tokens of a row do not match the grids."""
     ids = input_ids.detach().cpu()
     b, t = ids.shape
     mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    grids = [] if image_grid_thw is None else [tuple(g) for g in image_grid_thw.detach().cpu().tolist()]
-    next_grid = 0
+    grids = {kind: [] if g is None else [tuple(x) for x in g.detach().cpu().tolist()]
+             for kind, g in (("image", image_grid_thw), ("video", video_grid_thw))}
+    intervals = {"image": [1] * len(grids["image"]), "video": video_intervals or [1] * len(grids["video"])}
+    used = {"image": 0, "video": 0}
     out = torch.zeros(3, b, t, dtype=torch.long)
     deltas = torch.zeros(b, 1, dtype=torch.long)
     for row in range(b):
         real = ids[row][mask[row]]
-        is_image = real == image_token_id
+        kinds = {"image": real == image_token_id,
+                 "video": real == video_token_id if video_token_id is not None else torch.zeros_like(real, dtype=bool)}
+        visual = kinds["image"] | kinds["video"]
         pieces, pos, i, n = [], 0, 0, len(real)
         while i < n:
             j = i
-            if not is_image[i]:
-                while j < n and not is_image[j]:
+            if not visual[i]:
+                while j < n and not visual[j]:
                     j += 1
                 pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
                 pos += j - i
                 i = j
                 continue
-            if next_grid >= len(grids):
-                raise ConfigError(f"Row {row} holds more image placeholder tokens than image_grid_thw describes.")
-            gt, gh, gw = grids[next_grid]
-            next_grid += 1
+            kind = "image" if kinds["image"][i] else "video"
+            if used[kind] >= len(grids[kind]):
+                raise ConfigError(f"Row {row} holds more {kind} placeholder tokens than {kind}_grid_thw describes.")
+            gt, gh, gw = grids[kind][used[kind]]
+            interval = intervals[kind][used[kind]]
+            used[kind] += 1
             lh, lw = gh // spatial_merge_size, gw // spatial_merge_size
             count = gt * lh * lw
-            if int(is_image[i:i + count].sum()) != count:
-                raise ConfigError(f"Row {row}: an image of grid {(gt, gh, gw)} needs {count} placeholder tokens in a "
-                                  f"row; the row was cut inside the image or does not belong to these grids.")
-            tt, hh, ww = torch.meshgrid(torch.arange(gt), torch.arange(lh), torch.arange(lw), indexing="ij")
+            if int(kinds[kind][i:i + count].sum()) != count:
+                raise ConfigError(f"Row {row}: {'an' if kind == 'image' else 'a'} {kind} of grid {(gt, gh, gw)} needs "
+                                  f"{count} placeholder tokens in a row; the row was cut inside it or does not belong "
+                                  f"to these grids.")
+            tt, hh, ww = torch.meshgrid((torch.arange(gt) * interval).long(), torch.arange(lh), torch.arange(lw),
+                                        indexing="ij")
             pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
             pos += max(gh, gw) // spatial_merge_size
             i += count

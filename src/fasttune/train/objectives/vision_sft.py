@@ -9,8 +9,9 @@ from pathlib import Path
 
 from fasttune.data.vision import VisionDataCollator, VisionProcessor, collate_vision
 from fasttune.errors import ConfigError, DataError
+from fasttune.models.vision import VIDEO_KEYS
 
-IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", *VIDEO_KEYS)  # what a micro-batch may carry to the model
 
 
 def is_vision_model(model) -> bool:
