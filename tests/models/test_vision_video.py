@@ -117,3 +117,25 @@ def test_video_items_in_training_rows_are_refused_with_the_way_out():
     rows = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "what?"}]}]
     with pytest.raises(DataError, match="video item.*pixel_values_videos"):
         _split_images(rows, None, "row 1")
+
+
+def test_transformers_trainer_trains_on_video_batches(qwen_vl_dir, tmp_path):
+    """transformers' Trainer with a collator of the user's own: the video keys reach our forward whole (dropped, the
+    placeholders would be refused), and LoRA learns."""
+    from transformers import Trainer, TrainingArguments
+
+    from fasttune import FastVisionModel
+
+    model, _ = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    model = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    batch = _batch(model, with_image=False)
+    labels = batch["input_ids"].masked_fill(~batch["attention_mask"].bool(), -100)
+    labels = labels.masked_fill(labels == model.hf_config.video_token_id, -100)
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=2, max_steps=4, learning_rate=5e-3,
+                             report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+                             logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=[{"row": 0}, {"row": 1}],
+                      data_collator=lambda rows: {**batch, "labels": labels})
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and losses[-1] < losses[0]
