@@ -176,3 +176,28 @@ def test_moe_vision_switches_adapt_the_shared_and_routed_experts(qwen3_5_moe_vl_
     vlm, _ = FastVisionModel.from_pretrained(str(qwen3_5_moe_vl_dir), dtype=torch.float32)
     off = FastModel.get_peft_model(vlm, r=4, finetune_vision_layers=False, finetune_mlp_modules=False)
     assert not any(".mlp." in n for n, p in off.named_parameters() if p.requires_grad)
+
+
+def test_multi_token_prediction_head_is_skipped_with_one_warning(tiny_model_dir):
+    """A release's mtp.* tensors (hundreds on MoE models) give one warning, other unknown tensors one more naming a
+    few; the model equals the one loaded without them."""
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    folder = tiny_model_dir("qwen3_5_text")
+    plain, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    weights = load_file(folder / "model.safetensors")
+    extra = {f"mtp.layers.0.mlp.experts.{e}.{p}.weight": torch.ones(4, 4) for e in range(40)
+             for p in ("gate_proj", "up_proj", "down_proj")}
+    extra.update({"mtp.fc.weight": torch.ones(4, 8), **{f"model.extra_{i}.weight": torch.ones(2) for i in range(7)}})
+    save_file({**weights, **extra}, folder / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    texts = [str(w.message) for w in caught if "mtp" in str(w.message) or "unexpected" in str(w.message)]
+    assert len(texts) == 2, texts
+    assert "multi-token-prediction head (121 tensors under mtp.) is not loaded" in texts[0]
+    assert "ignoring 7 unexpected tensors" in texts[1] and "and 2 more" in texts[1]
+    ids = torch.randint(3, 200, (1, 12))
+    assert torch.equal(model(ids).logits, plain(ids).logits)

@@ -160,7 +160,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     if quant == "int8" and model.arch.num_experts:
         warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
                       f"they load in {dtype}, the other layers in int8.")
-    seen = set()
+    seen, unexpected = set(), []
     for name, t in tensors:
         name = experts.rename(name)
         if experts.take(name, t):  # one expert's tensor of a stacked MoE weight
@@ -183,7 +183,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             continue
         if name not in expected:
             if not name.endswith(_IGNORED_KEYS):
-                warnings.warn(f"{source}: ignoring unexpected tensor '{name}'.")
+                unexpected.append(name)
             continue
         if tuple(t.shape) != tuple(expected[name].shape):
             raise ModelLoadError(f"{source}: tensor '{name}' has shape {tuple(t.shape)} but the config implies "
@@ -199,6 +199,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
                 _quantize_experts(model, name)
         seen.add(name)
     pending.check_complete()
+    _warn_unexpected(unexpected, source)
     seen |= experts.complete()
     cfg = model.arch
     if cfg.tie_embeddings:
@@ -214,6 +215,22 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     model.tie_weights()
     model.requires_grad_(False)
     return model
+
+
+def _warn_unexpected(names: list[str], source: str) -> None:
+    """One warning for the checkpoint tensors the config has no place for (a few named), and one for a
+    multi-token-prediction head (`mtp.*`, Qwen3.5 / Qwen3-Next / DeepSeek-style releases: hundreds of tensors on MoE
+    models), which transformers does not load either: not one warning per tensor."""
+    mtp = [n for n in names if n.startswith(("mtp.", "model.mtp."))]
+    others = [n for n in names if n not in set(mtp)]
+    if mtp:
+        warnings.warn(f"{source}: the checkpoint's multi-token-prediction head ({plural(len(mtp), 'tensor')} "
+                      f"under mtp.) is not loaded, as transformers does not load it: training, merging and "
+                      f"generation use the main model.")
+    if others:
+        more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+        warnings.warn(f"{source}: ignoring {plural(len(others), 'unexpected tensor')} this config has no place for: "
+                      f"{', '.join(others[:5])}{more}.")
 
 
 EXPERT_STACKS = ("gate_up_proj", "down_proj")  # models/moe.py's Experts parameters
