@@ -5,7 +5,7 @@ import torch
 from transformers.models.qwen3_next.modeling_qwen3_next import (torch_chunk_gated_delta_rule,
                                                                 torch_recurrent_gated_delta_rule)
 
-from fasttune.models.delta_rule import chunked_delta_rule, delta_rule_step, gated_delta_rule, unit_lower_inverse
+from fasttune.models.delta_rule import chunked_delta_rule, delta_rule_step, gated_delta_rule
 
 
 def _grouped(q, k, v, g, beta):
@@ -79,19 +79,3 @@ def test_spans_run_each_run_from_a_zero_state():
     whole, _ = gated_delta_rule(*inputs)
     assert not torch.allclose(got[0, 30:], whole[0, 30:], atol=1e-3)  # the second run does not see the first
 
-
-def test_unit_lower_inverse_and_its_backward_equal_a_solve():
-    """(I + a)^-1 by the nilpotent series and its written-out backward against an fp64 inverse through autograd
-    (the strictly lower part is all a has)."""
-    g = torch.Generator().manual_seed(3)
-    a = (torch.randn(3, 2, 64, 64, generator=g) * 0.1).tril(-1).requires_grad_()
-    grad = torch.randn(3, 2, 64, 64, generator=g)
-    got = unit_lower_inverse(a)
-    (d_got,) = torch.autograd.grad(got, a, grad)
-    exact_a = a.detach().double().requires_grad_()
-    exact = torch.linalg.inv(torch.eye(64, dtype=torch.float64) + exact_a)
-    (d_exact,) = torch.autograd.grad(exact, exact_a, grad.double())
-    assert ((got.double() - exact).norm() / exact.norm()).item() < 1e-6
-    d_exact = d_exact.tril(-1)
-    assert ((d_got.double() - d_exact).norm() / d_exact.norm()).item() < 1e-6
-    assert (d_got.triu() == 0).all()

@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 
 from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
-from fasttune.kernels.tf32_matmul import tf32_products
+from fasttune.kernels.tf32 import tf32_products
 
 
 def chunk_scan_reference(w, u, k, gamma, s0, keep=None):
@@ -100,67 +100,12 @@ if HAVE_TRITON:
         tl.store(ds0_ptr + bh * DK * DV + kv, g)
 
 
-class _ChunkScanTorch(torch.autograd.Function):
-    """The scan with its backward written out (the recurrences in the module docstring, one fused multiply-add
-    matmul per chunk and direction)."""
-
-    @staticmethod
-    def forward(ctx, w, u, k, gamma, s0, keep):
-        """chunk_scan's arguments -> (states, v, final state); saves w, k, gamma, the states, v and keep."""
-        b, h, n, c, dk = w.shape
-        dv = u.shape[-1]
-        w, u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (w, u, k))
-        gamma = gamma.reshape(b * h, n)
-        keep = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
-        states = w.new_empty(b * h, n, dk, dv)
-        v = torch.empty_like(u)
-        state = s0.reshape(b * h, dk, dv)
-        for i in range(n):
-            if keep is not None:
-                state = state * keep[:, i, None, None]
-            states[:, i] = state
-            v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
-            state = torch.baddbmm(state * gamma[:, i, None, None], k[:, i].transpose(1, 2), v[:, i])
-        ctx.save_for_backward(w, k, gamma, states, v, keep)
-        ctx.shape = (b, h)
-        return states.view(b, h, n, dk, dv), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
-
-    @staticmethod
-    def backward(ctx, d_states, d_v, d_final):
-        """Gradients of the three outputs (autograd hands zeros for an unused one) -> (d w, d u, d k, d gamma,
-        d s0, None)."""
-        w, k, gamma, states, v, keep = ctx.saved_tensors
-        b, h = ctx.shape
-        bh, n, c, dk = w.shape
-        dv = v.shape[-1]
-        d_states = d_states.reshape(bh, n, dk, dv)
-        d_total = d_v.reshape(bh, n, c, dv).clone()
-        g = d_final.reshape(bh, dk, dv)
-        ends = torch.empty_like(states)  # the gradient of each chunk's end state
-        for i in reversed(range(n)):
-            ends[:, i] = g
-            d_total[:, i] = torch.baddbmm(d_total[:, i], k[:, i], g)
-            g = torch.baddbmm(d_states[:, i] + gamma[:, i, None, None] * g, w[:, i].transpose(1, 2), d_total[:, i],
-                              alpha=-1)
-            if keep is not None:
-                g = g * keep[:, i, None, None]
-        d_w = -(d_total @ states.transpose(-1, -2))
-        d_k = v @ ends.transpose(-1, -2)
-        d_gamma = (states * ends).sum((-1, -2))
-        shape = lambda x: x.view(b, h, *x.shape[1:])  # noqa: E731
-        return shape(d_w), shape(d_total), shape(d_k), shape(d_gamma), shape(g), None
-
-
-class _ChunkScanTriton(torch.autograd.Function):
-    """The scan by _scan_fwd / _scan_bwd: one program per (row x head, d_v block) keeps its state block in
-    registers through every chunk (one launch each way instead of a few per chunk); the gradients of w, k and
-    gamma follow in batched matmuls as in _ChunkScanTorch."""
-
-    @staticmethod
-    def forward(ctx, w, u, k, gamma, s0, keep, config):
-        """chunk_scan's arguments and a ScanConfig -> (states, v, final state)."""
-        b, h, n, c, dk = w.shape
-        dv = u.shape[-1]
+def scan_forward(w, u, k, gamma, s0, keep, config):
+    """The scan's forward (chunk_scan_reference's arguments; config: a ScanConfig for the Triton kernels, None for
+    the torch loop) -> (states, v, final state), nothing recorded for autograd."""
+    b, h, n, c, dk = w.shape
+    dv = u.shape[-1]
+    if config is not None:
         w, u, k, gamma, s0 = (x.contiguous() for x in (w, u, k, gamma, s0))
         keep = None if keep is None else keep.float().contiguous()
         states = w.new_empty(b, h, n, dk, dv)
@@ -169,31 +114,81 @@ class _ChunkScanTriton(torch.autograd.Function):
         _scan_fwd[(b * h, dv // config.bv)](w, u, k, gamma, keep, s0, states, v, final, n, h, C=c, DK=dk, DV=dv,
                                              BV=config.bv, HAS_KEEP=keep is not None, PRECISION=config.precision,
                                              STAGES=config.stages, num_warps=config.warps)
+        return states, v, final
+    w, u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (w, u, k))
+    gamma = gamma.reshape(b * h, n)
+    keep = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
+    states = w.new_empty(b * h, n, dk, dv)
+    v = torch.empty_like(u)
+    state = s0.reshape(b * h, dk, dv)
+    for i in range(n):
+        if keep is not None:
+            state = state * keep[:, i, None, None]
+        states[:, i] = state
+        v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
+        state = torch.baddbmm(state * gamma[:, i, None, None], k[:, i].transpose(1, 2), v[:, i])
+    return states.view(b, h, n, dk, dv), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
+
+
+def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
+    """The scan's backward (the recurrences in the module docstring): the forward's w, k, gamma, keep and its
+    states and v, and the gradients of its three outputs (None: zero) -> (d w, d u, d k, d gamma, d s0)."""
+    b, h, n, c, dk = w.shape
+    dv = v.shape[-1]
+    d_states = torch.zeros_like(states) if d_states is None else d_states
+    d_v = torch.zeros_like(v) if d_v is None else d_v
+    d_final = states.new_zeros(b, h, dk, dv) if d_final is None else d_final
+    if config is not None:
+        d_states, d_final = d_states.contiguous(), d_final.contiguous()
+        d_total = d_v.contiguous().clone()  # the kernel adds into it
+        ends = torch.empty_like(states)  # the gradient of each chunk's end state
+        d_s0 = torch.empty_like(d_final)
+        keep = None if keep is None else keep.float().contiguous()
+        _scan_bwd[(b * h, dv // config.bv)](w.contiguous(), k.contiguous(), gamma.contiguous(), keep, d_states,
+                                             d_total, d_final, ends, d_s0, n, h, C=c, DK=dk, DV=dv, BV=config.bv,
+                                             HAS_KEEP=keep is not None, PRECISION=config.precision,
+                                             STAGES=config.stages, num_warps=config.warps)
+    else:
+        wf, kf = (x.reshape(b * h, n, c, dk) for x in (w, k))
+        gf = gamma.reshape(b * h, n)
+        keepf = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
+        d_sf = d_states.reshape(b * h, n, dk, dv)
+        d_total = d_v.reshape(b * h, n, c, dv).clone()
+        g = d_final.reshape(b * h, dk, dv)
+        ends = torch.empty_like(d_sf)
+        for i in reversed(range(n)):
+            ends[:, i] = g
+            d_total[:, i] = torch.baddbmm(d_total[:, i], kf[:, i], g)
+            g = torch.baddbmm(d_sf[:, i] + gf[:, i, None, None] * g, wf[:, i].transpose(1, 2), d_total[:, i],
+                              alpha=-1)
+            if keepf is not None:
+                g = g * keepf[:, i, None, None]
+        d_total, ends, d_s0 = d_total.view(v.shape), ends.view(states.shape), g.view(b, h, dk, dv)
+    # TF32 here too where the scan's products are
+    with tf32_products() if config is not None and config.precision == "tf32" else contextlib.nullcontext():
+        d_w = -(d_total @ states.transpose(-1, -2))
+        d_k = v @ ends.transpose(-1, -2)
+    d_gamma = (states * ends).sum((-1, -2))
+    return d_w, d_total, d_k, d_gamma, d_s0
+
+
+class _ChunkScan(torch.autograd.Function):
+    """scan_forward / scan_backward as an autograd function (config as in scan_forward)."""
+
+    @staticmethod
+    def forward(ctx, w, u, k, gamma, s0, keep, config):
+        """chunk_scan's arguments and a ScanConfig or None -> (states, v, final state)."""
+        states, v, final = scan_forward(w, u, k, gamma, s0, keep, config)
         ctx.save_for_backward(w, k, gamma, states, v, keep)
         ctx.config = config
         return states, v, final
 
     @staticmethod
     def backward(ctx, d_states, d_v, d_final):
-        """As _ChunkScanTorch.backward, the reverse scan in _scan_bwd (the products after it in TF32 too where the
-        scan's are)."""
+        """Gradients of the three outputs (autograd hands zeros for an unused one) -> (d w, d u, d k, d gamma,
+        d s0, None, None)."""
         w, k, gamma, states, v, keep = ctx.saved_tensors
-        config = ctx.config
-        b, h, n, c, dk = w.shape
-        dv = v.shape[-1]
-        d_states, d_final = d_states.contiguous(), d_final.contiguous()
-        d_total = d_v.contiguous().clone()  # the kernel adds into it
-        ends = torch.empty_like(states)
-        d_s0 = torch.empty_like(d_final)
-        _scan_bwd[(b * h, dv // config.bv)](w, k, gamma, keep, d_states, d_total, d_final, ends, d_s0, n, h, C=c,
-                                             DK=dk, DV=dv, BV=config.bv, HAS_KEEP=keep is not None,
-                                             PRECISION=config.precision, STAGES=config.stages,
-                                             num_warps=config.warps)
-        with tf32_products() if config.precision == "tf32" else contextlib.nullcontext():
-            d_w = -(d_total @ states.transpose(-1, -2))
-            d_k = v @ ends.transpose(-1, -2)
-        d_gamma = (states * ends).sum((-1, -2))
-        return d_w, d_total, d_k, d_gamma, d_s0, None, None
+        return (*scan_backward(w, k, gamma, states, v, keep, ctx.config, d_states, d_v, d_final), None, None)
 
 
 class ScanConfig(NamedTuple):
@@ -230,7 +225,4 @@ def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanCon
 def chunk_scan(w, u, k, gamma, s0, keep=None, tf32: bool = False):
     """chunk_scan_reference's scan (same arguments and returns, fp32) with the backward written out: by the Triton
     kernels where scan_config allows (tf32: see there), else the torch loop."""
-    config = scan_config(w, u, tf32)
-    if config is not None:
-        return _ChunkScanTriton.apply(w, u, k, gamma, s0, keep, config)
-    return _ChunkScanTorch.apply(w, u, k, gamma, s0, keep)
+    return _ChunkScan.apply(w, u, k, gamma, s0, keep, scan_config(w, u, tf32))

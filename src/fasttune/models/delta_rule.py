@@ -13,14 +13,13 @@ chunked form in torch (fp32; on CUDA with 16-bit inputs its products in TF32 and
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 
 import torch
 
-from fasttune.kernels.delta_scan import chunk_scan
-from fasttune.kernels.tf32_matmul import tf32_matmul, tf32_products
+from fasttune.kernels.delta_chunk import chunked_rule
+from fasttune.kernels.delta_scan import scan_config
 
 CHUNK = 64  # positions per chunk of the chunked form (fla's and transformers' size)
 L2_EPS = 1e-6
@@ -151,11 +150,11 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     A[s, r] = beta_s exp(G_s - G_r) k_s . k_r (r < s), the corrected values are
     U = (I + A)^-1 (beta V - beta exp(G) K S0), the outputs O = exp(G) Q S0 + (Q K^T * exp(G_t - G_s), s <= t) U and
     the state S = exp(G_C) S0 + sum_s exp(G_C - G_s) k_s u_s^T (the WY form of the delta rule, Yang et al. 2024).
-    The chunk size must be a power of two (unit_lower_inverse). On CUDA with 16-bit inputs the fp32 products run
-    on TF32 tensor cores (kernels/tf32_matmul.py, kernels/delta_scan.py): 10-bit mantissas, more than bf16 carries."""
+    The chunk size must be a power of two (kernels/delta_chunk.py's unit_lower_inverse), which also writes the
+    backward out. On CUDA with 16-bit inputs the fp32 products run on TF32 tensor cores (kernels/tf32.py): 10-bit
+    mantissas, more than bf16 carries."""
     dtype = v.dtype
     tf32 = q.is_cuda and dtype in (torch.bfloat16, torch.float16)
-    mm = tf32_matmul if tf32 else torch.matmul
     b, t, hk, dk = k.shape
     hv, dv = v.shape[2:]
     group = hv // hk
@@ -171,58 +170,11 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     n = (t + pad) // chunk
     q, k, v = (x.reshape(b, hv, n, chunk, -1) for x in (q, k, v))
     g, beta = (x.reshape(b, hv, n, chunk) for x in (g, beta))
-    cum = g.cumsum(-1)  # G within each chunk
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).tril()
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # exp(G_s - G_r), r <= s
-    kb = k * beta[..., None]
-    a = (mm(kb, k.transpose(-1, -2)) * decay).tril(-1)  # strictly lower
-    inverse = unit_lower_inverse(a, tf32)
-    grow = cum.exp()[..., None]  # exp(G)
-    u = mm(inverse, v * beta[..., None])
-    w = mm(inverse, kb * grow)
-    scores = mm(q, k.transpose(-1, -2)) * decay
-    q_decayed = q * grow
-    k_to_end = k * (cum[..., -1:] - cum).exp()[..., None]
     state = q.new_zeros(b, hv, dk, dv) if initial_state is None else initial_state.float()
-    # the only sequential part: each chunk's starting state and corrected values (kernels/delta_scan.py)
-    states, u, state = chunk_scan(w, u, k_to_end, cum[..., -1].exp(), state, keep, tf32=tf32)
-    o = (mm(q_decayed, states) + mm(scores, u)).reshape(b, hv, n * chunk, dv)[:, :, :t]
+    # the chunks' own work and the scan carrying the state between them (kernels/delta_chunk.py, delta_scan.py)
+    o, state = chunked_rule(q, k, v, beta, g, state, keep, scan_config(q, v, tf32), tf32)
+    o = o.reshape(b, hv, n * chunk, dv)[:, :, :t]
     return o.transpose(1, 2).to(dtype), (state if final_state else None)
-
-
-def unit_lower_inverse(a: torch.Tensor, tf32: bool = False) -> torch.Tensor:
-    """(I + a)^-1 for strictly lower-triangular a (..., C, C) fp32, C a power of two, as the product
-    (I - a)(I + a^2)(I + a^4)...(I + a^(C/2)): a is nilpotent (a^C = 0), so this is the whole series sum (-a)^j.
-    Batched matmuls only (in TF32 where `tf32`, kernels/tf32_matmul.py); on the GPU much faster than a batched
-    triangular solve, and as accurate here (|a| <= 1). The backward is the inverse's own, d a = -M^T dM M^T (strictly
-    lower part; M the result): two products instead of autograd's two per product of the series."""
-    return _UnitLowerInverse.apply(a, tf32)
-
-
-class _UnitLowerInverse(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, tf32):
-        """a (..., C, C) strictly lower -> M = (I + a)^-1; saves M."""
-        c = a.shape[-1]
-        flat = a.reshape(-1, c, c)
-        with tf32_products() if tf32 else contextlib.nullcontext():
-            inverse = torch.eye(c, dtype=a.dtype, device=a.device) - flat
-            power = flat @ flat
-            for _ in range(c.bit_length() - 2):  # powers a^2 ... a^(C/2)
-                inverse = torch.baddbmm(inverse, inverse, power)  # inverse (I + power), one kernel
-                power = power @ power
-        inverse = inverse.view(a.shape)
-        ctx.save_for_backward(inverse)
-        ctx.tf32 = tf32
-        return inverse
-
-    @staticmethod
-    def backward(ctx, grad):
-        """dM -> d a = -(M^T dM M^T), strictly lower (d(M^-1) = -M^-1 dM M^-1 with M^-1 = I + a)."""
-        inverse, = ctx.saved_tensors
-        mt = inverse.transpose(-1, -2)
-        with tf32_products() if ctx.tf32 else contextlib.nullcontext():
-            return -(mt @ grad @ mt).tril(-1), None
 
 
 def delta_rule_step(q, k, v, g, beta, state: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,150 @@
+"""The chunked gated delta rule (models/delta_rule.py) as one autograd function with its backward written out: the
+work inside each chunk in batched torch products, the state carried between chunks by kernels/delta_scan.py.
+
+Per (row, value head, chunk), fp32, with q (scaled), k (C x d_k), v (C x d_v), beta and the log-decays g (C), and
+G = cumsum(g) within the chunk (Yang, Kautz & Hatamizadeh, "Gated Delta Networks", 2024, the WY form):
+    D[s, r] = exp(G_s - G_r) for r <= s, else 0;   A = strictly-lower((beta k) k^T * D);   M = (I + A)^-1
+    U = M (beta v);   W = M (beta k exp(G));   scores = (q k^T) * D
+    (states S_i, corrected values V) = scan(W, U, k exp(G_C - G), exp(G_C))       (kernels/delta_scan.py)
+    o = (q exp(G)) S_i + scores V
+
+Backward, the chain rule through those lines in reverse (dX: the gradient of X):
+    dS_i = (q exp(G))^T do;  dV = scores^T do;  d scores = do V^T;  then the scan's backward gives dW, dU, d(k e), d gamma
+    dq = (do S_i^T) exp(G) + (d scores * D) k;   dk gets (d scores * D)^T q
+    dM = dU (beta v)^T + dW (beta k exp(G))^T;   d(beta v) = M^T dU;   d(beta k exp(G)) = M^T dW
+    dA = -(M^T dM M^T), strictly lower;   d(beta k) += (dA * D) k;   dk += (dA * D)^T (beta k)
+    dG_s gets sum_r X[s, r] - sum_r X[r, s] for X = d scores * scores and X = dA * A (through D), plus the terms of
+    exp(G) in q, W and the scan's inputs; dg = the reverse cumulative sum of dG.
+
+Why not autograd: it kept a dozen fp32 (chunk x 128) and (chunk x chunk) intermediates per layer and ran each
+product of the series inverse backwards; this saves q, k, v, beta, G, M, W and the scan's states and values, and
+recomputes the cheap elementwise terms.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from fasttune.kernels.delta_scan import chunk_scan_reference, scan_backward, scan_forward
+from fasttune.kernels.tf32 import tf32_products
+
+
+def unit_lower_inverse(a: torch.Tensor) -> torch.Tensor:
+    """(I + a)^-1 for strictly lower-triangular a (..., C, C), C a power of two, as the product
+    (I - a)(I + a^2)(I + a^4)...(I + a^(C/2)): a is nilpotent (a^C = 0), so this is the whole series sum (-a)^j.
+    Batched matmuls only: on the GPU much faster than a batched triangular solve, and as accurate here (|a| <= 1).
+    (Differentiable by autograd; _ChunkedRule's backward uses the inverse's own, -M^T dM M^T.)"""
+    c = a.shape[-1]
+    flat = a.reshape(-1, c, c)
+    inverse = torch.eye(c, dtype=a.dtype, device=a.device) - flat
+    power = flat @ flat
+    for _ in range(c.bit_length() - 2):  # powers a^2 ... a^(C/2)
+        inverse = torch.baddbmm(inverse, inverse, power)  # inverse (I + power), one kernel
+        power = power @ power
+    return inverse.view(a.shape)
+
+
+def _precision(tf32: bool):
+    """TF32 products inside the block where `tf32` (kernels/tf32.py), else torch's setting as it is."""
+    return tf32_products() if tf32 else contextlib.nullcontext()
+
+
+def _decay(cum: torch.Tensor) -> torch.Tensor:
+    """D (..., C, C): exp(G_s - G_r) for r <= s, else 0, from G (..., C)."""
+    c = cum.shape[-1]
+    causal = torch.ones(c, c, dtype=torch.bool, device=cum.device).tril()
+    return (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+
+
+def _t(x: torch.Tensor) -> torch.Tensor:
+    return x.transpose(-1, -2)
+
+
+class _ChunkedRule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, s0, keep, config, tf32):
+        """See chunked_rule. Saves q, k, v, beta, G, M, W, the states and the corrected values."""
+        with _precision(tf32):
+            cum = g.cumsum(-1)
+            decay = _decay(cum)
+            kb = k * beta[..., None]
+            inverse = unit_lower_inverse((kb @ _t(k) * decay).tril(-1))
+            grow = cum.exp()[..., None]
+            u = inverse @ (v * beta[..., None])
+            w = inverse @ (kb * grow)
+            to_end = (cum[..., -1:] - cum).exp()[..., None]
+            states, values, final = scan_forward(w, u, k * to_end, cum[..., -1].exp(), s0, keep, config)
+            o = (q * grow) @ states + (q @ _t(k) * decay) @ values
+        ctx.save_for_backward(q, k, v, beta, cum, inverse, w, states, values, keep)
+        ctx.config, ctx.tf32 = config, tf32
+        return o, final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        """(do, d final state) -> (dq, dk, dv, d beta, dg, d s0, None, None, None): the module docstring's lines."""
+        q, k, v, beta, cum, inverse, w, states, values, keep = ctx.saved_tensors
+        with _precision(ctx.tf32):
+            decay = _decay(cum)
+            grow = cum.exp()[..., None]
+            to_end = (cum[..., -1:] - cum).exp()[..., None]
+            gamma = cum[..., -1].exp()
+            kb, vb = k * beta[..., None], v * beta[..., None]
+            q_grown = q * grow
+            scores = q @ _t(k) * decay
+            # o = (q exp(G)) S + scores V
+            d_q_grown = d_o @ _t(states)
+            d_scores = d_o @ _t(values)
+            d_w, d_u, d_ke, d_gamma, d_s0 = scan_backward(w, k * to_end, gamma, states, values, keep, ctx.config,
+                                                          _t(q_grown) @ d_o, _t(scores) @ d_o, d_final)
+            masked = d_scores * decay
+            dq = d_q_grown * grow + masked @ k
+            dk = _t(masked) @ q
+            through_decay = d_scores * scores
+            d_cum = through_decay.sum(-1) - through_decay.sum(-2) + (d_q_grown * q_grown).sum(-1)
+            # U = M (beta v), W = M (beta k exp(G))
+            kb_grown = kb * grow
+            mt = _t(inverse)
+            d_vb, d_kb_grown = mt @ d_u, mt @ d_w
+            d_inverse = d_u @ _t(vb) + d_w @ _t(kb_grown)
+            dv = d_vb * beta[..., None]
+            d_beta = (d_vb * v).sum(-1)
+            d_cum = d_cum + (d_kb_grown * kb_grown).sum(-1)
+            # M = (I + A)^-1, A = strictly-lower((beta k) k^T * D)
+            d_a = (-(mt @ d_inverse @ mt)).tril(-1) * decay
+            d_kb = d_kb_grown * grow + d_a @ k
+            dk = dk + _t(d_a) @ kb
+            through_decay = d_a * (kb @ _t(k))
+            d_cum = d_cum + through_decay.sum(-1) - through_decay.sum(-2)
+            dk = dk + d_kb * beta[..., None] + d_ke * to_end
+            d_beta = d_beta + (d_kb * k).sum(-1)
+            # the scan's inputs k exp(G_C - G) and gamma = exp(G_C)
+            ke_term = (d_ke * k * to_end).sum(-1)
+            d_cum = d_cum - ke_term
+            d_cum[..., -1] += ke_term.sum(-1) + d_gamma * gamma
+            dg = d_cum.flip(-1).cumsum(-1).flip(-1)
+        return dq, dk, dv, d_beta, dg, d_s0, None, None, None
+
+
+def chunked_rule(q, k, v, beta, g, s0, keep=None, config=None, tf32: bool = False):
+    """The chunked gated delta rule on prepared chunks: q (scaled), k (B, H, n, C, d_k), v (B, H, n, C, d_v), beta
+    and g (B, H, n, C), s0 (B, H, d_k, d_v), all fp32 (one value head per head: key heads already repeated);
+    keep (B, n) 0/1 or None (kernels/delta_scan.py); config: the scan's ScanConfig (Triton) or None (torch loop);
+    tf32: products on TF32 tensor cores (CUDA, 16-bit callers). Returns (o (B, H, n, C, d_v), final state
+    (B, H, d_k, d_v)), both differentiable."""
+    return _ChunkedRule.apply(q, k, v, beta, g, s0, keep, config, tf32)
+
+
+def chunked_rule_reference(q, k, v, beta, g, s0, keep=None):
+    """chunked_rule in plain torch ops, the scan a loop (chunk_scan_reference): autograd differentiates it. Same
+    arguments (fp32 IEEE products) and returns."""
+    cum = g.cumsum(-1)
+    decay = _decay(cum)
+    kb = k * beta[..., None]
+    inverse = unit_lower_inverse((kb @ _t(k) * decay).tril(-1))
+    grow = cum.exp()[..., None]
+    u = inverse @ (v * beta[..., None])
+    w = inverse @ (kb * grow)
+    to_end = (cum[..., -1:] - cum).exp()[..., None]
+    states, values, final = chunk_scan_reference(w, u, k * to_end, cum[..., -1].exp(), s0, keep)
+    return (q * grow) @ states + (q @ _t(k) * decay) @ values, final
