@@ -50,3 +50,28 @@ def test_unit_lower_inverse_equals_an_fp64_inverse():
     a = (torch.randn(3, 2, 64, 64, generator=g) * 0.1).tril(-1)
     exact = torch.linalg.inv(torch.eye(64, dtype=torch.float64) + a.double())
     assert ((unit_lower_inverse(a).double() - exact).norm() / exact.norm()).item() < 1e-6
+
+
+def _saved_bytes(fn, inputs) -> int:
+    """Bytes of the distinct storages autograd keeps for fn's backward."""
+    seen = {}
+
+    def pack(x):
+        seen[x.untyped_storage().data_ptr()] = x.untyped_storage().nbytes()
+        return x
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        fn(*inputs)
+    return sum(seen.values())
+
+
+def test_keeps_less_for_backward_than_autograd():
+    """What a layer holds between its forward and backward (all of it, for every layer, without recompute): the
+    inputs, M, W and the scan's states and values, not autograd's dozen intermediates."""
+    b, h, n, c, dk, dv = 1, 4, 4, 64, 32, 16
+    inputs = _inputs(b, h, n, c, dk, dv)
+    ours = _saved_bytes(lambda *x: chunked_rule(*x), inputs)
+    chunks = b * h * n * 4  # fp32 bytes per chunk position
+    # q, k, W (C x d_k); v, values (C x d_v); M (C x C); beta, G (C); the states (d_k x d_v)
+    assert ours == chunks * (c * (3 * dk + 2 * dv + c + 2) + dk * dv), ours
+    assert ours < 0.25 * _saved_bytes(lambda *x: chunked_rule_reference(*x), inputs)
