@@ -61,21 +61,31 @@ def _t(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(-1, -2)
 
 
+def _within_chunks(k, v, beta, g):
+    """The module docstring's first two lines: (G, D, M, exp(G)[..., None], U, W, exp(G_C - G)[..., None])."""
+    cum = g.cumsum(-1)
+    decay = _decay(cum)
+    kb = k * beta[..., None]
+    inverse = unit_lower_inverse((kb @ _t(k) * decay).tril(-1))
+    grow = cum.exp()[..., None]
+    u = inverse @ (v * beta[..., None])
+    w = inverse @ (kb * grow)
+    return cum, decay, inverse, grow, u, w, (cum[..., -1:] - cum).exp()[..., None]
+
+
+def _output(q, k, grow, decay, states, values):
+    """o = (q exp(G)) S_i + ((q k^T) * D) V."""
+    return (q * grow) @ states + (q @ _t(k) * decay) @ values
+
+
 class _ChunkedRule(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, beta, g, s0, keep, config, tf32):
         """See chunked_rule. Saves q, k, v, beta, G, M, W, the states and the corrected values."""
         with _precision(tf32):
-            cum = g.cumsum(-1)
-            decay = _decay(cum)
-            kb = k * beta[..., None]
-            inverse = unit_lower_inverse((kb @ _t(k) * decay).tril(-1))
-            grow = cum.exp()[..., None]
-            u = inverse @ (v * beta[..., None])
-            w = inverse @ (kb * grow)
-            to_end = (cum[..., -1:] - cum).exp()[..., None]
+            cum, decay, inverse, grow, u, w, to_end = _within_chunks(k, v, beta, g)
             states, values, final = scan_forward(w, u, k * to_end, cum[..., -1].exp(), s0, keep, config)
-            o = (q * grow) @ states + (q @ _t(k) * decay) @ values
+            o = _output(q, k, grow, decay, states, values)
         ctx.save_for_backward(q, k, v, beta, cum, inverse, w, states, values, keep)
         ctx.config, ctx.tf32 = config, tf32
         return o, final
@@ -138,13 +148,6 @@ def chunked_rule(q, k, v, beta, g, s0, keep=None, config=None, tf32: bool = Fals
 def chunked_rule_reference(q, k, v, beta, g, s0, keep=None):
     """chunked_rule in plain torch ops, the scan a loop (chunk_scan_reference): autograd differentiates it. Same
     arguments (fp32 IEEE products) and returns."""
-    cum = g.cumsum(-1)
-    decay = _decay(cum)
-    kb = k * beta[..., None]
-    inverse = unit_lower_inverse((kb @ _t(k) * decay).tril(-1))
-    grow = cum.exp()[..., None]
-    u = inverse @ (v * beta[..., None])
-    w = inverse @ (kb * grow)
-    to_end = (cum[..., -1:] - cum).exp()[..., None]
+    cum, decay, inverse, grow, u, w, to_end = _within_chunks(k, v, beta, g)
     states, values, final = chunk_scan_reference(w, u, k * to_end, cum[..., -1].exp(), s0, keep)
-    return (q * grow) @ states + (q @ _t(k) * decay) @ values, final
+    return _output(q, k, grow, decay, states, values), final

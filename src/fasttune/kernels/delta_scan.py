@@ -50,16 +50,19 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
+    def _tiles(C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
+        """This program's row x head and the offsets of its (C x DK), (C x BV) and (DK x BV) tiles."""
+        rc, rk = tl.arange(0, C), tl.arange(0, DK)
+        rv = tl.program_id(1) * BV + tl.arange(0, BV)
+        return (tl.program_id(0).to(tl.int64), rc[:, None] * DK + rk[None, :], rc[:, None] * DV + rv[None, :],
+                rk[:, None] * DV + rv[None, :])
+
+    @triton.jit
     def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, keep_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, H,
                   C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
                   PRECISION: tl.constexpr, STAGES: tl.constexpr):
         """One (row x head, d_v block): the state (DK x BV, fp32) kept in registers through the n chunks."""
-        bh = tl.program_id(0).to(tl.int64)
-        rc, rk = tl.arange(0, C), tl.arange(0, DK)
-        rv = tl.program_id(1) * BV + tl.arange(0, BV)
-        ck = rc[:, None] * DK + rk[None, :]
-        cv = rc[:, None] * DV + rv[None, :]
-        kv = rk[:, None] * DV + rv[None, :]
+        bh, ck, cv, kv = _tiles(C, DK, DV, BV)
         s = tl.load(s0_ptr + bh * DK * DV + kv)
         for i in tl.range(0, n, num_stages=STAGES):
             chunk = bh * n + i
@@ -79,12 +82,7 @@ if HAVE_TRITON:
                   PRECISION: tl.constexpr, STAGES: tl.constexpr):
         """The reverse scan: dv (in: the later ops' dV; out: the total), ends (out: the gradient of each chunk's
         end state), ds0 (out: the initial state's)."""
-        bh = tl.program_id(0).to(tl.int64)
-        rc, rk = tl.arange(0, C), tl.arange(0, DK)
-        rv = tl.program_id(1) * BV + tl.arange(0, BV)
-        ck = rc[:, None] * DK + rk[None, :]
-        cv = rc[:, None] * DV + rv[None, :]
-        kv = rk[:, None] * DV + rv[None, :]
+        bh, ck, cv, kv = _tiles(C, DK, DV, BV)
         g = tl.load(dfinal_ptr + bh * DK * DV + kv)
         for j in tl.range(0, n, num_stages=STAGES):
             chunk = bh * n + (n - 1 - j)
