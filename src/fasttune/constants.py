@@ -1,4 +1,8 @@
-"""Values shared by data/, kernels/ and train/; imports nothing, so every layer can use them."""
+"""Values shared by data/, kernels/, models/, train/ and the API; imports nothing, so every layer can use them."""
 
 # The label of a position that is not a target: torch's cross-entropy default, which transformers and TRL use too.
 IGNORE_INDEX = -100
+
+# The processor's video inputs of Qwen's vision-language models (models/vision.py), passed as keywords to forward,
+# generate and the trainers.
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")

@@ -14,11 +14,11 @@ from __future__ import annotations
 import torch
 
 from fasttune import sampling
+from fasttune.constants import VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.static_decode import decode_session, graphs_wanted, release_decode_session
-from fasttune.models.vision import VIDEO_KEYS
 
 CHECK_EVERY = 16  # tokens between two host reads of the stop state on CUDA
 
@@ -307,7 +307,7 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch
 
 
 def _image_inputs(model, prompt, kwargs: dict) -> dict:
-    """pixel_values / image_grid_thw and the video keys (models/vision.py's VIDEO_KEYS) from the keywords or from a
+    """pixel_values / image_grid_thw and the video keys (constants.VIDEO_KEYS) from the keywords or from a
     processor output passed as the prompt (popped); refused (ConfigError) for a model without a vision tower, or
     grids without their pixels. mm_token_type_ids is dropped (image and video tokens are found by id)."""
     from collections.abc import Mapping

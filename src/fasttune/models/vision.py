@@ -20,6 +20,7 @@ import re
 
 import torch
 
+from fasttune.constants import VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 
@@ -71,10 +72,6 @@ FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_mo
 # Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
 FAMILIES["qwen3_5"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_5", deepstack=False)
 FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
-
-
-# The processor's video inputs, passed as keywords to forward, generate and the trainers.
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 
 
 def _joint_deepstack(parts: list):

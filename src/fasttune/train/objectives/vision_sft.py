@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fasttune.constants import VIDEO_KEYS
 from fasttune.data.vision import VisionDataCollator, VisionProcessor, collate_vision
 from fasttune.errors import ConfigError, DataError
-from fasttune.models.vision import VIDEO_KEYS
 
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", *VIDEO_KEYS)  # what a micro-batch may carry to the model
 
