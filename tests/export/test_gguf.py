@@ -582,3 +582,25 @@ def test_qwen3_5_moe_llama_cpp_logits_match(bpe, tmp_path):
     path = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)
     rel, top1, _ = _compare_logits(model, tok, path, f32_cache=True)
     assert rel < 1e-5 and top1 == 1.0
+
+
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_5_moe_text"])
+def test_qwen3_5_gguf_loads_back_onto_our_decoder(family, bpe, tmp_path):
+    """A Qwen3.5 GGUF ("qwen35" / "qwen35moe", which transformers cannot read) loads back onto our decoder: the
+    config from its keys, the DeltaNet tensors undone (A_log, the conv, the (1 + w) norms, the tiled value heads)
+    and LoRA merged in, with our LoRA model's logits and tokenizer."""
+    from fasttune.models.causal_lm import CausalLM
+
+    save_hf(hf_model(family, vocab_size=416), tmp_path / "m", bpe)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    model = FastLanguageModel.for_inference(model)
+    path = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)
+    back, back_tok = FastLanguageModel.from_pretrained(str(path))
+    assert isinstance(back, CausalLM) and back.arch.model_type == family
+    assert back.arch.linear_layers == model.arch.linear_layers
+    ids = torch.tensor([tok(PROMPTS[0])["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+    assert back_tok(PROMPTS[0])["input_ids"] == ids[0].tolist()

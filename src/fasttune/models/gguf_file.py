@@ -21,6 +21,8 @@ import torch
 
 from fasttune.errors import ModelLoadError
 from fasttune.export.mxfp4 import dequantize_mxfp4
+from fasttune.models.gguf_qwen35 import ARCHITECTURES as QWEN35_ARCHITECTURES
+from fasttune.models.gguf_qwen35 import from_gguf, gguf_lookup_name, qwen35_config
 
 # GGUF metadata value types: number formats (struct), 8 = string, 9 = array.
 _NUMBERS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -224,7 +226,9 @@ class GGUFContents:
         self.architecture = arch = metadata["general.architecture"]
         renamed = "mistral" if "llama" in arch and "mistral" in str(metadata.get("general.name", "")) else arch
         renamed = _RENAMED_ARCHITECTURES.get(arch, _READ_AS.get(arch, renamed))
-        if arch not in GGUF_SUPPORTED_ARCHITECTURES and renamed not in GGUF_SUPPORTED_ARCHITECTURES:
+        if arch in QWEN35_ARCHITECTURES:  # no transformers table: models/gguf_qwen35.py reads the config and tensors
+            renamed = "qwen2"
+        elif arch not in GGUF_SUPPORTED_ARCHITECTURES and renamed not in GGUF_SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(f"transformers has no GGUF mapping for architecture '{arch}', so the GGUF file "
                                  f"'{path}' cannot be read into a model. Use the model's transformers folder "
                                  f"(config.json and *.safetensors) instead.")
@@ -257,6 +261,9 @@ class GGUFContents:
             config["moe_intermediate_size"] = metadata[f"{arch}.expert_feed_forward_length"]
         if renamed == "gpt_oss":
             config.update(gpt_oss_config(metadata, path))
+        if arch in QWEN35_ARCHITECTURES:
+            config = {**qwen35_config(metadata, arch, path), "tie_word_embeddings": config["tie_word_embeddings"]}
+            model_type = config["model_type"]
         if arch == "smollm3":
             model_type = "smollm3"
             config.update(no_rope_layer_interval=SMOLLM3_NOPE_STEP, no_rope_layers=None)
@@ -279,8 +286,12 @@ class GGUFContents:
                                  f"'{self.architecture}'; upgrade it with `pip install -U gguf`.")
         gguf_names = get_tensor_name_map(arch, self.config["num_hidden_layers"])
         gpt_oss = self.model_type == "gpt_oss"
+        qwen35 = self.architecture in QWEN35_ARCHITECTURES
         to_hf = {}  # GGUF tensor name -> transformers name, as transformers' get_gguf_hf_weights_map finds it
         for name in names:
+            if qwen35 and name.endswith("linear_attn.dt_bias"):
+                to_hf[gguf_names.get_name(gguf_lookup_name(name).removesuffix(".bias")) + ".bias"] = name
+                continue
             name = processor.preprocess_name(name)
             base, suffix = (name.rsplit(".", 1)[0], "." + name.rsplit(".", 1)[1]) if name.endswith(
                 (".weight", ".bias")) else (name, "")
@@ -326,7 +337,8 @@ class GGUFContents:
                                        tensor_key_mapping=to_hf, parsed_parameters=parsed)
             if result.name in to_hf:
                 given.add(to_hf[result.name])
-                yield to_hf[result.name], _owned_float32(result.weights)
+                weights = _owned_float32(result.weights)
+                yield to_hf[result.name], from_gguf(to_hf[result.name], weights, self.config) if qwen35 else weights
         yield from parsed["tensors"].items()  # tensors a processor assembled itself (split MoE experts)
         if gpt_oss:
             self._check_gpt_oss_complete(names, given, to_hf, halves)
