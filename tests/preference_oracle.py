@@ -19,13 +19,14 @@ def unpaired_rows(n=8):
             for i in range(n)]
 
 
-def lora_pair(folder, tmp_path):
-    """(our model, tokenizer, PEFT twin) with one adapter; LoRA B random so the adapter is not the identity."""
+def lora_pair(folder, tmp_path, family="llama"):
+    """(our model, tokenizer, PEFT twin) with one adapter; LoRA B random so the adapter is not the identity.
+    `family`: the tiny family `folder` holds (the twin is built from it)."""
     model, tok = FastLanguageModel.from_pretrained(str(folder))
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     randomize_lora_b(model)
     model.save_pretrained(tmp_path / "init")
-    return model, tok, peft_twin("llama", tmp_path / "init").train()
+    return model, tok, peft_twin(family, tmp_path / "init").train()
 
 
 def our_step(trainer, n=4):

@@ -14,12 +14,14 @@ def _args(tmp_path, **kw):
     return DPOConfig(output_dir=str(tmp_path / "out"), **kw)
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "hinge"])
-def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("loss_type,family", [("sigmoid", "llama"), ("ipo", "llama"), ("hinge", "llama"),
+                                              ("sigmoid", "qwen3_5_text")])
+def test_loss_and_grads_equal_trl(loss_type, family, tiny_model_dir, tmp_path):
+    """Also on Qwen3.5 (gated DeltaNet layers, padded pairs) against TRL on transformers + PEFT."""
     import trl
     from datasets import Dataset
 
-    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    model, tok, twin = lora_pair(tiny_model_dir(family), tmp_path, family)
     rows = pair_rows(4)
     ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, loss_type=loss_type,
                                                                                   beta=0.5))

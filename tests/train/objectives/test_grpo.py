@@ -61,7 +61,7 @@ class FixedCompletionsTRL(trl.GRPOTrainer):
         return [list(c) for c in COMPLETIONS[:len(prompt_ids)]], None
 
 
-def _trl_trainer(adapter, tok, tmp_path, rewards=REWARDS, **cfg):
+def _trl_trainer(adapter, tok, tmp_path, rewards=REWARDS, family="llama", **cfg):
     """TRL's trainer on the transformers twin of our model, handed our saved adapter as a PeftModel (as our trainer
     is handed our model): with beta > 0 TRL copies that adapter as its frozen "ref" adapter, the reference, as
     fasttune's ReferencePolicy keeps the adapter as handed over."""
@@ -70,7 +70,7 @@ def _trl_trainer(adapter, tok, tmp_path, rewards=REWARDS, **cfg):
     args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(COMPLETIONS),
                           gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
                           report_to="none", bf16=False, **cfg)
-    tr = FixedCompletionsTRL(model=peft_twin("llama", adapter), reward_funcs=list(rewards), args=args,
+    tr = FixedCompletionsTRL(model=peft_twin(family, adapter), reward_funcs=list(rewards), args=args,
                              train_dataset=Dataset.from_list(ROWS), processing_class=tok)
     assert ("ref" in tr.model.peft_config) == bool(args.beta)
     tr.current_gradient_accumulation_steps = 1  # set by transformers' training loop; we call the loss directly
@@ -126,10 +126,22 @@ def test_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, beta, b
                     p.copy_(start[n])
 
 
-def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg):
+def test_qwen3_5_loss_and_grads_match_trl(tmp_path, tiny_tokenizer):
+    """Qwen3.5 (gated DeltaNet layers; left-padded prompts and the completions' padding through the delta rule) against
+    TRL on transformers + PEFT, with a reference (beta > 0)."""
+    save_hf(hf_model("qwen3_5_text", seed=0), tmp_path / "m", tiny_tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora_b(model)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    _loss_and_grads_match_trl(model, tok, tmp_path / "adapter", tmp_path, dict(loss_type="grpo", beta=0.1),
+                              family="qwen3_5_text")
+
+
+def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"):
     beta = cfg["beta"]
     ours = _ours(model, tok, tmp_path, **cfg)
-    tr = _trl_trainer(adapter, tok, tmp_path, **cfg)
+    tr = _trl_trainer(adapter, tok, tmp_path, family=family, **cfg)
     if beta:  # both took the adapter as handed over as the reference; now move the policy away from it
         shift_policy(model, tr.model)
     inputs = _trl_rollout(tr)
