@@ -204,7 +204,8 @@ def test_bad_mapping_is_a_config_error():
 @pytest.mark.parametrize("alias, name", [("llama3", "llama-3"), ("Llama-3.1", "llama-3.1"), ("llama-31", "llama-3.1"),
                                          ("gemma2", "gemma"), ("gemma-3", "gemma"), ("gemma3", "gemma"),
                                          ("qwen2.5", "qwen-2.5"), ("qwen3", "qwen-3"), ("phi-4", "phi-4"),
-                                         ("PHI_3", "phi-3")])
+                                         ("PHI_3", "phi-3"), ("llama-3.2", "llama-3.1"), ("llama-33", "llama-3.1"),
+                                         ("phi-3.5", "phi-3"), ("gemma-3n", "gemma"), ("qwen3-instruct", "qwen-3")])
 def test_aliases(alias, name):
     from fasttune.data.templates import template_name
 

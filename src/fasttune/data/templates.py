@@ -217,7 +217,14 @@ END_OF_TURN: dict[str, str | None] = {
 _ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1", "llama31": "llama-3.1",
             "qwen2.5": "qwen-2.5", "qwen-2-5": "qwen-2.5", "qwen25": "qwen-2.5", "qwen": "qwen-2.5",
             "qwen3": "qwen-3", "phi3": "phi-3", "phi4": "phi-4",
-            "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma"}
+            "gemma2": "gemma", "gemma-2": "gemma", "gemma3": "gemma", "gemma-3": "gemma",
+            # names Unsloth's get_chat_template takes for formats these already write: Llama 3.2 / 3.3 use 3.1's
+            # turns, Phi-3.5 Phi-3's, Gemma 3n Gemma's, and Qwen3-Instruct(-2507) plain ChatML without a default
+            # system message (tool calls are not rendered by ours)
+            "llama-3.2": "llama-3.1", "llama-32": "llama-3.1", "llama3.2": "llama-3.1",
+            "llama-3.3": "llama-3.1", "llama-33": "llama-3.1", "llama3.3": "llama-3.1",
+            "phi-3.5": "phi-3", "phi-35": "phi-3", "phi3.5": "phi-3",
+            "gemma-3n": "gemma", "gemma3n": "gemma", "qwen3-instruct": "qwen-3"}
 
 
 def names() -> str:
