@@ -1,12 +1,12 @@
 """The gated delta rule of one Qwen3.5 DeltaNet layer, forward and forward + backward, per implementation, on one
 GPU: transformers' torch form (`torch_chunk_gated_delta_rule`, what transformers runs without
 flash-linear-attention), ours with the chunk scan as a torch loop, and ours with the Triton scan at each tile
-configuration (`FASTTUNE_DELTA_SCAN=bv,warps,stages,precision`), with fp32 matmuls as IEEE or TF32.
+configuration (`FASTTUNE_DELTA_SCAN=bv,warps,stages,precision`; empty: the default). torch's own TF32 switch stays
+off: ours turns TF32 on around its products for 16-bit inputs (kernels/tf32.py).
 
 Inputs are bf16 q/k/v and beta and fp32 log-decay at Qwen3.5-9B's linear-layer shape (16 key heads, 32 value heads,
 head size 128); outputs and dq are compared with ours on fp32 copies of the inputs (IEEE products throughout;
-relative Frobenius error). Timings
-are medians of 10 runs after warm-up; rows go to bench/results/delta_rule.jsonl; the fastest configuration's GPU
+relative Frobenius error). Timings are medians of 10 runs after warm-up; rows go to bench/results/delta_rule.jsonl; the fastest configuration's GPU
 kernels are then listed (torch.profiler). Usage on a GPU machine:
 
     python bench/bench_delta_rule.py                  # bs 2 x 2048
@@ -52,19 +52,17 @@ def _transformers(q, k, v, decay, beta):
 
 
 @contextlib.contextmanager
-def _setting(scan: str, tf32: bool):
-    """FASTTUNE_DELTA_SCAN and torch's TF32 switch for fp32 matmuls, restored afterwards."""
-    old = os.environ.get("FASTTUNE_DELTA_SCAN"), torch.backends.cuda.matmul.allow_tf32
+def _setting(scan: str):
+    """FASTTUNE_DELTA_SCAN set to `scan`, restored afterwards."""
+    old = os.environ.get("FASTTUNE_DELTA_SCAN")
     os.environ["FASTTUNE_DELTA_SCAN"] = scan
-    torch.backends.cuda.matmul.allow_tf32 = tf32
     try:
         yield
     finally:
-        if old[0] is None:
+        if old is None:
             os.environ.pop("FASTTUNE_DELTA_SCAN")
         else:
-            os.environ["FASTTUNE_DELTA_SCAN"] = old[0]
-        torch.backends.cuda.matmul.allow_tf32 = old[1]
+            os.environ["FASTTUNE_DELTA_SCAN"] = old
 
 
 def _time(fn, inputs, grad, backward: bool, runs: int = 10) -> float:
@@ -97,7 +95,7 @@ def _rel(a, b) -> float:
 VARIANTS = {"transformers": _transformers, "ours": _ours}
 
 
-def measure(a, impl: str, scan: str, tf32: bool, profile: bool) -> dict:
+def measure(a, impl: str, scan: str, profile: bool) -> dict:
     """One variant, in this process: its row (timings and errors against ours in fp32 IEEE); with profile, prints
     its GPU kernels for one forward + backward instead of timing."""
     import transformers
@@ -106,11 +104,11 @@ def measure(a, impl: str, scan: str, tf32: bool, profile: bool) -> dict:
     inputs = _inputs(a.bs, a.seq, hk, hv, d)
     grad = torch.randn(a.bs, a.seq, hv, d, device="cuda", dtype=torch.bfloat16)
     exact = [x.detach().float().requires_grad_() for x in inputs]  # fp32 inputs: IEEE products throughout
-    with _setting("torch", False):
+    with _setting("torch"):
         ref = _ours(*exact)
         ref_dq = torch.autograd.grad(ref, exact[0], grad.float())[0]
     fn = VARIANTS[impl]
-    with _setting(scan, tf32):
+    with _setting(scan):
         out = fn(*inputs)
         dq = torch.autograd.grad(out, inputs[0], grad)[0]
         if profile:
@@ -121,18 +119,18 @@ def measure(a, impl: str, scan: str, tf32: bool, profile: bool) -> dict:
             return {}
         fwd = _time(fn, inputs, grad, backward=False)
         both = _time(fn, inputs, grad, backward=True)
-    return {"bench": "delta_rule", "impl": impl, "delta_scan": scan, "matmul_tf32": tf32, "batch": a.bs,
+    return {"bench": "delta_rule", "impl": impl, "delta_scan": scan, "batch": a.bs,
             "seq": a.seq, "key_heads": hk, "value_heads": hv, "head_dim": d, "forward_ms": round(fwd, 3),
             "forward_backward_ms": round(both, 3), "out_rel_err": _rel(out, ref), "dq_rel_err": _rel(dq, ref_dq),
             "card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _child(a, impl, scan, tf32, profile=False) -> dict | None:
+def _child(a, impl, scan, profile=False) -> dict | None:
     """One variant in a fresh process (a tile configuration that faults must not poison the others' context)."""
-    cmd = [sys.executable, __file__, "--bs", str(a.bs), "--seq", str(a.seq), "--only", f"{impl}:{scan}:{int(tf32)}"]
+    cmd = [sys.executable, __file__, "--bs", str(a.bs), "--seq", str(a.seq), "--only", f"{impl}:{scan}"]
     proc = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True)
-    name = f"{impl} scan={scan} mm-{'tf32' if tf32 else 'ieee'}"
+    name = f"{impl} scan={scan or 'default'}"
     if proc.returncode != 0:
         print(f"{name:<40} failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}",
               flush=True)
@@ -151,31 +149,30 @@ def main():
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="a few Triton tile configurations instead of the sweep")
-    ap.add_argument("--only", help="impl:scan:tf32 (one variant in this process; prints its JSON row)")
+    ap.add_argument("--only", help="impl:scan, e.g. ours: (one variant in this process; prints its JSON row)")
     ap.add_argument("--profile", action="store_true", help="with --only: list its GPU kernels instead")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "delta_rule.jsonl"))
     a = ap.parse_args()
     if a.only:
-        impl, scan, tf32 = a.only.split(":")
-        row = measure(a, impl, scan, tf32 == "1", a.profile)
+        impl, scan = a.only.split(":")
+        row = measure(a, impl, scan, a.profile)
         if row:
             print(json.dumps(row))
         return
     tiles = [(16, 4, 1), (32, 4, 2), (64, 4, 2)] if a.quick else \
         list(itertools.product((16, 32, 64), (4, 8), (1, 2)))
-    variants = [("transformers", "torch", False), ("ours", "torch", False)] + \
-        [("ours", f"{bv},{warps},{stages},tf32", False) for bv, warps, stages in tiles] + \
-        [("ours", f"{bv},8,1,ieee", False) for bv in (16, 32)]
+    variants = [("transformers", "torch"), ("ours", "torch"), ("ours", "")] + \
+        [("ours", f"{bv},{warps},{stages},tf32") for bv, warps, stages in tiles] + \
+        [("ours", f"{bv},8,1,ieee") for bv in (16, 32)]
     rows = [row for row in (_child(a, *v) for v in variants) if row is not None]
     best = min((r for r in rows if r["impl"] == "ours"), key=lambda r: r["forward_backward_ms"])
-    rows += [row for row in [_child(a, "ours", best["delta_scan"], True)] if row is not None]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print(f"\nfastest of ours: scan={best['delta_scan']} ({best['forward_backward_ms']:.2f} ms fwd+bwd); its kernels:")
     print(f"FASTEST_SCAN={best['delta_scan']}")
-    _child(a, "ours", best["delta_scan"], False, profile=True)
+    _child(a, "ours", best["delta_scan"], profile=True)
 
 
 if __name__ == "__main__":

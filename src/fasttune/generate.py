@@ -50,9 +50,11 @@ def _processors(s: GenerationSettings, custom: list, seen: list, stop_t, prompt_
     logits_processor as transformers merges them: a custom processor of the same class as a built-in one takes
     its place, the others run after the built-in ones, in the order given."""
     def penalty(ids, scores):
+        """transformers' repetition penalty on scores (B, V) over the tokens seen so far."""
         return sampling.repetition_penalty(scores, seen[0][:, :scores.shape[-1]], s.repetition_penalty)
 
     def min_length(ids, scores):
+        """The stop tokens' scores (B, V) at -inf until min_new_tokens tokens were generated after the prompt."""
         return sampling.suppress(scores, stop_t) if ids.shape[1] - prompt_length < s.min_new_tokens else scores
 
     built_in = []
@@ -314,9 +316,7 @@ def _image_inputs(model, prompt, kwargs: dict) -> dict:
 
     keys = ("pixel_values", "image_grid_thw", *VIDEO_KEYS)
     kwargs.pop("mm_token_type_ids", None)
-    images = {k: kwargs.pop(k) for k in keys if kwargs.get(k) is not None}
-    for k in keys:
-        kwargs.pop(k, None)  # None entries
+    images = {k: value for k in keys if (value := kwargs.pop(k, None)) is not None}
     if isinstance(prompt, Mapping):
         images.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     if images and getattr(model, "family", None) is None:

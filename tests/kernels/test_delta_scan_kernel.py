@@ -76,3 +76,13 @@ def test_which_form_runs(monkeypatch):
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "")
     monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
     assert scan_config(w(64, 128), u(64, 128)) is None
+
+
+@pytest.mark.parametrize("bad", ["fast", "48,4,2", "64,4", "64,4,2,bf16", "64,0,2"])
+def test_malformed_setting_is_a_config_error(bad, monkeypatch):
+    from fasttune.errors import ConfigError
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    monkeypatch.setenv("FASTTUNE_DELTA_SCAN", bad)
+    with pytest.raises(ConfigError, match="FASTTUNE_DELTA_SCAN=.*'bv,warps,stages"):
+        scan_config(torch.empty(1, 1, 1, 64, 128, device=DEVICE), torch.empty(1, 1, 1, 64, 128, device=DEVICE))

@@ -22,12 +22,36 @@ def is_gated_norm(name: str) -> bool:
     return name.endswith("linear_attn.norm.weight")
 
 
-def _tile_heads(t: torch.Tensor, dim: int, key_heads: int, per_key: int, head: int) -> torch.Tensor:
+def _tile_heads(t: torch.Tensor, dim: int, key_heads: int, per_key: int, head: int,
+                inverse: bool = False) -> torch.Tensor:
     """Heads along `dim` from transformers' order (key head g's per_key value heads in a row) to llama.cpp's tiled
-    one: position i * key_heads + g holds head g * per_key + i."""
+    one: position i * key_heads + g holds head g * per_key + i; `inverse`: back from the tiled order."""
     shape = t.shape
-    grouped = t.reshape(*shape[:dim], key_heads, per_key, head, *shape[dim + 1:])
+    split = (per_key, key_heads) if inverse else (key_heads, per_key)
+    grouped = t.reshape(*shape[:dim], *split, head, *shape[dim + 1:])
     return grouped.transpose(dim, dim + 1).reshape(shape)
+
+
+def reorder_value_heads(name: str, t: torch.Tensor, key_heads: int, value_heads: int, key_dim: int, value_dim: int,
+                        inverse: bool = False) -> torch.Tensor:
+    """A DeltaNet tensor (our name; the conv as (channels, kernel)) with its value heads in llama.cpp's tiled order,
+    or (`inverse`) back in transformers' grouped one: the value rows of in_proj_qkv and of the conv, in_proj_z,
+    in_proj_a / in_proj_b / A_log / dt_bias, and out_proj's input columns. Other tensors, and models with one value
+    head per key head, are returned as they are."""
+    per_key = value_heads // key_heads
+    if ".linear_attn." not in name or per_key < 2:
+        return t
+    tile = lambda x, dim, head: _tile_heads(x, dim, key_heads, per_key, head, inverse)  # noqa: E731
+    keys = 2 * key_heads * key_dim  # the q and k rows / channels before the values
+    if name.endswith(("in_proj_qkv.weight", "conv1d.weight")):
+        return torch.cat([t[:keys], tile(t[keys:], 0, value_dim)])
+    if name.endswith("in_proj_z.weight"):
+        return tile(t, 0, value_dim)
+    if name.endswith(("in_proj_a.weight", "in_proj_b.weight", ".A_log", ".dt_bias")):
+        return tile(t, 0, 1)
+    if name.endswith("out_proj.weight"):
+        return tile(t, 1, value_dim)
+    return t
 
 
 def linear_attention_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
@@ -35,25 +59,14 @@ def linear_attention_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch
     llama.cpp reads it); other tensors pass unchanged."""
     if ".linear_attn." not in name:
         return name, t
-    nk, nv, dv = cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_value_dim
-    per_key = nv // nk
-    tile = (lambda x, dim, head: _tile_heads(x, dim, nk, per_key, head)) if per_key > 1 else (lambda x, *_: x)
-    keys = 2 * nk * cfg.linear_key_dim  # the q and k rows / channels before the values
-    if name.endswith("in_proj_qkv.weight"):
-        t = torch.cat([t[:keys], tile(t[keys:], 0, dv)])
-    elif name.endswith("in_proj_z.weight"):
-        t = tile(t, 0, dv)
-    elif name.endswith(("in_proj_a.weight", "in_proj_b.weight")):
-        t = tile(t, 0, 1)
-    elif name.endswith(".A_log"):
-        t = tile(-t.exp(), 0, 1)
-    elif name.endswith(".dt_bias"):
-        name, t = name.removesuffix("dt_bias") + "dt_proj.bias", tile(t, 0, 1)
+    if name.endswith(".A_log"):
+        t = -t.exp()
     elif name.endswith("conv1d.weight"):
         t = t[:, 0]
-        t = torch.cat([t[:keys], tile(t[keys:], 0, dv)])
-    elif name.endswith("out_proj.weight"):
-        t = tile(t, 1, dv)
+    t = reorder_value_heads(name, t, cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_key_dim,
+                            cfg.linear_value_dim)
+    if name.endswith(".dt_bias"):
+        name = name.removesuffix("dt_bias") + "dt_proj.bias"
     return name, t
 
 

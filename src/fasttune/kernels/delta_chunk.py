@@ -9,7 +9,8 @@ G = cumsum(g) within the chunk (Yang, Kautz & Hatamizadeh, "Gated Delta Networks
     o = (q exp(G)) S_i + scores V
 
 Backward, the chain rule through those lines in reverse (dX: the gradient of X):
-    dS_i = (q exp(G))^T do;  dV = scores^T do;  d scores = do V^T;  then the scan's backward gives dW, dU, d(k e), d gamma
+    dS_i = (q exp(G))^T do;  dV = scores^T do;  d scores = do V^T;
+    then the scan's backward gives dW, dU, d(k e), d gamma
     dq = (do S_i^T) exp(G) + (d scores * D) k;   dk gets (d scores * D)^T q
     dM = dU (beta v)^T + dW (beta k exp(G))^T;   d(beta v) = M^T dU;   d(beta k exp(G)) = M^T dW
     dA = -(M^T dM M^T), strictly lower;   d(beta k) += (dA * D) k;   dk += (dA * D)^T (beta k)

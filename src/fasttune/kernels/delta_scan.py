@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from fasttune.errors import ConfigError
 from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 from fasttune.kernels.tf32 import tf32_products
 
@@ -202,18 +203,34 @@ class ScanConfig(NamedTuple):
     precision: str = "tf32"
 
 
+def _parse_config(choice: str) -> ScanConfig:
+    """FASTTUNE_DELTA_SCAN="bv,warps,stages[,ieee|tf32]" -> ScanConfig. Raises ConfigError for anything else (a bv
+    that is not a power of two >= 16 would leave d_v columns unscanned)."""
+    parts = choice.split(",")
+    try:
+        config = ScanConfig(*(int(x) for x in parts[:3]), *parts[3:])
+        ok = len(parts) in (3, 4) and config.bv >= 16 and not config.bv & (config.bv - 1) and config.warps > 0 \
+            and config.stages > 0 and config.precision in ("ieee", "tf32")
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ConfigError(f"FASTTUNE_DELTA_SCAN={choice!r}: use 'torch' (the loop) or 'bv,warps,stages[,ieee|tf32]' "
+                          f"with bv a power of two >= 16, e.g. '64,4,2,tf32' (the default on CUDA), or unset it.")
+    return config
+
+
 def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanConfig | None:
     """The Triton scan's tiles for these inputs, or None where the torch loop runs: no Triton for w
     (kernels/dispatch.py), FASTTUNE_DELTA_SCAN=torch, or C, d_k, d_v not powers of two >= 16 (tl.dot's limits).
     Products in TF32 only where `tf32` (the caller's inputs were 16-bit, so TF32's 10-bit mantissas lose nothing
     they had) and w is on CUDA; else IEEE fp32. FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles
-    (benchmarks; TF32 still only on CUDA)."""
+    (benchmarks; TF32 still only on CUDA); ConfigError for a malformed value."""
     choice = os.environ.get("FASTTUNE_DELTA_SCAN", "")
     c, dk, dv = w.shape[-2], w.shape[-1], u.shape[-1]
     if choice == "torch" or not use_triton(w) or any(x < 16 or x & (x - 1) for x in (c, dk, dv)):
         return None
     if choice:
-        config = ScanConfig(*(int(x) for x in choice.split(",")[:3]), *choice.split(",")[3:])
+        config = _parse_config(choice)
     else:
         config = ScanConfig(precision="tf32" if tf32 else "ieee")
     config = config._replace(bv=min(config.bv, dv))

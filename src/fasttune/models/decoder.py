@@ -410,7 +410,8 @@ class DecoderModel(nn.Module):
         with no attention_mask mark packed documents (as transformers reads padding-free batches), which then
         attend only within themselves. cu_seq_lens_q/k (D + 1,) int32: the document boundaries of a padding-free
         row (B = 1) as TRL's collator and flash attention write them (max_length_q/k are implied by them);
-        seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids). `past_key_values`: a KVCache to read and extend (generation).
+        seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids).
+        `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
         the KVCache passed in. output_router_logits (MoE): also `.router_logits`, one (B*T, E) tensor per sparse
         layer (a MoeModelOutputWithPast). image_blocks (B, T) long: a vision-language model's image tokens that

@@ -150,9 +150,10 @@ def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool =
     A[s, r] = beta_s exp(G_s - G_r) k_s . k_r (r < s), the corrected values are
     U = (I + A)^-1 (beta V - beta exp(G) K S0), the outputs O = exp(G) Q S0 + (Q K^T * exp(G_t - G_s), s <= t) U and
     the state S = exp(G_C) S0 + sum_s exp(G_C - G_s) k_s u_s^T (the WY form of the delta rule, Yang et al. 2024).
-    The chunk size must be a power of two (kernels/delta_chunk.py's unit_lower_inverse), which also writes the
-    backward out. On CUDA with 16-bit inputs the fp32 products run on TF32 tensor cores (kernels/tf32.py): 10-bit
-    mantissas, more than bf16 carries."""
+    This prepares the chunks (normalised, grouped heads repeated, padded) for kernels/delta_chunk.py, which runs
+    these formulas with the backward written out; the chunk size must be a power of two (its unit_lower_inverse).
+    On CUDA with 16-bit inputs the fp32 products run on TF32 tensor cores (kernels/tf32.py): 10-bit mantissas, more
+    than bf16 carries."""
     dtype = v.dtype
     tf32 = q.is_cuda and dtype in (torch.bfloat16, torch.float16)
     b, t, hk, dk = k.shape

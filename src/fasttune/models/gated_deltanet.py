@@ -65,8 +65,8 @@ class GatedDeltaNet(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x (B, T, H) -> (B, T, H). mask: the decoder's mask dict, read for "padding" (attention mask (B, T), 0 =
-        padding), "segments" (packed document ids (B, T)) and "spans" (their runs, segment_spans'); cache: a KVCache (prefill fills this layer's states,
-        a decode step (cache.slot set) reads and updates them)."""
+        padding), "segments" (packed document ids (B, T)) and "spans" (their runs, segment_spans'); cache: a KVCache
+        (prefill fills this layer's states, a decode step (cache.slot set) reads and updates them)."""
         b, t, _ = x.shape
         padding, segments = mask.get("padding"), mask.get("segments")
         if padding is not None:

@@ -150,6 +150,15 @@ def _owned_float32(weights: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(weights, dtype=np.float32))
 
 
+def arch_values(metadata: dict, arch: str):
+    """get(key, default=None) -> metadata[f"{arch}.{key}"] (default when absent), a one-element list unwrapped to its
+    value: the architecture's own keys of a GGUF file, as llama.cpp writes them."""
+    def get(key, default=None):
+        value = metadata.get(f"{arch}.{key}", default)
+        return value[0] if isinstance(value, list) and len(value) == 1 else value
+    return get
+
+
 def gpt_oss_config(metadata: dict, path) -> dict:
     """GptOssConfig fields of a llama.cpp "gpt-oss" file that transformers' GGUF table does not give (source:
     llama.cpp's convert_hf_to_gguf.py GptOssModel.set_gguf_parameters and src/llama-model.cpp's LLM_ARCH_OPENAI_MOE
@@ -165,11 +174,7 @@ def gpt_oss_config(metadata: dict, path) -> dict:
 
     Args: metadata: the file's GGUF keys; path: the file, for messages. Returns the fields as a dict.
     Raises ModelLoadError when the file has no sliding window or a RoPE scaling type other than yarn/none."""
-    def get(key, default=None):
-        """metadata["gpt-oss." + key] (default when absent), a one-element list unwrapped to its value."""
-        value = metadata.get(f"gpt-oss.{key}", default)
-        return value[0] if isinstance(value, list) and len(value) == 1 else value
-
+    get = arch_values(metadata, "gpt-oss")
     layers = int(get("block_count"))
     window = get("attention.sliding_window")
     if window is None:
@@ -262,7 +267,7 @@ class GGUFContents:
         if renamed == "gpt_oss":
             config.update(gpt_oss_config(metadata, path))
         if arch in QWEN35_ARCHITECTURES:
-            config = {**qwen35_config(metadata, arch, path), "tie_word_embeddings": config["tie_word_embeddings"]}
+            config = {**qwen35_config(arch_values(metadata, arch), arch, path), "tie_word_embeddings": config["tie_word_embeddings"]}
             model_type = config["model_type"]
         if arch == "smollm3":
             model_type = "smollm3"

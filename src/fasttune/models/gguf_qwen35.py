@@ -1,7 +1,7 @@
 """Read llama.cpp's "qwen35" / "qwen35moe" GGUF files (Qwen3.5's language model) back into transformers' layout:
 the config from the file's keys and each tensor undone from llama.cpp's form. transformers has no GGUF tables for
-these architectures; this is the reverse of export/gguf_qwen35.py and of what llama.cpp's convert_hf_to_gguf.py
-(Qwen3NextModel, _LinearAttentionVReorderBase) writes:
+these architectures; this is the reverse of export/gguf_qwen35.py (whose value-head reorder it runs backwards) and
+of what llama.cpp's convert_hf_to_gguf.py (Qwen3NextModel, _LinearAttentionVReorderBase) writes:
 
 - ssm_a = -exp(A_log) -> A_log = log(-ssm_a); ssm_dt.bias -> dt_bias; the conv (channels, kernel) -> (channels, 1,
   kernel);
@@ -15,18 +15,16 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ModelLoadError
+from fasttune.export.gguf_qwen35 import is_gated_norm, reorder_value_heads
 
 ARCHITECTURES = {"qwen35": "qwen3_5_text", "qwen35moe": "qwen3_5_moe_text"}
 
 
-def qwen35_config(metadata: dict, arch: str, path) -> dict:
+def qwen35_config(get, arch: str, path) -> dict:
     """Qwen3_5TextConfig / Qwen3_5MoeTextConfig fields (with model_type) from the file's `arch.*` keys, as our
-    export/gguf.py and llama.cpp's converter write them. Raises ModelLoadError for a file without the DeltaNet
-    keys llama.cpp's qwen35 needs."""
-    def get(key, default=None):
-        value = metadata.get(f"{arch}.{key}", default)
-        return value[0] if isinstance(value, list) and len(value) == 1 else value
-
+    export/gguf.py and llama.cpp's converter write them. get: gguf_file.arch_values of the file (key -> value);
+    arch: "qwen35" or "qwen35moe"; path: the file, for messages. Raises ModelLoadError for a file without the
+    DeltaNet keys llama.cpp's qwen35 needs."""
     needed = ("block_count", "embedding_length", "attention.head_count", "ssm.conv_kernel", "ssm.state_size",
               "ssm.group_count", "ssm.time_step_rank", "ssm.inner_size")
     missing = [k for k in needed if get(k) is None]
@@ -38,7 +36,7 @@ def qwen35_config(metadata: dict, arch: str, path) -> dict:
     interval = int(get("full_attention_interval", 4))
     value_heads = int(get("ssm.time_step_rank"))
     rotary = int(get("rope.dimension_count", head_dim))
-    sections = [int(s) for s in (metadata.get(f"{arch}.rope.dimension_sections") or [])][:3]
+    sections = [int(s) for s in (get("rope.dimension_sections") or [])][:3]
     fields = dict(
         model_type=ARCHITECTURES[arch], hidden_size=int(get("embedding_length")), num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
@@ -64,35 +62,17 @@ def gguf_lookup_name(name: str) -> str:
     return name.removesuffix("dt_bias") + "dt_proj.bias" if name.endswith("linear_attn.dt_bias") else name
 
 
-def _untile_heads(t: torch.Tensor, dim: int, key_heads: int, per_key: int, head: int) -> torch.Tensor:
-    """Heads along `dim` from llama.cpp's tiled order (position i * key_heads + g holds head g * per_key + i) back to
-    transformers' grouped one."""
-    shape = t.shape
-    tiled = t.reshape(*shape[:dim], per_key, key_heads, head, *shape[dim + 1:])
-    return tiled.transpose(dim, dim + 1).reshape(shape)
-
-
 def from_gguf(name: str, t: torch.Tensor, config: dict) -> torch.Tensor:
-    """One tensor as read from the file (our name, float32) -> transformers' layout."""
-    if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+    """One tensor as read from the file (our name, float32) -> transformers' layout (config: the fields of
+    qwen35_config)."""
+    if name.endswith("norm.weight") and not is_gated_norm(name):
         return t - 1.0
     if ".linear_attn." not in name:
         return t
-    nk, nv = config["linear_num_key_heads"], config["linear_num_value_heads"]
-    dv, per_key = config["linear_value_head_dim"], nv // nk
-    untile = (lambda x, dim, head: _untile_heads(x, dim, nk, per_key, head)) if per_key > 1 else (lambda x, *_: x)
-    keys = 2 * nk * config["linear_key_head_dim"]
-    if name.endswith("in_proj_qkv.weight"):
-        return torch.cat([t[:keys], untile(t[keys:], 0, dv)])
-    if name.endswith("in_proj_z.weight"):
-        return untile(t, 0, dv)
-    if name.endswith(("in_proj_a.weight", "in_proj_b.weight", ".dt_bias")):
-        return untile(t, 0, 1)
     if name.endswith(".A_log"):
-        return untile((-t).log(), 0, 1)
-    if name.endswith("conv1d.weight"):
+        t = (-t).log()
+    elif name.endswith("conv1d.weight"):
         t = t.reshape(t.shape[0], -1)
-        return torch.cat([t[:keys], untile(t[keys:], 0, dv)])[:, None]
-    if name.endswith("out_proj.weight"):
-        return untile(t, 1, dv)
-    return t
+    t = reorder_value_heads(name, t, config["linear_num_key_heads"], config["linear_num_value_heads"],
+                            config["linear_key_head_dim"], config["linear_value_head_dim"], inverse=True)
+    return t[:, None] if name.endswith("conv1d.weight") else t

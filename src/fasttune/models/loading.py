@@ -221,8 +221,9 @@ def _warn_unexpected(names: list[str], source: str) -> None:
     """One warning for the checkpoint tensors the config has no place for (a few named), and one for a
     multi-token-prediction head (`mtp.*`, Qwen3.5 / Qwen3-Next / DeepSeek-style releases: hundreds of tensors on MoE
     models), which transformers does not load either: not one warning per tensor."""
-    mtp = [n for n in names if n.startswith(("mtp.", "model.mtp."))]
-    others = [n for n in names if n not in set(mtp)]
+    is_mtp = [n.startswith(("mtp.", "model.mtp.")) for n in names]
+    mtp = [n for n, m in zip(names, is_mtp) if m]
+    others = [n for n, m in zip(names, is_mtp) if not m]
     if mtp:
         warnings.warn(f"{source}: the checkpoint's multi-token-prediction head ({plural(len(mtp), 'tensor')} "
                       f"under mtp.) is not loaded, as transformers does not load it: training, merging and "

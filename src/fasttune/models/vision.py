@@ -226,9 +226,10 @@ class VisionCausalLM(CausalLM):
             feats, deep = self.image_features(pixels, grid)
             n_tokens = int(mask.sum())
             if n_tokens != feats.shape[0]:
+                one = "an image" if what == "image" else "a video"
                 raise ConfigError(f"The batch holds {n_tokens} {what} placeholder tokens but its {what}s give "
-                                  f"{feats.shape[0]} features: a row was cut inside {'an' if what == 'image' else 'a'} {what} (raise "
-                                  f"max_seq_length) or {key}/{what}_grid_thw do not belong to these input_ids.")
+                                  f"{feats.shape[0]} features: a row was cut inside {one} (raise max_seq_length) "
+                                  f"or {key}/{what}_grid_thw do not belong to these input_ids.")
             x = x.masked_scatter(mask[..., None].expand_as(x), feats)
             if deep:
                 deep_parts.append((mask, deep))
@@ -243,7 +244,8 @@ class VisionCausalLM(CausalLM):
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
 
-    def rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None, videos: dict | None = None):
+    def rope_index(self, input_ids: torch.Tensor, image_grid_thw=None, attention_mask=None,
+                   videos: dict | None = None):
         """((3, B, T) multimodal RoPE positions, (B, 1) deltas for the tokens after them), see qwen_vl_positions;
         (None, zeros) for families with plain positions. videos: as in multimodal_inputs."""
         if not self.family.mrope:
