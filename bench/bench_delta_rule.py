@@ -1,7 +1,9 @@
 """The gated delta rule of one Qwen3.5 DeltaNet layer, forward and forward + backward, per implementation, on one
 GPU: transformers' torch form (`torch_chunk_gated_delta_rule`, what transformers runs without
-flash-linear-attention), ours with the chunk scan as a torch loop, and ours with the Triton scan at each tile
-configuration (`FASTTUNE_DELTA_SCAN=bv,warps,stages,precision`; empty: the default). torch's own TF32 switch stays
+flash-linear-attention), ours with the chunk scan as a torch loop, ours with the Triton scan at each tile
+configuration (`FASTTUNE_DELTA_SCAN=bv,warps,stages,precision`; empty: the default), and the work inside the chunks
+in torch ops against the fused Triton kernels at a few tile configurations (`FASTTUNE_DELTA_CHUNK=torch` or
+`block,warps,stages`; empty: the default, the kernels wherever the scan is Triton). torch's own TF32 switch stays
 off: ours turns TF32 on around its products for 16-bit inputs (kernels/tf32.py).
 
 Inputs are bf16 q/k/v and beta and fp32 log-decay at Qwen3.5-9B's linear-layer shape (16 key heads, 32 value heads,
@@ -52,17 +54,19 @@ def _transformers(q, k, v, decay, beta):
 
 
 @contextlib.contextmanager
-def _setting(scan: str):
-    """FASTTUNE_DELTA_SCAN set to `scan`, restored afterwards."""
-    old = os.environ.get("FASTTUNE_DELTA_SCAN")
-    os.environ["FASTTUNE_DELTA_SCAN"] = scan
+def _setting(scan: str, chunk: str = ""):
+    """FASTTUNE_DELTA_SCAN and FASTTUNE_DELTA_CHUNK set to `scan` and `chunk`, restored afterwards."""
+    names = {"FASTTUNE_DELTA_SCAN": scan, "FASTTUNE_DELTA_CHUNK": chunk}
+    old = {name: os.environ.get(name) for name in names}
+    os.environ.update(names)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("FASTTUNE_DELTA_SCAN")
-        else:
-            os.environ["FASTTUNE_DELTA_SCAN"] = old
+        for name, value in old.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def _time(fn, inputs, grad, backward: bool, runs: int = 10) -> float:
@@ -95,7 +99,7 @@ def _rel(a, b) -> float:
 VARIANTS = {"transformers": _transformers, "ours": _ours}
 
 
-def measure(a, impl: str, scan: str, profile: bool) -> dict:
+def measure(a, impl: str, scan: str, chunk: str, profile: bool) -> dict:
     """One variant, in this process: its row (timings and errors against ours in fp32 IEEE); with profile, prints
     its GPU kernels for one forward + backward instead of timing."""
     import transformers
@@ -104,11 +108,11 @@ def measure(a, impl: str, scan: str, profile: bool) -> dict:
     inputs = _inputs(a.bs, a.seq, hk, hv, d)
     grad = torch.randn(a.bs, a.seq, hv, d, device="cuda", dtype=torch.bfloat16)
     exact = [x.detach().float().requires_grad_() for x in inputs]  # fp32 inputs: IEEE products throughout
-    with _setting("torch"):
+    with _setting("torch", "torch"):
         ref = _ours(*exact)
         ref_dq = torch.autograd.grad(ref, exact[0], grad.float())[0]
     fn = VARIANTS[impl]
-    with _setting(scan):
+    with _setting(scan, chunk):
         out = fn(*inputs)
         dq = torch.autograd.grad(out, inputs[0], grad)[0]
         if profile:
@@ -119,27 +123,27 @@ def measure(a, impl: str, scan: str, profile: bool) -> dict:
             return {}
         fwd = _time(fn, inputs, grad, backward=False)
         both = _time(fn, inputs, grad, backward=True)
-    return {"bench": "delta_rule", "impl": impl, "delta_scan": scan, "batch": a.bs,
+    return {"bench": "delta_rule", "impl": impl, "delta_scan": scan, "delta_chunk": chunk, "batch": a.bs,
             "seq": a.seq, "key_heads": hk, "value_heads": hv, "head_dim": d, "forward_ms": round(fwd, 3),
             "forward_backward_ms": round(both, 3), "out_rel_err": _rel(out, ref), "dq_rel_err": _rel(dq, ref_dq),
             "card": torch.cuda.get_device_name(), "torch": torch.__version__,
             "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _child(a, impl, scan, profile=False) -> dict | None:
+def _child(a, impl, scan, chunk="", profile=False) -> dict | None:
     """One variant in a fresh process (a tile configuration that faults must not poison the others' context)."""
-    cmd = [sys.executable, __file__, "--bs", str(a.bs), "--seq", str(a.seq), "--only", f"{impl}:{scan}"]
+    cmd = [sys.executable, __file__, "--bs", str(a.bs), "--seq", str(a.seq), "--only", f"{impl}:{scan}:{chunk}"]
     proc = subprocess.run(cmd + (["--profile"] if profile else []), capture_output=True, text=True)
-    name = f"{impl} scan={scan or 'default'}"
+    name = f"{impl} scan={scan or 'default'} chunk={chunk or 'default'}"
     if proc.returncode != 0:
-        print(f"{name:<40} failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}",
+        print(f"{name:<56} failed: {proc.stderr.strip().splitlines()[-1][:200] if proc.stderr.strip() else ''}",
               flush=True)
         return None
     if profile:
         print(proc.stdout)
         return None
     row = json.loads(proc.stdout.strip().splitlines()[-1])
-    print(f"{name:<40} fwd {row['forward_ms']:7.2f} ms  fwd+bwd {row['forward_backward_ms']:7.2f} ms  "
+    print(f"{name:<56} fwd {row['forward_ms']:7.2f} ms  fwd+bwd {row['forward_backward_ms']:7.2f} ms  "
           f"out err {row['out_rel_err']:.1e}  dq err {row['dq_rel_err']:.1e}", flush=True)
     return row
 
@@ -149,30 +153,36 @@ def main():
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--quick", action="store_true", help="a few Triton tile configurations instead of the sweep")
-    ap.add_argument("--only", help="impl:scan, e.g. ours: (one variant in this process; prints its JSON row)")
+    ap.add_argument("--only", help="impl:scan:chunk, e.g. ours:: (one variant in this process; prints its JSON row)")
     ap.add_argument("--profile", action="store_true", help="with --only: list its GPU kernels instead")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "delta_rule.jsonl"))
     a = ap.parse_args()
     if a.only:
-        impl, scan = a.only.split(":")
-        row = measure(a, impl, scan, a.profile)
+        impl, scan, chunk = (a.only + "::").split(":")[:3]
+        row = measure(a, impl, scan, chunk, a.profile)
         if row:
             print(json.dumps(row))
         return
     tiles = [(16, 4, 1), (32, 4, 2), (64, 4, 2)] if a.quick else \
         list(itertools.product((16, 32, 64), (4, 8), (1, 2)))
-    variants = [("transformers", "torch"), ("ours", "torch"), ("ours", "")] + \
-        [("ours", f"{bv},{warps},{stages},tf32") for bv, warps, stages in tiles] + \
-        [("ours", f"{bv},8,1,ieee") for bv in (16, 32)]
+    chunk_tiles = [(64, 4, 1), (32, 4, 1)] if a.quick else \
+        [(64, 4, 1), (64, 8, 2), (32, 4, 1), (32, 8, 1), (128, 8, 1)]
+    variants = [("transformers", "torch", "torch"), ("ours", "torch", "torch"), ("ours", "", "torch"),
+                ("ours", "", "")] + \
+        [("ours", "", f"{block},{warps},{stages}") for block, warps, stages in chunk_tiles] + \
+        [("ours", f"{bv},{warps},{stages},tf32", "") for bv, warps, stages in tiles] + \
+        [("ours", f"{bv},8,1,ieee", "") for bv in (16, 32)]
     rows = [row for row in (_child(a, *v) for v in variants) if row is not None]
     best = min((r for r in rows if r["impl"] == "ours"), key=lambda r: r["forward_backward_ms"])
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     with open(a.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    print(f"\nfastest of ours: scan={best['delta_scan']} ({best['forward_backward_ms']:.2f} ms fwd+bwd); its kernels:")
+    print(f"\nfastest of ours: scan={best['delta_scan']} chunk={best['delta_chunk']} "
+          f"({best['forward_backward_ms']:.2f} ms fwd+bwd); its kernels:")
     print(f"FASTEST_SCAN={best['delta_scan']}")
-    _child(a, "ours", best["delta_scan"], profile=True)
+    print(f"FASTEST_CHUNK={best['delta_chunk']}")
+    _child(a, "ours", best["delta_scan"], best["delta_chunk"], profile=True)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,9 @@ Backward, the chain rule through those lines in reverse (dX: the gradient of X):
     dG_s gets sum_r X[s, r] - sum_r X[r, s] for X = d scores * scores and X = dA * A (through D), plus the terms of
     exp(G) in q, W and the scan's inputs; dg = the reverse cumulative sum of dG.
 
+Two forms run the work inside the chunks: the batched torch products here (the reference) and Triton kernels that
+fuse each chunk's steps (kernels/delta_chunk_triton.py; FASTTUNE_DELTA_CHUNK=torch|triton, chunk_config there).
+
 Why not autograd: it kept a dozen fp32 (chunk x 128) and (chunk x chunk) intermediates per layer and ran each
 product of the series inverse backwards; this saves q, k, v, beta, G, M, W and the scan's states and values, and
 recomputes the cheap elementwise terms.
@@ -27,6 +30,8 @@ import contextlib
 
 import torch
 
+from fasttune.kernels.delta_chunk_triton import (chunk_backward, chunk_config, chunk_output, chunk_prepare,
+                                                 chunk_scan_grads)
 from fasttune.kernels.delta_scan import chunk_scan_reference, scan_backward, scan_forward
 from fasttune.kernels.tf32 import tf32_products
 
@@ -81,20 +86,34 @@ def _output(q, k, grow, decay, states, values):
 
 class _ChunkedRule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, beta, g, s0, keep, config, tf32):
-        """See chunked_rule. Saves q, k, v, beta, G, M, W, the states and the corrected values."""
+    def forward(ctx, q, k, v, beta, g, s0, keep, config, tf32, fused):
+        """See chunked_rule; fused: the within-chunk kernels' ChunkConfig, or None for the torch ops. Saves q, k, v,
+        beta, G, M, W, the states and the corrected values."""
+        ctx.config, ctx.tf32, ctx.fused = config, tf32, fused
+        if fused is not None:
+            cum, inverse, u, w, k_to_end, gamma = chunk_prepare(k, v, beta, g, fused)
+            states, values, final = scan_forward(w, u, k_to_end, gamma, s0, keep, config)
+            ctx.save_for_backward(q, k, v, beta, cum, inverse, w, states, values, keep)
+            return chunk_output(q, k, cum, states, values, fused), final
         with _precision(tf32):
             cum, decay, inverse, grow, u, w, to_end = _within_chunks(k, v, beta, g)
             states, values, final = scan_forward(w, u, k * to_end, cum[..., -1].exp(), s0, keep, config)
             o = _output(q, k, grow, decay, states, values)
         ctx.save_for_backward(q, k, v, beta, cum, inverse, w, states, values, keep)
-        ctx.config, ctx.tf32 = config, tf32
         return o, final
 
     @staticmethod
     def backward(ctx, d_o, d_final):
-        """(do, d final state) -> (dq, dk, dv, d beta, dg, d s0, None, None, None): the module docstring's lines."""
+        """(do, d final state) -> (dq, dk, dv, d beta, dg, d s0, None x 4): the module docstring's lines."""
         q, k, v, beta, cum, inverse, w, states, values, keep = ctx.saved_tensors
+        if ctx.fused is not None:  # the kernels before and after the scan's backward
+            d_o = d_o.contiguous()  # (once: both kernels read it)
+            k_to_end, gamma, d_states, d_values = chunk_scan_grads(q, k, cum, d_o, ctx.fused)
+            d_w, d_u, d_ke, d_gamma, d_s0 = scan_backward(w, k_to_end, gamma, states, values, keep, ctx.config,
+                                                          d_states, d_values, d_final)
+            grads = chunk_backward(q, k, v, beta, cum, inverse, states, values, d_o, d_w, d_u, d_ke, d_gamma,
+                                   ctx.fused)
+            return (*grads, d_s0, None, None, None, None)
         with _precision(ctx.tf32):
             decay = _decay(cum)
             grow = cum.exp()[..., None]
@@ -134,16 +153,17 @@ class _ChunkedRule(torch.autograd.Function):
             d_cum = d_cum - ke_term
             d_cum[..., -1] += ke_term.sum(-1) + d_gamma * gamma
             dg = d_cum.flip(-1).cumsum(-1).flip(-1)
-        return dq, dk, dv, d_beta, dg, d_s0, None, None, None
+        return dq, dk, dv, d_beta, dg, d_s0, None, None, None, None
 
 
 def chunked_rule(q, k, v, beta, g, s0, keep=None, config=None, tf32: bool = False):
     """The chunked gated delta rule on prepared chunks: q (scaled), k (B, H, n, C, d_k), v (B, H, n, C, d_v), beta
     and g (B, H, n, C), s0 (B, H, d_k, d_v), all fp32 (one value head per head: key heads already repeated);
     keep (B, n) 0/1 or None (kernels/delta_scan.py); config: the scan's ScanConfig (Triton) or None (torch loop);
-    tf32: products on TF32 tensor cores (CUDA, 16-bit callers). Returns (o (B, H, n, C, d_v), final state
-    (B, H, d_k, d_v)), both differentiable."""
-    return _ChunkedRule.apply(q, k, v, beta, g, s0, keep, config, tf32)
+    tf32: products on TF32 tensor cores (CUDA, 16-bit callers). The work inside the chunks runs in the Triton
+    kernels of kernels/delta_chunk_triton.py where its chunk_config allows (with the Triton scan only), else in
+    torch ops. Returns (o (B, H, n, C, d_v), final state (B, H, d_k, d_v)), both differentiable."""
+    return _ChunkedRule.apply(q, k, v, beta, g, s0, keep, config, tf32, chunk_config(k, v, config, tf32))
 
 
 def chunked_rule_reference(q, k, v, beta, g, s0, keep=None):
