@@ -40,6 +40,12 @@ def hf_config(family: str, **overrides):
     elif family == "ministral":  # Ministral-8B's layout: sliding (window 4) and full layers by layer_types
         cfg = tf.MinistralConfig(**kw, head_dim=16, sliding_window=4, tie_word_embeddings=False,
                                  layer_types=["sliding_attention", "full_attention"])
+    elif family == "ministral3":  # Ministral 3's text model: yarn RoPE, Llama 4's query scaling from position 8
+        cfg = tf.Ministral3Config(**kw, head_dim=16, tie_word_embeddings=False,
+                                  rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 32.0,
+                                                   "original_max_position_embeddings": 8, "beta_fast": 32.0,
+                                                   "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0,
+                                                   "llama_4_scaling_beta": 0.1})
     elif family == "exaone4":  # 4 layers: 3 sliding with RoPE (window 4), the 4th global without RoPE
         kw.update(num_hidden_layers=4)
         cfg = tf.Exaone4Config(**kw, head_dim=16, sliding_window=4, sliding_window_pattern=4,

@@ -115,6 +115,51 @@ def save_gemma3(folder, seed: int = 0):
                  init=lambda m: m.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3))
 
 
+MISTRAL3_TOKENS = ["[IMG_BREAK]", "[IMG_END]", "[IMG]"]  # ids 259, 260, 261
+MISTRAL3_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "[IMG]")
+MISTRAL3_PATCH = 8  # tower patches of 8 pixels, merged 2 x 2: one token per 16 x 16 pixels
+
+
+def mistral3_config(text_type: str = "ministral3"):
+    """Mistral 3: a 2-layer Pixtral tower (patch 8) and the 2 x 2 patch-merging projector in front of a Ministral 3
+    text model (yarn RoPE, Llama 4's query scaling from position 16) or a Mistral one (Mistral Small 3.1's)."""
+    from transformers import Mistral3Config
+
+    text = dict(model_type=text_type, vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=256, pad_token_id=256, sliding_window=None)
+    if text_type == "ministral3":
+        text["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                   "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  patch_size=MISTRAL3_PATCH, image_size=64, head_dim=16)
+    return Mistral3Config(text_config=text, vision_config=vision, image_token_index=261, spatial_merge_size=2,
+                          vision_feature_layer=-1, tie_word_embeddings=False)
+
+
+def mistral3_processor(tok=None, longest_edge: int = 64):
+    """fasttune's VisionProcessor as PixtralProcessor expands images: rows of [IMG] per 16 pixels, each closed by
+    [IMG_BREAK], the last by [IMG_END]; images resized to at most `longest_edge` pixels a side."""
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=MISTRAL3_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": MISTRAL3_TOKENS})
+    images = PixtralImageProcessorPil(size={"longest_edge": longest_edge},
+                                      patch_size={"height": MISTRAL3_PATCH, "width": MISTRAL3_PATCH})
+    side = 2 * MISTRAL3_PATCH
+    return VisionProcessor(tok, images, MISTRAL3_TEMPLATE, "[IMG]", None, image_rows=("[IMG_BREAK]", "[IMG_END]", side))
+
+
+def save_mistral3(folder, seed: int = 0, text_type: str = "ministral3"):
+    """Save a random tiny Mistral 3 (fp32) with its processor to `folder`; returns the folder."""
+    from transformers import Mistral3ForConditionalGeneration
+
+    return _save(folder, Mistral3ForConditionalGeneration, mistral3_config(text_type), mistral3_processor(), seed)
+
+
 def qwen3_vl_config():
     from transformers import Qwen3VLConfig
 

@@ -6,3 +6,6 @@ IGNORE_INDEX = -100
 # The processor's video inputs of Qwen's vision-language models (models/vision.py), passed as keywords to forward,
 # generate and the trainers.
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# The processor's image inputs: the pixels, and each image's geometry (Qwen's (t, h, w) patch grids; Pixtral's, in
+# Mistral 3, (height, width) in pixels).
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fasttune import sampling
-from fasttune.constants import VIDEO_KEYS
+from fasttune.constants import IMAGE_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
@@ -197,8 +197,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
             prompt = KVCache(model.arch, b, t, model.dtype, device)
             moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
-            inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), moved.get("image_grid_thw"),
-                                             attention_mask, {k: moved.get(k) for k in VIDEO_KEYS})
+            geometry = moved.get("image_grid_thw", moved.get("image_sizes"))  # Qwen's grids, Pixtral's sizes
+            inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
+                                             {k: moved.get(k) for k in VIDEO_KEYS})
             if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
                 position_ids = inputs["position_ids"]
             next_pos = next_pos + inputs.pop("rope_deltas").to(device)  # text after the images continues past them
@@ -309,19 +310,20 @@ def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch
 
 
 def _image_inputs(model, prompt, kwargs: dict) -> dict:
-    """pixel_values / image_grid_thw and the video keys (constants.VIDEO_KEYS) from the keywords or from a
+    """pixel_values / image_grid_thw / image_sizes and the video keys (constants.VIDEO_KEYS) from the keywords or from a
     processor output passed as the prompt (popped); refused (ConfigError) for a model without a vision tower, or
     grids without their pixels. mm_token_type_ids is dropped (image and video tokens are found by id)."""
     from collections.abc import Mapping
 
-    keys = ("pixel_values", "image_grid_thw", *VIDEO_KEYS)
+    keys = (*IMAGE_KEYS, *VIDEO_KEYS)
     kwargs.pop("mm_token_type_ids", None)
     images = {k: value for k in keys if (value := kwargs.pop(k, None)) is not None}
     if isinstance(prompt, Mapping):
         images.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     if images and getattr(model, "family", None) is None:
         raise ConfigError("generate(): pixel_values were given, but this model has no vision tower.")
-    for grid, pixels in (("image_grid_thw", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
+    for grid, pixels in (("image_grid_thw", "pixel_values"), ("image_sizes", "pixel_values"),
+                         ("video_grid_thw", "pixel_values_videos")):
         if grid in images and pixels not in images:
             raise ConfigError(f"generate(): {grid} without {pixels}; pass the processor's output whole.")
     return images

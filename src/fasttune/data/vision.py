@@ -37,10 +37,14 @@ class VisionProcessor(ProcessorMixin):
     which needs torchvision), is not used. `image_token`: the placeholder the template writes per image;
     `feature_token`: the token each image feature replaces (default image_token); the placeholder becomes either
     `image_sequence` (Gemma 3: "\\n\\n<start_of_image>" + 256 soft tokens + "<end_of_image>\\n\\n", as
-    Gemma3Processor writes) or one feature token per merged patch, `merge_size` per side (Qwen2.5-VL: 2)."""
+    Gemma3Processor writes), or one feature token per merged patch, `merge_size` per side (Qwen2.5-VL: 2), or,
+    with `image_rows` = (break token, end token, pixels per token side) (Pixtral in Mistral 3, as PixtralProcessor
+    writes), one feature token per token side of the resized image, each row of them closed by the break token and
+    the last by the end token. The rows' tokens are never targets (`image_token_ids`)."""
 
     def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
-                 merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None):
+                 merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
+                 image_rows: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -49,11 +53,15 @@ class VisionProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.feature_token)
         self.merge_size = merge_size
         self.image_sequence = image_sequence
+        self.image_rows = image_rows
+        # the tokens an image expands to that are never targets: its feature tokens, and Pixtral's row marks
+        self.image_token_ids = {self.image_token_id} | (
+            set(tokenizer.convert_tokens_to_ids(list(image_rows[:2]))) if image_rows else set())
 
     @classmethod
     def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int | None = 2,
                         tokenizer=None, feature_token: str | None = None,
-                        image_sequence: str | None = None) -> "VisionProcessor":
+                        image_sequence: str | None = None, image_rows: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given). Raises ModelLoadError naming the
         missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -70,7 +78,7 @@ class VisionProcessor(ProcessorMixin):
             raise ModelLoadError(f"No usable image processor in '{folder}' ({e}): a vision-language model needs "
                                  f"its preprocessor_config.json beside the weights.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
-                   image_sequence)
+                   image_sequence, image_rows)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor"):  # not set yet (unpickling): no recursion
@@ -92,18 +100,26 @@ class VisionProcessor(ProcessorMixin):
 
     def process_images(self, images: list) -> dict:
         """PIL images -> {"pixel_values"} float32 (Qwen2.5-VL: patches (P, C*T*P*P) plus "image_grid_thw" (images,
-        3) long; Gemma 3: (images, C, H, W))."""
-        out = self.image_processor(images=images, return_tensors="pt")
+        3) long; Gemma 3: (images, C, H, W); Mistral 3: (images, C, H, W) zero-padded to the largest, plus
+        "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks)."""
+        extra = {}
+        if self.image_rows is not None:  # sides in whole (merged) tokens, as PixtralProcessor resizes
+            side = self.image_rows[2]
+            extra["patch_size"] = {"height": side, "width": side}
+        out = self.image_processor(images=images, return_tensors="pt", **extra)
         batch = {"pixel_values": out["pixel_values"]}
-        if "image_grid_thw" in out:
-            batch["image_grid_thw"] = out["image_grid_thw"].long()
+        for key in ("image_grid_thw", "image_sizes"):
+            if key in out:
+                batch[key] = torch.as_tensor(out[key]).long()
         return batch
 
     def image_grids(self, images: list) -> list:
-        """Per image what its token count depends on (Qwen: its (t, h, w) grid; fixed-size families: None)."""
+        """Per image what its token count depends on (Qwen: its (t, h, w) grid; Mistral 3: its resized (height,
+        width); fixed-size families: None)."""
         if self.image_sequence is not None:
             return [None] * len(images)
-        return self.process_images(images)["image_grid_thw"].tolist() if images else []
+        key = "image_sizes" if self.image_rows is not None else "image_grid_thw"
+        return self.process_images(images)[key].tolist() if images else []
 
     def expand(self, text: str, grids) -> str:
         """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
@@ -114,9 +130,19 @@ class VisionProcessor(ProcessorMixin):
         for grid, rest in zip(grids, parts[1:]):
             if self.image_sequence is not None:
                 out.append(self.image_sequence + rest)
+            elif self.image_rows is not None:
+                out.append(self._rows(grid) + rest)
             else:
                 out.append(self.feature_token * (int(torch.as_tensor(grid).prod()) // self.merge_size ** 2) + rest)
         return "".join(out)
+
+    def _rows(self, size) -> str:
+        """Pixtral's tokens for an image of `size` (height, width) pixels: its rows of feature tokens, each closed
+        by the break token, the last by the end token."""
+        brk, end, side = self.image_rows
+        height, width = (int(v) for v in size)
+        rows = [self.feature_token * (width // side)] * (height // side)
+        return brk.join(rows) + end
 
     def __call__(self, text=None, images=None, return_tensors=None, **kwargs) -> dict:
         """text (str or list[str], rendered with placeholders) and the images in order over the texts ->
@@ -264,7 +290,7 @@ class VisionEncoder:
                     labels[start:end] = ids[start:end]
         else:
             labels = list(ids)
-        labels = [IGNORE_INDEX if t == p.image_token_id else lab for t, lab in zip(ids, labels)]
+        labels = [IGNORE_INDEX if t in p.image_token_ids else lab for t, lab in zip(ids, labels)]
         if len(ids) > self.max_seq_length:
             if p.image_token_id in ids[self.max_seq_length:]:
                 raise DataError(f"{where}: {len(ids)} tokens with its images, more than max_seq_length "
@@ -369,4 +395,17 @@ def processor_settings(vlm_config, tokenizer) -> dict:
                                                           vlm_config.image_token_id])
         return dict(image_token=boi, merge_size=None, feature_token=soft,
                     image_sequence=f"\n\n{boi}{soft * vlm_config.mm_tokens_per_image}{eoi}\n\n")
+    if vlm_config.model_type == "mistral3":  # PixtralProcessor's tokens; a token covers merge x merge patches
+        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
+        return dict(image_token=image, merge_size=None,
+                    image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
     return dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)
+
+
+def _special(tokenizer, token: str) -> str:
+    """`token` when the tokenizer has it as one token; else ModelLoadError naming it (Pixtral's row marks)."""
+    if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+        raise ModelLoadError(f"The tokenizer has no {token} token, which Mistral 3's images need (PixtralProcessor "
+                             f"writes it); use the checkpoint's own tokenizer.")
+    return token

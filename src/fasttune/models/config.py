@@ -21,7 +21,7 @@ from typing import Any
 from fasttune.errors import ModelLoadError
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
-                      "olmo2", "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
+                      "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
@@ -76,6 +76,9 @@ class ModelConfig:
     residual_multiplier: float | None = None
     logits_scaling: float | None = None
     attn_scale: float | None = None  # None: head_dim ** -0.5
+    # Ministral 3 (Llama 4's attention scaling): queries at position p are multiplied by
+    # 1 + beta * ln(1 + floor(p / original_max_position_embeddings)), as (beta, original max); 1 below that length
+    query_position_scale: tuple | None = None
     attn_logit_softcap: float | None = None
     attn_sinks: bool = False  # gpt-oss: a learned logit per head joins each softmax's denominator
     final_logit_softcap: float | None = None
@@ -170,11 +173,13 @@ class ModelConfig:
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
         )
-        if model_type in ("llama", "mistral", "smollm3", "olmo2", "olmo3", "granite", "arcee", "apertus"):
+        if model_type in ("llama", "mistral", "ministral3", "smollm3", "olmo2", "olmo3", "granite", "arcee", "apertus"):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
             if model_type == "smollm3":
                 cfg.rope_layers = _rope_layers(get, layers)
+            if model_type == "ministral3":
+                cfg.query_position_scale = _llama4_query_scale(get)
             if model_type in ("olmo2", "olmo3"):
                 cfg.qk_norm = cfg.qk_norm_full = cfg.post_norm = True
             cfg.mlp_gated = model_type not in UNGATED
@@ -271,6 +276,17 @@ def _qwen3_5_fields(cfg: ModelConfig, get) -> None:
     if given and sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
         raise ModelLoadError(f"mrope_section {cfg.mrope_section} does not cover the rotary dimension {cfg.rotary_dim} "
                              f"(its sum must be half of it); the config is inconsistent.")
+
+
+def _llama4_query_scale(get) -> tuple | None:
+    """(beta, original_max_position_embeddings) of Ministral 3's query scaling, from rope_parameters
+    (transformers' get_llama_4_attn_scale reads the same two keys), or None when the config has no beta."""
+    params = get("rope_parameters") or get("rope_scaling") or {}
+    beta = params.get("llama_4_scaling_beta")
+    if beta is None:
+        return None
+    original = params.get("original_max_position_embeddings") or get("max_position_embeddings")
+    return float(beta), int(original)
 
 
 def _moe_fields(cfg: ModelConfig, get) -> None:

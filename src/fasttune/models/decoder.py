@@ -126,6 +126,8 @@ class Attention(nn.Module):
             sinks = self.sinks if cfg.attn_sinks else None
             if use_triton(q) and decode_attention_usable(q, step_mask, cfg.attn_logit_softcap, sinks):
                 i = self.layer_idx
+                if mask.get("query_scale") is not None:  # before RoPE here: a rotation is linear
+                    q = q * mask["query_scale"]
                 out = decode_attention(q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.slot, step_mask,
                                        cfg.scaling)
                 return one_linear(self.o_proj, _gated(out, gate))
@@ -133,6 +135,8 @@ class Attention(nn.Module):
             q, k = apply_rope_qk(q, k, cos, sin)
         if cfg.qk_norm_after_rope:
             q, k = self._qk_norms(q, k)
+        if mask.get("query_scale") is not None:  # Ministral 3, after RoPE as transformers scales
+            q = q * mask["query_scale"]
         if block is not None:
             keeper, slot, _ = block
             if replay:
@@ -454,6 +458,7 @@ class DecoderModel(nn.Module):
             segment_ids = seq_idx
         elif segment_ids is None and cu_seq_lens_q is not None:
             segment_ids = segments_from_boundaries(cu_seq_lens_q, cu_seq_lens_k, b, t)
+        given_positions = position_ids is not None
         if position_ids is not None and position_ids.dim() == 3:
             position_ids = mrope_positions(position_ids, self.arch)
         if position_ids is None:
@@ -467,6 +472,8 @@ class DecoderModel(nn.Module):
             masks = {"varlen": packed_spans(segment_ids)}
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
+        if cfg.query_position_scale is not None and (given_positions or past + t > cfg.query_position_scale[1]):
+            masks = {**masks, "query_scale": query_scales(cfg, position_ids, x.dtype)}
         if cfg.linear_layers:  # what Qwen3.5's linear-attention layers read (models/gated_deltanet.py)
             masks = {**masks, "padding": attention_mask, "segments": segment_ids,
                      "spans": None if segment_ids is None else segment_spans(segment_ids)}
@@ -525,6 +532,15 @@ class DecoderModel(nn.Module):
         # brought back ahead of the recompute); backward recomputes the layer from it.
         return offloaded_layer(lambda h: layer(h, cos, sin, masks, router_logits=router_logits), x, *offload)
 
+
+
+def query_scales(cfg: ModelConfig, position_ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Ministral 3's per-position query factors (B, T, 1, 1) in `dtype` from position_ids (B, T):
+    1 + beta * ln(1 + floor(p / original_max_position_embeddings)) (transformers' get_llama_4_attn_scale, in fp32),
+    for cfg.query_position_scale = (beta, original max). Positions below the original length get exactly 1."""
+    beta, original = cfg.query_position_scale
+    scale = 1 + beta * torch.log(1 + torch.floor(position_ids / original))
+    return scale[..., None, None].to(dtype)
 
 
 def add_at(x: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fasttune.kernels.dispatch import kernel_choice
+from fasttune.models.decoder import query_scales
 from fasttune.models.kv_cache import KVCache
 
 # A step attends over the cache up to the next multiple of KV_BUCKET slots (capped at max_len), not the whole
@@ -89,6 +90,8 @@ class DecodeStep:
         if self.model.arch.embedding_multiplier is not None:  # Granite
             x = x * self.model.arch.embedding_multiplier
         ropes = decoder.rope_tables(self.position, x.dtype)
+        if self.model.arch.query_position_scale is not None:  # Ministral 3: from the device-side position
+            masks["query_scale"] = query_scales(self.model.arch, self.position, x.dtype)
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
         for layer in decoder.layers:
             x, h = layer.unsummed(x, h, *ropes[layer.mixer.rope_kind], masks, cache)

@@ -45,6 +45,9 @@ class VisionFamily:
     # frames), "scaled" (Qwen2.5-VL: frame index x tokens_per_second x second_per_grid_ts), "frames" (Qwen3-VL,
     # Qwen3.5: each frame its own grid, the processor's timestamps as text between them)
     video: str | None = None
+    # Pixtral (Mistral 3): images of any size, each given by its (height, width) in pixels (the processor's
+    # image_sizes), whose features come from a chosen tower layer through the patch-merging projector
+    sized_images: bool = False
 
 
 FAMILIES = {
@@ -66,6 +69,13 @@ FAMILIES = {
                            r"(q_proj|k_proj|v_proj|out_proj)",
                            r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
                            bidirectional_images=True, scaled_embeddings=True),
+    # Pixtral tower + Mistral 3's projector (norm, 2 x 2 patch merger, two linears): Mistral Small 3.1 / 3.2,
+    # Magistral Small, Devstral Small 2 and Ministral 3 (transformers' Mistral3ForConditionalGeneration)
+    "mistral3": VisionFamily("mistral3", (("vision_tower", "vision_tower"),
+                                          ("multi_modal_projector", "multi_modal_projector")),
+                             r"model\.vision_tower\.transformer\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
+                             r"model\.vision_tower\.transformer\.layers\.\d+\.feed_forward\."
+                             r"(gate_proj|up_proj|down_proj)", sized_images=True),
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
@@ -156,8 +166,11 @@ class VisionCausalLM(CausalLM):
 
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw=None) -> tuple[torch.Tensor, list]:
         """The processor's pixel_values (Qwen: patches (P, C*T*P*P) with image_grid_thw (images, 3); Gemma 3:
-        images (N, C, H, W)) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
+        images (N, C, H, W); Mistral 3: padded images (N, C, H, W) with their sizes (N, 2) in image_grid_thw's
+        place) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
         DeepStack features, one (image tokens, hidden) tensor per early decoder layer, else [])."""
+        if self.family.sized_images:
+            return self._pixtral_features(pixel_values, image_grid_thw), []
         if self.family.model_type == "gemma3":
             tower = self.vision_tower
             hidden = tower(pixel_values=pixel_values.to(self.multi_modal_projector.mm_input_projection_weight.dtype)
@@ -167,6 +180,17 @@ class VisionCausalLM(CausalLM):
         feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers < 5.x returns a tensor
         deep = [f.to(self.dtype) for f in getattr(out, "deepstack_features", None) or []]
         return feats.to(self.dtype), deep
+
+    def _pixtral_features(self, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+        """Mistral 3: images (N, C, H, W), zero-padded to the batch's largest, with image_sizes (N, 2) their
+        (height, width) in pixels -> (image tokens, hidden) features, each image's merged patches row by row, as
+        transformers' Mistral3Model.get_image_features gives them: the hidden states of the tower layer(s)
+        vision_feature_layer (several are concatenated), then the projector."""
+        layer = self._vlm_config.vision_feature_layer
+        out = self.vision_tower(pixel_values.to(self.dtype), image_sizes=image_sizes, output_hidden_states=True)
+        hidden = (out.hidden_states[layer] if isinstance(layer, int) else
+                  torch.cat([out.hidden_states[i] for i in layer], dim=-1))
+        return self.multi_modal_projector(hidden.squeeze(0), image_sizes).to(self.dtype)
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
                           attention_mask=None, videos: dict | None = None) -> dict:
@@ -223,6 +247,9 @@ class VisionCausalLM(CausalLM):
                 continue
             if grid is None and self.family.mrope:
                 raise ConfigError(f"{key} need {what}_grid_thw ({what}s, 3), as the processor returns them.")
+            if grid is None and self.family.sized_images:
+                raise ConfigError(f"{key} need image_sizes (images, 2), each image's (height, width) as the "
+                                  f"processor returns them.")
             feats, deep = self.image_features(pixels, grid)
             n_tokens = int(mask.sum())
             if n_tokens != feats.shape[0]:
@@ -266,15 +293,17 @@ class VisionCausalLM(CausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                token_type_ids=None, **kwargs):
+                token_type_ids=None, image_sizes=None, **kwargs):
         """CausalLM.forward plus the image and video inputs the processor returns: pixel_values (patches,
-        C*T*P*P), image_grid_thw (images, 3) (Qwen); pixel_values_videos, video_grid_thw (videos, 3) and
+        C*T*P*P), image_grid_thw (images, 3) (Qwen); images (N, C, H, W) with image_sizes (N, 2) (Mistral 3);
+        pixel_values_videos, video_grid_thw (videos, 3) and
         second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); mm_token_type_ids / token_type_ids are
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
-            inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, image_grid_thw, attention_mask,
+            geometry = _geometry(image_grid_thw, image_sizes)
+            inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
         elif pixel_values is not None or kwargs.get("pixel_values_videos") is not None:
@@ -295,12 +324,18 @@ class VisionBackbone:
         self.model = model
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, pixel_values=None,
-                 image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, **kwargs):
+                 image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, image_sizes=None, **kwargs):
         m = self.model
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, image_grid_thw, attention_mask,
-                                                        position_ids, kwargs)
+            inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, _geometry(image_grid_thw, image_sizes),
+                                                        attention_mask, position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
+
+
+def _geometry(image_grid_thw, image_sizes):
+    """The images' geometry as the processor gives it: Qwen's (t, h, w) patch grids, else Pixtral's (height, width)
+    image sizes (Mistral 3), else None."""
+    return image_grid_thw if image_grid_thw is not None else image_sizes
 
 
 def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fasttune.constants import VIDEO_KEYS
+from fasttune.constants import IMAGE_KEYS, VIDEO_KEYS
 from fasttune.data.vision import VisionDataCollator, VisionProcessor, collate_vision
 from fasttune.errors import ConfigError, DataError
 
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", *VIDEO_KEYS)  # what a micro-batch may carry to the model
+BATCH_KEYS = (*IMAGE_KEYS, *VIDEO_KEYS)  # the image and video inputs a micro-batch may carry to the model
 
 
 def is_vision_model(model) -> bool:
@@ -49,7 +49,7 @@ def vision_examples(dataset, processor, args, max_seq_length: int, collator: Vis
 def vision_loss(model, batch: dict, num_items: int):
     """(loss / num_items to backprop, loss sum tensor) of one image + text micro-batch."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                num_items_in_batch=num_items, return_logits=False, **{k: batch[k] for k in IMAGE_KEYS if k in batch})
+                num_items_in_batch=num_items, return_logits=False, **{k: batch[k] for k in BATCH_KEYS if k in batch})
     return out.loss, out.loss_sum.detach()
 
 
