@@ -96,7 +96,7 @@ def hf_config(family: str, **overrides):
 
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
-            "olmo3", "granite", "ministral", "exaone4", "ernie4_5", "glm4",
+            "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
             "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 

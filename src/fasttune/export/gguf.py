@@ -204,6 +204,27 @@ def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tenso
             for proj, v in parts.items()}
 
 
+def _mistral3_metadata(writer, cfg) -> None:
+    """Ministral 3's yarn RoPE and Llama 4 query scaling under llama.cpp's mistral3 keys (its convert_hf_to_gguf
+    writes rope_parameters' mscale_all_dim as yarn_log_multiplier and llama_4_scaling_beta as the attention
+    temperature scale, the original context length as the scaling's)."""
+    import gguf
+
+    rope = cfg.rope_scaling
+    if rope:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings",
+                                                          cfg.max_position_embeddings)))
+        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+        writer.add_rope_scaling_yarn_log_mul(float(rope.get("mscale_all_dim", 0.0) or 0.0))
+    if cfg.query_position_scale is not None:
+        beta, original = cfg.query_position_scale
+        writer.add_attn_temperature_scale(float(beta))
+        writer.add_attn_temperature_length(int(original))
+
+
 def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     import gguf
 
@@ -264,6 +285,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
             writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling.get("original_max_position_embeddings", 4096)))
+    if ARCHITECTURES[cfg.model_type] == "mistral3":
+        _mistral3_metadata(writer, cfg)
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)

@@ -69,7 +69,8 @@ def check_supported(cfg) -> None:
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
-    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and arch != "gpt-oss":
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and \
+            arch not in ("gpt-oss", "mistral3"):
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
     if cfg.num_experts and arch != "gpt-oss":
         if not all(cfg.moe_layers):

@@ -29,7 +29,7 @@ import re
 # transformers' model_type -> llama.cpp's architecture name
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "gemma": "gemma",
                  "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3", "smollm3": "smollm3", "olmo2": "olmo2",
-                 "olmo3": "olmo2", "granite": "granite", "ministral": "llama",
+                 "olmo3": "olmo2", "granite": "granite", "ministral": "llama", "ministral3": "mistral3",
                  "exaone4": "exaone4", "ernie4_5": "ernie4_5", "glm4": "glm4",
                  "hunyuan_v1_dense": "hunyuan-dense", "arcee": "arcee",
                  "apertus": "apertus", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe",
@@ -38,7 +38,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "qwen3_vl_moe_text": "qwen3vlmoe",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
-ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
 # method -> (default GGML type, gguf.LlamaFileType name)
 METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
            "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q2_k": ("Q2_K", "MOSTLY_Q2_K"),

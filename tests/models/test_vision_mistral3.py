@@ -1,0 +1,60 @@
+"""What is particular to Mistral 3 (Pixtral tower) among the vision-language families: images of any size in rows of
+[IMG] tokens closed by [IMG_BREAK] / [IMG_END] (PixtralProcessor's expansion), which are never targets, image_sizes
+with the pixels, and the refusals. Logits, LoRA, merging, 4-bit and generation run in the shared vision tests."""
+import pytest
+import torch
+from tiny_vision import MISTRAL3_TOKENS, solid_image
+
+from fasttune.errors import ConfigError, ModelLoadError
+
+
+@pytest.fixture(scope="module")
+def loaded(mistral3_vl_dir):
+    from fasttune import FastVisionModel
+
+    return FastVisionModel.from_pretrained(str(mistral3_vl_dir))
+
+
+def test_images_expand_to_rows_of_tokens_that_are_never_targets(loaded):
+    """A 64 x 32 (w x h) image resized within 64 pixels: 2 rows of 4 [IMG] (one per 16 pixels), the first row closed
+    by [IMG_BREAK], the last by [IMG_END]; none of them is a label."""
+    from fasttune.data.vision import VisionEncoder
+
+    _, proc = loaded
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image("red", (64, 32))},
+                                                     {"type": "text", "text": "colour?"}]},
+                        {"role": "assistant", "content": "red"}]}
+    ex = VisionEncoder(proc, 256, train_on_responses_only=False).encode(row, 0)
+    brk, end, img = proc.tokenizer.convert_tokens_to_ids(MISTRAL3_TOKENS)
+    start = ex["input_ids"].index(img)
+    assert ex["input_ids"][start:start + 10] == [img] * 4 + [brk] + [img] * 4 + [end]
+    marks = {brk, end, img}
+    assert all(lab == -100 for t, lab in zip(ex["input_ids"], ex["labels"]) if t in marks)
+    assert any(lab != -100 for lab in ex["labels"])
+    batch = proc(text=[proc.apply_chat_template(row["messages"])], images=[solid_image("red", (64, 32))])
+    assert batch["image_sizes"].tolist() == [[32, 64]] and batch["input_ids"][0].tolist() == ex["input_ids"]
+
+
+def test_pixels_without_image_sizes_are_refused(loaded):
+    model, proc = loaded
+    batch = proc(text=[proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}]}])],
+                 images=[solid_image("red")])
+    with torch.no_grad(), pytest.raises(ConfigError, match="image_sizes"):
+        model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
+
+
+def test_tokenizer_without_the_row_marks_is_named(loaded):
+    from tiny_tokenizer import make_tiny_tokenizer
+
+    from fasttune.data.vision import processor_settings
+
+    model, _ = loaded
+    with pytest.raises(ModelLoadError, match=r"\[IMG_BREAK\]"):
+        processor_settings(model.hf_config, make_tiny_tokenizer())
+
+
+def test_gguf_export_names_the_way_out(loaded, tmp_path):
+    model, proc = loaded
+    with pytest.raises(ConfigError, match="mistral3 vision-language models is not supported yet"):
+        model.save_pretrained_gguf(tmp_path / "out", proc, quantization_method="f16", progress=False)
+    assert not (tmp_path / "out").exists()
