@@ -11,6 +11,8 @@ image placeholders per row:
                  8, 16, 24); pixel_values (2*1024, 3*2*16*16)
   gemma-3-4b:    "\\n\\n<start_of_image>" + 256 soft tokens + "<end_of_image>\\n\\n" (one 896x896 image, SigLIP
                  so400m, pooled to 256); pixel_values (2, 3, 896, 896)
+  ministral-3-8b: 16 rows of 16 [IMG] each closed by [IMG_BREAK], the last by [IMG_END] (one 448x448 image, Pixtral
+                 patches of 14 merged 2x2: 272 placeholders); pixel_values (2, 3, 448, 448), image_sizes
 Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
 cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
 Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
@@ -23,6 +25,7 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
     python bench/bench_vision.py --matrix gemma3         # the same three rows, gemma-3-4b
     python bench/bench_vision.py --matrix qwen3-moe      # the same three rows, qwen3-vl-30b-a3b (LoRA on the experts
                                                          # too, as target_parameters on both sides)
+    python bench/bench_vision.py --matrix mistral3       # the same three rows, ministral-3-8b
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -107,6 +110,21 @@ SHAPES = {
         ids=dict(mm_tokens_per_image=256, boi_token_id=255999, eoi_token_id=256000, image_token_id=262144,
                  tie_word_embeddings=True),
         before=[108, 255999], after=[256000, 108], text_ids=255999, image=896, prefix=64),
+    # Ministral-3-8B (transformers' Ministral3Config defaults and the release's Pixtral tower): a 448x448 image is
+    # 32x32 patches of 14, merged 2x2 into 16 rows of 16 [IMG] (10), each row closed by [IMG_BREAK] (12), the last
+    # by [IMG_END] (13)
+    "ministral-3-8b": dict(
+        family="mistral3", tiny="tiny-mistral3",
+        text=dict(model_type="ministral3", vocab_size=131072, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=34, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=262144, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=11,
+                  rope_parameters={"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
+                                   "original_max_position_embeddings": 16384, "beta_fast": 32.0, "beta_slow": 1.0,
+                                   "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    head_dim=64, patch_size=14, image_size=1540, rope_theta=10000.0),
+        ids=dict(image_token_index=10, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False),
+        rows=(12, 13), before=[], after=[], text_ids=1000, image=448, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -146,6 +164,17 @@ SHAPES = {
                  tie_word_embeddings=True),
         before=[10, 10, 259], after=[260, 10, 10], text_ids=256, image=28, prefix=8),
 }
+SHAPES["tiny-mistral3"] = dict(
+    family="mistral3",
+    text=dict(model_type="ministral3", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+              rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=256, pad_token_id=256,
+              rope_parameters=dict(SHAPES["ministral-3-8b"]["text"]["rope_parameters"],
+                                   original_max_position_embeddings=16)),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16,
+                patch_size=8, image_size=64),
+    ids=dict(image_token_index=261, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False),
+    rows=(259, 260), before=[], after=[], text_ids=256, image=32, prefix=8)
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -158,7 +187,7 @@ HF_TARGETS = (r"model\.language_model\.layers\.\d+\."
 # matrix -> (shape, rows of (impl, gradient checkpointing, FASTTUNE_KERNELS for ours))
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
-          "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS)}
+          "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -169,7 +198,7 @@ def hf_config(shape: str):
 
     s = SHAPES[shape]
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
-           "qwen3_vl_moe": "Qwen3VLMoeConfig"}[s["family"]]
+           "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -210,6 +239,8 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
     if SHAPES[shape]["family"] == "gemma3":
         note = ("two-way image attention: our image_blocks inside forward; vision tower and projector: "
                 "transformers' modules, frozen")
+    elif SHAPES[shape]["family"] == "mistral3":
+        note = "Pixtral tower and patch-merging projector: transformers' modules, frozen"
     else:
         note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
     return model, note
@@ -251,8 +282,15 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     v, ids = s["vision"], s["ids"]
     grid = s["image"] // v["patch_size"]
     patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
+    rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
     if s["family"] == "gemma3":
         placeholders = ids["mm_tokens_per_image"]
+    elif rows:
+        side = grid // ids["spatial_merge_size"]
+        image_id = ids["image_token_index"]
+        block = torch.tensor(([image_id] * side + [rows[0]]) * side, device=device)
+        block[-1] = rows[1]
+        placeholders = len(block)
     else:
         placeholders = patches // v["spatial_merge_size"] ** 2
         patch_dim = v["in_channels"] * v["temporal_patch_size"] * v["patch_size"] ** 2
@@ -265,11 +303,16 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     for _ in range(n):
         input_ids = torch.randint(0, s["text_ids"], (bs, seq), device=device, generator=g)
         input_ids[:, prefix:start] = torch.tensor(before, device=device)
-        input_ids[:, start:start + placeholders] = ids["image_token_id"]
+        input_ids[:, start:start + placeholders] = block if rows else ids["image_token_id"]
         input_ids[:, start + placeholders:start + placeholders + len(after)] = torch.tensor(after, device=device)
-        labels = input_ids.masked_fill(input_ids == ids["image_token_id"], -100)
+        labels = input_ids.clone()
+        labels[:, start:start + placeholders] = -100
         batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
-        if s["family"] == "gemma3":
+        if rows:
+            batch["pixel_values"] = torch.randn(bs, 3, s["image"], s["image"], device=device,
+                                                generator=g).to(torch.bfloat16)
+            batch["image_sizes"] = torch.tensor([[s["image"], s["image"]]] * bs, device=device)
+        elif s["family"] == "gemma3":
             batch["pixel_values"] = torch.randn(bs, 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
         else:
@@ -285,6 +328,8 @@ def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
     from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
     itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
     function of the batch giving the extra kwargs, the note saying which)."""
+    if SHAPES[shape]["family"] == "mistral3":
+        return (lambda b: {"use_cache": False}), "no marks (Mistral 3 finds its image tokens by id)"
     name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
     image_id = SHAPES[shape]["ids"]["image_token_id"]
     cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
