@@ -165,8 +165,8 @@ def main():
         return
     tiles = [(16, 4, 1), (32, 4, 2), (64, 4, 2)] if a.quick else \
         list(itertools.product((16, 32, 64), (4, 8), (1, 2)))
-    chunk_tiles = [(64, 4, 1), (32, 4, 1)] if a.quick else \
-        [(64, 4, 1), (64, 8, 2), (32, 4, 1), (32, 8, 1), (128, 8, 1)]
+    chunk_tiles = [(64, 8, 1), (32, 4, 1)] if a.quick else \
+        [(64, 8, 1), (64, 4, 1), (32, 4, 1), (32, 8, 2), (16, 8, 1), (128, 8, 1)]
     variants = [("transformers", "torch", "torch"), ("ours", "torch", "torch"), ("ours", "", "torch"),
                 ("ours", "", "")] + \
         [("ours", "", f"{block},{warps},{stages}") for block, warps, stages in chunk_tiles] + \

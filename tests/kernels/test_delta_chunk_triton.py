@@ -49,7 +49,7 @@ def _run(fn, inputs, grads):
 def test_kernels_equal_the_torch_form_and_autograd(b, h, n, c, dk, dv, packed, kernels):
     inputs = _inputs(b, h, n, c, dk, dv)
     keep = torch.tensor([[1.0, 0, 1], [1.0, 1, 0]], device=DEVICE)[:b, :n] if packed else None
-    assert chunk_config(inputs[1], inputs[2], SCAN) == ChunkConfig(block=min(dk, dv, 64))
+    assert chunk_config(inputs[1], inputs[2], SCAN) == ChunkConfig(block=min(dk, dv, 32))
     grads = [torch.randn(b, h, n, c, dv, device=DEVICE), torch.randn(b, h, dk, dv, device=DEVICE)]
     got = _run(lambda *x: chunked_rule(*x, keep, SCAN), inputs, grads)
     kernels.setenv("FASTTUNE_DELTA_CHUNK", "torch")
@@ -66,10 +66,10 @@ def test_which_form_runs(kernels):
     d_k and d_v; TF32 only on CUDA for 16-bit callers; FASTTUNE_DELTA_CHUNK=torch or FASTTUNE_KERNELS=torch: the
     torch form."""
     t = lambda *s: torch.empty(1, 1, 1, *s, device=DEVICE)  # noqa: E731
-    assert chunk_config(t(64, 128), t(64, 128), SCAN) == ChunkConfig(64, 8, 1, "ieee")
+    assert chunk_config(t(64, 128), t(64, 128), SCAN) == ChunkConfig(32, 8, 1, "ieee")
     cuda = DEVICE == "cuda"
     assert chunk_config(t(64, 128), t(64, 128), SCAN, tf32=True).precision == ("tf32" if cuda else "ieee")
-    assert chunk_config(t(64, 128), t(64, 32), SCAN).block == 32
+    assert chunk_config(t(64, 128), t(64, 16), SCAN).block == 16
     assert chunk_config(t(64, 128), t(64, 128), None) is None  # the scan in torch
     for (c, dk), dv in [((128, 128), 128), ((48, 128), 128), ((64, 8), 128), ((64, 128), 24)]:
         assert chunk_config(t(c, dk), t(c, dv), SCAN) is None

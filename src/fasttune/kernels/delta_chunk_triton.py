@@ -26,9 +26,10 @@ from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
 class ChunkConfig(NamedTuple):
     """Tiles of the within-chunk kernels: block (d_k / d_v columns per step), warps, stages (software pipelining of
-    the column loops) and precision of tl.dot ("ieee" or "tf32", as in delta_scan.ScanConfig). Not yet measured:
-    8 warps because the backward holds three (C x C) fp32 tiles and several (C x block) ones at once."""
-    block: int = 64
+    the column loops) and precision of tl.dot ("ieee" or "tf32", as in delta_scan.ScanConfig). Not yet timed; chosen
+    from ptxas's register counts for sm_90 at C = 64, d = 128, TF32: no kernel spills at 32 / 8 / 1 (the backward
+    uses 242 registers a thread); with 64-column blocks the backward spills (176 bytes), with 4 warps too."""
+    block: int = 32
     warps: int = 8
     stages: int = 1
     precision: str = "ieee"
@@ -51,7 +52,7 @@ def _parse(choice: str) -> ChunkConfig | None:
     if not ok:
         raise ConfigError(f"FASTTUNE_DELTA_CHUNK={choice!r}: use 'torch' (the within-chunk work in torch ops), "
                           f"'triton' (the fused kernels, the default where the chunk scan runs in Triton) or "
-                          f"'block,warps,stages' with block and warps powers of two, block >= 16, e.g. '64,8,1'.")
+                          f"'block,warps,stages' with block and warps powers of two, block >= 16, e.g. '32,8,1'.")
     return config
 
 
@@ -187,6 +188,19 @@ if HAVE_TRITON:
         through = d_scores * scores
         d_cum = tl.sum(through, 1) - tl.sum(through, 0)
         masked = d_scores * decay
+        # dq = (do S^T) exp(G) + masked k and dk's first term masked^T q, here where the other (C x C) tiles are
+        # not yet live (registers: it spilled at C = 64, d = 128 with these below)
+        for j in tl.range(0, DK, BD):
+            at = _tile(chunk, 0, j, C, C, BD, DK)
+            qj, kj = tl.load(q_ptr + at), tl.load(k_ptr + at)
+            d_q_grown = tl.zeros((C, BD), tl.float32)
+            for i in tl.range(0, DV, BD):
+                d_o = tl.load(do_ptr + _tile(chunk, 0, i, C, C, BD, DV))
+                state = tl.load(states_ptr + _tile(chunk, j, i, DK, BD, BD, DV))
+                d_q_grown += tl.dot(d_o, tl.trans(state), input_precision=PRECISION)
+            d_cum += tl.sum(d_q_grown * qj * grow[:, None], 1)
+            tl.store(dq_ptr + at, d_q_grown * grow[:, None] + tl.dot(masked, kj, input_precision=PRECISION))
+            tl.store(dk_ptr + at, tl.dot(tl.trans(masked), qj, input_precision=PRECISION))
         # dM = dU (beta v)^T + dW (beta k exp(G))^T;  dA = -(M^T dM M^T) strictly lower, times D
         kk = tl.zeros((C, C), tl.float32)  # (beta k) k^T
         d_m = tl.zeros((C, C), tl.float32)
@@ -214,23 +228,15 @@ if HAVE_TRITON:
         ke_term = tl.zeros((C,), tl.float32)
         for j in tl.range(0, DK, BD):
             at = _tile(chunk, 0, j, C, C, BD, DK)
-            qj, kj = tl.load(q_ptr + at), tl.load(k_ptr + at)
-            # d(q exp(G)) = do S^T
-            d_q_grown = tl.zeros((C, BD), tl.float32)
-            for i in tl.range(0, DV, BD):
-                d_o = tl.load(do_ptr + _tile(chunk, 0, i, C, C, BD, DV))
-                state = tl.load(states_ptr + _tile(chunk, j, i, DK, BD, BD, DV))
-                d_q_grown += tl.dot(d_o, tl.trans(state), input_precision=PRECISION)
-            d_cum += tl.sum(d_q_grown * qj * grow[:, None], 1)
-            tl.store(dq_ptr + at, d_q_grown * grow[:, None] + tl.dot(masked, kj, input_precision=PRECISION))
+            kj = tl.load(k_ptr + at)
             # d(beta k exp(G)) = M^T dW; d(beta k) adds dA k; k's gradient from every product it is in
             kb = kj * beta[:, None]
             d_kb_grown = tl.dot(mt, tl.load(dw_ptr + at), input_precision=PRECISION)
             d_cum += tl.sum(d_kb_grown * kb * grow[:, None], 1)
             d_kb = d_kb_grown * grow[:, None] + tl.dot(d_a, kj, input_precision=PRECISION)
             d_ke = tl.load(dke_ptr + at)
-            dk = tl.dot(tl.trans(masked), qj, input_precision=PRECISION) \
-                + tl.dot(tl.trans(d_a), kb, input_precision=PRECISION) + d_kb * beta[:, None] + d_ke * to_end[:, None]
+            dk = tl.load(dk_ptr + at) + tl.dot(tl.trans(d_a), kb, input_precision=PRECISION) + d_kb * beta[:, None] \
+                + d_ke * to_end[:, None]
             tl.store(dk_ptr + at, dk)
             d_beta += tl.sum(d_kb * kj, 1)
             ke_term += tl.sum(d_ke * kj * to_end[:, None], 1)
