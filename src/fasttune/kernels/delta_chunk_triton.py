@@ -201,6 +201,7 @@ if HAVE_TRITON:
             d_cum += tl.sum(d_q_grown * qj * grow[:, None], 1)
             tl.store(dq_ptr + at, d_q_grown * grow[:, None] + tl.dot(masked, kj, input_precision=PRECISION))
             tl.store(dk_ptr + at, tl.dot(tl.trans(masked), qj, input_precision=PRECISION))
+        tl.debug_barrier()  # the loads of dk below may fall to other threads than these stores did
         # dM = dU (beta v)^T + dW (beta k exp(G))^T;  dA = -(M^T dM M^T) strictly lower, times D
         kk = tl.zeros((C, C), tl.float32)  # (beta k) k^T
         d_m = tl.zeros((C, C), tl.float32)
