@@ -66,7 +66,7 @@ def test_which_form_runs(kernels):
     d_k and d_v; TF32 only on CUDA for 16-bit callers; FASTTUNE_DELTA_CHUNK=torch or FASTTUNE_KERNELS=torch: the
     torch form."""
     t = lambda *s: torch.empty(1, 1, 1, *s, device=DEVICE)  # noqa: E731
-    assert chunk_config(t(64, 128), t(64, 128), SCAN) == ChunkConfig(32, 8, 1, "ieee")
+    assert chunk_config(t(64, 128), t(64, 128), SCAN) == ChunkConfig(32, 4, 1, "ieee")
     cuda = DEVICE == "cuda"
     assert chunk_config(t(64, 128), t(64, 128), SCAN, tf32=True).precision == ("tf32" if cuda else "ieee")
     assert chunk_config(t(64, 128), t(64, 16), SCAN).block == 16
