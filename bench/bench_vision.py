@@ -51,7 +51,8 @@ from pathlib import Path
 # these batches). Per shape: `family` (fasttune.models.vision.FAMILIES), transformers' text / vision / top-level
 # config, `before` / `after`: the token ids around an image's `image_token_id` placeholders, `text_ids`: random
 # text ids are drawn from [0, text_ids) (below the special tokens), `image`: the square image's side in pixels,
-# `prefix`: text tokens before the image; `tiny`: the --smoke shape of the same family (tests/tiny_vision.py's).
+# `prefix`: text tokens before the image; `text_low`: the lowest text id where the special tokens come first
+# (Mistral's 1,000 control tokens); `tiny`: the --smoke shape of the same family (tests/tiny_vision.py's).
 QWEN_VL_IDS = dict(image_token_id=151655, video_token_id=151656, vision_start_token_id=151652,
                    vision_end_token_id=151653)
 # Qwen3-VL's SigLIP-2 tower (its out_hidden_size is the decoder's width) and text RoPE, shared by the 8B and 30B-A3B
@@ -124,7 +125,7 @@ SHAPES = {
         vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                     head_dim=64, patch_size=14, image_size=1540, rope_theta=10000.0),
         ids=dict(image_token_index=10, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False),
-        rows=(12, 13), before=[], after=[], text_ids=1000, image=448, prefix=64),
+        rows=(12, 13), before=[], after=[], text_low=1000, text_ids=131072, image=448, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -301,7 +302,7 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     g = torch.Generator(device=device).manual_seed(1)
     out = []
     for _ in range(n):
-        input_ids = torch.randint(0, s["text_ids"], (bs, seq), device=device, generator=g)
+        input_ids = torch.randint(s.get("text_low", 0), s["text_ids"], (bs, seq), device=device, generator=g)
         input_ids[:, prefix:start] = torch.tensor(before, device=device)
         input_ids[:, start:start + placeholders] = block if rows else ids["image_token_id"]
         input_ids[:, start + placeholders:start + placeholders + len(after)] = torch.tensor(after, device=device)
