@@ -306,13 +306,22 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
     from bpe_tokenizers import make_bpe_tokenizer
 
     tok = make_bpe_tokenizer("gpt2")
-    tok.chat_template = GEMMA3_TEMPLATE if family == "gemma3" else QWEN_VL_TEMPLATE
+    tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
     patch = 16 if family.startswith("qwen3") else PATCH
-    processor = gemma3_processor(tok) if family == "gemma3" else qwen_vl_processor(patch, tok=tok, max_side=16)
-    start, end, image = tok.convert_tokens_to_ids(GEMMA3_TOKENS if family == "gemma3" else VISION_TOKENS)
+    if family == "gemma3":
+        processor = gemma3_processor(tok)
+    elif family == "mistral3":
+        processor = mistral3_processor(tok, longest_edge=128)
+    else:
+        processor = qwen_vl_processor(patch, tok=tok, max_side=16)
+    start, end, image = tok.convert_tokens_to_ids({"gemma3": GEMMA3_TOKENS, "mistral3": MISTRAL3_TOKENS}.get(
+        family, VISION_TOKENS))
     if family == "gemma3":
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
+    elif family == "mistral3":  # Ministral 3's text model; images up to 128 pixels a side (8 x 8 tokens)
+        config = mistral3_config()
+        config.vision_config.image_size = 128
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
                   "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config,
@@ -331,7 +340,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
     config.image_token_id = image
     config.text_config.vocab_size = 416
-    if family != "gemma3":  # llama-cpp-python 0.3.36's qwen2vl ignores the RMSNorm eps it is given (runs ~0)
+    if family not in ("gemma3", "mistral3"):  # llama-cpp-python 0.3.36's qwen2vl ignores the RMSNorm eps it is given
         config.text_config.rms_norm_eps = 1e-12
     config.text_config.eos_token_id = config.text_config.pad_token_id = tok.eos_token_id
     if family == "qwen3_vl_moe":  # llama.cpp's qwen3vlmoe makes every layer sparse
@@ -341,7 +350,8 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
         config.text_config.rope_parameters = {**config.text_config.rope_parameters, "mrope_section": [3, 3, 2]}
     for key, value in vision.items():
         setattr(config.vision_config, key, value)
-    cls = {"gemma3": "Gemma3ForConditionalGeneration", "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    cls = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
+           "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
            "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}[family]

@@ -53,8 +53,14 @@ def test_tokenizer_without_the_row_marks_is_named(loaded):
         processor_settings(model.hf_config, make_tiny_tokenizer())
 
 
-def test_gguf_export_names_the_way_out(loaded, tmp_path):
+def test_gguf_export_refuses_features_llama_cpp_does_not_take(loaded, tmp_path):
+    """llama.cpp's pixtral projects the tower's last layer; another vision_feature_layer is refused before writing
+    (the export itself runs in llama.cpp in tests/export/test_gguf_mmproj.py)."""
     model, proc = loaded
-    with pytest.raises(ConfigError, match="mistral3 vision-language models is not supported yet"):
-        model.save_pretrained_gguf(tmp_path / "out", proc, quantization_method="f16", progress=False)
+    model.hf_config.vision_feature_layer = -2
+    try:
+        with pytest.raises(ConfigError, match="vision layer -2 .vision_feature_layer"):
+            model.save_pretrained_gguf(tmp_path / "out", proc, quantization_method="f16", progress=False)
+    finally:
+        model.hf_config.vision_feature_layer = -1
     assert not (tmp_path / "out").exists()

@@ -52,8 +52,8 @@ from fasttune.export.gguf_layouts import check_methods, check_supported
 from fasttune.export.gguf_qwen35 import is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
 from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
-                                        mmproj_type, write_mmproj)
-from fasttune.export.gguf_types import ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS
+                                        mmproj_type, text_rows, write_mmproj)
+from fasttune.export.gguf_types import ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS, interleave_rotary_rows
 from fasttune.export.imatrix import check_imatrix, resolve_imatrix
 
 QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
@@ -110,13 +110,6 @@ def _ggml_types(quant: str):
         default, ftype = METHODS[quant]
         return t[default], f[ftype]
     return {"f32": (t.F32, f.ALL_F32), "f16": (t.F16, f.MOSTLY_F16), "bf16": (t.BF16, f.MOSTLY_BF16)}[quant]
-
-
-def interleave_rotary_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Reorder q/k projection rows within each head from transformers' rotate-half layout (dims i and i + d/2
-    form a pair) to llama.cpp's adjacent pairs (2i, 2i + 1). Works on weights (out, in) and biases (out,)."""
-    d = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
 
 
 def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
@@ -483,6 +476,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
         vision = {}
         tensors = gguf_tensors(model, vision)
         if vlm:
+            vision.update(text_rows(model, processor, tensors))
             write_mmproj(tmps[-1], model, processor, vision, mm_type, name)
             del vision
         if im is not None:

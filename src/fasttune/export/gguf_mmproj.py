@@ -17,6 +17,10 @@ convert_hf_to_gguf.py --mmproj writes them:
   DeepStack mergers as `v.deepstack.<vision layer>.{norm,fc1,fc2}` flagged by `clip.vision.is_deepstack_layers`;
   its text GGUF (llama.cpp's qwen3vl) records `n_deepstack_layers`. Qwen2.5-VL's windowed layers are given by
   `clip.vision.n_wa_pattern` (every n-th layer attends fully); llama.cpp fixes the window at 112 pixels.
+- Mistral 3 ("pixtral"): the Pixtral tower (`v.patch_embd`, `v.pre_ln`, `v.blk.N.{attn_q,attn_k,attn_v,attn_out,
+  ln1,ln2,ffn_gate,ffn_up,ffn_down}`) with q/k rows in llama.cpp's adjacent-pair RoPE order, the projector's norm
+  `mm.input_norm`, its patch merger `mm.patch_merger` and linears `mm.1` / `mm.2`, and the text model's [IMG_BREAK]
+  embedding row as `v.token_embd.img_break` (libmtmd puts it between an image's rows itself).
 Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
 for f32), as the converter stores them.
 """
@@ -29,10 +33,11 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
               "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger",
-              "qwen3_5_moe": "qwen3vl_merger"}
+              "qwen3_5_moe": "qwen3vl_merger", "mistral3": "pixtral"}
 # one tower (learned positions; DeepStack but in Qwen3.5), a dense, an MoE or Qwen3.5's decoder
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
@@ -41,7 +46,9 @@ QWEN_NORM_EPS = 1e-6  # transformers' Qwen2-VL / Qwen2.5-VL vision norms use thi
 QWEN_IMAGE_SIZE = 560  # what convert_hf_to_gguf.py writes for Qwen (clip only uses it for its warm-up image)
 ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",),
                "qwen3_vl": ("gelu_pytorch_tanh",), "qwen3_vl_moe": ("gelu_pytorch_tanh",),
-               "qwen3_5": ("gelu_pytorch_tanh",), "qwen3_5_moe": ("gelu_pytorch_tanh",)}
+               "qwen3_5": ("gelu_pytorch_tanh",), "qwen3_5_moe": ("gelu_pytorch_tanh",), "mistral3": ("silu", "gelu")}
+PIXTRAL_EPS = 1e-5  # transformers' Pixtral norms (a constant there, not a config field)
+PIXTRAL_ROPE_THETA = 10000.0  # the 2-D RoPE base clip's pixtral uses
 
 # transformers' names (without the leading "model."; the SigLIP tower may sit under "vision_model.") -> clip's
 _GEMMA3 = [(r"vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
@@ -75,6 +82,17 @@ _QWEN3 = [(r"visual\.patch_embed\.proj\.bias", "v.patch_embd.bias"),
           (r"visual\.merger\.norm\.(weight|bias)", r"v.post_ln.\1"),
           (r"visual\.merger\.linear_fc1\.(weight|bias)", r"mm.0.\1"),
           (r"visual\.merger\.linear_fc2\.(weight|bias)", r"mm.2.\1")]
+_PIXTRAL = [(r"vision_tower\.patch_conv\.weight", "v.patch_embd.weight"),
+            (r"vision_tower\.ln_pre\.weight", "v.pre_ln.weight"),
+            (r"vision_tower\.transformer\.layers\.(\d+)\.attention\.([qkv])_proj\.weight", r"v.blk.\1.attn_\2.weight"),
+            (r"vision_tower\.transformer\.layers\.(\d+)\.attention\.o_proj\.weight", r"v.blk.\1.attn_out.weight"),
+            (r"vision_tower\.transformer\.layers\.(\d+)\.attention_norm\.weight", r"v.blk.\1.ln1.weight"),
+            (r"vision_tower\.transformer\.layers\.(\d+)\.ffn_norm\.weight", r"v.blk.\1.ln2.weight"),
+            (r"vision_tower\.transformer\.layers\.(\d+)\.feed_forward\.(gate|up|down)_proj\.weight",
+             r"v.blk.\1.ffn_\2.weight"),
+            (r"multi_modal_projector\.norm\.weight", "mm.input_norm.weight"),
+            (r"multi_modal_projector\.patch_merger\.merging_layer\.weight", "mm.patch_merger.weight"),
+            (r"multi_modal_projector\.linear_([12])\.(weight|bias)", r"mm.\1.\2")]
 _DEEPSTACK = re.compile(r"visual\.deepstack_merger_list\.(\d+)\.(norm|linear_fc1|linear_fc2)\.(weight|bias)")
 _SKIPPED = re.compile(r"vision_tower\.(?:vision_model\.)?head\.")  # SigLIP's pooling head: Gemma 3 never runs it
 
@@ -99,6 +117,9 @@ def check_vision_supported(model) -> None:
                           f"{ACTIVATIONS[family][0]} for it, so it cannot be exported to GGUF.")
     if family == "gemma3":
         _pool_size(model)
+        return
+    if family == "mistral3":
+        _check_pixtral(model)
         return
     if family in QWEN3:
         _warn_imrope_split(model.arch)
@@ -141,6 +162,21 @@ def _warn_imrope_split(cfg):
                       f"different model there; nearer positions differ less).")
 
 
+def _check_pixtral(model):
+    """ConfigError for a Mistral 3 tower clip's pixtral computes otherwise: features from another layer than the last
+    (vision_feature_layer) or another RoPE base."""
+    cfg, vision = model.hf_config, model.hf_config.vision_config
+    if cfg.vision_feature_layer != -1:
+        raise ConfigError(f"This Mistral 3 model takes its image features from vision layer {cfg.vision_feature_layer} "
+                          f"(vision_feature_layer); llama.cpp's pixtral takes the last layer's, so it cannot be "
+                          f"exported to GGUF. Save the merged model with save_pretrained_merged instead.")
+    theta = float(getattr(vision, "rope_theta", None) or (getattr(vision, "rope_parameters", None) or {}).get(
+        "rope_theta", PIXTRAL_ROPE_THETA))
+    if theta != PIXTRAL_ROPE_THETA:
+        raise ConfigError(f"This Pixtral tower rotates with RoPE base {theta:g}; llama.cpp's pixtral uses "
+                          f"{PIXTRAL_ROPE_THETA:g}, so it cannot be exported to GGUF.")
+
+
 def _pool_size(model) -> int:
     """Gemma 3's average-pool size: patches a side over tokens a side (transformers' Gemma3MultiModalProjector)."""
     cfg = model.hf_config
@@ -168,7 +204,7 @@ def split_vision(model, tensors: dict) -> dict:
     the language model's `model.language_model.*` become `model.*`, as a text model's are) and return them under
     clip's GGUF names, fp32, in clip's layout (see the module docstring)."""
     family = model.family.model_type
-    table = _GEMMA3 if family == "gemma3" else _QWEN3 if family in QWEN3 else _QWEN
+    table = {"gemma3": _GEMMA3, "mistral3": _PIXTRAL}.get(family, _QWEN3 if family in QWEN3 else _QWEN)
     out = {}
     for name in list(tensors):
         if name.startswith("model.language_model."):
@@ -200,8 +236,21 @@ def split_vision(model, tensors: dict) -> dict:
                               f"vision tower cannot be exported to GGUF as it is.")
         if new == "mm.soft_emb_norm.weight":
             t = t + 1.0
+        if family == "mistral3" and new.endswith(("attn_q.weight", "attn_k.weight")):  # clip's 2-D RoPE: pairs
+            t = interleave_rotary_rows(t, model.hf_config.vision_config.num_attention_heads)
         out[new] = t
     return out
+
+
+def text_rows(model, processor, text_tensors: dict) -> dict:
+    """What the mmproj takes from the text model's GGUF tensors (`text_tensors`, GGUF names): Mistral 3's [IMG_BREAK]
+    embedding row as `v.token_embd.img_break` (libmtmd puts it between an image's rows itself; the id from
+    `processor`'s row tokens); nothing for the other families."""
+    if model.family.model_type != "mistral3":
+        return {}
+    tokenizer = getattr(processor, "tokenizer", processor)
+    break_id = tokenizer.convert_tokens_to_ids(processor.image_rows[0])
+    return {"v.token_embd.img_break": text_tensors["token_embd.weight"][break_id].float().clone()}
 
 
 def mmproj_type(quants: list[str]) -> str:
@@ -247,7 +296,8 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
     writer.add_clip_projector_type(PROJECTORS[family])
     writer.add_vision_projection_dim(model.config.hidden_size)
     writer.add_vision_patch_size(int(vision.patch_size))
-    writer.add_vision_head_count(int(vision.num_heads if family != "gemma3" else vision.num_attention_heads))
+    writer.add_vision_head_count(int(vision.num_attention_heads if family in ("gemma3", "mistral3") else
+                                     vision.num_heads))
     writer.add_vision_image_mean([float(v) for v in images.image_mean])
     writer.add_vision_image_std([float(v) for v in images.image_std])
     if family == "gemma3":
@@ -260,6 +310,14 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
         pool = _pool_size(model)
         if pool != DEFAULT_POOL:
             writer.add_vision_projector_scale_factor(pool)
+    elif family == "mistral3":
+        writer.add_vision_image_size(int(vision.image_size))
+        writer.add_vision_embedding_length(int(vision.hidden_size))
+        writer.add_vision_feed_forward_length(int(vision.intermediate_size))
+        writer.add_vision_block_count(int(vision.num_hidden_layers))
+        writer.add_vision_attention_layernorm_eps(PIXTRAL_EPS)
+        (writer.add_vision_use_silu if vision.hidden_act == "silu" else writer.add_vision_use_gelu)(True)
+        writer.add_vision_spatial_merge_size(int(model.hf_config.spatial_merge_size))
     elif family in QWEN3:  # the learned position table's grid sets the size clip resizes it from
         writer.add_vision_image_size(round(vision.num_position_embeddings ** 0.5) * int(vision.patch_size))
         writer.add_vision_embedding_length(int(vision.hidden_size))

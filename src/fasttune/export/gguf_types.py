@@ -39,6 +39,16 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+
+
+def interleave_rotary_rows(w, n_heads: int):
+    """Reorder q/k projection rows (a torch tensor) within each head from transformers' rotate-half layout (dims i
+    and i + d/2 form a pair) to llama.cpp's adjacent pairs (2i, 2i + 1). Works on weights (out, in) and biases
+    (out,)."""
+    d = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
 # method -> (default GGML type, gguf.LlamaFileType name)
 METHODS = {"q8_0": ("Q8_0", "MOSTLY_Q8_0"), "q4_0": ("Q4_0", "MOSTLY_Q4_0"), "q4_1": ("Q4_1", "MOSTLY_Q4_1"),
            "q5_0": ("Q5_0", "MOSTLY_Q5_0"), "q5_1": ("Q5_1", "MOSTLY_Q5_1"), "q2_k": ("Q2_K", "MOSTLY_Q2_K"),
