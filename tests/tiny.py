@@ -85,6 +85,13 @@ def hf_config(family: str, **overrides):
                                       num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                       shared_expert_intermediate_size=48,
                                       layer_types=["linear_attention"] * 3 + ["full_attention"])
+    elif family == "qwen3_next":  # Qwen3.5-MoE's layers with fused DeltaNet projections; layer 1 a dense MLP
+        kw.update(num_hidden_layers=4)
+        cfg = tf.Qwen3NextConfig(**kw, head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
+                                 linear_key_head_dim=16, linear_value_head_dim=16, tie_word_embeddings=False,
+                                 num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                 shared_expert_intermediate_size=48, mlp_only_layers=[1],
+                                 layer_types=["linear_attention"] * 3 + ["full_attention"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -112,7 +119,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:  # Gemma's and Qwen3.5's RMSNorms scale by (1 + w) (not Qwen3.5's gated norm)
-                centred = family.startswith("gemma") or (family.startswith("qwen3_5") and "linear_attn" not in n)
+                centred = family.startswith("gemma") or (family.startswith(("qwen3_5", "qwen3_next"))
+                                                         and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties
                 p.normal_(0.0, 0.5)

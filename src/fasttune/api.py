@@ -14,8 +14,8 @@ from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, re
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
-from fasttune.peft.lora import (EXPERT_TARGET_PARAMETERS, LINEAR_ATTENTION_TARGETS, LoraSettings, apply_lora,
-                                default_targets)
+from fasttune.peft.lora import (EXPERT_TARGET_PARAMETERS, LoraSettings, apply_lora, default_targets,
+                                experts_by_parameters, linear_attention_targets)
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
 
@@ -116,8 +116,7 @@ class FastLanguageModel:
         checked_kwargs("get_peft_model", kwargs)  # the peer's other arguments: no effect, or refused (peer_args.py)
         if model.lora_settings is not None:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
-        if target_modules is None and target_parameters is None and \
-                getattr(getattr(model, "arch", None), "shared_expert_size", 0):
+        if target_modules is None and target_parameters is None and experts_by_parameters(getattr(model, "arch", None)):
             target_parameters = list(EXPERT_TARGET_PARAMETERS)  # Qwen3.5-MoE's routed experts (PEFT's names, rank r)
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=default_targets(model) if target_modules is None else target_modules,
@@ -196,8 +195,8 @@ class FastModel(FastLanguageModel):
         elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
-            if finetune_attention_modules and getattr(getattr(model, "arch", None), "linear_layers", None):
-                target_modules += LINEAR_ATTENTION_TARGETS  # Qwen3.5's linear-attention layers attend too
+            if finetune_attention_modules:  # Qwen3.5's and Qwen3-Next's linear-attention layers attend too
+                target_modules += linear_attention_targets(getattr(model, "arch", None))
         return FastLanguageModel.get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
             use_rslora=use_rslora, modules_to_save=modules_to_save,

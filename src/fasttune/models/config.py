@@ -23,11 +23,11 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text")
+                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -114,6 +114,8 @@ class ModelConfig:
     linear_key_dim: int = 0
     linear_value_dim: int = 0
     linear_conv_kernel: int = 4
+    # Qwen3-Next: q/k/v/z in one projection (in_proj_qkvz) and b/a in another (in_proj_ba), grouped per key head
+    linear_fused_projections: bool = False
 
     @property
     def scaling(self) -> float:
@@ -239,8 +241,11 @@ class ModelConfig:
         if model_type == "gpt_oss":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", True))
             cfg.attn_sinks = True
-        if model_type in ("qwen3_5_text", "qwen3_5_moe_text"):
+        if model_type in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):
             _qwen3_5_fields(cfg, get)
+        if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
+            cfg.linear_fused_projections = True
+            cfg.mrope_section, cfg.mrope_interleaved = None, False
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
@@ -305,6 +310,14 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
         cfg.shared_expert_size = int(get("shared_expert_intermediate_size") or 0)
         cfg.norm_topk_prob = True  # transformers' Qwen3_5MoeTopKRouter always renormalises
         cfg.moe_layers = [True] * cfg.num_layers
+    elif cfg.model_type == "qwen3_next":  # Qwen3.5-MoE's block (shared expert) where Qwen3-MoE's rule puts experts
+        cfg.num_experts = get("num_experts")
+        cfg.moe_intermediate_size = get("moe_intermediate_size")
+        cfg.shared_expert_size = int(get("shared_expert_intermediate_size") or 0)
+        cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
+        step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
+        cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
+                          for i in range(cfg.num_layers)]
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

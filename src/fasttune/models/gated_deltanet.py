@@ -1,5 +1,6 @@
 """Qwen3.5's linear-attention layer (transformers' Qwen3_5GatedDeltaNet, under its module and parameter names):
-projections in_proj_qkv / in_proj_z / in_proj_b / in_proj_a, a causal depthwise conv1d with SiLU over q|k|v, the
+projections in_proj_qkv / in_proj_z / in_proj_b / in_proj_a (Qwen3-Next's Qwen3NextGatedDeltaNet: the same four
+fused as in_proj_qkvz / in_proj_ba, grouped per key head), a causal depthwise conv1d with SiLU over q|k|v, the
 gated delta rule (models/delta_rule.py) with beta = sigmoid(b) and log-decay g = -exp(A_log) * softplus(a + dt_bias),
 an RMSNorm of each value head gated by SiLU(z), and out_proj.
 
@@ -52,10 +53,15 @@ class GatedDeltaNet(nn.Module):
         keys, values = self.key_heads * self.key_dim, self.value_heads * self.value_dim
         self.sizes = (keys, keys, values)
         channels = 2 * keys + values
-        self.in_proj_qkv = nn.Linear(h, channels, bias=False)
-        self.in_proj_z = nn.Linear(h, values, bias=False)
-        self.in_proj_b = nn.Linear(h, self.value_heads, bias=False)
-        self.in_proj_a = nn.Linear(h, self.value_heads, bias=False)
+        self.fused = cfg.linear_fused_projections
+        if self.fused:  # Qwen3-Next: per key head [q, k, its value heads' v, their z], and [their b, their a]
+            self.in_proj_qkvz = nn.Linear(h, 2 * keys + 2 * values, bias=False)
+            self.in_proj_ba = nn.Linear(h, 2 * self.value_heads, bias=False)
+        else:
+            self.in_proj_qkv = nn.Linear(h, channels, bias=False)
+            self.in_proj_z = nn.Linear(h, values, bias=False)
+            self.in_proj_b = nn.Linear(h, self.value_heads, bias=False)
+            self.in_proj_a = nn.Linear(h, self.value_heads, bias=False)
         self.conv1d = nn.Conv1d(channels, channels, cfg.linear_conv_kernel, groups=channels,
                                 padding=cfg.linear_conv_kernel - 1, bias=False)
         self.dt_bias = nn.Parameter(torch.ones(self.value_heads))
@@ -71,7 +77,10 @@ class GatedDeltaNet(nn.Module):
         padding, segments = mask.get("padding"), mask.get("segments")
         if padding is not None:
             x = (x * padding[:, -t:, None]).to(x.dtype)
-        qkv, z, beta, a = project(x, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
+        if self.fused:
+            qkv, z, beta, a = self._ungroup(*project(x, self.in_proj_qkvz, self.in_proj_ba))
+        else:
+            qkv, z, beta, a = project(x, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
         step = cache is not None and cache.slot is not None
         if step:
             qkv = self._conv_step(qkv, cache.conv[self.layer_idx])
@@ -93,6 +102,18 @@ class GatedDeltaNet(nn.Module):
                 cache.recurrent[self.layer_idx].copy_(state)
         o = self.norm(o.reshape(-1, self.value_dim), z.reshape(-1, self.value_dim))
         return project(o.reshape(b, t, -1), self.out_proj)[0]
+
+    def _ungroup(self, qkvz, ba):
+        """Qwen3-Next's fused projections (B, T, ...) -> (q|k|v (B, T, 2 keys + values), z (B, T, values), b, a
+        (B, T, value heads)) in Qwen3.5's layout, as transformers' fix_query_key_value_ordering splits them: each
+        key head's group holds its q, k, then the v and z of its value heads, and b then a of those heads."""
+        b, t, _ = qkvz.shape
+        per = self.value_heads // self.key_heads
+        groups = qkvz.view(b, t, self.key_heads, -1)
+        q, k, v, z = groups.split([self.key_dim, self.key_dim, per * self.value_dim, per * self.value_dim], dim=-1)
+        beta, a = ba.view(b, t, self.key_heads, 2 * per).split([per, per], dim=-1)
+        qkv = torch.cat([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
+        return qkv, z.reshape(b, t, -1), beta.reshape(b, t, -1), a.reshape(b, t, -1)
 
     def _conv_step(self, qkv, state):
         """One position (B, 1, C) through the conv with the kept inputs `state` (B, C, K - 1), updated in place."""

@@ -27,6 +27,15 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # Qwen3.5's linear-attention (gated DeltaNet) projections that the defaults and the attention switch add where a
 # model has such layers: its q|k|v, its output gate and its output (not the per-head decay / beta scalars)
 LINEAR_ATTENTION_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
+FUSED_LINEAR_ATTENTION_TARGETS = ["in_proj_qkvz", "out_proj"]  # Qwen3-Next's fused q/k/v/z projection
+
+
+def linear_attention_targets(arch) -> list[str]:
+    """The gated-DeltaNet layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
+    out_proj, or Qwen3-Next's in_proj_qkvz and out_proj; [] without such layers."""
+    if not getattr(arch, "linear_layers", None):
+        return []
+    return list(FUSED_LINEAR_ATTENTION_TARGETS if arch.linear_fused_projections else LINEAR_ATTENTION_TARGETS)
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -228,8 +237,15 @@ FUSED_EXPERT_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
 GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 
+def experts_by_parameters(arch) -> bool:
+    """Whether PEFT leaves an MoE model's MLP names to its layers (Qwen3.5-MoE's shared expert), so that its routed
+    experts are adapted only as target_parameters: models with a shared expert but Qwen3-Next, which PEFT maps as
+    Qwen2-MoE (the MLP names mean the experts; the shared expert and dense MLP layers stay frozen)."""
+    return bool(getattr(arch, "shared_expert_size", 0)) and getattr(arch, "model_type", None) != "qwen3_next"
+
+
 def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
-    """MoE models (Qwen3-MoE, Mixtral): rewrite settings as PEFT on transformers 5 rewrites the same LoraConfig
+    """MoE models (Qwen3-MoE, Mixtral, Qwen3-Next): rewrite settings as PEFT on transformers 5 rewrites the same LoraConfig
     (peft.utils.transformers_weight_conversion._convert_peft_config_moe), so that the same call trains the same
     adapter and the saved adapter_config.json is what PEFT builds its model from:
     gate_proj + up_proj (Mixtral also w1 + w3) -> target_parameters "mlp.experts.gate_up_proj" with rank 2r and
@@ -241,7 +257,7 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
     LoRA here). Raises ConfigError for another string target_modules (a regex) and for gate_proj without up_proj
     (or w1 without w3), which PEFT refuses too: they are one stacked weight."""
     arch = getattr(model, "arch", None)
-    if not getattr(arch, "num_experts", 0) or getattr(arch, "shared_expert_size", 0):
+    if not getattr(arch, "num_experts", 0) or experts_by_parameters(arch):
         # (Qwen3.5-MoE: PEFT maps no names there, so the MLP names adapt its shared expert's layers, and the routed
         # experts are target_parameters)
         return
@@ -278,8 +294,8 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
 
 def default_targets(model: nn.Module) -> list[str]:
     """DEFAULT_TARGETS less the names a dense model has no layer for (Arcee has no gate_proj), as PEFT applies a
-    list that matches some layers, plus LINEAR_ATTENTION_TARGETS in a model with Qwen3.5's linear-attention layers
-    (so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the stacked
+    list that matches some layers, plus linear_attention_targets in a model with gated-DeltaNet layers (Qwen3.5,
+    Qwen3-Next: so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the stacked
     experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts)."""
     from fasttune.models.config import ModelConfig
 
@@ -287,10 +303,10 @@ def default_targets(model: nn.Module) -> list[str]:
     if not isinstance(arch, ModelConfig):  # the fallback picks its own (fallback.add_lora)
         return list(DEFAULT_TARGETS)
     if arch.num_experts:
-        return list(DEFAULT_TARGETS) + (list(LINEAR_ATTENTION_TARGETS) if arch.linear_layers else [])
+        return list(DEFAULT_TARGETS) + linear_attention_targets(arch)
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
     chosen = [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
-    return chosen + (list(LINEAR_ATTENTION_TARGETS) if arch.linear_layers else [])
+    return chosen + linear_attention_targets(arch)
 
 
 def _linear_names(model: nn.Module) -> list[str]:

@@ -1,0 +1,98 @@
+"""Qwen3-Next (Qwen3-Next-80B-A3B's layout) on our decoder: Qwen3.5-MoE's layers with the DeltaNet projections fused
+per key head (in_proj_qkvz, in_proj_ba), plain partial RoPE and Qwen3-MoE's rule for which layers have experts.
+Against transformers' Qwen3NextForCausalLM and PEFT on tiny random models (tests/tiny.py: 4 layers, 3 DeltaNet then
+attention, 4 experts top 2 with a shared expert, layer 1 a dense MLP)."""
+import pytest
+import torch
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from tiny import hf_config, hf_model
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+from fasttune.models.config import ModelConfig
+
+
+def _spread(model):
+    """Decay rates and conv taps away from their initial values, so each shows in the outputs (own generator: the
+    same draws whatever ran before)."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", "dt_bias", "conv1d.weight")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+@pytest.fixture
+def pair(tmp_path, tiny_tokenizer):
+    hf = hf_model("qwen3_next")
+    _spread(hf)
+    hf.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    return hf, model
+
+
+def test_fields():
+    arch = ModelConfig.from_hf(hf_config("qwen3_next"))
+    assert arch.linear_fused_projections and arch.linear_layers == [True, True, True, False]
+    assert arch.moe_layers == [True, False, True, True] and arch.shared_expert_size == 48 and arch.norm_topk_prob
+    assert arch.mrope_section is None and arch.rotary_dim == 4 and arch.attn_output_gate and arch.norm_offset == 1.0
+
+
+def test_logits_generation_and_merged_equal_transformers(pair, tmp_path):
+    """Over 64 positions (two chunks), left padding too; greedy generation through the cached states; a merged
+    checkpoint after LoRA loads in transformers with our logits. Unfused (Qwen3.5's) reading would differ."""
+    from transformers import AutoModelForCausalLM
+
+    hf, model = pair
+    ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            ref, got = hf(input_ids=ids, attention_mask=m).logits, model(ids, attention_mask=m).logits
+            real = slice(None) if m is None else m.bool()
+            assert ((ref - got).abs()[real].max() / ref[real].abs().max()).item() < 1e-5
+    prompt = ids[:1, :8]
+    want = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), want)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    model.save_pretrained_merged(tmp_path / "merged", save_method="merged_16bit")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_equals_peft_and_adapts_the_fused_projections_and_experts(pair, tmp_path):
+    """Default targets: attention and in_proj_qkvz / out_proj by name; the MLP names mean the routed experts, as PEFT
+    maps them on Qwen3-Next (gate_up at rank 2r), so the shared expert and the dense MLP layer stay frozen; PEFT
+    builds the same adapter from the saved config and its gradients equal ours."""
+    from fasttune.peft.adapter_io import adapter_parameters
+
+    _, model = pair
+    ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    randomize_lora_b(ours)
+    ours.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin("qwen3_next", tmp_path / "adapter")
+    _spread(ref.base_model.model)  # the same values as the pair's
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))
+    ours(ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    theirs = peft_grads(ref)
+    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad
+            for k, p in adapter_parameters(ours).items()}
+    assert mine.keys() == theirs.keys()
+    for part in (".linear_attn.in_proj_qkvz.lora_A", ".linear_attn.out_proj.lora_A", ".mlp.experts.lora_A"):
+        assert any(part in n for n in mine), part
+    assert not any("shared_expert." in n or "layers.1.mlp." in n for n in mine)
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 5e-6 * theirs[n].abs().max().item(), msg=n)
+
+
+def test_gguf_export_is_refused_by_name(pair, tmp_path, tiny_tokenizer):
+    _, model = pair
+    with pytest.raises(ConfigError, match="this model is 'qwen3_next'"):
+        model.save_pretrained_gguf(tmp_path / "out", tiny_tokenizer, quantization_method="f16", progress=False)
+    assert not (tmp_path / "out").exists()
