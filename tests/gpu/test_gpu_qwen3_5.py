@@ -77,10 +77,12 @@ def test_model_with_fla_equals_without(tiny_model_dir, monkeypatch):
         assert _rel(grads[n], grads_ref[n]) < 1e-2, n
 
 
-def test_bf16_lora_trains_and_generation_graphs_equal_eager(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("family", ["qwen3_5_text", "qwen3_next"])
+def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):
     """bf16 LoRA with recompute trains (loss falls); greedy generation through the CUDA-graph decode equals the
-    eager decode (the linear layers' conv and state updated in place inside the graph)."""
-    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_text")), dtype=torch.bfloat16,
+    eager decode (the linear layers' conv and state updated in place inside the graph). Qwen3-Next: its fused
+    projections and experts (LoRA on them by default) too."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16,
                                                    device="cuda")
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
     ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
