@@ -56,3 +56,31 @@ def reference_sft_losses(ref_model, batches, steps: int, lr: float) -> list[floa
         opt.zero_grad()
         losses.append(total / n)
     return losses
+
+
+def check_logits_generation_and_merged(hf, model, length: int, folder):
+    """Our `model` (a fasttune FastLanguageModel, fp32) against transformers' `hf` on the same weights: logits on two
+    random rows of `length` tokens (without a mask, and with the second row left-padded), greedy generation of 6
+    tokens from 8, and after LoRA (random B) a merged 16-bit checkpoint in `folder`/merged that transformers loads
+    with our logits."""
+    from transformers import AutoModelForCausalLM
+
+    from fasttune import FastLanguageModel
+
+    ids = torch.randint(3, 300, (2, length), generator=torch.Generator().manual_seed(5))
+    mask = torch.ones_like(ids)
+    mask[1, :7] = 0
+    with torch.no_grad():
+        for m in (None, mask):
+            ref, got = hf(input_ids=ids, attention_mask=m).logits, model(ids, attention_mask=m).logits
+            real = slice(None) if m is None else m.bool()
+            assert ((ref - got).abs()[real].max() / ref[real].abs().max()).item() < 1e-5
+    prompt = ids[:1, :8]
+    want = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), want)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    model.save_pretrained_merged(folder / "merged", save_method="merged_16bit")
+    merged = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -4,7 +4,7 @@ Against transformers' Qwen3NextForCausalLM and PEFT on tiny random models (tests
 attention, 4 experts top 2 with a shared expert, layer 1 a dense MLP)."""
 import pytest
 import torch
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import check_logits_generation_and_merged, peft_grads, peft_twin, randomize_lora_b
 from tiny import hf_config, hf_model
 
 from fasttune import FastLanguageModel
@@ -41,27 +41,8 @@ def test_fields():
 
 def test_logits_generation_and_merged_equal_transformers(pair, tmp_path):
     """Over 64 positions (two chunks), left padding too; greedy generation through the cached states; a merged
-    checkpoint after LoRA loads in transformers with our logits. Unfused (Qwen3.5's) reading would differ."""
-    from transformers import AutoModelForCausalLM
-
-    hf, model = pair
-    ids = torch.randint(3, 300, (2, 70), generator=torch.Generator().manual_seed(5))
-    mask = torch.ones_like(ids)
-    mask[1, :7] = 0
-    with torch.no_grad():
-        for m in (None, mask):
-            ref, got = hf(input_ids=ids, attention_mask=m).logits, model(ids, attention_mask=m).logits
-            real = slice(None) if m is None else m.bool()
-            assert ((ref - got).abs()[real].max() / ref[real].abs().max()).item() < 1e-5
-    prompt = ids[:1, :8]
-    want = hf.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, max_new_tokens=6, do_sample=False), want)
-    model = FastLanguageModel.get_peft_model(model, r=4)
-    randomize_lora_b(model)
-    model.save_pretrained_merged(tmp_path / "merged", save_method="merged_16bit")
-    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
-    with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    checkpoint after LoRA loads in transformers with our logits."""
+    check_logits_generation_and_merged(*pair, 70, tmp_path)
 
 
 def test_lora_equals_peft_and_adapts_the_fused_projections_and_experts(pair, tmp_path):
