@@ -64,3 +64,21 @@ def test_gguf_export_refuses_features_llama_cpp_does_not_take(loaded, tmp_path):
     finally:
         model.hf_config.vision_feature_layer = -1
     assert not (tmp_path / "out").exists()
+
+
+def test_mistral_small_layout_equals_transformers(tmp_path):
+    """Mistral Small 3.1 / 3.2 and Magistral Small: the same tower before a plain Mistral text model (no query
+    scaling): logits equal transformers' on an image batch."""
+    from tiny_vision import save_mistral3
+    from transformers import AutoModelForImageTextToText
+
+    from fasttune import FastVisionModel
+
+    folder = save_mistral3(tmp_path / "small", text_type="mistral")
+    model, proc = FastVisionModel.from_pretrained(str(folder))
+    assert model.arch.model_type == "mistral" and model.arch.query_position_scale is None
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}])
+    batch = proc(text=[text], images=[solid_image("red", (48, 64))])
+    hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, hf(**batch).logits, rtol=1e-5, atol=1e-5)
