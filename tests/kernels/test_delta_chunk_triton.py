@@ -103,7 +103,8 @@ def test_chunked_delta_rule_on_the_kernels_equals_the_recurrence(kernels):
     g = torch.Generator().manual_seed(1)
     b, t, hk, hv, d = 1, 100, 1, 2, 16
     inputs = [torch.randn(b, t, hk, d, generator=g), torch.randn(b, t, hk, d, generator=g),
-              torch.randn(b, t, hv, d, generator=g), -torch.rand(b, t, hv, generator=g), torch.rand(b, t, hv, generator=g)]
+              torch.randn(b, t, hv, d, generator=g), -torch.rand(b, t, hv, generator=g),
+              torch.rand(b, t, hv, generator=g)]
     inputs = [x.to(DEVICE) for x in inputs]
     assert chunk_config(torch.empty(1, 1, 1, 64, d, device=DEVICE), torch.empty(1, 1, 1, 64, d, device=DEVICE), SCAN)
     grad = torch.randn(b, t, hv, d, device=DEVICE)

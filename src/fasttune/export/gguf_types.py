@@ -38,7 +38,8 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "qwen3_vl_moe_text": "qwen3vlmoe",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
-ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3")  # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+# llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3")
 
 
 def interleave_rotary_rows(w, n_heads: int):

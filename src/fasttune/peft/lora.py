@@ -29,13 +29,6 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 LINEAR_ATTENTION_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
 FUSED_LINEAR_ATTENTION_TARGETS = ["in_proj_qkvz", "out_proj"]  # Qwen3-Next's fused q/k/v/z projection
 
-
-def linear_attention_targets(arch) -> list[str]:
-    """The gated-DeltaNet layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
-    out_proj, or Qwen3-Next's in_proj_qkvz and out_proj; [] without such layers."""
-    if not getattr(arch, "linear_layers", None):
-        return []
-    return list(FUSED_LINEAR_ATTENTION_TARGETS if arch.linear_fused_projections else LINEAR_ATTENTION_TARGETS)
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
@@ -245,8 +238,8 @@ def experts_by_parameters(arch) -> bool:
 
 
 def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
-    """MoE models (Qwen3-MoE, Mixtral, Qwen3-Next): rewrite settings as PEFT on transformers 5 rewrites the same LoraConfig
-    (peft.utils.transformers_weight_conversion._convert_peft_config_moe), so that the same call trains the same
+    """MoE models (Qwen3-MoE, Mixtral, Qwen3-Next): rewrite settings as PEFT on transformers 5 rewrites the same
+    LoraConfig (peft.utils.transformers_weight_conversion._convert_peft_config_moe), so that the same call trains the same
     adapter and the saved adapter_config.json is what PEFT builds its model from:
     gate_proj + up_proj (Mixtral also w1 + w3) -> target_parameters "mlp.experts.gate_up_proj" with rank 2r and
     alpha 2 * lora_alpha (rank_pattern / alpha_pattern; alpha / r is kept), down_proj (w2) ->
@@ -295,8 +288,8 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
 def default_targets(model: nn.Module) -> list[str]:
     """DEFAULT_TARGETS less the names a dense model has no layer for (Arcee has no gate_proj), as PEFT applies a
     list that matches some layers, plus linear_attention_targets in a model with gated-DeltaNet layers (Qwen3.5,
-    Qwen3-Next: so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the stacked
-    experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts)."""
+    Qwen3-Next: so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the
+    stacked experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts)."""
     from fasttune.models.config import ModelConfig
 
     arch = getattr(model, "arch", None)
@@ -307,6 +300,14 @@ def default_targets(model: nn.Module) -> list[str]:
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
     chosen = [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
     return chosen + linear_attention_targets(arch)
+
+
+def linear_attention_targets(arch) -> list[str]:
+    """The gated-DeltaNet layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
+    out_proj, or Qwen3-Next's in_proj_qkvz and out_proj; [] without such layers."""
+    if not getattr(arch, "linear_layers", None):
+        return []
+    return list(FUSED_LINEAR_ATTENTION_TARGETS if arch.linear_fused_projections else LINEAR_ATTENTION_TARGETS)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
