@@ -92,6 +92,10 @@ def hf_config(family: str, **overrides):
                                  num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                                  shared_expert_intermediate_size=48, mlp_only_layers=[1],
                                  layer_types=["linear_attention"] * 3 + ["full_attention"])
+    elif family == "lfm2":  # 4 layers: short convolutions with attention (q/k norms) in layer 2; w1/w3/w2 MLP
+        kw.update(num_hidden_layers=4, intermediate_size=192)  # Lfm2MLP's width: 2/3 of it, rounded up to 64
+        cfg = tf.Lfm2Config(**kw, block_multiple_of=64, tie_word_embeddings=True,
+                            layer_types=["conv", "conv", "full_attention", "conv"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -104,7 +108,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

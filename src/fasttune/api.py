@@ -195,8 +195,11 @@ class FastModel(FastLanguageModel):
         elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
-            if finetune_attention_modules:  # Qwen3.5's and Qwen3-Next's linear-attention layers attend too
-                target_modules += linear_attention_targets(getattr(model, "arch", None))
+            arch = getattr(model, "arch", None)
+            if arch is not None:  # under the family's names (LFM2: out_proj, w1, w3, w2)
+                target_modules = [arch.module_name(t) for t in target_modules]
+            if finetune_attention_modules:  # Qwen3.5's, Qwen3-Next's and LFM2's linear layers mix tokens too
+                target_modules = list(dict.fromkeys(target_modules + linear_attention_targets(arch)))
         return FastLanguageModel.get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
             use_rslora=use_rslora, modules_to_save=modules_to_save,

@@ -163,6 +163,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             t = interleave_rotary_rows(t, cfg.num_kv_heads)
         if arch in ("qwen35", "qwen35moe"):
             name, t = linear_attention_tensor(name, t, cfg)
+        if arch == "lfm2" and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
+            t = t[:, 0]
         if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
             t = t + cfg.norm_offset
         new = names.get_name(name, try_suffixes=(".weight", ".bias"))
@@ -229,7 +231,11 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.intermediate_size:  # (Qwen3.5-MoE has only experts' widths)
         writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
-    writer.add_head_count_kv(cfg.num_kv_heads)
+    if cfg.model_type == "lfm2":  # llama.cpp's LFM2 knows its short-convolution layers by 0 key/value heads
+        writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
+        writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
+    else:
+        writer.add_head_count_kv(cfg.num_kv_heads)
     writer.add_key_length(cfg.head_dim)
     writer.add_value_length(cfg.head_dim)
     writer.add_rope_dimension_count(cfg.rotary_dim)
@@ -299,7 +305,7 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
 
     kind = gguf.GGMLQuantizationType
     if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias",
-                                           "ssm_conv1d.weight")):
+                                           "ssm_conv1d.weight", "shortconv.conv.weight")):
         return kind.F32  # norms, biases, rope factors, MoE routers, convs: small, and llama.cpp keeps them in f32
     if quant not in METHODS:
         return _ggml_types(quant)[0]

@@ -57,6 +57,10 @@ def check_supported(cfg) -> None:
                           f"always leaves it out of every {SMOLLM3_NOPE_STEP}th layer and reads no pattern from the "
                           f"file, so the GGUF would compute another model. Save the merged model with "
                           f"save_pretrained_merged instead. Nothing was written.")
+    if arch == "lfm2" and cfg.conv_bias:
+        raise ConfigError("This LFM2 model has biases on its short convolutions (conv_bias=true); llama.cpp's lfm2 "
+                          "reads none, so the GGUF would compute another model. Save the merged model with "
+                          "save_pretrained_merged instead. Nothing was written.")
     if arch in WITHOUT_BIASES and (cfg.attn_bias or cfg.o_bias or cfg.mlp_bias):
         raise ConfigError(f"This {cfg.model_type} model has biases (attention_bias / mlp_bias / use_bias); "
                           f"llama.cpp's {arch} reads none, so it cannot be exported to GGUF. Save the merged model "

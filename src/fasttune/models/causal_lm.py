@@ -55,12 +55,12 @@ class CausalLM(PreTrainedModel):
     @property
     def dtype(self) -> torch.dtype:
         """The compute dtype (the decoder's)."""
-        return self.model.norm.weight.dtype
+        return self.model.final_norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
         """The device the decoder runs on."""
-        return self.model.norm.weight.device
+        return self.model.final_norm.weight.device
 
     @property
     def hf_config(self) -> PretrainedConfig:

@@ -23,11 +23,17 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next")
+                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next")
+DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
+# Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
+# adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
+# k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.
+RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm", "mlp": "feed_forward",
+                    "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -116,6 +122,14 @@ class ModelConfig:
     linear_conv_kernel: int = 4
     # Qwen3-Next: q/k/v/z in one projection (in_proj_qkvz) and b/a in another (in_proj_ba), grouped per key head
     linear_fused_projections: bool = False
+    # Which token mixer the linear_layers run: "gated_deltanet" (Qwen3.5, Qwen3-Next: models/gated_deltanet.py) or
+    # "short_conv" (LFM2's gated short convolution of linear_conv_kernel taps: models/short_conv.py)
+    linear_kind: str = "gated_deltanet"
+    conv_bias: bool = False  # LFM2: biases on the short convolution and its two projections
+
+    def module_name(self, name: str) -> str:
+        """This family's name for the Llama module `name` (RENAMED), e.g. "o_proj" -> "out_proj" in LFM2."""
+        return RENAMED.get(self.model_type, {}).get(name, name)
 
     @property
     def scaling(self) -> float:
@@ -246,6 +260,8 @@ class ModelConfig:
         if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
             cfg.linear_fused_projections = True
             cfg.mrope_section, cfg.mrope_interleaved = None, False
+        if model_type == "lfm2":
+            _lfm2_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
@@ -281,6 +297,39 @@ def _qwen3_5_fields(cfg: ModelConfig, get) -> None:
     if given and sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
         raise ModelLoadError(f"mrope_section {cfg.mrope_section} does not cover the rotary dimension {cfg.rotary_dim} "
                              f"(its sum must be half of it); the config is inconsistent.")
+
+
+def _lfm2_fields(cfg: ModelConfig, get) -> None:
+    """LFM2 (transformers' Lfm2Config): short-convolution layers where layer_types says "conv" (absent: all layers
+    but those in full_attn_idxs), attention layers with per-head q/k norms, norm_eps, and the MLP width Lfm2MLP
+    derives from intermediate_size (block_ff_dim in the original config.json) when block_auto_adjust_ff_dim:
+    2/3 of it, times block_ffn_dim_multiplier, rounded up to block_multiple_of. Raises ModelLoadError for a layer
+    type it does not know."""
+    layers = cfg.num_layers
+    types = get("layer_types")
+    if not types:
+        full = get("full_attn_idxs")
+        full = set(range(layers) if full is None else full)
+        types = ["full_attention" if i in full else "conv" for i in range(layers)]
+    unknown = sorted(set(types) - {"conv", "full_attention"})
+    if unknown or len(types) < layers:
+        raise ModelLoadError(f"layer_types in the LFM2 config must name 'conv' or 'full_attention' for each of the "
+                             f"{layers} layers; it has {list(types)}. Fix config.json.")
+    cfg.linear_layers = [t == "conv" for t in types[:layers]]
+    cfg.linear_kind = "short_conv"
+    cfg.linear_conv_kernel = int(get("conv_L_cache", 3))
+    cfg.conv_bias = bool(get("conv_bias", False))
+    cfg.qk_norm = True
+    cfg.rms_norm_eps = float(get("norm_eps", 1e-5))
+    if get("tie_embedding") is not None:  # the original config.json's name, which Lfm2Config reads
+        cfg.tie_embeddings = bool(get("tie_embedding"))
+    width = get("block_ff_dim") or cfg.intermediate_size
+    if get("block_auto_adjust_ff_dim", True):
+        width = int(2 * width / 3)
+        multiplier, multiple = get("block_ffn_dim_multiplier", 1.0), int(get("block_multiple_of", 256))
+        if multiplier is not None:
+            width = multiple * ((int(multiplier * width) + multiple - 1) // multiple)
+    cfg.intermediate_size = width
 
 
 def _llama4_query_scale(get) -> tuple | None:
@@ -350,7 +399,8 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
             raise ModelLoadError("RoPE scaling on sliding-window layers is not supported yet.")
         params = dict(params.get("full_attention") or {})
     legacy = get("rope_scaling") or {}
-    theta = params.get("rope_theta", get("rope_theta", 10000.0))
+    default_theta = DEFAULT_THETAS.get(get("model_type"), 10000.0)
+    theta = params.get("rope_theta", get("rope_theta", default_theta))
     partial = params.get("partial_rotary_factor", get("partial_rotary_factor", 1.0)) or 1.0
     scaling = dict(params) if params.get("rope_type", "default") != "default" else dict(legacy) or None
     if get("model_type") == "hunyuan_v1_dense" and scaling and scaling.get("alpha") and \

@@ -28,6 +28,7 @@ from fasttune.models.kv_cache import KVCache
 from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
                                    segments_from_boundaries)
 from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
+from fasttune.models.short_conv import ShortConv
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
 from fasttune.models.xielu import XIELU
@@ -59,8 +60,8 @@ class RMSNorm(nn.Module):
 class Attention(nn.Module):
     """Self-attention of one layer: q/k/v projections (fused for Phi-3), optional q/k norm (Qwen3, Gemma 3, OLMo;
     after RoPE for Hunyuan), RoPE (none in SmolLM3's NoPE layers; adjacent pairs for Ernie 4.5 / GLM-4),
-    SDPA or varlen attention (GQA), gpt-oss's per-head sink logits (`sinks`), o_proj; names as transformers'
-    `self_attn`."""
+    SDPA or varlen attention (GQA), gpt-oss's per-head sink logits (`sinks`), o_proj (LFM2's out_proj); names as
+    transformers' `self_attn`."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -74,10 +75,12 @@ class Attention(nn.Module):
             self.q_proj = nn.Linear(h, self.q_size * (2 if cfg.attn_output_gate else 1), bias=cfg.attn_bias)
             self.k_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
             self.v_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
-        self.o_proj = nn.Linear(self.q_size, h, bias=cfg.o_bias)
+        self.o_name = cfg.module_name("o_proj")
+        setattr(self, self.o_name, nn.Linear(self.q_size, h, bias=cfg.o_bias))
         # q/k norms by transformers' names: per head (Qwen3, Gemma 3; Hunyuan's after RoPE), or over the whole
         # projection (OLMo 2/3)
-        self.qk_norm_names = ("query_layernorm", "key_layernorm") if cfg.qk_norm_after_rope else ("q_norm", "k_norm")
+        self.qk_norm_names = ("query_layernorm", "key_layernorm") if cfg.qk_norm_after_rope else \
+            (cfg.module_name("q_norm"), cfg.module_name("k_norm"))
         if cfg.qk_norm:
             q_dim, k_dim = (self.q_size, self.kv_size) if cfg.qk_norm_full else (d, d)
             setattr(self, self.qk_norm_names[0], RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset))
@@ -130,7 +133,7 @@ class Attention(nn.Module):
                     q = q * mask["query_scale"]
                 out = decode_attention(q, k, v, cos, sin, cache.keys[i], cache.values[i], cache.slot, step_mask,
                                        cfg.scaling)
-                return one_linear(self.o_proj, _gated(out, gate))
+                return one_linear(self.out_layer, _gated(out, gate))
         if self.rope_kind != "none":
             q, k = apply_rope_qk(q, k, cos, sin)
         if cfg.qk_norm_after_rope:
@@ -147,7 +150,7 @@ class Attention(nn.Module):
         spans = mask.get("varlen")
         if spans is not None:  # packed rows on CUDA: one flash-attention sequence per document
             out = varlen_attention(q, k, v, spans, self.sliding_window, cfg.scaling)
-            return project(_gated(out.reshape(b, t, self.q_size), gate), self.o_proj, values_unused=replay)[0]
+            return project(_gated(out.reshape(b, t, self.q_size), gate), self.out_layer, values_unused=replay)[0]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
@@ -155,9 +158,13 @@ class Attention(nn.Module):
                         self.sinks if cfg.attn_sinks else None)
         out = _gated(out.transpose(1, 2).reshape(b, t, self.q_size), gate)
         if replay:  # only the graph is needed: the layer takes the kept residual in place of x + o_proj(out)
-            return project(out, self.o_proj, values_unused=True)[0]
-        return one_linear(self.o_proj, out)
+            return project(out, self.out_layer, values_unused=True)[0]
+        return one_linear(self.out_layer, out)
 
+    @property
+    def out_layer(self) -> nn.Module:
+        """The output projection (o_proj, or the family's name for it)."""
+        return getattr(self, self.o_name)
 
 
     def _qk_norms(self, q, k):
@@ -198,15 +205,32 @@ class MLP(nn.Module):
         h, i = cfg.hidden_size, cfg.intermediate_size
         self.act, self.fused, self.intermediate = cfg.hidden_act, cfg.fused_gate_up, i
         self.gated = cfg.mlp_gated
+        # gate / up / down under the family's names (LFM2: w1 / w3 / w2)
+        self.names = tuple(cfg.module_name(n) for n in ("gate_proj", "up_proj", "down_proj"))
         if self.fused:
             self.gate_up_proj = nn.Linear(h, 2 * i, bias=cfg.mlp_bias)
         else:
             if self.gated:
-                self.gate_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
-            self.up_proj = nn.Linear(h, i, bias=cfg.mlp_bias)
+                setattr(self, self.names[0], nn.Linear(h, i, bias=cfg.mlp_bias))
+            setattr(self, self.names[1], nn.Linear(h, i, bias=cfg.mlp_bias))
         if self.act == "xielu":  # Apertus: a learnable activation, under transformers' name
             self.act_fn = XIELU()
-        self.down_proj = nn.Linear(i, h, bias=cfg.mlp_bias)
+        setattr(self, self.names[2], nn.Linear(i, h, bias=cfg.mlp_bias))
+
+    @property
+    def gate(self) -> nn.Module:
+        """The gate projection (gate_proj, or the family's name for it)."""
+        return getattr(self, self.names[0])
+
+    @property
+    def up(self) -> nn.Module:
+        """The up projection (up_proj, or the family's name for it)."""
+        return getattr(self, self.names[1])
+
+    @property
+    def down(self) -> nn.Module:
+        """The down projection (down_proj, or the family's name for it)."""
+        return getattr(self, self.names[2])
 
     def forward(self, x, values_unused: bool = False):
         """x (B, T, H) -> (B, T, H). values_unused: inside a recompute whose output value is discarded, down_proj's
@@ -221,10 +245,10 @@ class MLP(nn.Module):
 
     def _mlp(self, x, values_unused: bool = False):
         if not self.gated:  # Arcee's down(relu(up(x)) ** 2), Apertus' down(xielu(up(x))), in torch ops
-            u = one_linear(self.up_proj, x)
+            u = one_linear(self.up, x)
             h = self.act_fn(u) if self.act == "xielu" else torch.relu(u).square()
-            return project(h, self.down_proj, values_unused=values_unused)[0]
-        pair = (self.gate_up_proj,) if self.fused else (self.gate_proj, self.up_proj)
+            return project(h, self.down, values_unused=values_unused)[0]
+        pair = (self.gate_up_proj,) if self.fused else (self.gate, self.up)
         if one_row_linears(x, pair):  # a batch-1 decode step: both projections and the activation in one launch
             if self.fused:
                 bias = self.gate_up_proj.bias
@@ -235,15 +259,15 @@ class MLP(nn.Module):
         elif self.fused:
             h = gated_act_packed(self.gate_up_proj(x), self.act)
         else:
-            h = gated_act(*project(x, self.gate_proj, self.up_proj), self.act)
-        return project(h, self.down_proj, values_unused=values_unused)[0]
+            h = gated_act(*project(x, self.gate, self.up), self.act)
+        return project(h, self.down, values_unused=values_unused)[0]
 
 
 # The sandwich block's norms (after attention, before the MLP, after the MLP) as each family names them.
 SANDWICH_NAMES = {"gemma2": ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
                   "glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}
 # A pre-norm block's two norms (before attention, before the MLP) where a family renames them (Apertus).
-PRE_NORM_NAMES = {"apertus": ("attention_layernorm", "feedforward_layernorm")}
+PRE_NORM_NAMES = {"apertus": ("attention_layernorm", "feedforward_layernorm"), "lfm2": ("operator_norm", "ffn_norm")}
 
 
 class DecoderLayer(nn.Module):
@@ -254,20 +278,26 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         eps, off = cfg.rms_norm_eps, cfg.norm_offset
-        # the token mixer: softmax attention, or Qwen3.5's gated DeltaNet (models/gated_deltanet.py)
+        # the token mixer: softmax attention, Qwen3.5's gated DeltaNet (models/gated_deltanet.py) or LFM2's short
+        # convolution (models/short_conv.py)
         self.is_linear = bool(cfg.linear_layers and cfg.linear_layers[layer_idx])
-        if self.is_linear:
-            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
+        if not self.is_linear:
+            self.mixer_name, mixer = "self_attn", Attention(cfg, layer_idx)
+        elif cfg.linear_kind == "short_conv":
+            self.mixer_name, mixer = "conv", ShortConv(cfg, layer_idx)
         else:
-            self.self_attn = Attention(cfg, layer_idx)
+            self.mixer_name, mixer = "linear_attn", GatedDeltaNet(cfg, layer_idx)
+        setattr(self, self.mixer_name, mixer)
         self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
         if not self.is_moe:
-            self.mlp = MLP(cfg)
+            mlp = MLP(cfg)
         elif cfg.moe_block == "gpt_oss":
-            self.mlp = GptOssMoeBlock(cfg)
+            mlp = GptOssMoeBlock(cfg)
         else:  # Qwen3.5-MoE's shared expert is our dense MLP at its own width
             shared = MLP(replace(cfg, intermediate_size=cfg.shared_expert_size)) if cfg.shared_expert_size else None
-            self.mlp = SparseMoeBlock(cfg, shared)
+            mlp = SparseMoeBlock(cfg, shared)
+        self.mlp_name = cfg.module_name("mlp")
+        setattr(self, self.mlp_name, mlp)
         self.post_norm = cfg.post_norm
         self.residual_multiplier = cfg.residual_multiplier  # Granite
         renamed = PRE_NORM_NAMES.get(cfg.model_type)
@@ -294,13 +324,18 @@ class DecoderLayer(nn.Module):
         x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self.mlp_norm.with_residual(x, h)
-        return x, self._scaled(self.mlp(normed))
+        return x, self._scaled(self.ffn(normed))
 
     @property
     def mixer(self) -> nn.Module:
-        """The layer's token mixer: `self_attn` (Attention), or `linear_attn` (GatedDeltaNet) in Qwen3.5's linear
-        layers."""
-        return self.linear_attn if self.is_linear else self.self_attn
+        """The layer's token mixer: `self_attn` (Attention), `linear_attn` (GatedDeltaNet) in Qwen3.5's linear
+        layers, or `conv` (ShortConv) in LFM2's."""
+        return getattr(self, self.mixer_name)
+
+    @property
+    def ffn(self) -> nn.Module:
+        """The layer's MLP or MoE block (`mlp`, or the family's name for it)."""
+        return getattr(self, self.mlp_name)
 
     @property
     def attn_norm(self) -> nn.Module:
@@ -334,22 +369,22 @@ class DecoderLayer(nn.Module):
         if self.is_moe:
             x, normed = self.attn_norm.with_residual(x)
             x, normed = self._post_attention(x, self.mixer(normed, cos, sin, mask, cache), cache)
-            h, logits = self.mlp(normed)
+            h, logits = self.ffn(normed)
             return (x + h, logits) if router_logits else x + h
         if self.post_norm:  # OLMo 2/3: the sublayers' outputs are normed, their inputs are not
             x = x + self.post_attention_layernorm(self.mixer(x, cos, sin, mask, cache))
-            return x + self.post_feedforward_layernorm(self.mlp(x))
+            return x + self.post_feedforward_layernorm(self.ffn(x))
         if self.sandwich:  # Gemma 2, GLM-4: norm after attention and around the MLP
             post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
             h = self.mixer(self.attn_norm(x), cos, sin, mask, cache)
             x, normed = pre_mlp.with_residual(x, post_attn(h))
-            return x + post_mlp(self.mlp(normed))
+            return x + post_mlp(self.ffn(normed))
         x, normed = self.attn_norm.with_residual(x)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)
         # Re-run inside backward, the layer's output value is discarded and the add's backward needs no values:
         # down_proj's base GEMM is skipped (kernels/lora.py). Gemma 2's post-MLP norm needs them, so not there.
-        return x + self._scaled(self.mlp(normed, values_unused=recomputing()))
+        return x + self._scaled(self.ffn(normed, values_unused=recomputing()))
 
 
 class DecoderModel(nn.Module):
@@ -362,14 +397,20 @@ class DecoderModel(nn.Module):
         self.arch = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+        self.norm_name = cfg.module_name("norm")
+        setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset))
         self.gradient_checkpointing: str | bool = False  # "auto" | True | False | "offload" (see api.py)
         self._inv_freq: dict = {}
 
     @property
+    def final_norm(self) -> RMSNorm:
+        """The norm after the last layer (`norm`, or the family's name for it: LFM2's embedding_norm)."""
+        return getattr(self, self.norm_name)
+
+    @property
     def dtype(self) -> torch.dtype:
         """The compute dtype (the final norm's weight dtype)."""
-        return self.norm.weight.dtype
+        return self.final_norm.weight.dtype
 
     def inv_freq(self, device, local: bool = False) -> torch.Tensor:
         """RoPE inverse frequencies (rotary_dim / 2,) fp32 on `device`, cached; local=True: Gemma 3's
@@ -474,7 +515,7 @@ class DecoderModel(nn.Module):
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
         if cfg.query_position_scale is not None and (given_positions or past + t > cfg.query_position_scale[1]):
             masks = {**masks, "query_scale": query_scales(cfg, position_ids, x.dtype)}
-        if cfg.linear_layers:  # what Qwen3.5's linear-attention layers read (models/gated_deltanet.py)
+        if cfg.linear_layers:  # what Qwen3.5's and LFM2's linear layers read (gated_deltanet.py, short_conv.py)
             masks = {**masks, "padding": attention_mask, "segments": segment_ids,
                      "spans": None if segment_ids is None else segment_spans(segment_ids)}
         router_logits = []
@@ -496,8 +537,8 @@ class DecoderModel(nn.Module):
                     x = add_at(x, deep_mask, deep_feats[i])
             past_key_values.length += t
         if output_router_logits:
-            return MoeModelOutputWithPast(last_hidden_state=self.norm(x), router_logits=tuple(router_logits))
-        return BaseModelOutput(last_hidden_state=self.norm(x))
+            return MoeModelOutputWithPast(last_hidden_state=self.final_norm(x), router_logits=tuple(router_logits))
+        return BaseModelOutput(last_hidden_state=self.final_norm(x))
 
     def _checkpoint_mode(self, x):
         mode = self.gradient_checkpointing

@@ -83,10 +83,10 @@ class GatedDeltaNet(nn.Module):
             qkv, z, beta, a = project(x, self.in_proj_qkv, self.in_proj_z, self.in_proj_b, self.in_proj_a)
         step = cache is not None and cache.slot is not None
         if step:
-            qkv = self._conv_step(qkv, cache.conv[self.layer_idx])
+            qkv = conv_step(qkv, cache.conv[self.layer_idx], self.conv1d.weight)
         else:
             if cache is not None:
-                cache.conv[self.layer_idx].copy_(_last_positions(qkv, self.conv1d.kernel_size[0] - 1))
+                cache.conv[self.layer_idx].copy_(last_positions(qkv, self.conv1d.kernel_size[0] - 1))
             qkv = causal_conv(qkv, self.conv1d.weight, segments)
         q, k, v = qkv.split(self.sizes, dim=-1)
         q = q.reshape(b, t, self.key_heads, self.key_dim)
@@ -115,33 +115,45 @@ class GatedDeltaNet(nn.Module):
         qkv = torch.cat([q.reshape(b, t, -1), k.reshape(b, t, -1), v.reshape(b, t, -1)], dim=-1)
         return qkv, z.reshape(b, t, -1), beta.reshape(b, t, -1), a.reshape(b, t, -1)
 
-    def _conv_step(self, qkv, state):
-        """One position (B, 1, C) through the conv with the kept inputs `state` (B, C, K - 1), updated in place."""
-        window = torch.cat([state, qkv.transpose(1, 2).to(state.dtype)], dim=-1)  # (B, C, K)
-        state.copy_(window[:, :, 1:])
-        weight = self.conv1d.weight[:, 0]  # (C, K)
-        out = (window.float() * weight.float()).sum(-1, keepdim=True).to(weight.dtype)
-        return F.silu(out).transpose(1, 2).to(qkv.dtype)
-
     @property
     def uses_fla(self) -> bool:
         """Whether this layer's delta rule runs flash-linear-attention's kernels (on CUDA when it is installed)."""
         return uses_fla(self.out_proj.weight)
 
 
-def causal_conv(x: torch.Tensor, weight: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-    """SiLU(causal depthwise conv1d) over time: x (B, T, C), weight (C, 1, K) -> (B, T, C) in x's dtype. With
-    segments (B, T), no output mixes inputs of two documents (each starts with a zero history)."""
+def causal_conv(x: torch.Tensor, weight: torch.Tensor, segments: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, silu: bool = True) -> torch.Tensor:
+    """SiLU(causal depthwise conv1d) over time (silu=False: the conv alone, LFM2's): x (B, T, C), weight (C, 1, K),
+    bias (C,) or None -> (B, T, C) in x's dtype. With segments (B, T), no output mixes inputs of two documents
+    (each starts with a zero history)."""
     t, k = x.shape[1], weight.shape[-1]
+    act = F.silu if silu else (lambda h: h)
     if segments is None:  # transformers' path: F.conv1d in the weight's dtype
-        out = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight, padding=k - 1, groups=x.shape[-1])[..., :t]
-        return F.silu(out).transpose(1, 2).to(x.dtype)
+        out = F.conv1d(x.transpose(1, 2).to(weight.dtype), weight, bias, padding=k - 1, groups=x.shape[-1])[..., :t]
+        return act(out).transpose(1, 2).to(x.dtype)
     xf, w = x.float(), weight[:, 0].float()
     out = xf * w[:, k - 1]
     for shift in range(1, min(k, t)):  # tap k - 1 - shift reads position t - shift, from the same document only
         same = (segments[:, shift:] == segments[:, :-shift])[..., None]
         out[:, shift:] += xf[:, :-shift] * w[:, k - 1 - shift] * same
-    return F.silu(out).to(x.dtype)
+    if bias is not None:
+        out += bias.float()
+    return act(out).to(x.dtype)
+
+
+def conv_step(x: torch.Tensor, state: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+              silu: bool = True) -> torch.Tensor:
+    """One position x (B, 1, C) through causal_conv's conv, with the kept inputs `state` (B, C, K - 1) updated in
+    place (transformers' causal_conv1d_update). weight (C, 1, K), bias (C,) or None. Returns (B, 1, C) in x's
+    dtype."""
+    window = torch.cat([state, x.transpose(1, 2).to(state.dtype)], dim=-1)  # (B, C, K)
+    state.copy_(window[:, :, 1:])
+    w = weight[:, 0]  # (C, K)
+    out = (window.float() * w.float()).sum(-1, keepdim=True)
+    if bias is not None:
+        out = out + bias.float()[:, None]
+    out = out.to(w.dtype)
+    return (F.silu(out) if silu else out).transpose(1, 2).to(x.dtype)
 
 
 def segment_spans(segments: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -155,7 +167,7 @@ def segment_spans(segments: torch.Tensor) -> list[tuple[int, int, int]]:
             for i, (r, s) in enumerate(zip(rows, starts))]
 
 
-def _last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
+def last_positions(x: torch.Tensor, n: int) -> torch.Tensor:
     """The last n positions of x (B, T, C) as (B, C, n), zeros in front when T < n (the conv's kept inputs)."""
     tail = x[:, -n:].transpose(1, 2)
     return F.pad(tail, (n - tail.shape[-1], 0)) if tail.shape[-1] < n else tail

@@ -22,18 +22,21 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, batch: int, max_len: int, dtype: torch.dtype, device):
         flags = getattr(cfg, "linear_layers", None) or []  # (a transformers model's config has none)
         linear = [bool(flags and flags[i]) for i in range(cfg.num_layers)]
-        # Qwen3.5's linear-attention layers keep no keys/values (empty tensors) but a conv history and a state
+        # Qwen3.5's and LFM2's linear layers keep no keys/values (empty tensors) but a conv history (and a state)
         shapes = [(batch, cfg.num_kv_heads, 0 if lin else max_len, cfg.head_dim) for lin in linear]
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for shape in shapes]
-        # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1) and the delta-rule state
-        # (B, value heads, d_k, d_v) fp32 (models/gated_deltanet.py)
+        # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1), and for a gated DeltaNet
+        # the delta-rule state (B, value heads, d_k, d_v) fp32 (models/gated_deltanet.py, models/short_conv.py)
         self.conv, self.recurrent = {}, {}
+        deltanet = getattr(cfg, "linear_kind", "gated_deltanet") == "gated_deltanet"
         for i in (i for i, lin in enumerate(linear) if lin):
-            channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim
+            channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim \
+                if deltanet else cfg.hidden_size
             self.conv[i] = torch.zeros(batch, channels, cfg.linear_conv_kernel - 1, dtype=dtype, device=device)
-            self.recurrent[i] = torch.zeros(batch, cfg.linear_value_heads, cfg.linear_key_dim, cfg.linear_value_dim,
-                                            device=device)
+            if deltanet:
+                self.recurrent[i] = torch.zeros(batch, cfg.linear_value_heads, cfg.linear_key_dim,
+                                                cfg.linear_value_dim, device=device)
         self.max_len, self.length = max_len, 0
         self.slot: torch.Tensor | None = None
         self.read_len = max_len

@@ -95,7 +95,7 @@ class DecodeStep:
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
         for layer in decoder.layers:
             x, h = layer.unsummed(x, h, *ropes[layer.mixer.rope_kind], masks, cache)
-        logits = self.model.logits(decoder.norm.with_residual(x, h)[1][:, -1])
+        logits = self.model.logits(decoder.final_norm.with_residual(x, h)[1][:, -1])
         # The next step's inputs, unless the caller gives others: the greedy token, the next position and slot.
         # Inside the graph these cost no launches of their own (greedy decoding then needs none per token).
         torch.argmax(logits, dim=-1, out=self.argmax)

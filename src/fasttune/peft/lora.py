@@ -28,6 +28,7 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 # model has such layers: its q|k|v, its output gate and its output (not the per-head decay / beta scalars)
 LINEAR_ATTENTION_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
 FUSED_LINEAR_ATTENTION_TARGETS = ["in_proj_qkvz", "out_proj"]  # Qwen3-Next's fused q/k/v/z projection
+SHORT_CONV_TARGETS = ["in_proj", "out_proj"]  # LFM2's short-convolution layers
 
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -286,9 +287,10 @@ def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
 
 
 def default_targets(model: nn.Module) -> list[str]:
-    """DEFAULT_TARGETS less the names a dense model has no layer for (Arcee has no gate_proj), as PEFT applies a
-    list that matches some layers, plus linear_attention_targets in a model with gated-DeltaNet layers (Qwen3.5,
-    Qwen3-Next: so every layer's token mixer is adapted). MoE models keep all seven: their MLP names stand for the
+    """DEFAULT_TARGETS (under the family's names: LFM2's out_proj, w1, w3, w2) less the names a dense model has no
+    layer for (Arcee has no gate_proj), as PEFT applies a list that matches some layers, plus
+    linear_attention_targets in a model with linear layers (Qwen3.5, Qwen3-Next, LFM2: so every layer's token mixer
+    is adapted). MoE models keep all seven: their MLP names stand for the
     stacked experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts)."""
     from fasttune.models.config import ModelConfig
 
@@ -298,15 +300,19 @@ def default_targets(model: nn.Module) -> list[str]:
     if arch.num_experts:
         return list(DEFAULT_TARGETS) + linear_attention_targets(arch)
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
-    chosen = [t for t in DEFAULT_TARGETS if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(DEFAULT_TARGETS)
-    return chosen + linear_attention_targets(arch)
+    named = [arch.module_name(t) for t in DEFAULT_TARGETS]  # LFM2: out_proj, w1, w3, w2
+    chosen = [t for t in named if t in leaves or FUSED_TARGETS.get(t) in leaves] or named
+    return list(dict.fromkeys(chosen + linear_attention_targets(arch)))
 
 
 def linear_attention_targets(arch) -> list[str]:
-    """The gated-DeltaNet layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
-    out_proj, or Qwen3-Next's in_proj_qkvz and out_proj; [] without such layers."""
+    """The linear layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
+    out_proj, Qwen3-Next's in_proj_qkvz and out_proj, or LFM2's short convolution's in_proj and out_proj; [] without
+    such layers."""
     if not getattr(arch, "linear_layers", None):
         return []
+    if arch.linear_kind == "short_conv":
+        return list(SHORT_CONV_TARGETS)
     return list(FUSED_LINEAR_ATTENTION_TARGETS if arch.linear_fused_projections else LINEAR_ATTENTION_TARGETS)
 
 
