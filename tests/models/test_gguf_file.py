@@ -14,7 +14,7 @@ from fasttune.models.gguf_file import read_gguf
 
 TEXTS = ["The quick brown fox.", "  two spaces\n\nand\ttabs, 12345", "Ünïcödé ★ — 日本語"]
 # Families whose GGUF transformers reads back (it has no GGUF mapping for gemma; see tests/export/test_gguf.py).
-READABLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text"]
+READABLE = ["llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gemma3_text", "lfm2"]
 
 
 def _gguf(tmp_path, family="llama", quant="q8_0"):

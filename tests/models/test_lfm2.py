@@ -110,3 +110,19 @@ def test_gguf_refuses_conv_biases(pair, tmp_path, tiny_tokenizer):
         model.save_pretrained_gguf(tmp_path / "out.gguf", tiny_tokenizer, quantization_method="f16",
                                    progress=False)
     assert not list(tmp_path.glob("out*"))
+
+
+def test_gguf_loads_back_with_the_same_logits(tmp_path):
+    """llama.cpp's lfm2 file read back: the conv layers found from the 0 key/value heads, the MLP width as written."""
+    from bpe_tokenizers import make_bpe_tokenizer
+
+    hf_model("lfm2", vocab_size=416).save_pretrained(tmp_path / "m")
+    bpe = make_bpe_tokenizer("gpt2")
+    bpe.save_pretrained(tmp_path / "m")
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    path = model.save_pretrained_gguf(tmp_path / "m.f32.gguf", tok, quantization_method="f32", progress=False)
+    back, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32)
+    assert back.arch.linear_layers == [True, True, False, True] and back.arch.intermediate_size == 128
+    ids = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)

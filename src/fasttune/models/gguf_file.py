@@ -269,6 +269,11 @@ class GGUFContents:
         if arch in QWEN35_ARCHITECTURES:
             config = {**qwen35_config(arch_values(metadata, arch), arch, path), "tie_word_embeddings": config["tie_word_embeddings"]}
             model_type = config["model_type"]
+        if arch == "lfm2":  # as transformers' load_gguf_checkpoint reads llama.cpp's LFM2: per-layer key/value heads,
+            heads = metadata.get(f"{arch}.attention.head_count_kv")  # 0 in the short-convolution layers
+            heads = heads if isinstance(heads, list) else [heads] * config["num_hidden_layers"]
+            config.update(num_key_value_heads=max(heads), full_attn_idxs=[i for i, n in enumerate(heads) if n > 0],
+                          block_auto_adjust_ff_dim=False)  # feed_forward_length is the MLP's width already
         if arch == "smollm3":
             model_type = "smollm3"
             config.update(no_rope_layer_interval=SMOLLM3_NOPE_STEP, no_rope_layers=None)
