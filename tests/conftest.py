@@ -10,6 +10,10 @@ import pytest
 
 from tiny_tokenizer import make_tiny_tokenizer
 
+# Under pytest-xdist each worker gets one of the machine's cores: one intra-op thread, not one per core in each.
+if os.environ.get("PYTEST_XDIST_WORKER") and not torch.cuda.is_available():
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _cpu_unless_a_gpu_test(request, monkeypatch):

@@ -96,6 +96,13 @@ def hf_config(family: str, **overrides):
         kw.update(num_hidden_layers=4, intermediate_size=192)  # Lfm2MLP's width: 2/3 of it, rounded up to 64
         cfg = tf.Lfm2Config(**kw, block_multiple_of=64, tie_word_embeddings=True,
                             layer_types=["conv", "conv", "full_attention", "conv"])
+    elif family == "glm4_moe":  # layer 0 dense; 8 experts in 2 groups (best 1 kept), sigmoid top-2 with a score
+        # bias, scaled by 2.5; a shared expert; q/k/v biases, q/k norms, half RoPE
+        kw.update(num_hidden_layers=3)
+        cfg = tf.Glm4MoeConfig(**kw, head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                               n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                               first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
+                               tie_word_embeddings=False, num_nextn_predict_layers=0)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -130,11 +137,16 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
+            if family == "glm4_moe" and n.endswith("bias"):  # transformers starts them at 0: make them matter
+                p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):
                     p.normal_(0.0, 0.5)
                 if n.endswith("experts.gate_up_proj"):  # pre-activations beyond the clamp limit 7 occur
                     p.normal_(0.0, 0.6)
+        for n, b in model.named_buffers():
+            if n.endswith("e_score_correction_bias"):  # GLM-4.5's routing bias: away from 0 so it shows
+                b.normal_(0.0, 0.3)
     return model
 
 

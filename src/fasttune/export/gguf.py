@@ -155,6 +155,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             continue
         if name.endswith("mlp.experts.down_proj"):
             name += ".weight"
+        if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
+            name = name.removesuffix("_bias") + ".bias"
         # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
         # unchanged)
         if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -218,6 +220,21 @@ def _mistral3_metadata(writer, cfg) -> None:
         beta, original = cfg.query_position_scale
         writer.add_attn_temperature_scale(float(beta))
         writer.add_attn_temperature_length(int(original))
+
+
+def _sigmoid_routing_metadata(writer, cfg) -> None:
+    """llama.cpp's keys for DeepSeek-V3's routing (GLM-4.5, as convert_hf_to_gguf writes them): sigmoid gating, the
+    weights' scale and renormalisation, the expert groups, the shared experts as a count of expert widths, and the
+    leading dense layers."""
+    import gguf
+
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    writer.add_expert_weights_scale(float(cfg.routed_scaling))
+    writer.add_expert_weights_norm(bool(cfg.norm_topk_prob))
+    writer.add_expert_group_count(int(cfg.router_groups[0]))
+    writer.add_expert_group_used_count(int(cfg.router_groups[1]))
+    writer.add_expert_shared_count(cfg.shared_expert_size // cfg.moe_intermediate_size)
+    writer.add_leading_dense_block_count(cfg.moe_layers.index(True) if True in cfg.moe_layers else cfg.num_layers)
 
 
 def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
@@ -289,9 +306,11 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe"):  # llama's: its FFN
-            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
-        if cfg.shared_expert_size:
+        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe"):
+            writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
+        if cfg.router_scoring == "sigmoid":  # GLM-4.5: DeepSeek-V3's routing, as llama.cpp's glm4moe reads it
+            _sigmoid_routing_metadata(writer, cfg)
+        elif cfg.shared_expert_size:
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)
 
 

@@ -76,7 +76,9 @@ def check_supported(cfg) -> None:
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and \
             arch not in ("gpt-oss", "mistral3"):
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
-    if cfg.num_experts and arch != "gpt-oss":
+    if arch == "glm4moe":
+        _check_glm4moe(cfg)
+    elif cfg.num_experts and arch != "gpt-oss":
         if not all(cfg.moe_layers):
             dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
             raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "
@@ -88,6 +90,16 @@ def check_supported(cfg) -> None:
                               f"routing weights (norm_topk_prob=False); llama.cpp's '{arch}' architecture always "
                               f"does, so the GGUF would compute another model. Save the merged model with "
                               f"save_pretrained_merged instead.")
+
+
+def _check_glm4moe(cfg) -> None:
+    """llama.cpp's glm4moe: leading_dense_block_count dense layers, then every layer sparse; no output-projection
+    bias."""
+    first = cfg.moe_layers.index(True) if True in cfg.moe_layers else cfg.num_layers
+    if cfg.moe_layers != [i >= first for i in range(cfg.num_layers)]:
+        raise ConfigError(f"This GLM-4.5 model's sparse layers {cfg.moe_layers} are not 'dense first, then sparse' "
+                          f"(first_k_dense_replace), the only layout llama.cpp's glm4moe reads; save the merged model "
+                          f"with save_pretrained_merged instead. Nothing was written.")
 
 
 def check_methods(cfg, quants: list[str]) -> None:

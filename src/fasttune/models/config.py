@@ -23,17 +23,18 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2")
+                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "glm4_moe")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe")
 DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
 # k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.
 RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm", "mlp": "feed_forward",
-                    "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"}}
+                    "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
+           "glm4_moe": {"shared_expert": "shared_experts"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -110,6 +111,13 @@ class ModelConfig:
     # Qwen3.5-MoE: beside the routed experts, a shared expert MLP of this width whose output is scaled by
     # sigmoid(shared_expert_gate(x)); 0 = none
     shared_expert_size: int = 0
+    shared_expert_gated: bool = True  # False: GLM-4.5's shared experts, added without Qwen3.5-MoE's sigmoid gate
+    # DeepSeek-V3's routing (GLM-4.5, models/moe.py's route_sigmoid): "sigmoid" scores, experts chosen by score +
+    # e_score_correction_bias within the best topk_group of n_group groups, weighted by their scores (renormalised
+    # when norm_topk_prob) times routed_scaling_factor, the router in fp32; "softmax" is the usual top-k softmax
+    router_scoring: str = "softmax"
+    router_groups: tuple = (1, 1)  # (n_group, topk_group)
+    routed_scaling: float = 1.0
     # Qwen3.5: q_proj also yields a per-channel gate; the attention output is multiplied by sigmoid(gate)
     attn_output_gate: bool = False
     # Qwen3.5's gated DeltaNet layers (models/gated_deltanet.py): per layer True = linear attention instead of
@@ -225,6 +233,11 @@ class ModelConfig:
         elif model_type == "glm4":  # Phi-3's fused gate_up, Gemma 2's four norms, adjacent-pair partial RoPE
             cfg.attn_bias = bool(get("attention_bias", True))
             cfg.fused_gate_up = cfg.sandwich_norm = cfg.rope_interleaved = True
+        elif model_type == "glm4_moe":  # DeepSeek-V3's layers with Llama's attention: q/k/v biases, half RoPE
+            cfg.attn_bias = bool(get("attention_bias", False))
+            cfg.qk_norm = bool(get("use_qk_norm", False))
+            if get("partial_rotary_factor") is None and "partial_rotary_factor" not in (get("rope_parameters") or {}):
+                cfg.partial_rotary_factor = 0.5  # Glm4MoeConfig's default
         elif model_type == "hunyuan_v1_dense":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.qk_norm = cfg.qk_norm_after_rope = True
@@ -367,6 +380,20 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
         cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
                           for i in range(cfg.num_layers)]
+    elif cfg.model_type == "glm4_moe":  # transformers' Glm4MoeDecoderLayer: dense MLPs first, then MoE blocks
+        cfg.num_experts = get("n_routed_experts") or get("num_local_experts")
+        cfg.moe_intermediate_size = get("moe_intermediate_size")
+        cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("n_shared_experts", 1) or 0)
+        cfg.shared_expert_gated = False
+        cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
+        cfg.router_scoring, cfg.routed_scaling = "sigmoid", float(get("routed_scaling_factor", 1.0))
+        cfg.router_groups = (int(get("n_group", 1) or 1), int(get("topk_group", 1) or 1))
+        if cfg.num_experts % cfg.router_groups[0] or not 0 < cfg.router_groups[1] <= cfg.router_groups[0]:
+            raise ModelLoadError(f"n_group {cfg.router_groups[0]} / topk_group {cfg.router_groups[1]} in the GLM-4.5 "
+                                 f"config do not fit its {cfg.num_experts} experts (n_group must divide them, and "
+                                 f"1 <= topk_group <= n_group). Fix config.json.")
+        first = int(get("first_k_dense_replace", 1) or 0)
+        cfg.moe_layers = [i >= first for i in range(cfg.num_layers)]
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

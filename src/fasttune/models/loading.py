@@ -154,6 +154,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
         model = model_cls(hf_config)
     expected = dict(model.state_dict(keep_vars=True))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    # tensors that stay fp32 whatever the dtype (GLM-4.5's router: models/moe.py's Router.keep_fp32)
+    fp32 = {f"{n}.{a}" for n, m in model.named_modules() if getattr(m, "keep_fp32", False)
+            for a in (*m._parameters, *m._buffers)}
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
     _warn_unapplied_dropout(hf_config, source)
@@ -161,8 +164,12 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
         warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
                       f"they load in {dtype}, the other layers in int8.")
     seen, unexpected = set(), []
+    mtp = _mtp_layers(hf_config, model.arch.num_layers)
     for name, t in tensors:
         name = experts.rename(name)
+        if mtp and name.startswith(mtp):  # GLM-4.5's multi-token-prediction layer: not loaded (one warning)
+            unexpected.append(name)
+            continue
         if experts.take(name, t):  # one expert's tensor of a stacked MoE weight
             while quant == "nf4" and experts.just_completed:  # quantised as soon as its stack is whole
                 _quantize_experts(model, experts.just_completed.pop())
@@ -194,12 +201,12 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
 
             _install_weight(model, module_name, quantize(t.to(device=device, dtype=dtype), quant), dtype, quant)
         else:
-            assign_tensor(model, name, t.to(device=device, dtype=dtype))
+            assign_tensor(model, name, t.to(device=device, dtype=torch.float32 if name in fp32 else dtype))
             if quant == "nf4" and attr in EXPERT_STACKS and module_name.endswith(".experts"):
                 _quantize_experts(model, name)
         seen.add(name)
     pending.check_complete()
-    _warn_unexpected(unexpected, source)
+    _warn_unexpected(unexpected, source, mtp)
     seen |= experts.complete()
     cfg = model.arch
     if cfg.tie_embeddings:
@@ -217,16 +224,25 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     return model
 
 
-def _warn_unexpected(names: list[str], source: str) -> None:
+def _mtp_layers(hf_config, layers: int) -> tuple[str, ...]:
+    """Name prefixes of the multi-token-prediction layers a checkpoint stores after the last decoder layer
+    (GLM-4.5's `model.layers.<num_hidden_layers + i>.`, num_nextn_predict_layers of them)."""
+    get = hf_config.get if isinstance(hf_config, dict) else lambda k, d=None: getattr(hf_config, k, d)
+    extra = int(get("num_nextn_predict_layers", 0) or get("num_mtp_layers", 0) or 0)
+    return tuple(f"model.layers.{layers + i}." for i in range(extra))
+
+
+def _warn_unexpected(names: list[str], source: str, mtp_layers: tuple[str, ...] = ()) -> None:
     """One warning for the checkpoint tensors the config has no place for (a few named), and one for a
     multi-token-prediction head (`mtp.*`, Qwen3.5 / Qwen3-Next / DeepSeek-style releases: hundreds of tensors on MoE
-    models), which transformers does not load either: not one warning per tensor."""
-    is_mtp = [n.startswith(("mtp.", "model.mtp.")) for n in names]
+    models; GLM-4.5's extra layers `mtp_layers`), which transformers does not load either: not one warning per
+    tensor."""
+    is_mtp = [n.startswith(("mtp.", "model.mtp.") + mtp_layers) for n in names]
     mtp = [n for n, m in zip(names, is_mtp) if m]
     others = [n for n, m in zip(names, is_mtp) if not m]
     if mtp:
-        warnings.warn(f"{source}: the checkpoint's multi-token-prediction head ({plural(len(mtp), 'tensor')} "
-                      f"under mtp.) is not loaded, as transformers does not load it: training, merging and "
+        warnings.warn(f"{source}: the checkpoint's multi-token-prediction head ({plural(len(mtp), 'tensor')}, "
+                      f"e.g. {mtp[0]}) is not loaded, as transformers does not load it: training, merging and "
                       f"generation use the main model.")
     if others:
         more = f" and {len(others) - 5} more" if len(others) > 5 else ""

@@ -42,6 +42,30 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tupl
     return weights, experts
 
 
+def route_sigmoid(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int, groups: tuple, norm_topk_prob: bool,
+                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing (transformers' DeepseekV3TopkRouter / Glm4MoeTopkRouter): sigmoid scores in fp32; each
+    of n_group expert groups scored by the sum of its two best (score + bias); experts chosen by score + bias among
+    the topk_group best groups; their weights are the plain scores, renormalised (+ 1e-20) when norm_topk_prob, times
+    `scaling` (routed_scaling_factor).
+
+    router_logits (N, E); bias (E,) fp32 e_score_correction_bias; groups (n_group, topk_group) -> (weights (N, k)
+    fp32, experts (N, k) int64)."""
+    n_group, topk_group = groups
+    scores = router_logits.float().sigmoid()
+    choice = scores + bias.float()
+    if n_group > 1:
+        grouped = choice.view(-1, n_group, choice.shape[-1] // n_group)
+        best = torch.topk(grouped.topk(2, dim=-1)[0].sum(dim=-1), k=topk_group, dim=-1, sorted=False)[1]
+        keep = torch.zeros(grouped.shape[:2], dtype=torch.bool, device=choice.device).scatter_(1, best, True)
+        choice = choice.masked_fill(~keep[..., None].expand_as(grouped).reshape(choice.shape), float("-inf"))
+    experts = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, experts)
+    if norm_topk_prob:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, experts
+
+
 @functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)  # (a property query per call costs more than the check)
@@ -234,13 +258,20 @@ class Router(nn.Module):
     """The router linear, `weight` (E, H) without bias; forward: x (N, H) -> logits (N, E) in x's dtype.
     It has nn.Linear's in_features / out_features / bias (None) so a LoraLinear can wrap it (LoRA on the router),
     but is not an nn.Linear: quantisation and "linear layer" selections leave it alone, as transformers 5's
-    router module is left alone by bitsandbytes and PEFT."""
+    router module is left alone by bitsandbytes and PEFT.
+
+    With `score_bias` (GLM-4.5's sigmoid routing) it also holds `e_score_correction_bias` (E,), and its weight and
+    bias stay fp32 whatever the model's dtype (`keep_fp32`, read by the loader) and the logits are computed in fp32,
+    as transformers keeps and computes them (_keep_in_fp32_modules_strict)."""
 
     bias = None
 
-    def __init__(self, hidden_size: int, num_experts: int):
+    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
+        self.keep_fp32 = score_bias
+        if score_bias:
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 
     @property
     def in_features(self) -> int:
@@ -253,7 +284,9 @@ class Router(nn.Module):
         return self.weight.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (N, H) -> router logits (N, E) in x's dtype (the weight is cast to it)."""
+        """x (N, H) -> router logits (N, E) in x's dtype (the weight is cast to it), or in fp32 with keep_fp32."""
+        if self.keep_fp32:
+            return F.linear(x.float(), self.weight.float())
         return F.linear(x, self.weight.to(x.dtype))
 
 
@@ -286,11 +319,16 @@ class SparseMoeBlock(nn.Module):
     def __init__(self, cfg, shared_expert: nn.Module | None = None):
         super().__init__()
         self.top_k, self.norm_topk_prob, self.jitter = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_jitter
-        self.gate = Router(cfg.hidden_size, cfg.num_experts)
+        self.sigmoid = cfg.router_scoring == "sigmoid"
+        self.groups, self.scaling = cfg.router_groups, cfg.routed_scaling
+        self.gate = Router(cfg.hidden_size, cfg.num_experts, score_bias=self.sigmoid)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
-        if shared_expert is not None:  # Qwen3.5-MoE: a dense MLP every token takes, scaled by a learned gate
-            self.shared_expert = shared_expert
-            self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
+        # a dense MLP every token takes (GLM-4.5's shared_experts), scaled by a learned gate in Qwen3.5-MoE
+        self.shared_name = cfg.module_name("shared_expert") if shared_expert is not None else None
+        if shared_expert is not None:
+            setattr(self, self.shared_name, shared_expert)
+            if cfg.shared_expert_gated:
+                self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def forward(self, x: torch.Tensor, values_unused: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, T, H) -> (out (B, T, H) in x's dtype, router logits (B*T, E)). `values_unused` is accepted for the
@@ -300,10 +338,18 @@ class SparseMoeBlock(nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         flat = x.reshape(-1, shape[-1])
         logits = self.gate(flat)
-        weights, experts = route(logits, self.top_k, self.norm_topk_prob)
+        if self.sigmoid:
+            router = getattr(self.gate, "base_layer", self.gate)  # (under LoRA: a LoraLinear around it)
+            weights, experts = route_sigmoid(logits, router.e_score_correction_bias, self.top_k, self.groups,
+                                             self.norm_topk_prob, self.scaling)
+        else:
+            weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         out = self.experts(flat, weights, experts)
-        if hasattr(self, "shared_expert"):  # transformers' Qwen3NextSparseMoeBlock
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat[None])[0]
+        if self.shared_name is not None:
+            shared = getattr(self, self.shared_name)(flat[None])[0]
+            if hasattr(self, "shared_expert_gate"):  # transformers' Qwen3NextSparseMoeBlock
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared.to(out.dtype)
         return out.view(shape), logits
 
 

@@ -231,11 +231,16 @@ FUSED_EXPERT_PAIRS = (("gate_proj", "up_proj"), ("w1", "w3"))
 GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 
+# MoE families with a shared expert that PEFT maps as Qwen2-MoE (its _MODEL_TO_CONVERSION_PATTERN): the MLP names
+# mean the routed experts there
+PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe")
+
+
 def experts_by_parameters(arch) -> bool:
     """Whether PEFT leaves an MoE model's MLP names to its layers (Qwen3.5-MoE's shared expert), so that its routed
-    experts are adapted only as target_parameters: models with a shared expert but Qwen3-Next, which PEFT maps as
-    Qwen2-MoE (the MLP names mean the experts; the shared expert and dense MLP layers stay frozen)."""
-    return bool(getattr(arch, "shared_expert_size", 0)) and getattr(arch, "model_type", None) != "qwen3_next"
+    experts are adapted only as target_parameters: models with a shared expert but those PEFT maps as Qwen2-MoE
+    (PEFT_MAPS_EXPERTS: the MLP names mean the experts; the shared experts and dense MLP layers stay frozen)."""
+    return bool(getattr(arch, "shared_expert_size", 0)) and getattr(arch, "model_type", None) not in PEFT_MAPS_EXPERTS
 
 
 def _map_moe_targets(model: nn.Module, settings: LoraSettings) -> None:
