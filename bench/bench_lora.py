@@ -74,6 +74,14 @@ MOE_SHAPES = {
     "gpt-oss-20b": dict(vocab_size=201088, hidden_size=2880, intermediate_size=2880, num_hidden_layers=24,
                         num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
                         num_experts_per_tok=4, sliding_window=128, tie_word_embeddings=False),
+    # transformers' Glm4MoeConfig with GLM-4.5-Air's sizes (its config.json as I read it: 128 experts of 1408, top 8,
+    # one shared expert, the first layer dense, q/k/v biases, half RoPE), cut to 8 of its 46 layers to fit bf16
+    "glm-4.5-air-8l": dict(vocab_size=151552, hidden_size=4096, intermediate_size=10944, moe_intermediate_size=1408,
+                           num_hidden_layers=8, num_attention_heads=96, num_key_value_heads=8, head_dim=128,
+                           n_routed_experts=128, num_experts_per_tok=8, n_shared_experts=1, first_k_dense_replace=1,
+                           n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
+                           attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=0,
+                           tie_word_embeddings=False),
 }
 # PEFT maps no MLP names onto gpt-oss's experts: with --expert-lora its LoraConfig names them as the adapter
 # fasttune writes for the seven names does (target_parameters, gate_up_proj at rank 2r / alpha 2r).
@@ -87,6 +95,8 @@ MATRIX = {
                 ("ours", "llama-3.2-1b", "off", "triton", "none"), ("ours", "llama-3.2-1b", "off", "torch", "none"),
                 ("hf", "llama-3.1-8b", "on", "-", "none"), ("ours", "llama-3.1-8b", "on", "triton", "none"),
                 ("ours", "llama-3.1-8b", "on", "torch", "none"), ("ours", "llama-3.1-8b", "off", "triton", "none")],
+    "glm4-moe": [("hf", "glm-4.5-air-8l", "on", "-", "none"), ("ours", "glm-4.5-air-8l", "on", "triton", "none"),
+                 ("ours", "glm-4.5-air-8l", "off", "triton", "none")],
     "moe": [("hf", "qwen3-30b-a3b", "on", "-", "none"), ("ours", "qwen3-30b-a3b", "on", "triton", "none"),
             ("ours", "qwen3-30b-a3b", "off", "triton", "none")],
     # transformers + bitsandbytes quantises the Linears only: its stacked MoE experts stay bf16
@@ -136,6 +146,10 @@ def hf_config(shape: str):
         from transformers import GptOssConfig
 
         return GptOssConfig(**MOE_SHAPES[shape])
+    if shape.startswith("glm-4.5"):
+        from transformers import Glm4MoeConfig
+
+        return Glm4MoeConfig(**MOE_SHAPES[shape])
     if shape in MOE_SHAPES:
         from transformers import Qwen3MoeConfig
 
