@@ -30,6 +30,25 @@ def peft_grads(peft_model) -> dict:
     return out
 
 
+def moe_adapter_grads(family, ours, folder, prepare_ref=None) -> tuple[dict, dict]:
+    """({name: grad} of our LoRA model `ours` (random B, saved to `folder`/adapter) under PEFT's names, the same
+    for PEFT's model built from that adapter over transformers' `family`), after one loss backward on the same
+    batch (2 x 20 tokens). `prepare_ref(base model)` sets values our model has beyond the tiny model's."""
+    from fasttune.peft.adapter_io import adapter_parameters
+
+    randomize_lora_b(ours)
+    ours.save_pretrained(folder / "adapter")
+    ref = peft_twin(family, folder / "adapter")
+    if prepare_ref is not None:
+        prepare_ref(ref.base_model.model)
+    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))
+    ours(ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad
+            for k, p in adapter_parameters(ours).items()}
+    return mine, peft_grads(ref)
+
+
 def reference_sft_losses(ref_model, batches, steps: int, lr: float) -> list[float]:
     """The transformers(+PEFT) reference loop: per-step loss = summed token CE of the accumulated batch over its
     target count, AdamW (torch defaults as HF uses them, no weight decay), clipping at 1.0. `batches` yields what

@@ -4,7 +4,7 @@ biases, optional q/k norms and half (rotate-half) RoPE. Against transformers and
 (3 layers, layer 0 dense; 8 experts in 2 groups, top-2; routed_scaling_factor 2.5) and llama.cpp's glm4moe."""
 import pytest
 import torch
-from peft_oracle import check_logits_generation_and_merged, peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import check_logits_generation_and_merged, moe_adapter_grads, randomize_lora_b
 from tiny import hf_config, hf_model
 
 from fasttune import FastLanguageModel
@@ -65,20 +65,10 @@ def test_router_stays_fp32_in_a_bf16_model(tmp_path, tiny_tokenizer):
 def test_lora_equals_peft_on_the_routed_experts(pair, tmp_path):
     """PEFT maps GLM-4.5 as Qwen2-MoE: the MLP names mean the routed experts (gate + up as one rank-2r LoRA), so the
     shared experts and the dense layer 0 stay frozen; PEFT builds the same adapter and its gradients equal ours."""
-    from fasttune.peft.adapter_io import adapter_parameters
-
     _, model = pair
     ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    randomize_lora_b(ours)
-    ours.save_pretrained(tmp_path / "adapter")
-    ref = peft_twin("glm4_moe", tmp_path / "adapter")
-    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(6))
-    ours(ids, labels=ids).loss.backward()
-    ref(input_ids=ids, labels=ids).loss.backward()
-    theirs = peft_grads(ref)
-    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad
-            for k, p in adapter_parameters(ours).items()}
+    mine, theirs = moe_adapter_grads("glm4_moe", ours, tmp_path)
     assert mine.keys() == theirs.keys()
     assert any(".mlp.experts.lora_A" in n for n in mine) and any(".self_attn.o_proj.lora_A" in n for n in mine)
     assert not any("shared_experts." in n or "layers.0.mlp." in n for n in mine)

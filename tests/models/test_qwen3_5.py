@@ -121,22 +121,12 @@ def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(tiny_mode
     """Without targets: attention, DeltaNet and shared-expert layers by name and the routed experts as
     target_parameters; PEFT builds the same adapter from the saved config (it maps no MLP names on Qwen3.5-MoE) and
     its gradients equal ours."""
-    from peft_oracle import peft_grads, peft_twin, randomize_lora_b
-
-    from fasttune.peft.adapter_io import adapter_parameters
+    from peft_oracle import moe_adapter_grads
 
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_5_moe_text")), dtype=torch.float32)
     ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    randomize_lora_b(ours)
-    ours.save_pretrained(tmp_path / "adapter")
-    ref = peft_twin("qwen3_5_moe_text", tmp_path / "adapter")
-    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))
-    ours(ids, labels=ids).loss.backward()
-    ref(input_ids=ids, labels=ids).loss.backward()
-    theirs = peft_grads(ref)
-    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad  # under PEFT's names
-            for k, p in adapter_parameters(ours).items()}
+    mine, theirs = moe_adapter_grads("qwen3_5_moe_text", ours, tmp_path)
     assert mine.keys() == theirs.keys()
     assert any("shared_expert.gate_proj" in n for n in mine) and any(".mlp.experts.lora_A" in n for n in mine)
     for n, g in mine.items():

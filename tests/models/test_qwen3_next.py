@@ -4,7 +4,7 @@ Against transformers' Qwen3NextForCausalLM and PEFT on tiny random models (tests
 attention, 4 experts top 2 with a shared expert, layer 1 a dense MLP)."""
 import pytest
 import torch
-from peft_oracle import check_logits_generation_and_merged, peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import check_logits_generation_and_merged, moe_adapter_grads
 from tiny import hf_config, hf_model
 
 from fasttune import FastLanguageModel
@@ -49,21 +49,10 @@ def test_lora_equals_peft_and_adapts_the_fused_projections_and_experts(pair, tmp
     """Default targets: attention and in_proj_qkvz / out_proj by name; the MLP names mean the routed experts, as PEFT
     maps them on Qwen3-Next (gate_up at rank 2r), so the shared expert and the dense MLP layer stay frozen; PEFT
     builds the same adapter from the saved config and its gradients equal ours."""
-    from fasttune.peft.adapter_io import adapter_parameters
-
     _, model = pair
     ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    randomize_lora_b(ours)
-    ours.save_pretrained(tmp_path / "adapter")
-    ref = peft_twin("qwen3_next", tmp_path / "adapter")
-    _spread(ref.base_model.model)  # the same values as the pair's
-    ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))
-    ours(ids, labels=ids).loss.backward()
-    ref(input_ids=ids, labels=ids).loss.backward()
-    theirs = peft_grads(ref)
-    mine = {k.removeprefix("base_model.model.").removesuffix(".weight"): p.grad
-            for k, p in adapter_parameters(ours).items()}
+    mine, theirs = moe_adapter_grads("qwen3_next", ours, tmp_path, prepare_ref=_spread)  # the pair's values
     assert mine.keys() == theirs.keys()
     for part in (".linear_attn.in_proj_qkvz.lora_A", ".linear_attn.out_proj.lora_A", ".mlp.experts.lora_A"):
         assert any(part in n for n in mine), part
