@@ -61,8 +61,31 @@ def test_lora_equals_peft_and_adapts_the_fused_projections_and_experts(pair, tmp
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 5e-6 * theirs[n].abs().max().item(), msg=n)
 
 
-def test_gguf_export_is_refused_by_name(pair, tmp_path, tiny_tokenizer):
+def test_gguf_with_dense_layers_between_is_refused(pair, tmp_path, tiny_tokenizer):
+    """llama.cpp's qwen3next makes every layer sparse; the tiny model's layer 1 is dense (mlp_only_layers)."""
     _, model = pair
-    with pytest.raises(ConfigError, match="this model is 'qwen3_next'"):
+    with pytest.raises(ConfigError, match=r"dense MLP layers \(1"):
         model.save_pretrained_gguf(tmp_path / "out", tiny_tokenizer, quantization_method="f16", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_gguf_logits_equal_llama_cpp(tmp_path, quant):
+    """llama.cpp's qwen3next: the fused projections (ssm_in, ssm_ba) in transformers' grouping per key head, the
+    DeltaNet tensors as for qwen35 but without its tiled value-head order (which puts the logits 50% off here),
+    experts and shared expert; every layer sparse. f32 within 1e-4 of the logit range, q8_0 within the family
+    tests' bound."""
+    from bpe_tokenizers import make_bpe_tokenizer
+    from llama_cpp_check import compare_logits
+
+    pytest.importorskip("llama_cpp")
+    hf = hf_model("qwen3_next", vocab_size=416, mlp_only_layers=[])
+    _spread(hf)
+    bpe = make_bpe_tokenizer("gpt2")
+    hf.save_pretrained(tmp_path / "m")
+    bpe.save_pretrained(tmp_path / "m")
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    path = model.save_pretrained_gguf(tmp_path / f"m.{quant}.gguf", tok, quantization_method=quant, progress=False)
+    rel, top1, _ = compare_logits(model, tok, path, ["The quick brown fox jumps over the lazy dog.",
+                                                     "def add(a, b):\n    return a + b"])
+    assert rel < {"f32": 1e-4, "q8_0": 5e-2}[quant] and top1 >= {"f32": 1.0, "q8_0": 0.9}[quant]

@@ -49,7 +49,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
-from fasttune.export.gguf_qwen35 import is_gated_norm, linear_attention_tensor
+from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
 from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
                                         mmproj_type, text_rows, write_mmproj)
@@ -163,8 +163,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             t = interleave_rotary_rows(t, cfg.num_heads)
         elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
             t = interleave_rotary_rows(t, cfg.num_kv_heads)
-        if arch in ("qwen35", "qwen35moe"):
-            name, t = linear_attention_tensor(name, t, cfg)
+        if arch in DELTANET_ARCHITECTURES:
+            name, t = linear_attention_tensor(name, t, cfg, tiled=arch != "qwen3next")
         if arch == "lfm2" and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
             t = t[:, 0]
         if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
@@ -278,7 +278,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
     if cfg.mrope_section:  # Qwen-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
         writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
-    if ARCHITECTURES[cfg.model_type] in ("qwen35", "qwen35moe"):
+    if ARCHITECTURES[cfg.model_type] in DELTANET_ARCHITECTURES:
         qwen35_metadata(writer, cfg)
     if ARCHITECTURES[cfg.model_type] in ("qwen3vl", "qwen3vlmoe"):  # images bring a DeepStack feature per layer
         writer.add_num_deepstack_layers(len(model.hf_config.vision_config.deepstack_visual_indexes))
@@ -306,7 +306,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe"):
+        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
         if cfg.router_scoring == "sigmoid":  # GLM-4.5: DeepSeek-V3's routing, as llama.cpp's glm4moe reads it
             _sigmoid_routing_metadata(writer, cfg)

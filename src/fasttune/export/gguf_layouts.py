@@ -14,7 +14,7 @@ import warnings
 
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_mmproj import PROJECTORS
-from fasttune.export.gguf_qwen35 import full_attention_interval
+from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, full_attention_interval
 from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS
 from fasttune.models.config import VISION_TEXT_FAMILIES
 from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
@@ -49,7 +49,7 @@ def check_supported(cfg) -> None:
                               f"llama.cpp would use {expected:.6g}; it cannot be exported to GGUF faithfully.")
     elif arch == "gpt-oss":
         _check_gpt_oss(cfg)
-    elif arch in ("qwen35", "qwen35moe"):
+    elif arch in DELTANET_ARCHITECTURES:
         full_attention_interval(cfg)  # raises for layer patterns and head sizes llama.cpp cannot run
     if arch == "smollm3" and cfg.rope_layers != [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(cfg.num_layers)]:
         nope = [i for i, rope in enumerate(cfg.rope_layers) if not rope]

@@ -16,6 +16,9 @@ import torch
 
 from fasttune.errors import ConfigError
 
+# llama.cpp's gated-DeltaNet architectures: Qwen3.5 (dense and MoE) and Qwen3-Next
+DELTANET_ARCHITECTURES = ("qwen35", "qwen35moe", "qwen3next")
+
 
 def is_gated_norm(name: str) -> bool:
     """The DeltaNet layers' gated RMSNorm, whose weight is used as it is (no 1 + w)."""
@@ -54,17 +57,19 @@ def reorder_value_heads(name: str, t: torch.Tensor, key_heads: int, value_heads:
     return t
 
 
-def linear_attention_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
-    """One merged tensor of a DeltaNet layer (our name, fp32) -> (the name gguf's qwen35 map knows, the tensor as
-    llama.cpp reads it); other tensors pass unchanged."""
+def linear_attention_tensor(name: str, t: torch.Tensor, cfg, tiled: bool = True) -> tuple[str, torch.Tensor]:
+    """One merged tensor of a DeltaNet layer (our name, fp32) -> (the name gguf's qwen35 / qwen3next map knows, the
+    tensor as llama.cpp reads it); other tensors pass unchanged. `tiled`: value heads in llama.cpp's tiled order
+    (qwen35); Qwen3-Next's fused projections keep transformers' grouping per key head, which its graph splits."""
     if ".linear_attn." not in name:
         return name, t
     if name.endswith(".A_log"):
         t = -t.exp()
     elif name.endswith("conv1d.weight"):
         t = t[:, 0]
-    t = reorder_value_heads(name, t, cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_key_dim,
-                            cfg.linear_value_dim)
+    if tiled:
+        t = reorder_value_heads(name, t, cfg.linear_key_heads, cfg.linear_value_heads, cfg.linear_key_dim,
+                                cfg.linear_value_dim)
     if name.endswith(".dt_bias"):
         name = name.removesuffix("dt_bias") + "dt_proj.bias"
     return name, t
@@ -110,6 +115,6 @@ def write_metadata(writer, cfg) -> None:
     writer.add_ssm_time_step_rank(cfg.linear_value_heads)
     writer.add_ssm_inner_size(cfg.linear_value_dim * cfg.linear_value_heads)
     writer.add_full_attention_interval(full_attention_interval(cfg))
-    if not cfg.mrope_section:
+    if not cfg.mrope_section and cfg.model_type != "qwen3_next":  # (Qwen3-Next's RoPE is plain partial RoPE)
         pairs = cfg.rotary_dim // 2
         writer.add_rope_dimension_sections([len(range(axis, pairs, 3)) for axis in range(3)] + [0])
