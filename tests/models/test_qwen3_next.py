@@ -89,3 +89,8 @@ def test_gguf_logits_equal_llama_cpp(tmp_path, quant):
     rel, top1, _ = compare_logits(model, tok, path, ["The quick brown fox jumps over the lazy dog.",
                                                      "def add(a, b):\n    return a + b"])
     assert rel < {"f32": 1e-4, "q8_0": 5e-2}[quant] and top1 >= {"f32": 1.0, "q8_0": 0.9}[quant]
+    if quant == "f32":  # and the file loads back onto our decoder (the fused projections as they were)
+        back, _ = FastLanguageModel.from_pretrained(str(path), dtype=torch.float32)
+        ids = torch.randint(3, 400, (2, 9), generator=torch.Generator().manual_seed(2))
+        with torch.no_grad():
+            torch.testing.assert_close(back(ids).logits, model(ids).logits.float(), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Read llama.cpp's "qwen35" / "qwen35moe" GGUF files (Qwen3.5's language model) back into transformers' layout:
+"""Read llama.cpp's "qwen35" / "qwen35moe" / "qwen3next" GGUF files (Qwen3.5's language model, Qwen3-Next) back into
+transformers' layout:
 the config from the file's keys and each tensor undone from llama.cpp's form. transformers has no GGUF tables for
 these architectures; this is the reverse of export/gguf_qwen35.py (whose value-head reorder it runs backwards) and
 of what llama.cpp's convert_hf_to_gguf.py (Qwen3NextModel, _LinearAttentionVReorderBase) writes:
@@ -8,7 +9,8 @@ of what llama.cpp's convert_hf_to_gguf.py (Qwen3NextModel, _LinearAttentionVReor
 - every RMSNorm weight but the DeltaNet layers' gated norm was stored as 1 + w -> w;
 - value heads in llama.cpp's tiled order (value head p with key head p % key heads) -> transformers' grouped one
   (key head g's value heads in a row), in the value rows of in_proj_qkv and of the conv, in in_proj_z / in_proj_a /
-  in_proj_b / A_log / dt_bias, and in out_proj's input columns.
+  in_proj_b / A_log / dt_bias, and in out_proj's input columns (qwen35 only: qwen3next keeps transformers' grouping
+  in its fused in_proj_qkvz / in_proj_ba, and so in the other DeltaNet tensors).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from fasttune.errors import ModelLoadError
 from fasttune.export.gguf_qwen35 import is_gated_norm, reorder_value_heads
 
-ARCHITECTURES = {"qwen35": "qwen3_5_text", "qwen35moe": "qwen3_5_moe_text"}
+ARCHITECTURES = {"qwen35": "qwen3_5_text", "qwen35moe": "qwen3_5_moe_text", "qwen3next": "qwen3_next"}
 
 
 def qwen35_config(get, arch: str, path) -> dict:
@@ -37,6 +39,10 @@ def qwen35_config(get, arch: str, path) -> dict:
     value_heads = int(get("ssm.time_step_rank"))
     rotary = int(get("rope.dimension_count", head_dim))
     sections = [int(s) for s in (get("rope.dimension_sections") or [])][:3]
+    rope = {"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000000.0)),
+            "partial_rotary_factor": rotary / head_dim}
+    if arch != "qwen3next":  # Qwen3.5's interleaved multimodal RoPE (Qwen3-Next's is plain partial RoPE)
+        rope.update(mrope_interleaved=True, **({"mrope_section": sections} if sum(sections) * 2 == rotary else {}))
     fields = dict(
         model_type=ARCHITECTURES[arch], hidden_size=int(get("embedding_length")), num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
@@ -47,10 +53,8 @@ def qwen35_config(get, arch: str, path) -> dict:
         linear_conv_kernel_dim=int(get("ssm.conv_kernel")), linear_key_head_dim=int(get("ssm.state_size")),
         linear_num_key_heads=int(get("ssm.group_count")), linear_num_value_heads=value_heads,
         linear_value_head_dim=int(get("ssm.inner_size")) // value_heads,
-        rope_parameters={"rope_type": "default", "rope_theta": float(get("rope.freq_base", 10000000.0)),
-                         "partial_rotary_factor": rotary / head_dim, "mrope_interleaved": True,
-                         **({"mrope_section": sections} if sum(sections) * 2 == rotary else {})})
-    if arch == "qwen35moe":
+        rope_parameters=rope)
+    if arch in ("qwen35moe", "qwen3next"):
         fields.update(num_experts=int(get("expert_count")), num_experts_per_tok=int(get("expert_used_count")),
                       moe_intermediate_size=int(get("expert_feed_forward_length")),
                       shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length")))
@@ -64,7 +68,7 @@ def gguf_lookup_name(name: str) -> str:
 
 def from_gguf(name: str, t: torch.Tensor, config: dict) -> torch.Tensor:
     """One tensor as read from the file (our name, float32) -> transformers' layout (config: the fields of
-    qwen35_config)."""
+    qwen35_config; a qwen3_next one has no tiled value heads to undo)."""
     if name.endswith("norm.weight") and not is_gated_norm(name):
         return t - 1.0
     if ".linear_attn." not in name:
@@ -73,6 +77,7 @@ def from_gguf(name: str, t: torch.Tensor, config: dict) -> torch.Tensor:
         t = (-t).log()
     elif name.endswith("conv1d.weight"):
         t = t.reshape(t.shape[0], -1)
-    t = reorder_value_heads(name, t, config["linear_num_key_heads"], config["linear_num_value_heads"],
-                            config["linear_key_head_dim"], config["linear_value_head_dim"], inverse=True)
+    if config["model_type"] != "qwen3_next":
+        t = reorder_value_heads(name, t, config["linear_num_key_heads"], config["linear_num_value_heads"],
+                                config["linear_key_head_dim"], config["linear_value_head_dim"], inverse=True)
     return t[:, None] if name.endswith("conv1d.weight") else t

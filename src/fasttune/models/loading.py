@@ -363,7 +363,7 @@ def _mxfp4_checkpoint(hf_config) -> bool:
     return True
 
 
-GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text")
+GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text", "qwen3_next")
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None):
