@@ -103,6 +103,11 @@ def hf_config(family: str, **overrides):
                                n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
                                tie_word_embeddings=False, num_nextn_predict_layers=0)
+    elif family == "lfm3":  # conv, sliding attention (window 4, plain RoPE), full attention (proportional RoPE on
+        # half the pairs), conv; four norms per layer, a sigmoid gate per attention head
+        kw.update(num_hidden_layers=4)
+        cfg = tf.Lfm3Config(**kw, head_dim=16, sliding_window=4, tie_word_embeddings=True,
+                            layer_types=["conv", "sliding_attention", "full_attention", "conv"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -115,7 +120,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "lfm3"]
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 

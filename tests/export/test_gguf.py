@@ -49,7 +49,7 @@ def _compare_logits(model, tok, path, prompts=PROMPTS, f32_cache=False):
     return compare_logits(model, tok, path, prompts, f32_cache=f32_cache)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "lfm3"])  # (llama.cpp has no LFM3 yet)
 @pytest.mark.parametrize("quant", ["f16", "q8_0"])
 def test_llama_cpp_logits_match(family, quant, bpe, tmp_path):
     # llama.cpp runs Ministral as llama, which has no sliding window: exact within the window, and warned about;

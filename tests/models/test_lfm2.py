@@ -45,7 +45,7 @@ def test_fields_from_the_original_config_json():
 
 
 def test_unknown_layer_type_is_a_load_error():
-    with pytest.raises(ModelLoadError, match="'conv' or 'full_attention'.*sliding_attention"):
+    with pytest.raises(ModelLoadError, match=r"one of \['conv', 'full_attention'\].*sliding_attention"):
         ModelConfig.from_hf({**ORIGINAL, "layer_types": ["conv", "sliding_attention", "full_attention", "conv"]})
 
 

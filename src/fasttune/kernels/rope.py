@@ -17,7 +17,8 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
     """fp32 inverse frequencies theta^(-2i / rotary_dim), shape (rotary_dim // 2,). `scaling` is the HF config's
     rope_scaling: "linear" divides by its factor, "llama3" follows transformers' _compute_llama3_parameters,
     "yarn" its _compute_yarn_parameters (modeling_rope_utils.py; yarn also scales cos/sin, see
-    rope_attention_factor). Raises ValueError for another rope_type."""
+    rope_attention_factor), "proportional" its _compute_proportional_rope_parameters (frequency 0 past the
+    partial_rotary_factor of the pairs, on a rotary_dim that is the whole head). Raises ValueError for another rope_type."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     if not scaling:
         return inv_freq
@@ -28,6 +29,10 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
         return _llama3_inv_freq(inv_freq, scaling)
     if kind == "yarn":
         return _yarn_inv_freq(rotary_dim, theta, scaling)
+    if kind == "proportional":  # LFM3's (and Gemma 4's) global layers: transformers' _compute_proportional_rope_parameters
+        # the first partial_rotary_factor of the pairs rotate, their exponents over the whole head; the rest stay put
+        inv_freq[int(scaling.get("partial_rotary_factor", 1.0) * rotary_dim // 2):] = 0.0
+        return inv_freq / scaling.get("factor", 1.0)
     raise ValueError(f"unsupported rope_type {kind}")
 
 

@@ -23,7 +23,7 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "glm4_moe")
+                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -34,8 +34,9 @@ DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family'
 # k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.
 RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm", "mlp": "feed_forward",
                     "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
+           "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
            "glm4_moe": {"shared_expert": "shared_experts"}}
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
 
@@ -120,6 +121,7 @@ class ModelConfig:
     routed_scaling: float = 1.0
     # Qwen3.5: q_proj also yields a per-channel gate; the attention output is multiplied by sigmoid(gate)
     attn_output_gate: bool = False
+    attn_head_gate: bool = False  # LFM3: each head's output times sigmoid(g_proj(x)), g_proj (heads, hidden)
     # Qwen3.5's gated DeltaNet layers (models/gated_deltanet.py): per layer True = linear attention instead of
     # softmax attention (transformers' layer_types "linear_attention"); empty = none
     linear_layers: list = field(default_factory=list)
@@ -273,7 +275,7 @@ class ModelConfig:
         if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
             cfg.linear_fused_projections = True
             cfg.mrope_section, cfg.mrope_interleaved = None, False
-        if model_type == "lfm2":
+        if model_type in ("lfm2", "lfm3"):
             _lfm2_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
@@ -316,26 +318,37 @@ def _lfm2_fields(cfg: ModelConfig, get) -> None:
     """LFM2 (transformers' Lfm2Config): short-convolution layers where layer_types says "conv" (absent: all layers
     but those in full_attn_idxs), attention layers with per-head q/k norms, norm_eps, and the MLP width Lfm2MLP
     derives from intermediate_size (block_ff_dim in the original config.json) when block_auto_adjust_ff_dim:
-    2/3 of it, times block_ffn_dim_multiplier, rounded up to block_multiple_of. Raises ModelLoadError for a layer
-    type it does not know."""
-    layers = cfg.num_layers
+    2/3 of it, times block_ffn_dim_multiplier, rounded up to block_multiple_of. LFM3 (Lfm3Config) adds sliding-window
+    attention layers, four norms per layer and a gate per attention head, and takes intermediate_size as it is.
+    Raises ModelLoadError for a layer type it does not know."""
+    layers, lfm3 = cfg.num_layers, cfg.model_type == "lfm3"
     types = get("layer_types")
-    if not types:
+    if not types and lfm3:  # Lfm3Config's default pattern
+        types = ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0 else "conv"
+                 for i in range(layers)]
+    elif not types:
         full = get("full_attn_idxs")
         full = set(range(layers) if full is None else full)
         types = ["full_attention" if i in full else "conv" for i in range(layers)]
-    unknown = sorted(set(types) - {"conv", "full_attention"})
+    allowed = {"conv", "full_attention"} | ({"sliding_attention"} if lfm3 else set())
+    unknown = sorted(set(types) - allowed)
     if unknown or len(types) < layers:
-        raise ModelLoadError(f"layer_types in the LFM2 config must name 'conv' or 'full_attention' for each of the "
-                             f"{layers} layers; it has {list(types)}. Fix config.json.")
+        raise ModelLoadError(f"layer_types in the {'LFM3' if lfm3 else 'LFM2'} config must name one of "
+                             f"{sorted(allowed)} for each of the {layers} layers; it has {list(types)}. Fix "
+                             f"config.json.")
     cfg.linear_layers = [t == "conv" for t in types[:layers]]
     cfg.linear_kind = "short_conv"
-    cfg.linear_conv_kernel = int(get("conv_L_cache", 3))
+    cfg.linear_conv_kernel = int(get("conv_L_cache", 7 if lfm3 else 3))
     cfg.conv_bias = bool(get("conv_bias", False))
     cfg.qk_norm = True
     cfg.rms_norm_eps = float(get("norm_eps", 1e-5))
     if get("tie_embedding") is not None:  # the original config.json's name, which Lfm2Config reads
         cfg.tie_embeddings = bool(get("tie_embedding"))
+    if lfm3:  # LFM3: Gemma 2's four norms (post_operator_norm, post_ffn_norm), a sigmoid gate per attention head,
+        cfg.sandwich_norm = bool(get("use_sandwich_norm", True))  # the MLP at intermediate_size as given
+        cfg.attn_head_gate = bool(get("use_attention_gate", True))
+        cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+        return
     width = get("block_ff_dim") or cfg.intermediate_size
     if get("block_auto_adjust_ff_dim", True):
         width = int(2 * width / 3)
@@ -436,6 +449,8 @@ def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
         # (transformers' HunYuanDenseV1RotaryEmbedding.compute_ntk_alpha_rope_parameters)
         d = get("head_dim") or get("hidden_size") // get("num_attention_heads")
         theta, scaling = float(theta) * float(scaling["alpha"]) ** (d / (d - 2)), None
+    if scaling is not None and scaling.get("rope_type") == "proportional":
+        partial = 1.0  # the whole head is the rotary dimension; the factor picks the pairs with a frequency
     if scaling is not None:
         scaling["rope_type"] = scaling.get("rope_type", scaling.get("type", "default"))
         if scaling["rope_type"] in ("default", "mrope"):  # "mrope": Qwen2-VL's 4.x name, plain frequencies

@@ -87,6 +87,8 @@ class Attention(nn.Module):
             setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset))
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
+        if cfg.attn_head_gate:  # LFM3: one sigmoid gate per head, from the layer's input
+            self.g_proj = nn.Linear(h, cfg.num_heads, bias=False)
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
         if cfg.rope_layers and not cfg.rope_layers[layer_idx]:
@@ -113,6 +115,8 @@ class Attention(nn.Module):
         if cfg.attn_output_gate:
             q, gate = q.view(b, t, cfg.num_heads, 2 * cfg.head_dim).chunk(2, dim=-1)
             q, gate = q.contiguous(), gate.reshape(b, t, self.q_size)
+        elif cfg.attn_head_gate:  # (B, T, heads, 1): each head's output scaled by one gate
+            gate = one_linear(self.g_proj, x)[..., None].expand(b, t, cfg.num_heads, cfg.head_dim)
         if cfg.qk_norm_full:
             q, k = self._qk_norms(q, k)
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
@@ -173,7 +177,8 @@ class Attention(nn.Module):
 
 
 def _gated(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-    """The attention output times sigmoid(gate) (Qwen3.5's output gate, in the model dtype), or as it is."""
+    """The attention output times sigmoid(gate) (Qwen3.5's per-channel output gate, LFM3's per-head one expanded over
+    the head's channels; in the model dtype), or as it is."""
     return out if gate is None else out * torch.sigmoid(gate.reshape(out.shape))
 
 
@@ -265,9 +270,11 @@ class MLP(nn.Module):
 
 # The sandwich block's norms (after attention, before the MLP, after the MLP) as each family names them.
 SANDWICH_NAMES = {"gemma2": ("post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm"),
-                  "glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm")}
+                  "glm4": ("post_self_attn_layernorm", "post_attention_layernorm", "post_mlp_layernorm"),
+                  "lfm3": ("post_operator_norm", "ffn_norm", "post_ffn_norm")}
 # A pre-norm block's two norms (before attention, before the MLP) where a family renames them (Apertus).
-PRE_NORM_NAMES = {"apertus": ("attention_layernorm", "feedforward_layernorm"), "lfm2": ("operator_norm", "ffn_norm")}
+PRE_NORM_NAMES = {"apertus": ("attention_layernorm", "feedforward_layernorm"), "lfm2": ("operator_norm", "ffn_norm"),
+                  "lfm3": ("operator_norm", "ffn_norm")}
 
 
 class DecoderLayer(nn.Module):

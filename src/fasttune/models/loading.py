@@ -165,8 +165,11 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
                       f"they load in {dtype}, the other layers in int8.")
     seen, unexpected = set(), []
     mtp = _mtp_layers(hf_config, model.arch.num_layers)
+    renames = CHECKPOINT_RENAMES.get(model.arch.model_type, ())
     for name, t in tensors:
         name = experts.rename(name)
+        for old, new in renames:
+            name = name.replace(old, new)
         if mtp and name.startswith(mtp):  # GLM-4.5's multi-token-prediction layer: not loaded (one warning)
             unexpected.append(name)
             continue
@@ -222,6 +225,11 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     model.tie_weights()
     model.requires_grad_(False)
     return model
+
+
+# Checkpoint names that transformers renames as it loads (its conversion_mapping's WeightRenaming), as
+# (on disk, in memory): our modules carry the in-memory names, which PEFT adapters use.
+CHECKPOINT_RENAMES = {"lfm3": ((".self_attn.gate_proj.", ".self_attn.g_proj."),)}
 
 
 def _mtp_layers(hf_config, layers: int) -> tuple[str, ...]:
