@@ -54,13 +54,17 @@ SHAPES = {
     "lfm2-1.2b": dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, full_attn_idxs=[2, 5, 8, 10, 12, 14],
                       conv_L_cache=3, max_position_embeddings=128000, norm_eps=1e-5, tie_word_embeddings=True),
+    # transformers' Lfm3Config defaults (LFM3-1.7B: 24 layers, conv / sliding (256) / full attention, head gates)
+    "lfm3-1.7b": dict(vocab_size=128000, hidden_size=2048, intermediate_size=7680, num_hidden_layers=24,
+                      num_attention_heads=16, num_key_value_heads=4, head_dim=128, tie_word_embeddings=True),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
 }
 # The transformers config class of the SHAPES that are neither Llama nor Qwen2 (their keyword arguments are whole).
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
-                 "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config"}
+                 "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
+                 "lfm3-1.7b": "Lfm3Config"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -111,6 +115,8 @@ MATRIX = {
     "lfm2": [("hf", "lfm2-1.2b", "on", "-", "none"), ("ours", "lfm2-1.2b", "on", "triton", "none"),
              ("ours", "lfm2-1.2b", "off", "triton", "none"), ("hf", "lfm2-1.2b", "on", "-", "nf4"),
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],
+    "lfm3": [("hf", "lfm3-1.7b", "on", "-", "none"), ("ours", "lfm3-1.7b", "on", "triton", "none"),
+             ("ours", "lfm3-1.7b", "off", "triton", "none")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
@@ -127,8 +133,10 @@ CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backw
 LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
 
 
-# LFM2's names for the seven, plus its short convolutions' projections (fasttune's defaults for LFM2)
+# LFM2's names for the seven, plus its short convolutions' projections (fasttune's defaults for LFM2); LFM3 keeps
+# Llama's o_proj
 LFM2_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"]
+LFM3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "w1", "w2", "w3"]
 
 
 def targets(shape: str) -> list[str]:
@@ -136,6 +144,8 @@ def targets(shape: str) -> list[str]:
         return TARGETS + LINEAR_TARGETS
     if shape.startswith("lfm2"):
         return list(LFM2_TARGETS)
+    if shape.startswith("lfm3"):
+        return list(LFM3_TARGETS)
     return TARGETS[:4] if shape in MOE_SHAPES and not EXPERT_LORA[0] else TARGETS
 
 
