@@ -102,13 +102,14 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); rotates the first cos.shape[-1] dims (partial rotary leaves the rest)."""
+    """x: (batch, seq, heads, head_dim); rotates the first cos.shape[-1] dims (partial rotary leaves the rest). cos/sin
+    may be fp32 for a 16-bit x (computed in fp32, as transformers' LFM3 rotates); the result is in x's dtype."""
     cos, sin = cos[:, :, None], sin[:, :, None]
     rot = cos.shape[-1]
     if rot == x.shape[-1]:
-        return x * cos + _rotate_half(x) * sin
+        return (x * cos + _rotate_half(x) * sin).to(x.dtype)
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    return torch.cat((x_rot * cos + _rotate_half(x_rot) * sin, x_pass), dim=-1)
+    return torch.cat(((x_rot * cos + _rotate_half(x_rot) * sin).to(x.dtype), x_pass), dim=-1)
 
 
 if HAVE_TRITON:
