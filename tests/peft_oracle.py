@@ -49,6 +49,26 @@ def moe_adapter_grads(family, ours, folder, prepare_ref=None) -> tuple[dict, dic
     return mine, peft_grads(ref)
 
 
+def check_recompute_gradients(folder) -> None:
+    """LoRA gradients of the model saved in `folder` (fp32, random B, one 2 x 12 batch) equal without recompute, with
+    layer recompute and with "offload" (the kept attention block included)."""
+    from fasttune import FastLanguageModel
+
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    grads = []
+    for mode in (False, True, "offload"):
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+        lora = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, random_state=0)
+        randomize_lora_b(lora)
+        lora.train()
+        lora(ids, labels=ids).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad})
+    for other in grads[1:]:
+        assert other.keys() == grads[0].keys()
+        for n, g in other.items():
+            torch.testing.assert_close(g, grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+
+
 def reference_sft_losses(ref_model, batches, steps: int, lr: float) -> list[float]:
     """The transformers(+PEFT) reference loop: per-step loss = summed token CE of the accumulated batch over its
     target count, AdamW (torch defaults as HF uses them, no weight decay), clipping at 1.0. `batches` yields what

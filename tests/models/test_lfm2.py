@@ -4,7 +4,7 @@ q/k norms, under transformers' names (conv.in_proj / conv.conv / conv.out_proj, 
 LoRA gradients against PEFT, generation, merging and GGUF in llama.cpp; here what is LFM2's own."""
 import pytest
 import torch
-from peft_oracle import check_logits_generation_and_merged, randomize_lora_b
+from peft_oracle import check_logits_generation_and_merged, check_recompute_gradients
 from tiny import hf_config, hf_model
 
 from fasttune import FastLanguageModel, FastModel
@@ -67,19 +67,7 @@ def test_packed_documents_do_not_share_a_convolution(pair):
 
 
 def test_recompute_gives_the_same_gradients(pair, tmp_path):
-    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
-    grads = []
-    for mode in (False, True, "offload"):
-        model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
-        lora = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, random_state=0)
-        randomize_lora_b(lora)
-        lora.train()
-        lora(ids, labels=ids).loss.backward()
-        grads.append({n: p.grad.clone() for n, p in lora.named_parameters() if p.requires_grad})
-    for other in grads[1:]:
-        assert other.keys() == grads[0].keys()
-        for n, g in other.items():
-            torch.testing.assert_close(g, grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    check_recompute_gradients(tmp_path / "m")
 
 
 def test_default_targets_and_layer_switches_use_lfm2_names(pair):
