@@ -69,20 +69,3 @@ def test_gguf_is_refused_by_name(folder, tmp_path, tiny_tokenizer):
         model.save_pretrained_gguf(tmp_path / "out", tiny_tokenizer, quantization_method="f16", progress=False)
     assert not (tmp_path / "out").exists()
 
-
-def test_bf16_model_rotates_in_fp32_as_transformers(folder):
-    """transformers' LFM3 keeps cos/sin in fp32 and rotates 16-bit q/k in fp32; so do we (rope_fp32), bit for bit."""
-    from transformers.models.lfm3.modeling_lfm3 import apply_rotary_pos_emb
-
-    from fasttune.kernels.rope import apply_rope_qk
-
-    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16)
-    positions = torch.arange(300).expand(2, 300)
-    tables = model.model.rope_tables(positions, torch.bfloat16)
-    assert all(cos.dtype == sin.dtype == torch.float32 for cos, sin in tables.values())
-    g = torch.Generator().manual_seed(1)
-    q, k = (torch.randn(2, 300, n, 16, generator=g).to(torch.bfloat16) for n in (4, 2))
-    cos, sin = tables["global"]
-    got_q, got_k = apply_rope_qk(q, k, cos, sin)
-    want_q, want_k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
-    assert got_q.dtype == torch.bfloat16 and torch.equal(got_q, want_q) and torch.equal(got_k, want_k)

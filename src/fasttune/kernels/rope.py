@@ -102,8 +102,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (batch, seq, heads, head_dim); rotates the first cos.shape[-1] dims (partial rotary leaves the rest). cos/sin
-    may be fp32 for a 16-bit x (computed in fp32, as transformers' LFM3 rotates); the result is in x's dtype."""
+    """x: (batch, seq, heads, head_dim); rotates the first cos.shape[-1] dims (partial rotary leaves the rest). The
+    result is in x's dtype, also for fp32 cos/sin."""
     cos, sin = cos[:, :, None], sin[:, :, None]
     rot = cos.shape[-1]
     if rot == x.shape[-1]:

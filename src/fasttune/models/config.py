@@ -122,7 +122,6 @@ class ModelConfig:
     # Qwen3.5: q_proj also yields a per-channel gate; the attention output is multiplied by sigmoid(gate)
     attn_output_gate: bool = False
     attn_head_gate: bool = False  # LFM3: each head's output times sigmoid(g_proj(x)), g_proj (heads, hidden)
-    rope_fp32: bool = False  # LFM3: cos/sin kept in fp32 and q/k rotated in fp32 (transformers' Lfm3RotaryEmbedding)
     # Qwen3.5's gated DeltaNet layers (models/gated_deltanet.py): per layer True = linear attention instead of
     # softmax attention (transformers' layer_types "linear_attention"); empty = none
     linear_layers: list = field(default_factory=list)
@@ -348,7 +347,6 @@ def _lfm2_fields(cfg: ModelConfig, get) -> None:
     if lfm3:  # LFM3: Gemma 2's four norms (post_operator_norm, post_ffn_norm), a sigmoid gate per attention head,
         cfg.sandwich_norm = bool(get("use_sandwich_norm", True))  # the MLP at intermediate_size as given
         cfg.attn_head_gate = bool(get("use_attention_gate", True))
-        cfg.rope_fp32 = True
         cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
         return
     width = get("block_ff_dim") or cfg.intermediate_size

@@ -438,9 +438,7 @@ class DecoderModel(nn.Module):
     def rope_tables(self, position_ids, dtype) -> dict:
         """cos/sin per RoPE kind: "global", "local" for Gemma 3's sliding-window layers, and "none" (cos 1, sin 0:
         rotation by nothing) for SmolLM3's NoPE layers. position_ids (B, T), or (3, B, T) temporal/height/width
-        positions for multimodal RoPE (models/vision.py). In `dtype`, or fp32 where the family rotates in fp32 (LFM3's
-        rope_fp32: the kernels compute in fp32 and write q/k in their own dtype)."""
-        dtype = torch.float32 if self.arch.rope_fp32 else dtype
+        positions for multimodal RoPE (models/vision.py)."""
         if position_ids.dim() == 3:
             return {"global": mrope_cos_sin(self.inv_freq(position_ids.device), position_ids,
                                             self.arch.mrope_section, dtype, self.arch.mrope_interleaved)}
