@@ -222,8 +222,9 @@ def collect_imatrix(model, token_ids: list[int], chunk_tokens: int = CHUNK_TOKEN
             h.remove()
         model.train(was_training)
     im.chunk_count = len(chunks)
+    # Qwen3.5: ssm_out's columns are value heads in llama.cpp's tiled order (not Qwen3-Next's, nor LFM's convolutions)
     if model.arch.linear_layers and model.arch.linear_kind == "gated_deltanet" and \
-            model.arch.model_type != "qwen3_next":  # Qwen3.5: ssm_out's columns are value heads in llama.cpp's tiled order
+            model.arch.model_type != "qwen3_next":
         from fasttune.export.gguf_qwen35 import imatrix_in_gguf_order
 
         im.sums = {n: imatrix_in_gguf_order(n, v, model.arch) for n, v in im.sums.items()}

@@ -18,7 +18,8 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
     rope_scaling: "linear" divides by its factor, "llama3" follows transformers' _compute_llama3_parameters,
     "yarn" its _compute_yarn_parameters (modeling_rope_utils.py; yarn also scales cos/sin, see
     rope_attention_factor), "proportional" its _compute_proportional_rope_parameters (frequency 0 past the
-    partial_rotary_factor of the pairs, on a rotary_dim that is the whole head). Raises ValueError for another rope_type."""
+    partial_rotary_factor of the pairs, on a rotary_dim that is the whole head). Raises ValueError for another
+    rope_type."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
     if not scaling:
         return inv_freq

@@ -34,7 +34,8 @@ DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family'
 # k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.
 RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_layernorm", "mlp": "feed_forward",
                     "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
-           "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
+           "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
+                    "norm": "embedding_norm"},
            "glm4_moe": {"shared_expert": "shared_experts"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
