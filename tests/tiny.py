@@ -103,6 +103,13 @@ def hf_config(family: str, **overrides):
                                n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
                                tie_word_embeddings=False, num_nextn_predict_layers=0)
+    elif family == "glm4_moe_lite":  # GLM-4.7-Flash: multi-head latent attention (q latent 24, kv latent 32,
+        # 12 + 8 query/key channels, 16 value channels, interleaved RoPE); GLM-4.5's MoE, layer 0 dense
+        kw.update(num_hidden_layers=3, num_key_value_heads=4)  # every head has its own key from the latent
+        cfg = tf.Glm4MoeLiteConfig(**kw, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                                   v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                   n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                   norm_topk_prob=True, tie_word_embeddings=False)
     elif family == "lfm3":  # conv, sliding attention (window 4, plain RoPE), full attention (proportional RoPE on
         # half the pairs), conv; four norms per layer, a sigmoid gate per attention head
         kw.update(num_hidden_layers=4)
@@ -148,7 +155,7 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
-            if family == "glm4_moe" and n.endswith("bias"):  # transformers starts them at 0: make them matter
+            if family.startswith("glm4_moe") and n.endswith("bias"):  # transformers starts them at 0: make them matter
                 p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):

@@ -6,6 +6,7 @@ and its backward is the same kernel with the angle negated; partial rotary dims 
 The outputs are new tensors: rotating in place would have to mark the projections' outputs dirty, which autograd
 refuses for outputs of our custom LoRA function, and saves no memory (the unrotated q/k are freed at once).
 """
+import functools
 import math
 
 import torch
@@ -168,6 +169,14 @@ def apply_rope_qk(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torc
     if use_triton(q) and cos.shape[:2] == q.shape[:2]:
         return _RopeFunction.apply(q, k, cos, sin)
     return apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+
+
+@functools.lru_cache(maxsize=None)
+def pair_order(head_dim: int, rotary_dim: int, device: torch.device) -> torch.Tensor:
+    """Channel order (head_dim,) int64 on `device` that puts a head's rotary channels 0, 2, 4, ... before
+    1, 3, 5, ... (the rest after), turning adjacent-pair RoPE into the half-split RoPE our kernels apply."""
+    rot = torch.arange(rotary_dim)
+    return torch.cat([rot[0::2], rot[1::2], torch.arange(rotary_dim, head_dim)]).to(device)
 
 
 def mrope_cos_sin(inv_freq: torch.Tensor, position_ids: torch.Tensor, section: list, dtype: torch.dtype,

@@ -23,11 +23,13 @@ from fasttune.errors import ModelLoadError
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
-                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe")
+                      "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
+                      "glm4_moe_lite")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
+                "glm4_moe_lite")
 DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
@@ -36,7 +38,7 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
                     "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
            "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
                     "norm": "embedding_norm"},
-           "glm4_moe": {"shared_expert": "shared_experts"}}
+           "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -137,6 +139,14 @@ class ModelConfig:
     # "short_conv" (LFM2's gated short convolution of linear_conv_kernel taps: models/short_conv.py)
     linear_kind: str = "gated_deltanet"
     conv_bias: bool = False  # LFM2: biases on the short convolution and its two projections
+    # DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash, models/mla.py): keys and values come from a
+    # kv_lora_rank-wide latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); each head's query and key are
+    # qk_nope_head_dim channels without RoPE then head_dim (qk_rope_head_dim) rotated ones, the rotated key shared
+    # by all heads; values v_head_dim wide; queries through a q_lora_rank-wide latent (0: one q_proj). 0 = not MLA
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
 
     def module_name(self, name: str) -> str:
         """This family's name for the Llama module `name` (RENAMED), e.g. "o_proj" -> "out_proj" in LFM2."""
@@ -146,6 +156,11 @@ class ModelConfig:
     def scaling(self) -> float:
         """The attention score scale: attn_scale (Gemma 2/3: query_pre_attn_scalar ** -0.5) or head_dim ** -0.5."""
         return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    @property
+    def value_dim(self) -> int:
+        """Channels of each head's value and attention output: v_head_dim (MLA) or head_dim."""
+        return self.v_head_dim or self.head_dim
 
     @property
     def rotary_dim(self) -> int:
@@ -278,6 +293,8 @@ class ModelConfig:
             cfg.mrope_section, cfg.mrope_interleaved = None, False
         if model_type in ("lfm2", "lfm3"):
             _lfm2_fields(cfg, get)
+        if model_type == "glm4_moe_lite":
+            _mla_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
@@ -359,6 +376,31 @@ def _lfm2_fields(cfg: ModelConfig, get) -> None:
     cfg.intermediate_size = width
 
 
+def _mla_fields(cfg: ModelConfig, get) -> None:
+    """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepSeek-V2's): head_dim is the rotated part
+    (qk_rope_head_dim: transformers maps head_dim to it), interleaved pairs unless rope_interleave is False, and the
+    score scale qk_head_dim ** -0.5 times yarn's mscale(factor, mscale_all_dim) squared (yarn_apply_mscale).
+    Raises ModelLoadError for a config without the latent sizes."""
+    rank, nope = get("kv_lora_rank"), get("qk_nope_head_dim")
+    cfg.head_dim = get("qk_rope_head_dim") or cfg.head_dim
+    if not rank or not nope or not get("v_head_dim"):
+        raise ModelLoadError("The multi-head latent attention config needs kv_lora_rank, qk_nope_head_dim and "
+                             "v_head_dim (all > 0); fix config.json.")
+    cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim = int(rank), int(nope), int(get("v_head_dim"))
+    cfg.q_lora_rank = int(get("q_lora_rank") or 0)
+    cfg.num_kv_heads = cfg.num_heads  # every head gets its own key and value from the latent
+    cfg.rope_interleaved = bool(get("rope_interleave", True))
+    cfg.partial_rotary_factor = 1.0
+    cfg.attn_bias = bool(get("attention_bias", False))  # on q_a_proj and kv_a_proj_with_mqa (and o_proj)
+    cfg.o_bias = cfg.attn_bias
+    scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
+    params = cfg.rope_scaling or {}
+    if params.get("mscale_all_dim") and params.get("factor", 1.0) > 1:
+        mscale = 0.1 * float(params["mscale_all_dim"]) * math.log(float(params["factor"])) + 1.0
+        scale *= mscale * mscale
+    cfg.attn_scale = scale
+
+
 def _llama4_query_scale(get) -> tuple | None:
     """(beta, original_max_position_embeddings) of Ministral 3's query scaling, from rope_parameters
     (transformers' get_llama_4_attn_scale reads the same two keys), or None when the config has no beta."""
@@ -394,7 +436,7 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
         cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
                           for i in range(cfg.num_layers)]
-    elif cfg.model_type == "glm4_moe":  # transformers' Glm4MoeDecoderLayer: dense MLPs first, then MoE blocks
+    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite"):  # Glm4MoeDecoderLayer: dense MLPs first, then MoE
         cfg.num_experts = get("n_routed_experts") or get("num_local_experts")
         cfg.moe_intermediate_size = get("moe_intermediate_size")
         cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("n_shared_experts", 1) or 0)
@@ -407,7 +449,12 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
                                  f"config do not fit its {cfg.num_experts} experts (n_group must divide them, and "
                                  f"1 <= topk_group <= n_group). Fix config.json.")
         first = int(get("first_k_dense_replace", 1) or 0)
-        cfg.moe_layers = [i >= first for i in range(cfg.num_layers)]
+        kinds = get("mlp_layer_types")  # GLM-4.7-Flash: "dense" / "sparse" per layer
+        if kinds and (len(kinds) < cfg.num_layers or set(kinds) - {"dense", "sparse"}):
+            raise ModelLoadError(f"mlp_layer_types in the model config must name 'dense' or 'sparse' for each of the "
+                                 f"{cfg.num_layers} layers; it has {list(kinds)}. Fix config.json.")
+        cfg.moe_layers = [kinds[i] == "sparse" for i in range(cfg.num_layers)] if kinds else \
+            [i >= first for i in range(cfg.num_layers)]
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

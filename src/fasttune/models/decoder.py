@@ -8,7 +8,6 @@ generation, saving) is models/causal_lm.py's `CausalLM`.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import replace
 
 import torch
@@ -21,7 +20,8 @@ from fasttune.kernels.decode_attention import decode_attention, decode_attention
 from fasttune.kernels.dispatch import use_triton
 from fasttune.kernels.gemv import gated_gemv, gemv, one_row_linears
 from fasttune.kernels.rmsnorm import add_rms_norm, rms_norm
-from fasttune.kernels.rope import apply_rope_qk, mrope_cos_sin, rope_attention_factor, rope_cos_sin, rope_inv_freq
+from fasttune.kernels.rope import (apply_rope_qk, mrope_cos_sin, pair_order, rope_attention_factor, rope_cos_sin,
+                                   rope_inv_freq)
 from fasttune.models.config import ModelConfig
 from fasttune.models.kept_block import block_pays
 from fasttune.models.kv_cache import KVCache
@@ -29,6 +29,7 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
 from fasttune.models.short_conv import ShortConv
+from fasttune.models.mla import LatentAttention
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
 from fasttune.models.xielu import XIELU
@@ -125,7 +126,7 @@ class Attention(nn.Module):
         if cfg.qk_norm and not (cfg.qk_norm_full or cfg.qk_norm_after_rope):
             q, k = self._qk_norms(q, k)
         if self.reorder_pairs:
-            order = _pair_order(cfg.head_dim, cfg.rotary_dim, q.device)
+            order = pair_order(cfg.head_dim, cfg.rotary_dim, q.device)
             q, k = q.index_select(-1, order), k.index_select(-1, order)
         # a decode step: RoPE, cache write, attention in one kernel (not for norms that follow RoPE)
         if cache is not None and cache.slot is not None and not cfg.qk_norm_after_rope:
@@ -180,14 +181,6 @@ def _gated(out: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
     """The attention output times sigmoid(gate) (Qwen3.5's per-channel output gate, LFM3's per-head one expanded over
     the head's channels; in the model dtype), or as it is."""
     return out if gate is None else out * torch.sigmoid(gate.reshape(out.shape))
-
-
-@functools.lru_cache(maxsize=None)
-def _pair_order(head_dim: int, rotary_dim: int, device: torch.device) -> torch.Tensor:
-    """Channel order (head_dim,) int64 on `device` that puts a head's rotary channels 0, 2, 4, ... before
-    1, 3, 5, ... (the rest after), turning adjacent-pair RoPE into the half-split RoPE our kernels apply."""
-    rot = torch.arange(rotary_dim)
-    return torch.cat([rot[0::2], rot[1::2], torch.arange(rotary_dim, head_dim)]).to(device)
 
 
 def one_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +282,10 @@ class DecoderLayer(nn.Module):
         # convolution (models/short_conv.py)
         self.is_linear = bool(cfg.linear_layers and cfg.linear_layers[layer_idx])
         if not self.is_linear:
-            self.mixer_name, mixer = "self_attn", Attention(cfg, layer_idx)
+            self.mixer_name = "self_attn"
+            # (the latents' norms take RMSNorm's default eps in transformers, not rms_norm_eps)
+            mixer = LatentAttention(cfg, layer_idx, lambda dim: RMSNorm(dim, 1e-6, off)) if cfg.kv_lora_rank else \
+                Attention(cfg, layer_idx)
         elif cfg.linear_kind == "short_conv":
             self.mixer_name, mixer = "conv", ShortConv(cfg, layer_idx)
         else:
@@ -565,8 +561,8 @@ class DecoderModel(nn.Module):
             b, t, _ = x.shape
             arch, size = self.arch, x.element_size()
             layers, per_input = arch.num_layers, x.numel() * size
-            if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.head_dim * size) and \
-                    (store.side is None or block_pays(arch, t, size)):
+            if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.value_dim * size) and \
+                    not arch.kv_lora_rank and (store.side is None or block_pays(arch, t, size)):
                 # and q/k/v with the post-attention residual: the recompute skips the attention block's projections
                 # (on a CPU always: no copies, and the tests take this path)
                 qkv = b * t * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * size

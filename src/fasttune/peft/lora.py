@@ -233,7 +233,7 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 # MoE families with a shared expert that PEFT maps as Qwen2-MoE (its _MODEL_TO_CONVERSION_PATTERN): the MLP names
 # mean the routed experts there
-PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe")
+PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite")
 
 
 def experts_by_parameters(arch) -> bool:
@@ -296,12 +296,17 @@ def default_targets(model: nn.Module) -> list[str]:
     layer for (Arcee has no gate_proj), as PEFT applies a list that matches some layers, plus
     linear_attention_targets in a model with linear layers (Qwen3.5, Qwen3-Next, LFM2: so every layer's token mixer
     is adapted). MoE models keep all seven: their MLP names stand for the
-    stacked experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts)."""
+    stacked experts (Qwen3.5-MoE: for its shared expert; api.get_peft_model adds its routed experts). Multi-head latent
+    attention takes its projections' names instead of q/k/v (q_a_proj, q_b_proj or q_proj, kv_a_proj_with_mqa,
+    kv_b_proj)."""
     from fasttune.models.config import ModelConfig
 
     arch = getattr(model, "arch", None)
     if not isinstance(arch, ModelConfig):  # the fallback picks its own (fallback.add_lora)
         return list(DEFAULT_TARGETS)
+    if arch.kv_lora_rank:  # multi-head latent attention (models/mla.py) has no k_proj / v_proj
+        latent = ["q_a_proj", "q_b_proj"] if arch.q_lora_rank else ["q_proj"]
+        return latent + ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     if arch.num_experts:
         return list(DEFAULT_TARGETS) + linear_attention_targets(arch)
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}

@@ -1,0 +1,91 @@
+"""Multi-head latent attention (DeepSeek-V2/V3's MLA, as in GLM-4.7-Flash; transformers' Glm4MoeLiteAttention, under
+its module and parameter names).
+
+Queries: q_proj(x), or q_b_proj(q_a_layernorm(q_a_proj(x))) through a q_lora_rank-wide latent. Keys and values:
+kv_a_proj_with_mqa(x) gives a kv_lora_rank-wide latent and one rotated key part shared by every head;
+kv_b_proj(kv_a_layernorm(latent)) gives each head's unrotated key part and its value. Each head's query and key are
+qk_nope_head_dim unrotated channels then head_dim (qk_rope_head_dim) rotated ones; RoPE pairs adjacent channels
+unless rope_interleave is False. Interleaved pairs are rotated as the usual half-split RoPE on channels reordered
+evens-then-odds, which is also the layout transformers' apply_rotary_pos_emb_interleave returns, so keys and queries
+equal transformers' channel for channel.
+
+Training attends through the decoder's SDPA / varlen paths; generation caches the expanded keys and values
+(KVCache sizes them from the config), not the latent.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fasttune.kernels.rope import apply_rope_qk, pair_order
+from fasttune.models.attention import attention
+from fasttune.models.config import ModelConfig
+from fasttune.models.varlen import varlen_attention
+from fasttune.peft.lora import project
+
+
+class LatentAttention(nn.Module):
+    """One layer's multi-head latent attention (see the module docstring). `norm(dim)` builds the latents' RMSNorms
+    (the decoder's RMSNorm, passed in so this module does not import the decoder)."""
+
+    keeps_block = False  # "offload" keeps only the attention output here (models/kept_block.py needs q/k/v projections)
+    sliding_window = None
+    rope_kind = "global"
+    o_name = "o_proj"
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, norm):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, heads = cfg.hidden_size, cfg.num_heads
+        self.nope, self.rope = cfg.qk_nope_head_dim, cfg.head_dim
+        self.qk_dim = self.nope + self.rope
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=cfg.attn_bias)
+            self.q_a_layernorm = norm(cfg.q_lora_rank)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, heads * self.qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(h, heads * self.qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(h, cfg.kv_lora_rank + self.rope, bias=cfg.attn_bias)
+        self.kv_a_layernorm = norm(cfg.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, heads * (self.nope + cfg.value_dim), bias=False)
+        self.o_proj = nn.Linear(heads * cfg.value_dim, h, bias=cfg.o_bias)
+
+    @property
+    def out_layer(self) -> nn.Module:
+        """The output projection, o_proj."""
+        return self.o_proj
+
+    def forward(self, x, cos, sin, mask, cache=None):
+        """x (B, T, H); cos/sin (B, T, head_dim); mask: the decoder's mask dict (global entry None, or "varlen");
+        cache: a KVCache to extend (generation). Returns (B, T, H)."""
+        b, t, _ = x.shape
+        cfg, heads = self.cfg, self.cfg.num_heads
+        if cfg.q_lora_rank:
+            q_latent, kv = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = project(self.q_a_layernorm(q_latent), self.q_b_proj)[0]
+        else:
+            q, kv = project(x, self.q_proj, self.kv_a_proj_with_mqa)
+        q_nope, q_rot = q.view(b, t, heads, self.qk_dim).split([self.nope, self.rope], dim=-1)
+        latent, k_rot = kv.split([cfg.kv_lora_rank, self.rope], dim=-1)
+        k_rot = k_rot.reshape(b, t, 1, self.rope)
+        if cfg.rope_interleaved:
+            order = pair_order(self.rope, self.rope, x.device)
+            q_rot, k_rot = q_rot.index_select(-1, order), k_rot.index_select(-1, order)
+        q_rot, k_rot = apply_rope_qk(q_rot.contiguous(), k_rot.contiguous(), cos, sin)
+        k_nope, v = project(self.kv_a_layernorm(latent), self.kv_b_proj)[0].view(
+            b, t, heads, self.nope + cfg.value_dim).split([self.nope, cfg.value_dim], dim=-1)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        k = torch.cat((k_nope, k_rot.expand(b, t, heads, self.rope)), dim=-1)
+        spans = mask.get("varlen")
+        if spans is not None:  # packed rows on CUDA; flash's varlen kernel wants q, k and v equally wide: zero
+            # channels change no score (the scale is given) and give zero outputs, which are cut off
+            width = max(self.qk_dim, cfg.value_dim)
+            q, k, v = (F.pad(a, (0, width - a.shape[-1])) for a in (q, k, v))
+            out = varlen_attention(q, k, v, spans, None, cfg.scaling)[..., :cfg.value_dim]
+            return project(out.reshape(b, t, heads * cfg.value_dim), self.o_proj)[0]
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attention(q, k, v, mask.get(None), cfg.scaling, None)
+        return project(out.transpose(1, 2).reshape(b, t, heads * cfg.value_dim), self.o_proj)[0]
