@@ -110,6 +110,16 @@ def hf_config(family: str, **overrides):
                                    v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                    n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                    norm_topk_prob=True, tie_word_embeddings=False)
+    elif family == "deepseek_v3":  # as glm4_moe_lite, with DeepSeek-V3's names: layers 0-1 dense, yarn RoPE with
+        # mscale (the score scale grows), values narrower than queries and keys
+        kw.update(num_hidden_layers=3, num_key_value_heads=4)
+        cfg = tf.DeepseekV3Config(**kw, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                                  v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                  first_k_dense_replace=2, norm_topk_prob=True, tie_word_embeddings=False,
+                                  rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                   "original_max_position_embeddings": 64, "mscale": 1.0,
+                                                   "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})
     elif family == "lfm3":  # conv, sliding attention (window 4, plain RoPE), full attention (proportional RoPE on
         # half the pairs), conv; four norms per layer, a sigmoid gate per attention head
         kw.update(num_hidden_layers=4)
@@ -155,7 +165,7 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
-            if family.startswith("glm4_moe") and n.endswith("bias"):  # transformers starts them at 0: make them matter
+            if family.startswith(("glm4_moe", "deepseek")) and n.endswith("bias"):  # transformers starts them at 0: make them matter
                 p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):

@@ -24,12 +24,12 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
-                      "glm4_moe_lite")
+                      "glm4_moe_lite", "deepseek_v3")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
-                "glm4_moe_lite")
+                "glm4_moe_lite", "deepseek_v3")
 DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
@@ -38,7 +38,8 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
                     "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2", "norm": "embedding_norm"},
            "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
                     "norm": "embedding_norm"},
-           "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"}}
+           "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
+           "deepseek_v3": {"shared_expert": "shared_experts"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -293,7 +294,7 @@ class ModelConfig:
             cfg.mrope_section, cfg.mrope_interleaved = None, False
         if model_type in ("lfm2", "lfm3"):
             _lfm2_fields(cfg, get)
-        if model_type == "glm4_moe_lite":
+        if model_type in ("glm4_moe_lite", "deepseek_v3"):
             _mla_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
@@ -377,7 +378,7 @@ def _lfm2_fields(cfg: ModelConfig, get) -> None:
 
 
 def _mla_fields(cfg: ModelConfig, get) -> None:
-    """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepSeek-V2's): head_dim is the rotated part
+    """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepseekV3Attention): head_dim is the rotated part
     (qk_rope_head_dim: transformers maps head_dim to it), interleaved pairs unless rope_interleave is False, and the
     score scale qk_head_dim ** -0.5 times yarn's mscale(factor, mscale_all_dim) squared (yarn_apply_mscale).
     Raises ModelLoadError for a config without the latent sizes."""
@@ -436,7 +437,7 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
         cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
                           for i in range(cfg.num_layers)]
-    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite"):  # Glm4MoeDecoderLayer: dense MLPs first, then MoE
+    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite", "deepseek_v3"):  # DeepSeek-V3's layers: dense MLPs first
         cfg.num_experts = get("n_routed_experts") or get("num_local_experts")
         cfg.moe_intermediate_size = get("moe_intermediate_size")
         cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("n_shared_experts", 1) or 0)

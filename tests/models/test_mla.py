@@ -1,6 +1,7 @@
-"""GLM-4.7-Flash (transformers' Glm4MoeLiteForCausalLM) on our decoder: DeepSeek-V2/V3's multi-head latent attention
-(models/mla.py) with GLM-4.5's MoE. Against transformers and PEFT on tests/tiny.py's model (3 layers, layer 0 dense;
-q latent 24, kv latent 32, 12 unrotated + 8 rotated query/key channels, 16 value channels, interleaved RoPE)."""
+"""GLM-4.7-Flash (transformers' Glm4MoeLiteForCausalLM) and DeepSeek-V3 (DeepseekV3ForCausalLM: Kimi K2, Moonlight)
+on our decoder: multi-head latent attention (models/mla.py) with DeepSeek-V3's MoE (GLM-4.5's). Against transformers
+and PEFT on tests/tiny.py's models (3 layers; q latent 24, kv latent 32, 12 unrotated + 8 rotated query/key channels,
+16 value channels, interleaved RoPE; DeepSeek-V3's with yarn RoPE and two dense layers)."""
 import pytest
 import torch
 from peft_oracle import check_logits_generation_and_merged, check_recompute_gradients, moe_adapter_grads
@@ -11,8 +12,8 @@ from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.models.config import ModelConfig
 
 
-def _pair(folder, tokenizer, **overrides):
-    hf = hf_model("glm4_moe_lite", **overrides)
+def _pair(folder, tokenizer, family="glm4_moe_lite", **overrides):
+    hf = hf_model(family, **overrides)
     hf.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
@@ -22,6 +23,9 @@ def _pair(folder, tokenizer, **overrides):
 @pytest.fixture
 def pair(tmp_path, tiny_tokenizer):
     return _pair(tmp_path / "m", tiny_tokenizer)
+
+
+FAMILIES = ["glm4_moe_lite", "deepseek_v3"]
 
 
 def test_fields():
@@ -36,14 +40,18 @@ def test_fields():
             "original_max_position_embeddings": 64}
     assert ModelConfig.from_hf(hf_config("glm4_moe_lite", rope_parameters=yarn)).scaling == \
         pytest.approx(20 ** -0.5 * (0.1 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+    deepseek = ModelConfig.from_hf(hf_config("deepseek_v3"))  # first_k_dense_replace=2; yarn factor 4
+    assert deepseek.moe_layers == [False, False, True] and deepseek.kv_lora_rank == 32
+    assert deepseek.scaling == pytest.approx(20 ** -0.5 * (0.1 * torch.log(torch.tensor(4.0)).item() + 1) ** 2)
     with pytest.raises(ModelLoadError, match="mlp_layer_types .* 'dense' or 'sparse'"):
         ModelConfig.from_hf(hf_config("glm4_moe_lite", mlp_layer_types=["dense", "moe", "sparse"]))
     with pytest.raises(ModelLoadError, match="kv_lora_rank, qk_nope_head_dim and v_head_dim"):
         ModelConfig.from_hf(hf_config("glm4_moe_lite", kv_lora_rank=0))
 
 
-def test_logits_generation_and_merged_equal_transformers(pair, tmp_path):
-    check_logits_generation_and_merged(*pair, 20, tmp_path)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_logits_generation_and_merged_equal_transformers(family, tmp_path, tiny_tokenizer):
+    check_logits_generation_and_merged(*_pair(tmp_path / "m", tiny_tokenizer, family), 20, tmp_path)
 
 
 @pytest.mark.parametrize("overrides", [{"q_lora_rank": None}, {"rope_interleave": False}],
@@ -69,16 +77,17 @@ def test_packed_documents_equal_separate_rows(pair):
         torch.testing.assert_close(packed[:, 7:], model(b).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_lora_equals_peft(pair, tmp_path):
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_equals_peft(family, tmp_path, tiny_tokenizer):
     """The default targets: the latent attention's projections (PEFT has no default for this family) and the MLP
     names, which PEFT maps as Qwen2-MoE to the routed experts (gate + up as one rank-2r LoRA); the shared experts and
-    the dense layer 0 stay frozen. PEFT builds the same adapter from the saved files and its gradients equal ours."""
-    _, model = pair
+    the dense layers stay frozen. PEFT builds the same adapter from the saved files and its gradients equal ours."""
+    _, model = _pair(tmp_path / "m", tiny_tokenizer, family)
     ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert set(ours.lora_settings.target_modules) >= {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
                                                       "o_proj"}
     assert ours.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
-    mine, theirs = moe_adapter_grads("glm4_moe_lite", ours, tmp_path)
+    mine, theirs = moe_adapter_grads(family, ours, tmp_path)
     assert mine.keys() == theirs.keys()
     for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
         assert any(f".self_attn.{name}.lora_A" in n for n in mine), name
