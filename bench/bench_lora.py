@@ -10,6 +10,7 @@ JSONL row to bench/results/. Usage on a GPU machine:
     python bench/bench_lora.py --matrix qlora                             # NF4 QLoRA vs transformers+PEFT+bnb
     python bench/bench_lora.py --matrix moe-qlora [--expert-lora]         # Qwen3-30B-A3B shape, NF4 experts
     python bench/bench_lora.py --matrix gpt-oss [--expert-lora]           # gpt-oss-20b shape, bf16 experts
+    python bench/bench_lora.py --matrix glm4-moe-lite [--expert-lora]     # GLM-4.7-Flash, 16 layers
     python bench/bench_lora.py --max-context --impl ours --quant nf4 --gc offload   # longest bs-1 sequence
 """
 from __future__ import annotations
@@ -86,6 +87,10 @@ MOE_SHAPES = {
                            n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True,
                            attention_bias=True, use_qk_norm=False, num_nextn_predict_layers=0,
                            tie_word_embeddings=False),
+    # transformers' Glm4MoeLiteConfig, whose defaults are GLM-4.7-Flash's (multi-head latent attention: q latent 768,
+    # kv latent 512, 192 + 64 query/key channels, 256 value channels, 20 heads; 64 experts of 1536, top 4, one shared;
+    # layer 0 dense), cut to 16 of its 47 layers so that the bf16 weights load quickly
+    "glm-4.7-flash-16l": dict(num_hidden_layers=16, tie_word_embeddings=False),
 }
 # PEFT maps no MLP names onto gpt-oss's experts: with --expert-lora its LoraConfig names them as the adapter
 # fasttune writes for the seven names does (target_parameters, gate_up_proj at rank 2r / alpha 2r).
@@ -101,6 +106,9 @@ MATRIX = {
                 ("ours", "llama-3.1-8b", "on", "torch", "none"), ("ours", "llama-3.1-8b", "off", "triton", "none")],
     "glm4-moe": [("hf", "glm-4.5-air-8l", "on", "-", "none"), ("ours", "glm-4.5-air-8l", "on", "triton", "none"),
                  ("ours", "glm-4.5-air-8l", "off", "triton", "none")],
+    "glm4-moe-lite": [("hf", "glm-4.7-flash-16l", "on", "-", "none"),
+                      ("ours", "glm-4.7-flash-16l", "on", "triton", "none"),
+                      ("ours", "glm-4.7-flash-16l", "off", "triton", "none")],
     "moe": [("hf", "qwen3-30b-a3b", "on", "-", "none"), ("ours", "qwen3-30b-a3b", "on", "triton", "none"),
             ("ours", "qwen3-30b-a3b", "off", "triton", "none")],
     # transformers + bitsandbytes quantises the Linears only: its stacked MoE experts stay bf16
@@ -137,6 +145,7 @@ LINEAR_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
 # Llama's o_proj
 LFM2_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "in_proj", "w1", "w2", "w3"]
 LFM3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "w1", "w2", "w3"]
+MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # multi-head latent attention
 
 
 def targets(shape: str) -> list[str]:
@@ -146,6 +155,8 @@ def targets(shape: str) -> list[str]:
         return list(LFM2_TARGETS)
     if shape.startswith("lfm3"):
         return list(LFM3_TARGETS)
+    if shape.startswith("glm-4.7-flash"):
+        return MLA_TARGETS + (TARGETS[4:] if EXPERT_LORA[0] else [])
     return TARGETS[:4] if shape in MOE_SHAPES and not EXPERT_LORA[0] else TARGETS
 
 
@@ -156,6 +167,10 @@ def hf_config(shape: str):
         from transformers import GptOssConfig
 
         return GptOssConfig(**MOE_SHAPES[shape])
+    if shape.startswith("glm-4.7-flash"):
+        from transformers import Glm4MoeLiteConfig
+
+        return Glm4MoeLiteConfig(**MOE_SHAPES[shape])
     if shape.startswith("glm-4.5"):
         from transformers import Glm4MoeConfig
 

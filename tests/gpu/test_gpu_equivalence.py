@@ -18,7 +18,8 @@ def _batch(device="cuda"):
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe"])  # (GLM-4.5: its fp32 router and sigmoid routing)
+# (GLM-4.5: its fp32 router and sigmoid routing; GLM-4.7-Flash and DeepSeek-V3: multi-head latent attention)
+@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite", "deepseek_v3"])
 def test_bf16_logits_close_to_transformers_bf16(family, tiny_model_dir):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
@@ -85,3 +86,25 @@ def test_offload_reuses_forward_attention_on_gpu(dtype, tiny_model_dir, monkeypa
     assert [k.replays for k in blocks] == [model.arch.num_layers]
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llama", "glm4_moe_lite", "deepseek_v3"])
+def test_packed_documents_take_varlen_attention_in_bf16(family, tiny_model_dir, monkeypatch):
+    """Two documents packed in one row (positions restarting at 0) run through flash's varlen kernel (multi-head
+    latent attention pads q, k and v to one width for it) and give each document's own logits, within bf16."""
+    import fasttune.models.decoder as decoder
+    import fasttune.models.mla as mla
+
+    calls = []
+    for module in (decoder, mla):
+        real = module.varlen_attention
+        monkeypatch.setattr(module, "varlen_attention", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
+    torch.manual_seed(1)
+    a, b = torch.randint(3, 300, (1, 23), device="cuda"), torch.randint(3, 300, (1, 41), device="cuda")
+    positions = torch.cat([torch.arange(23), torch.arange(41)])[None].cuda()
+    with torch.no_grad():
+        packed = ours(torch.cat([a, b], dim=1), position_ids=positions).logits.float()
+        for part, alone in ((packed[:, :23], ours(a).logits.float()), (packed[:, 23:], ours(b).logits.float())):
+            assert ((part - alone).norm() / alone.norm()).item() < 2e-2
+    assert len(calls) == ours.arch.num_layers  # the packed pass, once per layer

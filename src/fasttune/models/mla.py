@@ -78,9 +78,9 @@ class LatentAttention(nn.Module):
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(b, t, heads, self.rope)), dim=-1)
         spans = mask.get("varlen")
-        if spans is not None:  # packed rows on CUDA; flash's varlen kernel wants q, k and v equally wide: zero
-            # channels change no score (the scale is given) and give zero outputs, which are cut off
-            width = max(self.qk_dim, cfg.value_dim)
+        if spans is not None:  # packed rows on CUDA; flash's varlen kernel wants q, k and v equally wide (a multiple
+            # of 8): zero channels change no score (the scale is given) and give zero outputs, which are cut off
+            width = -(-max(self.qk_dim, cfg.value_dim) // 8) * 8
             q, k, v = (F.pad(a, (0, width - a.shape[-1])) for a in (q, k, v))
             out = varlen_attention(q, k, v, spans, None, cfg.scaling)[..., :cfg.value_dim]
             return project(out.reshape(b, t, heads * cfg.value_dim), self.o_proj)[0]
