@@ -1,37 +1,15 @@
-"""Two processes (torchrun, gloo on CPU) equal one process with the same global batch: losses and adapter."""
+"""torch.distributed on CPU (torchrun, gloo): the CLI's --gpus launch, a dead rank ending the job, the exit barrier.
+That two DDP processes equal one process with the same global batch (losses and adapter) is the "ddp" case of
+tests/train/test_fsdp.py::test_two_processes_equal_one, which shares the FSDP cases' two launches."""
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from dist_env import worker_env
-from safetensors.torch import load_file
 
 WORKER = str(Path(__file__).with_name("ddp_worker.py"))
-
-
-def test_two_processes_equal_one(tiny_model_dir, tmp_path):
-    folder = str(tiny_model_dir("llama"))
-    one = subprocess.run([sys.executable, WORKER, folder, str(tmp_path / "one"), "2"], capture_output=True,
-                         text=True, env=worker_env(), timeout=300)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          WORKER, folder, str(tmp_path / "two"), "1"], capture_output=True, text=True, env=worker_env(),
-                         timeout=300)
-    assert two.returncode == 0, two.stderr[-2000:]
-    losses_one = json.loads(one.stdout.strip().splitlines()[-1])
-    losses_two = json.loads(two.stdout.strip().splitlines()[-1])
-    assert len(losses_one) == 5
-    torch.testing.assert_close(torch.tensor(losses_two), torch.tensor(losses_one), rtol=1e-5, atol=0)
-    a = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "adapter" / "adapter_model.safetensors"))
-    for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
-    # only rank 0 wrote: one log, one checkpoint
-    assert (tmp_path / "two" / "checkpoint-3" / "trainer_state.json").exists()
-    assert len((tmp_path / "two" / "log_history.jsonl").read_text().splitlines()) == 5
 
 
 def test_cli_gpus_flag_relaunches_under_torchrun(tiny_model_dir, tmp_path):

@@ -1,5 +1,8 @@
 """FSDP2 on CPU (gloo, 2 processes, fp32): per-step losses and the final adapter equal the 1-process run with the same
-global batch, with and without per-layer recompute; checkpoints resume across world sizes and with/without FSDP."""
+global batch, with and without per-layer recompute; checkpoints resume across world sizes and with/without FSDP.
+Plain DDP's 2-process run (train/distributed.py) is one more case of the same two launches (each launch costs
+seconds of imports per process), so its equivalence test lives here too."""
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -47,28 +50,47 @@ CASES = {
     "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
     # the fused LoRA function (the default on GPUs) with sharded layers: its gradients reach FSDP's reduce-scatter
     "fused-kernels": {"checkpointing": True, "kernels": "triton"},
+    # plain DDP (no fsdp) with the default recompute mode: gradients all-reduced, every rank holding the model
+    "ddp": {"fsdp": False, "checkpointing": "auto"},
     # the first half of the resume test below
     "lm-head-to-save": {"modules_to_save": ["lm_head"]},
 }
+RESUME_CASE = "lm-head-to-save"
+
+
+def _one(options: dict) -> dict:
+    """A case's options in one plain process accumulating 2 micro-batches."""
+    return dict(options, grad_accum=2, fsdp=False)
+
+
+def _two(options: dict) -> dict:
+    """A case's options in each of 2 processes (1 micro-batch each), FSDP unless the case says otherwise."""
+    return dict({"fsdp": True, **options}, grad_accum=1)
 
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory, tiny_tokenizer):
-    """Every case run by one plain process (accumulating 2 micro-batches) and by 2 FSDP processes (1 each): two
-    launches for all of them. Returns (model folder, root of the outputs, {case: (one, two)} losses)."""
+    """Every case run by one plain process (accumulating 2 micro-batches) and by 2 processes (1 each): two
+    launches for all of them. The 2-process launch also resumes the 1-process run's checkpoint of RESUME_CASE
+    (in "resumed_two"; the other direction runs in the test). Returns (model folder, root of the outputs,
+    {case: (one, two)} losses, the losses of resumed_two)."""
     from tiny import hf_model, save_hf
 
     root = tmp_path_factory.mktemp("fsdp")
     folder = root / "llama"
     save_hf(hf_model("llama"), folder, tiny_tokenizer)
-    one = _run(folder, 1, [(root / "one" / c, dict(grad_accum=2, **o)) for c, o in CASES.items()])
-    two = _run(folder, 2, [(root / "two" / c, dict(grad_accum=1, fsdp=True, **o)) for c, o in CASES.items()])
-    return folder, root, {c: (one[str(root / "one" / c)], two[str(root / "two" / c)]) for c in CASES}
+    one = _run(folder, 1, [(root / "one" / c, _one(o)) for c, o in CASES.items()])
+    (root / "resumed_two").mkdir()
+    shutil.copytree(root / "one" / RESUME_CASE / "checkpoint-3", root / "resumed_two" / "checkpoint-3")
+    two = _run(folder, 2, [*[(root / "two" / c, _two(o)) for c, o in CASES.items()],
+                           (root / "resumed_two", _two(dict(CASES[RESUME_CASE], resume=True)))])
+    losses = {c: (one[str(root / "one" / c)], two[str(root / "two" / c)]) for c in CASES}
+    return folder, root, losses, two[str(root / "resumed_two")]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c != "lm-head-to-save"])
-def test_fsdp_two_processes_equal_one(fsdp_runs, case):
-    _, root, losses = fsdp_runs
+@pytest.mark.parametrize("case", [c for c in CASES if c != RESUME_CASE])
+def test_two_processes_equal_one(fsdp_runs, case):
+    _, root, losses, _ = fsdp_runs
     one, two = losses[case]
     one_dir, two_dir = root / "one" / case, root / "two" / case
     steps = 5
@@ -77,27 +99,33 @@ def test_fsdp_two_processes_equal_one(fsdp_runs, case):
     _assert_same_adapter(one_dir, two_dir)
     # only rank 0 wrote: one log, one checkpoint with full (gathered) tensors
     assert len((two_dir / "log_history.jsonl").read_text().splitlines()) == steps
+    assert (two_dir / "checkpoint-3" / "trainer_state.json").exists()
     _assert_same_adapter(one_dir / "checkpoint-3", two_dir / "checkpoint-3")
 
 
-def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs, tmp_path):
+def _train_here(folder, out_dir, options: dict, monkeypatch) -> list:
+    """fsdp_worker.run in this process (a 1-process run needs no launch of its own): the per-step losses."""
+    spec = importlib.util.spec_from_file_location("fsdp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "")  # run() sets it for its run; this puts it back afterwards
+    return worker.run(str(folder), str(out_dir), options)[1]
+
+
+def test_fsdp_checkpoint_resumes_on_another_world_size(fsdp_runs, tmp_path, monkeypatch):
     """The checkpoint holds full LoRA tensors and the full optimizer state: a 2-process FSDP checkpoint resumes in
-    one plain process, and a 1-process checkpoint in 2 FSDP processes, each continuing the uninterrupted run."""
-    folder, root, losses = fsdp_runs
-    case = "lm-head-to-save"
-    one, two = losses[case]
-    opts = CASES[case]
-    for source, target in (("two", "resumed_one"), ("one", "resumed_two")):
-        (tmp_path / target).mkdir()
-        shutil.copytree(root / source / case / "checkpoint-3", tmp_path / target / "checkpoint-3")
-    resumed_one = _run(folder, 1, [(tmp_path / "resumed_one", dict(grad_accum=2, resume=True, **opts))])
-    resumed_two = _run(folder, 2, [(tmp_path / "resumed_two", dict(grad_accum=1, fsdp=True, resume=True, **opts))])
-    torch.testing.assert_close(torch.tensor(resumed_one[str(tmp_path / "resumed_one")]), torch.tensor(two),
-                               rtol=1e-5, atol=0)
-    _assert_same_adapter(root / "two" / case, tmp_path / "resumed_one")
-    torch.testing.assert_close(torch.tensor(resumed_two[str(tmp_path / "resumed_two")]), torch.tensor(one),
-                               rtol=1e-5, atol=0)
-    _assert_same_adapter(root / "one" / case, tmp_path / "resumed_two")
+    one plain process, and a 1-process checkpoint in 2 FSDP processes (run by the fixture's 2-process launch),
+    each continuing the uninterrupted run."""
+    folder, root, losses, resumed_two = fsdp_runs
+    one, two = losses[RESUME_CASE]
+    (tmp_path / "resumed_one").mkdir()
+    shutil.copytree(root / "two" / RESUME_CASE / "checkpoint-3", tmp_path / "resumed_one" / "checkpoint-3")
+    resumed_one = _train_here(folder, tmp_path / "resumed_one", _one(dict(CASES[RESUME_CASE], resume=True)),
+                              monkeypatch)
+    torch.testing.assert_close(torch.tensor(resumed_one), torch.tensor(two), rtol=1e-5, atol=0)
+    _assert_same_adapter(root / "two" / RESUME_CASE, tmp_path / "resumed_one")
+    torch.testing.assert_close(torch.tensor(resumed_two), torch.tensor(one), rtol=1e-5, atol=0)
+    _assert_same_adapter(root / "one" / RESUME_CASE, root / "resumed_two")
 
 
 def test_cli_gpus_fsdp(tiny_model_dir, tmp_path):
