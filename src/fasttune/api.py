@@ -15,7 +15,8 @@ from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import (EXPERT_TARGET_PARAMETERS, LoraSettings, apply_lora, default_targets,
-                                experts_by_parameters, linear_attention_targets)
+                                experts_by_parameters, latent_attention_targets,
+                                linear_attention_targets)
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
 
@@ -198,8 +199,11 @@ class FastModel(FastLanguageModel):
             arch = getattr(model, "arch", None)
             if arch is not None:  # under the family's names (LFM2: out_proj, w1, w3, w2)
                 target_modules = [arch.module_name(t) for t in target_modules]
-            if finetune_attention_modules:  # Qwen3.5's, Qwen3-Next's and LFM2's linear layers mix tokens too
-                target_modules = list(dict.fromkeys(target_modules + linear_attention_targets(arch)))
+            if finetune_attention_modules:  # Qwen3.5's, Qwen3-Next's and LFM2's linear layers mix tokens too;
+                # multi-head latent attention has its own projections in place of q/k/v
+                latent = latent_attention_targets(arch)
+                target_modules = [t for t in target_modules if not latent or t not in ATTENTION_TARGETS[:3]]
+                target_modules = list(dict.fromkeys(target_modules + linear_attention_targets(arch) + latent))
         return FastLanguageModel.get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
             use_rslora=use_rslora, modules_to_save=modules_to_save,

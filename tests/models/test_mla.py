@@ -110,3 +110,17 @@ def test_gguf_export_is_refused_naming_the_family(pair, tmp_path, tiny_tokenizer
     with pytest.raises(ConfigError, match="this model is 'glm4_moe_lite'"):
         model.save_pretrained_gguf(tmp_path / "m.gguf", tiny_tokenizer)
     assert not list(tmp_path.glob("*.gguf"))
+
+
+def test_fastmodel_switches_name_the_latent_projections(pair):
+    """FastModel's attention switch picks the latent attention's projections and o_proj (there is no k_proj /
+    v_proj to name)."""
+    from fasttune import FastModel
+
+    _, model = pair
+    attention = FastModel.get_peft_model(model, r=4, finetune_mlp_modules=False, use_gradient_checkpointing=False)
+    assert set(attention.lora_settings.target_modules) == {"o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa",
+                                                           "kv_b_proj"}
+    trained = {n.split(".self_attn.")[1].split(".")[0] for n, p in attention.named_parameters()
+               if p.requires_grad and ".self_attn." in n}
+    assert trained == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}

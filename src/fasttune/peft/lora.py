@@ -305,14 +305,21 @@ def default_targets(model: nn.Module) -> list[str]:
     if not isinstance(arch, ModelConfig):  # the fallback picks its own (fallback.add_lora)
         return list(DEFAULT_TARGETS)
     if arch.kv_lora_rank:  # multi-head latent attention (models/mla.py) has no k_proj / v_proj
-        latent = ["q_a_proj", "q_b_proj"] if arch.q_lora_rank else ["q_proj"]
-        return latent + ["kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        return latent_attention_targets(arch) + ["o_proj", "gate_proj", "up_proj", "down_proj"]
     if arch.num_experts:
         return list(DEFAULT_TARGETS) + linear_attention_targets(arch)
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
     named = [arch.module_name(t) for t in DEFAULT_TARGETS]  # LFM2: out_proj, w1, w3, w2
     chosen = [t for t in named if t in leaves or FUSED_TARGETS.get(t) in leaves] or named
     return list(dict.fromkeys(chosen + linear_attention_targets(arch)))
+
+
+def latent_attention_targets(arch) -> list[str]:
+    """Multi-head latent attention's projections before o_proj (models/mla.py) for a ModelConfig `arch`: q_a_proj
+    and q_b_proj (q_proj without a query latent), kv_a_proj_with_mqa, kv_b_proj; [] for other attention."""
+    if not getattr(arch, "kv_lora_rank", 0):
+        return []
+    return (["q_a_proj", "q_b_proj"] if arch.q_lora_rank else ["q_proj"]) + ["kv_a_proj_with_mqa", "kv_b_proj"]
 
 
 def linear_attention_targets(arch) -> list[str]:
