@@ -275,15 +275,18 @@ def test_qwen3_5_moe_mixtures_equal_llama_quantize(model_dir, tmp_path):
     ("qwen3_next", dict(hidden_size=256, head_dim=64, moe_intermediate_size=256, shared_expert_intermediate_size=256,
                         mlp_only_layers=[])),
     ("lfm2", dict(hidden_size=256, intermediate_size=768, block_multiple_of=256, head_dim=64)),
+    ("glm4_moe_lite", dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, n_routed_experts=4,
+                           q_lora_rank=256, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=64,
+                           v_head_dim=128)),
 ])
 def test_newer_families_mixtures_equal_llama_quantize(family, sizes, model_dir, tmp_path):
     """GLM-4.5 ("glm4moe": a dense first layer, experts, shared experts, the routing bias), Qwen3-Next ("qwen3next":
-    fused DeltaNet projections) and LFM2 ("lfm2": short convolutions): q4_k_m has llama_model_quantize's types and
-    bytes for every tensor."""
+    fused DeltaNet projections), LFM2 ("lfm2": short convolutions) and GLM-4.7-Flash ("deepseek2": the latent
+    attention's attn_k_b / attn_v_b): q4_k_m has llama_model_quantize's types and bytes for every tensor."""
     methods = ["q4_k_m"]
     f32, ours = _export(model_dir(family, **sizes), tmp_path, methods)
     for method, path in ours.items():
         types = _compare(path, llama_quantize(f32, tmp_path / f"llama.{method}.gguf", method))
         small = {"glm4_moe": "blk.1.exp_probs_b.bias", "qwen3_next": "blk.0.ssm_conv1d.weight",
-                 "lfm2": "blk.0.shortconv.conv.weight"}[family]
+                 "lfm2": "blk.0.shortconv.conv.weight", "glm4_moe_lite": "blk.1.exp_probs_b.bias"}[family]
         assert types[small] == "F32"

@@ -103,11 +103,46 @@ def test_recompute_and_offload_gradients_equal(tmp_path, tiny_tokenizer):
     check_recompute_gradients(tmp_path / "m")
 
 
-def test_gguf_export_is_refused_naming_the_family(pair, tmp_path, tiny_tokenizer):
-    """llama.cpp runs these models as deepseek2 with its own split of kv_b_proj; not written yet: a clear error and
-    no file."""
-    _, model = pair
-    with pytest.raises(ConfigError, match="this model is 'glm4_moe_lite'"):
+@pytest.mark.parametrize("family, overrides", [("glm4_moe_lite", {}), ("deepseek_v3", {}),
+                                               ("glm4_moe_lite", {"rope_interleave": False})],
+                         ids=["glm4_moe_lite", "deepseek_v3-yarn", "rotate_half"])
+def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
+    """llama.cpp's deepseek2 (attention over the latent, kv_b_proj split into attn_k_b / attn_v_b, sigmoid routing
+    with groups, leading dense layers; yarn's log multiplier; a rotate-half checkpoint's rows put in adjacent pairs):
+    f16 logits of the LoRA-merged model within the MoE families' bound."""
+    import gguf
+    from bpe_tokenizers import make_bpe_tokenizer
+    from llama_cpp_check import compare_logits
+    from peft_oracle import randomize_lora_b
+
+    pytest.importorskip("llama_cpp")
+    bpe = make_bpe_tokenizer("gpt2")
+    hf_model(family, vocab_size=416, **overrides).save_pretrained(tmp_path / "m")
+    bpe.save_pretrained(tmp_path / "m")
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
+    randomize_lora_b(model)
+    model = FastLanguageModel.for_inference(model)
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    reader = gguf.GGUFReader(path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "deepseek2" and field("deepseek2.attention.head_count_kv") == 1
+    assert field("deepseek2.attention.key_length") == 32 + 8 and field("deepseek2.attention.value_length") == 32
+    assert field("deepseek2.attention.key_length_mla") == 20 and field("deepseek2.attention.value_length_mla") == 16
+    assert field("deepseek2.leading_dense_block_count") == (2 if family == "deepseek_v3" else 1)
+    yarn = reader.fields.get("deepseek2.rope.scaling.yarn_log_multiplier")
+    assert (yarn is not None) == (family == "deepseek_v3") and (yarn is None or yarn.contents() == pytest.approx(0.1))
+    shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
+    assert shapes["blk.1.attn_k_b.weight"] == [12, 32, 4] and shapes["blk.1.attn_v_b.weight"] == [32, 16, 4]
+    rel, top1, _ = compare_logits(model, tok, path, ["The quick brown fox jumps over the lazy dog.",
+                                                     "def add(a, b):\n    return a + b"])
+    assert rel < 2e-3 and top1 >= 1.0
+
+
+def test_gguf_without_a_query_latent_is_refused(tmp_path, tiny_tokenizer):
+    """llama.cpp reads a single q_proj only for DeepSeek-V2-Lite's layer count: a clear error and no file."""
+    _, model = _pair(tmp_path / "m", tiny_tokenizer, q_lora_rank=None)
+    with pytest.raises(ConfigError, match="q_lora_rank is None.*DeepSeek-V2-Lite"):
         model.save_pretrained_gguf(tmp_path / "m.gguf", tiny_tokenizer)
     assert not list(tmp_path.glob("*.gguf"))
 

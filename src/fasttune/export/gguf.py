@@ -49,6 +49,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
+from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
 from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
@@ -165,6 +166,10 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             t = interleave_rotary_rows(t, cfg.num_kv_heads)
         if arch in DELTANET_ARCHITECTURES:
             name, t = linear_attention_tensor(name, t, cfg, tiled=arch != "qwen3next")
+        if arch in MLA_ARCHITECTURES and ".self_attn." in name:  # kv_b_proj split into attn_k_b / attn_v_b
+            for part, value in mla_tensors(name, t, cfg):
+                out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
+            continue
         if arch == "lfm2" and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
             t = t[:, 0]
         if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
@@ -248,14 +253,17 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.intermediate_size:  # (Qwen3.5-MoE has only experts' widths)
         writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
-    if cfg.model_type == "lfm2":  # llama.cpp's LFM2 knows its short-convolution layers by 0 key/value heads
-        writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
-        writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
+    if ARCHITECTURES[cfg.model_type] in MLA_ARCHITECTURES:  # multi-query attention over the latent
+        write_mla_metadata(writer, cfg)
     else:
-        writer.add_head_count_kv(cfg.num_kv_heads)
-    writer.add_key_length(cfg.head_dim)
-    writer.add_value_length(cfg.head_dim)
-    writer.add_rope_dimension_count(cfg.rotary_dim)
+        if cfg.model_type == "lfm2":  # llama.cpp's LFM2 knows its short-convolution layers by 0 key/value heads
+            writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
+            writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
+        else:
+            writer.add_head_count_kv(cfg.num_kv_heads)
+        writer.add_key_length(cfg.head_dim)
+        writer.add_value_length(cfg.head_dim)
+        writer.add_rope_dimension_count(cfg.rotary_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
@@ -306,7 +314,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next"):
+        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
+                                             "deepseek2"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
         if cfg.router_scoring == "sigmoid":  # GLM-4.5: DeepSeek-V3's routing, as llama.cpp's glm4moe reads it
             _sigmoid_routing_metadata(writer, cfg)

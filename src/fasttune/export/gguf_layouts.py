@@ -74,9 +74,14 @@ def check_supported(cfg) -> None:
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and \
-            arch not in ("gpt-oss", "mistral3"):
+            arch not in ("gpt-oss", "mistral3") and not (arch == "deepseek2" and cfg.rope_scaling["rope_type"] == "yarn"):
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
-    if arch == "glm4moe":
+    if arch == "deepseek2" and not cfg.q_lora_rank:
+        raise ConfigError("This model's latent attention has no query latent (q_lora_rank is None, one q_proj); "
+                          "llama.cpp's deepseek2 reads attn_q only for DeepSeek-V2-Lite's 27 layers, so the GGUF "
+                          "would not load. Save the merged model with save_pretrained_merged instead. Nothing was "
+                          "written.")
+    if arch in ("glm4moe", "deepseek2"):
         _check_glm4moe(cfg)
     elif cfg.num_experts and arch != "gpt-oss":
         if not all(cfg.moe_layers):
@@ -93,13 +98,13 @@ def check_supported(cfg) -> None:
 
 
 def _check_glm4moe(cfg) -> None:
-    """llama.cpp's glm4moe: leading_dense_block_count dense layers, then every layer sparse; no output-projection
-    bias."""
+    """llama.cpp's glm4moe and deepseek2: leading_dense_block_count dense layers, then every layer sparse."""
     first = cfg.moe_layers.index(True) if True in cfg.moe_layers else cfg.num_layers
     if cfg.moe_layers != [i >= first for i in range(cfg.num_layers)]:
-        raise ConfigError(f"This GLM-4.5 model's sparse layers {cfg.moe_layers} are not 'dense first, then sparse' "
-                          f"(first_k_dense_replace), the only layout llama.cpp's glm4moe reads; save the merged model "
-                          f"with save_pretrained_merged instead. Nothing was written.")
+        raise ConfigError(f"This {cfg.model_type} model's sparse layers {cfg.moe_layers} are not 'dense first, then "
+                          f"sparse' (first_k_dense_replace), the only layout llama.cpp's "
+                          f"{ARCHITECTURES[cfg.model_type]} reads; save the merged model with save_pretrained_merged "
+                          f"instead. Nothing was written.")
 
 
 def check_methods(cfg, quants: list[str]) -> None:

@@ -33,7 +33,8 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "exaone4": "exaone4", "ernie4_5": "ernie4_5", "glm4": "glm4",
                  "hunyuan_v1_dense": "hunyuan-dense", "arcee": "arcee",
                  "apertus": "apertus", "qwen3_5_text": "qwen35", "qwen3_5_moe_text": "qwen35moe", "lfm2": "lfm2",
-                 "glm4_moe": "glm4moe", "qwen3_next": "qwen3next",
+                 "glm4_moe": "glm4moe", "qwen3_next": "qwen3next", "glm4_moe_lite": "deepseek2",
+                 "deepseek_v3": "deepseek2",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_vl_moe_text": "qwen3vlmoe",
