@@ -37,6 +37,31 @@ def ggml_quantize(lib: ctypes.CDLL, x: np.ndarray, name: str, imatrix: np.ndarra
     return out
 
 
+PROMPTS = ["The quick brown fox jumps over the lazy dog.", "def add(a, b):\n    return a + b"]
+
+
+def lora_merged_gguf(family: str, folder, **overrides):
+    """A tiny `family` model (tests/tiny.py, vocab 416, GPT-2 BPE tokenizer) with random LoRA on every linear layer,
+    exported to f16 GGUF in `folder`: (model ready for inference, tokenizer, GGUF path, its gguf.GGUFReader)."""
+    import gguf
+    from bpe_tokenizers import make_bpe_tokenizer
+    from peft_oracle import randomize_lora_b
+    from tiny import hf_model
+
+    from fasttune import FastLanguageModel
+
+    bpe = make_bpe_tokenizer("gpt2")
+    hf_model(family, vocab_size=416, **overrides).save_pretrained(folder / "m")
+    bpe.save_pretrained(folder / "m")
+    model, tok = FastLanguageModel.from_pretrained(str(folder / "m"))
+    model = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
+    randomize_lora_b(model)
+    model = FastLanguageModel.for_inference(model)
+    path = model.save_pretrained_gguf(folder / "m.gguf", tok, quantization_method="f16", progress=False)
+    reader = gguf.GGUFReader(path)
+    return model, tok, path, reader
+
+
 def compare_logits(model, tok, path, prompts, n_threads: int = 2, f32_cache: bool = False):
     """(max |logit difference| / our logit range, top-1 agreement over all positions, top-1 equal at every
     prompt's end) of llama.cpp running the GGUF at `path` against `model`. f32_cache: llama.cpp keeps keys and

@@ -4,7 +4,7 @@ biases, optional q/k norms and half (rotate-half) RoPE. Against transformers and
 (3 layers, layer 0 dense; 8 experts in 2 groups, top-2; routed_scaling_factor 2.5) and llama.cpp's glm4moe."""
 import pytest
 import torch
-from peft_oracle import check_logits_generation_and_merged, moe_adapter_grads, randomize_lora_b
+from peft_oracle import check_logits_generation_and_merged, moe_adapter_grads
 from tiny import hf_config, hf_model
 
 from fasttune import FastLanguageModel
@@ -96,26 +96,15 @@ def test_mtp_layer_is_one_warning(tmp_path, tiny_tokenizer):
 def test_gguf_logits_equal_llama_cpp(tmp_path):
     """llama.cpp's glm4moe (sigmoid gating, exp_probs_b, expert groups, shared experts, a leading dense layer): f16
     logits of the LoRA-merged model within the family test's bound; the router and its bias in F32."""
-    import gguf
-    from bpe_tokenizers import make_bpe_tokenizer
-    from llama_cpp_check import compare_logits
-
     pytest.importorskip("llama_cpp")
-    bpe = make_bpe_tokenizer("gpt2")
-    hf_model("glm4_moe", vocab_size=416).save_pretrained(tmp_path / "m")
-    bpe.save_pretrained(tmp_path / "m")
-    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
-    model = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
-    randomize_lora_b(model)
-    model = FastLanguageModel.for_inference(model)
-    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
-    reader = gguf.GGUFReader(path)
+    from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
+
+    model, tok, path, reader = lora_merged_gguf("glm4_moe", tmp_path)
     field = lambda k: reader.fields[k].contents()  # noqa: E731
     assert field("general.architecture") == "glm4moe" and field("glm4moe.leading_dense_block_count") == 1
     assert field("glm4moe.expert_weights_scale") == 2.5 and field("glm4moe.expert_shared_count") == 1
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert types["blk.1.ffn_gate_inp.weight"] == types["blk.1.exp_probs_b.bias"] == "F32"
     assert "blk.0.ffn_gate.weight" in types and "blk.0.ffn_gate_inp.weight" not in types
-    rel, top1, _ = compare_logits(model, tok, path, ["The quick brown fox jumps over the lazy dog.",
-                                                     "def add(a, b):\n    return a + b"])
+    rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
     assert rel < 2e-3 and top1 >= 1.0

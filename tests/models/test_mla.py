@@ -110,21 +110,10 @@ def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
     """llama.cpp's deepseek2 (attention over the latent, kv_b_proj split into attn_k_b / attn_v_b, sigmoid routing
     with groups, leading dense layers; yarn's log multiplier; a rotate-half checkpoint's rows put in adjacent pairs):
     f16 logits of the LoRA-merged model within the MoE families' bound."""
-    import gguf
-    from bpe_tokenizers import make_bpe_tokenizer
-    from llama_cpp_check import compare_logits
-    from peft_oracle import randomize_lora_b
-
     pytest.importorskip("llama_cpp")
-    bpe = make_bpe_tokenizer("gpt2")
-    hf_model(family, vocab_size=416, **overrides).save_pretrained(tmp_path / "m")
-    bpe.save_pretrained(tmp_path / "m")
-    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
-    model = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear")
-    randomize_lora_b(model)
-    model = FastLanguageModel.for_inference(model)
-    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
-    reader = gguf.GGUFReader(path)
+    from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
+
+    model, tok, path, reader = lora_merged_gguf(family, tmp_path, **overrides)
     field = lambda k: reader.fields[k].contents()  # noqa: E731
     assert field("general.architecture") == "deepseek2" and field("deepseek2.attention.head_count_kv") == 1
     assert field("deepseek2.attention.key_length") == 32 + 8 and field("deepseek2.attention.value_length") == 32
@@ -134,8 +123,7 @@ def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
     assert (yarn is not None) == (family == "deepseek_v3") and (yarn is None or yarn.contents() == pytest.approx(0.1))
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
     assert shapes["blk.1.attn_k_b.weight"] == [12, 32, 4] and shapes["blk.1.attn_v_b.weight"] == [32, 16, 4]
-    rel, top1, _ = compare_logits(model, tok, path, ["The quick brown fox jumps over the lazy dog.",
-                                                     "def add(a, b):\n    return a + b"])
+    rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
     assert rel < 2e-3 and top1 >= 1.0
 
 
