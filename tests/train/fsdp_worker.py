@@ -1,4 +1,5 @@
-"""Run by tests/train/test_fsdp.py, alone or under torchrun: a few SFT steps on a tiny model, optionally FSDP.
+"""Run by tests/train/test_fsdp.py, alone or under torchrun: a few SFT steps on a tiny model, FSDP or (under
+torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
@@ -33,7 +34,8 @@ def run(model_dir, out_dir, o):
                   **({} if dpo else {"max_seq_length": 48}))
     trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
     trainer.train(resume_from_checkpoint=o.get("resume"))
-    model.save_pretrained(f"{out_dir}/adapter")  # FSDP: a collective, rank 0 writes
+    if o.get("fsdp") or trainer.dist.is_main:  # FSDP: a collective, rank 0 writes; DDP: rank 0 alone saves (two
+        model.save_pretrained(f"{out_dir}/adapter")  # ranks writing the same folder would race)
     return trainer.dist.is_main, [h["loss"] for h in trainer.log_history]
 
 
