@@ -147,3 +147,24 @@ def test_fastmodel_switches_name_the_latent_projections(pair):
     trained = {n.split(".self_attn.")[1].split(".")[0] for n, p in attention.named_parameters()
                if p.requires_grad and ".self_attn." in n}
     assert trained == {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"}
+
+
+def test_generation_caches_the_latent_and_applies_the_adapter(pair, tmp_path):
+    """The KV cache holds one latent + rotated key per position (kv_lora_rank + head_dim channels, no values), as
+    transformers' does; decoding attends over it with kv_b_proj's key and value blocks absorbed, LoRA on kv_b_proj
+    included: greedy tokens equal the merged checkpoint's in transformers."""
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.models.kv_cache import KVCache
+    from peft_oracle import randomize_lora_b
+
+    _, model = pair
+    cache = KVCache(model.arch, 2, 10, torch.float32, "cpu")
+    assert cache.keys[0].shape == (2, 1, 10, 32 + 8) and cache.values[0].numel() == 0
+    lora = FastLanguageModel.get_peft_model(model, r=4, target_modules="all-linear", use_gradient_checkpointing=False)
+    randomize_lora_b(lora, seed=3)
+    prompt = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(8))
+    ours = lora.generate(prompt, max_new_tokens=10, do_sample=False)
+    lora.save_pretrained_merged(tmp_path / "merged", save_method="merged_16bit")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    assert torch.equal(ours, merged.generate(prompt, max_new_tokens=10, do_sample=False, pad_token_id=0))

@@ -23,14 +23,14 @@ class KVCache:
         flags = getattr(cfg, "linear_layers", None) or []  # (a transformers model's config has none)
         linear = [bool(flags and flags[i]) for i in range(cfg.num_layers)]
         # Qwen3.5's and LFM2's linear layers keep no keys/values (empty tensors) but a conv history (and a state)
-        # multi-head latent attention (models/mla.py) caches expanded keys (qk_nope_head_dim + head_dim wide) and
-        # values (v_head_dim wide)
-        key_dim = getattr(cfg, "qk_nope_head_dim", 0) + cfg.head_dim
-        value_dim = getattr(cfg, "v_head_dim", 0) or cfg.head_dim
+        # multi-head latent attention (models/mla.py) caches, as transformers does, one "key" per position: the normed
+        # kv latent and the rotated key part (kv_lora_rank + head_dim wide), shared by all heads; no values
+        rank = getattr(cfg, "kv_lora_rank", 0)
+        heads, key_dim, value_dim = (1, rank + cfg.head_dim, 0) if rank else (cfg.num_kv_heads, cfg.head_dim,
+                                                                                cfg.head_dim)
         lengths = [0 if lin else max_len for lin in linear]
-        self.keys = [torch.zeros(batch, cfg.num_kv_heads, n, key_dim, dtype=dtype, device=device) for n in lengths]
-        self.values = [torch.zeros(batch, cfg.num_kv_heads, n, value_dim, dtype=dtype, device=device)
-                       for n in lengths]
+        self.keys = [torch.zeros(batch, heads, n, key_dim, dtype=dtype, device=device) for n in lengths]
+        self.values = [torch.zeros(batch, heads, n, value_dim, dtype=dtype, device=device) for n in lengths]
         # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1), and for a gated DeltaNet
         # the delta-rule state (B, value heads, d_k, d_v) fp32 (models/gated_deltanet.py, models/short_conv.py)
         self.conv, self.recurrent = {}, {}

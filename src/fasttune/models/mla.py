@@ -9,8 +9,11 @@ unless rope_interleave is False. Interleaved pairs are rotated as the usual half
 evens-then-odds, which is also the layout transformers' apply_rotary_pos_emb_interleave returns, so keys and queries
 equal transformers' channel for channel.
 
-Training attends through the decoder's SDPA / varlen paths; generation caches the expanded keys and values
-(KVCache sizes them from the config), not the latent.
+Training attends through the decoder's SDPA / varlen paths. Generation caches, as transformers does, only the normed
+latent and the rotated key part per position (KVCache), and attends over them in the absorbed form (DeepSeek-V2's
+section 2.1.3): each head's query part without RoPE is multiplied by that head's key block of kv_b_proj, so its
+scores are taken against the latent directly, and the head's output over the latent is multiplied by its value
+block. A first prefill (an empty cache) attends over the expanded keys and values instead, through the causal kernel.
 """
 from __future__ import annotations
 
@@ -73,7 +76,14 @@ class LatentAttention(nn.Module):
             order = pair_order(self.rope, self.rope, x.device)
             q_rot, k_rot = q_rot.index_select(-1, order), k_rot.index_select(-1, order)
         q_rot, k_rot = apply_rope_qk(q_rot.contiguous(), k_rot.contiguous(), cos, sin)
-        k_nope, v = project(self.kv_a_layernorm(latent), self.kv_b_proj)[0].view(
+        latent = self.kv_a_layernorm(latent)
+        if cache is not None:
+            cached = torch.cat((latent, k_rot.view(b, t, self.rope)), dim=-1)[:, None]  # (B, 1, T, rank + rope)
+            first = cache.length == 0 and cache.slot is None and t > 1
+            keys, _ = cache.update(self.layer_idx, cached, cached[..., :0])
+            if not first:
+                return self._absorbed(q_nope, q_rot, keys, mask.get(None))
+        k_nope, v = project(latent, self.kv_b_proj)[0].view(
             b, t, heads, self.nope + cfg.value_dim).split([self.nope, cfg.value_dim], dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
         k = torch.cat((k_nope, k_rot.expand(b, t, heads, self.rope)), dim=-1)
@@ -85,7 +95,28 @@ class LatentAttention(nn.Module):
             out = varlen_attention(q, k, v, spans, None, cfg.scaling)[..., :cfg.value_dim]
             return project(out.reshape(b, t, heads * cfg.value_dim), self.o_proj)[0]
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(None), cfg.scaling, None)
         return project(out.transpose(1, 2).reshape(b, t, heads * cfg.value_dim), self.o_proj)[0]
+
+    def _absorbed(self, q_nope, q_rot, keys, mask):
+        """Attention over the cached latents: q_nope (B, T, heads, qk_nope_head_dim), q_rot (B, T, heads, head_dim)
+        rotated; keys (B, 1, S, kv_lora_rank + head_dim) from the KVCache; mask as attention() takes it. Returns the
+        o_proj output (B, T, hidden)."""
+        cfg, rank = self.cfg, self.cfg.kv_lora_rank
+        b, t, heads, _ = q_nope.shape
+        w = effective_weight(self.kv_b_proj, q_nope.dtype).view(heads, self.nope + cfg.value_dim, rank)
+        w_k, w_v = w.split([self.nope, cfg.value_dim], dim=1)
+        q = torch.cat((torch.einsum("bthn,hnr->bhtr", q_nope, w_k), q_rot.transpose(1, 2)), dim=-1)
+        out = attention(q, keys, keys[..., :rank], mask, cfg.scaling, None)  # (B, heads, T, rank)
+        out = torch.einsum("bhtr,hvr->bthv", out, w_v).reshape(b, t, heads * cfg.value_dim)
+        return project(out, self.o_proj)[0]
+
+
+def effective_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The (out, in) weight `layer` applies, in `dtype`: a Linear's weight, a quantised base dequantised, plus a LoRA
+    or DoRA layer's update (its delta_weight, as merging adds it) unless the adapter is disabled."""
+    w = layer.weight
+    delta = getattr(layer, "delta_weight", None)
+    if delta is None or getattr(layer, "disabled", False):
+        return w.to(dtype)
+    return (w.float() + delta().float()).to(dtype)
