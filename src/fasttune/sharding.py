@@ -23,10 +23,12 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 def writes_here(model) -> bool:
-    """False on ranks other than 0 of a sharded model: they join the gathers of a save but write nothing."""
+    """False on ranks other than 0 of a distributed run (FSDP or DDP, torch.distributed initialized): they join the
+    gathers of a sharded model's save but write nothing, so ranks that all call save_pretrained do not race to write
+    one folder. `model` is unused (kept for the callers' reading)."""
     import torch.distributed as dist
 
-    return not (is_sharded(model) and dist.is_initialized() and dist.get_rank() != 0)
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def gather_state(tensors: dict, keep: bool) -> dict:

@@ -56,6 +56,7 @@ from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor
                                         mmproj_type, text_rows, write_mmproj)
 from fasttune.export.gguf_types import ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS, interleave_rotary_rows
 from fasttune.export.imatrix import check_imatrix, resolve_imatrix
+from fasttune.sharding import writes_here
 
 QUANTIZATIONS = ("f32", "f16", "bf16", *METHODS)
 # Other spellings people use (Unsloth's and llama-quantize's included).
@@ -491,6 +492,8 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     tokenizer = getattr(processor, "tokenizer", processor)  # a vision-language model's processor wraps it
     vocab = gguf_vocab(tokenizer, cfg.vocab_size)
     targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
+    if not writes_here(model):  # a distributed run: rank 0 writes the files, the other ranks return their names
+        return targets if is_method_list(quantization_method) else targets[0]
     # a vision-language model's tower and projector: one mmproj file beside the text model's (f16, or f32 if asked)
     mm_type = mmproj_type(quants)
     projector = mmproj_target(targets[0], mm_type) if vlm else None

@@ -158,6 +158,8 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
             save_adapter(model, tmp)
             tokenizer.save_pretrained(tmp)
         return folder
+    if not is_sharded(model) and not writes_here(model):  # DDP: rank 0 writes the (identical) merged model
+        return folder
     dtype = model.dtype  # the base's precision: bf16/fp16 on GPU, fp32 for CPU-trained models
     with atomic_folder(folder, "the merged model") as tmp:
         tensors = merged_state_dict(model, dtype)
