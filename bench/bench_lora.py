@@ -90,7 +90,11 @@ MOE_SHAPES = {
     # transformers' Glm4MoeLiteConfig, whose defaults are GLM-4.7-Flash's (multi-head latent attention: q latent 768,
     # kv latent 512, 192 + 64 query/key channels, 256 value channels, 20 heads; 64 experts of 1536, top 4, one shared;
     # layer 0 dense), cut to 16 of its 47 layers so that the bf16 weights load quickly
-    "glm-4.7-flash-16l": dict(num_hidden_layers=16, tie_word_embeddings=False),
+    "glm-4.7-flash-16l": dict(vocab_size=154880, hidden_size=2048, intermediate_size=10240, moe_intermediate_size=1536,
+                              num_hidden_layers=16, num_attention_heads=20, num_key_value_heads=20, q_lora_rank=768,
+                              kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
+                              n_routed_experts=64, num_experts_per_tok=4, n_shared_experts=1,
+                              routed_scaling_factor=1.8, norm_topk_prob=True, tie_word_embeddings=False),
 }
 # PEFT maps no MLP names onto gpt-oss's experts: with --expert-lora its LoraConfig names them as the adapter
 # fasttune writes for the seven names does (target_parameters, gate_up_proj at rank 2r / alpha 2r).
