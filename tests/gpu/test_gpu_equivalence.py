@@ -18,8 +18,10 @@ def _batch(device="cuda"):
     return ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-# (GLM-4.5: its fp32 router and sigmoid routing; GLM-4.7-Flash and DeepSeek-V3: multi-head latent attention)
-@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite", "deepseek_v3"])
+# (GLM-4.5: its fp32 router and sigmoid routing; GLM-4.7-Flash: multi-head latent attention. DeepSeek-V3's tiny
+# model is left to the fp32 test below: with one MoE layer of top-2 sigmoid routing its bf16 error swings with the
+# routing flips, ours and transformers' alike (0.007-0.019 over four seeds, 0.0111 against 0.0069 in one))
+@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite"])
 def test_bf16_logits_close_to_transformers_bf16(family, tiny_model_dir):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
@@ -88,7 +90,20 @@ def test_offload_reuses_forward_attention_on_gpu(dtype, tiny_model_dir, monkeypa
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
 
 
-@pytest.mark.parametrize("family", ["llama", "glm4_moe_lite", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "deepseek_v3"])
+def test_mla_fp32_logits_equal_transformers_on_gpu(family, tiny_model_dir):
+    """Multi-head latent attention on the card (its Triton RoPE and norms, SDPA) against transformers, both fp32."""
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32, device="cuda")
+    ids, mask, _ = _batch()
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask).logits
+        b = hf_model(family).cuda()(input_ids=ids, attention_mask=mask).logits
+    valid = mask.bool()
+    assert ((a - b)[valid].norm() / b[valid].norm()).item() < 1e-5
+
+
+# (DeepSeek-V3's tiny model: see the bf16 test above; its latent attention is GLM-4.7-Flash's)
+@pytest.mark.parametrize("family", ["llama", "glm4_moe_lite"])
 def test_packed_documents_take_varlen_attention_in_bf16(family, tiny_model_dir, monkeypatch):
     """Two documents packed in one row (positions restarting at 0) run through flash's varlen kernel (multi-head
     latent attention pads q, k and v to one width for it) and give each document's own logits, within bf16."""
