@@ -203,3 +203,22 @@ def test_nf4_trains_and_decodes_over_the_latent(tmp_path, tiny_tokenizer):
         for _ in range(5):
             seq = torch.cat([seq, lora(seq).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_dora_on_kv_b_proj_decodes_as_a_full_rerun(pair):
+    """A DoRA update on kv_b_proj cannot be applied factored: it is merged into the absorbed blocks (effective_weight),
+    and cached decoding picks the tokens a full re-run of the prefix picks."""
+    from peft_oracle import randomize_lora_b
+
+    _, model = pair
+    dora = FastLanguageModel.get_peft_model(model, r=4, target_modules=["kv_b_proj"], use_dora=True,
+                                            use_gradient_checkpointing=False)
+    randomize_lora_b(dora, seed=2)
+    dora.eval()
+    prompt = torch.randint(3, 300, (1, 7), generator=torch.Generator().manual_seed(4))
+    out = dora.generate(prompt, max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        seq = prompt
+        for _ in range(6):
+            seq = torch.cat([seq, dora(seq).logits[:, -1:].argmax(-1)], dim=1)
+    assert torch.equal(out, seq)

@@ -13,7 +13,8 @@ Training attends through the decoder's SDPA / varlen paths. Generation caches, a
 latent and the rotated key part per position (KVCache), and attends over them in the absorbed form (DeepSeek-V2's
 section 2.1.3): each head's query part without RoPE is multiplied by that head's key block of kv_b_proj, so its
 scores are taken against the latent directly, and the head's output over the latent is multiplied by its value
-block. A first prefill (an empty cache) attends over the expanded keys and values instead, through the causal kernel.
+block (a LoRA on kv_b_proj in its factored form, a DoRA update merged in). A first prefill (an empty cache) attends
+over the expanded keys and values instead, through the causal kernel.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from fasttune.models.attention import attention
 from fasttune.models.config import ModelConfig
 from fasttune.models.varlen import varlen_attention
 from fasttune.peft.lora import project
+from fasttune.peft.lora_layer import LoraLinear
 
 
 class LatentAttention(nn.Module):
@@ -101,15 +103,33 @@ class LatentAttention(nn.Module):
     def _absorbed(self, q_nope, q_rot, keys, mask):
         """Attention over the cached latents: q_nope (B, T, heads, qk_nope_head_dim), q_rot (B, T, heads, head_dim)
         rotated; keys (B, 1, S, kv_lora_rank + head_dim) from the KVCache; mask as attention() takes it. Returns the
-        o_proj output (B, T, hidden)."""
+        o_proj output (B, T, hidden). A plain LoRA on kv_b_proj is applied in its factored form (two rank-r products
+        per block, not a merged weight rebuilt every step)."""
         cfg, rank = self.cfg, self.cfg.kv_lora_rank
         b, t, heads, _ = q_nope.shape
-        w = effective_weight(self.kv_b_proj, q_nope.dtype).view(heads, self.nope + cfg.value_dim, rank)
+        layer, dtype, width = self.kv_b_proj, q_nope.dtype, self.nope + cfg.value_dim
+        lora = type(layer) is LoraLinear and not layer.disabled
+        w = (layer.weight.to(dtype) if lora else effective_weight(layer, dtype)).view(heads, width, rank)
         w_k, w_v = w.split([self.nope, cfg.value_dim], dim=1)
-        q = torch.cat((torch.einsum("bthn,hnr->bhtr", q_nope, w_k), q_rot.transpose(1, 2)), dim=-1)
+        q_lat = torch.einsum("bthn,hnr->bhtr", q_nope, w_k)
+        if lora:  # q_nope (B_k A) = (q_nope B_k) A, B_k / B_v: lora_B's rows of the head's key / value block
+            a, b_k, b_v = self._lora_blocks(layer, dtype)
+            q_lat = q_lat + layer.scaling * torch.einsum("bthj,jr->bhtr", torch.einsum("bthn,hnj->bthj", q_nope, b_k),
+                                                         a)
+        q = torch.cat((q_lat, q_rot.transpose(1, 2)), dim=-1)
         out = attention(q, keys, keys[..., :rank], mask, cfg.scaling, None)  # (B, heads, T, rank)
-        out = torch.einsum("bhtr,hvr->bthv", out, w_v).reshape(b, t, heads * cfg.value_dim)
-        return project(out, self.o_proj)[0]
+        values = torch.einsum("bhtr,hvr->bthv", out, w_v)
+        if lora:
+            values = values + layer.scaling * torch.einsum("bhtj,hvj->bthv", torch.einsum("bhtr,jr->bhtj", out, a),
+                                                           b_v)
+        return project(values.reshape(b, t, heads * cfg.value_dim), self.o_proj)[0]
+
+    def _lora_blocks(self, layer, dtype):
+        """(lora_A (r, kv_lora_rank), lora_B's key rows (heads, qk_nope_head_dim, r), its value rows (heads,
+        v_head_dim, r)) of a LoRA on kv_b_proj, in `dtype`."""
+        b = layer.lora_B.to(dtype).view(self.cfg.num_heads, self.nope + self.cfg.value_dim, -1)
+        b_k, b_v = b.split([self.nope, self.cfg.value_dim], dim=1)
+        return layer.lora_A.to(dtype), b_k, b_v
 
 
 def effective_weight(layer: nn.Module, dtype: torch.dtype) -> torch.Tensor:
