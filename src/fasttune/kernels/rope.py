@@ -38,6 +38,12 @@ def rope_inv_freq(rotary_dim: int, theta: float, scaling: dict | None = None) ->
     raise ValueError(f"unsupported rope_type {kind}")
 
 
+def yarn_mscale(scale: float, m: float = 1.0) -> float:
+    """YaRN's attention-magnitude term for a context `scale` (the rope factor) and multiplier `m`:
+    0.1 * m * ln(scale) + 1, or 1 for scale <= 1 (transformers' get_mscale / yarn_get_mscale)."""
+    return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+
 def rope_attention_factor(scaling: dict | None) -> float:
     """The factor transformers' rotary embeddings multiply cos and sin by: for yarn `attention_factor`, else
     0.1 * ln(factor) + 1 (or the ratio of two such terms with `mscale` / `mscale_all_dim`), 1 for factor <= 1;
@@ -46,12 +52,8 @@ def rope_attention_factor(scaling: dict | None) -> float:
         return 1.0
     if scaling.get("attention_factor") is not None:
         return float(scaling["attention_factor"])
-
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     factor, m, m_all = scaling["factor"], scaling.get("mscale"), scaling.get("mscale_all_dim")
-    return float(mscale(factor, m) / mscale(factor, m_all)) if m and m_all else float(mscale(factor))
+    return float(yarn_mscale(factor, m) / yarn_mscale(factor, m_all)) if m and m_all else float(yarn_mscale(factor))
 
 
 def _yarn_inv_freq(dim: int, theta: float, s: dict) -> torch.Tensor:
@@ -61,6 +63,7 @@ def _yarn_inv_freq(dim: int, theta: float, s: dict) -> torch.Tensor:
     beta_fast, beta_slow = s.get("beta_fast") or 32, s.get("beta_slow") or 1
 
     def correction_dim(rotations: float) -> float:
+        """The rotary dimension (a float index into 0..dim) whose frequency turns `rotations` times over old_len."""
         return dim * math.log(old_len / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
     low, high = correction_dim(beta_fast), correction_dim(beta_slow)
@@ -152,14 +155,18 @@ def _rope_launch(q, k, cos, sin, sign: float):
 
 
 class _RopeFunction(torch.autograd.Function):
+    """The Triton rotation of q and k in one launch; backward rotates the gradients back (see apply_rope_qk)."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin):
+        """q (B, T, Hq, D), k (B, T, Hkv, D), cos/sin (B, T, rotary_dim) -> (rotated q, rotated k), new tensors."""
         cos, sin = cos.contiguous(), sin.contiguous()
         ctx.save_for_backward(cos, sin)
         return _rope_launch(q.contiguous(), k.contiguous(), cos, sin, 1.0)
 
     @staticmethod
     def backward(ctx, dq, dk):
+        """(dq, dk) like the outputs -> (d(q), d(k), None, None): the inverse rotation of the gradients."""
         cos, sin = ctx.saved_tensors  # the inverse rotation: same angles, opposite sign
         return (*_rope_launch(dq.contiguous(), dk.contiguous(), cos, sin, -1.0), None, None)
 

@@ -378,9 +378,9 @@ def _lfm2_fields(cfg: ModelConfig, get) -> None:
 
 
 def _mla_fields(cfg: ModelConfig, get) -> None:
-    """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepseekV3Attention): head_dim is the rotated part
-    (qk_rope_head_dim: transformers maps head_dim to it), interleaved pairs unless rope_interleave is False, and the
-    score scale qk_head_dim ** -0.5 times yarn's mscale(factor, mscale_all_dim) squared (yarn_apply_mscale).
+    """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepseekV3Attention): head_dim is the rotated
+    part (qk_rope_head_dim: transformers maps head_dim to it), interleaved pairs unless rope_interleave is False, and
+    the score scale qk_head_dim ** -0.5 times yarn's mscale(factor, mscale_all_dim) squared (yarn_apply_mscale).
     Raises ModelLoadError for a config without the latent sizes."""
     rank, nope = get("kv_lora_rank"), get("qk_nope_head_dim")
     cfg.head_dim = get("qk_rope_head_dim") or cfg.head_dim
@@ -394,11 +394,12 @@ def _mla_fields(cfg: ModelConfig, get) -> None:
     cfg.partial_rotary_factor = 1.0
     cfg.attn_bias = bool(get("attention_bias", False))  # on q_a_proj and kv_a_proj_with_mqa (and o_proj)
     cfg.o_bias = cfg.attn_bias
+    from fasttune.kernels.rope import yarn_mscale
+
     scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
     params = cfg.rope_scaling or {}
-    if params.get("mscale_all_dim") and params.get("factor", 1.0) > 1:
-        mscale = 0.1 * float(params["mscale_all_dim"]) * math.log(float(params["factor"])) + 1.0
-        scale *= mscale * mscale
+    if params.get("mscale_all_dim"):
+        scale *= yarn_mscale(float(params.get("factor", 1.0)), float(params["mscale_all_dim"])) ** 2
     cfg.attn_scale = scale
 
 
