@@ -211,21 +211,29 @@ def _mistral3_metadata(writer, cfg) -> None:
     """Ministral 3's yarn RoPE and Llama 4 query scaling under llama.cpp's mistral3 keys (its convert_hf_to_gguf
     writes rope_parameters' mscale_all_dim as yarn_log_multiplier and llama_4_scaling_beta as the attention
     temperature scale, the original context length as the scaling's)."""
-    import gguf
-
-    rope = cfg.rope_scaling
-    if rope:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings",
-                                                          cfg.max_position_embeddings)))
-        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
-        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
-        writer.add_rope_scaling_yarn_log_mul(float(rope.get("mscale_all_dim", 0.0) or 0.0))
+    if cfg.rope_scaling:
+        _yarn_metadata(writer, cfg, float(cfg.rope_scaling.get("mscale_all_dim", 0.0) or 0.0))
     if cfg.query_position_scale is not None:
         beta, original = cfg.query_position_scale
         writer.add_attn_temperature_scale(float(beta))
         writer.add_attn_temperature_length(int(original))
+
+
+def _yarn_metadata(writer, cfg, log_multiplier: float | None) -> None:
+    """yarn RoPE scaling of `cfg` under llama.cpp's keys: type, factor, original context length, beta_fast /
+    beta_slow and, unless None, the log multiplier (its meaning differs by architecture in convert_hf_to_gguf:
+    mscale_all_dim for mistral3, 0.1 * mscale_all_dim for deepseek2)."""
+    import gguf
+
+    rope = cfg.rope_scaling
+    writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    writer.add_rope_scaling_factor(float(rope["factor"]))
+    writer.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings",
+                                                      cfg.max_position_embeddings)))
+    writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
+    writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
+    if log_multiplier is not None:
+        writer.add_rope_scaling_yarn_log_mul(log_multiplier)
 
 
 def _sigmoid_routing_metadata(writer, cfg) -> None:
@@ -256,6 +264,9 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     writer.add_head_count(cfg.num_heads)
     if ARCHITECTURES[cfg.model_type] in MLA_ARCHITECTURES:  # multi-query attention over the latent
         write_mla_metadata(writer, cfg)
+        if cfg.rope_scaling:  # yarn (gguf_layouts.check_supported)
+            all_dim = cfg.rope_scaling.get("mscale_all_dim")
+            _yarn_metadata(writer, cfg, 0.1 * float(all_dim) if all_dim else None)
     else:
         if cfg.model_type == "lfm2":  # llama.cpp's LFM2 knows its short-convolution layers by 0 key/value heads
             writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])

@@ -73,8 +73,9 @@ def check_supported(cfg) -> None:
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
+    yarn_ok = arch == "deepseek2" and cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "yarn"
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and \
-            arch not in ("gpt-oss", "mistral3") and not (arch == "deepseek2" and cfg.rope_scaling["rope_type"] == "yarn"):
+            arch not in ("gpt-oss", "mistral3") and not yarn_ok:
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
     if arch == "deepseek2" and not cfg.q_lora_rank:
         raise ConfigError("This model's latent attention has no query latent (q_lora_rank is None, one q_proj); "
@@ -82,7 +83,7 @@ def check_supported(cfg) -> None:
                           "would not load. Save the merged model with save_pretrained_merged instead. Nothing was "
                           "written.")
     if arch in ("glm4moe", "deepseek2"):
-        _check_glm4moe(cfg)
+        _check_leading_dense(cfg)
     elif cfg.num_experts and arch != "gpt-oss":
         if not all(cfg.moe_layers):
             dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
@@ -97,7 +98,7 @@ def check_supported(cfg) -> None:
                               f"save_pretrained_merged instead.")
 
 
-def _check_glm4moe(cfg) -> None:
+def _check_leading_dense(cfg) -> None:
     """llama.cpp's glm4moe and deepseek2: leading_dense_block_count dense layers, then every layer sparse."""
     first = cfg.moe_layers.index(True) if True in cfg.moe_layers else cfg.num_layers
     if cfg.moe_layers != [i >= first for i in range(cfg.num_layers)]:

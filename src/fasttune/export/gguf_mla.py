@@ -42,10 +42,8 @@ def mla_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor
 
 def write_mla_metadata(writer, cfg) -> None:
     """deepseek2's attention keys for `cfg`: one key/value head of the latent's width (plus the rotated part for
-    keys), the per-head sizes as the _mla lengths, the latent ranks, the rotated width, and yarn's log multiplier
-    (0.1 * mscale_all_dim, as convert_hf_to_gguf writes it for this architecture) with the yarn scaling."""
-    import gguf
-
+    keys), the per-head sizes as the _mla lengths, the latent ranks and the rotated width (its yarn keys are
+    gguf.py's)."""
     writer.add_head_count_kv(1)
     writer.add_key_length(cfg.kv_lora_rank + cfg.head_dim)
     writer.add_value_length(cfg.kv_lora_rank)
@@ -55,12 +53,3 @@ def write_mla_metadata(writer, cfg) -> None:
     if cfg.q_lora_rank:
         writer.add_q_lora_rank(cfg.q_lora_rank)
     writer.add_rope_dimension_count(cfg.head_dim)
-    rope = cfg.rope_scaling
-    if rope and rope["rope_type"] == "yarn":
-        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        writer.add_rope_scaling_factor(float(rope["factor"]))
-        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
-        writer.add_rope_scaling_yarn_beta_fast(float(rope.get("beta_fast", 32.0)))
-        writer.add_rope_scaling_yarn_beta_slow(float(rope.get("beta_slow", 1.0)))
-        if rope.get("mscale_all_dim"):
-            writer.add_rope_scaling_yarn_log_mul(0.1 * float(rope["mscale_all_dim"]))
