@@ -403,6 +403,8 @@ class DecoderModel(nn.Module):
         self.norm_name = cfg.module_name("norm")
         setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset))
         self.gradient_checkpointing: str | bool = False  # "auto" | True | False | "offload" (see api.py)
+        # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
+        self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
         self._inv_freq: dict = {}
 
     @property
@@ -562,7 +564,7 @@ class DecoderModel(nn.Module):
             arch, size = self.arch, x.element_size()
             layers, per_input = arch.num_layers, x.numel() * size
             if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.value_dim * size) and \
-                    not arch.kv_lora_rank and (store.side is None or block_pays(arch, t, size)):
+                    self.blocks_keepable and (store.side is None or block_pays(arch, t, size)):
                 # and q/k/v with the post-attention residual: the recompute skips the attention block's projections
                 # (on a CPU always: no copies, and the tests take this path)
                 qkv = b * t * (arch.num_heads + 2 * arch.num_kv_heads) * arch.head_dim * size
