@@ -199,10 +199,10 @@ class FastModel(FastLanguageModel):
             arch = getattr(model, "arch", None)
             if arch is not None:  # under the family's names (LFM2: out_proj, w1, w3, w2)
                 target_modules = [arch.module_name(t) for t in target_modules]
-            if finetune_attention_modules:  # Qwen3.5's, Qwen3-Next's and LFM2's linear layers mix tokens too;
-                # multi-head latent attention has its own projections in place of q/k/v
+            if finetune_attention_modules:  # Qwen3.5's, Qwen3-Next's and LFM2's linear layers mix tokens too
                 latent = latent_attention_targets(arch)
-                target_modules = [t for t in target_modules if not latent or t not in ATTENTION_TARGETS[:3]]
+                if latent:  # multi-head latent attention: its own projections in place of q/k/v
+                    target_modules = [t for t in target_modules if t not in ATTENTION_TARGETS[:3]]
                 target_modules = list(dict.fromkeys(target_modules + linear_attention_targets(arch) + latent))
         return FastLanguageModel.get_peft_model(
             model, r=r, target_modules=target_modules, lora_alpha=lora_alpha, lora_dropout=lora_dropout, bias=bias,
