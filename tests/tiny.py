@@ -125,6 +125,12 @@ def hf_config(family: str, **overrides):
         kw.update(num_hidden_layers=4)
         cfg = tf.Lfm3Config(**kw, head_dim=16, sliding_window=4, tie_word_embeddings=True,
                             layer_types=["conv", "sliding_attention", "full_attention", "conv"])
+    elif family == "gemma4_text":  # Gemma 4's 31B layout: a sliding layer (window 4, head 16, plain RoPE), then a
+        # full one with wider heads (32), one key/value head whose values are the keys (attention_k_eq_v) and
+        # proportional RoPE on a quarter of the pairs; final-logit soft-cap
+        cfg = tf.Gemma4TextConfig(**kw, head_dim=16, global_head_dim=32, sliding_window=4, attention_k_eq_v=True,
+                                  num_global_key_value_heads=1, hidden_size_per_layer_input=0,
+                                  final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -144,6 +150,12 @@ try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's
     FAMILIES.append("lfm3")
 except ImportError:
     pass
+try:  # Gemma 4: transformers 5.5 and later
+    from transformers import Gemma4TextConfig  # noqa: F401
+
+    FAMILIES.append("gemma4_text")
+except ImportError:
+    pass
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 
@@ -158,7 +170,7 @@ def hf_model(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:  # Gemma's and Qwen3.5's RMSNorms scale by (1 + w) (not Qwen3.5's gated norm)
-                centred = family.startswith("gemma") or (family.startswith(("qwen3_5", "qwen3_next"))
+                centred = (family.startswith("gemma") and family != "gemma4_text") or (family.startswith(("qwen3_5", "qwen3_next"))
                                                          and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties
@@ -175,6 +187,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
         for n, b in model.named_buffers():
             if n.endswith("e_score_correction_bias"):  # GLM-4.5's routing bias: away from 0 so it shows
                 b.normal_(0.0, 0.3)
+            if n.endswith("layer_scalar"):  # Gemma 4's per-layer output scale: away from 1 so a missed one shows
+                b.uniform_(0.5, 1.5)
     return model
 
 

@@ -39,7 +39,9 @@ def test_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
     per_layer = {"phi3": 4, "glm4": 6, "arcee": 6, "apertus": 6}.get(family, 7)
     # Qwen3.5's 3 DeltaNet layers: MLP and the linear-attention projections (in_proj_qkv, in_proj_z, out_proj)
     # LFM2's 3 short-convolution layers: MLP (w1, w3, w2) and the convolution's in_proj and out_proj
-    expected = {"qwen3_5_text": 2 * (3 * 6 + 7), "lfm2": 2 * (3 * 5 + 7), "lfm3": 2 * (2 * 5 + 2 * 7)}.get(
+    # Gemma 4's full layer takes its values from k_proj (attention_k_eq_v): no v_proj there
+    expected = {"qwen3_5_text": 2 * (3 * 6 + 7), "lfm2": 2 * (3 * 5 + 7), "lfm3": 2 * (2 * 5 + 2 * 7),
+                "gemma4_text": 2 * (7 + 6)}.get(
         family, 2 * layers * per_layer)
     assert len(mine) == len(theirs) and len(mine) == expected
     # fp32 sums in another order: noise ~1e-6 of the tensor's largest entry (~3e-6 through Qwen3.5's delta rule,

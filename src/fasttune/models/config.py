@@ -15,7 +15,7 @@ with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fasttune.errors import ModelLoadError
@@ -24,7 +24,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
-                      "glm4_moe_lite", "deepseek_v3")
+                      "glm4_moe_lite", "deepseek_v3", "gemma4_text")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -148,6 +148,28 @@ class ModelConfig:
     q_lora_rank: int = 0
     qk_nope_head_dim: int = 0
     v_head_dim: int = 0
+    # Gemma 4 (transformers' Gemma4TextAttention): full-attention layers have their own head size and key/value heads
+    # (global_head_dim, global_kv_heads; 0 = head_dim, num_kv_heads); with attention_k_eq_v they have no v_proj and
+    # take k_proj's output as values (values_from_keys); every layer's values pass an unscaled RMSNorm (value_norm)
+    # and each layer's output is multiplied by its layer_scalar buffer (layer_scalar)
+    global_head_dim: int = 0
+    global_kv_heads: int = 0
+    values_from_keys: bool = False
+    value_norm: bool = False
+    layer_scalar: bool = False
+
+    def layer_config(self, layer_idx: int) -> "ModelConfig":
+        """This config as layer `layer_idx`'s attention sees it: Gemma 4's full-attention layers with their own head
+        size and key/value heads; every other layer (and family) gets self."""
+        if not (self.global_head_dim or self.global_kv_heads) or self.sliding_windows[layer_idx] is not None:
+            return self
+        return replace(self, head_dim=self.global_head_dim or self.head_dim,
+                       num_kv_heads=self.global_kv_heads or self.num_kv_heads)
+
+    @property
+    def max_head_dim(self) -> int:
+        """The widest attention head of any layer (Gemma 4's full layers can be wider)."""
+        return max(self.head_dim, self.global_head_dim)
 
     def module_name(self, name: str) -> str:
         """This family's name for the Llama module `name` (RENAMED), e.g. "o_proj" -> "out_proj" in LFM2."""
@@ -174,6 +196,9 @@ class ModelConfig:
         family outside SUPPORTED_FAMILIES (and the vision-language text towers), an activation outside ACTIVATIONS,
         a RoPE scaling type outside SUPPORTED_ROPE_TYPES, an mrope_section that does not cover head_dim, or
         Gemma 3's bidirectional (embedding) variant."""
+        if not isinstance(hf, dict) and "per_layer_config" in hf.to_diff_dict():
+            # a config with per-layer values (Gemma 4's) refuses plain reads of them: read its serialised form
+            hf = hf.to_dict()
         get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
         model_type = get("model_type")
         if model_type not in SUPPORTED_FAMILIES + VISION_TEXT_FAMILIES:
@@ -188,7 +213,7 @@ class ModelConfig:
         head_dim = get("head_dim") or hidden // heads
         layers = get("num_hidden_layers")
         theta, scaling, partial, local_theta = _rope_fields(get)
-        gemma = model_type in ("gemma", "gemma2", "gemma3_text")
+        gemma = model_type in ("gemma", "gemma2", "gemma3_text", "gemma4_text")
         act = get("hidden_activation") if gemma else get("hidden_act", "silu")
         act = act or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in ACTIVATIONS or (act in UNGATED.values()) != (UNGATED.get(model_type) == act):
@@ -296,6 +321,8 @@ class ModelConfig:
             _lfm2_fields(cfg, get)
         if model_type in ("glm4_moe_lite", "deepseek_v3"):
             _mla_fields(cfg, get)
+        if model_type == "gemma4_text":
+            _gemma4_fields(cfg, get)
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
@@ -401,6 +428,59 @@ def _mla_fields(cfg: ModelConfig, get) -> None:
     if params.get("mscale_all_dim"):
         scale *= yarn_mscale(float(params.get("factor", 1.0)), float(params["mscale_all_dim"])) ** 2
     cfg.attn_scale = scale
+
+
+def decoder_runs(hf_config) -> bool:
+    """Whether fasttune's decoder runs this transformers config: its family is in SUPPORTED_FAMILIES, and it uses none of
+    the features of that family the decoder lacks (Gemma 4's per-layer embeddings and shared key/value layers, in its
+    E2B / E4B models): the loaders send the rest to the transformers fallback."""
+    get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else \
+        (lambda k, d=None: getattr(hf_config, k, d))
+    model_type = get("model_type")
+    if model_type == "gemma4_text":
+        return not gemma4_unsupported(get)
+    return model_type in SUPPORTED_FAMILIES
+
+
+def gemma4_unsupported(get) -> list[str]:
+    """The Gemma 4 features of a config that fasttune's decoder does not run yet, by their config names (empty: none)."""
+    found = []
+    if get("hidden_size_per_layer_input"):
+        found.append(f"per-layer embeddings (hidden_size_per_layer_input={get('hidden_size_per_layer_input')})")
+    if get("num_kv_shared_layers"):
+        found.append(f"shared key/value layers (num_kv_shared_layers={get('num_kv_shared_layers')})")
+    if get("enable_moe_block"):
+        found.append("the mixture-of-experts block (enable_moe_block=True)")
+    if get("use_bidirectional_attention"):
+        found.append(f"bidirectional attention (use_bidirectional_attention={get('use_bidirectional_attention')!r})")
+    return found
+
+
+def _gemma4_fields(cfg: ModelConfig, get) -> None:
+    """Gemma 4's text model (transformers' Gemma4TextConfig / Gemma4TextDecoderLayer): Gemma 3's four norms, per-head
+    q/k norms, sliding and full layers and sqrt(hidden) embedding scale, but RMSNorms that scale by w (not 1 + w), no
+    score scale (1.0), an unscaled RMSNorm on the values, a layer_scalar per layer, and full-attention layers with
+    their own head size (global_head_dim), key/value heads (num_global_key_value_heads, with attention_k_eq_v) and
+    proportional RoPE. Raises ModelLoadError for the features the decoder lacks (gemma4_unsupported)."""
+    missing = gemma4_unsupported(get)
+    if missing:
+        raise ModelLoadError(f"This Gemma 4 config uses {', '.join(missing)}, which fasttune's decoder does not run "
+                             f"yet; FastLanguageModel.from_pretrained runs such models through transformers+PEFT.")
+    cfg.norm_offset = 0.0
+    cfg.embed_scale = math.sqrt(cfg.hidden_size)
+    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+    cfg.qk_norm = cfg.sandwich_norm = cfg.value_norm = cfg.layer_scalar = True
+    cfg.attn_scale = 1.0
+    cfg.attn_logit_softcap = None
+    cfg.final_logit_softcap = get("final_logit_softcapping")
+    per_layer = get("per_layer_config") or {}
+    full = [i for i, t in enumerate(get("layer_types") or []) if t == "full_attention"]
+    override = (per_layer.get(full[0]) or per_layer.get(str(full[0])) or {}) if full else {}
+    override = override if isinstance(override, dict) else vars(override)
+    cfg.global_head_dim = int(override.get("head_dim") or get("global_head_dim") or cfg.head_dim)
+    cfg.values_from_keys = bool(get("attention_k_eq_v", False))
+    kv = override.get("num_key_value_heads") or (get("num_global_key_value_heads") if cfg.values_from_keys else None)
+    cfg.global_kv_heads = int(kv or cfg.num_kv_heads)
 
 
 def _llama4_query_scale(get) -> tuple | None:

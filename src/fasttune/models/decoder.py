@@ -69,13 +69,17 @@ class Attention(nn.Module):
         self.cfg, self.layer_idx = cfg, layer_idx
         h, d = cfg.hidden_size, cfg.head_dim
         self.q_size, self.kv_size = cfg.num_heads * d, cfg.num_kv_heads * d
+        self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
+        # Gemma 4's full layers with attention_k_eq_v: no v_proj, the values are k_proj's output
+        self.values_from_keys = cfg.values_from_keys and self.sliding_window is None
         if cfg.fused_qkv:
             self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attn_bias)
         else:
             # Qwen3.5: q_proj yields each head's query then its output gate (head_dim channels each)
             self.q_proj = nn.Linear(h, self.q_size * (2 if cfg.attn_output_gate else 1), bias=cfg.attn_bias)
             self.k_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
-            self.v_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
+            if not self.values_from_keys:
+                self.v_proj = nn.Linear(h, self.kv_size, bias=cfg.attn_bias)
         self.o_name = cfg.module_name("o_proj")
         setattr(self, self.o_name, nn.Linear(self.q_size, h, bias=cfg.o_bias))
         # q/k norms by transformers' names: per head (Qwen3, Gemma 3; Hunyuan's after RoPE), or over the whole
@@ -90,13 +94,13 @@ class Attention(nn.Module):
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         if cfg.attn_head_gate:  # LFM3: one sigmoid gate per head, from the layer's input
             self.g_proj = nn.Linear(h, cfg.num_heads, bias=False)
-        self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         self.rope_kind = "local" if cfg.rope_local_theta is not None and self.sliding_window else "global"
         if cfg.rope_layers and not cfg.rope_layers[layer_idx]:
             self.rope_kind = "none"  # SmolLM3's NoPE layers: identity cos/sin for the fused decode kernel
         # Whether "offload" may keep q/k/v and the post-attention residual so the recompute skips the projections
         # (models/kept_block.py): only where no other op reads the values skipped.
-        self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm or cfg.post_norm)
+        self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm or cfg.post_norm
+                                or cfg.value_norm)
         # Adjacent-pair RoPE (rope_interleaved) as the usual half-split one on channels reordered evens-then-odds
         # inside the rotary part, in q and k alike: each pair lands at (j, j + rotary/2) and q.k is unchanged.
         self.reorder_pairs = cfg.rope_interleaved
@@ -110,6 +114,9 @@ class Attention(nn.Module):
         replay = block is not None and block[2]  # a recompute with kept values: the base GEMMs are skipped
         if cfg.fused_qkv:
             q, k, v = one_linear(self.qkv_proj, x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        elif self.values_from_keys:
+            q, k = project(x, self.q_proj, self.k_proj, values_unused=replay)
+            v = k
         else:
             q, k, v = project(x, self.q_proj, self.k_proj, self.v_proj, values_unused=replay)
         gate = None
@@ -123,6 +130,8 @@ class Attention(nn.Module):
         q = q.view(b, t, cfg.num_heads, cfg.head_dim)
         k = k.view(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = v.view(b, t, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.value_norm:  # Gemma 4's RMSNorm without a weight (the checkpoint has none): a scale of ones
+            v = rms_norm(v, v.new_ones(cfg.head_dim), cfg.rms_norm_eps)
         if cfg.qk_norm and not (cfg.qk_norm_full or cfg.qk_norm_after_rope):
             q, k = self._qk_norms(q, k)
         if self.reorder_pairs:
@@ -285,7 +294,7 @@ class DecoderLayer(nn.Module):
             self.mixer_name = "self_attn"
             # (the latents' norms take RMSNorm's default eps in transformers, not rms_norm_eps)
             mixer = LatentAttention(cfg, layer_idx, lambda dim: RMSNorm(dim, 1e-6, off)) if cfg.kv_lora_rank else \
-                Attention(cfg, layer_idx)
+                Attention(cfg.layer_config(layer_idx), layer_idx)
         elif cfg.linear_kind == "short_conv":
             self.mixer_name, mixer = "conv", ShortConv(cfg, layer_idx)
         else:
@@ -317,6 +326,8 @@ class DecoderLayer(nn.Module):
             setattr(self, self.pre_norm_names[1], RMSNorm(cfg.hidden_size, eps, off))
         if self.post_norm:
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        # Gemma 4: the layer's output times this (a checkpoint buffer, transformers' name)
+        self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
 
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
@@ -381,7 +392,8 @@ class DecoderLayer(nn.Module):
             post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
             h = self.mixer(self.attn_norm(x), cos, sin, mask, cache)
             x, normed = pre_mlp.with_residual(x, post_attn(h))
-            return x + post_mlp(self.ffn(normed))
+            x = x + post_mlp(self.ffn(normed))
+            return x if self.layer_scalar is None else x * self.layer_scalar
         x, normed = self.attn_norm.with_residual(x)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)
@@ -423,8 +435,10 @@ class DecoderModel(nn.Module):
         key = (device, local)
         if key not in self._inv_freq:
             c = self.arch
+            # (the global layers' heads may be wider than the sliding ones': Gemma 4)
             freq = (rope_inv_freq(c.rotary_dim, c.rope_local_theta) if local else
-                    rope_inv_freq(c.rotary_dim, c.rope_theta, c.rope_scaling))
+                    rope_inv_freq(c.layer_config(c.sliding_windows.index(None)).rotary_dim if None in
+                                  c.sliding_windows else c.rotary_dim, c.rope_theta, c.rope_scaling))
             self._inv_freq[key] = freq.to(device)
         return self._inv_freq[key]
 
@@ -491,7 +505,7 @@ class DecoderModel(nn.Module):
         windows = set(cfg.sliding_windows)
         if attention_mask is not None and past_key_values is None and image_blocks is None and segment_ids is None \
                 and seq_idx is None and cu_seq_lens_q is None and attention_mask.shape[1] == t \
-                and not cfg.attn_sinks and varlen_usable(x, cfg.attn_logit_softcap, windows):
+                and not cfg.attn_sinks and varlen_usable(x, cfg.attn_logit_softcap, windows, cfg.max_head_dim):
             # Left padding (or padding on both sides, as GRPO's prompt + completion rows have): each row's tokens are
             # one run, attended causally as one varlen sequence instead of through a dense (B, T, T) mask. Only the
             # outputs at padding positions differ (made from padding either way), so does the prediction a padding
@@ -514,7 +528,7 @@ class DecoderModel(nn.Module):
         ropes = self.rope_tables(position_ids, x.dtype)
         # Varlen attention has no sink term: models with sinks take the masked SDPA path.
         if segment_ids is not None and past_key_values is None and image_blocks is None and not cfg.attn_sinks and \
-                varlen_usable(x, cfg.attn_logit_softcap, windows):
+                varlen_usable(x, cfg.attn_logit_softcap, windows, cfg.max_head_dim):
             masks = {"varlen": packed_spans(segment_ids)}
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks)
@@ -563,7 +577,8 @@ class DecoderModel(nn.Module):
             b, t, _ = x.shape
             arch, size = self.arch, x.element_size()
             layers, per_input = arch.num_layers, x.numel() * size
-            if store.keep_attention(layers, per_input, b * t * arch.num_heads * arch.value_dim * size) and \
+            width = max(arch.value_dim, arch.global_head_dim)  # (Gemma 4's full layers: wider heads)
+            if store.keep_attention(layers, per_input, b * t * arch.num_heads * width * size) and \
                     self.blocks_keepable and (store.side is None or block_pays(arch, t, size)):
                 # and q/k/v with the post-attention residual: the recompute skips the attention block's projections
                 # (on a CPU always: no copies, and the tests take this path)

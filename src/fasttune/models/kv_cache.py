@@ -26,11 +26,14 @@ class KVCache:
         # multi-head latent attention (models/mla.py) caches, as transformers does, one "key" per position: the normed
         # kv latent and the rotated key part (kv_lora_rank + head_dim wide), shared by all heads; no values
         rank = getattr(cfg, "kv_lora_rank", 0)
-        heads, key_dim, value_dim = (1, rank + cfg.head_dim, 0) if rank else (cfg.num_kv_heads, cfg.head_dim,
-                                                                                cfg.head_dim)
-        lengths = [0 if lin else max_len for lin in linear]
-        self.keys = [torch.zeros(batch, heads, n, key_dim, dtype=dtype, device=device) for n in lengths]
-        self.values = [torch.zeros(batch, heads, n, value_dim, dtype=dtype, device=device) for n in lengths]
+
+        def shape(i: int, n: int) -> tuple:  # (batch, heads, n, key width, value width) of layer i
+            c = cfg.layer_config(i) if hasattr(cfg, "layer_config") else cfg  # Gemma 4: per-layer head sizes
+            return (batch, 1, n, rank + c.head_dim, 0) if rank else (batch, c.num_kv_heads, n, c.head_dim, c.head_dim)
+
+        shapes = [shape(i, 0 if lin else max_len) for i, lin in enumerate(linear)]
+        self.keys = [torch.zeros(s[:4], dtype=dtype, device=device) for s in shapes]
+        self.values = [torch.zeros(s[:3] + s[4:], dtype=dtype, device=device) for s in shapes]
         # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1), and for a gated DeltaNet
         # the delta-rule state (B, value heads, d_k, d_v) fp32 (models/gated_deltanet.py, models/short_conv.py)
         self.conv, self.recurrent = {}, {}

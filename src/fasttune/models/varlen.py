@@ -33,11 +33,12 @@ class PackedSpans:
     max_len: int
 
 
-def varlen_usable(x: torch.Tensor, softcap: float | None, windows: set) -> bool:
+def varlen_usable(x: torch.Tensor, softcap: float | None, windows: set, head_dim: int = 0) -> bool:
     """Whether varlen_attention can run for hidden states x here: torch has varlen_attn, x is fp16/bf16 on CUDA, no
-    attention logit soft-cap, FASTTUNE_KERNELS is not "torch", and sliding windows only where this torch's varlen_attn
-    takes window_size."""
-    if varlen_attn is None or not x.is_cuda or softcap or x.dtype not in (torch.float16, torch.bfloat16):
+    attention logit soft-cap, heads of at most 256 channels (flash attention's limit; Gemma 4's full layers have 512),
+    FASTTUNE_KERNELS is not "torch", and sliding windows only where this torch's varlen_attn takes window_size."""
+    if varlen_attn is None or not x.is_cuda or softcap or x.dtype not in (torch.float16, torch.bfloat16) or \
+            head_dim > 256:
         return False
     if kernel_choice() == "torch":
         return False
