@@ -49,6 +49,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
+from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, write_gemma4_metadata
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
@@ -147,7 +148,7 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             continue
         if ".mlp.act_fn." in name:  # Apertus' xIELU scalars: GGUF metadata (_write_metadata), not tensors
             continue
-        if name.endswith("self_attn.sinks"):
+        if name.endswith(("self_attn.sinks", "layer_scalar")):  # (gpt-oss's sinks, Gemma 4's output scale)
             name += ".weight"
         if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H), gate rows first -> two (E, I, H) tensors
             gate, up = t.chunk(2, dim=1)
@@ -188,6 +189,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
         # llama.cpp divides each base frequency by its factor from this tensor.
         base = rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, None)
         out["rope_freqs.weight"] = base / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
+    if arch == "gemma4":
+        out["rope_freqs.weight"] = gemma4_rope_freqs(cfg)
     return out
 
 
@@ -267,6 +270,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         if cfg.rope_scaling:  # yarn (gguf_layouts.check_supported)
             all_dim = cfg.rope_scaling.get("mscale_all_dim")
             _yarn_metadata(writer, cfg, 0.1 * float(all_dim) if all_dim else None)
+    elif ARCHITECTURES[cfg.model_type] == "gemma4":
+        write_gemma4_metadata(writer, cfg)
     else:
         if cfg.model_type == "lfm2":  # llama.cpp's LFM2 knows its short-convolution layers by 0 key/value heads
             writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])

@@ -22,7 +22,7 @@ from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE wh
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-WITHOUT_BIASES = ("olmo2", "ernie4_5")  # llama.cpp architectures that read no q/k/v/o or MLP biases
+WITHOUT_BIASES = ("olmo2", "ernie4_5", "gemma4")  # llama.cpp architectures that read no q/k/v/o or MLP biases
 FULL_EVERY = 4  # llama.cpp's olmo2 and exaone4 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
 
 
@@ -69,11 +69,13 @@ def check_supported(cfg) -> None:
         _check_olmo(cfg)
     elif arch == "exaone4":
         _check_exaone4(cfg)
-    elif arch != "gpt-oss" and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
+    elif arch not in ("gpt-oss", "gemma4") and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
     yarn_ok = arch == "deepseek2" and cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "yarn"
+    # Gemma 4's full layers: proportional RoPE as a rope_freqs tensor (export/gguf_gemma4.py)
+    yarn_ok = yarn_ok or (arch == "gemma4" and cfg.rope_scaling["rope_type"] == "proportional")
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and \
             arch not in ("gpt-oss", "mistral3") and not yarn_ok:
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
