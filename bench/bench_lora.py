@@ -58,6 +58,14 @@ SHAPES = {
     # transformers' Lfm3Config defaults (LFM3-1.7B: 24 layers, conv / sliding (256) / full attention, head gates)
     "lfm3-1.7b": dict(vocab_size=128000, hidden_size=2048, intermediate_size=7680, num_hidden_layers=24,
                       num_attention_heads=16, num_key_value_heads=4, head_dim=128, tie_word_embeddings=True),
+    # transformers' Gemma4TextConfig with Gemma-4-31B's text sizes as I read its config.json (not checked offline):
+    # sliding (1024) : full layers 5 : 1, heads of 256 (sliding) and 512 (full, 4 key/value heads whose values are the
+    # keys), final-logit soft-cap 30; cut to 12 of its 60 layers (2 full) so the bf16 weights load quickly
+    "gemma-4-31b-12l": dict(vocab_size=262144, hidden_size=5376, intermediate_size=21504, num_hidden_layers=12,
+                            num_attention_heads=32, num_key_value_heads=16, head_dim=256, global_head_dim=512,
+                            num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
+                            hidden_size_per_layer_input=0, final_logit_softcapping=30.0, tie_word_embeddings=True,
+                            max_position_embeddings=262144),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
@@ -65,7 +73,7 @@ SHAPES = {
 # The transformers config class of the SHAPES that are neither Llama nor Qwen2 (their keyword arguments are whole).
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
                  "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
-                 "lfm3-1.7b": "Lfm3Config"}
+                 "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -127,6 +135,8 @@ MATRIX = {
     "lfm2": [("hf", "lfm2-1.2b", "on", "-", "none"), ("ours", "lfm2-1.2b", "on", "triton", "none"),
              ("ours", "lfm2-1.2b", "off", "triton", "none"), ("hf", "lfm2-1.2b", "on", "-", "nf4"),
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],
+    "gemma4": [("hf", "gemma-4-31b-12l", "on", "-", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "none"),
+               ("ours", "gemma-4-31b-12l", "off", "triton", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "nf4")],
     "lfm3": [("hf", "lfm3-1.7b", "on", "-", "none"), ("ours", "lfm3-1.7b", "on", "triton", "none"),
              ("ours", "lfm3-1.7b", "off", "triton", "none")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
