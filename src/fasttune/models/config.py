@@ -451,7 +451,7 @@ def gemma4_unsupported(get) -> list[str]:
         found.append(f"shared key/value layers (num_kv_shared_layers={get('num_kv_shared_layers')})")
     if get("enable_moe_block"):
         found.append("the mixture-of-experts block (enable_moe_block=True)")
-    if get("use_bidirectional_attention"):
+    if get("use_bidirectional_attention") not in (None, "vision"):  # ("vision": image tokens only, models/vision.py)
         found.append(f"bidirectional attention (use_bidirectional_attention={get('use_bidirectional_attention')!r})")
     return found
 

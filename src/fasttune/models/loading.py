@@ -324,7 +324,8 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
         tensors.append(("lm_head.weight", hf.lm_head.weight))
     model = build_model(text_config, iter(tensors), dtype, device, source, quant, model_cls=VisionCausalLM)
     modules = {attr: getattr(hf.model, hf_name).to(device=device, dtype=dtype)
-               for attr, hf_name in family.vision_modules}
+               for attr, hf_name in family.vision_modules
+               if getattr(hf.model, hf_name, None) is not None}  # (Gemma 4 without audio has no audio tower)
     model.attach_vision(hf.config, family, modules)
     return model
 
@@ -415,7 +416,7 @@ def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool 
         model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents)
         return model, hf_config, gguf_tokenizer(contents, required=False)
     model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
-    if isinstance(model, VisionCausalLM):
+    if isinstance(model, VisionCausalLM) and not model.family.text_only:  # (Gemma 4 trains on text: its tokenizer)
         from fasttune.data.vision import VisionProcessor, processor_settings
 
         tokenizer = load_tokenizer(path)

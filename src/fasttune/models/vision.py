@@ -48,6 +48,9 @@ class VisionFamily:
     # Pixtral (Mistral 3): images of any size, each given by its (height, width) in pixels (the processor's
     # image_sizes), whose features come from a chosen tower layer through the patch-merging projector
     sized_images: bool = False
+    # The family's images (and audio, video) do not run on our decoder yet: its checkpoints train on text, the towers
+    # kept as they are (Gemma 4), and pixel inputs are refused
+    text_only: bool = False
 
 
 FAMILIES = {
@@ -76,6 +79,13 @@ FAMILIES = {
                              r"model\.vision_tower\.transformer\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
                              r"model\.vision_tower\.transformer\.layers\.\d+\.feed_forward\."
                              r"(gate_proj|up_proj|down_proj)", sized_images=True),
+    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its language model on our decoder for text; the vision
+    # tower with its embedder (and the E2B / E4B audio tower) kept frozen as transformers loads them
+    "gemma4": VisionFamily("gemma4", (("vision_tower", "vision_tower"), ("embed_vision", "embed_vision"),
+                                      ("audio_tower", "audio_tower"), ("embed_audio", "embed_audio")),
+                           r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.linear",
+                           r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
+                           bidirectional_images=True, scaled_embeddings=True, text_only=True),
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
@@ -103,8 +113,14 @@ def _joint_deepstack(parts: list):
 
 
 def is_vision_config(hf_config) -> bool:
-    """True for a transformers config of a vision-language family fasttune runs (FAMILIES)."""
-    return getattr(hf_config, "model_type", None) in FAMILIES
+    """True for a transformers config of a vision-language family fasttune runs (FAMILIES) whose language model our
+    decoder runs (a Gemma 4 with per-layer embeddings, shared key/value layers or experts stays on the fallback)."""
+    from fasttune.models.config import decoder_runs
+
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type == "gemma4":
+        return decoder_runs(hf_config.text_config)
+    return model_type in FAMILIES
 
 
 class VisionCausalLM(CausalLM):
@@ -301,6 +317,8 @@ class VisionCausalLM(CausalLM):
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
+        if self.family is not None and self.family.text_only:
+            _refuse_media(self.family, pixel_values, kwargs)
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             geometry = _geometry(image_grid_thw, image_sizes)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
@@ -330,6 +348,23 @@ class VisionBackbone:
             inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, _geometry(image_grid_thw, image_sizes),
                                                         attention_mask, position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
+
+
+# What a text_only family's processor adds for images, videos and audio (Gemma 4's), refused by _refuse_media.
+MEDIA_KEYS = ("image_position_ids", "pixel_values_videos", "video_position_ids", "num_frames_per_video",
+              "input_features", "input_features_mask")
+
+
+def _refuse_media(family: VisionFamily, pixel_values, kwargs: dict) -> None:
+    """ConfigError when a text_only family (Gemma 4) is given images, videos or audio, naming what was passed."""
+    given = (["pixel_values"] if pixel_values is not None else []) + \
+        [k for k in MEDIA_KEYS if kwargs.get(k) is not None]
+    if given:
+        raise ConfigError(f"{family.model_type}: fasttune trains this model on text only so far; the batch holds "
+                          f"{', '.join(given)}. Drop the images, videos and audio from the data, or fine-tune them "
+                          f"with transformers + PEFT.")
+    for key in MEDIA_KEYS:
+        kwargs.pop(key, None)
 
 
 def _geometry(image_grid_thw, image_sizes):

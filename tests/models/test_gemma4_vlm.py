@@ -1,0 +1,114 @@
+"""Gemma 4's released checkpoints (Gemma4ForConditionalGeneration, model_type "gemma4") on our decoder for text: the
+language model runs our kernels, the vision tower and its embedder load frozen as transformers builds them, adapters
+and merged checkpoints carry transformers' names, images are refused by name, and a Gemma 4 whose language model our
+decoder lacks features for (per-layer embeddings) stays on the transformers fallback."""
+import pytest
+import torch
+from tiny import TINY
+from tiny_tokenizer import make_tiny_tokenizer
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+
+TEXT = dict(TINY, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+            sliding_window=4, layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+            final_logit_softcapping=30.0)
+
+
+def _save(folder, **text):
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    torch.manual_seed(0)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, head_dim=16)
+    config = Gemma4Config(text_config={**TEXT, **text}, vision_config=vision, audio_config=None)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # random norm weights and layer scalars, so a misplaced one shows
+        for name, p in model.model.language_model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+        for name, b in model.model.language_model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+    model.save_pretrained(folder)
+    make_tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gemma4_dir(tmp_path_factory):
+    return _save(tmp_path_factory.mktemp("gemma4") / "m")
+
+
+def _hf(folder):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(folder).eval()
+
+
+def _ids():
+    torch.manual_seed(1)
+    ids = torch.randint(3, 300, (2, 12))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    return ids, mask
+
+
+def test_text_logits_equal_transformers(gemma4_dir):
+    from fasttune.models.vision import VisionCausalLM
+
+    model, _ = FastLanguageModel.from_pretrained(str(gemma4_dir), dtype=torch.float32)
+    assert isinstance(model, VisionCausalLM) and model.arch.model_type == "gemma4_text"
+    assert not any(p.requires_grad for p in model.vision_tower.parameters())
+    ids, mask = _ids()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        ref = _hf(gemma4_dir)(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def test_adapter_names_and_merged_checkpoint_load_in_transformers(gemma4_dir, tmp_path):
+    from peft_oracle import randomize_lora_b
+    from safetensors import safe_open
+
+    model, _ = FastLanguageModel.from_pretrained(str(gemma4_dir), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "adapter")
+    with safe_open(str(tmp_path / "adapter" / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert keys and all(".language_model.layers." in k for k in keys)
+    assert not any("layers.1.self_attn.v_proj" in k for k in keys)  # the full layer takes its values from k_proj
+    model.save_pretrained_merged(tmp_path / "merged", save_method="merged_16bit")
+    ids, mask = _ids()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        merged = _hf(tmp_path / "merged")(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(ours[real], merged[real], rtol=1e-4, atol=1e-4)
+
+
+def test_images_are_refused_by_name(gemma4_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(gemma4_dir), dtype=torch.float32)
+    ids, mask = _ids()
+    with pytest.raises(ConfigError, match="text only so far.*pixel_values, image_position_ids"):
+        model(ids, attention_mask=mask, pixel_values=torch.zeros(1, 4, 588),
+              image_position_ids=torch.zeros(1, 4, 2, dtype=torch.long))
+    with pytest.raises(ConfigError, match="input_features"):
+        model(ids, attention_mask=mask, input_features=torch.zeros(1, 8, 128))
+
+
+def test_per_layer_embeddings_stay_on_the_fallback(tmp_path):
+    from fasttune.models.fallback import FallbackModel
+
+    folder = _save(tmp_path / "ple", hidden_size_per_layer_input=8)
+    with pytest.warns(UserWarning, match="gemma4"):
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    assert isinstance(model, FallbackModel)
+
+
+def test_gguf_export_is_refused_with_the_way_out(gemma4_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(gemma4_dir), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="gemma4 vision-language models is not supported yet.*convert_hf_to_gguf"):
+        model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    assert not (tmp_path / "m.gguf").exists()
