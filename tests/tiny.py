@@ -131,6 +131,13 @@ def hf_config(family: str, **overrides):
         cfg = tf.Gemma4TextConfig(**kw, head_dim=16, global_head_dim=32, sliding_window=4, attention_k_eq_v=True,
                                   num_global_key_value_heads=1, hidden_size_per_layer_input=0,
                                   final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
+    elif family == "gemma4_e2b":  # Gemma 4 E2B's layout: per-layer embeddings (8 channels a layer) and layers 2-3
+        # reusing the keys and values of layers 0 (sliding) and 1 (full), their MLPs twice as wide
+        kw.update(num_hidden_layers=4)
+        cfg = tf.Gemma4TextConfig(**kw, head_dim=16, global_head_dim=32, sliding_window=4, attention_k_eq_v=False,
+                                  hidden_size_per_layer_input=8, vocab_size_per_layer_input=300,
+                                  num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=30.0,
+                                  layer_types=["sliding_attention", "full_attention"] * 2)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -170,7 +177,7 @@ def hf_model(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:  # Gemma's and Qwen3.5's RMSNorms scale by (1 + w) (not Qwen3.5's gated norm)
-                centred = (family.startswith("gemma") and family != "gemma4_text") or (family.startswith(("qwen3_5", "qwen3_next"))
+                centred = (family.startswith("gemma") and not family.startswith("gemma4")) or (family.startswith(("qwen3_5", "qwen3_next"))
                                                          and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties

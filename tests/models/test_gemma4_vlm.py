@@ -1,7 +1,7 @@
 """Gemma 4's released checkpoints (Gemma4ForConditionalGeneration, model_type "gemma4") on our decoder for text: the
 language model runs our kernels, the vision tower and its embedder load frozen as transformers builds them, adapters
 and merged checkpoints carry transformers' names, images are refused by name, and a Gemma 4 whose language model our
-decoder lacks features for (per-layer embeddings) stays on the transformers fallback."""
+decoder lacks features for (the mixture-of-experts block) stays on the transformers fallback."""
 import pytest
 import torch
 from tiny import TINY
@@ -98,10 +98,25 @@ def test_images_are_refused_by_name(gemma4_dir):
         model(ids, attention_mask=mask, input_features=torch.zeros(1, 8, 128))
 
 
-def test_per_layer_embeddings_stay_on_the_fallback(tmp_path):
+def test_e2b_layout_text_logits_equal_transformers(tmp_path):
+    """E2B / E4B: per-layer embeddings (looked up from the ids, which the text-only path passes through) and layers
+    reusing keys and values."""
+    folder = _save(tmp_path / "e2b", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, num_kv_shared_layers=2,
+                   use_double_wide_mlp=True)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    assert model.arch.per_layer_input_size == 8 and model.arch.kv_shared_layers == 2
+    ids, mask = _ids()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        ref = _hf(folder)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_the_moe_block_stays_on_the_fallback(tmp_path):
     from fasttune.models.fallback import FallbackModel
 
-    folder = _save(tmp_path / "ple", hidden_size_per_layer_input=8)
+    folder = _save(tmp_path / "moe", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
     with pytest.warns(UserWarning, match="gemma4"):
         model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
     assert isinstance(model, FallbackModel)

@@ -262,8 +262,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
-    if cfg.intermediate_size:  # (Qwen3.5-MoE has only experts' widths)
-        writer.add_feed_forward_length(cfg.intermediate_size)
+    if cfg.intermediate_size and not cfg.double_wide_mlp:  # (Qwen3.5-MoE: only experts' widths; Gemma 4 E2B:
+        writer.add_feed_forward_length(cfg.intermediate_size)  # one per layer, export/gguf_gemma4.py)
     writer.add_head_count(cfg.num_heads)
     if ARCHITECTURES[cfg.model_type] in MLA_ARCHITECTURES:  # multi-query attention over the latent
         write_mla_metadata(writer, cfg)

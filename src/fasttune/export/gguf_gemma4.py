@@ -7,6 +7,9 @@ scale (`layer_scalar` -> `blk.N.layer_output_scale`), the norms stored as they a
 not 1 + w), and the full layers' proportional RoPE as a `rope_freqs` tensor that only they read: factor 1 on the
 rotated pairs and 1e30 (a frequency of ~0) on the rest, since ggml's NeoX rotation turns the first pairs only.
 A full layer without v_proj (attention_k_eq_v) is written without attn_v; llama.cpp then takes the keys as values.
+E2B / E4B's per-layer embeddings keep transformers' tensors under llama.cpp's names (per_layer_token_embd,
+per_layer_model_proj, per_layer_proj_norm, blk.N.inp_gate / proj / post_norm), and their shared key/value layers have
+no attn_k / attn_v (`shared_kv_layers` says which).
 """
 from __future__ import annotations
 
@@ -25,9 +28,9 @@ def gemma4_rope_freqs(cfg) -> torch.Tensor:
 
 
 def write_gemma4_metadata(writer, cfg) -> None:
-    """llama.cpp's gemma4 keys for a Gemma 4 ModelConfig (without per-layer embeddings or shared key/value layers,
-    which the decoder refuses): head sizes and key/value heads per layer kind, RoPE dimensions and bases, the
-    sliding window and its pattern, the final logit soft-cap."""
+    """llama.cpp's gemma4 keys for a Gemma 4 ModelConfig: head sizes and key/value heads per layer kind, RoPE
+    dimensions and bases, the sliding window and its pattern, the final logit soft-cap, the shared key/value layers
+    (with their MLP widths) and the per-layer embeddings' width."""
     sliding = [w is not None for w in cfg.sliding_windows]
     full = cfg.layer_config(sliding.index(False)) if False in sliding else cfg
     writer.add_head_count_kv([cfg.num_kv_heads if s else full.num_kv_heads for s in sliding])
@@ -37,8 +40,11 @@ def write_gemma4_metadata(writer, cfg) -> None:
     writer.add_value_length_swa(cfg.head_dim)
     writer.add_rope_dimension_count(full.head_dim)  # proportional: the whole head, rope_freqs stops the rest
     writer.add_rope_dimension_count_swa(cfg.rotary_dim)
-    writer.add_shared_kv_layers(0)
-    writer.add_embedding_length_per_layer_input(0)
+    writer.add_shared_kv_layers(cfg.kv_shared_layers)
+    writer.add_embedding_length_per_layer_input(cfg.per_layer_input_size)
+    if cfg.double_wide_mlp:  # the shared key/value layers' MLPs are twice as wide
+        writer.add_feed_forward_length([cfg.intermediate_size * (1 if cfg.kv_source(i) is None else 2)
+                                        for i in range(cfg.num_layers)])
     window = next((w for w in cfg.sliding_windows if w), None)
     if window:
         writer.add_sliding_window(int(window))

@@ -157,6 +157,27 @@ class ModelConfig:
     values_from_keys: bool = False
     value_norm: bool = False
     layer_scalar: bool = False
+    # Gemma 4 E2B / E4B: the last kv_shared_layers layers compute no keys or values: each reuses those of the last
+    # earlier layer of its kind (sliding / full), and with double_wide_mlp their MLPs are twice intermediate_size;
+    # per-layer embeddings (PLE) of per_layer_input_size channels per layer from a per_layer_vocab_size table
+    kv_shared_layers: int = 0
+    double_wide_mlp: bool = False
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int = 0
+
+    def kv_source(self, layer_idx: int) -> int | None:
+        """The layer whose keys and values layer `layer_idx` reuses (Gemma 4's shared key/value layers: the last
+        layer of the same kind, sliding or full, before the shared ones), or None when it computes its own."""
+        first = self.num_layers - self.kv_shared_layers
+        if not self.kv_shared_layers or layer_idx < first:
+            return None
+        sliding = self.sliding_windows[layer_idx] is not None
+        return max(i for i in range(first) if (self.sliding_windows[i] is not None) == sliding)
+
+    def kv_stored(self, layer_idx: int) -> bool:
+        """Whether a later layer reuses layer `layer_idx`'s keys and values (kv_source)."""
+        return any(self.kv_source(i) == layer_idx for i in range(self.num_layers - self.kv_shared_layers,
+                                                                   self.num_layers))
 
     def layer_config(self, layer_idx: int) -> "ModelConfig":
         """This config as layer `layer_idx`'s attention sees it: Gemma 4's full-attention layers with their own head
@@ -326,6 +347,11 @@ class ModelConfig:
         if model_type in MOE_FAMILIES:
             _moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
+        first = layers - cfg.kv_shared_layers
+        if {w is None for w in cfg.sliding_windows[first:]} - {w is None for w in cfg.sliding_windows[:first]}:
+            raise ModelLoadError(f"The last {cfg.kv_shared_layers} layers reuse keys and values (num_kv_shared_layers) "
+                                 f"of a kind of layer (sliding / full, layer_types) that no earlier layer computes; "
+                                 f"fix config.json.")
         return cfg
 
 
@@ -432,8 +458,8 @@ def _mla_fields(cfg: ModelConfig, get) -> None:
 
 def decoder_runs(hf_config) -> bool:
     """Whether fasttune's decoder runs this transformers config: its family is in SUPPORTED_FAMILIES, and it uses none of
-    the features of that family the decoder lacks (Gemma 4's per-layer embeddings and shared key/value layers, in its
-    E2B / E4B models): the loaders send the rest to the transformers fallback."""
+    the features of that family the decoder lacks (Gemma 4's mixture-of-experts block, in its 26B-A4B): the loaders
+    send the rest to the transformers fallback."""
     get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else \
         (lambda k, d=None: getattr(hf_config, k, d))
     model_type = get("model_type")
@@ -445,10 +471,6 @@ def decoder_runs(hf_config) -> bool:
 def gemma4_unsupported(get) -> list[str]:
     """The Gemma 4 features of a config that fasttune's decoder does not run yet, by their config names (empty: none)."""
     found = []
-    if get("hidden_size_per_layer_input"):
-        found.append(f"per-layer embeddings (hidden_size_per_layer_input={get('hidden_size_per_layer_input')})")
-    if get("num_kv_shared_layers"):
-        found.append(f"shared key/value layers (num_kv_shared_layers={get('num_kv_shared_layers')})")
     if get("enable_moe_block"):
         found.append("the mixture-of-experts block (enable_moe_block=True)")
     if get("use_bidirectional_attention") not in (None, "vision"):  # ("vision": image tokens only, models/vision.py)
@@ -481,6 +503,13 @@ def _gemma4_fields(cfg: ModelConfig, get) -> None:
     cfg.values_from_keys = bool(get("attention_k_eq_v", False))
     kv = override.get("num_key_value_heads") or (get("num_global_key_value_heads") if cfg.values_from_keys else None)
     cfg.global_kv_heads = int(kv or cfg.num_kv_heads)
+    cfg.kv_shared_layers = int(get("num_kv_shared_layers") or 0)
+    cfg.double_wide_mlp = bool(get("use_double_wide_mlp", False)) and cfg.kv_shared_layers > 0
+    cfg.per_layer_input_size = int(get("hidden_size_per_layer_input") or 0)
+    cfg.per_layer_vocab_size = int(get("vocab_size_per_layer_input") or cfg.vocab_size)
+    if not 0 <= cfg.kv_shared_layers < cfg.num_layers:
+        raise ModelLoadError(f"num_kv_shared_layers ({cfg.kv_shared_layers}) must be below num_hidden_layers "
+                             f"({cfg.num_layers}) in the Gemma 4 config: some layer has to compute keys and values.")
 
 
 def _llama4_query_scale(get) -> tuple | None:

@@ -29,6 +29,8 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
 from fasttune.models.short_conv import ShortConv
+from fasttune.models.gemma4 import (add_per_layer_input, build_per_layer_input, build_per_layer_tables,
+                                    per_layer_inputs, shared_kv_attention)
 from fasttune.models.mla import LatentAttention
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
@@ -72,7 +74,12 @@ class Attention(nn.Module):
         self.sliding_window = cfg.sliding_windows[layer_idx] if cfg.sliding_windows else None
         # Gemma 4's full layers with attention_k_eq_v: no v_proj, the values are k_proj's output
         self.values_from_keys = cfg.values_from_keys and self.sliding_window is None
-        if cfg.fused_qkv:
+        # Gemma 4's shared key/value layers: queries only, keys and values from layer kv_source (which returns them
+        # beside its output when kv_stored; generation reads them from its cache)
+        self.kv_source, self.kv_stored = cfg.kv_source(layer_idx), cfg.kv_stored(layer_idx)
+        if self.kv_source is not None:
+            self.q_proj = nn.Linear(h, self.q_size, bias=cfg.attn_bias)
+        elif cfg.fused_qkv:
             self.qkv_proj = nn.Linear(h, self.q_size + 2 * self.kv_size, bias=cfg.attn_bias)
         else:
             # Qwen3.5: q_proj yields each head's query then its output gate (head_dim channels each)
@@ -89,7 +96,8 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             q_dim, k_dim = (self.q_size, self.kv_size) if cfg.qk_norm_full else (d, d)
             setattr(self, self.qk_norm_names[0], RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset))
-            setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset))
+            if self.kv_source is None:
+                setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset))
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         if cfg.attn_head_gate:  # LFM3: one sigmoid gate per head, from the layer's input
@@ -105,9 +113,13 @@ class Attention(nn.Module):
         # inside the rotary part, in q and k alike: each pair lands at (j, j + rotary/2) and q.k is unchanged.
         self.reorder_pairs = cfg.rope_interleaved
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, shared_kv: tuple | None = None):
         """x (B, T, H); cos/sin (B, T, rotary_dim); mask: build_masks' dict (or {"varlen": spans}); cache: a
-        KVCache to extend (generation). Returns (B, T, H)."""
+        KVCache to extend (generation). Returns (B, T, H); a layer whose keys and values a later one reuses
+        (kv_stored) returns (output, k, v) outside generation, k and v (B, T, kv heads, head_dim) after their norms
+        and RoPE, which that layer (kv_source) takes as shared_kv."""
+        if self.kv_source is not None:
+            return shared_kv_attention(self, x, cos, sin, mask, cache, shared_kv)
         b, t, _ = x.shape
         cfg = self.cfg
         block = kept_block() if self.keeps_block and cache is None else None
@@ -154,6 +166,8 @@ class Attention(nn.Module):
             q, k = self._qk_norms(q, k)
         if mask.get("query_scale") is not None:  # Ministral 3, after RoPE as transformers scales
             q = q * mask["query_scale"]
+        if self.kv_stored and cache is None:
+            return (self.attend(q, k, v, mask, cache, gate), k, v)
         if block is not None:
             keeper, slot, _ = block
             if replay:
@@ -174,6 +188,24 @@ class Attention(nn.Module):
         if replay:  # only the graph is needed: the layer takes the kept residual in place of x + o_proj(out)
             return project(out, self.out_layer, values_unused=True)[0]
         return one_linear(self.out_layer, out)
+
+    def attend(self, q, k, v, mask, cache: KVCache | None = None, gate=None, cached: bool = False):
+        """Attention of q (B, T, heads, head_dim) over k, v (B, T, kv heads, head_dim: this step's, written to `cache`
+        when given; cached=True: (B, kv heads, S, head_dim) read from a cache, see shared_kv_attention), then the
+        output gate and o_proj: (B, T, H)."""
+        b, t = q.shape[:2]
+        spans = mask.get("varlen")
+        if spans is not None and not cached:
+            out = varlen_attention(q, k, v, spans, self.sliding_window, self.cfg.scaling)
+            return one_linear(self.out_layer, _gated(out.reshape(b, t, self.q_size), gate))
+        q = q.transpose(1, 2)
+        if not cached:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)
+        out = attention(q, k, v, mask.get(self.sliding_window), self.cfg.scaling, self.cfg.attn_logit_softcap,
+                        self.sinks if self.cfg.attn_sinks else None)
+        return one_linear(self.out_layer, _gated(out.transpose(1, 2).reshape(b, t, self.q_size), gate))
 
     @property
     def out_layer(self) -> nn.Module:
@@ -301,8 +333,9 @@ class DecoderLayer(nn.Module):
             self.mixer_name, mixer = "linear_attn", GatedDeltaNet(cfg, layer_idx)
         setattr(self, self.mixer_name, mixer)
         self.is_moe = bool(cfg.moe_layers and cfg.moe_layers[layer_idx])
-        if not self.is_moe:
-            mlp = MLP(cfg)
+        if not self.is_moe:  # (Gemma 4's shared key/value layers may have MLPs twice as wide)
+            wide = cfg.double_wide_mlp and cfg.kv_source(layer_idx) is not None
+            mlp = MLP(replace(cfg, intermediate_size=2 * cfg.intermediate_size) if wide else cfg)
         elif cfg.moe_block == "gpt_oss":
             mlp = GptOssMoeBlock(cfg)
         else:  # Qwen3.5-MoE's shared expert is our dense MLP at its own width
@@ -328,13 +361,16 @@ class DecoderLayer(nn.Module):
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
         # Gemma 4: the layer's output times this (a checkpoint buffer, transformers' name)
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
+        self.act = cfg.hidden_act
+        if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (models/gemma4.py)
+            build_per_layer_input(self, cfg, lambda dim: RMSNorm(dim, eps, off))
 
-    def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None):
+    def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None, per_layer_input=None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
         sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
         only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
         if self.is_moe or self.sandwich or self.post_norm:
-            return self(x if h is None else x + h, cos, sin, mask, cache), None
+            return self(x if h is None else x + h, cos, sin, mask, cache, per_layer_input=per_layer_input), None
         x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self.mlp_norm.with_residual(x, h)
@@ -378,8 +414,29 @@ class DecoderLayer(nn.Module):
             block[0].keep(block[1], "h", x)
         return x, normed
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, router_logits: bool = False):
-        """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E))."""
+    def _sandwich(self, x, cos, sin, mask, cache, per_layer_input=None, shared_kv=None):
+        """The four-norm block (Gemma 2/3/4, GLM-4); Gemma 4's per-layer input and layer_scalar; a layer whose keys
+        and values a later layer reuses returns (x, k, v) outside generation (Attention.forward)."""
+        post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
+        if self.mixer_name == "self_attn" and self.mixer.kv_source is not None:
+            h = self.mixer(self.attn_norm(x), cos, sin, mask, cache, shared_kv)
+        else:
+            h = self.mixer(self.attn_norm(x), cos, sin, mask, cache)
+        kv = ()
+        if isinstance(h, tuple):
+            h, *kv = h
+        x, normed = pre_mlp.with_residual(x, post_attn(h))
+        x = x + post_mlp(self.ffn(normed))
+        if per_layer_input is not None:
+            x = add_per_layer_input(self, x, per_layer_input, self.act)
+        x = x if self.layer_scalar is None else x * self.layer_scalar
+        return (x, *kv) if kv else x
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, router_logits: bool = False,
+                per_layer_input=None, shared_kv=None):
+        """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E)); Gemma 4:
+        per_layer_input (B, T, P) this layer's per-layer embedding, shared_kv the (k, v) a shared key/value layer
+        attends over, and a layer whose keys and values are reused returns (x, k, v) outside generation."""
         if self.is_moe:
             x, normed = self.attn_norm.with_residual(x)
             x, normed = self._post_attention(x, self.mixer(normed, cos, sin, mask, cache), cache)
@@ -389,11 +446,7 @@ class DecoderLayer(nn.Module):
             x = x + self.post_attention_layernorm(self.mixer(x, cos, sin, mask, cache))
             return x + self.post_feedforward_layernorm(self.ffn(x))
         if self.sandwich:  # Gemma 2, GLM-4: norm after attention and around the MLP
-            post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
-            h = self.mixer(self.attn_norm(x), cos, sin, mask, cache)
-            x, normed = pre_mlp.with_residual(x, post_attn(h))
-            x = x + post_mlp(self.ffn(normed))
-            return x if self.layer_scalar is None else x * self.layer_scalar
+            return self._sandwich(x, cos, sin, mask, cache, per_layer_input, shared_kv)
         x, normed = self.attn_norm.with_residual(x)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
         x, normed = self._post_attention(x, h, cache)
@@ -414,6 +467,8 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm_name = cfg.module_name("norm")
         setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset))
+        if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (models/gemma4.py)
+            build_per_layer_tables(self, cfg, lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset))
         self.gradient_checkpointing: str | bool = False  # "auto" | True | False | "offload" (see api.py)
         # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
         self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
@@ -494,6 +549,7 @@ class DecoderModel(nn.Module):
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if cfg.embedding_multiplier is not None:  # Granite scales given embeddings too, by a Python float
             x = x * cfg.embedding_multiplier
+        ple = per_layer_inputs(self, input_ids, x) if cfg.per_layer_input_size else None
         past = past_key_values.length if past_key_values is not None else 0
         if attention_mask is not None and past_key_values is None and image_blocks is None and \
                 right_padded(attention_mask):
@@ -541,17 +597,23 @@ class DecoderModel(nn.Module):
         deep_mask, deep_feats = deepstack if deepstack is not None else (None, [])
         if past_key_values is None:
             offload = self._offloader(x)
+            shared = {}  # Gemma 4: layer index -> the (k, v) later layers reuse
             for i, layer in enumerate(self.layers):
+                source = getattr(layer.mixer, "kv_source", None)
                 x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload,
-                                    output_router_logits and layer.is_moe)
-                if isinstance(x, tuple):
+                                    output_router_logits and layer.is_moe, None if ple is None else ple[:, :, i],
+                                    None if source is None else shared[source])
+                if getattr(layer.mixer, "kv_stored", False):
+                    x, *shared[i] = x
+                elif isinstance(x, tuple):
                     x, logits = x
                     router_logits.append(logits)
                 if i < len(deep_feats):
                     x = add_at(x, deep_mask, deep_feats[i])
         else:  # generation: no recompute, keys/values go to the cache
             for i, layer in enumerate(self.layers):
-                x = layer(x, *ropes[layer.mixer.rope_kind], masks, past_key_values)
+                x = layer(x, *ropes[layer.mixer.rope_kind], masks, past_key_values,
+                          per_layer_input=None if ple is None else ple[:, :, i])
                 if i < len(deep_feats):
                     x = add_at(x, deep_mask, deep_feats[i])
             past_key_values.length += t
@@ -586,12 +648,22 @@ class DecoderModel(nn.Module):
                 store.keep_block(layers, per_input, qkv + per_input)
         return store, torch.empty(0, device=x.device, requires_grad=True)
 
-    def _run_layer(self, layer, x, cos, sin, masks, offload=None, router_logits: bool = False):
+    def _run_layer(self, layer, x, cos, sin, masks, offload=None, router_logits: bool = False, per_layer_input=None,
+                   shared_kv=None):
         if offload is None:
-            return layer(x, cos, sin, masks, router_logits=router_logits)
+            return layer(x, cos, sin, masks, router_logits=router_logits, per_layer_input=per_layer_input,
+                         shared_kv=shared_kv)
         # Only the layer input is kept (with "offload": in pinned CPU memory, copied on a side stream and
-        # brought back ahead of the recompute); backward recomputes the layer from it.
-        return offloaded_layer(lambda h: layer(h, cos, sin, masks, router_logits=router_logits), x, *offload)
+        # brought back ahead of the recompute); backward recomputes the layer from it. Gemma 4's per-layer input
+        # and shared keys / values go in as further inputs, so their gradients come out of the recompute.
+        has_ple = per_layer_input is not None
+        extras = ((per_layer_input,) if has_ple else ()) + tuple(shared_kv or ())
+
+        def run(h, *more):
+            kv = tuple(more[1:] if has_ple else more)
+            return layer(h, cos, sin, masks, router_logits=router_logits, per_layer_input=more[0] if has_ple else None,
+                         shared_kv=kv or None)
+        return offloaded_layer(run, x, *offload, extras=extras)
 
 
 

@@ -31,7 +31,9 @@ class KVCache:
             c = cfg.layer_config(i) if hasattr(cfg, "layer_config") else cfg  # Gemma 4: per-layer head sizes
             return (batch, 1, n, rank + c.head_dim, 0) if rank else (batch, c.num_kv_heads, n, c.head_dim, c.head_dim)
 
-        shapes = [shape(i, 0 if lin else max_len) for i, lin in enumerate(linear)]
+        # (Gemma 4's shared key/value layers read an earlier layer's cache and keep none)
+        shared = [hasattr(cfg, "kv_source") and cfg.kv_source(i) is not None for i in range(cfg.num_layers)]
+        shapes = [shape(i, 0 if lin or sh else max_len) for i, (lin, sh) in enumerate(zip(linear, shared))]
         self.keys = [torch.zeros(s[:4], dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s[:3] + s[4:], dtype=dtype, device=device) for s in shapes]
         # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1), and for a gated DeltaNet

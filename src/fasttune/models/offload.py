@@ -244,25 +244,30 @@ class _OffloadedLayer(torch.autograd.Function):
     even when x does not require grad (the first layer's input comes from a frozen embedding)."""
 
     @staticmethod
-    def forward(ctx, x, anchor, run, offloader):
-        """run(x) without a graph inside the layer; x is saved by `offloader`, with the RNG states for the replay."""
+    def forward(ctx, x, anchor, run, offloader, *extras):
+        """run(x, *extras) without a graph inside the layer; x is saved by `offloader`, with the RNG states for the
+        replay; extras (further tensor inputs: Gemma 4's per-layer input and shared keys / values) stay on the
+        device as they are."""
         ctx.set_materialize_grads(False)  # a second output (MoE router logits) may get no gradient
         ctx.run, ctx.offloader = run, offloader
         ctx.slot = offloader.save(x)
         ctx.x_requires_grad = x.requires_grad
+        ctx.extras_require_grad = [e.requires_grad for e in extras]
+        ctx.save_for_backward(*extras)
         ctx.rng = rng_states(x.device)  # dropout in LoRA must draw the same masks in the recompute
         with torch.no_grad(), _layer_scope(offloader, ctx.slot, recompute=False):
-            return run(x)
+            return run(x, *extras)
 
     @staticmethod
     def backward(ctx, *grads):
         """Recompute run from the saved input and back-propagate grads (one per output, None where unused)
-        through it -> (dx or None, None, None, None)."""
+        through it -> (dx or None, None, None, None, d(extra) or None for each extra)."""
         # The first layer's input (a frozen embedding's rows) needs no gradient: its d(input) GEMMs are not run.
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(ctx.x_requires_grad)
+        extras = [e.detach().requires_grad_(r) for e, r in zip(ctx.saved_tensors, ctx.extras_require_grad)]
         with replayed_rng(ctx.rng, x.device), torch.enable_grad(), \
                 _layer_scope(ctx.offloader, ctx.slot, recompute=True):
-            out = ctx.run(x)
+            out = ctx.run(x, *extras)
         # LoRA grads accumulate here, as in a reentrant checkpoint. `run` may return several tensors (an MoE
         # layer's output and its router logits): each one that got a gradient is back-propagated.
         # (An output that needs no gradient: a layer without trainable parameters whose input needs none either.)
@@ -270,12 +275,14 @@ class _OffloadedLayer(torch.autograd.Function):
                  if g is not None and o.requires_grad]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-        return (x.grad if ctx.x_requires_grad else None), None, None, None
+        return ((x.grad if ctx.x_requires_grad else None), None, None, None,
+                *(e.grad if e.requires_grad else None for e in extras))
 
 
-def offloaded_layer(run, x: torch.Tensor, offloader: LayerInputOffloader, anchor: torch.Tensor) -> torch.Tensor:
-    """run(x) without building a graph inside the layer (output: a tensor, or a tuple such as an MoE layer's output and
-    router logits); x is kept by `offloader` and backward recomputes run from it, with the forward's RNG state, and
-    back-propagates through it. `anchor`: an empty tensor that requires grad, so the output joins the graph even when x
-    does not."""
-    return _OffloadedLayer.apply(x, anchor, run, offloader)
+def offloaded_layer(run, x: torch.Tensor, offloader: LayerInputOffloader, anchor: torch.Tensor,
+                    extras: tuple = ()) -> torch.Tensor:
+    """run(x, *extras) without building a graph inside the layer (output: a tensor, or a tuple such as an MoE layer's
+    output and router logits); x is kept by `offloader` and backward recomputes run from it, with the forward's RNG
+    state, and back-propagates through it (also into the extras: further tensor inputs, kept on the device).
+    `anchor`: an empty tensor that requires grad, so the output joins the graph even when x does not."""
+    return _OffloadedLayer.apply(x, anchor, run, offloader, *extras)

@@ -25,6 +25,7 @@ from torch import nn
 
 from fasttune.kernels.dispatch import kernel_choice
 from fasttune.models.decoder import query_scales
+from fasttune.models.gemma4 import per_layer_inputs
 from fasttune.models.kv_cache import KVCache
 
 # A step attends over the cache up to the next multiple of KV_BUCKET slots (capped at max_len), not the whole
@@ -92,9 +93,12 @@ class DecodeStep:
         ropes = decoder.rope_tables(self.position, x.dtype)
         if self.model.arch.query_position_scale is not None:  # Ministral 3: from the device-side position
             masks["query_scale"] = query_scales(self.model.arch, self.position, x.dtype)
+        # Gemma 4's per-layer embeddings of the step's token (models/gemma4.py)
+        ple = per_layer_inputs(decoder, self.token, x) if self.model.arch.per_layer_input_size else None
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
-        for layer in decoder.layers:
-            x, h = layer.unsummed(x, h, *ropes[layer.mixer.rope_kind], masks, cache)
+        for i, layer in enumerate(decoder.layers):
+            x, h = layer.unsummed(x, h, *ropes[layer.mixer.rope_kind], masks, cache,
+                                  None if ple is None else ple[:, :, i])
         logits = self.model.logits(decoder.final_norm.with_residual(x, h)[1][:, -1])
         # The next step's inputs, unless the caller gives others: the greedy token, the next position and slot.
         # Inside the graph these cost no launches of their own (greedy decoding then needs none per token).

@@ -317,8 +317,11 @@ class VisionCausalLM(CausalLM):
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
-        if self.family is not None and self.family.text_only:
-            _refuse_media(self.family, pixel_values, kwargs)
+        if self.family is not None and self.family.text_only:  # text: the ids go to the decoder as they are
+            _refuse_media(self.family, pixel_values, kwargs)  # (Gemma 4's per-layer embeddings look them up)
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
+                                   **kwargs)
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             geometry = _geometry(image_grid_thw, image_sizes)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,

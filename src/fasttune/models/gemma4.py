@@ -1,0 +1,82 @@
+"""Gemma 4's E2B / E4B parts on the decoder (transformers' Gemma4TextModel / Gemma4TextDecoderLayer): per-layer
+embeddings (PLE) and the layers that reuse an earlier layer's keys and values.
+
+- **Per-layer embeddings.** Beside the main embedding, a second table (`embed_tokens_per_layer`, per_layer_vocab_size
+  x layers * P, times sqrt(P)) gives each token P channels per layer; `per_layer_model_projection` of the (scaled)
+  main embedding, times hidden ** -0.5 and normed per layer (`per_layer_projection_norm`), is added and the sum
+  scaled by 2 ** -0.5 (`per_layer_inputs`). After its MLP, layer i adds
+  post_per_layer_input_norm(per_layer_projection(act(per_layer_input_gate(x)) * input_i)) (`add_per_layer_input`).
+- **Shared keys and values.** The last num_kv_shared_layers layers project queries only and attend over the keys and
+  values of the last earlier layer of their kind (ModelConfig.kv_source): in training those come with that layer's
+  output (they are outputs of its recompute too, so their gradients reach its projections); in generation they are
+  read from its cache, which the shared layers never write (`shared_kv_attention`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from fasttune.errors import ConfigError
+from fasttune.kernels.activations import gated_act
+from fasttune.kernels.rope import apply_rope_reference
+
+
+def build_per_layer_tables(model: nn.Module, cfg, norm_factory) -> None:
+    """Give the backbone `model` Gemma 4's per-layer-embedding modules under transformers' names (see module
+    docstring); norm_factory(dim) builds an RMSNorm."""
+    width = cfg.num_layers * cfg.per_layer_input_size
+    model.embed_tokens_per_layer = nn.Embedding(cfg.per_layer_vocab_size, width)
+    model.per_layer_model_projection = nn.Linear(cfg.hidden_size, width, bias=False)
+    model.per_layer_projection_norm = norm_factory(cfg.per_layer_input_size)
+
+
+def build_per_layer_input(layer: nn.Module, cfg, norm_factory) -> None:
+    """Give decoder layer `layer` its per-layer-input gate, projection and norm (transformers' names)."""
+    layer.per_layer_input_gate = nn.Linear(cfg.hidden_size, cfg.per_layer_input_size, bias=False)
+    layer.per_layer_projection = nn.Linear(cfg.per_layer_input_size, cfg.hidden_size, bias=False)
+    layer.post_per_layer_input_norm = norm_factory(cfg.hidden_size)
+
+
+def per_layer_inputs(model: nn.Module, input_ids: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
+    """(B, T, layers, P) per-layer inputs from input_ids (B, T) and the scaled main embeddings (B, T, H), as
+    transformers' get_per_layer_inputs + project_per_layer_inputs compute them. Raises ConfigError without
+    input_ids (transformers recovers them by matching the embeddings; pass the ids instead)."""
+    if input_ids is None:
+        raise ConfigError("This Gemma 4 model has per-layer embeddings, which are looked up by token id: call it "
+                          "with input_ids, not inputs_embeds.")
+    cfg = model.arch
+    b, t = input_ids.shape
+    table = model.embed_tokens_per_layer
+    scale = torch.tensor(math.sqrt(cfg.per_layer_input_size), dtype=table.weight.dtype)
+    tokens = (table(input_ids) * scale).reshape(b, t, cfg.num_layers, cfg.per_layer_input_size)
+    projected = model.per_layer_model_projection(embeds) * cfg.hidden_size ** -0.5
+    projected = model.per_layer_projection_norm(projected.reshape(b, t, cfg.num_layers, cfg.per_layer_input_size))
+    return (projected + tokens) * 2 ** -0.5
+
+
+def add_per_layer_input(layer: nn.Module, x: torch.Tensor, per_layer_input: torch.Tensor, act: str) -> torch.Tensor:
+    """x (B, T, H) plus the layer's per-layer-input branch for per_layer_input (B, T, P), `act` the model's
+    activation (transformers' Gemma4TextDecoderLayer, after the MLP's residual add)."""
+    gated = gated_act(layer.per_layer_input_gate(x), per_layer_input.to(x.dtype).contiguous(), act)
+    return x + layer.post_per_layer_input_norm(layer.per_layer_projection(gated))
+
+
+def shared_kv_attention(attn: nn.Module, x, cos, sin, mask, cache, shared_kv):
+    """A shared key/value layer's attention (Attention with kv_source set): its queries (q_proj, q_norm, RoPE)
+    over shared_kv = (k, v) (B, T, kv heads, head_dim) from layer kv_source in training, or over that layer's cache
+    in generation (written by it earlier in the same step). Returns (B, T, H)."""
+    cfg = attn.cfg
+    b, t, _ = x.shape
+    q = attn.q_proj(x).view(b, t, cfg.num_heads, cfg.head_dim)
+    q = getattr(attn, attn.qk_norm_names[0])(q) if cfg.qk_norm else q
+    q = apply_rope_reference(q, cos, sin)
+    if cache is None:
+        if shared_kv is None:
+            raise RuntimeError(f"layer {attn.layer_idx} reuses layer {attn.kv_source}'s keys and values, which were "
+                               f"not passed")
+        return attn.attend(q, *shared_kv, mask)
+    end = cache.read_len if cache.slot is not None else cache.length + t
+    src = attn.kv_source
+    return attn.attend(q, cache.keys[src][:, :, :end], cache.values[src][:, :, :end], mask, cached=True)

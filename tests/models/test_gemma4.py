@@ -1,0 +1,67 @@
+"""Gemma 4 E2B / E4B's layout on our decoder (models/gemma4.py): per-layer embeddings and the layers that reuse an
+earlier layer's keys and values (with twice-as-wide MLPs), against transformers + PEFT on a tiny 4-layer model. The
+31B layout (per-layer head sizes, values from the keys) is a tests/tiny.py family; the released checkpoints are
+test_gemma4_vlm.py's."""
+import pytest
+import torch
+from peft_oracle import (check_logits_generation_and_merged, check_recompute_gradients, peft_grads, peft_twin,
+                         randomize_lora_b)
+from tiny import hf_config, hf_model, save_hf
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.models.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def e2b_dir(tmp_path_factory, tiny_tokenizer):
+    return save_hf(hf_model("gemma4_e2b"), tmp_path_factory.mktemp("e2b") / "m", tiny_tokenizer)
+
+
+def test_fields_and_refusals():
+    arch = ModelConfig.from_hf(hf_config("gemma4_e2b"))
+    assert arch.per_layer_input_size == 8 and arch.double_wide_mlp and arch.kv_shared_layers == 2
+    assert [arch.kv_source(i) for i in range(4)] == [None, None, 0, 1]
+    assert [arch.kv_stored(i) for i in range(4)] == [True, True, False, False]
+    bad = {**hf_config("gemma4_e2b").to_dict(), "layer_types": ["full_attention"] * 2 + ["sliding_attention"] * 2}
+    with pytest.raises(ModelLoadError, match="num_kv_shared_layers"):
+        ModelConfig.from_hf(bad)
+    with pytest.raises(ModelLoadError, match="mixture-of-experts"):
+        ModelConfig.from_hf({**hf_config("gemma4_e2b").to_dict(), "enable_moe_block": True})
+
+
+def test_logits_generation_and_merged_equal_transformers(e2b_dir, tmp_path):
+    """Logits with and without left padding, greedy generation through the cache (the shared layers read layers 0
+    and 1's), and a merged checkpoint transformers loads."""
+    model, _ = FastLanguageModel.from_pretrained(str(e2b_dir), dtype=torch.float32)
+    assert model.model.layers[2].mlp.intermediate == 256 and not hasattr(model.model.layers[2].self_attn, "k_proj")
+    check_logits_generation_and_merged(hf_model("gemma4_e2b"), model, 12, tmp_path)
+
+
+def test_lora_gradients_equal_peft(e2b_dir, tmp_path):
+    """Gradients reach layers 0 and 1's k_proj / v_proj through the shared layers' attention too."""
+    model, _ = FastLanguageModel.from_pretrained(str(e2b_dir), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin("gemma4_e2b", tmp_path / "adapter")
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(6))
+    model(ids, labels=ids).loss.backward()
+    ref(input_ids=ids, labels=ids).loss.backward()
+    theirs = peft_grads(ref)
+    mine = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert mine.keys() == theirs.keys() and len(mine) == 2 * (2 * 7 + 2 * 5)  # shared layers: no k_proj / v_proj
+    for n, g in mine.items():  # fp32 sums in another order: up to ~1e-5 of a tensor's largest entry here
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 3e-5 * theirs[n].abs().max().item(), msg=n)
+
+
+def test_recompute_and_offload_give_the_same_gradients(e2b_dir):
+    """The shared keys and values and the per-layer inputs cross layer boundaries: each recompute takes them as
+    inputs and hands their gradients back."""
+    check_recompute_gradients(e2b_dir)
+
+
+def test_inputs_embeds_are_refused(e2b_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(e2b_dir), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="per-layer embeddings.*input_ids"):
+        model(inputs_embeds=torch.zeros(1, 4, 64))
