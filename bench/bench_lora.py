@@ -66,6 +66,10 @@ SHAPES = {
                             num_global_key_value_heads=4, attention_k_eq_v=True, sliding_window=1024,
                             hidden_size_per_layer_input=0, final_logit_softcapping=30.0, tie_word_embeddings=True,
                             max_position_embeddings=262144),
+    # transformers' Gemma4TextConfig defaults (30 layers, hidden 2,304, per-layer embeddings of 256 channels, sliding
+    # window 512) with the last 10 layers reusing keys and values and their MLPs twice as wide, E2B / E4B's features
+    # (not a released size: those were not checked offline)
+    "gemma-4-ple-30l": dict(num_kv_shared_layers=10, use_double_wide_mlp=True),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
@@ -73,7 +77,8 @@ SHAPES = {
 # The transformers config class of the SHAPES that are neither Llama nor Qwen2 (their keyword arguments are whole).
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
                  "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
-                 "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig"}
+                 "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig",
+                 "gemma-4-ple-30l": "Gemma4TextConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -137,6 +142,8 @@ MATRIX = {
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],
     "gemma4": [("hf", "gemma-4-31b-12l", "on", "-", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "none"),
                ("ours", "gemma-4-31b-12l", "off", "triton", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "nf4")],
+    "gemma4-ple": [("hf", "gemma-4-ple-30l", "on", "-", "none"), ("ours", "gemma-4-ple-30l", "on", "triton", "none"),
+                   ("ours", "gemma-4-ple-30l", "off", "triton", "none")],
     "lfm3": [("hf", "lfm3-1.7b", "on", "-", "none"), ("ours", "lfm3-1.7b", "on", "triton", "none"),
              ("ours", "lfm3-1.7b", "off", "triton", "none")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),

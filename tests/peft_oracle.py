@@ -49,15 +49,16 @@ def moe_adapter_grads(family, ours, folder, prepare_ref=None) -> tuple[dict, dic
     return mine, peft_grads(ref)
 
 
-def check_recompute_gradients(folder) -> None:
+def check_recompute_gradients(folder, device=None) -> None:
     """LoRA gradients of the model saved in `folder` (fp32, random B, one 2 x 12 batch) equal without recompute, with
-    layer recompute and with "offload" (the kept attention block included)."""
+    layer recompute and with "offload" (the kept attention block included); on `device` (default: from_pretrained's)."""
     from fasttune import FastLanguageModel
 
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
+    ids = ids if device is None else ids.to(device)
     grads = []
     for mode in (False, True, "offload"):
-        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device=device)
         lora = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, random_state=0)
         randomize_lora_b(lora)
         lora.train()

@@ -21,7 +21,7 @@ def _batch(device="cuda"):
 # (GLM-4.5: its fp32 router and sigmoid routing; GLM-4.7-Flash: multi-head latent attention. DeepSeek-V3's tiny
 # model is left to the fp32 test below: with one MoE layer of top-2 sigmoid routing its bf16 error swings with the
 # routing flips, ours and transformers' alike (0.007-0.019 over four seeds, 0.0111 against 0.0069 in one))
-@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite"])
+@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite", "gemma4_e2b"])
 def test_bf16_logits_close_to_transformers_bf16(family, tiny_model_dir):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
@@ -123,3 +123,12 @@ def test_packed_documents_take_varlen_attention_in_bf16(family, tiny_model_dir, 
         for part, alone in ((packed[:, :23], ours(a).logits.float()), (packed[:, 23:], ours(b).logits.float())):
             assert ((part - alone).norm() / alone.norm()).item() < 2e-2
     assert len(calls) == ours.arch.num_layers  # the packed pass, once per layer
+
+
+def test_gemma4_shared_layers_recompute_and_offload_gradients_on_gpu(tiny_model_dir):
+    """Gemma 4 E2B's layout on the card: the shared keys / values and per-layer inputs enter each layer's recompute
+    as further inputs (offload: the layer inputs in pinned host memory, those on the device); the LoRA gradients
+    equal those without recompute."""
+    from peft_oracle import check_recompute_gradients
+
+    check_recompute_gradients(tiny_model_dir("gemma4_e2b"), device="cuda")

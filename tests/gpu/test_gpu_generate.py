@@ -34,9 +34,10 @@ def _both(model, monkeypatch, **kw):
 # hunyuan_v1_dense: its norms after RoPE keep the unfused decode step; ministral3: its queries scaled by position
 # (from 8 in the tiny config) before the fused step, and in the graphs from the device-side position;
 # glm4_moe_lite: multi-head latent attention's cache of expanded keys and values (wider keys than values);
-# gemma4_text: per-layer head sizes in the cache and the fused decode kernel, values taken from the keys
+# gemma4_text: per-layer head sizes in the cache and the fused decode kernel, values taken from the keys;
+# gemma4_e2b: per-layer embeddings of the step's token, shared layers reading an earlier layer's cache
 @pytest.mark.parametrize("family", ["llama", "smollm3", "ernie4_5", "hunyuan_v1_dense", "ministral3", "lfm2",
-                                    "lfm3", "glm4_moe_lite", "gemma4_text"])
+                                    "lfm3", "glm4_moe_lite", "gemma4_text", "gemma4_e2b"])
 def test_greedy_fp32_equals_transformers(family, tiny_model_dir, monkeypatch):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device="cuda")
@@ -49,7 +50,7 @@ def test_greedy_fp32_equals_transformers(family, tiny_model_dir, monkeypatch):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3", "smollm3", "glm4", "olmo3", "lfm2", "lfm3",
-                                    "deepseek_v3", "gemma4_text"])
+                                    "deepseek_v3", "gemma4_text", "gemma4_e2b"])
 def test_graphs_equal_eager_bf16_lora(family, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(static_decode, "KV_BUCKET", 16)  # 9 + 48 slots: four buckets, four graphs, one pool
     ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
