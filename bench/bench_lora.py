@@ -69,7 +69,10 @@ SHAPES = {
     # transformers' Gemma4TextConfig defaults (30 layers, hidden 2,304, per-layer embeddings of 256 channels, sliding
     # window 512) with the last 10 layers reusing keys and values and their MLPs twice as wide, E2B / E4B's features
     # (not a released size: those were not checked offline)
-    "gemma-4-ple-30l": dict(num_kv_shared_layers=10, use_double_wide_mlp=True),
+    "gemma-4-ple-30l": dict(vocab_size=262144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+                            num_attention_heads=8, num_key_value_heads=4, head_dim=256, global_head_dim=512,
+                            hidden_size_per_layer_input=256, sliding_window=512, num_kv_shared_layers=10,
+                            use_double_wide_mlp=True, tie_word_embeddings=True),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
