@@ -138,6 +138,12 @@ def hf_config(family: str, **overrides):
                                   hidden_size_per_layer_input=8, vocab_size_per_layer_input=300,
                                   num_kv_shared_layers=2, use_double_wide_mlp=True, final_logit_softcapping=30.0,
                                   layer_types=["sliding_attention", "full_attention"] * 2)
+    elif family == "gemma4_moe":  # Gemma 4 26B-A4B's layout on the 31B's attention: 4 experts (top 2) beside each
+        # layer's dense MLP
+        cfg = tf.Gemma4TextConfig(**kw, head_dim=16, global_head_dim=32, sliding_window=4, attention_k_eq_v=True,
+                                  num_global_key_value_heads=1, hidden_size_per_layer_input=0, enable_moe_block=True,
+                                  num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+                                  final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -180,8 +186,10 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 centred = (family.startswith("gemma") and not family.startswith("gemma4")) or (family.startswith(("qwen3_5", "qwen3_next"))
                                                          and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
-            if n.endswith(("mlp.gate.weight", "mlp.router.weight")):  # MoE router: decisive routing, no near-ties
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight")):  # decisive routing
                 p.normal_(0.0, 0.5)
+            if n.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's router scales: away from 1
+                p.uniform_(0.5, 1.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
             if family.startswith(("glm4_moe", "deepseek")) and n.endswith("bias"):  # transformers starts them at 0: make them matter

@@ -14,8 +14,8 @@ from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, re
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
-from fasttune.peft.lora import (EXPERT_TARGET_PARAMETERS, LoraSettings, apply_lora, default_targets,
-                                experts_by_parameters, latent_attention_targets,
+from fasttune.peft.lora import (LoraSettings, apply_lora, default_targets,
+                                expert_target_parameters, experts_by_parameters, latent_attention_targets,
                                 linear_attention_targets)
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
@@ -118,7 +118,8 @@ class FastLanguageModel:
         if model.lora_settings is not None:
             raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
         if target_modules is None and target_parameters is None and experts_by_parameters(getattr(model, "arch", None)):
-            target_parameters = list(EXPERT_TARGET_PARAMETERS)  # Qwen3.5-MoE's routed experts (PEFT's names, rank r)
+            # Qwen3.5-MoE's and Gemma 4's routed experts (PEFT's names, rank r)
+            target_parameters = expert_target_parameters(model.arch)
         settings = LoraSettings(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                                 target_modules=default_targets(model) if target_modules is None else target_modules,
                                 use_rslora=use_rslora, modules_to_save=list(modules_to_save or []), bias=bias,
@@ -192,7 +193,7 @@ class FastModel(FastLanguageModel):
                                             MLP_TARGETS)
             if model.arch.num_experts and finetune_language_layers and finetune_mlp_modules and \
                     kwargs.get("target_parameters") is None:  # Qwen3-VL-MoE: the experts are parameters, not layers
-                kwargs["target_parameters"] = list(EXPERT_TARGET_PARAMETERS)
+                kwargs["target_parameters"] = expert_target_parameters(model.arch)
         elif target_modules is None:
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)

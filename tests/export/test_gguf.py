@@ -78,12 +78,13 @@ def test_llama_cpp_logits_match(family, quant, bpe, tmp_path):
     assert rel < limit and top1 >= least_top1
 
 
-@pytest.mark.parametrize("family", ["gemma4_text", "gemma4_e2b"])
+@pytest.mark.parametrize("family", ["gemma4_text", "gemma4_e2b", "gemma4_moe"])
 def test_gemma4_f32_file_matches(family, bpe, tmp_path, monkeypatch):
-    """Gemma 4 in llama.cpp's gemma4 architecture from an f32 file, 31B's layout and E2B's (per-layer embeddings,
-    shared key/value layers with wide MLPs). ggml's CPU GELU reads a table of f16 values at f16 inputs, which alone
-    puts the files 6e-4 / 2.5e-3 off; with our GELU made the same (inputs and outputs rounded to f16) what is left is
-    1e-4, where a misplaced norm, scale, RoPE pair or shared layer would show at 1e-2 and more."""
+    """Gemma 4 in llama.cpp's gemma4 architecture from an f32 file: 31B's layout, E2B's (per-layer embeddings, shared
+    key/value layers with wide MLPs) and 26B-A4B's (experts beside the MLP). ggml's CPU GELU reads a table of f16
+    values at f16 inputs, which alone puts the files 6e-4 / 2.5e-3 off; with our GELU made the same (inputs and
+    outputs rounded to f16) what is left is 1e-4 to 3e-4, where a misplaced norm, scale, RoPE pair, shared layer or
+    router scale would show at 1e-2 and more."""
     import fasttune.models.decoder as decoder
     import fasttune.models.gemma4 as gemma4
 
@@ -100,10 +101,15 @@ def test_gemma4_f32_file_matches(family, bpe, tmp_path, monkeypatch):
     assert rel < 4e-4 and top1 == 1.0
     import gguf
 
-    fields = gguf.GGUFReader(str(path)).fields
+    reader = gguf.GGUFReader(str(path))
+    fields = reader.fields
     value = lambda key: fields[key].contents()  # noqa: E731
     assert value("gemma4.attention.key_length") == 32 and value("gemma4.attention.key_length_swa") == 16
     assert value("gemma4.attention.sliding_window") == 4
+    if family == "gemma4_moe":
+        assert value("gemma4.expert_count") == 4 and value("gemma4.expert_feed_forward_length") == 32
+        names = {t.name for t in reader.tensors}
+        assert {"blk.0.ffn_gate_up_exps.weight", "blk.0.ffn_down_exps.scale", "blk.0.ffn_gate_inp.scale"} <= names
     if family == "gemma4_e2b":
         assert value("gemma4.attention.shared_kv_layers") == 2
         assert value("gemma4.feed_forward_length") == [128] * 2 + [256] * 2

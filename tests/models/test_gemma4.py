@@ -4,8 +4,8 @@ earlier layer's keys and values (with twice-as-wide MLPs), against transformers 
 test_gemma4_vlm.py's."""
 import pytest
 import torch
-from peft_oracle import (check_logits_generation_and_merged, check_recompute_gradients, peft_grads, peft_twin,
-                         randomize_lora_b)
+from peft_oracle import (check_logits_generation_and_merged, check_recompute_gradients, moe_adapter_grads,
+                         peft_grads, peft_twin, randomize_lora_b)
 from tiny import hf_config, hf_model, save_hf
 
 from fasttune import FastLanguageModel
@@ -65,3 +65,33 @@ def test_inputs_embeds_are_refused(e2b_dir):
     model, _ = FastLanguageModel.from_pretrained(str(e2b_dir), dtype=torch.float32)
     with pytest.raises(ConfigError, match="per-layer embeddings.*input_ids"):
         model(inputs_embeds=torch.zeros(1, 4, 64))
+
+
+@pytest.fixture(scope="module")
+def moe_dir(tmp_path_factory, tiny_tokenizer):
+    return save_hf(hf_model("gemma4_moe"), tmp_path_factory.mktemp("moe") / "m", tiny_tokenizer)
+
+
+def test_moe_logits_generation_and_merged_equal_transformers(moe_dir, tmp_path):
+    """26B-A4B's layout: experts beside each dense MLP, routed on the residual stream with the router's own norm,
+    scale and per-expert scales."""
+    model, _ = FastLanguageModel.from_pretrained(str(moe_dir), dtype=torch.float32)
+    assert model.arch.moe_block == "gemma4" and model.arch.num_experts == 4 and not any(model.arch.moe_layers)
+    check_logits_generation_and_merged(hf_model("gemma4_moe"), model, 12, tmp_path)
+
+
+def test_moe_lora_on_experts_and_dense_mlp_equals_peft(moe_dir, tmp_path):
+    """The default targets: the seven projections (the MLP names are the dense MLP's) and the stacked experts as
+    target_parameters (experts.gate_up_proj, experts.down_proj), as PEFT adapts them."""
+    model, _ = FastLanguageModel.from_pretrained(str(moe_dir), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    assert sorted(model.lora_settings.target_parameters) == ["experts.down_proj", "experts.gate_up_proj"]
+    mine, theirs = moe_adapter_grads("gemma4_moe", model, tmp_path)
+    assert any("experts" in n for n in mine) and any("mlp.down_proj" in n for n in mine)
+    assert mine.keys() == theirs.keys()
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 3e-5 * theirs[n].abs().max().item(), msg=n)
+
+
+def test_moe_recompute_gradients(moe_dir):
+    check_recompute_gradients(moe_dir)

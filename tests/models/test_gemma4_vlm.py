@@ -1,7 +1,7 @@
 """Gemma 4's released checkpoints (Gemma4ForConditionalGeneration, model_type "gemma4") on our decoder for text: the
 language model runs our kernels, the vision tower and its embedder load frozen as transformers builds them, adapters
-and merged checkpoints carry transformers' names, images are refused by name, and a Gemma 4 whose language model our
-decoder lacks features for (the mixture-of-experts block) stays on the transformers fallback."""
+and merged checkpoints carry transformers' names, images are refused by name, and a Gemma 4 that is not a causal language model (bidirectional
+attention everywhere) stays on the transformers fallback."""
 import pytest
 import torch
 from tiny import TINY
@@ -113,13 +113,24 @@ def test_e2b_layout_text_logits_equal_transformers(tmp_path):
     torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
 
 
-def test_the_moe_block_stays_on_the_fallback(tmp_path):
-    from fasttune.models.fallback import FallbackModel
-
+def test_26b_a4b_layout_text_logits_equal_transformers(tmp_path):
+    """26B-A4B: experts beside each layer's dense MLP."""
     folder = _save(tmp_path / "moe", enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32)
-    with pytest.warns(UserWarning, match="gemma4"):
-        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
-    assert isinstance(model, FallbackModel)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    assert model.arch.moe_block == "gemma4"
+    ids, mask = _ids()
+    with torch.no_grad():
+        ours = model(ids, attention_mask=mask).logits
+        ref = _hf(folder)(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(ours[mask.bool()], ref[mask.bool()], rtol=1e-5, atol=1e-5)
+
+
+def test_an_all_bidirectional_gemma4_stays_on_the_fallback():
+    """use_bidirectional_attention="all" (an embedding model's) is not a causal language model."""
+    from fasttune.models.config import decoder_runs
+
+    assert not decoder_runs({**TEXT, "model_type": "gemma4_text", "use_bidirectional_attention": "all"})
+    assert decoder_runs({**TEXT, "model_type": "gemma4_text", "use_bidirectional_attention": "vision"})
 
 
 def test_gguf_export_is_refused_with_the_way_out(gemma4_dir, tmp_path):

@@ -49,7 +49,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
-from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, write_gemma4_metadata
+from fasttune.export.gguf_gemma4 import gemma4_moe_tensor, gemma4_rope_freqs, write_gemma4_metadata
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
@@ -158,6 +158,11 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             continue
         if name.endswith("mlp.experts.down_proj"):
             name += ".weight"
+        if arch == "gemma4" and (".experts." in name or ".router." in name):  # 26B-A4B (export/gguf_gemma4.py)
+            name, t = gemma4_moe_tensor(name, t)
+            if not name.startswith("model."):  # already llama.cpp's name
+                out[name] = t
+                continue
         if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
             name = name.removesuffix("_bias") + ".bias"
         # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
@@ -332,7 +337,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
-                                             "deepseek2"):
+                                             "deepseek2", "gemma4"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
         if cfg.router_scoring == "sigmoid":  # GLM-4.5: DeepSeek-V3's routing, as llama.cpp's glm4moe reads it
             _sigmoid_routing_metadata(writer, cfg)

@@ -86,7 +86,7 @@ def check_supported(cfg) -> None:
                           "written.")
     if arch in ("glm4moe", "deepseek2"):
         _check_leading_dense(cfg)
-    elif cfg.num_experts and arch != "gpt-oss":
+    elif cfg.num_experts and arch not in ("gpt-oss", "gemma4"):  # (Gemma 4: experts beside every dense MLP)
         if not all(cfg.moe_layers):
             dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
             raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "

@@ -108,8 +108,9 @@ class ModelConfig:
     norm_topk_prob: bool = True  # renormalise the top-k routing weights to sum 1
     router_jitter: float = 0.0  # Mixtral's router_jitter_noise (training only)
     moe_layers: list = field(default_factory=list)  # per layer: True = sparse MoE MLP
-    # Which MoE module: "sparse" (Qwen3-MoE, Mixtral: models/moe.py) or "gpt_oss" (router and expert biases,
-    # interleaved gate/up, clamped SwiGLU: models/gpt_oss.py)
+    # Which MoE module: "sparse" (Qwen3-MoE, Mixtral: models/moe.py), "gpt_oss" (router and expert biases,
+    # interleaved gate/up, clamped SwiGLU: models/gpt_oss.py) or "gemma4" (routed experts beside every layer's dense
+    # MLP, outside moe_layers: models/gemma4.py)
     moe_block: str = "sparse"
     swiglu_limit: float = 7.0  # gpt-oss: gate clamped above, up on both sides, at this value
     swiglu_alpha: float = 1.702  # gpt-oss: glu = gate * sigmoid(alpha * gate)
@@ -458,8 +459,8 @@ def _mla_fields(cfg: ModelConfig, get) -> None:
 
 def decoder_runs(hf_config) -> bool:
     """Whether fasttune's decoder runs this transformers config: its family is in SUPPORTED_FAMILIES, and it uses none of
-    the features of that family the decoder lacks (Gemma 4's mixture-of-experts block, in its 26B-A4B): the loaders
-    send the rest to the transformers fallback."""
+    the features of that family the decoder lacks (Gemma 4's bidirectional attention over all tokens, an embedding
+    model's): the loaders send the rest to the transformers fallback."""
     get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else \
         (lambda k, d=None: getattr(hf_config, k, d))
     model_type = get("model_type")
@@ -471,8 +472,6 @@ def decoder_runs(hf_config) -> bool:
 def gemma4_unsupported(get) -> list[str]:
     """The Gemma 4 features of a config that fasttune's decoder does not run yet, by their config names (empty: none)."""
     found = []
-    if get("enable_moe_block"):
-        found.append("the mixture-of-experts block (enable_moe_block=True)")
     if get("use_bidirectional_attention") not in (None, "vision"):  # ("vision": image tokens only, models/vision.py)
         found.append(f"bidirectional attention (use_bidirectional_attention={get('use_bidirectional_attention')!r})")
     return found
@@ -507,6 +506,13 @@ def _gemma4_fields(cfg: ModelConfig, get) -> None:
     cfg.double_wide_mlp = bool(get("use_double_wide_mlp", False)) and cfg.kv_shared_layers > 0
     cfg.per_layer_input_size = int(get("hidden_size_per_layer_input") or 0)
     cfg.per_layer_vocab_size = int(get("vocab_size_per_layer_input") or cfg.vocab_size)
+    if get("enable_moe_block"):  # 26B-A4B: routed experts beside every layer's dense MLP (models/gemma4.py)
+        sizes = [get("num_experts"), get("top_k_experts"), get("moe_intermediate_size")]
+        if not all(sizes):
+            raise ModelLoadError("The Gemma 4 config enables the mixture-of-experts block but lacks num_experts, "
+                                 "top_k_experts or moe_intermediate_size; fix config.json.")
+        cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size = (int(v) for v in sizes)
+        cfg.moe_block = "gemma4"
     if not 0 <= cfg.kv_shared_layers < cfg.num_layers:
         raise ModelLoadError(f"num_kv_shared_layers ({cfg.kv_shared_layers}) must be below num_hidden_layers "
                              f"({cfg.num_layers}) in the Gemma 4 config: some layer has to compute keys and values.")

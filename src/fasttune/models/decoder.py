@@ -29,8 +29,8 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
 from fasttune.models.short_conv import ShortConv
-from fasttune.models.gemma4 import (add_per_layer_input, build_per_layer_input, build_per_layer_tables,
-                                    per_layer_inputs, shared_kv_attention)
+from fasttune.models.gemma4 import (add_experts, add_per_layer_input, build_experts, build_per_layer_input,
+                                    build_per_layer_tables, per_layer_inputs, shared_kv_attention)
 from fasttune.models.mla import LatentAttention
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
@@ -364,6 +364,9 @@ class DecoderLayer(nn.Module):
         self.act = cfg.hidden_act
         if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (models/gemma4.py)
             build_per_layer_input(self, cfg, lambda dim: RMSNorm(dim, eps, off))
+        self.routed_beside = cfg.moe_block == "gemma4"  # Gemma 4 26B-A4B: experts beside the dense MLP
+        if self.routed_beside:
+            build_experts(self, cfg, lambda dim: RMSNorm(dim, eps, off))
 
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None, per_layer_input=None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
@@ -426,7 +429,8 @@ class DecoderLayer(nn.Module):
         if isinstance(h, tuple):
             h, *kv = h
         x, normed = pre_mlp.with_residual(x, post_attn(h))
-        x = x + post_mlp(self.ffn(normed))
+        out = self.ffn(normed)
+        x = x + post_mlp(add_experts(self, x, out) if self.routed_beside else out)
         if per_layer_input is not None:
             x = add_per_layer_input(self, x, per_layer_input, self.act)
         x = x if self.layer_scalar is None else x * self.layer_scalar

@@ -1,5 +1,6 @@
-"""Gemma 4's E2B / E4B parts on the decoder (transformers' Gemma4TextModel / Gemma4TextDecoderLayer): per-layer
-embeddings (PLE) and the layers that reuse an earlier layer's keys and values.
+"""Gemma 4's E2B / E4B and 26B-A4B parts on the decoder (transformers' Gemma4TextModel / Gemma4TextDecoderLayer):
+per-layer embeddings (PLE), the layers that reuse an earlier layer's keys and values, and routed experts beside the
+dense MLP.
 
 - **Per-layer embeddings.** Beside the main embedding, a second table (`embed_tokens_per_layer`, per_layer_vocab_size
   x layers * P, times sqrt(P)) gives each token P channels per layer; `per_layer_model_projection` of the (scaled)
@@ -10,6 +11,10 @@ embeddings (PLE) and the layers that reuse an earlier layer's keys and values.
   values of the last earlier layer of their kind (ModelConfig.kv_source): in training those come with that layer's
   output (they are outputs of its recompute too, so their gradients reach its projections); in generation they are
   read from its cache, which the shared layers never write (`shared_kv_attention`).
+- **Experts beside the MLP** (26B-A4B): every layer keeps its dense MLP and adds top-k of E experts (models/moe.py's
+  stacked Experts, `layers.N.experts`), routed on the residual stream by `Gemma4Router`; the two outputs are normed
+  separately and summed before the post-feedforward norm (`add_experts`). Transformers computes no load-balancing
+  loss for Gemma 4, and neither does this.
 """
 from __future__ import annotations
 
@@ -20,7 +25,9 @@ import torch.nn as nn
 
 from fasttune.errors import ConfigError
 from fasttune.kernels.activations import gated_act
+from fasttune.kernels.rmsnorm import rms_norm
 from fasttune.kernels.rope import apply_rope_reference
+from fasttune.models.moe import Experts, Router, route
 
 
 def build_per_layer_tables(model: nn.Module, cfg, norm_factory) -> None:
@@ -80,3 +87,41 @@ def shared_kv_attention(attn: nn.Module, x, cos, sin, mask, cache, shared_kv):
     end = cache.read_len if cache.slot is not None else cache.length + t
     src = attn.kv_source
     return attn.attend(q, cache.keys[src][:, :, :end], cache.values[src][:, :, :end], mask, cached=True)
+
+
+class Gemma4Router(nn.Module):
+    """Gemma 4's router (transformers' Gemma4TextRouter): the layer's residual stream normed without a weight, times
+    `scale` (H,) and hidden ** -0.5, through `proj` (E, H); softmax (fp32) top-k renormalised, each weight then times
+    its expert's `per_expert_scale`. forward: x (N, H) -> (weights (N, k) fp32, experts (N, k) int64, logits (N, E))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.proj = Router(cfg.hidden_size, cfg.num_experts)  # (not an nn.Linear: neither quantised nor a LoRA target)
+        self.scale = nn.Parameter(torch.ones(cfg.hidden_size))
+        self.per_expert_scale = nn.Parameter(torch.ones(cfg.num_experts))
+        self.eps, self.top_k = cfg.rms_norm_eps, cfg.num_experts_per_tok
+
+    def forward(self, x: torch.Tensor):
+        h = rms_norm(x, x.new_ones(x.shape[-1]), self.eps) * self.scale.to(x.dtype) * x.shape[-1] ** -0.5
+        logits = self.proj(h)
+        weights, experts = route(logits, self.top_k, True)
+        return weights * self.per_expert_scale[experts], experts, logits
+
+
+def build_experts(layer: nn.Module, cfg, norm_factory) -> None:
+    """Give decoder layer `layer` Gemma 4's routed experts beside its dense MLP (transformers' names: `router`,
+    `experts`, pre_feedforward_layernorm_2, post_feedforward_layernorm_1 / _2)."""
+    layer.router = Gemma4Router(cfg)
+    layer.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
+    for name in ("pre_feedforward_layernorm_2", "post_feedforward_layernorm_1", "post_feedforward_layernorm_2"):
+        setattr(layer, name, norm_factory(cfg.hidden_size))
+
+
+def add_experts(layer: nn.Module, residual: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+    """The MLP part of a Gemma 4 MoE layer before its post-feedforward norm: post_feedforward_layernorm_1(dense) +
+    post_feedforward_layernorm_2(experts(pre_feedforward_layernorm_2(residual))), routed on the residual stream
+    (B, T, H) itself; dense (B, T, H) the dense MLP's output."""
+    flat = residual.reshape(-1, residual.shape[-1])
+    weights, experts, _ = layer.router(flat)
+    routed = layer.experts(layer.pre_feedforward_layernorm_2(flat), weights, experts).view(residual.shape)
+    return layer.post_feedforward_layernorm_1(dense) + layer.post_feedforward_layernorm_2(routed)

@@ -218,7 +218,8 @@ GPT_OSS_ROUTER = "mlp.router.weight"  # refused: not in SUPPORTED_PARAMETERS
 # The stacked experts under PEFT's target_parameters names (rank r each): what a vision-language MoE model's language
 # MLP switch and Qwen3.5-MoE's defaults adapt (api.py)
 EXPERT_TARGET_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS)
-SUPPORTED_PARAMETERS = EXPERT_TARGET_PARAMETERS + (ROUTER_PARAMETER,)
+# (Gemma 4 keeps its experts beside the MLP, as layers.N.experts: the suffix without "mlp." covers both)
+SUPPORTED_PARAMETERS = tuple(f"experts.{p}" for p in EXPERT_PARAMETERS) + (ROUTER_PARAMETER,)
 # target_modules names that PEFT on transformers 5 reads as parameters of an MoE model (PEFT's
 # _MOE_TARGET_MODULE_MAPPING); Mixtral's checkpoint names w1/w3/w2 there too. The first two of each fused pair
 # are one stacked weight, so PEFT requires both.
@@ -236,10 +237,20 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3")
 
 
+def expert_target_parameters(arch) -> list[str]:
+    """The target_parameters naming an MoE model's stacked experts (PEFT's names): `mlp.experts.*`, or Gemma 4's
+    `experts.*` beside its dense MLP."""
+    if getattr(arch, "moe_block", None) == "gemma4":
+        return [f"experts.{p}" for p in EXPERT_PARAMETERS]
+    return list(EXPERT_TARGET_PARAMETERS)
+
+
 def experts_by_parameters(arch) -> bool:
     """Whether PEFT leaves an MoE model's MLP names to its layers (Qwen3.5-MoE's shared expert), so that its routed
     experts are adapted only as target_parameters: models with a shared expert but those PEFT maps as Qwen2-MoE
     (PEFT_MAPS_EXPERTS: the MLP names mean the experts; the shared experts and dense MLP layers stay frozen)."""
+    if getattr(arch, "moe_block", None) == "gemma4":  # the MLP names are its dense MLP's, beside the experts
+        return True
     return bool(getattr(arch, "shared_expert_size", 0)) and getattr(arch, "model_type", None) not in PEFT_MAPS_EXPERTS
 
 
