@@ -73,6 +73,14 @@ SHAPES = {
                             num_attention_heads=8, num_key_value_heads=4, head_dim=256, global_head_dim=512,
                             hidden_size_per_layer_input=256, sliding_window=512, num_kv_shared_layers=10,
                             use_double_wide_mlp=True, tie_word_embeddings=True),
+    # Gemma4TextConfig with Gemma-4-26B-A4B's text sizes as I recall its config.json (not checked offline): 128 experts
+    # of 704 (top 8) beside each layer's dense MLP of 2,112, hidden 2,816, 16 heads; cut to 10 of its 30 layers
+    "gemma-4-26b-a4b-10l": dict(vocab_size=262144, hidden_size=2816, intermediate_size=2112, num_hidden_layers=10,
+                                num_attention_heads=16, num_key_value_heads=8, head_dim=256, global_head_dim=512,
+                                num_global_key_value_heads=2, attention_k_eq_v=True, sliding_window=1024,
+                                hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128,
+                                top_k_experts=8, moe_intermediate_size=704, final_logit_softcapping=30.0,
+                                tie_word_embeddings=True),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
@@ -81,7 +89,7 @@ SHAPES = {
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
                  "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
                  "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig",
-                 "gemma-4-ple-30l": "Gemma4TextConfig"}
+                 "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -145,6 +153,11 @@ MATRIX = {
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],
     "gemma4": [("hf", "gemma-4-31b-12l", "on", "-", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "none"),
                ("ours", "gemma-4-31b-12l", "off", "triton", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "nf4")],
+    # LoRA on attention and the dense MLPs on both sides (the experts frozen: PEFT needs target_parameters for them)
+    "gemma4-moe": [("hf", "gemma-4-26b-a4b-10l", "on", "-", "none"),
+                   ("ours", "gemma-4-26b-a4b-10l", "on", "triton", "none"),
+                   ("ours", "gemma-4-26b-a4b-10l", "off", "triton", "none"),
+                   ("ours", "gemma-4-26b-a4b-10l", "on", "triton", "nf4")],
     "gemma4-ple": [("hf", "gemma-4-ple-30l", "on", "-", "none"), ("ours", "gemma-4-ple-30l", "on", "triton", "none"),
                    ("ours", "gemma-4-ple-30l", "off", "triton", "none")],
     "lfm3": [("hf", "lfm3-1.7b", "on", "-", "none"), ("ours", "lfm3-1.7b", "on", "triton", "none"),

@@ -59,7 +59,7 @@ def test_expert_lora_grads_bf16_grouped_equal_fp32(monkeypatch, kernels):
         assert (got - want).norm() <= 2e-2 * want.norm(), name
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "glm4_moe", "gemma4_moe"])
 def test_load_in_4bit_moe_lora_steps(tiny_model_dir, family):
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), load_in_4bit=True,
                                                  dtype=torch.bfloat16, device="cuda")
