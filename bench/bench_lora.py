@@ -248,7 +248,7 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                 p.normal_(0.0, 0.02)
             elif name.endswith("A_log"):  # Qwen3.5's decay rates: log(uniform(0.01, 16)) as transformers starts them
                 p.copy_(torch.empty(p.shape, device=p.device).uniform_(0.01, 16).log())
-            elif name.endswith("dt_bias"):
+            elif name.endswith(("dt_bias", "router.scale", "router.per_expert_scale")):  # (Gemma 4's router: ones)
                 p.fill_(1.0)
             elif not name.endswith("norm.weight"):  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF
                 p.zero_()
