@@ -250,7 +250,8 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                 p.copy_(torch.empty(p.shape, device=p.device).uniform_(0.01, 16).log())
             elif name.endswith(("dt_bias", "router.scale", "router.per_expert_scale")):  # (Gemma 4's router: ones)
                 p.fill_(1.0)
-            elif not name.endswith("norm.weight"):  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF
+            elif "norm" not in name:  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF (norms keep their
+                # ones: Gemma 4's post_feedforward_layernorm_1 / _2 too)
                 p.zero_()
     if quant == "nf4":  # what load_in_4bit does on load, layer by layer
         from fasttune.quant.linear import QuantLinear
