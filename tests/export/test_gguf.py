@@ -78,6 +78,26 @@ def test_llama_cpp_logits_match(family, quant, bpe, tmp_path):
     assert rel < limit and top1 >= least_top1
 
 
+def test_gemma4_sentencepiece_vocab_is_llama_cpps_gemma4_type(tmp_path):
+    """Gemma 4's vocabulary (SentencePiece-style BPE with byte fallback, no prepended space) goes in as llama.cpp's
+    `gemma4` tokenizer model with its merges, as llama.cpp's converter writes it, and llama.cpp splits text as
+    transformers does."""
+    import gguf
+    from tokenizers import normalizers
+
+    tok = make_bpe_tokenizer("spm")
+    tok.backend_tokenizer.normalizer = normalizers.Replace(" ", "\u2581")  # Gemma: no prepended space
+    model, tok = _tiny_lora_model("gemma4_text", tmp_path / "m", tok)
+    path = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["tokenizer.ggml.model"].contents() == "gemma4" and len(fields["tokenizer.ggml.merges"].contents())
+    llm = _llama_cpp(path, vocab_only=True)
+    for text in TEXTS + ["  double  spaces ", "numbers 12345 and \u00fcn\u00efc\u00f6d\u00e9 \u2713"]:
+        assert llm.tokenize(text.encode(), add_bos=False, special=True) == \
+            tok(text, add_special_tokens=False)["input_ids"], text
+    llm.close()
+
+
 @pytest.mark.parametrize("family", ["gemma4_text", "gemma4_e2b", "gemma4_moe"])
 def test_gemma4_f32_file_matches(family, bpe, tmp_path, monkeypatch):
     """Gemma 4 in llama.cpp's gemma4 architecture from an f32 file: 31B's layout, E2B's (per-layer embeddings, shared

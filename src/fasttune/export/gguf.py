@@ -511,7 +511,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     if vlm:
         image_processor_of(processor)  # its mean and std go into the mmproj: fail before writing anything
     tokenizer = getattr(processor, "tokenizer", processor)  # a vision-language model's processor wraps it
-    vocab = gguf_vocab(tokenizer, cfg.vocab_size)
+    vocab = gguf_vocab(tokenizer, cfg.vocab_size, ARCHITECTURES.get(cfg.model_type))
     targets = [gguf_target(path, q, several=len(quants) > 1) for q in quants]
     if not writes_here(model):  # a distributed run: rank 0 writes the files, the other ranks return their names
         return targets if is_method_list(quantization_method) else targets[0]

@@ -38,7 +38,7 @@ class GGUFVocab:
     """A tokenizer as the `tokenizer.ggml.*` keys of a GGUF file (llama.cpp's gguf-py key names). `tokens`,
     `types` (llama.cpp's token types, above) and `scores` are indexed by token id."""
 
-    model: str  # "gpt2" | "llama"
+    model: str  # "gpt2" | "llama" | "gemma4"
     tokens: list[str]
     types: list[int]
     scores: list[float] | None = None
@@ -132,8 +132,10 @@ def _merge_strings(merges: list) -> list[str]:
     return [m if isinstance(m, str) else " ".join(m) for m in merges]
 
 
-def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
-    """Build the GGUF vocabulary; ids beyond the tokenizer's (a padded embedding) become unused [PAD<i>] tokens."""
+def gguf_vocab(tokenizer, vocab_size: int, arch: str | None = None) -> GGUFVocab:
+    """Build the GGUF vocabulary; ids beyond the tokenizer's (a padded embedding) become unused [PAD<i>] tokens.
+    For llama.cpp's gemma4 architecture a SentencePiece-style vocabulary is written as its `gemma4` tokenizer model
+    (the same pieces, scores and types, plus the merges), as llama.cpp's converter writes Gemma 4's."""
     data = _backend_json(tokenizer)
     model = data["model"]
     if model.get("type") != "BPE":
@@ -166,7 +168,10 @@ def gguf_vocab(tokenizer, vocab_size: int) -> GGUFVocab:
                 types.append((CONTROL if added[i].get("special") else USER_DEFINED) if i in added else NORMAL)
         return GGUFVocab("gpt2", tokens, types, merges=_merge_strings(model["merges"]), pre=pre, **common)
     if model.get("byte_fallback"):
-        return _sentencepiece_style(data, table, added, tokenizer, common)
+        vocab = _sentencepiece_style(data, table, added, tokenizer, common)
+        if arch == "gemma4":
+            vocab.model, vocab.merges = "gemma4", _merge_strings(model.get("merges", []))
+        return vocab
     raise ConfigError("GGUF export supports byte-level BPE and SentencePiece-style BPE (byte_fallback) tokenizers; "
                       "this BPE tokenizer is neither.")
 
