@@ -95,3 +95,23 @@ def test_moe_lora_on_experts_and_dense_mlp_equals_peft(moe_dir, tmp_path):
 
 def test_moe_recompute_gradients(moe_dir):
     check_recompute_gradients(moe_dir)
+
+
+def test_norms_round_as_gemma4_rmsnorm_in_bf16():
+    """Gemma4RMSNorm applies its weight in fp32 and then casts (Llama's casts first): bit for bit in bf16, where
+    the other order differs."""
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4RMSNorm
+
+    from fasttune.models.decoder import RMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, 96).bfloat16()
+    ref = Gemma4RMSNorm(96, eps=1e-6)
+    ours = RMSNorm(96, 1e-6, 0.0, fp32_scale=True)
+    llama_order = RMSNorm(96, 1e-6, 0.0)
+    with torch.no_grad():
+        ref.weight.normal_(1.0, 0.3)
+        ours.weight.copy_(ref.weight)
+        llama_order.weight.copy_(ref.weight)
+        ref, ours, llama_order = ref.bfloat16(), ours.bfloat16(), llama_order.bfloat16()
+        assert torch.equal(ours(x), ref(x)) and not torch.equal(llama_order(x), ref(x))

@@ -10,22 +10,24 @@ import torch
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
-def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                       fp32_scale: bool = False) -> torch.Tensor:
     """x / sqrt(mean(x^2) + eps) * (offset + weight) over the last dim; x (..., H), weight (H,). Rounding as
-    transformers' LlamaRMSNorm (offset 0) and GemmaRMSNorm (offset 1.0)."""
+    transformers' LlamaRMSNorm (offset 0: cast, then scaled in the weight's dtype) and GemmaRMSNorm (offset 1.0:
+    scaled in fp32, then cast); fp32_scale=True scales in fp32 with offset 0 (Gemma4RMSNorm)."""
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    if offset:
+    if offset or fp32_scale:
         # Gemma scales in fp32 before the cast back (matches transformers' GemmaRMSNorm).
         return (h * (offset + weight.float())).to(x.dtype)
     # Llama casts back first, then scales in the weight's dtype (matches LlamaRMSNorm).
     return weight * h.to(x.dtype)
 
 
-def add_rms_norm_reference(x, h, weight, eps: float, offset: float = 0.0):
+def add_rms_norm_reference(x, h, weight, eps: float, offset: float = 0.0, fp32_scale: bool = False):
     """(s, rms_norm(s)) with s = x + h, or s = x when h is None: a decoder layer's residual and normed input."""
     s = x if h is None else x + h
-    return s, rms_norm_reference(s, weight, eps, offset)
+    return s, rms_norm_reference(s, weight, eps, offset, fp32_scale)
 
 
 if HAVE_TRITON:
@@ -82,13 +84,14 @@ def _tiling(n_cols: int) -> tuple[int, int, int]:
     return block, rows, min(16, max(1, block * rows // 256))
 
 
-def _launch_fwd(x2, h2, weight, eps, offset):
+def _launch_fwd(x2, h2, weight, eps, offset, fp32_scale=False):
     y, s = torch.empty_like(x2), (torch.empty_like(x2) if h2 is not None else x2)
     rstd = torch.empty(x2.shape[0], dtype=torch.float32, device=x2.device)
     block, rows, warps = _tiling(x2.shape[1])
     _rms_fwd[(triton.cdiv(x2.shape[0], rows),)](x2, x2 if h2 is None else h2, s, weight, y, rstd, x2.shape[0],
                                                 x2.shape[1], eps, offset, x2.stride(0), BLOCK=block, ROWS=rows,
-                                                GEMMA=bool(offset), ADD=h2 is not None, num_warps=warps)
+                                                GEMMA=bool(offset) or fp32_scale, ADD=h2 is not None,
+                                                num_warps=warps)
     return s, y, rstd
 
 
@@ -104,7 +107,7 @@ def _launch_bwd(ctx, dy, ds=None):
     dw = None
     if ctx.needs_weight_grad:
         xhat = s2.float() * rstd[:, None]
-        if not ctx.offset:
+        if not (ctx.offset or ctx.fp32_scale):
             xhat = xhat.to(s2.dtype).float()
         dw = (dy2.float() * xhat).sum(0).to(weight.dtype)
     return dx.view(ctx.shape), dw
@@ -114,19 +117,20 @@ class _RMSNormFunction(torch.autograd.Function):
     """norm(x) * (offset + weight) over the last dimension, by the Triton kernels (fp32 inside)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps, offset):
+    def forward(ctx, x, weight, eps, offset, fp32_scale=False):
         """x (..., H), weight (H,). Returns (..., H) in x's dtype; saves x, weight and 1/rms per row."""
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        _, y, rstd = _launch_fwd(x2, None, weight, eps, offset)
+        _, y, rstd = _launch_fwd(x2, None, weight, eps, offset, fp32_scale)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.needs_weight_grad = offset, x.shape, ctx.needs_input_grad[1]
+        ctx.fp32_scale = fp32_scale
         return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        """dy (..., H) -> (dx, dweight (None when weight is frozen), None, None)."""
+        """dy (..., H) -> (dx, dweight (None when weight is frozen), None, None, None)."""
         dx, dw = _launch_bwd(ctx, dy)
-        return dx, dw, None, None
+        return dx, dw, None, None, None
 
 
 class _AddRMSNormFunction(torch.autograd.Function):
@@ -134,33 +138,36 @@ class _AddRMSNormFunction(torch.autograd.Function):
     gradient added to the norm's input gradient in the same kernel (each would otherwise be a full pass)."""
 
     @staticmethod
-    def forward(ctx, x, h, weight, eps, offset):
+    def forward(ctx, x, h, weight, eps, offset, fp32_scale=False):
         """x (..., H), h like x or None, weight (H,). Returns (s, norm(s)); saves s, weight and 1/rms."""
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
         h2 = None if h is None else h.reshape(x2.shape).contiguous()
-        s, y, rstd = _launch_fwd(x2, h2, weight, eps, offset)
+        s, y, rstd = _launch_fwd(x2, h2, weight, eps, offset, fp32_scale)
         ctx.save_for_backward(s, weight, rstd)
         ctx.offset, ctx.shape, ctx.needs_weight_grad = offset, x.shape, ctx.needs_input_grad[2]
-        ctx.has_h = h2 is not None
+        ctx.has_h, ctx.fp32_scale = h2 is not None, fp32_scale
         s = s.view(x.shape) if h2 is not None else x.view_as(x)  # x itself: an alias, no copy
         return s, y.view(x.shape)
 
     @staticmethod
     def backward(ctx, ds, dy):
-        """ds, dy (..., H) -> (dx, dh (= dx when h was given), dweight, None, None)."""
+        """ds, dy (..., H) -> (dx, dh (= dx when h was given), dweight, None, None, None)."""
         dx, dw = _launch_bwd(ctx, dy, ds)
-        return dx, dx if ctx.has_h else None, dw, None, None
+        return dx, dx if ctx.has_h else None, dw, None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
-    """RMSNorm of x (..., H) with weight (H,): the Triton kernel where `use_triton(x)`, else `rms_norm_reference`."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0,
+             fp32_scale: bool = False) -> torch.Tensor:
+    """RMSNorm of x (..., H) with weight (H,): the Triton kernel where `use_triton(x)`, else `rms_norm_reference`
+    (fp32_scale: see there)."""
     if use_triton(x):
-        return _RMSNormFunction.apply(x, weight, eps, offset)
-    return rms_norm_reference(x, weight, eps, offset)
+        return _RMSNormFunction.apply(x, weight, eps, offset, fp32_scale)
+    return rms_norm_reference(x, weight, eps, offset, fp32_scale)
 
 
-def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float = 0.0):
+def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, eps: float, offset: float = 0.0,
+                 fp32_scale: bool = False):
     """(s, rms_norm(s)) with s = x + h, or s = x when h is None."""
     if use_triton(x):
-        return _AddRMSNormFunction.apply(x, h, weight, eps, offset)
-    return add_rms_norm_reference(x, h, weight, eps, offset)
+        return _AddRMSNormFunction.apply(x, h, weight, eps, offset, fp32_scale)
+    return add_rms_norm_reference(x, h, weight, eps, offset, fp32_scale)

@@ -43,21 +43,22 @@ from fasttune.peft.lora import project
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * w (Gemma: * (1 + w)), computed in fp32 (transformers' LlamaRMSNorm / GemmaRMSNorm)."""
+    """x / rms(x) * w (Gemma: * (1 + w)), computed in fp32 (transformers' LlamaRMSNorm / GemmaRMSNorm); fp32_scale:
+    w applied in fp32 before the cast (Gemma4RMSNorm), not after it (Llama's)."""
 
-    def __init__(self, dim: int, eps: float, offset: float = 0.0):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0, fp32_scale: bool = False):
         super().__init__()
         # Gemma stores w with the scale (1 + w), so its neutral weight is 0.
         self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
-        self.eps, self.offset = eps, offset
+        self.eps, self.offset, self.fp32_scale = eps, offset, fp32_scale
 
     def forward(self, x):
         """x (..., dim) -> normalised x, same shape and dtype."""
-        return rms_norm(x, self.weight, self.eps, self.offset)
+        return rms_norm(x, self.weight, self.eps, self.offset, self.fp32_scale)
 
     def with_residual(self, x, h=None):
         """(s, norm(s)) for s = x + h (or x): the residual stream and this norm's output, in one kernel."""
-        return add_rms_norm(x, h, self.weight, self.eps, self.offset)
+        return add_rms_norm(x, h, self.weight, self.eps, self.offset, self.fp32_scale)
 
 
 class Attention(nn.Module):
@@ -95,9 +96,11 @@ class Attention(nn.Module):
             (cfg.module_name("q_norm"), cfg.module_name("k_norm"))
         if cfg.qk_norm:
             q_dim, k_dim = (self.q_size, self.kv_size) if cfg.qk_norm_full else (d, d)
-            setattr(self, self.qk_norm_names[0], RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset))
+            setattr(self, self.qk_norm_names[0], RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset,
+                                                         cfg.norm_scale_fp32))
             if self.kv_source is None:
-                setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset))
+                setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset,
+                                                             cfg.norm_scale_fp32))
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         if cfg.attn_head_gate:  # LFM3: one sigmoid gate per head, from the layer's input
@@ -318,7 +321,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        eps, off, f32 = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32
         # the token mixer: softmax attention, Qwen3.5's gated DeltaNet (models/gated_deltanet.py) or LFM2's short
         # convolution (models/short_conv.py)
         self.is_linear = bool(cfg.linear_layers and cfg.linear_layers[layer_idx])
@@ -348,25 +351,25 @@ class DecoderLayer(nn.Module):
         renamed = PRE_NORM_NAMES.get(cfg.model_type)
         self.pre_norm_names = renamed or ("input_layernorm", "post_attention_layernorm")
         if not self.post_norm:
-            setattr(self, self.pre_norm_names[0], RMSNorm(cfg.hidden_size, eps, off))
+            setattr(self, self.pre_norm_names[0], RMSNorm(cfg.hidden_size, eps, off, f32))
         self.sandwich = cfg.sandwich_norm
         # the three norms of a sandwich block (after attention, before and after the MLP) by transformers' names
         self.norm_names = SANDWICH_NAMES.get(cfg.model_type, SANDWICH_NAMES["gemma2"])
         if self.sandwich:
             for name in self.norm_names:
-                setattr(self, name, RMSNorm(cfg.hidden_size, eps, off))
+                setattr(self, name, RMSNorm(cfg.hidden_size, eps, off, f32))
         else:
-            setattr(self, self.pre_norm_names[1], RMSNorm(cfg.hidden_size, eps, off))
+            setattr(self, self.pre_norm_names[1], RMSNorm(cfg.hidden_size, eps, off, f32))
         if self.post_norm:
-            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off, f32)
         # Gemma 4: the layer's output times this (a checkpoint buffer, transformers' name)
         self.register_buffer("layer_scalar", torch.ones(1) if cfg.layer_scalar else None)
         self.act = cfg.hidden_act
         if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (models/gemma4.py)
-            build_per_layer_input(self, cfg, lambda dim: RMSNorm(dim, eps, off))
+            build_per_layer_input(self, cfg, lambda dim: RMSNorm(dim, eps, off, f32))
         self.routed_beside = cfg.moe_block == "gemma4"  # Gemma 4 26B-A4B: experts beside the dense MLP
         if self.routed_beside:
-            build_experts(self, cfg, lambda dim: RMSNorm(dim, eps, off))
+            build_experts(self, cfg, lambda dim: RMSNorm(dim, eps, off, f32))
 
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None, per_layer_input=None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
@@ -470,9 +473,11 @@ class DecoderModel(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm_name = cfg.module_name("norm")
-        setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset))
+        setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,
+                                              cfg.norm_scale_fp32))
         if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (models/gemma4.py)
-            build_per_layer_tables(self, cfg, lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset))
+            build_per_layer_tables(self, cfg, lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset,
+                                                                  cfg.norm_scale_fp32))
         self.gradient_checkpointing: str | bool = False  # "auto" | True | False | "offload" (see api.py)
         # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
         self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
