@@ -115,3 +115,20 @@ def test_norms_round_as_gemma4_rmsnorm_in_bf16():
         llama_order.weight.copy_(ref.weight)
         ref, ours, llama_order = ref.bfloat16(), ours.bfloat16(), llama_order.bfloat16()
         assert torch.equal(ours(x), ref(x)) and not torch.equal(llama_order(x), ref(x))
+
+
+def test_prefill_runs_the_shared_layers_on_the_last_position_only(e2b_dir):
+    """They write no cache, so generation's prefill (logits of the last position only) gives them one position, as
+    transformers does; the tokens equal transformers' (left-padded rows included) and a full forward's logits."""
+    model, _ = FastLanguageModel.from_pretrained(str(e2b_dir), dtype=torch.float32)
+    hf = hf_model("gemma4_e2b")
+    seen = []
+    model.model.layers[2].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    model.model.layers[1].register_forward_pre_hook(lambda module, args: seen.append(-args[0].shape[1]))
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    got = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+    assert seen[:2] == [-9, 1]  # prefill: layer 1 over the prompt, shared layer 2 over its last position

@@ -300,7 +300,8 @@ class CausalLM(PreTrainedModel):
                          segment_ids, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
                          cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits,
-                         image_blocks=image_blocks, deepstack=deepstack)
+                         image_blocks=image_blocks, deepstack=deepstack,
+                         last_only=past_key_values is not None and logits_to_keep == 1 and labels is None)
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None
         logits = loss = loss_sum = count = None

@@ -30,7 +30,7 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
 from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
 from fasttune.models.short_conv import ShortConv
 from fasttune.models.gemma4 import (add_experts, add_per_layer_input, build_experts, build_per_layer_input,
-                                    build_per_layer_tables, per_layer_inputs, shared_kv_attention)
+                                    build_per_layer_tables, last_position, per_layer_inputs, shared_kv_attention)
 from fasttune.models.mla import LatentAttention
 from fasttune.models.gpt_oss import GptOssMoeBlock
 from fasttune.models.moe import SparseMoeBlock
@@ -531,13 +531,15 @@ class DecoderModel(nn.Module):
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                 max_length_k=None, seq_idx=None, output_router_logits: bool = False,
-                image_blocks=None, deepstack=None) -> BaseModelOutput:
+                image_blocks=None, deepstack=None, last_only: bool = False) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
         with no attention_mask mark packed documents (as transformers reads padding-free batches), which then
-        attend only within themselves. cu_seq_lens_q/k (D + 1,) int32: the document boundaries of a padding-free
-        row (B = 1) as TRL's collator and flash attention write them (max_length_q/k are implied by them);
+        attend only within themselves. last_only (generation, with a KVCache): only the last position's output is
+        needed, so Gemma 4's shared key/value layers, which write no cache, run on it alone (transformers' prefill
+        does the same); `.last_hidden_state` is then (B, 1, H).
+        cu_seq_lens_q/k (D + 1,) int32: the document boundaries of a padding-free row (B = 1) as TRL's collator and flash attention write them (max_length_q/k are implied by them);
         seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids).
         `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
@@ -620,7 +622,11 @@ class DecoderModel(nn.Module):
                 if i < len(deep_feats):
                     x = add_at(x, deep_mask, deep_feats[i])
         else:  # generation: no recompute, keys/values go to the cache
+            first_shared = cfg.num_layers - cfg.kv_shared_layers if last_only and t > 1 and cfg.kv_shared_layers \
+                else None
             for i, layer in enumerate(self.layers):
+                if i == first_shared:  # the rest write no cache: only the last position's output is wanted
+                    x, ple, ropes, masks = last_position(x, ple, ropes, masks)
                 x = layer(x, *ropes[layer.mixer.rope_kind], masks, past_key_values,
                           per_layer_input=None if ple is None else ple[:, :, i])
                 if i < len(deep_feats):

@@ -84,7 +84,7 @@ def shared_kv_attention(attn: nn.Module, x, cos, sin, mask, cache, shared_kv):
             raise RuntimeError(f"layer {attn.layer_idx} reuses layer {attn.kv_source}'s keys and values, which were "
                                f"not passed")
         return attn.attend(q, *shared_kv, mask)
-    end = cache.read_len if cache.slot is not None else cache.length + t
+    end = cache.read_len if cache.slot is not None else cache.written  # (this step's positions included)
     src = attn.kv_source
     return attn.attend(q, cache.keys[src][:, :, :end], cache.values[src][:, :, :end], mask, cached=True)
 
@@ -125,3 +125,14 @@ def add_experts(layer: nn.Module, residual: torch.Tensor, dense: torch.Tensor) -
     weights, experts, _ = layer.router(flat)
     routed = layer.experts(layer.pre_feedforward_layernorm_2(flat), weights, experts).view(residual.shape)
     return layer.post_feedforward_layernorm_1(dense) + layer.post_feedforward_layernorm_2(routed)
+
+
+def last_position(x: torch.Tensor, ple, ropes: dict, masks: dict):
+    """The inputs of the remaining layers cut to the last position (B, 1, ...): hidden states x (B, T, H), per-layer
+    inputs (B, T, layers, P) or None, RoPE tables {kind: (cos, sin) (B, T, d)} and the attention masks by window
+    ((B, 1, T, S) or None, which stays None: one query over all keys needs no mask)."""
+    ple = None if ple is None else ple[:, -1:]
+    ropes = {kind: (cos[:, -1:], sin[:, -1:]) for kind, (cos, sin) in ropes.items()}
+    masks = {key: (m[:, :, -1:] if isinstance(m, torch.Tensor) and (key is None or isinstance(key, int)) else m)
+             for key, m in masks.items()}  # (the attention masks are keyed by their window)
+    return x[:, -1:], ple, ropes, masks

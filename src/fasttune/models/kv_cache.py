@@ -47,7 +47,7 @@ class KVCache:
             if deltanet:
                 self.recurrent[i] = torch.zeros(batch, cfg.linear_value_heads, cfg.linear_key_dim,
                                                 cfg.linear_value_dim, device=device)
-        self.max_len, self.length = max_len, 0
+        self.max_len, self.length, self.written = max_len, 0, 0
         self.slot: torch.Tensor | None = None
         self.read_len = max_len
 
@@ -65,6 +65,7 @@ class KVCache:
             raise ValueError(f"KV cache holds {self.max_len} positions; {end} were requested.")
         self.keys[layer_idx][:, :, self.length:end] = k
         self.values[layer_idx][:, :, self.length:end] = v
+        self.written = end  # what a layer reading another's cache attends over (Gemma 4's shared layers)
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
     def start_decoding(self):
