@@ -115,6 +115,56 @@ def save_gemma3(folder, seed: int = 0):
                  init=lambda m: m.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3))
 
 
+GEMMA4_TOKENS = ["<|image>", "<image|>", "<|image|>"]  # ids 259, 260, 261: begin, end, soft token
+GEMMA4_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image|>")
+
+
+def gemma4_config(**text):
+    """A tiny Gemma 4 vision-language config: the 31B's text layout (tests/tiny.py's gemma4_text, `text` overrides)
+    with two-way attention inside images, a 2-layer tower of 16-pixel patches pooled 3 x 3, no audio."""
+    from transformers import Gemma4Config
+    from tiny import TINY
+
+    text = {**dict(TINY, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+                   sliding_window=4, layer_types=["sliding_attention", "full_attention"], hidden_size_per_layer_input=0,
+                   final_logit_softcapping=30.0, use_bidirectional_attention="vision"), **text}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=2, head_dim=16)
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, boi_token_id=259, eoi_token_id=260,
+                        image_token_id=261)
+
+
+def gemma4_processor(tok=None):
+    """fasttune's VisionProcessor as Gemma4Processor expands images: each <|image|> becomes <|image> + one soft token
+    per pooled patch group (Gemma4ImageProcessor's count, images resized to at most 70) + <image|>."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=GEMMA4_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS})
+    return VisionProcessor(tok, Gemma4ImageProcessorPil(max_soft_tokens=70), GEMMA4_TEMPLATE, "<|image|>", None,
+                           soft_token_marks=("<|image>", "<image|>"))
+
+
+def save_gemma4(folder, seed: int = 0, **text):
+    """Save a random tiny Gemma 4 vision-language model (fp32) with its processor to `folder`; returns it. The
+    embedder's projection is drawn wider than transformers' init so images change the logits clearly; the language
+    model's norms and layer scalars are drawn away from one so a misplaced one shows."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    def init(model):
+        model.model.embed_vision.embedding_projection.weight.normal_(0, 0.3)
+        for name, p in model.model.language_model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.1)
+        for name, b in model.model.language_model.named_buffers():
+            if name.endswith("layer_scalar"):
+                b.uniform_(0.5, 1.5)
+
+    return _save(folder, Gemma4ForConditionalGeneration, gemma4_config(**text), gemma4_processor(), seed, init=init)
+
+
 MISTRAL3_TOKENS = ["[IMG_BREAK]", "[IMG_END]", "[IMG]"]  # ids 259, 260, 261
 MISTRAL3_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "[IMG]")
 MISTRAL3_PATCH = 8  # tower patches of 8 pixels, merged 2 x 2: one token per 16 x 16 pixels

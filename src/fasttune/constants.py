@@ -7,5 +7,5 @@ IGNORE_INDEX = -100
 # generate and the trainers.
 VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
 # The processor's image inputs: the pixels, and each image's geometry (Qwen's (t, h, w) patch grids; Pixtral's, in
-# Mistral 3, (height, width) in pixels).
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+# Mistral 3, (height, width) in pixels; Gemma 4's (x, y) per patch, -1 for padding).
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids")

@@ -197,7 +197,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
             prompt = KVCache(model.arch, b, t, model.dtype, device)
             moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
-            geometry = moved.get("image_grid_thw", moved.get("image_sizes"))  # Qwen's grids, Pixtral's sizes
+            # Qwen's grids, Pixtral's sizes, Gemma 4's patch positions
+            geometry = moved.get("image_grid_thw", moved.get("image_sizes", moved.get("image_position_ids")))
             inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
                                              {k: moved.get(k) for k in VIDEO_KEYS})
             if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
@@ -323,7 +324,7 @@ def _image_inputs(model, prompt, kwargs: dict) -> dict:
     if images and getattr(model, "family", None) is None:
         raise ConfigError("generate(): pixel_values were given, but this model has no vision tower.")
     for grid, pixels in (("image_grid_thw", "pixel_values"), ("image_sizes", "pixel_values"),
-                         ("video_grid_thw", "pixel_values_videos")):
+                         ("image_position_ids", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
         if grid in images and pixels not in images:
             raise ConfigError(f"generate(): {grid} without {pixels}; pass the processor's output whole.")
     return images

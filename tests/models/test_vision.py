@@ -20,7 +20,8 @@ def _oracle_inputs(folder, batch, proc) -> dict:
     marks = (batch["input_ids"] == proc.image_token_id).long()
     if "mistral3" in str(folder):
         return {}
-    return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}
+    return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}  # (Gemma 4:
+    # its image tokens see each other both ways in the sliding layers)
 
 
 def _batch(proc):
@@ -251,7 +252,7 @@ def test_generate_with_images_equals_full_forwards(vl_dir):
             plain = None if "image_grid_thw" in batch else (mask.cumsum(-1) - 1).clamp(min=0)
             logits = model(input_ids=ids, attention_mask=mask, pixel_values=batch["pixel_values"],
                            image_grid_thw=batch.get("image_grid_thw"), image_sizes=batch.get("image_sizes"),
-                           position_ids=plain).logits
+                           image_position_ids=batch.get("image_position_ids"), position_ids=plain).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(out, ids)

@@ -40,11 +40,13 @@ class VisionProcessor(ProcessorMixin):
     Gemma3Processor writes), or one feature token per merged patch, `merge_size` per side (Qwen2.5-VL: 2), or,
     with `image_rows` = (break token, end token, pixels per token side) (Pixtral in Mistral 3, as PixtralProcessor
     writes), one feature token per token side of the resized image, each row of them closed by the break token and
-    the last by the end token. The rows' tokens are never targets (`image_token_ids`)."""
+    the last by the end token, or, with `soft_token_marks` = (begin token, end token) (Gemma 4, as Gemma4Processor
+    writes), the image processor's count of soft tokens for that image between the two marks. The rows' tokens are
+    never targets (`image_token_ids`)."""
 
     def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
-                 image_rows: tuple | None = None):
+                 image_rows: tuple | None = None, soft_token_marks: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -54,14 +56,15 @@ class VisionProcessor(ProcessorMixin):
         self.merge_size = merge_size
         self.image_sequence = image_sequence
         self.image_rows = image_rows
+        self.soft_token_marks = soft_token_marks
         # the tokens an image expands to that are never targets: its feature tokens, and Pixtral's row marks
         self.image_token_ids = {self.image_token_id} | (
             set(tokenizer.convert_tokens_to_ids(list(image_rows[:2]))) if image_rows else set())
 
     @classmethod
     def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int | None = 2,
-                        tokenizer=None, feature_token: str | None = None,
-                        image_sequence: str | None = None, image_rows: tuple | None = None) -> "VisionProcessor":
+                        tokenizer=None, feature_token: str | None = None, image_sequence: str | None = None,
+                        image_rows: tuple | None = None, soft_token_marks: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given). Raises ModelLoadError naming the
         missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -78,7 +81,7 @@ class VisionProcessor(ProcessorMixin):
             raise ModelLoadError(f"No usable image processor in '{folder}' ({e}): a vision-language model needs "
                                  f"its preprocessor_config.json beside the weights.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
-                   image_sequence, image_rows)
+                   image_sequence, image_rows, soft_token_marks)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor"):  # not set yet (unpickling): no recursion
@@ -108,7 +111,7 @@ class VisionProcessor(ProcessorMixin):
             extra["patch_size"] = {"height": side, "width": side}
         out = self.image_processor(images=images, return_tensors="pt", **extra)
         batch = {"pixel_values": out["pixel_values"]}
-        for key in ("image_grid_thw", "image_sizes"):
+        for key in ("image_grid_thw", "image_sizes", "image_position_ids"):
             if key in out:
                 batch[key] = torch.as_tensor(out[key]).long()
         return batch
@@ -118,6 +121,9 @@ class VisionProcessor(ProcessorMixin):
         width); fixed-size families: None)."""
         if self.image_sequence is not None:
             return [None] * len(images)
+        if self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
+            counts = self.image_processor(images=images, return_tensors="pt")["num_soft_tokens_per_image"]
+            return [int(n) for n in counts] if images else []
         key = "image_sizes" if self.image_rows is not None else "image_grid_thw"
         return self.process_images(images)[key].tolist() if images else []
 
@@ -132,6 +138,9 @@ class VisionProcessor(ProcessorMixin):
                 out.append(self.image_sequence + rest)
             elif self.image_rows is not None:
                 out.append(self._rows(grid) + rest)
+            elif self.soft_token_marks is not None:
+                begin, end = self.soft_token_marks
+                out.append(begin + self.feature_token * int(grid) + end + rest)
             else:
                 out.append(self.feature_token * (int(torch.as_tensor(grid).prod()) // self.merge_size ** 2) + rest)
         return "".join(out)
@@ -395,6 +404,10 @@ def processor_settings(vlm_config, tokenizer) -> dict:
                                                           vlm_config.image_token_id])
         return dict(image_token=boi, merge_size=None, feature_token=soft,
                     image_sequence=f"\n\n{boi}{soft * vlm_config.mm_tokens_per_image}{eoi}\n\n")
+    if vlm_config.model_type == "gemma4":  # Gemma4Processor: <image> -> begin mark, soft tokens, end mark
+        boi, eoi, image = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
+                                                           vlm_config.image_token_id])
+        return dict(image_token=image, merge_size=None, soft_token_marks=(boi, eoi))
     if vlm_config.model_type == "mistral3":  # PixtralProcessor's tokens; a token covers merge x merge patches
         image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size

@@ -159,6 +159,7 @@ class ModelConfig:
     value_norm: bool = False
     layer_scalar: bool = False
     norm_scale_fp32: bool = False  # Gemma 4: RMSNorms apply w in fp32, then cast (Llama's cast, then scale)
+    image_blocks_sliding_only: bool = False  # Gemma 4: an image's tokens see each other in the sliding layers only
     # Gemma 4 E2B / E4B: the last kv_shared_layers layers compute no keys or values: each reuses those of the last
     # earlier layer of its kind (sliding / full), and with double_wide_mlp their MLPs are twice intermediate_size;
     # per-layer embeddings (PLE) of per_layer_input_size channels per layer from a per_layer_vocab_size table
@@ -492,6 +493,7 @@ def _gemma4_fields(cfg: ModelConfig, get) -> None:
     cfg.embed_scale = math.sqrt(cfg.hidden_size)
     cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
     cfg.qk_norm = cfg.sandwich_norm = cfg.value_norm = cfg.layer_scalar = cfg.norm_scale_fp32 = True
+    cfg.image_blocks_sliding_only = True
     cfg.attn_scale = 1.0
     cfg.attn_logit_softcap = None
     cfg.final_logit_softcap = get("final_logit_softcapping")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import os
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -316,6 +317,9 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
     `quant` like a text model). The language half of `hf` is left to the caller to free."""
     family = VISION_FAMILIES[hf.config.model_type]
     text_config = copy.deepcopy(hf.config.text_config)
+    if family.model_type == "gemma4":  # an image's tokens see each other only where the config says so
+        family = replace(family, bidirectional_images=getattr(text_config, "use_bidirectional_attention",
+                                                              None) == "vision")
     text_config._experts_implementation = None  # transformers' choice for its own MoE modules; ours are in moe.py
     tied = bool(getattr(hf.config, "tie_word_embeddings", False))
     text_config.tie_word_embeddings = tied
@@ -416,7 +420,7 @@ def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool 
         model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents)
         return model, hf_config, gguf_tokenizer(contents, required=False)
     model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
-    if isinstance(model, VisionCausalLM) and not model.family.text_only:  # (Gemma 4 trains on text: its tokenizer)
+    if isinstance(model, VisionCausalLM):
         from fasttune.data.vision import VisionProcessor, processor_settings
 
         tokenizer = load_tokenizer(path)

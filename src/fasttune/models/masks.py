@@ -48,24 +48,28 @@ def segments_from_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor | None, batc
 
 
 def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None,
-                image_blocks=None) -> dict:
+                image_blocks=None, blocks_in_full_layers: bool = True) -> dict:
     """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
     `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
     `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
     (B, T; no cache): tokens of one image (equal ids >= 0) also see each other, later ones included; a window
-    still applies (transformers' Gemma 3: AND(window, OR(causal, block)))."""
+    still applies (transformers' Gemma 3: AND(window, OR(causal, block))); blocks_in_full_layers=False keeps the
+    full layers' mask causal (Gemma 4's create_masks_for_vision_model)."""
     if attention_mask is None and segment_ids is None and image_blocks is None and windows == {None} and (
             past == 0 or t == 1):
         return {None: None}
     q = torch.arange(past, past + t, device=device)[:, None]
     kv = torch.arange(past + t, device=device)[None, :]
-    causal = kv <= q
+    plain = causal = kv <= q
     if image_blocks is not None:
         same = (image_blocks[:, :, None] == image_blocks[:, None, :]) & (image_blocks[:, :, None] >= 0)
         causal = causal[None] | same  # (B, T, T)
     masks = {}
     for w in windows:
-        allowed = causal if w is None else causal & (q - kv < w)
+        if w is None:
+            allowed = causal if blocks_in_full_layers else plain
+        else:
+            allowed = causal & (q - kv < w)
         allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])

@@ -48,9 +48,11 @@ class VisionFamily:
     # Pixtral (Mistral 3): images of any size, each given by its (height, width) in pixels (the processor's
     # image_sizes), whose features come from a chosen tower layer through the patch-merging projector
     sized_images: bool = False
-    # The family's images (and audio, video) do not run on our decoder yet: its checkpoints train on text, the towers
-    # kept as they are (Gemma 4), and pixel inputs are refused
-    text_only: bool = False
+    # Gemma 4: each image comes as padded patches with their (x, y) positions (the processor's image_position_ids,
+    # -1 = padding), its features from the tower's last hidden state through the embedder (embed_vision)
+    positioned_patches: bool = False
+    # inputs of the family's processor that do not run on our decoder yet, refused by name (Gemma 4's video and audio)
+    refused_inputs: tuple = ()
 
 
 FAMILIES = {
@@ -79,13 +81,17 @@ FAMILIES = {
                              r"model\.vision_tower\.transformer\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
                              r"model\.vision_tower\.transformer\.layers\.\d+\.feed_forward\."
                              r"(gate_proj|up_proj|down_proj)", sized_images=True),
-    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its language model on our decoder for text; the vision
-    # tower with its embedder (and the E2B / E4B audio tower) kept frozen as transformers loads them
+    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its vision tower and embedder in front of our decoder;
+    # the E2B / E4B audio tower kept frozen as transformers loads it, audio and video inputs refused. Two-way
+    # attention inside an image only where the config asks for it (use_bidirectional_attention "vision"), and then
+    # in the sliding layers only (ModelConfig.image_blocks_sliding_only)
     "gemma4": VisionFamily("gemma4", (("vision_tower", "vision_tower"), ("embed_vision", "embed_vision"),
                                       ("audio_tower", "audio_tower"), ("embed_audio", "embed_audio")),
                            r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.linear",
                            r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
-                           bidirectional_images=True, scaled_embeddings=True, text_only=True),
+                           scaled_embeddings=True, positioned_patches=True,
+                           refused_inputs=("pixel_values_videos", "video_position_ids", "num_frames_per_video",
+                                           "input_features", "input_features_mask")),
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
@@ -187,6 +193,10 @@ class VisionCausalLM(CausalLM):
         DeepStack features, one (image tokens, hidden) tensor per early decoder layer, else [])."""
         if self.family.sized_images:
             return self._pixtral_features(pixel_values, image_grid_thw), []
+        if self.family.positioned_patches:  # Gemma 4: the tower drops the padding patches and pools the rest
+            hidden = self.vision_tower(pixel_values=pixel_values.to(self.dtype),
+                                       pixel_position_ids=image_grid_thw).last_hidden_state
+            return self.embed_vision(inputs_embeds=hidden).reshape(-1, self.config.hidden_size).to(self.dtype), []
         if self.family.model_type == "gemma3":
             tower = self.vision_tower
             hidden = tower(pixel_values=pixel_values.to(self.multi_modal_projector.mm_input_projection_weight.dtype)
@@ -266,6 +276,9 @@ class VisionCausalLM(CausalLM):
             if grid is None and self.family.sized_images:
                 raise ConfigError(f"{key} need image_sizes (images, 2), each image's (height, width) as the "
                                   f"processor returns them.")
+            if grid is None and self.family.positioned_patches:
+                raise ConfigError(f"{key} need image_position_ids (images, patches, 2), each patch's (x, y) as the "
+                                  f"processor returns them.")
             feats, deep = self.image_features(pixels, grid)
             n_tokens = int(mask.sum())
             if n_tokens != feats.shape[0]:
@@ -309,7 +322,7 @@ class VisionCausalLM(CausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                token_type_ids=None, image_sizes=None, **kwargs):
+                token_type_ids=None, image_sizes=None, image_position_ids=None, **kwargs):
         """CausalLM.forward plus the image and video inputs the processor returns: pixel_values (patches,
         C*T*P*P), image_grid_thw (images, 3) (Qwen); images (N, C, H, W) with image_sizes (N, 2) (Mistral 3);
         pixel_values_videos, video_grid_thw (videos, 3) and
@@ -317,13 +330,18 @@ class VisionCausalLM(CausalLM):
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
-        if self.family is not None and self.family.text_only:  # text: the ids go to the decoder as they are
-            _refuse_media(self.family, pixel_values, kwargs)  # (Gemma 4's per-layer embeddings look them up)
+        if self.family is not None and self.family.refused_inputs:
+            _refuse_media(self.family, kwargs)
+        if pixel_values is None and self.arch.per_layer_input_size:  # text: the ids go to the decoder as they are
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   **kwargs)
+                                   **kwargs)  # (Gemma 4's per-layer embeddings look them up)
+        if pixel_values is not None and self.arch.per_layer_input_size:
+            raise ConfigError("Images on a Gemma 4 with per-layer embeddings (E2B, E4B) do not run on fasttune's "
+                              "decoder yet (their per-layer inputs treat image positions apart); train these "
+                              "models on text, or the images with transformers + PEFT.")
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
-            geometry = _geometry(image_grid_thw, image_sizes)
+            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
@@ -345,35 +363,35 @@ class VisionBackbone:
         self.model = model
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, pixel_values=None,
-                 image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, image_sizes=None, **kwargs):
+                 image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, image_sizes=None,
+                 image_position_ids=None, **kwargs):
         m = self.model
         if inputs_embeds is None and input_ids is not None:
-            inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, _geometry(image_grid_thw, image_sizes),
-                                                        attention_mask, position_ids, kwargs)
+            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
+            inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, geometry, attention_mask,
+                                                        position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
 
 
-# What a text_only family's processor adds for images, videos and audio (Gemma 4's), refused by _refuse_media.
-MEDIA_KEYS = ("image_position_ids", "pixel_values_videos", "video_position_ids", "num_frames_per_video",
-              "input_features", "input_features_mask")
-
-
-def _refuse_media(family: VisionFamily, pixel_values, kwargs: dict) -> None:
-    """ConfigError when a text_only family (Gemma 4) is given images, videos or audio, naming what was passed."""
-    given = (["pixel_values"] if pixel_values is not None else []) + \
-        [k for k in MEDIA_KEYS if kwargs.get(k) is not None]
+def _refuse_media(family: VisionFamily, kwargs: dict) -> None:
+    """ConfigError naming the family's refused_inputs given (Gemma 4's videos and audio); the others (None) are
+    dropped from kwargs."""
+    given = [k for k in family.refused_inputs if kwargs.get(k) is not None]
     if given:
-        raise ConfigError(f"{family.model_type}: fasttune trains this model on text only so far; the batch holds "
-                          f"{', '.join(given)}. Drop the images, videos and audio from the data, or fine-tune them "
-                          f"with transformers + PEFT.")
-    for key in MEDIA_KEYS:
+        raise ConfigError(f"{family.model_type}: fasttune trains this model on text and images so far; the batch "
+                          f"holds {', '.join(given)}. Drop the videos and audio from the data, or fine-tune them with "
+                          f"transformers + PEFT.")
+    for key in family.refused_inputs:
         kwargs.pop(key, None)
 
 
-def _geometry(image_grid_thw, image_sizes):
+def _geometry(image_grid_thw, image_sizes, image_position_ids=None):
     """The images' geometry as the processor gives it: Qwen's (t, h, w) patch grids, else Pixtral's (height, width)
-    image sizes (Mistral 3), else None."""
-    return image_grid_thw if image_grid_thw is not None else image_sizes
+    image sizes (Mistral 3), else Gemma 4's patch positions (images, patches, 2), else None."""
+    for given in (image_grid_thw, image_sizes, image_position_ids):
+        if given is not None:
+            return given
+    return None
 
 
 def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,
