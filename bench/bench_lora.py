@@ -152,7 +152,8 @@ MATRIX = {
              ("ours", "lfm2-1.2b", "off", "triton", "none"), ("hf", "lfm2-1.2b", "on", "-", "nf4"),
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],
     "gemma4": [("hf", "gemma-4-31b-12l", "on", "-", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "none"),
-               ("ours", "gemma-4-31b-12l", "off", "triton", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "nf4")],
+               ("ours", "gemma-4-31b-12l", "off", "triton", "none"),
+               ("ours", "gemma-4-31b-12l", "on", "triton", "nf4")],
     # LoRA on attention and the dense MLPs on both sides (the experts frozen: PEFT needs target_parameters for them)
     "gemma4-moe": [("hf", "gemma-4-26b-a4b-10l", "on", "-", "none"),
                    ("ours", "gemma-4-26b-a4b-10l", "on", "triton", "none"),

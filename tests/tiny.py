@@ -183,8 +183,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "norm" in n:  # Gemma's and Qwen3.5's RMSNorms scale by (1 + w) (not Qwen3.5's gated norm)
-                centred = (family.startswith("gemma") and not family.startswith("gemma4")) or (family.startswith(("qwen3_5", "qwen3_next"))
-                                                         and "linear_attn" not in n)
+                centred = (family.startswith("gemma") and not family.startswith("gemma4")) or \
+                    (family.startswith(("qwen3_5", "qwen3_next")) and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight")):  # decisive routing
                 p.normal_(0.0, 0.5)

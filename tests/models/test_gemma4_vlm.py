@@ -84,16 +84,30 @@ def test_video_and_audio_are_refused_by_name(gemma4_dir):
         model(ids, attention_mask=mask, pixel_values_videos=torch.zeros(1, 4, 588))
 
 
-def test_images_on_per_layer_embeddings_are_refused(tmp_path):
-    """E2B / E4B train on text on our decoder; with images their per-layer inputs would need the image positions
-    treated apart, which is not done yet."""
+def test_e2b_layout_with_images_equals_transformers(tmp_path):
+    """E2B / E4B with images: the per-layer embeddings look up the pad token at the image positions (transformers'
+    llm_input_ids) while the per-layer projection reads the embeddings with the image features in; logits and
+    greedy generation from an image prompt equal transformers'."""
+    from tiny_vision import solid_image
+    from transformers import AutoModelForImageTextToText
+
+    from fasttune import FastVisionModel
+
     folder = _save(tmp_path / "e2b", num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
                    hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, num_kv_shared_layers=2)
-    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
-    ids, mask = _ids()
-    with pytest.raises(ConfigError, match="per-layer embeddings .*E2B, E4B"):
-        model(ids, attention_mask=mask, pixel_values=torch.zeros(1, 4, 768),
-              image_position_ids=torch.zeros(1, 4, 2, dtype=torch.long))
+    model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.float32)
+    hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
+    batch = proc.prompt_inputs([[{"type": "image", "image": solid_image("red")}, {"type": "text", "text": "hue?"}],
+                                [{"type": "text", "text": "and"},
+                                 {"type": "image", "image": solid_image((0, 0, 255), (84, 56))}]])
+    marks = (batch["input_ids"] == proc.image_token_id).long()
+    with torch.no_grad():
+        ref = hf(**batch, mm_token_type_ids=marks).logits
+        ours = model(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    want = hf.generate(**batch, mm_token_type_ids=marks, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), want)
 
 
 def test_e2b_layout_text_logits_equal_transformers(tmp_path):

@@ -277,7 +277,8 @@ class CausalLM(PreTrainedModel):
                 logits_to_keep: int = 0, num_items_in_batch=None, return_logits: bool | None = None,
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
-                seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None):
+                seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
+                per_layer_ids=None):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -300,7 +301,7 @@ class CausalLM(PreTrainedModel):
                          segment_ids, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
                          cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits,
-                         image_blocks=image_blocks, deepstack=deepstack,
+                         image_blocks=image_blocks, deepstack=deepstack, per_layer_ids=per_layer_ids,
                          last_only=past_key_values is not None and logits_to_keep == 1 and labels is None)
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None

@@ -460,8 +460,8 @@ def _mla_fields(cfg: ModelConfig, get) -> None:
 
 
 def decoder_runs(hf_config) -> bool:
-    """Whether fasttune's decoder runs this transformers config: its family is in SUPPORTED_FAMILIES, and it uses none of
-    the features of that family the decoder lacks (Gemma 4's bidirectional attention over all tokens, an embedding
+    """Whether fasttune's decoder runs this transformers config: its family is in SUPPORTED_FAMILIES, and it uses none
+    of the features of that family the decoder lacks (Gemma 4's bidirectional attention over all tokens, an embedding
     model's): the loaders send the rest to the transformers fallback."""
     get = (lambda k, d=None: hf_config.get(k, d)) if isinstance(hf_config, dict) else \
         (lambda k, d=None: getattr(hf_config, k, d))
@@ -472,7 +472,7 @@ def decoder_runs(hf_config) -> bool:
 
 
 def gemma4_unsupported(get) -> list[str]:
-    """The Gemma 4 features of a config that fasttune's decoder does not run yet, by their config names (empty: none)."""
+    """The Gemma 4 features of a config that fasttune's decoder does not run, by their config names (empty: none)."""
     found = []
     if get("use_bidirectional_attention") not in (None, "vision"):  # ("vision": image tokens only, models/vision.py)
         found.append(f"bidirectional attention (use_bidirectional_attention={get('use_bidirectional_attention')!r})")

@@ -531,15 +531,17 @@ class DecoderModel(nn.Module):
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                 max_length_k=None, seq_idx=None, output_router_logits: bool = False,
-                image_blocks=None, deepstack=None, last_only: bool = False) -> BaseModelOutput:
+                image_blocks=None, deepstack=None, last_only: bool = False, per_layer_ids=None) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
         with no attention_mask mark packed documents (as transformers reads padding-free batches), which then
         attend only within themselves. last_only (generation, with a KVCache): only the last position's output is
         needed, so Gemma 4's shared key/value layers, which write no cache, run on it alone (transformers' prefill
-        does the same); `.last_hidden_state` is then (B, 1, H).
-        cu_seq_lens_q/k (D + 1,) int32: the document boundaries of a padding-free row (B = 1) as TRL's collator and flash attention write them (max_length_q/k are implied by them);
+        does the same); `.last_hidden_state` is then (B, 1, H). per_layer_ids (B, T): the ids Gemma 4's per-layer
+        embeddings look up when inputs_embeds are given (models/gemma4.py).
+        cu_seq_lens_q/k (D + 1,) int32: the document boundaries of a padding-free row (B = 1) as TRL's collator
+        and flash attention write them (max_length_q/k are implied by them);
         seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids).
         `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
@@ -560,7 +562,10 @@ class DecoderModel(nn.Module):
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if cfg.embedding_multiplier is not None:  # Granite scales given embeddings too, by a Python float
             x = x * cfg.embedding_multiplier
-        ple = per_layer_inputs(self, input_ids, x) if cfg.per_layer_input_size else None
+        # Gemma 4's per-layer embeddings, looked up by id: input_ids, or with inputs_embeds that hold images, the ids
+        # with the pad token at the image positions (per_layer_ids, models/vision.py)
+        ple = per_layer_inputs(self, input_ids if input_ids is not None else per_layer_ids, x) \
+            if cfg.per_layer_input_size else None
         past = past_key_values.length if past_key_values is not None else 0
         if attention_mask is not None and past_key_values is None and image_blocks is None and \
                 right_padded(attention_mask):

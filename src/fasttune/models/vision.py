@@ -87,7 +87,8 @@ FAMILIES = {
     # in the sliding layers only (ModelConfig.image_blocks_sliding_only)
     "gemma4": VisionFamily("gemma4", (("vision_tower", "vision_tower"), ("embed_vision", "embed_vision"),
                                       ("audio_tower", "audio_tower"), ("embed_audio", "embed_audio")),
-                           r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|o_proj)\.linear",
+                           r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\."
+                           r"(q_proj|k_proj|v_proj|o_proj)\.linear",
                            r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
                            scaled_embeddings=True, positioned_patches=True,
                            refused_inputs=("pixel_values_videos", "video_position_ids", "num_frames_per_video",
@@ -227,9 +228,13 @@ class VisionCausalLM(CausalLM):
         processor's pixel_values_videos, video_grid_thw and (Qwen2.5-VL) second_per_grid_ts (VIDEO_KEYS)."""
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
         positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask, videos)
+        per_layer_ids = None
+        if self.arch.per_layer_input_size:  # Gemma 4 E2B / E4B: image positions look up the pad token's row
+            pad = self.arch.pad_token_id or 0
+            per_layer_ids = input_ids.masked_fill(input_ids == self.image_token_id, pad)
         return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
                 "image_blocks": self.image_blocks(input_ids) if pixel_values is not None else None,
-                "deepstack": deep}
+                "deepstack": deep, "per_layer_ids": per_layer_ids}
 
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
         """(inputs_embeds, position_ids) for the decoder from input_ids and their images and videos
@@ -237,7 +242,7 @@ class VisionCausalLM(CausalLM):
         are added to `kwargs` unless given. Given position_ids win."""
         videos = {k: kwargs.pop(k) for k in VIDEO_KEYS if k in kwargs}
         inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos)
-        for key in ("image_blocks", "deepstack"):
+        for key in ("image_blocks", "deepstack", "per_layer_ids"):
             if kwargs.get(key) is None:
                 kwargs[key] = inputs[key]
         return inputs["inputs_embeds"], inputs["position_ids"] if position_ids is None else position_ids
@@ -336,10 +341,6 @@ class VisionCausalLM(CausalLM):
             return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                    past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
                                    **kwargs)  # (Gemma 4's per-layer embeddings look them up)
-        if pixel_values is not None and self.arch.per_layer_input_size:
-            raise ConfigError("Images on a Gemma 4 with per-layer embeddings (E2B, E4B) do not run on fasttune's "
-                              "decoder yet (their per-layer inputs treat image positions apart); train these "
-                              "models on text, or the images with transformers + PEFT.")
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
