@@ -120,6 +120,13 @@ def hf_config(family: str, **overrides):
                                   rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
                                                    "original_max_position_embeddings": 64, "mscale": 1.0,
                                                    "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0})
+    elif family == "deepseek_v2":  # DeepSeek-V2's MLA with softmax routing limited to the best of 2 expert groups
+        # (never renormalised, scaled by 2.5), layer 0 dense, interleaved RoPE
+        kw.update(num_hidden_layers=3, num_key_value_heads=4)
+        cfg = tf.DeepseekV2Config(**kw, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                                  v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                  n_shared_experts=1, n_group=2, topk_group=1, topk_method="group_limited_greedy",
+                                  routed_scaling_factor=2.5, first_k_dense_replace=1, tie_word_embeddings=False)
     elif family == "lfm3":  # conv, sliding attention (window 4, plain RoPE), full attention (proportional RoPE on
         # half the pairs), conv; four norms per layer, a sigmoid gate per attention head
         kw.update(num_hidden_layers=4)

@@ -25,7 +25,7 @@ def pair(tmp_path, tiny_tokenizer):
     return _pair(tmp_path / "m", tiny_tokenizer)
 
 
-FAMILIES = ["glm4_moe_lite", "deepseek_v3"]
+FAMILIES = ["glm4_moe_lite", "deepseek_v3", "deepseek_v2"]
 
 
 def test_fields():
@@ -104,12 +104,13 @@ def test_recompute_and_offload_gradients_equal(tmp_path, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("family, overrides", [("glm4_moe_lite", {}), ("deepseek_v3", {}),
+                                               ("deepseek_v2", {"topk_method": "greedy"}),
                                                ("glm4_moe_lite", {"rope_interleave": False})],
-                         ids=["glm4_moe_lite", "deepseek_v3-yarn", "rotate_half"])
+                         ids=["glm4_moe_lite", "deepseek_v3-yarn", "deepseek_v2-greedy", "rotate_half"])
 def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
     """llama.cpp's deepseek2 (attention over the latent, kv_b_proj split into attn_k_b / attn_v_b, sigmoid routing
-    with groups, leading dense layers; yarn's log multiplier; a rotate-half checkpoint's rows put in adjacent pairs):
-    f16 logits of the LoRA-merged model within the MoE families' bound."""
+    with groups, or DeepSeek-V2's greedy softmax, leading dense layers; yarn's log multiplier; a rotate-half
+    checkpoint's rows put in adjacent pairs): f16 logits of the LoRA-merged model within the MoE families' bound."""
     pytest.importorskip("llama_cpp")
     from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
 
@@ -123,6 +124,9 @@ def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
     assert (yarn is not None) == (family == "deepseek_v3") and (yarn is None or yarn.contents() == pytest.approx(0.1))
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
     assert shapes["blk.1.attn_k_b.weight"] == [12, 32, 4] and shapes["blk.1.attn_v_b.weight"] == [32, 16, 4]
+    if family == "deepseek_v2":  # softmax gating, not renormalised, scaled
+        assert field("deepseek2.expert_gating_func") == 1 and field("deepseek2.expert_weights_norm") is False
+        assert field("deepseek2.expert_weights_scale") == pytest.approx(2.5)
     rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
     assert rel < 2e-3 and top1 >= 1.0
 
@@ -222,3 +226,14 @@ def test_dora_on_kv_b_proj_decodes_as_a_full_rerun(pair):
         for _ in range(6):
             seq = torch.cat([seq, dora(seq).logits[:, -1:].argmax(-1)], dim=1)
     assert torch.equal(out, seq)
+
+
+def test_gguf_of_deepseek_v2_group_limited_routing_is_refused(tmp_path, tiny_tokenizer):
+    """llama.cpp ranks expert groups by their two best scores (DeepSeek-V3's rule); DeepSeek-V2's group-limited
+    routing ranks them by the best one, so such a file would route differently (seen: 0.1 of the logits' range)."""
+    hf_model("deepseek_v2").save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="group_limited_greedy"):
+        model.save_pretrained_gguf(tmp_path / "out.gguf", tok, quantization_method="f16", progress=False)
+    assert not (tmp_path / "out.gguf").exists()

@@ -244,13 +244,14 @@ def _yarn_metadata(writer, cfg, log_multiplier: float | None) -> None:
         writer.add_rope_scaling_yarn_log_mul(log_multiplier)
 
 
-def _sigmoid_routing_metadata(writer, cfg) -> None:
-    """llama.cpp's keys for DeepSeek-V3's routing (GLM-4.5, as convert_hf_to_gguf writes them): sigmoid gating, the
-    weights' scale and renormalisation, the expert groups, the shared experts as a count of expert widths, and the
-    leading dense layers."""
+def _deepseek_routing_metadata(writer, cfg) -> None:
+    """llama.cpp's keys for DeepSeek-V3's routing (GLM-4.5) and DeepSeek-V2's, as convert_hf_to_gguf writes them:
+    sigmoid or softmax gating, the weights' scale and renormalisation, the expert groups, the shared experts as a
+    count of expert widths, and the leading dense layers."""
     import gguf
 
-    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
+    sigmoid = cfg.router_scoring == "sigmoid"
+    writer.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if sigmoid else gguf.ExpertGatingFuncType.SOFTMAX)
     writer.add_expert_weights_scale(float(cfg.routed_scaling))
     writer.add_expert_weights_norm(bool(cfg.norm_topk_prob))
     writer.add_expert_group_count(int(cfg.router_groups[0]))
@@ -339,8 +340,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
                                              "deepseek2", "gemma4"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
-        if cfg.router_scoring == "sigmoid":  # GLM-4.5: DeepSeek-V3's routing, as llama.cpp's glm4moe reads it
-            _sigmoid_routing_metadata(writer, cfg)
+        if cfg.router_scoring in ("sigmoid", "softmax_grouped"):  # DeepSeek-V3's (GLM-4.5) and V2's routing
+            _deepseek_routing_metadata(writer, cfg)
         elif cfg.shared_expert_size:
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)
 

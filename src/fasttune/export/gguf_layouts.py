@@ -84,6 +84,11 @@ def check_supported(cfg) -> None:
                           "llama.cpp's deepseek2 reads attn_q only for DeepSeek-V2-Lite's 27 layers, so the GGUF "
                           "would not load. Save the merged model with save_pretrained_merged instead. Nothing was "
                           "written.")
+    if cfg.router_scoring == "softmax_grouped" and cfg.router_groups[0] > 1:
+        raise ConfigError("This DeepSeek-V2 model routes with topk_method 'group_limited_greedy' (expert groups ranked "
+                          "by their best score); llama.cpp's deepseek2 ranks groups by their two best scores "
+                          "(DeepSeek-V3's rule), so the GGUF would route tokens differently. Save the merged model "
+                          "with save_pretrained_merged instead. Nothing was written.")
     if arch in ("glm4moe", "deepseek2"):
         _check_leading_dense(cfg)
     elif cfg.num_experts and arch not in ("gpt-oss", "gemma4"):  # (Gemma 4: experts beside every dense MLP)

@@ -24,12 +24,12 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
-                      "glm4_moe_lite", "deepseek_v3", "gemma4_text")
+                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
-                "glm4_moe_lite", "deepseek_v3")
+                "glm4_moe_lite", "deepseek_v3", "deepseek_v2")
 DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
@@ -39,7 +39,7 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
            "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
                     "norm": "embedding_norm"},
            "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
-           "deepseek_v3": {"shared_expert": "shared_experts"}}
+           "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -120,7 +120,9 @@ class ModelConfig:
     shared_expert_gated: bool = True  # False: GLM-4.5's shared experts, added without Qwen3.5-MoE's sigmoid gate
     # DeepSeek-V3's routing (GLM-4.5, models/moe.py's route_sigmoid): "sigmoid" scores, experts chosen by score +
     # e_score_correction_bias within the best topk_group of n_group groups, weighted by their scores (renormalised
-    # when norm_topk_prob) times routed_scaling_factor, the router in fp32; "softmax" is the usual top-k softmax
+    # when norm_topk_prob) times routed_scaling_factor, the router in fp32; "softmax" is the usual top-k softmax;
+    # "softmax_grouped" DeepSeek-V2's (route_softmax_grouped: softmax in fp32, the groups ranked by their best score,
+    # weights not renormalised, times routed_scaling_factor)
     router_scoring: str = "softmax"
     router_groups: tuple = (1, 1)  # (n_group, topk_group)
     routed_scaling: float = 1.0
@@ -343,7 +345,7 @@ class ModelConfig:
             cfg.mrope_section, cfg.mrope_interleaved = None, False
         if model_type in ("lfm2", "lfm3"):
             _lfm2_fields(cfg, get)
-        if model_type in ("glm4_moe_lite", "deepseek_v3"):
+        if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2"):
             _mla_fields(cfg, get)
         if model_type == "gemma4_text":
             _gemma4_fields(cfg, get)
@@ -556,7 +558,7 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
         cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
                           for i in range(cfg.num_layers)]
-    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite", "deepseek_v3"):  # DeepSeek-V3's layers: dense MLPs first
+    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2"):  # dense MLPs first
         cfg.num_experts = get("n_routed_experts") or get("num_local_experts")
         cfg.moe_intermediate_size = get("moe_intermediate_size")
         cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("n_shared_experts", 1) or 0)
@@ -575,6 +577,11 @@ def _moe_fields(cfg: ModelConfig, get) -> None:
                                  f"{cfg.num_layers} layers; it has {list(kinds)}. Fix config.json.")
         cfg.moe_layers = [kinds[i] == "sparse" for i in range(cfg.num_layers)] if kinds else \
             [i >= first for i in range(cfg.num_layers)]
+        if cfg.model_type == "deepseek_v2":  # transformers' DeepseekV2TopkRouter: softmax, greedy or by groups (each
+            # group's best score), never renormalised, times routed_scaling_factor
+            cfg.router_scoring, cfg.norm_topk_prob = "softmax_grouped", False
+            if get("topk_method", "greedy") != "group_limited_greedy":
+                cfg.router_groups = (1, 1)
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

@@ -67,6 +67,21 @@ def route_sigmoid(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int, g
 
 
 @functools.lru_cache(maxsize=None)
+def route_softmax_grouped(router_logits: torch.Tensor, top_k: int, groups: tuple, scaling: float):
+    """DeepSeek-V2's routing (transformers' DeepseekV2TopkRouter): softmax over all experts in fp32; with groups =
+    (n_group, topk_group) beyond (1, 1), only the topk_group groups with the highest single score keep theirs; the
+    k largest, not renormalised, times `scaling`. router_logits (N, E) -> (weights (N, k) fp32, experts (N, k))."""
+    scores = torch.softmax(router_logits.float(), dim=-1)
+    n_group, topk_group = groups
+    if n_group > 1:
+        n, e = scores.shape
+        best = scores.view(n, n_group, e // n_group).amax(dim=-1)
+        keep = torch.zeros_like(best).scatter_(1, torch.topk(best, topk_group, dim=-1).indices, 1.0)
+        scores = scores.masked_fill(~keep.bool().repeat_interleave(e // n_group, dim=1), 0.0)
+    weights, experts = torch.topk(scores, top_k, dim=-1)
+    return weights * scaling, experts
+
+
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)  # (a property query per call costs more than the check)
 
@@ -266,10 +281,10 @@ class Router(nn.Module):
 
     bias = None
 
-    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = False):
+    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = False, fp32: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        self.keep_fp32 = score_bias
+        self.keep_fp32 = score_bias or fp32  # (DeepSeek-V2's router is fp32 without a bias)
         if score_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
 
@@ -320,8 +335,9 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.top_k, self.norm_topk_prob, self.jitter = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_jitter
         self.sigmoid = cfg.router_scoring == "sigmoid"
+        self.grouped_softmax = cfg.router_scoring == "softmax_grouped"
         self.groups, self.scaling = cfg.router_groups, cfg.routed_scaling
-        self.gate = Router(cfg.hidden_size, cfg.num_experts, score_bias=self.sigmoid)
+        self.gate = Router(cfg.hidden_size, cfg.num_experts, score_bias=self.sigmoid, fp32=self.grouped_softmax)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
         # a dense MLP every token takes (GLM-4.5's shared_experts), scaled by a learned gate in Qwen3.5-MoE
         self.shared_name = cfg.module_name("shared_expert") if shared_expert is not None else None
@@ -342,6 +358,8 @@ class SparseMoeBlock(nn.Module):
             router = getattr(self.gate, "base_layer", self.gate)  # (under LoRA: a LoraLinear around it)
             weights, experts = route_sigmoid(logits, router.e_score_correction_bias, self.top_k, self.groups,
                                              self.norm_topk_prob, self.scaling)
+        elif self.grouped_softmax:
+            weights, experts = route_softmax_grouped(logits, self.top_k, self.groups, self.scaling)
         else:
             weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         out = self.experts(flat, weights, experts)

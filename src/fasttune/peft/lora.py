@@ -234,7 +234,7 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 # MoE families with a shared expert that PEFT maps as Qwen2-MoE (its _MODEL_TO_CONVERSION_PATTERN): the MLP names
 # mean the routed experts there
-PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3")
+PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2")
 
 
 def expert_target_parameters(arch) -> list[str]:
