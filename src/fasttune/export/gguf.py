@@ -49,7 +49,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
-from fasttune.export.gguf_gemma4 import gemma4_moe_tensor, gemma4_rope_freqs, write_gemma4_metadata
+from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, gemma4_router_scale_name, write_gemma4_metadata
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
@@ -156,13 +156,11 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
                 out[names.get_name(f"{name.removesuffix('gate_up_proj')}{proj}.weight",
                                    try_suffixes=(".weight",))] = part.contiguous()
             continue
-        if name.endswith("mlp.experts.down_proj"):
+        if name.endswith(("experts.down_proj", "experts.gate_up_proj")):  # (Gemma 4's fused gate_up stays whole)
             name += ".weight"
-        if arch == "gemma4" and (".experts." in name or ".router." in name):  # 26B-A4B (export/gguf_gemma4.py)
-            name, t = gemma4_moe_tensor(name, t)
-            if not name.startswith("model."):  # already llama.cpp's name
-                out[name] = t
-                continue
+        if arch == "gemma4" and name.endswith(("router.scale", "router.per_expert_scale")):
+            out[gemma4_router_scale_name(name)] = t  # 26B-A4B (export/gguf_gemma4.py)
+            continue
         if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
             name = name.removesuffix("_bias") + ".bias"
         # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores

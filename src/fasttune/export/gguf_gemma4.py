@@ -11,7 +11,7 @@ E2B / E4B's per-layer embeddings keep transformers' tensors under llama.cpp's na
 per_layer_model_proj, per_layer_proj_norm, blk.N.inp_gate / proj / post_norm), and their shared key/value layers have
 no attn_k / attn_v (`shared_kv_layers` says which). 26B-A4B's experts go in as llama.cpp's fused
 `ffn_gate_up_exps` and `ffn_down_exps`, the router as `ffn_gate_inp` with its `scale` as `ffn_gate_inp.scale` and
-the per-expert scales as `ffn_down_exps.scale` (gemma4_moe_tensor).
+the per-expert scales as `ffn_down_exps.scale` (gemma4_router_scale_name).
 """
 from __future__ import annotations
 
@@ -57,14 +57,8 @@ def write_gemma4_metadata(writer, cfg) -> None:
         writer.add_final_logit_softcapping(float(cfg.final_logit_softcap))
 
 
-def gemma4_moe_tensor(name: str, t: torch.Tensor) -> tuple[str, torch.Tensor]:
-    """A Gemma 4 MoE layer's experts / router tensor (transformers' name, fp32) -> (name, tensor): the stacked experts
-    and the router's projection under transformers' names with ".weight" (gguf's table maps them), the router's
-    scale and per-expert scales under llama.cpp's names (blk.N.ffn_gate_inp.scale, blk.N.ffn_down_exps.scale), as
-    convert_hf_to_gguf's Gemma4Model writes them."""
+def gemma4_router_scale_name(name: str) -> str:
+    """llama.cpp's name for a Gemma 4 MoE layer's router scale (H,) or per-expert scales (E,) (transformers' name),
+    as convert_hf_to_gguf's Gemma4Model writes them: blk.N.ffn_gate_inp.scale / blk.N.ffn_down_exps.scale."""
     layer = re.search(r"\.layers\.(\d+)\.", name).group(1)
-    if name.endswith("router.scale"):
-        return f"blk.{layer}.ffn_gate_inp.scale", t
-    if name.endswith("router.per_expert_scale"):
-        return f"blk.{layer}.ffn_down_exps.scale", t
-    return (name if name.endswith(".weight") else name + ".weight"), t
+    return f"blk.{layer}.ffn_gate_inp.scale" if name.endswith("router.scale") else f"blk.{layer}.ffn_down_exps.scale"

@@ -193,6 +193,11 @@ class ModelConfig:
                        num_kv_heads=self.global_kv_heads or self.num_kv_heads)
 
     @property
+    def global_rotary_dim(self) -> int:
+        """How many channels RoPE rotates in the full-attention layers' heads (wider in Gemma 4; else rotary_dim)."""
+        return int((self.global_head_dim or self.head_dim) * self.partial_rotary_factor)
+
+    @property
     def max_head_dim(self) -> int:
         """The widest attention head of any layer (Gemma 4's full layers can be wider)."""
         return max(self.head_dim, self.global_head_dim)

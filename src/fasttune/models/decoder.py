@@ -169,8 +169,6 @@ class Attention(nn.Module):
             q, k = self._qk_norms(q, k)
         if mask.get("query_scale") is not None:  # Ministral 3, after RoPE as transformers scales
             q = q * mask["query_scale"]
-        if self.kv_stored and cache is None:
-            return (self.attend(q, k, v, mask, cache, gate), k, v)
         if block is not None:
             keeper, slot, _ = block
             if replay:
@@ -178,29 +176,21 @@ class Attention(nn.Module):
             else:
                 for name, part in (("q", q), ("k", k), ("v", v)):
                     keeper.keep(slot, name, part)
-        spans = mask.get("varlen")
-        if spans is not None:  # packed rows on CUDA: one flash-attention sequence per document
-            out = varlen_attention(q, k, v, spans, self.sliding_window, cfg.scaling)
-            return project(_gated(out.reshape(b, t, self.q_size), gate), self.out_layer, values_unused=replay)[0]
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)
-        out = attention(q, k, v, mask.get(self.sliding_window), cfg.scaling, cfg.attn_logit_softcap,
-                        self.sinks if cfg.attn_sinks else None)
-        out = _gated(out.transpose(1, 2).reshape(b, t, self.q_size), gate)
-        if replay:  # only the graph is needed: the layer takes the kept residual in place of x + o_proj(out)
-            return project(out, self.out_layer, values_unused=True)[0]
-        return one_linear(self.out_layer, out)
+        out = self.attend(q, k, v, mask, cache, gate, values_unused=replay)
+        return (out, k, v) if self.kv_stored and cache is None else out
 
-    def attend(self, q, k, v, mask, cache: KVCache | None = None, gate=None, cached: bool = False):
+    def attend(self, q, k, v, mask, cache: KVCache | None = None, gate=None, cached: bool = False,
+               values_unused: bool = False):
         """Attention of q (B, T, heads, head_dim) over k, v (B, T, kv heads, head_dim: this step's, written to `cache`
         when given; cached=True: (B, kv heads, S, head_dim) read from a cache, see shared_kv_attention), then the
-        output gate and o_proj: (B, T, H)."""
+        output gate and o_proj: (B, T, H). values_unused: a recompute with the attention block kept, which needs
+        only o_proj's graph (the layer takes the kept residual in place of x + o_proj(out))."""
         b, t = q.shape[:2]
         spans = mask.get("varlen")
-        if spans is not None and not cached:
+        if spans is not None and not cached:  # packed rows on CUDA: one flash-attention sequence per document
             out = varlen_attention(q, k, v, spans, self.sliding_window, self.cfg.scaling)
-            return one_linear(self.out_layer, _gated(out.reshape(b, t, self.q_size), gate))
+            return project(_gated(out.reshape(b, t, self.q_size), gate), self.out_layer,
+                           values_unused=values_unused)[0]
         q = q.transpose(1, 2)
         if not cached:
             k, v = k.transpose(1, 2), v.transpose(1, 2)
@@ -208,7 +198,10 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         out = attention(q, k, v, mask.get(self.sliding_window), self.cfg.scaling, self.cfg.attn_logit_softcap,
                         self.sinks if self.cfg.attn_sinks else None)
-        return one_linear(self.out_layer, _gated(out.transpose(1, 2).reshape(b, t, self.q_size), gate))
+        out = _gated(out.transpose(1, 2).reshape(b, t, self.q_size), gate)
+        if values_unused:
+            return project(out, self.out_layer, values_unused=True)[0]
+        return one_linear(self.out_layer, out)
 
     @property
     def out_layer(self) -> nn.Module:
@@ -424,10 +417,10 @@ class DecoderLayer(nn.Module):
         """The four-norm block (Gemma 2/3/4, GLM-4); Gemma 4's per-layer input and layer_scalar; a layer whose keys
         and values a later layer reuses returns (x, k, v) outside generation (Attention.forward)."""
         post_attn, pre_mlp, post_mlp = (getattr(self, name) for name in self.norm_names)
-        if self.mixer_name == "self_attn" and self.mixer.kv_source is not None:
-            h = self.mixer(self.attn_norm(x), cos, sin, mask, cache, shared_kv)
-        else:
+        if shared_kv is None:
             h = self.mixer(self.attn_norm(x), cos, sin, mask, cache)
+        else:  # Gemma 4's shared key/value layers in training
+            h = self.mixer(self.attn_norm(x), cos, sin, mask, cache, shared_kv)
         kv = ()
         if isinstance(h, tuple):
             h, *kv = h
@@ -499,10 +492,8 @@ class DecoderModel(nn.Module):
         key = (device, local)
         if key not in self._inv_freq:
             c = self.arch
-            # (the global layers' heads may be wider than the sliding ones': Gemma 4)
             freq = (rope_inv_freq(c.rotary_dim, c.rope_local_theta) if local else
-                    rope_inv_freq(c.layer_config(c.sliding_windows.index(None)).rotary_dim if None in
-                                  c.sliding_windows else c.rotary_dim, c.rope_theta, c.rope_scaling))
+                    rope_inv_freq(c.global_rotary_dim, c.rope_theta, c.rope_scaling))
             self._inv_freq[key] = freq.to(device)
         return self._inv_freq[key]
 
@@ -681,6 +672,7 @@ class DecoderModel(nn.Module):
         extras = ((per_layer_input,) if has_ple else ()) + tuple(shared_kv or ())
 
         def run(h, *more):
+            """The layer on h (B, T, H), with `extras` as `more` (the per-layer input first where there is one)."""
             kv = tuple(more[1:] if has_ple else more)
             return layer(h, cos, sin, masks, router_logits=router_logits, per_layer_input=more[0] if has_ple else None,
                          shared_kv=kv or None)

@@ -102,6 +102,7 @@ class Gemma4Router(nn.Module):
         self.eps, self.top_k = cfg.rms_norm_eps, cfg.num_experts_per_tok
 
     def forward(self, x: torch.Tensor):
+        """x (N, H) the residual stream -> (weights (N, k) fp32, experts (N, k) int64, logits (N, E))."""
         h = rms_norm(x, x.new_ones(x.shape[-1]), self.eps) * self.scale.to(x.dtype) * x.shape[-1] ** -0.5
         logits = self.proj(h)
         weights, experts = route(logits, self.top_k, True)

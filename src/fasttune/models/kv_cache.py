@@ -27,7 +27,8 @@ class KVCache:
         # kv latent and the rotated key part (kv_lora_rank + head_dim wide), shared by all heads; no values
         rank = getattr(cfg, "kv_lora_rank", 0)
 
-        def shape(i: int, n: int) -> tuple:  # (batch, heads, n, key width, value width) of layer i
+        def shape(i: int, n: int) -> tuple:
+            """(batch, heads, n, key width, value width) of layer i's cache for n positions."""
             c = cfg.layer_config(i) if hasattr(cfg, "layer_config") else cfg  # Gemma 4: per-layer head sizes
             return (batch, 1, n, rank + c.head_dim, 0) if rank else (batch, c.num_kv_heads, n, c.head_dim, c.head_dim)
 

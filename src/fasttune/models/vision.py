@@ -121,7 +121,7 @@ def _joint_deepstack(parts: list):
 
 def is_vision_config(hf_config) -> bool:
     """True for a transformers config of a vision-language family fasttune runs (FAMILIES) whose language model our
-    decoder runs (a Gemma 4 with per-layer embeddings, shared key/value layers or experts stays on the fallback)."""
+    decoder runs (config.decoder_runs: a Gemma 4 attending both ways everywhere stays on the fallback)."""
     from fasttune.models.config import decoder_runs
 
     model_type = getattr(hf_config, "model_type", None)
@@ -337,10 +337,6 @@ class VisionCausalLM(CausalLM):
         CausalLM.forward for the rest."""
         if self.family is not None and self.family.refused_inputs:
             _refuse_media(self.family, kwargs)
-        if pixel_values is None and self.arch.per_layer_input_size:  # text: the ids go to the decoder as they are
-            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                   past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels,
-                                   **kwargs)  # (Gemma 4's per-layer embeddings look them up)
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
