@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fasttune.errors import ModelLoadError
+from fasttune.models.family_fields import (gemma4_fields, gemma4_unsupported, lfm2_fields, llama4_query_scale,
+                                           mla_fields, moe_fields, qwen3_5_fields)
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
@@ -278,7 +280,7 @@ class ModelConfig:
             if model_type == "smollm3":
                 cfg.rope_layers = _rope_layers(get, layers)
             if model_type == "ministral3":
-                cfg.query_position_scale = _llama4_query_scale(get)
+                cfg.query_position_scale = llama4_query_scale(get)
             if model_type in ("olmo2", "olmo3"):
                 cfg.qk_norm = cfg.qk_norm_full = cfg.post_norm = True
             cfg.mlp_gated = model_type not in UNGATED
@@ -344,18 +346,18 @@ class ModelConfig:
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", True))
             cfg.attn_sinks = True
         if model_type in ("qwen3_5_text", "qwen3_5_moe_text", "qwen3_next"):
-            _qwen3_5_fields(cfg, get)
+            qwen3_5_fields(cfg, get)
         if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
             cfg.linear_fused_projections = True
             cfg.mrope_section, cfg.mrope_interleaved = None, False
         if model_type in ("lfm2", "lfm3"):
-            _lfm2_fields(cfg, get)
+            lfm2_fields(cfg, get)
         if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2"):
-            _mla_fields(cfg, get)
+            mla_fields(cfg, get)
         if model_type == "gemma4_text":
-            _gemma4_fields(cfg, get)
+            gemma4_fields(cfg, get)
         if model_type in MOE_FAMILIES:
-            _moe_fields(cfg, get)
+            moe_fields(cfg, get)
         cfg.sliding_windows = _sliding_windows(get, model_type, layers)
         first = layers - cfg.kv_shared_layers
         if {w is None for w in cfg.sliding_windows[first:]} - {w is None for w in cfg.sliding_windows[:first]}:
@@ -363,107 +365,6 @@ class ModelConfig:
                                  f"of a kind of layer (sliding / full, layer_types) that no earlier layer computes; "
                                  f"fix config.json.")
         return cfg
-
-
-def _qwen3_5_fields(cfg: ModelConfig, get) -> None:
-    """Qwen3.5 (transformers' Qwen3_5TextConfig): gated DeltaNet layers where layer_types says "linear_attention"
-    (absent: every full_attention_interval-th layer is softmax attention), gated softmax attention with per-head q/k
-    norms, (1 + w) RMSNorms, and Qwen3-VL's interleaved multimodal RoPE on a partial rotary dimension (plain RoPE
-    for text, whose three position axes are equal). Raises ModelLoadError for a layer type it does not know."""
-    types = get("layer_types")
-    if not types:
-        interval = int(get("full_attention_interval", 4) or 4)
-        types = ["linear_attention" if (i + 1) % interval else "full_attention" for i in range(cfg.num_layers)]
-    unknown = sorted(set(types) - {"linear_attention", "full_attention"})
-    if unknown or len(types) < cfg.num_layers:
-        raise ModelLoadError(f"layer_types in the Qwen3.5 config must name 'linear_attention' or 'full_attention' for "
-                             f"each of the {cfg.num_layers} layers; it has {list(types)}. Fix config.json.")
-    cfg.linear_layers = [t == "linear_attention" for t in types[:cfg.num_layers]]
-    cfg.linear_key_heads, cfg.linear_value_heads = get("linear_num_key_heads"), get("linear_num_value_heads")
-    cfg.linear_key_dim, cfg.linear_value_dim = get("linear_key_head_dim"), get("linear_value_head_dim")
-    cfg.linear_conv_kernel = int(get("linear_conv_kernel_dim", 4))
-    if cfg.linear_value_heads % cfg.linear_key_heads:
-        raise ModelLoadError(f"linear_num_value_heads ({cfg.linear_value_heads}) must be a multiple of "
-                             f"linear_num_key_heads ({cfg.linear_key_heads}) in the Qwen3.5 config.")
-    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
-    cfg.qk_norm = cfg.attn_output_gate = cfg.mrope_interleaved = True
-    cfg.norm_offset = 1.0
-    given = (get("rope_parameters") or {}).get("mrope_section")
-    # without one, transformers' default sections, where they fit (text alone never needs them: its axes are equal)
-    cfg.mrope_section = list(given) if given else [11, 11, 10] if cfg.rotary_dim == 64 else None
-    if given and sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
-        raise ModelLoadError(f"mrope_section {cfg.mrope_section} does not cover the rotary dimension {cfg.rotary_dim} "
-                             f"(its sum must be half of it); the config is inconsistent.")
-
-
-def _lfm2_fields(cfg: ModelConfig, get) -> None:
-    """LFM2 (transformers' Lfm2Config): short-convolution layers where layer_types says "conv" (absent: all layers
-    but those in full_attn_idxs), attention layers with per-head q/k norms, norm_eps, and the MLP width Lfm2MLP
-    derives from intermediate_size (block_ff_dim in the original config.json) when block_auto_adjust_ff_dim:
-    2/3 of it, times block_ffn_dim_multiplier, rounded up to block_multiple_of. LFM3 (Lfm3Config) adds sliding-window
-    attention layers, four norms per layer and a gate per attention head, and takes intermediate_size as it is.
-    Raises ModelLoadError for a layer type it does not know."""
-    layers, lfm3 = cfg.num_layers, cfg.model_type == "lfm3"
-    types = get("layer_types")
-    if not types and lfm3:  # Lfm3Config's default pattern
-        types = ["full_attention" if i % 4 == 2 else "sliding_attention" if i % 4 == 0 and i > 0 else "conv"
-                 for i in range(layers)]
-    elif not types:
-        full = get("full_attn_idxs")
-        full = set(range(layers) if full is None else full)
-        types = ["full_attention" if i in full else "conv" for i in range(layers)]
-    allowed = {"conv", "full_attention"} | ({"sliding_attention"} if lfm3 else set())
-    unknown = sorted(set(types) - allowed)
-    if unknown or len(types) < layers:
-        raise ModelLoadError(f"layer_types in the {'LFM3' if lfm3 else 'LFM2'} config must name one of "
-                             f"{sorted(allowed)} for each of the {layers} layers; it has {list(types)}. Fix "
-                             f"config.json.")
-    cfg.linear_layers = [t == "conv" for t in types[:layers]]
-    cfg.linear_kind = "short_conv"
-    cfg.linear_conv_kernel = int(get("conv_L_cache", 7 if lfm3 else 3))
-    cfg.conv_bias = bool(get("conv_bias", False))
-    cfg.qk_norm = True
-    cfg.rms_norm_eps = float(get("norm_eps", 1e-5))
-    if get("tie_embedding") is not None:  # the original config.json's name, which Lfm2Config reads
-        cfg.tie_embeddings = bool(get("tie_embedding"))
-    if lfm3:  # LFM3: Gemma 2's four norms (post_operator_norm, post_ffn_norm), a sigmoid gate per attention head,
-        cfg.sandwich_norm = bool(get("use_sandwich_norm", True))  # the MLP at intermediate_size as given
-        cfg.attn_head_gate = bool(get("use_attention_gate", True))
-        cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
-        return
-    width = get("block_ff_dim") or cfg.intermediate_size
-    if get("block_auto_adjust_ff_dim", True):
-        width = int(2 * width / 3)
-        multiplier, multiple = get("block_ffn_dim_multiplier", 1.0), int(get("block_multiple_of", 256))
-        if multiplier is not None:
-            width = multiple * ((int(multiplier * width) + multiple - 1) // multiple)
-    cfg.intermediate_size = width
-
-
-def _mla_fields(cfg: ModelConfig, get) -> None:
-    """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepseekV3Attention): head_dim is the rotated
-    part (qk_rope_head_dim: transformers maps head_dim to it), interleaved pairs unless rope_interleave is False, and
-    the score scale qk_head_dim ** -0.5 times yarn's mscale(factor, mscale_all_dim) squared (yarn_apply_mscale).
-    Raises ModelLoadError for a config without the latent sizes."""
-    rank, nope = get("kv_lora_rank"), get("qk_nope_head_dim")
-    cfg.head_dim = get("qk_rope_head_dim") or cfg.head_dim
-    if not rank or not nope or not get("v_head_dim"):
-        raise ModelLoadError("The multi-head latent attention config needs kv_lora_rank, qk_nope_head_dim and "
-                             "v_head_dim (all > 0); fix config.json.")
-    cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.v_head_dim = int(rank), int(nope), int(get("v_head_dim"))
-    cfg.q_lora_rank = int(get("q_lora_rank") or 0)
-    cfg.num_kv_heads = cfg.num_heads  # every head gets its own key and value from the latent
-    cfg.rope_interleaved = bool(get("rope_interleave", True))
-    cfg.partial_rotary_factor = 1.0
-    cfg.attn_bias = bool(get("attention_bias", False))  # on q_a_proj and kv_a_proj_with_mqa (and o_proj)
-    cfg.o_bias = cfg.attn_bias
-    from fasttune.kernels.rope import yarn_mscale
-
-    scale = (cfg.qk_nope_head_dim + cfg.head_dim) ** -0.5
-    params = cfg.rope_scaling or {}
-    if params.get("mscale_all_dim"):
-        scale *= yarn_mscale(float(params.get("factor", 1.0)), float(params["mscale_all_dim"])) ** 2
-    cfg.attn_scale = scale
 
 
 def decoder_runs(hf_config) -> bool:
@@ -476,134 +377,6 @@ def decoder_runs(hf_config) -> bool:
     if model_type == "gemma4_text":
         return not gemma4_unsupported(get)
     return model_type in SUPPORTED_FAMILIES
-
-
-def gemma4_unsupported(get) -> list[str]:
-    """The Gemma 4 features of a config that fasttune's decoder does not run, by their config names (empty: none)."""
-    found = []
-    if get("use_bidirectional_attention") not in (None, "vision"):  # ("vision": image tokens only, models/vision.py)
-        found.append(f"bidirectional attention (use_bidirectional_attention={get('use_bidirectional_attention')!r})")
-    return found
-
-
-def _gemma4_fields(cfg: ModelConfig, get) -> None:
-    """Gemma 4's text model (transformers' Gemma4TextConfig / Gemma4TextDecoderLayer): Gemma 3's four norms, per-head
-    q/k norms, sliding and full layers and sqrt(hidden) embedding scale, but RMSNorms that scale by w (not 1 + w), no
-    score scale (1.0), an unscaled RMSNorm on the values, a layer_scalar per layer, and full-attention layers with
-    their own head size (global_head_dim), key/value heads (num_global_key_value_heads, with attention_k_eq_v) and
-    proportional RoPE. Raises ModelLoadError for the features the decoder lacks (gemma4_unsupported)."""
-    missing = gemma4_unsupported(get)
-    if missing:
-        raise ModelLoadError(f"This Gemma 4 config uses {', '.join(missing)}, which fasttune's decoder does not run "
-                             f"yet; FastLanguageModel.from_pretrained runs such models through transformers+PEFT.")
-    cfg.norm_offset = 0.0
-    cfg.embed_scale = math.sqrt(cfg.hidden_size)
-    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
-    cfg.qk_norm = cfg.sandwich_norm = cfg.value_norm = cfg.layer_scalar = cfg.norm_scale_fp32 = True
-    cfg.image_blocks_sliding_only = True
-    cfg.attn_scale = 1.0
-    cfg.attn_logit_softcap = None
-    cfg.final_logit_softcap = get("final_logit_softcapping")
-    per_layer = get("per_layer_config") or {}
-    full = [i for i, t in enumerate(get("layer_types") or []) if t == "full_attention"]
-    override = (per_layer.get(full[0]) or per_layer.get(str(full[0])) or {}) if full else {}
-    override = override if isinstance(override, dict) else vars(override)
-    cfg.global_head_dim = int(override.get("head_dim") or get("global_head_dim") or cfg.head_dim)
-    cfg.values_from_keys = bool(get("attention_k_eq_v", False))
-    kv = override.get("num_key_value_heads") or (get("num_global_key_value_heads") if cfg.values_from_keys else None)
-    cfg.global_kv_heads = int(kv or cfg.num_kv_heads)
-    cfg.kv_shared_layers = int(get("num_kv_shared_layers") or 0)
-    cfg.double_wide_mlp = bool(get("use_double_wide_mlp", False)) and cfg.kv_shared_layers > 0
-    cfg.per_layer_input_size = int(get("hidden_size_per_layer_input") or 0)
-    cfg.per_layer_vocab_size = int(get("vocab_size_per_layer_input") or cfg.vocab_size)
-    if get("enable_moe_block"):  # 26B-A4B: routed experts beside every layer's dense MLP (models/gemma4.py)
-        sizes = [get("num_experts"), get("top_k_experts"), get("moe_intermediate_size")]
-        if not all(sizes):
-            raise ModelLoadError("The Gemma 4 config enables the mixture-of-experts block but lacks num_experts, "
-                                 "top_k_experts or moe_intermediate_size; fix config.json.")
-        cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size = (int(v) for v in sizes)
-        cfg.moe_block = "gemma4"
-    if not 0 <= cfg.kv_shared_layers < cfg.num_layers:
-        raise ModelLoadError(f"num_kv_shared_layers ({cfg.kv_shared_layers}) must be below num_hidden_layers "
-                             f"({cfg.num_layers}) in the Gemma 4 config: some layer has to compute keys and values.")
-
-
-def _llama4_query_scale(get) -> tuple | None:
-    """(beta, original_max_position_embeddings) of Ministral 3's query scaling, from rope_parameters
-    (transformers' get_llama_4_attn_scale reads the same two keys), or None when the config has no beta."""
-    params = get("rope_parameters") or get("rope_scaling") or {}
-    beta = params.get("llama_4_scaling_beta")
-    if beta is None:
-        return None
-    original = params.get("original_max_position_embeddings") or get("max_position_embeddings")
-    return float(beta), int(original)
-
-
-def _moe_fields(cfg: ModelConfig, get) -> None:
-    """Experts, top-k, normalisation and MoE layers as transformers' Qwen3MoeDecoderLayer / MixtralDecoderLayer
-    choose them: Qwen3-MoE layer i is sparse unless i is in mlp_only_layers or (i + 1) % decoder_sparse_step != 0."""
-    if cfg.model_type == "gpt_oss":  # every layer sparse (transformers' GptOssDecoderLayer)
-        cfg.num_experts = get("num_local_experts")
-        cfg.moe_intermediate_size = cfg.intermediate_size
-        cfg.moe_layers = [True] * cfg.num_layers
-        cfg.moe_block = "gpt_oss"
-        cfg.swiglu_limit = float(get("swiglu_limit", 7.0))
-        cfg.swiglu_alpha = float(get("swiglu_alpha", 1.702))
-    elif cfg.model_type == "qwen3_5_moe_text":  # every layer sparse, renormalised top-k, one shared expert
-        cfg.num_experts = get("num_experts")
-        cfg.moe_intermediate_size = get("moe_intermediate_size")
-        cfg.shared_expert_size = int(get("shared_expert_intermediate_size") or 0)
-        cfg.norm_topk_prob = True  # transformers' Qwen3_5MoeTopKRouter always renormalises
-        cfg.moe_layers = [True] * cfg.num_layers
-    elif cfg.model_type == "qwen3_next":  # Qwen3.5-MoE's block (shared expert) where Qwen3-MoE's rule puts experts
-        cfg.num_experts = get("num_experts")
-        cfg.moe_intermediate_size = get("moe_intermediate_size")
-        cfg.shared_expert_size = int(get("shared_expert_intermediate_size") or 0)
-        cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
-        step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
-        cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
-                          for i in range(cfg.num_layers)]
-    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2"):  # dense MLPs first
-        cfg.num_experts = get("n_routed_experts") or get("num_local_experts")
-        cfg.moe_intermediate_size = get("moe_intermediate_size")
-        cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("n_shared_experts", 1) or 0)
-        cfg.shared_expert_gated = False
-        cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
-        cfg.router_scoring, cfg.routed_scaling = "sigmoid", float(get("routed_scaling_factor", 1.0))
-        cfg.router_groups = (int(get("n_group", 1) or 1), int(get("topk_group", 1) or 1))
-        if cfg.num_experts % cfg.router_groups[0] or not 0 < cfg.router_groups[1] <= cfg.router_groups[0]:
-            raise ModelLoadError(f"n_group {cfg.router_groups[0]} / topk_group {cfg.router_groups[1]} in the GLM-4.5 "
-                                 f"config do not fit its {cfg.num_experts} experts (n_group must divide them, and "
-                                 f"1 <= topk_group <= n_group). Fix config.json.")
-        first = int(get("first_k_dense_replace", 1) or 0)
-        kinds = get("mlp_layer_types")  # GLM-4.7-Flash: "dense" / "sparse" per layer
-        if kinds and (len(kinds) < cfg.num_layers or set(kinds) - {"dense", "sparse"}):
-            raise ModelLoadError(f"mlp_layer_types in the model config must name 'dense' or 'sparse' for each of the "
-                                 f"{cfg.num_layers} layers; it has {list(kinds)}. Fix config.json.")
-        cfg.moe_layers = [kinds[i] == "sparse" for i in range(cfg.num_layers)] if kinds else \
-            [i >= first for i in range(cfg.num_layers)]
-        if cfg.model_type == "deepseek_v2":  # transformers' DeepseekV2TopkRouter: softmax, greedy or by groups (each
-            # group's best score), never renormalised, times routed_scaling_factor
-            cfg.router_scoring, cfg.norm_topk_prob = "softmax_grouped", False
-            if get("topk_method", "greedy") != "group_limited_greedy":
-                cfg.router_groups = (1, 1)
-    elif cfg.model_type == "mixtral":
-        cfg.num_experts = get("num_local_experts")
-        cfg.moe_intermediate_size = cfg.intermediate_size
-        cfg.norm_topk_prob = True
-        cfg.router_jitter = float(get("router_jitter_noise", 0.0) or 0.0)
-        cfg.moe_layers = [True] * cfg.num_layers
-    else:
-        cfg.num_experts = get("num_experts", get("num_local_experts"))
-        cfg.moe_intermediate_size = get("moe_intermediate_size")
-        # Qwen3-VL-MoE's router always renormalises (transformers' Qwen3VLMoeTextTopKRouter has no switch)
-        cfg.norm_topk_prob = cfg.model_type == "qwen3_vl_moe_text" or bool(get("norm_topk_prob", False))
-        cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
-        cfg.qk_norm = True
-        step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
-        cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
-                          for i in range(cfg.num_layers)]
-    cfg.num_experts_per_tok = get("num_experts_per_tok")
 
 
 def _rope_fields(get) -> tuple[float, dict | None, float, float | None]:
