@@ -103,7 +103,7 @@ def check_logits_generation_and_merged(hf, model, length: int, folder):
     random rows of `length` tokens (without a mask, and with the second row left-padded), greedy generation of 6
     tokens from 8, and after LoRA (random B) a merged 16-bit checkpoint in `folder`/merged that transformers loads
     with our logits."""
-    from transformers import AutoModelForCausalLM
+    from tiny import causal_lm_class
 
     from fasttune import FastLanguageModel
 
@@ -121,6 +121,6 @@ def check_logits_generation_and_merged(hf, model, length: int, folder):
     model = FastLanguageModel.get_peft_model(model, r=4)
     randomize_lora_b(model)
     model.save_pretrained_merged(folder / "merged", save_method="merged_16bit")
-    merged = AutoModelForCausalLM.from_pretrained(folder / "merged", dtype=torch.float32).eval()
+    merged = causal_lm_class(hf.config.model_type).from_pretrained(folder / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)

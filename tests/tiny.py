@@ -127,6 +127,18 @@ def hf_config(family: str, **overrides):
                                   v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                                   n_shared_experts=1, n_group=2, topk_group=1, topk_method="group_limited_greedy",
                                   routed_scaling_factor=2.5, first_k_dense_replace=1, tie_word_embeddings=False)
+    elif family == "mistral4":  # Mistral Small 4: DeepSeek-V3's MLA and layers with softmax routing (2 groups by
+        # their two best scores, best 1 kept, renormalised, scaled by 2.5), layer 0 dense, yarn RoPE with mscale and
+        # Ministral 3's query scaling from position 8 on
+        kw.update(num_hidden_layers=3, num_key_value_heads=4)
+        cfg = tf.Mistral4Config(**kw, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                                v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                                n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
+                                first_k_dense_replace=1, norm_topk_prob=True, tie_word_embeddings=False,
+                                rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 32.0,
+                                                 "original_max_position_embeddings": 8, "mscale": 1.0,
+                                                 "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                                                 "llama_4_scaling_beta": 0.1})
     elif family == "lfm3":  # conv, sliding attention (window 4, plain RoPE), full attention (proportional RoPE on
         # half the pairs), conv; four norms per layer, a sigmoid gate per attention head
         kw.update(num_hidden_layers=4)
@@ -179,13 +191,22 @@ except ImportError:
 MOE_FAMILIES = ["qwen3_moe", "mixtral"]  # not in FAMILIES: the dense families' tests stay as they are
 
 
-def hf_model(family: str, seed: int = 0, **overrides):
-    from transformers import AutoModelForCausalLM
+def causal_lm_class(model_type: str):
+    """transformers' causal LM class for a model_type: AutoModelForCausalLM, or the family's own class where
+    transformers leaves it out of that mapping (Mistral 4's Mistral4ForCausalLM)."""
+    import transformers
 
+    return getattr(transformers, "Mistral4ForCausalLM") if model_type == "mistral4" else \
+        transformers.AutoModelForCausalLM
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = hf_config(family, **overrides)
     cfg._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    cls = causal_lm_class(cfg.model_type)
+    build = getattr(cls, "from_config", None) or cls._from_config  # (a concrete class has only _from_config)
+    model = build(cfg, attn_implementation="eager").float().eval()
     # Random norm weights so a wrong (1 + w) or norm placement shows in the logits.
     with torch.no_grad():
         for n, p in model.named_parameters():

@@ -25,7 +25,7 @@ def pair(tmp_path, tiny_tokenizer):
     return _pair(tmp_path / "m", tiny_tokenizer)
 
 
-FAMILIES = ["glm4_moe_lite", "deepseek_v3", "deepseek_v2"]
+FAMILIES = ["glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"]
 
 
 def test_fields():
@@ -79,9 +79,9 @@ def test_packed_documents_equal_separate_rows(pair):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_lora_equals_peft(family, tmp_path, tiny_tokenizer):
-    """The default targets: the latent attention's projections (PEFT has no default for this family) and the MLP
-    names, which PEFT maps as Qwen2-MoE to the routed experts (gate + up as one rank-2r LoRA); the shared experts and
-    the dense layers stay frozen. PEFT builds the same adapter from the saved files and its gradients equal ours."""
+    """The default targets: the latent attention's projections (PEFT has no default for this family), the routed
+    experts (gate + up as one rank-2r LoRA) and the MLP names, which PEFT maps as Qwen2-MoE to the experts (the
+    shared experts and the dense layers stay frozen) except on Mistral 4. PEFT builds the same adapter from the saved files and its gradients equal ours."""
     _, model = _pair(tmp_path / "m", tiny_tokenizer, family)
     ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert set(ours.lora_settings.target_modules) >= {"q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj",
@@ -92,7 +92,10 @@ def test_lora_equals_peft(family, tmp_path, tiny_tokenizer):
     for name in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"):
         assert any(f".self_attn.{name}.lora_A" in n for n in mine), name
     assert any(".mlp.experts.lora_A" in n for n in mine)
-    assert not any("shared_experts." in n or "layers.0.mlp." in n for n in mine)
+    # PEFT maps the MLP names to the routed experts as Qwen2-MoE's for all but Mistral 4 (transformers has no
+    # conversion pattern for it): there they name the shared experts and the dense layer's MLP, as in PEFT
+    dense_adapted = any("shared_experts." in n or "layers.0.mlp." in n for n in mine)
+    assert dense_adapted == (family == "mistral4")
     for n, g in mine.items():
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
 
@@ -237,3 +240,41 @@ def test_gguf_of_deepseek_v2_group_limited_routing_is_refused(tmp_path, tiny_tok
     with pytest.raises(ConfigError, match="group_limited_greedy"):
         model.save_pretrained_gguf(tmp_path / "out.gguf", tok, quantization_method="f16", progress=False)
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mistral4_routing_equals_transformers_router(dtype):
+    """Softmax scores in the logits' dtype, groups ranked by their two best, the top-k renormalised and scaled: the
+    experts and weights of transformers' Mistral4TopkRouter, in fp32 and bf16."""
+    from transformers.models.mistral4.modeling_mistral4 import Mistral4TopkRouter
+
+    from fasttune.models.moe import route_softmax_pairs
+
+    cfg = hf_config("mistral4", n_routed_experts=16, n_group=4, topk_group=2, num_experts_per_tok=3)
+    router = Mistral4TopkRouter(cfg).to(dtype)
+    torch.nn.init.normal_(router.weight, std=0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(64, cfg.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+    logits, want_w, want_e = router(x)
+    got_w, got_e = route_softmax_pairs(logits, 3, (4, 2), True, 2.5)
+    order_w, order_g = want_e.sort(dim=-1).indices, got_e.sort(dim=-1).indices
+    assert torch.equal(want_e.gather(1, order_w), got_e.gather(1, order_g))
+    assert torch.equal(want_w.gather(1, order_w).float(), got_w.gather(1, order_g)) and got_w.dtype == torch.float32
+
+
+def test_routing_keeps_no_reference_to_its_inputs():
+    """Routing functions hold nothing between calls (a cache keyed by the logits would keep every step's logits and
+    their autograd graph alive)."""
+    import gc
+    import weakref
+
+    from fasttune.models.moe import route_sigmoid, route_softmax_grouped, route_softmax_pairs
+
+    calls = [lambda t: route_softmax_grouped(t, 2, (2, 1), 1.0), lambda t: route_softmax_pairs(t, 2, (2, 1), True, 1.0),
+             lambda t: route_sigmoid(t, torch.zeros(8), 2, (2, 1), True, 1.0)]
+    for call in calls:
+        logits = torch.randn(4, 8, requires_grad=True)
+        call(logits.exp())  # (ExpBackward keeps its output, whose graph reaches logits)
+        ref = weakref.ref(logits)
+        del logits
+        gc.collect()
+        assert ref() is None

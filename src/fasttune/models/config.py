@@ -26,12 +26,12 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
-                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text")
+                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
-                "glm4_moe_lite", "deepseek_v3", "deepseek_v2")
+                "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4")
 DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
@@ -41,7 +41,8 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
            "lfm3": {"mlp": "feed_forward", "gate_proj": "w1", "up_proj": "w3", "down_proj": "w2",
                     "norm": "embedding_norm"},
            "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
-           "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"}}
+           "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"},
+           "mistral4": {"shared_expert": "shared_experts"}}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -124,7 +125,8 @@ class ModelConfig:
     # e_score_correction_bias within the best topk_group of n_group groups, weighted by their scores (renormalised
     # when norm_topk_prob) times routed_scaling_factor, the router in fp32; "softmax" is the usual top-k softmax;
     # "softmax_grouped" DeepSeek-V2's (route_softmax_grouped: softmax in fp32, the groups ranked by their best score,
-    # weights not renormalised, times routed_scaling_factor)
+    # weights not renormalised, times routed_scaling_factor); "softmax_pairs" Mistral 4's (route_softmax_pairs:
+    # DeepSeek-V3's groups and weights over softmax scores, the router in the model's dtype)
     router_scoring: str = "softmax"
     router_groups: tuple = (1, 1)  # (n_group, topk_group)
     routed_scaling: float = 1.0
@@ -352,8 +354,10 @@ class ModelConfig:
             cfg.mrope_section, cfg.mrope_interleaved = None, False
         if model_type in ("lfm2", "lfm3"):
             lfm2_fields(cfg, get)
-        if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2"):
+        if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"):
             mla_fields(cfg, get)
+        if model_type == "mistral4":  # Mistral Small 4: DeepSeek-V3's layers with Ministral 3's query scaling
+            cfg.query_position_scale = llama4_query_scale(get)
         if model_type == "gemma4_text":
             gemma4_fields(cfg, get)
         if model_type in MOE_FAMILIES:

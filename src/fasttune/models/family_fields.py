@@ -197,7 +197,7 @@ def moe_fields(cfg, get) -> None:
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
         cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
                           for i in range(cfg.num_layers)]
-    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2"):  # dense MLPs first
+    elif cfg.model_type in ("glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"):  # dense first
         cfg.num_experts = get("n_routed_experts") or get("num_local_experts")
         cfg.moe_intermediate_size = get("moe_intermediate_size")
         cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("n_shared_experts", 1) or 0)
@@ -221,6 +221,8 @@ def moe_fields(cfg, get) -> None:
             cfg.router_scoring, cfg.norm_topk_prob = "softmax_grouped", False
             if get("topk_method", "greedy") != "group_limited_greedy":
                 cfg.router_groups = (1, 1)
+        if cfg.model_type == "mistral4":  # transformers' Mistral4TopkRouter: DeepSeek-V3's rule over softmax scores
+            cfg.router_scoring = "softmax_pairs"
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

@@ -78,6 +78,8 @@ class LatentAttention(nn.Module):
             order = pair_order(self.rope, self.rope, x.device)
             q_rot, k_rot = q_rot.index_select(-1, order), k_rot.index_select(-1, order)
         q_rot, k_rot = apply_rope_qk(q_rot.contiguous(), k_rot.contiguous(), cos, sin)
+        if mask.get("query_scale") is not None:  # Mistral 4's per-position factors, after RoPE as transformers'
+            q_nope, q_rot = q_nope * mask["query_scale"], q_rot * mask["query_scale"]
         latent = self.kv_a_layernorm(latent)
         if cache is not None:
             cached = torch.cat((latent, k_rot.view(b, t, self.rope)), dim=-1)[:, None]  # (B, 1, T, rank + rope)

@@ -51,9 +51,24 @@ def route_sigmoid(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int, g
 
     router_logits (N, E); bias (E,) fp32 e_score_correction_bias; groups (n_group, topk_group) -> (weights (N, k)
     fp32, experts (N, k) int64)."""
-    n_group, topk_group = groups
     scores = router_logits.float().sigmoid()
-    choice = scores + bias.float()
+    return _pick_in_best_pairs(scores, scores + bias.float(), top_k, groups, norm_topk_prob, scaling)
+
+
+def route_softmax_pairs(router_logits: torch.Tensor, top_k: int, groups: tuple, norm_topk_prob: bool,
+                        scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mistral 4's routing (transformers' Mistral4TopkRouter): DeepSeek-V3's groups (ranked by the sum of their two
+    best scores) and weights (renormalised + 1e-20 when norm_topk_prob, times `scaling`) over softmax scores, computed
+    in the logits' dtype as transformers does. router_logits (N, E) -> (weights (N, k) fp32, experts (N, k) int64)."""
+    scores = torch.softmax(router_logits, dim=-1)
+    weights, experts = _pick_in_best_pairs(scores, scores, top_k, groups, norm_topk_prob, scaling)
+    return weights.float(), experts
+
+
+def _pick_in_best_pairs(scores, choice, top_k: int, groups: tuple, norm_topk_prob: bool, scaling: float):
+    """The top_k experts by `choice` (N, E) among the topk_group of n_group groups with the highest sum of their two
+    best choices; weights: their `scores`, renormalised (+ 1e-20) when norm_topk_prob, times `scaling`."""
+    n_group, topk_group = groups
     if n_group > 1:
         grouped = choice.view(-1, n_group, choice.shape[-1] // n_group)
         best = torch.topk(grouped.topk(2, dim=-1)[0].sum(dim=-1), k=topk_group, dim=-1, sorted=False)[1]
@@ -66,7 +81,6 @@ def route_sigmoid(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int, g
     return weights * scaling, experts
 
 
-@functools.lru_cache(maxsize=None)
 def route_softmax_grouped(router_logits: torch.Tensor, top_k: int, groups: tuple, scaling: float):
     """DeepSeek-V2's routing (transformers' DeepseekV2TopkRouter): softmax over all experts in fp32; with groups =
     (n_group, topk_group) beyond (1, 1), only the topk_group groups with the highest single score keep theirs; the
@@ -82,6 +96,7 @@ def route_softmax_grouped(router_logits: torch.Tensor, top_k: int, groups: tuple
     return weights * scaling, experts
 
 
+@functools.lru_cache(maxsize=None)
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)  # (a property query per call costs more than the check)
 
@@ -336,6 +351,7 @@ class SparseMoeBlock(nn.Module):
         self.top_k, self.norm_topk_prob, self.jitter = cfg.num_experts_per_tok, cfg.norm_topk_prob, cfg.router_jitter
         self.sigmoid = cfg.router_scoring == "sigmoid"
         self.grouped_softmax = cfg.router_scoring == "softmax_grouped"
+        self.softmax_pairs = cfg.router_scoring == "softmax_pairs"
         self.groups, self.scaling = cfg.router_groups, cfg.routed_scaling
         self.gate = Router(cfg.hidden_size, cfg.num_experts, score_bias=self.sigmoid, fp32=self.grouped_softmax)
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
@@ -360,6 +376,8 @@ class SparseMoeBlock(nn.Module):
                                              self.norm_topk_prob, self.scaling)
         elif self.grouped_softmax:
             weights, experts = route_softmax_grouped(logits, self.top_k, self.groups, self.scaling)
+        elif self.softmax_pairs:
+            weights, experts = route_softmax_pairs(logits, self.top_k, self.groups, self.norm_topk_prob, self.scaling)
         else:
             weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         out = self.experts(flat, weights, experts)
