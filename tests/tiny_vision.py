@@ -172,16 +172,22 @@ MISTRAL3_PATCH = 8  # tower patches of 8 pixels, merged 2 x 2: one token per 16 
 
 def mistral3_config(text_type: str = "ministral3"):
     """Mistral 3: a 2-layer Pixtral tower (patch 8) and the 2 x 2 patch-merging projector in front of a Ministral 3
-    text model (yarn RoPE, Llama 4's query scaling from position 16) or a Mistral one (Mistral Small 3.1's)."""
+    text model (yarn RoPE, Llama 4's query scaling from position 16), a Mistral one (Mistral Small 3.1's) or a
+    Mistral 4 one (Mistral Small 4's: Ministral 3's RoPE and scaling with latent attention and experts)."""
     from transformers import Mistral3Config
 
     text = dict(model_type=text_type, vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
                 rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=256, pad_token_id=256, sliding_window=None)
-    if text_type == "ministral3":
+    if text_type in ("ministral3", "mistral4"):
         text["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1000000.0, "factor": 16.0,
                                    "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
                                    "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+    if text_type == "mistral4":  # Mistral Small 4: latent attention, layer 0 dense, then softmax-routed experts
+        text.update(num_key_value_heads=4, q_lora_rank=24, kv_lora_rank=32, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                    v_head_dim=16, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                    n_shared_experts=1, n_group=2, topk_group=1, first_k_dense_replace=1, norm_topk_prob=True)
+        del text["head_dim"]
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   patch_size=MISTRAL3_PATCH, image_size=64, head_dim=16)
     return Mistral3Config(text_config=text, vision_config=vision, image_token_index=261, spatial_merge_size=2,
@@ -346,9 +352,9 @@ def save_qwen2_vl(folder, seed: int = 0):
     return _save(folder, Qwen2VLForConditionalGeneration, qwen2_vl_config(), qwen_vl_processor(), seed)
 
 
-def save_with_bpe(folder, family: str, seed: int = 0, **vision):
+def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministral3", **vision):
     """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-    "qwen3_5") whose tokenizer is a
+    "qwen3_5", "mistral3" with a `text_type` text model) whose tokenizer is a
     trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
     416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
     (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -370,7 +376,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, **vision):
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
     elif family == "mistral3":  # Ministral 3's text model; images up to 128 pixels a side (8 x 8 tokens)
-        config = mistral3_config()
+        config = mistral3_config(text_type)
         config.vision_config.image_size = 128
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,

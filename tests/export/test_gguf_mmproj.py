@@ -18,7 +18,7 @@ from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_four
 
 # llama.cpp's fixed Qwen2.5 window
 FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}, "qwen3_vl_moe": {},
-            "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}}
+            "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"), "qwen3_5": ("<|vision_start|>", "<|vision_end|>"),
@@ -35,10 +35,17 @@ def bpe_vl(tmp_path_factory):
 
     def get(family):
         if family not in made:
-            made[family] = save_with_bpe(tmp_path_factory.mktemp(family) / family, family, **FAMILIES[family])
+            made[family] = save_with_bpe(tmp_path_factory.mktemp(family.replace(":", "_")) / "m", _base(family),
+                                         **FAMILIES[family])
         return made[family]
 
     return get
+
+
+def _base(family: str) -> str:
+    """The vision family of a FAMILIES key ("mistral3:mistral4": Mistral Small 4, Mistral 3's tower before a Mistral 4
+    text model)."""
+    return family.split(":")[0]
 
 
 def _lora_model(folder):
@@ -63,7 +70,7 @@ def _ours(model, proc, family, before, image, after):
     """(image features (tokens, hidden; Qwen3-VL: its DeepStack features follow), last logits (vocab,), token count) of
     our model on the prompt libmtmd builds:
     before + start + one placeholder per image token + end + after."""
-    if family == "mistral3":
+    if _base(family) == "mistral3":
         return _ours_pixtral(model, proc, before, image, after)
     start, end = WRAP[family]
     pix = proc.image_processor(images=[image], return_tensors="pt")
@@ -107,14 +114,14 @@ def test_llama_cpp_runs_the_exported_model_as_ours(family, bpe_vl, tmp_path):
     assert text == tmp_path / "g" / "model.F32.gguf" and projector.exists()
     assert (tmp_path / "g" / "Modelfile").read_text().startswith("FROM ./model.F32.gguf\nFROM ./mmproj.F32.gguf\n")
 
-    image, before, after = _image(family), "Look at this: ", " What is it?"
+    image, before, after = _image(_base(family)), "Look at this: ", " What is it?"
     feats, logits, count = _ours(model, proc, family, before, image, after)
     their_feats, their_logits, their_count = mtmd_run(text, projector, before, np.asarray(image), after)
     assert their_count == count
     # ggml's GELU runs through an fp16 table, hence ~5e-4 rather than fp32's 1e-6; a wrong position or window
     # moves these by > 2e-2 (tried: plain positions for Qwen2.5-VL's image tokens, 56-pixel windows)
     # Mistral 3's SiLU tower has no such table: 4e-5 (its q/k rows left in transformers' RoPE order: 2e-3)
-    assert _rel(their_feats, feats) < (5e-4 if family == "mistral3" else 2e-3)
+    assert _rel(their_feats, feats) < (5e-4 if _base(family) == "mistral3" else 2e-3)
     assert _rel(their_logits, logits) < 3e-3 and their_logits.argmax() == logits.argmax()
     # text alone through the text GGUF (Qwen's multimodal RoPE is plain RoPE there; Gemma's GELU is ggml's table)
     worst, agree, _ = compare_logits(model, proc.tokenizer, text, ["The quick brown fox", "Paris is the capital"],

@@ -108,8 +108,8 @@ def test_recompute_and_offload_gradients_equal(tmp_path, tiny_tokenizer):
 
 @pytest.mark.parametrize("family, overrides", [("glm4_moe_lite", {}), ("deepseek_v3", {}),
                                                ("deepseek_v2", {"topk_method": "greedy"}),
-                                               ("glm4_moe_lite", {"rope_interleave": False})],
-                         ids=["glm4_moe_lite", "deepseek_v3-yarn", "deepseek_v2-greedy", "rotate_half"])
+                                               ("glm4_moe_lite", {"rope_interleave": False}), ("mistral4", {})],
+                         ids=["glm4_moe_lite", "deepseek_v3-yarn", "deepseek_v2-greedy", "rotate_half", "mistral4"])
 def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
     """llama.cpp's deepseek2 (attention over the latent, kv_b_proj split into attn_k_b / attn_v_b, sigmoid routing
     with groups, or DeepSeek-V2's greedy softmax, leading dense layers; yarn's log multiplier; a rotate-half
@@ -118,18 +118,20 @@ def test_gguf_logits_equal_llama_cpp(family, overrides, tmp_path):
     from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
 
     model, tok, path, reader = lora_merged_gguf(family, tmp_path, **overrides)
-    field = lambda k: reader.fields[k].contents()  # noqa: E731
-    assert field("general.architecture") == "deepseek2" and field("deepseek2.attention.head_count_kv") == 1
-    assert field("deepseek2.attention.key_length") == 32 + 8 and field("deepseek2.attention.value_length") == 32
-    assert field("deepseek2.attention.key_length_mla") == 20 and field("deepseek2.attention.value_length_mla") == 16
-    assert field("deepseek2.leading_dense_block_count") == (2 if family == "deepseek_v3" else 1)
-    yarn = reader.fields.get("deepseek2.rope.scaling.yarn_log_multiplier")
-    assert (yarn is not None) == (family == "deepseek_v3") and (yarn is None or yarn.contents() == pytest.approx(0.1))
+    arch = "mistral4" if family == "mistral4" else "deepseek2"  # (mistral4: deepseek2's graph under its own name)
+    field = lambda k: reader.fields[k.replace("ARCH", arch)].contents()  # noqa: E731
+    assert field("general.architecture") == arch and field("ARCH.attention.head_count_kv") == 1
+    assert field("ARCH.attention.key_length") == 32 + 8 and field("ARCH.attention.value_length") == 32
+    assert field("ARCH.attention.key_length_mla") == 20 and field("ARCH.attention.value_length_mla") == 16
+    assert field("ARCH.leading_dense_block_count") == (2 if family == "deepseek_v3" else 1)
+    yarn = reader.fields.get(f"{arch}.rope.scaling.yarn_log_multiplier")
+    assert (yarn is not None) == (family in ("deepseek_v3", "mistral4"))
+    assert yarn is None or yarn.contents() == pytest.approx(0.1)
     shapes = {t.name: [int(n) for n in t.shape] for t in reader.tensors}
     assert shapes["blk.1.attn_k_b.weight"] == [12, 32, 4] and shapes["blk.1.attn_v_b.weight"] == [32, 16, 4]
-    if family == "deepseek_v2":  # softmax gating, not renormalised, scaled
-        assert field("deepseek2.expert_gating_func") == 1 and field("deepseek2.expert_weights_norm") is False
-        assert field("deepseek2.expert_weights_scale") == pytest.approx(2.5)
+    if family in ("deepseek_v2", "mistral4"):  # softmax gating; V2's not renormalised
+        assert field("ARCH.expert_gating_func") == 1 and field("ARCH.expert_weights_norm") is (family == "mistral4")
+        assert field("ARCH.expert_weights_scale") == pytest.approx(2.5)
     rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
     assert rel < 2e-3 and top1 >= 1.0
 

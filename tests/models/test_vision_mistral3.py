@@ -66,19 +66,40 @@ def test_gguf_export_refuses_features_llama_cpp_does_not_take(loaded, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_mistral_small_layout_equals_transformers(tmp_path):
+@pytest.mark.parametrize("text_type", ["mistral", "mistral4"])
+def test_mistral_small_layout_equals_transformers(text_type, tmp_path):
     """Mistral Small 3.1 / 3.2 and Magistral Small: the same tower before a plain Mistral text model (no query
-    scaling): logits equal transformers' on an image batch."""
+    scaling); Mistral Small 4: before a Mistral 4 one (latent attention, experts, query scaling from position 16):
+    logits equal transformers' on an image batch of 25 tokens."""
     from tiny_vision import save_mistral3
     from transformers import AutoModelForImageTextToText
 
     from fasttune import FastVisionModel
 
-    folder = save_mistral3(tmp_path / "small", text_type="mistral")
+    folder = save_mistral3(tmp_path / "small", text_type=text_type)
     model, proc = FastVisionModel.from_pretrained(str(folder))
-    assert model.arch.model_type == "mistral" and model.arch.query_position_scale is None
+    assert model.arch.model_type == text_type and (model.arch.query_position_scale is None) == (text_type == "mistral")
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}])
     batch = proc(text=[text], images=[solid_image("red", (48, 64))])
     hf = AutoModelForImageTextToText.from_pretrained(folder).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, hf(**batch).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mistral_small_4_switches_adapt_the_latent_attention_and_the_experts(tmp_path):
+    """FastVisionModel.get_peft_model's layer switches on Mistral Small 4: the latent attention's projections (it has
+    no q/k/v_proj), the dense layer's MLP and the shared experts (as PEFT reads the MLP names there) and the routed
+    experts as target_parameters."""
+    from tiny_vision import save_mistral3
+
+    from fasttune import FastVisionModel
+
+    model, _ = FastVisionModel.from_pretrained(str(save_mistral3(tmp_path / "small4", text_type="mistral4")))
+    model = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=False)
+    adapted = {n.split(".lora_")[0].split(".", 3)[-1] for n, _ in model.named_parameters() if ".lora_" in n}
+    want = {f"self_attn.{p}" for p in ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")}
+    want |= {f"mlp.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    want |= {f"mlp.shared_experts.{p}" for p in ("gate_proj", "up_proj", "down_proj")}
+    want |= {"mlp.experts.lora.down_proj", "mlp.experts.lora.gate_up_proj"}
+    assert adapted == want
+    assert model.lora_settings.target_parameters == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]

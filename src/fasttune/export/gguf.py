@@ -274,6 +274,9 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         if cfg.rope_scaling:  # yarn (gguf_layouts.check_supported)
             all_dim = cfg.rope_scaling.get("mscale_all_dim")
             _yarn_metadata(writer, cfg, 0.1 * float(all_dim) if all_dim else None)
+        if cfg.query_position_scale is not None:  # Mistral 4
+            writer.add_attn_temperature_scale(float(cfg.query_position_scale[0]))
+            writer.add_attn_temperature_length(int(cfg.query_position_scale[1]))
     elif ARCHITECTURES[cfg.model_type] == "gemma4":
         write_gemma4_metadata(writer, cfg)
     else:
@@ -336,9 +339,9 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
-                                             "deepseek2", "gemma4"):
+                                             "deepseek2", "gemma4", "mistral4"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
-        if cfg.router_scoring in ("sigmoid", "softmax_grouped"):  # DeepSeek-V3's (GLM-4.5) and V2's routing
+        if cfg.router_scoring in ("sigmoid", "softmax_grouped", "softmax_pairs"):  # DeepSeek-V3's, V2's, Mistral 4's
             _deepseek_routing_metadata(writer, cfg)
         elif cfg.shared_expert_size:
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)

@@ -73,13 +73,13 @@ def check_supported(cfg) -> None:
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")
-    yarn_ok = arch == "deepseek2" and cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "yarn"
+    yarn_ok = arch in ("deepseek2", "mistral4") and cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "yarn"
     # Gemma 4's full layers: proportional RoPE as a rope_freqs tensor (export/gguf_gemma4.py)
     yarn_ok = yarn_ok or (arch == "gemma4" and cfg.rope_scaling["rope_type"] == "proportional")
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] not in ("linear", "llama3") and \
             arch not in ("gpt-oss", "mistral3") and not yarn_ok:
         raise ConfigError(f"RoPE scaling '{cfg.rope_scaling['rope_type']}' has no GGUF form here.")
-    if arch == "deepseek2" and not cfg.q_lora_rank:
+    if arch in ("deepseek2", "mistral4") and not cfg.q_lora_rank:
         raise ConfigError("This model's latent attention has no query latent (q_lora_rank is None, one q_proj); "
                           "llama.cpp's deepseek2 reads attn_q only for DeepSeek-V2-Lite's 27 layers, so the GGUF "
                           "would not load. Save the merged model with save_pretrained_merged instead. Nothing was "
@@ -89,7 +89,7 @@ def check_supported(cfg) -> None:
                           "by their best score); llama.cpp's deepseek2 ranks groups by their two best scores "
                           "(DeepSeek-V3's rule), so the GGUF would route tokens differently. Save the merged model "
                           "with save_pretrained_merged instead. Nothing was written.")
-    if arch in ("glm4moe", "deepseek2"):
+    if arch in ("glm4moe", "deepseek2", "mistral4"):
         _check_leading_dense(cfg)
     elif cfg.num_experts and arch not in ("gpt-oss", "gemma4"):  # (Gemma 4: experts beside every dense MLP)
         if not all(cfg.moe_layers):

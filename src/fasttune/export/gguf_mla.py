@@ -14,7 +14,7 @@ import torch
 
 from fasttune.export.gguf_types import interleave_rotary_rows
 
-MLA_ARCHITECTURES = ("deepseek2",)
+MLA_ARCHITECTURES = ("deepseek2", "mistral4")  # (mistral4: deepseek2's graph, Mistral Small 4's name)
 
 
 def mla_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor]]:

@@ -457,13 +457,18 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
     """The target_modules regex for FastModel's layer-group switches on a vision-language model, over
     transformers' module names (what PEFT matches; LoRA resolves it through checkpoint_name); attention_names /
     mlp_names: the decoder's projection names. Raises ConfigError when nothing is selected."""
+    from fasttune.peft.lora import latent_attention_targets
+
     parts = []
+    if model.arch.kv_lora_rank:  # Mistral Small 4's latent attention: its projections in place of q/k/v
+        attention_names = latent_attention_targets(model.arch) + ["o_proj"]
     if language:
         names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
         if names:
             parts.append(rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
-        if mlp and model.arch.shared_expert_size:  # Qwen3.5-MoE's shared expert (its routed ones: target_parameters)
-            parts.append(rf"model\.language_model\.layers\.\d+\.mlp\.shared_expert\.({'|'.join(mlp_names)})")
+        if mlp and model.arch.shared_expert_size:  # Qwen3.5-MoE's shared expert, Mistral 4's shared_experts (the
+            shared = model.arch.module_name("shared_expert")  # routed ones: target_parameters)
+            parts.append(rf"model\.language_model\.layers\.\d+\.mlp\.{shared}\.({'|'.join(mlp_names)})")
         if attention and model.arch.linear_layers:  # Qwen3.5's linear-attention layers
             from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS
 
