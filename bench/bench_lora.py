@@ -11,6 +11,7 @@ JSONL row to bench/results/. Usage on a GPU machine:
     python bench/bench_lora.py --matrix moe-qlora [--expert-lora]         # Qwen3-30B-A3B shape, NF4 experts
     python bench/bench_lora.py --matrix gpt-oss [--expert-lora]           # gpt-oss-20b shape, bf16 experts
     python bench/bench_lora.py --matrix glm4-moe-lite [--expert-lora]     # GLM-4.7-Flash, 16 layers
+    python bench/bench_lora.py --matrix mistral4                          # Mistral Small 4, 8 layers
     python bench/bench_lora.py --max-context --impl ours --quant nf4 --gc offload   # longest bs-1 sequence
 """
 from __future__ import annotations
@@ -119,6 +120,14 @@ MOE_SHAPES = {
                               kv_lora_rank=512, qk_nope_head_dim=192, qk_rope_head_dim=64, v_head_dim=256,
                               n_routed_experts=64, num_experts_per_tok=4, n_shared_experts=1,
                               routed_scaling_factor=1.8, norm_topk_prob=True, tie_word_embeddings=False),
+    # transformers' Mistral4Config, whose defaults are Mistral Small 4's (latent attention: q latent 1024, kv latent
+    # 256, 64 + 64 query/key channels, 128 value channels, 32 heads; 128 experts of 2048, top 4, one shared expert,
+    # softmax routing; yarn RoPE with query scaling), cut to 8 of its 36 layers to fit bf16
+    "mistral-small-4-8l": dict(vocab_size=131072, hidden_size=4096, intermediate_size=12288,
+                               moe_intermediate_size=2048, num_hidden_layers=8, num_attention_heads=32,
+                               num_key_value_heads=32, q_lora_rank=1024, kv_lora_rank=256, qk_nope_head_dim=64,
+                               qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=128, num_experts_per_tok=4,
+                               n_shared_experts=1, norm_topk_prob=True, tie_word_embeddings=False),
 }
 # PEFT maps no MLP names onto gpt-oss's experts: with --expert-lora its LoraConfig names them as the adapter
 # fasttune writes for the seven names does (target_parameters, gate_up_proj at rank 2r / alpha 2r).
@@ -134,6 +143,9 @@ MATRIX = {
                 ("ours", "llama-3.1-8b", "on", "torch", "none"), ("ours", "llama-3.1-8b", "off", "triton", "none")],
     "glm4-moe": [("hf", "glm-4.5-air-8l", "on", "-", "none"), ("ours", "glm-4.5-air-8l", "on", "triton", "none"),
                  ("ours", "glm-4.5-air-8l", "off", "triton", "none")],
+    "mistral4": [("hf", "mistral-small-4-8l", "on", "-", "none"), ("ours", "mistral-small-4-8l", "on", "triton", "none"),
+                 ("ours", "mistral-small-4-8l", "off", "triton", "none"),
+                 ("ours", "mistral-small-4-8l", "on", "triton", "nf4")],
     "glm4-moe-lite": [("hf", "glm-4.7-flash-16l", "on", "-", "none"),
                       ("ours", "glm-4.7-flash-16l", "on", "triton", "none"),
                       ("ours", "glm-4.7-flash-16l", "off", "triton", "none")],
@@ -193,7 +205,7 @@ def targets(shape: str) -> list[str]:
         return list(LFM2_TARGETS)
     if shape.startswith("lfm3"):
         return list(LFM3_TARGETS)
-    if shape.startswith("glm-4.7-flash"):
+    if shape.startswith(("glm-4.7-flash", "mistral-small-4")):
         return MLA_TARGETS + (TARGETS[4:] if EXPERT_LORA[0] else [])
     return TARGETS[:4] if shape in MOE_SHAPES and not EXPERT_LORA[0] else TARGETS
 
@@ -209,6 +221,10 @@ def hf_config(shape: str):
         from transformers import Glm4MoeLiteConfig
 
         return Glm4MoeLiteConfig(**MOE_SHAPES[shape])
+    if shape.startswith("mistral-small-4"):
+        from transformers import Mistral4Config
+
+        return Mistral4Config(**MOE_SHAPES[shape])
     if shape.startswith("glm-4.5"):
         from transformers import Glm4MoeConfig
 
@@ -306,11 +322,16 @@ def _bnb_quantize(model):
 def build_hf(shape: str, gc: str, r: int, quant: str = "none"):
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
+    import transformers
 
     with torch.device("cuda"):
         attn = "eager" if shape.startswith("gpt-oss") else "sdpa"  # GptOss has no SDPA attention in transformers
-        model = AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16, attn_implementation=attn)
+        if shape.startswith("mistral-small-4"):  # (transformers maps Mistral 4 under image-text-to-text only)
+            model = transformers.Mistral4ForCausalLM._from_config(hf_config(shape), dtype=torch.bfloat16,
+                                                                  attn_implementation=attn)
+        else:
+            model = transformers.AutoModelForCausalLM.from_config(hf_config(shape), dtype=torch.bfloat16,
+                                                                  attn_implementation=attn)
     if quant == "nf4":
         _bnb_quantize(model)
     if gc != "off":

@@ -90,9 +90,10 @@ def test_offload_reuses_forward_attention_on_gpu(dtype, tiny_model_dir, monkeypa
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=0, atol=0, msg=n)
 
 
-@pytest.mark.parametrize("family", ["glm4_moe_lite", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"])
 def test_mla_fp32_logits_equal_transformers_on_gpu(family, tiny_model_dir):
-    """Multi-head latent attention on the card (its Triton RoPE and norms, SDPA) against transformers, both fp32."""
+    """Multi-head latent attention on the card (its Triton RoPE and norms, SDPA) against transformers, both fp32;
+    DeepSeek-V2's and Mistral 4's softmax routing, Mistral 4's query scaling past position 8."""
     ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32, device="cuda")
     ids, mask, _ = _batch()
     with torch.no_grad():

@@ -35,9 +35,11 @@ def _both(model, monkeypatch, **kw):
 # (from 8 in the tiny config) before the fused step, and in the graphs from the device-side position;
 # glm4_moe_lite: multi-head latent attention's cache of expanded keys and values (wider keys than values);
 # gemma4_text: per-layer head sizes in the cache and the fused decode kernel, values taken from the keys;
-# gemma4_e2b: per-layer embeddings of the step's token, shared layers reading an earlier layer's cache
+# gemma4_e2b: per-layer embeddings of the step's token, shared layers reading an earlier layer's cache;
+# mistral4: the latent attention's queries scaled by position (from 8) in the absorbed decode step
 @pytest.mark.parametrize("family", ["llama", "smollm3", "ernie4_5", "hunyuan_v1_dense", "ministral3", "lfm2",
-                                    "lfm3", "glm4_moe_lite", "gemma4_text", "gemma4_e2b", "gemma4_moe"])
+                                    "lfm3", "glm4_moe_lite", "gemma4_text", "gemma4_e2b", "gemma4_moe",
+                                    "mistral4"])
 def test_greedy_fp32_equals_transformers(family, tiny_model_dir, monkeypatch):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device="cuda")

@@ -1,0 +1,53 @@
+"""GPU checks (skipped without CUDA) of vision-language models on our decoder against transformers on the card:
+Gemma 4 (its tower, embedder and two-way image attention in the sliding layers; E2B's per-layer embeddings), Mistral 3
+(Pixtral tower, Ministral 3's query scaling) and Mistral Small 4 (the same tower before latent attention and
+experts): bf16 logits on image batches no further from fp32 than transformers' own bf16, and greedy fp32 decoding
+from image prompts equal to transformers'."""
+import pytest
+import torch
+from tiny_vision import save_gemma4, save_mistral3, solid_image
+
+from fasttune import FastVisionModel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+E2B = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
+           hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, num_kv_shared_layers=2)
+SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma4(f, **E2B),
+          "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4")}
+
+
+def _setup(family, folder, dtype):
+    from transformers import AutoModelForImageTextToText
+
+    saved = SAVERS[family](folder)
+    model, proc = FastVisionModel.from_pretrained(str(saved), dtype=dtype, device="cuda")
+    batch = proc.prompt_inputs([[{"type": "image", "image": solid_image("red")}, {"type": "text", "text": "hue?"}],
+                                [{"type": "text", "text": "and"},
+                                 {"type": "image", "image": solid_image((0, 0, 255), (84, 56))}]])
+    batch = {k: v.to("cuda") for k, v in batch.items()}
+    marks = {} if family.startswith("mistral") else {"mm_token_type_ids": (batch["input_ids"] == proc.image_token_id)
+                                                     .long()}
+    load = lambda d: AutoModelForImageTextToText.from_pretrained(saved, dtype=d).to("cuda").eval()  # noqa: E731
+    return model, batch, marks, load
+
+
+@pytest.mark.parametrize("family", sorted(SAVERS))
+def test_bf16_image_logits_close_to_transformers_bf16(family, tmp_path):
+    model, batch, marks, load = _setup(family, tmp_path / family, torch.bfloat16)
+    with torch.no_grad():
+        ours = model(**batch).logits.float()
+        ref = load(torch.bfloat16)(**batch, **marks).logits.float()
+        exact = load(torch.float32)(**{k: v.float() if v.is_floating_point() else v for k, v in batch.items()},
+                                    **marks).logits
+    real = batch["attention_mask"].bool()
+    ours_err = (ours - exact)[real].norm() / exact[real].norm()
+    ref_err = (ref - exact)[real].norm() / exact[real].norm()
+    assert ours_err < 1.5 * ref_err + 1e-3, (ours_err, ref_err)
+
+
+@pytest.mark.parametrize("family", sorted(SAVERS))
+def test_greedy_fp32_from_image_prompts_equals_transformers(family, tmp_path):
+    model, batch, marks, load = _setup(family, tmp_path / family, torch.float32)
+    want = load(torch.float32).generate(**batch, **marks, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**batch, max_new_tokens=12, do_sample=False), want)
