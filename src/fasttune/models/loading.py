@@ -20,6 +20,7 @@ from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
+from fasttune.quant.fp8 import fp8_tensors
 from fasttune.quant.mxfp4 import mxfp4_tensors
 # The config and tokenizer helpers live in models/hf_files.py (export/ uses them without the decoder).
 from fasttune.models.hf_files import gguf_tokenizer, load_tokenizer, with_architectures
@@ -298,14 +299,20 @@ def _dequantize(state, dtype: torch.dtype) -> torch.Tensor:
     return QuantLinear(state, None, dtype).dequantized_weight()
 
 
-def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None = None) -> VisionCausalLM:
+def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None = None,
+                      dequantize_fp8: bool = False) -> VisionCausalLM:
     """A vision-language checkpoint folder -> VisionCausalLM. transformers loads the whole model on the CPU (it
-    knows the checkpoint layouts), then vision_model_from_hf moves it over. Raises ModelLoadError when
-    transformers cannot load it."""
+    knows the checkpoint layouts; an FP8 checkpoint, `dequantize_fp8`, dequantised by its FineGrainedFP8Config), then
+    vision_model_from_hf moves it over. Raises ModelLoadError when transformers cannot load it."""
     from transformers import AutoModelForImageTextToText
 
+    kwargs = {}
+    if dequantize_fp8:
+        from transformers import FineGrainedFP8Config
+
+        kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=True)
     try:
-        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"transformers cannot load the vision-language model in '{path}': {e}") from None
     return vision_model_from_hf(hf, dtype, device, str(path), quant)
@@ -349,7 +356,8 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
             raise ModelLoadError(f"'{path}' is a {hf_config.model_type} vision-language model, which the "
                                  f"transformers fallback (fast=False) does not load; leave fast at True (its language "
                                  f"model runs on fasttune's decoder, its vision tower is transformers' own).")
-        return load_vision_model(path, dtype, device, quant), hf_config
+        method, _ = checkpoint_quantization(hf_config, path, fallback=False)
+        return load_vision_model(path, dtype, device, quant, dequantize_fp8=method == "fp8"), hf_config
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 
@@ -357,23 +365,43 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
                               quant=quant)
         return model, model.hf_config
     ModelConfig.from_hf(hf_config)  # unsupported settings fail here, before any tensor is read
+    method, block = checkpoint_quantization(hf_config, path)
     tensors = _iter_tensors(_weight_files(path))
-    if _mxfp4_checkpoint(hf_config):
+    if method == "mxfp4":
         tensors = mxfp4_tensors(tensors, dtype)
+    elif method == "fp8":
+        tensors = fp8_tensors(tensors, dtype, block, str(path))
     model = build_model(hf_config, tensors, dtype, device, str(path), quant)
     return model, hf_config
 
 
-def _mxfp4_checkpoint(hf_config) -> bool:
-    """Whether the checkpoint stores MoE experts in MXFP4 (gpt-oss as OpenAI publishes it). They are dequantised to
-    the model dtype on load (quant/mxfp4.py), so the config's quantization_config is dropped: the model, and what
-    it saves, holds plain weights."""
+READ_QUANTIZATION = ("bitsandbytes", "mxfp4", "fp8")  # quantization_config methods whose checkpoints we read
+
+
+def checkpoint_quantization(hf_config, path, fallback: bool = True) -> tuple[str | None, list | None]:
+    """(quant_method, FP8 weight_block_size) of a checkpoint's quantization_config, or (None, None) for plain
+    weights. MXFP4 (gpt-oss's experts as OpenAI publishes them) and FP8 (quant/fp8.py) are dequantised to the model
+    dtype on load, so their quantization_config is dropped here: the model, and what it saves, holds plain weights;
+    bitsandbytes' pre-quantised weights load as they are (quant/prequantized.py). Raises ModelLoadError, before any
+    tensor is read, for another method (GPTQ, AWQ, compressed-tensors, ...), whose weights would otherwise load as
+    wrong numbers; its message offers fast=False where the transformers fallback can load the model (`fallback`)."""
     qc = getattr(hf_config, "quantization_config", None)
-    method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", None)
-    if str(getattr(method, "value", method)) != "mxfp4":
-        return False
-    del hf_config.quantization_config
-    return True
+    if qc is None:
+        return None, None
+    get = qc.get if isinstance(qc, dict) else (lambda k, d=None: getattr(qc, k, d))
+    method = get("quant_method")
+    method = str(getattr(method, "value", method)).lower() if method is not None else None
+    if method not in READ_QUANTIZATION:
+        raise ModelLoadError(
+            f"'{path}' holds weights quantised with {method!r} (config.json's quantization_config), which fasttune's "
+            f"decoder does not read: it reads 16-bit checkpoints and bitsandbytes (NF4 / int8), FP8 and MXFP4 ones. "
+            f"Load the model's 16-bit checkpoint (load_in_4bit=True quantises it for QLoRA)"
+            + (", or pass fast=False to train this one through transformers + PEFT with that method's own package "
+               "installed." if fallback else "."))
+    block = get("weight_block_size")
+    if method in ("mxfp4", "fp8"):
+        del hf_config.quantization_config
+    return method, (list(block) if block else None)
 
 
 GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text", "qwen3_next")

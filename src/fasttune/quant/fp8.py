@@ -1,0 +1,75 @@
+"""FP8 checkpoints (transformers' "fp8" quantization_config, its FineGrainedFP8 layout: DeepSeek-V3 / R1, the
+Qwen3 "-FP8" releases, Ministral 3, Mistral Small 4, GLM-4.5-FP8, ...): dequantised to the model dtype on load.
+
+A quantised Linear `X` stores `X.weight` as float8_e4m3fn (out, in) beside `X.weight_scale_inv` (fp32 or e8m0):
+(ceil(out / bn), ceil(in / bk)) scales for weight_block_size [bn, bk], or a single one per tensor when the config
+has no block size. The weight is each fp8 value times the scale of its block ("scale_inv": the inverse of the scale
+the values were divided by when quantised). Stacked MoE experts `P` (E, out, in) have `P_scale_inv` (E, rows, cols).
+A static activation scale (`X.activation_scale`, activation_scheme "static") serves FP8 matmuls only and is dropped:
+the dequantised model computes in 16 bits, as transformers' `FineGrainedFP8Config(dequantize=True)` does. Source:
+transformers' integrations/finegrained_fp8.py (the pairing of a weight with its scale, `_dequantize_fp8_weight`).
+"""
+from __future__ import annotations
+
+import torch
+
+from fasttune.errors import ModelLoadError
+
+FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))
+DROPPED_SUFFIXES = (".activation_scale", ".input_scale")
+
+
+def scale_name(name: str) -> str:
+    """The scale tensor's name for a quantised tensor's name, as transformers pairs them: `X.weight` ->
+    `X.weight_scale_inv`, a stacked expert `P` -> `P_scale_inv`."""
+    return name[:-len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+
+
+def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
+    """weight (..., N, K) float8 and its scales -> (..., N, K) in `dtype`: each value times its block's scale
+    (scale_inv (..., ceil(N / bn), ceil(K / bk)) for block_size (bn, bk)), or times the one scale when block_size is
+    None. Computed in fp32. Raises ModelLoadError when the scales do not fit the weight."""
+    w = weight.float()
+    s = scale_inv.float()
+    if block_size is None or s.numel() == 1:
+        return (w * s.reshape(()) if s.numel() == 1 else w * s).to(dtype)
+    bn, bk = (int(b) for b in block_size)
+    rows, cols = w.shape[-2:]
+    want = (*w.shape[:-2], -(-rows // bn), -(-cols // bk))
+    if tuple(s.shape) != want:
+        raise ModelLoadError(f"FP8 scales of shape {tuple(s.shape)} do not fit a weight of shape {tuple(w.shape)} in "
+                             f"blocks of {bn} x {bk} (expected {want}); the checkpoint or its weight_block_size in "
+                             f"config.json is damaged.")
+    full = s.repeat_interleave(bn, dim=-2)[..., :rows, :].repeat_interleave(bk, dim=-1)[..., :cols]
+    return (w * full).to(dtype)
+
+
+def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str):
+    """A checkpoint's (name, tensor) stream with each float8 tensor and its scale (`scale_name`) replaced by one
+    dequantised tensor in `dtype` under the weight's name (emitted when the second of the pair arrives, so shards may
+    hold them in any order); activation scales are dropped; other tensors pass through. Raises ModelLoadError, naming
+    `source`, at the end for a weight or scale whose partner never came."""
+    weights: dict[str, tuple[str, torch.Tensor]] = {}  # float8 tensors (name, tensor) waiting for their scale
+    scales: dict[str, torch.Tensor] = {}  # scales waiting for their weight, by their own name
+    for name, t in tensors:
+        if name.endswith(DROPPED_SUFFIXES):
+            continue
+        if t.dtype in FP8_DTYPES:
+            key = scale_name(name)
+            if key in scales:
+                yield name, dequantize_fp8(t, scales.pop(key), block_size, dtype)
+            else:
+                weights[key] = (name, t)
+        elif name.endswith("_scale_inv"):
+            if name in weights:
+                weight_name, w = weights.pop(name)
+                yield weight_name, dequantize_fp8(w, t, block_size, dtype)
+            else:
+                scales[name] = t
+        else:
+            yield name, t
+    if weights or scales:
+        lonely = next(iter(weights.values()))[0] if weights else next(iter(scales))
+        raise ModelLoadError(f"{source}: the FP8 tensor '{lonely}' has no partner ("
+                             f"{'its scale ' + scale_name(lonely) if weights else 'no float8 weight for this scale'}) "
+                             f"in the checkpoint; the download is incomplete or the files are from different models.")
