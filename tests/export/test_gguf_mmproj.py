@@ -118,6 +118,8 @@ def test_llama_cpp_runs_the_exported_model_as_ours(family, bpe_vl, tmp_path):
     feats, logits, count = _ours(model, proc, family, before, image, after)
     their_feats, their_logits, their_count = mtmd_run(text, projector, before, np.asarray(image), after)
     assert their_count == count
+    assert not np.isnan(feats).any() and not np.isnan(logits).any(), "NaN in our features / logits"
+    assert not np.isnan(their_feats).any() and not np.isnan(their_logits).any(), "NaN in llama.cpp's"
     # ggml's GELU runs through an fp16 table, hence ~5e-4 rather than fp32's 1e-6; a wrong position or window
     # moves these by > 2e-2 (tried: plain positions for Qwen2.5-VL's image tokens, 56-pixel windows)
     # Mistral 3's SiLU tower has no such table: 4e-5 (its q/k rows left in transformers' RoPE order: 2e-3)
