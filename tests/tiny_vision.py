@@ -116,12 +116,16 @@ def save_gemma3(folder, seed: int = 0):
 
 
 GEMMA4_TOKENS = ["<|image>", "<image|>", "<|image|>"]  # ids 259, 260, 261: begin, end, soft token
-GEMMA4_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image|>")
+GEMMA4_AUDIO_TOKENS = ["<|audio>", "<audio|>", "<|audio|>"]  # ids 262, 263, 264: begin, end, soft token
+GEMMA4_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image|>").replace(
+    "{% elif item['type'] == 'text' %}", "{% elif item['type'] == 'audio' %}{{ '<|audio|>' }}"
+                                         "{% elif item['type'] == 'text' %}")
 
 
-def gemma4_config(**text):
+def gemma4_config(audio: bool = False, **text):
     """A tiny Gemma 4 vision-language config: the 31B's text layout (tests/tiny.py's gemma4_text, `text` overrides)
-    with two-way attention inside images, a 2-layer tower of 16-pixel patches pooled 3 x 3, no audio."""
+    with two-way attention inside images, a 2-layer tower of 16-pixel patches pooled 3 x 3; with `audio` a 2-layer
+    audio tower (hidden 32; its subsampling's first convolution must have as many channels as mel bins, 128)."""
     from transformers import Gemma4Config
     from tiny import TINY
 
@@ -130,24 +134,30 @@ def gemma4_config(**text):
                    final_logit_softcapping=30.0, use_bidirectional_attention="vision"), **text}
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=2, head_dim=16)
-    return Gemma4Config(text_config=text, vision_config=vision, audio_config=None, boi_token_id=259, eoi_token_id=260,
-                        image_token_id=261)
+    heard = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[128, 4],
+                 output_proj_dims=48) if audio else None
+    return Gemma4Config(text_config=text, vision_config=vision, audio_config=heard, boi_token_id=259, eoi_token_id=260,
+                        image_token_id=261, boa_token_id=262, eoa_token_index=263, audio_token_id=264)
 
 
-def gemma4_processor(tok=None):
+def gemma4_processor(tok=None, audio: bool = False):
     """fasttune's VisionProcessor as Gemma4Processor expands images: each <|image|> becomes <|image> + one soft token
-    per pooled patch group (Gemma4ImageProcessor's count, images resized to at most 70) + <image|>."""
+    per pooled patch group (Gemma4ImageProcessor's count, images resized to at most 70) + <image|>; with `audio`,
+    each <|audio|> becomes <|audio> + one soft token per 40 ms of its clip + <audio|> (16 kHz clips)."""
+    from transformers.models.gemma4.feature_extraction_gemma4 import Gemma4AudioFeatureExtractor
     from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
 
     from fasttune.data.vision import VisionProcessor
 
     tok = make_tiny_tokenizer(chat_template=GEMMA4_TEMPLATE) if tok is None else tok
-    tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS})
+    tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS + GEMMA4_AUDIO_TOKENS})
+    heard = dict(audio_extractor=Gemma4AudioFeatureExtractor(), audio_marks=("<|audio>", "<|audio|>", "<audio|>")) \
+        if audio else {}
     return VisionProcessor(tok, Gemma4ImageProcessorPil(max_soft_tokens=70), GEMMA4_TEMPLATE, "<|image|>", None,
-                           soft_token_marks=("<|image>", "<image|>"))
+                           soft_token_marks=("<|image>", "<image|>"), **heard)
 
 
-def save_gemma4(folder, seed: int = 0, **text):
+def save_gemma4(folder, seed: int = 0, audio: bool = False, **text):
     """Save a random tiny Gemma 4 vision-language model (fp32) with its processor to `folder`; returns it. The
     embedder's projection is drawn wider than transformers' init so images change the logits clearly; the language
     model's norms and layer scalars are drawn away from one so a misplaced one shows."""
@@ -162,7 +172,8 @@ def save_gemma4(folder, seed: int = 0, **text):
             if name.endswith("layer_scalar"):
                 b.uniform_(0.5, 1.5)
 
-    return _save(folder, Gemma4ForConditionalGeneration, gemma4_config(**text), gemma4_processor(), seed, init=init)
+    return _save(folder, Gemma4ForConditionalGeneration, gemma4_config(audio, **text), gemma4_processor(audio=audio),
+                 seed, init=init)
 
 
 MISTRAL3_TOKENS = ["[IMG_BREAK]", "[IMG_END]", "[IMG]"]  # ids 259, 260, 261

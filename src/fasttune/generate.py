@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fasttune import sampling
-from fasttune.constants import IMAGE_KEYS, VIDEO_KEYS
+from fasttune.constants import AUDIO_KEYS, IMAGE_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
@@ -200,7 +200,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
             # Qwen's grids, Pixtral's sizes, Gemma 4's patch positions
             geometry = moved.get("image_grid_thw", moved.get("image_sizes", moved.get("image_position_ids")))
             inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
-                                             {k: moved.get(k) for k in VIDEO_KEYS})
+                                             {k: moved.get(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS)})
             if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
                 position_ids = inputs["position_ids"]
             next_pos = next_pos + inputs.pop("rope_deltas").to(device)  # text after the images continues past them
@@ -316,15 +316,17 @@ def _image_inputs(model, prompt, kwargs: dict) -> dict:
     grids without their pixels. mm_token_type_ids is dropped (image and video tokens are found by id)."""
     from collections.abc import Mapping
 
-    keys = (*IMAGE_KEYS, *VIDEO_KEYS)
+    keys = (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS)
     kwargs.pop("mm_token_type_ids", None)
     images = {k: value for k in keys if (value := kwargs.pop(k, None)) is not None}
     if isinstance(prompt, Mapping):
         images.update({k: prompt[k] for k in keys if prompt.get(k) is not None})
     if images and getattr(model, "family", None) is None:
-        raise ConfigError("generate(): pixel_values were given, but this model has no vision tower.")
+        raise ConfigError("generate(): pixel_values or input_features were given, but this model has no vision "
+                          "tower.")
     for grid, pixels in (("image_grid_thw", "pixel_values"), ("image_sizes", "pixel_values"),
-                         ("image_position_ids", "pixel_values"), ("video_grid_thw", "pixel_values_videos")):
+                         ("image_position_ids", "pixel_values"), ("video_grid_thw", "pixel_values_videos"),
+                         ("input_features_mask", "input_features")):
         if grid in images and pixels not in images:
             raise ConfigError(f"generate(): {grid} without {pixels}; pass the processor's output whole.")
     return images

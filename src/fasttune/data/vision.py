@@ -42,11 +42,17 @@ class VisionProcessor(ProcessorMixin):
     writes), one feature token per token side of the resized image, each row of them closed by the break token and
     the last by the end token, or, with `soft_token_marks` = (begin token, end token) (Gemma 4, as Gemma4Processor
     writes), the image processor's count of soft tokens for that image between the two marks. The rows' tokens are
-    never targets (`image_token_ids`)."""
+    never targets (`image_token_ids`).
+
+    Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
+    `audio_marks` = (begin token, audio token, end token), each audio token the template writes becomes the begin
+    mark, one audio token per soft token of its clip and the end mark, as Gemma4Processor writes it; the audio tokens
+    are never targets either."""
 
     def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
-                 image_rows: tuple | None = None, soft_token_marks: tuple | None = None):
+                 image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
+                 audio_marks: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -60,13 +66,20 @@ class VisionProcessor(ProcessorMixin):
         # the tokens an image expands to that are never targets: its feature tokens, and Pixtral's row marks
         self.image_token_ids = {self.image_token_id} | (
             set(tokenizer.convert_tokens_to_ids(list(image_rows[:2]))) if image_rows else set())
+        self.audio_extractor = audio_extractor if audio_marks else None
+        self.audio_marks = audio_marks if audio_extractor is not None else None
+        self.audio_token = self.audio_marks[1] if self.audio_marks else None
+        self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token) if self.audio_token else None
+        if self.audio_token_id is not None:
+            self.image_token_ids.add(self.audio_token_id)
 
     @classmethod
     def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int | None = 2,
                         tokenizer=None, feature_token: str | None = None, image_sequence: str | None = None,
-                        image_rows: tuple | None = None, soft_token_marks: tuple | None = None) -> "VisionProcessor":
-        """Load the parts saved in `folder` (the tokenizer too unless given). Raises ModelLoadError naming the
-        missing part."""
+                        image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
+                        audio_marks: tuple | None = None) -> "VisionProcessor":
+        """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
+        extractor). Raises ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         folder = Path(folder)
@@ -80,11 +93,20 @@ class VisionProcessor(ProcessorMixin):
         except (OSError, ValueError) as e:
             raise ModelLoadError(f"No usable image processor in '{folder}' ({e}): a vision-language model needs "
                                  f"its preprocessor_config.json beside the weights.") from None
+        audio_extractor = None
+        if audio_marks:
+            from transformers import AutoFeatureExtractor
+
+            try:
+                audio_extractor = AutoFeatureExtractor.from_pretrained(str(folder), local_files_only=True)
+            except (OSError, ValueError) as e:
+                raise ModelLoadError(f"No usable audio feature extractor in '{folder}' ({e}): a model with an audio "
+                                     f"tower needs the feature_extractor entry of its processor_config.json.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
-                   image_sequence, image_rows, soft_token_marks)
+                   image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks)
 
     def __getattr__(self, name):
-        if name in ("tokenizer", "image_processor"):  # not set yet (unpickling): no recursion
+        if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -119,6 +141,8 @@ class VisionProcessor(ProcessorMixin):
     def image_grids(self, images: list) -> list:
         """Per image what its token count depends on (Qwen: its (t, h, w) grid; Mistral 3: its resized (height,
         width); fixed-size families: None)."""
+        if not images:
+            return []
         if self.image_sequence is not None:
             return [None] * len(images)
         if self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
@@ -126,6 +150,37 @@ class VisionProcessor(ProcessorMixin):
             return [int(n) for n in counts] if images else []
         key = "image_sizes" if self.image_rows is not None else "image_grid_thw"
         return self.process_images(images)[key].tolist() if images else []
+
+    @property
+    def sampling_rate(self) -> int:
+        """The audio feature extractor's sampling rate in Hz (16,000 for Gemma 4); ConfigError without one."""
+        if self.audio_extractor is None:
+            raise DataError("This model takes no audio (its processor has no audio feature extractor); use text "
+                            "and images.")
+        return int(self.audio_extractor.sampling_rate)
+
+    def process_audio(self, clips: list) -> dict:
+        """Clips (1-D float arrays at `sampling_rate`) -> {"input_features" (clips, frames, mel bins) float32,
+        "input_features_mask" (clips, frames) bool}, padded to the longest, as the feature extractor returns them."""
+        out = self.audio_extractor(clips, sampling_rate=self.sampling_rate, return_tensors="pt", padding="longest")
+        return {"input_features": torch.as_tensor(out["input_features"]).float(),
+                "input_features_mask": torch.as_tensor(out["input_features_mask"]).bool()}
+
+    def audio_counts(self, clips: list) -> list[int]:
+        """Per clip, the number of soft tokens it becomes (data/audio.soft_token_count of its feature frames)."""
+        from fasttune.data.audio import soft_token_count
+
+        return [soft_token_count(self.process_audio([c])["input_features_mask"][0]) for c in clips]
+
+    def expand_audio(self, text: str, counts: list[int]) -> str:
+        """Each audio token of `text` replaced by the begin mark, `count` audio tokens and the end mark."""
+        if self.audio_token is None:
+            return text
+        parts = text.split(self.audio_token)
+        if len(parts) - 1 != len(counts):
+            raise DataError(f"The text has {len(parts) - 1} audio placeholders but {len(counts)} clips were given.")
+        begin, token, end = self.audio_marks
+        return "".join([parts[0]] + [begin + token * n + end + rest for n, rest in zip(counts, parts[1:])])
 
     def expand(self, text: str, grids) -> str:
         """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
@@ -153,26 +208,36 @@ class VisionProcessor(ProcessorMixin):
         rows = [self.feature_token * (width // side)] * (height // side)
         return brk.join(rows) + end
 
-    def __call__(self, text=None, images=None, return_tensors=None, **kwargs) -> dict:
-        """text (str or list[str], rendered with placeholders) and the images in order over the texts ->
-        input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
-        images, as transformers' Qwen2.5-VL processor returns them (always as torch tensors). Without images the
-        call is the tokenizer's (same arguments and result), so the processor stands in for it in text-only code."""
-        if not images and (text is None or self.image_token not in "".join([text] if isinstance(text, str) else text)):
+    def __call__(self, text=None, images=None, return_tensors=None, audio=None, **kwargs) -> dict:
+        """text (str or list[str], rendered with placeholders) and the images (and audio clips) in order over the
+        texts -> input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
+        images (input_features and input_features_mask when there are clips), as transformers' processors return
+        them (always as torch tensors). Without media the call is the tokenizer's (same arguments and result), so
+        the processor stands in for it in text-only code."""
+        joined = "" if text is None else "".join([text] if isinstance(text, str) else text)
+        marks = self.image_token in joined or (self.audio_token is not None and self.audio_token in joined)
+        if not images and not audio and not marks:
             return self.tokenizer(text, return_tensors=return_tensors, **kwargs)
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
-        grids = []
+        grids, counts = [], []
         if images:
             pil = [to_pil(im, "images") for im in images]
             out, grids = self.process_images(pil), self.image_grids(pil)
-        expanded, used = [], 0
+        if audio:
+            from fasttune.data.audio import to_waveform
+
+            clips = [to_waveform(c, f"audio clip {i + 1}", self.sampling_rate) for i, c in enumerate(audio)]
+            out.update(self.process_audio(clips))
+            counts = self.audio_counts(clips)
+        expanded, used, heard = [], 0, 0
         for t in texts:
-            n = t.count(self.image_token)
-            expanded.append(self.expand(t, grids[used:used + n]))
-            used += n
-        if used != len(grids):
-            raise DataError(f"{len(grids)} images were given for {used} image placeholders in the text.")
+            n, m = t.count(self.image_token), t.count(self.audio_token) if self.audio_token else 0
+            expanded.append(self.expand_audio(self.expand(t, grids[used:used + n]), counts[heard:heard + m]))
+            used, heard = used + n, heard + m
+        if used != len(grids) or heard != len(counts):
+            raise DataError(f"{len(grids)} images and {len(counts)} audio clips were given for {used} image and "
+                            f"{heard} audio placeholders in the text.")
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in expanded]
         out.update(pad_rows(ids, ids, self.pad_id())[0])
         return out
@@ -182,20 +247,36 @@ class VisionProcessor(ProcessorMixin):
         plus pixel_values / image_grid_thw of their images in order. contents: per row, a string or a list of
         text / image items (as in data rows; image paths relative to base_dir). Raises DataError for unreadable
         images."""
-        rows, images = [], []
+        rows, images, clips = [], [], []
         for k, content in enumerate(contents):
-            messages, sources = _split_images([{"role": "user", "content": content}], None, f"Prompt {k + 1}")
+            messages, sources, heard = _split_media([{"role": "user", "content": content}], None, f"Prompt {k + 1}")
             row_images = [to_pil(s, f"Prompt {k + 1}, image {i + 1}", base_dir) for i, s in enumerate(sources)]
+            row_clips = self.waveforms(heard, f"Prompt {k + 1}", base_dir)
             grids = self.image_grids(row_images)
             text = self.expand(self.apply_chat_template(messages, add_generation_prompt=True), grids)
+            text = self.expand_audio(text, self.audio_counts(row_clips) if row_clips else [])
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
+            clips += row_clips
         width = max(len(r) for r in rows)
         batch = {"input_ids": torch.tensor([[self.pad_id()] * (width - len(r)) + r for r in rows]),
                  "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
         if images:
             batch.update(self.process_images(images))
+        if clips:
+            batch.update(self.process_audio(clips))
         return batch
+
+    def waveforms(self, sources: list, where: str, base_dir: Path | None = None) -> list:
+        """Audio sources (data/audio.to_waveform's forms) -> 1-D float32 arrays at `sampling_rate`; DataError naming
+        `where` and the clip for a bad one, or for any clip when this model takes no audio."""
+        from fasttune.data.audio import to_waveform
+
+        if sources and self.audio_extractor is None:
+            raise DataError(f"{where}: has an audio item, but this model takes no audio (only Gemma 4 E2B / E4B "
+                            f"checkpoints with an audio tower do); use text and images.")
+        return [to_waveform(s, f"{where}, audio clip {i + 1}", self.sampling_rate, base_dir)
+                for i, s in enumerate(sources)]
 
     def pad_id(self) -> int:
         """The tokenizer's pad id, else its eos id, else 0."""
@@ -208,6 +289,11 @@ class VisionProcessor(ProcessorMixin):
         folder.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(folder)
         self.image_processor.save_pretrained(folder)
+        if self.audio_extractor is not None:  # as transformers 5 keeps a processor's parts (AutoFeatureExtractor
+            config = folder / "processor_config.json"  # reads it back)
+            saved = json.loads(config.read_text()) if config.is_file() else {}
+            saved["feature_extractor"] = json.loads(self.audio_extractor.to_json_string())
+            config.write_text(json.dumps(saved, indent=2))
         if self.chat_template:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return folder
@@ -278,17 +364,20 @@ class VisionEncoder:
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: a vision-language row needs 'messages', a list of {{'role', 'content'}} "
                             f"whose content mixes {{'type': 'image', 'image': PATH}} and {{'type': 'text', ...}}.")
-        messages, sources = _split_images(messages, row.get("images"), where)
+        messages, sources, heard = _split_media(messages, row.get("images"), where, row.get("audios"))
         images = [to_pil(s, f"{where}, image {k + 1}", self.base_dir) for k, s in enumerate(sources)]
         grids = self.processor.image_grids(images)
         p = self.processor
+        clips = p.waveforms(heard, where, self.base_dir)
+        counts = p.audio_counts(clips) if clips else []
 
         def tokens(msgs, gen=False):
             """Token ids of messages `msgs` rendered by the chat template (gen: with the generation prompt), each
-            image placeholder expanded to its image's tokens."""
+            image placeholder expanded to its image's tokens, each audio one to its clip's."""
             text = p.apply_chat_template(msgs, add_generation_prompt=gen)
-            n = text.count(p.image_token)
-            return p.tokenizer(p.expand(text, grids[:n]), add_special_tokens=False)["input_ids"]
+            n, m = text.count(p.image_token), text.count(p.audio_token) if p.audio_token else 0
+            return p.tokenizer(p.expand_audio(p.expand(text, grids[:n]), counts[:m]),
+                               add_special_tokens=False)["input_ids"]
 
         ids = tokens(messages)
         if self.responses_only:
@@ -305,9 +394,16 @@ class VisionEncoder:
                 raise DataError(f"{where}: {len(ids)} tokens with its images, more than max_seq_length "
                                 f"{self.max_seq_length}, and the cut would fall inside an image. Raise "
                                 f"max_seq_length, or make the images smaller (the image processor's max_pixels).")
+            if p.audio_token_id is not None and p.audio_token_id in ids[self.max_seq_length:]:
+                raise DataError(f"{where}: {len(ids)} tokens with its audio, more than max_seq_length "
+                                f"{self.max_seq_length}, and the cut would fall inside a clip. Raise "
+                                f"max_seq_length, or use shorter clips.")
             ids, labels = ids[:self.max_seq_length], labels[:self.max_seq_length]
         kept = [str(_absolute(s, self.base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
-        return {"input_ids": ids, "labels": labels, "images": kept}
+        example = {"input_ids": ids, "labels": labels, "images": kept}
+        if clips:
+            example["audio"] = clips
+        return example
 
 
 def _absolute(path, base_dir: Path | None) -> Path:
@@ -318,8 +414,19 @@ def _absolute(path, base_dir: Path | None) -> Path:
 def _split_images(messages: list, column, where: str) -> tuple[list[dict], list]:
     """Messages with each image item reduced to {"type": "image"} (what the template reads), and the image sources
     in order: inline ("image"/"path"/"url" keys) or, for bare items, the row's `images` column."""
-    column = list(column) if isinstance(column, (list, tuple)) else ([] if column is None else [column])
-    out, sources, from_column = [], [], 0
+    out, sources, _ = _split_media(messages, column, where)
+    return out, sources
+
+
+def _column(column) -> list:
+    return list(column) if isinstance(column, (list, tuple)) else ([] if column is None else [column])
+
+
+def _split_media(messages: list, column, where: str, audio_column=None) -> tuple[list[dict], list, list]:
+    """_split_images plus audio: each audio item reduced to {"type": "audio"}, and the clips' sources in order,
+    inline ("audio"/"path" keys) or, for bare items, from the row's `audios` column (`audio_column`)."""
+    column, audio_column = _column(column), _column(audio_column)
+    out, sources, clips, from_column, from_audio = [], [], [], 0, 0
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise DataError(f"{where}: message {k + 1} is not a {{'role', 'content'}} dict.")
@@ -342,6 +449,16 @@ def _split_images(messages: list, column, where: str) -> tuple[list[dict], list]
                     from_column += 1
                 sources.append(src)
                 items.append({"type": "image"})
+            elif kind == "audio":
+                src = next((item[key] for key in ("audio", "path") if item.get(key) is not None), None)
+                if src is None:
+                    if from_audio >= len(audio_column):
+                        raise DataError(f"{where}: message {k + 1} has an audio item without a clip, and the row's "
+                                        f"'audios' column has no clip left for it.")
+                    src = audio_column[from_audio]
+                    from_audio += 1
+                clips.append(src)
+                items.append({"type": "audio"})
             elif kind == "text":
                 items.append({"type": "text", "text": str(item.get("text", ""))})
             elif kind == "video":
@@ -349,20 +466,25 @@ def _split_images(messages: list, column, where: str) -> tuple[list[dict], list]
                                 f"images only (videos train through the model with the processor's "
                                 f"pixel_values_videos and video_grid_thw, or pass sampled frames as images).")
             else:
-                raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text' or 'image'.")
+                raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text', 'image' or "
+                                f"'audio'.")
         out.append({"role": m["role"], "content": items})
-    return out, sources
+    return out, sources, clips
 
 
 def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
-    """Examples of VisionEncoder -> one batch: input_ids / attention_mask / labels (B, T) right-padded, and the
-    images of all rows in order as pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3)."""
+    """Examples of VisionEncoder -> one batch: input_ids / attention_mask / labels (B, T) right-padded, the images
+    of all rows in order as pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3), and their audio clips
+    as input_features / input_features_mask."""
     tensors, labels, _ = pad_rows([e["input_ids"] for e in examples], [e["labels"] for e in examples],
                                   processor.pad_id())
     batch = {**tensors, **labels}
     images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]]
     if images:
         batch.update(processor.process_images(images))
+    clips = [c for e in examples for c in e.get("audio", ())]
+    if clips:
+        batch.update(processor.process_audio(clips))
     return batch
 
 
@@ -407,7 +529,11 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     if vlm_config.model_type == "gemma4":  # Gemma4Processor: <image> -> begin mark, soft tokens, end mark
         boi, eoi, image = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
                                                            vlm_config.image_token_id])
-        return dict(image_token=image, merge_size=None, soft_token_marks=(boi, eoi))
+        settings = dict(image_token=image, merge_size=None, soft_token_marks=(boi, eoi))
+        if getattr(vlm_config, "audio_config", None) is not None:  # E2B / E4B hear: <audio> expands alike
+            settings["audio_marks"] = tuple(tokenizer.convert_ids_to_tokens(
+                [vlm_config.boa_token_id, vlm_config.audio_token_id, vlm_config.eoa_token_index]))
+        return settings
     if vlm_config.model_type == "mistral3":  # PixtralProcessor's tokens; a token covers merge x merge patches
         image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size

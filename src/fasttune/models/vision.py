@@ -20,7 +20,7 @@ import re
 
 import torch
 
-from fasttune.constants import VIDEO_KEYS
+from fasttune.constants import AUDIO_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 
@@ -51,7 +51,7 @@ class VisionFamily:
     # Gemma 4: each image comes as padded patches with their (x, y) positions (the processor's image_position_ids,
     # -1 = padding), its features from the tower's last hidden state through the embedder (embed_vision)
     positioned_patches: bool = False
-    # inputs of the family's processor that do not run on our decoder yet, refused by name (Gemma 4's video and audio)
+    # inputs of the family's processor that do not run on our decoder yet, refused by name (Gemma 4's videos)
     refused_inputs: tuple = ()
 
 
@@ -81,8 +81,8 @@ FAMILIES = {
                              r"model\.vision_tower\.transformer\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
                              r"model\.vision_tower\.transformer\.layers\.\d+\.feed_forward\."
                              r"(gate_proj|up_proj|down_proj)", sized_images=True),
-    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its vision tower and embedder in front of our decoder;
-    # the E2B / E4B audio tower kept frozen as transformers loads it, audio and video inputs refused. Two-way
+    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its vision tower and embedder in front of our decoder,
+    # and E2B's / E4B's audio tower and embedder (audio clips, data/audio.py); video inputs refused. Two-way
     # attention inside an image only where the config asks for it (use_bidirectional_attention "vision"), and then
     # in the sliding layers only (ModelConfig.image_blocks_sliding_only)
     "gemma4": VisionFamily("gemma4", (("vision_tower", "vision_tower"), ("embed_vision", "embed_vision"),
@@ -91,8 +91,7 @@ FAMILIES = {
                            r"(q_proj|k_proj|v_proj|o_proj)\.linear",
                            r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
                            scaled_embeddings=True, positioned_patches=True,
-                           refused_inputs=("pixel_values_videos", "video_position_ids", "num_frames_per_video",
-                                           "input_features", "input_features_mask")),
+                           refused_inputs=("pixel_values_videos", "video_position_ids", "num_frames_per_video")),
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
@@ -178,6 +177,25 @@ class VisionCausalLM(CausalLM):
         videos."""
         return getattr(self._vlm_config, "video_token_id", None) if self.family.video else None
 
+    @property
+    def audio_token_id(self) -> int | None:
+        """The id of the token each audio feature replaces (config.audio_token_id) for a model with an audio tower
+        (Gemma 4 E2B / E4B), else None."""
+        return getattr(self._vlm_config, "audio_token_id", None) if self.hears else None
+
+    @property
+    def hears(self) -> bool:
+        """Whether the model has an audio tower (Gemma 4 E2B / E4B)."""
+        return getattr(self, "audio_tower", None) is not None
+
+    def audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
+        """Gemma 4's clips: log-mel frames (clips, frames, bins) with their mask (clips, frames) -> (audio tokens,
+        hidden) features in the decoder's dtype, each clip's real (unpadded) soft tokens in order, as
+        transformers' Gemma4Model.get_audio_features and its padding strip give them."""
+        out = self.audio_tower(input_features.to(self.dtype), input_features_mask.bool(), return_dict=True)
+        feats = self.embed_audio(inputs_embeds=out.last_hidden_state)
+        return feats[out.attention_mask.bool()].to(self.dtype)
+
     def checkpoint_name(self, name: str) -> str:
         """Our parameter/module name -> transformers' name in this family's checkpoints."""
         if name.startswith("model."):
@@ -229,9 +247,12 @@ class VisionCausalLM(CausalLM):
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
         positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask, videos)
         per_layer_ids = None
-        if self.arch.per_layer_input_size:  # Gemma 4 E2B / E4B: image positions look up the pad token's row
+        if self.arch.per_layer_input_size:  # Gemma 4 E2B / E4B: image and audio positions look up the pad token's row
             pad = self.arch.pad_token_id or 0
-            per_layer_ids = input_ids.masked_fill(input_ids == self.image_token_id, pad)
+            media = input_ids == self.image_token_id
+            if self.audio_token_id is not None:
+                media = media | (input_ids == self.audio_token_id)
+            per_layer_ids = input_ids.masked_fill(media, pad)
         return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
                 "image_blocks": self.image_blocks(input_ids) if pixel_values is not None else None,
                 "deepstack": deep, "per_layer_ids": per_layer_ids}
@@ -240,7 +261,7 @@ class VisionCausalLM(CausalLM):
         """(inputs_embeds, position_ids) for the decoder from input_ids and their images and videos
         (multimodal_inputs; the video keys are popped from `kwargs`); the decoder's image_blocks / deepstack keywords
         are added to `kwargs` unless given. Given position_ids win."""
-        videos = {k: kwargs.pop(k) for k in VIDEO_KEYS if k in kwargs}
+        videos = {k: kwargs.pop(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS) if k in kwargs}
         inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos)
         for key in ("image_blocks", "deepstack", "per_layer_ids"):
             if kwargs.get(key) is None:
@@ -262,9 +283,11 @@ class VisionCausalLM(CausalLM):
         if self.family.scaled_embeddings:
             x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         videos = {k: v for k, v in (videos or {}).items() if v is not None}
+        audio = [videos.pop(k, None) for k in AUDIO_KEYS]
         if videos and self.video_token_id is None:
             raise ConfigError(f"{self.family.model_type} takes no videos (pixel_values_videos was passed); pass its "
                               f"frames as images.")
+        x = self._with_audio(x, input_ids, *audio)
         parts = [("image", "pixel_values", is_image, pixel_values, image_grid_thw)]
         if self.video_token_id is not None:
             parts.append(("video", "pixel_values_videos", input_ids == self.video_token_id,
@@ -295,6 +318,28 @@ class VisionCausalLM(CausalLM):
             if deep:
                 deep_parts.append((mask, deep))
         return (x, _joint_deepstack(deep_parts)) if with_deepstack else x
+
+    def _with_audio(self, x: torch.Tensor, input_ids: torch.Tensor, features=None, mask=None) -> torch.Tensor:
+        """x (B, T, H) with the clips' features (audio_features) in place of the audio tokens. Raises ConfigError for
+        audio on a model without an audio tower, features without their mask, audio tokens without features, or
+        counts that differ (a row cut inside a clip)."""
+        if features is None:
+            if self.audio_token_id is not None and bool((input_ids == self.audio_token_id).any()):
+                raise ConfigError("input_ids hold audio placeholder tokens but no input_features were passed; pass "
+                                  "the processor's input_features and input_features_mask with them.")
+            return x
+        if not self.hears:
+            raise ConfigError(f"This {self.family.model_type} model has no audio tower (only Gemma 4 E2B / E4B "
+                              f"checkpoints hear); input_features were passed.")
+        if mask is None:
+            raise ConfigError("input_features need input_features_mask (clips, frames), as the processor returns it.")
+        feats = self.audio_features(features, mask)
+        is_audio = input_ids == self.audio_token_id
+        if int(is_audio.sum()) != feats.shape[0]:
+            raise ConfigError(f"The batch holds {int(is_audio.sum())} audio placeholder tokens but its clips give "
+                              f"{feats.shape[0]} features: a row was cut inside a clip (raise max_seq_length) or "
+                              f"input_features do not belong to these input_ids.")
+        return x.masked_scatter(is_audio[..., None].expand_as(x), feats)
 
     def image_blocks(self, input_ids: torch.Tensor):
         """(B, T) long: each image's run of placeholder tokens numbered 0, 1, ... per row, text -1, for families
@@ -342,10 +387,11 @@ class VisionCausalLM(CausalLM):
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
-        elif pixel_values is not None or kwargs.get("pixel_values_videos") is not None:
-            raise ConfigError("pixel_values and pixel_values_videos go with the first forward pass over the "
-                              "prompt's input_ids, not with inputs_embeds or a filled KV cache.")
-        for key in VIDEO_KEYS:  # None (or consumed above)
+        elif pixel_values is not None or kwargs.get("pixel_values_videos") is not None or \
+                kwargs.get("input_features") is not None:
+            raise ConfigError("pixel_values, pixel_values_videos and input_features go with the first forward pass "
+                              "over the prompt's input_ids, not with inputs_embeds or a filled KV cache.")
+        for key in (*VIDEO_KEYS, *AUDIO_KEYS):  # None (or consumed above)
             kwargs.pop(key, None)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
@@ -371,13 +417,13 @@ class VisionBackbone:
 
 
 def _refuse_media(family: VisionFamily, kwargs: dict) -> None:
-    """ConfigError naming the family's refused_inputs given (Gemma 4's videos and audio); the others (None) are
-    dropped from kwargs."""
+    """ConfigError naming the family's refused_inputs given (Gemma 4's videos); the others (None) are dropped from
+    kwargs."""
     given = [k for k in family.refused_inputs if kwargs.get(k) is not None]
     if given:
-        raise ConfigError(f"{family.model_type}: fasttune trains this model on text and images so far; the batch "
-                          f"holds {', '.join(given)}. Drop the videos and audio from the data, or fine-tune them with "
-                          f"transformers + PEFT.")
+        raise ConfigError(f"{family.model_type}: fasttune trains this model on text, images and audio so far; the "
+                          f"batch holds {', '.join(given)}. Pass a video's sampled frames as images, or fine-tune on "
+                          f"videos with transformers + PEFT.")
     for key in family.refused_inputs:
         kwargs.pop(key, None)
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fasttune.constants import IMAGE_KEYS, VIDEO_KEYS
+from fasttune.constants import AUDIO_KEYS, IMAGE_KEYS, VIDEO_KEYS
 from fasttune.data.vision import VisionDataCollator, VisionProcessor, collate_vision
 from fasttune.errors import ConfigError, DataError
 
-BATCH_KEYS = (*IMAGE_KEYS, *VIDEO_KEYS)  # the image and video inputs a micro-batch may carry to the model
+BATCH_KEYS = (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS)  # the media inputs a micro-batch may carry to the model
 
 
 def is_vision_model(model) -> bool:

@@ -1,0 +1,87 @@
+"""Audio clips for vision-language models that hear (Gemma 4 E2B / E4B): reading a clip, the processor's features
+and the number of soft tokens a clip becomes.
+
+A clip in a data row or prompt is `{"type": "audio", "audio": ...}` holding a 1-D array of samples at the feature
+extractor's rate (16 kHz for Gemma 4), datasets' Audio feature value `{"array", "sampling_rate"}`, or the path of a
+PCM WAV file (read with the standard library's `wave`; other formats: decode them into an array first, e.g. with
+datasets' Audio feature). Clips at another rate are refused with the fix, not resampled here.
+Source of the token count: transformers' Gemma4Processor.replace_audio_token (the feature mask through the audio
+tower's two stride-2 convolutions).
+"""
+from __future__ import annotations
+
+import io
+import wave
+from pathlib import Path
+
+import numpy as np
+
+from fasttune.errors import DataError
+
+
+def to_waveform(value, where: str, rate: int, base_dir: Path | None = None) -> np.ndarray:
+    """A clip -> (samples,) float32 at `rate` Hz: an array (list, numpy, torch) taken to be at `rate`, a
+    {"array", "sampling_rate"} dict (datasets' Audio feature), a {"path"} / {"bytes"} dict or a path of a PCM WAV
+    file (relative to base_dir; several channels are averaged). Raises DataError naming `where` for a missing or
+    unreadable file, another sampling rate, or a value that is none of these."""
+    if isinstance(value, dict) and value.get("array") is not None:
+        got = value.get("sampling_rate", rate)
+        if got != rate:
+            raise DataError(f"{where}: the audio is sampled at {got} Hz, but the model's feature extractor takes "
+                            f"{rate} Hz; resample it first (with datasets: dataset.cast_column(column, "
+                            f"Audio(sampling_rate={rate}))).")
+        value = value["array"]
+    elif isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (str, Path)):
+        path = Path(value).expanduser()
+        path = base_dir / path if not path.is_absolute() and base_dir is not None else path
+        if not path.is_file():
+            raise DataError(f"{where}: audio file '{path}' does not exist. Paths in the data are relative to the data "
+                            f"file's folder.")
+        return _read_wav(path.read_bytes(), f"{where} ('{path}')", rate)
+    if isinstance(value, (bytes, bytearray)):
+        return _read_wav(bytes(value), where, rate)
+    if hasattr(value, "detach"):  # a torch tensor
+        value = value.detach().cpu().numpy()
+    try:
+        samples = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError):
+        samples = None
+    if samples is None or samples.ndim != 1 or samples.size == 0:
+        raise DataError(f"{where}: an audio clip must be a 1-D array of samples at {rate} Hz, a "
+                        f"{{'array', 'sampling_rate'}} dict or a WAV file path, not {type(value).__name__}"
+                        + (f" of shape {samples.shape}" if samples is not None else "") + ".")
+    return samples
+
+
+def _read_wav(data: bytes, where: str, rate: int) -> np.ndarray:
+    """PCM WAV bytes -> mono float32 samples in [-1, 1); DataError for another format or rate."""
+    try:
+        with wave.open(io.BytesIO(data)) as f:
+            got, width, channels = f.getframerate(), f.getsampwidth(), f.getnchannels()
+            frames = f.readframes(f.getnframes())
+    except (wave.Error, EOFError) as e:
+        raise DataError(f"{where}: not a PCM WAV file ({e}); decode other formats into an array of samples first "
+                        f"(e.g. with datasets' Audio feature).") from None
+    if got != rate:
+        raise DataError(f"{where}: the WAV file is sampled at {got} Hz, but the model's feature extractor takes "
+                        f"{rate} Hz; resample it first (e.g. datasets' Audio(sampling_rate={rate})).")
+    if width == 1:  # 8-bit WAV is unsigned
+        samples = (np.frombuffer(frames, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
+    elif width in (2, 4):
+        kind = np.int16 if width == 2 else np.int32
+        samples = np.frombuffer(frames, dtype=kind).astype(np.float32) / float(2 ** (8 * width - 1))
+    else:
+        raise DataError(f"{where}: {8 * width}-bit WAV samples are not read here; use 8-, 16- or 32-bit PCM, or pass "
+                        f"the samples as an array.")
+    return samples.reshape(-1, channels).mean(axis=1) if channels > 1 else samples
+
+
+def soft_token_count(frame_mask) -> int:
+    """The number of soft tokens a clip becomes from its feature frames' mask (frames,) (True = real): the mask
+    through the audio tower's two stride-2 convolutions (kernel 3, padding 1), as Gemma4Processor counts them."""
+    mask = np.asarray(frame_mask)
+    for _ in range(2):
+        mask = mask[::2][:(len(mask) + 2 - 3) // 2 + 1]
+    return int(mask.sum())
