@@ -200,3 +200,10 @@ def test_audio_on_a_model_that_does_not_hear_is_refused(loaded, tmp_path):
              input_features_mask=batch["input_features_mask"])
     with torch.no_grad(), pytest.raises(ConfigError, match="audio placeholder tokens but no input_features"):
         model(input_ids=batch["input_ids"])
+
+
+def test_prompt_preview_marks_media():
+    from fasttune.data.vision import content_preview
+
+    assert content_preview([{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "words?"},
+                            {"type": "image", "image": "b.png"}]) == "<audio> words? <image>"

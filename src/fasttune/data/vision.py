@@ -511,10 +511,10 @@ class VisionDataCollator:
 
 
 def content_preview(content) -> str:
-    """A prompt's content for printing: its text, with <image> where an image item stands."""
+    """A prompt's content for printing: its text, with <image> / <audio> where an image / audio item stands."""
     if isinstance(content, str):
         return content
-    return " ".join("<image>" if isinstance(i, dict) and i.get("type") == "image" else str(i.get("text", ""))
+    return " ".join(f"<{i['type']}>" if i.get("type") in ("image", "audio") else str(i.get("text", ""))
                     for i in content if isinstance(i, dict))
 
 
