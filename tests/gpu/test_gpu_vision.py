@@ -1,8 +1,9 @@
 """GPU checks (skipped without CUDA) of vision-language models on our decoder against transformers on the card:
 Gemma 4 (its tower, embedder and two-way image attention in the sliding layers; E2B's per-layer embeddings), Mistral 3
 (Pixtral tower, Ministral 3's query scaling) and Mistral Small 4 (the same tower before latent attention and
-experts): bf16 logits on image batches no further from fp32 than transformers' own bf16, and greedy fp32 decoding
-from image prompts equal to transformers'."""
+experts), and Gemma 4 E2B with audio clips beside the images: bf16 logits on such batches no further from fp32 than
+transformers' own bf16, and greedy fp32 decoding from such prompts equal to transformers'."""
+import numpy as np
 import pytest
 import torch
 from tiny_vision import save_gemma4, save_mistral3, solid_image
@@ -14,6 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 E2B = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2,
            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, num_kv_shared_layers=2)
 SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma4(f, **E2B),
+          "gemma4_e2b_audio": lambda f: save_gemma4(f, audio=True, **E2B),
           "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4")}
 
 
@@ -22,9 +24,11 @@ def _setup(family, folder, dtype):
 
     saved = SAVERS[family](folder)
     model, proc = FastVisionModel.from_pretrained(str(saved), dtype=dtype, device="cuda")
+    heard = [{"type": "audio", "audio": (np.random.default_rng(0).standard_normal(12000) * 0.1).astype(np.float32)}] \
+        if family.endswith("audio") else []
     batch = proc.prompt_inputs([[{"type": "image", "image": solid_image("red")}, {"type": "text", "text": "hue?"}],
                                 [{"type": "text", "text": "and"},
-                                 {"type": "image", "image": solid_image((0, 0, 255), (84, 56))}]])
+                                 {"type": "image", "image": solid_image((0, 0, 255), (84, 56))}, *heard]])
     batch = {k: v.to("cuda") for k, v in batch.items()}
     marks = {} if family.startswith("mistral") else {"mm_token_type_ids": (batch["input_ids"] == proc.image_token_id)
                                                      .long()}
