@@ -373,18 +373,24 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     from bpe_tokenizers import make_bpe_tokenizer
 
     tok = make_bpe_tokenizer("gpt2")
-    tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
+    tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE, "gemma4": GEMMA4_TEMPLATE}.get(
+        family, QWEN_VL_TEMPLATE)
     patch = 16 if family.startswith("qwen3") else PATCH
     if family == "gemma3":
         processor = gemma3_processor(tok)
+    elif family == "gemma4":
+        processor = gemma4_processor(tok)
     elif family == "mistral3":
         processor = mistral3_processor(tok, longest_edge=128)
     else:
         processor = qwen_vl_processor(patch, tok=tok, max_side=16)
-    start, end, image = tok.convert_tokens_to_ids({"gemma3": GEMMA3_TOKENS, "mistral3": MISTRAL3_TOKENS}.get(
-        family, VISION_TOKENS))
+    start, end, image = tok.convert_tokens_to_ids({"gemma3": GEMMA3_TOKENS, "mistral3": MISTRAL3_TOKENS,
+                                                   "gemma4": GEMMA4_TOKENS}.get(family, VISION_TOKENS))
     if family == "gemma3":
         config = gemma3_config()
+        config.boi_token_id, config.eoi_token_id = start, end
+    elif family == "gemma4":  # the 31B's text layout
+        config = gemma4_config()
         config.boi_token_id, config.eoi_token_id = start, end
     elif family == "mistral3":  # Ministral 3's text model; images up to 128 pixels a side (8 x 8 tokens)
         config = mistral3_config(text_type)
@@ -407,7 +413,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
     config.image_token_id = image
     config.text_config.vocab_size = 416
-    if family not in ("gemma3", "mistral3"):  # llama-cpp-python 0.3.36's qwen2vl ignores the RMSNorm eps it is given
+    if family not in ("gemma3", "mistral3", "gemma4"):  # llama-cpp-python 0.3.36's qwen2vl ignores its RMSNorm eps
         config.text_config.rms_norm_eps = 1e-12
     config.text_config.eos_token_id = config.text_config.pad_token_id = tok.eos_token_id
     if family == "qwen3_vl_moe":  # llama.cpp's qwen3vlmoe makes every layer sparse
@@ -418,6 +424,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     for key, value in vision.items():
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
+           "gemma4": "Gemma4ForConditionalGeneration",
            "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",

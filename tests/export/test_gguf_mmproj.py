@@ -18,15 +18,17 @@ from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_four
 
 # llama.cpp's fixed Qwen2.5 window
 FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}, "qwen3_vl_moe": {},
-            "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"}}
+            "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"},
+            "gemma4": {}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"), "qwen3_5": ("<|vision_start|>", "<|vision_end|>"),
-        "qwen3_5_moe": ("<|vision_start|>", "<|vision_end|>"), "mistral3": ("", "")}
+        "qwen3_5_moe": ("<|vision_start|>", "<|vision_end|>"), "mistral3": ("", ""), "gemma4": ("<|image>", "<image|>")}
 # (width, height): Gemma 3's fixed size; for Qwen 16 x 8 patches, two of Qwen2.5-VL's 112-pixel windows (Qwen3-VL:
 # its 8 x 8 position table resized to 16 x 8)
 IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112), "qwen3_vl": (256, 128),
-              "qwen3_vl_moe": (256, 128), "qwen3_5": (256, 128), "qwen3_5_moe": (256, 128), "mistral3": (128, 96)}
+              "qwen3_vl_moe": (256, 128), "qwen3_5": (256, 128), "qwen3_5_moe": (256, 128), "mistral3": (128, 96),
+              "gemma4": (480, 336)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +76,7 @@ def _ours(model, proc, family, before, image, after):
         return _ours_pixtral(model, proc, before, image, after)
     start, end = WRAP[family]
     pix = proc.image_processor(images=[image], return_tensors="pt")
-    grid = pix.get("image_grid_thw")
+    grid = pix.get("image_grid_thw", pix.get("image_position_ids"))  # (Gemma 4: each patch's position)
     with torch.no_grad():
         feats, deep = model.image_features(pix["pixel_values"], grid)
         feats = torch.cat([feats, *deep], dim=-1)  # Qwen3-VL: as libmtmd lays them out

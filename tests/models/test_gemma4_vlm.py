@@ -146,8 +146,11 @@ def test_an_all_bidirectional_gemma4_stays_on_the_fallback():
     assert decoder_runs({**TEXT, "model_type": "gemma4_text", "use_bidirectional_attention": "vision"})
 
 
-def test_gguf_export_is_refused_with_the_way_out(gemma4_dir, tmp_path):
+def test_gguf_export_refuses_a_tower_llama_cpp_rotates_otherwise(gemma4_dir, tmp_path):
+    """llama.cpp's gemma4v fixes the vision RoPE base at 100: another base is refused before writing (the export
+    itself runs in llama.cpp in tests/export/test_gguf_mmproj.py)."""
     model, tok = FastLanguageModel.from_pretrained(str(gemma4_dir), dtype=torch.float32)
-    with pytest.raises(ConfigError, match="gemma4 vision-language models is not supported yet.*convert_hf_to_gguf"):
+    model.hf_config.vision_config.rope_parameters = {"rope_type": "axial", "rope_theta": 10000.0}
+    with pytest.raises(ConfigError, match="RoPE base 10000; llama.cpp's gemma4v uses 100"):
         model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
     assert not (tmp_path / "m.gguf").exists()

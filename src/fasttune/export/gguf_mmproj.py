@@ -21,6 +21,7 @@ convert_hf_to_gguf.py --mmproj writes them:
   ln1,ln2,ffn_gate,ffn_up,ffn_down}`) with q/k rows in llama.cpp's adjacent-pair RoPE order, the projector's norm
   `mm.input_norm`, its patch merger `mm.patch_merger` and linears `mm.1` / `mm.2`, and the text model's [IMG_BREAK]
   embedding row as `v.token_embd.img_break` (libmtmd puts it between an image's rows itself).
+- Gemma 4 ("gemma4v"): export/gguf_mmproj_gemma4.py.
 Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
 for f32), as the converter stores them.
 """
@@ -33,11 +34,12 @@ from pathlib import Path
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj_gemma4 import check_gemma4v, gemma4v_tensor, write_gemma4v_metadata
 from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
               "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger",
-              "qwen3_5_moe": "qwen3vl_merger", "mistral3": "pixtral"}
+              "qwen3_5_moe": "qwen3vl_merger", "mistral3": "pixtral", "gemma4": "gemma4v"}
 # one tower (learned positions; DeepStack but in Qwen3.5), a dense, an MoE or Qwen3.5's decoder
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
@@ -46,7 +48,8 @@ QWEN_NORM_EPS = 1e-6  # transformers' Qwen2-VL / Qwen2.5-VL vision norms use thi
 QWEN_IMAGE_SIZE = 560  # what convert_hf_to_gguf.py writes for Qwen (clip only uses it for its warm-up image)
 ACTIVATIONS = {"gemma3": ("gelu_pytorch_tanh",), "qwen2_vl": ("quick_gelu",), "qwen2_5_vl": ("silu",),
                "qwen3_vl": ("gelu_pytorch_tanh",), "qwen3_vl_moe": ("gelu_pytorch_tanh",),
-               "qwen3_5": ("gelu_pytorch_tanh",), "qwen3_5_moe": ("gelu_pytorch_tanh",), "mistral3": ("silu", "gelu")}
+               "qwen3_5": ("gelu_pytorch_tanh",), "qwen3_5_moe": ("gelu_pytorch_tanh",), "mistral3": ("silu", "gelu"),
+               "gemma4": ("gelu_pytorch_tanh",)}
 PIXTRAL_EPS = 1e-5  # transformers' Pixtral norms (a constant there, not a config field)
 PIXTRAL_ROPE_THETA = 10000.0  # the 2-D RoPE base clip's pixtral uses
 
@@ -111,7 +114,7 @@ def check_vision_supported(model) -> None:
         raise ConfigError(f"GGUF export of {family} vision-language models is not supported yet; it covers "
                           f"{', '.join(sorted(PROJECTORS))}. Save the merged model (save_pretrained_merged) and "
                           f"convert it with llama.cpp's convert_hf_to_gguf.py, once as it is and once with --mmproj.")
-    act = getattr(vision, "hidden_act", None)
+    act = getattr(vision, "hidden_act", None) or getattr(vision, "hidden_activation", None)
     if act not in ACTIVATIONS[family]:
         raise ConfigError(f"This {family} vision tower uses hidden_act={act!r}; llama.cpp's clip computes "
                           f"{ACTIVATIONS[family][0]} for it, so it cannot be exported to GGUF.")
@@ -120,6 +123,9 @@ def check_vision_supported(model) -> None:
         return
     if family == "mistral3":
         _check_pixtral(model)
+        return
+    if family == "gemma4":
+        check_gemma4v(model)
         return
     if family in QWEN3:
         _warn_imrope_split(model.arch)
@@ -216,6 +222,11 @@ def split_vision(model, tensors: dict) -> dict:
         short = name.removeprefix("model.")
         if _SKIPPED.match(short):
             continue
+        if family == "gemma4":  # (the audio tower's tensors stay out)
+            pair = gemma4v_tensor(short, t, int(model.hf_config.vision_config.num_hidden_layers))
+            if pair is not None:
+                out[pair[0]] = pair[1]
+            continue
         if short == "visual.patch_embed.proj.weight":  # (D, C, 2, P, P): one 2-D kernel per frame
             out["v.patch_embd.weight"], out["v.patch_embd.weight.1"] = (t[:, :, i].contiguous() for i in (0, 1))
             continue
@@ -296,11 +307,13 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
     writer.add_clip_projector_type(PROJECTORS[family])
     writer.add_vision_projection_dim(model.config.hidden_size)
     writer.add_vision_patch_size(int(vision.patch_size))
-    writer.add_vision_head_count(int(vision.num_attention_heads if family in ("gemma3", "mistral3") else
+    writer.add_vision_head_count(int(vision.num_attention_heads if family in ("gemma3", "mistral3", "gemma4") else
                                      vision.num_heads))
     writer.add_vision_image_mean([float(v) for v in images.image_mean])
     writer.add_vision_image_std([float(v) for v in images.image_std])
-    if family == "gemma3":
+    if family == "gemma4":
+        write_gemma4v_metadata(writer, model, images)
+    elif family == "gemma3":
         writer.add_vision_image_size(int(vision.image_size))
         writer.add_vision_embedding_length(int(vision.hidden_size))
         writer.add_vision_feed_forward_length(int(vision.intermediate_size))
