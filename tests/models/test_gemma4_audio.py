@@ -177,7 +177,7 @@ def test_bad_audio_is_named(loaded, tmp_path):
         enc.encode(row("not.wav"), 3)
     with pytest.raises(DataError, match="Row 4.*1-D array of samples"):
         enc.encode(row(np.zeros((2, 100))), 4)
-    with pytest.raises(DataError, match="Row 5.*'audios' column has no clip left"):
+    with pytest.raises(DataError, match="Row 5.*'audios' column has no audio left"):
         enc.encode({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 5)
     short = VisionEncoder(proc, 10, train_on_responses_only=False)
     with pytest.raises(DataError, match="Row 6.*cut would fall inside a clip"):

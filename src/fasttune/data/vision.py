@@ -425,8 +425,8 @@ def _column(column) -> list:
 def _split_media(messages: list, column, where: str, audio_column=None) -> tuple[list[dict], list, list]:
     """_split_images plus audio: each audio item reduced to {"type": "audio"}, and the clips' sources in order,
     inline ("audio"/"path" keys) or, for bare items, from the row's `audios` column (`audio_column`)."""
-    column, audio_column = _column(column), _column(audio_column)
-    out, sources, clips, from_column, from_audio = [], [], [], 0, 0
+    column, audio_column = iter(_column(column)), iter(_column(audio_column))
+    out, sources, clips = [], [], []
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise DataError(f"{where}: message {k + 1} is not a {{'role', 'content'}} dict.")
@@ -439,26 +439,17 @@ def _split_media(messages: list, column, where: str, audio_column=None) -> tuple
         items = []
         for item in content:
             kind = item.get("type") if isinstance(item, dict) else None
-            if kind == "image":
-                src = next((item[key] for key in ("image", "path", "url") if item.get(key) is not None), None)
+            if kind in ("image", "audio"):
+                image = kind == "image"
+                keys, rest = (("image", "path", "url"), column) if image else (("audio", "path"), audio_column)
+                src = next((item[key] for key in keys if item.get(key) is not None), None)
                 if src is None:
-                    if from_column >= len(column):
-                        raise DataError(f"{where}: message {k + 1} has an image item without an image, and the "
-                                        f"row's 'images' column has no image left for it.")
-                    src = column[from_column]
-                    from_column += 1
-                sources.append(src)
-                items.append({"type": "image"})
-            elif kind == "audio":
-                src = next((item[key] for key in ("audio", "path") if item.get(key) is not None), None)
-                if src is None:
-                    if from_audio >= len(audio_column):
-                        raise DataError(f"{where}: message {k + 1} has an audio item without a clip, and the row's "
-                                        f"'audios' column has no clip left for it.")
-                    src = audio_column[from_audio]
-                    from_audio += 1
-                clips.append(src)
-                items.append({"type": "audio"})
+                    src = next(rest, None)
+                    if src is None:
+                        raise DataError(f"{where}: message {k + 1} has an {kind} item without its {kind}, and the "
+                                        f"row's '{kind}s' column has no {kind} left for it.")
+                (sources if image else clips).append(src)
+                items.append({"type": kind})
             elif kind == "text":
                 items.append({"type": "text", "text": str(item.get("text", ""))})
             elif kind == "video":
