@@ -370,7 +370,7 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     if method == "mxfp4":
         tensors = mxfp4_tensors(tensors, dtype)
     elif method == "fp8":
-        tensors = fp8_tensors(tensors, dtype, block, str(path))
+        tensors = fp8_tensors(tensors, dtype, block, str(path), device)
     model = build_model(hf_config, tensors, dtype, device, str(path), quant)
     return model, hf_config
 

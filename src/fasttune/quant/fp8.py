@@ -28,27 +28,42 @@ def scale_name(name: str) -> str:
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
     """weight (..., N, K) float8 and its scales -> (..., N, K) in `dtype`: each value times its block's scale
     (scale_inv (..., ceil(N / bn), ceil(K / bk)) for block_size (bn, bk)), or times the one scale when block_size is
-    None. Computed in fp32. Raises ModelLoadError when the scales do not fit the weight."""
-    w = weight.float()
+    None. Computed in fp32, one matrix of a stack (MoE experts) at a time to bound the temporaries. Raises
+    ModelLoadError when the scales do not fit the weight."""
     s = scale_inv.float()
     if block_size is None or s.numel() == 1:
-        return (w * s.reshape(()) if s.numel() == 1 else w * s).to(dtype)
+        return (weight.float() * s.reshape(()) if s.numel() == 1 else weight.float() * s).to(dtype)
     bn, bk = (int(b) for b in block_size)
-    rows, cols = w.shape[-2:]
-    want = (*w.shape[:-2], -(-rows // bn), -(-cols // bk))
+    rows, cols = weight.shape[-2:]
+    want = (*weight.shape[:-2], -(-rows // bn), -(-cols // bk))
     if tuple(s.shape) != want:
-        raise ModelLoadError(f"FP8 scales of shape {tuple(s.shape)} do not fit a weight of shape {tuple(w.shape)} in "
-                             f"blocks of {bn} x {bk} (expected {want}); the checkpoint or its weight_block_size in "
-                             f"config.json is damaged.")
-    full = s.repeat_interleave(bn, dim=-2)[..., :rows, :].repeat_interleave(bk, dim=-1)[..., :cols]
-    return (w * full).to(dtype)
+        raise ModelLoadError(f"FP8 scales of shape {tuple(s.shape)} do not fit a weight of shape "
+                             f"{tuple(weight.shape)} in blocks of {bn} x {bk} (expected {want}); the checkpoint or "
+                             f"its weight_block_size in config.json is damaged.")
+    if weight.dim() > 2:
+        out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
+        for i in range(weight.shape[0]):
+            out[i] = dequantize_fp8(weight[i], scale_inv[i], block_size, dtype)
+        return out
+    # each block times its scale by broadcasting over a (R, bn, C, bk) view, the last blocks padded to full size
+    w = torch.nn.functional.pad(weight.float(), (0, -cols % bk, 0, -rows % bn))
+    w = (w.view(want[0], bn, want[1], bk) * s[:, None, :, None]).view(w.shape)
+    return w[:rows, :cols].to(dtype)
 
 
-def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str):
+def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=None):
     """A checkpoint's (name, tensor) stream with each float8 tensor and its scale (`scale_name`) replaced by one
     dequantised tensor in `dtype` under the weight's name (emitted when the second of the pair arrives, so shards may
-    hold them in any order); activation scales are dropped; other tensors pass through. Raises ModelLoadError, naming
-    `source`, at the end for a weight or scale whose partner never came."""
+    hold them in any order); activation scales are dropped; other tensors pass through. The dequantisation runs on
+    `device` (the model's: a GPU does it at its bandwidth, and the host sends one byte per weight, not two); None:
+    where the tensors are. Raises ModelLoadError, naming `source`, at the end for a weight or scale whose partner
+    never came."""
+
+    def dequantized(weight, scale):
+        if device is not None:
+            weight, scale = weight.to(device), scale.to(device)
+        return dequantize_fp8(weight, scale, block_size, dtype)
+
     weights: dict[str, tuple[str, torch.Tensor]] = {}  # float8 tensors (name, tensor) waiting for their scale
     scales: dict[str, torch.Tensor] = {}  # scales waiting for their weight, by their own name
     for name, t in tensors:
@@ -57,13 +72,13 @@ def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str):
         if t.dtype in FP8_DTYPES:
             key = scale_name(name)
             if key in scales:
-                yield name, dequantize_fp8(t, scales.pop(key), block_size, dtype)
+                yield name, dequantized(t, scales.pop(key))
             else:
                 weights[key] = (name, t)
         elif name.endswith("_scale_inv"):
             if name in weights:
                 weight_name, w = weights.pop(name)
-                yield weight_name, dequantize_fp8(w, t, block_size, dtype)
+                yield weight_name, dequantized(w, t)
             else:
                 scales[name] = t
         else:
