@@ -122,10 +122,11 @@ GEMMA4_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|visio
                                          "{% elif item['type'] == 'text' %}")
 
 
-def gemma4_config(audio: bool = False, **text):
+def gemma4_config(audio: bool = False, video: bool = False, **text):
     """A tiny Gemma 4 vision-language config: the 31B's text layout (tests/tiny.py's gemma4_text, `text` overrides)
     with two-way attention inside images, a 2-layer tower of 16-pixel patches pooled 3 x 3; with `audio` a 2-layer
-    audio tower (hidden 32; its subsampling's first convolution must have as many channels as mel bins, 128)."""
+    audio tower (hidden 32; its subsampling's first convolution must have as many channels as mel bins, 128); with
+    `video` a video token inside the vocabulary (265)."""
     from transformers import Gemma4Config
     from tiny import TINY
 
@@ -137,7 +138,8 @@ def gemma4_config(audio: bool = False, **text):
     heard = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, subsampling_conv_channels=[128, 4],
                  output_proj_dims=48) if audio else None
     return Gemma4Config(text_config=text, vision_config=vision, audio_config=heard, boi_token_id=259, eoi_token_id=260,
-                        image_token_id=261, boa_token_id=262, eoa_token_index=263, audio_token_id=264)
+                        image_token_id=261, boa_token_id=262, eoa_token_index=263, audio_token_id=264,
+                        video_token_id=265 if video else 258_884)  # (outside the vocabulary: never generated)
 
 
 def gemma4_processor(tok=None, audio: bool = False):
@@ -157,7 +159,7 @@ def gemma4_processor(tok=None, audio: bool = False):
                            soft_token_marks=("<|image>", "<image|>"), **heard)
 
 
-def save_gemma4(folder, seed: int = 0, audio: bool = False, **text):
+def save_gemma4(folder, seed: int = 0, audio: bool = False, video: bool = False, **text):
     """Save a random tiny Gemma 4 vision-language model (fp32) with its processor to `folder`; returns it. The
     embedder's projection is drawn wider than transformers' init so images change the logits clearly; the language
     model's norms and layer scalars are drawn away from one so a misplaced one shows."""
@@ -172,8 +174,8 @@ def save_gemma4(folder, seed: int = 0, audio: bool = False, **text):
             if name.endswith("layer_scalar"):
                 b.uniform_(0.5, 1.5)
 
-    return _save(folder, Gemma4ForConditionalGeneration, gemma4_config(audio, **text), gemma4_processor(audio=audio),
-                 seed, init=init)
+    return _save(folder, Gemma4ForConditionalGeneration, gemma4_config(audio, video, **text),
+                 gemma4_processor(audio=audio), seed, init=init)
 
 
 MISTRAL3_TOKENS = ["[IMG_BREAK]", "[IMG_END]", "[IMG]"]  # ids 259, 260, 261

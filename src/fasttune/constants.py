@@ -3,9 +3,11 @@
 # The label of a position that is not a target: torch's cross-entropy default, which transformers and TRL use too.
 IGNORE_INDEX = -100
 
-# The processor's video inputs of Qwen's vision-language models (models/vision.py), passed as keywords to forward,
-# generate and the trainers.
-VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts")
+# The processor's video inputs of the vision-language models (models/vision.py), passed as keywords to forward,
+# generate and the trainers: Qwen's frames with their grids (and Qwen2.5-VL's seconds per grid), Gemma 4's frames
+# with their patch positions and frame counts.
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "video_position_ids",
+              "num_frames_per_video")
 # The processor's image inputs: the pixels, and each image's geometry (Qwen's (t, h, w) patch grids; Pixtral's, in
 # Mistral 3, (height, width) in pixels; Gemma 4's (x, y) per patch, -1 for padding).
 IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids")

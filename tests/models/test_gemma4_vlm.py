@@ -1,7 +1,7 @@
 """Gemma 4's released checkpoints (Gemma4ForConditionalGeneration, model_type "gemma4") on our decoder, text batches:
 the language model runs our kernels, the vision tower and its embedder load frozen as transformers builds them,
-adapters and merged checkpoints carry transformers' names, videos (and audio without an audio tower) are refused
-by name, and a Gemma 4 that is not a causal language model (bidirectional attention everywhere) stays on the transformers fallback. Images are
+adapters and merged checkpoints carry transformers' names, audio without an audio tower is refused by name, and a
+Gemma 4 that is not a causal language model (bidirectional attention everywhere) stays on the transformers fallback. Images are
 tests/models/test_vision.py's (the gemma4 family of its fixtures)."""
 import pytest
 import torch
@@ -75,13 +75,14 @@ def test_adapter_names_and_merged_checkpoint_load_in_transformers(gemma4_dir, tm
     torch.testing.assert_close(ours[real], merged[real], rtol=1e-4, atol=1e-4)
 
 
-def test_video_and_audio_without_an_audio_tower_are_refused_by_name(gemma4_dir):
-    """Videos are not run yet; audio needs an audio tower (E2B / E4B: tests/models/test_gemma4_audio.py)."""
+def test_audio_without_an_audio_tower_and_frames_without_positions_are_named(gemma4_dir):
+    """Audio needs an audio tower (E2B / E4B: tests/models/test_gemma4_audio.py); video frames need their patch
+    positions (tests/models/test_gemma4_video.py)."""
     model, _ = FastLanguageModel.from_pretrained(str(gemma4_dir), dtype=torch.float32)
     ids, mask = _ids()
     with pytest.raises(ConfigError, match="no audio tower.*input_features were passed"):
         model(ids, attention_mask=mask, input_features=torch.zeros(1, 8, 128))
-    with pytest.raises(ConfigError, match="pixel_values_videos"):
+    with pytest.raises(ConfigError, match="pixel_values_videos need video_position_ids"):
         model(ids, attention_mask=mask, pixel_values_videos=torch.zeros(1, 4, 588))
 
 

@@ -43,7 +43,8 @@ class VisionFamily:
     deepstack: bool = False  # Qwen3-VL: features of inner vision layers are added after the first decoder layers
     # How a video's grid takes positions (None: the family takes no videos): "plain" (Qwen2-VL: like an image of t
     # frames), "scaled" (Qwen2.5-VL: frame index x tokens_per_second x second_per_grid_ts), "frames" (Qwen3-VL,
-    # Qwen3.5: each frame its own grid, the processor's timestamps as text between them)
+    # Qwen3.5: each frame its own grid, the processor's timestamps as text between them), "positioned" (Gemma 4: each
+    # frame's patches with their positions, as images; plain positions in the decoder)
     video: str | None = None
     # Pixtral (Mistral 3): images of any size, each given by its (height, width) in pixels (the processor's
     # image_sizes), whose features come from a chosen tower layer through the patch-merging projector
@@ -51,8 +52,6 @@ class VisionFamily:
     # Gemma 4: each image comes as padded patches with their (x, y) positions (the processor's image_position_ids,
     # -1 = padding), its features from the tower's last hidden state through the embedder (embed_vision)
     positioned_patches: bool = False
-    # inputs of the family's processor that do not run on our decoder yet, refused by name (Gemma 4's videos)
-    refused_inputs: tuple = ()
 
 
 FAMILIES = {
@@ -81,8 +80,8 @@ FAMILIES = {
                              r"model\.vision_tower\.transformer\.layers\.\d+\.attention\.(q_proj|k_proj|v_proj|o_proj)",
                              r"model\.vision_tower\.transformer\.layers\.\d+\.feed_forward\."
                              r"(gate_proj|up_proj|down_proj)", sized_images=True),
-    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its vision tower and embedder in front of our decoder,
-    # and E2B's / E4B's audio tower and embedder (audio clips, data/audio.py); video inputs refused. Two-way
+    # Gemma 4 (transformers' Gemma4ForConditionalGeneration): its vision tower and embedder in front of our decoder
+    # for images and video frames, and E2B's / E4B's audio tower and embedder (audio clips, data/audio.py). Two-way
     # attention inside an image only where the config asks for it (use_bidirectional_attention "vision"), and then
     # in the sliding layers only (ModelConfig.image_blocks_sliding_only)
     "gemma4": VisionFamily("gemma4", (("vision_tower", "vision_tower"), ("embed_vision", "embed_vision"),
@@ -90,8 +89,7 @@ FAMILIES = {
                            r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\."
                            r"(q_proj|k_proj|v_proj|o_proj)\.linear",
                            r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
-                           scaled_embeddings=True, positioned_patches=True,
-                           refused_inputs=("pixel_values_videos", "video_position_ids", "num_frames_per_video")),
+                           scaled_embeddings=True, positioned_patches=True, video="positioned"),
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
@@ -250,11 +248,13 @@ class VisionCausalLM(CausalLM):
         if self.arch.per_layer_input_size:  # Gemma 4 E2B / E4B: image and audio positions look up the pad token's row
             pad = self.arch.pad_token_id or 0
             media = input_ids == self.image_token_id
-            if self.audio_token_id is not None:
-                media = media | (input_ids == self.audio_token_id)
+            for other in (self.audio_token_id, self.video_token_id):
+                if other is not None:
+                    media = media | (input_ids == other)
             per_layer_ids = input_ids.masked_fill(media, pad)
         return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
-                "image_blocks": self.image_blocks(input_ids) if pixel_values is not None else None,
+                "image_blocks": self.image_blocks(input_ids) if pixel_values is not None or
+                (videos or {}).get("pixel_values_videos") is not None else None,
                 "deepstack": deep, "per_layer_ids": per_layer_ids}
 
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
@@ -290,14 +290,16 @@ class VisionCausalLM(CausalLM):
         x = self._with_audio(x, input_ids, *audio)
         parts = [("image", "pixel_values", is_image, pixel_values, image_grid_thw)]
         if self.video_token_id is not None:
+            geometry = videos.get("video_grid_thw", videos.get("video_position_ids"))  # (Gemma 4: positions)
             parts.append(("video", "pixel_values_videos", input_ids == self.video_token_id,
-                          videos.get("pixel_values_videos"), videos.get("video_grid_thw")))
+                          videos.get("pixel_values_videos"), geometry))
         deep_parts = []
         for what, key, mask, pixels, grid in parts:
             if pixels is None:
                 if bool(mask.any()):
                     raise ConfigError(f"input_ids hold {what} placeholder tokens but no {key} were passed; pass "
-                                      f"the processor's {key} and {what}_grid_thw with them.")
+                                      f"the processor's {key} with their geometry ({what}_grid_thw, image_sizes or "
+                                      f"{what}_position_ids) with them.")
                 continue
             if grid is None and self.family.mrope:
                 raise ConfigError(f"{key} need {what}_grid_thw ({what}s, 3), as the processor returns them.")
@@ -305,8 +307,8 @@ class VisionCausalLM(CausalLM):
                 raise ConfigError(f"{key} need image_sizes (images, 2), each image's (height, width) as the "
                                   f"processor returns them.")
             if grid is None and self.family.positioned_patches:
-                raise ConfigError(f"{key} need image_position_ids (images, patches, 2), each patch's (x, y) as the "
-                                  f"processor returns them.")
+                raise ConfigError(f"{key} need {what}_position_ids ({what == 'image' and 'images' or 'frames'}, "
+                                  f"patches, 2), each patch's (x, y) as the processor returns them.")
             feats, deep = self.image_features(pixels, grid)
             n_tokens = int(mask.sum())
             if n_tokens != feats.shape[0]:
@@ -342,11 +344,14 @@ class VisionCausalLM(CausalLM):
         return x.masked_scatter(is_audio[..., None].expand_as(x), feats)
 
     def image_blocks(self, input_ids: torch.Tensor):
-        """(B, T) long: each image's run of placeholder tokens numbered 0, 1, ... per row, text -1, for families
-        whose image tokens attend both ways (transformers' get_block_sequence_ids_for_mask); else None."""
+        """(B, T) long: each image's (Gemma 4: and video frame's) run of placeholder tokens numbered 0, 1, ... per
+        row, text -1, for families whose image tokens attend both ways (transformers' get_block_sequence_ids_for_mask);
+        else None."""
         if not self.family.bidirectional_images:
             return None
         is_image = input_ids == self.image_token_id
+        if self.video_token_id is not None and self.family.video == "positioned":
+            is_image = is_image | (input_ids == self.video_token_id)
         starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
         return torch.where(is_image, starts.long().cumsum(dim=1) - 1, -1)
 
@@ -380,8 +385,6 @@ class VisionCausalLM(CausalLM):
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
-        if self.family is not None and self.family.refused_inputs:
-            _refuse_media(self.family, kwargs)
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
@@ -414,18 +417,6 @@ class VisionBackbone:
             inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                         position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
-
-
-def _refuse_media(family: VisionFamily, kwargs: dict) -> None:
-    """ConfigError naming the family's refused_inputs given (Gemma 4's videos); the others (None) are dropped from
-    kwargs."""
-    given = [k for k in family.refused_inputs if kwargs.get(k) is not None]
-    if given:
-        raise ConfigError(f"{family.model_type}: fasttune trains this model on text, images and audio so far; the "
-                          f"batch holds {', '.join(given)}. Pass a video's sampled frames as images, or fine-tune on "
-                          f"videos with transformers + PEFT.")
-    for key in family.refused_inputs:
-        kwargs.pop(key, None)
 
 
 def _geometry(image_grid_thw, image_sizes, image_position_ids=None):
