@@ -139,6 +139,12 @@ def hf_config(family: str, **overrides):
                                                  "original_max_position_embeddings": 8, "mscale": 1.0,
                                                  "mscale_all_dim": 1.0, "beta_fast": 32.0, "beta_slow": 1.0,
                                                  "llama_4_scaling_beta": 0.1})
+    elif family == "lfm2_moe":  # LFM2's layers (conv, attention, conv, conv) with a dense first MLP, then 8 experts
+        # routed by sigmoid score + expert_bias (top 2, renormalised, scaled by 1.5)
+        kw.update(num_hidden_layers=4, intermediate_size=96)
+        cfg = tf.Lfm2MoeConfig(**kw, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, num_dense_layers=1,
+                               routed_scaling_factor=1.5, tie_word_embeddings=True,
+                               layer_types=["conv", "full_attention", "conv", "conv"])
     elif family == "lfm3":  # conv, sliding attention (window 4, plain RoPE), full attention (proportional RoPE on
         # half the pairs), conv; four norms per layer, a sigmoid gate per attention head
         kw.update(num_hidden_layers=4)
@@ -214,7 +220,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 centred = (family.startswith("gemma") and not family.startswith("gemma4")) or \
                     (family.startswith(("qwen3_5", "qwen3_next")) and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
-            if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight")):  # decisive routing
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight", "feed_forward.gate.weight")):
+                # decisive routing
                 p.normal_(0.0, 0.5)
             if n.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's router scales: away from 1
                 p.uniform_(0.5, 1.5)
@@ -228,7 +235,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 if n.endswith("experts.gate_up_proj"):  # pre-activations beyond the clamp limit 7 occur
                     p.normal_(0.0, 0.6)
         for n, b in model.named_buffers():
-            if n.endswith("e_score_correction_bias"):  # GLM-4.5's routing bias: away from 0 so it shows
+            if n.endswith(("e_score_correction_bias", "expert_bias")):  # GLM-4.5's, LFM2-MoE's routing bias: away
+                # from 0 so it shows
                 b.normal_(0.0, 0.3)
             if n.endswith("layer_scalar"):  # Gemma 4's per-layer output scale: away from 1 so a missed one shows
                 b.uniform_(0.5, 1.5)

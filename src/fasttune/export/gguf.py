@@ -150,7 +150,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             continue
         if name.endswith(("self_attn.sinks", "layer_scalar")):  # (gpt-oss's sinks, Gemma 4's output scale)
             name += ".weight"
-        if name.endswith("mlp.experts.gate_up_proj"):  # (E, 2I, H), gate rows first -> two (E, I, H) tensors
+        if name.endswith(("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj")):  # (E, 2I, H), gate rows
+            # first -> two (E, I, H) tensors
             gate, up = t.chunk(2, dim=1)
             for part, proj in ((gate, "gate_proj"), (up, "up_proj")):
                 out[names.get_name(f"{name.removesuffix('gate_up_proj')}{proj}.weight",
@@ -163,6 +164,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             continue
         if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
             name = name.removesuffix("_bias") + ".bias"
+        if name.endswith("feed_forward.expert_bias"):  # LFM2-MoE's, the same
+            name += ".bias"
         # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
         # unchanged)
         if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
@@ -175,7 +178,7 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             for part, value in mla_tensors(name, t, cfg):
                 out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
             continue
-        if arch == "lfm2" and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
+        if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
             t = t[:, 0]
         if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
             t = t + cfg.norm_offset
@@ -194,6 +197,9 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
         out["rope_freqs.weight"] = base / rope_inv_freq(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling)
     if arch == "gemma4":
         out["rope_freqs.weight"] = gemma4_rope_freqs(cfg)
+    if arch == "lfm2moe" and cfg.score_bias is None:  # llama.cpp's lfm2moe requires the routing bias: zeros choose
+        for i in (i for i, sparse in enumerate(cfg.moe_layers) if sparse):  # by score alone, as the model does
+            out[f"blk.{i}.exp_probs_b.bias"] = torch.zeros(cfg.num_experts)
     return out
 
 
@@ -280,7 +286,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     elif ARCHITECTURES[cfg.model_type] == "gemma4":
         write_gemma4_metadata(writer, cfg)
     else:
-        if cfg.model_type == "lfm2":  # llama.cpp's LFM2 knows its short-convolution layers by 0 key/value heads
+        if cfg.model_type in ("lfm2", "lfm2_moe"):  # llama.cpp's LFM2 knows its convolution layers by 0 kv heads
             writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
             writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
         else:
@@ -339,7 +345,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
-                                             "deepseek2", "gemma4", "mistral4"):
+                                             "deepseek2", "gemma4", "mistral4", "lfm2moe"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
         if cfg.router_scoring in ("sigmoid", "softmax_grouped", "softmax_pairs"):  # DeepSeek-V3's, V2's, Mistral 4's
             _deepseek_routing_metadata(writer, cfg)

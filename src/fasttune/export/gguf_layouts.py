@@ -57,7 +57,7 @@ def check_supported(cfg) -> None:
                           f"always leaves it out of every {SMOLLM3_NOPE_STEP}th layer and reads no pattern from the "
                           f"file, so the GGUF would compute another model. Save the merged model with "
                           f"save_pretrained_merged instead. Nothing was written.")
-    if arch == "lfm2" and cfg.conv_bias:
+    if arch in ("lfm2", "lfm2moe") and cfg.conv_bias:
         raise ConfigError("This LFM2 model has biases on its short convolutions (conv_bias=true); llama.cpp's lfm2 "
                           "reads none, so the GGUF would compute another model. Save the merged model with "
                           "save_pretrained_merged instead. Nothing was written.")
@@ -84,12 +84,18 @@ def check_supported(cfg) -> None:
                           "llama.cpp's deepseek2 reads attn_q only for DeepSeek-V2-Lite's 27 layers, so the GGUF "
                           "would not load. Save the merged model with save_pretrained_merged instead. Nothing was "
                           "written.")
+    if arch == "lfm2moe" and (cfg.routed_scaling != 1.0 or not cfg.norm_topk_prob):
+        raise ConfigError(f"This LFM2-MoE model {'scales' if cfg.routed_scaling != 1.0 else 'does not renormalise'} "
+                          f"its routing weights (routed_scaling_factor={cfg.routed_scaling:g}, "
+                          f"norm_topk_prob={cfg.norm_topk_prob}); llama.cpp's lfm2moe always renormalises and never "
+                          f"scales them, so the GGUF would compute another model. Save the merged model with "
+                          f"save_pretrained_merged instead. Nothing was written.")
     if cfg.router_scoring == "softmax_grouped" and cfg.router_groups[0] > 1:
         raise ConfigError("This DeepSeek-V2 model routes with topk_method 'group_limited_greedy' (expert groups ranked "
                           "by their best score); llama.cpp's deepseek2 ranks groups by their two best scores "
                           "(DeepSeek-V3's rule), so the GGUF would route tokens differently. Save the merged model "
                           "with save_pretrained_merged instead. Nothing was written.")
-    if arch in ("glm4moe", "deepseek2", "mistral4"):
+    if arch in ("glm4moe", "deepseek2", "mistral4", "lfm2moe"):
         _check_leading_dense(cfg)
     elif cfg.num_experts and arch not in ("gpt-oss", "gemma4"):  # (Gemma 4: experts beside every dense MLP)
         if not all(cfg.moe_layers):

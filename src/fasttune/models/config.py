@@ -26,13 +26,13 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
-                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4")
+                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
-                "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4")
-DEFAULT_THETAS = {"lfm2": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
+                "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4", "lfm2_moe")
+DEFAULT_THETAS = {"lfm2": 1000000.0, "lfm2_moe": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
 # k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.
@@ -43,6 +43,7 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
            "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
            "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"},
            "mistral4": {"shared_expert": "shared_experts"}}
+RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
 UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
@@ -129,6 +130,10 @@ class ModelConfig:
     # DeepSeek-V3's groups and weights over softmax scores, the router in the model's dtype)
     router_scoring: str = "softmax"
     router_groups: tuple = (1, 1)  # (n_group, topk_group)
+    router_renorm_eps: float = 1e-20  # added to the top-k weights' sum when renormalising (LFM2-MoE: 1e-6)
+    # Where the sigmoid routing's score bias lives: "router" (GLM-4.5, DeepSeek-V3: the router's
+    # e_score_correction_bias), "block" (LFM2-MoE: the MoE block's expert_bias) or None (no bias)
+    score_bias: str | None = "router"
     routed_scaling: float = 1.0
     # Qwen3.5: q_proj also yields a per-channel gate; the attention output is multiplied by sigmoid(gate)
     attn_output_gate: bool = False
@@ -352,7 +357,7 @@ class ModelConfig:
         if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
             cfg.linear_fused_projections = True
             cfg.mrope_section, cfg.mrope_interleaved = None, False
-        if model_type in ("lfm2", "lfm3"):
+        if model_type in ("lfm2", "lfm3", "lfm2_moe"):
             lfm2_fields(cfg, get)
         if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"):
             mla_fields(cfg, get)

@@ -72,6 +72,8 @@ def lfm2_fields(cfg, get) -> None:
     cfg.rms_norm_eps = float(get("norm_eps", 1e-5))
     if get("tie_embedding") is not None:  # the original config.json's name, which Lfm2Config reads
         cfg.tie_embeddings = bool(get("tie_embedding"))
+    if cfg.model_type == "lfm2_moe":  # Lfm2MoeMLP takes intermediate_size as it is
+        return
     if lfm3:  # LFM3: Gemma 2's four norms (post_operator_norm, post_ffn_norm), a sigmoid gate per attention head,
         cfg.sandwich_norm = bool(get("use_sandwich_norm", True))  # the MLP at intermediate_size as given
         cfg.attn_head_gate = bool(get("use_attention_gate", True))
@@ -223,6 +225,15 @@ def moe_fields(cfg, get) -> None:
                 cfg.router_groups = (1, 1)
         if cfg.model_type == "mistral4":  # transformers' Mistral4TopkRouter: DeepSeek-V3's rule over softmax scores
             cfg.router_scoring = "softmax_pairs"
+    elif cfg.model_type == "lfm2_moe":  # transformers' Lfm2MoeSparseMoeBlock / Lfm2MoeTopKRouter: sigmoid scores in
+        # the model's dtype, chosen by score + the block's expert_bias, renormalised (+ 1e-6), scaled; dense layers first
+        cfg.num_experts = get("num_experts")
+        cfg.moe_intermediate_size = get("moe_intermediate_size")
+        cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
+        cfg.router_scoring, cfg.routed_scaling = "sigmoid", float(get("routed_scaling_factor", 1.0))
+        cfg.router_renorm_eps, cfg.score_bias = 1e-6, "block" if get("use_expert_bias", True) else None
+        dense = int(get("num_dense_layers", 0) or 0)
+        cfg.moe_layers = [i >= dense for i in range(cfg.num_layers)]
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size

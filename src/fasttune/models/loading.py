@@ -156,9 +156,11 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
         model = model_cls(hf_config)
     expected = dict(model.state_dict(keep_vars=True))
     linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
-    # tensors that stay fp32 whatever the dtype (GLM-4.5's router: models/moe.py's Router.keep_fp32)
-    fp32 = {f"{n}.{a}" for n, m in model.named_modules() if getattr(m, "keep_fp32", False)
-            for a in (*m._parameters, *m._buffers)}
+    # tensors that stay fp32 whatever the dtype (GLM-4.5's router: models/moe.py's Router.keep_fp32; LFM2-MoE's
+    # expert_bias: SparseMoeBlock.fp32_tensors)
+    fp32 = {f"{n}.{a}" for n, m in model.named_modules()
+            for a in ((*m._parameters, *m._buffers) if getattr(m, "keep_fp32", False) else
+                      getattr(m, "fp32_tensors", ()))}
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
     _warn_unapplied_dropout(hf_config, source)

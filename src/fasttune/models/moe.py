@@ -42,17 +42,18 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool) -> tupl
     return weights, experts
 
 
-def route_sigmoid(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int, groups: tuple, norm_topk_prob: bool,
-                  scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepSeek-V3's routing (transformers' DeepseekV3TopkRouter / Glm4MoeTopkRouter): sigmoid scores in fp32; each
-    of n_group expert groups scored by the sum of its two best (score + bias); experts chosen by score + bias among
-    the topk_group best groups; their weights are the plain scores, renormalised (+ 1e-20) when norm_topk_prob, times
-    `scaling` (routed_scaling_factor).
+def route_sigmoid(router_logits: torch.Tensor, bias: torch.Tensor | None, top_k: int, groups: tuple,
+                  norm_topk_prob: bool, scaling: float, eps: float = 1e-20) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3's routing (transformers' DeepseekV3TopkRouter / Glm4MoeTopkRouter; LFM2-MoE's Lfm2MoeTopKRouter
+    without groups, eps 1e-6): sigmoid scores in fp32; each of n_group expert groups scored by the sum of its two best
+    (score + bias); experts chosen by score + bias among the topk_group best groups; their weights are the plain
+    scores, renormalised (+ eps) when norm_topk_prob, times `scaling` (routed_scaling_factor).
 
-    router_logits (N, E); bias (E,) fp32 e_score_correction_bias; groups (n_group, topk_group) -> (weights (N, k)
-    fp32, experts (N, k) int64)."""
+    router_logits (N, E); bias (E,) fp32 e_score_correction_bias / expert_bias, or None; groups (n_group,
+    topk_group) -> (weights (N, k) fp32, experts (N, k) int64)."""
     scores = router_logits.float().sigmoid()
-    return _pick_in_best_pairs(scores, scores + bias.float(), top_k, groups, norm_topk_prob, scaling)
+    choice = scores if bias is None else scores + bias.float()
+    return _pick_in_best_pairs(scores, choice, top_k, groups, norm_topk_prob, scaling, eps)
 
 
 def route_softmax_pairs(router_logits: torch.Tensor, top_k: int, groups: tuple, norm_topk_prob: bool,
@@ -65,9 +66,10 @@ def route_softmax_pairs(router_logits: torch.Tensor, top_k: int, groups: tuple, 
     return weights.float(), experts
 
 
-def _pick_in_best_pairs(scores, choice, top_k: int, groups: tuple, norm_topk_prob: bool, scaling: float):
+def _pick_in_best_pairs(scores, choice, top_k: int, groups: tuple, norm_topk_prob: bool, scaling: float,
+                        eps: float = 1e-20):
     """The top_k experts by `choice` (N, E) among the topk_group of n_group groups with the highest sum of their two
-    best choices; weights: their `scores`, renormalised (+ 1e-20) when norm_topk_prob, times `scaling`."""
+    best choices; weights: their `scores`, renormalised (+ eps) when norm_topk_prob, times `scaling`."""
     n_group, topk_group = groups
     if n_group > 1:
         grouped = choice.view(-1, n_group, choice.shape[-1] // n_group)
@@ -77,7 +79,7 @@ def _pick_in_best_pairs(scores, choice, top_k: int, groups: tuple, norm_topk_pro
     experts = torch.topk(choice, k=top_k, dim=-1, sorted=False)[1]
     weights = scores.gather(1, experts)
     if norm_topk_prob:
-        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + eps)
     return weights * scaling, experts
 
 
@@ -353,7 +355,13 @@ class SparseMoeBlock(nn.Module):
         self.grouped_softmax = cfg.router_scoring == "softmax_grouped"
         self.softmax_pairs = cfg.router_scoring == "softmax_pairs"
         self.groups, self.scaling = cfg.router_groups, cfg.routed_scaling
-        self.gate = Router(cfg.hidden_size, cfg.num_experts, score_bias=self.sigmoid, fp32=self.grouped_softmax)
+        self.renorm_eps = cfg.router_renorm_eps
+        on_block = self.sigmoid and cfg.score_bias == "block"  # LFM2-MoE: the block's bias, the router in the model's
+        self.gate = Router(cfg.hidden_size, cfg.num_experts, fp32=self.grouped_softmax,  # dtype
+                           score_bias=self.sigmoid and cfg.score_bias == "router")
+        self.fp32_tensors = ("expert_bias",) if on_block else ()
+        if on_block:
+            self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
         # a dense MLP every token takes (GLM-4.5's shared_experts), scaled by a learned gate in Qwen3.5-MoE
         self.shared_name = cfg.module_name("shared_expert") if shared_expert is not None else None
@@ -372,8 +380,9 @@ class SparseMoeBlock(nn.Module):
         logits = self.gate(flat)
         if self.sigmoid:
             router = getattr(self.gate, "base_layer", self.gate)  # (under LoRA: a LoraLinear around it)
-            weights, experts = route_sigmoid(logits, router.e_score_correction_bias, self.top_k, self.groups,
-                                             self.norm_topk_prob, self.scaling)
+            bias = self.expert_bias if self.fp32_tensors else getattr(router, "e_score_correction_bias", None)
+            weights, experts = route_sigmoid(logits, bias, self.top_k, self.groups, self.norm_topk_prob,
+                                             self.scaling, self.renorm_eps)
         elif self.grouped_softmax:
             weights, experts = route_softmax_grouped(logits, self.top_k, self.groups, self.scaling)
         elif self.softmax_pairs:
@@ -389,7 +398,7 @@ class SparseMoeBlock(nn.Module):
         return out.view(shape), logits
 
 
-_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.(mlp|block_sparse_moe|feed_forward)\.experts\.(\d+)\."
                             r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _ROUTER_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.block_sparse_moe\.gate\.weight$")
 # Mixtral's w1/w3/w2 are gate/up/down (transformers' conversion_mapping: MergeModulelist + Concatenate).
@@ -420,8 +429,9 @@ class ExpertStacker:
         m = _EXPERT_TENSOR.match(name)
         if m is None:
             return False
-        layer, expert, part = m.group(1), int(m.group(2)), _PART[m.group(3)]
-        target = f"model.{layer}.mlp.experts.{'down_proj' if part == 2 else 'gate_up_proj'}"
+        layer, block, expert, part = m.group(1), m.group(2), int(m.group(3)), _PART[m.group(4)]
+        block = "feed_forward" if block == "feed_forward" else "mlp"  # (Mixtral's block_sparse_moe: our mlp)
+        target = f"model.{layer}.{block}.experts.{'down_proj' if part == 2 else 'gate_up_proj'}"
         if target not in self.expected:
             raise ModelLoadError(f"checkpoint tensor '{name}' has no place in this config ({layer} is not a sparse "
                                  f"MoE layer). The checkpoint and config.json do not match.")

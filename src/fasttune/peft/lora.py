@@ -235,6 +235,9 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 # MoE families with a shared expert that PEFT maps as Qwen2-MoE (its _MODEL_TO_CONVERSION_PATTERN): the MLP names
 # mean the routed experts there
 PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2")
+# MoE families without a shared expert whose MLP names PEFT maps to nothing (transformers has no conversion pattern
+# for them): the names adapt the dense feed-forwards, the experts come as target_parameters
+PEFT_MAPS_NO_EXPERTS = ("lfm2_moe",)
 
 
 def expert_target_parameters(arch) -> list[str]:
@@ -242,6 +245,8 @@ def expert_target_parameters(arch) -> list[str]:
     `experts.*` beside its dense MLP."""
     if getattr(arch, "moe_block", None) == "gemma4":
         return [f"experts.{p}" for p in EXPERT_PARAMETERS]
+    if arch is not None and arch.module_name("mlp") != "mlp":  # (LFM2-MoE: feed_forward.experts.*)
+        return [f"{arch.module_name('mlp')}.experts.{p}" for p in EXPERT_PARAMETERS]
     return list(EXPERT_TARGET_PARAMETERS)
 
 
@@ -250,6 +255,8 @@ def experts_by_parameters(arch) -> bool:
     experts are adapted only as target_parameters: models with a shared expert but those PEFT maps as Qwen2-MoE
     (PEFT_MAPS_EXPERTS: the MLP names mean the experts; the shared experts and dense MLP layers stay frozen)."""
     if getattr(arch, "moe_block", None) == "gemma4":  # the MLP names are its dense MLP's, beside the experts
+        return True
+    if getattr(arch, "model_type", None) in PEFT_MAPS_NO_EXPERTS:
         return True
     return bool(getattr(arch, "shared_expert_size", 0)) and getattr(arch, "model_type", None) not in PEFT_MAPS_EXPERTS
 
@@ -317,8 +324,8 @@ def default_targets(model: nn.Module) -> list[str]:
         return list(DEFAULT_TARGETS)
     if arch.kv_lora_rank:  # multi-head latent attention (models/mla.py) has no k_proj / v_proj
         return latent_attention_targets(arch) + ["o_proj", "gate_proj", "up_proj", "down_proj"]
-    if arch.num_experts:
-        return list(DEFAULT_TARGETS) + linear_attention_targets(arch)
+    if arch.num_experts:  # (LFM2-MoE: under LFM2's names)
+        return list(dict.fromkeys([arch.module_name(t) for t in DEFAULT_TARGETS] + linear_attention_targets(arch)))
     leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
     named = [arch.module_name(t) for t in DEFAULT_TARGETS]  # LFM2: out_proj, w1, w3, w2
     chosen = [t for t in named if t in leaves or FUSED_TARGETS.get(t) in leaves] or named
