@@ -56,6 +56,13 @@ SHAPES = {
     "lfm2-1.2b": dict(vocab_size=65536, hidden_size=2048, intermediate_size=12288, num_hidden_layers=16,
                       num_attention_heads=32, num_key_value_heads=8, full_attn_idxs=[2, 5, 8, 10, 12, 14],
                       conv_L_cache=3, max_position_embeddings=128000, norm_eps=1e-5, tie_word_embeddings=True),
+    # transformers' Lfm2MoeConfig defaults (LFM2-8B-A1B's sizes: the first two layers dense, then 32 experts of
+    # 1792, top 4, routed by sigmoid score + expert_bias); 24 layers, 6 of them attention (positions chosen here)
+    "lfm2-8b-a1b": dict(vocab_size=65536, hidden_size=2048, intermediate_size=7168, moe_intermediate_size=1792,
+                        num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=8, num_experts=32,
+                        num_experts_per_tok=4, num_dense_layers=2, max_position_embeddings=128000,
+                        tie_word_embeddings=True,
+                        layer_types=["full_attention" if i in (2, 6, 10, 14, 18, 21) else "conv" for i in range(24)]),
     # transformers' Lfm3Config defaults (LFM3-1.7B: 24 layers, conv / sliding (256) / full attention, head gates)
     "lfm3-1.7b": dict(vocab_size=128000, hidden_size=2048, intermediate_size=7680, num_hidden_layers=24,
                       num_attention_heads=16, num_key_value_heads=4, head_dim=128, tie_word_embeddings=True),
@@ -89,7 +96,7 @@ SHAPES = {
 # The transformers config class of the SHAPES that are neither Llama nor Qwen2 (their keyword arguments are whole).
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
                  "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
-                 "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig",
+                 "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig", "lfm2-8b-a1b": "Lfm2MoeConfig",
                  "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
@@ -160,6 +167,8 @@ MATRIX = {
     "qwen3.5": [("hf", "qwen3.5-9b", "on", "-", "none"), ("ours", "qwen3.5-9b", "on", "triton", "none"),
                 ("ours", "qwen3.5-9b", "off", "triton", "none"), ("hf", "qwen3.5-9b", "on", "-", "nf4"),
                 ("ours", "qwen3.5-9b", "on", "triton", "nf4")],
+    "lfm2-moe": [("hf", "lfm2-8b-a1b", "on", "-", "none"), ("ours", "lfm2-8b-a1b", "on", "triton", "none"),
+                 ("ours", "lfm2-8b-a1b", "off", "triton", "none"), ("ours", "lfm2-8b-a1b", "on", "triton", "nf4")],
     "lfm2": [("hf", "lfm2-1.2b", "on", "-", "none"), ("ours", "lfm2-1.2b", "on", "triton", "none"),
              ("ours", "lfm2-1.2b", "off", "triton", "none"), ("hf", "lfm2-1.2b", "on", "-", "nf4"),
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],

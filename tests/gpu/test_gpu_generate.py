@@ -36,10 +36,11 @@ def _both(model, monkeypatch, **kw):
 # glm4_moe_lite: multi-head latent attention's cache of expanded keys and values (wider keys than values);
 # gemma4_text: per-layer head sizes in the cache and the fused decode kernel, values taken from the keys;
 # gemma4_e2b: per-layer embeddings of the step's token, shared layers reading an earlier layer's cache;
-# mistral4: the latent attention's queries scaled by position (from 8) in the absorbed decode step
+# mistral4: the latent attention's queries scaled by position (from 8) in the absorbed decode step;
+# lfm2_moe: the convolution state with experts routed by score + the block's bias
 @pytest.mark.parametrize("family", ["llama", "smollm3", "ernie4_5", "hunyuan_v1_dense", "ministral3", "lfm2",
                                     "lfm3", "glm4_moe_lite", "gemma4_text", "gemma4_e2b", "gemma4_moe",
-                                    "mistral4"])
+                                    "mistral4", "lfm2_moe"])
 def test_greedy_fp32_equals_transformers(family, tiny_model_dir, monkeypatch):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device="cuda")
