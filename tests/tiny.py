@@ -243,6 +243,17 @@ def hf_model(family: str, seed: int = 0, **overrides):
     return model
 
 
+def saved_pair(family: str, folder, tokenizer, **overrides):
+    """(transformers' tiny `family` model (hf_model with `overrides`), ours loaded in fp32 from it, saved with
+    `tokenizer` to `folder`)."""
+    from fasttune import FastLanguageModel
+
+    hf = hf_model(family, **overrides)
+    save_hf(hf, folder, tokenizer)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    return hf, model
+
+
 def save_hf(model, folder, tokenizer=None):
     model.save_pretrained(folder)
     if tokenizer is not None:

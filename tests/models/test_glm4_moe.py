@@ -5,7 +5,7 @@ biases, optional q/k norms and half (rotate-half) RoPE. Against transformers and
 import pytest
 import torch
 from peft_oracle import check_logits_generation_and_merged, moe_adapter_grads
-from tiny import hf_config, hf_model
+from tiny import hf_config, hf_model, saved_pair
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ModelLoadError
@@ -15,11 +15,7 @@ from fasttune.models.moe import route_sigmoid
 
 @pytest.fixture
 def pair(tmp_path, tiny_tokenizer):
-    hf = hf_model("glm4_moe")
-    hf.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
-    return hf, model
+    return saved_pair("glm4_moe", tmp_path / "m", tiny_tokenizer)
 
 
 def test_fields():

@@ -5,7 +5,7 @@ first dense, 8 experts of 32, top 2)."""
 import pytest
 import torch
 from peft_oracle import check_logits_generation_and_merged, check_recompute_gradients, moe_adapter_grads
-from tiny import hf_config, hf_model
+from tiny import hf_config, hf_model, saved_pair
 
 from fasttune import FastLanguageModel
 from fasttune.models.config import ModelConfig
@@ -13,11 +13,7 @@ from fasttune.models.config import ModelConfig
 
 @pytest.fixture
 def pair(tmp_path, tiny_tokenizer):
-    hf = hf_model("lfm2_moe")
-    hf.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
-    return hf, model
+    return saved_pair("lfm2_moe", tmp_path / "m", tiny_tokenizer)
 
 
 def test_fields():
@@ -51,10 +47,7 @@ def test_logits_generation_and_merged_equal_transformers(pair, tmp_path):
 
 def test_routing_without_the_expert_bias_equals_transformers(tmp_path, tiny_tokenizer):
     """use_expert_bias=False: experts chosen by score alone, no bias tensor in the checkpoint or the model."""
-    hf = hf_model("lfm2_moe", use_expert_bias=False)
-    hf.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    hf, model = saved_pair("lfm2_moe", tmp_path / "m", tiny_tokenizer, use_expert_bias=False)
     assert not any("bias" in n for n, _ in model.named_buffers())
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

@@ -5,7 +5,7 @@ and PEFT on tests/tiny.py's models (3 layers; q latent 24, kv latent 32, 12 unro
 import pytest
 import torch
 from peft_oracle import check_logits_generation_and_merged, check_recompute_gradients, moe_adapter_grads
-from tiny import hf_config, hf_model
+from tiny import hf_config, hf_model, saved_pair
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError, ModelLoadError
@@ -13,11 +13,7 @@ from fasttune.models.config import ModelConfig
 
 
 def _pair(folder, tokenizer, family="glm4_moe_lite", **overrides):
-    hf = hf_model(family, **overrides)
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
-    return hf, model
+    return saved_pair(family, folder, tokenizer, **overrides)
 
 
 @pytest.fixture
