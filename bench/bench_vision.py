@@ -13,6 +13,8 @@ image placeholders per row:
                  so400m, pooled to 256); pixel_values (2, 3, 896, 896)
   ministral-3-8b: 16 rows of 16 [IMG] each closed by [IMG_BREAK], the last by [IMG_END] (one 448x448 image, Pixtral
                  patches of 14 merged 2x2: 272 placeholders); pixel_values (2, 3, 448, 448), image_sizes
+  gemma-4-ple:   <|image> + 280 soft tokens + <image|> (one 960x672 image: 60 x 42 patches of 16 pooled 3 x 3, the
+                 processor's default budget); pixel_values (2, 2520, 768) with image_position_ids
 Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
 cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
 Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
@@ -26,6 +28,7 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
     python bench/bench_vision.py --matrix qwen3-moe      # the same three rows, qwen3-vl-30b-a3b (LoRA on the experts
                                                          # too, as target_parameters on both sides)
     python bench/bench_vision.py --matrix mistral3       # the same three rows, ministral-3-8b
+    python bench/bench_vision.py --matrix gemma4         # the same three rows, gemma-4-ple
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -126,6 +129,20 @@ SHAPES = {
                     head_dim=64, patch_size=14, image_size=1540, rope_theta=10000.0),
         ids=dict(image_token_index=10, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False),
         rows=(12, 13), before=[], after=[], text_low=1000, text_ids=131072, image=448, prefix=64),
+    # Gemma 4 with per-layer embeddings: bench_lora.py's gemma-4-ple-30l text sizes (transformers' Gemma4TextConfig
+    # defaults with the last 10 layers reusing keys and values: E2B / E4B's features, not a released size) before
+    # transformers' default Gemma4VisionConfig tower (16 layers of 768); ids as Gemma4Config's defaults
+    "gemma-4-ple": dict(
+        family="gemma4", tiny="tiny-gemma4",
+        text=dict(vocab_size=262144, hidden_size=2304, intermediate_size=9216, num_hidden_layers=30,
+                  num_attention_heads=8, num_key_value_heads=4, head_dim=256, global_head_dim=512,
+                  hidden_size_per_layer_input=256, sliding_window=512, num_kv_shared_layers=10,
+                  use_double_wide_mlp=True, use_bidirectional_attention="vision"),
+        vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=16, num_attention_heads=12,
+                    patch_size=16, pooling_kernel_size=3),
+        ids=dict(boi_token_id=255999, eoi_token_id=258882, image_token_id=258880, audio_config=None,
+                 tie_word_embeddings=True),
+        before=[255999], after=[258882], text_ids=255999, image=(960, 672), prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -176,6 +193,17 @@ SHAPES["tiny-mistral3"] = dict(
                 patch_size=8, image_size=64),
     ids=dict(image_token_index=261, spatial_merge_size=2, vision_feature_layer=-1, tie_word_embeddings=False),
     rows=(259, 260), before=[], after=[], text_ids=256, image=32, prefix=8)
+SHAPES["tiny-gemma4"] = dict(
+    family="gemma4",
+    text=dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, global_head_dim=32, hidden_size_per_layer_input=8,
+              vocab_size_per_layer_input=300, sliding_window=4, num_kv_shared_layers=2,
+              layer_types=["sliding_attention", "full_attention"] * 2, use_bidirectional_attention="vision",
+              bos_token_id=None, eos_token_id=256, pad_token_id=256),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3),
+    ids=dict(boi_token_id=259, eoi_token_id=260, image_token_id=261, audio_config=None, tie_word_embeddings=True),
+    before=[259], after=[260], text_ids=256, image=(96, 48), prefix=8)
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -188,7 +216,8 @@ HF_TARGETS = (r"model\.language_model\.layers\.\d+\."
 # matrix -> (shape, rows of (impl, gradient checkpointing, FASTTUNE_KERNELS for ours))
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
-          "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS)}
+          "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS),
+          "gemma4": ("gemma-4-ple", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -199,7 +228,7 @@ def hf_config(shape: str):
 
     s = SHAPES[shape]
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
-           "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config"}[s["family"]]
+           "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -242,6 +271,9 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
                 "transformers' modules, frozen")
     elif SHAPES[shape]["family"] == "mistral3":
         note = "Pixtral tower and patch-merging projector: transformers' modules, frozen"
+    elif SHAPES[shape]["family"] == "gemma4":
+        note = ("two-way attention within the image in the sliding layers: our image_blocks inside forward; vision "
+                "tower and embedder: transformers' modules, frozen")
     else:
         note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
     return model, note
@@ -266,7 +298,10 @@ def build_hf(shape: str, gc_mode: str, r: int, device: str):
     # MoE: 4 attention projections and one wrapper per layer holding both expert LoRAs (PEFT's nesting)
     per_layer = 4 + len(MOE_TARGET_PARAMETERS) if moe else 7
     assert all(".language_model." in n for n in adapted), sorted(adapted)[:8]
-    assert len({n for n, _ in model.named_parameters() if ".lora_A." in n}) == per_layer * n_layers, sorted(adapted)
+    shared = SHAPES[shape]["text"].get("num_kv_shared_layers", 0)  # (Gemma 4's layers that reuse keys and values
+    # have no k_proj / v_proj)
+    n_lora = len({n for n, _ in model.named_parameters() if ".lora_A." in n})
+    assert n_lora in (per_layer * n_layers, per_layer * n_layers - 2 * shared), (n_lora, sorted(adapted)[:8])
     # transformers 5.24 hooks Qwen2.5-VL's and Gemma 3's vision patch embedding as well as the token embeddings (2
     # hooks), so their backward also runs through the frozen vision tower; Qwen3-VL's token embeddings only give 1.
     note = f"enable_input_require_grads hooked {hooks} embedding layer(s)" if gc_mode == "on" else ""
@@ -276,11 +311,14 @@ def build_hf(shape: str, gc_mode: str, r: int, device: str):
 def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     """n batches of bs rows: prefix text, the shape's `before` ids, the image's placeholders, its `after` ids, text
     up to seq; one square image per row, pixel values random normal bf16: Qwen: patches (bs * patches,
-    3*2*P*P) with image_grid_thw; Gemma 3: images (bs, 3, S, S)."""
+    3*2*P*P) with image_grid_thw; Gemma 3: images (bs, 3, S, S); Gemma 4: one (width, height) image's patches
+    (bs, patches, P*P*3) in [0, 1) with image_position_ids (bs, patches, 2)."""
     import torch
 
     s = SHAPES[shape]
     v, ids = s["vision"], s["ids"]
+    if s["family"] == "gemma4":
+        return _gemma4_batches(s, bs, seq, device, n)
     grid = s["image"] // v["patch_size"]
     patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
     rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
@@ -320,6 +358,33 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
             batch["pixel_values"] = torch.randn(bs * patches, patch_dim, device=device, generator=g).to(torch.bfloat16)
             batch["image_grid_thw"] = torch.tensor([[1, grid, grid]] * bs, device=device)
         out.append(batch)
+    return out, placeholders
+
+
+def _gemma4_batches(s: dict, bs: int, seq: int, device: str, n: int):
+    """make_batches for Gemma 4: each image's (x, y) patch grid pooled pool x pool into soft tokens."""
+    import torch
+
+    v = s["vision"]
+    cols, rows = (side // v["patch_size"] for side in s["image"])
+    placeholders = (cols // v["pooling_kernel_size"]) * (rows // v["pooling_kernel_size"])
+    ys, xs = torch.meshgrid(torch.arange(rows, device=device), torch.arange(cols, device=device), indexing="ij")
+    positions = torch.stack([xs.flatten(), ys.flatten()], dim=-1)[None].expand(bs, -1, -1).contiguous()
+    start = s["prefix"] + len(s["before"])
+    assert seq - start - placeholders - len(s["after"]) > 0, f"seq {seq} is too short for {placeholders} image tokens"
+    g = torch.Generator(device=device).manual_seed(1)
+    out = []
+    for _ in range(n):
+        input_ids = torch.randint(0, s["text_ids"], (bs, seq), device=device, generator=g)
+        input_ids[:, s["prefix"]:start] = torch.tensor(s["before"], device=device)
+        input_ids[:, start:start + placeholders] = s["ids"]["image_token_id"]
+        input_ids[:, start + placeholders:start + placeholders + len(s["after"])] = torch.tensor(s["after"],
+                                                                                                device=device)
+        labels = input_ids.clone()
+        labels[:, start:start + placeholders] = -100
+        pixels = torch.rand(bs, rows * cols, 3 * v["patch_size"] ** 2, device=device, generator=g)
+        out.append(dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels,
+                        pixel_values=pixels.to(torch.bfloat16), image_position_ids=positions))
     return out, placeholders
 
 
