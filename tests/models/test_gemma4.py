@@ -132,3 +132,26 @@ def test_prefill_runs_the_shared_layers_on_the_last_position_only(e2b_dir):
     want = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(got, want)
     assert seen[:2] == [-9, 1]  # prefill: layer 1 over the prompt, shared layer 2 over its last position
+
+
+def test_twelve_layers_with_transformers_default_layer_types(tmp_path, tiny_tokenizer):
+    """A model of 10 layers or more, as every release is: transformers keys its per-layer overrides (the full layers'
+    head size and key/value heads) as zero-padded text ("05"); the full layers must get them (a missed override
+    builds 16-channel heads where the checkpoint has 32: a shape error on load). Logits equal transformers'."""
+    import transformers
+
+    from tiny import TINY
+
+    cfg = transformers.Gemma4TextConfig(**{**TINY, "num_hidden_layers": 12}, head_dim=16, global_head_dim=32,
+                                        num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
+                                        hidden_size_per_layer_input=0)
+    assert cfg.layer_types[5] == "full_attention"
+    arch = ModelConfig.from_hf(cfg)
+    assert arch.layer_config(5).head_dim == 32 and arch.layer_config(5).num_kv_heads == 1
+    torch.manual_seed(0)
+    hf = transformers.Gemma4ForCausalLM(cfg).eval()
+    save_hf(hf, tmp_path / "m", tiny_tokenizer)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -140,9 +140,11 @@ def gemma4_fields(cfg, get) -> None:
     cfg.attn_scale = 1.0
     cfg.attn_logit_softcap = None
     cfg.final_logit_softcap = get("final_logit_softcapping")
-    per_layer = get("per_layer_config") or {}
+    # transformers keys the per-layer overrides by layer index as text, zero-padded to the layer count's width ("05"
+    # in a 30-layer model)
+    per_layer = {int(k): v for k, v in (get("per_layer_config") or {}).items()}
     full = [i for i, t in enumerate(get("layer_types") or []) if t == "full_attention"]
-    override = (per_layer.get(full[0]) or per_layer.get(str(full[0])) or {}) if full else {}
+    override = per_layer.get(full[0], {}) if full else {}
     override = override if isinstance(override, dict) else vars(override)
     cfg.global_head_dim = int(override.get("head_dim") or get("global_head_dim") or cfg.head_dim)
     cfg.values_from_keys = bool(get("attention_k_eq_v", False))
