@@ -1,4 +1,5 @@
-"""Image + text conversations for vision-language models: the processor, the per-row encoder and the collator.
+"""Image (and audio: data/audio.py) + text conversations for vision-language models: the processor, the per-row
+encoder and the collator.
 
 `VisionProcessor` is what transformers' processor does for training, from borrowed parts: the checkpoint's
 tokenizer, its image processor (`AutoImageProcessor`, which needs no torchvision) and its chat template. The
@@ -23,12 +24,13 @@ import torch
 from transformers import ProcessorMixin
 
 from fasttune.constants import IGNORE_INDEX
+from fasttune.data.audio import AudioClips
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-class VisionProcessor(ProcessorMixin):
+class VisionProcessor(ProcessorMixin, AudioClips):
     """Tokenizer + image processor + chat template of a vision-language checkpoint.
 
     Attributes the tokenizer has (pad_token_id, eos_token, decode, ...) are read through to it, so the processor
@@ -151,37 +153,6 @@ class VisionProcessor(ProcessorMixin):
         key = "image_sizes" if self.image_rows is not None else "image_grid_thw"
         return self.process_images(images)[key].tolist() if images else []
 
-    @property
-    def sampling_rate(self) -> int:
-        """The audio feature extractor's sampling rate in Hz (16,000 for Gemma 4); ConfigError without one."""
-        if self.audio_extractor is None:
-            raise DataError("This model takes no audio (its processor has no audio feature extractor); use text "
-                            "and images.")
-        return int(self.audio_extractor.sampling_rate)
-
-    def process_audio(self, clips: list) -> dict:
-        """Clips (1-D float arrays at `sampling_rate`) -> {"input_features" (clips, frames, mel bins) float32,
-        "input_features_mask" (clips, frames) bool}, padded to the longest, as the feature extractor returns them."""
-        out = self.audio_extractor(clips, sampling_rate=self.sampling_rate, return_tensors="pt", padding="longest")
-        return {"input_features": torch.as_tensor(out["input_features"]).float(),
-                "input_features_mask": torch.as_tensor(out["input_features_mask"]).bool()}
-
-    def audio_counts(self, clips: list) -> list[int]:
-        """Per clip, the number of soft tokens it becomes (data/audio.soft_token_count of its feature frames)."""
-        from fasttune.data.audio import soft_token_count
-
-        return [soft_token_count(self.process_audio([c])["input_features_mask"][0]) for c in clips]
-
-    def expand_audio(self, text: str, counts: list[int]) -> str:
-        """Each audio token of `text` replaced by the begin mark, `count` audio tokens and the end mark."""
-        if self.audio_token is None:
-            return text
-        parts = text.split(self.audio_token)
-        if len(parts) - 1 != len(counts):
-            raise DataError(f"The text has {len(parts) - 1} audio placeholders but {len(counts)} clips were given.")
-        begin, token, end = self.audio_marks
-        return "".join([parts[0]] + [begin + token * n + end + rest for n, rest in zip(counts, parts[1:])])
-
     def expand(self, text: str, grids) -> str:
         """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
         parts = text.split(self.image_token)
@@ -266,17 +237,6 @@ class VisionProcessor(ProcessorMixin):
         if clips:
             batch.update(self.process_audio(clips))
         return batch
-
-    def waveforms(self, sources: list, where: str, base_dir: Path | None = None) -> list:
-        """Audio sources (data/audio.to_waveform's forms) -> 1-D float32 arrays at `sampling_rate`; DataError naming
-        `where` and the clip for a bad one, or for any clip when this model takes no audio."""
-        from fasttune.data.audio import to_waveform
-
-        if sources and self.audio_extractor is None:
-            raise DataError(f"{where}: has an audio item, but this model takes no audio (only Gemma 4 E2B / E4B "
-                            f"checkpoints with an audio tower do); use text and images.")
-        return [to_waveform(s, f"{where}, audio clip {i + 1}", self.sampling_rate, base_dir)
-                for i, s in enumerate(sources)]
 
     def pad_id(self) -> int:
         """The tokenizer's pad id, else its eos id, else 0."""
