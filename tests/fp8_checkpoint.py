@@ -27,6 +27,39 @@ def quantize_fp8(w: torch.Tensor, block) -> tuple[torch.Tensor, torch.Tensor]:
     return (w / full).to(torch.float8_e4m3fn), s
 
 
+def to_compressed_tensors(src, dst) -> tuple[Path, Path]:
+    """compressed-tensors' FP8 ("float-quantized", per-channel weight scales, dynamic activations) of the checkpoint
+    folder `src` in `dst`, and beside it (`dst`.parent / "reference") the plain checkpoint of what it holds (each
+    float8 row times its scale), for transformers to load. Returns (dst, reference)."""
+    from safetensors.torch import load_file, save_file
+
+    src, dst = Path(src), Path(dst)
+    ref = dst.parent / "reference"
+    for folder in (dst, ref):
+        shutil.copytree(src, folder, dirs_exist_ok=True)
+    for file in sorted(src.glob("*.safetensors")):
+        packed, plain = {}, {}
+        for name, t in load_file(file).items():
+            if ".layers." in name and name.endswith("proj.weight"):
+                scale = t.float().abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / FP8_MAX  # (out, 1)
+                q = (t.float() / scale).to(torch.float8_e4m3fn)
+                packed[name], packed[name[:-len("weight")] + "weight_scale"] = q, scale
+                plain[name] = q.float() * scale
+            else:
+                packed[name] = plain[name] = t
+        save_file(packed, dst / file.name, metadata={"format": "pt"})
+        save_file(plain, ref / file.name, metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
+            "num_bits": 8, "type": "float", "strategy": "channel", "symmetric": True, "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "strategy": "token", "dynamic": True}}}}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst, ref
+
+
 def to_fp8_checkpoint(src, dst, block=(16, 16), chosen=lambda name: ".layers." in name and name.endswith(
         "proj.weight"), static: bool = False, stacked: tuple = ()) -> Path:
     """Copy the checkpoint folder `src` to `dst` with the weights `chosen` by name (default: the decoder layers'

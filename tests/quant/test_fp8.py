@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from fp8_checkpoint import quantize_fp8, to_fp8_checkpoint
+from fp8_checkpoint import quantize_fp8, to_compressed_tensors, to_fp8_checkpoint
 from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel
@@ -88,7 +88,7 @@ def test_fp8_experts_load(tmp_path, tiny_tokenizer):
         torch.testing.assert_close(model(ids).logits, theirs, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq", "compressed-tensors"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "hqq"])
 def test_other_quantised_checkpoints_are_refused_before_loading(method, plain, tmp_path):
     import shutil
 
@@ -147,3 +147,23 @@ def test_fp8_checkpoint_loads_in_4bit(plain, tmp_path):
     with torch.no_grad():
         a, b = model(ids).logits, dense(ids).logits
     assert (a - b).abs().max() < 0.15 * b.abs().max()
+
+
+def test_compressed_tensors_fp8_loads_with_its_scales(plain, tmp_path):
+    """compressed-tensors' FP8 ("float-quantized", per-channel scales stored as themselves): logits equal
+    transformers' on the plain checkpoint of the same values (each float8 row times its scale); another
+    compressed-tensors format (int4 "pack-quantized") is refused by name."""
+    from transformers import AutoModelForCausalLM
+
+    folder, reference = to_compressed_tensors(plain, tmp_path / "ct")
+    with _no_unexpected_tensors():
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = AutoModelForCausalLM.from_pretrained(reference, dtype=torch.float32)(ids).logits
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-5)
+    config = json.loads((folder / "config.json").read_text())
+    config["quantization_config"]["format"] = "pack-quantized"
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="compressed-tensors checkpoint \\(format 'pack-quantized'\\)"):
+        FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)

@@ -20,7 +20,7 @@ from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
-from fasttune.quant.fp8 import fp8_tensors
+from fasttune.quant.fp8 import compressed_tensors_fp8, fp8_tensors
 from fasttune.quant.mxfp4 import mxfp4_tensors
 # The config and tokenizer helpers live in models/hf_files.py (export/ uses them without the decoder).
 from fasttune.models.hf_files import gguf_tokenizer, load_tokenizer, with_architectures
@@ -371,13 +371,15 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     tensors = _iter_tensors(_weight_files(path))
     if method == "mxfp4":
         tensors = mxfp4_tensors(tensors, dtype)
-    elif method == "fp8":
-        tensors = fp8_tensors(tensors, dtype, block, str(path), device)
+    elif method in ("fp8", "compressed-tensors"):  # (compressed-tensors stores the scale, not its inverse)
+        tensors = fp8_tensors(tensors, dtype, block, str(path), device,
+                              "_scale" if method == "compressed-tensors" else "_scale_inv")
     model = build_model(hf_config, tensors, dtype, device, str(path), quant)
     return model, hf_config
 
 
-READ_QUANTIZATION = ("bitsandbytes", "mxfp4", "fp8")  # quantization_config methods whose checkpoints we read
+# quantization_config methods whose checkpoints we read (compressed-tensors: its FP8 formats only)
+READ_QUANTIZATION = ("bitsandbytes", "mxfp4", "fp8", "compressed-tensors")
 
 
 def checkpoint_quantization(hf_config, path, fallback: bool = True) -> tuple[str | None, list | None]:
@@ -386,7 +388,9 @@ def checkpoint_quantization(hf_config, path, fallback: bool = True) -> tuple[str
     dtype on load, so their quantization_config is dropped here: the model, and what it saves, holds plain weights;
     bitsandbytes' pre-quantised weights load as they are (quant/prequantized.py). Raises ModelLoadError, before any
     tensor is read, for another method (GPTQ, AWQ, compressed-tensors, ...), whose weights would otherwise load as
-    wrong numbers; its message offers fast=False where the transformers fallback can load the model (`fallback`)."""
+    wrong numbers; its message offers fast=False where the transformers fallback can load the model (`fallback`;
+    False for vision-language models, which also take no compressed-tensors checkpoint). compressed-tensors' FP8
+    ("float-quantized") is read as FP8 with the scales themselves (quant/fp8.compressed_tensors_fp8)."""
     qc = getattr(hf_config, "quantization_config", None)
     if qc is None:
         return None, None
@@ -401,7 +405,14 @@ def checkpoint_quantization(hf_config, path, fallback: bool = True) -> tuple[str
             + (", or pass fast=False to train this one through transformers + PEFT with that method's own package "
                "installed." if fallback else "."))
     block = get("weight_block_size")
-    if method in ("mxfp4", "fp8"):
+    if method == "compressed-tensors":
+        fp8, block = compressed_tensors_fp8(get)
+        if not fp8 or not fallback:  # (a vision-language model: transformers' loader needs compressed-tensors)
+            kind = "a vision-language model" if fp8 else f"format {get('format')!r}"
+            raise ModelLoadError(f"'{path}' is a compressed-tensors checkpoint ({kind}); fasttune reads its FP8 "
+                                 f"weights ('float-quantized') of text models only. Load the model's 16-bit "
+                                 f"checkpoint (load_in_4bit=True quantises it for QLoRA).")
+    if method in ("mxfp4", "fp8", "compressed-tensors"):
         del hf_config.quantization_config
     return method, (list(block) if block else None)
 

@@ -19,10 +19,25 @@ FP8_DTYPES = tuple(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") i
 DROPPED_SUFFIXES = (".activation_scale", ".input_scale")
 
 
-def scale_name(name: str) -> str:
+def scale_name(name: str, suffix: str = "_scale_inv") -> str:
     """The scale tensor's name for a quantised tensor's name, as transformers pairs them: `X.weight` ->
-    `X.weight_scale_inv`, a stacked expert `P` -> `P_scale_inv`."""
-    return name[:-len(".weight")] + ".weight_scale_inv" if name.endswith(".weight") else name + "_scale_inv"
+    `X.weight_scale_inv`, a stacked expert `P` -> `P_scale_inv` (compressed-tensors' FP8: suffix "_scale",
+    `X.weight_scale`)."""
+    return name[:-len(".weight")] + ".weight" + suffix if name.endswith(".weight") else name + suffix
+
+
+def compressed_tensors_fp8(get) -> tuple[bool, list | None]:
+    """(whether a compressed-tensors quantization_config (`get` reads its keys) is FP8 weights fasttune reads: format
+    "float-quantized" with 8-bit float weights in every config group, their block structure or None (per channel or
+    per tensor: the scale's shape says which)). Its checkpoints store `X.weight` float8 with `X.weight_scale`, the
+    scale itself (not its inverse), and an `X.input_scale` for static activations (dropped)."""
+    groups = get("config_groups") or {}
+    weights = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
+    if get("format") != "float-quantized" or not weights or any(
+            w.get("type") != "float" or w.get("num_bits") != 8 for w in weights):
+        return False, None
+    blocks = {tuple(w["block_structure"]) for w in weights if w.get("block_structure")}
+    return len(blocks) <= 1, (list(blocks.pop()) if blocks else None)
 
 
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
@@ -51,13 +66,13 @@ def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dt
     return w[:rows, :cols].to(dtype)
 
 
-def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=None):
+def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=None, suffix: str = "_scale_inv"):
     """A checkpoint's (name, tensor) stream with each float8 tensor and its scale (`scale_name`) replaced by one
     dequantised tensor in `dtype` under the weight's name (emitted when the second of the pair arrives, so shards may
     hold them in any order); activation scales are dropped; other tensors pass through. The dequantisation runs on
     `device` (the model's: a GPU does it at its bandwidth, and the host sends one byte per weight, not two); None:
-    where the tensors are. Raises ModelLoadError, naming `source`, at the end for a weight or scale whose partner
-    never came."""
+    where the tensors are; `suffix`: the scales' name (scale_name). Raises ModelLoadError, naming `source`, at the end
+    for a weight or scale whose partner never came."""
 
     def dequantized(weight, scale):
         if device is not None:
@@ -70,12 +85,12 @@ def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=Non
         if name.endswith(DROPPED_SUFFIXES):
             continue
         if t.dtype in FP8_DTYPES:
-            key = scale_name(name)
+            key = scale_name(name, suffix)
             if key in scales:
                 yield name, dequantized(t, scales.pop(key))
             else:
                 weights[key] = (name, t)
-        elif name.endswith("_scale_inv"):
+        elif name.endswith(suffix):
             if name in weights:
                 weight_name, w = weights.pop(name)
                 yield weight_name, dequantized(w, t)
@@ -86,5 +101,5 @@ def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=Non
     if weights or scales:
         lonely = next(iter(weights.values()))[0] if weights else next(iter(scales))
         raise ModelLoadError(f"{source}: the FP8 tensor '{lonely}' has no partner ("
-                             f"{'its scale ' + scale_name(lonely) if weights else 'no float8 weight for this scale'}) "
+                             f"{'its scale ' + scale_name(lonely, suffix) if weights else 'no float8 weight for it'}) "
                              f"in the checkpoint; the download is incomplete or the files are from different models.")
