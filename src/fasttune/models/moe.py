@@ -356,11 +356,12 @@ class SparseMoeBlock(nn.Module):
         self.softmax_pairs = cfg.router_scoring == "softmax_pairs"
         self.groups, self.scaling = cfg.router_groups, cfg.routed_scaling
         self.renorm_eps = cfg.router_renorm_eps
-        on_block = self.sigmoid and cfg.score_bias == "block"  # LFM2-MoE: the block's bias, the router in the model's
-        self.gate = Router(cfg.hidden_size, cfg.num_experts, fp32=self.grouped_softmax,  # dtype
+        # LFM2-MoE: the routing bias is the block's own (fp32), its router in the model's dtype
+        self.bias_on_block = self.sigmoid and cfg.score_bias == "block"
+        self.gate = Router(cfg.hidden_size, cfg.num_experts, fp32=self.grouped_softmax,
                            score_bias=self.sigmoid and cfg.score_bias == "router")
-        self.fp32_tensors = ("expert_bias",) if on_block else ()
-        if on_block:
+        self.fp32_tensors = ("expert_bias",) if self.bias_on_block else ()  # (read by the loader)
+        if self.bias_on_block:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
         self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
         # a dense MLP every token takes (GLM-4.5's shared_experts), scaled by a learned gate in Qwen3.5-MoE
@@ -380,7 +381,7 @@ class SparseMoeBlock(nn.Module):
         logits = self.gate(flat)
         if self.sigmoid:
             router = getattr(self.gate, "base_layer", self.gate)  # (under LoRA: a LoraLinear around it)
-            bias = self.expert_bias if self.fp32_tensors else getattr(router, "e_score_correction_bias", None)
+            bias = self.expert_bias if self.bias_on_block else getattr(router, "e_score_correction_bias", None)
             weights, experts = route_sigmoid(logits, bias, self.top_k, self.groups, self.norm_topk_prob,
                                              self.scaling, self.renorm_eps)
         elif self.grouped_softmax:

@@ -43,23 +43,26 @@ def compressed_tensors_fp8(get) -> tuple[bool, list | None]:
 def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size, dtype: torch.dtype) -> torch.Tensor:
     """weight (..., N, K) float8 and its scales -> (..., N, K) in `dtype`: each value times its block's scale
     (scale_inv (..., ceil(N / bn), ceil(K / bk)) for block_size (bn, bk)), or times the one scale when block_size is
-    None. Computed in fp32, one matrix of a stack (MoE experts) at a time to bound the temporaries. Raises
-    ModelLoadError when the scales do not fit the weight."""
+    None (or the scales broadcast: compressed-tensors' per channel). Computed in fp32, one matrix of a stack with
+    per-matrix scales (MoE experts) at a time to bound the temporaries. Raises ModelLoadError when the scales do not
+    fit the weight."""
     s = scale_inv.float()
-    if block_size is None or s.numel() == 1:
-        return (weight.float() * s.reshape(()) if s.numel() == 1 else weight.float() * s).to(dtype)
-    bn, bk = (int(b) for b in block_size)
+    blocked = block_size is not None and s.numel() > 1
     rows, cols = weight.shape[-2:]
-    want = (*weight.shape[:-2], -(-rows // bn), -(-cols // bk))
-    if tuple(s.shape) != want:
-        raise ModelLoadError(f"FP8 scales of shape {tuple(s.shape)} do not fit a weight of shape "
-                             f"{tuple(weight.shape)} in blocks of {bn} x {bk} (expected {want}); the checkpoint or "
-                             f"its weight_block_size in config.json is damaged.")
-    if weight.dim() > 2:
+    if blocked:
+        bn, bk = (int(b) for b in block_size)
+        want = (*weight.shape[:-2], -(-rows // bn), -(-cols // bk))
+        if tuple(s.shape) != want:
+            raise ModelLoadError(f"FP8 scales of shape {tuple(s.shape)} do not fit a weight of shape "
+                                 f"{tuple(weight.shape)} in blocks of {bn} x {bk} (expected {want}); the checkpoint "
+                                 f"or its weight_block_size in config.json is damaged.")
+    if weight.dim() > 2 and s.dim() == weight.dim():
         out = torch.empty(weight.shape, dtype=dtype, device=weight.device)
         for i in range(weight.shape[0]):
             out[i] = dequantize_fp8(weight[i], scale_inv[i], block_size, dtype)
         return out
+    if not blocked:
+        return (weight.float() * (s.reshape(()) if s.numel() == 1 else s)).to(dtype)
     # each block times its scale by broadcasting over a (R, bn, C, bk) view, the last blocks padded to full size
     w = torch.nn.functional.pad(weight.float(), (0, -cols % bk, 0, -rows % bn))
     w = (w.view(want[0], bn, want[1], bk) * s[:, None, :, None]).view(w.shape)
@@ -75,6 +78,7 @@ def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=Non
     for a weight or scale whose partner never came."""
 
     def dequantized(weight, scale):
+        """dequantize_fp8 of one pair on `device`."""
         if device is not None:
             weight, scale = weight.to(device), scale.to(device)
         return dequantize_fp8(weight, scale, block_size, dtype)
