@@ -5,8 +5,8 @@ A clip in a data row or prompt is `{"type": "audio", "audio": ...}` holding a 1-
 extractor's rate (16 kHz for Gemma 4), datasets' Audio feature value `{"array", "sampling_rate"}`, or the path of a
 PCM WAV file (read with the standard library's `wave`; other formats: decode them into an array first, e.g. with
 datasets' Audio feature). Clips at another rate are refused with the fix, not resampled here.
-Source of the token count: transformers' Gemma4Processor.replace_audio_token (the feature mask through the audio
-tower's two stride-2 convolutions).
+Source of the token count: transformers' Gemma4Processor (_compute_audio_num_tokens / replace_audio_token: the
+frames through the audio tower's two stride-2 convolutions).
 """
 from __future__ import annotations
 
@@ -41,8 +41,10 @@ class AudioClips:
                 "input_features_mask": torch.as_tensor(out["input_features_mask"]).bool()}
 
     def audio_counts(self, clips: list) -> list[int]:
-        """Per clip, the number of soft tokens it becomes (data/audio.soft_token_count of its feature frames)."""
-        return [soft_token_count(self.process_audio([c])["input_features_mask"][0]) for c in clips]
+        """Per clip (1-D arrays), the number of soft tokens it becomes (soft_token_count; from its length, so the
+        features are computed once, at collate time)."""
+        e = self.audio_extractor
+        return [soft_token_count(len(c), int(e.frame_length), int(e.hop_length)) for c in clips]
 
     def expand_audio(self, text: str, counts: list[int]) -> str:
         """Each audio token of `text` replaced by the begin mark, `count` audio tokens and the end mark."""
@@ -123,10 +125,10 @@ def _read_wav(data: bytes, where: str, rate: int) -> np.ndarray:
     return samples.reshape(-1, channels).mean(axis=1) if channels > 1 else samples
 
 
-def soft_token_count(frame_mask) -> int:
-    """The number of soft tokens a clip becomes from its feature frames' mask (frames,) (True = real): the mask
-    through the audio tower's two stride-2 convolutions (kernel 3, padding 1), as Gemma4Processor counts them."""
-    mask = np.asarray(frame_mask)
-    for _ in range(2):
-        mask = mask[::2][:(len(mask) + 2 - 3) // 2 + 1]
-    return int(mask.sum())
+def soft_token_count(samples: int, frame_length: int, hop_length: int) -> int:
+    """The number of soft tokens a clip of `samples` samples becomes: its log-mel frames (Gemma4AudioFeatureExtractor's
+    framing, frame_length / hop_length in samples, half a frame of left padding) through the audio tower's two
+    stride-2 convolutions (kernel 3, padding 1: ceil(frames / 2) each), as transformers' Gemma4Processor counts them
+    (_compute_audio_num_tokens; replace_audio_token gives the same from the feature mask)."""
+    frames = max(0, (samples + frame_length // 2 - (frame_length + 1)) // hop_length + 1)
+    return (frames + 3) // 4
