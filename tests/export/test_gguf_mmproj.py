@@ -104,6 +104,19 @@ def _ours_pixtral(model, proc, before, image, after):
     return feats.numpy(), logits[0, -1].numpy(), len(ids)
 
 
+def _mtmd_run(family, text, projector, before, image, after, tries: int = 4):
+    """mtmd_run, again while NaN sits only in Pixtral's [IMG_BREAK] rows: llama.cpp builds those rows as an
+    uninitialised tensor times 0.0 plus the embedding (clip's build_pixtral), so stale NaN / inf bits in its compute
+    buffer leak through now and then (seen twice in CI; our file is not involved). NaN anywhere else still fails."""
+    for _ in range(tries):
+        feats, logits, count = mtmd_run(text, projector, before, np.asarray(image), after)
+        rows = set(np.argwhere(np.isnan(feats))[:, 0].tolist())
+        per_row = IMAGE_SIZE["mistral3"][0] // 16 + 1  # 8-pixel patches merged 2 x 2, then the break
+        if _base(family) != "mistral3" or not rows or any((r + 1) % per_row for r in rows):
+            break
+    return feats, logits, count
+
+
 def _rel(a, b):
     return float(np.abs(a - b).max() / (b.max() - b.min()))
 
@@ -118,7 +131,7 @@ def test_llama_cpp_runs_the_exported_model_as_ours(family, bpe_vl, tmp_path):
 
     image, before, after = _image(_base(family)), "Look at this: ", " What is it?"
     feats, logits, count = _ours(model, proc, family, before, image, after)
-    their_feats, their_logits, their_count = mtmd_run(text, projector, before, np.asarray(image), after)
+    their_feats, their_logits, their_count = _mtmd_run(family, text, projector, before, image, after)
     assert their_count == count
     assert not np.isnan(feats).any() and not np.isnan(logits).any(), "NaN in our features / logits"
     assert not np.isnan(their_feats).any() and not np.isnan(their_logits).any(), "NaN in llama.cpp's"
