@@ -53,3 +53,18 @@ def test_what_fasttune_does_not_implement_is_named(call, kw, match, tiny_model_d
             FastLanguageModel.from_pretrained(folder, **kw)
         else:
             FastLanguageModel.get_peft_model(FastLanguageModel.from_pretrained(folder)[0], **kw)
+
+
+def test_the_peers_layer_switches_on_a_text_model(tiny_model_dir):
+    """FastModel's switches as the peer's notebooks pass them (finetune_audio_layers=False included) train the
+    language layers; a vision or audio switch on a text model is named."""
+    from fasttune import FastModel
+
+    folder = str(tiny_model_dir("llama"))
+    switches = dict(finetune_vision_layers=False, finetune_language_layers=True, finetune_attention_modules=True,
+                    finetune_mlp_modules=True, finetune_audio_layers=False)
+    model = FastModel.get_peft_model(FastModel.from_pretrained(folder)[0], **switches)
+    assert "gate_proj" in model.lora_settings.target_modules
+    for switch in ("finetune_vision_layers", "finetune_audio_layers"):
+        with pytest.raises(ConfigError, match=f"{switch}=True: this is a text-only model"):
+            FastModel.get_peft_model(FastModel.from_pretrained(folder)[0], **{**switches, switch: True})

@@ -179,22 +179,29 @@ class FastModel(FastLanguageModel):
                        bias: str = "none", use_rslora: bool = False, modules_to_save=None,
                        use_gradient_checkpointing="auto", random_state: int = 3407,
                        finetune_vision_layers: bool = False, finetune_language_layers: bool = True,
-                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True, **kwargs):
+                       finetune_attention_modules: bool = True, finetune_mlp_modules: bool = True,
+                       finetune_audio_layers: bool = False, **kwargs):
         """FastLanguageModel.get_peft_model plus the layer-group switches: with target_modules=None, attention
         (q/k/v/o) and MLP (gate/up/down) projections of the language model are chosen by
         finetune_attention_modules / finetune_mlp_modules, and on a vision-language model the vision tower's
-        attention / MLP layers too with finetune_vision_layers=True (models/vision.py's vision_targets). Raises
-        ConfigError when the switches select nothing, or finetune_vision_layers=True on a text-only model."""
+        attention / MLP layers (and Gemma 4's vision embedder projection) too with finetune_vision_layers=True, and
+        the audio tower's (Gemma 4 E2B / E4B: its conformer's attention, feed-forward and convolution-module
+        linears, and the audio embedder's projection) with finetune_audio_layers=True (models/vision.py's
+        vision_targets). Raises ConfigError when the switches select nothing, finetune_vision_layers=True on a
+        text-only model, or finetune_audio_layers=True on a model without an audio tower."""
         if target_modules is None and getattr(model, "family", None) is not None:  # a vision-language model
             from fasttune.models.vision import vision_targets
 
             target_modules = vision_targets(model, finetune_vision_layers, finetune_language_layers,
                                             finetune_attention_modules, finetune_mlp_modules, ATTENTION_TARGETS,
-                                            MLP_TARGETS)
+                                            MLP_TARGETS, audio=finetune_audio_layers)
             if model.arch.num_experts and finetune_language_layers and finetune_mlp_modules and \
                     kwargs.get("target_parameters") is None:  # Qwen3-VL-MoE: the experts are parameters, not layers
                 kwargs["target_parameters"] = expert_target_parameters(model.arch)
         elif target_modules is None:
+            if finetune_audio_layers:
+                raise ConfigError("finetune_audio_layers=True: this is a text-only model, it has no audio tower. Set "
+                                  "finetune_audio_layers=False, or load a Gemma 4 E2B / E4B checkpoint.")
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
             arch = getattr(model, "arch", None)

@@ -83,13 +83,24 @@ def test_logits_and_generation_with_audio_equal_transformers(loaded, folder):
     assert torch.equal(model.generate(**prompt, max_new_tokens=5, do_sample=False), want)
 
 
-def test_lora_loss_and_gradients_equal_peft_on_audio(folder, tmp_path):
+@pytest.mark.parametrize("towers", [False, True], ids=["language", "audio+vision"])
+def test_lora_loss_and_gradients_equal_peft_on_audio(towers, folder, tmp_path):
+    """towers: finetune_audio_layers and finetune_vision_layers too, the peer's switches (the conformer's linears
+    inside Gemma4ClippableLinear, relative_k_proj, both embedders' projections)."""
     from peft import PeftModel
 
     from fasttune.peft.adapter_io import adapter_parameters
 
     model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.float32)
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                           finetune_audio_layers=towers, finetune_vision_layers=towers)
+    adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
+    audio = {n for n in adapted if n.startswith(("audio_tower.", "embed_audio."))}
+    if towers:  # every linear of the conformer layers (1 + 4 attention, 4 feed-forward, 2 convolution-module ones)
+        assert len([n for n in audio if n.startswith("audio_tower.layers.")]) == 11 * 2
+        assert {"embed_audio.embedding_projection", "embed_vision.embedding_projection"} <= adapted
+    else:
+        assert not audio and not any(n.startswith("vision_tower.") for n in adapted)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -109,6 +120,21 @@ def test_lora_loss_and_gradients_equal_peft_on_audio(folder, tmp_path):
     assert set(ours) == set(theirs)
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    if towers:  # the clips' and the image's gradients reach their towers' adapters; both merge into the towers
+        assert all(ours[n].abs().sum() > 0 for n in ours if "lora_A" in n and n.startswith(("audio_", "embed_")))
+        model.save_pretrained_merged(tmp_path / "merged", proc, save_method="merged_16bit")
+        with torch.no_grad():
+            merged = _hf(tmp_path / "merged")(**batch, **_marks(batch, proc)).logits
+            base = _hf(folder)(**batch, **_marks(batch, proc)).logits
+            mine = model(**batch).logits
+        real = batch["attention_mask"].bool()
+        torch.testing.assert_close(mine[real], merged[real], rtol=1e-4, atol=1e-4)
+        assert (merged[real] - base[real]).abs().max() > 1e-2
+        with torch.no_grad():  # the towers' adapters alone move the logits past that tolerance
+            for name, p in model.named_parameters():
+                if "lora_B" in name and name.startswith(("audio_", "embed_", "vision_")):
+                    p.zero_()
+            assert (model(**batch).logits[real] - merged[real]).abs().max() > 1e-3
 
 
 def _wav(path, samples: np.ndarray, rate: int = 16000, channels: int = 1):

@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny import TINY
 
-from fasttune import FastLanguageModel
+from fasttune import FastLanguageModel, FastModel
 from fasttune.errors import ConfigError
 
 TEXT = dict(TINY, head_dim=16, global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
@@ -84,6 +84,8 @@ def test_audio_without_an_audio_tower_and_frames_without_positions_are_named(gem
         model(ids, attention_mask=mask, input_features=torch.zeros(1, 8, 128))
     with pytest.raises(ConfigError, match="pixel_values_videos need video_position_ids"):
         model(ids, attention_mask=mask, pixel_values_videos=torch.zeros(1, 4, 588))
+    with pytest.raises(ConfigError, match="finetune_audio_layers=True: this gemma4 model has no audio tower"):
+        FastModel.get_peft_model(model, r=4, finetune_audio_layers=True)
 
 
 def test_e2b_layout_with_images_equals_transformers(tmp_path):

@@ -52,6 +52,13 @@ class VisionFamily:
     # Gemma 4: each image comes as padded patches with their (x, y) positions (the processor's image_position_ids,
     # -1 = padding), its features from the tower's last hidden state through the embedder (embed_vision)
     positioned_patches: bool = False
+    # finetune_audio_layers (Gemma 4 E2B / E4B): regexes of the audio tower's attention and feed-forward /
+    # convolution-module linears, and of the linears between a tower and the decoder (the embedders' projections),
+    # which the vision / audio switch adds as the peer's get_peft_model does
+    audio_attention_targets: str | None = None
+    audio_mlp_targets: str | None = None
+    vision_projection_targets: str | None = None
+    audio_projection_targets: str | None = None
 
 
 FAMILIES = {
@@ -89,7 +96,14 @@ FAMILIES = {
                            r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\."
                            r"(q_proj|k_proj|v_proj|o_proj)\.linear",
                            r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
-                           scaled_embeddings=True, positioned_patches=True, video="positioned"),
+                           scaled_embeddings=True, positioned_patches=True, video="positioned",
+                           # the conformer's linears sit inside Gemma4ClippableLinear (PEFT takes the inner one)
+                           audio_attention_targets=r"model\.audio_tower\.layers\.\d+\.self_attn\."
+                                                   r"((q_proj|k_proj|v_proj|post)\.linear|relative_k_proj)",
+                           audio_mlp_targets=r"model\.audio_tower\.layers\.\d+\.(feed_forward[12]\."
+                                             r"(ffw_layer_1|ffw_layer_2)|lconv1d\.(linear_start|linear_end))\.linear",
+                           vision_projection_targets=r"model\.embed_vision\.embedding_projection",
+                           audio_projection_targets=r"model\.embed_audio\.embedding_projection"),
 }
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
@@ -490,10 +504,13 @@ def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, i
 
 
 def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attention: bool, mlp: bool,
-                   attention_names, mlp_names) -> str:
+                   attention_names, mlp_names, audio: bool = False) -> str:
     """The target_modules regex for FastModel's layer-group switches on a vision-language model, over
     transformers' module names (what PEFT matches; LoRA resolves it through checkpoint_name); attention_names /
-    mlp_names: the decoder's projection names. Raises ConfigError when nothing is selected."""
+    mlp_names: the decoder's projection names; `audio`: finetune_audio_layers (the audio tower's attention / MLP
+    linears by the same two switches, and its embedder's projection; the vision switch likewise adds the vision
+    embedder's projection where the family has one, as the peer does). Raises ConfigError when nothing is selected,
+    or for audio=True on a model without an audio tower."""
     from fasttune.peft.lora import latent_attention_targets
 
     parts = []
@@ -510,13 +527,21 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
             from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS
 
             parts.append(rf"model\.language_model\.layers\.\d+\.linear_attn\.({'|'.join(LINEAR_ATTENTION_TARGETS)})")
+    fam = model.family
     if vision:
-        fam = model.family
         parts += ([fam.vision_attention_targets] if attention else []) + ([fam.vision_mlp_targets] if mlp else [])
+        parts += [fam.vision_projection_targets] if fam.vision_projection_targets else []
+    if audio:
+        if not model.hears or fam.audio_attention_targets is None:
+            raise ConfigError(f"finetune_audio_layers=True: this {fam.model_type} model has no audio tower (only "
+                              f"Gemma 4 E2B / E4B checkpoints hear). Set finetune_audio_layers=False.")
+        parts += ([fam.audio_attention_targets] if attention else []) + ([fam.audio_mlp_targets] if mlp else [])
+        parts.append(fam.audio_projection_targets)
     if not parts:
         raise ConfigError("get_peft_model: finetune_vision_layers / finetune_language_layers / "
-                          "finetune_attention_modules / finetune_mlp_modules select no layers, so nothing would "
-                          "train. Enable the language and/or vision layers with attention and/or MLP modules.")
+                          "finetune_audio_layers / finetune_attention_modules / finetune_mlp_modules select no "
+                          "layers, so nothing would train. Enable the language, vision and/or audio layers with "
+                          "attention and/or MLP modules.")
     from fasttune.peft.lora import is_quantized
 
     names = [model.checkpoint_name(n) for n, m in model.named_modules()
