@@ -100,11 +100,12 @@ def llama_quantize(src, dst, method: str):
 
 
 def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int = 2):
-    """llama.cpp's libmtmd on a prompt with one image: `before` + the image + `after` (libmtmd wraps the image in
-    the family's start/end tokens itself) through the text GGUF and its mmproj. `image`: (H, W, 3) uint8 RGB of the
-    size the model's processor would resize it to (libmtmd then leaves it as it is). Returns (the image's
-    embeddings (tokens, hidden) float32 (Qwen3-VL: its DeepStack features follow on each row), the last position's
-    logits (vocab,) float32, the prompt's token count)."""
+    """llama.cpp's libmtmd on a prompt with one image or audio clip: `before` + the media + `after` (libmtmd wraps
+    it in the family's start/end tokens itself) through the text GGUF and its mmproj. `image`: (H, W, 3) uint8 RGB
+    of the size the model's processor would resize it to (libmtmd then leaves it as it is), or a clip: (samples,)
+    float32 at the mmproj's sampling rate. Returns (the media's embeddings (tokens, hidden) float32 (Qwen3-VL: its
+    DeepStack features follow on each row), the last position's logits (vocab,) float32, the prompt's token
+    count)."""
     import llama_cpp
     import llama_cpp.llama_cpp as L
     import llama_cpp.mtmd_cpp as M
@@ -116,9 +117,13 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
     params.image_min_tokens, params.image_max_tokens = 1, 4096  # transformers' pixel limits decided the size
     ctx = M.mtmd_init_from_file(str(mmproj).encode(), llm._model.model, params)
     assert ctx, f"libmtmd could not load {mmproj}"
-    image = np.ascontiguousarray(image, dtype=np.uint8)
-    data = (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())
-    bitmap = M.mtmd_bitmap_init(image.shape[1], image.shape[0], data)
+    if image.ndim == 1:  # an audio clip
+        clip = np.ascontiguousarray(image, dtype=np.float32)
+        bitmap = M.mtmd_bitmap_init_from_audio(clip.size, (ctypes.c_float * clip.size).from_buffer_copy(clip.tobytes()))
+    else:
+        image = np.ascontiguousarray(image, dtype=np.uint8)
+        data = (ctypes.c_uint8 * image.size).from_buffer_copy(image.tobytes())
+        bitmap = M.mtmd_bitmap_init(image.shape[1], image.shape[0], data)
     text = (before + M.mtmd_default_marker().decode() + after).encode()
     prompt = M.mtmd_input_text(text, len(text), False, True)
     chunks = M.mtmd_input_chunks_init()
@@ -127,7 +132,7 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
         embeddings = None
         for i in range(M.mtmd_input_chunks_size(chunks)):
             chunk = M.mtmd_input_chunks_get(chunks, i)
-            if M.mtmd_input_chunk_get_type(chunk) == M.MTMD_INPUT_CHUNK_TYPE_IMAGE:
+            if M.mtmd_input_chunk_get_type(chunk) in (M.MTMD_INPUT_CHUNK_TYPE_IMAGE, M.MTMD_INPUT_CHUNK_TYPE_AUDIO):
                 n = M.mtmd_input_chunk_get_n_tokens(chunk)
                 assert M.mtmd_encode_chunk(ctx, chunk) == 0
                 width = L.llama_model_n_embd_inp(llm._model.model)  # Qwen3-VL: + one DeepStack feature per layer

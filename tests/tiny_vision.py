@@ -365,9 +365,9 @@ def save_qwen2_vl(folder, seed: int = 0):
     return _save(folder, Qwen2VLForConditionalGeneration, qwen2_vl_config(), qwen_vl_processor(), seed)
 
 
-def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministral3", **vision):
+def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministral3", audio: bool = False, **vision):
     """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-    "qwen3_5", "mistral3" with a `text_type` text model) whose tokenizer is a
+    "qwen3_5", "mistral3" with a `text_type` text model, "gemma4" with an audio tower if `audio`) whose tokenizer is a
     trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
     416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
     (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -381,7 +381,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     if family == "gemma3":
         processor = gemma3_processor(tok)
     elif family == "gemma4":
-        processor = gemma4_processor(tok)
+        processor = gemma4_processor(tok, audio=audio)
     elif family == "mistral3":
         processor = mistral3_processor(tok, longest_edge=128)
     else:
@@ -392,8 +392,11 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
     elif family == "gemma4":  # the 31B's text layout
-        config = gemma4_config()
+        config = gemma4_config(audio=audio)
         config.boi_token_id, config.eoi_token_id = start, end
+        if audio:
+            config.boa_token_id, config.eoa_token_index, config.audio_token_id = tok.convert_tokens_to_ids(
+                GEMMA4_AUDIO_TOKENS)
     elif family == "mistral3":  # Ministral 3's text model; images up to 128 pixels a side (8 x 8 tokens)
         config = mistral3_config(text_type)
         config.vision_config.image_size = 128

@@ -19,7 +19,7 @@ from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_four
 # llama.cpp's fixed Qwen2.5 window
 FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}, "qwen3_vl_moe": {},
             "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"},
-            "gemma4": {}}
+            "gemma4": {}, "gemma4:audio": {"audio": True}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"), "qwen3_5": ("<|vision_start|>", "<|vision_end|>"),
@@ -46,7 +46,7 @@ def bpe_vl(tmp_path_factory):
 
 def _base(family: str) -> str:
     """The vision family of a FAMILIES key ("mistral3:mistral4": Mistral Small 4, Mistral 3's tower before a Mistral 4
-    text model)."""
+    text model; "gemma4:audio": Gemma 4 with an audio tower, both towers in one mmproj)."""
     return family.split(":")[0]
 
 
@@ -74,7 +74,7 @@ def _ours(model, proc, family, before, image, after):
     before + start + one placeholder per image token + end + after."""
     if _base(family) == "mistral3":
         return _ours_pixtral(model, proc, before, image, after)
-    start, end = WRAP[family]
+    start, end = WRAP[_base(family)]
     pix = proc.image_processor(images=[image], return_tensors="pt")
     grid = pix.get("image_grid_thw", pix.get("image_position_ids"))  # (Gemma 4: each patch's position)
     with torch.no_grad():

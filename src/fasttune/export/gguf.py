@@ -513,10 +513,9 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     check_supported(cfg)
     check_methods(cfg, quants)
     vlm = is_vision_model(model)
-    if vlm:
-        check_vision_supported(model)
     processor = tokenizer if tokenizer is not None else _default_tokenizer(model)
     if vlm:
+        check_vision_supported(model, processor)
         image_processor_of(processor)  # its mean and std go into the mmproj: fail before writing anything
     tokenizer = getattr(processor, "tokenizer", processor)  # a vision-language model's processor wraps it
     vocab = gguf_vocab(tokenizer, cfg.vocab_size, ARCHITECTURES.get(cfg.model_type))

@@ -35,6 +35,7 @@ import torch
 
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_mmproj_gemma4 import check_gemma4v, gemma4v_tensor, write_gemma4v_metadata
+from fasttune.export.gguf_mmproj_gemma4_audio import gemma4a_tensor, keep_f32, write_gemma4a_metadata
 from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
@@ -105,9 +106,10 @@ def is_vision_model(model) -> bool:
     return getattr(model, "family", None) is not None
 
 
-def check_vision_supported(model) -> None:
+def check_vision_supported(model, processor=None) -> None:
     """ConfigError, before anything is written, when llama.cpp's clip has no projector for this vision-language
-    model or would compute another tower (activation, patch frames, window size or layer pattern it fixes)."""
+    model or would compute another tower (activation, patch frames, window size or layer pattern it fixes; Gemma
+    4's audio tower and `processor`'s audio feature extractor too)."""
     family = model.family.model_type
     vision = model.hf_config.vision_config
     if family not in PROJECTORS:
@@ -125,7 +127,7 @@ def check_vision_supported(model) -> None:
         _check_pixtral(model)
         return
     if family == "gemma4":
-        check_gemma4v(model)
+        check_gemma4v(model, processor)
         return
     if family in QWEN3:
         _warn_imrope_split(model.arch)
@@ -222,10 +224,12 @@ def split_vision(model, tensors: dict) -> dict:
         short = name.removeprefix("model.")
         if _SKIPPED.match(short):
             continue
-        if family == "gemma4":  # (the audio tower's tensors stay out)
-            pair = gemma4v_tensor(short, t, int(model.hf_config.vision_config.num_hidden_layers))
-            if pair is not None:
-                out[pair[0]] = pair[1]
+        if family == "gemma4":
+            if short.startswith(("audio_tower.", "embed_audio.")):
+                pair = gemma4a_tensor(short, t, int(model.hf_config.audio_config.num_hidden_layers))
+            else:
+                pair = gemma4v_tensor(short, t, int(model.hf_config.vision_config.num_hidden_layers))
+            out[pair[0]] = pair[1]
             continue
         if short == "visual.patch_embed.proj.weight":  # (D, C, 2, P, P): one 2-D kernel per frame
             out["v.patch_embd.weight"], out["v.patch_embd.weight.1"] = (t[:, :, i].contiguous() for i in (0, 1))
@@ -304,7 +308,12 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
     writer.add_type("mmproj")
     writer.add_file_type(int(gguf.LlamaFileType.ALL_F32 if float_type == "f32" else gguf.LlamaFileType.MOSTLY_F16))
     writer.add_clip_has_vision_encoder(True)
-    writer.add_clip_projector_type(PROJECTORS[family])
+    hears = getattr(model, "hears", False)
+    if hears:  # two towers: a projector per modality and no common one (clip reads that first for both)
+        writer.add_clip_vision_projector_type(PROJECTORS[family])
+        write_gemma4a_metadata(writer, model)
+    else:
+        writer.add_clip_projector_type(PROJECTORS[family])
     writer.add_vision_projection_dim(model.config.hidden_size)
     writer.add_vision_patch_size(int(vision.patch_size))
     writer.add_vision_head_count(int(vision.num_attention_heads if family in ("gemma3", "mistral3", "gemma4") else
@@ -352,7 +361,8 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
             writer.add_vision_use_silu(True)
             writer.add_vision_n_wa_pattern(_window_pattern(vision))
     for gname, t in tensors.items():
-        if t.dim() == 1 or "patch_embd" in gname or "position_embd" in gname or float_type == "f32":
+        if t.dim() == 1 or "patch_embd" in gname or "position_embd" in gname or float_type == "f32" or \
+                (hears and keep_f32(gname)):
             writer.add_tensor(gname, t.float().numpy())
         else:
             writer.add_tensor(gname, t.to(torch.float16).numpy())

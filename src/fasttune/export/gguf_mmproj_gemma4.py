@@ -7,16 +7,15 @@ position table and the embedder's projection as they are, clipped linears' bound
 clip's gemma4v fixes the 2-D RoPE base at 100 and pools pooling_kernel_size patches a side (3 unless
 `clip.vision.projector.scale_factor` says otherwise); it resizes each image to within image_min_pixels /
 image_max_pixels, written here as transformers' budget (max_soft_tokens x (patch x pool)^2 pixels, which
-Gemma4ImageProcessor scales every image to), where llama.cpp's own default is 40 to 280 tokens. The audio tower
-(E2B / E4B) is not written ("gemma4a"): the mmproj sees images only.
+Gemma4ImageProcessor scales every image to), where llama.cpp's own default is 40 to 280 tokens. E2B's / E4B's
+audio tower goes into the same file (gguf_mmproj_gemma4_audio.py, "gemma4a").
 """
 from __future__ import annotations
-
-import warnings
 
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a
 
 PROJECTOR = "gemma4v"
 ROPE_THETA = 100.0  # clip.cpp's gemma4v RoPE base
@@ -24,9 +23,9 @@ DEFAULT_POOL = 3  # clip.cpp's gemma4v pooling kernel unless scale_factor is wri
 _SUFFIXES = (".weight", ".bias", ".input_max", ".input_min", ".output_max", ".output_min")
 
 
-def check_gemma4v(model) -> None:
-    """ConfigError, before anything is written, for a Gemma 4 vision tower clip computes otherwise (another RoPE base);
-    a warning when the model's audio tower stays out of the mmproj."""
+def check_gemma4v(model, processor=None) -> None:
+    """ConfigError, before anything is written, for a Gemma 4 vision tower clip computes otherwise (another RoPE base),
+    or an audio tower (with `processor`'s audio feature extractor) it computes otherwise (check_gemma4a)."""
     vision = model.hf_config.vision_config
     theta = float((getattr(vision, "rope_parameters", None) or {}).get("rope_theta", ROPE_THETA))
     if theta != ROPE_THETA:
@@ -34,17 +33,14 @@ def check_gemma4v(model) -> None:
                           f"{ROPE_THETA:g}, so it cannot be exported to GGUF. Save the merged model with "
                           f"save_pretrained_merged instead.")
     if getattr(model, "hears", False):
-        warnings.warn("The mmproj file holds Gemma 4's vision tower only: its audio tower (llama.cpp's gemma4a) is "
-                      "not exported yet, so llama.cpp will take images but not audio with this GGUF.")
+        check_gemma4a(model, getattr(processor, "audio_extractor", None))
 
 
 def gemma4v_tensor(short: str, t: torch.Tensor, n_blocks: int) -> tuple[str, torch.Tensor] | None:
     """clip's (name, tensor) for one of Gemma 4's vision tensors (`short`: transformers' name without "model.",
-    fp32), or None for a tensor outside the vision tower and embedder (the audio tower's)."""
+    fp32; the audio tower's: gguf_mmproj_gemma4_audio.py)."""
     import gguf
 
-    if short.startswith(("audio_tower.", "embed_audio.")):
-        return None
     name = "model." + short
     name = name.replace("model.vision_tower.encoder.", "vision_model.model.").replace(".linear.weight", ".weight")
     if name.endswith(("layer_scalar", "position_embedding_table")):
