@@ -4,7 +4,9 @@ and the number of soft tokens a clip becomes.
 A clip in a data row or prompt is `{"type": "audio", "audio": ...}` holding a 1-D array of samples at the feature
 extractor's rate (16 kHz for Gemma 4), datasets' Audio feature value `{"array", "sampling_rate"}`, or the path of a
 PCM WAV file (read with the standard library's `wave`; other formats: decode them into an array first, e.g. with
-datasets' Audio feature). Clips at another rate are refused with the fix, not resampled here.
+datasets' Audio feature). Clips at another rate (a dict's `sampling_rate`, a WAV file's header) are resampled to the
+extractor's with soxr's high-quality resampler (what librosa uses by default); a bare array carries no rate and is
+taken to be at the extractor's.
 Source of the token count: transformers' Gemma4Processor (_compute_audio_num_tokens / replace_audio_token: the
 frames through the audio tower's two stride-2 convolutions).
 """
@@ -69,16 +71,13 @@ class AudioClips:
 def to_waveform(value, where: str, rate: int, base_dir: Path | None = None) -> np.ndarray:
     """A clip -> (samples,) float32 at `rate` Hz: an array (list, numpy, torch) taken to be at `rate`, a
     {"array", "sampling_rate"} dict (datasets' Audio feature), a {"path"} / {"bytes"} dict or a path of a PCM WAV
-    file (relative to base_dir; several channels are averaged). Raises DataError naming `where` for a missing or
-    unreadable file, another sampling rate, or a value that is none of these."""
+    file (relative to base_dir; several channels are averaged); a dict's or file's other sampling rate is resampled
+    to `rate` (resample). Raises DataError naming `where` for a missing or unreadable file, a rate that is not a
+    positive number, or a value that is none of these."""
     if isinstance(value, dict) and value.get("array") is not None:
         got = value.get("sampling_rate", rate)
-        if got != rate:
-            raise DataError(f"{where}: the audio is sampled at {got} Hz, but the model's feature extractor takes "
-                            f"{rate} Hz; resample it first (with datasets: dataset.cast_column(column, "
-                            f"Audio(sampling_rate={rate}))).")
-        value = value["array"]
-    elif isinstance(value, dict):
+        return resample(_samples(value["array"], where, rate), got, rate, where)
+    if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
     if isinstance(value, (str, Path)):
         path = Path(value).expanduser()
@@ -89,6 +88,11 @@ def to_waveform(value, where: str, rate: int, base_dir: Path | None = None) -> n
         return _read_wav(path.read_bytes(), f"{where} ('{path}')", rate)
     if isinstance(value, (bytes, bytearray)):
         return _read_wav(bytes(value), where, rate)
+    return _samples(value, where, rate)
+
+
+def _samples(value, where: str, rate: int) -> np.ndarray:
+    """An array (list, numpy, torch) -> (samples,) float32; DataError naming `where` for anything else."""
     if hasattr(value, "detach"):  # a torch tensor
         value = value.detach().cpu().numpy()
     try:
@@ -102,8 +106,26 @@ def to_waveform(value, where: str, rate: int, base_dir: Path | None = None) -> n
     return samples
 
 
+def resample(samples: np.ndarray, got, rate: int, where: str) -> np.ndarray:
+    """(samples,) float32 at `got` Hz -> at `rate` Hz (round(len * rate / got) samples), by soxr's "HQ" resampler
+    (a polyphase filter, as librosa's default); the same array when the rates agree. Raises DataError naming
+    `where` for a rate that is not a positive number."""
+    try:
+        got = float(got)
+    except (TypeError, ValueError):
+        got = -1.0
+    if not got > 0:
+        raise DataError(f"{where}: sampling_rate must be a positive number of Hz, not {got!r}.")
+    if got == rate:
+        return samples
+    import soxr
+
+    return soxr.resample(samples, got, rate, quality="HQ").astype(np.float32, copy=False)
+
+
 def _read_wav(data: bytes, where: str, rate: int) -> np.ndarray:
-    """PCM WAV bytes -> mono float32 samples in [-1, 1); DataError for another format or rate."""
+    """PCM WAV bytes -> mono float32 samples in [-1, 1) at `rate` Hz (resampled from the file's); DataError for
+    another format."""
     try:
         with wave.open(io.BytesIO(data)) as f:
             got, width, channels = f.getframerate(), f.getsampwidth(), f.getnchannels()
@@ -111,9 +133,6 @@ def _read_wav(data: bytes, where: str, rate: int) -> np.ndarray:
     except (wave.Error, EOFError) as e:
         raise DataError(f"{where}: not a PCM WAV file ({e}); decode other formats into an array of samples first "
                         f"(e.g. with datasets' Audio feature).") from None
-    if got != rate:
-        raise DataError(f"{where}: the WAV file is sampled at {got} Hz, but the model's feature extractor takes "
-                        f"{rate} Hz; resample it first (e.g. datasets' Audio(sampling_rate={rate})).")
     if width == 1:  # 8-bit WAV is unsigned
         samples = (np.frombuffer(frames, dtype=np.uint8).astype(np.float32) - 128.0) / 128.0
     elif width in (2, 4):
@@ -122,7 +141,8 @@ def _read_wav(data: bytes, where: str, rate: int) -> np.ndarray:
     else:
         raise DataError(f"{where}: {8 * width}-bit WAV samples are not read here; use 8-, 16- or 32-bit PCM, or pass "
                         f"the samples as an array.")
-    return samples.reshape(-1, channels).mean(axis=1) if channels > 1 else samples
+    samples = samples.reshape(-1, channels).mean(axis=1) if channels > 1 else samples
+    return resample(samples, got, rate, where)
 
 
 def soft_token_count(samples: int, frame_length: int, hop_length: int) -> int:
