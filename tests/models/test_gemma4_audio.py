@@ -83,17 +83,21 @@ def test_logits_and_generation_with_audio_equal_transformers(loaded, folder):
     assert torch.equal(model.generate(**prompt, max_new_tokens=5, do_sample=False), want)
 
 
-@pytest.mark.parametrize("towers", [False, True], ids=["language", "audio+vision"])
+@pytest.mark.parametrize("towers", [False, True, "list"], ids=["language", "audio+vision", "target-list"])
 def test_lora_loss_and_gradients_equal_peft_on_audio(towers, folder, tmp_path):
     """towers: finetune_audio_layers and finetune_vision_layers too, the peer's switches (the conformer's linears
-    inside Gemma4ClippableLinear, relative_k_proj, both embedders' projections)."""
+    inside Gemma4ClippableLinear, relative_k_proj, both embedders' projections); "list": target_modules names, which
+    PEFT's suffix rule would also find in the towers (Gemma4ClippableLinear wrappers it refuses), so the saved config
+    keeps them to the language model."""
     from peft import PeftModel
 
     from fasttune.peft.adapter_io import adapter_parameters
 
     model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.float32)
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
-                                           finetune_audio_layers=towers, finetune_vision_layers=towers)
+    switches = dict(target_modules=["q_proj", "v_proj", "gate_proj"]) if towers == "list" else dict(
+        finetune_audio_layers=towers, finetune_vision_layers=towers)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, **switches)
+    towers = towers is True
     adapted = {n.split(".lora_A")[0] for n, _ in model.named_parameters() if ".lora_A" in n}
     audio = {n for n in adapted if n.startswith(("audio_tower.", "embed_audio."))}
     if towers:  # every linear of the conformer layers (1 + 4 attention, 4 feed-forward, 2 convolution-module ones)

@@ -95,19 +95,22 @@ def test_placeholder_count_must_match_the_images(vl_dir):
         model(**no_pixels)
 
 
-@pytest.mark.parametrize("vision", [False, True], ids=["language-layers", "vision-and-language-layers"])
+@pytest.mark.parametrize("vision", [False, True, "list"],
+                         ids=["language-layers", "vision-and-language-layers", "target-list"])
 def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(vl_dir, tmp_path, vision):
-    """LoRA from the layer-group switches: the saved adapter is PEFT's on transformers' VLM (same layers, same
-    keys; Qwen3-VL-MoE's experts as target_parameters), and loss and LoRA gradients equal PEFT's on an image + text
-    batch."""
+    """LoRA from the layer-group switches, or from a target_modules list whose names PEFT's suffix rule would also
+    find in the vision tower (Qwen2.5-VL's and Gemma 3's: not adapted, so the saved config keeps the names to the
+    language model): the saved adapter is PEFT's on transformers' VLM (same layers, same keys; Qwen3-VL-MoE's
+    experts as target_parameters), and loss and LoRA gradients equal PEFT's on an image + text batch."""
     from peft import PeftModel
 
     from fasttune import FastVisionModel
     from fasttune.peft.adapter_io import adapter_parameters
 
     model, proc = FastVisionModel.from_pretrained(str(vl_dir))
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=vision,
-                                           use_gradient_checkpointing=False)
+    switches = dict(target_modules=["q_proj", "v_proj", "gate_proj", "up_proj", "down_proj"]) if vision == "list" \
+        else dict(finetune_vision_layers=vision)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False, **switches)
     with torch.no_grad():  # B != 0 so that A gets gradients too
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -126,8 +129,10 @@ def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(vl_dir, tmp_pa
     # under PEFT's keys (adapter_io: Qwen3-VL-MoE's experts as PEFT's parameter wrappers)
     ours = {k: p.grad for k, p in adapter_parameters(model).items()}
     theirs = {n.replace(".default", ""): p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-    assert set(ours) == set(theirs) and any(".language_model." not in n for n in ours) == vision
-    assert any(".experts." in n for n in ours) == bool(model.arch.num_experts)
+    assert set(ours) == set(theirs)
+    if vision != "list":  # (a list adapts what PEFT's suffix rule finds: Gemma 3's tower q_proj too, as PEFT does)
+        assert any(".language_model." not in n for n in ours) == vision
+        assert any(".experts." in n for n in ours) == bool(model.arch.num_experts)
     for name, grad in ours.items():
         torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
 

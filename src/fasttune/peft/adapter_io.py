@@ -133,11 +133,32 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
     with atomic_folder(folder, "the adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **marker})
         cfg = peft_config_dict(model.lora_settings, base, [n for n, _ in lora_layers(model)])
-        if getattr(model, "family", None) is not None and isinstance(model.lora_settings.target_modules, str):
-            # A vision-language model's layer groups: the suffixes alone would also match the other tower's layers
-            cfg["target_modules"] = model.lora_settings.target_modules
+        if getattr(model, "family", None) is not None:
+            cfg["target_modules"] = tower_safe_targets(model, cfg["target_modules"])
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
     return folder
+
+
+def tower_safe_targets(model, suffixes: list[str]):
+    """adapter_config's target_modules for a vision-language model: its layer-group regex as it is; else the
+    wrapped layers' name suffixes, unless PEFT's suffix rule would also take tower / embedder modules of transformers'
+    model that were not adapted (Gemma 4's Gemma4ClippableLinear wrappers named q_proj, which LoRA passes over as
+    they are no linear layers, and PEFT refuses to load). Then a regex (PEFT matches a string whole): the suffixes
+    inside the language model, or'd with the adapted tower layers' own names."""
+    import re
+
+    if isinstance(model.lora_settings.target_modules, str):
+        return model.lora_settings.target_modules
+    names = [model.checkpoint_name(n) for n, _ in model.named_modules()]
+    adapted = {model.checkpoint_name(n) for n, _ in lora_layers(model)}
+    language = "model.language_model."
+    extra = [n for n in names if not n.startswith(language) and n not in adapted
+             and any(n == t or n.endswith("." + t) for t in suffixes)]
+    if not extra:
+        return suffixes
+    alternatives = [rf"{re.escape(language)}(.*\.)?({'|'.join(map(re.escape, suffixes))})"]
+    alternatives += [re.escape(n) for n in sorted(adapted) if not n.startswith(language)]
+    return "|".join(f"({a})" for a in alternatives)
 
 
 TRAINABLE_NAME = "model.safetensors"
