@@ -83,6 +83,30 @@ def test_logits_and_generation_with_audio_equal_transformers(loaded, folder):
     assert torch.equal(model.generate(**prompt, max_new_tokens=5, do_sample=False), want)
 
 
+def test_notebook_inference_through_apply_chat_template(loaded):
+    """The peer's notebooks' inference call: processor.apply_chat_template(messages, add_generation_prompt=True,
+    tokenize=True, return_dict=True, return_tensors="pt").to(device) reads the messages' image and clip and gives
+    the batch prompt_inputs gives (so generation from it equals transformers', tested above); without return_dict the
+    ids; a list of conversations left-padded."""
+    model, proc = loaded
+    content = [{"type": "image", "image": solid_image("red")}, {"type": "audio", "audio": _clip(0.7)},
+               {"type": "text", "text": "words?"}]
+    messages = [{"role": "user", "content": content}]
+    inputs = proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                      return_tensors="pt").to("cpu")
+    want = proc.prompt_inputs([content])
+    assert set(inputs.keys()) == set(want) and {"pixel_values", "input_features"} <= set(want)
+    for key, value in want.items():
+        assert torch.equal(inputs[key], value), key
+    assert proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=True) == \
+        want["input_ids"].tolist()
+    both = proc.apply_chat_template([[{"role": "user", "content": "hi"}], messages], add_generation_prompt=True,
+                                    tokenize=True, return_dict=True)
+    assert torch.equal(both["input_ids"][1], want["input_ids"][0]) and both["attention_mask"][0, 0] == 0
+    out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, want["input_ids"].shape[1] + 3)
+
+
 @pytest.mark.parametrize("towers", [False, True, "list"], ids=["language", "audio+vision", "target-list"])
 def test_lora_loss_and_gradients_equal_peft_on_audio(towers, folder, tmp_path):
     """towers: finetune_audio_layers and finetune_vision_layers too, the peer's switches (the conformer's linears
@@ -223,6 +247,10 @@ def test_bad_audio_is_named(loaded, tmp_path):
         enc.encode(row({"array": _clip(0.5), "sampling_rate": "fast"}), 0)
     with pytest.raises(DataError, match="Row 1.*sampling_rate must be a positive number of Hz, not 0"):
         enc.encode(row({"array": _clip(0.5), "sampling_rate": 0}), 1)
+    with pytest.raises(DataError, match="Row 2.*'https://x.org/a.wav' is a web address.*pass its file path"):
+        enc.encode(row("https://x.org/a.wav"), 2)
+    with pytest.raises(DataError, match="Row 2.*'http://x.org/b.png' is a web address"):
+        enc.encode({"messages": [{"role": "user", "content": [{"type": "image", "url": "http://x.org/b.png"}]}]}, 2)
     with pytest.raises(DataError, match="Row 2.*audio file .*missing.wav' does not exist"):
         enc.encode(row("missing.wav"), 2)
     (tmp_path / "not.wav").write_bytes(b"ID3 not a wave")

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttune.data.paths import refuse_address
 from fasttune.errors import DataError
 
 
@@ -79,6 +80,7 @@ def to_waveform(value, where: str, rate: int, base_dir: Path | None = None) -> n
         return resample(_samples(value["array"], where, rate), got, rate, where)
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
+    refuse_address(value, where, "clip")
     if isinstance(value, (str, Path)):
         path = Path(value).expanduser()
         path = base_dir / path if not path.is_absolute() and base_dir is not None else path

@@ -39,3 +39,10 @@ def check_local_source(source) -> None:
     path = Path(source).expanduser()
     if not path.exists():
         raise DataError(f"Dataset file not found: {path}. Check the path; accepted are {ACCEPTED_SOURCES}.")
+
+
+def refuse_address(value, where: str, kind: str) -> None:
+    """DataError naming `where` when `value` is a web address (fasttune downloads nothing while it runs)."""
+    if isinstance(value, str) and value.lower().startswith(("http://", "https://")):
+        raise DataError(f"{where}: '{value}' is a web address; fasttune downloads nothing while it runs. Download the "
+                        f"{kind} and pass its file path instead.")

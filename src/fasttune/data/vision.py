@@ -25,6 +25,7 @@ from transformers import ProcessorMixin
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
+from fasttune.data.paths import refuse_address
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -115,13 +116,23 @@ class VisionProcessor(ProcessorMixin, AudioClips):
     def __len__(self) -> int:
         return len(self.tokenizer)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False, tokenize: bool = False,
-                            **kwargs) -> str:
-        """The conversation as text, one placeholder per image (not yet expanded). tokenize=True is refused:
-        call the processor on the text with the images."""
+    def apply_chat_template(self, messages: list, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, return_tensors=None, **kwargs):
+        """The conversation as text, one placeholder per image / clip (not yet expanded); with tokenize=True, as
+        transformers' processors do it: the conversation (or a list of them) with its images and clips read from
+        its items -> chat_inputs' LEFT-padded batch (a transformers BatchFeature, `.to(device)` works) when
+        return_dict, else its input_ids (a tensor with return_tensors, else lists). `kwargs` reach the template
+        (enable_thinking, ...); padding / truncation are accepted and left to the batch. Raises DataError for
+        unreadable media."""
         if tokenize:
-            raise DataError("VisionProcessor.apply_chat_template(tokenize=True): render the text (tokenize=False), "
-                            "then call the processor with text= and images=.")
+            for key in ("padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"):
+                kwargs.pop(key, None)
+            batch = self.chat_inputs(messages, add_generation_prompt, **kwargs)
+            if return_dict:
+                from transformers import BatchFeature
+
+                return BatchFeature(batch)
+            return batch["input_ids"] if return_tensors else batch["input_ids"].tolist()
         return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **kwargs)
 
@@ -218,13 +229,25 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         plus pixel_values / image_grid_thw of their images in order. contents: per row, a string or a list of
         text / image items (as in data rows; image paths relative to base_dir). Raises DataError for unreadable
         images."""
+        return self.chat_inputs([[{"role": "user", "content": c}] for c in contents], True, base_dir,
+                                where="Prompt")
+
+    def chat_inputs(self, conversations: list, add_generation_prompt: bool = True, base_dir: Path | None = None,
+                    where: str = "Conversation", **template_kwargs) -> dict:
+        """Conversations (a list of {"role", "content"} messages, or a list of such lists) with image / audio items
+        (as in data rows) -> a LEFT-padded batch for model.generate: input_ids / attention_mask (B, T) plus the
+        media's pixel_values / image_grid_thw / input_features ... in order. Raises DataError (naming `where` and
+        the conversation's number) for unreadable media."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
         rows, images, clips = [], [], []
-        for k, content in enumerate(contents):
-            messages, sources, heard = _split_media([{"role": "user", "content": content}], None, f"Prompt {k + 1}")
-            row_images = [to_pil(s, f"Prompt {k + 1}, image {i + 1}", base_dir) for i, s in enumerate(sources)]
-            row_clips = self.waveforms(heard, f"Prompt {k + 1}", base_dir)
-            grids = self.image_grids(row_images)
-            text = self.expand(self.apply_chat_template(messages, add_generation_prompt=True), grids)
+        for k, conversation in enumerate(conversations):
+            at = f"{where} {k + 1}"
+            messages, sources, heard = _split_media(list(conversation), None, at)
+            row_images = [to_pil(s, f"{at}, image {i + 1}", base_dir) for i, s in enumerate(sources)]
+            row_clips = self.waveforms(heard, at, base_dir)
+            text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
+            text = self.expand(text, self.image_grids(row_images))
             text = self.expand_audio(text, self.audio_counts(row_clips) if row_clips else [])
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
@@ -277,6 +300,7 @@ def to_pil(value, where: str, base_dir: Path | None = None):
         return value.convert("RGB")
     if isinstance(value, dict):
         value = value.get("bytes") or value.get("path")
+    refuse_address(value, where, "image")
     try:
         if isinstance(value, (bytes, bytearray)):
             with Image.open(io.BytesIO(value)) as im:
