@@ -105,6 +105,12 @@ def test_notebook_inference_through_apply_chat_template(loaded):
     assert torch.equal(both["input_ids"][1], want["input_ids"][0]) and both["attention_mask"][0, 0] == 0
     out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
     assert out.shape == (1, want["input_ids"].shape[1] + 3)
+    # the vision notebooks' other call: the rendered text, then processor(image, text, ...) in transformers' order
+    image_only = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what?"}]}]
+    text = proc.apply_chat_template(image_only, add_generation_prompt=True)
+    positional = proc(solid_image("red"), text, add_special_tokens=False, return_tensors="pt").to("cpu")
+    named = proc(text=[text], images=[solid_image("red")])
+    assert set(positional.keys()) == set(named) and all(torch.equal(positional[k], named[k]) for k in named)
 
 
 @pytest.mark.parametrize("towers", [False, True, "list"], ids=["language", "audio+vision", "target-list"])

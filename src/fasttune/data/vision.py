@@ -194,8 +194,16 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         """text (str or list[str], rendered with placeholders) and the images (and audio clips) in order over the
         texts -> input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
         images (input_features and input_features_mask when there are clips), as transformers' processors return
-        them (always as torch tensors). Without media the call is the tokenizer's (same arguments and result), so
-        the processor stands in for it in text-only code."""
+        them (always as torch tensors, in a BatchFeature: `.to(device)` works). Without media the call is the
+        tokenizer's (same arguments and result), so the processor stands in for it in text-only code. As
+        transformers' processors take `(images, text)` positionally, an image first and the text second are taken
+        in that order too; one image (or clip) may stand for a list of one."""
+        if images is not None and _is_text(images) and text is not None and not _is_text(text):
+            text, images = images, text  # processor(image, text, ...), the notebooks' order
+        if images is not None and not isinstance(images, (list, tuple)):
+            images = [images]
+        if audio is not None and (not isinstance(audio, (list, tuple)) or _is_samples(audio)):
+            audio = [audio]
         joined = "" if text is None else "".join([text] if isinstance(text, str) else text)
         marks = self.image_token in joined or (self.audio_token is not None and self.audio_token in joined)
         if not images and not audio and not marks:
@@ -222,7 +230,9 @@ class VisionProcessor(ProcessorMixin, AudioClips):
                             f"{heard} audio placeholders in the text.")
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in expanded]
         out.update(pad_rows(ids, ids, self.pad_id())[0])
-        return out
+        from transformers import BatchFeature
+
+        return BatchFeature(out)
 
     def prompt_inputs(self, contents: list, base_dir: Path | None = None) -> dict:
         """User turns to generate from -> a LEFT-padded batch for model.generate: input_ids / attention_mask (B, T)
@@ -280,6 +290,17 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         if self.chat_template:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return folder
+
+
+def _is_text(value) -> bool:
+    """Whether `value` is a processor's text argument: a string or a list of strings."""
+    return isinstance(value, str) or (isinstance(value, (list, tuple)) and bool(value)
+                                      and all(isinstance(v, str) for v in value))
+
+
+def _is_samples(value) -> bool:
+    """Whether `value` is one clip's samples (a list of numbers) rather than a list of clips."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(isinstance(v, (int, float)) for v in value)
 
 
 def read_chat_template(folder: Path) -> str | None:
