@@ -11,7 +11,8 @@ from fasttune.errors import ConfigError, DataError
 from tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
 
 MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
-           "<end_of_turn>", "<bos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|im_sep|>"]
+           "<end_of_turn>", "<bos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|im_sep|>", "<|turn>",
+           "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
 SHAREGPT = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
 STANDARD = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 SYSTEM = [{"role": "system", "content": "Be brief."}, STANDARD[0]]
@@ -55,9 +56,33 @@ def rendered(name, messages, gen, **kwargs):
     ("unsloth", SHAREGPT[:1], True, "You are a helpful assistant.\n>>> User: Hi\n>>> Assistant: "),
     ("alpaca", STANDARD, False, "The following is an instruction describing a task. Write a response that fulfils "
                                 "the request.\n\n### Instruction:\nHi\n\n### Response:\nHello!<|endoftext|>\n\n"),
+    ("gemma-4", SYSTEM + STANDARD[1:], False, "<bos><|turn>system\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n"
+                                              "<|turn>model\nHello!<turn|>\n"),
+    ("gemma4", SHAREGPT[:1], True, "<bos><|turn>user\nHi<turn|>\n<|turn>model\n"),
+    ("gemma-4-thinking", SHAREGPT[:1], True, "<bos><|turn>user\nHi<turn|>\n<|turn>model\n<|channel>thought\n"
+                                             "<channel|>"),
+    ("qwen3-thinking", [STANDARD[0], {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello!"}], False,
+     "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\nhmm\n</think>\n\nHello!<|im_end|>\n"),
+    ("qwen3-thinking", STANDARD, False, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>"
+                                        "\n\nHello!<|im_end|>\n"),
+    ("qwen3-thinking", SHAREGPT[:1], True, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"),
+    ("lfm-2.5", SHAREGPT[:1], True, "<bos><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
 ])
 def test_get_chat_template_renders_exactly(name, messages, gen, expected):
     assert rendered(name, messages, gen) == expected
+
+
+def test_gemma_4_thinking_switch():
+    """enable_thinking=True opens the system turn with <|think|> (one is opened for it when there is none); the
+    thinking variant then prompts without the empty thought channel."""
+    tok = get_chat_template(marker_tokenizer(), "gemma-4")
+    assert tok.apply_chat_template(SYSTEM, tokenize=False, add_generation_prompt=True, enable_thinking=True) == (
+        "<bos><|turn>system\n<|think|>\nBe brief.<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n")
+    tok = get_chat_template(marker_tokenizer(), "gemma-4-thinking")
+    assert tok.apply_chat_template(STANDARD[:1], tokenize=False, add_generation_prompt=True, enable_thinking=True) == (
+        "<bos><|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHi<turn|>\n<|turn>model\n")
+    with pytest.raises(ConfigError, match="gpt-oss checkpoints ship OpenAI's harmony template; keep the tokenizer's"):
+        get_chat_template(marker_tokenizer(), "gpt-oss")
 
 
 def test_mapping_and_system_message():
@@ -70,7 +95,8 @@ def test_mapping_and_system_message():
 
 @pytest.mark.parametrize("name, marker", [("chatml", "<|im_end|>"), ("llama-3.1", "<|eot_id|>"),
                                           ("gemma-3", "<end_of_turn>"), ("phi-3", "<|end|>"), ("phi-4", "<|im_end|>"),
-                                          ("mistral", "<|endoftext|>"), ("alpaca", "<|endoftext|>")])
+                                          ("mistral", "<|endoftext|>"), ("alpaca", "<|endoftext|>"),
+                                          ("gemma-4", "<turn|>")])
 def test_map_eos_token(name, marker):
     tok = get_chat_template(marker_tokenizer(), name)
     assert tok.eos_token == marker and tok.eos_token_id == tok.convert_tokens_to_ids(marker)

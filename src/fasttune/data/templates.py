@@ -165,6 +165,53 @@ UNSLOTH = (
     "{% if add_generation_prompt %}{{ '>>> Assistant: ' }}{% endif %}"
 )
 
+# Gemma 4: `<|turn>ROLE\n ... <turn|>\n` turns, the assistant's role written `model`, a system turn first when there
+# is a system message or `enable_thinking=True` (which opens it with `<|think|>`); the generation prompt opens a
+# model turn. Assistant contents are written as given (Google's template also drops `<|channel>...<channel|>`
+# thinking spans from earlier model turns; training rows keep what they hold).
+_GEMMA_4_TURNS = (
+    "{{ bos_token }}"
+    "{% if messages and messages[0]['role'] == 'system' %}"
+    "{% set system = messages[0]['content'] | trim %}{% set turns = messages[1:] %}"
+    "{% else %}{% set system = none %}{% set turns = messages %}{% endif %}"
+    "{% if system is not none or enable_thinking %}"
+    "{{ '<|turn>system\n' + ('<|think|>\n' if enable_thinking else '') + (system or '') + '<turn|>\n' }}"
+    "{% endif %}"
+    "{% for message in turns %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<|turn>' + role + '\n' + (message['content'] | trim) + '<turn|>\n' }}"
+    "{% endfor %}"
+)
+GEMMA_4 = _GEMMA_4_TURNS + "{% if add_generation_prompt %}{{ '<|turn>model\n' }}{% endif %}"
+# Gemma 4 as Google's template prompts for generation: with thinking off, an empty thought channel after the model
+# header (so the model answers without thinking). Not prefix-stable against the training render (whose model turns
+# have no channel), so train_on_responses_only=True names it; the peer's notebooks mask by markers instead.
+GEMMA_4_THINKING = _GEMMA_4_TURNS + (
+    "{% if add_generation_prompt %}{{ '<|turn>model\n' }}"
+    "{% if not enable_thinking %}{{ '<|channel>thought\n<channel|>' }}{% endif %}{% endif %}"
+)
+
+# Qwen3 Thinking (2507): ChatML whose assistant turns hold `<think>\nREASONING\n</think>\n\nANSWER`, the reasoning
+# from `reasoning_content` or from a `<think>...</think>` part of the content; the generation prompt opens the
+# thinking. Every assistant turn keeps its block (Qwen's template drops it from turns before the last question; kept
+# here so the template is prefix-stable for train_on_responses_only).
+QWEN_3_THINKING = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% set content = message['content'] %}{% set reasoning = message.get('reasoning_content') or '' %}"
+    "{% if '</think>' in content %}"
+    "{% set reasoning = content.split('</think>')[0].split('<think>')[-1] %}"
+    "{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<|im_start|>assistant\n<think>\n' + (reasoning | trim) + '\n</think>\n\n' + (content | trim)"
+    " + '<|im_end|>\n' }}"
+    "{% else %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}"
+)
+
+# Liquid LFM2 / LFM2.5: the BOS token, then plain ChatML.
+LFM_2 = "{{ bos_token }}" + _CHATML_TURNS
+
 CHAT_TEMPLATES: dict[str, str] = {
     "chatml": CHATML,
     "llama-3": LLAMA_3,
@@ -179,7 +226,13 @@ CHAT_TEMPLATES: dict[str, str] = {
     "zephyr": ZEPHYR,
     "vicuna": VICUNA,
     "unsloth": UNSLOTH,
+    "gemma-4": GEMMA_4,
+    "gemma-4-thinking": GEMMA_4_THINKING,
+    "qwen-3-thinking": QWEN_3_THINKING,
+    "lfm-2": LFM_2,
 }
+# Templates whose generation prompt is not where the training render's assistant turn starts (see GEMMA_4_THINKING)
+NOT_PREFIX_STABLE = frozenset({"gemma-4-thinking"})
 
 # Markers each template writes literally that must be single tokens of the tokenizer. Templates that use
 # `bos_token`/`eos_token` need the tokenizer to define those (checked separately).
@@ -197,6 +250,10 @@ TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "zephyr": (),
     "vicuna": (),
     "unsloth": (),
+    "gemma-4": ("<|turn>", "<turn|>"),
+    "gemma-4-thinking": ("<|turn>", "<turn|>", "<|channel>", "<channel|>"),
+    "qwen-3-thinking": ("<|im_start|>", "<|im_end|>"),
+    "lfm-2": ("<|im_start|>", "<|im_end|>"),
 }
 TEMPLATE_SPECIAL: dict[str, tuple[str, ...]] = {
     "mistral": ("bos_token", "eos_token"),
@@ -205,6 +262,9 @@ TEMPLATE_SPECIAL: dict[str, tuple[str, ...]] = {
     "zephyr": ("eos_token",),
     "vicuna": ("eos_token",),
     "unsloth": ("eos_token",),
+    "gemma-4": ("bos_token",),
+    "gemma-4-thinking": ("bos_token",),
+    "lfm-2": ("bos_token",),
 }
 # The token that ends an assistant turn, where the format has its own (None: the tokenizer's EOS ends it).
 # `get_chat_template(..., map_eos_token=True)` makes it the tokenizer's eos_token, so generation stops there.
@@ -212,6 +272,7 @@ END_OF_TURN: dict[str, str | None] = {
     "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>", "qwen-3": "<|im_end|>", "phi-4": "<|im_end|>",
     "llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "gemma": "<end_of_turn>", "phi-3": "<|end|>",
     "mistral": None, "alpaca": None, "zephyr": None, "vicuna": None, "unsloth": None,
+    "gemma-4": "<turn|>", "gemma-4-thinking": "<turn|>", "qwen-3-thinking": "<|im_end|>", "lfm-2": "<|im_end|>",
 }
 
 _ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1", "llama31": "llama-3.1",
@@ -224,7 +285,10 @@ _ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1
             "llama-3.2": "llama-3.1", "llama-32": "llama-3.1", "llama3.2": "llama-3.1",
             "llama-3.3": "llama-3.1", "llama-33": "llama-3.1", "llama3.3": "llama-3.1",
             "phi-3.5": "phi-3", "phi-35": "phi-3", "phi3.5": "phi-3",
-            "gemma-3n": "gemma", "gemma3n": "gemma", "qwen3-instruct": "qwen-3"}
+            "gemma-3n": "gemma", "gemma3n": "gemma", "qwen3-instruct": "qwen-3", "qwen-25": "qwen-2.5",
+            # the peer's names for the newer formats
+            "gemma4": "gemma-4", "gemma4-thinking": "gemma-4-thinking", "qwen3-thinking": "qwen-3-thinking",
+            "lfm2": "lfm-2", "lfm-2.5": "lfm-2", "lfm2.5": "lfm-2"}
 
 
 def names() -> str:
@@ -243,6 +307,9 @@ def template_name(value: str) -> str | None:
         return None
     key = value.strip().lower().replace("_", "-")
     key = _ALIASES.get(key, key)
+    if key in ("gpt-oss", "gptoss"):  # harmony: channels, a dated system block and tool calls, best left to its own
+        raise ConfigError(f"chat_template={value!r}: gpt-oss checkpoints ship OpenAI's harmony template; keep the "
+                          f"tokenizer's own (do not call get_chat_template, or pass chat_template=None).")
     if key not in CHAT_TEMPLATES:
         raise ConfigError(
             f"chat_template={value!r} is not a known template name. Use one of: {names()} "
