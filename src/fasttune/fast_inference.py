@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import ConfigError
 
 # The fields read from a SamplingParams object or dict, with vLLM's defaults.
@@ -216,7 +217,7 @@ def fast_generate(model, prompts, sampling_params=None, lora_request=None, use_t
 def _encode(tokenizer, text: str) -> list[int]:
     bos = getattr(tokenizer, "bos_token", None)
     special = not (bos and text.startswith(bos))
-    return tokenizer(text, add_special_tokens=special)["input_ids"]
+    return text_tokenizer(tokenizer)(text, add_special_tokens=special)["input_ids"]
 
 
 def _completion(index: int, row: list[int], tokenizer, stops: list[int], p: dict) -> CompletionOutput:

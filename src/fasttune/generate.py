@@ -15,6 +15,7 @@ import torch
 
 from fasttune import sampling
 from fasttune.constants import AUDIO_KEYS, IMAGE_KEYS, VIDEO_KEYS
+from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
@@ -337,8 +338,8 @@ def chat_prompt_ids(tokenizer, messages: list[dict], chat: bool = True) -> list[
     message's plain text when the tokenizer has no template (or chat=False)."""
     if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tokenizer(messages[-1]["content"])["input_ids"]
+        return text_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"]
+    return text_tokenizer(tokenizer)(messages[-1]["content"])["input_ids"]
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:

@@ -216,13 +216,14 @@ def test_load_in_4bit_quantises_the_language_model(vl_dir):
 
 
 def test_text_only_calls_behave_as_the_tokenizer(qwen_vl_dir):
-    """Without images the processor is its tokenizer (chat, fast_generate and the CLI's samples tokenize through
-    it), and a text-only prompt generates on the vision model."""
+    """Without images the processor calls its tokenizer, on a batch of one for a single string as transformers'
+    processors do (chat, fast_generate and the CLI's samples encode through its tokenizer), and a text-only prompt
+    generates on the vision model."""
     from fasttune import FastVisionModel
     from fasttune.generate import generate_text
 
     model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
-    assert proc("abc", add_special_tokens=False) == proc.tokenizer("abc", add_special_tokens=False)
+    assert proc("abc", add_special_tokens=False) == proc.tokenizer(["abc"], add_special_tokens=False)
     assert proc(["a", "bc"])["input_ids"] == proc.tokenizer(["a", "bc"])["input_ids"]
     reply = generate_text(model, proc, "hello", max_new_tokens=4)
     assert isinstance(reply, str)

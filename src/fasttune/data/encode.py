@@ -21,6 +21,7 @@ from typing import Any
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data import formats, templates
+from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import DataError
 
 # Bit flags of the `fate` column: what happened to a row. A truncated row can also be left without targets, or
@@ -237,7 +238,7 @@ class SFTEncoder:
     # -- helpers ---------------------------------------------------------------------------------------
 
     def _ids(self, text: str, *, add_special_tokens: bool) -> list[int]:
-        return list(self.tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return list(text_tokenizer(self.tok)(text, add_special_tokens=add_special_tokens)["input_ids"])
 
     def _text_ids(self, text: str) -> list[int]:
         """`text` with the tokenizer's special tokens, and one BOS when the text already starts with it."""
@@ -292,7 +293,7 @@ class SFTEncoder:
         """Tokenize `text`; label tokens that overlap a target char span, mask the rest."""
         if self._offsets_ok:
             try:
-                enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=True)
+                enc = text_tokenizer(self.tok)(text, add_special_tokens=False, return_offsets_mapping=True)
             except NotImplementedError:  # slow tokenizers cannot report offsets
                 self._offsets_ok = False
             else:

@@ -28,6 +28,7 @@ import torch
 from fasttune.data import templates
 from fasttune.data.formats import message_list, require_dict_rows, require_text, row_label, template_argument
 from fasttune.data.sources import load_rows, source_name as _source_name
+from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import DataError
 
 PAIRED = ("prompt", "chosen", "rejected")
@@ -291,7 +292,7 @@ class _Encoder:
     def _ids(self, text: str) -> list[int]:
         from fasttune.data.encode import without_second_bos
 
-        ids = list(self.tok(text)["input_ids"])
+        ids = list(text_tokenizer(self.tok)(text)["input_ids"])
         once = without_second_bos(self.tok, text, ids)  # a prompt already rendered with the template has its BOS
         if len(once) < len(ids) and not getattr(self, "_said_bos", False):
             self._said_bos = True
@@ -302,7 +303,7 @@ class _Encoder:
     def _render(self, messages, at, extras, add_generation_prompt=False) -> list[int]:
         text = templates.render_chat(self.tok, messages, at, add_generation_prompt=add_generation_prompt,
                                      chat_template=self.template, **extras)
-        return list(self.tok(text, add_special_tokens=False)["input_ids"])  # templates carry their own BOS
+        return list(text_tokenizer(self.tok)(text, add_special_tokens=False)["input_ids"])  # templates carry their own BOS
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -12,6 +12,7 @@ from typing import Any
 from fasttune.data.encode import without_second_bos
 from fasttune.data.formats import message_list, require_text
 from fasttune.data.templates import render_chat
+from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import DataError
 
 
@@ -39,7 +40,7 @@ def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], 
                         f"a list of messages ({{'role': 'user', 'content': ...}}).")
     if isinstance(value, str):
         prompt = require_text(value, where, "prompt")
-        ids = list(tokenizer(prompt)["input_ids"])
+        ids = list(text_tokenizer(tokenizer)(prompt)["input_ids"])
         once = without_second_bos(tokenizer, prompt, ids)
         if len(once) < len(ids):  # one message for the whole dataset (Python shows a repeated warning once)
             warnings.warn(f"GRPO prompts already start with the BOS token {tokenizer.bos_token!r} (rendered with the "
@@ -51,7 +52,7 @@ def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], 
             raise DataError(f"{where}: field 'prompt' is a message list but the tokenizer has no chat "
                             f"template. Set chat_template (e.g. 'chatml') or give prompts as strings.")
         text = render_chat(tokenizer, prompt, where, add_generation_prompt=True)
-        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        ids = list(text_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise DataError(f"{where}: field 'prompt' encodes to no tokens; give it some text.")
     return prompt, ids

@@ -19,7 +19,8 @@ def set_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
     """Set `tokenizer.chat_template` (and, with map_eos_token, its EOS token); returns the same tokenizer.
 
     Args:
-        tokenizer: a transformers tokenizer.
+        tokenizer: a transformers tokenizer, or a vision-language processor (its tokenizer gets the template and
+            EOS too).
         chat_template: a built-in name (fasttune.data.templates.CHAT_TEMPLATES and aliases such as "llama3",
             "qwen2.5", "gemma3"), a Jinja string, a (Jinja string, end-of-turn token) pair, or plain text with
             {INPUT}/{OUTPUT} (and optionally {SYSTEM}) placeholders (fasttune.data.placeholder_template).
@@ -63,7 +64,9 @@ def set_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
             f"[{end_of_turn!r}]) (and train 'embed_tokens'/'lm_head' via modules_to_save), pick another template, or "
             "pass map_eos_token=False."
         )
-    tokenizer.chat_template = jinja
+    inner = getattr(tokenizer, "tokenizer", None)  # a vision-language processor: its tokenizer too, so the EOS
+    for tok in (tokenizer,) if inner is None else (tokenizer, inner):  # the trainers and generate read agrees
+        tok.chat_template = jinja
     if map_eos_token and end_of_turn is not None:
-        tokenizer.eos_token = end_of_turn
+        (tokenizer if inner is None else inner).eos_token = end_of_turn
     return tokenizer

@@ -195,7 +195,8 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         texts -> input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
         images (input_features and input_features_mask when there are clips), as transformers' processors return
         them (always as torch tensors, in a BatchFeature: `.to(device)` works). Without media the call is the
-        tokenizer's (same arguments and result), so the processor stands in for it in text-only code. As
+        tokenizer's (same arguments), on a batch of one for a single string, as transformers' processors do it
+        (TRL's SFTTrainer takes the first row of what a processor returns). As
         transformers' processors take `(images, text)` positionally, an image first and the text second are taken
         in that order too; one image (or clip) may stand for a list of one."""
         if images is not None and _is_text(images) and text is not None and not _is_text(text):
@@ -206,8 +207,8 @@ class VisionProcessor(ProcessorMixin, AudioClips):
             audio = [audio]
         joined = "" if text is None else "".join([text] if isinstance(text, str) else text)
         marks = self.image_token in joined or (self.audio_token is not None and self.audio_token in joined)
-        if not images and not audio and not marks:
-            return self.tokenizer(text, return_tensors=return_tensors, **kwargs)
+        if not images and not audio and not marks:  # a batch of one for a string, as transformers' processors give
+            return self.tokenizer([text] if isinstance(text, str) else text, return_tensors=return_tensors, **kwargs)
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
         grids, counts = [], []

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_types import IMATRIX_METHODS
 
@@ -252,11 +253,11 @@ def sample_token_ids(source, tokenizer, max_tokens: int = DEFAULT_TOKENS, max_se
                 text = f.read(max_tokens * 16)  # more characters than tokens can need
         except OSError as e:
             raise ConfigError(f"Cannot read the imatrix sample text '{path}': {e}.") from None
-        return list(tokenizer(text)["input_ids"][:max_tokens]), str(path)
+        return list(text_tokenizer(tokenizer)(text)["input_ids"][:max_tokens]), str(path)
     if isinstance(source, (list, tuple)) and source and all(isinstance(s, str) for s in source):
         ids = []
         for text in source:
-            ids.extend(tokenizer(text)["input_ids"])
+            ids.extend(text_tokenizer(tokenizer)(text)["input_ids"])
             if len(ids) >= max_tokens:
                 break
         return ids[:max_tokens], f"{len(source)} texts"
