@@ -1,9 +1,10 @@
 """The peer's (Unsloth's) Gemma 4 text notebook with only the import changed, on a tiny Gemma 4 vision-language model
 whose tokenizer has Gemma 4's turn tokens: FastModel hands back the processor, get_chat_template(processor,
 "gemma-4"), TRL's SFTTrainer on rendered texts with that processor, response-only masking by the notebook's markers,
-inference through apply_chat_template(tokenize=True, return_dict=True). Found broken before: the template's EOS
-reached only the processor (not its tokenizer, which TRL and generate read), TRL took the first row of a text-only
-call that was not batched, and tokenize=True was refused."""
+inference through apply_chat_template(tokenize=True, return_dict=True), and a conversational dataset given to TRL
+with the processor. Found broken before: the template's EOS reached only the processor (not its tokenizer, which TRL
+and generate read), TRL took the first row of a text-only call that was not batched, tokenize=True was refused, and
+TRL's chat_template=None collided with the processor's own."""
 import math
 
 import pytest
@@ -72,3 +73,14 @@ def test_gemma4_text_flow(gemma4_turns_dir, tmp_path, monkeypatch):
     out = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert out.shape[1] <= inputs["input_ids"].shape[1] + 4
     assert torch.equal(out[0, :inputs["input_ids"].shape[1]], inputs["input_ids"][0])
+
+    # a conversational dataset straight into TRL with the processor (TRL renders it through apply_chat_template,
+    # tokenize=True, with its own chat_template=None)
+    conv = Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"},
+                                            {"role": "assistant", "content": "Hello!"}]}] * 2)
+    chats = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=conv,
+                           args=trl.SFTConfig(max_length=128, per_device_train_batch_size=2, max_steps=1,
+                                              output_dir="conv", report_to="none", bf16=False))
+    batch = chats.data_collator([chats.train_dataset[i] for i in range(2)])
+    assert tokenizer.decode(batch["input_ids"][0]) == "<bos><|turn>user\nHi<turn|>\n<|turn>model\nHello!<turn|>\n"
+    chats.train()

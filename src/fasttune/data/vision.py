@@ -122,10 +122,12 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         transformers' processors do it: the conversation (or a list of them) with its images and clips read from
         its items -> chat_inputs' LEFT-padded batch (a transformers BatchFeature, `.to(device)` works) when
         return_dict, else its input_ids (a tensor with return_tensors, else lists). `kwargs` reach the template
-        (enable_thinking, ...); padding / truncation are accepted and left to the batch. Raises DataError for
-        unreadable media."""
+        (enable_thinking, tools, chat_template: another template than the processor's); padding / truncation /
+        return_assistant_tokens_mask are accepted and left out. Raises DataError for unreadable media."""
+        kwargs["chat_template"] = kwargs.get("chat_template") or self.chat_template  # (TRL passes None)
         if tokenize:
-            for key in ("padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs"):
+            for key in ("padding", "truncation", "max_length", "tokenizer_kwargs", "processor_kwargs",
+                        "return_assistant_tokens_mask"):
                 kwargs.pop(key, None)
             batch = self.chat_inputs(messages, add_generation_prompt, **kwargs)
             if return_dict:
@@ -133,8 +135,8 @@ class VisionProcessor(ProcessorMixin, AudioClips):
 
                 return BatchFeature(batch)
             return batch["input_ids"] if return_tensors else batch["input_ids"].tolist()
-        return self.tokenizer.apply_chat_template(messages, chat_template=self.chat_template, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **kwargs)
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                  **kwargs)
 
     def process_images(self, images: list) -> dict:
         """PIL images -> {"pixel_values"} float32 (Qwen2.5-VL: patches (P, C*T*P*P) plus "image_grid_thw" (images,
