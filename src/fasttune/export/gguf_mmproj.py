@@ -35,7 +35,7 @@ import torch
 
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_mmproj_gemma4 import check_gemma4v, gemma4v_tensor, write_gemma4v_metadata
-from fasttune.export.gguf_mmproj_gemma4_audio import gemma4a_tensor, keep_f32, write_gemma4a_metadata
+from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a, gemma4a_tensor, keep_f32, write_gemma4a_metadata
 from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
@@ -127,7 +127,9 @@ def check_vision_supported(model, processor=None) -> None:
         _check_pixtral(model)
         return
     if family == "gemma4":
-        check_gemma4v(model, processor)
+        check_gemma4v(model)
+        if getattr(model, "hears", False):
+            check_gemma4a(model, getattr(processor, "audio_extractor", None))
         return
     if family in QWEN3:
         _warn_imrope_split(model.arch)

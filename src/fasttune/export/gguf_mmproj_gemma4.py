@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a
 
 PROJECTOR = "gemma4v"
 ROPE_THETA = 100.0  # clip.cpp's gemma4v RoPE base
@@ -23,24 +22,20 @@ DEFAULT_POOL = 3  # clip.cpp's gemma4v pooling kernel unless scale_factor is wri
 _SUFFIXES = (".weight", ".bias", ".input_max", ".input_min", ".output_max", ".output_min")
 
 
-def check_gemma4v(model, processor=None) -> None:
-    """ConfigError, before anything is written, for a Gemma 4 vision tower clip computes otherwise (another RoPE base),
-    or an audio tower (with `processor`'s audio feature extractor) it computes otherwise (check_gemma4a)."""
+def check_gemma4v(model) -> None:
+    """ConfigError, before anything is written, for a Gemma 4 vision tower clip computes otherwise (another RoPE
+    base)."""
     vision = model.hf_config.vision_config
     theta = float((getattr(vision, "rope_parameters", None) or {}).get("rope_theta", ROPE_THETA))
     if theta != ROPE_THETA:
         raise ConfigError(f"This Gemma 4 vision tower rotates with RoPE base {theta:g}; llama.cpp's gemma4v uses "
                           f"{ROPE_THETA:g}, so it cannot be exported to GGUF. Save the merged model with "
                           f"save_pretrained_merged instead.")
-    if getattr(model, "hears", False):
-        check_gemma4a(model, getattr(processor, "audio_extractor", None))
 
 
-def gemma4v_tensor(short: str, t: torch.Tensor, n_blocks: int) -> tuple[str, torch.Tensor] | None:
+def gemma4v_tensor(short: str, t: torch.Tensor, n_blocks: int) -> tuple[str, torch.Tensor]:
     """clip's (name, tensor) for one of Gemma 4's vision tensors (`short`: transformers' name without "model.",
     fp32; the audio tower's: gguf_mmproj_gemma4_audio.py)."""
-    import gguf
-
     name = "model." + short
     name = name.replace("model.vision_tower.encoder.", "vision_model.model.").replace(".linear.weight", ".weight")
     if name.endswith(("layer_scalar", "position_embedding_table")):
@@ -48,13 +43,21 @@ def gemma4v_tensor(short: str, t: torch.Tensor, n_blocks: int) -> tuple[str, tor
     if name.endswith("patch_embedder.input_proj.weight"):  # (hidden, P * P * 3), channels last -> (hidden, 3, P, P)
         side = round((t.shape[1] // 3) ** 0.5)
         t = t.reshape(t.shape[0], side, side, 3).permute(0, 3, 1, 2).contiguous()
+    return clip_tensor(name, t, n_blocks, short, PROJECTOR)
+
+
+def clip_tensor(name: str, t: torch.Tensor, n_blocks: int, short: str, projector: str) -> tuple[str, torch.Tensor]:
+    """(gguf's MMPROJ name for the converter-style `name`, `t` with a scalar as a 1-element tensor). Raises
+    ConfigError naming `short` (transformers' name) when `projector` has no place for it."""
+    import gguf
+
     if t.dim() == 0:
         t = t.reshape(1)
     mapped = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, n_blocks).get_name(name, try_suffixes=_SUFFIXES)
     if mapped is None:
-        raise ConfigError(f"Tensor '{short}' has no place in llama.cpp's {PROJECTOR} projector; this vision tower "
-                          f"cannot be exported to GGUF as it is.")
-    return mapped, t
+        raise ConfigError(f"Tensor '{short}' has no place in llama.cpp's {projector} projector; this tower cannot be "
+                          f"exported to GGUF as it is.")
+    return mapped, t.contiguous()
 
 
 def write_gemma4v_metadata(writer, model, images) -> None:

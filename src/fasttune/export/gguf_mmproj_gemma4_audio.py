@@ -18,9 +18,9 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj_gemma4 import clip_tensor
 
 PROJECTOR = "gemma4a"
-_SUFFIXES = (".weight", ".bias", ".input_max", ".input_min", ".output_max", ".output_min")
 # what clip's gemma4a graph and libmtmd's preprocessor hard-code: (config field, value)
 TOWER_FIXED = (("attention_chunk_size", 12), ("attention_context_left", 13), ("attention_context_right", 0),
                ("attention_logit_cap", 50.0), ("residual_weight", 0.5), ("conv_kernel_size", 5),
@@ -54,21 +54,13 @@ def check_gemma4a(model, extractor) -> None:
 def gemma4a_tensor(short: str, t: torch.Tensor, n_blocks: int) -> tuple[str, torch.Tensor]:
     """clip's (name, tensor) for one of Gemma 4's audio tensors (`short`: transformers' name without "model.",
     starting "audio_tower." or "embed_audio.", fp32). Raises ConfigError for a tensor clip has no place for."""
-    import gguf
-
     name = "model." + short
     name = name.replace("model.audio_tower.", "conformer.").replace(".linear.", ".")
     if name.endswith("per_dim_scale"):  # a learned scale per head channel, softplus'd as clip multiplies it
         name, t = name + ".weight", torch.nn.functional.softplus(t)
     if name.endswith("depthwise_conv1d.weight"):  # (C, 1, K) -> (C, K), what ggml_ssm_conv takes
         t = t.reshape(t.shape[0], t.shape[-1])
-    if t.dim() == 0:
-        t = t.reshape(1)
-    mapped = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, n_blocks).get_name(name, try_suffixes=_SUFFIXES)
-    if mapped is None:
-        raise ConfigError(f"Tensor '{short}' has no place in llama.cpp's {PROJECTOR} projector; this audio tower "
-                          f"cannot be exported to GGUF as it is.")
-    return mapped, t.contiguous()
+    return clip_tensor(name, t, n_blocks, short, PROJECTOR)
 
 
 def keep_f32(gguf_name: str) -> bool:
