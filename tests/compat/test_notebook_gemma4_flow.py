@@ -66,6 +66,12 @@ def test_gemma4_text_flow(gemma4_turns_dir, tmp_path, monkeypatch):
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
 
+    from tiny_vision import solid_image  # the template set by name still places images (as the processor expands)
+
+    seen = tokenizer.apply_chat_template([{"role": "user", "content": [{"type": "image", "image": solid_image("red")},
+                                                                       {"type": "text", "text": "What?"}]}],
+                                         add_generation_prompt=True, tokenize=True, return_dict=True)
+    assert "pixel_values" in seen and tokenizer.decode(seen["input_ids"][0]).startswith("<bos><|turn>user\n<|image>")
     messages = [{"role": "user", "content": [{"type": "text", "text": "Rhyme with dog?"}]}]
     inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
                                           return_tensors="pt").to("cpu")

@@ -262,3 +262,18 @@ def test_generate_with_images_equals_full_forwards(vl_dir):
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
     assert torch.equal(out, ids)
+
+
+def test_a_named_template_on_the_processor_places_images(qwen_vl_dir):
+    """get_chat_template(processor, NAME), as the peer's vision notebooks call it: image items render as the
+    processor's placeholder (Qwen's inside its vision marks), so rows with images still expand."""
+    from fasttune import FastVisionModel
+    from fasttune.chat_templates import get_chat_template
+
+    _, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir))
+    proc = get_chat_template(proc, "chatml")
+    text = proc.apply_chat_template(CONVERSATION)
+    assert "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>" in text
+    batch = proc(text=[text], images=[solid_image("red")])
+    assert "pixel_values" in batch and int((batch["input_ids"] == proc.image_token_id).sum()) > 1
+

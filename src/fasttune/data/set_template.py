@@ -56,7 +56,8 @@ def set_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
     else:
         raise ConfigError(f"chat_template must be a template name (one of: {templates.names()}), a Jinja string or a "
                           f"(Jinja string, end-of-turn token) pair, not a {type(chat_template).__name__}.")
-    jinja = templates.with_mapping(jinja, SHAREGPT_MAPPING if mapping is None else mapping, system_message)
+    jinja = templates.with_mapping(jinja, SHAREGPT_MAPPING if mapping is None else mapping, system_message,
+                                   media_placeholders(tokenizer))
     if map_eos_token and end_of_turn is not None and end_of_turn not in tokenizer.get_vocab():
         raise ConfigError(
             f"map_eos_token=True makes the end-of-turn marker {end_of_turn!r} the EOS token, but it is not a token of "
@@ -70,3 +71,17 @@ def set_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
     if map_eos_token and end_of_turn is not None:
         (tokenizer if inner is None else inner).eos_token = end_of_turn
     return tokenizer
+
+
+def media_placeholders(processor) -> dict:
+    """{"image": text, "audio": text} a vision-language processor's expansion looks for where an image / clip goes
+    (Qwen's image token inside its vision start / end marks, as Qwen's templates write it); {} for a tokenizer."""
+    image = getattr(processor, "image_token", None)
+    if not isinstance(image, str):
+        return {}
+    vocab = processor.get_vocab()
+    if image == "<|image_pad|>" and "<|vision_start|>" in vocab and "<|vision_end|>" in vocab:
+        image = "<|vision_start|>" + image + "<|vision_end|>"
+    audio = getattr(processor, "audio_token", None)
+    return {"image": image, **({"audio": audio} if isinstance(audio, str) else {})}
+

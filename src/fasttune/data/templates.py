@@ -377,10 +377,12 @@ def render_chat(tokenizer, messages: list[dict], where: str, *, add_generation_p
 STANDARD_MAPPING = {"role": "role", "content": "content", "user": "user", "assistant": "assistant"}
 
 
-def with_mapping(template: str, mapping: dict | None = None, system_message: str | None = None) -> str:
+def with_mapping(template: str, mapping: dict | None = None, system_message: str | None = None,
+                 media: dict | None = None) -> str:
     """`template` behind a prelude that reads messages with other keys/role names, takes content given as a list of
-    typed parts (transformers' multimodal message form, {"type": "text", "text": ...}; text parts are joined, any
-    other part is an error: these templates are for text models), and adds a default system message.
+    typed parts (transformers' multimodal message form, {"type": "text", "text": ...}; text parts are joined, a part
+    whose type is a key of `media` ({"image": placeholder, "audio": ...}, a vision-language processor's) becomes
+    that placeholder text, any other part is an error), and adds a default system message.
 
     Args:
         template: a Jinja chat template that reads `message['role']`/`message['content']` with the roles
@@ -417,6 +419,8 @@ def with_mapping(template: str, mapping: dict | None = None, system_message: str
         "{% set _parts = namespace(text='') %}"
         "{% for _p in _text %}"
         "{% if _p is mapping and _p.get('type') == 'text' %}{% set _parts.text = _parts.text + _p.get('text') %}"
+        f"{{% elif _p is mapping and _p.get('type') in {q(dict(media or {}))} %}}"
+        f"{{% set _parts.text = _parts.text + {q(dict(media or {}))}[_p.get('type')] %}}"
         "{% else %}{{ raise_exception('This chat template renders text only; a message has a content part of "
         "type ' ~ (_p.get('type') if _p is mapping else _p) ~ '.') }}{% endif %}"
         "{% endfor %}"
