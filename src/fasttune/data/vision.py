@@ -461,8 +461,8 @@ def _split_media(messages: list, column, where: str, audio_column=None) -> tuple
             elif kind == "text":
                 items.append({"type": "text", "text": str(item.get("text", ""))})
             elif kind == "video":
-                raise DataError(f"{where}: message {k + 1} has a video item; fasttune's data pipeline reads text and "
-                                f"images only (videos train through the model with the processor's "
+                raise DataError(f"{where}: message {k + 1} has a video item; fasttune's data pipeline reads text, "
+                                f"images and audio (videos train through the model with the processor's "
                                 f"pixel_values_videos and video_grid_thw, or pass sampled frames as images).")
             else:
                 raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text', 'image' or "
