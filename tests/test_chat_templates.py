@@ -12,7 +12,7 @@ from tiny_tokenizer import CHATML_TEMPLATE, make_tiny_tokenizer
 
 MARKERS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<start_of_turn>",
            "<end_of_turn>", "<bos>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|im_sep|>", "<|turn>",
-           "<turn|>", "<|channel>", "<channel|>", "<|think|>"]
+           "<turn|>", "<|channel>", "<channel|>", "<|think|>", "<|end_of_turn|>"]
 SHAREGPT = [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
 STANDARD = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
 SYSTEM = [{"role": "system", "content": "Be brief."}, STANDARD[0]]
@@ -67,6 +67,14 @@ def rendered(name, messages, gen, **kwargs):
                                         "\n\nHello!<|im_end|>\n"),
     ("qwen3-thinking", SHAREGPT[:1], True, "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<think>\n"),
     ("lfm-2.5", SHAREGPT[:1], True, "<bos><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
+    ("llama", SYSTEM + STANDARD[1:], False, "<bos>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! "
+                                            "<|endoftext|>"),
+    ("vicuna_old", SHAREGPT[:1], True, "<bos>A chat between a curious human and an artificial intelligence "
+                                       "assistant. The assistant gives helpful, detailed, and polite answers to the "
+                                       "human's questions.\n### Human: Hi\n### Assistant:"),
+    ("starling", STANDARD, False, "<bos>GPT4 Correct User: Hi<|end_of_turn|>GPT4 Correct Assistant: Hello!"
+                                  "<|end_of_turn|>"),
+    ("gemma_chatml", SHAREGPT[:1], True, "<bos><|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"),
 ])
 def test_get_chat_template_renders_exactly(name, messages, gen, expected):
     assert rendered(name, messages, gen) == expected

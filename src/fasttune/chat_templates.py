@@ -36,7 +36,8 @@ def get_chat_template(tokenizer, chat_template="chatml", mapping: dict | None = 
         chat_template: a name (llama-3, llama3, llama-3.1, llama-31, llama-3.2, llama-3.3, chatml, mistral, gemma,
             gemma2, gemma-3, gemma3, gemma-3n, gemma-4, gemma4, gemma-4-thinking, qwen-2.5, qwen2.5, qwen-3, qwen3,
             qwen3-instruct, qwen-3-thinking, qwen3-thinking, lfm-2, lfm-2.5, phi-3, phi-3.5, phi-4, zephyr, alpaca,
-            vicuna, unsloth), a Jinja string, or a (Jinja string, end-of-turn token) pair.
+            vicuna, vicuna_old, llama (Llama 2), starling, gemma_chatml, yi-chat, unsloth), a Jinja string, or a
+            (Jinja string, end-of-turn token) pair.
         mapping: the keys and role names of the rows, e.g. {"role": "from", "content": "value", "user": "human",
             "assistant": "gpt"} (the default); rows with the standard role/content keys always render too.
         map_eos_token: make the format's end-of-turn marker (e.g. <|im_end|>) the tokenizer's EOS token.

@@ -23,7 +23,8 @@ END_OF_TURN = {
     "chatml": "<|im_end|>", "qwen-2.5": "<|im_end|>", "qwen-3": "<|im_end|>", "llama-3": "<|eot_id|>",
     "llama-3.1": "<|eot_id|>", "mistral": "{eos}", "gemma": "<end_of_turn>", "phi-3": "<|end|>", "phi-4": "<|im_end|>",
     "alpaca": "{eos}", "zephyr": "{eos}", "vicuna": "{eos}", "unsloth": "{eos}", "gemma-4": "<turn|>",
-    "gemma-4-thinking": "<turn|>", "qwen-3-thinking": "<|im_end|>", "lfm-2": "<|im_end|>",
+    "gemma-4-thinking": "<turn|>", "qwen-3-thinking": "<|im_end|>", "lfm-2": "<|im_end|>", "llama": "{eos}",
+    "vicuna-old": "{eos}", "starling": "<|end_of_turn|>", "gemma-chatml": "<|im_end|>",
 }
 
 

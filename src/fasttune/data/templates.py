@@ -212,6 +212,47 @@ QWEN_3_THINKING = (
 # Liquid LFM2 / LFM2.5: the BOS token, then plain ChatML.
 LFM_2 = "{{ bos_token }}" + _CHATML_TURNS
 
+# Llama 2 chat: each user turn in [INST] ... [/INST] after the BOS token, a system message inside the first one
+# between <<SYS>> marks; the answer follows with the EOS token.
+LLAMA_2 = (
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set system = '<<SYS>>\n' + (messages[0]['content'] | trim) + '\n<</SYS>>\n\n' %}"
+    "{% set turns = messages[1:] %}"
+    "{% else %}{% set system = '' %}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}"
+    "{{ bos_token }}{{ '[INST] ' + (system if loop.first else '') + (message['content'] | trim) + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ ' ' + (message['content'] | trim) + ' ' + eos_token }}"
+    "{% else %}{{ raise_exception('The llama template supports only system, user and assistant roles.') }}"
+    "{% endif %}"
+    "{% endfor %}"
+)
+
+# The first Vicuna format: a system sentence (Vicuna's own when there is none), then "### Human: ..." and
+# "### Assistant: ..." lines, each answer closed by the EOS token.
+VICUNA_OLD = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n' }}{% set turns = messages[1:] %}"
+    "{% else %}{{ \"A chat between a curious human and an artificial intelligence assistant. The assistant gives "
+    "helpful, detailed, and polite answers to the human's questions.\n\" }}{% set turns = messages %}{% endif %}"
+    "{% for message in turns %}"
+    "{% if message['role'] == 'user' %}{{ '### Human: ' + message['content'] + '\n' }}"
+    "{% elif message['role'] == 'assistant' %}{{ '### Assistant: ' + message['content'] + eos_token + '\n' }}"
+    "{% else %}{{ raise_exception('The vicuna_old template supports only system, user and assistant roles.') }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '### Assistant:' }}{% endif %}"
+)
+
+# OpenChat / Starling: "GPT4 Correct ROLE: ...<|end_of_turn|>" for every role, after the BOS token.
+STARLING = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ 'GPT4 Correct ' + (message['role'] | title) + ': ' + message['content'] + '<|end_of_turn|>' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'GPT4 Correct Assistant:' }}{% endif %}"
+)
+
 CHAT_TEMPLATES: dict[str, str] = {
     "chatml": CHATML,
     "llama-3": LLAMA_3,
@@ -230,6 +271,10 @@ CHAT_TEMPLATES: dict[str, str] = {
     "gemma-4-thinking": GEMMA_4_THINKING,
     "qwen-3-thinking": QWEN_3_THINKING,
     "lfm-2": LFM_2,
+    "llama": LLAMA_2,
+    "vicuna-old": VICUNA_OLD,
+    "starling": STARLING,
+    "gemma-chatml": LFM_2,  # the BOS token, then ChatML (Gemma tokenizers with ChatML markers)
 }
 # Templates whose generation prompt is not where the training render's assistant turn starts (see GEMMA_4_THINKING)
 NOT_PREFIX_STABLE = frozenset({"gemma-4-thinking"})
@@ -254,6 +299,10 @@ TEMPLATE_TOKENS: dict[str, tuple[str, ...]] = {
     "gemma-4-thinking": ("<|turn>", "<turn|>", "<|channel>", "<channel|>"),
     "qwen-3-thinking": ("<|im_start|>", "<|im_end|>"),
     "lfm-2": ("<|im_start|>", "<|im_end|>"),
+    "llama": (),
+    "vicuna-old": (),
+    "starling": ("<|end_of_turn|>",),
+    "gemma-chatml": ("<|im_start|>", "<|im_end|>"),
 }
 TEMPLATE_SPECIAL: dict[str, tuple[str, ...]] = {
     "mistral": ("bos_token", "eos_token"),
@@ -265,6 +314,10 @@ TEMPLATE_SPECIAL: dict[str, tuple[str, ...]] = {
     "gemma-4": ("bos_token",),
     "gemma-4-thinking": ("bos_token",),
     "lfm-2": ("bos_token",),
+    "llama": ("bos_token", "eos_token"),
+    "vicuna-old": ("bos_token", "eos_token"),
+    "starling": ("bos_token",),
+    "gemma-chatml": ("bos_token",),
 }
 # The token that ends an assistant turn, where the format has its own (None: the tokenizer's EOS ends it).
 # `get_chat_template(..., map_eos_token=True)` makes it the tokenizer's eos_token, so generation stops there.
@@ -273,6 +326,7 @@ END_OF_TURN: dict[str, str | None] = {
     "llama-3": "<|eot_id|>", "llama-3.1": "<|eot_id|>", "gemma": "<end_of_turn>", "phi-3": "<|end|>",
     "mistral": None, "alpaca": None, "zephyr": None, "vicuna": None, "unsloth": None,
     "gemma-4": "<turn|>", "gemma-4-thinking": "<turn|>", "qwen-3-thinking": "<|im_end|>", "lfm-2": "<|im_end|>",
+    "llama": None, "vicuna-old": None, "starling": "<|end_of_turn|>", "gemma-chatml": "<|im_end|>",
 }
 
 _ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1", "llama31": "llama-3.1",
@@ -288,7 +342,8 @@ _ALIASES = {"llama3": "llama-3", "llama-31": "llama-3.1", "llama3.1": "llama-3.1
             "gemma-3n": "gemma", "gemma3n": "gemma", "qwen3-instruct": "qwen-3", "qwen-25": "qwen-2.5",
             # the peer's names for the newer formats
             "gemma4": "gemma-4", "gemma4-thinking": "gemma-4-thinking", "qwen3-thinking": "qwen-3-thinking",
-            "lfm2": "lfm-2", "lfm-2.5": "lfm-2", "lfm2.5": "lfm-2"}
+            "lfm2": "lfm-2", "lfm-2.5": "lfm-2", "lfm2.5": "lfm-2", "llama-2": "llama", "vicuna old": "vicuna-old",
+            "gemma2-chatml": "gemma-chatml", "yi-chat": "chatml"}
 
 
 def names() -> str:
