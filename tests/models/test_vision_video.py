@@ -5,7 +5,7 @@ an image and a video in one row), greedy generation from a video prompt equals f
 import pytest
 import torch
 
-from fasttune.errors import ConfigError, DataError
+from fasttune.errors import ConfigError
 
 VIDEO_FAMILIES = {"qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
                   "qwen3_5": "qwen3_5_vl_dir"}
@@ -109,14 +109,6 @@ def test_refusals(qwen3_vl_dir, gemma3_vl_dir):
     with pytest.raises(ConfigError, match="takes no videos"):
         gemma(input_ids=torch.tensor([[5, 6]]), pixel_values_videos=torch.zeros(4, 8),
               video_grid_thw=torch.tensor([[1, 2, 2]]))
-
-
-def test_video_items_in_training_rows_are_refused_with_the_way_out():
-    from fasttune.data.vision import _split_images
-
-    rows = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}, {"type": "text", "text": "what?"}]}]
-    with pytest.raises(DataError, match="video item.*pixel_values_videos"):
-        _split_images(rows, None, "row 1")
 
 
 def test_transformers_trainer_trains_on_video_batches(qwen_vl_dir, tmp_path):

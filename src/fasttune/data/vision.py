@@ -1,5 +1,5 @@
-"""Image (and audio: data/audio.py) + text conversations for vision-language models: the processor, the per-row
-encoder and the collator.
+"""Image (audio: data/audio.py; video frames: data/video.py) + text conversations for vision-language models: the
+processor, the per-row encoder and the collator.
 
 `VisionProcessor` is what transformers' processor does for training, from borrowed parts: the checkpoint's
 tokenizer, its image processor (`AutoImageProcessor`, which needs no torchvision) and its chat template. The
@@ -16,7 +16,6 @@ Images are decoded and processed when a batch is collated, so a dataset's pixels
 """
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -25,13 +24,14 @@ from transformers import ProcessorMixin
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
-from fasttune.data.paths import refuse_address
+from fasttune.data.images import absolute, absolute_frames, to_pil
+from fasttune.data.video import VIDEO_CONFIG, VideoFrames, read_video_size, video_rate
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 
-class VisionProcessor(ProcessorMixin, AudioClips):
+class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     """Tokenizer + image processor + chat template of a vision-language checkpoint.
 
     Attributes the tokenizer has (pad_token_id, eos_token, decode, ...) are read through to it, so the processor
@@ -55,7 +55,7 @@ class VisionProcessor(ProcessorMixin, AudioClips):
     def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
-                 audio_marks: tuple | None = None):
+                 audio_marks: tuple | None = None, video_token: str | None = None, video_size: dict | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -75,12 +75,16 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token) if self.audio_token else None
         if self.audio_token_id is not None:
             self.image_token_ids.add(self.audio_token_id)
+        self.video_token, self.video_size = video_token, video_size  # (data/video.py: Qwen2-VL, Qwen2.5-VL)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if video_token else None
+        if self.video_token_id is not None:
+            self.image_token_ids.add(self.video_token_id)
 
     @classmethod
     def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int | None = 2,
                         tokenizer=None, feature_token: str | None = None, image_sequence: str | None = None,
                         image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
-                        audio_marks: tuple | None = None) -> "VisionProcessor":
+                        audio_marks: tuple | None = None, video_token: str | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). Raises ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -106,10 +110,12 @@ class VisionProcessor(ProcessorMixin, AudioClips):
                 raise ModelLoadError(f"No usable audio feature extractor in '{folder}' ({e}): a model with an audio "
                                      f"tower needs the feature_extractor entry of its processor_config.json.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
-                   image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks)
+                   image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
+                   read_video_size(folder) if video_token else None)
 
     def __getattr__(self, name):
-        if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks"):  # not set yet (unpickling)
+        if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
+                    "video_size"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -253,18 +259,21 @@ class VisionProcessor(ProcessorMixin, AudioClips):
         the conversation's number) for unreadable media."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        rows, images, clips = [], [], []
+        rows, images, clips, videos = [], [], [], []
         for k, conversation in enumerate(conversations):
             at = f"{where} {k + 1}"
-            messages, sources, heard = _split_media(list(conversation), None, at)
+            messages, sources, heard, filmed = _split_media(list(conversation), None, at)
             row_images = [to_pil(s, f"{at}, image {i + 1}", base_dir) for i, s in enumerate(sources)]
             row_clips = self.waveforms(heard, at, base_dir)
+            row_videos = self.video_sources(filmed, at, base_dir)
             text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
             text = self.expand(text, self.image_grids(row_images))
             text = self.expand_audio(text, self.audio_counts(row_clips) if row_clips else [])
+            text = self.expand_videos(text, self.video_grids([frames for frames, _ in row_videos]))
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
             clips += row_clips
+            videos += row_videos
         width = max(len(r) for r in rows)
         batch = {"input_ids": torch.tensor([[self.pad_id()] * (width - len(r)) + r for r in rows]),
                  "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
@@ -272,6 +281,8 @@ class VisionProcessor(ProcessorMixin, AudioClips):
             batch.update(self.process_images(images))
         if clips:
             batch.update(self.process_audio(clips))
+        if videos:
+            batch.update(self.process_videos([frames for frames, _ in videos], [fps for _, fps in videos]))
         return batch
 
     def pad_id(self) -> int:
@@ -290,6 +301,8 @@ class VisionProcessor(ProcessorMixin, AudioClips):
             saved = json.loads(config.read_text()) if config.is_file() else {}
             saved["feature_extractor"] = json.loads(self.audio_extractor.to_json_string())
             config.write_text(json.dumps(saved, indent=2))
+        if self.video_size is not None:  # (what read_video_size reads back)
+            (folder / VIDEO_CONFIG).write_text(json.dumps({"size": self.video_size}, indent=2))
         if self.chat_template:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return folder
@@ -313,32 +326,6 @@ def read_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.json").is_file():
         return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
     return None
-
-
-def to_pil(value, where: str, base_dir: Path | None = None):
-    """A PIL image, a path (relative to base_dir) or encoded bytes (also {"bytes": ...} / {"path": ...} as
-    datasets' Image feature stores them) -> an RGB PIL image. Raises DataError naming `where` and the file."""
-    from PIL import Image, UnidentifiedImageError
-
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    refuse_address(value, where, "image")
-    try:
-        if isinstance(value, (bytes, bytearray)):
-            with Image.open(io.BytesIO(value)) as im:
-                return im.convert("RGB")
-        if isinstance(value, (str, Path)):
-            path = _absolute(value, base_dir)
-            if not path.is_file():
-                raise DataError(f"{where}: image file '{path}' does not exist. Paths in the data are relative to the "
-                                f"data file's folder.")
-            with Image.open(path) as im:
-                return im.convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise DataError(f"{where}: the image cannot be read ({type(e).__name__}: {e}). Replace or remove it.") from None
-    raise DataError(f"{where}: an image must be a PIL image, a file path or bytes, not {type(value).__name__}.")
 
 
 def pad_rows(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[dict, dict, int]:
@@ -372,20 +359,24 @@ class VisionEncoder:
         if not isinstance(messages, list) or not messages:
             raise DataError(f"{where}: a vision-language row needs 'messages', a list of {{'role', 'content'}} "
                             f"whose content mixes {{'type': 'image', 'image': PATH}} and {{'type': 'text', ...}}.")
-        messages, sources, heard = _split_media(messages, row.get("images"), where, row.get("audios"))
+        messages, sources, heard, filmed = _split_media(messages, row.get("images"), where, row.get("audios"),
+                                                        row.get("videos"))
         images = [to_pil(s, f"{where}, image {k + 1}", self.base_dir) for k, s in enumerate(sources)]
         grids = self.processor.image_grids(images)
         p = self.processor
         clips = p.waveforms(heard, where, self.base_dir)
         counts = p.audio_counts(clips) if clips else []
+        frames = p.video_sources(filmed, where, self.base_dir)
+        vgrids = p.video_grids([f for f, _ in frames])
 
         def tokens(msgs, gen=False):
             """Token ids of messages `msgs` rendered by the chat template (gen: with the generation prompt), each
-            image placeholder expanded to its image's tokens, each audio one to its clip's."""
+            image placeholder expanded to its image's tokens, each audio / video one to its clip's / video's."""
             text = p.apply_chat_template(msgs, add_generation_prompt=gen)
             n, m = text.count(p.image_token), text.count(p.audio_token) if p.audio_token else 0
-            return p.tokenizer(p.expand_audio(p.expand(text, grids[:n]), counts[:m]),
-                               add_special_tokens=False)["input_ids"]
+            v = text.count(p.video_token) if p.video_token else 0
+            text = p.expand_videos(p.expand_audio(p.expand(text, grids[:n]), counts[:m]), vgrids[:v])
+            return p.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         ids = tokens(messages)
         if self.responses_only:
@@ -402,39 +393,36 @@ class VisionEncoder:
                 raise DataError(f"{where}: {len(ids)} tokens with its images, more than max_seq_length "
                                 f"{self.max_seq_length}, and the cut would fall inside an image. Raise "
                                 f"max_seq_length, or make the images smaller (the image processor's max_pixels).")
+            if p.video_token_id is not None and p.video_token_id in ids[self.max_seq_length:]:
+                raise DataError(f"{where}: {len(ids)} tokens with its video, more than max_seq_length "
+                                f"{self.max_seq_length}, and the cut would fall inside a video. Raise "
+                                f"max_seq_length, or give fewer or smaller frames.")
             if p.audio_token_id is not None and p.audio_token_id in ids[self.max_seq_length:]:
                 raise DataError(f"{where}: {len(ids)} tokens with its audio, more than max_seq_length "
                                 f"{self.max_seq_length}, and the cut would fall inside a clip. Raise "
                                 f"max_seq_length, or use shorter clips.")
             ids, labels = ids[:self.max_seq_length], labels[:self.max_seq_length]
-        kept = [str(_absolute(s, self.base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
+        kept = [str(absolute(s, self.base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
         example = {"input_ids": ids, "labels": labels, "images": kept}
         if clips:
             example["audio"] = clips
+        if filmed:  # (sources, decoded again at collate time as images are)
+            example["videos"] = [(absolute_frames(src, self.base_dir), fps) for src, fps in filmed]
         return example
-
-
-def _absolute(path, base_dir: Path | None) -> Path:
-    path = Path(path).expanduser()
-    return base_dir / path if not path.is_absolute() and base_dir is not None else path
-
-
-def _split_images(messages: list, column, where: str) -> tuple[list[dict], list]:
-    """Messages with each image item reduced to {"type": "image"} (what the template reads), and the image sources
-    in order: inline ("image"/"path"/"url" keys) or, for bare items, the row's `images` column."""
-    out, sources, _ = _split_media(messages, column, where)
-    return out, sources
 
 
 def _column(column) -> list:
     return list(column) if isinstance(column, (list, tuple)) else ([] if column is None else [column])
 
 
-def _split_media(messages: list, column, where: str, audio_column=None) -> tuple[list[dict], list, list]:
-    """_split_images plus audio: each audio item reduced to {"type": "audio"}, and the clips' sources in order,
-    inline ("audio"/"path" keys) or, for bare items, from the row's `audios` column (`audio_column`)."""
+def _split_media(messages: list, column, where: str, audio_column=None,
+                 video_column=None) -> tuple[list[dict], list, list, list]:
+    """Messages with each image / audio / video item reduced to {"type": ...} (what the template reads), and the
+    images', clips' and videos' sources in order, inline ("image" / "audio" / "video" / "path" / "url" keys) or, for
+    bare items, from the row's `images` / `audios` / `videos` column; videos as (source, fps) pairs."""
     column, audio_column = iter(_column(column)), iter(_column(audio_column))
-    out, sources, clips = [], [], []
+    video_column = iter(_column(video_column))
+    out, sources, clips, videos = [], [], [], []
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m:
             raise DataError(f"{where}: message {k + 1} is not a {{'role', 'content'}} dict.")
@@ -461,14 +449,18 @@ def _split_media(messages: list, column, where: str, audio_column=None) -> tuple
             elif kind == "text":
                 items.append({"type": "text", "text": str(item.get("text", ""))})
             elif kind == "video":
-                raise DataError(f"{where}: message {k + 1} has a video item; fasttune's data pipeline reads text, "
-                                f"images and audio (videos train through the model with the processor's "
-                                f"pixel_values_videos and video_grid_thw, or pass sampled frames as images).")
+                src = item.get("video") if item.get("video") is not None else item.get("path")
+                src = next(video_column, None) if src is None else src
+                if src is None:
+                    raise DataError(f"{where}: message {k + 1} has a video item without its frames, and the row's "
+                                    f"'videos' column has no video left for it.")
+                videos.append((src, video_rate(item, f"{where}, message {k + 1}")))
+                items.append({"type": "video"})
             else:
-                raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text', 'image' or "
-                                f"'audio'.")
+                raise DataError(f"{where}: message {k + 1} has an item of type {kind!r}; use 'text', 'image', "
+                                f"'audio' or 'video'.")
         out.append({"role": m["role"], "content": items})
-    return out, sources, clips
+    return out, sources, clips, videos
 
 
 def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
@@ -484,6 +476,9 @@ def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
     clips = [c for e in examples for c in e.get("audio", ())]
     if clips:
         batch.update(processor.process_audio(clips))
+    videos = processor.video_sources([v for e in examples for v in e.get("videos", ())], "A video of the batch")
+    if videos:
+        batch.update(processor.process_videos([frames for frames, _ in videos], [fps for _, fps in videos]))
     return batch
 
 
@@ -538,7 +533,11 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
         return dict(image_token=image, merge_size=None,
                     image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
-    return dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)
+    settings = dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)
+    video = getattr(vlm_config, "video_token_id", None)
+    if vlm_config.model_type in ("qwen2_vl", "qwen2_5_vl") and video is not None and video < len(tokenizer):
+        settings["video_token"] = tokenizer.convert_ids_to_tokens(video)  # (data/video.py reads their frames)
+    return settings
 
 
 def _special(tokenizer, token: str) -> str:

@@ -1,0 +1,136 @@
+"""Videos in data rows and prompts (data/video.py) for Qwen2-VL / Qwen2.5-VL: frames through the checkpoint's image
+processor equal transformers' Qwen2VLVideoProcessor (tests/fixtures/qwen2vl_video.npz, written by that processor
+where torchvision is installed); rows with videos expand to the processor's token counts, their logits equal
+transformers' on the same batch, a training step runs; and the bad inputs are named."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_vision import MERGE, PATCH, QWEN_VL_TEMPLATE, VISION_TOKENS, _save, qwen_vl_config
+from tiny_tokenizer import make_tiny_tokenizer
+
+from fasttune.errors import DataError
+
+ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen2vl_video.npz"
+SIZE = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16}  # as the oracle's video processor
+TEMPLATE = QWEN_VL_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
+                                    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+                                    "{% elif item['type'] == 'text' %}")
+
+
+def _processor():
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|video_pad|>"]})  # ids 259-262
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+                                      min_pixels=(2 * PATCH) ** 2, max_pixels=(8 * PATCH) ** 2)
+    return VisionProcessor(tok, images, TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
+                           video_size=dict(SIZE))
+
+
+def _frames(array):
+    return [Image.fromarray(f) for f in array]
+
+
+def test_frames_equal_transformers_video_processor():
+    oracle = np.load(ORACLE)
+    proc = _processor()
+    out = proc.process_videos([_frames(oracle["frames4"]), _frames(oracle["frames3"])], [24.0, 2.0])
+    torch.testing.assert_close(out["pixel_values_videos"], torch.from_numpy(oracle["pixel_values_videos"]),
+                               rtol=0, atol=1e-5)
+    assert out["video_grid_thw"].tolist() == oracle["video_grid_thw"].tolist()  # (3 frames: the last repeated)
+    assert out["second_per_grid_ts"].tolist() == pytest.approx([2 / 24, 1.0])  # temporal_patch_size / fps
+    assert proc.video_grids([_frames(oracle["frames4"])]) == [[2, 2, 4]]
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from fasttune import FastVisionModel
+
+    config = qwen_vl_config()
+    config.video_token_id = 262
+    folder = _save(tmp_path_factory.mktemp("video") / "m", Qwen2_5_VLForConditionalGeneration, config, _processor(),
+                   seed=0)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({"size": SIZE}))
+    return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
+
+
+def test_video_rows_expand_train_and_equal_transformers(video_model, tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from fasttune.data.vision import VisionEncoder, collate_vision
+
+    model, proc, folder = video_model
+    assert proc.video_token == "<|video_pad|>" and proc.video_size == SIZE  # read back from the checkpoint
+    proc.save_pretrained(tmp_path / "saved")  # and written with the processor
+    assert json.loads((tmp_path / "saved" / "video_preprocessor_config.json").read_text()) == {"size": SIZE}
+    oracle = np.load(ORACLE)
+    for i, frame in enumerate(oracle["frames3"]):
+        Image.fromarray(frame).save(tmp_path / f"f{i}.png")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": _frames(oracle["frames4"]),
+                                                        "fps": 4}, {"type": "text", "text": "what happens?"}]},
+                          {"role": "assistant", "content": "it moves"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "and"}, {"type": "video"}]},
+                          {"role": "assistant", "content": "still"}], "videos": ["."]}]  # a folder of frames
+    enc = VisionEncoder(proc, 256, train_on_responses_only=True, base_dir=tmp_path)
+    examples = [enc.encode(r, i) for i, r in enumerate(rows)]
+    for ex in examples:  # one run of t * h * w / merge^2 = 2 * 2 * 4 / 4 video tokens, none a target
+        assert ex["input_ids"].count(proc.video_token_id) == 4
+        assert all(lab == -100 for t, lab in zip(ex["input_ids"], ex["labels"]) if t == proc.video_token_id)
+    batch = collate_vision(examples, proc)
+    assert batch["video_grid_thw"].tolist() == [[2, 2, 4], [2, 2, 4]]
+    assert batch["second_per_grid_ts"].tolist() == pytest.approx([0.5, 2 / 24])
+    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    marks = 2 * (batch["input_ids"] == proc.video_token_id).long()  # transformers' mm_token_type_ids: 2 = video
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    prompt = proc.prompt_inputs([[{"type": "video", "video": _frames(oracle["frames4"])},
+                                  {"type": "text", "text": "next?"}]])  # and a prompt with a video generates
+    with torch.no_grad():
+        want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
+                           max_new_tokens=4, do_sample=False, pad_token_id=256)
+    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    from fasttune import FastVisionModel
+
+    lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
+    lora(**batch).loss.backward()  # the videos' gradients reach the tower's adapters
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters()
+               if "visual" in n and "lora_B" in n)
+
+
+def test_bad_videos_are_named(video_model, tmp_path):
+    from fasttune.data.vision import VisionEncoder
+
+    _, proc, _ = video_model
+    enc = VisionEncoder(proc, 256, train_on_responses_only=False, base_dir=tmp_path)
+
+    def row(**item):
+        return {"messages": [{"role": "user", "content": [{"type": "video", **item}]}]}
+
+    red, blue = Image.new("RGB", (56, 28), "red"), Image.new("RGB", (28, 28), "blue")
+    with pytest.raises(DataError, match="Row 0.*video 1.*decode a video file into frames first"):
+        enc.encode(row(video="clip.mp4"), 0)
+    with pytest.raises(DataError, match="Row 1, message 1: a video's 'fps' must be a positive number, not 0"):
+        enc.encode(row(video=[red, red], fps=0), 1)
+    with pytest.raises(DataError, match="Row 2.*'videos' column has no video left"):
+        enc.encode(row(), 2)
+    with pytest.raises(DataError, match="frames must all have one size"):
+        proc.process_videos([[red, blue]])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="Row 3, video 1: the folder .*empty' holds no .png"):
+        enc.encode(row(video="empty"), 3)
+    gemma = _processor()
+    gemma.video_token = None  # a processor whose model's videos the pipeline does not read
+    with pytest.raises(DataError, match="Row 4: has a video item; .*Qwen2-VL and Qwen2.5-VL only"):
+        VisionEncoder(gemma, 256, False).encode(row(video=[red]), 4)
