@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from fasttune.data.formats import positive_number
 from fasttune.data.paths import refuse_address
 from fasttune.errors import DataError
 
@@ -112,12 +113,7 @@ def resample(samples: np.ndarray, got, rate: int, where: str) -> np.ndarray:
     """(samples,) float32 at `got` Hz -> at `rate` Hz (round(len * rate / got) samples), by soxr's "HQ" resampler
     (a polyphase filter, as librosa's default); the same array when the rates agree. Raises DataError naming
     `where` for a rate that is not a positive number."""
-    try:
-        got = float(got)
-    except (TypeError, ValueError):
-        got = -1.0
-    if not got > 0:
-        raise DataError(f"{where}: sampling_rate must be a positive number of Hz, not {got!r}.")
+    got = positive_number(got, where, "sampling_rate (Hz)")
     if got == rate:
         return samples
     import soxr

@@ -336,3 +336,14 @@ def message_list(value: Any, at: str, field: str, default_role: str) -> list[dic
                             f"{type(m.get('content')).__name__}.")
         out.append(m)
     return out
+
+
+def positive_number(value, where: str, name: str) -> float:
+    """`value` as a float when it is a positive number; else DataError naming `where` and the field `name`."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = -1.0
+    if not number > 0:
+        raise DataError(f"{where}: {name} must be a positive number, not {value!r}.")
+    return number

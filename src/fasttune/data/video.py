@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from fasttune.data.formats import positive_number
 from fasttune.data.images import absolute, to_pil
 from fasttune.errors import DataError
 
@@ -122,11 +123,4 @@ class VideoFrames:
 def video_rate(item: dict, where: str):
     """A video item's "fps" (frames a second of its frames), DEFAULT_FPS when absent; DataError for a value that is
     not a positive number."""
-    fps = item.get("fps", DEFAULT_FPS)
-    try:
-        fps = float(fps)
-    except (TypeError, ValueError):
-        fps = -1.0
-    if not fps > 0:
-        raise DataError(f"{where}: a video's 'fps' must be a positive number, not {item.get('fps')!r}.")
-    return fps
+    return positive_number(item.get("fps", DEFAULT_FPS), where, "a video's 'fps'")
