@@ -101,6 +101,12 @@ def test_video_rows_expand_train_and_equal_transformers(video_model, tmp_path):
         want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
                            max_new_tokens=4, do_sample=False, pad_token_id=256)
     assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "x"}]}])
+    called = proc(text=[text], videos=[_frames(oracle["frames4"])])  # the processor's own call, as transformers'
+    assert called["input_ids"][0].tolist().count(proc.video_token_id) == 4
+    assert torch.equal(called["pixel_values_videos"], batch["pixel_values_videos"][:16])  # (2 x 2 x 4 patches)
+    with pytest.raises(DataError, match="0 images, 0 audio clips and 1 videos were given for 0 image, 0 audio and 0 "):
+        proc(text=["no placeholder"], videos=[_frames(oracle["frames4"])])
     from fasttune import FastVisionModel
 
     lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)

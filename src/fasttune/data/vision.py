@@ -198,7 +198,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         rows = [self.feature_token * (width // side)] * (height // side)
         return brk.join(rows) + end
 
-    def __call__(self, text=None, images=None, return_tensors=None, audio=None, **kwargs) -> dict:
+    def __call__(self, text=None, images=None, return_tensors=None, audio=None, videos=None, **kwargs) -> dict:
         """text (str or list[str], rendered with placeholders) and the images (and audio clips) in order over the
         texts -> input_ids / attention_mask (B, T) right-padded, plus pixel_values and image_grid_thw when there are
         images (input_features and input_features_mask when there are clips), as transformers' processors return
@@ -206,7 +206,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         tokenizer's (same arguments), on a batch of one for a single string, as transformers' processors do it
         (TRL's SFTTrainer takes the first row of what a processor returns). As
         transformers' processors take `(images, text)` positionally, an image first and the text second are taken
-        in that order too; one image (or clip) may stand for a list of one."""
+        in that order too; one image (or clip) may stand for a list of one. `videos` (Qwen2-VL, Qwen2.5-VL): lists
+        of frames (data/video.py), giving pixel_values_videos / video_grid_thw / second_per_grid_ts (at 24 frames
+        a second)."""
         if images is not None and _is_text(images) and text is not None and not _is_text(text):
             text, images = images, text  # processor(image, text, ...), the notebooks' order
         if images is not None and not isinstance(images, (list, tuple)):
@@ -214,8 +216,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         if audio is not None and (not isinstance(audio, (list, tuple)) or _is_samples(audio)):
             audio = [audio]
         joined = "" if text is None else "".join([text] if isinstance(text, str) else text)
-        marks = self.image_token in joined or (self.audio_token is not None and self.audio_token in joined)
-        if not images and not audio and not marks:  # a batch of one for a string, as transformers' processors give
+        marks = self.image_token in joined or any(t is not None and t in joined
+                                                  for t in (self.audio_token, self.video_token))
+        if not images and not audio and not videos and not marks:  # a batch of one for a string, as transformers' processors give
             return self.tokenizer([text] if isinstance(text, str) else text, return_tensors=return_tensors, **kwargs)
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
@@ -229,14 +232,20 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             clips = [to_waveform(c, f"audio clip {i + 1}", self.sampling_rate) for i, c in enumerate(audio)]
             out.update(self.process_audio(clips))
             counts = self.audio_counts(clips)
-        expanded, used, heard = [], 0, 0
+        filmed = [frames for frames, _ in self.video_sources([(v, None) for v in videos or ()], "videos")]
+        vgrids = self.video_grids(filmed)
+        if filmed:
+            out.update(self.process_videos(filmed))
+        expanded, used, heard, seen = [], 0, 0, 0
         for t in texts:
             n, m = t.count(self.image_token), t.count(self.audio_token) if self.audio_token else 0
-            expanded.append(self.expand_audio(self.expand(t, grids[used:used + n]), counts[heard:heard + m]))
-            used, heard = used + n, heard + m
-        if used != len(grids) or heard != len(counts):
-            raise DataError(f"{len(grids)} images and {len(counts)} audio clips were given for {used} image and "
-                            f"{heard} audio placeholders in the text.")
+            v = t.count(self.video_token) if self.video_token else 0
+            t = self.expand_audio(self.expand(t, grids[used:used + n]), counts[heard:heard + m])
+            expanded.append(self.expand_videos(t, vgrids[seen:seen + v]))
+            used, heard, seen = used + n, heard + m, seen + v
+        if used != len(grids) or heard != len(counts) or seen != len(vgrids):
+            raise DataError(f"{len(grids)} images, {len(counts)} audio clips and {len(vgrids)} videos were given for "
+                            f"{used} image, {heard} audio and {seen} video placeholders in the text.")
         ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in expanded]
         out.update(pad_rows(ids, ids, self.pad_id())[0])
         from transformers import BatchFeature
