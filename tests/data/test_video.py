@@ -133,6 +133,8 @@ def test_bad_videos_are_named(video_model, tmp_path):
         enc.encode(row(), 2)
     with pytest.raises(DataError, match="frames must all have one size"):
         proc.process_videos([[red, blue]])
+    with pytest.raises(DataError, match="Row 2, video 1, frame 2: image file .*gone.png' does not exist"):
+        enc.encode(row(video=[red, "gone.png"]), 2)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="Row 3, video 1: the folder .*empty' holds no .png"):
         enc.encode(row(video="empty"), 3)

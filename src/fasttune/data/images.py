@@ -38,10 +38,3 @@ def absolute(path, base_dir: Path | None) -> Path:
     """`path` made absolute against base_dir (the data file's folder) when it is relative."""
     path = Path(path).expanduser()
     return base_dir / path if not path.is_absolute() and base_dir is not None else path
-
-
-def absolute_frames(src, base_dir: Path | None):
-    """A video source with its paths made absolute (a folder, or each frame given as a path)."""
-    if isinstance(src, (str, Path)):
-        return str(absolute(src, base_dir))
-    return [str(absolute(f, base_dir)) if isinstance(f, (str, Path)) else f for f in src]

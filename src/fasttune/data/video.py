@@ -75,13 +75,15 @@ class VideoFrames:
                 "second_per_grid_ts": torch.tensor([tps / float(r) for r in rates])}
 
     def video_grids(self, videos: list[list]) -> list[list[int]]:
-        """Per video its (t, h, w) grid (frames padded to a multiple of temporal_patch_size)."""
+        """Per video (a list of frames: PIL images, or sources to_pil reads) its (t, h, w) grid, frames padded to a
+        multiple of temporal_patch_size; only each video's first frame is read."""
         if not videos:
             return []
         tps = int(self.image_processor.temporal_patch_size)
         grids = []
         for frames in videos:
-            sizes = self.image_processor(images=frames[:1], size=self.video_size, return_tensors="pt")
+            first = to_pil(frames[0], "a video's first frame")
+            sizes = self.image_processor(images=[first], size=self.video_size, return_tensors="pt")
             h, w = sizes["image_grid_thw"][0].tolist()[1:]
             grids.append([-(-len(frames) // tps), h, w])
         return grids
@@ -96,10 +98,11 @@ class VideoFrames:
         tokens = [int(torch.tensor(g).prod()) // self.merge_size ** 2 for g in grids]
         return "".join([parts[0]] + [self.video_token * n + rest for n, rest in zip(tokens, parts[1:])])
 
-    def video_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
-        """_split_media's (source, fps) videos -> (PIL frames, fps) pairs: a source is a list of frames (PIL images,
-        paths, bytes) or a folder of image files (in name order). Raises DataError naming `where` for a video on a
-        model whose videos the data pipeline does not read, a video file, or an unreadable frame."""
+    def frame_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
+        """_split_media's (source, fps) videos -> (frame sources, fps) pairs, nothing decoded: a source is a list of
+        frames (PIL images, paths, bytes) or a folder of image files (taken in name order). Raises DataError naming
+        `where` for a video on a model whose videos the data pipeline does not read, a video file, an empty folder,
+        or a frame path that does not exist."""
         if filmed and self.video_token is None:
             raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL and "
                             f"Qwen2.5-VL only (other families' videos train through the model with the processor's "
@@ -116,9 +119,17 @@ class VideoFrames:
                 raise DataError(f"{at}: a video is its list of frames (images, paths or bytes) or a folder of frame "
                                 f"images, not {type(src).__name__}; decode a video file into frames first (e.g. "
                                 f"with PyAV or torchvision) at the rate you want, and give that rate as 'fps'.")
-            out.append(([to_pil(f, f"{at}, frame {j + 1}", base_dir) for j, f in enumerate(src)], fps))
+            for j, f in enumerate(src):
+                if isinstance(f, (str, Path)) and not absolute(f, base_dir).is_file():
+                    raise DataError(f"{at}, frame {j + 1}: image file '{absolute(f, base_dir)}' does not exist.")
+            out.append(([absolute(f, base_dir) if isinstance(f, (str, Path)) else f for f in src], fps))
         return out
 
+    def video_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
+        """frame_sources, each frame decoded: (PIL frames, fps) pairs. Raises what frame_sources raises, and
+        DataError naming `where` for an unreadable frame."""
+        return [([to_pil(f, f"{where}, video {i + 1}, frame {j + 1}") for j, f in enumerate(frames)], fps)
+                for i, (frames, fps) in enumerate(self.frame_sources(filmed, where, base_dir))]
 
 def video_rate(item: dict, where: str):
     """A video item's "fps" (frames a second of its frames), DEFAULT_FPS when absent; DataError for a value that is

@@ -24,7 +24,7 @@ from transformers import ProcessorMixin
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
-from fasttune.data.images import absolute, absolute_frames, to_pil
+from fasttune.data.images import absolute, to_pil
 from fasttune.data.video import VIDEO_CONFIG, VideoFrames, read_video_size, video_rate
 from fasttune.errors import DataError, ModelLoadError
 
@@ -218,7 +218,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         joined = "" if text is None else "".join([text] if isinstance(text, str) else text)
         marks = self.image_token in joined or any(t is not None and t in joined
                                                   for t in (self.audio_token, self.video_token))
-        if not images and not audio and not videos and not marks:  # a batch of one for a string, as transformers' processors give
+        if not images and not audio and not videos and not marks:  # (a batch of one for a string, as transformers')
             return self.tokenizer([text] if isinstance(text, str) else text, return_tensors=return_tensors, **kwargs)
         texts = [text] if isinstance(text, str) else list(text)
         out = {}
@@ -375,8 +375,8 @@ class VisionEncoder:
         p = self.processor
         clips = p.waveforms(heard, where, self.base_dir)
         counts = p.audio_counts(clips) if clips else []
-        frames = p.video_sources(filmed, where, self.base_dir)
-        vgrids = p.video_grids([f for f, _ in frames])
+        videos = p.frame_sources(filmed, where, self.base_dir)  # (decoded at collate time, as images are)
+        vgrids = p.video_grids([frames for frames, _ in videos])
 
         def tokens(msgs, gen=False):
             """Token ids of messages `msgs` rendered by the chat template (gen: with the generation prompt), each
@@ -415,8 +415,9 @@ class VisionEncoder:
         example = {"input_ids": ids, "labels": labels, "images": kept}
         if clips:
             example["audio"] = clips
-        if filmed:  # (sources, decoded again at collate time as images are)
-            example["videos"] = [(absolute_frames(src, self.base_dir), fps) for src, fps in filmed]
+        if videos:
+            example["videos"] = [([str(f) if isinstance(f, Path) else f for f in frames], fps)
+                                 for frames, fps in videos]
         return example
 
 
