@@ -49,6 +49,14 @@ def moe_adapter_grads(family, ours, folder, prepare_ref=None) -> tuple[dict, dic
     return mine, peft_grads(ref)
 
 
+
+def assert_grads_close(mine: dict, theirs: dict) -> None:
+    """Each of `mine`'s gradients equals `theirs` under the same name: rtol 1e-5, atol 1e-7 plus 1e-6 of that
+    gradient's largest magnitude (the experts' summation order differs)."""
+    for n, g in mine.items():
+        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
+
+
 def check_recompute_gradients(folder, device=None) -> None:
     """LoRA gradients of the model saved in `folder` (fp32, random B, one 2 x 12 batch) equal without recompute, with
     layer recompute and with "offload" (the kept attention block included); on `device` (default: from_pretrained's)."""

@@ -114,7 +114,9 @@ def read_sampling_params(sampling_params) -> dict:
 
 
 def _check(p: dict) -> None:
+    """Raise ConfigError naming the first field of the sampling settings `p` whose value is out of range."""
     def bad(name, rule):
+        """ConfigError: sampling_params.`name` breaks `rule` (the fix, in words)."""
         raise ConfigError(f"fast_generate(): sampling_params.{name}={p[name]!r} is invalid: {rule}.")
 
     if not isinstance(p["n"], int) or p["n"] < 1:

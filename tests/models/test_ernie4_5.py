@@ -1,6 +1,6 @@
 """Ernie 4.5: Llama's decoder with adjacent-pair RoPE (channels 2i and 2i + 1 rotate together) and optional biases."""
 import torch
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import assert_grads_close, peft_grads, peft_twin, randomize_lora_b
 from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel
@@ -35,5 +35,4 @@ def test_biased_model_and_its_lora_grads_equal_transformers_and_peft(tmp_path):
     theirs = peft_grads(twin)
     mine = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     assert mine.keys() == theirs.keys() and len(mine) == 2 * 2 * 7
-    for n, g in mine.items():
-        torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
+    assert_grads_close(mine, theirs)
