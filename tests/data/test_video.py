@@ -46,7 +46,7 @@ def test_frames_equal_transformers_video_processor():
                                rtol=0, atol=1e-5)
     assert out["video_grid_thw"].tolist() == oracle["video_grid_thw"].tolist()  # (3 frames: the last repeated)
     assert out["second_per_grid_ts"].tolist() == pytest.approx([2 / 24, 1.0])  # temporal_patch_size / fps
-    assert proc.video_grids([_frames(oracle["frames4"])]) == [[2, 2, 4]]
+    assert proc.video_layouts([(_frames(oracle["frames4"]), None)]) == [([2, 2, 4], None)]
 
 
 @pytest.fixture(scope="module")
@@ -140,5 +140,5 @@ def test_bad_videos_are_named(video_model, tmp_path):
         enc.encode(row(video="empty"), 3)
     gemma = _processor()
     gemma.video_token = None  # a processor whose model's videos the pipeline does not read
-    with pytest.raises(DataError, match="Row 4: has a video item; .*Qwen2-VL and Qwen2.5-VL only"):
+    with pytest.raises(DataError, match="Row 4: has a video item; .*Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5 only"):
         VisionEncoder(gemma, 256, False).encode(row(video=[red]), 4)

@@ -1,4 +1,4 @@
-"""Videos given as their frames, for Qwen2-VL and Qwen2.5-VL: `{"type": "video", "video": [frame, ...]}` items in
+"""Videos given as their frames, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5: `{"type": "video", "video": [frame, ...]}` items in
 data rows and prompts (frames as PIL images, paths or bytes, already sampled; `"fps"`: the frames' rate).
 
 transformers' video processors need torchvision; the same numbers come from the checkpoint's image processor here:
@@ -8,6 +8,16 @@ repeating the last, and each group of temporal_patch_size frames laid out as one
 m, m), each (C, T, P, P) (Qwen2VLVideoProcessor.patchify). Qwen2.5-VL's second_per_grid_ts is temporal_patch_size /
 fps, with transformers' 24 frames a second for frames given without their rate (VideoMetadata.sampled_fps). Each
 video becomes one run of t * h * w / merge^2 video tokens, as Qwen2VLProcessor writes it.
+
+Qwen3-VL and Qwen3.5 (`video_stamps`), as Qwen3VLVideoProcessor / Qwen3VLProcessor of transformers 5.24 do it with
+frames given as sampled (do_sample_frames=False): one size for all frames of a video, from the frame count and the
+first frame's size (its smart_resize: t x h x w within the size limits, h and w multiples of patch x merge; with
+`cap_pixels_per_frame`, qwen-vl-utils' per-frame cap of max_video_tokens patches), frames of another size resized
+with PIL's bicubic filter (transformers' torchvision resize antialiases slightly differently; frames already at that
+size are bit-equal); and in the text, the video token becomes, per temporal patch, "<{seconds:.1f} seconds>" + vision
+start + its h * w / merge^2 video tokens + vision end, the seconds the mean of the patch's first and last frame times
+(frame index / fps, the last frame repeated to fill the patch); the template's own vision start / end around the video
+token stay, as transformers' processor leaves them. A video needs at least temporal_patch_size frames there.
 """
 from __future__ import annotations
 
@@ -16,34 +26,93 @@ from pathlib import Path
 
 import torch
 
+import math
+
 from fasttune.data.formats import positive_number
 from fasttune.data.images import absolute, to_pil
 from fasttune.errors import DataError
 
 VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}  # Qwen2VLVideoProcessor.size
+QWEN3_VIDEO_SIZE = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}  # Qwen3VLVideoProcessor.size
+QWEN3_MAX_VIDEO_TOKENS = 768  # Qwen3VLVideoProcessor.max_video_tokens (the per-frame cap's patches)
 DEFAULT_FPS = 24.0  # transformers' VideoMetadata.sampled_fps for frames without metadata
 VIDEO_CONFIG = "video_preprocessor_config.json"
+NORMALISATION = ("image_mean", "image_std")
 
 
-def read_video_size(folder: Path) -> dict:
+def read_video_size(folder: Path, default: dict | None = None) -> dict:
     """The video size limits in pixels ({"shortest_edge", "longest_edge"}) from a checkpoint's
-    video_preprocessor_config.json (its `size`, or min_pixels / max_pixels), else Qwen2VLVideoProcessor's."""
+    video_preprocessor_config.json (its `size`, or min_pixels / max_pixels), else `default` (Qwen2VLVideoProcessor's
+    when None); with its cap_pixels_per_frame set, "max_video_tokens" too (Qwen3-VL's per-frame cap), and its
+    "image_mean" / "image_std" when it gives them (a video's normalisation, which may differ from the images')."""
     path = Path(folder) / VIDEO_CONFIG
+    default = dict(default or VIDEO_SIZE)
     if not path.is_file():
-        return dict(VIDEO_SIZE)
+        return default
     config = json.loads(path.read_text())
-    size = dict(config.get("size") or VIDEO_SIZE)
+    size = dict(config.get("size") or default)
     if config.get("min_pixels"):
         size["shortest_edge"] = config["min_pixels"]
     if config.get("max_pixels"):
         size["longest_edge"] = config["max_pixels"]
-    return {"shortest_edge": int(size["shortest_edge"]), "longest_edge": int(size["longest_edge"])}
+    out = {"shortest_edge": int(size["shortest_edge"]), "longest_edge": int(size["longest_edge"])}
+    if config.get("cap_pixels_per_frame"):
+        out["max_video_tokens"] = int(config.get("max_video_tokens") or QWEN3_MAX_VIDEO_TOKENS)
+    for key in NORMALISATION:
+        if config.get(key) is not None:
+            out[key] = [float(v) for v in config[key]]
+    return out
+
+
+def video_config(size: dict) -> dict:
+    """What read_video_size reads back from `size` (video_preprocessor_config.json's fields)."""
+    out = {"size": {k: size[k] for k in ("shortest_edge", "longest_edge")}}
+    if "max_video_tokens" in size:
+        out.update(cap_pixels_per_frame=True, max_video_tokens=size["max_video_tokens"])
+    out.update({k: size[k] for k in NORMALISATION if k in size})
+    return out
+
+
+def qwen3_frame_size(frames: int, height: int, width: int, factor: int, tps: int, size: dict) -> tuple[int, int]:
+    """Qwen3-VL's size (height, width) for all `frames` of a video of height x width pixels: transformers'
+    Qwen3VLVideoProcessor.resize and its smart_resize (`factor` = patch x merge, `tps` the temporal patch size,
+    `size` read_video_size's limits on t x h x w, and its per-frame cap when "max_video_tokens" is there). Raises
+    DataError for fewer than `tps` frames or an aspect ratio over 200, as that processor refuses them."""
+    if frames < tps:
+        raise DataError(f"a Qwen3-VL video needs at least {tps} frames (its video processor's temporal_patch_size); "
+                        f"got {frames}. Give more frames, or the frame as an image.")
+    low, high = size["shortest_edge"], size["longest_edge"]
+    if "max_video_tokens" in size:  # qwen-vl-utils' cap: each frame's share of the budget, at most the token cap
+        per_frame = max(min(size["max_video_tokens"] * factor * factor, high // frames), int(low * 1.05))
+        high = per_frame * frames
+    if height < factor or width < factor:
+        scale = max(factor / height, factor / width)
+        height, width = int(height * scale), int(width * scale)
+    if max(height, width) / min(height, width) > 200:
+        raise DataError(f"a video's frames of {width} x {height} pixels: the aspect ratio must be under 200.")
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    t = round(frames / tps) * tps
+    if t * h * w > high:
+        beta = math.sqrt(frames * height * width / high)
+        h, w = max(factor, math.floor(height / beta / factor) * factor), max(factor, math.floor(width / beta / factor)
+                                                                               * factor)
+    elif t * h * w < low:
+        beta = math.sqrt(low / (frames * height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def patch_stamps(times: list[float], tps: int) -> list[float]:
+    """Frame times (seconds) -> one per temporal patch: the mean of its first and last frame's, the last frame
+    repeated to fill the last patch (Qwen3VLProcessor._calculate_timestamps)."""
+    times = list(times) + [times[-1]] * (-len(times) % tps)
+    return [(times[i] + times[i + tps - 1]) / 2 for i in range(0, len(times), tps)]
 
 
 class VideoFrames:
     """The video half of data/vision.py's VisionProcessor (a mixin): it needs `image_processor` (Qwen's),
-    `video_token` (None for a model whose videos the data pipeline does not read), `video_size` and
-    `merge_size` set by the processor."""
+    `video_token` (None for a model whose videos the data pipeline does not read), `video_size`, `merge_size` and
+    `video_stamps` (Qwen3-VL's layout: the vision start / end tokens, else None) set by the processor."""
 
     def _frames_out(self, frames: list) -> tuple[torch.Tensor, list[int]]:
         """One video's frames (PIL images of one size) -> (per-frame patches (frames, h * w, C, P, P), [h, w])."""
@@ -51,52 +120,90 @@ class VideoFrames:
         if len(sizes) != 1:
             raise DataError(f"A video's frames must all have one size; got {sorted(sizes)}. Resize them first.")
         ip = self.image_processor
-        out = ip(images=frames, size=self.video_size, return_tensors="pt")
+        size = self.video_size
+        if self.video_stamps:  # one size from the frame count; the image processor then keeps it
+            h, w = self._qwen3_size(len(frames), frames[0])
+            if frames[0].size != (w, h):
+                from PIL import Image
+
+                frames = [f.convert("RGB").resize((w, h), Image.BICUBIC) for f in frames]
+            size = {"shortest_edge": h * w, "longest_edge": h * w}
+        norm = {k: self.video_size[k] for k in NORMALISATION if k in self.video_size}
+        out = ip(images=frames, size=size, return_tensors="pt", **norm)
         grid = out["image_grid_thw"][0].tolist()
         patch, tps = int(ip.patch_size), int(ip.temporal_patch_size)
         per_frame = torch.as_tensor(out["pixel_values"]).view(len(frames), grid[1] * grid[2], 3, tps, patch, patch)
         return per_frame[:, :, :, 0], grid[1:]  # (an image repeats itself along T: one copy)
 
+    def _qwen3_size(self, frames: int, first) -> tuple[int, int]:
+        """qwen3_frame_size for a video of `frames` frames whose first frame (a PIL image) is `first`."""
+        ip = self.image_processor
+        return qwen3_frame_size(frames, first.height, first.width, int(ip.patch_size) * self.merge_size,
+                                int(ip.temporal_patch_size), self.video_size)
+
     def process_videos(self, videos: list[list], fps: list[float] | None = None) -> dict:
         """Videos (each a list of PIL frames) -> {"pixel_values_videos" (patches, C * T * P * P) float32,
-        "video_grid_thw" (videos, 3) long, "second_per_grid_ts" (videos,) float32}, as transformers'
-        Qwen2VLVideoProcessor / Qwen2_5_VLProcessor return them (see the module docstring)."""
+        "video_grid_thw" (videos, 3) long, and for Qwen2.5-VL "second_per_grid_ts" (videos,) float32}, as
+        transformers' Qwen2VLVideoProcessor / Qwen2_5_VLProcessor (Qwen3VLVideoProcessor) return them (see the
+        module docstring)."""
         tps = int(self.image_processor.temporal_patch_size)
         patches, grids = [], []
         for frames in videos:
-            frames = list(frames) + [frames[-1]] * (-len(frames) % tps)
-            per_frame, (h, w) = self._frames_out(frames)
-            t = len(frames) // tps
+            per_frame, (h, w) = self._frames_out(list(frames))
+            per_frame = torch.cat([per_frame, per_frame[-1:].expand(-len(frames) % tps, *per_frame.shape[1:])])
+            t = per_frame.shape[0] // tps
             grouped = per_frame.view(t, tps, h * w, *per_frame.shape[2:]).permute(0, 2, 3, 1, 4, 5)
             patches.append(grouped.reshape(t * h * w, -1))
             grids.append([t, h, w])
-        rates = fps or [DEFAULT_FPS] * len(videos)
-        return {"pixel_values_videos": torch.cat(patches).float(), "video_grid_thw": torch.tensor(grids).long(),
-                "second_per_grid_ts": torch.tensor([tps / float(r) for r in rates])}
+        out = {"pixel_values_videos": torch.cat(patches).float(), "video_grid_thw": torch.tensor(grids).long()}
+        if not self.video_stamps:
+            rates = [r or DEFAULT_FPS for r in fps] if fps else [DEFAULT_FPS] * len(videos)
+            out["second_per_grid_ts"] = torch.tensor([tps / float(r) for r in rates])
+        return out
 
-    def video_grids(self, videos: list[list]) -> list[list[int]]:
-        """Per video (a list of frames: PIL images, or sources to_pil reads) its (t, h, w) grid, frames padded to a
-        multiple of temporal_patch_size; only each video's first frame is read."""
+    def video_layouts(self, videos: list, indices: list | None = None) -> list:
+        """Per video ((frames, fps) pairs: frames as PIL images or sources to_pil reads, fps None for DEFAULT_FPS)
+        what expand_videos needs: ((t, h, w) grid, frames padded to a multiple of temporal_patch_size; and for
+        Qwen3-VL the patches' times in seconds, from the frame indices (`indices` per video, e.g. a video's
+        metadata's frames_indices; else 0, 1, ...) over fps). Only each video's first frame is read."""
         if not videos:
             return []
         tps = int(self.image_processor.temporal_patch_size)
-        grids = []
-        for frames in videos:
+        out = []
+        for k, (frames, fps) in enumerate(videos):
             first = to_pil(frames[0], "a video's first frame")
-            sizes = self.image_processor(images=[first], size=self.video_size, return_tensors="pt")
-            h, w = sizes["image_grid_thw"][0].tolist()[1:]
-            grids.append([-(-len(frames) // tps), h, w])
-        return grids
+            if self.video_stamps:
+                h, w = (v // int(self.image_processor.patch_size) for v in self._qwen3_size(len(frames), first))
+                seen = indices[k] if indices and indices[k] is not None else range(len(frames))
+                if len(seen) != len(frames):
+                    raise DataError(f"video {k + 1}: its metadata's frames_indices has {len(seen)} entries for "
+                                    f"{len(frames)} frames; give one index per frame given.")
+                stamps = patch_stamps([i / float(fps or DEFAULT_FPS) for i in seen], tps)
+            else:
+                sizes = self.image_processor(images=[first], size=self.video_size, return_tensors="pt")
+                h, w = sizes["image_grid_thw"][0].tolist()[1:]
+                stamps = None
+            out.append(([-(-len(frames) // tps), h, w], stamps))
+        return out
 
-    def expand_videos(self, text: str, grids: list) -> str:
-        """Each video token of `text` repeated to its video's token count (t * h * w / merge^2)."""
+    def expand_videos(self, text: str, layouts: list) -> str:
+        """Each video token of `text` expanded for its video (video_layouts' entries, in order): repeated to the
+        video's token count (t * h * w / merge^2), or for Qwen3-VL one timestamped run per temporal patch."""
         if self.video_token is None:
             return text
         parts = text.split(self.video_token)
-        if len(parts) - 1 != len(grids):
-            raise DataError(f"The text has {len(parts) - 1} video placeholders but {len(grids)} videos were given.")
-        tokens = [int(torch.tensor(g).prod()) // self.merge_size ** 2 for g in grids]
-        return "".join([parts[0]] + [self.video_token * n + rest for n, rest in zip(tokens, parts[1:])])
+        if len(parts) - 1 != len(layouts):
+            raise DataError(f"The text has {len(parts) - 1} video placeholders but {len(layouts)} videos were given.")
+        out = [parts[0]]
+        for (grid, stamps), rest in zip(layouts, parts[1:]):
+            per_frame = grid[1] * grid[2] // self.merge_size ** 2
+            if stamps is None:
+                out.append(self.video_token * (grid[0] * per_frame) + rest)
+            else:
+                start, end = self.video_stamps
+                out.append("".join(f"<{s:.1f} seconds>{start}{self.video_token * per_frame}{end}" for s in stamps)
+                           + rest)
+        return "".join(out)
 
     def frame_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
         """_split_media's (source, fps) videos -> (frame sources, fps) pairs, nothing decoded: a source is a list of
@@ -104,9 +211,10 @@ class VideoFrames:
         `where` for a video on a model whose videos the data pipeline does not read, a video file, an empty folder,
         or a frame path that does not exist."""
         if filmed and self.video_token is None:
-            raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL and "
-                            f"Qwen2.5-VL only (other families' videos train through the model with the processor's "
-                            f"pixel_values_videos and video_grid_thw, or pass sampled frames as images).")
+            raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL, "
+                            f"Qwen2.5-VL, Qwen3-VL and Qwen3.5 only (other families' videos train through the model "
+                            f"with the processor's pixel_values_videos and video_grid_thw, or pass sampled frames as "
+                            f"images).")
         out = []
         for i, (src, fps) in enumerate(filmed):
             at = f"{where}, video {i + 1}"

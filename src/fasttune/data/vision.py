@@ -25,7 +25,9 @@ from transformers import ProcessorMixin
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
 from fasttune.data.images import absolute, to_pil
-from fasttune.data.video import VIDEO_CONFIG, VideoFrames, read_video_size, video_rate
+from fasttune.data.formats import positive_number
+from fasttune.data.video import (QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_size, video_config,
+                                 video_rate)
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -55,7 +57,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
-                 audio_marks: tuple | None = None, video_token: str | None = None, video_size: dict | None = None):
+                 audio_marks: tuple | None = None, video_token: str | None = None, video_size: dict | None = None,
+                 video_stamps: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -75,7 +78,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token) if self.audio_token else None
         if self.audio_token_id is not None:
             self.image_token_ids.add(self.audio_token_id)
-        self.video_token, self.video_size = video_token, video_size  # (data/video.py: Qwen2-VL, Qwen2.5-VL)
+        self.video_token, self.video_size = video_token, video_size  # (data/video.py: the Qwen families)
+        self.video_stamps = video_stamps if video_token else None  # Qwen3-VL's (vision start, vision end)
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         if self.video_token_id is not None:
             self.image_token_ids.add(self.video_token_id)
@@ -84,7 +88,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     def from_pretrained(cls, folder, image_token: str = "<|image_pad|>", merge_size: int | None = 2,
                         tokenizer=None, feature_token: str | None = None, image_sequence: str | None = None,
                         image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
-                        audio_marks: tuple | None = None, video_token: str | None = None) -> "VisionProcessor":
+                        audio_marks: tuple | None = None, video_token: str | None = None,
+                        video_stamps: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). Raises ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -111,11 +116,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                                      f"tower needs the feature_extractor entry of its processor_config.json.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
-                   read_video_size(folder) if video_token else None)
+                   read_video_size(folder, QWEN3_VIDEO_SIZE if video_stamps else None) if video_token else None,
+                   video_stamps)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
-                    "video_size"):  # not set yet (unpickling)
+                    "video_size", "video_stamps"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -206,9 +212,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         tokenizer's (same arguments), on a batch of one for a single string, as transformers' processors do it
         (TRL's SFTTrainer takes the first row of what a processor returns). As
         transformers' processors take `(images, text)` positionally, an image first and the text second are taken
-        in that order too; one image (or clip) may stand for a list of one. `videos` (Qwen2-VL, Qwen2.5-VL): lists
-        of frames (data/video.py), giving pixel_values_videos / video_grid_thw / second_per_grid_ts (at 24 frames
-        a second)."""
+        in that order too; one image (or clip) may stand for a list of one. `videos` (the Qwen families): lists
+        of frames, taken as sampled (transformers' do_sample_frames=False; data/video.py), giving
+        pixel_values_videos / video_grid_thw (/ second_per_grid_ts); their rate (24 frames a second when not
+        given) and, for Qwen3-VL's timestamps, the frames' indices in the source video come from `video_metadata`
+        (per video a dict or transformers' VideoMetadata with "fps" and "frames_indices", as qwen-vl-utils gives
+        them). Raises DataError for do_sample_frames=True (sample the frames first)."""
         if images is not None and _is_text(images) and text is not None and not _is_text(text):
             text, images = images, text  # processor(image, text, ...), the notebooks' order
         if images is not None and not isinstance(images, (list, tuple)):
@@ -232,10 +241,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             clips = [to_waveform(c, f"audio clip {i + 1}", self.sampling_rate) for i, c in enumerate(audio)]
             out.update(self.process_audio(clips))
             counts = self.audio_counts(clips)
-        filmed = [frames for frames, _ in self.video_sources([(v, None) for v in videos or ()], "videos")]
-        vgrids = self.video_grids(filmed)
+        rates, indices = _video_metadata(kwargs, len(videos or ()))
+        filmed = self.video_sources(list(zip(videos or (), rates)), "videos")
+        vgrids = self.video_layouts(filmed, indices)
         if filmed:
-            out.update(self.process_videos(filmed))
+            out.update(self.process_videos([frames for frames, _ in filmed], rates))
         expanded, used, heard, seen = [], 0, 0, 0
         for t in texts:
             n, m = t.count(self.image_token), t.count(self.audio_token) if self.audio_token else 0
@@ -278,7 +288,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
             text = self.expand(text, self.image_grids(row_images))
             text = self.expand_audio(text, self.audio_counts(row_clips) if row_clips else [])
-            text = self.expand_videos(text, self.video_grids([frames for frames, _ in row_videos]))
+            text = self.expand_videos(text, self.video_layouts(row_videos))
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
             clips += row_clips
@@ -311,7 +321,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             saved["feature_extractor"] = json.loads(self.audio_extractor.to_json_string())
             config.write_text(json.dumps(saved, indent=2))
         if self.video_size is not None:  # (what read_video_size reads back)
-            (folder / VIDEO_CONFIG).write_text(json.dumps({"size": self.video_size}, indent=2))
+            (folder / VIDEO_CONFIG).write_text(json.dumps(video_config(self.video_size), indent=2))
         if self.chat_template:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return folder
@@ -376,7 +386,7 @@ class VisionEncoder:
         clips = p.waveforms(heard, where, self.base_dir)
         counts = p.audio_counts(clips) if clips else []
         videos = p.frame_sources(filmed, where, self.base_dir)  # (decoded at collate time, as images are)
-        vgrids = p.video_grids([frames for frames, _ in videos])
+        vgrids = p.video_layouts(videos)
 
         def tokens(msgs, gen=False):
             """Token ids of messages `msgs` rendered by the chat template (gen: with the generation prompt), each
@@ -545,9 +555,36 @@ def processor_settings(vlm_config, tokenizer) -> dict:
                     image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
     settings = dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)
     video = getattr(vlm_config, "video_token_id", None)
-    if vlm_config.model_type in ("qwen2_vl", "qwen2_5_vl") and video is not None and video < len(tokenizer):
+    if vlm_config.model_type in QWEN_VIDEO_TYPES and video is not None and video < len(tokenizer):
         settings["video_token"] = tokenizer.convert_ids_to_tokens(video)  # (data/video.py reads their frames)
+        if vlm_config.model_type in QWEN3_VIDEO_TYPES:  # timestamped frames between the vision marks
+            settings["video_stamps"] = tuple(tokenizer.convert_ids_to_tokens(
+                [vlm_config.vision_start_token_id, vlm_config.vision_end_token_id]))
     return settings
+
+
+QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor's families
+QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
+
+
+def _video_metadata(kwargs: dict, count: int) -> tuple[list, list]:
+    """processor(..., video_metadata=[...], do_sample_frames=...) -> (per video its fps or None, its frame indices
+    or None). Raises DataError for do_sample_frames=True, a metadata list of another length, or a bad fps."""
+    if kwargs.get("do_sample_frames"):
+        raise DataError("do_sample_frames=True: fasttune takes a video's frames as sampled; sample them first "
+                        "(e.g. with qwen-vl-utils or torchvision) and pass them with their video_metadata.")
+    metadata = kwargs.get("video_metadata")
+    if metadata is None:
+        return [None] * count, [None] * count
+    metadata = list(metadata) if isinstance(metadata, (list, tuple)) else [metadata]
+    if len(metadata) != count:
+        raise DataError(f"video_metadata has {len(metadata)} entries for {count} videos; give one per video.")
+    field = lambda m, k: m.get(k) if isinstance(m, dict) else getattr(m, k, None)  # noqa: E731
+    rates = [None if field(m, "fps") is None else positive_number(field(m, "fps"), f"video_metadata {i + 1}", "fps")
+             for i, m in enumerate(metadata)]
+    indices = [None if field(m, "frames_indices") is None else [float(x) for x in field(m, "frames_indices")]
+               for m in metadata]
+    return rates, indices
 
 
 def _special(tokenizer, token: str) -> str:

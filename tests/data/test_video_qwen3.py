@@ -1,0 +1,153 @@
+"""Videos in data rows, prompts and processor calls for Qwen3-VL / Qwen3.5 (data/video.py's timestamped layout):
+text, pixels and grids equal transformers' Qwen3VLProcessor with do_sample_frames=False
+(tests/fixtures/qwen3vl_video.npz, written by that processor where torchvision is installed), the frame size from
+the frame count (and qwen-vl-utils' per-frame cap), rows with videos train and their logits equal transformers'
+Qwen3-VL on the same batch, and the bad inputs are named."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_vision import MERGE, QWEN_VL_TEMPLATE, VISION_TOKENS, _save, qwen3_vl_config
+from tiny_tokenizer import make_tiny_tokenizer
+
+from fasttune.data.video import QWEN3_VIDEO_SIZE, qwen3_frame_size
+from fasttune.errors import DataError
+
+ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen3vl_video.npz"
+SIZE = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64}  # as the oracle's video processor
+# Qwen3VLVideoProcessor's normalisation (0.5), where the tiny image processor keeps Qwen2-VL's CLIP mean / std
+VIDEO = {**SIZE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+TEMPLATE = QWEN_VL_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
+                                    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+                                    "{% elif item['type'] == 'text' %}")
+
+
+def _processor(size=VIDEO):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|video_pad|>"]})  # ids 259-262
+    images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=MERGE, temporal_patch_size=2, min_pixels=32 * 32,
+                                      max_pixels=(8 * 16) ** 2)
+    return VisionProcessor(tok, images, TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
+                           video_size=dict(size), video_stamps=("<|vision_start|>", "<|vision_end|>"))
+
+
+def _frames(array):
+    return [Image.fromarray(f) for f in array]
+
+
+def test_text_and_frames_equal_transformers_processor():
+    oracle = np.load(ORACLE)
+    proc = _processor()
+    text = "ab<|vision_start|><|video_pad|><|vision_end|>cd<|vision_start|><|video_pad|><|vision_end|>e"
+    out = proc(text=[text], videos=[_frames(oracle["frames4"]), _frames(oracle["frames3"])],
+               video_metadata=[{"fps": 2.0}, {"fps": 24.0, "frames_indices": [0, 1, 2]}], do_sample_frames=False)
+    assert out["input_ids"].tolist() == oracle["input_ids"].tolist()  # timestamps: <0.2 seconds>, <1.2 seconds>, ...
+    torch.testing.assert_close(out["pixel_values_videos"], torch.from_numpy(oracle["pixel_values_videos"]),
+                               rtol=0, atol=1e-5)
+    assert out["video_grid_thw"].tolist() == oracle["video_grid_thw"].tolist()
+    assert "second_per_grid_ts" not in out  # (Qwen2.5-VL's; Qwen3-VL's processor has none)
+    resized = [Image.new("RGB", (50, 100), "red")] * 8  # 8 frames of 100 x 50: resized to the processor's size
+    assert proc.video_layouts([(resized, None)])[0][0] == oracle["resized_grid"][0].tolist()
+    assert proc.process_videos([resized])["video_grid_thw"].tolist() == oracle["resized_grid"].tolist()
+
+
+def test_frame_size_from_the_frame_count_and_the_cap():
+    """Qwen3VLVideoProcessor's smart_resize counts t x h x w against the budget, so more frames shrink each; with
+    cap_pixels_per_frame (qwen-vl-utils) a frame also stays within max_video_tokens patches."""
+    size = dict(QWEN3_VIDEO_SIZE)  # (the values: transformers 5.24's smart_resize / get_num_of_video_patches)
+    assert qwen3_frame_size(4, 720, 1280, 32, 2, size) == (320, 576)
+    assert qwen3_frame_size(64, 720, 1280, 32, 2, size) == (64, 128)  # 64 frames share the budget
+    assert qwen3_frame_size(2, 20, 40, 32, 2, size) == (192, 384)  # tiny frames grow to the lower bound
+    big = {**size, "longest_edge": 32 * 32 * 24576}
+    assert qwen3_frame_size(4, 720, 1280, 32, 2, big) == (704, 1280)  # within the budget: rounded to 32
+    assert qwen3_frame_size(4, 720, 1280, 32, 2, {**big, "max_video_tokens": 768}) == (640, 1152)  # 2 x 40 x 72
+    with pytest.raises(DataError, match="at least 2 frames"):
+        qwen3_frame_size(1, 64, 64, 32, 2, size)
+    with pytest.raises(DataError, match="aspect ratio"):
+        qwen3_frame_size(2, 32, 32 * 201, 32, 2, size)
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from fasttune import FastVisionModel
+
+    config = qwen3_vl_config()
+    config.video_token_id = 262
+    folder = _save(tmp_path_factory.mktemp("video3") / "m", Qwen3VLForConditionalGeneration, config, _processor(),
+                   seed=0)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({"size": SIZE, "image_mean": [0.5] * 3,
+                                                                       "image_std": [0.5] * 3}))
+    return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
+
+
+def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
+    from transformers import Qwen3VLForConditionalGeneration
+
+    from fasttune.data.vision import VisionEncoder, collate_vision
+
+    model, proc, folder = video_model
+    assert proc.video_stamps == ("<|vision_start|>", "<|vision_end|>") and proc.video_size == VIDEO
+    oracle = np.load(ORACLE)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": _frames(oracle["frames4"]),
+                                                        "fps": 2}, {"type": "text", "text": "what happens?"}]},
+                          {"role": "assistant", "content": "it moves"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "and"},
+                                                       {"type": "video", "video": _frames(oracle["frames3"])}]},
+                          {"role": "assistant", "content": "still"}]}]
+    enc = VisionEncoder(proc, 256, train_on_responses_only=True, base_dir=tmp_path)
+    examples = [enc.encode(r, i) for i, r in enumerate(rows)]
+    first = proc.tokenizer.decode(examples[0]["input_ids"])
+    assert "<0.2 seconds><|vision_start|><|video_pad|><|video_pad|><|vision_end|><1.2 seconds>" in first
+    for ex in examples:  # two frames' runs of h * w / merge^2 = 2 video tokens, none a target
+        assert ex["input_ids"].count(proc.video_token_id) == 4
+        assert all(lab == -100 for t, lab in zip(ex["input_ids"], ex["labels"]) if t == proc.video_token_id)
+    batch = collate_vision(examples, proc)
+    assert batch["video_grid_thw"].tolist() == [[2, 2, 4], [2, 2, 4]] and "second_per_grid_ts" not in batch
+    hf = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    marks = 2 * (batch["input_ids"] == proc.video_token_id).long()  # transformers' mm_token_type_ids: 2 = video
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    prompt = proc.prompt_inputs([[{"type": "video", "video": _frames(oracle["frames4"])},
+                                  {"type": "text", "text": "next?"}]])  # a prompt with a video generates
+    with torch.no_grad():
+        want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
+                           max_new_tokens=4, do_sample=False, pad_token_id=256)
+    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    proc.save_pretrained(tmp_path / "saved")
+    from fasttune.data.video import read_video_size
+
+    assert read_video_size(tmp_path / "saved") == VIDEO
+    from fasttune import FastVisionModel
+
+    lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
+    lora(**batch).loss.backward()  # the videos' gradients reach the tower's adapters
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters()
+               if "visual" in n and "lora_B" in n)
+
+
+def test_bad_video_inputs_are_named(video_model):
+    _, proc, _ = video_model
+    red = [Image.new("RGB", (64, 32), "red")] * 2
+    text = "<|vision_start|><|video_pad|><|vision_end|>"
+    with pytest.raises(DataError, match="do_sample_frames=True.*sample them first"):
+        proc(text=[text], videos=[red], do_sample_frames=True)
+    with pytest.raises(DataError, match="video_metadata has 2 entries for 1 videos"):
+        proc(text=[text], videos=[red], video_metadata=[{"fps": 2}, {"fps": 2}])
+    with pytest.raises(DataError, match="frames_indices has 3 entries for 2 frames"):
+        proc(text=[text], videos=[red], video_metadata=[{"fps": 2, "frames_indices": [0, 4, 8]}])
+    with pytest.raises(DataError, match="video_metadata 1.*fps"):
+        proc(text=[text], videos=[red], video_metadata=[{"fps": -1}])
+    with pytest.raises(DataError, match="at least 2 frames"):
+        proc(text=[text], videos=[red[:1]])
