@@ -74,6 +74,16 @@ def solid_image(color, size=(56, 56)):
     return Image.new("RGB", size, color)
 
 
+def patterned_frames(frames: int, height: int, width: int):
+    """A video's frames without randomness (so oracle files need not store them): uint8 (frames, height, width, 3),
+    diagonal stripes per channel that move from frame to frame."""
+    import numpy as np
+
+    y, x = np.indices((height, width))
+    return np.stack([np.stack([(y * (c + 1) + x * (3 - c) + 37 * f) % 256 for c in range(3)], -1)
+                     for f in range(frames)]).astype(np.uint8)
+
+
 GEMMA3_TOKENS = ["<start_of_image>", "<end_of_image>", "<image_soft_token>"]  # ids 259, 260, 261
 GEMMA3_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<start_of_image>")
 GEMMA3_TOKENS_PER_IMAGE = 4

@@ -1,4 +1,4 @@
-"""Videos given as their frames, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3.5: `{"type": "video", "video": [frame, ...]}` items in
+"""Videos given as their frames, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4: `{"type": "video", "video": [frame, ...]}` items in
 data rows and prompts (frames as PIL images, paths or bytes, already sampled; `"fps"`: the frames' rate).
 
 transformers' video processors need torchvision; the same numbers come from the checkpoint's image processor here:
@@ -18,6 +18,12 @@ size are bit-equal); and in the text, the video token becomes, per temporal patc
 start + its h * w / merge^2 video tokens + vision end, the seconds the mean of the patch's first and last frame times
 (frame index / fps, the last frame repeated to fill the patch); the template's own vision start / end around the video
 token stay, as transformers' processor leaves them. A video needs at least temporal_patch_size frames there.
+
+Gemma 4, as Gemma4VideoProcessor / Gemma4Processor do it: each frame is an image through the image processor at the
+video processor's soft-token budget (max_soft_tokens, 70 by default: the aspect-preserving resize, padded patches and
+their positions), giving pixel_values_videos, video_position_ids and num_frames_per_video; in the text, the video
+token becomes per frame "mm:ss <boi>" + its soft tokens (the video token repeated) + "<eoi>", frames joined by
+spaces, mm:ss the frame's time (frame index / fps, whole seconds).
 """
 from __future__ import annotations
 
@@ -37,36 +43,43 @@ QWEN3_VIDEO_SIZE = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 76
 QWEN3_MAX_VIDEO_TOKENS = 768  # Qwen3VLVideoProcessor.max_video_tokens (the per-frame cap's patches)
 DEFAULT_FPS = 24.0  # transformers' VideoMetadata.sampled_fps for frames without metadata
 VIDEO_CONFIG = "video_preprocessor_config.json"
-NORMALISATION = ("image_mean", "image_std")
+NORMALISATION = ("image_mean", "image_std", "do_normalize")
+GEMMA4_VIDEO = {"max_soft_tokens": 70}  # Gemma4VideoProcessor.max_soft_tokens: 70 soft tokens a frame
 
 
 def read_video_size(folder: Path, default: dict | None = None) -> dict:
-    """The video size limits in pixels ({"shortest_edge", "longest_edge"}) from a checkpoint's
-    video_preprocessor_config.json (its `size`, or min_pixels / max_pixels), else `default` (Qwen2VLVideoProcessor's
-    when None); with its cap_pixels_per_frame set, "max_video_tokens" too (Qwen3-VL's per-frame cap), and its
-    "image_mean" / "image_std" when it gives them (a video's normalisation, which may differ from the images')."""
+    """The video processor's settings from a checkpoint's video_preprocessor_config.json, else `default`
+    (Qwen2VLVideoProcessor's size when None): the size limits in pixels ({"shortest_edge", "longest_edge"}: its
+    `size`, or min_pixels / max_pixels), with its cap_pixels_per_frame set "max_video_tokens" too (Qwen3-VL's
+    per-frame cap); or, where `default` has "max_soft_tokens" (Gemma 4), a frame's soft-token budget. Also its
+    "image_mean" / "image_std" / "do_normalize" when it gives them (a video's normalisation may differ from the
+    images')."""
     path = Path(folder) / VIDEO_CONFIG
     default = dict(default or VIDEO_SIZE)
-    if not path.is_file():
-        return default
-    config = json.loads(path.read_text())
-    size = dict(config.get("size") or default)
-    if config.get("min_pixels"):
-        size["shortest_edge"] = config["min_pixels"]
-    if config.get("max_pixels"):
-        size["longest_edge"] = config["max_pixels"]
-    out = {"shortest_edge": int(size["shortest_edge"]), "longest_edge": int(size["longest_edge"])}
-    if config.get("cap_pixels_per_frame"):
-        out["max_video_tokens"] = int(config.get("max_video_tokens") or QWEN3_MAX_VIDEO_TOKENS)
+    config = json.loads(path.read_text()) if path.is_file() else {}
+    if "max_soft_tokens" in default:
+        out = {"max_soft_tokens": int(config.get("max_soft_tokens") or default["max_soft_tokens"])}
+    else:
+        size = dict(config.get("size") or default)
+        if config.get("min_pixels"):
+            size["shortest_edge"] = config["min_pixels"]
+        if config.get("max_pixels"):
+            size["longest_edge"] = config["max_pixels"]
+        out = {"shortest_edge": int(size["shortest_edge"]), "longest_edge": int(size["longest_edge"])}
+        if config.get("cap_pixels_per_frame"):
+            out["max_video_tokens"] = int(config.get("max_video_tokens") or QWEN3_MAX_VIDEO_TOKENS)
     for key in NORMALISATION:
         if config.get(key) is not None:
-            out[key] = [float(v) for v in config[key]]
+            out[key] = [float(v) for v in config[key]] if isinstance(config[key], list) else config[key]
     return out
 
 
 def video_config(size: dict) -> dict:
     """What read_video_size reads back from `size` (video_preprocessor_config.json's fields)."""
-    out = {"size": {k: size[k] for k in ("shortest_edge", "longest_edge")}}
+    if "max_soft_tokens" in size:
+        out = {"max_soft_tokens": size["max_soft_tokens"]}
+    else:
+        out = {"size": {k: size[k] for k in ("shortest_edge", "longest_edge")}}
     if "max_video_tokens" in size:
         out.update(cap_pixels_per_frame=True, max_video_tokens=size["max_video_tokens"])
     out.update({k: size[k] for k in NORMALISATION if k in size})
@@ -112,13 +125,20 @@ def patch_stamps(times: list[float], tps: int) -> list[float]:
 class VideoFrames:
     """The video half of data/vision.py's VisionProcessor (a mixin): it needs `image_processor` (Qwen's),
     `video_token` (None for a model whose videos the data pipeline does not read), `video_size`, `merge_size` and
-    `video_stamps` (Qwen3-VL's layout: the vision start / end tokens, else None) set by the processor."""
+    `video_stamps` (Qwen3-VL's layout: the vision start / end tokens, else None) set by the processor; with
+    `soft_token_marks` set (Gemma 4), frames are images with the video's soft-token budget (see the module
+    docstring)."""
+
+    def _gemma_frames(self, frames: list) -> dict:
+        """Gemma 4: one video's frames through the image processor at the video processor's soft-token budget ->
+        its pixel_values (frames, patches, P * P * C), image_position_ids (frames, patches, 2) and
+        num_soft_tokens_per_image (as Gemma4VideoProcessor pads and positions them)."""
+        norm = {k: self.video_size[k] for k in NORMALISATION if k in self.video_size}
+        return self.image_processor(images=frames, max_soft_tokens=self.video_size["max_soft_tokens"],
+                                    return_tensors="pt", **norm)
 
     def _frames_out(self, frames: list) -> tuple[torch.Tensor, list[int]]:
         """One video's frames (PIL images of one size) -> (per-frame patches (frames, h * w, C, P, P), [h, w])."""
-        sizes = {f.size for f in frames}
-        if len(sizes) != 1:
-            raise DataError(f"A video's frames must all have one size; got {sorted(sizes)}. Resize them first.")
         ip = self.image_processor
         size = self.video_size
         if self.video_stamps:  # one size from the frame count; the image processor then keeps it
@@ -144,8 +164,19 @@ class VideoFrames:
     def process_videos(self, videos: list[list], fps: list[float] | None = None) -> dict:
         """Videos (each a list of PIL frames) -> {"pixel_values_videos" (patches, C * T * P * P) float32,
         "video_grid_thw" (videos, 3) long, and for Qwen2.5-VL "second_per_grid_ts" (videos,) float32}, as
-        transformers' Qwen2VLVideoProcessor / Qwen2_5_VLProcessor (Qwen3VLVideoProcessor) return them (see the
-        module docstring)."""
+        transformers' Qwen2VLVideoProcessor / Qwen2_5_VLProcessor (Qwen3VLVideoProcessor) return them; Gemma 4:
+        {"pixel_values_videos" (frames, patches, P * P * C), "video_position_ids" (frames, patches, 2) long,
+        "num_frames_per_video" (videos,) long}, as Gemma4VideoProcessor does (see the module docstring). Raises
+        DataError for a video whose frames differ in size."""
+        for frames in videos:
+            sizes = {f.size for f in frames}
+            if len(sizes) != 1:
+                raise DataError(f"A video's frames must all have one size; got {sorted(sizes)}. Resize them first.")
+        if self.soft_token_marks is not None:
+            outs = [self._gemma_frames(list(frames)) for frames in videos]
+            return {"pixel_values_videos": torch.cat([o["pixel_values"] for o in outs]).float(),
+                    "video_position_ids": torch.cat([o["image_position_ids"] for o in outs]).long(),
+                    "num_frames_per_video": torch.tensor([len(frames) for frames in videos])}
         tps = int(self.image_processor.temporal_patch_size)
         patches, grids = [], []
         for frames in videos:
@@ -165,20 +196,25 @@ class VideoFrames:
         """Per video ((frames, fps) pairs: frames as PIL images or sources to_pil reads, fps None for DEFAULT_FPS)
         what expand_videos needs: ((t, h, w) grid, frames padded to a multiple of temporal_patch_size; and for
         Qwen3-VL the patches' times in seconds, from the frame indices (`indices` per video, e.g. a video's
-        metadata's frames_indices; else 0, 1, ...) over fps). Only each video's first frame is read."""
+        metadata's frames_indices; else 0, 1, ...) over fps); for Gemma 4 ((frames, soft tokens a frame), each
+        frame's time). Only each video's first frame is read. Raises DataError for indices of another length."""
         if not videos:
             return []
-        tps = int(self.image_processor.temporal_patch_size)
         out = []
         for k, (frames, fps) in enumerate(videos):
             first = to_pil(frames[0], "a video's first frame")
+            seen = indices[k] if indices and indices[k] is not None else range(len(frames))
+            if len(seen) != len(frames):
+                raise DataError(f"video {k + 1}: its metadata's frames_indices has {len(seen)} entries for "
+                                f"{len(frames)} frames; give one index per frame given.")
+            times = [i / float(fps or DEFAULT_FPS) for i in seen]
+            if self.soft_token_marks is not None:  # Gemma 4: (frames, soft tokens a frame), each frame's time
+                out.append(([len(frames), int(self._gemma_frames([first])["num_soft_tokens_per_image"][0])], times))
+                continue
+            tps = int(self.image_processor.temporal_patch_size)
             if self.video_stamps:
                 h, w = (v // int(self.image_processor.patch_size) for v in self._qwen3_size(len(frames), first))
-                seen = indices[k] if indices and indices[k] is not None else range(len(frames))
-                if len(seen) != len(frames):
-                    raise DataError(f"video {k + 1}: its metadata's frames_indices has {len(seen)} entries for "
-                                    f"{len(frames)} frames; give one index per frame given.")
-                stamps = patch_stamps([i / float(fps or DEFAULT_FPS) for i in seen], tps)
+                stamps = patch_stamps(times, tps)
             else:
                 sizes = self.image_processor(images=[first], size=self.video_size, return_tensors="pt")
                 h, w = sizes["image_grid_thw"][0].tolist()[1:]
@@ -196,6 +232,11 @@ class VideoFrames:
             raise DataError(f"The text has {len(parts) - 1} video placeholders but {len(layouts)} videos were given.")
         out = [parts[0]]
         for (grid, stamps), rest in zip(layouts, parts[1:]):
+            if self.soft_token_marks is not None:  # Gemma4Processor: "mm:ss <boi><video> x n<eoi>" per frame
+                begin, end = self.soft_token_marks
+                out.append(" ".join(f"{int(t // 60):02d}:{int(t % 60):02d} {begin}{self.video_token * grid[1]}{end}"
+                                    for t in stamps) + rest)
+                continue
             per_frame = grid[1] * grid[2] // self.merge_size ** 2
             if stamps is None:
                 out.append(self.video_token * (grid[0] * per_frame) + rest)
@@ -212,7 +253,7 @@ class VideoFrames:
         or a frame path that does not exist."""
         if filmed and self.video_token is None:
             raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL, "
-                            f"Qwen2.5-VL, Qwen3-VL and Qwen3.5 only (other families' videos train through the model "
+                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4 only (other families' videos train through the model "
                             f"with the processor's pixel_values_videos and video_grid_thw, or pass sampled frames as "
                             f"images).")
         out = []

@@ -26,8 +26,8 @@ from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
 from fasttune.data.images import absolute, to_pil
 from fasttune.data.formats import positive_number
-from fasttune.data.video import (QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_size, video_config,
-                                 video_rate)
+from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_size,
+                                 video_config, video_rate)
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -116,8 +116,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                                      f"tower needs the feature_extractor entry of its processor_config.json.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
-                   read_video_size(folder, QWEN3_VIDEO_SIZE if video_stamps else None) if video_token else None,
-                   video_stamps)
+                   read_video_size(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
+                                   else None) if video_token else None, video_stamps)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
@@ -547,6 +547,9 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         if getattr(vlm_config, "audio_config", None) is not None:  # E2B / E4B hear: <audio> expands alike
             settings["audio_marks"] = tuple(tokenizer.convert_ids_to_tokens(
                 [vlm_config.boa_token_id, vlm_config.audio_token_id, vlm_config.eoa_token_index]))
+        video = getattr(vlm_config, "video_token_id", None)
+        if video is not None and video < len(tokenizer):  # frames as images between timestamps (data/video.py)
+            settings["video_token"] = tokenizer.convert_ids_to_tokens(video)
         return settings
     if vlm_config.model_type == "mistral3":  # PixtralProcessor's tokens; a token covers merge x merge patches
         image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)

@@ -1,0 +1,110 @@
+"""Videos in data rows, prompts and processor calls for Gemma 4 (data/video.py): text, pixels and positions equal
+transformers' Gemma4Processor with do_sample_frames=False (tests/fixtures/gemma4_video.npz, written by it where
+torchvision is installed; the video processor's own soft-token budget, not the images'), rows with videos train and
+their logits and greedy generation equal transformers' Gemma 4 on the same batch."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tiny_vision import GEMMA4_AUDIO_TOKENS, GEMMA4_TEMPLATE, GEMMA4_TOKENS, _save, gemma4_config, patterned_frames
+from tiny_tokenizer import make_tiny_tokenizer
+
+ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "gemma4_video.npz"
+TEMPLATE = GEMMA4_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
+                                   "{% elif item['type'] == 'video' %}{{ '<|video|>' }}{% elif item['type'] == 'text' %}")
+
+
+def _processor():
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS + GEMMA4_AUDIO_TOKENS + ["<|video|>"]})
+    return VisionProcessor(tok, Gemma4ImageProcessorPil(max_soft_tokens=140), TEMPLATE, "<|image|>", None,
+                           soft_token_marks=("<|image>", "<image|>"), video_token="<|video|>",
+                           video_size={"max_soft_tokens": 70})
+
+
+def _frames(array):
+    return [Image.fromarray(f) for f in array]
+
+
+def test_text_and_frames_equal_transformers_processor():
+    oracle = np.load(ORACLE)
+    proc = _processor()
+    assert proc.video_token_id == 265
+    clips = [_frames(patterned_frames(3, 288, 480)), _frames(patterned_frames(2, 288, 480)[::-1])]
+    out = proc(text=["ab<|video|>cd<|video|>e"], videos=clips, video_metadata=[{"fps": 0.5}, {"fps": 24}])
+    assert out["input_ids"].tolist() == oracle["input_ids"].tolist()  # "00:00 <|image>...<image|> 00:02 ..."
+    pixels = out["pixel_values_videos"] * 255  # (frames' bytes / 255: Gemma 4 normalises with mean 0, std 1)
+    assert (pixels - pixels.round()).abs().max() < 1e-3
+    pixels = pixels.round().long()
+    assert torch.equal(pixels[:, :40], torch.from_numpy(oracle["pixel_head"]).long())
+    assert torch.equal(pixels.sum(2), torch.from_numpy(oracle["pixel_patch_sums"]))
+    assert torch.equal(pixels.sum(1), torch.from_numpy(oracle["pixel_position_sums"]))
+    assert torch.equal(out["video_position_ids"], torch.from_numpy(oracle["video_position_ids"]).long())
+    assert out["num_frames_per_video"].tolist() == oracle["num_frames_per_video"].tolist() == [3, 2]
+    small = _frames(patterned_frames(2, 100, 50))  # resized to the budget: 55 soft tokens a frame, as transformers'
+    assert proc.video_layouts([(small, 2.0)]) == [([2, int(oracle["small_soft_tokens"][0])], [0.0, 0.5])]
+
+
+@pytest.fixture(scope="module")
+def video_model(tmp_path_factory):
+    from transformers import Gemma4ForConditionalGeneration
+
+    from fasttune import FastVisionModel
+
+    def init(model):  # (as tiny_vision.save_gemma4: images change the logits clearly)
+        model.model.embed_vision.embedding_projection.weight.normal_(0, 0.3)
+
+    folder = _save(tmp_path_factory.mktemp("video4") / "m", Gemma4ForConditionalGeneration,
+                   gemma4_config(video=True), _processor(), seed=0, init=init)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps({"max_soft_tokens": 70}))
+    return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
+
+
+def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
+    from transformers import Gemma4ForConditionalGeneration
+
+    from fasttune import FastVisionModel
+    from fasttune.data.vision import VisionEncoder, collate_vision
+
+    model, proc, folder = video_model
+    assert proc.video_token == "<|video|>" and proc.video_size == {"max_soft_tokens": 70}
+    red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": [red, blue, red], "fps": 1},
+                                                       {"type": "text", "text": "what happens?"}]},
+                          {"role": "assistant", "content": "it blinks"}]},
+            {"messages": [{"role": "user", "content": [{"type": "text", "text": "and"},
+                                                       {"type": "video", "video": [blue, blue]}]},
+                          {"role": "assistant", "content": "still"}]}]
+    enc = VisionEncoder(proc, 512, train_on_responses_only=True, base_dir=tmp_path)
+    examples = [enc.encode(r, i) for i, r in enumerate(rows)]
+    assert "00:00 <|image><|video|>" in proc.tokenizer.decode(examples[0]["input_ids"])
+    assert "<image|> 00:02 <|image>" in proc.tokenizer.decode(examples[0]["input_ids"])  # third frame, at 1 fps
+    for ex, frames in zip(examples, (3, 2)):
+        per_frame = ex["input_ids"].count(proc.video_token_id) // frames
+        assert per_frame > 0 and ex["input_ids"].count(proc.video_token_id) == per_frame * frames
+        assert all(lab == -100 for t, lab in zip(ex["input_ids"], ex["labels"]) if t == proc.video_token_id)
+    batch = collate_vision(examples, proc)
+    assert batch["num_frames_per_video"].tolist() == [3, 2]
+    hf = Gemma4ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
+    marks = 2 * (batch["input_ids"] == proc.video_token_id).long()  # transformers' mm_token_type_ids: 2 = video
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    prompt = proc.prompt_inputs([[{"type": "video", "video": [red, blue]}, {"type": "text", "text": "next?"}]])
+    with torch.no_grad():
+        want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
+                           max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
+    lora(**batch).loss.backward()  # the frames' gradients reach the tower's adapters
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters()
+               if "vision_tower" in n and "lora_B" in n)
