@@ -47,6 +47,27 @@ def qwen_vl_processor(patch: int = PATCH, tok=None, max_side: int = 8):
     return VisionProcessor(tok, images, QWEN_VL_TEMPLATE, "<|image_pad|>", MERGE)
 
 
+QWEN_VIDEO_SIZE = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16}  # (tests/fixtures/qwen2vl_video.npz's)
+QWEN_VL_VIDEO_TEMPLATE = QWEN_VL_TEMPLATE.replace(
+    "{% elif item['type'] == 'text' %}",
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}{% elif item['type'] == 'text' %}")
+
+
+def qwen_vl_video_processor():
+    """qwen_vl_processor's parts plus Qwen2-VL's video token (<|video_pad|>, id 262; a model for it needs
+    config.video_token_id = 262) and video size limits (QWEN_VIDEO_SIZE); its template renders video items."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=QWEN_VL_VIDEO_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|video_pad|>"]})  # ids 259-262
+    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
+                                      min_pixels=(2 * PATCH) ** 2, max_pixels=(8 * PATCH) ** 2)
+    return VisionProcessor(tok, images, QWEN_VL_VIDEO_TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
+                           video_size=dict(QWEN_VIDEO_SIZE))
+
+
 def _save(folder, model_cls, config, processor, seed: int, init=None):
     """A random model of `config` (fp32, seeded; `init(model)` adjusts weights) and `processor` saved to `folder`."""
     import torch

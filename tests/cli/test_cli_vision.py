@@ -1,7 +1,8 @@
 """The command line with a vision-language model: train on image rows whose paths are relative to the data file
 (samples and the saved adapter carry the images' processor), generate with --image equal to the API, export the
-merged checkpoint (GGUF of a tower llama.cpp cannot compute is refused with the way out), and the user errors (a
-missing image, --image on a text model) as one message with exit code 2."""
+merged checkpoint (GGUF of a tower llama.cpp cannot compute is refused with the way out), generate with --video (a
+folder of frames) equal to the API, and the user errors (a missing image, --image on a text model, --video on a
+model whose processor reads no videos, --fps alone) as one message with exit code 2."""
 import json
 
 import pytest
@@ -75,3 +76,38 @@ def test_image_on_a_text_model_is_refused(tiny_model_dir, tmp_path, capsys):
     rc = main(["generate", "--model", str(tiny_model_dir("llama")), "--image", str(tmp_path / "a.png"),
                "--prompt", "hi"])
     assert rc == 2 and "text-only model" in capsys.readouterr().err
+
+
+def test_generate_with_a_video_equals_the_api(tmp_path, capsys):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+    from tiny_vision import _save, qwen_vl_config, qwen_vl_video_processor
+
+    from fasttune import FastVisionModel
+    from fasttune.generate import generate_vision_text
+
+    config = qwen_vl_config()
+    config.video_token_id = 262  # (qwen_vl_video_processor's video token)
+    model = _save(tmp_path / "m", Qwen2_5_VLForConditionalGeneration, config, qwen_vl_video_processor(), seed=0)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i, colour in enumerate(["red", "blue", "red"]):
+        solid_image(colour, (56, 28)).save(frames / f"{i:02d}.png")
+    assert main(["generate", "--model", str(model), "--video", str(frames), "--fps", "2", "--prompt", "What happens?",
+                 "--max-new-tokens", "4", "--dtype", "float32"]) == 0
+    printed = capsys.readouterr().out
+    loaded, proc = FastVisionModel.from_pretrained(str(model), dtype=torch.float32)
+    reply = generate_vision_text(loaded, proc, [[{"type": "video", "video": str(frames), "fps": 2.0},
+                                                 {"type": "text", "text": "What happens?"}]], max_new_tokens=4)[0]
+    assert printed == f"### What happens?\n{reply}\n\n"
+
+
+def test_video_flags_refused_with_one_message(vl_run, tmp_path, capsys):
+    root, model = vl_run
+    (tmp_path / "frames").mkdir()
+    solid_image("red").save(tmp_path / "frames" / "0.png")
+    rc = main(["generate", "--model", str(model), "--video", str(tmp_path / "frames"), "--prompt", "hi"])
+    err = capsys.readouterr().err  # (this tiny Qwen2.5-VL's tokenizer has no video token)
+    assert rc == 2 and "has a video item" in err and "Traceback" not in err
+    rc = main(["generate", "--model", str(model), "--fps", "2", "--prompt", "hi"])
+    assert rc == 2 and "--fps is the rate of --video frames" in capsys.readouterr().err

@@ -9,29 +9,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import MERGE, PATCH, QWEN_VL_TEMPLATE, VISION_TOKENS, _save, qwen_vl_config
-from tiny_tokenizer import make_tiny_tokenizer
+from tiny_vision import QWEN_VIDEO_SIZE, _save, qwen_vl_config, qwen_vl_video_processor
 
 from fasttune.errors import DataError
 
 ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen2vl_video.npz"
-SIZE = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16}  # as the oracle's video processor
-TEMPLATE = QWEN_VL_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
-                                    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-                                    "{% elif item['type'] == 'text' %}")
-
-
-def _processor():
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from fasttune.data.vision import VisionProcessor
-
-    tok = make_tiny_tokenizer(chat_template=TEMPLATE)
-    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|video_pad|>"]})  # ids 259-262
-    images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
-                                      min_pixels=(2 * PATCH) ** 2, max_pixels=(8 * PATCH) ** 2)
-    return VisionProcessor(tok, images, TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
-                           video_size=dict(SIZE))
+SIZE = QWEN_VIDEO_SIZE  # as the oracle's video processor
+_processor = qwen_vl_video_processor
 
 
 def _frames(array):
