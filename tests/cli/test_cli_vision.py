@@ -100,6 +100,13 @@ def test_generate_with_a_video_equals_the_api(tmp_path, capsys):
     reply = generate_vision_text(loaded, proc, [[{"type": "video", "video": str(frames), "fps": 2.0},
                                                  {"type": "text", "text": "What happens?"}]], max_new_tokens=4)[0]
     assert printed == f"### What happens?\n{reply}\n\n"
+    rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": "frames", "fps": 2},
+                                                       {"type": "text", "text": "What happens?"}]},
+                          {"role": "assistant", "content": "it blinks"}]}] * 2  # (the folder relative to the data)
+    (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    assert main(["train", "--model", str(model), "--data", str(tmp_path / "rows.jsonl"), "--output-dir",
+                 str(tmp_path / "out"), "--max-steps", "1", "--lora-r", "4"]) == 0
+    assert "prompt: <video> What happens?" in capsys.readouterr().out
 
 
 def test_video_flags_refused_with_one_message(vl_run, tmp_path, capsys):

@@ -525,10 +525,10 @@ class VisionDataCollator:
 
 
 def content_preview(content) -> str:
-    """A prompt's content for printing: its text, with <image> / <audio> where an image / audio item stands."""
+    """A prompt's content for printing: its text, with <image> / <audio> / <video> where such an item stands."""
     if isinstance(content, str):
         return content
-    return " ".join(f"<{i['type']}>" if i.get("type") in ("image", "audio") else str(i.get("text", ""))
+    return " ".join(f"<{i['type']}>" if i.get("type") in ("image", "audio", "video") else str(i.get("text", ""))
                     for i in content if isinstance(i, dict))
 
 
