@@ -68,6 +68,35 @@ def qwen_vl_video_processor():
                            video_size=dict(QWEN_VIDEO_SIZE))
 
 
+def save_video_model(folder, model_cls, config, processor, video_config: dict, init=None):
+    """A random tiny vision-language model (seed 0) whose config's video token is `processor`'s, saved with it and a
+    video_preprocessor_config.json of `video_config`; returns the folder."""
+    import json
+
+    config.video_token_id = processor.video_token_id
+    _save(folder, model_cls, config, processor, seed=0, init=init)
+    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_config))
+    return folder
+
+
+def check_video_batch(model, hf, proc, batch: dict, prompt: list, pad_token_id: int):
+    """Our logits on a collated batch with videos equal transformers' (`hf`, given mm_token_type_ids 2 on the video
+    tokens), and greedy generation from a user turn `prompt` (content items) with a video equals its."""
+    import torch
+
+    marks = lambda ids: 2 * (ids == proc.video_token_id).long()  # noqa: E731  (transformers': 2 = video)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks(batch["input_ids"])).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    prompt = proc.prompt_inputs([prompt])
+    with torch.no_grad():
+        want = hf.generate(**prompt, mm_token_type_ids=marks(prompt["input_ids"]), max_new_tokens=4,
+                           do_sample=False, pad_token_id=pad_token_id)
+    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+
+
 def _save(folder, model_cls, config, processor, seed: int, init=None):
     """A random model of `config` (fp32, seeded; `init(model)` adjusts weights) and `processor` saved to `folder`."""
     import torch

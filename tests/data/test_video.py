@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import QWEN_VIDEO_SIZE, _save, qwen_vl_config, qwen_vl_video_processor
+from tiny_vision import QWEN_VIDEO_SIZE, check_video_batch, qwen_vl_config, qwen_vl_video_processor, save_video_model
 
 from fasttune.errors import DataError
 
@@ -39,11 +39,8 @@ def video_model(tmp_path_factory):
 
     from fasttune import FastVisionModel
 
-    config = qwen_vl_config()
-    config.video_token_id = 262
-    folder = _save(tmp_path_factory.mktemp("video") / "m", Qwen2_5_VLForConditionalGeneration, config, _processor(),
-                   seed=0)
-    (folder / "video_preprocessor_config.json").write_text(json.dumps({"size": SIZE}))
+    folder = save_video_model(tmp_path_factory.mktemp("video") / "m", Qwen2_5_VLForConditionalGeneration,
+                              qwen_vl_config(), _processor(), {"size": SIZE})
     return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
 
 
@@ -73,18 +70,8 @@ def test_video_rows_expand_train_and_equal_transformers(video_model, tmp_path):
     assert batch["video_grid_thw"].tolist() == [[2, 2, 4], [2, 2, 4]]
     assert batch["second_per_grid_ts"].tolist() == pytest.approx([0.5, 2 / 24])
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    marks = 2 * (batch["input_ids"] == proc.video_token_id).long()  # transformers' mm_token_type_ids: 2 = video
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
-    prompt = proc.prompt_inputs([[{"type": "video", "video": _frames(oracle["frames4"])},
-                                  {"type": "text", "text": "next?"}]])  # and a prompt with a video generates
-    with torch.no_grad():
-        want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
-                           max_new_tokens=4, do_sample=False, pad_token_id=256)
-    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    check_video_batch(model, hf, proc, batch, [{"type": "video", "video": _frames(oracle["frames4"])},
+                                               {"type": "text", "text": "next?"}], pad_token_id=256)
     text = proc.apply_chat_template([{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "x"}]}])
     called = proc(text=[text], videos=[_frames(oracle["frames4"])])  # the processor's own call, as transformers'
     assert called["input_ids"][0].tolist().count(proc.video_token_id) == 4

@@ -2,14 +2,14 @@
 transformers' Gemma4Processor with do_sample_frames=False (tests/fixtures/gemma4_video.npz, written by it where
 torchvision is installed; the video processor's own soft-token budget, not the images'), rows with videos train and
 their logits and greedy generation equal transformers' Gemma 4 on the same batch."""
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import GEMMA4_AUDIO_TOKENS, GEMMA4_TEMPLATE, GEMMA4_TOKENS, _save, gemma4_config, patterned_frames
+from tiny_vision import (GEMMA4_AUDIO_TOKENS, GEMMA4_TEMPLATE, GEMMA4_TOKENS, check_video_batch, gemma4_config,
+                         patterned_frames, save_video_model)
 from tiny_tokenizer import make_tiny_tokenizer
 
 ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "gemma4_video.npz"
@@ -61,9 +61,8 @@ def video_model(tmp_path_factory):
     def init(model):  # (as tiny_vision.save_gemma4: images change the logits clearly)
         model.model.embed_vision.embedding_projection.weight.normal_(0, 0.3)
 
-    folder = _save(tmp_path_factory.mktemp("video4") / "m", Gemma4ForConditionalGeneration,
-                   gemma4_config(video=True), _processor(), seed=0, init=init)
-    (folder / "video_preprocessor_config.json").write_text(json.dumps({"max_soft_tokens": 70}))
+    folder = save_video_model(tmp_path_factory.mktemp("video4") / "m", Gemma4ForConditionalGeneration,
+                              gemma4_config(video=True), _processor(), {"max_soft_tokens": 70}, init=init)
     return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
 
 
@@ -93,17 +92,8 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     batch = collate_vision(examples, proc)
     assert batch["num_frames_per_video"].tolist() == [3, 2]
     hf = Gemma4ForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    marks = 2 * (batch["input_ids"] == proc.video_token_id).long()  # transformers' mm_token_type_ids: 2 = video
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
-    prompt = proc.prompt_inputs([[{"type": "video", "video": [red, blue]}, {"type": "text", "text": "next?"}]])
-    with torch.no_grad():
-        want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
-                           max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    check_video_batch(model, hf, proc, batch, [{"type": "video", "video": [red, blue]},
+                                               {"type": "text", "text": "next?"}], pad_token_id=0)
     lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
     lora(**batch).loss.backward()  # the frames' gradients reach the tower's adapters
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in lora.named_parameters()

@@ -3,14 +3,13 @@ text, pixels and grids equal transformers' Qwen3VLProcessor with do_sample_frame
 (tests/fixtures/qwen3vl_video.npz, written by that processor where torchvision is installed), the frame size from
 the frame count (and qwen-vl-utils' per-frame cap), rows with videos train and their logits equal transformers'
 Qwen3-VL on the same batch, and the bad inputs are named."""
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import MERGE, QWEN_VL_TEMPLATE, VISION_TOKENS, _save, qwen3_vl_config
+from tiny_vision import MERGE, QWEN_VL_TEMPLATE, VISION_TOKENS, check_video_batch, qwen3_vl_config, save_video_model
 from tiny_tokenizer import make_tiny_tokenizer
 
 from fasttune.data.video import QWEN3_VIDEO_SIZE, qwen3_frame_size
@@ -80,12 +79,9 @@ def video_model(tmp_path_factory):
 
     from fasttune import FastVisionModel
 
-    config = qwen3_vl_config()
-    config.video_token_id = 262
-    folder = _save(tmp_path_factory.mktemp("video3") / "m", Qwen3VLForConditionalGeneration, config, _processor(),
-                   seed=0)
-    (folder / "video_preprocessor_config.json").write_text(json.dumps({"size": SIZE, "image_mean": [0.5] * 3,
-                                                                       "image_std": [0.5] * 3}))
+    folder = save_video_model(tmp_path_factory.mktemp("video3") / "m", Qwen3VLForConditionalGeneration,
+                              qwen3_vl_config(), _processor(), {"size": SIZE, "image_mean": [0.5] * 3,
+                                                                "image_std": [0.5] * 3})
     return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
 
 
@@ -113,18 +109,8 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     batch = collate_vision(examples, proc)
     assert batch["video_grid_thw"].tolist() == [[2, 2, 4], [2, 2, 4]] and "second_per_grid_ts" not in batch
     hf = Qwen3VLForConditionalGeneration.from_pretrained(folder, dtype=torch.float32).eval()
-    marks = 2 * (batch["input_ids"] == proc.video_token_id).long()  # transformers' mm_token_type_ids: 2 = video
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.no_grad():
-        ours, ref = model(**inputs).logits, hf(**inputs, mm_token_type_ids=marks).logits
-    real = batch["attention_mask"].bool()
-    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
-    prompt = proc.prompt_inputs([[{"type": "video", "video": _frames(oracle["frames4"])},
-                                  {"type": "text", "text": "next?"}]])  # a prompt with a video generates
-    with torch.no_grad():
-        want = hf.generate(**prompt, mm_token_type_ids=2 * (prompt["input_ids"] == proc.video_token_id).long(),
-                           max_new_tokens=4, do_sample=False, pad_token_id=256)
-    assert torch.equal(model.generate(**prompt, max_new_tokens=4, do_sample=False), want)
+    check_video_batch(model, hf, proc, batch, [{"type": "video", "video": _frames(oracle["frames4"])},
+                                               {"type": "text", "text": "next?"}], pad_token_id=256)
     proc.save_pretrained(tmp_path / "saved")
     from fasttune.data.video import read_video_size
 
