@@ -50,7 +50,8 @@ def qwen_vl_processor(patch: int = PATCH, tok=None, max_side: int = 8):
 QWEN_VIDEO_SIZE = {"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 16}  # (tests/fixtures/qwen2vl_video.npz's)
 QWEN_VL_VIDEO_TEMPLATE = QWEN_VL_TEMPLATE.replace(
     "{% elif item['type'] == 'text' %}",
-    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}{% elif item['type'] == 'text' %}")
+    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{% elif item['type'] == 'text' %}")
 
 
 def qwen_vl_video_processor():

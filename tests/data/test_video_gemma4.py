@@ -14,7 +14,8 @@ from tiny_tokenizer import make_tiny_tokenizer
 
 ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "gemma4_video.npz"
 TEMPLATE = GEMMA4_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
-                                   "{% elif item['type'] == 'video' %}{{ '<|video|>' }}{% elif item['type'] == 'text' %}")
+                                   "{% elif item['type'] == 'video' %}{{ '<|video|>' }}"
+                                   "{% elif item['type'] == 'text' %}")
 
 
 def _processor():

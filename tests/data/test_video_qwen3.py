@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import MERGE, QWEN_VL_TEMPLATE, VISION_TOKENS, check_video_batch, qwen3_vl_config, save_video_model
+from tiny_vision import (MERGE, QWEN_VL_VIDEO_TEMPLATE, VISION_TOKENS, check_video_batch, qwen3_vl_config,
+                         save_video_model)
 from tiny_tokenizer import make_tiny_tokenizer
 
 from fasttune.data.video import QWEN3_VIDEO_SIZE, qwen3_frame_size
@@ -19,9 +20,7 @@ ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen3vl_video.npz"
 SIZE = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64}  # as the oracle's video processor
 # Qwen3VLVideoProcessor's normalisation (0.5), where the tiny image processor keeps Qwen2-VL's CLIP mean / std
 VIDEO = {**SIZE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-TEMPLATE = QWEN_VL_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
-                                    "{% elif item['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
-                                    "{% elif item['type'] == 'text' %}")
+TEMPLATE = QWEN_VL_VIDEO_TEMPLATE
 
 
 def _processor(size=VIDEO):
@@ -135,5 +134,10 @@ def test_bad_video_inputs_are_named(video_model):
         proc(text=[text], videos=[red], video_metadata=[{"fps": 2, "frames_indices": [0, 4, 8]}])
     with pytest.raises(DataError, match="video_metadata 1.*fps"):
         proc(text=[text], videos=[red], video_metadata=[{"fps": -1}])
-    with pytest.raises(DataError, match="at least 2 frames"):
+    with pytest.raises(DataError, match="videos, video 1: a Qwen3-VL video needs at least 2 frames"):
         proc(text=[text], videos=[red[:1]])
+    from fasttune.data.vision import VisionEncoder
+
+    row = {"messages": [{"role": "user", "content": [{"type": "video", "video": red[:1]}]}]}
+    with pytest.raises(DataError, match="Row 3, video 1: a Qwen3-VL video needs at least 2 frames"):
+        VisionEncoder(proc, 256, False).encode(row, 3)

@@ -1,5 +1,6 @@
-"""Videos given as their frames, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4: `{"type": "video", "video": [frame, ...]}` items in
-data rows and prompts (frames as PIL images, paths or bytes, already sampled; `"fps"`: the frames' rate).
+"""Videos given as their frames, for Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4: `{"type": "video",
+"video": [frame, ...]}` items in data rows and prompts (frames as PIL images, paths or bytes, already sampled;
+`"fps"`: the frames' rate).
 
 transformers' video processors need torchvision; the same numbers come from the checkpoint's image processor here:
 each frame resized as Qwen2VLVideoProcessor resizes a video (smart_resize to multiples of patch x merge within the
@@ -28,11 +29,10 @@ spaces, mm:ss the frame's time (frame index / fps, whole seconds).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
-
-import math
 
 from fasttune.data.formats import positive_number
 from fasttune.data.images import absolute, to_pil
@@ -86,14 +86,16 @@ def video_config(size: dict) -> dict:
     return out
 
 
-def qwen3_frame_size(frames: int, height: int, width: int, factor: int, tps: int, size: dict) -> tuple[int, int]:
+def qwen3_frame_size(frames: int, height: int, width: int, factor: int, tps: int, size: dict,
+                     where: str = "a video") -> tuple[int, int]:
     """Qwen3-VL's size (height, width) for all `frames` of a video of height x width pixels: transformers'
     Qwen3VLVideoProcessor.resize and its smart_resize (`factor` = patch x merge, `tps` the temporal patch size,
     `size` read_video_size's limits on t x h x w, and its per-frame cap when "max_video_tokens" is there). Raises
-    DataError for fewer than `tps` frames or an aspect ratio over 200, as that processor refuses them."""
+    DataError naming `where` for fewer than `tps` frames or an aspect ratio over 200, as that processor refuses
+    them."""
     if frames < tps:
-        raise DataError(f"a Qwen3-VL video needs at least {tps} frames (its video processor's temporal_patch_size); "
-                        f"got {frames}. Give more frames, or the frame as an image.")
+        raise DataError(f"{where}: a Qwen3-VL video needs at least {tps} frames (its video processor's "
+                        f"temporal_patch_size); got {frames}. Give more frames, or the frame as an image.")
     low, high = size["shortest_edge"], size["longest_edge"]
     if "max_video_tokens" in size:  # qwen-vl-utils' cap: each frame's share of the budget, at most the token cap
         per_frame = max(min(size["max_video_tokens"] * factor * factor, high // frames), int(low * 1.05))
@@ -102,7 +104,7 @@ def qwen3_frame_size(frames: int, height: int, width: int, factor: int, tps: int
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)
     if max(height, width) / min(height, width) > 200:
-        raise DataError(f"a video's frames of {width} x {height} pixels: the aspect ratio must be under 200.")
+        raise DataError(f"{where}: frames of {width} x {height} pixels; the aspect ratio must be under 200.")
     h, w = round(height / factor) * factor, round(width / factor) * factor
     t = round(frames / tps) * tps
     if t * h * w > high:
@@ -155,11 +157,11 @@ class VideoFrames:
         per_frame = torch.as_tensor(out["pixel_values"]).view(len(frames), grid[1] * grid[2], 3, tps, patch, patch)
         return per_frame[:, :, :, 0], grid[1:]  # (an image repeats itself along T: one copy)
 
-    def _qwen3_size(self, frames: int, first) -> tuple[int, int]:
+    def _qwen3_size(self, frames: int, first, where: str = "a video") -> tuple[int, int]:
         """qwen3_frame_size for a video of `frames` frames whose first frame (a PIL image) is `first`."""
         ip = self.image_processor
         return qwen3_frame_size(frames, first.height, first.width, int(ip.patch_size) * self.merge_size,
-                                int(ip.temporal_patch_size), self.video_size)
+                                int(ip.temporal_patch_size), self.video_size, where)
 
     def process_videos(self, videos: list[list], fps: list[float] | None = None) -> dict:
         """Videos (each a list of PIL frames) -> {"pixel_values_videos" (patches, C * T * P * P) float32,
@@ -192,28 +194,30 @@ class VideoFrames:
             out["second_per_grid_ts"] = torch.tensor([tps / float(r) for r in rates])
         return out
 
-    def video_layouts(self, videos: list, indices: list | None = None) -> list:
+    def video_layouts(self, videos: list, indices: list | None = None, where: str = "videos") -> list:
         """Per video ((frames, fps) pairs: frames as PIL images or sources to_pil reads, fps None for DEFAULT_FPS)
         what expand_videos needs: ((t, h, w) grid, frames padded to a multiple of temporal_patch_size; and for
         Qwen3-VL the patches' times in seconds, from the frame indices (`indices` per video, e.g. a video's
         metadata's frames_indices; else 0, 1, ...) over fps); for Gemma 4 ((frames, soft tokens a frame), each
-        frame's time). Only each video's first frame is read. Raises DataError for indices of another length."""
+        frame's time). Only each video's first frame is read. Raises DataError naming `where` and the video for
+        indices of another length, or a video Qwen3-VL's processor refuses (qwen3_frame_size)."""
         if not videos:
             return []
         out = []
         for k, (frames, fps) in enumerate(videos):
-            first = to_pil(frames[0], "a video's first frame")
+            at = f"{where}, video {k + 1}"
+            first = to_pil(frames[0], f"{at}, frame 1")
             seen = indices[k] if indices and indices[k] is not None else range(len(frames))
             if len(seen) != len(frames):
-                raise DataError(f"video {k + 1}: its metadata's frames_indices has {len(seen)} entries for "
-                                f"{len(frames)} frames; give one index per frame given.")
+                raise DataError(f"{at}: its metadata's frames_indices has {len(seen)} entries for {len(frames)} "
+                                f"frames; give one index per frame given.")
             times = [i / float(fps or DEFAULT_FPS) for i in seen]
             if self.soft_token_marks is not None:  # Gemma 4: (frames, soft tokens a frame), each frame's time
                 out.append(([len(frames), int(self._gemma_frames([first])["num_soft_tokens_per_image"][0])], times))
                 continue
             tps = int(self.image_processor.temporal_patch_size)
             if self.video_stamps:
-                h, w = (v // int(self.image_processor.patch_size) for v in self._qwen3_size(len(frames), first))
+                h, w = (v // int(self.image_processor.patch_size) for v in self._qwen3_size(len(frames), first, at))
                 stamps = patch_stamps(times, tps)
             else:
                 sizes = self.image_processor(images=[first], size=self.video_size, return_tensors="pt")
@@ -253,9 +257,9 @@ class VideoFrames:
         or a frame path that does not exist."""
         if filmed and self.video_token is None:
             raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL, "
-                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4 only (other families' videos train through the model "
-                            f"with the processor's pixel_values_videos and video_grid_thw, or pass sampled frames as "
-                            f"images).")
+                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4 only (other families' videos train through "
+                            f"the model with the processor's pixel_values_videos and video_grid_thw, or pass sampled "
+                            f"frames as images).")
         out = []
         for i, (src, fps) in enumerate(filmed):
             at = f"{where}, video {i + 1}"

@@ -288,7 +288,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
             text = self.expand(text, self.image_grids(row_images))
             text = self.expand_audio(text, self.audio_counts(row_clips) if row_clips else [])
-            text = self.expand_videos(text, self.video_layouts(row_videos))
+            text = self.expand_videos(text, self.video_layouts(row_videos, where=at))
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
             clips += row_clips
@@ -386,7 +386,7 @@ class VisionEncoder:
         clips = p.waveforms(heard, where, self.base_dir)
         counts = p.audio_counts(clips) if clips else []
         videos = p.frame_sources(filmed, where, self.base_dir)  # (decoded at collate time, as images are)
-        vgrids = p.video_layouts(videos)
+        vgrids = p.video_layouts(videos, where=where)
 
         def tokens(msgs, gen=False):
             """Token ids of messages `msgs` rendered by the chat template (gen: with the generation prompt), each
