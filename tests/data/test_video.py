@@ -96,8 +96,10 @@ def test_bad_videos_are_named(video_model, tmp_path):
         return {"messages": [{"role": "user", "content": [{"type": "video", **item}]}]}
 
     red, blue = Image.new("RGB", (56, 28), "red"), Image.new("RGB", (28, 28), "blue")
-    with pytest.raises(DataError, match="Row 0.*video 1.*decode a video file into frames first"):
+    with pytest.raises(DataError, match="Row 0, video 1: video file .*clip.mp4' does not exist"):
         enc.encode(row(video="clip.mp4"), 0)
+    with pytest.raises(DataError, match="Row 0, video 1: a video is a video file .*not 'notes.txt'"):
+        enc.encode(row(video="notes.txt"), 0)
     with pytest.raises(DataError, match="Row 1, message 1: a video's 'fps' must be a positive number, not 0"):
         enc.encode(row(video=[red, red], fps=0), 1)
     with pytest.raises(DataError, match="Row 2.*'videos' column has no video left"):

@@ -24,11 +24,13 @@ def register(subparsers):
                    help="an image file for a vision-language model, shown before the prompt's text (repeat it: "
                         "with one prompt all images go with it, with several prompts one image per prompt)")
     p.add_argument("--video", action="append", default=[],
-                   help="a folder of a video's frames (.png / .jpg / .webp, taken in name order, already sampled) "
-                        "for a vision-language model that reads videos (Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, "
-                        "Gemma 4); shown before the prompt's text, after its images; repeat it as --image")
+                   help="a video file (.mp4, .mov, .webm, ...; needs PyAV) or a folder of its frames (.png / .jpg "
+                        "/ .webp in name order, already sampled) for a vision-language model that reads videos "
+                        "(Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 4); shown before the prompt's text, after "
+                        "its images; repeat it as --image")
     p.add_argument("--fps", type=float, default=None,
-                   help="the --video frames' rate in frames a second (default 24, as transformers assumes)")
+                   help="frames a second: the rate to sample a --video file at (default 2), or the rate of a "
+                        "folder's frames (default 24, as transformers assumes)")
     add_sampling_flags(p, temperature=0.0, top_p=1.0, max_new_tokens=256)
     p.set_defaults(func=cmd_generate)
 

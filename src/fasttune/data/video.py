@@ -36,6 +36,7 @@ import torch
 
 from fasttune.data.formats import positive_number
 from fasttune.data.images import absolute, to_pil
+from fasttune.data.video_file import VIDEO_SUFFIXES, VideoFile, is_video_file
 from fasttune.errors import DataError
 
 VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}  # Qwen2VLVideoProcessor.size
@@ -252,9 +253,11 @@ class VideoFrames:
 
     def frame_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
         """_split_media's (source, fps) videos -> (frame sources, fps) pairs, nothing decoded: a source is a list of
-        frames (PIL images, paths, bytes) or a folder of image files (taken in name order). Raises DataError naming
-        `where` for a video on a model whose videos the data pipeline does not read, a video file, an empty folder,
-        or a frame path that does not exist."""
+        frames (PIL images, paths, bytes), a folder of image files (taken in name order) or a video file
+        (data/video_file.py: its frames sampled at fps, 2 a second by default; the pair carries the rate they
+        stand at). Raises DataError naming `where` for a video on a model whose videos the data pipeline does not
+        read, a file that is neither a video nor a folder, an empty folder, a frame or video file that does not
+        exist, or a video file that cannot be read."""
         if filmed and self.video_token is None:
             raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL, "
                             f"Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4 only (other families' videos train through "
@@ -263,15 +266,21 @@ class VideoFrames:
         out = []
         for i, (src, fps) in enumerate(filmed):
             at = f"{where}, video {i + 1}"
+            if isinstance(src, (str, Path)) and is_video_file(Path(src)):
+                path = absolute(src, base_dir)
+                if not path.is_file():
+                    raise DataError(f"{at}: video file '{path}' does not exist.")
+                clip = VideoFile(path, fps, where=at)
+                out.append((clip, clip.rate))
+                continue
             if isinstance(src, (str, Path)) and absolute(src, base_dir).is_dir():
                 folder = absolute(src, base_dir)
                 src = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
                 if not src:
                     raise DataError(f"{at}: the folder '{folder}' holds no .png / .jpg / .webp frames.")
             elif not isinstance(src, (list, tuple)) or not src:
-                raise DataError(f"{at}: a video is its list of frames (images, paths or bytes) or a folder of frame "
-                                f"images, not {type(src).__name__}; decode a video file into frames first (e.g. "
-                                f"with PyAV or torchvision) at the rate you want, and give that rate as 'fps'.")
+                raise DataError(f"{at}: a video is a video file ({', '.join(VIDEO_SUFFIXES)}), its list of frames "
+                                f"(images, paths or bytes) or a folder of frame images, not {src!r:.80}.")
             for j, f in enumerate(src):
                 if isinstance(f, (str, Path)) and not absolute(f, base_dir).is_file():
                     raise DataError(f"{at}, frame {j + 1}: image file '{absolute(f, base_dir)}' does not exist.")
@@ -284,7 +293,7 @@ class VideoFrames:
         return [([to_pil(f, f"{where}, video {i + 1}, frame {j + 1}") for j, f in enumerate(frames)], fps)
                 for i, (frames, fps) in enumerate(self.frame_sources(filmed, where, base_dir))]
 
-def video_rate(item: dict, where: str):
-    """A video item's "fps" (frames a second of its frames), DEFAULT_FPS when absent; DataError for a value that is
-    not a positive number."""
-    return positive_number(item.get("fps", DEFAULT_FPS), where, "a video's 'fps'")
+def video_rate(item: dict, where: str) -> float | None:
+    """A video item's "fps" (frames a second of its frames; for a video file, the rate to sample it at), None when
+    absent (DEFAULT_FPS for frames, FILE_FPS for a file); DataError for a value that is not a positive number."""
+    return None if item.get("fps") is None else positive_number(item["fps"], where, "a video's 'fps'")

@@ -242,10 +242,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             out.update(self.process_audio(clips))
             counts = self.audio_counts(clips)
         rates, indices = _video_metadata(kwargs, len(videos or ()))
-        filmed = self.video_sources(list(zip(videos or (), rates)), "videos")
+        filmed = self.video_sources(list(zip(videos or (), rates)), "videos")  # (a file's pair: its sampling rate)
         vgrids = self.video_layouts(filmed, indices)
         if filmed:
-            out.update(self.process_videos([frames for frames, _ in filmed], rates))
+            out.update(self.process_videos([frames for frames, _ in filmed], [fps for _, fps in filmed]))
         expanded, used, heard, seen = [], 0, 0, 0
         for t in texts:
             n, m = t.count(self.image_token), t.count(self.audio_token) if self.audio_token else 0
