@@ -183,6 +183,43 @@ GEMMA4_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|visio
                                          "{% elif item['type'] == 'text' %}")
 
 
+QWEN3_VIDEO_SIZE = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64}  # (tests/fixtures/qwen3vl_video.npz's)
+# ... with Qwen3VLVideoProcessor's normalisation (0.5), where the tiny image processor keeps Qwen2-VL's CLIP mean / std
+QWEN3_VIDEO = {**QWEN3_VIDEO_SIZE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+GEMMA4_VIDEO_TEMPLATE = GEMMA4_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
+                                                "{% elif item['type'] == 'video' %}{{ '<|video|>' }}"
+                                                "{% elif item['type'] == 'text' %}")
+
+
+def qwen3_vl_video_processor():
+    """Qwen3-VL's processor for the tiny models: 16-pixel patches merged 2 x 2, the video token <|video_pad|> (id
+    262) with timestamps between the vision marks, the video settings QWEN3_VIDEO."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=QWEN_VL_VIDEO_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|video_pad|>"]})  # ids 259-262
+    images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=MERGE, temporal_patch_size=2, min_pixels=32 * 32,
+                                      max_pixels=(8 * 16) ** 2)
+    return VisionProcessor(tok, images, QWEN_VL_VIDEO_TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
+                           video_size=dict(QWEN3_VIDEO), video_stamps=("<|vision_start|>", "<|vision_end|>"))
+
+
+def gemma4_video_processor():
+    """Gemma 4's processor for the tiny models with the video token <|video|> (id 265): images at 140 soft tokens,
+    video frames at the video processor's 70."""
+    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=GEMMA4_VIDEO_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS + GEMMA4_AUDIO_TOKENS + ["<|video|>"]})
+    return VisionProcessor(tok, Gemma4ImageProcessorPil(max_soft_tokens=140), GEMMA4_VIDEO_TEMPLATE, "<|image|>",
+                           None, soft_token_marks=("<|image>", "<image|>"), video_token="<|video|>",
+                           video_size={"max_soft_tokens": 70})
+
+
 def gemma4_config(audio: bool = False, video: bool = False, **text):
     """A tiny Gemma 4 vision-language config: the 31B's text layout (tests/tiny.py's gemma4_text, `text` overrides)
     with two-way attention inside images, a 2-layer tower of 16-pixel patches pooled 3 x 3; with `audio` a 2-layer

@@ -8,26 +8,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import (GEMMA4_AUDIO_TOKENS, GEMMA4_TEMPLATE, GEMMA4_TOKENS, check_video_batch, gemma4_config,
-                         patterned_frames, save_video_model)
-from tiny_tokenizer import make_tiny_tokenizer
+from tiny_vision import check_video_batch, gemma4_config, gemma4_video_processor, patterned_frames, save_video_model
 
 ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "gemma4_video.npz"
-TEMPLATE = GEMMA4_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
-                                   "{% elif item['type'] == 'video' %}{{ '<|video|>' }}"
-                                   "{% elif item['type'] == 'text' %}")
-
-
-def _processor():
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
-
-    from fasttune.data.vision import VisionProcessor
-
-    tok = make_tiny_tokenizer(chat_template=TEMPLATE)
-    tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS + GEMMA4_AUDIO_TOKENS + ["<|video|>"]})
-    return VisionProcessor(tok, Gemma4ImageProcessorPil(max_soft_tokens=140), TEMPLATE, "<|image|>", None,
-                           soft_token_marks=("<|image>", "<image|>"), video_token="<|video|>",
-                           video_size={"max_soft_tokens": 70})
+_processor = gemma4_video_processor
 
 
 def _frames(array):

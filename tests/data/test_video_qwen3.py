@@ -9,31 +9,15 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import (MERGE, QWEN_VL_VIDEO_TEMPLATE, VISION_TOKENS, check_video_batch, qwen3_vl_config,
-                         save_video_model)
-from tiny_tokenizer import make_tiny_tokenizer
+from tiny_vision import (QWEN3_VIDEO, QWEN3_VIDEO_SIZE, check_video_batch, qwen3_vl_config,
+                         qwen3_vl_video_processor, save_video_model)
 
-from fasttune.data.video import QWEN3_VIDEO_SIZE, qwen3_frame_size
+from fasttune.data.video import QWEN3_VIDEO_SIZE as DEFAULT_SIZE, qwen3_frame_size
 from fasttune.errors import DataError
 
 ORACLE = Path(__file__).resolve().parents[1] / "fixtures" / "qwen3vl_video.npz"
-SIZE = {"shortest_edge": 32 * 32, "longest_edge": 32 * 32 * 64}  # as the oracle's video processor
-# Qwen3VLVideoProcessor's normalisation (0.5), where the tiny image processor keeps Qwen2-VL's CLIP mean / std
-VIDEO = {**SIZE, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
-TEMPLATE = QWEN_VL_VIDEO_TEMPLATE
-
-
-def _processor(size=VIDEO):
-    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
-
-    from fasttune.data.vision import VisionProcessor
-
-    tok = make_tiny_tokenizer(chat_template=TEMPLATE)
-    tok.add_special_tokens({"additional_special_tokens": VISION_TOKENS + ["<|video_pad|>"]})  # ids 259-262
-    images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=MERGE, temporal_patch_size=2, min_pixels=32 * 32,
-                                      max_pixels=(8 * 16) ** 2)
-    return VisionProcessor(tok, images, TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
-                           video_size=dict(size), video_stamps=("<|vision_start|>", "<|vision_end|>"))
+SIZE, VIDEO = QWEN3_VIDEO_SIZE, QWEN3_VIDEO  # as the oracle's video processor
+_processor = qwen3_vl_video_processor
 
 
 def _frames(array):
@@ -59,7 +43,7 @@ def test_text_and_frames_equal_transformers_processor():
 def test_frame_size_from_the_frame_count_and_the_cap():
     """Qwen3VLVideoProcessor's smart_resize counts t x h x w against the budget, so more frames shrink each; with
     cap_pixels_per_frame (qwen-vl-utils) a frame also stays within max_video_tokens patches."""
-    size = dict(QWEN3_VIDEO_SIZE)  # (the values: transformers 5.24's smart_resize / get_num_of_video_patches)
+    size = dict(DEFAULT_SIZE)  # (the values: transformers 5.24's smart_resize / get_num_of_video_patches)
     assert qwen3_frame_size(4, 720, 1280, 32, 2, size) == (320, 576)
     assert qwen3_frame_size(64, 720, 1280, 32, 2, size) == (64, 128)  # 64 frames share the budget
     assert qwen3_frame_size(2, 20, 40, 32, 2, size) == (192, 384)  # tiny frames grow to the lower bound

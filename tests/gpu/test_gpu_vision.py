@@ -6,6 +6,7 @@ transformers' own bf16, and greedy fp32 decoding from such prompts equal to tran
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from tiny_vision import save_gemma4, save_mistral3, solid_image
 
 from fasttune import FastVisionModel
@@ -36,9 +37,8 @@ def _setup(family, folder, dtype):
     return model, batch, marks, load
 
 
-@pytest.mark.parametrize("family", sorted(SAVERS))
-def test_bf16_image_logits_close_to_transformers_bf16(family, tmp_path):
-    model, batch, marks, load = _setup(family, tmp_path / family, torch.bfloat16)
+def _assert_bf16_close(model, batch: dict, marks: dict, load):
+    """Our bf16 logits on `batch` no further from transformers' fp32 ones than transformers' own bf16 (x 1.5)."""
     with torch.no_grad():
         ours = model(**batch).logits.float()
         ref = load(torch.bfloat16)(**batch, **marks).logits.float()
@@ -48,6 +48,37 @@ def test_bf16_image_logits_close_to_transformers_bf16(family, tmp_path):
     ours_err = (ours - exact)[real].norm() / exact[real].norm()
     ref_err = (ref - exact)[real].norm() / exact[real].norm()
     assert ours_err < 1.5 * ref_err + 1e-3, (ours_err, ref_err)
+
+
+@pytest.mark.parametrize("family", sorted(SAVERS))
+def test_bf16_image_logits_close_to_transformers_bf16(family, tmp_path):
+    model, batch, marks, load = _setup(family, tmp_path / family, torch.bfloat16)
+    _assert_bf16_close(model, batch, marks, load)
+
+
+@pytest.mark.parametrize("family", ["gemma4", "qwen3_vl"])
+def test_bf16_video_rows_close_to_transformers_bf16(family, tmp_path):
+    """Prompts with videos from our processor (data/video.py: Qwen3-VL's timestamped frame runs, Gemma 4's frames at
+    the video budget) through our bf16 model on the card, against transformers' bf16 and fp32 on the same batch."""
+    from transformers import (AutoModelForImageTextToText, Gemma4ForConditionalGeneration,
+                              Qwen3VLForConditionalGeneration)
+    from tiny_vision import (QWEN3_VIDEO, gemma4_config, gemma4_video_processor, patterned_frames, qwen3_vl_config,
+                             qwen3_vl_video_processor, save_video_model)
+
+    cls, config, processor, settings = {
+        "gemma4": (Gemma4ForConditionalGeneration, gemma4_config(video=True), gemma4_video_processor(),
+                   {"max_soft_tokens": 70}),
+        "qwen3_vl": (Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen3_vl_video_processor(),
+                     QWEN3_VIDEO)}[family]
+    folder = save_video_model(tmp_path / "m", cls, config, processor, settings)
+    model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
+    frames = [Image.fromarray(f) for f in patterned_frames(4, 48, 64)]
+    batch = proc.prompt_inputs([[{"type": "video", "video": frames, "fps": 2}, {"type": "text", "text": "what?"}],
+                                [{"type": "text", "text": "and"}, {"type": "video", "video": frames[:2]}]])
+    batch = {k: v.to("cuda") for k, v in batch.items()}
+    marks = {"mm_token_type_ids": 2 * (batch["input_ids"] == proc.video_token_id).long()}
+    load = lambda d: AutoModelForImageTextToText.from_pretrained(folder, dtype=d).to("cuda").eval()  # noqa: E731
+    _assert_bf16_close(model, batch, marks, load)
 
 
 @pytest.mark.parametrize("family", sorted(SAVERS))
