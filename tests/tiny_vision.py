@@ -69,15 +69,11 @@ def qwen_vl_video_processor():
                            video_size=dict(QWEN_VIDEO_SIZE))
 
 
-def save_video_model(folder, model_cls, config, processor, video_config: dict, init=None):
-    """A random tiny vision-language model (seed 0) whose config's video token is `processor`'s, saved with it and a
-    video_preprocessor_config.json of `video_config`; returns the folder."""
-    import json
-
+def save_video_model(folder, model_cls, config, processor, init=None):
+    """A random tiny vision-language model (seed 0) whose config's video token is `processor`'s, saved with it (its
+    video settings as video_preprocessor_config.json, as the processor writes them); returns the folder."""
     config.video_token_id = processor.video_token_id
-    _save(folder, model_cls, config, processor, seed=0, init=init)
-    (folder / "video_preprocessor_config.json").write_text(json.dumps(video_config))
-    return folder
+    return _save(folder, model_cls, config, processor, seed=0, init=init)
 
 
 def check_video_batch(model, hf, proc, batch: dict, prompt: list, pad_token_id: int):

@@ -337,9 +337,5 @@ def attach_adapter(model, tokenizer, folder: Path):
     if own_tokenizer.pad_token_id is None and own_tokenizer.eos_token is not None:
         own_tokenizer.pad_token = own_tokenizer.eos_token
     if getattr(model, "family", None) is not None:  # a vision-language model keeps its processor around it
-        from fasttune.data.vision import VisionProcessor
-
-        return VisionProcessor(own_tokenizer, tokenizer.image_processor, tokenizer.chat_template,
-                               tokenizer.image_token, tokenizer.merge_size, tokenizer.feature_token,
-                               tokenizer.image_sequence)
+        return tokenizer.with_tokenizer(own_tokenizer)
     return own_tokenizer

@@ -81,13 +81,13 @@ def test_image_on_a_text_model_is_refused(tiny_model_dir, tmp_path, capsys):
 def test_generate_with_a_video_equals_the_api(tmp_path, capsys):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
-    from tiny_vision import QWEN_VIDEO_SIZE, qwen_vl_config, qwen_vl_video_processor, save_video_model
+    from tiny_vision import qwen_vl_config, qwen_vl_video_processor, save_video_model
 
     from fasttune import FastVisionModel
     from fasttune.generate import generate_vision_text
 
     model = save_video_model(tmp_path / "m", Qwen2_5_VLForConditionalGeneration, qwen_vl_config(),
-                             qwen_vl_video_processor(), {"size": QWEN_VIDEO_SIZE})
+                             qwen_vl_video_processor())
     frames = tmp_path / "frames"
     frames.mkdir()
     for i, colour in enumerate(["red", "blue", "red"]):

@@ -40,7 +40,7 @@ def video_model(tmp_path_factory):
     from fasttune import FastVisionModel
 
     folder = save_video_model(tmp_path_factory.mktemp("video") / "m", Qwen2_5_VLForConditionalGeneration,
-                              qwen_vl_config(), _processor(), {"size": SIZE})
+                              qwen_vl_config(), _processor())
     return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
 
 

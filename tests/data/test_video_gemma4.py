@@ -47,7 +47,7 @@ def video_model(tmp_path_factory):
         model.model.embed_vision.embedding_projection.weight.normal_(0, 0.3)
 
     folder = save_video_model(tmp_path_factory.mktemp("video4") / "m", Gemma4ForConditionalGeneration,
-                              gemma4_config(video=True), _processor(), {"max_soft_tokens": 70}, init=init)
+                              gemma4_config(video=True), _processor(), init=init)
     return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
 
 

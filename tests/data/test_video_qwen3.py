@@ -63,8 +63,7 @@ def video_model(tmp_path_factory):
     from fasttune import FastVisionModel
 
     folder = save_video_model(tmp_path_factory.mktemp("video3") / "m", Qwen3VLForConditionalGeneration,
-                              qwen3_vl_config(), _processor(), {"size": SIZE, "image_mean": [0.5] * 3,
-                                                                "image_std": [0.5] * 3})
+                              qwen3_vl_config(), _processor())
     return (*FastVisionModel.from_pretrained(str(folder), dtype=torch.float32), folder)
 
 
@@ -98,6 +97,8 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from fasttune.data.video import read_video_size
 
     assert read_video_size(tmp_path / "saved") == VIDEO
+    again = proc.with_tokenizer(proc.tokenizer)  # (what an adapter folder's tokenizer gets wrapped in)
+    assert (again.video_token, again.video_size, again.video_stamps) == (proc.video_token, VIDEO, proc.video_stamps)
     from fasttune import FastVisionModel
 
     lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)

@@ -62,15 +62,13 @@ def test_bf16_video_rows_close_to_transformers_bf16(family, tmp_path):
     the video budget) through our bf16 model on the card, against transformers' bf16 and fp32 on the same batch."""
     from transformers import (AutoModelForImageTextToText, Gemma4ForConditionalGeneration,
                               Qwen3VLForConditionalGeneration)
-    from tiny_vision import (QWEN3_VIDEO, gemma4_config, gemma4_video_processor, patterned_frames, qwen3_vl_config,
+    from tiny_vision import (gemma4_config, gemma4_video_processor, patterned_frames, qwen3_vl_config,
                              qwen3_vl_video_processor, save_video_model)
 
-    cls, config, processor, settings = {
-        "gemma4": (Gemma4ForConditionalGeneration, gemma4_config(video=True), gemma4_video_processor(),
-                   {"max_soft_tokens": 70}),
-        "qwen3_vl": (Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen3_vl_video_processor(),
-                     QWEN3_VIDEO)}[family]
-    folder = save_video_model(tmp_path / "m", cls, config, processor, settings)
+    cls, config, processor = {
+        "gemma4": (Gemma4ForConditionalGeneration, gemma4_config(video=True), gemma4_video_processor()),
+        "qwen3_vl": (Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen3_vl_video_processor())}[family]
+    folder = save_video_model(tmp_path / "m", cls, config, processor)
     model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
     frames = [Image.fromarray(f) for f in patterned_frames(4, 48, 64)]
     batch = proc.prompt_inputs([[{"type": "video", "video": frames, "fps": 2}, {"type": "text", "text": "what?"}],

@@ -133,8 +133,30 @@ def test_lora_adapter_loads_in_peft_with_equal_loss_and_gradients(vl_dir, tmp_pa
     if vision != "list":  # (a list adapts what PEFT's suffix rule finds: Gemma 3's tower q_proj too, as PEFT does)
         assert any(".language_model." not in n for n in ours) == vision
         assert any(".experts." in n for n in ours) == bool(model.arch.num_experts)
-    for name, grad in ours.items():
-        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6, msg=name)
+    for name, grad in ours.items():  # atol scaled by the gradient: under -n 2, beside other tests, Qwen3.5-MoE's
+        # DeltaNet in_proj_qkv lora_B once differed by 1.3e-5 of its largest entry (fp32 summation order)
+        scale = theirs[name].abs().max().item()
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-4, atol=1e-6 + 3e-5 * scale, msg=name)
+
+
+def test_adapter_folder_keeps_the_processor(vl_dir, tmp_path):
+    """An adapter saved with its processor loads back with every placeholder setting of the base's (Gemma 3's image
+    sequence, Gemma 4's soft-token marks, Pixtral's row marks, ...) and prepares the same image prompt."""
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(vl_dir))
+    FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing=False).save_pretrained(tmp_path / "a")
+    proc.save_pretrained(tmp_path / "a")
+    _, again = FastVisionModel.from_pretrained(str(tmp_path / "a"))
+
+    def settings(p):
+        return (p.image_token, p.feature_token, p.merge_size, p.image_sequence, p.image_rows, p.soft_token_marks,
+                p.audio_marks, p.video_token, p.video_size, p.video_stamps, p.chat_template)
+
+    assert settings(again) == settings(proc)
+    prompt = [[{"type": "image", "image": solid_image("red", (84, 56))}, {"type": "text", "text": "hue?"}]]
+    want, got = proc.prompt_inputs(prompt), again.prompt_inputs(prompt)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def test_merged_checkpoint_loads_in_transformers_with_equal_logits(vl_dir, tmp_path):

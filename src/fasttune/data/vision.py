@@ -119,6 +119,16 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                    read_video_size(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
                                    else None) if video_token else None, video_stamps)
 
+    def with_tokenizer(self, tokenizer) -> "VisionProcessor":
+        """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
+        template falling back to this one's): every image / audio / video setting kept, their token ids looked up
+        in `tokenizer`."""
+        template = getattr(tokenizer, "chat_template", None) or self.chat_template
+        return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
+                               self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
+                               self.audio_extractor, self.audio_marks, self.video_token, self.video_size,
+                               self.video_stamps)
+
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
                     "video_size", "video_stamps"):  # not set yet (unpickling)
