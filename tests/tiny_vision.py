@@ -66,7 +66,7 @@ def qwen_vl_video_processor():
     images = Qwen2VLImageProcessorPil(patch_size=PATCH, merge_size=MERGE, temporal_patch_size=2,
                                       min_pixels=(2 * PATCH) ** 2, max_pixels=(8 * PATCH) ** 2)
     return VisionProcessor(tok, images, QWEN_VL_VIDEO_TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
-                           video_size=dict(QWEN_VIDEO_SIZE))
+                           video_settings=dict(QWEN_VIDEO_SIZE))
 
 
 def save_video_model(folder, model_cls, config, processor, init=None):
@@ -199,7 +199,7 @@ def qwen3_vl_video_processor():
     images = Qwen2VLImageProcessorPil(patch_size=16, merge_size=MERGE, temporal_patch_size=2, min_pixels=32 * 32,
                                       max_pixels=(8 * 16) ** 2)
     return VisionProcessor(tok, images, QWEN_VL_VIDEO_TEMPLATE, "<|image_pad|>", MERGE, video_token="<|video_pad|>",
-                           video_size=dict(QWEN3_VIDEO), video_stamps=("<|vision_start|>", "<|vision_end|>"))
+                           video_settings=dict(QWEN3_VIDEO), video_stamps=("<|vision_start|>", "<|vision_end|>"))
 
 
 def gemma4_video_processor():
@@ -213,7 +213,7 @@ def gemma4_video_processor():
     tok.add_special_tokens({"additional_special_tokens": GEMMA4_TOKENS + GEMMA4_AUDIO_TOKENS + ["<|video|>"]})
     return VisionProcessor(tok, Gemma4ImageProcessorPil(max_soft_tokens=140), GEMMA4_VIDEO_TEMPLATE, "<|image|>",
                            None, soft_token_marks=("<|image>", "<image|>"), video_token="<|video|>",
-                           video_size={"max_soft_tokens": 70})
+                           video_settings={"max_soft_tokens": 70})
 
 
 def gemma4_config(audio: bool = False, video: bool = False, **text):

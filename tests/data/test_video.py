@@ -31,6 +31,11 @@ def test_frames_equal_transformers_video_processor():
     assert out["video_grid_thw"].tolist() == oracle["video_grid_thw"].tolist()  # (3 frames: the last repeated)
     assert out["second_per_grid_ts"].tolist() == pytest.approx([2 / 24, 1.0])  # temporal_patch_size / fps
     assert proc.video_layouts([(_frames(oracle["frames4"]), None)]) == [([2, 2, 4], None)]
+    ip = proc.image_processor  # a video config's own normalisation (here the images' values) passes through
+    proc.video_settings = {**SIZE, "image_mean": list(ip.image_mean), "image_std": list(ip.image_std)}
+    again = proc.process_videos([_frames(oracle["frames4"]), _frames(oracle["frames3"])], [24.0, 2.0])
+    assert torch.equal(again["pixel_values_videos"], out["pixel_values_videos"])
+    assert proc.video_layouts([(_frames(oracle["frames4"]), None)]) == [([2, 2, 4], None)]
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,7 @@ def test_video_rows_expand_train_and_equal_transformers(video_model, tmp_path):
     from fasttune.data.vision import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
-    assert proc.video_token == "<|video_pad|>" and proc.video_size == SIZE  # read back from the checkpoint
+    assert proc.video_token == "<|video_pad|>" and proc.video_settings == SIZE  # read back from the checkpoint
     proc.save_pretrained(tmp_path / "saved")  # and written with the processor
     assert json.loads((tmp_path / "saved" / "video_preprocessor_config.json").read_text()) == {"size": SIZE}
     oracle = np.load(ORACLE)

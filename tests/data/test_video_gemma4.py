@@ -58,7 +58,7 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from fasttune.data.vision import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
-    assert proc.video_token == "<|video|>" and proc.video_size == {"max_soft_tokens": 70}
+    assert proc.video_token == "<|video|>" and proc.video_settings == {"max_soft_tokens": 70}
     red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": [red, blue, red], "fps": 1},
                                                        {"type": "text", "text": "what happens?"}]},

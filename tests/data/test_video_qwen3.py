@@ -73,7 +73,7 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from fasttune.data.vision import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
-    assert proc.video_stamps == ("<|vision_start|>", "<|vision_end|>") and proc.video_size == VIDEO
+    assert proc.video_stamps == ("<|vision_start|>", "<|vision_end|>") and proc.video_settings == VIDEO
     oracle = np.load(ORACLE)
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": _frames(oracle["frames4"]),
                                                         "fps": 2}, {"type": "text", "text": "what happens?"}]},
@@ -94,11 +94,11 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     check_video_batch(model, hf, proc, batch, [{"type": "video", "video": _frames(oracle["frames4"])},
                                                {"type": "text", "text": "next?"}], pad_token_id=256)
     proc.save_pretrained(tmp_path / "saved")
-    from fasttune.data.video import read_video_size
+    from fasttune.data.video import read_video_settings
 
-    assert read_video_size(tmp_path / "saved") == VIDEO
+    assert read_video_settings(tmp_path / "saved") == VIDEO
     again = proc.with_tokenizer(proc.tokenizer)  # (what an adapter folder's tokenizer gets wrapped in)
-    assert (again.video_token, again.video_size, again.video_stamps) == (proc.video_token, VIDEO, proc.video_stamps)
+    assert (again.video_token, again.video_settings, again.video_stamps) == (proc.video_token, VIDEO, proc.video_stamps)
     from fasttune import FastVisionModel
 
     lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)

@@ -151,7 +151,7 @@ def test_adapter_folder_keeps_the_processor(vl_dir, tmp_path):
 
     def settings(p):
         return (p.image_token, p.feature_token, p.merge_size, p.image_sequence, p.image_rows, p.soft_token_marks,
-                p.audio_marks, p.video_token, p.video_size, p.video_stamps, p.chat_template)
+                p.audio_marks, p.video_token, p.video_settings, p.video_stamps, p.chat_template)
 
     assert settings(again) == settings(proc)
     prompt = [[{"type": "image", "image": solid_image("red", (84, 56))}, {"type": "text", "text": "hue?"}]]

@@ -48,7 +48,7 @@ NORMALISATION = ("image_mean", "image_std", "do_normalize")
 GEMMA4_VIDEO = {"max_soft_tokens": 70}  # Gemma4VideoProcessor.max_soft_tokens: 70 soft tokens a frame
 
 
-def read_video_size(folder: Path, default: dict | None = None) -> dict:
+def read_video_settings(folder: Path, default: dict | None = None) -> dict:
     """The video processor's settings from a checkpoint's video_preprocessor_config.json, else `default`
     (Qwen2VLVideoProcessor's size when None): the size limits in pixels ({"shortest_edge", "longest_edge"}: its
     `size`, or min_pixels / max_pixels), with its cap_pixels_per_frame set "max_video_tokens" too (Qwen3-VL's
@@ -76,7 +76,7 @@ def read_video_size(folder: Path, default: dict | None = None) -> dict:
 
 
 def video_config(size: dict) -> dict:
-    """What read_video_size reads back from `size` (video_preprocessor_config.json's fields)."""
+    """What read_video_settings reads back from `size` (video_preprocessor_config.json's fields)."""
     if "max_soft_tokens" in size:
         out = {"max_soft_tokens": size["max_soft_tokens"]}
     else:
@@ -91,7 +91,7 @@ def qwen3_frame_size(frames: int, height: int, width: int, factor: int, tps: int
                      where: str = "a video") -> tuple[int, int]:
     """Qwen3-VL's size (height, width) for all `frames` of a video of height x width pixels: transformers'
     Qwen3VLVideoProcessor.resize and its smart_resize (`factor` = patch x merge, `tps` the temporal patch size,
-    `size` read_video_size's limits on t x h x w, and its per-frame cap when "max_video_tokens" is there). Raises
+    `size` read_video_settings's limits on t x h x w, and its per-frame cap when "max_video_tokens" is there). Raises
     DataError naming `where` for fewer than `tps` frames or an aspect ratio over 200, as that processor refuses
     them."""
     if frames < tps:
@@ -127,7 +127,7 @@ def patch_stamps(times: list[float], tps: int) -> list[float]:
 
 class VideoFrames:
     """The video half of data/vision.py's VisionProcessor (a mixin): it needs `image_processor` (Qwen's),
-    `video_token` (None for a model whose videos the data pipeline does not read), `video_size`, `merge_size` and
+    `video_token` (None for a model whose videos the data pipeline does not read), `video_settings`, `merge_size` and
     `video_stamps` (Qwen3-VL's layout: the vision start / end tokens, else None) set by the processor; with
     `soft_token_marks` set (Gemma 4), frames are images with the video's soft-token budget (see the module
     docstring)."""
@@ -136,14 +136,14 @@ class VideoFrames:
         """Gemma 4: one video's frames through the image processor at the video processor's soft-token budget ->
         its pixel_values (frames, patches, P * P * C), image_position_ids (frames, patches, 2) and
         num_soft_tokens_per_image (as Gemma4VideoProcessor pads and positions them)."""
-        norm = {k: self.video_size[k] for k in NORMALISATION if k in self.video_size}
-        return self.image_processor(images=frames, max_soft_tokens=self.video_size["max_soft_tokens"],
+        norm = {k: self.video_settings[k] for k in NORMALISATION if k in self.video_settings}
+        return self.image_processor(images=frames, max_soft_tokens=self.video_settings["max_soft_tokens"],
                                     return_tensors="pt", **norm)
 
     def _frames_out(self, frames: list) -> tuple[torch.Tensor, list[int]]:
         """One video's frames (PIL images of one size) -> (per-frame patches (frames, h * w, C, P, P), [h, w])."""
         ip = self.image_processor
-        size = self.video_size
+        size = self._pixel_limits()
         if self.video_stamps:  # one size from the frame count; the image processor then keeps it
             h, w = self._qwen3_size(len(frames), frames[0])
             if frames[0].size != (w, h):
@@ -151,18 +151,22 @@ class VideoFrames:
 
                 frames = [f.convert("RGB").resize((w, h), Image.BICUBIC) for f in frames]
             size = {"shortest_edge": h * w, "longest_edge": h * w}
-        norm = {k: self.video_size[k] for k in NORMALISATION if k in self.video_size}
+        norm = {k: self.video_settings[k] for k in NORMALISATION if k in self.video_settings}
         out = ip(images=frames, size=size, return_tensors="pt", **norm)
         grid = out["image_grid_thw"][0].tolist()
         patch, tps = int(ip.patch_size), int(ip.temporal_patch_size)
         per_frame = torch.as_tensor(out["pixel_values"]).view(len(frames), grid[1] * grid[2], 3, tps, patch, patch)
         return per_frame[:, :, :, 0], grid[1:]  # (an image repeats itself along T: one copy)
 
+    def _pixel_limits(self) -> dict:
+        """The video settings' size limits alone (the image processor's `size`)."""
+        return {k: self.video_settings[k] for k in ("shortest_edge", "longest_edge")}
+
     def _qwen3_size(self, frames: int, first, where: str = "a video") -> tuple[int, int]:
         """qwen3_frame_size for a video of `frames` frames whose first frame (a PIL image) is `first`."""
         ip = self.image_processor
         return qwen3_frame_size(frames, first.height, first.width, int(ip.patch_size) * self.merge_size,
-                                int(ip.temporal_patch_size), self.video_size, where)
+                                int(ip.temporal_patch_size), self.video_settings, where)
 
     def process_videos(self, videos: list[list], fps: list[float] | None = None) -> dict:
         """Videos (each a list of PIL frames) -> {"pixel_values_videos" (patches, C * T * P * P) float32,
@@ -221,7 +225,7 @@ class VideoFrames:
                 h, w = (v // int(self.image_processor.patch_size) for v in self._qwen3_size(len(frames), first, at))
                 stamps = patch_stamps(times, tps)
             else:
-                sizes = self.image_processor(images=[first], size=self.video_size, return_tensors="pt")
+                sizes = self.image_processor(images=[first], size=self._pixel_limits(), return_tensors="pt")
                 h, w = sizes["image_grid_thw"][0].tolist()[1:]
                 stamps = None
             out.append(([-(-len(frames) // tps), h, w], stamps))

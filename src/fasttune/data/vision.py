@@ -26,7 +26,7 @@ from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
 from fasttune.data.images import absolute, to_pil
 from fasttune.data.formats import positive_number
-from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_size,
+from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_settings,
                                  video_config, video_rate)
 from fasttune.errors import DataError, ModelLoadError
 
@@ -57,7 +57,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     def __init__(self, tokenizer, image_processor, chat_template: str | None, image_token: str,
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
-                 audio_marks: tuple | None = None, video_token: str | None = None, video_size: dict | None = None,
+                 audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
                  video_stamps: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
@@ -78,7 +78,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token) if self.audio_token else None
         if self.audio_token_id is not None:
             self.image_token_ids.add(self.audio_token_id)
-        self.video_token, self.video_size = video_token, video_size  # (data/video.py: the Qwen families)
+        self.video_token, self.video_settings = video_token, video_settings  # (data/video.py: the Qwen families)
         self.video_stamps = video_stamps if video_token else None  # Qwen3-VL's (vision start, vision end)
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         if self.video_token_id is not None:
@@ -116,7 +116,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                                      f"tower needs the feature_extractor entry of its processor_config.json.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
-                   read_video_size(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
+                   read_video_settings(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
                                    else None) if video_token else None, video_stamps)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
@@ -126,12 +126,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         template = getattr(tokenizer, "chat_template", None) or self.chat_template
         return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
-                               self.audio_extractor, self.audio_marks, self.video_token, self.video_size,
+                               self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
                                self.video_stamps)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
-                    "video_size", "video_stamps"):  # not set yet (unpickling)
+                    "video_settings", "video_stamps"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -330,8 +330,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             saved = json.loads(config.read_text()) if config.is_file() else {}
             saved["feature_extractor"] = json.loads(self.audio_extractor.to_json_string())
             config.write_text(json.dumps(saved, indent=2))
-        if self.video_size is not None:  # (what read_video_size reads back)
-            (folder / VIDEO_CONFIG).write_text(json.dumps(video_config(self.video_size), indent=2))
+        if self.video_settings is not None:  # (what read_video_settings reads back)
+            (folder / VIDEO_CONFIG).write_text(json.dumps(video_config(self.video_settings), indent=2))
         if self.chat_template:
             (folder / CHAT_TEMPLATE_FILE).write_text(self.chat_template)
         return folder
