@@ -46,7 +46,7 @@ def test_pixels_without_image_sizes_are_refused(loaded):
 def test_tokenizer_without_the_row_marks_is_named(loaded):
     from tiny_tokenizer import make_tiny_tokenizer
 
-    from fasttune.data.vision import processor_settings
+    from fasttune.data.vision_settings import processor_settings
 
     model, _ = loaded
     with pytest.raises(ModelLoadError, match=r"\[IMG_BREAK\]"):

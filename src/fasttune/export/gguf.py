@@ -410,7 +410,8 @@ def _default_tokenizer(model):
         raise ConfigError("GGUF export needs the tokenizer: pass it, as in model.save_pretrained_gguf(path, "
                           "tokenizer).")
     if is_vision_model(model) and (Path(source) / "preprocessor_config.json").exists():
-        from fasttune.data.vision import VisionProcessor, processor_settings
+        from fasttune.data.vision import VisionProcessor
+        from fasttune.data.vision_settings import processor_settings
 
         return VisionProcessor.from_pretrained(source, tokenizer=tok, **processor_settings(model.hf_config, tok))
     return tok

@@ -462,7 +462,8 @@ def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool 
         return model, hf_config, gguf_tokenizer(contents, required=False)
     model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
     if isinstance(model, VisionCausalLM):
-        from fasttune.data.vision import VisionProcessor, processor_settings
+        from fasttune.data.vision import VisionProcessor
+        from fasttune.data.vision_settings import processor_settings
 
         tokenizer = load_tokenizer(path)
         return model, hf_config, VisionProcessor.from_pretrained(

@@ -1,0 +1,51 @@
+"""VisionProcessor's placeholder settings (data/vision.py) for a vision-language checkpoint's config: which tokens an
+image, clip or video becomes and how, per family, as transformers' processors expand them."""
+from __future__ import annotations
+
+from fasttune.errors import ModelLoadError
+
+
+def processor_settings(vlm_config, tokenizer) -> dict:
+    """VisionProcessor's placeholder settings for a vision-language config: Qwen2.5-VL's one <|image_pad|> per
+    merged patch, or Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence)."""
+    if vlm_config.model_type == "gemma3":
+        boi, eoi, soft = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
+                                                          vlm_config.image_token_id])
+        return dict(image_token=boi, merge_size=None, feature_token=soft,
+                    image_sequence=f"\n\n{boi}{soft * vlm_config.mm_tokens_per_image}{eoi}\n\n")
+    if vlm_config.model_type == "gemma4":  # Gemma4Processor: <image> -> begin mark, soft tokens, end mark
+        boi, eoi, image = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
+                                                           vlm_config.image_token_id])
+        settings = dict(image_token=image, merge_size=None, soft_token_marks=(boi, eoi))
+        if getattr(vlm_config, "audio_config", None) is not None:  # E2B / E4B hear: <audio> expands alike
+            settings["audio_marks"] = tuple(tokenizer.convert_ids_to_tokens(
+                [vlm_config.boa_token_id, vlm_config.audio_token_id, vlm_config.eoa_token_index]))
+        video = getattr(vlm_config, "video_token_id", None)
+        if video is not None and video < len(tokenizer):  # frames as images between timestamps (data/video.py)
+            settings["video_token"] = tokenizer.convert_ids_to_tokens(video)
+        return settings
+    if vlm_config.model_type == "mistral3":  # PixtralProcessor's tokens; a token covers merge x merge patches
+        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
+        return dict(image_token=image, merge_size=None,
+                    image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
+    settings = dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)
+    video = getattr(vlm_config, "video_token_id", None)
+    if vlm_config.model_type in QWEN_VIDEO_TYPES and video is not None and video < len(tokenizer):
+        settings["video_token"] = tokenizer.convert_ids_to_tokens(video)  # (data/video.py reads their frames)
+        if vlm_config.model_type in QWEN3_VIDEO_TYPES:  # timestamped frames between the vision marks
+            settings["video_stamps"] = tuple(tokenizer.convert_ids_to_tokens(
+                [vlm_config.vision_start_token_id, vlm_config.vision_end_token_id]))
+    return settings
+
+
+QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor's families
+QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
+
+
+def _special(tokenizer, token: str) -> str:
+    """`token` when the tokenizer has it as one token; else ModelLoadError naming it (Pixtral's row marks)."""
+    if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
+        raise ModelLoadError(f"The tokenizer has no {token} token, which Mistral 3's images need (PixtralProcessor "
+                             f"writes it); use the checkpoint's own tokenizer.")
+    return token

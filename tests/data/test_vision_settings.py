@@ -1,0 +1,34 @@
+"""processor_settings (data/vision_settings.py): the placeholder settings each vision-language family's config gives
+VisionProcessor, video tokens only when the tokenizer holds them, Qwen3-VL's timestamp marks, Gemma 4's marks."""
+from tiny_vision import (GEMMA4_AUDIO_TOKENS, GEMMA4_TOKENS, VISION_TOKENS, gemma4_config, qwen3_vl_config,
+                         qwen_vl_config)
+from tiny_tokenizer import make_tiny_tokenizer
+
+from fasttune.data.vision_settings import processor_settings
+
+
+def _tokenizer(tokens):
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": tokens})
+    return tok
+
+
+def test_qwen_families_read_videos_when_the_tokenizer_has_the_token():
+    with_video = _tokenizer(VISION_TOKENS + ["<|video_pad|>"])  # ids 259-262
+    config = qwen_vl_config()
+    assert processor_settings(config, with_video) == dict(image_token="<|image_pad|>", merge_size=2)  # 271: none
+    config.video_token_id = 262
+    assert processor_settings(config, with_video)["video_token"] == "<|video_pad|>"
+    assert "video_stamps" not in processor_settings(config, with_video)  # Qwen2.5-VL: one run, no timestamps
+    config = qwen3_vl_config()
+    config.video_token_id = 262
+    settings = processor_settings(config, with_video)
+    assert settings["video_stamps"] == ("<|vision_start|>", "<|vision_end|>")  # Qwen3-VL: timestamped frame runs
+
+
+def test_gemma4_marks_and_video():
+    tok = _tokenizer(GEMMA4_TOKENS + GEMMA4_AUDIO_TOKENS + ["<|video|>"])  # ids 259-265
+    settings = processor_settings(gemma4_config(video=True), tok)
+    assert settings == dict(image_token="<|image|>", merge_size=None, soft_token_marks=("<|image>", "<image|>"),
+                            video_token="<|video|>")
+    assert "video_token" not in processor_settings(gemma4_config(video=False), tok)  # (its id is outside the vocab)
