@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from fasttune.data.formats import positive_number
-from fasttune.data.images import absolute, to_pil
+from fasttune.data.images import absolute, is_array_image, to_pil
 from fasttune.data.video_file import VIDEO_SUFFIXES, VideoFile, is_video_file
 from fasttune.errors import DataError
 
@@ -257,7 +257,8 @@ class VideoFrames:
 
     def frame_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
         """_split_media's (source, fps) videos -> (frame sources, fps) pairs, nothing decoded: a source is a list of
-        frames (PIL images, paths, bytes), a folder of image files (taken in name order) or a video file
+        frames (PIL images, uint8 arrays, paths, bytes; or one (T, H, W, C) array), a folder of image files (taken
+        in name order) or a video file
         (data/video_file.py: its frames sampled at fps, 2 a second by default; the pair carries the rate they
         stand at). Raises DataError naming `where` for a video on a model whose videos the data pipeline does not
         read, a file that is neither a video nor a folder, an empty folder, a frame or video file that does not
@@ -270,6 +271,8 @@ class VideoFrames:
         out = []
         for i, (src, fps) in enumerate(filmed):
             at = f"{where}, video {i + 1}"
+            if is_array_image(src) and src.ndim == 4:  # frames as one (T, H, W, C) / (T, C, H, W) array
+                src = list(src)
             if isinstance(src, (str, Path)) and is_video_file(Path(src)):
                 path = absolute(src, base_dir)
                 if not path.is_file():
@@ -301,3 +304,16 @@ def video_rate(item: dict, where: str) -> float | None:
     """A video item's "fps" (frames a second of its frames; for a video file, the rate to sample it at), None when
     absent (DEFAULT_FPS for frames, FILE_FPS for a file); DataError for a value that is not a positive number."""
     return None if item.get("fps") is None else positive_number(item["fps"], where, "a video's 'fps'")
+
+
+def video_list(videos) -> list:
+    """A processor's `videos` argument as a list of videos, as transformers' make_batched_videos reads it: one path,
+    one (T, H, W, C) array or one list of frames (PIL images or image arrays) is a single video; a list of paths,
+    arrays or frame lists is several."""
+    if videos is None:
+        return []
+    if isinstance(videos, (str, Path)) or (is_array_image(videos) and videos.ndim == 4):
+        return [videos]
+    videos = list(videos)
+    frame = lambda v: is_array_image(v) and v.ndim == 3 or type(v).__module__.startswith("PIL.")  # noqa: E731
+    return [videos] if videos and all(frame(v) for v in videos) else videos

@@ -27,7 +27,7 @@ from fasttune.data.audio import AudioClips
 from fasttune.data.images import absolute, to_pil
 from fasttune.data.formats import positive_number
 from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_settings,
-                                 video_config, video_rate)
+                                 video_config, video_list, video_rate)
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -222,8 +222,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         tokenizer's (same arguments), on a batch of one for a single string, as transformers' processors do it
         (TRL's SFTTrainer takes the first row of what a processor returns). As
         transformers' processors take `(images, text)` positionally, an image first and the text second are taken
-        in that order too; one image (or clip) may stand for a list of one. `videos` (the Qwen families): lists
-        of frames, taken as sampled (transformers' do_sample_frames=False; data/video.py), giving
+        in that order too; one image (or clip) may stand for a list of one. `videos` (the Qwen families, Gemma 4):
+        a video or a list of them, each a video file, a folder of frames, a list of frames (PIL images or uint8
+        arrays) or one (T, H, W, C) array (data/video.py's video_list), frames taken as sampled (transformers'
+        do_sample_frames=False), giving
         pixel_values_videos / video_grid_thw (/ second_per_grid_ts); their rate (24 frames a second when not
         given) and, for Qwen3-VL's timestamps, the frames' indices in the source video come from `video_metadata`
         (per video a dict or transformers' VideoMetadata with "fps" and "frames_indices", as qwen-vl-utils gives
@@ -234,6 +236,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             images = [images]
         if audio is not None and (not isinstance(audio, (list, tuple)) or _is_samples(audio)):
             audio = [audio]
+        videos = video_list(videos)
         joined = "" if text is None else "".join([text] if isinstance(text, str) else text)
         marks = self.image_token in joined or any(t is not None and t in joined
                                                   for t in (self.audio_token, self.video_token))
@@ -251,8 +254,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             clips = [to_waveform(c, f"audio clip {i + 1}", self.sampling_rate) for i, c in enumerate(audio)]
             out.update(self.process_audio(clips))
             counts = self.audio_counts(clips)
-        rates, indices = _video_metadata(kwargs, len(videos or ()))
-        filmed = self.video_sources(list(zip(videos or (), rates)), "videos")  # (a file's pair: its sampling rate)
+        rates, indices = _video_metadata(kwargs, len(videos))
+        filmed = self.video_sources(list(zip(videos, rates)), "videos")  # (a file's pair: its sampling rate)
         vgrids = self.video_layouts(filmed, indices)
         if filmed:
             out.update(self.process_videos([frames for frames, _ in filmed], [fps for _, fps in filmed]))
