@@ -75,6 +75,10 @@ def test_bad_video_files_are_named(tmp_path, monkeypatch):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
     with pytest.raises(DataError, match="Row 2, video 1: cannot read the video file .*broken.mp4"):
         VideoFile(tmp_path / "broken.mp4", where="Row 2, video 1")
+    from tiny_vision import qwen_vl_video_processor
+
+    with pytest.raises(DataError, match="videos, video 1: 'https://example.com/a.mp4' is a web address"):
+        qwen_vl_video_processor()(text=["<|video_pad|>"], videos="https://example.com/a.mp4")
     monkeypatch.setitem(sys.modules, "av", None)  # PyAV not installed
     with pytest.raises(DataError, match="Row 3: .*a.mp4' is a video file; reading video files needs PyAV"):
         VideoFile(tmp_path / "a.mp4", where="Row 3")

@@ -36,6 +36,7 @@ import torch
 
 from fasttune.data.formats import positive_number
 from fasttune.data.images import absolute, is_array_image, to_pil
+from fasttune.data.paths import refuse_address
 from fasttune.data.video_file import VIDEO_SUFFIXES, VideoFile, is_video_file
 from fasttune.errors import DataError
 
@@ -271,6 +272,7 @@ class VideoFrames:
         out = []
         for i, (src, fps) in enumerate(filmed):
             at = f"{where}, video {i + 1}"
+            refuse_address(src, at, "video")
             if is_array_image(src) and src.ndim == 4:  # frames as one (T, H, W, C) / (T, C, H, W) array
                 src = list(src)
             if isinstance(src, (str, Path)) and is_video_file(Path(src)):
