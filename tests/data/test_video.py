@@ -109,6 +109,8 @@ def test_bad_videos_are_named(video_model, tmp_path):
         enc.encode(row(video=[red, red], fps=0), 1)
     with pytest.raises(DataError, match="Row 2.*'videos' column has no video left"):
         enc.encode(row(), 2)
+    with pytest.raises(DataError, match="do_sample_frames=True: .*Qwen2-VL / Qwen2.5-VL processor .*sample them"):
+        proc(text=["<|video_pad|>"], videos=[[red, red]], do_sample_frames=True)  # (not its processor's default)
     with pytest.raises(DataError, match="frames must all have one size"):
         proc.process_videos([[red, blue]])
     with pytest.raises(DataError, match="Row 2, video 1, frame 2: image file .*gone.png' does not exist"):

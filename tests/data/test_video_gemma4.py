@@ -37,6 +37,20 @@ def test_text_and_frames_equal_transformers_processor():
     assert proc.video_layouts([(small, 2.0)]) == [([2, int(oracle["small_soft_tokens"][0])], [0.0, 0.5])]
 
 
+def test_given_frames_sampled_by_default_as_transformers():
+    """Gemma4VideoProcessor samples given frames by default: 32 of 40, at k x 40 // 32 (and their times)."""
+    oracle = np.load(ORACLE)
+    proc = _processor()
+    proc.video_settings = {**proc.video_settings, "do_sample_frames": True, "num_frames": 32}
+    out = proc(text=["a<|video|>b"], videos=[_frames(patterned_frames(40, 288, 480))])
+    assert out["input_ids"].tolist() == oracle["sampled_ids"].tolist()
+    assert out["num_frames_per_video"].tolist() == [32]
+    sums = (out["pixel_values_videos"] * 255).round().sum((1, 2))
+    assert torch.equal(sums.double(), torch.from_numpy(oracle["sampled_frame_sums"]).double())
+    few = proc(text=["a<|video|>b"], videos=[_frames(patterned_frames(5, 48, 64))])
+    assert few["num_frames_per_video"].tolist() == [5]  # fewer than 32: all kept (transformers raises)
+
+
 @pytest.fixture(scope="module")
 def video_model(tmp_path_factory):
     from transformers import Gemma4ForConditionalGeneration
@@ -58,7 +72,8 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from fasttune.data.vision import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
-    assert proc.video_token == "<|video|>" and proc.video_settings == {"max_soft_tokens": 70}
+    assert proc.video_token == "<|video|>"  # (and Gemma4VideoProcessor's sampling defaults, not in the saved file)
+    assert proc.video_settings == {"max_soft_tokens": 70, "do_sample_frames": True, "num_frames": 32}
     red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": [red, blue, red], "fps": 1},
                                                        {"type": "text", "text": "what happens?"}]},

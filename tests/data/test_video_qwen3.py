@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import (QWEN3_VIDEO, QWEN3_VIDEO_SIZE, check_video_batch, qwen3_vl_config,
+from tiny_vision import (QWEN3_VIDEO, QWEN3_VIDEO_SIZE, check_video_batch, patterned_frames, qwen3_vl_config,
                          qwen3_vl_video_processor, save_video_model)
 
 from fasttune.data.video import QWEN3_VIDEO_SIZE as DEFAULT_SIZE, qwen3_frame_size
@@ -38,6 +38,23 @@ def test_text_and_frames_equal_transformers_processor():
     resized = [Image.new("RGB", (50, 100), "red")] * 8  # 8 frames of 100 x 50: resized to the processor's size
     assert proc.video_layouts([(resized, None)])[0][0] == oracle["resized_grid"][0].tolist()
     assert proc.process_videos([resized])["video_grid_thw"].tolist() == oracle["resized_grid"].tolist()
+
+
+def test_given_frames_sampled_by_default_as_transformers():
+    """Qwen3VLVideoProcessor samples given frames by default (2 a second of frames taken as 24 a second without
+    metadata, at least 4): 10 frames -> frames 0, 3, 6, 9, their timestamps from those indices."""
+    oracle = np.load(ORACLE)
+    proc = _processor()
+    proc.video_settings = {**proc.video_settings, "do_sample_frames": True, "fps": 2.0, "min_frames": 4,
+                           "max_frames": 768}  # (the defaults a checkpoint folder without them gets)
+    frames = _frames(patterned_frames(10, 32, 64))
+    out = proc(text=["a<|vision_start|><|video_pad|><|vision_end|>b"], videos=[frames])
+    assert out["input_ids"].tolist() == oracle["sampled_ids"].tolist()
+    assert out["video_grid_thw"].tolist() == oracle["sampled_grid"].tolist() == [[2, 2, 4]]
+    torch.testing.assert_close(out["pixel_values_videos"], torch.from_numpy(oracle["sampled_pixels"]), rtol=0,
+                               atol=1e-5)
+    kept = proc(text=["a<|vision_start|><|video_pad|><|vision_end|>b"], videos=[frames], do_sample_frames=False)
+    assert kept["video_grid_thw"].tolist() == [[5, 2, 4]]  # asked not to: all ten
 
 
 def test_frame_size_from_the_frame_count_and_the_cap():
@@ -73,7 +90,8 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from fasttune.data.vision import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
-    assert proc.video_stamps == ("<|vision_start|>", "<|vision_end|>") and proc.video_settings == VIDEO
+    loaded = {**VIDEO, "do_sample_frames": True, "fps": 2.0, "min_frames": 4, "max_frames": 768}  # (+ sampling)
+    assert proc.video_stamps == ("<|vision_start|>", "<|vision_end|>") and proc.video_settings == loaded
     oracle = np.load(ORACLE)
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": _frames(oracle["frames4"]),
                                                         "fps": 2}, {"type": "text", "text": "what happens?"}]},
@@ -96,9 +114,10 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     proc.save_pretrained(tmp_path / "saved")
     from fasttune.data.video import read_video_settings
 
-    assert read_video_settings(tmp_path / "saved") == VIDEO
+    assert read_video_settings(tmp_path / "saved") == loaded
     again = proc.with_tokenizer(proc.tokenizer)  # (what an adapter folder's tokenizer gets wrapped in)
-    assert (again.video_token, again.video_settings, again.video_stamps) == (proc.video_token, VIDEO, proc.video_stamps)
+    assert (again.video_token, again.video_settings, again.video_stamps) == (proc.video_token, loaded,
+                                                                             proc.video_stamps)
     from fasttune import FastVisionModel
 
     lora = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=False)
@@ -111,8 +130,6 @@ def test_bad_video_inputs_are_named(video_model):
     _, proc, _ = video_model
     red = [Image.new("RGB", (64, 32), "red")] * 2
     text = "<|vision_start|><|video_pad|><|vision_end|>"
-    with pytest.raises(DataError, match="do_sample_frames=True.*sample them first"):
-        proc(text=[text], videos=[red], do_sample_frames=True)
     with pytest.raises(DataError, match="video_metadata has 2 entries for 1 videos"):
         proc(text=[text], videos=[red], video_metadata=[{"fps": 2}, {"fps": 2}])
     with pytest.raises(DataError, match="frames_indices has 3 entries for 2 frames"):

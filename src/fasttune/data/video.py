@@ -32,6 +32,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from fasttune.data.formats import positive_number
@@ -41,12 +42,16 @@ from fasttune.data.video_file import VIDEO_SUFFIXES, VideoFile, is_video_file
 from fasttune.errors import DataError
 
 VIDEO_SIZE = {"shortest_edge": 128 * 28 * 28, "longest_edge": 28 * 28 * 768}  # Qwen2VLVideoProcessor.size
-QWEN3_VIDEO_SIZE = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768}  # Qwen3VLVideoProcessor.size
+# Qwen3VLVideoProcessor's size, and its sampling of given frames (on by default: 2 a second, 4 to 768 frames)
+QWEN3_VIDEO_SIZE = {"shortest_edge": 128 * 32 * 32, "longest_edge": 32 * 32 * 768, "do_sample_frames": True,
+                    "fps": 2.0, "min_frames": 4, "max_frames": 768}
 QWEN3_MAX_VIDEO_TOKENS = 768  # Qwen3VLVideoProcessor.max_video_tokens (the per-frame cap's patches)
 DEFAULT_FPS = 24.0  # transformers' VideoMetadata.sampled_fps for frames without metadata
 VIDEO_CONFIG = "video_preprocessor_config.json"
 NORMALISATION = ("image_mean", "image_std", "do_normalize")
-GEMMA4_VIDEO = {"max_soft_tokens": 70}  # Gemma4VideoProcessor.max_soft_tokens: 70 soft tokens a frame
+# Gemma4VideoProcessor's 70 soft tokens a frame, and its sampling of given frames (on by default: 32, evenly)
+GEMMA4_VIDEO = {"max_soft_tokens": 70, "do_sample_frames": True, "num_frames": 32}
+SAMPLING = ("do_sample_frames", "fps", "min_frames", "max_frames", "num_frames")  # (the video config's keys)
 
 
 def read_video_settings(folder: Path, default: dict | None = None) -> dict:
@@ -55,7 +60,7 @@ def read_video_settings(folder: Path, default: dict | None = None) -> dict:
     `size`, or min_pixels / max_pixels), with its cap_pixels_per_frame set "max_video_tokens" too (Qwen3-VL's
     per-frame cap); or, where `default` has "max_soft_tokens" (Gemma 4), a frame's soft-token budget. Also its
     "image_mean" / "image_std" / "do_normalize" when it gives them (a video's normalisation may differ from the
-    images')."""
+    images'), and how processor calls sample given frames (SAMPLING's keys, from it or `default`)."""
     path = Path(folder) / VIDEO_CONFIG
     default = dict(default or VIDEO_SIZE)
     config = json.loads(path.read_text()) if path.is_file() else {}
@@ -73,6 +78,9 @@ def read_video_settings(folder: Path, default: dict | None = None) -> dict:
     for key in NORMALISATION:
         if config.get(key) is not None:
             out[key] = [float(v) for v in config[key]] if isinstance(config[key], list) else config[key]
+    for key in SAMPLING:  # how a processor call samples given frames (transformers' defaults per family)
+        if config.get(key, default.get(key)) is not None:
+            out[key] = config.get(key, default.get(key))
     return out
 
 
@@ -84,7 +92,7 @@ def video_config(size: dict) -> dict:
         out = {"size": {k: size[k] for k in ("shortest_edge", "longest_edge")}}
     if "max_video_tokens" in size:
         out.update(cap_pixels_per_frame=True, max_video_tokens=size["max_video_tokens"])
-    out.update({k: size[k] for k in NORMALISATION if k in size})
+    out.update({k: size[k] for k in NORMALISATION + SAMPLING if k in size})
     return out
 
 
@@ -299,8 +307,45 @@ class VideoFrames:
     def video_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
         """frame_sources, each frame decoded: (PIL frames, fps) pairs. Raises what frame_sources raises, and
         DataError naming `where` for an unreadable frame."""
-        return [([to_pil(f, f"{where}, video {i + 1}, frame {j + 1}") for j, f in enumerate(frames)], fps)
-                for i, (frames, fps) in enumerate(self.frame_sources(filmed, where, base_dir))]
+        return decoded(self.frame_sources(filmed, where, base_dir), where)
+
+    def sample_sources(self, sources: list, indices: list, where: str = "videos") -> tuple[list, list]:
+        """A processor call's frame_sources pairs sampled as transformers' video processor samples given frames
+        (do_sample_frames): Qwen3-VL / Qwen3.5 (Qwen3VLVideoProcessor.sample_frames): int(frames / fps_given x fps)
+        frames, within [min_frames, max_frames] and at most all, at the rounded evenly spaced indices; Gemma 4
+        (the default sampler): num_frames at index k x frames // num_frames, all of them when there are fewer (where
+        transformers raises). The frames' rate is their metadata's (24 a second without). Video files (already
+        sampled by data/video_file.py) are kept. Returns (pairs, frame indices per video for the timestamps).
+        Raises DataError for Qwen2-VL / Qwen2.5-VL (whose processor does not sample by default: sample first)."""
+        s, out, seen = self.video_settings or {}, [], []
+        for k, (frames, fps) in enumerate(sources):
+            given = indices[k] if indices and indices[k] is not None else list(range(len(frames)))
+            if len(given) != len(frames):
+                raise DataError(f"{where}, video {k + 1}: its metadata's frames_indices has {len(given)} entries for "
+                                f"{len(frames)} frames; give one index per frame given.")
+            total, rate = len(frames), float(fps or DEFAULT_FPS)
+            if isinstance(frames, VideoFile):
+                picked = list(range(total))
+            elif self.soft_token_marks is not None:
+                n = s.get("num_frames") or max(1, int(total / rate * s.get("fps", 2.0)))
+                picked = [i * total // n for i in range(n)] if n < total else list(range(total))
+            elif self.video_stamps:
+                n = min(max(int(total / rate * s.get("fps", 2.0)), s.get("min_frames", 4)), s.get("max_frames", 768),
+                        total)
+                picked = np.linspace(0, total - 1, n).round().astype(int).tolist()
+            else:
+                raise DataError("do_sample_frames=True: fasttune's Qwen2-VL / Qwen2.5-VL processor takes a video's "
+                                "frames as sampled; sample them first and pass them with their video_metadata.")
+            out.append(([frames[i] for i in picked] if not isinstance(frames, VideoFile) else frames, fps))
+            seen.append([given[i] for i in picked])
+        return out, seen
+
+def decoded(sources: list, where: str) -> list:
+    """(frame sources, fps) pairs -> (PIL frames, fps) pairs, each frame decoded (video files through PyAV). Raises
+    DataError naming `where`, the video and the frame for an unreadable one."""
+    return [([to_pil(f, f"{where}, video {i + 1}, frame {j + 1}") for j, f in enumerate(frames)], fps)
+            for i, (frames, fps) in enumerate(sources)]
+
 
 def video_rate(item: dict, where: str) -> float | None:
     """A video item's "fps" (frames a second of its frames; for a video file, the rate to sample it at), None when

@@ -26,8 +26,8 @@ from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
 from fasttune.data.images import absolute, to_pil
 from fasttune.data.formats import positive_number
-from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, read_video_settings,
-                                 video_config, video_list, video_rate)
+from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, decoded,
+                                 read_video_settings, video_config, video_list, video_rate)
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -225,11 +225,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         in that order too; one image (or clip) may stand for a list of one. `videos` (the Qwen families, Gemma 4):
         a video or a list of them, each a video file, a folder of frames, a list of frames (PIL images or uint8
         arrays) or one (T, H, W, C) array (data/video.py's video_list), frames taken as sampled (transformers'
-        do_sample_frames=False), giving
+        do_sample_frames=False) unless sampled as transformers' video processor samples them by default or when
+        asked (`do_sample_frames`: on for Qwen3-VL / Qwen3.5 and Gemma 4, see VideoFrames.sample_sources), giving
         pixel_values_videos / video_grid_thw (/ second_per_grid_ts); their rate (24 frames a second when not
         given) and, for Qwen3-VL's timestamps, the frames' indices in the source video come from `video_metadata`
         (per video a dict or transformers' VideoMetadata with "fps" and "frames_indices", as qwen-vl-utils gives
-        them). Raises DataError for do_sample_frames=True (sample the frames first)."""
+        them). Raises DataError for do_sample_frames=True on Qwen2-VL / Qwen2.5-VL (sample the frames first)."""
         if images is not None and _is_text(images) and text is not None and not _is_text(text):
             text, images = images, text  # processor(image, text, ...), the notebooks' order
         if images is not None and not isinstance(images, (list, tuple)):
@@ -255,7 +256,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             out.update(self.process_audio(clips))
             counts = self.audio_counts(clips)
         rates, indices = _video_metadata(kwargs, len(videos))
-        filmed = self.video_sources(list(zip(videos, rates)), "videos")  # (a file's pair: its sampling rate)
+        sources = self.frame_sources(list(zip(videos, rates)), "videos")  # (a file's pair: its sampling rate)
+        sample = kwargs.get("do_sample_frames")
+        if sample if sample is not None else (self.video_settings or {}).get("do_sample_frames", False):
+            sources, indices = self.sample_sources(sources, indices)
+        filmed = decoded(sources, "videos")
         vgrids = self.video_layouts(filmed, indices)
         if filmed:
             out.update(self.process_videos([frames for frames, _ in filmed], [fps for _, fps in filmed]))
@@ -546,11 +551,8 @@ def content_preview(content) -> str:
 
 
 def _video_metadata(kwargs: dict, count: int) -> tuple[list, list]:
-    """processor(..., video_metadata=[...], do_sample_frames=...) -> (per video its fps or None, its frame indices
-    or None). Raises DataError for do_sample_frames=True, a metadata list of another length, or a bad fps."""
-    if kwargs.get("do_sample_frames"):
-        raise DataError("do_sample_frames=True: fasttune takes a video's frames as sampled; sample them first "
-                        "(e.g. with qwen-vl-utils or torchvision) and pass them with their video_metadata.")
+    """processor(..., video_metadata=[...]) -> (per video its fps or None, its frame indices or None). Raises
+    DataError for a metadata list of another length, or a bad fps."""
     metadata = kwargs.get("video_metadata")
     if metadata is None:
         return [None] * count, [None] * count
