@@ -340,6 +340,7 @@ class VideoFrames:
             seen.append([given[i] for i in picked])
         return out, seen
 
+
 def decoded(sources: list, where: str) -> list:
     """(frame sources, fps) pairs -> (PIL frames, fps) pairs, each frame decoded (video files through PyAV). Raises
     DataError naming `where`, the video and the frame for an unreadable one."""
