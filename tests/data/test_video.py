@@ -113,6 +113,11 @@ def test_bad_videos_are_named(video_model, tmp_path):
         proc(text=["<|video_pad|>"], videos=[[red, red]], do_sample_frames=True)  # (not its processor's default)
     with pytest.raises(DataError, match="frames must all have one size"):
         proc.process_videos([[red, blue]])
+    red.save(tmp_path / "r.png")
+    blue.save(tmp_path / "b.png")
+    with pytest.raises(DataError, match="Row 5, video 1, frame 2: a video's frames must all have one size; it is 28 x "
+                                        "28, frame 1 is 56 x 28"):  # (named when the row is read, from the headers)
+        enc.encode(row(video=["r.png", "b.png"]), 5)
     with pytest.raises(DataError, match="Row 2, video 1, frame 2: image file .*gone.png' does not exist"):
         enc.encode(row(video=[red, "gone.png"]), 2)
     (tmp_path / "empty").mkdir()

@@ -301,7 +301,14 @@ class VideoFrames:
             for j, f in enumerate(src):
                 if isinstance(f, (str, Path)) and not absolute(f, base_dir).is_file():
                     raise DataError(f"{at}, frame {j + 1}: image file '{absolute(f, base_dir)}' does not exist.")
-            out.append(([absolute(f, base_dir) if isinstance(f, (str, Path)) else f for f in src], fps))
+            frames = [absolute(f, base_dir) if isinstance(f, (str, Path)) else f for f in src]
+            sizes = [_frame_size(f) for f in frames]
+            odd = next((j for j, size in enumerate(sizes) if None not in (size, sizes[0]) and size != sizes[0]), None)
+            if odd is not None:
+                raise DataError(f"{at}, frame {odd + 1}: a video's frames must all have one size; it is "
+                                f"{sizes[odd][0]} x {sizes[odd][1]}, frame 1 is {sizes[0][0]} x {sizes[0][1]} (width "
+                                f"x height). Resize them first.")
+            out.append((frames, fps))
         return out
 
     def video_sources(self, filmed: list, where: str, base_dir: Path | None = None) -> list:
@@ -339,6 +346,26 @@ class VideoFrames:
             out.append(([frames[i] for i in picked] if not isinstance(frames, VideoFile) else frames, fps))
             seen.append([given[i] for i in picked])
         return out, seen
+
+
+def _frame_size(frame) -> tuple[int, int] | None:
+    """A frame source's (width, height) without decoding it (a file's header, a PIL image's or an array's shape);
+    None when it cannot be told cheaply (its decoding names the fault later)."""
+    if isinstance(frame, Path):
+        from PIL import Image
+
+        try:
+            with Image.open(frame) as im:
+                return im.size
+        except OSError:
+            return None
+    if hasattr(frame, "size") and isinstance(frame.size, tuple):  # a PIL image
+        return frame.size
+    if is_array_image(frame) and frame.ndim == 3:  # (H, W, C), or (C, H, W) as to_pil reads it
+        h, w = (frame.shape[1], frame.shape[2]) if frame.shape[0] in (1, 3, 4) and frame.shape[-1] not in (1, 3, 4) \
+            else (frame.shape[0], frame.shape[1])
+        return int(w), int(h)
+    return None
 
 
 def decoded(sources: list, where: str) -> list:
