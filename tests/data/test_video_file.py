@@ -64,7 +64,9 @@ def test_a_file_equals_its_frames_given_as_a_list(tmp_path):
                         {"role": "assistant", "content": "colours"}]}
     from fasttune.data.vision import VisionEncoder, collate_vision
 
-    batch = collate_vision([VisionEncoder(proc, 256, False, base_dir=tmp_path).encode(row, 0)], proc)
+    example = VisionEncoder(proc, 256, False, base_dir=tmp_path).encode(row, 0)
+    assert isinstance(example["videos"][0][0], VideoFile)  # (kept undecoded until its batch is collated)
+    batch = collate_vision([example], proc)
     assert torch.equal(batch["pixel_values_videos"], from_file["pixel_values_videos"])
     assert batch["video_grid_thw"].tolist() == [[3, 2, 4]]  # 5 frames, padded to 6: 3 temporal patches
 

@@ -53,14 +53,19 @@ def is_array_image(value) -> bool:
     return isinstance(value, (np.ndarray, torch.Tensor))
 
 
+def channels_first(shape) -> bool:
+    """Whether an image array of `shape` is (C, H, W) (torchvision's layout) rather than (H, W, C) or (H, W)."""
+    return len(shape) == 3 and shape[0] in (1, 3, 4) and shape[-1] not in (1, 3, 4)
+
+
 def _array_to_pil(value, where: str):
     """A uint8 (H, W, C), (C, H, W) or (H, W) array -> an RGB PIL image; DataError naming `where` otherwise."""
     import numpy as np
     from PIL import Image
 
     array = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = array.transpose(1, 2, 0)  # channels first (torchvision's layout)
+    if channels_first(array.shape):
+        array = array.transpose(1, 2, 0)
     if array.dtype != np.uint8 or array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (1, 3, 4)):
         raise DataError(f"{where}: an image array must be uint8 pixels shaped (H, W, C), (C, H, W) or (H, W); got "
                         f"{array.dtype} {tuple(array.shape)}. Scale it to 0-255 and cast it to uint8 first.")

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fasttune.data.formats import positive_number
-from fasttune.data.images import absolute, is_array_image, to_pil
+from fasttune.data.images import absolute, channels_first, is_array_image, to_pil
 from fasttune.data.paths import refuse_address
 from fasttune.data.video_file import VIDEO_SUFFIXES, VideoFile, is_video_file
 from fasttune.errors import DataError
@@ -221,11 +221,7 @@ class VideoFrames:
         for k, (frames, fps) in enumerate(videos):
             at = f"{where}, video {k + 1}"
             first = to_pil(frames[0], f"{at}, frame 1")
-            seen = indices[k] if indices and indices[k] is not None else range(len(frames))
-            if len(seen) != len(frames):
-                raise DataError(f"{at}: its metadata's frames_indices has {len(seen)} entries for {len(frames)} "
-                                f"frames; give one index per frame given.")
-            times = [i / float(fps or DEFAULT_FPS) for i in seen]
+            times = [i / float(fps or DEFAULT_FPS) for i in _frame_indices(indices, k, len(frames), at)]
             if self.soft_token_marks is not None:  # Gemma 4: (frames, soft tokens a frame), each frame's time
                 out.append(([len(frames), int(self._gemma_frames([first])["num_soft_tokens_per_image"][0])], times))
                 continue
@@ -326,10 +322,7 @@ class VideoFrames:
         Raises DataError for Qwen2-VL / Qwen2.5-VL (whose processor does not sample by default: sample first)."""
         s, out, seen = self.video_settings or {}, [], []
         for k, (frames, fps) in enumerate(sources):
-            given = indices[k] if indices and indices[k] is not None else list(range(len(frames)))
-            if len(given) != len(frames):
-                raise DataError(f"{where}, video {k + 1}: its metadata's frames_indices has {len(given)} entries for "
-                                f"{len(frames)} frames; give one index per frame given.")
+            given = _frame_indices(indices, k, len(frames), f"{where}, video {k + 1}")
             total, rate = len(frames), float(fps or DEFAULT_FPS)
             if isinstance(frames, VideoFile):
                 picked = list(range(total))
@@ -348,22 +341,31 @@ class VideoFrames:
         return out, seen
 
 
+def _frame_indices(indices: list | None, k: int, count: int, at: str) -> list:
+    """Video k's frame indices in its source (`indices[k]`, a metadata's frames_indices; else 0 .. count - 1).
+    Raises DataError naming `at` when they are not one per frame."""
+    given = list(indices[k]) if indices and indices[k] is not None else list(range(count))
+    if len(given) != count:
+        raise DataError(f"{at}: its metadata's frames_indices has {len(given)} entries for {count} frames; give one "
+                        f"index per frame given.")
+    return given
+
+
 def _frame_size(frame) -> tuple[int, int] | None:
     """A frame source's (width, height) without decoding it (a file's header, a PIL image's or an array's shape);
     None when it cannot be told cheaply (its decoding names the fault later)."""
-    if isinstance(frame, Path):
-        from PIL import Image
+    from PIL import Image
 
+    if isinstance(frame, Path):
         try:
             with Image.open(frame) as im:
                 return im.size
         except OSError:
             return None
-    if hasattr(frame, "size") and isinstance(frame.size, tuple):  # a PIL image
+    if isinstance(frame, Image.Image):
         return frame.size
-    if is_array_image(frame) and frame.ndim == 3:  # (H, W, C), or (C, H, W) as to_pil reads it
-        h, w = (frame.shape[1], frame.shape[2]) if frame.shape[0] in (1, 3, 4) and frame.shape[-1] not in (1, 3, 4) \
-            else (frame.shape[0], frame.shape[1])
+    if is_array_image(frame) and frame.ndim in (2, 3):  # as to_pil reads it
+        h, w = frame.shape[1:3] if channels_first(frame.shape) else frame.shape[:2]
         return int(w), int(h)
     return None
 
@@ -389,6 +391,8 @@ def video_list(videos) -> list:
         return []
     if isinstance(videos, (str, Path)) or (is_array_image(videos) and videos.ndim == 4):
         return [videos]
+    from PIL import Image
+
     videos = list(videos)
-    frame = lambda v: is_array_image(v) and v.ndim == 3 or type(v).__module__.startswith("PIL.")  # noqa: E731
+    frame = lambda v: isinstance(v, Image.Image) or (is_array_image(v) and v.ndim == 3)  # noqa: E731
     return [videos] if videos and all(frame(v) for v in videos) else videos

@@ -63,10 +63,9 @@ class VideoFile:
         if count < 1 or source_fps <= 0 or duration <= 0:
             raise DataError(f"{where}: the video file '{self.path}' holds no frames that can be timed.")
         rate = FILE_FPS if fps is None else float(fps)
-        wanted = max(math.floor(duration * rate + 1e-6), min(2, count))
-        if wanted > max_frames:  # a long video: fewer frames, further apart
-            wanted = max_frames
-        if wanted != math.floor(duration * rate + 1e-6):
+        planned = math.floor(duration * rate + 1e-6)
+        wanted = min(max(planned, min(2, count)), max_frames)  # (a long video: fewer frames, further apart)
+        if wanted != planned:
             rate = wanted / duration
         self.rate, self.source_fps, self.count = rate, source_fps, count
         self.indices = [min(round(k * source_fps / rate), count - 1) for k in range(wanted)]

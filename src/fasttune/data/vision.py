@@ -24,8 +24,8 @@ from transformers import ProcessorMixin
 
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data.audio import AudioClips
-from fasttune.data.images import absolute, to_pil
 from fasttune.data.formats import positive_number
+from fasttune.data.images import absolute, to_pil
 from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, decoded,
                                  read_video_settings, video_config, video_list, video_rate)
 from fasttune.errors import DataError, ModelLoadError
@@ -78,7 +78,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         self.audio_token_id = tokenizer.convert_tokens_to_ids(self.audio_token) if self.audio_token else None
         if self.audio_token_id is not None:
             self.image_token_ids.add(self.audio_token_id)
-        self.video_token, self.video_settings = video_token, video_settings  # (data/video.py: the Qwen families)
+        self.video_token, self.video_settings = video_token, video_settings  # (data/video.py)
         self.video_stamps = video_stamps if video_token else None  # Qwen3-VL's (vision start, vision end)
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token) if video_token else None
         if self.video_token_id is not None:
@@ -443,9 +443,8 @@ class VisionEncoder:
         example = {"input_ids": ids, "labels": labels, "images": kept}
         if clips:
             example["audio"] = clips
-        if videos:
-            example["videos"] = [([str(f) if isinstance(f, Path) else f for f in frames], fps)
-                                 for frames, fps in videos]
+        if videos:  # (frame_sources' pairs as they are: a video file stays undecoded until its batch is collated)
+            example["videos"] = videos
         return example
 
 
@@ -514,7 +513,7 @@ def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
     clips = [c for e in examples for c in e.get("audio", ())]
     if clips:
         batch.update(processor.process_audio(clips))
-    videos = processor.video_sources([v for e in examples for v in e.get("videos", ())], "A video of the batch")
+    videos = decoded([v for e in examples for v in e.get("videos", ())], "A video of the batch")
     if videos:
         batch.update(processor.process_videos([frames for frames, _ in videos], [fps for _, fps in videos]))
     return batch
