@@ -13,7 +13,8 @@ from fasttune.models.host_head import offload_lm_head as offload_lm_head_
 from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
-from fasttune.peft.adapter_io import CONFIG_NAME, load_adapter_into, read_adapter_config
+from fasttune.models.sequence_classification import CLASSIFIER_ARGS, classifier_request
+from fasttune.peft.adapter_io import CONFIG_NAME, adapter_head_rows, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import (LoraSettings, apply_lora, default_targets,
                                 expert_target_parameters, experts_by_parameters, latent_attention_targets,
                                 linear_attention_targets)
@@ -56,8 +57,16 @@ class FastLanguageModel:
         (models/host_head.py): another 1-1.6 GiB less, same values, one PCIe pass over the head per 4,096 trained
         tokens (~30 ms for a 14B head). Raises ConfigError for contradicting options (4 and 8 bits, quantised full
         fine-tuning, offload_embedding / offload_lm_head with full fine-tuning, tied embeddings or the transformers
-        fallback)."""
-        extra = checked_kwargs("from_pretrained", kwargs)  # the peer's other arguments (peer_args.py)
+        fallback).
+
+        Sequence classifiers and reward models: auto_model=AutoModelForSequenceClassification (from transformers)
+        with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as
+        transformers' from_pretrained takes them, gives a SequenceClassifier (models/sequence_classification.py):
+        the decoder with a `score` head (new, normal(0, initializer_range), unless the checkpoint is a classifier,
+        which loads as one without these arguments). config.pad_token_id is set from the tokenizer when the config
+        has none, so padded batches are scored at each row's last real token."""
+        extra = checked_kwargs("from_pretrained", kwargs, CLASSIFIER_ARGS)  # the peer's other arguments (peer_args.py)
+        classifier = classifier_request(extra)  # auto_model=AutoModelForSequenceClassification, num_labels, ...
         if device is None and "device" in extra:
             device = extra["device"]
         if extra.get("load_in_16bit") and (load_in_4bit or load_in_8bit):
@@ -80,8 +89,9 @@ class FastLanguageModel:
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
             return _at_load(*_load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant,
-                                                offload_embedding, offload_lm_head), extra)
-        model, hf_config, tokenizer = load_model_and_tokenizer(path, dtype, device, fast=fast, quant=quant)
+                                                offload_embedding, offload_lm_head, classifier), extra)
+        model, hf_config, tokenizer = load_model_and_tokenizer(path, dtype, device, fast=fast, quant=quant,
+                                                               classifier=classifier)
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         for name, on, offload in (("offload_embedding", offload_embedding, offload_input_embedding),
                                   ("offload_lm_head", offload_lm_head, offload_lm_head_)):
@@ -90,6 +100,9 @@ class FastLanguageModel:
             if isinstance(model, FallbackModel):
                 raise ConfigError(f"{name}=True: '{model_name}' runs on the transformers fallback, where it is not "
                                   f"supported; load without it.")
+            if name == "offload_lm_head" and getattr(model, "is_sequence_classifier", False):
+                raise ConfigError("offload_lm_head=True: a sequence classifier has no LM head (only its small "
+                                  "`score` head); load without it.")
             offload(model)
         if full_finetuning:
             model.requires_grad_(True)
@@ -262,8 +275,23 @@ def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int)
     model.lora_settings = None
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; labels mask padding anyway
+    if getattr(model, "is_sequence_classifier", False):
+        pad_classifier_like_tokenizer(hf_config, tokenizer)
     model.fast_tokenizer = tokenizer  # what model.fast_generate tokenizes with (vLLM keeps its own tokenizer too)
     model.eval()
+
+
+def pad_classifier_like_tokenizer(hf_config, tokenizer) -> None:
+    """A classifier scores each row's last token that is not config.pad_token_id, and batches are padded with the
+    tokenizer's pad token: make them one (as TRL's RewardTrainer does), warning when the config named another."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None or hf_config.pad_token_id == pad:
+        return
+    if hf_config.pad_token_id is not None:
+        warnings.warn(f"config.pad_token_id {hf_config.pad_token_id} differs from the tokenizer's pad token "
+                      f"{tokenizer.pad_token!r} ({pad}), which pads the batches; the classifier now finds each "
+                      f"row's last real token by {pad}.")
+    hf_config.pad_token_id = pad
 
 
 def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool) -> str | None:
@@ -277,8 +305,17 @@ def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool) -
 
 
 def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning, fast=True, quant=None,
-                       offload_embedding: bool = False, offload_lm_head: bool = False):
+                       offload_embedding: bool = False, offload_lm_head: bool = False, classifier: dict | None = None):
     cfg = read_adapter_config(folder)
+    head = {}
+    if cfg.get("task_type") == "SEQ_CLS":  # a classifier's adapter: its head's rows give num_labels
+        head = dict(auto_model="AutoModelForSequenceClassification", **{k: v for k, v in (classifier or {}).items()
+                                                                        if v is not None})
+        head.setdefault("num_labels", adapter_head_rows(folder))
+    elif classifier is not None:
+        raise ConfigError(f"{folder} is a language-model adapter (task_type {cfg.get('task_type')!r}); a sequence "
+                          f"classifier loads from an adapter trained as one (task_type 'SEQ_CLS'). Load the base "
+                          f"model with auto_model=AutoModelForSequenceClassification to train a new classifier.")
     base = cfg.get("base_model_name_or_path")
     if not base:
         raise ModelLoadError(f"{folder / CONFIG_NAME} does not name its base model (base_model_name_or_path). Load the "
@@ -290,9 +327,11 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
                                                          device=device, fast=fast, load_in_4bit=quant == "nf4",
                                                          load_in_8bit=quant == "int8",
                                                          offload_embedding=offload_embedding,
-                                                         offload_lm_head=offload_lm_head)
+                                                         offload_lm_head=offload_lm_head, **head)
     tokenizer = attach_adapter(model, tokenizer, folder)
     model.fast_tokenizer = tokenizer
+    if getattr(model, "is_sequence_classifier", False):  # the adapter's own tokenizer pads its batches
+        pad_classifier_like_tokenizer(model.config, tokenizer)
     set_gradient_checkpointing(model, "auto")
     return model, tokenizer
 

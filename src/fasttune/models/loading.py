@@ -18,6 +18,7 @@ from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetens
                                    torch_load)
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.causal_lm import CausalLM
+from fasttune.models.sequence_classification import classifier_class
 from fasttune.models.vision import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
 from fasttune.quant.fp8 import compressed_tensors_fp8, fp8_tensors
@@ -144,7 +145,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
                 model_cls=CausalLM) -> CausalLM:
     """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between).
 
-    `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model).
+    `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model,
+    models/sequence_classification.py's SequenceClassifier: a language-model checkpoint's lm_head is then dropped
+    and a missing `score` head starts as transformers starts it, normal(0, initializer_range)).
     quant="nf4"/"int8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
     memory stays near the quantised size; with "nf4" the stacked MoE experts too, each stack once it is whole.
     Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit") load as they are, or are dequantised
@@ -155,7 +158,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     with torch.device("meta"):
         model = model_cls(hf_config)
     expected = dict(model.state_dict(keep_vars=True))
-    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n != "lm_head"}
+    classifier = getattr(model, "is_sequence_classifier", False)
+    # the heads stay in the model dtype (never quantised)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in ("lm_head", "score")}
     # tensors that stay fp32 whatever the dtype (GLM-4.5's router: models/moe.py's Router.keep_fp32; LFM2-MoE's
     # expert_bias: SparseMoeBlock.fp32_tensors)
     fp32 = {f"{n}.{a}" for n, m in model.named_modules()
@@ -171,6 +176,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     mtp = _mtp_layers(hf_config, model.arch.num_layers)
     renames = CHECKPOINT_RENAMES.get(model.arch.model_type, ())
     for name, t in tensors:
+        if classifier and name == "lm_head.weight":  # a language model loaded as a classifier
+            continue
         name = experts.rename(name)
         for old, new in renames:
             name = name.replace(old, new)
@@ -216,7 +223,13 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     _warn_unexpected(unexpected, source, mtp)
     seen |= experts.complete()
     cfg = model.arch
-    if cfg.tie_embeddings:
+    if classifier:
+        if "score.weight" not in seen:
+            std = float(getattr(hf_config, "initializer_range", 0.02) or 0.02)
+            assign_tensor(model, "score.weight", torch.empty(tuple(model.score.weight.shape), device=device,
+                                                             dtype=torch.float32).normal_(0.0, std).to(dtype))
+            seen.add("score.weight")
+    elif cfg.tie_embeddings:
         seen.add("lm_head.weight")
     elif "lm_head.weight" not in seen and "model.embed_tokens.weight" in seen:
         warnings.warn(f"{source}: no lm_head.weight; tying it to the embeddings.")
@@ -343,14 +356,19 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
     return model
 
 
-def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
+def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None,
+               classifier: dict | None = None):
     """Returns (model, transformers config). `path` is a resolved folder or .gguf file. Architectures outside our
-    decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel."""
+    decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel.
+    `classifier`: None, or the sequence-classification head asked for ({"num_labels": ..., ...}, see
+    models/sequence_classification.py's classifier_config); a checkpoint saved as a classifier loads as one too."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
-        return _load_gguf(path, dtype, device, fast, quant)
-    hf_config = with_architectures(load_hf_config(path))
+        return _load_gguf(path, dtype, device, fast, quant, classifier=classifier)
+    hf_config = load_hf_config(path)
+    model_cls = classifier_class(hf_config, classifier, str(path), fast)  # (fallback families are refused in it)
+    hf_config = with_architectures(hf_config)
     # damaged weight files are named here, on both paths, before anything is loaded
     check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
     if is_vision_config(hf_config):
@@ -374,7 +392,7 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     elif method in ("fp8", "compressed-tensors"):  # (compressed-tensors stores the scale, not its inverse)
         tensors = fp8_tensors(tensors, dtype, block, str(path), device,
                               "_scale" if method == "compressed-tensors" else "_scale_inv")
-    model = build_model(hf_config, tensors, dtype, device, str(path), quant)
+    model = build_model(hf_config, tensors, dtype, device, str(path), quant, model_cls=model_cls)
     return model, hf_config
 
 
@@ -420,7 +438,8 @@ def checkpoint_quantization(hf_config, path, fallback: bool = True) -> tuple[str
 GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text", "qwen3_next")
 
 
-def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None):
+def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None,
+               classifier: dict | None = None):
     """A .gguf file, parsed once (models/gguf_file.py): `contents` is that parse when the caller has it."""
     from transformers import AutoConfig
 
@@ -432,18 +451,23 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     # MoE GGUF files load onto our decoder for the families whose llama.cpp expert tensors gguf_file.py stacks and
     # tests (qwen3moe, llama with experts = Mixtral, gpt-oss); other MoE files go through transformers.
     moe_elsewhere = model_type in MOE_FAMILIES and model_type not in GGUF_MOE_FAMILIES
+    if classifier is not None and (not fast or model_type not in SUPPORTED_FAMILIES or moe_elsewhere):
+        classifier_class(AutoConfig.for_model(model_type, **cfg_dict), classifier, str(path), fast,
+                         fallback=True)  # refused: the fallback has no classifier
     if not fast or model_type not in SUPPORTED_FAMILIES or moe_elsewhere:
         from fasttune.models.fallback import load_fallback
 
         model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name,
                               quant=quant)
         return model, model.hf_config
-    hf_config = with_architectures(AutoConfig.for_model(model_type, **cfg_dict))
+    hf_config = AutoConfig.for_model(model_type, **cfg_dict)
+    model_cls = classifier_class(hf_config, classifier, str(path), True)
+    hf_config = with_architectures(hf_config)
     ModelConfig.from_hf(hf_config)
     with torch.device("meta"):  # our parameter names are transformers' names
         names = list(CausalLM(hf_config).state_dict())
     try:
-        model = build_model(hf_config, contents.tensors(names), dtype, device, str(path), quant)
+        model = build_model(hf_config, contents.tensors(names), dtype, device, str(path), quant, model_cls=model_cls)
     except (ValueError, KeyError, NotImplementedError) as e:  # a tensor type the gguf package cannot dequantise
         raise ModelLoadError(f"Cannot load the weights of '{path}' ({type(e).__name__}: {e}). The file may use a "
                              f"tensor type newer than the installed gguf package (`pip install -U gguf`), or be "
@@ -451,16 +475,17 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     return model, hf_config
 
 
-def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None):
+def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None,
+                             classifier: dict | None = None):
     """(model, transformers config, tokenizer or None) of a resolved folder or .gguf file, as load_model and
     load_tokenizer(required=False) give them; a .gguf file is read once for all three."""
     if path.is_file() and path.suffix == ".gguf":
         from fasttune.models.gguf_file import read_gguf
 
         contents = read_gguf(path)
-        model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents)
+        model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents, classifier=classifier)
         return model, hf_config, gguf_tokenizer(contents, required=False)
-    model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant)
+    model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant, classifier=classifier)
     if isinstance(model, VisionCausalLM):
         from fasttune.data.vision import VisionProcessor
         from fasttune.data.vision_settings import processor_settings

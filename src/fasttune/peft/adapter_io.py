@@ -18,7 +18,8 @@ import torch
 from fasttune.atomic import atomic_folder
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.file_readers import load_safetensors, read_json
-from fasttune.peft.lora import LoraSettings, apply_lora, expert_lora_layers, lora_layers, matches_parameter
+from fasttune.peft.lora import (CLASSIFIER_HEADS, LoraSettings, apply_lora, expert_lora_layers, lora_layers,
+                               matches_parameter)
 from fasttune.peft.per_expert_adapter import has_per_expert_keys, stack_per_expert_adapter
 from fasttune.sharding import gather_state, writes_here
 
@@ -64,7 +65,7 @@ def adapter_parameters(model) -> dict[str, torch.nn.Parameter]:
         out[f"{stems[name]}.lora_A.weight"] = adapter.lora_A
         out[f"{stems[name]}.lora_B.weight"] = adapter.lora_B
     for m in model.lora_settings.modules_to_save:
-        full = "model.embed_tokens" if m == "embed_tokens" else "lm_head"
+        full = "model.embed_tokens" if m == "embed_tokens" else m  # lm_head, or a classifier's score
         out[f"{PREFIX}{hf_name(full)}.weight"] = model.get_submodule(full).weight
     return out
 
@@ -74,16 +75,22 @@ def adapter_state_dict(model) -> dict[str, torch.Tensor]:
     return {k: p.detach() for k, p in adapter_parameters(model).items()}
 
 
-def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, target_names: list[str]) -> dict:
+def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, target_names: list[str],
+                     task_type: str = "CAUSAL_LM") -> dict:
     """The adapter_config.json PEFT's LoraConfig writes for these settings (PEFT's field names; use_dora as set,
     inference_mode true). target_modules is the sorted set of the wrapped layers' last name parts (routers, which
     PEFT adapts as a parameter, excluded); target_parameters, rank_pattern and alpha_pattern are the settings'
-    (PEFT's keys for LoRA on MoE experts); `base_name_or_path` is written as base_model_name_or_path."""
+    (PEFT's keys for LoRA on MoE experts); `base_name_or_path` is written as base_model_name_or_path. task_type
+    "SEQ_CLS" (a sequence classifier) lists the head as PEFT's SEQ_CLS task does: modules_to_save ends in
+    "classifier", "score"."""
+    modules = list(settings.modules_to_save)
+    if task_type == "SEQ_CLS":
+        modules = [m for m in modules if m not in CLASSIFIER_HEADS] + list(CLASSIFIER_HEADS)
     routers = {n for n in target_names if n.endswith(".mlp.gate")
                and matches_parameter(f"{n}.weight", settings.target_parameters)}
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": task_type,
         "base_model_name_or_path": base_name_or_path,
         "r": settings.r,
         "lora_alpha": settings.lora_alpha,
@@ -91,7 +98,7 @@ def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, targ
         "use_rslora": settings.use_rslora,
         "target_modules": sorted({n.rsplit(".", 1)[-1] for n in target_names if n not in routers}),
         "target_parameters": list(settings.target_parameters) or None,
-        "modules_to_save": list(settings.modules_to_save) or None,
+        "modules_to_save": modules or None,
         "bias": settings.bias,
         "fan_in_fan_out": False,
         "init_lora_weights": True,
@@ -103,6 +110,11 @@ def peft_config_dict(settings: LoraSettings, base_name_or_path: str | None, targ
         "alpha_pattern": dict(settings.alpha_pattern),
         "revision": None,
     }
+
+
+def task_type(model) -> str:
+    """PEFT's task_type for this model's adapters: "SEQ_CLS" for a sequence classifier, else "CAUSAL_LM"."""
+    return "SEQ_CLS" if getattr(model, "is_sequence_classifier", False) else "CAUSAL_LM"
 
 
 def adapter_tensors(model) -> dict[str, torch.Tensor]:
@@ -132,7 +144,7 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
     base, marker = portable_base(model.name_or_path)  # the embedded model by a name that holds on other machines
     with atomic_folder(folder, "the adapter") as tmp:
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", **marker})
-        cfg = peft_config_dict(model.lora_settings, base, [n for n, _ in lora_layers(model)])
+        cfg = peft_config_dict(model.lora_settings, base, [n for n, _ in lora_layers(model)], task_type(model))
         if getattr(model, "family", None) is not None:
             cfg["target_modules"] = tower_safe_targets(model, cfg["target_modules"])
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
@@ -196,6 +208,27 @@ def read_adapter_config(folder: Path) -> dict:
         raise ModelLoadError(f"{folder / CONFIG_NAME}: peft_type '{cfg.get('peft_type')}' is not supported; "
                              f"fasttune loads LoRA adapters.")
     return cfg
+
+
+def adapter_head_rows(folder: Path) -> int:
+    """The number of classes a sequence classifier's adapter (task_type SEQ_CLS) was trained for: the rows of its
+    saved head, `base_model.model.score.weight` (num_labels, hidden), read from the file's header. Raises
+    ModelLoadError when the file or the head is missing."""
+    from safetensors import safe_open
+
+    path = Path(folder) / WEIGHTS_NAME
+    key = f"{PREFIX}score.weight"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if key not in f.keys():
+                raise ModelLoadError(f"{path} is a sequence classifier's adapter (task_type SEQ_CLS) without its head "
+                                     f"'{key}'; fasttune's classifiers need it (PEFT saves it as a module to "
+                                     f"save). {ADAPTER_FIX}")
+            return int(f.get_slice(key).get_shape()[0])
+    except ModelLoadError:
+        raise
+    except Exception as e:  # SafetensorError (a damaged header), OSError
+        raise ModelLoadError(f"Cannot read {path} ({e}). {ADAPTER_FIX}") from None
 
 
 def settings_from_peft_config(cfg: dict) -> LoraSettings:

@@ -33,7 +33,9 @@ SHORT_CONV_TARGETS = ["in_proj", "out_proj"]  # LFM2's short-convolution layers
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
                  "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}
-SAVABLE_MODULES = ("embed_tokens", "lm_head")
+SAVABLE_MODULES = ("embed_tokens", "lm_head", "score")  # score: a sequence classifier's head
+# PEFT's names for a classifier's head: its SEQ_CLS task adds both to modules_to_save; our decoders' head is `score`
+CLASSIFIER_HEADS = ("classifier", "score")
 
 
 @dataclass
@@ -352,7 +354,8 @@ def linear_attention_targets(arch) -> list[str]:
 
 
 def _linear_names(model: nn.Module) -> list[str]:
-    return [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_quantized(m)) and n != "lm_head"]
+    return [n for n, m in model.named_modules() if (isinstance(m, nn.Linear) or is_quantized(m))
+            and n not in ("lm_head", "score")]  # the heads: trained whole as modules_to_save, never LoRA-wrapped
 
 
 def matches_parameter(name: str, targets) -> bool:
@@ -441,6 +444,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
     Returns the wrapped layer names and the adapted parameter names. Raises ConfigError for invalid settings,
     targets that select nothing, lora_dropout > 0 with target_parameters (PEFT cannot apply dropout to a
     parameter's update and refuses it too), or a model that already has LoRA."""
+    settings.modules_to_save = savable_modules(model, settings.modules_to_save)
     validate_settings(settings)
     if any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules()):
         raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
@@ -494,6 +498,24 @@ def _wrap_linear(model: nn.Module, name: str, settings: LoraSettings, key: str) 
     setattr(parent, attr, lora)
 
 
+def savable_modules(model: nn.Module, modules) -> list[str]:
+    """modules_to_save as this model trains them: on a sequence classifier `score` always (PEFT's SEQ_CLS task
+    adds it, as "classifier" and "score"), PEFT's "classifier" dropped (our decoders' head is `score`). Raises
+    ConfigError for a classifier head asked of a language model, or lm_head asked of a classifier."""
+    modules = list(modules or [])
+    if not getattr(model, "is_sequence_classifier", False):
+        heads = [m for m in modules if m in CLASSIFIER_HEADS]
+        if heads:
+            raise ConfigError(f"modules_to_save={heads}: this model is a language model without a classification "
+                              f"head; load it with auto_model=AutoModelForSequenceClassification and num_labels to "
+                              f"train one.")
+        return modules
+    if "lm_head" in modules:
+        raise ConfigError("modules_to_save=['lm_head']: this model is a sequence classifier, it has no LM head (its "
+                          "head, `score`, is trained whole anyway).")
+    return [m for m in modules if m not in CLASSIFIER_HEADS] + ["score"]
+
+
 def _make_savable_trainable(model: nn.Module, modules: list[str]):
     if not modules:
         return
@@ -510,13 +532,13 @@ def _make_savable_trainable(model: nn.Module, modules: list[str]):
         raise ConfigError("modules_to_save=['lm_head'] trains the LM head, but the model was loaded with "
                           "offload_lm_head=True, which keeps it frozen in host memory; load without offload_lm_head "
                           "to train it.")
-    if cfg.tie_embeddings:
+    if cfg.tie_embeddings and model.lm_head is not None and {"embed_tokens", "lm_head"} & set(modules):
         # Like PEFT: a module to save gets its own trainable copy, which unties lm_head from embed_tokens.
         model.lm_head.weight = nn.Parameter(model.model.embed_tokens.weight.detach().clone(), requires_grad=False)
         cfg.tie_embeddings = False
         model.config.tie_word_embeddings = False
     for m in modules:
-        module = model.model.embed_tokens if m == "embed_tokens" else model.lm_head
+        module = model.model.embed_tokens if m == "embed_tokens" else getattr(model, m)
         module.weight = nn.Parameter(module.weight.detach().float(), requires_grad=True)
 
 
