@@ -6,7 +6,7 @@ Random-init weights of a real shape (bench_lora.py's SHAPES), LoRA r16 on the 7 
 loss must fall), AdamW, grad clipping 1.0, one process per row. Every row asserts grad-norm > 0 and a falling loss,
 then appends a JSONL row to bench/results/classifier.jsonl. Usage on a GPU machine:
 
-    python bench/bench_classifier.py --matrix default        # 8B shape, 2 x 2048, 4 classes: hf / ours, gc on / off
+    python bench/bench_classifier.py --matrix default        # 8B shape, 2 x 2048, 4 classes: hf / ours x gc on / off
     python bench/bench_classifier.py --impl ours --shape llama-3.1-8b --gc on    # one row
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_lora import SHAPES, hf_config, print_table, run_row, targets  # noqa: E402
 
-MATRIX = {"default": [("hf", "on"), ("ours", "on"), ("ours", "off")]}
+MATRIX = {"default": [("hf", "on"), ("ours", "on"), ("hf", "off"), ("ours", "off")]}
 
 
 def build(impl: str, shape: str, gc: str, r: int, num_labels: int):
