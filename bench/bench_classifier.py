@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_lora import SHAPES, hf_config, print_table, run_row, targets  # noqa: E402
+from bench_lora import SHAPES, hf_config, run_row, targets  # noqa: E402
 
 MATRIX = {"default": [("hf", "on"), ("ours", "on"), ("hf", "off"), ("ours", "off")]}
 
@@ -137,8 +137,13 @@ def main():
                "--num-labels", str(a.num_labels), "--out", a.out]
         row = run_row(cmd, dict(os.environ), f"{impl} gc={gc}")
         if row is not None:
-            rows.append(dict(row, quant="none", kernels="default"))
-    print_table(rows)
+            rows.append(row)
+    base = {r["gradient_checkpointing"]: r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
+    print(f"\n{'impl':<5} {'recompute':<9} {'tokens/s':>9} {'peak GiB':>9} {'vs hf':>6}  card")
+    for r in rows:  # each row against transformers + PEFT with the same recompute setting
+        gc = r["gradient_checkpointing"]
+        ratio = r["tokens_per_second"] / base[gc] if gc in base else float("nan")
+        print(f"{r['impl']:<5} {gc:<9} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  {r['card']}")
 
 
 if __name__ == "__main__":
