@@ -23,6 +23,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
          "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
          "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto",
+         "RewardTrainer": "fasttune.train.objectives.reward", "RewardConfig": "fasttune.train.objectives.reward",
          "is_bfloat16_supported": "fasttune.dropin", "PatchDPOTrainer": "fasttune.dropin",
          # Other fine-tuners' names for our trainer and its config (both take embedding_learning_rate).
          "UnslothTrainer": "fasttune.train.objectives.sft:SFTTrainer",
@@ -32,7 +33,8 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
              "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
              "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
-           "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "FastTuneError", "FastModel",
+           "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer", "RewardConfig",
+           "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",
            "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments",
            "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",

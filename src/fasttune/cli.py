@@ -22,7 +22,8 @@ from fasttune.train.config import SFTConfig, TrainingConfig
 RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
-    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo (its config's fields become flags)"),
+    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo | reward (its config's fields become "
+                           "flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -65,8 +66,9 @@ METHODS = {
     "orpo": ("fasttune.train.objectives.orpo:ORPOTrainer", "fasttune.train.objectives.orpo:ORPOConfig"),
     "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
+    "reward": ("fasttune.train.objectives.reward:RewardTrainer", "fasttune.train.objectives.reward:RewardConfig"),
 }
-PREFERENCE_METHODS = ("dpo", "orpo", "kto")
+PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward")
 DEFAULT_OUTPUT_DIR = "fasttune_output"
 
 
@@ -462,6 +464,10 @@ def _train(run: dict, config: TrainingConfig, out: Path):
     from fasttune.plot import plot_losses
     from fasttune.wording import plural
 
+    head = {}
+    if run["method"] == "reward":  # a reward model: the decoder with a one-output score head
+        head = {"auto_model": "AutoModelForSequenceClassification", "num_labels": 1}
+        run["no_sample"] = True  # it scores text; it does not write any
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
         model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=config.max_seq_length,
@@ -470,7 +476,7 @@ def _train(run: dict, config: TrainingConfig, out: Path):
                                                        load_in_4bit=QUANTIZATIONS[run["quantization"]] == "nf4",
                                                        load_in_8bit=QUANTIZATIONS[run["quantization"]] == "int8",
                                                        offload_embedding=run["offload_embedding"],
-                                                       offload_lm_head=run["offload_lm_head"])
+                                                       offload_lm_head=run["offload_lm_head"], **head)
     for w in caught:  # the fallback notice as one line of our own; other warnings as Python shows them
         if issubclass(w.category, FallbackWarning):
             print(f"fasttune: warning: {w.message}", file=sys.stderr)

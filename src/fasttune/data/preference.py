@@ -3,6 +3,7 @@
 Paired rows:   {"prompt", "chosen", "rejected"} (+ optional precomputed "ref_chosen_logps", "ref_rejected_logps");
                without "prompt", the prefix chosen and rejected share is the prompt (TRL's implicit prompt)
 Unpaired rows: {"prompt", "completion", "label": bool}; KTO also takes paired rows (chosen -> True, rejected -> False)
+Reward rows:   paired rows (+ optional "margin"), each side tokenized whole (a reward model scores prompt + completion)
 
 Each text field is a string, or a list of {role, content} messages (TRL's conversational format), rendered with the
 chat template: the prompt with the generation prompt, prompt + completion as one conversation. A string next to a
@@ -72,6 +73,46 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
         out.append(ex)
     enc.name_unused(columns, (*PAIRED, *has_ref))
     return _finish(out, dropped, len(rows), where, max_seq_length)
+
+
+def tokenize_reward_rows(rows: Any, tokenizer, *, max_seq_length: int, chat_template: str | None = None,
+                         source_name: str | None = None) -> list[dict]:
+    """Paired rows (as tokenize_preference_rows reads them, plus an optional numeric "margin") -> [{"chosen_ids",
+    "rejected_ids"} (+ "margin")], each the whole prompt + completion as TRL's RewardTrainer tokenizes it (a plain-text
+    completion ends in the EOS token; chat rows are one rendered conversation). Rows where either sequence is longer
+    than max_seq_length are dropped with one warning, as TRL filters them: a cut row would be scored at a token
+    inside it. Raises DataError for missing columns, bad fields (named by row) or no row left."""
+    rows, columns, source_name = _rows_and_columns(rows, source_name)
+    where = source_name or "the dataset"
+    implicit = "prompt" not in columns and "chosen" in columns and "rejected" in columns
+    if not implicit:
+        _require_columns(columns, PAIRED, where, "paired preference data (a reward model)")
+    enc = _Encoder(tokenizer, chat_template, where)
+    out, dropped = [], 0
+    for i, row in enumerate(rows):
+        at = row_label(i, source_name)
+        prompt, chosen, rejected = (row.get(k) for k in PAIRED)
+        if implicit:
+            prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
+        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"),
+                                                            row)
+        ex = {"chosen_ids": prompt_ids + chosen_ids, "rejected_ids": prompt_ids + rejected_ids}
+        if max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) > max_seq_length:
+            dropped += 1
+            continue
+        if "margin" in columns:
+            ex["margin"] = _number(row.get("margin"), at, "margin", "how much the chosen completion should beat "
+                                                                   "the rejected one")
+        out.append(ex)
+    enc.name_unused(columns, (*PAIRED, "margin"))
+    if not out:
+        raise DataError(f"No example is left in {where}: every row is longer than max_seq_length={max_seq_length} "
+                        f"tokens. Raise max_seq_length.")
+    if dropped:
+        warnings.warn(f"Dropped {dropped} of {len(rows)} rows of {where} longer than max_seq_length="
+                      f"{max_seq_length} tokens (a reward model scores a row's last token, so rows are not cut); "
+                      f"raise max_seq_length to keep them.", UserWarning, stacklevel=2)
+    return out
 
 
 def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_prompt_length: int | None = None,
@@ -165,6 +206,17 @@ def collate_pairs(examples: list[dict], pad_id: int) -> dict:
     return batch
 
 
+def collate_reward_pairs(examples: list[dict], pad_id: int) -> dict:
+    """B reward pairs -> 2B right-padded rows, the chosen ones first (TRL's DataCollatorForPreference): input_ids,
+    attention_mask (2B, L) int64, and `margin` (B,) float32 when the examples have one."""
+    rows = [ex["chosen_ids"] for ex in examples] + [ex["rejected_ids"] for ex in examples]
+    batch = pad_sequences([[] for _ in rows], rows, pad_id)
+    del batch["completion_mask"]
+    if "margin" in examples[0]:
+        batch["margin"] = torch.tensor([ex["margin"] for ex in examples], dtype=torch.float32)
+    return batch
+
+
 def collate_unpaired(examples: list[dict], pad_id: int) -> dict:
     """B unpaired (KTO) examples -> their right-padded prompt + completion rows (pad_sequences: input_ids,
     attention_mask, completion_mask, (B, L) int64), `label` (B,) bool, True for a desirable completion, and
@@ -204,10 +256,10 @@ def _clip_prompt(ids: list[int], limit: int | None) -> list[int]:
     return ids[-limit:] if limit and len(ids) > limit else ids
 
 
-def _number(value, where, field) -> float:
+def _number(value, where, field, meaning: str = "the reference model's summed log-prob of the completion") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise DataError(f"{where}: field '{field}' must be a finite number (the reference model's summed log-prob "
-                        f"of the completion), but it is {value!r}. Fill it in every row or drop the column.")
+        raise DataError(f"{where}: field '{field}' must be a finite number ({meaning}), but it is {value!r}. Fill it "
+                        f"in every row or drop the column.")
     return float(value)
 
 

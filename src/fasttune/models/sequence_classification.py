@@ -168,14 +168,16 @@ class SequenceClassifier(CausalLM):
         left padding, right padding and rows without padding give the same scores as transformers.
 
         Raises ConfigError for packed / padding-free rows (cu_seq_lens_q/k, seq_idx, segment_ids: one row holds
-        several documents, each needing its own score) and TypeError for other unknown arguments."""
+        several documents, each needing its own score) and TypeError for other unknown arguments (`margin`, which TRL's
+        RewardTrainer passes with its batches, is ignored)."""
         packed = sorted(k for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "segment_ids", "max_length_q",
                                     "max_length_k") if unexpected.get(k) is not None)
         if packed:
             raise ConfigError(f"A sequence classifier scores one document per row; packed / padding-free rows "
                               f"({', '.join(packed)}) hold several. Turn packing / padding_free off.")
+        # TRL's RewardTrainer passes its batch whole, `margin` (its loss's, not the model's) included
         rest = sorted(k for k in unexpected if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "segment_ids",
-                                                         "max_length_q", "max_length_k", "logits_to_keep"))
+                                                         "max_length_q", "max_length_k", "logits_to_keep", "margin"))
         if rest:
             raise TypeError(f"SequenceClassifier.forward() got unexpected keyword arguments {rest}.")
         if past_key_values is not None:

@@ -103,6 +103,11 @@ class Trainer(CallbackMethods, TrainerMethods):
         self.log_history: list[dict] = []
         self.dist = Dist()  # torchrun: joins the process group; otherwise a single process
         check_fsdp(model, self.args, self.dist.world, type(self).__name__)
+        if getattr(model, "is_sequence_classifier", False) and not self.trains_classifiers:
+            raise ConfigError(f"{type(self).__name__} trains language models, and this model is a sequence "
+                              f"classifier (a `score` head, no LM head). Train a reward model (num_labels=1) with "
+                              f"fasttune's RewardTrainer, and a classifier on labelled rows with transformers.Trainer "
+                              f"(both run it as it is).")
         if getattr(model, "family", None) is not None and not getattr(self, "vision", False):
             raise ConfigError(f"{type(self).__name__} does not train vision-language models yet; SFTTrainer does "
                               f"(image + text conversations).")
@@ -125,6 +130,9 @@ class Trainer(CallbackMethods, TrainerMethods):
         self.callbacks.fire("on_init_end")
 
     # --- objective hooks -------------------------------------------------------------------------------------
+    trains_classifiers: bool = False
+    """Whether this objective trains a sequence classifier (models/sequence_classification.py): RewardTrainer. The
+    others need the LM head, and a classifier is a ConfigError for them."""
     supports_packing: bool = True
     """Whether packing=True may pack this objective's examples into shared rows (pack_examples). An objective whose
     examples are not {"input_ids", "labels"} sets False, and packing=True is then a ConfigError (packing_refusal)."""
