@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 import torch.nn.functional as F
 
 from fasttune.data.preference import collate_reward_pairs, tokenize_reward_rows
