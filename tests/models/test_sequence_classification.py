@@ -252,3 +252,29 @@ def test_missing_head_in_a_seq_cls_adapter_is_named(classifier_dir, tmp_path):
     save_file(tensors, tmp_path / "a" / "adapter_model.safetensors")
     with pytest.raises(ModelLoadError, match="base_model.model.score.weight"):
         FastLanguageModel.from_pretrained(str(tmp_path / "a"))
+
+
+def test_export_command_writes_a_classifier(classifier_dir, tmp_path, capsys):
+    """`fasttune export --format merged` on a classifier adapter names the classification auto class; nf4 keeps the
+    head 16-bit (llm_int8_skip_modules ["score"]) and loads back as the classifier that the 16-bit export loaded
+    with load_in_4bit is; --format gguf is refused by name."""
+    from fasttune.cli import main
+
+    model, tok = _classifier(classifier_dir)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "adapter", tokenizer=tok)
+    for quant, folder in ((["--quantization", "nf4"], "m4"), ([], "m16")):
+        assert main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "merged", *quant,
+                     "--output", str(tmp_path / folder)]) == 0
+        assert "AutoModelForSequenceClassification" in capsys.readouterr().out
+    cfg = json.loads((tmp_path / "m4" / "config.json").read_text())
+    assert cfg["quantization_config"]["llm_int8_skip_modules"] == ["score"]
+    back, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m4"), dtype=torch.float32)
+    assert back.is_sequence_classifier and type(back.score) is torch.nn.Linear
+    want, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m16"), dtype=torch.float32, load_in_4bit=True)
+    torch.testing.assert_close(back(input_ids=TOK_IDS, attention_mask=MASK).logits,
+                               want(input_ids=TOK_IDS, attention_mask=MASK).logits, rtol=1e-5, atol=1e-6)
+    rc = main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "gguf", "--output",
+               str(tmp_path / "x.gguf")])
+    assert rc != 0 and "sequence classifier" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()

@@ -68,7 +68,9 @@ def cmd_export(ns) -> int:
     if ns.format == "merged":
         method = "merged_4bit" if ns.quantization == "nf4" else "merged_16bit"
         out = model.save_pretrained_merged(ns.output, tok, save_method=method)
-        auto = "AutoModelForImageTextToText" if getattr(model, "family", None) is not None else "AutoModelForCausalLM"
+        auto = "AutoModelForImageTextToText" if getattr(model, "family", None) is not None else \
+            "AutoModelForSequenceClassification" if getattr(model, "is_sequence_classifier", False) else \
+            "AutoModelForCausalLM"
         print(f"fasttune: wrote {out} (load with transformers.{auto}.from_pretrained('{out}'))")
         return 0
     out = model.save_pretrained_gguf(ns.output, tok, quantization_method=quants if len(quants) > 1 else quants[0],

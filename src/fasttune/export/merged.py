@@ -79,15 +79,16 @@ def merged_state_dict(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
 
 def _nf4_linears(model, tensors: dict) -> dict:
     """The decoder's Linear weights (merged; `tensors` under checkpoint names) re-quantised to NF4 in bitsandbytes'
-    keys; lm_head, embeddings, norms and a vision-language model's vision modules stay 16-bit (the modules
-    `skipped_4bit_modules` names), as transformers + bitsandbytes keep them."""
+    keys; lm_head (a classifier's score), embeddings, norms and a vision-language model's vision modules stay
+    16-bit (the modules `skipped_4bit_modules` names), as transformers + bitsandbytes keep them."""
     from fasttune.quant.linear import QuantLinear
     from fasttune.quant.nf4 import quantize_nf4, state_to_tensors
 
     hf_name = checkpoint_names(model)
     vision = tuple(f"{attr}." for attr, _ in model.family.vision_modules) if getattr(model, "family", None) else ()
     linears = {hf_name(n.removesuffix(".base_layer")) for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n and not n.startswith(vision)}
+               if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n and n != "score"
+               and not n.startswith(vision)}
     out = {}
     for name, t in tensors.items():
         if name.endswith(".weight") and name[:-len(".weight")] in linears:
@@ -101,7 +102,10 @@ def skipped_4bit_modules(model) -> list[str] | None:
     """bitsandbytes' llm_int8_skip_modules for a merged_4bit checkpoint: a vision-language model's vision modules
     (transformers' names, e.g. "model.visual" or "model.vision_tower" and "model.multi_modal_projector") and lm_head
     stay 16-bit, as load_in_4bit=True keeps them; None (transformers' default, lm_head only) for a text model. Full
-    module paths: transformers 5 matches them from the start of a module's name."""
+    module paths: transformers 5 matches them from the start of a module's name. A sequence classifier's head:
+    ["score"]."""
+    if getattr(model, "is_sequence_classifier", False):
+        return ["score"]
     if getattr(model, "family", None) is None:
         return None
     return [f"model.{hf}" for _, hf in model.family.vision_modules] + ["lm_head"]
