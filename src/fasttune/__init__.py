@@ -24,6 +24,8 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
          "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto",
          "RewardTrainer": "fasttune.train.objectives.reward", "RewardConfig": "fasttune.train.objectives.reward",
+         "ClassificationTrainer": "fasttune.train.objectives.classification",
+         "ClassificationConfig": "fasttune.train.objectives.classification",
          "is_bfloat16_supported": "fasttune.dropin", "PatchDPOTrainer": "fasttune.dropin",
          # Other fine-tuners' names for our trainer and its config (both take embedding_learning_rate).
          "UnslothTrainer": "fasttune.train.objectives.sft:SFTTrainer",
@@ -34,7 +36,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
              "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
            "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer", "RewardConfig",
-           "FastTuneError", "FastModel",
+           "ClassificationTrainer", "ClassificationConfig", "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",
            "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments",
            "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",

@@ -14,7 +14,7 @@ from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, re
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
 from fasttune.models.sequence_classification import CLASSIFIER_ARGS, classifier_request
-from fasttune.peft.adapter_io import CONFIG_NAME, adapter_head_rows, load_adapter_into, read_adapter_config
+from fasttune.peft.adapter_io import CONFIG_NAME, classifier_head_settings, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import (LoraSettings, apply_lora, default_targets,
                                 expert_target_parameters, experts_by_parameters, latent_attention_targets,
                                 linear_attention_targets)
@@ -308,10 +308,12 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
                        offload_embedding: bool = False, offload_lm_head: bool = False, classifier: dict | None = None):
     cfg = read_adapter_config(folder)
     head = {}
-    if cfg.get("task_type") == "SEQ_CLS":  # a classifier's adapter: its head's rows give num_labels
-        head = dict(auto_model="AutoModelForSequenceClassification", **{k: v for k, v in (classifier or {}).items()
-                                                                        if v is not None})
-        head.setdefault("num_labels", adapter_head_rows(folder))
+    if cfg.get("task_type") == "SEQ_CLS":  # a classifier's adapter: its saved head settings, the caller's first
+        asked = {k: v for k, v in (classifier or {}).items() if v is not None}
+        saved = classifier_head_settings(folder)
+        if "id2label" in asked or "num_labels" in asked:  # names and count asked for replace the saved ones
+            saved = {k: v for k, v in saved.items() if k not in ("id2label", "label2id", "num_labels")}
+        head = dict(auto_model="AutoModelForSequenceClassification", **{**saved, **asked})
     elif classifier is not None:
         raise ConfigError(f"{folder} is a language-model adapter (task_type {cfg.get('task_type')!r}); a sequence "
                           f"classifier loads from an adapter trained as one (task_type 'SEQ_CLS'). Load the base "

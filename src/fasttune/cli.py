@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from fasttune.commands._flag_types import flag_name, flag_type, parse_bool
+from fasttune.commands._methods import PREFERENCE_METHODS, classifier_head, load_method, method_config
 from fasttune.errors import ConfigError, FastTuneError, WriteError
 from fasttune.train.config import SFTConfig, TrainingConfig
 
@@ -22,8 +23,8 @@ from fasttune.train.config import SFTConfig, TrainingConfig
 RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
-    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo | reward (its config's fields become "
-                           "flags)"),
+    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo | reward | classification (its "
+                           "config's fields become flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -59,49 +60,7 @@ DATA_FOLDER_FILES = ("train.jsonl", "train.json", "train.csv", "train.parquet")
 # The demo run (no --data) uses settings that visibly learn the bundled data in about a minute on a CPU.
 DEMO_DEFAULTS = {"max_steps": 30, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
                  "learning_rate": 1e-3, "logging_steps": 5}
-# --method -> (trainer, config) as "module:name", imported only when that method is asked for.
-METHODS = {
-    "sft": ("fasttune.train.objectives.sft:SFTTrainer", "fasttune.train.config:SFTConfig"),
-    "dpo": ("fasttune.train.objectives.dpo:DPOTrainer", "fasttune.train.objectives.dpo:DPOConfig"),
-    "orpo": ("fasttune.train.objectives.orpo:ORPOTrainer", "fasttune.train.objectives.orpo:ORPOConfig"),
-    "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
-    "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
-    "reward": ("fasttune.train.objectives.reward:RewardTrainer", "fasttune.train.objectives.reward:RewardConfig"),
-}
-PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward")
 DEFAULT_OUTPUT_DIR = "fasttune_output"
-
-
-def _import(dotted: str):
-    import importlib
-
-    module, _, name = dotted.partition(":")
-    return getattr(importlib.import_module(module), name)
-
-
-def load_method(method: str) -> tuple[type, type]:
-    """(trainer class, config class) of a --method. Raises ConfigError for a method outside METHODS or one whose
-    modules cannot be imported."""
-    if method not in METHODS:
-        raise ConfigError(f"--method {method} is not a training method; choose one of: {', '.join(METHODS)}.")
-    trainer, config = METHODS[method]
-    try:
-        return _import(trainer), _import(config)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--method {method} is not available in this installation of fasttune ({e}). Use one of "
-                          f"the other methods, or update fasttune.") from None
-
-
-def method_config(method: str) -> type:
-    """The config class of a --method (SFTConfig, DPOConfig, ...), without importing its trainer. Raises ConfigError
-    as load_method."""
-    if method not in METHODS:
-        raise ConfigError(f"--method {method} is not a training method; choose one of: {', '.join(METHODS)}.")
-    try:
-        return _import(METHODS[method][1])
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--method {method} is not available in this installation of fasttune ({e}). Use one of "
-                          f"the other methods, or update fasttune.") from None
 
 
 def _method_config(argv: list[str]) -> type:
@@ -257,6 +216,9 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
         raise ConfigError(f"--method {method} needs --data with preference rows (prompt/chosen/rejected"
                           f"{', or prompt/completion/label' if method == 'kto' else ''}); the bundled demo set is "
                           f"for SFT.")
+    if method == "classification" and not run["data"]:
+        raise ConfigError("--method classification needs --data with labelled rows (a `text` column and a `label` "
+                          "column: class names or indices, numbers, or 0/1 lists); the bundled demo set is for SFT.")
     if method == "grpo" and not run["data"]:
         raise ConfigError("--method grpo needs --data with prompt rows (a `prompt` column, plus any columns your "
                           "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
@@ -464,10 +426,9 @@ def _train(run: dict, config: TrainingConfig, out: Path):
     from fasttune.plot import plot_losses
     from fasttune.wording import plural
 
-    head = {}
-    if run["method"] == "reward":  # a reward model: the decoder with a one-output score head
-        head = {"auto_model": "AutoModelForSequenceClassification", "num_labels": 1}
-        run["no_sample"] = True  # it scores text; it does not write any
+    head = classifier_head(run["method"], rows, config, data)  # {} for the language-model methods
+    if head:
+        run["no_sample"] = True  # a classifier scores text; it does not write any
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FallbackWarning)
         model, tok = FastLanguageModel.from_pretrained(run["model"] or "", max_seq_length=config.max_seq_length,

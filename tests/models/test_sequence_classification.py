@@ -124,6 +124,7 @@ def test_adapter_and_merged_files_load_everywhere(classifier_dir, tmp_path):
     model.save_pretrained(tmp_path / "adapter", tokenizer=tok)
     again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), dtype=torch.float32)
     assert again.is_sequence_classifier and again.lora_settings.modules_to_save == ["score"]
+    assert again.config.id2label == {0: "neg", 1: "neu", 2: "pos"}  # classifier_head.json beside the adapter
     torch.testing.assert_close(again(input_ids=TOK_IDS, attention_mask=MASK).logits, want)
 
     model.save_pretrained_merged(tmp_path / "merged", tok)

@@ -25,6 +25,7 @@ from fasttune.sharding import gather_state, writes_here
 
 PREFIX = "base_model.model."
 CONFIG_NAME, WEIGHTS_NAME = "adapter_config.json", "adapter_model.safetensors"
+HEAD_NAME = "classifier_head.json"  # fasttune's: a classifier adapter's num_labels, id2label, label2id, problem_type
 ADAPTER_FIX = ("Save the adapter again (model.save_pretrained, or fasttune train, which writes OUTPUT_DIR/adapter), "
                "or copy it again if a copy or download stopped part-way.")
 
@@ -148,6 +149,11 @@ def write_adapter(model, folder: str | Path, tensors: dict[str, torch.Tensor]) -
         if getattr(model, "family", None) is not None:
             cfg["target_modules"] = tower_safe_targets(model, cfg["target_modules"])
         (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2))
+        if task_type(model) == "SEQ_CLS":  # the class names, which PEFT's files do not keep
+            c = model.config
+            head = {"num_labels": c.num_labels, "id2label": {str(k): v for k, v in c.id2label.items()},
+                    "label2id": c.label2id, "problem_type": c.problem_type}
+            (tmp / HEAD_NAME).write_text(json.dumps(head, indent=2))
     return folder
 
 
@@ -208,6 +214,20 @@ def read_adapter_config(folder: Path) -> dict:
         raise ModelLoadError(f"{folder / CONFIG_NAME}: peft_type '{cfg.get('peft_type')}' is not supported; "
                              f"fasttune loads LoRA adapters.")
     return cfg
+
+
+def classifier_head_settings(folder: Path) -> dict:
+    """A classifier adapter's head settings as from_pretrained takes them (num_labels, id2label, label2id,
+    problem_type), from the HEAD_NAME file fasttune writes beside the adapter, else num_labels alone from the saved
+    head's rows (adapter_head_rows: adapters PEFT wrote). Raises ModelLoadError for an unreadable file."""
+    path = Path(folder) / HEAD_NAME
+    if not path.exists():
+        return {"num_labels": adapter_head_rows(folder)}
+    head = read_json(path, fix=ADAPTER_FIX)
+    out = {k: head.get(k) for k in ("num_labels", "id2label", "label2id", "problem_type") if head.get(k) is not None}
+    if "id2label" in out:
+        out["id2label"] = {int(k): v for k, v in out["id2label"].items()}
+    return out
 
 
 def adapter_head_rows(folder: Path) -> int:
