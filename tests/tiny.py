@@ -272,3 +272,18 @@ def lora_losses(model, ids, steps: int = 5, lr: float = 1e-2) -> list[float]:
         opt.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+def load_classifier(folder, num_labels: int = 3, lora_r: int | None = None, **kwargs):
+    """(fasttune's sequence classifier loaded in fp32 from the checkpoint in `folder` with a new `num_labels` head,
+    its tokenizer); the head's draw seeded (0); with lora_r, LoRA of that rank added (no recompute)."""
+    from transformers import AutoModelForSequenceClassification
+
+    from fasttune import FastLanguageModel
+
+    torch.manual_seed(0)
+    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, num_labels=num_labels,
+                                                   auto_model=AutoModelForSequenceClassification, **kwargs)
+    if lora_r:
+        model = FastLanguageModel.get_peft_model(model, r=lora_r, use_gradient_checkpointing=False)
+    return model, tok

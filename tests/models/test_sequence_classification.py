@@ -9,7 +9,7 @@ from transformers import AutoModelForSequenceClassification
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError, ModelLoadError
 from peft_oracle import peft_grads, randomize_lora_b
-from tiny import hf_model, save_hf
+from tiny import hf_model, load_classifier, save_hf
 
 PAD = 0  # the tiny configs' pad_token_id
 # right padding, left padding, no padding: each row's score is at its last real token
@@ -86,10 +86,7 @@ def classifier_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def _classifier(folder, **kwargs):
-    kwargs.setdefault("num_labels", 3)
-    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32,
-                                                   auto_model=AutoModelForSequenceClassification, **kwargs)
-    return model, tok
+    return load_classifier(folder, **kwargs)
 
 
 @pytest.mark.parametrize("problem", ["single_label_classification", "regression", "multi_label_classification"])
@@ -177,11 +174,12 @@ def test_trainer_and_reward_trainer_train_it(classifier_dir, tmp_path):
     pairs = Dataset.from_dict({"chosen": ["a kind, clear answer", "yes: 4"] * 2, "rejected": ["no", "5?"] * 2})
     trainer = RewardTrainer(model=model, processing_class=tok, train_dataset=pairs,
                             args=RewardConfig(output_dir=str(tmp_path / "rm"), per_device_train_batch_size=2,
-                                              max_steps=3, learning_rate=5e-2, report_to=[], use_cpu=True,
-                                              logging_steps=1, save_strategy="no"))
+                                              max_steps=3, learning_rate=1e-2, report_to=[], use_cpu=True,
+                                              logging_steps=1, save_strategy="no", bf16=False,
+                                              train_sampling_strategy="sequential"))
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert len(losses) == 3 and losses[2] < losses[0]  # (every step sees the same two pairs)
 
 
 def test_refusals(classifier_dir, tmp_path):

@@ -45,9 +45,6 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
     """Paired rows -> [{"prompt_ids", "chosen_ids", "rejected_ids"} (+ "ref_chosen_logps", "ref_rejected_logps")]."""
     rows, columns, source_name = _rows_and_columns(rows, source_name)
     where = source_name or "the dataset"
-    implicit = "prompt" not in columns and "chosen" in columns and "rejected" in columns
-    if not implicit:
-        _require_columns(columns, PAIRED, where, "paired preference data (DPO, ORPO)")
     has_ref = [c for c in REF_COLUMNS if c in columns]
     if len(has_ref) == 1:
         missing = next(c for c in REF_COLUMNS if c not in columns)
@@ -55,13 +52,8 @@ def tokenize_preference_rows(rows: Any, tokenizer, *, max_seq_length: int, max_p
                         f"log-probs need both columns (or neither, to compute them during training).")
     enc = _Encoder(tokenizer, chat_template, where)
     out, dropped = [], 0
-    for i, row in enumerate(rows):
-        at = row_label(i, source_name)
-        prompt, chosen, rejected = (row.get(k) for k in PAIRED)
-        if implicit:
-            prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
-        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"),
-                                                            row)
+    for at, row, prompt_ids, chosen_ids, rejected_ids in _encoded_pairs(rows, columns, source_name, enc,
+                                                                        "paired preference data (DPO, ORPO)"):
         prompt_ids = _clip_prompt(prompt_ids, max_prompt_length)
         if len(prompt_ids) >= max_seq_length:
             dropped += 1
@@ -84,18 +76,10 @@ def tokenize_reward_rows(rows: Any, tokenizer, *, max_seq_length: int, chat_temp
     inside it. Raises DataError for missing columns, bad fields (named by row) or no row left."""
     rows, columns, source_name = _rows_and_columns(rows, source_name)
     where = source_name or "the dataset"
-    implicit = "prompt" not in columns and "chosen" in columns and "rejected" in columns
-    if not implicit:
-        _require_columns(columns, PAIRED, where, "paired preference data (a reward model)")
     enc = _Encoder(tokenizer, chat_template, where)
     out, dropped = [], 0
-    for i, row in enumerate(rows):
-        at = row_label(i, source_name)
-        prompt, chosen, rejected = (row.get(k) for k in PAIRED)
-        if implicit:
-            prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
-        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"),
-                                                            row)
+    for at, row, prompt_ids, chosen_ids, rejected_ids in _encoded_pairs(rows, columns, source_name, enc,
+                                                                        "paired preference data (a reward model)"):
         ex = {"chosen_ids": prompt_ids + chosen_ids, "rejected_ids": prompt_ids + rejected_ids}
         if max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) > max_seq_length:
             dropped += 1
@@ -242,6 +226,23 @@ def _rows_and_columns(rows, source_name):
             raise DataError(f"{source_name or 'The dataset'} has no rows. Pass at least one training example.")
         columns = rows.column_names
     return rows, columns, source_name
+
+
+def _encoded_pairs(rows, columns, source_name, enc, what: str):
+    """Yield (row label, row, prompt_ids, chosen_ids, rejected_ids) of paired rows, the prompt taken from the shared
+    prefix of chosen and rejected when there is no "prompt" column (TRL's implicit prompt). Raises DataError for
+    missing columns (`what` names the data in the message) and bad fields."""
+    implicit = "prompt" not in columns and "chosen" in columns and "rejected" in columns
+    if not implicit:
+        _require_columns(columns, PAIRED, source_name or "the dataset", what)
+    for i, row in enumerate(rows):
+        at = row_label(i, source_name)
+        prompt, chosen, rejected = (row.get(k) for k in PAIRED)
+        if implicit:
+            prompt, chosen, rejected = extract_prompt(chosen, rejected, at)
+        prompt_ids, (chosen_ids, rejected_ids) = enc.encode(prompt, [chosen, rejected], at, ("chosen", "rejected"),
+                                                            row)
+        yield at, row, prompt_ids, chosen_ids, rejected_ids
 
 
 def _require_columns(columns, needed, where, what):

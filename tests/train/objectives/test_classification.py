@@ -4,12 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
-
 from fasttune import ClassificationConfig, ClassificationTrainer, FastLanguageModel
 from fasttune.cli import main
 from fasttune.errors import ConfigError
-from tiny import hf_model, save_hf
+from tiny import hf_model, load_classifier, save_hf
 
 ROWS = [{"text": "great film, loved it", "label": 2}, {"text": "dull", "label": 0},
         {"text": "it was fine I guess, nothing more", "label": 1}, {"text": "wonderful!", "label": 2},
@@ -24,11 +22,8 @@ def base_dir(tmp_path_factory, tiny_tokenizer):
     return folder
 
 
-def _classifier(folder, **kwargs):
-    torch.manual_seed(0)  # the new score head's draw
-    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, num_labels=3,
-                                                   auto_model=AutoModelForSequenceClassification, **kwargs)
-    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False), tok
+def _classifier(folder):
+    return load_classifier(folder, lora_r=4)
 
 
 def test_losses_equal_transformers_trainer(base_dir, tmp_path):

@@ -4,12 +4,10 @@ import json
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification
-
 from fasttune import FastLanguageModel, RewardConfig, RewardTrainer, SFTConfig, SFTTrainer
 from fasttune.cli import main
 from fasttune.errors import ConfigError, DataError
-from tiny import hf_model, save_hf
+from tiny import hf_model, load_classifier, save_hf
 
 ROWS = [{"prompt": "Is 2+2 4?", "chosen": " Yes, it is.", "rejected": " No.", "margin": 0.5},
         {"prompt": "Capital of France?", "chosen": " Paris.", "rejected": " Lyon, I think", "margin": 1.0},
@@ -28,10 +26,7 @@ def base_dir(tmp_path_factory, tiny_tokenizer):
 
 
 def _reward_model(folder, num_labels=1):
-    torch.manual_seed(0)  # the new score head's draw
-    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, num_labels=num_labels,
-                                                   auto_model=AutoModelForSequenceClassification)
-    return FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False), tok
+    return load_classifier(folder, num_labels, lora_r=4)
 
 
 def _ours(folder, rows, **config):

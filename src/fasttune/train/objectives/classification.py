@@ -15,6 +15,7 @@ from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.host_reads import add_exact, host_values
 from fasttune.train.loop import Trainer
+from fasttune.train.objectives.eval_window import EvalWindow
 
 
 @dataclass
@@ -25,7 +26,7 @@ class ClassificationConfig(TrainingConfig):
     label_field: str = LABEL_FIELD
 
 
-class ClassificationTrainer(Trainer):
+class ClassificationTrainer(EvalWindow, Trainer):
     """Trains a sequence classifier (FastLanguageModel.from_pretrained(..., auto_model=
     AutoModelForSequenceClassification, num_labels=N)) on rows {"text", "label"}. Raises ConfigError for a language
     model, args that are not a ClassificationConfig, or packing=True; DataError for rows that do not fit the head."""
@@ -50,7 +51,6 @@ class ClassificationTrainer(Trainer):
         if tok is None:
             raise ConfigError("ClassificationTrainer needs a tokenizer (tokenizer=... or processing_class=...).")
         self._sums = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # correct predictions, rows (single-label heads)
-        self._window = "train"
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=ClassificationConfig, **kwargs)
         if self.tokenizer.pad_token_id is not None:  # the batches are padded with it: the score is found by it
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
@@ -83,17 +83,6 @@ class ClassificationTrainer(Trainer):
             sums[0] = add_exact(sums[0], right)
             sums[1] = add_exact(sums[1], batch["labels"].numel())
         return out.loss, out.loss.detach().to(torch.float64) * num_items
-
-    @torch.no_grad()
-    def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
-        """(loss sum, labels) of one eval batch, counting its correct predictions in the eval window."""
-        n = self.count_items(batch)
-        self._window = "eval"
-        try:
-            loss, _ = self.micro_batch_loss(batch, n)
-        finally:
-            self._window = "train"
-        return float(loss) * n, n
 
     def step_metrics(self) -> dict:
         """{"accuracy"} of the single-label predictions since the last log entry; resets."""

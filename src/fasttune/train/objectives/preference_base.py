@@ -16,6 +16,7 @@ from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.host_reads import add_exact, host_values
 from fasttune.train.loop import Trainer
+from fasttune.train.objectives.eval_window import EvalWindow
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, score_positions
 
@@ -32,7 +33,7 @@ def with_score_positions(batch: dict) -> dict:
     return batch
 
 
-class PreferenceTrainer(Trainer):
+class PreferenceTrainer(EvalWindow, Trainer):
     """The base of DPOTrainer, ORPOTrainer and KTOTrainer; subclasses set `config_cls`, `method` and
     `micro_batch_loss`. Raises ConfigError for args of another config class, packing=True, a data_format other
     than "auto" / "preference", or no tokenizer (`tokenizer` or `processing_class`)."""
@@ -132,19 +133,6 @@ class PreferenceTrainer(Trainer):
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
         # as float(loss) * num_items; the core reads it once per step).
         return loss, loss.detach().to(torch.float64) * num_items
-
-    @torch.no_grad()
-    def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
-        """(loss sum, pairs or rows) of one eval batch; prepare_step takes its statistics from this batch alone, as
-        TRL does."""
-        self.prepare_step([batch], across_ranks=False)  # each eval batch on its own, as TRL evaluates
-        n = self.count_items(batch)
-        self._window = "eval"
-        try:
-            loss, _ = self.micro_batch_loss(batch, n)
-        finally:
-            self._window = "train"
-        return float(loss) * n, n
 
     def step_metrics(self) -> dict:
         """TRL's metrics (rewards/*, logps/*, ...) averaged since the last log entry, plus rewards/margins; resets."""
