@@ -63,8 +63,9 @@ class FastLanguageModel:
         with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as
         transformers' from_pretrained takes them, gives a SequenceClassifier (models/sequence_classification.py):
         the decoder with a `score` head (new, normal(0, initializer_range), unless the checkpoint is a classifier,
-        which loads as one without these arguments). config.pad_token_id is set from the tokenizer when the config
-        has none, so padded batches are scored at each row's last real token."""
+        which loads as one without these arguments; a Qwen3.5 / Gemma 3 vision-language checkpoint gives its language
+        model as a text classifier). config.pad_token_id is set to the tokenizer's pad token, which pads the batches,
+        so that padded rows are scored at their last real token."""
         extra = checked_kwargs("from_pretrained", kwargs, CLASSIFIER_ARGS)  # the peer's other arguments (peer_args.py)
         classifier = classifier_request(extra)  # auto_model=AutoModelForSequenceClassification, num_labels, ...
         if device is None and "device" in extra:

@@ -277,3 +277,28 @@ def test_export_command_writes_a_classifier(classifier_dir, tmp_path, capsys):
     rc = main(["export", "--adapter", str(tmp_path / "adapter"), "--format", "gguf", "--output",
                str(tmp_path / "x.gguf")])
     assert rc != 0 and "sequence classifier" in capsys.readouterr().err and not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("fixture, text_class", [("qwen3_5_vl_dir", "Qwen3_5TextForSequenceClassification"),
+                                                 ("gemma3_vl_dir", "Gemma3TextForSequenceClassification")])
+def test_vision_language_checkpoint_as_text_classifier(request, fixture, text_class, tmp_path):
+    """A Qwen3.5 / Gemma 3 vision-language checkpoint loads as a text classifier: on text its scores equal
+    transformers' vision-language classifier of the checkpoint, and the merged save is transformers' text
+    classifier with the same scores. A checkpoint saved as a vision-language classifier is refused by name."""
+    folder = request.getfixturevalue(fixture)
+    ours, tok = load_classifier(folder)
+    assert ours.config.architectures == [text_class] and not hasattr(ours, "family")
+    ref = AutoModelForSequenceClassification.from_pretrained(str(folder), num_labels=3, dtype=torch.float32).eval()
+    ref.config.get_text_config().pad_token_id = ours.config.pad_token_id
+    with torch.no_grad():
+        ref.score.weight.copy_(ours.score.weight)
+    batch = tok(["a short one", "a longer line of text here"], padding=True, return_tensors="pt")
+    want = ours(**batch).logits
+    torch.testing.assert_close(want, ref(**batch).logits, rtol=1e-5, atol=1e-5)
+    ours.save_pretrained_merged(tmp_path / "m", tok)
+    text = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    assert type(text).__name__ == text_class
+    torch.testing.assert_close(text(**batch).logits, want, rtol=1e-5, atol=1e-5)
+    ref.save_pretrained(tmp_path / "vl_classifier")
+    with pytest.raises(ConfigError, match="vision-language sequence classifier"):
+        FastLanguageModel.from_pretrained(str(tmp_path / "vl_classifier"))

@@ -13,12 +13,12 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from fasttune.errors import ModelLoadError
+from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, read_json,
                                    torch_load)
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.causal_lm import CausalLM
-from fasttune.models.sequence_classification import classifier_class
+from fasttune.models.sequence_classification import classifier_class, is_classification_config
 from fasttune.models.vision import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
 from fasttune.quant.fp8 import compressed_tensors_fp8, fp8_tensors
@@ -319,6 +319,11 @@ def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None 
     """A vision-language checkpoint folder -> VisionCausalLM. transformers loads the whole model on the CPU (it
     knows the checkpoint layouts; an FP8 checkpoint, `dequantize_fp8`, dequantised by its FineGrainedFP8Config), then
     vision_model_from_hf moves it over. Raises ModelLoadError when transformers cannot load it."""
+    return vision_model_from_hf(_hf_vision_model(path, dtype, dequantize_fp8), dtype, device, str(path), quant)
+
+
+def _hf_vision_model(path: Path, dtype: torch.dtype, dequantize_fp8: bool):
+    """transformers' vision-language model of a checkpoint folder, on the CPU; ModelLoadError when it cannot."""
     from transformers import AutoModelForImageTextToText
 
     kwargs = {}
@@ -327,10 +332,31 @@ def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None 
 
         kwargs["quantization_config"] = FineGrainedFP8Config(dequantize=True)
     try:
-        hf = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True, **kwargs)
     except (OSError, ValueError, KeyError) as e:
         raise ModelLoadError(f"transformers cannot load the vision-language model in '{path}': {e}") from None
-    return vision_model_from_hf(hf, dtype, device, str(path), quant)
+
+
+def text_classifier_from_vision(path: Path, hf_config, request: dict | None, dtype: torch.dtype, device,
+                                quant: str | None = None, dequantize_fp8: bool = False):
+    """(SequenceClassifier, its text config): the language model of a vision-language checkpoint (Qwen3.5, Gemma 3)
+    as a text classifier, transformers' `<Family>TextForSequenceClassification` (e.g.
+    Qwen3_5TextForSequenceClassification), which a merged save writes and AutoModelForSequenceClassification loads;
+    the vision tower is not loaded into it. `request`: classifier_request's head settings. Raises ConfigError for a
+    checkpoint saved as a vision-language classifier (its head would be dropped) or a family transformers has no
+    text classifier for, and ModelLoadError when transformers cannot load the checkpoint."""
+    if request is None:  # a checkpoint whose architectures name a classifier with vision inputs
+        raise ConfigError(f"'{path}' is a vision-language sequence classifier ({hf_config.architectures[0]}), which "
+                          f"fasttune does not load; its text classifiers load, e.g. one saved from this base with "
+                          f"auto_model=AutoModelForSequenceClassification.")
+    hf = _hf_vision_model(path, dtype, dequantize_fp8)
+    text_config = copy.deepcopy(hf.config.text_config)
+    text_config._experts_implementation = None
+    text_config.tie_word_embeddings = bool(getattr(hf.config, "tie_word_embeddings", False))
+    model_cls = classifier_class(text_config, request, str(path))
+    tensors = [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]
+    del hf
+    return build_model(text_config, iter(tensors), dtype, device, str(path), quant, model_cls=model_cls), text_config
 
 
 def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str | None = None) -> VisionCausalLM:
@@ -366,9 +392,7 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
         return _load_gguf(path, dtype, device, fast, quant, classifier=classifier)
-    hf_config = load_hf_config(path)
-    model_cls = classifier_class(hf_config, classifier, str(path), fast)  # (fallback families are refused in it)
-    hf_config = with_architectures(hf_config)
+    hf_config = with_architectures(load_hf_config(path))
     # damaged weight files are named here, on both paths, before anything is loaded
     check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
     if is_vision_config(hf_config):
@@ -377,7 +401,10 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
                                  f"transformers fallback (fast=False) does not load; leave fast at True (its language "
                                  f"model runs on fasttune's decoder, its vision tower is transformers' own).")
         method, _ = checkpoint_quantization(hf_config, path, fallback=False)
+        if classifier is not None or is_classification_config(hf_config):
+            return text_classifier_from_vision(path, hf_config, classifier, dtype, device, quant, method == "fp8")
         return load_vision_model(path, dtype, device, quant, dequantize_fp8=method == "fp8"), hf_config
+    model_cls = classifier_class(hf_config, classifier, str(path), fast)  # (fallback families are refused in it)
     if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
         from fasttune.models.fallback import load_fallback
 

@@ -250,18 +250,15 @@ def classifier_class(hf_config, request: dict | None, source: str, fast: bool = 
     """The model class to build `hf_config` as: CausalLM, or SequenceClassifier when `request` (classifier_request's
     dict) asks for one or the checkpoint is a classifier (is_classification_config). For a classifier, the request's
     settings are written into hf_config (num_labels, id2label, label2id, problem_type) and architectures becomes
-    transformers' class for the family, which merged saves then carry. Raises ConfigError for a family transformers
-    has no sequence-classification class for, a vision-language checkpoint, or one on the transformers fallback
+    transformers' class for the family, which merged saves then carry (a vision-language checkpoint's language model
+    comes here with its text config: models/loading.py's text_classifier_from_vision). Raises ConfigError for a
+    family transformers has no sequence-classification class for, or one on the transformers fallback
     (fast=False, a family outside our decoder, or `fallback`: a file the caller loads through it)."""
     from fasttune.models.config import SUPPORTED_FAMILIES
 
     if request is None and not is_classification_config(hf_config):
         return CausalLM
     model_type = getattr(hf_config, "model_type", None)
-    if getattr(hf_config, "text_config", None) is not None and getattr(hf_config, "vision_config", None) is not None:
-        raise ConfigError(f"'{source}' is a vision-language checkpoint ({model_type}); sequence classification is "
-                          f"implemented for text models. Load a text model with auto_model="
-                          f"AutoModelForSequenceClassification.")
     name = classification_architecture(model_type)
     if model_type not in SUPPORTED_FAMILIES or not fast or fallback:
         raise ConfigError(f"'{source}' ({model_type}) would load through the transformers fallback"
