@@ -151,6 +151,8 @@ def test_trainer_and_reward_trainer_train_it(classifier_dir, tmp_path):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
     from trl import RewardConfig, RewardTrainer
 
+    trainer_of_last_run = []
+
     def trained(batch, accumulation):
         torch.manual_seed(0)  # the new score head's draw
         model, tok = _classifier(classifier_dir)
@@ -161,13 +163,18 @@ def test_trainer_and_reward_trainer_train_it(classifier_dir, tmp_path):
                                  gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=1e-1,
                                  optim="sgd", report_to=[], use_cpu=True, save_strategy="no")
         # (the 4 rows form one optimizer step either way, so their order does not matter)
-        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok))
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=DataCollatorWithPadding(tok),
+                          eval_dataset=rows, compute_metrics=lambda p: {
+                              "accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())})
+        trainer_of_last_run[:] = [trainer]
         trainer.train()
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     one, two = trained(4, 1), trained(2, 2)
     for n in one:
         torch.testing.assert_close(two[n], one[n], rtol=1e-4, atol=1e-6, msg=n)
+    metrics = trainer_of_last_run[0].evaluate()  # transformers' evaluation loop with compute_metrics
+    assert 0 <= metrics["eval_accuracy"] <= 1 and metrics["eval_loss"] > 0
 
     model, tok = _classifier(classifier_dir, num_labels=1)
     model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
