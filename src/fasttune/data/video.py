@@ -221,7 +221,7 @@ class VideoFrames:
         for k, (frames, fps) in enumerate(videos):
             at = f"{where}, video {k + 1}"
             first = to_pil(frames[0], f"{at}, frame 1")
-            times = [i / float(fps or DEFAULT_FPS) for i in _frame_indices(indices, k, len(frames), at)]
+            times = [i / float(fps or DEFAULT_FPS) for i in _frame_indices(indices, k, frames, at)]
             if self.soft_token_marks is not None:  # Gemma 4: (frames, soft tokens a frame), each frame's time
                 out.append(([len(frames), int(self._gemma_frames([first])["num_soft_tokens_per_image"][0])], times))
                 continue
@@ -283,7 +283,7 @@ class VideoFrames:
                 path = absolute(src, base_dir)
                 if not path.is_file():
                     raise DataError(f"{at}: video file '{path}' does not exist.")
-                clip = VideoFile(path, fps, where=at)
+                clip = VideoFile(path, fps, where=at, sampler=self.file_sampler())
                 out.append((clip, clip.rate))
                 continue
             if isinstance(src, (str, Path)) and absolute(src, base_dir).is_dir():
@@ -320,19 +320,13 @@ class VideoFrames:
         transformers raises). The frames' rate is their metadata's (24 a second without). Video files (already
         sampled by data/video_file.py) are kept. Returns (pairs, frame indices per video for the timestamps).
         Raises DataError for Qwen2-VL / Qwen2.5-VL (whose processor does not sample by default: sample first)."""
-        s, out, seen = self.video_settings or {}, [], []
+        out, seen = [], []
         for k, (frames, fps) in enumerate(sources):
-            given = _frame_indices(indices, k, len(frames), f"{where}, video {k + 1}")
-            total, rate = len(frames), float(fps or DEFAULT_FPS)
-            if isinstance(frames, VideoFile):
-                picked = list(range(total))
-            elif self.soft_token_marks is not None:
-                n = s.get("num_frames") or max(1, int(total / rate * s.get("fps", 2.0)))
-                picked = [i * total // n for i in range(n)] if n < total else list(range(total))
-            elif self.video_stamps:
-                n = min(max(int(total / rate * s.get("fps", 2.0)), s.get("min_frames", 4)), s.get("max_frames", 768),
-                        total)
-                picked = np.linspace(0, total - 1, n).round().astype(int).tolist()
+            given = _frame_indices(indices, k, frames, f"{where}, video {k + 1}")
+            if isinstance(frames, VideoFile):  # (picked when it was opened)
+                picked = list(range(len(frames)))
+            elif self.soft_token_marks is not None or self.video_stamps:
+                picked = self.sampled_indices(len(frames), float(fps or DEFAULT_FPS))
             else:
                 raise DataError("do_sample_frames=True: fasttune's Qwen2-VL / Qwen2.5-VL processor takes a video's "
                                 "frames as sampled; sample them first and pass them with their video_metadata.")
@@ -340,11 +334,40 @@ class VideoFrames:
             seen.append([given[i] for i in picked])
         return out, seen
 
+    def sampled_indices(self, total: int, rate: float, fps: float | None = None) -> list[int]:
+        """The frames (indices among `total` at `rate` frames a second) the family's transformers video processor
+        keeps (its sample_frames): Gemma 4 (BaseVideoProcessor's) num_frames, or total / rate x fps frames with an
+        `fps`, at arange(0, total, total / n) truncated, all of them when there are fewer (where transformers
+        raises); Qwen3-VL / Qwen3.5 total / rate x fps frames (fps: `fps` or the settings', 2), within [min_frames,
+        max_frames] and at most all, at the rounded evenly spaced indices."""
+        s = self.video_settings or {}
+        if self.soft_token_marks is not None:
+            n = int(total / rate * fps) if fps is not None else \
+                s.get("num_frames") or int(total / rate * s.get("fps", 2.0))
+            n = max(1, n)
+            return torch.arange(0, total, total / n).int().tolist() if n < total else list(range(total))
+        fps = fps if fps is not None else s.get("fps", 2.0)
+        n = min(max(int(total / rate * fps), s.get("min_frames", 4)), s.get("max_frames", 768), total)
+        return np.linspace(0, total - 1, n).round().astype(int).tolist()
 
-def _frame_indices(indices: list | None, k: int, count: int, at: str) -> list:
-    """Video k's frame indices in its source (`indices[k]`, a metadata's frames_indices; else 0 .. count - 1).
-    Raises DataError naming `at` when they are not one per frame."""
-    given = list(indices[k]) if indices and indices[k] is not None else list(range(count))
+    def file_sampler(self):
+        """How a video file's frames are picked (data/video_file.py's `sampler`): as the family's transformers video
+        processor picks them from a decoded file when it samples by default (do_sample_frames in the video settings:
+        Qwen3-VL / Qwen3.5, Gemma 4), sampled_indices over the file's frame count and rate; None otherwise
+        (Qwen2-VL / Qwen2.5-VL: 2 a second, qwen-vl-utils' rule)."""
+        if not (self.video_settings or {}).get("do_sample_frames") or \
+                (self.soft_token_marks is None and not self.video_stamps):
+            return None
+        return self.sampled_indices
+
+
+def _frame_indices(indices: list | None, k: int, frames, at: str) -> list:
+    """Video k's frame indices in its source (`indices[k]`, a metadata's frames_indices; else a video file's own
+    frames_indices when its family picked them; else 0 .. len(frames) - 1). Raises DataError naming `at` when they
+    are not one per frame."""
+    count = len(frames)
+    own = getattr(frames, "frames_indices", None)
+    given = list(indices[k]) if indices and indices[k] is not None else list(own if own is not None else range(count))
     if len(given) != count:
         raise DataError(f"{at}: its metadata's frames_indices has {len(given)} entries for {count} frames; give one "
                         f"index per frame given.")
@@ -368,6 +391,15 @@ def _frame_size(frame) -> tuple[int, int] | None:
         h, w = frame.shape[1:3] if channels_first(frame.shape) else frame.shape[:2]
         return int(w), int(h)
     return None
+
+
+def source_indices(sources: list, indices: list | None) -> list | None:
+    """Per video of frame_sources' pairs its frames' indices in the source for the timestamps: `indices[k]` where
+    given (a metadata's), else a video file's frames_indices (its family's pick), else None; None when none is
+    known. Read before the frames are decoded (decoding keeps only the images)."""
+    out = [indices[k] if indices and indices[k] is not None else getattr(frames, "frames_indices", None)
+           for k, (frames, _) in enumerate(sources)]
+    return out if any(i is not None for i in out) else None
 
 
 def decoded(sources: list, where: str) -> list:

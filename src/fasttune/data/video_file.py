@@ -2,7 +2,11 @@
 `video` extra): a file stands for its frames sampled at a rate, as qwen-vl-utils and transformers' video processors
 sample them.
 
-The rate is the item's "fps" (default 2 frames a second, qwen-vl-utils' FPS and Qwen3VLVideoProcessor's `fps`), at
+Where the family's transformers video processor samples by default (Qwen3-VL / Qwen3.5, Gemma 4: do_sample_frames),
+a file's frames are the ones it picks from the decoded file (data/video.py's file_sampler: its sample_frames over
+the file's frame count and rate, the item's "fps" passed as its fps), timed as it times them (frame index over the
+file's rate). Otherwise (Qwen2-VL / Qwen2.5-VL, whose processors take every frame of a file, where qwen-vl-utils
+samples): the rate is the item's "fps" (default 2 frames a second, qwen-vl-utils' FPS), at
 most MAX_FRAMES frames (qwen-vl-utils' VIDEO_MAX_FRAMES and Qwen3VLVideoProcessor's max_frames; a longer video is
 sampled more sparsely, the rate lowered to fit) and at least two when the file has two (Qwen3-VL's temporal patch).
 Frame k is the decoded frame nearest to k / rate seconds (index round(k x the file's rate / rate), in decoding order,
@@ -41,10 +45,15 @@ def _av(where: str, path: Path):
 class VideoFile:
     """A video file's sampled frames as a lazy sequence of PIL images (len, [i], iteration decode the file as
     needed). `path`: the file; `fps`: frames a second to take (None: FILE_FPS); `max_frames`: at most this many;
-    `where`: names the row / prompt in errors. `.rate` is the rate the frames stand at (frames a second). Raises
-    DataError naming `where` and the file when PyAV is missing, or the file cannot be read or has no video."""
+    `where`: names the row / prompt in errors; `sampler`: None for the rule above, or a family's pick as its
+    transformers video processor makes it from a decoded file ((frame count, the file's rate, fps or None) ->
+    indices). `.rate` is the rate the frames stand at (frames a second): frame k at k / rate seconds, or, with a
+    sampler, the file's rate and `.frames_indices` the picked frames' indices (a frame at index / rate seconds, as
+    transformers times them); `.frames_indices` is None without a sampler. Raises DataError naming `where` and the
+    file when PyAV is missing, or the file cannot be read or has no video."""
 
-    def __init__(self, path: Path, fps: float | None = None, max_frames: int = MAX_FRAMES, where: str = "a video"):
+    def __init__(self, path: Path, fps: float | None = None, max_frames: int = MAX_FRAMES, where: str = "a video",
+                 sampler=None):
         self.path, self.where = Path(path), where
         av = _av(where, self.path)
         try:
@@ -62,12 +71,17 @@ class VideoFile:
             raise DataError(f"{where}: cannot read the video file '{self.path}' ({e}).") from None
         if count < 1 or source_fps <= 0 or duration <= 0:
             raise DataError(f"{where}: the video file '{self.path}' holds no frames that can be timed.")
+        self.source_fps, self.count, self.frames_indices = source_fps, count, None
+        if sampler is not None:  # the family's processor's pick, timed by the file's own rate
+            self.rate = source_fps
+            self.indices = self.frames_indices = [int(i) for i in sampler(count, source_fps, fps)]
+            return
         rate = FILE_FPS if fps is None else float(fps)
         planned = math.floor(duration * rate + 1e-6)
         wanted = min(max(planned, min(2, count)), max_frames)  # (a long video: fewer frames, further apart)
         if wanted != planned:
             rate = wanted / duration
-        self.rate, self.source_fps, self.count = rate, source_fps, count
+        self.rate = rate
         self.indices = [min(round(k * source_fps / rate), count - 1) for k in range(wanted)]
 
     def __len__(self) -> int:
