@@ -33,8 +33,9 @@ def test_losses_equal_transformers_trainer(base_dir, tmp_path):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     model, tok = _classifier(base_dir)
-    args = ClassificationConfig(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                                max_steps=3, learning_rate=1e-2, logging_steps=1, shuffle=False)
+    args = ClassificationConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=2,
+                                gradient_accumulation_steps=2, max_steps=3, learning_rate=1e-2, logging_steps=1,
+                                shuffle=False)
     ours = ClassificationTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=args)
     ours.train()
     mine = [h["loss"] for h in ours.log_history if "loss" in h]

@@ -29,9 +29,9 @@ def _reward_model(folder, num_labels=1):
     return load_classifier(folder, num_labels, lora_r=4)
 
 
-def _ours(folder, rows, **config):
+def _ours(folder, rows, out, **config):
     model, tok = _reward_model(folder)
-    args = RewardConfig(output_dir="unused", per_device_train_batch_size=2, gradient_accumulation_steps=1,
+    args = RewardConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=1,
                         max_steps=4, learning_rate=1e-2, logging_steps=1, shuffle=False, **config)
     trainer = RewardTrainer(model=model, processing_class=tok, train_dataset=rows, args=args)
     trainer.train()
@@ -58,7 +58,7 @@ def _trl(folder, rows, tmp_path, **config):
 def test_losses_equal_trl_reward_trainer(base_dir, tmp_path, rows, config):
     """Per-step losses equal TRL's RewardTrainer on the same model, rows and schedule (the margin column and the
     centring term included)."""
-    ours, trainer = _ours(base_dir, rows, **config)
+    ours, trainer = _ours(base_dir, rows, tmp_path / "ours", **config)
     theirs = _trl(base_dir, rows, tmp_path, **config)
     assert len(ours) == 4 and ours[2] < ours[0]  # (steps 1 and 3 see the same pairs)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-5)
@@ -66,12 +66,12 @@ def test_losses_equal_trl_reward_trainer(base_dir, tmp_path, rows, config):
     assert {"accuracy", "margin", "mean_reward", "min_reward", "max_reward"} <= set(logged)
 
 
-def test_accumulation_gives_the_whole_batch_mean(base_dir):
+def test_accumulation_gives_the_whole_batch_mean(base_dir, tmp_path):
     """Two micro-batches of one pair take the optimizer to where one batch of two pairs does (SGD, one step)."""
     def trained(bs, accumulation):
         model, tok = _reward_model(base_dir)
-        args = RewardConfig(output_dir="unused", per_device_train_batch_size=bs, max_steps=1, optim="sgd",
-                            gradient_accumulation_steps=accumulation, learning_rate=0.5, shuffle=False)
+        args = RewardConfig(output_dir=str(tmp_path / f"r{bs}"), per_device_train_batch_size=bs, max_steps=1,
+                            optim="sgd", gradient_accumulation_steps=accumulation, learning_rate=0.5, shuffle=False)
         RewardTrainer(model=model, processing_class=tok, train_dataset=ROWS[:2], args=args).train()
         return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
