@@ -143,7 +143,8 @@ def main():
     for r in rows:  # each row against transformers + PEFT with the same recompute setting
         gc = r["gradient_checkpointing"]
         ratio = r["tokens_per_second"] / base[gc] if gc in base else float("nan")
-        print(f"{r['impl']:<5} {gc:<9} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  {r['card']}")
+        print(f"{r['impl']:<5} {gc:<9} {r['tokens_per_second']:>9,.0f} {r['peak_gib']:>9.2f} {ratio:>6.2f}  "
+              f"{r['card']}")
 
 
 if __name__ == "__main__":

@@ -229,8 +229,8 @@ def classifier_request(extra: dict) -> dict | None:
                           f"regression, the number of classes otherwise).")
     for key, table in (("id2label", id2label), ("label2id", label2id)):
         if table is not None and not isinstance(table, dict):
-            raise ConfigError(f"{key} must be a dict ({'class index -> name' if key == 'id2label' else 'name -> class index'}), "
-                              f"got {type(table).__name__}.")
+            shape = "class index -> name" if key == "id2label" else "name -> class index"
+            raise ConfigError(f"{key} must be a dict ({shape}), got {type(table).__name__}.")
     if id2label is not None:
         try:
             id2label = {int(k): str(v) for k, v in id2label.items()}
