@@ -36,6 +36,7 @@ class CausalLM(PreTrainedModel):
     accepts_loss_kwargs = True  # transformers.Trainer passes num_items_in_batch: exact gradient accumulation
     _supports_sdpa = True
     _no_split_modules = ["DecoderLayer"]
+    has_lm_head = True  # (a sequence classifier has a `score` head instead: models/sequence_classification.py)
 
     def __init__(self, config: PretrainedConfig):
         if isinstance(config, ModelConfig):
@@ -44,8 +45,8 @@ class CausalLM(PreTrainedModel):
         super().__init__(config)
         self.arch = ModelConfig.from_hf(config)
         self.model = DecoderModel(self.arch)
-        self.lm_head = nn.Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False)
-        if self.arch.tie_embeddings:
+        self.lm_head = nn.Linear(self.arch.hidden_size, self.arch.vocab_size, bias=False) if self.has_lm_head else None
+        if self.arch.tie_embeddings and self.has_lm_head:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.loss_type = "ForCausalLM"  # transformers.Trainer counts num_items_in_batch over shifted labels
         self.generation_config = GenerationConfig.from_model_config(config)

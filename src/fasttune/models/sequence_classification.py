@@ -59,10 +59,10 @@ class SequenceClassifier(CausalLM):
     see `forward`. Everything else (LoRA, recompute, NF4, saving adapters and merged checkpoints) is CausalLM's."""
 
     is_sequence_classifier = True  # read by peft/ and export/, which do not import models/
+    has_lm_head = False  # no vocabulary-sized head (transformers' classifiers have none either): lm_head is None
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)
-        self.lm_head = None  # a classifier keeps no vocabulary-sized head (transformers' class has none either)
         self.score = nn.Linear(self.arch.hidden_size, config.num_labels, bias=False)
         self.loss_type = "ForSequenceClassification"  # transformers.Trainer then counts labels unshifted
 
