@@ -3,7 +3,7 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo"), kernels (FASTTUNE_KERNELS for that run).
+max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
@@ -11,20 +11,27 @@ import json
 import os
 import sys
 
-from fasttune import DPOConfig, DPOTrainer, FastLanguageModel, SFTConfig, SFTTrainer
+import torch
+
+from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, RewardConfig, RewardTrainer, SFTConfig,
+                      SFTTrainer)
 
 
 def run(model_dir, out_dir, o):
     os.environ["FASTTUNE_KERNELS"] = o.get("kernels", "")
+    reward = o.get("method") == "reward"  # a one-output sequence classifier (its score head seeded alike)
+    head = {"auto_model": "AutoModelForSequenceClassification", "num_labels": 1} if reward else {}
+    torch.manual_seed(0)
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
-                                                   load_in_4bit=o.get("load_in_4bit", False))
+                                                   load_in_4bit=o.get("load_in_4bit", False), **head)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False))
-    dpo = o.get("method") == "dpo"
+    dpo = o.get("method") in ("dpo", "reward")
     if dpo:
         from preference_oracle import pair_rows
 
-        rows, config, trainer_cls = pair_rows(24), DPOConfig, DPOTrainer
+        rows, config, trainer_cls = pair_rows(24), *((RewardConfig, RewardTrainer) if reward else
+                                                     (DPOConfig, DPOTrainer))
     else:
         rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
         config, trainer_cls = SFTConfig, SFTTrainer

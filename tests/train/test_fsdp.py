@@ -48,6 +48,8 @@ CASES = {
     # NF4 buffers replicated, the rest sharded; packing leaves the last step short: one rank runs a filler pass
     "recompute-on-nf4-packing": {"checkpointing": True, "load_in_4bit": True, "packing": True},
     "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
+    # a sequence classifier: the score head (a module to save) in the root's shard group, no LM head
+    "reward": {"checkpointing": True, "method": "reward"},
     # the fused LoRA function (the default on GPUs) with sharded layers: its gradients reach FSDP's reduce-scatter
     "fused-kernels": {"checkpointing": True, "kernels": "triton"},
     # plain DDP (no fsdp) with the default recompute mode: gradients all-reduced, every rank holding the model
