@@ -106,11 +106,11 @@ class Trainer(CallbackMethods, TrainerMethods):
         if getattr(model, "is_sequence_classifier", False) and not self.trains_classifiers:
             raise ConfigError(f"{type(self).__name__} trains language models, and this model is a sequence "
                               f"classifier (a `score` head, no LM head). Train a reward model (num_labels=1) with "
-                              f"fasttune's RewardTrainer, and a classifier on labelled rows with transformers.Trainer "
-                              f"(both run it as it is).")
+                              f"fasttune's RewardTrainer, and a classifier on labelled rows with its "
+                              f"ClassificationTrainer (or transformers.Trainer, which runs it as it is).")
         if getattr(model, "family", None) is not None and not getattr(self, "vision", False):
-            raise ConfigError(f"{type(self).__name__} does not train vision-language models yet; SFTTrainer does "
-                              f"(image + text conversations).")
+            raise ConfigError(f"{type(self).__name__} does not train vision-language models yet; SFTTrainer "
+                              f"(image + text conversations) and DPOTrainer (preference pairs with images) do.")
         if getattr(self, "vision", False) and self.args.fsdp:
             raise ConfigError("fsdp=True is not supported for vision-language models yet; train on one GPU, or "
                               "several with plain data parallelism (torchrun without fsdp).")

@@ -54,6 +54,7 @@ class DPOTrainer(PreferenceTrainer):
 
     config_cls = DPOConfig
     method = "DPO"
+    supports_vision = True
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: DPOConfig | None = None,
                  **kwargs):

@@ -11,6 +11,7 @@ from collections import defaultdict
 
 import torch
 
+from fasttune.constants import IMAGE_KEYS
 from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
@@ -41,6 +42,7 @@ class PreferenceTrainer(EvalWindow, Trainer):
     config_cls = TrainingConfig
     method = "preference"
     supports_packing = False
+    supports_vision = False  # DPO: rows with images on a vision-language model (data/vision_preference.py)
     packing_refusal = "packing=True is for SFT; set packing=False for {method}."
     reference: ReferencePolicy | None = None  # set by the objectives that compare with a reference
 
@@ -65,6 +67,13 @@ class PreferenceTrainer(EvalWindow, Trainer):
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
         self._sums = {"train": defaultdict(lambda: [0.0, 0.0]), "eval": defaultdict(lambda: [0.0, 0.0])}
         self._window = "train"  # the metric sums report() adds to: "eval" during eval_batch_loss
+        self.vision = self.supports_vision and getattr(model, "family", None) is not None
+        if self.vision:
+            from fasttune.data.vision import VisionProcessor
+
+            if not isinstance(tok, VisionProcessor):
+                raise ConfigError(f"{type(self).__name__} on a vision-language model takes the processor "
+                                  f"FastVisionModel.from_pretrained returned (processing_class=...).")
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
 
     # --- data -------------------------------------------------------------------------------------------------------
@@ -74,13 +83,23 @@ class PreferenceTrainer(EvalWindow, Trainer):
 
     def prepare(self, dataset) -> list[dict]:
         """Paired rows -> examples with prompt_ids / chosen_ids / rejected_ids (see tokenize_preference_rows),
-        cut to max_seq_length and max_prompt_length."""
+        cut to max_seq_length and max_prompt_length; on a vision-language model with the prompt's images too
+        (data/vision_preference.py)."""
+        if self.vision:
+            from fasttune.data.vision_preference import tokenize_vision_preference_rows
+
+            return tokenize_vision_preference_rows(dataset, self.tokenizer, max_seq_length=self._limit())
         return tokenize_preference_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
                                         max_prompt_length=self.args.max_prompt_length,
                                         chat_template=self.args.chat_template)
 
     def collate_batch(self, examples: list[dict]) -> dict:
-        """B pairs -> 2B padded rows, chosen first (collate_pairs), with their score positions."""
+        """B pairs -> 2B padded rows, chosen first (collate_pairs; with the pairs' images on a vision-language
+        model), with their score positions."""
+        if self.vision:
+            from fasttune.data.vision_preference import collate_vision_pairs
+
+            return with_score_positions(collate_vision_pairs(examples, self.tokenizer))
         return with_score_positions(collate_pairs(examples, self.pad_id))
 
     def count_items(self, batch: dict) -> int:
@@ -95,8 +114,9 @@ class PreferenceTrainer(EvalWindow, Trainer):
     def logps(self, batch: dict, score: str = "completion_mask") -> torch.Tensor:
         """Per-token log-probs (B, T-1) of the tokens that the mask batch[score] marks (default: the completions)
         under the policy."""
+        media = {k: batch[k] for k in IMAGE_KEYS if k in batch} if self.vision else None
         return model_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
-                                    batch.get(f"{score}_positions"))
+                                    batch.get(f"{score}_positions"), media=media)
 
     @torch.no_grad()
     def logps_before_training(self, examples: list[dict]):

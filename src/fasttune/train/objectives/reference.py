@@ -26,7 +26,8 @@ def select_scored(t: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor |
 
 def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
                          positions: torch.Tensor | None = None, *, last: int | None = None,
-                         position_ids: torch.Tensor | None = None, temperature: float = 1.0) -> torch.Tensor:
+                         position_ids: torch.Tensor | None = None, temperature: float = 1.0,
+                         media: dict | None = None) -> torch.Tensor:
     """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
     KTO and GRPO objectives call (the lm_head part is CausalLM.token_logprobs: kernels/token_logprobs.py, or the
     streamed head of offload_lm_head).
@@ -41,6 +42,8 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
         position_ids: (B, T) positions for the model (GRPO's left-padded rows: attention_mask.cumsum - 1); None:
             the model's default (0..T-1).
         temperature: the logits are divided by it before the softmax (GRPO scores at the sampling temperature).
+        media: a vision-language model's image inputs for these rows (pixel_values, image_grid_thw, ...: what its
+            forward takes), merged into the embeddings as its forward merges them (models/vision.py).
     Returns: (B, n) float32: log p(input_ids[:, t] | input_ids[:, :t]) for the n scored columns t = T - n .. T - 1,
         0 where score is 0.
 
@@ -55,13 +58,19 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
     targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
-        hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
+        if media:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
+            from fasttune.models.vision import VisionBackbone
+
+            hidden = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                           **media).last_hidden_state[:, start - 1:-1]
+        else:
+            hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
         flat = model.token_logprobs(select_scored(hidden, mask, positions), select_scored(targets, mask, positions),
                                     temperature)
         return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
     keep = 0 if last is None else last + 1  # 0: every position's logits
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
-                   logits_to_keep=keep).logits[:, :-1]
+                   logits_to_keep=keep, **(media or {})).logits[:, :-1]
     logps = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
     return logps.masked_fill(~mask, 0.0)
 

@@ -1,0 +1,96 @@
+"""Preference rows with images for a vision-language model (DPO) -> token ids and image sources, and their batches.
+
+As TRL 1.16's DPOTrainer reads a vision dataset: a row holds `images` (a list; or one `image`), a `prompt` of chat
+messages whose {"type": "image"} items take those images in order (inline {"type": "image", "image": PATH} items
+work too), and `chosen` / `rejected` assistant messages. The prompt is rendered by the chat template with the
+generation prompt, and each completion is what rendering prompt + completion adds after it (TRL's
+apply_chat_template); the prompt's tokens have each image placeholder expanded to its image's tokens (the processor's
+own count), the completions are tokenized alone, without special tokens, as TRL's DataCollatorForVisionPreference
+tokenizes them. A batch repeats each pair's images for its chosen and its rejected row.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fasttune.data.images import absolute, to_pil
+from fasttune.data.preference import _rows_and_columns, collate_pairs
+from fasttune.data.vision import _split_media
+from fasttune.errors import DataError
+
+VISION_PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int, source_name: str | None = None,
+                                    base_dir: Path | None = None) -> list[dict]:
+    """Rows (list, datasets.Dataset or file path) -> [{"prompt_ids", "chosen_ids", "rejected_ids", "images"}]
+    (images as their sources, decoded again at collate time) for `processor` (a VisionProcessor). A pair longer than
+    max_seq_length keeps its start (TRL's truncation); one whose cut falls inside the prompt's images is dropped,
+    with one warning. Raises DataError naming the row for missing columns, messages that are not lists, an image
+    item without its image, or an unreadable image."""
+    rows, columns, source_name = _rows_and_columns(rows, source_name)
+    if isinstance(source_name, str) and base_dir is None and Path(source_name).exists():
+        base_dir = Path(source_name).resolve().parent
+    missing = [c for c in VISION_PREFERENCE_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(f"{source_name or 'The dataset'} has no column {' or '.join(map(repr, missing))}; a "
+                        f"vision-language model's preference rows need 'prompt', 'chosen' and 'rejected' chat "
+                        f"messages (and 'images' for the prompt's image items).")
+    p = processor
+    out, dropped = [], 0
+    for i, row in enumerate(rows):
+        where = f"Row {i}" + (f" of {source_name}" if source_name else "")
+        fields = {}
+        for key in VISION_PREFERENCE_COLUMNS:
+            value = row.get(key)
+            if isinstance(value, str):
+                value = [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+            if not isinstance(value, list) or not value:
+                raise DataError(f"{where}: '{key}' must be a list of chat messages (or a string).")
+            fields[key] = value
+        column = row.get("images") if row.get("images") is not None else row.get("image")
+        prompt, sources, _, _ = _split_media(fields["prompt"], column, where)
+        chosen, more, _, _ = _split_media(fields["chosen"], None, where)
+        rejected, extra, _, _ = _split_media(fields["rejected"], None, where)
+        if more or extra:
+            raise DataError(f"{where}: images go in the prompt; 'chosen' and 'rejected' hold the assistant's text.")
+        images = [to_pil(s, f"{where}, image {k + 1}", base_dir) for k, s in enumerate(sources)]
+        grids = p.image_grids(images)
+        prompt_text = p.apply_chat_template(prompt, add_generation_prompt=True)
+        completions = []
+        for key, messages in (("chosen", chosen), ("rejected", rejected)):
+            whole = p.apply_chat_template(prompt + messages)
+            if not whole.startswith(prompt_text):
+                raise DataError(f"{where}: the chat template renders prompt + '{key}' with a different start than the "
+                                f"prompt alone, so the completion cannot be told from it.")
+            completions.append(p.tokenizer(whole[len(prompt_text):], add_special_tokens=False)["input_ids"])
+        n = prompt_text.count(p.image_token)
+        if n != len(images):
+            raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
+        prompt_ids = p.tokenizer(p.expand(prompt_text, grids), add_special_tokens=False)["input_ids"]
+        if len(prompt_ids) >= max_seq_length:
+            dropped += 1
+            continue
+        room = max_seq_length - len(prompt_ids)
+        kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
+        out.append({"prompt_ids": prompt_ids, "chosen_ids": completions[0][:room],
+                    "rejected_ids": completions[1][:room], "images": kept})
+    if not out:
+        raise DataError(f"No example is left in {source_name or 'the dataset'}: every prompt with its images fills "
+                        f"max_seq_length={max_seq_length} tokens. Raise max_seq_length or use smaller images.")
+    if dropped:
+        warnings.warn(f"Dropped {dropped} of {len(rows)} rows whose prompt with its images fills max_seq_length="
+                      f"{max_seq_length} tokens (a cut inside the prompt would split its images).", UserWarning,
+                      stacklevel=2)
+    return out
+
+
+def collate_vision_pairs(examples: list[dict], processor) -> dict:
+    """B pairs -> 2B right-padded rows, chosen first (collate_pairs), with each pair's images repeated for its
+    chosen and its rejected row: pixel_values / image_grid_thw (or the family's image keys) in row order."""
+    batch = collate_pairs(examples, processor.pad_id())
+    images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]] * 2
+    if images:
+        batch.update(processor.process_images(images))
+    return batch

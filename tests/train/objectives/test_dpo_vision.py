@@ -1,0 +1,115 @@
+"""DPOTrainer on preference pairs with images (data/vision_preference.py) for tiny random Qwen2.5-VL and Gemma 3:
+rows laid out as TRL's vision DPO collator lays them out, and the loss curve equal to DPO computed on transformers +
+PEFT with the same batches (the reference: the same model with the adapter switched off)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_vision import solid_image
+
+from fasttune.errors import ConfigError, DataError
+
+COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
+
+
+def _rows(n: int) -> list[dict]:
+    names = sorted(COLOURS)
+    rows = []
+    for i in range(n):
+        right, wrong = names[i % 3], names[(i + 1) % 3]
+        rows.append({"images": [solid_image(COLOURS[right], (28 * (1 + i % 2), 56))],
+                     "prompt": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                     "chosen": [{"role": "assistant", "content": [{"type": "text", "text": right}]}],
+                     "rejected": [{"role": "assistant", "content": [{"type": "text", "text": f"{wrong}, I think"}]}]})
+    return rows
+
+
+def _load(folder):
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.float32)
+    return FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False), proc
+
+
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir"])
+def vl_folder(request):
+    return request.getfixturevalue(request.param)
+
+
+def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText, get_linear_schedule_with_warmup
+
+    from fasttune import DPOConfig, DPOTrainer
+
+    rows, steps, beta = _rows(4), 4, 0.5
+    model, proc = _load(vl_folder)
+    model.save_pretrained(tmp_path / "init")  # the same starting adapter (LoRA B zero) for PEFT
+    trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=rows,
+                         args=DPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=1, max_steps=steps, learning_rate=2e-2,
+                                        beta=beta, logging_steps=1, shuffle=False))
+    batches = [trainer.collate_batch(trainer.train_examples[i:i + 2]) for i in (0, 2)]
+    first = batches[0]
+    prompt = proc.apply_chat_template(rows[0]["prompt"], add_generation_prompt=True)
+    prompt_ids = proc(text=[prompt], images=rows[0]["images"])["input_ids"][0].tolist()
+    whole = proc.apply_chat_template(rows[0]["prompt"] + rows[0]["chosen"])
+    chosen_ids = proc.tokenizer(whole[len(prompt):], add_special_tokens=False)["input_ids"]
+    n = len(prompt_ids) + len(chosen_ids)
+    assert first["input_ids"][0, :n].tolist() == prompt_ids + chosen_ids  # TRL's layout: prompt, then completion
+    assert first["completion_mask"][0].tolist() == [0] * len(prompt_ids) + [1] * len(chosen_ids) + \
+        [0] * (first["input_ids"].shape[1] - n)
+    per_image = first.get("image_grid_thw", first["pixel_values"])  # (Qwen: one grid an image; Gemma 3: one image)
+    assert per_image.shape[0] == 4  # each pair's image for its chosen and its rejected row
+    trainer.train()
+    ours = [h["loss"] for h in trainer.log_history if "loss" in h]
+
+    ref = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vl_folder, dtype=torch.float32),
+                                    str(tmp_path / "init"), is_trainable=True).train()
+    params = [p for p in ref.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
+    sched = get_linear_schedule_with_warmup(opt, 0, steps)
+
+    def summed_logps(batch):
+        marks = (batch["input_ids"] == proc.image_token_id).long()  # what transformers' processors add
+        extra = {"token_type_ids": marks} if "gemma3" in str(vl_folder) else {"mm_token_type_ids": marks}
+        media = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
+        logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media, **extra).logits
+        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        return (logps * batch["completion_mask"][:, 1:]).sum(-1)
+
+    losses = []
+    for step in range(steps):
+        batch = batches[step % 2]
+        with torch.no_grad(), ref.disable_adapter():
+            ref_c, ref_r = summed_logps(batch).chunk(2)
+        pol_c, pol_r = summed_logps(batch).chunk(2)
+        loss = -F.logsigmoid(beta * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert abs(losses[0] - 0.6931) < 1e-3 and losses[2] < losses[0]  # (step 1: the policy is the reference)
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(losses), rtol=2e-4, atol=1e-5)
+
+
+def test_bad_rows_and_other_objectives(qwen_vl_dir, tmp_path):
+    """Rows without their images, images in a completion, and ORPO / KTO on a vision-language model are named."""
+    from fasttune import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer
+
+    model, proc = _load(qwen_vl_dir)
+    args = DPOConfig(output_dir=str(tmp_path), max_steps=1)
+    rows = _rows(2)
+    del rows[1]["images"]
+    with pytest.raises(DataError, match="Row 1: message 1 has an image item without its image"):
+        DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=args)
+    rows = _rows(2)
+    rows[0]["chosen"][0]["content"].append({"type": "image", "image": solid_image((1, 2, 3))})
+    with pytest.raises(DataError, match="Row 0: images go in the prompt"):
+        DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=args)
+    with pytest.raises(ConfigError, match="ORPOTrainer does not train vision-language models yet"):
+        ORPOTrainer(model=model, processing_class=proc, train_dataset=_rows(2),
+                    args=ORPOConfig(output_dir=str(tmp_path), max_steps=1))
+    with pytest.raises(ConfigError, match="takes the processor"):
+        DPOTrainer(model=model, processing_class=proc.tokenizer, train_dataset=_rows(2), args=args)
