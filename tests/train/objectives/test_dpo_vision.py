@@ -1,6 +1,10 @@
 """DPOTrainer on preference pairs with images (data/vision_preference.py) for tiny random Qwen2.5-VL and Gemma 3:
-rows laid out as TRL's vision DPO collator lays them out, and the loss curve equal to DPO computed on transformers +
-PEFT with the same batches (the reference: the same model with the adapter switched off)."""
+rows laid out as TRL's vision DPO collator lays them out, the loss curve equal to DPO computed on transformers +
+PEFT with the same batches (the reference: the same model with the adapter switched off), and for Qwen2.5-VL to TRL
+1.16's own DPOTrainer (tests/fixtures/vision_dpo_trl.json, written by it where torchvision is installed)."""
+import json
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,6 +13,8 @@ from tiny_vision import solid_image
 from fasttune.errors import ConfigError, DataError
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
+STEPS, BETA, LR = 4, 0.5, 2e-2
+TRL_ORACLE = Path(__file__).resolve().parents[2] / "fixtures" / "vision_dpo_trl.json"
 
 
 def _rows(n: int) -> list[dict]:
@@ -41,12 +47,12 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
 
     from fasttune import DPOConfig, DPOTrainer
 
-    rows, steps, beta = _rows(4), 4, 0.5
+    rows, steps, beta = _rows(4), STEPS, BETA
     model, proc = _load(vl_folder)
     model.save_pretrained(tmp_path / "init")  # the same starting adapter (LoRA B zero) for PEFT
     trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=rows,
                          args=DPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2,
-                                        gradient_accumulation_steps=1, max_steps=steps, learning_rate=2e-2,
+                                        gradient_accumulation_steps=1, max_steps=steps, learning_rate=LR,
                                         beta=beta, logging_steps=1, shuffle=False))
     batches = [trainer.collate_batch(trainer.train_examples[i:i + 2]) for i in (0, 2)]
     first = batches[0]
@@ -66,7 +72,7 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
     ref = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vl_folder, dtype=torch.float32),
                                     str(tmp_path / "init"), is_trainable=True).train()
     params = [p for p in ref.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-2, weight_decay=0.0)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0)
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
 
     def summed_logps(batch):
@@ -92,6 +98,9 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
         losses.append(loss.item())
     assert abs(losses[0] - 0.6931) < 1e-3 and losses[2] < losses[0]  # (step 1: the policy is the reference)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(losses), rtol=2e-4, atol=1e-5)
+    if "gemma3" not in str(vl_folder):  # TRL's DPOTrainer itself, on transformers + PEFT (see the module docstring)
+        trl = json.loads(TRL_ORACLE.read_text())["qwen2_5_vl_losses"]
+        torch.testing.assert_close(torch.tensor(ours), torch.tensor(trl), rtol=2e-4, atol=1e-5)
 
 
 def test_bad_rows_and_other_objectives(qwen_vl_dir, tmp_path):
