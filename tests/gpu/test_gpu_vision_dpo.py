@@ -20,8 +20,11 @@ def test_vision_dpo_on_the_card_equals_trl(qwen_vl_dir, tmp_path):
     from fasttune import DPOConfig, DPOTrainer, FastVisionModel
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir), dtype=torch.float32, device="cuda")
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    # the starting adapter as the CPU run draws it (a seeded draw on the card takes the card's random numbers)
+    model, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir), dtype=torch.float32, device="cpu")
+    FastVisionModel.get_peft_model(model, r=4, lora_alpha=8).save_pretrained(tmp_path / "init", tokenizer=proc)
+    model, proc = FastVisionModel.from_pretrained(str(tmp_path / "init"), dtype=torch.float32, device="cuda")
+    model.gradient_checkpointing = False
     trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=_rows(4),
                          args=DPOConfig(output_dir=str(tmp_path), per_device_train_batch_size=2,
                                         gradient_accumulation_steps=1, max_steps=STEPS, learning_rate=LR, beta=BETA,
