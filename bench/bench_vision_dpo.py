@@ -142,7 +142,7 @@ def main():
             if proc.returncode != 0:
                 print(f"FAILED {impl}:\n{proc.stderr[-3000:]}", flush=True)
                 continue
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rows.append(json.loads(next(line for line in reversed(proc.stdout.splitlines()) if line.startswith("{"))))
             continue
         with open(a.out, "a") as f:
             f.write(json.dumps(row) + "\n")
