@@ -10,6 +10,7 @@ tokenizes them. A batch repeats each pair's images for its chosen and its reject
 """
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -25,13 +26,14 @@ VISION_PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int, source_name: str | None = None,
                                     base_dir: Path | None = None) -> list[dict]:
     """Rows (list, datasets.Dataset or file path) -> [{"prompt_ids", "chosen_ids", "rejected_ids", "images"}]
-    (images as their sources, decoded again at collate time) for `processor` (a VisionProcessor). A pair longer than
+    (images as their sources, decoded again at collate time) for `processor` (a VisionProcessor); image paths are
+    relative to `base_dir`, else to the data file's folder when `rows` is a path. A pair longer than
     max_seq_length keeps its start (TRL's truncation); one whose cut falls inside the prompt's images is dropped,
     with one warning. Raises DataError naming the row for missing columns, messages that are not lists, an image
     item without its image, or an unreadable image."""
+    if base_dir is None and isinstance(rows, (str, os.PathLike)):  # a data file: its images are relative to it
+        base_dir = Path(rows).expanduser().resolve().parent
     rows, columns, source_name = _rows_and_columns(rows, source_name)
-    if isinstance(source_name, str) and base_dir is None and Path(source_name).exists():
-        base_dir = Path(source_name).resolve().parent
     missing = [c for c in VISION_PREFERENCE_COLUMNS if c not in columns]
     if missing:
         raise DataError(f"{source_name or 'The dataset'} has no column {' or '.join(map(repr, missing))}; a "

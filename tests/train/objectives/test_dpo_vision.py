@@ -122,3 +122,19 @@ def test_bad_rows_and_other_objectives(qwen_vl_dir, tmp_path):
                     args=ORPOConfig(output_dir=str(tmp_path), max_steps=1))
     with pytest.raises(ConfigError, match="takes the processor"):
         DPOTrainer(model=model, processing_class=proc.tokenizer, train_dataset=_rows(2), args=args)
+
+
+def test_cli_dpo_with_image_files(qwen_vl_dir, tmp_path, capsys):
+    """`fasttune train --method dpo` on a vision-language model: rows naming image files beside the data file."""
+    from fasttune.cli import main
+
+    rows = _rows(2)
+    for i, row in enumerate(rows):
+        row["images"][0].save(tmp_path / f"img{i}.png")
+        row["images"] = [f"img{i}.png"]  # (relative to the data file)
+    (tmp_path / "prefs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    rc = main(["train", "--method", "dpo", "--model", str(qwen_vl_dir), "--data", str(tmp_path / "prefs.jsonl"),
+               "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--lora-r", "4", "--batch-size", "2",
+               "--grad-accum", "1"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
