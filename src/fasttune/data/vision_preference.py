@@ -6,7 +6,8 @@ work too), and `chosen` / `rejected` assistant messages. The prompt is rendered 
 generation prompt, and each completion is what rendering prompt + completion adds after it (TRL's
 apply_chat_template); the prompt's tokens have each image placeholder expanded to its image's tokens (the processor's
 own count), the completions are tokenized alone, without special tokens, as TRL's DataCollatorForVisionPreference
-tokenizes them. A batch repeats each pair's images for its chosen and its rejected row.
+tokenizes them. Precomputed `ref_chosen_logps` / `ref_rejected_logps` columns are kept, as for text rows. A batch
+repeats each pair's images for its chosen and its rejected row.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.images import absolute, to_pil
-from fasttune.data.preference import _rows_and_columns, collate_pairs
+from fasttune.data.preference import REF_COLUMNS, _number, _rows_and_columns, collate_pairs
 from fasttune.data.vision import _split_media
 from fasttune.errors import DataError
 
@@ -39,6 +40,10 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
         raise DataError(f"{source_name or 'The dataset'} has no column {' or '.join(map(repr, missing))}; a "
                         f"vision-language model's preference rows need 'prompt', 'chosen' and 'rejected' chat "
                         f"messages (and 'images' for the prompt's image items).")
+    refs = [c for c in REF_COLUMNS if c in columns]
+    if len(refs) == 1:
+        raise DataError(f"{source_name or 'The dataset'} has the column '{refs[0]}' but not its pair; precomputed "
+                        f"reference log-probs need both {REF_COLUMNS} (or neither).")
     p = processor
     out, dropped = [], 0
     for i, row in enumerate(rows):
@@ -76,8 +81,11 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
             continue
         room = max_seq_length - len(prompt_ids)
         kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
-        out.append({"prompt_ids": prompt_ids, "chosen_ids": completions[0][:room],
-                    "rejected_ids": completions[1][:room], "images": kept})
+        ex = {"prompt_ids": prompt_ids, "chosen_ids": completions[0][:room], "rejected_ids": completions[1][:room],
+              "images": kept}
+        for c in refs:  # precomputed reference log-probs, as for text rows
+            ex[c] = _number(row.get(c), where, c)
+        out.append(ex)
     if not out:
         raise DataError(f"No example is left in {source_name or 'the dataset'}: every prompt with its images fills "
                         f"max_seq_length={max_seq_length} tokens. Raise max_seq_length or use smaller images.")

@@ -138,3 +138,21 @@ def test_cli_dpo_with_image_files(qwen_vl_dir, tmp_path, capsys):
                "--grad-accum", "1"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_precomputed_reference_columns(qwen_vl_dir, tmp_path):
+    """ref_chosen_logps / ref_rejected_logps in the rows replace the reference passes (no reference policy); one of
+    the two alone is named."""
+    from fasttune import DPOConfig, DPOTrainer
+
+    model, proc = _load(qwen_vl_dir)
+    rows = [dict(r, ref_chosen_logps=-5.0, ref_rejected_logps=-3.0) for r in _rows(2)]
+    trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=rows,
+                         args=DPOConfig(output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=2,
+                                        gradient_accumulation_steps=1))
+    assert trainer.reference is None and trainer.train_examples[0]["ref_chosen_logps"] == -5.0
+    batch = trainer.collate_batch(trainer.train_examples)
+    assert batch["ref_rejected_logps"].tolist() == [-3.0, -3.0]
+    with pytest.raises(DataError, match="ref_chosen_logps' but not its pair"):
+        DPOTrainer(model=model, processing_class=proc, args=DPOConfig(output_dir=str(tmp_path), max_steps=1),
+                   train_dataset=[dict(r, ref_chosen_logps=-5.0) for r in _rows(2)])
