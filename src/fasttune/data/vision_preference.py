@@ -29,9 +29,10 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
     """Rows (list, datasets.Dataset or file path) -> [{"prompt_ids", "chosen_ids", "rejected_ids", "images"}]
     (images as their sources, decoded again at collate time) for `processor` (a VisionProcessor); image paths are
     relative to `base_dir`, else to the data file's folder when `rows` is a path. A pair longer than
-    max_seq_length keeps its start (TRL's truncation); one whose cut falls inside the prompt's images is dropped,
-    with one warning. Raises DataError naming the row for missing columns, messages that are not lists, an image
-    item without its image, or an unreadable image."""
+    max_seq_length keeps its start (TRL's truncation); one whose prompt with its images alone fills it is dropped
+    (a cut would split an image), with one warning. Raises DataError naming the row for missing columns, messages
+    that are not lists, an image item without its image, images the prompt has no place for, images in a
+    completion, or an unreadable image."""
     if base_dir is None and isinstance(rows, (str, os.PathLike)):  # a data file: its images are relative to it
         base_dir = Path(rows).expanduser().resolve().parent
     rows, columns, source_name = _rows_and_columns(rows, source_name)
@@ -58,6 +59,13 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
             fields[key] = value
         column = row.get("images") if row.get("images") is not None else row.get("image")
         prompt, sources, _, _ = _split_media(fields["prompt"], column, where)
+        given = len(column) if isinstance(column, (list, tuple)) else int(column is not None)
+        inline = sum(1 for m in fields["prompt"] if isinstance(m.get("content"), list)
+                     for item in m["content"] if isinstance(item, dict) and item.get("type") == "image"
+                     and any(item.get(k) is not None for k in ("image", "path", "url")))
+        if given > len(sources) - inline:
+            raise DataError(f"{where}: the row gives {given} images but its prompt has places (image items) for "
+                            f"{len(sources) - inline} of them; add an {{'type': 'image'}} item for each.")
         chosen, more, _, _ = _split_media(fields["chosen"], None, where)
         rejected, extra, _, _ = _split_media(fields["rejected"], None, where)
         if more or extra:

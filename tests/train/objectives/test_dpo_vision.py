@@ -114,6 +114,10 @@ def test_bad_rows_and_other_objectives(qwen_vl_dir, tmp_path):
     with pytest.raises(DataError, match="Row 1: message 1 has an image item without its image"):
         DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=args)
     rows = _rows(2)
+    rows[1]["images"].append(solid_image((1, 2, 3)))
+    with pytest.raises(DataError, match="Row 1: the row gives 2 images but its prompt has places .* for 1"):
+        DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=args)
+    rows = _rows(2)
     rows[0]["chosen"][0]["content"].append({"type": "image", "image": solid_image((1, 2, 3))})
     with pytest.raises(DataError, match="Row 0: images go in the prompt"):
         DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=args)
