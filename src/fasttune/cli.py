@@ -481,6 +481,9 @@ def _train(run: dict, config: TrainingConfig, out: Path):
         raise WriteError(f"{e} The trained {target.name} itself is complete in '{target}'.", e.os_error) from None
     first, last = metrics.get("first_step_loss"), metrics.get("last_step_loss")  # this run's first and last step
     loss = f", loss {first:.3f} -> {last:.3f}" if first is not None else ""
+    accuracy = next((h["accuracy"] for h in reversed(trainer.log_history) if "accuracy" in h), None)
+    if accuracy is not None:  # a classifier's or reward model's last logged accuracy
+        loss += f", accuracy {accuracy:.3f} (last logged steps)"
     print(f"fasttune: {plural(metrics['global_step'], 'step')} in {metrics['train_runtime']:.0f}s{loss}, "
           f"{metrics['train_tokens_per_second']:,.0f} tokens/s")
     print(f"fasttune: saved {target} (load with FastLanguageModel.from_pretrained('{target}')), log "

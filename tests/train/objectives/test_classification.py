@@ -76,6 +76,7 @@ def test_cli_learns_class_names(base_dir, tmp_path, capsys):
     rc = main(["train", "--method", "classification", "--model", str(base_dir), "--data", str(data),
                "--label-field", "sentiment", "--output-dir", str(out), "--max-steps", "2", "--lora-r", "4"])
     assert rc == 0, capsys.readouterr().err
+    assert "accuracy" in capsys.readouterr().out  # (the run's summary line)
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["task_type"] == "SEQ_CLS"
     log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
     assert "accuracy" in log[0]
