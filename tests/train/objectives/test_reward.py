@@ -120,3 +120,23 @@ def test_cli_trains_a_reward_model(base_dir, tmp_path, capsys):
     assert [h["step"] for h in log] == [1, 2] and "accuracy" in log[0]
     model, _ = FastLanguageModel.from_pretrained(str(out / "adapter"), dtype=torch.float32)
     assert model.is_sequence_classifier and model.config.num_labels == 1
+
+
+def test_resume_continues_the_run(base_dir, tmp_path):
+    """A reward-model run resumed from its step-2 checkpoint ends where the uninterrupted run ends: the same per-step
+    losses and the same score head (a module to save, in the checkpoint with the LoRA weights)."""
+    import shutil
+
+    def run(resume=None):
+        model, tok = _reward_model(base_dir)
+        args = RewardConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=4,
+                            gradient_accumulation_steps=1, save_steps=2, learning_rate=1e-2, shuffle=False,
+                            logging_steps=1)
+        trainer = RewardTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=args)
+        trainer.train(resume_from_checkpoint=resume)
+        return [h["loss"] for h in trainer.log_history if "loss" in h], model.score.weight.detach().clone()
+
+    whole, head = run()
+    shutil.rmtree(tmp_path / "out" / "checkpoint-4")
+    resumed, resumed_head = run(resume=True)
+    assert resumed == whole and torch.equal(resumed_head, head)
