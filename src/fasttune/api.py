@@ -13,7 +13,7 @@ from fasttune.models.host_head import offload_lm_head as offload_lm_head_
 from fasttune.models.loading import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 from fasttune.models.vocab import add_new_tokens, restore_added_tokens
 from fasttune.peer_args import CHECKPOINTING_AT_LOAD, checked_kwargs
-from fasttune.models.sequence_classification import CLASSIFIER_ARGS, classifier_request
+from fasttune.models.sequence_classification import CLASSIFIER_ARGS, classifier_request, pad_like_tokenizer
 from fasttune.peft.adapter_io import CONFIG_NAME, classifier_head_settings, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import (LoraSettings, apply_lora, default_targets,
                                 expert_target_parameters, experts_by_parameters, latent_attention_targets,
@@ -277,22 +277,9 @@ def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int)
     if tokenizer is not None and tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token  # batching needs a pad id; labels mask padding anyway
     if getattr(model, "is_sequence_classifier", False):
-        pad_classifier_like_tokenizer(hf_config, tokenizer)
+        pad_like_tokenizer(hf_config, tokenizer)
     model.fast_tokenizer = tokenizer  # what model.fast_generate tokenizes with (vLLM keeps its own tokenizer too)
     model.eval()
-
-
-def pad_classifier_like_tokenizer(hf_config, tokenizer) -> None:
-    """A classifier scores each row's last token that is not config.pad_token_id, and batches are padded with the
-    tokenizer's pad token: make them one (as TRL's RewardTrainer does), warning when the config named another."""
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None or hf_config.pad_token_id == pad:
-        return
-    if hf_config.pad_token_id is not None:
-        warnings.warn(f"config.pad_token_id {hf_config.pad_token_id} differs from the tokenizer's pad token "
-                      f"{tokenizer.pad_token!r} ({pad}), which pads the batches; the classifier now finds each "
-                      f"row's last real token by {pad}.")
-    hf_config.pad_token_id = pad
 
 
 def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool) -> str | None:
@@ -334,7 +321,7 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
     tokenizer = attach_adapter(model, tokenizer, folder)
     model.fast_tokenizer = tokenizer
     if getattr(model, "is_sequence_classifier", False):  # the adapter's own tokenizer pads its batches
-        pad_classifier_like_tokenizer(model.config, tokenizer)
+        pad_like_tokenizer(model.config, tokenizer)
     set_gradient_checkpointing(model, "auto")
     return model, tokenizer
 

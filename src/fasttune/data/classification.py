@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fasttune.data.formats import require_text, row_label
-from fasttune.data.sources import load_rows, source_name as _source_name
+from fasttune.data.preference import _rows_and_columns
 from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import DataError
 
@@ -45,7 +45,8 @@ def label_space(rows: Any, label_field: str = LABEL_FIELD, source_name: str | No
     Integer labels: classes 0..max; names: the sorted distinct names (id2label); floats: regression, one output;
     lists: multi-label, one output per entry. Raises DataError for a missing column, mixed kinds, a negative index,
     lists of different lengths or fewer than two classes."""
-    rows, where = _rows(rows, source_name)
+    rows, source_name = _rows(rows, source_name)
+    where = source_name or "the dataset"
     values = _column(rows, label_field, where)
     kinds = {}
     for i, v in enumerate(values):
@@ -90,7 +91,8 @@ def tokenize_classification_rows(rows: Any, tokenizer, config, *, text_field: st
     float needs num_labels 1, a list num_labels entries. Raises DataError naming the row and field."""
     from fasttune.data import templates
 
-    rows, where = _rows(rows, source_name)
+    rows, source_name = _rows(rows, source_name)
+    where = source_name or "the dataset"
     labels = _column(rows, label_field, where)
     names = {str(k): int(v) for k, v in (getattr(config, "label2id", None) or {}).items()}
     n = config.num_labels
@@ -163,18 +165,15 @@ def _label(value, n: int, names: dict, at: str, field: str):
 
 
 def _rows(rows, source_name):
-    if isinstance(rows, (str, bytes)) or hasattr(rows, "__fspath__"):
-        source_name = source_name or _source_name(rows)
-    if not isinstance(rows, list):
-        rows = load_rows(rows)
-    if len(rows) == 0:
-        raise DataError(f"{source_name or 'The dataset'} has no rows. Pass at least one labelled example.")
-    return rows, source_name or "the dataset"
+    """(rows as a list or datasets.Dataset, the data's name for errors or None): data/preference.py's reader, which
+    also refuses no rows and rows that are not dicts."""
+    rows, _, source_name = _rows_and_columns(rows, source_name)
+    return rows, source_name
 
 
 def _column(rows, field: str, where: str) -> list:
     if isinstance(rows, list):
-        missing = next((i for i, r in enumerate(rows) if not isinstance(r, dict) or field not in r), None)
+        missing = next((i for i, r in enumerate(rows) if field not in r), None)
         if missing is not None:
             raise DataError(f"Row {missing} of {where} has no '{field}' field; give every row its label (class index, "
                             f"class name, number or 0/1 list).")

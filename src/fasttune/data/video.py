@@ -393,15 +393,6 @@ def _frame_size(frame) -> tuple[int, int] | None:
     return None
 
 
-def source_indices(sources: list, indices: list | None) -> list | None:
-    """Per video of frame_sources' pairs its frames' indices in the source for the timestamps: `indices[k]` where
-    given (a metadata's), else a video file's frames_indices (its family's pick), else None; None when none is
-    known. Read before the frames are decoded (decoding keeps only the images)."""
-    out = [indices[k] if indices and indices[k] is not None else getattr(frames, "frames_indices", None)
-           for k, (frames, _) in enumerate(sources)]
-    return out if any(i is not None for i in out) else None
-
-
 def decoded(sources: list, where: str) -> list:
     """(frame sources, fps) pairs -> (PIL frames, fps) pairs, each frame decoded (video files through PyAV). Raises
     DataError naming `where`, the video and the frame for an unreadable one."""

@@ -27,7 +27,7 @@ from fasttune.data.audio import AudioClips
 from fasttune.data.formats import positive_number
 from fasttune.data.images import absolute, to_pil
 from fasttune.data.video import (GEMMA4_VIDEO, QWEN3_VIDEO_SIZE, VIDEO_CONFIG, VideoFrames, decoded,
-                                 read_video_settings, source_indices, video_config, video_list, video_rate)
+                                 read_video_settings, video_config, video_list, video_rate)
 from fasttune.errors import DataError, ModelLoadError
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
@@ -260,9 +260,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         sample = kwargs.get("do_sample_frames")
         if sample if sample is not None else (self.video_settings or {}).get("do_sample_frames", False):
             sources, indices = self.sample_sources(sources, indices)
-        indices = source_indices(sources, indices)  # (a video file's own, read before decoding drops it)
+        vgrids = self.video_layouts(sources, indices)  # (before decoding: a video file keeps its frames' indices)
         filmed = decoded(sources, "videos")
-        vgrids = self.video_layouts(filmed, indices)
         if filmed:
             out.update(self.process_videos([frames for frames, _ in filmed], [fps for _, fps in filmed]))
         expanded, used, heard, seen = [], 0, 0, 0

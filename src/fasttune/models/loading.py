@@ -350,13 +350,19 @@ def text_classifier_from_vision(path: Path, hf_config, request: dict | None, dty
                           f"fasttune does not load; its text classifiers load, e.g. one saved from this base with "
                           f"auto_model=AutoModelForSequenceClassification.")
     hf = _hf_vision_model(path, dtype, dequantize_fp8)
-    text_config = copy.deepcopy(hf.config.text_config)
-    text_config._experts_implementation = None
-    text_config.tie_word_embeddings = bool(getattr(hf.config, "tie_word_embeddings", False))
+    text_config, tensors = _language_model(hf)
     model_cls = classifier_class(text_config, request, str(path))
-    tensors = [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]
     del hf
     return build_model(text_config, iter(tensors), dtype, device, str(path), quant, model_cls=model_cls), text_config
+
+
+def _language_model(hf) -> tuple:
+    """(a copy of the text config, the language model's tensors under our decoder's names) of transformers'
+    vision-language model `hf`; the config's tie_word_embeddings is the whole model's."""
+    text_config = copy.deepcopy(hf.config.text_config)
+    text_config._experts_implementation = None  # transformers' choice for its own MoE modules; ours are in moe.py
+    text_config.tie_word_embeddings = bool(getattr(hf.config, "tie_word_embeddings", False))
+    return text_config, [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]
 
 
 def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str | None = None) -> VisionCausalLM:
@@ -364,15 +370,11 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
     vision modules move to `device` as they are; the language model's tensors fill our decoder (quantised with
     `quant` like a text model). The language half of `hf` is left to the caller to free."""
     family = VISION_FAMILIES[hf.config.model_type]
-    text_config = copy.deepcopy(hf.config.text_config)
+    text_config, tensors = _language_model(hf)
     if family.model_type == "gemma4":  # an image's tokens see each other only where the config says so
         family = replace(family, bidirectional_images=getattr(text_config, "use_bidirectional_attention",
                                                               None) == "vision")
-    text_config._experts_implementation = None  # transformers' choice for its own MoE modules; ours are in moe.py
-    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
-    text_config.tie_word_embeddings = tied
-    tensors = [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]
-    if not tied:
+    if not text_config.tie_word_embeddings:
         tensors.append(("lm_head.weight", hf.lm_head.weight))
     model = build_model(text_config, iter(tensors), dtype, device, source, quant, model_cls=VisionCausalLM)
     modules = {attr: getattr(hf.model, hf_name).to(device=device, dtype=dtype)

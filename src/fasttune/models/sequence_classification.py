@@ -25,6 +25,8 @@ from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+# the keywords of packed / padding-free rows (several documents in one row), which a classifier refuses
+PACKED_ROW_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "segment_ids", "max_length_q", "max_length_k")
 HEAD = "score"  # transformers' name for the head; PEFT's SEQ_CLS adapters save it as a module to save
 
 
@@ -106,22 +108,20 @@ class SequenceClassifier(CausalLM):
                           "Save it with save_pretrained_merged (a transformers checkpoint that "
                           "AutoModelForSequenceClassification loads) or save_pretrained (the PEFT adapter).")
 
-    def pooled_index(self, input_ids: torch.Tensor | None, batch: int) -> torch.Tensor | int:
-        """Each row's position whose score is the row's (B,) int, or -1 (the last position): transformers' rule,
-        the rightmost token that is not config.pad_token_id; -1 without a pad id (batch 1 only) or with
+    def pooled_index(self, input_ids: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+        """Each row's position whose score is the row's, (B,) int64: transformers' rule, the rightmost token that is
+        not config.pad_token_id; the last position (length - 1) without a pad id (batch 1 only) or with
         inputs_embeds. Raises ConfigError for batch > 1 without a pad id."""
         pad = self.config.pad_token_id
-        if pad is None:
-            if batch != 1:
-                raise ConfigError("A sequence classifier scores each row's last token that is not padding, and the "
-                                  "model config has no pad_token_id, so rows of a batch cannot be told from their "
-                                  "padding. Set model.config.pad_token_id = tokenizer.pad_token_id (fasttune's "
-                                  "from_pretrained does this when the tokenizer has a pad token).")
-            return -1
-        if input_ids is None:
-            return -1
-        positions = torch.arange(input_ids.shape[-1], device=input_ids.device, dtype=torch.int32)
-        return (positions * (input_ids != pad).int()).argmax(-1)
+        if pad is None and batch != 1:
+            raise ConfigError("A sequence classifier scores each row's last token that is not padding, and the "
+                              "model config has no pad_token_id, so rows of a batch cannot be told from their "
+                              "padding. Set model.config.pad_token_id = tokenizer.pad_token_id (fasttune's "
+                              "from_pretrained does this when the tokenizer has a pad token).")
+        if pad is None or input_ids is None:
+            return torch.full((batch,), length - 1, dtype=torch.long, device=self.device)
+        positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+        return (positions * (input_ids != pad)).argmax(-1)
 
     def classification_loss(self, logits: torch.Tensor, labels: torch.Tensor, num_items_in_batch=None):
         """logits (B, L) fp32, labels (B,) int64 / (B,) or (B, L) float -> () fp32, as transformers'
@@ -170,14 +170,12 @@ class SequenceClassifier(CausalLM):
         Raises ConfigError for packed / padding-free rows (cu_seq_lens_q/k, seq_idx, segment_ids: one row holds
         several documents, each needing its own score) and TypeError for other unknown arguments (`margin`, which TRL's
         RewardTrainer passes with its batches, is ignored)."""
-        packed = sorted(k for k in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "segment_ids", "max_length_q",
-                                    "max_length_k") if unexpected.get(k) is not None)
+        packed = sorted(k for k in PACKED_ROW_KEYS if unexpected.get(k) is not None)
         if packed:
             raise ConfigError(f"A sequence classifier scores one document per row; packed / padding-free rows "
                               f"({', '.join(packed)}) hold several. Turn packing / padding_free off.")
         # TRL's RewardTrainer passes its batch whole, `margin` (its loss's, not the model's) included
-        rest = sorted(k for k in unexpected if k not in ("cu_seq_lens_q", "cu_seq_lens_k", "seq_idx", "segment_ids",
-                                                         "max_length_q", "max_length_k", "logits_to_keep", "margin"))
+        rest = sorted(k for k in unexpected if k not in (*PACKED_ROW_KEYS, "logits_to_keep", "margin"))
         if rest:
             raise TypeError(f"SequenceClassifier.forward() got unexpected keyword arguments {rest}.")
         if past_key_values is not None:
@@ -185,10 +183,9 @@ class SequenceClassifier(CausalLM):
         hidden = self.model(input_ids, attention_mask, position_ids, None, inputs_embeds, False,
                             output_attentions=output_attentions,
                             output_hidden_states=output_hidden_states).last_hidden_state
-        batch = hidden.shape[0]
-        index = self.pooled_index(input_ids, batch)
-        pooled = hidden[torch.arange(batch, device=hidden.device), index.to(hidden.device)
-                        if torch.is_tensor(index) else index]
+        batch, length = hidden.shape[:2]
+        index = self.pooled_index(input_ids, batch, length).to(hidden.device)
+        pooled = hidden[torch.arange(batch, device=hidden.device), index]
         logits = F.linear(pooled.float(), self.score.weight.float())
         loss = None if labels is None else self.classification_loss(logits, labels, num_items_in_batch)
         out = SequenceClassifierOutput(loss=loss, logits=logits)
@@ -289,3 +286,18 @@ def supported_classifier_families() -> list[str]:
     from fasttune.models.config import SUPPORTED_FAMILIES
 
     return [f for f in SUPPORTED_FAMILIES if classification_architecture(f)]
+
+
+def pad_like_tokenizer(config, tokenizer) -> None:
+    """A classifier scores each row's last token that is not config.pad_token_id, and batches are padded with the
+    tokenizer's pad token: make them one (as TRL's RewardTrainer does), warning when the config named another."""
+    import warnings
+
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None or config.pad_token_id == pad:
+        return
+    if config.pad_token_id is not None:
+        warnings.warn(f"config.pad_token_id {config.pad_token_id} differs from the tokenizer's pad token "
+                      f"{tokenizer.pad_token!r} ({pad}), which pads the batches; the classifier now finds each "
+                      f"row's last real token by {pad}.")
+    config.pad_token_id = pad

@@ -12,6 +12,7 @@ import torch
 
 from fasttune.data.classification import LABEL_FIELD, collate_classification, tokenize_classification_rows
 from fasttune.errors import ConfigError
+from fasttune.models.sequence_classification import pad_like_tokenizer
 from fasttune.train.config import TrainingConfig
 from fasttune.train.host_reads import add_exact, host_values
 from fasttune.train.loop import Trainer
@@ -52,8 +53,7 @@ class ClassificationTrainer(EvalWindow, Trainer):
             raise ConfigError("ClassificationTrainer needs a tokenizer (tokenizer=... or processing_class=...).")
         self._sums = {"train": [0.0, 0.0], "eval": [0.0, 0.0]}  # correct predictions, rows (single-label heads)
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=ClassificationConfig, **kwargs)
-        if self.tokenizer.pad_token_id is not None:  # the batches are padded with it: the score is found by it
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        pad_like_tokenizer(self.model.config, self.tokenizer)  # (the batches are padded with its pad token)
 
     def prepare(self, dataset) -> list[dict]:
         """Rows -> {"input_ids", "label"} checked against the head (tokenize_classification_rows)."""

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from fasttune.data.preference import collate_reward_pairs, tokenize_reward_rows
 from fasttune.errors import ConfigError
+from fasttune.models.sequence_classification import pad_like_tokenizer
 from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.preference_base import PreferenceTrainer
 
@@ -65,8 +66,7 @@ class RewardTrainer(PreferenceTrainer):
             raise ConfigError(f"RewardTrainer needs num_labels=1 (one score per sequence); this model has "
                               f"num_labels={model.config.num_labels}. Load it with num_labels=1.")
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
-        if self.tokenizer.pad_token_id is not None:  # batches are padded with it: the score is found by it (TRL)
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        pad_like_tokenizer(self.model.config, self.tokenizer)  # (the batches are padded with its pad token)
 
     def prepare(self, dataset) -> list[dict]:
         """Paired rows -> {"chosen_ids", "rejected_ids"} (+ "margin"); pairs longer than max_seq_length dropped."""
