@@ -2,7 +2,8 @@
 
 As TRL 1.16's DPOTrainer reads a vision dataset: a row holds `images` (a list; or one `image`), a `prompt` of chat
 messages whose {"type": "image"} items take those images in order (inline {"type": "image", "image": PATH} items
-work too), and `chosen` / `rejected` assistant messages. The prompt is rendered by the chat template with the
+work too; a prompt without image items gets them before its first user text, as TRL places them:
+data/vision_prompts.py), and `chosen` / `rejected` assistant messages. The prompt is rendered by the chat template with the
 generation prompt, and each completion is what rendering prompt + completion adds after it (TRL's
 apply_chat_template); the prompt's tokens have each image placeholder expanded to its image's tokens (the processor's
 own count), the completions are tokenized alone, without special tokens, as TRL's DataCollatorForVisionPreference
@@ -16,9 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fasttune.data.images import absolute, to_pil
+from fasttune.data.images import to_pil
 from fasttune.data.preference import REF_COLUMNS, _number, _rows_and_columns, collate_pairs
 from fasttune.data.vision import _split_media
+from fasttune.data.vision_prompts import encode_vision_prompt, row_images
 from fasttune.errors import DataError
 
 VISION_PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
@@ -31,8 +33,8 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
     relative to `base_dir`, else to the data file's folder when `rows` is a path. A pair longer than
     max_seq_length keeps its start (TRL's truncation); one whose prompt with its images alone fills it is dropped
     (a cut would split an image), with one warning. Raises DataError naming the row for missing columns, messages
-    that are not lists, an image item without its image, images the prompt has no place for, images in a
-    completion, or an unreadable image."""
+    that are not lists, an image item without its image, more images than the prompt's image items, images in a
+    completion, video or audio items, or an unreadable image."""
     if base_dir is None and isinstance(rows, (str, os.PathLike)):  # a data file: its images are relative to it
         base_dir = Path(rows).expanduser().resolve().parent
     rows, columns, source_name = _rows_and_columns(rows, source_name)
@@ -50,47 +52,30 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
     for i, row in enumerate(rows):
         where = f"Row {i}" + (f" of {source_name}" if source_name else "")
         fields = {}
-        for key in VISION_PREFERENCE_COLUMNS:
+        for key in ("chosen", "rejected"):
             value = row.get(key)
             if isinstance(value, str):
-                value = [{"role": "user" if key == "prompt" else "assistant", "content": value}]
+                value = [{"role": "assistant", "content": value}]
             if not isinstance(value, list) or not value:
                 raise DataError(f"{where}: '{key}' must be a list of chat messages (or a string).")
-            fields[key] = value
-        column = row.get("images") if row.get("images") is not None else row.get("image")
-        prompt, sources, _, _ = _split_media(fields["prompt"], column, where)
-        given = len(column) if isinstance(column, (list, tuple)) else int(column is not None)
-        inline = sum(1 for m in fields["prompt"] if isinstance(m.get("content"), list)
-                     for item in m["content"] if isinstance(item, dict) and item.get("type") == "image"
-                     and any(item.get(k) is not None for k in ("image", "path", "url")))
-        if given > len(sources) - inline:
-            raise DataError(f"{where}: the row gives {given} images but its prompt has places (image items) for "
-                            f"{len(sources) - inline} of them; add an {{'type': 'image'}} item for each.")
-        chosen, more, _, _ = _split_media(fields["chosen"], None, where)
-        rejected, extra, _, _ = _split_media(fields["rejected"], None, where)
-        if more or extra:
-            raise DataError(f"{where}: images go in the prompt; 'chosen' and 'rejected' hold the assistant's text.")
-        images = [to_pil(s, f"{where}, image {k + 1}", base_dir) for k, s in enumerate(sources)]
-        grids = p.image_grids(images)
-        prompt_text = p.apply_chat_template(prompt, add_generation_prompt=True)
+            fields[key], more, _, _ = _split_media(value, None, where)
+            if more:
+                raise DataError(f"{where}: images go in the prompt; 'chosen' and 'rejected' hold the assistant's text.")
+        prompt = encode_vision_prompt(row.get("prompt"), row_images(row), p, where, base_dir)
         completions = []
-        for key, messages in (("chosen", chosen), ("rejected", rejected)):
-            whole = p.apply_chat_template(prompt + messages)
-            if not whole.startswith(prompt_text):
+        for key in ("chosen", "rejected"):
+            whole = p.apply_chat_template(prompt.messages + fields[key])
+            if not whole.startswith(prompt.text):
                 raise DataError(f"{where}: the chat template renders prompt + '{key}' with a different start than the "
                                 f"prompt alone, so the completion cannot be told from it.")
-            completions.append(p.tokenizer(whole[len(prompt_text):], add_special_tokens=False)["input_ids"])
-        n = prompt_text.count(p.image_token)
-        if n != len(images):
-            raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
-        prompt_ids = p.tokenizer(p.expand(prompt_text, grids), add_special_tokens=False)["input_ids"]
+            completions.append(p.tokenizer(whole[len(prompt.text):], add_special_tokens=False)["input_ids"])
+        prompt_ids = prompt.ids
         if len(prompt_ids) >= max_seq_length:
             dropped += 1
             continue
         room = max_seq_length - len(prompt_ids)
-        kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
         ex = {"prompt_ids": prompt_ids, "chosen_ids": completions[0][:room], "rejected_ids": completions[1][:room],
-              "images": kept}
+              "images": prompt.sources}
         for c in refs:  # precomputed reference log-probs, as for text rows
             ex[c] = _number(row.get(c), where, c)
         out.append(ex)

@@ -1,0 +1,105 @@
+"""A vision-language row's prompt with its images -> the chat messages, the rendered text and its token ids, as TRL
+1.16's DPO and GRPO trainers lay a vision prompt out (the objectives' shared first step: DPO's
+data/vision_preference.py, GRPO's train/objectives/grpo.py).
+
+A prompt is a list of chat messages (a string is one user message); its {"type": "image"} items take the row's
+`images` (a list) or `image` column in order, inline {"type": "image", "image": PATH} items work too. When the row
+gives images and the prompt has no image item at all, the images go before the text of its first user message, as
+TRL's prepare_multimodal_messages places them. The text is the chat template's rendering with the generation prompt;
+its token ids have each image placeholder expanded to the processor's count of tokens for that image.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from fasttune.data.images import absolute, to_pil
+from fasttune.data.vision import _column, _split_media
+from fasttune.errors import DataError
+
+
+class VisionPrompt(NamedTuple):
+    """messages: the prompt's messages with image items reduced to {"type": "image"}; text: their rendering with the
+    generation prompt; ids: its token ids, image placeholders expanded; sources: the images as given (paths made
+    absolute), decoded again when a batch is built; images: the decoded RGB PIL images."""
+
+    messages: list[dict]
+    text: str
+    ids: list[int]
+    sources: list
+    images: list
+
+
+def row_images(row: dict) -> Any:
+    """The row's image column: `images` (a list, or one image) when present and not null, else `image`."""
+    return row.get("images") if row.get("images") is not None else row.get("image")
+
+
+def has_images(row: dict) -> bool:
+    """Whether the row gives an image in its `images` / `image` column or inline in a `prompt` message."""
+    if _column(row_images(row)):
+        return True
+    prompt = row.get("prompt")
+    return isinstance(prompt, list) and any(
+        isinstance(m, dict) and isinstance(m.get("content"), list) and any(
+            isinstance(item, dict) and item.get("type") == "image" for item in m["content"]) for m in prompt)
+
+
+def _with_image_items(messages: list, n: int) -> list:
+    """TRL's placement for a prompt without image items: n of them before the text of the first user message."""
+    out, placed = [], False
+    for m in messages:
+        if not placed and isinstance(m, dict) and m.get("role") == "user":
+            content = m.get("content")
+            text = [{"type": "text", "text": content}] if isinstance(content, str) else list(content or [])
+            m = {**m, "content": [{"type": "image"} for _ in range(n)] + text}
+            placed = True
+        out.append(m)
+    return out
+
+
+def _image_items(messages: list) -> int:
+    return sum(1 for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list)
+               for item in m["content"] if isinstance(item, dict) and item.get("type") == "image")
+
+
+def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
+                         base_dir: Path | None = None) -> VisionPrompt:
+    """A row's `prompt` (messages, or a string for one user message) and its image column -> VisionPrompt.
+
+    Args:
+        prompt: the row's prompt field; column: its `images` list or single `image` (row_images), or None.
+        processor: fasttune's VisionProcessor (data/vision.py). where: the row, for messages. base_dir: the folder
+            relative image paths are read from (the data file's).
+    Raises: DataError naming `where` for a prompt that is not messages, a message of the wrong shape, an image item
+        without its image, more images than the prompt has places for, video or audio items (images only), or an
+        unreadable image.
+    """
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    if not isinstance(prompt, list) or not prompt:
+        raise DataError(f"{where}: 'prompt' must be a list of chat messages (or a string).")
+    given = len(_column(column))
+    if given and not _image_items(prompt):
+        if not any(isinstance(m, dict) and m.get("role") == "user" for m in prompt):
+            raise DataError(f"{where}: the row gives {given} images but its prompt has no user message to hold them.")
+        prompt = _with_image_items(prompt, given)
+    messages, sources, clips, videos = _split_media(prompt, column, where)
+    if clips or videos:
+        raise DataError(f"{where}: the prompt has {'an audio' if clips else 'a video'} item; this objective reads "
+                        f"images only. Give the frames as images, or train with SFT.")
+    inline = sum(1 for m in prompt if isinstance(m.get("content"), list) for item in m["content"]
+                 if isinstance(item, dict) and item.get("type") == "image"
+                 and any(item.get(k) is not None for k in ("image", "path", "url")))
+    if given > len(sources) - inline:
+        raise DataError(f"{where}: the row gives {given} images but its prompt has places (image items) for "
+                        f"{len(sources) - inline} of them; add an {{'type': 'image'}} item for each.")
+    images = [to_pil(s, f"{where}, image {k + 1}", base_dir) for k, s in enumerate(sources)]
+    p = processor
+    text = p.apply_chat_template(messages, add_generation_prompt=True)
+    n = text.count(p.image_token)
+    if n != len(images):
+        raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
+    ids = p.tokenizer(p.expand(text, p.image_grids(images)), add_special_tokens=False)["input_ids"]
+    kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
+    return VisionPrompt(messages, text, list(ids), kept, images)
