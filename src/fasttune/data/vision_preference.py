@@ -2,9 +2,9 @@
 
 As TRL 1.16's DPOTrainer reads a vision dataset: a row holds `images` (a list; or one `image`), a `prompt` of chat
 messages whose {"type": "image"} items take those images in order (inline {"type": "image", "image": PATH} items
-work too; a prompt without image items gets them before its first user text, as TRL places them:
-data/vision_prompts.py), and `chosen` / `rejected` assistant messages. The prompt is rendered by the chat template with the
-generation prompt, and each completion is what rendering prompt + completion adds after it (TRL's
+work too; a prompt without image items gets them before its first user text, as TRL places them: see
+data/vision_prompts.py), and `chosen` / `rejected` assistant messages. The prompt is rendered by the chat template
+with the generation prompt, and each completion is what rendering prompt + completion adds after it (TRL's
 apply_chat_template); the prompt's tokens have each image placeholder expanded to its image's tokens (the processor's
 own count), the completions are tokenized alone, without special tokens, as TRL's DataCollatorForVisionPreference
 tokenizes them. Precomputed `ref_chosen_logps` / `ref_rejected_logps` columns are kept, as for text rows. A batch

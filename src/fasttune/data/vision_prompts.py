@@ -103,3 +103,21 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
     ids = p.tokenizer(p.expand(text, p.image_grids(images)), add_special_tokens=False)["input_ids"]
     kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
     return VisionPrompt(messages, text, list(ids), kept, images)
+
+
+def prompt_media(examples: list[dict], processor) -> dict:
+    """The image inputs (pixel_values with image_grid_thw, or the family's image keys: processor.process_images) of
+    the examples' images in row order, each example's `images` sources decoded again; {} when none has an image."""
+    images = [to_pil(s, "an image of the batch") for ex in examples for s in ex.get("images", ())]
+    return processor.process_images(images) if images else {}
+
+
+def require_processor(tokenizer, trainer: str):
+    """Raises ConfigError unless `tokenizer` is the VisionProcessor FastVisionModel.from_pretrained returned (what
+    `trainer` needs on a vision-language model to lay out images)."""
+    from fasttune.data.vision import VisionProcessor
+    from fasttune.errors import ConfigError
+
+    if not isinstance(tokenizer, VisionProcessor):
+        raise ConfigError(f"{trainer} on a vision-language model takes the processor FastVisionModel.from_pretrained "
+                          f"returned (processing_class=...).")

@@ -9,14 +9,18 @@ micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The mat
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
+from fasttune.constants import IMAGE_KEYS
 from fasttune.data.formats import row_label
 from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
+from fasttune.data.vision_prompts import encode_vision_prompt, has_images, prompt_media, require_processor, row_images
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.host_reads import add_exact, host_values
@@ -44,7 +48,12 @@ class GRPOTrainer(Trainer):
     With beta > 0 the KL reference is the policy as handed to the trainer, as TRL 1.16's GRPOTrainer takes a PEFT
     model: a fresh adapter (LoRA B zero) is the base with the adapters off; an adapter loaded from a folder, already
     trained, or with modules_to_save is kept as a frozen copy (ReferencePolicy). With beta == 0 there is no
-    reference and no copy."""
+    reference and no copy.
+
+    On a vision-language model (FastVisionModel, with its processor as processing_class) rows may hold images, as
+    TRL 1.16's GRPOTrainer reads them: an `image` or `images` column and a chat-message `prompt` whose image items
+    take them (data/vision_prompts.py). Each completion is sampled and scored with its prompt's images merged in;
+    the reward functions get the `image` / `images` column with the other columns."""
 
     evaluates = False  # no eval loss for sampled completions yet
 
@@ -60,6 +69,9 @@ class GRPOTrainer(Trainer):
         if tok is None:
             raise ConfigError("GRPOTrainer needs a tokenizer (tokenizer=... or processing_class=...) to encode "
                               "prompts and decode completions for the reward functions.")
+        self.vision = getattr(model, "family", None) is not None  # a vision-language model: prompts may hold images
+        if self.vision:
+            require_processor(tok, "GRPOTrainer")
         if eval_dataset is not None:
             raise ConfigError("GRPOTrainer does not evaluate an eval_dataset yet; leave eval_dataset=None.")
         field = "reward_funcs" if reward_funcs is not None else "GRPOConfig.reward_funcs"
@@ -96,11 +108,14 @@ class GRPOTrainer(Trainer):
 
     # --- data --------------------------------------------------------------------------------------------------
     def prepare(self, dataset) -> list[dict]:
-        """Rows with `prompt` (a string or a message list, encoded by data.prompts.encode_prompt) and any columns
-        the reward functions read. Returns each prompt num_generations times in a row (the groups), so the core's
-        batch counting holds."""
+        """Rows with `prompt` (a string or a message list, encoded by data.prompts.encode_prompt; on a
+        vision-language model a message list, with its images, by data.vision_prompts.encode_vision_prompt) and any
+        columns the reward functions read. Returns each prompt num_generations times in a row (the groups), so the
+        core's batch counting holds. Raises DataError naming the row for a bad prompt, a missing reward column, a
+        prompt too long for max_seq_length (unless drop_long), or images on a model that reads text only."""
         a, tok = self.args, self.tokenizer
         rows, name = load_rows(dataset), source_name(dataset)
+        base_dir = Path(dataset).expanduser().resolve().parent if isinstance(dataset, (str, os.PathLike)) else None
         model_limit = self.model.max_seq_length or a.max_seq_length
         limit = min(a.max_seq_length, model_limit) - a.max_completion_length
         if limit < 1:
@@ -110,7 +125,15 @@ class GRPOTrainer(Trainer):
         examples = []
         for i, row in enumerate(rows):
             where = row_label(i, name)
-            prompt, ids = encode_prompt(row.get("prompt"), tok, where)
+            prompt, sources = row.get("prompt"), []
+            if has_images(row) and not self.vision:
+                raise DataError(f"{where}: the row has images, but {type(self.model).__name__} reads text only. Load "
+                                f"a vision-language model with FastVisionModel.from_pretrained, or drop the images.")
+            if self.vision and (isinstance(prompt, list) or has_images(row)):
+                laid_out = encode_vision_prompt(prompt, row_images(row), tok, where, base_dir)
+                ids, sources = laid_out.ids, laid_out.sources
+            else:
+                prompt, ids = encode_prompt(prompt, tok, where)
             for col in needed:
                 if row.get(col) is None:
                     users = [n for f, n in zip(self.reward_funcs, self.reward_names) if col in required_columns(f)]
@@ -123,7 +146,8 @@ class GRPOTrainer(Trainer):
                                 f"{a.max_completion_length} at most {limit} fit in max_seq_length. Shorten it, raise "
                                 f"max_seq_length, or set drop_long=True to skip such rows.")
             columns = {k: v for k, v in row.items() if k != "prompt"}
-            examples.append({"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns})
+            examples.append({"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns,
+                             "images": sources})
         if not examples:
             raise DataError("No usable prompts: every row was longer than the prompt limit and drop_long=True.")
         return [ex for ex in examples for _ in range(a.num_generations)]
@@ -173,9 +197,11 @@ class GRPOTrainer(Trainer):
         a, model = self.args, self.model
         stops = stop_token_ids(self.tokenizer, model)
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
+        media = prompt_media(examples, self.tokenizer) if self.vision else {}
         out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                              max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
-                             top_p=a.top_p, top_k=a.top_k, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed)
+                             top_p=a.top_p, top_k=a.top_k, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed,
+                             **media)
         completions, truncated = [], []
         for row in out[:, ids.shape[1]:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)
@@ -259,16 +285,18 @@ class GRPOTrainer(Trainer):
         attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
         b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
              "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
+        media = prompt_media(examples, self.tokenizer) if self.vision else {}
+        b.update(media)
         # The log-probs stay on the device (the loop's move is then a no-op): copying them back would wait for the
         # device once per micro-batch.
-        dev = self.to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions")})
+        dev = self.to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions", *media)})
+        args = (dev["input_ids"], dev["attention_mask"], width, dev["completion_positions"],
+                {k: dev[k] for k in media})
         if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
-            b["old_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
-                                                   dev["completion_positions"])
+            b["old_logps"] = self.completion_logps(*args)
         if self.reference is not None:  # at sampling time, before the policy's forward (the swap is in place)
             with self.reference.active():
-                b["ref_logps"] = self.completion_logps(dev["input_ids"], dev["attention_mask"], width,
-                                                       dev["completion_positions"])
+                b["ref_logps"] = self.completion_logps(*args)
         return b
 
     # --- the loss ----------------------------------------------------------------------------------------------
@@ -277,8 +305,9 @@ class GRPOTrainer(Trainer):
         clip-ratio metrics (and kl when beta > 0)."""
         a = self.args
         mask = batch["completion_mask"]
+        media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
         logps = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                      batch.get("completion_positions"))
+                                      batch.get("completion_positions"), media)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
         adv = batch["advantages"]
@@ -296,13 +325,17 @@ class GRPOTrainer(Trainer):
         return loss, loss.detach().to(torch.float64) * num_items
 
     def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
-                         positions: torch.Tensor | None = None) -> torch.Tensor:
+                         positions: torch.Tensor | None = None, media: dict | None = None) -> torch.Tensor:
         """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked
-        (reference.model_token_logprobs). Positions come from the attention mask, as in generation. `positions`:
-        score_positions of attention_mask[:, -n:], to select the completion tokens without a device sync."""
+        (reference.model_token_logprobs). Positions come from the attention mask, as in generation (Qwen-VL's
+        multimodal positions from the model, which reads the mask too). `positions`: score_positions of
+        attention_mask[:, -n:], to select the completion tokens without a device sync. media: the rows' image
+        inputs (prompt_media) on a vision-language model."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if media and self.model.family.mrope:
+            position_ids = None  # the model's 3-axis positions, with the left padding skipped as generate() does
         return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
-                                    position_ids=position_ids, temperature=self.args.temperature)
+                                    position_ids=position_ids, temperature=self.args.temperature, media=media or None)
 
     # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
     def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):

@@ -69,11 +69,9 @@ class PreferenceTrainer(EvalWindow, Trainer):
         self._window = "train"  # the metric sums report() adds to: "eval" during eval_batch_loss
         self.vision = self.supports_vision and getattr(model, "family", None) is not None
         if self.vision:
-            from fasttune.data.vision import VisionProcessor
+            from fasttune.data.vision_prompts import require_processor
 
-            if not isinstance(tok, VisionProcessor):
-                raise ConfigError(f"{type(self).__name__} on a vision-language model takes the processor "
-                                  f"FastVisionModel.from_pretrained returned (processing_class=...).")
+            require_processor(tok, type(self).__name__)
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
 
     # --- data -------------------------------------------------------------------------------------------------------
