@@ -197,7 +197,15 @@ class GRPOTrainer(Trainer):
         a, model = self.args, self.model
         stops = stop_token_ids(self.tokenizer, model)
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
-        media = prompt_media(examples, self.tokenizer) if self.vision else {}
+        media = {}
+        if self.vision:  # a sampled image / video / audio placeholder would have no features to merge when scored:
+            # never sampled (TRL suppresses the image token likewise)
+            from transformers import SuppressTokensLogitsProcessor
+
+            placeholders = [t for t in (model.image_token_id, model.video_token_id, model.audio_token_id)
+                            if t is not None]
+            media = {**prompt_media(examples, self.tokenizer),
+                     "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
         out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                              max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
                              top_p=a.top_p, top_k=a.top_k, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed,
