@@ -123,7 +123,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     `do_sample` (default False: greedy, and temperature/top_k/top_p/min_p are then ignored), `temperature` (0 with
     do_sample=True also decodes greedily),
     `top_k` (default 50 when sampling, 0 = off), `top_p`, `min_p`, `repetition_penalty` (over the prompt after its
-    padding and the new tokens; greedy too), `num_return_sequences` (sampling only; row i's copies are adjacent),
+    padding and the new tokens; greedy too), `num_return_sequences` (sampling only; row i's copies are adjacent;
+    a prompt with images is prefilled once),
     `eos_token_id` (an id or a list of stop ids), `pad_token_id` (fills stopped rows; default: the first stop id),
     `logits_processor` (transformers LogitsProcessor objects, called as f(input_ids, scores)), `stopping_criteria`
     (StoppingCriteria objects, in addition to the stop ids and the length), `streamer` (put(ids) / end(), as
@@ -165,9 +166,7 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     if input_ids.shape[0] > 1 and bool((attention_mask[:, -1] == 0).any()):
         raise ConfigError("generate() needs LEFT-padded batches (the last column is padding in some row); set "
                           "tokenizer.padding_side = 'left'.")
-    if s.num_return_sequences > 1 and images:
-        raise ConfigError("generate(): num_return_sequences > 1 with images is not supported; repeat the prompt and "
-                          "its images in the batch instead.")
+    distinct = input_ids, attention_mask  # the prompts as given: with images, each is prefilled once
     if s.num_return_sequences > 1:
         input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
         attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
@@ -196,17 +195,9 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     try:
         rows = None
         if images:  # a vision-language model's prompt: image features in place, multimodal RoPE positions
-            prompt = KVCache(model.arch, b, t, model.dtype, device)
-            moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
-            # Qwen's grids, Pixtral's sizes, Gemma 4's patch positions
-            geometry = moved.get("image_grid_thw", moved.get("image_sizes", moved.get("image_position_ids")))
-            inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
-                                             {k: moved.get(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS)})
-            if inputs["position_ids"] is not None:  # Qwen's 3-axis positions
-                position_ids = inputs["position_ids"]
-            next_pos = next_pos + inputs.pop("rope_deltas").to(device)  # text after the images continues past them
-            logits = model(attention_mask=full_mask[:, :t] if padded else None, past_key_values=prompt,
-                           logits_to_keep=1, **{**inputs, "position_ids": position_ids}).logits[:, -1]
+            prompt, logits, rows, deltas = _prefill_with_images(model, *distinct, images, s.num_return_sequences,
+                                                                padded)
+            next_pos = next_pos + deltas  # text after the images continues past them
         else:
             prompt, logits, rows = _prefill(model, input_ids, full_mask[:, :t] if padded else None, position_ids)
         vocab = logits.shape[-1]
@@ -285,6 +276,32 @@ def _stop_check_interval(device: torch.device, host_per_token: bool) -> int:
     streamer or stopping criteria bring every token to the host anyway; on the CPU (no queue to stall, and
     extra steps cost compute) every token."""
     return CHECK_EVERY if device.type == "cuda" and not host_per_token else 1
+
+
+def _prefill_with_images(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, images: dict, copies: int,
+                         padded: bool):
+    """Run the prompts (B, T) with their images (the processor's keys, in row order) into a new KVCache: (cache,
+    last-position logits (B x copies, V), rows: which prompt each of the B x copies rows continues (None for
+    copies 1), rope deltas (B x copies, 1): what the positions of the new tokens add). Each prompt and its images run
+    once, however many sequences it returns."""
+    device = model.device
+    input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+    b, t = input_ids.shape
+    cache = KVCache(model.arch, b, t, model.dtype, device)
+    moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
+    # Qwen's grids, Pixtral's sizes, Gemma 4's patch positions
+    geometry = moved.get("image_grid_thw", moved.get("image_sizes", moved.get("image_position_ids")))
+    inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
+                                     {k: moved.get(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS)})
+    if inputs["position_ids"] is None:  # plain positions (Qwen's are 3-axis), counted from each row's first token
+        inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    deltas = inputs.pop("rope_deltas").to(device)
+    logits = model(attention_mask=attention_mask if padded else None, past_key_values=cache, logits_to_keep=1,
+                   **inputs).logits[:, -1]
+    if copies == 1:
+        return cache, logits, None, deltas
+    rows = torch.arange(b, device=device).repeat_interleave(copies)
+    return cache, logits.index_select(0, rows), rows, deltas.index_select(0, rows)
 
 
 def _prefill(model, input_ids: torch.Tensor, attention_mask, position_ids: torch.Tensor):

@@ -212,3 +212,22 @@ def test_cli_grpo_with_image_files(qwen_vl_dir, tmp_path, capsys):
                "--reward-funcs", "exact_match", "--no-sample"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_a_group_is_prefilled_once(qwen_vl_dir, tmp_path):
+    """generate(num_return_sequences=n) with images (one prefill per prompt, its cache rows copied) samples what the
+    prompt repeated n times in the batch samples with the same seed; GRPO's rollout asks for it per group."""
+    from fasttune.generate import left_pad
+
+    model, proc = _load(qwen_vl_dir)
+    trainer = _fixed(model, proc, tmp_path)
+    distinct = trainer.train_examples[::G]
+    ids, mask = left_pad([ex["prompt_ids"] for ex in distinct], trainer.pad_id)
+    once = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, seed=5, num_return_sequences=3,
+                          **trainer.tokenizer.process_images([im for ex in distinct for im in ex["images"]]))
+    repeated = [ex for ex in distinct for _ in range(3)]
+    ids, mask = left_pad([ex["prompt_ids"] for ex in repeated], trainer.pad_id)
+    each = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=True, seed=5,
+                          **trainer.tokenizer.process_images([im for ex in repeated for im in ex["images"]]))
+    assert once.shape == (6, ids.shape[1] + 6) and torch.equal(once, each)
+    assert not torch.equal(once[0, -6:], once[1, -6:])  # the copies are sampled apart

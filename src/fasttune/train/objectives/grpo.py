@@ -34,6 +34,17 @@ from fasttune.train.rewards import required_columns, resolve_reward_funcs, rewar
 __all__ = ["GRPOTrainer", "GRPOConfig"]
 
 
+def _copies(examples: list[dict]) -> int:
+    """How many times each example repeats in a row (a group's completions share one example object), when every
+    run has the same length; else 1."""
+    runs, start = [], 0
+    for i in range(1, len(examples) + 1):
+        if i == len(examples) or examples[i] is not examples[start]:
+            runs.append(i - start)
+            start = i
+    return runs[0] if runs and len(set(runs)) == 1 else 1
+
+
 class NoRewardError(FastTuneError):
     """No reward function scored any completion for max_unrewarded_steps steps in a row."""
 
@@ -196,16 +207,20 @@ class GRPOTrainer(Trainer):
         and including the first stop token, whether each hit max_completion_length without one)."""
         a, model = self.args, self.model
         stops = stop_token_ids(self.tokenizer, model)
-        ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
         media = {}
-        if self.vision:  # a sampled image / video / audio placeholder would have no features to merge when scored:
-            # never sampled (TRL suppresses the image token likewise)
+        if self.vision:
+            # A group's prompt and its images run once (its copies are one object): num_return_sequences.
+            copies = _copies(examples)
+            examples = examples[::copies]
+            # A sampled image / video / audio placeholder would have no features to merge when scored: never
+            # sampled (TRL suppresses the image token likewise).
             from transformers import SuppressTokensLogitsProcessor
 
             placeholders = [t for t in (model.image_token_id, model.video_token_id, model.audio_token_id)
                             if t is not None]
-            media = {**prompt_media(examples, self.tokenizer),
+            media = {**prompt_media(examples, self.tokenizer), "num_return_sequences": copies,
                      "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
+        ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
         out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
                              max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
                              top_p=a.top_p, top_k=a.top_k, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed,
