@@ -110,7 +110,8 @@ class Trainer(CallbackMethods, TrainerMethods):
                               f"ClassificationTrainer (or transformers.Trainer, which runs it as it is).")
         if getattr(model, "family", None) is not None and not getattr(self, "vision", False):
             raise ConfigError(f"{type(self).__name__} does not train vision-language models yet; SFTTrainer "
-                              f"(image + text conversations) and DPOTrainer (preference pairs with images) do.")
+                              f"(image + text conversations), DPOTrainer and KTOTrainer (preference rows with "
+                              f"images) and GRPOTrainer (prompts with images) do.")
         if getattr(self, "vision", False) and self.args.fsdp:
             raise ConfigError("fsdp=True is not supported for vision-language models yet; train on one GPU, or "
                               "several with plain data parallelism (torchrun without fsdp).")

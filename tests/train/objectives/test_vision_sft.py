@@ -131,16 +131,6 @@ def test_learns_to_name_the_colour_of_held_out_images(vl_train_dir, tmp_path):
     assert before < 0.5 and after > 0.9, (before, after)
 
 
-def test_other_objectives_refuse_a_vision_model(qwen_vl_dir, tmp_path):
-    from fasttune import KTOConfig, KTOTrainer
-    from fasttune.errors import ConfigError
-
-    model, proc = _load(qwen_vl_dir)
-    with pytest.raises(ConfigError, match="KTOTrainer does not train vision-language models yet"):
-        KTOTrainer(model=model, tokenizer=proc, train_dataset=[{"prompt": "a", "completion": "b", "label": True}],
-                   args=KTOConfig(output_dir=str(tmp_path), max_steps=1))
-
-
 def test_eval_loss_is_the_target_token_mean(qwen_vl_dir, tmp_path):
     from fasttune import SFTConfig, SFTTrainer
     from fasttune.data.vision import VisionEncoder, collate_vision

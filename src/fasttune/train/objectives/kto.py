@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fasttune.constants import IMAGE_KEYS
 from fasttune.data.preference import collate_unpaired, pad_sequences, tokenize_unpaired_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
@@ -73,6 +74,7 @@ class KTOTrainer(PreferenceTrainer):
 
     config_cls = KTOConfig
     method = "KTO"
+    supports_vision = True  # rows with images on a vision-language model (data/vision_preference.py)
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: KTOConfig | None = None,
                  **kwargs):
@@ -105,7 +107,12 @@ class KTOTrainer(PreferenceTrainer):
         self._kl = 0.0
 
     def prepare(self, dataset) -> list[dict]:
-        """Rows -> examples with prompt_ids / completion_ids / label (see tokenize_unpaired_rows)."""
+        """Rows -> examples with prompt_ids / completion_ids / label (see tokenize_unpaired_rows; on a
+        vision-language model with the prompt's images: tokenize_vision_unpaired_rows)."""
+        if self.vision:
+            from fasttune.data.vision_preference import tokenize_vision_unpaired_rows
+
+            return tokenize_vision_unpaired_rows(dataset, self.tokenizer, max_seq_length=self._limit())
         return tokenize_unpaired_rows(dataset, self.tokenizer, max_seq_length=self._limit(),
                                       max_prompt_length=self.args.max_prompt_length,
                                       chat_template=self.args.chat_template)
@@ -114,7 +121,12 @@ class KTOTrainer(PreferenceTrainer):
         """Padded rows plus a bool `label` tensor (B,) (collate_unpaired), and the indices of the desirable and
         undesirable rows, found here on the host so that the metrics select those rows on the device without a
         sync."""
-        batch = with_score_positions(collate_unpaired(examples, self.pad_id))
+        if self.vision:
+            from fasttune.data.vision_preference import collate_vision_unpaired
+
+            batch = with_score_positions(collate_vision_unpaired(examples, self.tokenizer))
+        else:
+            batch = with_score_positions(collate_unpaired(examples, self.pad_id))
         rows = torch.arange(batch["label"].shape[0])
         batch["desirable_rows"], batch["undesirable_rows"] = rows[batch["label"]], rows[~batch["label"]]
         return batch
@@ -145,6 +157,7 @@ class KTOTrainer(PreferenceTrainer):
             n = b["input_ids"].shape[0]
             p, c = prompts[start:start + n], completions[start:start + n]
             kl = pad_sequences(p, [y[:limit - len(x)] for x, y in zip(p, c)], self.pad_id)
+            kl.update({k: b[k] for k in IMAGE_KEYS if k in b})  # the prompts keep their rows, so their images
             kl = self.to_device(with_score_positions(kl))
             policy = self.logps(kl)
             parts.append((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())
