@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -288,20 +287,8 @@ def main():
         if a.row_out:
             Path(a.row_out).write_text(json.dumps(row))
         return
-    rows = []
-    for impl in a.impls.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            row_file = Path(tmp) / "row.json"
-            cmd = [sys.executable, __file__, "--impl", impl, "--row-out", str(row_file)]
-            for flag in ("shape", "device", "steps", "warmup", "prompts", "num_generations", "completion_len",
-                         "prompt_len", "r", "lr", "gc"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
-            print(f"--- {impl}: {' '.join(cmd[1:])}", flush=True)
-            proc = subprocess.run(cmd)
-            if proc.returncode != 0 or not row_file.exists():
-                print(f"FAILED {impl} (exit {proc.returncode})", flush=True)
-                continue
-            rows.append(json.loads(row_file.read_text()))
+    rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
+                                    "completion_len", "prompt_len", "r", "lr", "gc"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
@@ -313,6 +300,26 @@ def main():
     print_table(rows)
     if len(rows) != len(a.impls.split(",")):
         raise SystemExit(1)
+
+
+def child_rows(script: str, a, flags: tuple) -> list[dict]:
+    """Run `script --impl IMPL --row-out FILE` with the parsed options `flags` for each of a.impls (comma-separated),
+    each in its own process (a clean CUDA state and peak memory); the rows the children wrote, in order (a failed
+    child is reported and left out)."""
+    rows = []
+    for impl in a.impls.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            row_file = Path(tmp) / "row.json"
+            cmd = [sys.executable, script, "--impl", impl, "--row-out", str(row_file)]
+            for flag in flags:
+                cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+            print(f"--- {impl}: {' '.join(cmd[1:])}", flush=True)
+            proc = subprocess.run(cmd)
+            if proc.returncode != 0 or not row_file.exists():
+                print(f"FAILED {impl} (exit {proc.returncode})", flush=True)
+                continue
+            rows.append(json.loads(row_file.read_text()))
+    return rows
 
 
 def print_table(rows):

@@ -28,7 +28,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +35,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_grpo_step import StepClock, _commit, clock_generate, common_fields, even_ids  # noqa: E402
+from bench_grpo_step import (StepClock, _commit, child_rows, clock_generate, common_fields,  # noqa: E402
+                             even_ids)
 from bench_vision import SHAPES, build_transformers  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} {% else %}"
@@ -83,6 +83,42 @@ def image_processor(shape: str):
                                     max_pixels=side * side)
 
 
+def trl_model_and_processor(a, tok):
+    """transformers' model of a.shape (bench_vision's seeded draw) on a.device and TRL's processor of `tok`."""
+    import torch
+    from transformers import Qwen2_5_VLProcessor
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+
+    torch.manual_seed(0)
+    model = build_transformers(a.shape, a.device)
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return model, Qwen2_5_VLProcessor(image_processor=image_processor(a.shape), tokenizer=tok,
+                                      video_processor=Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
+
+
+def ours_model_and_processor(a, tok):
+    """fasttune's model of the same weights with LoRA r=a.r on the language model (recompute on), and its
+    VisionProcessor of `tok`."""
+    import torch
+
+    from fasttune import FastModel
+    from fasttune.data.vision import VisionProcessor
+    from fasttune.models.loading import vision_model_from_hf
+
+    torch.manual_seed(0)
+    hf = build_transformers(a.shape, a.device)
+    model = vision_model_from_hf(hf, hf.dtype, torch.device(a.device), f"random {a.shape}")
+    del hf
+    if a.device == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    model.lora_settings = None
+    model = FastModel.get_peft_model(model, r=a.r, lora_alpha=a.r, finetune_vision_layers=False,
+                                     use_gradient_checkpointing=True)
+    return model, VisionProcessor(tok, image_processor(a.shape), TEMPLATE, "<|image_pad|>", 2)
+
+
 def make_rows(shape: str, n: int, length: int) -> list[dict]:
     import random
 
@@ -98,24 +134,16 @@ def make_rows(shape: str, n: int, length: int) -> list[dict]:
 
 
 def run_trl(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
-    import torch
     import transformers
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     from bench_vision import HF_TARGETS
 
-    torch.manual_seed(0)
-    model = build_transformers(a.shape, a.device)
+    model, processor = trl_model_and_processor(a, tok)
     model.generation_config.eos_token_id = tok.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
-    if a.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor(a.shape), tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -135,23 +163,9 @@ def run_trl(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
 
 
 def run_ours(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
-    import torch
+    from fasttune import GRPOConfig, GRPOTrainer
 
-    from fasttune import FastModel, GRPOConfig, GRPOTrainer
-    from fasttune.data.vision import VisionProcessor
-    from fasttune.models.loading import vision_model_from_hf
-
-    torch.manual_seed(0)
-    hf = build_transformers(a.shape, a.device)
-    model = vision_model_from_hf(hf, hf.dtype, torch.device(a.device), f"random {a.shape}")  # the same weights
-    del hf
-    if a.device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model.lora_settings = None
-    model = FastModel.get_peft_model(model, r=a.r, lora_alpha=a.r, finetune_vision_layers=False,
-                                     use_gradient_checkpointing=True)
-    processor = VisionProcessor(tok, image_processor(a.shape), TEMPLATE, "<|image_pad|>", 2)
+    model, processor = ours_model_and_processor(a, tok)
     clock_generate(model, a.device, clock.gen)
 
     class Timed(GRPOTrainer):
@@ -234,20 +248,8 @@ def main():
         if a.row_out:
             Path(a.row_out).write_text(json.dumps(row))
         return
-    rows = []
-    for impl in a.impls.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            row_file = Path(tmp) / "row.json"
-            cmd = [sys.executable, __file__, "--impl", impl, "--row-out", str(row_file)]
-            for flag in ("shape", "device", "steps", "warmup", "prompts", "num_generations", "completion_len",
-                         "prompt_len", "r", "lr"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
-            print(f"--- {impl}: {' '.join(cmd[1:])}", flush=True)
-            proc = subprocess.run(cmd)
-            if proc.returncode != 0 or not row_file.exists():
-                print(f"FAILED {impl} (exit {proc.returncode})", flush=True)
-                continue
-            rows.append(json.loads(row_file.read_text()))
+    rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
+                                    "completion_len", "prompt_len", "r", "lr"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
@@ -261,7 +263,8 @@ def main():
               f"image + {r0['prompt_words']} words) x {r0['num_generations']} generations x "
               f"{r0['max_completion_length']} tokens, LoRA r{r0['lora_r']}, recompute on; median of "
               f"{r0['steps'] - r0['warmup_steps']} steps after {r0['warmup_steps']} warm-up; {r0['card']}")
-        print(f"{'impl':<6} {'step s':>8} {'generate s':>11} {'gen tok/s':>10} {'peak GiB':>9} {'vs trl':>7}  grad norms")
+        print(f"{'impl':<6} {'step s':>8} {'generate s':>11} {'gen tok/s':>10} {'peak GiB':>9} {'vs trl':>7}  "
+              f"grad norms")
         for r in rows:
             peak = f"{r['peak_gib']:.2f}" if r["peak_gib"] is not None else "-"
             vs = f"{r['speedup_vs_trl']:.2f}x" if r["speedup_vs_trl"] is not None else "-"

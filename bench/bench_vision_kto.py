@@ -20,7 +20,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +27,10 @@ from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_grpo_step import StepClock, _commit  # noqa: E402
-from bench_vision import HF_TARGETS, SHAPES, build_transformers  # noqa: E402
-from bench_vision_grpo import TEMPLATE, build_tokenizer, image_processor, make_rows  # noqa: E402
+from bench_grpo_step import StepClock, _commit, child_rows  # noqa: E402
+from bench_vision import HF_TARGETS, SHAPES  # noqa: E402
+from bench_vision_grpo import (build_tokenizer, make_rows, ours_model_and_processor,  # noqa: E402
+                               trl_model_and_processor)
 
 
 def kto_rows(a) -> list[dict]:
@@ -55,20 +55,12 @@ def common(a, cuda: bool) -> dict:
 
 
 def run_trl(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
-    import torch
     import transformers
     import trl
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import Qwen2_5_VLProcessor
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
-    torch.manual_seed(0)
-    model = build_transformers(a.shape, a.device)
-    if a.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    processor = Qwen2_5_VLProcessor(image_processor=image_processor(a.shape), tokenizer=tok,
-                                    video_processor=Qwen2VLVideoProcessor(), chat_template=TEMPLATE)
+    model, processor = trl_model_and_processor(a, tok)
 
     class Clock(transformers.TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -87,23 +79,9 @@ def run_trl(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
 
 
 def run_ours(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
-    import torch
+    from fasttune import KTOConfig, KTOTrainer
 
-    from fasttune import FastModel, KTOConfig, KTOTrainer
-    from fasttune.data.vision import VisionProcessor
-    from fasttune.models.loading import vision_model_from_hf
-
-    torch.manual_seed(0)
-    hf = build_transformers(a.shape, a.device)
-    model = vision_model_from_hf(hf, hf.dtype, torch.device(a.device), f"random {a.shape}")  # the same weights
-    del hf
-    if a.device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-    model.lora_settings = None
-    model = FastModel.get_peft_model(model, r=a.r, lora_alpha=a.r, finetune_vision_layers=False,
-                                     use_gradient_checkpointing=True)
-    processor = VisionProcessor(tok, image_processor(a.shape), TEMPLATE, "<|image_pad|>", 2)
+    model, processor = ours_model_and_processor(a, tok)
 
     class Timed(KTOTrainer):
         def _after_step(self, run):
@@ -173,18 +151,8 @@ def main():
         if a.row_out:
             Path(a.row_out).write_text(json.dumps(row))
         return
-    rows = []
-    for impl in a.impls.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            row_file = Path(tmp) / "row.json"
-            cmd = [sys.executable, __file__, "--impl", impl, "--row-out", str(row_file)]
-            for flag in ("shape", "device", "steps", "warmup", "batch", "prompt_len", "completion_len", "r"):
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
-            print(f"--- {impl}: {' '.join(cmd[1:])}", flush=True)
-            if subprocess.run(cmd).returncode != 0 or not row_file.exists():
-                print(f"FAILED {impl}", flush=True)
-                continue
-            rows.append(json.loads(row_file.read_text()))
+    rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "batch", "prompt_len", "completion_len",
+                                    "r"))
     tokens = next((r["row_tokens"] for r in rows if "row_tokens" in r), None)
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:

@@ -529,3 +529,18 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
            "qwen3_5_moe": "Qwen3_5MoeForConditionalGeneration"}[family]
     return _save(folder, getattr(transformers, cls), config, processor, seed, init=init)
+
+
+def trl_policy_on_tiny_qwen_vl(load, tmp):
+    """For the TRL oracle scripts (tests/fixtures/make_vision_*_trl.py): the tiny Qwen2.5-VL saved under `tmp`, and
+    transformers' model of it with PEFT carrying the adapter fasttune's `load(folder)` starts with (LoRA B zero),
+    trainable, fp32. Returns (folder, PeftModel)."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    folder = save_qwen_vl(tmp / "vl")
+    model, _ = load(folder)
+    model.save_pretrained(tmp / "init")
+    hf = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
+    return folder, PeftModel.from_pretrained(hf, str(tmp / "init"), is_trainable=True)

@@ -119,11 +119,7 @@ def tokenize_unpaired_rows(rows: Any, tokenizer, *, max_seq_length: int, max_pro
             prompt_ids, completions = enc.encode(prompt, [chosen, rejected], at, fields, row)
             labels = [True, False]
         else:
-            label = row.get("label")
-            if not isinstance(label, bool):
-                what = "missing" if label is None else f"{type(label).__name__} {label!r}"
-                raise DataError(f"{at}: field 'label' must be true (desirable) or false (undesirable), but it is "
-                                f"{what}. Store a boolean in every row.")
+            label = desirable(row, at)
             prompt_ids, completions = enc.encode(row.get("prompt"), [row.get("completion")], at, ("completion",),
                                                  row)
             labels = [label]
@@ -165,6 +161,16 @@ def extract_prompt(chosen, rejected, at: str = "A row"):
 
 
 # --- batches ------------------------------------------------------------------------------------------------------
+def desirable(row: dict, at: str) -> bool:
+    """A KTO row's `label`: True for a desirable completion. Raises DataError naming `at` when it is not a boolean."""
+    label = row.get("label")
+    if not isinstance(label, bool):
+        what = "missing" if label is None else f"{type(label).__name__} {label!r}"
+        raise DataError(f"{at}: field 'label' must be true (desirable) or false (undesirable), but it is {what}. "
+                        f"Store a boolean in every row.")
+    return label
+
+
 def pad_sequences(prompts: list[list[int]], completions: list[list[int]], pad_id: int) -> dict:
     """Right-padded prompt + completion rows: input_ids, attention_mask, completion_mask (1 on completion tokens)."""
     width = max(len(p) + len(c) for p, c in zip(prompts, completions))

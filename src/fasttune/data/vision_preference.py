@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from fasttune.data.images import to_pil
-from fasttune.data.preference import REF_COLUMNS, _number, _rows_and_columns, collate_pairs, collate_unpaired
+from fasttune.data.preference import (REF_COLUMNS, _number, _rows_and_columns, collate_pairs, collate_unpaired,
+                                     desirable)
 from fasttune.data.vision import _split_media
 from fasttune.data.vision_prompts import VisionPrompt, encode_vision_prompt, prompt_media, row_images
 from fasttune.errors import DataError
@@ -130,12 +131,7 @@ def tokenize_vision_unpaired_rows(rows: Any, processor, *, max_seq_length: int, 
         if paired:
             fields = [("chosen", True), ("rejected", False)]
         else:
-            label = row.get("label")
-            if not isinstance(label, bool):
-                what = "missing" if label is None else f"{type(label).__name__} {label!r}"
-                raise DataError(f"{where}: field 'label' must be true (desirable) or false (undesirable), but it is "
-                                f"{what}. Store a boolean in every row.")
-            fields = [("completion", label)]
+            fields = [("completion", desirable(row, where))]
         prompt = encode_vision_prompt(row.get("prompt"), row_images(row), processor, where, base_dir)
         if len(prompt.ids) >= max_seq_length:
             dropped += len(fields)
