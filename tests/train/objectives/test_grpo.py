@@ -2,6 +2,7 @@
 log-probs and the per-step loss and gradients; plus gradient-accumulation equivalence and data/config errors."""
 import pytest
 import torch
+from grpo_oracle import COMPLETIONS, ROWS, G, count_a, fixed_completions_trl
 from peft_oracle import peft_grads, peft_twin, randomize_lora_b
 from preference_oracle import shift_policy
 from tiny import hf_model, save_hf
@@ -12,15 +13,7 @@ from fasttune.train.rewards import ExactMatch, RegexMatch
 
 trl = pytest.importorskip("trl")
 
-G = 4  # completions per prompt
-ROWS = [{"prompt": "add: 1+1", "answer": "ab"}, {"prompt": "x", "answer": "b"}]
-# Fixed completions (byte ids; 256 = <|endoftext|>, the stop token): different lengths, some hit the answer.
-COMPLETIONS = [[97, 98, 256], [97, 256], [98, 98, 98, 97, 256], [99, 100, 101, 102, 103],
-               [98, 256], [97, 98, 256], [98, 256], [120, 121, 256]]
-
-
-def count_a(prompts, completions, **_):
-    return [float(c.count("a")) for c in completions]
+FixedCompletionsTRL = fixed_completions_trl()
 
 
 def sometimes_none(prompts, completions, **_):
@@ -52,13 +45,6 @@ def _ours(model, tok, tmp_path, **cfg):
            "num_generations": G, "max_completion_length": 6, "max_steps": 1, "max_grad_norm": 0.0, **cfg}
     return GRPOTrainer(model, reward_funcs=cfg.pop("reward_funcs", REWARDS), args=GRPOConfig(
         output_dir=str(tmp_path / "ours"), shuffle=False, **cfg), train_dataset=ROWS, processing_class=tok)
-
-
-class FixedCompletionsTRL(trl.GRPOTrainer):
-    """TRL's trainer with its sampler replaced by our fixed completions (a subclass hook, no patching)."""
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        return [list(c) for c in COMPLETIONS[:len(prompt_ids)]], None
 
 
 def _trl_trainer(adapter, tok, tmp_path, rewards=REWARDS, family="llama", **cfg):

@@ -8,14 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from grpo_oracle import COMPLETIONS, G, count_a
 from tiny_vision import solid_image
 
 from fasttune.errors import ConfigError, DataError
 
-G = 4  # completions per prompt
-# Fixed completions (byte ids; 256 = <|endoftext|>, the stop token), as in test_grpo.py.
-COMPLETIONS = [[97, 98, 256], [97, 256], [98, 98, 98, 97, 256], [99, 100, 101, 102, 103],
-               [98, 256], [97, 98, 256], [98, 256], [120, 121, 256]]
 STEPS, LR, BETA, TEMPERATURE = 3, 2e-2, 0.1, 0.8
 TRL_ORACLE = Path(__file__).resolve().parents[2] / "fixtures" / "vision_grpo_trl.json"
 
@@ -25,10 +22,6 @@ def _rows() -> list[dict]:
     return [{"images": [solid_image((200, 30, 30), (56, 56))], "prompt": [{"role": "user", "content": "Colour?"}]},
             {"images": [solid_image((30, 40, 210), (28, 56)), solid_image((30, 180, 40), (56, 28))],
              "prompt": [{"role": "user", "content": "Which two colours are these?"}]}]
-
-
-def count_a(prompts, completions, **_):
-    return [float(c[0]["content"].count("a")) for c in completions]
 
 
 def redness(prompts, completions, images, **_):
@@ -178,12 +171,12 @@ def test_bad_rows_and_models(qwen_vl_dir, tiny_model_dir, tmp_path):
                                                       {"type": "image"}, {"type": "text", "text": "?"}]}]
     rows[1]["images"].append(solid_image((1, 2, 3)))
     rows[0]["prompt"] = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}]
-    with pytest.raises(DataError, match="Row 1 of the dataset: the row gives 3 images but its prompt has places .* for 2"):
+    with pytest.raises(DataError, match="Row 1 of the dataset: the row gives 3 images but its prompt has places .* 2"):
         _fixed(model, proc, tmp_path, rows)
     rows = _rows()
     rows[0]["prompt"] = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]
     rows[1]["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-    with pytest.raises(DataError, match="Row 0 of the dataset: the prompt has a video item; this objective reads images only"):
+    with pytest.raises(DataError, match="Row 0 of the dataset: the prompt has a video item; this objective reads"):
         _fixed(model, proc, tmp_path, rows)
     with pytest.raises(ConfigError, match="GRPOTrainer on a vision-language model takes the processor"):
         GRPOTrainer(model, reward_funcs=[count_a], processing_class=proc.tokenizer, train_dataset=_rows(),

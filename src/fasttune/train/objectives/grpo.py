@@ -29,6 +29,7 @@ from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
+from fasttune.train.reward_models import reward_model_funcs
 from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
@@ -64,7 +65,11 @@ class GRPOTrainer(Trainer):
     On a vision-language model (FastVisionModel, with its processor as processing_class) rows may hold images, as
     TRL 1.16's GRPOTrainer reads them: an `image` or `images` column and a chat-message `prompt` whose image items
     take them (data/vision_prompts.py). Each completion is sampled and scored with its prompt's images merged in;
-    the reward functions get the `image` / `images` column with the other columns."""
+    the reward functions get the `image` / `images` column with the other columns.
+
+    A reward function may be a reward model (an nn.Module sequence classifier, e.g. one trained with RewardTrainer)
+    with its tokenizer in reward_processing_classes (one entry per reward function, None for plain functions), as
+    in TRL: see train/reward_models.py."""
 
     evaluates = False  # no eval loss for sampled completions yet
 
@@ -72,7 +77,7 @@ class GRPOTrainer(Trainer):
     packing_refusal = "packing does not apply to GRPO; set packing=False."
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, tokenizer=None, **kwargs):
+                 eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None, **kwargs):
         args = args if args is not None else GRPOConfig()
         if not isinstance(args, GRPOConfig):
             raise ConfigError(f"GRPOTrainer needs args=GRPOConfig(...), got {type(args).__name__}.")
@@ -86,8 +91,11 @@ class GRPOTrainer(Trainer):
         if eval_dataset is not None:
             raise ConfigError("GRPOTrainer does not evaluate an eval_dataset yet; leave eval_dataset=None.")
         field = "reward_funcs" if reward_funcs is not None else "GRPOConfig.reward_funcs"
-        self.reward_funcs = resolve_reward_funcs(reward_funcs if reward_funcs is not None else args.reward_funcs,
-                                                 args.max_completion_length, field)
+        funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
+        if funcs is not None and not isinstance(funcs, str):  # reward models (nn.Module) scored as TRL scores them
+            funcs = reward_model_funcs(list(funcs) if isinstance(funcs, (list, tuple)) else [funcs],
+                                       reward_processing_classes, args.per_device_train_batch_size, model.device)
+        self.reward_funcs = resolve_reward_funcs(funcs, args.max_completion_length, field)
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):

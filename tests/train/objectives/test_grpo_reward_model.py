@@ -1,0 +1,91 @@
+"""GRPO with a reward model among the reward functions (train/reward_models.py): the rewards and advantages equal TRL
+1.16's GRPOTrainer's with the same sequence classifier and tokenizer (string and chat prompts), fasttune's own
+classifier of the same weights scores the same, and the errors are named."""
+import pytest
+import torch
+from grpo_oracle import COMPLETIONS, ROWS, G, count_a, fixed_completions_trl
+from tiny import hf_model, save_hf
+
+from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer
+from fasttune.errors import ConfigError
+
+trl = pytest.importorskip("trl")
+CHAT_ROWS = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in ROWS]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory, tiny_tokenizer):
+    """A tiny policy and a tiny one-output Llama classifier (the reward model, saved as "tiny-rm")."""
+    from transformers import LlamaForSequenceClassification
+
+    root = tmp_path_factory.mktemp("grpo_rm")
+    save_hf(hf_model("llama", seed=0), root / "policy", tiny_tokenizer)
+    config = hf_model("llama", seed=1).config
+    config.num_labels, config.pad_token_id = 1, tiny_tokenizer.pad_token_id
+    torch.manual_seed(3)
+    LlamaForSequenceClassification(config).save_pretrained(root / "tiny-rm")
+    tiny_tokenizer.save_pretrained(root / "tiny-rm")
+    return root
+
+
+def _reward_model(folders):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    rm = AutoModelForSequenceClassification.from_pretrained(folders / "tiny-rm", dtype=torch.float32)
+    return rm, AutoTokenizer.from_pretrained(folders / "tiny-rm")
+
+
+def _ours(folders, tmp_path, rows, funcs, processing_classes):
+    model, tok = FastLanguageModel.from_pretrained(str(folders / "policy"), dtype="float32")
+    args = GRPOConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=len(COMPLETIONS),
+                      gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, shuffle=False)
+    trainer = GRPOTrainer(model, reward_funcs=funcs, args=args, train_dataset=rows, processing_class=tok,
+                          reward_processing_classes=processing_classes)
+    examples = trainer.train_examples[:len(COMPLETIONS)]
+    return trainer, trainer.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
+
+
+@pytest.mark.parametrize("rows", [ROWS, CHAT_ROWS], ids=["strings", "chat"])
+def test_rewards_equal_trl(folders, tmp_path, tiny_tokenizer, rows):
+    from datasets import Dataset
+
+    rm, rm_tok = _reward_model(folders)
+    trainer, batch = _ours(folders, tmp_path, rows, [rm, count_a], [rm_tok, None])
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(COMPLETIONS),
+                          num_generations=G, max_completion_length=6, use_cpu=True, report_to="none", bf16=False)
+    theirs = fixed_completions_trl()(model=hf_model("llama", seed=0).train(), reward_funcs=[rm, count_a], args=args,
+                                 train_dataset=Dataset.from_list(rows), processing_class=tiny_tokenizer,
+                                 reward_processing_classes=[rm_tok, None])
+    want = theirs._generate_and_score_completions([row for row in rows for _ in range(G)])
+    assert trainer.reward_names == ["tiny-rm", "count_a"]
+    torch.testing.assert_close(batch["advantages"], want["advantages"], rtol=1e-5, atol=1e-6)
+    assert batch["advantages"].abs().sum() > 0
+    mine, m = trainer._metrics, theirs._metrics["train"]
+    for name in ("rewards/tiny-rm/mean", "rewards/tiny-rm/std", "reward"):
+        assert mine[name][-1] == pytest.approx(m[name][-1], rel=1e-5, abs=1e-6), name
+
+
+def test_fasttune_classifier_scores_the_same(folders, tmp_path):
+    """The reward model loaded by fasttune (its SequenceClassifier; its tokenizer found beside the weights when
+    reward_processing_classes is left out) gives transformers' rewards."""
+    from transformers import AutoModelForSequenceClassification
+
+    rm, rm_tok = _reward_model(folders)
+    ours_rm, _ = FastLanguageModel.from_pretrained(str(folders / "tiny-rm"), dtype="float32",
+                                                   auto_model=AutoModelForSequenceClassification, num_labels=1)
+    want, _ = _ours(folders, tmp_path, ROWS, [rm], [rm_tok])
+    got, _ = _ours(folders, tmp_path, ROWS, [ours_rm], None)
+    torch.testing.assert_close(torch.tensor(got._metrics["rewards/tiny-rm/mean"]),
+                               torch.tensor(want._metrics["rewards/tiny-rm/mean"]), rtol=1e-5, atol=1e-6)
+
+
+def test_errors(folders, tmp_path):
+    from transformers import LlamaForSequenceClassification
+
+    rm, rm_tok = _reward_model(folders)
+    with pytest.raises(ConfigError, match="reward_processing_classes has 1 entries for 2 reward functions"):
+        _ours(folders, tmp_path, ROWS, [rm, count_a], [rm_tok])
+    config = hf_model("llama", seed=1).config
+    config.num_labels = 1
+    with pytest.raises(ConfigError, match="has no tokenizer: pass it in reward_processing_classes"):
+        _ours(folders, tmp_path, ROWS, [LlamaForSequenceClassification(config)], None)
