@@ -85,6 +85,23 @@ def reward_model_funcs(funcs: list, processing_classes, batch_size: int, device)
     return out
 
 
+def load_reward_model(folder: Path, batch_size: int, device, dtype) -> RewardModelFunc:
+    """The reward model saved in `folder` (rewards.RewardModelFolder) loaded by FastLanguageModel.from_pretrained
+    (a classifier checkpoint, or an adapter folder with classifier_head.json) in `dtype` on `device`, with the
+    tokenizer saved beside it. Raises ConfigError when the folder holds no sequence classifier or no tokenizer."""
+    from fasttune.api import FastLanguageModel
+
+    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=dtype, device=str(device))
+    if not getattr(model, "is_sequence_classifier", False):
+        raise ConfigError(f"reward_funcs: 'model:{folder}' holds a language model, not a reward model (a sequence "
+                          f"classifier with a score head). Train one with RewardTrainer or `fasttune train --method "
+                          f"reward`, and name its output folder.")
+    if tok is None:
+        raise ConfigError(f"reward_funcs: 'model:{folder}' has no tokenizer; save one beside the weights.")
+    model.requires_grad_(False)
+    return RewardModelFunc(model, tok, batch_size, device)
+
+
 def _saved_tokenizer(model):
     folder = Path(str(getattr(model.config, "_name_or_path", "") or ""))
     if str(folder) and folder.is_dir():

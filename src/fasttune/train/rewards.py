@@ -10,16 +10,20 @@ Built-in names:
 - `regex:<pattern>`: 1.0 when `re.search(pattern, completion)` matches, else 0.0 (anchor with ^...$ yourself).
 - `length` / `length:<n>`: prefers short completions: 1 - tokens / n (floored at 0); n defaults to
   max_completion_length.
+- `model:<folder>`: a reward model saved in that folder (a sequence classifier: one trained with RewardTrainer or
+  `fasttune train --method reward`, or a transformers *ForSequenceClassification checkpoint) with its tokenizer,
+  loaded by GRPOTrainer on the policy's device and scored as train/reward_models.py describes.
 """
 from __future__ import annotations
 
 import inspect
 import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from fasttune.errors import ConfigError
 
-BUILTIN_NAMES = ("exact_match", "regex:<pattern>", "length", "length:<n>")
+BUILTIN_NAMES = ("exact_match", "regex:<pattern>", "length", "length:<n>", "model:<folder>")
 
 
 def completion_text(completion) -> str:
@@ -65,8 +69,30 @@ class LengthReward:
         return [max(0.0, 1.0 - len(ids) / self.limit) for ids in completion_ids]
 
 
+class RewardModelFolder:
+    """`model:<folder>` before GRPOTrainer loads it (train/reward_models.load_reward_model): the name checks the
+    folder without loading a model when a config is validated."""
+
+    needs_columns = ()
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.__name__ = folder.name
+
+    def __call__(self, *args, **kwargs):
+        raise ConfigError(f"The reward model in '{self.folder}' is loaded by GRPOTrainer; call the trainer's own "
+                          f"reward function instead.")
+
+
 def builtin_reward(spec: str, max_completion_length: int, field: str = "reward_funcs") -> Callable:
-    """A built-in reward function from its name; a ConfigError naming `field` for unknown names or bad patterns."""
+    """A built-in reward function from its name; a ConfigError naming `field` for unknown names, bad patterns or a
+    `model:` folder that does not exist."""
+    if spec.startswith("model:"):
+        folder = Path(spec[len("model:"):].strip()).expanduser()
+        if not str(folder) or not folder.is_dir():
+            raise ConfigError(f"{field}: '{spec}' names no folder; write model:<folder> with the folder of a saved "
+                              f"reward model (e.g. the output of `fasttune train --method reward`).")
+        return RewardModelFolder(folder.resolve())
     if spec == "exact_match":
         return ExactMatch()
     if spec.startswith("regex:"):

@@ -89,3 +89,30 @@ def test_errors(folders, tmp_path):
     config.num_labels = 1
     with pytest.raises(ConfigError, match="has no tokenizer: pass it in reward_processing_classes"):
         _ours(folders, tmp_path, ROWS, [LlamaForSequenceClassification(config)], None)
+
+
+def test_a_reward_model_by_its_folder(folders, tmp_path, capsys):
+    """reward_funcs "model:<folder>" (also the CLI's --reward-funcs) loads the saved classifier and its tokenizer
+    and scores as the loaded object does; a folder that is missing or holds a language model is named."""
+    import json
+
+    from fasttune.cli import main
+
+    rm, rm_tok = _reward_model(folders)
+    want, _ = _ours(folders, tmp_path, ROWS, [rm], [rm_tok])
+    got, _ = _ours(folders, tmp_path, ROWS, [f"model:{folders / 'tiny-rm'}"], None)
+    assert got.reward_names == ["tiny-rm"]
+    torch.testing.assert_close(torch.tensor(got._metrics["rewards/tiny-rm/mean"]),
+                               torch.tensor(want._metrics["rewards/tiny-rm/mean"]), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="'model:nowhere' names no folder"):
+        GRPOConfig(output_dir=str(tmp_path), reward_funcs=["model:nowhere"])
+    with pytest.raises(ConfigError, match="holds a language model, not a reward model"):
+        _ours(folders, tmp_path, ROWS, [f"model:{folders / 'policy'}"], None)
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    rc = main(["train", "--method", "grpo", "--model", str(folders / "policy"), "--data",
+               str(tmp_path / "prompts.jsonl"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
+               "--lora-r", "4", "--batch-size", "4", "--grad-accum", "1", "--num-generations", "4",
+               "--max-completion-length", "4",
+               "--reward-funcs", f"model:{folders / 'tiny-rm'},length", "--no-sample"])
+    assert rc == 0, capsys.readouterr().err
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()

@@ -29,8 +29,8 @@ from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
-from fasttune.train.reward_models import reward_model_funcs
-from fasttune.train.rewards import required_columns, resolve_reward_funcs, reward_name
+from fasttune.train.reward_models import load_reward_model, reward_model_funcs
+from fasttune.train.rewards import RewardModelFolder, required_columns, resolve_reward_funcs, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
 
@@ -95,7 +95,9 @@ class GRPOTrainer(Trainer):
         if funcs is not None and not isinstance(funcs, str):  # reward models (nn.Module) scored as TRL scores them
             funcs = reward_model_funcs(list(funcs) if isinstance(funcs, (list, tuple)) else [funcs],
                                        reward_processing_classes, args.per_device_train_batch_size, model.device)
-        self.reward_funcs = resolve_reward_funcs(funcs, args.max_completion_length, field)
+        self.reward_funcs = [load_reward_model(f.folder, args.per_device_train_batch_size, model.device, model.dtype)
+                             if isinstance(f, RewardModelFolder) else f
+                             for f in resolve_reward_funcs(funcs, args.max_completion_length, field)]
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):

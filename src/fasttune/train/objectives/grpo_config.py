@@ -30,7 +30,8 @@ class GRPOConfig(TrainingConfig):
     loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
     scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
     num_iterations: int = 1  # optimizer steps per generated batch (mu in the GRPO paper)
-    reward_funcs: str | list | None = None  # built-in names, e.g. ["exact_match", "regex:^Answer: \\d+$", "length"]
+    reward_funcs: str | list | None = None  # built-in names, e.g. ["exact_match", "regex:^Answer: \\d+$", "length",
+    # "model:./my-reward-model"]
     reward_weights: list | None = None  # one weight per reward function (default 1.0 each)
     mask_truncated_completions: bool = False  # completions that hit max_completion_length get no loss
     max_unrewarded_steps: int = 5  # steps in a row where no reward function scored any completion before stopping
