@@ -67,3 +67,12 @@ def test_required_columns_from_signatures():
     assert required_columns(builtin_reward("exact_match", 8)) == ("answer",)
     assert required_columns(builtin_reward("length", 8)) == ()
     assert required_columns(len) == ()
+
+
+def test_a_reward_model_folder_is_named_after_its_run(tmp_path):
+    """model:<folder> names its metrics after the folder, or after the run for fasttune's adapter/ and model/."""
+    from fasttune.train.rewards import builtin_reward
+
+    (tmp_path / "rm" / "adapter").mkdir(parents=True)
+    assert builtin_reward(f"model:{tmp_path / 'rm' / 'adapter'}", 8).__name__ == "rm"
+    assert builtin_reward(f"model:{tmp_path / 'rm'}", 8).__name__ == "rm"

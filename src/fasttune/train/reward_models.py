@@ -25,12 +25,13 @@ class RewardModelFunc:
         tokenizer: its tokenizer (with a chat template for chat prompts); a missing pad token becomes its EOS.
         batch_size: rows per forward pass (the completions are scored in chunks of this many).
         device: where the model runs (the policy's device).
+        name: the name of its metrics (default: the last part of the model's name_or_path, as TRL names it).
     Raises ConfigError for a tokenizer with neither a pad nor an EOS token.
     """
 
     needs_columns = ()
 
-    def __init__(self, model, tokenizer, batch_size: int, device):
+    def __init__(self, model, tokenizer, batch_size: int, device, name: str | None = None):
         from fasttune.models.sequence_classification import pad_like_tokenizer
 
         if tokenizer.pad_token_id is None:
@@ -41,7 +42,7 @@ class RewardModelFunc:
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         pad_like_tokenizer(config, tokenizer)
         self.model, self.tokenizer, self.batch_size = model.to(device).eval(), tokenizer, max(1, batch_size)
-        self.__name__ = Path(str(getattr(model.config, "_name_or_path", "") or "reward_model")).name or "reward_model"
+        self.__name__ = name or Path(str(getattr(model.config, "_name_or_path", "") or "")).name or "reward_model"
 
     def texts(self, prompts: list, completions: list) -> list[str]:
         """What the reward model reads for each prompt + completion (see the module docstring)."""
@@ -85,10 +86,11 @@ def reward_model_funcs(funcs: list, processing_classes, batch_size: int, device)
     return out
 
 
-def load_reward_model(folder: Path, batch_size: int, device, dtype) -> RewardModelFunc:
+def load_reward_model(folder: Path, batch_size: int, device, dtype, name: str) -> RewardModelFunc:
     """The reward model saved in `folder` (rewards.RewardModelFolder) loaded by FastLanguageModel.from_pretrained
     (a classifier checkpoint, or an adapter folder with classifier_head.json) in `dtype` on `device`, with the
-    tokenizer saved beside it. Raises ConfigError when the folder holds no sequence classifier or no tokenizer."""
+    tokenizer saved beside it; `name` names its metrics. Raises ConfigError when the folder holds no sequence
+    classifier or no tokenizer."""
     from fasttune.api import FastLanguageModel
 
     model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=dtype, device=str(device))
@@ -99,7 +101,7 @@ def load_reward_model(folder: Path, batch_size: int, device, dtype) -> RewardMod
     if tok is None:
         raise ConfigError(f"reward_funcs: 'model:{folder}' has no tokenizer; save one beside the weights.")
     model.requires_grad_(False)
-    return RewardModelFunc(model, tok, batch_size, device)
+    return RewardModelFunc(model, tok, batch_size, device, name)
 
 
 def _saved_tokenizer(model):

@@ -77,7 +77,8 @@ class RewardModelFolder:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.__name__ = folder.name
+        # fasttune's run folders hold the weights in adapter/ or model/: the run's name says more
+        self.__name__ = folder.parent.name if folder.name in ("adapter", "model") else folder.name
 
     def __call__(self, *args, **kwargs):
         raise ConfigError(f"The reward model in '{self.folder}' is loaded by GRPOTrainer; call the trainer's own "

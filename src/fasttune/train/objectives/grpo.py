@@ -95,8 +95,8 @@ class GRPOTrainer(Trainer):
         if funcs is not None and not isinstance(funcs, str):  # reward models (nn.Module) scored as TRL scores them
             funcs = reward_model_funcs(list(funcs) if isinstance(funcs, (list, tuple)) else [funcs],
                                        reward_processing_classes, args.per_device_train_batch_size, model.device)
-        self.reward_funcs = [load_reward_model(f.folder, args.per_device_train_batch_size, model.device, model.dtype)
-                             if isinstance(f, RewardModelFolder) else f
+        self.reward_funcs = [load_reward_model(f.folder, args.per_device_train_batch_size, model.device, model.dtype,
+                                               f.__name__) if isinstance(f, RewardModelFolder) else f
                              for f in resolve_reward_funcs(funcs, args.max_completion_length, field)]
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
