@@ -450,3 +450,51 @@ def test_no_reward_at_all_warns_then_stops(tiny_dir, tmp_path, caplog):
     assert want == [0.0, 0.0] and [h["loss"] for h in tr.log_history] == want
     with pytest.raises(ConfigError, match="max_unrewarded_steps"):
         GRPOConfig(output_dir=str(tmp_path / "n"), max_unrewarded_steps=0)
+
+
+def test_evaluation_equals_trl(ours_and_adapter, tmp_path):
+    """evaluate() with an eval_dataset: each eval prompt sampled num_generations_eval times and scored; eval_loss
+    and the rollout metrics equal TRL 1.16's evaluate() on the same (fixed) completions, with beta > 0; training
+    metrics are not disturbed; a batch that splits a group is refused."""
+    from datasets import Dataset
+
+    model, tok, adapter = ours_and_adapter
+    by_prompt = {tuple(tok(r["prompt"])["input_ids"]): COMPLETIONS[G * i:G * (i + 1)] for i, r in enumerate(ROWS)}
+
+    batch_losses = []
+
+    class ByPromptTRL(trl.GRPOTrainer):  # TRL's eval sampler shuffles the prompts: completions follow the prompt
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+            seen = {}
+            out = []
+            for ids in prompt_ids:
+                k = seen[tuple(ids)] = seen.get(tuple(ids), -1) + 1
+                out.append(list(by_prompt[tuple(ids)][k]))
+            return out, None
+
+        def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+            out = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+            batch_losses.append(float(out[0]))
+            return out
+
+    cfg = dict(beta=0.1, temperature=0.8, num_generations=G, max_completion_length=6, per_device_eval_batch_size=G)
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, eval_dataset=ROWS,
+                            args=GRPOConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, **cfg))
+    ours._metrics["reward"].append(123.0)  # a training window in progress
+    got = ours.evaluate()
+    assert ours._metrics["reward"] == [123.0]
+    theirs = ByPromptTRL(model=peft_twin("llama", adapter), reward_funcs=list(REWARDS), processing_class=tok,
+                         train_dataset=Dataset.from_list(ROWS), eval_dataset=Dataset.from_list(ROWS),
+                         args=trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=G,
+                                             use_cpu=True, report_to="none", bf16=False, **cfg))
+    want = theirs.evaluate()
+    # TRL's batches' losses, averaged (transformers weights each batch by its guess of the batch size, which for
+    # GRPO's raw rows is the length of the first string column, here the answers: 2 and 1)
+    assert got["eval_loss"] == pytest.approx(sum(batch_losses) / len(batch_losses), rel=1e-5, abs=1e-7)
+    for key in ("eval_reward", "eval_reward_std", "eval_rewards/count_a/mean",
+                "eval_rewards/exact_match/mean", "eval_completions/mean_length", "eval_kl"):
+        assert got[key] == pytest.approx(want[key], rel=1e-4, abs=1e-6), key
+    with pytest.raises(ConfigError, match="per_device_eval_batch_size x ranks = 6 .* num_generations_eval=4"):
+        FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, eval_dataset=ROWS,
+                         args=GRPOConfig(output_dir=str(tmp_path / "x"), per_device_train_batch_size=G,
+                                         **{**cfg, "per_device_eval_batch_size": 6}))

@@ -53,9 +53,10 @@ class NoRewardError(FastTuneError):
 class GRPOTrainer(Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
-    args that are not a GRPOConfig, no tokenizer, an eval_dataset, a reward_weights length that does not match,
-    completions per step that are not whole groups of num_generations, or beta > 0 on a model without LoRA
-    adapters (full fine-tuning).
+    args that are not a GRPOConfig, no tokenizer, a reward_weights length that does not match, completions per
+    step (or per eval batch) that are not whole groups of num_generations (num_generations_eval), or beta > 0 on a
+    model without LoRA adapters (full fine-tuning). An eval_dataset is evaluated as TRL evaluates one
+    (evaluation_pass).
 
     With beta > 0 the KL reference is the policy as handed to the trainer, as TRL 1.16's GRPOTrainer takes a PEFT
     model: a fresh adapter (LoRA B zero) is the base with the adapters off; an adapter loaded from a folder, already
@@ -70,8 +71,6 @@ class GRPOTrainer(Trainer):
     A reward function may be a reward model (an nn.Module sequence classifier, e.g. one trained with RewardTrainer)
     with its tokenizer in reward_processing_classes (one entry per reward function, None for plain functions), as
     in TRL: see train/reward_models.py."""
-
-    evaluates = False  # no eval loss for sampled completions yet
 
     supports_packing = False
     packing_refusal = "packing does not apply to GRPO; set packing=False."
@@ -88,8 +87,6 @@ class GRPOTrainer(Trainer):
         self.vision = getattr(model, "family", None) is not None  # a vision-language model: prompts may hold images
         if self.vision:
             require_processor(tok, "GRPOTrainer")
-        if eval_dataset is not None:
-            raise ConfigError("GRPOTrainer does not evaluate an eval_dataset yet; leave eval_dataset=None.")
         field = "reward_funcs" if reward_funcs is not None else "GRPOConfig.reward_funcs"
         funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
         if funcs is not None and not isinstance(funcs, str):  # reward models (nn.Module) scored as TRL scores them
@@ -108,8 +105,13 @@ class GRPOTrainer(Trainer):
             from fasttune.data.templates import resolve_chat_template
 
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
-        super().__init__(model, tok, train_dataset, None, args, config_cls=GRPOConfig, **kwargs)
+        super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=GRPOConfig, **kwargs)
         a = self.args
+        per_eval = a.per_device_eval_batch_size * self.dist.world
+        if self.eval_examples is not None and per_eval % self.eval_generations:
+            raise ConfigError(f"Each evaluation batch samples per_device_eval_batch_size x ranks = {per_eval} "
+                              f"completions, which must hold whole groups of num_generations_eval="
+                              f"{self.eval_generations}. Make it a multiple (as in TRL).")
         completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
         if completions_per_step % a.num_generations:
             raise ConfigError(
@@ -331,6 +333,45 @@ class GRPOTrainer(Trainer):
             with self.reference.active():
                 b["ref_logps"] = self.completion_logps(*args)
         return b
+
+    # --- evaluation, as TRL's: eval prompts sampled and scored, the loss without gradients -----------------------
+    @property
+    def eval_generations(self) -> int:
+        """Completions sampled per eval prompt: num_generations_eval, else num_generations (TRL's rule)."""
+        return self.args.num_generations_eval or self.args.num_generations
+
+    @torch.no_grad()
+    def evaluation_pass(self, dataset=None, metric_key_prefix: str = "eval") -> dict:
+        """Each eval prompt sampled eval_generations times and scored as in training, per_device_eval_batch_size
+        completions a batch: {"eval_loss": the mean of the batches' losses (no gradients), plus TRL's metrics of
+        those rollouts (eval_reward, eval_rewards/<name>/mean, eval_completions/mean_length, ...)}, keys prefixed
+        metric_key_prefix. Sampling is seeded (args.seed and the batch), so every evaluation draws alike. Raises
+        ConfigError without an eval set. Fires on_prediction_step after each batch."""
+        examples = self.eval_examples if dataset is None else self.prepare(dataset)
+        if not examples:
+            raise ConfigError("evaluate() needs an eval_dataset (given to the trainer, or to evaluate()).")
+        n = self.eval_generations
+        prompts = examples[::self.args.num_generations]  # prepare() repeats each prompt num_generations times
+        per_batch = max(1, self.args.per_device_eval_batch_size // n)
+        train_metrics, train_ratios = self._metrics, self._ratios  # the training log window, kept aside
+        self._metrics, self._ratios = defaultdict(list), defaultdict(lambda: [0.0, 0.0])
+        was_training = self.model.training
+        self.model.eval()
+        losses = []
+        try:
+            for i in range(0, len(prompts), per_batch):
+                group = [ex for ex in prompts[i:i + per_batch] for _ in range(n)]
+                batch = self.rollout(group, [len(group)], self.args.seed + 7_000_003 + i)[0]
+                batch = self.to_device(batch)
+                loss, _ = self.micro_batch_loss(batch, self.count_items(batch))
+                losses.append(loss)
+                self.callbacks.fire("on_prediction_step")
+            rollouts = self.step_metrics()
+        finally:
+            self.model.train(was_training)
+            self._metrics, self._ratios = train_metrics, train_ratios
+        metrics = {"loss": float(sum(host_values(losses))) / len(losses), **rollouts}
+        return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
 
     # --- the loss ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:

@@ -19,6 +19,7 @@ class GRPOConfig(TrainingConfig):
     reward_weights may be given as "1,0.5" (the CLI's form)."""
 
     num_generations: int = 8  # completions sampled per prompt (the group)
+    num_generations_eval: int | None = None  # per eval prompt; None: num_generations (TRL's)
     max_completion_length: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
@@ -50,6 +51,11 @@ class GRPOConfig(TrainingConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r} is invalid: it must be a whole number >= 1.")
+        if self.num_generations_eval is not None and (not isinstance(self.num_generations_eval, int)
+                                                      or isinstance(self.num_generations_eval, bool)
+                                                      or self.num_generations_eval < 1):
+            raise ConfigError(f"num_generations_eval={self.num_generations_eval!r} is invalid: a whole number >= 1, "
+                              f"or None for num_generations.")
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations} is invalid: GRPO compares completions within "
                               f"a group, so sample at least 2 per prompt.")
