@@ -204,10 +204,15 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
 
     args = GRPOConfig(output_dir=out_dir, **common_fields(a, a.device == "cuda"))
     trainer = Timed(model, reward_funcs=[even_ids], args=args, train_dataset=prompts, processing_class=tok)
+    return train_ours(trainer, clock)
+
+
+def train_ours(trainer, clock: StepClock) -> tuple[list, dict]:
+    """Run our trainer from the clock's start: (its log_history, {"logged_peak_gib": the highest peak it logged}).
+    Our trainer logs the peak per phase and restarts the allocator's peak counter for each phase."""
     clock.start()
     trainer.train()
     hist = [h for h in trainer.log_history if "loss" in h]
-    # Our trainer logs the peak per phase and restarts the allocator's peak counter for each phase.
     peaks = [v for h in hist for k, v in h.items() if k.startswith("memory/") and k.endswith("_peak_gib")]
     return trainer.log_history, {"logged_peak_gib": max(peaks)} if peaks else {}
 
@@ -281,11 +286,7 @@ def main():
     ap.add_argument("--row-out", help="child mode: where to write the row (JSON)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_step.jsonl"))
     a = ap.parse_args()
-    if a.impl:
-        row = child(a)
-        print(json.dumps(row), flush=True)
-        if a.row_out:
-            Path(a.row_out).write_text(json.dumps(row))
+    if run_child(a, child):
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr", "gc"))
@@ -300,6 +301,17 @@ def main():
     print_table(rows)
     if len(rows) != len(a.impls.split(",")):
         raise SystemExit(1)
+
+
+def run_child(a, child) -> bool:
+    """Child mode (--impl given): run child(a), print its row and write it to a.row_out; False in parent mode."""
+    if not a.impl:
+        return False
+    row = child(a)
+    print(json.dumps(row), flush=True)
+    if a.row_out:
+        Path(a.row_out).write_text(json.dumps(row))
+    return True
 
 
 def child_rows(script: str, a, flags: tuple) -> list[dict]:

@@ -36,7 +36,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_grpo_step import (StepClock, _commit, child_rows, clock_generate, common_fields,  # noqa: E402
-                             even_ids)
+                             even_ids, run_child, train_ours)
 from bench_vision import SHAPES, build_transformers  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} {% else %}"
@@ -176,11 +176,7 @@ def run_ours(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
     trainer = Timed(model, reward_funcs=[even_words], args=GRPOConfig(output_dir=out_dir,
                                                                     **common_fields(a, a.device == "cuda")),
                     train_dataset=rows, processing_class=processor)
-    clock.start()
-    trainer.train()
-    hist = [h for h in trainer.log_history if "loss" in h]
-    peaks = [v for h in hist for k, v in h.items() if k.startswith("memory/") and k.endswith("_peak_gib")]
-    return trainer.log_history, {"logged_peak_gib": max(peaks)} if peaks else {}
+    return train_ours(trainer, clock)
 
 
 def child(a) -> dict:
@@ -242,11 +238,7 @@ def main():
     ap.add_argument("--row-out", help="child mode: where to write the row (JSON)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vision_grpo.jsonl"))
     a = ap.parse_args()
-    if a.impl:
-        row = child(a)
-        print(json.dumps(row), flush=True)
-        if a.row_out:
-            Path(a.row_out).write_text(json.dumps(row))
+    if run_child(a, child):
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr"))

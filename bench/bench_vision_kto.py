@@ -27,7 +27,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_grpo_step import StepClock, _commit, child_rows  # noqa: E402
+from bench_grpo_step import StepClock, _commit, child_rows, run_child, train_ours  # noqa: E402
 from bench_vision import HF_TARGETS, SHAPES  # noqa: E402
 from bench_vision_grpo import (build_tokenizer, make_rows, ours_model_and_processor,  # noqa: E402
                                trl_model_and_processor)
@@ -90,12 +90,9 @@ def run_ours(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
 
     trainer = Timed(model=model, args=KTOConfig(output_dir=out_dir, shuffle=False, **common(a, a.device == "cuda")),
                     train_dataset=rows, processing_class=processor)
-    clock.start()
-    trainer.train()
-    hist = [h for h in trainer.log_history if "loss" in h]
-    peaks = [v for h in hist for k, v in h.items() if k.startswith("memory/") and k.endswith("_peak_gib")]
+    history, extra = train_ours(trainer, clock)
     tokens = sum(len(ex["prompt_ids"]) + len(ex["completion_ids"]) for ex in trainer.train_examples[:a.batch])
-    return trainer.log_history, {"logged_peak_gib": max(peaks) if peaks else 0, "row_tokens": tokens}
+    return history, {**extra, "row_tokens": tokens}
 
 
 def child(a) -> dict:
@@ -145,11 +142,7 @@ def main():
     ap.add_argument("--row-out")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "vision_kto.jsonl"))
     a = ap.parse_args()
-    if a.impl:
-        row = child(a)
-        print(json.dumps(row), flush=True)
-        if a.row_out:
-            Path(a.row_out).write_text(json.dumps(row))
+    if run_child(a, child):
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "batch", "prompt_len", "completion_len",
                                     "r"))
