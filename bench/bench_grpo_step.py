@@ -230,13 +230,7 @@ def child(a) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         run = run_trl if a.impl == "trl" else run_ours
         history, extra = run(a, clock, prompts, tok, str(Path(tmp) / "run"))
-    logs = [h for h in history if "loss" in h]
-    steps = clock.step_seconds()
-    assert len(steps) == a.steps and len(logs) == a.steps, (len(steps), len(logs), a.steps)
-    losses = [float(h["loss"]) for h in logs]
-    grad_norms = [float(h["grad_norm"]) for h in logs]
-    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
-    assert all(math.isfinite(g) and g > 0 for g in grad_norms), f"grad-norm not finite and > 0: {grad_norms}"
+    logs, steps, losses, grad_norms = checked_steps(history, clock, a.steps)
     timed = steps[a.warmup:] or steps
     gen_s = clock.gen_seconds[a.warmup:] or clock.gen_seconds
     gen_n = clock.gen_positions[a.warmup:] or clock.gen_positions
@@ -301,6 +295,19 @@ def main():
     print_table(rows)
     if len(rows) != len(a.impls.split(",")):
         raise SystemExit(1)
+
+
+def checked_steps(history: list, clock: StepClock, n: int) -> tuple[list, list, list, list]:
+    """(the logged steps, their wall seconds, losses, grad-norms) of a run of n steps. Asserts n of each, finite
+    losses and a finite grad-norm > 0 at every step."""
+    logs = [h for h in history if "loss" in h]
+    steps = clock.step_seconds()
+    assert len(steps) == n and len(logs) == n, (len(steps), len(logs), n)
+    losses = [float(h["loss"]) for h in logs]
+    grad_norms = [float(h["grad_norm"]) for h in logs]
+    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
+    assert all(math.isfinite(g) and g > 0 for g in grad_norms), f"grad-norm not finite and > 0: {grad_norms}"
+    return logs, steps, losses, grad_norms
 
 
 def run_child(a, child) -> bool:

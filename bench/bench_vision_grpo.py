@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_grpo_step import (StepClock, _commit, child_rows, clock_generate, common_fields,  # noqa: E402
-                             even_ids, run_child, train_ours)
+                             checked_steps, even_ids, run_child, train_ours)
 from bench_vision import SHAPES, build_transformers  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} {% else %}"
@@ -190,13 +189,7 @@ def child(a) -> dict:
     clock = StepClock(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         history, extra = (run_trl if a.impl == "trl" else run_ours)(a, clock, rows, tok, str(Path(tmp) / "run"))
-    logs = [h for h in history if "loss" in h]
-    steps = clock.step_seconds()
-    assert len(steps) == a.steps and len(logs) == a.steps, (len(steps), len(logs), a.steps)
-    losses = [float(h["loss"]) for h in logs]
-    grad_norms = [float(h["grad_norm"]) for h in logs]
-    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
-    assert all(math.isfinite(g) and g > 0 for g in grad_norms), f"grad-norm not finite and > 0: {grad_norms}"
+    logs, steps, losses, grad_norms = checked_steps(history, clock, a.steps)
     timed = steps[a.warmup:] or steps
     gen_s = clock.gen_seconds[a.warmup:] or clock.gen_seconds
     gen_n = clock.gen_positions[a.warmup:] or clock.gen_positions

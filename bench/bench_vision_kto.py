@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_grpo_step import StepClock, _commit, child_rows, run_child, train_ours  # noqa: E402
+from bench_grpo_step import StepClock, _commit, child_rows, checked_steps, run_child, train_ours  # noqa: E402
 from bench_vision import HF_TARGETS, SHAPES  # noqa: E402
 from bench_vision_grpo import (build_tokenizer, make_rows, ours_model_and_processor,  # noqa: E402
                                trl_model_and_processor)
@@ -103,13 +102,7 @@ def child(a) -> dict:
     clock = StepClock(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         history, extra = (run_trl if a.impl == "trl" else run_ours)(a, clock, kto_rows(a), tok, str(Path(tmp) / "r"))
-    logs = [h for h in history if "loss" in h]
-    steps = clock.step_seconds()
-    assert len(steps) == a.steps and len(logs) == a.steps, (len(steps), len(logs), a.steps)
-    losses = [float(h["loss"]) for h in logs]
-    grad_norms = [float(h["grad_norm"]) for h in logs]
-    assert all(math.isfinite(v) for v in losses), f"non-finite loss: {losses}"
-    assert all(math.isfinite(g) and g > 0 for g in grad_norms), f"grad-norm not finite and > 0: {grad_norms}"
+    logs, steps, losses, grad_norms = checked_steps(history, clock, a.steps)
     assert losses[-1] < losses[0], f"loss did not fall: {losses}"
     timed = steps[a.warmup:]
     peak = None
