@@ -20,6 +20,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "SFTTrainer": "fasttune.train.objectives.sft",
          "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
          "GRPOConfig": "fasttune.train.objectives.grpo_config",
+         "RLOOTrainer": "fasttune.train.objectives.rloo", "RLOOConfig": "fasttune.train.objectives.grpo_config",
          "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
          "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
          "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto",
@@ -34,7 +35,8 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          **{name: "fasttune.chat_templates" for name in (
              "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
              "apply_chat_template", "train_on_responses_only")}}
-__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "DPOTrainer", "DPOConfig",
+__all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "RLOOTrainer", "RLOOConfig",
+           "DPOTrainer", "DPOConfig",
            "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer", "RewardConfig",
            "ClassificationTrainer", "ClassificationConfig", "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",

@@ -23,8 +23,8 @@ from fasttune.train.config import SFTConfig, TrainingConfig
 RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
-    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo | reward | classification (its "
-                           "config's fields become flags)"),
+    "method": (str, "sft", "training objective: sft | dpo | orpo | kto | grpo | rloo | reward | classification "
+                           "(its config's fields become flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -219,8 +219,8 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
     if method == "classification" and not run["data"]:
         raise ConfigError("--method classification needs --data with labelled rows (a `text` column and a `label` "
                           "column: class names or indices, numbers, or 0/1 lists); the bundled demo set is for SFT.")
-    if method == "grpo" and not run["data"]:
-        raise ConfigError("--method grpo needs --data with prompt rows (a `prompt` column, plus any columns your "
+    if method in ("grpo", "rloo") and not run["data"]:
+        raise ConfigError(f"--method {method} needs --data with prompt rows (a `prompt` column, plus any columns your "
                           "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
     run["data"] = _data_file(run["data"])
     if run["peft"] is False and not run["full_finetuning"]:

@@ -11,6 +11,7 @@ METHODS = {
     "orpo": ("fasttune.train.objectives.orpo:ORPOTrainer", "fasttune.train.objectives.orpo:ORPOConfig"),
     "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
+    "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
     "reward": ("fasttune.train.objectives.reward:RewardTrainer", "fasttune.train.objectives.reward:RewardConfig"),
     "classification": ("fasttune.train.objectives.classification:ClassificationTrainer",
                        "fasttune.train.objectives.classification:ClassificationConfig"),

@@ -74,19 +74,21 @@ class GRPOTrainer(Trainer):
 
     supports_packing = False
     packing_refusal = "packing does not apply to GRPO; set packing=False."
+    config_cls = GRPOConfig
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None, **kwargs):
-        args = args if args is not None else GRPOConfig()
-        if not isinstance(args, GRPOConfig):
-            raise ConfigError(f"GRPOTrainer needs args=GRPOConfig(...), got {type(args).__name__}.")
+        name, config = type(self).__name__, self.config_cls.__name__
+        args = args if args is not None else self.config_cls()
+        if not isinstance(args, self.config_cls):
+            raise ConfigError(f"{name} needs args={config}(...), got {type(args).__name__}.")
         model, tok = load_named_model(model, tokenizer if tokenizer is not None else processing_class)
         if tok is None:
-            raise ConfigError("GRPOTrainer needs a tokenizer (tokenizer=... or processing_class=...) to encode "
+            raise ConfigError(f"{name} needs a tokenizer (tokenizer=... or processing_class=...) to encode "
                               "prompts and decode completions for the reward functions.")
         self.vision = getattr(model, "family", None) is not None  # a vision-language model: prompts may hold images
         if self.vision:
-            require_processor(tok, "GRPOTrainer")
+            require_processor(tok, name)
         field = "reward_funcs" if reward_funcs is not None else "GRPOConfig.reward_funcs"
         funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
         if funcs is not None and not isinstance(funcs, str):  # reward models (nn.Module) scored as TRL scores them
@@ -105,7 +107,7 @@ class GRPOTrainer(Trainer):
             from fasttune.data.templates import resolve_chat_template
 
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
-        super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=GRPOConfig, **kwargs)
+        super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
         a = self.args
         per_eval = a.per_device_eval_batch_size * self.dist.world
         if self.eval_examples is not None and per_eval % self.eval_generations:
@@ -208,11 +210,11 @@ class GRPOTrainer(Trainer):
                 yield epoch, micro, step
 
     @torch.no_grad()
-    def rollout(self, examples: list[dict], sizes: list[int], seed: int) -> list[dict]:
-        """Sample a completion for each example (consecutive copies of a prompt form a group), score, and return
-        the step's micro-batches (`sizes` completions each)."""
+    def rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None = None) -> list[dict]:
+        """Sample a completion for each example (consecutive copies of a prompt form a group of `group`, default
+        num_generations), score, and return the step's micro-batches (`sizes` completions each)."""
         completion_ids, truncated = self.sample(examples, seed)
-        return self.score(examples, completion_ids, truncated, sizes)
+        return self.score(examples, completion_ids, truncated, sizes, group)
 
     def sample(self, examples: list[dict], seed: int) -> tuple[list[list[int]], list[bool]]:
         """One completion per example from model.generate (temperature, top_p, top_k; seeded): (token ids up to
@@ -245,14 +247,20 @@ class GRPOTrainer(Trainer):
         return completions, truncated
 
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-              sizes: list[int]) -> list[dict]:
-        """Rewards -> group advantages -> micro-batches with (optional) old and reference log-probs."""
+              sizes: list[int], group: int | None = None) -> list[dict]:
+        """Rewards -> group advantages (groups of `group` completions, default num_generations) -> micro-batches
+        with (optional) old and reference log-probs."""
         a = self.args
         rewards_per_func = self.compute_rewards(examples, completion_ids)
         self._check_unrewarded(rewards_per_func)
-        advantages, rewards, std = group_advantages(rewards_per_func, self.reward_weights, a.num_generations,
-                                                    a.scale_rewards)
+        advantages, rewards, std = group_advantages(rewards_per_func, self.reward_weights,
+                                                    group or a.num_generations, a.scale_rewards)
         self._record_rollout(rewards_per_func, rewards, std, completion_ids, truncated)
+        return self.micro_batches(examples, completion_ids, truncated, advantages, sizes)
+
+    def micro_batches(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
+                      advantages: torch.Tensor, sizes: list[int]) -> list[dict]:
+        """The scored completions cut into micro-batches of `sizes` completions (_micro_batch each)."""
         batches, start = [], 0
         for n in sizes:
             part = slice(start, start + n)
@@ -327,12 +335,18 @@ class GRPOTrainer(Trainer):
         dev = self.to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions", *media)})
         args = (dev["input_ids"], dev["attention_mask"], width, dev["completion_positions"],
                 {k: dev[k] for k in media})
-        if self.args.num_iterations > 1:  # later iterations reuse this batch: keep the sampling policy's log-probs
+        if self.keeps_old_logps:  # e.g. later iterations reuse this batch: the sampling policy's log-probs
             b["old_logps"] = self.completion_logps(*args)
         if self.reference is not None:  # at sampling time, before the policy's forward (the swap is in place)
             with self.reference.active():
                 b["ref_logps"] = self.completion_logps(*args)
         return b
+
+    @property
+    def keeps_old_logps(self) -> bool:
+        """Whether a micro-batch keeps the sampling policy's log-probs (num_iterations > 1: later iterations reuse
+        it); else the ratio is 1 and the policy's own detached log-probs stand in for them."""
+        return self.args.num_iterations > 1
 
     # --- evaluation, as TRL's: eval prompts sampled and scored, the loss without gradients -----------------------
     @property
@@ -361,7 +375,7 @@ class GRPOTrainer(Trainer):
         try:
             for i in range(0, len(prompts), per_batch):
                 group = [ex for ex in prompts[i:i + per_batch] for _ in range(n)]
-                batch = self.rollout(group, [len(group)], self.args.seed + 7_000_003 + i)[0]
+                batch = self.rollout(group, [len(group)], self.args.seed + 7_000_003 + i, n)[0]
                 batch = self.to_device(batch)
                 loss, _ = self.micro_batch_loss(batch, self.count_items(batch))
                 losses.append(loss)

@@ -1,4 +1,6 @@
-"""GRPOConfig: TrainingConfig's fields plus GRPO's, named as in TRL's GRPOConfig (each also a CLI flag and YAML key).
+"""GRPOConfig and RLOOConfig: TrainingConfig's fields plus the online objectives' (OnlineRLConfig: sampling, reward
+functions, clipping, reference) and each one's own, named as in TRL's GRPOConfig / RLOOConfig (each also a CLI flag
+and YAML key).
 
 As in TRL, per_device_train_batch_size counts completions: each optimizer step samples
 per_device_train_batch_size x gradient_accumulation_steps x ranks completions, num_generations per prompt.
@@ -13,9 +15,9 @@ from fasttune.train.objectives.grpo_loss import LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass
-class GRPOConfig(TrainingConfig):
-    """Raises ConfigError for an out-of-range field (num_generations < 2, temperature <= 0, top_p outside (0, 1],
-    ...), an unknown loss_type / scale_rewards, packing=True, or a reward function name that does not resolve.
+class OnlineRLConfig(TrainingConfig):
+    """The fields GRPO and RLOO share. Raises ConfigError for an out-of-range field (num_generations < 2,
+    temperature <= 0, top_p outside (0, 1], ...), packing=True, or a reward function name that does not resolve.
     reward_weights may be given as "1,0.5" (the CLI's form)."""
 
     num_generations: int = 8  # completions sampled per prompt (the group)
@@ -25,11 +27,8 @@ class GRPOConfig(TrainingConfig):
     top_p: float = 1.0
     top_k: int = 0
     beta: float = 0.0  # KL to the reference (the policy as handed to the trainer); 0 = no KL, no reference
-    use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (DAPO suggests 0.28)
-    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
-    scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
     num_iterations: int = 1  # optimizer steps per generated batch (mu in the GRPO paper)
     reward_funcs: str | list | None = None  # built-in names, e.g. ["exact_match", "regex:^Answer: \\d+$", "length",
     # "model:./my-reward-model"]
@@ -38,8 +37,6 @@ class GRPOConfig(TrainingConfig):
     max_unrewarded_steps: int = 5  # steps in a row where no reward function scored any completion before stopping
 
     def __post_init__(self):
-        if isinstance(self.scale_rewards, bool):
-            self.scale_rewards = "group" if self.scale_rewards else "none"
         if isinstance(self.reward_weights, str):  # from a CLI flag: "1,0.5"
             try:
                 self.reward_weights = [float(w) for w in self.reward_weights.split(",") if w.strip()]
@@ -59,10 +56,6 @@ class GRPOConfig(TrainingConfig):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations} is invalid: GRPO compares completions within "
                               f"a group, so sample at least 2 per prompt.")
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"loss_type='{self.loss_type}' is not supported; use one of {LOSS_TYPES}.")
-        if self.scale_rewards not in SCALE_REWARDS:
-            raise ConfigError(f"scale_rewards='{self.scale_rewards}' is invalid; use one of {SCALE_REWARDS}.")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} is invalid: GRPO samples, so use a value > 0 "
                               f"(1.0 is TRL's default).")
@@ -76,7 +69,8 @@ class GRPOConfig(TrainingConfig):
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ConfigError(f"epsilon_high={self.epsilon_high} is invalid: it must be >= 0 (or None for epsilon).")
         if self.packing:
-            raise ConfigError("packing=True does not apply to GRPO (completions are sampled per step); set it False.")
+            raise ConfigError("packing=True does not apply to GRPO or RLOO (completions are sampled per step); set "
+                              "it False.")
         if self.reward_weights is not None:
             if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights):
                 raise ConfigError(f"reward_weights={self.reward_weights!r} is invalid: give one number per reward "
@@ -86,3 +80,49 @@ class GRPOConfig(TrainingConfig):
             from fasttune.train.rewards import resolve_reward_funcs
 
             resolve_reward_funcs(self.reward_funcs, self.max_completion_length)
+
+
+@dataclass
+class GRPOConfig(OnlineRLConfig):
+    """OnlineRLConfig plus GRPO's loss settings. Raises ConfigError as OnlineRLConfig, and for an unknown loss_type or
+    scale_rewards."""
+
+    loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
+    scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
+    use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):
+            self.scale_rewards = "group" if self.scale_rewards else "none"
+        super().__post_init__()
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type='{self.loss_type}' is not supported; use one of {LOSS_TYPES}.")
+        if self.scale_rewards not in SCALE_REWARDS:
+            raise ConfigError(f"scale_rewards='{self.scale_rewards}' is invalid; use one of {SCALE_REWARDS}.")
+
+
+@dataclass
+class RLOOConfig(OnlineRLConfig):
+    """OnlineRLConfig with TRL 1.16 RLOOConfig's defaults (num_generations 2, beta 0.05) plus its own fields.
+    Raises ConfigError as OnlineRLConfig, and for a reward_clip_range that is not two numbers, low <= high. The
+    CLI's form of reward_clip_range is "low,high"."""
+
+    num_generations: int = 2
+    beta: float = 0.05  # weight of the KL penalty (sampling policy - reference log-ratio) taken off the rewards
+    normalize_advantages: bool = False  # advantages scaled to mean 0, std 1 over the batch
+    reward_clip_range: tuple | list | str | None = None  # (low, high): rewards clamped before the KL penalty
+
+    def __post_init__(self):
+        super().__post_init__()
+        clip = self.reward_clip_range
+        if isinstance(clip, str):
+            clip = [part for part in clip.split(",") if part.strip()]
+        if clip is not None:
+            try:
+                low, high = (float(v) for v in clip)
+            except (TypeError, ValueError):
+                raise ConfigError(f"reward_clip_range={self.reward_clip_range!r} is invalid: give two numbers (low, "
+                                  f"high), e.g. -1,1.") from None
+            if low > high:
+                raise ConfigError(f"reward_clip_range={self.reward_clip_range!r} is invalid: low must be <= high.")
+            self.reward_clip_range = (low, high)

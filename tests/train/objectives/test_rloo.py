@@ -1,0 +1,146 @@
+"""RLOO: TRL 1.16's RLOOTrainer (on a PEFT twin carrying our adapter) is the oracle for the leave-one-out advantages
+with reward clipping, normalisation and the KL penalty, and for one step's loss and LoRA gradients; plus the config
+errors and the CLI."""
+import json
+from contextlib import contextmanager
+
+import pytest
+import torch
+from grpo_oracle import COMPLETIONS, ROWS, G, count_a
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from preference_oracle import shift_policy
+from tiny import hf_model, save_hf
+
+from fasttune import FastLanguageModel, RLOOConfig, RLOOTrainer
+from fasttune.errors import ConfigError
+from fasttune.train.rewards import ExactMatch
+
+trl = pytest.importorskip("trl")
+REWARDS = [ExactMatch(), count_a]
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory, tiny_tokenizer):
+    """Our LoRA model (random LoRA B) and its saved adapter, on the tiny Llama."""
+    root = tmp_path_factory.mktemp("rloo")
+    save_hf(hf_model("llama", seed=0), root / "llama", tiny_tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(root / "llama"), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora_b(model)
+    model.save_pretrained(str(root / "adapter"))
+    return model, tok, root
+
+
+def _fixed_trl():
+    class FixedCompletionsRLOO(trl.RLOOTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+            return [list(c) for c in COMPLETIONS[:len(prompt_ids)]]
+
+    return FixedCompletionsRLOO
+
+
+def _both(policy, tmp_path, **cfg):
+    """Our trainer and TRL's on the same adapter (TRL's with beta > 0 keeps it as its "ref" adapter), their scored
+    batches of the fixed completions."""
+    from datasets import Dataset
+
+    model, tok, root = policy
+    common = dict(per_device_train_batch_size=len(COMPLETIONS), gradient_accumulation_steps=1, num_generations=G,
+                  max_completion_length=6, **cfg)
+    ours = RLOOTrainer(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS,
+                       args=RLOOConfig(output_dir=str(tmp_path / "ours"), shuffle=False, **common))
+    theirs = _fixed_trl()(model=peft_twin("llama", root / "adapter"), reward_funcs=list(REWARDS),
+                          processing_class=tok, train_dataset=Dataset.from_list(ROWS),
+                          args=trl.RLOOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none",
+                                              bf16=False, **common))
+    theirs.current_gradient_accumulation_steps = 1
+    return ours, theirs
+
+
+def _score(ours, theirs):
+    examples = ours.train_examples[:len(COMPLETIONS)]
+    batch = ours.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
+    return batch, theirs._generate_and_score_completions([row for row in ROWS for _ in range(G)])
+
+
+@contextmanager
+def restored(model):
+    """The module's model as it was, after a test that moves it (shift_policy)."""
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+
+
+@pytest.mark.parametrize("cfg", [dict(beta=0.0), dict(beta=0.05, reward_clip_range=(0.0, 1.5)),
+                                 dict(beta=0.05, normalize_advantages=True)], ids=["plain", "clip+kl", "normalised"])
+def test_advantages_match_trl(policy, tmp_path, cfg):
+    with restored(policy[0]):
+        ours, theirs = _both(policy, tmp_path, **cfg)
+        if cfg["beta"]:  # both took the adapter as handed over as the reference: move the policy away from it
+            shift_policy(policy[0], theirs.model)
+        got, want = _score(ours, theirs)
+    assert got["advantages"].abs().sum() > 0
+    torch.testing.assert_close(got["advantages"], want["advantages"], rtol=1e-5, atol=1e-5)
+    for name in ("reward", "reward_std", "frac_reward_zero_std", "rewards/count_a/mean"):
+        assert ours._metrics[name][-1] == pytest.approx(theirs._metrics["train"][name][-1], rel=1e-5, abs=1e-6), name
+    if cfg["beta"]:
+        s, n = ours._ratios["kl"]
+        assert float(s / n) == pytest.approx(theirs._metrics["train"]["kl"][-1], rel=1e-4, abs=1e-6)
+        assert abs(float(s / n)) > 1e-4
+
+
+def test_loss_and_grads_match_trl(policy, tmp_path):
+    """One step with the KL penalty and clipping acting (old log-probs moved away from the policy's)."""
+    model = policy[0]
+    with restored(model):
+        ours, theirs = _both(policy, tmp_path, beta=0.05, epsilon=0.1, epsilon_high=0.15)
+        shift_policy(model, theirs.model)
+        batch, inputs = _score(ours, theirs)
+        mask = batch["completion_mask"]
+        noise = 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
+        batch["old_logps"] = batch["old_logps"] + noise
+        inputs["old_logps"] = (batch["old_logps"] * mask).sum(-1)
+        model.zero_grad(set_to_none=True)
+        loss, _ = ours.micro_batch_loss(batch, ours.count_items(batch))
+        loss.backward()
+        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        want_loss = theirs._compute_loss(theirs.model, inputs)
+        want_loss.backward()
+        want = peft_grads(theirs.model)
+        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7)
+        assert set(got) == set(want) and len(got) > 0
+        for n in got:
+            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+        m = theirs._metrics["train"]
+        for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
+            s, n = ours._ratios[name]
+            assert float(s / n) == pytest.approx(m[name][-1], rel=1e-5, abs=1e-7), name
+        assert float(ours._ratios["clip_ratio/region_mean"][0]) > 0
+
+
+def test_config_and_cli(policy, tmp_path, capsys):
+    """TRL's RLOO defaults, reward_clip_range's forms and errors; `fasttune train --method rloo` trains and saves."""
+    from fasttune.cli import main
+
+    cfg = RLOOConfig(output_dir=str(tmp_path), reward_clip_range="-1,2")
+    assert (cfg.num_generations, cfg.beta, cfg.reward_clip_range) == (2, 0.05, (-1.0, 2.0))
+    with pytest.raises(ConfigError, match="low must be <= high"):
+        RLOOConfig(output_dir=str(tmp_path), reward_clip_range=(2, 1))
+    with pytest.raises(ConfigError, match="give two numbers"):
+        RLOOConfig(output_dir=str(tmp_path), reward_clip_range="1")
+    with pytest.raises(ConfigError, match="unknown setting 'loss_type'"):  # GRPO's, not RLOO's (as in TRL)
+        RLOOConfig(output_dir=str(tmp_path), loss_type="dapo")
+    _, _, root = policy
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    rc = main(["train", "--method", "rloo", "--model", str(root / "llama"), "--data", str(tmp_path / "prompts.jsonl"),
+               "--output-dir", str(tmp_path / "out"), "--max-steps", "2", "--lora-r", "4", "--batch-size", "4",
+               "--grad-accum", "1", "--num-generations", "4", "--max-completion-length", "4",
+               "--reward-funcs", "length", "--reward-clip-range", "0,1", "--no-sample"])
+    assert rc == 0, capsys.readouterr().err
+    logged = [json.loads(line) for line in (tmp_path / "out" / "log_history.jsonl").read_text().splitlines()]
+    assert any("kl" in h and "reward" in h for h in logged)
