@@ -23,6 +23,7 @@ construction, so a falling loss is not asserted). The parent appends one JSONL r
 bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / step_s. Usage:
 
     python bench/bench_grpo_step.py                     # GPU: llama-3.2-1b shape, 4 steps (1 warm-up), both rows
+    python bench/bench_grpo_step.py --objective rloo    # the same with RLOOTrainer on both sides (beta 0.05)
     python bench/bench_grpo_step.py --impl ours --row-out /tmp/r.json   # one child run (what the parent starts)
     OMP_NUM_THREADS=1 python bench/bench_grpo_step.py --shape tiny --device cpu --steps 2 --completion-len 8 \
         --out /tmp/grpo_step.jsonl                      # functional check on a CPU
@@ -141,13 +142,22 @@ class StepClock:
 
 
 def common_fields(a, cuda: bool) -> dict:
-    """GRPOConfig fields both trainers take under the same names and meaning."""
+    """GRPOConfig (RLOOConfig with --objective rloo) fields both trainers take under the same names and meaning."""
+    grpo = getattr(a, "objective", "grpo") == "grpo"
     return dict(per_device_train_batch_size=a.num_generations, gradient_accumulation_steps=a.prompts,
                 num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0,
-                top_p=1.0, top_k=0, beta=0.0, loss_type="dapo", epsilon=0.2, scale_rewards="group",
-                num_iterations=1, mask_truncated_completions=False, learning_rate=a.lr, lr_scheduler_type="constant",
-                warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, max_steps=a.steps, logging_steps=1,
-                optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, seed=3407)
+                top_p=1.0, top_k=0, beta=beta(a), epsilon=0.2, num_iterations=1, mask_truncated_completions=False,
+                learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                max_grad_norm=1.0, max_steps=a.steps, logging_steps=1,
+                optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, seed=3407,
+                **(dict(loss_type="dapo", scale_rewards="group") if grpo else {}))
+
+
+def beta(a) -> float:
+    """--beta, else 0 for GRPO (no reference) and TRL's RLOO default 0.05 (the KL penalty on the rewards)."""
+    if getattr(a, "beta", None) is not None:
+        return a.beta
+    return 0.05 if getattr(a, "objective", "grpo") == "rloo" else 0.0
 
 
 def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
@@ -165,13 +175,15 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
         def on_step_end(self, args, state, control, **kw):
             clock.step_end()
 
-    args = trl.GRPOConfig(output_dir=out_dir, **common_fields(a, a.device == "cuda"), use_vllm=False,
-                          gradient_checkpointing=a.gc == "on", save_strategy="no", report_to=[],
-                          dataloader_num_workers=0, use_cpu=a.device == "cpu")
+    config, trainer_cls = ((trl.GRPOConfig, trl.GRPOTrainer) if a.objective == "grpo" else
+                           (trl.RLOOConfig, trl.RLOOTrainer))
+    args = config(output_dir=out_dir, **common_fields(a, a.device == "cuda"), use_vllm=False,
+                  gradient_checkpointing=a.gc == "on", save_strategy="no", report_to=[], dataloader_num_workers=0,
+                  use_cpu=a.device == "cpu")
     peft_config = LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, target_modules=TARGETS, bias="none",
                              task_type="CAUSAL_LM")
-    trainer = trl.GRPOTrainer(model=model, reward_funcs=even_ids, args=args, train_dataset=Dataset.from_list(prompts),
-                              processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
+    trainer = trainer_cls(model=model, reward_funcs=even_ids, args=args, train_dataset=Dataset.from_list(prompts),
+                          processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
     clock_generate(trainer.model, a.device, clock.gen)
     clock.start()
     trainer.train()
@@ -183,7 +195,7 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
 def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     import torch
 
-    from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer
+    from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
     from fasttune.models.loading import build_model
 
     hf, cfg, dtype = build_hf(a.shape, a.device)
@@ -197,12 +209,14 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
                                              use_gradient_checkpointing=a.gc == "on")
     clock_generate(model, a.device, clock.gen)
 
-    class Timed(GRPOTrainer):
+    config, trainer_cls = (GRPOConfig, GRPOTrainer) if a.objective == "grpo" else (RLOOConfig, RLOOTrainer)
+
+    class Timed(trainer_cls):
         def _after_step(self, run):
             clock.step_end()
             super()._after_step(run)
 
-    args = GRPOConfig(output_dir=out_dir, **common_fields(a, a.device == "cuda"))
+    args = config(output_dir=out_dir, **common_fields(a, a.device == "cuda"))
     trainer = Timed(model, reward_funcs=[even_ids], args=args, train_dataset=prompts, processing_class=tok)
     return train_ours(trainer, clock)
 
@@ -237,7 +251,8 @@ def child(a) -> dict:
     peak = None
     if a.device == "cuda":
         peak = round(max(torch.cuda.max_memory_allocated() / 2**30, extra.pop("logged_peak_gib", 0)), 3)
-    return {"bench": "grpo_step", "impl": a.impl, "shape": a.shape, "prompts_per_step": a.prompts,
+    return {"bench": "grpo_step", "objective": a.objective, "impl": a.impl, "shape": a.shape,
+            "prompts_per_step": a.prompts,
             "num_generations": a.num_generations, "max_completion_length": a.completion_len,
             "prompt_len": a.prompt_len, "steps": a.steps, "warmup_steps": a.warmup,
             "step_seconds": round(statistics.median(timed), 4), "each_step_seconds": [round(s, 4) for s in steps],
@@ -247,8 +262,10 @@ def child(a) -> dict:
             "losses": losses, "grad_norms": grad_norms,
             "rewards": [h.get("reward") for h in logs],
             "completion_mean_length": [h.get("completions/mean_length") for h in logs],
-            "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": a.gc, "learning_rate": a.lr, "beta": 0.0,
-            "loss_type": "dapo", "dtype": "bfloat16" if a.device == "cuda" else "float32",
+            "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": a.gc, "learning_rate": a.lr,
+            "beta": beta(a),
+            "loss_type": "dapo" if a.objective == "grpo" else "rloo",
+            "dtype": "bfloat16" if a.device == "cuda" else "float32",
             "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
             "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
@@ -277,13 +294,15 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--gc", choices=["on", "off"], default="on", help="gradient checkpointing, both trainers")
+    ap.add_argument("--objective", choices=["grpo", "rloo"], default="grpo", help="GRPOTrainer or RLOOTrainer")
+    ap.add_argument("--beta", type=float, default=None, help="KL weight (default: 0 for grpo, 0.05 for rloo)")
     ap.add_argument("--row-out", help="child mode: where to write the row (JSON)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_step.jsonl"))
     a = ap.parse_args()
     if run_child(a, child):
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
-                                    "completion_len", "prompt_len", "r", "lr", "gc"))
+                                    "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
@@ -331,7 +350,8 @@ def child_rows(script: str, a, flags: tuple) -> list[dict]:
             row_file = Path(tmp) / "row.json"
             cmd = [sys.executable, script, "--impl", impl, "--row-out", str(row_file)]
             for flag in flags:
-                cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
+                if getattr(a, flag) is not None:  # (None: the child's own default)
+                    cmd += [f"--{flag.replace('_', '-')}", str(getattr(a, flag))]
             print(f"--- {impl}: {' '.join(cmd[1:])}", flush=True)
             proc = subprocess.run(cmd)
             if proc.returncode != 0 or not row_file.exists():
@@ -345,7 +365,8 @@ def print_table(rows):
     if not rows:
         return
     r0 = rows[0]
-    print(f"\nGRPO step, {r0['shape']}: {r0['prompts_per_step']} prompts x {r0['num_generations']} generations x "
+    print(f"\n{r0.get('objective', 'grpo').upper()} step, {r0['shape']}: {r0['prompts_per_step']} prompts x "
+          f"{r0['num_generations']} generations x "
           f"{r0['max_completion_length']} tokens, prompt {r0['prompt_len']} tokens, LoRA r{r0['lora_r']}, "
           f"recompute {r0['gradient_checkpointing']}; median of {r0['steps'] - r0['warmup_steps']} steps after "
           f"{r0['warmup_steps']} warm-up; {r0['card']}")
