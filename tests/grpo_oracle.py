@@ -22,3 +22,28 @@ def fixed_completions_trl():
             return [list(c) for c in COMPLETIONS[:len(prompt_ids)]], None
 
     return FixedCompletionsTRL
+
+
+def assert_step_equals_trl(model, ours, batch: dict, num_items: int, theirs, inputs: dict, metrics=()):
+    """One micro-batch's loss and LoRA gradients of our GRPO/RLOO trainer equal TRL's _compute_loss on its inputs,
+    clipping acted, and the clip-ratio metrics (plus `metrics`, e.g. "kl") equal TRL's."""
+    import pytest
+    import torch
+    from peft_oracle import peft_grads
+
+    model.zero_grad(set_to_none=True)
+    loss, _ = ours.micro_batch_loss(batch, num_items)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    want_loss = theirs._compute_loss(theirs.model, inputs)
+    want_loss.backward()
+    want = peft_grads(theirs.model)
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7)
+    assert set(got) == set(want) and len(got) > 0
+    for n in got:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    assert float(ours._ratios["clip_ratio/region_mean"][0]) > 0  # clipping happened
+    m = theirs._metrics["train"]
+    for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", *metrics):
+        s, n = ours._ratios[name]
+        assert float(s / n) == pytest.approx(m[name][-1], rel=1e-5, abs=1e-7), name

@@ -2,8 +2,8 @@
 log-probs and the per-step loss and gradients; plus gradient-accumulation equivalence and data/config errors."""
 import pytest
 import torch
-from grpo_oracle import COMPLETIONS, ROWS, G, count_a, fixed_completions_trl
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from grpo_oracle import COMPLETIONS, ROWS, G, assert_step_equals_trl, count_a, fixed_completions_trl
+from peft_oracle import peft_twin, randomize_lora_b
 from preference_oracle import shift_policy
 from tiny import hf_model, save_hf
 
@@ -142,23 +142,7 @@ def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"
     batch["old_logps"] = inputs["old_per_token_logps"] = old * mask
     num_items = int(mask.sum())
 
-    model.zero_grad(set_to_none=True)
-    loss, _ = ours.micro_batch_loss(batch, num_items)
-    loss.backward()
-    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    want_loss = tr._compute_loss(tr.model, inputs)
-    want_loss.backward()
-    want = peft_grads(tr.model)
-
-    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7)
-    assert set(got) == set(want) and len(got) > 0
-    for n in got:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
-    assert ours._ratios["clip_ratio/region_mean"][0] > 0  # clipping happened
-    m = tr._metrics["train"]
-    for name in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"] + (["kl"] if beta else []):
-        s, n = ours._ratios[name]
-        assert s / n == pytest.approx(m[name][-1], rel=1e-5, abs=1e-7), name
+    assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["kl"] if beta else [])
 
 
 def _policy_logps(trainer, batch):

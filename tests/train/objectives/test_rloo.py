@@ -6,8 +6,8 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from grpo_oracle import COMPLETIONS, ROWS, G, count_a
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from grpo_oracle import COMPLETIONS, ROWS, G, assert_step_equals_trl, count_a
+from peft_oracle import peft_twin, randomize_lora_b
 from preference_oracle import shift_policy
 from tiny import hf_model, save_hf
 
@@ -105,22 +105,7 @@ def test_loss_and_grads_match_trl(policy, tmp_path):
         noise = 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
         batch["old_logps"] = batch["old_logps"] + noise
         inputs["old_logps"] = (batch["old_logps"] * mask).sum(-1)
-        model.zero_grad(set_to_none=True)
-        loss, _ = ours.micro_batch_loss(batch, ours.count_items(batch))
-        loss.backward()
-        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        want_loss = theirs._compute_loss(theirs.model, inputs)
-        want_loss.backward()
-        want = peft_grads(theirs.model)
-        torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-7)
-        assert set(got) == set(want) and len(got) > 0
-        for n in got:
-            torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
-        m = theirs._metrics["train"]
-        for name in ("clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"):
-            s, n = ours._ratios[name]
-            assert float(s / n) == pytest.approx(m[name][-1], rel=1e-5, abs=1e-7), name
-        assert float(ours._ratios["clip_ratio/region_mean"][0]) > 0
+        assert_step_equals_trl(model, ours, batch, ours.count_items(batch), theirs, inputs)
 
 
 def test_config_and_cli(policy, tmp_path, capsys):
