@@ -19,6 +19,11 @@ trl = pytest.importorskip("trl")
 REWARDS = [ExactMatch(), count_a]
 
 
+def distinct(prompts, completions, **_):
+    """Differs within a group of sampled completions, so the advantages and the gradients are not zero."""
+    return [float(len(set(c))) for c in completions]
+
+
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory, tiny_tokenizer):
     """Our LoRA model (random LoRA B) and its saved adapter, on the tiny Llama."""
@@ -129,3 +134,23 @@ def test_config_and_cli(policy, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     logged = [json.loads(line) for line in (tmp_path / "out" / "log_history.jsonl").read_text().splitlines()]
     assert any("kl" in h and "reward" in h for h in logged)
+
+
+def test_trl_rloo_trainer_runs_on_our_model(policy, tmp_path):
+    """TRL's own RLOOTrainer trains fasttune's LoRA model (our generate and forward; the reference with the adapters
+    off, through the PEFT-style switch) with only the import of the model changed."""
+    from datasets import Dataset
+
+    model, tok = FastLanguageModel.from_pretrained(str(policy[2] / "llama"), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer = trl.RLOOTrainer(model=model, processing_class=tok, reward_funcs=[count_a, distinct],
+                              train_dataset=Dataset.from_list(ROWS),
+                              args=trl.RLOOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4,
+                                                  num_generations=2, max_completion_length=6, max_steps=2,
+                                                  learning_rate=1e-2, logging_steps=1, report_to="none",
+                                                  use_cpu=True, bf16=False))
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logs) == 2 and all("kl" in h and h["grad_norm"] > 0 for h in logs)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
