@@ -3,7 +3,9 @@
 A reward function is `f(prompts, completions, **columns) -> list[float | None]`, one value per completion.
 `prompts`/`completions` are strings, or message lists when the dataset's prompts are conversations (a completion is
 then `[{"role": "assistant", "content": text}]`); `columns` holds every other dataset column (one value per
-completion) plus `completion_ids`. None means "not applicable" (TRL: NaN, ignored in the group statistics).
+completion) plus `completion_ids`. None means "not applicable" (TRL: NaN, ignored in the group statistics). An
+`async def` reward function (or an object with an async __call__) is awaited; several run concurrently on one event
+loop kept for the process (run_async), as TRL runs them.
 
 Built-in names:
 - `exact_match`: 1.0 when the completion text (stripped) equals the row's `answer` column (stripped), else 0.0.
@@ -16,8 +18,11 @@ Built-in names:
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import inspect
 import re
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -173,3 +178,31 @@ def required_columns(func) -> tuple[str, ...]:
 def reward_name(func) -> str:
     """The name metrics and messages use for a reward function: its __name__, else its class name."""
     return getattr(func, "__name__", None) or type(func).__name__
+
+
+def is_async_callable(func) -> bool:
+    """Whether calling `func` returns a coroutine: an `async def` function, a functools.partial of one, or an
+    object whose __call__ is one (TRL's rule)."""
+    while isinstance(func, functools.partial):
+        func = func.func
+    return inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(getattr(func, "__call__", None))
+
+
+_LOOP: asyncio.AbstractEventLoop | None = None
+_LOOP_LOCK = threading.Lock()
+
+
+def run_async(coroutines: list) -> list:
+    """The results of `coroutines`, run concurrently (asyncio.gather) on one event loop in a background thread kept
+    for the process, so that clients an async reward function keeps (HTTP sessions bound to a loop) work from step to
+    step, as TRL runs them. Exceptions propagate."""
+    global _LOOP
+    with _LOOP_LOCK:
+        if _LOOP is None:
+            _LOOP = asyncio.new_event_loop()
+            threading.Thread(target=_LOOP.run_forever, name="fasttune-rewards", daemon=True).start()
+
+    async def gather():
+        return await asyncio.gather(*coroutines)
+
+    return asyncio.run_coroutine_threadsafe(gather(), _LOOP).result()

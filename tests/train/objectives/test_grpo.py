@@ -1,5 +1,7 @@
 """GRPO: TRL's GRPOTrainer (on a PEFT twin carrying our adapter) is the oracle for the advantages, the reference
 log-probs and the per-step loss and gradients; plus gradient-accumulation equivalence and data/config errors."""
+import asyncio
+
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, ROWS, G, assert_step_equals_trl, count_a, fixed_completions_trl
@@ -484,3 +486,32 @@ def test_evaluation_equals_trl(ours_and_adapter, tmp_path, eval_generations):
         FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, eval_dataset=ROWS,
                          args=GRPOConfig(output_dir=str(tmp_path / "x"), per_device_train_batch_size=G,
                                          **{**cfg, "per_device_eval_batch_size": 5}))
+
+
+async def async_length(prompts, completions, **_):
+    await asyncio.sleep(0)
+    return [float(len(c)) for c in completions]
+
+
+class AsyncCountB:
+    """An async callable object (its __call__ is the coroutine function)."""
+
+    async def __call__(self, prompts, completions, **_):
+        await asyncio.sleep(0)
+        return [float(c.count("b")) for c in completions]
+
+
+def test_async_reward_functions_equal_trl(ours_and_adapter, tmp_path):
+    """Async reward functions (a coroutine function and an async callable object) are awaited together, on one
+    event loop kept across steps, as TRL runs them: the advantages and reward metrics equal TRL's."""
+    model, tok, adapter = ours_and_adapter
+    rewards = [count_a, async_length, AsyncCountB()]
+    ours = _ours(model, tok, tmp_path, reward_funcs=rewards)
+    tr, want = _trl(adapter, tok, tmp_path, rewards)
+    got = _our_batch(ours)
+    torch.testing.assert_close(got["advantages"], want["advantages"], rtol=1e-6, atol=1e-6)
+    assert got["advantages"].abs().sum() > 0
+    for name in ("reward", "rewards/async_length/mean"):
+        assert ours._metrics[name][-1] == pytest.approx(tr._metrics["train"][name][-1], rel=1e-6), name
+    again = _our_batch(ours)  # a second step on the same loop
+    torch.testing.assert_close(again["advantages"], got["advantages"])

@@ -30,7 +30,8 @@ from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
 from fasttune.train.reward_models import load_reward_model, reward_model_funcs
-from fasttune.train.rewards import RewardModelFolder, required_columns, resolve_reward_funcs, reward_name
+from fasttune.train.rewards import (RewardModelFolder, is_async_callable, required_columns, resolve_reward_funcs,
+                                   reward_name, run_async)
 
 __all__ = ["GRPOTrainer", "GRPOConfig"]
 
@@ -293,9 +294,13 @@ class GRPOTrainer(Trainer):
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
         out = torch.zeros(len(examples), len(self.reward_funcs))
-        for j, (func, name) in enumerate(zip(self.reward_funcs, self.reward_names)):
-            values = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            values = list(values) if values is not None else []
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        calls = {j: func(**kwargs) for j, func in enumerate(self.reward_funcs) if not is_async_callable(func)}
+        pending = {j: func for j, func in enumerate(self.reward_funcs) if is_async_callable(func)}
+        if pending:  # async reward functions run concurrently, on one event loop kept across steps (as TRL)
+            calls.update(zip(pending, run_async([func(**kwargs) for func in pending.values()])))
+        for j, name in enumerate(self.reward_names):
+            values = list(calls[j]) if calls[j] is not None else []
             if len(values) != len(examples):
                 raise ConfigError(f"The reward function '{name}' returned {len(values)} rewards for "
                                   f"{len(examples)} completions; return one float (or None) per completion.")
