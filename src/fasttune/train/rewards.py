@@ -3,9 +3,11 @@
 A reward function is `f(prompts, completions, **columns) -> list[float | None]`, one value per completion.
 `prompts`/`completions` are strings, or message lists when the dataset's prompts are conversations (a completion is
 then `[{"role": "assistant", "content": text}]`); `columns` holds every other dataset column (one value per
-completion) plus `completion_ids`. None means "not applicable" (TRL: NaN, ignored in the group statistics). An
-`async def` reward function (or an object with an async __call__) is awaited; several run concurrently on one event
-loop kept for the process (run_async), as TRL runs them.
+completion) plus `completion_ids` and, as TRL passes them, `trainer_state` (transformers' TrainerState: global_step,
+max_steps, ...), `log_metric(name, value)` (averaged into the next log entry) and `log_extra(column, values)`
+(accepted; fasttune keeps no table of completions). None means "not applicable" (TRL: NaN, ignored in the group
+statistics). An `async def` reward function (or an object with an async __call__) is awaited; several run
+concurrently on one event loop kept for the process (run_async), as TRL runs them.
 
 Built-in names:
 - `exact_match`: 1.0 when the completion text (stripped) equals the row's `answer` column (stripped), else 0.0.
@@ -170,7 +172,7 @@ def required_columns(func) -> tuple[str, ...]:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):  # builtins and some C callables have no signature
         return ()
-    own = ("prompts", "completions", "completion_ids")
+    own = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
     return tuple(p.name for p in params if p.default is p.empty and p.name not in own
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 

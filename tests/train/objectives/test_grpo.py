@@ -515,3 +515,24 @@ def test_async_reward_functions_equal_trl(ours_and_adapter, tmp_path):
         assert ours._metrics[name][-1] == pytest.approx(tr._metrics["train"][name][-1], rel=1e-6), name
     again = _our_batch(ours)  # a second step on the same loop
     torch.testing.assert_close(again["advantages"], got["advantages"])
+
+
+def test_reward_functions_get_trls_trainer_state_and_loggers(tiny_dir, tmp_path):
+    """As TRL passes them: trainer_state (global_step counts the finished steps), log_metric (averaged into the log
+    entry) and log_extra (accepted)."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    seen = []
+
+    def curriculum(prompts, completions, trainer_state, log_metric, log_extra, **_):
+        seen.append(trainer_state.global_step)
+        log_metric("curriculum/step", trainer_state.global_step)
+        log_extra("note", ["x"] * len(completions))
+        return [float(len(c)) for c in completions]
+
+    args = GRPOConfig(output_dir=str(tmp_path / "s"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                      num_generations=4, max_completion_length=3, max_steps=2, logging_steps=1, shuffle=False)
+    trainer = GRPOTrainer(model, reward_funcs=[curriculum], args=args, train_dataset=ROWS, processing_class=tok)
+    trainer.train()
+    assert seen == [0, 1]
+    assert [h["curriculum/step"] for h in trainer.log_history if "loss" in h] == [0.0, 1.0]

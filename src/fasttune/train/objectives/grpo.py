@@ -47,6 +47,11 @@ def _copies(examples: list[dict]) -> int:
     return runs[0] if runs and len(set(runs)) == 1 else 1
 
 
+def _no_completions_table(column: str, values: list):
+    """TRL's `log_extra` for reward functions adds a column to its table of logged completions, which fasttune does
+    not keep: accepted and dropped."""
+
+
 class NoRewardError(FastTuneError):
     """No reward function scored any completion for max_unrewarded_steps steps in a row."""
 
@@ -294,7 +299,8 @@ class GRPOTrainer(Trainer):
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
         out = torch.zeros(len(examples), len(self.reward_funcs))
-        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
+                      trainer_state=self.state, log_metric=self._log_metric, log_extra=_no_completions_table)
         calls = {j: func(**kwargs) for j, func in enumerate(self.reward_funcs) if not is_async_callable(func)}
         pending = {j: func for j, func in enumerate(self.reward_funcs) if is_async_callable(func)}
         if pending:  # async reward functions run concurrently, on one event loop kept across steps (as TRL)
@@ -449,6 +455,11 @@ class GRPOTrainer(Trainer):
         rec["completions/mean_terminated_length"].append(float(ended.mean()))
         rec["completions/min_terminated_length"].append(float(ended.min()))
         rec["completions/max_terminated_length"].append(float(ended.max()))
+
+    def _log_metric(self, name: str, value: float):
+        """TRL's `log_metric` for reward functions: `value` joins the metric `name`, averaged into the next log
+        entry."""
+        self._metrics[name].append(float(value))
 
     def _add_ratio(self, name: str, s, n):
         """Add a (sum, count) to the metric `name`; tensors stay on the device until step_metrics reads them."""
