@@ -105,6 +105,14 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
     return VisionPrompt(messages, text, list(ids), kept, images)
 
 
+def with_image_payloads(prompt: VisionPrompt) -> list[dict]:
+    """The prompt's messages as TRL's prepare_multimodal_messages leaves them for reward functions: every content a
+    list of items, each image item carrying its image ({"type": "image", "image": source}, in order)."""
+    sources = iter(prompt.sources)
+    return [{**m, "content": [{**item, "image": next(sources)} if item.get("type") == "image" else item
+                              for item in m["content"]]} for m in prompt.messages]
+
+
 def prompt_media(examples: list[dict], processor) -> dict:
     """The image inputs (pixel_values with image_grid_thw, or the family's image keys: processor.process_images) of
     the examples' images in row order, each example's `images` sources decoded again; {} when none has an image."""

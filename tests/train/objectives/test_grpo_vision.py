@@ -224,3 +224,28 @@ def test_a_group_is_prefilled_once(qwen_vl_dir, tmp_path):
                           **trainer.tokenizer.process_images([im for ex in repeated for im in ex["images"]]))
     assert once.shape == (6, ids.shape[1] + 6) and torch.equal(once, each)
     assert not torch.equal(once[0, -6:], once[1, -6:])  # the copies are sampled apart
+
+
+def test_reward_functions_get_trls_prompts(qwen_vl_dir, tmp_path):
+    """As TRL's prepare_multimodal_messages leaves them: every content a list of items, the image items carrying
+    their images (the row's, in order)."""
+    model, proc = _load(qwen_vl_dir)
+    seen = {}
+
+    def spy(prompts, completions, **_):
+        seen["prompts"] = prompts
+        return [0.0] * len(prompts)
+
+    trainer = _fixed(model, proc, tmp_path)
+    trainer.reward_funcs, trainer.reward_names = [spy], ["spy"]
+    trainer.reward_weights = torch.ones(1)
+    trainer.compute_rewards(trainer.train_examples[G:G + 1], [[97, 256]])
+    import numpy as np
+
+    row = _rows()[1]
+    ((prompt,),) = seen["prompts"]  # one completion's prompt: one user message
+    items = prompt["content"]
+    assert prompt["role"] == "user" and [i["type"] for i in items] == ["image", "image", "text"]
+    assert items[2]["text"] == row["prompt"][0]["content"]
+    for item, image in zip(items, row["images"]):
+        assert np.array_equal(np.asarray(item["image"].convert("RGB")), np.asarray(image))

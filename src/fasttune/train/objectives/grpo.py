@@ -20,7 +20,8 @@ from fasttune.constants import IMAGE_KEYS
 from fasttune.data.formats import row_label
 from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
-from fasttune.data.vision_prompts import encode_vision_prompt, has_images, prompt_media, require_processor, row_images
+from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, prompt_media, require_processor,
+                                         row_images, with_image_payloads)
 from fasttune.errors import ConfigError, DataError, FastTuneError
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.host_reads import add_exact, host_values
@@ -72,7 +73,8 @@ class GRPOTrainer(Trainer):
     On a vision-language model (FastVisionModel, with its processor as processing_class) rows may hold images, as
     TRL 1.16's GRPOTrainer reads them: an `image` or `images` column and a chat-message `prompt` whose image items
     take them (data/vision_prompts.py). Each completion is sampled and scored with its prompt's images merged in;
-    the reward functions get the `image` / `images` column with the other columns.
+    the reward functions get the prompts as TRL's (image items carrying their images) and the `image` / `images`
+    column with the other columns.
 
     A reward function may be a reward model (an nn.Module sequence classifier, e.g. one trained with RewardTrainer)
     with its tokenizer in reward_processing_classes (one entry per reward function, None for plain functions), as
@@ -163,6 +165,7 @@ class GRPOTrainer(Trainer):
             if self.vision and (isinstance(prompt, list) or has_images(row)):
                 laid_out = encode_vision_prompt(prompt, row_images(row), tok, where, base_dir)
                 ids, sources = laid_out.ids, laid_out.sources
+                prompt = with_image_payloads(laid_out)  # what TRL's reward functions get
             else:
                 prompt, ids = encode_prompt(prompt, tok, where)
             for col in needed:
