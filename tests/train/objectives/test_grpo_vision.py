@@ -249,3 +249,20 @@ def test_reward_functions_get_trls_prompts(qwen_vl_dir, tmp_path):
     assert items[2]["text"] == row["prompt"][0]["content"]
     for item, image in zip(items, row["images"]):
         assert np.array_equal(np.asarray(item["image"].convert("RGB")), np.asarray(image))
+
+
+def test_rloo_on_images(qwen_vl_dir, tmp_path):
+    """RLOOTrainer takes the same rows with images (GRPO's sampling and scoring): sampled steps with the KL penalty
+    train the adapter."""
+    from fasttune import RLOOConfig, RLOOTrainer
+
+    model, proc = _load(qwen_vl_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer = RLOOTrainer(model, reward_funcs=[redness], processing_class=proc, train_dataset=_rows(),
+                          args=RLOOConfig(output_dir=str(tmp_path / "rloo"), per_device_train_batch_size=4,
+                                          num_generations=2, max_completion_length=4, max_steps=2, learning_rate=1e-2,
+                                          logging_steps=1, save_strategy="no"))
+    trainer.train()
+    logs = [h for h in trainer.log_history if "loss" in h]
+    assert len(logs) == 2 and all("kl" in h and h["grad_norm"] > 0 for h in logs)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
