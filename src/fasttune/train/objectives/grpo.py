@@ -8,9 +8,7 @@ micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The mat
 """
 from __future__ import annotations
 
-import math
 import os
-import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -22,19 +20,19 @@ from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
 from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, prompt_media, require_processor,
                                          row_images, with_image_payloads)
-from fasttune.errors import ConfigError, DataError, FastTuneError
+from fasttune.errors import ConfigError, DataError
 from fasttune.generate import left_pad, stop_token_ids
-from fasttune.train.host_reads import add_exact, host_values
+from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
-from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, nanstd, per_token_loss, reduce_loss
+from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, per_token_loss, reduce_loss
+from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
 from fasttune.train.reward_models import load_reward_model, reward_model_funcs
-from fasttune.train.rewards import (RewardModelFolder, is_async_callable, required_columns, resolve_reward_funcs,
-                                   reward_name, run_async)
+from fasttune.train.rewards import RewardModelFolder, required_columns, resolve_reward_funcs, reward_name
 
-__all__ = ["GRPOTrainer", "GRPOConfig"]
+__all__ = ["GRPOTrainer", "GRPOConfig", "NoRewardError"]
 
 
 def _copies(examples: list[dict]) -> int:
@@ -48,16 +46,7 @@ def _copies(examples: list[dict]) -> int:
     return runs[0] if runs and len(set(runs)) == 1 else 1
 
 
-def _no_completions_table(column: str, values: list):
-    """TRL's `log_extra` for reward functions adds a column to its table of logged completions, which fasttune does
-    not keep: accepted and dropped."""
-
-
-class NoRewardError(FastTuneError):
-    """No reward function scored any completion for max_unrewarded_steps steps in a row."""
-
-
-class GRPOTrainer(Trainer):
+class GRPOTrainer(RewardScoring, Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
     args that are not a GRPOConfig, no tokenizer, a reward_weights length that does not match, completions per
@@ -135,9 +124,7 @@ class GRPOTrainer(Trainer):
                                               "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
-        self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
-        self._ratios: dict = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count] over the log window
-        self._unrewarded_in_row = 0  # steps in a row with no reward at all (see _check_unrewarded)
+        self.start_metrics()
 
     # --- data --------------------------------------------------------------------------------------------------
     def prepare(self, dataset) -> list[dict]:
@@ -279,55 +266,6 @@ class GRPOTrainer(Trainer):
             batches.append(b)
         return batches
 
-    def _check_unrewarded(self, rewards_per_func: torch.Tensor):
-        """A step where every reward function returned None for every completion teaches nothing (advantages 0):
-        after max_unrewarded_steps such steps in a row, stop."""
-        if not torch.isnan(rewards_per_func).all():
-            self._unrewarded_in_row = 0
-            return
-        self._unrewarded_in_row += 1
-        n = self._unrewarded_in_row
-        if n >= self.args.max_unrewarded_steps:
-            raise NoRewardError(
-                f"Every reward function ({', '.join(self.reward_names)}) returned None for every completion, "
-                f"{n} steps in a row: these steps have no reward to learn from (loss 0), so training stopped. Make "
-                f"at least one reward function return a number for each completion (None only where it does not "
-                f"apply), or raise max_unrewarded_steps (now {self.args.max_unrewarded_steps}).")
-
-    def compute_rewards(self, examples: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
-        """(completions, reward functions) float32, NaN where a function returned None."""
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-        prompts = [ex["prompt"] for ex in examples]
-        chat = not isinstance(prompts[0], str)
-        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
-        columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
-        out = torch.zeros(len(examples), len(self.reward_funcs))
-        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
-                      trainer_state=self.state, log_metric=self._log_metric, log_extra=_no_completions_table)
-        calls = {j: func(**kwargs) for j, func in enumerate(self.reward_funcs) if not is_async_callable(func)}
-        pending = {j: func for j, func in enumerate(self.reward_funcs) if is_async_callable(func)}
-        if pending:  # async reward functions run concurrently, on one event loop kept across steps (as TRL)
-            calls.update(zip(pending, run_async([func(**kwargs) for func in pending.values()])))
-        for j, name in enumerate(self.reward_names):
-            values = list(calls[j]) if calls[j] is not None else []
-            if len(values) != len(examples):
-                raise ConfigError(f"The reward function '{name}' returned {len(values)} rewards for "
-                                  f"{len(examples)} completions; return one float (or None) per completion.")
-            try:
-                out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
-            except (TypeError, ValueError):
-                raise ConfigError(f"The reward function '{name}' returned a value that is not a number "
-                                  f"({values[:3]!r}...); return floats (or None for 'not applicable').") from None
-        unscored = torch.isnan(out).all(dim=1)
-        if unscored.any():  # TRL's warning, with the first such completion's inputs
-            i = int(unscored.nonzero()[0, 0])
-            kwargs = {k: v[i] for k, v in columns.items()}
-            kwargs.update(prompt=prompts[i], completion=completions[i])
-            warnings.warn(f"All reward functions returned None for the following kwargs:\n{kwargs}\n"
-                          f"Please ensure that at least one reward function returns a valid reward.", UserWarning,
-                          stacklevel=2)
-        return out
-
     @torch.no_grad()  # the old and reference log-probs are constants of the loss (also when score() is called alone)
     def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
         prompt_ids, prompt_mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
@@ -438,44 +376,3 @@ class GRPOTrainer(Trainer):
             position_ids = None  # the model's 3-axis positions, with the left padding skipped as generate() does
         return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
                                     position_ids=position_ids, temperature=self.args.temperature, media=media or None)
-
-    # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
-    def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):
-        rec = self._metrics
-        for j, name in enumerate(self.reward_names):
-            rec[f"rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, j])))
-            rec[f"rewards/{name}/std"].append(float(nanstd(rewards_per_func[:, j])))
-        rec["reward"].append(float(torch.nanmean(rewards)))
-        rec["reward_std"].append(float(nanstd(rewards)))
-        rec["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
-        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
-        rec["completions/mean_length"].append(float(lengths.mean()))
-        rec["completions/min_length"].append(float(lengths.min()))
-        rec["completions/max_length"].append(float(lengths.max()))
-        rec["completions/clipped_ratio"].append(sum(truncated) / len(truncated))
-        ended = lengths[~torch.tensor(truncated, dtype=torch.bool)]
-        ended = ended if ended.numel() else torch.zeros(1)  # none ended with a stop token: 0, as TRL logs it
-        rec["completions/mean_terminated_length"].append(float(ended.mean()))
-        rec["completions/min_terminated_length"].append(float(ended.min()))
-        rec["completions/max_terminated_length"].append(float(ended.max()))
-
-    def _log_metric(self, name: str, value: float):
-        """TRL's `log_metric` for reward functions: `value` joins the metric `name`, averaged into the next log
-        entry."""
-        self._metrics[name].append(float(value))
-
-    def _add_ratio(self, name: str, s, n):
-        """Add a (sum, count) to the metric `name`; tensors stay on the device until step_metrics reads them."""
-        self._ratios[name][0] = add_exact(self._ratios[name][0], s)
-        self._ratios[name][1] = add_exact(self._ratios[name][1], n)
-
-    def step_metrics(self) -> dict:
-        """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
-        over the steps since the last log entry; resets them."""
-        out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
-        values = iter(host_values([x for pair in self._ratios.values() for x in pair]))  # one read for them all
-        totals = {k: (next(values), next(values)) for k in self._ratios}
-        out.update({k: s / n if n else 0.0 for k, (s, n) in totals.items()})
-        self._metrics.clear()
-        self._ratios.clear()
-        return out

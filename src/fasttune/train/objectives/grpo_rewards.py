@@ -1,0 +1,125 @@
+"""What GRPO and RLOO do with sampled completions before the loss: the reward functions' scores (TRL's calling
+convention: train/rewards.py), the stop after too many unrewarded steps, and TRL's rollout metrics (reward,
+rewards/<name>/*, completions/*, kl, clip_ratio/*), merged into each log entry. A mixin of GRPOTrainer."""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import defaultdict
+
+import torch
+
+from fasttune.errors import ConfigError, FastTuneError
+from fasttune.train.host_reads import add_exact, host_values
+from fasttune.train.objectives.grpo_loss import nanstd
+from fasttune.train.rewards import is_async_callable, run_async
+
+
+def _no_completions_table(column: str, values: list):
+    """TRL's `log_extra` for reward functions adds a column to its table of logged completions, which fasttune does
+    not keep: accepted and dropped."""
+
+
+class NoRewardError(FastTuneError):
+    """No reward function scored any completion for max_unrewarded_steps steps in a row."""
+
+
+class RewardScoring:
+    """Scoring and metrics of the online objectives. The trainer provides `args` (max_unrewarded_steps),
+    `tokenizer`, `reward_funcs`, `reward_names` and `state`; start_metrics() sets up the metric windows."""
+
+    def start_metrics(self):
+        """Empty metric windows and the unrewarded-step count."""
+        self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
+        self._ratios: dict = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count] over the log window
+        self._unrewarded_in_row = 0  # steps in a row with no reward at all (see _check_unrewarded)
+
+    def _check_unrewarded(self, rewards_per_func: torch.Tensor):
+        """A step where every reward function returned None for every completion teaches nothing (advantages 0):
+        after max_unrewarded_steps such steps in a row, stop."""
+        if not torch.isnan(rewards_per_func).all():
+            self._unrewarded_in_row = 0
+            return
+        self._unrewarded_in_row += 1
+        n = self._unrewarded_in_row
+        if n >= self.args.max_unrewarded_steps:
+            raise NoRewardError(
+                f"Every reward function ({', '.join(self.reward_names)}) returned None for every completion, "
+                f"{n} steps in a row: these steps have no reward to learn from (loss 0), so training stopped. Make "
+                f"at least one reward function return a number for each completion (None only where it does not "
+                f"apply), or raise max_unrewarded_steps (now {self.args.max_unrewarded_steps}).")
+
+    def compute_rewards(self, examples: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
+        """(completions, reward functions) float32, NaN where a function returned None."""
+        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        prompts = [ex["prompt"] for ex in examples]
+        chat = not isinstance(prompts[0], str)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
+        out = torch.zeros(len(examples), len(self.reward_funcs))
+        kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
+                      trainer_state=self.state, log_metric=self._log_metric, log_extra=_no_completions_table)
+        calls = {j: func(**kwargs) for j, func in enumerate(self.reward_funcs) if not is_async_callable(func)}
+        pending = {j: func for j, func in enumerate(self.reward_funcs) if is_async_callable(func)}
+        if pending:  # async reward functions run concurrently, on one event loop kept across steps (as TRL)
+            calls.update(zip(pending, run_async([func(**kwargs) for func in pending.values()])))
+        for j, name in enumerate(self.reward_names):
+            values = list(calls[j]) if calls[j] is not None else []
+            if len(values) != len(examples):
+                raise ConfigError(f"The reward function '{name}' returned {len(values)} rewards for "
+                                  f"{len(examples)} completions; return one float (or None) per completion.")
+            try:
+                out[:, j] = torch.tensor([math.nan if v is None else float(v) for v in values])
+            except (TypeError, ValueError):
+                raise ConfigError(f"The reward function '{name}' returned a value that is not a number "
+                                  f"({values[:3]!r}...); return floats (or None for 'not applicable').") from None
+        unscored = torch.isnan(out).all(dim=1)
+        if unscored.any():  # TRL's warning, with the first such completion's inputs
+            i = int(unscored.nonzero()[0, 0])
+            kwargs = {k: v[i] for k, v in columns.items()}
+            kwargs.update(prompt=prompts[i], completion=completions[i])
+            warnings.warn(f"All reward functions returned None for the following kwargs:\n{kwargs}\n"
+                          f"Please ensure that at least one reward function returns a valid reward.", UserWarning,
+                          stacklevel=2)
+        return out
+
+    # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
+    def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):
+        rec = self._metrics
+        for j, name in enumerate(self.reward_names):
+            rec[f"rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, j])))
+            rec[f"rewards/{name}/std"].append(float(nanstd(rewards_per_func[:, j])))
+        rec["reward"].append(float(torch.nanmean(rewards)))
+        rec["reward_std"].append(float(nanstd(rewards)))
+        rec["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
+        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
+        rec["completions/mean_length"].append(float(lengths.mean()))
+        rec["completions/min_length"].append(float(lengths.min()))
+        rec["completions/max_length"].append(float(lengths.max()))
+        rec["completions/clipped_ratio"].append(sum(truncated) / len(truncated))
+        ended = lengths[~torch.tensor(truncated, dtype=torch.bool)]
+        ended = ended if ended.numel() else torch.zeros(1)  # none ended with a stop token: 0, as TRL logs it
+        rec["completions/mean_terminated_length"].append(float(ended.mean()))
+        rec["completions/min_terminated_length"].append(float(ended.min()))
+        rec["completions/max_terminated_length"].append(float(ended.max()))
+
+    def _log_metric(self, name: str, value: float):
+        """TRL's `log_metric` for reward functions: `value` joins the metric `name`, averaged into the next log
+        entry."""
+        self._metrics[name].append(float(value))
+
+    def _add_ratio(self, name: str, s, n):
+        """Add a (sum, count) to the metric `name`; tensors stay on the device until step_metrics reads them."""
+        self._ratios[name][0] = add_exact(self._ratios[name][0], s)
+        self._ratios[name][1] = add_exact(self._ratios[name][1], n)
+
+    def step_metrics(self) -> dict:
+        """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
+        over the steps since the last log entry; resets them."""
+        out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        values = iter(host_values([x for pair in self._ratios.values() for x in pair]))  # one read for them all
+        totals = {k: (next(values), next(values)) for k in self._ratios}
+        out.update({k: s / n if n else 0.0 for k, (s, n) in totals.items()})
+        self._metrics.clear()
+        self._ratios.clear()
+        return out
