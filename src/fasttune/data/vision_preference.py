@@ -19,7 +19,6 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fasttune.data.images import to_pil
 from fasttune.data.preference import (REF_COLUMNS, _number, _rows_and_columns, collate_pairs, collate_unpaired,
                                      desirable)
 from fasttune.data.vision import _split_media
@@ -147,11 +146,7 @@ def tokenize_vision_unpaired_rows(rows: Any, processor, *, max_seq_length: int, 
 def collate_vision_pairs(examples: list[dict], processor) -> dict:
     """B pairs -> 2B right-padded rows, chosen first (collate_pairs), with each pair's images repeated for its
     chosen and its rejected row: pixel_values / image_grid_thw (or the family's image keys) in row order."""
-    batch = collate_pairs(examples, processor.pad_id())
-    images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]] * 2
-    if images:
-        batch.update(processor.process_images(images))
-    return batch
+    return {**collate_pairs(examples, processor.pad_id()), **prompt_media(examples * 2, processor)}
 
 
 def collate_vision_unpaired(examples: list[dict], processor) -> dict:

@@ -21,13 +21,12 @@ from fasttune.errors import DataError
 class VisionPrompt(NamedTuple):
     """messages: the prompt's messages with image items reduced to {"type": "image"}; text: their rendering with the
     generation prompt; ids: its token ids, image placeholders expanded; sources: the images as given (paths made
-    absolute), decoded again when a batch is built; images: the decoded RGB PIL images."""
+    absolute), decoded again when a batch is built."""
 
     messages: list[dict]
     text: str
     ids: list[int]
     sources: list
-    images: list
 
 
 def row_images(row: dict) -> Any:
@@ -37,12 +36,8 @@ def row_images(row: dict) -> Any:
 
 def has_images(row: dict) -> bool:
     """Whether the row gives an image in its `images` / `image` column or inline in a `prompt` message."""
-    if _column(row_images(row)):
-        return True
     prompt = row.get("prompt")
-    return isinstance(prompt, list) and any(
-        isinstance(m, dict) and isinstance(m.get("content"), list) and any(
-            isinstance(item, dict) and item.get("type") == "image" for item in m["content"]) for m in prompt)
+    return bool(_column(row_images(row))) or (isinstance(prompt, list) and _image_items(prompt) > 0)
 
 
 def _with_image_items(messages: list, n: int) -> list:
@@ -102,7 +97,7 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
         raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
     ids = p.tokenizer(p.expand(text, p.image_grids(images)), add_special_tokens=False)["input_ids"]
     kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
-    return VisionPrompt(messages, text, list(ids), kept, images)
+    return VisionPrompt(messages, text, list(ids), kept)
 
 
 def with_image_payloads(prompt: VisionPrompt) -> list[dict]:
@@ -115,8 +110,13 @@ def with_image_payloads(prompt: VisionPrompt) -> list[dict]:
 
 def prompt_media(examples: list[dict], processor) -> dict:
     """The image inputs (pixel_values with image_grid_thw, or the family's image keys: processor.process_images) of
-    the examples' images in row order, each example's `images` sources decoded again; {} when none has an image."""
-    images = [to_pil(s, "an image of the batch") for ex in examples for s in ex.get("images", ())]
+    the examples' images in row order, each example's `images` sources decoded again, once per example object (a
+    GRPO group's copies, a DPO pair's two rows are one); {} when none has an image."""
+    decoded: dict[int, list] = {}
+    for ex in examples:
+        if id(ex) not in decoded:
+            decoded[id(ex)] = [to_pil(s, "an image of the batch") for s in ex.get("images", ())]
+    images = [im for ex in examples for im in decoded[id(ex)]]
     return processor.process_images(images) if images else {}
 
 

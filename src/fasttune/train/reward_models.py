@@ -65,11 +65,25 @@ class RewardModelFunc:
         return out
 
 
-def reward_model_funcs(funcs: list, processing_classes, batch_size: int, device) -> list:
-    """`funcs` with each nn.Module (a reward model) wrapped as a RewardModelFunc with its entry of
-    `processing_classes` (a tokenizer, a list of one per function, or None: then the tokenizer saved beside the
-    model's local folder is loaded). Raises ConfigError for a list of processing classes whose length differs from
-    the functions', or a reward model without a tokenizer."""
+def trainer_reward_funcs(funcs, processing_classes, field: str, max_completion_length: int, batch_size: int,
+                         policy) -> list:
+    """The reward functions of a GRPO / RLOO trainer, as callables: names resolved (rewards.resolve_reward_funcs;
+    a `model:<folder>` loaded by load_reward_model in the policy's dtype), each nn.Module (a reward model) wrapped as
+    a RewardModelFunc with its entry of `processing_classes` (a tokenizer, a list of one per function, or None:
+    then the tokenizer saved beside the model's local folder is loaded); reward models run on the policy's device,
+    in chunks of batch_size. Raises ConfigError naming `field` for names that do not resolve, a list of processing
+    classes whose length differs from the functions', or a reward model without a tokenizer."""
+    from fasttune.train.rewards import RewardModelFolder, resolve_reward_funcs
+
+    if funcs is not None and not isinstance(funcs, str):
+        funcs = _wrap_modules(list(funcs) if isinstance(funcs, (list, tuple)) else [funcs], processing_classes,
+                              batch_size, policy.device)
+    resolved = resolve_reward_funcs(funcs, max_completion_length, field)
+    return [load_reward_model(f.folder, batch_size, policy.device, policy.dtype, f.__name__)
+            if isinstance(f, RewardModelFolder) else f for f in resolved]
+
+
+def _wrap_modules(funcs: list, processing_classes, batch_size: int, device) -> list:
     from torch import nn
 
     if processing_classes is None or not isinstance(processing_classes, (list, tuple)):

@@ -9,7 +9,6 @@ micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The mat
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -27,10 +26,10 @@ from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, per_token_loss, reduce_loss
-from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring
+from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
-from fasttune.train.reward_models import load_reward_model, reward_model_funcs
-from fasttune.train.rewards import RewardModelFolder, required_columns, resolve_reward_funcs, reward_name
+from fasttune.train.reward_models import trainer_reward_funcs
+from fasttune.train.rewards import required_columns, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig", "NoRewardError"]
 
@@ -86,14 +85,11 @@ class GRPOTrainer(RewardScoring, Trainer):
         self.vision = getattr(model, "family", None) is not None  # a vision-language model: prompts may hold images
         if self.vision:
             require_processor(tok, name)
-        field = "reward_funcs" if reward_funcs is not None else "GRPOConfig.reward_funcs"
-        funcs = reward_funcs if reward_funcs is not None else args.reward_funcs
-        if funcs is not None and not isinstance(funcs, str):  # reward models (nn.Module) scored as TRL scores them
-            funcs = reward_model_funcs(list(funcs) if isinstance(funcs, (list, tuple)) else [funcs],
-                                       reward_processing_classes, args.per_device_train_batch_size, model.device)
-        self.reward_funcs = [load_reward_model(f.folder, args.per_device_train_batch_size, model.device, model.dtype,
-                                               f.__name__) if isinstance(f, RewardModelFolder) else f
-                             for f in resolve_reward_funcs(funcs, args.max_completion_length, field)]
+        given = reward_funcs is not None
+        self.reward_funcs = trainer_reward_funcs(
+            reward_funcs if given else args.reward_funcs, reward_processing_classes,
+            "reward_funcs" if given else f"{config}.reward_funcs", args.max_completion_length,
+            args.per_device_train_batch_size, model)
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -120,7 +116,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
         self.reference: ReferencePolicy | None = None
         if a.beta != 0.0:
-            self.reference = reference_policy(self.model, "GRPO with beta > 0",
+            self.reference = reference_policy(self.model, f"{name.removesuffix('Trainer')} with beta > 0",
                                               "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
@@ -320,7 +316,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         prompts = examples[::self.args.num_generations]  # prepare() repeats each prompt num_generations times
         per_batch = max(1, self.args.per_device_eval_batch_size // n)
         train_metrics, train_ratios = self._metrics, self._ratios  # the training log window, kept aside
-        self._metrics, self._ratios = defaultdict(list), defaultdict(lambda: [0.0, 0.0])
+        self._metrics, self._ratios = metric_windows()
         was_training = self.model.training
         self.model.eval()
         losses = []

@@ -24,14 +24,19 @@ class NoRewardError(FastTuneError):
     """No reward function scored any completion for max_unrewarded_steps steps in a row."""
 
 
+def metric_windows() -> tuple[dict, dict]:
+    """Empty metric windows: name -> per-step values (averaged into the next log entry), and name -> [sum, count]
+    over the window (tensors kept on the device until read)."""
+    return defaultdict(list), defaultdict(lambda: [0.0, 0.0])
+
+
 class RewardScoring:
     """Scoring and metrics of the online objectives. The trainer provides `args` (max_unrewarded_steps),
     `tokenizer`, `reward_funcs`, `reward_names` and `state`; start_metrics() sets up the metric windows."""
 
     def start_metrics(self):
         """Empty metric windows and the unrewarded-step count."""
-        self._metrics: dict = defaultdict(list)  # name -> per-step values, averaged into the next log entry
-        self._ratios: dict = defaultdict(lambda: [0.0, 0.0])  # name -> [sum, count] over the log window
+        self._metrics, self._ratios = metric_windows()
         self._unrewarded_in_row = 0  # steps in a row with no reward at all (see _check_unrewarded)
 
     def _check_unrewarded(self, rewards_per_func: torch.Tensor):
