@@ -89,6 +89,11 @@ SHAPES = {
                                 hidden_size_per_layer_input=0, enable_moe_block=True, num_experts=128,
                                 top_k_experts=8, moe_intermediate_size=704, final_logit_softcapping=30.0,
                                 tie_word_embeddings=True),
+    # transformers' Gemma3TextConfig with Gemma-3-4B's text sizes as I recall its config.json (not checked offline):
+    # 34 layers, sliding (1024) : full 5 : 1, 8 heads of 256 over 4 key/value heads
+    "gemma-3-4b": dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+                       num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
+                       query_pre_attn_scalar=256, tie_word_embeddings=True, max_position_embeddings=131072),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
@@ -97,7 +102,8 @@ SHAPES = {
 OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "granite-3.3-8b": "GraniteConfig",
                  "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
                  "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig", "lfm2-8b-a1b": "Lfm2MoeConfig",
-                 "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig"}
+                 "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig",
+                 "gemma-3-4b": "Gemma3TextConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -172,6 +178,8 @@ MATRIX = {
     "lfm2": [("hf", "lfm2-1.2b", "on", "-", "none"), ("ours", "lfm2-1.2b", "on", "triton", "none"),
              ("ours", "lfm2-1.2b", "off", "triton", "none"), ("hf", "lfm2-1.2b", "on", "-", "nf4"),
              ("ours", "lfm2-1.2b", "on", "triton", "nf4")],
+    "gemma3": [("hf", "gemma-3-4b", "on", "-", "none"), ("ours", "gemma-3-4b", "on", "triton", "none"),
+               ("ours", "gemma-3-4b", "off", "triton", "none")],
     "gemma4": [("hf", "gemma-4-31b-12l", "on", "-", "none"), ("ours", "gemma-4-31b-12l", "on", "triton", "none"),
                ("ours", "gemma-4-31b-12l", "off", "triton", "none"),
                ("ours", "gemma-4-31b-12l", "on", "triton", "nf4")],

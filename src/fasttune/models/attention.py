@@ -7,13 +7,19 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.models.offload import kept_attention
+from fasttune.models.window_attention import SlidingWindow, sliding_window_attention
 
 
 def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None):
     """q (B, Hq, T, D), k/v (B, Hkv, S, D); mask: bool (B, 1, T, S), True = attend, or an additive float mask
-    (0 / -inf), or None: plain causal when T == S, everything when T == 1 (one new token over a cache).
+    (0 / -inf), or None: plain causal when T == S, everything when T == 1 (one new token over a cache), or a
+    SlidingWindow (T == S): causal within the window, without a dense mask (models/window_attention.py).
     sinks (Hq,): gpt-oss's learned logit per head, one more term exp(sink) in each softmax denominator with no
     value (transformers' GptOss eager attention); see attention_with_sinks."""
+    if isinstance(mask, SlidingWindow):
+        if not (sinks is not None or softcap) and q.shape[2] == k.shape[2]:
+            return sliding_window_attention(q, k, v, mask.size, scale)
+        mask = mask.dense(q.shape[2], q.device)
     if sinks is not None:
         return attention_with_sinks(q, k, v, mask, scale, sinks)
     if softcap:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.models.window_attention import SlidingWindow
 
 
 def right_padded(attention_mask: torch.Tensor) -> bool:
@@ -48,16 +49,20 @@ def segments_from_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor | None, batc
 
 
 def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None,
-                image_blocks=None, blocks_in_full_layers: bool = True) -> dict:
+                image_blocks=None, blocks_in_full_layers: bool = True, window_kernels: bool = False) -> dict:
     """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
     `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
     `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
     (B, T; no cache): tokens of one image (equal ids >= 0) also see each other, later ones included; a window
     still applies (transformers' Gemma 3: AND(window, OR(causal, block))); blocks_in_full_layers=False keeps the
-    full layers' mask causal (Gemma 4's create_masks_for_vision_model)."""
-    if attention_mask is None and segment_ids is None and image_blocks is None and windows == {None} and (
-            past == 0 or t == 1):
+    full layers' mask causal (Gemma 4's create_masks_for_vision_model). window_kernels=True (no cache, past 0):
+    when only causality and the windows restrict attention, full layers get None and each window a SlidingWindow,
+    which `attention` runs without a dense mask (models/window_attention.py)."""
+    plain = attention_mask is None and segment_ids is None and image_blocks is None
+    if plain and windows == {None} and (past == 0 or t == 1):
         return {None: None}
+    if plain and window_kernels and past == 0:
+        return {w: None if w is None else SlidingWindow(w) for w in windows}
     q = torch.arange(past, past + t, device=device)[:, None]
     kv = torch.arange(past + t, device=device)[None, :]
     plain = causal = kv <= q

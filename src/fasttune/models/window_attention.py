@@ -1,0 +1,99 @@
+"""Causal sliding-window attention without a (T x T) mask.
+
+A sliding-window layer (Gemma 3 / 4, Mistral, EXAONE 4, LFM3, ...) lets query i see key j when 0 <= i - j < window
+(transformers' sliding_window_causal mask). Written as a dense boolean mask, SDPA can take neither its causal kernels
+nor skip the blocks outside the band: every layer pays T x T scores (and a T x T mask in memory: 1 GiB at 32K
+tokens). For a batch with no padding, packing, image blocks or cache, `build_masks` hands such a layer a
+`SlidingWindow` instead, which `attention` runs here:
+
+- CUDA, fp16/bf16, heads of at most 256 channels, a torch whose varlen_attn takes window_size: flash attention's
+  own sliding-window kernel, each row one sequence (only the band is computed);
+- elsewhere (CPU, fp32, Gemma 4's wider heads, FASTTUNE_KERNELS=torch): the band in blocks of `window` queries, each
+  over its own block and the one before (2 x window keys) with one (window, 2 x window) mask, so T x 2 x window
+  scores instead of T x T.
+
+Both equal SDPA with the dense mask (`sliding_window_reference`) at the real positions.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from fasttune.models.varlen import PackedSpans, varlen_attention, varlen_usable
+
+
+@dataclass(frozen=True)
+class SlidingWindow:
+    """build_masks' mask for a sliding-window layer when nothing but the window restricts attention (no padding,
+    packing, image blocks or cache): query i sees key j when 0 <= i - j < size. `dense` gives the same mask as a
+    bool (1, 1, T, T) tensor, for the paths that need one (soft-capped or sink attention)."""
+
+    size: int
+
+    def dense(self, t: int, device) -> torch.Tensor:
+        q = torch.arange(t, device=device)[:, None]
+        kv = torch.arange(t, device=device)[None, :]
+        return ((kv <= q) & (q - kv < self.size))[None, None]
+
+
+def sliding_window_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """Causal attention of q (B, Hq, T, D) over k, v (B, Hkv, T, D) (Hq a multiple of Hkv) where query i sees keys
+    i - window + 1 .. i. Returns (B, Hq, T, D). Raises nothing of its own (SDPA's errors pass through)."""
+    t = q.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if t <= window:  # the window never bites: plain causal attention
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if varlen_usable(q, None, {window}, q.shape[-1]):
+        return _flash_window(q, k, v, window, scale)
+    return banded_attention(q, k, v, window, scale)
+
+
+def _flash_window(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """Flash attention's sliding-window kernel, each of the B rows one sequence of T tokens."""
+    b, _, t, _ = q.shape
+    spans = PackedSpans(torch.arange(0, (b + 1) * t, t, dtype=torch.int32, device=q.device), t)
+    out = varlen_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), spans, window, scale)
+    return out.transpose(1, 2)
+
+
+def banded_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """sliding_window_attention through SDPA on blocks: queries in blocks of `window`, the first block plainly causal,
+    every later block over its own keys and the previous block's (2 x window) with one shared (window, 2 x window)
+    mask. The sequence is zero-padded to whole blocks; padded keys come after every real query, so the causal part of
+    the mask hides them, and padded queries are cut off. q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    w = window
+    if hq != hkv and q.is_cuda:
+        # SDPA's memory-efficient CUDA kernel takes a mask but not grouped heads (with both it would fall back to
+        # the math path): repeat the key/value heads
+        k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        hkv = hq
+    first = F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True, scale=scale,
+                                           enable_gqa=hq != hkv)
+    n = -(-t // w)  # blocks, the first included
+    pad = n * w - t
+
+    def blocks(x, start):  # (B, H, T, D) -> (B * (n - 1), H, w, D): blocks start, start + 1, ... of w positions
+        if pad:
+            x = F.pad(x, (0, 0, 0, pad))
+        x = x[:, :, start * w:(start + n - 1) * w]
+        return x.reshape(x.shape[0], x.shape[1], n - 1, w, d).transpose(1, 2).reshape(-1, x.shape[1], w, d)
+
+    keys = torch.cat([blocks(k, 0), blocks(k, 1)], dim=2)  # each later block's previous block, then itself
+    values = torch.cat([blocks(v, 0), blocks(v, 1)], dim=2)
+    r = torch.arange(w, device=q.device)[:, None]
+    j = torch.arange(2 * w, device=q.device)[None, :]
+    band = (j > r) & (j <= r + w)  # key w + r is the query itself; keys more than w - 1 back are out
+    rest = F.scaled_dot_product_attention(blocks(q, 1), keys, values, attn_mask=band, scale=scale,
+                                          enable_gqa=hq != hkv)
+    rest = rest.reshape(b, n - 1, hq, w, d).transpose(1, 2).reshape(b, hq, (n - 1) * w, d)
+    return torch.cat([first, rest[:, :, :t - w]], dim=2)
+
+
+def sliding_window_reference(q, k, v, window: int, scale: float) -> torch.Tensor:
+    """The same attention through SDPA with the dense (T x T) mask: what sliding_window_attention must equal."""
+    mask = SlidingWindow(window).dense(q.shape[2], q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

@@ -1,0 +1,125 @@
+"""Sliding-window attention without a dense mask: the banded SDPA path and flash's window kernel against SDPA with the
+dense (T x T) mask; which batches take it; and whole models (Gemma 3 / 4) equal with and without it."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+
+from fasttune import FastLanguageModel
+from fasttune.models import decoder
+from fasttune.models.masks import build_masks
+from fasttune.models.varlen import varlen_usable
+from fasttune.models.window_attention import (SlidingWindow, banded_attention, sliding_window_attention,
+                                              sliding_window_reference)
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+# (batch, q heads, kv heads, tokens, head channels, window): whole blocks, a partial last block, grouped heads, a
+# window of one token, tokens within one window
+SHAPES = [(2, 4, 2, 17, 8, 4), (1, 2, 2, 16, 8, 4), (2, 4, 1, 9, 16, 8), (1, 2, 2, 5, 8, 8), (2, 2, 2, 33, 8, 1),
+          (1, 4, 2, 40, 8, 13)]
+
+
+def _qkv(b, hq, hkv, t, d, device="cpu", dtype=torch.float32):
+    torch.manual_seed(t * 7 + d)
+    return [torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv)]
+
+
+def _with_grads(fn, q, k, v, window):
+    out = fn(q, k, v, window, 0.3)
+    grad = torch.randn_like(out, generator=torch.Generator(out.device).manual_seed(1))
+    return [out, *torch.autograd.grad(out, (q, k, v), grad)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("fn", [sliding_window_attention, banded_attention])
+def test_window_attention_equals_the_dense_mask(shape, fn):
+    *dims, window = shape
+    q, k, v = _qkv(*dims)
+    if fn is banded_attention and dims[3] <= window:
+        pytest.skip("one block: sliding_window_attention runs plain causal attention")
+    ours, ref = _with_grads(fn, q, k, v, window), _with_grads(sliding_window_reference, q, k, v, window)
+    for a, b in zip(ours, ref):  # output, then the q, k, v gradients
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
+def test_sliding_window_dense_mask_is_transformers_rule():
+    m = SlidingWindow(3).dense(5, "cpu")[0, 0]
+    assert m.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
+                          [True, True, True, False, False], [False, True, True, True, False],
+                          [False, False, True, True, True]]
+
+
+def test_build_masks_hands_windows_to_the_kernel_only_when_nothing_else_restricts():
+    windows = {None, 4}
+    assert build_masks(None, 10, "cpu", windows, window_kernels=True) == {None: None, 4: SlidingWindow(4)}
+    dense = build_masks(None, 10, "cpu", windows)  # a cache is in use: the dense masks, as before
+    assert dense[4].shape == (1, 1, 10, 10) and dense[None].shape == (1, 1, 10, 10)
+    padded = torch.ones(2, 10, dtype=torch.long)
+    padded[0, :3] = 0
+    assert build_masks(padded, 10, "cpu", windows, window_kernels=True)[4].shape == (2, 1, 10, 10)
+    segments = torch.tensor([[1] * 6 + [2] * 4])
+    assert build_masks(None, 10, "cpu", windows, segment_ids=segments, window_kernels=True)[4].shape == (1, 1, 10, 10)
+    assert build_masks(None, 10, "cpu", windows, past=3, window_kernels=True)[4].shape == (1, 1, 10, 13)
+
+
+def _forward_and_grads(model, ids, dense: bool, monkeypatch, seen: list):
+    real = decoder.build_masks
+
+    def spy(*args, **kwargs):
+        if dense:
+            kwargs["window_kernels"] = False
+        masks = real(*args, **kwargs)
+        seen.append(masks)
+        return masks
+
+    monkeypatch.setattr(decoder, "build_masks", spy)
+    model.zero_grad()
+    logits = model(input_ids=ids).logits
+    logits.float().pow(2).mean().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return logits.detach(), grads
+
+
+def _model_with_and_without_kernels(folder, device, dtype, monkeypatch):
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=dtype, device=device)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    ids = torch.randint(3, 200, (2, 23), generator=torch.Generator().manual_seed(3)).to(device)
+    seen = []
+    fast = _forward_and_grads(model, ids, False, monkeypatch, seen)
+    assert any(isinstance(m, SlidingWindow) for m in seen[-1].values()), "the windowed layers got a dense mask"
+    dense = _forward_and_grads(model, ids, True, monkeypatch, seen)
+    assert all(m is None or m.dim() == 4 for m in seen[-1].values())
+    return fast, dense
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text"])  # windows of 4 over 23 tokens
+def test_models_equal_with_and_without_the_window_kernel(family, tiny_model_dir, monkeypatch):
+    (logits, grads), (ref_logits, ref_grads) = _model_with_and_without_kernels(
+        tiny_model_dir(family), "cpu", torch.float32, monkeypatch)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("head_dim", [128, 256, 512])  # 512: Gemma 4's full-layer width, beyond flash: banded SDPA
+def test_bf16_window_attention_close_to_the_dense_mask_on_gpu(head_dim):
+    q, k, v = _qkv(2, 8, 4, 3000, head_dim, "cuda", torch.bfloat16)
+    if head_dim <= 256:
+        assert varlen_usable(q, None, {1024}, head_dim), "this torch's varlen_attn takes no window_size"
+    ours, ref = _with_grads(sliding_window_attention, q, k, v, 1024), \
+        _with_grads(sliding_window_reference, q, k, v, 1024)
+    for a, b in zip(ours, ref):
+        assert (a.float() - b.float()).abs().max() < 0.06 * b.float().abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+@CUDA
+def test_bf16_gemma3_takes_the_window_kernel_on_gpu(tiny_model_dir, monkeypatch):
+    (logits, grads), (ref_logits, ref_grads) = _model_with_and_without_kernels(
+        tiny_model_dir("gemma3_text"), "cuda", torch.bfloat16, monkeypatch)
+    assert (logits.float() - ref_logits.float()).abs().max() < 0.05 * ref_logits.float().abs().max()
+    for g, r in zip(grads, ref_grads, strict=True):
+        assert (g.float() - r.float()).abs().max() <= 0.05 * r.float().abs().max() + 1e-4
