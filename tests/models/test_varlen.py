@@ -47,7 +47,7 @@ def _packed_batch(device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])  # gemma3: sliding windows of 4
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "gemma4_text"])  # gemma: windows of 4
 def test_varlen_equals_dense_mask_and_unpacked_documents(family, tiny_model_dir, monkeypatch):
     folder = tiny_model_dir(family)
     model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
@@ -121,6 +121,50 @@ def test_left_padding_runs_varlen_equal_to_the_dense_mask(family, tiny_model_dir
     v_logits, v_grads = run(True)
     d_logits, d_grads = run(False)
     assert seen == [True]  # only the varlen run built spans
+    real = mask.bool()
+    torch.testing.assert_close(v_logits[real], d_logits[real], rtol=2e-2, atol=2e-2)
+    for n, g in v_grads.items():
+        assert (g.float() - d_grads[n].float()).norm() <= 2e-2 * d_grads[n].float().norm() + 1e-6, n
+
+
+def test_windows_wider_than_names_gemma4_full_layers(tiny_model_dir):
+    from fasttune.models.config import ModelConfig
+    import transformers
+
+    cfg = ModelConfig.from_hf(transformers.AutoConfig.from_pretrained(tiny_model_dir("gemma4_text")))
+    assert cfg.windows_wider_than(256) == set()  # tiny heads: 16 (sliding), 32 (full)
+    assert cfg.windows_wider_than(16) == {None}
+    assert cfg.windows_wider_than(8) == set(cfg.sliding_windows)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_wide_head_layers_keep_dense_masks_beside_varlen(tiny_model_dir, monkeypatch):
+    """Gemma 4 with full-layer heads wider than flash takes (here: flash's limit lowered to the sliding layers' 16
+    channels, so the 32-channel full layers count as wide): packed rows run the sliding layers through varlen and
+    the full layers through their dense block-diagonal mask, equal to every layer on dense masks."""
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("gemma4_text")), dtype=torch.bfloat16,
+                                                 device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    monkeypatch.setattr(decoder, "FLASH_MAX_HEAD_DIM", 16)
+    ids, mask, pos, seg, _ = _packed_batch("cuda")
+    calls = []
+    real_varlen, real_usable = decoder.varlen_attention, decoder.varlen_usable
+    monkeypatch.setattr(decoder, "varlen_attention", lambda *a, **k: calls.append(a[4]) or real_varlen(*a, **k))
+
+    def run(varlen: bool):
+        monkeypatch.setattr(decoder, "varlen_usable", real_usable if varlen else lambda *a: False)
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, position_ids=pos, segment_ids=seg,
+                    labels=ids.masked_fill(mask == 0, -100), return_logits=True)
+        out.loss.backward()
+        return out.logits.float(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    v_logits, v_grads = run(True)
+    sliding = [w for w in model.arch.sliding_windows if w is not None]
+    assert calls == sliding  # each sliding layer went varlen with its window; no full layer did
+    d_logits, d_grads = run(False)
     real = mask.bool()
     torch.testing.assert_close(v_logits[real], d_logits[real], rtol=2e-2, atol=2e-2)
     for n, g in v_grads.items():

@@ -211,6 +211,14 @@ class ModelConfig:
         """The widest attention head of any layer (Gemma 4's full layers can be wider)."""
         return max(self.head_dim, self.global_head_dim)
 
+    def windows_wider_than(self, head_dim: int) -> set:
+        """The sliding windows (None: full attention) of the layers whose heads have more than head_dim channels:
+        Gemma 4's full layers (512) against flash attention's 256."""
+        if self.max_head_dim <= head_dim:
+            return set()
+        windows = self.sliding_windows or [None] * self.num_layers
+        return {w for i, w in enumerate(windows) if self.layer_config(i).head_dim > head_dim}
+
     def module_name(self, name: str) -> str:
         """This family's name for the Llama module `name` (RENAMED), e.g. "o_proj" -> "out_proj" in LFM2."""
         return RENAMED.get(self.model_type, {}).get(name, name)

@@ -38,7 +38,7 @@ from fasttune.models.xielu import XIELU
 from fasttune.models.attention import attention
 from fasttune.models.offload import LayerInputOffloader, kept_block, offloaded_layer, recomputing
 from fasttune.models.tiled_mlp import tiled_mlp
-from fasttune.models.varlen import packed_spans, varlen_attention, varlen_usable
+from fasttune.models.varlen import FLASH_MAX_HEAD_DIM, packed_spans, varlen_attention, varlen_usable
 from fasttune.peft.lora import project
 
 
@@ -187,7 +187,9 @@ class Attention(nn.Module):
         only o_proj's graph (the layer takes the kept residual in place of x + o_proj(out))."""
         b, t = q.shape[:2]
         spans = mask.get("varlen")
-        if spans is not None and not cached:  # packed rows on CUDA: one flash-attention sequence per document
+        # packed rows on CUDA: one flash-attention sequence per document (unless this layer's heads are too wide and
+        # it has a dense mask beside the spans)
+        if spans is not None and not cached and self.sliding_window not in mask:
             out = varlen_attention(q, k, v, spans, self.sliding_window, self.cfg.scaling)
             return project(_gated(out.reshape(b, t, self.q_size), gate), self.out_layer,
                            values_unused=values_unused)[0]
@@ -566,9 +568,13 @@ class DecoderModel(nn.Module):
             # (ignored) outputs at pad positions differ.
             attention_mask = None
         windows = set(cfg.sliding_windows)
+        # Layers with heads wider than flash attention takes (Gemma 4's full layers) keep dense masks; the others
+        # still go varlen when that is usable for them.
+        wide = cfg.windows_wider_than(FLASH_MAX_HEAD_DIM)
+        varlen_ok = not cfg.attn_sinks and bool(windows - wide) and varlen_usable(
+            x, cfg.attn_logit_softcap, windows - wide, cfg.head_dim)
         if attention_mask is not None and past_key_values is None and image_blocks is None and segment_ids is None \
-                and seq_idx is None and cu_seq_lens_q is None and attention_mask.shape[1] == t \
-                and not cfg.attn_sinks and varlen_usable(x, cfg.attn_logit_softcap, windows, cfg.max_head_dim):
+                and seq_idx is None and cu_seq_lens_q is None and attention_mask.shape[1] == t and varlen_ok:
             # Left padding (or padding on both sides, as GRPO's prompt + completion rows have): each row's tokens are
             # one run, attended causally as one varlen sequence instead of through a dense (B, T, T) mask. Only the
             # outputs at padding positions differ (made from padding either way), so does the prediction a padding
@@ -590,9 +596,10 @@ class DecoderModel(nn.Module):
             segment_ids = packed_segments(position_ids)
         ropes = self.rope_tables(position_ids, x.dtype)
         # Varlen attention has no sink term: models with sinks take the masked SDPA path.
-        if segment_ids is not None and past_key_values is None and image_blocks is None and not cfg.attn_sinks and \
-                varlen_usable(x, cfg.attn_logit_softcap, windows, cfg.max_head_dim):
+        if segment_ids is not None and past_key_values is None and image_blocks is None and varlen_ok:
             masks = {"varlen": packed_spans(segment_ids)}
+            if wide:  # their layers find their window's dense mask here and take it (Attention.attend)
+                masks.update(build_masks(None, t, x.device, wide, past, segment_ids))
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks,
                                 not cfg.image_blocks_sliding_only, window_kernels=past_key_values is None)

@@ -20,6 +20,8 @@ try:
 except ImportError:  # older torch: the dense-mask path
     varlen_attn = None
 
+FLASH_MAX_HEAD_DIM = 256  # the widest heads flash attention's kernels take
+
 _PARAMS = set(inspect.signature(varlen_attn).parameters) if varlen_attn is not None else set()
 
 
@@ -38,7 +40,7 @@ def varlen_usable(x: torch.Tensor, softcap: float | None, windows: set, head_dim
     attention logit soft-cap, heads of at most 256 channels (flash attention's limit; Gemma 4's full layers have 512),
     FASTTUNE_KERNELS is not "torch", and sliding windows only where this torch's varlen_attn takes window_size."""
     if varlen_attn is None or not x.is_cuda or softcap or x.dtype not in (torch.float16, torch.bfloat16) or \
-            head_dim > 256:
+            head_dim > FLASH_MAX_HEAD_DIM:
         return False
     if kernel_choice() == "torch":
         return False
