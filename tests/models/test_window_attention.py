@@ -24,9 +24,11 @@ def _qkv(b, hq, hkv, t, d, device="cpu", dtype=torch.float32):
     return [torch.randn(b, h, t, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv)]
 
 
-def _with_grads(fn, q, k, v, window):
-    out = fn(q, k, v, window, 0.3)
-    grad = torch.randn_like(out, generator=torch.Generator(out.device).manual_seed(1))
+def _with_grads(fn, q, k, v, window, scale=0.3):
+    out = fn(q, k, v, window, scale)
+    # (randn of the shape, not randn_like: that follows the output's strides, which differ between the paths)
+    grad = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1), device=out.device,
+                       dtype=out.dtype)
     return [out, *torch.autograd.grad(out, (q, k, v), grad)]
 
 
@@ -109,8 +111,9 @@ def test_bf16_window_attention_close_to_the_dense_mask_on_gpu(head_dim):
     q, k, v = _qkv(2, 8, 4, 3000, head_dim, "cuda", torch.bfloat16)
     if head_dim <= 256:
         assert varlen_usable(q, None, {1024}, head_dim), "this torch's varlen_attn takes no window_size"
-    ours, ref = _with_grads(sliding_window_attention, q, k, v, 1024), \
-        _with_grads(sliding_window_reference, q, k, v, 1024)
+    # (the models' scale: a sharper softmax makes bf16 rounding order dominate the comparison)
+    ours, ref = _with_grads(sliding_window_attention, q, k, v, 1024, head_dim ** -0.5), \
+        _with_grads(sliding_window_reference, q, k, v, 1024, head_dim ** -0.5)
     for a, b in zip(ours, ref):
         assert (a.float() - b.float()).abs().max() < 0.06 * b.float().abs().max() + 1e-3
 
@@ -123,3 +126,24 @@ def test_bf16_gemma3_takes_the_window_kernel_on_gpu(tiny_model_dir, monkeypatch)
     assert (logits.float() - ref_logits.float()).abs().max() < 0.05 * ref_logits.float().abs().max()
     for g, r in zip(grads, ref_grads, strict=True):
         assert (g.float() - r.float()).abs().max() <= 0.05 * r.float().abs().max() + 1e-4
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("case", ["causal-512", "masked-128"])
+def test_grouped_heads_reach_a_fused_kernel_on_gpu(case):
+    """Grouped heads with 512 channels (Gemma 4's full layers) or with a mask: no fused kernel takes them grouped,
+    so `attention` repeats the key/value heads rather than let SDPA fall back to its math path (which holds
+    (B, H, T, T) fp32 scores). With the math path off, a fall-back raises."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from fasttune.models.attention import attention
+
+    d = 512 if case == "causal-512" else 128
+    q, k, v = _qkv(1, 8, 2, 1024, d, "cuda", torch.bfloat16)
+    mask = None if case == "causal-512" else SlidingWindow(1024).dense(1024, "cuda")
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        ours = _with_grads(lambda *a: attention(q, k, v, mask, d ** -0.5, None), q, k, v, 0)
+    ref = _with_grads(sliding_window_reference, q, k, v, 1024, d ** -0.5)  # window = T: plain causal
+    for a, b in zip(ours, ref):
+        assert (a.float() - b.float()).abs().max() < 0.06 * b.float().abs().max() + 1e-3

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.models.offload import kept_attention
+from fasttune.models.varlen import FLASH_MAX_HEAD_DIM
 from fasttune.models.window_attention import SlidingWindow, sliding_window_attention
 
 
@@ -36,6 +37,12 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
         return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
     gqa = q.shape[1] != k.shape[1]
     causal = mask is None and q.shape[2] > 1
+    if gqa and q.is_cuda and q.shape[2] > 1 and (mask is not None or q.shape[-1] > FLASH_MAX_HEAD_DIM):
+        # The fused kernels that take grouped heads (flash, cuDNN) take neither a mask nor heads wider than 256
+        # channels (Gemma 4's full layers); the memory-efficient one takes both but not grouped heads. Left grouped,
+        # SDPA falls back to its math path, which holds (B, H, T, S) fp32 scores (32 GiB at 16K tokens).
+        groups = q.shape[1] // k.shape[1]
+        k, v, gqa = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
 
     def attend():
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
