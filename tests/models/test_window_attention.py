@@ -44,6 +44,24 @@ def test_window_attention_equals_the_dense_mask(shape, fn):
         torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sink_attention_in_windows_equals_transformers_eager(shape):
+    """gpt-oss's sink logits with a SlidingWindow (banded blocks that each see the sink key first) against
+    transformers' eager GptOss attention with the dense window mask; the sinks' gradient too."""
+    from fasttune.models.attention import attention_with_sinks, attention_with_sinks_reference
+
+    *dims, window = shape
+    q, k, v = _qkv(*dims)
+    sinks = torch.randn(dims[1], requires_grad=True)
+    dense = SlidingWindow(window).dense(dims[3], "cpu")
+    out = attention_with_sinks(q, k, v, SlidingWindow(window), 0.3, sinks)
+    ref = attention_with_sinks_reference(q, k, v, dense, 0.3, sinks)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v, sinks), grad), torch.autograd.grad(ref, (q, k, v, sinks), grad)):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
+
+
 def test_sliding_window_dense_mask_is_transformers_rule():
     m = SlidingWindow(3).dense(5, "cpu")[0, 0]
     assert m.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
@@ -95,7 +113,7 @@ def _model_with_and_without_kernels(folder, device, dtype, monkeypatch):
     return fast, dense
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text"])  # windows of 4 over 23 tokens
+@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text", "gpt_oss"])  # windows of 4 over 23 tokens
 def test_models_equal_with_and_without_the_window_kernel(family, tiny_model_dir, monkeypatch):
     (logits, grads), (ref_logits, ref_grads) = _model_with_and_without_kernels(
         tiny_model_dir(family), "cpu", torch.float32, monkeypatch)
@@ -145,5 +163,21 @@ def test_grouped_heads_reach_a_fused_kernel_on_gpu(case):
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         ours = _with_grads(lambda *a: attention(q, k, v, mask, d ** -0.5, None), q, k, v, 0)
     ref = _with_grads(sliding_window_reference, q, k, v, 1024, d ** -0.5)  # window = T: plain causal
+    for a, b in zip(ours, ref):
+        assert (a.float() - b.float()).abs().max() < 0.06 * b.float().abs().max() + 1e-3
+
+
+@pytest.mark.gpu
+@CUDA
+def test_bf16_sink_attention_in_windows_on_gpu():
+    """gpt-oss's shape (64 q / 8 kv heads of 64, window 128) in bf16: banded blocks with the sink key against
+    transformers' eager attention with the dense mask."""
+    from fasttune.models.attention import attention_with_sinks, attention_with_sinks_reference
+
+    q, k, v = _qkv(1, 64, 8, 1000, 64, "cuda", torch.bfloat16)
+    sinks = torch.randn(64, device="cuda", requires_grad=True)
+    dense = SlidingWindow(128).dense(1000, "cuda")
+    ours = _with_grads(lambda *a: attention_with_sinks(q, k, v, SlidingWindow(128), 0.125, sinks), q, k, v, 0)
+    ref = _with_grads(lambda *a: attention_with_sinks_reference(q, k, v, dense, 0.125, sinks), q, k, v, 0)
     for a, b in zip(ours, ref):
         assert (a.float() - b.float()).abs().max() < 0.06 * b.float().abs().max() + 1e-3

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from fasttune.models.offload import kept_attention
 from fasttune.models.varlen import FLASH_MAX_HEAD_DIM
-from fasttune.models.window_attention import SlidingWindow, sliding_window_attention
+from fasttune.models.window_attention import SlidingWindow, banded_attention, sliding_window_attention
 
 
 def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.Tensor | None = None):
@@ -18,9 +18,10 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
     sinks (Hq,): gpt-oss's learned logit per head, one more term exp(sink) in each softmax denominator with no
     value (transformers' GptOss eager attention); see attention_with_sinks."""
     if isinstance(mask, SlidingWindow):
-        if not (sinks is not None or softcap) and q.shape[2] == k.shape[2]:
+        if softcap or q.shape[2] != k.shape[2]:
+            mask = mask.dense(q.shape[2], q.device)
+        elif sinks is None:
             return sliding_window_attention(q, k, v, mask.size, scale)
-        mask = mask.dense(q.shape[2], q.device)
     if sinks is not None:
         return attention_with_sinks(q, k, v, mask, scale, sinks)
     if softcap:
@@ -60,15 +61,21 @@ def attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor):
     head, so grouped-query attention stays grouped), both padded with zeros to a multiple of 8 channels so flash /
     memory-efficient attention still take them; v is zero there. Every query sees the sink key: causal attention
     without a mask becomes lower-right aligned (query i sees the sink and keys 0..i), a mask gets a leading
-    always-on column. Gradients reach q, k, v and sinks through the same graph."""
+    always-on column; a SlidingWindow (T == S) runs as banded blocks that each see the sink key first
+    (window_attention.banded_attention). Gradients reach q, k, v and sinks through the same graph."""
     b, hq, t, d = q.shape
     hkv, s = k.shape[1], k.shape[2]
     pad = -(-(d + 1) // 8) * 8 - d - 1
     sink_channel = (sinks.to(q.dtype) / scale).view(1, hq, 1, 1).expand(b, hq, t, 1)
     q = F.pad(torch.cat((q, sink_channel), dim=-1), (0, pad))
     sink_key = F.pad(k.new_ones(b, hkv, 1, 1), (d, pad))  # (B, Hkv, 1, width): 1 in channel d
-    k = torch.cat((sink_key, F.pad(k, (0, 1 + pad))), dim=2)
-    v = F.pad(v, (0, 1 + pad, 1, 0))  # a zero value for the sink key, zero channels to match q/k's width
+    k, v = F.pad(k, (0, 1 + pad)), F.pad(v, (0, 1 + pad))  # zero channels to match q's width
+    if isinstance(mask, SlidingWindow):
+        if t > mask.size:
+            return banded_attention(q, k, v, mask.size, scale, lead=(sink_key, torch.zeros_like(sink_key)))[..., :d]
+        mask = None  # the window never bites
+    k = torch.cat((sink_key, k), dim=2)
+    v = F.pad(v, (0, 0, 1, 0))  # a zero value for the sink key
     if mask is None and t > 1:
         from torch.nn.attention.bias import causal_lower_right
 

@@ -58,11 +58,13 @@ def _flash_window(q, k, v, window: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def banded_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
+def banded_attention(q, k, v, window: int, scale: float, lead: tuple | None = None) -> torch.Tensor:
     """sliding_window_attention through SDPA on blocks: queries in blocks of `window`, the first block plainly causal,
     every later block over its own keys and the previous block's (2 x window) with one shared (window, 2 x window)
     mask. The sequence is zero-padded to whole blocks; padded keys come after every real query, so the causal part of
-    the mask hides them, and padded queries are cut off. q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D)."""
+    the mask hides them, and padded queries are cut off. q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D).
+    lead: (key, value), each (B, Hkv, 1, D), one more key every query sees, put first (gpt-oss's sink key, see
+    attention.attention_with_sinks)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     w = window
@@ -70,25 +72,40 @@ def banded_attention(q, k, v, window: int, scale: float) -> torch.Tensor:
         # SDPA's memory-efficient CUDA kernel takes a mask but not grouped heads (with both it would fall back to
         # the math path): repeat the key/value heads
         k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+        if lead is not None:
+            lead = tuple(x.repeat_interleave(hq // hkv, dim=1) for x in lead)
         hkv = hq
-    first = F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True, scale=scale,
-                                           enable_gqa=hq != hkv)
+    gqa = hq != hkv
+    r = torch.arange(w, device=q.device)[:, None]
+    if lead is None:
+        first = F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True, scale=scale,
+                                               enable_gqa=gqa)
+    else:
+        causal = torch.cat([r.new_ones(w, 1, dtype=torch.bool), torch.arange(w, device=q.device)[None, :] <= r], 1)
+        first = F.scaled_dot_product_attention(q[:, :, :w], torch.cat([lead[0], k[:, :, :w]], dim=2),
+                                               torch.cat([lead[1], v[:, :, :w]], dim=2), attn_mask=causal,
+                                               scale=scale, enable_gqa=gqa)
     n = -(-t // w)  # blocks, the first included
     pad = n * w - t
 
-    def blocks(x, start):  # (B, H, T, D) -> (B * (n - 1), H, w, D): blocks start, start + 1, ... of w positions
-        if pad:
-            x = F.pad(x, (0, 0, 0, pad))
-        x = x[:, :, start * w:(start + n - 1) * w]
-        return x.reshape(x.shape[0], x.shape[1], n - 1, w, d).transpose(1, 2).reshape(-1, x.shape[1], w, d)
+    def blocks(x, start, size=w):  # (B, H, T, D) -> (B * (n - 1), H, size, D): blocks start, start + 1, ...
+        if x.shape[2] == 1:  # the lead key: the same one for every block
+            x = x.expand(-1, -1, n - 1, -1)
+        else:
+            x = F.pad(x, (0, 0, 0, pad))[:, :, start * w:(start + n - 1) * w]
+        return x.reshape(x.shape[0], x.shape[1], n - 1, size, x.shape[-1]).transpose(1, 2) \
+            .reshape(-1, x.shape[1], size, x.shape[-1])
 
-    keys = torch.cat([blocks(k, 0), blocks(k, 1)], dim=2)  # each later block's previous block, then itself
-    values = torch.cat([blocks(v, 0), blocks(v, 1)], dim=2)
-    r = torch.arange(w, device=q.device)[:, None]
+    keys = [blocks(k, 0), blocks(k, 1)]  # each later block's previous block, then itself
+    values = [blocks(v, 0), blocks(v, 1)]
     j = torch.arange(2 * w, device=q.device)[None, :]
     band = (j > r) & (j <= r + w)  # key w + r is the query itself; keys more than w - 1 back are out
-    rest = F.scaled_dot_product_attention(blocks(q, 1), keys, values, attn_mask=band, scale=scale,
-                                          enable_gqa=hq != hkv)
+    if lead is not None:
+        keys.insert(0, blocks(lead[0], 0, 1))
+        values.insert(0, blocks(lead[1], 0, 1))
+        band = torch.cat([band.new_ones(w, 1), band], dim=1)
+    rest = F.scaled_dot_product_attention(blocks(q, 1), torch.cat(keys, dim=2), torch.cat(values, dim=2),
+                                          attn_mask=band, scale=scale, enable_gqa=gqa)
     rest = rest.reshape(b, n - 1, hq, w, d).transpose(1, 2).reshape(b, hq, (n - 1) * w, d)
     return torch.cat([first, rest[:, :, :t - w]], dim=2)
 
