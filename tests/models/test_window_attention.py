@@ -62,6 +62,21 @@ def test_sink_attention_in_windows_equals_transformers_eager(shape):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softcapped_attention_in_windows_equals_the_dense_mask(shape):
+    """Gemma 2's soft-capped scores with a SlidingWindow (banded blocks of eager scores) against the eager path
+    with the dense window mask."""
+    from fasttune.models.attention import attention
+
+    *dims, window = shape
+    q, k, v = _qkv(*dims)
+    dense = SlidingWindow(window).dense(dims[3], "cpu")
+    ours = _with_grads(lambda *a: attention(q, k, v, SlidingWindow(window), 0.3, 2.0), q, k, v, 0)
+    ref = _with_grads(lambda *a: attention(q, k, v, dense, 0.3, 2.0), q, k, v, 0)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, atol=2e-6, rtol=1e-5)
+
+
 def test_sliding_window_dense_mask_is_transformers_rule():
     m = SlidingWindow(3).dense(5, "cpu")[0, 0]
     assert m.tolist() == [[True, False, False, False, False], [True, True, False, False, False],
@@ -113,7 +128,7 @@ def _model_with_and_without_kernels(folder, device, dtype, monkeypatch):
     return fast, dense
 
 
-@pytest.mark.parametrize("family", ["gemma3_text", "gemma4_text", "gpt_oss"])  # windows of 4 over 23 tokens
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text", "gemma4_text", "gpt_oss"])  # windows of 4, 23 tokens
 def test_models_equal_with_and_without_the_window_kernel(family, tiny_model_dir, monkeypatch):
     (logits, grads), (ref_logits, ref_grads) = _model_with_and_without_kernels(
         tiny_model_dir(family), "cpu", torch.float32, monkeypatch)

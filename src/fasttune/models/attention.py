@@ -3,6 +3,8 @@ with the forward's results kept for recompute under "offload"), Gemma 2's softca
 sink logits as one extra key column; each beside the exact eager path it must equal."""
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
@@ -18,24 +20,18 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
     sinks (Hq,): gpt-oss's learned logit per head, one more term exp(sink) in each softmax denominator with no
     value (transformers' GptOss eager attention); see attention_with_sinks."""
     if isinstance(mask, SlidingWindow):
-        if softcap or q.shape[2] != k.shape[2]:
+        if q.shape[2] != k.shape[2]:
             mask = mask.dense(q.shape[2], q.device)
+        elif softcap:  # banded blocks of eager soft-capped scores: window x 2 window each, not T x T
+            if q.shape[2] <= mask.size:
+                return softcapped_attention(q, k, v, None, scale, softcap)
+            return banded_attention(q, k, v, mask.size, scale, sdpa=partial(softcapped_sdpa, softcap=softcap))
         elif sinks is None:
             return sliding_window_attention(q, k, v, mask.size, scale)
     if sinks is not None:
         return attention_with_sinks(q, k, v, mask, scale, sinks)
     if softcap:
-        # Softcapping acts on the scores themselves, which SDPA cannot do: exact eager path (Gemma 2).
-        groups = q.shape[1] // k.shape[1]
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        scores = (q @ k.transpose(-1, -2)) * scale
-        scores = torch.tanh(scores / softcap) * softcap
-        if mask is None and q.shape[2] > 1:
-            t = q.shape[2]
-            mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-        if mask is not None:
-            scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-        return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+        return softcapped_attention(q, k, v, mask, scale, softcap)
     gqa = q.shape[1] != k.shape[1]
     causal = mask is None and q.shape[2] > 1
     if gqa and q.is_cuda and q.shape[2] > 1 and (mask is not None or q.shape[-1] > FLASH_MAX_HEAD_DIM):
@@ -51,6 +47,27 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
     if causal and q.shape[2] == k.shape[2]:  # training's plain causal case: recompute may reuse the forward's result
         return kept_attention(attend)
     return attend()
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
+    """Gemma 2's attention: scores softcapped (softcap * tanh(scores / softcap)) before the mask and softmax, which
+    SDPA cannot do: the exact eager path (transformers' eager_attention_forward). Arguments as `attention`'s with a
+    tensor mask or None (causal)."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None and q.shape[2] > 1:
+        t = q.shape[2]
+        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def softcapped_sdpa(q, k, v, attn_mask=None, is_causal=False, scale=None, enable_gqa=False, *, softcap: float):
+    """softcapped_attention behind F.scaled_dot_product_attention's signature (bool masks), for banded_attention."""
+    return softcapped_attention(q, k, v, attn_mask, scale, softcap)
 
 
 def attention_with_sinks(q, k, v, mask, scale: float, sinks: torch.Tensor):

@@ -58,13 +58,15 @@ def _flash_window(q, k, v, window: int, scale: float) -> torch.Tensor:
     return out.transpose(1, 2)
 
 
-def banded_attention(q, k, v, window: int, scale: float, lead: tuple | None = None) -> torch.Tensor:
+def banded_attention(q, k, v, window: int, scale: float, lead: tuple | None = None,
+                     sdpa=F.scaled_dot_product_attention) -> torch.Tensor:
     """sliding_window_attention through SDPA on blocks: queries in blocks of `window`, the first block plainly causal,
     every later block over its own keys and the previous block's (2 x window) with one shared (window, 2 x window)
     mask. The sequence is zero-padded to whole blocks; padded keys come after every real query, so the causal part of
     the mask hides them, and padded queries are cut off. q (B, Hq, T, D), k/v (B, Hkv, T, D) -> (B, Hq, T, D).
     lead: (key, value), each (B, Hkv, 1, D), one more key every query sees, put first (gpt-oss's sink key, see
-    attention.attention_with_sinks)."""
+    attention.attention_with_sinks). sdpa: what attends within each block, F.scaled_dot_product_attention or a
+    function of its signature (Gemma 2's soft-capped scores, attention.softcapped_sdpa)."""
     b, hq, t, d = q.shape
     hkv = k.shape[1]
     w = window
@@ -78,13 +80,11 @@ def banded_attention(q, k, v, window: int, scale: float, lead: tuple | None = No
     gqa = hq != hkv
     r = torch.arange(w, device=q.device)[:, None]
     if lead is None:
-        first = F.scaled_dot_product_attention(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True, scale=scale,
-                                               enable_gqa=gqa)
+        first = sdpa(q[:, :, :w], k[:, :, :w], v[:, :, :w], is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         causal = torch.cat([r.new_ones(w, 1, dtype=torch.bool), torch.arange(w, device=q.device)[None, :] <= r], 1)
-        first = F.scaled_dot_product_attention(q[:, :, :w], torch.cat([lead[0], k[:, :, :w]], dim=2),
-                                               torch.cat([lead[1], v[:, :, :w]], dim=2), attn_mask=causal,
-                                               scale=scale, enable_gqa=gqa)
+        first = sdpa(q[:, :, :w], torch.cat([lead[0], k[:, :, :w]], dim=2), torch.cat([lead[1], v[:, :, :w]], dim=2),
+                     attn_mask=causal, scale=scale, enable_gqa=gqa)
     n = -(-t // w)  # blocks, the first included
     pad = n * w - t
 
@@ -104,8 +104,8 @@ def banded_attention(q, k, v, window: int, scale: float, lead: tuple | None = No
         keys.insert(0, blocks(lead[0], 0, 1))
         values.insert(0, blocks(lead[1], 0, 1))
         band = torch.cat([band.new_ones(w, 1), band], dim=1)
-    rest = F.scaled_dot_product_attention(blocks(q, 1), torch.cat(keys, dim=2), torch.cat(values, dim=2),
-                                          attn_mask=band, scale=scale, enable_gqa=gqa)
+    rest = sdpa(blocks(q, 1), torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=band, scale=scale,
+                enable_gqa=gqa)
     rest = rest.reshape(b, n - 1, hq, w, d).transpose(1, 2).reshape(b, hq, (n - 1) * w, d)
     return torch.cat([first, rest[:, :, :t - w]], dim=2)
 
