@@ -66,8 +66,10 @@ def _compare(got_sums, want_sums, got_grads, want_grads, dtype=torch.float32):
 
 
 # The MoE families in bf16: the experts' grouped GEMM kernel (the one path a graph can hold) takes 16-bit weights.
+# gemma3_text: flash's sliding-window kernel inside the graph (gpt_oss: banded blocks with its sink key)
 @pytest.mark.parametrize("family, dtype", [("llama", torch.float32), ("lfm2", torch.float32),
-                                           ("qwen3_moe", torch.bfloat16), ("gpt_oss", torch.bfloat16)])
+                                           ("qwen3_moe", torch.bfloat16), ("gpt_oss", torch.bfloat16),
+                                           ("gemma3_text", torch.bfloat16)])
 @pytest.mark.parametrize("gc", [False, True])
 def test_graph_step_equals_eager(tiny_model_dir, family, dtype, gc):
     model = _model(tiny_model_dir, family, gc, dtype)
