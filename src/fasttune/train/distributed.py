@@ -103,6 +103,15 @@ class Dist:
         dist.all_reduce(t, group=self._host_group)
         return float(t.item())
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable host values), in rank order, through the gloo host group; [obj] without
+        torchrun. Every rank must call it."""
+        if not self.active:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj, group=self._host_group)
+        return out
+
     def any(self, flag: bool) -> bool:
         return self.sum(1.0 if flag else 0.0) > 0
 

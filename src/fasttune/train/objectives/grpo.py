@@ -34,6 +34,11 @@ from fasttune.train.rewards import required_columns, reward_name
 __all__ = ["GRPOTrainer", "GRPOConfig", "NoRewardError"]
 
 
+# Under torchrun each rank samples its own share of a step: with its own seed, so that a group split over ranks
+# does not draw the same completions twice
+RANK_SEED_STRIDE = 104_729
+
+
 def _copies(examples: list[dict]) -> int:
     """How many times each example repeats in a row (a group's completions share one example object), when every
     run has the same length; else 1."""
@@ -194,19 +199,28 @@ class GRPOTrainer(RewardScoring, Trainer):
     def step_batches(self, start_epoch: int, start_micro: int):
         """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
         that a resume samples the same), yielded num_iterations times as (epoch, next micro index, micro-batches)."""
+        ga, rank = self.args.gradient_accumulation_steps, self.dist.rank
         for epoch, micro, group in self.step_groups(start_epoch, start_micro):
-            sizes = [len(ids) for ids in group]
-            seed = self.args.seed + 1_000_003 * epoch + micro  # the same after a resume
-            step = self.rollout([self.train_examples[i] for ids in group for i in ids], sizes, seed)
+            # Under torchrun each rank samples and scores only its own micro-batches (the loop trains this rank's
+            # share of the step's list; the other ranks' places stay None); rewards are gathered for the advantages.
+            own = self.dist.shard(group, ga)
+            seed = self.args.seed + 1_000_003 * epoch + micro + RANK_SEED_STRIDE * rank  # the same after a resume
+            batches = self.rollout([self.train_examples[i] for ids in own for i in ids], [len(ids) for ids in own],
+                                   seed, across_ranks=True, steps=len(group))
+            step = [None] * len(group)
+            step[rank * ga:rank * ga + len(batches)] = batches
             for _ in range(self.args.num_iterations):
                 yield epoch, micro, step
 
     @torch.no_grad()
-    def rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None = None) -> list[dict]:
+    def rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None = None,
+                across_ranks: bool = False, steps: int | None = None) -> list[dict]:
         """Sample a completion for each example (consecutive copies of a prompt form a group of `group`, default
-        num_generations), score, and return the step's micro-batches (`sizes` completions each)."""
-        completion_ids, truncated = self.sample(examples, seed)
-        return self.score(examples, completion_ids, truncated, sizes, group)
+        num_generations), score, and return the micro-batches (`sizes` completions each). across_ranks: the
+        examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score); steps:
+        the step's micro-batches over all ranks (default len(sizes))."""
+        completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
+        return self.score(examples, completion_ids, truncated, sizes, group, across_ranks, steps)
 
     def sample(self, examples: list[dict], seed: int) -> tuple[list[list[int]], list[bool]]:
         """One completion per example from model.generate (temperature, top_p, top_k; seeded): (token ids up to
@@ -239,26 +253,30 @@ class GRPOTrainer(RewardScoring, Trainer):
         return completions, truncated
 
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-              sizes: list[int], group: int | None = None) -> list[dict]:
-        """Rewards -> group advantages (groups of `group` completions, default num_generations) -> micro-batches
-        with (optional) old and reference log-probs."""
+              sizes: list[int], group: int | None = None, across_ranks: bool = False,
+              steps: int | None = None) -> list[dict]:
+        """Rewards -> group advantages (groups of `group` completions, default num_generations; across_ranks: over
+        every rank's completions, gathered in rank order) -> micro-batches with (optional) old and reference
+        log-probs."""
         a = self.args
-        rewards_per_func = self.compute_rewards(examples, completion_ids)
-        self._check_unrewarded(rewards_per_func)
-        advantages, rewards, std = group_advantages(rewards_per_func, self.reward_weights,
+        rollout = self.gather_rollout(self.compute_rewards(examples, completion_ids), completion_ids, truncated,
+                                      across_ranks)
+        self._check_unrewarded(rollout.rewards_per_func)
+        advantages, rewards, std = group_advantages(rollout.rewards_per_func, self.reward_weights,
                                                     group or a.num_generations, a.scale_rewards)
-        self._record_rollout(rewards_per_func, rewards, std, completion_ids, truncated)
-        return self.micro_batches(examples, completion_ids, truncated, advantages, sizes)
+        self._record_rollout(rollout, rewards, std)
+        return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes, steps)
 
     def micro_batches(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-                      advantages: torch.Tensor, sizes: list[int]) -> list[dict]:
-        """The scored completions cut into micro-batches of `sizes` completions (_micro_batch each)."""
+                      advantages: torch.Tensor, sizes: list[int], steps: int | None = None) -> list[dict]:
+        """The scored completions cut into micro-batches of `sizes` completions (_micro_batch each); steps: the
+        optimizer step's micro-batches over all ranks (default len(sizes))."""
         batches, start = [], 0
         for n in sizes:
             part = slice(start, start + n)
             start += n
             b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part])
-            b["steps"] = len(sizes)  # a plain int: the loop moves only tensors to the device
+            b["steps"] = steps or len(sizes)  # a plain int: the loop moves only tensors to the device
             batches.append(b)
         return batches
 
@@ -321,18 +339,20 @@ class GRPOTrainer(RewardScoring, Trainer):
         self.model.eval()
         losses = []
         try:
-            for i in range(0, len(prompts), per_batch):
+            # under torchrun each rank samples every world-th batch; losses and metrics are gathered
+            for i in range(per_batch * self.dist.rank, len(prompts), per_batch * self.dist.world):
                 group = [ex for ex in prompts[i:i + per_batch] for _ in range(n)]
                 batch = self.rollout(group, [len(group)], self.args.seed + 7_000_003 + i, n)[0]
                 batch = self.to_device(batch)
                 loss, _ = self.micro_batch_loss(batch, self.count_items(batch))
                 losses.append(loss)
                 self.callbacks.fire("on_prediction_step")
-            rollouts = self.step_metrics()
+            rollouts = self.step_metrics(across_ranks=True)
         finally:
             self.model.train(was_training)
             self._metrics, self._ratios = train_metrics, train_ratios
-        metrics = {"loss": float(sum(host_values(losses))) / len(losses), **rollouts}
+        losses = [x for part in self.dist.gather(host_values(losses)) for x in part]
+        metrics = {"loss": float(sum(losses)) / len(losses), **rollouts}
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
 
     # --- the loss ----------------------------------------------------------------------------------------------

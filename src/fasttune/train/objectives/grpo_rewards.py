@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -22,6 +23,25 @@ def _no_completions_table(column: str, values: list):
 
 class NoRewardError(FastTuneError):
     """No reward function scored any completion for max_unrewarded_steps steps in a row."""
+
+
+@dataclass
+class Rollout:
+    """A step's scored completions, over every rank in rank order when gathered (RewardScoring.gather_rollout):
+    rewards_per_func (N, F) float32 (NaN where a function returned None), each completion's length in tokens and
+    whether it was truncated, `extra` (N,) per-completion values an objective gathers with them (RLOO's KL), and
+    this rank's own completions as rows offset .. offset + count."""
+
+    rewards_per_func: torch.Tensor
+    lengths: list
+    truncated: list
+    offset: int
+    count: int
+    extra: torch.Tensor | None = None
+
+    def mine(self, values: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of per-completion values (N, ...)."""
+        return values[self.offset:self.offset + self.count]
 
 
 def metric_windows() -> tuple[dict, dict]:
@@ -56,6 +76,8 @@ class RewardScoring:
 
     def compute_rewards(self, examples: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
         """(completions, reward functions) float32, NaN where a function returned None."""
+        if not examples:  # a rank with no completions in an epoch's short last step
+            return torch.zeros(0, len(self.reward_funcs))
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in examples]
         chat = not isinstance(prompts[0], str)
@@ -88,8 +110,23 @@ class RewardScoring:
                           stacklevel=2)
         return out
 
+    def gather_rollout(self, rewards_per_func: torch.Tensor, completion_ids: list, truncated: list,
+                       across_ranks: bool, extra: torch.Tensor | None = None) -> Rollout:
+        """This rank's scored completions (rewards (n, F), their ids, truncated flags, optional extra (n,)) as a
+        Rollout; across_ranks under torchrun: every rank's, gathered on the host in rank order (every rank calls it
+        once per step), so group statistics see groups that span ranks as TRL's gather does."""
+        lengths = [len(c) for c in completion_ids]
+        if not (across_ranks and self.dist.active):
+            return Rollout(rewards_per_func, lengths, list(truncated), 0, len(lengths), extra)
+        parts = self.dist.gather((rewards_per_func, lengths, list(truncated), extra))
+        offset = sum(len(p[1]) for p in parts[:self.dist.rank])
+        return Rollout(torch.cat([p[0] for p in parts]), [n for p in parts for n in p[1]],
+                       [t for p in parts for t in p[2]], offset, len(lengths),
+                       None if extra is None else torch.cat([p[3] for p in parts]))
+
     # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
-    def _record_rollout(self, rewards_per_func, rewards, std, completion_ids, truncated):
+    def _record_rollout(self, rollout: Rollout, rewards: torch.Tensor, std: torch.Tensor):
+        rewards_per_func, truncated = rollout.rewards_per_func, rollout.truncated
         rec = self._metrics
         for j, name in enumerate(self.reward_names):
             rec[f"rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, j])))
@@ -97,7 +134,7 @@ class RewardScoring:
         rec["reward"].append(float(torch.nanmean(rewards)))
         rec["reward_std"].append(float(nanstd(rewards)))
         rec["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
-        lengths = torch.tensor([len(c) for c in completion_ids], dtype=torch.float32)
+        lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
         rec["completions/mean_length"].append(float(lengths.mean()))
         rec["completions/min_length"].append(float(lengths.min()))
         rec["completions/max_length"].append(float(lengths.max()))
@@ -118,12 +155,24 @@ class RewardScoring:
         self._ratios[name][0] = add_exact(self._ratios[name][0], s)
         self._ratios[name][1] = add_exact(self._ratios[name][1], n)
 
-    def step_metrics(self) -> dict:
+    def step_metrics(self, across_ranks: bool = False) -> dict:
         """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
-        over the steps since the last log entry; resets them."""
-        out = {k: sum(v) / len(v) for k, v in self._metrics.items() if v}
+        over the steps since the last log entry; resets them. across_ranks (every rank calls it): over every rank's
+        entries (evaluation, where each rank samples its share of the batches)."""
         values = iter(host_values([x for pair in self._ratios.values() for x in pair]))  # one read for them all
         totals = {k: (next(values), next(values)) for k in self._ratios}
+        lists = {k: list(v) for k, v in self._metrics.items()}
+        if across_ranks and self.dist.active:
+            parts = self.dist.gather((lists, totals))
+            lists, merged = defaultdict(list), defaultdict(lambda: [0.0, 0.0])
+            for part_lists, part_totals in parts:
+                for k, v in part_lists.items():
+                    lists[k].extend(v)
+                for k, (s, n) in part_totals.items():
+                    merged[k][0] += s
+                    merged[k][1] += n
+            totals = merged
+        out = {k: sum(v) / len(v) for k, v in lists.items() if v}
         out.update({k: s / n if n else 0.0 for k, (s, n) in totals.items()})
         self._metrics.clear()
         self._ratios.clear()

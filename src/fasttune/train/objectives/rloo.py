@@ -65,25 +65,28 @@ class RLOOTrainer(GRPOTrainer):
         return self.args.num_iterations > 1 or self.args.beta != 0.0
 
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-              sizes: list[int], group: int | None = None) -> list[dict]:
+              sizes: list[int], group: int | None = None, across_ranks: bool = False,
+              steps: int | None = None) -> list[dict]:
         """Rewards -> micro-batches (with the sampling policy's and the reference's log-probs when beta > 0) ->
-        leave-one-out advantages with the KL penalty, written into the micro-batches."""
+        leave-one-out advantages with the KL penalty (across_ranks: over every rank's completions, gathered),
+        written into the micro-batches."""
         a = self.args
         rewards_per_func = self.compute_rewards(examples, completion_ids)
-        self._check_unrewarded(rewards_per_func)
-        batches = self.micro_batches(examples, completion_ids, truncated, torch.zeros(len(examples)), sizes)
+        batches = self.micro_batches(examples, completion_ids, truncated, torch.zeros(len(examples)), sizes, steps)
         kl = None
         if a.beta != 0.0:
             per_token = [(b["old_logps"] - b["ref_logps"]) * b["completion_mask"].to(b["old_logps"].device)
                          for b in batches]
-            kl = torch.cat([t.sum(-1) for t in per_token]).float().cpu()
+            kl = torch.cat([t.sum(-1) for t in per_token]).float().cpu() if per_token else torch.zeros(0)
             tokens = sum(b["completion_mask"].sum() for b in batches)
             self._add_ratio("kl", sum(t.sum() for t in per_token), tokens)  # TRL's kl: the mean per token
-        advantages, rewards, std = leave_one_out_advantages(rewards_per_func, self.reward_weights,
-                                                            group or a.num_generations, kl, a.beta,
+        rollout = self.gather_rollout(rewards_per_func, completion_ids, truncated, across_ranks, kl)
+        self._check_unrewarded(rollout.rewards_per_func)
+        advantages, rewards, std = leave_one_out_advantages(rollout.rewards_per_func, self.reward_weights,
+                                                            group or a.num_generations, rollout.extra, a.beta,
                                                             a.reward_clip_range, a.normalize_advantages)
-        self._record_rollout(rewards_per_func, rewards, std, completion_ids, truncated)
-        start = 0
+        self._record_rollout(rollout, rewards, std)
+        advantages, start = rollout.mine(advantages), 0
         for b in batches:
             n = b["input_ids"].shape[0]
             b["advantages"] = advantages[start:start + n]

@@ -1,0 +1,62 @@
+"""Run under torchrun (2 processes, gloo) by test_grpo_distributed.py: GRPO and RLOO whose groups span the two ranks.
+Each rank writes what it saw to <out>/rank<r>.json: the advantages of fixed completions scored across ranks (and,
+on rank 0, the same completions scored in one process), the sizes of its sampling calls, its log and eval metrics."""
+import json
+import sys
+
+from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+
+ROWS = [{"prompt": f"question {i} a b"} for i in range(4)]
+# one group of 4 completions per prompt, lengths 1..4 and 5..8
+COMPLETIONS = [[5 + i] * (1 + i) for i in range(8)]
+
+
+def length(completions, **_):
+    return [float(len(c)) for c in completions]
+
+
+def counting(cls):
+    class Counting(cls):
+        sampled = []
+
+        def sample(self, examples, seed):
+            Counting.sampled.append(len(examples))
+            return super().sample(examples, seed)
+
+    return Counting
+
+
+def main(model_dir, out, method):
+    model, tok = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    trainer_cls, config_cls = (GRPOTrainer, GRPOConfig) if method == "grpo" else (RLOOTrainer, RLOOConfig)
+    # 2 completions per rank and step, groups of 4: every group spans both ranks
+    args = config_cls(output_dir=f"{out}/{method}", per_device_train_batch_size=2, gradient_accumulation_steps=1,
+                      num_generations=4, max_completion_length=4, max_steps=2, logging_steps=1, shuffle=False,
+                      per_device_eval_batch_size=4, learning_rate=1e-2, beta=0.1, eval_strategy="no")
+    trainer = counting(trainer_cls)(model, reward_funcs=[length], args=args, train_dataset=ROWS,
+                                    eval_dataset=ROWS[:3], processing_class=tok)
+    rank, examples = trainer.dist.rank, trainer.train_examples[:8]
+    mine = slice(4 * rank, 4 * rank + 4)  # rank 0: prompt 0's group; rank 1: prompt 1's
+    split = slice(2 * rank, 2 * rank + 2)  # half of prompt 0's group each
+    seen = {"rank": rank}
+    for name, part in (("whole_groups", mine), ("split_group", split)):
+        n = part.stop - part.start
+        batch = trainer.score(examples[part], COMPLETIONS[part], [False] * n, [n], across_ranks=True, steps=2)[0]
+        seen[name] = batch["advantages"].tolist()
+    if rank == 0:  # the same completions in one process
+        seen["one_process"] = trainer.score(examples, COMPLETIONS, [False] * 8, [8])[0]["advantages"].tolist()
+        seen["one_process_split"] = trainer.score(examples[:4], COMPLETIONS[:4], [False] * 4, [4])[0][
+            "advantages"].tolist()
+    trainer.start_metrics()
+    trainer.train()
+    seen["train_sampled"] = list(type(trainer).sampled)
+    seen["log"] = trainer.log_history
+    seen["eval"] = trainer.evaluate()
+    seen["sampled"] = list(type(trainer).sampled)
+    with open(f"{out}/{method}_rank{rank}.json", "w") as f:
+        json.dump(seen, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

@@ -1,0 +1,38 @@
+"""GRPO / RLOO under torchrun (2 CPU processes, gloo): each rank samples and scores only its own completions, the
+rewards are gathered so that advantages of groups spanning ranks equal one process's, and evaluation splits its
+batches between the ranks with the same metrics on both."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from dist_env import worker_env
+
+WORKER = str(Path(__file__).with_name("grpo_ddp_worker.py"))
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_groups_spanning_ranks(method, tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           WORKER, str(tiny_model_dir("llama")), str(tmp_path), method], capture_output=True,
+                          text=True, env=worker_env(), timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r0, r1 = (json.loads((tmp_path / f"{method}_rank{r}.json").read_text()) for r in (0, 1))
+    # Fixed completions: the ranks' own advantages, put together, are one process's
+    assert r0["whole_groups"] + r1["whole_groups"] == pytest.approx(r0["one_process"], abs=1e-6)
+    assert r0["split_group"] + r1["split_group"] == pytest.approx(r0["one_process_split"], abs=1e-6)
+    assert len(set(r0["split_group"] + r1["split_group"])) == 4  # not each half normalised on its own
+    # Training: 2 completions sampled per rank and step (before: the whole step's 4 on every rank), then the
+    # end-of-training evaluation: 3 prompts x 4 completions in batches of one prompt, 2 on rank 0 and 1 on rank 1
+    assert r0["train_sampled"] == [2, 2, 4, 4] and r1["train_sampled"] == [2, 2, 4]
+    # the step's rollout metrics cover both ranks' completions: the same on both
+    steps = [[e for e in r["log"] if "reward" in e] for r in (r0, r1)]
+    assert len(steps[0]) == 2
+    for a, b in zip(*steps, strict=True):
+        for key in ("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"):
+            assert a[key] == pytest.approx(b[key]), key
+    # evaluate() again: split alike, the same metrics on both ranks
+    assert r0["sampled"] == [2, 2, 4, 4, 4, 4] and r1["sampled"] == [2, 2, 4, 4]
+    assert r0["eval"] == pytest.approx(r1["eval"])
+    assert {"eval_loss", "eval_reward", "eval_completions/mean_length"} <= set(r0["eval"])
