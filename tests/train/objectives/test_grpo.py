@@ -536,3 +536,44 @@ def test_reward_functions_get_trls_trainer_state_and_loggers(tiny_dir, tmp_path)
     trainer.train()
     assert seen == [0, 1]
     assert [h["curriculum/step"] for h in trainer.log_history if "loss" in h] == [0.0, 1.0]
+
+
+def tagged(prompts, completions, log_extra, **_):
+    """A reward (the completion's length) that adds a column to the completions table through TRL's log_extra."""
+    log_extra("tag", [f"t{i}" for i in range(len(completions))])
+    return [float(len(c)) for c in completions]
+
+
+def test_log_completions_table_equals_trls(ours_and_adapter, tmp_path):
+    """log_completions: the kept table of a step (prompts, completions, one column per reward, the log_extra
+    column, advantages) equals TRL's `_logs` for the same fixed completions."""
+    model, tok, adapter = ours_and_adapter
+    rewards = [count_a, tagged]
+    ours = _ours(model, tok, tmp_path, reward_funcs=rewards, log_completions=True)
+    tr, _ = _trl(adapter, tok, tmp_path, rewards, log_completions=True)
+    examples = [ours.train_examples[i] for i in range(len(COMPLETIONS))]
+    ours.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)], across_ranks=True)
+    got, want = ours._completions.table, tr._logs
+    assert got["prompt"] == list(want["prompt"]) and got["completion"] == list(want["completion"])
+    for name in ("count_a", "tagged"):
+        assert got[name] == pytest.approx(list(want["rewards"][name]))
+    assert got["tag"] == list(want["extra"]["tag"])
+    assert got["advantage"] == pytest.approx(list(want["advantages"]), abs=1e-6)
+    assert list(got) == ["prompt", "completion", "count_a", "tagged", "tag", "advantage"]
+
+
+def test_log_completions_prints_and_writes_each_logged_step(ours_and_adapter, tmp_path, capsys):
+    import pandas as pd
+
+    model, tok, _ = ours_and_adapter
+    ours = _ours(model, tok, tmp_path, reward_funcs=[count_a, tagged], log_completions=True,
+                 num_completions_to_print=3, max_steps=2, max_completion_length=4, learning_rate=1e-3)
+    ours.train()
+    assert "Step 1" in capsys.readouterr().out
+    for step in (1, 2):
+        frame = pd.read_parquet(tmp_path / "ours" / "completions" / f"completions_{step:05d}.parquet")
+        assert list(frame.columns) == ["step", "prompt", "completion", "count_a", "tagged", "tag", "advantage"]
+        assert len(frame) == len(COMPLETIONS) and set(frame["step"]) == {step}
+        assert frame["tagged"].tolist() == [len(c) for c in frame["completion"]]
+    with pytest.raises(ConfigError, match="num_completions_to_print=0"):
+        GRPOConfig(output_dir=str(tmp_path / "e"), num_completions_to_print=0)

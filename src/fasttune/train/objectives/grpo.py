@@ -265,6 +265,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         advantages, rewards, std = group_advantages(rollout.rewards_per_func, self.reward_weights,
                                                     group or a.num_generations, a.scale_rewards)
         self._record_rollout(rollout, rewards, std)
+        self.keep_completions(rollout, advantages, across_ranks)
         return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes, steps)
 
     def micro_batches(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],

@@ -35,6 +35,11 @@ class OnlineRLConfig(TrainingConfig):
     reward_weights: list | None = None  # one weight per reward function (default 1.0 each)
     mask_truncated_completions: bool = False  # completions that hit max_completion_length get no loss
     max_unrewarded_steps: int = 5  # steps in a row where no reward function scored any completion before stopping
+    # TRL's: each training log entry prints the latest step's completions table and writes it to
+    # output_dir/completions/completions_<step>.parquet (train/objectives/completions_log.py)
+    log_completions: bool = False
+    num_completions_to_print: int | None = None  # rows printed (a random sample); None: all
+    log_unique_prompts: bool = False  # one printed row per distinct prompt
 
     def __post_init__(self):
         if isinstance(self.reward_weights, str):  # from a CLI flag: "1,0.5"
@@ -56,6 +61,10 @@ class OnlineRLConfig(TrainingConfig):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations} is invalid: GRPO compares completions within "
                               f"a group, so sample at least 2 per prompt.")
+        if self.num_completions_to_print is not None and (
+                not isinstance(self.num_completions_to_print, int) or self.num_completions_to_print < 1):
+            raise ConfigError(f"num_completions_to_print={self.num_completions_to_print!r} is invalid: a whole number "
+                              f">= 1, or None to print every completion of the step.")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} is invalid: GRPO samples, so use a value > 0 "
                               f"(1.0 is TRL's default).")

@@ -12,13 +12,14 @@ import torch
 
 from fasttune.errors import ConfigError, FastTuneError
 from fasttune.train.host_reads import add_exact, host_values
+from fasttune.train.objectives.completions_log import CompletionsLog
 from fasttune.train.objectives.grpo_loss import nanstd
 from fasttune.train.rewards import is_async_callable, run_async
 
 
 def _no_completions_table(column: str, values: list):
-    """TRL's `log_extra` for reward functions adds a column to its table of logged completions, which fasttune does
-    not keep: accepted and dropped."""
+    """TRL's `log_extra` for reward functions adds a column to its table of logged completions: without
+    log_completions there is no table, so the values are dropped (as TRL keeps them unshown)."""
 
 
 class NoRewardError(FastTuneError):
@@ -55,9 +56,13 @@ class RewardScoring:
     `tokenizer`, `reward_funcs`, `reward_names` and `state`; start_metrics() sets up the metric windows."""
 
     def start_metrics(self):
-        """Empty metric windows and the unrewarded-step count."""
+        """Empty metric windows, the unrewarded-step count and (log_completions) the completions table."""
         self._metrics, self._ratios = metric_windows()
         self._unrewarded_in_row = 0  # steps in a row with no reward at all (see _check_unrewarded)
+        a = self.args
+        self._completions = CompletionsLog(self.reward_names, a.num_completions_to_print, a.log_unique_prompts) \
+            if a.log_completions else None
+        self._scored = ([], [])  # the prompts and completions the reward functions got last
 
     def _check_unrewarded(self, rewards_per_func: torch.Tensor):
         """A step where every reward function returned None for every completion teaches nothing (advantages 0):
@@ -77,6 +82,7 @@ class RewardScoring:
     def compute_rewards(self, examples: list[dict], completion_ids: list[list[int]]) -> torch.Tensor:
         """(completions, reward functions) float32, NaN where a function returned None."""
         if not examples:  # a rank with no completions in an epoch's short last step
+            self._scored = ([], [])
             return torch.zeros(0, len(self.reward_funcs))
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in examples]
@@ -84,8 +90,10 @@ class RewardScoring:
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
         out = torch.zeros(len(examples), len(self.reward_funcs))
+        self._scored = (prompts, completions)
+        log_extra = _no_completions_table if self._completions is None else self._completions.add_extra
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
-                      trainer_state=self.state, log_metric=self._log_metric, log_extra=_no_completions_table)
+                      trainer_state=self.state, log_metric=self._log_metric, log_extra=log_extra)
         calls = {j: func(**kwargs) for j, func in enumerate(self.reward_funcs) if not is_async_callable(func)}
         pending = {j: func for j, func in enumerate(self.reward_funcs) if is_async_callable(func)}
         if pending:  # async reward functions run concurrently, on one event loop kept across steps (as TRL)
@@ -124,6 +132,23 @@ class RewardScoring:
                        [t for p in parts for t in p[2]], offset, len(lengths),
                        None if extra is None else torch.cat([p[3] for p in parts]))
 
+    def keep_completions(self, rollout: Rollout, advantages: torch.Tensor, across_ranks: bool):
+        """log_completions: keep the training step's table (every rank's rows, gathered in rank order, with the
+        step's rewards and advantages (N,)) for the next log entry. Evaluation's rollouts (across_ranks False)
+        are not kept; their log_extra values are dropped."""
+        log = self._completions
+        if log is None:
+            return
+        prompts, completions = self._scored
+        extra = log.take_extra(len(prompts))
+        if not across_ranks:
+            return
+        parts = self.dist.gather((prompts, completions, extra)) if self.dist.active else [(prompts, completions, extra)]
+        columns = sorted({c for part in parts for c in part[2]})
+        log.keep([p for part in parts for p in part[0]], [c for part in parts for c in part[1]],
+                 rollout.rewards_per_func, advantages,
+                 {c: [v for part in parts for v in part[2].get(c, [None] * len(part[0]))] for c in columns})
+
     # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
     def _record_rollout(self, rollout: Rollout, rewards: torch.Tensor, std: torch.Tensor):
         rewards_per_func, truncated = rollout.rewards_per_func, rollout.truncated
@@ -158,7 +183,10 @@ class RewardScoring:
     def step_metrics(self, across_ranks: bool = False) -> dict:
         """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
         over the steps since the last log entry; resets them. across_ranks (every rank calls it): over every rank's
-        entries (evaluation, where each rank samples its share of the batches)."""
+        entries (evaluation, where each rank samples its share of the batches). A training entry (not
+        across_ranks) also shows and writes the latest step's completions table when log_completions is set."""
+        if not across_ranks and self._completions is not None:
+            self._completions.emit(self.state.global_step, self.args.output_dir, self.dist.is_main)
         values = iter(host_values([x for pair in self._ratios.values() for x in pair]))  # one read for them all
         totals = {k: (next(values), next(values)) for k in self._ratios}
         lists = {k: list(v) for k, v in self._metrics.items()}

@@ -86,6 +86,7 @@ class RLOOTrainer(GRPOTrainer):
                                                             group or a.num_generations, rollout.extra, a.beta,
                                                             a.reward_clip_range, a.normalize_advantages)
         self._record_rollout(rollout, rewards, std)
+        self.keep_completions(rollout, advantages, across_ranks)
         advantages, start = rollout.mine(advantages), 0
         for b in batches:
             n = b["input_ids"].shape[0]
