@@ -113,6 +113,7 @@ def test_a_reward_model_by_its_folder(folders, tmp_path, capsys):
                str(tmp_path / "prompts.jsonl"), "--output-dir", str(tmp_path / "out"), "--max-steps", "1",
                "--lora-r", "4", "--batch-size", "4", "--grad-accum", "1", "--num-generations", "4",
                "--max-completion-length", "4",
-               "--reward-funcs", f"model:{folders / 'tiny-rm'},length", "--no-sample"])
+               "--reward-funcs", f"model:{folders / 'tiny-rm'},length", "--no-sample", "--log-completions"])
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+    assert (tmp_path / "out" / "completions" / "completions_00001.parquet").exists()  # --log-completions
