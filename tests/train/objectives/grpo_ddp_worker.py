@@ -1,5 +1,5 @@
-"""Run under torchrun (2 processes, gloo) by test_grpo_distributed.py: GRPO and RLOO whose groups span the two ranks.
-Each rank writes what it saw to <out>/rank<r>.json: the advantages of fixed completions scored across ranks (and,
+"""Run under torchrun (2 processes, gloo) by test_grpo_distributed.py: GRPO, then RLOO, whose groups span the two
+ranks. Each rank writes what it saw to <out>/<method>_rank<r>.json: the advantages of fixed completions scored across ranks (and,
 on rank 0, the same completions scored in one process), the sizes of its sampling calls, its log and eval metrics."""
 import json
 import sys
@@ -26,7 +26,7 @@ def counting(cls):
     return Counting
 
 
-def main(model_dir, out, method):
+def run(model_dir, out, method):
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
     trainer_cls, config_cls = (GRPOTrainer, GRPOConfig) if method == "grpo" else (RLOOTrainer, RLOOConfig)
@@ -59,4 +59,5 @@ def main(model_dir, out, method):
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    for name in ("grpo", "rloo"):  # one launch for both: process start and imports are most of its time
+        run(*sys.argv[1:], name)

@@ -8,17 +8,26 @@ from pathlib import Path
 
 import pytest
 from dist_env import worker_env
+from tiny import hf_model, save_hf
 
 WORKER = str(Path(__file__).with_name("grpo_ddp_worker.py"))
 
 
-@pytest.mark.parametrize("method", ["grpo", "rloo"])
-def test_groups_spanning_ranks(method, tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def launched(tiny_tokenizer, tmp_path_factory):
+    """One torchrun launch of the worker (GRPO, then RLOO) on the tiny Llama; its folder of per-rank results."""
+    out = tmp_path_factory.mktemp("grpo_ddp")
+    save_hf(hf_model("llama", seed=0), out / "llama", tiny_tokenizer)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           WORKER, str(tiny_model_dir("llama")), str(tmp_path), method], capture_output=True,
-                          text=True, env=worker_env(), timeout=300)
+                           WORKER, str(out / "llama"), str(out)], capture_output=True, text=True,
+                          env=worker_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    r0, r1 = (json.loads((tmp_path / f"{method}_rank{r}.json").read_text()) for r in (0, 1))
+    return out
+
+
+@pytest.mark.parametrize("method", ["grpo", "rloo"])
+def test_groups_spanning_ranks(method, launched):
+    r0, r1 = (json.loads((launched / f"{method}_rank{r}.json").read_text()) for r in (0, 1))
     # Fixed completions: the ranks' own advantages, put together, are one process's
     assert r0["whole_groups"] + r1["whole_groups"] == pytest.approx(r0["one_process"], abs=1e-6)
     assert r0["split_group"] + r1["split_group"] == pytest.approx(r0["one_process_split"], abs=1e-6)
