@@ -16,7 +16,7 @@ from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import DataError
 
 
-def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], list[int]]:
+def encode_prompt(value: Any, tokenizer, where: str, **template_kwargs) -> tuple[str | list[dict], list[int]]:
     """A row's `prompt` field -> (prompt, token ids).
 
     A string is tokenized with the tokenizer's special tokens (e.g. a BOS), as TRL encodes plain-text prompts, but
@@ -30,6 +30,7 @@ def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], 
         value: the field's value: a non-empty string or a non-empty list of message dicts.
         tokenizer: a transformers tokenizer (with a chat_template for message lists).
         where: the row, for messages (formats.row_label).
+        template_kwargs: chat-template variables for message lists (TRL's chat_template_kwargs).
     Returns: (the string, or the validated message list; the token ids as a list of ints, at least one).
     Raises: DataError naming `where` and the field when the value is missing, empty or of the wrong type, a
         message is malformed, the tokenizer has no chat template for a message list, the template fails, or the
@@ -51,7 +52,7 @@ def encode_prompt(value: Any, tokenizer, where: str) -> tuple[str | list[dict], 
         if not getattr(tokenizer, "chat_template", None):
             raise DataError(f"{where}: field 'prompt' is a message list but the tokenizer has no chat "
                             f"template. Set chat_template (e.g. 'chatml') or give prompts as strings.")
-        text = render_chat(tokenizer, prompt, where, add_generation_prompt=True)
+        text = render_chat(tokenizer, prompt, where, add_generation_prompt=True, **template_kwargs)
         ids = list(text_tokenizer(tokenizer)(text, add_special_tokens=False)["input_ids"])
     if not ids:
         raise DataError(f"{where}: field 'prompt' encodes to no tokens; give it some text.")

@@ -59,13 +59,14 @@ def _image_items(messages: list) -> int:
 
 
 def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
-                         base_dir: Path | None = None) -> VisionPrompt:
+                         base_dir: Path | None = None, **template_kwargs) -> VisionPrompt:
     """A row's `prompt` (messages, or a string for one user message) and its image column -> VisionPrompt.
 
     Args:
         prompt: the row's prompt field; column: its `images` list or single `image` (row_images), or None.
         processor: fasttune's VisionProcessor (data/vision.py). where: the row, for messages. base_dir: the folder
-            relative image paths are read from (the data file's).
+            relative image paths are read from (the data file's). template_kwargs: chat-template variables (TRL's
+            chat_template_kwargs).
     Raises: DataError naming `where` for a prompt that is not messages, a message of the wrong shape, an image item
         without its image, more images than the prompt has places for, video or audio items (images only), or an
         unreadable image.
@@ -91,7 +92,7 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
                         f"{len(sources) - inline} of them; add an {{'type': 'image'}} item for each.")
     images = [to_pil(s, f"{where}, image {k + 1}", base_dir) for k, s in enumerate(sources)]
     p = processor
-    text = p.apply_chat_template(messages, add_generation_prompt=True)
+    text = p.apply_chat_template(messages, add_generation_prompt=True, **template_kwargs)
     n = text.count(p.image_token)
     if n != len(images):
         raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")

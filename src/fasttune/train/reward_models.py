@@ -26,12 +26,14 @@ class RewardModelFunc:
         batch_size: rows per forward pass (the completions are scored in chunks of this many).
         device: where the model runs (the policy's device).
         name: the name of its metrics (default: the last part of the model's name_or_path, as TRL names it).
+        template_kwargs: chat-template variables for chat prompts (TRL's chat_template_kwargs).
     Raises ConfigError for a tokenizer with neither a pad nor an EOS token.
     """
 
     needs_columns = ()
 
-    def __init__(self, model, tokenizer, batch_size: int, device, name: str | None = None):
+    def __init__(self, model, tokenizer, batch_size: int, device, name: str | None = None,
+                 template_kwargs: dict | None = None):
         from fasttune.models.sequence_classification import pad_like_tokenizer
 
         if tokenizer.pad_token_id is None:
@@ -43,12 +45,13 @@ class RewardModelFunc:
         pad_like_tokenizer(config, tokenizer)
         self.model, self.tokenizer, self.batch_size = model.to(device).eval(), tokenizer, max(1, batch_size)
         self.__name__ = name or Path(str(getattr(model.config, "_name_or_path", "") or "")).name or "reward_model"
+        self.template_kwargs = dict(template_kwargs or {})
 
     def texts(self, prompts: list, completions: list) -> list[str]:
         """What the reward model reads for each prompt + completion (see the module docstring)."""
         if isinstance(prompts[0], str):
             return [p + (c if isinstance(c, str) else c[-1]["content"]) for p, c in zip(prompts, completions)]
-        return [self.tokenizer.apply_chat_template(list(p) + list(c), tokenize=False)
+        return [self.tokenizer.apply_chat_template(list(p) + list(c), tokenize=False, **self.template_kwargs)
                 for p, c in zip(prompts, completions)]
 
     @torch.inference_mode()
@@ -66,24 +69,24 @@ class RewardModelFunc:
 
 
 def trainer_reward_funcs(funcs, processing_classes, field: str, max_completion_length: int, batch_size: int,
-                         policy) -> list:
+                         policy, template_kwargs: dict | None = None) -> list:
     """The reward functions of a GRPO / RLOO trainer, as callables: names resolved (rewards.resolve_reward_funcs;
     a `model:<folder>` loaded by load_reward_model in the policy's dtype), each nn.Module (a reward model) wrapped as
     a RewardModelFunc with its entry of `processing_classes` (a tokenizer, a list of one per function, or None:
     then the tokenizer saved beside the model's local folder is loaded); reward models run on the policy's device,
-    in chunks of batch_size. Raises ConfigError naming `field` for names that do not resolve, a list of processing
+    in chunks of batch_size, rendering chat prompts with template_kwargs. Raises ConfigError naming `field` for names that do not resolve, a list of processing
     classes whose length differs from the functions', or a reward model without a tokenizer."""
     from fasttune.train.rewards import RewardModelFolder, resolve_reward_funcs
 
     if funcs is not None and not isinstance(funcs, str):
         funcs = _wrap_modules(list(funcs) if isinstance(funcs, (list, tuple)) else [funcs], processing_classes,
-                              batch_size, policy.device)
+                              batch_size, policy.device, template_kwargs)
     resolved = resolve_reward_funcs(funcs, max_completion_length, field)
-    return [load_reward_model(f.folder, batch_size, policy.device, policy.dtype, f.__name__)
+    return [load_reward_model(f.folder, batch_size, policy.device, policy.dtype, f.__name__, template_kwargs)
             if isinstance(f, RewardModelFolder) else f for f in resolved]
 
 
-def _wrap_modules(funcs: list, processing_classes, batch_size: int, device) -> list:
+def _wrap_modules(funcs: list, processing_classes, batch_size: int, device, template_kwargs=None) -> list:
     from torch import nn
 
     if processing_classes is None or not isinstance(processing_classes, (list, tuple)):
@@ -95,12 +98,13 @@ def _wrap_modules(funcs: list, processing_classes, batch_size: int, device) -> l
     for func, tok in zip(funcs, processing_classes):
         if isinstance(func, nn.Module):
             tok = tok if tok is not None else _saved_tokenizer(func)
-            func = RewardModelFunc(func, tok, batch_size, device)
+            func = RewardModelFunc(func, tok, batch_size, device, template_kwargs=template_kwargs)
         out.append(func)
     return out
 
 
-def load_reward_model(folder: Path, batch_size: int, device, dtype, name: str) -> RewardModelFunc:
+def load_reward_model(folder: Path, batch_size: int, device, dtype, name: str,
+                      template_kwargs: dict | None = None) -> RewardModelFunc:
     """The reward model saved in `folder` (rewards.RewardModelFolder) loaded by FastLanguageModel.from_pretrained
     (a classifier checkpoint, or an adapter folder with classifier_head.json) in `dtype` on `device`, with the
     tokenizer saved beside it; `name` names its metrics. Raises ConfigError when the folder holds no sequence
@@ -115,7 +119,7 @@ def load_reward_model(folder: Path, batch_size: int, device, dtype, name: str) -
     if tok is None:
         raise ConfigError(f"reward_funcs: 'model:{folder}' has no tokenizer; save one beside the weights.")
     model.requires_grad_(False)
-    return RewardModelFunc(model, tok, batch_size, device, name)
+    return RewardModelFunc(model, tok, batch_size, device, name, template_kwargs)
 
 
 def _saved_tokenizer(model):

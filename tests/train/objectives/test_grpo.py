@@ -577,3 +577,59 @@ def test_log_completions_prints_and_writes_each_logged_step(ours_and_adapter, tm
         assert frame["tagged"].tolist() == [len(c) for c in frame["completion"]]
     with pytest.raises(ConfigError, match="num_completions_to_print=0"):
         GRPOConfig(output_dir=str(tmp_path / "e"), num_completions_to_print=0)
+
+
+# A Qwen3-style switch: with enable_thinking false the generation prompt carries an empty think block
+THINKING_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                     "{% if add_generation_prompt %}<|im_start|>assistant\n{% if enable_thinking is defined and "
+                     "not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+CHAT_ROWS = [{"prompt": [{"role": "user", "content": r["prompt"]}], "answer": r["answer"]} for r in ROWS]
+
+
+def test_chat_template_kwargs_reach_prompts_as_in_trl(ours_and_adapter, tmp_path):
+    import copy
+
+    from datasets import Dataset
+
+    model, tok, adapter = ours_and_adapter
+    tok = copy.deepcopy(tok)
+    tok.chat_template = THINKING_TEMPLATE
+    kwargs = {"enable_thinking": False}
+    ours = GRPOTrainer(model, reward_funcs=[count_a], processing_class=tok, train_dataset=CHAT_ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), shuffle=False, per_device_train_batch_size=len(COMPLETIONS),
+        gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, chat_template_kwargs=kwargs))
+    assert "</think>" in tok.decode(ours.train_examples[0]["prompt_ids"])
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(COMPLETIONS),
+                          gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
+                          report_to="none", bf16=False, chat_template_kwargs=kwargs)
+    tr = FixedCompletionsTRL(model=peft_twin("llama", adapter), reward_funcs=[count_a], args=args,
+                             train_dataset=Dataset.from_list(CHAT_ROWS), processing_class=tok)
+    want = tr._generate_and_score_completions([row for row in CHAT_ROWS for _ in range(G)])
+    got = _our_batch(ours)
+    width = want["prompt_ids"].shape[1]
+    torch.testing.assert_close(got["input_ids"][:, :width], want["prompt_ids"])
+    with pytest.raises(ConfigError, match="chat_template_kwargs=.*not valid JSON"):
+        GRPOConfig(output_dir=str(tmp_path / "e"), chat_template_kwargs="{enable_thinking: no")
+    assert GRPOConfig(output_dir=str(tmp_path / "e"), chat_template_kwargs='{"enable_thinking": false}') \
+        .chat_template_kwargs == kwargs  # a CLI flag's JSON
+
+
+def test_sampling_settings_reach_generate(tiny_dir, tmp_path, monkeypatch):
+    """min_p and repetition_penalty go to generate() as TRL hands them to its generation config, and
+    generation_kwargs override them (here top_k and max_new_tokens)."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    seen, real = [], model.generate
+    monkeypatch.setattr(model, "generate", lambda *a, **k: seen.append(k) or real(*a, **k))
+    args = GRPOConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                      num_generations=4, max_completion_length=5, max_steps=1, min_p=0.1, repetition_penalty=1.3,
+                      generation_kwargs={"top_k": 7, "max_new_tokens": 2})
+    tr = GRPOTrainer(model, reward_funcs=[count_a], args=args, train_dataset=ROWS, processing_class=tok)
+    tr.train()
+    got = seen[0]
+    assert (got["min_p"], got["repetition_penalty"], got["top_k"], got["max_new_tokens"]) == (0.1, 1.3, 7, 2)
+    assert tr.log_history[0]["completions/max_length"] <= 2
+    for bad, match in ((dict(min_p=1.5), "min_p=1.5"), (dict(repetition_penalty=0), "repetition_penalty=0"),
+                       (dict(generation_kwargs=[1]), "generation_kwargs=")):
+        with pytest.raises(ConfigError, match=match):
+            GRPOConfig(output_dir=str(tmp_path / "e"), **bad)

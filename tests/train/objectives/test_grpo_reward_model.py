@@ -117,3 +117,16 @@ def test_a_reward_model_by_its_folder(folders, tmp_path, capsys):
     assert rc == 0, capsys.readouterr().err
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
     assert (tmp_path / "out" / "completions" / "completions_00001.parquet").exists()  # --log-completions
+
+
+def test_reward_model_texts_take_chat_template_kwargs(folders, tmp_path):
+    """chat_template_kwargs reach the reward model's template too (TRL renders its texts with them)."""
+    rm, rm_tok = _reward_model(folders)
+    rm_tok.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ mark }}\n{% endfor %}"
+    model, tok = FastLanguageModel.from_pretrained(str(folders / "policy"), dtype="float32")
+    args = GRPOConfig(output_dir=str(tmp_path / "k"), per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                      num_generations=4, max_completion_length=4, chat_template_kwargs={"mark": "!"})
+    trainer = GRPOTrainer(model, reward_funcs=[rm], args=args, train_dataset=CHAT_ROWS, processing_class=tok,
+                          reward_processing_classes=[rm_tok])
+    texts = trainer.reward_funcs[0].texts([CHAT_ROWS[0]["prompt"]], [[{"role": "assistant", "content": "ab"}]])
+    assert texts == [f"user: {ROWS[0]['prompt']}!\nassistant: ab!\n"]

@@ -94,7 +94,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         self.reward_funcs = trainer_reward_funcs(
             reward_funcs if given else args.reward_funcs, reward_processing_classes,
             "reward_funcs" if given else f"{config}.reward_funcs", args.max_completion_length,
-            args.per_device_train_batch_size, model)
+            args.per_device_train_batch_size, model, args.chat_template_kwargs)
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -151,11 +151,12 @@ class GRPOTrainer(RewardScoring, Trainer):
                 raise DataError(f"{where}: the row has images, but {type(self.model).__name__} reads text only. Load "
                                 f"a vision-language model with FastVisionModel.from_pretrained, or drop the images.")
             if self.vision and (isinstance(prompt, list) or has_images(row)):
-                laid_out = encode_vision_prompt(prompt, row_images(row), tok, where, base_dir)
+                laid_out = encode_vision_prompt(prompt, row_images(row), tok, where, base_dir,
+                                                **(a.chat_template_kwargs or {}))
                 ids, sources = laid_out.ids, laid_out.sources
                 prompt = with_image_payloads(laid_out)  # what TRL's reward functions get
             else:
-                prompt, ids = encode_prompt(prompt, tok, where)
+                prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))
             for col in needed:
                 if row.get(col) is None:
                     users = [n for f, n in zip(self.reward_funcs, self.reward_names) if col in required_columns(f)]
@@ -241,10 +242,12 @@ class GRPOTrainer(RewardScoring, Trainer):
             media = {**prompt_media(examples, self.tokenizer), "num_return_sequences": copies,
                      "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
-        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device),
-                             max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
-                             top_p=a.top_p, top_k=a.top_k, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed,
-                             **media)
+        # TRL's sampling settings, then its generation_kwargs over them
+        options = dict(max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
+                       top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
+                       eos_token_id=stops, pad_token_id=self.pad_id, seed=seed)
+        options.update(a.generation_kwargs or {})
+        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), **{**options, **media})
         completions, truncated = [], []
         for row in out[:, ids.shape[1]:].tolist():
             end = next((i for i, t in enumerate(row) if t in stops), None)

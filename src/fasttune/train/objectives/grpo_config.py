@@ -7,6 +7,8 @@ per_device_train_batch_size x gradient_accumulation_steps x ranks completions, n
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 
 from fasttune.errors import ConfigError
@@ -26,6 +28,11 @@ class OnlineRLConfig(TrainingConfig):
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float | None = None  # TRL's: tokens below min_p x the top token's probability are not sampled
+    repetition_penalty: float = 1.0  # TRL's: > 1 discourages tokens already in the prompt or completion
+    generation_kwargs: dict | None = None  # TRL's: more generate() arguments, over the ones above (JSON in a flag)
+    chat_template_kwargs: dict | None = None  # TRL's: chat-template variables for prompts and reward models, e.g.
+    # {"enable_thinking": false} (a JSON string in a flag)
     beta: float = 0.0  # KL to the reference (the policy as handed to the trainer); 0 = no KL, no reference
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (DAPO suggests 0.28)
@@ -61,6 +68,22 @@ class OnlineRLConfig(TrainingConfig):
         if self.num_generations < 2:
             raise ConfigError(f"num_generations={self.num_generations} is invalid: GRPO compares completions within "
                               f"a group, so sample at least 2 per prompt.")
+        for name in ("generation_kwargs", "chat_template_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str):  # from a CLI flag or YAML string
+                try:
+                    value = json.loads(value)
+                except json.JSONDecodeError as e:
+                    raise ConfigError(f"{name}={value!r} is not valid JSON ({e}); give an object, e.g. "
+                                      f"'{{\"enable_thinking\": false}}'.") from None
+                setattr(self, name, value)
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(f"{name}={value!r} is invalid: give a dict of keyword arguments (or None).")
+        if self.min_p is not None and not 0 <= self.min_p <= 1:
+            raise ConfigError(f"min_p={self.min_p} is invalid: use a value in [0, 1], or None to turn it off.")
+        if self.repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty={self.repetition_penalty} is invalid: use a value > 0 (1 turns it "
+                              f"off).")
         if self.num_completions_to_print is not None and (
                 not isinstance(self.num_completions_to_print, int) or self.num_completions_to_print < 1):
             raise ConfigError(f"num_completions_to_print={self.num_completions_to_print!r} is invalid: a whole number "
