@@ -65,8 +65,8 @@ def test_packed_loss_and_grads_equal_unpacked(tiny_model_dir):
     want, want_g = loss_and_grads(singles)
     got, got_g = loss_and_grads(packed)
     assert abs(got - want) / want < 1e-5
-    for n in want_g:
-        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=1e-6, msg=n)
+    for n in want_g:  # fp32 sums in other orders (packed rows, banded window blocks): ~1.5e-6 of the largest entry
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-4, atol=4e-6 * float(want_g[n].abs().max()), msg=n)
 
 
 def test_trainer_with_packing(tiny_model_dir, tmp_path):
