@@ -114,6 +114,23 @@ def test_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, beta, b
                     p.copy_(start[n])
 
 
+@pytest.mark.parametrize("loss_type,beta", [("grpo", 0.0), ("grpo", 0.1), ("dapo", 0.0)])
+def test_gspo_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, beta):
+    """importance_sampling_level="sequence" (GSPO): one ratio per completion; loss, LoRA gradients and the clip
+    metrics (counted per completion) equal TRL's."""
+    model, tok, adapter = ours_and_adapter
+    cfg = dict(loss_type=loss_type, beta=beta, epsilon=0.02, epsilon_high=0.03, temperature=0.8,
+               importance_sampling_level="sequence")
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+
+
 def test_qwen3_5_loss_and_grads_match_trl(tmp_path, tiny_tokenizer):
     """Qwen3.5 (gated DeltaNet layers; left-padded prompts and the completions' padding through the delta rule) against
     TRL on transformers + PEFT, with a reference (beta > 0)."""
@@ -630,6 +647,7 @@ def test_sampling_settings_reach_generate(tiny_dir, tmp_path, monkeypatch):
     assert (got["min_p"], got["repetition_penalty"], got["top_k"], got["max_new_tokens"]) == (0.1, 1.3, 7, 2)
     assert tr.log_history[0]["completions/max_length"] <= 2
     for bad, match in ((dict(min_p=1.5), "min_p=1.5"), (dict(repetition_penalty=0), "repetition_penalty=0"),
-                       (dict(generation_kwargs=[1]), "generation_kwargs=")):
+                       (dict(generation_kwargs=[1]), "generation_kwargs="),
+                       (dict(importance_sampling_level="seq"), "importance_sampling_level='seq'")):
         with pytest.raises(ConfigError, match=match):
             GRPOConfig(output_dir=str(tmp_path / "e"), **bad)

@@ -372,7 +372,8 @@ class GRPOTrainer(RewardScoring, Trainer):
         old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
         adv = batch["advantages"]
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
-                                               batch.get("ref_logps"), a.use_bias_correction_kl)
+                                               batch.get("ref_logps"), a.use_bias_correction_kl, mask,
+                                               a.importance_sampling_level)
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
         with torch.no_grad():  # the metric sums stay on the device until step_metrics reads them
             m = mask.float()

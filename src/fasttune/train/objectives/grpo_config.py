@@ -8,12 +8,13 @@ per_device_train_batch_size x gradient_accumulation_steps x ranks completions, n
 from __future__ import annotations
 
 import json
+import warnings
 
 from dataclasses import dataclass
 
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
-from fasttune.train.objectives.grpo_loss import LOSS_TYPES, SCALE_REWARDS
+from fasttune.train.objectives.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass
@@ -122,6 +123,7 @@ class GRPOConfig(OnlineRLConfig):
     loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
     scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
     use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
+    importance_sampling_level: str = "token"  # "sequence": GSPO's one ratio per completion (TRL's setting)
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):
@@ -129,6 +131,13 @@ class GRPOConfig(OnlineRLConfig):
         super().__post_init__()
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type='{self.loss_type}' is not supported; use one of {LOSS_TYPES}.")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ConfigError(f"importance_sampling_level={self.importance_sampling_level!r} is not supported; use "
+                              f"one of {IMPORTANCE_SAMPLING_LEVELS}.")
+        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+            warnings.warn(f"importance_sampling_level='sequence' with loss_type='{self.loss_type}' sums per-token "
+                          f"terms, which weights each completion by its length; GSPO's own setup is "
+                          f"loss_type='grpo' (as TRL warns).", UserWarning, stacklevel=3)
         if self.scale_rewards not in SCALE_REWARDS:
             raise ConfigError(f"scale_rewards='{self.scale_rewards}' is invalid; use one of {SCALE_REWARDS}.")
 

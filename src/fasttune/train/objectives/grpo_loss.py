@@ -15,6 +15,7 @@ import torch
 
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 SCALE_REWARDS = ("group", "batch", "none")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -48,11 +49,18 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
 
 
 def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
-                   epsilon_high: float, beta: float, ref_logps: torch.Tensor | None, bias_correction_kl: bool = True):
+                   epsilon_high: float, beta: float, ref_logps: torch.Tensor | None, bias_correction_kl: bool = True,
+                   mask: torch.Tensor | None = None, level: str = "token"):
     """-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * KL_k3, per token. Returns (loss, ratio, kl or None).
-    With bias_correction_kl the KL is weighted by the ratio r (DeepSeek-V3.2's unbiased reverse-KL gradient)."""
+    With bias_correction_kl the KL is weighted by the ratio r (DeepSeek-V3.2's unbiased reverse-KL gradient).
+    level "sequence" (GSPO, Zheng et al. 2025; TRL's importance_sampling_level): r is one per completion (B, 1), the
+    exponent of its mean log-ratio over the completion tokens of `mask`; the loss is then (B, 1) without a KL term."""
     adv = advantages[:, None]
-    ratio = torch.exp(logps - old_logps)
+    log_ratio = logps - old_logps
+    if level == "sequence":
+        m = mask.to(log_ratio.dtype)
+        log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
+    ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
     loss = -torch.min(ratio * adv, clipped * adv)
     kl = None
@@ -84,11 +92,11 @@ def reduce_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, nu
 def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
                epsilon_high: float) -> dict:
     """Fractions of completion tokens whose ratio was clipped (TRL's clip_ratio/* metrics), as (sum, count): 0-dim
-    tensors on the device (not read here)."""
+    tensors on the device (not read here). A sequence-level ratio (B, 1) counts completions, as TRL does."""
     adv = advantages[:, None]
     low = (ratio < 1 - epsilon_low) & (adv < 0)
     high = (ratio > 1 + epsilon_high) & (adv > 0)
-    m = mask.bool()
+    m = mask.bool() if ratio.shape[1] > 1 else torch.ones_like(low)
     n = m.sum()
     return {"clip_ratio/low_mean": ((low & m).sum(), n), "clip_ratio/high_mean": ((high & m).sum(), n),
             "clip_ratio/region_mean": (((low | high) & m).sum(), n)}
