@@ -131,6 +131,26 @@ def test_gspo_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, be
                     p.copy_(start[n])
 
 
+# TRL 1.16's other losses: CISPO (clipped REINFORCE weights), SAPO (soft gates, no clipping to report), LUSPO (with
+# GSPO's sequence ratio, as its paper), and INTELLECT-2's two-sided clipping (delta) on dapo
+@pytest.mark.parametrize("cfg,checks", [
+    (dict(loss_type="cispo", epsilon_high=1.1), dict(clipped="cispo_clip_ratio", clip_metrics=["cispo_clip_ratio"])),
+    (dict(loss_type="sapo", sapo_temperature_pos=1.2), dict(clipped=None, clip_metrics=[])),
+    (dict(loss_type="luspo", importance_sampling_level="sequence", epsilon=0.02, epsilon_high=0.03), {}),
+    (dict(loss_type="dapo", delta=1.3, epsilon=0.2, epsilon_high=0.28), {})], ids=["cispo", "sapo", "luspo", "delta"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_other_losses_match_trl(ours_and_adapter, tmp_path, cfg, checks, beta):
+    model, tok, adapter = ours_and_adapter
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        _loss_and_grads_match_trl(model, tok, adapter, tmp_path, dict(cfg, beta=beta, temperature=0.8), **checks)
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+
+
 def test_qwen3_5_loss_and_grads_match_trl(tmp_path, tiny_tokenizer):
     """Qwen3.5 (gated DeltaNet layers; left-padded prompts and the completions' padding through the delta rule) against
     TRL on transformers + PEFT, with a reference (beta > 0)."""
@@ -143,7 +163,7 @@ def test_qwen3_5_loss_and_grads_match_trl(tmp_path, tiny_tokenizer):
                               family="qwen3_5_text")
 
 
-def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"):
+def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama", **checks):
     beta = cfg["beta"]
     ours = _ours(model, tok, tmp_path, **cfg)
     tr = _trl_trainer(adapter, tok, tmp_path, family=family, **cfg)
@@ -161,7 +181,7 @@ def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"
     batch["old_logps"] = inputs["old_per_token_logps"] = old * mask
     num_items = int(mask.sum())
 
-    assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["kl"] if beta else [])
+    assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["kl"] if beta else [], **checks)
 
 
 def _policy_logps(trainer, batch):

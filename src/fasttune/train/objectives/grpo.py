@@ -373,13 +373,14 @@ class GRPOTrainer(RewardScoring, Trainer):
         adv = batch["advantages"]
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
                                                batch.get("ref_logps"), a.use_bias_correction_kl, mask,
-                                               a.importance_sampling_level)
+                                               a.importance_sampling_level, a.loss_type, a.delta,
+                                               (a.sapo_temperature_pos, a.sapo_temperature_neg))
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
         with torch.no_grad():  # the metric sums stay on the device until step_metrics reads them
             m = mask.float()
             if kl is not None:
                 self._add_ratio("kl", (kl * m).sum(), m.sum())
-            for name, (s, n) in clip_stats(ratio, adv, mask, self.eps_low, self.eps_high).items():
+            for name, (s, n) in clip_stats(ratio, adv, mask, self.eps_low, self.eps_high, a.loss_type).items():
                 self._add_ratio(name, s, n)
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
         # as float(loss) * num_items; the core reads it once per step).

@@ -124,6 +124,9 @@ class GRPOConfig(OnlineRLConfig):
     scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
     use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
     importance_sampling_level: str = "token"  # "sequence": GSPO's one ratio per completion (TRL's setting)
+    delta: float | None = None  # INTELLECT-2's two-sided clipping: the unclipped ratio capped at delta (> 1 + epsilon)
+    sapo_temperature_pos: float = 1.0  # loss_type="sapo": the gate's temperature where the advantage is positive
+    sapo_temperature_neg: float = 1.05  # ... and where it is not
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):
@@ -134,7 +137,15 @@ class GRPOConfig(OnlineRLConfig):
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
             raise ConfigError(f"importance_sampling_level={self.importance_sampling_level!r} is not supported; use "
                               f"one of {IMPORTANCE_SAMPLING_LEVELS}.")
-        if self.importance_sampling_level == "sequence" and self.loss_type != "grpo":
+        if self.delta is not None and self.delta <= 1:
+            raise ConfigError(f"delta={self.delta} is invalid: the cap on the ratio must be > 1 (INTELLECT-2 uses 4; "
+                              f"above 1 + epsilon_high), or None to turn it off.")
+        if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
+            raise ConfigError("sapo_temperature_pos and sapo_temperature_neg must be > 0.")
+        if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
+            warnings.warn("loss_type='luspo' mirrors its paper with importance_sampling_level='sequence' (as TRL "
+                          "warns).", UserWarning, stacklevel=3)
+        if self.importance_sampling_level == "sequence" and self.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
             warnings.warn(f"importance_sampling_level='sequence' with loss_type='{self.loss_type}' sums per-token "
                           f"terms, which weights each completion by its length; GSPO's own setup is "
                           f"loss_type='grpo' (as TRL warns).", UserWarning, stacklevel=3)

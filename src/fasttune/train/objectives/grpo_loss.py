@@ -8,12 +8,13 @@ summed over ranks, since fasttune sums gradients over ranks where DDP averages t
 - grpo: mean over completions of each completion's token mean, / steps.
 - bnpo: token mean of the micro-batch, / steps (TRL normalises over the local micro-batch only).
 - dr_grpo: token sum / (B * max_completion_length), / steps.
+- cispo: as dapo; sapo: as grpo; luspo: mean over completions of each completion's token sum, / steps.
 """
 from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
@@ -50,19 +51,33 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
 
 def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
                    epsilon_high: float, beta: float, ref_logps: torch.Tensor | None, bias_correction_kl: bool = True,
-                   mask: torch.Tensor | None = None, level: str = "token"):
-    """-min(r A, clip(r, 1-eps_low, 1+eps_high) A) + beta * KL_k3, per token. Returns (loss, ratio, kl or None).
-    With bias_correction_kl the KL is weighted by the ratio r (DeepSeek-V3.2's unbiased reverse-KL gradient).
+                   mask: torch.Tensor | None = None, level: str = "token", loss_type: str = "dapo",
+                   delta: float | None = None, sapo_temperatures: tuple = (1.0, 1.05)):
+    """The per-token policy term + beta * KL_k3. Returns (loss, ratio, kl or None); ratio r = exp(logps - old).
+
+    - dapo / grpo / bnpo / dr_grpo / luspo: -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with delta (INTELLECT-2's
+      two-sided clipping) r capped at delta in the first term;
+    - cispo (ScaleRL): -min(r, eps_high), detached, x A x logps: the clipped weight of a REINFORCE term;
+    - sapo (Gao et al. 2025): -sigmoid(t (r - 1)) x 4 / t x A, t = sapo_temperatures[0] where A > 0, else [1].
+    With bias_correction_kl the KL is weighted by r (DeepSeek-V3.2's unbiased reverse-KL gradient).
     level "sequence" (GSPO, Zheng et al. 2025; TRL's importance_sampling_level): r is one per completion (B, 1), the
-    exponent of its mean log-ratio over the completion tokens of `mask`; the loss is then (B, 1) without a KL term."""
+    exponent of its mean log-ratio over the completion tokens of `mask`; the loss is then (B, 1) without a KL term.
+    The formulas are TRL 1.16's GRPOTrainer._compute_loss."""
     adv = advantages[:, None]
     log_ratio = logps - old_logps
     if level == "sequence":
         m = mask.to(log_ratio.dtype)
         log_ratio = ((log_ratio * m).sum(-1) / m.sum(-1).clamp(min=1.0))[:, None]
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
-    loss = -torch.min(ratio * adv, clipped * adv)
+    if loss_type == "cispo":
+        loss = -torch.clamp(ratio, max=epsilon_high).detach() * adv * logps
+    elif loss_type == "sapo":
+        t = torch.where(adv > 0, sapo_temperatures[0], sapo_temperatures[1])
+        loss = -torch.sigmoid(t * (ratio - 1)) * 4 / t * adv
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
+        capped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        loss = -torch.min(capped * adv, clipped * adv)
     kl = None
     if beta != 0.0:
         # k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0
@@ -78,10 +93,12 @@ def reduce_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, nu
     """The micro-batch's share of the optimizer step's loss (see the module docstring)."""
     mask = mask.to(token_loss.dtype)
     masked = token_loss * mask
-    if loss_type == "dapo":
+    if loss_type in ("dapo", "cispo"):
         return masked.sum() / max(num_items, 1)
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / steps
+    if loss_type == "luspo":  # each completion's token sum: longer completions weigh more
+        return masked.sum(-1).mean() / steps
     if loss_type == "bnpo":
         return masked.sum() / mask.sum().clamp(min=1.0) / steps
     if loss_type == "dr_grpo":
@@ -90,13 +107,18 @@ def reduce_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, nu
 
 
 def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, epsilon_low: float,
-               epsilon_high: float) -> dict:
+               epsilon_high: float, loss_type: str = "dapo") -> dict:
     """Fractions of completion tokens whose ratio was clipped (TRL's clip_ratio/* metrics), as (sum, count): 0-dim
-    tensors on the device (not read here). A sequence-level ratio (B, 1) counts completions, as TRL does."""
+    tensors on the device (not read here). A sequence-level ratio (B, 1) counts completions, as TRL does. cispo:
+    cispo_clip_ratio (weights capped at eps_high); sapo: none."""
     adv = advantages[:, None]
     low = (ratio < 1 - epsilon_low) & (adv < 0)
     high = (ratio > 1 + epsilon_high) & (adv > 0)
     m = mask.bool() if ratio.shape[1] > 1 else torch.ones_like(low)
     n = m.sum()
+    if loss_type == "sapo":  # no clipping to report (TRL logs none)
+        return {}
+    if loss_type == "cispo":
+        return {"cispo_clip_ratio": (((ratio > epsilon_high) & (adv > 0) & m).sum(), n)}
     return {"clip_ratio/low_mean": ((low & m).sum(), n), "clip_ratio/high_mean": ((high & m).sum(), n),
             "clip_ratio/region_mean": (((low | high) & m).sum(), n)}
