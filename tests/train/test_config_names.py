@@ -61,7 +61,8 @@ def test_every_upstream_setting_is_accepted_at_its_default(cls):
     (SFTConfig, dict(truncation_mode="keep_end"),
      r"does not implement TRL's SFTConfig\.truncation_mode; leave it at its default \('keep_start'\)"),
     (SFTConfig, dict(packing_strategy="wrapped"), r"TRL's SFTConfig\.packing_strategy.*'bfd'"),
-    ("GRPOConfig", dict(use_vllm=True), r"TRL's GRPOConfig\.use_vllm; leave it at its default \(False\)"),
+    ("GRPOConfig", dict(top_entropy_quantile=0.2),
+     r"TRL's GRPOConfig\.top_entropy_quantile; leave it at its default \(1\.0\)"),
     (DPOConfig, dict(loss_type=["sigmoid", "sft"]), r"one loss at a time; TRL's weighted sum"),
     (SFTConfig, dict(label_smoothing_factor=0.1), "label smoothing is not implemented"),
     (SFTConfig, dict(use_cpu=True), "CUDA_VISIBLE_DEVICES="),
@@ -134,3 +135,15 @@ def test_schedule_keywords_are_checked_with_the_config(kw, match):
 def test_schedule_keywords_from_json_text():
     c = SFTConfig(lr_scheduler_type="warmup_stable_decay", lr_scheduler_kwargs='{"num_decay_steps": 3}')
     assert c.lr_scheduler_kwargs == {"num_decay_steps": 3}
+
+
+def test_use_vllm_samples_with_fasttunes_generate():
+    """GRPO / RLOO scripts written for TRL's vLLM sampling run: use_vllm and the vllm_* settings are accepted, with a
+    warning that fasttune's own generate() samples; other configs do not know them."""
+    from fasttune import GRPOConfig, RLOOConfig
+
+    for cls in (GRPOConfig, RLOOConfig):
+        with pytest.warns(UserWarning, match=r"use_vllm=True\): fasttune samples the completions with its own"):
+            cls(output_dir="o", use_vllm=True, vllm_mode="server", vllm_gpu_memory_utilization=0.3)
+    with pytest.raises(ConfigError, match="unknown setting 'use_vllm'"):
+        SFTConfig(output_dir="o", use_vllm=True)

@@ -9,6 +9,8 @@ TypeError).
   train_on_responses_only=True).
 - Bookkeeping settings that change nothing fasttune computes are accepted and dropped (run names, dataloader
   workers, hub ids with push_to_hub off, DDP tuning, eval gathering, ...).
+- GRPO / RLOO: TRL's `use_vllm` and `vllm_*` settings are accepted (a warning with use_vllm=True): completions are
+  sampled by fasttune's own generate() from the weights being trained.
 - `gradient_checkpointing` is accepted: recompute is the model's setting here (`use_gradient_checkpointing` of
   get_peft_model, "auto" by default), not the trainer's.
 - save_strategy / eval_strategy "no" and "steps" map onto save_steps / eval_steps; the others are refused.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import warnings
 
 from fasttune.errors import ConfigError
 
@@ -135,6 +138,12 @@ def translate(cls, kwargs: dict) -> dict:
                     raise ConfigError(f"{cls.__name__}: chat_template and chat_template_path both give the chat "
                                       f"template; give one.")
                 out["chat_template"] = template_from_path(value)
+        elif (key == "use_vllm" or key.startswith("vllm_")) and "num_generations" in names:
+            if key == "use_vllm" and value:
+                warnings.warn(f"{cls.__name__}(use_vllm=True): fasttune samples the completions with its own "
+                              f"generate() (KV cache and decode kernels on the training GPU, from the weights being "
+                              f"trained, so no importance-sampling correction is needed); no vLLM engine or server is "
+                              f"started and the vllm_* settings are unused.", UserWarning, stacklevel=4)
         elif key in REFUSED:
             ok, fix = REFUSED[key]
             if value not in ok:
