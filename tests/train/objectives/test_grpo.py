@@ -671,3 +671,22 @@ def test_sampling_settings_reach_generate(tiny_dir, tmp_path, monkeypatch):
                        (dict(importance_sampling_level="seq"), "importance_sampling_level='seq'")):
         with pytest.raises(ConfigError, match=match):
             GRPOConfig(output_dir=str(tmp_path / "e"), **bad)
+
+
+def test_generation_batch_settings_at_one_batch_per_step(tiny_dir, tmp_path):
+    """TRL's steps_per_generation / generation_batch_size are accepted at one generation batch per optimizer step
+    (TRL's default, what fasttune samples) and refused otherwise, naming the values that fit."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
+    common = dict(output_dir=str(tmp_path / "g"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+                  num_generations=4, max_completion_length=4)
+    for kw in (dict(steps_per_generation=2), dict(generation_batch_size=8)):
+        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
+                    processing_class=tok)
+    for kw, match in ((dict(steps_per_generation=4), r"steps_per_generation=4 is not supported.*= 2 and "
+                                                      r"generation_batch_size = .* = 8"),
+                      (dict(generation_batch_size=16), "generation_batch_size=16 is not supported")):
+        with pytest.raises(ConfigError, match=match):
+            GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
+                        processing_class=tok)
+    with pytest.raises(ConfigError, match="give one"):
+        GRPOConfig(**common, steps_per_generation=2, generation_batch_size=8)

@@ -113,6 +113,16 @@ class GRPOTrainer(RewardScoring, Trainer):
                               f"completions, which must hold whole groups of num_generations_eval="
                               f"{self.eval_generations}. Make it a multiple (as in TRL).")
         completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
+        if (a.steps_per_generation not in (None, a.gradient_accumulation_steps)
+                or a.generation_batch_size not in (None, completions_per_step)):
+            given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
+                f"generation_batch_size={a.generation_batch_size}"
+            raise ConfigError(
+                f"{given} is not supported: fasttune samples one generation batch per optimizer step (TRL's "
+                f"default), i.e. steps_per_generation = gradient_accumulation_steps = {a.gradient_accumulation_steps} "
+                f"and generation_batch_size = per_device_train_batch_size x gradient_accumulation_steps x ranks = "
+                f"{completions_per_step}. Leave it unset, or raise gradient_accumulation_steps to sample more "
+                f"completions per step (num_iterations reuses them for more steps).")
         if completions_per_step % a.num_generations:
             raise ConfigError(
                 f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "

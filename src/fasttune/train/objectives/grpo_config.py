@@ -43,6 +43,10 @@ class OnlineRLConfig(TrainingConfig):
     reward_weights: list | None = None  # one weight per reward function (default 1.0 each)
     mask_truncated_completions: bool = False  # completions that hit max_completion_length get no loss
     max_unrewarded_steps: int = 5  # steps in a row where no reward function scored any completion before stopping
+    # TRL's generation batch: fasttune samples one per optimizer step, TRL's default (steps_per_generation =
+    # gradient_accumulation_steps); these are accepted at that value (checked by the trainer, which knows the ranks)
+    steps_per_generation: int | None = None
+    generation_batch_size: int | None = None
     # TRL's: each training log entry prints the latest step's completions table and writes it to
     # output_dir/completions/completions_<step>.parquet (train/objectives/completions_log.py)
     log_completions: bool = False
@@ -85,6 +89,9 @@ class OnlineRLConfig(TrainingConfig):
         if self.repetition_penalty <= 0:
             raise ConfigError(f"repetition_penalty={self.repetition_penalty} is invalid: use a value > 0 (1 turns it "
                               f"off).")
+        if self.steps_per_generation is not None and self.generation_batch_size is not None:
+            raise ConfigError("steps_per_generation and generation_batch_size give the same setting; give one (as "
+                              "TRL requires).")
         if self.num_completions_to_print is not None and (
                 not isinstance(self.num_completions_to_print, int) or self.num_completions_to_print < 1):
             raise ConfigError(f"num_completions_to_print={self.num_completions_to_print!r} is invalid: a whole number "
