@@ -372,7 +372,8 @@ class Trainer(CallbackMethods, TrainerMethods):
         # gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
         fillers = min(args.gradient_accumulation_steps, len(full_group)) - len(host_group) if is_sharded(model) else 0
         self.prepare_step(host_group, across_ranks=True)
-        num_items = int(self.dist.sum(sum(self.count_items(b) for b in host_group)))
+        total = self.dist.sum(sum(self.count_items(b) for b in host_group))
+        num_items = int(total) if float(total).is_integer() else total  # (GRPO's shares of a generation's tokens)
         n_tokens = sum(self.batch_tokens(b) for b in host_group)
         group = [self.to_device(b) for b in host_group]
         run.lr = optimizer.param_groups[0]["lr"]

@@ -673,18 +673,59 @@ def test_sampling_settings_reach_generate(tiny_dir, tmp_path, monkeypatch):
             GRPOConfig(output_dir=str(tmp_path / "e"), **bad)
 
 
-def test_generation_batch_settings_at_one_batch_per_step(tiny_dir, tmp_path):
-    """TRL's steps_per_generation / generation_batch_size are accepted at one generation batch per optimizer step
-    (TRL's default, what fasttune samples) and refused otherwise, naming the values that fit."""
+@pytest.mark.parametrize("loss_type,num_iterations", [("dapo", 1), ("grpo", 1), ("dapo", 2)])
+def test_generation_batch_over_two_steps_equals_trl(ours_and_adapter, tmp_path, loss_type, num_iterations,
+                                                    monkeypatch):
+    """steps_per_generation=2 with gradient_accumulation_steps=1: one generation batch (both prompts' groups) feeds
+    two optimizer steps (then again with num_iterations=2); the second step's ratios use the log-probs kept at
+    sampling time, and dapo's normaliser is the generation's tokens / 2, as in TRL. Every step's loss, grad norm and
+    the rollout's reward equal TRL's. (TRL shuffles the generation batch before cutting it into micro-batches, from
+    the global RNG; fasttune keeps the sampled order, so TRL's shuffle is made the identity here.)"""
+    import trl.trainer.grpo_trainer as trl_grpo
+
+    monkeypatch.setattr(trl_grpo, "shuffle_sequence_dict", lambda batch: batch)
+    _, tok, adapter = ours_and_adapter
+    steps = 2 * num_iterations
+    cfg = dict(beta=0.0, loss_type=loss_type, temperature=0.8, learning_rate=5e-2, max_grad_norm=1.0,
+               max_steps=steps, steps_per_generation=2, num_iterations=num_iterations)
+    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=1,
+        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    assert ours.generation_steps == 2 and ours.keeps_old_logps
+    ours.train()
+    got = ours.log_history
+    from datasets import Dataset
+
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=G,
+                          gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
+                          report_to="none", bf16=False, shuffle_dataset=False, logging_steps=1, save_strategy="no",
+                          **cfg)
+    theirs = FixedCompletionsTRL(model=peft_twin("llama", adapter), reward_funcs=list(REWARDS), args=args,
+                                 train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == steps
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4, abs=1e-6)
+    assert [h["grad_norm"] for h in got] == pytest.approx([h["grad_norm"] for h in want], rel=1e-4)
+    assert got[0]["reward"] == pytest.approx(want[0]["reward"], rel=1e-6)
+
+
+def test_generation_batch_settings(tiny_dir, tmp_path):
+    """TRL's steps_per_generation / generation_batch_size: whole optimizer steps per generation batch, else refused
+    naming the values that fit."""
     model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
     common = dict(output_dir=str(tmp_path / "g"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   num_generations=4, max_completion_length=4)
-    for kw in (dict(steps_per_generation=2), dict(generation_batch_size=8)):
-        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
-                    processing_class=tok)
-    for kw, match in ((dict(steps_per_generation=4), r"steps_per_generation=4 is not supported.*= 2 and "
-                                                      r"generation_batch_size = .* = 8"),
-                      (dict(generation_batch_size=16), "generation_batch_size=16 is not supported")):
+    for kw, steps in ((dict(steps_per_generation=2), 1), (dict(generation_batch_size=8), 1),
+                      (dict(steps_per_generation=6), 3), (dict(generation_batch_size=16), 2), ({}, 1)):
+        tr = GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
+                         processing_class=tok)
+        assert tr.generation_steps == steps and tr.keeps_old_logps == (steps > 1)
+    for kw, match in ((dict(steps_per_generation=3), r"steps_per_generation=3 is not supported.*multiple of "
+                                                      r"gradient_accumulation_steps=2 .*multiple of 8"),
+                      (dict(generation_batch_size=12), r"generation_batch_size=12 \(3 micro-batches a rank\)"),
+                      (dict(generation_batch_size=6), "multiple of per_device_train_batch_size x ranks = 4")):
         with pytest.raises(ConfigError, match=match):
             GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
                         processing_class=tok)

@@ -50,6 +50,29 @@ def _copies(examples: list[dict]) -> int:
     return runs[0] if runs and len(set(runs)) == 1 else 1
 
 
+def _generation_steps(a, world: int) -> int:
+    """Optimizer steps one generation batch feeds: TRL's steps_per_generation (or generation_batch_size, in
+    completions over all ranks) / gradient_accumulation_steps; 1 by default. Raises ConfigError for a
+    generation_batch_size that is not whole per-device batches, or a generation that does not cover whole optimizer
+    steps."""
+    ga, per_pass = a.gradient_accumulation_steps, a.per_device_train_batch_size * world
+    spg = a.steps_per_generation
+    if a.generation_batch_size is not None:
+        if a.generation_batch_size % per_pass:
+            raise ConfigError(f"generation_batch_size={a.generation_batch_size} must be a multiple of "
+                              f"per_device_train_batch_size x ranks = {per_pass} (as TRL requires).")
+        spg = a.generation_batch_size // per_pass
+    if spg is None:
+        return 1
+    if spg < 1 or spg % ga:
+        given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
+            f"generation_batch_size={a.generation_batch_size} ({spg} micro-batches a rank)"
+        raise ConfigError(f"{given} is not supported: a generation batch must feed whole optimizer steps, so make it "
+                          f"a multiple of gradient_accumulation_steps={ga} micro-batches a rank (generation_batch_size "
+                          f"a multiple of {per_pass * ga}); TRL's default is one generation batch per step.")
+    return spg // ga
+
+
 class GRPOTrainer(RewardScoring, Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
@@ -113,16 +136,7 @@ class GRPOTrainer(RewardScoring, Trainer):
                               f"completions, which must hold whole groups of num_generations_eval="
                               f"{self.eval_generations}. Make it a multiple (as in TRL).")
         completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
-        if (a.steps_per_generation not in (None, a.gradient_accumulation_steps)
-                or a.generation_batch_size not in (None, completions_per_step)):
-            given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
-                f"generation_batch_size={a.generation_batch_size}"
-            raise ConfigError(
-                f"{given} is not supported: fasttune samples one generation batch per optimizer step (TRL's "
-                f"default), i.e. steps_per_generation = gradient_accumulation_steps = {a.gradient_accumulation_steps} "
-                f"and generation_batch_size = per_device_train_batch_size x gradient_accumulation_steps x ranks = "
-                f"{completions_per_step}. Leave it unset, or raise gradient_accumulation_steps to sample more "
-                f"completions per step (num_iterations reuses them for more steps).")
+        self.generation_steps = _generation_steps(a, self.dist.world)
         if completions_per_step % a.num_generations:
             raise ConfigError(
                 f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "
@@ -202,26 +216,49 @@ class GRPOTrainer(RewardScoring, Trainer):
         """Prompt tokens plus max_completion_length (the longest a sampled row can be)."""
         return len(example["prompt_ids"]) + self.args.max_completion_length
 
-    def count_items(self, batch: dict) -> int:
-        """Completion tokens: the normaliser of token-level losses (dapo) over the whole accumulated batch."""
-        return int(batch["completion_mask"].sum())
+    def count_items(self, batch: dict) -> int | float:
+        """Completion tokens: the normaliser of token-level losses (dapo) over the whole accumulated batch (a share
+        of the generation batch's tokens when one feeds several steps, see _share_items)."""
+        return batch["items_share"] if "items_share" in batch else int(batch["completion_mask"].sum())
 
     # --- sampling and scoring, once per optimizer step ---------------------------------------------------------
     def step_batches(self, start_epoch: int, start_micro: int):
         """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
         that a resume samples the same), yielded num_iterations times as (epoch, next micro index, micro-batches)."""
         ga, rank = self.args.gradient_accumulation_steps, self.dist.rank
-        for epoch, micro, group in self.step_groups(start_epoch, start_micro):
+        groups = self.step_groups(start_epoch, start_micro)
+        while True:
+            # One generation batch feeds generation_steps optimizer steps (TRL's steps_per_generation), each reused
+            # num_iterations times over (TRL's order: the generation's steps, then again).
+            chunk = [next(groups) for _ in range(self.generation_steps)]
+            epoch, micro = chunk[0][:2]
             # Under torchrun each rank samples and scores only its own micro-batches (the loop trains this rank's
-            # share of the step's list; the other ranks' places stay None); rewards are gathered for the advantages.
-            own = self.dist.shard(group, ga)
+            # share of each step's list; the other ranks' places stay None); rewards are gathered for the advantages.
+            owns = [self.dist.shard(group, ga) for _, _, group in chunk]
             seed = self.args.seed + 1_000_003 * epoch + micro + RANK_SEED_STRIDE * rank  # the same after a resume
-            batches = self.rollout([self.train_examples[i] for ids in own for i in ids], [len(ids) for ids in own],
-                                   seed, across_ranks=True, steps=len(group))
-            step = [None] * len(group)
-            step[rank * ga:rank * ga + len(batches)] = batches
+            batches = self.rollout([self.train_examples[i] for own in owns for ids in own for i in ids],
+                                   [len(ids) for own in owns for ids in own], seed, across_ranks=True,
+                                   steps=len(chunk[0][2]))
+            if len(chunk) > 1:
+                self._share_items(batches, sum(len(group) for _, _, group in chunk))
+            steps, start = [], 0
+            for (epoch, micro, group), own in zip(chunk, owns):
+                step = [None] * len(group)
+                step[rank * ga:rank * ga + len(own)] = batches[start:start + len(own)]
+                for b in step[rank * ga:rank * ga + len(own)]:
+                    b["steps"] = len(group)
+                start += len(own)
+                steps.append((epoch, micro, step))
             for _ in range(self.args.num_iterations):
-                yield epoch, micro, step
+                yield from steps
+
+    def _share_items(self, batches: list[dict], micro_batches: int):
+        """A generation batch over several optimizer steps: each micro-batch counts the generation's completion tokens
+        (all ranks) / its micro-batches (all ranks), so a step's loss normaliser is the generation's tokens x
+        gradient_accumulation_steps / steps_per_generation, as TRL normalises dapo (and cispo) then."""
+        tokens = self.dist.sum(sum(float(b["completion_mask"].sum()) for b in batches))
+        for b in batches:
+            b["items_share"] = tokens / micro_batches
 
     @torch.no_grad()
     def rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None = None,
@@ -324,9 +361,15 @@ class GRPOTrainer(RewardScoring, Trainer):
 
     @property
     def keeps_old_logps(self) -> bool:
-        """Whether a micro-batch keeps the sampling policy's log-probs (num_iterations > 1: later iterations reuse
-        it); else the ratio is 1 and the policy's own detached log-probs stand in for them."""
-        return self.args.num_iterations > 1
+        """Whether a micro-batch keeps the sampling policy's log-probs (num_iterations > 1, or a generation batch over
+        several optimizer steps: the policy moves before some micro-batches are trained); else the ratio is 1 and the
+        policy's own detached log-probs stand in for them."""
+        return self.reuses_samples
+
+    @property
+    def reuses_samples(self) -> bool:
+        """Whether the policy may change between sampling a completion and training on it."""
+        return self.args.num_iterations > 1 or self.generation_steps > 1
 
     # --- evaluation, as TRL's: eval prompts sampled and scored, the loss without gradients -----------------------
     @property

@@ -62,7 +62,7 @@ class RLOOTrainer(GRPOTrainer):
     @property
     def keeps_old_logps(self) -> bool:
         """The KL penalty (beta > 0) reads the sampling policy's log-probs, as reused batches do."""
-        return self.args.num_iterations > 1 or self.args.beta != 0.0
+        return self.reuses_samples or self.args.beta != 0.0
 
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
               sizes: list[int], group: int | None = None, across_ranks: bool = False,
