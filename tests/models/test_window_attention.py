@@ -84,6 +84,17 @@ def test_sliding_window_dense_mask_is_transformers_rule():
                           [False, False, True, True, True]]
 
 
+def test_last_queries_get_their_rows_of_the_mask():
+    """Fewer queries than keys (a prefill's last-position layers): the window's rows for the last queries."""
+    from fasttune.models.attention import attention
+
+    full = SlidingWindow(3).dense(6, "cpu")
+    assert torch.equal(SlidingWindow(3).dense(2, "cpu", 6), full[:, :, -2:])
+    q, k, v = _qkv(1, 2, 2, 6, 8)
+    want = sliding_window_reference(q, k, v, 3, 0.3)[:, :, -1:]
+    torch.testing.assert_close(attention(q[:, :, -1:], k, v, SlidingWindow(3), 0.3, None), want)
+
+
 def test_build_masks_hands_windows_to_the_kernel_only_when_nothing_else_restricts():
     windows = {None, 4}
     assert build_masks(None, 10, "cpu", windows, window_kernels=True) == {None: None, 4: SlidingWindow(4)}

@@ -20,8 +20,8 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
     sinks (Hq,): gpt-oss's learned logit per head, one more term exp(sink) in each softmax denominator with no
     value (transformers' GptOss eager attention); see attention_with_sinks."""
     if isinstance(mask, SlidingWindow):
-        if q.shape[2] != k.shape[2]:
-            mask = mask.dense(q.shape[2], q.device)
+        if q.shape[2] != k.shape[2]:  # the last queries only (Gemma 4's last-position layers in a prefill)
+            mask = mask.dense(q.shape[2], q.device, k.shape[2])
         elif softcap:  # banded blocks of eager soft-capped scores: window x 2 window each, not T x T
             if q.shape[2] <= mask.size:
                 return softcapped_attention(q, k, v, None, scale, softcap)

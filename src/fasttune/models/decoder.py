@@ -560,12 +560,12 @@ class DecoderModel(nn.Module):
         ple = per_layer_inputs(self, input_ids if input_ids is not None else per_layer_ids, x) \
             if cfg.per_layer_input_size else None
         past = past_key_values.length if past_key_values is not None else 0
-        if attention_mask is not None and past_key_values is None and image_blocks is None and \
-                right_padded(attention_mask):
+        if attention_mask is not None and past == 0 and image_blocks is None and right_padded(attention_mask):
             # No padding, or padding only after each row's tokens (what transformers', TRL's and our collators
             # pass): under a causal mask no real token sees a later pad, so plain causal attention gives the real
             # positions the same values, and a dense mask would keep SDPA off its causal kernels. Only the
-            # (ignored) outputs at pad positions differ.
+            # (ignored) outputs at pad positions differ. A prompt's prefill into an empty cache likewise (generate()
+            # refuses right padding, so there it is a prompt without padding).
             attention_mask = None
         windows = set(cfg.sliding_windows)
         # Layers with heads wider than flash attention takes (Gemma 4's full layers) keep dense masks; the others
@@ -602,7 +602,7 @@ class DecoderModel(nn.Module):
                 masks.update(build_masks(None, t, x.device, wide, past, segment_ids))
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks,
-                                not cfg.image_blocks_sliding_only, window_kernels=past_key_values is None)
+                                not cfg.image_blocks_sliding_only, window_kernels=past == 0)
         if cfg.query_position_scale is not None and (given_positions or past + t > cfg.query_position_scale[1]):
             masks = {**masks, "query_scale": query_scales(cfg, position_ids, x.dtype)}
         if cfg.linear_layers:  # what Qwen3.5's and LFM2's linear layers read (gated_deltanet.py, short_conv.py)

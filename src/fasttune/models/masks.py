@@ -55,7 +55,8 @@ def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, seg
     `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
     (B, T; no cache): tokens of one image (equal ids >= 0) also see each other, later ones included; a window
     still applies (transformers' Gemma 3: AND(window, OR(causal, block))); blocks_in_full_layers=False keeps the
-    full layers' mask causal (Gemma 4's create_masks_for_vision_model). window_kernels=True (no cache, past 0):
+    full layers' mask causal (Gemma 4's create_masks_for_vision_model). window_kernels=True (past 0: training, or a
+    prefill into an empty cache, whose keys are the T new ones):
     when only causality and the windows restrict attention, full layers get None and each window a SlidingWindow,
     which `attention` runs without a dense mask (models/window_attention.py)."""
     plain = attention_mask is None and segment_ids is None and image_blocks is None

@@ -28,13 +28,16 @@ from fasttune.models.varlen import PackedSpans, varlen_attention, varlen_usable
 class SlidingWindow:
     """build_masks' mask for a sliding-window layer when nothing but the window restricts attention (no padding,
     packing, image blocks or cache): query i sees key j when 0 <= i - j < size. `dense` gives the same mask as a
-    bool (1, 1, T, T) tensor, for the paths that need one (soft-capped or sink attention)."""
+    bool tensor, for the paths that need one."""
 
     size: int
 
-    def dense(self, t: int, device) -> torch.Tensor:
-        q = torch.arange(t, device=device)[:, None]
-        kv = torch.arange(t, device=device)[None, :]
+    def dense(self, t: int, device, s: int | None = None) -> torch.Tensor:
+        """The mask as bool (1, 1, t, s) (s default t) for t queries at the last t of s positions (a prefill's
+        last-position layers keep only the last query)."""
+        s = t if s is None else s
+        q = torch.arange(s - t, s, device=device)[:, None]
+        kv = torch.arange(s, device=device)[None, :]
         return ((kv <= q) & (q - kv < self.size))[None, None]
 
 
