@@ -42,6 +42,7 @@ def attention(q, k, v, mask, scale: float, softcap: float | None, sinks: torch.T
         k, v, gqa = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1), False
 
     def attend():
+        """The SDPA call itself (kept_attention may answer its fused kernel from the forward pass)."""
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
 
     if causal and q.shape[2] == k.shape[2]:  # training's plain causal case: recompute may reuse the forward's result

@@ -91,21 +91,23 @@ def banded_attention(q, k, v, window: int, scale: float, lead: tuple | None = No
     n = -(-t // w)  # blocks, the first included
     pad = n * w - t
 
-    def blocks(x, start, size=w):  # (B, H, T, D) -> (B * (n - 1), H, size, D): blocks start, start + 1, ...
-        if x.shape[2] == 1:  # the lead key: the same one for every block
-            x = x.expand(-1, -1, n - 1, -1)
-        else:
-            x = F.pad(x, (0, 0, 0, pad))[:, :, start * w:(start + n - 1) * w]
+    def blocks(x, start=0):
+        """(B, H, n x w, D) -> (B * (n - 1), H, w, D): its blocks start .. start + n - 2; a lead key (B, H, 1, D)
+        -> (B * (n - 1), H, 1, D), the same key for every block."""
+        shared = x.shape[2] == 1  # the lead key (t > w, so a sequence has more positions)
+        size = 1 if shared else w
+        x = x.expand(-1, -1, n - 1, -1) if shared else x[:, :, start * w:(start + n - 1) * w]
         return x.reshape(x.shape[0], x.shape[1], n - 1, size, x.shape[-1]).transpose(1, 2) \
             .reshape(-1, x.shape[1], size, x.shape[-1])
 
+    q, k, v = (F.pad(x, (0, 0, 0, pad)) if pad else x for x in (q, k, v))  # whole blocks, padded once
     keys = [blocks(k, 0), blocks(k, 1)]  # each later block's previous block, then itself
     values = [blocks(v, 0), blocks(v, 1)]
     j = torch.arange(2 * w, device=q.device)[None, :]
     band = (j > r) & (j <= r + w)  # key w + r is the query itself; keys more than w - 1 back are out
     if lead is not None:
-        keys.insert(0, blocks(lead[0], 0, 1))
-        values.insert(0, blocks(lead[1], 0, 1))
+        keys.insert(0, blocks(lead[0]))
+        values.insert(0, blocks(lead[1]))
         band = torch.cat([band.new_ones(w, 1), band], dim=1)
     rest = sdpa(blocks(q, 1), torch.cat(keys, dim=2), torch.cat(values, dim=2), attn_mask=band, scale=scale,
                 enable_gqa=gqa)

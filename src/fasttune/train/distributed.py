@@ -28,7 +28,9 @@ def note_failure():
 
 
 def _note_failure(hook):
+    """sys.excepthook `hook` wrapped to mark this process as failed (note_failure) first."""
     def excepthook(*exc):
+        """An uncaught exception: marked as a failure, then handled by the previous hook."""
         note_failure()
         hook(*exc)
     return excepthook
@@ -50,6 +52,7 @@ def _destroy_process_group():
 
 
 def launched_by_torchrun() -> bool:
+    """Whether this process is one of several (torchrun's WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
@@ -74,6 +77,10 @@ def _host_group():
 
 
 class Dist:
+    """This process's place in a torchrun launch (active, world, rank, is_main) and the few collectives the trainer
+    needs. On first use under torchrun it starts the process group (NCCL on CUDA, else gloo) and a gloo group for
+    host values; without torchrun every method is the one-process identity."""
+
     def __init__(self):
         self.active = launched_by_torchrun() and dist.is_available()
         if self.active and not dist.is_initialized():
@@ -91,6 +98,7 @@ class Dist:
         self._host_group = _host_group() if self.active else None
 
     def shard(self, group: list, per_rank: int) -> list:
+        """This rank's per_rank consecutive items of `group` (all ranks' micro-batches of a step, rank-major)."""
         return group[self.rank * per_rank:(self.rank + 1) * per_rank]
 
     def sum(self, value: float) -> float:
@@ -113,9 +121,12 @@ class Dist:
         return out
 
     def any(self, flag: bool) -> bool:
+        """Whether `flag` is True on any rank (every rank must call it)."""
         return self.sum(1.0 if flag else 0.0) > 0
 
     def sum_grads(self, params):
+        """The gradients of `params` summed over the ranks in place (one all-reduce per dtype; a missing gradient
+        joins as zeros). Every rank must call it."""
         if not self.active:
             return
         by_dtype: dict = {}
@@ -132,5 +143,6 @@ class Dist:
                 offset += g.numel()
 
     def barrier(self):
+        """Wait for every rank (no-op without torchrun)."""
         if self.active:
             dist.barrier()

@@ -42,7 +42,7 @@ def run(model_dir, out, method):
     seen = {"rank": rank}
     for name, part in (("whole_groups", mine), ("split_group", split)):
         n = part.stop - part.start
-        batch = trainer.score(examples[part], COMPLETIONS[part], [False] * n, [n], across_ranks=True, steps=2)[0]
+        batch = trainer.score(examples[part], COMPLETIONS[part], [False] * n, [n], across_ranks=True)[0]
         seen[name] = batch["advantages"].tolist()
     if rank == 0:  # the same completions in one process
         seen["one_process"] = trainer.score(examples, COMPLETIONS, [False] * 8, [8])[0]["advantages"].tolist()

@@ -105,6 +105,7 @@ class CompletionsLog:
         columns = [c for c in table if c not in ("prompt", "completion")]
 
         def cell(col, i):
+            """Row i's value of column `col` as printed: floats to 2 decimals, None blank."""
             v = table[col][i]
             return f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))
 

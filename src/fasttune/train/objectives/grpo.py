@@ -237,8 +237,7 @@ class GRPOTrainer(RewardScoring, Trainer):
             owns = [self.dist.shard(group, ga) for _, _, group in chunk]
             seed = self.args.seed + 1_000_003 * epoch + micro + RANK_SEED_STRIDE * rank  # the same after a resume
             batches = self.rollout([self.train_examples[i] for own in owns for ids in own for i in ids],
-                                   [len(ids) for own in owns for ids in own], seed, across_ranks=True,
-                                   steps=len(chunk[0][2]))
+                                   [len(ids) for own in owns for ids in own], seed, across_ranks=True)
             if len(chunk) > 1:
                 self._share_items(batches, sum(len(group) for _, _, group in chunk))
             steps, start = [], 0
@@ -246,7 +245,7 @@ class GRPOTrainer(RewardScoring, Trainer):
                 step = [None] * len(group)
                 step[rank * ga:rank * ga + len(own)] = batches[start:start + len(own)]
                 for b in step[rank * ga:rank * ga + len(own)]:
-                    b["steps"] = len(group)
+                    b["steps"] = len(group)  # the step's micro-batches over all ranks (a plain int)
                 start += len(own)
                 steps.append((epoch, micro, step))
             for _ in range(self.args.num_iterations):
@@ -262,13 +261,12 @@ class GRPOTrainer(RewardScoring, Trainer):
 
     @torch.no_grad()
     def rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None = None,
-                across_ranks: bool = False, steps: int | None = None) -> list[dict]:
+                across_ranks: bool = False) -> list[dict]:
         """Sample a completion for each example (consecutive copies of a prompt form a group of `group`, default
         num_generations), score, and return the micro-batches (`sizes` completions each). across_ranks: the
-        examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score); steps:
-        the step's micro-batches over all ranks (default len(sizes))."""
+        examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score)."""
         completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
-        return self.score(examples, completion_ids, truncated, sizes, group, across_ranks, steps)
+        return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
 
     def sample(self, examples: list[dict], seed: int) -> tuple[list[list[int]], list[bool]]:
         """One completion per example from model.generate (temperature, top_p, top_k; seeded): (token ids up to
@@ -303,8 +301,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         return completions, truncated
 
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-              sizes: list[int], group: int | None = None, across_ranks: bool = False,
-              steps: int | None = None) -> list[dict]:
+              sizes: list[int], group: int | None = None, across_ranks: bool = False) -> list[dict]:
         """Rewards -> group advantages (groups of `group` completions, default num_generations; across_ranks: over
         every rank's completions, gathered in rank order) -> micro-batches with (optional) old and reference
         log-probs."""
@@ -316,18 +313,18 @@ class GRPOTrainer(RewardScoring, Trainer):
                                                     group or a.num_generations, a.scale_rewards)
         self._record_rollout(rollout, rewards, std)
         self.keep_completions(rollout, advantages, across_ranks)
-        return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes, steps)
+        return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes)
 
     def micro_batches(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-                      advantages: torch.Tensor, sizes: list[int], steps: int | None = None) -> list[dict]:
-        """The scored completions cut into micro-batches of `sizes` completions (_micro_batch each); steps: the
-        optimizer step's micro-batches over all ranks (default len(sizes))."""
+                      advantages: torch.Tensor, sizes: list[int]) -> list[dict]:
+        """The scored completions cut into micro-batches of `sizes` completions (_micro_batch each), each counting
+        len(sizes) micro-batches in its step (step_batches sets the training step's count over all ranks)."""
         batches, start = [], 0
         for n in sizes:
             part = slice(start, start + n)
             start += n
             b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part])
-            b["steps"] = steps or len(sizes)  # a plain int: the loop moves only tensors to the device
+            b["steps"] = len(sizes)  # a plain int: the loop moves only tensors to the device
             batches.append(b)
         return batches
 

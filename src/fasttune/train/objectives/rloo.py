@@ -65,14 +65,13 @@ class RLOOTrainer(GRPOTrainer):
         return self.reuses_samples or self.args.beta != 0.0
 
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-              sizes: list[int], group: int | None = None, across_ranks: bool = False,
-              steps: int | None = None) -> list[dict]:
+              sizes: list[int], group: int | None = None, across_ranks: bool = False) -> list[dict]:
         """Rewards -> micro-batches (with the sampling policy's and the reference's log-probs when beta > 0) ->
         leave-one-out advantages with the KL penalty (across_ranks: over every rank's completions, gathered),
         written into the micro-batches."""
         a = self.args
         rewards_per_func = self.compute_rewards(examples, completion_ids)
-        batches = self.micro_batches(examples, completion_ids, truncated, torch.zeros(len(examples)), sizes, steps)
+        batches = self.micro_batches(examples, completion_ids, truncated, torch.zeros(len(examples)), sizes)
         kl = None
         if a.beta != 0.0:
             per_token = [(b["old_logps"] - b["ref_logps"]) * b["completion_mask"].to(b["old_logps"].device)
