@@ -56,6 +56,27 @@ def test_token_logprobs_and_grad(small_tiles, softcap, temperature):
     torch.testing.assert_close(g_got, g_ref, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (5.0, 0.7)])
+@pytest.mark.parametrize("use", ["both", "entropy"])
+def test_token_entropy_and_grad(small_tiles, softcap, temperature, use):
+    """entropy=True: each token's entropy of the temperature-scaled distribution (an online sum over the tiles), and
+    the gradient through log-probs and entropies together or the entropies alone."""
+    h, w, y = _inputs(5)
+    y = y.clamp(min=0)
+    g = torch.Generator().manual_seed(6)
+    go, ge = torch.randn(10, generator=g).double(), torch.randn(10, generator=g).double()
+    logps, ent = sh.streamed_token_logprobs(h, w, y, softcap, temperature, entropy=True)
+    target = ent.double() @ ge + (logps.double() @ go if use == "both" else 0)
+    (g_got,) = torch.autograd.grad(target, h)
+    logp_all = (_oracle_logits(h, w, softcap) / temperature).log_softmax(-1)
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    ref_l = logp_all.gather(1, y[:, None]).squeeze(1)
+    (g_ref,) = torch.autograd.grad(ref_ent @ ge + (ref_l @ go if use == "both" else 0), h)
+    torch.testing.assert_close(ent, ref_ent.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logps, ref_l.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-9, atol=1e-11)
+
+
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_logits(small_tiles, softcap):
     h, w, _ = _inputs(3)

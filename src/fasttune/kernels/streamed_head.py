@@ -142,12 +142,16 @@ def streamed_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     return _StreamedCrossEntropy.apply(hidden, weight, labels, softcap).sum().float()
 
 
-def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None):
-    """Without lse: (logsumexp (N,), z_y (N,)) of z = softcap(h W^T) / temperature. With lse and the incoming
-    gradient go (N,): d(sum go * log p_y) / d h."""
+def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None, ent=None, go_ent=None,
+                entropy=False):
+    """Without lse: (logsumexp (N,), z_y (N,), entropy (N,) or None) of z = softcap(h W^T) / temperature, the entropy
+    with entropy=True. With lse and the incoming gradient go (N,) (and go_ent (N,) for the entropies `ent` (N,)):
+    d(sum go * log p_y + sum go_ent * H) / d h."""
     n, dev, f = h.shape[0], h.device, _math_dtype(h)
     m = torch.full((n,), float("-inf"), dtype=f, device=dev)
     s = torch.zeros(n, dtype=f, device=dev)
+    # running sum of exp(z - m) (m - z): non-negative terms, so the entropy log(s) + q / s has no cancellation
+    q = torch.zeros(n, dtype=f, device=dev) if entropy else None
     z_y = torch.zeros(n, dtype=f, device=dev)
     grad = torch.zeros(h.shape, dtype=f, device=dev) if lse is not None else None
     for start, tile in head_tiles(weight, dev, h.dtype):
@@ -156,10 +160,17 @@ def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None):
         here, col = _in_tile(y, start, tile.shape[0])
         if lse is None:
             z_y = torch.where(here, z.gather(1, col[:, None]).squeeze(1), z_y)
-            m, s, _, _ = _online_step(m, s, z)
+            m_old, s_old = m, s
+            m, s, rescale, p = _online_step(m, s, z)
+            if q is not None:  # the terms so far, moved to the new max: e^(z-m') (m'-z) = r e^(z-m) ((m-z) + (m'-m))
+                q = torch.where(s_old > 0, rescale * (q + (m - m_old) * s_old), 0.0) + (p * (m[:, None] - z)).sum(1)
             continue
-        # d log p_y / d z_v = onehot - softmax, times go, then through 1/T and the softcap
-        g = -torch.exp(z - lse[:, None]) * go[:, None]
+        # d log p_y / d z_v = onehot - softmax, times go; d H / d z_v = -p_v (z_v - E_p[z]), E_p[z] = lse - H;
+        # then through 1/T and the softcap
+        p = torch.exp(z - lse[:, None])
+        g = -p * go[:, None]
+        if go_ent is not None:
+            g = g - p * (z - (lse - ent)[:, None]) * go_ent[:, None]
         g.scatter_add_(1, col[:, None], torch.where(here, go, 0.0)[:, None])
         g = g / temperature
         if dz is not None:
@@ -167,31 +178,40 @@ def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None):
         grad += (g.to(h.dtype) @ tile).to(f)
     if lse is not None:
         return grad.to(h.dtype)
-    return m + torch.log(s), z_y
+    lse = m + torch.log(s)
+    return lse, z_y, (torch.log(s) + q / s if q is not None else None)
 
 
 class _StreamedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, temperature):
-        lse, z_y = _logit_pass(hidden, weight, softcap, temperature, labels)
-        ctx.save_for_backward(hidden, labels, lse)
+    def forward(ctx, hidden, weight, labels, softcap, temperature, entropy):
+        """(log-probs (N,), entropies (N,); zeros unless `entropy`), fp32."""
+        ctx.set_materialize_grads(False)
+        lse, z_y, ent = _logit_pass(hidden, weight, softcap, temperature, labels, entropy=entropy)
+        ent = torch.zeros_like(lse) if ent is None else ent
+        ctx.save_for_backward(hidden, labels, lse, ent)
         ctx.weight, ctx.softcap, ctx.temperature = weight, softcap, temperature
-        return (z_y - lse).float()
+        return (z_y - lse).float(), ent.float()
 
     @staticmethod
-    def backward(ctx, grad_out):
-        hidden, labels, lse = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None, None, None, None
-        grad = _logit_pass(hidden, ctx.weight, ctx.softcap, ctx.temperature, labels, lse, grad_out.to(lse.dtype))
-        return grad, None, None, None, None
+    def backward(ctx, grad_out, grad_ent):
+        """(d log-probs or None, d entropies or None) -> (d hidden, None, ...)."""
+        hidden, labels, lse, ent = ctx.saved_tensors
+        if not ctx.needs_input_grad[0] or (grad_out is None and grad_ent is None):
+            return None, None, None, None, None, None
+        go = torch.zeros_like(lse) if grad_out is None else grad_out.to(lse.dtype)
+        grad = _logit_pass(hidden, ctx.weight, ctx.softcap, ctx.temperature, labels, lse, go, ent,
+                           None if grad_ent is None else grad_ent.to(lse.dtype))
+        return grad, None, None, None, None, None
 
 
 def streamed_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            softcap: float | None = None, temperature: float = 1.0) -> torch.Tensor:
+                            softcap: float | None = None, temperature: float = 1.0, entropy: bool = False):
     """log p(labels | hidden) (N,) fp32 through a frozen head weight (V, H) streamed in tiles (see module doc); the
-    same values as kernels.token_logprobs.token_logprobs, with a gradient for hidden only."""
-    return _StreamedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature)
+    same values as kernels.token_logprobs.token_logprobs (and with entropy=True the same (log-probs, entropies)),
+    with gradients for hidden only."""
+    logps, ent = _StreamedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, entropy)
+    return (logps, ent) if entropy else logps
 
 
 def streamed_logits(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:

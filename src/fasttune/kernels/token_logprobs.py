@@ -1,12 +1,16 @@
-"""Per-token log-probabilities of given tokens through the lm_head, in chunks of tokens (RL objectives: GRPO).
+"""Per-token log-probabilities of given tokens through the lm_head, in chunks of tokens (RL objectives: GRPO),
+and optionally the entropy of each token's distribution.
 
 log p(y | h) = z_y - logsumexp(z) with z = softcap(h @ W^T) / temperature, i.e. minus the per-token cross-entropy
-of `cross_entropy.py`. Unlike that loss, the gradient that reaches each token's log-prob is only known in backward
-(GRPO's clipped ratio depends on the log-prob itself), so it cannot be folded into the forward pass:
+of `cross_entropy.py`; the entropy H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v (TRL's
+`entropy_from_logits` of the temperature-scaled logits). Unlike that loss, the gradient that reaches each token's
+log-prob is only known in backward (GRPO's clipped ratio depends on the log-prob itself), so it cannot be folded
+into the forward pass:
 - reference: plain log_softmax + gather of each chunk under torch.utils.checkpoint.
-- fused (default): the forward keeps only the per-token logsumexp (N floats); backward recomputes each chunk's
-  logits and applies d logp / d z = onehot(y) - softmax(z), so the (tokens x vocab) logits never exist at once
-  and no autograd graph over them is stored.
+- fused (default): the forward keeps only the per-token logsumexp (and entropy), N floats each; backward recomputes
+  each chunk's logits and applies d logp / d z = onehot(y) - softmax(z) and d H / d z = -p * (z - E_p[z]) with
+  E_p[z] = logsumexp - H, so the (tokens x vocab) logits never exist at once and no autograd graph over them is
+  stored.
 """
 
 import torch
@@ -26,52 +30,78 @@ def _scaled_logits(hidden, weight, softcap, temperature):
     return z / temperature, t
 
 
-def _chunk_logprobs(hidden, weight, labels, softcap, temperature):
+def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy):
     z, _ = _scaled_logits(hidden, weight, softcap, temperature)
-    return z.log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    logp = z.log_softmax(-1)
+    picked = logp.gather(1, labels[:, None]).squeeze(1)
+    if not entropy:
+        return picked
+    return picked, -(logp.exp() * logp).sum(-1)
 
 
-def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1.0, chunk_tokens=None):
-    """The torch path of `token_logprobs` (same arguments, fp32 log-probs (N,)): log_softmax + gather per chunk
-    of `chunk_tokens` rows, each under activation checkpointing when a gradient is needed."""
+def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1.0, chunk_tokens=None,
+                             entropy=False):
+    """The torch path of `token_logprobs` (same arguments and results): log_softmax + gather (and the entropy) per
+    chunk of `chunk_tokens` rows, each under activation checkpointing when a gradient is needed."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, y, softcap, temperature, use_reentrant=False))
+            out.append(checkpoint(_chunk_logprobs, h, weight, y, softcap, temperature, entropy, use_reentrant=False))
         else:
-            out.append(_chunk_logprobs(h, weight, y, softcap, temperature))
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+            out.append(_chunk_logprobs(h, weight, y, softcap, temperature, entropy))
+    if not out:
+        empty = hidden.new_zeros(0, dtype=torch.float32)
+        return (empty, empty.clone()) if entropy else empty
+    if entropy:
+        return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    return torch.cat(out)
 
 
 class _FusedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk):
+    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk, entropy):
+        """As token_logprobs: returns (log-probs (N,), entropies (N,); zeros unless `entropy`), both fp32."""
+        ctx.set_materialize_grads(False)  # an output nothing differentiates (the entropy, most often) gets None
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse = torch.empty_like(out)
+        lse, ent = torch.empty_like(out), torch.zeros_like(out)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             z, _ = _scaled_logits(hidden[rows], weight, softcap, temperature)
             lse[rows] = torch.logsumexp(z, dim=-1)
             out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
-        ctx.save_for_backward(hidden, weight, labels, lse)
+            if entropy:
+                # sum_v p_v (lse - z_v): non-negative terms, no cancellation where H is small
+                zl = z.sub(lse[rows, None])
+                ent[rows] = -(zl.exp() * zl).sum(-1)
+        ctx.save_for_backward(hidden, weight, labels, lse, ent)
         ctx.softcap, ctx.temperature, ctx.chunk = softcap, temperature, chunk
-        return out
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):
-        hidden, weight, labels, lse = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_ent):
+        """(d log-probs, d entropies or None) -> (d hidden, d weight, None, ...)."""
+        hidden, weight, labels, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if grad_out is None and grad_ent is None:
+            return None, None, None, None, None, None, None
         w = weight.to(hidden.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            hc, yc, go = hidden[rows], labels[rows], grad_out[rows].float()
+            hc, yc = hidden[rows], labels[rows]
+            go = grad_out[rows].float() if grad_out is not None else torch.zeros_like(lse[rows])
             z, t = _scaled_logits(hc, weight, ctx.softcap, ctx.temperature)
-            # d logp / dz = onehot - softmax; times the incoming grad, then back through 1/T and the softcap.
-            g = z.sub_(lse[rows, None]).exp_().mul_(-go[:, None])
+            if grad_ent is None:
+                # d logp / dz = onehot - softmax; times the incoming grad, then back through 1/T and the softcap.
+                g = z.sub_(lse[rows, None]).exp_().mul_(-go[:, None])
+            else:
+                # + d H / dz = -p (z - E_p[z]), E_p[z] = lse - H: g = p * (-go - gH * (z - E_p[z]))
+                d = z.sub_((lse[rows] - ent[rows])[:, None])  # z - E_p[z]
+                p = (d - ent[rows, None]).exp_()  # z - lse = (z - E_p[z]) - H
+                g = d.mul_(-grad_ent[rows].float()[:, None]).sub_(go[:, None]).mul_(p)
             g[torch.arange(g.shape[0], device=g.device), yc] += go
             g.div_(ctx.temperature)
             if t is not None:
@@ -82,14 +112,17 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             if need_w:
                 grad_w += (g.t() @ hc).float()
         gw = grad_w.to(weight.dtype) if grad_w is not None else None
-        return grad_h, gw, None, None, None, None
+        return grad_h, gw, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None,
-                   temperature: float = 1.0, chunk_tokens: int | None = None) -> torch.Tensor:
-    """hidden (N, H) at the positions that predict `labels` (N,), weight (V, H) -> fp32 log-probs (N,)."""
+                   temperature: float = 1.0, chunk_tokens: int | None = None, entropy: bool = False):
+    """hidden (N, H) at the positions that predict `labels` (N,), weight (V, H) -> fp32 log-probs (N,) of the labels
+    under softmax(softcap(hidden @ weight^T) / temperature); with entropy=True, (log-probs, entropies (N,) fp32 in
+    nats), both differentiable (GRPO's entropy bonus back-propagates the entropy)."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
-        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk)
-    return _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk)
+        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk, entropy)
+    logps, ent = _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk, entropy)
+    return (logps, ent) if entropy else logps

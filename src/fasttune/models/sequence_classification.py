@@ -89,7 +89,7 @@ class SequenceClassifier(CausalLM):
         """Refused: no LM head."""
         self._no_head("Token logits")
 
-    def token_logprobs(self, hidden, labels, temperature: float = 1.0):
+    def token_logprobs(self, hidden, labels, temperature: float = 1.0, entropy: bool = False):
         """Refused: no LM head."""
         self._no_head("Token log-probabilities")
 

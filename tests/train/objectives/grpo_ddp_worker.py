@@ -4,6 +4,8 @@ on rank 0, the same completions scored in one process), the sizes of its samplin
 import json
 import sys
 
+import torch
+
 from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 ROWS = [{"prompt": f"question {i} a b"} for i in range(4)]
@@ -33,7 +35,8 @@ def run(model_dir, out, method):
     # 2 completions per rank and step, groups of 4: every group spans both ranks
     args = config_cls(output_dir=f"{out}/{method}", per_device_train_batch_size=2, gradient_accumulation_steps=1,
                       num_generations=4, max_completion_length=4, max_steps=2, logging_steps=1, shuffle=False,
-                      per_device_eval_batch_size=4, learning_rate=1e-2, beta=0.1, eval_strategy="no")
+                      per_device_eval_batch_size=4, learning_rate=1e-2, beta=0.1, eval_strategy="no",
+                      **({"top_entropy_quantile": 0.5} if method == "grpo" else {}))
     trainer = counting(trainer_cls)(model, reward_funcs=[length], args=args, train_dataset=ROWS,
                                     eval_dataset=ROWS[:3], processing_class=tok)
     rank, examples = trainer.dist.rank, trainer.train_examples[:8]
@@ -48,6 +51,11 @@ def run(model_dir, out, method):
         seen["one_process"] = trainer.score(examples, COMPLETIONS, [False] * 8, [8])[0]["advantages"].tolist()
         seen["one_process_split"] = trainer.score(examples[:4], COMPLETIONS[:4], [False] * 4, [4])[0][
             "advantages"].tolist()
+    if method == "grpo":  # top_entropy_quantile's threshold is over both ranks' tokens (1, 2, 3 and 4, 5, 6)
+        from fasttune.train.objectives.grpo_loss import high_entropy_mask
+
+        ent = torch.tensor([[1.0, 2.0, 3.0]]) + 3 * rank
+        seen["entropy_mask"] = high_entropy_mask(ent, torch.ones_like(ent), 0.5, trainer._all_ranks).tolist()
     trainer.start_metrics()
     trainer.train()
     seen["train_sampled"] = list(type(trainer).sampled)

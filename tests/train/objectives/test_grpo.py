@@ -55,8 +55,8 @@ def _trl_trainer(adapter, tok, tmp_path, rewards=REWARDS, family="llama", **cfg)
     fasttune's ReferencePolicy keeps the adapter as handed over."""
     from datasets import Dataset
 
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=len(COMPLETIONS),
-                          gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
+    cfg = {"per_device_train_batch_size": len(COMPLETIONS), "gradient_accumulation_steps": 1, **cfg}
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), num_generations=G, max_completion_length=6, use_cpu=True,
                           report_to="none", bf16=False, **cfg)
     tr = FixedCompletionsTRL(model=peft_twin(family, adapter), reward_funcs=list(rewards), args=args,
                              train_dataset=Dataset.from_list(ROWS), processing_class=tok)
@@ -137,7 +137,15 @@ def test_gspo_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, be
     (dict(loss_type="cispo", epsilon_high=1.1), dict(clipped="cispo_clip_ratio", clip_metrics=["cispo_clip_ratio"])),
     (dict(loss_type="sapo", sapo_temperature_pos=1.2), dict(clipped=None, clip_metrics=[])),
     (dict(loss_type="luspo", importance_sampling_level="sequence", epsilon=0.02, epsilon_high=0.03), {}),
-    (dict(loss_type="dapo", delta=1.3, epsilon=0.2, epsilon_high=0.28), {})], ids=["cispo", "sapo", "luspo", "delta"])
+    (dict(loss_type="dapo", delta=1.3, epsilon=0.2, epsilon_high=0.28), {}),
+    (dict(loss_type="vespo", vespo_k_pos=1.5, vespo_lambda_neg=2.5),
+     dict(clipped=None, clip_metrics=["vespo/phi_seq_mean"])),
+    # the policy term on the top 40% of tokens by entropy, and an entropy bonus (its gradient goes through the
+    # entropy of every completion token's distribution); policy_loss is logged beside the loss
+    (dict(loss_type="dapo", top_entropy_quantile=0.4, entropy_coef=0.05), dict(metrics=["policy_loss"])),
+    (dict(loss_type="grpo", top_entropy_quantile=0.0), {}),
+    (dict(loss_type="bnpo", entropy_coef=0.1), dict(metrics=["policy_loss"]))],
+    ids=["cispo", "sapo", "luspo", "delta", "vespo", "top_entropy_bonus", "top_entropy_0", "entropy_bonus"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_other_losses_match_trl(ours_and_adapter, tmp_path, cfg, checks, beta):
     model, tok, adapter = ours_and_adapter
@@ -163,7 +171,7 @@ def test_qwen3_5_loss_and_grads_match_trl(tmp_path, tiny_tokenizer):
                               family="qwen3_5_text")
 
 
-def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama", **checks):
+def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama", metrics=(), **checks):
     beta = cfg["beta"]
     ours = _ours(model, tok, tmp_path, **cfg)
     tr = _trl_trainer(adapter, tok, tmp_path, family=family, **cfg)
@@ -181,7 +189,9 @@ def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"
     batch["old_logps"] = inputs["old_per_token_logps"] = old * mask
     num_items = int(mask.sum())
 
-    assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["kl"] if beta else [], **checks)
+    # the completion tokens' mean entropy is logged in every case, as TRL logs it
+    assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["entropy", *metrics, *(["kl"] if beta else [])],
+                           **checks)
 
 
 def _policy_logps(trainer, batch):
@@ -668,7 +678,10 @@ def test_sampling_settings_reach_generate(tiny_dir, tmp_path, monkeypatch):
     assert tr.log_history[0]["completions/max_length"] <= 2
     for bad, match in ((dict(min_p=1.5), "min_p=1.5"), (dict(repetition_penalty=0), "repetition_penalty=0"),
                        (dict(generation_kwargs=[1]), "generation_kwargs="),
-                       (dict(importance_sampling_level="seq"), "importance_sampling_level='seq'")):
+                       (dict(importance_sampling_level="seq"), "importance_sampling_level='seq'"),
+                       (dict(top_entropy_quantile=1.5), "top_entropy_quantile=1.5"),
+                       (dict(use_adaptive_entropy=True, entropy_coef_min=0.5, entropy_coef_max=0.1),
+                        "entropy_coef_min=0.5")):
         with pytest.raises(ConfigError, match=match):
             GRPOConfig(output_dir=str(tmp_path / "e"), **bad)
 
@@ -731,3 +744,31 @@ def test_generation_batch_settings(tiny_dir, tmp_path):
                         processing_class=tok)
     with pytest.raises(ConfigError, match="give one"):
         GRPOConfig(**common, steps_per_generation=2, generation_batch_size=8)
+
+
+def test_adaptive_entropy_equals_trl(ours_and_adapter, tmp_path):
+    """use_adaptive_entropy (Skywork-OR1's controller) over three steps of two micro-batches: no bonus in the first
+    step, then the coefficient moves by entropy_coef_delta a step towards entropy_target; each step's loss, grad norm,
+    entropy, entropy_coef and policy_loss equal TRL's train() on the same completions. The target sits above the
+    tiny model's entropy (~5.5 nats of 257 tokens), so the coefficient rises and the bonus acts."""
+    _, tok, adapter = ours_and_adapter
+    steps = 3
+    # Adam's eps 1 makes its step lr * g / (|g| + 1): the rounding of near-zero gradients does not decide it
+    cfg = dict(beta=0.0, loss_type="dapo", temperature=0.8, learning_rate=0.2, adam_epsilon=1.0, max_grad_norm=1.0,
+               max_steps=steps, entropy_coef=0.02, use_adaptive_entropy=True, entropy_target=9.0, entropy_coef_delta=0.03,
+               entropy_coef_max=0.07)
+    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=2,
+        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    ours.train()
+    got = ours.log_history
+    theirs = _trl_trainer(adapter, tok, tmp_path, shuffle_dataset=False, logging_steps=1, save_strategy="no",
+                          per_device_train_batch_size=G, gradient_accumulation_steps=2, **cfg)
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == steps
+    assert [h["entropy_coef"] for h in got] == pytest.approx([0.05, 0.07, 0.07])  # capped at entropy_coef_max
+    assert any(abs(h["policy_loss"]) > 1e-3 for h in got)
+    for key in ("loss", "grad_norm", "entropy", "entropy_coef", "policy_loss"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-6), key

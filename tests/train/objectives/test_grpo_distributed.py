@@ -45,3 +45,5 @@ def test_groups_spanning_ranks(method, launched):
     assert r0["sampled"] == [2, 2, 4, 4, 4, 4] and r1["sampled"] == [2, 2, 4, 4]
     assert r0["eval"] == pytest.approx(r1["eval"])
     assert {"eval_loss", "eval_reward", "eval_completions/mean_length"} <= set(r0["eval"])
+    if method == "grpo":  # the entropy threshold (median) over both ranks' tokens, not each rank's own
+        assert r0["entropy_mask"] == [[False, False, False]] and r1["entropy_mask"] == [[True, True, True]]

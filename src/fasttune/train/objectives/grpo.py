@@ -25,7 +25,8 @@ from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
-from fasttune.train.objectives.grpo_loss import clip_stats, group_advantages, per_token_loss, reduce_loss
+from fasttune.train.objectives.grpo_loss import (clip_stats, entropy_bonus, group_advantages, high_entropy_mask,
+                                                 per_token_loss, reduce_loss, vespo_weights)
 from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
 from fasttune.train.reward_models import trainer_reward_funcs
@@ -149,6 +150,10 @@ class GRPOTrainer(RewardScoring, Trainer):
                                               "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
+        # the entropy controller's state (use_adaptive_entropy): the coefficient, the last step's mean entropy (inf
+        # before the first: no bonus in the first step, as TRL) and the running (sum, count) of this step's entropies
+        self._entropy_coef = getattr(a, "entropy_coef", 0.0)  # (RLOOConfig has no entropy bonus)
+        self._last_entropy, self._window_entropy = float("inf"), [0.0, 0.0]
         self.start_metrics()
 
     # --- data --------------------------------------------------------------------------------------------------
@@ -411,40 +416,125 @@ class GRPOTrainer(RewardScoring, Trainer):
 
     # --- the loss ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
-        """The clipped surrogate (+ beta x KL) of this micro-batch reduced by loss_type (grpo_loss.py); records the
-        clip-ratio metrics (and kl when beta > 0)."""
+        """The clipped surrogate (+ beta x KL) of this micro-batch reduced by loss_type (grpo_loss.py), minus
+        entropy_coef x the mean entropy when set; records TRL's metrics (entropy, clip ratios, kl when beta > 0,
+        policy_loss / entropy_coef with an entropy bonus, vespo/phi_seq_mean)."""
         a = self.args
         mask = batch["completion_mask"]
         media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-        logps = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                      batch.get("completion_positions"), media)
+        logps, entropies = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
+                                                 batch.get("completion_positions"), media, entropy=True)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
         adv = batch["advantages"]
+        keep = None
+        if a.top_entropy_quantile < 1.0:
+            # The policy term on the highest-entropy tokens only; the threshold over all ranks' micro-batch when the
+            # ranks run their micro-batches in lockstep (training steps with as many on every rank; evaluation
+            # splits its batches unevenly, so there each rank's own tokens set it).
+            lockstep = self.dist.active and self.model.training and getattr(self, "_lockstep", False)
+            keep = high_entropy_mask(entropies.detach(), mask, 1.0 - a.top_entropy_quantile,
+                                     self._all_ranks if lockstep else None)
+        vespo = (a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg)
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
                                                batch.get("ref_logps"), a.use_bias_correction_kl, mask,
                                                a.importance_sampling_level, a.loss_type, a.delta,
-                                               (a.sapo_temperature_pos, a.sapo_temperature_neg))
-        loss = reduce_loss(token_loss, mask, a.loss_type, num_items, int(batch["steps"]), a.max_completion_length)
+                                               (a.sapo_temperature_pos, a.sapo_temperature_neg), vespo, keep)
+        steps = int(batch["steps"])
+        loss = reduce_loss(token_loss, mask, a.loss_type, num_items, steps, a.max_completion_length)
+        if self._entropy_bonus:
+            loss = self._with_entropy_bonus(loss, entropies, mask if keep is None else mask * keep, steps)
         with torch.no_grad():  # the metric sums stay on the device until step_metrics reads them
             m = mask.float()
+            self._add_ratio("entropy", (entropies.detach() * m).sum(), m.sum())
             if kl is not None:
                 self._add_ratio("kl", (kl * m).sum(), m.sum())
             for name, (s, n) in clip_stats(ratio, adv, mask, self.eps_low, self.eps_high, a.loss_type).items():
                 self._add_ratio(name, s, n)
+            if a.loss_type == "vespo":
+                phi = vespo_weights(logps.detach() - old, mask, adv, *vespo)
+                self._add_ratio("vespo/phi_seq_mean", phi.sum(), phi.shape[0])
+        self._step_end()
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
         # as float(loss) * num_items; the core reads it once per step).
         return loss, loss.detach().to(torch.float64) * num_items
 
+    # --- the entropy bonus (TRL 1.16's entropy_coef, use_adaptive_entropy) -----------------------------------
+    @property
+    def _entropy_bonus(self) -> bool:
+        """Whether the loss carries an entropy bonus: a nonzero entropy_coef, or the adaptive controller (which may
+        bring a zero coefficient up)."""
+        return getattr(self.args, "entropy_coef", 0.0) != 0.0 or getattr(self.args, "use_adaptive_entropy", False)
+
+    def _with_entropy_bonus(self, loss: torch.Tensor, entropies: torch.Tensor, mask: torch.Tensor,
+                            steps: int) -> torch.Tensor:
+        """loss - coef x the mean entropy over `mask`'s tokens (/ the step's micro-batches over all ranks in
+        training, as TRL divides by gradient_accumulation_steps under DDP's averaging). Adaptive: the coefficient of
+        the last step boundary, applied while the last step's mean entropy was <= entropy_target (TRL's gating).
+        Records policy_loss (the loss without the bonus, at TRL's scale) and, in training, the entropy sums the
+        controller reads at the step's end."""
+        a, training = self.args, self.model.training
+        coef = self._entropy_coef
+        if a.use_adaptive_entropy and not self._last_entropy <= a.entropy_target:
+            coef = 0.0
+        bonus = entropy_bonus(entropies, mask) / (steps if training else 1)
+        # TRL's policy_loss is a rank's loss before its division by gradient_accumulation_steps (the per-completion
+        # means) or, for the token-sum types normalised by the whole batch's tokens, the rank's loss (DDP averages
+        # ranks where fasttune sums them): fasttune's loss x the step's micro-batches / x ranks.
+        scale = 1 if not training else self.dist.world if a.loss_type in ("dapo", "cispo", "vespo") else steps
+        self._add_ratio("policy_loss", loss.detach() * scale, 1)
+        if training and a.use_adaptive_entropy:
+            with torch.no_grad():
+                m = mask.float()
+                self._window_entropy = [self._window_entropy[0] + (entropies.detach() * m).sum(),
+                                        self._window_entropy[1] + m.sum()]
+        return loss - coef * bonus
+
+    def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
+        """Counts this rank's micro-batches of the optimizer step, so the entropy controller updates after the last
+        (_step_end); with top_entropy_quantile under torchrun, whether every rank runs as many (then the entropy
+        threshold is taken over all ranks' tokens, a collective per micro-batch)."""
+        super().prepare_step(group, across_ranks)
+        self._micro_left = len(group) if across_ranks else 0
+        if across_ranks and self.dist.active and getattr(self.args, "top_entropy_quantile", 1.0) < 1.0:
+            self._lockstep = self.dist.sum(len(group)) == len(group) * self.dist.world
+
+    def _step_end(self):
+        """After each training micro-batch: at the step's last one, with an entropy bonus, log entropy_coef and (adaptive)
+        move it by entropy_coef_delta towards keeping the step's mean entropy (all ranks) at entropy_target."""
+        if not self.model.training or getattr(self, "_micro_left", 0) <= 0:
+            return
+        self._micro_left -= 1
+        if self._micro_left or not self._entropy_bonus:
+            return
+        a = self.args
+        if a.use_adaptive_entropy:
+            s, n = host_values(self._window_entropy) if torch.is_tensor(self._window_entropy[0]) else \
+                self._window_entropy
+            s, n = self.dist.sum(float(s)), self.dist.sum(float(n))
+            self._last_entropy = s / max(n, 1.0)
+            if self._last_entropy <= a.entropy_target:
+                self._entropy_coef = min(self._entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
+            else:
+                self._entropy_coef = max(self._entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
+            self._window_entropy = [0.0, 0.0]
+        self._metrics["entropy_coef"].append(self._entropy_coef)
+
+    def _all_ranks(self, values: torch.Tensor) -> torch.Tensor:
+        """Every rank's 1-D `values`, concatenated in rank order, on this rank's device."""
+        return torch.cat([t for t in self.dist.gather(values.cpu())]).to(values.device)
+
     def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
-                         positions: torch.Tensor | None = None, media: dict | None = None) -> torch.Tensor:
+                         positions: torch.Tensor | None = None, media: dict | None = None, entropy: bool = False):
         """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked
         (reference.model_token_logprobs). Positions come from the attention mask, as in generation (Qwen-VL's
         multimodal positions from the model, which reads the mask too). `positions`: score_positions of
         attention_mask[:, -n:], to select the completion tokens without a device sync. media: the rows' image
-        inputs (prompt_media) on a vision-language model."""
+        inputs (prompt_media) on a vision-language model. entropy=True: (log-probs, entropies (B, n)) (0 where
+        masked)."""
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
         if media and self.model.family.mrope:
             position_ids = None  # the model's 3-axis positions, with the left padding skipped as generate() does
         return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
-                                    position_ids=position_ids, temperature=self.args.temperature, media=media or None)
+                                    position_ids=position_ids, temperature=self.args.temperature, media=media or None,
+                                    entropy=entropy)

@@ -134,6 +134,17 @@ class GRPOConfig(OnlineRLConfig):
     delta: float | None = None  # INTELLECT-2's two-sided clipping: the unclipped ratio capped at delta (> 1 + epsilon)
     sapo_temperature_pos: float = 1.0  # loss_type="sapo": the gate's temperature where the advantage is positive
     sapo_temperature_neg: float = 1.05  # ... and where it is not
+    vespo_k_pos: float = 2.0  # loss_type="vespo": the gamma weight's power where the advantage is >= 0
+    vespo_lambda_pos: float = 3.0  # ... and its decay there
+    vespo_k_neg: float = 3.0  # ... the power where the advantage is negative
+    vespo_lambda_neg: float = 2.0  # ... and the decay there
+    top_entropy_quantile: float = 1.0  # the policy term on the top fraction of completion tokens by entropy (1: all)
+    entropy_coef: float = 0.0  # weight of the mean-entropy bonus taken off the loss (adaptive: its start value)
+    use_adaptive_entropy: bool = False  # Skywork-OR1's controller: entropy_coef moves by entropy_coef_delta a step
+    entropy_coef_min: float = 0.0  # adaptive: the coefficient's bounds and step
+    entropy_coef_max: float = 1.0
+    entropy_coef_delta: float = 0.005
+    entropy_target: float = 0.2  # adaptive: the bonus applies while the step's mean entropy (nats) is <= this
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):
@@ -149,6 +160,16 @@ class GRPOConfig(OnlineRLConfig):
                               f"above 1 + epsilon_high), or None to turn it off.")
         if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
             raise ConfigError("sapo_temperature_pos and sapo_temperature_neg must be > 0.")
+        if not 0.0 <= self.top_entropy_quantile <= 1.0:
+            raise ConfigError(f"top_entropy_quantile={self.top_entropy_quantile} is invalid: it is the fraction of "
+                              f"completion tokens (by entropy) the policy loss keeps, in [0, 1] (1 keeps all; the "
+                              f"paper uses 0.2).")
+        if self.use_adaptive_entropy and not self.entropy_coef_min <= self.entropy_coef_max:
+            raise ConfigError(f"entropy_coef_min={self.entropy_coef_min} must be <= entropy_coef_max="
+                              f"{self.entropy_coef_max}.")
+        if self.loss_type == "vespo" and self.importance_sampling_level != "token":
+            warnings.warn("loss_type='vespo' computes its sequence-level weights itself; importance_sampling_level "
+                          "should be 'token' (as TRL warns).", UserWarning, stacklevel=3)
         if self.loss_type == "luspo" and self.importance_sampling_level != "sequence":
             warnings.warn("loss_type='luspo' mirrors its paper with importance_sampling_level='sequence' (as TRL "
                           "warns).", UserWarning, stacklevel=3)

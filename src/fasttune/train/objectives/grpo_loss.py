@@ -8,13 +8,19 @@ summed over ranks, since fasttune sums gradients over ranks where DDP averages t
 - grpo: mean over completions of each completion's token mean, / steps.
 - bnpo: token mean of the micro-batch, / steps (TRL normalises over the local micro-batch only).
 - dr_grpo: token sum / (B * max_completion_length), / steps.
-- cispo: as dapo; sapo: as grpo; luspo: mean over completions of each completion's token sum, / steps.
+- cispo and vespo: as dapo; sapo: as grpo; luspo: mean over completions of each completion's token sum, / steps.
+
+The entropy terms (TRL 1.16): `high_entropy_mask` keeps the top `top_entropy_quantile` of the completion tokens by
+entropy in the policy term (Wang et al. 2025, "Beyond the 80/20 rule"), and `entropy_bonus` is the mean entropy that
+`entropy_coef` weighs against the loss (with `use_adaptive_entropy`, Skywork-OR1's controller: grpo.py).
 """
 from __future__ import annotations
 
 import torch
 
-LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo")
+import math
+
+LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
@@ -52,13 +58,17 @@ def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_
 def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, epsilon_low: float,
                    epsilon_high: float, beta: float, ref_logps: torch.Tensor | None, bias_correction_kl: bool = True,
                    mask: torch.Tensor | None = None, level: str = "token", loss_type: str = "dapo",
-                   delta: float | None = None, sapo_temperatures: tuple = (1.0, 1.05)):
+                   delta: float | None = None, sapo_temperatures: tuple = (1.0, 1.05),
+                   vespo: tuple = (2.0, 3.0, 3.0, 2.0), entropy_mask: torch.Tensor | None = None):
     """The per-token policy term + beta * KL_k3. Returns (loss, ratio, kl or None); ratio r = exp(logps - old).
 
     - dapo / grpo / bnpo / dr_grpo / luspo: -min(r A, clip(r, 1-eps_low, 1+eps_high) A), with delta (INTELLECT-2's
       two-sided clipping) r capped at delta in the first term;
     - cispo (ScaleRL): -min(r, eps_high), detached, x A x logps: the clipped weight of a REINFORCE term;
-    - sapo (Gao et al. 2025): -sigmoid(t (r - 1)) x 4 / t x A, t = sapo_temperatures[0] where A > 0, else [1].
+    - sapo (Gao et al. 2025): -sigmoid(t (r - 1)) x 4 / t x A, t = sapo_temperatures[0] where A > 0, else [1];
+    - vespo: -phi(w) x A x logps, phi the detached gamma weight of the sequence ratio (vespo_weights; `vespo` =
+      (k_pos, lambda_pos, k_neg, lambda_neg)).
+    entropy_mask (B, T) bool: the policy term only where True (high_entropy_mask), before the KL is added.
     With bias_correction_kl the KL is weighted by r (DeepSeek-V3.2's unbiased reverse-KL gradient).
     level "sequence" (GSPO, Zheng et al. 2025; TRL's importance_sampling_level): r is one per completion (B, 1), the
     exponent of its mean log-ratio over the completion tokens of `mask`; the loss is then (B, 1) without a KL term.
@@ -74,10 +84,14 @@ def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: tor
     elif loss_type == "sapo":
         t = torch.where(adv > 0, sapo_temperatures[0], sapo_temperatures[1])
         loss = -torch.sigmoid(t * (ratio - 1)) * 4 / t * adv
+    elif loss_type == "vespo":
+        loss = -vespo_weights(logps - old_logps, mask, advantages, *vespo) * adv * logps
     else:
         clipped = torch.clamp(ratio, 1 - epsilon_low, 1 + epsilon_high)
         capped = ratio if delta is None else torch.clamp(ratio, max=delta)
         loss = -torch.min(capped * adv, clipped * adv)
+    if entropy_mask is not None:
+        loss = loss * entropy_mask
     kl = None
     if beta != 0.0:
         # k3 estimator of KL(policy || reference): exp(ref - logp) - (ref - logp) - 1 >= 0
@@ -93,7 +107,7 @@ def reduce_loss(token_loss: torch.Tensor, mask: torch.Tensor, loss_type: str, nu
     """The micro-batch's share of the optimizer step's loss (see the module docstring)."""
     mask = mask.to(token_loss.dtype)
     masked = token_loss * mask
-    if loss_type in ("dapo", "cispo"):
+    if loss_type in ("dapo", "cispo", "vespo"):
         return masked.sum() / max(num_items, 1)
     if loss_type in ("grpo", "sapo"):
         return (masked.sum(-1) / mask.sum(-1).clamp(min=1.0)).mean() / steps
@@ -122,3 +136,41 @@ def clip_stats(ratio: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor
         return {"cispo_clip_ratio": (((ratio > epsilon_high) & (adv > 0) & m).sum(), n)}
     return {"clip_ratio/low_mean": ((low & m).sum(), n), "clip_ratio/high_mean": ((high & m).sum(), n),
             "clip_ratio/region_mean": (((low | high) & m).sum(), n)}
+
+
+@torch.no_grad()
+def vespo_weights(log_ratio: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, k_pos: float = 2.0,
+                  lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0) -> torch.Tensor:
+    """VESPO's gamma weights (B, 1), detached: phi(w) = exp(lambda) w^k exp(-lambda w) (phi(1) = 1) of the sequence
+    ratio w = exp(sum of the completion's token log-ratios (B, T), each clamped to [-20, 20]; log w clamped to
+    [log 1e-8, 20]), with (k, lambda) = (k_pos, lambda_pos) where the advantage (B,) is >= 0, else the _neg pair;
+    NaN / inf weights become 0. TRL 1.16's GRPOTrainer.get_gamma_weights without vLLM's sampling ratios."""
+    floor = math.log(1e-8)
+    seq = (log_ratio.clamp(-20.0, 20.0) * mask).sum(-1, keepdim=True)
+    log_w = seq.clamp(floor, 20.0)
+    nonneg = advantages[:, None] >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: float, gather=None) -> torch.Tensor:
+    """(B, T) bool: completion tokens (mask) whose entropy (B, T) is >= the `quantile` quantile (torch.quantile's
+    linear interpolation) of the entropies of every completion token, over all ranks when `gather` (a function
+    taking this rank's (n,) fp32 values to all ranks' values concatenated) is given. No tokens: all False. TRL
+    1.16's get_high_entropy_mask, called with quantile = 1 - top_entropy_quantile."""
+    m = mask.bool()
+    values = entropies[m].float()
+    if gather is not None:
+        values = gather(values)
+    if values.numel() == 0:
+        return torch.zeros_like(m)
+    threshold = torch.quantile(values, quantile)
+    return ((entropies * mask) >= threshold) & m
+
+
+def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean entropy (nats) over the tokens of `mask` (B, T) (0 without tokens): the term entropy_coef multiplies,
+    taken off the loss (TRL 1.16: L = L_policy - coef x H)."""
+    m = mask.to(entropies.dtype)
+    return (entropies * m).sum() / m.sum().clamp(min=1.0)

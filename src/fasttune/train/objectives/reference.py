@@ -27,7 +27,7 @@ def select_scored(t: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor |
 def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
                          positions: torch.Tensor | None = None, *, last: int | None = None,
                          position_ids: torch.Tensor | None = None, temperature: float = 1.0,
-                         media: dict | None = None) -> torch.Tensor:
+                         media: dict | None = None, entropy: bool = False):
     """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
     KTO and GRPO objectives call (the lm_head part is CausalLM.token_logprobs: kernels/token_logprobs.py, or the
     streamed head of offload_lm_head).
@@ -44,8 +44,10 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
         temperature: the logits are divided by it before the softmax (GRPO scores at the sampling temperature).
         media: a vision-language model's image inputs for these rows (pixel_values, image_grid_thw, ...: what its
             forward takes), merged into the embeddings as its forward merges them (models/vision.py).
+        entropy: also return each scored position's entropy (nats) of the temperature-scaled distribution, as TRL's
+            `entropy_from_logits` (differentiable: GRPO's entropy bonus).
     Returns: (B, n) float32: log p(input_ids[:, t] | input_ids[:, :t]) for the n scored columns t = T - n .. T - 1,
-        0 where score is 0.
+        0 where score is 0; with entropy=True, (log-probs, entropies), both (B, n) float32, 0 where score is 0.
 
     On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
     logits of the batch never exist at once; under FSDP (the root's shards, embeddings and lm_head, are gathered
@@ -66,13 +68,18 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
         else:
             hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
         flat = model.token_logprobs(select_scored(hidden, mask, positions), select_scored(targets, mask, positions),
-                                    temperature)
-        return torch.zeros(mask.shape, dtype=torch.float32, device=flat.device).masked_scatter(mask, flat)
+                                    temperature, entropy=entropy)
+        scattered = [torch.zeros(mask.shape, dtype=torch.float32, device=t.device).masked_scatter(mask, t)
+                     for t in (flat if entropy else (flat,))]
+        return tuple(scattered) if entropy else scattered[0]
     keep = 0 if last is None else last + 1  # 0: every position's logits
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
                    logits_to_keep=keep, **(media or {})).logits[:, :-1]
-    logps = (logits.float() / temperature).log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    return logps.masked_fill(~mask, 0.0)
+    logp_all = (logits.float() / temperature).log_softmax(-1)
+    logps = logp_all.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
+    if not entropy:
+        return logps
+    return logps, (-(logp_all.exp() * logp_all).sum(-1)).masked_fill(~mask, 0.0)
 
 
 @contextmanager

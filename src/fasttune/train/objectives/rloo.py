@@ -95,11 +95,13 @@ class RLOOTrainer(GRPOTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """-min(r A, clip(r) A) per completion with r = exp(log p(completion) - its sampling log p), the mean over
-        the micro-batch's completions / the step's micro-batches; records the clip-ratio metrics (per completion)."""
+        the micro-batch's completions / the step's micro-batches; records the clip-ratio metrics (per completion)
+        and the completion tokens' mean entropy (TRL's `entropy`)."""
         mask = batch["completion_mask"]
         media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-        logps = (self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                       batch.get("completion_positions"), media) * mask).sum(-1)
+        token_logps, entropies = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
+                                                       batch.get("completion_positions"), media, entropy=True)
+        logps = (token_logps * mask).sum(-1)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else (old * mask).sum(-1)
         adv = batch["advantages"]
@@ -107,6 +109,8 @@ class RLOOTrainer(GRPOTrainer):
         clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
         loss = -torch.min(ratio * adv, clipped * adv).mean() / int(batch["steps"])
         with torch.no_grad():
+            m = mask.float()
+            self._add_ratio("entropy", (entropies.detach() * m).sum(), m.sum())
             one = torch.ones_like(ratio)[:, None]
             for name, (s, n) in clip_stats(ratio[:, None], adv, one, self.eps_low, self.eps_high).items():
                 self._add_ratio(name, s, n)
