@@ -52,7 +52,7 @@ def ours(llama_dir, tmp_path_factory):
                      max_steps=STEPS, optim="adamw_torch")
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(tok), args=args)
     trainer.train()
-    return [h["loss"] for h in trainer.log_history if "loss" in h], _trainable(model)
+    return [h["loss"] for h in trainer.log_history if "loss" in h], _trainable(model), trainer.log_history
 
 
 def _trl_sft(llama_dir, out, bs, ga):
@@ -63,13 +63,22 @@ def _trl_sft(llama_dir, out, bs, ga):
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(tok)),
                              processing_class=tok)
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model)
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model), trainer.state.log_history
 
 
 @pytest.mark.parametrize("bs,ga", [(8, 1), (2, 4)])
 def test_trl_sft_trainer_equals_ours(llama_dir, ours, tmp_path, bs, ga):
-    losses, params = _trl_sft(llama_dir, tmp_path / "trl", bs, ga)
-    our_losses, our_params = ours
+    """Per-step losses and the final adapter; with one micro-batch a step also TRL's token metrics (entropy,
+    mean_token_accuracy over the target tokens; num_tokens seen): fasttune weighs a logging window's micro-batches
+    by their target tokens where TRL averages their means, the same with one."""
+    losses, params, history = _trl_sft(llama_dir, tmp_path / "trl", bs, ga)
+    our_losses, our_params, our_history = ours
+    if ga == 1:
+        theirs = [h for h in history if "loss" in h]
+        mine = [h for h in our_history if "loss" in h]
+        assert any(h["mean_token_accuracy"] > 0 for h in mine)
+        for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+            assert [h[key] for h in mine] == pytest.approx([h[key] for h in theirs], rel=1e-5), key
     assert len(losses) == STEPS and losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(our_losses), rtol=1e-5, atol=0)
     for n, p in our_params.items():

@@ -1,7 +1,8 @@
 """cuda_graphs=True on the card (skipped without CUDA): the captured forward+backward gives the eager step's loss
 sums and accumulated LoRA gradients (right-padded batches of varying length, with and without recompute; dense in
 fp32, MoE / gpt-oss in bf16), across optimizer steps that drop the gradients; a capture that fails falls back to
-eager with the same result and names the op; SFTTrainer's loss curve with graphs equals the one without."""
+eager with the same result and names the op; SFTTrainer's loss curve (and its token metrics) with graphs equals the
+one without."""
 import pytest
 import torch
 
@@ -159,10 +160,12 @@ def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_
                          seed=1)
         trainer = SFTTrainer(model, tiny_tokenizer, train_dataset=rows, args=args)
         trainer.train()
-        curves.append([h["loss"] for h in trainer.log_history if "loss" in h])
+        curves.append([[h[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens")]
+                       for h in trainer.log_history if "loss" in h])
         if graphs:
             assert "cuda_graphs on: each micro-batch runs padded to 2 x" in capsys.readouterr().err
             # 10 micro-batches: the first runs eagerly (the warm-up), the second is captured and replayed
             assert trainer._graph_step.replays == 9 and trainer._graph_step.off_reason is None
-    assert len(curves[0]) == 5
+    assert len(curves[0]) == 5 and curves[0][-1][1] > 0
+    # the loss and TRL's token metrics (collected from the replayed graphs too) equal the eager run's
     torch.testing.assert_close(torch.tensor(curves[1]), torch.tensor(curves[0]), rtol=1e-4, atol=1e-5)

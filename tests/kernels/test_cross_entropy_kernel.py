@@ -84,3 +84,64 @@ def test_lm_head_gradient_tiles_equal_one_product(monkeypatch):
     monkeypatch.setattr(ce, "GRAD_W_TILE_ROWS", 8)
     ce._accumulate_fp32(acc, a, b)
     torch.testing.assert_close(acc, a @ b)
+
+
+def _stats_oracle(logits64, y, softcap):
+    """[entropy sum, first-argmax hits] over labelled rows, in fp64 on the full logits."""
+    z = torch.tanh(logits64 / softcap) * softcap if softcap else logits64
+    logp = z.log_softmax(-1)
+    valid = y != -100
+    ent = -(logp.exp() * logp).sum(-1)
+    return torch.stack([ent[valid].sum(), ((z.argmax(-1) == y) & valid).sum().double()])
+
+
+@pytest.mark.parametrize("chunk_fn", ["reference", pytest.param("triton", marks=pytest.mark.skipif(
+    not HAVE_TRITON, reason="no triton"))])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_chunk_token_stats_and_ties(chunk_fn, softcap, dtype):
+    """The chunk math's stats (TRL's SFT entropy and mean_token_accuracy): entropies of labelled rows and first-argmax
+    hits, over several vocab blocks; a label tied with an earlier maximum is no hit, tied with a later one is."""
+    from fasttune.kernels.cross_entropy import _ce_chunk_grad_triton
+
+    torch.manual_seed(1)
+    logits = (torch.randn(9, 100) * 3).to(dtype)
+    y = logits.argmax(-1)  # hits
+    y[1] = (y[1] + 1) % 100  # a miss
+    y[2] = -100  # ignored, though its argmax would hit
+    logits[3, [10, 70]] = 50.0  # tied maxima at 10 and 70 (in different 32-wide blocks)
+    logits[4, [10, 70]] = 50.0
+    y[3], y[4] = 70, 10  # tied with an earlier max: no hit; the first of the tie: a hit
+    stats = torch.zeros(2, device=DEVICE)
+    logits, y = logits.to(DEVICE), y.to(DEVICE)
+    g = logits.clone()
+    if chunk_fn == "triton":
+        _ce_chunk_grad_triton(g, y, softcap, block=32, stats=stats)
+    else:
+        _ce_chunk_grad_reference(g, y, softcap, stats)
+    want = _stats_oracle(logits.double(), y, softcap)
+    assert want[1] == 6  # rows 0, 4, 5, 6, 7, 8
+    torch.testing.assert_close(stats.double(), want, rtol=1e-5, atol=1e-4)
+    assert g.dtype == dtype  # the gradient is written in place, as without stats
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("grad", [True, False])
+def test_linear_ce_stats_on_every_path(monkeypatch, kernels, grad):
+    """chunked_linear_cross_entropy(stats=...) through the fused path (grad) and the checkpointed / no-grad reference
+    path gives the same stats as full fp64 logits, several chunks, some rows ignored; the loss is unchanged."""
+    from fasttune.kernels.cross_entropy import chunked_linear_cross_entropy
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    torch.manual_seed(2)
+    h = torch.randn(21, 16, requires_grad=grad)
+    w = torch.randn(90, 16)
+    y = torch.randint(0, 90, (21,))
+    y[::4] = -100
+    y[1] = (h.detach() @ w.t()).argmax(-1)[1]  # at least one hit
+    stats = torch.zeros(2)
+    loss = chunked_linear_cross_entropy(h, w, y, 5.0, chunk_tokens=4, stats=stats)
+    torch.testing.assert_close(loss, chunked_linear_cross_entropy(h, w, y, 5.0, chunk_tokens=4))
+    want = _stats_oracle(h.detach().double() @ w.double().t(), y, 5.0)
+    assert want[1] >= 1
+    torch.testing.assert_close(stats.double(), want, rtol=1e-5, atol=1e-4)

@@ -93,3 +93,25 @@ def test_large_logits_do_not_overflow(small_tiles):
     ref = F.cross_entropy(h @ w.t(), y, ignore_index=-100, reduction="sum")
     assert torch.isfinite(got)
     torch.testing.assert_close(got, ref.float(), rtol=1e-6, atol=1e-4)
+
+
+def test_cross_entropy_token_stats(small_tiles):
+    """stats over the streamed tiles: entropy sum and first-argmax hits of the labelled rows, as full logits give
+    them; a tie with an earlier column is no hit."""
+    h, w, y = _inputs(7)
+    w = w.clone()
+    w[40] = w[2]  # columns 2 and 40 tie on every row (different tiles)
+    z = _oracle_logits(h.detach(), w, None)
+    y[0] = z[0].argmax()
+    y[1], y[5] = 40, 2
+    h = h.detach().clone()
+    h[1] = h[5] = w[2] * 3  # columns 2 and 40 are the maxima of rows 1 and 5
+    z = _oracle_logits(h, w, None)
+    stats = torch.zeros(2, dtype=torch.float64)
+    sh.streamed_cross_entropy(h.requires_grad_(), w, y, None, stats)
+    logp = z.log_softmax(-1)
+    valid = y != -100
+    hits = ((z.argmax(-1) == y) & valid).sum()
+    assert hits >= 2 and (z.argmax(-1)[1] == 2)  # row 5 hits (label 2), row 1 does not (label 40, tied later)
+    torch.testing.assert_close(stats[0], (-(logp.exp() * logp).sum(-1))[valid].sum(), rtol=1e-9, atol=1e-9)
+    assert stats[1] == hits

@@ -8,6 +8,9 @@ accumulated batch) and only send target rows through the lm_head.
   incoming gradient: no logits are kept and no lm_head matmul is redone. d(lm_head) accumulates in fp32.
   Per chunk, the lm_head GEMM gives 16-bit logits (as transformers does before its fp32 upcast); one Triton
   kernel turns them, in place, into that gradient and a per-row loss, computing in fp32.
+With `stats` (a (2,) fp32 tensor) every path also adds, over the labelled rows, the entropy of each row's
+distribution and the count of rows whose label is its first argmax: TRL's SFT metrics `entropy` and
+`mean_token_accuracy` (TRL's fused LM head: a tie with an earlier token is not a top-1 hit), from the same logits.
 """
 
 import torch
@@ -38,12 +41,25 @@ def _chunk_tokens(vocab: int, bytes_per_logit: int = 4) -> int:
     return max(256, min(8192, CHUNK_BYTES // (bytes_per_logit * vocab)))
 
 
-def _chunk_loss_sum(hidden, weight, labels, softcap):
+@torch.no_grad()
+def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(2,) fp32 [sum of the entropies, count of first-argmax hits] over the rows of logits (rows, V) (final softcap
+    applied) whose label (rows,) is not IGNORE_INDEX. torch.argmax returns the first maximum, as TRL counts."""
+    z = logits.float()
+    valid = labels != IGNORE_INDEX
+    logp = z.log_softmax(-1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    hits = (z.argmax(-1) == labels) & valid
+    return torch.stack([torch.where(valid, entropy, 0.0).sum(), hits.sum().float()])
+
+
+def _chunk_loss_sum(hidden, weight, labels, softcap, stats):
     logits = logits_from_hidden(hidden, weight, softcap).float()
-    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return (loss, token_stats(logits, labels)) if stats else loss
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None):
+def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None, stats=None):
     """The torch path of `chunked_linear_cross_entropy` (same arguments and fp32 loss sum): target rows only,
     `chunk_tokens` rows at a time (default: 256 MiB of fp32 logits), each chunk under activation checkpointing
     when a gradient is needed."""
@@ -51,22 +67,32 @@ def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_t
     hidden, labels = hidden[keep], labels[keep]
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     total = hidden.new_zeros((), dtype=torch.float32)
+    want = stats is not None
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            total = total + checkpoint(_chunk_loss_sum, h, weight, y, softcap, use_reentrant=False)
+            # (the stats come from the first run only: the recompute's outputs are discarded)
+            out = checkpoint(_chunk_loss_sum, h, weight, y, softcap, want, use_reentrant=False)
         else:
-            total = total + _chunk_loss_sum(h, weight, y, softcap)
+            out = _chunk_loss_sum(h, weight, y, softcap, want)
+        if want:
+            out, part = out
+            stats += part
+        total = total + out
     return total
 
 
-def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
+def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                             stats: torch.Tensor | None = None) -> torch.Tensor:
     """Overwrite logits (rows, V) with d(loss)/d(logits) = softmax - onehot (times the softcap derivative) and
-    return the loss sum (fp32; fp64 for fp64 logits); rows labelled IGNORE_INDEX get loss 0 and gradient 0."""
+    return the loss sum (fp32; fp64 for fp64 logits); rows labelled IGNORE_INDEX get loss 0 and gradient 0. stats:
+    a (2,) fp32 tensor that token_stats of these logits is added to."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64 (the tests' exact oracle)
     if softcap:
         t = torch.tanh(z / softcap)
         z = t * softcap
+    if stats is not None:
+        stats += token_stats(z, labels)
     valid = labels != IGNORE_INDEX
     y = labels.clamp_min(0)
     lse = torch.logsumexp(z, dim=-1)
@@ -89,16 +115,19 @@ if HAVE_TRITON:
         return t * softcap, t
 
     @triton.jit
-    def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, n_cols, stride, softcap, SOFTCAP: tl.constexpr,
-                         BLOCK: tl.constexpr):
+    def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, stats_ptr, n_cols, stride, softcap, SOFTCAP: tl.constexpr,
+                         STATS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # rows * V can pass 2**31 (256K vocab, 8K-token chunks)
         ptr = logits_ptr + row * stride
         label = tl.load(labels_ptr + row)
         valid = (label >= 0) & (label < n_cols)  # IGNORE_INDEX (or a bad id): loss 0, gradient 0, no stray read
         cols = tl.arange(0, BLOCK)
-        # pass 1: online max / sum-exp in fp32
+        # pass 1: online max / sum-exp in fp32 (STATS: also q = sum exp(z - m) (m - z), non-negative terms, for the
+        # entropy log(s) + q / s, and the largest logit before the label's column, for the first-argmax test)
         m = float("-inf")
         s = 0.0
+        q = 0.0
+        before = float("-inf")
         for start in range(0, n_cols, BLOCK):
             mask = start + cols < n_cols
             z = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
@@ -106,13 +135,21 @@ if HAVE_TRITON:
                 z, _ = _softcapped(z, softcap)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+            p = tl.exp(z - m_new)
+            if STATS:
+                q = tl.where(s > 0, tl.exp(m - m_new) * (q + (m_new - m) * s), 0.0) + \
+                    tl.sum(tl.where(mask, p * (m_new - z), 0.0), axis=0)
+                before = tl.maximum(before, tl.max(tl.where(start + cols < label, z, float("-inf")), axis=0))
+            s = s * tl.exp(m - m_new) + tl.sum(p, axis=0)
             m = m_new
         lse = m + tl.log(s)
         zy = tl.load(ptr + tl.where(valid, label, 0)).to(tl.float32)
         if SOFTCAP:
             zy, _ = _softcapped(zy, softcap)
         tl.store(loss_ptr + row, tl.where(valid, lse - zy, 0.0))
+        if STATS:
+            tl.store(stats_ptr + 2 * row, tl.where(valid, tl.log(s) + q / s, 0.0))
+            tl.store(stats_ptr + 2 * row + 1, tl.where(valid & (zy >= m) & (zy > before), 1.0, 0.0))
         # pass 2: the gradient, over the logits it was computed from
         for start in range(0, n_cols, BLOCK):
             mask = start + cols < n_cols
@@ -129,23 +166,29 @@ if HAVE_TRITON:
 
 
 def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
-                          block: int | None = None) -> torch.Tensor:
+                          block: int | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "the kernel walks contiguous vocab rows"
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
     if rows == 0:
         return loss.sum()
+    per_row = torch.empty(rows, 2, dtype=torch.float32, device=logits.device) if stats is not None else loss
     block = block or min(_CE_BLOCK, next_pow2(vocab))
-    _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, vocab, logits.stride(0), float(softcap or 1.0),
-                              SOFTCAP=bool(softcap), BLOCK=block, num_warps=min(8, max(1, block // 512)))
+    _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, per_row, vocab, logits.stride(0),
+                              float(softcap or 1.0), SOFTCAP=bool(softcap), STATS=stats is not None, BLOCK=block,
+                              num_warps=min(8, max(1, block // 512)))
+    if stats is not None:
+        stats += per_row.sum(0)
     return loss.sum()
 
 
-def _ce_chunk_grad_(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None) -> torch.Tensor:
-    """The chunk's fp32 loss sum; logits become their gradient in place (see `_ce_chunk_grad_reference`)."""
+def _ce_chunk_grad_(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
+                    stats: torch.Tensor | None = None) -> torch.Tensor:
+    """The chunk's fp32 loss sum; logits become their gradient in place (see `_ce_chunk_grad_reference`); stats:
+    see the module doc."""
     if use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return _ce_chunk_grad_triton(logits, labels, softcap)
-    return _ce_chunk_grad_reference(logits, labels, softcap)
+        return _ce_chunk_grad_triton(logits, labels, softcap, stats=stats)
+    return _ce_chunk_grad_reference(logits, labels, softcap, stats)
 
 
 GRAD_W_TILE_ROWS = 8192  # vocab rows of d(lm_head) per 16-bit product: its temporaries stay ~200 MiB at hidden 4096
@@ -163,10 +206,10 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     (the logits of one chunk are overwritten by their gradient); backward only scales them by grad_out."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, chunk, compact):
+    def forward(ctx, hidden, weight, labels, softcap, chunk, compact, stats=None):
         """hidden (N, H), weight (V, H), labels (N,) int64; chunk: rows per GEMM; compact: see
-        chunked_linear_cross_entropy. Returns the fp32 () loss sum; saves d(sum)/d(hidden) (hidden's dtype) and
-        d(sum)/d(weight) (fp32)."""
+        chunked_linear_cross_entropy; stats: a (2,) fp32 tensor the chunks' token_stats are added to, or None.
+        Returns the fp32 () loss sum; saves d(sum)/d(hidden) (hidden's dtype) and d(sum)/d(weight) (fp32)."""
         if compact:  # only the rows with a label: no work on padding or prompts (a host sync: dynamic shape)
             keep = (labels != IGNORE_INDEX).nonzero().squeeze(1)
             h, y = hidden.index_select(0, keep), labels.index_select(0, keep)
@@ -180,7 +223,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], y[start:start + chunk]
             g = hc @ w.t()  # logits in the activation dtype, overwritten by their gradient
-            total += _ce_chunk_grad_(g, yc, softcap)
+            total += _ce_chunk_grad_(g, yc, softcap, stats)
             if need_h and keep is None:
                 torch.matmul(g, w, out=grad_h[start:start + chunk])
             elif need_h:
@@ -197,23 +240,24 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None
+        return gh, gw, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  softcap: float | None = None, chunk_tokens: int | None = None,
-                                 compact: bool | None = None) -> torch.Tensor:
+                                 compact: bool | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100.
 
     compact: True drops the rows without a label before the GEMMs (less work when many are ignored, at the cost of
     one host sync for their count); False keeps every row (static shapes, as a CUDA graph capture needs); None: True
-    unless the current CUDA stream is being captured."""
+    unless the current CUDA stream is being captured. stats: a (2,) fp32 tensor on hidden's device that gets
+    [sum of the labelled rows' entropies, count of them whose label is the first argmax] added (no gradient)."""
     if compact is None:
         compact = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
         chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
-        return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk)
+        return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk, stats)
     # the Triton chunk math keeps only the GEMM's logits buffer, so its chunks count that buffer's bytes
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.element_size() if use_triton(hidden) else 4)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact, stats)

@@ -90,24 +90,25 @@ def _in_tile(y: torch.Tensor, start: int, rows: int):
 
 class _StreamedCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap):
+    def forward(ctx, hidden, weight, labels, softcap, stats):
         n, chunk = hidden.shape[0], _chunk_tokens(TILE_ROWS)
         losses = torch.zeros(n, dtype=_math_dtype(hidden), device=hidden.device)
         grad_h = torch.zeros_like(hidden)
         for c0 in range(0, n, chunk):
             rows = slice(c0, c0 + chunk)
-            losses[rows], grad_h[rows] = _ce_pass(hidden[rows], weight, labels[rows], softcap)
+            losses[rows], grad_h[rows] = _ce_pass(hidden[rows], weight, labels[rows], softcap, stats)
         ctx.save_for_backward(grad_h)
         return losses
 
     @staticmethod
     def backward(ctx, grad_out):
         (grad_h,) = ctx.saved_tensors
-        return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None
+        return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None
 
 
-def _ce_pass(h, weight, y, softcap):
-    """One pass over the head for the tokens h (N, H): (per-token loss (N,) fp32, d loss / d h (N, H))."""
+def _ce_pass(h, weight, y, softcap, stats=None):
+    """One pass over the head for the tokens h (N, H): (per-token loss (N,) fp32, d loss / d h (N, H)); stats: a (2,)
+    fp32 tensor that [entropy sum, first-argmax hits] of the labelled rows is added to (cross_entropy.token_stats)."""
     n, dev, f = h.shape[0], h.device, _math_dtype(h)
     valid = y != IGNORE_INDEX
     m = torch.full((n,), float("-inf"), dtype=f, device=dev)
@@ -115,6 +116,8 @@ def _ce_pass(h, weight, y, softcap):
     acc = torch.zeros(h.shape, dtype=f, device=dev)
     z_y = torch.zeros(n, dtype=f, device=dev)
     target = torch.zeros(h.shape, dtype=f, device=dev)  # d_y * W_y, picked up in the tile holding y
+    q = torch.zeros(n, dtype=f, device=dev)  # sum of exp(z - m) (m - z), for the entropy (see _logit_pass)
+    before = torch.full((n,), float("-inf"), dtype=f, device=dev)  # the largest logit left of the label's column
     for start, tile in head_tiles(weight, dev, h.dtype):
         z, dz = _softcapped((h @ tile.t()).to(f), softcap)
         here, col = _in_tile(y, start, tile.shape[0])
@@ -124,22 +127,31 @@ def _ce_pass(h, weight, y, softcap):
         if dz is not None:
             w_y = w_y * dz.gather(1, col[:, None])
         target = torch.where(here[:, None], w_y, target)
+        m_old, s_old = m, s
         m, s, rescale, p = _online_step(m, s, z)
+        if stats is not None:
+            q = torch.where(s_old > 0, rescale * (q + (m - m_old) * s_old), 0.0) + (p * (m[:, None] - z)).sum(1)
+            left = torch.arange(start, start + tile.shape[0], device=dev)[None, :] < y[:, None]
+            before = torch.maximum(before, torch.where(left, z, float("-inf")).amax(1))
         if dz is not None:
             p = p * dz
         acc = acc * rescale[:, None] + (p.to(h.dtype) @ tile).to(f)
     loss = torch.where(valid, m + torch.log(s) - z_y, 0.0)
     grad = torch.where(valid[:, None], acc / s[:, None] - target, 0.0)
+    if stats is not None:
+        entropy = torch.where(valid, torch.log(s) + q / s, 0.0)
+        hits = valid & (z_y >= m) & (z_y > before)
+        stats += torch.stack([entropy.sum(), hits.sum().to(entropy.dtype)]).to(stats.dtype)
     return loss, grad.to(h.dtype)
 
 
 def streamed_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           softcap: float | None = None) -> torch.Tensor:
+                           softcap: float | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
     """hidden (N, H) 16/32-bit on the compute device, weight (V, H) frozen (pinned host memory, or anywhere),
     labels (N,) int64 already shifted (IGNORE_INDEX = no loss) -> the fp32 loss sum, as
-    cross_entropy.chunked_linear_cross_entropy gives it. d(loss)/d(hidden) is computed in the forward pass; the
-    weight gets no gradient."""
-    return _StreamedCrossEntropy.apply(hidden, weight, labels, softcap).sum().float()
+    cross_entropy.chunked_linear_cross_entropy gives it (and its `stats`). d(loss)/d(hidden) is computed in the
+    forward pass; the weight gets no gradient."""
+    return _StreamedCrossEntropy.apply(hidden, weight, labels, softcap, stats).sum().float()
 
 
 def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None, ent=None, go_ent=None,

@@ -282,7 +282,7 @@ class CausalLM(PreTrainedModel):
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                 seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
-                per_layer_ids=None):
+                per_layer_ids=None, return_token_stats: bool = False):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -297,7 +297,11 @@ class CausalLM(PreTrainedModel):
         load-balancing loss over the sparse layers (models/moe.py), and `router_logits`; with labels, loss gets
         `config.router_aux_loss_coef * aux_loss` added, as transformers' Qwen3MoeForCausalLM / MixtralForCausalLM
         do (per forward pass: with gradient accumulation each micro-batch adds its own, as in transformers'
-        Trainer). loss_sum stays the cross-entropy alone."""
+        Trainer). loss_sum stays the cross-entropy alone.
+
+        return_token_stats (with labels): `token_stats` (2,) fp32 = [sum of the target tokens' entropies, count of
+        targets that are their row's first argmax], from the loss's own chunked pass (TRL's SFT `entropy` and
+        `mean_token_accuracy` over target_count), no gradient."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
@@ -309,18 +313,19 @@ class CausalLM(PreTrainedModel):
                          last_only=past_key_values is not None and logits_to_keep == 1 and labels is None)
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None
-        logits = loss = loss_sum = count = None
+        logits = loss = loss_sum = count = stats = None
         hf_eval = evaluation_as_transformers(self, labels, return_logits)
         if labels is None or return_logits or hf_eval:
             logits = self.logits(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(hidden.device)
             flat, host = self.head_input(hidden[:, :-1].reshape(-1, hidden.shape[-1])), host_head(self)
+            stats = torch.zeros(2, dtype=torch.float32, device=flat.device) if return_token_stats else None
             if host is not None:  # offload_lm_head: one online-softmax pass over the streamed head
-                loss_sum = streamed_cross_entropy(flat, host, shifted, self.arch.final_logit_softcap)
+                loss_sum = streamed_cross_entropy(flat, host, shifted, self.arch.final_logit_softcap, stats)
             else:
                 loss_sum = chunked_linear_cross_entropy(flat, self.lm_head.weight, shifted,
-                                                        self.arch.final_logit_softcap)
+                                                        self.arch.final_logit_softcap, stats=stats)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across
@@ -332,7 +337,7 @@ class CausalLM(PreTrainedModel):
             if loss is not None:
                 loss = loss + float(getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0) * aux.to(loss.device)
         if hf_eval:
-            loss_sum = count = None
+            loss_sum = count = stats = None
         out = CausalLMOutput(loss=loss, logits=logits, loss_sum=loss_sum, target_count=count, aux_loss=aux,
-                             router_logits=router_logits)
+                             router_logits=router_logits, token_stats=stats)
         return out if return_dict is not False else out.to_tuple()

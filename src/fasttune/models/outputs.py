@@ -20,6 +20,8 @@ class CausalLMOutput(ModelOutput):
     target_count: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE load-balancing loss (output_router_logits), unscaled
     router_logits: tuple | None = None  # MoE: one (B*T, E) tensor per sparse layer (output_router_logits)
+    # return_token_stats: (2,) fp32 [sum of the target tokens' entropies, how many are their row's first argmax]
+    token_stats: torch.Tensor | None = None
 
     @property
     def num_targets(self) -> int | None:

@@ -85,6 +85,7 @@ class _Captured:
         self.num_items = torch.ones((), dtype=torch.float32, device=device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.loss_sum: torch.Tensor | None = None
+        self.stats: tuple | None = None  # (token_stats, target_count) of the captured forward, when asked for
 
 
 class CudaGraphStep:
@@ -106,6 +107,8 @@ class CudaGraphStep:
         self.pool = None
         self.off_reason: str | None = None
         self.replays = 0
+        self.token_stats: tuple | None = None  # the last run's (token_stats, target_count) copies, when asked for
+        self.extra: dict = {}  # the model keywords of the current run
 
     def accepts(self, batch: dict, right_padded: bool) -> bool:
         """Whether `batch` can take the graph path: only input_ids / attention_mask / labels, the mask (if any)
@@ -113,11 +116,13 @@ class CudaGraphStep:
         return (self.off_reason is None and right_padded
                 and set(batch) <= {"input_ids", "attention_mask", "labels"})
 
-    def run(self, batch: dict, num_items: int | float) -> torch.Tensor:
+    def run(self, batch: dict, num_items: int | float, extra: dict | None = None) -> torch.Tensor:
         """Forward and backward of one micro-batch whose `accepts` is True: the loss sum / num_items is
         back-propagated into the parameters' .grad (accumulated, as loss.backward() does). batch: input_ids and
-        labels (B, T) int64 on the model's device. Returns the micro-batch's cross-entropy sum (fp32 () tensor on
-        the device, not read)."""
+        labels (B, T) int64 on the model's device; extra: further model keywords (the trainer's loss_kwargs: with
+        return_token_stats, `token_stats` holds this run's (token_stats, target_count) after it). Returns the
+        micro-batch's cross-entropy sum (fp32 () tensor on the device, not read)."""
+        self.extra = extra or {}
         ids, labels = batch["input_ids"], batch["labels"]
         b, t = ids.shape
         key = (max(b, self.rows or 0), max(t, self.length or 0), self.model.training, self.model.gradient_checkpointing)
@@ -127,7 +132,9 @@ class CudaGraphStep:
         if slot is None:
             slot = self.shapes[key] = _Captured(key[0], key[1], ids.device, self.pad)
             self._fill(slot, ids, labels, num_items)
-            return self._forward_backward(slot).detach().clone()  # the shape's eager warm-up
+            loss_sum = self._forward_backward(slot).detach().clone()  # the shape's eager warm-up
+            self.token_stats = self._copied(slot.stats)
+            return loss_sum
         self._bind_grads()
         self._fill(slot, ids, labels, num_items)
         if slot.graph is None:
@@ -143,11 +150,18 @@ class CudaGraphStep:
                 return self._eager(ids, labels, num_items)
         slot.graph.replay()
         self.replays += 1
+        self.token_stats = self._copied(slot.stats)
         return slot.loss_sum.clone()
 
+    @staticmethod
+    def _copied(stats: tuple | None) -> tuple | None:
+        return None if stats is None else tuple(t.clone() for t in stats)  # the next replay overwrites them
+
     def _eager(self, ids, labels, num_items) -> torch.Tensor:
-        out = self.model(input_ids=ids, labels=labels, num_items_in_batch=num_items, return_logits=False)
+        out = self.model(input_ids=ids, labels=labels, num_items_in_batch=num_items, return_logits=False,
+                         **self.extra)
         out.loss.backward()
+        self.token_stats = None if out.token_stats is None else (out.token_stats, out.target_count)
         return out.loss_sum.detach()
 
     def _fill(self, slot: _Captured, ids: torch.Tensor, labels: torch.Tensor, num_items):
@@ -162,8 +176,9 @@ class CudaGraphStep:
     def _forward_backward(self, slot: _Captured) -> torch.Tensor:
         with replayed_launches():  # the warm-up takes the paths the capture will (their kernels compile here)
             out = self.model(input_ids=slot.ids, labels=slot.labels, num_items_in_batch=slot.num_items,
-                             return_logits=False)
+                             return_logits=False, **self.extra)
             out.loss.backward()
+        slot.stats = None if out.token_stats is None else (out.token_stats, out.target_count)
         return out.loss_sum.detach()
 
     def _bind_grads(self):

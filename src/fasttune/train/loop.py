@@ -157,8 +157,27 @@ class Trainer(CallbackMethods, TrainerMethods):
         once, after the last micro-batch (host_values)."""
         packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], num_items_in_batch=num_items, return_logits=False, **packed)
+                         labels=batch["labels"], num_items_in_batch=num_items, return_logits=False, **packed,
+                         **self.loss_kwargs())
+        if getattr(out, "token_stats", None) is not None:
+            self.record_token_stats(out.token_stats, out.target_count)
         return out.loss, out.loss_sum.detach()
+
+    def loss_kwargs(self) -> dict:
+        """Further keywords of the model call in micro_batch_loss (SFT: return_token_stats on fasttune's model)."""
+        return {}
+
+    def step_reads(self) -> list:
+        """Device tensors the objective wants read with the step's one device read (after its last micro-batch);
+        step_read gets their host values (lists of floats)."""
+        return []
+
+    def step_read(self, values: list) -> None:
+        """The host values of step_reads' tensors, in order."""
+
+    def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
+        """A micro-batch's CausalLMOutput.token_stats and target_count (device tensors, not read here), from
+        micro_batch_loss or a CUDA-graph replay; objectives that log token metrics keep them (SFT)."""
 
     def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
         """Called with this rank's micro-batches of one optimizer step before any forward, as collated (on the
@@ -388,6 +407,7 @@ class Trainer(CallbackMethods, TrainerMethods):
             step_loss, grad_norm = self._guarded_step(group, num_items, scaler, fillers, host_group)
         run.memory.mark("forward_backward")
         run.tokens_done += int(self.dist.sum(n_tokens))
+        self.tokens_seen = run.tokens_done  # (TRL's SFT logs it as num_tokens)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -494,7 +514,9 @@ class Trainer(CallbackMethods, TrainerMethods):
                 (loss * 0.0).backward()
             for i, b in enumerate(group):
                 if self._graph_replayable(b, host_group[i] if host_group is not None else None):
-                    parts.append(self._graph_step.run(b, num_items))
+                    parts.append(self._graph_step.run(b, num_items, self.loss_kwargs()))
+                    if self._graph_step.token_stats is not None:
+                        self.record_token_stats(*self._graph_step.token_stats)
                 else:
                     loss, part = self.micro_batch_loss(b, num_items)
                     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -507,10 +529,18 @@ class Trainer(CallbackMethods, TrainerMethods):
                 scaler.unscale_(self.optimizer)
             # The step's one wait for the device: the loss sums and the grad-norm in one read, which the
             # non-finite check needs before the optimizer steps. Summed on the host, in order, as floats.
-            *parts, grad_norm = host_values([*parts, self._clip(self.model)])
+            # (with the objective's step_reads: SFT's token metrics)
+            reads = self.step_reads()
+            *parts, grad_norm = self._taken(host_values([*parts, self._clip(self.model), *reads]), len(reads))
             return self.dist.sum(sum(parts)) / num_items, grad_norm
         except torch.OutOfMemoryError:
             raise self._oom_error(group) from None
+
+    def _taken(self, values: list, n: int) -> list:
+        """values minus its last n, which go to step_read."""
+        if n:
+            self.step_read(values[-n:])
+        return values[:len(values) - n]
 
     def _oom_error(self, group) -> FastTuneError:
         a, model = self.args, self.model

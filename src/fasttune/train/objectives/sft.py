@@ -1,9 +1,12 @@
 """SFT: next-token cross-entropy on the target tokens of each example."""
 from __future__ import annotations
 
+import torch
+
 from fasttune.data.collate import count_targets
 from fasttune.data.tokenize import tokenize_rows
 from fasttune.errors import ConfigError, DataError
+from fasttune.models.causal_lm import CausalLM
 from fasttune.train.config import SFTConfig
 from fasttune.train.loop import Trainer
 
@@ -79,6 +82,39 @@ class SFTTrainer(Trainer):
 
             return vision_sft.vision_loss(self.model, batch, num_items)
         return super().micro_batch_loss(batch, num_items)
+
+    # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
+    def loss_kwargs(self) -> dict:
+        """fasttune's text model returns its token stats with the loss (see record_token_stats)."""
+        return {"return_token_stats": True} if isinstance(self.model, CausalLM) and not self.vision else {}
+
+    def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
+        """Adds a micro-batch's [entropy sum, first-argmax hits] and target count to the step's sums (on the device,
+        read with the step's one device read: step_reads)."""
+        part = torch.cat([stats, targets.reshape(1).to(stats.dtype)])
+        self._token_step = part if getattr(self, "_token_step", None) is None else self._token_step + part
+
+    def step_reads(self) -> list:
+        """The step's token sums (see record_token_stats), read with the loss and grad norm."""
+        step, self._token_step = getattr(self, "_token_step", None), None
+        return list(step.unbind()) if step is not None else []
+
+    def step_read(self, values: list) -> None:
+        """Adds the step's [entropy sum, hits, targets] (host floats) to the logging window."""
+        window = getattr(self, "_token_window", None) or [0.0, 0.0, 0.0]
+        self._token_window = [a + b for a, b in zip(window, values)]
+
+    def step_metrics(self) -> dict:
+        """TRL's SFT metrics over the target tokens since the last log entry: `entropy` (mean, nats) and
+        `mean_token_accuracy` (the share whose label is the first argmax), token-weighted over the window (TRL
+        averages per-micro-batch means); `num_tokens`: input tokens trained on so far (all ranks). Resets the
+        window."""
+        window, self._token_window = getattr(self, "_token_window", None), None
+        out = {} if getattr(self, "tokens_seen", None) is None else {"num_tokens": float(self.tokens_seen)}
+        if window is not None:
+            entropy, hits, n = window
+            out.update(entropy=entropy / max(n, 1.0), mean_token_accuracy=hits / max(n, 1.0))
+        return out
 
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
         """See Trainer.eval_batch_loss; a vision-language model also gets the batch's images; with compute_metrics
