@@ -202,6 +202,7 @@ EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
+TOKEN_STATS = [{}]  # --token-stats (set in main): ours' model call asks for TRL's SFT token metrics too
 
 
 # Qwen3.5's linear-attention projections, adapted too on both sides (fasttune's default targets for Qwen3.5)
@@ -388,9 +389,9 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
         ids = batches[i % len(batches)]
         if graphs is not None:
             n = bs * (seq - 1)  # the targets of labels=ids, as the model counts them
-            loss = graphs.run({"input_ids": ids, "labels": ids}, n) / n
+            loss = graphs.run({"input_ids": ids, "labels": ids}, n, TOKEN_STATS[0]) / n
         else:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, **TOKEN_STATS[0]).loss
             loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(params, 1.0)))
         opt.step()
@@ -418,6 +419,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0],
            "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
            "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
+           "token_stats": bool(TOKEN_STATS[0]),
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
@@ -464,6 +466,8 @@ def main():
                     help="ours: the frozen input embedding in pinned host memory (from_pretrained's offload_embedding)")
     ap.add_argument("--offload-lm-head", action="store_true",
                     help="ours: the frozen LM head in pinned host memory, streamed (from_pretrained's offload_lm_head)")
+    ap.add_argument("--token-stats", action="store_true",
+                    help="ours: the loss also returns TRL's SFT token metrics (what SFTTrainer asks for)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="ours: replay forward+backward as CUDA graphs (cuda_graphs=True); with --matrix, each of our "
                          "rows without offload runs again with graphs")
@@ -473,6 +477,7 @@ def main():
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
     CUDA_GRAPHS[0] = a.cuda_graphs
+    TOKEN_STATS[0] = {"return_token_stats": True} if a.token_stats and a.impl == "ours" else {}
     if a.matrix:
         rows = []
         for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:
