@@ -41,6 +41,7 @@ def head_tiles(weight: torch.Tensor, device: torch.device, dtype: torch.dtype, r
     side = side_stream(device)
 
     def fetch(start):
+        """Start copying the tile of `rows` rows from `start` on the side stream -> (tile, its copy's event)."""
         with torch.cuda.stream(side):
             tile = weight[start:start + rows].to(device, non_blocking=True)
             done = torch.cuda.Event()
@@ -91,6 +92,8 @@ def _in_tile(y: torch.Tensor, start: int, rows: int):
 class _StreamedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, softcap, stats):
+        """hidden (N, H), weight (V, H), labels (N,), stats ((2,) or None, see _ce_pass) -> per-token losses (N,)
+        fp32; d loss / d hidden is formed here, chunk by chunk, and saved."""
         n, chunk = hidden.shape[0], _chunk_tokens(TILE_ROWS)
         losses = torch.zeros(n, dtype=_math_dtype(hidden), device=hidden.device)
         grad_h = torch.zeros_like(hidden)
@@ -102,6 +105,7 @@ class _StreamedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        """grad_out (N,) -> (the saved d loss / d hidden scaled per row, None for the rest)."""
         (grad_h,) = ctx.saved_tensors
         return grad_h * grad_out[:, None].to(grad_h.dtype), None, None, None, None
 

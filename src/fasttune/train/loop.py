@@ -531,16 +531,14 @@ class Trainer(CallbackMethods, TrainerMethods):
             # non-finite check needs before the optimizer steps. Summed on the host, in order, as floats.
             # (with the objective's step_reads: SFT's token metrics)
             reads = self.step_reads()
-            *parts, grad_norm = self._taken(host_values([*parts, self._clip(self.model), *reads]), len(reads))
+            values = host_values([*parts, self._clip(self.model), *reads])
+            kept = len(values) - len(reads)
+            if reads:
+                self.step_read(values[kept:])
+            *parts, grad_norm = values[:kept]
             return self.dist.sum(sum(parts)) / num_items, grad_norm
         except torch.OutOfMemoryError:
             raise self._oom_error(group) from None
-
-    def _taken(self, values: list, n: int) -> list:
-        """values minus its last n, which go to step_read."""
-        if n:
-            self.step_read(values[-n:])
-        return values[:len(values) - n]
 
     def _oom_error(self, group) -> FastTuneError:
         a, model = self.args, self.model

@@ -509,9 +509,7 @@ class GRPOTrainer(RewardScoring, Trainer):
             return
         a = self.args
         if a.use_adaptive_entropy:
-            s, n = host_values(self._window_entropy) if torch.is_tensor(self._window_entropy[0]) else \
-                self._window_entropy
-            s, n = self.dist.sum(float(s)), self.dist.sum(float(n))
+            s, n = (self.dist.sum(v) for v in host_values(self._window_entropy))
             self._last_entropy = s / max(n, 1.0)
             if self._last_entropy <= a.entropy_target:
                 self._entropy_coef = min(self._entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
