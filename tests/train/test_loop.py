@@ -34,6 +34,9 @@ def test_resume_is_exact(tiny_model_dir, tmp_path):
     resumed.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-4"))
     losses = lambda t: [h["loss"] for h in t.log_history if "loss" in h]  # noqa: E731
     assert losses(resumed) == losses(full)
+    # TRL's num_tokens counts from the run's start, across the resume
+    tokens = lambda t: [h["num_tokens"] for h in t.log_history if "loss" in h]  # noqa: E731
+    assert tokens(resumed) == tokens(full) and tokens(full)[-1] > tokens(full)[0] > 0
     a, b = _trainable(full.model), _trainable(resumed.model)
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
 

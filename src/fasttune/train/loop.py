@@ -11,6 +11,8 @@ hooks" section of Trainer, and nothing else:
   DPO, ...), `batch_tokens`;
 - the loss: `prepare_step` (statistics of the whole accumulated batch), `micro_batch_loss`, `eval_batch_loss`;
 - metrics: `step_metrics`, `eval_metrics`;
+- resume: `objective_state`, `load_objective_state` (what a checkpoint keeps beyond weights, optimizer and data
+  position, e.g. GRPO's adaptive entropy coefficient);
 - a helper objectives call: `to_device`.
 
 The defaults are SFT's (examples {"input_ids", "labels"}); the other methods are private to the loop.
@@ -70,7 +72,8 @@ class _Run:
     micro: int = 0
     lr: float = 0.0
     grad_norm: float = 0.0
-    tokens_done: int = 0
+    tokens_done: int = 0  # trained by this call (tokens/s)
+    tokens_before: int = 0  # trained before a resume's checkpoint
     bad_in_row: int = 0
     every: dict = field(default_factory=dict)  # logging/eval/save intervals in steps (steps_every)
     skipped: int = 0
@@ -216,6 +219,13 @@ class Trainer(CallbackMethods, TrainerMethods):
     def eval_metrics(self) -> dict:
         """Extra metrics of the last evaluate() pass, merged into its result; resets them."""
         return {}
+
+    def objective_state(self) -> dict:
+        """JSON-serialisable state of the objective that a checkpoint keeps and a resume restores (none for SFT)."""
+        return {}
+
+    def load_objective_state(self, state: dict) -> None:
+        """Restore what `objective_state` returned when the checkpoint was saved ({} from older checkpoints)."""
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The training examples' indices in the order epoch `epoch` visits them (seeded by args.data_seed, else
@@ -367,7 +377,9 @@ class Trainer(CallbackMethods, TrainerMethods):
             state = load_checkpoint(ckpt, model, optimizer, run.scheduler, scaler, self.run_identity(),
                                     lambda saved: check_schedule(ckpt, saved, run.schedule, args.learning_rate))
             run.step, run.epoch, run.micro = state["step"], state["epoch"], state["micro"]
+            run.tokens_before = state.get("tokens_seen", 0)
             self.log_history = state["log_history"]
+            self.load_objective_state(state.get("objective") or {})
             if self.dist.is_main:
                 done = " (already complete: nothing left to train)" if run.step >= total else ""
                 print(f"fasttune: resuming from {ckpt} at step {run.step} of {total}{done}.", file=sys.stderr)
@@ -407,7 +419,7 @@ class Trainer(CallbackMethods, TrainerMethods):
             step_loss, grad_norm = self._guarded_step(group, num_items, scaler, fillers, host_group)
         run.memory.mark("forward_backward")
         run.tokens_done += int(self.dist.sum(n_tokens))
-        self.tokens_seen = run.tokens_done  # (TRL's SFT logs it as num_tokens)
+        self.tokens_seen = run.tokens_before + run.tokens_done  # since the run's start (TRL's SFT: num_tokens)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -467,7 +479,8 @@ class Trainer(CallbackMethods, TrainerMethods):
     def _save(self, run: "_Run") -> Path:
         """checkpoint-<step> (see train/checkpoint.py); under FSDP every rank joins the gathers, rank 0 writes."""
         state = {"step": run.step, "epoch": run.epoch, "micro": run.micro, "log_history": self.log_history,
-                 "identity": self.run_identity(), "schedule": run.schedule, "config": asdict(self.args)}
+                 "identity": self.run_identity(), "schedule": run.schedule, "config": asdict(self.args),
+                 "tokens_seen": run.tokens_before + run.tokens_done, "objective": self.objective_state()}
         path = run.out_dir / f"checkpoint-{run.step}"
         if self.dist.is_main or is_sharded(self.model):
             path = save_checkpoint(run.out_dir, run.step, self.model, run.optimizer, run.scheduler, run.scaler,

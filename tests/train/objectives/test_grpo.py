@@ -749,7 +749,8 @@ def test_generation_batch_settings(tiny_dir, tmp_path):
 def test_adaptive_entropy_equals_trl(ours_and_adapter, tmp_path):
     """use_adaptive_entropy (Skywork-OR1's controller) over three steps of two micro-batches: no bonus in the first
     step, then the coefficient moves by entropy_coef_delta a step towards entropy_target; each step's loss, grad norm,
-    entropy, entropy_coef and policy_loss equal TRL's train() on the same completions. The target sits above the
+    entropy, entropy_coef and policy_loss equal TRL's train() on the same completions, and a run resumed after step 2
+    continues the controller. The target sits above the
     tiny model's entropy (~5.5 nats of 257 tokens), so the coefficient rises and the bonus acts."""
     _, tok, adapter = ours_and_adapter
     steps = 3
@@ -757,12 +758,21 @@ def test_adaptive_entropy_equals_trl(ours_and_adapter, tmp_path):
     cfg = dict(beta=0.0, loss_type="dapo", temperature=0.8, learning_rate=0.2, adam_epsilon=1.0, max_grad_norm=1.0,
                max_steps=steps, entropy_coef=0.02, use_adaptive_entropy=True, entropy_target=9.0, entropy_coef_delta=0.03,
                entropy_coef_max=0.07)
-    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
-    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
-        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=2,
-        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+
+    def trainer():
+        model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+        return FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS,
+                                args=GRPOConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G,
+                                                gradient_accumulation_steps=2, num_generations=G,
+                                                max_completion_length=6, shuffle=False, save_steps=2, **cfg))
+    ours = trainer()
     ours.train()
     got = ours.log_history
+    # resumed after step 2, the controller goes on from its saved coefficient and last entropy (TRL keeps both)
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "ours" / "checkpoint-2"))
+    for key in ("loss", "entropy_coef"):
+        assert [h[key] for h in resumed.log_history] == pytest.approx([h[key] for h in got], rel=1e-6), key
     theirs = _trl_trainer(adapter, tok, tmp_path, shuffle_dataset=False, logging_steps=1, save_strategy="no",
                           per_device_train_batch_size=G, gradient_accumulation_steps=2, **cfg)
     theirs.train()

@@ -8,6 +8,7 @@ micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The mat
 """
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -489,6 +490,19 @@ class GRPOTrainer(RewardScoring, Trainer):
                 self._window_entropy = [self._window_entropy[0] + (entropies.detach() * m).sum(),
                                         self._window_entropy[1] + m.sum()]
         return loss - coef * bonus
+
+    def objective_state(self) -> dict:
+        """The adaptive entropy controller's coefficient and last step's mean entropy (None before the first step),
+        so a resumed run continues it (TRL keeps them in entropy_ctrl_state.json); {} without the controller."""
+        if not getattr(self.args, "use_adaptive_entropy", False):
+            return {}
+        last = self._last_entropy
+        return {"entropy_coef": self._entropy_coef, "last_entropy": None if math.isinf(last) else last}
+
+    def load_objective_state(self, state: dict) -> None:
+        if "entropy_coef" in state and getattr(self.args, "use_adaptive_entropy", False):
+            last = state["last_entropy"]
+            self._entropy_coef, self._last_entropy = state["entropy_coef"], float("inf") if last is None else last
 
     def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
         """Counts this rank's micro-batches of the optimizer step, so the entropy controller updates after the last
