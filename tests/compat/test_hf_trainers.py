@@ -46,39 +46,51 @@ def llama_dir(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def ours(llama_dir, tmp_path_factory):
     """Our own SFTTrainer's per-step losses and final adapter on the same rows and settings."""
+    return _our_sft(llama_dir, tmp_path_factory.mktemp("ours"), 8, 1)
+
+
+def _our_sft(llama_dir, out, bs, ga):
+    """(per-step losses, final trainable tensors, log history, evaluate() on EVAL_ROWS) of our SFTTrainer, the
+    data in order."""
     model, tok = _model(llama_dir)
-    args = SFTConfig(output_dir=str(tmp_path_factory.mktemp("ours")), per_device_train_batch_size=8,
-                     gradient_accumulation_steps=1, learning_rate=1e-2, lr_scheduler_type="constant",
-                     max_steps=STEPS, optim="adamw_torch")
+    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                     learning_rate=1e-2, lr_scheduler_type="constant", max_steps=STEPS, optim="adamw_torch",
+                     shuffle=False, per_device_eval_batch_size=2)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(tok), args=args)
     trainer.train()
-    return [h["loss"] for h in trainer.log_history if "loss" in h], _trainable(model), trainer.log_history
+    return ([h["loss"] for h in trainer.log_history if "loss" in h], _trainable(model), trainer.log_history,
+            trainer.evaluate(_rows(tok, EVAL_ROWS)))
 
 
 def _trl_sft(llama_dir, out, bs, ga):
     from datasets import Dataset
 
     model, tok = _model(llama_dir)
-    args = _hf_args(trl.SFTConfig, out, bs, ga, gradient_checkpointing=False)
+    args = _hf_args(trl.SFTConfig, out, bs, ga, gradient_checkpointing=False, train_sampling_strategy="sequential",
+                    per_device_eval_batch_size=2)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(tok)),
                              processing_class=tok)
     trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model), trainer.state.log_history
+    return ([h["loss"] for h in trainer.state.log_history if "loss" in h], _trainable(model),
+            trainer.state.log_history, trainer.evaluate(Dataset.from_list(_rows(tok, EVAL_ROWS))))
+
+
+TOKEN_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
+EVAL_ROWS = 5  # batches of 2, 2 and 1 rows
 
 
 @pytest.mark.parametrize("bs,ga", [(8, 1), (2, 4)])
 def test_trl_sft_trainer_equals_ours(llama_dir, ours, tmp_path, bs, ga):
-    """Per-step losses and the final adapter; with one micro-batch a step also TRL's token metrics (entropy,
-    mean_token_accuracy over the target tokens; num_tokens seen): fasttune weighs a logging window's micro-batches
-    by their target tokens where TRL averages their means, the same with one."""
-    losses, params, history = _trl_sft(llama_dir, tmp_path / "trl", bs, ga)
-    our_losses, our_params, our_history = ours
-    if ga == 1:
-        theirs = [h for h in history if "loss" in h]
-        mine = [h for h in our_history if "loss" in h]
-        assert any(h["mean_token_accuracy"] > 0 for h in mine)
-        for key in ("entropy", "mean_token_accuracy", "num_tokens"):
-            assert [h[key] for h in mine] == pytest.approx([h[key] for h in theirs], rel=1e-5), key
+    """Per-step losses and the final adapter, TRL's token metrics (entropy and mean_token_accuracy: the mean of the
+    micro-batches' means over their target tokens; num_tokens seen) in training and in evaluate() (eval_ ones)."""
+    losses, params, history, evaluated = _trl_sft(llama_dir, tmp_path / "trl", bs, ga)
+    our_losses, our_params, our_history, our_eval = ours if ga == 1 else _our_sft(llama_dir, tmp_path / "o", bs, ga)
+    theirs = [h for h in history if "loss" in h]
+    mine = [h for h in our_history if "loss" in h]
+    assert any(h["mean_token_accuracy"] > 0 for h in mine)
+    for key in TOKEN_METRICS:
+        assert [h[key] for h in mine] == pytest.approx([h[key] for h in theirs], rel=1e-5), key
+        assert our_eval[f"eval_{key}"] == pytest.approx(evaluated[f"eval_{key}"], rel=1e-5), key
     assert len(losses) == STEPS and losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(our_losses), rtol=1e-5, atol=0)
     for n, p in our_params.items():

@@ -72,7 +72,8 @@ def test_predict_equals_transformers_trainer(tiny_model_dir, tmp_path):
                      data_collator=DataCollatorForSeq2Seq(tok), preprocess_logits_for_metrics=_argmax).predict(rows)
     assert np.array_equal(mine.predictions, theirs.predictions) and np.array_equal(mine.label_ids, theirs.label_ids)
     assert set(mine.metrics) == {"test_loss"} and ours.predictions is None
-    assert set(ours.evaluate()) == {"eval_loss"}
+    # evaluate() afterwards: the loss and TRL's token metrics, no compute_metrics
+    assert set(ours.evaluate()) == {"eval_loss", "eval_entropy", "eval_mean_token_accuracy", "eval_num_tokens"}
 
 
 def test_compute_metrics_per_named_eval_set(tiny_model_dir, tmp_path):

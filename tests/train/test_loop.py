@@ -231,9 +231,12 @@ def test_evaluate_takes_transformers_arguments(tiny_model_dir, tmp_path):
         t.evaluate()
     short, long = _rows(4), [{"text": "abc " * 20 + str(i)} for i in range(3)]
     a, b = t.evaluate(short), t.evaluate(eval_dataset=long, metric_key_prefix="test", ignore_keys=["past"])
-    assert set(a) == {"eval_loss"} and set(b) == {"test_loss"} and a["eval_loss"] != b["test_loss"]
+    token_keys = ("entropy", "mean_token_accuracy", "num_tokens")  # TRL's SFT metrics
+    assert set(a) == {"eval_loss", *(f"eval_{k}" for k in token_keys)}
+    assert set(b) == {"test_loss", *(f"test_{k}" for k in token_keys)} and a["eval_loss"] != b["test_loss"]
     both = t.evaluate({"short": short, "long": long})
-    assert both == {"eval_short_loss": a["eval_loss"], "eval_long_loss": b["test_loss"]}
+    assert both == {**{f"eval_short_{k}": a[f"eval_{k}"] for k in ("loss", *token_keys)},
+                    **{f"eval_long_{k}": b[f"test_{k}"] for k in ("loss", *token_keys)}}
     with pytest.raises(ConfigError, match="hyperparameter search"):
         t.train(trial={"learning_rate": 1e-3})
 

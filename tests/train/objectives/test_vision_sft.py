@@ -45,7 +45,7 @@ def _train(model, proc, rows, out, **args):
                           "max_steps": 4, **args})
     trainer = SFTTrainer(model=model, tokenizer=proc, train_dataset=rows, args=config)
     trainer.train()
-    return [h["loss"] for h in trainer.log_history if "loss" in h]
+    return [h["loss"] for h in trainer.log_history if "loss" in h], trainer.log_history
 
 
 def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
@@ -57,7 +57,7 @@ def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
     rows, steps = _rows(16, seed=1), 10  # 8 batches of 2 per pass: the second pass (in the same order) too
     model, proc = _load(vl_dir)
     model.save_pretrained(tmp_path / "init")  # the same starting adapter for PEFT
-    ours = _train(model, proc, rows, tmp_path / "run", max_steps=steps)
+    ours, history = _train(model, proc, rows, tmp_path / "run", max_steps=steps)
 
     ref = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vl_dir),
                                     str(tmp_path / "init"), is_trainable=True).train()
@@ -66,7 +66,7 @@ def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
     enc = VisionEncoder(proc, 2048, False)
     examples = [enc.encode(r, i) for i, r in enumerate(rows)]
-    losses = []
+    losses, stats = [], []
     for step in range(steps):
         batch = collate_vision(examples[2 * step % 16: 2 * step % 16 + 2], proc)
         marks = (batch["input_ids"] == proc.image_token_id).long()  # what transformers' processors add
@@ -77,17 +77,31 @@ def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
         sched.step()
         opt.zero_grad()
         losses.append(out.loss.item())
+        stats.append(_token_stats(out.logits, batch["labels"]))
     assert losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(losses), rtol=2e-4, atol=1e-5)
+    # TRL's SFT token metrics on images too
+    got = [(h["entropy"], h["mean_token_accuracy"]) for h in history if "loss" in h]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(stats), rtol=2e-4, atol=1e-5)
+
+
+def _token_stats(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(mean entropy, share of first-argmax hits) over the target tokens, from full logits (the oracle)."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    keep = labels != -100
+    logp = torch.log_softmax(logits[keep], -1)
+    entropy = -(logp.exp() * logp).sum(-1)
+    hits = logits[keep].argmax(-1) == labels[keep]  # argmax: the first maximal index
+    return entropy.mean().item(), hits.float().mean().item()
 
 
 def test_gradient_accumulation_over_images_of_different_sizes(qwen_vl_dir, tmp_path):
     rows = _rows(8, seed=2)
     model, proc = _load(qwen_vl_dir)
-    big = _train(model, proc, rows, tmp_path / "big", per_device_train_batch_size=4, max_steps=2)
+    big, _ = _train(model, proc, rows, tmp_path / "big", per_device_train_batch_size=4, max_steps=2)
     model, proc = _load(qwen_vl_dir)
-    accumulated = _train(model, proc, rows, tmp_path / "ga", per_device_train_batch_size=1,
-                         gradient_accumulation_steps=4, max_steps=2)
+    accumulated, _ = _train(model, proc, rows, tmp_path / "ga", per_device_train_batch_size=1,
+                            gradient_accumulation_steps=4, max_steps=2)
     torch.testing.assert_close(torch.tensor(accumulated), torch.tensor(big), rtol=1e-5, atol=1e-6)
 
 
@@ -140,7 +154,14 @@ def test_eval_loss_is_the_target_token_mean(qwen_vl_dir, tmp_path):
     trainer = SFTTrainer(model=model, tokenizer=proc, train_dataset=rows, eval_dataset=rows,
                          args=SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_eval_batch_size=2))
     enc = VisionEncoder(proc, 2048, False)
-    batch = collate_vision([enc.encode(r, i) for i, r in enumerate(rows)], proc)
+    examples = [enc.encode(r, i) for i, r in enumerate(rows)]
+    batch = collate_vision(examples, proc)
     with torch.no_grad():
         want = model.eval()(**batch).loss.item()  # one batch: the mean over all target tokens
-    assert trainer.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-5)
+        # TRL's eval token metrics: the mean over the eval batches (2, 2, 1 rows) of each batch's mean
+        parts = [_token_stats(model(**b, return_logits=True).logits, b["labels"])
+                 for b in (collate_vision(examples[i:i + 2], proc) for i in range(0, 5, 2))]
+    got = trainer.evaluate()
+    assert got["eval_loss"] == pytest.approx(want, rel=1e-5)
+    assert got["eval_entropy"] == pytest.approx(sum(p[0] for p in parts) / 3, rel=1e-5)
+    assert got["eval_mean_token_accuracy"] == pytest.approx(sum(p[1] for p in parts) / 3, abs=1e-6)

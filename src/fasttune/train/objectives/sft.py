@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import torch
 
-from fasttune.data.collate import count_targets
 from fasttune.data.tokenize import tokenize_rows
 from fasttune.errors import ConfigError, DataError
 from fasttune.models.causal_lm import CausalLM
@@ -77,21 +76,30 @@ class SFTTrainer(Trainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """See Trainer.micro_batch_loss; a vision-language model also gets the batch's images."""
-        if self.vision:
-            from fasttune.train.objectives import vision_sft
+        if not self.vision:
+            return super().micro_batch_loss(batch, num_items)
+        out = self._forward(batch, num_items)
+        self.record_token_stats(out.token_stats, out.target_count)
+        return out.loss, out.loss_sum.detach()
 
-            return vision_sft.vision_loss(self.model, batch, num_items)
-        return super().micro_batch_loss(batch, num_items)
+    def _forward(self, batch: dict, num_items: int | None = None, return_logits: bool = False):
+        """The model's output on `batch` with its labels (and images, or packed rows' positions), token stats on
+        fasttune's model (loss_kwargs)."""
+        from fasttune.train.objectives.vision_sft import BATCH_KEYS
+
+        extra = {k: batch[k] for k in (BATCH_KEYS if self.vision else ("position_ids", "segment_ids")) if k in batch}
+        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                          num_items_in_batch=num_items, return_logits=return_logits, **extra, **self.loss_kwargs())
 
     # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
     def loss_kwargs(self) -> dict:
         """fasttune's text model returns its token stats with the loss (see record_token_stats)."""
-        return {"return_token_stats": True} if isinstance(self.model, CausalLM) and not self.vision else {}
+        return {"return_token_stats": True} if isinstance(self.model, CausalLM) else {}
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
-        """Adds a micro-batch's [entropy sum, first-argmax hits] and target count to the step's sums (on the device,
-        read with the step's one device read: step_reads)."""
-        part = torch.cat([stats, targets.reshape(1).to(stats.dtype)])
+        """Adds a micro-batch's mean entropy and accuracy over its targets (0 without targets, as TRL) and a count of
+        1 to the step's sums (on the device, read with the step's one device read: step_reads)."""
+        part = torch.cat([stats / targets.to(stats.dtype).clamp(min=1), stats.new_ones(1)])
         self._token_step = part if getattr(self, "_token_step", None) is None else self._token_step + part
 
     def step_reads(self) -> list:
@@ -100,17 +108,19 @@ class SFTTrainer(Trainer):
         return list(step.unbind()) if step is not None else []
 
     def step_read(self, values: list) -> None:
-        """Adds the step's [entropy sum, hits, targets] (host floats) to the logging window."""
-        window = getattr(self, "_token_window", None) or [0.0, 0.0, 0.0]
-        self._token_window = [a + b for a, b in zip(window, values)]
+        """Adds the step's [entropy means, accuracy means, micro-batches] (host floats) to the logging window."""
+        self._token_window = _added(getattr(self, "_token_window", None), values)
 
     def step_metrics(self) -> dict:
-        """TRL's SFT metrics over the target tokens since the last log entry: `entropy` (mean, nats) and
-        `mean_token_accuracy` (the share whose label is the first argmax), token-weighted over the window (TRL
-        averages per-micro-batch means); `num_tokens`: input tokens trained on so far (all ranks). Resets the
+        """TRL's SFT metrics since the last log entry, each the mean over the window's micro-batches of the micro-batch
+        mean over its target tokens (as TRL averages them): `entropy` (nats) and `mean_token_accuracy` (the share
+        whose label is the first argmax); `num_tokens`: input tokens trained on so far (all ranks). Resets the
         window."""
         window, self._token_window = getattr(self, "_token_window", None), None
-        out = {} if getattr(self, "tokens_seen", None) is None else {"num_tokens": float(self.tokens_seen)}
+        return self._token_metrics(window)
+
+    def _token_metrics(self, window: list | None) -> dict:
+        out = {"num_tokens": float(getattr(self, "tokens_seen", None) or 0)}
         if window is not None:
             entropy, hits, n = window
             out.update(entropy=entropy / max(n, 1.0), mean_token_accuracy=hits / max(n, 1.0))
@@ -118,17 +128,15 @@ class SFTTrainer(Trainer):
 
     def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
         """See Trainer.eval_batch_loss; a vision-language model also gets the batch's images; with compute_metrics
-        the logits are gathered too."""
-        if self.vision:
-            from fasttune.train.objectives import vision_sft
-
-            _, loss_sum = vision_sft.vision_loss(self.model, batch, 1)
-            return float(loss_sum), count_targets(batch["labels"])
-        if self.predictions is None:
-            return super().eval_batch_loss(batch)
-        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                         return_logits=True)  # the same loss, with the logits compute_metrics reads
-        self.predictions.add(out.logits, batch["labels"])
+        the logits are gathered too (text models). fasttune's models add the batch's token metrics to the eval window
+        (TRL's eval_entropy / eval_mean_token_accuracy: the mean of the batches' means)."""
+        out = self._forward(batch, return_logits=self.predictions is not None and not self.vision)
+        if self.predictions is not None and not self.vision:  # the same loss, with the logits compute_metrics reads
+            self.predictions.add(out.logits, batch["labels"])
+        if getattr(out, "token_stats", None) is not None:
+            n = max(float(out.target_count), 1.0)
+            self._eval_tokens = _added(getattr(self, "_eval_tokens", None),
+                                       [v / n for v in out.token_stats.tolist()] + [1.0])
         return float(out.loss_sum), out.num_targets
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
@@ -146,8 +154,12 @@ class SFTTrainer(Trainer):
 
         if self.vision:
             raise ConfigError("predict() on a vision-language model is not implemented; generate() its answers.")
-        metrics, (predictions, label_ids) = self._gathering(
-            lambda: self.evaluation_pass(test_dataset, metric_key_prefix))
+        self._predicting = True
+        try:
+            metrics, (predictions, label_ids) = self._gathering(
+                lambda: self.evaluation_pass(test_dataset, metric_key_prefix))
+        finally:
+            self._predicting = False
         self.callbacks.fire("on_predict", metrics=metrics)
         return PredictionOutput(predictions=predictions, label_ids=label_ids, metrics=metrics)
 
@@ -163,8 +175,14 @@ class SFTTrainer(Trainer):
             self.predictions = None
 
     def eval_metrics(self) -> dict:
-        """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given."""
-        return self.predictions.metrics() if self.predictions is not None else {}
+        """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given, and TRL's
+        token metrics (eval_entropy, eval_mean_token_accuracy, eval_num_tokens: the tokens trained so far) on
+        fasttune's text model, except for predict() (as transformers' Trainer.predict returns no logged metrics)."""
+        window, self._eval_tokens = getattr(self, "_eval_tokens", None), None
+        out = self.predictions.metrics() if self.predictions is not None else {}
+        if window is not None and not getattr(self, "_predicting", False):
+            out.update({f"eval_{k}": v for k, v in self._token_metrics(window).items()})
+        return out
 
     def prepare(self, dataset) -> list[dict]:
         """Rows -> examples with input_ids and labels (tokenize_rows), cut to the smaller of the config's and the
@@ -210,3 +228,8 @@ def formatted_rows(dataset, formatting_func) -> list[dict]:
                             f"text as one string.")
         out.append({"text": text})
     return out
+
+
+def _added(sums: list | None, values: list) -> list:
+    """Element-wise sums + values (values alone when sums is None)."""
+    return list(values) if sums is None else [a + b for a, b in zip(sums, values)]

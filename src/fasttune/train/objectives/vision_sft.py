@@ -46,13 +46,6 @@ def vision_examples(dataset, processor, args, max_seq_length: int, collator: Vis
     return examples
 
 
-def vision_loss(model, batch: dict, num_items: int):
-    """(loss / num_items to backprop, loss sum tensor) of one image + text micro-batch."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                num_items_in_batch=num_items, return_logits=False, **{k: batch[k] for k in BATCH_KEYS if k in batch})
-    return out.loss, out.loss_sum.detach()
-
-
 def collate(examples: list[dict], processor) -> dict:
     """Encoded image + text examples -> one batch (input_ids, attention_mask, labels, pixel_values, image_grid_thw),
     as data/vision.py's collate_vision builds it with `processor`."""
