@@ -11,6 +11,7 @@ from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer
 from fasttune.errors import ConfigError, DataError
+from fasttune.train.objectives.grpo_loss import off_policy_mask
 from fasttune.train.rewards import ExactMatch, RegexMatch
 
 trl = pytest.importorskip("trl")
@@ -144,8 +145,12 @@ def test_gspo_loss_and_grads_match_trl(ours_and_adapter, tmp_path, loss_type, be
     # entropy of every completion token's distribution); policy_loss is logged beside the loss
     (dict(loss_type="dapo", top_entropy_quantile=0.4, entropy_coef=0.05), dict(metrics=["policy_loss"])),
     (dict(loss_type="grpo", top_entropy_quantile=0.0), {}),
-    (dict(loss_type="bnpo", entropy_coef=0.1), dict(metrics=["policy_loss"]))],
-    ids=["cispo", "sapo", "luspo", "delta", "vespo", "top_entropy_bonus", "top_entropy_0", "entropy_bonus"])
+    (dict(loss_type="bnpo", entropy_coef=0.1), dict(metrics=["policy_loss"])),
+    # DeepSeek-V3.2's off-policy sequence mask (checked to drop some completions), with the entropy mask too
+    (dict(loss_type="dapo", off_policy_mask_threshold=0.05), {}),
+    (dict(loss_type="grpo", off_policy_mask_threshold=0.0, top_entropy_quantile=0.5), {})],
+    ids=["cispo", "sapo", "luspo", "delta", "vespo", "top_entropy_bonus", "top_entropy_0", "entropy_bonus",
+         "off_policy_mask", "off_policy_and_entropy_masks"])
 @pytest.mark.parametrize("beta", [0.0, 0.1])
 def test_other_losses_match_trl(ours_and_adapter, tmp_path, cfg, checks, beta):
     model, tok, adapter = ours_and_adapter
@@ -188,6 +193,10 @@ def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"
     old = _policy_logps(ours, batch) + 0.4 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(1))
     batch["old_logps"] = inputs["old_per_token_logps"] = old * mask
     num_items = int(mask.sum())
+    if cfg.get("off_policy_mask_threshold") is not None:  # the mask drops some completions and keeps others
+        kept = off_policy_mask(batch["advantages"], _policy_logps(ours, batch), batch["old_logps"], mask,
+                               cfg["off_policy_mask_threshold"])
+        assert 0 < kept.sum() < len(kept), kept
 
     # the completion tokens' mean entropy is logged in every case, as TRL logs it
     assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["entropy", *metrics, *(["kl"] if beta else [])],

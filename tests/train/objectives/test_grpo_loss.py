@@ -4,7 +4,7 @@ split-invariant, grpo weighs completions equally, bnpo is a token mean, dr_grpo 
 import pytest
 import torch
 
-from fasttune.train.objectives.grpo_loss import group_advantages, per_token_loss, reduce_loss
+from fasttune.train.objectives.grpo_loss import group_advantages, off_policy_mask, per_token_loss, reduce_loss
 
 # Two completions: 3 tokens (loss 1, 2, 3) and 1 token (loss 10) of max_completion_length 4.
 LOSS = torch.tensor([[1.0, 2.0, 3.0, 7.0], [10.0, 5.0, 5.0, 5.0]])
@@ -50,3 +50,16 @@ def test_group_advantages_normalise_within_groups():
     s = torch.tensor([1.0, 3.0]).std()
     assert torch.allclose(adv, torch.tensor([-1 / (s + 1e-4), 1 / (s + 1e-4), 0.0, 0.0]))
     assert torch.allclose(std, torch.tensor([s, s, 0.0, 0.0]))
+
+
+def test_off_policy_mask_drops_negative_advantage_completions_that_drifted():
+    """DeepSeek-V3.2 eq. 9: keep a completion when A >= 0 or its mean KL(sampling || policy) over its tokens is <=
+    delta; padding does not count, a NaN token (unscorable) adds 0."""
+    logps = torch.zeros(4, 3)
+    sampling = torch.tensor([[0.9, 0.9, 5.0], [0.9, 0.9, 5.0], [0.2, 0.2, 0.2], [float("nan"), 0.9, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([-1.0, 0.0, -1.0, -1.0])
+    kept = off_policy_mask(adv, logps, sampling, mask, threshold=0.5)
+    # mean KLs 0.9 (the padded 5.0 ignored), 0.9, 0.2, 0.45 (the NaN as 0)
+    assert kept.shape == (4, 1) and kept.flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert off_policy_mask(adv, logps, sampling, mask, threshold=0.1).flatten().tolist() == [0.0, 1.0, 0.0, 0.0]

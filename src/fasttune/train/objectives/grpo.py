@@ -27,7 +27,7 @@ from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import (clip_stats, entropy_bonus, group_advantages, high_entropy_mask,
-                                                 per_token_loss, reduce_loss, vespo_weights)
+                                                 off_policy_mask, per_token_loss, reduce_loss, vespo_weights)
 from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
 from fasttune.train.reward_models import trainer_reward_funcs
@@ -436,11 +436,15 @@ class GRPOTrainer(RewardScoring, Trainer):
             lockstep = self.dist.active and self.model.training and getattr(self, "_lockstep", False)
             keep = high_entropy_mask(entropies.detach(), mask, 1.0 - a.top_entropy_quantile,
                                      self._all_ranks if lockstep else None)
+        policy_keep = keep
+        if getattr(a, "off_policy_mask_threshold", None) is not None:  # (RLOOConfig has none)
+            drift = off_policy_mask(adv, logps, old, mask, a.off_policy_mask_threshold)
+            policy_keep = drift if keep is None else keep * drift
         vespo = (a.vespo_k_pos, a.vespo_lambda_pos, a.vespo_k_neg, a.vespo_lambda_neg)
         token_loss, ratio, kl = per_token_loss(logps, old, adv, self.eps_low, self.eps_high, a.beta,
                                                batch.get("ref_logps"), a.use_bias_correction_kl, mask,
                                                a.importance_sampling_level, a.loss_type, a.delta,
-                                               (a.sapo_temperature_pos, a.sapo_temperature_neg), vespo, keep)
+                                               (a.sapo_temperature_pos, a.sapo_temperature_neg), vespo, policy_keep)
         steps = int(batch["steps"])
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, steps, a.max_completion_length)
         if self._entropy_bonus:

@@ -138,6 +138,8 @@ class GRPOConfig(OnlineRLConfig):
     vespo_lambda_pos: float = 3.0  # ... and its decay there
     vespo_k_neg: float = 3.0  # ... the power where the advantage is negative
     vespo_lambda_neg: float = 2.0  # ... and the decay there
+    off_policy_mask_threshold: float | None = None  # DeepSeek-V3.2's delta: drop negative-advantage completions whose
+    # mean KL(sampling policy || policy) exceeds it from the policy term (TRL's off-policy sequence masking)
     top_entropy_quantile: float = 1.0  # the policy term on the top fraction of completion tokens by entropy (1: all)
     entropy_coef: float = 0.0  # weight of the mean-entropy bonus taken off the loss (adaptive: its start value)
     use_adaptive_entropy: bool = False  # Skywork-OR1's controller: entropy_coef moves by entropy_coef_delta a step

@@ -10,7 +10,8 @@ summed over ranks, since fasttune sums gradients over ranks where DDP averages t
 - dr_grpo: token sum / (B * max_completion_length), / steps.
 - cispo and vespo: as dapo; sapo: as grpo; luspo: mean over completions of each completion's token sum, / steps.
 
-The entropy terms (TRL 1.16): `high_entropy_mask` keeps the top `top_entropy_quantile` of the completion tokens by
+`off_policy_mask` (DeepSeek-V3.2's off-policy sequence masking, TRL's off_policy_mask_threshold) drops
+negative-advantage completions whose policy has drifted from the one that sampled them. The entropy terms (TRL 1.16): `high_entropy_mask` keeps the top `top_entropy_quantile` of the completion tokens by
 entropy in the policy term (Wang et al. 2025, "Beyond the 80/20 rule"), and `entropy_bonus` is the mean entropy that
 `entropy_coef` weighs against the loss (with `use_adaptive_entropy`, Skywork-OR1's controller: grpo.py).
 """
@@ -68,7 +69,8 @@ def per_token_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: tor
     - sapo (Gao et al. 2025): -sigmoid(t (r - 1)) x 4 / t x A, t = sapo_temperatures[0] where A > 0, else [1];
     - vespo: -phi(w) x A x logps, phi the detached gamma weight of the sequence ratio (vespo_weights; `vespo` =
       (k_pos, lambda_pos, k_neg, lambda_neg)).
-    entropy_mask (B, T) bool: the policy term only where True (high_entropy_mask), before the KL is added.
+    entropy_mask (B, T) bool or (B, 1) / (B, T) float: the policy term only where nonzero (high_entropy_mask, and / or
+    off_policy_mask), before the KL is added.
     With bias_correction_kl the KL is weighted by r (DeepSeek-V3.2's unbiased reverse-KL gradient).
     level "sequence" (GSPO, Zheng et al. 2025; TRL's importance_sampling_level): r is one per completion (B, 1), the
     exponent of its mean log-ratio over the completion tokens of `mask`; the loss is then (B, 1) without a KL term.
@@ -167,6 +169,19 @@ def high_entropy_mask(entropies: torch.Tensor, mask: torch.Tensor, quantile: flo
         return torch.zeros_like(m)
     threshold = torch.quantile(values, quantile)
     return ((entropies * mask) >= threshold) & m
+
+
+def off_policy_mask(advantages: torch.Tensor, logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor,
+                    threshold: float) -> torch.Tensor:
+    """(B, 1) float, 1 = keep: DeepSeek-V3.2's off-policy sequence mask (eq. 9; TRL 1.16's get_off_policy_mask). A
+    completion is dropped from the policy term when its advantage (B,) is negative and its mean KL(sampling ||
+    policy) over the completion tokens, mean(sampling_logps - logps) over `mask` (B, T), exceeds `threshold`
+    (the paper's delta, e.g. 0.5). logps are detached here; sampling_logps are the log-probs the completions were
+    sampled with (fasttune: the policy's before this generation's first update)."""
+    m = mask.to(logps.dtype)
+    kl = torch.nan_to_num(sampling_logps - logps.detach(), nan=0.0)
+    mean_kl = (kl * m).sum(1, keepdim=True) / m.sum(1, keepdim=True).clamp(min=1.0)
+    return ((advantages[:, None] >= 0) | (mean_kl <= threshold)).to(m.dtype)
 
 
 def entropy_bonus(entropies: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
