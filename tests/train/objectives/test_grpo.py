@@ -81,12 +81,15 @@ def _our_batch(trainer):
     return trainer.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
 
 
-@pytest.mark.parametrize("scale_rewards", ["group", "batch", "none"])
-def test_advantages_match_trl(ours_and_adapter, tmp_path, scale_rewards):
+@pytest.mark.parametrize("scale_rewards,aggregation", [("group", "sum_then_normalize"), ("batch", "sum_then_normalize"),
+                                                       ("none", "sum_then_normalize"), ("group", "normalize_then_sum")])
+def test_advantages_match_trl(ours_and_adapter, tmp_path, scale_rewards, aggregation):
+    """Advantages and reward metrics, also with GDPO's per-function normalisation (normalize_then_sum)."""
     model, tok, adapter = ours_and_adapter
     rewards = [*REWARDS, sometimes_none]
-    ours = _ours(model, tok, tmp_path, scale_rewards=scale_rewards, reward_funcs=rewards, reward_weights=[1, .5, 2, .1])
-    tr, want = _trl(adapter, tok, tmp_path, rewards, scale_rewards=scale_rewards, reward_weights=[1, .5, 2, .1])
+    cfg = dict(scale_rewards=scale_rewards, reward_weights=[1, .5, 2, .1], multi_objective_aggregation=aggregation)
+    ours = _ours(model, tok, tmp_path, reward_funcs=rewards, **cfg)
+    tr, want = _trl(adapter, tok, tmp_path, rewards, **cfg)
     got = _our_batch(ours)
     assert got["advantages"].abs().sum() > 0
     torch.testing.assert_close(got["advantages"], want["advantages"], rtol=1e-6, atol=1e-6)
@@ -689,6 +692,7 @@ def test_sampling_settings_reach_generate(tiny_dir, tmp_path, monkeypatch):
                        (dict(generation_kwargs=[1]), "generation_kwargs="),
                        (dict(importance_sampling_level="seq"), "importance_sampling_level='seq'"),
                        (dict(top_entropy_quantile=1.5), "top_entropy_quantile=1.5"),
+                       (dict(multi_objective_aggregation="mean"), "multi_objective_aggregation='mean'.*normalize_then"),
                        (dict(use_adaptive_entropy=True, entropy_coef_min=0.5, entropy_coef_max=0.1),
                         "entropy_coef_min=0.5")):
         with pytest.raises(ConfigError, match=match):

@@ -316,7 +316,8 @@ class GRPOTrainer(RewardScoring, Trainer):
                                       across_ranks)
         self._check_unrewarded(rollout.rewards_per_func)
         advantages, rewards, std = group_advantages(rollout.rewards_per_func, self.reward_weights,
-                                                    group or a.num_generations, a.scale_rewards)
+                                                    group or a.num_generations, a.scale_rewards,
+                                                    a.multi_objective_aggregation)
         self._record_rollout(rollout, rewards, std)
         self.keep_completions(rollout, advantages, across_ranks)
         return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes)

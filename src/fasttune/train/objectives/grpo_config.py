@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
-from fasttune.train.objectives.grpo_loss import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from fasttune.train.objectives.grpo_loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
 
 
 @dataclass
@@ -124,11 +124,12 @@ class OnlineRLConfig(TrainingConfig):
 
 @dataclass
 class GRPOConfig(OnlineRLConfig):
-    """OnlineRLConfig plus GRPO's loss settings. Raises ConfigError as OnlineRLConfig, and for an unknown loss_type or
-    scale_rewards."""
+    """OnlineRLConfig plus GRPO's loss settings. Raises ConfigError as OnlineRLConfig, and for an unknown loss_type,
+    scale_rewards or multi_objective_aggregation."""
 
     loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
     scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
+    multi_objective_aggregation: str = "sum_then_normalize"  # or "normalize_then_sum" (GDPO): see group_advantages
     use_bias_correction_kl: bool = True  # KL term times the (differentiable) ratio, as TRL 1.16 does by default
     importance_sampling_level: str = "token"  # "sequence": GSPO's one ratio per completion (TRL's setting)
     delta: float | None = None  # INTELLECT-2's two-sided clipping: the unclipped ratio capped at delta (> 1 + epsilon)
@@ -179,6 +180,9 @@ class GRPOConfig(OnlineRLConfig):
             warnings.warn(f"importance_sampling_level='sequence' with loss_type='{self.loss_type}' sums per-token "
                           f"terms, which weights each completion by its length; GSPO's own setup is "
                           f"loss_type='grpo' (as TRL warns).", UserWarning, stacklevel=3)
+        if self.multi_objective_aggregation not in AGGREGATIONS:
+            raise ConfigError(f"multi_objective_aggregation={self.multi_objective_aggregation!r} is not supported; use "
+                              f"one of {AGGREGATIONS}.")
         if self.scale_rewards not in SCALE_REWARDS:
             raise ConfigError(f"scale_rewards='{self.scale_rewards}' is invalid; use one of {SCALE_REWARDS}.")
 

@@ -23,6 +23,7 @@ import math
 
 LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo", "cispo", "sapo", "luspo", "vespo")
 SCALE_REWARDS = ("group", "batch", "none")
+AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")  # TRL's multi_objective_aggregation
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
@@ -36,13 +37,28 @@ def nanstd(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
 
 
 def group_advantages(rewards_per_func: torch.Tensor, weights: torch.Tensor, num_generations: int,
-                     scale_rewards: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     scale_rewards: str, aggregation: str = "sum_then_normalize"
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, F) rewards of N = groups x num_generations completions (groups consecutive) -> (advantages (N,),
     weighted rewards (N,), the std each advantage was scaled by (N,)). NaN rewards (a function returned None) are
-    left out of the sums; a completion no function scored gets advantage 0."""
+    left out of the sums; a completion no function scored gets advantage 0.
+
+    aggregation (TRL 1.16's multi_objective_aggregation): "sum_then_normalize" weighs and sums the functions' rewards,
+    then subtracts the group mean and divides by the group's (or, scale_rewards="batch", the batch's) std;
+    "normalize_then_sum" (GDPO, arXiv 2601.05242) normalises each function's rewards within its group first, sums
+    them weighted, then normalises that sum over the batch (scale_rewards does not apply); the rewards returned are
+    the weighted raw sums either way."""
     unscorable = torch.isnan(rewards_per_func).all(dim=1)
     rewards = (rewards_per_func * weights[None]).nansum(dim=1)
     rewards[unscorable] = float("nan")
+    if aggregation == "normalize_then_sum":
+        grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])
+        mean_k = torch.nanmean(grouped, dim=1, keepdim=True)
+        std_k = nanstd(grouped, dim=1).unsqueeze(1) if num_generations > 1 else torch.zeros_like(mean_k)
+        summed = (((grouped - mean_k) / (std_k + 1e-4)).view_as(rewards_per_func) * weights[None]).nansum(dim=1)
+        summed[unscorable] = float("nan")
+        std = nanstd(summed).expand_as(summed) if summed.numel() > 1 else torch.zeros_like(summed)
+        return torch.nan_to_num((summed - torch.nanmean(summed)) / (std + 1e-4), nan=0.0), rewards, std
     grouped = rewards.view(-1, num_generations)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)
     if scale_rewards == "batch":
