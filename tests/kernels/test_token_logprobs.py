@@ -79,3 +79,27 @@ def test_entropy_without_grad_and_empty():
     torch.testing.assert_close(ent, _plain_entropy(hidden, weight, None, 1.0))
     logps, ent = token_logprobs(hidden[:0], weight, labels[:0], entropy=True)
     assert logps.shape == ent.shape == (0,)
+
+
+@pytest.mark.parametrize("impl", [token_logprobs, token_logprobs_reference])
+def test_fp32_head_on_bf16_inputs(impl):
+    """fp32=True (TRL's cast_lm_head_to_fp32): log-probs and entropies of bf16 hidden states and weights equal the
+    fp64 product of the same values, where the default's bf16-rounded logits are visibly off; gradients stay close
+    to fp64's (bf16 outputs)."""
+    g = torch.Generator().manual_seed(2)
+    hidden = (torch.randn(40, 64, generator=g) * 1.5).bfloat16().requires_grad_()
+    weight = torch.randn(90, 64, generator=g).bfloat16().requires_grad_()
+    labels = torch.randint(0, 90, (40,), generator=g)
+    up = torch.randn(40, generator=g, dtype=torch.float64)
+    h64, w64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    want = _plain(h64, w64, labels, None, 0.9)
+    gh, gw = torch.autograd.grad((want * up).sum(), (h64, w64))
+    got, ent = impl(hidden, weight, labels, None, 0.9, chunk_tokens=16, entropy=True, fp32=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent.double(), _plain_entropy(h64, w64, None, 0.9), rtol=1e-5, atol=1e-5)
+    rounded = impl(hidden, weight, labels, None, 0.9, chunk_tokens=16)
+    assert (rounded.double() - want).abs().max() > 1e-2  # what the cast buys (logits ~ 12 in bf16)
+    h2, w2 = torch.autograd.grad((got.double() * up).sum(), (hidden, weight))
+    assert h2.dtype == w2.dtype == torch.bfloat16
+    torch.testing.assert_close(h2.double(), gh, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(w2.double(), gw, rtol=2e-2, atol=2e-2)

@@ -3,6 +3,7 @@ peft/peft_config.py) trains exactly as get_peft_model with the same settings and
 target_modules=None; configs fasttune does not implement, and models that already have LoRA, are refused by name;
 `model=` may be a path."""
 import pytest
+import torch
 from peft import IA3Config, LoraConfig
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
@@ -122,3 +123,38 @@ def test_other_trainer_arguments_are_accepted_unset_and_named_when_set(tiny_mode
                                           r"evaluation.*; data_collator: this trainer batches its own examples"):
         DPOTrainer(model=model, processing_class=tok, train_dataset=pairs, data_collator=lambda f: f,
                    compute_metrics=lambda p: {})
+
+
+def _dpo_losses(folder, tmp_path, name, lora_dropout, **cfg):
+    from preference_oracle import pair_rows
+
+    from fasttune import DPOConfig, DPOTrainer
+
+    model, tok = FastLanguageModel.from_pretrained(folder)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=lora_dropout, random_state=3)
+    trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(8), args=DPOConfig(
+        output_dir=str(tmp_path / name), per_device_train_batch_size=4, max_steps=3, learning_rate=1e-2, seed=5,
+        **cfg))
+    probs = {m.p for m in trainer.model.modules() if isinstance(m, torch.nn.Dropout)}
+    trainer.train()
+    return [h["loss"] for h in trainer.log_history if "loss" in h], probs
+
+
+def test_disable_dropout_as_trl(tiny_model_dir, tmp_path):
+    """TRL's disable_dropout (DPO, KTO, ORPO and reward models: on by default; GRPO and RLOO: off): LoRA dropout
+    0.1 then trains exactly as no dropout; disable_dropout=False keeps it."""
+    from fasttune import GRPOConfig, GRPOTrainer
+
+    folder = str(tiny_model_dir("llama"))
+    plain, _ = _dpo_losses(folder, tmp_path, "plain", 0.0)
+    off, probs = _dpo_losses(folder, tmp_path, "off", 0.1)
+    assert probs == {0.0} and off == plain
+    kept, probs = _dpo_losses(folder, tmp_path, "kept", 0.1, disable_dropout=False)
+    assert probs == {0.1} and kept != plain
+    model, tok = FastLanguageModel.from_pretrained(folder)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.1)
+    grpo = GRPOTrainer(model, reward_funcs=[lambda completions, **_: [0.0] * len(completions)],
+                       train_dataset=[{"prompt": "a b"}] * 4, processing_class=tok,
+                       args=GRPOConfig(output_dir=str(tmp_path / "g"), per_device_train_batch_size=4,
+                                       num_generations=4, max_completion_length=2))
+    assert {m.p for m in grpo.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}

@@ -28,10 +28,29 @@ CHUNK_BYTES = 1 << 28
 _CE_BLOCK = 4096
 
 
-def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None) -> torch.Tensor:
-    """hidden (..., H) @ weight (V, H)^T in hidden's dtype -> logits (..., V); with softcap, Gemma 2's final
-    logit softcapping tanh(logits / softcap) * softcap."""
-    logits = hidden @ weight.to(hidden.dtype).t()
+def fp32_product(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """a (N, H) @ weight (V, H)^T -> (N, V) in fp32 (fp64 for fp64 inputs), accumulated in fp32 from the exact
+    products of 16-bit values: on CUDA without a gradient to track, one 16-bit GEMM with an fp32 output (torch.mm's
+    out_dtype, no fp32 copy of the weight), else a GEMM of fp32 copies."""
+    tracked = torch.is_grad_enabled() and (a.requires_grad or weight.requires_grad)
+    if a.is_cuda and not tracked and a.dtype == weight.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(a, weight.t(), out_dtype=torch.float32)
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
+    dtype = torch.promote_types(torch.promote_types(a.dtype, weight.dtype), torch.float32)
+    return a.to(dtype) @ weight.to(dtype).t()
+
+
+def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None,
+                       fp32: bool = False) -> torch.Tensor:
+    """hidden (..., H) @ weight (V, H)^T in hidden's dtype -> logits (..., V); fp32=True: the product in fp32
+    (fp32_product; TRL's cast_lm_head_to_fp32). With softcap, Gemma 2's final logit softcapping
+    tanh(logits / softcap) * softcap."""
+    if fp32:
+        logits = fp32_product(hidden.reshape(-1, hidden.shape[-1]), weight).view(*hidden.shape[:-1], -1)
+    else:
+        logits = hidden @ weight.to(hidden.dtype).t()
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits

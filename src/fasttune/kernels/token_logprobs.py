@@ -11,18 +11,29 @@ into the forward pass:
   each chunk's logits and applies d logp / d z = onehot(y) - softmax(z) and d H / d z = -p * (z - E_p[z]) with
   E_p[z] = logsumexp - H, so the (tokens x vocab) logits never exist at once and no autograd graph over them is
   stored.
+
+fp32=True (TRL's cast_lm_head_to_fp32, ScaleRL's recipe): the head's product is taken in fp32 from the 16-bit hidden
+states and weights (exact in fp32), where the default rounds each logit to the hidden dtype first as a 16-bit
+nn.Linear does (a bf16 logit near 20 is off by up to 0.06); backward multiplies the fp32 logit gradients by the fp32
+weights (an fp32 copy of the weight for the duration of backward; forward's product needs none on CUDA).
 """
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fasttune.kernels.cross_entropy import _chunk_tokens  # the loss's chunk size: 256 MiB of fp32 logits
+from fasttune.kernels.cross_entropy import _chunk_tokens, fp32_product  # the loss's chunk: 256 MiB of fp32 logits
 from fasttune.kernels.dispatch import kernel_choice
 
 
-def _scaled_logits(hidden, weight, softcap, temperature):
-    """fp32 logits after the final softcap (Gemma 2) and the sampling temperature, as sampling sees them."""
-    z = (hidden @ weight.to(hidden.dtype).t()).float()
+def _head_weight(weight, hidden, fp32: bool):
+    """The weight as backward's products take it: at least fp32 (fp32=True), else in the hidden states' dtype."""
+    return weight.to(torch.promote_types(hidden.dtype, torch.float32) if fp32 else hidden.dtype)
+
+
+def _scaled_logits(hidden, weight, softcap, temperature, fp32=False):
+    """fp32 logits after the final softcap (Gemma 2) and the sampling temperature, as sampling sees them; fp32: the
+    head's product in fp32 (fp32_product), else rounded to the hidden dtype as a 16-bit nn.Linear rounds it."""
+    z = fp32_product(hidden, weight) if fp32 else (hidden @ weight.to(hidden.dtype).t()).float()
     t = None
     if softcap:
         t = torch.tanh(z / softcap)
@@ -30,8 +41,8 @@ def _scaled_logits(hidden, weight, softcap, temperature):
     return z / temperature, t
 
 
-def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy):
-    z, _ = _scaled_logits(hidden, weight, softcap, temperature)
+def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy, fp32=False):
+    z, _ = _scaled_logits(hidden, weight, softcap, temperature, fp32)
     logp = z.log_softmax(-1)
     picked = logp.gather(1, labels[:, None]).squeeze(1)
     if not entropy:
@@ -40,7 +51,7 @@ def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy):
 
 
 def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1.0, chunk_tokens=None,
-                             entropy=False):
+                             entropy=False, fp32=False):
     """The torch path of `token_logprobs` (same arguments and results): log_softmax + gather (and the entropy) per
     chunk of `chunk_tokens` rows, each under activation checkpointing when a gradient is needed."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
@@ -48,9 +59,10 @@ def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, y, softcap, temperature, entropy, use_reentrant=False))
+            out.append(checkpoint(_chunk_logprobs, h, weight, y, softcap, temperature, entropy, fp32,
+                                  use_reentrant=False))
         else:
-            out.append(_chunk_logprobs(h, weight, y, softcap, temperature, entropy))
+            out.append(_chunk_logprobs(h, weight, y, softcap, temperature, entropy, fp32))
     if not out:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return (empty, empty.clone()) if entropy else empty
@@ -61,14 +73,14 @@ def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1
 
 class _FusedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk, entropy):
+    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk, entropy, fp32):
         """As token_logprobs: returns (log-probs (N,), entropies (N,); zeros unless `entropy`), both fp32."""
         ctx.set_materialize_grads(False)  # an output nothing differentiates (the entropy, most often) gets None
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse, ent = torch.empty_like(out), torch.zeros_like(out)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            z, _ = _scaled_logits(hidden[rows], weight, softcap, temperature)
+            z, _ = _scaled_logits(hidden[rows], weight, softcap, temperature, fp32)
             lse[rows] = torch.logsumexp(z, dim=-1)
             out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
             if entropy:
@@ -76,7 +88,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
                 zl = z.sub(lse[rows, None])
                 ent[rows] = -(zl.exp() * zl).sum(-1)
         ctx.save_for_backward(hidden, weight, labels, lse, ent)
-        ctx.softcap, ctx.temperature, ctx.chunk = softcap, temperature, chunk
+        ctx.softcap, ctx.temperature, ctx.chunk, ctx.fp32 = softcap, temperature, chunk, fp32
         return out, ent
 
     @staticmethod
@@ -85,15 +97,15 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         hidden, weight, labels, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_out is None and grad_ent is None:
-            return None, None, None, None, None, None, None
-        w = weight.to(hidden.dtype)
+            return None, None, None, None, None, None, None, None
+        w = _head_weight(weight, hidden, ctx.fp32)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             hc, yc = hidden[rows], labels[rows]
             go = grad_out[rows].float() if grad_out is not None else torch.zeros_like(lse[rows])
-            z, t = _scaled_logits(hc, weight, ctx.softcap, ctx.temperature)
+            z, t = _scaled_logits(hc, weight, ctx.softcap, ctx.temperature, ctx.fp32)
             if grad_ent is None:
                 # d logp / dz = onehot - softmax; times the incoming grad, then back through 1/T and the softcap.
                 g = z.sub_(lse[rows, None]).exp_().mul_(-go[:, None])
@@ -106,23 +118,25 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             g.div_(ctx.temperature)
             if t is not None:
                 g.mul_(1.0 - t * t)
-            g = g.to(hidden.dtype)
+            g = g.to(w.dtype)
             if need_h:
-                grad_h[rows] = g @ w
+                grad_h[rows] = (g @ w).to(hidden.dtype)
             if need_w:
-                grad_w += (g.t() @ hc).float()
+                grad_w += (g.t() @ hc.to(w.dtype)).float()
         gw = grad_w.to(weight.dtype) if grad_w is not None else None
-        return grad_h, gw, None, None, None, None, None
+        return grad_h, gw, None, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None,
-                   temperature: float = 1.0, chunk_tokens: int | None = None, entropy: bool = False):
+                   temperature: float = 1.0, chunk_tokens: int | None = None, entropy: bool = False,
+                   fp32: bool = False):
     """hidden (N, H) at the positions that predict `labels` (N,), weight (V, H) -> fp32 log-probs (N,) of the labels
     under softmax(softcap(hidden @ weight^T) / temperature); with entropy=True, (log-probs, entropies (N,) fp32 in
-    nats), both differentiable (GRPO's entropy bonus back-propagates the entropy)."""
+    nats), both differentiable (GRPO's entropy bonus back-propagates the entropy). fp32=True: the head's product in
+    fp32 (see the module docstring), else rounded to the hidden dtype."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
-        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk, entropy)
-    logps, ent = _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk, entropy)
+        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32)
+    logps, ent = _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32)
     return (logps, ent) if entropy else logps

@@ -37,6 +37,8 @@ class CausalLM(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["DecoderLayer"]
     has_lm_head = True  # (a sequence classifier has a `score` head instead: models/sequence_classification.py)
+    # logits and log-probs from the head's product in fp32 (TRL's cast_lm_head_to_fp32; the weights stay as they are)
+    fp32_head = False
 
     def __init__(self, config: PretrainedConfig):
         if isinstance(config, ModelConfig):
@@ -256,12 +258,13 @@ class CausalLM(PreTrainedModel):
         return hidden if s is None else hidden / s
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden (..., H) -> logits (..., vocab) in the hidden dtype, Gemma 2's final softcap applied."""
+        """hidden (..., H) -> logits (..., vocab) in the hidden dtype (fp32 with fp32_head), Gemma 2's final softcap
+        applied."""
         hidden = self.head_input(hidden)
         host = host_head(self)
         if host is not None:  # offload_lm_head: streamed from host memory in tiles
             return streamed_logits(hidden, host, self.arch.final_logit_softcap)
-        return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap)
+        return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap, self.fp32_head)
 
     def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
                        entropy: bool = False):
@@ -274,7 +277,7 @@ class CausalLM(PreTrainedModel):
         if host is not None:
             return streamed_token_logprobs(hidden, host, labels, self.arch.final_logit_softcap, temperature, entropy)
         return token_logprobs(hidden, self.lm_head.weight, labels, self.arch.final_logit_softcap, temperature,
-                              entropy=entropy)
+                              entropy=entropy, fp32=self.fp32_head)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, return_dict: bool | None = None,

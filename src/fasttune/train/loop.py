@@ -47,7 +47,7 @@ from fasttune.train.config import steps_every
 from fasttune.train.distributed import Dist
 from fasttune.train.fsdp import check_fsdp, full_tensor, is_sharded, shard_model
 from fasttune.train.signals import GracefulStop
-from fasttune.train.trl_args import add_peft_config, check_trainer_kwargs
+from fasttune.train.trl_args import add_peft_config, check_trainer_kwargs, disable_dropout
 
 LOG_FILE = "log_history.jsonl"
 # Example fields that hold token ids (SFT, preference pairs, unpaired rows, GRPO prompts).
@@ -101,6 +101,8 @@ class Trainer(CallbackMethods, TrainerMethods):
         self.args = args if args is not None else config_cls()
         if peft_config is not None:  # TRL's way: the trainer adds the LoRA to a base model
             model = add_peft_config(model, peft_config, self.args)
+        if getattr(self.args, "disable_dropout", False):
+            disable_dropout(model)
         self.model = model
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
         self.log_history: list[dict] = []

@@ -26,6 +26,17 @@ def add_peft_config(model, peft_config, args):
                                             **lora_kwargs(peft_config, model_type))
 
 
+def disable_dropout(model) -> None:
+    """TRL's disable_dropout=True: every torch.nn.Dropout in `model` (LoRA's lora_dropout, and a transformers model's
+    own) gets p=0, as trl.trainer.utils.disable_dropout_in_model does. The adapter's saved lora_dropout is unchanged,
+    as with TRL."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+
+
 def load_named_model(model, tokenizer):
     """TRL's `model="path/or/id"`: (the model FastModel.from_pretrained loads, the tokenizer given or else the one
     loaded with it); anything else is returned as it is. Raises what from_pretrained raises for a bad path."""

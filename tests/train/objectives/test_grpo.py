@@ -795,3 +795,45 @@ def test_adaptive_entropy_equals_trl(ours_and_adapter, tmp_path):
     assert any(abs(h["policy_loss"]) > 1e-3 for h in got)
     for key in ("loss", "grad_norm", "entropy", "entropy_coef", "policy_loss"):
         assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-6), key
+
+
+def _exact_logps(model, batch, temperature):
+    """The completion tokens' log-probs from the fp64 product of the model's (bf16) hidden states and head weight."""
+    n = batch["completion_mask"].shape[1]
+    with torch.no_grad():
+        positions = (batch["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+        hidden = model.hidden_states(batch["input_ids"], batch["attention_mask"], positions)[:, -n - 1:-1]
+        z = hidden.double() @ model.lm_head.weight.double().t() / temperature
+        picked = z.log_softmax(-1).gather(-1, batch["input_ids"][:, -n:, None]).squeeze(-1)
+    return picked * batch["completion_mask"]
+
+
+def test_cast_lm_head_to_fp32(tiny_dir, tmp_path):
+    """TRL's cast_lm_head_to_fp32 on a bf16 model: the old, reference and policy log-probs come from the head's fp32
+    product (equal to fp64's of the same bf16 values, where the default's bf16 logits are off), generation's logits
+    are fp32, a step trains; refused on the transformers fallback."""
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="bfloat16")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    tr = _ours(model, tok, tmp_path, beta=0.1, temperature=0.7, cast_lm_head_to_fp32=True)
+    assert model.fp32_head
+    batch = _our_batch(tr)
+    mask = batch["completion_mask"].bool()
+    want = _exact_logps(model, batch, 0.7)
+    torch.testing.assert_close(batch["ref_logps"][mask].double(), want[mask], rtol=1e-5, atol=1e-5)
+    got = tr.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1])
+    torch.testing.assert_close(got[mask].double(), want[mask], rtol=1e-5, atol=1e-5)
+    model.fp32_head = False  # the default: logits rounded to bf16
+    rounded = tr.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1])
+    assert (rounded[mask].double() - want[mask]).abs().max() > 1e-4
+    model.fp32_head = True
+    assert model(batch["input_ids"][:, :3]).logits.dtype == torch.float32
+    tr.train()
+    assert tr.log_history[-1]["loss"] == tr.log_history[-1]["loss"]  # finite, not NaN
+    fallback, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32", fast=False)
+    fallback = FastLanguageModel.get_peft_model(fallback, r=4, lora_alpha=8)
+    with pytest.raises(ConfigError, match="cast_lm_head_to_fp32=True needs a model on fasttune's decoder"):
+        _ours(fallback, tok, tmp_path, cast_lm_head_to_fp32=True)
+    streamed, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32", offload_lm_head=True)
+    streamed = FastLanguageModel.get_peft_model(streamed, r=4, lora_alpha=8)
+    with pytest.raises(ConfigError, match="not implemented with offload_lm_head=True"):
+        _ours(streamed, tok, tmp_path, cast_lm_head_to_fp32=True)

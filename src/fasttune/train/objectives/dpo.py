@@ -22,6 +22,7 @@ class DPOConfig(TrainingConfig):
     loss_type or max_prompt_length < 1."""
 
     beta: float = 0.1
+    disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's DPO default)
     loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
     precompute_ref_log_probs: bool = False  # reference log-probs once before training (then no reference passes)

@@ -52,6 +52,23 @@ def _copies(examples: list[dict]) -> int:
     return runs[0] if runs and len(set(runs)) == 1 else 1
 
 
+def _fp32_head(model, name: str) -> None:
+    """TRL's cast_lm_head_to_fp32 (ScaleRL): the model's logits and log-probs (sampling, old / reference / policy
+    log-probs) from the LM head's product in fp32; the weights stay 16-bit (CausalLM.fp32_head). Raises ConfigError on
+    the transformers fallback and with offload_lm_head."""
+    from fasttune.models.causal_lm import CausalLM
+    from fasttune.models.host_head import host_head
+
+    if not isinstance(model, CausalLM):
+        raise ConfigError(f"{name}: cast_lm_head_to_fp32=True needs a model on fasttune's decoder; this one runs on "
+                          f"the transformers fallback. Leave cast_lm_head_to_fp32=False.")
+    if host_head(model) is not None:
+        raise ConfigError(f"{name}: cast_lm_head_to_fp32=True is not implemented with offload_lm_head=True (the "
+                          f"streamed head computes 16-bit logits). Load the model without offload_lm_head, or leave "
+                          f"cast_lm_head_to_fp32=False.")
+    model.fp32_head = True
+
+
 def _generation_steps(a, world: int) -> int:
     """Optimizer steps one generation batch feeds: TRL's steps_per_generation (or generation_batch_size, in
     completions over all ranks) / gradient_accumulation_steps; 1 by default. Raises ConfigError for a
@@ -144,6 +161,8 @@ class GRPOTrainer(RewardScoring, Trainer):
                 f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "
                 f"{completions_per_step} completions, which must hold whole groups of num_generations="
                 f"{a.num_generations}. Make that product a multiple of num_generations (as in TRL).")
+        if getattr(a, "cast_lm_head_to_fp32", False):
+            _fp32_head(self.model, name)
         # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
         self.reference: ReferencePolicy | None = None
         if a.beta != 0.0:
@@ -519,8 +538,9 @@ class GRPOTrainer(RewardScoring, Trainer):
             self._lockstep = self.dist.sum(len(group)) == len(group) * self.dist.world
 
     def _step_end(self):
-        """After each training micro-batch: at the step's last one, with an entropy bonus, log entropy_coef and (adaptive)
-        move it by entropy_coef_delta towards keeping the step's mean entropy (all ranks) at entropy_target."""
+        """After each training micro-batch: at the step's last one, with an entropy bonus, log entropy_coef and
+        (adaptive) move it by entropy_coef_delta towards keeping the step's mean entropy (all ranks) at
+        entropy_target."""
         if not self.model.training or getattr(self, "_micro_left", 0) <= 0:
             return
         self._micro_left -= 1

@@ -34,6 +34,8 @@ class OnlineRLConfig(TrainingConfig):
     generation_kwargs: dict | None = None  # TRL's: more generate() arguments, over the ones above (JSON in a flag)
     chat_template_kwargs: dict | None = None  # TRL's: chat-template variables for prompts and reward models, e.g.
     # {"enable_thinking": false} (a JSON string in a flag)
+    disable_dropout: bool = False  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's default here)
+    cast_lm_head_to_fp32: bool = False  # TRL's (ScaleRL): logits and log-probs from the head's product in fp32
     beta: float = 0.0  # KL to the reference (the policy as handed to the trainer); 0 = no KL, no reference
     epsilon: float = 0.2
     epsilon_high: float | None = None  # None: epsilon (DAPO suggests 0.28)

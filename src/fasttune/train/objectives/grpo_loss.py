@@ -11,9 +11,10 @@ summed over ranks, since fasttune sums gradients over ranks where DDP averages t
 - cispo and vespo: as dapo; sapo: as grpo; luspo: mean over completions of each completion's token sum, / steps.
 
 `off_policy_mask` (DeepSeek-V3.2's off-policy sequence masking, TRL's off_policy_mask_threshold) drops
-negative-advantage completions whose policy has drifted from the one that sampled them. The entropy terms (TRL 1.16): `high_entropy_mask` keeps the top `top_entropy_quantile` of the completion tokens by
-entropy in the policy term (Wang et al. 2025, "Beyond the 80/20 rule"), and `entropy_bonus` is the mean entropy that
-`entropy_coef` weighs against the loss (with `use_adaptive_entropy`, Skywork-OR1's controller: grpo.py).
+negative-advantage completions whose policy has drifted from the one that sampled them. The entropy terms (TRL 1.16):
+`high_entropy_mask` keeps the top `top_entropy_quantile` of the completion tokens by entropy in the policy term
+(Wang et al. 2025, "Beyond the 80/20 rule"), and `entropy_bonus` is the mean entropy that `entropy_coef` weighs
+against the loss (with `use_adaptive_entropy`, Skywork-OR1's controller: grpo.py).
 """
 from __future__ import annotations
 

@@ -30,6 +30,7 @@ class KTOConfig(TrainingConfig):
     < 1, an unknown loss_type or a negative desirable_weight / undesirable_weight."""
 
     beta: float = 0.1
+    disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's KTO default)
     desirable_weight: float = 1.0
     undesirable_weight: float = 1.0
     loss_type: str = "kto"  # kto | apo_zero_unpaired (no KL term)

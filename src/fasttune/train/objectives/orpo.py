@@ -19,6 +19,7 @@ class ORPOConfig(TrainingConfig):
     max_prompt_length < 1."""
 
     beta: float = 0.1  # lambda in the paper: weight of the odds-ratio term
+    disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's ORPO default)
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
 
     def __post_init__(self):

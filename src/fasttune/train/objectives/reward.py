@@ -24,6 +24,7 @@ class RewardConfig(TrainingConfig):
     None (off) or a weight >= 0. Raises ConfigError for a negative coefficient."""
 
     learning_rate: float = 1e-4
+    disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's default)
     max_seq_length: int = 1024
     center_rewards_coefficient: float | None = None
 
