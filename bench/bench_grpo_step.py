@@ -24,6 +24,7 @@ bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / 
 
     python bench/bench_grpo_step.py                     # GPU: llama-3.2-1b shape, 4 steps (1 warm-up), both rows
     python bench/bench_grpo_step.py --objective rloo    # the same with RLOOTrainer on both sides (beta 0.05)
+    python bench/bench_grpo_step.py --fp32-head on      # both with cast_lm_head_to_fp32=True
     python bench/bench_grpo_step.py --impl ours --row-out /tmp/r.json   # one child run (what the parent starts)
     OMP_NUM_THREADS=1 python bench/bench_grpo_step.py --shape tiny --device cpu --steps 2 --completion-len 8 \
         --out /tmp/grpo_step.jsonl                      # functional check on a CPU
@@ -150,6 +151,7 @@ def common_fields(a, cuda: bool) -> dict:
                 learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
                 max_grad_norm=1.0, max_steps=a.steps, logging_steps=1,
                 optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, seed=3407,
+                cast_lm_head_to_fp32=getattr(a, "fp32_head", "off") == "on",
                 **(dict(loss_type="dapo", scale_rewards="group") if grpo else {}))
 
 
@@ -263,7 +265,7 @@ def child(a) -> dict:
             "rewards": [h.get("reward") for h in logs],
             "completion_mean_length": [h.get("completions/mean_length") for h in logs],
             "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": a.gc, "learning_rate": a.lr,
-            "beta": beta(a),
+            "beta": beta(a), "cast_lm_head_to_fp32": a.fp32_head == "on",
             "loss_type": "dapo" if a.objective == "grpo" else "rloo",
             "dtype": "bfloat16" if a.device == "cuda" else "float32",
             "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
@@ -296,13 +298,16 @@ def main():
     ap.add_argument("--gc", choices=["on", "off"], default="on", help="gradient checkpointing, both trainers")
     ap.add_argument("--objective", choices=["grpo", "rloo"], default="grpo", help="GRPOTrainer or RLOOTrainer")
     ap.add_argument("--beta", type=float, default=None, help="KL weight (default: 0 for grpo, 0.05 for rloo)")
+    ap.add_argument("--fp32-head", choices=["on", "off"], default="off",
+                    help="cast_lm_head_to_fp32 (TRL's / ScaleRL's fp32 LM head), both trainers")
     ap.add_argument("--row-out", help="child mode: where to write the row (JSON)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_step.jsonl"))
     a = ap.parse_args()
     if run_child(a, child):
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
-                                    "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta"))
+                                    "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta",
+                                    "fp32_head"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
@@ -369,7 +374,7 @@ def print_table(rows):
           f"{r0['num_generations']} generations x "
           f"{r0['max_completion_length']} tokens, prompt {r0['prompt_len']} tokens, LoRA r{r0['lora_r']}, "
           f"recompute {r0['gradient_checkpointing']}; median of {r0['steps'] - r0['warmup_steps']} steps after "
-          f"{r0['warmup_steps']} warm-up; {r0['card']}")
+          f"{r0['warmup_steps']} warm-up; fp32 LM head {r0.get('cast_lm_head_to_fp32', False)}; {r0['card']}")
     print(f"{'impl':<6} {'step s':>8} {'generate s':>11} {'gen tok/s':>10} {'peak GiB':>9} {'vs trl':>7} "
           f"{'reward':>7}  grad norms")
     for r in rows:
