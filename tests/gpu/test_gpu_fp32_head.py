@@ -48,3 +48,20 @@ def test_fp32_logits_without_a_weight_copy():
     assert got.dtype == torch.float32 and got.shape == (1, 8, 60000)
     torch.testing.assert_close(got[0].double(), want, rtol=1e-5, atol=1e-5)
     assert extra < weight.numel() * 4 // 2, extra  # the logits (2 MB), not an fp32 weight (123 MB)
+
+
+def test_fp32_head_backward_without_a_weight_copy():
+    """Backward's fp32 logit gradients meet the bf16 weight as two bf16 GEMMs (hi + lo) with fp32 outputs: the hidden
+    states' gradient equals fp64's and the peak holds the chunk's logits, not an fp32 weight (123 MB)."""
+    hidden, weight, labels = _inputs(n=64, h=512, v=60000)
+    h64 = hidden.detach().double().requires_grad_()
+    want = (h64 @ weight.double().t()).log_softmax(-1).gather(1, labels[:, None]).squeeze(1)
+    (gh,) = torch.autograd.grad(want.sum(), h64)
+    got = token_logprobs(hidden, weight, labels, fp32=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    (h2,) = torch.autograd.grad(got.sum(), hidden)
+    extra = torch.cuda.max_memory_allocated() - base
+    torch.testing.assert_close(h2.double(), gh, rtol=2e-2, atol=1e-3)
+    assert extra < weight.numel() * 4 // 2, extra

@@ -42,6 +42,23 @@ def fp32_product(a: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return a.to(dtype) @ weight.to(dtype).t()
 
 
+def fp32_mixed_product(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a (M, K) fp32 @ b (K, N) 16-bit -> (M, N) fp32 without an fp32 copy of b: on CUDA a = hi + lo, each in b's
+    dtype (hi = a rounded, lo = the rounding's residue), and hi @ b + lo @ b as two 16-bit GEMMs with fp32 outputs
+    (torch.mm's out_dtype): the residue of the split is ~2^-16 of a (bf16) against fp32's 2^-24, far below the
+    16-bit rounding the results get next. Elsewhere a @ b in a's dtype (at least fp32)."""
+    if a.is_cuda and a.dtype == torch.float32 and b.dtype in (torch.bfloat16, torch.float16):
+        try:
+            hi = a.to(b.dtype)
+            lo = (a - hi.float()).to(b.dtype)
+            out = torch.mm(hi, b, out_dtype=torch.float32)
+            return out.add_(torch.mm(lo, b, out_dtype=torch.float32))
+        except (RuntimeError, TypeError, NotImplementedError):  # a torch without mm's out_dtype
+            pass
+    dtype = torch.promote_types(torch.promote_types(a.dtype, b.dtype), torch.float32)
+    return a.to(dtype) @ b.to(dtype)
+
+
 def logits_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, softcap: float | None = None,
                        fp32: bool = False) -> torch.Tensor:
     """hidden (..., H) @ weight (V, H)^T in hidden's dtype -> logits (..., V); fp32=True: the product in fp32

@@ -14,20 +14,15 @@ into the forward pass:
 
 fp32=True (TRL's cast_lm_head_to_fp32, ScaleRL's recipe): the head's product is taken in fp32 from the 16-bit hidden
 states and weights (exact in fp32), where the default rounds each logit to the hidden dtype first as a 16-bit
-nn.Linear does (a bf16 logit near 20 is off by up to 0.06); backward multiplies the fp32 logit gradients by the fp32
-weights (an fp32 copy of the weight for the duration of backward; forward's product needs none on CUDA).
+nn.Linear does (a bf16 logit near 20 is off by up to 0.06); backward multiplies the fp32 logit gradients by the
+16-bit weights and hidden states in fp32 (fp32_mixed_product). On CUDA no fp32 copy of the weight is made.
 """
 
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from fasttune.kernels.cross_entropy import _chunk_tokens, fp32_product  # the loss's chunk: 256 MiB of fp32 logits
+from fasttune.kernels.cross_entropy import _chunk_tokens, fp32_mixed_product, fp32_product  # the loss's chunk size
 from fasttune.kernels.dispatch import kernel_choice
-
-
-def _head_weight(weight, hidden, fp32: bool):
-    """The weight as backward's products take it: at least fp32 (fp32=True), else in the hidden states' dtype."""
-    return weight.to(torch.promote_types(hidden.dtype, torch.float32) if fp32 else hidden.dtype)
 
 
 def _scaled_logits(hidden, weight, softcap, temperature, fp32=False):
@@ -98,7 +93,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_out is None and grad_ent is None:
             return None, None, None, None, None, None, None, None
-        w = _head_weight(weight, hidden, ctx.fp32)
+        w = weight.to(hidden.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         for start in range(0, hidden.shape[0], ctx.chunk):
@@ -118,11 +113,17 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             g.div_(ctx.temperature)
             if t is not None:
                 g.mul_(1.0 - t * t)
+            if ctx.fp32:  # fp32 logit gradients against the 16-bit weights / hidden states, no fp32 copies
+                if need_h:
+                    grad_h[rows] = fp32_mixed_product(g, weight).to(hidden.dtype)
+                if need_w:
+                    grad_w += fp32_mixed_product(g.t(), hc).float()
+                continue
             g = g.to(w.dtype)
             if need_h:
-                grad_h[rows] = (g @ w).to(hidden.dtype)
+                grad_h[rows] = g @ w
             if need_w:
-                grad_w += (g.t() @ hc.to(w.dtype)).float()
+                grad_w += (g.t() @ hc).float()
         gw = grad_w.to(weight.dtype) if grad_w is not None else None
         return grad_h, gw, None, None, None, None, None, None
 
