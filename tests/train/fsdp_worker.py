@@ -3,7 +3,8 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run).
+max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run),
+batch (per_device_train_batch_size, default 2).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
@@ -35,7 +36,8 @@ def run(model_dir, out_dir, o):
     else:
         rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
         config, trainer_cls = SFTConfig, SFTTrainer
-    args = config(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
+    args = config(output_dir=out_dir, per_device_train_batch_size=o.get("batch", 2),
+                  gradient_accumulation_steps=o["grad_accum"],
                   learning_rate=1e-2, max_steps=o.get("max_steps", 5), save_steps=3, logging_steps=1,
                   fsdp=o.get("fsdp", False), packing=o.get("packing", False),
                   **({} if dpo else {"max_seq_length": 48}))

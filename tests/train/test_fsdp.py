@@ -81,7 +81,8 @@ def fsdp_runs(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("fsdp")
     folder = root / "llama"
     save_hf(hf_model("llama"), folder, tiny_tokenizer)
-    one = _run(folder, 1, [(root / "one" / c, _one(o)) for c, o in CASES.items()])
+    one = _run(folder, 1, [*[(root / "one" / c, _one(o)) for c, o in CASES.items()],
+                           (root / "one" / "ddp-one-batch", dict(CASES["ddp"], grad_accum=1, batch=4, fsdp=False))])
     (root / "resumed_two").mkdir()
     shutil.copytree(root / "one" / RESUME_CASE / "checkpoint-3", root / "resumed_two" / "checkpoint-3")
     two = _run(folder, 2, [*[(root / "two" / c, _two(o)) for c, o in CASES.items()],
@@ -103,6 +104,19 @@ def test_two_processes_equal_one(fsdp_runs, case):
     assert len((two_dir / "log_history.jsonl").read_text().splitlines()) == steps
     assert (two_dir / "checkpoint-3" / "trainer_state.json").exists()
     _assert_same_adapter(one_dir / "checkpoint-3", two_dir / "checkpoint-3")
+
+
+def test_sft_token_metrics_over_ranks_as_trl(fsdp_runs):
+    """Under torchrun SFT's entropy / mean_token_accuracy take each micro-batch index's sums over the ranks (TRL
+    gathers them): 2 processes of one 2-row micro-batch each log what 1 process logs for the same 4 rows as one
+    micro-batch; num_tokens counts every rank's tokens."""
+    _, root, _, _ = fsdp_runs
+    read = lambda d: [json.loads(line) for line in (d / "log_history.jsonl").read_text().splitlines()]  # noqa: E731
+    two, one = read(root / "two" / "ddp"), read(root / "one" / "ddp-one-batch")
+    assert len(two) == len(one) == 5
+    for key in ("entropy", "mean_token_accuracy", "num_tokens"):
+        assert [h[key] for h in two] == pytest.approx([h[key] for h in one], rel=1e-5), key
+    assert two[0]["mean_token_accuracy"] < two[-1]["mean_token_accuracy"]
 
 
 def _train_here(folder, out_dir, options: dict, monkeypatch) -> list:

@@ -178,7 +178,8 @@ class Trainer(CallbackMethods, TrainerMethods):
         return []
 
     def step_read(self, values: list) -> None:
-        """The host values of step_reads' tensors, in order."""
+        """The host values of step_reads' tensors, in order; called after every training step on every rank (so it
+        may run a host collective), with [] when there was nothing to read."""
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
         """A micro-batch's CausalLMOutput.token_stats and target_count (device tensors, not read here), from
@@ -527,6 +528,8 @@ class Trainer(CallbackMethods, TrainerMethods):
                 filler = self.to_device(self.collate_batch([self.train_examples[0]]))
                 loss, _ = self.micro_batch_loss(filler, num_items)
                 (loss * 0.0).backward()
+            if fillers:
+                self.step_reads()  # (drops what the fillers recorded: they are not the step's batches)
             for i, b in enumerate(group):
                 if self._graph_replayable(b, host_group[i] if host_group is not None else None):
                     parts.append(self._graph_step.run(b, num_items, self.loss_kwargs()))
@@ -548,8 +551,7 @@ class Trainer(CallbackMethods, TrainerMethods):
             reads = self.step_reads()
             values = host_values([*parts, self._clip(self.model), *reads])
             kept = len(values) - len(reads)
-            if reads:
-                self.step_read(values[kept:])
+            self.step_read(values[kept:])  # on every rank, also with nothing to read (it may gather)
             *parts, grad_norm = values[:kept]
             return self.dist.sum(sum(parts)) / num_items, grad_norm
         except torch.OutOfMemoryError:

@@ -97,19 +97,29 @@ class SFTTrainer(Trainer):
         return {"return_token_stats": True} if isinstance(self.model, CausalLM) else {}
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
-        """Adds a micro-batch's mean entropy and accuracy over its targets (0 without targets, as TRL) and a count of
-        1 to the step's sums (on the device, read with the step's one device read: step_reads)."""
-        part = torch.cat([stats / targets.to(stats.dtype).clamp(min=1), stats.new_ones(1)])
-        self._token_step = part if getattr(self, "_token_step", None) is None else self._token_step + part
+        """Keeps a micro-batch's [entropy sum, first-argmax hits, targets] (on the device, read with the step's one
+        device read: step_reads)."""
+        self._token_parts = getattr(self, "_token_parts", None) or []
+        self._token_parts.append(torch.cat([stats, targets.reshape(1).to(stats.dtype)]))
 
     def step_reads(self) -> list:
-        """The step's token sums (see record_token_stats), read with the loss and grad norm."""
-        step, self._token_step = getattr(self, "_token_step", None), None
-        return list(step.unbind()) if step is not None else []
+        """The step's micro-batch sums (see record_token_stats), read with the loss and grad norm; resets them."""
+        parts, self._token_parts = getattr(self, "_token_parts", None), None
+        return list(torch.stack(parts).flatten().unbind()) if parts else []
 
     def step_read(self, values: list) -> None:
-        """Adds the step's [entropy means, accuracy means, micro-batches] (host floats) to the logging window."""
-        self._token_window = _added(getattr(self, "_token_window", None), values)
+        """Adds the step's micro-batch means to the logging window, as TRL forms them: under torchrun, micro-batch k's
+        sums over every rank's k-th micro-batch (gathered on the host), then entropy / targets and hits / targets
+        (0 without targets)."""
+        if not self.loss_kwargs():  # no token stats on this model (every rank alike)
+            return
+        rows = [values[i:i + 3] for i in range(0, len(values), 3)]
+        ranks = self.dist.gather(rows) if self.dist.active else [rows]
+        window = getattr(self, "_token_window", None) or [0.0, 0.0, 0.0]
+        for k in range(max(len(r) for r in ranks)):
+            entropy, hits, n = (sum(r[k][j] for r in ranks if k < len(r)) for j in range(3))
+            window = [window[0] + (entropy / n if n else 0.0), window[1] + (hits / n if n else 0.0), window[2] + 1]
+        self._token_window = window
 
     def step_metrics(self) -> dict:
         """TRL's SFT metrics since the last log entry, each the mean over the window's micro-batches of the micro-batch
