@@ -222,6 +222,10 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
     if method in ("grpo", "rloo") and not run["data"]:
         raise ConfigError(f"--method {method} needs --data with prompt rows (a `prompt` column, plus any columns your "
                           "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
+    if method == "distillation" and not (run["data"] and config.teacher_model_name_or_path):
+        raise ConfigError("--method distillation needs --data with prompt rows (a `prompt` column) and "
+                          "--teacher-model-name-or-path (the teacher's folder, .gguf file or hub id, with the "
+                          "student's tokenizer); the bundled demo set is for SFT.")
     run["data"] = _data_file(run["data"])
     if run["peft"] is False and not run["full_finetuning"]:
         raise ConfigError("--peft false: fasttune trains LoRA adapters unless --full-finetuning is given; pass "

@@ -12,6 +12,8 @@ METHODS = {
     "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
     "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
+    "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
+                     "fasttune.train.objectives.distillation:DistillationConfig"),
     "reward": ("fasttune.train.objectives.reward:RewardTrainer", "fasttune.train.objectives.reward:RewardConfig"),
     "classification": ("fasttune.train.objectives.classification:ClassificationTrainer",
                        "fasttune.train.objectives.classification:ClassificationConfig"),

@@ -62,14 +62,16 @@ class CompletionsLog:
         self.pending.clear()
         return out
 
-    def keep(self, prompts: list, completions: list, rewards_per_func: torch.Tensor, advantages: torch.Tensor,
+    def keep(self, prompts: list, completions: list, rewards_per_func: torch.Tensor, advantages: torch.Tensor | None,
              extra: dict):
         """The step's table: prompts and completions (N each, as the reward functions got them), rewards (N, F)
-        (NaN where a function returned None), advantages (N,), extra columns (name -> N values)."""
+        (NaN where a function returned None), advantages (N,; None: no such column, as in on-policy distillation),
+        extra columns (name -> N values)."""
         rewards = {name: rewards_per_func[:, j].tolist() for j, name in enumerate(self.reward_names)}
         self.table = {"prompt": [without_images(p) for p in prompts],
-                      "completion": [without_images(c) for c in completions],
-                      **rewards, **extra, "advantage": advantages.float().tolist()}
+                      "completion": [without_images(c) for c in completions], **rewards, **extra}
+        if advantages is not None:
+            self.table["advantage"] = advantages.float().tolist()
 
     def emit(self, step: int, output_dir, main: bool):
         """Print the kept table and write it to output_dir/completions/completions_<step>.parquet (rank 0 only:

@@ -118,6 +118,12 @@ class GRPOTrainer(RewardScoring, Trainer):
     supports_packing = False
     packing_refusal = "packing does not apply to GRPO; set packing=False."
     config_cls = GRPOConfig
+    uses_rewards = True  # (on-policy distillation samples and trains without reward functions)
+
+    @property
+    def uses_reference(self) -> bool:
+        """Whether the loss compares with the reference policy (a KL term: beta > 0)."""
+        return self.args.beta != 0.0
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None, **kwargs):
@@ -136,7 +142,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         self.reward_funcs = trainer_reward_funcs(
             reward_funcs if given else args.reward_funcs, reward_processing_classes,
             "reward_funcs" if given else f"{config}.reward_funcs", args.max_completion_length,
-            args.per_device_train_batch_size, model, args.chat_template_kwargs)
+            args.per_device_train_batch_size, model, args.chat_template_kwargs) if self.uses_rewards else []
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
@@ -165,7 +171,7 @@ class GRPOTrainer(RewardScoring, Trainer):
             _fp32_head(self.model, name)
         # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
         self.reference: ReferencePolicy | None = None
-        if a.beta != 0.0:
+        if self.uses_reference:
             self.reference = reference_policy(self.model, f"{name.removesuffix('Trainer')} with beta > 0",
                                               "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon

@@ -23,6 +23,7 @@ class OnlineRLConfig(TrainingConfig):
     temperature <= 0, top_p outside (0, 1], ...), packing=True, or a reward function name that does not resolve.
     reward_weights may be given as "1,0.5" (the CLI's form)."""
 
+    min_generations = 2  # (a class setting, not a field: GRPO and RLOO compare completions within a group)
     num_generations: int = 8  # completions sampled per prompt (the group)
     num_generations_eval: int | None = None  # per eval prompt; None: num_generations (TRL's)
     max_completion_length: int = 256
@@ -72,7 +73,7 @@ class OnlineRLConfig(TrainingConfig):
                                                       or self.num_generations_eval < 1):
             raise ConfigError(f"num_generations_eval={self.num_generations_eval!r} is invalid: a whole number >= 1, "
                               f"or None for num_generations.")
-        if self.num_generations < 2:
+        if self.num_generations < self.min_generations:
             raise ConfigError(f"num_generations={self.num_generations} is invalid: GRPO compares completions within "
                               f"a group, so sample at least 2 per prompt.")
         for name in ("generation_kwargs", "chat_template_kwargs"):

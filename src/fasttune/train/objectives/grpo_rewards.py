@@ -132,7 +132,7 @@ class RewardScoring:
                        [t for p in parts for t in p[2]], offset, len(lengths),
                        None if extra is None else torch.cat([p[3] for p in parts]))
 
-    def keep_completions(self, rollout: Rollout, advantages: torch.Tensor, across_ranks: bool):
+    def keep_completions(self, rollout: Rollout, advantages: torch.Tensor | None, across_ranks: bool):
         """log_completions: keep the training step's table (every rank's rows, gathered in rank order, with the
         step's rewards and advantages (N,)) for the next log entry. Evaluation's rollouts (across_ranks False)
         are not kept; their log_extra values are dropped."""
@@ -151,14 +151,18 @@ class RewardScoring:
 
     # --- metrics (TRL's names), merged into each training log entry --------------------------------------------
     def _record_rollout(self, rollout: Rollout, rewards: torch.Tensor, std: torch.Tensor):
-        rewards_per_func, truncated = rollout.rewards_per_func, rollout.truncated
-        rec = self._metrics
+        rewards_per_func, rec = rollout.rewards_per_func, self._metrics
         for j, name in enumerate(self.reward_names):
             rec[f"rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, j])))
             rec[f"rewards/{name}/std"].append(float(nanstd(rewards_per_func[:, j])))
         rec["reward"].append(float(torch.nanmean(rewards)))
         rec["reward_std"].append(float(nanstd(rewards)))
         rec["frac_reward_zero_std"].append(float(torch.isclose(std, torch.zeros_like(std)).float().mean()))
+        self._record_lengths(rollout)
+
+    def _record_lengths(self, rollout: Rollout):
+        """TRL's completions/* metrics of the rollout's completions (lengths in tokens, truncated share)."""
+        rec, truncated = self._metrics, rollout.truncated
         lengths = torch.tensor(rollout.lengths, dtype=torch.float32)
         rec["completions/mean_length"].append(float(lengths.mean()))
         rec["completions/min_length"].append(float(lengths.min()))

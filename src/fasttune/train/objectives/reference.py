@@ -60,15 +60,8 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
     targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
-        if media:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
-            from fasttune.models.vision import VisionBackbone
-
-            hidden = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                           **media).last_hidden_state[:, start - 1:-1]
-        else:
-            hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
-        flat = model.token_logprobs(select_scored(hidden, mask, positions), select_scored(targets, mask, positions),
-                                    temperature, entropy=entropy)
+        hidden = scored_hidden(model, input_ids, attention_mask, mask, positions, position_ids, media)
+        flat = model.token_logprobs(hidden, select_scored(targets, mask, positions), temperature, entropy=entropy)
         scattered = [torch.zeros(mask.shape, dtype=torch.float32, device=t.device).masked_scatter(mask, t)
                      for t in (flat if entropy else (flat,))]
         return tuple(scattered) if entropy else scattered[0]
@@ -80,6 +73,24 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     if not entropy:
         return logps
     return logps, (-(logp_all.exp() * logp_all).sum(-1)).masked_fill(~mask, 0.0)
+
+
+def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
+                  positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                  media: dict | None = None) -> torch.Tensor:
+    """(N, H) final hidden states of fasttune's `model` (a CausalLM) at the positions that predict the scored tokens:
+    `mask` (B, n) bool marks the scored tokens among the last n of input_ids (B, T), N = mask.sum(); `positions`:
+    score_positions(mask), to select them without a device sync; position_ids / media as in model_token_logprobs.
+    Differentiable when the model trains."""
+    start = input_ids.shape[1] - mask.shape[1]
+    if media:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
+        from fasttune.models.vision import VisionBackbone
+
+        hidden = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                       **media).last_hidden_state[:, start - 1:-1]
+    else:
+        hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
+    return select_scored(hidden, mask, positions)
 
 
 @contextmanager

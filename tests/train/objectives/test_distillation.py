@@ -1,0 +1,139 @@
+"""On-policy distillation against TRL 1.16's DistillationTrainer (the student a PEFT twin carrying our adapter, the
+teacher a wider transformers model with the same weights as ours, both sampling the same fixed completions): the
+loss and LoRA gradients of a micro-batch for the forward KL, the JSD and the reverse KL, the per-step losses of a
+short run, the student's entropy; plus gradient-accumulation invariance and the errors."""
+import pytest
+import torch
+from grpo_oracle import COMPLETIONS, ROWS
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from tiny import hf_model, save_hf
+
+from fasttune import DistillationConfig, DistillationTrainer, FastLanguageModel
+from fasttune.errors import ConfigError
+
+trl = pytest.importorskip("trl")
+PROMPTS = [{"prompt": r["prompt"]} for r in ROWS] * 4  # 8 prompts, one completion each (COMPLETIONS in order)
+TEACHER = dict(hidden_size=96, intermediate_size=160)  # a wider teacher: its own hidden size, the same vocabulary
+
+
+class FixedCompletions(DistillationTrainer):
+    """Our trainer with its sampler replaced by COMPLETIONS, in the order of the examples sampled."""
+
+    def sample(self, examples, seed):
+        out = COMPLETIONS[:len(examples)]
+        return [list(c) for c in out], [256 not in c for c in out]
+
+
+def _fixed_trl():
+    class FixedCompletionsTRL(trl.DistillationTrainer):
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, has_tool_images=False):
+            return [list(c) for c in COMPLETIONS[:len(prompt_ids)]]
+
+    return FixedCompletionsTRL
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_tokenizer):
+    root = tmp_path_factory.mktemp("distill")
+    save_hf(hf_model("llama", seed=0), root / "student", tiny_tokenizer)
+    save_hf(hf_model("llama", seed=1, **TEACHER), root / "teacher", tiny_tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(root / "student"), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora_b(model)
+    model.save_pretrained(str(root / "adapter"))
+    return root, tok
+
+
+def _ours(root, tok, tmp_path, teacher=None, **cfg):
+    model, _ = FastLanguageModel.from_pretrained(str(root / "adapter"), dtype="float32")
+    cfg = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_completion_length": 6,
+           "max_steps": 1, "shuffle": False, **cfg}
+    return FixedCompletions(model, teacher if teacher is not None else str(root / "teacher"), processing_class=tok,
+                            train_dataset=PROMPTS, args=DistillationConfig(output_dir=str(tmp_path / "ours"), **cfg))
+
+
+def _theirs(root, tok, tmp_path, **cfg):
+    from datasets import Dataset
+
+    cfg = {"per_device_train_batch_size": 8, "gradient_accumulation_steps": 1, "max_completion_length": 6, **cfg}
+    args = trl.DistillationConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", bf16=False,
+                                  shuffle_dataset=False, logging_steps=1, save_strategy="no", **cfg)
+    teacher = hf_model("llama", seed=1, **TEACHER)
+    tr = _fixed_trl()(model=peft_twin("llama", root / "adapter"), teacher_model=teacher, args=args,
+                      train_dataset=Dataset.from_list(PROMPTS), processing_class=tok)
+    tr.current_gradient_accumulation_steps = 1
+    return tr
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_loss_grads_and_entropy_equal_trl(setup, tmp_path, beta):
+    root, tok = setup
+    ours = _ours(root, tok, tmp_path, beta=beta, temperature=0.7)
+    theirs = _theirs(root, tok, tmp_path, beta=beta, temperature=0.7)
+    examples = ours.train_examples[:8]
+    batch = ours.to_device(ours.score(examples, *ours.sample(examples, 0), [8])[0])
+    inputs = theirs._generate_and_score_completions(list(PROMPTS))
+    assert torch.equal(batch["completion_mask"], inputs["completion_mask"])
+    num_items = int(batch["completion_mask"].sum())
+    assert int(inputs["num_items_in_batch"]) == num_items
+    loss, _ = ours.micro_batch_loss(batch, num_items)
+    loss.backward()
+    got = {n: p.grad for n, p in ours.model.named_parameters() if p.grad is not None}
+    want = theirs.compute_loss(theirs.model, inputs)
+    want.backward()
+    want_grads = peft_grads(theirs.model)
+    assert float(loss) > 1e-3
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    assert set(got) == set(want_grads) and got
+    for n in got:
+        torch.testing.assert_close(got[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+    s, n = ours._ratios["entropy"]
+    assert float(s / n) == pytest.approx(theirs._metrics["train"]["entropy"][-1], rel=1e-5)
+
+
+def test_steps_equal_trl(setup, tmp_path):
+    """Three optimizer steps of two micro-batches (the divergence summed over the step's completion tokens / their
+    count): each step's loss and grad norm, the entropy and the completion lengths, as TRL's train() logs them."""
+    root, tok = setup
+    cfg = dict(beta=0.5, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=0.05,
+               max_grad_norm=1.0, max_steps=3)
+    ours = _ours(root, tok, tmp_path, **cfg)
+    ours.train()
+    theirs = _theirs(root, tok, tmp_path, **cfg)
+    theirs.train()
+    got, want = ours.log_history, [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == 3 and got[-1]["loss"] < got[0]["loss"]
+    for key in ("loss", "grad_norm", "completions/mean_length", "completions/clipped_ratio"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4), key
+
+
+def test_gradient_accumulation_is_invariant(setup, tmp_path):
+    root, tok = setup
+    runs = []
+    for bs, ga in ((8, 1), (2, 4)):
+        tr = _ours(root, tok, tmp_path / f"{bs}", per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
+                   max_steps=2, learning_rate=0.05)
+        tr.train()
+        runs.append([h["loss"] for h in tr.log_history])
+    assert runs[0] == pytest.approx(runs[1], rel=1e-5)
+
+
+def test_errors_name_the_fix(setup, tmp_path):
+    root, tok = setup
+    for kw, match in ((dict(beta=1.5), "beta=1.5 is invalid"), (dict(reward_funcs=["length"]), "do not apply"),
+                      (dict(cast_lm_head_to_fp32=True), "not implemented for distillation"),
+                      (dict(teacher_model_init_kwargs="{x"), "not valid JSON")):
+        with pytest.raises(ConfigError, match=match):
+            DistillationConfig(output_dir=str(tmp_path / "e"), **kw)
+    model, _ = FastLanguageModel.from_pretrained(str(root / "adapter"), dtype="float32")
+    args = DistillationConfig(output_dir=str(tmp_path / "e"), per_device_train_batch_size=8)
+    with pytest.raises(ConfigError, match="needs a teacher"):
+        DistillationTrainer(model, processing_class=tok, train_dataset=PROMPTS, args=args)
+    with pytest.raises(ConfigError, match="the student itself"):
+        DistillationTrainer(model, model, processing_class=tok, train_dataset=PROMPTS, args=args)
+    save_hf(hf_model("llama", seed=2, vocab_size=280), root / "small_vocab", tok)
+    with pytest.raises(ConfigError, match=r"vocabulary \(280 tokens\) is smaller"):
+        DistillationTrainer(model, str(root / "small_vocab"), processing_class=tok, train_dataset=PROMPTS, args=args)
+    fallback, _ = FastLanguageModel.from_pretrained(str(root / "teacher"), dtype="float32", fast=False)
+    with pytest.raises(ConfigError, match="transformers fallback"):
+        DistillationTrainer(model, fallback, processing_class=tok, train_dataset=PROMPTS, args=args)
