@@ -30,9 +30,9 @@ def test_unsupported_settings_are_named(kw, match):
 
 
 def _configs():
-    from fasttune import GRPOConfig, KTOConfig, ORPOConfig
+    from fasttune import DistillationConfig, GRPOConfig, KTOConfig, ORPOConfig, RewardConfig, RLOOConfig
 
-    return [SFTConfig, DPOConfig, KTOConfig, GRPOConfig, ORPOConfig]
+    return [SFTConfig, DPOConfig, KTOConfig, GRPOConfig, ORPOConfig, RLOOConfig, RewardConfig, DistillationConfig]
 
 
 @pytest.mark.parametrize("cls", _configs(), ids=lambda c: c.__name__)

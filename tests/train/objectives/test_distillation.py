@@ -137,3 +137,19 @@ def test_errors_name_the_fix(setup, tmp_path):
     fallback, _ = FastLanguageModel.from_pretrained(str(root / "teacher"), dtype="float32", fast=False)
     with pytest.raises(ConfigError, match="transformers fallback"):
         DistillationTrainer(model, fallback, processing_class=tok, train_dataset=PROMPTS, args=args)
+
+
+def test_evaluation_and_completions_table(setup, tmp_path, capsys):
+    """evaluate() samples the eval prompts and reports the divergence, the entropy and completion lengths;
+    log_completions prints and writes the step's prompts and completions (no reward or advantage columns)."""
+    import pandas as pd
+
+    root, tok = setup
+    ours = _ours(root, tok, tmp_path, log_completions=True, per_device_eval_batch_size=4)
+    ours.eval_examples = ours.prepare(PROMPTS[:4])
+    ours.train()
+    table = pd.read_parquet(tmp_path / "ours" / "completions" / "completions_00001.parquet")
+    assert list(table.columns) == ["step", "prompt", "completion"] and len(table) == 8
+    assert "Step 1" in capsys.readouterr().out
+    got = ours.evaluate()
+    assert got["eval_loss"] > 0 and got["eval_entropy"] > 0 and got["eval_completions/mean_length"] > 0
