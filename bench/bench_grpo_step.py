@@ -25,6 +25,8 @@ bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / 
     python bench/bench_grpo_step.py                     # GPU: llama-3.2-1b shape, 4 steps (1 warm-up), both rows
     python bench/bench_grpo_step.py --objective rloo    # the same with RLOOTrainer on both sides (beta 0.05)
     python bench/bench_grpo_step.py --fp32-head on      # both with cast_lm_head_to_fp32=True
+    python bench/bench_grpo_step.py --objective distillation   # DistillationTrainer on both sides: the same number
+        # of completions (8 x 8 prompts, one completion each), a llama-3.1-8b-shaped teacher (--teacher-shape)
     python bench/bench_grpo_step.py --impl ours --row-out /tmp/r.json   # one child run (what the parent starts)
     OMP_NUM_THREADS=1 python bench/bench_grpo_step.py --shape tiny --device cpu --steps 2 --completion-len 8 \
         --out /tmp/grpo_step.jsonl                      # functional check on a CPU
@@ -79,8 +81,8 @@ def even_ids(completions, **kwargs) -> list[float]:
     return out
 
 
-def build_hf(shape: str, device: str):
-    """transformers' Llama of the shape, random-init from seed 0, bf16 on CUDA (fp32 on a CPU)."""
+def build_hf(shape: str, device: str, seed: int = 0):
+    """transformers' Llama of the shape, random-init from `seed`, bf16 on CUDA (fp32 on a CPU)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
@@ -88,7 +90,7 @@ def build_hf(shape: str, device: str):
                       rope_scaling=dict(ROPE), rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS,
                       pad_token_id=EOS)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
     model.generation_config.eos_token_id = EOS
@@ -145,6 +147,12 @@ class StepClock:
 def common_fields(a, cuda: bool) -> dict:
     """GRPOConfig (RLOOConfig with --objective rloo) fields both trainers take under the same names and meaning."""
     grpo = getattr(a, "objective", "grpo") == "grpo"
+    if getattr(a, "objective", "grpo") == "distillation":  # one completion per prompt: num_generations x as many
+        return dict(per_device_train_batch_size=a.num_generations, gradient_accumulation_steps=a.prompts,
+                    max_completion_length=a.completion_len, temperature=1.0, top_p=1.0, top_k=0, beta=beta(a),
+                    learning_rate=a.lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+                    max_grad_norm=1.0, max_steps=a.steps, logging_steps=1,
+                    optim="adamw_torch_fused" if cuda else "adamw_torch", bf16=cuda, seed=3407)
     return dict(per_device_train_batch_size=a.num_generations, gradient_accumulation_steps=a.prompts,
                 num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0,
                 top_p=1.0, top_k=0, beta=beta(a), epsilon=0.2, num_iterations=1, mask_truncated_completions=False,
@@ -159,7 +167,7 @@ def beta(a) -> float:
     """--beta, else 0 for GRPO (no reference) and TRL's RLOO default 0.05 (the KL penalty on the rewards)."""
     if getattr(a, "beta", None) is not None:
         return a.beta
-    return 0.05 if getattr(a, "objective", "grpo") == "rloo" else 0.0
+    return {"rloo": 0.05, "distillation": 1.0}.get(getattr(a, "objective", "grpo"), 0.0)
 
 
 def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
@@ -170,6 +178,7 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     from peft import LoraConfig
 
     model, _, _ = build_hf(a.shape, a.device)
+    teacher = build_hf(a.teacher_shape, a.device, seed=1)[0].eval() if a.objective == "distillation" else None
     if a.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
@@ -177,14 +186,15 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
         def on_step_end(self, args, state, control, **kw):
             clock.step_end()
 
-    config, trainer_cls = ((trl.GRPOConfig, trl.GRPOTrainer) if a.objective == "grpo" else
-                           (trl.RLOOConfig, trl.RLOOTrainer))
+    config, trainer_cls = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+                           "distillation": (trl.DistillationConfig, trl.DistillationTrainer)}[a.objective]
     args = config(output_dir=out_dir, **common_fields(a, a.device == "cuda"), use_vllm=False,
                   gradient_checkpointing=a.gc == "on", save_strategy="no", report_to=[], dataloader_num_workers=0,
                   use_cpu=a.device == "cpu")
     peft_config = LoraConfig(r=a.r, lora_alpha=a.r, lora_dropout=0.0, target_modules=TARGETS, bias="none",
                              task_type="CAUSAL_LM")
-    trainer = trainer_cls(model=model, reward_funcs=even_ids, args=args, train_dataset=Dataset.from_list(prompts),
+    scoring = {"teacher_model": teacher} if teacher is not None else {"reward_funcs": even_ids}
+    trainer = trainer_cls(model=model, **scoring, args=args, train_dataset=Dataset.from_list(prompts),
                           processing_class=tok, peft_config=peft_config, callbacks=[Clock()])
     clock_generate(trainer.model, a.device, clock.gen)
     clock.start()
@@ -197,12 +207,18 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
 def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     import torch
 
-    from fasttune import FastLanguageModel, GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
+    from fasttune import (DistillationConfig, DistillationTrainer, FastLanguageModel, GRPOConfig, GRPOTrainer,
+                          RLOOConfig, RLOOTrainer)
     from fasttune.models.loading import build_model
 
     hf, cfg, dtype = build_hf(a.shape, a.device)
     model = build_model(cfg, hf.state_dict().items(), dtype, a.device, "bench")  # the same weights
     del hf
+    teacher = None
+    if a.objective == "distillation":
+        hf, teacher_cfg, _ = build_hf(a.teacher_shape, a.device, seed=1)
+        teacher = build_model(teacher_cfg, hf.state_dict().items(), dtype, a.device, "bench")
+        del hf
     if a.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -211,7 +227,8 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
                                              use_gradient_checkpointing=a.gc == "on")
     clock_generate(model, a.device, clock.gen)
 
-    config, trainer_cls = (GRPOConfig, GRPOTrainer) if a.objective == "grpo" else (RLOOConfig, RLOOTrainer)
+    config, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
+                           "distillation": (DistillationConfig, DistillationTrainer)}[a.objective]
 
     class Timed(trainer_cls):
         def _after_step(self, run):
@@ -219,7 +236,10 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
             super()._after_step(run)
 
     args = config(output_dir=out_dir, **common_fields(a, a.device == "cuda"))
-    trainer = Timed(model, reward_funcs=[even_ids], args=args, train_dataset=prompts, processing_class=tok)
+    if teacher is not None:
+        trainer = Timed(model, teacher, args=args, train_dataset=prompts, processing_class=tok)
+    else:
+        trainer = Timed(model, reward_funcs=[even_ids], args=args, train_dataset=prompts, processing_class=tok)
     return train_ours(trainer, clock)
 
 
@@ -241,7 +261,8 @@ def child(a) -> dict:
         raise SystemExit("No CUDA device; run with --device cpu (and --shape tiny) for a functional check.")
     vocab = SHAPES[a.shape]["vocab_size"]
     tok = build_tokenizer(vocab)
-    prompts = make_prompts(vocab, a.prompts * a.steps, a.prompt_len)
+    distill = a.objective == "distillation"  # one completion per prompt: num_generations x as many prompts
+    prompts = make_prompts(vocab, a.prompts * a.steps * (a.num_generations if distill else 1), a.prompt_len)
     clock = StepClock(a.device)
     with tempfile.TemporaryDirectory() as tmp:
         run = run_trl if a.impl == "trl" else run_ours
@@ -254,8 +275,8 @@ def child(a) -> dict:
     if a.device == "cuda":
         peak = round(max(torch.cuda.max_memory_allocated() / 2**30, extra.pop("logged_peak_gib", 0)), 3)
     return {"bench": "grpo_step", "objective": a.objective, "impl": a.impl, "shape": a.shape,
-            "prompts_per_step": a.prompts,
-            "num_generations": a.num_generations, "max_completion_length": a.completion_len,
+            "prompts_per_step": a.prompts * (a.num_generations if distill else 1),
+            "num_generations": 1 if distill else a.num_generations, "max_completion_length": a.completion_len,
             "prompt_len": a.prompt_len, "steps": a.steps, "warmup_steps": a.warmup,
             "step_seconds": round(statistics.median(timed), 4), "each_step_seconds": [round(s, 4) for s in steps],
             "generate_seconds": round(statistics.median(gen_s), 4) if any(gen_s) else None,
@@ -266,7 +287,8 @@ def child(a) -> dict:
             "completion_mean_length": [h.get("completions/mean_length") for h in logs],
             "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": a.gc, "learning_rate": a.lr,
             "beta": beta(a), "cast_lm_head_to_fp32": a.fp32_head == "on",
-            "loss_type": "dapo" if a.objective == "grpo" else "rloo",
+            "loss_type": {"grpo": "dapo", "rloo": "rloo", "distillation": "gkd"}[a.objective],
+            "teacher_shape": a.teacher_shape if a.objective == "distillation" else None,
             "dtype": "bfloat16" if a.device == "cuda" else "float32",
             "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
@@ -296,7 +318,10 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--gc", choices=["on", "off"], default="on", help="gradient checkpointing, both trainers")
-    ap.add_argument("--objective", choices=["grpo", "rloo"], default="grpo", help="GRPOTrainer or RLOOTrainer")
+    ap.add_argument("--objective", choices=["grpo", "rloo", "distillation"], default="grpo",
+                    help="GRPOTrainer, RLOOTrainer or DistillationTrainer")
+    ap.add_argument("--teacher-shape", choices=sorted(SHAPES), default="llama-3.1-8b",
+                    help="distillation: the teacher's shape (random weights, seed 1)")
     ap.add_argument("--beta", type=float, default=None, help="KL weight (default: 0 for grpo, 0.05 for rloo)")
     ap.add_argument("--fp32-head", choices=["on", "off"], default="off",
                     help="cast_lm_head_to_fp32 (TRL's / ScaleRL's fp32 LM head), both trainers")
@@ -307,7 +332,7 @@ def main():
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta",
-                                    "fp32_head"))
+                                    "fp32_head", "teacher_shape"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
