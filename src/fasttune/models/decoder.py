@@ -524,7 +524,8 @@ class DecoderModel(nn.Module):
                 output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                 max_length_k=None, seq_idx=None, output_router_logits: bool = False,
-                image_blocks=None, deepstack=None, last_only: bool = False, per_layer_ids=None) -> BaseModelOutput:
+                image_blocks=None, deepstack=None, last_only: bool = False, per_layer_ids=None,
+                logits_to_keep: int = 0) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
@@ -538,7 +539,8 @@ class DecoderModel(nn.Module):
         seq_idx (B, T): the same documents as ids per token (TRL writes both; they are used as segment_ids).
         `past_key_values`: a KVCache to read and extend (generation).
         `use_cache`/`cache_position`/`return_dict` are accepted for transformers' callers: the cache is only
-        the KVCache passed in. output_router_logits (MoE): also `.router_logits`, one (B*T, E) tensor per sparse
+        the KVCache passed in; so is `logits_to_keep` (transformers' base models take it in their keyword arguments
+        and return every position, which TRL's DistillationTrainer then slices). output_router_logits (MoE): also `.router_logits`, one (B*T, E) tensor per sparse
         layer (a MoeModelOutputWithPast). image_blocks (B, T) long: a vision-language model's image tokens that
         attend to each other both ways (Gemma 3), the k-th image's run of tokens k, text -1 (models/vision.py).
         deepstack (Qwen3-VL): (image-token mask (B, T) bool, [(image tokens, H)] per layer): layer i's output gets

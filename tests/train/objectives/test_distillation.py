@@ -153,3 +153,42 @@ def test_evaluation_and_completions_table(setup, tmp_path, capsys):
     assert "Step 1" in capsys.readouterr().out
     got = ours.evaluate()
     assert got["eval_loss"] > 0 and got["eval_entropy"] > 0 and got["eval_completions/mean_length"] > 0
+
+
+def test_nf4_teacher_from_init_kwargs(setup, tmp_path):
+    """teacher_model_init_kwargs reach from_pretrained: {"load_in_4bit": true} gives an NF4 teacher, which trains the
+    student (the README's example)."""
+    root, tok = setup
+    ours = _ours(root, tok, tmp_path, teacher_model_init_kwargs='{"load_in_4bit": true}', max_steps=2)
+    assert type(ours.teacher.model.layers[0].mlp.down_proj).__name__ == "QuantLinear"
+    ours.train()
+    assert all(h["loss"] > 0 for h in ours.log_history)
+
+
+def test_trl_distillation_trainer_runs_our_models(setup, tmp_path):
+    """trl.DistillationTrainer trains fasttune's models unpatched (its backbone call passes logits_to_keep): the
+    loss and LoRA gradients of a batch equal our own DistillationTrainer's on the same models."""
+    from datasets import Dataset
+
+    root, tok = setup
+    ours = _ours(root, tok, tmp_path, beta=0.5)
+    student, _ = FastLanguageModel.from_pretrained(str(root / "adapter"), dtype="float32")
+    teacher, _ = FastLanguageModel.from_pretrained(str(root / "teacher"), dtype="float32")
+    args = trl.DistillationConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=8,
+                                  max_completion_length=6, beta=0.5, use_cpu=True, report_to="none", bf16=False,
+                                  shuffle_dataset=False, save_strategy="no")
+    theirs = _fixed_trl()(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(PROMPTS),
+                          processing_class=tok)
+    theirs.current_gradient_accumulation_steps = 1
+    examples = ours.train_examples[:8]
+    batch = ours.to_device(ours.score(examples, *ours.sample(examples, 0), [8])[0])
+    loss, _ = ours.micro_batch_loss(batch, int(batch["completion_mask"].sum()))
+    loss.backward()
+    want = theirs.compute_loss(theirs.model, theirs._generate_and_score_completions(list(PROMPTS)))
+    want.backward()
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-7)
+    mine = {n: p.grad for n, p in ours.model.named_parameters() if p.grad is not None}
+    other = {n: p.grad for n, p in student.named_parameters() if p.grad is not None}
+    assert mine.keys() == other.keys() and mine
+    for n in mine:
+        torch.testing.assert_close(mine[n], other[n], rtol=1e-4, atol=1e-6, msg=n)

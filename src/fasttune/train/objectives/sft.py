@@ -93,7 +93,8 @@ class SFTTrainer(Trainer):
 
     # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
     def loss_kwargs(self) -> dict:
-        """fasttune's text model returns its token stats with the loss (see record_token_stats)."""
+        """fasttune's models (text and vision-language) return their token stats with the loss (see
+        record_token_stats)."""
         return {"return_token_stats": True} if isinstance(self.model, CausalLM) else {}
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
@@ -187,7 +188,7 @@ class SFTTrainer(Trainer):
     def eval_metrics(self) -> dict:
         """compute_metrics' result over the last evaluate() pass ("eval_"-prefixed), when it was given, and TRL's
         token metrics (eval_entropy, eval_mean_token_accuracy, eval_num_tokens: the tokens trained so far) on
-        fasttune's text model, except for predict() (as transformers' Trainer.predict returns no logged metrics)."""
+        fasttune's models, except for predict() (as transformers' Trainer.predict returns no logged metrics)."""
         window, self._eval_tokens = getattr(self, "_eval_tokens", None), None
         out = self.predictions.metrics() if self.predictions is not None else {}
         if window is not None and not getattr(self, "_predicting", False):
