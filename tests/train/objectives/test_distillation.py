@@ -87,7 +87,7 @@ def test_loss_grads_and_entropy_equal_trl(setup, tmp_path, beta):
     assert set(got) == set(want_grads) and got
     for n in got:
         torch.testing.assert_close(got[n], want_grads[n], rtol=1e-4, atol=1e-6, msg=n)
-    s, n = ours._ratios["entropy"]
+    s, n = ours._ratios["entropy"][-1]
     assert float(s / n) == pytest.approx(theirs._metrics["train"]["entropy"][-1], rel=1e-5)
 
 

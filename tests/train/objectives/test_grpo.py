@@ -837,3 +837,28 @@ def test_cast_lm_head_to_fp32(tiny_dir, tmp_path):
     streamed = FastLanguageModel.get_peft_model(streamed, r=4, lora_alpha=8)
     with pytest.raises(ConfigError, match="not implemented with offload_lm_head=True"):
         _ours(streamed, tok, tmp_path, cast_lm_head_to_fp32=True)
+
+
+def test_ratio_metrics_are_micro_batch_means_as_trl(ours_and_adapter, tmp_path, monkeypatch):
+    """kl, entropy and the clip ratios are logged as TRL logs them with gradient accumulation: each micro-batch's
+    mean over its tokens, averaged over the step's micro-batches (the two here hold 15 and 10 completion tokens, so a
+    token-weighted mean differs). Two steps of two micro-batches against TRL's train(), TRL's shuffle of the
+    generation batch made the identity (fasttune keeps the sampled order)."""
+    import trl.trainer.grpo_trainer as trl_grpo
+
+    monkeypatch.setattr(trl_grpo, "shuffle_sequence_dict", lambda batch: batch)
+    _, tok, adapter = ours_and_adapter
+    cfg = dict(beta=0.1, loss_type="grpo", temperature=0.8, learning_rate=0.2, adam_epsilon=1.0, max_grad_norm=1.0,
+               max_steps=2)
+    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=2,
+        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    ours.train()
+    theirs = _trl_trainer(adapter, tok, tmp_path, shuffle_dataset=False, logging_steps=1, save_strategy="no",
+                          per_device_train_batch_size=G, gradient_accumulation_steps=2, **cfg)
+    theirs.train()
+    got, want = ours.log_history, [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == 2 and got[1]["kl"] > 1e-4
+    for key in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-7), key

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from fasttune.errors import ConfigError, FastTuneError
-from fasttune.train.host_reads import add_exact, host_values
+from fasttune.train.host_reads import host_values
 from fasttune.train.objectives.completions_log import CompletionsLog
 from fasttune.train.objectives.grpo_loss import nanstd
 from fasttune.train.rewards import is_async_callable, run_async
@@ -46,9 +46,9 @@ class Rollout:
 
 
 def metric_windows() -> tuple[dict, dict]:
-    """Empty metric windows: name -> per-step values (averaged into the next log entry), and name -> [sum, count]
-    over the window (tensors kept on the device until read)."""
-    return defaultdict(list), defaultdict(lambda: [0.0, 0.0])
+    """Empty metric windows: name -> per-step values (averaged into the next log entry), and name -> the (sum,
+    count) of each micro-batch in the window (tensors kept on the device until read)."""
+    return defaultdict(list), defaultdict(list)
 
 
 class RewardScoring:
@@ -180,9 +180,9 @@ class RewardScoring:
         self._metrics[name].append(float(value))
 
     def _add_ratio(self, name: str, s, n):
-        """Add a (sum, count) to the metric `name`; tensors stay on the device until step_metrics reads them."""
-        self._ratios[name][0] = add_exact(self._ratios[name][0], s)
-        self._ratios[name][1] = add_exact(self._ratios[name][1], n)
+        """A micro-batch's (sum, count) of the metric `name` (its mean is s / n); tensors stay on the device until
+        step_metrics reads them."""
+        self._ratios[name].append((s, n))
 
     def step_metrics(self, across_ranks: bool = False) -> dict:
         """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
@@ -191,21 +191,20 @@ class RewardScoring:
         across_ranks) also shows and writes the latest step's completions table when log_completions is set."""
         if not across_ranks and self._completions is not None:
             self._completions.emit(self.state.global_step, self.args.output_dir, self.dist.is_main)
-        values = iter(host_values([x for pair in self._ratios.values() for x in pair]))  # one read for them all
-        totals = {k: (next(values), next(values)) for k in self._ratios}
+        values = iter(host_values([x for pairs in self._ratios.values() for pair in pairs for x in pair]))  # one read
+        pairs = {k: [(next(values), next(values)) for _ in v] for k, v in self._ratios.items()}
         lists = {k: list(v) for k, v in self._metrics.items()}
         if across_ranks and self.dist.active:
-            parts = self.dist.gather((lists, totals))
-            lists, merged = defaultdict(list), defaultdict(lambda: [0.0, 0.0])
-            for part_lists, part_totals in parts:
+            parts = self.dist.gather((lists, pairs))
+            lists, pairs = defaultdict(list), defaultdict(list)
+            for part_lists, part_pairs in parts:
                 for k, v in part_lists.items():
                     lists[k].extend(v)
-                for k, (s, n) in part_totals.items():
-                    merged[k][0] += s
-                    merged[k][1] += n
-            totals = merged
+                for k, v in part_pairs.items():
+                    pairs[k].extend(v)
         out = {k: sum(v) / len(v) for k, v in lists.items() if v}
-        out.update({k: s / n if n else 0.0 for k, (s, n) in totals.items()})
+        # TRL's ratio metrics: each micro-batch's mean (0 without items), averaged over the window's micro-batches
+        out.update({k: sum(s / n if n else 0.0 for s, n in v) / len(v) for k, v in pairs.items() if v})
         self._metrics.clear()
         self._ratios.clear()
         return out
