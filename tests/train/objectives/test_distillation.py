@@ -91,9 +91,14 @@ def test_loss_grads_and_entropy_equal_trl(setup, tmp_path, beta):
     assert float(s / n) == pytest.approx(theirs._metrics["train"]["entropy"][-1], rel=1e-5)
 
 
-def test_steps_equal_trl(setup, tmp_path):
+def test_steps_equal_trl(setup, tmp_path, monkeypatch):
     """Three optimizer steps of two micro-batches (the divergence summed over the step's completion tokens / their
-    count): each step's loss and grad norm, the entropy and the completion lengths, as TRL's train() logs them."""
+    count): each step's loss and grad norm, the entropy (the mean of the micro-batches' means) and the completion
+    lengths, as TRL's train() logs them (TRL's shuffle of the generation batch made the identity: fasttune keeps the
+    sampled order)."""
+    import trl.trainer.distillation_trainer as trl_distillation
+
+    monkeypatch.setattr(trl_distillation, "shuffle_sequence_dict", lambda batch: batch)
     root, tok = setup
     cfg = dict(beta=0.5, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=0.05,
                max_grad_norm=1.0, max_steps=3)
@@ -103,7 +108,7 @@ def test_steps_equal_trl(setup, tmp_path):
     theirs.train()
     got, want = ours.log_history, [h for h in theirs.state.log_history if "loss" in h]
     assert len(got) == len(want) == 3 and got[-1]["loss"] < got[0]["loss"]
-    for key in ("loss", "grad_norm", "completions/mean_length", "completions/clipped_ratio"):
+    for key in ("loss", "grad_norm", "entropy", "completions/mean_length", "completions/clipped_ratio"):
         assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4), key
 
 
