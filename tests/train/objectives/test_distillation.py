@@ -197,3 +197,48 @@ def test_trl_distillation_trainer_runs_our_models(setup, tmp_path):
     assert mine.keys() == other.keys() and mine
     for n in mine:
         torch.testing.assert_close(mine[n], other[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def _divergence(zs, zt, beta):
+    """The JSD (0 < beta < 1) of full fp64 logits (..., V): the oracle of the vision test."""
+    lps, lpt = zs.double().log_softmax(-1), zt.double().log_softmax(-1)
+    m = ((1 - beta) * lps.exp() + beta * lpt.exp()).log()
+    return beta * (lpt.exp() * (lpt - m)).sum(-1) + (1 - beta) * (lps.exp() * (lps - m)).sum(-1)
+
+
+def test_vision_language_distillation(qwen_vl_dir, tmp_path, tiny_tokenizer):
+    """A tiny Qwen2.5-VL distilled from another (its own weights): prompts with images of different sizes, left
+    padded; the loss equals the JSD of both models' full logits on the same rows and images; a step trains; a text
+    teacher for a vision-language student is refused."""
+    from tiny_vision import save_qwen_vl, solid_image
+
+    from fasttune import FastVisionModel
+    from fasttune.constants import IMAGE_KEYS
+
+    teacher_dir = save_qwen_vl(tmp_path / "teacher", seed=1)
+    student, proc = FastVisionModel.from_pretrained(str(qwen_vl_dir), dtype="float32")
+    student = FastVisionModel.get_peft_model(student, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(student)
+    rows = [{"images": [solid_image((200, 30, 30), (56, 56))], "prompt": [{"role": "user", "content": "Colour?"}]},
+            {"images": [solid_image((30, 40, 210), (28, 56)), solid_image((30, 180, 40), (56, 28))],
+             "prompt": [{"role": "user", "content": "Which two colours are these?"}]}]
+    args = DistillationConfig(output_dir=str(tmp_path / "o"), per_device_train_batch_size=2, max_completion_length=6,
+                              max_steps=1, shuffle=False, beta=0.5, temperature=0.8, save_strategy="no")
+    tr = FixedCompletions(student, str(teacher_dir), processing_class=proc, train_dataset=rows, args=args)
+    batch = tr.to_device(tr.score(tr.train_examples, *tr.sample(tr.train_examples, 0), [2])[0])
+    mask = batch["completion_mask"].bool()
+    n, num = mask.shape[1], int(mask.sum())
+    loss, _ = tr.micro_batch_loss(batch, num)
+    media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+    assert "pixel_values" in media and batch["attention_mask"][0, 0] == 0 and batch["attention_mask"][1, 0] == 1
+    with torch.no_grad():
+        zs, zt = (m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=True,
+                    **media).logits[:, -n - 1:-1] / 0.8 for m in (tr.model, tr.teacher))
+    want = _divergence(zs, zt, 0.5)[mask].sum() / num
+    assert float(loss) > 1e-4
+    torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-8)
+    tr.train()
+    assert tr.log_history[-1]["loss"] > 0
+    with pytest.raises(ConfigError, match="both read the same prompts"):
+        text = save_hf(hf_model("llama", seed=1), tmp_path / "text", tiny_tokenizer)
+        DistillationTrainer(student, str(text), processing_class=proc, train_dataset=rows, args=args)

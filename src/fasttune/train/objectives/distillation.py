@@ -70,10 +70,14 @@ class DistillationTrainer(GRPOTrainer):
     left out as TRL does); it is frozen and runs without gradients. Logs TRL's metrics: entropy (the student's mean
     over completion tokens) and completions/*. An eval_dataset is sampled and scored as in training.
 
+    On a vision-language model (FastVisionModel, its processor as processing_class) prompts may hold images as for
+    GRPOTrainer; the teacher is then a vision-language model of the same family (a path loads with
+    FastVisionModel), and both score each completion with its prompt's images.
+
     Raises ConfigError for args that are not a DistillationConfig, no teacher, a teacher on the transformers fallback
-    or on another device, a teacher vocabulary smaller than the student's, the student itself as teacher, an LM head
-    kept in host memory (offload_lm_head), or vision-language models (not implemented yet); and as GRPOTrainer
-    for the sampling settings and data."""
+    or on another device, a teacher vocabulary smaller than the student's, the student itself as teacher, a teacher
+    of another kind (text / vision-language family) than the student, an LM head kept in host memory
+    (offload_lm_head); and as GRPOTrainer for the sampling settings and data."""
 
     config_cls = DistillationConfig
     uses_rewards = False
@@ -81,9 +85,6 @@ class DistillationTrainer(GRPOTrainer):
 
     def __init__(self, model, teacher_model=None, args: DistillationConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, **kwargs):
-        if getattr(model, "family", None) is not None:
-            raise ConfigError("DistillationTrainer does not train vision-language models yet; distil a text model "
-                              "(FastLanguageModel).")
         super().__init__(model, None, args, train_dataset, eval_dataset, processing_class, tokenizer, **kwargs)
         self.teacher = self._teacher(teacher_model)
 
@@ -93,7 +94,7 @@ class DistillationTrainer(GRPOTrainer):
         return False
 
     def _teacher(self, teacher):
-        from fasttune.api import FastLanguageModel
+        from fasttune.api import FastLanguageModel, FastVisionModel
         from fasttune.models.causal_lm import CausalLM
         from fasttune.models.host_head import host_head
 
@@ -104,13 +105,18 @@ class DistillationTrainer(GRPOTrainer):
                               "DistillationConfig(teacher_model_name_or_path=...).")
         if isinstance(teacher, (str, os.PathLike)):
             kw = {"dtype": model.dtype, "device": model.device, **(a.teacher_model_init_kwargs or {})}
-            teacher, _ = FastLanguageModel.from_pretrained(str(teacher), **kw)
+            teacher, _ = (FastVisionModel if self.vision else FastLanguageModel).from_pretrained(str(teacher), **kw)
         if teacher is model:
             raise ConfigError("The teacher is the student itself; give a separate (usually larger) teacher model.")
         if not isinstance(model, CausalLM) or not isinstance(teacher, CausalLM):
             raise ConfigError("DistillationTrainer needs the student and the teacher on fasttune's decoder "
                               "(FastLanguageModel.from_pretrained with fast=True); one of them runs on the "
                               "transformers fallback.")
+        kinds = [getattr(getattr(m, "family", None), "model_type", None) for m in (model, teacher)]
+        if kinds[0] != kinds[1]:
+            student, teacher_kind = (f"a {k} vision-language model" if k else "a text model" for k in kinds)
+            raise ConfigError(f"The student is {student} and the teacher {teacher_kind}: both read the same prompts "
+                              f"(and images), so distil between models of one kind (text, or one vision family).")
         if host_head(model) is not None or host_head(teacher) is not None:
             raise ConfigError("DistillationTrainer does not implement offload_lm_head=True (the divergence reads both "
                               "heads on the GPU); load the student and the teacher without it.")
@@ -149,9 +155,10 @@ class DistillationTrainer(GRPOTrainer):
         a = self.args
         mask = batch["completion_mask"].bool()
         ids, att = batch["input_ids"], batch["attention_mask"]
-        position_ids = (att.cumsum(-1) - 1).clamp(min=0)
-        args = (ids, att, mask, batch.get("completion_positions"), position_ids,
-                {k: batch[k] for k in IMAGE_KEYS if k in batch} or None)
+        media = {k: batch[k] for k in IMAGE_KEYS if k in batch} or None
+        # positions from the attention mask, as in generation (Qwen-VL: the model's own 3-axis positions)
+        position_ids = None if media and self.model.family.mrope else (att.cumsum(-1) - 1).clamp(min=0)
+        args = (ids, att, mask, batch.get("completion_positions"), position_ids, media)
         student = scored_hidden(self.model, *args)
         with torch.no_grad():
             teacher = scored_hidden(self.teacher, *args)
