@@ -1,5 +1,5 @@
 """Run under torchrun (2 processes, gloo) by test_grpo_distributed.py: GRPO, then RLOO, whose groups span the two
-ranks. Each rank writes what it saw to <out>/<method>_rank<r>.json: the advantages of fixed completions scored across ranks (and,
+ranks, then on-policy distillation (distillation_rank<r>.json: the log; the test runs one process alike). Each rank writes what it saw to <out>/<method>_rank<r>.json: the advantages of fixed completions scored across ranks (and,
 on rank 0, the same completions scored in one process), the sizes of its sampling calls, its log and eval metrics."""
 import json
 import sys
@@ -66,6 +66,28 @@ def run(model_dir, out, method):
         json.dump(seen, f)
 
 
+def distillation_trainer(model_dir, teacher_dir, out, batch):
+    """A DistillationTrainer whose student samples [5 + i] * (1 + i) for prompt i (the same in any split), 2 steps of
+    `batch` prompts a rank."""
+    from fasttune import DistillationConfig, DistillationTrainer
+
+    class Fixed(DistillationTrainer):
+        def sample(self, examples, seed):
+            out = [[5 + int(ex["prompt"].split()[1])] * (1 + int(ex["prompt"].split()[1])) for ex in examples]
+            return out, [False] * len(out)
+
+    model, tok = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=1)
+    args = DistillationConfig(output_dir=out, per_device_train_batch_size=batch, max_completion_length=4, max_steps=2,
+                              logging_steps=1, shuffle=False, learning_rate=5e-2, beta=0.5, save_strategy="no")
+    return Fixed(model, teacher_dir, args=args, train_dataset=ROWS * 2, processing_class=tok)
+
+
 if __name__ == "__main__":
-    for name in ("grpo", "rloo"):  # one launch for both: process start and imports are most of its time
-        run(*sys.argv[1:], name)
+    for name in ("grpo", "rloo"):  # one launch for all: process start and imports are most of its time
+        run(*sys.argv[1:3], name)
+    model_dir, out, teacher_dir = sys.argv[1:4]
+    trainer = distillation_trainer(model_dir, teacher_dir, f"{out}/distillation", 2)
+    trainer.train()
+    with open(f"{out}/distillation_rank{trainer.dist.rank}.json", "w") as f:
+        json.dump(trainer.log_history, f)

@@ -1,6 +1,6 @@
 """GRPO / RLOO under torchrun (2 CPU processes, gloo): each rank samples and scores only its own completions, the
 rewards are gathered so that advantages of groups spanning ranks equal one process's, and evaluation splits its
-batches between the ranks with the same metrics on both."""
+batches between the ranks with the same metrics on both; on-policy distillation on 2 ranks equals one process."""
 import json
 import subprocess
 import sys
@@ -18,8 +18,9 @@ def launched(tiny_tokenizer, tmp_path_factory):
     """One torchrun launch of the worker (GRPO, then RLOO) on the tiny Llama; its folder of per-rank results."""
     out = tmp_path_factory.mktemp("grpo_ddp")
     save_hf(hf_model("llama", seed=0), out / "llama", tiny_tokenizer)
+    save_hf(hf_model("llama", seed=1, hidden_size=96), out / "teacher", tiny_tokenizer)
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           WORKER, str(out / "llama"), str(out)], capture_output=True, text=True,
+                           WORKER, str(out / "llama"), str(out), str(out / "teacher")], capture_output=True, text=True,
                           env=worker_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
@@ -47,3 +48,19 @@ def test_groups_spanning_ranks(method, launched):
     assert {"eval_loss", "eval_reward", "eval_completions/mean_length"} <= set(r0["eval"])
     if method == "grpo":  # the entropy threshold (median) over both ranks' tokens, not each rank's own
         assert r0["entropy_mask"] == [[False, False, False]] and r1["entropy_mask"] == [[True, True, True]]
+
+
+def test_distillation_on_two_ranks_equals_one_process(launched):
+    """2 ranks of 2 prompts (the divergence summed over both ranks' completion tokens / their count) train as one
+    process of 4: the same per-step losses, grad norms and completion metrics on rank 0's log."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grpo_ddp_worker", WORKER)
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+    one = worker.distillation_trainer(str(launched / "llama"), str(launched / "teacher"), str(launched / "one"), 4)
+    one.train()
+    two = json.loads((launched / "distillation_rank0.json").read_text())
+    assert len(two) == len(one.log_history) == 2
+    for key in ("loss", "grad_norm", "completions/mean_length", "completions/max_length"):
+        assert [h[key] for h in two] == pytest.approx([h[key] for h in one.log_history], rel=1e-5), key
