@@ -108,11 +108,11 @@ def test_mla_fp32_logits_equal_transformers_on_gpu(family, tiny_model_dir):
 def test_packed_documents_take_varlen_attention_in_bf16(family, tiny_model_dir, monkeypatch):
     """Two documents packed in one row (positions restarting at 0) run through flash's varlen kernel (multi-head
     latent attention pads q, k and v to one width for it) and give each document's own logits, within bf16."""
-    import fasttune.models.decoder as decoder
     import fasttune.models.mla as mla
+    import fasttune.models.self_attention as self_attention
 
     calls = []
-    for module in (decoder, mla):
+    for module in (self_attention, mla):
         real = module.varlen_attention
         monkeypatch.setattr(module, "varlen_attention", lambda *a, _real=real, **k: calls.append(1) or _real(*a, **k))
     ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")

@@ -9,7 +9,7 @@ from tiny import hf_model, save_hf
 
 import fasttune.generate as gen
 from fasttune.kernels.decode_attention import decode_attention
-from fasttune.models import decoder, static_decode
+from fasttune.models import self_attention, static_decode
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.loading import load_model
 from fasttune.models.static_decode import DecodeStep, graphs_wanted
@@ -43,7 +43,7 @@ def test_decode_steps_equal_a_full_forward(family, overrides, bucket, kernels, t
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
     monkeypatch.setattr(static_decode, "KV_BUCKET", bucket)
     fused = []
-    monkeypatch.setattr(decoder, "decode_attention", lambda *a, **k: fused.append(1) or decode_attention(*a, **k))
+    monkeypatch.setattr(self_attention, "decode_attention", lambda *a, **k: fused.append(1) or decode_attention(*a, **k))
     ours = _ours(family, tmp_path, **overrides)
     ids, mask = _batch()
     extra = torch.randint(3, 300, (3, 6), generator=torch.Generator().manual_seed(1))

@@ -5,7 +5,7 @@ import torch
 from peft_oracle import randomize_lora_b
 
 from fasttune import FastLanguageModel
-from fasttune.models import decoder, masks
+from fasttune.models import decoder, masks, self_attention
 from fasttune.models.varlen import packed_spans, varlen_usable
 
 
@@ -150,8 +150,8 @@ def test_wide_head_layers_keep_dense_masks_beside_varlen(tiny_model_dir, monkeyp
     monkeypatch.setattr(decoder, "FLASH_MAX_HEAD_DIM", 16)
     ids, mask, pos, seg, _ = _packed_batch("cuda")
     calls = []
-    real_varlen, real_usable = decoder.varlen_attention, decoder.varlen_usable
-    monkeypatch.setattr(decoder, "varlen_attention", lambda *a, **k: calls.append(a[4]) or real_varlen(*a, **k))
+    real_varlen, real_usable = self_attention.varlen_attention, decoder.varlen_usable
+    monkeypatch.setattr(self_attention, "varlen_attention", lambda *a, **k: calls.append(a[4]) or real_varlen(*a, **k))
 
     def run(varlen: bool):
         monkeypatch.setattr(decoder, "varlen_usable", real_usable if varlen else lambda *a: False)
