@@ -27,6 +27,7 @@ bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / 
     python bench/bench_grpo_step.py --fp32-head on      # both with cast_lm_head_to_fp32=True
     python bench/bench_grpo_step.py --objective distillation   # DistillationTrainer on both sides: the same number
         # of completions (8 x 8 prompts, one completion each), a llama-3.1-8b-shaped teacher (--teacher-shape)
+    python bench/bench_grpo_step.py --objective distillation --impls ours --teacher-quant nf4   # an NF4 teacher
     python bench/bench_grpo_step.py --impl ours --row-out /tmp/r.json   # one child run (what the parent starts)
     OMP_NUM_THREADS=1 python bench/bench_grpo_step.py --shape tiny --device cpu --steps 2 --completion-len 8 \
         --out /tmp/grpo_step.jsonl                      # functional check on a CPU
@@ -177,6 +178,8 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     from datasets import Dataset
     from peft import LoraConfig
 
+    if a.teacher_quant != "none":
+        raise SystemExit("--teacher-quant applies to our trainer only (TRL's NF4 teacher needs bitsandbytes).")
     model, _, _ = build_hf(a.shape, a.device)
     teacher = build_hf(a.teacher_shape, a.device, seed=1)[0].eval() if a.objective == "distillation" else None
     if a.device == "cuda":
@@ -219,6 +222,10 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
         hf, teacher_cfg, _ = build_hf(a.teacher_shape, a.device, seed=1)
         teacher = build_model(teacher_cfg, hf.state_dict().items(), dtype, a.device, "bench")
         del hf
+        if a.teacher_quant == "nf4":  # as teacher_model_init_kwargs={"load_in_4bit": True} loads it
+            from bench_lora import quantize_nf4_linears
+
+            quantize_nf4_linears(teacher)
     if a.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -289,6 +296,7 @@ def child(a) -> dict:
             "beta": beta(a), "cast_lm_head_to_fp32": a.fp32_head == "on",
             "loss_type": {"grpo": "dapo", "rloo": "rloo", "distillation": "gkd"}[a.objective],
             "teacher_shape": a.teacher_shape if a.objective == "distillation" else None,
+            "teacher_quant": a.teacher_quant if a.objective == "distillation" else None,
             "dtype": "bfloat16" if a.device == "cuda" else "float32",
             "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
@@ -322,6 +330,8 @@ def main():
                     help="GRPOTrainer, RLOOTrainer or DistillationTrainer")
     ap.add_argument("--teacher-shape", choices=sorted(SHAPES), default="llama-3.1-8b",
                     help="distillation: the teacher's shape (random weights, seed 1)")
+    ap.add_argument("--teacher-quant", choices=["none", "nf4"], default="none",
+                    help="distillation, ours only: the teacher's linears in NF4 (load_in_4bit)")
     ap.add_argument("--beta", type=float, default=None, help="KL weight (default: 0 for grpo, 0.05 for rloo)")
     ap.add_argument("--fp32-head", choices=["on", "off"], default="off",
                     help="cast_lm_head_to_fp32 (TRL's / ScaleRL's fp32 LM head), both trainers")
@@ -332,7 +342,7 @@ def main():
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta",
-                                    "fp32_head", "teacher_shape"))
+                                    "fp32_head", "teacher_shape", "teacher_quant"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None

@@ -267,6 +267,26 @@ def _gc_mode(gc: str):
     return {"on": True, "off": False, "offload": "offload"}[gc]
 
 
+def quantize_nf4_linears(model):
+    """What load_in_4bit does on load, layer by layer: every Linear but the LM head (and MoE's stacked experts) in
+    NF4, in place."""
+    import torch
+
+    from fasttune.quant.linear import QuantLinear
+
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, torch.nn.Linear) and name != "lm_head":
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, "nf4"))
+            del mod
+        elif type(mod).__name__ in ("Experts", "GptOssExperts"):  # MoE: the stacked experts in NF4 as well
+            from fasttune.quant.experts import QuantExpertWeight
+
+            for attr in ("gate_up_proj", "down_proj"):
+                mod.add_module(attr, QuantExpertWeight.quantize(mod._parameters.pop(attr).detach()))
+    torch.cuda.empty_cache()
+
+
 def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
     import torch
 
@@ -288,20 +308,8 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
             elif "norm" not in name:  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF (norms keep their
                 # ones: Gemma 4's post_feedforward_layernorm_1 / _2 too)
                 p.zero_()
-    if quant == "nf4":  # what load_in_4bit does on load, layer by layer
-        from fasttune.quant.linear import QuantLinear
-
-        for name, mod in list(model.named_modules()):
-            if isinstance(mod, torch.nn.Linear) and name != "lm_head":
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, "nf4"))
-                del mod
-            elif type(mod).__name__ in ("Experts", "GptOssExperts"):  # MoE: the stacked experts in NF4 as well
-                from fasttune.quant.experts import QuantExpertWeight
-
-                for attr in ("gate_up_proj", "down_proj"):
-                    mod.add_module(attr, QuantExpertWeight.quantize(mod._parameters.pop(attr).detach()))
-        torch.cuda.empty_cache()
+    if quant == "nf4":
+        quantize_nf4_linears(model)
     model.lora_settings = None
     if OFFLOAD_EMBEDDING[0]:  # what from_pretrained(..., offload_embedding=True) does after loading
         from fasttune.models.host_embedding import offload_input_embedding
