@@ -40,7 +40,9 @@ def test_groups_spanning_ranks(method, launched):
     steps = [[e for e in r["log"] if "reward" in e] for r in (r0, r1)]
     assert len(steps[0]) == 2
     for a, b in zip(*steps, strict=True):
-        for key in ("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std"):
+        # (kl, entropy and the clip ratios: each micro-batch's sums over both ranks, as TRL reduces them)
+        for key in ("reward", "reward_std", "completions/mean_length", "frac_reward_zero_std", "kl", "entropy",
+                    "clip_ratio/region_mean"):
             assert a[key] == pytest.approx(b[key]), key
     # evaluate() again: split alike, the same metrics on both ranks
     assert r0["sampled"] == [2, 2, 4, 4, 4, 4] and r1["sampled"] == [2, 2, 4, 4]

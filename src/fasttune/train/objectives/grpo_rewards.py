@@ -186,22 +186,27 @@ class RewardScoring:
 
     def step_metrics(self, across_ranks: bool = False) -> dict:
         """TRL's GRPO metrics (reward, reward_std, rewards/<func>/mean, completions/*, kl, clip_ratio/*) averaged
-        over the steps since the last log entry; resets them. across_ranks (every rank calls it): over every rank's
-        entries (evaluation, where each rank samples its share of the batches). A training entry (not
-        across_ranks) also shows and writes the latest step's completions table when log_completions is set."""
+        over the steps since the last log entry; resets them. Under torchrun every rank calls it: the ratio metrics
+        take each micro-batch's (sum, count) over the ranks (the k-th of each), as TRL reduces them; across_ranks
+        (evaluation, where each rank samples its share of the batches) also merges every rank's other entries. A
+        training entry (not across_ranks) also shows and writes the latest step's completions table when
+        log_completions is set."""
         if not across_ranks and self._completions is not None:
             self._completions.emit(self.state.global_step, self.args.output_dir, self.dist.is_main)
         values = iter(host_values([x for pairs in self._ratios.values() for pair in pairs for x in pair]))  # one read
         pairs = {k: [(next(values), next(values)) for _ in v] for k, v in self._ratios.items()}
         lists = {k: list(v) for k, v in self._metrics.items()}
-        if across_ranks and self.dist.active:
-            parts = self.dist.gather((lists, pairs))
-            lists, pairs = defaultdict(list), defaultdict(list)
-            for part_lists, part_pairs in parts:
-                for k, v in part_lists.items():
-                    lists[k].extend(v)
-                for k, v in part_pairs.items():
-                    pairs[k].extend(v)
+        if self.dist.active:
+            # TRL reduces each micro-batch's (sum, count) over the ranks: the k-th micro-batch of every rank together
+            parts = self.dist.gather((lists if across_ranks else {}, pairs))
+            if across_ranks:  # (in training the rollout lists are already every rank's)
+                lists = defaultdict(list)
+                for part_lists, _ in parts:
+                    for k, v in part_lists.items():
+                        lists[k].extend(v)
+            pairs = {k: [tuple(sum(p[k][i][j] for _, p in parts if i < len(p.get(k, ()))) for j in (0, 1))
+                         for i in range(max(len(p.get(k, ())) for _, p in parts))]
+                     for k in {k for _, p in parts for k in p}}
         out = {k: sum(v) / len(v) for k, v in lists.items() if v}
         # TRL's ratio metrics: each micro-batch's mean (0 without items), averaged over the window's micro-batches
         out.update({k: sum(s / n if n else 0.0 for s, n in v) / len(v) for k, v in pairs.items() if v})
