@@ -79,17 +79,24 @@ def test_other_architecture_trains_with_one_warning_and_adapter_loads_in_peft(fa
 
 
 def test_no_fast_llama_gives_the_fast_paths_losses(tiny_model_dir, tmp_path):
-    """Same seed -> same initial adapter on both paths; then the same batches must give the same losses."""
+    """Same seed -> same initial adapter on both paths; then the same batches must give the same losses, and TRL's
+    SFT token metrics (entropy, mean_token_accuracy) in training and in evaluate()."""
     folder = tiny_model_dir("llama")
-    runs = {}
+    runs, logged = {}, {}
     for fast in (True, False):
         model, tok, warned = _load(folder, fast=fast)
         assert isinstance(model, FallbackModel) == (not fast) and len(warned) == (0 if fast else 1)
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=0.0,
                                                  modules_to_save=["lm_head"], use_gradient_checkpointing=False)
-        runs[fast] = (model, _train(model, tok, tmp_path / f"o{fast}", steps=6)[1])
+        trainer, losses = _train(model, tok, tmp_path / f"o{fast}", steps=6)
+        runs[fast] = (model, losses)
+        logged[fast] = ([(h["entropy"], h["mean_token_accuracy"]) for h in trainer.log_history if "loss" in h],
+                        trainer.evaluate(_rows()[:5]))
         model.save_pretrained(tmp_path / f"a{fast}")
     torch.testing.assert_close(torch.tensor(runs[False][1]), torch.tensor(runs[True][1]), rtol=1e-5, atol=0)
+    torch.testing.assert_close(torch.tensor(logged[False][0]), torch.tensor(logged[True][0]), rtol=1e-5, atol=1e-6)
+    for key in ("eval_loss", "eval_entropy", "eval_mean_token_accuracy"):
+        assert logged[False][1][key] == pytest.approx(logged[True][1][key], rel=1e-5), key
     # The fallback's (PEFT-written) adapter loads on the fast path and gives the same logits.
     fast_again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "aFalse"))
     ids = torch.randint(3, 259, (1, 8))

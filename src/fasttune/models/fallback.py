@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from fasttune.atomic import atomic_folder
 from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, ModelLoadError, refuse_unknown
+from fasttune.kernels.cross_entropy import token_stats
 from fasttune.models.config import SUPPORTED_FAMILIES
 from fasttune.models.outputs import CausalLMOutput, evaluation_as_transformers
 from fasttune.peft.lora import LoraSettings, validate_settings
@@ -242,10 +243,12 @@ class FallbackModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
                 return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0,
-                return_dict: bool | None = None, **kwargs):
+                return_dict: bool | None = None, return_token_stats: bool = False, **kwargs):
         """The loss is computed here from the logits (summed cross-entropy), as our decoder does, so gradient
-        accumulation divides by the target tokens of the whole accumulated batch. Other keyword arguments go to
-        the transformers model when they are among TRANSFORMERS_FORWARD_KWARGS; any other one is a ConfigError."""
+        accumulation divides by the target tokens of the whole accumulated batch. return_token_stats (with labels):
+        `token_stats` as CausalLM.forward gives them (TRL's SFT entropy and accuracy), from these logits. Other keyword
+        arguments go to the transformers model when they are among TRANSFORMERS_FORWARD_KWARGS; any other one is a
+        ConfigError."""
         refuse_unknown("forward", kwargs, TRANSFORMERS_FORWARD_KWARGS)
         if kwargs.get("past_key_values") is not None:  # fasttune.generate's KVCache belongs to our decoder
             raise ConfigError(f"fasttune's KV-cache generation runs on its own decoder; this "
@@ -256,7 +259,7 @@ class FallbackModel(nn.Module):
             kwargs["position_ids"] = position_ids
         logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
                                use_cache=False, **kwargs).logits
-        loss = loss_sum = count = kept = None
+        loss = loss_sum = count = kept = stats = None
         hf_eval = evaluation_as_transformers(self, labels, return_logits)
         if labels is None or return_logits or hf_eval:
             kept = logits[:, -logits_to_keep:] if logits_to_keep else logits
@@ -266,9 +269,11 @@ class FallbackModel(nn.Module):
                                        ignore_index=IGNORE_INDEX, reduction="sum")
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+            if return_token_stats:
+                stats = token_stats(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted)
         if hf_eval:
-            loss_sum = count = None
-        out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count)
+            loss_sum = count = stats = None
+        out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count, token_stats=stats)
         return out if return_dict is not False else out.to_tuple()
 
     @torch.no_grad()

@@ -93,9 +93,11 @@ class SFTTrainer(Trainer):
 
     # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
     def loss_kwargs(self) -> dict:
-        """fasttune's models (text and vision-language) return their token stats with the loss (see
-        record_token_stats)."""
-        return {"return_token_stats": True} if isinstance(self.model, CausalLM) else {}
+        """fasttune's models (text and vision-language, and the transformers fallback) return their token stats with
+        the loss (see record_token_stats)."""
+        from fasttune.models.fallback import FallbackModel
+
+        return {"return_token_stats": True} if isinstance(self.model, (CausalLM, FallbackModel)) else {}
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
         """Keeps a micro-batch's [entropy sum, first-argmax hits, targets] (on the device, read with the step's one
