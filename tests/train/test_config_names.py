@@ -63,7 +63,7 @@ def test_every_upstream_setting_is_accepted_at_its_default(cls):
     (SFTConfig, dict(packing_strategy="wrapped"), r"TRL's SFTConfig\.packing_strategy.*'bfd'"),
     ("GRPOConfig", dict(sync_ref_model=True),
      r"TRL's GRPOConfig\.sync_ref_model; leave it at its default \(False\)"),
-    (DPOConfig, dict(loss_type=["sigmoid", "sft"]), r"one loss at a time; TRL's weighted sum"),
+    ("GRPOConfig", dict(loss_type=["dapo", "grpo"]), r"one loss at a time \(DPOConfig takes TRL's weighted list\)"),
     (SFTConfig, dict(label_smoothing_factor=0.1), "label smoothing is not implemented"),
     (SFTConfig, dict(use_cpu=True), "CUDA_VISIBLE_DEVICES="),
     (SFTConfig, dict(deepspeed="ds.json"), "torchrun"),

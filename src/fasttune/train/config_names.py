@@ -107,10 +107,10 @@ def translate(cls, kwargs: dict) -> dict:
                                   f"below 1) and warmup_ratio={kwargs['warmup_ratio']} are the same setting; give one.")
             out["warmup_ratio"] = value
         elif key == "loss_type" and isinstance(value, (list, tuple)) and key in names:
-            if len(value) != 1:
-                raise ConfigError(f"{cls.__name__}(loss_type={list(value)!r}) is not supported: fasttune trains one "
-                                  f"loss at a time; TRL's weighted sum of several losses is not implemented.")
-            out[key] = value[0]  # TRL's list of one loss
+            if len(value) != 1 and not getattr(cls, "weighted_losses", False):
+                raise ConfigError(f"{cls.__name__}(loss_type={list(value)!r}) is not supported: this trainer trains "
+                                  f"one loss at a time (DPOConfig takes TRL's weighted list).")
+            out[key] = value[0] if len(value) == 1 else list(value)  # TRL's list of one loss: its name
         elif key in names:
             out[key] = value
         elif key in ALIASES and ALIASES[key] in names:

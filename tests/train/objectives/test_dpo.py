@@ -36,6 +36,45 @@ def test_loss_and_grads_equal_trl(loss_type, family, tiny_model_dir, tmp_path):
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(ours.log_history[0])
 
 
+@pytest.mark.parametrize("cfg", [
+    dict(loss_type=["exo_pair", "robust", "discopop", "sigmoid_norm"], loss_weights=[1.0, 0.5, 0.2, 0.7],
+         label_smoothing=0.1, discopop_tau=0.1, f_divergence_type="js_divergence"),
+    dict(loss_type=["nca_pair", "bco_pair", "sppo_hard", "apo_zero", "apo_down", "aot", "aot_unpaired", "sft"],
+         loss_weights=[1.0, 0.4, 0.3, 0.6, 0.5, 0.7, 0.3, 0.2], label_smoothing=0.1),
+    dict(loss_type=["sigmoid", "ipo", "hinge", "sft"], loss_weights=[0.5, 0.25, 1.0, 0.1],
+         f_divergence_type="alpha_divergence", f_alpha_divergence_coef=0.5),
+    dict(loss_type="sigmoid", f_divergence_type="forward_kl")],
+    ids=["smoothed_js", "pairwise", "alpha_divergence", "forward_kl"])
+def test_other_losses_and_weighted_sums_equal_trl(cfg, tiny_model_dir, tmp_path):
+    """TRL 1.16's other DPO loss types, as a weighted list of them (TRL's loss_weights), with f-divergence scores:
+    loss and LoRA gradients of a batch equal TRL's."""
+    import trl
+    from datasets import Dataset
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path, "llama")
+    rows = pair_rows(4)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, **cfg),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    shift_policy(model, twin)
+    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    # (forward KL's scores 1 - exp(-r) scale the log-ratios' fp32 rounding by exp(-r): 1.5e-5 of the scale seen)
+    assert_same_step(our_step(ours), ref, scale_tol=5e-5 if cfg.get("f_divergence_type") == "forward_kl" else 1e-5)
+
+
+def test_loss_settings_are_checked(tmp_path):
+    for kw, match in ((dict(loss_type="simpo"), "loss_type='simpo' is not supported"),
+                      (dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0]), "loss_weights has 1 values"),
+                      (dict(label_smoothing=0.5), "label_smoothing=0.5"),
+                      (dict(loss_type="exo_pair"), "exo_pair' needs label_smoothing"),
+                      (dict(f_divergence_type="tv"), "f_divergence_type='tv'"),
+                      (dict(loss_type="bco_pair", f_divergence_type="forward_kl"), r"not to \['bco_pair'\]")):
+        with pytest.raises(ConfigError, match=match):
+            _args(tmp_path, **kw)
+    assert _args(tmp_path, loss_type="sigmoid,sft", loss_weights="0.8,0.2").loss_type == ["sigmoid", "sft"]
+
+
 def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
     assert_ga_invariant(DPOTrainer, _args, pair_rows(8), tiny_model_dir("llama"), tmp_path)
 

@@ -5,33 +5,43 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
+from fasttune.train.objectives.dpo_loss import check_losses, f_scores, pair_losses
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
 from fasttune.train.objectives.reference import reference_policy
-
-LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 
 
 @dataclass
 class DPOConfig(TrainingConfig):
-    """TrainingConfig plus DPO's fields, named as in TRL's DPOConfig. Raises ConfigError for beta <= 0, an unknown
-    loss_type or max_prompt_length < 1."""
+    """TrainingConfig plus DPO's fields, named as in TRL's DPOConfig (the losses: train/objectives/dpo_loss.py).
+    Raises ConfigError for beta <= 0, an unknown loss_type or f_divergence_type, loss_weights that do not match,
+    label_smoothing outside [0, 0.5) or max_prompt_length < 1."""
 
+    weighted_losses = True  # (not a field) TRL's list of loss types is taken as it is, see config_names
     beta: float = 0.1
     disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's DPO default)
-    loss_type: str = "sigmoid"  # sigmoid | ipo | hinge
+    loss_type: str | list = "sigmoid"  # one of dpo_loss.LOSS_TYPES, or a list of them summed with loss_weights
+    loss_weights: list | None = None  # one weight per loss type (default 1 each)
+    label_smoothing: float = 0.0  # robust / exo_pair / aot: the assumed share of flipped preference labels
+    discopop_tau: float = 0.05  # discopop: the temperature of its mixing sigmoid
+    f_divergence_type: str = "reverse_kl"  # forward_kl | js_divergence | alpha_divergence: the scores' f'
+    f_alpha_divergence_coef: float = 1.0  # alpha_divergence's alpha
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
     precompute_ref_log_probs: bool = False  # reference log-probs once before training (then no reference passes)
 
     def __post_init__(self):
+        if isinstance(self.loss_type, str) and "," in self.loss_type:  # a CLI flag: "sigmoid,sft"
+            self.loss_type = [t.strip() for t in self.loss_type.split(",") if t.strip()]
+        if isinstance(self.loss_weights, str):
+            try:
+                self.loss_weights = [float(w) for w in self.loss_weights.split(",") if w.strip()]
+            except ValueError:
+                raise ConfigError(f"loss_weights={self.loss_weights!r} is invalid: give numbers, e.g. 0.8,0.2.") \
+                    from None
         super().__post_init__()
         check_beta(self.beta)
-        if self.loss_type not in LOSS_TYPES:
-            raise ConfigError(f"loss_type='{self.loss_type}' is not supported by DPO; use one of {LOSS_TYPES}.")
+        check_losses(self.loss_type, self.loss_weights, self.label_smoothing, self.f_divergence_type)
         check_prompt_length(self.max_prompt_length)
 
 
@@ -78,24 +88,25 @@ class DPOTrainer(PreferenceTrainer):
                 ex["ref_chosen_logps"], ex["ref_rejected_logps"] = c, r
 
     def micro_batch_loss(self, batch: dict, num_items: int):
-        """Sigmoid, hinge or IPO loss of beta x the difference of chosen and rejected log-ratios (TRL's DPO
-        losses), summed over the pairs and divided by num_items; metrics rewards/* and logps/*."""
+        """The loss_type's per-pair losses (dpo_loss.py; several: their loss_weights-weighted sum), summed over the
+        pairs and divided by num_items; metrics rewards/* and logps/*."""
         a = self.args
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:  # before the policy's forward (ReferencePolicy swaps weights in place)
             ref_chosen, ref_rejected = self.reference_logps(batch).sum(-1).chunk(2)
-        logps = self.logps(batch).sum(-1)
-        chosen, rejected = logps.chunk(2)
+        per_token = self.logps(batch)
+        chosen, rejected = per_token.sum(-1).chunk(2)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
-        delta = chosen_ratio - rejected_ratio
-        if a.loss_type == "sigmoid":
-            losses = -F.logsigmoid(a.beta * delta)
-        elif a.loss_type == "hinge":
-            losses = torch.relu(1 - a.beta * delta)
-        else:  # ipo: per-token averaged log-ratios, as TRL normalises them (confirmed with the IPO authors)
-            lengths = batch["completion_mask"].sum(-1).clamp(min=1).chunk(2)
-            avg = chosen_ratio / lengths[0] - rejected_ratio / lengths[1]
-            losses = (avg - 1 / (2 * a.beta)) ** 2
+        alpha = a.f_alpha_divergence_coef
+        scores = (f_scores(chosen_ratio, a.f_divergence_type, alpha), f_scores(rejected_ratio, a.f_divergence_type,
+                                                                                 alpha))
+        mask = batch["completion_mask"]
+        lengths = mask.sum(-1).clamp(min=1).chunk(2)
+        chosen_nll = -per_token.chunk(2)[0].sum() / mask.chunk(2)[0].sum().clamp(min=1)  # (sft)
+        types, weights = check_losses(a.loss_type, a.loss_weights, a.label_smoothing, a.f_divergence_type)
+        losses = sum(w * pair_losses(t, a.beta, chosen_ratio, rejected_ratio, *scores, lengths, (chosen, rejected),
+                                     (ref_chosen, ref_rejected), chosen_nll, a.label_smoothing, a.discopop_tau)
+                     for t, w in zip(types, weights))
         sums = pair_sums(a.beta * chosen_ratio, a.beta * rejected_ratio, chosen, rejected)
         return self.report(losses.sum() / num_items, sums, num_items)
