@@ -49,25 +49,25 @@ def ours(llama_dir, tmp_path_factory):
     return _our_sft(llama_dir, tmp_path_factory.mktemp("ours"), 8, 1)
 
 
-def _our_sft(llama_dir, out, bs, ga):
+def _our_sft(llama_dir, out, bs, ga, **cfg):
     """(per-step losses, final trainable tensors, log history, evaluate() on EVAL_ROWS) of our SFTTrainer, the
     data in order."""
     model, tok = _model(llama_dir)
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=bs, gradient_accumulation_steps=ga,
                      learning_rate=1e-2, lr_scheduler_type="constant", max_steps=STEPS, optim="adamw_torch",
-                     shuffle=False, per_device_eval_batch_size=2)
+                     shuffle=False, per_device_eval_batch_size=2, **cfg)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(tok), args=args)
     trainer.train()
     return ([h["loss"] for h in trainer.log_history if "loss" in h], _trainable(model), trainer.log_history,
             trainer.evaluate(_rows(tok, EVAL_ROWS)))
 
 
-def _trl_sft(llama_dir, out, bs, ga):
+def _trl_sft(llama_dir, out, bs, ga, **cfg):
     from datasets import Dataset
 
     model, tok = _model(llama_dir)
     args = _hf_args(trl.SFTConfig, out, bs, ga, gradient_checkpointing=False, train_sampling_strategy="sequential",
-                    per_device_eval_batch_size=2)
+                    per_device_eval_batch_size=2, **cfg)
     trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(tok)),
                              processing_class=tok)
     trainer.train()
@@ -95,6 +95,19 @@ def test_trl_sft_trainer_equals_ours(llama_dir, ours, tmp_path, bs, ga):
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(our_losses), rtol=1e-5, atol=0)
     for n, p in our_params.items():
         torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dft_loss_equals_trl(llama_dir, tmp_path):
+    """loss_type="dft" (Dynamic Fine-Tuning): per-step losses, the final adapter and the eval loss equal
+    trl.SFTTrainer's, with two micro-batches a step; and they differ from the plain cross-entropy's."""
+    losses, params, _, evaluated = _trl_sft(llama_dir, tmp_path / "trl", 4, 2, loss_type="dft")
+    our_losses, our_params, _, our_eval = _our_sft(llama_dir, tmp_path / "o", 4, 2, loss_type="dft")
+    plain = _our_sft(llama_dir, tmp_path / "nll", 4, 2)[0]
+    assert losses[0] < plain[0] * 0.5
+    torch.testing.assert_close(torch.tensor(our_losses), torch.tensor(losses), rtol=1e-5, atol=0)
+    for n, p in our_params.items():
+        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-6, msg=n)
+    assert our_eval["eval_loss"] > 0 and our_eval["eval_entropy"] == pytest.approx(evaluated["eval_entropy"], rel=1e-5)
 
 
 def _collate(pad_id):

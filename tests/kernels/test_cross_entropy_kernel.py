@@ -145,3 +145,40 @@ def test_linear_ce_stats_on_every_path(monkeypatch, kernels, grad):
     want = _stats_oracle(h.detach().double() @ w.double().t(), y, 5.0)
     assert want[1] >= 1
     torch.testing.assert_close(stats.double(), want, rtol=1e-5, atol=1e-4)
+
+
+def _dft_oracle(h, w, y, softcap):
+    """Dynamic Fine-Tuning's loss sum from full fp64 logits: each label's cross-entropy times its probability,
+    detached (TRL's SFT loss_type="dft")."""
+    z = h @ w.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    ce = torch.nn.functional.cross_entropy(z, y, ignore_index=-100, reduction="none")
+    return (ce * torch.exp(-ce).detach()).sum()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("compact", [True, False])
+def test_dft_weighting_on_every_path(monkeypatch, kernels, softcap, compact):
+    """dft=True: the fused path (Triton chunk kernel or torch chunk math) and the checkpointed reference give the
+    fp64 oracle's loss and gradients of hidden and head."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    torch.manual_seed(5)
+    h = torch.randn(29, 16, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(300, 16, device=DEVICE, dtype=torch.float64) * 0.3
+    y = torch.randint(0, 300, (29,), device=DEVICE)
+    y[::4] = -100
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = _dft_oracle(h64, w64, y, softcap)
+    (want * 0.37).backward()
+    for fn in (lambda a, b: _FusedLinearCrossEntropy.apply(a, b, y, softcap, 8, compact, None, True),
+               lambda a, b: linear_cross_entropy_reference(a, b, y, softcap, 8, None, True)):
+        a, b = h.float().requires_grad_(), w.float().requires_grad_()
+        loss = fn(a, b)
+        (loss * 0.37).backward()
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    plain = linear_cross_entropy_reference(h.float(), w.float(), y, softcap, 8)
+    assert float(plain) > float(want) * 1.5  # the weighting acts (probabilities well below 1)

@@ -185,3 +185,13 @@ def test_generation_arguments_pass_through_and_are_checked_as_on_our_decoder(oth
                        (dict(num_return_sequences=2), "needs do_sample=True")]:
         with pytest.raises(ConfigError, match=match):
             model.generate(prompt, **bad)
+
+
+def test_dft_loss_on_the_fallback_equals_the_fast_path(tiny_model_dir, tmp_path):
+    """SFTConfig(loss_type="dft") on the transformers fallback: the same per-step losses as our decoder's."""
+    runs = {}
+    for fast in (True, False):
+        model, tok, _ = _load(tiny_model_dir("llama"), fast=fast)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+        runs[fast] = _train(model, tok, tmp_path / f"d{fast}", steps=2, loss_type="dft")[1]
+    torch.testing.assert_close(torch.tensor(runs[False]), torch.tensor(runs[True]), rtol=1e-5, atol=0)

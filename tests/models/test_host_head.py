@@ -90,3 +90,10 @@ def test_refusals_name_the_conflict(tiny_model_dir):
     model.lm_head.weight.requires_grad_(True)
     with pytest.raises(ConfigError, match="made trainable"):
         model(torch.tensor([[1, 2]]))
+
+
+def test_dft_loss_is_refused_with_the_streamed_head(pair):
+    _, ours = pair
+    ids = torch.randint(0, 300, (1, 6))
+    with pytest.raises(ConfigError, match="loss_type='dft' is not implemented with offload_lm_head"):
+        ours(ids, labels=ids, dft=True)

@@ -89,13 +89,14 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(valid, entropy, 0.0).sum(), hits.sum().float()])
 
 
-def _chunk_loss_sum(hidden, weight, labels, softcap, stats):
+def _chunk_loss_sum(hidden, weight, labels, softcap, stats, dft=False):
     logits = logits_from_hidden(hidden, weight, softcap).float()
-    loss = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
+    loss = (ce * torch.exp(-ce).detach()).sum() if dft else ce.sum()
     return (loss, token_stats(logits, labels)) if stats else loss
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None, stats=None):
+def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None, stats=None, dft=False):
     """The torch path of `chunked_linear_cross_entropy` (same arguments and fp32 loss sum): target rows only,
     `chunk_tokens` rows at a time (default: 256 MiB of fp32 logits), each chunk under activation checkpointing
     when a gradient is needed."""
@@ -108,9 +109,9 @@ def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_t
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             # (the stats come from the first run only: the recompute's outputs are discarded)
-            out = checkpoint(_chunk_loss_sum, h, weight, y, softcap, want, use_reentrant=False)
+            out = checkpoint(_chunk_loss_sum, h, weight, y, softcap, want, dft, use_reentrant=False)
         else:
-            out = _chunk_loss_sum(h, weight, y, softcap, want)
+            out = _chunk_loss_sum(h, weight, y, softcap, want, dft)
         if want:
             out, part = out
             stats += part
@@ -119,10 +120,11 @@ def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_t
 
 
 def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
-                             stats: torch.Tensor | None = None) -> torch.Tensor:
+                             stats: torch.Tensor | None = None, dft: bool = False) -> torch.Tensor:
     """Overwrite logits (rows, V) with d(loss)/d(logits) = softmax - onehot (times the softcap derivative) and
     return the loss sum (fp32; fp64 for fp64 logits); rows labelled IGNORE_INDEX get loss 0 and gradient 0. stats:
-    a (2,) fp32 tensor that token_stats of these logits is added to."""
+    a (2,) fp32 tensor that token_stats of these logits is added to. dft: each row's loss and gradient times its
+    label's probability exp(-loss), a constant (Dynamic Fine-Tuning)."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64 (the tests' exact oracle)
     if softcap:
         t = torch.tanh(z / softcap)
@@ -132,13 +134,14 @@ def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap
     valid = labels != IGNORE_INDEX
     y = labels.clamp_min(0)
     lse = torch.logsumexp(z, dim=-1)
-    loss = torch.where(valid, lse - z.gather(1, y[:, None]).squeeze(1), 0.0).sum()
+    ce = torch.where(valid, lse - z.gather(1, y[:, None]).squeeze(1), 0.0)
+    scale = torch.exp(-ce) * valid if dft else valid
     g = z.sub_(lse[:, None]).exp_()  # softmax, in place (z may alias fp32 logits: they are overwritten anyway)
     g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
     if softcap:
         g.mul_(1.0 - t * t)
-    logits.copy_(g.mul_(valid[:, None]))
-    return loss
+    logits.copy_(g.mul_(scale[:, None]))
+    return (ce * scale).sum()
 
 
 if HAVE_TRITON:
@@ -152,7 +155,7 @@ if HAVE_TRITON:
 
     @triton.jit
     def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, stats_ptr, n_cols, stride, softcap, SOFTCAP: tl.constexpr,
-                         STATS: tl.constexpr, BLOCK: tl.constexpr):
+                         STATS: tl.constexpr, DFT: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # rows * V can pass 2**31 (256K vocab, 8K-token chunks)
         ptr = logits_ptr + row * stride
         label = tl.load(labels_ptr + row)
@@ -182,7 +185,11 @@ if HAVE_TRITON:
         zy = tl.load(ptr + tl.where(valid, label, 0)).to(tl.float32)
         if SOFTCAP:
             zy, _ = _softcapped(zy, softcap)
-        tl.store(loss_ptr + row, tl.where(valid, lse - zy, 0.0))
+        # DFT: the row's loss and gradient times its label's probability exp(-loss), a constant
+        weight = 1.0
+        if DFT:
+            weight = tl.exp(zy - lse)
+        tl.store(loss_ptr + row, tl.where(valid, (lse - zy) * weight, 0.0))
         if STATS:
             tl.store(stats_ptr + 2 * row, tl.where(valid, tl.log(s) + q / s, 0.0))
             tl.store(stats_ptr + 2 * row + 1, tl.where(valid & (zy >= m) & (zy > before), 1.0, 0.0))
@@ -194,7 +201,7 @@ if HAVE_TRITON:
                 z, t = _softcapped(x, softcap)
             else:
                 z = x
-            g = tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)
+            g = (tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)) * weight
             if SOFTCAP:
                 g = g * (1.0 - t * t)
             g = tl.where(valid, g, 0.0)
@@ -202,7 +209,8 @@ if HAVE_TRITON:
 
 
 def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
-                          block: int | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
+                          block: int | None = None, stats: torch.Tensor | None = None,
+                          dft: bool = False) -> torch.Tensor:
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "the kernel walks contiguous vocab rows"
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -211,7 +219,8 @@ def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: f
     per_row = torch.empty(rows, 2, dtype=torch.float32, device=logits.device) if stats is not None else loss
     block = block or min(_CE_BLOCK, next_pow2(vocab))
     _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, per_row, vocab, logits.stride(0),
-                              float(softcap or 1.0), SOFTCAP=bool(softcap), STATS=stats is not None, BLOCK=block,
+                              float(softcap or 1.0), SOFTCAP=bool(softcap), STATS=stats is not None, DFT=dft,
+                              BLOCK=block,
                               num_warps=min(8, max(1, block // 512)))
     if stats is not None:
         stats += per_row.sum(0)
@@ -219,12 +228,12 @@ def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: f
 
 
 def _ce_chunk_grad_(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
-                    stats: torch.Tensor | None = None) -> torch.Tensor:
+                    stats: torch.Tensor | None = None, dft: bool = False) -> torch.Tensor:
     """The chunk's fp32 loss sum; logits become their gradient in place (see `_ce_chunk_grad_reference`); stats:
-    see the module doc."""
+    see the module doc; dft: Dynamic Fine-Tuning's weighting."""
     if use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return _ce_chunk_grad_triton(logits, labels, softcap, stats=stats)
-    return _ce_chunk_grad_reference(logits, labels, softcap, stats)
+        return _ce_chunk_grad_triton(logits, labels, softcap, stats=stats, dft=dft)
+    return _ce_chunk_grad_reference(logits, labels, softcap, stats, dft)
 
 
 GRAD_W_TILE_ROWS = 8192  # vocab rows of d(lm_head) per 16-bit product: its temporaries stay ~200 MiB at hidden 4096
@@ -242,7 +251,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     (the logits of one chunk are overwritten by their gradient); backward only scales them by grad_out."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, chunk, compact, stats=None):
+    def forward(ctx, hidden, weight, labels, softcap, chunk, compact, stats=None, dft=False):
         """hidden (N, H), weight (V, H), labels (N,) int64; chunk: rows per GEMM; compact: see
         chunked_linear_cross_entropy; stats: a (2,) fp32 tensor the chunks' token_stats are added to, or None.
         Returns the fp32 () loss sum; saves d(sum)/d(hidden) (hidden's dtype) and d(sum)/d(weight) (fp32)."""
@@ -259,7 +268,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], y[start:start + chunk]
             g = hc @ w.t()  # logits in the activation dtype, overwritten by their gradient
-            total += _ce_chunk_grad_(g, yc, softcap, stats)
+            total += _ce_chunk_grad_(g, yc, softcap, stats, dft)
             if need_h and keep is None:
                 torch.matmul(g, w, out=grad_h[start:start + chunk])
             elif need_h:
@@ -276,24 +285,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  softcap: float | None = None, chunk_tokens: int | None = None,
-                                 compact: bool | None = None, stats: torch.Tensor | None = None) -> torch.Tensor:
+                                 compact: bool | None = None, stats: torch.Tensor | None = None,
+                                 dft: bool = False) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100.
 
     compact: True drops the rows without a label before the GEMMs (less work when many are ignored, at the cost of
     one host sync for their count); False keeps every row (static shapes, as a CUDA graph capture needs); None: True
     unless the current CUDA stream is being captured. stats: a (2,) fp32 tensor on hidden's device that gets
-    [sum of the labelled rows' entropies, count of them whose label is the first argmax] added (no gradient)."""
+    [sum of the labelled rows' entropies, count of them whose label is the first argmax] added (no gradient).
+    dft: Dynamic Fine-Tuning (Wu et al. 2025; TRL's SFT loss_type="dft"): each label's cross-entropy times its
+    probability exp(-cross-entropy), detached."""
     if compact is None:
         compact = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
         chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
-        return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk, stats)
+        return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk, stats, dft)
     # the Triton chunk math keeps only the GEMM's logits buffer, so its chunks count that buffer's bytes
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.element_size() if use_triton(hidden) else 4)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact, stats)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact, stats, dft)

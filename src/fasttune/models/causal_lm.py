@@ -285,7 +285,7 @@ class CausalLM(PreTrainedModel):
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                 seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
-                per_layer_ids=None, return_token_stats: bool = False):
+                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -304,7 +304,8 @@ class CausalLM(PreTrainedModel):
 
         return_token_stats (with labels): `token_stats` (2,) fp32 = [sum of the target tokens' entropies, count of
         targets that are their row's first argmax], from the loss's own chunked pass (TRL's SFT `entropy` and
-        `mean_token_accuracy` over target_count), no gradient."""
+        `mean_token_accuracy` over target_count), no gradient. dft (Dynamic Fine-Tuning, TRL's SFT loss_type="dft"):
+        each target's cross-entropy weighted by its probability, detached (not with offload_lm_head)."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
@@ -325,10 +326,13 @@ class CausalLM(PreTrainedModel):
             flat, host = self.head_input(hidden[:, :-1].reshape(-1, hidden.shape[-1])), host_head(self)
             stats = torch.zeros(2, dtype=torch.float32, device=flat.device) if return_token_stats else None
             if host is not None:  # offload_lm_head: one online-softmax pass over the streamed head
+                if dft:
+                    raise ConfigError("loss_type='dft' is not implemented with offload_lm_head=True; load the model "
+                                      "without offload_lm_head, or use loss_type='nll'.")
                 loss_sum = streamed_cross_entropy(flat, host, shifted, self.arch.final_logit_softcap, stats)
             else:
                 loss_sum = chunked_linear_cross_entropy(flat, self.lm_head.weight, shifted,
-                                                        self.arch.final_logit_softcap, stats=stats)
+                                                        self.arch.final_logit_softcap, stats=stats, dft=dft)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across

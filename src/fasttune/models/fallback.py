@@ -243,7 +243,7 @@ class FallbackModel(nn.Module):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
                 return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0,
-                return_dict: bool | None = None, return_token_stats: bool = False, **kwargs):
+                return_dict: bool | None = None, return_token_stats: bool = False, dft: bool = False, **kwargs):
         """The loss is computed here from the logits (summed cross-entropy), as our decoder does, so gradient
         accumulation divides by the target tokens of the whole accumulated batch. return_token_stats (with labels):
         `token_stats` as CausalLM.forward gives them (TRL's SFT entropy and accuracy), from these logits. Other keyword
@@ -265,8 +265,9 @@ class FallbackModel(nn.Module):
             kept = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
-            loss_sum = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
+            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
+                                 ignore_index=IGNORE_INDEX, reduction="none")
+            loss_sum = (ce * torch.exp(-ce).detach()).sum() if dft else ce.sum()  # dft: CausalLM.forward's
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
             if return_token_stats:

@@ -150,8 +150,18 @@ class TrainingConfig(metaclass=ConfigMeta):
 @dataclass
 class SFTConfig(TrainingConfig):
     """Supervised fine-tuning's config (SFTTrainer; also UnslothTrainingArguments): TrainingConfig's fields, of which
-    packing, dataset_text_field, data_format, train_on_responses_only and dataset_num_proc shape the SFT examples.
-    Raises ConfigError as TrainingConfig does."""
+    packing, dataset_text_field, data_format, train_on_responses_only and dataset_num_proc shape the SFT examples,
+    and TRL's loss_type: "nll" (cross-entropy) or "dft" (Dynamic Fine-Tuning, Wu et al. 2025: each target token's
+    cross-entropy weighted by its probability, detached). Raises ConfigError as TrainingConfig does, and for another
+    loss_type."""
+
+    loss_type: str = "nll"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.loss_type not in ("nll", "dft"):
+            raise ConfigError(f"loss_type={self.loss_type!r} is not supported by SFT; use 'nll' (cross-entropy) or "
+                              f"'dft' (Dynamic Fine-Tuning), TRL's two.")
 
 
 def steps_every(value, total: int) -> int:

@@ -94,10 +94,11 @@ class SFTTrainer(Trainer):
     # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
     def loss_kwargs(self) -> dict:
         """fasttune's models (text and vision-language, and the transformers fallback) return their token stats with
-        the loss (see record_token_stats)."""
+        the loss (see record_token_stats); loss_type="dft" asks for Dynamic Fine-Tuning's weighting."""
         from fasttune.models.fallback import FallbackModel
 
-        return {"return_token_stats": True} if isinstance(self.model, (CausalLM, FallbackModel)) else {}
+        kw = {"dft": True} if getattr(self.args, "loss_type", "nll") == "dft" else {}
+        return {"return_token_stats": True, **kw} if isinstance(self.model, (CausalLM, FallbackModel)) else kw
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
         """Keeps a micro-batch's [entropy sum, first-argmax hits, targets] (on the device, read with the step's one
