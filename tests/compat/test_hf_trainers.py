@@ -310,3 +310,20 @@ def test_trl_dpo_trainer_equals_our_dpo_trainer(llama_dir, tmp_path):
         losses = torch.tensor([h["loss"] for h in trainer.state.log_history if "loss" in h])
         assert losses[0] == pytest.approx(0.693147, abs=1e-6) and losses[-1] < losses[0]
         torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("completion_only_loss", [None, False])
+def test_prompt_completion_rows_equal_trl(llama_dir, tmp_path, completion_only_loss):
+    """prompt/completion rows: the same tokens as trl.SFTTrainer's, and its loss mask (TRL's completion_only_loss:
+    the default None trains on the completion only, False on the whole row)."""
+    from datasets import Dataset
+
+    rows = [{"prompt": f"question {i}: what is {i} + {i}?", "completion": f" it is {2 * i}."} for i in range(4)]
+    model, tok = _model(llama_dir)
+    ours = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=SFTConfig(
+        output_dir=str(tmp_path / "o"), max_steps=1, completion_only_loss=completion_only_loss))
+    theirs = trl.SFTTrainer(model=_model(llama_dir)[0], train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            args=_hf_args(trl.SFTConfig, tmp_path / "t", 2, 1, completion_only_loss=completion_only_loss))
+    for mine, want in zip(ours.train_examples, theirs.train_dataset):
+        assert mine["input_ids"] == want["input_ids"] and mine["labels"] == want["labels"]
+        assert (-100 in mine["labels"]) == (completion_only_loss is None)

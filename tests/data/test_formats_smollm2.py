@@ -99,14 +99,15 @@ def test_alpaca_uses_chat_template(tok):
     assert (ex["input_ids"], ex["labels"]) == responses_only_reference(tok, messages)
 
 
-@pytest.mark.parametrize("responses_only", [False, True])
-def test_prompt_completion(tok, responses_only):
+@pytest.mark.parametrize("completion_only", [None, False, True])
+def test_prompt_completion(tok, completion_only):
+    """TRL's completion_only_loss: the prompt is masked unless it is False."""
     prompt, completion = "Question: 2+2=? Answer:", " 4"
-    ex = one([{"prompt": prompt, "completion": completion}], tok, train_on_responses_only=responses_only)
+    ex = one([{"prompt": prompt, "completion": completion}], tok, completion_only_loss=completion_only)
     p = ids_of(tok, prompt, special=True)
     c = ids_of(tok, completion) + [tok.eos_token_id]
     assert ex["input_ids"] == p + c
-    assert ex["labels"] == ([IGNORE] * len(p) if responses_only else p) + c
+    assert ex["labels"] == (p if completion_only is False else [IGNORE] * len(p)) + c
 
 
 def test_tokenized_rows_are_used_exactly(tok):

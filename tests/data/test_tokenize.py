@@ -133,7 +133,9 @@ def test_prompt_completion(tiny_tokenizer):
     (ex,) = tokenize_rows(rows, tiny_tokenizer, max_seq_length=64, train_on_responses_only=True)
     assert ex["input_ids"] == byte_ids("Q: 2+2?\nA:") + byte_ids(" 4") + [EOS]
     assert ex["labels"] == [-100] * len(byte_ids("Q: 2+2?\nA:")) + byte_ids(" 4") + [EOS]
-    (ex,) = tokenize_rows(rows, tiny_tokenizer, max_seq_length=64)
+    # TRL's completion_only_loss: None (default) trains on the completion only, as True does; False on everything
+    assert tokenize_rows(rows, tiny_tokenizer, max_seq_length=64)[0]["labels"] == ex["labels"]
+    (ex,) = tokenize_rows(rows, tiny_tokenizer, max_seq_length=64, completion_only_loss=False)
     assert ex["labels"] == ex["input_ids"]
 
 
@@ -217,13 +219,14 @@ def test_window_before_every_response_is_refused(tiny_tokenizer, layout):
            "alpaca": {"instruction": "What is the capital of Chile?", "output": "Santiago"},
            "sharegpt": {"conversations": [{"from": "human", "value": "What is the capital of Chile?"},
                                           {"from": "gpt", "value": "Santiago"}]}}[layout]
+    # (prompt/completion rows train on their prompts too only with completion_only_loss=False)
     with pytest.raises(DataError, match=r"max_seq_length=5 cuts off every response in the dataset: all 2 rows left are truncated"):
-        tokenize_rows([row, row], tiny_tokenizer, max_seq_length=5)
+        tokenize_rows([row, row], tiny_tokenizer, max_seq_length=5, completion_only_loss=False)
     short = {"prompt": "Q?", "completion": "Santiago"}
     with pytest.warns(UserWarning, match=r"1 of 2 rows of the dataset are truncated to max_seq_length=5 before"):
         examples = tokenize_rows([row if layout == "prompt-completion" else
                                   {"prompt": "What is the capital of Chile?", "completion": "Santiago"}, short],
-                                 tiny_tokenizer, max_seq_length=5)
+                                 tiny_tokenizer, max_seq_length=5, completion_only_loss=False)
     assert len(examples) == 2
     assert tokenize_rows([{"text": "x" * 50}], tiny_tokenizer, max_seq_length=5)  # text rows: every token counts
 

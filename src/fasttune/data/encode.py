@@ -71,11 +71,14 @@ class SFTEncoder:
 
     def __init__(self, tokenizer, fmt: str, text_field: str = "text", responses_only: bool = False,
                  source_name: str | None = None, chat_template: str | None = None, *, max_seq_length: int = 2048,
-                 drop_long: bool = False):
+                 drop_long: bool = False, completion_only: bool | None = None):
         self.tok = tokenizer
         self.fmt = fmt
         self.text_field = text_field
         self.responses_only = responses_only
+        # prompt/completion rows: the loss on the completion only unless completion_only is False (TRL's
+        # completion_only_loss, whose default None means True for these rows)
+        self.completion_only = completion_only is not False or responses_only
         self.source_name = source_name
         self.max_seq_length = max_seq_length
         self.drop_long = drop_long
@@ -189,7 +192,7 @@ class SFTEncoder:
     def _prompt_completion(self, row, where):
         prompt = formats.require_text(row.get("prompt"), where, "prompt")
         completion = formats.require_text(row.get("completion"), where, "completion")
-        return self._join(prompt, completion)
+        return self._join(prompt, completion, self.completion_only)
 
     def _alpaca(self, row, where):
         if self.has_template:
@@ -254,12 +257,15 @@ class SFTEncoder:
                 out[name] = value
         return out
 
-    def _join(self, prompt: str, completion: str):
+    def _join(self, prompt: str, completion: str, mask_prompt: bool | None = None):
+        """prompt + completion (+ EOS) ids, and labels with the prompt masked when mask_prompt (default:
+        train_on_responses_only)."""
         prompt_ids = self._text_ids(prompt)
         completion_ids = self._ids(completion, add_special_tokens=False)
         if self.eos is not None:
             completion_ids.append(self.eos)
-        prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if self.responses_only else list(prompt_ids)
+        masked = self.responses_only if mask_prompt is None else mask_prompt
+        prompt_labels = [IGNORE_INDEX] * len(prompt_ids) if masked else list(prompt_ids)
         return prompt_ids + completion_ids, prompt_labels + completion_ids
 
     def _render(self, messages: list[dict], where: str, *, add_generation_prompt: bool = False,

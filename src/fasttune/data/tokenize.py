@@ -65,6 +65,7 @@ def tokenize_rows(
     chat_template: str | None = None,
     drop_long: bool = False,
     num_proc: int | None = None,
+    completion_only_loss: bool | None = None,
 ) -> Sequence[dict[str, list[int]]]:
     """Tokenize every row; return examples with equal-length `input_ids` and `labels`: a list for a list of rows,
     else a TokenizedExamples (the same dicts, read from Arrow columns on access).
@@ -75,6 +76,7 @@ def tokenize_rows(
     examples longer than `max_seq_length` instead of truncating them (counted, one warning).
     `chat_template` (a name from fasttune.data.templates.CHAT_TEMPLATES or a Jinja string) renders chat rows
     instead of the tokenizer's own template. `num_proc`: tokenizing processes (None: see `resolve_num_proc`).
+    `completion_only_loss` (TRL's): prompt/completion rows train on the completion only unless it is False.
     """
     if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, int) or max_seq_length < 2:
         raise ConfigError(f"max_seq_length must be an integer >= 2, got {max_seq_length!r}.")
@@ -95,7 +97,7 @@ def tokenize_rows(
         columns, data_format, dataset_text_field=dataset_text_field, source_name=source_name
     )
     encoder = SFTEncoder(tokenizer, fmt, dataset_text_field, train_on_responses_only, source_name, chat_template,
-                         max_seq_length=max_seq_length, drop_long=drop_long)
+                         max_seq_length=max_seq_length, drop_long=drop_long, completion_only=completion_only_loss)
     keep = formats.required_columns(fmt, dataset_text_field) + formats.OPTIONAL_COLUMNS.get(fmt, ())
     _name_ignored(columns, keep, fmt, encoder, source_name or "the dataset")
     if isinstance(rows, list) and procs > 1:

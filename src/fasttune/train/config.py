@@ -156,6 +156,8 @@ class SFTConfig(TrainingConfig):
     loss_type."""
 
     loss_type: str = "nll"
+    # TRL's: prompt/completion rows train on the completion only (None or True), or on prompt and completion (False)
+    completion_only_loss: bool | None = None
 
     def __post_init__(self):
         super().__post_init__()

@@ -58,8 +58,6 @@ REFUSED = {
     "group_by_length": ((False, None), "batches are drawn in the data's order (shuffled); leave it off"),
     "load_best_model_at_end": ((False, None), "the last step's weights are kept; pick a checkpoint from "
                                               "output_dir by its eval loss instead"),
-    "completion_only_loss": ((None, True), "fasttune trains on the completion of prompt/completion rows (and on "
-                                           "whole texts otherwise); for chat rows use train_on_responses_only=True"),
     "label_smoothing_factor": ((0, 0.0, None), "label smoothing is not implemented; leave it at 0"),
     "torch_compile_backend": ((None,), "our decoder runs its own kernels; leave torch_compile off"),
     "torch_compile_mode": ((None,), "our decoder runs its own kernels; leave torch_compile off"),

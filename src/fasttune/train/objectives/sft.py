@@ -216,7 +216,8 @@ class SFTTrainer(Trainer):
         return tokenize_rows(dataset, self.tokenizer, max_seq_length=limit, data_format=a.data_format,
                              dataset_text_field=text_field,
                              train_on_responses_only=a.train_on_responses_only, chat_template=a.chat_template,
-                             drop_long=a.drop_long, num_proc=a.dataset_num_proc)
+                             drop_long=a.drop_long, num_proc=a.dataset_num_proc,
+                             completion_only_loss=getattr(a, "completion_only_loss", None))
 
 
 def _is_tokenized(dataset) -> bool:
