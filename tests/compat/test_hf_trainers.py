@@ -312,13 +312,18 @@ def test_trl_dpo_trainer_equals_our_dpo_trainer(llama_dir, tmp_path):
         torch.testing.assert_close(losses, expected, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("conversational", [False, True])
 @pytest.mark.parametrize("completion_only_loss", [None, False])
-def test_prompt_completion_rows_equal_trl(llama_dir, tmp_path, completion_only_loss):
-    """prompt/completion rows: the same tokens as trl.SFTTrainer's, and its loss mask (TRL's completion_only_loss:
-    the default None trains on the completion only, False on the whole row)."""
+def test_prompt_completion_rows_equal_trl(llama_dir, tmp_path, completion_only_loss, conversational):
+    """prompt/completion rows, as text or as chat messages (rendered with the chat template): the same tokens as
+    trl.SFTTrainer's, and its loss mask (TRL's completion_only_loss: the default None trains on the completion only,
+    False on the whole row)."""
     from datasets import Dataset
 
     rows = [{"prompt": f"question {i}: what is {i} + {i}?", "completion": f" it is {2 * i}."} for i in range(4)]
+    if conversational:
+        rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": r["prompt"]}],
+                 "completion": [{"role": "assistant", "content": r["completion"].strip()}]} for r in rows]
     model, tok = _model(llama_dir)
     ours = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=SFTConfig(
         output_dir=str(tmp_path / "o"), max_steps=1, completion_only_loss=completion_only_loss))

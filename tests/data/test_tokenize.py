@@ -265,7 +265,9 @@ def test_bad_messages_name_the_file_and_row(tiny_tokenizer, tmp_path):
 
 def test_bad_prompt_completion_and_alpaca(tiny_tokenizer):
     with pytest.raises(DataError, match="field 'completion' must be a string"):
-        tokenize_rows([{"prompt": "a", "completion": ["b"]}], tiny_tokenizer, max_seq_length=64)
+        tokenize_rows([{"prompt": "a", "completion": 3}], tiny_tokenizer, max_seq_length=64)
+    with pytest.raises(DataError, match=r"prompt \+ completion\[0\] is a str, not a dict"):
+        tokenize_rows([{"prompt": ["a"], "completion": ["b"]}], tiny_tokenizer, max_seq_length=64)
     with pytest.raises(DataError, match="field 'instruction' is missing"):
         tokenize_rows([{"instruction": None, "output": "b"}], tiny_tokenizer, max_seq_length=64)
 
@@ -333,3 +335,16 @@ def test_demo_dataset(tiny_tokenizer):
     examples = tokenize_rows(path, tiny_tokenizer, max_seq_length=512, train_on_responses_only=True)
     assert len(examples) == len(rows)
     assert all(len(ex["input_ids"]) < 250 for ex in examples)  # bytes: short rows keep CPU training fast
+
+
+def test_conversational_prompt_completion(tiny_tokenizer):
+    """prompt / completion as chat messages: rendered with the chat template, the loss on the completion's part
+    (TRL's layout; tested token for token against trl.SFTTrainer in tests/compat); a mixed row is a DataError."""
+    row = {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]}
+    (ex,) = tokenize_rows([row], tiny_tokenizer, max_seq_length=64)
+    trained = [t for t, y in zip(ex["input_ids"], ex["labels"]) if y != -100]
+    assert tiny_tokenizer.decode(trained) == "yo<|im_end|>\n" and len(trained) < len(ex["input_ids"])
+    (ex,) = tokenize_rows([row], tiny_tokenizer, max_seq_length=64, completion_only_loss=False)
+    assert ex["labels"] == ex["input_ids"]
+    with pytest.raises(DataError, match="one of 'prompt' and 'completion' is a list"):
+        tokenize_rows([{"prompt": "hi", "completion": row["completion"]}], tiny_tokenizer, max_seq_length=64)

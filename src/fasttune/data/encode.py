@@ -85,7 +85,7 @@ class SFTEncoder:
         self.code_version = CODE_VERSION
         self.eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
         self.template = None  # None: the tokenizer's own
-        if chat_template is not None and fmt in ("messages", "sharegpt", "alpaca"):
+        if chat_template is not None and fmt in ("messages", "sharegpt", "alpaca", "prompt-completion"):
             templates.check_template_tokens(chat_template, tokenizer)
             self.template = templates.resolve_chat_template(chat_template)
         self.has_template = self.template is not None or (
@@ -190,9 +190,32 @@ class SFTEncoder:
         return ids, list(ids)
 
     def _prompt_completion(self, row, where):
+        if isinstance(row.get("prompt"), list) or isinstance(row.get("completion"), list):
+            return self._chat_prompt_completion(row, where)
         prompt = formats.require_text(row.get("prompt"), where, "prompt")
         completion = formats.require_text(row.get("completion"), where, "completion")
         return self._join(prompt, completion, self.completion_only)
+
+    def _chat_prompt_completion(self, row, where):
+        """Conversational prompt / completion rows (message lists), as TRL's SFTTrainer tokenizes them: the chat
+        template's rendering of prompt + completion; the completion starts where it and the prompt's rendering with
+        the generation prompt diverge."""
+        if not self.has_template:
+            raise DataError(f"{where}: 'prompt' and 'completion' are chat messages, but the tokenizer has no chat "
+                            f"template to render them. Set chat_template (--chat-template) to one of "
+                            f"{templates.names()}, or store them as text.")
+        prompt, completion = row.get("prompt"), row.get("completion")
+        if not isinstance(prompt, list) or not isinstance(completion, list):
+            raise DataError(f"{where}: one of 'prompt' and 'completion' is a list of chat messages and the other is "
+                            f"not; give both as message lists (conversational) or both as text.")
+        both = formats.validate_messages(prompt + completion, where, "prompt + completion")
+        prompt, completion = both[:len(prompt)], both[len(prompt):]
+        extras = self._template_kwargs(row, where)
+        prompt_ids = self._ids(self._render(prompt, where, add_generation_prompt=True, extras=extras),
+                               add_special_tokens=False)
+        ids = self._ids(self._render(prompt + completion, where, extras=extras), add_special_tokens=False)
+        n = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), min(len(prompt_ids), len(ids)))
+        return ids, ([IGNORE_INDEX] * n + ids[n:] if self.completion_only else list(ids))
 
     def _alpaca(self, row, where):
         if self.has_template:
