@@ -89,10 +89,17 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(valid, entropy, 0.0).sum(), hits.sum().float()])
 
 
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, dft: bool = False) -> torch.Tensor:
+    """The fp32 cross-entropy sum of logits (rows, V) against labels (rows,) (IGNORE_INDEX rows: 0); dft: each
+    row's cross-entropy times its label's probability exp(-cross-entropy), detached (Dynamic Fine-Tuning, Wu et al.
+    2025). Differentiable: the torch paths' loss."""
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return (ce * torch.exp(-ce).detach()).sum() if dft else ce.sum()
+
+
 def _chunk_loss_sum(hidden, weight, labels, softcap, stats, dft=False):
     logits = logits_from_hidden(hidden, weight, softcap).float()
-    ce = F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="none")
-    loss = (ce * torch.exp(-ce).detach()).sum() if dft else ce.sum()
+    loss = cross_entropy_sum(logits, labels, dft)
     return (loss, token_stats(logits, labels)) if stats else loss
 
 
@@ -220,8 +227,7 @@ def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: f
     block = block or min(_CE_BLOCK, next_pow2(vocab))
     _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, per_row, vocab, logits.stride(0),
                               float(softcap or 1.0), SOFTCAP=bool(softcap), STATS=stats is not None, DFT=dft,
-                              BLOCK=block,
-                              num_warps=min(8, max(1, block // 512)))
+                              BLOCK=block, num_warps=min(8, max(1, block // 512)))
     if stats is not None:
         stats += per_row.sum(0)
     return loss.sum()

@@ -19,12 +19,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fasttune.atomic import atomic_folder
 from fasttune.constants import IGNORE_INDEX
 from fasttune.errors import ConfigError, ModelLoadError, refuse_unknown
-from fasttune.kernels.cross_entropy import token_stats
+from fasttune.kernels.cross_entropy import cross_entropy_sum, token_stats
 from fasttune.models.config import SUPPORTED_FAMILIES
 from fasttune.models.outputs import CausalLMOutput, evaluation_as_transformers
 from fasttune.peft.lora import LoraSettings, validate_settings
@@ -265,9 +264,7 @@ class FallbackModel(nn.Module):
             kept = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
-            ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), shifted,
-                                 ignore_index=IGNORE_INDEX, reduction="none")
-            loss_sum = (ce * torch.exp(-ce).detach()).sum() if dft else ce.sum()  # dft: CausalLM.forward's
+            loss_sum = cross_entropy_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, dft)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
             if return_token_stats:

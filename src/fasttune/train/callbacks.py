@@ -86,7 +86,7 @@ class TrainerCallbacks:
         """The state's progress from the loop's run (global step, epoch as a float, tokens seen)."""
         s, t = self.state, self.trainer
         self.run = run
-        s.global_step, s.max_steps, s.num_input_tokens_seen = run.step, run.total, run.tokens_before + run.tokens_done
+        s.global_step, s.max_steps, s.num_input_tokens_seen = run.step, run.total, run.tokens_seen
         s.epoch = t.epoch_progress(run)
         s.log_history = t.log_history
 

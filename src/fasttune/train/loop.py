@@ -9,7 +9,8 @@ hooks" section of Trainer, and nothing else:
 - the step's batches: `epoch_order`, `steps_per_epoch`, `step_groups`, `step_batches` (GRPO samples there);
 - counts, on the host: `count_items` (the normaliser of the accumulated batch: target tokens for SFT, pairs for
   DPO, ...), `batch_tokens`;
-- the loss: `prepare_step` (statistics of the whole accumulated batch), `micro_batch_loss`, `eval_batch_loss`;
+- the loss: `prepare_step` (statistics of the whole accumulated batch), `micro_batch_loss`, `eval_batch_loss`,
+  `model_inputs` and `loss_kwargs` (what the default micro_batch_loss passes the model besides ids, mask and labels);
 - metrics: `step_metrics`, `eval_metrics`;
 - resume: `objective_state`, `load_objective_state` (what a checkpoint keeps beyond weights, optimizer and data
   position, e.g. GRPO's adaptive entropy coefficient);
@@ -86,6 +87,11 @@ class _Run:
     batches: object = None
     memory: object = None
 
+    @property
+    def tokens_seen(self) -> int:
+        """Tokens trained since the run's start, across resumes (transformers' num_input_tokens_seen)."""
+        return self.tokens_before + self.tokens_done
+
 
 class Trainer(CallbackMethods, TrainerMethods):
     """The training loop shared by every objective (see the module docstring for its hooks). model: a fasttune
@@ -160,13 +166,17 @@ class Trainer(CallbackMethods, TrainerMethods):
         """The loss of one micro-batch (on the device). Returns (loss to backprop, already divided by num_items;
         unnormalised loss sum for logging). The sum may stay a tensor on the device: the loop reads the step's sums
         once, after the last micro-batch (host_values)."""
-        packed = {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
         out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         labels=batch["labels"], num_items_in_batch=num_items, return_logits=False, **packed,
-                         **self.loss_kwargs())
+                         labels=batch["labels"], num_items_in_batch=num_items, return_logits=False,
+                         **self.model_inputs(batch), **self.loss_kwargs())
         if getattr(out, "token_stats", None) is not None:
             self.record_token_stats(out.token_stats, out.target_count)
         return out.loss, out.loss_sum.detach()
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The batch's further model inputs in micro_batch_loss: packed rows' position_ids / segment_ids (SFT on a
+        vision-language model: its images)."""
+        return {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
 
     def loss_kwargs(self) -> dict:
         """Further keywords of the model call in micro_batch_loss (SFT: return_token_stats on fasttune's model)."""
@@ -422,7 +432,7 @@ class Trainer(CallbackMethods, TrainerMethods):
             step_loss, grad_norm = self._guarded_step(group, num_items, scaler, fillers, host_group)
         run.memory.mark("forward_backward")
         run.tokens_done += int(self.dist.sum(n_tokens))
-        self.tokens_seen = run.tokens_before + run.tokens_done  # since the run's start (TRL's SFT: num_tokens)
+        self.tokens_seen = run.tokens_seen  # (TRL's SFT logs it as num_tokens)
         if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
@@ -483,7 +493,7 @@ class Trainer(CallbackMethods, TrainerMethods):
         """checkpoint-<step> (see train/checkpoint.py); under FSDP every rank joins the gathers, rank 0 writes."""
         state = {"step": run.step, "epoch": run.epoch, "micro": run.micro, "log_history": self.log_history,
                  "identity": self.run_identity(), "schedule": run.schedule, "config": asdict(self.args),
-                 "tokens_seen": run.tokens_before + run.tokens_done, "objective": self.objective_state()}
+                 "tokens_seen": run.tokens_seen, "objective": self.objective_state()}
         path = run.out_dir / f"checkpoint-{run.step}"
         if self.dist.is_main or is_sharded(self.model):
             path = save_checkpoint(run.out_dir, run.step, self.model, run.optimizer, run.scheduler, run.scaler,

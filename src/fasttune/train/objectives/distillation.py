@@ -156,9 +156,7 @@ class DistillationTrainer(GRPOTrainer):
         mask = batch["completion_mask"].bool()
         ids, att = batch["input_ids"], batch["attention_mask"]
         media = {k: batch[k] for k in IMAGE_KEYS if k in batch} or None
-        # positions from the attention mask, as in generation (Qwen-VL: the model's own 3-axis positions)
-        position_ids = None if media and self.model.family.mrope else (att.cumsum(-1) - 1).clamp(min=0)
-        args = (ids, att, mask, batch.get("completion_positions"), position_ids, media)
+        args = (ids, att, mask, batch.get("completion_positions"), self.sampling_positions(att, media), media)
         student = scored_hidden(self.model, *args)
         with torch.no_grad():
             teacher = scored_hidden(self.teacher, *args)

@@ -70,6 +70,9 @@ class DPOTrainer(PreferenceTrainer):
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args: DPOConfig | None = None,
                  **kwargs):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
+        a = self.args
+        # (loss types, weights), checked once
+        self.losses = check_losses(a.loss_type, a.loss_weights, a.label_smoothing, a.f_divergence_type)
         sets = [self.train_examples] + ([self.eval_examples] if self.eval_examples else [])
         missing = [s for s in sets if "ref_chosen_logps" not in s[0]]
         if missing and self.args.precompute_ref_log_probs:
@@ -103,8 +106,8 @@ class DPOTrainer(PreferenceTrainer):
                                                                                  alpha))
         mask = batch["completion_mask"]
         lengths = mask.sum(-1).clamp(min=1).chunk(2)
-        chosen_nll = -per_token.chunk(2)[0].sum() / mask.chunk(2)[0].sum().clamp(min=1)  # (sft)
-        types, weights = check_losses(a.loss_type, a.loss_weights, a.label_smoothing, a.f_divergence_type)
+        types, weights = self.losses
+        chosen_nll = (-per_token.chunk(2)[0].sum() / mask.chunk(2)[0].sum().clamp(min=1)) if "sft" in types else None
         losses = sum(w * pair_losses(t, a.beta, chosen_ratio, rejected_ratio, *scores, lengths, (chosen, rejected),
                                      (ref_chosen, ref_rejected), chosen_nll, a.label_smoothing, a.discopop_tau)
                      for t, w in zip(types, weights))

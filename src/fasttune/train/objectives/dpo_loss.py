@@ -72,7 +72,7 @@ def pair_losses(kind: str, beta: float, chosen_ratio, rejected_ratio, chosen_sco
                 policy, reference, chosen_nll, label_smoothing: float, discopop_tau: float) -> torch.Tensor:
     """Per-pair losses (B,) of one loss type (module docstring). chosen/rejected ratio and scores (B,); lengths:
     (chosen, rejected) completion lengths (B,) each; policy / reference: (chosen, rejected) summed log-probs (B,)
-    each (aot); chosen_nll: the micro-batch's mean chosen-token NLL (a scalar, sft)."""
+    each (aot); chosen_nll: the micro-batch's mean chosen-token NLL (a scalar; needed for sft only)."""
     d = chosen_scores - rejected_scores
     eps = label_smoothing
     if kind == "sigmoid":

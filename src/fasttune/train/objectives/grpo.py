@@ -530,6 +530,9 @@ class GRPOTrainer(RewardScoring, Trainer):
         return {"entropy_coef": self._entropy_coef, "last_entropy": None if math.isinf(last) else last}
 
     def load_objective_state(self, state: dict) -> None:
+        """Restore objective_state's {"entropy_coef": float, "last_entropy": float nats or None} from a checkpoint
+        (ignored without use_adaptive_entropy, or when the checkpoint has none: an older one, or a run without the
+        controller)."""
         if "entropy_coef" in state and getattr(self.args, "use_adaptive_entropy", False):
             last = state["last_entropy"]
             self._entropy_coef, self._last_entropy = state["entropy_coef"], float("inf") if last is None else last
@@ -575,9 +578,14 @@ class GRPOTrainer(RewardScoring, Trainer):
         attention_mask[:, -n:], to select the completion tokens without a device sync. media: the rows' image
         inputs (prompt_media) on a vision-language model. entropy=True: (log-probs, entropies (B, n)) (0 where
         masked)."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-        if media and self.model.family.mrope:
-            position_ids = None  # the model's 3-axis positions, with the left padding skipped as generate() does
         return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
-                                    position_ids=position_ids, temperature=self.args.temperature, media=media or None,
-                                    entropy=entropy)
+                                    position_ids=self.sampling_positions(attention_mask, media),
+                                    temperature=self.args.temperature, media=media or None, entropy=entropy)
+
+    def sampling_positions(self, attention_mask: torch.Tensor, media: dict | None) -> torch.Tensor | None:
+        """Position ids (B, T) int64 of left-padded rows as generation gives them (attention_mask.cumsum - 1); None
+        for a Qwen-VL model's rows with images (its own 3-axis positions, the left padding skipped as generate()
+        does)."""
+        if media and self.model.family.mrope:
+            return None
+        return (attention_mask.cumsum(-1) - 1).clamp(min=0)

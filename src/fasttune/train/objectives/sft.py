@@ -74,31 +74,28 @@ class SFTTrainer(Trainer):
             return collate_with(self.text_collator, examples)
         return super().collate_batch(examples)
 
-    def micro_batch_loss(self, batch: dict, num_items: int):
-        """See Trainer.micro_batch_loss; a vision-language model also gets the batch's images."""
+    def model_inputs(self, batch: dict) -> dict:
+        """See Trainer.model_inputs; a vision-language model's batches carry their images instead."""
         if not self.vision:
-            return super().micro_batch_loss(batch, num_items)
-        out = self._forward(batch, num_items)
-        self.record_token_stats(out.token_stats, out.target_count)
-        return out.loss, out.loss_sum.detach()
-
-    def _forward(self, batch: dict, num_items: int | None = None, return_logits: bool = False):
-        """The model's output on `batch` with its labels (and images, or packed rows' positions), token stats on
-        fasttune's model (loss_kwargs)."""
+            return super().model_inputs(batch)
         from fasttune.train.objectives.vision_sft import BATCH_KEYS
 
-        extra = {k: batch[k] for k in (BATCH_KEYS if self.vision else ("position_ids", "segment_ids")) if k in batch}
-        return self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                          num_items_in_batch=num_items, return_logits=return_logits, **extra, **self.loss_kwargs())
+        return {k: batch[k] for k in BATCH_KEYS if k in batch}
 
     # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
-    def loss_kwargs(self) -> dict:
-        """fasttune's models (text and vision-language, and the transformers fallback) return their token stats with
-        the loss (see record_token_stats); loss_type="dft" asks for Dynamic Fine-Tuning's weighting."""
+    @property
+    def _token_stats_on(self) -> bool:
+        """Whether the model returns token stats: fasttune's models (text and vision-language) and the transformers
+        fallback (the same on every rank)."""
         from fasttune.models.fallback import FallbackModel
 
+        return isinstance(self.model, (CausalLM, FallbackModel))
+
+    def loss_kwargs(self) -> dict:
+        """return_token_stats where the model gives them (see record_token_stats); loss_type="dft" asks for Dynamic
+        Fine-Tuning's weighting."""
         kw = {"dft": True} if getattr(self.args, "loss_type", "nll") == "dft" else {}
-        return {"return_token_stats": True, **kw} if isinstance(self.model, (CausalLM, FallbackModel)) else kw
+        return {"return_token_stats": True, **kw} if self._token_stats_on else kw
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
         """Keeps a micro-batch's [entropy sum, first-argmax hits, targets] (on the device, read with the step's one
@@ -115,7 +112,7 @@ class SFTTrainer(Trainer):
         """Adds the step's micro-batch means to the logging window, as TRL forms them: under torchrun, micro-batch k's
         sums over every rank's k-th micro-batch (gathered on the host), then entropy / targets and hits / targets
         (0 without targets)."""
-        if not self.loss_kwargs():  # no token stats on this model (every rank alike)
+        if not self._token_stats_on:
             return
         rows = [values[i:i + 3] for i in range(0, len(values), 3)]
         ranks = self.dist.gather(rows) if self.dist.active else [rows]
@@ -144,7 +141,9 @@ class SFTTrainer(Trainer):
         """See Trainer.eval_batch_loss; a vision-language model also gets the batch's images; with compute_metrics
         the logits are gathered too (text models). fasttune's models add the batch's token metrics to the eval window
         (TRL's eval_entropy / eval_mean_token_accuracy: the mean of the batches' means)."""
-        out = self._forward(batch, return_logits=self.predictions is not None and not self.vision)
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         return_logits=self.predictions is not None and not self.vision, **self.model_inputs(batch),
+                         **self.loss_kwargs())
         if self.predictions is not None and not self.vision:  # the same loss, with the logits compute_metrics reads
             self.predictions.add(out.logits, batch["labels"])
         if getattr(out, "token_stats", None) is not None:
