@@ -1,0 +1,156 @@
+"""The objective hooks of the trainer core (train/loop.py's Trainer): what an objective (SFT, DPO, ORPO, KTO, GRPO,
+...) overrides, with SFT's behaviour as the defaults. The loop calls nothing else of an objective; see loop.py's
+docstring for the contract."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fasttune.data.collate import collate, count_targets
+
+
+class ObjectiveHooks:
+    """Mixin of Trainer: the objective hooks and their defaults (examples {"input_ids", "labels"}, the summed
+    target-token cross-entropy). The trainer provides `model`, `args`, `dist`, `train_examples` and `pad_id`."""
+
+    trains_classifiers: bool = False
+    """Whether this objective trains a sequence classifier (models/sequence_classification.py): RewardTrainer. The
+    others need the LM head, and a classifier is a ConfigError for them."""
+    supports_packing: bool = True
+    """Whether packing=True may pack this objective's examples into shared rows (pack_examples). An objective whose
+    examples are not {"input_ids", "labels"} sets False, and packing=True is then a ConfigError (packing_refusal)."""
+    packing_refusal: str = "packing=True does not apply to {method}; set packing=False."
+    """The ConfigError message of packing=True where supports_packing is False; {method} is the objective's
+    `method` (its class name without one)."""
+    supports_cuda_graphs: bool = False
+    """Whether args.cuda_graphs may replay this objective's micro-batches as CUDA graphs (train/cuda_graphs.py):
+    only where micro_batch_loss is the plain SFT loss of {"input_ids", "attention_mask", "labels"}."""
+    evaluates: bool = True
+    """Whether evaluate() has a loss to report (GRPO: not yet)."""
+
+    def prepare(self, dataset) -> list[dict]:
+        """Rows (datasets.Dataset, list of dicts or a file path) -> this objective's examples (dicts of token ids
+        and whatever collate_batch needs). Required; raises ConfigError / DataError for data that does not fit."""
+        raise NotImplementedError
+
+    def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """The loss of one micro-batch (on the device). Returns (loss to backprop, already divided by num_items;
+        unnormalised loss sum for logging). The sum may stay a tensor on the device: the loop reads the step's sums
+        once, after the last micro-batch (host_values)."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                         labels=batch["labels"], num_items_in_batch=num_items, return_logits=False,
+                         **self.model_inputs(batch), **self.loss_kwargs())
+        if getattr(out, "token_stats", None) is not None:
+            self.record_token_stats(out.token_stats, out.target_count)
+        return out.loss, out.loss_sum.detach()
+
+    def model_inputs(self, batch: dict) -> dict:
+        """The batch's further model inputs in micro_batch_loss: packed rows' position_ids / segment_ids (SFT on a
+        vision-language model: its images)."""
+        return {k: batch[k] for k in ("position_ids", "segment_ids") if k in batch}
+
+    def loss_kwargs(self) -> dict:
+        """Further keywords of the model call in micro_batch_loss (SFT: return_token_stats on fasttune's model)."""
+        return {}
+
+    def step_reads(self) -> list:
+        """Device tensors the objective wants read with the step's one device read (after its last micro-batch);
+        step_read gets their host values (lists of floats)."""
+        return []
+
+    def step_read(self, values: list) -> None:
+        """The host values of step_reads' tensors, in order; called after every training step on every rank (so it
+        may run a host collective), with [] when there was nothing to read."""
+
+    def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
+        """A micro-batch's CausalLMOutput.token_stats and target_count (device tensors, not read here), from
+        micro_batch_loss or a CUDA-graph replay; objectives that log token metrics keep them (SFT)."""
+
+    def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
+        """Called with this rank's micro-batches of one optimizer step before any forward, as collated (on the
+        host, so reading them costs no device sync), with across_ranks=True: objectives whose loss needs statistics
+        of the whole accumulated batch (ORPO's token count, KTO's KL estimate) take them here, summed over the ranks
+        when across_ranks. An objective may call it itself with across_ranks=False (e.g. per eval batch)."""
+
+    def collate_batch(self, examples: list[dict]) -> dict:
+        """Examples -> one micro-batch of tensors (on the CPU; the loop moves it to the device)."""
+        return collate(examples, self.pad_id)
+
+    def count_items(self, batch: dict) -> int:
+        """What this micro-batch adds to the accumulated batch's loss normaliser (SFT: target tokens). Called on the
+        batch as collated, on the host."""
+        return count_targets(batch["labels"])
+
+    def batch_tokens(self, batch: dict) -> int:
+        """Tokens this micro-batch runs through the model (for tokens/s). Called on the batch as collated, on the
+        host."""
+        return int(batch["attention_mask"].sum())
+
+    def example_tokens(self, example: dict) -> int:
+        """Tokens one example puts through the model (sizes the automatic gradient-checkpointing choice)."""
+        return len(example["input_ids"])
+
+    def eval_batch_loss(self, batch: dict) -> tuple[float, int]:
+        """(loss sum, count_items) of one eval batch, under torch.no_grad."""
+        out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                         return_logits=False)
+        return float(out.loss_sum), out.num_targets
+
+    def step_metrics(self) -> dict:
+        """Extra metrics for the log entry of a logging step (averaged since the last one); resets them."""
+        return {}
+
+    def eval_metrics(self) -> dict:
+        """Extra metrics of the last evaluate() pass, merged into its result; resets them."""
+        return {}
+
+    def objective_state(self) -> dict:
+        """JSON-serialisable state of the objective that a checkpoint keeps and a resume restores (none for SFT)."""
+        return {}
+
+    def load_objective_state(self, state: dict) -> None:
+        """Restore what `objective_state` returned when the checkpoint was saved ({} from older checkpoints)."""
+
+    def epoch_order(self, epoch: int) -> list[int]:
+        """The training examples' indices in the order epoch `epoch` visits them (seeded by args.data_seed, else
+        args.seed, + epoch when args.shuffle). GRPO keeps each prompt's copies together."""
+        n = len(self.train_examples)
+        if not self.args.shuffle:
+            return list(range(n))
+        return torch.randperm(n, generator=self.data_generator(epoch)).tolist()
+
+    def data_generator(self, epoch: int) -> torch.Generator:
+        """The generator that shuffles epoch `epoch`: seeded by args.data_seed (else args.seed) + epoch."""
+        seed = self.args.seed if getattr(self.args, "data_seed", None) is None else self.args.data_seed
+        return torch.Generator().manual_seed(seed + epoch)
+
+    def steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch, all ranks' micro-batches together."""
+        micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        return math.ceil(micro / (self.args.gradient_accumulation_steps * self.dist.world))
+
+    def step_groups(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [example indices per micro-batch]) per optimizer step, all ranks'
+        micro-batches included; epochs repeat until the caller stops."""
+        ga = self.args.gradient_accumulation_steps * self.dist.world
+        epoch, micro = start_epoch, start_micro
+        while True:
+            batches = self._micro_batches(epoch)
+            while micro < len(batches):
+                group = batches[micro:micro + ga]
+                micro += len(group)
+                yield epoch, micro, group
+            epoch, micro = epoch + 1, 0
+
+    def step_batches(self, start_epoch: int, start_micro: int):
+        """Yields (epoch, next micro index, [batches as collated, on the host]) per optimizer step, all ranks'
+        micro-batches included, from (start_epoch, start_micro) on (a resume's position). The loop trains on
+        what this yields: GRPO samples and scores its completions here."""
+        for epoch, micro, group in self.step_groups(start_epoch, start_micro):
+            yield epoch, micro, [self.collate_batch([self.train_examples[i] for i in ids]) for ids in group]
+
+    def to_device(self, batch: dict) -> dict:
+        """The batch's tensors moved to the model's device; other values (plain numbers) as they are."""
+        dev = self.model.device
+        return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
