@@ -19,7 +19,7 @@ def test_trl_names_translate_and_bookkeeping_is_accepted():
     (dict(push_to_hub=True), "push_to_hub=True.*upload the folder yourself"),
     (dict(save_strategy="epoch"), "save_strategy='epoch'.*save_steps=N"),
     (dict(eval_strategy="epoch"), "eval_strategy='epoch'.*eval_steps=N"),
-    (dict(neftune_noise_alpha=5.0), "NEFTune"),
+    (dict(neftune_noise_alpha=0.0), "neftune_noise_alpha=0.0 is invalid"),
     (dict(assistant_only_loss=True, train_on_responses_only=False), "disagree"),
     (dict(max_lenght=3), "unknown setting 'max_lenght'. Did you mean 'max_seq_length'"),
     (dict(max_length=3, max_seq_length=4), "max_length and max_seq_length are the same setting"),

@@ -36,6 +36,7 @@ from fasttune.models.offload import LayerInputOffloader, kept_block, offloaded_l
 from fasttune.models.tiled_mlp import tiled_mlp
 from fasttune.models.varlen import FLASH_MAX_HEAD_DIM, packed_spans, varlen_usable
 from fasttune.models.norm import RMSNorm
+from fasttune.models.word_embedding import word_embedding
 from fasttune.models.self_attention import Attention, one_linear
 from fasttune.peft.lora import project
 
@@ -276,7 +277,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.arch = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = word_embedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)  # Gemma: scaled inside
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm_name = cfg.module_name("norm")
         setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,
@@ -359,13 +360,11 @@ class DecoderModel(nn.Module):
         Raises ConfigError for output_attentions / output_hidden_states."""
         _refuse_extra_outputs(output_attentions, output_hidden_states)
         cfg = self.arch
+        # Gemma scales inside its embedding module (models/word_embedding.py, as transformers 5's
+        # *TextScaledWordEmbedding), so embeddings passed in are used as given, as transformers' Gemma models use them.
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(self.dtype)
         b, t = x.shape[:2]
-        # Gemma scales inside its embedding module (transformers 5's *TextScaledWordEmbedding), so embeddings passed
-        # in are used as given, as transformers' Gemma models use them.
-        if cfg.embed_scale is not None and inputs_embeds is None:
-            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
         if cfg.embedding_multiplier is not None:  # Granite scales given embeddings too, by a Python float
             x = x * cfg.embedding_multiplier
         # Gemma 4's per-layer embeddings, looked up by id: input_ids, or with inputs_embeds that hold images, the ids

@@ -14,12 +14,16 @@ from torch import nn
 
 from fasttune.errors import ConfigError
 from fasttune.kernels.embedding import device_reads_host, embedding_rows, embedding_rows_reference
+from fasttune.models.word_embedding import scale_rows
 
 
 class HostEmbedding(nn.Embedding):
     """nn.Embedding whose (frozen) weight stays in pinned host memory whatever `.to()` / `.cuda()` asks: dtype
     changes apply, device moves do not. forward(ids (...) int64 on any device) -> (..., H) on ids' device in the
-    weight's dtype. Build it with `from_embedding`."""
+    weight's dtype, times `embed_scale` when the embedding it replaced scaled its rows (Gemma's
+    ScaledWordEmbedding). Build it with `from_embedding`."""
+
+    embed_scale: float | None = None
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "HostEmbedding":
@@ -31,7 +35,7 @@ class HostEmbedding(nn.Embedding):
         host = cls.__new__(cls)
         nn.Module.__init__(host)
         host.num_embeddings, host.embedding_dim = embedding.weight.shape
-        for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+        for attr in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse", "embed_scale"):
             setattr(host, attr, getattr(embedding, attr, None))
         weight = embedding.weight.detach().to("cpu")
         host.weight = nn.Parameter(pinned(weight), requires_grad=False)
@@ -52,8 +56,8 @@ class HostEmbedding(nn.Embedding):
                 self.weight = nn.Parameter(pinned(table.detach()), requires_grad=False)
                 table = self.weight
             if device_reads_host(ids.device):
-                return embedding_rows(ids, table.detach())
-        return embedding_rows_reference(ids, table.detach())
+                return scale_rows(embedding_rows(ids, table.detach()), self.embed_scale)
+        return scale_rows(embedding_rows_reference(ids, table.detach()), self.embed_scale)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, in pinned host memory"

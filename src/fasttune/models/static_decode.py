@@ -64,8 +64,6 @@ class DecodeStep:
         self.argmax = torch.zeros(b, dtype=torch.long, device=device)  # the last step's greedy token per row
         self.slots = torch.arange(cache.max_len, device=device)
         self.windows = set(model.arch.sliding_windows) or {None}
-        scale = model.arch.embed_scale
-        self.embed_scale = None if scale is None else torch.tensor(scale, dtype=decoder.dtype, device=device)
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self._pool = None  # one memory pool for all buckets' graphs (they never run at the same time)
         self._slot = cache.length  # the host's copy of cache.slot, so that choosing a bucket reads nothing
@@ -85,9 +83,7 @@ class DecodeStep:
         if not self.model.arch.attn_logit_softcap:  # SDPA would turn a bool mask into this in every layer
             masks = {w: torch.zeros(m.shape, dtype=decoder.dtype, device=m.device).masked_fill_(~m, float("-inf"))
                      for w, m in masks.items()}
-        x = decoder.embed_tokens(self.token).to(decoder.dtype)
-        if self.embed_scale is not None:
-            x = x * self.embed_scale
+        x = decoder.embed_tokens(self.token).to(decoder.dtype)  # (Gemma's scale is inside embed_tokens)
         if self.model.arch.embedding_multiplier is not None:  # Granite
             x = x * self.model.arch.embedding_multiplier
         ropes = decoder.rope_tables(self.position, x.dtype)

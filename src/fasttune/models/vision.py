@@ -30,16 +30,15 @@ class VisionFamily:
     """What differs between vision-language families. `vision_modules`: our attribute -> transformers' name
     under `model.`; `*_targets`: regexes (transformers' checkpoint names, as PEFT matches them) of the vision
     tower's attention / MLP linears for finetune_vision_layers; `mrope`: Qwen's 3-axis positions;
-    `bidirectional_images`: an image's tokens see each other both ways (Gemma 3); `scaled_embeddings`: the text
-    embeddings are multiplied by embed_scale before the image features go in (Gemma 3); `deepstack`: Qwen3-VL's
-    DeepStack features (see VisionCausalLM.multimodal_inputs)."""
+    `bidirectional_images`: an image's tokens see each other both ways (Gemma 3); `deepstack`: Qwen3-VL's
+    DeepStack features (see VisionCausalLM.multimodal_inputs). (Gemma's text embeddings are scaled inside
+    embed_tokens, models/word_embedding.py, before the image features go in.)"""
     model_type: str
     vision_modules: tuple
     vision_attention_targets: str
     vision_mlp_targets: str
     mrope: bool = False
     bidirectional_images: bool = False
-    scaled_embeddings: bool = False
     deepstack: bool = False  # Qwen3-VL: features of inner vision layers are added after the first decoder layers
     # How a video's grid takes positions (None: the family takes no videos): "plain" (Qwen2-VL: like an image of t
     # frames), "scaled" (Qwen2.5-VL: frame index x tokens_per_second x second_per_grid_ts), "frames" (Qwen3-VL,
@@ -79,7 +78,7 @@ FAMILIES = {
                            r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.self_attn\."
                            r"(q_proj|k_proj|v_proj|out_proj)",
                            r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
-                           bidirectional_images=True, scaled_embeddings=True),
+                           bidirectional_images=True),
     # Pixtral tower + Mistral 3's projector (norm, 2 x 2 patch merger, two linears): Mistral Small 3.1 / 3.2,
     # Magistral Small, Devstral Small 2 and Ministral 3 (transformers' Mistral3ForConditionalGeneration)
     "mistral3": VisionFamily("mistral3", (("vision_tower", "vision_tower"),
@@ -96,7 +95,7 @@ FAMILIES = {
                            r"model\.vision_tower\.encoder\.layers\.\d+\.self_attn\."
                            r"(q_proj|k_proj|v_proj|o_proj)\.linear",
                            r"model\.vision_tower\.encoder\.layers\.\d+\.mlp\.(gate_proj|up_proj|down_proj)\.linear",
-                           scaled_embeddings=True, positioned_patches=True, video="positioned",
+                           positioned_patches=True, video="positioned",
                            # the conformer's linears sit inside Gemma4ClippableLinear (PEFT takes the inner one)
                            audio_attention_targets=r"model\.audio_tower\.layers\.\d+\.self_attn\."
                                                    r"((q_proj|k_proj|v_proj|post)\.linear|relative_k_proj)",
@@ -294,8 +293,6 @@ class VisionCausalLM(CausalLM):
         is_image = input_ids == self.image_token_id
         ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= self.arch.vocab_size else input_ids
         x = self.model.embed_tokens(ids)  # an image token outside the vocabulary (Gemma 3) embeds as id 0
-        if self.family.scaled_embeddings:
-            x = x * torch.tensor(self.arch.embed_scale, dtype=x.dtype)
         videos = {k: v for k, v in (videos or {}).items() if v is not None}
         audio = [videos.pop(k, None) for k in AUDIO_KEYS]
         if videos and self.video_token_id is None:

@@ -152,18 +152,23 @@ class SFTConfig(TrainingConfig):
     """Supervised fine-tuning's config (SFTTrainer; also UnslothTrainingArguments): TrainingConfig's fields, of which
     packing, dataset_text_field, data_format, train_on_responses_only and dataset_num_proc shape the SFT examples,
     and TRL's loss_type: "nll" (cross-entropy) or "dft" (Dynamic Fine-Tuning, Wu et al. 2025: each target token's
-    cross-entropy weighted by its probability, detached). Raises ConfigError as TrainingConfig does, and for another
-    loss_type."""
+    cross-entropy weighted by its probability, detached); neftune_noise_alpha: transformers' NEFTune (Jain et al.
+    2023), uniform noise of magnitude alpha / sqrt(T x H) added to the input embeddings of each training forward
+    (train/neftune.py). Raises ConfigError as TrainingConfig does, and for another loss_type or an alpha <= 0."""
 
     loss_type: str = "nll"
     # TRL's: prompt/completion rows train on the completion only (None or True), or on prompt and completion (False)
     completion_only_loss: bool | None = None
+    neftune_noise_alpha: float | None = None  # NEFTune's alpha (the paper and TRL's docs use 5); None: off
 
     def __post_init__(self):
         super().__post_init__()
         if self.loss_type not in ("nll", "dft"):
             raise ConfigError(f"loss_type={self.loss_type!r} is not supported by SFT; use 'nll' (cross-entropy) or "
                               f"'dft' (Dynamic Fine-Tuning), TRL's two.")
+        if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
+            raise ConfigError(f"neftune_noise_alpha={self.neftune_noise_alpha!r} is invalid: NEFTune's noise "
+                              f"magnitude must be > 0 (5 is the paper's), or None to turn it off.")
 
 
 def steps_every(value, total: int) -> int:

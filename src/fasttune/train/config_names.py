@@ -54,7 +54,8 @@ REFUSED = {
     "push_to_hub": ((False, None), "fasttune does not upload during training (no network at run time); save with "
                                    "model.save_pretrained and upload the folder yourself"),
     "torch_compile": ((False, None), "our decoder runs its own kernels; leave torch_compile off"),
-    "neftune_noise_alpha": ((None,), "NEFTune noise is not implemented; leave neftune_noise_alpha=None"),
+    "neftune_noise_alpha": ((None,), "NEFTune noise is applied in supervised fine-tuning (SFTConfig); leave "
+                                     "neftune_noise_alpha=None here"),
     "group_by_length": ((False, None), "batches are drawn in the data's order (shuffled); leave it off"),
     "load_best_model_at_end": ((False, None), "the last step's weights are kept; pick a checkpoint from "
                                               "output_dir by its eval loss instead"),

@@ -42,6 +42,7 @@ from fasttune.train.host_reads import host_values
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
 from fasttune.train.memory_report import PhaseMemory
+from fasttune.train.neftune import neftune_noise
 from fasttune.train.optim import build_optimizer, build_scheduler, given_optimizers
 from fasttune.train.reporters import open_reporters
 from fasttune.train.config import steps_every
@@ -198,6 +199,10 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         if trial is not None:
             raise ConfigError("train(trial=...) is transformers' hyperparameter search, which fasttune does not "
                               "implement; run one training per setting instead.")
+        with neftune_noise(self.model, getattr(self.args, "neftune_noise_alpha", None)):  # SFT's NEFTune
+            return self._train(resume_from_checkpoint)
+
+    def _train(self, resume_from_checkpoint) -> dict:
         run = self._start_run(resume_from_checkpoint)
         self.callbacks.train_begin(run)
         if self.args.eval_on_start and run.step == 0:  # transformers' eval_on_start: a baseline before step 1
