@@ -56,7 +56,6 @@ class DecodeStep:
 
     def __init__(self, model, cache: KVCache, key_mask: torch.Tensor, graph: bool):
         self.model, self.cache, self.graph = model, cache, graph
-        decoder = model.model
         b, device = key_mask.shape[0], key_mask.device
         self.key_mask = key_mask.bool()
         self.token = torch.zeros(b, 1, dtype=torch.long, device=device)
