@@ -182,3 +182,48 @@ def test_dft_weighting_on_every_path(monkeypatch, kernels, softcap, compact):
         torch.testing.assert_close(b.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
     plain = linear_cross_entropy_reference(h.float(), w.float(), y, softcap, 8)
     assert float(plain) > float(want) * 1.5  # the weighting acts (probabilities well below 1)
+
+
+def _smoothing_oracle(h, w, y, softcap, eps):
+    """transformers' own LabelSmoother (its mean over the labelled rows, times their count) on fp64 logits."""
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    z = h @ w.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    return LabelSmoother(epsilon=eps)((z[None],), y[None]) * (y != -100).sum()
+
+
+@pytest.mark.parametrize("kernels", KERNELS)
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("compact", [True, False])
+@pytest.mark.parametrize("eps", [0.1, 0.35])
+def test_label_smoothing_on_every_path(monkeypatch, kernels, softcap, compact, eps):
+    """label_smoothing=e: the fused path (Triton chunk kernel or torch chunk math), the checkpointed reference and
+    cross_entropy_sum (the fallback's) give transformers' LabelSmoother's loss and gradients of hidden and head."""
+    from fasttune.kernels.cross_entropy import cross_entropy_sum
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+    torch.manual_seed(6)
+    h = torch.randn(29, 16, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(300, 16, device=DEVICE, dtype=torch.float64) * 0.3
+    y = torch.randint(0, 300, (29,), device=DEVICE)
+    y[::4] = -100
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = _smoothing_oracle(h64, w64, y, softcap, eps)
+    (want * 0.37).backward()
+    for fn in (lambda a, b: _FusedLinearCrossEntropy.apply(a, b, y, softcap, 8, compact, None, False, eps),
+               lambda a, b: linear_cross_entropy_reference(a, b, y, softcap, 8, None, False, eps),
+               lambda a, b: cross_entropy_sum(torch.tanh(a @ b.t() / softcap) * softcap if softcap else a @ b.t(),
+                                              y, label_smoothing=eps)):
+        a, b = h.float().requires_grad_(), w.float().requires_grad_()
+        loss = fn(a, b)
+        (loss * 0.37).backward()
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    a = h.float().requires_grad_()
+    linear_cross_entropy_reference(a, w.float(), y, softcap, 8).mul(0.37).backward()
+    assert (a.grad.double() - h64.grad).abs().max() > 0.05 * h64.grad.abs().max()  # the smoothing acts
+    with pytest.raises(ValueError, match="do not combine"):
+        linear_cross_entropy_reference(h, w, y, softcap, 8, None, True, eps)

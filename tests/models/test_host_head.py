@@ -92,8 +92,10 @@ def test_refusals_name_the_conflict(tiny_model_dir):
         model(torch.tensor([[1, 2]]))
 
 
-def test_dft_loss_is_refused_with_the_streamed_head(pair):
+def test_dft_loss_and_label_smoothing_are_refused_with_the_streamed_head(pair):
     _, ours = pair
     ids = torch.randint(0, 300, (1, 6))
     with pytest.raises(ConfigError, match="loss_type='dft' is not implemented with offload_lm_head"):
         ours(ids, labels=ids, dft=True)
+    with pytest.raises(ConfigError, match="label_smoothing_factor is not implemented with offload_lm_head"):
+        ours(ids, labels=ids, label_smoothing=0.1)

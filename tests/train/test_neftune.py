@@ -5,9 +5,10 @@ import pytest
 import torch
 import transformers
 
-from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+from fasttune import FastLanguageModel, SFTConfig
 from fasttune.errors import ConfigError
 from fasttune.train.neftune import neftune_noise
+from sft_twins import our_sft, trl_sft
 
 trl = pytest.importorskip("trl")
 
@@ -55,47 +56,17 @@ class _SeedEachStep(transformers.TrainerCallback):
         torch.manual_seed(1000 + state.global_step)
 
 
-def _rows(tok):
-    words = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta"]
-    return [{"input_ids": tok(" ".join(words[(i + j) % 6] for j in range(2 + (i * 5) % 7)))["input_ids"]
-             + [tok.eos_token_id]} for i in range(6)]
-
-
-def _model(folder):
-    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
-    return FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False), tok
-
-
-def _ours(folder, out, **cfg):
-    model, tok = _model(folder)
-    args = SFTConfig(output_dir=str(out), per_device_train_batch_size=6, learning_rate=1e-2, max_steps=3,
-                     lr_scheduler_type="constant", optim="adamw_torch", shuffle=False, **cfg)
-    trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(tok), args=args, callbacks=[_SeedEachStep])
-    trainer.train()
-    assert not model.get_input_embeddings()._forward_hooks
-    return [h["loss"] for h in trainer.log_history if "loss" in h], trainer.evaluate(_rows(tok))["eval_loss"]
-
-
 def test_sft_losses_equal_trl_sft_trainer_with_neftune(tiny_model_dir, tmp_path):
     """Three steps with neftune_noise_alpha=5 give TRL's SFTTrainer's per-step losses and eval loss (our model in
     both), and differ from the run without noise; evaluation adds no noise."""
-    from datasets import Dataset
-
     folder = tiny_model_dir("gemma3_text")
-    ours, our_eval = _ours(folder, tmp_path / "ours", neftune_noise_alpha=5.0)
-    plain, _ = _ours(folder, tmp_path / "plain")
-    model, tok = _model(folder)
-    args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=6, learning_rate=1e-2,
-                         max_steps=3, lr_scheduler_type="constant", optim="adamw_torch", logging_steps=1,
-                         report_to=[], use_cpu=True, bf16=False, seed=0, save_strategy="no",
-                         gradient_checkpointing=False, train_sampling_strategy="sequential", neftune_noise_alpha=5.0)
-    trainer = trl.SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(_rows(tok)),
-                             processing_class=tok, callbacks=[_SeedEachStep])
-    trainer.train()
-    theirs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    ours, our_eval, trainer = our_sft(folder, tmp_path / "ours", callbacks=[_SeedEachStep], neftune_noise_alpha=5.0)
+    assert not trainer.model.get_input_embeddings()._forward_hooks
+    plain = our_sft(folder, tmp_path / "plain", callbacks=[_SeedEachStep])[0]
+    theirs, their_eval, _ = trl_sft(folder, tmp_path / "trl", callbacks=[_SeedEachStep], neftune_noise_alpha=5.0)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-5, atol=0)
     assert ours[0] != pytest.approx(plain[0], rel=1e-4)
-    assert our_eval == pytest.approx(trainer.evaluate(Dataset.from_list(_rows(tok)))["eval_loss"], rel=1e-5)
+    assert our_eval == pytest.approx(their_eval, rel=1e-5)
 
 
 def test_neftune_settings(tmp_path):

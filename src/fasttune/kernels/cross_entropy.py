@@ -8,6 +8,8 @@ accumulated batch) and only send target rows through the lm_head.
   incoming gradient: no logits are kept and no lm_head matmul is redone. d(lm_head) accumulates in fp32.
   Per chunk, the lm_head GEMM gives 16-bit logits (as transformers does before its fp32 upcast); one Triton
   kernel turns them, in place, into that gradient and a per-row loss, computing in fp32.
+`dft` (Dynamic Fine-Tuning) and `label_smoothing` (transformers' LabelSmoother) change each row's loss and gradient
+alike on every path (see chunked_linear_cross_entropy).
 With `stats` (a (2,) fp32 tensor) every path also adds, over the labelled rows, the entropy of each row's
 distribution and the count of rows whose label is its first argmax: TRL's SFT metrics `entropy` and
 `mean_token_accuracy` (TRL's fused LM head: a tie with an earlier token is not a top-1 hit), from the same logits.
@@ -89,21 +91,31 @@ def token_stats(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.stack([torch.where(valid, entropy, 0.0).sum(), hits.sum().float()])
 
 
-def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, dft: bool = False) -> torch.Tensor:
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, dft: bool = False,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
     """The fp32 cross-entropy sum of logits (rows, V) against labels (rows,) (IGNORE_INDEX rows: 0); dft: each
     row's cross-entropy times its label's probability exp(-cross-entropy), detached (Dynamic Fine-Tuning, Wu et al.
-    2025). Differentiable: the torch paths' loss."""
-    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    2025); label_smoothing e: each row's (1 - e) x cross-entropy + e x the mean over the V classes of -log p
+    (torch's and transformers' LabelSmoother's definition). Differentiable: the torch paths' loss."""
+    _check_variant(dft, label_smoothing)
+    ce = F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none",
+                         label_smoothing=label_smoothing)
     return (ce * torch.exp(-ce).detach()).sum() if dft else ce.sum()
 
 
-def _chunk_loss_sum(hidden, weight, labels, softcap, stats, dft=False):
+def _check_variant(dft: bool, label_smoothing: float):
+    if dft and label_smoothing:
+        raise ValueError("dft and label_smoothing do not combine (SFTConfig refuses the pair).")
+
+
+def _chunk_loss_sum(hidden, weight, labels, softcap, stats, dft=False, label_smoothing=0.0):
     logits = logits_from_hidden(hidden, weight, softcap).float()
-    loss = cross_entropy_sum(logits, labels, dft)
+    loss = cross_entropy_sum(logits, labels, dft, label_smoothing)
     return (loss, token_stats(logits, labels)) if stats else loss
 
 
-def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None, stats=None, dft=False):
+def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_tokens=None, stats=None, dft=False,
+                                   label_smoothing=0.0):
     """The torch path of `chunked_linear_cross_entropy` (same arguments and fp32 loss sum): target rows only,
     `chunk_tokens` rows at a time (default: 256 MiB of fp32 logits), each chunk under activation checkpointing
     when a gradient is needed."""
@@ -116,9 +128,9 @@ def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_t
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
             # (the stats come from the first run only: the recompute's outputs are discarded)
-            out = checkpoint(_chunk_loss_sum, h, weight, y, softcap, want, dft, use_reentrant=False)
+            out = checkpoint(_chunk_loss_sum, h, weight, y, softcap, want, dft, label_smoothing, use_reentrant=False)
         else:
-            out = _chunk_loss_sum(h, weight, y, softcap, want, dft)
+            out = _chunk_loss_sum(h, weight, y, softcap, want, dft, label_smoothing)
         if want:
             out, part = out
             stats += part
@@ -127,11 +139,13 @@ def linear_cross_entropy_reference(hidden, weight, labels, softcap=None, chunk_t
 
 
 def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
-                             stats: torch.Tensor | None = None, dft: bool = False) -> torch.Tensor:
+                             stats: torch.Tensor | None = None, dft: bool = False,
+                             label_smoothing: float = 0.0) -> torch.Tensor:
     """Overwrite logits (rows, V) with d(loss)/d(logits) = softmax - onehot (times the softcap derivative) and
     return the loss sum (fp32; fp64 for fp64 logits); rows labelled IGNORE_INDEX get loss 0 and gradient 0. stats:
     a (2,) fp32 tensor that token_stats of these logits is added to. dft: each row's loss and gradient times its
-    label's probability exp(-loss), a constant (Dynamic Fine-Tuning)."""
+    label's probability exp(-loss), a constant (Dynamic Fine-Tuning). label_smoothing e: the loss
+    lse - (1 - e) z_label - e mean(z), whose gradient is softmax - (1 - e) onehot - e / V."""
     z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp64 stays fp64 (the tests' exact oracle)
     if softcap:
         t = torch.tanh(z / softcap)
@@ -143,8 +157,13 @@ def _ce_chunk_grad_reference(logits: torch.Tensor, labels: torch.Tensor, softcap
     lse = torch.logsumexp(z, dim=-1)
     ce = torch.where(valid, lse - z.gather(1, y[:, None]).squeeze(1), 0.0)
     scale = torch.exp(-ce) * valid if dft else valid
+    eps = label_smoothing
+    if eps:
+        ce = torch.where(valid, (1.0 - eps) * ce + eps * (lse - z.mean(-1)), 0.0)
     g = z.sub_(lse[:, None]).exp_()  # softmax, in place (z may alias fp32 logits: they are overwritten anyway)
-    g[torch.arange(g.shape[0], device=g.device), y] -= 1.0
+    g[torch.arange(g.shape[0], device=g.device), y] -= 1.0 - eps
+    if eps:
+        g.sub_(eps / g.shape[1])
     if softcap:
         g.mul_(1.0 - t * t)
     logits.copy_(g.mul_(scale[:, None]))
@@ -162,7 +181,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _ce_chunk_kernel(logits_ptr, labels_ptr, loss_ptr, stats_ptr, n_cols, stride, softcap, SOFTCAP: tl.constexpr,
-                         STATS: tl.constexpr, DFT: tl.constexpr, BLOCK: tl.constexpr):
+                         STATS: tl.constexpr, DFT: tl.constexpr, smoothing, SMOOTH: tl.constexpr,
+                         BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)  # rows * V can pass 2**31 (256K vocab, 8K-token chunks)
         ptr = logits_ptr + row * stride
         label = tl.load(labels_ptr + row)
@@ -174,11 +194,14 @@ if HAVE_TRITON:
         s = 0.0
         q = 0.0
         before = float("-inf")
+        total = 0.0  # SMOOTH: the sum of the row's logits (label smoothing's mean)
         for start in range(0, n_cols, BLOCK):
             mask = start + cols < n_cols
             z = tl.load(ptr + start + cols, mask=mask, other=0.0).to(tl.float32)
             if SOFTCAP:
                 z, _ = _softcapped(z, softcap)
+            if SMOOTH:
+                total += tl.sum(tl.where(mask, z, 0.0), axis=0)
             z = tl.where(mask, z, float("-inf"))
             m_new = tl.maximum(m, tl.max(z, axis=0))
             p = tl.exp(z - m_new)
@@ -196,7 +219,15 @@ if HAVE_TRITON:
         weight = 1.0
         if DFT:
             weight = tl.exp(zy - lse)
-        tl.store(loss_ptr + row, tl.where(valid, (lse - zy) * weight, 0.0))
+        # label smoothing e: lse - (1 - e) z_label - e mean(z); its gradient softmax - (1 - e) onehot - e / V
+        hit = 1.0
+        floor = 0.0
+        row_loss = lse - zy
+        if SMOOTH:
+            hit = 1.0 - smoothing
+            floor = smoothing / n_cols
+            row_loss = lse - hit * zy - smoothing * (total / n_cols)
+        tl.store(loss_ptr + row, tl.where(valid, row_loss * weight, 0.0))
         if STATS:
             tl.store(stats_ptr + 2 * row, tl.where(valid, tl.log(s) + q / s, 0.0))
             tl.store(stats_ptr + 2 * row + 1, tl.where(valid & (zy >= m) & (zy > before), 1.0, 0.0))
@@ -208,7 +239,7 @@ if HAVE_TRITON:
                 z, t = _softcapped(x, softcap)
             else:
                 z = x
-            g = (tl.exp(z - lse) - tl.where(start + cols == label, 1.0, 0.0)) * weight
+            g = (tl.exp(z - lse) - tl.where(start + cols == label, hit, 0.0) - floor) * weight
             if SOFTCAP:
                 g = g * (1.0 - t * t)
             g = tl.where(valid, g, 0.0)
@@ -217,7 +248,7 @@ if HAVE_TRITON:
 
 def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
                           block: int | None = None, stats: torch.Tensor | None = None,
-                          dft: bool = False) -> torch.Tensor:
+                          dft: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
     rows, vocab = logits.shape
     assert logits.stride(1) == 1, "the kernel walks contiguous vocab rows"
     loss = torch.empty(rows, dtype=torch.float32, device=logits.device)
@@ -227,19 +258,20 @@ def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: f
     block = block or min(_CE_BLOCK, next_pow2(vocab))
     _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, per_row, vocab, logits.stride(0),
                               float(softcap or 1.0), SOFTCAP=bool(softcap), STATS=stats is not None, DFT=dft,
-                              BLOCK=block, num_warps=min(8, max(1, block // 512)))
+                              smoothing=float(label_smoothing), SMOOTH=bool(label_smoothing), BLOCK=block, num_warps=min(8, max(1, block // 512)))
     if stats is not None:
         stats += per_row.sum(0)
     return loss.sum()
 
 
 def _ce_chunk_grad_(logits: torch.Tensor, labels: torch.Tensor, softcap: float | None,
-                    stats: torch.Tensor | None = None, dft: bool = False) -> torch.Tensor:
+                    stats: torch.Tensor | None = None, dft: bool = False,
+                    label_smoothing: float = 0.0) -> torch.Tensor:
     """The chunk's fp32 loss sum; logits become their gradient in place (see `_ce_chunk_grad_reference`); stats:
-    see the module doc; dft: Dynamic Fine-Tuning's weighting."""
+    see the module doc; dft: Dynamic Fine-Tuning's weighting; label_smoothing: transformers' LabelSmoother's."""
     if use_triton(logits) and logits.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return _ce_chunk_grad_triton(logits, labels, softcap, stats=stats, dft=dft)
-    return _ce_chunk_grad_reference(logits, labels, softcap, stats, dft)
+        return _ce_chunk_grad_triton(logits, labels, softcap, stats=stats, dft=dft, label_smoothing=label_smoothing)
+    return _ce_chunk_grad_reference(logits, labels, softcap, stats, dft, label_smoothing)
 
 
 GRAD_W_TILE_ROWS = 8192  # vocab rows of d(lm_head) per 16-bit product: its temporaries stay ~200 MiB at hidden 4096
@@ -257,7 +289,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     (the logits of one chunk are overwritten by their gradient); backward only scales them by grad_out."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, chunk, compact, stats=None, dft=False):
+    def forward(ctx, hidden, weight, labels, softcap, chunk, compact, stats=None, dft=False, label_smoothing=0.0):
         """hidden (N, H), weight (V, H), labels (N,) int64; chunk: rows per GEMM; compact: see
         chunked_linear_cross_entropy; stats: a (2,) fp32 tensor the chunks' token_stats are added to, or None.
         Returns the fp32 () loss sum; saves d(sum)/d(hidden) (hidden's dtype) and d(sum)/d(weight) (fp32)."""
@@ -274,7 +306,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, h.shape[0], chunk):
             hc, yc = h[start:start + chunk], y[start:start + chunk]
             g = hc @ w.t()  # logits in the activation dtype, overwritten by their gradient
-            total += _ce_chunk_grad_(g, yc, softcap, stats, dft)
+            total += _ce_chunk_grad_(g, yc, softcap, stats, dft, label_smoothing)
             if need_h and keep is None:
                 torch.matmul(g, w, out=grad_h[start:start + chunk])
             elif need_h:
@@ -291,13 +323,13 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h, grad_w = ctx.saved_tensors
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
 
 
 def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                                  softcap: float | None = None, chunk_tokens: int | None = None,
                                  compact: bool | None = None, stats: torch.Tensor | None = None,
-                                 dft: bool = False) -> torch.Tensor:
+                                 dft: bool = False, label_smoothing: float = 0.0) -> torch.Tensor:
     """hidden (N, H), weight (V, H), labels (N,) already shifted; returns the fp32 loss sum over labels != -100.
 
     compact: True drops the rows without a label before the GEMMs (less work when many are ignored, at the cost of
@@ -305,13 +337,17 @@ def chunked_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, lab
     unless the current CUDA stream is being captured. stats: a (2,) fp32 tensor on hidden's device that gets
     [sum of the labelled rows' entropies, count of them whose label is the first argmax] added (no gradient).
     dft: Dynamic Fine-Tuning (Wu et al. 2025; TRL's SFT loss_type="dft"): each label's cross-entropy times its
-    probability exp(-cross-entropy), detached."""
+    probability exp(-cross-entropy), detached. label_smoothing e (transformers' label_smoothing_factor, its
+    LabelSmoother; torch's cross_entropy(label_smoothing=e)): each label's loss (1 - e) x cross-entropy + e x the
+    mean over the V logit columns of -log p. Raises ValueError for dft with label_smoothing."""
+    _check_variant(dft, label_smoothing)
     if compact is None:
         compact = not (hidden.is_cuda and torch.cuda.is_current_stream_capturing())
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
         chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
-        return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk, stats, dft)
+        return linear_cross_entropy_reference(hidden, weight, labels, softcap, chunk, stats, dft, label_smoothing)
     # the Triton chunk math keeps only the GEMM's logits buffer, so its chunks count that buffer's bytes
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0], hidden.element_size() if use_triton(hidden) else 4)
-    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact, stats, dft)
+    return _FusedLinearCrossEntropy.apply(hidden, weight, labels, softcap, chunk, compact, stats, dft,
+                                          label_smoothing)

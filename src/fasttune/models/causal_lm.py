@@ -39,6 +39,7 @@ class CausalLM(PreTrainedModel):
     has_lm_head = True  # (a sequence classifier has a `score` head instead: models/sequence_classification.py)
     # logits and log-probs from the head's product in fp32 (TRL's cast_lm_head_to_fp32; the weights stay as they are)
     fp32_head = False
+    transformers_classes = "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"  # the auto mapping that names our transformers twin
 
     def __init__(self, config: PretrainedConfig):
         if isinstance(config, ModelConfig):
@@ -54,6 +55,16 @@ class CausalLM(PreTrainedModel):
         self.generation_config = GenerationConfig.from_model_config(config)
         self.lora_settings = None  # set by get_peft_model / an adapter load (models/interface.py)
         self.max_seq_length: int | None = None
+
+    def _get_name(self) -> str:
+        """The name of the transformers class this model stands in for (transformers' auto mapping by
+        config.model_type, e.g. LlamaForCausalLM, Gemma3ForConditionalGeneration; else our class name).
+        transformers' Trainer tells causal LMs by it (with label_smoothing_factor it shifts their labels, as the
+        models' own loss does), and print(model) shows it."""
+        from transformers.models.auto import modeling_auto
+
+        names = getattr(modeling_auto, self.transformers_classes)
+        return names.get(getattr(self.config, "model_type", None)) or type(self).__name__
 
     @property
     def dtype(self) -> torch.dtype:
@@ -285,7 +296,8 @@ class CausalLM(PreTrainedModel):
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                 seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
-                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False):
+                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False,
+                label_smoothing: float = 0.0):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -305,7 +317,9 @@ class CausalLM(PreTrainedModel):
         return_token_stats (with labels): `token_stats` (2,) fp32 = [sum of the target tokens' entropies, count of
         targets that are their row's first argmax], from the loss's own chunked pass (TRL's SFT `entropy` and
         `mean_token_accuracy` over target_count), no gradient. dft (Dynamic Fine-Tuning, TRL's SFT loss_type="dft"):
-        each target's cross-entropy weighted by its probability, detached (not with offload_lm_head)."""
+        each target's cross-entropy weighted by its probability, detached (not with offload_lm_head).
+        label_smoothing e (transformers' label_smoothing_factor): each target's loss (1 - e) x cross-entropy + e x the
+        mean of -log p over the vocabulary, as transformers' LabelSmoother (not with offload_lm_head)."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
@@ -326,13 +340,15 @@ class CausalLM(PreTrainedModel):
             flat, host = self.head_input(hidden[:, :-1].reshape(-1, hidden.shape[-1])), host_head(self)
             stats = torch.zeros(2, dtype=torch.float32, device=flat.device) if return_token_stats else None
             if host is not None:  # offload_lm_head: one online-softmax pass over the streamed head
-                if dft:
-                    raise ConfigError("loss_type='dft' is not implemented with offload_lm_head=True; load the model "
-                                      "without offload_lm_head, or use loss_type='nll'.")
+                if dft or label_smoothing:
+                    what = "loss_type='dft'" if dft else "label_smoothing_factor"
+                    raise ConfigError(f"{what} is not implemented with offload_lm_head=True; load the model "
+                                      f"without offload_lm_head, or train without it.")
                 loss_sum = streamed_cross_entropy(flat, host, shifted, self.arch.final_logit_softcap, stats)
             else:
                 loss_sum = chunked_linear_cross_entropy(flat, self.lm_head.weight, shifted,
-                                                        self.arch.final_logit_softcap, stats=stats, dft=dft)
+                                                        self.arch.final_logit_softcap, stats=stats, dft=dft,
+                                                        label_smoothing=label_smoothing)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across

@@ -62,6 +62,7 @@ class SequenceClassifier(CausalLM):
 
     is_sequence_classifier = True  # read by peft/ and export/, which do not import models/
     has_lm_head = False  # no vocabulary-sized head (transformers' classifiers have none either): lm_head is None
+    transformers_classes = "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"  # e.g. LlamaForSequenceClassification
 
     def __init__(self, config: PretrainedConfig):
         super().__init__(config)

@@ -154,12 +154,16 @@ class SFTConfig(TrainingConfig):
     and TRL's loss_type: "nll" (cross-entropy) or "dft" (Dynamic Fine-Tuning, Wu et al. 2025: each target token's
     cross-entropy weighted by its probability, detached); neftune_noise_alpha: transformers' NEFTune (Jain et al.
     2023), uniform noise of magnitude alpha / sqrt(T x H) added to the input embeddings of each training forward
-    (train/neftune.py). Raises ConfigError as TrainingConfig does, and for another loss_type or an alpha <= 0."""
+    (train/neftune.py); label_smoothing_factor e: transformers' label smoothing, each target's loss (1 - e) x
+    cross-entropy + e x the mean of -log p over the vocabulary (its LabelSmoother), in training and evaluation.
+    Raises ConfigError as TrainingConfig does, and for another loss_type, an alpha <= 0, a label_smoothing_factor
+    outside [0, 1) or with loss_type="dft"."""
 
     loss_type: str = "nll"
     # TRL's: prompt/completion rows train on the completion only (None or True), or on prompt and completion (False)
     completion_only_loss: bool | None = None
     neftune_noise_alpha: float | None = None  # NEFTune's alpha (the paper and TRL's docs use 5); None: off
+    label_smoothing_factor: float = 0.0  # transformers' name; 0.1 is common
 
     def __post_init__(self):
         super().__post_init__()
@@ -169,6 +173,12 @@ class SFTConfig(TrainingConfig):
         if self.neftune_noise_alpha is not None and not self.neftune_noise_alpha > 0:
             raise ConfigError(f"neftune_noise_alpha={self.neftune_noise_alpha!r} is invalid: NEFTune's noise "
                               f"magnitude must be > 0 (5 is the paper's), or None to turn it off.")
+        if not 0.0 <= self.label_smoothing_factor < 1.0:
+            raise ConfigError(f"label_smoothing_factor={self.label_smoothing_factor!r} is invalid: the share of the "
+                              f"loss spread over the vocabulary, in [0, 1) (0.1 is common; 0 turns it off).")
+        if self.label_smoothing_factor and self.loss_type == "dft":
+            raise ConfigError("label_smoothing_factor and loss_type='dft' do not combine (TRL's DFT loss replaces "
+                              "transformers' label smoother); use one of them.")
 
 
 def steps_every(value, total: int) -> int:

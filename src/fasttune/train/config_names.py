@@ -59,7 +59,8 @@ REFUSED = {
     "group_by_length": ((False, None), "batches are drawn in the data's order (shuffled); leave it off"),
     "load_best_model_at_end": ((False, None), "the last step's weights are kept; pick a checkpoint from "
                                               "output_dir by its eval loss instead"),
-    "label_smoothing_factor": ((0, 0.0, None), "label smoothing is not implemented; leave it at 0"),
+    "label_smoothing_factor": ((0, 0.0, None), "label smoothing is applied in supervised fine-tuning "
+                                               "(SFTConfig); leave it at 0 here"),
     "torch_compile_backend": ((None,), "our decoder runs its own kernels; leave torch_compile off"),
     "torch_compile_mode": ((None,), "our decoder runs its own kernels; leave torch_compile off"),
     "auto_find_batch_size": ((False, None), "set per_device_train_batch_size yourself (the model's "

@@ -93,8 +93,10 @@ class SFTTrainer(Trainer):
 
     def loss_kwargs(self) -> dict:
         """return_token_stats where the model gives them (see record_token_stats); loss_type="dft" asks for Dynamic
-        Fine-Tuning's weighting."""
+        Fine-Tuning's weighting, label_smoothing_factor for label smoothing."""
         kw = {"dft": True} if getattr(self.args, "loss_type", "nll") == "dft" else {}
+        if getattr(self.args, "label_smoothing_factor", 0.0):
+            kw["label_smoothing"] = float(self.args.label_smoothing_factor)
         return {"return_token_stats": True, **kw} if self._token_stats_on else kw
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
