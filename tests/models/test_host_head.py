@@ -98,4 +98,4 @@ def test_dft_loss_and_label_smoothing_are_refused_with_the_streamed_head(pair):
     with pytest.raises(ConfigError, match="loss_type='dft' is not implemented with offload_lm_head"):
         ours(ids, labels=ids, dft=True)
     with pytest.raises(ConfigError, match="label_smoothing_factor is not implemented with offload_lm_head"):
-        ours(ids, labels=ids, label_smoothing=0.1)
+        ours(ids, labels=ids, smoothing=0.1)

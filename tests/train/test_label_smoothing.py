@@ -44,3 +44,16 @@ def test_models_carry_their_transformers_class_name(tiny_model_dir):
     from tiny import load_classifier
 
     assert load_classifier(tiny_model_dir("llama"))[0]._get_name() == "LlamaForSequenceClassification"
+
+
+def test_transformers_finds_only_labels_as_label_columns():
+    """transformers' Trainer takes every forward keyword with "label" in its name for a label column (find_labels):
+    ours must have `labels` alone, or its evaluation drops compute_metrics."""
+    from transformers.utils import find_labels
+
+    from fasttune.models.causal_lm import CausalLM
+    from fasttune.models.fallback import FallbackModel
+    from fasttune.models.vision import VisionCausalLM
+
+    for cls in (CausalLM, FallbackModel, VisionCausalLM):
+        assert find_labels(cls) == ["labels"], cls

@@ -296,8 +296,7 @@ class CausalLM(PreTrainedModel):
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                 seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
-                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False,
-                label_smoothing: float = 0.0):
+                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False, smoothing: float = 0.0):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -318,8 +317,9 @@ class CausalLM(PreTrainedModel):
         targets that are their row's first argmax], from the loss's own chunked pass (TRL's SFT `entropy` and
         `mean_token_accuracy` over target_count), no gradient. dft (Dynamic Fine-Tuning, TRL's SFT loss_type="dft"):
         each target's cross-entropy weighted by its probability, detached (not with offload_lm_head).
-        label_smoothing e (transformers' label_smoothing_factor): each target's loss (1 - e) x cross-entropy + e x the
-        mean of -log p over the vocabulary, as transformers' LabelSmoother (not with offload_lm_head)."""
+        smoothing e (transformers' label_smoothing_factor): each target's loss (1 - e) x cross-entropy + e x the
+        mean of -log p over the vocabulary, as transformers' LabelSmoother (not with offload_lm_head). (No keyword
+        here may contain "label" but `labels`: transformers' Trainer takes every such one for a label column.)"""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
@@ -340,7 +340,7 @@ class CausalLM(PreTrainedModel):
             flat, host = self.head_input(hidden[:, :-1].reshape(-1, hidden.shape[-1])), host_head(self)
             stats = torch.zeros(2, dtype=torch.float32, device=flat.device) if return_token_stats else None
             if host is not None:  # offload_lm_head: one online-softmax pass over the streamed head
-                if dft or label_smoothing:
+                if dft or smoothing:
                     what = "loss_type='dft'" if dft else "label_smoothing_factor"
                     raise ConfigError(f"{what} is not implemented with offload_lm_head=True; load the model "
                                       f"without offload_lm_head, or train without it.")
@@ -348,7 +348,7 @@ class CausalLM(PreTrainedModel):
             else:
                 loss_sum = chunked_linear_cross_entropy(flat, self.lm_head.weight, shifted,
                                                         self.arch.final_logit_softcap, stats=stats, dft=dft,
-                                                        label_smoothing=label_smoothing)
+                                                        label_smoothing=smoothing)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
         # The KVCache is not returned: the caller passed it in and holds it (its field name differs across

@@ -248,11 +248,11 @@ class FallbackModel(nn.Module):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, num_items_in_batch=None,
                 return_logits: bool | None = None, inputs_embeds=None, logits_to_keep: int = 0,
                 return_dict: bool | None = None, return_token_stats: bool = False, dft: bool = False,
-                label_smoothing: float = 0.0, **kwargs):
+                smoothing: float = 0.0, **kwargs):
         """The loss is computed here from the logits (summed cross-entropy), as our decoder does, so gradient
         accumulation divides by the target tokens of the whole accumulated batch. return_token_stats (with labels):
         `token_stats` as CausalLM.forward gives them (TRL's SFT entropy and accuracy), from these logits; dft and
-        label_smoothing as in CausalLM.forward. Other keyword
+        smoothing as in CausalLM.forward. Other keyword
         arguments go to the transformers model when they are among TRANSFORMERS_FORWARD_KWARGS; any other one is a
         ConfigError."""
         refuse_unknown("forward", kwargs, TRANSFORMERS_FORWARD_KWARGS)
@@ -271,7 +271,7 @@ class FallbackModel(nn.Module):
             kept = logits[:, -logits_to_keep:] if logits_to_keep else logits
         if labels is not None:
             shifted = labels[:, 1:].reshape(-1).to(logits.device)
-            loss_sum = cross_entropy_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, dft, label_smoothing)
+            loss_sum = cross_entropy_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, dft, smoothing)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
             if return_token_stats:

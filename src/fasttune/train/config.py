@@ -61,6 +61,9 @@ class TrainingConfig(metaclass=ConfigMeta):
     dataset_num_proc: int | None = None  # tokenizing processes; None: 1 below 10k rows, else min(8, cpus)
     chat_template: str | None = None  # a name from fasttune.data.templates (chatml, llama-3, ...) or a Jinja string
     shuffle: bool = True
+    # transformers' train_sampling_strategy="group_by_length": each optimizer step's rows drawn from a shuffled block of
+    # similar lengths (less padding), transformers' get_length_grouped_indices on the shuffle's generator
+    group_by_length: bool = False
     tf32: bool | None = None  # CUDA: allow TF32 for fp32 matmuls and convolutions (True) or not (False); None: torch's
     bf16: bool | None = None
     fp16: bool | None = None
@@ -82,6 +85,9 @@ class TrainingConfig(metaclass=ConfigMeta):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or v < 0:
                 raise ConfigError(f"{name}={v!r} is invalid: it must be a number >= 0.")
+        if self.group_by_length and not self.shuffle:
+            raise ConfigError("group_by_length=True draws shuffled blocks of similar lengths, and shuffle=False keeps "
+                              "the data's order; give one (transformers' train_sampling_strategy is one of them).")
         if self.max_steps == 0 or self.max_steps < -1:
             raise ConfigError(f"max_steps={self.max_steps} is invalid: give the number of optimizer steps (>= 1), "
                               f"or -1 to train for num_train_epochs.")

@@ -56,7 +56,6 @@ REFUSED = {
     "torch_compile": ((False, None), "our decoder runs its own kernels; leave torch_compile off"),
     "neftune_noise_alpha": ((None,), "NEFTune noise is applied in supervised fine-tuning (SFTConfig); leave "
                                      "neftune_noise_alpha=None here"),
-    "group_by_length": ((False, None), "batches are drawn in the data's order (shuffled); leave it off"),
     "load_best_model_at_end": ((False, None), "the last step's weights are kept; pick a checkpoint from "
                                               "output_dir by its eval loss instead"),
     "label_smoothing_factor": ((0, 0.0, None), "label smoothing is applied in supervised fine-tuning "
@@ -173,12 +172,19 @@ def _fsdp(cls, value) -> bool:
 
 
 def _sampling(cls, value, kwargs: dict, out: dict):
-    """transformers' train_sampling_strategy: "random" is fasttune's shuffle=True, "sequential" shuffle=False."""
+    """transformers' train_sampling_strategy: "random" is fasttune's shuffle=True, "sequential" shuffle=False,
+    "group_by_length" group_by_length=True (shuffled)."""
     value = str(value)
-    if value not in ("random", "sequential"):
+    if value not in ("random", "sequential", "group_by_length"):
         raise ConfigError(f"{cls.__name__}(train_sampling_strategy={value!r}) is not supported: batches are drawn "
-                          f"in random order ('random') or in the data's order ('sequential').")
-    shuffle = value == "random"
+                          f"in random order ('random'), in the data's order ('sequential') or in shuffled blocks of "
+                          f"similar lengths ('group_by_length').")
+    if value == "group_by_length":
+        if kwargs.get("group_by_length") is False:
+            raise ConfigError(f"{cls.__name__}: train_sampling_strategy='group_by_length' and group_by_length=False "
+                              f"disagree; give one.")
+        out["group_by_length"] = True
+    shuffle = value != "sequential"
     if "shuffle" in kwargs and bool(kwargs["shuffle"]) != shuffle:
         raise ConfigError(f"{cls.__name__}: train_sampling_strategy={value!r} and shuffle={kwargs['shuffle']!r} "
                           f"disagree; give one.")

@@ -114,10 +114,22 @@ class ObjectiveHooks:
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The training examples' indices in the order epoch `epoch` visits them (seeded by args.data_seed, else
-        args.seed, + epoch when args.shuffle). GRPO keeps each prompt's copies together."""
+        args.seed, + epoch when args.shuffle). With args.group_by_length, transformers' LengthGroupedSampler order
+        (its get_length_grouped_indices on that generator): a random permutation cut into blocks of up to 50
+        optimizer steps, each block sorted longest first (example_tokens), so a step's rows have similar lengths and
+        pad less; the longest example comes first, so memory runs out at once if it will. GRPO keeps each prompt's
+        copies together."""
         n = len(self.train_examples)
         if not self.args.shuffle:
             return list(range(n))
+        if self.args.group_by_length:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            step_rows = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                         * self.dist.world)
+            lengths = [self.example_tokens(ex) for ex in self.train_examples]
+            return [int(i) for i in get_length_grouped_indices(lengths, step_rows,
+                                                               generator=self.data_generator(epoch))]
         return torch.randperm(n, generator=self.data_generator(epoch)).tolist()
 
     def data_generator(self, epoch: int) -> torch.Generator:

@@ -114,6 +114,9 @@ class OnlineRLConfig(TrainingConfig):
         if self.packing:
             raise ConfigError("packing=True does not apply to GRPO or RLOO (completions are sampled per step); set "
                               "it False.")
+        if self.group_by_length:
+            raise ConfigError(f"group_by_length=True does not apply to {type(self).__name__}: its rows are sampled "
+                              f"per step (their lengths are not known in advance); leave it False.")
         if self.reward_weights is not None:
             if not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in self.reward_weights):
                 raise ConfigError(f"reward_weights={self.reward_weights!r} is invalid: give one number per reward "

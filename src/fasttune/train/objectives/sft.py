@@ -96,7 +96,7 @@ class SFTTrainer(Trainer):
         Fine-Tuning's weighting, label_smoothing_factor for label smoothing."""
         kw = {"dft": True} if getattr(self.args, "loss_type", "nll") == "dft" else {}
         if getattr(self.args, "label_smoothing_factor", 0.0):
-            kw["label_smoothing"] = float(self.args.label_smoothing_factor)
+            kw["smoothing"] = float(self.args.label_smoothing_factor)
         return {"return_token_stats": True, **kw} if self._token_stats_on else kw
 
     def record_token_stats(self, stats: torch.Tensor, targets: torch.Tensor) -> None:
