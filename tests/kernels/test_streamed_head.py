@@ -115,3 +115,23 @@ def test_cross_entropy_token_stats(small_tiles):
     assert hits >= 2 and (z.argmax(-1)[1] == 2)  # row 5 hits (label 2), row 1 does not (label 40, tied later)
     torch.testing.assert_close(stats[0], (-(logp.exp() * logp).sum(-1))[valid].sum(), rtol=1e-9, atol=1e-9)
     assert stats[1] == hits
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_token_extras_equal_the_chunked_path(small_tiles, softcap):
+    """The streamed head's extras (mean logit, first-argmax hit, log sum p^2), accumulated tile by tile, equal
+    logit_extras on the whole logits, a tie across two tiles included."""
+    from fasttune.kernels.token_logprobs import logit_extras
+
+    h, w, y = _inputs(2)
+    y[3] = 5
+    w[40] = w[2]  # columns 2 and 40 (different tiles) tie; row 0's label 40 is then a miss, row 1's 2 a hit
+    h = h.detach()
+    h[0], h[1] = w[2] * 4, w[2] * 4
+    y[0], y[1] = 40, 2
+    z = _oracle_logits(h, w, softcap)
+    extras = torch.zeros(10, 3, dtype=torch.float64)
+    sh.streamed_token_logprobs(h, w, y, softcap, extras=extras)
+    want = logit_extras(z, y).double()
+    assert want[0, 1] == 0 and want[1, 1] == 1
+    torch.testing.assert_close(extras, want, rtol=1e-9, atol=1e-9)

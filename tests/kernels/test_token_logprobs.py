@@ -103,3 +103,45 @@ def test_fp32_head_on_bf16_inputs(impl):
     assert h2.dtype == w2.dtype == torch.bfloat16
     torch.testing.assert_close(h2.double(), gh, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(w2.double(), gw, rtol=2e-2, atol=2e-2)
+
+
+def _extras_oracle(z, labels):
+    """mean logit, first-argmax hit, log sum p^2 in fp64 from full logits, written out."""
+    p = z.softmax(-1)
+    first = torch.stack([(row == row.max()).nonzero()[0, 0] for row in z])
+    return torch.stack([z.mean(-1), (first == labels).double(), (p * p).sum(-1).log()], 1)
+
+
+@pytest.mark.parametrize("softcap", [None, 5.0])
+@pytest.mark.parametrize("grad", [True, False])
+def test_extras_on_the_fused_and_reference_paths(monkeypatch, softcap, grad):
+    """extras (TRL's DPO outputs mean_logits, is_top1, log_sum_sq_probs) equal the fp64 formulas, chunked over 8
+    rows, with and without a gradient (fused / reference path); a tie with an earlier column is not a hit; the
+    log-probs are unchanged."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(21, 16, generator=g, dtype=torch.float64)
+    weight = torch.randn(50, 16, generator=g, dtype=torch.float64)
+    weight[7] = weight[3]  # labels 7 with argmax 3 and 7 tied: a miss (the first maximum is 3)
+    labels = torch.randint(0, 50, (21,), generator=g)
+    z = hidden @ weight.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    labels[:5] = z[:5].argmax(-1)  # some hits
+    hidden[5] = weight[3] * 3  # a row whose largest logits are columns 3 and 7
+    labels[5] = 7
+    z = hidden @ weight.t()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    want = _extras_oracle(z, labels)
+    assert want[:5, 1].all() and want[5, 1] == 0
+    for kernels in ("triton", "torch"):
+        monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+        extras = torch.zeros(21, 3, dtype=torch.float32)
+        h = hidden.clone().requires_grad_(grad)
+        logps = token_logprobs(h, weight, labels, softcap, chunk_tokens=8, extras=extras)
+        torch.testing.assert_close(extras.double(), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(logps.double(), _plain(hidden, weight, labels, softcap, 1.0), rtol=1e-5,
+                                   atol=1e-5)
+        if grad:
+            logps.sum().backward()
+            assert h.grad is not None

@@ -159,9 +159,10 @@ def streamed_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: t
 
 
 def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None, ent=None, go_ent=None,
-                entropy=False):
+                entropy=False, extras=None):
     """Without lse: (logsumexp (N,), z_y (N,), entropy (N,) or None) of z = softcap(h W^T) / temperature, the entropy
-    with entropy=True. With lse and the incoming gradient go (N,) (and go_ent (N,) for the entropies `ent` (N,)):
+    with entropy=True, and `extras` (N, 3) filled with token_logprobs.logit_extras' columns when given. With lse and
+    the incoming gradient go (N,) (and go_ent (N,) for the entropies `ent` (N,)):
     d(sum go * log p_y + sum go_ent * H) / d h."""
     n, dev, f = h.shape[0], h.device, _math_dtype(h)
     m = torch.full((n,), float("-inf"), dtype=f, device=dev)
@@ -170,6 +171,9 @@ def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None, ent=
     q = torch.zeros(n, dtype=f, device=dev) if entropy else None
     z_y = torch.zeros(n, dtype=f, device=dev)
     grad = torch.zeros(h.shape, dtype=f, device=dev) if lse is not None else None
+    if extras is not None:  # sum of z, the largest z before the label's column, online logsumexp of 2 z
+        z_sum, before = torch.zeros(n, dtype=f, device=dev), torch.full((n,), float("-inf"), dtype=f, device=dev)
+        m2, s2 = torch.full((n,), float("-inf"), dtype=f, device=dev), torch.zeros(n, dtype=f, device=dev)
     for start, tile in head_tiles(weight, dev, h.dtype):
         z, dz = _softcapped((h @ tile.t()).to(f), softcap)
         z = z / temperature
@@ -178,6 +182,11 @@ def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None, ent=
             z_y = torch.where(here, z.gather(1, col[:, None]).squeeze(1), z_y)
             m_old, s_old = m, s
             m, s, rescale, p = _online_step(m, s, z)
+            if extras is not None:
+                z_sum += z.sum(1)
+                earlier = torch.arange(start, start + z.shape[1], device=dev)[None, :] < y[:, None]
+                before = torch.maximum(before, torch.where(earlier, z, float("-inf")).amax(1))
+                m2, s2, _, _ = _online_step(m2, s2, 2 * z)
             if q is not None:  # the terms so far, moved to the new max: e^(z-m') (m'-z) = r e^(z-m) ((m-z) + (m'-m))
                 q = torch.where(s_old > 0, rescale * (q + (m - m_old) * s_old), 0.0) + (p * (m[:, None] - z)).sum(1)
             continue
@@ -195,15 +204,18 @@ def _logit_pass(h, weight, softcap, temperature, y=None, lse=None, go=None, ent=
     if lse is not None:
         return grad.to(h.dtype)
     lse = m + torch.log(s)
+    if extras is not None:
+        top1 = (z_y >= m) & (z_y > before)  # the first argmax, as torch.argmax picks it
+        extras.copy_(torch.stack([z_sum / weight.shape[0], top1.to(f), m2 + torch.log(s2) - 2 * lse], 1))
     return lse, z_y, (torch.log(s) + q / s if q is not None else None)
 
 
 class _StreamedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, temperature, entropy):
-        """(log-probs (N,), entropies (N,); zeros unless `entropy`), fp32."""
+    def forward(ctx, hidden, weight, labels, softcap, temperature, entropy, extras=None):
+        """(log-probs (N,), entropies (N,); zeros unless `entropy`), fp32; fills `extras` (N, 3) when given."""
         ctx.set_materialize_grads(False)
-        lse, z_y, ent = _logit_pass(hidden, weight, softcap, temperature, labels, entropy=entropy)
+        lse, z_y, ent = _logit_pass(hidden, weight, softcap, temperature, labels, entropy=entropy, extras=extras)
         ent = torch.zeros_like(lse) if ent is None else ent
         ctx.save_for_backward(hidden, labels, lse, ent)
         ctx.weight, ctx.softcap, ctx.temperature = weight, softcap, temperature
@@ -214,19 +226,20 @@ class _StreamedTokenLogprobs(torch.autograd.Function):
         """(d log-probs or None, d entropies or None) -> (d hidden, None, ...)."""
         hidden, labels, lse, ent = ctx.saved_tensors
         if not ctx.needs_input_grad[0] or (grad_out is None and grad_ent is None):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         go = torch.zeros_like(lse) if grad_out is None else grad_out.to(lse.dtype)
         grad = _logit_pass(hidden, ctx.weight, ctx.softcap, ctx.temperature, labels, lse, go, ent,
                            None if grad_ent is None else grad_ent.to(lse.dtype))
-        return grad, None, None, None, None, None
+        return grad, None, None, None, None, None, None
 
 
 def streamed_token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                            softcap: float | None = None, temperature: float = 1.0, entropy: bool = False):
+                            softcap: float | None = None, temperature: float = 1.0, entropy: bool = False,
+                            extras: torch.Tensor | None = None):
     """log p(labels | hidden) (N,) fp32 through a frozen head weight (V, H) streamed in tiles (see module doc); the
-    same values as kernels.token_logprobs.token_logprobs (and with entropy=True the same (log-probs, entropies)),
-    with gradients for hidden only."""
-    logps, ent = _StreamedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, entropy)
+    same values as kernels.token_logprobs.token_logprobs (and with entropy=True the same (log-probs, entropies); with
+    extras (N, 3) the same extras), with gradients for hidden only."""
+    logps, ent = _StreamedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, entropy, extras)
     return (logps, ent) if entropy else logps
 
 

@@ -12,6 +12,10 @@ into the forward pass:
   E_p[z] = logsumexp - H, so the (tokens x vocab) logits never exist at once and no autograd graph over them is
   stored.
 
+`extras` (an (N, 3) fp32 tensor, filled without gradient): per token the EXTRAS that TRL's fused LM head gives DPO
+(its chunked_logprob outputs of those names): the mean logit over the vocabulary, whether the label is the first
+argmax, and log sum_v p_v^2 (WPO's weights), from the same chunk logits.
+
 fp32=True (TRL's cast_lm_head_to_fp32, ScaleRL's recipe): the head's product is taken in fp32 from the 16-bit hidden
 states and weights (exact in fp32), where the default rounds each logit to the hidden dtype first as a 16-bit
 nn.Linear does (a bf16 logit near 20 is off by up to 0.06); backward multiplies the fp32 logit gradients by the
@@ -36,28 +40,48 @@ def _scaled_logits(hidden, weight, softcap, temperature, fp32=False):
     return z / temperature, t
 
 
-def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy, fp32=False):
+EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")  # the columns of `extras`, TRL's names
+
+
+@torch.no_grad()
+def logit_extras(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
+    """(rows, 3) fp32, the EXTRAS of scaled logits z (rows, V) at labels (rows,): mean over the V logits; 1.0 where
+    the label is the first argmax (a tie with an earlier column is a miss, as TRL counts); log sum_v softmax(z)_v^2 =
+    logsumexp(2 z) - 2 logsumexp(z) (lse, when given, is logsumexp(z))."""
+    z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp64 stays fp64 (the tests' exact oracle)
+    lse = torch.logsumexp(z, -1) if lse is None else lse
+    return torch.stack([z.mean(-1), (z.argmax(-1) == labels).to(z.dtype), torch.logsumexp(2 * z, -1) - 2 * lse], 1)
+
+
+def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy, fp32=False, extras=False):
+    """The chunk's log-probs; with entropy, (log-probs, entropies); with extras, (log-probs, entropies or None,
+    extras): returned, not written, as the chunk may run under checkpoint."""
     z, _ = _scaled_logits(hidden, weight, softcap, temperature, fp32)
     logp = z.log_softmax(-1)
     picked = logp.gather(1, labels[:, None]).squeeze(1)
-    if not entropy:
-        return picked
-    return picked, -(logp.exp() * logp).sum(-1)
+    ent = -(logp.exp() * logp).sum(-1) if entropy else None
+    if extras:
+        return picked, ent, logit_extras(z.detach(), labels)
+    return (picked, ent) if entropy else picked
 
 
 def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1.0, chunk_tokens=None,
-                             entropy=False, fp32=False):
+                             entropy=False, fp32=False, extras=None):
     """The torch path of `token_logprobs` (same arguments and results): log_softmax + gather (and the entropy) per
     chunk of `chunk_tokens` rows, each under activation checkpointing when a gradient is needed."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk):
         h, y = hidden[start:start + chunk], labels[start:start + chunk]
+        args = (h, weight, y, softcap, temperature, entropy, fp32, extras is not None)
         if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
-            out.append(checkpoint(_chunk_logprobs, h, weight, y, softcap, temperature, entropy, fp32,
-                                  use_reentrant=False))
+            part = checkpoint(_chunk_logprobs, *args, use_reentrant=False)
         else:
-            out.append(_chunk_logprobs(h, weight, y, softcap, temperature, entropy, fp32))
+            part = _chunk_logprobs(*args)
+        if extras is not None:
+            extras[start:start + chunk] = part[2]
+            part = part[:2] if entropy else part[0]
+        out.append(part)
     if not out:
         empty = hidden.new_zeros(0, dtype=torch.float32)
         return (empty, empty.clone()) if entropy else empty
@@ -68,8 +92,9 @@ def token_logprobs_reference(hidden, weight, labels, softcap=None, temperature=1
 
 class _FusedTokenLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk, entropy, fp32):
-        """As token_logprobs: returns (log-probs (N,), entropies (N,); zeros unless `entropy`), both fp32."""
+    def forward(ctx, hidden, weight, labels, softcap, temperature, chunk, entropy, fp32, extras=None):
+        """As token_logprobs: returns (log-probs (N,), entropies (N,); zeros unless `entropy`), both fp32; fills
+        `extras` (N, 3) when given."""
         ctx.set_materialize_grads(False)  # an output nothing differentiates (the entropy, most often) gets None
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse, ent = torch.empty_like(out), torch.zeros_like(out)
@@ -78,6 +103,8 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             z, _ = _scaled_logits(hidden[rows], weight, softcap, temperature, fp32)
             lse[rows] = torch.logsumexp(z, dim=-1)
             out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
+            if extras is not None:
+                extras[rows] = logit_extras(z, labels[rows], lse[rows])
             if entropy:
                 # sum_v p_v (lse - z_v): non-negative terms, no cancellation where H is small
                 zl = z.sub(lse[rows, None])
@@ -92,7 +119,7 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         hidden, weight, labels, lse, ent = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if grad_out is None and grad_ent is None:
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
         w = weight.to(hidden.dtype)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -125,19 +152,21 @@ class _FusedTokenLogprobs(torch.autograd.Function):
             if need_w:
                 grad_w += (g.t() @ hc).float()
         gw = grad_w.to(weight.dtype) if grad_w is not None else None
-        return grad_h, gw, None, None, None, None, None, None
+        return grad_h, gw, None, None, None, None, None, None, None
 
 
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, softcap: float | None = None,
                    temperature: float = 1.0, chunk_tokens: int | None = None, entropy: bool = False,
-                   fp32: bool = False):
+                   fp32: bool = False, extras: torch.Tensor | None = None):
     """hidden (N, H) at the positions that predict `labels` (N,), weight (V, H) -> fp32 log-probs (N,) of the labels
     under softmax(softcap(hidden @ weight^T) / temperature); with entropy=True, (log-probs, entropies (N,) fp32 in
     nats), both differentiable (GRPO's entropy bonus back-propagates the entropy). fp32=True: the head's product in
-    fp32 (see the module docstring), else rounded to the hidden dtype."""
+    fp32 (see the module docstring), else rounded to the hidden dtype. extras: an (N, 3) fp32 tensor that gets each
+    token's EXTRAS (no gradient; see logit_extras)."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if kernel_choice() == "torch" or not wants_grad:
-        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32)
-    logps, ent = _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32)
+        return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32, extras)
+    logps, ent = _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32,
+                                           extras)
     return (logps, ent) if entropy else logps

@@ -278,17 +278,19 @@ class CausalLM(PreTrainedModel):
         return logits_from_hidden(hidden, self.lm_head.weight, self.arch.final_logit_softcap, self.fp32_head)
 
     def token_logprobs(self, hidden: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
-                       entropy: bool = False):
+                       entropy: bool = False, extras: torch.Tensor | None = None):
         """log p(labels | hidden) through the LM head, chunked so the (N x vocab) logits never exist at once:
         hidden (N, H), labels (N,) int64 -> (N,) fp32, with Gemma 2's final softcap and the logits divided by
-        `temperature`; entropy=True: (log-probs, entropies (N,) fp32 of the same distributions). A head in host memory
-        (offload_lm_head) is streamed in tiles."""
+        `temperature`; entropy=True: (log-probs, entropies (N,) fp32 of the same distributions); extras (N, 3) fp32 gets
+        each token's kernels.token_logprobs.EXTRAS (no gradient). A head in host memory (offload_lm_head) is streamed
+        in tiles."""
         hidden = self.head_input(hidden)
         host = host_head(self)
         if host is not None:
-            return streamed_token_logprobs(hidden, host, labels, self.arch.final_logit_softcap, temperature, entropy)
+            return streamed_token_logprobs(hidden, host, labels, self.arch.final_logit_softcap, temperature, entropy,
+                                           extras)
         return token_logprobs(hidden, self.lm_head.weight, labels, self.arch.final_logit_softcap, temperature,
-                              entropy=entropy, fp32=self.fp32_head)
+                              entropy=entropy, fp32=self.fp32_head, extras=extras)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values: KVCache | None = None,
                 inputs_embeds=None, labels=None, use_cache: bool | None = None, return_dict: bool | None = None,

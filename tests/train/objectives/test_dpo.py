@@ -257,3 +257,56 @@ def test_modules_to_save_reference_is_a_frozen_copy(tiny_model_dir, tmp_path):
     assert losses[0] == pytest.approx(math.log(2), abs=1e-6) and losses[-1] < losses[0]
     for n, saved in trainer.reference.saved.items():  # the copy is the start, not the trained weights
         torch.testing.assert_close(saved, start[n], rtol=0, atol=0)
+
+
+TOKEN_METRICS = ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy")
+
+
+@pytest.mark.parametrize("cfg", [dict(use_weighting=True), dict(ld_alpha=0.3),
+                                 # (not "sft" or "hinge": TRL 1.16 crashes weighting their losses in place)
+                                 dict(use_weighting=True, ld_alpha=0.5, loss_type=["sigmoid", "ipo", "apo_zero"],
+                                      loss_weights=[1.0, 0.5, 0.2])],
+                         ids=["wpo", "ld_dpo", "both_weighted_sum"])
+def test_wpo_and_ld_dpo_equal_trl(cfg, tiny_model_dir, tmp_path):
+    """use_weighting (WPO's per-pair weights from log p - log sum p^2) and ld_alpha (LD-DPO's down-weighted tail of
+    the longer completion, on policy and reference): loss and LoRA gradients equal TRL 1.16's, and so do TRL's token
+    metrics of the step (entropy, logits/chosen, logits/rejected, mean_token_accuracy) and rewards/*."""
+    import trl
+    from datasets import Dataset
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path, "llama")
+    rows = pair_rows(4)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, **cfg),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    shift_policy(model, twin)
+    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    mine = our_step(ours)
+    assert_same_step(mine, ref)
+    plain = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5))
+    assert abs(float(our_step(plain)[0]) - float(mine[0])) > 1e-3  # the setting acts
+    logged = ours.step_metrics()
+    for key in TOKEN_METRICS + ("rewards/chosen", "rewards/rejected", "logps/chosen"):
+        assert logged[key] == pytest.approx(theirs._metrics["train"][key][-1], rel=1e-4, abs=1e-5), key
+
+
+def test_precomputed_reference_with_ld_alpha_equals_reference_pass(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    rows = pair_rows(4)
+    live = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, ld_alpha=0.4))
+    pre = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                     args=_args(tmp_path, ld_alpha=0.4, precompute_ref_log_probs=True))
+    batch = pre.to_device(pre.collate_batch(pre.train_examples[:4]))
+    ref = live.sequence_logps(live.reference_logps(live.to_device(live.collate_batch(live.train_examples[:4]))),
+                              batch)
+    torch.testing.assert_close(torch.cat([batch["ref_chosen_logps"], batch["ref_rejected_logps"]]).float(),
+                               ref.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_wpo_and_ld_settings_are_checked(tmp_path):
+    with pytest.raises(ConfigError, match="ld_alpha=-0.1 is invalid"):
+        _args(tmp_path, ld_alpha=-0.1)
+    with pytest.raises(ConfigError, match="does not combine with loss_type 'aot'"):
+        _args(tmp_path, use_weighting=True, loss_type="aot")

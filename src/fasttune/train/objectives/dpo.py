@@ -5,18 +5,24 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.dpo_loss import check_losses, f_scores, pair_losses
-from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums
+from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums, token_sums
 from fasttune.train.objectives.reference import reference_policy
 
 
 @dataclass
 class DPOConfig(TrainingConfig):
-    """TrainingConfig plus DPO's fields, named as in TRL's DPOConfig (the losses: train/objectives/dpo_loss.py).
-    Raises ConfigError for beta <= 0, an unknown loss_type or f_divergence_type, loss_weights that do not match,
-    label_smoothing outside [0, 0.5) or max_prompt_length < 1."""
+    """TrainingConfig plus DPO's fields, named as in TRL's DPOConfig (the losses: train/objectives/dpo_loss.py);
+    use_weighting: WPO (Zhou et al. 2024), each pair's loss times the two completions' weights exp(mean over their
+    tokens of log p_t - log sum_v p_v^2), no gradient through them; ld_alpha: LD-DPO (Liu et al. 2024), each
+    completion's log-prob is its tokens' within the shorter completion's length plus ld_alpha x the rest's, for
+    policy and reference alike. Raises ConfigError for beta <= 0, an unknown loss_type or f_divergence_type,
+    loss_weights that do not match, label_smoothing outside [0, 0.5), max_prompt_length < 1, ld_alpha < 0, or
+    use_weighting with aot / aot_unpaired (they sort the pairs, as TRL refuses)."""
 
     weighted_losses = True  # (not a field) TRL's list of loss types is taken as it is, see config_names
     beta: float = 0.1
@@ -29,6 +35,8 @@ class DPOConfig(TrainingConfig):
     f_alpha_divergence_coef: float = 1.0  # alpha_divergence's alpha
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
     precompute_ref_log_probs: bool = False  # reference log-probs once before training (then no reference passes)
+    use_weighting: bool = False  # WPO's per-pair weights
+    ld_alpha: float | None = None  # LD-DPO: the weight of the longer completion's tokens past the shorter's length
 
     def __post_init__(self):
         if isinstance(self.loss_type, str) and "," in self.loss_type:  # a CLI flag: "sigmoid,sft"
@@ -43,6 +51,13 @@ class DPOConfig(TrainingConfig):
         check_beta(self.beta)
         check_losses(self.loss_type, self.loss_weights, self.label_smoothing, self.f_divergence_type)
         check_prompt_length(self.max_prompt_length)
+        if self.ld_alpha is not None and not self.ld_alpha >= 0:
+            raise ConfigError(f"ld_alpha={self.ld_alpha!r} is invalid: the weight of the tokens past the shorter "
+                              f"completion's length, >= 0 (LD-DPO uses values in [0, 1]), or None for plain sums.")
+        types = self.loss_type if isinstance(self.loss_type, list) else [self.loss_type]
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(types):
+            raise ConfigError("use_weighting=True (WPO) does not combine with loss_type 'aot' / 'aot_unpaired': they "
+                              "sort the pairs' log-ratios, which would misalign the per-pair weights (as in TRL).")
 
 
 def check_beta(beta):
@@ -84,6 +99,18 @@ class DPOTrainer(PreferenceTrainer):
                 model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
                               "precompute_ref_log_probs=True to take them from the model before training.")
 
+    def sequence_logps(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(2B,) completion log-probs from per-token ones (2B, T-1), chosen rows first: their sums, or with ld_alpha
+        LD-DPO's: the tokens within each pair's shorter completion in full, the longer one's rest times ld_alpha
+        (TRL's DPOTrainer)."""
+        alpha = self.args.ld_alpha
+        if alpha is None:
+            return per_token.sum(-1)
+        mask = batch["completion_mask"][:, 1:].to(per_token.dtype)
+        position = mask.cumsum(1)
+        shared = torch.minimum(*mask.sum(1).chunk(2)).repeat(2)[:, None]
+        return (per_token * (position <= shared)).sum(1) + alpha * (per_token * (position > shared)).sum(1)
+
     def _precompute(self, examples: list[dict]):
         for part, ref in self.logps_before_training(examples):
             chosen, rejected = ref.chunk(2)  # the chosen rows first
@@ -92,14 +119,16 @@ class DPOTrainer(PreferenceTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """The loss_type's per-pair losses (dpo_loss.py; several: their loss_weights-weighted sum), summed over the
-        pairs and divided by num_items; metrics rewards/* and logps/*."""
+        pairs and divided by num_items (with use_weighting, each pair times its WPO weights); ld_alpha weighs the
+        log-probs (sequence_logps). Metrics as TRL logs them: rewards/*, logps/*, entropy, logits/*,
+        mean_token_accuracy (token_sums)."""
         a = self.args
         if "ref_chosen_logps" in batch:
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:  # before the policy's forward (ReferencePolicy swaps weights in place)
-            ref_chosen, ref_rejected = self.reference_logps(batch).sum(-1).chunk(2)
-        per_token = self.logps(batch)
-        chosen, rejected = per_token.sum(-1).chunk(2)
+            ref_chosen, ref_rejected = self.sequence_logps(self.reference_logps(batch), batch).chunk(2)
+        per_token, entropy, extras = self.logps(batch, extras=True)
+        chosen, rejected = self.sequence_logps(per_token, batch).chunk(2)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
         alpha = a.f_alpha_divergence_coef
         scores = (f_scores(chosen_ratio, a.f_divergence_type, alpha), f_scores(rejected_ratio, a.f_divergence_type,
@@ -111,5 +140,10 @@ class DPOTrainer(PreferenceTrainer):
         losses = sum(w * pair_losses(t, a.beta, chosen_ratio, rejected_ratio, *scores, lengths, (chosen, rejected),
                                      (ref_chosen, ref_rejected), chosen_nll, a.label_smoothing, a.discopop_tau)
                      for t, w in zip(types, weights))
+        if a.use_weighting:  # WPO's eq. 2: every loss type's per-pair term times both completions' weights
+            aligned = ((per_token - extras[..., 2]) * mask[:, 1:]).sum(1) / mask[:, 1:].sum(1).clamp(min=1)
+            chosen_w, rejected_w = aligned.detach().exp().chunk(2)
+            losses = losses * chosen_w * rejected_w
         sums = pair_sums(a.beta * chosen_ratio, a.beta * rejected_ratio, chosen, rejected)
+        sums.update(token_sums(mask[:, 1:], entropy, extras))
         return self.report(losses.sum() / num_items, sums, num_items)

@@ -109,12 +109,17 @@ class PreferenceTrainer(EvalWindow, Trainer):
         return 2 * (len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"])))
 
     # --- model passes -----------------------------------------------------------------------------------------------
-    def logps(self, batch: dict, score: str = "completion_mask") -> torch.Tensor:
+    def logps(self, batch: dict, score: str = "completion_mask", extras: bool = False):
         """Per-token log-probs (B, T-1) of the tokens that the mask batch[score] marks (default: the completions)
-        under the policy."""
+        under the policy; extras=True: (log-probs, entropies, extras (B, T-1, 3)) as model_token_logprobs gives
+        them (the token metrics and WPO's weights)."""
         media = {k: batch[k] for k in IMAGE_KEYS if k in batch} if self.vision else None
         return model_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
-                                    batch.get(f"{score}_positions"), media=media)
+                                    batch.get(f"{score}_positions"), media=media, extras=extras)
+
+    def sequence_logps(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
+        """(rows,) completion log-probs of per-token ones (rows, T-1): their sums (DPO's ld_alpha weighs them)."""
+        return per_token.sum(-1)
 
     @torch.no_grad()
     def logps_before_training(self, examples: list[dict]):
@@ -128,7 +133,8 @@ class PreferenceTrainer(EvalWindow, Trainer):
             bs = self.args.per_device_eval_batch_size
             for i in range(0, len(examples), bs):
                 part = examples[i:i + bs]
-                yield part, self.logps(self.to_device(self.collate_batch(part))).sum(-1).cpu()
+                batch = self.to_device(self.collate_batch(part))
+                yield part, self.sequence_logps(self.logps(batch), batch).cpu()
         finally:
             self.model.train(was_training)
 
@@ -154,11 +160,17 @@ class PreferenceTrainer(EvalWindow, Trainer):
 
     def step_metrics(self) -> dict:
         """TRL's metrics (rewards/*, logps/*, ...) averaged since the last log entry, plus rewards/margins; resets."""
-        return self._averages("train", "")
+        return self._with_tokens(self._averages("train", ""), "")
 
     def eval_metrics(self) -> dict:
         """The same metrics for the last evaluate() pass, prefixed "eval_"; resets them."""
-        return self._averages("eval", "eval_")
+        return self._with_tokens(self._averages("eval", "eval_"), "eval_")
+
+    def _with_tokens(self, metrics: dict, prefix: str) -> dict:
+        """TRL's DPO also logs num_tokens: the input tokens trained on so far, all ranks (the eval entry too)."""
+        if f"{prefix}entropy" in metrics:
+            metrics[f"{prefix}num_tokens"] = float(getattr(self, "tokens_seen", None) or 0)
+        return metrics
 
     @staticmethod
     def _add(acc, sums: dict):
@@ -176,6 +188,24 @@ class PreferenceTrainer(EvalWindow, Trainer):
             out[f"{prefix}rewards/margins"] = out[f"{prefix}rewards/chosen"] - out[f"{prefix}rewards/rejected"]
         acc.clear()
         return out
+
+
+def token_sums(mask: torch.Tensor, entropy: torch.Tensor, extras: torch.Tensor) -> dict:
+    """TRL's DPO token metrics of one micro-batch (2B rows, chosen first), each the micro-batch's mean over its
+    completion tokens, reported with count 1 (TRL averages the micro-batches' means): `entropy` (all rows),
+    `logits/chosen` / `logits/rejected` (the mean logit over the vocabulary), `mean_token_accuracy` (chosen rows: the
+    share whose label is the first argmax). mask (2B, n) marks the completion tokens of entropy (2B, n) and
+    extras (2B, n, 3) (model_token_logprobs' order)."""
+    m = mask.to(entropy.dtype)
+    chosen, rejected = m.chunk(2)
+    chosen_x, rejected_x = extras.detach().chunk(2)
+
+    def mean(values, weights):
+        return (values * weights).sum() / weights.sum().clamp(min=1)
+
+    return {"entropy": (mean(entropy.detach(), m), 1), "logits/chosen": (mean(chosen_x[..., 0], chosen), 1),
+            "logits/rejected": (mean(rejected_x[..., 0], rejected), 1),
+            "mean_token_accuracy": (mean(chosen_x[..., 1], chosen), 1)}
 
 
 def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,

@@ -27,7 +27,7 @@ def select_scored(t: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor |
 def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
                          positions: torch.Tensor | None = None, *, last: int | None = None,
                          position_ids: torch.Tensor | None = None, temperature: float = 1.0,
-                         media: dict | None = None, entropy: bool = False):
+                         media: dict | None = None, entropy: bool = False, extras: bool = False):
     """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
     KTO and GRPO objectives call (the lm_head part is CausalLM.token_logprobs: kernels/token_logprobs.py, or the
     streamed head of offload_lm_head).
@@ -46,8 +46,11 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
             forward takes), merged into the embeddings as its forward merges them (models/vision.py).
         entropy: also return each scored position's entropy (nats) of the temperature-scaled distribution, as TRL's
             `entropy_from_logits` (differentiable: GRPO's entropy bonus).
+        extras: also return, without gradient, each scored token's kernels.token_logprobs.EXTRAS (TRL's DPO
+            metrics and WPO weights: mean logit, first-argmax hit, log sum_v p_v^2) as (B, n, 3) float32.
     Returns: (B, n) float32: log p(input_ids[:, t] | input_ids[:, :t]) for the n scored columns t = T - n .. T - 1,
-        0 where score is 0; with entropy=True, (log-probs, entropies), both (B, n) float32, 0 where score is 0.
+        0 where score is 0; with entropy=True, (log-probs, entropies), both (B, n) float32, 0 where score is 0; with
+        extras=True, (log-probs, entropies, extras).
 
     On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
     logits of the batch never exist at once; under FSDP (the root's shards, embeddings and lm_head, are gathered
@@ -57,22 +60,35 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     from fasttune.models.causal_lm import CausalLM
     from fasttune.train.fsdp import is_sharded
 
+    from fasttune.kernels.token_logprobs import EXTRAS, logit_extras
+
+    entropy = entropy or extras
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
     targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
         hidden = scored_hidden(model, input_ids, attention_mask, mask, positions, position_ids, media)
-        flat = model.token_logprobs(hidden, select_scored(targets, mask, positions), temperature, entropy=entropy)
+        flat_extras = hidden.new_zeros(hidden.shape[0], len(EXTRAS), dtype=torch.float32) if extras else None
+        flat = model.token_logprobs(hidden, select_scored(targets, mask, positions), temperature, entropy=entropy,
+                                    extras=flat_extras)
         scattered = [torch.zeros(mask.shape, dtype=torch.float32, device=t.device).masked_scatter(mask, t)
                      for t in (flat if entropy else (flat,))]
+        if extras:
+            scattered.append(flat_extras.new_zeros(*mask.shape, len(EXTRAS)).masked_scatter(mask[..., None],
+                                                                                            flat_extras))
         return tuple(scattered) if entropy else scattered[0]
     keep = 0 if last is None else last + 1  # 0: every position's logits
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
                    logits_to_keep=keep, **(media or {})).logits[:, :-1]
-    logp_all = (logits.float() / temperature).log_softmax(-1)
+    z = logits.float() / temperature
+    logp_all = z.log_softmax(-1)
     logps = logp_all.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
     if not entropy:
         return logps
-    return logps, (-(logp_all.exp() * logp_all).sum(-1)).masked_fill(~mask, 0.0)
+    out = (logps, (-(logp_all.exp() * logp_all).sum(-1)).masked_fill(~mask, 0.0))
+    if extras:
+        flat = logit_extras(z.detach().flatten(0, 1), targets.flatten())
+        out += (flat.view(*mask.shape, len(EXTRAS)).masked_fill(~mask[..., None], 0.0),)
+    return out
 
 
 def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
