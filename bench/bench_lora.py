@@ -202,7 +202,8 @@ EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
-TOKEN_STATS = [{}]  # --token-stats (set in main): ours' model call asks for TRL's SFT token metrics too
+# --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
+TOKEN_STATS = [{}]
 
 
 # Qwen3.5's linear-attention projections, adapted too on both sides (fasttune's default targets for Qwen3.5)
@@ -427,7 +428,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0],
            "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
            "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
-           "token_stats": bool(TOKEN_STATS[0]),
+           "token_stats": bool(TOKEN_STATS[0].get("return_token_stats")),
+           "label_smoothing": TOKEN_STATS[0].get("smoothing", 0.0),
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
@@ -476,6 +478,8 @@ def main():
                     help="ours: the frozen LM head in pinned host memory, streamed (from_pretrained's offload_lm_head)")
     ap.add_argument("--token-stats", action="store_true",
                     help="ours: the loss also returns TRL's SFT token metrics (what SFTTrainer asks for)")
+    ap.add_argument("--label-smoothing", type=float, default=0.0,
+                    help="ours: label smoothing in the chunked loss (SFTConfig.label_smoothing_factor)")
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="ours: replay forward+backward as CUDA graphs (cuda_graphs=True); with --matrix, each of our "
                          "rows without offload runs again with graphs")
@@ -486,6 +490,8 @@ def main():
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
     CUDA_GRAPHS[0] = a.cuda_graphs
     TOKEN_STATS[0] = {"return_token_stats": True} if a.token_stats and a.impl == "ours" else {}
+    if a.label_smoothing and a.impl == "ours":
+        TOKEN_STATS[0]["smoothing"] = a.label_smoothing
     if a.matrix:
         rows = []
         for impl, shape, gc, kernels, quant in MATRIX[a.matrix]:

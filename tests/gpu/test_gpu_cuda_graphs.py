@@ -148,7 +148,8 @@ def test_fp32_moe_falls_back_naming_the_expert_path(tiny_model_dir, capsys):
     assert "padded-bmm expert path" in step.off_reason and step.replays == 0
 
 
-def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_path, capsys):
+@pytest.mark.parametrize("extra", [{}, {"label_smoothing_factor": 0.1}], ids=["plain", "label_smoothing"])
+def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_path, capsys, extra):
     from fasttune import SFTConfig, SFTTrainer
 
     rows = [{"text": "word " * (5 + (i * 7) % 23)} for i in range(24)]
@@ -157,7 +158,7 @@ def test_sft_trainer_loss_curve_with_graphs(tiny_model_dir, tiny_tokenizer, tmp_
         model = _model(tiny_model_dir, "llama", True)
         args = SFTConfig(output_dir=str(tmp_path / str(graphs)), max_steps=5, per_device_train_batch_size=2,
                          gradient_accumulation_steps=2, learning_rate=1e-3, logging_steps=1, cuda_graphs=graphs,
-                         seed=1)
+                         seed=1, **extra)
         trainer = SFTTrainer(model, tiny_tokenizer, train_dataset=rows, args=args)
         trainer.train()
         curves.append([[h[k] for k in ("loss", "entropy", "mean_token_accuracy", "num_tokens")]

@@ -73,6 +73,8 @@ def test_neftune_settings(tmp_path):
     assert SFTConfig(output_dir=str(tmp_path), neftune_noise_alpha=5).neftune_noise_alpha == 5
     with pytest.raises(ConfigError, match=r"neftune_noise_alpha=-1.0 is invalid"):
         SFTConfig(neftune_noise_alpha=-1)
+    with pytest.raises(ConfigError, match="use one of the two"):
+        SFTConfig(neftune_noise_alpha=5, cuda_graphs=True)
     from fasttune import DPOConfig
 
     with pytest.raises(ConfigError, match=r"DPOConfig\(neftune_noise_alpha=5\).*supervised fine-tuning"):
