@@ -145,3 +145,28 @@ def test_extras_on_the_fused_and_reference_paths(monkeypatch, softcap, grad):
         if grad:
             logps.sum().backward()
             assert h.grad is not None
+
+
+@pytest.mark.parametrize("softcap,temperature", [(None, 1.0), (5.0, 0.8)])
+def test_fused_forward_with_the_row_stats_kernel(monkeypatch, softcap, temperature):
+    """fp32 inputs under FASTTUNE_KERNELS=triton: the fused forward's statistics come from the Triton row kernel
+    (the interpreter on a CPU); log-probs, entropies, extras and gradients equal the torch reference's."""
+    from fasttune.kernels.dispatch import HAVE_TRITON
+
+    if not HAVE_TRITON:
+        pytest.skip("no triton")
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(19, 16, generator=g).requires_grad_()
+    weight = torch.randn(300, 16, generator=g).requires_grad_()
+    labels = torch.randint(0, 300, (19,), generator=g)
+    up_l, up_h = torch.randn(19, generator=g), torch.randn(19, generator=g)
+    results = []
+    for kernels in ("triton", "torch"):
+        monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
+        extras = torch.zeros(19, 3)
+        logps, ent = token_logprobs(hidden, weight, labels, softcap, temperature, chunk_tokens=8, entropy=True,
+                                    extras=extras)
+        grads = torch.autograd.grad((logps * up_l).sum() + (ent * up_h).sum(), (hidden, weight))
+        results.append((logps.detach(), ent.detach(), extras, *grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.cross_entropy import _chunk_tokens, fp32_mixed_product, fp32_product  # the loss's chunk size
 from fasttune.kernels.dispatch import kernel_choice
+from fasttune.kernels.logit_stats import logit_row_stats, logit_row_stats_reference
 
 
 def _scaled_logits(hidden, weight, softcap, temperature, fp32=False):
@@ -44,13 +45,11 @@ EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")  # the columns of `extra
 
 
 @torch.no_grad()
-def logit_extras(z: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor | None = None) -> torch.Tensor:
-    """(rows, 3) fp32, the EXTRAS of scaled logits z (rows, V) at labels (rows,): mean over the V logits; 1.0 where
-    the label is the first argmax (a tie with an earlier column is a miss, as TRL counts); log sum_v softmax(z)_v^2 =
-    logsumexp(2 z) - 2 logsumexp(z) (lse, when given, is logsumexp(z))."""
-    z = z.to(torch.promote_types(z.dtype, torch.float32))  # fp64 stays fp64 (the tests' exact oracle)
-    lse = torch.logsumexp(z, -1) if lse is None else lse
-    return torch.stack([z.mean(-1), (z.argmax(-1) == labels).to(z.dtype), torch.logsumexp(2 * z, -1) - 2 * lse], 1)
+def logit_extras(z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(rows, 3) fp32 (fp64 for fp64 z), the EXTRAS of scaled logits z (rows, V) at labels (rows,): mean over the V
+    logits; 1.0 where the label is the first argmax (a tie with an earlier column is a miss, as TRL counts);
+    log sum_v softmax(z)_v^2 = logsumexp(2 z) - 2 logsumexp(z) (kernels/logit_stats.py's columns)."""
+    return logit_row_stats_reference(z, labels, extras=True)[:, 3:]
 
 
 def _chunk_logprobs(hidden, weight, labels, softcap, temperature, entropy, fp32=False, extras=False):
@@ -97,21 +96,24 @@ class _FusedTokenLogprobs(torch.autograd.Function):
         `extras` (N, 3) when given."""
         ctx.set_materialize_grads(False)  # an output nothing differentiates (the entropy, most often) gets None
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse, ent = torch.empty_like(out), torch.zeros_like(out)
+        math = torch.promote_types(hidden.dtype, torch.float32)  # (fp64 inputs: the tests' exact oracle)
+        lse = torch.empty(hidden.shape[0], dtype=math, device=hidden.device)
+        ent = torch.zeros_like(lse)
+        w = weight.to(hidden.dtype)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
-            z, _ = _scaled_logits(hidden[rows], weight, softcap, temperature, fp32)
-            lse[rows] = torch.logsumexp(z, dim=-1)
-            out[rows] = z.gather(1, labels[rows, None]).squeeze(1) - lse[rows]
-            if extras is not None:
-                extras[rows] = logit_extras(z, labels[rows], lse[rows])
+            # the head's product as _scaled_logits forms it, its statistics in one pass (kernels/logit_stats.py)
+            raw = fp32_product(hidden[rows], weight) if fp32 else hidden[rows] @ w.t()
+            stats = logit_row_stats(raw, labels[rows], softcap, temperature, entropy, extras is not None)
+            lse[rows] = stats[:, 0]
+            out[rows] = stats[:, 1] - stats[:, 0]
             if entropy:
-                # sum_v p_v (lse - z_v): non-negative terms, no cancellation where H is small
-                zl = z.sub(lse[rows, None])
-                ent[rows] = -(zl.exp() * zl).sum(-1)
+                ent[rows] = stats[:, 2]
+            if extras is not None:
+                extras[rows] = stats[:, 3:]
         ctx.save_for_backward(hidden, weight, labels, lse, ent)
         ctx.softcap, ctx.temperature, ctx.chunk, ctx.fp32 = softcap, temperature, chunk, fp32
-        return out, ent
+        return out, ent.float()
 
     @staticmethod
     def backward(ctx, grad_out, grad_ent):
