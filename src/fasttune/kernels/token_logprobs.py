@@ -26,7 +26,7 @@ import torch
 from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.cross_entropy import _chunk_tokens, fp32_mixed_product, fp32_product  # the loss's chunk size
-from fasttune.kernels.dispatch import kernel_choice
+from fasttune.kernels.dispatch import kernel_choice, use_triton
 from fasttune.kernels.logit_stats import logit_row_stats, logit_row_stats_reference
 
 
@@ -167,7 +167,9 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
     token's EXTRAS (no gradient; see logit_extras)."""
     chunk = chunk_tokens or _chunk_tokens(weight.shape[0])
     wants_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if kernel_choice() == "torch" or not wants_grad:
+    # Without a gradient the fused forward still pays on the GPU: one pass of the row kernel over 16-bit logits
+    # instead of log_softmax over an fp32 copy (reference log-probs of DPO / KTO / GRPO).
+    if kernel_choice() == "torch" or not (wants_grad or use_triton(hidden)):
         return token_logprobs_reference(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32, extras)
     logps, ent = _FusedTokenLogprobs.apply(hidden, weight, labels, softcap, temperature, chunk, entropy, fp32,
                                            extras)

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fasttune.errors import ConfigError
+from fasttune.kernels.token_logprobs import EXTRAS, logit_extras
 
 
 def score_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -59,8 +60,6 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     """
     from fasttune.models.causal_lm import CausalLM
     from fasttune.train.fsdp import is_sharded
-
-    from fasttune.kernels.token_logprobs import EXTRAS, logit_extras
 
     entropy = entropy or extras
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
