@@ -34,8 +34,12 @@ def test_loss_and_grads_equal_trl(loss_type, tiny_model_dir, tmp_path):
     shift_policy(model, twin)
     ref = trl_step(theirs, twin, theirs.data_collator(examples))
     assert_same_step(our_step(ours), ref)
+    logged = ours.step_metrics()  # TRL's token metrics of the step: entropy, logits/* by label
+    for key in ("entropy", "logits/chosen", "logits/rejected", "rewards/chosen", "logps/rejected"):
+        assert logged[key] == pytest.approx(theirs._metrics["train"][key][-1], rel=1e-4, abs=1e-5), key
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
-    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins"} <= set(ours.log_history[0])
+    assert {"kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "entropy",
+            "num_tokens"} <= set(ours.log_history[0])
     if loss_type == "kto":
         # a difference of two summed log-probs (~ -35 each): fp32 rounding is ~1e-6 in absolute terms
         assert ours.log_history[0]["kl"] == pytest.approx(theirs._metrics["train"]["kl"][-1], abs=2e-5)

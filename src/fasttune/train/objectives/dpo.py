@@ -145,5 +145,6 @@ class DPOTrainer(PreferenceTrainer):
             chosen_w, rejected_w = aligned.detach().exp().chunk(2)
             losses = losses * chosen_w * rejected_w
         sums = pair_sums(a.beta * chosen_ratio, a.beta * rejected_ratio, chosen, rejected)
-        sums.update(token_sums(mask[:, 1:], entropy, extras))
+        pairs = mask.shape[0] // 2
+        sums.update(token_sums(mask[:, 1:], entropy, extras, slice(0, pairs), slice(pairs, None)))
         return self.report(losses.sum() / num_items, sums, num_items)

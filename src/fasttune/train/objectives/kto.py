@@ -18,7 +18,7 @@ from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.host_reads import host_values
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
-from fasttune.train.objectives.preference_base import PreferenceTrainer, with_score_positions
+from fasttune.train.objectives.preference_base import PreferenceTrainer, token_sums, with_score_positions
 from fasttune.train.objectives.reference import reference_policy
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
@@ -170,13 +170,14 @@ class KTOTrainer(PreferenceTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """The weighted KTO (or APO-zero unpaired) losses of the rows, summed and divided by num_items; metrics
-        kl, rewards/* and logps/* split by label."""
+        kl, rewards/*, logps/* and logits/* split by label, entropy (TRL's)."""
         a, kl = self.args, self._kl
         if "ref_logps" in batch:  # precomputed
             ref = batch["ref_logps"]
         else:  # before the policy's forward (ReferencePolicy swaps in place)
             ref = self.reference_logps(batch).sum(-1)
-        logps = self.logps(batch).sum(-1)
+        per_token, entropy, extras = self.logps(batch, extras=True)
+        logps = per_token.sum(-1)
         ratio = logps - ref
         desirable = batch["label"]
         if a.loss_type == "kto":
@@ -187,7 +188,8 @@ class KTOTrainer(PreferenceTrainer):
         weights = torch.where(desirable, a.desirable_weight, a.undesirable_weight)
         rewards = a.beta * ratio.detach()
         good, bad = batch["desirable_rows"], batch["undesirable_rows"]  # rows[desirable], without a sync
-        sums = {"kl": (kl, 1)}
+        sums = {"kl": (kl, 1), **token_sums(batch["completion_mask"][:, 1:], entropy, extras, good, bad,
+                                              accuracy=False)}
         if good.numel():
             sums["rewards/chosen"] = (rewards.index_select(0, good).sum(), good.numel())
             sums["logps/chosen"] = (logps.detach().index_select(0, good).sum(), good.numel())

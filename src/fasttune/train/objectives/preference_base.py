@@ -190,22 +190,29 @@ class PreferenceTrainer(EvalWindow, Trainer):
         return out
 
 
-def token_sums(mask: torch.Tensor, entropy: torch.Tensor, extras: torch.Tensor) -> dict:
-    """TRL's DPO token metrics of one micro-batch (2B rows, chosen first), each the micro-batch's mean over its
-    completion tokens, reported with count 1 (TRL averages the micro-batches' means): `entropy` (all rows),
-    `logits/chosen` / `logits/rejected` (the mean logit over the vocabulary), `mean_token_accuracy` (chosen rows: the
-    share whose label is the first argmax). mask (2B, n) marks the completion tokens of entropy (2B, n) and
-    extras (2B, n, 3) (model_token_logprobs' order)."""
-    m = mask.to(entropy.dtype)
-    chosen, rejected = m.chunk(2)
-    chosen_x, rejected_x = extras.detach().chunk(2)
+def token_sums(mask: torch.Tensor, entropy: torch.Tensor, extras: torch.Tensor, chosen_rows, rejected_rows,
+               accuracy: bool = True) -> dict:
+    """TRL's token metrics of one micro-batch (DPO's and KTO's), each the micro-batch's mean over its completion
+    tokens, reported with count 1 (TRL averages the micro-batches' means): `entropy` (all rows), `logits/chosen` /
+    `logits/rejected` (the mean logit over the vocabulary, of the chosen / rejected rows: a slice or an index
+    tensor; an empty one is left out, as TRL logs nothing for it), and with `accuracy` `mean_token_accuracy` (chosen
+    rows: the share whose label is the first argmax). mask (rows, n) marks the completion tokens of entropy
+    (rows, n) and extras (rows, n, 3) (model_token_logprobs' order)."""
+    m, x = mask.to(entropy.dtype), extras.detach()
 
     def mean(values, weights):
         return (values * weights).sum() / weights.sum().clamp(min=1)
 
-    return {"entropy": (mean(entropy.detach(), m), 1), "logits/chosen": (mean(chosen_x[..., 0], chosen), 1),
-            "logits/rejected": (mean(rejected_x[..., 0], rejected), 1),
-            "mean_token_accuracy": (mean(chosen_x[..., 1], chosen), 1)}
+    def rows(t, which):
+        return t[which] if isinstance(which, slice) else t.index_select(0, which)
+
+    out = {"entropy": (mean(entropy.detach(), m), 1)}
+    for name, which in (("chosen", chosen_rows), ("rejected", rejected_rows)):
+        if rows(m, which).shape[0]:
+            out[f"logits/{name}"] = (mean(rows(x, which)[..., 0], rows(m, which)), 1)
+    if accuracy:
+        out["mean_token_accuracy"] = (mean(rows(x, chosen_rows)[..., 1], rows(m, chosen_rows)), 1)
+    return out
 
 
 def pair_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, chosen_logps: torch.Tensor,
