@@ -157,6 +157,32 @@ def _dft_oracle(h, w, y, softcap):
     return (ce * torch.exp(-ce).detach()).sum()
 
 
+def _variant_inputs(seed):
+    """fp64 hidden (29, 16), head (300, 16) and labels with every 4th row ignored."""
+    torch.manual_seed(seed)
+    h = torch.randn(29, 16, device=DEVICE, dtype=torch.float64)
+    w = torch.randn(300, 16, device=DEVICE, dtype=torch.float64) * 0.3
+    y = torch.randint(0, 300, (29,), device=DEVICE)
+    y[::4] = -100
+    return h, w, y
+
+
+def _assert_paths_equal_oracle(oracle, h, w, paths):
+    """Each path(hidden, head) in fp32 gives oracle(hidden, head)'s fp64 loss sum and gradients (upstream 0.37);
+    returns (the oracle's loss, its hidden gradient)."""
+    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
+    want = oracle(h64, w64)
+    (want * 0.37).backward()
+    for fn in paths:
+        a, b = h.float().requires_grad_(), w.float().requires_grad_()
+        loss = fn(a, b)
+        (loss * 0.37).backward()
+        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(b.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    return want.detach(), h64.grad
+
+
 @pytest.mark.parametrize("kernels", KERNELS)
 @pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("compact", [True, False])
@@ -164,22 +190,10 @@ def test_dft_weighting_on_every_path(monkeypatch, kernels, softcap, compact):
     """dft=True: the fused path (Triton chunk kernel or torch chunk math) and the checkpointed reference give the
     fp64 oracle's loss and gradients of hidden and head."""
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
-    torch.manual_seed(5)
-    h = torch.randn(29, 16, device=DEVICE, dtype=torch.float64)
-    w = torch.randn(300, 16, device=DEVICE, dtype=torch.float64) * 0.3
-    y = torch.randint(0, 300, (29,), device=DEVICE)
-    y[::4] = -100
-    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    want = _dft_oracle(h64, w64, y, softcap)
-    (want * 0.37).backward()
-    for fn in (lambda a, b: _FusedLinearCrossEntropy.apply(a, b, y, softcap, 8, compact, None, True),
-               lambda a, b: linear_cross_entropy_reference(a, b, y, softcap, 8, None, True)):
-        a, b = h.float().requires_grad_(), w.float().requires_grad_()
-        loss = fn(a, b)
-        (loss * 0.37).backward()
-        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(b.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    h, w, y = _variant_inputs(5)
+    want = _assert_paths_equal_oracle(lambda a, b: _dft_oracle(a, b, y, softcap), h, w, (
+        lambda a, b: _FusedLinearCrossEntropy.apply(a, b, y, softcap, 8, compact, None, True),
+        lambda a, b: linear_cross_entropy_reference(a, b, y, softcap, 8, None, True)))[0]
     plain = linear_cross_entropy_reference(h.float(), w.float(), y, softcap, 8)
     assert float(plain) > float(want) * 1.5  # the weighting acts (probabilities well below 1)
 
@@ -204,26 +218,14 @@ def test_label_smoothing_on_every_path(monkeypatch, kernels, softcap, compact, e
     from fasttune.kernels.cross_entropy import cross_entropy_sum
 
     monkeypatch.setenv("FASTTUNE_KERNELS", kernels)
-    torch.manual_seed(6)
-    h = torch.randn(29, 16, device=DEVICE, dtype=torch.float64)
-    w = torch.randn(300, 16, device=DEVICE, dtype=torch.float64) * 0.3
-    y = torch.randint(0, 300, (29,), device=DEVICE)
-    y[::4] = -100
-    h64, w64 = h.clone().requires_grad_(), w.clone().requires_grad_()
-    want = _smoothing_oracle(h64, w64, y, softcap, eps)
-    (want * 0.37).backward()
-    for fn in (lambda a, b: _FusedLinearCrossEntropy.apply(a, b, y, softcap, 8, compact, None, False, eps),
-               lambda a, b: linear_cross_entropy_reference(a, b, y, softcap, 8, None, False, eps),
-               lambda a, b: cross_entropy_sum(torch.tanh(a @ b.t() / softcap) * softcap if softcap else a @ b.t(),
-                                              y, label_smoothing=eps)):
-        a, b = h.float().requires_grad_(), w.float().requires_grad_()
-        loss = fn(a, b)
-        (loss * 0.37).backward()
-        torch.testing.assert_close(loss.double(), want.detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(a.grad.double(), h64.grad, rtol=1e-4, atol=1e-6)
-        torch.testing.assert_close(b.grad.double(), w64.grad, rtol=1e-4, atol=1e-6)
+    h, w, y = _variant_inputs(6)
+    _, h_grad = _assert_paths_equal_oracle(lambda a, b: _smoothing_oracle(a, b, y, softcap, eps), h, w, (
+        lambda a, b: _FusedLinearCrossEntropy.apply(a, b, y, softcap, 8, compact, None, False, eps),
+        lambda a, b: linear_cross_entropy_reference(a, b, y, softcap, 8, None, False, eps),
+        lambda a, b: cross_entropy_sum(torch.tanh(a @ b.t() / softcap) * softcap if softcap else a @ b.t(), y,
+                                       label_smoothing=eps)))
     a = h.float().requires_grad_()
     linear_cross_entropy_reference(a, w.float(), y, softcap, 8).mul(0.37).backward()
-    assert (a.grad.double() - h64.grad).abs().max() > 0.05 * h64.grad.abs().max()  # the smoothing acts
+    assert (a.grad.double() - h_grad).abs().max() > 0.05 * h_grad.abs().max()  # the smoothing acts
     with pytest.raises(ValueError, match="do not combine"):
         linear_cross_entropy_reference(h, w, y, softcap, 8, None, True, eps)

@@ -36,6 +36,23 @@ def test_loss_and_grads_equal_trl(loss_type, family, tiny_model_dir, tmp_path):
     assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(ours.log_history[0])
 
 
+def _trl_twins_step(tiny_model_dir, tmp_path, cfg):
+    """Our DPOTrainer and TRL's on twin LoRA models (beta 0.5, `cfg`), the policy moved alike after both took their
+    reference; returns ((our model, tokenizer, rows), ours, theirs, TRL's (loss, grads) on our first batch)."""
+    import trl
+    from datasets import Dataset
+
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path, "llama")
+    rows = pair_rows(4)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, **cfg),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    shift_policy(model, twin)
+    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    return (model, tok, rows), ours, theirs, ref
+
+
 @pytest.mark.parametrize("cfg", [
     dict(loss_type=["exo_pair", "robust", "discopop", "sigmoid_norm"], loss_weights=[1.0, 0.5, 0.2, 0.7],
          label_smoothing=0.1, discopop_tau=0.1, f_divergence_type="js_divergence"),
@@ -48,17 +65,7 @@ def test_loss_and_grads_equal_trl(loss_type, family, tiny_model_dir, tmp_path):
 def test_other_losses_and_weighted_sums_equal_trl(cfg, tiny_model_dir, tmp_path):
     """TRL 1.16's other DPO loss types, as a weighted list of them (TRL's loss_weights), with f-divergence scores:
     loss and LoRA gradients of a batch equal TRL's."""
-    import trl
-    from datasets import Dataset
-
-    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path, "llama")
-    rows = pair_rows(4)
-    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))
-    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, **cfg),
-                            train_dataset=Dataset.from_list(rows), processing_class=tok)
-    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
-    shift_policy(model, twin)
-    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    _, ours, _, ref = _trl_twins_step(tiny_model_dir, tmp_path, cfg)
     # (forward KL's scores 1 - exp(-r) scale the log-ratios' fp32 rounding by exp(-r): 1.5e-5 of the scale seen)
     assert_same_step(our_step(ours), ref, scale_tol=5e-5 if cfg.get("f_divergence_type") == "forward_kl" else 1e-5)
 
@@ -271,17 +278,7 @@ def test_wpo_and_ld_dpo_equal_trl(cfg, tiny_model_dir, tmp_path):
     """use_weighting (WPO's per-pair weights from log p - log sum p^2) and ld_alpha (LD-DPO's down-weighted tail of
     the longer completion, on policy and reference): loss and LoRA gradients equal TRL 1.16's, and so do TRL's token
     metrics of the step (entropy, logits/chosen, logits/rejected, mean_token_accuracy) and rewards/*."""
-    import trl
-    from datasets import Dataset
-
-    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path, "llama")
-    rows = pair_rows(4)
-    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))
-    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, **cfg),
-                            train_dataset=Dataset.from_list(rows), processing_class=tok)
-    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
-    shift_policy(model, twin)
-    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    (model, tok, rows), ours, theirs, ref = _trl_twins_step(tiny_model_dir, tmp_path, cfg)
     mine = our_step(ours)
     assert_same_step(mine, ref)
     plain = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5))
