@@ -165,3 +165,24 @@ def test_eval_loss_is_the_target_token_mean(qwen_vl_dir, tmp_path):
     assert got["eval_loss"] == pytest.approx(want, rel=1e-5)
     assert got["eval_entropy"] == pytest.approx(sum(p[0] for p in parts) / 3, rel=1e-5)
     assert got["eval_mean_token_accuracy"] == pytest.approx(sum(p[1] for p in parts) / 3, abs=1e-6)
+
+
+def test_label_smoothing_and_neftune_on_images(qwen_vl_dir, tmp_path):
+    """label_smoothing_factor reaches the vision-language model's chunked loss (its eval loss equals the smoothed
+    mean of the full logits); NEFTune's hook sits on the text embeddings the images are merged into."""
+    from fasttune import SFTConfig, SFTTrainer
+    from fasttune.data.vision import VisionEncoder, collate_vision
+    from transformers.trainer_pt_utils import LabelSmoother
+
+    model, proc = _load(qwen_vl_dir)
+    rows = _rows(3, seed=8)
+    trainer = SFTTrainer(model=model, tokenizer=proc, train_dataset=rows, eval_dataset=rows,
+                         args=SFTConfig(output_dir=str(tmp_path), max_steps=1, per_device_eval_batch_size=4,
+                                        label_smoothing_factor=0.2, neftune_noise_alpha=5.0))
+    batch = collate_vision([VisionEncoder(proc, 2048, False).encode(r, i) for i, r in enumerate(rows)], proc)
+    with torch.no_grad():
+        logits = model.eval()(**batch, return_logits=True).logits
+    want = LabelSmoother(epsilon=0.2)((logits,), batch["labels"], shift_labels=True).item()
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(want, rel=1e-5)
+    trainer.train()
+    assert trainer.log_history[0]["loss"] > 0 and not model.get_input_embeddings()._forward_hooks
