@@ -55,6 +55,10 @@ def test_scored_logprobs_and_generation_match(pair):
     torch.testing.assert_close(got[1], got[0], rtol=1e-6, atol=1e-6)
     for n in grads[0]:
         torch.testing.assert_close(grads[1][n], grads[0][n], rtol=1e-5, atol=1e-7, msg=n)
+    # DPO's / KTO's extras (entropy, mean logit, first-argmax hit, log sum p^2) from the streamed tiles too
+    both = [model_token_logprobs(model, ids, mask, mask, extras=True) for model in (ref, ours)]
+    for a, b in zip(*both):
+        torch.testing.assert_close(b.detach(), a.detach(), rtol=1e-5, atol=1e-6)
     prompt = torch.tensor([[5, 6, 7, 8]])
     assert torch.equal(ours.generate(prompt, max_new_tokens=6, do_sample=False),
                        ref.generate(prompt, max_new_tokens=6, do_sample=False))
