@@ -113,5 +113,23 @@ def test_tokens_added_to_the_tokenizer_only_are_a_clear_error_until_resized(tiny
     torch.testing.assert_close(model.model.embed_tokens.weight[261], before.mean(0))
     model = FastLanguageModel.get_peft_model(model, r=4, modules_to_save=["embed_tokens", "lm_head"])
     SFTTrainer(model=model, tokenizer=tok, train_dataset=_rows(2), args=args).train()
-    with pytest.raises(ConfigError, match="only grows"):
+    with pytest.raises(ConfigError, match="before FastLanguageModel.get_peft_model"):
         model.resize_token_embeddings(100)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied and tied heads
+def test_shrinking_keeps_the_first_rows_as_transformers(tiny_model_dir, family):
+    """len(tokenizer) below a vocabulary padded for speed (Qwen's 151,936 rows for 151,665 tokens): transformers'
+    resize_token_embeddings keeps the first rows, and so do we; logits equal transformers' shrunk model's."""
+    import transformers
+
+    folder = tiny_model_dir(family)  # 300 rows, a 259-token tokenizer
+    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+    tok.add_tokens(NEW)
+    assert model.resize_token_embeddings(len(tok)) is model.get_input_embeddings()
+    theirs.resize_token_embeddings(len(tok))
+    assert model.arch.vocab_size == model.config.vocab_size == len(tok) == model.lm_head.weight.shape[0]
+    ids = torch.tensor([tok("alpha <|think|>")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(ids).logits, theirs.eval()(ids).logits, rtol=1e-5, atol=1e-5)

@@ -147,11 +147,13 @@ class CausalLM(PreTrainedModel):
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
-        """Grow embed_tokens (and an untied lm_head) to `new_num_tokens` rows (rounded up to pad_to_multiple_of),
-        as transformers' method does for tokens added to the tokenizer; the new rows start as the mean of the
-        existing ones (see models/vocab.py). Returns the input embeddings. Raises ConfigError for shrinking, for
-        mean_resizing=False (only the mean start is implemented) and after get_peft_model."""
-        from fasttune.models.vocab import init_token_rows
+        """Resize embed_tokens (and an untied lm_head) to `new_num_tokens` rows (rounded up to
+        pad_to_multiple_of), as transformers' method does: for tokens added to the tokenizer the new rows start as
+        the mean of the existing ones (see models/vocab.py); a smaller size keeps the first rows (as transformers
+        shrinks them, e.g. len(tokenizer) below a vocabulary padded for speed, as Qwen's). Returns the input
+        embeddings. Raises ConfigError for mean_resizing=False when growing (only the mean start is implemented)
+        and after get_peft_model."""
+        from fasttune.models.vocab import drop_token_rows, init_token_rows
 
         current = self.arch.vocab_size
         if new_num_tokens is None:
@@ -159,9 +161,9 @@ class CausalLM(PreTrainedModel):
         if pad_to_multiple_of:
             new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
         if new_num_tokens < current:
-            raise ConfigError(f"resize_token_embeddings({new_num_tokens}) would drop rows of the {current}-row "
-                              f"embedding; fasttune only grows it.")
-        if not mean_resizing:
+            drop_token_rows(self, new_num_tokens)
+            return self.get_input_embeddings()
+        if not mean_resizing and new_num_tokens > current:
             raise ConfigError("resize_token_embeddings(mean_resizing=False): new rows always start as the mean of "
                               "the existing ones here; leave mean_resizing at True.")
         if new_num_tokens > current:

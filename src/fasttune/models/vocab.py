@@ -65,6 +65,24 @@ def init_token_rows(model, ids: list[int]):
     model.config.vocab_size = size
 
 
+def drop_token_rows(model, size: int):
+    """Keep the first `size` (>= 1) rows of our model's embeddings and untied lm_head, as transformers'
+    resize_token_embeddings shrinks them. Raises ConfigError after get_peft_model or for size < 1."""
+    _check_no_lora(model)
+    if size < 1:
+        raise ConfigError(f"resize_token_embeddings({size}): the embedding needs at least one row.")
+    emb, head = model.model.embed_tokens, model.lm_head
+    emb.weight = nn.Parameter(emb.weight.detach()[:size].clone(), requires_grad=emb.weight.requires_grad)
+    emb.num_embeddings = size
+    if model.arch.tie_embeddings:
+        model.tie_weights()
+    else:
+        head.weight = nn.Parameter(head.weight.detach()[:size].clone(), requires_grad=head.weight.requires_grad)
+    head.out_features = size
+    model.arch.vocab_size = size
+    model.config.vocab_size = size
+
+
 def _init_rows_transformers(model, ids: list[int]):
     base = model.transformers_model
     inp, out = base.get_input_embeddings(), base.get_output_embeddings()
