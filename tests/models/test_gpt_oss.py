@@ -249,8 +249,10 @@ def test_loss_curve_equals_transformers_peft(folder, tmp_path):
                                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     model.save_pretrained(tmp_path / "init")
     steps = 20  # optimizer steps, gradient accumulation 2 on both sides
+    # (the reference loop adds no load-balancing loss: turned off, as tests/models/test_moe.py does)
     args = SFTConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, gradient_accumulation_steps=2,
-                     learning_rate=5e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=1.0)
+                     learning_rate=5e-3, lr_scheduler_type="constant", max_steps=steps, max_grad_norm=1.0,
+                     router_aux_loss_coef=0.0)
     trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, args=args)
     batches = trainer.step_batches(0, 0)
     trainer.train()

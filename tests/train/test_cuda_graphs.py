@@ -44,7 +44,7 @@ def test_refusals_for_router_logits_and_host_weights(lora_model):
 
     model, _ = lora_model("qwen3_moe")
     model.config.output_router_logits = True
-    assert "output_router_logits=True" in cuda_graphs.refusal(model, SFTConfig())
+    assert "set router_aux_loss_coef=0.0" in cuda_graphs.refusal(model, SFTConfig())
     model.config.output_router_logits = False
     offload_lm_head(model)
     assert "offload_lm_head" in cuda_graphs.refusal(model, SFTConfig())

@@ -263,8 +263,9 @@ class FallbackModel(nn.Module):
         kwargs.pop("use_cache", None)
         if position_ids is not None:
             kwargs["position_ids"] = position_ids
-        logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
-                               use_cache=False, **kwargs).logits
+        hf_out = self.hf_model(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                               use_cache=False, **kwargs)
+        logits, aux = hf_out.logits, getattr(hf_out, "aux_loss", None)  # (MoE with output_router_logits)
         loss = loss_sum = count = kept = stats = None
         hf_eval = evaluation_as_transformers(self, labels, return_logits)
         if labels is None or return_logits or hf_eval:
@@ -274,11 +275,14 @@ class FallbackModel(nn.Module):
             loss_sum = cross_entropy_sum(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted, dft, smoothing)
             count = (shifted != IGNORE_INDEX).sum()
             loss = loss_sum / (num_items_in_batch if num_items_in_batch is not None else count.clamp(min=1))
+            if aux is not None:  # the load-balancing loss, weighted as transformers' MoE models add it
+                loss = loss + float(getattr(self.config, "router_aux_loss_coef", 0.0) or 0.0) * aux.to(loss.device)
             if return_token_stats:
                 stats = token_stats(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted)
         if hf_eval:
             loss_sum = count = stats = None
-        out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count, token_stats=stats)
+        out = CausalLMOutput(loss=loss, logits=kept, loss_sum=loss_sum, target_count=count, token_stats=stats,
+                             aux_loss=aux)
         return out if return_dict is not False else out.to_tuple()
 
     @torch.no_grad()

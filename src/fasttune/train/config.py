@@ -170,6 +170,8 @@ class SFTConfig(TrainingConfig):
     completion_only_loss: bool | None = None
     neftune_noise_alpha: float | None = None  # NEFTune's alpha (the paper and TRL's docs use 5); None: off
     label_smoothing_factor: float = 0.0  # transformers' name; 0.1 is common
+    # TRL's MoE load-balancing loss weight; None: the model config's (so it is on for MoE models, as in TRL 1.16)
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         super().__post_init__()

@@ -51,8 +51,9 @@ def refusal(model, args) -> str | None:
     if host_head(model) is not None:
         return "offload_lm_head streams the head from host memory in tiles, which a graph cannot hold"
     if bool(getattr(model.config, "output_router_logits", False)) and model.arch.num_experts > 0:
-        return ("output_router_logits=True: the router's auxiliary loss counts the real tokens through the attention "
-                "mask, which the graph does not take; set config.output_router_logits=False")
+        return ("the mixture-of-experts load-balancing loss is on (config.output_router_logits; SFTConfig's "
+                "router_aux_loss_coef, by default the config's, as in TRL): it counts the real tokens through the "
+                "attention mask, which the graph does not take; set router_aux_loss_coef=0.0")
     if args.fp16:
         return "fp16 needs loss scaling, which the graph does not hold; use bf16"
     if args.fsdp:

@@ -43,7 +43,13 @@ class ObjectiveHooks:
                          **self.model_inputs(batch), **self.loss_kwargs())
         if getattr(out, "token_stats", None) is not None:
             self.record_token_stats(out.token_stats, out.target_count)
-        return out.loss, out.loss_sum.detach()
+        if getattr(out, "aux_loss", None) is None:
+            return out.loss, out.loss_sum.detach()
+        # The MoE load-balancing loss: TRL's SFTTrainer averages it over the step's micro-batches (the model adds
+        # it whole to each micro-batch's loss, as transformers' models do)
+        weighted = aux_weight(self.model) * out.aux_loss.to(out.loss_sum.device, torch.float32) / \
+            max(1, getattr(self, "step_micro_batches", 1))
+        return out.loss_sum / num_items + weighted, out.loss_sum.detach() + weighted.detach() * num_items
 
     def model_inputs(self, batch: dict) -> dict:
         """The batch's further model inputs in micro_batch_loss: packed rows' position_ids / segment_ids (SFT on a
@@ -166,3 +172,17 @@ class ObjectiveHooks:
         """The batch's tensors moved to the model's device; other values (plain numbers) as they are."""
         dev = self.model.device
         return {k: v.to(dev, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def aux_weight(model) -> float:
+    """The weight of the MoE load-balancing loss: model.config.router_aux_loss_coef (0 when absent)."""
+    return float(getattr(model.config, "router_aux_loss_coef", 0.0) or 0.0)
+
+
+def logged_sum(model, out, n) -> torch.Tensor:
+    """An evaluation batch's loss sum, times its normaliser n: the target-token loss sum, plus, when the MoE
+    load-balancing loss is on (out.aux_loss), its weighted term x n, as transformers' eval loss includes it."""
+    if getattr(out, "aux_loss", None) is None:
+        return out.loss_sum.detach()
+    aux = out.aux_loss.detach().to(out.loss_sum.device, torch.float32)
+    return out.loss_sum.detach() + aux_weight(model) * aux * n

@@ -57,7 +57,8 @@ def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
     rows, steps = _rows(16, seed=1), 10  # 8 batches of 2 per pass: the second pass (in the same order) too
     model, proc = _load(vl_dir)
     model.save_pretrained(tmp_path / "init")  # the same starting adapter for PEFT
-    ours, history = _train(model, proc, rows, tmp_path / "run", max_steps=steps)
+    # (the reference loop adds no MoE load-balancing loss: off here, as in tests/models/test_moe.py)
+    ours, history = _train(model, proc, rows, tmp_path / "run", max_steps=steps, router_aux_loss_coef=0.0)
 
     ref = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vl_dir),
                                     str(tmp_path / "init"), is_trainable=True).train()

@@ -8,6 +8,7 @@ from fasttune.errors import ConfigError, DataError
 from fasttune.models.causal_lm import CausalLM
 from fasttune.train.config import SFTConfig
 from fasttune.train.loop import Trainer
+from fasttune.train.objective_hooks import logged_sum
 
 
 class SFTTrainer(Trainer):
@@ -19,7 +20,7 @@ class SFTTrainer(Trainer):
                  data_collator=None, formatting_func=None, compute_metrics=None, preprocess_logits_for_metrics=None,
                  **kwargs):
         from fasttune.train.objectives import vision_sft
-        from fasttune.train.trl_args import load_named_model
+        from fasttune.train.trl_args import apply_router_aux_loss_coef, load_named_model
 
         model, tokenizer = load_named_model(model, tokenizer if tokenizer is not None else
                                             kwargs.pop("processing_class", None))
@@ -54,6 +55,7 @@ class SFTTrainer(Trainer):
         self.compute_metrics, self.preprocess_logits = compute_metrics, preprocess_logits_for_metrics
         self.predictions = None  # the PredictionGatherer of the evaluation pass running, when it gathers
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, config_cls=SFTConfig, **kwargs)
+        apply_router_aux_loss_coef(self.model, self.args.router_aux_loss_coef)  # TRL's MoE default: on
         if self.args.chat_template and self.tokenizer is not None:
             from fasttune.data.templates import resolve_chat_template
 
@@ -152,7 +154,7 @@ class SFTTrainer(Trainer):
             n = max(float(out.target_count), 1.0)
             self._eval_tokens = _added(getattr(self, "_eval_tokens", None),
                                        [v / n for v in out.token_stats.tolist()] + [1.0])
-        return float(out.loss_sum), out.num_targets
+        return float(logged_sum(self.model, out, out.target_count)), out.num_targets
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict:
         """See Trainer.evaluate; with compute_metrics, its metrics over this pass are added (prefixed)."""
