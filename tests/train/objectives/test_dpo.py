@@ -307,3 +307,38 @@ def test_wpo_and_ld_settings_are_checked(tmp_path):
         _args(tmp_path, ld_alpha=-0.1)
     with pytest.raises(ConfigError, match="does not combine with loss_type 'aot'"):
         _args(tmp_path, use_weighting=True, loss_type="aot")
+
+
+@pytest.mark.parametrize("coef", [None, 0.2])
+def test_moe_load_balancing_loss_equals_trl(coef, tiny_model_dir, tmp_path):
+    """On a mixture-of-experts model TRL 1.16 adds router_aux_loss_coef (default: the config's) x the policy
+    forward's load-balancing loss: loss, LoRA gradients (experts' LoRA included) and the aux_loss metric equal
+    TRL's; 0.0 turns it off."""
+    import trl
+    from datasets import Dataset
+
+    from peft_oracle import peft_twin, randomize_lora_b
+
+    # LoRA on attention: the load-balancing loss reaches it through the routers' inputs
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "init")
+    twin = peft_twin("qwen3_moe", tmp_path / "init").train()
+    rows = pair_rows(4)
+    cfg = {} if coef is None else {"router_aux_loss_coef": coef}
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, beta=0.5, **cfg),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    assert model.config.output_router_logits and theirs.aux_loss_enabled
+    keys = ("prompt_ids", "chosen_ids", "rejected_ids")
+    shift_policy(model, twin)
+    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    mine = our_step(ours)
+    assert_same_step(mine, ref)
+    assert ours.step_metrics()["aux_loss"] == pytest.approx(theirs._metrics["train"]["aux_loss"][-1], rel=1e-5)
+    off = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                     args=_args(tmp_path, beta=0.5, router_aux_loss_coef=0.0))
+    our_step(off)
+    assert not model.config.output_router_logits and "aux_loss" not in off.step_metrics()

@@ -166,3 +166,30 @@ def test_precomputed_reference_allows_full_finetuning_without_kl(tiny_model_dir,
     with pytest.raises(ConfigError, match="LoRA.*apo_zero_unpaired"):
         KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
                    args=_args(tmp_path, precompute_ref_log_probs=True))
+
+
+def test_moe_load_balancing_loss_equals_trl(tiny_model_dir, tmp_path):
+    """TRL 1.16's KTO adds the config's router_aux_loss_coef x the policy forward's load-balancing loss on a
+    mixture-of-experts model: loss, LoRA gradients and aux_loss equal TRL's."""
+    import trl
+    from datasets import Dataset
+    from peft_oracle import peft_twin, randomize_lora_b
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "init")
+    twin = peft_twin("qwen3_moe", tmp_path / "init").train()
+    rows = unpaired_rows(4)
+    ours = KTOTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                      args=_args(tmp_path, loss_type="apo_zero_unpaired", router_aux_loss_coef=0.3))
+    theirs = trl.KTOTrainer(model=twin, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                            args=trl_args(trl.KTOConfig, tmp_path, beta=0.5, undesirable_weight=1.5,
+                                          loss_type="apo_zero_unpaired", router_aux_loss_coef=0.3,
+                                          train_sampling_strategy="sequential"))
+    keys = ("prompt_ids", "completion_ids", "label")
+    shift_policy(model, twin)
+    ref = trl_step(theirs, twin, theirs.data_collator([{k: ex[k] for k in keys} for ex in ours.train_examples]))
+    assert_same_step(our_step(ours), ref)
+    assert ours.step_metrics()["aux_loss"] == pytest.approx(theirs._metrics["train"]["aux_loss"][-1], rel=1e-5)

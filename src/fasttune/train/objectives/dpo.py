@@ -37,6 +37,8 @@ class DPOConfig(TrainingConfig):
     precompute_ref_log_probs: bool = False  # reference log-probs once before training (then no reference passes)
     use_weighting: bool = False  # WPO's per-pair weights
     ld_alpha: float | None = None  # LD-DPO: the weight of the longer completion's tokens past the shorter's length
+    # TRL's MoE load-balancing loss weight; None: the model config's (so it is on for MoE models, as in TRL 1.16)
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         if isinstance(self.loss_type, str) and "," in self.loss_type:  # a CLI flag: "sigmoid,sft"
@@ -127,7 +129,8 @@ class DPOTrainer(PreferenceTrainer):
             ref_chosen, ref_rejected = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         else:  # before the policy's forward (ReferencePolicy swaps weights in place)
             ref_chosen, ref_rejected = self.sequence_logps(self.reference_logps(batch), batch).chunk(2)
-        per_token, entropy, extras = self.logps(batch, extras=True)
+        aux = []  # the policy forward's MoE load-balancing loss, when on (router_aux_loss_coef)
+        per_token, entropy, extras = self.logps(batch, extras=True, aux_out=aux)
         chosen, rejected = self.sequence_logps(per_token, batch).chunk(2)
         chosen_ratio, rejected_ratio = chosen - ref_chosen, rejected - ref_rejected
         alpha = a.f_alpha_divergence_coef
@@ -147,4 +150,4 @@ class DPOTrainer(PreferenceTrainer):
         sums = pair_sums(a.beta * chosen_ratio, a.beta * rejected_ratio, chosen, rejected)
         pairs = mask.shape[0] // 2
         sums.update(token_sums(mask[:, 1:], entropy, extras, slice(0, pairs), slice(pairs, None)))
-        return self.report(losses.sum() / num_items, sums, num_items)
+        return self.report(self.with_aux_loss(losses.sum() / num_items, sums, aux), sums, num_items)

@@ -36,6 +36,8 @@ class KTOConfig(TrainingConfig):
     loss_type: str = "kto"  # kto | apo_zero_unpaired (no KL term)
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
     precompute_ref_log_probs: bool = False  # the rows' reference log-probs once before training (TRL's name)
+    # TRL's MoE load-balancing loss weight; None: the model config's (so it is on for MoE models, as in TRL 1.16)
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         super().__post_init__()
@@ -176,7 +178,8 @@ class KTOTrainer(PreferenceTrainer):
             ref = batch["ref_logps"]
         else:  # before the policy's forward (ReferencePolicy swaps in place)
             ref = self.reference_logps(batch).sum(-1)
-        per_token, entropy, extras = self.logps(batch, extras=True)
+        aux = []  # the policy forward's MoE load-balancing loss, when on (router_aux_loss_coef)
+        per_token, entropy, extras = self.logps(batch, extras=True, aux_out=aux)
         logps = per_token.sum(-1)
         ratio = logps - ref
         desirable = batch["label"]
@@ -196,4 +199,4 @@ class KTOTrainer(PreferenceTrainer):
         if bad.numel():
             sums["rewards/rejected"] = (rewards.index_select(0, bad).sum(), bad.numel())
             sums["logps/rejected"] = (logps.detach().index_select(0, bad).sum(), bad.numel())
-        return self.report((weights * losses).sum() / num_items, sums, num_items)
+        return self.report(self.with_aux_loss((weights * losses).sum() / num_items, sums, aux), sums, num_items)

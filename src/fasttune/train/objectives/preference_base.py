@@ -18,7 +18,7 @@ from fasttune.train.config import TrainingConfig
 from fasttune.train.host_reads import add_exact, host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.objectives.eval_window import EvalWindow
-from fasttune.train.trl_args import load_named_model
+from fasttune.train.trl_args import apply_router_aux_loss_coef, load_named_model
 from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, score_positions
 
 DATA_FORMATS = ("auto", "preference")
@@ -73,6 +73,8 @@ class PreferenceTrainer(EvalWindow, Trainer):
 
             require_processor(tok, type(self).__name__)
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
+        if hasattr(self.args, "router_aux_loss_coef"):  # DPO / KTO: TRL's MoE load-balancing loss, on by default
+            apply_router_aux_loss_coef(self.model, self.args.router_aux_loss_coef)
 
     # --- data -------------------------------------------------------------------------------------------------------
     def _limit(self) -> int:
@@ -109,13 +111,25 @@ class PreferenceTrainer(EvalWindow, Trainer):
         return 2 * (len(example["prompt_ids"]) + max(len(example["chosen_ids"]), len(example["rejected_ids"])))
 
     # --- model passes -----------------------------------------------------------------------------------------------
-    def logps(self, batch: dict, score: str = "completion_mask", extras: bool = False):
+    def logps(self, batch: dict, score: str = "completion_mask", extras: bool = False, aux_out: list | None = None):
         """Per-token log-probs (B, T-1) of the tokens that the mask batch[score] marks (default: the completions)
         under the policy; extras=True: (log-probs, entropies, extras (B, T-1, 3)) as model_token_logprobs gives
-        them (the token metrics and WPO's weights)."""
+        them (the token metrics and WPO's weights); aux_out: see model_token_logprobs."""
         media = {k: batch[k] for k in IMAGE_KEYS if k in batch} if self.vision else None
         return model_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
-                                    batch.get(f"{score}_positions"), media=media, extras=extras)
+                                    batch.get(f"{score}_positions"), media=media, extras=extras, aux_out=aux_out)
+
+    def with_aux_loss(self, loss: torch.Tensor, sums: dict, aux: list) -> torch.Tensor:
+        """loss (already divided by the step's normaliser) plus, when the policy's forward gave the MoE
+        load-balancing loss, router_aux_loss_coef x it / the step's micro-batches (TRL adds it to each micro-batch's
+        loss, which transformers' Trainer divides by the accumulation steps); logs `aux_loss` (TRL's metric)."""
+        if not aux:
+            return loss
+        sums["aux_loss"] = (aux[0].detach().float(), 1)
+        from fasttune.train.objective_hooks import aux_weight
+
+        return loss + aux_weight(self.model) * aux[0].to(loss.device, loss.dtype) / \
+            max(1, getattr(self, "step_micro_batches", 1))
 
     def sequence_logps(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
         """(rows,) completion log-probs of per-token ones (rows, T-1): their sums (DPO's ld_alpha weighs them)."""

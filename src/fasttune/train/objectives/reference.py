@@ -28,7 +28,8 @@ def select_scored(t: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor |
 def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score: torch.Tensor,
                          positions: torch.Tensor | None = None, *, last: int | None = None,
                          position_ids: torch.Tensor | None = None, temperature: float = 1.0,
-                         media: dict | None = None, entropy: bool = False, extras: bool = False):
+                         media: dict | None = None, entropy: bool = False, extras: bool = False,
+                         aux_out: list | None = None):
     """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
     KTO and GRPO objectives call (the lm_head part is CausalLM.token_logprobs: kernels/token_logprobs.py, or the
     streamed head of offload_lm_head).
@@ -52,6 +53,8 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     Returns: (B, n) float32: log p(input_ids[:, t] | input_ids[:, :t]) for the n scored columns t = T - n .. T - 1,
         0 where score is 0; with entropy=True, (log-probs, entropies), both (B, n) float32, 0 where score is 0; with
         extras=True, (log-probs, entropies, extras).
+    aux_out: a list that gets the forward's MoE load-balancing loss (unweighted, differentiable) when the model
+        computes one (config.output_router_logits on a mixture of experts), as TRL's DPO / KTO add it.
 
     On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
     logits of the batch never exist at once; under FSDP (the root's shards, embeddings and lm_head, are gathered
@@ -65,7 +68,7 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
     targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
-        hidden = scored_hidden(model, input_ids, attention_mask, mask, positions, position_ids, media)
+        hidden = scored_hidden(model, input_ids, attention_mask, mask, positions, position_ids, media, aux_out)
         flat_extras = hidden.new_zeros(hidden.shape[0], len(EXTRAS), dtype=torch.float32) if extras else None
         flat = model.token_logprobs(hidden, select_scored(targets, mask, positions), temperature, entropy=entropy,
                                     extras=flat_extras)
@@ -76,8 +79,11 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
                                                                                             flat_extras))
         return tuple(scattered) if entropy else scattered[0]
     keep = 0 if last is None else last + 1  # 0: every position's logits
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
-                   logits_to_keep=keep, **(media or {})).logits[:, :-1]
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
+                logits_to_keep=keep, **(media or {}))
+    if aux_out is not None and getattr(out, "aux_loss", None) is not None:
+        aux_out.append(out.aux_loss)
+    logits = out.logits[:, :-1]
     z = logits.float() / temperature
     logp_all = z.log_softmax(-1)
     logps = logp_all.gather(-1, targets[..., None]).squeeze(-1).masked_fill(~mask, 0.0)
@@ -92,20 +98,27 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
                   positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  media: dict | None = None) -> torch.Tensor:
+                  media: dict | None = None, aux_out: list | None = None) -> torch.Tensor:
     """(N, H) final hidden states of fasttune's `model` (a CausalLM) at the positions that predict the scored tokens:
     `mask` (B, n) bool marks the scored tokens among the last n of input_ids (B, T), N = mask.sum(); `positions`:
-    score_positions(mask), to select them without a device sync; position_ids / media as in model_token_logprobs.
-    Differentiable when the model trains."""
+    score_positions(mask), to select them without a device sync; position_ids / media / aux_out as in
+    model_token_logprobs. Differentiable when the model trains."""
+    from fasttune.models.moe import load_balancing_loss
+
     start = input_ids.shape[1] - mask.shape[1]
+    router = aux_out is not None and model.arch.num_experts > 0 and \
+        bool(getattr(model.config, "output_router_logits", False))
     if media:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
         from fasttune.models.vision import VisionBackbone
 
-        hidden = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                       **media).last_hidden_state[:, start - 1:-1]
+        out = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                    output_router_logits=router, **media)
     else:
-        hidden = model.hidden_states(input_ids, attention_mask, position_ids)[:, start - 1:-1]
-    return select_scored(hidden, mask, positions)
+        out = model.model(input_ids, attention_mask, position_ids, output_router_logits=router)
+    if router and out.router_logits:
+        aux_out.append(load_balancing_loss(list(out.router_logits), model.arch.num_experts,
+                                           model.arch.num_experts_per_tok, attention_mask))
+    return select_scored(out.last_hidden_state[:, start - 1:-1], mask, positions)
 
 
 @contextmanager
