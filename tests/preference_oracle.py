@@ -29,6 +29,17 @@ def lora_pair(folder, tmp_path, family="llama"):
     return model, tok, peft_twin(family, tmp_path / "init").train()
 
 
+def attention_lora_pair(folder, tmp_path, family):
+    """(our model, tokenizer, PEFT twin) with LoRA on the attention projections only (B random): for models whose
+    other LoRA names differ between fasttune and PEFT (the stacked experts of a mixture of experts)."""
+    model, tok = FastLanguageModel.from_pretrained(str(folder))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "init")
+    return model, tok, peft_twin(family, tmp_path / "init").train()
+
+
 def our_step(trainer, n=4):
     """Loss and gradients of the trainer's objective on its first n examples as one micro-batch."""
     model = trainer.model

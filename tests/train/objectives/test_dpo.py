@@ -317,15 +317,10 @@ def test_moe_load_balancing_loss_equals_trl(coef, tiny_model_dir, tmp_path):
     import trl
     from datasets import Dataset
 
-    from peft_oracle import peft_twin, randomize_lora_b
+    from preference_oracle import attention_lora_pair
 
     # LoRA on attention: the load-balancing loss reaches it through the routers' inputs
-    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    randomize_lora_b(model)
-    model.save_pretrained(tmp_path / "init")
-    twin = peft_twin("qwen3_moe", tmp_path / "init").train()
+    model, tok, twin = attention_lora_pair(tiny_model_dir("qwen3_moe"), tmp_path, "qwen3_moe")
     rows = pair_rows(4)
     cfg = {} if coef is None else {"router_aux_loss_coef": coef}
     ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, beta=0.5, **cfg))

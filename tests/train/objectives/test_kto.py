@@ -173,14 +173,10 @@ def test_moe_load_balancing_loss_equals_trl(tiny_model_dir, tmp_path):
     mixture-of-experts model: loss, LoRA gradients and aux_loss equal TRL's."""
     import trl
     from datasets import Dataset
-    from peft_oracle import peft_twin, randomize_lora_b
+    from preference_oracle import attention_lora_pair
 
-    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    randomize_lora_b(model)
-    model.save_pretrained(tmp_path / "init")
-    twin = peft_twin("qwen3_moe", tmp_path / "init").train()
+    # LoRA on attention: the load-balancing loss reaches it through the routers' inputs
+    model, tok, twin = attention_lora_pair(tiny_model_dir("qwen3_moe"), tmp_path, "qwen3_moe")
     rows = unpaired_rows(4)
     ours = KTOTrainer(model=model, tokenizer=tok, train_dataset=rows,
                       args=_args(tmp_path, loss_type="apo_zero_unpaired", router_aux_loss_coef=0.3))
