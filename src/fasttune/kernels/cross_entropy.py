@@ -258,7 +258,8 @@ def _ce_chunk_grad_triton(logits: torch.Tensor, labels: torch.Tensor, softcap: f
     block = block or min(_CE_BLOCK, next_pow2(vocab))
     _ce_chunk_kernel[(rows,)](logits, labels.contiguous(), loss, per_row, vocab, logits.stride(0),
                               float(softcap or 1.0), SOFTCAP=bool(softcap), STATS=stats is not None, DFT=dft,
-                              smoothing=float(label_smoothing), SMOOTH=bool(label_smoothing), BLOCK=block, num_warps=min(8, max(1, block // 512)))
+                              smoothing=float(label_smoothing), SMOOTH=bool(label_smoothing), BLOCK=block,
+                              num_warps=min(8, max(1, block // 512)))
     if stats is not None:
         stats += per_row.sum(0)
     return loss.sum()

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fasttune.kernels.cross_entropy import _chunk_tokens, fp32_mixed_product, fp32_product  # the loss's chunk size
 from fasttune.kernels.dispatch import kernel_choice, use_triton
-from fasttune.kernels.logit_stats import logit_row_stats, logit_row_stats_reference
+from fasttune.kernels.logit_stats import STATS, logit_row_stats, logit_row_stats_reference
 
 
 def _scaled_logits(hidden, weight, softcap, temperature, fp32=False):
@@ -41,7 +41,7 @@ def _scaled_logits(hidden, weight, softcap, temperature, fp32=False):
     return z / temperature, t
 
 
-EXTRAS = ("mean_logits", "is_top1", "log_sum_sq_probs")  # the columns of `extras`, TRL's names
+EXTRAS = STATS[3:]  # the columns of `extras`: mean_logits, is_top1, log_sum_sq_probs (TRL's names)
 
 
 @torch.no_grad()

@@ -60,6 +60,7 @@ class HostEmbedding(nn.Embedding):
         return scale_rows(embedding_rows_reference(ids, table.detach()), self.embed_scale)
 
     def extra_repr(self) -> str:
+        """The table's size and where it lives (what print(model) shows)."""
         return f"{self.num_embeddings}, {self.embedding_dim}, in pinned host memory"
 
 

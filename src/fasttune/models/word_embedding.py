@@ -26,9 +26,11 @@ class ScaledWordEmbedding(nn.Embedding):
         self.embed_scale = float(embed_scale)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (...) int64 -> rows (..., H) times embed_scale (rounded to the weight's dtype first)."""
         return scale_rows(super().forward(ids), self.embed_scale)
 
     def extra_repr(self) -> str:
+        """nn.Embedding's description plus the scale (what print(model) shows)."""
         return f"{super().extra_repr()}, embed_scale={self.embed_scale:g}"
 
 

@@ -185,8 +185,8 @@ class SFTConfig(TrainingConfig):
             raise ConfigError(f"label_smoothing_factor={self.label_smoothing_factor!r} is invalid: the share of the "
                               f"loss spread over the vocabulary, in [0, 1) (0.1 is common; 0 turns it off).")
         if self.neftune_noise_alpha is not None and self.cuda_graphs:
-            raise ConfigError("neftune_noise_alpha with cuda_graphs=True: NEFTune's noise scale depends on each batch's "
-                              "padded length, which CUDA graphs fix to the longest row; use one of the two.")
+            raise ConfigError("neftune_noise_alpha with cuda_graphs=True: NEFTune's noise scale depends on each "
+                              "batch's padded length, which CUDA graphs fix to the longest row; use one of the two.")
         if self.label_smoothing_factor and self.loss_type == "dft":
             raise ConfigError("label_smoothing_factor and loss_type='dft' do not combine (TRL's DFT loss replaces "
                               "transformers' label smoother); use one of them.")

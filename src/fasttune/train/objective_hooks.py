@@ -45,11 +45,17 @@ class ObjectiveHooks:
             self.record_token_stats(out.token_stats, out.target_count)
         if getattr(out, "aux_loss", None) is None:
             return out.loss, out.loss_sum.detach()
-        # The MoE load-balancing loss: TRL's SFTTrainer averages it over the step's micro-batches (the model adds
-        # it whole to each micro-batch's loss, as transformers' models do)
-        weighted = aux_weight(self.model) * out.aux_loss.to(out.loss_sum.device, torch.float32) / \
-            max(1, getattr(self, "step_micro_batches", 1))
+        # The model adds the MoE load-balancing loss whole to each micro-batch's loss (as transformers' models do);
+        # TRL's SFTTrainer averages it over the step's micro-batches
+        weighted = self.aux_loss_share(out.aux_loss.to(out.loss_sum.device))
         return out.loss_sum / num_items + weighted, out.loss_sum.detach() + weighted.detach() * num_items
+
+    def aux_loss_share(self, aux: torch.Tensor) -> torch.Tensor:
+        """router_aux_loss_coef x a micro-batch's MoE load-balancing loss `aux` (() tensor), as TRL's trainers add
+        it: in training divided by the step's micro-batches on this rank (transformers' Trainer divides each
+        micro-batch's loss by the accumulation steps), whole in evaluation. Returns an fp32 () tensor."""
+        steps = getattr(self, "step_micro_batches", 1) if self.model.training else 1
+        return aux_weight(self.model) * aux.float() / max(1, steps)
 
     def model_inputs(self, batch: dict) -> dict:
         """The batch's further model inputs in micro_batch_loss: packed rows' position_ids / segment_ids (SFT on a

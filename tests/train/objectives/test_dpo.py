@@ -333,6 +333,12 @@ def test_moe_load_balancing_loss_equals_trl(coef, tiny_model_dir, tmp_path):
     mine = our_step(ours)
     assert_same_step(mine, ref)
     assert ours.step_metrics()["aux_loss"] == pytest.approx(theirs._metrics["train"]["aux_loss"][-1], rel=1e-5)
+    # a step of 4 micro-batches takes a quarter in training; evaluation takes it whole (TRL: no accumulation there)
+    ours.step_micro_batches, weight = 4, model.config.router_aux_loss_coef
+    assert float(ours.aux_loss_share(torch.tensor(2.0))) == pytest.approx(weight * 0.5)
+    model.eval()
+    assert float(ours.aux_loss_share(torch.tensor(2.0))) == pytest.approx(weight * 2.0)
+    model.train()
     off = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows,
                      args=_args(tmp_path, beta=0.5, router_aux_loss_coef=0.0))
     our_step(off)

@@ -121,15 +121,12 @@ class PreferenceTrainer(EvalWindow, Trainer):
 
     def with_aux_loss(self, loss: torch.Tensor, sums: dict, aux: list) -> torch.Tensor:
         """loss (already divided by the step's normaliser) plus, when the policy's forward gave the MoE
-        load-balancing loss, router_aux_loss_coef x it / the step's micro-batches (TRL adds it to each micro-batch's
-        loss, which transformers' Trainer divides by the accumulation steps); logs `aux_loss` (TRL's metric)."""
+        load-balancing loss (`aux`: model_token_logprobs' aux_out), its share as TRL adds it (aux_loss_share); logs
+        `aux_loss` (TRL's metric)."""
         if not aux:
             return loss
         sums["aux_loss"] = (aux[0].detach().float(), 1)
-        from fasttune.train.objective_hooks import aux_weight
-
-        return loss + aux_weight(self.model) * aux[0].to(loss.device, loss.dtype) / \
-            max(1, getattr(self, "step_micro_batches", 1))
+        return loss + self.aux_loss_share(aux[0].to(loss.device)).to(loss.dtype)
 
     def sequence_logps(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
         """(rows,) completion log-probs of per-token ones (rows, T-1): their sums (DPO's ld_alpha weighs them)."""
@@ -215,9 +212,11 @@ def token_sums(mask: torch.Tensor, entropy: torch.Tensor, extras: torch.Tensor, 
     m, x = mask.to(entropy.dtype), extras.detach()
 
     def mean(values, weights):
+        """The weights-weighted mean of values (same shape), 0 without weight."""
         return (values * weights).sum() / weights.sum().clamp(min=1)
 
     def rows(t, which):
+        """t's rows picked by a slice or an index tensor."""
         return t[which] if isinstance(which, slice) else t.index_select(0, which)
 
     out = {"entropy": (mean(entropy.detach(), m), 1)}
