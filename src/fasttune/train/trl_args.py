@@ -76,19 +76,29 @@ def check_trainer_kwargs(trainer_name: str, kwargs: dict):
     raise ConfigError(" ".join(parts))
 
 
-def apply_router_aux_loss_coef(model, coef: float | None) -> None:
-    """TRL 1.16's `router_aux_loss_coef` (SFTConfig): on a mixture-of-experts model (its text config has
-    `output_router_logits`) the load-balancing loss is on whenever the coefficient - `coef`, else the config's own
-    `router_aux_loss_coef` - is not 0, and the config is set to match (`output_router_logits`,
-    `router_aux_loss_coef`), as TRL's SFTTrainer sets it; our models and the fallback then add it in their forward.
+def router_aux_loss_weight(model, coef: float | None) -> float:
+    """The weight of the MoE load-balancing loss under TRL 1.16's `router_aux_loss_coef` (SFT / DPO / KTO / GRPO /
+    RLOO configs): `coef`, else the model config's own `router_aux_loss_coef`, on a mixture-of-experts model (its
+    text config has `output_router_logits`); 0.0 (off) on any other model or when that value is 0.
     Raises ConfigError for a non-zero coef on a model without router logits."""
     config = model.config
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    value = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
     if coef and not hasattr(text, "output_router_logits"):
         raise ConfigError(f"router_aux_loss_coef={coef}: this {text.model_type} model is not a mixture of experts "
                           f"with router logits, so there is no load-balancing loss to weight; leave it None.")
-    if hasattr(text, "router_aux_loss_coef"):
+    value = getattr(text, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return float(value or 0.0) if hasattr(text, "output_router_logits") else 0.0
+
+
+def apply_router_aux_loss_coef(model, coef: float | None) -> None:
+    """TRL's SFTTrainer / DPOTrainer / KTOTrainer setting of `router_aux_loss_coef`: the load-balancing loss is on
+    whenever router_aux_loss_weight is not 0, and the model config is set to match (`output_router_logits`,
+    `router_aux_loss_coef`), as TRL's SFTTrainer sets it; our models and the fallback then add it in their forward.
+    Raises ConfigError as router_aux_loss_weight."""
+    config = model.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = router_aux_loss_weight(model, coef)
+    if hasattr(text, "router_aux_loss_coef") and hasattr(text, "output_router_logits"):
         for c in {id(text): text, id(config): config}.values():  # (our forward reads model.config)
             c.output_router_logits = bool(value)
             c.router_aux_loss_coef = value

@@ -204,6 +204,51 @@ def _loss_and_grads_match_trl(model, tok, adapter, tmp_path, cfg, family="llama"
     # the completion tokens' mean entropy is logged in every case, as TRL logs it
     assert_step_equals_trl(model, ours, batch, num_items, tr, inputs, ["entropy", *metrics, *(["kl"] if beta else [])],
                            **checks)
+    return ours
+
+
+@pytest.mark.parametrize("coef", [None, 0.3])
+def test_moe_load_balancing_loss_equals_trl(coef, tiny_model_dir, tmp_path):
+    """On a mixture-of-experts model TRL 1.16's GRPOTrainer adds router_aux_loss_coef (default: the config's) x the
+    policy forward's load-balancing loss over the rows' real tokens (left-padded prompts, padded completions):
+    loss, LoRA gradients and the aux_loss metric equal TRL's; training divides it by the step's micro-batches,
+    evaluation takes it whole; 0.0 turns it off; a weight on a dense model is refused."""
+    from preference_oracle import attention_lora_pair
+
+    # LoRA on attention: the load-balancing loss reaches it through the routers' inputs
+    model, tok, _ = attention_lora_pair(tiny_model_dir("qwen3_moe"), tmp_path, "qwen3_moe")
+    cfg = dict(loss_type="grpo", beta=0.0, **({} if coef is None else {"router_aux_loss_coef": coef}))
+    ours = _loss_and_grads_match_trl(model, tok, tmp_path / "init", tmp_path, cfg, family="qwen3_moe",
+                                     metrics=["aux_loss"])
+    weight = model.config.router_aux_loss_coef if coef is None else coef
+    assert ours.aux_weight == weight > 0 and not model.config.output_router_logits  # (the config is left as it is)
+    assert float(ours.with_aux_loss(torch.tensor(0.0), torch.tensor(2.0), 4)) == pytest.approx(weight * 0.5)
+    model.eval()
+    assert float(ours.with_aux_loss(torch.tensor(0.0), torch.tensor(2.0), 4)) == pytest.approx(weight * 2.0)
+    model.train()
+    off = _ours(model, tok, tmp_path, loss_type="grpo", router_aux_loss_coef=0.0)
+    off.micro_batch_loss(_our_batch(off), 10)
+    assert off.aux_weight == 0.0 and "aux_loss" not in off._ratios
+
+
+def test_moe_load_balancing_loss_on_the_fallback(tiny_model_dir, tmp_path):
+    """The transformers fallback adds the same load-balancing loss (transformers' own, asked for in the policy's
+    forward only) as our decoder; a weight on a dense model is refused, naming the setting."""
+    folder = tiny_model_dir("qwen3_moe")
+    out = []
+    for fast in (True, False):
+        model, tok = FastLanguageModel.from_pretrained(str(folder), dtype="float32", fast=fast)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8,
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+        tr = _ours(model, tok, tmp_path, loss_type="grpo", router_aux_loss_coef=0.5)
+        batch = _our_batch(tr)
+        loss, _ = tr.micro_batch_loss(batch, int(batch["completion_mask"].sum()))
+        s, n = tr._ratios["aux_loss"][-1]
+        out.append((float(loss.detach()), float(s / n)))
+    assert out[0][1] > 0 and out[0] == pytest.approx(out[1], rel=1e-5)
+    dense, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype="float32")
+    with pytest.raises(ConfigError, match="router_aux_loss_coef=0.5: this llama model is not a mixture of experts"):
+        _ours(FastLanguageModel.get_peft_model(dense, r=4), tok, tmp_path, router_aux_loss_coef=0.5)
 
 
 def _policy_logps(trainer, batch):

@@ -44,9 +44,9 @@ def _fixed_trl():
     return FixedCompletionsRLOO
 
 
-def _both(policy, tmp_path, **cfg):
-    """Our trainer and TRL's on the same adapter (TRL's with beta > 0 keeps it as its "ref" adapter), their scored
-    batches of the fixed completions."""
+def _both(policy, tmp_path, family="llama", adapter=None, **cfg):
+    """Our trainer and TRL's on the same adapter (TRL's with beta > 0 keeps it as its "ref" adapter; `adapter`:
+    its folder, default the policy's), their scored batches of the fixed completions."""
     from datasets import Dataset
 
     model, tok, root = policy
@@ -54,7 +54,7 @@ def _both(policy, tmp_path, **cfg):
                   max_completion_length=6, **cfg)
     ours = RLOOTrainer(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS,
                        args=RLOOConfig(output_dir=str(tmp_path / "ours"), shuffle=False, **common))
-    theirs = _fixed_trl()(model=peft_twin("llama", root / "adapter"), reward_funcs=list(REWARDS),
+    theirs = _fixed_trl()(model=peft_twin(family, adapter or root / "adapter"), reward_funcs=list(REWARDS),
                           processing_class=tok, train_dataset=Dataset.from_list(ROWS),
                           args=trl.RLOOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none",
                                               bf16=False, **common))
@@ -111,6 +111,23 @@ def test_loss_and_grads_match_trl(policy, tmp_path):
         batch["old_logps"] = batch["old_logps"] + noise
         inputs["old_logps"] = (batch["old_logps"] * mask).sum(-1)
         assert_step_equals_trl(model, ours, batch, ours.count_items(batch), theirs, inputs, ["entropy"])
+
+
+def test_moe_load_balancing_loss_equals_trl(tiny_model_dir, tmp_path):
+    """On a mixture-of-experts model TRL 1.16's RLOOTrainer adds router_aux_loss_coef (default: the config's) x the
+    policy forward's load-balancing loss to the loss: loss, LoRA gradients and the aux_loss metric equal TRL's."""
+    from preference_oracle import attention_lora_pair
+
+    model, tok, _ = attention_lora_pair(tiny_model_dir("qwen3_moe"), tmp_path, "qwen3_moe")
+    ours, theirs = _both((model, tok, tmp_path), tmp_path, family="qwen3_moe", adapter=tmp_path / "init", beta=0.05,
+                         epsilon=0.1)
+    assert ours.aux_weight == model.config.router_aux_loss_coef > 0 and theirs.aux_loss_enabled
+    batch, inputs = _score(ours, theirs)
+    mask = batch["completion_mask"]
+    noise = 0.3 * torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)) * mask
+    batch["old_logps"] = batch["old_logps"] + noise
+    inputs["old_logps"] = (batch["old_logps"] * mask).sum(-1)
+    assert_step_equals_trl(model, ours, batch, ours.count_items(batch), theirs, inputs, ["entropy", "aux_loss"])
 
 
 def test_config_and_cli(policy, tmp_path, capsys):

@@ -24,7 +24,7 @@ from fasttune.errors import ConfigError, DataError
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
-from fasttune.train.trl_args import load_named_model
+from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
 from fasttune.train.objectives.grpo_config import GRPOConfig
 from fasttune.train.objectives.grpo_loss import (clip_stats, entropy_bonus, group_advantages, high_entropy_mask,
                                                  off_policy_mask, per_token_loss, reduce_loss, vespo_weights)
@@ -169,6 +169,9 @@ class GRPOTrainer(RewardScoring, Trainer):
                 f"{a.num_generations}. Make that product a multiple of num_generations (as in TRL).")
         if getattr(a, "cast_lm_head_to_fp32", False):
             _fp32_head(self.model, name)
+        # TRL's MoE load-balancing loss on the policy's forward (GRPO / RLOO; on by default with the config's weight)
+        self.aux_weight = router_aux_loss_weight(self.model, a.router_aux_loss_coef) \
+            if hasattr(a, "router_aux_loss_coef") else 0.0
         # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
         self.reference: ReferencePolicy | None = None
         if self.uses_reference:
@@ -444,13 +447,12 @@ class GRPOTrainer(RewardScoring, Trainer):
     # --- the loss ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:
         """The clipped surrogate (+ beta x KL) of this micro-batch reduced by loss_type (grpo_loss.py), minus
-        entropy_coef x the mean entropy when set; records TRL's metrics (entropy, clip ratios, kl when beta > 0,
-        policy_loss / entropy_coef with an entropy bonus, vespo/phi_seq_mean)."""
+        entropy_coef x the mean entropy when set, plus the MoE load-balancing loss's share when on (with_aux_loss);
+        records TRL's metrics (entropy, clip ratios, kl when beta > 0, policy_loss / entropy_coef with an entropy
+        bonus, vespo/phi_seq_mean, aux_loss)."""
         a = self.args
         mask = batch["completion_mask"]
-        media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-        logps, entropies = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                                 batch.get("completion_positions"), media, entropy=True)
+        logps, entropies, aux = self.policy_logps(batch)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else old  # one iteration: the ratio is 1 with the policy's gradient
         adv = batch["advantages"]
@@ -475,6 +477,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         loss = reduce_loss(token_loss, mask, a.loss_type, num_items, steps, a.max_completion_length)
         if self._entropy_bonus:
             loss = self._with_entropy_bonus(loss, entropies, mask if keep is None else mask * keep, steps)
+        loss = self.with_aux_loss(loss, aux, steps)
         with torch.no_grad():  # the metric sums stay on the device until step_metrics reads them
             m = mask.float()
             self._add_ratio("entropy", (entropies.detach() * m).sum(), m.sum())
@@ -489,6 +492,28 @@ class GRPOTrainer(RewardScoring, Trainer):
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
         # as float(loss) * num_items; the core reads it once per step).
         return loss, loss.detach().to(torch.float64) * num_items
+
+    def policy_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The policy's (log-probs, entropies) (B, n) float32 of the batch's completion tokens (completion_logps)
+        and, when the MoE load-balancing loss is on (aux_weight), that forward's load-balancing loss (() tensor,
+        unweighted, over the rows' real tokens: transformers' load_balancing_loss_func), else None."""
+        mask = batch["completion_mask"]
+        media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+        aux = [] if self.aux_weight else None
+        logps, entropies = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
+                                                 batch.get("completion_positions"), media, entropy=True,
+                                                 aux_out=aux)
+        return logps, entropies, aux[0] if aux else None
+
+    def with_aux_loss(self, loss: torch.Tensor, aux: torch.Tensor | None, steps: int) -> torch.Tensor:
+        """loss plus router_aux_loss_coef x the policy forward's load-balancing loss `aux` (None: loss as it is) /
+        the step's micro-batches over all ranks in training (TRL divides it by gradient_accumulation_steps, DDP
+        averages the ranks), whole in evaluation; records TRL's `aux_loss` metric (the micro-batches' mean)."""
+        if aux is None:
+            return loss
+        self._add_ratio("aux_loss", aux.detach().float(), 1)
+        share = self.aux_weight * aux.float() / (steps if self.model.training else 1)
+        return loss + share.to(loss.device, loss.dtype)
 
     # --- the entropy bonus (TRL 1.16's entropy_coef, use_adaptive_entropy) -----------------------------------
     @property
@@ -571,16 +596,18 @@ class GRPOTrainer(RewardScoring, Trainer):
         return torch.cat([t for t in self.dist.gather(values.cpu())]).to(values.device)
 
     def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
-                         positions: torch.Tensor | None = None, media: dict | None = None, entropy: bool = False):
+                         positions: torch.Tensor | None = None, media: dict | None = None, entropy: bool = False,
+                         aux_out: list | None = None):
         """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked
         (reference.model_token_logprobs). Positions come from the attention mask, as in generation (Qwen-VL's
         multimodal positions from the model, which reads the mask too). `positions`: score_positions of
         attention_mask[:, -n:], to select the completion tokens without a device sync. media: the rows' image
         inputs (prompt_media) on a vision-language model. entropy=True: (log-probs, entropies (B, n)) (0 where
-        masked)."""
+        masked). aux_out: a list that gets the forward's MoE load-balancing loss (model_token_logprobs)."""
         return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
                                     position_ids=self.sampling_positions(attention_mask, media),
-                                    temperature=self.args.temperature, media=media or None, entropy=entropy)
+                                    temperature=self.args.temperature, media=media or None, entropy=entropy,
+                                    aux_out=aux_out, output_router_logits=aux_out is not None)
 
     def sampling_positions(self, attention_mask: torch.Tensor, media: dict | None) -> torch.Tensor | None:
         """Position ids (B, T) int64 of left-padded rows as generation gives them (attention_mask.cumsum - 1); None

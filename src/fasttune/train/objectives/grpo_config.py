@@ -154,6 +154,9 @@ class GRPOConfig(OnlineRLConfig):
     entropy_coef_max: float = 1.0
     entropy_coef_delta: float = 0.005
     entropy_target: float = 0.2  # adaptive: the bonus applies while the step's mean entropy (nats) is <= this
+    # TRL's MoE load-balancing loss weight on the policy's forward; None: the model config's (so it is on for MoE
+    # models, as in TRL 1.16); 0.0: off
+    router_aux_loss_coef: float | None = None
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):
@@ -203,6 +206,7 @@ class RLOOConfig(OnlineRLConfig):
     beta: float = 0.05  # weight of the KL penalty (sampling policy - reference log-ratio) taken off the rewards
     normalize_advantages: bool = False  # advantages scaled to mean 0, std 1 over the batch
     reward_clip_range: tuple | list | str | None = None  # (low, high): rewards clamped before the KL penalty
+    router_aux_loss_coef: float | None = None  # as GRPOConfig's (TRL's MoE load-balancing loss weight)
 
     def __post_init__(self):
         super().__post_init__()

@@ -29,7 +29,7 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
                          positions: torch.Tensor | None = None, *, last: int | None = None,
                          position_ids: torch.Tensor | None = None, temperature: float = 1.0,
                          media: dict | None = None, entropy: bool = False, extras: bool = False,
-                         aux_out: list | None = None):
+                         aux_out: list | None = None, output_router_logits: bool | None = None):
     """Per-token log-probabilities of a batch's own tokens under `model`: the one implementation the DPO, ORPO,
     KTO and GRPO objectives call (the lm_head part is CausalLM.token_logprobs: kernels/token_logprobs.py, or the
     streamed head of offload_lm_head).
@@ -54,7 +54,9 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
         0 where score is 0; with entropy=True, (log-probs, entropies), both (B, n) float32, 0 where score is 0; with
         extras=True, (log-probs, entropies, extras).
     aux_out: a list that gets the forward's MoE load-balancing loss (unweighted, differentiable) when the model
-        computes one (config.output_router_logits on a mixture of experts), as TRL's DPO / KTO add it.
+        computes one, as TRL's DPO / KTO / GRPO / RLOO add it; output_router_logits: whether it does (on a mixture
+        of experts; None: the config's output_router_logits, which SFT / DPO / KTO set; GRPO / RLOO pass True, as
+        TRL asks for it in the policy's forward only).
 
     On fasttune's decoder only the scored positions go through the lm_head, in chunks, so the (tokens x vocab)
     logits of the batch never exist at once; under FSDP (the root's shards, embeddings and lm_head, are gathered
@@ -68,7 +70,8 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
     start = input_ids.shape[1] - (input_ids.shape[1] - 1 if last is None else last)
     targets, mask = input_ids[:, start:], score[:, start:].bool()
     if isinstance(model, CausalLM) and not is_sharded(model):
-        hidden = scored_hidden(model, input_ids, attention_mask, mask, positions, position_ids, media, aux_out)
+        hidden = scored_hidden(model, input_ids, attention_mask, mask, positions, position_ids, media, aux_out,
+                               output_router_logits)
         flat_extras = hidden.new_zeros(hidden.shape[0], len(EXTRAS), dtype=torch.float32) if extras else None
         flat = model.token_logprobs(hidden, select_scored(targets, mask, positions), temperature, entropy=entropy,
                                     extras=flat_extras)
@@ -79,8 +82,9 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
                                                                                             flat_extras))
         return tuple(scattered) if entropy else scattered[0]
     keep = 0 if last is None else last + 1  # 0: every position's logits
+    router = {"output_router_logits": True} if aux_out is not None and output_router_logits else {}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, return_logits=True,
-                logits_to_keep=keep, **(media or {}))
+                logits_to_keep=keep, **router, **(media or {}))
     if aux_out is not None and getattr(out, "aux_loss", None) is not None:
         aux_out.append(out.aux_loss)
     logits = out.logits[:, :-1]
@@ -98,16 +102,18 @@ def model_token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.T
 
 def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor,
                   positions: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                  media: dict | None = None, aux_out: list | None = None) -> torch.Tensor:
+                  media: dict | None = None, aux_out: list | None = None,
+                  output_router_logits: bool | None = None) -> torch.Tensor:
     """(N, H) final hidden states of fasttune's `model` (a CausalLM) at the positions that predict the scored tokens:
     `mask` (B, n) bool marks the scored tokens among the last n of input_ids (B, T), N = mask.sum(); `positions`:
-    score_positions(mask), to select them without a device sync; position_ids / media / aux_out as in
-    model_token_logprobs. Differentiable when the model trains."""
+    score_positions(mask), to select them without a device sync; position_ids / media / aux_out /
+    output_router_logits as in model_token_logprobs. Differentiable when the model trains."""
     from fasttune.models.moe import load_balancing_loss
 
     start = input_ids.shape[1] - mask.shape[1]
-    router = aux_out is not None and model.arch.num_experts > 0 and \
-        bool(getattr(model.config, "output_router_logits", False))
+    if output_router_logits is None:
+        output_router_logits = bool(getattr(model.config, "output_router_logits", False))
+    router = aux_out is not None and model.arch.num_experts > 0 and output_router_logits
     if media:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
         from fasttune.models.vision import VisionBackbone
 

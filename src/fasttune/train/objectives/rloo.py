@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-from fasttune.constants import IMAGE_KEYS
 from fasttune.train.objectives.grpo import GRPOTrainer
 from fasttune.train.objectives.grpo_config import RLOOConfig
 from fasttune.train.objectives.grpo_loss import clip_stats, nanstd
@@ -98,16 +97,15 @@ class RLOOTrainer(GRPOTrainer):
         the micro-batch's completions / the step's micro-batches; records the clip-ratio metrics (per completion)
         and the completion tokens' mean entropy (TRL's `entropy`)."""
         mask = batch["completion_mask"]
-        media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-        token_logps, entropies = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
-                                                       batch.get("completion_positions"), media, entropy=True)
+        token_logps, entropies, aux = self.policy_logps(batch)
         logps = (token_logps * mask).sum(-1)
         old = batch.get("old_logps")
         old = logps.detach() if old is None else (old * mask).sum(-1)
         adv = batch["advantages"]
         ratio = torch.exp(logps - old)
         clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
-        loss = -torch.min(ratio * adv, clipped * adv).mean() / int(batch["steps"])
+        loss = self.with_aux_loss(-torch.min(ratio * adv, clipped * adv).mean() / int(batch["steps"]), aux,
+                                  int(batch["steps"]))
         with torch.no_grad():
             m = mask.float()
             self._add_ratio("entropy", (entropies.detach() * m).sum(), m.sum())
