@@ -48,3 +48,28 @@ def test_loss_and_grads_equal_trl(tiny_model_dir, tmp_path):
 def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
     """Both terms are means over the whole accumulated batch: chosen tokens for the NLL, pairs for the odds ratio."""
     assert_ga_invariant(ORPOTrainer, _args, pair_rows(8), tiny_model_dir("llama"), tmp_path)
+
+
+@pytest.mark.parametrize("router_logits", [True, False])
+def test_moe_load_balancing_loss_equals_trl(router_logits, tiny_model_dir, tmp_path):
+    """TRL's ORPO adds router_aux_loss_coef x the load-balancing loss when the model config has output_router_logits
+    set (and only then): loss and LoRA gradients equal TRL's either way on a tiny Qwen3-MoE."""
+    import warnings
+
+    from datasets import Dataset
+    from preference_oracle import attention_lora_pair
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # "experimental" notice
+        from trl.experimental.orpo import ORPOConfig as TRLConfig, ORPOTrainer as TRLTrainer
+
+    model, tok, twin = attention_lora_pair(tiny_model_dir("qwen3_moe"), tmp_path, "qwen3_moe")
+    for config in (model.config, twin.config):
+        config.output_router_logits, config.router_aux_loss_coef = router_logits, 0.3
+    rows = pair_rows(4)
+    ours = ORPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path))
+    theirs = TRLTrainer(model=twin, args=trl_args(TRLConfig, tmp_path, beta=0.5), train_dataset=Dataset.from_list(rows),
+                        processing_class=tok)
+    assert theirs.aux_loss_enabled is router_logits
+    ref = trl_step(theirs, twin, theirs.data_collator([_trl_features(ex) for ex in ours.train_examples]))
+    assert_same_step(our_step(ours), ref)
+    assert ("aux_loss" in ours.step_metrics()) is router_logits

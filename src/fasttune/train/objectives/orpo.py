@@ -47,9 +47,12 @@ class ORPOTrainer(PreferenceTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """This micro-batch's share of NLL(chosen) - beta x mean log-sigmoid(log odds ratio); metrics include
-        nll_loss, log_odds_ratio and log_odds_chosen (TRL's names)."""
+        nll_loss, log_odds_ratio and log_odds_chosen (TRL's names). On a mixture-of-experts model whose config has
+        output_router_logits set (TRL's ORPO adds the load-balancing loss only then, with the config's
+        router_aux_loss_coef), plus that loss's share (with_aux_loss)."""
         beta, pairs = self.args.beta, batch["input_ids"].shape[0] // 2
-        logps = self.logps(batch, "attention_mask")  # every token: the NLL needs the prompt's too
+        aux = [] if getattr(self.model.config, "output_router_logits", False) else None
+        logps = self.logps(batch, "attention_mask", aux_out=aux)  # every token: the NLL needs the prompt's too
         nll_sum = -logps[:pairs].sum()
         completion = batch["completion_mask"][:, 1:]
         mean_logps = (logps * completion).sum(-1) / completion.sum(-1)
@@ -61,4 +64,4 @@ class ORPOTrainer(PreferenceTrainer):
         sums["nll_loss"] = (nll_sum.detach(), batch["attention_mask"][:pairs, 1:].sum())
         sums["log_odds_ratio"] = (ratio.detach().sum(), pairs)
         sums["log_odds_chosen"] = (log_odds.detach().sum(), pairs)
-        return self.report(loss, sums, num_items)
+        return self.report(self.with_aux_loss(loss, sums, aux), sums, num_items)
