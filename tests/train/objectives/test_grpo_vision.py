@@ -130,6 +130,29 @@ def _our_name(peft_name: str) -> str:
     return n.replace(".default", "").removesuffix(".weight")
 
 
+def test_moe_load_balancing_loss_with_images(qwen3_vl_moe_dir, tmp_path):
+    """Qwen3-VL-MoE: the policy forward's load-balancing loss over prompts with images and their completions equals
+    transformers' (output_router_logits=True: every real token, image tokens included), and the loss carries
+    router_aux_loss_coef x it."""
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = _load(qwen3_vl_moe_dir)
+    trainer = _fixed(model, proc, tmp_path, beta=0.0, router_aux_loss_coef=0.5)
+    batch = trainer.score(trainer.train_examples[:len(COMPLETIONS)], COMPLETIONS,
+                          [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
+    assert not batch["attention_mask"][:, 0].all()  # one prompt is left-padded
+    _, _, aux = trainer.policy_logps(batch)
+    hf = AutoModelForImageTextToText.from_pretrained(qwen3_vl_moe_dir, dtype=torch.float32)
+    marks = (batch["input_ids"] == proc.image_token_id).long()
+    out = hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"],
+             image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=marks, output_router_logits=True)
+    torch.testing.assert_close(aux, out.aux_loss, rtol=1e-5, atol=1e-7)
+    loss, _ = trainer.micro_batch_loss(batch, int(batch["completion_mask"].sum()))
+    trainer.aux_weight = 0.0
+    plain, _ = trainer.micro_batch_loss(batch, int(batch["completion_mask"].sum()))
+    assert float(loss - plain) == pytest.approx(0.5 * float(aux), rel=1e-4)
+
+
 def test_steps_equal_trl(qwen_vl_dir, tmp_path):
     """Three steps on the fixed completions (adapter starting at LoRA B zero, beta 0.1, AdamW at 2e-2): loss, kl,
     grad_norm and rewards per step equal TRL 1.16's GRPOTrainer's (the fixture; see make_vision_grpo_trl.py)."""
