@@ -544,3 +544,59 @@ def trl_policy_on_tiny_qwen_vl(load, tmp):
     model.save_pretrained(tmp / "init")
     hf = AutoModelForImageTextToText.from_pretrained(folder, dtype=torch.float32)
     return folder, PeftModel.from_pretrained(hf, str(tmp / "init"), is_trainable=True)
+
+
+IDEFICS3_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+IDEFICS3_TOKENS = ["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"] + [
+    f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]  # ids 259, 260, 261, 262, then 263..298
+IDEFICS3_TILE = 56  # tiles of 56 x 56 pixels: 4 x 4 patches of 14, pixel-shuffled by 2: 4 tokens a tile
+
+
+def idefics3_config():
+    """SmolVLM's layout (transformers' Idefics3Config): a 2-layer SigLIP-style tower on 56-pixel tiles and the
+    pixel-shuffle connector (scale 2) in front of a Llama text model."""
+    from transformers import Idefics3Config
+
+    text = dict(model_type="llama", vocab_size=304, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=IDEFICS3_TILE, patch_size=14)
+    return Idefics3Config(text_config=text, vision_config=vision, image_token_id=260, scale_factor=2,
+                          tie_word_embeddings=False)
+
+
+def idefics3_processor(tok=None):
+    """fasttune's VisionProcessor as Idefics3Processor expands images: images up to 2 x 2 crops of 56 pixels (longest
+    edge 112) plus the whole image, 4 tokens a tile."""
+    from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=IDEFICS3_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": IDEFICS3_TOKENS})
+    images = Idefics3ImageProcessorPil(size={"longest_edge": 2 * IDEFICS3_TILE},
+                                       max_image_size={"longest_edge": IDEFICS3_TILE})
+    return VisionProcessor(tok, images, IDEFICS3_TEMPLATE, "<image>", None,
+                           image_tiles=("<fake_token_around_image>", "<global-img>", 4))
+
+
+def save_idefics3(folder, seed: int = 0):
+    """Save a random tiny Idefics3 (SmolVLM) model (fp32) with its processor to `folder`; returns the folder."""
+    from transformers import Idefics3ForConditionalGeneration
+
+    return _save(folder, Idefics3ForConditionalGeneration, idefics3_config(), idefics3_processor(), seed)
+
+
+def oracle_inputs(folder, batch, proc) -> dict:
+    """What transformers' model needs besides the processor output to see the images as its processor marks them:
+    Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);
+    Mistral 3 needs none (plain positions, causal attention over the image tokens); Idefics3 takes its tiles in its
+    own (rows, images, C, H, W) layout (these keys replace the batch's)."""
+    marks = (batch["input_ids"] == proc.image_token_id).long()
+    if "mistral3" in str(folder):
+        return {}
+    if "idefics3" in str(folder):  # transformers' layout of the tiles: (rows, images, ...); here one row holds all
+        return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
+    return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}  # (Gemma 4:
+    # its image tokens see each other both ways in the sliding layers)

@@ -46,8 +46,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     with `image_rows` = (break token, end token, pixels per token side) (Pixtral in Mistral 3, as PixtralProcessor
     writes), one feature token per token side of the resized image, each row of them closed by the break token and
     the last by the end token, or, with `soft_token_marks` = (begin token, end token) (Gemma 4, as Gemma4Processor
-    writes), the image processor's count of soft tokens for that image between the two marks. The rows' tokens are
-    never targets (`image_token_ids`).
+    writes), the image processor's count of soft tokens for that image between the two marks, or, with
+    `image_tiles` = (fake token, global token, tokens per tile) (Idefics3 / SmolVLM, as Idefics3Processor writes),
+    per crop of the image's rows x cols grid the fake token, its `<row_r_col_c>` token and the tile's feature tokens
+    (a newline after each row of crops), then the whole image's tile between fake tokens after the global token. The
+    rows' tokens are never targets (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
     `audio_marks` = (begin token, audio token, end token), each audio token the template writes becomes the begin
@@ -58,7 +61,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
                  audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
-                 video_stamps: tuple | None = None):
+                 video_stamps: tuple | None = None, image_tiles: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -72,6 +75,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         # the tokens an image expands to that are never targets: its feature tokens, and Pixtral's row marks
         self.image_token_ids = {self.image_token_id} | (
             set(tokenizer.convert_tokens_to_ids(list(image_rows[:2]))) if image_rows else set())
+        self.image_tiles = image_tiles
+        if image_tiles:  # the fake and global tokens and each crop's <row_r_col_c> (those the tokenizer has)
+            marks = list(image_tiles[:2]) + [_tile_mark(r, c) for r in range(1, 7) for c in range(1, 7)]
+            ids = tokenizer.convert_tokens_to_ids(marks)
+            self.image_token_ids |= {i for i in ids if i is not None and i != tokenizer.unk_token_id}
         self.audio_extractor = audio_extractor if audio_marks else None
         self.audio_marks = audio_marks if audio_extractor is not None else None
         self.audio_token = self.audio_marks[1] if self.audio_marks else None
@@ -89,7 +97,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         tokenizer=None, feature_token: str | None = None, image_sequence: str | None = None,
                         image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
                         audio_marks: tuple | None = None, video_token: str | None = None,
-                        video_stamps: tuple | None = None) -> "VisionProcessor":
+                        video_stamps: tuple | None = None, image_tiles: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). Raises ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -117,7 +125,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
                    read_video_settings(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
-                                   else None) if video_token else None, video_stamps)
+                                   else None) if video_token else None, video_stamps, image_tiles)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
@@ -127,11 +135,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
                                self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
-                               self.video_stamps)
+                               self.video_stamps, self.image_tiles)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
-                    "video_settings", "video_stamps"):  # not set yet (unpickling)
+                    "video_settings", "video_stamps", "image_tiles"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -163,7 +171,15 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     def process_images(self, images: list) -> dict:
         """PIL images -> {"pixel_values"} float32 (Qwen2.5-VL: patches (P, C*T*P*P) plus "image_grid_thw" (images,
         3) long; Gemma 3: (images, C, H, W); Mistral 3: (images, C, H, W) zero-padded to the largest, plus
-        "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks)."""
+        "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks; Idefics3 / SmolVLM:
+        the images' tiles (tiles, C, H, W), each image's crops then the whole image, plus "pixel_attention_mask"
+        (tiles, H, W) long)."""
+        if self.image_tiles is not None:
+            out = self.image_processor(images=[[im] for im in images], return_tensors="pt",
+                                       return_row_col_info=True)
+            counts = [r * c + 1 for r, c in zip(_flat(out["rows"]), _flat(out["cols"]))]
+            return {key: torch.cat([out[key][i, :n] for i, n in enumerate(counts)])
+                    for key in ("pixel_values", "pixel_attention_mask")}
         extra = {}
         if self.image_rows is not None:  # sides in whole (merged) tokens, as PixtralProcessor resizes
             side = self.image_rows[2]
@@ -182,6 +198,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             return []
         if self.image_sequence is not None:
             return [None] * len(images)
+        if self.image_tiles is not None:  # Idefics3: each image's grid of crops, (rows, cols); (0, 0) for none
+            out = self.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
+            return list(zip(_flat(out["rows"]), _flat(out["cols"])))
         if self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
             counts = self.image_processor(images=images, return_tensors="pt")["num_soft_tokens_per_image"]
             return [int(n) for n in counts] if images else []
@@ -199,6 +218,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                 out.append(self.image_sequence + rest)
             elif self.image_rows is not None:
                 out.append(self._rows(grid) + rest)
+            elif self.image_tiles is not None:
+                out.append(self._tiles(*grid) + rest)
             elif self.soft_token_marks is not None:
                 begin, end = self.soft_token_marks
                 out.append(begin + self.feature_token * int(grid) + end + rest)
@@ -213,6 +234,14 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         height, width = (int(v) for v in size)
         rows = [self.feature_token * (width // side)] * (height // side)
         return brk.join(rows) + end
+
+    def _tiles(self, rows: int, cols: int) -> str:
+        """Idefics3's tokens for an image cut into rows x cols crops (0 x 0: the whole image only)."""
+        fake, whole, per_tile = self.image_tiles
+        tile = self.feature_token * int(per_tile)
+        crops = "".join("".join(f"{fake}{_tile_mark(r, c)}{tile}" for c in range(1, cols + 1)) + "\n"
+                        for r in range(1, rows + 1))
+        return crops + ("\n" if rows else "") + f"{fake}{whole}{tile}{fake}"
 
     def __call__(self, text=None, images=None, return_tensors=None, audio=None, videos=None, **kwargs) -> dict:
         """text (str or list[str], rendered with placeholders) and the images (and audio clips) in order over the
@@ -363,6 +392,16 @@ def read_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.json").is_file():
         return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
     return None
+
+
+def _tile_mark(row: int, col: int) -> str:
+    """Idefics3's token for the crop at (row, col), both from 1."""
+    return f"<row_{row}_col_{col}>"
+
+
+def _flat(values) -> list[int]:
+    """The image processor's per-row lists of rows / cols (one image a row here) as one list of ints."""
+    return [int(v) for row in values for v in (row if isinstance(row, (list, tuple)) else [row])]
 
 
 def pad_rows(ids: list[list[int]], labels: list[list[int]], pad_id: int) -> tuple[dict, dict, int]:

@@ -7,7 +7,9 @@ from fasttune.errors import ModelLoadError
 
 def processor_settings(vlm_config, tokenizer) -> dict:
     """VisionProcessor's placeholder settings for a vision-language config: Qwen2.5-VL's one <|image_pad|> per
-    merged patch, or Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence)."""
+    merged patch, Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence), Gemma 4's soft tokens,
+    Pixtral's rows or Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
+    Idefics3Model computes it)."""
     if vlm_config.model_type == "gemma3":
         boi, eoi, soft = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
                                                           vlm_config.image_token_id])
@@ -29,6 +31,13 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
         return dict(image_token=image, merge_size=None,
                     image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
+    if vlm_config.model_type in ("idefics3", "smolvlm"):  # Idefics3Processor's tiles (data/vision.py)
+        vision = vlm_config.vision_config
+        per_tile = (vision.image_size // vision.patch_size) ** 2 // vlm_config.scale_factor ** 2
+        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        return dict(image_token=image, merge_size=None,
+                    image_tiles=(_special(tokenizer, "<fake_token_around_image>"), _special(tokenizer, "<global-img>"),
+                                 per_tile))
     settings = dict(image_token="<|image_pad|>", merge_size=vlm_config.vision_config.spatial_merge_size)
     video = getattr(vlm_config, "video_token_id", None)
     if vlm_config.model_type in QWEN_VIDEO_TYPES and video is not None and video < len(tokenizer):
@@ -44,8 +53,9 @@ QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
 
 
 def _special(tokenizer, token: str) -> str:
-    """`token` when the tokenizer has it as one token; else ModelLoadError naming it (Pixtral's row marks)."""
+    """`token` when the tokenizer has it as one token; else ModelLoadError naming it (Pixtral's row marks,
+    Idefics3's tile marks)."""
     if tokenizer.convert_tokens_to_ids(token) in (None, tokenizer.unk_token_id):
-        raise ModelLoadError(f"The tokenizer has no {token} token, which Mistral 3's images need (PixtralProcessor "
+        raise ModelLoadError(f"The tokenizer has no {token} token, which this model's images need (its processor "
                              f"writes it); use the checkpoint's own tokenizer.")
     return token

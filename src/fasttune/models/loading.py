@@ -362,7 +362,9 @@ def _language_model(hf) -> tuple:
     text_config = copy.deepcopy(hf.config.text_config)
     text_config._experts_implementation = None  # transformers' choice for its own MoE modules; ours are in moe.py
     text_config.tie_word_embeddings = bool(getattr(hf.config, "tie_word_embeddings", False))
-    return text_config, [(f"model.{k}", v) for k, v in hf.model.language_model.state_dict().items()]
+    language = getattr(hf.model, "language_model", None)
+    language = hf.model.text_model if language is None else language  # (Idefics3 / SmolVLM: text_model)
+    return text_config, [(f"model.{k}", v) for k, v in language.state_dict().items()]
 
 
 def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str | None = None) -> VisionCausalLM:

@@ -9,7 +9,7 @@ added after its first decoder layers, and Gemma 3's image tokens attend to each 
 
 Parameter names inside the model: `model.*` (our decoder), `lm_head`, and the family's vision modules
 (`visual.*` for Qwen, `vision_tower.*` and `multi_modal_projector.*` for Gemma 3). `checkpoint_name` maps them to
-transformers' checkpoint names (`model.language_model.*`, `model.visual.*`, ...), which the saved adapters and
+transformers' checkpoint names (`model.language_model.*` or, Idefics3, `model.text_model.*`, `model.visual.*`, ...), which the saved adapters and
 merged checkpoints use.
 """
 from __future__ import annotations
@@ -58,6 +58,11 @@ class VisionFamily:
     audio_mlp_targets: str | None = None
     vision_projection_targets: str | None = None
     audio_projection_targets: str | None = None
+    # Idefics3 (SmolVLM): each image comes as square tiles (a grid of crops plus the whole image resized), each tile
+    # of fixed size through the tower (with its pixel_attention_mask) and the pixel-shuffle connector
+    tiles: bool = False
+    # the language model's module under transformers' `model.` (Idefics3 / SmolVLM: text_model)
+    text_prefix: str = "language_model"
 
 
 FAMILIES = {
@@ -103,7 +108,15 @@ FAMILIES = {
                                              r"(ffw_layer_1|ffw_layer_2)|lconv1d\.(linear_start|linear_end))\.linear",
                            vision_projection_targets=r"model\.embed_vision\.embedding_projection",
                            audio_projection_targets=r"model\.embed_audio\.embedding_projection"),
+    # SmolVLM (transformers' Idefics3ForConditionalGeneration: SmolVLM-256M / 500M / 2.2B-Instruct): the SigLIP-style
+    # tower and the pixel-shuffle connector in front of a Llama text model, under `model.text_model`
+    "idefics3": VisionFamily("idefics3", (("vision_model", "vision_model"), ("connector", "connector")),
+                             r"model\.vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
+                             r"model\.vision_model\.encoder\.layers\.\d+\.mlp\.(fc1|fc2)", tiles=True,
+                             text_prefix="text_model"),
 }
+# SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
+FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
 # Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
@@ -207,10 +220,16 @@ class VisionCausalLM(CausalLM):
         feats = self.embed_audio(inputs_embeds=out.last_hidden_state)
         return feats[out.attention_mask.bool()].to(self.dtype)
 
+    @property
+    def language_prefix(self) -> str:
+        """transformers' name of the language model's modules in this family's checkpoints, with the dot
+        (`model.language_model.`; Idefics3 / SmolVLM: `model.text_model.`)."""
+        return f"model.{self.family.text_prefix}."
+
     def checkpoint_name(self, name: str) -> str:
         """Our parameter/module name -> transformers' name in this family's checkpoints."""
         if name.startswith("model."):
-            return "model.language_model." + name[len("model."):]
+            return self.language_prefix + name[len("model."):]
         for attr, hf_name in self.family.vision_modules:
             if name == attr or name.startswith(attr + "."):
                 return f"model.{hf_name}{name[len(attr):]}"
@@ -219,10 +238,13 @@ class VisionCausalLM(CausalLM):
     def image_features(self, pixel_values: torch.Tensor, image_grid_thw=None) -> tuple[torch.Tensor, list]:
         """The processor's pixel_values (Qwen: patches (P, C*T*P*P) with image_grid_thw (images, 3); Gemma 3:
         images (N, C, H, W); Mistral 3: padded images (N, C, H, W) with their sizes (N, 2) in image_grid_thw's
-        place) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
+        place; Idefics3 / SmolVLM: tiles (tiles, C, H, W) with their pixel_attention_mask (tiles, H, W) or None in
+        its place) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
         DeepStack features, one (image tokens, hidden) tensor per early decoder layer, else [])."""
         if self.family.sized_images:
             return self._pixtral_features(pixel_values, image_grid_thw), []
+        if self.family.tiles:
+            return self._tile_features(pixel_values, image_grid_thw), []
         if self.family.positioned_patches:  # Gemma 4: the tower drops the padding patches and pools the rest
             hidden = self.vision_tower(pixel_values=pixel_values.to(self.dtype),
                                        pixel_position_ids=image_grid_thw).last_hidden_state
@@ -247,6 +269,29 @@ class VisionCausalLM(CausalLM):
         hidden = (out.hidden_states[layer] if isinstance(layer, int) else
                   torch.cat([out.hidden_states[i] for i in layer], dim=-1))
         return self.multi_modal_projector(hidden.squeeze(0), image_sizes).to(self.dtype)
+
+    def _tile_features(self, pixel_values: torch.Tensor, pixel_attention_mask=None) -> torch.Tensor:
+        """Idefics3 / SmolVLM: the images' tiles (tiles, C, H, W), each image's crops then the whole image, in order
+        (or transformers' layout (B, images, C, H, W), whose all-zero padding images are dropped) with their
+        pixel_attention_mask (tiles, H, W) (1 = a real pixel; None: all) -> (tiles x image_seq_len, hidden)
+        features, as transformers' Idefics3Model.get_image_features gives them: the patches with any real pixel
+        attend in the tower, then the connector's pixel shuffle and projection."""
+        if pixel_values.dim() == 5:  # transformers' processor: images padded per row, the padding all zeros
+            pixel_values = pixel_values.flatten(0, 1)
+            real = (pixel_values != 0).flatten(1).any(-1)
+            real[0] = real[0] | ~real.any()  # (transformers keeps one image when all are zeros)
+            pixel_values = pixel_values[real]
+            if pixel_attention_mask is not None:
+                pixel_attention_mask = pixel_attention_mask.flatten(0, 1)[real]
+        if pixel_attention_mask is None:
+            pixel_attention_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool,
+                                              device=pixel_values.device)
+        patch = self._vlm_config.vision_config.patch_size
+        cells = pixel_attention_mask.unfold(1, patch, patch).unfold(2, patch, patch)
+        patches = cells.flatten(-2).sum(-1) > 0  # (tiles, H / patch, W / patch): patches with a real pixel
+        hidden = self.vision_model(pixel_values=pixel_values.to(self.dtype), patch_attention_mask=patches,
+                                   return_dict=True).last_hidden_state
+        return self.connector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype)
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
                           attention_mask=None, videos: dict | None = None) -> dict:
@@ -388,16 +433,19 @@ class VisionCausalLM(CausalLM):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
-                token_type_ids=None, image_sizes=None, image_position_ids=None, **kwargs):
+                token_type_ids=None, image_sizes=None, image_position_ids=None, pixel_attention_mask=None,
+                **kwargs):
         """CausalLM.forward plus the image and video inputs the processor returns: pixel_values (patches,
         C*T*P*P), image_grid_thw (images, 3) (Qwen); images (N, C, H, W) with image_sizes (N, 2) (Mistral 3);
+        image tiles (tiles, C, H, W) with pixel_attention_mask (tiles, H, W) (Idefics3 / SmolVLM; transformers'
+        (B, images, ...) layout too);
         pixel_values_videos, video_grid_thw (videos, 3) and
         second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); mm_token_type_ids / token_type_ids are
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
-            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
+            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
@@ -421,19 +469,20 @@ class VisionBackbone:
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, pixel_values=None,
                  image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, image_sizes=None,
-                 image_position_ids=None, **kwargs):
+                 image_position_ids=None, pixel_attention_mask=None, **kwargs):
         m = self.model
         if inputs_embeds is None and input_ids is not None:
-            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids)
+            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask)
             inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                         position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
 
 
-def _geometry(image_grid_thw, image_sizes, image_position_ids=None):
+def _geometry(image_grid_thw, image_sizes, image_position_ids=None, pixel_attention_mask=None):
     """The images' geometry as the processor gives it: Qwen's (t, h, w) patch grids, else Pixtral's (height, width)
-    image sizes (Mistral 3), else Gemma 4's patch positions (images, patches, 2), else None."""
-    for given in (image_grid_thw, image_sizes, image_position_ids):
+    image sizes (Mistral 3), else Gemma 4's patch positions (images, patches, 2), else Idefics3's tiles' pixel
+    masks (tiles, H, W), else None."""
+    for given in (image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask):
         if given is not None:
             return given
     return None
@@ -510,20 +559,20 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
     or for audio=True on a model without an audio tower."""
     from fasttune.peft.lora import latent_attention_targets
 
-    parts = []
+    parts, lm = [], re.escape(model.language_prefix)
     if model.arch.kv_lora_rank:  # Mistral Small 4's latent attention: its projections in place of q/k/v
         attention_names = latent_attention_targets(model.arch) + ["o_proj"]
     if language:
         names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
         if names:
-            parts.append(rf"model\.language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
+            parts.append(rf"{lm}layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
         if mlp and model.arch.shared_expert_size:  # Qwen3.5-MoE's shared expert, Mistral 4's shared_experts (the
             shared = model.arch.module_name("shared_expert")  # routed ones: target_parameters)
-            parts.append(rf"model\.language_model\.layers\.\d+\.mlp\.{shared}\.({'|'.join(mlp_names)})")
+            parts.append(rf"{lm}layers\.\d+\.mlp\.{shared}\.({'|'.join(mlp_names)})")
         if attention and model.arch.linear_layers:  # Qwen3.5's linear-attention layers
             from fasttune.peft.lora import LINEAR_ATTENTION_TARGETS
 
-            parts.append(rf"model\.language_model\.layers\.\d+\.linear_attn\.({'|'.join(LINEAR_ATTENTION_TARGETS)})")
+            parts.append(rf"{lm}layers\.\d+\.linear_attn\.({'|'.join(LINEAR_ATTENTION_TARGETS)})")
     fam = model.family
     if vision:
         parts += ([fam.vision_attention_targets] if attention else []) + ([fam.vision_mlp_targets] if mlp else [])

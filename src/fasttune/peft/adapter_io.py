@@ -169,7 +169,7 @@ def tower_safe_targets(model, suffixes: list[str]):
         return model.lora_settings.target_modules
     names = [model.checkpoint_name(n) for n, _ in model.named_modules()]
     adapted = {model.checkpoint_name(n) for n, _ in lora_layers(model)}
-    language = "model.language_model."
+    language = model.language_prefix
     extra = [n for n in names if not n.startswith(language) and n not in adapted
              and any(n == t or n.endswith("." + t) for t in suffixes)]
     if not extra:

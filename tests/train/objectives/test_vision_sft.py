@@ -7,7 +7,7 @@ import random
 
 import pytest
 import torch
-from tiny_vision import solid_image
+from tiny_vision import oracle_inputs as _oracle_inputs, solid_image
 
 from fasttune.errors import DataError
 
@@ -70,8 +70,7 @@ def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
     losses, stats = [], []
     for step in range(steps):
         batch = collate_vision(examples[2 * step % 16: 2 * step % 16 + 2], proc)
-        marks = (batch["input_ids"] == proc.image_token_id).long()  # what transformers' processors add
-        out = ref(**batch, **({"token_type_ids": marks} if "gemma3" in str(vl_dir) else {"mm_token_type_ids": marks}))
+        out = ref(**{**batch, **_oracle_inputs(vl_dir, batch, proc)})
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
