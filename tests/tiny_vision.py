@@ -600,3 +600,11 @@ def oracle_inputs(folder, batch, proc) -> dict:
         return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
     return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}  # (Gemma 4:
     # its image tokens see each other both ways in the sliding layers)
+
+
+def image_count(batch: dict, proc) -> int:
+    """The images a collated batch carries: Qwen's grids, Idefics3's whole-image tiles (one <global-img> each), else
+    the pixel_values' images."""
+    if "pixel_attention_mask" in batch:
+        return int((batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<global-img>")).sum())
+    return batch.get("image_grid_thw", batch["pixel_values"]).shape[0]

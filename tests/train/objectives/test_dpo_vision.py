@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny_vision import solid_image
+from tiny_vision import image_count, oracle_inputs, solid_image
 
+from fasttune.constants import IMAGE_KEYS
 from fasttune.errors import ConfigError, DataError
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
@@ -36,7 +37,7 @@ def _load(folder):
     return FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False), proc
 
 
-@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir"])
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 
@@ -64,8 +65,7 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
     assert first["input_ids"][0, :n].tolist() == prompt_ids + chosen_ids  # TRL's layout: prompt, then completion
     assert first["completion_mask"][0].tolist() == [0] * len(prompt_ids) + [1] * len(chosen_ids) + \
         [0] * (first["input_ids"].shape[1] - n)
-    per_image = first.get("image_grid_thw", first["pixel_values"])  # (Qwen: one grid an image; Gemma 3: one image)
-    assert per_image.shape[0] == 4  # each pair's image for its chosen and its rejected row
+    assert image_count(first, proc) == 4  # each pair's image for its chosen and its rejected row
     trainer.train()
     ours = [h["loss"] for h in trainer.log_history if "loss" in h]
 
@@ -76,10 +76,9 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
     sched = get_linear_schedule_with_warmup(opt, 0, steps)
 
     def summed_logps(batch):
-        marks = (batch["input_ids"] == proc.image_token_id).long()  # what transformers' processors add
-        extra = {"token_type_ids": marks} if "gemma3" in str(vl_folder) else {"mm_token_type_ids": marks}
-        media = {k: v for k, v in batch.items() if k in ("pixel_values", "image_grid_thw")}
-        logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media, **extra).logits
+        media = {k: v for k, v in batch.items() if k in IMAGE_KEYS}
+        logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     **{**media, **oracle_inputs(vl_folder, batch, proc)}).logits
         logps = logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
         return (logps * batch["completion_mask"][:, 1:]).sum(-1)
 
@@ -98,7 +97,7 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
         losses.append(loss.item())
     assert abs(losses[0] - 0.6931) < 1e-3 and losses[2] < losses[0]  # (step 1: the policy is the reference)
     torch.testing.assert_close(torch.tensor(ours), torch.tensor(losses), rtol=2e-4, atol=1e-5)
-    if "gemma3" not in str(vl_folder):  # TRL's DPOTrainer itself, on transformers + PEFT (see the module docstring)
+    if "qwen" in str(vl_folder):  # TRL's DPOTrainer itself, on transformers + PEFT (see the module docstring)
         trl = json.loads(TRL_ORACLE.read_text())["qwen2_5_vl_losses"]
         torch.testing.assert_close(torch.tensor(ours), torch.tensor(trl), rtol=2e-4, atol=1e-5)
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, G, count_a
-from tiny_vision import solid_image
+from tiny_vision import image_count, oracle_inputs, solid_image
 
+from fasttune.constants import IMAGE_KEYS
 from fasttune.errors import ConfigError, DataError
 
 STEPS, LR, BETA, TEMPERATURE = 3, 2e-2, 0.1, 0.8
@@ -56,7 +57,7 @@ def _fixed(model, proc, tmp_path, rows=None, **kw):
                  args=_config(tmp_path, **kw))
 
 
-@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir"])
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 
@@ -87,17 +88,15 @@ def test_prompt_layout_and_grads_equal_transformers_and_peft(vl_folder, tmp_path
         got = batch["input_ids"][r * G, :width][batch["attention_mask"][r * G, :width].bool()].tolist()
         assert got == want
     assert not batch["attention_mask"][:, 0].all()  # one prompt is left-padded
-    assert batch["pixel_values"].shape[0] > 0 and batch.get("image_grid_thw", batch["pixel_values"]).shape[0] == 12
+    assert batch["pixel_values"].shape[0] > 0 and image_count(batch, proc) == 12
 
     twin = PeftModel.from_pretrained(AutoModelForImageTextToText.from_pretrained(vl_folder, dtype=torch.float32),
                                      str(tmp_path / "adapter"), is_trainable=True).train()
-    marks = (batch["input_ids"] == proc.image_token_id).long()
-    extra = {"token_type_ids": marks} if "gemma3" in str(vl_folder) else {"mm_token_type_ids": marks}
-    media = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
+    media = {**{k: batch[k] for k in IMAGE_KEYS if k in batch}, **oracle_inputs(vl_folder, batch, proc)}
     n = batch["completion_mask"].shape[1]
 
     def their_logps():
-        logits = twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media, **extra).logits
+        logits = twin(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media).logits
         logps = (logits[:, -n - 1:-1].float() / TEMPERATURE).log_softmax(-1)
         return logps.gather(-1, batch["input_ids"][:, -n:, None]).squeeze(-1) * batch["completion_mask"]
 
@@ -127,6 +126,7 @@ def test_prompt_layout_and_grads_equal_transformers_and_peft(vl_folder, tmp_path
 def _our_name(peft_name: str) -> str:
     """PEFT's name of a LoRA weight of transformers' vision-language model -> fasttune's name of it."""
     n = peft_name.removeprefix("base_model.model.").replace("model.language_model.", "model.")
+    n = n.replace("model.text_model.", "model.")  # (Idefics3's language model)
     return n.replace(".default", "").removesuffix(".weight")
 
 
