@@ -15,6 +15,9 @@ image placeholders per row:
                  patches of 14 merged 2x2: 272 placeholders); pixel_values (2, 3, 448, 448), image_sizes
   gemma-4-ple:   <|image> + 280 soft tokens + <image|> (one 960x672 image: 60 x 42 patches of 16 pooled 3 x 3, the
                  processor's default budget); pixel_values (2, 2520, 768) with image_position_ids
+  smolvlm-2.2b:  an image as Idefics3's processor cuts it, 2 x 2 crops and the whole image (5 tiles of 384x384,
+                 SigLIP so400m/14, pixel-shuffled by 3: 81 tokens a tile), each tile's tokens after a fake token and
+                 a crop mark; pixel_values (2, 5, 3, 384, 384) (transformers' layout, which ours takes too)
 Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
 cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
 Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
@@ -29,6 +32,7 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
                                                          # too, as target_parameters on both sides)
     python bench/bench_vision.py --matrix mistral3       # the same three rows, ministral-3-8b
     python bench/bench_vision.py --matrix gemma4         # the same three rows, gemma-4-ple
+    python bench/bench_vision.py --matrix smolvlm        # the same three rows, smolvlm-2.2b
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -148,6 +152,19 @@ SHAPES = {
         # 1e-2 by 0.01-0.03 (hf and ours with recompute), while ours without recompute ended 0.001 above its first
         # loss and wrote no row
         lr=1e-2),
+    # SmolVLM-Instruct's sizes (Idefics3 layout, 2.2B): SmolLM2-1.7B's text model and SigLIP so400m/14 at 384
+    # pixels, pixel-shuffled by 3 (81 tokens a tile); each row's image as the processor cuts a large one: 2 x 2
+    # crops and the whole image, 5 tiles, each "<fake_token_around_image><row_r_col_c>" + 81 placeholders, then a
+    # closing fake token (random text ids stand for the marks; the placeholder id is a stand-in above the text ids)
+    "smolvlm-2.2b": dict(
+        family="idefics3", tiny="tiny-idefics3",
+        text=dict(model_type="llama", vocab_size=49280, hidden_size=2048, intermediate_size=8192,
+                  num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=16384,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2),
+        vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                    image_size=384, patch_size=14),
+        ids=dict(image_token_id=49190, scale_factor=3, tie_word_embeddings=False),
+        tiles=5, before=[], after=[], text_ids=49152, image=384, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -209,6 +226,15 @@ SHAPES["tiny-gemma4"] = dict(
                 num_key_value_heads=2, head_dim=16, patch_size=16, pooling_kernel_size=3),
     ids=dict(boi_token_id=259, eoi_token_id=260, image_token_id=261, audio_config=None, tie_word_embeddings=True),
     before=[259], after=[260], text_ids=256, image=(96, 48), prefix=8)
+SHAPES["tiny-idefics3"] = dict(
+    family="idefics3",
+    text=dict(model_type="llama", vocab_size=304, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+              bos_token_id=None, eos_token_id=256, pad_token_id=256),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=56,
+                patch_size=14),
+    ids=dict(image_token_id=260, scale_factor=2, tie_word_embeddings=False),
+    tiles=5, before=[], after=[], text_ids=256, image=56, prefix=8)
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -216,13 +242,13 @@ REAL_SHAPES = [k for k, v in SHAPES.items() if "tiny" in v]
 # The language model's 7 projections, as PEFT matches module names of transformers' Qwen2.5-VL / Qwen3-VL / Gemma 3
 # (fullmatch): the vision towers' blocks have gate/up/down_proj (Qwen2.5-VL) or q/k/v_proj (SigLIP) too, which
 # this leaves out.
-HF_TARGETS = (r"model\.language_model\.layers\.\d+\."
+HF_TARGETS = (r"model\.{language}\.layers\.\d+\."
               r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 # matrix -> (shape, rows of (impl, gradient checkpointing, FASTTUNE_KERNELS for ours))
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
           "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS),
-          "gemma4": ("gemma-4-ple", ROWS)}
+          "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -233,7 +259,8 @@ def hf_config(shape: str):
 
     s = SHAPES[shape]
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
-           "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config"}[s["family"]]
+           "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config",
+           "idefics3": "Idefics3Config"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -279,6 +306,8 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
     elif SHAPES[shape]["family"] == "gemma4":
         note = ("two-way attention within the image in the sliding layers: our image_blocks inside forward; vision "
                 "tower and embedder: transformers' modules, frozen")
+    elif SHAPES[shape]["family"] == "idefics3":
+        note = "tiles through transformers' tower and pixel-shuffle connector, frozen"
     else:
         note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
     return model, note
@@ -295,14 +324,16 @@ def build_hf(shape: str, gc_mode: str, r: int, device: str):
         model.enable_input_require_grads()
         hooks = len(getattr(model, "_require_grads_hooks", [None]))
     moe = SHAPES[shape]["family"] == "qwen3_vl_moe"
-    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=HF_TARGETS, task_type="CAUSAL_LM",
+    language = "text_model" if SHAPES[shape]["family"] == "idefics3" else "language_model"
+    model = get_peft_model(model, LoraConfig(r=r, lora_alpha=r, target_modules=HF_TARGETS.format(language=language),
+                                             task_type="CAUSAL_LM",
                                              target_parameters=MOE_TARGET_PARAMETERS if moe else None))
     model.train()
     adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
     n_layers = SHAPES[shape]["text"]["num_hidden_layers"]
     # MoE: 4 attention projections and one wrapper per layer holding both expert LoRAs (PEFT's nesting)
     per_layer = 4 + len(MOE_TARGET_PARAMETERS) if moe else 7
-    assert all(".language_model." in n for n in adapted), sorted(adapted)[:8]
+    assert all(f".{language}." in n for n in adapted), sorted(adapted)[:8]
     shared = SHAPES[shape]["text"].get("num_kv_shared_layers", 0)  # (Gemma 4's layers that reuse keys and values
     # have no k_proj / v_proj)
     n_lora = len({n for n, _ in model.named_parameters() if ".lora_A." in n})
@@ -327,7 +358,12 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     grid = s["image"] // v["patch_size"]
     patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
     rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
-    if s["family"] == "gemma3":
+    if s.get("tiles"):  # Idefics3: per tile a fake token, a crop mark and its tokens; a closing fake token
+        per_tile = patches // ids["scale_factor"] ** 2
+        fake, mark = s["text_ids"] - 1, s["text_ids"] - 2
+        block = torch.tensor(([fake, mark] + [ids["image_token_id"]] * per_tile) * s["tiles"] + [fake], device=device)
+        placeholders = len(block)
+    elif s["family"] == "gemma3":
         placeholders = ids["mm_tokens_per_image"]
     elif rows:
         side = grid // ids["spatial_merge_size"]
@@ -347,12 +383,15 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     for _ in range(n):
         input_ids = torch.randint(s.get("text_low", 0), s["text_ids"], (bs, seq), device=device, generator=g)
         input_ids[:, prefix:start] = torch.tensor(before, device=device)
-        input_ids[:, start:start + placeholders] = block if rows else ids["image_token_id"]
+        input_ids[:, start:start + placeholders] = block if rows or s.get("tiles") else ids["image_token_id"]
         input_ids[:, start + placeholders:start + placeholders + len(after)] = torch.tensor(after, device=device)
         labels = input_ids.clone()
         labels[:, start:start + placeholders] = -100
         batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
-        if rows:
+        if s.get("tiles"):  # transformers' layout (rows, images, C, H, W), which ours takes too
+            batch["pixel_values"] = torch.randn(bs, s["tiles"], 3, s["image"], s["image"], device=device,
+                                                generator=g).to(torch.bfloat16)
+        elif rows:
             batch["pixel_values"] = torch.randn(bs, 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
             batch["image_sizes"] = torch.tensor([[s["image"], s["image"]]] * bs, device=device)
@@ -399,8 +438,8 @@ def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
     from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
     itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
     function of the batch giving the extra kwargs, the note saying which)."""
-    if SHAPES[shape]["family"] == "mistral3":
-        return (lambda b: {"use_cache": False}), "no marks (Mistral 3 finds its image tokens by id)"
+    if SHAPES[shape]["family"] in ("mistral3", "idefics3"):
+        return (lambda b: {"use_cache": False}), "no marks (Mistral 3 / Idefics3 find their image tokens by id)"
     name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
     image_id = SHAPES[shape]["ids"]["image_token_id"]
     cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
