@@ -588,6 +588,21 @@ def save_idefics3(folder, seed: int = 0):
     return _save(folder, Idefics3ForConditionalGeneration, idefics3_config(), idefics3_processor(), seed)
 
 
+def save_smolvlm(folder, seed: int = 0):
+    """Save a random tiny SmolVLM2 (transformers' SmolVLMForConditionalGeneration: Idefics3's layout) model (fp32)
+    with Idefics3's tiny processor and SmolVLM's image processor; returns the folder."""
+    from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration
+    from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+    base = idefics3_config()
+    config = SmolVLMConfig(text_config=base.text_config.to_dict(), vision_config=base.vision_config.to_dict(),
+                           image_token_id=260, scale_factor=2, tie_word_embeddings=False)
+    proc = idefics3_processor()
+    proc.image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * IDEFICS3_TILE},
+                                                    max_image_size={"longest_edge": IDEFICS3_TILE})
+    return _save(folder, SmolVLMForConditionalGeneration, config, proc, seed)
+
+
 def oracle_inputs(folder, batch, proc) -> dict:
     """What transformers' model needs besides the processor output to see the images as its processor marks them:
     Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);
@@ -596,7 +611,7 @@ def oracle_inputs(folder, batch, proc) -> dict:
     marks = (batch["input_ids"] == proc.image_token_id).long()
     if "mistral3" in str(folder):
         return {}
-    if "idefics3" in str(folder):  # transformers' layout of the tiles: (rows, images, ...); here one row holds all
+    if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images, ...); here one row holds all
         return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
     return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}  # (Gemma 4:
     # its image tokens see each other both ways in the sliding layers)
