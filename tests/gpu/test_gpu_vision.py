@@ -1,13 +1,13 @@
 """GPU checks (skipped without CUDA) of vision-language models on our decoder against transformers on the card:
 Gemma 4 (its tower, embedder and two-way image attention in the sliding layers; E2B's per-layer embeddings), Mistral 3
 (Pixtral tower, Ministral 3's query scaling) and Mistral Small 4 (the same tower before latent attention and
-experts), and Gemma 4 E2B with audio clips beside the images: bf16 logits on such batches no further from fp32 than
+experts), SmolVLM (Idefics3 / SmolVLM2 tiles), and Gemma 4 E2B with audio clips beside the images: bf16 logits on such batches no further from fp32 than
 transformers' own bf16, and greedy fp32 decoding from such prompts equal to transformers'."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import save_gemma4, save_mistral3, solid_image
+from tiny_vision import save_gemma4, save_idefics3, save_mistral3, save_smolvlm, solid_image
 
 from fasttune import FastVisionModel
 
@@ -17,7 +17,8 @@ E2B = dict(num_hidden_layers=4, layer_types=["sliding_attention", "full_attentio
            hidden_size_per_layer_input=8, vocab_size_per_layer_input=300, num_kv_shared_layers=2)
 SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma4(f, **E2B),
           "gemma4_e2b_audio": lambda f: save_gemma4(f, audio=True, **E2B),
-          "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4")}
+          "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4"),
+          "idefics3": lambda f: save_idefics3(f), "smolvlm": lambda f: save_smolvlm(f)}
 
 
 def _setup(family, folder, dtype):
@@ -33,6 +34,8 @@ def _setup(family, folder, dtype):
     batch = {k: v.to("cuda") for k, v in batch.items()}
     marks = {} if family.startswith("mistral") else {"mm_token_type_ids": (batch["input_ids"] == proc.image_token_id)
                                                      .long()}
+    if family in ("idefics3", "smolvlm"):  # transformers' layout of the tiles: (rows, images, C, H, W)
+        marks = {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
     load = lambda d: AutoModelForImageTextToText.from_pretrained(saved, dtype=d).to("cuda").eval()  # noqa: E731
     return model, batch, marks, load
 
@@ -41,9 +44,9 @@ def _assert_bf16_close(model, batch: dict, marks: dict, load):
     """Our bf16 logits on `batch` no further from transformers' fp32 ones than transformers' own bf16 (x 1.5)."""
     with torch.no_grad():
         ours = model(**batch).logits.float()
-        ref = load(torch.bfloat16)(**batch, **marks).logits.float()
-        exact = load(torch.float32)(**{k: v.float() if v.is_floating_point() else v for k, v in batch.items()},
-                                    **marks).logits
+        ref = load(torch.bfloat16)(**{**batch, **marks}).logits.float()
+        exact = load(torch.float32)(**{k: v.float() if v.is_floating_point() else v
+                                       for k, v in {**batch, **marks}.items()}).logits
     real = batch["attention_mask"].bool()
     ours_err = (ours - exact)[real].norm() / exact[real].norm()
     ref_err = (ref - exact)[real].norm() / exact[real].norm()
@@ -82,7 +85,7 @@ def test_bf16_video_rows_close_to_transformers_bf16(family, tmp_path):
 @pytest.mark.parametrize("family", sorted(SAVERS))
 def test_greedy_fp32_from_image_prompts_equals_transformers(family, tmp_path):
     model, batch, marks, load = _setup(family, tmp_path / family, torch.float32)
-    want = load(torch.float32).generate(**batch, **marks, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    want = load(torch.float32).generate(**{**batch, **marks}, max_new_tokens=12, do_sample=False, pad_token_id=0)
     assert torch.equal(model.generate(**batch, max_new_tokens=12, do_sample=False), want)
 
 
