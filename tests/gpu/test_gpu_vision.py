@@ -86,7 +86,8 @@ def test_bf16_video_rows_close_to_transformers_bf16(family, tmp_path):
 def test_greedy_fp32_from_image_prompts_equals_transformers(family, tmp_path):
     model, batch, marks, load = _setup(family, tmp_path / family, torch.float32)
     want = load(torch.float32).generate(**{**batch, **marks}, max_new_tokens=12, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(**batch, max_new_tokens=12, do_sample=False), want)
+    # (stopped rows padded with the same id on both sides: the tiny SmolVLMs stop a row within the 12 tokens)
+    assert torch.equal(model.generate(**batch, max_new_tokens=12, do_sample=False, pad_token_id=0), want)
 
 
 def _tower_gradients(tmp_path, seed: int) -> tuple[float, float, dict, dict, dict]:
