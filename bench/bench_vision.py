@@ -18,6 +18,9 @@ image placeholders per row:
   smolvlm-2.2b:  an image as Idefics3's processor cuts it, 2 x 2 crops and the whole image (5 tiles of 384x384,
                  SigLIP so400m/14, pixel-shuffled by 3: 81 tokens a tile), each tile's tokens after a fake token and
                  a crop mark; pixel_values (2, 5, 3, 384, 384) (transformers' layout, which ours takes too)
+  internvl3.5-8b: an image as GotOcr2's processor cuts a large one, 4 crops and a thumbnail (5 patches of 448x448,
+                 InternViT-300M, pixel-shuffled by 0.5: 256 tokens a patch) between <img> and </img>; pixel_values
+                 (2 * 5, 3, 448, 448)
 Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
 cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
 Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
@@ -33,6 +36,7 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
     python bench/bench_vision.py --matrix mistral3       # the same three rows, ministral-3-8b
     python bench/bench_vision.py --matrix gemma4         # the same three rows, gemma-4-ple
     python bench/bench_vision.py --matrix smolvlm        # the same three rows, smolvlm-2.2b
+    python bench/bench_vision.py --matrix internvl       # the same three rows, internvl3.5-8b
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -165,6 +169,20 @@ SHAPES = {
                     image_size=384, patch_size=14),
         ids=dict(image_token_id=49190, scale_factor=3, tie_word_embeddings=False),
         tiles=5, before=[], after=[], text_ids=49152, image=384, prefix=64),
+    # InternVL3.5-8B's sizes (transformers' InternVLConfig, the "-hf" layout): Qwen3-8B's text model behind InternViT-300M
+    # (24 layers of 1,024 at 448 pixels, patches of 14) and the pixel-shuffle MLP projector (ratio 0.5: 256 tokens a
+    # patch); each row's image as GotOcr2's processor cuts a large one, 4 crops and a thumbnail (5 patches):
+    # <img> + 1,280 <IMG_CONTEXT> + </img> (random text ids stand for the marks)
+    "internvl3.5-8b": dict(
+        family="internvl", tiny="tiny-internvl",
+        text=dict(model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                  num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                  max_position_embeddings=40960, rms_norm_eps=1e-6, bos_token_id=151643, eos_token_id=151645,
+                  pad_token_id=151643),
+        vision=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                    image_size=[448, 448], patch_size=[14, 14]),
+        ids=dict(image_token_id=151671, downsample_ratio=0.5, tie_word_embeddings=False),
+        patches=5, before=[151669], after=[151670], text_ids=151643, image=448, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -235,6 +253,16 @@ SHAPES["tiny-idefics3"] = dict(
                 patch_size=14),
     ids=dict(image_token_id=260, scale_factor=2, tie_word_embeddings=False),
     tiles=5, before=[], after=[], text_ids=256, image=56, prefix=8)
+SHAPES["tiny-internvl"] = dict(
+    family="internvl",
+    text=dict(model_type="qwen2", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+              bos_token_id=None, eos_token_id=256, pad_token_id=256),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                image_size=[56, 56], patch_size=[14, 14]),
+    ids=dict(image_token_id=261, downsample_ratio=0.5, tie_word_embeddings=False),
+    patches=5, before=[259], after=[260], text_ids=256, image=56, prefix=8,
+    lr=1e-2)  # (at 1e-3 its loss does not fall within the smoke run's 4 steps)
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -248,7 +276,7 @@ HF_TARGETS = (r"model\.{language}\.layers\.\d+\."
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
           "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS),
-          "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS)}
+          "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS), "internvl": ("internvl3.5-8b", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -260,7 +288,7 @@ def hf_config(shape: str):
     s = SHAPES[shape]
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
            "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config",
-           "idefics3": "Idefics3Config"}[s["family"]]
+           "idefics3": "Idefics3Config", "internvl": "InternVLConfig"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -308,6 +336,8 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
                 "tower and embedder: transformers' modules, frozen")
     elif SHAPES[shape]["family"] == "idefics3":
         note = "tiles through transformers' tower and pixel-shuffle connector, frozen"
+    elif SHAPES[shape]["family"] == "internvl":
+        note = "patches through transformers' InternViT and projector (our pixel shuffle), frozen"
     else:
         note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
     return model, note
@@ -355,10 +385,13 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     v, ids = s["vision"], s["ids"]
     if s["family"] == "gemma4":
         return _gemma4_batches(s, bs, seq, device, n)
-    grid = s["image"] // v["patch_size"]
+    patch = v["patch_size"] if isinstance(v["patch_size"], int) else v["patch_size"][0]  # (InternVL: [14, 14])
+    grid = s["image"] // patch
     patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
     rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
-    if s.get("tiles"):  # Idefics3: per tile a fake token, a crop mark and its tokens; a closing fake token
+    if s.get("patches"):  # InternVL: the image's patches' tokens between the shape's before / after ids
+        placeholders = s["patches"] * round(patches * ids["downsample_ratio"] ** 2)
+    elif s.get("tiles"):  # Idefics3: per tile a fake token, a crop mark and its tokens; a closing fake token
         per_tile = patches // ids["scale_factor"] ** 2
         fake, mark = s["text_ids"] - 1, s["text_ids"] - 2
         block = torch.tensor(([fake, mark] + [ids["image_token_id"]] * per_tile) * s["tiles"] + [fake], device=device)
@@ -388,7 +421,10 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
         labels = input_ids.clone()
         labels[:, start:start + placeholders] = -100
         batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
-        if s.get("tiles"):  # transformers' layout (rows, images, C, H, W), which ours takes too
+        if s.get("patches"):  # (rows x patches, C, H, W), as GotOcr2's processor gives them
+            batch["pixel_values"] = torch.randn(bs * s["patches"], 3, s["image"], s["image"], device=device,
+                                                generator=g).to(torch.bfloat16)
+        elif s.get("tiles"):  # transformers' layout (rows, images, C, H, W), which ours takes too
             batch["pixel_values"] = torch.randn(bs, s["tiles"], 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
         elif rows:
@@ -438,8 +474,8 @@ def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
     from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
     itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
     function of the batch giving the extra kwargs, the note saying which)."""
-    if SHAPES[shape]["family"] in ("mistral3", "idefics3"):
-        return (lambda b: {"use_cache": False}), "no marks (Mistral 3 / Idefics3 find their image tokens by id)"
+    if SHAPES[shape]["family"] in ("mistral3", "idefics3", "internvl"):
+        return (lambda b: {"use_cache": False}), "no marks (the model finds its image tokens by id)"
     name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
     image_id = SHAPES[shape]["ids"]["image_token_id"]
     cls = type(model.get_base_model() if hasattr(model, "get_base_model") else model)

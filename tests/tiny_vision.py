@@ -603,13 +603,52 @@ def save_smolvlm(folder, seed: int = 0):
     return _save(folder, SmolVLMForConditionalGeneration, config, proc, seed)
 
 
+INTERNVL_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<IMG_CONTEXT>\n")
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>"]  # ids 259, 260, 261
+
+
+def internvl_config():
+    """InternVL's layout (transformers' InternVLConfig): a 2-layer InternViT on 56-pixel patches of 14 (16 a patch,
+    pixel-shuffled by 0.5: 4 tokens a patch) and the MLP projector in front of a Qwen2 text model."""
+    from transformers import InternVLConfig
+
+    text = dict(model_type="qwen2", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  image_size=[56, 56], patch_size=[14, 14])
+    return InternVLConfig(text_config=text, vision_config=vision, image_token_id=261, downsample_ratio=0.5,
+                          tie_word_embeddings=False)
+
+
+def internvl_processor(tok=None):
+    """fasttune's VisionProcessor as InternVLProcessor expands images: each image cut into up to 4 patches of 56
+    pixels plus a thumbnail (GotOcr2's crop_to_patches), 4 <IMG_CONTEXT> tokens a patch between <img> and </img>."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=INTERNVL_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": INTERNVL_TOKENS})
+    images = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1,
+                                      max_patches=4)
+    return VisionProcessor(tok, images, INTERNVL_TEMPLATE, "<IMG_CONTEXT>", None, patch_span=("<img>", "</img>", 4))
+
+
+def save_internvl(folder, seed: int = 0):
+    """Save a random tiny InternVL (fp32) with its processor to `folder`; returns the folder."""
+    from transformers import InternVLForConditionalGeneration
+
+    return _save(folder, InternVLForConditionalGeneration, internvl_config(), internvl_processor(), seed)
+
+
 def oracle_inputs(folder, batch, proc) -> dict:
     """What transformers' model needs besides the processor output to see the images as its processor marks them:
     Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);
     Mistral 3 needs none (plain positions, causal attention over the image tokens); Idefics3 takes its tiles in its
     own (rows, images, C, H, W) layout (these keys replace the batch's)."""
     marks = (batch["input_ids"] == proc.image_token_id).long()
-    if "mistral3" in str(folder):
+    if "mistral3" in str(folder) or "internvl" in str(folder):
         return {}
     if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images, ...); here one row holds all
         return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
@@ -618,8 +657,10 @@ def oracle_inputs(folder, batch, proc) -> dict:
 
 
 def image_count(batch: dict, proc) -> int:
-    """The images a collated batch carries: Qwen's grids, Idefics3's whole-image tiles (one <global-img> each), else
-    the pixel_values' images."""
+    """The images a collated batch carries: Qwen's grids, Idefics3's whole-image tiles (one <global-img> each),
+    InternVL's spans (one <img> each), else the pixel_values' images."""
     if "pixel_attention_mask" in batch:
         return int((batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<global-img>")).sum())
+    if proc.patch_span is not None:  # InternVL: one <img> an image
+        return int((batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.patch_span[0])).sum())
     return batch.get("image_grid_thw", batch["pixel_values"]).shape[0]

@@ -49,8 +49,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     writes), the image processor's count of soft tokens for that image between the two marks, or, with
     `image_tiles` = (fake token, global token, tokens per tile) (Idefics3 / SmolVLM, as Idefics3Processor writes),
     per crop of the image's rows x cols grid the fake token, its `<row_r_col_c>` token and the tile's feature tokens
-    (a newline after each row of crops), then the whole image's tile between fake tokens after the global token. The
-    rows' tokens are never targets (`image_token_ids`).
+    (a newline after each row of crops), then the whole image's tile between fake tokens after the global token, or,
+    with `patch_span` = (start token, end token, tokens per patch) (InternVL, as InternVLProcessor writes), the start
+    token, the feature token once per token of each of the image's patches (its crops and thumbnail) and the end
+    token. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
+    (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
     `audio_marks` = (begin token, audio token, end token), each audio token the template writes becomes the begin
@@ -61,7 +64,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
                  audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
-                 video_stamps: tuple | None = None, image_tiles: tuple | None = None):
+                 video_stamps: tuple | None = None, image_tiles: tuple | None = None, patch_span: tuple | None = None):
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -80,6 +83,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             marks = list(image_tiles[:2]) + [_tile_mark(r, c) for r in range(1, 7) for c in range(1, 7)]
             ids = tokenizer.convert_tokens_to_ids(marks)
             self.image_token_ids |= {i for i in ids if i is not None and i != tokenizer.unk_token_id}
+        self.patch_span = patch_span
+        if patch_span:
+            self.image_token_ids |= set(tokenizer.convert_tokens_to_ids(list(patch_span[:2])))
         self.audio_extractor = audio_extractor if audio_marks else None
         self.audio_marks = audio_marks if audio_extractor is not None else None
         self.audio_token = self.audio_marks[1] if self.audio_marks else None
@@ -97,7 +103,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         tokenizer=None, feature_token: str | None = None, image_sequence: str | None = None,
                         image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
                         audio_marks: tuple | None = None, video_token: str | None = None,
-                        video_stamps: tuple | None = None, image_tiles: tuple | None = None) -> "VisionProcessor":
+                        video_stamps: tuple | None = None, image_tiles: tuple | None = None,
+                        patch_span: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). Raises ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -125,7 +132,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
                    read_video_settings(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
-                                   else None) if video_token else None, video_stamps, image_tiles)
+                                   else None) if video_token else None, video_stamps, image_tiles, patch_span)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
@@ -135,11 +142,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
                                self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
-                               self.video_stamps, self.image_tiles)
+                               self.video_stamps, self.image_tiles, self.patch_span)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
-                    "video_settings", "video_stamps", "image_tiles"):  # not set yet (unpickling)
+                    "video_settings", "video_stamps", "image_tiles", "patch_span"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -173,7 +180,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         3) long; Gemma 3: (images, C, H, W); Mistral 3: (images, C, H, W) zero-padded to the largest, plus
         "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks; Idefics3 / SmolVLM:
         the images' tiles (tiles, C, H, W), each image's crops then the whole image, plus "pixel_attention_mask"
-        (tiles, H, W) long)."""
+        (tiles, H, W) long; InternVL: the images' patches (patches, C, H, W), each image's crops then its thumbnail)."""
         if self.image_tiles is not None:
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt",
                                        return_row_col_info=True)
@@ -198,6 +205,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             return []
         if self.image_sequence is not None:
             return [None] * len(images)
+        if self.patch_span is not None:  # InternVL: each image's patches (crops and thumbnail) x tokens a patch
+            counts = self.image_processor(images=images, return_tensors="pt")["num_patches"]
+            return [int(n) * int(self.patch_span[2]) for n in counts]
         if self.image_tiles is not None:  # Idefics3: each image's grid of crops, (rows, cols); (0, 0) for none
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
             return list(zip(_flat(out["rows"]), _flat(out["cols"])))
@@ -220,6 +230,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                 out.append(self._rows(grid) + rest)
             elif self.image_tiles is not None:
                 out.append(self._tiles(*grid) + rest)
+            elif self.patch_span is not None:
+                out.append(self.patch_span[0] + self.feature_token * int(grid) + self.patch_span[1] + rest)
             elif self.soft_token_marks is not None:
                 begin, end = self.soft_token_marks
                 out.append(begin + self.feature_token * int(grid) + end + rest)

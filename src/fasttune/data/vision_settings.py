@@ -8,8 +8,9 @@ from fasttune.errors import ModelLoadError
 def processor_settings(vlm_config, tokenizer) -> dict:
     """VisionProcessor's placeholder settings for a vision-language config: Qwen2.5-VL's one <|image_pad|> per
     merged patch, Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence), Gemma 4's soft tokens,
-    Pixtral's rows or Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
-    Idefics3Model computes it)."""
+    Pixtral's rows, Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
+    Idefics3Model computes it) or InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
+    patch, InternVLProcessor's image_seq_length)."""
     if vlm_config.model_type == "gemma3":
         boi, eoi, soft = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
                                                           vlm_config.image_token_id])
@@ -31,6 +32,13 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
         return dict(image_token=image, merge_size=None,
                     image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
+    if vlm_config.model_type == "internvl":  # InternVLProcessor: <img>, <IMG_CONTEXT> per patch token, </img>
+        vision = vlm_config.vision_config
+        side = _side(vision.image_size) // _side(vision.patch_size)
+        per_patch = round(side * side * vlm_config.downsample_ratio ** 2)
+        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        return dict(image_token=image, merge_size=None,
+                    patch_span=(_special(tokenizer, "<img>"), _special(tokenizer, "</img>"), per_patch))
     if vlm_config.model_type in ("idefics3", "smolvlm"):  # Idefics3Processor's tiles (data/vision.py)
         vision = vlm_config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 // vlm_config.scale_factor ** 2
@@ -50,6 +58,11 @@ def processor_settings(vlm_config, tokenizer) -> dict:
 
 QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor's families
 QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
+
+
+def _side(size) -> int:
+    """A square size given as an int or as [height, width] (InternVL's vision config)."""
+    return int(size if isinstance(size, int) else size[0])
 
 
 def _special(tokenizer, token: str) -> str:

@@ -63,6 +63,9 @@ class VisionFamily:
     tiles: bool = False
     # the language model's module under transformers' `model.` (Idefics3 / SmolVLM: text_model)
     text_prefix: str = "language_model"
+    # InternVL: each image as patches (crops and a thumbnail) through the tower, its class token dropped, the patch
+    # features pixel-shuffled by downsample_ratio before the projector
+    shuffled_patches: bool = False
 
 
 FAMILIES = {
@@ -114,6 +117,13 @@ FAMILIES = {
                              r"model\.vision_model\.encoder\.layers\.\d+\.self_attn\.(q_proj|k_proj|v_proj|out_proj)",
                              r"model\.vision_model\.encoder\.layers\.\d+\.mlp\.(fc1|fc2)", tiles=True,
                              text_prefix="text_model"),
+    # InternVL3 / InternVL3.5 (transformers' InternVLForConditionalGeneration, the "-hf" checkpoints): InternViT and the
+    # pixel-shuffle MLP projector in front of a Qwen2 / Qwen3 text model
+    "internvl": VisionFamily("internvl", (("vision_tower", "vision_tower"),
+                                          ("multi_modal_projector", "multi_modal_projector")),
+                             r"model\.vision_tower\.encoder\.layer\.\d+\.attention\."
+                             r"(q_proj|k_proj|v_proj|projection_layer)",
+                             r"model\.vision_tower\.encoder\.layer\.\d+\.mlp\.(fc1|fc2)", shuffled_patches=True),
 }
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
@@ -245,6 +255,8 @@ class VisionCausalLM(CausalLM):
             return self._pixtral_features(pixel_values, image_grid_thw), []
         if self.family.tiles:
             return self._tile_features(pixel_values, image_grid_thw), []
+        if self.family.shuffled_patches:
+            return self._internvl_features(pixel_values), []
         if self.family.positioned_patches:  # Gemma 4: the tower drops the padding patches and pools the rest
             hidden = self.vision_tower(pixel_values=pixel_values.to(self.dtype),
                                        pixel_position_ids=image_grid_thw).last_hidden_state
@@ -292,6 +304,25 @@ class VisionCausalLM(CausalLM):
         hidden = self.vision_model(pixel_values=pixel_values.to(self.dtype), patch_attention_mask=patches,
                                    return_dict=True).last_hidden_state
         return self.connector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype)
+
+    def _internvl_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """InternVL: the images' patches (patches, C, H, W) -> (patches x tokens a patch, hidden) features, as
+        transformers' InternVLModel.get_image_features gives them: the tower's layer vision_feature_layer, without
+        the class token (select strategy "default"), each patch's feature grid pixel-shuffled by downsample_ratio r
+        (side x r per side, channels / r^2, as its pixel_shuffle), then the projector."""
+        cfg = self._vlm_config
+        out = self.vision_tower(pixel_values=pixel_values.to(self.dtype), return_dict=True,
+                                output_hidden_states=cfg.vision_feature_layer != -1)
+        feats = out.last_hidden_state if cfg.vision_feature_layer == -1 else out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+        n, side = feats.shape[0], round(feats.shape[1] ** 0.5)
+        ratio, channels = cfg.downsample_ratio, feats.shape[-1]
+        # transformers' pixel_shuffle: fold columns into channels, swap the axes, fold rows into channels, swap back
+        x = feats.reshape(n, side, int(side * ratio), int(channels / ratio)).permute(0, 2, 1, 3)
+        x = x.reshape(n, int(side * ratio), int(side * ratio), int(channels / ratio ** 2)).permute(0, 2, 1, 3)
+        return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1])).reshape(-1, self.config.hidden_size) \
+            .to(self.dtype)
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
                           attention_mask=None, videos: dict | None = None) -> dict:
