@@ -782,9 +782,52 @@ def test_generation_batch_over_two_steps_equals_trl(ours_and_adapter, tmp_path, 
     assert got[0]["reward"] == pytest.approx(want[0]["reward"], rel=1e-6)
 
 
+@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
+def test_two_generation_batches_in_one_step_equal_trl(ours_and_adapter, tmp_path, loss_type, monkeypatch):
+    """steps_per_generation=1 with gradient_accumulation_steps=2: each optimizer step samples and scores two
+    generation batches (one prompt's group each, completions of different lengths), dapo normalising each by its own
+    completion tokens x 2, as TRL does. Both steps' losses and grad norms and the rewards equal TRL's."""
+    import trl.trainer.grpo_trainer as trl_grpo
+    from datasets import Dataset
+
+    monkeypatch.setattr(trl_grpo, "shuffle_sequence_dict", lambda batch: batch)
+
+    class Cycling(FixedCompletionsTRL):  # TRL samples one group a call: the fixed completions in turn
+        calls = 0
+
+        def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations,
+                                  has_tool_images=False):
+            start = (self.calls * len(prompt_ids)) % len(COMPLETIONS)
+            self.calls += 1
+            return [list(c) for c in COMPLETIONS[start:start + len(prompt_ids)]], None
+
+    _, tok, adapter = ours_and_adapter
+    cfg = dict(beta=0.0, loss_type=loss_type, temperature=0.8, learning_rate=5e-2, max_grad_norm=1.0, max_steps=2,
+               steps_per_generation=1)
+    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=2,
+        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    assert (ours.generation_steps, ours.generations_per_step, ours.keeps_old_logps) == (1, 2, False)
+    ours.train()
+    got = ours.log_history
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=G,
+                          gradient_accumulation_steps=2, num_generations=G, max_completion_length=6, use_cpu=True,
+                          report_to="none", bf16=False, shuffle_dataset=False, logging_steps=1, save_strategy="no",
+                          **cfg)
+    theirs = Cycling(model=peft_twin("llama", adapter), reward_funcs=list(REWARDS), args=args,
+                     train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    theirs.train()
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == 2
+    assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4, abs=1e-6)
+    assert [h["grad_norm"] for h in got] == pytest.approx([h["grad_norm"] for h in want], rel=1e-4)
+    assert [h["reward"] for h in got] == pytest.approx([h["reward"] for h in want], rel=1e-6)
+
+
 def test_generation_batch_settings(tiny_dir, tmp_path):
-    """TRL's steps_per_generation / generation_batch_size: whole optimizer steps per generation batch, else refused
-    naming the values that fit."""
+    """TRL's steps_per_generation / generation_batch_size: whole optimizer steps per generation batch, or a whole share
+    of one step (num_iterations=1, whole groups), else refused naming the values that fit."""
     model, tok = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32")
     common = dict(output_dir=str(tmp_path / "g"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                   num_generations=4, max_completion_length=4)
@@ -793,12 +836,19 @@ def test_generation_batch_settings(tiny_dir, tmp_path):
         tr = GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
                          processing_class=tok)
         assert tr.generation_steps == steps and tr.keeps_old_logps == (steps > 1)
-    for kw, match in ((dict(steps_per_generation=3), r"steps_per_generation=3 is not supported.*multiple of "
-                                                      r"gradient_accumulation_steps=2 .*multiple of 8"),
+    for kw, runs in ((dict(steps_per_generation=1), 2), (dict(generation_batch_size=4), 2)):  # two in one step
+        tr = GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
+                         processing_class=tok)
+        assert (tr.generation_steps, tr.generations_per_step, tr.keeps_old_logps) == (1, runs, False)
+    for kw, match in ((dict(steps_per_generation=3), r"steps_per_generation=3 is not supported.*multiple or a "
+                                                      r"divisor of gradient_accumulation_steps=2 .*multiple of 8"),
+                      (dict(steps_per_generation=1, num_iterations=2), "num_iterations=2 is not supported"),
+                      (dict(steps_per_generation=1, per_device_train_batch_size=2),
+                       r"2 completions a rank, which must be whole groups of num_generations=4"),
                       (dict(generation_batch_size=12), r"generation_batch_size=12 \(3 micro-batches a rank\)"),
                       (dict(generation_batch_size=6), "multiple of per_device_train_batch_size x ranks = 4")):
         with pytest.raises(ConfigError, match=match):
-            GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**common, **kw), train_dataset=ROWS,
+            GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**{**common, **kw}), train_dataset=ROWS,
                         processing_class=tok)
     with pytest.raises(ConfigError, match="give one"):
         GRPOConfig(**common, steps_per_generation=2, generation_batch_size=8)

@@ -69,11 +69,13 @@ def _fp32_head(model, name: str) -> None:
     model.fp32_head = True
 
 
-def _generation_steps(a, world: int) -> int:
-    """Optimizer steps one generation batch feeds: TRL's steps_per_generation (or generation_batch_size, in
-    completions over all ranks) / gradient_accumulation_steps; 1 by default. Raises ConfigError for a
-    generation_batch_size that is not whole per-device batches, or a generation that does not cover whole optimizer
-    steps."""
+def _generation_layout(a, world: int) -> tuple[int, int]:
+    """(optimizer steps one generation batch feeds, generation batches one optimizer step holds) for TRL's
+    steps_per_generation (or generation_batch_size, in completions over all ranks); (1, 1) by default. A generation
+    batch of k x gradient_accumulation_steps micro-batches a rank feeds k steps; one of gradient_accumulation_steps / k
+    micro-batches is one of k in each step (with num_iterations=1, and whole groups of num_generations in each
+    rank's share). Raises ConfigError for a generation_batch_size that is not whole per-device batches, a generation
+    that is neither a multiple nor a divisor of the step's micro-batches, or the cases above."""
     ga, per_pass = a.gradient_accumulation_steps, a.per_device_train_batch_size * world
     spg = a.steps_per_generation
     if a.generation_batch_size is not None:
@@ -82,14 +84,25 @@ def _generation_steps(a, world: int) -> int:
                               f"per_device_train_batch_size x ranks = {per_pass} (as TRL requires).")
         spg = a.generation_batch_size // per_pass
     if spg is None:
-        return 1
-    if spg < 1 or spg % ga:
-        given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
-            f"generation_batch_size={a.generation_batch_size} ({spg} micro-batches a rank)"
-        raise ConfigError(f"{given} is not supported: a generation batch must feed whole optimizer steps, so make it "
-                          f"a multiple of gradient_accumulation_steps={ga} micro-batches a rank (generation_batch_size "
-                          f"a multiple of {per_pass * ga}); TRL's default is one generation batch per step.")
-    return spg // ga
+        return 1, 1
+    given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
+        f"generation_batch_size={a.generation_batch_size} ({spg} micro-batches a rank)"
+    if spg >= 1 and spg % ga == 0:
+        return spg // ga, 1
+    if spg < 1 or ga % spg:
+        raise ConfigError(f"{given} is not supported: a generation batch must feed whole optimizer steps or a whole "
+                          f"share of one, so make it a multiple or a divisor of gradient_accumulation_steps={ga} "
+                          f"micro-batches a rank (generation_batch_size a multiple of {per_pass * ga}, or {per_pass} "
+                          f"x a divisor of {ga}); TRL's default is one generation batch per step.")
+    if a.num_iterations > 1:
+        raise ConfigError(f"{given} below gradient_accumulation_steps={ga} with num_iterations={a.num_iterations} "
+                          f"is not supported (TRL then trains a generation batch again inside the same optimizer "
+                          f"step); use num_iterations=1, or a generation batch of whole steps.")
+    if (a.per_device_train_batch_size * spg) % a.num_generations:
+        raise ConfigError(f"{given}: each generation batch holds per_device_train_batch_size x {spg} = "
+                          f"{a.per_device_train_batch_size * spg} completions a rank, which must be whole groups of "
+                          f"num_generations={a.num_generations} (their advantages are taken within the batch).")
+    return 1, ga // spg
 
 
 class GRPOTrainer(RewardScoring, Trainer):
@@ -161,7 +174,7 @@ class GRPOTrainer(RewardScoring, Trainer):
                               f"completions, which must hold whole groups of num_generations_eval="
                               f"{self.eval_generations}. Make it a multiple (as in TRL).")
         completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
-        self.generation_steps = _generation_steps(a, self.dist.world)
+        self.generation_steps, self.generations_per_step = _generation_layout(a, self.dist.world)
         if completions_per_step % a.num_generations:
             raise ConfigError(
                 f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "
@@ -261,6 +274,9 @@ class GRPOTrainer(RewardScoring, Trainer):
         that a resume samples the same), yielded num_iterations times as (epoch, next micro index, micro-batches)."""
         ga, rank = self.args.gradient_accumulation_steps, self.dist.rank
         groups = self.step_groups(start_epoch, start_micro)
+        if self.generations_per_step > 1:
+            yield from self._split_step_batches(groups)
+            return
         while True:
             # One generation batch feeds generation_steps optimizer steps (TRL's steps_per_generation), each reused
             # num_iterations times over (TRL's order: the generation's steps, then again).
@@ -284,6 +300,33 @@ class GRPOTrainer(RewardScoring, Trainer):
                 steps.append((epoch, micro, step))
             for _ in range(self.args.num_iterations):
                 yield from steps
+
+    def _split_step_batches(self, groups):
+        """step_batches when one optimizer step holds several generation batches (steps_per_generation below
+        gradient_accumulation_steps): each rank's micro-batches of the step are sampled and scored in runs of
+        steps_per_generation (every rank the same number of runs, some maybe empty, since scoring gathers rewards),
+        each run's token-level losses normalised by its own completion tokens (all ranks) x the step's micro-batches a
+        rank / steps_per_generation, as TRL normalises dapo (and cispo, vespo) then."""
+        ga, rank, runs = self.args.gradient_accumulation_steps, self.dist.rank, self.generations_per_step
+        spg = ga // runs
+        for epoch, micro, group in groups:
+            own = self.dist.shard(group, ga)
+            batches = []
+            for k in range(runs):
+                part = own[k * spg:(k + 1) * spg]
+                seed = self.args.seed + 1_000_003 * epoch + micro + k * spg + RANK_SEED_STRIDE * rank
+                run = self.rollout([self.train_examples[i] for ids in part for i in ids], [len(ids) for ids in part],
+                                   seed, across_ranks=True)
+                tokens = self.dist.sum(sum(float(b["completion_mask"].sum()) for b in run))
+                per_rank = -(-len(group) // self.dist.world)  # (TRL's current gradient_accumulation_steps)
+                for b in run:
+                    b["normalizer"] = tokens * per_rank / spg
+                batches += run
+            step = [None] * len(group)
+            step[rank * ga:rank * ga + len(own)] = batches
+            for b in batches:
+                b["steps"] = len(group)  # the step's micro-batches over all ranks (a plain int)
+            yield epoch, micro, step
 
     def _share_items(self, batches: list[dict], micro_batches: int):
         """A generation batch over several optimizer steps: each micro-batch counts the generation's completion tokens
@@ -474,7 +517,9 @@ class GRPOTrainer(RewardScoring, Trainer):
                                                a.importance_sampling_level, a.loss_type, a.delta,
                                                (a.sapo_temperature_pos, a.sapo_temperature_neg), vespo, policy_keep)
         steps = int(batch["steps"])
-        loss = reduce_loss(token_loss, mask, a.loss_type, num_items, steps, a.max_completion_length)
+        # (a run of several generation batches in one step: each one's own normaliser, see _split_step_batches)
+        items = batch["normalizer"] if "normalizer" in batch and self.model.training else num_items
+        loss = reduce_loss(token_loss, mask, a.loss_type, items, steps, a.max_completion_length)
         if self._entropy_bonus:
             loss = self._with_entropy_bonus(loss, entropies, mask if keep is None else mask * keep, steps)
         loss = self.with_aux_loss(loss, aux, steps)

@@ -46,8 +46,8 @@ class OnlineRLConfig(TrainingConfig):
     reward_weights: list | None = None  # one weight per reward function (default 1.0 each)
     mask_truncated_completions: bool = False  # completions that hit max_completion_length get no loss
     max_unrewarded_steps: int = 5  # steps in a row where no reward function scored any completion before stopping
-    # TRL's generation batch: fasttune samples one per optimizer step, TRL's default (steps_per_generation =
-    # gradient_accumulation_steps); these are accepted at that value (checked by the trainer, which knows the ranks)
+    # TRL's generation batch, by default one per optimizer step (steps_per_generation = gradient_accumulation_steps);
+    # a multiple feeds several steps, a divisor cuts a step into several (checked by the trainer, which knows the ranks)
     steps_per_generation: int | None = None
     generation_batch_size: int | None = None
     # TRL's: each training log entry prints the latest step's completions table and writes it to
