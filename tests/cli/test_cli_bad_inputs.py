@@ -73,6 +73,10 @@ CASES = {
                                            "(model_type 'wizardformer')"),
     "model not a causal LM": (lambda t, m: ["--model", str(_t5(t))],
                               lambda t: f"transformers cannot load '{t / 't5'}' as a causal language model"),
+    "model an unsupported vision-language family": (
+        lambda t, m: ["--model", str(_llava(t))],
+        lambda t: f"'{t / 'llava'}' is a llava vision-language model, which fasttune does not run yet; its "
+                  "vision-language families are gemma3, gemma4, idefics3, internvl"),
     "adapter with missing base": (lambda t, m: ["--model", str(_adapter(t))], "gone-base"),
     "resume without checkpoint": (lambda t, m: ["--resume"], "no complete checkpoint"),
     "resume path not a checkpoint": (lambda t, m: ["--resume", str(_dir(t, "not-ckpt"))], "not-ckpt"),
@@ -98,6 +102,21 @@ def _unknown_arch(t):
     (d / "config.json").write_text(json.dumps({"model_type": "wizardformer", "hidden_size": 64,
                                                "architectures": ["WizardformerForCausalLM"]}))
     return d
+
+
+def _llava(t):
+    """A LLaVA checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM refuses."""
+    from tiny_tokenizer import make_tiny_tokenizer
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+    text = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_id=299)) \
+        .save_pretrained(t / "llava")
+    make_tiny_tokenizer().save_pretrained(t / "llava")
+    return t / "llava"
 
 
 def _t5(t):

@@ -112,6 +112,13 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
             raise ModelLoadError(
                 f"fast=False / --no-fast asks transformers to load '{path}', and it cannot {cause}. fasttune's own "
                 f"decoder reads this '{model_type}' model: load it without fast=False / --no-fast.") from None
+        if getattr(hf_config, "vision_config", None) is not None:  # a vision-language family we do not run
+            from fasttune.models.vision import FAMILIES
+
+            raise ModelLoadError(
+                f"'{path}' is a {model_type} vision-language model, which fasttune does not run yet; its "
+                f"vision-language families are {', '.join(sorted(FAMILIES))} (README, \"Vision-language models\"). "
+                f"transformers cannot load it as a causal language model either {cause}.") from None
         raise ModelLoadError(
             f"Architecture '{model_type}' is not supported by fasttune's fast decoder (supported: "
             f"{', '.join(SUPPORTED_FAMILIES)}), and transformers cannot load '{path}' as a causal language model "
