@@ -13,11 +13,13 @@ Appends one JSONL row per (impl, batch) to bench/results/generate.jsonl and prin
 
     python bench/bench_generate.py                                  # GPU: llama-3.2-1b shape, batch 1 and 64
     python bench/bench_generate.py --shape llama-3.1-8b
+    python bench/bench_generate.py --shape qwen3-30b-a3b --impls ours,ours-eager   # MoE: graph decode vs eager
     python bench/bench_generate.py --shape tiny --device cpu --out /tmp/generate.jsonl   # a quick CPU check
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -31,24 +33,43 @@ SHAPES = {
                          num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, tie_word_embeddings=True),
+    # mixture of experts (transformers' config class named by "config"; default RoPE)
+    "qwen3-30b-a3b": dict(config="Qwen3MoeConfig", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                          moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+                          norm_topk_prob=True, tie_word_embeddings=False),
+    "tiny-moe": dict(config="Qwen3MoeConfig", vocab_size=512, hidden_size=64, intermediate_size=128,
+                     moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                     head_dim=16, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True,
+                     tie_word_embeddings=False),
 }
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
 def build_pair(shape: str, device: str):
-    """transformers' Llama and our decoder holding the very same weight tensors."""
+    """transformers' model of the shape (Llama, or the config class a shape names) and our decoder holding the very
+    same weight tensors. Stacked experts, which transformers' init leaves as allocated, are drawn N(0, 0.02)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    import transformers
+    from transformers import AutoModelForCausalLM
 
     from fasttune.models.loading import build_model
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
-                      rope_scaling=dict(ROPE), rms_norm_eps=1e-5)
+    spec = dict(SHAPES[shape])
+    name = spec.pop("config", "LlamaConfig")
+    rope = dict(rope_parameters=dict(ROPE), rope_scaling=dict(ROPE)) if name == "LlamaConfig" else {}
+    cfg = getattr(transformers, name)(**spec, max_position_embeddings=131072, rms_norm_eps=1e-5, **rope)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        for n, p in hf.named_parameters():
+            if ".experts." in n:
+                p.normal_(0.0, 0.02)
+    cfg = copy.deepcopy(cfg)
+    cfg._experts_implementation = None  # (transformers' choice for its own MoE modules; ours are in models/moe.py)
     ours = build_model(cfg, hf.state_dict().items(), dtype, device, "bench").eval()
     return hf, ours
 

@@ -52,8 +52,10 @@ def test_greedy_fp32_equals_transformers(family, tiny_model_dir, monkeypatch):
     assert torch.equal(graphed, want) and torch.equal(eager, want)
 
 
+# the mixture-of-experts families decode in graphs too (bf16: torch's grouped GEMM takes the group sizes on the device)
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen3", "smollm3", "glm4", "olmo3", "lfm2", "lfm3",
-                                    "deepseek_v3", "gemma4_text", "gemma4_e2b"])
+                                    "deepseek_v3", "gemma4_text", "gemma4_e2b", "qwen3_moe", "mixtral", "gpt_oss",
+                                    "glm4_moe", "qwen3_5_moe_text", "lfm2_moe", "mistral4", "gemma4_moe"])
 def test_graphs_equal_eager_bf16_lora(family, tiny_model_dir, monkeypatch):
     monkeypatch.setattr(static_decode, "KV_BUCKET", 16)  # 9 + 48 slots: four buckets, four graphs, one pool
     ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
@@ -66,8 +68,9 @@ def test_graphs_equal_eager_bf16_lora(family, tiny_model_dir, monkeypatch):
     assert torch.equal(graphed, eager)
 
 
-def test_graphs_equal_eager_nf4(tiny_model_dir, monkeypatch):
-    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=True,
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_graphs_equal_eager_nf4(family, tiny_model_dir, monkeypatch):
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), load_in_4bit=True,
                                                 dtype=torch.bfloat16, device="cuda")
     ours = FastLanguageModel.get_peft_model(ours, r=8)
     randomize_lora_b(ours)

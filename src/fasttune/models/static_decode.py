@@ -36,11 +36,26 @@ KV_BUCKET = 256
 
 def graphs_wanted(model, device: torch.device) -> bool:
     """Whether decode steps are captured as CUDA graphs: on CUDA, unless FASTTUNE_CUDA_GRAPHS=0, for models
-    whose layers run without host reads (MoE routing sorts tokens by expert with data-dependent sizes, and
-    offloaded or sharded weights move between steps: those decode eagerly)."""
+    whose layers run without host reads: mixture-of-experts models only where their experts take torch's grouped
+    GEMM kernel (experts_capturable); the others decode eagerly."""
     if device.type != "cuda" or os.environ.get("FASTTUNE_CUDA_GRAPHS", "1") == "0":
         return False
-    return getattr(model.arch, "num_experts", 0) == 0
+    return getattr(model.arch, "num_experts", 0) == 0 or experts_capturable(model, device)
+
+
+def experts_capturable(model, device: torch.device) -> bool:
+    """Whether a mixture-of-experts model's expert GEMMs run on torch's grouped GEMM kernel, which takes the
+    group sizes on the device (models/moe.py's grouped_mm_usable: bf16, compute capability >= 8.0, stacked weights
+    whose rows are whole 16 bytes, NF4 stacks dequantised to bf16 alike); the padded-bmm fallback sizes its groups
+    on the host, which a graph cannot hold. Routing and the grouping by expert read nothing on the host."""
+    if model.model.dtype != torch.bfloat16 or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    for module in model.modules():
+        for name in ("gate_up_proj", "down_proj"):
+            shape = getattr(getattr(module, name, None), "shape", None)
+            if shape is not None and len(shape) == 3 and (shape[1] % 8 or shape[2] % 8):
+                return False
+    return True
 
 
 class DecodeStep:
