@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_vision import solid_image
+from tiny_vision import oracle_inputs, solid_image
 
+from fasttune.constants import IMAGE_KEYS
 from fasttune.errors import DataError
 
 COLOURS = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
@@ -48,7 +49,7 @@ def _trainer(model, proc, tmp_path, rows=None, **kw):
     return KTOTrainer(model=model, processing_class=proc, train_dataset=rows or _rows(), args=args)
 
 
-@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir"])
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 
@@ -78,10 +79,8 @@ def test_log_probs_equal_transformers_and_peft(vl_folder, tmp_path):
                                      str(tmp_path / "adapter")).eval()
 
     def summed(b):
-        marks = (b["input_ids"] == proc.image_token_id).long()
-        extra = {"token_type_ids": marks} if "gemma3" in str(vl_folder) else {"mm_token_type_ids": marks}
-        media = {k: b[k] for k in ("pixel_values", "image_grid_thw") if k in b}
-        logits = twin(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **media, **extra).logits
+        media = {**{k: b[k] for k in IMAGE_KEYS if k in b}, **oracle_inputs(vl_folder, b, proc)}
+        logits = twin(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **media).logits
         logps = logits[:, :-1].float().log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
         return (logps * b["completion_mask"][:, 1:]).sum(-1)
 
@@ -98,7 +97,7 @@ def test_log_probs_equal_transformers_and_peft(vl_folder, tmp_path):
     from fasttune.data.preference import pad_sequences
 
     kl = pad_sequences(prompts, completions[-1:] + completions[:-1], proc.pad_id())
-    kl.update({k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch})
+    kl.update({k: batch[k] for k in IMAGE_KEYS if k in batch})
     with torch.no_grad():
         policy = summed(kl)
         with twin.disable_adapter():
