@@ -21,6 +21,7 @@ image placeholders per row:
   internvl3.5-8b: an image as GotOcr2's processor cuts a large one, 4 crops and a thumbnail (5 patches of 448x448,
                  InternViT-300M, pixel-shuffled by 0.5: 256 tokens a patch) between <img> and </img>; pixel_values
                  (2 * 5, 3, 448, 448)
+  llava-1.5-7b:  576 <image> tokens an image (one 336x336 image, CLIP ViT-L/14); pixel_values (2, 3, 336, 336)
 Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
 cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
 Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
@@ -37,6 +38,7 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
     python bench/bench_vision.py --matrix gemma4         # the same three rows, gemma-4-ple
     python bench/bench_vision.py --matrix smolvlm        # the same three rows, smolvlm-2.2b
     python bench/bench_vision.py --matrix internvl       # the same three rows, internvl3.5-8b
+    python bench/bench_vision.py --matrix llava          # the same three rows, llava-1.5-7b
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -183,6 +185,19 @@ SHAPES = {
                     image_size=[448, 448], patch_size=[14, 14]),
         ids=dict(image_token_id=151671, downsample_ratio=0.5, tie_word_embeddings=False),
         patches=5, before=[151669], after=[151670], text_ids=151643, image=448, prefix=64),
+    # LLaVA-1.5-7B's sizes (transformers' LlavaConfig): Vicuna-7B's Llama text model behind CLIP ViT-L/14 at 336
+    # pixels (24 layers of 1,024; features of the second-to-last layer without the class token: 576 an image) and the
+    # two-layer MLP projector
+    "llava-1.5-7b": dict(
+        family="llava", tiny="tiny-llava",
+        text=dict(model_type="llama", vocab_size=32064, hidden_size=4096, intermediate_size=11008,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                  rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        ids=dict(image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                 tie_word_embeddings=False),
+        fixed=576, before=[], after=[], text_ids=32000, image=336, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -263,6 +278,16 @@ SHAPES["tiny-internvl"] = dict(
     ids=dict(image_token_id=261, downsample_ratio=0.5, tie_word_embeddings=False),
     patches=5, before=[259], after=[260], text_ids=256, image=56, prefix=8,
     lr=1e-2)  # (at 1e-3 its loss does not fall within the smoke run's 4 steps)
+SHAPES["tiny-llava"] = dict(
+    family="llava",
+    text=dict(model_type="llama", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+              bos_token_id=None, eos_token_id=256, pad_token_id=256),
+    vision=dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32),
+    ids=dict(image_token_id=259, vision_feature_layer=-2, vision_feature_select_strategy="default",
+             tie_word_embeddings=False),
+    fixed=4, before=[], after=[], text_ids=256, image=28, prefix=8, lr=1e-2)
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -276,7 +301,8 @@ HF_TARGETS = (r"model\.{language}\.layers\.\d+\."
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
           "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS),
-          "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS), "internvl": ("internvl3.5-8b", ROWS)}
+          "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS), "internvl": ("internvl3.5-8b", ROWS),
+          "llava": ("llava-1.5-7b", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -288,7 +314,7 @@ def hf_config(shape: str):
     s = SHAPES[shape]
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
            "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config",
-           "idefics3": "Idefics3Config", "internvl": "InternVLConfig"}[s["family"]]
+           "idefics3": "Idefics3Config", "internvl": "InternVLConfig", "llava": "LlavaConfig"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -336,6 +362,8 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
                 "tower and embedder: transformers' modules, frozen")
     elif SHAPES[shape]["family"] == "idefics3":
         note = "tiles through transformers' tower and pixel-shuffle connector, frozen"
+    elif SHAPES[shape]["family"] == "llava":
+        note = "CLIP tower (second-to-last layer) and projector: transformers' modules, frozen"
     elif SHAPES[shape]["family"] == "internvl":
         note = "patches through transformers' InternViT and projector (our pixel shuffle), frozen"
     else:
@@ -389,7 +417,9 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     grid = s["image"] // patch
     patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
     rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
-    if s.get("patches"):  # InternVL: the image's patches' tokens between the shape's before / after ids
+    if s.get("fixed"):  # LLaVA: a fixed number of tokens an image
+        placeholders = s["fixed"]
+    elif s.get("patches"):  # InternVL: the image's patches' tokens between the shape's before / after ids
         placeholders = s["patches"] * round(patches * ids["downsample_ratio"] ** 2)
     elif s.get("tiles"):  # Idefics3: per tile a fake token, a crop mark and its tokens; a closing fake token
         per_tile = patches // ids["scale_factor"] ** 2
@@ -431,7 +461,7 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
             batch["pixel_values"] = torch.randn(bs, 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
             batch["image_sizes"] = torch.tensor([[s["image"], s["image"]]] * bs, device=device)
-        elif s["family"] == "gemma3":
+        elif s["family"] in ("gemma3", "llava"):
             batch["pixel_values"] = torch.randn(bs, 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
         else:
@@ -474,7 +504,7 @@ def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
     from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
     itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
     function of the batch giving the extra kwargs, the note saying which)."""
-    if SHAPES[shape]["family"] in ("mistral3", "idefics3", "internvl"):
+    if SHAPES[shape]["family"] in ("mistral3", "idefics3", "internvl", "llava"):
         return (lambda b: {"use_cache": False}), "no marks (the model finds its image tokens by id)"
     name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
     image_id = SHAPES[shape]["ids"]["image_token_id"]

@@ -642,13 +642,50 @@ def save_internvl(folder, seed: int = 0):
     return _save(folder, InternVLForConditionalGeneration, internvl_config(), internvl_processor(), seed)
 
 
+LLAVA_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
+
+
+def llava_config():
+    """LLaVA-1.5's layout (transformers' LlavaConfig): a 2-layer CLIP tower on 28-pixel images of 14-pixel patches
+    (4 tokens an image: the second-to-last layer without its class token) and the MLP projector before a Llama."""
+    from transformers import LlavaConfig
+
+    text = dict(model_type="llama", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
+                bos_token_id=None, eos_token_id=256, pad_token_id=256)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=259, vision_feature_layer=-2,
+                       vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+def llava_processor(tok=None):
+    """fasttune's VisionProcessor as LlavaProcessor expands images: each <image> becomes 4 (one per patch, the class
+    token dropped); CLIP's image processor at 28 pixels."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=LLAVA_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})  # id 259
+    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
+    return VisionProcessor(tok, images, LLAVA_TEMPLATE, "<image>", None, image_sequence="<image>" * 4)
+
+
+def save_llava(folder, seed: int = 0):
+    """Save a random tiny LLaVA (fp32) with its processor to `folder`; returns the folder."""
+    from transformers import LlavaForConditionalGeneration
+
+    return _save(folder, LlavaForConditionalGeneration, llava_config(), llava_processor(), seed)
+
+
 def oracle_inputs(folder, batch, proc) -> dict:
     """What transformers' model needs besides the processor output to see the images as its processor marks them:
     Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);
     Mistral 3 needs none (plain positions, causal attention over the image tokens); Idefics3 takes its tiles in its
     own (rows, images, C, H, W) layout (these keys replace the batch's)."""
     marks = (batch["input_ids"] == proc.image_token_id).long()
-    if "mistral3" in str(folder) or "internvl" in str(folder):
+    if any(name in str(folder) for name in ("mistral3", "internvl", "llava")):  # image tokens found by id
         return {}
     if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images, ...); here one row holds all
         return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}

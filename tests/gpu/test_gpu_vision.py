@@ -1,13 +1,14 @@
 """GPU checks (skipped without CUDA) of vision-language models on our decoder against transformers on the card:
 Gemma 4 (its tower, embedder and two-way image attention in the sliding layers; E2B's per-layer embeddings), Mistral 3
 (Pixtral tower, Ministral 3's query scaling) and Mistral Small 4 (the same tower before latent attention and
-experts), SmolVLM (Idefics3 / SmolVLM2 tiles), InternVL (pixel-shuffled patches), and Gemma 4 E2B with audio clips beside the images: bf16 logits on such batches no further from fp32 than
+experts), SmolVLM (Idefics3 / SmolVLM2 tiles), InternVL (pixel-shuffled patches), LLaVA (CLIP), and Gemma 4 E2B with audio clips beside the images: bf16 logits on such batches no further from fp32 than
 transformers' own bf16, and greedy fp32 decoding from such prompts equal to transformers'."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import save_gemma4, save_idefics3, save_internvl, save_mistral3, save_smolvlm, solid_image
+from tiny_vision import (save_gemma4, save_idefics3, save_internvl, save_llava, save_mistral3, save_smolvlm,
+                         solid_image)
 
 from fasttune import FastVisionModel
 
@@ -19,7 +20,7 @@ SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma
           "gemma4_e2b_audio": lambda f: save_gemma4(f, audio=True, **E2B),
           "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4"),
           "idefics3": lambda f: save_idefics3(f), "smolvlm": lambda f: save_smolvlm(f),
-          "internvl": lambda f: save_internvl(f)}
+          "internvl": lambda f: save_internvl(f), "llava": lambda f: save_llava(f)}
 
 
 def _setup(family, folder, dtype):
@@ -33,7 +34,7 @@ def _setup(family, folder, dtype):
                                 [{"type": "text", "text": "and"},
                                  {"type": "image", "image": solid_image((0, 0, 255), (84, 56))}, *heard]])
     batch = {k: v.to("cuda") for k, v in batch.items()}
-    marks = {} if family.startswith(("mistral", "internvl")) else {
+    marks = {} if family.startswith(("mistral", "internvl", "llava")) else {
         "mm_token_type_ids": (batch["input_ids"] == proc.image_token_id).long()}
     if family in ("idefics3", "smolvlm"):  # transformers' layout of the tiles: (rows, images, C, H, W)
         marks = {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}

@@ -32,6 +32,12 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
         return dict(image_token=image, merge_size=None,
                     image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
+    if vlm_config.model_type == "llava":  # LlavaProcessor: one <image> per patch (and the class token, if kept)
+        vision = vlm_config.vision_config
+        count = (vision.image_size // vision.patch_size) ** 2 + \
+            (vlm_config.vision_feature_select_strategy != "default")
+        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        return dict(image_token=image, merge_size=None, image_sequence=image * count)
     if vlm_config.model_type == "internvl":  # InternVLProcessor: <img>, <IMG_CONTEXT> per patch token, </img>
         vision = vlm_config.vision_config
         side = _side(vision.image_size) // _side(vision.patch_size)

@@ -372,6 +372,10 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
     vision modules move to `device` as they are; the language model's tensors fill our decoder (quantised with
     `quant` like a text model). The language half of `hf` is left to the caller to free."""
     family = VISION_FAMILIES[hf.config.model_type]
+    tower = getattr(hf.config.vision_config, "model_type", None)
+    if family.layer_features and tower not in ("clip_vision_model", "siglip_vision_model"):
+        raise ModelLoadError(f"'{source}' is a LLaVA model with a {tower} vision tower; fasttune runs LLaVA with "
+                             f"CLIP or SigLIP towers (fixed-size images), and Pixtral's in Mistral 3 checkpoints.")
     text_config, tensors = _language_model(hf)
     if family.model_type == "gemma4":  # an image's tokens see each other only where the config says so
         family = replace(family, bidirectional_images=getattr(text_config, "use_bidirectional_attention",

@@ -66,6 +66,8 @@ class VisionFamily:
     # InternVL: each image as patches (crops and a thumbnail) through the tower, its class token dropped, the patch
     # features pixel-shuffled by downsample_ratio before the projector
     shuffled_patches: bool = False
+    # LLaVA: a fixed-size image's features from the tower layer(s) vision_feature_layer through the projector
+    layer_features: bool = False
 
 
 FAMILIES = {
@@ -124,6 +126,15 @@ FAMILIES = {
                              r"model\.vision_tower\.encoder\.layer\.\d+\.attention\."
                              r"(q_proj|k_proj|v_proj|projection_layer)",
                              r"model\.vision_tower\.encoder\.layer\.\d+\.mlp\.(fc1|fc2)", shuffled_patches=True),
+    # LLaVA (transformers' LlavaForConditionalGeneration with a CLIP or SigLIP tower: LLaVA-1.5 and its kin): the
+    # tower's layer vision_feature_layer (class token dropped by the "default" strategy) through the MLP projector,
+    # a fixed number of tokens an image
+    "llava": VisionFamily("llava", (("vision_tower", "vision_tower"),
+                                    ("multi_modal_projector", "multi_modal_projector")),
+                          r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.self_attn\."
+                          r"(q_proj|k_proj|v_proj|out_proj)",
+                          r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
+                          layer_features=True),
 }
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
@@ -257,6 +268,8 @@ class VisionCausalLM(CausalLM):
             return self._tile_features(pixel_values, image_grid_thw), []
         if self.family.shuffled_patches:
             return self._internvl_features(pixel_values), []
+        if self.family.layer_features:
+            return self._llava_features(pixel_values), []
         if self.family.positioned_patches:  # Gemma 4: the tower drops the padding patches and pools the rest
             hidden = self.vision_tower(pixel_values=pixel_values.to(self.dtype),
                                        pixel_position_ids=image_grid_thw).last_hidden_state
@@ -304,6 +317,21 @@ class VisionCausalLM(CausalLM):
         hidden = self.vision_model(pixel_values=pixel_values.to(self.dtype), patch_attention_mask=patches,
                                    return_dict=True).last_hidden_state
         return self.connector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype)
+
+    def _llava_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """LLaVA: images (N, C, H, W) of the tower's size -> (N x tokens an image, hidden) features, as transformers'
+        LlavaModel.get_image_features gives them: the hidden states of the tower layer(s) vision_feature_layer
+        (several are concatenated), without the class token under the "default" select strategy, then the
+        projector."""
+        cfg = self._vlm_config
+        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
+        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else \
+            [cfg.vision_feature_layer]
+        feats = [out.hidden_states[i] for i in layers]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = [f[:, 1:] for f in feats]
+        return self.multi_modal_projector(torch.cat(feats, dim=-1)).reshape(-1, self.config.hidden_size) \
+            .to(self.dtype)
 
     def _internvl_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """InternVL: the images' patches (patches, C, H, W) -> (patches x tokens a patch, hidden) features, as

@@ -49,7 +49,7 @@ def _trainer(model, proc, tmp_path, rows=None, **kw):
     return KTOTrainer(model=model, processing_class=proc, train_dataset=rows or _rows(), args=args)
 
 
-@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir"])
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 
