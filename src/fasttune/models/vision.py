@@ -126,16 +126,11 @@ FAMILIES = {
                              r"model\.vision_tower\.encoder\.layer\.\d+\.attention\."
                              r"(q_proj|k_proj|v_proj|projection_layer)",
                              r"model\.vision_tower\.encoder\.layer\.\d+\.mlp\.(fc1|fc2)", shuffled_patches=True),
-    # LLaVA (transformers' LlavaForConditionalGeneration with a CLIP or SigLIP tower: LLaVA-1.5 and its kin): the
-    # tower's layer vision_feature_layer (class token dropped by the "default" strategy) through the MLP projector,
-    # a fixed number of tokens an image
-    "llava": VisionFamily("llava", (("vision_tower", "vision_tower"),
-                                    ("multi_modal_projector", "multi_modal_projector")),
-                          r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.self_attn\."
-                          r"(q_proj|k_proj|v_proj|out_proj)",
-                          r"model\.vision_tower\.(vision_model\.)?encoder\.layers\.\d+\.mlp\.(fc1|fc2)",
-                          layer_features=True),
 }
+# LLaVA (transformers' LlavaForConditionalGeneration with a CLIP or SigLIP tower: LLaVA-1.5 and its kin): Gemma 3's
+# module names, the tower's layer vision_feature_layer (class token dropped by the "default" strategy) through the MLP
+# projector, a fixed number of tokens an image, attended causally
+FAMILIES["llava"] = replace(FAMILIES["gemma3"], model_type="llava", bidirectional_images=False, layer_features=True)
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)

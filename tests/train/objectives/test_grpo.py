@@ -759,27 +759,32 @@ def test_generation_batch_over_two_steps_equals_trl(ours_and_adapter, tmp_path, 
     steps = 2 * num_iterations
     cfg = dict(beta=0.0, loss_type=loss_type, temperature=0.8, learning_rate=5e-2, max_grad_norm=1.0,
                max_steps=steps, steps_per_generation=2, num_iterations=num_iterations)
-    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
-    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
-        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=1,
-        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    ours, got, want = _train_with_trl(adapter, tok, tmp_path, 1, cfg, FixedCompletionsTRL)
     assert ours.generation_steps == 2 and ours.keeps_old_logps
-    ours.train()
-    got = ours.log_history
-    from datasets import Dataset
-
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=G,
-                          gradient_accumulation_steps=1, num_generations=G, max_completion_length=6, use_cpu=True,
-                          report_to="none", bf16=False, shuffle_dataset=False, logging_steps=1, save_strategy="no",
-                          **cfg)
-    theirs = FixedCompletionsTRL(model=peft_twin("llama", adapter), reward_funcs=list(REWARDS), args=args,
-                                 train_dataset=Dataset.from_list(ROWS), processing_class=tok)
-    theirs.train()
-    want = [h for h in theirs.state.log_history if "loss" in h]
     assert len(got) == len(want) == steps
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4, abs=1e-6)
     assert [h["grad_norm"] for h in got] == pytest.approx([h["grad_norm"] for h in want], rel=1e-4)
     assert got[0]["reward"] == pytest.approx(want[0]["reward"], rel=1e-6)
+
+
+def _train_with_trl(adapter, tok, tmp_path, ga: int, cfg: dict, trl_cls):
+    """Our FixedCompletions trainer and TRL's `trl_cls` trained on ROWS from the same adapter with `cfg` and
+    gradient_accumulation_steps=ga: (our trainer, our log entries, TRL's log entries with a loss)."""
+    from datasets import Dataset
+
+    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
+    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=ga,
+        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    ours.train()
+    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=G,
+                          gradient_accumulation_steps=ga, num_generations=G, max_completion_length=6, use_cpu=True,
+                          report_to="none", bf16=False, shuffle_dataset=False, logging_steps=1, save_strategy="no",
+                          **cfg)
+    theirs = trl_cls(model=peft_twin("llama", adapter), reward_funcs=list(REWARDS), args=args,
+                     train_dataset=Dataset.from_list(ROWS), processing_class=tok)
+    theirs.train()
+    return ours, ours.log_history, [h for h in theirs.state.log_history if "loss" in h]
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
@@ -788,7 +793,6 @@ def test_two_generation_batches_in_one_step_equal_trl(ours_and_adapter, tmp_path
     generation batches (one prompt's group each, completions of different lengths), dapo normalising each by its own
     completion tokens x 2, as TRL does. Both steps' losses and grad norms and the rewards equal TRL's."""
     import trl.trainer.grpo_trainer as trl_grpo
-    from datasets import Dataset
 
     monkeypatch.setattr(trl_grpo, "shuffle_sequence_dict", lambda batch: batch)
 
@@ -804,21 +808,8 @@ def test_two_generation_batches_in_one_step_equal_trl(ours_and_adapter, tmp_path
     _, tok, adapter = ours_and_adapter
     cfg = dict(beta=0.0, loss_type=loss_type, temperature=0.8, learning_rate=5e-2, max_grad_norm=1.0, max_steps=2,
                steps_per_generation=1)
-    model, _ = FastLanguageModel.from_pretrained(str(adapter), dtype="float32")
-    ours = FixedCompletions(model, reward_funcs=REWARDS, processing_class=tok, train_dataset=ROWS, args=GRPOConfig(
-        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=G, gradient_accumulation_steps=2,
-        num_generations=G, max_completion_length=6, shuffle=False, **cfg))
+    ours, got, want = _train_with_trl(adapter, tok, tmp_path, 2, cfg, Cycling)
     assert (ours.generation_steps, ours.generations_per_step, ours.keeps_old_logps) == (1, 2, False)
-    ours.train()
-    got = ours.log_history
-    args = trl.GRPOConfig(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=G,
-                          gradient_accumulation_steps=2, num_generations=G, max_completion_length=6, use_cpu=True,
-                          report_to="none", bf16=False, shuffle_dataset=False, logging_steps=1, save_strategy="no",
-                          **cfg)
-    theirs = Cycling(model=peft_twin("llama", adapter), reward_funcs=list(REWARDS), args=args,
-                     train_dataset=Dataset.from_list(ROWS), processing_class=tok)
-    theirs.train()
-    want = [h for h in theirs.state.log_history if "loss" in h]
     assert len(got) == len(want) == 2
     assert [h["loss"] for h in got] == pytest.approx([h["loss"] for h in want], rel=1e-4, abs=1e-6)
     assert [h["grad_norm"] for h in got] == pytest.approx([h["grad_norm"] for h in want], rel=1e-4)
