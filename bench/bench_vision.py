@@ -171,8 +171,8 @@ SHAPES = {
                     image_size=384, patch_size=14),
         ids=dict(image_token_id=49190, scale_factor=3, tie_word_embeddings=False),
         tiles=5, before=[], after=[], text_ids=49152, image=384, prefix=64),
-    # InternVL3.5-8B's sizes (transformers' InternVLConfig, the "-hf" layout): Qwen3-8B's text model behind InternViT-300M
-    # (24 layers of 1,024 at 448 pixels, patches of 14) and the pixel-shuffle MLP projector (ratio 0.5: 256 tokens a
+    # InternVL3.5-8B's sizes (transformers' InternVLConfig, the "-hf" layout): Qwen3-8B's text model behind
+    # InternViT-300M (24 layers of 1,024 at 448 pixels, patches of 14) and the pixel-shuffle MLP projector (ratio 0.5: 256 tokens a
     # patch); each row's image as GotOcr2's processor cuts a large one, 4 crops and a thumbnail (5 patches):
     # <img> + 1,280 <IMG_CONTEXT> + </img> (random text ids stand for the marks)
     "internvl3.5-8b": dict(

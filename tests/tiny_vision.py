@@ -687,8 +687,10 @@ def oracle_inputs(folder, batch, proc) -> dict:
     marks = (batch["input_ids"] == proc.image_token_id).long()
     if any(name in str(folder) for name in ("mistral3", "internvl", "llava")):  # image tokens found by id
         return {}
-    if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images, ...); here one row holds all
-        return {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
+    if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images,
+        # ...); here one row holds them all
+        return {"pixel_values": batch["pixel_values"][None],
+                "pixel_attention_mask": batch["pixel_attention_mask"][None]}
     return {"token_type_ids": marks} if "gemma3" in str(folder) else {"mm_token_type_ids": marks.int()}  # (Gemma 4:
     # its image tokens see each other both ways in the sliding layers)
 

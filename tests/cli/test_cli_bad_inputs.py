@@ -74,9 +74,11 @@ CASES = {
     "model not a causal LM": (lambda t, m: ["--model", str(_t5(t))],
                               lambda t: f"transformers cannot load '{t / 't5'}' as a causal language model"),
     "model an unsupported vision-language family": (
-        lambda t, m: ["--model", str(_llava(t))],
-        lambda t: f"'{t / 'llava'}' is a llava vision-language model, which fasttune does not run yet; its "
-                  "vision-language families are gemma3, gemma4, idefics3, internvl"),
+        lambda t, m: ["--model", str(_llava_next(t))],
+        lambda t: f"'{t / 'llava-next'}' is a llava_next vision-language model, which fasttune does not run yet; "
+                  "its vision-language families are gemma3, gemma4, idefics3, internvl, llava"),
+    "model a vision-language tokenizer without the image token": (
+        lambda t, m: ["--model", str(_llava(t))], "image_token_id 299 is not a token of this tokenizer"),
     "adapter with missing base": (lambda t, m: ["--model", str(_adapter(t))], "gone-base"),
     "resume without checkpoint": (lambda t, m: ["--resume"], "no complete checkpoint"),
     "resume path not a checkpoint": (lambda t, m: ["--resume", str(_dir(t, "not-ckpt"))], "not-ckpt"),
@@ -105,7 +107,7 @@ def _unknown_arch(t):
 
 
 def _llava(t):
-    """A LLaVA checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM refuses."""
+    """A LLaVA checkpoint whose tokenizer lacks its image token (id 299 of a 259-token tokenizer)."""
     from tiny_tokenizer import make_tiny_tokenizer
     from transformers import LlavaConfig, LlavaForConditionalGeneration
 
@@ -117,6 +119,22 @@ def _llava(t):
         .save_pretrained(t / "llava")
     make_tiny_tokenizer().save_pretrained(t / "llava")
     return t / "llava"
+
+
+def _llava_next(t):
+    """A LLaVA-NeXT checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM refuses."""
+    from tiny_tokenizer import make_tiny_tokenizer
+    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    text = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2)
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    config = LlavaNextConfig(text_config=text, vision_config=vision, image_token_id=299,
+                             image_grid_pinpoints=[[32, 32]])
+    LlavaNextForConditionalGeneration(config).save_pretrained(t / "llava-next")
+    make_tiny_tokenizer().save_pretrained(t / "llava-next")
+    return t / "llava-next"
 
 
 def _t5(t):

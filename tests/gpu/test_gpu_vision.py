@@ -1,7 +1,8 @@
 """GPU checks (skipped without CUDA) of vision-language models on our decoder against transformers on the card:
 Gemma 4 (its tower, embedder and two-way image attention in the sliding layers; E2B's per-layer embeddings), Mistral 3
 (Pixtral tower, Ministral 3's query scaling) and Mistral Small 4 (the same tower before latent attention and
-experts), SmolVLM (Idefics3 / SmolVLM2 tiles), InternVL (pixel-shuffled patches), LLaVA (CLIP), and Gemma 4 E2B with audio clips beside the images: bf16 logits on such batches no further from fp32 than
+experts), SmolVLM (Idefics3 / SmolVLM2 tiles), InternVL (pixel-shuffled patches), LLaVA (CLIP), and Gemma 4 E2B
+with audio clips beside the images: bf16 logits on such batches no further from fp32 than
 transformers' own bf16, and greedy fp32 decoding from such prompts equal to transformers'."""
 import numpy as np
 import pytest
@@ -37,7 +38,8 @@ def _setup(family, folder, dtype):
     marks = {} if family.startswith(("mistral", "internvl", "llava")) else {
         "mm_token_type_ids": (batch["input_ids"] == proc.image_token_id).long()}
     if family in ("idefics3", "smolvlm"):  # transformers' layout of the tiles: (rows, images, C, H, W)
-        marks = {"pixel_values": batch["pixel_values"][None], "pixel_attention_mask": batch["pixel_attention_mask"][None]}
+        marks = {"pixel_values": batch["pixel_values"][None],
+                 "pixel_attention_mask": batch["pixel_attention_mask"][None]}
     load = lambda d: AutoModelForImageTextToText.from_pretrained(saved, dtype=d).to("cuda").eval()  # noqa: E731
     return model, batch, marks, load
 

@@ -99,5 +99,9 @@ def test_tokenizer_without_the_tile_marks_is_named(loaded):
     from fasttune.data.vision_settings import processor_settings
 
     model, _ = loaded
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [f"<x{i}>" for i in range(8)]})  # the image id is a token
     with pytest.raises(ModelLoadError, match="<fake_token_around_image>"):
+        processor_settings(model.hf_config, tok)
+    with pytest.raises(ModelLoadError, match="image_token_id .* is not a token of this tokenizer"):
         processor_settings(model.hf_config, make_tiny_tokenizer())

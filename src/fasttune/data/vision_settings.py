@@ -36,19 +36,19 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         vision = vlm_config.vision_config
         count = (vision.image_size // vision.patch_size) ** 2 + \
             (vlm_config.vision_feature_select_strategy != "default")
-        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        image = _token_of(tokenizer, vlm_config.image_token_id)
         return dict(image_token=image, merge_size=None, image_sequence=image * count)
     if vlm_config.model_type == "internvl":  # InternVLProcessor: <img>, <IMG_CONTEXT> per patch token, </img>
         vision = vlm_config.vision_config
         side = _side(vision.image_size) // _side(vision.patch_size)
         per_patch = round(side * side * vlm_config.downsample_ratio ** 2)
-        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        image = _token_of(tokenizer, vlm_config.image_token_id)
         return dict(image_token=image, merge_size=None,
                     patch_span=(_special(tokenizer, "<img>"), _special(tokenizer, "</img>"), per_patch))
     if vlm_config.model_type in ("idefics3", "smolvlm"):  # Idefics3Processor's tiles (data/vision.py)
         vision = vlm_config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 // vlm_config.scale_factor ** 2
-        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        image = _token_of(tokenizer, vlm_config.image_token_id)
         return dict(image_token=image, merge_size=None,
                     image_tiles=(_special(tokenizer, "<fake_token_around_image>"), _special(tokenizer, "<global-img>"),
                                  per_tile))
@@ -64,6 +64,15 @@ def processor_settings(vlm_config, tokenizer) -> dict:
 
 QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor's families
 QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
+
+
+def _token_of(tokenizer, token_id: int) -> str:
+    """The tokenizer's token of the config's image_token_id; ModelLoadError when the tokenizer has no such id."""
+    token = tokenizer.convert_ids_to_tokens(token_id) if token_id is not None and token_id < len(tokenizer) else None
+    if token is None:
+        raise ModelLoadError(f"The config's image_token_id {token_id} is not a token of this tokenizer "
+                             f"({len(tokenizer)} tokens); use the checkpoint's own tokenizer.")
+    return token
 
 
 def _side(size) -> int:

@@ -92,9 +92,11 @@ def _mark_embedded_base(weights_file: Path, name_or_path) -> None:
 
 
 def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, forced: bool, hf_config=None,
-                  gguf_file: str | None = None, quant: str | None = None) -> "FallbackModel":
+                  gguf_file: str | None = None, quant: str | None = None,
+                  vision_families: tuple = ()) -> "FallbackModel":
     """AutoModelForCausalLM from local files only (no remote code), frozen, in `dtype` on `device`; quant="nf4" /
-    "int8" quantises through transformers' bitsandbytes integration."""
+    "int8" quantises through transformers' bitsandbytes integration. vision_families: the vision-language families
+    fasttune runs, named when a vision-language checkpoint of another one cannot load here."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
@@ -113,12 +115,10 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
                 f"fast=False / --no-fast asks transformers to load '{path}', and it cannot {cause}. fasttune's own "
                 f"decoder reads this '{model_type}' model: load it without fast=False / --no-fast.") from None
         if getattr(hf_config, "vision_config", None) is not None:  # a vision-language family we do not run
-            from fasttune.models.vision import FAMILIES
-
             raise ModelLoadError(
                 f"'{path}' is a {model_type} vision-language model, which fasttune does not run yet; its "
-                f"vision-language families are {', '.join(sorted(FAMILIES))} (README, \"Vision-language models\"). "
-                f"transformers cannot load it as a causal language model either {cause}.") from None
+                f"vision-language families are {', '.join(sorted(vision_families))} (README, \"Vision-language "
+                f"models\"). transformers cannot load it as a causal language model either {cause}.") from None
         raise ModelLoadError(
             f"Architecture '{model_type}' is not supported by fasttune's fast decoder (supported: "
             f"{', '.join(SUPPORTED_FAMILIES)}), and transformers cannot load '{path}' as a causal language model "

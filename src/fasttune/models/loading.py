@@ -417,6 +417,7 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         from fasttune.models.fallback import load_fallback
 
         model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config,
+                              vision_families=tuple(VISION_FAMILIES),
                               quant=quant)
         return model, model.hf_config
     ModelConfig.from_hf(hf_config)  # unsupported settings fail here, before any tensor is read

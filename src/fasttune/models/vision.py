@@ -9,7 +9,8 @@ added after its first decoder layers, and Gemma 3's image tokens attend to each 
 
 Parameter names inside the model: `model.*` (our decoder), `lm_head`, and the family's vision modules
 (`visual.*` for Qwen, `vision_tower.*` and `multi_modal_projector.*` for Gemma 3). `checkpoint_name` maps them to
-transformers' checkpoint names (`model.language_model.*` or, Idefics3, `model.text_model.*`, `model.visual.*`, ...), which the saved adapters and
+transformers' checkpoint names (`model.language_model.*` or, Idefics3, `model.text_model.*`, `model.visual.*`, ...),
+which the saved adapters and
 merged checkpoints use.
 """
 from __future__ import annotations
