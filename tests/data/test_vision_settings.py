@@ -1,7 +1,7 @@
 """processor_settings (data/vision_settings.py): the placeholder settings each vision-language family's config gives
 VisionProcessor, video tokens only when the tokenizer holds them, Qwen3-VL's timestamp marks, Gemma 4's marks."""
-from tiny_vision import (GEMMA4_AUDIO_TOKENS, GEMMA4_TOKENS, VISION_TOKENS, gemma4_config, qwen3_vl_config,
-                         qwen_vl_config)
+from tiny_vision import (GEMMA4_AUDIO_TOKENS, GEMMA4_TOKENS, VISION_TOKENS, gemma3_config, gemma4_config,
+                         mistral3_config, qwen3_vl_config, qwen_vl_config)
 from tiny_tokenizer import make_tiny_tokenizer
 
 from fasttune.data.vision_settings import processor_settings
@@ -32,3 +32,17 @@ def test_gemma4_marks_and_video():
     assert settings == dict(image_token="<|image|>", merge_size=None, soft_token_marks=("<|image>", "<image|>"),
                             video_token="<|video|>")
     assert "video_token" not in processor_settings(gemma4_config(video=False), tok)  # (its id is outside the vocab)
+
+
+def test_token_ids_outside_the_tokenizer_are_named():
+    """A config whose token ids the tokenizer does not hold (another checkpoint's tokenizer) is a ModelLoadError
+    naming the field."""
+    import pytest
+
+    from fasttune.errors import ModelLoadError
+
+    tok = make_tiny_tokenizer()  # 259 tokens: none of the configs' vision ids
+    for config, field in ((gemma3_config(), "boi_token_id"), (gemma4_config(video=False), "boi_token_id"),
+                          (mistral3_config(), "image_token_id")):
+        with pytest.raises(ModelLoadError, match=f"The config's {field} .* is not a token of this tokenizer"):
+            processor_settings(config, tok)

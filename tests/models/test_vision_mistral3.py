@@ -49,8 +49,10 @@ def test_tokenizer_without_the_row_marks_is_named(loaded):
     from fasttune.data.vision_settings import processor_settings
 
     model, _ = loaded
+    tok = make_tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [f"<x{i}>" for i in range(3)]})  # id 261 is a token
     with pytest.raises(ModelLoadError, match=r"\[IMG_BREAK\]"):
-        processor_settings(model.hf_config, make_tiny_tokenizer())
+        processor_settings(model.hf_config, tok)
 
 
 def test_gguf_export_refuses_features_llama_cpp_does_not_take(loaded, tmp_path):

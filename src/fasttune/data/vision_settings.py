@@ -12,13 +12,15 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     Idefics3Model computes it) or InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
     patch, InternVLProcessor's image_seq_length)."""
     if vlm_config.model_type == "gemma3":
-        boi, eoi, soft = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
-                                                          vlm_config.image_token_id])
+        boi, eoi, soft = (_token_of(tokenizer, i, name) for i, name in (
+            (vlm_config.boi_token_id, "boi_token_id"), (vlm_config.eoi_token_id, "eoi_token_id"),
+            (vlm_config.image_token_id, "image_token_id")))
         return dict(image_token=boi, merge_size=None, feature_token=soft,
                     image_sequence=f"\n\n{boi}{soft * vlm_config.mm_tokens_per_image}{eoi}\n\n")
     if vlm_config.model_type == "gemma4":  # Gemma4Processor: <image> -> begin mark, soft tokens, end mark
-        boi, eoi, image = tokenizer.convert_ids_to_tokens([vlm_config.boi_token_id, vlm_config.eoi_token_id,
-                                                           vlm_config.image_token_id])
+        boi, eoi, image = (_token_of(tokenizer, i, name) for i, name in (
+            (vlm_config.boi_token_id, "boi_token_id"), (vlm_config.eoi_token_id, "eoi_token_id"),
+            (vlm_config.image_token_id, "image_token_id")))
         settings = dict(image_token=image, merge_size=None, soft_token_marks=(boi, eoi))
         if getattr(vlm_config, "audio_config", None) is not None:  # E2B / E4B hear: <audio> expands alike
             settings["audio_marks"] = tuple(tokenizer.convert_ids_to_tokens(
@@ -28,7 +30,7 @@ def processor_settings(vlm_config, tokenizer) -> dict:
             settings["video_token"] = tokenizer.convert_ids_to_tokens(video)
         return settings
     if vlm_config.model_type == "mistral3":  # PixtralProcessor's tokens; a token covers merge x merge patches
-        image = tokenizer.convert_ids_to_tokens(vlm_config.image_token_id)
+        image = _token_of(tokenizer, vlm_config.image_token_id)
         side = vlm_config.vision_config.patch_size * vlm_config.spatial_merge_size
         return dict(image_token=image, merge_size=None,
                     image_rows=(_special(tokenizer, "[IMG_BREAK]"), _special(tokenizer, "[IMG_END]"), side))
@@ -66,11 +68,12 @@ QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qw
 QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
 
 
-def _token_of(tokenizer, token_id: int) -> str:
-    """The tokenizer's token of the config's image_token_id; ModelLoadError when the tokenizer has no such id."""
+def _token_of(tokenizer, token_id: int, field: str = "image_token_id") -> str:
+    """The tokenizer's token of the config's `field` (a token id); ModelLoadError naming the field when the
+    tokenizer has no such id."""
     token = tokenizer.convert_ids_to_tokens(token_id) if token_id is not None and token_id < len(tokenizer) else None
     if token is None:
-        raise ModelLoadError(f"The config's image_token_id {token_id} is not a token of this tokenizer "
+        raise ModelLoadError(f"The config's {field} {token_id} is not a token of this tokenizer "
                              f"({len(tokenizer)} tokens); use the checkpoint's own tokenizer.")
     return token
 
