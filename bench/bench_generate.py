@@ -51,27 +51,47 @@ def build_pair(shape: str, device: str):
     """transformers' model of the shape (Llama, or the config class a shape names) and our decoder holding the very
     same weight tensors. Stacked experts, which transformers' init leaves as allocated, are drawn N(0, 0.02)."""
     import torch
-    import transformers
     from transformers import AutoModelForCausalLM
 
     from fasttune.models.loading import build_model
 
-    spec = dict(SHAPES[shape])
-    name = spec.pop("config", "LlamaConfig")
-    rope = dict(rope_parameters=dict(ROPE), rope_scaling=dict(ROPE)) if name == "LlamaConfig" else {}
-    cfg = getattr(transformers, name)(**spec, max_position_embeddings=131072, rms_norm_eps=1e-5, **rope)
+    cfg = shape_config(shape)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     with torch.device(device):
         hf = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa").eval()
+    init_experts(hf)
+    ours = build_model(ours_config(cfg), hf.state_dict().items(), dtype, device, "bench").eval()
+    return hf, ours
+
+
+def shape_config(shape: str, **extra):
+    """transformers' config of a SHAPES entry (LlamaConfig with Llama 3's RoPE, or the class the entry names),
+    `extra` fields added."""
+    import transformers
+
+    spec = dict(SHAPES[shape])
+    name = spec.pop("config", "LlamaConfig")
+    rope = dict(rope_parameters=dict(ROPE), rope_scaling=dict(ROPE)) if name == "LlamaConfig" else {}
+    return getattr(transformers, name)(**spec, max_position_embeddings=131072, rms_norm_eps=1e-5, **rope, **extra)
+
+
+def init_experts(model):
+    """Draw transformers' stacked experts N(0, 0.02) (its init leaves them as allocated)."""
+    import torch
+
     with torch.no_grad():
-        for n, p in hf.named_parameters():
+        for n, p in model.named_parameters():
             if ".experts." in n:
                 p.normal_(0.0, 0.02)
+
+
+def ours_config(cfg):
+    """A copy of transformers' config for our build_model: without transformers' experts implementation choice
+    (ours are in models/moe.py)."""
     cfg = copy.deepcopy(cfg)
-    cfg._experts_implementation = None  # (transformers' choice for its own MoE modules; ours are in models/moe.py)
-    ours = build_model(cfg, hf.state_dict().items(), dtype, device, "bench").eval()
-    return hf, ours
+    cfg._experts_implementation = None
+    return cfg
 
 
 def run_generate(impl, model, ids, new_tokens: int):

@@ -46,7 +46,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_generate import ROPE, SHAPES  # noqa: E402
+from bench_generate import SHAPES, init_experts, ours_config, shape_config  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 UNK, EOS, BOS = 0, 1, 2  # special ids; pad = eos (the stop ids are then the same for both trainers: {eos})
@@ -83,17 +83,17 @@ def even_ids(completions, **kwargs) -> list[float]:
 
 
 def build_hf(shape: str, device: str, seed: int = 0):
-    """transformers' Llama of the shape, random-init from `seed`, bf16 on CUDA (fp32 on a CPU)."""
+    """transformers' model of the shape (Llama, or bench_generate's MoE shapes), random-init from `seed`, bf16 on
+    CUDA (fp32 on a CPU)."""
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM
 
-    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=131072, rope_parameters=dict(ROPE),
-                      rope_scaling=dict(ROPE), rms_norm_eps=1e-5, bos_token_id=BOS, eos_token_id=EOS,
-                      pad_token_id=EOS)
+    cfg = shape_config(shape, bos_token_id=BOS, eos_token_id=EOS, pad_token_id=EOS)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, attn_implementation="sdpa")
+    init_experts(model)
     model.generation_config.eos_token_id = EOS
     model.generation_config.pad_token_id = EOS
     return model, cfg, dtype
@@ -215,12 +215,12 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     from fasttune.models.loading import build_model
 
     hf, cfg, dtype = build_hf(a.shape, a.device)
-    model = build_model(cfg, hf.state_dict().items(), dtype, a.device, "bench")  # the same weights
+    model = build_model(ours_config(cfg), hf.state_dict().items(), dtype, a.device, "bench")  # the same weights
     del hf
     teacher = None
     if a.objective == "distillation":
         hf, teacher_cfg, _ = build_hf(a.teacher_shape, a.device, seed=1)
-        teacher = build_model(teacher_cfg, hf.state_dict().items(), dtype, a.device, "bench")
+        teacher = build_model(ours_config(teacher_cfg), hf.state_dict().items(), dtype, a.device, "bench")
         del hf
         if a.teacher_quant == "nf4":  # as teacher_model_init_kwargs={"load_in_4bit": True} loads it
             from bench_lora import quantize_nf4_linears
