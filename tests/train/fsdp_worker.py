@@ -4,7 +4,8 @@ torchrun without fsdp) DDP.
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
 max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run),
-batch (per_device_train_batch_size, default 2).
+batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
+router_aux_loss_coef (SFT).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
@@ -23,6 +24,8 @@ def run(model_dir, out_dir, o):
     reward = o.get("method") == "reward"  # a one-output sequence classifier (its score head seeded alike)
     head = {"auto_model": "AutoModelForSequenceClassification", "num_labels": 1} if reward else {}
     torch.manual_seed(0)
+    if o.get("model"):
+        model_dir = os.path.join(os.path.dirname(model_dir), o["model"])
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
                                                    load_in_4bit=o.get("load_in_4bit", False), **head)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
@@ -40,7 +43,8 @@ def run(model_dir, out_dir, o):
                   gradient_accumulation_steps=o["grad_accum"],
                   learning_rate=1e-2, max_steps=o.get("max_steps", 5), save_steps=3, logging_steps=1,
                   fsdp=o.get("fsdp", False), packing=o.get("packing", False),
-                  **({} if dpo else {"max_seq_length": 48}))
+                  **({} if dpo else {"max_seq_length": 48}),
+                  **({"router_aux_loss_coef": o["router_aux_loss_coef"]} if "router_aux_loss_coef" in o else {}))
     trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
     trainer.train(resume_from_checkpoint=o.get("resume"))
     if o.get("fsdp") or trainer.dist.is_main:  # FSDP: a collective, rank 0 writes; DDP: rank 0 alone saves (two

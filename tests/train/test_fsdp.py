@@ -54,6 +54,9 @@ CASES = {
     "fused-kernels": {"checkpointing": True, "kernels": "triton"},
     # plain DDP (no fsdp) with the default recompute mode: gradients all-reduced, every rank holding the model
     "ddp": {"fsdp": False, "checkpointing": "auto"},
+    # a mixture of experts under DDP with TRL's load-balancing loss (weighted up so its share shows): each rank adds
+    # its share / the step's micro-batches over all ranks, as DDP's average over ranks of TRL's / GA gives
+    "ddp-moe-aux": {"fsdp": False, "checkpointing": False, "model": "qwen3_moe", "router_aux_loss_coef": 0.1},
     # the first half of the resume test below
     "lm-head-to-save": {"modules_to_save": ["lm_head"]},
 }
@@ -81,6 +84,7 @@ def fsdp_runs(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("fsdp")
     folder = root / "llama"
     save_hf(hf_model("llama"), folder, tiny_tokenizer)
+    save_hf(hf_model("qwen3_moe"), root / "qwen3_moe", tiny_tokenizer)  # (the "model" option's folder)
     one = _run(folder, 1, [*[(root / "one" / c, _one(o)) for c, o in CASES.items()],
                            (root / "one" / "ddp-one-batch", dict(CASES["ddp"], grad_accum=1, batch=4, fsdp=False))])
     (root / "resumed_two").mkdir()

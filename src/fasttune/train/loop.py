@@ -278,7 +278,9 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         # FSDP: every rank must run as many forward/backward passes as the busiest one (each joins the layers'
         # gathers); in an epoch's short last step a rank with fewer batches re-runs one, weighted 0.
         fillers = min(args.gradient_accumulation_steps, len(full_group)) - len(host_group) if is_sharded(model) else 0
-        self.step_micro_batches = len(host_group)  # (TRL averages the MoE load-balancing loss over them)
+        # every rank's micro-batches: TRL divides the MoE load-balancing loss by gradient_accumulation_steps and DDP
+        # averages the ranks, where fasttune sums them
+        self.step_micro_batches = len(full_group)
         self.prepare_step(host_group, across_ranks=True)
         total = self.dist.sum(sum(self.count_items(b) for b in host_group))
         num_items = int(total) if float(total).is_integer() else total  # (GRPO's shares of a generation's tokens)

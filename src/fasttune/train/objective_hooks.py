@@ -50,12 +50,13 @@ class ObjectiveHooks:
         weighted = self.aux_loss_share(out.aux_loss.to(out.loss_sum.device))
         return out.loss_sum / num_items + weighted, out.loss_sum.detach() + weighted.detach() * num_items
 
-    def aux_loss_share(self, aux: torch.Tensor) -> torch.Tensor:
-        """router_aux_loss_coef x a micro-batch's MoE load-balancing loss `aux` (() tensor), as TRL's trainers add
-        it: in training divided by the step's micro-batches on this rank (transformers' Trainer divides each
-        micro-batch's loss by the accumulation steps), whole in evaluation. Returns an fp32 () tensor."""
+    def aux_loss_share(self, aux: torch.Tensor, weight: float | None = None) -> torch.Tensor:
+        """`weight` (default: the model config's router_aux_loss_coef) x a micro-batch's MoE load-balancing loss
+        `aux` (() tensor), as TRL's trainers add it: in training divided by the step's micro-batches over all ranks
+        (transformers' Trainer divides each micro-batch's loss by the accumulation steps and DDP averages the ranks,
+        where fasttune sums them), whole in evaluation. Returns an fp32 () tensor."""
         steps = getattr(self, "step_micro_batches", 1) if self.model.training else 1
-        return aux_weight(self.model) * aux.float() / max(1, steps)
+        return (aux_weight(self.model) if weight is None else weight) * aux.float() / max(1, steps)
 
     def model_inputs(self, batch: dict) -> dict:
         """The batch's further model inputs in micro_batch_loss: packed rows' position_ids / segment_ids (SFT on a

@@ -222,9 +222,10 @@ def test_moe_load_balancing_loss_equals_trl(coef, tiny_model_dir, tmp_path):
                                      metrics=["aux_loss"])
     weight = model.config.router_aux_loss_coef if coef is None else coef
     assert ours.aux_weight == weight > 0 and not model.config.output_router_logits  # (the config is left as it is)
-    assert float(ours.with_aux_loss(torch.tensor(0.0), torch.tensor(2.0), 4)) == pytest.approx(weight * 0.5)
+    ours.step_micro_batches = 4  # (set by the loop: the step's micro-batches over all ranks)
+    assert float(ours.with_aux_loss(torch.tensor(0.0), torch.tensor(2.0))) == pytest.approx(weight * 0.5)
     model.eval()
-    assert float(ours.with_aux_loss(torch.tensor(0.0), torch.tensor(2.0), 4)) == pytest.approx(weight * 2.0)
+    assert float(ours.with_aux_loss(torch.tensor(0.0), torch.tensor(2.0))) == pytest.approx(weight * 2.0)
     model.train()
     off = _ours(model, tok, tmp_path, loss_type="grpo", router_aux_loss_coef=0.0)
     off.micro_batch_loss(_our_batch(off), 10)

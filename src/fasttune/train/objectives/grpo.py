@@ -522,7 +522,7 @@ class GRPOTrainer(RewardScoring, Trainer):
         loss = reduce_loss(token_loss, mask, a.loss_type, items, steps, a.max_completion_length)
         if self._entropy_bonus:
             loss = self._with_entropy_bonus(loss, entropies, mask if keep is None else mask * keep, steps)
-        loss = self.with_aux_loss(loss, aux, steps)
+        loss = self.with_aux_loss(loss, aux)
         with torch.no_grad():  # the metric sums stay on the device until step_metrics reads them
             m = mask.float()
             self._add_ratio("entropy", (entropies.detach() * m).sum(), m.sum())
@@ -550,15 +550,14 @@ class GRPOTrainer(RewardScoring, Trainer):
                                                  aux_out=aux)
         return logps, entropies, aux[0] if aux else None
 
-    def with_aux_loss(self, loss: torch.Tensor, aux: torch.Tensor | None, steps: int) -> torch.Tensor:
-        """loss plus router_aux_loss_coef x the policy forward's load-balancing loss `aux` (None: loss as it is) /
-        the step's micro-batches over all ranks in training (TRL divides it by gradient_accumulation_steps, DDP
-        averages the ranks), whole in evaluation; records TRL's `aux_loss` metric (the micro-batches' mean)."""
+    def with_aux_loss(self, loss: torch.Tensor, aux: torch.Tensor | None) -> torch.Tensor:
+        """loss plus the policy forward's load-balancing loss `aux` (None: loss as it is) weighted by
+        router_aux_loss_coef as TRL adds it (aux_loss_share); records TRL's `aux_loss` metric (the micro-batches'
+        mean)."""
         if aux is None:
             return loss
         self._add_ratio("aux_loss", aux.detach().float(), 1)
-        share = self.aux_weight * aux.float() / (steps if self.model.training else 1)
-        return loss + share.to(loss.device, loss.dtype)
+        return loss + self.aux_loss_share(aux, self.aux_weight).to(loss.device, loss.dtype)
 
     # --- the entropy bonus (TRL 1.16's entropy_coef, use_adaptive_entropy) -----------------------------------
     @property

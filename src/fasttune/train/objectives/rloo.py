@@ -104,8 +104,7 @@ class RLOOTrainer(GRPOTrainer):
         adv = batch["advantages"]
         ratio = torch.exp(logps - old)
         clipped = torch.clamp(ratio, 1 - self.eps_low, 1 + self.eps_high)
-        loss = self.with_aux_loss(-torch.min(ratio * adv, clipped * adv).mean() / int(batch["steps"]), aux,
-                                  int(batch["steps"]))
+        loss = self.with_aux_loss(-torch.min(ratio * adv, clipped * adv).mean() / int(batch["steps"]), aux)
         with torch.no_grad():
             m = mask.float()
             self._add_ratio("entropy", (entropies.detach() * m).sum(), m.sum())
