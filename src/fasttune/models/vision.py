@@ -24,6 +24,7 @@ import torch
 from fasttune.constants import AUDIO_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
+from fasttune.models.vision_features import internvl_features, llava_features, pixtral_features, tile_features
 
 
 @dataclass(frozen=True)
@@ -256,16 +257,17 @@ class VisionCausalLM(CausalLM):
         """The processor's pixel_values (Qwen: patches (P, C*T*P*P) with image_grid_thw (images, 3); Gemma 3:
         images (N, C, H, W); Mistral 3: padded images (N, C, H, W) with their sizes (N, 2) in image_grid_thw's
         place; Idefics3 / SmolVLM: tiles (tiles, C, H, W) with their pixel_attention_mask (tiles, H, W) or None in
-        its place) -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
+        its place; InternVL: patches (patches, C, H, W); LLaVA: images (N, C, H, W); see models/vision_features.py)
+        -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
         DeepStack features, one (image tokens, hidden) tensor per early decoder layer, else [])."""
         if self.family.sized_images:
-            return self._pixtral_features(pixel_values, image_grid_thw), []
+            return pixtral_features(self, pixel_values, image_grid_thw), []
         if self.family.tiles:
-            return self._tile_features(pixel_values, image_grid_thw), []
+            return tile_features(self, pixel_values, image_grid_thw), []
         if self.family.shuffled_patches:
-            return self._internvl_features(pixel_values), []
+            return internvl_features(self, pixel_values), []
         if self.family.layer_features:
-            return self._llava_features(pixel_values), []
+            return llava_features(self, pixel_values), []
         if self.family.positioned_patches:  # Gemma 4: the tower drops the padding patches and pools the rest
             hidden = self.vision_tower(pixel_values=pixel_values.to(self.dtype),
                                        pixel_position_ids=image_grid_thw).last_hidden_state
@@ -279,74 +281,6 @@ class VisionCausalLM(CausalLM):
         feats = out.pooler_output if hasattr(out, "pooler_output") else out  # transformers < 5.x returns a tensor
         deep = [f.to(self.dtype) for f in getattr(out, "deepstack_features", None) or []]
         return feats.to(self.dtype), deep
-
-    def _pixtral_features(self, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
-        """Mistral 3: images (N, C, H, W), zero-padded to the batch's largest, with image_sizes (N, 2) their
-        (height, width) in pixels -> (image tokens, hidden) features, each image's merged patches row by row, as
-        transformers' Mistral3Model.get_image_features gives them: the hidden states of the tower layer(s)
-        vision_feature_layer (several are concatenated), then the projector."""
-        layer = self._vlm_config.vision_feature_layer
-        out = self.vision_tower(pixel_values.to(self.dtype), image_sizes=image_sizes, output_hidden_states=True)
-        hidden = (out.hidden_states[layer] if isinstance(layer, int) else
-                  torch.cat([out.hidden_states[i] for i in layer], dim=-1))
-        return self.multi_modal_projector(hidden.squeeze(0), image_sizes).to(self.dtype)
-
-    def _tile_features(self, pixel_values: torch.Tensor, pixel_attention_mask=None) -> torch.Tensor:
-        """Idefics3 / SmolVLM: the images' tiles (tiles, C, H, W), each image's crops then the whole image, in order
-        (or transformers' layout (B, images, C, H, W), whose all-zero padding images are dropped) with their
-        pixel_attention_mask (tiles, H, W) (1 = a real pixel; None: all) -> (tiles x image_seq_len, hidden)
-        features, as transformers' Idefics3Model.get_image_features gives them: the patches with any real pixel
-        attend in the tower, then the connector's pixel shuffle and projection."""
-        if pixel_values.dim() == 5:  # transformers' processor: images padded per row, the padding all zeros
-            pixel_values = pixel_values.flatten(0, 1)
-            real = (pixel_values != 0).flatten(1).any(-1)
-            real[0] = real[0] | ~real.any()  # (transformers keeps one image when all are zeros)
-            pixel_values = pixel_values[real]
-            if pixel_attention_mask is not None:
-                pixel_attention_mask = pixel_attention_mask.flatten(0, 1)[real]
-        if pixel_attention_mask is None:
-            pixel_attention_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool,
-                                              device=pixel_values.device)
-        patch = self._vlm_config.vision_config.patch_size
-        cells = pixel_attention_mask.unfold(1, patch, patch).unfold(2, patch, patch)
-        patches = cells.flatten(-2).sum(-1) > 0  # (tiles, H / patch, W / patch): patches with a real pixel
-        hidden = self.vision_model(pixel_values=pixel_values.to(self.dtype), patch_attention_mask=patches,
-                                   return_dict=True).last_hidden_state
-        return self.connector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype)
-
-    def _llava_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """LLaVA: images (N, C, H, W) of the tower's size -> (N x tokens an image, hidden) features, as transformers'
-        LlavaModel.get_image_features gives them: the hidden states of the tower layer(s) vision_feature_layer
-        (several are concatenated), without the class token under the "default" select strategy, then the
-        projector."""
-        cfg = self._vlm_config
-        out = self.vision_tower(pixel_values.to(self.dtype), output_hidden_states=True, return_dict=True)
-        layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else \
-            [cfg.vision_feature_layer]
-        feats = [out.hidden_states[i] for i in layers]
-        if cfg.vision_feature_select_strategy == "default":
-            feats = [f[:, 1:] for f in feats]
-        return self.multi_modal_projector(torch.cat(feats, dim=-1)).reshape(-1, self.config.hidden_size) \
-            .to(self.dtype)
-
-    def _internvl_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """InternVL: the images' patches (patches, C, H, W) -> (patches x tokens a patch, hidden) features, as
-        transformers' InternVLModel.get_image_features gives them: the tower's layer vision_feature_layer, without
-        the class token (select strategy "default"), each patch's feature grid pixel-shuffled by downsample_ratio r
-        (side x r per side, channels / r^2, as its pixel_shuffle), then the projector."""
-        cfg = self._vlm_config
-        out = self.vision_tower(pixel_values=pixel_values.to(self.dtype), return_dict=True,
-                                output_hidden_states=cfg.vision_feature_layer != -1)
-        feats = out.last_hidden_state if cfg.vision_feature_layer == -1 else out.hidden_states[cfg.vision_feature_layer]
-        if cfg.vision_feature_select_strategy == "default":
-            feats = feats[:, 1:]
-        n, side = feats.shape[0], round(feats.shape[1] ** 0.5)
-        ratio, channels = cfg.downsample_ratio, feats.shape[-1]
-        # transformers' pixel_shuffle: fold columns into channels, swap the axes, fold rows into channels, swap back
-        x = feats.reshape(n, side, int(side * ratio), int(channels / ratio)).permute(0, 2, 1, 3)
-        x = x.reshape(n, int(side * ratio), int(side * ratio), int(channels / ratio ** 2)).permute(0, 2, 1, 3)
-        return self.multi_modal_projector(x.reshape(n, -1, x.shape[-1])).reshape(-1, self.config.hidden_size) \
-            .to(self.dtype)
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
                           attention_mask=None, videos: dict | None = None) -> dict:

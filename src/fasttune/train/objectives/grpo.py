@@ -25,7 +25,7 @@ from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
-from fasttune.train.objectives.grpo_config import GRPOConfig
+from fasttune.train.objectives.grpo_config import GRPOConfig, generation_layout
 from fasttune.train.objectives.grpo_loss import (clip_stats, entropy_bonus, group_advantages, high_entropy_mask,
                                                  off_policy_mask, per_token_loss, reduce_loss, vespo_weights)
 from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
@@ -67,42 +67,6 @@ def _fp32_head(model, name: str) -> None:
                           f"streamed head computes 16-bit logits). Load the model without offload_lm_head, or leave "
                           f"cast_lm_head_to_fp32=False.")
     model.fp32_head = True
-
-
-def _generation_layout(a, world: int) -> tuple[int, int]:
-    """(optimizer steps one generation batch feeds, generation batches one optimizer step holds) for TRL's
-    steps_per_generation (or generation_batch_size, in completions over all ranks); (1, 1) by default. A generation
-    batch of k x gradient_accumulation_steps micro-batches a rank feeds k steps; one of gradient_accumulation_steps / k
-    micro-batches is one of k in each step (with num_iterations=1, and whole groups of num_generations in each
-    rank's share). Raises ConfigError for a generation_batch_size that is not whole per-device batches, a generation
-    that is neither a multiple nor a divisor of the step's micro-batches, or the cases above."""
-    ga, per_pass = a.gradient_accumulation_steps, a.per_device_train_batch_size * world
-    spg = a.steps_per_generation
-    if a.generation_batch_size is not None:
-        if a.generation_batch_size % per_pass:
-            raise ConfigError(f"generation_batch_size={a.generation_batch_size} must be a multiple of "
-                              f"per_device_train_batch_size x ranks = {per_pass} (as TRL requires).")
-        spg = a.generation_batch_size // per_pass
-    if spg is None:
-        return 1, 1
-    given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
-        f"generation_batch_size={a.generation_batch_size} ({spg} micro-batches a rank)"
-    if spg >= 1 and spg % ga == 0:
-        return spg // ga, 1
-    if spg < 1 or ga % spg:
-        raise ConfigError(f"{given} is not supported: a generation batch must feed whole optimizer steps or a whole "
-                          f"share of one, so make it a multiple or a divisor of gradient_accumulation_steps={ga} "
-                          f"micro-batches a rank (generation_batch_size a multiple of {per_pass * ga}, or {per_pass} "
-                          f"x a divisor of {ga}); TRL's default is one generation batch per step.")
-    if a.num_iterations > 1:
-        raise ConfigError(f"{given} below gradient_accumulation_steps={ga} with num_iterations={a.num_iterations} "
-                          f"is not supported (TRL then trains a generation batch again inside the same optimizer "
-                          f"step); use num_iterations=1, or a generation batch of whole steps.")
-    if (a.per_device_train_batch_size * spg) % a.num_generations:
-        raise ConfigError(f"{given}: each generation batch holds per_device_train_batch_size x {spg} = "
-                          f"{a.per_device_train_batch_size * spg} completions a rank, which must be whole groups of "
-                          f"num_generations={a.num_generations} (their advantages are taken within the batch).")
-    return 1, ga // spg
 
 
 class GRPOTrainer(RewardScoring, Trainer):
@@ -174,7 +138,7 @@ class GRPOTrainer(RewardScoring, Trainer):
                               f"completions, which must hold whole groups of num_generations_eval="
                               f"{self.eval_generations}. Make it a multiple (as in TRL).")
         completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
-        self.generation_steps, self.generations_per_step = _generation_layout(a, self.dist.world)
+        self.generation_steps, self.generations_per_step = generation_layout(a, self.dist.world)
         if completions_per_step % a.num_generations:
             raise ConfigError(
                 f"Each step samples per_device_train_batch_size x gradient_accumulation_steps x ranks = "

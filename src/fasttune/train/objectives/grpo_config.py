@@ -3,7 +3,8 @@ functions, clipping, reference) and each one's own, named as in TRL's GRPOConfig
 and YAML key).
 
 As in TRL, per_device_train_batch_size counts completions: each optimizer step samples
-per_device_train_batch_size x gradient_accumulation_steps x ranks completions, num_generations per prompt.
+per_device_train_batch_size x gradient_accumulation_steps x ranks completions, num_generations per prompt;
+generation_layout reads steps_per_generation / generation_batch_size against that.
 """
 from __future__ import annotations
 
@@ -222,3 +223,39 @@ class RLOOConfig(OnlineRLConfig):
             if low > high:
                 raise ConfigError(f"reward_clip_range={self.reward_clip_range!r} is invalid: low must be <= high.")
             self.reward_clip_range = (low, high)
+
+
+def generation_layout(a, world: int) -> tuple[int, int]:
+    """(optimizer steps one generation batch feeds, generation batches one optimizer step holds) for TRL's
+    steps_per_generation (or generation_batch_size, in completions over all ranks); (1, 1) by default. A generation
+    batch of k x gradient_accumulation_steps micro-batches a rank feeds k steps; one of gradient_accumulation_steps / k
+    micro-batches is one of k in each step (with num_iterations=1, and whole groups of num_generations in each
+    rank's share). Raises ConfigError for a generation_batch_size that is not whole per-device batches, a generation
+    that is neither a multiple nor a divisor of the step's micro-batches, or the cases above."""
+    ga, per_pass = a.gradient_accumulation_steps, a.per_device_train_batch_size * world
+    spg = a.steps_per_generation
+    if a.generation_batch_size is not None:
+        if a.generation_batch_size % per_pass:
+            raise ConfigError(f"generation_batch_size={a.generation_batch_size} must be a multiple of "
+                              f"per_device_train_batch_size x ranks = {per_pass} (as TRL requires).")
+        spg = a.generation_batch_size // per_pass
+    if spg is None:
+        return 1, 1
+    given = f"steps_per_generation={a.steps_per_generation}" if a.steps_per_generation is not None else \
+        f"generation_batch_size={a.generation_batch_size} ({spg} micro-batches a rank)"
+    if spg >= 1 and spg % ga == 0:
+        return spg // ga, 1
+    if spg < 1 or ga % spg:
+        raise ConfigError(f"{given} is not supported: a generation batch must feed whole optimizer steps or a whole "
+                          f"share of one, so make it a multiple or a divisor of gradient_accumulation_steps={ga} "
+                          f"micro-batches a rank (generation_batch_size a multiple of {per_pass * ga}, or {per_pass} "
+                          f"x a divisor of {ga}); TRL's default is one generation batch per step.")
+    if a.num_iterations > 1:
+        raise ConfigError(f"{given} below gradient_accumulation_steps={ga} with num_iterations={a.num_iterations} "
+                          f"is not supported (TRL then trains a generation batch again inside the same optimizer "
+                          f"step); use num_iterations=1, or a generation batch of whole steps.")
+    if (a.per_device_train_batch_size * spg) % a.num_generations:
+        raise ConfigError(f"{given}: each generation batch holds per_device_train_batch_size x {spg} = "
+                          f"{a.per_device_train_batch_size * spg} completions a rank, which must be whole groups of "
+                          f"num_generations={a.num_generations} (their advantages are taken within the batch).")
+    return 1, ga // spg

@@ -1,0 +1,81 @@
+"""Image features of the vision-language families whose towers give per-layer hidden states or tiles: what each
+family's transformers `get_image_features` computes, on transformers' own tower and projector modules attached to
+a VisionCausalLM (models/vision.py), as (image tokens, hidden) features in the decoder's dtype, images in order.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def selected_layers(out, layer, drop_class_token: bool) -> torch.Tensor:
+    """A tower output's hidden states of layer `layer` (an index, or a list whose states are concatenated along the
+    channels, as transformers' LLaVA / Mistral 3 do), without the class token (the first) when asked."""
+    states = [out.hidden_states[i] for i in (layer if isinstance(layer, (list, tuple)) else [layer])]
+    if drop_class_token:
+        states = [s[:, 1:] for s in states]
+    return torch.cat(states, dim=-1)
+
+
+def pixtral_features(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+    """Mistral 3: images (N, C, H, W), zero-padded to the batch's largest, with image_sizes (N, 2) their
+    (height, width) in pixels -> (image tokens, hidden) features, each image's merged patches row by row, as
+    transformers' Mistral3Model.get_image_features gives them: the hidden states of the tower layer(s)
+    vision_feature_layer, then the projector."""
+    out = model.vision_tower(pixel_values.to(model.dtype), image_sizes=image_sizes, output_hidden_states=True)
+    hidden = selected_layers(out, model.hf_config.vision_feature_layer, drop_class_token=False)
+    return model.multi_modal_projector(hidden.squeeze(0), image_sizes).to(model.dtype)
+
+
+def tile_features(model, pixel_values: torch.Tensor, pixel_attention_mask=None) -> torch.Tensor:
+    """Idefics3 / SmolVLM: the images' tiles (tiles, C, H, W), each image's crops then the whole image, in order
+    (or transformers' layout (B, images, C, H, W), whose all-zero padding images are dropped) with their
+    pixel_attention_mask (tiles, H, W) (1 = a real pixel; None: all) -> (tiles x image_seq_len, hidden) features, as
+    transformers' Idefics3Model.get_image_features gives them: the patches with any real pixel attend in the tower,
+    then the connector's pixel shuffle and projection."""
+    if pixel_values.dim() == 5:  # transformers' processor: images padded per row, the padding all zeros
+        pixel_values = pixel_values.flatten(0, 1)
+        real = (pixel_values != 0).flatten(1).any(-1)
+        real[0] = real[0] | ~real.any()  # (transformers keeps one image when all are zeros)
+        pixel_values = pixel_values[real]
+        if pixel_attention_mask is not None:
+            pixel_attention_mask = pixel_attention_mask.flatten(0, 1)[real]
+    if pixel_attention_mask is None:
+        pixel_attention_mask = torch.ones(pixel_values.shape[0], *pixel_values.shape[2:], dtype=torch.bool,
+                                          device=pixel_values.device)
+    patch = model.hf_config.vision_config.patch_size
+    cells = pixel_attention_mask.unfold(1, patch, patch).unfold(2, patch, patch)
+    patches = cells.flatten(-2).sum(-1) > 0  # (tiles, H / patch, W / patch): patches with a real pixel
+    hidden = model.vision_model(pixel_values=pixel_values.to(model.dtype), patch_attention_mask=patches,
+                                return_dict=True).last_hidden_state
+    return model.connector(hidden).reshape(-1, model.config.hidden_size).to(model.dtype)
+
+
+def llava_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """LLaVA: images (N, C, H, W) of the tower's size -> (N x tokens an image, hidden) features, as transformers'
+    LlavaModel.get_image_features gives them: the hidden states of the tower layer(s) vision_feature_layer, without
+    the class token under the "default" select strategy, then the projector."""
+    cfg = model.hf_config
+    out = model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True, return_dict=True)
+    hidden = selected_layers(out, cfg.vision_feature_layer, cfg.vision_feature_select_strategy == "default")
+    return model.multi_modal_projector(hidden).reshape(-1, model.config.hidden_size).to(model.dtype)
+
+
+def internvl_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """InternVL: the images' patches (patches, C, H, W) -> (patches x tokens a patch, hidden) features, as
+    transformers' InternVLModel.get_image_features gives them: the tower's output (layer -1: its last_hidden_state,
+    after the tower's final norm) or layer vision_feature_layer, without the class token (select strategy
+    "default"), each patch's feature grid pixel-shuffled by downsample_ratio r (side x r per side, channels / r^2, as
+    its pixel_shuffle), then the projector."""
+    cfg, last = model.hf_config, model.hf_config.vision_feature_layer == -1
+    out = model.vision_tower(pixel_values=pixel_values.to(model.dtype), return_dict=True,
+                             output_hidden_states=not last)
+    drop = cfg.vision_feature_select_strategy == "default"
+    feats = (out.last_hidden_state[:, 1:] if drop else out.last_hidden_state) if last else \
+        selected_layers(out, cfg.vision_feature_layer, drop)
+    n, side = feats.shape[0], round(feats.shape[1] ** 0.5)
+    ratio, channels = cfg.downsample_ratio, feats.shape[-1]
+    # transformers' pixel_shuffle: fold columns into channels, swap the axes, fold rows into channels, swap back
+    x = feats.reshape(n, side, int(side * ratio), int(channels / ratio)).permute(0, 2, 1, 3)
+    x = x.reshape(n, int(side * ratio), int(side * ratio), int(channels / ratio ** 2)).permute(0, 2, 1, 3)
+    return model.multi_modal_projector(x.reshape(n, -1, x.shape[-1])).reshape(-1, model.config.hidden_size) \
+        .to(model.dtype)
