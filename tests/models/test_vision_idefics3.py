@@ -7,7 +7,7 @@ import pytest
 import torch
 from tiny_vision import IDEFICS3_TOKENS, idefics3_processor, solid_image
 
-from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.errors import ConfigError
 
 SIZES = [(40, 30), (56, 56), (120, 90), (30, 100)]  # (width, height): one tile only, 1 x 1, 2 x 2 and 2 x 1 crops
 
@@ -91,17 +91,3 @@ def test_tiles_that_do_not_fit_the_tokens_are_refused(loaded):
               pixel_attention_mask=torch.cat([batch["pixel_attention_mask"]] * 2))
     with torch.no_grad(), pytest.raises(ConfigError, match="no pixel_values"):
         model(input_ids=batch["input_ids"])
-
-
-def test_tokenizer_without_the_tile_marks_is_named(loaded):
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    from fasttune.data.vision_settings import processor_settings
-
-    model, _ = loaded
-    tok = make_tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [f"<x{i}>" for i in range(8)]})  # the image id is a token
-    with pytest.raises(ModelLoadError, match="<fake_token_around_image>"):
-        processor_settings(model.hf_config, tok)
-    with pytest.raises(ModelLoadError, match="image_token_id .* is not a token of this tokenizer"):
-        processor_settings(model.hf_config, make_tiny_tokenizer())

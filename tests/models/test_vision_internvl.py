@@ -1,15 +1,13 @@
 """What is particular to InternVL among the vision-language families: each image as patches (GotOcr2's crops plus a
 thumbnail) written as <img>, the context token per patch token, </img> (transformers' InternVLProcessor's expansion,
 whose processor needs torchvision for its video part, so its replace_image_token is the oracle here), none of them
-targets, and the refusals. Logits, LoRA, merging, 4-bit, generation and the SFT loss curve run in the shared vision
-tests (tests/conftest.py's vl_dir)."""
+targets (a tokenizer without the marks: tests/data/test_vision_settings.py). Logits, LoRA, merging, 4-bit,
+generation and the SFT loss curve run in the shared vision tests (tests/conftest.py's vl_dir)."""
 from types import SimpleNamespace
 
 import pytest
 import torch
 from tiny_vision import INTERNVL_TOKENS, solid_image
-
-from fasttune.errors import ModelLoadError
 
 IMAGES = [((200, 30, 30), (120, 60)), ((30, 40, 210), (40, 40)), ((0, 200, 0), (56, 130))]  # 2, 1 and 2 crops
 
@@ -61,17 +59,3 @@ def test_marks_and_context_tokens_are_never_targets(loaded):
     assert sum(t in marks for t in ex["input_ids"]) == 2 + 3 * 4  # <img>, </img>, 3 patches of 4 tokens
     assert all(lab == -100 for t, lab in zip(ex["input_ids"], ex["labels"]) if t in marks)
     assert any(lab != -100 for lab in ex["labels"])
-
-
-def test_tokenizer_without_the_image_marks_is_named(loaded):
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    from fasttune.data.vision_settings import processor_settings
-
-    model, _ = loaded
-    tok = make_tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [f"<x{i}>" for i in range(8)]})  # the image id is a token
-    with pytest.raises(ModelLoadError, match="<img>"):
-        processor_settings(model.hf_config, tok)
-    with pytest.raises(ModelLoadError, match="image_token_id .* is not a token of this tokenizer"):
-        processor_settings(model.hf_config, make_tiny_tokenizer())

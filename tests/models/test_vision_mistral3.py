@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_vision import MISTRAL3_TOKENS, solid_image
 
-from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -41,18 +41,6 @@ def test_pixels_without_image_sizes_are_refused(loaded):
                  images=[solid_image("red")])
     with torch.no_grad(), pytest.raises(ConfigError, match="image_sizes"):
         model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"])
-
-
-def test_tokenizer_without_the_row_marks_is_named(loaded):
-    from tiny_tokenizer import make_tiny_tokenizer
-
-    from fasttune.data.vision_settings import processor_settings
-
-    model, _ = loaded
-    tok = make_tiny_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [f"<x{i}>" for i in range(3)]})  # id 261 is a token
-    with pytest.raises(ModelLoadError, match=r"\[IMG_BREAK\]"):
-        processor_settings(model.hf_config, tok)
 
 
 def test_gguf_export_refuses_features_llama_cpp_does_not_take(loaded, tmp_path):
