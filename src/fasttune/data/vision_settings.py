@@ -12,15 +12,11 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     Idefics3Model computes it) or InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
     patch, InternVLProcessor's image_seq_length)."""
     if vlm_config.model_type == "gemma3":
-        boi, eoi, soft = (_token_of(tokenizer, i, name) for i, name in (
-            (vlm_config.boi_token_id, "boi_token_id"), (vlm_config.eoi_token_id, "eoi_token_id"),
-            (vlm_config.image_token_id, "image_token_id")))
+        boi, eoi, soft = _tokens_of(tokenizer, vlm_config, "boi_token_id", "eoi_token_id", "image_token_id")
         return dict(image_token=boi, merge_size=None, feature_token=soft,
                     image_sequence=f"\n\n{boi}{soft * vlm_config.mm_tokens_per_image}{eoi}\n\n")
     if vlm_config.model_type == "gemma4":  # Gemma4Processor: <image> -> begin mark, soft tokens, end mark
-        boi, eoi, image = (_token_of(tokenizer, i, name) for i, name in (
-            (vlm_config.boi_token_id, "boi_token_id"), (vlm_config.eoi_token_id, "eoi_token_id"),
-            (vlm_config.image_token_id, "image_token_id")))
+        boi, eoi, image = _tokens_of(tokenizer, vlm_config, "boi_token_id", "eoi_token_id", "image_token_id")
         settings = dict(image_token=image, merge_size=None, soft_token_marks=(boi, eoi))
         if getattr(vlm_config, "audio_config", None) is not None:  # E2B / E4B hear: <audio> expands alike
             settings["audio_marks"] = tuple(tokenizer.convert_ids_to_tokens(
@@ -76,6 +72,11 @@ def _token_of(tokenizer, token_id: int, field: str = "image_token_id") -> str:
         raise ModelLoadError(f"The config's {field} {token_id} is not a token of this tokenizer "
                              f"({len(tokenizer)} tokens); use the checkpoint's own tokenizer.")
     return token
+
+
+def _tokens_of(tokenizer, config, *fields: str) -> list[str]:
+    """The tokenizer's tokens of the config's token-id `fields`, each checked by _token_of."""
+    return [_token_of(tokenizer, getattr(config, f), f) for f in fields]
 
 
 def _side(size) -> int:
