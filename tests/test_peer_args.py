@@ -36,7 +36,7 @@ def test_the_peers_arguments_at_their_defaults_run(tiny_model_dir):
 @pytest.mark.parametrize("call, kw, match", [
     ("load", dict(revision="v2.0"), r"from_pretrained\(revision='v2.0'\) is not supported: .*download that revision"),
     ("load", dict(qat_scheme="int4"), "quantization-aware training is not implemented"),
-    ("load", dict(load_in_fp8=True), "FP8 weights are not implemented"),
+    ("load", dict(load_in_fp8="block"), "FP8 with block scales is not implemented"),
     ("load", dict(resize_model_vocab=320), "add_new_tokens"),
     ("load", dict(device_map={"model.layers.0": 0, "lm_head": 1}), "spreads the model over several devices"),
     ("load", dict(load_in_16bit=True, load_in_4bit=True), "give one"),

@@ -46,7 +46,8 @@ class FastLanguageModel:
     @staticmethod
     def from_pretrained(model_name: str = "", max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
                         load_in_8bit: bool = False, full_finetuning: bool = False, device=None, fast: bool = True,
-                        offload_embedding: bool = False, offload_lm_head: bool = False, **kwargs):
+                        offload_embedding: bool = False, offload_lm_head: bool = False, load_in_fp8=False,
+                        **kwargs):
         """Load a model folder, .gguf file, adapter folder or (online) hub id. Returns (model, tokenizer).
 
         Architectures outside our decoder, and any model with fast=False, load through transformers + PEFT
@@ -55,9 +56,13 @@ class FastLanguageModel:
         (models/host_embedding.py): 1-2 GiB less GPU memory for 8B-20B models with untied embeddings, same values.
         offload_lm_head=True keeps the frozen LM head there too, streamed to the GPU in tiles when used
         (models/host_head.py): another 1-1.6 GiB less, same values, one PCIe pass over the head per 4,096 trained
-        tokens (~30 ms for a 14B head). Raises ConfigError for contradicting options (4 and 8 bits, quantised full
-        fine-tuning, offload_embedding / offload_lm_head with full fine-tuning, tied embeddings or the transformers
-        fallback).
+        tokens (~30 ms for a 14B head). load_in_fp8=True (Unsloth's name) stores the decoder's linear weights in
+        FP8 with one scale per row and multiplies in FP8 (quant/fp8_rows.py, kernels/fp8.py): half the weight memory
+        of 16 bits and faster GEMMs on GPUs of compute capability >= 8.9, at FP8's precision (not equal to the
+        16-bit model). Raises ConfigError for contradicting options (two quantisations, quantised full fine-tuning,
+        offload_embedding / offload_lm_head with full fine-tuning, tied embeddings or the transformers fallback),
+        load_in_fp8="block" (128 x 128 block scales are not implemented) and FP8 on a GPU below compute capability
+        8.9.
 
         Sequence classifiers and reward models: auto_model=AutoModelForSequenceClassification (from transformers)
         with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as
@@ -70,10 +75,10 @@ class FastLanguageModel:
         classifier = classifier_request(extra)  # auto_model=AutoModelForSequenceClassification, num_labels, ...
         if device is None and "device" in extra:
             device = extra["device"]
-        if extra.get("load_in_16bit") and (load_in_4bit or load_in_8bit):
-            raise ConfigError("load_in_16bit=True asks for 16-bit weights and load_in_4bit / load_in_8bit for "
-                              "quantised ones; give one.")
-        quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning)
+        if extra.get("load_in_16bit") and (load_in_4bit or load_in_8bit or load_in_fp8):
+            raise ConfigError("load_in_16bit=True asks for 16-bit weights and load_in_4bit / load_in_8bit / "
+                              "load_in_fp8 for quantised ones; give one.")
+        quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning, load_in_fp8)
         for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
             if on and full_finetuning:
                 raise ConfigError(f"{name}=True keeps a frozen weight in host memory, and full_finetuning=True trains "
@@ -87,6 +92,8 @@ class FastLanguageModel:
         device = torch.device(device) if device is not None else (local_device() or torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"))  # under torchrun: this process's GPU
         dtype = resolve_dtype(dtype, device)
+        if quant == "fp8":
+            _check_fp8_device(device)
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
             return _at_load(*_load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant,
@@ -282,14 +289,31 @@ def _finish(model, tokenizer, hf_config, name_or_path: str, max_seq_length: int)
     model.eval()
 
 
-def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool) -> str | None:
-    if load_in_4bit and load_in_8bit:
-        raise ConfigError("load_in_4bit and load_in_8bit are both set; choose one.")
-    quant = "nf4" if load_in_4bit else "int8" if load_in_8bit else None
+def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool, load_in_fp8=False) -> str | None:
+    if isinstance(load_in_fp8, str):
+        raise ConfigError(f"load_in_fp8={load_in_fp8!r}: FP8 with block scales is not implemented; "
+                          f"load_in_fp8=True stores FP8 weights with one scale per row.")
+    asked = [n for n, on in (("load_in_4bit", load_in_4bit), ("load_in_8bit", load_in_8bit),
+                             ("load_in_fp8", load_in_fp8)) if on]
+    if len(asked) > 1:
+        raise ConfigError(f"{' and '.join(asked)} are all set; choose one.")
+    quant = "nf4" if load_in_4bit else "int8" if load_in_8bit else "fp8" if load_in_fp8 else None
     if quant and full_finetuning:
-        raise ConfigError("full_finetuning=True needs 16-bit weights (quantised weights are frozen); drop "
-                          "load_in_4bit / load_in_8bit, or train LoRA adapters on the quantised model.")
+        raise ConfigError(f"full_finetuning=True needs 16-bit weights (quantised weights are frozen); drop "
+                          f"{asked[0]}, or train LoRA adapters on the quantised model.")
     return quant
+
+
+def _check_fp8_device(device: torch.device) -> None:
+    """FP8 matmuls need a GPU of compute capability >= 8.9 (Ada, Hopper, Blackwell); a CPU computes them from the
+    same FP8 values in fp32 (slow, for tests). Raises ConfigError naming the GPU otherwise."""
+    if device.type != "cuda":
+        return
+    cc = torch.cuda.get_device_capability(device)
+    if cc < (8, 9):
+        raise ConfigError(f"load_in_fp8=True needs FP8 matrix units (compute capability 8.9 or newer: RTX 40xx, L4, "
+                          f"H100, ...); {torch.cuda.get_device_name(device)} is {cc[0]}.{cc[1]}. Use load_in_4bit=True "
+                          f"or load_in_8bit=True, or 16-bit weights.")
 
 
 def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning, fast=True, quant=None,
@@ -315,7 +339,7 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
     base = _adapter_base(folder, base)
     model, tokenizer = FastLanguageModel.from_pretrained(base, max_seq_length=max_seq_length, dtype=dtype,
                                                          device=device, fast=fast, load_in_4bit=quant == "nf4",
-                                                         load_in_8bit=quant == "int8",
+                                                         load_in_8bit=quant == "int8", load_in_fp8=quant == "fp8",
                                                          offload_embedding=offload_embedding,
                                                          offload_lm_head=offload_lm_head, **head)
     tokenizer = attach_adapter(model, tokenizer, folder)

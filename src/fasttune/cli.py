@@ -33,7 +33,8 @@ RUN_OPTIONS = {
     "use_rslora": (bool, False, "rank-stabilised LoRA scaling (alpha / sqrt(r))"),
     "use_dora": (bool, False, "DoRA: a trained magnitude per output feature on top of LoRA (slower than LoRA)"),
     "full_finetuning": (bool, False, "train all weights instead of LoRA"),
-    "quantization": (str, "none", "frozen base weights: none | int4 (= nf4, QLoRA) | int8"),
+    "quantization": (str, "none", "frozen base weights: none | int4 (= nf4, QLoRA) | int8 | fp8 (FP8 matmuls, "
+                                  "compute capability 8.9+)"),
     "offload_embedding": (bool, False, "keep the frozen input embedding in host memory, read row by row by the GPU "
                                        "(1-2 GiB less GPU memory for 8B-20B models with an untied LM head)"),
     "offload_lm_head": (bool, False, "keep the frozen, untied LM head in host memory, streamed to the GPU in tiles "
@@ -51,7 +52,7 @@ RUN_OPTIONS = {
                                           "from/value) are detected and mapped automatically"),
 }
 # Short aliases from DESIGN.md's CLI, and autotrain's names (`autotrain llm` commands run with `fasttune train`).
-QUANTIZATIONS = {"none": None, "int4": "nf4", "nf4": "nf4", "int8": "int8"}
+QUANTIZATIONS = {"none": None, "int4": "nf4", "nf4": "nf4", "int8": "int8", "fp8": "fp8"}
 ALIASES = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
            "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "embedding_lr": "embedding_learning_rate",
            "trainer": "method", "project_name": "output_dir", "data_path": "data"}
@@ -238,8 +239,8 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
                           "cannot be written from shards). Train LoRA adapters with --fsdp, or drop --fsdp.")
     run["quantization"] = str(run["quantization"]).lower()
     if run["quantization"] not in QUANTIZATIONS:
-        raise ConfigError(f"--quantization {run['quantization']} is not understood: use none, int4 (NF4, QLoRA) or "
-                          f"int8.")
+        raise ConfigError(f"--quantization {run['quantization']} is not understood: use none, int4 (NF4, QLoRA), "
+                          f"int8 or fp8.")
     if run["quantization"] != "none" and run["full_finetuning"]:
         raise ConfigError(f"--quantization {run['quantization']} freezes the base weights, so it cannot be combined "
                           f"with --full-finetuning; train LoRA adapters instead (drop --full-finetuning).")
@@ -440,6 +441,7 @@ def _train(run: dict, config: TrainingConfig, out: Path):
                                                        fast=not run["no_fast"],
                                                        load_in_4bit=QUANTIZATIONS[run["quantization"]] == "nf4",
                                                        load_in_8bit=QUANTIZATIONS[run["quantization"]] == "int8",
+                                                       load_in_fp8=QUANTIZATIONS[run["quantization"]] == "fp8",
                                                        offload_embedding=run["offload_embedding"],
                                                        offload_lm_head=run["offload_lm_head"], **head)
     for w in caught:  # the fallback notice as one line of our own; other warnings as Python shows them

@@ -27,7 +27,6 @@ REFUSED = {
                             "(load_in_4bit=True)"),
     "float32_mixed_precision": ((None, False), "fasttune trains in the model's dtype (bf16 or fp16 on a GPU, fp32 "
                                                "on a CPU); pick it with dtype="),
-    "load_in_fp8": ((False, None), "FP8 weights are not implemented; use load_in_4bit=True or load_in_8bit=True"),
     "layers_to_transform": ((None,), "LoRA on chosen layers only is not implemented; LoRA goes on every layer's "
                                      "target_modules (rank_pattern can set other ranks per layer)"),
     "layers_pattern": ((None,), "LoRA on chosen layers only is not implemented (see layers_to_transform)"),

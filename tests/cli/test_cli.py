@@ -31,7 +31,7 @@ def test_train_tiny_model_end_to_end(tiny_model_dir, tmp_path, capsys):
         "method": "sft", "data": str((tmp_path / "d.jsonl").resolve())}
 
 
-@pytest.mark.parametrize("quant, kind", [("int4", "nf4"), ("int8", "int8")])
+@pytest.mark.parametrize("quant, kind", [("int4", "nf4"), ("int8", "int8"), ("fp8", "fp8")])
 def test_train_quantized_base(quant, kind, tiny_model_dir, tmp_path, capsys):
     import torch
 
@@ -44,7 +44,7 @@ def test_train_quantized_base(quant, kind, tiny_model_dir, tmp_path, capsys):
     log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
     assert all(h["grad_norm"] > 0 for h in log)
     model, _ = FastLanguageModel.from_pretrained(str(out / "adapter"), load_in_4bit=kind == "nf4",
-                                                 load_in_8bit=kind == "int8")
+                                                 load_in_8bit=kind == "int8", load_in_fp8=kind == "fp8")
     assert model.model.layers[0].mlp.up_proj.base_layer.quant_type == kind
     assert torch.isfinite(model(torch.tensor([[1, 5, 9]])).logits).all()
 

@@ -44,7 +44,7 @@ def describe_model(model, adapter=None) -> str:
 
 
 # quantization of frozen weights (from_pretrained's quant) -> how the train banner names it
-QUANTIZATION_NAMES = {"nf4": "int4 NF4", "int8": "int8"}
+QUANTIZATION_NAMES = {"nf4": "int4 NF4", "int8": "int8", "fp8": "FP8 (row scales)"}
 
 
 def load_model_and_tokenizer(model: str | None, adapter: str | None, dtype: str | None, need_tokenizer=True):

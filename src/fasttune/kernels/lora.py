@@ -11,6 +11,9 @@ one GEMM for all layers; d(x) starts as the LoRA term and accumulates every base
 autograd would allocate one (tokens x hidden) gradient per branch and add them up.
 Saved for backward: x, the (tokens x r) products, the 16-bit A/B copies and, with dropout, the masks (1 byte per
 element; the dropped input is rebuilt from x). The base weights are re-read (or dequantised again) in backward.
+FP8 bases (quant/fp8_rows.py) multiply in FP8 instead (kernels/fp8.py): x is quantised once for the whole group,
+the base GEMM writes the output and the low-rank product is added onto it (an FP8 GEMM does not accumulate onto
+an existing output); in backward each layer's gradient is quantised and its FP8 product added to d(x).
 
 The torch reference is the plain module path (`LoraLinear.forward`: base, dropout, two matmuls, autograd).
 Which layers take this path (plain, enabled LoRA layers on a frozen base) is decided in peft/lora.py
@@ -22,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fasttune.kernels.dispatch import kernel_choice
+from fasttune.kernels.fp8 import fp8_input_grad, fp8_linear, quantize_rows
 
 
 def fused_lora_enabled(x: torch.Tensor) -> bool:
@@ -37,6 +41,12 @@ def _base_weight(layer, dtype):
     if getattr(type(base), "dequantized_weight", None) is not None:  # QuantLinear: a temporary 16-bit copy
         return base.dequantized_weight(dtype)
     return _as(base.weight, dtype)
+
+
+def _fp8_base(layer):
+    """The layer's base when it stores its weight in FP8 (a QuantLinear of quant_type "fp8"), else None."""
+    base = layer.base_layer
+    return base if getattr(base, "quant_type", None) == "fp8" else None
 
 
 def _as(t: torch.Tensor, dtype) -> torch.Tensor:
@@ -73,16 +83,21 @@ class _LoraGroupFunction(torch.autograd.Function):
             xa_all = torch.cat(xas, dim=1)
         else:
             xa_all = F.linear(x2, a_all)
-        outs = []
+        outs, x_fp8 = [], None
         for layer, xa, b, s in zip(layers, xa_all.split(ranks, dim=1), bs, scales):
             if values_unused:  # a recompute whose output only carries the graph: skip the GEMMs (see below)
                 outs.append(x2.new_empty(*shape[:-1], b.shape[0]))
                 continue
+            bias, xs = layer.base_layer.bias, xa * s if s != 1 else xa
+            fp8 = _fp8_base(layer)
+            if fp8 is not None:  # the FP8 GEMM writes the output, the low-rank product is added onto it
+                x_fp8 = x_fp8 or quantize_rows(x2)
+                out = fp8_linear(*x_fp8, fp8.qweight, fp8.weight_scale, dtype).addmm_(xs, b.t())
+                outs.append((out if bias is None else out.add_(_as(bias, dtype))).view(*shape[:-1], out.shape[-1]))
+                continue
             # Low-rank product first, then the base GEMM accumulates onto it (beta=1): the K=r GEMM only writes the
             # output, where adding it afterwards read and wrote the whole (tokens x out) output once more (~90 us
             # of the 8B shape's gate/up, ~14% of their base GEMM).
-            bias = layer.base_layer.bias
-            xs = xa * s if s != 1 else xa
             out = torch.mm(xs, b.t()) if bias is None else torch.addmm(_as(bias, dtype), xs, b.t())
             w = _base_weight(layer, dtype)
             out.addmm_(x2, w.t())
@@ -124,6 +139,10 @@ class _LoraGroupFunction(torch.autograd.Function):
             else:
                 dx = torch.mm(gb_all, a_all)
             for layer, g in zip(ctx.layers, gs):
+                fp8 = _fp8_base(layer)
+                if fp8 is not None:
+                    dx.add_(fp8_input_grad(g, fp8.qweight, fp8.weight_scale))
+                    continue
                 w = _base_weight(layer, x2.dtype)
                 dx.addmm_(g, w)
                 del w  # as in forward: one dequantised copy at a time

@@ -95,11 +95,15 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
                   gguf_file: str | None = None, quant: str | None = None,
                   vision_families: tuple = ()) -> "FallbackModel":
     """AutoModelForCausalLM from local files only (no remote code), frozen, in `dtype` on `device`; quant="nf4" /
-    "int8" quantises through transformers' bitsandbytes integration. vision_families: the vision-language families
-    fasttune runs, named when a vision-language checkpoint of another one cannot load here."""
+    "int8" quantises through transformers' bitsandbytes integration ("fp8" is a ConfigError). vision_families: the
+    vision-language families fasttune runs, named when a vision-language checkpoint of another one cannot load here."""
     from transformers import AutoModelForCausalLM
 
     kwargs = {"dtype": dtype, "local_files_only": True, "trust_remote_code": False}
+    if quant == "fp8":
+        raise ConfigError(f"'{model_type}' runs through transformers + PEFT (not fasttune's decoder), where "
+                          f"load_in_fp8 / --quantization fp8 is not supported; load it with load_in_4bit=True, "
+                          f"load_in_8bit=True or in 16 bits.")
     if quant is not None:
         kwargs.update(quantization_config=_bnb_config(quant, dtype, model_type), device_map={"": str(device)})
     if gguf_file is not None:

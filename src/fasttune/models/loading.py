@@ -148,7 +148,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model,
     models/sequence_classification.py's SequenceClassifier: a language-model checkpoint's lm_head is then dropped
     and a missing `score` head starts as transformers starts it, normal(0, initializer_range)).
-    quant="nf4"/"int8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
+    quant="nf4"/"int8"/"fp8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
     memory stays near the quantised size; with "nf4" the stacked MoE experts too, each stack once it is whole.
     Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit") load as they are, or are dequantised
     when quant is None."""
@@ -169,9 +169,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
     _warn_unapplied_dropout(hf_config, source)
-    if quant == "int8" and model.arch.num_experts:
-        warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
-                      f"they load in {dtype}, the other layers in int8.")
+    if quant in ("int8", "fp8") and model.arch.num_experts:
+        warnings.warn(f"{source}: the MoE experts are not quantised to {quant} (load_in_4bit quantises them to NF4); "
+                      f"they load in {dtype}, the other layers in {quant}.")
     seen, unexpected = set(), []
     mtp = _mtp_layers(hf_config, model.arch.num_layers)
     renames = CHECKPOINT_RENAMES.get(model.arch.model_type, ())

@@ -1,18 +1,20 @@
-"""QuantLinear: a frozen Linear whose weight lives in NF4 or int8 (bitsandbytes layouts). Forward and backward
-dequantise the weight into a temporary and multiply in the compute dtype; nothing weight-sized is kept for
-backward (autograd of a plain dequantise + matmul would save the 16-bit weight of every layer).
+"""QuantLinear: a frozen Linear whose weight lives in NF4 or int8 (bitsandbytes layouts) or FP8 with row scales.
+NF4 / int8: forward and backward dequantise the weight into a temporary and multiply in the compute dtype; nothing
+weight-sized is kept for backward (autograd of a plain dequantise + matmul would save the 16-bit weight of every
+layer). FP8: forward and backward multiply in FP8 (kernels/fp8.py), the activations and gradients quantised per row.
 
-`state_dict()` writes bitsandbytes' keys, so a model saved with quantised layers loads in transformers +
-bitsandbytes as a "bnb-4bit" / "bnb-8bit" checkpoint, and such checkpoints load here.
+`state_dict()` writes bitsandbytes' keys, so a model saved with NF4 / int8 layers loads in transformers +
+bitsandbytes as a "bnb-4bit" / "bnb-8bit" checkpoint, and such checkpoints load here; FP8 layers write
+compressed-tensors' channel-wise keys (quant/fp8_rows.py).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
-from fasttune.quant import int8, nf4
+from fasttune.quant import fp8_rows, int8, nf4
 
-QUANT_TYPES = ("nf4", "int8")
+QUANT_TYPES = ("nf4", "int8", "fp8")
 
 
 class _DequantMatmul(torch.autograd.Function):
@@ -30,7 +32,8 @@ class _DequantMatmul(torch.autograd.Function):
 
 class QuantLinear(nn.Module):
     """A frozen Linear (bias optional) whose weight is an NF4State or Int8State, dequantised to `compute_dtype`
-    on each use. x (..., in_features) -> (..., out_features) in x's dtype. The bias is not trained."""
+    on each use, or an FP8State, multiplied in FP8. x (..., in_features) -> (..., out_features) in x's dtype. The
+    bias is not trained."""
 
     def __init__(self, state, bias: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None):
         super().__init__()
@@ -40,6 +43,9 @@ class QuantLinear(nn.Module):
         self.orig_dtype = state.dtype
         if self.quant_type == "nf4":
             hold_nf4(self, state)
+        elif self.quant_type == "fp8":
+            self.register_buffer("qweight", state.weight)
+            self.register_buffer("weight_scale", state.scale)
         else:
             self.register_buffer("qweight", state.weight)
             self.register_buffer("scb", state.scb)
@@ -47,14 +53,16 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, quant_type: str) -> "QuantLinear":
-        """`linear` quantised to quant_type ("nf4" or "int8"), computing in its weight's dtype. Raises ValueError
-        for another quant_type."""
+        """`linear` quantised to quant_type ("nf4", "int8" or "fp8"), computing in its weight's dtype. Raises
+        ValueError for another quant_type."""
         bias = None if linear.bias is None else linear.bias.detach()
         return cls(quantize(linear.weight, quant_type), bias, linear.weight.dtype)
 
     @property
     def state(self):
-        """The layer's buffers as an Int8State or NF4State (the same tensors, not copies)."""
+        """The layer's buffers as an Int8State, FP8State or NF4State (the same tensors, not copies)."""
+        if self.quant_type == "fp8":
+            return fp8_rows.FP8State(self.qweight, self.weight_scale, self.orig_dtype)
         if self.quant_type == "int8":
             return int8.Int8State(self.qweight, self.scb, self.orig_dtype)
         return nf4.NF4State(self.packed, self.absmax, (self.out_features, self.in_features), self.orig_dtype,
@@ -70,6 +78,8 @@ class QuantLinear(nn.Module):
         """The (out_features, in_features) weight in `dtype` (default: compute_dtype); NF4 goes through
         kernels/nf4.py's dequantize_nf4."""
         dtype = dtype or self.compute_dtype
+        if self.quant_type == "fp8":
+            return fp8_rows.dequantize_fp8_rows(self.state, dtype)
         if self.quant_type == "int8":
             return int8.dequantize_int8(self.state, dtype)
         from fasttune.kernels.nf4 import dequantize_nf4
@@ -77,8 +87,14 @@ class QuantLinear(nn.Module):
         return dequantize_nf4(self.state, dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W^T (+ bias) in x's dtype; backward recomputes the dequantised weight instead of saving it."""
-        out = _DequantMatmul.apply(x, self)
+        """x @ W^T (+ bias) in x's dtype; backward recomputes the dequantised weight instead of saving it (FP8: both
+        multiply in FP8, kernels/fp8.py)."""
+        if self.quant_type == "fp8":
+            from fasttune.kernels.fp8 import fp8_matmul
+
+            out = fp8_matmul(x, self.qweight, self.weight_scale)
+        else:
+            out = _DequantMatmul.apply(x, self)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def _apply(self, fn, recurse=True):
@@ -99,6 +115,8 @@ class QuantLinear(nn.Module):
         # bitsandbytes' names instead of our buffer names, so saved models are bnb checkpoints.
         if self.quant_type == "nf4":
             destination.update(nf4.state_to_tensors(self.state, prefix + "weight"))
+        elif self.quant_type == "fp8":
+            destination.update(fp8_rows.state_to_tensors(self.state, prefix))
         else:
             destination.update(int8.state_to_tensors(self.state, prefix))
         if self.bias is not None:
@@ -126,8 +144,10 @@ def move_storage(module: nn.Module, apply, fn, recurse: bool = True):
 
 
 def quantize(weight: torch.Tensor, quant_type: str):
-    """`weight` (out, in) as an NF4State ("nf4": blocksize 64, double-quantised) or Int8State ("int8"). Raises
-    ValueError for another quant_type."""
+    """`weight` (out, in) as an NF4State ("nf4": blocksize 64, double-quantised), Int8State ("int8") or FP8State
+    ("fp8": row scales). Raises ValueError for another quant_type."""
+    if quant_type == "fp8":
+        return fp8_rows.quantize_fp8_rows(weight)
     if quant_type == "nf4":
         return nf4.quantize_nf4(weight)
     if quant_type == "int8":

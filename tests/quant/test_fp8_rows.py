@@ -1,0 +1,139 @@
+"""load_in_fp8: FP8 weights with row scales (quant/fp8_rows.py), multiplied in FP8 (kernels/fp8.py).
+
+The oracle is transformers + PEFT on the same tiny model with each decoder Linear holding the dequantised FP8
+weight and, through public module hooks, seeing its input rounded per row to FP8 and its output gradient rounded
+as ours is (g x row scales of the weight, per row): the FP8 recipe written out on the reference's modules."""
+import json
+
+import pytest
+import torch
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+from fasttune.kernels.fp8 import FP8, quantize_rows_reference
+from fasttune.quant.fp8_rows import dequantize_fp8_rows, quantize_fp8_rows, state_to_tensors
+from fasttune.quant.linear import QuantLinear
+
+
+def test_state_rounds_rows_and_keeps_its_storage_through_model_casts():
+    w = torch.randn(6, 32)
+    w[3] = 0
+    st = quantize_fp8_rows(w)
+    assert st.weight.dtype == FP8 and st.scale.shape == (6,) and st.nbytes() == 6 * 32 + 6 * 4
+    assert torch.equal(st.scale, w.abs().amax(1).clamp(min=1e-12) / 448)
+    err = (dequantize_fp8_rows(st, torch.float32) - w).abs()
+    assert (err <= 16 * st.scale.unsqueeze(1)).all() and (dequantize_fp8_rows(st)[3] == 0).all()
+    t = state_to_tensors(st, "m.")
+    assert t["m.weight"].dtype == FP8 and t["m.weight_scale"].shape == (6, 1)
+    layer = QuantLinear.from_linear(torch.nn.Linear(32, 6, bias=True), "fp8")
+    layer.to(torch.bfloat16)
+    assert layer.qweight.dtype == FP8 and layer.weight_scale.dtype == torch.float32
+    assert layer.compute_dtype == torch.bfloat16 and set(layer.state_dict()) == {"weight", "weight_scale", "bias"}
+
+
+def _fp8_reference_hooks(model):
+    """Each decoder nn.Linear of transformers' `model` (not lm_head) gets its FP8-dequantised weight and hooks that
+    round its input per row (straight through for the gradient) and its output gradient as kernels/fp8.py does."""
+    def round_input(module, args):
+        x = args[0]
+        q, s = quantize_rows_reference(x.reshape(-1, x.shape[-1]))
+        return (x + ((q.float() * s).view(x.shape).to(x.dtype) - x).detach(),)
+
+    def round_grad(module, grads):
+        g = grads[0]
+        ws = module.fp8_row_scale
+        q, s = quantize_rows_reference(g.reshape(-1, g.shape[-1]), ws)
+        return (((q.float() * s) / ws).view(g.shape).to(g.dtype),)
+
+    for name, m in model.named_modules():
+        if type(m) is torch.nn.Linear and "lm_head" not in name and ".lora_" not in name:
+            st = quantize_fp8_rows(m.weight.data)
+            m.weight.data = dequantize_fp8_rows(st, m.weight.dtype)
+            m.fp8_row_scale = st.scale
+            m.register_forward_pre_hook(round_input)
+            m.register_full_backward_pre_hook(round_grad)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_logits_and_lora_gradients_equal_the_fp8_recipe_on_transformers_peft(family, tiny_model_dir, tmp_path):
+    folder = tiny_model_dir(family)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_fp8=True, dtype=torch.float32)
+    quant = {n for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quant) == 2 * 7 and all(m.quant_type == "fp8" for m in model.modules() if isinstance(m, QuantLinear))
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    randomize_lora_b(model)
+    model.save_pretrained(tmp_path / "adapter")
+    ref = peft_twin(family, tmp_path / "adapter")
+    _fp8_reference_hooks(ref.base_model.model)
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    ours = model(ids, labels=ids)
+    theirs = ref(input_ids=ids, labels=ids)
+    ours.loss.backward()
+    theirs.loss.backward()
+    ref_grads = peft_grads(ref)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            key = n.removesuffix(".weight")
+            torch.testing.assert_close(p.grad, ref_grads[key], rtol=1e-4, atol=1e-6, msg=n)
+    # and close to the unquantised model: FP8's precision, not another model
+    plain, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    with torch.no_grad():
+        exact = plain(ids, labels=ids).loss
+    assert abs(ours.loss.item() - exact.item()) < 0.02 * exact.item()
+
+
+def test_training_merging_and_reloading(tiny_model_dir, tmp_path):
+    """A few LoRA steps lower the loss; the adapter reloads over FP8 weights (load_in_fp8 with the adapter folder);
+    merged_16bit holds the dequantised weights plus the update and transformers loads it."""
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_fp8=True,
+                                                   dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(6):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    model.save_pretrained(tmp_path / "adapter")
+    again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), load_in_fp8=True, dtype=torch.float32)
+    assert again.model.layers[1].mlp.up_proj.base_layer.quant_type == "fp8"
+    model.eval()
+    again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+        model.save_pretrained_merged(tmp_path / "merged", tok)
+        cfg = json.loads((tmp_path / "merged" / "config.json").read_text())
+        assert "quantization_config" not in cfg
+        merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype=torch.float32).eval()
+        layer = model.model.layers[0].self_attn.q_proj
+        torch.testing.assert_close(merged.model.layers[0].self_attn.q_proj.weight,
+                                   layer.base_layer.dequantized_weight(torch.float32) + layer.delta_weight(),
+                                   rtol=1e-6, atol=1e-6)
+        gap = (merged(input_ids=ids).logits - model(ids).logits).abs().max()
+        assert gap < 0.05 * model(ids).logits.abs().max()  # only the activations' rounding differs
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(load_in_fp8="block"), "block scales is not implemented"),
+    (dict(load_in_fp8=True, load_in_4bit=True), "load_in_4bit and load_in_fp8 are all set"),
+    (dict(load_in_fp8=True, full_finetuning=True), "drop load_in_fp8"),
+    (dict(load_in_fp8=True, load_in_16bit=True), "give one"),
+])
+def test_bad_fp8_options(kw, match, tiny_model_dir):
+    with pytest.raises(ConfigError, match=match):
+        FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), **kw)
+
+
+def test_transformers_fallback_refuses_fp8(tiny_model_dir):
+    with pytest.raises(ConfigError, match="load_in_fp8 / --quantization fp8 is not supported"):
+        FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_fp8=True, fast=False)
