@@ -223,9 +223,9 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
         teacher = build_model(ours_config(teacher_cfg), hf.state_dict().items(), dtype, a.device, "bench")
         del hf
         if a.teacher_quant == "nf4":  # as teacher_model_init_kwargs={"load_in_4bit": True} loads it
-            from bench_lora import quantize_nf4_linears
+            from bench_lora import quantize_linears
 
-            quantize_nf4_linears(teacher)
+            quantize_linears(teacher)
     if a.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()

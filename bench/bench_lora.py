@@ -148,7 +148,7 @@ GPT_OSS_EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 ROPE = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
         "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-# (impl, shape, gradient checkpointing, our kernels: FASTTUNE_KERNELS, base weights: none = bf16 | nf4)
+# (impl, shape, gradient checkpointing, our kernels: FASTTUNE_KERNELS, base weights: none = bf16 | nf4 | fp8)
 MATRIX = {
     "default": [("hf", "llama-3.2-1b", "on", "-", "none"), ("ours", "llama-3.2-1b", "on", "triton", "none"),
                 ("ours", "llama-3.2-1b", "off", "triton", "none"), ("ours", "llama-3.2-1b", "off", "torch", "none"),
@@ -192,6 +192,10 @@ MATRIX = {
                    ("ours", "gemma-4-ple-30l", "off", "triton", "none")],
     "lfm3": [("hf", "lfm3-1.7b", "on", "-", "none"), ("ours", "lfm3-1.7b", "on", "triton", "none"),
              ("ours", "lfm3-1.7b", "off", "triton", "none")],
+    # load_in_fp8 (ours only: transformers + PEFT has no FP8 training path; its bf16 rows are the baseline)
+    "fp8": [("hf", "llama-3.1-8b", "on", "-", "none"), ("ours", "llama-3.1-8b", "on", "triton", "none"),
+            ("ours", "llama-3.1-8b", "on", "triton", "fp8"), ("ours", "llama-3.1-8b", "off", "triton", "none"),
+            ("ours", "llama-3.1-8b", "off", "triton", "fp8")],
     "qlora": [("hf", "llama-3.1-8b", "on", "-", "nf4"), ("ours", "llama-3.1-8b", "on", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "nf4"), ("ours", "llama-3.1-8b", "off", "triton", "nf4"),
               ("ours", "llama-3.1-8b", "offload", "triton", "none")],
@@ -268,9 +272,9 @@ def _gc_mode(gc: str):
     return {"on": True, "off": False, "offload": "offload"}[gc]
 
 
-def quantize_nf4_linears(model):
-    """What load_in_4bit does on load, layer by layer: every Linear but the LM head (and MoE's stacked experts) in
-    NF4, in place."""
+def quantize_linears(model, quant: str = "nf4"):
+    """What load_in_4bit (quant "nf4") / load_in_fp8 ("fp8") does on load, layer by layer: every Linear but the LM
+    head in that format (and, for NF4, MoE's stacked experts), in place."""
     import torch
 
     from fasttune.quant.linear import QuantLinear
@@ -278,9 +282,9 @@ def quantize_nf4_linears(model):
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and name != "lm_head":
             parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, "nf4"))
+            setattr(model.get_submodule(parent), attr, QuantLinear.from_linear(mod, quant))
             del mod
-        elif type(mod).__name__ in ("Experts", "GptOssExperts"):  # MoE: the stacked experts in NF4 as well
+        elif quant == "nf4" and type(mod).__name__ in ("Experts", "GptOssExperts"):  # MoE: the experts in NF4 too
             from fasttune.quant.experts import QuantExpertWeight
 
             for attr in ("gate_up_proj", "down_proj"):
@@ -309,8 +313,8 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
             elif "norm" not in name:  # biases, gpt-oss's sinks (built uninitialised): 0 as in HF (norms keep their
                 # ones: Gemma 4's post_feedforward_layernorm_1 / _2 too)
                 p.zero_()
-    if quant == "nf4":
-        quantize_nf4_linears(model)
+    if quant in ("nf4", "fp8"):
+        quantize_linears(model, quant)
     model.lora_settings = None
     if OFFLOAD_EMBEDDING[0]:  # what from_pretrained(..., offload_embedding=True) does after loading
         from fasttune.models.host_embedding import offload_input_embedding
@@ -461,7 +465,7 @@ def main():
     ap.add_argument("--impl", choices=["ours", "hf"], default="ours")
     ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="llama-3.2-1b")
     ap.add_argument("--gc", choices=["on", "off", "offload"], default="on")
-    ap.add_argument("--quant", choices=["none", "nf4"], default="none")
+    ap.add_argument("--quant", choices=["none", "nf4", "fp8"], default="none")
     ap.add_argument("--max-context", action="store_true",
                     help="binary-search the longest bs-1 sequence that trains one step (in 1024-token steps)")
     ap.add_argument("--context-range", default="16384,524288")
@@ -566,6 +570,8 @@ def print_table(rows):
     base = {(r["shape"], r.get("quant", "none")): r["tokens_per_second"] for r in rows if r["impl"] == "hf"}
     for r in rows:
         key = (r["shape"], r.get("quant", "none"))
+        if key[1] == "fp8":  # transformers + PEFT has no FP8 training: against its bf16 row
+            key = (r["shape"], "none")
         ratio = r["tokens_per_second"] / base[key] if key in base else float("nan")
         print(f"{r['impl']:<5} {r.get('kernels', '-'):<8} {r['shape']:<13} {r.get('quant', 'none'):<5} "
               f"{r['gradient_checkpointing']:<7} {str(r.get('cuda_graphs', False)):<6} "

@@ -1,5 +1,5 @@
 """GPU checks of generation's CUDA-graph decode (models/static_decode.py; skipped without CUDA): replayed steps give
-the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, sliding windows, KV buckets), greedy fp32 equals
+the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, FP8, sliding windows, KV buckets), greedy fp32 equals
 transformers' generate(), and training between two generate() calls is seen by the next one."""
 import pytest
 import torch
@@ -68,10 +68,10 @@ def test_graphs_equal_eager_bf16_lora(family, tiny_model_dir, monkeypatch):
     assert torch.equal(graphed, eager)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
-def test_graphs_equal_eager_nf4(family, tiny_model_dir, monkeypatch):
-    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), load_in_4bit=True,
-                                                dtype=torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("family, quant", [("llama", "nf4"), ("qwen3_moe", "nf4"), ("llama", "fp8")])
+def test_graphs_equal_eager_quantized(family, quant, tiny_model_dir, monkeypatch):
+    ours, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), load_in_4bit=quant == "nf4",
+                                                load_in_fp8=quant == "fp8", dtype=torch.bfloat16, device="cuda")
     ours = FastLanguageModel.get_peft_model(ours, r=8)
     randomize_lora_b(ours)
     graphed, eager = _both(ours, monkeypatch, max_new_tokens=32, eos_token_id=[])

@@ -1,0 +1,75 @@
+"""GPU checks of load_in_fp8 (skipped without CUDA or below compute capability 8.9): the row quantiser in bf16
+equals its torch reference bit for bit; torch._scaled_mm's products equal the fp32 products of the same FP8 values
+to bf16 rounding; a bf16 FP8 LoRA model's logits and gradients are those of the CPU's fp32 computation of the same
+recipe, and it trains like the bf16 model."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+
+from fasttune import FastLanguageModel
+from fasttune.kernels.fp8 import (fp8_gemm_runs, fp8_input_grad, fp8_linear, quantize_rows,
+                                  quantize_rows_reference, scaled_mm_reference)
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9), reason="needs FP8 on CUDA")]
+
+
+@pytest.mark.parametrize("shape", [(7, 64), (300, 4096), (4096, 14336)])
+@pytest.mark.parametrize("col", [False, True])
+def test_bf16_row_quantiser_equals_reference(shape, col):
+    torch.manual_seed(0)
+    x = (torch.randn(shape, device="cuda") * 3).bfloat16()
+    c = torch.rand(shape[1], device="cuda") + 0.5 if col else None
+    q, s = quantize_rows(x, c)
+    q_ref, s_ref = quantize_rows_reference(x, c)
+    assert torch.equal(s, s_ref) and torch.equal(q.view(torch.uint8), q_ref.view(torch.uint8))
+
+
+@pytest.mark.parametrize("m, k, n", [(300, 256, 512), (4096, 4096, 1024)])
+def test_scaled_mm_products_equal_the_fp32_products_of_the_same_values(m, k, n):
+    assert fp8_gemm_runs(torch.empty(0, device="cuda"), k, n)
+    torch.manual_seed(1)
+    x = torch.randn(m, k, device="cuda").bfloat16()
+    w = (torch.randn(n, k, device="cuda") * 0.02).bfloat16()
+    g = torch.randn(m, n, device="cuda").bfloat16()
+    wq, ws = quantize_rows_reference(w)
+    ws = ws.view(-1)
+    xq, xs = quantize_rows(x)
+    y = fp8_linear(xq, xs, wq, ws, torch.bfloat16)
+    want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
+    assert y.dtype == torch.bfloat16 and ((y.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
+    dx = fp8_input_grad(g, wq, ws)
+    gq, gs = quantize_rows_reference(g, ws)
+    want = scaled_mm_reference(gq, gs, wq, torch.ones(1, k, device="cuda"), torch.float32)
+    assert ((dx.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
+
+
+def test_bf16_lora_model_follows_the_cpu_recipe_and_trains_like_bf16(tiny_model_dir):
+    folder = str(tiny_model_dir("llama"))
+    ids = torch.randint(3, 300, (2, 32), generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=dtype, device=device)
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+        randomize_lora_b(model)
+        model.train()
+        model(ids.to(device), labels=ids.to(device)).loss.backward()
+        grads[device] = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.requires_grad}
+    for n, g in grads["cpu"].items():
+        rel = (grads["cuda"][n] - g).norm() / g.norm()
+        assert rel < 0.05, (n, rel.item())  # bf16 activations and gradients, FP8 rounding of slightly other values
+    curves = []
+    for fp8 in (False, True):
+        model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=fp8, dtype=torch.bfloat16, device="cuda")
+        model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
+        losses = []
+        for _ in range(10):
+            loss = model(ids.cuda(), labels=ids.cuda()).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            losses.append(loss.item())
+        curves.append(losses)
+    assert curves[1][-1] < curves[1][0] - 0.5
+    assert all(abs(a - b) < 0.03 * a for a, b in zip(*curves)), curves
