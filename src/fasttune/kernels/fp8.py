@@ -56,7 +56,8 @@ if HAVE_TRITON:
         step = tl.maximum(e, -6) - 3
         magic = ((step + 23 + 127) << 23 | 0x400000).to(tl.float32, bitcast=True)
         r = (a + magic) - magic
-        return tl.where(v.to(tl.int32, bitcast=True) < 0, -r, r)  # the sign bit: -0.0 stays -0.0 as torch casts it
+        bits = v.to(tl.int32, bitcast=True)  # v's sign bit onto r: -0.0 stays -0.0 as torch casts it
+        return (r.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
 
     @triton.jit
     def _quantize_rows_kernel(x_ptr, c_ptr, q_ptr, s_ptr, K, stride_x, HAS_COL: tl.constexpr,
