@@ -3,7 +3,8 @@
 Random-init weights of a real shape (no downloads), random prompt tokens, greedy, a fixed number of new tokens
 (no stop token), batch 1 and 64. Implementations: "hf" (transformers' generate, SDPA, its default dynamic cache),
 "ours" (fasttune's generate: CUDA-graph decode steps, models/static_decode.py, kept between calls of a batch
-size) and "ours-eager" (the same steps without graphs, FASTTUNE_CUDA_GRAPHS=0). For each (impl, batch): a
+size), "ours-eager" (the same steps without graphs, FASTTUNE_CUDA_GRAPHS=0) and "ours-fp8" (our decoder with the same
+weights in FP8 with row scales, load_in_fp8's layers, CUDA-graph decode). For each (impl, batch): a
 warm-up call of the full length (recorded as first_call_s; for ours it includes capturing the graphs), then
 `--repeats` timed calls of a 1-token generate (prefill) and of the full generate; decode tokens/s =
 batch x (new - 1) / (full - prefill).
@@ -14,6 +15,7 @@ Appends one JSONL row per (impl, batch) to bench/results/generate.jsonl and prin
     python bench/bench_generate.py                                  # GPU: llama-3.2-1b shape, batch 1 and 64
     python bench/bench_generate.py --shape llama-3.1-8b
     python bench/bench_generate.py --shape qwen3-30b-a3b --impls ours,ours-eager   # MoE: graph decode vs eager
+    python bench/bench_generate.py --shape llama-3.1-8b --impls ours,ours-fp8       # FP8 weights
     python bench/bench_generate.py --shape tiny --device cpu --out /tmp/generate.jsonl   # a quick CPU check
 """
 from __future__ import annotations
@@ -95,7 +97,7 @@ def ours_config(cfg):
 
 
 def run_generate(impl, model, ids, new_tokens: int):
-    os.environ["FASTTUNE_CUDA_GRAPHS"] = "0" if impl == "ours-eager" else "1"
+    os.environ["FASTTUNE_CUDA_GRAPHS"] = "0" if impl == "ours-eager" else "1"  # (ours-fp8: graphs)
     if impl == "hf":
         return model.generate(input_ids=ids, attention_mask=torch_ones(ids), max_new_tokens=new_tokens,
                               min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
@@ -161,6 +163,12 @@ def main():
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device; run with --device cpu (and --shape tiny) for a functional check.")
     hf, ours = build_pair(a.shape, a.device)
+    models = {"hf": hf, "ours": ours, "ours-eager": ours}
+    if "ours-fp8" in a.impls.split(","):
+        from fasttune.models.loading import build_model
+
+        models["ours-fp8"] = build_model(ours_config(hf.config), hf.state_dict().items(), ours.dtype, a.device,
+                                         "bench", quant="fp8").eval()
     vocab = SHAPES[a.shape]["vocab_size"]
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     rows = []
@@ -168,8 +176,7 @@ def main():
         g = torch.Generator().manual_seed(batch)
         ids = torch.randint(3, vocab, (batch, a.prompt_len), generator=g).to(a.device)
         impls = a.impls.split(",")
-        results = {impl: bench_one(impl, hf if impl == "hf" else ours, ids, a.new_tokens, a.repeats, a.device)
-                   for impl in impls}
+        results = {impl: bench_one(impl, models[impl], ids, a.new_tokens, a.repeats, a.device) for impl in impls}
         outs = {i: results[i].pop("_out")[:, a.prompt_len:] for i in impls}
         for impl, r in results.items():
             same = (outs[impl] == outs[impls[0]]).int().cumprod(dim=1).sum(dim=1)  # shared greedy prefix per row

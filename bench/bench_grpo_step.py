@@ -28,6 +28,7 @@ bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / 
     python bench/bench_grpo_step.py --objective distillation   # DistillationTrainer on both sides: the same number
         # of completions (8 x 8 prompts, one completion each), a llama-3.1-8b-shaped teacher (--teacher-shape)
     python bench/bench_grpo_step.py --objective distillation --impls ours --teacher-quant nf4   # an NF4 teacher
+    python bench/bench_grpo_step.py --shape llama-3.1-8b --impls ours --quant fp8                # FP8 policy
     python bench/bench_grpo_step.py --impl ours --row-out /tmp/r.json   # one child run (what the parent starts)
     OMP_NUM_THREADS=1 python bench/bench_grpo_step.py --shape tiny --device cpu --steps 2 --completion-len 8 \
         --out /tmp/grpo_step.jsonl                      # functional check on a CPU
@@ -215,7 +216,8 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     from fasttune.models.loading import build_model
 
     hf, cfg, dtype = build_hf(a.shape, a.device)
-    model = build_model(ours_config(cfg), hf.state_dict().items(), dtype, a.device, "bench")  # the same weights
+    quant = None if a.quant == "none" else a.quant  # load_in_fp8's layers: TRL's row stays bf16 (no FP8 path)
+    model = build_model(ours_config(cfg), hf.state_dict().items(), dtype, a.device, "bench", quant=quant)
     del hf
     teacher = None
     if a.objective == "distillation":
@@ -330,6 +332,8 @@ def main():
                     help="GRPOTrainer, RLOOTrainer or DistillationTrainer")
     ap.add_argument("--teacher-shape", choices=sorted(SHAPES), default="llama-3.1-8b",
                     help="distillation: the teacher's shape (random weights, seed 1)")
+    ap.add_argument("--quant", choices=["none", "fp8"], default="none",
+                    help="our policy's frozen weights (fp8: load_in_fp8); TRL's stay bf16")
     ap.add_argument("--teacher-quant", choices=["none", "nf4"], default="none",
                     help="distillation, ours only: the teacher's linears in NF4 (load_in_4bit)")
     ap.add_argument("--beta", type=float, default=None, help="KL weight (default: 0 for grpo, 0.05 for rloo)")
@@ -342,7 +346,7 @@ def main():
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta",
-                                    "fp32_head", "teacher_shape", "teacher_quant"))
+                                    "fp32_head", "teacher_shape", "teacher_quant", "quant"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
