@@ -108,3 +108,18 @@ def test_fused_lora_group_over_fp8_bases_equals_module_path(monkeypatch):
         results.append([*outs, xi.grad, *[p.grad for layer in layers for p in (layer.lora_A, layer.lora_B)]])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 5, 16])
+def test_few_rows_kernel_equals_the_fp32_product(m, triton_kernels):
+    """Decode-sized inputs (at most FEW_ROWS rows) take the Triton kernel that reads each weight row once; ragged N
+    and K; 16-bit output."""
+    from fasttune.kernels.fp8 import FEW_ROWS, fp8_linear
+
+    assert m <= FEW_ROWS
+    torch.manual_seed(4)
+    xq, xs = quantize_rows_reference(torch.randn(m, 300, device=DEVICE))
+    wq, ws = quantize_rows_reference(torch.randn(70, 300, device=DEVICE) * 0.1)
+    y = fp8_linear(xq, xs, wq, ws.view(-1), torch.float16)
+    want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
+    assert y.dtype == torch.float16 and ((y.float() - want).abs() <= 2 ** -10 * want.abs() + 1e-6).all()

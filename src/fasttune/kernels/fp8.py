@@ -15,7 +15,8 @@ scales (there with 1 x 128 / 128 x 128 blocks): e4m3 for activations, weights an
 absolute maximum / 448 (e4m3's largest finite value). Values are rounded to nearest (torch's cast after clamping).
 
 `quantize_rows` has a Triton kernel (one pass for the maximum, one to scale and cast; fp32 arithmetic) beside its
-torch reference `quantize_rows_reference`. Where the FP8 GEMM cannot run (a CPU, a GPU below compute capability
+torch reference `quantize_rows_reference`. Products of at most FEW_ROWS rows (decode steps) run in a Triton kernel
+that reads each weight row once; cuBLAS' FP8 GEMM at one row ran below the 16-bit GEMV's speed. Where the FP8 GEMM cannot run (a CPU, a GPU below compute capability
 8.9, sizes not multiples of 16) the products are computed from the same quantised values in fp32
 (`scaled_mm_reference`), so the numbers differ from the GPU's only by the order of the sums.
 """
@@ -85,6 +86,66 @@ if HAVE_TRITON:
             tl.store(q_ptr + row * K + offs, v.to(q_ptr.dtype.element_ty), mask=offs < K)
 
 
+    @triton.jit
+    def _few_rows_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (block of BLOCK_N weight rows): y[m, n] = xs[m] ws[n] sum_k xq[m, k] wq[n, k] for all M <=
+        BLOCK_M rows of x, reading each weight row once. The FP8 values are exact in tf32 (tl.dot's fp32 inputs
+        on the GPU) and their products exact in fp32, so only the order of the fp32 sums differs from
+        torch._scaled_mm."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rm = tl.arange(0, BLOCK_M)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
+                        other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :],
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(tl.float32)
+            acc += tl.dot(x, tl.trans(w))
+        xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        acc = acc * xs[:, None] * ws[None, :]
+        tl.store(y_ptr + rm[:, None] * N + rn[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+    @triton.jit
+    def _one_row_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Program (block of BLOCK_N weight rows): _few_rows_kernel for one row of x, as products and sums in
+        registers (kernels/gemv.py's layout): a dot of 16-row tiles idled most of its lanes there."""
+        rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + rk, mask=rk < K, other=0.0).to(tl.float32)
+            w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :],
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(tl.float32)
+            acc += w * x[None, :]
+        y = tl.sum(acc, axis=1) * tl.load(xs_ptr) * tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
+        tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
+
+
+FEW_ROWS = 16  # up to this many rows of x, fp8_linear reads the weight once in its own kernel (decode steps)
+
+
+def _few_rows(xq, xs, wq, ws, out_dtype):
+    """fp8_linear for x of at most FEW_ROWS rows, one Triton launch. Block shapes: the fastest of a sweep on an
+    H200 over the 8B shape's four weight sizes (M = 1: 2 rows x 1,024 columns, 2 warps, 5.2 us for 4096 x 4096
+    where torch._scaled_mm took 13.2 and a bf16 GEMM 10.4; M = 16: 16 x 512 tiles, 2 warps, 3 stages). The CPU
+    interpreter runs programs one by one, so there a program takes 32 rows."""
+    m, k = xq.shape
+    n = wq.shape[0]
+    y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
+    if m == 1:
+        bn = 2 if xq.is_cuda else 32
+        _one_row_kernel[(triton.cdiv(n, bn),)](xq, xs, wq, ws, y, n, k, BLOCK_N=bn, BLOCK_K=1024, num_warps=2)
+    else:
+        _few_rows_kernel[(triton.cdiv(n, 16),)](xq, xs, wq, ws, y, m, n, k, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
+                                                num_warps=2, num_stages=3)
+    return y
+
+
 def quantize_rows(x: torch.Tensor, col_scale: torch.Tensor | None = None):
     """`quantize_rows_reference`'s (q, s) for x (M, K) with unit stride along K; the Triton kernel where
     use_triton(x)."""
@@ -125,6 +186,8 @@ def fp8_linear(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
                out_dtype: torch.dtype) -> torch.Tensor:
     """x @ W^T for x = xq * xs (M, K) and W = ws * wq (N, K): (M, N) in out_dtype. ws (N,) fp32."""
     n, k = wq.shape
+    if xq.shape[0] <= FEW_ROWS and use_triton(xq) and out_dtype != torch.float32:
+        return _few_rows(xq.contiguous(), xs.contiguous(), wq, ws, out_dtype)
     if fp8_gemm_runs(xq, n, k):
         return _scaled_mm(xq, xs, wq.t(), ws.view(1, n), out_dtype)
     return scaled_mm_reference(xq, xs, wq.t(), ws.view(1, n), out_dtype)
