@@ -299,6 +299,7 @@ def child(a) -> dict:
             "loss_type": {"grpo": "dapo", "rloo": "rloo", "distillation": "gkd"}[a.objective],
             "teacher_shape": a.teacher_shape if a.objective == "distillation" else None,
             "teacher_quant": a.teacher_quant if a.objective == "distillation" else None,
+            "quant": a.quant if a.impl == "ours" else "none",
             "dtype": "bfloat16" if a.device == "cuda" else "float32",
             "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
