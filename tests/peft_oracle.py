@@ -57,16 +57,17 @@ def assert_grads_close(mine: dict, theirs: dict) -> None:
         torch.testing.assert_close(g, theirs[n], rtol=1e-5, atol=1e-7 + 1e-6 * theirs[n].abs().max().item(), msg=n)
 
 
-def check_recompute_gradients(folder, device=None) -> None:
+def check_recompute_gradients(folder, device=None, **load) -> None:
     """LoRA gradients of the model saved in `folder` (fp32, random B, one 2 x 12 batch) equal without recompute, with
-    layer recompute and with "offload" (the kept attention block included); on `device` (default: from_pretrained's)."""
+    layer recompute and with "offload" (the kept attention block included); on `device` (default: from_pretrained's);
+    `load`: more from_pretrained arguments (e.g. load_in_fp8=True)."""
     from fasttune import FastLanguageModel
 
     ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
     ids = ids if device is None else ids.to(device)
     grads = []
     for mode in (False, True, "offload"):
-        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device=device)
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32, device=device, **load)
         lora = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=mode, random_state=0)
         randomize_lora_b(lora)
         lora.train()

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import check_recompute_gradients, peft_grads, peft_twin, randomize_lora_b
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError
@@ -137,3 +137,38 @@ def test_bad_fp8_options(kw, match, tiny_model_dir):
 def test_transformers_fallback_refuses_fp8(tiny_model_dir):
     with pytest.raises(ConfigError, match="load_in_fp8 / --quantization fp8 is not supported"):
         FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_fp8=True, fast=False)
+
+
+def test_every_recompute_mode_gives_the_same_gradients(tiny_model_dir):
+    """Layer recompute and "offload" (kept attention, down_proj's skipped base GEMM) re-run the FP8 products on the
+    same inputs: the gradients of no recompute."""
+    check_recompute_gradients(tiny_model_dir("llama"), load_in_fp8=True)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3_text"])
+def test_other_layouts_train_in_fp8(family, tiny_model_dir):
+    """A mixture-of-experts model keeps its experts 16-bit (named in a warning); Gemma 3's layers take FP8 as
+    Llama's do. The loss is close to the 16-bit model's and has LoRA gradients."""
+    folder = str(tiny_model_dir(family))
+    if family == "qwen3_moe":
+        with pytest.warns(UserWarning, match="MoE experts are not quantised to fp8"):
+            model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
+    else:
+        model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
+    assert {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)} == {"fp8"}
+    plain, _ = FastLanguageModel.from_pretrained(folder, dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    with torch.no_grad():
+        assert abs(loss.item() - plain(ids, labels=ids).loss.item()) < 0.02 * loss.item()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
+               if p.requires_grad and "lora_B" in n)  # (A gets none while B is zero)
+
+
+def test_vision_language_model_keeps_its_tower_16_bit(qwen_vl_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(qwen_vl_dir), load_in_fp8=True, dtype=torch.float32)
+    names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    assert names and all(".layers." in n and "visual" not in n for n in names)
+    assert {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)} == {"fp8"}

@@ -5,7 +5,7 @@ just before it runs (forward, and the recompute in backward) and frees them afte
 Gradients are reduce-scattered by FSDP (summed: the loss is already divided by the global target count), the
 optimizer holds only this rank's shard, and checkpoints/adapters hold full tensors gathered with
 `DTensor.full_tensor()` (a collective: every rank calls it, rank 0 writes), so they resume on any world size, with
-or without FSDP. NF4/int8 weights are buffers, which fully_shard does not shard: with a quantised base each rank
+or without FSDP. NF4/int8/FP8 weights are buffers, which fully_shard does not shard: with a quantised base each rank
 holds the whole quantised model and only the 16-bit parts (embeddings, lm_head, norms, biases, LoRA) are sharded.
 """
 from __future__ import annotations
