@@ -23,6 +23,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "RLOOTrainer": "fasttune.train.objectives.rloo", "RLOOConfig": "fasttune.train.objectives.grpo_config",
          "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
          "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
+         "CPOTrainer": "fasttune.train.objectives.cpo", "CPOConfig": "fasttune.train.objectives.cpo",
          "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto",
          "RewardTrainer": "fasttune.train.objectives.reward", "RewardConfig": "fasttune.train.objectives.reward",
          "DistillationTrainer": "fasttune.train.objectives.distillation",
@@ -39,7 +40,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
              "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "RLOOTrainer", "RLOOConfig",
            "DPOTrainer", "DPOConfig",
-           "ORPOTrainer", "ORPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer", "RewardConfig",
+           "ORPOTrainer", "ORPOConfig", "CPOTrainer", "CPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer", "RewardConfig",
            "DistillationTrainer", "DistillationConfig", "ClassificationTrainer", "ClassificationConfig", "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",
            "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments",

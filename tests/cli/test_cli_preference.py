@@ -1,4 +1,4 @@
-"""fasttune train --method dpo|orpo|kto: the method picks the trainer and its config's flags; bad rows exit 2."""
+"""fasttune train --method dpo|orpo|cpo|kto: the method picks the trainer and its config's flags; bad rows exit 2."""
 import json
 
 import pytest
@@ -28,7 +28,7 @@ def test_dpo_trains_and_writes_an_adapter(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method, key, value", [("kto", "desirable_weight", "1.5"), ("orpo", "beta", "0.3"),
-                                                ("grpo", "num_generations", "4")])
+                                                ("cpo", "simpo_gamma", "0.7"), ("grpo", "num_generations", "4")])
 def test_method_config_fields_are_flags_and_yaml_keys(method, key, value, tmp_path, capsys):
     (tmp_path / "run.yaml").write_text(f"method: {method}\n{key}: {value}\ndata: d.jsonl\n")
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--print-config"]) == 0
@@ -36,6 +36,17 @@ def test_method_config_fields_are_flags_and_yaml_keys(method, key, value, tmp_pa
     assert main(["train", "--method", method, "--data", "d.jsonl", f"--{key.replace('_', '-')}", value,
                  "--print-config"]) == 0
     assert f"{key}: {value}" in capsys.readouterr().out
+
+
+def test_simpo_trains_from_the_command_line(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["train", "--method", "cpo", "--loss-type", "simpo", "--cpo-alpha", "0", "--model",
+               str(tiny_model_dir("llama")), "--data", str(_jsonl(tmp_path / "p.jsonl", _pairs())), "--output-dir",
+               str(out), "--max-steps", "2", "--batch-size", "2", "--lora-r", "4", "--no-sample"])
+    assert rc == 0, capsys.readouterr().err
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    assert len(log) == 2 and log[0]["nll_loss"] == 0 and "rewards/margins" in log[0]
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_bad_preference_row_is_named(tiny_model_dir, tmp_path, capsys):

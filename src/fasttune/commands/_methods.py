@@ -9,6 +9,7 @@ METHODS = {
     "sft": ("fasttune.train.objectives.sft:SFTTrainer", "fasttune.train.config:SFTConfig"),
     "dpo": ("fasttune.train.objectives.dpo:DPOTrainer", "fasttune.train.objectives.dpo:DPOConfig"),
     "orpo": ("fasttune.train.objectives.orpo:ORPOTrainer", "fasttune.train.objectives.orpo:ORPOConfig"),
+    "cpo": ("fasttune.train.objectives.cpo:CPOTrainer", "fasttune.train.objectives.cpo:CPOConfig"),
     "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
     "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
@@ -18,7 +19,7 @@ METHODS = {
     "classification": ("fasttune.train.objectives.classification:ClassificationTrainer",
                        "fasttune.train.objectives.classification:ClassificationConfig"),
 }
-PREFERENCE_METHODS = ("dpo", "orpo", "kto", "reward")
+PREFERENCE_METHODS = ("dpo", "orpo", "cpo", "kto", "reward")
 CLASSIFIER_METHODS = ("reward", "classification")  # loaded with a score head in place of the LM head
 
 

@@ -217,23 +217,42 @@ def template_from_path(path) -> str:
                       f"tokenizer folder with chat_template.jinja or a chat_template in tokenizer_config.json.")
 
 
+# configs TRL 1.x keeps under trl.experimental.<module>
+TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo"}
+
+
+def _trl_config(name: str):
+    """(owner, TRL's config class called `name`) from trl or trl.experimental (TRL_EXPERIMENTAL), or None when TRL
+    is not installed, cannot be imported or has no such config."""
+    import importlib
+
+    try:
+        import trl
+
+        if name in TRL_EXPERIMENTAL:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TRL's notice that trl.experimental is unstable
+                module = importlib.import_module(f"trl.experimental.{TRL_EXPERIMENTAL[name]}")
+            return f"TRL's experimental {name}", getattr(module, name, None)
+        return f"TRL's {name}", getattr(trl, name, None)
+    except Exception:  # not installed, or broken by its own dependencies: transformers' names only
+        return None
+
+
 @functools.lru_cache(maxsize=None)
 def upstream_defaults(cls) -> list[tuple[str, dict]]:
     """[(owner, {setting: default})] of the configs `cls` stands in for: transformers' TrainingArguments, and TRL's
-    config of the same name as `cls` or one of its bases (SFTConfig, DPOConfig, ...) when TRL is installed."""
+    config of the same name as `cls` or one of its bases (SFTConfig, DPOConfig, ...; ORPOConfig and CPOConfig from
+    trl.experimental) when TRL is installed."""
     import dataclasses
 
     from transformers import TrainingArguments
 
     owners = [("transformers' TrainingArguments", TrainingArguments)]
-    try:
-        import trl
-    except Exception:  # not installed, or broken by its own dependencies: transformers' names only
-        trl = None
     for base in cls.__mro__:
-        upstream = getattr(trl, base.__name__, None) if trl is not None else None
-        if dataclasses.is_dataclass(upstream):
-            owners.append((f"TRL's {base.__name__}", upstream))
+        found = _trl_config(base.__name__)
+        if found is not None and dataclasses.is_dataclass(found[1]):
+            owners.append(found)
             break
     out = []
     for owner, c in owners:
