@@ -3,7 +3,7 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run),
+max_steps, resume, dtype, load_in_4bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
@@ -27,7 +27,8 @@ def run(model_dir, out_dir, o):
     if o.get("model"):
         model_dir = os.path.join(os.path.dirname(model_dir), o["model"])
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
-                                                   load_in_4bit=o.get("load_in_4bit", False), **head)
+                                                   load_in_4bit=o.get("load_in_4bit", False),
+                                                   load_in_fp8=o.get("load_in_fp8", False), **head)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False))
     dpo = o.get("method") in ("dpo", "reward")

@@ -47,6 +47,8 @@ CASES = {
     "recompute-on-modules-to-save": {"checkpointing": True, "modules_to_save": ["embed_tokens", "lm_head"]},
     # NF4 buffers replicated, the rest sharded; packing leaves the last step short: one rank runs a filler pass
     "recompute-on-nf4-packing": {"checkpointing": True, "load_in_4bit": True, "packing": True},
+    # FP8 weights (load_in_fp8) are buffers too: replicated, multiplied on each rank as in one process
+    "recompute-on-fp8": {"checkpointing": True, "load_in_fp8": True},
     "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
     # a sequence classifier: the score head (a module to save) in the root's shard group, no LM head
     "reward": {"checkpointing": True, "method": "reward"},
