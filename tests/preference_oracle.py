@@ -77,6 +77,18 @@ def trl_step(trl_trainer, twin, batch):
     return loss.detach(), peft_grads(twin)
 
 
+def trl_pair_features(ex):
+    """Our tokenized pair (prompt_ids, chosen_ids, rejected_ids) in the layout the collators of TRL's legacy
+    preference trainers (experimental ORPO and CPO) pad: labels -100 on the prompt."""
+    p = ex["prompt_ids"]
+    out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
+    for side in ("chosen", "rejected"):
+        ids = p + ex[f"{side}_ids"]
+        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
+                    f"{side}_labels": [-100] * len(p) + ex[f"{side}_ids"]})
+    return out
+
+
 def trl_args(cls, tmp_path, **kw):
     return cls(output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, use_cpu=True, report_to=[], bf16=False,
                save_strategy="no", **kw)

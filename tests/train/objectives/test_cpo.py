@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
-                               pair_rows, trl_args, trl_step)
+                               pair_rows, trl_args, trl_pair_features, trl_step)
 
 from fasttune import CPOConfig, CPOTrainer
 from fasttune.errors import ConfigError
@@ -23,17 +23,6 @@ def _trl():
     return TRLConfig, TRLTrainer
 
 
-def _trl_features(ex):
-    """Our tokenized pair in the layout TRL's CPO collator pads (labels -100 on the prompt)."""
-    p = ex["prompt_ids"]
-    out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
-    for side in ("chosen", "rejected"):
-        ids = p + ex[f"{side}_ids"]
-        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
-                    f"{side}_labels": [-100] * len(p) + ex[f"{side}_ids"]})
-    return out
-
-
 def _compare(model, tok, twin, tmp_path, **kw):
     from datasets import Dataset
 
@@ -45,7 +34,7 @@ def _compare(model, tok, twin, tmp_path, **kw):
     for ex, t in zip(ours.train_examples, theirs.train_dataset):  # same tokens as TRL's own tokenization
         assert ex["prompt_ids"] + ex["chosen_ids"] == t["chosen_input_ids"]
         assert ex["prompt_ids"] + ex["rejected_ids"] == t["rejected_input_ids"]
-    ref = trl_step(theirs, twin, theirs.data_collator([_trl_features(ex) for ex in ours.train_examples]))
+    ref = trl_step(theirs, twin, theirs.data_collator([trl_pair_features(ex) for ex in ours.train_examples]))
     assert_same_step(our_step(ours), ref)
     return ours, ref
 

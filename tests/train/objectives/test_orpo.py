@@ -1,7 +1,7 @@
 """ORPO against TRL 1.16's experimental ORPOTrainer (loss and gradients on one batch), and gradient accumulation."""
 import pytest
 from preference_oracle import (assert_ga_invariant, assert_same_step, first_logged_loss, lora_pair, our_step,
-                               pair_rows, trl_args, trl_step)
+                               pair_rows, trl_args, trl_pair_features, trl_step)
 
 from fasttune import ORPOConfig, ORPOTrainer
 
@@ -10,17 +10,6 @@ def _args(tmp_path, **kw):
     kw = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 1, "shuffle": False,
           "learning_rate": 1e-2, "beta": 0.5, **kw}
     return ORPOConfig(output_dir=str(tmp_path / "out"), **kw)
-
-
-def _trl_features(ex):
-    """Our tokenized pair in the layout TRL's ORPO collator pads (labels -100 on the prompt)."""
-    p = ex["prompt_ids"]
-    out = {"prompt_input_ids": p, "prompt_attention_mask": [1] * len(p)}
-    for side in ("chosen", "rejected"):
-        ids = p + ex[f"{side}_ids"]
-        out.update({f"{side}_input_ids": ids, f"{side}_attention_mask": [1] * len(ids),
-                    f"{side}_labels": [-100] * len(p) + ex[f"{side}_ids"]})
-    return out
 
 
 def test_loss_and_grads_equal_trl(tiny_model_dir, tmp_path):
@@ -39,7 +28,7 @@ def test_loss_and_grads_equal_trl(tiny_model_dir, tmp_path):
     for ex, t in zip(ours.train_examples, theirs.train_dataset):  # same tokens as TRL's own tokenization
         assert ex["prompt_ids"] + ex["chosen_ids"] == t["chosen_input_ids"]
         assert ex["prompt_ids"] + ex["rejected_ids"] == t["rejected_input_ids"]
-    ref = trl_step(theirs, twin, theirs.data_collator([_trl_features(ex) for ex in ours.train_examples]))
+    ref = trl_step(theirs, twin, theirs.data_collator([trl_pair_features(ex) for ex in ours.train_examples]))
     assert_same_step(our_step(ours), ref)
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
     assert {"rewards/chosen", "rewards/margins", "nll_loss", "log_odds_ratio"} <= set(ours.log_history[0])
@@ -70,6 +59,6 @@ def test_moe_load_balancing_loss_equals_trl(router_logits, tiny_model_dir, tmp_p
     theirs = TRLTrainer(model=twin, args=trl_args(TRLConfig, tmp_path, beta=0.5), train_dataset=Dataset.from_list(rows),
                         processing_class=tok)
     assert theirs.aux_loss_enabled is router_logits
-    ref = trl_step(theirs, twin, theirs.data_collator([_trl_features(ex) for ex in ours.train_examples]))
+    ref = trl_step(theirs, twin, theirs.data_collator([trl_pair_features(ex) for ex in ours.train_examples]))
     assert_same_step(our_step(ours), ref)
     assert ("aux_loss" in ours.step_metrics()) is router_logits
