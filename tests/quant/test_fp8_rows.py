@@ -145,12 +145,13 @@ def test_every_recompute_mode_gives_the_same_gradients(tiny_model_dir):
     check_recompute_gradients(tiny_model_dir("llama"), load_in_fp8=True)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3_text"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3_text", "deepseek_v3", "qwen3_5_text", "lfm2"])
 def test_other_layouts_train_in_fp8(family, tiny_model_dir):
-    """A mixture-of-experts model keeps its experts 16-bit (named in a warning); Gemma 3's layers take FP8 as
-    Llama's do. The loss is close to the 16-bit model's and has LoRA gradients."""
+    """A mixture-of-experts model keeps its experts 16-bit (named in a warning); Gemma 3's, latent attention's
+    (DeepSeek-V3), gated DeltaNet's (Qwen3.5) and short convolutions' (LFM2) projections take FP8 as Llama's do. The
+    loss is close to the 16-bit model's and has LoRA gradients, and greedy generation runs."""
     folder = str(tiny_model_dir(family))
-    if family == "qwen3_moe":
+    if family in ("qwen3_moe", "deepseek_v3"):
         with pytest.warns(UserWarning, match="MoE experts are not quantised to fp8"):
             model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
     else:
@@ -165,6 +166,8 @@ def test_other_layouts_train_in_fp8(family, tiny_model_dir):
         assert abs(loss.item() - plain(ids, labels=ids).loss.item()) < 0.02 * loss.item()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters()
                if p.requires_grad and "lora_B" in n)  # (A gets none while B is zero)
+    model.eval()
+    assert model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
 
 
 def test_vision_language_model_keeps_its_tower_16_bit(qwen_vl_dir):
