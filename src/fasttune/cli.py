@@ -227,6 +227,10 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
         raise ConfigError("--method distillation needs --data with prompt rows (a `prompt` column) and "
                           "--teacher-model-name-or-path (the teacher's folder, .gguf file or hub id, with the "
                           "student's tokenizer); the bundled demo set is for SFT.")
+    if method == "gkd" and not (run["data"] and config.teacher_model_name_or_path):
+        raise ConfigError("--method gkd needs --data with conversations (a `messages` column ending with the "
+                          "assistant's turn, or `prompt` and `completion`) and --teacher-model-name-or-path (the "
+                          "teacher's folder, .gguf file or hub id, with the student's tokenizer).")
     run["data"] = _data_file(run["data"])
     if run["peft"] is False and not run["full_finetuning"]:
         raise ConfigError("--peft false: fasttune trains LoRA adapters unless --full-finetuning is given; pass "

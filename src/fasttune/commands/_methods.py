@@ -15,6 +15,7 @@ METHODS = {
     "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
     "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
                      "fasttune.train.objectives.distillation:DistillationConfig"),
+    "gkd": ("fasttune.train.objectives.gkd:GKDTrainer", "fasttune.train.objectives.gkd:GKDConfig"),
     "reward": ("fasttune.train.objectives.reward:RewardTrainer", "fasttune.train.objectives.reward:RewardConfig"),
     "classification": ("fasttune.train.objectives.classification:ClassificationTrainer",
                        "fasttune.train.objectives.classification:ClassificationConfig"),

@@ -149,6 +149,12 @@ class DistillationTrainer(GRPOTrainer):
         return self.micro_batches(examples, completion_ids, truncated, torch.zeros(len(examples)), sizes)
 
     # --- the loss ----------------------------------------------------------------------------------------------
+    @property
+    def loss_temperature(self) -> float:
+        """What divides both models' logits in the divergence: the sampling temperature, as TRL's
+        DistillationTrainer (GKD's trainer: 1)."""
+        return self.args.temperature
+
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The divergence summed over this micro-batch's completion tokens / num_items (the step's completion
         tokens, all ranks); records the student's entropy."""
@@ -162,7 +168,7 @@ class DistillationTrainer(GRPOTrainer):
             teacher = scored_hidden(self.teacher, *args)
         div, entropy = token_divergence(
             self.model.head_input(student), self.model.lm_head.weight, self.teacher.head_input(teacher),
-            self.teacher.lm_head.weight, a.beta, a.temperature, self.model.arch.final_logit_softcap,
+            self.teacher.lm_head.weight, a.beta, self.loss_temperature, self.model.arch.final_logit_softcap,
             self.teacher.arch.final_logit_softcap)
         loss = div.sum() / max(num_items, 1)
         self._add_ratio("entropy", entropy.sum(), entropy.numel())

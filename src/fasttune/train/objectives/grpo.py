@@ -309,10 +309,11 @@ class GRPOTrainer(RewardScoring, Trainer):
         completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
         return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
 
-    def sample(self, examples: list[dict], seed: int) -> tuple[list[list[int]], list[bool]]:
-        """One completion per example from model.generate (temperature, top_p, top_k; seeded): (token ids up to
-        and including the first stop token, whether each hit max_completion_length without one)."""
-        a, model = self.args, self.model
+    def sample(self, examples: list[dict], seed: int, model=None) -> tuple[list[list[int]], list[bool]]:
+        """One completion per example from model.generate (temperature, top_p, top_k; seeded; `model`: the policy
+        unless given, e.g. GKD's teacher): (token ids up to and including the first stop token, whether each hit
+        max_completion_length without one)."""
+        a, model = self.args, self.model if model is None else model
         stops = stop_token_ids(self.tokenizer, model)
         media = {}
         if self.vision:
