@@ -175,3 +175,23 @@ def test_vision_language_model_keeps_its_tower_16_bit(qwen_vl_dir):
     names = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     assert names and all(".layers." in n and "visual" not in n for n in names)
     assert {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)} == {"fp8"}
+
+
+def test_an_fp8_checkpoint_loads_into_row_scales(tmp_path, tiny_tokenizer):
+    """A FineGrainedFP8 checkpoint (block scales) with load_in_fp8=True: its dequantised weights re-quantised per
+    row; the logits stay within FP8's rounding of the checkpoint's dequantised model."""
+    from fp8_checkpoint import to_fp8_checkpoint
+    from tiny import hf_model, save_hf
+
+    folder = to_fp8_checkpoint(save_hf(hf_model("llama"), tmp_path / "m", tiny_tokenizer), tmp_path / "fp8",
+                               block=(16, 32))
+    plain, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    fp8, _ = FastLanguageModel.from_pretrained(str(folder), load_in_fp8=True, dtype=torch.float32)
+    layer = fp8.model.layers[0].mlp.up_proj
+    assert layer.quant_type == "fp8"
+    want = quantize_fp8_rows(plain.model.layers[0].mlp.up_proj.weight)
+    assert torch.equal(layer.qweight.view(torch.uint8), want.weight.view(torch.uint8))
+    ids = torch.randint(3, 300, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        a, b = fp8(ids).logits, plain(ids).logits
+    assert (a - b).abs().max() < 0.05 * b.abs().max()
