@@ -220,7 +220,7 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
     if method == "classification" and not run["data"]:
         raise ConfigError("--method classification needs --data with labelled rows (a `text` column and a `label` "
                           "column: class names or indices, numbers, or 0/1 lists); the bundled demo set is for SFT.")
-    if method in ("grpo", "rloo") and not run["data"]:
+    if method in ("grpo", "gmpo", "rloo") and not run["data"]:
         raise ConfigError(f"--method {method} needs --data with prompt rows (a `prompt` column, plus any columns your "
                           "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
     if method == "distillation" and not (run["data"] and config.teacher_model_name_or_path):

@@ -12,6 +12,7 @@ METHODS = {
     "cpo": ("fasttune.train.objectives.cpo:CPOTrainer", "fasttune.train.objectives.cpo:CPOConfig"),
     "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
+    "gmpo": ("fasttune.train.objectives.gmpo:GMPOTrainer", "fasttune.train.objectives.gmpo:GMPOConfig"),
     "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
     "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
                      "fasttune.train.objectives.distillation:DistillationConfig"),
