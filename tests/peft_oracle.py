@@ -10,6 +10,20 @@ def peft_twin(family, adapter_dir, seed=0, **overrides):
     return PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
 
 
+def saved_lora_adapter(root, tokenizer, name="llama"):
+    """Save the tiny Llama (seed 0) as root/name, our LoRA model on it (r 4, alpha 8, random B) and its adapter as
+    root/"adapter"; returns (that model, its tokenizer)."""
+    from fasttune import FastLanguageModel
+    from tiny import save_hf
+
+    save_hf(hf_model("llama", seed=0), root / name, tokenizer)
+    model, tok = FastLanguageModel.from_pretrained(str(root / name), dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    randomize_lora_b(model)
+    model.save_pretrained(str(root / "adapter"))
+    return model, tok
+
+
 def randomize_lora_b(model, seed=5):
     """LoRA B starts at zero; give it values so that gradients of A are non-trivial too."""
     g = torch.Generator().manual_seed(seed)

@@ -5,7 +5,7 @@ short run, the student's entropy; plus gradient-accumulation invariance and the 
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, ROWS
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import peft_grads, peft_twin, randomize_lora_b, saved_lora_adapter
 from tiny import hf_model, save_hf
 
 from fasttune import DistillationConfig, DistillationTrainer, FastLanguageModel
@@ -35,13 +35,8 @@ def _fixed_trl():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("distill")
-    save_hf(hf_model("llama", seed=0), root / "student", tiny_tokenizer)
     save_hf(hf_model("llama", seed=1, **TEACHER), root / "teacher", tiny_tokenizer)
-    model, tok = FastLanguageModel.from_pretrained(str(root / "student"), dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
-    randomize_lora_b(model)
-    model.save_pretrained(str(root / "adapter"))
-    return root, tok
+    return root, saved_lora_adapter(root, tiny_tokenizer, "student")[1]
 
 
 def _ours(root, tok, tmp_path, teacher=None, **cfg):

@@ -7,7 +7,7 @@ import warnings
 
 import pytest
 import torch
-from peft_oracle import peft_grads, peft_twin, randomize_lora_b
+from peft_oracle import peft_grads, peft_twin, saved_lora_adapter
 from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel, GKDConfig, GKDTrainer
@@ -23,13 +23,8 @@ ROWS = [{"messages": [{"role": "user", "content": f"Q{i}: {w}?"},
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("gkd")
-    save_hf(hf_model("llama", seed=0), root / "student", tiny_tokenizer)
     save_hf(hf_model("llama", seed=1, **TEACHER), root / "teacher", tiny_tokenizer)
-    model, tok = FastLanguageModel.from_pretrained(str(root / "student"), dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
-    randomize_lora_b(model)
-    model.save_pretrained(str(root / "adapter"))
-    return root, tok
+    return root, saved_lora_adapter(root, tiny_tokenizer, "student")[1]
 
 
 def _ours(root, tok, tmp_path, rows=ROWS, **cfg):

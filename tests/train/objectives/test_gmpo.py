@@ -7,9 +7,8 @@ import warnings
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, ROWS, G, assert_step_equals_trl, count_a
-from peft_oracle import peft_twin, randomize_lora_b
+from peft_oracle import peft_twin, saved_lora_adapter
 from preference_oracle import shift_policy
-from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel, GMPOConfig, GMPOTrainer
 
@@ -19,12 +18,7 @@ trl = pytest.importorskip("trl")
 @pytest.fixture(scope="module")
 def model_and_adapter(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("gmpo")
-    save_hf(hf_model("llama", seed=0), root / "llama", tiny_tokenizer)
-    model, tok = FastLanguageModel.from_pretrained(str(root / "llama"), dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
-    randomize_lora_b(model)
-    model.save_pretrained(str(root / "adapter"))
-    return root, tok
+    return root, saved_lora_adapter(root, tiny_tokenizer)[1]
 
 
 def _trl(adapter, tok, tmp_path, **cfg):

@@ -7,9 +7,8 @@ from contextlib import contextmanager
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, ROWS, G, assert_step_equals_trl, count_a
-from peft_oracle import peft_twin, randomize_lora_b
+from peft_oracle import peft_twin, saved_lora_adapter
 from preference_oracle import shift_policy
-from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel, RLOOConfig, RLOOTrainer
 from fasttune.errors import ConfigError
@@ -28,12 +27,7 @@ def distinct(prompts, completions, **_):
 def policy(tmp_path_factory, tiny_tokenizer):
     """Our LoRA model (random LoRA B) and its saved adapter, on the tiny Llama."""
     root = tmp_path_factory.mktemp("rloo")
-    save_hf(hf_model("llama", seed=0), root / "llama", tiny_tokenizer)
-    model, tok = FastLanguageModel.from_pretrained(str(root / "llama"), dtype="float32")
-    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
-    randomize_lora_b(model)
-    model.save_pretrained(str(root / "adapter"))
-    return model, tok, root
+    return (*saved_lora_adapter(root, tiny_tokenizer), root)
 
 
 def _fixed_trl():
