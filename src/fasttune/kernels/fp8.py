@@ -186,6 +186,7 @@ def fp8_linear(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
                out_dtype: torch.dtype) -> torch.Tensor:
     """x @ W^T for x = xq * xs (M, K) and W = ws * wq (N, K): (M, N) in out_dtype. ws (N,) fp32."""
     n, k = wq.shape
+    # (16-bit outputs only: the block shapes were chosen for those; fp32 models keep the GEMM's path)
     if xq.shape[0] <= FEW_ROWS and use_triton(xq) and out_dtype != torch.float32:
         return _few_rows(xq.contiguous(), xs.contiguous(), wq, ws, out_dtype)
     if fp8_gemm_runs(xq, n, k):
