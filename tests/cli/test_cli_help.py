@@ -59,3 +59,14 @@ def test_help_defaults_equal_print_config(method, tmp_path, capsys):
     assert shown["output_dir"] == ("fasttune_output", None)
     if method == "sft":
         assert shown["learning_rate"] == (2e-4, 1e-3)
+
+
+def test_help_names_every_method(capsys):
+    """The --method help lists every training method the command runs (commands/_methods.py's METHODS)."""
+    from fasttune.commands._methods import METHODS
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    listed = re.search(r"training objective: ([a-z| ]+)", text).group(1)
+    assert {m.strip() for m in listed.split("|")} == set(METHODS)
