@@ -142,3 +142,19 @@ def test_cli_method_gkd(setup, tmp_path, capsys):
     capsys.readouterr()
     assert main(["train", "--method", "gkd", "--data", str(data), "--output-dir", str(tmp_path / "x")]) == 2
     assert "--teacher-model-name-or-path" in capsys.readouterr().err
+
+
+def test_a_template_whose_prompt_is_no_prefix_warns_and_splits_as_trl(setup, tmp_path):
+    """A chat template that renders the assistant's header differently with add_generation_prompt: one warning, and
+    the split at the rendered prompt's length, as TRL's collator makes it."""
+    import copy
+
+    root, tok = setup
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}{{ m['role'][0] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    rows = [{"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "a long answer"}]}]
+    with pytest.warns(UserWarning, match="without the rendered prompt as its start"):
+        trainer = _ours(root, tok, tmp_path, rows=rows * 2, per_device_train_batch_size=2)
+    text = tok.apply_chat_template(rows[0]["messages"][:-1], add_generation_prompt=True, tokenize=False)
+    assert len(trainer.train_examples[0]["prompt_ids"]) == len(text)  # one byte a token

@@ -13,6 +13,7 @@ once; the prompt is its tokens before the first one that starts at or after the 
 from __future__ import annotations
 
 import random
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,7 @@ class GKDTrainer(DistillationTrainer):
             raise ConfigError("GKDTrainer builds its own batches (TRL's DataCollatorForChatML layout); leave "
                               "data_collator unset.")
         self._dataset_only = False  # evaluation: the dataset's completions
+        self._warned_prefix = False  # one warning for a template whose conversation does not start with its prompt
         super().__init__(model, teacher_model, args, train_dataset, eval_dataset, processing_class, tokenizer,
                          **kwargs)
 
@@ -120,9 +122,12 @@ class GKDTrainer(DistillationTrainer):
             prompt = messages[:-1]
             text = tok.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False, **kwargs)
             full = tok.apply_chat_template(messages, tokenize=False, **kwargs)
-            if not full.startswith(text):
-                raise DataError(f"{where}: the chat template renders the conversation without the prompt's text "
-                                f"as its start, so the completion cannot be told apart.")
+            if not full.startswith(text) and not self._warned_prefix:
+                # TRL splits at the rendered prompt's length all the same; so do we, once told
+                self._warned_prefix = True
+                warnings.warn(f"{where}: the chat template renders the whole conversation without the rendered "
+                              f"prompt as its start; the completion is taken from the first token past the prompt's "
+                              f"length, as TRL's DataCollatorForChatML does, which may cut it in the wrong place.")
             return prompt, text, full
         prompt, completion = row.get("prompt"), row.get("completion")
         if not isinstance(prompt, str) or not isinstance(completion, str) or not prompt or not completion:
