@@ -195,3 +195,4 @@ def test_an_fp8_checkpoint_loads_into_row_scales(tmp_path, tiny_tokenizer):
     with torch.no_grad():
         a, b = fp8(ids).logits, plain(ids).logits
     assert (a - b).abs().max() < 0.05 * b.abs().max()
+

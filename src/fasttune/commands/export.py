@@ -4,6 +4,7 @@
     fasttune export --adapter out/adapter --format gguf --quantization q4_k_m,q8_0 --output gguf/   # one file each
     fasttune export --adapter out/adapter --format merged --output merged/
     fasttune export --adapter out/adapter --format merged --quantization nf4 --output merged-4bit/   # bnb-4bit
+    fasttune export --adapter out/adapter --format merged --quantization fp8 --output merged-fp8/    # FP8 blocks
     fasttune export --model model.gguf --format merged --output merged/      # GGUF -> transformers
     fasttune export --adapter out/adapter --format gguf --quantization q4_k_m --imatrix --imatrix-data train.jsonl \
         --output model.gguf      # k-quants weighted by an importance matrix measured on the training data
@@ -28,8 +29,8 @@ def register(subparsers):
                         "q3_k_s | q3_k_m | q3_k_l | q2_k | q4_0 | q4_1 | q5_0 | q5_1 | mxfp4_moe (MoE models: "
                         "experts in MXFP4, as llama.cpp's gpt-oss files) (llama.cpp's mixtures, same "
                         "types and bytes as llama-quantize), or a comma list such as q4_k_m,q8_0 (one file each, "
-                        "merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint (default: the model's "
-                        "16/32-bit weights)")
+                        "merged once); merged: nf4 writes a bitsandbytes 4-bit checkpoint, fp8 a FineGrainedFP8 "
+                        "one (128 x 128 block scales) (default: the model's 16/32-bit weights)")
     p.add_argument("--imatrix", action="store_true",
                    help="GGUF: weight the quantizers by an importance matrix (llama.cpp's imatrix: the mean square "
                         "of each input feature), measured on --imatrix-data through the fine-tuned model; for the "
@@ -48,9 +49,9 @@ def register(subparsers):
 
 def cmd_export(ns) -> int:
     """Run `fasttune export` on parsed arguments `ns`: a merged transformers checkpoint (save_pretrained_merged;
-    --quantization nf4: merged_4bit) or GGUF file(s) and a Modelfile (save_pretrained_gguf, default q8_0), printing what
-    was written; returns 0. Raises ConfigError, before loading anything, without --model or --adapter, for a
-    --quantization other than nf4 with --format merged, or an unknown GGUF quantization; and what loading
+    --quantization nf4: merged_4bit, fp8: merged_fp8) or GGUF file(s) and a Modelfile (save_pretrained_gguf, default
+    q8_0), printing what was written; returns 0. Raises ConfigError, before loading anything, without --model or
+    --adapter, for a --quantization other than nf4 / fp8 with --format merged, or an unknown GGUF quantization; and what loading
     (ModelLoadError) and the exporters raise."""
     from fasttune.commands._common import load_model_and_tokenizer
     from fasttune.errors import ConfigError
@@ -59,14 +60,15 @@ def cmd_export(ns) -> int:
 
     if not ns.model and not ns.adapter:
         raise ConfigError("fasttune export needs --adapter DIR (a trained adapter) or --model PATH.")
-    if ns.format == "merged" and ns.quantization not in (None, "nf4"):
+    if ns.format == "merged" and ns.quantization not in (None, "nf4", "fp8"):
         raise ConfigError(f"--quantization {ns.quantization} does not apply to --format merged: use nf4 (a "
-                          f"bitsandbytes 4-bit checkpoint) or leave it out for 16/32-bit weights (see --dtype).")
+                          f"bitsandbytes 4-bit checkpoint), fp8 (FineGrainedFP8, 128 x 128 blocks) or leave it out "
+                          f"for 16/32-bit weights (see --dtype).")
     quants = resolve_quantizations(ns.quantization or "q8_0") if ns.format == "gguf" else None  # fail before loading
     imatrix = _imatrix_source(ns, quants)
     model, tok = load_model_and_tokenizer(ns.model, ns.adapter, ns.dtype, need_tokenizer=ns.format == "gguf")
     if ns.format == "merged":
-        method = "merged_4bit" if ns.quantization == "nf4" else "merged_16bit"
+        method = {"nf4": "merged_4bit", "fp8": "merged_fp8"}.get(ns.quantization, "merged_16bit")
         out = model.save_pretrained_merged(ns.output, tok, save_method=method)
         auto = "AutoModelForImageTextToText" if getattr(model, "family", None) is not None else \
             "AutoModelForSequenceClassification" if getattr(model, "is_sequence_classifier", False) else \

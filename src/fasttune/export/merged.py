@@ -1,5 +1,7 @@
-"""Full checkpoints that transformers loads: LoRA merged into the base (save_method="merged_16bit"), or the
-adapter alone (save_method="lora"). Written into a temporary folder and renamed into place when complete."""
+"""Full checkpoints that transformers loads: LoRA merged into the base (save_method="merged_16bit"; "merged_4bit":
+bitsandbytes NF4; "merged_fp8": FineGrainedFP8 with 128 x 128 block scales, as transformers and vLLM read the Qwen3
+"-FP8" releases), or the adapter alone (save_method="lora"). Written into a temporary folder and renamed into place
+when complete."""
 from __future__ import annotations
 
 import copy
@@ -14,7 +16,8 @@ from fasttune.peft.adapter_io import checkpoint_names, save_adapter
 from fasttune.peft.lora import LoraLinear, expert_lora_layers
 from fasttune.sharding import is_sharded, writes_here
 
-SAVE_METHODS = ("merged_16bit", "merged_4bit", "lora")
+SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "lora")
+FP8_BLOCK = (128, 128)  # merged_fp8's weight_block_size
 # transformers' BitsAndBytesConfig for what merged_4bit writes (NF4, double-quantised, blocksize 64).
 BNB_4BIT_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
                    "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True, "bnb_4bit_quant_storage": "uint8",
@@ -81,14 +84,9 @@ def _nf4_linears(model, tensors: dict) -> dict:
     """The decoder's Linear weights (merged; `tensors` under checkpoint names) re-quantised to NF4 in bitsandbytes'
     keys; lm_head (a classifier's score), embeddings, norms and a vision-language model's vision modules stay
     16-bit (the modules `skipped_4bit_modules` names), as transformers + bitsandbytes keep them."""
-    from fasttune.quant.linear import QuantLinear
     from fasttune.quant.nf4 import quantize_nf4, state_to_tensors
 
-    hf_name = checkpoint_names(model)
-    vision = tuple(f"{attr}." for attr, _ in model.family.vision_modules) if getattr(model, "family", None) else ()
-    linears = {hf_name(n.removesuffix(".base_layer")) for n, m in model.named_modules()
-               if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n and n != "score"
-               and not n.startswith(vision)}
+    linears = _decoder_linears(model)
     out = {}
     for name, t in tensors.items():
         if name.endswith(".weight") and name[:-len(".weight")] in linears:
@@ -96,6 +94,33 @@ def _nf4_linears(model, tensors: dict) -> dict:
         else:
             out[name] = t
     return out
+
+
+def _fp8_linears(model, tensors: dict) -> dict:
+    """The decoder's Linear weights (merged; `tensors` under checkpoint names) as FineGrainedFP8 values and block
+    scales (`X.weight`, `X.weight_scale_inv`); the rest as it is (the same modules as _nf4_linears)."""
+    from fasttune.quant.fp8 import quantize_fp8_blocks
+
+    out = {}
+    linears = _decoder_linears(model)
+    for name, t in tensors.items():
+        if name.endswith(".weight") and name[:-len(".weight")] in linears:
+            out[name], out[name + "_scale_inv"] = quantize_fp8_blocks(t, FP8_BLOCK)
+        else:
+            out[name] = t
+    return out
+
+
+def _decoder_linears(model) -> set:
+    """Checkpoint names of the Linear modules quantised exports quantise: the decoder's, not lm_head, a
+    classifier's score or a vision-language model's vision modules."""
+    from fasttune.quant.linear import QuantLinear
+
+    hf_name = checkpoint_names(model)
+    vision = tuple(f"{attr}." for attr, _ in model.family.vision_modules) if getattr(model, "family", None) else ()
+    return {hf_name(n.removesuffix(".base_layer")) for n, m in model.named_modules()
+            if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n and n != "score"
+            and not n.startswith(vision)}
 
 
 def skipped_4bit_modules(model) -> list[str] | None:
@@ -146,13 +171,18 @@ SAVE_MERGED_IGNORED = ("safe_serialization", "max_shard_size", "token", "tempora
 def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit") -> Path:
     """Save `model` to `folder` for transformers and return the folder. save_method: "merged_16bit" (LoRA merged,
     in the model's dtype, safetensors sharded at 5 GiB), "merged_4bit" (the same with the decoder's Linear weights
-    re-quantised to bitsandbytes NF4), or "lora" (the adapter alone, PEFT's format). `tokenizer`, if given, is
+    re-quantised to bitsandbytes NF4), "merged_fp8" (those weights in FP8 with 128 x 128 block scales,
+    transformers' FineGrainedFP8 config; dense models), or "lora" (the adapter alone, PEFT's format). `tokenizer`, if given, is
     saved alongside. The merged folder is written atomically (see atomic_folder).
 
-    Raises ConfigError for an unknown save_method or a merged save of an FSDP-sharded model, and WriteError
+    Raises ConfigError for an unknown save_method, merged_fp8 of a mixture-of-experts model or a merged save of an
+    FSDP-sharded model, and WriteError
     (a ConfigError) when the disk is full or not writable."""
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
+    if save_method == "merged_fp8" and getattr(model.arch, "num_experts", 0):
+        raise ConfigError("save_method='merged_fp8' writes dense models (FineGrainedFP8 Linear weights); this model's "
+                          "stacked MoE experts have no FP8 layout here. Save merged_16bit (or merged_4bit).")
     folder = Path(folder)
     if save_method == "lora":
         if tokenizer is None or not writes_here(model):
@@ -174,6 +204,11 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
             tensors = _nf4_linears(model, tensors)
             hf_config.quantization_config = dict(BNB_4BIT_CONFIG, bnb_4bit_compute_dtype=str(dtype)[6:],
                                                  llm_int8_skip_modules=skipped_4bit_modules(model))
+        elif save_method == "merged_fp8":
+            tensors = _fp8_linears(model, tensors)
+            hf_config.quantization_config = {"quant_method": "fp8", "activation_scheme": "dynamic",
+                                             "weight_block_size": list(FP8_BLOCK),
+                                             "modules_to_not_convert": skipped_4bit_modules(model)}
         _write_shards(tensors, tmp)
         hf_config.tie_word_embeddings = model.arch.tie_embeddings
         if isinstance(getattr(type(hf_config), "torch_dtype", None), property):  # a deprecated alias of dtype

@@ -107,3 +107,19 @@ def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=Non
         raise ModelLoadError(f"{source}: the FP8 tensor '{lonely}' has no partner ("
                              f"{'its scale ' + scale_name(lonely, suffix) if weights else 'no float8 weight for it'}) "
                              f"in the checkpoint; the download is incomplete or the files are from different models.")
+
+
+def quantize_fp8_blocks(weight: torch.Tensor, block_size=(128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight (N, K) -> (float8_e4m3fn values (N, K), fp32 weight_scale_inv (ceil(N / bn), ceil(K / bk))) in
+    transformers' FineGrainedFP8 layout: each bn x bk block (the last ones ragged) divided by its max |value| / 448
+    and rounded to the nearest e4m3 value; dequantize_fp8 inverts it. An all-zero block gets a tiny scale and zeros.
+    The layout DeepSeek-V3 and the Qwen3 "-FP8" releases use with block_size (128, 128)."""
+    bn, bk = (int(b) for b in block_size)
+    w = weight.detach().float()
+    rows, cols = w.shape
+    padded = torch.nn.functional.pad(w, (0, -cols % bk, 0, -rows % bn))
+    blocks = padded.view(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
+    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
+    q = (blocks / scale[:, None, :, None]).clamp(-448.0, 448.0).view(padded.shape)[:rows, :cols]
+    return q.to(torch.float8_e4m3fn).contiguous(), scale
+
