@@ -145,18 +145,20 @@ def test_every_recompute_mode_gives_the_same_gradients(tiny_model_dir):
     check_recompute_gradients(tiny_model_dir("llama"), load_in_fp8=True)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3_text", "deepseek_v3", "qwen3_5_text", "lfm2"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "gemma3_text", "deepseek_v3", "qwen3_5_text", "lfm2"])
 def test_other_layouts_train_in_fp8(family, tiny_model_dir):
-    """A mixture-of-experts model keeps its experts 16-bit (named in a warning); Gemma 3's, latent attention's
-    (DeepSeek-V3), gated DeltaNet's (Qwen3.5) and short convolutions' (LFM2) projections take FP8 as Llama's do. The
-    loss is close to the 16-bit model's and has LoRA gradients, and greedy generation runs."""
+    """Mixture-of-experts models keep their stacked experts in FP8 too (row scales, multiplied in 16 bits; gpt-oss's
+    stacks are stored (E, in, out)); Gemma 3's, latent attention's (DeepSeek-V3), gated DeltaNet's (Qwen3.5) and short
+    convolutions' (LFM2) projections take FP8 as Llama's do. The loss is close to the 16-bit model's and has LoRA
+    gradients, and greedy generation runs."""
+    from fasttune.quant.experts import QuantExpertWeight
+
     folder = str(tiny_model_dir(family))
-    if family in ("qwen3_moe", "deepseek_v3"):
-        with pytest.warns(UserWarning, match="MoE experts are not quantised to fp8"):
-            model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
-    else:
-        model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
+    model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
     assert {m.quant_type for m in model.modules() if isinstance(m, QuantLinear)} == {"fp8"}
+    stacks = [m for m in model.modules() if isinstance(m, QuantExpertWeight)]
+    assert all(m.quant_type == "fp8" for m in stacks) and bool(stacks) == (family in ("qwen3_moe", "gpt_oss",
+                                                                                      "deepseek_v3"))
     plain, _ = FastLanguageModel.from_pretrained(folder, dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4)
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
@@ -168,6 +170,44 @@ def test_other_layouts_train_in_fp8(family, tiny_model_dir):
                if p.requires_grad and "lora_B" in n)  # (A gets none while B is zero)
     model.eval()
     assert model.generate(ids[:1, :5], max_new_tokens=3, do_sample=False).shape == (1, 8)
+
+
+def test_fp8_expert_stacks_are_their_rows_dequantised(tiny_model_dir, tmp_path):
+    """An FP8 expert stack computes as the 16-bit model whose stack holds its dequantised rows: logits and expert
+    LoRA gradients equal (the storage and dequantisation are the only change); the stack's bytes are a quarter of
+    fp32's plus the scales; merged exports hold the dequantised values."""
+    from fasttune.quant.experts import QuantExpertWeight
+
+    folder = str(tiny_model_dir("qwen3_moe"))
+    fp8, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
+    ref, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=True, dtype=torch.float32)
+    for name, module in list(ref.named_modules()):
+        if isinstance(module, QuantExpertWeight):
+            owner, _, attr = name.rpartition(".")
+            parent = ref.get_submodule(owner)
+            delattr(parent, attr)
+            parent.register_parameter(attr, torch.nn.Parameter(module.dequantized(torch.float32),
+                                                               requires_grad=False))
+    stack = fp8.model.layers[1].mlp.experts.gate_up_proj  # (layer 0 is dense)
+    rows = stack.qweight.float() * stack.scale.unsqueeze(-1)
+    assert torch.equal(stack.dequantized(torch.float32), rows) and stack.nbytes() == rows.numel() + stack.scale.numel() * 4
+    grads = []
+    for model in (fp8, ref):
+        lora = FastLanguageModel.get_peft_model(model, r=4, target_parameters=["mlp.experts.gate_up_proj"],
+                                                target_modules=["q_proj"], random_state=0)
+        randomize_lora_b(lora)
+        ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(4))
+        out = lora(ids, labels=ids)
+        out.loss.backward()
+        grads.append((out.loss.detach(), {n: p.grad for n, p in lora.named_parameters() if p.grad is not None}))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-6)
+    assert grads[0][1].keys() == grads[1][1].keys() and any("experts" in n for n in grads[0][1])
+    for n, g in grads[0][1].items():
+        torch.testing.assert_close(g, grads[1][1][n], rtol=1e-5, atol=1e-7, msg=n)
+    from fasttune.export.merged import merged_state_dict
+
+    merged = merged_state_dict(fp8, torch.float32)
+    assert merged["model.layers.1.mlp.experts.gate_up_proj"].shape == stack.shape
 
 
 def test_vision_language_model_keeps_its_tower_16_bit(qwen_vl_dir):

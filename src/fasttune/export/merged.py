@@ -27,7 +27,7 @@ MAX_SHARD_BYTES = 5 * 1024**3
 
 
 def _plain_tensors(model):
-    """model.state_dict() with quantised (NF4 / int8) layers and NF4 expert stacks dequantised to fp32 under their
+    """model.state_dict() with quantised (NF4 / int8 / FP8) layers and expert stacks dequantised to fp32 under their
     plain names."""
     from fasttune.quant.experts import QuantExpertWeight
     from fasttune.quant.linear import QuantLinear
@@ -38,7 +38,7 @@ def _plain_tensors(model):
         if owner is None:
             yield name, t
         elif isinstance(quant[owner], QuantExpertWeight):
-            if name == f"{owner}.packed":  # one stack, under the parameter name it stands for
+            if name == f"{owner}.{quant[owner].first_buffer}":  # one stack, under the parameter name it stands for
                 yield owner, quant[owner].dequantized(torch.float32)
         elif name == f"{owner}.weight":
             yield name, quant[owner].dequantized_weight(torch.float32)

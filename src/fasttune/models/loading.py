@@ -149,7 +149,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     models/sequence_classification.py's SequenceClassifier: a language-model checkpoint's lm_head is then dropped
     and a missing `score` head starts as transformers starts it, normal(0, initializer_range)).
     quant="nf4"/"int8"/"fp8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
-    memory stays near the quantised size; with "nf4" the stacked MoE experts too, each stack once it is whole.
+    memory stays near the quantised size; with "nf4" / "fp8" the stacked MoE experts too, each stack once it is whole
+    (FP8 experts multiply in 16 bits: quant/experts.py).
     Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit") load as they are, or are dequantised
     when quant is None."""
     from fasttune.models.moe import ExpertStacker
@@ -169,9 +170,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     pending = PendingQuantized(linears, source)
     experts = ExpertStacker(model, expected, device, dtype)
     _warn_unapplied_dropout(hf_config, source)
-    if quant in ("int8", "fp8") and model.arch.num_experts:
-        warnings.warn(f"{source}: the MoE experts are not quantised to {quant} (load_in_4bit quantises them to NF4); "
-                      f"they load in {dtype}, the other layers in {quant}.")
+    if quant == "int8" and model.arch.num_experts:
+        warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
+                      f"they load in {dtype}, the other layers in int8.")
     seen, unexpected = set(), []
     mtp = _mtp_layers(hf_config, model.arch.num_layers)
     renames = CHECKPOINT_RENAMES.get(model.arch.model_type, ())
@@ -185,8 +186,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             unexpected.append(name)
             continue
         if experts.take(name, t):  # one expert's tensor of a stacked MoE weight
-            while quant == "nf4" and experts.just_completed:  # quantised as soon as its stack is whole
-                _quantize_experts(model, experts.just_completed.pop())
+            while quant in ("nf4", "fp8") and experts.just_completed:  # quantised as soon as its stack is whole
+                _quantize_experts(model, experts.just_completed.pop(), quant)
             continue
         if not name.startswith("model.") and (f"model.{name}" in expected or pending.claims(f"model.{name}")):
             name = f"model.{name}"  # bare decoder checkpoints (no `model.` prefix)
@@ -216,8 +217,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             _install_weight(model, module_name, quantize(t.to(device=device, dtype=dtype), quant), dtype, quant)
         else:
             assign_tensor(model, name, t.to(device=device, dtype=torch.float32 if name in fp32 else dtype))
-            if quant == "nf4" and attr in EXPERT_STACKS and module_name.endswith(".experts"):
-                _quantize_experts(model, name)
+            if quant in ("nf4", "fp8") and attr in EXPERT_STACKS and module_name.endswith(".experts"):
+                _quantize_experts(model, name, quant)
         seen.add(name)
     pending.check_complete()
     _warn_unexpected(unexpected, source, mtp)
@@ -278,13 +279,14 @@ def _warn_unexpected(names: list[str], source: str, mtp_layers: tuple[str, ...] 
 EXPERT_STACKS = ("gate_up_proj", "down_proj")  # models/moe.py's Experts parameters
 
 
-def _quantize_experts(model: nn.Module, name: str):
-    """Replace the stacked expert parameter `name` (E, out, in) by its NF4 QuantExpertWeight (quant/experts.py)."""
+def _quantize_experts(model: nn.Module, name: str, quant: str = "nf4"):
+    """Replace the stacked expert parameter `name` (E, out, in) by its NF4 / FP8 QuantExpertWeight
+    (quant/experts.py)."""
     from fasttune.quant.experts import QuantExpertWeight
 
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
-    holder = QuantExpertWeight.quantize(module._parameters.pop(attr).detach())
+    holder = QuantExpertWeight.quantize(module._parameters.pop(attr).detach(), quant)
     module.add_module(attr, holder)
 
 
