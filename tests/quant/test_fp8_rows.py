@@ -236,3 +236,19 @@ def test_an_fp8_checkpoint_loads_into_row_scales(tmp_path, tiny_tokenizer):
         a, b = fp8(ids).logits, plain(ids).logits
     assert (a - b).abs().max() < 0.05 * b.abs().max()
 
+
+
+def test_fp8_expert_stack_in_chunks_equals_one_pass(monkeypatch):
+    """Stacks larger than a chunk are quantised and dequantised a few experts at a time: the same values as in one
+    pass."""
+    import fasttune.quant.experts as experts
+
+    w = torch.randn(5, 12, 16)
+    whole = experts.QuantExpertWeight.quantize(w, "fp8")
+    monkeypatch.setattr(experts, "_FP8_CHUNK_ELEMENTS", 2 * 12 * 16)  # two experts a chunk: chunks of 2, 2, 1
+    parts = experts.QuantExpertWeight.quantize(w, "fp8")
+    assert torch.equal(parts.qweight.view(torch.uint8), whole.qweight.view(torch.uint8))
+    assert torch.equal(parts.scale, whole.scale)
+    assert torch.equal(parts.dequantized(torch.float32), whole.dequantized(torch.float32))
+    q, s = quantize_rows_reference(w.reshape(-1, 16))
+    assert torch.equal(whole.dequantized(torch.float32), (q.float() * s).view(5, 12, 16))

@@ -20,7 +20,12 @@ from fasttune.kernels.fp8 import FP8, quantize_rows_reference
 from fasttune.quant import nf4
 from fasttune.quant.linear import hold_nf4, move_storage
 
-_FP8_CHUNK = 8  # experts dequantised at once (bounds the fp32 temporary to a few experts)
+_FP8_CHUNK_ELEMENTS = 1 << 26  # weights (de)quantised at once: a 256 MB fp32 temporary at most, few launches
+
+
+def _experts_a_chunk(shape) -> int:
+    """How many experts of an (E, out, in) stack _FP8_CHUNK_ELEMENTS holds (at least one)."""
+    return max(1, _FP8_CHUNK_ELEMENTS // max(1, shape[-1] * shape[-2]))
 
 
 class QuantExpertWeight(nn.Module):
@@ -50,10 +55,11 @@ class QuantExpertWeight(nn.Module):
         if quant_type == "fp8":
             q = torch.empty(weight.shape, dtype=FP8, device=weight.device)
             s = torch.empty(weight.shape[:-1], dtype=torch.float32, device=weight.device)
-            for i in range(0, weight.shape[0], _FP8_CHUNK):  # a few experts' fp32 copy at a time
-                part = weight[i:i + _FP8_CHUNK]
+            step = _experts_a_chunk(weight.shape)
+            for i in range(0, weight.shape[0], step):  # a few experts' fp32 copy at a time
+                part = weight[i:i + step]
                 qi, si = quantize_rows_reference(part.reshape(-1, part.shape[-1]))
-                q[i:i + _FP8_CHUNK], s[i:i + _FP8_CHUNK] = qi.view(part.shape), si.view(part.shape[:-1])
+                q[i:i + step], s[i:i + step] = qi.view(part.shape), si.view(part.shape[:-1])
             return cls((q, s), weight.dtype)
         return cls(nf4.quantize_nf4(weight), weight.dtype)
 
@@ -84,9 +90,9 @@ class QuantExpertWeight(nn.Module):
         dtype = dtype or self.compute_dtype
         if self.quant_type == "fp8":
             out = torch.empty(self.shape, dtype=dtype, device=self.qweight.device)
-            for i in range(0, self.shape[0], _FP8_CHUNK):
-                out[i:i + _FP8_CHUNK] = (self.qweight[i:i + _FP8_CHUNK].float()
-                                         * self.scale[i:i + _FP8_CHUNK].unsqueeze(-1)).to(dtype)
+            step = _experts_a_chunk(self.shape)
+            for i in range(0, self.shape[0], step):
+                out[i:i + step] = (self.qweight[i:i + step].float() * self.scale[i:i + step].unsqueeze(-1)).to(dtype)
             return out
         from fasttune.kernels.nf4 import dequantize_nf4
 
