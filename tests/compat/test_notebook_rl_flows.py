@@ -133,14 +133,18 @@ def correctness_reward(prompts, completions, answer, **kwargs):
     return [2.0 if m is not None and m.group(1) == a else 0.0 for m, a in zip(found, answer)]
 
 
-def test_grpo_flow(smollm2_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("fp8", [False, True], ids=["16bit", "fp8"])  # fp8: the peer's FP8 GRPO notebooks
+def test_grpo_flow(fp8, smollm2_dir, tmp_path, monkeypatch):
     from datasets import Dataset
 
     from fasttune import is_bfloat16_supported
 
     monkeypatch.chdir(tmp_path)
     # The GRPO notebooks ask for vLLM here; the keywords are accepted and generation runs on our own generate.
-    model, tokenizer = _load(smollm2_dir, r=8, fast_inference=True, max_lora_rank=8, gpu_memory_utilization=0.6)
+    model, tokenizer = _load(smollm2_dir, r=8, fast_inference=True, max_lora_rank=8, gpu_memory_utilization=0.6,
+                             load_in_fp8=fp8)
+    if fp8:
+        assert model.model.layers[0].mlp.up_proj.base_layer.quant_type == "fp8"
     dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": SYSTEM_PROMPT},
                                              {"role": "user", "content": q}], "answer": a} for q, a in QUESTIONS])
     before = _lora_b(model)
