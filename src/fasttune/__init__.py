@@ -42,7 +42,8 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
              "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "RLOOTrainer", "RLOOConfig",
            "DPOTrainer", "DPOConfig",
-           "ORPOTrainer", "ORPOConfig", "CPOTrainer", "CPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer", "RewardConfig",
+           "ORPOTrainer", "ORPOConfig", "CPOTrainer", "CPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer",
+           "RewardConfig",
            "DistillationTrainer", "DistillationConfig", "GKDTrainer", "GKDConfig", "GMPOTrainer", "GMPOConfig",
            "ClassificationTrainer", "ClassificationConfig", "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",

@@ -83,7 +83,8 @@ def test_merged_fp8_export_loads_in_transformers_and_here(family, tiny_model_dir
     assert stored[name].dtype == torch.float8_e4m3fn and stored[name + "_scale_inv"].shape == (1, 1)
     assert stored["model.embed_tokens.weight"].dtype == torch.float32 and "lm_head.weight_scale_inv" not in stored
     q, s = quantize_fp8_blocks(plain[name])
-    assert torch.equal(stored[name].view(torch.uint8), q.view(torch.uint8)) and torch.equal(stored[name + "_scale_inv"], s)
+    assert torch.equal(stored[name].view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(stored[name + "_scale_inv"], s)
     ids = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(2))
     theirs = AutoModelForCausalLM.from_pretrained(str(tmp_path / "m8"), dtype=torch.float32,
                                                   quantization_config=FineGrainedFP8Config(dequantize=True)).eval()

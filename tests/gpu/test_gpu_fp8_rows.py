@@ -37,7 +37,8 @@ def test_scaled_mm_products_equal_the_fp32_products_of_the_same_values(m, k, n):
     xq, xs = quantize_rows(x)
     y = fp8_linear(xq, xs, wq, ws, torch.bfloat16)
     want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
-    assert y.dtype == torch.bfloat16 and ((y.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
+    assert y.dtype == torch.bfloat16
+    assert ((y.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
     dx = fp8_input_grad(g, wq, ws)
     gq, gs = quantize_rows_reference(g, ws)
     want = scaled_mm_reference(gq, gs, wq, torch.ones(1, k, device="cuda"), torch.float32)

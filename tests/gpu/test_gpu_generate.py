@@ -1,6 +1,6 @@
 """GPU checks of generation's CUDA-graph decode (models/static_decode.py; skipped without CUDA): replayed steps give
-the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, FP8, sliding windows, KV buckets), greedy fp32 equals
-transformers' generate(), and training between two generate() calls is seen by the next one."""
+the tokens of eager steps (greedy and seeded sampling, LoRA unmerged, NF4, FP8, sliding windows, KV buckets), greedy
+fp32 equals transformers' generate(), and training between two generate() calls is seen by the next one."""
 import pytest
 import torch
 from peft_oracle import randomize_lora_b

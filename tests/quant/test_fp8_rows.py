@@ -190,7 +190,8 @@ def test_fp8_expert_stacks_are_their_rows_dequantised(tiny_model_dir, tmp_path):
                                                                requires_grad=False))
     stack = fp8.model.layers[1].mlp.experts.gate_up_proj  # (layer 0 is dense)
     rows = stack.qweight.float() * stack.scale.unsqueeze(-1)
-    assert torch.equal(stack.dequantized(torch.float32), rows) and stack.nbytes() == rows.numel() + stack.scale.numel() * 4
+    assert torch.equal(stack.dequantized(torch.float32), rows)
+    assert stack.nbytes() == rows.numel() + stack.scale.numel() * 4
     grads = []
     for model in (fp8, ref):
         lora = FastLanguageModel.get_peft_model(model, r=4, target_parameters=["mlp.experts.gate_up_proj"],

@@ -3,7 +3,8 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels (FASTTUNE_KERNELS for that run),
+max_steps, resume, dtype, load_in_4bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels
+(FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT).
 Prints {out_dir: per-step losses} (JSON) on rank 0.

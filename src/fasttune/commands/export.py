@@ -51,8 +51,8 @@ def cmd_export(ns) -> int:
     """Run `fasttune export` on parsed arguments `ns`: a merged transformers checkpoint (save_pretrained_merged;
     --quantization nf4: merged_4bit, fp8: merged_fp8) or GGUF file(s) and a Modelfile (save_pretrained_gguf, default
     q8_0), printing what was written; returns 0. Raises ConfigError, before loading anything, without --model or
-    --adapter, for a --quantization other than nf4 / fp8 with --format merged, or an unknown GGUF quantization; and what loading
-    (ModelLoadError) and the exporters raise."""
+    --adapter, for a --quantization other than nf4 / fp8 with --format merged, or an unknown GGUF quantization;
+    and what loading (ModelLoadError) and the exporters raise."""
     from fasttune.commands._common import load_model_and_tokenizer
     from fasttune.errors import ConfigError
     from fasttune.export.gguf import IMATRIX_METHODS, resolve_quantizations

@@ -5,7 +5,8 @@ Each reproduces the bytes of llama.cpp's quantizers (ggml/src/ggml-quants.c): th
 `quantize_row_<type>_ref`, which `ggml_quantize_chunk` and `llama-quantize` use when no imatrix is given, and, for
 all but Q8_0, the importance-weighted ones, `quantize_row_<type>_impl`, used with an imatrix (`*_weighted` here).
 The search loops of ggml (`make_qkx2_quants`, `make_qkx3_quants`, `make_qx_quants`, `make_q3_quants`,
-`make_qp_quants`; export/kquant_search.py) run vectorised over all (sub-)blocks at once, on the tensor's device. To get ggml's exact float32
+`make_qp_quants`; export/kquant_search.py) run vectorised over all (sub-)blocks at once, on the tensor's
+device. To get ggml's exact float32
 results:
 - every sum over a block's elements is accumulated in ggml's order (element 0, 1, 2, ...), one add at a time;
 - products keep C's left-to-right order (`w*l*x` is `(w*l)*x`), constants are float32, and divisions by a

@@ -172,12 +172,11 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
     """Save `model` to `folder` for transformers and return the folder. save_method: "merged_16bit" (LoRA merged,
     in the model's dtype, safetensors sharded at 5 GiB), "merged_4bit" (the same with the decoder's Linear weights
     re-quantised to bitsandbytes NF4), "merged_fp8" (those weights in FP8 with 128 x 128 block scales,
-    transformers' FineGrainedFP8 config; dense models), or "lora" (the adapter alone, PEFT's format). `tokenizer`, if given, is
-    saved alongside. The merged folder is written atomically (see atomic_folder).
+    transformers' FineGrainedFP8 config; dense models), or "lora" (the adapter alone, PEFT's format). `tokenizer`,
+    if given, is saved alongside. The merged folder is written atomically (see atomic_folder).
 
     Raises ConfigError for an unknown save_method, merged_fp8 of a mixture-of-experts model or a merged save of an
-    FSDP-sharded model, and WriteError
-    (a ConfigError) when the disk is full or not writable."""
+    FSDP-sharded model, and WriteError (a ConfigError) when the disk is full or not writable."""
     if save_method not in SAVE_METHODS:
         raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
     if save_method == "merged_fp8" and getattr(model.arch, "num_experts", 0):

@@ -16,11 +16,14 @@ absolute maximum / 448 (e4m3's largest finite value). Values are rounded to near
 
 `quantize_rows` has a Triton kernel (one pass for the maximum, one to scale and cast; fp32 arithmetic) beside its
 torch reference `quantize_rows_reference`. Products of at most FEW_ROWS rows (decode steps) run in a Triton kernel
-that reads each weight row once; cuBLAS' FP8 GEMM at one row ran below the 16-bit GEMV's speed. Where the FP8 GEMM cannot run (a CPU, a GPU below compute capability
-8.9, sizes not multiples of 16) the products are computed from the same quantised values in fp32
+that reads each weight row once; cuBLAS' FP8 GEMM at one row ran below the 16-bit GEMV's speed. Where the FP8
+GEMM cannot run (a CPU, a GPU below compute capability 8.9, sizes not multiples of 16) the products are computed
+from the same quantised values in fp32
 (`scaled_mm_reference`), so the numbers differ from the GPU's only by the order of the sums.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -172,7 +175,13 @@ def fp8_gemm_runs(x: torch.Tensor, *dims: int) -> bool:
     >= 8.9 (Ada, Hopper, Blackwell), every size a multiple of 16."""
     if not x.is_cuda or any(d % 16 for d in dims):
         return False
-    return torch.cuda.get_device_capability(x.device) >= (8, 9)
+    return _fp8_capable(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
+@functools.lru_cache(maxsize=None)
+def _fp8_capable(index: int) -> bool:
+    """Compute capability >= 8.9 for CUDA device `index` (read once: this is asked for every FP8 product)."""
+    return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
 def _scaled_mm(a, sa, b, sb, out_dtype):

@@ -57,7 +57,8 @@ class FineTunableLM(Protocol):
 
     def save_pretrained_merged(self, save_directory, tokenizer=None, save_method: str = "merged_16bit", **kwargs):
         """Write a transformers checkpoint with the LoRA merged in (save_method "merged_16bit" / "merged_4bit" /
-        "merged_fp8") or the adapter ("lora"); see fasttune.export.merged. Raises ConfigError for an unknown save_method or keyword."""
+        "merged_fp8") or the adapter ("lora"); see fasttune.export.merged. Raises ConfigError for an unknown
+        save_method or keyword."""
 
     def save_pretrained_gguf(self, save_directory, tokenizer=None, quantization_method="q8_0", **kwargs):
         """Write a llama.cpp GGUF file (LoRA merged in) quantised as quantization_method, and an Ollama Modelfile; see

@@ -148,9 +148,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model,
     models/sequence_classification.py's SequenceClassifier: a language-model checkpoint's lm_head is then dropped
     and a missing `score` head starts as transformers starts it, normal(0, initializer_range)).
-    quant="nf4"/"int8"/"fp8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so peak
-    memory stays near the quantised size; with "nf4" / "fp8" the stacked MoE experts too, each stack once it is whole
-    (FP8 experts multiply in 16 bits: quant/experts.py).
+    quant="nf4"/"int8"/"fp8": every decoder Linear (not lm_head) is quantised as its weight arrives, on `device`, so
+    peak memory stays near the quantised size; with "nf4" / "fp8" the stacked MoE experts too, each stack once it is
+    whole (FP8 experts multiply in 16 bits: quant/experts.py).
     Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit") load as they are, or are dequantised
     when quant is None."""
     from fasttune.models.moe import ExpertStacker

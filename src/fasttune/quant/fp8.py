@@ -111,15 +111,18 @@ def fp8_tensors(tensors, dtype: torch.dtype, block_size, source: str, device=Non
 
 def quantize_fp8_blocks(weight: torch.Tensor, block_size=(128, 128)) -> tuple[torch.Tensor, torch.Tensor]:
     """weight (N, K) -> (float8_e4m3fn values (N, K), fp32 weight_scale_inv (ceil(N / bn), ceil(K / bk))) in
-    transformers' FineGrainedFP8 layout: each bn x bk block (the last ones ragged) divided by its max |value| / 448
-    and rounded to the nearest e4m3 value; dequantize_fp8 inverts it. An all-zero block gets a tiny scale and zeros.
+    transformers' FineGrainedFP8 layout: each bn x bk block (the last ones ragged) scaled to a max |value| of 448
+    and rounded to the nearest e4m3 value (kernels/fp8.py's quantize_rows_reference on the block as one row);
+    dequantize_fp8 inverts it. An all-zero block gets a tiny scale and zeros.
     The layout DeepSeek-V3 and the Qwen3 "-FP8" releases use with block_size (128, 128)."""
+    from fasttune.kernels.fp8 import quantize_rows_reference
+
     bn, bk = (int(b) for b in block_size)
-    w = weight.detach().float()
-    rows, cols = w.shape
-    padded = torch.nn.functional.pad(w, (0, -cols % bk, 0, -rows % bn))
-    blocks = padded.view(padded.shape[0] // bn, bn, padded.shape[1] // bk, bk)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp(min=1e-12) / 448.0
-    q = (blocks / scale[:, None, :, None]).clamp(-448.0, 448.0).view(padded.shape)[:rows, :cols]
-    return q.to(torch.float8_e4m3fn).contiguous(), scale
+    rows, cols = weight.shape
+    padded = torch.nn.functional.pad(weight.detach(), (0, -cols % bk, 0, -rows % bn))  # zeros: no block's maximum
+    r, c = padded.shape[0] // bn, padded.shape[1] // bk
+    # each block as one row of the row quantiser (the rounding the FP8 layers use), then back in place
+    q, s = quantize_rows_reference(padded.view(r, bn, c, bk).transpose(1, 2).reshape(r * c, bn * bk))
+    q = q.view(r, c, bn, bk).transpose(1, 2).reshape(padded.shape)[:rows, :cols]
+    return q.contiguous(), s.view(r, c)
 

@@ -20,11 +20,14 @@ QUANT_TYPES = ("nf4", "int8", "fp8")
 class _DequantMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, layer):
+        """x (..., in_features) @ the layer's dequantised (out_features, in_features) weight^T -> (..., out_features)
+        in x's dtype; only the layer is kept for backward (not the 16-bit weight)."""
         ctx.layer = layer
         return x @ layer.dequantized_weight(x.dtype).t()
 
     @staticmethod
     def backward(ctx, grad):
+        """grad (..., out_features) -> (d(x) (..., in_features) from a freshly dequantised weight, None)."""
         if not ctx.needs_input_grad[0]:
             return None, None
         return grad @ ctx.layer.dequantized_weight(grad.dtype), None

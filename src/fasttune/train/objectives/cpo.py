@@ -93,8 +93,9 @@ class CPOTrainer(PreferenceTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """This micro-batch's share of the mean pair loss plus cpo_alpha x the chosen completions' NLL; metrics:
-        TRL's rewards/*, logps/* and nll_loss (0 with cpo_alpha=0, as TRL logs it). On a mixture-of-experts model whose config has output_router_logits
-        set (TRL's CPO adds the load-balancing loss only then), plus that loss's share (with_aux_loss)."""
+        TRL's rewards/*, logps/* and nll_loss (0 with cpo_alpha=0, as TRL logs it). On a mixture-of-experts model
+        whose config has output_router_logits set (TRL's CPO adds the load-balancing loss only then), plus that loss's
+        share (with_aux_loss)."""
         args, pairs = self.args, batch["input_ids"].shape[0] // 2
         aux = [] if getattr(self.model.config, "output_router_logits", False) else None
         logps = self.logps(batch, aux_out=aux)  # completion tokens only
