@@ -128,12 +128,30 @@ def clock_generate(model, device: str, record: list):
 class StepClock:
     """Step-end timestamps (synchronized) and the generate() time/positions of each step."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, profile_step: int | None = None):
+        """profile_step: the index of a step (0-based) to run under torch.profiler; its CUDA kernels are printed."""
         self.device, self.ends, self.gen, self.gen_seconds, self.gen_positions = device, [], [], [], []
+        self.profile_step, self.profiler = profile_step, None
+
+    def _profile(self):
+        """Start the profiler when the step to profile begins, print its kernel table when it ends."""
+        import torch
+
+        step = len(self.ends) - 1  # the step that starts now
+        if self.profiler is not None:
+            self.profiler.stop()
+            print(self.profiler.key_averages().table(sort_by="cuda_time_total", row_limit=30,
+                                                     max_name_column_width=70), flush=True)
+            self.profiler = None
+        elif step == self.profile_step:
+            self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA,
+                                                               torch.profiler.ProfilerActivity.CPU])
+            self.profiler.start()
 
     def start(self):
         _sync(self.device)
         self.ends.append(time.perf_counter())
+        self._profile()
 
     def step_end(self):
         _sync(self.device)
@@ -141,6 +159,7 @@ class StepClock:
         self.gen_seconds.append(sum(s for s, _ in self.gen))
         self.gen_positions.append(sum(n for _, n in self.gen))
         self.gen.clear()
+        self._profile()
 
     def step_seconds(self) -> list[float]:
         return [b - a for a, b in zip(self.ends, self.ends[1:])]
@@ -272,7 +291,7 @@ def child(a) -> dict:
     tok = build_tokenizer(vocab)
     distill = a.objective == "distillation"  # one completion per prompt: num_generations x as many prompts
     prompts = make_prompts(vocab, a.prompts * a.steps * (a.num_generations if distill else 1), a.prompt_len)
-    clock = StepClock(a.device)
+    clock = StepClock(a.device, a.profile_step)
     with tempfile.TemporaryDirectory() as tmp:
         run = run_trl if a.impl == "trl" else run_ours
         history, extra = run(a, clock, prompts, tok, str(Path(tmp) / "run"))
@@ -340,6 +359,8 @@ def main():
     ap.add_argument("--beta", type=float, default=None, help="KL weight (default: 0 for grpo, 0.05 for rloo)")
     ap.add_argument("--fp32-head", choices=["on", "off"], default="off",
                     help="cast_lm_head_to_fp32 (TRL's / ScaleRL's fp32 LM head), both trainers")
+    ap.add_argument("--profile-step", type=int, default=None,
+                    help="print the CUDA kernels of this step (0-based; its time then includes the profiler's)")
     ap.add_argument("--row-out", help="child mode: where to write the row (JSON)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "grpo_step.jsonl"))
     a = ap.parse_args()
@@ -347,7 +368,7 @@ def main():
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta",
-                                    "fp32_head", "teacher_shape", "teacher_quant", "quant"))
+                                    "fp32_head", "teacher_shape", "teacher_quant", "quant", "profile_step"))
     trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None

@@ -14,7 +14,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="llama-3.1-8b")
     ap.add_argument("--gc", choices=["on", "off", "offload"], default="off")
-    ap.add_argument("--quant", choices=["none", "nf4"], default="none")
+    ap.add_argument("--quant", choices=["none", "nf4", "fp8"], default="none")
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--expert-lora", action="store_true", help="MoE shapes: LoRA on the experts too (as bench_lora)")

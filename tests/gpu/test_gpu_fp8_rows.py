@@ -7,7 +7,7 @@ import torch
 from peft_oracle import randomize_lora_b
 
 from fasttune import FastLanguageModel
-from fasttune.kernels.fp8 import (fp8_gemm_runs, fp8_input_grad, fp8_linear, quantize_rows,
+from fasttune.kernels.fp8 import (FEW_ROWS, fp8_gemm_runs, fp8_input_grad, fp8_linear, quantize_rows,
                                   quantize_rows_reference, scaled_mm_reference)
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
@@ -43,6 +43,19 @@ def test_scaled_mm_products_equal_the_fp32_products_of_the_same_values(m, k, n):
     gq, gs = quantize_rows_reference(g, ws)
     want = scaled_mm_reference(gq, gs, wq, torch.ones(1, k, device="cuda"), torch.float32)
     assert ((dx.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
+
+
+@pytest.mark.parametrize("m", [1, 2, 16, 33, FEW_ROWS])
+@pytest.mark.parametrize("n, k", [(1024, 4096), (4096, 14336), (14336, 4096), (70, 300)])
+def test_few_rows_kernel_equals_the_fp32_products_on_the_card(m, n, k):
+    """Decode-sized products (bf16 widening, fp32 accumulation in tl.dot): the exact products' sums to bf16's
+    rounding, also for long K, where Hopper's FP8 MMA accumulators would drift."""
+    torch.manual_seed(2)
+    xq, xs = quantize_rows(torch.randn(m, k, device="cuda").bfloat16())
+    wq, ws = quantize_rows_reference((torch.randn(n, k, device="cuda") * 0.02).bfloat16())
+    y = fp8_linear(xq, xs, wq, ws.view(-1), torch.bfloat16)
+    want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
+    assert ((y.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-5 * want.abs().max()).all()
 
 
 def test_bf16_lora_model_follows_the_cpu_recipe_and_trains(tiny_model_dir, tmp_path):

@@ -110,10 +110,10 @@ def test_fused_lora_group_over_fp8_bases_equals_module_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m", [1, 5, 16])
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
 def test_few_rows_kernel_equals_the_fp32_product(m, triton_kernels):
     """Decode-sized inputs (at most FEW_ROWS rows) take the Triton kernel that reads each weight row once; ragged N
-    and K; 16-bit output."""
+    and K; blocks of 16, 32 and 64 rows; 16-bit output."""
     from fasttune.kernels.fp8 import FEW_ROWS, fp8_linear
 
     assert m <= FEW_ROWS
@@ -123,3 +123,15 @@ def test_few_rows_kernel_equals_the_fp32_product(m, triton_kernels):
     y = fp8_linear(xq, xs, wq, ws.view(-1), torch.float16)
     want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
     assert y.dtype == torch.float16 and ((y.float() - want).abs() <= 2 ** -10 * want.abs() + 1e-6).all()
+
+
+def test_few_rows_kernel_tiles_rows_in_blocks(triton_kernels):
+    """More rows than one block holds: programs along both grid axes cover every output once."""
+    from fasttune.kernels.fp8 import _few_rows
+
+    torch.manual_seed(5)
+    xq, xs = quantize_rows_reference(torch.randn(40, 300, device=DEVICE))
+    wq, ws = quantize_rows_reference(torch.randn(70, 300, device=DEVICE) * 0.1)
+    y = _few_rows(xq, xs, wq, ws.view(-1), torch.float32, blocks=(16, 32, 128, 2))
+    want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)

@@ -91,21 +91,22 @@ if HAVE_TRITON:
 
     @triton.jit
     def _few_rows_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Program (block of BLOCK_N weight rows): y[m, n] = xs[m] ws[n] sum_k xq[m, k] wq[n, k] for all M <=
-        BLOCK_M rows of x, reading each weight row once. The FP8 values are exact in tf32 (tl.dot's fp32 inputs
-        on the GPU) and their products exact in fp32, so only the order of the fp32 sums differs from
-        torch._scaled_mm."""
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+        """Program (block of BLOCK_N weight rows, block of BLOCK_M rows of x): y[m, n] = xs[m] ws[n] sum_k xq[m, k]
+        wq[n, k]. The FP8 values are widened to DOT (bf16 on the GPU, fp32 in the interpreter), in which every e4m3
+        value is exact, and tl.dot accumulates their exact products in fp32, so only the order of the fp32 sums
+        differs from torch._scaled_mm. (An FP8 tl.dot would read the same bytes, but Hopper's FP8 MMA keeps fewer
+        accumulator bits: measured 1.5% off at K = 14,336.)"""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        rm = tl.arange(0, BLOCK_M)
+        rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                        other=0.0).to(tl.float32)
+                        other=0.0).to(DOT)
             w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :],
-                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(tl.float32)
-            acc += tl.dot(x, tl.trans(w))
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(DOT)
+            acc = tl.dot(x, tl.trans(w), acc)
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
         acc = acc * xs[:, None] * ws[None, :]
@@ -129,14 +130,21 @@ if HAVE_TRITON:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-FEW_ROWS = 16  # up to this many rows of x, fp8_linear reads the weight once in its own kernel (decode steps)
+FEW_ROWS = 64  # up to this many rows of x, fp8_linear reads the weight once in its own kernel (decode steps)
 
 
-def _few_rows(xq, xs, wq, ws, out_dtype):
-    """fp8_linear for x of at most FEW_ROWS rows, one Triton launch. Block shapes: the fastest of a sweep on an
-    H200 over the 8B shape's four weight sizes (M = 1: 2 rows x 1,024 columns, 2 warps, 5.2 us for 4096 x 4096
-    where torch._scaled_mm took 13.2 and a bf16 GEMM 10.4; M = 16: 16 x 512 tiles, 2 warps, 3 stages). The CPU
-    interpreter runs programs one by one, so there a program takes 32 rows."""
+def few_rows_blocks(m: int, n: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) of _few_rows_kernel for m rows (2..FEW_ROWS) and n weight rows:
+    the fastest of a sweep on an H200 over the 8B shape's four weight sizes (num_warps 4)."""
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    return bm, 32 if n < 8192 else 64 if m <= 16 else 128, 256, 4
+
+
+def _few_rows(xq, xs, wq, ws, out_dtype, blocks: tuple[int, int, int, int] | None = None):
+    """fp8_linear for x of at most FEW_ROWS rows, one Triton launch that reads each weight row once per block of x
+    rows (cuBLAS' FP8 GEMM runs tiles of 128 rows and was slower than a 16-bit GEMM up to 64 rows). M = 1: 2 rows
+    x 1,024 columns, 2 warps (5.2 us for 4096 x 4096 where torch._scaled_mm took 13.2 and a bf16 GEMM 10.4; on the
+    CPU interpreter, which runs programs one by one, 32 rows); else `blocks` or few_rows_blocks."""
     m, k = xq.shape
     n = wq.shape[0]
     y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
@@ -144,8 +152,10 @@ def _few_rows(xq, xs, wq, ws, out_dtype):
         bn = 2 if xq.is_cuda else 32
         _one_row_kernel[(triton.cdiv(n, bn),)](xq, xs, wq, ws, y, n, k, BLOCK_N=bn, BLOCK_K=1024, num_warps=2)
     else:
-        _few_rows_kernel[(triton.cdiv(n, 16),)](xq, xs, wq, ws, y, m, n, k, BLOCK_M=16, BLOCK_N=16, BLOCK_K=512,
-                                                num_warps=2, num_stages=3)
+        bm, bn, bk, stages = blocks or few_rows_blocks(m, n)
+        _few_rows_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+            xq, xs, wq, ws, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+            DOT=tl.bfloat16 if xq.is_cuda else tl.float32, num_warps=4, num_stages=stages)
     return y
 
 
