@@ -48,14 +48,18 @@ def test_scaled_mm_products_equal_the_fp32_products_of_the_same_values(m, k, n):
 @pytest.mark.parametrize("m", [1, 2, 16, 33, FEW_ROWS])
 @pytest.mark.parametrize("n, k", [(1024, 4096), (4096, 14336), (14336, 4096), (70, 300)])
 def test_few_rows_kernel_equals_the_fp32_products_on_the_card(m, n, k):
-    """Decode-sized products (bf16 widening, fp32 accumulation in tl.dot): the exact products' sums to bf16's
-    rounding, also for long K, where Hopper's FP8 MMA accumulators would drift."""
+    """Decode-sized products: the exact products' sums to bf16's rounding plus an accumulation error below 2^-12
+    of the sum of |products| (the FP8 MMA's partial sums hold ~13 bits until they join the fp32 accumulator every
+    128 products; without that promotion the test fails at K = 14,336)."""
     torch.manual_seed(2)
     xq, xs = quantize_rows(torch.randn(m, k, device="cuda").bfloat16())
     wq, ws = quantize_rows_reference((torch.randn(n, k, device="cuda") * 0.02).bfloat16())
     y = fp8_linear(xq, xs, wq, ws.view(-1), torch.bfloat16)
     want = scaled_mm_reference(xq, xs, wq.t(), ws.view(1, -1), torch.float32)
-    assert ((y.float() - want).abs() <= 2 ** -8 * want.abs() + 1e-5 * want.abs().max()).all()
+    sum_abs = scaled_mm_reference(xq.float().abs().to(xq.dtype), xs, wq.float().abs().to(wq.dtype).t(),
+                                  ws.view(1, -1), torch.float32)
+    excess = ((y.float() - want).abs() - 2 ** -8 * want.abs()) / sum_abs
+    assert excess.max().item() <= 2 ** -12, excess.max().item()
 
 
 def test_bf16_lora_model_follows_the_cpu_recipe_and_trains(tiny_model_dir, tmp_path):

@@ -15,8 +15,9 @@ scales (there with 1 x 128 / 128 x 128 blocks): e4m3 for activations, weights an
 absolute maximum / 448 (e4m3's largest finite value). Values are rounded to nearest (torch's cast after clamping).
 
 `quantize_rows` has a Triton kernel (one pass for the maximum, one to scale and cast; fp32 arithmetic) beside its
-torch reference `quantize_rows_reference`. Products of at most FEW_ROWS rows (decode steps) run in a Triton kernel
-that reads each weight row once; cuBLAS' FP8 GEMM at one row ran below the 16-bit GEMV's speed. Where the FP8
+torch reference `quantize_rows_reference`. Products of at most FEW_ROWS rows (decode steps, up to 64 sequences) run in
+a Triton kernel that reads each weight row once per block of rows; cuBLAS' FP8 GEMM, whose tiles are 128 rows, ran
+below the 16-bit GEMV's speed at one row and at the 16-bit GEMM's at 64. Where the FP8
 GEMM cannot run (a CPU, a GPU below compute capability 8.9, sizes not multiples of 16) the products are computed
 from the same quantised values in fp32
 (`scaled_mm_reference`), so the numbers differ from the GPU's only by the order of the sums.
@@ -91,22 +92,25 @@ if HAVE_TRITON:
 
     @triton.jit
     def _few_rows_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, y_ptr, M, N, K, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT: tl.constexpr):
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WIDEN: tl.constexpr, PROMOTE: tl.constexpr):
         """Program (block of BLOCK_N weight rows, block of BLOCK_M rows of x): y[m, n] = xs[m] ws[n] sum_k xq[m, k]
-        wq[n, k]. The FP8 values are widened to DOT (bf16 on the GPU, fp32 in the interpreter), in which every e4m3
-        value is exact, and tl.dot accumulates their exact products in fp32, so only the order of the fp32 sums
-        differs from torch._scaled_mm. (An FP8 tl.dot would read the same bytes, but Hopper's FP8 MMA keeps fewer
-        accumulator bits: measured 1.5% off at K = 14,336.)"""
+        wq[n, k]. On the GPU an FP8 tl.dot: Hopper's FP8 MMA sums in fewer bits than fp32, so its partial sums
+        join the fp32 accumulator every PROMOTE products along K (128 = DeepSeek-V3's promotion interval N_C,
+        four MMA instructions; Triton's default never promotes, measured 1.5% off at K = 14,336). WIDEN (the CPU
+        interpreter): the values as fp32, exact."""
         rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=(rm[:, None] < M) & (rk[None, :] < K),
-                        other=0.0).to(DOT)
+                        other=0.0)
             w = tl.load(w_ptr + rn[:, None].to(tl.int64) * K + rk[None, :],
-                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0).to(DOT)
-            acc = tl.dot(x, tl.trans(w), acc)
+                        mask=(rn[:, None] < N) & (rk[None, :] < K), other=0.0)
+            if WIDEN:
+                acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, max_num_imprecise_acc=PROMOTE)
         xs = tl.load(xs_ptr + rm, mask=rm < M, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=rn < N, other=0.0)
         acc = acc * xs[:, None] * ws[None, :]
@@ -135,16 +139,21 @@ FEW_ROWS = 64  # up to this many rows of x, fp8_linear reads the weight once in 
 
 def few_rows_blocks(m: int, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) of _few_rows_kernel for m rows (2..FEW_ROWS) and n weight rows:
-    the fastest of a sweep on an H200 over the 8B shape's four weight sizes (num_warps 4)."""
+    the fastest of sweeps on an H200 over the 8B shape's four weight sizes at 16 and 64 rows (num_warps 4)."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
-    return bm, 32 if n < 8192 else 64 if m <= 16 else 128, 256, 4
+    if n < 8192:
+        return bm, 32, 256, 4
+    return (bm, 64, 256, 4) if m <= 16 else (bm, 64, 256, 3)
 
 
-def _few_rows(xq, xs, wq, ws, out_dtype, blocks: tuple[int, int, int, int] | None = None):
+def _few_rows(xq, xs, wq, ws, out_dtype, blocks: tuple[int, int, int, int] | None = None, promote: int = 128):
     """fp8_linear for x of at most FEW_ROWS rows, one Triton launch that reads each weight row once per block of x
-    rows (cuBLAS' FP8 GEMM runs tiles of 128 rows and was slower than a 16-bit GEMM up to 64 rows). M = 1: 2 rows
-    x 1,024 columns, 2 warps (5.2 us for 4096 x 4096 where torch._scaled_mm took 13.2 and a bf16 GEMM 10.4; on the
-    CPU interpreter, which runs programs one by one, 32 rows); else `blocks` or few_rows_blocks."""
+    rows. M = 1: 2 rows x 1,024 columns, 2 warps (5.2 us for 4096 x 4096 where torch._scaled_mm took 13.2 and a
+    bf16 GEMM 10.4; on the CPU interpreter, which runs programs one by one, 32 rows); else `blocks` or
+    few_rows_blocks, the FP8 MMA's partial sums promoted every `promote` products (a multiple of 32, at most
+    BLOCK_K). At 64 rows on an H200: 19.2 us for gate_proj's 14336 x 4096 (torch._scaled_mm 23.2, bf16 33.2),
+    30.4 for down_proj (36.8, 36.0), but 10.5 for k_proj's 1024 x 4096 (13.1, 8.4: 32 programs leave most of the
+    card idle)."""
     m, k = xq.shape
     n = wq.shape[0]
     y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
@@ -155,7 +164,7 @@ def _few_rows(xq, xs, wq, ws, out_dtype, blocks: tuple[int, int, int, int] | Non
         bm, bn, bk, stages = blocks or few_rows_blocks(m, n)
         _few_rows_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
             xq, xs, wq, ws, y, m, n, k, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-            DOT=tl.bfloat16 if xq.is_cuda else tl.float32, num_warps=4, num_stages=stages)
+            WIDEN=not xq.is_cuda, PROMOTE=promote, num_warps=4, num_stages=stages)
     return y
 
 
