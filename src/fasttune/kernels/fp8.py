@@ -226,11 +226,18 @@ def fp8_linear_grad(gq: torch.Tensor, gs: torch.Tensor, wq: torch.Tensor, out_dt
     """(gq * gs) @ wq: the input gradient of fp8_linear when g was quantised with col_scale=ws. gq (M, N), wq (N, K)
     -> (M, K) in out_dtype. On the GPU wq is first transposed to (K, N) (the GEMM reads both operands K-major)."""
     n, k = wq.shape
-    ones = torch.ones(1, k, device=gq.device, dtype=torch.float32)
+    ones = _unit_scales(k, gq.device)
     if fp8_gemm_runs(gq, n, k):
         wt = swap_outer(wq.view(torch.uint8).view(n, 1, k), torch.uint8).view(k, n).view(FP8)
         return _scaled_mm(gq, gs, wt.t(), ones, out_dtype)
     return scaled_mm_reference(gq, gs, wq, ones, out_dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _unit_scales(k: int, device: torch.device) -> torch.Tensor:
+    """ones (1, k) fp32 on `device`: the unscaled weight's column scales, made once per width (backward asks for
+    them per projection, and on a GPU every new tensor is a launch)."""
+    return torch.ones(1, k, device=device, dtype=torch.float32)
 
 
 def fp8_input_grad(g: torch.Tensor, wq: torch.Tensor, ws: torch.Tensor) -> torch.Tensor:

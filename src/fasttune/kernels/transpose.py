@@ -63,4 +63,6 @@ def swap_outer(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """out[c, b, a] = x[a, b, c] as a new contiguous (C, B, A) tensor in `dtype`; differentiable (the gradient
     comes back in x's layout and dtype). x (A, B, C), any float dtype. The Triton kernel where use_triton(x), else
     swap_outer_reference."""
+    if not (x.requires_grad and torch.is_grad_enabled()):  # (frozen weights: no autograd node, less host time)
+        return _swap(x, dtype)
     return _SwapOuter.apply(x, dtype)
