@@ -45,7 +45,7 @@ def test_scaled_mm_products_equal_the_fp32_products_of_the_same_values(m, k, n):
     assert ((dx.float() - want).abs() <= 2 ** -7 * want.abs() + 1e-3 * want.abs().max()).all()
 
 
-@pytest.mark.parametrize("m", [1, 2, 16, 33, FEW_ROWS])
+@pytest.mark.parametrize("m", [1, 2, 16, 33, 64, 100, FEW_ROWS])
 @pytest.mark.parametrize("n, k", [(1024, 4096), (4096, 14336), (14336, 4096), (70, 300)])
 def test_few_rows_kernel_equals_the_fp32_products_on_the_card(m, n, k):
     """Decode-sized products: the exact products' sums to bf16's rounding plus an accumulation error below 2^-12

@@ -110,10 +110,10 @@ def test_fused_lora_group_over_fp8_bases_equals_module_path(monkeypatch):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("m", [1, 5, 16, 33, 64])
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 64, 100])
 def test_few_rows_kernel_equals_the_fp32_product(m, triton_kernels):
     """Decode-sized inputs (at most FEW_ROWS rows) take the Triton kernel that reads each weight row once; ragged N
-    and K; blocks of 16, 32 and 64 rows; 16-bit output."""
+    and K; blocks of 16, 32 and 64 rows (100: two blocks); 16-bit output."""
     from fasttune.kernels.fp8 import FEW_ROWS, fp8_linear
 
     assert m <= FEW_ROWS
@@ -127,6 +127,19 @@ def test_few_rows_kernel_equals_the_fp32_product(m, triton_kernels):
                                   torch.float32)
     assert y.dtype == torch.float16
     assert ((y.float() - want).abs() <= 2 ** -10 * want.abs() + 2 ** -12 * sum_abs + 1e-6).all()
+
+
+def test_few_row_products_go_to_the_kernel_only_where_it_was_faster(triton_kernels, monkeypatch):
+    """Up to 64 rows for every weight, up to 128 below 8,192 weight rows; the rest to the GEMM path."""
+    from fasttune.kernels import fp8
+
+    taken = []
+    monkeypatch.setattr(fp8, "_few_rows", lambda xq, *a, **k: taken.append(xq.shape[0]) or torch.zeros(0))
+    for m, n in [(64, 8192), (65, 8192), (128, 4096), (129, 4096), (1, 8192)]:
+        xq, xs = quantize_rows_reference(torch.randn(m, 32, device=DEVICE))
+        wq, ws = quantize_rows_reference(torch.randn(n, 32, device=DEVICE))
+        fp8.fp8_linear(xq, xs, wq, ws.view(-1), torch.float16)
+    assert taken == [64, 128, 1]
 
 
 def test_few_rows_kernel_tiles_rows_in_blocks(triton_kernels):

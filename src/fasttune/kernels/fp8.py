@@ -15,7 +15,7 @@ scales (there with 1 x 128 / 128 x 128 blocks): e4m3 for activations, weights an
 absolute maximum / 448 (e4m3's largest finite value). Values are rounded to nearest (torch's cast after clamping).
 
 `quantize_rows` has a Triton kernel (one pass for the maximum, one to scale and cast; fp32 arithmetic) beside its
-torch reference `quantize_rows_reference`. Products of at most FEW_ROWS rows (decode steps, up to 64 sequences) run in
+torch reference `quantize_rows_reference`. Products of few rows (decode steps, short prefills: `few_rows_pay`) run in
 a Triton kernel that reads each weight row once per block of rows; cuBLAS' FP8 GEMM, whose tiles are 128 rows, ran
 below the 16-bit GEMV's speed at one row and at the 16-bit GEMM's at 64. Where the FP8
 GEMM cannot run (a CPU, a GPU below compute capability 8.9, sizes not multiples of 16) the products are computed
@@ -134,16 +134,27 @@ if HAVE_TRITON:
         tl.store(y_ptr + rn, y.to(y_ptr.dtype.element_ty), mask=rn < N)
 
 
-FEW_ROWS = 64  # up to this many rows of x, fp8_linear reads the weight once in its own kernel (decode steps)
+FEW_ROWS = 128  # up to this many rows of x (64 for weights of 8,192 rows or more), fp8_linear reads the weight once
+# per block of rows in its own kernel (decode steps, short prefills); beyond, cuBLAS' FP8 GEMM
+
+
+def few_rows_pay(m: int, n: int) -> bool:
+    """Whether _few_rows beats torch._scaled_mm for m rows of x and n weight rows: on an H200 up to 64 rows for
+    every 8B-shape weight, up to 128 for those of fewer than 8,192 rows (gate/up_proj's 14336 x 4096 at 128 rows:
+    25.8 us against cuBLAS' 19.7)."""
+    return m <= (FEW_ROWS if n < 8192 else 64)
 
 
 def few_rows_blocks(m: int, n: int) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_stages) of _few_rows_kernel for m rows (2..FEW_ROWS) and n weight rows:
-    the fastest of sweeps on an H200 over the 8B shape's four weight sizes at 16 and 64 rows (num_warps 4)."""
+    the fastest of sweeps on an H200 over the 8B shape's four weight sizes at 16, 32, 64 and 128 rows (num_warps
+    4). Up to 2,048 weight rows (k/v_proj) blocks of 16 give the card enough programs."""
     bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    if n <= 2048:
+        return bm, 16 if m > 16 else 32, 256, 4
     if n < 8192:
         return bm, 32, 256, 4
-    return (bm, 64, 256, 4) if m <= 16 else (bm, 64, 256, 3)
+    return (bm, 64, 256, 3) if m > 32 else (bm, 64, 256, 4)
 
 
 def _few_rows(xq, xs, wq, ws, out_dtype, blocks: tuple[int, int, int, int] | None = None, promote: int = 128):
@@ -152,8 +163,7 @@ def _few_rows(xq, xs, wq, ws, out_dtype, blocks: tuple[int, int, int, int] | Non
     bf16 GEMM 10.4; on the CPU interpreter, which runs programs one by one, 32 rows); else `blocks` or
     few_rows_blocks, the FP8 MMA's partial sums promoted every `promote` products (a multiple of 32, at most
     BLOCK_K). At 64 rows on an H200: 19.2 us for gate_proj's 14336 x 4096 (torch._scaled_mm 23.2, bf16 33.2),
-    30.4 for down_proj (36.8, 36.0), but 10.5 for k_proj's 1024 x 4096 (13.1, 8.4: 32 programs leave most of the
-    card idle)."""
+    30.3 for down_proj (36.8, 36.4), 9.2 for k_proj's 1024 x 4096 (13.0, 8.4)."""
     m, k = xq.shape
     n = wq.shape[0]
     y = torch.empty(m, n, device=xq.device, dtype=out_dtype)
@@ -215,7 +225,7 @@ def fp8_linear(xq: torch.Tensor, xs: torch.Tensor, wq: torch.Tensor, ws: torch.T
     """x @ W^T for x = xq * xs (M, K) and W = ws * wq (N, K): (M, N) in out_dtype. ws (N,) fp32."""
     n, k = wq.shape
     # (16-bit outputs only: the block shapes were chosen for those; fp32 models keep the GEMM's path)
-    if xq.shape[0] <= FEW_ROWS and use_triton(xq) and out_dtype != torch.float32:
+    if few_rows_pay(xq.shape[0], n) and use_triton(xq) and out_dtype != torch.float32:
         return _few_rows(xq.contiguous(), xs.contiguous(), wq, ws, out_dtype)
     if fp8_gemm_runs(xq, n, k):
         return _scaled_mm(xq, xs, wq.t(), ws.view(1, n), out_dtype)
