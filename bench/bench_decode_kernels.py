@@ -4,6 +4,10 @@
   Llama-3.1-8B layer. The weights are cycled through ~200 MB of copies, more than the H200's 50 MB L2, because a
   decode step reads every weight from HBM once: timing one weight over and over measures the L2 instead (an
   earlier comparison made that mistake and concluded cuBLAS was faster for large weights).
+- FP8 products of few rows (kernels/fp8.py: `fp8_linear`, which sends 2-128 rows to its Triton kernel where
+  `few_rows_pay`) against cuBLAS' FP8 GEMM (`torch._scaled_mm`, row-wise scales) and the bf16 GEMM of the same
+  weight, the Llama-3.1-8B layer's four weight sizes at 1, 16, 64 and 128 rows; the error is the largest excess over
+  bf16 rounding of the exact sum, in units of the sum of |products| (kernels/fp8.py's test bound is 2^-12).
 - Decode attention (kernels/decode_attention.py: RoPE, cache write and attention in one kernel) against the
   unfused path (apply_rope_qk, two index_copy_, SDPA with the additive mask), 8 KV heads, for batch 1 and 64.
 
@@ -87,6 +91,41 @@ def gemv_rows(device: str, dtype, budget: int) -> list[dict]:
     return rows
 
 
+def fp8_rows(device: str, budget: int) -> list[dict]:
+    from fasttune.kernels.fp8 import fp8_gemm_runs, fp8_linear, quantize_rows, scaled_mm_reference
+
+    rows, bf16 = [], torch.bfloat16 if device == "cuda" else torch.float32
+    shapes = {"q/o_proj": (4096, 4096), "k/v_proj": (1024, 4096), "gate/up_proj": (14336, 4096),
+              "down_proj": (4096, 14336)} if device == "cuda" else {"tiny": (64, 32)}
+    for name, (n, k) in shapes.items():
+        copies = max(2, budget // (n * k * 2))
+        ws16 = [torch.randn(n, k, device=device, dtype=bf16) * 0.02 for _ in range(copies)]
+        q8 = [(q, s.view(-1)) for q, s in (quantize_rows(w) for w in ws16)]
+        for m in (1, 16, 64, 128):
+            xq, xs = quantize_rows(torch.randn(m, k, device=device, dtype=bf16))
+
+            def cublas(q, s):
+                if fp8_gemm_runs(xq, n, k, m):
+                    return torch._scaled_mm(xq, q.t(), scale_a=xs, scale_b=s.view(1, n), out_dtype=bf16)
+                return scaled_mm_reference(xq, xs, q.t(), s.view(1, n), bf16)
+
+            ours_us = timed_us([lambda q=q, s=s: fp8_linear(xq, xs, q, s, bf16) for q, s in q8], device)
+            ref_us = timed_us([lambda q=q, s=s: cublas(q, s) for q, s in q8], device)
+            bf16_us = timed_us([lambda w=w: F.linear(xq.to(bf16), w) for w in ws16], device)
+            q, s = q8[0]
+            want = scaled_mm_reference(xq, xs, q.t(), s.view(1, n), torch.float32)
+            sum_abs = scaled_mm_reference(xq.float().abs().to(xq.dtype), xs, q.float().abs().to(q.dtype).t(),
+                                          s.view(1, n), torch.float32)
+            err = {}
+            for key, got in (("ours", fp8_linear(xq, xs, q, s, bf16)), ("reference", cublas(q, s))):
+                err[key] = float((((got.float() - want).abs() - 2 ** -8 * want.abs()) / sum_abs).max())
+            rows.append(dict(kernel="fp8_linear", shape="llama-3.1-8b" if device == "cuda" else "tiny", case=name,
+                             rows=m, ours_us=round(ours_us, 2), reference_us=round(ref_us, 2),
+                             bf16_us=round(bf16_us, 2), weight_copies=copies, ours_error=err["ours"],
+                             reference_error=err["reference"]))
+    return rows
+
+
 def attention_rows(device: str, dtype) -> list[dict]:
     from fasttune.kernels.decode_attention import decode_attention, decode_attention_reference
 
@@ -125,14 +164,14 @@ def main():
     card = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     meta = dict(bench="decode_kernels", dtype=str(dtype).removeprefix("torch."), card=card, torch=torch.__version__,
                 transformers=transformers.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    rows = gemv_rows(args.device, dtype, budget) + attention_rows(args.device, dtype)
+    rows = gemv_rows(args.device, dtype, budget) + fp8_rows(args.device, budget) + attention_rows(args.device, dtype)
     with open(args.out, "a") as f:
         for r in rows:
             f.write(json.dumps({**meta, **r}) + "\n")
     print(f"{'kernel':18s} {'case':34s} {'ours us':>9s} {'ref us':>9s} {'ratio':>6s}")
     for r in rows:
-        case = (f"{r['shape']} {r['case']}" if r["kernel"] == "gemv"
-                else f"b{r['batch']} d{r['head_dim']} {r['slots']} slots")
+        case = {"gemv": lambda: f"{r['shape']} {r['case']}", "fp8_linear": lambda: f"{r['case']} x {r['rows']} rows"
+                }.get(r["kernel"], lambda: f"b{r['batch']} d{r['head_dim']} {r['slots']} slots")()
         print(f"{r['kernel']:18s} {case:34s} {r['ours_us']:9.2f} {r['reference_us']:9.2f} "
               f"{r['reference_us'] / r['ours_us']:6.2f}")
 
