@@ -459,9 +459,11 @@ def save_qwen2_vl(folder, seed: int = 0):
     return _save(folder, Qwen2VLForConditionalGeneration, qwen2_vl_config(), qwen_vl_processor(), seed)
 
 
-def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministral3", audio: bool = False, **vision):
+def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministral3", audio: bool = False,
+                  tower: str = "siglip", **vision):
     """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
-    "qwen3_5", "mistral3" with a `text_type` text model, "gemma4" with an audio tower if `audio`) whose tokenizer is a
+    "qwen3_5", "mistral3" with a `text_type` text model, "gemma4" with an audio tower if `audio`, "llava" with a
+    "siglip" or "clip" `tower`) whose tokenizer is a
     trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
     416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
     (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -469,8 +471,8 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     from bpe_tokenizers import make_bpe_tokenizer
 
     tok = make_bpe_tokenizer("gpt2")
-    tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE, "gemma4": GEMMA4_TEMPLATE}.get(
-        family, QWEN_VL_TEMPLATE)
+    tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE, "gemma4": GEMMA4_TEMPLATE,
+                         "llava": LLAVA_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
     patch = 16 if family.startswith("qwen3") else PATCH
     if family == "gemma3":
         processor = gemma3_processor(tok)
@@ -478,10 +480,16 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         processor = gemma4_processor(tok, audio=audio)
     elif family == "mistral3":
         processor = mistral3_processor(tok, longest_edge=128)
+    elif family == "llava":  # 56-pixel images: 4 x 4 patches of 14
+        processor = llava_processor(tok, side=56, siglip=tower == "siglip")
     else:
         processor = qwen_vl_processor(patch, tok=tok, max_side=16)
-    start, end, image = tok.convert_tokens_to_ids({"gemma3": GEMMA3_TOKENS, "mistral3": MISTRAL3_TOKENS,
-                                                   "gemma4": GEMMA4_TOKENS}.get(family, VISION_TOKENS))
+    if family == "llava":
+        start = end = None
+        image = tok.convert_tokens_to_ids("<image>")
+    else:
+        start, end, image = tok.convert_tokens_to_ids({"gemma3": GEMMA3_TOKENS, "mistral3": MISTRAL3_TOKENS,
+                                                       "gemma4": GEMMA4_TOKENS}.get(family, VISION_TOKENS))
     if family == "gemma3":
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
@@ -494,6 +502,9 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     elif family == "mistral3":  # Ministral 3's text model; images up to 128 pixels a side (8 x 8 tokens)
         config = mistral3_config(text_type)
         config.vision_config.image_size = 128
+    elif family == "llava":
+        config = llava_config(siglip=tower == "siglip")
+        config.vision_config.image_size = 56
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
                   "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config,
@@ -523,7 +534,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     for key, value in vision.items():
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
-           "gemma4": "Gemma4ForConditionalGeneration",
+           "gemma4": "Gemma4ForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
            "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",
@@ -645,31 +656,36 @@ def save_internvl(folder, seed: int = 0):
 LLAVA_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>\n")
 
 
-def llava_config():
+def llava_config(siglip: bool = False):
     """LLaVA-1.5's layout (transformers' LlavaConfig): a 2-layer CLIP tower on 28-pixel images of 14-pixel patches
-    (4 tokens an image: the second-to-last layer without its class token) and the MLP projector before a Llama."""
+    (4 tokens an image: the second-to-last layer without its class token) and the MLP projector before a Llama;
+    `siglip`: llava-interleave's instead, a SigLIP tower whose last layer gives every patch (4 tokens too)."""
     from transformers import LlavaConfig
 
     text = dict(model_type="llama", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6,
                 bos_token_id=None, eos_token_id=256, pad_token_id=256)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                  num_attention_heads=2, image_size=28, patch_size=14, projection_dim=32)
-    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=259, vision_feature_layer=-2,
-                       vision_feature_select_strategy="default", tie_word_embeddings=False)
+    vision = dict(model_type="siglip_vision_model" if siglip else "clip_vision_model", hidden_size=32,
+                  intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28, patch_size=14,
+                  **({} if siglip else dict(projection_dim=32)))
+    return LlavaConfig(text_config=text, vision_config=vision, image_token_id=259,
+                       vision_feature_layer=-1 if siglip else -2,
+                       vision_feature_select_strategy="full" if siglip else "default", tie_word_embeddings=False)
 
 
-def llava_processor(tok=None):
-    """fasttune's VisionProcessor as LlavaProcessor expands images: each <image> becomes 4 (one per patch, the class
-    token dropped); CLIP's image processor at 28 pixels."""
+def llava_processor(tok=None, side: int = 28, siglip: bool = False):
+    """fasttune's VisionProcessor as LlavaProcessor expands images: each <image> becomes one per 14-pixel patch (the
+    class token dropped: 4 at 28 pixels); CLIP's image processor at `side` pixels (`siglip`: SigLIP's)."""
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
 
     from fasttune.data.vision import VisionProcessor
 
     tok = make_tiny_tokenizer(chat_template=LLAVA_TEMPLATE) if tok is None else tok
     tok.add_special_tokens({"additional_special_tokens": ["<image>"]})  # id 259
-    images = CLIPImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28})
-    return VisionProcessor(tok, images, LLAVA_TEMPLATE, "<image>", None, image_sequence="<image>" * 4)
+    images = SiglipImageProcessorPil(size={"height": side, "width": side}) if siglip else \
+        CLIPImageProcessorPil(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+    return VisionProcessor(tok, images, LLAVA_TEMPLATE, "<image>", None, image_sequence="<image>" * (side // 14) ** 2)
 
 
 def save_llava(folder, seed: int = 0):

@@ -1,6 +1,6 @@
 """GGUF export of vision-language models: the text model's GGUF plus an mmproj file, run by llama.cpp's own libmtmd
-(llama-cpp-python's build). On tiny random Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Mistral 3 models
-with LoRA on the language model
+(llama-cpp-python's build). On tiny random Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Mistral 3, Gemma 4 and
+LLaVA (SigLIP tower) models with LoRA on the language model
 and the vision tower: llama.cpp's image embeddings, and its logits after a prompt with an image (so positions,
 Gemma 3's two-way image attention and Qwen2.5-VL's windows count), equal ours; the refusals leave nothing behind."""
 from types import SimpleNamespace
@@ -19,16 +19,17 @@ from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_four
 # llama.cpp's fixed Qwen2.5 window
 FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}, "qwen3_vl_moe": {},
             "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"},
-            "gemma4": {}, "gemma4:audio": {"audio": True}}
+            "gemma4": {}, "gemma4:audio": {"audio": True}, "llava": {}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"), "qwen3_5": ("<|vision_start|>", "<|vision_end|>"),
-        "qwen3_5_moe": ("<|vision_start|>", "<|vision_end|>"), "mistral3": ("", ""), "gemma4": ("<|image>", "<image|>")}
+        "qwen3_5_moe": ("<|vision_start|>", "<|vision_end|>"), "mistral3": ("", ""), "gemma4": ("<|image>", "<image|>"),
+        "llava": ("", "")}
 # (width, height): Gemma 3's fixed size; for Qwen 16 x 8 patches, two of Qwen2.5-VL's 112-pixel windows (Qwen3-VL:
 # its 8 x 8 position table resized to 16 x 8)
 IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112), "qwen3_vl": (256, 128),
               "qwen3_vl_moe": (256, 128), "qwen3_5": (256, 128), "qwen3_5_moe": (256, 128), "mistral3": (128, 96),
-              "gemma4": (480, 336)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
+              "gemma4": (480, 336), "llava": (56, 56)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,33 @@ def test_towers_llama_cpp_cannot_compute_are_refused_before_writing(qwen3_vl_dir
     with pytest.raises(ConfigError, match="needs its image processor"):
         model.save_pretrained_gguf(tmp_path / "c", proc.tokenizer)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_llava_towers_llama_cpp_computes_otherwise_are_refused(llava_vl_dir, bpe_vl, tmp_path):
+    """LLaVA-1.5's CLIP tower (llama.cpp's clip returns the class token in place of the first patch), a SigLIP tower
+    whose features drop a patch ("default"), feature layers out of order: refused before anything is written."""
+    model, proc = FastVisionModel.from_pretrained(str(llava_vl_dir), dtype=torch.float32)
+    with pytest.raises(ConfigError, match="CLIP vision tower .* class token .*save_pretrained_merged"):
+        model.save_pretrained_gguf(tmp_path / "a", proc)
+    model, proc = FastVisionModel.from_pretrained(str(bpe_vl("llava")), dtype=torch.float32)
+    model.hf_config.vision_feature_select_strategy = "default"
+    with pytest.raises(ConfigError, match="vision_feature_select_strategy='default'"):
+        model.save_pretrained_gguf(tmp_path / "b", proc)
+    model.hf_config.vision_feature_select_strategy, model.hf_config.vision_feature_layer = "full", [-1, -2]
+    with pytest.raises(ConfigError, match=r"hidden states \[-1, -2\]"):
+        model.save_pretrained_gguf(tmp_path / "c", proc)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_llava_projector_without_biases_gets_zero_ones():
+    """clip's mlp projector adds mm.0 / mm.2 biases unconditionally: a projector built without them gets zeros."""
+    from fasttune.export.gguf_mmproj_llava import add_missing_biases, feature_layers
+
+    tensors = {"mm.0.weight": torch.ones(6, 4), "mm.2.weight": torch.ones(5, 6), "mm.2.bias": torch.ones(5)}
+    add_missing_biases(None, tensors)
+    assert torch.equal(tensors["mm.0.bias"], torch.zeros(6)) and torch.equal(tensors["mm.2.bias"], torch.ones(5))
+    cfg = SimpleNamespace(vision_feature_layer=[-3, -1], vision_config=SimpleNamespace(num_hidden_layers=4))
+    assert feature_layers(SimpleNamespace(hf_config=cfg)) == [2, 4]  # hidden_states holds 5: embeddings + 4 layers
 
 
 def test_imrope_pairs_llama_cpp_sends_to_its_fourth_axis():
