@@ -103,7 +103,8 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
     """llama.cpp's libmtmd on a prompt with one image or audio clip: `before` + the media + `after` (libmtmd wraps
     it in the family's start/end tokens itself) through the text GGUF and its mmproj. `image`: (H, W, 3) uint8 RGB
     of the size the model's processor would resize it to (libmtmd then leaves it as it is), or a clip: (samples,)
-    float32 at the mmproj's sampling rate. Returns (the media's embeddings (tokens, hidden) float32 (Qwen3-VL: its
+    float32 at the mmproj's sampling rate. Returns (the media's embeddings (tokens, hidden) float32, every chunk of
+    it in order (Qwen3-VL: its
     DeepStack features follow on each row), the last position's logits (vocab,) float32, the prompt's token
     count)."""
     import llama_cpp
@@ -129,15 +130,16 @@ def mtmd_run(text_gguf, mmproj, before: str, image, after: str, n_threads: int =
     chunks = M.mtmd_input_chunks_init()
     try:
         assert M.mtmd_tokenize(ctx, chunks, ctypes.byref(prompt), (M.mtmd_bitmap_p_ctypes * 1)(bitmap), 1) == 0
-        embeddings = None
+        parts = []  # each image / audio chunk's embeddings, in prompt order (InternVL: its tiles, then the thumbnail)
         for i in range(M.mtmd_input_chunks_size(chunks)):
             chunk = M.mtmd_input_chunks_get(chunks, i)
             if M.mtmd_input_chunk_get_type(chunk) in (M.MTMD_INPUT_CHUNK_TYPE_IMAGE, M.MTMD_INPUT_CHUNK_TYPE_AUDIO):
                 n = M.mtmd_input_chunk_get_n_tokens(chunk)
                 assert M.mtmd_encode_chunk(ctx, chunk) == 0
                 width = L.llama_model_n_embd_inp(llm._model.model)  # Qwen3-VL: + one DeepStack feature per layer
-                embeddings = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * width,))
-                embeddings = embeddings.reshape(n, -1).copy()
+                part = np.ctypeslib.as_array(M.mtmd_get_output_embd(ctx), shape=(n * width,))
+                parts.append(part.reshape(n, -1).copy())
+        embeddings = np.concatenate(parts) if parts else None
         n_past = L.llama_pos(0)
         assert M.mtmd_helper_eval_chunks(ctx, llm._ctx.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past)) == 0
         logits = np.ctypeslib.as_array(L.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()

@@ -463,7 +463,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
                   tower: str = "siglip", **vision):
     """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "qwen3_5", "mistral3" with a `text_type` text model, "gemma4" with an audio tower if `audio`, "llava" with a
-    "siglip" or "clip" `tower`) whose tokenizer is a
+    "siglip" or "clip" `tower`, "internvl") whose tokenizer is a
     trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
     416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
     (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -472,7 +472,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
 
     tok = make_bpe_tokenizer("gpt2")
     tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE, "gemma4": GEMMA4_TEMPLATE,
-                         "llava": LLAVA_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
+                         "llava": LLAVA_TEMPLATE, "internvl": INTERNVL_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
     patch = 16 if family.startswith("qwen3") else PATCH
     if family == "gemma3":
         processor = gemma3_processor(tok)
@@ -482,6 +482,8 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         processor = mistral3_processor(tok, longest_edge=128)
     elif family == "llava":  # 56-pixel images: 4 x 4 patches of 14
         processor = llava_processor(tok, side=56, siglip=tower == "siglip")
+    elif family == "internvl":
+        processor = internvl_processor(tok)
     else:
         processor = qwen_vl_processor(patch, tok=tok, max_side=16)
     if family == "llava":
@@ -489,7 +491,8 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         image = tok.convert_tokens_to_ids("<image>")
     else:
         start, end, image = tok.convert_tokens_to_ids({"gemma3": GEMMA3_TOKENS, "mistral3": MISTRAL3_TOKENS,
-                                                       "gemma4": GEMMA4_TOKENS}.get(family, VISION_TOKENS))
+                                                       "gemma4": GEMMA4_TOKENS, "internvl": INTERNVL_TOKENS}.get(
+            family, VISION_TOKENS))
     if family == "gemma3":
         config = gemma3_config()
         config.boi_token_id, config.eoi_token_id = start, end
@@ -505,6 +508,8 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
     elif family == "llava":
         config = llava_config(siglip=tower == "siglip")
         config.vision_config.image_size = 56
+    elif family == "internvl":
+        config = internvl_config()
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
                   "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config,
@@ -521,6 +526,10 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
                 p.mul_(3.0)
         if family == "gemma3":
             model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.3)
+        if family == "internvl":  # transformers starts these at zero: a position off by one would not show
+            emb = model.model.vision_tower.embeddings
+            for p in (emb.cls_token, emb.position_embeddings, emb.patch_embeddings.projection.bias):
+                p.normal_(0, 0.5)
     config.image_token_id = image
     config.text_config.vocab_size = 416
     if family not in ("gemma3", "mistral3", "gemma4"):  # llama-cpp-python 0.3.36's qwen2vl ignores its RMSNorm eps
@@ -535,6 +544,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
            "gemma4": "Gemma4ForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
+           "internvl": "InternVLForConditionalGeneration",
            "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",

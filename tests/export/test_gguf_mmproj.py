@@ -1,6 +1,6 @@
 """GGUF export of vision-language models: the text model's GGUF plus an mmproj file, run by llama.cpp's own libmtmd
-(llama-cpp-python's build). On tiny random Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Mistral 3, Gemma 4 and
-LLaVA (SigLIP tower) models with LoRA on the language model
+(llama-cpp-python's build). On tiny random Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, Mistral 3, Gemma 4,
+LLaVA (SigLIP tower) and InternVL models with LoRA on the language model
 and the vision tower: llama.cpp's image embeddings, and its logits after a prompt with an image (so positions,
 Gemma 3's two-way image attention and Qwen2.5-VL's windows count), equal ours; the refusals leave nothing behind."""
 from types import SimpleNamespace
@@ -19,17 +19,17 @@ from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_four
 # llama.cpp's fixed Qwen2.5 window
 FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}, "qwen3_vl_moe": {},
             "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"},
-            "gemma4": {}, "gemma4:audio": {"audio": True}, "llava": {}}
+            "gemma4": {}, "gemma4:audio": {"audio": True}, "llava": {}, "internvl": {}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"), "qwen3_5": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_5_moe": ("<|vision_start|>", "<|vision_end|>"), "mistral3": ("", ""), "gemma4": ("<|image>", "<image|>"),
-        "llava": ("", "")}
+        "llava": ("", ""), "internvl": ("<img>", "</img>")}
 # (width, height): Gemma 3's fixed size; for Qwen 16 x 8 patches, two of Qwen2.5-VL's 112-pixel windows (Qwen3-VL:
 # its 8 x 8 position table resized to 16 x 8)
 IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112), "qwen3_vl": (256, 128),
               "qwen3_vl_moe": (256, 128), "qwen3_5": (256, 128), "qwen3_5_moe": (256, 128), "mistral3": (128, 96),
-              "gemma4": (480, 336), "llava": (56, 56)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
+              "gemma4": (480, 336), "llava": (56, 56), "internvl": (56, 56)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +158,23 @@ def test_llama_cpp_runs_the_exported_model_as_ours(family, bpe_vl, tmp_path):
     assert worst < 1e-3 and agree == 1.0
 
 
+def test_llama_cpp_tiles_internvl_images_as_its_processor(bpe_vl, tmp_path):
+    """An InternVL image of two tiles: libmtmd crops it as transformers' processor does (two 56-pixel tiles, then
+    the thumbnail, all between <img> and </img>), and the embeddings and logits equal ours. One colour, so that the
+    thumbnail's downscaling gives the same pixels on both sides whatever kernels the two resizes use."""
+    from PIL import Image
+
+    model, proc = _lora_model(bpe_vl("internvl"))
+    text = model.save_pretrained_gguf(tmp_path / "g", proc, quantization_method="f32")
+    image = Image.new("RGB", (112, 56), (200, 40, 90))
+    feats, logits, count = _ours(model, proc, "internvl", "Look: ", image, " What?")
+    their_feats, their_logits, their_count = mtmd_run(text, tmp_path / "g" / "mmproj.F32.gguf", "Look: ",
+                                                      np.asarray(image), " What?")
+    assert feats.shape[0] == 3 * 4 and their_count == count
+    assert _rel(their_feats, feats) < 2e-3
+    assert _rel(their_logits, logits) < 3e-3 and their_logits.argmax() == logits.argmax()
+
+
 def test_default_export_quantizes_the_text_model_and_keeps_the_tower_f16(bpe_vl, tmp_path):
     import gguf
 
@@ -249,6 +266,22 @@ def test_llava_towers_llama_cpp_computes_otherwise_are_refused(llava_vl_dir, bpe
     model.hf_config.vision_feature_select_strategy, model.hf_config.vision_feature_layer = "full", [-1, -2]
     with pytest.raises(ConfigError, match=r"hidden states \[-1, -2\]"):
         model.save_pretrained_gguf(tmp_path / "c", proc)
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_internvl_towers_llama_cpp_computes_otherwise_are_refused(bpe_vl, tmp_path):
+    """InternViT-6B's RMS / q-k norms, features from another layer, a fractional merge: refused, nothing written."""
+    model, proc = FastVisionModel.from_pretrained(str(bpe_vl("internvl")), dtype=torch.float32)
+    cfg = model.hf_config
+    cases = [("a", cfg.vision_config, "use_qk_norm", True, "RMS norms or q/k norms"),
+             ("b", cfg, "vision_feature_layer", -2, "vision layer -2"),
+             ("c", cfg, "downsample_ratio", 0.4, "downsample_ratio=0.4")]
+    for folder, owner, key, value, message in cases:
+        before = getattr(owner, key)
+        setattr(owner, key, value)
+        with pytest.raises(ConfigError, match=message):
+            model.save_pretrained_gguf(tmp_path / folder, proc)
+        setattr(owner, key, before)
     assert not any((tmp_path / d).exists() for d in "abc")
 
 

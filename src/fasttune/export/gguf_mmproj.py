@@ -22,7 +22,8 @@ convert_hf_to_gguf.py --mmproj writes them:
   `mm.input_norm`, its patch merger `mm.patch_merger` and linears `mm.1` / `mm.2`, and the text model's [IMG_BREAK]
   embedding row as `v.token_embd.img_break` (libmtmd puts it between an image's rows itself).
 - Gemma 4 ("gemma4v"): export/gguf_mmproj_gemma4.py.
-- LLaVA ("mlp": a CLIP or SigLIP tower and the two-layer projector): export/gguf_mmproj_llava.py.
+- LLaVA with a SigLIP tower ("mlp": the two-layer projector): export/gguf_mmproj_llava.py.
+- InternVL ("internvl": InternViT-300M, pixel shuffle, the LayerNorm + MLP projector): export/gguf_mmproj_internvl.py.
 Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
 for f32), as the converter stores them.
 """
@@ -37,13 +38,14 @@ import torch
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_mmproj_gemma4 import check_gemma4v, gemma4v_tensor, write_gemma4v_metadata
 from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a, gemma4a_tensor, keep_f32, write_gemma4a_metadata
+from fasttune.export.gguf_mmproj_internvl import check_internvl, internvl_tensor, write_internvl_metadata
 from fasttune.export.gguf_mmproj_llava import add_missing_biases, check_llava, llava_tensor, write_llava_metadata
 from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
               "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger",
               "qwen3_5_moe": "qwen3vl_merger", "mistral3": "pixtral", "gemma4": "gemma4v",
-              "llava": "mlp"}
+              "llava": "mlp", "internvl": "internvl"}
 # one tower (learned positions; DeepStack but in Qwen3.5), a dense, an MoE or Qwen3.5's decoder
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
@@ -121,6 +123,9 @@ def check_vision_supported(model, processor=None) -> None:
                           f"convert it with llama.cpp's convert_hf_to_gguf.py, once as it is and once with --mmproj.")
     if family == "llava":
         check_llava(model)
+        return
+    if family == "internvl":
+        check_internvl(model)
         return
     act = getattr(vision, "hidden_act", None) or getattr(vision, "hidden_activation", None)
     if act not in ACTIVATIONS[family]:
@@ -235,6 +240,9 @@ def split_vision(model, tensors: dict) -> dict:
         if family == "llava":
             out.update(llava_tensor(model, short, t))
             continue
+        if family == "internvl":
+            out.update(internvl_tensor(short, t))
+            continue
         if family == "gemma4":
             if short.startswith(("audio_tower.", "embed_audio.")):
                 pair = gemma4a_tensor(short, t, int(model.hf_config.audio_config.num_hidden_layers))
@@ -328,15 +336,17 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
     else:
         writer.add_clip_projector_type(PROJECTORS[family])
     writer.add_vision_projection_dim(model.config.hidden_size)
-    writer.add_vision_patch_size(int(vision.patch_size))
-    writer.add_vision_head_count(int(vision.num_attention_heads if family in ("gemma3", "mistral3", "gemma4", "llava")
-                                     else vision.num_heads))
+    patch = vision.patch_size  # (InternVL's: [14, 14])
+    writer.add_vision_patch_size(int(patch[0] if isinstance(patch, (list, tuple)) else patch))
+    writer.add_vision_head_count(int(getattr(vision, "num_heads", None) or vision.num_attention_heads))
     writer.add_vision_image_mean([float(v) for v in images.image_mean])
     writer.add_vision_image_std([float(v) for v in images.image_std])
     if family == "gemma4":
         write_gemma4v_metadata(writer, model, images)
     elif family == "llava":
         write_llava_metadata(writer, model)
+    elif family == "internvl":
+        write_internvl_metadata(writer, model, images)
     elif family == "gemma3":
         writer.add_vision_image_size(int(vision.image_size))
         writer.add_vision_embedding_length(int(vision.hidden_size))
