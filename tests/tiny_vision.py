@@ -463,7 +463,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
                   tower: str = "siglip", **vision):
     """A tiny vision-language model of `family` ("gemma3", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe",
     "qwen3_5", "mistral3" with a `text_type` text model, "gemma4" with an audio tower if `audio`, "llava" with a
-    "siglip" or "clip" `tower`, "internvl") whose tokenizer is a
+    "siglip" or "clip" `tower`, "internvl", "smolvlm") whose tokenizer is a
     trained BPE one (tests/bpe_tokenizers.py, 400 tokens, then the vision tokens; llama.cpp needs merges) in a
     416-token embedding, the vision weights and the decoder's q/k scaled up 3x; `vision`: vision_config overrides
     (Qwen2.5-VL: window_size, fullatt_block_indexes). Images up to 16 x 16 patches. Returns the folder."""
@@ -472,7 +472,8 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
 
     tok = make_bpe_tokenizer("gpt2")
     tok.chat_template = {"gemma3": GEMMA3_TEMPLATE, "mistral3": MISTRAL3_TEMPLATE, "gemma4": GEMMA4_TEMPLATE,
-                         "llava": LLAVA_TEMPLATE, "internvl": INTERNVL_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
+                         "llava": LLAVA_TEMPLATE, "internvl": INTERNVL_TEMPLATE,
+                         "smolvlm": IDEFICS3_TEMPLATE}.get(family, QWEN_VL_TEMPLATE)
     patch = 16 if family.startswith("qwen3") else PATCH
     if family == "gemma3":
         processor = gemma3_processor(tok)
@@ -484,9 +485,16 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         processor = llava_processor(tok, side=56, siglip=tower == "siglip")
     elif family == "internvl":
         processor = internvl_processor(tok)
+    elif family == "smolvlm":  # tiles of 56 pixels, images up to 112 (2 x 2 tiles and the whole image)
+        from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
+
+        tok.add_tokens(["\n\n"])  # libmtmd looks "\n\n" up as one token, as SmolLM2's vocabulary has it
+        processor = idefics3_processor(tok)
+        processor.image_processor = SmolVLMImageProcessorPil(size={"longest_edge": 2 * IDEFICS3_TILE},
+                                                            max_image_size={"longest_edge": IDEFICS3_TILE})
     else:
         processor = qwen_vl_processor(patch, tok=tok, max_side=16)
-    if family == "llava":
+    if family in ("llava", "smolvlm"):
         start = end = None
         image = tok.convert_tokens_to_ids("<image>")
     else:
@@ -510,6 +518,12 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         config.vision_config.image_size = 56
     elif family == "internvl":
         config = internvl_config()
+    elif family == "smolvlm":
+        from transformers import SmolVLMConfig
+
+        base = idefics3_config()
+        config = SmolVLMConfig(text_config=base.text_config.to_dict(), vision_config=base.vision_config.to_dict(),
+                               scale_factor=2, tie_word_embeddings=False)
     else:
         config = {"qwen2_5_vl": qwen_vl_config, "qwen2_vl": qwen2_vl_config, "qwen3_vl": qwen3_vl_config,
                   "qwen3_vl_moe": qwen3_vl_moe_config, "qwen3_5": qwen3_5_config,
@@ -531,7 +545,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
             for p in (emb.cls_token, emb.position_embeddings, emb.patch_embeddings.projection.bias):
                 p.normal_(0, 0.5)
     config.image_token_id = image
-    config.text_config.vocab_size = 416
+    config.text_config.vocab_size = 416 if len(tok) <= 416 else 448  # (SmolVLM: 36 row / column tokens more)
     if family not in ("gemma3", "mistral3", "gemma4"):  # llama-cpp-python 0.3.36's qwen2vl ignores its RMSNorm eps
         config.text_config.rms_norm_eps = 1e-12
     config.text_config.eos_token_id = config.text_config.pad_token_id = tok.eos_token_id
@@ -544,7 +558,7 @@ def save_with_bpe(folder, family: str, seed: int = 0, text_type: str = "ministra
         setattr(config.vision_config, key, value)
     cls = {"gemma3": "Gemma3ForConditionalGeneration", "mistral3": "Mistral3ForConditionalGeneration",
            "gemma4": "Gemma4ForConditionalGeneration", "llava": "LlavaForConditionalGeneration",
-           "internvl": "InternVLForConditionalGeneration",
+           "internvl": "InternVLForConditionalGeneration", "smolvlm": "SmolVLMForConditionalGeneration",
            "qwen2_vl": "Qwen2VLForConditionalGeneration",
            "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration", "qwen3_vl": "Qwen3VLForConditionalGeneration",
            "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration", "qwen3_5": "Qwen3_5ForConditionalGeneration",

@@ -19,7 +19,7 @@ from fasttune.export.gguf_mmproj import _pool_size, _window_pattern, imrope_four
 # llama.cpp's fixed Qwen2.5 window
 FAMILIES = {"gemma3": {}, "qwen2_vl": {}, "qwen2_5_vl": dict(window_size=112), "qwen3_vl": {}, "qwen3_vl_moe": {},
             "qwen3_5": {}, "qwen3_5_moe": {}, "mistral3": {}, "mistral3:mistral4": {"text_type": "mistral4"},
-            "gemma4": {}, "gemma4:audio": {"audio": True}, "llava": {}, "internvl": {}}
+            "gemma4": {}, "gemma4:audio": {"audio": True}, "llava": {}, "internvl": {}, "smolvlm": {}}
 WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen2_5_vl": ("<|vision_start|>", "<|vision_end|>"), "qwen3_vl": ("<|vision_start|>", "<|vision_end|>"),
         "qwen3_vl_moe": ("<|vision_start|>", "<|vision_end|>"), "qwen3_5": ("<|vision_start|>", "<|vision_end|>"),
@@ -29,7 +29,8 @@ WRAP = {"gemma3": ("<start_of_image>", "<end_of_image>"), "qwen2_vl": ("<|vision
 # its 8 x 8 position table resized to 16 x 8)
 IMAGE_SIZE = {"gemma3": (28, 28), "qwen2_vl": (224, 112), "qwen2_5_vl": (224, 112), "qwen3_vl": (256, 128),
               "qwen3_vl_moe": (256, 128), "qwen3_5": (256, 128), "qwen3_5_moe": (256, 128), "mistral3": (128, 96),
-              "gemma4": (480, 336), "llava": (56, 56), "internvl": (56, 56)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
+              "gemma4": (480, 336), "llava": (56, 56), "internvl": (56, 56),
+              "smolvlm": (112, 112)}  # (Gemma 4: 10 x 7 tokens of 48 pixels, the processor's 70-token budget exactly)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +67,8 @@ def _image(family):
     from PIL import Image
 
     width, height = IMAGE_SIZE[family]
+    if family == "smolvlm":  # one colour: the whole image shrunk to one tile is then the same pixels on both sides
+        return Image.new("RGB", (width, height), (200, 40, 90))  # (libmtmd's resize kernel is not the processor's)
     return Image.fromarray(np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
@@ -75,6 +78,8 @@ def _ours(model, proc, family, before, image, after):
     before + start + one placeholder per image token + end + after."""
     if _base(family) == "mistral3":
         return _ours_pixtral(model, proc, before, image, after)
+    if _base(family) == "smolvlm":
+        return _ours_tiles(model, proc, before, image, after)
     start, end = WRAP[_base(family)]
     pix = proc.image_processor(images=[image], return_tensors="pt")
     grid = pix.get("image_grid_thw", pix.get("image_position_ids"))  # (Gemma 4: each patch's position)
@@ -85,6 +90,17 @@ def _ours(model, proc, family, before, image, after):
                + proc.tokenizer(end + after)["input_ids"])
         logits = model(input_ids=torch.tensor([ids]), pixel_values=pix["pixel_values"], image_grid_thw=grid).logits
     return feats.numpy(), logits[0, -1].numpy(), len(ids)
+
+
+def _ours_tiles(model, proc, before, image, after):
+    """_ours for SmolVLM: the prompt as our processor (Idefics3Processor's layout) expands the image into its tiles'
+    row / column tokens and the whole image's, each tile's features in that order."""
+    batch = proc(text=before + proc.image_token + after, images=[image], return_tensors="pt")
+    with torch.no_grad():
+        feats, _ = model.image_features(batch["pixel_values"], batch["pixel_attention_mask"])
+        logits = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
+                       pixel_attention_mask=batch["pixel_attention_mask"]).logits
+    return feats.numpy(), logits[0, -1].numpy(), batch["input_ids"].shape[1]
 
 
 def _ours_pixtral(model, proc, before, image, after):
@@ -173,6 +189,22 @@ def test_llama_cpp_tiles_internvl_images_as_its_processor(bpe_vl, tmp_path):
     assert feats.shape[0] == 3 * 4 and their_count == count
     assert _rel(their_feats, feats) < 2e-3
     assert _rel(their_logits, logits) < 3e-3 and their_logits.argmax() == logits.argmax()
+
+
+def test_llama_cpp_cuts_smolvlm_tiles_in_the_processors_order(bpe_vl, tmp_path):
+    """A SmolVLM image of 2 x 2 tiles with different pixels everywhere: libmtmd's tiles (cut without resizing, as the
+    processor cuts them) give our tiles' embeddings in the same order; only the whole image, shrunk to one tile by
+    other kernels on the two sides, is left out."""
+    model, proc = _lora_model(bpe_vl("smolvlm"))
+    text = model.save_pretrained_gguf(tmp_path / "g", proc, quantization_method="f32")
+    image = _image("qwen2_vl").resize((112, 112))  # random pixels
+    feats, _, count = _ours(model, proc, "smolvlm", "Look: ", image, " What?")
+    their_feats, _, their_count = mtmd_run(text, tmp_path / "g" / "mmproj.F32.gguf", "Look: ", np.asarray(image),
+                                           " What?")
+    tiles = 4 * 4  # four tiles of 4 tokens, then the whole image's 4
+    assert their_count == count and feats.shape[0] == their_feats.shape[0] == tiles + 4
+    assert _rel(their_feats[:tiles], feats[:tiles]) < 2e-3
+    assert _rel(their_feats[:tiles], feats[[*range(4, tiles), *range(4)]]) > 2e-2  # (the order shows)
 
 
 def test_default_export_quantizes_the_text_model_and_keeps_the_tower_f16(bpe_vl, tmp_path):
@@ -283,6 +315,23 @@ def test_internvl_towers_llama_cpp_computes_otherwise_are_refused(bpe_vl, tmp_pa
             model.save_pretrained_gguf(tmp_path / folder, proc)
         setattr(owner, key, before)
     assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_smolvlm_towers_or_tokenizers_llama_cpp_reads_otherwise_are_refused(bpe_vl, tmp_path):
+    """Another tower activation, a tokenizer without "\\n\\n" as one token (libmtmd looks it up): refused."""
+    from fasttune.export.gguf_mmproj_idefics3 import check_idefics3
+
+    model, proc = FastVisionModel.from_pretrained(str(bpe_vl("smolvlm")), dtype=torch.float32)
+    model.hf_config.vision_config.hidden_act = "gelu"
+    with pytest.raises(ConfigError, match="hidden_act='gelu'"):
+        model.save_pretrained_gguf(tmp_path / "a", proc)
+    model.hf_config.vision_config.hidden_act = "gelu_pytorch_tanh"
+    split = SimpleNamespace(image_processor=proc.image_processor,
+                            tokenizer=lambda text, add_special_tokens: {"input_ids": [201] * len(text)})
+    with pytest.raises(ConfigError, match="several tokens"):
+        check_idefics3(model, split)
+    check_idefics3(model, proc)
+    assert not (tmp_path / "a").exists()
 
 
 def test_llava_projector_without_biases_gets_zero_ones():

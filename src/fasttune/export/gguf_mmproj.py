@@ -24,6 +24,7 @@ convert_hf_to_gguf.py --mmproj writes them:
 - Gemma 4 ("gemma4v"): export/gguf_mmproj_gemma4.py.
 - LLaVA with a SigLIP tower ("mlp": the two-layer projector): export/gguf_mmproj_llava.py.
 - InternVL ("internvl": InternViT-300M, pixel shuffle, the LayerNorm + MLP projector): export/gguf_mmproj_internvl.py.
+- Idefics3 / SmolVLM ("idefics3": SigLIP on tiles, the pixel-shuffle connector): export/gguf_mmproj_idefics3.py.
 Norms, biases and the patch/position embeddings are stored in f32, the matrices in f16 (f32 when the export asks
 for f32), as the converter stores them.
 """
@@ -38,6 +39,7 @@ import torch
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_mmproj_gemma4 import check_gemma4v, gemma4v_tensor, write_gemma4v_metadata
 from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a, gemma4a_tensor, keep_f32, write_gemma4a_metadata
+from fasttune.export.gguf_mmproj_idefics3 import check_idefics3, idefics3_tensor, write_idefics3_metadata
 from fasttune.export.gguf_mmproj_internvl import check_internvl, internvl_tensor, write_internvl_metadata
 from fasttune.export.gguf_mmproj_llava import add_missing_biases, check_llava, llava_tensor, write_llava_metadata
 from fasttune.export.gguf_types import interleave_rotary_rows
@@ -45,7 +47,7 @@ from fasttune.export.gguf_types import interleave_rotary_rows
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
               "qwen3_vl": "qwen3vl_merger", "qwen3_vl_moe": "qwen3vl_merger", "qwen3_5": "qwen3vl_merger",
               "qwen3_5_moe": "qwen3vl_merger", "mistral3": "pixtral", "gemma4": "gemma4v",
-              "llava": "mlp", "internvl": "internvl"}
+              "llava": "mlp", "internvl": "internvl", "idefics3": "idefics3", "smolvlm": "idefics3"}
 # one tower (learned positions; DeepStack but in Qwen3.5), a dense, an MoE or Qwen3.5's decoder
 QWEN3 = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")
 DEFAULT_POOL = 4  # llama.cpp's gemma3 pools 4 x 4 patches into one token unless scale_factor says otherwise
@@ -126,6 +128,9 @@ def check_vision_supported(model, processor=None) -> None:
         return
     if family == "internvl":
         check_internvl(model)
+        return
+    if family in ("idefics3", "smolvlm"):
+        check_idefics3(model, processor)
         return
     act = getattr(vision, "hidden_act", None) or getattr(vision, "hidden_activation", None)
     if act not in ACTIVATIONS[family]:
@@ -228,8 +233,8 @@ def split_vision(model, tensors: dict) -> dict:
     table = {"gemma3": _GEMMA3, "mistral3": _PIXTRAL}.get(family, _QWEN3 if family in QWEN3 else _QWEN)
     out = {}
     for name in list(tensors):
-        if name.startswith("model.language_model."):
-            tensors["model." + name[len("model.language_model."):]] = tensors.pop(name)
+        if name.startswith(("model.language_model.", "model.text_model.")):  # (Idefics3 / SmolVLM: text_model)
+            tensors["model." + name.split(".", 2)[2]] = tensors.pop(name)
             continue
         if name == "lm_head.weight":
             continue
@@ -242,6 +247,9 @@ def split_vision(model, tensors: dict) -> dict:
             continue
         if family == "internvl":
             out.update(internvl_tensor(short, t))
+            continue
+        if family in ("idefics3", "smolvlm"):
+            out.update(idefics3_tensor(short, t))
             continue
         if family == "gemma4":
             if short.startswith(("audio_tower.", "embed_audio.")):
@@ -347,6 +355,8 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
         write_llava_metadata(writer, model)
     elif family == "internvl":
         write_internvl_metadata(writer, model, images)
+    elif family in ("idefics3", "smolvlm"):
+        write_idefics3_metadata(writer, model, images)
     elif family == "gemma3":
         writer.add_vision_image_size(int(vision.image_size))
         writer.add_vision_embedding_length(int(vision.hidden_size))
