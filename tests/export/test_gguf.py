@@ -329,7 +329,8 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
                                           "qwen3_next, glm4_moe_lite, deepseek_v3, deepseek_v2, gemma4_text, mistral4, "
                                           "lfm2_moe, qwen3_moe, mixtral, gpt_oss and the vision-language models "
                                           "gemma3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, "
-                                          "mistral3 and gemma4; this model is 'falcon'"):
+                                          "mistral3, gemma4, llava, internvl, idefics3 and smolvlm; this model is "
+                                          "'falcon'"):
         model.save_pretrained_gguf(tmp_path / "g.gguf", tok)
     save_hf(hf_model("gemma2", vocab_size=400, query_pre_attn_scalar=64), tmp_path / "g2", bpe)
     model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "g2"))
