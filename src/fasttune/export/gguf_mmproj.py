@@ -42,6 +42,7 @@ from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a, gemma4a_tens
 from fasttune.export.gguf_mmproj_idefics3 import check_idefics3, idefics3_tensor, write_idefics3_metadata
 from fasttune.export.gguf_mmproj_internvl import check_internvl, internvl_tensor, write_internvl_metadata
 from fasttune.export.gguf_mmproj_llava import add_missing_biases, check_llava, llava_tensor, write_llava_metadata
+from fasttune.export.gguf_mmproj_tower import write_tower_sizes
 from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
@@ -358,11 +359,7 @@ def write_mmproj(path: Path, model, processor, tensors: dict, float_type: str, n
     elif family in ("idefics3", "smolvlm"):
         write_idefics3_metadata(writer, model, images)
     elif family == "gemma3":
-        writer.add_vision_image_size(int(vision.image_size))
-        writer.add_vision_embedding_length(int(vision.hidden_size))
-        writer.add_vision_feed_forward_length(int(vision.intermediate_size))
-        writer.add_vision_block_count(int(vision.num_hidden_layers))
-        writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
+        write_tower_sizes(writer, vision, vision.image_size, vision.num_hidden_layers)
         writer.add_vision_use_gelu(True)
         pool = _pool_size(model)
         if pool != DEFAULT_POOL:

@@ -15,11 +15,10 @@ SmolVLM's tokenizer has.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj_tower import renamed, write_tower_sizes
 
 _T = r"vision_model\."
 IDEFICS3 = [(_T + r"embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
@@ -62,11 +61,7 @@ def longest_edge(images) -> int | None:
 def idefics3_tensor(short: str, t: torch.Tensor) -> dict:
     """{clip name: tensor} for one transformers tensor `short` (without the leading "model.") of an Idefics3 /
     SmolVLM model's tower or connector. Raises ConfigError for a name with no place."""
-    for pattern, repl in IDEFICS3:
-        if re.fullmatch(pattern, short):
-            return {re.sub(pattern, repl, short): t}
-    raise ConfigError(f"Tensor 'model.{short}' has no place in llama.cpp's idefics3 projector; this vision tower "
-                      f"cannot be exported to GGUF as it is.")
+    return renamed(IDEFICS3, short, t, "idefics3")
 
 
 def write_idefics3_metadata(writer, model, images) -> None:
@@ -74,11 +69,7 @@ def write_idefics3_metadata(writer, model, images) -> None:
     processor (its longest edge). The projector type, head count, patch size and image mean / std are written by
     export/gguf_mmproj.py's write_mmproj."""
     vision = model.hf_config.vision_config
-    writer.add_vision_image_size(int(vision.image_size))
-    writer.add_vision_embedding_length(int(vision.hidden_size))
-    writer.add_vision_feed_forward_length(int(vision.intermediate_size))
-    writer.add_vision_block_count(int(vision.num_hidden_layers))
-    writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
+    write_tower_sizes(writer, vision, vision.image_size, vision.num_hidden_layers)
     writer.add_vision_use_gelu(True)
     writer.add_vision_projector_scale_factor(int(model.hf_config.scale_factor))
     writer.add_vision_preproc_image_size(longest_edge(images))

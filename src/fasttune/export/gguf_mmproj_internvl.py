@@ -19,11 +19,10 @@ features from another layer than the last (clip takes the last), a select strate
 """
 from __future__ import annotations
 
-import re
-
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj_tower import renamed, write_tower_sizes
 
 _T = r"vision_tower\."
 INTERNVL = [(_T + r"embeddings\.patch_embeddings\.projection\.(weight|bias)", r"v.patch_embd.\1"),
@@ -69,11 +68,7 @@ def internvl_tensor(short: str, t: torch.Tensor) -> dict:
     if short == "vision_tower.embeddings.position_embeddings":  # (1, 1 + patches, D): the class token's row last
         table = t.reshape(-1, t.shape[-1])
         return {"v.position_embd.weight": torch.cat([table[1:], table[:1]])}
-    for pattern, repl in INTERNVL:
-        if re.fullmatch(pattern, short):
-            return {re.sub(pattern, repl, short): t}
-    raise ConfigError(f"Tensor 'model.{short}' has no place in llama.cpp's internvl projector; this vision tower "
-                      f"cannot be exported to GGUF as it is.")
+    return renamed(INTERNVL, short, t, "internvl")
 
 
 def write_internvl_metadata(writer, model, images) -> None:
@@ -81,12 +76,8 @@ def write_internvl_metadata(writer, model, images) -> None:
     min_patches / max_patches). The projector type, head count, patch size and image mean / std are written by
     export/gguf_mmproj.py's write_mmproj."""
     vision = model.hf_config.vision_config
-    size = vision.image_size
-    writer.add_vision_image_size(int(size[0] if isinstance(size, (list, tuple)) else size))
-    writer.add_vision_embedding_length(int(vision.hidden_size))
-    writer.add_vision_feed_forward_length(int(vision.intermediate_size))
-    writer.add_vision_block_count(int(vision.num_hidden_layers))
-    writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
+    size = vision.image_size  # ([56, 56])
+    write_tower_sizes(writer, vision, size[0] if isinstance(size, (list, tuple)) else size, vision.num_hidden_layers)
     (writer.add_vision_use_silu if vision.hidden_act == "silu" else writer.add_vision_use_gelu)(True)
     writer.add_vision_projector_scale_factor(round(1 / float(model.hf_config.downsample_ratio)))
     low, high = getattr(images, "min_patches", None), getattr(images, "max_patches", None)

@@ -25,6 +25,7 @@ import re
 import torch
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_mmproj_tower import renamed, write_tower_sizes
 
 SIGLIP = "siglip_vision_model"
 
@@ -91,11 +92,7 @@ def llava_tensor(model, short: str, t: torch.Tensor) -> dict:
     proj = re.fullmatch(r"multi_modal_projector\.linear_([12])\.(weight|bias)", short)
     if proj:
         return {f"mm.{2 * int(proj[1]) - 2}.{proj[2]}": t}
-    for pattern, repl in LLAVA:
-        if re.fullmatch(pattern, short):
-            return {re.sub(pattern, repl, short): t}
-    raise ConfigError(f"Tensor 'model.{short}' has no place in llama.cpp's LLaVA (mlp) projector; this vision tower "
-                      f"cannot be exported to GGUF as it is.")
+    return renamed(LLAVA, short, t, "LLaVA (mlp)")
 
 
 def add_missing_biases(model, tensors: dict) -> None:
@@ -111,10 +108,6 @@ def write_llava_metadata(writer, model) -> None:
     size and image mean / std are written by export/gguf_mmproj.py's write_mmproj."""
     vision = model.hf_config.vision_config
     layers = feature_layers(model)
-    writer.add_vision_image_size(int(vision.image_size))
-    writer.add_vision_embedding_length(int(vision.hidden_size))
-    writer.add_vision_feed_forward_length(int(vision.intermediate_size))
-    writer.add_vision_block_count(max(layers))
-    writer.add_vision_attention_layernorm_eps(float(vision.layer_norm_eps))
+    write_tower_sizes(writer, vision, vision.image_size, max(layers))
     writer.add_array("clip.vision.feature_layer", layers)
     writer.add_vision_use_gelu(True)  # (SigLIP's tanh GELU)
