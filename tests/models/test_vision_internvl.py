@@ -47,6 +47,25 @@ def test_tokens_and_patches_equal_transformers_expansion(loaded):
         assert got["input_ids"][row, :len(want)].tolist() == want
 
 
+def test_images_are_cropped_even_when_the_image_processor_says_not(loaded):
+    """Released InternVL checkpoints save crop_to_patches=false in preprocessor_config.json; InternVLProcessor passes
+    crop_to_patches=True over it (its images_kwargs), so images are still cut into patches, and so are ours."""
+    from transformers import InternVLProcessor
+
+    _, proc = loaded
+    assert InternVLProcessor.images_kwargs["crop_to_patches"] is True
+    images = [solid_image(colour, size) for colour, size in IMAGES]
+    saved = proc.image_processor.crop_to_patches
+    proc.image_processor.crop_to_patches = False
+    try:
+        got = proc(text=_texts(proc), images=images)
+        assert proc.image_processor(images=images, return_tensors="pt")["pixel_values"].shape[0] == 3  # uncut
+    finally:
+        proc.image_processor.crop_to_patches = saved
+    assert got["pixel_values"].shape[0] == 3 + 1 + 3
+    assert sum(t == proc.image_token_id for t in got["input_ids"].flatten().tolist()) == (3 + 1 + 3) * 4
+
+
 def test_marks_and_context_tokens_are_never_targets(loaded):
     from fasttune.data.vision import VisionEncoder
 

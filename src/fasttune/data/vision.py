@@ -187,7 +187,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             counts = [r * c + 1 for r, c in zip(_flat(out["rows"]), _flat(out["cols"]))]
             return {key: torch.cat([out[key][i, :n] for i, n in enumerate(counts)])
                     for key in ("pixel_values", "pixel_attention_mask")}
-        extra = {}
+        extra = self._crop_kwargs()
         if self.image_rows is not None:  # sides in whole (merged) tokens, as PixtralProcessor resizes
             side = self.image_rows[2]
             extra["patch_size"] = {"height": side, "width": side}
@@ -198,6 +198,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                 batch[key] = torch.as_tensor(out[key]).long()
         return batch
 
+    def _crop_kwargs(self) -> dict:
+        """InternVL: crop_to_patches=True, as InternVLProcessor passes it (its images_kwargs) over the image
+        processor's own setting, which released checkpoints save as false (one squashed tile per image)."""
+        return {"crop_to_patches": True} if self.patch_span is not None else {}
+
     def image_grids(self, images: list) -> list:
         """Per image what its token count depends on (Qwen: its (t, h, w) grid; Mistral 3: its resized (height,
         width); fixed-size families: None)."""
@@ -206,7 +211,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         if self.image_sequence is not None:
             return [None] * len(images)
         if self.patch_span is not None:  # InternVL: each image's patches (crops and thumbnail) x tokens a patch
-            counts = self.image_processor(images=images, return_tensors="pt")["num_patches"]
+            counts = self.image_processor(images=images, return_tensors="pt", **self._crop_kwargs())["num_patches"]
             return [int(n) * int(self.patch_span[2]) for n in counts]
         if self.image_tiles is not None:  # Idefics3: each image's grid of crops, (rows, cols); (0, 0) for none
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
