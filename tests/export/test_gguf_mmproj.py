@@ -330,6 +330,10 @@ def test_smolvlm_towers_or_tokenizers_llama_cpp_reads_otherwise_are_refused(bpe_
                             tokenizer=lambda text, add_special_tokens: {"input_ids": [201] * len(text)})
     with pytest.raises(ConfigError, match="several tokens"):
         check_idefics3(model, split)
+    proc.image_processor.do_image_splitting = False
+    with pytest.raises(ConfigError, match="do_image_splitting=False"):
+        check_idefics3(model, proc)
+    proc.image_processor.do_image_splitting = True
     check_idefics3(model, proc)
     assert not (tmp_path / "a").exists()
 

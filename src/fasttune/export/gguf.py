@@ -493,7 +493,8 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
     mxfp4_moe on a model without experts (before anything is written), an unsupported model, or a failed write;
     files are renamed into place only when all are complete, so a failure leaves none. mxfp4_moe on a gpt-oss
     loaded from an MXFP4 checkpoint whose experts are unchanged writes the checkpoint's blocks (export/gguf_mxfp4.py).
-    A vision-language model (Gemma 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE); pass its processor as `tokenizer`)
+    A vision-language model (Gemma 3 / 4, Qwen2-VL, Qwen2.5-VL, Qwen3-VL(-MoE), Qwen3.5, Mistral 3, InternVL,
+    SmolVLM / Idefics3, LLaVA with a SigLIP tower; pass its processor as `tokenizer`)
     gets an mmproj file beside the first (export/gguf_mmproj.py: `mmproj.F16.gguf`, f32 when f32 is among the
     methods), named by the Modelfile's second FROM line; towers llama.cpp cannot compute are a ConfigError before
     anything is written.

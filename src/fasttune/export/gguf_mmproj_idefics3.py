@@ -34,7 +34,7 @@ IDEFICS3 = [(_T + r"embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.
 
 def check_idefics3(model, processor) -> None:
     """ConfigError for an Idefics3 / SmolVLM model clip computes otherwise: another tower activation, an image
-    processor without a longest edge, a tokenizer without "\\n\\n" as one token (libmtmd looks it up to start the
+    processor that does not split images or has no longest edge, a tokenizer without "\\n\\n" as one token (libmtmd looks it up to start the
     whole image; `processor`: the model's processor, or None)."""
     images, tokenizer = getattr(processor, "image_processor", None), getattr(processor, "tokenizer", None)
     if tokenizer is not None and len(tokenizer("\n\n", add_special_tokens=False)["input_ids"]) != 1:
@@ -46,6 +46,11 @@ def check_idefics3(model, processor) -> None:
     if act != "gelu_pytorch_tanh":
         raise ConfigError(f"This {model.family.model_type} vision tower uses hidden_act={act!r}; llama.cpp's clip "
                           f"computes gelu_pytorch_tanh for it, so it cannot be exported to GGUF.")
+    if images is not None and getattr(images, "do_image_splitting", True) is False:
+        raise ConfigError("This Idefics3 / SmolVLM image processor does not split images (do_image_splitting=False); "
+                          "llama.cpp's libmtmd always cuts them into tiles plus the whole image, so the GGUF would "
+                          "see other image tokens than the model was trained on. Export with splitting on, or save "
+                          "the merged model with save_pretrained_merged.")
     if images is not None and not longest_edge(images):
         raise ConfigError("This Idefics3 / SmolVLM image processor has no size['longest_edge'], which llama.cpp's "
                           "clip needs to tile images as the processor does; pass the model's own processor.")
