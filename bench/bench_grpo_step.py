@@ -283,7 +283,6 @@ def train_ours(trainer, clock: StepClock) -> tuple[list, dict]:
 
 def child(a) -> dict:
     import torch
-    import transformers
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device; run with --device cpu (and --shape tiny) for a functional check.")
@@ -318,11 +317,31 @@ def child(a) -> dict:
             "loss_type": {"grpo": "dapo", "rloo": "rloo", "distillation": "gkd"}[a.objective],
             "teacher_shape": a.teacher_shape if a.objective == "distillation" else None,
             "teacher_quant": a.teacher_quant if a.objective == "distillation" else None,
-            "quant": a.quant if a.impl == "ours" else "none",
-            "dtype": "bfloat16" if a.device == "cuda" else "float32",
-            "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
+            "quant": a.quant if a.impl == "ours" else "none", **run_fields(a.device), **extra}
+
+
+def run_fields(device: str) -> dict:
+    """The row fields naming what ran: dtype, card, torch / transformers / TRL / PEFT versions, commit, time."""
+    import torch
+    import transformers
+
+    return {"dtype": "bfloat16" if device == "cuda" else "float32",
+            "card": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
-            "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+            "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+
+
+def save_rows(rows: list[dict], out: str) -> None:
+    """Each row's speedup_vs_trl (TRL's step time over its own; None without a TRL row), then the rows appended to
+    the JSONL file `out`."""
+    trl_row = next((r for r in rows if r["impl"] == "trl"), None)
+    for r in rows:
+        r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
+    if rows:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            for r in rows:
+                f.write(json.dumps(r) + "\n")
 
 
 def _commit() -> str | None:
@@ -369,14 +388,7 @@ def main():
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr", "gc", "objective", "beta",
                                     "fp32_head", "teacher_shape", "teacher_quant", "quant", "profile_step"))
-    trl_row = next((r for r in rows if r["impl"] == "trl"), None)
-    for r in rows:
-        r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
-    if rows:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
+    save_rows(rows, a.out)
     print_table(rows)
     if len(rows) != len(a.impls.split(",")):
         raise SystemExit(1)

@@ -25,17 +25,14 @@ bench/results/vision_grpo.jsonl and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
-from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_grpo_step import (StepClock, _commit, child_rows, clock_generate, common_fields,  # noqa: E402
-                             checked_steps, even_ids, run_child, train_ours)
+from bench_grpo_step import (StepClock, checked_steps, child_rows, clock_generate, common_fields,  # noqa: E402
+                             even_ids, run_child, run_fields, save_rows, train_ours)
 from bench_vision import SHAPES, build_transformers  # noqa: E402
 
 TEMPLATE = ("{% for m in messages %}{% if m['content'] is string %}{{ m['content'] }} {% else %}"
@@ -180,7 +177,6 @@ def run_ours(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
 
 def child(a) -> dict:
     import torch
-    import transformers
 
     if a.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("No CUDA device; run with --device cpu (and --shape tiny-qwen2.5-vl) for a functional check.")
@@ -208,10 +204,7 @@ def child(a) -> dict:
             "losses": losses, "grad_norms": grad_norms, "rewards": [h.get("reward") for h in logs],
             "completion_mean_length": [h.get("completions/mean_length") for h in logs], "peak_gib": peak,
             "lora_r": a.r, "gradient_checkpointing": "on", "learning_rate": a.lr, "beta": 0.0, "loss_type": "dapo",
-            "dtype": "bfloat16" if a.device == "cuda" else "float32",
-            "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
-            "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+            **run_fields(a.device), **extra}
 
 
 def main():
@@ -235,14 +228,8 @@ def main():
         return
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "prompts", "num_generations",
                                     "completion_len", "prompt_len", "r", "lr"))
-    trl_row = next((r for r in rows if r["impl"] == "trl"), None)
-    for r in rows:
-        r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
+    save_rows(rows, a.out)
     if rows:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         r0 = rows[0]
         print(f"\nGRPO step with images, {r0['shape']}: {r0['prompts_per_step']} prompts (one {r0['image_pixels']} "
               f"image + {r0['prompt_words']} words) x {r0['num_generations']} generations x "

@@ -17,16 +17,14 @@ bench/results/vision_kto.jsonl and prints the table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
-import time
-from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_grpo_step import StepClock, _commit, child_rows, checked_steps, run_child, train_ours  # noqa: E402
+from bench_grpo_step import (StepClock, checked_steps, child_rows, run_child, run_fields, save_rows,  # noqa: E402
+                             train_ours)
 from bench_vision import HF_TARGETS, SHAPES  # noqa: E402
 from bench_vision_grpo import (build_tokenizer, make_rows, ours_model_and_processor,  # noqa: E402
                                trl_model_and_processor)
@@ -96,7 +94,6 @@ def run_ours(a, clock: StepClock, rows: list[dict], tok, out_dir: str):
 
 def child(a) -> dict:
     import torch
-    import transformers
 
     tok = build_tokenizer(a.shape)
     clock = StepClock(a.device)
@@ -114,10 +111,7 @@ def child(a) -> dict:
             "warmup_steps": a.warmup, "step_seconds": round(statistics.median(timed), 4),
             "each_step_seconds": [round(x, 4) for x in steps], "losses": losses, "grad_norms": grad_norms,
             "kl": [h.get("kl") for h in logs], "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": "on",
-            "dtype": "bfloat16" if a.device == "cuda" else "float32",
-            "card": torch.cuda.get_device_name() if a.device == "cuda" else "cpu", "torch": torch.__version__,
-            "transformers": transformers.__version__, "trl": version("trl"), "peft": version("peft"),
-            "commit": _commit(), "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **extra}
+            **run_fields(a.device), **extra}
 
 
 def main():
@@ -140,15 +134,10 @@ def main():
     rows = child_rows(__file__, a, ("shape", "device", "steps", "warmup", "batch", "prompt_len", "completion_len",
                                     "r"))
     tokens = next((r["row_tokens"] for r in rows if "row_tokens" in r), None)
-    trl_row = next((r for r in rows if r["impl"] == "trl"), None)
     for r in rows:
         r["tokens_per_second"] = round(tokens / r["step_seconds"], 1) if tokens else None
-        r["speedup_vs_trl"] = round(trl_row["step_seconds"] / r["step_seconds"], 3) if trl_row else None
+    save_rows(rows, a.out)
     if rows:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        with open(a.out, "a") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
         r0 = rows[0]
         print(f"\nKTO step with images, {r0['shape']}: {r0['rows_per_step']} rows ({r0['image_pixels']} image + "
               f"{r0['prompt_words']} words, {r0['completion_words']}-word completion; {tokens} tokens), LoRA "
