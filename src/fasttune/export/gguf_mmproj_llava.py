@@ -47,7 +47,7 @@ def feature_layers(model) -> list[int]:
     layers = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, (list, tuple)) else \
         [cfg.vision_feature_layer]
     states = int(cfg.vision_config.num_hidden_layers) + 1
-    return [int(i) % states for i in layers]
+    return [int(i) if int(i) >= 0 else states + int(i) for i in layers]
 
 
 def check_llava(model) -> None:
