@@ -343,7 +343,7 @@ def test_llava_projector_without_biases_gets_zero_ones():
     from fasttune.export.gguf_mmproj_llava import add_missing_biases, feature_layers
 
     tensors = {"mm.0.weight": torch.ones(6, 4), "mm.2.weight": torch.ones(5, 6), "mm.2.bias": torch.ones(5)}
-    add_missing_biases(None, tensors)
+    add_missing_biases(tensors)
     assert torch.equal(tensors["mm.0.bias"], torch.zeros(6)) and torch.equal(tensors["mm.2.bias"], torch.ones(5))
     cfg = SimpleNamespace(vision_feature_layer=[-3, -1], vision_config=SimpleNamespace(num_hidden_layers=4))
     assert feature_layers(SimpleNamespace(hf_config=cfg)) == [2, 4]  # hidden_states holds 5: embeddings + 4 layers

@@ -5,6 +5,7 @@ recipe, and it trains like the bf16 model."""
 import pytest
 import torch
 from peft_oracle import randomize_lora_b
+from tiny import lora_losses
 
 from fasttune import FastLanguageModel
 from fasttune.kernels.fp8 import (FEW_ROWS, fp8_gemm_runs, fp8_input_grad, fp8_linear, quantize_rows,
@@ -87,14 +88,6 @@ def test_bf16_lora_model_follows_the_cpu_recipe_and_trains(tiny_model_dir, tmp_p
     for fp8 in (False, True):
         model, _ = FastLanguageModel.from_pretrained(folder, load_in_fp8=fp8, dtype=torch.bfloat16, device="cuda")
         model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, random_state=0)
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-3)
-        losses = []
-        for _ in range(10):
-            loss = model(ids.cuda(), labels=ids.cuda()).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            losses.append(loss.item())
-        curves.append(losses)
+        curves.append(lora_losses(model, ids.cuda(), steps=10, lr=5e-3))
     assert abs(curves[1][0] - curves[0][0]) < 0.01 * curves[0][0]
     assert curves[1][-1] < curves[1][0] - 0.5, curves

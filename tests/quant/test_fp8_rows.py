@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from peft_oracle import check_recompute_gradients, peft_grads, peft_twin, randomize_lora_b
+from tiny import lora_losses
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError
@@ -94,15 +95,8 @@ def test_training_merging_and_reloading(tiny_model_dir, tmp_path):
                                                    dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=True)
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
     model.train()
-    for _ in range(6):
-        loss = model(ids, labels=ids).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = lora_losses(model, ids, steps=6)
     assert losses[-1] < losses[0] - 0.1
     model.save_pretrained(tmp_path / "adapter")
     again, _ = FastLanguageModel.from_pretrained(str(tmp_path / "adapter"), load_in_fp8=True, dtype=torch.float32)

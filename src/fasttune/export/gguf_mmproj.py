@@ -283,7 +283,7 @@ def split_vision(model, tensors: dict) -> dict:
             t = interleave_rotary_rows(t, model.hf_config.vision_config.num_attention_heads)
         out[new] = t
     if family == "llava":
-        add_missing_biases(model, out)
+        add_missing_biases(out)
     return out
 
 

@@ -95,7 +95,7 @@ def llava_tensor(model, short: str, t: torch.Tensor) -> dict:
     return renamed(LLAVA, short, t, "LLaVA (mlp)")
 
 
-def add_missing_biases(model, tensors: dict) -> None:
+def add_missing_biases(tensors: dict) -> None:
     """Zero biases for a projector built without them (multimodal_projector_bias=False): clip's mlp adds mm.0 /
     mm.2 biases unconditionally."""
     for i in (0, 2):
