@@ -15,8 +15,8 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 __version__ = "0.1.0"
 _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "FastVisionModel": "fasttune.api",
-         "VisionDataCollator": "fasttune.data.vision",
-         "UnslothVisionDataCollator": "fasttune.data.vision:VisionDataCollator",
+         "VisionDataCollator": "fasttune.data.vision_rows",
+         "UnslothVisionDataCollator": "fasttune.data.vision_rows:VisionDataCollator",
          "SFTTrainer": "fasttune.train.objectives.sft",
          "SFTConfig": "fasttune.train.config", "GRPOTrainer": "fasttune.train.objectives.grpo",
          "GRPOConfig": "fasttune.train.objectives.grpo_config",

@@ -526,7 +526,7 @@ def _sample(model, tok, prompt, image_dir=None, base_only: bool = False) -> str:
 
 
 def _preview(prompt) -> str:
-    from fasttune.data.vision import content_preview
+    from fasttune.data.vision_rows import content_preview
 
     return content_preview(prompt)
 

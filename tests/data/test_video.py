@@ -52,7 +52,7 @@ def video_model(tmp_path_factory):
 def test_video_rows_expand_train_and_equal_transformers(video_model, tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
     assert proc.video_token == "<|video_pad|>" and proc.video_settings == SIZE  # read back from the checkpoint
@@ -92,7 +92,7 @@ def test_video_rows_expand_train_and_equal_transformers(video_model, tmp_path):
 
 
 def test_bad_videos_are_named(video_model, tmp_path):
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc, _ = video_model
     enc = VisionEncoder(proc, 256, train_on_responses_only=False, base_dir=tmp_path)

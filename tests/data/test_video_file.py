@@ -62,7 +62,7 @@ def test_a_file_equals_its_frames_given_as_a_list(tmp_path):
         assert torch.equal(from_file[key], from_frames[key]), key
     row = {"messages": [{"role": "user", "content": [{"type": "video", "video": "a.mp4", "fps": 2}]},
                         {"role": "assistant", "content": "colours"}]}
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     example = VisionEncoder(proc, 256, False, base_dir=tmp_path).encode(row, 0)
     assert isinstance(example["videos"][0][0], VideoFile)  # (kept undecoded until its batch is collated)

@@ -31,7 +31,7 @@ def test_file_sampled_and_timed_as_transformers(family, clip, tmp_path):
     32 of 45 at arange(0, 45, 45 / 32)), the prompt's tokens with their timestamps and the pixels equal
     transformers'; a data row with the file gives the same tokens and pixels."""
     from fasttune.data.video_file import VideoFile
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     oracle = np.load(FIXTURES / "video_file_sampling.npz")
     key, path, proc = f"{family}_{clip}", FIXTURES / f"{clip}.avi", _processor(family)

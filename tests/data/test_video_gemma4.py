@@ -69,7 +69,7 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from transformers import Gemma4ForConditionalGeneration
 
     from fasttune import FastVisionModel
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
     assert proc.video_token == "<|video|>"  # (and Gemma4VideoProcessor's sampling defaults, not in the saved file)

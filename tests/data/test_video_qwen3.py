@@ -87,7 +87,7 @@ def video_model(tmp_path_factory):
 def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     from transformers import Qwen3VLForConditionalGeneration
 
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc, folder = video_model
     loaded = {**VIDEO, "do_sample_frames": True, "fps": 2.0, "min_frames": 4, "max_frames": 768}  # (+ sampling)
@@ -138,7 +138,7 @@ def test_bad_video_inputs_are_named(video_model):
         proc(text=[text], videos=[red], video_metadata=[{"fps": -1}])
     with pytest.raises(DataError, match="videos, video 1: a Qwen3-VL video needs at least 2 frames"):
         proc(text=[text], videos=[red[:1]])
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     row = {"messages": [{"role": "user", "content": [{"type": "video", "video": red[:1]}]}]}
     with pytest.raises(DataError, match="Row 3, video 1: a Qwen3-VL video needs at least 2 frames"):

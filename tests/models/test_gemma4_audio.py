@@ -186,7 +186,8 @@ def test_rows_take_arrays_dicts_wav_files_and_an_audios_column(loaded, tmp_path)
     """Each form of a clip gives the same features as its samples; audio tokens are never targets; SFT on such rows
     trains (the loss falls) and the saved processor reloads with its feature extractor."""
     from fasttune import SFTConfig, SFTTrainer
-    from fasttune.data.vision import VisionEncoder, VisionProcessor, collate_vision
+    from fasttune.data.vision import VisionProcessor
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc = loaded
     clip = (np.round(_clip(0.6) * 32768) / 32768).astype(np.float32)  # what 16-bit WAV holds exactly
@@ -221,7 +222,7 @@ def test_clips_at_other_rates_are_resampled(loaded, tmp_path):
     1e-3 away from the ends, where its filter starts), so their rows expand to the same soft tokens as the 16 kHz
     clip."""
     from fasttune.data.audio import resample
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc = loaded
 
@@ -241,7 +242,7 @@ def test_clips_at_other_rates_are_resampled(loaded, tmp_path):
 
 
 def test_bad_audio_is_named(loaded, tmp_path):
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc = loaded
     enc = VisionEncoder(proc, 256, train_on_responses_only=False, base_dir=tmp_path)
@@ -274,7 +275,7 @@ def test_bad_audio_is_named(loaded, tmp_path):
 def test_audio_on_a_model_that_does_not_hear_is_refused(loaded, tmp_path):
     """A Gemma 4 without an audio tower (the 31B's layout): audio rows are a DataError, input_features a
     ConfigError; on the hearing model, audio tokens without their features are a ConfigError."""
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     deaf, deaf_proc = FastVisionModel.from_pretrained(str(save_gemma4(tmp_path / "deaf")), dtype=torch.float32)
     with pytest.raises(DataError, match="Row 0: has an audio item, but this model takes no audio"):
@@ -290,7 +291,7 @@ def test_audio_on_a_model_that_does_not_hear_is_refused(loaded, tmp_path):
 
 
 def test_prompt_preview_marks_media():
-    from fasttune.data.vision import content_preview
+    from fasttune.data.vision_rows import content_preview
 
     assert content_preview([{"type": "audio", "audio": "a.wav"}, {"type": "text", "text": "words?"},
                             {"type": "image", "image": "b.png"}]) == "<audio> words? <image>"

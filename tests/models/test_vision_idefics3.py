@@ -49,7 +49,7 @@ def test_tokens_and_tiles_equal_transformers_processor(sizes):
 
 def test_layout_marks_are_never_targets(loaded):
     """The fake, global and <row_r_col_c> tokens around an image's tiles, and the tiles' tokens, are never labels."""
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc = loaded
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image("red", (120, 90))},

@@ -67,7 +67,7 @@ def test_images_are_cropped_even_when_the_image_processor_says_not(loaded):
 
 
 def test_marks_and_context_tokens_are_never_targets(loaded):
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc = loaded
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image("red", (120, 60))},

@@ -33,7 +33,7 @@ def test_tokens_and_pixels_equal_transformers_processor(loaded):
 
 
 def test_image_tokens_are_never_targets(loaded):
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc = loaded
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image("red")},

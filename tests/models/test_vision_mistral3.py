@@ -18,7 +18,7 @@ def loaded(mistral3_vl_dir):
 def test_images_expand_to_rows_of_tokens_that_are_never_targets(loaded):
     """A 64 x 32 (w x h) image resized within 64 pixels: 2 rows of 4 [IMG] (one per 16 pixels), the first row closed
     by [IMG_BREAK], the last by [IMG_END]; none of them is a label."""
-    from fasttune.data.vision import VisionEncoder
+    from fasttune.data.vision_rows import VisionEncoder
 
     _, proc = loaded
     row = {"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image("red", (64, 32))},

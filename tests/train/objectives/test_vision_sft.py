@@ -52,7 +52,7 @@ def test_loss_curve_equals_transformers_and_peft(vl_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, get_linear_schedule_with_warmup
 
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     rows, steps = _rows(16, seed=1), 10  # 8 batches of 2 per pass: the second pass (in the same order) too
     model, proc = _load(vl_dir)
@@ -147,7 +147,7 @@ def test_learns_to_name_the_colour_of_held_out_images(vl_train_dir, tmp_path):
 
 def test_eval_loss_is_the_target_token_mean(qwen_vl_dir, tmp_path):
     from fasttune import SFTConfig, SFTTrainer
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc = _load(qwen_vl_dir)
     rows = _rows(5, seed=6)
@@ -171,7 +171,7 @@ def test_label_smoothing_and_neftune_on_images(qwen_vl_dir, tmp_path):
     """label_smoothing_factor reaches the vision-language model's chunked loss (its eval loss equals the smoothed
     mean of the full logits); NEFTune's hook sits on the text embeddings the images are merged into."""
     from fasttune import SFTConfig, SFTTrainer
-    from fasttune.data.vision import VisionEncoder, collate_vision
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
     from transformers.trainer_pt_utils import LabelSmoother
 
     model, proc = _load(qwen_vl_dir)

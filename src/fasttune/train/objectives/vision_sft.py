@@ -8,7 +8,8 @@ import os
 from pathlib import Path
 
 from fasttune.constants import AUDIO_KEYS, IMAGE_KEYS, VIDEO_KEYS
-from fasttune.data.vision import VisionDataCollator, VisionProcessor, collate_vision
+from fasttune.data.vision import VisionProcessor
+from fasttune.data.vision_rows import VisionDataCollator, collate_vision
 from fasttune.errors import ConfigError, DataError
 
 BATCH_KEYS = (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS)  # the media inputs a micro-batch may carry to the model
@@ -37,7 +38,7 @@ def vision_examples(dataset, processor, args, max_seq_length: int, collator: Vis
         encoder = collator.encoder(base_dir)
         encoder.max_seq_length = min(encoder.max_seq_length, max_seq_length)
     else:
-        from fasttune.data.vision import VisionEncoder
+        from fasttune.data.vision_rows import VisionEncoder
 
         encoder = VisionEncoder(processor, max_seq_length, args.train_on_responses_only, base_dir)
     examples = [encoder.encode(row, i) for i, row in enumerate(dataset)]
