@@ -184,3 +184,44 @@ def test_batch_one_decode_through_the_gemv_kernels_gives_the_same_tokens(family,
     got = ours.generate(ids, **kw)
     assert torch.equal(got, want)
     assert [s[:2] for s in calls] == [(1, 6)] * 4  # the prefill's only: the decode steps took the kernels
+
+
+def test_lora_decode_steps_read_kept_factor_copies_refreshed_every_step(tmp_path, monkeypatch):
+    """Decode steps over the fused LoRA path read their 16-bit factors from copies kept with the step
+    (kernels/lora_casts.py): the tokens equal the per-call casts' (the reference module path), no factor is cast or
+    concatenated per call after the first step, and an in-place change of a factor between two calls of a kept
+    session is seen by the next call."""
+    from fasttune import FastLanguageModel
+    from fasttune.kernels import lora_casts
+
+    monkeypatch.setattr(static_decode, "KV_BUCKET", 4)  # steps cross buckets
+    ours = FastLanguageModel.get_peft_model(_ours("llama", tmp_path), r=4, lora_alpha=8)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    ours.eval()
+    ids, mask = _batch()
+    kw = dict(max_new_tokens=9, eos_token_id=[], pad_token_id=0)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")  # the module path: casts per call, plain autograd-free matmuls
+    want = ours.generate(ids, mask, **kw)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    monkeypatch.setattr(static_decode, "graphs_wanted", lambda *a: False)
+    refreshes = []
+    real_refresh = lora_casts.LoraCasts.refresh
+    monkeypatch.setattr(lora_casts.LoraCasts, "refresh", lambda self: refreshes.append(len(self.sources))
+                        or real_refresh(self))
+    got = ours.generate(ids, mask, **kw)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    casts = static_decode._SESSIONS[ours].step.casts
+    groups = 4 * ours.arch.num_layers  # q/k/v, o, gate/up, down
+    assert len(casts.groups) == groups and len(casts.sources) == 14 * ours.arch.num_layers
+    assert refreshes == [0] + [14 * ours.arch.num_layers] * 7  # 8 decode steps; the first fills the copies itself
+    with torch.no_grad():  # same memory, so the session is kept; the next steps must read the new values
+        ours.model.layers[1].mlp.down_proj.lora_B.mul_(-3.0)
+    session = static_decode._SESSIONS[ours]
+    changed = ours.generate(ids, mask, **kw)
+    assert static_decode._SESSIONS[ours] is session
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    assert torch.equal(changed, ours.generate(ids, mask, **kw))
+    assert not torch.equal(changed, want)

@@ -14,6 +14,7 @@ element; the dropped input is rebuilt from x). The base weights are re-read (or 
 FP8 bases (quant/fp8_rows.py) multiply in FP8 instead (kernels/fp8.py): x is quantised once for the whole group,
 the base GEMM writes the output and the low-rank product is added onto it (an FP8 GEMM does not accumulate onto
 an existing output); in backward each layer's gradient is quantised and its FP8 product added to d(x).
+In a decode step (no gradients) the 16-bit factors come from copies kept with the step (kernels/lora_casts.py).
 
 The torch reference is the plain module path (`LoraLinear.forward`: base, dropout, two matmuls, autograd).
 Which layers take this path (plain, enabled LoRA layers on a frozen base) is decided in peft/lora.py
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fasttune.kernels import lora_casts
 from fasttune.kernels.dispatch import kernel_choice
 from fasttune.kernels.fp8 import fp8_input_grad, fp8_linear, quantize_rows
 
@@ -67,10 +69,13 @@ class _LoraGroupFunction(torch.autograd.Function):
         x2 = x.reshape(-1, shape[-1])
         ranks = [layer.r for layer in layers]
         scales = [layer.scaling for layer in layers]
-        # One cast for the whole group's A (and one GEMM below when there is no dropout).
-        a_all = (torch.cat(params[0::2]) if len(layers) > 1 else params[0]).to(dtype)
-        bs = [_as(b, dtype) for b in params[1::2]]
         probs = [_dropout_p(layer) for layer in layers]
+        casts = lora_casts.current()
+        if casts is not None and not any(probs):  # a decode step: its kept 16-bit copies (kernels/lora_casts.py)
+            a_all, bs = casts.factors(layers, params, dtype)
+        else:  # one cast for the whole group's A (and one GEMM below when there is no dropout)
+            a_all = (torch.cat(params[0::2]) if len(layers) > 1 else params[0]).to(dtype)
+            bs = [_as(b, dtype) for b in params[1::2]]
         masks = [None] * len(layers)
         if any(probs):
             # One mask per layer, drawn in layer order as separate nn.Dropout modules would draw them.

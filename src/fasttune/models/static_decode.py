@@ -8,8 +8,9 @@ at a device-side slot, whole buffers read) under a mask built on the device from
 keeps its address and shape from one token to the next. A step reads the cache up to the next multiple of
 KV_BUCKET slots. On CUDA the step is captured once per bucket per generate() call (`torch.cuda.CUDAGraph`, after
 one eager warm-up run on a side stream, as PyTorch's documentation prescribes; the buckets' graphs share one memory
-pool) and replayed for each token; the LoRA layers run unmerged inside it, so training goes on between rollouts. On the
-CPU, and where capturing is off, the same step runs eagerly.
+pool) and replayed for each token; the LoRA layers run unmerged inside it, so training goes on between rollouts (their
+16-bit factors are copied from the fp32 ones at each step's start, kernels/lora_casts.py). On the CPU, and where
+capturing is off, the same step runs eagerly.
 
 The values equal the ordinary forward's: a masked key contributes exp(-inf) = 0 to the softmax, so attending
 over more slots gives what attending over the written slots gives (greedy output is tested equal to
@@ -23,6 +24,7 @@ import weakref
 import torch
 from torch import nn
 
+from fasttune.kernels import lora_casts
 from fasttune.kernels.dispatch import kernel_choice
 from fasttune.models.decoder import query_scales
 from fasttune.models.gemma4 import per_layer_inputs
@@ -81,12 +83,18 @@ class DecodeStep:
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # bucket -> (graph, its logits)
         self._pool = None  # one memory pool for all buckets' graphs (they never run at the same time)
         self._slot = cache.length  # the host's copy of cache.slot, so that choosing a bucket reads nothing
+        self.casts = lora_casts.LoraCasts()  # the LoRA factors' 16-bit copies, refreshed at each step's start
 
     def _bucket(self) -> int:
         return min(self.cache.max_len, (self._slot // KV_BUCKET + 1) * KV_BUCKET)
 
     def _run(self, length: int) -> torch.Tensor:
         """The step attending over slots [0, length)."""
+        with lora_casts.active(self.casts):
+            self.casts.refresh()  # from the live fp32 factors, inside the graph too (training changes them)
+            return self._layers(length)
+
+    def _layers(self, length: int) -> torch.Tensor:
         decoder, cache = self.model.model, self.cache
         cache.read_len = length
         slots = self.slots[:length]
