@@ -186,16 +186,17 @@ def test_batch_one_decode_through_the_gemv_kernels_gives_the_same_tokens(family,
     assert [s[:2] for s in calls] == [(1, 6)] * 4  # the prefill's only: the decode steps took the kernels
 
 
-def test_lora_decode_steps_read_kept_factor_copies_refreshed_every_step(tmp_path, monkeypatch):
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases, added by the kernel
+def test_lora_decode_steps_read_kept_factor_copies_refreshed_every_step(family, tmp_path, monkeypatch):
     """Decode steps over the fused LoRA path read their 16-bit factors from copies kept with the step
-    (kernels/lora_casts.py): the tokens equal the per-call casts' (the reference module path), no factor is cast or
-    concatenated per call after the first step, and an in-place change of a factor between two calls of a kept
-    session is seen by the next call."""
+    (kernels/lora_casts.py) and add the low-rank terms in kernels/lora_decode.py's launches: the tokens equal the
+    reference module path's, no factor is cast or concatenated per call after the first step, and an in-place change
+    of a factor between two calls of a kept session is seen by the next call."""
     from fasttune import FastLanguageModel
-    from fasttune.kernels import lora_casts
+    from fasttune.kernels import lora_casts, lora_decode
 
     monkeypatch.setattr(static_decode, "KV_BUCKET", 4)  # steps cross buckets
-    ours = FastLanguageModel.get_peft_model(_ours("llama", tmp_path), r=4, lora_alpha=8)
+    ours = FastLanguageModel.get_peft_model(_ours(family, tmp_path), r=4, lora_alpha=8)
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "lora_B" in name:
@@ -207,6 +208,9 @@ def test_lora_decode_steps_read_kept_factor_copies_refreshed_every_step(tmp_path
     want = ours.generate(ids, mask, **kw)
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     monkeypatch.setattr(static_decode, "graphs_wanted", lambda *a: False)
+    launches, real_delta = [], lora_decode.lora_delta
+    monkeypatch.setattr(lora_decode, "lora_delta", lambda *a, **k: launches.append(lora_decode.fits(a[0], a[2]))
+                        or real_delta(*a, **k))
     refreshes = []
     real_refresh = lora_casts.LoraCasts.refresh
     monkeypatch.setattr(lora_casts.LoraCasts, "refresh", lambda self: refreshes.append(len(self.sources))
@@ -217,6 +221,7 @@ def test_lora_decode_steps_read_kept_factor_copies_refreshed_every_step(tmp_path
     groups = 4 * ours.arch.num_layers  # q/k/v, o, gate/up, down
     assert len(casts.groups) == groups and len(casts.sources) == 14 * ours.arch.num_layers
     assert refreshes == [0] + [14 * ours.arch.num_layers] * 7  # 8 decode steps; the first fills the copies itself
+    assert launches == [True] * 8 * groups  # every group's low-rank terms in the two-launch kernels
     with torch.no_grad():  # same memory, so the session is kept; the next steps must read the new values
         ours.model.layers[1].mlp.down_proj.lora_B.mul_(-3.0)
     session = static_decode._SESSIONS[ours]

@@ -14,7 +14,8 @@ element; the dropped input is rebuilt from x). The base weights are re-read (or 
 FP8 bases (quant/fp8_rows.py) multiply in FP8 instead (kernels/fp8.py): x is quantised once for the whole group,
 the base GEMM writes the output and the low-rank product is added onto it (an FP8 GEMM does not accumulate onto
 an existing output); in backward each layer's gradient is quantised and its FP8 product added to d(x).
-In a decode step (no gradients) the 16-bit factors come from copies kept with the step (kernels/lora_casts.py).
+In a decode step (no gradients) the 16-bit factors come from copies kept with the step (kernels/lora_casts.py) and
+the low-rank terms of up to 128 rows take two Triton launches per group (kernels/lora_decode.py).
 
 The torch reference is the plain module path (`LoraLinear.forward`: base, dropout, two matmuls, autograd).
 Which layers take this path (plain, enabled LoRA layers on a frozen base) is decided in peft/lora.py
@@ -25,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.kernels import lora_casts
+from fasttune.kernels import lora_casts, lora_decode
 from fasttune.kernels.dispatch import kernel_choice
 from fasttune.kernels.fp8 import fp8_input_grad, fp8_linear, quantize_rows
 
@@ -174,4 +175,39 @@ def lora_group(x: torch.Tensor, layers, values_unused: bool = False) -> tuple:
     add in backward: about a quarter of a recomputed layer's GEMM work.
     """
     params = [t for layer in layers for t in (layer.lora_A, layer.lora_B)]
+    casts = lora_casts.current()
+    if casts is not None and not values_unused and not any(_dropout_p(layer) for layer in layers):
+        outs = _decode_group(x, layers, params, casts)
+        if outs is not None:
+            return outs
     return _LoraGroupFunction.apply(x, list(layers), values_unused, *params)
+
+
+def _decode_group(x: torch.Tensor, layers, params, casts) -> tuple | None:
+    """The group's outputs in a decode step (no gradients): the low-rank terms in kernels/lora_decode.py's two
+    launches, then the base GEMMs onto them (FP8 bases: their product first, the terms added onto it). None where
+    those kernels do not take the shape (the caller's path runs)."""
+    dtype, shape = x.dtype, x.shape
+    x2 = x.reshape(-1, shape[-1])
+    a_all, bs = casts.factors(layers, params, dtype)
+    fp8 = [_fp8_base(layer) for layer in layers]
+    biases = [layer.base_layer.bias for layer in layers]
+    if not lora_decode.fits(x2, bs) or len({f is None for f in fp8}) > 1 or len({b is None for b in biases}) > 1:
+        return None
+    scales = [layer.scaling for layer in layers]
+    if fp8[0] is not None:
+        x_fp8 = quantize_rows(x2)
+        outs = [fp8_linear(*x_fp8, f.qweight, f.weight_scale, dtype) for f in fp8]
+        lora_decode.lora_delta(x2, a_all, bs, scales, outs, accumulate=True)
+        if biases[0] is not None:
+            for out, bias in zip(outs, biases):
+                out.add_(_as(bias, dtype))
+    else:
+        outs = [x2.new_empty(x2.shape[0], b.shape[0]) for b in bs]
+        lora_decode.lora_delta(x2, a_all, bs, scales, outs,
+                               biases=None if biases[0] is None else [_as(b, dtype) for b in biases])
+        for layer, out in zip(layers, outs):
+            w = _base_weight(layer, dtype)
+            out.addmm_(x2, w.t())
+            del w  # one dequantised copy at a time
+    return tuple(out.view(*shape[:-1], out.shape[-1]) for out in outs)
