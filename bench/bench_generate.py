@@ -4,7 +4,9 @@ Random-init weights of a real shape (no downloads), random prompt tokens, greedy
 (no stop token), batch 1 and 64. Implementations: "hf" (transformers' generate, SDPA, its default dynamic cache),
 "ours" (fasttune's generate: CUDA-graph decode steps, models/static_decode.py, kept between calls of a batch
 size), "ours-eager" (the same steps without graphs, FASTTUNE_CUDA_GRAPHS=0) and "ours-fp8" (our decoder with the same
-weights in FP8 with row scales, load_in_fp8's layers, CUDA-graph decode). For each (impl, batch): a
+weights in FP8 with row scales, load_in_fp8's layers, CUDA-graph decode) and "ours-lora" (our decoder with the same weights and
+LoRA adapters of rank --lora-r on the 7 projections, B drawn N(0, 0.02), as GRPO samples from its policy). For each
+(impl, batch): a
 warm-up call of the full length (recorded as first_call_s; for ours it includes capturing the graphs), then
 `--repeats` timed calls of a 1-token generate (prefill) and of the full generate; decode tokens/s =
 batch x (new - 1) / (full - prefill).
@@ -16,6 +18,7 @@ Appends one JSONL row per (impl, batch) to bench/results/generate.jsonl and prin
     python bench/bench_generate.py --shape llama-3.1-8b
     python bench/bench_generate.py --shape qwen3-30b-a3b --impls ours,ours-eager   # MoE: graph decode vs eager
     python bench/bench_generate.py --shape llama-3.1-8b --impls ours,ours-fp8       # FP8 weights
+    python bench/bench_generate.py --shape llama-3.1-8b --impls ours,ours-lora --batches 64 --prompt-len 64 --sample
     python bench/bench_generate.py --shape tiny --device cpu --out /tmp/generate.jsonl   # a quick CPU check
 """
 from __future__ import annotations
@@ -96,12 +99,15 @@ def ours_config(cfg):
     return cfg
 
 
+SAMPLING = {}  # --sample: GRPO's sampling settings (temperature 1, no top-k / top-p), else greedy
+
+
 def run_generate(impl, model, ids, new_tokens: int):
-    os.environ["FASTTUNE_CUDA_GRAPHS"] = "0" if impl == "ours-eager" else "1"  # (ours-fp8: graphs)
+    os.environ["FASTTUNE_CUDA_GRAPHS"] = "0" if impl == "ours-eager" else "1"  # (ours-fp8 / ours-lora: graphs)
     if impl == "hf":
         return model.generate(input_ids=ids, attention_mask=torch_ones(ids), max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    return model.generate(input_ids=ids, max_new_tokens=new_tokens, eos_token_id=[])
+                              min_new_tokens=new_tokens, do_sample=False, pad_token_id=0, **SAMPLING)
+    return model.generate(input_ids=ids, max_new_tokens=new_tokens, eos_token_id=[], **SAMPLING)
 
 
 def torch_ones(ids):
@@ -158,6 +164,8 @@ def main():
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--lora-r", type=int, default=16, help="rank of ours-lora's adapters")
+    ap.add_argument("--sample", action="store_true", help="sample (temperature 1, no top-k / top-p) instead of greedy")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "generate.jsonl"))
     a = ap.parse_args()
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -169,6 +177,10 @@ def main():
 
         models["ours-fp8"] = build_model(ours_config(hf.config), hf.state_dict().items(), ours.dtype, a.device,
                                          "bench", quant="fp8").eval()
+    if "ours-lora" in a.impls.split(","):
+        models["ours-lora"] = with_lora(hf, a.lora_r, a.device)
+    if a.sample:
+        SAMPLING.update(do_sample=True, temperature=1.0, top_k=0, top_p=1.0)
     vocab = SHAPES[a.shape]["vocab_size"]
     card = torch.cuda.get_device_name() if a.device == "cuda" else "cpu"
     rows = []
@@ -181,7 +193,8 @@ def main():
         for impl, r in results.items():
             same = (outs[impl] == outs[impls[0]]).int().cumprod(dim=1).sum(dim=1)  # shared greedy prefix per row
             row = {"bench": "generate", "impl": impl, "shape": a.shape, "batch": batch, "prompt_len": a.prompt_len,
-                   "new_tokens": a.new_tokens, **r, "greedy_prefix_shared_min": int(same.min()),
+                   "new_tokens": a.new_tokens, "sampling": "sample" if a.sample else "greedy",
+                   "lora_r": a.lora_r if impl == "ours-lora" else None, **r, "greedy_prefix_shared_min": int(same.min()),
                    "dtype": str(ours.dtype).removeprefix("torch."), "card": card, "torch": torch.__version__,
                    "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
             rows.append(row)
@@ -191,6 +204,24 @@ def main():
         for row in rows:
             f.write(json.dumps(row) + "\n")
     print_table(rows)
+
+
+def with_lora(hf, r: int, device: str):
+    """Our decoder over hf's weight tensors (no copy) with LoRA r on the 7 projections, B drawn N(0, 0.02) so the
+    adapters change the logits."""
+    import torch
+
+    from fasttune import FastLanguageModel
+    from fasttune.models.loading import build_model
+
+    model = build_model(ours_config(hf.config), hf.state_dict().items(), hf.dtype, device, "bench")
+    model = FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, random_state=0, target_modules=[
+        "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    return model.eval()
 
 
 def print_table(rows):
