@@ -34,6 +34,7 @@ def _case(b, hq, hkv, d, rot, cap, s, slot, dtype, window=None, seed=0):
     (1, 4, 1, 16, 16, 300, 256, 3, None, 8),     # early in a long bucket: most splits see only masked slots
     (2, 4, 2, 24, 24, 40, 40, 33, None, None),   # head_dim not a power of two (Phi-3's 96), padded tiles
     (33, 2, 2, 16, 16, 24, 24, 10, None, None),  # 66 (row, head) pairs: the large-batch tiling, one split
+    (64, 4, 4, 16, 16, 80, 80, 70, None, None),  # 256 pairs: 32-slot tiles, the loop ending mid-tile
 ])
 def test_decode_attention_equals_the_unfused_path(dtype, b, hq, hkv, d, rot, cap, s, slot, window, splits):
     args = _case(b, hq, hkv, d, rot, cap, s, slot, dtype, window)
@@ -58,6 +59,18 @@ def test_default_splits_agree_with_one_split():
     one = decode_attention(*[a.clone() for a in args], scale=0.25, splits=1)
     many = decode_attention(*[a.clone() for a in args], scale=0.25)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_slots_after_the_new_token_are_never_read(splits):
+    """The loop over cached slots stops at the new token's slot (the rest of the KV bucket is unwritten): a mask
+    that shows those slots changes nothing."""
+    args = _case(2, 4, 2, 16, 16, 300, 256, 40, torch.float32)
+    shown = args[-1].clone()
+    shown[..., 41:] = 0.0
+    want = decode_attention_reference(*[a.clone() for a in args], scale=0.25)
+    got = decode_attention(*[a.clone() for a in args[:-1]], shown, scale=0.25, splits=splits)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_bad_shapes_raise_and_usable_says_when():

@@ -98,7 +98,9 @@ if HAVE_TRITON:
         acc = tl.where(qm & first[None, :], v_new.to(tl.float32)[None, :], 0.0)
         qd = qr.to(kc_ptr.dtype.element_ty)  # (BLOCK_G >= 16, BLOCK_D): the group's heads as one tensor-core tile
         start = split * chunk
-        end = tl.minimum(start + chunk, S)
+        # slots from the new token's on are its own (from registers) or not yet written: causally never read, so
+        # the loop stops there instead of running masked tiles up to the KV bucket's end
+        end = tl.minimum(tl.minimum(start + chunk, S), slot)
         for s0 in range(start, end, BLOCK_S):
             j = s0 + tl.arange(0, BLOCK_S)
             add = tl.load(mask_ptr + b * S + j, mask=j < end, other=float("-inf")).to(tl.float32)
@@ -149,13 +151,16 @@ if HAVE_TRITON:
 
 def _tiling(batch_heads: int, s: int) -> tuple[int, int]:
     """(BLOCK_S, splits) for `batch_heads` (row, KV head) pairs over s cached slots: two tiles of 128 slots per
-    program while that leaves the card's SMs something to do (about 128 programs), one split of 64-slot tiles for
-    large batches, where the (row, head) pairs alone fill the card. The fastest of 18 settings on an H200 (inside
-    CUDA graphs, 8 KV heads): head_dim 64 at batch 1, 5.2 us for 256 slots, 6.6 for 512, 10.8 for 4096 (the unfused
-    RoPE + cache write + SDPA: 12.4, 13.0, 14.4); head_dim 128, 512 slots: 10.7 (15.2); batch 64, 512 slots:
-    22.1 (31.4)."""
+    program while that leaves the card's SMs something to do (about 128 programs), one split for large batches,
+    where the (row, head) pairs alone fill the card: tiles of 64 slots, of 32 from 256 pairs on. The fastest of 18
+    settings on an H200 (inside CUDA graphs, 8 KV heads): head_dim 64 at batch 1, 5.2 us for 256 slots, 6.6 for
+    512, 10.8 for 4096 (the unfused RoPE + cache write + SDPA: 12.4, 13.0, 14.4); head_dim 128, 512 slots: 10.7
+    (15.2). Head_dim 128, 32 query heads, a 512-slot bucket, the new token at slot 100 / 300 / 500 (10 settings,
+    since the loop stops at the new token's slot): batch 16, 64-slot tiles 5.7 / 11.0 / 14.9 us (32: 6.8 / 15.7 /
+    23.6); batch 64, 32-slot tiles 13.8 / 26.5 / 39.4 (64: 16.8 / 31.7 / 45.2; two splits or more were slower in
+    every case), the K/V reads at ~3 TB/s."""
     if batch_heads > 64:
-        return 64, 1
+        return (32 if batch_heads >= 256 else 64), 1
     cap = max(1, 128 // batch_heads)
     return 128, min(next_pow2(-(-s // 256)), 1 << (cap.bit_length() - 1))
 
@@ -165,7 +170,8 @@ def decode_attention(q, k, v, cos, sin, k_cache, v_cache, slot, mask, scale: flo
     """`decode_attention_reference` in one Triton launch (two with several splits); same arguments and result.
 
     splits: how many programs share one (row, KV head)'s cached slots (a power of two), block_s: cached slots per
-    tile (a power of two >= 16); both default to `_tiling`'s choice.
+    tile (a power of two >= 16); both default to `_tiling`'s choice. Cache slots after `slot` are never read (keys
+    after the new token's are causally unseen), whatever the mask says of them.
     Raises ValueError for shapes the kernel does not take (see decode_attention_usable for the caller's check)."""
     b, t, hq, d = q.shape
     hkv = k.shape[2]
