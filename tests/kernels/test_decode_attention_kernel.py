@@ -5,7 +5,7 @@ from kernel_check import assert_as_good_as_reference, dtypes_for_device
 
 pytest.importorskip("triton")
 from fasttune.kernels.decode_attention import (  # noqa: E402
-    decode_attention, decode_attention_reference, decode_attention_usable)
+    _tiling, decode_attention, decode_attention_reference, decode_attention_usable)
 
 DEVICE, DTYPES = dtypes_for_device()
 
@@ -34,7 +34,6 @@ def _case(b, hq, hkv, d, rot, cap, s, slot, dtype, window=None, seed=0):
     (1, 4, 1, 16, 16, 300, 256, 3, None, 8),     # early in a long bucket: most splits see only masked slots
     (2, 4, 2, 24, 24, 40, 40, 33, None, None),   # head_dim not a power of two (Phi-3's 96), padded tiles
     (33, 2, 2, 16, 16, 24, 24, 10, None, None),  # 66 (row, head) pairs: the large-batch tiling, one split
-    (64, 4, 4, 16, 16, 80, 80, 70, None, None),  # 256 pairs: 32-slot tiles, the loop ending mid-tile
 ])
 def test_decode_attention_equals_the_unfused_path(dtype, b, hq, hkv, d, rot, cap, s, slot, window, splits):
     args = _case(b, hq, hkv, d, rot, cap, s, slot, dtype, window)
@@ -59,6 +58,16 @@ def test_default_splits_agree_with_one_split():
     one = decode_attention(*[a.clone() for a in args], scale=0.25, splits=1)
     many = decode_attention(*[a.clone() for a in args], scale=0.25)
     torch.testing.assert_close(many, one, rtol=1e-5, atol=1e-6)
+
+
+def test_large_batches_take_one_split_of_32_slot_tiles():
+    """From 256 (row, KV head) pairs on, one split of 32-slot tiles (checked here on two rows; the loop ends
+    mid-tile)."""
+    assert _tiling(256, 512) == (32, 1) and _tiling(128, 512) == (64, 1) and _tiling(8, 512)[0] == 128
+    args = _case(2, 4, 2, 16, 16, 80, 80, 70, torch.float32)
+    want = decode_attention_reference(*[a.clone() for a in args], scale=0.25)
+    got = decode_attention(*[a.clone() for a in args], scale=0.25, splits=1, block_s=32)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("splits", [1, 4])
