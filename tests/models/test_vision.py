@@ -291,3 +291,35 @@ def test_a_named_template_on_the_processor_places_images(qwen_vl_dir):
     batch = proc(text=[text], images=[solid_image("red")])
     assert "pixel_values" in batch and int((batch["input_ids"] == proc.image_token_id).sum()) > 1
 
+
+
+class _Counted:
+    """An image processor that counts its runs (attributes pass through)."""
+
+    def __init__(self, inner):
+        self.inner, self.runs = inner, 0
+
+    def __call__(self, *args, **kwargs):
+        self.runs += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_a_processor_call_runs_the_image_processor_once(vl_dir):
+    """processor(text=..., images=...) takes the placeholder counts from the image-processor run that makes the
+    pixels, and gives what two runs gave."""
+    from fasttune import FastVisionModel
+
+    _, proc = FastVisionModel.from_pretrained(str(vl_dir))
+    texts = [proc.apply_chat_template(CONVERSATION)]
+    images = [solid_image("red"), solid_image("blue", (40, 60))][:texts[0].count(proc.image_token)]
+    grids = proc.image_grids(images)
+    pixels = proc.process_images(images)
+    counted = proc.image_processor = _Counted(proc.image_processor)
+    got = proc(text=texts, images=images)
+    assert counted.runs == 1
+    assert torch.equal(got["input_ids"], proc.tokenizer(proc.expand(texts[0], grids), add_special_tokens=False,
+                                                        return_tensors="pt")["input_ids"])
+    assert set(pixels) <= set(got) and all(torch.equal(got[k], v) for k, v in pixels.items())

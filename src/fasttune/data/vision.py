@@ -177,12 +177,18 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks; Idefics3 / SmolVLM:
         the images' tiles (tiles, C, H, W), each image's crops then the whole image, plus "pixel_attention_mask"
         (tiles, H, W) long; InternVL: the images' patches (patches, C, H, W), each image's crops then its thumbnail)."""
+        return self.processed_images(images)[0]
+
+    def processed_images(self, images: list) -> tuple[dict, list]:
+        """(`process_images`' batch, `image_grids`' list) of PIL images from one run of the image processor."""
         if self.image_tiles is not None:
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt",
                                        return_row_col_info=True)
-            counts = [r * c + 1 for r, c in zip(_flat(out["rows"]), _flat(out["cols"]))]
-            return {key: torch.cat([out[key][i, :n] for i, n in enumerate(counts)])
-                    for key in ("pixel_values", "pixel_attention_mask")}
+            rows, cols = _flat(out["rows"]), _flat(out["cols"])
+            counts = [r * c + 1 for r, c in zip(rows, cols)]
+            batch = {key: torch.cat([out[key][i, :n] for i, n in enumerate(counts)])
+                     for key in ("pixel_values", "pixel_attention_mask")}
+            return batch, list(zip(rows, cols))  # each image's grid of crops, (rows, cols); (0, 0) for none
         extra = self._crop_kwargs()
         if self.image_rows is not None:  # sides in whole (merged) tokens, as PixtralProcessor resizes
             side = self.image_rows[2]
@@ -192,7 +198,15 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         for key in ("image_grid_thw", "image_sizes", "image_position_ids"):
             if key in out:
                 batch[key] = torch.as_tensor(out[key]).long()
-        return batch
+        if self.image_sequence is not None:  # fixed-size families: nothing to count
+            grids = [None] * len(images)
+        elif self.patch_span is not None:  # InternVL: each image's patches (crops and thumbnail) x tokens a patch
+            grids = [int(n) * int(self.patch_span[2]) for n in out["num_patches"]]
+        elif self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
+            grids = [int(n) for n in out["num_soft_tokens_per_image"]]
+        else:  # Mistral 3: each resized (height, width); Qwen: each (t, h, w) grid
+            grids = batch["image_sizes" if self.image_rows is not None else "image_grid_thw"].tolist()
+        return batch, grids
 
     def _crop_kwargs(self) -> dict:
         """InternVL: crop_to_patches=True, as InternVLProcessor passes it (its images_kwargs) over the image
@@ -201,22 +215,13 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
 
     def image_grids(self, images: list) -> list:
         """Per image what its token count depends on (Qwen: its (t, h, w) grid; Mistral 3: its resized (height,
-        width); fixed-size families: None)."""
+        width); Idefics3: its (rows, cols) of crops; InternVL / Gemma 4: its token count; fixed-size families:
+        None, without running the image processor)."""
         if not images:
             return []
         if self.image_sequence is not None:
             return [None] * len(images)
-        if self.patch_span is not None:  # InternVL: each image's patches (crops and thumbnail) x tokens a patch
-            counts = self.image_processor(images=images, return_tensors="pt", **self._crop_kwargs())["num_patches"]
-            return [int(n) * int(self.patch_span[2]) for n in counts]
-        if self.image_tiles is not None:  # Idefics3: each image's grid of crops, (rows, cols); (0, 0) for none
-            out = self.image_processor(images=[[im] for im in images], return_tensors="pt", return_row_col_info=True)
-            return list(zip(_flat(out["rows"]), _flat(out["cols"])))
-        if self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
-            counts = self.image_processor(images=images, return_tensors="pt")["num_soft_tokens_per_image"]
-            return [int(n) for n in counts] if images else []
-        key = "image_sizes" if self.image_rows is not None else "image_grid_thw"
-        return self.process_images(images)[key].tolist() if images else []
+        return self.processed_images(images)[1]
 
     def expand(self, text: str, grids) -> str:
         """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
@@ -290,7 +295,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         grids, counts = [], []
         if images:
             pil = [to_pil(im, "images") for im in images]
-            out, grids = self.process_images(pil), self.image_grids(pil)
+            out, grids = self.processed_images(pil)  # one run of the image processor for both
         if audio:
             from fasttune.data.audio import to_waveform
 
