@@ -230,3 +230,26 @@ def test_lora_decode_steps_read_kept_factor_copies_refreshed_every_step(family, 
     monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
     assert torch.equal(changed, ours.generate(ids, mask, **kw))
     assert not torch.equal(changed, want)
+
+
+def test_lora_decode_at_batch_one_takes_the_gemv_and_adds_the_low_rank_terms(tmp_path, monkeypatch):
+    """One row: each LoRA group's base products in kernels/gemv.py's one launch, the low-rank terms added onto them
+    (kernels/lora_decode.py); the tokens equal the module path's."""
+    from fasttune import FastLanguageModel
+    from fasttune.kernels import lora as lora_kernels
+
+    ours = FastLanguageModel.get_peft_model(_ours("qwen2", tmp_path), r=4, lora_alpha=8)  # q/k/v biases
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    ours.eval()
+    ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(2))
+    kw = dict(max_new_tokens=6, eos_token_id=[], pad_token_id=0)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    want = ours.generate(ids, **kw)
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    gemvs, real = [], lora_kernels.gemv
+    monkeypatch.setattr(lora_kernels, "gemv", lambda x, w, b: gemvs.append(len(w)) or real(x, w, b))
+    assert torch.equal(ours.generate(ids, **kw), want)
+    assert gemvs == [3, 1, 2, 1] * ours.arch.num_layers * 5  # q/k/v, o, gate/up, down in each of 5 decode steps

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from fasttune.kernels import lora_casts, lora_decode
 from fasttune.kernels.dispatch import kernel_choice
 from fasttune.kernels.fp8 import fp8_input_grad, fp8_linear, quantize_rows
+from fasttune.kernels.gemv import gemv, one_row_linears
 
 
 def fused_lora_enabled(x: torch.Tensor) -> bool:
@@ -185,8 +186,9 @@ def lora_group(x: torch.Tensor, layers, values_unused: bool = False) -> tuple:
 
 def _decode_group(x: torch.Tensor, layers, params, casts) -> tuple | None:
     """The group's outputs in a decode step (no gradients): the low-rank terms in kernels/lora_decode.py's two
-    launches, then the base GEMMs onto them (FP8 bases: their product first, the terms added onto it). None where
-    those kernels do not take the shape (the caller's path runs)."""
+    launches, then the base GEMMs onto them (FP8 bases, and one row over 16-bit bases through kernels/gemv.py's one
+    launch: the base products first, the terms added onto them). None where those kernels do not take the shape (the
+    caller's path runs)."""
     dtype, shape = x.dtype, x.shape
     x2 = x.reshape(-1, shape[-1])
     a_all, bs = casts.factors(layers, params, dtype)
@@ -195,7 +197,11 @@ def _decode_group(x: torch.Tensor, layers, params, casts) -> tuple | None:
     if not lora_decode.fits(x2, bs) or len({f is None for f in fp8}) > 1 or len({b is None for b in biases}) > 1:
         return None
     scales = [layer.scaling for layer in layers]
-    if fp8[0] is not None:
+    bases = [layer.base_layer for layer in layers]
+    if one_row_linears(x2, bases):  # batch 1 over 16-bit weights: the group's base products in one GEMV launch
+        outs = list(gemv(x2, [b.weight for b in bases], [b.bias for b in bases]))
+        lora_decode.lora_delta(x2, a_all, bs, scales, outs, accumulate=True)
+    elif fp8[0] is not None:
         x_fp8 = quantize_rows(x2)
         outs = [fp8_linear(*x_fp8, f.qweight, f.weight_scale, dtype) for f in fp8]
         lora_decode.lora_delta(x2, a_all, bs, scales, outs, accumulate=True)
