@@ -4,11 +4,11 @@ runs the clipped objective (optional KL to the reference = the policy as handed 
 micro-batches.
 
 The loop stays the core's (accumulation, clipping, schedule, checkpoints, logging); this class supplies the step's
-micro-batches (`step_batches`) and the loss of one (`micro_batch_loss`). The math is in grpo_loss.py.
+micro-batches (`step_batches`, grpo_rollout.py) and the loss of one (`micro_batch_loss`). The math is in grpo_loss.py,
+the reward functions' scoring in grpo_rewards.py, the entropy bonus in grpo_entropy.py.
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -18,38 +18,23 @@ from fasttune.constants import IMAGE_KEYS
 from fasttune.data.formats import row_label
 from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
-from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, prompt_media, require_processor,
-                                         row_images, with_image_payloads)
+from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, require_processor, row_images,
+                                         with_image_payloads)
 from fasttune.errors import ConfigError, DataError
-from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
 from fasttune.train.objectives.grpo_config import GRPOConfig, generation_layout
-from fasttune.train.objectives.grpo_loss import (clip_stats, entropy_bonus, group_advantages, high_entropy_mask,
-                                                 off_policy_mask, per_token_loss, reduce_loss, vespo_weights)
+from fasttune.train.objectives.grpo_entropy import EntropyBonus
+from fasttune.train.objectives.grpo_rollout import Rollouts
+from fasttune.train.objectives.grpo_loss import (clip_stats, high_entropy_mask, off_policy_mask, per_token_loss,
+                                                 reduce_loss, vespo_weights)
 from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
-from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy, score_positions
+from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy
 from fasttune.train.reward_models import trainer_reward_funcs
 from fasttune.train.rewards import required_columns, reward_name
 
 __all__ = ["GRPOTrainer", "GRPOConfig", "NoRewardError"]
-
-
-# Under torchrun each rank samples its own share of a step: with its own seed, so that a group split over ranks
-# does not draw the same completions twice
-RANK_SEED_STRIDE = 104_729
-
-
-def _copies(examples: list[dict]) -> int:
-    """How many times each example repeats in a row (a group's completions share one example object), when every
-    run has the same length; else 1."""
-    runs, start = [], 0
-    for i in range(1, len(examples) + 1):
-        if i == len(examples) or examples[i] is not examples[start]:
-            runs.append(i - start)
-            start = i
-    return runs[0] if runs and len(set(runs)) == 1 else 1
 
 
 def _fp32_head(model, name: str) -> None:
@@ -69,7 +54,7 @@ def _fp32_head(model, name: str) -> None:
     model.fp32_head = True
 
 
-class GRPOTrainer(RewardScoring, Trainer):
+class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
     args that are not a GRPOConfig, no tokenizer, a reward_weights length that does not match, completions per
@@ -156,10 +141,7 @@ class GRPOTrainer(RewardScoring, Trainer):
                                               "Add LoRA with get_peft_model, or set beta=0.")
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
-        # the entropy controller's state (use_adaptive_entropy): the coefficient, the last step's mean entropy (inf
-        # before the first: no bonus in the first step, as TRL) and the running (sum, count) of this step's entropies
-        self._entropy_coef = getattr(a, "entropy_coef", 0.0)  # (RLOOConfig has no entropy bonus)
-        self._last_entropy, self._window_entropy = float("inf"), [0.0, 0.0]
+        self.start_entropy_control(a)
         self.start_metrics()
 
     # --- data --------------------------------------------------------------------------------------------------
@@ -231,185 +213,6 @@ class GRPOTrainer(RewardScoring, Trainer):
         """Completion tokens: the normaliser of token-level losses (dapo) over the whole accumulated batch (a share
         of the generation batch's tokens when one feeds several steps, see _share_items)."""
         return batch["items_share"] if "items_share" in batch else int(batch["completion_mask"].sum())
-
-    # --- sampling and scoring, once per optimizer step ---------------------------------------------------------
-    def step_batches(self, start_epoch: int, start_micro: int):
-        """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
-        that a resume samples the same), yielded num_iterations times as (epoch, next micro index, micro-batches)."""
-        ga, rank = self.args.gradient_accumulation_steps, self.dist.rank
-        groups = self.step_groups(start_epoch, start_micro)
-        if self.generations_per_step > 1:
-            yield from self._split_step_batches(groups)
-            return
-        while True:
-            # One generation batch feeds generation_steps optimizer steps (TRL's steps_per_generation), each reused
-            # num_iterations times over (TRL's order: the generation's steps, then again).
-            chunk = [next(groups) for _ in range(self.generation_steps)]
-            epoch, micro = chunk[0][:2]
-            # Under torchrun each rank samples and scores only its own micro-batches (the loop trains this rank's
-            # share of each step's list; the other ranks' places stay None); rewards are gathered for the advantages.
-            owns = [self.dist.shard(group, ga) for _, _, group in chunk]
-            seed = self.args.seed + 1_000_003 * epoch + micro + RANK_SEED_STRIDE * rank  # the same after a resume
-            batches = self.rollout([self.train_examples[i] for own in owns for ids in own for i in ids],
-                                   [len(ids) for own in owns for ids in own], seed, across_ranks=True)
-            if len(chunk) > 1:
-                self._share_items(batches, sum(len(group) for _, _, group in chunk))
-            steps, start = [], 0
-            for (epoch, micro, group), own in zip(chunk, owns):
-                step = [None] * len(group)
-                step[rank * ga:rank * ga + len(own)] = batches[start:start + len(own)]
-                for b in step[rank * ga:rank * ga + len(own)]:
-                    b["steps"] = len(group)  # the step's micro-batches over all ranks (a plain int)
-                start += len(own)
-                steps.append((epoch, micro, step))
-            for _ in range(self.args.num_iterations):
-                yield from steps
-
-    def _split_step_batches(self, groups):
-        """step_batches when one optimizer step holds several generation batches (steps_per_generation below
-        gradient_accumulation_steps): each rank's micro-batches of the step are sampled and scored in runs of
-        steps_per_generation (every rank the same number of runs, some maybe empty, since scoring gathers rewards),
-        each run's token-level losses normalised by its own completion tokens (all ranks) x the step's micro-batches a
-        rank / steps_per_generation, as TRL normalises dapo (and cispo, vespo) then."""
-        ga, rank, runs = self.args.gradient_accumulation_steps, self.dist.rank, self.generations_per_step
-        spg = ga // runs
-        for epoch, micro, group in groups:
-            own = self.dist.shard(group, ga)
-            batches = []
-            for k in range(runs):
-                part = own[k * spg:(k + 1) * spg]
-                seed = self.args.seed + 1_000_003 * epoch + micro + k * spg + RANK_SEED_STRIDE * rank
-                run = self.rollout([self.train_examples[i] for ids in part for i in ids], [len(ids) for ids in part],
-                                   seed, across_ranks=True)
-                tokens = self.dist.sum(sum(float(b["completion_mask"].sum()) for b in run))
-                per_rank = -(-len(group) // self.dist.world)  # (TRL's current gradient_accumulation_steps)
-                for b in run:
-                    b["normalizer"] = tokens * per_rank / spg
-                batches += run
-            step = [None] * len(group)
-            step[rank * ga:rank * ga + len(own)] = batches
-            for b in batches:
-                b["steps"] = len(group)  # the step's micro-batches over all ranks (a plain int)
-            yield epoch, micro, step
-
-    def _share_items(self, batches: list[dict], micro_batches: int):
-        """A generation batch over several optimizer steps: each micro-batch counts the generation's completion tokens
-        (all ranks) / its micro-batches (all ranks), so a step's loss normaliser is the generation's tokens x
-        gradient_accumulation_steps / steps_per_generation, as TRL normalises dapo (and cispo) then."""
-        tokens = self.dist.sum(sum(float(b["completion_mask"].sum()) for b in batches))
-        for b in batches:
-            b["items_share"] = tokens / micro_batches
-
-    @torch.no_grad()
-    def rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None = None,
-                across_ranks: bool = False) -> list[dict]:
-        """Sample a completion for each example (consecutive copies of a prompt form a group of `group`, default
-        num_generations), score, and return the micro-batches (`sizes` completions each). across_ranks: the
-        examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score)."""
-        completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
-        return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
-
-    def sample(self, examples: list[dict], seed: int, model=None) -> tuple[list[list[int]], list[bool]]:
-        """One completion per example from model.generate (temperature, top_p, top_k; seeded; `model`: the policy
-        unless given, e.g. GKD's teacher): (token ids up to and including the first stop token, whether each hit
-        max_completion_length without one)."""
-        a, model = self.args, self.model if model is None else model
-        stops = stop_token_ids(self.tokenizer, model)
-        media = {}
-        if self.vision:
-            # A group's prompt and its images run once (its copies are one object): num_return_sequences.
-            copies = _copies(examples)
-            examples = examples[::copies]
-            # A sampled image / video / audio placeholder would have no features to merge when scored: never
-            # sampled (TRL suppresses the image token likewise).
-            from transformers import SuppressTokensLogitsProcessor
-
-            placeholders = [t for t in (model.image_token_id, model.video_token_id, model.audio_token_id)
-                            if t is not None]
-            media = {**prompt_media(examples, self.tokenizer), "num_return_sequences": copies,
-                     "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
-        ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
-        # TRL's sampling settings, then its generation_kwargs over them
-        options = dict(max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
-                       top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                       eos_token_id=stops, pad_token_id=self.pad_id, seed=seed)
-        options.update(a.generation_kwargs or {})
-        out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), **{**options, **media})
-        completions, truncated = [], []
-        for row in out[:, ids.shape[1]:].tolist():
-            end = next((i for i, t in enumerate(row) if t in stops), None)
-            completions.append(row if end is None else row[:end + 1])  # the stop token is kept and trained, as TRL
-            truncated.append(end is None)
-        return completions, truncated
-
-    def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-              sizes: list[int], group: int | None = None, across_ranks: bool = False) -> list[dict]:
-        """Rewards -> group advantages (groups of `group` completions, default num_generations; across_ranks: over
-        every rank's completions, gathered in rank order) -> micro-batches with (optional) old and reference
-        log-probs."""
-        a = self.args
-        rollout = self.gather_rollout(self.compute_rewards(examples, completion_ids), completion_ids, truncated,
-                                      across_ranks)
-        self._check_unrewarded(rollout.rewards_per_func)
-        advantages, rewards, std = group_advantages(rollout.rewards_per_func, self.reward_weights,
-                                                    group or a.num_generations, a.scale_rewards,
-                                                    a.multi_objective_aggregation)
-        self._record_rollout(rollout, rewards, std)
-        self.keep_completions(rollout, advantages, across_ranks)
-        return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes)
-
-    def micro_batches(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
-                      advantages: torch.Tensor, sizes: list[int]) -> list[dict]:
-        """The scored completions cut into micro-batches of `sizes` completions (_micro_batch each), each counting
-        len(sizes) micro-batches in its step (step_batches sets the training step's count over all ranks)."""
-        batches, start = [], 0
-        for n in sizes:
-            part = slice(start, start + n)
-            start += n
-            b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part])
-            b["steps"] = len(sizes)  # a plain int: the loop moves only tensors to the device
-            batches.append(b)
-        return batches
-
-    @torch.no_grad()  # the old and reference log-probs are constants of the loss (also when score() is called alone)
-    def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
-        prompt_ids, prompt_mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
-        width = max(len(c) for c in completion_ids)
-        comp = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
-        comp_mask = torch.zeros((len(examples), width), dtype=torch.long)
-        for r, c in enumerate(completion_ids):
-            comp[r, :len(c)] = torch.tensor(c)
-            keep = not (self.args.mask_truncated_completions and truncated[r])
-            comp_mask[r, :len(c)] = int(keep)
-        input_ids = torch.cat([prompt_ids, comp], dim=1)
-        attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
-        b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
-             "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
-        media = prompt_media(examples, self.tokenizer) if self.vision else {}
-        b.update(media)
-        # The log-probs stay on the device (the loop's move is then a no-op): copying them back would wait for the
-        # device once per micro-batch.
-        dev = self.to_device({k: b[k] for k in ("input_ids", "attention_mask", "completion_positions", *media)})
-        args = (dev["input_ids"], dev["attention_mask"], width, dev["completion_positions"],
-                {k: dev[k] for k in media})
-        if self.keeps_old_logps:  # e.g. later iterations reuse this batch: the sampling policy's log-probs
-            b["old_logps"] = self.completion_logps(*args)
-        if self.reference is not None:  # at sampling time, before the policy's forward (the swap is in place)
-            with self.reference.active():
-                b["ref_logps"] = self.completion_logps(*args)
-        return b
-
-    @property
-    def keeps_old_logps(self) -> bool:
-        """Whether a micro-batch keeps the sampling policy's log-probs (num_iterations > 1, or a generation batch over
-        several optimizer steps: the policy moves before some micro-batches are trained); else the ratio is 1 and the
-        policy's own detached log-probs stand in for them."""
-        return self.reuses_samples
-
-    @property
-    def reuses_samples(self) -> bool:
-        """Whether the policy may change between sampling a completion and training on it."""
-        return self.args.num_iterations > 1 or self.generation_steps > 1
 
     # --- evaluation, as TRL's: eval prompts sampled and scored, the loss without gradients -----------------------
     @property
@@ -523,82 +326,6 @@ class GRPOTrainer(RewardScoring, Trainer):
             return loss
         self._add_ratio("aux_loss", aux.detach().float(), 1)
         return loss + self.aux_loss_share(aux, self.aux_weight).to(loss.device, loss.dtype)
-
-    # --- the entropy bonus (TRL 1.16's entropy_coef, use_adaptive_entropy) -----------------------------------
-    @property
-    def _entropy_bonus(self) -> bool:
-        """Whether the loss carries an entropy bonus: a nonzero entropy_coef, or the adaptive controller (which may
-        bring a zero coefficient up)."""
-        return getattr(self.args, "entropy_coef", 0.0) != 0.0 or getattr(self.args, "use_adaptive_entropy", False)
-
-    def _with_entropy_bonus(self, loss: torch.Tensor, entropies: torch.Tensor, mask: torch.Tensor,
-                            steps: int) -> torch.Tensor:
-        """loss - coef x the mean entropy over `mask`'s tokens (/ the step's micro-batches over all ranks in
-        training, as TRL divides by gradient_accumulation_steps under DDP's averaging). Adaptive: the coefficient of
-        the last step boundary, applied while the last step's mean entropy was <= entropy_target (TRL's gating).
-        Records policy_loss (the loss without the bonus, at TRL's scale) and, in training, the entropy sums the
-        controller reads at the step's end."""
-        a, training = self.args, self.model.training
-        coef = self._entropy_coef
-        if a.use_adaptive_entropy and not self._last_entropy <= a.entropy_target:
-            coef = 0.0
-        bonus = entropy_bonus(entropies, mask) / (steps if training else 1)
-        # TRL's policy_loss is a rank's loss before its division by gradient_accumulation_steps (the per-completion
-        # means) or, for the token-sum types normalised by the whole batch's tokens, the rank's loss (DDP averages
-        # ranks where fasttune sums them): fasttune's loss x the step's micro-batches / x ranks.
-        scale = 1 if not training else self.dist.world if a.loss_type in ("dapo", "cispo", "vespo") else steps
-        self._add_ratio("policy_loss", loss.detach() * scale, 1)
-        if training and a.use_adaptive_entropy:
-            with torch.no_grad():
-                m = mask.float()
-                self._window_entropy = [self._window_entropy[0] + (entropies.detach() * m).sum(),
-                                        self._window_entropy[1] + m.sum()]
-        return loss - coef * bonus
-
-    def objective_state(self) -> dict:
-        """The adaptive entropy controller's coefficient and last step's mean entropy (None before the first step),
-        so a resumed run continues it (TRL keeps them in entropy_ctrl_state.json); {} without the controller."""
-        if not getattr(self.args, "use_adaptive_entropy", False):
-            return {}
-        last = self._last_entropy
-        return {"entropy_coef": self._entropy_coef, "last_entropy": None if math.isinf(last) else last}
-
-    def load_objective_state(self, state: dict) -> None:
-        """Restore objective_state's {"entropy_coef": float, "last_entropy": float nats or None} from a checkpoint
-        (ignored without use_adaptive_entropy, or when the checkpoint has none: an older one, or a run without the
-        controller)."""
-        if "entropy_coef" in state and getattr(self.args, "use_adaptive_entropy", False):
-            last = state["last_entropy"]
-            self._entropy_coef, self._last_entropy = state["entropy_coef"], float("inf") if last is None else last
-
-    def prepare_step(self, group: list[dict], across_ranks: bool) -> None:
-        """Counts this rank's micro-batches of the optimizer step, so the entropy controller updates after the last
-        (_step_end); with top_entropy_quantile under torchrun, whether every rank runs as many (then the entropy
-        threshold is taken over all ranks' tokens, a collective per micro-batch)."""
-        super().prepare_step(group, across_ranks)
-        self._micro_left = len(group) if across_ranks else 0
-        if across_ranks and self.dist.active and getattr(self.args, "top_entropy_quantile", 1.0) < 1.0:
-            self._lockstep = self.dist.sum(len(group)) == len(group) * self.dist.world
-
-    def _step_end(self):
-        """After each training micro-batch: at the step's last one, with an entropy bonus, log entropy_coef and
-        (adaptive) move it by entropy_coef_delta towards keeping the step's mean entropy (all ranks) at
-        entropy_target."""
-        if not self.model.training or getattr(self, "_micro_left", 0) <= 0:
-            return
-        self._micro_left -= 1
-        if self._micro_left or not self._entropy_bonus:
-            return
-        a = self.args
-        if a.use_adaptive_entropy:
-            s, n = (self.dist.sum(v) for v in host_values(self._window_entropy))
-            self._last_entropy = s / max(n, 1.0)
-            if self._last_entropy <= a.entropy_target:
-                self._entropy_coef = min(self._entropy_coef + a.entropy_coef_delta, a.entropy_coef_max)
-            else:
-                self._entropy_coef = max(self._entropy_coef - a.entropy_coef_delta, a.entropy_coef_min)
-            self._window_entropy = [0.0, 0.0]
-        self._metrics["entropy_coef"].append(self._entropy_coef)
 
     def _all_ranks(self, values: torch.Tensor) -> torch.Tensor:
         """Every rank's 1-D `values`, concatenated in rank order, on this rank's device."""
