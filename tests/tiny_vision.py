@@ -719,6 +719,46 @@ def save_llava(folder, seed: int = 0):
     return _save(folder, LlavaForConditionalGeneration, llava_config(), llava_processor(), seed)
 
 
+LLAVA_NEXT_PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56], [28, 84]]  # grids of up to 2 x 2 tiles of 28
+
+
+def llava_next_config():
+    """LLaVA-NeXT's layout (transformers' LlavaNextConfig): LLaVA's tiny CLIP tower (28-pixel tiles of 14-pixel
+    patches, 4 tokens a tile) on each image's grid of tiles (LLAVA_NEXT_PINPOINTS) plus the whole image, the MLP
+    projector and the row-end image_newline, before a Llama."""
+    from transformers import LlavaNextConfig
+
+    base = llava_config()
+    return LlavaNextConfig(text_config=base.text_config.to_dict(), vision_config=base.vision_config.to_dict(),
+                           image_token_index=259, image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-2,
+                           vision_feature_select_strategy="default", tie_word_embeddings=False)
+
+
+def llava_next_processor(tok=None):
+    """fasttune's VisionProcessor as LlavaNextProcessor expands images: each <image> becomes the image's feature count
+    (its whole-image tile, its grid of tiles cut back to the image's aspect ratio, one newline token a row), with
+    LlavaNextImageProcessor's tiles (transformers' PIL one)."""
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=LLAVA_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})  # id 259
+    images = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
+                                       image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    return VisionProcessor(tok, images, LLAVA_TEMPLATE, "<image>", None,
+                           anyres=(tuple(map(tuple, LLAVA_NEXT_PINPOINTS)), 28, 14))
+
+
+def save_llava_next(folder, seed: int = 0):
+    """Save a random tiny LLaVA-NeXT (fp32) with its processor to `folder`; returns the folder. image_newline is
+    drawn N(0, 1) (transformers' init leaves it as allocated)."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    return _save(folder, LlavaNextForConditionalGeneration, llava_next_config(), llava_next_processor(), seed,
+                 init=lambda m: m.model.image_newline.normal_())
+
+
 def oracle_inputs(folder, batch, proc) -> dict:
     """What transformers' model needs besides the processor output to see the images as its processor marks them:
     Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);

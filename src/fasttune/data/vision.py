@@ -48,7 +48,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     (a newline after each row of crops), then the whole image's tile between fake tokens after the global token, or,
     with `patch_span` = (start token, end token, tokens per patch) (InternVL, as InternVLProcessor writes), the start
     token, the feature token once per token of each of the image's patches (its crops and thumbnail) and the end
-    token. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
+    token, or, with `anyres` = (grid pinpoints ((height, width) pixels each), tile side, patch side) (LLaVA-NeXT, as
+    LlavaNextProcessor counts them: `anyres_token_count`), the feature token once per feature of the image's whole-
+    image tile, of its grid of tiles cut back to its aspect ratio and of one newline a row. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
     (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
@@ -60,8 +62,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                  merge_size: int | None = None, feature_token: str | None = None, image_sequence: str | None = None,
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
                  audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
-                 video_stamps: tuple | None = None, image_tiles: tuple | None = None, patch_span: tuple | None = None):
+                 video_stamps: tuple | None = None, image_tiles: tuple | None = None, patch_span: tuple | None = None,
+                 anyres: tuple | None = None):
         self.tokenizer = tokenizer
+        self.anyres = anyres
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
         self.image_token = image_token
@@ -100,7 +104,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
                         audio_marks: tuple | None = None, video_token: str | None = None,
                         video_stamps: tuple | None = None, image_tiles: tuple | None = None,
-                        patch_span: tuple | None = None) -> "VisionProcessor":
+                        patch_span: tuple | None = None, anyres: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). Raises ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
@@ -128,7 +132,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
                    read_video_settings(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
-                                   else None) if video_token else None, video_stamps, image_tiles, patch_span)
+                                   else None) if video_token else None, video_stamps, image_tiles, patch_span, anyres)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
@@ -138,11 +142,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
                                self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
-                               self.video_stamps, self.image_tiles, self.patch_span)
+                               self.video_stamps, self.image_tiles, self.patch_span, self.anyres)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
-                    "video_settings", "video_stamps", "image_tiles", "patch_span"):  # not set yet (unpickling)
+                    "video_settings", "video_stamps", "image_tiles", "patch_span", "anyres"):  # not set yet
+            # (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -204,8 +209,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             grids = [int(n) * int(self.patch_span[2]) for n in out["num_patches"]]
         elif self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
             grids = [int(n) for n in out["num_soft_tokens_per_image"]]
-        else:  # Mistral 3: each resized (height, width); Qwen: each (t, h, w) grid
-            grids = batch["image_sizes" if self.image_rows is not None else "image_grid_thw"].tolist()
+        else:  # Mistral 3: each resized (height, width); LLaVA-NeXT: each original one; Qwen: each (t, h, w) grid
+            sized = self.image_rows is not None or self.anyres is not None
+            grids = batch["image_sizes" if sized else "image_grid_thw"].tolist()
         return batch, grids
 
     def _crop_kwargs(self) -> dict:
@@ -238,6 +244,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                 out.append(self._tiles(*grid) + rest)
             elif self.patch_span is not None:
                 out.append(self.patch_span[0] + self.feature_token * int(grid) + self.patch_span[1] + rest)
+            elif self.anyres is not None:
+                out.append(self.feature_token * anyres_token_count(*grid, *self.anyres) + rest)
             elif self.soft_token_marks is not None:
                 begin, end = self.soft_token_marks
                 out.append(begin + self.feature_token * int(grid) + end + rest)
@@ -410,6 +418,24 @@ def read_chat_template(folder: Path) -> str | None:
     if (folder / "chat_template.json").is_file():
         return json.loads((folder / "chat_template.json").read_text()).get("chat_template")
     return None
+
+
+def anyres_token_count(height: int, width: int, pinpoints, tile: int, patch: int) -> int:
+    """LLaVA-NeXT's feature count of an image of height x width pixels (LlavaNextProcessor._get_number_of_features
+    with the "default" select strategy): the whole image's tile, (tile / patch)^2 features; then the grid of tiles
+    of the pinpoint transformers' select_best_resolution picks for it, (tile / patch) features a tile side, cut back
+    to the image's aspect ratio (the padding rows or columns dropped, as the model's unpad drops them), plus one
+    newline feature a row."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    best_h, best_w = select_best_resolution([height, width], [list(p) for p in pinpoints])
+    side = tile // patch
+    rows, cols = side * (best_h // tile), side * (best_w // tile)
+    if width / height > cols / rows:  # wider than the grid: rows of padding above and below
+        rows -= (rows - int(round(height * (cols / width), 7))) // 2 * 2
+    else:
+        cols -= (cols - int(round(width * (rows / height), 7))) // 2 * 2
+    return side * side + rows * cols + rows
 
 
 def _tile_mark(row: int, col: int) -> str:

@@ -9,8 +9,8 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     """VisionProcessor's placeholder settings for a vision-language config: Qwen2.5-VL's one <|image_pad|> per
     merged patch, Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence), Gemma 4's soft tokens,
     Pixtral's rows, Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
-    Idefics3Model computes it) or InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
-    patch, InternVLProcessor's image_seq_length)."""
+    Idefics3Model computes it), InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
+    patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's tiles (data/vision.py's anyres_token_count)."""
     if vlm_config.model_type == "gemma3":
         boi, eoi, soft = _tokens_of(tokenizer, vlm_config, "boi_token_id", "eoi_token_id", "image_token_id")
         return dict(image_token=boi, merge_size=None, feature_token=soft,
@@ -36,6 +36,15 @@ def processor_settings(vlm_config, tokenizer) -> dict:
             (vlm_config.vision_feature_select_strategy != "default")
         image = _token_of(tokenizer, vlm_config.image_token_id)
         return dict(image_token=image, merge_size=None, image_sequence=image * count)
+    if vlm_config.model_type == "llava_next":  # LlavaNextProcessor: an <image> per feature of the image's tiles
+        vision = vlm_config.vision_config
+        if vlm_config.vision_feature_select_strategy != "default":
+            raise ModelLoadError(f"This LLaVA-NeXT config's vision_feature_select_strategy is "
+                                 f"'{vlm_config.vision_feature_select_strategy}'; fasttune runs LLaVA-NeXT with "
+                                 f"'default' (the tiles' class tokens dropped), as its released checkpoints are.")
+        image = _token_of(tokenizer, vlm_config.image_token_id)
+        pinpoints = tuple(tuple(int(v) for v in p) for p in vlm_config.image_grid_pinpoints)
+        return dict(image_token=image, merge_size=None, anyres=(pinpoints, vision.image_size, vision.patch_size))
     if vlm_config.model_type == "internvl":  # InternVLProcessor: <img>, <IMG_CONTEXT> per patch token, </img>
         vision = vlm_config.vision_config
         side = _side(vision.image_size) // _side(vision.patch_size)

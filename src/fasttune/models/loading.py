@@ -385,11 +385,18 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
     if not text_config.tie_word_embeddings:
         tensors.append(("lm_head.weight", hf.lm_head.weight))
     model = build_model(text_config, iter(tensors), dtype, device, source, quant, model_cls=VisionCausalLM)
-    modules = {attr: getattr(hf.model, hf_name).to(device=device, dtype=dtype)
+    modules = {attr: _moved(getattr(hf.model, hf_name), device, dtype)
                for attr, hf_name in family.vision_modules
                if getattr(hf.model, hf_name, None) is not None}  # (Gemma 4 without audio has no audio tower)
     model.attach_vision(hf.config, family, modules)
     return model
+
+
+def _moved(part, device, dtype):
+    """A vision module, or a bare parameter (LLaVA-NeXT's image_newline, kept a parameter so that saves hold it), on
+    `device` in `dtype`."""
+    moved = part.to(device=device, dtype=dtype)
+    return torch.nn.Parameter(moved, requires_grad=False) if isinstance(part, torch.nn.Parameter) else moved
 
 
 def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None,

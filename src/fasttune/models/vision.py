@@ -24,7 +24,8 @@ import torch
 from fasttune.constants import AUDIO_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
-from fasttune.models.vision_features import internvl_features, llava_features, pixtral_features, tile_features
+from fasttune.models.vision_features import (internvl_features, llava_features, llava_next_features, pixtral_features,
+                                             tile_features)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,9 @@ class VisionFamily:
     shuffled_patches: bool = False
     # LLaVA: a fixed-size image's features from the tower layer(s) vision_feature_layer through the projector
     layer_features: bool = False
+    # LLaVA-NeXT: each image as its grid of fixed-size tiles plus the whole image (the processor's image_sizes give the
+    # grid), the grid's features cut back to the image's aspect ratio with a learned newline a row
+    anyres: bool = False
 
 
 FAMILIES = {
@@ -133,6 +137,10 @@ FAMILIES = {
 # module names, the tower's layer vision_feature_layer (class token dropped by the "default" strategy) through the MLP
 # projector, a fixed number of tokens an image, attended causally
 FAMILIES["llava"] = replace(FAMILIES["gemma3"], model_type="llava", bidirectional_images=False, layer_features=True)
+# LLaVA-NeXT (transformers' LlavaNextForConditionalGeneration: LLaVA-1.6 / llava-v1.6-*-hf, llama3-llava-next): LLaVA's
+# tower and projector on each image's tiles, and the row-end image_newline (a parameter under `model.`)
+FAMILIES["llava_next"] = replace(FAMILIES["llava"], model_type="llava_next", anyres=True,
+                                 vision_modules=FAMILIES["llava"].vision_modules + (("image_newline", "image_newline"),))
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
@@ -257,7 +265,8 @@ class VisionCausalLM(CausalLM):
         """The processor's pixel_values (Qwen: patches (P, C*T*P*P) with image_grid_thw (images, 3); Gemma 3:
         images (N, C, H, W); Mistral 3: padded images (N, C, H, W) with their sizes (N, 2) in image_grid_thw's
         place; Idefics3 / SmolVLM: tiles (tiles, C, H, W) with their pixel_attention_mask (tiles, H, W) or None in
-        its place; InternVL: patches (patches, C, H, W); LLaVA: images (N, C, H, W); see models/vision_features.py)
+        its place; InternVL: patches (patches, C, H, W); LLaVA: images (N, C, H, W); LLaVA-NeXT: tiles (N, tiles,
+        C, H, W) with image_sizes (N, 2) in image_grid_thw's place; see models/vision_features.py)
         -> ((image tokens, hidden) features in the decoder's dtype, images in order; Qwen3-VL's
         DeepStack features, one (image tokens, hidden) tensor per early decoder layer, else [])."""
         if self.family.sized_images:
@@ -266,6 +275,8 @@ class VisionCausalLM(CausalLM):
             return tile_features(self, pixel_values, image_grid_thw), []
         if self.family.shuffled_patches:
             return internvl_features(self, pixel_values), []
+        if self.family.anyres:
+            return llava_next_features(self, pixel_values, image_grid_thw), []
         if self.family.layer_features:
             return llava_features(self, pixel_values), []
         if self.family.positioned_patches:  # Gemma 4: the tower drops the padding patches and pools the rest
@@ -348,7 +359,7 @@ class VisionCausalLM(CausalLM):
                 continue
             if grid is None and self.family.mrope:
                 raise ConfigError(f"{key} need {what}_grid_thw ({what}s, 3), as the processor returns them.")
-            if grid is None and self.family.sized_images:
+            if grid is None and (self.family.sized_images or self.family.anyres):
                 raise ConfigError(f"{key} need image_sizes (images, 2), each image's (height, width) as the "
                                   f"processor returns them.")
             if grid is None and self.family.positioned_patches:

@@ -79,3 +79,50 @@ def internvl_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
     x = x.reshape(n, int(side * ratio), int(side * ratio), int(channels / ratio ** 2)).permute(0, 2, 1, 3)
     return model.multi_modal_projector(x.reshape(n, -1, x.shape[-1])).reshape(-1, model.config.hidden_size) \
         .to(model.dtype)
+
+
+def anyres_grid(image_size, pinpoints, tile: int) -> tuple[int, int]:
+    """(rows, columns) of tiles LLaVA-NeXT cuts an image of image_size (height, width) pixels into: those of the
+    pinpoint transformers' select_best_resolution picks (its get_anyres_image_grid_shape)."""
+    from transformers.image_processing_utils import select_best_resolution
+
+    height, width = select_best_resolution([int(v) for v in image_size], [list(p) for p in pinpoints])
+    return -(-height // tile), -(-width // tile)
+
+
+def unpad_features(x: torch.Tensor, image_size) -> torch.Tensor:
+    """x (C, rows, cols): a grid's features -> those of the image's own aspect ratio, the rows (or columns) of padding
+    the resize to the pinpoint added removed evenly from both sides (transformers' LLaVA-NeXT unpad_image)."""
+    height, width = (int(v) for v in image_size)
+    rows, cols = x.shape[1:]
+    if width / height > cols / rows:
+        pad = (rows - int(round(height * (cols / width), 7))) // 2
+        return x[:, pad:rows - pad, :]
+    pad = (cols - int(round(width * (rows / height), 7))) // 2
+    return x[:, :, pad:cols - pad]
+
+
+def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
+    """LLaVA-NeXT: each image's tiles (N, tiles, C, H, W; each image's whole-image tile first, the rest padding past
+    its count) with image_sizes (N, 2), its (height, width) in pixels -> (image tokens, hidden) features, as
+    transformers' LlavaNextModel.get_image_features and pack_image_features give them: every tile's hidden states of
+    the tower layer(s) vision_feature_layer without the class token, the projector; per image the whole-image tile's
+    features, then the grid's tiles joined into one feature map, cut back to the image's aspect ratio
+    (unpad_features), the image_newline feature after each of its rows, row by row."""
+    cfg = model.hf_config
+    tile, side = cfg.vision_config.image_size, cfg.vision_config.image_size // cfg.vision_config.patch_size
+    grids = [anyres_grid(size, cfg.image_grid_pinpoints, tile) for size in image_sizes.tolist()]
+    counts = [rows * cols + 1 for rows, cols in grids]
+    if pixel_values.dim() == 5:
+        pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts)])
+    out = model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True, return_dict=True)
+    hidden = selected_layers(out, cfg.vision_feature_layer, cfg.vision_feature_select_strategy == "default")
+    feats = model.multi_modal_projector(hidden)  # (tiles, side * side, hidden)
+    newline = model.image_newline.to(feats.dtype)
+    pieces = []
+    for image, (rows, cols), size in zip(feats.split(counts), grids, image_sizes.tolist()):
+        grid = image[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
+        grid = unpad_features(grid, size)
+        grid = torch.cat([grid, newline[:, None, None].expand(*grid.shape[:-1], 1)], dim=-1)
+        pieces += [image[0], grid.flatten(1, 2).transpose(0, 1)]
+    return torch.cat(pieces).to(model.dtype)
