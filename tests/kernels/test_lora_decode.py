@@ -34,6 +34,7 @@ CASES = [  # rows, input width, (output width, rank) per layer, scales
     (5, 600, [(256, 16), (72, 16), (72, 16)], [2.0, 2.0, 2.0]),  # q/k/v-like: three layers, 3 K chunks
     (33, 130, [(140, 4), (140, 4)], [0.5, 0.5]),  # gate/up-like, ragged everything
     (100, 257, [(50, 16), (129, 8), (16, 32)], [1.0, 3.0, 0.25]),  # two row blocks, mixed ranks
+    (3, 200, [(64, 32), (40, 32), (40, 32)], [1.0, 1.0, 1.0]),  # 96 ranks: the 128-wide partials, 64-wide K tiles
 ]
 
 
@@ -56,6 +57,9 @@ def test_outside_the_kernels_bounds_the_reference_runs(triton_kernels):
     assert x.shape[0] == MAXR and not lora_decode.fits(x, bs)
     x4, a4, bs4, _, _ = _group(2, 64, [(32, 8)] * 4, torch.float32)
     assert not lora_decode.fits(x4, bs4)  # four layers: more than one launch's slots
+    xr, _, bsr, _, _ = _group(2, 64, [(32, 48)] * 3, torch.float32)
+    assert not lora_decode.fits(xr, bsr)  # 144 ranks in all
+    assert not lora_decode.fits(torch.randn(64, 2, device=DEVICE).t(), bs)  # columns not contiguous
     out = [torch.empty_like(starts[0])]
     lora_decode.lora_delta(x, a_all, bs, [2.0], out)
     torch.testing.assert_close(out[0], (x @ a_all.t() * 2.0) @ bs[0].t())

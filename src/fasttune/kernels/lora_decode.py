@@ -23,7 +23,7 @@ from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 MAX_ROWS = 128  # beyond, cuBLAS' GEMMs are as fast
 MAX_LAYERS = 3
-MAX_RANK_SUM = 256
+MAX_RANK_SUM = 128  # a group's ranks in all (q/k/v at r <= 32, gate/up at r <= 64): the partials' tile stays small
 
 
 def lora_delta_reference(x: torch.Tensor, a_all: torch.Tensor, bs: list[torch.Tensor], scales: list[float],
@@ -47,8 +47,9 @@ def lora_delta_reference(x: torch.Tensor, a_all: torch.Tensor, bs: list[torch.Te
 
 def fits(x: torch.Tensor, bs: list[torch.Tensor]) -> bool:
     """Whether `lora_delta` takes the Triton kernels for x (M, K) and these B factors: Triton runs for x (see
-    dispatch.use_triton), M <= MAX_ROWS, at most MAX_LAYERS layers and MAX_RANK_SUM ranks in all."""
-    return (use_triton(x) and x.shape[0] <= MAX_ROWS and 1 <= len(bs) <= MAX_LAYERS
+    dispatch.use_triton), x's columns are contiguous, M <= MAX_ROWS, at most MAX_LAYERS layers and MAX_RANK_SUM ranks
+    in all."""
+    return (use_triton(x) and x.stride(-1) == 1 and x.shape[0] <= MAX_ROWS and 1 <= len(bs) <= MAX_LAYERS
             and sum(b.shape[1] for b in bs) <= MAX_RANK_SUM)
 
 
@@ -64,7 +65,7 @@ def lora_delta(x: torch.Tensor, a_all: torch.Tensor, bs: list[torch.Tensor], sca
     rank_total = sum(ranks)
     block_m = min(64, max(16, next_pow2(m)))
     block_rt = max(16, next_pow2(rank_total))  # the partials' row width
-    block_k = 128
+    block_k = 128 if block_rt <= 64 else 64  # (the A tile, block_rt x block_k, is staged in shared memory)
     chunk = 512 if k > 8192 else 256  # ~16-28 programs for the 4,096- and 14,336-wide inputs of an 8B layer
     chunks = -(-k // chunk)
     m_blocks = -(-m // block_m)
