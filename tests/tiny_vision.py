@@ -747,7 +747,7 @@ def llava_next_processor(tok=None):
     images = LlavaNextImageProcessorPil(size={"shortest_edge": 28}, crop_size={"height": 28, "width": 28},
                                        image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
     return VisionProcessor(tok, images, LLAVA_TEMPLATE, "<image>", None,
-                           anyres=(tuple(map(tuple, LLAVA_NEXT_PINPOINTS)), 28, 14))
+                           anyres=(tuple(map(tuple, LLAVA_NEXT_PINPOINTS)), 28, 14, None))
 
 
 def save_llava_next(folder, seed: int = 0):
@@ -757,6 +757,44 @@ def save_llava_next(folder, seed: int = 0):
 
     return _save(folder, LlavaNextForConditionalGeneration, llava_next_config(), llava_next_processor(), seed,
                  init=lambda m: m.model.image_newline.normal_())
+
+
+def llava_onevision_config():
+    """LLaVA-OneVision's layout (transformers' LlavaOnevisionConfig): a 2-layer SigLIP tower (every patch kept: the
+    "full" strategy, 4 tokens a 28-pixel tile), LLaVA-NeXT's tiles (LLAVA_NEXT_PINPOINTS) with grids of more than one
+    tile's features interpolated down (anyres_max_1, so the tiny grids are), before a Qwen2."""
+    from transformers import LlavaOnevisionConfig
+
+    base = llava_config(siglip=True)
+    text = {**base.text_config.to_dict(), "model_type": "qwen2"}
+    return LlavaOnevisionConfig(text_config=text, vision_config=base.vision_config.to_dict(), image_token_index=259,
+                                image_grid_pinpoints=LLAVA_NEXT_PINPOINTS, vision_feature_layer=-1,
+                                vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1",
+                                tie_word_embeddings=False)
+
+
+def llava_onevision_processor(tok=None):
+    """fasttune's VisionProcessor as LlavaOnevisionProcessor expands images (LLaVA-NeXT's count, the grid's features
+    capped at one tile's worth), with LlavaOnevisionImageProcessor's 28-pixel tiles (transformers' PIL one)."""
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=LLAVA_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})  # id 259
+    images = LlavaOnevisionImageProcessorPil(size={"height": 28, "width": 28},
+                                             image_grid_pinpoints=LLAVA_NEXT_PINPOINTS)
+    return VisionProcessor(tok, images, LLAVA_TEMPLATE, "<image>", None,
+                           anyres=(tuple(map(tuple, LLAVA_NEXT_PINPOINTS)), 28, 14, 1))
+
+
+def save_llava_onevision(folder, seed: int = 0):
+    """Save a random tiny LLaVA-OneVision (fp32) with its processor to `folder`; returns the folder."""
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    return _save(folder, LlavaOnevisionForConditionalGeneration, llava_onevision_config(),
+                 llava_onevision_processor(), seed, init=lambda m: m.model.image_newline.normal_())
 
 
 def oracle_inputs(folder, batch, proc) -> dict:

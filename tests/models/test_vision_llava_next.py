@@ -67,7 +67,7 @@ def test_logits_equal_transformers_on_noise_images_of_several_grids(loaded, llav
     torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
 
 
-def test_only_the_default_select_strategy_is_run(llava_next_vl_dir, tmp_path):
+def test_a_strategy_that_does_not_fit_the_tower_is_refused(llava_next_vl_dir, tmp_path):
     import shutil
 
     from fasttune import FastVisionModel
@@ -77,7 +77,7 @@ def test_only_the_default_select_strategy_is_run(llava_next_vl_dir, tmp_path):
     config = (folder / "config.json").read_text().replace('"vision_feature_select_strategy": "default"',
                                                           '"vision_feature_select_strategy": "full"')
     (folder / "config.json").write_text(config)
-    with pytest.raises(ModelLoadError, match="vision_feature_select_strategy is 'full'"):
+    with pytest.raises(ModelLoadError, match="'full' strategy from a clip_vision_model tower"):
         FastVisionModel.from_pretrained(str(folder))
 
 

@@ -48,9 +48,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     (a newline after each row of crops), then the whole image's tile between fake tokens after the global token, or,
     with `patch_span` = (start token, end token, tokens per patch) (InternVL, as InternVLProcessor writes), the start
     token, the feature token once per token of each of the image's patches (its crops and thumbnail) and the end
-    token, or, with `anyres` = (grid pinpoints ((height, width) pixels each), tile side, patch side) (LLaVA-NeXT, as
-    LlavaNextProcessor counts them: `anyres_token_count`), the feature token once per feature of the image's whole-
-    image tile, of its grid of tiles cut back to its aspect ratio and of one newline a row. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
+    token, or, with `anyres` = (grid pinpoints ((height, width) pixels each), tile side, patch side, most tiles or
+    None) (LLaVA-NeXT / LLaVA-OneVision, as their processors count them: `anyres_token_count`), the feature token once
+    per feature of the image's whole-image tile, of its grid of tiles cut back to its aspect ratio and of one newline
+    a row. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
     (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
@@ -209,7 +210,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             grids = [int(n) * int(self.patch_span[2]) for n in out["num_patches"]]
         elif self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
             grids = [int(n) for n in out["num_soft_tokens_per_image"]]
-        else:  # Mistral 3: each resized (height, width); LLaVA-NeXT: each original one; Qwen: each (t, h, w) grid
+        else:  # Mistral 3: each resized (height, width); LLaVA-NeXT / -OneVision: each original one; Qwen: (t, h, w)
             sized = self.image_rows is not None or self.anyres is not None
             grids = batch["image_sizes" if sized else "image_grid_thw"].tolist()
         return batch, grids
@@ -420,12 +421,15 @@ def read_chat_template(folder: Path) -> str | None:
     return None
 
 
-def anyres_token_count(height: int, width: int, pinpoints, tile: int, patch: int) -> int:
+def anyres_token_count(height: int, width: int, pinpoints, tile: int, patch: int, most: int | None = None) -> int:
     """LLaVA-NeXT's feature count of an image of height x width pixels (LlavaNextProcessor._get_number_of_features
-    with the "default" select strategy): the whole image's tile, (tile / patch)^2 features; then the grid of tiles
-    of the pinpoint transformers' select_best_resolution picks for it, (tile / patch) features a tile side, cut back
-    to the image's aspect ratio (the padding rows or columns dropped, as the model's unpad drops them), plus one
-    newline feature a row."""
+    with the "default" select strategy; LLaVA-OneVision's with `most`, its anyres_max_N): the whole image's tile,
+    (tile / patch)^2 features; then the grid of tiles of the pinpoint transformers' select_best_resolution picks for
+    it, (tile / patch) features a tile side, cut back to the image's aspect ratio (the padding rows or columns
+    dropped, as the model's unpad drops them; with `most`, shrunk by the ratio r = sqrt(rows x cols / (most x
+    (tile / patch)^2)) when r > 1.1, as the model's interpolation shrinks it), plus one newline feature a row."""
+    import math
+
     from transformers.image_processing_utils import select_best_resolution
 
     best_h, best_w = select_best_resolution([height, width], [list(p) for p in pinpoints])
@@ -435,6 +439,9 @@ def anyres_token_count(height: int, width: int, pinpoints, tile: int, patch: int
         rows -= (rows - int(round(height * (cols / width), 7))) // 2 * 2
     else:
         cols -= (cols - int(round(width * (rows / height), 7))) // 2 * 2
+    ratio = math.sqrt(rows * cols / (most * side * side)) if most is not None else 0.0
+    if ratio > 1.1:
+        rows, cols = int(rows // ratio), int(cols // ratio)
     return side * side + rows * cols + rows
 
 

@@ -2,6 +2,8 @@
 image, clip or video becomes and how, per family, as transformers' processors expand them."""
 from __future__ import annotations
 
+import re
+
 from fasttune.errors import ModelLoadError
 
 
@@ -10,7 +12,7 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     merged patch, Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence), Gemma 4's soft tokens,
     Pixtral's rows, Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
     Idefics3Model computes it), InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
-    patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's tiles (data/vision.py's anyres_token_count)."""
+    patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's / LLaVA-OneVision's tiles (data/vision.py's anyres_token_count)."""
     if vlm_config.model_type == "gemma3":
         boi, eoi, soft = _tokens_of(tokenizer, vlm_config, "boi_token_id", "eoi_token_id", "image_token_id")
         return dict(image_token=boi, merge_size=None, feature_token=soft,
@@ -36,15 +38,19 @@ def processor_settings(vlm_config, tokenizer) -> dict:
             (vlm_config.vision_feature_select_strategy != "default")
         image = _token_of(tokenizer, vlm_config.image_token_id)
         return dict(image_token=image, merge_size=None, image_sequence=image * count)
-    if vlm_config.model_type == "llava_next":  # LlavaNextProcessor: an <image> per feature of the image's tiles
+    if vlm_config.model_type in ("llava_next", "llava_onevision"):  # an <image> per feature of the image's tiles
         vision = vlm_config.vision_config
-        if vlm_config.vision_feature_select_strategy != "default":
-            raise ModelLoadError(f"This LLaVA-NeXT config's vision_feature_select_strategy is "
-                                 f"'{vlm_config.vision_feature_select_strategy}'; fasttune runs LLaVA-NeXT with "
-                                 f"'default' (the tiles' class tokens dropped), as its released checkpoints are.")
+        strategy, with_class = vlm_config.vision_feature_select_strategy, vision.model_type == "clip_vision_model"
+        if (strategy == "default") != with_class:
+            raise ModelLoadError(f"This {vlm_config.model_type} config takes its features with the '{strategy}' "
+                                 f"strategy from a {vision.model_type} tower; fasttune runs it with 'default' on a "
+                                 f"tower with a class token (CLIP) or 'full' on one without (SigLIP), where every tile "
+                                 f"gives (image_size / patch_size)^2 features, as its released checkpoints do.")
         image = _token_of(tokenizer, vlm_config.image_token_id)
         pinpoints = tuple(tuple(int(v) for v in p) for p in vlm_config.image_grid_pinpoints)
-        return dict(image_token=image, merge_size=None, anyres=(pinpoints, vision.image_size, vision.patch_size))
+        most = getattr(vlm_config, "vision_aspect_ratio", None)  # LLaVA-OneVision's "anyres_max_N"
+        return dict(image_token=image, merge_size=None,
+                    anyres=(pinpoints, vision.image_size, vision.patch_size, anyres_max(most)))
     if vlm_config.model_type == "internvl":  # InternVLProcessor: <img>, <IMG_CONTEXT> per patch token, </img>
         vision = vlm_config.vision_config
         side = _side(vision.image_size) // _side(vision.patch_size)
@@ -71,6 +77,18 @@ def processor_settings(vlm_config, tokenizer) -> dict:
 
 QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor's families
 QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES
+
+
+def anyres_max(vision_aspect_ratio: str | None) -> int | None:
+    """LLaVA-OneVision's vision_aspect_ratio "anyres_max_N" -> N, the most tiles' worth of features an image's grid
+    keeps (more are interpolated down); None (LLaVA-NeXT) keeps them all. ModelLoadError for another form."""
+    if vision_aspect_ratio is None:
+        return None
+    match = re.fullmatch(r"anyres_max_(\d+)", str(vision_aspect_ratio))
+    if match is None:
+        raise ModelLoadError(f"vision_aspect_ratio '{vision_aspect_ratio}' is not of the form anyres_max_N, the one "
+                             f"transformers' LLaVA-OneVision reads.")
+    return int(match.group(1))
 
 
 def _token_of(tokenizer, token_id: int, field: str = "image_token_id") -> str:

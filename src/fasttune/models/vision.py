@@ -141,6 +141,10 @@ FAMILIES["llava"] = replace(FAMILIES["gemma3"], model_type="llava", bidirectiona
 # tower and projector on each image's tiles, and the row-end image_newline (a parameter under `model.`)
 FAMILIES["llava_next"] = replace(FAMILIES["llava"], model_type="llava_next", anyres=True,
                                  vision_modules=FAMILIES["llava"].vision_modules + (("image_newline", "image_newline"),))
+# LLaVA-OneVision (transformers' LlavaOnevisionForConditionalGeneration: llava-onevision-qwen2-*-ov-hf): LLaVA-NeXT's
+# tiles on a SigLIP tower before a Qwen2, a grid of more than anyres_max_N tiles' features interpolated down; images
+# only (its videos are not taken)
+FAMILIES["llava_onevision"] = replace(FAMILIES["llava_next"], model_type="llava_onevision")
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)

@@ -4,7 +4,10 @@ a VisionCausalLM (models/vision.py), as (image tokens, hidden) features in the d
 """
 from __future__ import annotations
 
+import math
+
 import torch
+import torch.nn.functional as F
 
 
 def selected_layers(out, layer, drop_class_token: bool) -> torch.Tensor:
@@ -108,9 +111,14 @@ def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch
     transformers' LlavaNextModel.get_image_features and pack_image_features give them: every tile's hidden states of
     the tower layer(s) vision_feature_layer without the class token, the projector; per image the whole-image tile's
     features, then the grid's tiles joined into one feature map, cut back to the image's aspect ratio
-    (unpad_features), the image_newline feature after each of its rows, row by row."""
+    (unpad_features), for LLaVA-OneVision shrunk by bilinear interpolation when it holds more than anyres_max_N
+    tiles' worth (LlavaOnevisionModel.pack_image_features), the image_newline feature after each of its rows, row by
+    row."""
+    from fasttune.data.vision_settings import anyres_max
+
     cfg = model.hf_config
     tile, side = cfg.vision_config.image_size, cfg.vision_config.image_size // cfg.vision_config.patch_size
+    most = anyres_max(getattr(cfg, "vision_aspect_ratio", None))
     grids = [anyres_grid(size, cfg.image_grid_pinpoints, tile) for size in image_sizes.tolist()]
     counts = [rows * cols + 1 for rows, cols in grids]
     if pixel_values.dim() == 5:
@@ -123,6 +131,11 @@ def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch
     for image, (rows, cols), size in zip(feats.split(counts), grids, image_sizes.tolist()):
         grid = image[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
         grid = unpad_features(grid, size)
+        if most is not None:  # LLaVA-OneVision: a grid of more than `most` tiles' features is interpolated down
+            ratio = math.sqrt(grid.shape[1] * grid.shape[2] / (most * side * side))
+            if ratio > 1.1:
+                grid = F.interpolate(grid[None], [int(grid.shape[1] // ratio), int(grid.shape[2] // ratio)],
+                                     mode="bilinear")[0]
         grid = torch.cat([grid, newline[:, None, None].expand(*grid.shape[:-1], 1)], dim=-1)
         pieces += [image[0], grid.flatten(1, 2).transpose(0, 1)]
     return torch.cat(pieces).to(model.dtype)

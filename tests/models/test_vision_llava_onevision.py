@@ -1,0 +1,69 @@
+"""What is particular to LLaVA-OneVision beside LLaVA-NeXT (tests/models/test_vision_llava_next.py): a SigLIP tower
+whose every patch is a feature (the "full" strategy), and a grid holding more than anyres_max_N tiles' features
+interpolated down (bilinear), so the <image> counts are LlavaOnevisionProcessor's (its own count, the oracle here:
+the processor itself needs torchvision for its video part); features and logits against transformers on noise
+images whose grids are and are not shrunk. Logits, LoRA, merging, 4-bit and generation run in the shared vision tests
+(tests/conftest.py's vl_dir)."""
+import pytest
+import torch
+
+from fasttune.data.vision import anyres_token_count
+
+SIZES = [(70, 30), (30, 70), (40, 40), (100, 20), (28, 28)]  # (width, height); the last: one tile, nothing shrunk
+
+
+def _noise(size, seed):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def loaded(llava_onevision_vl_dir):
+    from fasttune import FastVisionModel
+
+    return FastVisionModel.from_pretrained(str(llava_onevision_vl_dir))
+
+
+def _oracle_count(proc, height, width):
+    """LlavaOnevisionProcessor's own count ("full" strategy: nothing subtracted) for the tiny processor's settings."""
+    from transformers import LlavaOnevisionProcessor
+
+    class Oracle:
+        image_processor = proc.image_processor
+        num_image_tokens = 4
+        vision_aspect_ratio = "anyres_max_1"
+        _get_number_of_features = LlavaOnevisionProcessor._get_number_of_features
+        _get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features
+
+    return Oracle()._get_number_of_features(height, width, 28, 28)
+
+
+def test_token_counts_equal_the_onevision_processors(loaded):
+    _, proc = loaded
+    counts = [anyres_token_count(h, w, *proc.anyres) for w, h in SIZES]
+    assert counts == [_oracle_count(proc, h, w) for w, h in SIZES]
+    uncapped = [anyres_token_count(h, w, *proc.anyres[:3]) for w, h in SIZES]
+    assert [c < u for c, u in zip(counts, uncapped)] == [True, True, True, True, False]
+
+
+def test_features_and_logits_equal_transformers(loaded, llava_onevision_vl_dir):
+    from transformers import AutoModelForImageTextToText
+
+    model, proc = loaded
+    images = [_noise(size, 30 + i) for i, size in enumerate(SIZES)]
+    texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
+                                      add_generation_prompt=True) for _ in images]
+    batch = proc(text=texts, images=images)
+    assert (batch["input_ids"] == proc.image_token_id).sum(1).tolist() == [
+        anyres_token_count(h, w, *proc.anyres) for w, h in SIZES]
+    hf = AutoModelForImageTextToText.from_pretrained(str(llava_onevision_vl_dir)).eval()
+    with torch.no_grad():
+        feats = model.image_features(batch["pixel_values"], batch["image_sizes"])[0]
+        want = torch.cat(hf.model.get_image_features(batch["pixel_values"], batch["image_sizes"]).pooler_output)
+        ours, ref = model(**batch).logits, hf(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(feats, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
