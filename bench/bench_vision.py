@@ -61,7 +61,7 @@ import time
 from pathlib import Path
 
 # Real shapes from the checkpoints' config.json (max_position_embeddings cut to 32768 for the Qwen ones: enough for
-# these batches). Per shape: `family` (fasttune.models.vision.FAMILIES), transformers' text / vision / top-level
+# these batches). Per shape: `family` (fasttune.models.vision_families.FAMILIES), transformers' text / vision / top-level
 # config, `before` / `after`: the token ids around an image's `image_token_id` placeholders, `text_ids`: random
 # text ids are drawn from [0, text_ids) (below the special tokens), `image`: the square image's side in pixels,
 # `prefix`: text tokens before the image; `text_low`: the lowest text id where the special tokens come first

@@ -19,7 +19,7 @@ from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetens
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.sequence_classification import classifier_class, is_classification_config
-from fasttune.models.vision import FAMILIES as VISION_FAMILIES
+from fasttune.models.vision_families import FAMILIES as VISION_FAMILIES
 from fasttune.models.vision import VisionCausalLM, is_vision_config
 from fasttune.quant.fp8 import compressed_tensors_fp8, fp8_tensors
 from fasttune.quant.mxfp4 import mxfp4_tensors
