@@ -74,8 +74,8 @@ CASES = {
     "model not a causal LM": (lambda t, m: ["--model", str(_t5(t))],
                               lambda t: f"transformers cannot load '{t / 't5'}' as a causal language model"),
     "model an unsupported vision-language family": (
-        lambda t, m: ["--model", str(_llava_next(t))],
-        lambda t: f"'{t / 'llava-next'}' is a llava_next vision-language model, which fasttune does not run yet; "
+        lambda t, m: ["--model", str(_paligemma(t))],
+        lambda t: f"'{t / 'paligemma'}' is a paligemma vision-language model, which fasttune does not run yet; "
                   "its vision-language families are gemma3, gemma4, idefics3, internvl, llava"),
     "model a vision-language tokenizer without the image token": (
         lambda t, m: ["--model", str(_llava(t))], "image_token_id 299 is not a token of this tokenizer"),
@@ -121,20 +121,19 @@ def _llava(t):
     return t / "llava"
 
 
-def _llava_next(t):
-    """A LLaVA-NeXT checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM refuses."""
+def _paligemma(t):
+    """A PaliGemma checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM refuses."""
     from tiny_tokenizer import make_tiny_tokenizer
-    from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
 
-    text = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                num_attention_heads=2, num_key_value_heads=2)
-    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    text = dict(model_type="gemma", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, head_dim=16)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, image_size=32, patch_size=8)
-    config = LlavaNextConfig(text_config=text, vision_config=vision, image_token_id=299,
-                             image_grid_pinpoints=[[32, 32]])
-    LlavaNextForConditionalGeneration(config).save_pretrained(t / "llava-next")
-    make_tiny_tokenizer().save_pretrained(t / "llava-next")
-    return t / "llava-next"
+    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_id=299, projection_dim=32)
+    PaliGemmaForConditionalGeneration(config).save_pretrained(t / "paligemma")
+    make_tiny_tokenizer().save_pretrained(t / "paligemma")
+    return t / "paligemma"
 
 
 def _t5(t):
