@@ -10,6 +10,7 @@ VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw", "second_per_grid_ts", "vi
               "num_frames_per_video")
 # The processor's image inputs: the pixels, and each image's geometry (Qwen's (t, h, w) patch grids; Pixtral's, in
 # Mistral 3, (height, width) in pixels; Gemma 4's (x, y) per patch, -1 for padding; Idefics3's tiles' pixel masks).
-IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids", "pixel_attention_mask")
+IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_ids", "pixel_attention_mask",
+              "batch_num_images")  # (the last: LLaVA-OneVision's images per row)
 # The processor's audio inputs (Gemma 4 E2B / E4B): log-mel frames (clips, frames, bins) and their mask (clips, frames).
 AUDIO_KEYS = ("input_features", "input_features_mask")

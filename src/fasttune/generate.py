@@ -20,6 +20,7 @@ from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.static_decode import decode_session, graphs_wanted, release_decode_session
+from fasttune.models.vision_features import image_geometry
 
 CHECK_EVERY = 16  # tokens between two host reads of the stop state on CUDA
 
@@ -289,8 +290,9 @@ def _prefill_with_images(model, input_ids: torch.Tensor, attention_mask: torch.T
     b, t = input_ids.shape
     cache = KVCache(model.arch, b, t, model.dtype, device)
     moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in images.items()}
-    # Qwen's grids, Pixtral's sizes, Gemma 4's patch positions
-    geometry = moved.get("image_grid_thw", moved.get("image_sizes", moved.get("image_position_ids")))
+    # Qwen's grids, Pixtral's / LLaVA-NeXT's sizes (LLaVA-OneVision's with its images per row), Gemma 4's positions
+    geometry = image_geometry(moved.get("image_grid_thw"), moved.get("image_sizes"), moved.get("image_position_ids"),
+                              None, moved.get("batch_num_images"))
     inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
                                      {k: moved.get(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS)})
     if inputs["position_ids"] is None:  # plain positions (Qwen's are 3-axis), counted from each row's first token

@@ -67,3 +67,54 @@ def test_features_and_logits_equal_transformers(loaded, llava_onevision_vl_dir):
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(feats, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+
+
+def _oracle_tokens(proc, batch, index):
+    """LlavaOnevisionProcessor.replace_image_token's count for image `index` of a processed batch."""
+    from transformers import LlavaOnevisionProcessor
+
+    class Oracle:
+        image_processor = proc.image_processor
+        num_image_tokens = 4
+        vision_aspect_ratio = "anyres_max_1"
+        vision_feature_select_strategy = "full"
+        image_token = "<image>"
+        _get_number_of_features = LlavaOnevisionProcessor._get_number_of_features
+        _get_unpadded_features = LlavaOnevisionProcessor._get_unpadded_features
+        replace_image_token = LlavaOnevisionProcessor.replace_image_token
+
+    return Oracle().replace_image_token(batch, index).count("<image>")
+
+
+def test_rows_of_several_images_take_their_whole_image_tile_only(loaded, llava_onevision_vl_dir):
+    """A row holding several images: its images are not tiled (LlavaOnevisionImageProcessor's batch_num_images), each
+    one tile's features and a newline, as transformers' processor counts them and its model computes them; generation
+    prompts (chat_inputs) and collated training rows carry batch_num_images."""
+    from transformers import AutoModelForImageTextToText
+
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
+
+    model, proc = loaded
+    two = [{"type": "image", "image": _noise(SIZES[0], 40)}, {"type": "image", "image": _noise(SIZES[1], 41)},
+           {"type": "text", "text": "which is wider?"}]
+    one = [{"type": "image", "image": _noise(SIZES[2], 42)}, {"type": "text", "text": "?"}]
+    batch = proc.chat_inputs([[{"role": "user", "content": two}], [{"role": "user", "content": one}]])
+    assert batch["batch_num_images"].tolist() == [2, 1] and batch["pixel_values"].shape[:2] == (3, 5)
+    counts = [(row == proc.image_token_id).sum().item() for row in batch["input_ids"]]
+    assert counts == [_oracle_tokens(proc, batch, 0) + _oracle_tokens(proc, batch, 1), _oracle_tokens(proc, batch, 2)]
+    assert counts[0] == 2 * (4 + 1)
+    hf = AutoModelForImageTextToText.from_pretrained(str(llava_onevision_vl_dir)).eval()
+    with torch.no_grad():
+        ours, ref = model(**batch).logits, hf(**batch).logits
+    real = batch["attention_mask"].bool()
+    torch.testing.assert_close(ours[real], ref[real], rtol=1e-5, atol=1e-5)
+    # greedy generation from those prompts: its first token is the full forward's
+    out = model.generate(**batch, max_new_tokens=2, do_sample=False)
+    assert torch.equal(out[:, batch["input_ids"].shape[1]], ours[:, -1].argmax(-1))
+    rows = [{"messages": [{"role": "user", "content": content}, {"role": "assistant", "content": "the first"}]}
+            for content in (two, one)]
+    encoder = VisionEncoder(proc, 512, train_on_responses_only=True)
+    collated = collate_vision([encoder.encode(row, i) for i, row in enumerate(rows)], proc)
+    assert collated["batch_num_images"].tolist() == [2, 1]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**collated).loss, hf(**collated).loss, rtol=1e-5, atol=1e-6)

@@ -177,16 +177,21 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
                                                   **kwargs)
 
-    def process_images(self, images: list) -> dict:
+    def process_images(self, images: list, rows: list[int] | None = None) -> dict:
         """PIL images -> {"pixel_values"} float32 (Qwen2.5-VL: patches (P, C*T*P*P) plus "image_grid_thw" (images,
         3) long; Gemma 3: (images, C, H, W); Mistral 3: (images, C, H, W) zero-padded to the largest, plus
         "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks; Idefics3 / SmolVLM:
         the images' tiles (tiles, C, H, W), each image's crops then the whole image, plus "pixel_attention_mask"
-        (tiles, H, W) long; InternVL: the images' patches (patches, C, H, W), each image's crops then its thumbnail)."""
-        return self.processed_images(images)[0]
+        (tiles, H, W) long; InternVL: the images' patches (patches, C, H, W), each image's crops then its thumbnail;
+        LLaVA-NeXT / -OneVision: each image's tiles (images, tiles, C, H, W), padded, plus "image_sizes"). `rows`: how
+        many of the images each row holds, in order (LLaVA-OneVision does not tile the images of a row holding several,
+        and the batch then carries "batch_num_images"); None: one row each (transformers' reading of a flat list)."""
+        return self.processed_images(images, rows)[0]
 
-    def processed_images(self, images: list) -> tuple[dict, list]:
+    def processed_images(self, images: list, rows: list[int] | None = None) -> tuple[dict, list]:
         """(`process_images`' batch, `image_grids`' list) of PIL images from one run of the image processor."""
+        if self.anyres is not None and self.anyres[3] is not None and rows is not None and max(rows, default=1) > 1:
+            return self._rows_of_images(images, rows)
         if self.image_tiles is not None:
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt",
                                        return_row_col_info=True)
@@ -220,7 +225,21 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         processor's own setting, which released checkpoints save as false (one squashed tile per image)."""
         return {"crop_to_patches": True} if self.patch_span is not None else {}
 
-    def image_grids(self, images: list) -> list:
+    def _rows_of_images(self, images: list, rows: list[int]) -> tuple[dict, list]:
+        """LLaVA-OneVision with a row of several images: the image processor takes the images nested per row (its
+        batch_num_images), tiling the images of single-image rows only; their grids are their sizes, the others' None
+        (their whole-image tile and a newline, `expand`). Rows without images are left out."""
+        rows = [n for n in rows if n]
+        if sum(rows) != len(images):
+            raise ValueError(f"rows {rows} do not add up to the {len(images)} images")
+        starts = [sum(rows[:i]) for i in range(len(rows))]
+        out = self.image_processor(images=[images[s:s + n] for s, n in zip(starts, rows)], return_tensors="pt")
+        batch = {"pixel_values": out["pixel_values"], "image_sizes": torch.as_tensor(out["image_sizes"]).long(),
+                 "batch_num_images": torch.as_tensor(rows).long()}
+        sizes = batch["image_sizes"].tolist()
+        return batch, [sizes[i] if n == 1 else None for i, n in enumerate(n for n in rows for _ in range(n))]
+
+    def image_grids(self, images: list, rows: list[int] | None = None) -> list:
         """Per image what its token count depends on (Qwen: its (t, h, w) grid; Mistral 3: its resized (height,
         width); Idefics3: its (rows, cols) of crops; InternVL / Gemma 4: its token count; fixed-size families:
         None, without running the image processor)."""
@@ -228,7 +247,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             return []
         if self.image_sequence is not None:
             return [None] * len(images)
-        return self.processed_images(images)[1]
+        return self.processed_images(images, rows)[1]
 
     def expand(self, text: str, grids) -> str:
         """Each image placeholder of `text` repeated to the token count of its image (grids: (images, 3))."""
@@ -245,8 +264,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                 out.append(self._tiles(*grid) + rest)
             elif self.patch_span is not None:
                 out.append(self.patch_span[0] + self.feature_token * int(grid) + self.patch_span[1] + rest)
-            elif self.anyres is not None:
-                out.append(self.feature_token * anyres_token_count(*grid, *self.anyres) + rest)
+            elif self.anyres is not None:  # (None: LLaVA-OneVision's untiled image, its tile and a newline)
+                count = (self.anyres[1] // self.anyres[2]) ** 2 + 1 if grid is None else \
+                    anyres_token_count(*grid, *self.anyres)
+                out.append(self.feature_token * count + rest)
             elif self.soft_token_marks is not None:
                 begin, end = self.soft_token_marks
                 out.append(begin + self.feature_token * int(grid) + end + rest)
@@ -352,7 +373,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         the conversation's number) for unreadable media."""
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]
-        rows, images, clips, videos = [], [], [], []
+        rows, images, clips, videos, per_row = [], [], [], [], []
         for k, conversation in enumerate(conversations):
             at = f"{where} {k + 1}"
             messages, sources, heard, filmed = _split_media(list(conversation), None, at)
@@ -360,18 +381,19 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             row_clips = self.waveforms(heard, at, base_dir)
             row_videos = self.video_sources(filmed, at, base_dir)
             text = self.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, **template_kwargs)
-            text = self.expand(text, self.image_grids(row_images))
+            text = self.expand(text, self.image_grids(row_images, [len(row_images)]))
             text = self.expand_audio(text, self.audio_counts(row_clips) if row_clips else [])
             text = self.expand_videos(text, self.video_layouts(row_videos, where=at))
             rows.append(self.tokenizer(text, add_special_tokens=False)["input_ids"])
             images += row_images
+            per_row.append(len(row_images))
             clips += row_clips
             videos += row_videos
         width = max(len(r) for r in rows)
         batch = {"input_ids": torch.tensor([[self.pad_id()] * (width - len(r)) + r for r in rows]),
                  "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])}
         if images:
-            batch.update(self.process_images(images))
+            batch.update(self.process_images(images, per_row))
         if clips:
             batch.update(self.process_audio(clips))
         if videos:

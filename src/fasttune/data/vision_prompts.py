@@ -96,7 +96,7 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
     n = text.count(p.image_token)
     if n != len(images):
         raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
-    ids = p.tokenizer(p.expand(text, p.image_grids(images)), add_special_tokens=False)["input_ids"]
+    ids = p.tokenizer(p.expand(text, p.image_grids(images, [len(images)])), add_special_tokens=False)["input_ids"]
     kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
     return VisionPrompt(messages, text, list(ids), kept)
 
@@ -118,7 +118,7 @@ def prompt_media(examples: list[dict], processor) -> dict:
         if id(ex) not in decoded:
             decoded[id(ex)] = [to_pil(s, "an image of the batch") for s in ex.get("images", ())]
     images = [im for ex in examples for im in decoded[id(ex)]]
-    return processor.process_images(images) if images else {}
+    return processor.process_images(images, [len(decoded[id(ex)]) for ex in examples]) if images else {}
 
 
 def require_processor(tokenizer, trainer: str):

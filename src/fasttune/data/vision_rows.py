@@ -40,7 +40,7 @@ class VisionEncoder:
         messages, sources, heard, filmed = _split_media(messages, row.get("images"), where, row.get("audios"),
                                                         row.get("videos"))
         images = [to_pil(s, f"{where}, image {k + 1}", self.base_dir) for k, s in enumerate(sources)]
-        grids = self.processor.image_grids(images)
+        grids = self.processor.image_grids(images, [len(images)])  # (one row: LLaVA-OneVision tiles only a lone one)
         p = self.processor
         clips = p.waveforms(heard, where, self.base_dir)
         counts = p.audio_counts(clips) if clips else []
@@ -98,7 +98,7 @@ def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
     batch = {**tensors, **labels}
     images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]]
     if images:
-        batch.update(processor.process_images(images))
+        batch.update(processor.process_images(images, [len(e["images"]) for e in examples]))
     clips = [c for e in examples for c in e.get("audio", ())]
     if clips:
         batch.update(processor.process_audio(clips))

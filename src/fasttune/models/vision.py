@@ -23,8 +23,8 @@ from fasttune.constants import AUDIO_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision_families import FAMILIES, VisionFamily
-from fasttune.models.vision_features import (internvl_features, llava_features, llava_next_features, pixtral_features,
-                                             tile_features)
+from fasttune.models.vision_features import (image_geometry, internvl_features, llava_features, llava_next_features,
+                                             pixtral_features, tile_features)
 
 
 def _joint_deepstack(parts: list):
@@ -311,18 +311,20 @@ class VisionCausalLM(CausalLM):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
                 token_type_ids=None, image_sizes=None, image_position_ids=None, pixel_attention_mask=None,
-                **kwargs):
+                batch_num_images=None, **kwargs):
         """CausalLM.forward plus the image and video inputs the processor returns: pixel_values (patches,
         C*T*P*P), image_grid_thw (images, 3) (Qwen); images (N, C, H, W) with image_sizes (N, 2) (Mistral 3);
         image tiles (tiles, C, H, W) with pixel_attention_mask (tiles, H, W) (Idefics3 / SmolVLM; transformers'
-        (B, images, ...) layout too);
+        (B, images, ...) layout too); tiles (N, tiles, C, H, W) with image_sizes and, LLaVA-OneVision, batch_num_images
+        (rows,) (LLaVA-NeXT / -OneVision);
         pixel_values_videos, video_grid_thw (videos, 3) and
         second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); mm_token_type_ids / token_type_ids are
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
-            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask)
+            geometry = image_geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask,
+                                      batch_num_images)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
@@ -346,23 +348,14 @@ class VisionBackbone:
 
     def __call__(self, input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None, pixel_values=None,
                  image_grid_thw=None, mm_token_type_ids=None, token_type_ids=None, image_sizes=None,
-                 image_position_ids=None, pixel_attention_mask=None, **kwargs):
+                 image_position_ids=None, pixel_attention_mask=None, batch_num_images=None, **kwargs):
         m = self.model
         if inputs_embeds is None and input_ids is not None:
-            geometry = _geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask)
+            geometry = image_geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask,
+                                      batch_num_images)
             inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                         position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
-
-
-def _geometry(image_grid_thw, image_sizes, image_position_ids=None, pixel_attention_mask=None):
-    """The images' geometry as the processor gives it: Qwen's (t, h, w) patch grids, else Pixtral's (height, width)
-    image sizes (Mistral 3), else Gemma 4's patch positions (images, patches, 2), else Idefics3's tiles' pixel
-    masks (tiles, H, W), else None."""
-    for given in (image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask):
-        if given is not None:
-            return given
-    return None
 
 
 def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,

@@ -10,6 +10,19 @@ import torch
 import torch.nn.functional as F
 
 
+def image_geometry(image_grid_thw, image_sizes, image_position_ids=None, pixel_attention_mask=None,
+                   batch_num_images=None):
+    """The images' geometry as the processor gives it: Qwen's (t, h, w) patch grids, else the (height, width) image
+    sizes (Mistral 3, LLaVA-NeXT; with LLaVA-OneVision's batch_num_images, the pair (sizes, images per row)), else
+    Gemma 4's patch positions (images, patches, 2), else Idefics3's tiles' pixel masks (tiles, H, W), else None."""
+    if image_sizes is not None and batch_num_images is not None and image_grid_thw is None:
+        return image_sizes, batch_num_images
+    for given in (image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask):
+        if given is not None:
+            return given
+    return None
+
+
 def selected_layers(out, layer, drop_class_token: bool) -> torch.Tensor:
     """A tower output's hidden states of layer `layer` (an index, or a list whose states are concatenated along the
     channels, as transformers' LLaVA / Mistral 3 do), without the class token (the first) when asked."""
@@ -107,7 +120,9 @@ def unpad_features(x: torch.Tensor, image_size) -> torch.Tensor:
 
 def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch.Tensor:
     """LLaVA-NeXT: each image's tiles (N, tiles, C, H, W; each image's whole-image tile first, the rest padding past
-    its count) with image_sizes (N, 2), its (height, width) in pixels -> (image tokens, hidden) features, as
+    its count) with image_sizes (N, 2), its (height, width) in pixels (LLaVA-OneVision: or the pair (image_sizes,
+    batch_num_images (rows,)), whose rows of several images bring their whole-image tile only, then one newline
+    feature) -> (image tokens, hidden) features, as
     transformers' LlavaNextModel.get_image_features and pack_image_features give them: every tile's hidden states of
     the tower layer(s) vision_feature_layer without the class token, the projector; per image the whole-image tile's
     features, then the grid's tiles joined into one feature map, cut back to the image's aspect ratio
@@ -119,8 +134,12 @@ def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch
     cfg = model.hf_config
     tile, side = cfg.vision_config.image_size, cfg.vision_config.image_size // cfg.vision_config.patch_size
     most = anyres_max(getattr(cfg, "vision_aspect_ratio", None))
-    grids = [anyres_grid(size, cfg.image_grid_pinpoints, tile) for size in image_sizes.tolist()]
-    counts = [rows * cols + 1 for rows, cols in grids]
+    image_sizes, per_row = image_sizes if isinstance(image_sizes, tuple) else (image_sizes, None)
+    # LLaVA-OneVision: the images of a row holding several are not tiled (their whole-image tile only)
+    tiled = [True] * len(image_sizes) if per_row is None else [n == 1 for n in per_row.tolist() for _ in range(n)]
+    grids = [anyres_grid(size, cfg.image_grid_pinpoints, tile) if t else None
+             for size, t in zip(image_sizes.tolist(), tiled)]
+    counts = [1 if grid is None else grid[0] * grid[1] + 1 for grid in grids]
     if pixel_values.dim() == 5:
         pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts)])
     out = model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True, return_dict=True)
@@ -128,7 +147,11 @@ def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch
     feats = model.multi_modal_projector(hidden)  # (tiles, side * side, hidden)
     newline = model.image_newline.to(feats.dtype)
     pieces = []
-    for image, (rows, cols), size in zip(feats.split(counts), grids, image_sizes.tolist()):
+    for image, grid_shape, size in zip(feats.split(counts), grids, image_sizes.tolist()):
+        if grid_shape is None:  # an untiled image: its tile's features and one newline
+            pieces += [image[0], newline[None]]
+            continue
+        rows, cols = grid_shape
         grid = image[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).flatten(1, 2).flatten(2, 3)
         grid = unpad_features(grid, size)
         if most is not None:  # LLaVA-OneVision: a grid of more than `most` tiles' features is interpolated down
