@@ -1,6 +1,7 @@
 """Image features of the vision-language families whose towers give per-layer hidden states or tiles: what each
 family's transformers `get_image_features` computes, on transformers' own tower and projector modules attached to
-a VisionCausalLM (models/vision.py), as (image tokens, hidden) features in the decoder's dtype, images in order.
+a VisionCausalLM (models/vision.py), as (image tokens, hidden) features in the decoder's dtype, images in order;
+and `image_geometry`, which of the processor's outputs give the images' shapes (also read by generate.py).
 """
 from __future__ import annotations
 
