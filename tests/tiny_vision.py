@@ -121,6 +121,16 @@ def solid_image(color, size=(56, 56)):
     return Image.new("RGB", size, color)
 
 
+def noise_image(size, seed: int):
+    """A PIL image of `size` (width, height) pixels of uniform random colours (seeded): unlike solid_image's, its tiles
+    and patches all differ, so features out of order show."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+
+
 def patterned_frames(frames: int, height: int, width: int):
     """A video's frames without randomness (so oracle files need not store them): uint8 (frames, height, width, 3),
     diagonal stripes per channel that move from frame to frame."""

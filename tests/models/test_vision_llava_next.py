@@ -6,19 +6,12 @@ tests use solid colours, whose tiles are alike); configs fasttune does not run r
 4-bit, generation and training run in the shared vision tests (tests/conftest.py's vl_dir)."""
 import pytest
 import torch
+from tiny_vision import noise_image
 
 from fasttune.data.vision import anyres_token_count
 from fasttune.errors import ModelLoadError
 
 SIZES = [(70, 30), (30, 70), (40, 40), (100, 20), (29, 57)]  # (width, height): grids 1x2 / 2x1 / 2x2 / 1x3 / 2x1
-
-
-def _noise(size, seed):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +33,7 @@ def test_tokens_and_pixels_equal_transformers_processor(loaded):
     theirs = LlavaNextProcessor(image_processor=proc.image_processor, tokenizer=proc.tokenizer, patch_size=14,
                                 vision_feature_select_strategy="default", num_additional_image_tokens=1,
                                 chat_template=proc.chat_template)
-    images = [_noise(size, i) for i, size in enumerate(SIZES)]
+    images = [noise_image(size, i) for i, size in enumerate(SIZES)]
     got = proc(text=_texts(proc, len(images)), images=images)
     want = theirs(text=_texts(proc, len(images)), images=images, padding=True, return_tensors="pt")
     assert torch.equal(got["input_ids"], want["input_ids"])
@@ -55,7 +48,7 @@ def test_logits_equal_transformers_on_noise_images_of_several_grids(loaded, llav
     from transformers import AutoModelForImageTextToText
 
     model, proc = loaded
-    images = [_noise(size, 10 + i) for i, size in enumerate(SIZES)]
+    images = [noise_image(size, 10 + i) for i, size in enumerate(SIZES)]
     batch = proc(text=_texts(proc, len(images)), images=images)
     hf = AutoModelForImageTextToText.from_pretrained(str(llava_next_vl_dir)).eval()
     with torch.no_grad():
@@ -89,7 +82,7 @@ def test_collated_rows_of_different_sizes_give_transformers_loss(loaded, llava_n
     from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc = loaded
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": _noise(size, 20 + i)},
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": noise_image(size, 20 + i)},
                                                        {"type": "text", "text": "what is it?"}]},
                           {"role": "assistant", "content": "noise" * (i + 1)}]} for i, size in enumerate(SIZES[:3])]
     encoder = VisionEncoder(proc, 512, train_on_responses_only=True)

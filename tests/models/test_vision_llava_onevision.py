@@ -6,18 +6,11 @@ images whose grids are and are not shrunk. Logits, LoRA, merging, 4-bit and gene
 (tests/conftest.py's vl_dir)."""
 import pytest
 import torch
+from tiny_vision import noise_image
 
 from fasttune.data.vision import anyres_token_count
 
 SIZES = [(70, 30), (30, 70), (40, 40), (100, 20), (28, 28)]  # (width, height); the last: one tile, nothing shrunk
-
-
-def _noise(size, seed):
-    import numpy as np
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +46,7 @@ def test_features_and_logits_equal_transformers(loaded, llava_onevision_vl_dir):
     from transformers import AutoModelForImageTextToText
 
     model, proc = loaded
-    images = [_noise(size, 30 + i) for i, size in enumerate(SIZES)]
+    images = [noise_image(size, 30 + i) for i, size in enumerate(SIZES)]
     texts = [proc.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "?"}]}],
                                       add_generation_prompt=True) for _ in images]
     batch = proc(text=texts, images=images)
@@ -95,9 +88,9 @@ def test_rows_of_several_images_take_their_whole_image_tile_only(loaded, llava_o
     from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc = loaded
-    two = [{"type": "image", "image": _noise(SIZES[0], 40)}, {"type": "image", "image": _noise(SIZES[1], 41)},
+    two = [{"type": "image", "image": noise_image(SIZES[0], 40)}, {"type": "image", "image": noise_image(SIZES[1], 41)},
            {"type": "text", "text": "which is wider?"}]
-    one = [{"type": "image", "image": _noise(SIZES[2], 42)}, {"type": "text", "text": "?"}]
+    one = [{"type": "image", "image": noise_image(SIZES[2], 42)}, {"type": "text", "text": "?"}]
     batch = proc.chat_inputs([[{"role": "user", "content": two}], [{"role": "user", "content": one}]])
     assert batch["batch_num_images"].tolist() == [2, 1] and batch["pixel_values"].shape[:2] == (3, 5)
     counts = [(row == proc.image_token_id).sum().item() for row in batch["input_ids"]]
