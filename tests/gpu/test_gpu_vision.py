@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import (save_gemma4, save_idefics3, save_internvl, save_llava, save_mistral3, save_smolvlm,
-                         solid_image)
+from tiny_vision import (save_gemma4, save_idefics3, save_internvl, save_llava, save_llava_next, save_llava_onevision,
+                         save_mistral3, save_smolvlm, solid_image)
 
 from fasttune import FastVisionModel
 
@@ -21,7 +21,8 @@ SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma
           "gemma4_e2b_audio": lambda f: save_gemma4(f, audio=True, **E2B),
           "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4"),
           "idefics3": lambda f: save_idefics3(f), "smolvlm": lambda f: save_smolvlm(f),
-          "internvl": lambda f: save_internvl(f), "llava": lambda f: save_llava(f)}
+          "internvl": lambda f: save_internvl(f), "llava": lambda f: save_llava(f),
+          "llava_next": lambda f: save_llava_next(f), "llava_onevision": lambda f: save_llava_onevision(f)}
 
 
 def _setup(family, folder, dtype):
