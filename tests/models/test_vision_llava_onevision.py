@@ -111,3 +111,15 @@ def test_rows_of_several_images_take_their_whole_image_tile_only(loaded, llava_o
     assert collated["batch_num_images"].tolist() == [2, 1]
     with torch.no_grad():
         torch.testing.assert_close(model(**collated).loss, hf(**collated).loss, rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_media_of_grpo_and_dpo_rows_carries_images_per_row(loaded):
+    """GRPO's / DPO's prompt media (vision_prompts.prompt_media): a group's copies of a two-image prompt and a
+    one-image prompt keep their rows' image counts, so the scoring forward tiles as sampling did."""
+    from fasttune.data.vision_prompts import prompt_media
+
+    _, proc = loaded
+    two = {"images": [noise_image(SIZES[0], 50), noise_image(SIZES[1], 51)]}
+    one = {"images": [noise_image(SIZES[2], 52)]}
+    media = prompt_media([two, two, one], proc)
+    assert media["batch_num_images"].tolist() == [2, 2, 1] and media["pixel_values"].shape[0] == 5
