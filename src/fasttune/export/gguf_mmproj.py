@@ -42,7 +42,7 @@ from fasttune.export.gguf_mmproj_gemma4_audio import check_gemma4a, gemma4a_tens
 from fasttune.export.gguf_mmproj_idefics3 import check_idefics3, idefics3_tensor, write_idefics3_metadata
 from fasttune.export.gguf_mmproj_internvl import check_internvl, internvl_tensor, write_internvl_metadata
 from fasttune.export.gguf_mmproj_llava import add_missing_biases, check_llava, llava_tensor, write_llava_metadata
-from fasttune.export.gguf_mmproj_tower import write_tower_sizes
+from fasttune.export.gguf_mmproj_tower import siglip_encoder, write_tower_sizes
 from fasttune.export.gguf_types import interleave_rotary_rows
 
 PROJECTORS = {"gemma3": "gemma3", "qwen2_vl": "qwen2vl_merger", "qwen2_5_vl": "qwen2.5vl_merger",
@@ -63,17 +63,7 @@ PIXTRAL_EPS = 1e-5  # transformers' Pixtral norms (a constant there, not a confi
 PIXTRAL_ROPE_THETA = 10000.0  # the 2-D RoPE base clip's pixtral uses
 
 # transformers' names (without the leading "model."; the SigLIP tower may sit under "vision_model.") -> clip's
-_GEMMA3 = [(r"vision_tower\.(?:vision_model\.)?embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
-           (r"vision_tower\.(?:vision_model\.)?embeddings\.position_embedding\.weight", "v.position_embd.weight"),
-           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)",
-            r"v.blk.\1.attn_\2.\3"),
-           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)",
-            r"v.blk.\1.attn_out.\2"),
-           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)",
-            r"v.blk.\1.ln\2.\3"),
-           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
-           (r"vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)",
-            r"v.blk.\1.ffn_down.\2"),
+_GEMMA3 = siglip_encoder(r"vision_tower\.(?:vision_model\.)?") + [
            (r"vision_tower\.(?:vision_model\.)?post_layernorm\.(weight|bias)", r"v.post_ln.\1"),
            (r"multi_modal_projector\.mm_input_projection_weight", "mm.input_projection.weight"),
            (r"multi_modal_projector\.mm_soft_emb_norm\.weight", "mm.soft_emb_norm.weight")]

@@ -18,16 +18,10 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.export.gguf_mmproj_tower import renamed, write_tower_sizes
+from fasttune.export.gguf_mmproj_tower import renamed, siglip_encoder, write_tower_sizes
 
 _T = r"vision_model\."
-IDEFICS3 = [(_T + r"embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
-            (_T + r"embeddings\.position_embedding\.weight", "v.position_embd.weight"),
-            (_T + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"v.blk.\1.attn_\2.\3"),
-            (_T + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"v.blk.\1.attn_out.\2"),
-            (_T + r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"v.blk.\1.ln\2.\3"),
-            (_T + r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
-            (_T + r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"v.blk.\1.ffn_down.\2"),
+IDEFICS3 = siglip_encoder(_T) + [
             (_T + r"post_layernorm\.(weight|bias)", r"v.post_ln.\1"),
             (r"connector\.modality_projection\.proj\.weight", "mm.model.fc.weight")]
 

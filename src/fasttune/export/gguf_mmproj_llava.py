@@ -25,18 +25,12 @@ import re
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.export.gguf_mmproj_tower import renamed, write_tower_sizes
+from fasttune.export.gguf_mmproj_tower import renamed, siglip_encoder, write_tower_sizes
 
 SIGLIP = "siglip_vision_model"
 
 _TOWER = r"vision_tower\.(?:vision_model\.)?"
-LLAVA = [(_TOWER + r"embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
-         (_TOWER + r"embeddings\.position_embedding\.weight", "v.position_embd.weight"),
-         (_TOWER + r"encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.(weight|bias)", r"v.blk.\1.attn_\2.\3"),
-         (_TOWER + r"encoder\.layers\.(\d+)\.self_attn\.out_proj\.(weight|bias)", r"v.blk.\1.attn_out.\2"),
-         (_TOWER + r"encoder\.layers\.(\d+)\.layer_norm([12])\.(weight|bias)", r"v.blk.\1.ln\2.\3"),
-         (_TOWER + r"encoder\.layers\.(\d+)\.mlp\.fc1\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
-         (_TOWER + r"encoder\.layers\.(\d+)\.mlp\.fc2\.(weight|bias)", r"v.blk.\1.ffn_down.\2")]
+LLAVA = siglip_encoder(_TOWER)
 _UNUSED = re.compile(_TOWER + r"(post_layernorm|head)\.")
 
 

@@ -1,5 +1,5 @@
 """What the mmproj writers of several vision towers share (export/gguf_mmproj*.py): renaming a transformers tensor by
-a table of patterns, and clip's size keys of a ViT-style tower."""
+a table of patterns, the table of a SigLIP / CLIP-style encoder, and clip's size keys of a ViT-style tower."""
 from __future__ import annotations
 
 import re
@@ -17,6 +17,20 @@ def renamed(table: list, short: str, t: torch.Tensor, projector: str) -> dict:
             return {re.sub(pattern, repl, short): t}
     raise ConfigError(f"Tensor 'model.{short}' has no place in llama.cpp's {projector} projector; this vision tower "
                       f"cannot be exported to GGUF as it is.")
+
+
+def siglip_encoder(prefix: str) -> list:
+    """(pattern, clip name) rows for a SigLIP / CLIP-style encoder whose transformers names start with the regex
+    `prefix`: the patch and position embeddings, and each layer's q/k/v, out_proj, layer_norm1/2 and fc1/fc2 (Gemma 3's,
+    LLaVA's and Idefics3's towers name them alike; their post-norm and projectors differ)."""
+    layer = prefix + r"encoder\.layers\.(\d+)\."
+    return [(prefix + r"embeddings\.patch_embedding\.(weight|bias)", r"v.patch_embd.\1"),
+            (prefix + r"embeddings\.position_embedding\.weight", "v.position_embd.weight"),
+            (layer + r"self_attn\.([qkv])_proj\.(weight|bias)", r"v.blk.\1.attn_\2.\3"),
+            (layer + r"self_attn\.out_proj\.(weight|bias)", r"v.blk.\1.attn_out.\2"),
+            (layer + r"layer_norm([12])\.(weight|bias)", r"v.blk.\1.ln\2.\3"),
+            (layer + r"mlp\.fc1\.(weight|bias)", r"v.blk.\1.ffn_up.\2"),
+            (layer + r"mlp\.fc2\.(weight|bias)", r"v.blk.\1.ffn_down.\2")]
 
 
 def write_tower_sizes(writer, vision, image_size: int, blocks: int) -> None:
