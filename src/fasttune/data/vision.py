@@ -195,11 +195,11 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         if self.image_tiles is not None:
             out = self.image_processor(images=[[im] for im in images], return_tensors="pt",
                                        return_row_col_info=True)
-            rows, cols = _flat(out["rows"]), _flat(out["cols"])
-            counts = [r * c + 1 for r, c in zip(rows, cols)]
+            crop_rows, crop_cols = _flat(out["rows"]), _flat(out["cols"])
+            counts = [r * c + 1 for r, c in zip(crop_rows, crop_cols)]
             batch = {key: torch.cat([out[key][i, :n] for i, n in enumerate(counts)])
                      for key in ("pixel_values", "pixel_attention_mask")}
-            return batch, list(zip(rows, cols))  # each image's grid of crops, (rows, cols); (0, 0) for none
+            return batch, list(zip(crop_rows, crop_cols))  # each image's grid of crops, (rows, cols); (0, 0) for none
         extra = self._crop_kwargs()
         if self.image_rows is not None:  # sides in whole (merged) tokens, as PixtralProcessor resizes
             side = self.image_rows[2]
@@ -236,8 +236,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         out = self.image_processor(images=[images[s:s + n] for s, n in zip(starts, rows)], return_tensors="pt")
         batch = {"pixel_values": out["pixel_values"], "image_sizes": torch.as_tensor(out["image_sizes"]).long(),
                  "batch_num_images": torch.as_tensor(rows).long()}
-        sizes = batch["image_sizes"].tolist()
-        return batch, [sizes[i] if n == 1 else None for i, n in enumerate(n for n in rows for _ in range(n))]
+        row_of_image = [n for n in rows for _ in range(n)]  # each image's row's image count
+        return batch, [size if n == 1 else None for size, n in zip(batch["image_sizes"].tolist(), row_of_image)]
 
     def image_grids(self, images: list, rows: list[int] | None = None) -> list:
         """Per image what its token count depends on (Qwen: its (t, h, w) grid; Mistral 3: its resized (height,
