@@ -198,6 +198,21 @@ SHAPES = {
         ids=dict(image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
                  tie_word_embeddings=False),
         fixed=576, before=[], after=[], text_ids=32000, image=336, prefix=64),
+    # LLaVA-NeXT-Mistral-7B's sizes (transformers' LlavaNextConfig): Mistral-7B behind the same CLIP ViT-L/14-336
+    # tower; a 336 x 336 image takes the 336 x 672 pinpoint (select_best_resolution), so 3 tiles (whole image + 1 x 2
+    # grid) and 576 + 24 x 24 (the grid cut back to the square) + 24 newline features = 1,176 placeholders
+    "llava-next-mistral-7b": dict(
+        family="llava_next", tiny="tiny-llava-next",
+        text=dict(model_type="mistral", vocab_size=32064, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768,
+                  rms_norm_eps=1e-5, rope_theta=1000000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        vision=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                    num_attention_heads=16, image_size=336, patch_size=14, projection_dim=768),
+        ids=dict(image_token_id=32000, vision_feature_layer=-2, vision_feature_select_strategy="default",
+                 image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+                 tie_word_embeddings=False),
+        anyres=dict(tiles=3, pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
+        before=[], after=[], text_ids=32000, image=336, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -288,6 +303,11 @@ SHAPES["tiny-llava"] = dict(
     ids=dict(image_token_id=259, vision_feature_layer=-2, vision_feature_select_strategy="default",
              tie_word_embeddings=False),
     fixed=4, before=[], after=[], text_ids=256, image=28, prefix=8, lr=1e-2)
+SHAPES["tiny-llava-next"] = dict(
+    SHAPES["tiny-llava"], family="llava_next", fixed=None,
+    ids=dict(image_token_id=259, vision_feature_layer=-2, vision_feature_select_strategy="default",
+             image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], tie_word_embeddings=False),
+    anyres=dict(tiles=3, pinpoints=[[28, 56], [56, 28], [56, 56]]))
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -302,7 +322,7 @@ ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
           "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS),
           "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS), "internvl": ("internvl3.5-8b", ROWS),
-          "llava": ("llava-1.5-7b", ROWS)}
+          "llava": ("llava-1.5-7b", ROWS), "llava-next": ("llava-next-mistral-7b", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -314,7 +334,8 @@ def hf_config(shape: str):
     s = SHAPES[shape]
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
            "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config",
-           "idefics3": "Idefics3Config", "internvl": "InternVLConfig", "llava": "LlavaConfig"}[s["family"]]
+           "idefics3": "Idefics3Config", "internvl": "InternVLConfig", "llava": "LlavaConfig",
+           "llava_next": "LlavaNextConfig"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -364,6 +385,9 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
         note = "tiles through transformers' tower and pixel-shuffle connector, frozen"
     elif SHAPES[shape]["family"] == "llava":
         note = "CLIP tower (second-to-last layer) and projector: transformers' modules, frozen"
+    elif SHAPES[shape]["family"] == "llava_next":
+        note = ("whole-image tile + grid of tiles through transformers' CLIP tower and projector, frozen; our grid "
+                "unpad and image_newline")
     elif SHAPES[shape]["family"] == "internvl":
         note = "patches through transformers' InternViT and projector (our pixel shuffle), frozen"
     else:
@@ -419,6 +443,10 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
     if s.get("fixed"):  # LLaVA: a fixed number of tokens an image
         placeholders = s["fixed"]
+    elif s.get("anyres"):  # LLaVA-NeXT: the square image's count for the pinpoint transformers picks
+        from fasttune.data.vision import anyres_token_count
+
+        placeholders = anyres_token_count(s["image"], s["image"], s["anyres"]["pinpoints"], s["image"], patch)
     elif s.get("patches"):  # InternVL: the image's patches' tokens between the shape's before / after ids
         placeholders = s["patches"] * round(patches * ids["downsample_ratio"] ** 2)
     elif s.get("tiles"):  # Idefics3: per tile a fake token, a crop mark and its tokens; a closing fake token
@@ -454,6 +482,10 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
         if s.get("patches"):  # (rows x patches, C, H, W), as GotOcr2's processor gives them
             batch["pixel_values"] = torch.randn(bs * s["patches"], 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
+        elif s.get("anyres"):  # (images, tiles, C, H, W) with each image's (height, width)
+            batch["pixel_values"] = torch.randn(bs, s["anyres"]["tiles"], 3, s["image"], s["image"], device=device,
+                                                generator=g).to(torch.bfloat16)
+            batch["image_sizes"] = torch.tensor([[s["image"], s["image"]]] * bs, device=device)
         elif s.get("tiles"):  # transformers' layout (rows, images, C, H, W), which ours takes too
             batch["pixel_values"] = torch.randn(bs, s["tiles"], 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
@@ -504,7 +536,7 @@ def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
     from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
     itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
     function of the batch giving the extra kwargs, the note saying which)."""
-    if SHAPES[shape]["family"] in ("mistral3", "idefics3", "internvl", "llava"):
+    if SHAPES[shape]["family"] in ("mistral3", "idefics3", "internvl", "llava", "llava_next"):
         return (lambda b: {"use_cache": False}), "no marks (the model finds its image tokens by id)"
     name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
     image_id = SHAPES[shape]["ids"]["image_token_id"]

@@ -68,7 +68,9 @@ def test_outside_the_kernels_bounds_the_reference_runs(triton_kernels):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("m, k, layers, scales", CASES + [(64, 4096, [(4096, 16), (1024, 16), (1024, 16)], [2.0] * 3),
-                                                          (64, 14336, [(4096, 16)], [1.0])])
+                                                          (64, 14336, [(4096, 16)], [1.0]),
+                                                          # r = 32 on q/k/v: the 128-wide partials at the 8B shape
+                                                          (64, 4096, [(4096, 32), (1024, 32), (1024, 32)], [2.0] * 3)])
 @pytest.mark.parametrize("mode", ["plain", "bias", "accumulate"])
 def test_bf16_within_the_unfused_paths_rounding(m, k, layers, scales, mode, triton_kernels):
     """bf16: x @ A^T's sums run in another order than cuBLAS' split-K, so the rounded xa may differ by one bf16
