@@ -206,6 +206,7 @@ EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
+RECOMPUTE_LAYERS = [None]  # --recompute-layers (set in main): ours recomputes only the first N layers
 # --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
 TOKEN_STATS = [{}]
 
@@ -326,8 +327,11 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
 
         model.lm_head.weight.requires_grad_(False)
         offload_lm_head(model)
-    return FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
-                                            use_gradient_checkpointing=_gc_mode(gc))
+    model = FastLanguageModel.get_peft_model(model, r=r, lora_alpha=r, target_modules=targets(shape),
+                                             use_gradient_checkpointing=_gc_mode(gc))
+    if RECOMPUTE_LAYERS[0] is not None:  # what use_gradient_checkpointing="auto" picks between the two modes
+        model.recompute_layers = RECOMPUTE_LAYERS[0]
+    return model
 
 
 def _bnb_quantize(model):
@@ -386,6 +390,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     torch.manual_seed(0)
     model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
+    model_gib = torch.cuda.memory_allocated() / 2**30  # weights and LoRA factors, before any step
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)  # both sides: transformers' default
     g = torch.Generator(device="cuda").manual_seed(1)
@@ -432,10 +437,11 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "offload_embedding": impl == "ours" and OFFLOAD_EMBEDDING[0],
            "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
            "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
+           "recompute_layers": getattr(model, "recompute_layers", None) if impl == "ours" else None,
            "token_stats": bool(TOKEN_STATS[0].get("return_token_stats")),
            "label_smoothing": TOKEN_STATS[0].get("smoothing", 0.0),
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
-           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3),
+           "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "model_gib": round(model_gib, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
@@ -487,8 +493,12 @@ def main():
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="ours: replay forward+backward as CUDA graphs (cuda_graphs=True); with --matrix, each of our "
                          "rows without offload runs again with graphs")
+    ap.add_argument("--recompute-layers", type=int, default=None,
+                    help="ours with --gc on/offload: recompute only the first N layers (the rest keep their "
+                         "activations), as use_gradient_checkpointing='auto' does when memory is between the modes")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
+    RECOMPUTE_LAYERS[0] = a.recompute_layers
     EXPERT_LORA[0] = a.expert_lora
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
@@ -523,7 +533,8 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
            "--bs", str(bs), "--seq", str(seq), "--steps", str(steps), "--warmup", str(warmup), "--r", str(a.r),
            "--out", out] + (["--expert-lora"] if a.expert_lora else []) + \
         (["--offload-embedding"] if a.offload_embedding else []) + \
-        (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else [])
+        (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else []) + \
+        (["--recompute-layers", str(a.recompute_layers)] if a.recompute_layers is not None else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 

@@ -86,3 +86,49 @@ def test_first_layer_without_trainable_parameters(tiny_model_dir, mode):
     assert got.keys() == ref.keys() and not any(".layers.0." in n for n in got)
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_5_text"])
+@pytest.mark.parametrize("mode", [True, "offload"])
+def test_recomputing_the_first_layers_only_equals_no_checkpointing(tiny_model_dir, family, mode, monkeypatch):
+    """recompute_layers=n (what use_gradient_checkpointing="auto" picks when memory is between the two modes): the
+    first n layers are recomputed, the later ones keep their activations; the gradients are no checkpointing's."""
+    from fasttune.models import decoder
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_dropout=0.1)
+    model.train()
+    randomize_lora_b(model)
+    calls = []
+    real = decoder.offloaded_layer
+    monkeypatch.setattr(decoder, "offloaded_layer", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 17:] = 0
+    loss, ref = _grads(model, False, ids, mask)
+    layers = model.arch.num_layers
+    for count in (1, 0, layers):
+        model.gradient_checkpointing = mode
+        model.recompute_layers = count
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(11)
+        out = model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+        out.loss.backward()
+        assert len(calls) == count  # the recomputed layers (each recomputed layer's forward goes through it)
+        torch.testing.assert_close(out.loss.detach(), loss, rtol=1e-6, atol=1e-6)
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                torch.testing.assert_close(p.grad, ref[n], rtol=1e-5, atol=1e-6, msg=n)
+
+
+def test_recompute_layers_is_checked_and_reset_by_a_mode(tiny_model_dir):
+    from fasttune.errors import ConfigError
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    for bad in (-1, model.arch.num_layers + 1, 1.5, True):
+        with pytest.raises(ConfigError, match="recompute_layers"):
+            model.recompute_layers = bad
+    model.recompute_layers = 1
+    model.gradient_checkpointing_enable()  # an explicit mode (TRL's and transformers' call) covers every layer
+    assert model.recompute_layers is None and model.gradient_checkpointing is True

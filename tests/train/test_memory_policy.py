@@ -38,17 +38,17 @@ def test_moe_estimate_counts_the_expert_rows():
 
 
 def test_picks_no_recompute_when_it_fits(monkeypatch):
-    mode, why = choose_checkpointing(_fake_gpu_model(monkeypatch, 60), 4096)
-    assert mode is False and "off" in why
+    mode, why, layers = choose_checkpointing(_fake_gpu_model(monkeypatch, 60), 4096)
+    assert mode is False and "off" in why and layers is None
 
 
 def test_picks_recompute_when_only_that_fits(monkeypatch):
-    mode, why = choose_checkpointing(_fake_gpu_model(monkeypatch, 12), 4096)
-    assert mode is True and "recompute" in why
+    mode, why, layers = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 4096)
+    assert mode is True and layers == 31 and "first 31 of 32 layers" in why  # the last layer is never recomputed
 
 
 def test_picks_offload_when_nothing_else_fits(monkeypatch):
-    mode, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 12), 131072)
+    mode, _, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 131072)
     assert mode == "offload"
 
 
@@ -59,3 +59,56 @@ def test_cpu_keeps_everything(tiny_model_dir):
     model = FastLanguageModel.get_peft_model(model, r=4)
     assert model.gradient_checkpointing == "auto"
     assert choose_checkpointing(model, 100)[0] is False
+
+
+def test_partial_recompute_estimate_lies_between_the_two_modes():
+    from fasttune.train.memory_policy import checkpointing_bytes
+
+    full = [checkpointing_bytes(LLAMA_8B, 4096, 2, n) for n in range(33)]
+    assert full[0] == activation_bytes(LLAMA_8B, 4096, 2, recompute=False)
+    assert full[32] == activation_bytes(LLAMA_8B, 4096, 2, recompute=True)
+    assert all(a > b for a, b in zip(full[:32], full[1:32]))  # each recomputed layer saves memory...
+    assert full[32] == full[31] + 4096 * 2 * 4096  # ...but the last: recomputing it only adds its input
+    # each layer kept instead of recomputed costs its full set less its input
+    per_layer = 4096 * 2 * (6 * 4096 + 2 * 1024 + 3 * 14336 - 4096)
+    assert full[10] - full[11] == per_layer
+
+
+def test_picks_the_fewest_recomputed_layers_that_fit(monkeypatch):
+    # between the two modes (8B, 2 x 2048): recompute only part of the layers, and more of them with less memory
+    picks = []
+    for free in (14, 18, 22):
+        mode, why, layers = choose_checkpointing(_fake_gpu_model(monkeypatch, free), 4096)
+        assert mode is True and 0 < layers < 32, (free, why)
+        assert f"first {layers} of 32 layers" in why
+        picks.append(layers)
+    assert picks[0] > picks[1] > picks[2]
+    # the pick's own estimate fits, and one layer fewer recomputed would not
+    from fasttune.train.memory_policy import RESERVE_BYTES, SAFETY, checkpointing_bytes, loss_bytes
+
+    budget = 18 * 2**30 - RESERVE_BYTES - loss_bytes(LLAMA_8B.vocab_size, 4096)
+    assert SAFETY * checkpointing_bytes(LLAMA_8B, 4096, 2, picks[1]) <= budget
+    assert SAFETY * checkpointing_bytes(LLAMA_8B, 4096, 2, picks[1] - 1) > budget
+
+
+def test_trainable_states_count_against_the_budget(monkeypatch):
+    model = _fake_gpu_model(monkeypatch, 18)
+    _, _, plain = choose_checkpointing(model, 4096)
+    model.parameters = lambda: [torch.zeros(256, 2**20, requires_grad=True)]  # 1 GiB of fp32: 3 GiB of states
+    _, _, with_states = choose_checkpointing(model, 4096)
+    assert with_states > plain
+
+
+def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """The trainer resolving "auto" sets the mode and the picked recompute_layers, and says so."""
+    from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+
+    monkeypatch.setattr(memory_policy, "choose_checkpointing",
+                        lambda model, tokens: (True, "gradient checkpointing auto -> on for the first 1 of 2", 1))
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
+                         args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, report_to="none"))
+    trainer.train()
+    assert model.gradient_checkpointing is True and model.recompute_layers == 1
+    assert "on for the first 1 of 2" in capsys.readouterr().err

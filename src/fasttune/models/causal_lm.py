@@ -102,8 +102,27 @@ class CausalLM(PreTrainedModel):
 
     @gradient_checkpointing.setter
     def gradient_checkpointing(self, mode: str | bool):
-        """Set the recompute mode (validated by api.set_gradient_checkpointing, not here)."""
+        """Set the recompute mode (validated by api.set_gradient_checkpointing, not here); a recompute mode covers
+        every layer again (recompute_layers None)."""
         self.model.gradient_checkpointing = mode
+        self.model.recompute_layers = None
+
+    @property
+    def recompute_layers(self) -> int | None:
+        """With a recompute mode on: how many decoder layers, from the first, are recomputed in backward; the later
+        ones keep their activations. None = all (what every explicit mode means; use_gradient_checkpointing="auto"
+        picks a count that fills the free GPU memory, train/memory_policy.py)."""
+        return self.model.recompute_layers
+
+    @recompute_layers.setter
+    def recompute_layers(self, count: int | None):
+        """Recompute the first `count` layers only (0 <= count <= layers), or all with None. Raises ConfigError
+        for another value."""
+        layers = len(self.model.layers)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= layers):
+            raise ConfigError(f"recompute_layers={count!r}: give a whole number of layers from 0 to {layers}, or None "
+                              f"to recompute every layer.")
+        self.model.recompute_layers = count
 
     @property
     def is_gradient_checkpointing(self) -> bool:
@@ -117,11 +136,11 @@ class CausalLM(PreTrainedModel):
         use_reentrant, every_n_layers), have no effect: our recompute is always the non-reentrant kind and
         covers every layer."""
         if self.model.gradient_checkpointing != "offload":
-            self.model.gradient_checkpointing = True
+            self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self):
         """Turn recompute off (what transformers' and TRL's trainers call)."""
-        self.model.gradient_checkpointing = False
+        self.gradient_checkpointing = False
 
     @property
     def embedding_param_names(self) -> tuple[str, ...]:

@@ -286,6 +286,9 @@ class DecoderModel(nn.Module):
             build_per_layer_tables(self, cfg, lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset,
                                                                   cfg.norm_scale_fp32))
         self.gradient_checkpointing: str | bool = False  # "auto" | True | False | "offload" (see api.py)
+        # With recompute on: how many layers, from the first, are recomputed; the later ones keep their activations
+        # (use_gradient_checkpointing="auto" sets it to fill the free memory, train/memory_policy.py). None: all.
+        self.recompute_layers: int | None = None
         # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
         self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
         self._inv_freq: dict = {}
@@ -425,9 +428,10 @@ class DecoderModel(nn.Module):
         if past_key_values is None:
             offload = self._offloader(x)
             shared = {}  # Gemma 4: layer index -> the (k, v) later layers reuse
+            recomputed = len(self.layers) if self.recompute_layers is None else self.recompute_layers
             for i, layer in enumerate(self.layers):
                 source = getattr(layer.mixer, "kv_source", None)
-                x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload,
+                x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload if i < recomputed else None,
                                     output_router_logits and layer.is_moe, None if ple is None else ple[:, :, i],
                                     None if source is None else shared[source])
                 if getattr(layer.mixer, "kv_stored", False):

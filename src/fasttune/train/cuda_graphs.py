@@ -126,7 +126,8 @@ class CudaGraphStep:
         self.extra = extra or {}
         ids, labels = batch["input_ids"], batch["labels"]
         b, t = ids.shape
-        key = (max(b, self.rows or 0), max(t, self.length or 0), self.model.training, self.model.gradient_checkpointing)
+        key = (max(b, self.rows or 0), max(t, self.length or 0), self.model.training, self.model.gradient_checkpointing,
+               getattr(self.model, "recompute_layers", None))
         slot = self.shapes.get(key)
         if slot is None and len(self.shapes) >= self.max_graphs:
             return self._eager(ids, labels, num_items)

@@ -445,6 +445,9 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
                   f"lower max_seq_length (now {a.max_seq_length}; this batch is {seq} tokens long)"]
         if mode is not True and mode != "offload":
             advice.insert(0, "turn on gradient checkpointing (use_gradient_checkpointing=True or 'offload')")
+        elif getattr(model, "recompute_layers", None) is not None:
+            advice.insert(0, f"recompute every layer (use_gradient_checkpointing=True; 'auto' recomputed only the "
+                             f"first {model.recompute_layers} and kept the later layers' activations)")
         return FastTuneError(f"CUDA ran out of memory at batch size {a.per_device_train_batch_size} x {seq} tokens "
                              f"with gradient checkpointing {mode!r} (peak {peak:.1f} GiB allocated). To fit: "
                              + "; or ".join(advice) + ".")
@@ -463,8 +466,10 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         from fasttune.train.memory_policy import choose_checkpointing
 
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
-        mode, why = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
+        mode, why, recomputed = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
         self.model.gradient_checkpointing = mode
+        if recomputed is not None:  # (only our decoder recomputes part of its layers)
+            self.model.recompute_layers = recomputed
         self._auto_offload = mode == "offload"
         print(f"fasttune: {why}", file=sys.stderr)
 

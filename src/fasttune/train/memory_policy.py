@@ -1,13 +1,17 @@
 """use_gradient_checkpointing="auto": pick the fastest recompute policy that fits the free GPU memory.
 
 LoRA without recompute does ~4N FLOPs per token instead of ~6N, so "off" is taken whenever the activations it
-keeps fit. The estimate counts what one decoder layer saves for backward per token (with our kernels: the norm
+keeps fit; when they do not, only as many layers as needed are recomputed (each recomputed layer costs its forward
+again, each kept one its saved values; the last layer is never recomputed, see choose_checkpointing), and only when
+that does not fit either are the layer inputs sent to the host ("offload"). The estimate counts what one decoder layer saves for backward per token (with our kernels: the norm
 input and output, q/k/v, the attention output, gate, up and act(gate)), times layers and micro-batch tokens,
 plus the fp32 logits chunk of the loss, with a safety factor. CPU runs keep "off" (memory is rarely the limit).
 """
 from __future__ import annotations
 
 import torch
+
+from fasttune.kernels.cross_entropy import CHUNK_BYTES
 
 SAFETY = 1.3  # allocator fragmentation and temporaries the count leaves out
 RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and the optimizer step
@@ -29,26 +33,57 @@ def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> in
     from the model's Config (hidden, kv heads x head_dim, intermediate, layers; for MoE layers the top-k expert
     rows). recompute=True counts the layer inputs of all layers plus the largest layer's full set; no safety
     factor, no logits (see choose_checkpointing)."""
+    return checkpointing_bytes(cfg, tokens, bytes_per_el, cfg.num_layers if recompute else 0)
+
+
+def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int) -> int:
+    """Estimated peak bytes of activations when the first `recomputed` of cfg's layers are recomputed in backward
+    and the later ones keep everything they save: the recomputed layers' inputs, plus the larger of the kept layers'
+    full sets (alive together when backward starts) and one recomputed layer's full set (made during its backward,
+    after the kept layers' backward has freed theirs). recomputed=0 is activation_bytes(..., recompute=False),
+    recomputed=layers is activation_bytes(..., recompute=True). No safety factor, no loss."""
     values = _layer_values(cfg)
-    if recompute:  # layer inputs for all layers + one layer's full set during its backward
-        return tokens * bytes_per_el * (cfg.num_layers * cfg.hidden_size + max(values))
-    return tokens * bytes_per_el * sum(values)
+    kept = sum(values[recomputed:])
+    during = max(values[:recomputed]) if recomputed else 0
+    return tokens * bytes_per_el * (recomputed * cfg.hidden_size + max(kept, during))
 
 
-def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, str]:
-    """Returns (mode, one-line explanation)."""
+def loss_bytes(vocab: int, tokens: int) -> int:
+    """Peak bytes of the fused cross-entropy beside the activations: one chunk's fp32 logits, their softmax and the
+    16-bit gradient (kernels/cross_entropy.py: CHUNK_BYTES of logits a chunk), at most the whole batch's."""
+    return 3 * min(CHUNK_BYTES, 4 * tokens * vocab)
+
+
+def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, str, int | None]:
+    """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
+    `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
+    layers keep their activations; at least the last one does); else "offload". The estimate: SAFETY times
+    checkpointing_bytes, plus loss_bytes and the trainable parameters' gradients and AdamW states (made at the first
+    step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
+
+    Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
+    recompute_layers: how many layers from the first to recompute, None for all)."""
     if model.device.type != "cuda":
-        return False, "gradient checkpointing auto -> off (CPU)"
+        return False, "gradient checkpointing auto -> off (CPU)", None
     cfg, el = model.arch, torch.finfo(model.dtype).bits // 8
-    logits = 2 * 4 * min(micro_batch_tokens, 8192) * cfg.vocab_size  # fp32 logits chunk and its gradient
+    # the trainable parameters' gradients and two AdamW states, in their dtype (LoRA: fp32), made at the first step
+    states = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None) \
+        if hasattr(model, "parameters") else 0
+    fixed = loss_bytes(cfg.vocab_size, micro_batch_tokens) + states
     free, _ = torch.cuda.mem_get_info(model.device)
     budget = free - RESERVE_BYTES
-    gib = 2**30
-    for mode, recompute in ((False, False), (True, True)):
-        need = SAFETY * activation_bytes(cfg, micro_batch_tokens, el, recompute) + logits
-        if need <= budget:
-            label = "off" if mode is False else "on (recompute each layer)"
-            return mode, (f"gradient checkpointing auto -> {label}: needs ~{need / gib:.1f} GiB of "
-                          f"{free / gib:.1f} GiB free for {micro_batch_tokens} tokens per micro-batch")
+    gib, layers = 2**30, cfg.num_layers
+    # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
+    # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
+    for recomputed in range(layers):
+        need = SAFETY * checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed) + fixed
+        if need > budget:
+            continue
+        fits = f"needs ~{need / gib:.1f} GiB of {free / gib:.1f} GiB free for {micro_batch_tokens} tokens per " \
+               f"micro-batch"
+        if recomputed == 0:
+            return False, f"gradient checkpointing auto -> off: {fits}", None
+        return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
+                      f"{layers - recomputed} keep their activations): {fits}"), recomputed
     return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU): {micro_batch_tokens} tokens "
-                       f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise")
+                       f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None
