@@ -112,3 +112,12 @@ def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch,
     trainer.train()
     assert model.gradient_checkpointing is True and model.recompute_layers == 1
     assert "on for the first 1 of 2" in capsys.readouterr().err
+
+
+def test_ranks_agree_on_the_most_memory_saving_pick():
+    from fasttune.train.memory_policy import agreed_pick
+
+    assert agreed_pick([(False, None), (True, 5)], 32) == (True, 5)
+    assert agreed_pick([(True, 20), (True, 5), (False, None)], 32) == (True, 20)
+    assert agreed_pick([(True, None), (True, 31)], 32) == (True, None)
+    assert agreed_pick([(True, 31), ("offload", None), (False, None)], 32) == ("offload", None)

@@ -463,10 +463,15 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
     def _resolve_auto_checkpointing(self):
         if self.model.gradient_checkpointing != "auto":
             return
-        from fasttune.train.memory_policy import choose_checkpointing
+        from fasttune.train.memory_policy import agreed_pick, choose_checkpointing
 
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
         mode, why, recomputed = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
+        picks = self.dist.gather((mode, recomputed))
+        if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)
+            mode, recomputed = agreed_pick(picks, self.model.arch.num_layers)
+            why += f"; the ranks differ, so all take the most memory-saving pick ({mode!r}, recompute_layers " \
+                   f"{recomputed})"
         self.model.gradient_checkpointing = mode
         if recomputed is not None:  # (only our decoder recomputes part of its layers)
             self.model.recompute_layers = recomputed

@@ -87,3 +87,16 @@ def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, st
                       f"{layers - recomputed} keep their activations): {fits}"), recomputed
     return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU): {micro_batch_tokens} tokens "
                        f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None
+
+
+def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None]:
+    """The one (mode, recompute_layers) every rank of a distributed run takes from their own choose_checkpointing
+    picks: the one that saves the most memory (False < recomputing more layers < every layer < "offload"). Ranks must
+    agree: under FSDP a layer's recompute gathers its shards, a collective every rank has to join."""
+    def saving(pick):
+        """How much memory a pick saves, as an order."""
+        mode, recomputed = pick
+        if mode == "offload":
+            return layers + 1
+        return 0 if mode is False else layers if recomputed is None else recomputed
+    return max(picks, key=saving)
