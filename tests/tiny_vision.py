@@ -807,6 +807,40 @@ def save_llava_onevision(folder, seed: int = 0):
                  llava_onevision_processor(), seed, init=lambda m: m.model.image_newline.normal_())
 
 
+LLAVA_VIDEO_TEMPLATE = LLAVA_TEMPLATE.replace("{% elif item['type'] == 'text' %}",
+                                              "{% elif item['type'] == 'video' %}{{ '<video>\n' }}"
+                                              "{% elif item['type'] == 'text' %}")
+ONEVISION_VIDEO_PINPOINTS = [[42, 42], [42, 84], [84, 42], [84, 84]]
+
+
+def save_llava_onevision_video(folder, seed: int = 0):
+    """A random tiny LLaVA-OneVision (fp32) for videos, saved with its processor to `folder`: llava_onevision_config
+    with a 42-pixel SigLIP tower (3 x 3 patches, so each frame's features pool to 2 x 2 by bilinear interpolation,
+    not a trivial 2 x 2 -> 1) and <video> (id 260) beside <image> (259); the processor's videos are frames of 42 x 42
+    pixels. Returns the folder."""
+    from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil)
+
+    from fasttune.data.vision import VisionProcessor
+
+    base = llava_onevision_config().to_dict()
+    vision = {**base["vision_config"], "image_size": 42}
+    config = LlavaOnevisionConfig(text_config=base["text_config"], vision_config=vision, image_token_index=259,
+                                  video_token_index=260, image_grid_pinpoints=ONEVISION_VIDEO_PINPOINTS,
+                                  vision_feature_layer=-1, vision_feature_select_strategy="full",
+                                  vision_aspect_ratio="anyres_max_1", tie_word_embeddings=False)
+    tok = make_tiny_tokenizer(chat_template=LLAVA_VIDEO_TEMPLATE)
+    tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})  # ids 259, 260
+    images = LlavaOnevisionImageProcessorPil(size={"height": 42, "width": 42},
+                                             image_grid_pinpoints=ONEVISION_VIDEO_PINPOINTS)
+    proc = VisionProcessor(tok, images, LLAVA_VIDEO_TEMPLATE, "<image>", None, video_token="<video>",
+                           video_settings={"height": 42, "width": 42, "pooled": 3},
+                           anyres=(tuple(map(tuple, ONEVISION_VIDEO_PINPOINTS)), 42, 14, 1))
+    return _save(folder, LlavaOnevisionForConditionalGeneration, config, proc, seed,
+                 init=lambda m: m.model.image_newline.normal_())
+
+
 def oracle_inputs(folder, batch, proc) -> dict:
     """What transformers' model needs besides the processor output to see the images as its processor marks them:
     Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);

@@ -125,6 +125,6 @@ def test_bad_videos_are_named(video_model, tmp_path):
         enc.encode(row(video="empty"), 3)
     gemma = _processor()
     gemma.video_token = None  # a processor whose model's videos the pipeline does not read
-    with pytest.raises(DataError, match="Row 4: has a video item; .*Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 and "
-                                        "Gemma 4 only"):
+    with pytest.raises(DataError, match="Row 4: has a video item; .*Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5, "
+                                        "Gemma 4 and LLaVA-OneVision only"):
         VisionEncoder(gemma, 256, False).encode(row(video=[red]), 4)

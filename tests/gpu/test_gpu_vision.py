@@ -64,25 +64,33 @@ def test_bf16_image_logits_close_to_transformers_bf16(family, tmp_path):
     _assert_bf16_close(model, batch, marks, load)
 
 
-@pytest.mark.parametrize("family", ["gemma4", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["gemma4", "qwen3_vl", "llava_onevision"])
 def test_bf16_video_rows_close_to_transformers_bf16(family, tmp_path):
     """Prompts with videos from our processor (data/video.py: Qwen3-VL's timestamped frame runs, Gemma 4's frames at
-    the video budget) through our bf16 model on the card, against transformers' bf16 and fp32 on the same batch."""
+    the video budget, LLaVA-OneVision's pooled frames) through our bf16 model on the card, against transformers' bf16
+    and fp32 on the same batch."""
     from transformers import (AutoModelForImageTextToText, Gemma4ForConditionalGeneration,
                               Qwen3VLForConditionalGeneration)
     from tiny_vision import (gemma4_config, gemma4_video_processor, patterned_frames, qwen3_vl_config,
-                             qwen3_vl_video_processor, save_video_model)
+                             qwen3_vl_video_processor, save_llava_onevision_video, save_video_model)
 
-    cls, config, processor = {
-        "gemma4": (Gemma4ForConditionalGeneration, gemma4_config(video=True), gemma4_video_processor()),
-        "qwen3_vl": (Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen3_vl_video_processor())}[family]
-    folder = save_video_model(tmp_path / "m", cls, config, processor)
+    if family == "llava_onevision":
+        folder = save_llava_onevision_video(tmp_path / "m")
+    else:
+        cls, config, processor = {
+            "gemma4": (Gemma4ForConditionalGeneration, gemma4_config(video=True), gemma4_video_processor()),
+            "qwen3_vl": (Qwen3VLForConditionalGeneration, qwen3_vl_config(), qwen3_vl_video_processor())}[family]
+        folder = save_video_model(tmp_path / "m", cls, config, processor)
     model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
     frames = [Image.fromarray(f) for f in patterned_frames(4, 48, 64)]
-    batch = proc.prompt_inputs([[{"type": "video", "video": frames, "fps": 2}, {"type": "text", "text": "what?"}],
-                                [{"type": "text", "text": "and"}, {"type": "video", "video": frames[:2]}]])
+    # (transformers' OneVision takes videos of one length in a batch)
+    second = frames[2:] if family == "llava_onevision" else frames[:2]
+    first = frames[:2] if family == "llava_onevision" else frames
+    batch = proc.prompt_inputs([[{"type": "video", "video": first, "fps": 2}, {"type": "text", "text": "what?"}],
+                                [{"type": "text", "text": "and"}, {"type": "video", "video": second}]])
     batch = {k: v.to("cuda") for k, v in batch.items()}
-    marks = {"mm_token_type_ids": 2 * (batch["input_ids"] == proc.video_token_id).long()}
+    marks = {} if family == "llava_onevision" else {
+        "mm_token_type_ids": 2 * (batch["input_ids"] == proc.video_token_id).long()}
     load = lambda d: AutoModelForImageTextToText.from_pretrained(folder, dtype=d).to("cuda").eval()  # noqa: E731
     _assert_bf16_close(model, batch, marks, load)
 

@@ -25,6 +25,14 @@ video processor's soft-token budget (max_soft_tokens, 70 by default: the aspect-
 their positions), giving pixel_values_videos, video_position_ids and num_frames_per_video; in the text, the video
 token becomes per frame "mm:ss <boi>" + its soft tokens (the video token repeated) + "<eoi>", frames joined by
 spaces, mm:ss the frame's time (frame index / fps, whole seconds).
+
+LLaVA-OneVision, as LlavaOnevisionVideoProcessor / LlavaOnevisionProcessor do it (video settings with "pooled"): each
+frame resized to the video processor's size (its height x width, PIL's bicubic filter; transformers' torchvision resize
+antialiases slightly differently, frames already at that size are bit-equal), scaled to [0, 1] and normalised with
+the video processor's mean and std (OpenAI CLIP's by default), giving pixel_values_videos (videos, frames, C, H, W),
+or, when the videos of a call differ in length, all frames (frames, C, H, W) with num_frames_per_video; in the text,
+the video token repeated frames x ceil(side / 2)^2 + 1 times (side: the tower's patches a side; the last token is
+the video's newline feature).
 """
 from __future__ import annotations
 
@@ -64,7 +72,11 @@ def read_video_settings(folder: Path, default: dict | None = None) -> dict:
     path = Path(folder) / VIDEO_CONFIG
     default = dict(default or VIDEO_SIZE)
     config = json.loads(path.read_text()) if path.is_file() else {}
-    if "max_soft_tokens" in default:
+    if "pooled" in default:  # LLaVA-OneVision: one frame size, the tower's patches a side
+        size = config.get("size") or {}
+        out = {"height": int(size.get("height", default["height"])), "width": int(size.get("width", default["width"])),
+               "pooled": int(default["pooled"])}
+    elif "max_soft_tokens" in default:
         out = {"max_soft_tokens": int(config.get("max_soft_tokens") or default["max_soft_tokens"])}
     else:
         size = dict(config.get("size") or default)
@@ -88,6 +100,8 @@ def video_config(size: dict) -> dict:
     """What read_video_settings reads back from `size` (video_preprocessor_config.json's fields)."""
     if "max_soft_tokens" in size:
         out = {"max_soft_tokens": size["max_soft_tokens"]}
+    elif "pooled" in size:
+        out = {"size": {k: size[k] for k in ("height", "width")}}
     else:
         out = {"size": {k: size[k] for k in ("shortest_edge", "longest_edge")}}
     if "max_video_tokens" in size:
@@ -167,6 +181,34 @@ class VideoFrames:
         per_frame = torch.as_tensor(out["pixel_values"]).view(len(frames), grid[1] * grid[2], 3, tps, patch, patch)
         return per_frame[:, :, :, 0], grid[1:]  # (an image repeats itself along T: one copy)
 
+    @property
+    def _pooled(self) -> bool:
+        """Whether videos are LLaVA-OneVision's: frames of one size, each frame's features pooled (see the module
+        docstring)."""
+        return "pooled" in (self.video_settings or {})
+
+    def _pooled_frames(self, videos: list[list]) -> dict:
+        """LLaVA-OneVision: videos (PIL frames) -> pixel_values_videos (videos, frames, C, H, W) float32, or (all
+        frames, C, H, W) with num_frames_per_video (videos,) when their lengths differ, as LlavaOnevisionVideoProcessor
+        makes them (see the module docstring)."""
+        from PIL import Image
+
+        from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+        s = self.video_settings
+        h, w = s["height"], s["width"]
+        mean = torch.tensor(s.get("image_mean", OPENAI_CLIP_MEAN), dtype=torch.float32)[:, None, None]
+        std = torch.tensor(s.get("image_std", OPENAI_CLIP_STD), dtype=torch.float32)[:, None, None]
+        out = []
+        for frames in videos:
+            rgb = [f.convert("RGB") for f in frames]
+            rgb = [f if f.size == (w, h) else f.resize((w, h), Image.BICUBIC) for f in rgb]
+            pixels = torch.from_numpy(np.stack([np.asarray(f) for f in rgb])).permute(0, 3, 1, 2).float() / 255
+            out.append((pixels - mean) / std if s.get("do_normalize", True) else pixels)
+        if len({len(v) for v in out}) == 1:
+            return {"pixel_values_videos": torch.stack(out)}
+        return {"pixel_values_videos": torch.cat(out), "num_frames_per_video": torch.tensor([len(v) for v in out])}
+
     def _pixel_limits(self) -> dict:
         """The video settings' size limits alone (the image processor's `size`)."""
         return {k: self.video_settings[k] for k in ("shortest_edge", "longest_edge")}
@@ -188,6 +230,8 @@ class VideoFrames:
             sizes = {f.size for f in frames}
             if len(sizes) != 1:
                 raise DataError(f"A video's frames must all have one size; got {sorted(sizes)}. Resize them first.")
+        if self._pooled:
+            return self._pooled_frames(videos)
         if self.soft_token_marks is not None:
             outs = [self._gemma_frames(list(frames)) for frames in videos]
             return {"pixel_values_videos": torch.cat([o["pixel_values"] for o in outs]).float(),
@@ -225,6 +269,9 @@ class VideoFrames:
             if self.soft_token_marks is not None:  # Gemma 4: (frames, soft tokens a frame), each frame's time
                 out.append(([len(frames), int(self._gemma_frames([first])["num_soft_tokens_per_image"][0])], times))
                 continue
+            if self._pooled:  # LLaVA-OneVision: (frames, pooled tokens a frame)
+                out.append(([len(frames), math.ceil(self.video_settings["pooled"] / 2) ** 2], None))
+                continue
             tps = int(self.image_processor.temporal_patch_size)
             if self.video_stamps:
                 h, w = (v // int(self.image_processor.patch_size) for v in self._qwen3_size(len(frames), first, at))
@@ -251,6 +298,9 @@ class VideoFrames:
                 out.append(" ".join(f"{int(t // 60):02d}:{int(t % 60):02d} {begin}{self.video_token * grid[1]}{end}"
                                     for t in stamps) + rest)
                 continue
+            if self._pooled:  # LlavaOnevisionProcessor: frames x pooled tokens, and the newline's
+                out.append(self.video_token * (grid[0] * grid[1] + 1) + rest)
+                continue
             per_frame = grid[1] * grid[2] // self.merge_size ** 2
             if stamps is None:
                 out.append(self.video_token * (grid[0] * per_frame) + rest)
@@ -270,7 +320,7 @@ class VideoFrames:
         exist, or a video file that cannot be read."""
         if filmed and self.video_token is None:
             raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL, "
-                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5 and Gemma 4 only (other families' videos train through "
+                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 4 and LLaVA-OneVision only (other families' videos train through "
                             f"the model with the processor's pixel_values_videos and video_grid_thw, or pass sampled "
                             f"frames as images).")
         out = []
@@ -315,8 +365,8 @@ class VideoFrames:
     def sample_sources(self, sources: list, indices: list, where: str = "videos") -> tuple[list, list]:
         """A processor call's frame_sources pairs sampled as transformers' video processor samples given frames
         (do_sample_frames): Qwen3-VL / Qwen3.5 (Qwen3VLVideoProcessor.sample_frames): int(frames / fps_given x fps)
-        frames, within [min_frames, max_frames] and at most all, at the rounded evenly spaced indices; Gemma 4
-        (the default sampler): num_frames at index k x frames // num_frames, all of them when there are fewer (where
+        frames, within [min_frames, max_frames] and at most all, at the rounded evenly spaced indices; Gemma 4 and
+        LLaVA-OneVision (the default sampler; OneVision without num_frames or fps: 2 frames a second): num_frames at index k x frames // num_frames, all of them when there are fewer (where
         transformers raises). The frames' rate is their metadata's (24 a second without). Video files (already
         sampled by data/video_file.py) are kept. Returns (pairs, frame indices per video for the timestamps).
         Raises DataError for Qwen2-VL / Qwen2.5-VL (whose processor does not sample by default: sample first)."""
@@ -325,7 +375,7 @@ class VideoFrames:
             given = _frame_indices(indices, k, frames, f"{where}, video {k + 1}")
             if isinstance(frames, VideoFile):  # (picked when it was opened)
                 picked = list(range(len(frames)))
-            elif self.soft_token_marks is not None or self.video_stamps:
+            elif self.soft_token_marks is not None or self.video_stamps or self._pooled:
                 picked = self.sampled_indices(len(frames), float(fps or DEFAULT_FPS))
             else:
                 raise DataError("do_sample_frames=True: fasttune's Qwen2-VL / Qwen2.5-VL processor takes a video's "
@@ -336,12 +386,12 @@ class VideoFrames:
 
     def sampled_indices(self, total: int, rate: float, fps: float | None = None) -> list[int]:
         """The frames (indices among `total` at `rate` frames a second) the family's transformers video processor
-        keeps (its sample_frames): Gemma 4 (BaseVideoProcessor's) num_frames, or total / rate x fps frames with an
-        `fps`, at arange(0, total, total / n) truncated, all of them when there are fewer (where transformers
+        keeps (its sample_frames): Gemma 4 and LLaVA-OneVision (BaseVideoProcessor's) num_frames, or total / rate x
+        fps frames with an `fps`, at arange(0, total, total / n) truncated, all of them when there are fewer (where transformers
         raises); Qwen3-VL / Qwen3.5 total / rate x fps frames (fps: `fps` or the settings', 2), within [min_frames,
         max_frames] and at most all, at the rounded evenly spaced indices."""
         s = self.video_settings or {}
-        if self.soft_token_marks is not None:
+        if self.soft_token_marks is not None or self._pooled:
             n = int(total / rate * fps) if fps is not None else \
                 s.get("num_frames") or int(total / rate * s.get("fps", 2.0))
             n = max(1, n)

@@ -105,9 +105,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         image_rows: tuple | None = None, soft_token_marks: tuple | None = None,
                         audio_marks: tuple | None = None, video_token: str | None = None,
                         video_stamps: tuple | None = None, image_tiles: tuple | None = None,
-                        patch_span: tuple | None = None, anyres: tuple | None = None) -> "VisionProcessor":
+                        patch_span: tuple | None = None, anyres: tuple | None = None,
+                        video_default: dict | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
-        extractor). Raises ModelLoadError naming the missing part."""
+        extractor). video_default: the video settings where the folder has no video_preprocessor_config.json
+        (data/video.py's read_video_settings; by default the family's, from soft_token_marks / video_stamps). Raises
+        ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
         folder = Path(folder)
@@ -132,8 +135,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                                      f"tower needs the feature_extractor entry of its processor_config.json.") from None
         return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
-                   read_video_settings(folder, GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE if video_stamps
-                                   else None) if video_token else None, video_stamps, image_tiles, patch_span, anyres)
+                   read_video_settings(folder, video_default or (GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE
+                                                                 if video_stamps else None)) if video_token else None,
+                   video_stamps, image_tiles, patch_span, anyres)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the

@@ -49,8 +49,15 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         image = _token_of(tokenizer, vlm_config.image_token_id)
         pinpoints = tuple(tuple(int(v) for v in p) for p in vlm_config.image_grid_pinpoints)
         most = getattr(vlm_config, "vision_aspect_ratio", None)  # LLaVA-OneVision's "anyres_max_N"
-        return dict(image_token=image, merge_size=None,
-                    anyres=(pinpoints, vision.image_size, vision.patch_size, anyres_max(most)))
+        settings = dict(image_token=image, merge_size=None,
+                        anyres=(pinpoints, vision.image_size, vision.patch_size, anyres_max(most)))
+        video = getattr(vlm_config, "video_token_id", None)
+        if vlm_config.model_type == "llava_onevision" and video is not None and video < len(tokenizer):
+            # frames of the tower's size (unless video_preprocessor_config.json says otherwise), each pooled
+            settings["video_token"] = tokenizer.convert_ids_to_tokens(video)
+            settings["video_default"] = {"height": vision.image_size, "width": vision.image_size,
+                                         "pooled": vision.image_size // vision.patch_size, "do_sample_frames": False}
+        return settings
     if vlm_config.model_type == "internvl":  # InternVLProcessor: <img>, <IMG_CONTEXT> per patch token, </img>
         vision = vlm_config.vision_config
         side = _side(vision.image_size) // _side(vision.patch_size)

@@ -24,7 +24,7 @@ from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision_families import FAMILIES, VisionFamily
 from fasttune.models.vision_features import (image_geometry, internvl_features, llava_features, llava_next_features,
-                                             pixtral_features, tile_features)
+                                             pixtral_features, pooled_video_features, tile_features)
 
 
 def _joint_deepstack(parts: list):
@@ -228,21 +228,25 @@ class VisionCausalLM(CausalLM):
                           videos.get("pixel_values_videos"), geometry))
         deep_parts = []
         for what, key, mask, pixels, grid in parts:
+            pooled = what == "video" and self.family.video == "pooled"  # (LLaVA-OneVision: frames of one size)
             if pixels is None:
                 if bool(mask.any()):
                     raise ConfigError(f"input_ids hold {what} placeholder tokens but no {key} were passed; pass "
                                       f"the processor's {key} with their geometry ({what}_grid_thw, image_sizes or "
                                       f"{what}_position_ids) with them.")
                 continue
-            if grid is None and self.family.mrope:
+            if pooled:
+                feats, deep = pooled_video_features(self, pixels, videos.get("num_frames_per_video")), []
+            elif grid is None and self.family.mrope:
                 raise ConfigError(f"{key} need {what}_grid_thw ({what}s, 3), as the processor returns them.")
-            if grid is None and (self.family.sized_images or self.family.anyres):
+            elif grid is None and (self.family.sized_images or self.family.anyres):
                 raise ConfigError(f"{key} need image_sizes (images, 2), each image's (height, width) as the "
                                   f"processor returns them.")
-            if grid is None and self.family.positioned_patches:
+            elif grid is None and self.family.positioned_patches:
                 raise ConfigError(f"{key} need {what}_position_ids ({what == 'image' and 'images' or 'frames'}, "
                                   f"patches, 2), each patch's (x, y) as the processor returns them.")
-            feats, deep = self.image_features(pixels, grid)
+            else:
+                feats, deep = self.image_features(pixels, grid)
             n_tokens = int(mask.sum())
             if n_tokens != feats.shape[0]:
                 one = "an image" if what == "image" else "a video"

@@ -26,7 +26,8 @@ class VisionFamily:
     # How a video's grid takes positions (None: the family takes no videos): "plain" (Qwen2-VL: like an image of t
     # frames), "scaled" (Qwen2.5-VL: frame index x tokens_per_second x second_per_grid_ts), "frames" (Qwen3-VL,
     # Qwen3.5: each frame its own grid, the processor's timestamps as text between them), "positioned" (Gemma 4: each
-    # frame's patches with their positions, as images; plain positions in the decoder)
+    # frame's patches with their positions, as images; plain positions in the decoder), "pooled" (LLaVA-OneVision:
+    # each frame's features pooled 2 x 2, a newline feature after each video; plain positions)
     video: str | None = None
     # Pixtral (Mistral 3): images of any size, each given by its (height, width) in pixels (the processor's
     # image_sizes), whose features come from a chosen tower layer through the patch-merging projector
@@ -122,9 +123,9 @@ FAMILIES["llava"] = replace(FAMILIES["gemma3"], model_type="llava", bidirectiona
 FAMILIES["llava_next"] = replace(FAMILIES["llava"], model_type="llava_next", anyres=True,
                                  vision_modules=FAMILIES["llava"].vision_modules + (("image_newline", "image_newline"),))
 # LLaVA-OneVision (transformers' LlavaOnevisionForConditionalGeneration: llava-onevision-qwen2-*-ov-hf): LLaVA-NeXT's
-# tiles on a SigLIP tower before a Qwen2, a grid of more than anyres_max_N tiles' features interpolated down; images
-# only (its videos are not taken)
-FAMILIES["llava_onevision"] = replace(FAMILIES["llava_next"], model_type="llava_onevision")
+# tiles on a SigLIP tower before a Qwen2, a grid of more than anyres_max_N tiles' features interpolated down; videos as
+# frames of the tower's size, each frame's features pooled (models/vision_features.py: pooled_video_features)
+FAMILIES["llava_onevision"] = replace(FAMILIES["llava_next"], model_type="llava_onevision", video="pooled")
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)

@@ -163,3 +163,36 @@ def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch
         grid = torch.cat([grid, newline[:, None, None].expand(*grid.shape[:-1], 1)], dim=-1)
         pieces += [image[0], grid.flatten(1, 2).transpose(0, 1)]
     return torch.cat(pieces).to(model.dtype)
+
+
+def pooled_video_features(model, pixel_values_videos: torch.Tensor, num_frames=None) -> torch.Tensor:
+    """LLaVA-OneVision's videos: frames (videos, frames, C, H, W), or all videos' frames (frames, C, H, W) with
+    num_frames (videos,) frames each -> (video tokens, hidden) features, as transformers'
+    LlavaOnevisionModel.get_video_features gives them: every frame's hidden states of the tower layer(s)
+    vision_feature_layer (without the class token under "default"), the projector, each frame's (side x side) feature
+    grid shrunk to ceil(side / 2) a side by bilinear interpolation (its apply_pooling), then per video its frames'
+    features in order and one image_newline feature. Raises ConfigError for num_frames that do not add up to the
+    frames."""
+    from fasttune.errors import ConfigError
+
+    cfg = model.hf_config
+    if pixel_values_videos.dim() == 5:
+        counts = [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
+        pixel_values_videos = pixel_values_videos.flatten(0, 1)
+    else:
+        counts = [pixel_values_videos.shape[0]] if num_frames is None else [int(n) for n in num_frames]
+    if sum(counts) != pixel_values_videos.shape[0]:
+        raise ConfigError(f"num_frames_per_video {counts} adds up to {sum(counts)} frames but pixel_values_videos "
+                          f"holds {pixel_values_videos.shape[0]}; pass the processor's output whole.")
+    out = model.vision_tower(pixel_values_videos.to(model.dtype), output_hidden_states=True, return_dict=True)
+    hidden = selected_layers(out, cfg.vision_feature_layer, cfg.vision_feature_select_strategy == "default")
+    feats = model.multi_modal_projector(hidden)  # (frames, side * side, hidden)
+    side = cfg.vision_config.image_size // cfg.vision_config.patch_size
+    grid = feats.view(feats.shape[0], side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=[math.ceil(side / 2), math.ceil(side / 2)], mode="bilinear")
+    per_frame = grid.permute(0, 2, 3, 1).flatten(1, 2)  # (frames, pooled tokens, hidden)
+    newline = model.image_newline.to(feats.dtype)[None]
+    pieces = []
+    for video in per_frame.split(counts):
+        pieces += [video.flatten(0, 1), newline]
+    return torch.cat(pieces).to(model.dtype)
