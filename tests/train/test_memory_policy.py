@@ -121,3 +121,25 @@ def test_ranks_agree_on_the_most_memory_saving_pick():
     assert agreed_pick([(True, 20), (True, 5), (False, None)], 32) == (True, 20)
     assert agreed_pick([(True, None), (True, 31)], 32) == (True, None)
     assert agreed_pick([(True, 31), ("offload", None), (False, None)], 32) == ("offload", None)
+
+
+def test_an_explicit_full_recompute_gets_a_hint_when_fewer_layers_fit(monkeypatch):
+    from fasttune.train.memory_policy import recompute_hint
+
+    model = _fake_gpu_model(monkeypatch, 60)
+    model.recompute_layers = None
+    model.gradient_checkpointing = "offload"  # (what the peer's "unsloth" means here)
+    hint = recompute_hint(model, 4096)
+    assert "recomputes all 32 layers" in hint and "recomputing none of the layers" in hint and "'auto'" in hint
+    model = _fake_gpu_model(monkeypatch, 18)
+    model.recompute_layers, model.gradient_checkpointing = None, True
+    assert "only the first" in recompute_hint(model, 4096)
+    model = _fake_gpu_model(monkeypatch, 5)  # only the last layer could be kept: still fewer
+    model.recompute_layers, model.gradient_checkpointing = None, True
+    assert "first 31 of 32" in recompute_hint(model, 4096)
+    assert recompute_hint(model, 131072) is None  # nothing fewer fits
+    model = _fake_gpu_model(monkeypatch, 60)
+    model.recompute_layers, model.gradient_checkpointing = None, False
+    assert recompute_hint(model, 4096) is None  # not recomputing: nothing to say
+    model.recompute_layers, model.gradient_checkpointing = 20, True
+    assert recompute_hint(model, 4096) is None  # a count chosen already

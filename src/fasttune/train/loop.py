@@ -461,11 +461,14 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         return self._graph_step.accepts(batch, mask is None or right_padded(mask))
 
     def _resolve_auto_checkpointing(self):
-        if self.model.gradient_checkpointing != "auto":
-            return
-        from fasttune.train.memory_policy import agreed_pick, choose_checkpointing
+        from fasttune.train.memory_policy import agreed_pick, choose_checkpointing, recompute_hint
 
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
+        if self.model.gradient_checkpointing != "auto":
+            hint = recompute_hint(self.model, self.args.per_device_train_batch_size * longest)
+            if hint is not None and self.dist.is_main:
+                print(f"fasttune: {hint}", file=sys.stderr)
+            return
         mode, why, recomputed = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
         picks = self.dist.gather((mode, recomputed))
         if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)

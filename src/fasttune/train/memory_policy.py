@@ -100,3 +100,21 @@ def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None
             return layers + 1
         return 0 if mode is False else layers if recomputed is None else recomputed
     return max(picks, key=saving)
+
+
+def recompute_hint(model, micro_batch_tokens: int) -> str | None:
+    """For a model set to recompute every layer (use_gradient_checkpointing=True, "offload" or the peer's
+    "unsloth") on a GPU where choose_checkpointing's estimate fits recomputing fewer layers: a one-line hint that
+    "auto" would (each layer not recomputed saves its forward pass again); else None."""
+    mode = model.gradient_checkpointing
+    if model.device.type != "cuda" or mode not in (True, "offload") or \
+            getattr(model, "recompute_layers", "absent") is not None:  # (a count set, or not our decoder)
+        return None
+    pick, _, recomputed = choose_checkpointing(model, micro_batch_tokens)
+    if pick is not False and recomputed is None:
+        return None
+    layers = model.arch.num_layers
+    fewer = "none of the layers" if pick is False else f"only the first {recomputed} of {layers} layers"
+    return (f"hint: use_gradient_checkpointing={mode!r} recomputes all {layers} layers, but by the estimate this "
+            f"GPU's free memory fits recomputing {fewer} at {micro_batch_tokens} tokens per micro-batch; "
+            f"use_gradient_checkpointing='auto' picks that, and each layer not recomputed saves its forward pass.")
