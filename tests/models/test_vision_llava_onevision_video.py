@@ -22,7 +22,7 @@ def onevision_dir(tmp_path_factory):
 def loaded(onevision_dir):
     from fasttune import FastVisionModel
 
-    return FastVisionModel.from_pretrained(str(onevision_dir))
+    return FastVisionModel.from_pretrained(str(onevision_dir), device="cpu")  # (beside transformers on the CPU)
 
 
 @pytest.fixture(scope="module")
