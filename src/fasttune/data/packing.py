@@ -4,7 +4,9 @@
 fullest row it still fits). Each packed row carries `position_ids` that restart at 0 per document (RoPE sees
 every document from position 0, as unpacked) and `segment_ids` (1, 2, ... per document) from which the model
 builds a block-diagonal causal mask. The first token of every document gets label -100, so the last token of
-one document is never trained to predict the next document.
+one document is never trained to predict the next document. Vision-language examples (data/vision_rows.py) carry
+their media too: a packed row holds its documents' images, audio clips and videos in document order, and
+`image_rows`, each document's image count (LLaVA-OneVision tiles only the images of rows that hold one).
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ def pack_examples(examples: list[dict], capacity: int) -> list[dict]:
     return [_join([examples[i] for i in members]) for members in rows]
 
 
+MEDIA = ("images", "audio", "videos")  # a vision-language example's media lists (data/vision_rows.py)
+
+
 def _join(docs: list[dict]) -> dict:
     out = {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": []}
     for seg, doc in enumerate(docs, 1):
@@ -45,4 +50,9 @@ def _join(docs: list[dict]) -> dict:
         out["labels"] += labels
         out["position_ids"] += list(range(len(ids)))
         out["segment_ids"] += [seg] * len(ids)
+    for key in MEDIA:
+        if any(key in doc for doc in docs):
+            out[key] = [m for doc in docs for m in doc.get(key, ())]
+    if "images" in out:
+        out["image_rows"] = [n for doc in docs for n in doc.get("image_rows", [len(doc.get("images", ()))])]
     return out

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 from fasttune.constants import IGNORE_INDEX
 from fasttune.data.images import absolute, to_pil
 from fasttune.data.video import decoded
@@ -92,13 +94,19 @@ class VisionEncoder:
 def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
     """Examples of VisionEncoder -> one batch: input_ids / attention_mask / labels (B, T) right-padded, the images
     of all rows in order as pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3), and their audio clips
-    as input_features / input_features_mask."""
+    as input_features / input_features_mask. Packed rows (data/packing.py) also give position_ids and segment_ids
+    (B, T), padding 0, and their documents' image counts stand for rows' (`image_rows`)."""
     tensors, labels, _ = pad_rows([e["input_ids"] for e in examples], [e["labels"] for e in examples],
                                   processor.pad_id())
     batch = {**tensors, **labels}
+    width = batch["input_ids"].shape[1]
+    for key in ("position_ids", "segment_ids"):  # packed rows
+        if key in examples[0]:
+            batch[key] = torch.tensor([e[key] + [0] * (width - len(e[key])) for e in examples], dtype=torch.long)
     images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]]
     if images:
-        batch.update(processor.process_images(images, [len(e["images"]) for e in examples]))
+        batch.update(processor.process_images(images, [n for e in examples
+                                                       for n in e.get("image_rows", [len(e["images"])])]))
     clips = [c for e in examples for c in e.get("audio", ())]
     if clips:
         batch.update(processor.process_audio(clips))

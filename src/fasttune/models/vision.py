@@ -171,14 +171,19 @@ class VisionCausalLM(CausalLM):
         return feats.to(self.dtype), deep
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
-                          attention_mask=None, videos: dict | None = None) -> dict:
+                          attention_mask=None, videos: dict | None = None, segment_ids=None) -> dict:
         """What the decoder gets for a prompt with images and videos: inputs_embeds (B, T, H) (see embed),
         position_ids ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention,
         else None), deepstack ((visual-token mask (B, T), [per-layer features]) for Qwen3-VL, else None) and
         rope_deltas (B, 1) (what generation adds to the positions of the tokens after the prompt). videos: the
-        processor's pixel_values_videos, video_grid_thw and (Qwen2.5-VL) second_per_grid_ts (VIDEO_KEYS)."""
+        processor's pixel_values_videos, video_grid_thw and (Qwen2.5-VL) second_per_grid_ts (VIDEO_KEYS);
+        segment_ids (B, T): packed rows' documents (1, 2, ...; padding 0), each of which gets its own multimodal
+        positions."""
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
-        positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask, videos)
+        if segment_ids is not None and self.family.mrope:
+            positions, deltas = self.packed_rope_index(input_ids, segment_ids, image_grid_thw, videos)
+        else:
+            positions, deltas = self.rope_index(input_ids, image_grid_thw, attention_mask, videos)
         per_layer_ids = None
         if self.arch.per_layer_input_size:  # Gemma 4 E2B / E4B: image and audio positions look up the pad token's row
             pad = self.arch.pad_token_id or 0
@@ -195,9 +200,14 @@ class VisionCausalLM(CausalLM):
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
         """(inputs_embeds, position_ids) for the decoder from input_ids and their images and videos
         (multimodal_inputs; the video keys are popped from `kwargs`); the decoder's image_blocks / deepstack keywords
-        are added to `kwargs` unless given. Given position_ids win."""
+        are added to `kwargs` unless given. Given position_ids win, but for a packed row's (segment_ids in `kwargs`)
+        on a family with multimodal RoPE: their per-document plain positions are replaced by each document's
+        multimodal ones."""
         videos = {k: kwargs.pop(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS) if k in kwargs}
-        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos)
+        segments = kwargs.get("segment_ids")
+        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos, segments)
+        if segments is not None and self.family.mrope and position_ids is not None and position_ids.dim() == 2:
+            position_ids = None
         for key in ("image_blocks", "deepstack", "per_layer_ids"):
             if kwargs.get(key) is None:
                 kwargs[key] = inputs[key]
@@ -311,6 +321,26 @@ class VisionCausalLM(CausalLM):
             intervals = [tokens_per_second * t for t in per_grid]
         return qwen_vl_positions(input_ids, image_grid_thw, attention_mask, self.image_token_id, merge,
                                  self.video_token_id, grids, intervals)
+
+    def packed_rope_index(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, image_grid_thw=None,
+                          videos: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope_index for packed rows: each document (a run of one segment id > 0 in segment_ids (B, T)) gets the
+        positions it would get alone (its images' and videos' grids taken in order, as the rows carry them);
+        padding (segment 0) gets 0. Returns ((3, B, T) positions, zero (B, 1) deltas: packed rows are not
+        generated from)."""
+        b, t = input_ids.shape
+        spans = [(row, (segment_ids[row] == s).nonzero().squeeze(1))
+                 for row in range(b) for s in torch.unique(segment_ids[row]).tolist() if s > 0]
+        longest = max((len(i) for _, i in spans), default=1)
+        docs = input_ids.new_zeros(len(spans), longest)
+        mask = torch.zeros_like(docs)
+        for d, (row, index) in enumerate(spans):
+            docs[d, :len(index)], mask[d, :len(index)] = input_ids[row, index], 1
+        positions, _ = self.rope_index(docs, image_grid_thw, mask, videos)
+        out = positions.new_zeros(3, b, t)
+        for d, (row, index) in enumerate(spans):
+            out[:, row, index] = positions[:, d, :len(index)]
+        return out, torch.zeros(b, 1, dtype=torch.long, device=input_ids.device)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,

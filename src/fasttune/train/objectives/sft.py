@@ -77,12 +77,13 @@ class SFTTrainer(Trainer):
         return super().collate_batch(examples)
 
     def model_inputs(self, batch: dict) -> dict:
-        """See Trainer.model_inputs; a vision-language model's batches carry their images instead."""
+        """See Trainer.model_inputs (packed rows' position_ids / segment_ids); a vision-language model's batches
+        carry their images too."""
         if not self.vision:
             return super().model_inputs(batch)
         from fasttune.train.objectives.vision_sft import BATCH_KEYS
 
-        return {k: batch[k] for k in BATCH_KEYS if k in batch}
+        return {**super().model_inputs(batch), **{k: batch[k] for k in BATCH_KEYS if k in batch}}
 
     # --- TRL's SFT metrics: entropy, mean_token_accuracy, num_tokens ----------------------------------------------
     @property

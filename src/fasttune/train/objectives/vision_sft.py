@@ -28,8 +28,6 @@ def vision_examples(dataset, processor, args, max_seq_length: int, collator: Vis
     if not isinstance(processor, VisionProcessor):
         raise ConfigError("A vision-language model trains with the processor FastVisionModel.from_pretrained "
                           "returned (pass it as tokenizer= / processing_class=).")
-    if args.packing:
-        raise ConfigError("packing=True is not supported for vision-language models yet; set packing=False.")
     base_dir = None
     if isinstance(dataset, (str, os.PathLike)):
         base_dir = Path(dataset).expanduser().resolve().parent
