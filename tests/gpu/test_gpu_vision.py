@@ -157,3 +157,31 @@ def test_bf16_towers_lora_loss_and_gradients_close_to_peft(tmp_path):
         peft.append(err(theirs, exact))
     print("tower gradients' relative error to fp32, per draw: ours", mine, "PEFT", peft)
     assert sum(mine) < 1.5 * sum(peft) + 4e-3, (mine, peft)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+def test_bf16_packed_rows_match_each_document_alone(family, tmp_path):
+    """packing=True on the card: a packed row (Qwen: varlen attention over its documents; Gemma 3: the dense mask with
+    its two-way image blocks) gives each document's bf16 logits within bf16 noise of the document alone."""
+    from tiny_vision import save_gemma3, save_qwen_vl
+
+    from fasttune.data.packing import pack_examples
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
+
+    folder = {"qwen2_5_vl": save_qwen_vl, "gemma3": save_gemma3}[family](tmp_path / family)
+    model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image(color)},
+                                                       {"type": "text", "text": "hue?" * k}]},
+                          {"role": "assistant", "content": "a colour " * k}]}
+            for k, color in ((1, "red"), (3, (0, 0, 255)), (2, (0, 255, 0)))]
+    encoder = VisionEncoder(proc, 1024, train_on_responses_only=False)
+    examples = [encoder.encode(row, i) for i, row in enumerate(rows)]
+    packed = pack_examples(examples, 4096)
+    order = sorted(examples, key=lambda e: -len(e["input_ids"]))
+    batch = {k: v.to("cuda") for k, v in collate_vision(packed, proc).items()}
+    with torch.no_grad():
+        out = model(**batch).logits.float()
+        for k, example in enumerate(order):
+            alone = model(**{key: v.to("cuda") for key, v in collate_vision([example], proc).items()}).logits.float()
+            got = out[0, batch["segment_ids"][0] == k + 1]
+            assert (got - alone[0]).norm() / alone[0].norm() < 2e-2
