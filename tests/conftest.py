@@ -143,6 +143,17 @@ llava_vl_dir = _saved_vl("save_llava", "tiny-llava")
 llava_next_vl_dir = _saved_vl("save_llava_next", "tiny-llava-next")
 llava_onevision_vl_dir = _saved_vl("save_llava_onevision", "tiny-llava-onevision")
 
+@pytest.fixture(scope="session")
+def qwen_video_dir(tmp_path_factory):
+    """A tiny Qwen2.5-VL whose processor reads videos (tests/tiny_vision.py's qwen_vl_video_processor), for the
+    objectives' video prompts."""
+    from tiny_vision import qwen_vl_config, qwen_vl_video_processor, save_video_model
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    return save_video_model(tmp_path_factory.mktemp("qwen-video"), Qwen2_5_VLForConditionalGeneration,
+                            qwen_vl_config(), qwen_vl_video_processor())
+
+
 VL_FIXTURES = {"qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
                "qwen3_vl_moe": "qwen3_vl_moe_dir", "gemma3": "gemma3_vl_dir", "qwen3_5": "qwen3_5_vl_dir",
                "qwen3_5_moe": "qwen3_5_moe_vl_dir", "mistral3": "mistral3_vl_dir", "gemma4": "gemma4_vl_dir",

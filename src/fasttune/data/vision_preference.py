@@ -88,7 +88,7 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
     max_seq_length keeps its start (TRL's truncation); one whose prompt with its images alone fills it is dropped
     (a cut would split an image), with one warning. Raises DataError naming the row for missing columns, messages
     that are not lists, an image item without its image, more images than the prompt's image items, images in a
-    completion, video or audio items, or an unreadable image."""
+    completion, audio items, video items on a family that takes none, or an unreadable image or video."""
     rows, columns, source_name, base_dir = _vision_rows(rows, source_name, base_dir,
                                                         lambda _: VISION_PREFERENCE_COLUMNS, "preference rows")
     refs = [c for c in REF_COLUMNS if c in columns]
@@ -99,14 +99,15 @@ def tokenize_vision_preference_rows(rows: Any, processor, *, max_seq_length: int
     for i, row in enumerate(rows):
         where = f"Row {i}" + (f" of {source_name}" if source_name else "")
         fields = {key: _assistant_messages(row.get(key), key, where) for key in ("chosen", "rejected")}
-        prompt = encode_vision_prompt(row.get("prompt"), row_images(row), processor, where, base_dir)
+        prompt = encode_vision_prompt(row.get("prompt"), row_images(row), processor, where, base_dir,
+                                      video_column=row.get("videos"))
         completions = [_completion_ids(processor, prompt, fields[key], key, where) for key in ("chosen", "rejected")]
         if len(prompt.ids) >= max_seq_length:
             dropped += 1
             continue
         room = max_seq_length - len(prompt.ids)
         ex = {"prompt_ids": prompt.ids, "chosen_ids": completions[0][:room], "rejected_ids": completions[1][:room],
-              "images": prompt.sources}
+              "images": prompt.sources, "videos": prompt.videos}
         for c in refs:  # precomputed reference log-probs, as for text rows
             ex[c] = _number(row.get(c), where, c)
         out.append(ex)
@@ -131,7 +132,8 @@ def tokenize_vision_unpaired_rows(rows: Any, processor, *, max_seq_length: int, 
             fields = [("chosen", True), ("rejected", False)]
         else:
             fields = [("completion", desirable(row, where))]
-        prompt = encode_vision_prompt(row.get("prompt"), row_images(row), processor, where, base_dir)
+        prompt = encode_vision_prompt(row.get("prompt"), row_images(row), processor, where, base_dir,
+                                      video_column=row.get("videos"))
         if len(prompt.ids) >= max_seq_length:
             dropped += len(fields)
             continue
@@ -139,7 +141,7 @@ def tokenize_vision_unpaired_rows(rows: Any, processor, *, max_seq_length: int, 
         for key, label in fields:
             ids = _completion_ids(processor, prompt, _assistant_messages(row.get(key), key, where), key, where)
             out.append({"prompt_ids": prompt.ids, "completion_ids": ids[:room], "label": label,
-                        "images": prompt.sources})
+                        "images": prompt.sources, "videos": prompt.videos})
     return _kept(out, dropped, len(rows), source_name, max_seq_length)
 
 

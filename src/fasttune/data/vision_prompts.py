@@ -6,7 +6,9 @@ A prompt is a list of chat messages (a string is one user message); its {"type":
 `images` (a list) or `image` column in order, inline {"type": "image", "image": PATH} items work too. When the row
 gives images and the prompt has no image item at all, the images go before the text of its first user message, as
 TRL's prepare_multimodal_messages places them. The text is the chat template's rendering with the generation prompt;
-its token ids have each image placeholder expanded to the processor's count of tokens for that image.
+its token ids have each image placeholder expanded to the processor's count of tokens for that image. Video items
+(`{"type": "video", "video": [frame, ...] or a file or folder, "fps": 2}`, or bare ones taking the row's `videos`
+column) are read as SFT reads them (data/video.py), on the families whose processor takes videos.
 """
 from __future__ import annotations
 
@@ -19,14 +21,16 @@ from fasttune.errors import DataError
 
 
 class VisionPrompt(NamedTuple):
-    """messages: the prompt's messages with image items reduced to {"type": "image"}; text: their rendering with the
-    generation prompt; ids: its token ids, image placeholders expanded; sources: the images as given (paths made
-    absolute), decoded again when a batch is built."""
+    """messages: the prompt's messages with image and video items reduced to {"type": ...}; text: their rendering
+    with the generation prompt; ids: its token ids, image and video placeholders expanded; sources: the images as given
+    (paths made absolute), decoded again when a batch is built; videos: the videos as (frame sources, fps) pairs
+    (data/video.py's frame_sources), decoded when a batch is built."""
 
     messages: list[dict]
     text: str
     ids: list[int]
     sources: list
+    videos: list = []
 
 
 def row_images(row: dict) -> Any:
@@ -59,17 +63,18 @@ def _image_items(messages: list) -> int:
 
 
 def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
-                         base_dir: Path | None = None, **template_kwargs) -> VisionPrompt:
+                         base_dir: Path | None = None, video_column: Any = None, **template_kwargs) -> VisionPrompt:
     """A row's `prompt` (messages, or a string for one user message) and its image column -> VisionPrompt.
 
     Args:
-        prompt: the row's prompt field; column: its `images` list or single `image` (row_images), or None.
+        prompt: the row's prompt field; column: its `images` list or single `image` (row_images), or None;
+            video_column: its `videos` list, for bare video items.
         processor: fasttune's VisionProcessor (data/vision.py). where: the row, for messages. base_dir: the folder
             relative image paths are read from (the data file's). template_kwargs: chat-template variables (TRL's
             chat_template_kwargs).
     Raises: DataError naming `where` for a prompt that is not messages, a message of the wrong shape, an image item
-        without its image, more images than the prompt has places for, video or audio items (images only), or an
-        unreadable image.
+        without its image, more images than the prompt has places for, audio items, video items on a family whose
+        processor takes no videos, or an unreadable image or video.
     """
     if isinstance(prompt, str):
         prompt = [{"role": "user", "content": prompt}]
@@ -80,10 +85,10 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
         if not any(isinstance(m, dict) and m.get("role") == "user" for m in prompt):
             raise DataError(f"{where}: the row gives {given} images but its prompt has no user message to hold them.")
         prompt = _with_image_items(prompt, given)
-    messages, sources, clips, videos = _split_media(prompt, column, where)
-    if clips or videos:
-        raise DataError(f"{where}: the prompt has {'an audio' if clips else 'a video'} item; this objective reads "
-                        f"images only. Give the frames as images, or train with SFT.")
+    messages, sources, clips, videos = _split_media(prompt, column, where, video_column=video_column)
+    if clips:
+        raise DataError(f"{where}: the prompt has an audio item; this objective reads images and videos only. Train "
+                        f"with SFT.")
     inline = sum(1 for m in prompt if isinstance(m.get("content"), list) for item in m["content"]
                  if isinstance(item, dict) and item.get("type") == "image"
                  and any(item.get(k) is not None for k in ("image", "path", "url")))
@@ -96,29 +101,46 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
     n = text.count(p.image_token)
     if n != len(images):
         raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
-    ids = p.tokenizer(p.expand(text, p.image_grids(images, [len(images)])), add_special_tokens=False)["input_ids"]
+    filmed = p.frame_sources(videos, where, base_dir)  # (nothing decoded: only each video's first frame is read)
+    expanded = p.expand_videos(p.expand(text, p.image_grids(images, [len(images)])), p.video_layouts(filmed, where=where))
+    ids = p.tokenizer(expanded, add_special_tokens=False)["input_ids"]
     kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
-    return VisionPrompt(messages, text, list(ids), kept)
+    return VisionPrompt(messages, text, list(ids), kept, filmed)
 
 
 def with_image_payloads(prompt: VisionPrompt) -> list[dict]:
     """The prompt's messages as TRL's prepare_multimodal_messages leaves them for reward functions: every content a
-    list of items, each image item carrying its image ({"type": "image", "image": source}, in order)."""
-    sources = iter(prompt.sources)
-    return [{**m, "content": [{**item, "image": next(sources)} if item.get("type") == "image" else item
-                              for item in m["content"]]} for m in prompt.messages]
+    list of items, each image item carrying its image ({"type": "image", "image": source}, in order), and each video
+    item its frames or file ({"type": "video", "video": source})."""
+    sources, videos = iter(prompt.sources), iter(prompt.videos)
+
+    def payload(item):
+        """The item with its image or video."""
+        kind = item.get("type")
+        if kind == "image":
+            return {**item, "image": next(sources)}
+        return {**item, "video": next(videos)[0]} if kind == "video" else item
+    return [{**m, "content": [payload(item) for item in m["content"]]} for m in prompt.messages]
 
 
 def prompt_media(examples: list[dict], processor) -> dict:
     """The image inputs (pixel_values with image_grid_thw, or the family's image keys: processor.process_images) of
-    the examples' images in row order, each example's `images` sources decoded again, once per example object (a
-    GRPO group's copies, a DPO pair's two rows are one); {} when none has an image."""
-    decoded: dict[int, list] = {}
+    the examples' images in row order, and the video inputs (pixel_values_videos with the family's keys:
+    processor.process_videos) of their videos, each example's `images` / `videos` sources decoded again, once per
+    example object (a GRPO group's copies, a DPO pair's two rows are one); {} when none has either."""
+    from fasttune.data.video import decoded as decode_videos
+
+    seen: dict[int, tuple] = {}
     for ex in examples:
-        if id(ex) not in decoded:
-            decoded[id(ex)] = [to_pil(s, "an image of the batch") for s in ex.get("images", ())]
-    images = [im for ex in examples for im in decoded[id(ex)]]
-    return processor.process_images(images, [len(decoded[id(ex)]) for ex in examples]) if images else {}
+        if id(ex) not in seen:
+            seen[id(ex)] = ([to_pil(s, "an image of the batch") for s in ex.get("images", ())],
+                            decode_videos(list(ex.get("videos", ())), "A video of the batch"))
+    images = [im for ex in examples for im in seen[id(ex)][0]]
+    out = processor.process_images(images, [len(seen[id(ex)][0]) for ex in examples]) if images else {}
+    videos = [v for ex in examples for v in seen[id(ex)][1]]
+    if videos:
+        out = {**out, **processor.process_videos([frames for frames, _ in videos], [fps for _, fps in videos])}
+    return out
 
 
 def require_processor(tokenizer, trainer: str):

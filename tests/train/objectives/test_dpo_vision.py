@@ -159,3 +159,35 @@ def test_precomputed_reference_columns(qwen_vl_dir, tmp_path):
     with pytest.raises(DataError, match="ref_chosen_logps' but not its pair"):
         DPOTrainer(model=model, processing_class=proc, args=DPOConfig(output_dir=str(tmp_path), max_steps=1),
                    train_dataset=[dict(r, ref_chosen_logps=-5.0) for r in _rows(2)])
+
+
+def test_video_prompts(qwen_video_dir, tmp_path):
+    """Pairs (DPO) and unpaired rows (KTO) whose prompts hold a video: each row's ids are the processor's for the
+    conversation, the batch carries each pair's video for its chosen and its rejected row, and a DPO step trains."""
+    from PIL import Image
+    from tiny_vision import patterned_frames
+
+    from fasttune import DPOConfig, DPOTrainer
+    from fasttune.data.vision_preference import collate_vision_pairs, tokenize_vision_unpaired_rows
+
+    model, proc = _load(qwen_video_dir)
+    clips = [[Image.fromarray(f) for f in patterned_frames(4, 56, 28 * (1 + k))] for k in range(2)]
+    rows = [{"prompt": [{"role": "user", "content": [{"type": "video", "video": frames},
+                                                     {"type": "text", "text": "Moving?"}]}],
+             "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "yes"}]}],
+             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "no, still"}]}]}
+            for frames in clips]
+    trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=rows,
+                         args=DPOConfig(output_dir=str(tmp_path / "run"), per_device_train_batch_size=2, max_steps=1,
+                                        learning_rate=LR, beta=BETA, logging_steps=1, report_to="none"))
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Moving?"}]}]
+    text = proc.apply_chat_template(messages, add_generation_prompt=True)
+    for ex, frames in zip(trainer.train_examples, clips):
+        assert ex["prompt_ids"] == proc(text=[text], videos=[frames])["input_ids"][0].tolist()
+    batch = collate_vision_pairs(trainer.train_examples, proc)
+    assert batch["video_grid_thw"].tolist() == 2 * [g.tolist() for g in proc(text=[text, text], videos=clips)[
+        "video_grid_thw"]]  # chosen rows then rejected rows, each pair's video twice
+    trainer.train()
+    assert torch.isfinite(torch.tensor(trainer.log_history[0]["loss"]))
+    unpaired = tokenize_vision_unpaired_rows(rows, proc, max_seq_length=512)
+    assert len(unpaired) == 4 and all(len(ex["videos"]) == 1 for ex in unpaired)

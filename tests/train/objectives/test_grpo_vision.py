@@ -184,8 +184,8 @@ def test_images_reach_generation(qwen_vl_dir, tmp_path):
 
 
 def test_bad_rows_and_models(qwen_vl_dir, tiny_model_dir, tmp_path):
-    """Images on a text model, more images than image items, video items, and a tokenizer in place of the processor
-    are named."""
+    """Images on a text model, more images than image items, video items on a processor without videos, audio items,
+    and a tokenizer in place of the processor are named."""
     from fasttune import FastLanguageModel, GRPOTrainer
 
     model, proc = _load(qwen_vl_dir)
@@ -199,7 +199,11 @@ def test_bad_rows_and_models(qwen_vl_dir, tiny_model_dir, tmp_path):
     rows = _rows()
     rows[0]["prompt"] = [{"role": "user", "content": [{"type": "video", "video": "clip.mp4"}]}]
     rows[1]["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "x"}]}]
-    with pytest.raises(DataError, match="Row 0 of the dataset: the prompt has a video item; this objective reads"):
+    with pytest.raises(DataError, match="Row 0 of the dataset: has a video item; fasttune's data pipeline reads "
+                                        "videos for"):  # (this processor has no video token)
+        _fixed(model, proc, tmp_path, rows)
+    rows[0]["prompt"] = [{"role": "user", "content": [{"type": "audio", "audio": "clip.wav"}]}]
+    with pytest.raises(DataError, match="Row 0 of the dataset: the prompt has an audio item; this objective reads"):
         _fixed(model, proc, tmp_path, rows)
     with pytest.raises(ConfigError, match="GRPOTrainer on a vision-language model takes the processor"):
         GRPOTrainer(model, reward_funcs=[count_a], processing_class=proc.tokenizer, train_dataset=_rows(),
@@ -289,3 +293,48 @@ def test_rloo_on_images(qwen_vl_dir, tmp_path):
     logs = [h for h in trainer.log_history if "loss" in h]
     assert len(logs) == 2 and all("kl" in h and h["grad_norm"] > 0 for h in logs)
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+
+
+def _video_rows(frames):
+    return [{"prompt": [{"role": "user", "content": [{"type": "video", "video": frames, "fps": 2},
+                                                     {"type": "text", "text": "What moves?"}]}]}]
+
+
+def test_video_prompts_reach_generation_and_scoring(qwen_video_dir, tmp_path):
+    """A prompt with a video item: its ids are the processor's for that conversation (the video's timed run of
+    placeholders), generation and the scoring forward get the processor's pixel_values_videos / video_grid_thw /
+    second_per_grid_ts, sampling changes when only the frames do, and reward functions get the frames in the video
+    item."""
+    from PIL import Image
+    from tiny_vision import patterned_frames
+
+    from fasttune import GRPOTrainer
+    from fasttune.data.vision_prompts import prompt_media
+
+    model, proc = _load(qwen_video_dir)
+    frames = [Image.fromarray(f) for f in patterned_frames(4, 56, 56)]
+    seen = []
+
+    def video_reward(prompts, completions, **_):
+        seen.append(prompts[0][0]["content"][0])
+        return [0.0] * len(completions)
+
+    trainer = GRPOTrainer(model, reward_funcs=[video_reward], processing_class=proc, train_dataset=_video_rows(frames),
+                          args=_config(tmp_path, per_device_train_batch_size=G, temperature=0.01, max_steps=1))
+    ex = trainer.train_examples[0]
+    messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "What moves?"}]}]
+    direct = proc(text=[proc.apply_chat_template(messages, add_generation_prompt=True)], videos=[frames],
+                  video_metadata=[{"fps": 2}])
+    assert ex["prompt_ids"] == direct["input_ids"][0].tolist()
+    media = prompt_media(trainer.train_examples[:G], proc)
+    assert set(media) == {"pixel_values_videos", "video_grid_thw", "second_per_grid_ts"}
+    assert torch.equal(media["pixel_values_videos"][:len(direct["pixel_values_videos"])],
+                       direct["pixel_values_videos"])
+    assert media["video_grid_thw"].shape[0] == G  # one per row of the group (decoded once)
+    first, _ = trainer.sample(trainer.train_examples[:G], seed=3)
+    other = dict(ex, videos=[(list(reversed(frames)), 2)])
+    changed, _ = trainer.sample([other] * G, seed=3)
+    assert first != changed
+    trainer.train()
+    assert seen and seen[0]["type"] == "video" and len(seen[0]["video"]) == 4  # (the frames as the rows stored them)
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.log_history if "loss" in h)

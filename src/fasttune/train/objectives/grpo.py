@@ -163,14 +163,14 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
         examples = []
         for i, row in enumerate(rows):
             where = row_label(i, name)
-            prompt, sources = row.get("prompt"), []
+            prompt, sources, videos = row.get("prompt"), [], []
             if has_images(row) and not self.vision:
                 raise DataError(f"{where}: the row has images, but {type(self.model).__name__} reads text only. Load "
                                 f"a vision-language model with FastVisionModel.from_pretrained, or drop the images.")
             if self.vision and (isinstance(prompt, list) or has_images(row)):
-                laid_out = encode_vision_prompt(prompt, row_images(row), tok, where, base_dir,
+                laid_out = encode_vision_prompt(prompt, row_images(row), tok, where, base_dir, row.get("videos"),
                                                 **(a.chat_template_kwargs or {}))
-                ids, sources = laid_out.ids, laid_out.sources
+                ids, sources, videos = laid_out.ids, laid_out.sources, laid_out.videos
                 prompt = with_image_payloads(laid_out)  # what TRL's reward functions get
             else:
                 prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))
@@ -187,7 +187,7 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
                                 f"max_seq_length, or set drop_long=True to skip such rows.")
             columns = {k: v for k, v in row.items() if k != "prompt"}
             examples.append({"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns,
-                             "images": sources})
+                             "images": sources, "videos": videos})
         if not examples:
             raise DataError("No usable prompts: every row was longer than the prompt limit and drop_long=True.")
         return [ex for ex in examples for _ in range(a.num_generations)]
