@@ -40,6 +40,8 @@ def test_padding_applies_to_16_bit_causal_rows_on_the_gpu_only():
         assert attn.shape_padding(cuda, cuda) == 28 and attn.shape_padding(cuda[:, :, :64], cuda[:, :, :64]) == 0
         assert attn.shape_padding(cuda.float(), cuda.float()) == 0
         assert attn.shape_padding(cuda[:, :, :1], cuda) == 0  # a decode step over a cache
+        long = torch.empty(1, 1, attn.PADDED_ROWS_MAX + 1, 8, device="cuda", dtype=torch.bfloat16)
+        assert attn.shape_padding(long, long) == 0  # long rows: the plan is cheap beside the step
 
 
 @pytest.mark.gpu

@@ -16,17 +16,21 @@ from fasttune.models.window_attention import SlidingWindow, banded_attention, sl
 # cuDNN's SDPA kernel (what torch picks for 16-bit causal attention on Hopper) builds an execution plan for every new
 # sequence length: 0.2-0.3 s a length on an H200, measured (Llama-3.2-1B shape, LoRA, 2 x 777 tokens: 317 ms a step
 # at a new length, 108 ms at a seen one; 113 / 112 with SDPA's flash kernel). Padded batches of real data bring a new
-# length almost every step, so causal rows are padded to a multiple of this: at most seq / 64 plans.
+# length almost every step, so causal rows are padded to a multiple of this: at most seq / 64 plans. Rows longer
+# than PADDED_ROWS_MAX are left as they are: there a plan costs a few percent of a step, while the padded copies of
+# q, k and v would add to the peak (1.5 GiB a layer at 131K tokens on an 8B shape).
 SHAPE_STEP = 64
+PADDED_ROWS_MAX = 16384
 
 
 def shape_padding(q: torch.Tensor, k: torch.Tensor) -> int:
     """How many zero positions plain causal self-attention over q / k (B, H, T, D), T == S, gets appended on the GPU
-    in 16 bits so that T becomes a multiple of SHAPE_STEP (0 elsewhere). The real queries never see the appended
+    in 16 bits so that T becomes a multiple of SHAPE_STEP (0 elsewhere, and past PADDED_ROWS_MAX tokens). The real queries never see the appended
     keys (they come after them) and the appended queries' outputs are dropped, so values and gradients are those of
     the unpadded call."""
     t = q.shape[2]
-    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or t != k.shape[2] or t <= 1:
+    if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or t != k.shape[2] or not 1 < t <= \
+            PADDED_ROWS_MAX:
         return 0
     return -t % SHAPE_STEP
 
