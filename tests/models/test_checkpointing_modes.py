@@ -132,3 +132,44 @@ def test_recompute_layers_is_checked_and_reset_by_a_mode(tiny_model_dir):
     model.recompute_layers = 1
     model.gradient_checkpointing_enable()  # an explicit mode (TRL's and transformers' call) covers every layer
     assert model.recompute_layers is None and model.gradient_checkpointing is True
+
+
+@pytest.mark.parametrize("family", ["qwen_vl_dir", "llava_vl_dir"])
+def test_a_training_vision_tower_recomputes_with_the_decoder(family, request):
+    """finetune_vision_layers=True: with the decoder recomputing, the tower recomputes too (transformers' own
+    checkpointing of its layers, non-reentrant); the LoRA gradients, the tower's included, equal no recompute's."""
+    from fasttune import FastVisionModel
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
+    from tiny_vision import noise_image
+
+    model, proc = FastVisionModel.from_pretrained(str(request.getfixturevalue(family)), dtype=torch.float32,
+                                                  device="cpu")
+    model = FastVisionModel.get_peft_model(model, r=4, finetune_vision_layers=True, use_gradient_checkpointing=True)
+    tower = next(getattr(model, a) for a, _ in model.family.vision_modules
+                 if getattr(getattr(model, a), "supports_gradient_checkpointing", False))
+    assert tower.is_gradient_checkpointing
+    model.train()
+    randomize_lora_b(model)
+    row = {"messages": [{"role": "user", "content": [{"type": "image", "image": noise_image((56, 56), 3)},
+                                                     {"type": "text", "text": "what?"}]},
+                        {"role": "assistant", "content": "noise"}]}
+    batch = collate_vision([VisionEncoder(proc, 512, False).encode(row, 0)], proc)
+    calls = []
+    # (inside the layer: transformers 5.25 checkpoints a layer's forward, so hooks on the layer itself stay outside;
+    # its attention, not its MLP, since torch's recompute stops once it has every saved value back)
+    attn = next(m for n, m in tower.named_modules() if n.endswith(("blocks.0.attn", "layers.0.self_attn")))
+    attn.register_forward_hook(lambda *_: calls.append(1))
+    grads = {}
+    for mode in (True, False):
+        model.gradient_checkpointing = mode
+        assert tower.is_gradient_checkpointing == mode
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        model(**batch).loss.backward()
+        assert len(calls) == (2 if mode else 1)  # the tower's first attention: forward, and recomputed in backward
+        # (LLaVA's tower layers past the selected one get no gradient either way)
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any(".lora_" in n and n.startswith(tuple(a for a, _ in model.family.vision_modules)) for n in grads[True])
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads[True][n], g, rtol=1e-5, atol=1e-6, msg=n)

@@ -75,6 +75,38 @@ class VisionCausalLM(CausalLM):
             setattr(self, attr, module)
 
     @property
+    def gradient_checkpointing(self) -> str | bool:
+        """The recompute mode (CausalLM's); see the setter for the vision tower."""
+        return self.model.gradient_checkpointing
+
+    @gradient_checkpointing.setter
+    def gradient_checkpointing(self, mode: str | bool):
+        """Set the decoder's recompute mode (CausalLM's setter) and let the vision modules that train (LoRA on the
+        tower, finetune_vision_layers) recompute their layers whenever the decoder recomputes: their saved activations
+        (~1 GiB an image on Qwen2.5-VL-7B's tower at 448 x 448) would otherwise stay whatever the mode. transformers'
+        own gradient checkpointing of the tower, non-reentrant (so the LoRA gradients flow without input grads)."""
+        CausalLM.gradient_checkpointing.fset(self, mode)
+        if self.family is None:
+            return
+        for attr, _ in self.family.vision_modules:
+            module = getattr(self, attr, None)
+            if not getattr(module, "supports_gradient_checkpointing", False):
+                continue
+            params = list(module.parameters())
+            trains = any(p.requires_grad for p in params)
+            on = mode in (True, "offload") or (mode == "auto" and params[0].is_cuda)  # ("auto": as the decoder)
+            # (transformers 5.25 renamed the methods activation_checkpointing_*; 5.24 has only the old names)
+            new = hasattr(module, "activation_checkpointing_enable")
+            disable = module.activation_checkpointing_disable if new else module.gradient_checkpointing_disable
+            if on and trains:
+                if new:
+                    module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            elif any(getattr(m, "gradient_checkpointing", False) is True for m in module.modules()):
+                disable()
+
+    @property
     def hf_config(self):
         """The whole vision-language config (before attach_vision: the language model's)."""
         return self._vlm_config if self._vlm_config is not None else self.config
