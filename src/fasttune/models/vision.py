@@ -83,7 +83,8 @@ class VisionCausalLM(CausalLM):
     def gradient_checkpointing(self, mode: str | bool):
         """Set the decoder's recompute mode (CausalLM's setter) and let the vision modules that train (LoRA on the
         tower, finetune_vision_layers) recompute their layers whenever the decoder recomputes: their saved activations
-        (~1 GiB an image on Qwen2.5-VL-7B's tower at 448 x 448) would otherwise stay whatever the mode. transformers'
+        (by a count of the saved values, ~1 GiB an image on Qwen2.5-VL-7B's tower at 448 x 448) would otherwise stay
+        whatever the mode. transformers'
         own gradient checkpointing of the tower, non-reentrant (so the LoRA gradients flow without input grads)."""
         CausalLM.gradient_checkpointing.fset(self, mode)
         if self.family is None:
