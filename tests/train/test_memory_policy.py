@@ -94,7 +94,8 @@ def test_picks_the_fewest_recomputed_layers_that_fit(monkeypatch):
 def test_trainable_states_count_against_the_budget(monkeypatch):
     model = _fake_gpu_model(monkeypatch, 18)
     _, _, plain = choose_checkpointing(model, 4096)
-    model.parameters = lambda: [torch.zeros(256, 2**20, requires_grad=True)]  # 1 GiB of fp32: 3 GiB of states
+    big = SimpleNamespace(requires_grad=True, grad=None, numel=lambda: 2**28, element_size=lambda: 4)  # 1 GiB of
+    model.parameters = lambda: [big]  # fp32, counted, not allocated: 3 GiB of gradient and AdamW states
     _, _, with_states = choose_checkpointing(model, 4096)
     assert with_states > plain
 
