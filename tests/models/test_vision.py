@@ -59,7 +59,7 @@ def test_positions_equal_transformers_rope_index(family, request):
     want, deltas = hf.model.get_rope_index(batch["input_ids"], (batch["input_ids"] == proc.image_token_id).int(),
                                            image_grid_thw=batch["image_grid_thw"],
                                            attention_mask=batch["attention_mask"])
-    from fasttune.models.vision import qwen_vl_positions
+    from fasttune.models.vision_positions import qwen_vl_positions
 
     got, got_deltas = qwen_vl_positions(batch["input_ids"], batch["image_grid_thw"], batch["attention_mask"],
                                         proc.image_token_id, 2)

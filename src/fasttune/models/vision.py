@@ -25,6 +25,7 @@ from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision_families import FAMILIES, VisionFamily
 from fasttune.models.vision_features import (image_geometry, internvl_features, llava_features, llava_next_features,
                                              pixtral_features, pooled_video_features, tile_features)
+from fasttune.models.vision_positions import packed_positions, qwen_vl_positions
 
 
 def _joint_deepstack(parts: list):
@@ -84,8 +85,8 @@ class VisionCausalLM(CausalLM):
         """Set the decoder's recompute mode (CausalLM's setter) and let the vision modules that train (LoRA on the
         tower, finetune_vision_layers) recompute their layers whenever the decoder recomputes: their saved activations
         (by a count of the saved values, ~1 GiB an image on Qwen2.5-VL-7B's tower at 448 x 448) would otherwise stay
-        whatever the mode. transformers'
-        own gradient checkpointing of the tower, non-reentrant (so the LoRA gradients flow without input grads)."""
+        whatever the mode. transformers' own gradient checkpointing of the tower, non-reentrant (so the LoRA
+        gradients flow without input grads)."""
         CausalLM.gradient_checkpointing.fset(self, mode)
         if self.family is None:
             return
@@ -357,23 +358,11 @@ class VisionCausalLM(CausalLM):
 
     def packed_rope_index(self, input_ids: torch.Tensor, segment_ids: torch.Tensor, image_grid_thw=None,
                           videos: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """rope_index for packed rows: each document (a run of one segment id > 0 in segment_ids (B, T)) gets the
-        positions it would get alone (its images' and videos' grids taken in order, as the rows carry them);
-        padding (segment 0) gets 0. Returns ((3, B, T) positions, zero (B, 1) deltas: packed rows are not
-        generated from)."""
-        b, t = input_ids.shape
-        spans = [(row, (segment_ids[row] == s).nonzero().squeeze(1))
-                 for row in range(b) for s in torch.unique(segment_ids[row]).tolist() if s > 0]
-        longest = max((len(i) for _, i in spans), default=1)
-        docs = input_ids.new_zeros(len(spans), longest)
-        mask = torch.zeros_like(docs)
-        for d, (row, index) in enumerate(spans):
-            docs[d, :len(index)], mask[d, :len(index)] = input_ids[row, index], 1
-        positions, _ = self.rope_index(docs, image_grid_thw, mask, videos)
-        out = positions.new_zeros(3, b, t)
-        for d, (row, index) in enumerate(spans):
-            out[:, row, index] = positions[:, d, :len(index)]
-        return out, torch.zeros(b, 1, dtype=torch.long, device=input_ids.device)
+        """rope_index for packed rows (models/vision_positions.py: packed_positions): each document its own positions;
+        zero (B, 1) deltas (packed rows are not generated from)."""
+        positions = packed_positions(lambda ids, mask: self.rope_index(ids, image_grid_thw, mask, videos)[0],
+                                     input_ids, segment_ids)
+        return positions, torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, pixel_values=None, image_grid_thw=None, mm_token_type_ids=None,
@@ -423,67 +412,6 @@ class VisionBackbone:
             inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                         position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
-
-
-def qwen_vl_positions(input_ids: torch.Tensor, image_grid_thw, attention_mask, image_token_id: int,
-                      spatial_merge_size: int, video_token_id: int | None = None, video_grid_thw=None,
-                      video_intervals: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Qwen2-VL / Qwen2.5-VL / Qwen3-VL positions for multimodal RoPE, as transformers' `get_rope_index` computes
-    them: text tokens count up on all three axes; an image's or video's (t, h, w) grid of merged patches gets
-    positions start + (t * interval, row, column), and the text after it continues at start + max(h, w) / merge.
-
-    input_ids (B, T) int; image_grid_thw (images, 3) and video_grid_thw (videos, 3) int, in order over the rows
-    (Qwen3-VL's videos already split into one grid per frame, see VisionCausalLM.rope_index); video_intervals: per
-    video the temporal step (Qwen2.5-VL: tokens_per_second x second_per_grid_ts; default 1, also for images);
-    attention_mask (B, T) 1 = real token (padding gets position 0). Returns (positions (3, B, T) long, rope_deltas
-    (B, 1): the position of the next token minus the row's length, which generation adds to text positions). Raises
-    ConfigError when the image or video tokens of a row do not match the grids."""
-    ids = input_ids.detach().cpu()
-    b, t = ids.shape
-    mask = torch.ones_like(ids, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    grids = {kind: [] if g is None else [tuple(x) for x in g.detach().cpu().tolist()]
-             for kind, g in (("image", image_grid_thw), ("video", video_grid_thw))}
-    intervals = {"image": [1] * len(grids["image"]), "video": video_intervals or [1] * len(grids["video"])}
-    used = {"image": 0, "video": 0}
-    out = torch.zeros(3, b, t, dtype=torch.long)
-    deltas = torch.zeros(b, 1, dtype=torch.long)
-    for row in range(b):
-        real = ids[row][mask[row]]
-        kinds = {"image": real == image_token_id,
-                 "video": real == video_token_id if video_token_id is not None else torch.zeros_like(real, dtype=bool)}
-        visual = kinds["image"] | kinds["video"]
-        pieces, pos, i, n = [], 0, 0, len(real)
-        while i < n:
-            j = i
-            if not visual[i]:
-                while j < n and not visual[j]:
-                    j += 1
-                pieces.append(torch.arange(pos, pos + j - i).expand(3, -1))
-                pos += j - i
-                i = j
-                continue
-            kind = "image" if kinds["image"][i] else "video"
-            if used[kind] >= len(grids[kind]):
-                raise ConfigError(f"Row {row} holds more {kind} placeholder tokens than {kind}_grid_thw describes.")
-            gt, gh, gw = grids[kind][used[kind]]
-            interval = intervals[kind][used[kind]]
-            used[kind] += 1
-            lh, lw = gh // spatial_merge_size, gw // spatial_merge_size
-            count = gt * lh * lw
-            if int(kinds[kind][i:i + count].sum()) != count:
-                raise ConfigError(f"Row {row}: {'an' if kind == 'image' else 'a'} {kind} of grid {(gt, gh, gw)} needs "
-                                  f"{count} placeholder tokens in a row; the row was cut inside it or does not belong "
-                                  f"to these grids.")
-            tt, hh, ww = torch.meshgrid((torch.arange(gt) * interval).long(), torch.arange(lh), torch.arange(lw),
-                                        indexing="ij")
-            pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + pos)
-            pos += max(gh, gw) // spatial_merge_size
-            i += count
-        if pieces:
-            positions = torch.cat(pieces, dim=1)
-            out[:, row, mask[row]] = positions
-            deltas[row, 0] = int(positions.max()) + 1 - n
-    return out.to(input_ids.device), deltas.to(input_ids.device)
 
 
 def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attention: bool, mlp: bool,
