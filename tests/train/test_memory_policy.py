@@ -105,7 +105,8 @@ def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch,
     from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 
     monkeypatch.setattr(memory_policy, "choose_checkpointing",
-                        lambda model, tokens: (True, "gradient checkpointing auto -> on for the first 1 of 2", 1))
+                        lambda model, tokens, media=0: (True, "gradient checkpointing auto -> on for the first 1 of 2",
+                                                        1))
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4)
     trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
@@ -144,3 +145,43 @@ def test_an_explicit_full_recompute_gets_a_hint_when_fewer_layers_fit(monkeypatc
     assert recompute_hint(model, 4096) is None  # not recomputing: nothing to say
     model.recompute_layers, model.gradient_checkpointing = 20, True
     assert recompute_hint(model, 4096) is None  # a count chosen already
+
+
+def _fake_vision_model(monkeypatch, free_gib, tower_trains: bool):
+    """The 8B fake with a Qwen2.5-VL-7B-like tower (32 layers of 1,280, MLP 3,420, 2 x 2 merge) that trains or not."""
+    from fasttune.models.vision_families import FAMILIES
+
+    model = _fake_gpu_model(monkeypatch, free_gib)
+    tower = torch.nn.Linear(2, 2)
+    tower.requires_grad_(tower_trains)
+    vision = SimpleNamespace(hidden_size=1280, intermediate_size=3420, depth=32, spatial_merge_size=2)
+    model.family, model.visual = FAMILIES["qwen2_5_vl"], tower
+    model.hf_config = SimpleNamespace(vision_config=vision)
+    return model
+
+
+def test_a_training_tower_counts_its_patches(monkeypatch):
+    from fasttune.train.memory_policy import tower_bytes
+
+    model = _fake_vision_model(monkeypatch, 22, tower_trains=True)
+    patches = 512 * 4  # 512 image tokens of 2 x 2 merged patches
+    per_layer = patches * (6 * 1280 + 3 * 3420) * 2
+    assert tower_bytes(model, 512, 2, recompute=False) == 32 * per_layer
+    assert tower_bytes(model, 512, 2, recompute=True) == 32 * patches * 1280 * 2 + per_layer
+    assert tower_bytes(_fake_vision_model(monkeypatch, 22, tower_trains=False), 512, 2, False) == 0  # frozen: none
+    assert tower_bytes(model, 0, 2, False) == 0
+    # the pick recomputes more layers when a training tower's images come along
+    _, _, without = choose_checkpointing(model, 4096)
+    _, _, with_images = choose_checkpointing(model, 4096, media_tokens=2048)
+    assert without is not None and with_images > without
+
+
+def test_media_tokens_of_the_longest_examples():
+    from fasttune.train.memory_policy import most_media_tokens
+
+    proc = SimpleNamespace(image_token_ids={7, 8})
+    examples = [{"input_ids": [1, 7, 7, 2]}, {"input_ids": [7] * 5 + [1] * 10}, {"prompt_ids": [8, 8, 1],
+                                                                                  "chosen_ids": [1]}]
+    assert most_media_tokens(examples, proc) == 5
+    assert most_media_tokens(examples[2:], proc) == 4  # a pair: two rows with the prompt's images
+    assert most_media_tokens(examples, SimpleNamespace()) == 0  # a text tokenizer

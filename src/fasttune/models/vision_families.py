@@ -133,3 +133,35 @@ FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_mo
 # Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
 FAMILIES["qwen3_5"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_5", deepstack=False)
 FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
+
+
+def patches_per_token(family: VisionFamily, vlm_config) -> float:
+    """How many of the vision tower's patch positions one image placeholder token stands for (what the tower holds
+    per token the decoder sees, for train/memory_policy.py's estimate): Qwen and Mistral 3 merge spatial_merge_size^2
+    patches into a token, Gemma 3 pools its (image_size / patch_size)^2 patches into mm_tokens_per_image, Idefics3
+    shuffles scale_factor^2 patches into one, InternVL 1 / downsample_ratio^2, Gemma 4 pools pooling_kernel_size^2;
+    LLaVA's families keep one a token (their tiles' and newline tokens aside). A value the config lacks counts as 4,
+    the most common merge."""
+    vision = getattr(vlm_config, "vision_config", None)
+
+    def side(value):
+        """A size that may be a (height, width) pair, as one side."""
+        return value[0] if isinstance(value, (list, tuple)) else value
+    if family.mrope:
+        merge = getattr(vision, "spatial_merge_size", None)
+    elif family.sized_images:
+        merge = getattr(vlm_config, "spatial_merge_size", None)
+    elif family.model_type == "gemma3":
+        tokens = getattr(vlm_config, "mm_tokens_per_image", None)
+        patches = (side(vision.image_size) // side(vision.patch_size)) ** 2 if vision is not None else None
+        return patches / tokens if tokens and patches else 4.0
+    elif family.tiles:
+        merge = getattr(vlm_config, "scale_factor", None)
+    elif family.shuffled_patches:
+        ratio = getattr(vlm_config, "downsample_ratio", None)
+        return 1 / ratio ** 2 if ratio else 4.0
+    elif family.positioned_patches:
+        merge = getattr(vision, "pooling_kernel_size", None)
+    else:  # LLaVA, LLaVA-NeXT, LLaVA-OneVision
+        return 1.0
+    return float(merge * merge) if merge else 4.0

@@ -461,15 +461,18 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         return self._graph_step.accepts(batch, mask is None or right_padded(mask))
 
     def _resolve_auto_checkpointing(self):
-        from fasttune.train.memory_policy import agreed_pick, choose_checkpointing, recompute_hint
+        from fasttune.train.memory_policy import agreed_pick, choose_checkpointing, most_media_tokens, recompute_hint
 
+        bs = self.args.per_device_train_batch_size
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
+        media = bs * most_media_tokens(self.train_examples, self.tokenizer) if getattr(self.model, "family", None) \
+            else 0
         if self.model.gradient_checkpointing != "auto":
-            hint = recompute_hint(self.model, self.args.per_device_train_batch_size * longest)
+            hint = recompute_hint(self.model, bs * longest, media)
             if hint is not None and self.dist.is_main:
                 print(f"fasttune: {hint}", file=sys.stderr)
             return
-        mode, why, recomputed = choose_checkpointing(self.model, self.args.per_device_train_batch_size * longest)
+        mode, why, recomputed = choose_checkpointing(self.model, bs * longest, media)
         picks = self.dist.gather((mode, recomputed))
         if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)
             mode, recomputed = agreed_pick(picks, self.model.arch.num_layers)

@@ -48,18 +48,43 @@ def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int) ->
     return tokens * bytes_per_el * (recomputed * cfg.hidden_size + max(kept, during))
 
 
+def tower_bytes(model, media_tokens: int, bytes_per_el: int, recompute: bool) -> int:
+    """Estimated bytes a training vision tower (LoRA on it: finetune_vision_layers) keeps for backward for
+    `media_tokens` image / video placeholder tokens: their patches (models/vision_families.py: patches_per_token)
+    times the tower's layers times a layer's values per patch (6 hidden + 3 intermediate, as a decoder layer's
+    count); with recompute (the tower recomputes with the decoder, models/vision.py) its layer inputs and one layer's
+    full set. 0 for a text model or a frozen tower (nothing of it is kept)."""
+    family = getattr(model, "family", None)
+    if family is None or not media_tokens:
+        return 0
+    from fasttune.models.vision_families import patches_per_token
+
+    towers = [getattr(model, attr, None) for attr, _ in family.vision_modules]
+    if not any(p.requires_grad for t in towers if isinstance(t, torch.nn.Module) for p in t.parameters()):
+        return 0
+    vision = model.hf_config.vision_config
+    hidden = getattr(vision, "hidden_size", None) or 1024
+    inter = getattr(vision, "intermediate_size", None) or 4 * hidden
+    layers = getattr(vision, "depth", None) or getattr(vision, "num_hidden_layers", None) or 24
+    patches = media_tokens * patches_per_token(family, model.hf_config)
+    per_layer = patches * (6 * hidden + 3 * inter)
+    kept = layers * patches * hidden + per_layer if recompute else layers * per_layer
+    return int(kept * bytes_per_el)
+
+
 def loss_bytes(vocab: int, tokens: int) -> int:
     """Peak bytes of the fused cross-entropy beside the activations: one chunk's fp32 logits, their softmax and the
     16-bit gradient (kernels/cross_entropy.py: CHUNK_BYTES of logits a chunk), at most the whole batch's."""
     return 3 * min(CHUNK_BYTES, 4 * tokens * vocab)
 
 
-def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, str, int | None]:
+def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) -> tuple[bool | str, str, int | None]:
     """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
     `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
     layers keep their activations; at least the last one does); else "offload". The estimate: SAFETY times
-    checkpointing_bytes, plus loss_bytes and the trainable parameters' gradients and AdamW states (made at the first
-    step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
+    checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's `media_tokens` image /
+    video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and AdamW states (made at the
+    first step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
 
     Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
     recompute_layers: how many layers from the first to recompute, None for all)."""
@@ -76,7 +101,8 @@ def choose_checkpointing(model, micro_batch_tokens: int) -> tuple[bool | str, st
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
     for recomputed in range(layers):
-        need = SAFETY * checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed) + fixed
+        need = SAFETY * (checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed) +
+                         tower_bytes(model, media_tokens, el, recompute=recomputed > 0)) + fixed
         if need > budget:
             continue
         fits = f"needs ~{need / gib:.1f} GiB of {free / gib:.1f} GiB free for {micro_batch_tokens} tokens per " \
@@ -102,7 +128,7 @@ def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None
     return max(picks, key=saving)
 
 
-def recompute_hint(model, micro_batch_tokens: int) -> str | None:
+def recompute_hint(model, micro_batch_tokens: int, media_tokens: int = 0) -> str | None:
     """For a model set to recompute every layer (use_gradient_checkpointing=True, "offload" or the peer's
     "unsloth") on a GPU where choose_checkpointing's estimate fits recomputing fewer layers: a one-line hint that
     "auto" would (each layer not recomputed saves its forward pass again); else None."""
@@ -110,7 +136,7 @@ def recompute_hint(model, micro_batch_tokens: int) -> str | None:
     if model.device.type != "cuda" or mode not in (True, "offload") or \
             getattr(model, "recompute_layers", "absent") is not None:  # (a count set, or not our decoder)
         return None
-    pick, _, recomputed = choose_checkpointing(model, micro_batch_tokens)
+    pick, _, recomputed = choose_checkpointing(model, micro_batch_tokens, media_tokens)
     if pick is not False and recomputed is None:
         return None
     layers = model.arch.num_layers
@@ -118,3 +144,20 @@ def recompute_hint(model, micro_batch_tokens: int) -> str | None:
     return (f"hint: use_gradient_checkpointing={mode!r} recomputes all {layers} layers, but by the estimate this "
             f"GPU's free memory fits recomputing {fewer} at {micro_batch_tokens} tokens per micro-batch; "
             f"use_gradient_checkpointing='auto' picks that, and each layer not recomputed saves its forward pass.")
+
+
+def most_media_tokens(examples: list[dict], processor, scanned: int = 1000) -> int:
+    """The most image / video placeholder tokens (the processor's image_token_ids) in one of the `scanned` longest
+    examples (a preference pair's two rows count twice); what a training tower keeps scales with them, and the
+    longest rows are where the media are. 0 without such ids (a text tokenizer)."""
+    marks = getattr(processor, "image_token_ids", None)
+    if not marks:
+        return 0
+    import heapq
+
+    def ids(ex):
+        """The example's row or prompt ids."""
+        return ex.get("input_ids") or ex.get("prompt_ids") or ()
+    longest = heapq.nlargest(scanned, examples, key=lambda ex: len(ids(ex)))
+    return max((sum(map(marks.__contains__, ids(ex))) * (2 if "chosen_ids" in ex else 1) for ex in longest),
+               default=0)
