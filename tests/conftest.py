@@ -154,6 +154,14 @@ def qwen_video_dir(tmp_path_factory):
                             qwen_vl_config(), qwen_vl_video_processor())
 
 
+@pytest.fixture(scope="session")
+def onevision_video_dir(tmp_path_factory):
+    """A tiny LLaVA-OneVision for videos (tests/tiny_vision.py's save_llava_onevision_video)."""
+    from tiny_vision import save_llava_onevision_video
+
+    return save_llava_onevision_video(tmp_path_factory.mktemp("tiny-llava-onevision-video"))
+
+
 VL_FIXTURES = {"qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen_vl_dir", "qwen3_vl": "qwen3_vl_dir",
                "qwen3_vl_moe": "qwen3_vl_moe_dir", "gemma3": "gemma3_vl_dir", "qwen3_5": "qwen3_5_vl_dir",
                "qwen3_5_moe": "qwen3_5_moe_vl_dir", "mistral3": "mistral3_vl_dir", "gemma4": "gemma4_vl_dir",

@@ -6,7 +6,7 @@ transformers' LlavaOnevisionForConditionalGeneration, with videos of one length 
 H, W) layout) and of different lengths (all frames with num_frames_per_video, against one transformers call a row)."""
 import pytest
 import torch
-from tiny_vision import noise_image, save_llava_onevision_video
+from tiny_vision import noise_image
 
 from fasttune.errors import ConfigError
 
@@ -14,22 +14,17 @@ VIDEO = 260
 
 
 @pytest.fixture(scope="module")
-def onevision_dir(tmp_path_factory):
-    return save_llava_onevision_video(tmp_path_factory.mktemp("tiny-llava-onevision-video"))
-
-
-@pytest.fixture(scope="module")
-def loaded(onevision_dir):
+def loaded(onevision_video_dir):
     from fasttune import FastVisionModel
 
-    return FastVisionModel.from_pretrained(str(onevision_dir), device="cpu")  # (beside transformers on the CPU)
+    return FastVisionModel.from_pretrained(str(onevision_video_dir), device="cpu")  # (beside transformers on the CPU)
 
 
 @pytest.fixture(scope="module")
-def hf(onevision_dir):
+def hf(onevision_video_dir):
     from transformers import AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText.from_pretrained(str(onevision_dir)).eval()
+    return AutoModelForImageTextToText.from_pretrained(str(onevision_video_dir)).eval()
 
 
 def _frames(n, seed, size=(42, 42)):

@@ -161,16 +161,18 @@ def test_precomputed_reference_columns(qwen_vl_dir, tmp_path):
                    train_dataset=[dict(r, ref_chosen_logps=-5.0) for r in _rows(2)])
 
 
-def test_video_prompts(qwen_video_dir, tmp_path):
-    """Pairs (DPO) and unpaired rows (KTO) whose prompts hold a video: each row's ids are the processor's for the
-    conversation, the batch carries each pair's video for its chosen and its rejected row, and a DPO step trains."""
+@pytest.mark.parametrize("folder", ["qwen_video_dir", "onevision_video_dir"])
+def test_video_prompts(folder, request, tmp_path):
+    """Pairs (DPO) and unpaired rows (KTO) whose prompts hold a video (Qwen2.5-VL's timed patches, LLaVA-OneVision's
+    pooled frames): each row's ids are the processor's for the conversation, the batch carries each pair's video for
+    its chosen and its rejected row, and a DPO step trains."""
     from PIL import Image
     from tiny_vision import patterned_frames
 
     from fasttune import DPOConfig, DPOTrainer
     from fasttune.data.vision_preference import collate_vision_pairs, tokenize_vision_unpaired_rows
 
-    model, proc = _load(qwen_video_dir)
+    model, proc = _load(request.getfixturevalue(folder))
     clips = [[Image.fromarray(f) for f in patterned_frames(4, 56, 28 * (1 + k))] for k in range(2)]
     rows = [{"prompt": [{"role": "user", "content": [{"type": "video", "video": frames},
                                                      {"type": "text", "text": "Moving?"}]}],
@@ -185,8 +187,11 @@ def test_video_prompts(qwen_video_dir, tmp_path):
     for ex, frames in zip(trainer.train_examples, clips):
         assert ex["prompt_ids"] == proc(text=[text], videos=[frames])["input_ids"][0].tolist()
     batch = collate_vision_pairs(trainer.train_examples, proc)
-    assert batch["video_grid_thw"].tolist() == 2 * [g.tolist() for g in proc(text=[text, text], videos=clips)[
-        "video_grid_thw"]]  # chosen rows then rejected rows, each pair's video twice
+    direct = proc(text=[text, text], videos=clips)
+    if "video_grid_thw" in direct:  # (Qwen) chosen rows then rejected rows, each pair's video twice
+        assert batch["video_grid_thw"].tolist() == 2 * direct["video_grid_thw"].tolist()
+    else:  # (OneVision: frames of the tower's size) the pairs' videos, then again
+        torch.testing.assert_close(batch["pixel_values_videos"], torch.cat([direct["pixel_values_videos"]] * 2))
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.log_history[0]["loss"]))
     unpaired = tokenize_vision_unpaired_rows(rows, proc, max_seq_length=512)
