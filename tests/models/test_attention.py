@@ -83,3 +83,29 @@ def test_gpu_offload_replays_padded_attention(tiny_model_dir, instances_of):
     assert [k.replays for k in keepers] == [model.arch.num_layers]
     for n, g in grads[True].items():
         assert torch.equal(grads["offload"][n], g), n
+
+
+def test_offload_with_kept_blocks_and_padded_rows_equals_recompute(tiny_model_dir, monkeypatch, instances_of):
+    """The padding forced on the CPU, where "offload" also keeps each layer's q/k/v and residual (kept_block.py) and
+    the attention output: the recompute's padded call is answered from the kept one, gradients equal recomputing."""
+    from peft_oracle import randomize_lora_b
+
+    from fasttune import FastLanguageModel
+    from fasttune.models.kept_attention import AttentionKeeper
+
+    keepers = instances_of(AttentionKeeper)
+    monkeypatch.setattr(attn, "shape_padding", lambda q, k: -q.shape[2] % attn.SHAPE_STEP)
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.train()
+    randomize_lora_b(model)
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for mode in (False, "offload"):
+        model.gradient_checkpointing = mode
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert [k.replays for k in keepers] == [model.arch.num_layers]
+    for n, g in grads[False].items():
+        torch.testing.assert_close(grads["offload"][n], g, rtol=1e-5, atol=1e-6, msg=n)
