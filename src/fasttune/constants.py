@@ -14,3 +14,5 @@ IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes", "image_position_i
               "batch_num_images")  # (the last: LLaVA-OneVision's images per row)
 # The processor's audio inputs (Gemma 4 E2B / E4B): log-mel frames (clips, frames, bins) and their mask (clips, frames).
 AUDIO_KEYS = ("input_features", "input_features_mask")
+# Every media input a vision-language model's forward takes (images, videos, audio): what the objectives pass on.
+MEDIA_KEYS = (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS)

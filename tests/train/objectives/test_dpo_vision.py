@@ -192,6 +192,10 @@ def test_video_prompts(folder, request, tmp_path):
         assert batch["video_grid_thw"].tolist() == 2 * direct["video_grid_thw"].tolist()
     else:  # (OneVision: frames of the tower's size) the pairs' videos, then again
         torch.testing.assert_close(batch["pixel_values_videos"], torch.cat([direct["pixel_values_videos"]] * 2))
+    # the policy's forward sees the videos: the same pairs score otherwise after the frames change
+    swapped = [dict(ex, videos=[(list(reversed(clip)), None)]) for ex, clip in zip(trainer.train_examples, clips)]
+    scored = [trainer.logps(trainer.to_device(trainer.collate_batch(exs))) for exs in (trainer.train_examples, swapped)]
+    assert not torch.allclose(*scored)
     trainer.train()
     assert torch.isfinite(torch.tensor(trainer.log_history[0]["loss"]))
     unpaired = tokenize_vision_unpaired_rows(rows, proc, max_seq_length=512)

@@ -331,10 +331,14 @@ def test_video_prompts_reach_generation_and_scoring(qwen_video_dir, tmp_path):
     assert torch.equal(media["pixel_values_videos"][:len(direct["pixel_values_videos"])],
                        direct["pixel_values_videos"])
     assert media["video_grid_thw"].shape[0] == G  # one per row of the group (decoded once)
-    first, _ = trainer.sample(trainer.train_examples[:G], seed=3)
+    first, ends = trainer.sample(trainer.train_examples[:G], seed=3)
     other = dict(ex, videos=[(list(reversed(frames)), 2)])
     changed, _ = trainer.sample([other] * G, seed=3)
     assert first != changed
+    # the scoring forward sees the video too: the same completions score otherwise after other frames
+    logps = [trainer.policy_logps(trainer.to_device(trainer.score(examples, first, ends, [G])[0]))[0]
+             for examples in (trainer.train_examples[:G], [other] * G)]
+    assert not torch.allclose(*logps)
     trainer.train()
     assert seen and seen[0]["type"] == "video" and len(seen[0]["video"]) == 4  # (the frames as the rows stored them)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.log_history if "loss" in h)

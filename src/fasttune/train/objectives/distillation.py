@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fasttune.constants import IMAGE_KEYS
+from fasttune.constants import MEDIA_KEYS
 from fasttune.errors import ConfigError
 from fasttune.kernels.distill_divergence import token_divergence
 from fasttune.train.objectives.grpo import GRPOTrainer
@@ -161,7 +161,7 @@ class DistillationTrainer(GRPOTrainer):
         a = self.args
         mask = batch["completion_mask"].bool()
         ids, att = batch["input_ids"], batch["attention_mask"]
-        media = {k: batch[k] for k in IMAGE_KEYS if k in batch} or None
+        media = {k: batch[k] for k in MEDIA_KEYS if k in batch} or None
         args = (ids, att, mask, batch.get("completion_positions"), self.sampling_positions(att, media), media)
         student = scored_hidden(self.model, *args)
         with torch.no_grad():

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from fasttune.constants import IMAGE_KEYS
+from fasttune.constants import MEDIA_KEYS
 from fasttune.data.formats import row_label
 from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
@@ -311,7 +311,7 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
         and, when the MoE load-balancing loss is on (aux_weight), that forward's load-balancing loss (() tensor,
         unweighted, over the rows' real tokens: transformers' load_balancing_loss_func), else None."""
         mask = batch["completion_mask"]
-        media = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+        media = {k: batch[k] for k in MEDIA_KEYS if k in batch}
         aux = [] if self.aux_weight else None
         logps, entropies = self.completion_logps(batch["input_ids"], batch["attention_mask"], mask.shape[1],
                                                  batch.get("completion_positions"), media, entropy=True,

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fasttune.constants import IMAGE_KEYS
+from fasttune.constants import MEDIA_KEYS
 from fasttune.data.preference import collate_unpaired, pad_sequences, tokenize_unpaired_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
@@ -160,7 +160,7 @@ class KTOTrainer(PreferenceTrainer):
             n = b["input_ids"].shape[0]
             p, c = prompts[start:start + n], completions[start:start + n]
             kl = pad_sequences(p, [y[:limit - len(x)] for x, y in zip(p, c)], self.pad_id)
-            kl.update({k: b[k] for k in IMAGE_KEYS if k in b})  # the prompts keep their rows, so their images
+            kl.update({k: b[k] for k in MEDIA_KEYS if k in b})  # the prompts keep their rows, so their images
             kl = self.to_device(with_score_positions(kl))
             policy = self.logps(kl)
             parts.append((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())

@@ -11,7 +11,7 @@ from collections import defaultdict
 
 import torch
 
-from fasttune.constants import IMAGE_KEYS
+from fasttune.constants import MEDIA_KEYS
 from fasttune.data.preference import collate_pairs, tokenize_preference_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
@@ -115,7 +115,7 @@ class PreferenceTrainer(EvalWindow, Trainer):
         """Per-token log-probs (B, T-1) of the tokens that the mask batch[score] marks (default: the completions)
         under the policy; extras=True: (log-probs, entropies, extras (B, T-1, 3)) as model_token_logprobs gives
         them (the token metrics and WPO's weights); aux_out: see model_token_logprobs."""
-        media = {k: batch[k] for k in IMAGE_KEYS if k in batch} if self.vision else None
+        media = {k: batch[k] for k in MEDIA_KEYS if k in batch} if self.vision else None
         return model_token_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch[score],
                                     batch.get(f"{score}_positions"), media=media, extras=extras, aux_out=aux_out)
 

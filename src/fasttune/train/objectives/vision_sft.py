@@ -7,12 +7,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from fasttune.constants import AUDIO_KEYS, IMAGE_KEYS, VIDEO_KEYS
+from fasttune.constants import MEDIA_KEYS
 from fasttune.data.vision import VisionProcessor
 from fasttune.data.vision_rows import VisionDataCollator, collate_vision
 from fasttune.errors import ConfigError, DataError
 
-BATCH_KEYS = (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS)  # the media inputs a micro-batch may carry to the model
+BATCH_KEYS = MEDIA_KEYS  # the media inputs a micro-batch may carry to the model
 
 
 def is_vision_model(model) -> bool:
