@@ -58,29 +58,36 @@ def test_gpu_bf16_padded_rows_equal_sdpa_on_the_rows_alone():
         torch.testing.assert_close(g, w, rtol=2e-2, atol=2e-2)
 
 
+def _mode_grads(tiny_model_dir, modes, dtype, device, seed) -> dict:
+    """{mode: LoRA gradients} of the tiny llama (LoRA B random) on one batch of 2 x 40 tokens, per recompute mode."""
+    from peft_oracle import randomize_lora_b
+
+    from fasttune import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=dtype, device=device)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.train()
+    randomize_lora_b(model)
+    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(seed)).to(device)
+    grads = {}
+    for mode in modes:
+        model.gradient_checkpointing = mode
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return grads
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_offload_replays_padded_attention(tiny_model_dir, instances_of):
     """"offload" keeps the padded call's output and answers the recompute's (padded) call with it: gradients equal
     recomputing it, one replay a layer."""
-    from peft_oracle import randomize_lora_b
-
-    from fasttune import FastLanguageModel
     from fasttune.models.kept_attention import AttentionKeeper
 
     keepers = instances_of(AttentionKeeper)
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.bfloat16, device="cuda")
-    model = FastLanguageModel.get_peft_model(model, r=4)
-    model.train()
-    randomize_lora_b(model)
-    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(1)).cuda()
-    grads = {}
-    for mode in (True, "offload"):
-        model.gradient_checkpointing = mode
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert [k.replays for k in keepers] == [model.arch.num_layers]
+    grads = _mode_grads(tiny_model_dir, (True, "offload"), torch.bfloat16, "cuda", 1)
+    assert [k.replays for k in keepers] == [2]  # (the tiny llama's two layers)
     for n, g in grads[True].items():
         assert torch.equal(grads["offload"][n], g), n
 
@@ -88,24 +95,11 @@ def test_gpu_offload_replays_padded_attention(tiny_model_dir, instances_of):
 def test_offload_with_kept_blocks_and_padded_rows_equals_recompute(tiny_model_dir, monkeypatch, instances_of):
     """The padding forced on the CPU, where "offload" also keeps each layer's q/k/v and residual (kept_block.py) and
     the attention output: the recompute's padded call is answered from the kept one, gradients equal recomputing."""
-    from peft_oracle import randomize_lora_b
-
-    from fasttune import FastLanguageModel
     from fasttune.models.kept_attention import AttentionKeeper
 
     keepers = instances_of(AttentionKeeper)
     monkeypatch.setattr(attn, "shape_padding", lambda q, k: -q.shape[2] % attn.SHAPE_STEP)
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
-    model = FastLanguageModel.get_peft_model(model, r=4)
-    model.train()
-    randomize_lora_b(model)
-    ids = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(2))
-    grads = {}
-    for mode in (False, "offload"):
-        model.gradient_checkpointing = mode
-        model.zero_grad(set_to_none=True)
-        model(ids, labels=ids).loss.backward()
-        grads[mode] = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
-    assert [k.replays for k in keepers] == [model.arch.num_layers]
+    grads = _mode_grads(tiny_model_dir, (False, "offload"), torch.float32, "cpu", 2)
+    assert [k.replays for k in keepers] == [2]
     for n, g in grads[False].items():
         torch.testing.assert_close(grads["offload"][n], g, rtol=1e-5, atol=1e-6, msg=n)
