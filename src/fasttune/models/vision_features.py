@@ -67,14 +67,20 @@ def tile_features(model, pixel_values: torch.Tensor, pixel_attention_mask=None) 
     return model.connector(hidden).reshape(-1, model.config.hidden_size).to(model.dtype)
 
 
-def llava_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
-    """LLaVA: images (N, C, H, W) of the tower's size -> (N x tokens an image, hidden) features, as transformers'
-    LlavaModel.get_image_features gives them: the hidden states of the tower layer(s) vision_feature_layer, without
+def projected_tiles(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """LLaVA's families: images, tiles or frames (N, C, H, W) of the tower's size -> (N, tokens a tile, hidden), as
+    transformers' LLaVA models project them: the hidden states of the tower layer(s) vision_feature_layer, without
     the class token under the "default" select strategy, then the projector."""
     cfg = model.hf_config
     out = model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True, return_dict=True)
     hidden = selected_layers(out, cfg.vision_feature_layer, cfg.vision_feature_select_strategy == "default")
-    return model.multi_modal_projector(hidden).reshape(-1, model.config.hidden_size).to(model.dtype)
+    return model.multi_modal_projector(hidden)
+
+
+def llava_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """LLaVA: images (N, C, H, W) of the tower's size -> (N x tokens an image, hidden) features, as transformers'
+    LlavaModel.get_image_features gives them (projected_tiles, flattened)."""
+    return projected_tiles(model, pixel_values).reshape(-1, model.config.hidden_size).to(model.dtype)
 
 
 def internvl_features(model, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -143,9 +149,7 @@ def llava_next_features(model, pixel_values: torch.Tensor, image_sizes) -> torch
     counts = [1 if grid is None else grid[0] * grid[1] + 1 for grid in grids]
     if pixel_values.dim() == 5:
         pixel_values = torch.cat([pixels[:n] for pixels, n in zip(pixel_values, counts)])
-    out = model.vision_tower(pixel_values.to(model.dtype), output_hidden_states=True, return_dict=True)
-    hidden = selected_layers(out, cfg.vision_feature_layer, cfg.vision_feature_select_strategy == "default")
-    feats = model.multi_modal_projector(hidden)  # (tiles, side * side, hidden)
+    feats = projected_tiles(model, pixel_values)  # (tiles, side * side, hidden)
     newline = model.image_newline.to(feats.dtype)
     pieces = []
     for image, grid_shape, size in zip(feats.split(counts), grids, image_sizes.tolist()):
@@ -184,9 +188,7 @@ def pooled_video_features(model, pixel_values_videos: torch.Tensor, num_frames=N
     if sum(counts) != pixel_values_videos.shape[0]:
         raise ConfigError(f"num_frames_per_video {counts} adds up to {sum(counts)} frames but pixel_values_videos "
                           f"holds {pixel_values_videos.shape[0]}; pass the processor's output whole.")
-    out = model.vision_tower(pixel_values_videos.to(model.dtype), output_hidden_states=True, return_dict=True)
-    hidden = selected_layers(out, cfg.vision_feature_layer, cfg.vision_feature_select_strategy == "default")
-    feats = model.multi_modal_projector(hidden)  # (frames, side * side, hidden)
+    feats = projected_tiles(model, pixel_values_videos)  # (frames, side * side, hidden)
     side = cfg.vision_config.image_size // cfg.vision_config.patch_size
     grid = feats.view(feats.shape[0], side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=[math.ceil(side / 2), math.ceil(side / 2)], mode="bilinear")
