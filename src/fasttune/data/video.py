@@ -320,9 +320,9 @@ class VideoFrames:
         exist, or a video file that cannot be read."""
         if filmed and self.video_token is None:
             raise DataError(f"{where}: has a video item; fasttune's data pipeline reads videos for Qwen2-VL, "
-                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 4 and LLaVA-OneVision only (other families' videos train through "
-                            f"the model with the processor's pixel_values_videos and video_grid_thw, or pass sampled "
-                            f"frames as images).")
+                            f"Qwen2.5-VL, Qwen3-VL, Qwen3.5, Gemma 4 and LLaVA-OneVision only (other families' "
+                            f"videos train through the model with the processor's pixel_values_videos and "
+                            f"video_grid_thw, or pass sampled frames as images).")
         out = []
         for i, (src, fps) in enumerate(filmed):
             at = f"{where}, video {i + 1}"
@@ -366,9 +366,10 @@ class VideoFrames:
         """A processor call's frame_sources pairs sampled as transformers' video processor samples given frames
         (do_sample_frames): Qwen3-VL / Qwen3.5 (Qwen3VLVideoProcessor.sample_frames): int(frames / fps_given x fps)
         frames, within [min_frames, max_frames] and at most all, at the rounded evenly spaced indices; Gemma 4 and
-        LLaVA-OneVision (the default sampler; OneVision without num_frames or fps: 2 frames a second): num_frames at index k x frames // num_frames, all of them when there are fewer (where
-        transformers raises). The frames' rate is their metadata's (24 a second without). Video files (already
-        sampled by data/video_file.py) are kept. Returns (pairs, frame indices per video for the timestamps).
+        LLaVA-OneVision (the default sampler; OneVision without num_frames or fps: 2 frames a second): num_frames at
+        index k x frames // num_frames, all of them when there are fewer (where transformers raises). The frames'
+        rate is their metadata's (24 a second without). Video files (already sampled by data/video_file.py) are
+        kept. Returns (pairs, frame indices per video for the timestamps).
         Raises DataError for Qwen2-VL / Qwen2.5-VL (whose processor does not sample by default: sample first)."""
         out, seen = [], []
         for k, (frames, fps) in enumerate(sources):
@@ -387,9 +388,9 @@ class VideoFrames:
     def sampled_indices(self, total: int, rate: float, fps: float | None = None) -> list[int]:
         """The frames (indices among `total` at `rate` frames a second) the family's transformers video processor
         keeps (its sample_frames): Gemma 4 and LLaVA-OneVision (BaseVideoProcessor's) num_frames, or total / rate x
-        fps frames with an `fps`, at arange(0, total, total / n) truncated, all of them when there are fewer (where transformers
-        raises); Qwen3-VL / Qwen3.5 total / rate x fps frames (fps: `fps` or the settings', 2), within [min_frames,
-        max_frames] and at most all, at the rounded evenly spaced indices."""
+        fps frames with an `fps`, at arange(0, total, total / n) truncated, all of them when there are fewer (where
+        transformers raises); Qwen3-VL / Qwen3.5 total / rate x fps frames (fps: `fps` or the settings', 2),
+        within [min_frames, max_frames] and at most all, at the rounded evenly spaced indices."""
         s = self.video_settings or {}
         if self.soft_token_marks is not None or self._pooled:
             n = int(total / rate * fps) if fps is not None else \

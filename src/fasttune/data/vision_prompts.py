@@ -102,7 +102,8 @@ def encode_vision_prompt(prompt: Any, column: Any, processor, where: str,
     if n != len(images):
         raise DataError(f"{where}: the prompt has {n} image placeholders but {len(images)} images.")
     filmed = p.frame_sources(videos, where, base_dir)  # (nothing decoded: only each video's first frame is read)
-    expanded = p.expand_videos(p.expand(text, p.image_grids(images, [len(images)])), p.video_layouts(filmed, where=where))
+    expanded = p.expand_videos(p.expand(text, p.image_grids(images, [len(images)])),
+                               p.video_layouts(filmed, where=where))
     ids = p.tokenizer(expanded, add_special_tokens=False)["input_ids"]
     kept = [str(absolute(s, base_dir)) if isinstance(s, (str, Path)) else s for s in sources]
     return VisionPrompt(messages, text, list(ids), kept, filmed)

@@ -25,9 +25,9 @@ PADDED_ROWS_MAX = 16384
 
 def shape_padding(q: torch.Tensor, k: torch.Tensor) -> int:
     """How many zero positions plain causal self-attention over q / k (B, H, T, D), T == S, gets appended on the GPU
-    in 16 bits so that T becomes a multiple of SHAPE_STEP (0 elsewhere, and past PADDED_ROWS_MAX tokens). The real queries never see the appended
-    keys (they come after them) and the appended queries' outputs are dropped, so values and gradients are those of
-    the unpadded call."""
+    in 16 bits so that T becomes a multiple of SHAPE_STEP (0 elsewhere, and past PADDED_ROWS_MAX tokens). The real
+    queries never see the appended keys (they come after them) and the appended queries' outputs are dropped, so
+    values and gradients are those of the unpadded call."""
     t = q.shape[2]
     if not q.is_cuda or q.dtype not in (torch.bfloat16, torch.float16) or t != k.shape[2] or not 1 < t <= \
             PADDED_ROWS_MAX:

@@ -96,11 +96,12 @@ class VisionCausalLM(CausalLM):
                 continue
             params = list(module.parameters())
             trains = any(p.requires_grad for p in params)
-            on = mode in (True, "offload") or (mode == "auto" and params[0].is_cuda)  # ("auto": as the decoder)
+            on = trains and (mode in (True, "offload") or mode == "auto" and params[0].is_cuda)  # ("auto": as the
+            # decoder resolves it outside the trainer)
             # (transformers 5.25 renamed the methods activation_checkpointing_*; 5.24 has only the old names)
             new = hasattr(module, "activation_checkpointing_enable")
             disable = module.activation_checkpointing_disable if new else module.gradient_checkpointing_disable
-            if on and trains:
+            if on:
                 if new:
                     module.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
                 else:

@@ -461,13 +461,16 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         return self._graph_step.accepts(batch, mask is None or right_padded(mask))
 
     def _resolve_auto_checkpointing(self):
+        mode = self.model.gradient_checkpointing
+        if mode != "auto" and (mode not in (True, "offload") or self.model.device.type != "cuda"):
+            return  # (nothing to pick, and no hint to give: the examples are not scanned)
         from fasttune.train.memory_policy import agreed_pick, choose_checkpointing, most_media_tokens, recompute_hint
 
         bs = self.args.per_device_train_batch_size
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
         media = bs * most_media_tokens(self.train_examples, self.tokenizer) if getattr(self.model, "family", None) \
             else 0
-        if self.model.gradient_checkpointing != "auto":
+        if mode != "auto":
             hint = recompute_hint(self.model, bs * longest, media)
             if hint is not None and self.dist.is_main:
                 print(f"fasttune: {hint}", file=sys.stderr)

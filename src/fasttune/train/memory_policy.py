@@ -3,9 +3,11 @@
 LoRA without recompute does ~4N FLOPs per token instead of ~6N, so "off" is taken whenever the activations it
 keeps fit; when they do not, only as many layers as needed are recomputed (each recomputed layer costs its forward
 again, each kept one its saved values; the last layer is never recomputed, see choose_checkpointing), and only when
-that does not fit either are the layer inputs sent to the host ("offload"). The estimate counts what one decoder layer saves for backward per token (with our kernels: the norm
-input and output, q/k/v, the attention output, gate, up and act(gate)), times layers and micro-batch tokens,
-plus the fp32 logits chunk of the loss, with a safety factor. CPU runs keep "off" (memory is rarely the limit).
+that does not fit either are the layer inputs sent to the host ("offload"). The estimate counts what one decoder
+layer saves for backward per token (with our kernels: the norm input and output, q/k/v, the attention output, gate,
+up and act(gate)), times layers and micro-batch tokens, and a training vision tower's patches likewise, with a
+safety factor; plus the loss chunk and the trainable parameters' optimizer state. CPU runs keep "off" (memory is
+rarely the limit).
 """
 from __future__ import annotations
 
@@ -98,11 +100,11 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) 
     free, _ = torch.cuda.mem_get_info(model.device)
     budget = free - RESERVE_BYTES
     gib, layers = 2**30, cfg.num_layers
+    tower = [tower_bytes(model, media_tokens, el, recompute) for recompute in (False, True)]
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
     for recomputed in range(layers):
-        need = SAFETY * (checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed) +
-                         tower_bytes(model, media_tokens, el, recompute=recomputed > 0)) + fixed
+        need = SAFETY * (checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed) + tower[recomputed > 0]) + fixed
         if need > budget:
             continue
         fits = f"needs ~{need / gib:.1f} GiB of {free / gib:.1f} GiB free for {micro_batch_tokens} tokens per " \
