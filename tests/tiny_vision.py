@@ -865,3 +865,52 @@ def image_count(batch: dict, proc) -> int:
     if proc.patch_span is not None:  # InternVL: one <img> an image
         return int((batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.patch_span[0])).sum())
     return batch.get("image_grid_thw", batch["pixel_values"]).shape[0]
+
+
+MLLAMA_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<|image|>")
+MLLAMA_RATIOS = [[1, 1], [1, 2], [2, 1], [1, 3], [3, 1], [1, 4], [2, 2], [4, 1]]
+
+
+def mllama_config(cross_layers=(1,)):
+    """Llama 3.2 Vision's layout (transformers' MllamaConfig): a 3-layer Llama text model whose layer 1 is a
+    cross-attention layer, behind MllamaVisionModel on 28-pixel tiles of 14-pixel patches (5 positions a tile with
+    the class token, up to 4 tiles an image), 2 local layers (both given as intermediate features) and 1 global one;
+    <|image|> is id 259, the first of the embedding's 8 rows past the 259-token vocabulary."""
+    from transformers import MllamaConfig
+
+    text = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, cross_attention_layers=list(cross_layers), vocab_size=259, pad_token_id=256,
+                bos_token_id=257, eos_token_id=256, rope_theta=10000.0, max_position_embeddings=512)
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                  image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=96,
+                  intermediate_layers_indices=[0, 1], supported_aspect_ratios=MLLAMA_RATIOS)
+    return MllamaConfig(text_config=text, vision_config=vision, image_token_index=259)
+
+
+def mllama_processor(tok=None):
+    """fasttune's VisionProcessor as MllamaProcessor writes images (one <|image|> each, id 259), with
+    MllamaImageProcessor's 28-pixel tiles, up to 4 an image (transformers' PIL one)."""
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=MLLAMA_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": ["<|image|>"]})  # id 259
+    images = MllamaImageProcessorPil(size={"height": 28, "width": 28}, max_image_tiles=4)
+    return VisionProcessor(tok, images, MLLAMA_TEMPLATE, "<|image|>", None, image_sequence="<|image|>",
+                           cross_images=True)
+
+
+def save_mllama(folder, seed: int = 0):
+    """Save a random tiny Llama 3.2 Vision (fp32) with its processor to `folder`; returns the folder. The
+    cross-attention layers' tanh gates are drawn N(0, 1) (transformers starts them at 0, which would hide the
+    layers)."""
+    from transformers import MllamaForConditionalGeneration
+
+    def init(model):
+        for layer in model.model.language_model.layers:
+            for name in ("cross_attn_attn_gate", "cross_attn_mlp_gate"):
+                if hasattr(layer, name):
+                    getattr(layer, name).normal_()
+
+    return _save(folder, MllamaForConditionalGeneration, mllama_config(), mllama_processor(), seed, init=init)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from fasttune import sampling
-from fasttune.constants import AUDIO_KEYS, IMAGE_KEYS, VIDEO_KEYS
+from fasttune.constants import AUDIO_KEYS, CROSS_KEYS, IMAGE_KEYS, VIDEO_KEYS
 from fasttune.data.text_tokenizer import text_tokenizer
 from fasttune.errors import ConfigError
 from fasttune.generate_args import GenerationSettings, merged_options, prompt_argument, resolve, stop_ids
@@ -294,7 +294,7 @@ def _prefill_with_images(model, input_ids: torch.Tensor, attention_mask: torch.T
     geometry = image_geometry(moved.get("image_grid_thw"), moved.get("image_sizes"), moved.get("image_position_ids"),
                               None, moved.get("batch_num_images"))
     inputs = model.multimodal_inputs(input_ids, moved.get("pixel_values"), geometry, attention_mask,
-                                     {k: moved.get(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS)})
+                                     {k: moved.get(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS, *CROSS_KEYS)})
     if inputs["position_ids"] is None:  # plain positions (Qwen's are 3-axis), counted from each row's first token
         inputs["position_ids"] = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     deltas = inputs.pop("rope_deltas").to(device)

@@ -51,7 +51,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     token, or, with `anyres` = (grid pinpoints ((height, width) pixels each), tile side, patch side, most tiles or
     None) (LLaVA-NeXT / LLaVA-OneVision, as their processors count them: `anyres_token_count`), the feature token once
     per feature of the image's whole-image tile, of its grid of tiles cut back to its aspect ratio and of one newline
-    a row. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
+    a row, or, with `cross_images` (Llama 3.2 Vision, as MllamaProcessor writes), the placeholder itself (the images
+    reach the text through cross-attention; `image_sequence` is then the placeholder), the images batched per row
+    (`cross_image_batch`). The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
     (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
@@ -64,8 +66,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
                  audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
                  video_stamps: tuple | None = None, image_tiles: tuple | None = None, patch_span: tuple | None = None,
-                 anyres: tuple | None = None):
+                 anyres: tuple | None = None, cross_images: bool = False):
         self.tokenizer = tokenizer
+        self.cross_images = cross_images
         self.anyres = anyres
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -106,7 +109,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         audio_marks: tuple | None = None, video_token: str | None = None,
                         video_stamps: tuple | None = None, image_tiles: tuple | None = None,
                         patch_span: tuple | None = None, anyres: tuple | None = None,
-                        video_default: dict | None = None) -> "VisionProcessor":
+                        video_default: dict | None = None, cross_images: bool = False) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). video_default: the video settings where the folder has no video_preprocessor_config.json
         (data/video.py's read_video_settings; by default the family's, from soft_token_marks / video_stamps). Raises
@@ -137,7 +140,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
                    read_video_settings(folder, video_default or (GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE
                                                                  if video_stamps else None)) if video_token else None,
-                   video_stamps, image_tiles, patch_span, anyres)
+                   video_stamps, image_tiles, patch_span, anyres, cross_images)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
@@ -147,11 +150,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
                                self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
-                               self.video_stamps, self.image_tiles, self.patch_span, self.anyres)
+                               self.video_stamps, self.image_tiles, self.patch_span, self.anyres, self.cross_images)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
-                    "video_settings", "video_stamps", "image_tiles", "patch_span", "anyres"):  # not set yet
+                    "video_settings", "video_stamps", "image_tiles", "patch_span", "anyres",
+                    "cross_images"):  # not set yet
             # (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
@@ -187,13 +191,17 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         "image_sizes" (images, 2) long, each resized to whole tokens as PixtralProcessor asks; Idefics3 / SmolVLM:
         the images' tiles (tiles, C, H, W), each image's crops then the whole image, plus "pixel_attention_mask"
         (tiles, H, W) long; InternVL: the images' patches (patches, C, H, W), each image's crops then its thumbnail;
-        LLaVA-NeXT / -OneVision: each image's tiles (images, tiles, C, H, W), padded, plus "image_sizes"). `rows`: how
+        LLaVA-NeXT / -OneVision: each image's tiles (images, tiles, C, H, W), padded, plus "image_sizes"; Llama 3.2
+        Vision: per row its images' tiles (rows, images, tiles, C, H, W) with aspect_ratio_ids / aspect_ratio_mask,
+        see cross_image_batch). `rows`: how
         many of the images each row holds, in order (LLaVA-OneVision does not tile the images of a row holding several,
         and the batch then carries "batch_num_images"); None: one row each (transformers' reading of a flat list)."""
         return self.processed_images(images, rows)[0]
 
     def processed_images(self, images: list, rows: list[int] | None = None) -> tuple[dict, list]:
         """(`process_images`' batch, `image_grids`' list) of PIL images from one run of the image processor."""
+        if self.cross_images:
+            return cross_image_batch(self.image_processor, images, rows), [None] * len(images)
         if self.anyres is not None and self.anyres[3] is not None and rows is not None and max(rows, default=1) > 1:
             return self._rows_of_images(images, rows)
         if self.image_tiles is not None:
@@ -329,7 +337,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         grids, counts = [], []
         if images:
             pil = [to_pil(im, "images") for im in images]
-            out, grids = self.processed_images(pil)  # one run of the image processor for both
+            per_row = [t.count(self.image_token) for t in texts] if self.cross_images else None
+            out, grids = self.processed_images(pil, per_row)  # one run of the image processor for both
         if audio:
             from fasttune.data.audio import to_waveform
 
@@ -561,3 +570,28 @@ def _video_metadata(kwargs: dict, count: int) -> tuple[list, list]:
     indices = [None if field(m, "frames_indices") is None else [float(x) for x in field(m, "frames_indices")]
                for m in metadata]
     return rates, indices
+
+
+def cross_image_batch(image_processor, images: list, rows: list[int] | None = None) -> dict:
+    """Llama 3.2 Vision's images as MllamaProcessor batches them: per row its images' tiles, pixel_values (rows,
+    images, max tiles, C, H, W) float32, aspect_ratio_ids (rows, images) and aspect_ratio_mask (rows, images, max
+    tiles) long, `images` the most any row holds; a row's missing images are zero pixels with id 0 and only their
+    first tile unmasked, as MllamaImageProcessor pads them. rows: how many of the images (in order) each row holds
+    (None: one each). Each image is processed on its own, which gives what a call on the nested rows gives. Raises
+    DataError when the rows' counts do not add up to the images."""
+    rows = [1] * len(images) if rows is None else list(rows)
+    if sum(rows) != len(images):
+        raise DataError(f"The rows hold {sum(rows)} <|image|> placeholders but {len(images)} images were given.")
+    out = image_processor(images=[[im] for im in images], return_tensors="pt")
+    pixels, ids, mask = out["pixel_values"][:, 0], out["aspect_ratio_ids"][:, 0], out["aspect_ratio_mask"][:, 0]
+    most = max(max(rows, default=1), 1)
+    batch = {"pixel_values": pixels.new_zeros(len(rows), most, *pixels.shape[1:]),
+             "aspect_ratio_ids": ids.new_zeros(len(rows), most),
+             "aspect_ratio_mask": mask.new_zeros(len(rows), most, mask.shape[-1])}
+    batch["aspect_ratio_mask"][:, :, 0] = 1
+    start = 0
+    for r, n in enumerate(rows):
+        for key, value in (("pixel_values", pixels), ("aspect_ratio_ids", ids), ("aspect_ratio_mask", mask)):
+            batch[key][r, :n] = value[start:start + n]
+        start += n
+    return batch

@@ -319,7 +319,8 @@ class CausalLM(PreTrainedModel):
                 segment_ids=None, output_attentions: bool | None = None, output_hidden_states: bool | None = None,
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                 seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
-                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False, smoothing: float = 0.0):
+                per_layer_ids=None, return_token_stats: bool = False, dft: bool = False, smoothing: float = 0.0,
+                cross=None):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -342,7 +343,8 @@ class CausalLM(PreTrainedModel):
         each target's cross-entropy weighted by its probability, detached (not with offload_lm_head).
         smoothing e (transformers' label_smoothing_factor): each target's loss (1 - e) x cross-entropy + e x the
         mean of -log p over the vocabulary, as transformers' LabelSmoother (not with offload_lm_head). (No keyword
-        here may contain "label" but `labels`: transformers' Trainer takes every such one for a label column.)"""
+        here may contain "label" but `labels`: transformers' Trainer takes every such one for a label column.)
+        cross: Llama 3.2 Vision's image inputs to its cross-attention layers (models/vision.py builds them)."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
@@ -350,7 +352,7 @@ class CausalLM(PreTrainedModel):
                          segment_ids, output_attentions=output_attentions,
                          output_hidden_states=output_hidden_states, cu_seq_lens_q=cu_seq_lens_q,
                          cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits,
-                         image_blocks=image_blocks, deepstack=deepstack, per_layer_ids=per_layer_ids,
+                         image_blocks=image_blocks, deepstack=deepstack, per_layer_ids=per_layer_ids, cross=cross,
                          last_only=past_key_values is not None and logits_to_keep == 1 and labels is None)
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None

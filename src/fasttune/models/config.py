@@ -30,6 +30,9 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
+# Language models with cross-attention layers over the image features (Llama 3.2 Vision's, transformers'
+# MllamaTextModel): Llama's self-attention layers with the cross-attention layers of models/cross_attention.py
+CROSS_ATTENTION_FAMILIES = ("mllama_text_model",)
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
                 "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4", "lfm2_moe")
 DEFAULT_THETAS = {"lfm2": 1000000.0, "lfm2_moe": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
@@ -178,6 +181,11 @@ class ModelConfig:
     double_wide_mlp: bool = False
     per_layer_input_size: int = 0
     per_layer_vocab_size: int = 0
+    # Llama 3.2 Vision (models/cross_attention.py): the layers that attend to the image features instead of the
+    # text (transformers' cross_attention_layers), and the embedding's rows past vocab_size (its 8 extra rows, the
+    # <|image|> token among them; lm_head keeps vocab_size)
+    cross_attention_layers: list = field(default_factory=list)
+    extra_embeddings: int = 0
 
     def kv_source(self, layer_idx: int) -> int | None:
         """The layer whose keys and values layer `layer_idx` reuses (Gemma 4's shared key/value layers: the last
@@ -249,7 +257,7 @@ class ModelConfig:
             hf = hf.to_dict()
         get = (lambda k, d=None: hf.get(k, d)) if isinstance(hf, dict) else (lambda k, d=None: getattr(hf, k, d))
         model_type = get("model_type")
-        if model_type not in SUPPORTED_FAMILIES + VISION_TEXT_FAMILIES:
+        if model_type not in SUPPORTED_FAMILIES + VISION_TEXT_FAMILIES + CROSS_ATTENTION_FAMILIES:
             raise ModelLoadError(
                 f"Architecture '{model_type}' is not supported by fasttune's decoder yet (supported: "
                 f"{', '.join(SUPPORTED_FAMILIES)}). Load it with FastLanguageModel.from_pretrained, which runs other "
@@ -289,7 +297,8 @@ class ModelConfig:
             bos_token_id=get("bos_token_id"),
             eos_token_id=get("eos_token_id"),
         )
-        if model_type in ("llama", "mistral", "ministral3", "smollm3", "olmo2", "olmo3", "granite", "arcee", "apertus"):
+        if model_type in ("llama", "mistral", "ministral3", "smollm3", "olmo2", "olmo3", "granite", "arcee", "apertus",
+                          *CROSS_ATTENTION_FAMILIES):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
             if model_type == "smollm3":
@@ -301,6 +310,9 @@ class ModelConfig:
             cfg.mlp_gated = model_type not in UNGATED
             if model_type == "apertus":
                 cfg.qk_norm = True
+            if model_type in CROSS_ATTENTION_FAMILIES:
+                cfg.cross_attention_layers = sorted(int(i) for i in get("cross_attention_layers") or ())
+                cfg.extra_embeddings = 8  # transformers' MllamaTextModel: nn.Embedding(vocab_size + 8, ...)
             if model_type == "granite":
                 cfg.embedding_multiplier = float(get("embedding_multiplier", 1.0))
                 cfg.residual_multiplier = float(get("residual_multiplier", 1.0))

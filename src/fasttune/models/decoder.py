@@ -20,6 +20,7 @@ from fasttune.kernels.activations import gated_act, gated_act_packed
 from fasttune.kernels.gemv import gated_gemv, one_row_linears
 from fasttune.kernels.rope import mrope_cos_sin, rope_attention_factor, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
+from fasttune.models.cross_attention import CrossAttention, cross_layer
 from fasttune.models.kept_block import block_pays
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.masks import (build_masks, packed_segments, padding_runs, right_padded,
@@ -131,8 +132,15 @@ class DecoderLayer(nn.Module):
         eps, off, f32 = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32
         # the token mixer: softmax attention, Qwen3.5's gated DeltaNet (models/gated_deltanet.py) or LFM2's short
         # convolution (models/short_conv.py)
+        self.layer_idx = layer_idx
         self.is_linear = bool(cfg.linear_layers and cfg.linear_layers[layer_idx])
-        if not self.is_linear:
+        # Llama 3.2 Vision: attends to the image features, with tanh gates on both sublayers (cross_attention.py)
+        self.is_cross = layer_idx in cfg.cross_attention_layers
+        if self.is_cross:
+            self.mixer_name, mixer = "cross_attn", CrossAttention(cfg, layer_idx)
+            self.cross_attn_attn_gate = nn.Parameter(torch.zeros(1))
+            self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
+        elif not self.is_linear:
             self.mixer_name = "self_attn"
             # (the latents' norms take RMSNorm's default eps in transformers, not rms_norm_eps)
             mixer = LatentAttention(cfg, layer_idx, lambda dim: RMSNorm(dim, 1e-6, off)) if cfg.kv_lora_rank else \
@@ -182,7 +190,7 @@ class DecoderLayer(nn.Module):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
         sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
         only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
-        if self.is_moe or self.sandwich or self.post_norm:
+        if self.is_moe or self.sandwich or self.post_norm or self.is_cross:
             return self(x if h is None else x + h, cos, sin, mask, cache, per_layer_input=per_layer_input), None
         x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
@@ -250,7 +258,10 @@ class DecoderLayer(nn.Module):
                 per_layer_input=None, shared_kv=None):
         """x (B, T, H) -> (B, T, H); an MoE layer asked for router_logits returns (x, logits (B*T, E)); Gemma 4:
         per_layer_input (B, T, P) this layer's per-layer embedding, shared_kv the (k, v) a shared key/value layer
-        attends over, and a layer whose keys and values are reused returns (x, k, v) outside generation."""
+        attends over, and a layer whose keys and values are reused returns (x, k, v) outside generation. A
+        cross-attention layer (Llama 3.2 Vision) reads mask["cross"] (models/cross_attention.py)."""
+        if self.is_cross:
+            return cross_layer(self, x, mask, cache)
         if self.is_moe:
             x, normed = self.attn_norm.with_residual(x)
             x, normed = self._post_attention(x, self.mixer(normed, cos, sin, mask, cache), cache)
@@ -277,7 +288,7 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.arch = cfg
-        self.embed_tokens = word_embedding(cfg.vocab_size, cfg.hidden_size, cfg.embed_scale)  # Gemma: scaled inside
+        self.embed_tokens = word_embedding(cfg.vocab_size + cfg.extra_embeddings, cfg.hidden_size, cfg.embed_scale)  # Gemma: scaled inside
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm_name = cfg.module_name("norm")
         setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,
@@ -340,7 +351,7 @@ class DecoderModel(nn.Module):
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None,
                 max_length_k=None, seq_idx=None, output_router_logits: bool = False,
                 image_blocks=None, deepstack=None, last_only: bool = False, per_layer_ids=None,
-                logits_to_keep: int = 0) -> BaseModelOutput:
+                logits_to_keep: int = 0, cross=None) -> BaseModelOutput:
         """input_ids (B, T) int64 or inputs_embeds (B, T, H) -> `.last_hidden_state` (B, T, H), final norm applied.
 
         attention_mask (B, past + T), 1 = real token; position_ids (B, T): positions that restart at 0 inside a row
@@ -360,6 +371,8 @@ class DecoderModel(nn.Module):
         attend to each other both ways (Gemma 3), the k-th image's run of tokens k, text -1 (models/vision.py).
         deepstack (Qwen3-VL): (image-token mask (B, T) bool, [(image tokens, H)] per layer): layer i's output gets
         the i-th features added at the image tokens (transformers' Qwen3VLTextModel._deepstack_process).
+        cross (Llama 3.2 Vision): the cross-attention layers' CrossInputs (models/cross_attention.py), or None (those
+        layers skipped, or in generation their cached image keys / values with the prompt's last mask row).
         Raises ConfigError for output_attentions / output_hidden_states."""
         _refuse_extra_outputs(output_attentions, output_hidden_states)
         cfg = self.arch
@@ -423,6 +436,12 @@ class DecoderModel(nn.Module):
         if cfg.linear_layers:  # what Qwen3.5's and LFM2's linear layers read (gated_deltanet.py, short_conv.py)
             masks = {**masks, "padding": attention_mask, "segments": segment_ids,
                      "spans": None if segment_ids is None else segment_spans(segment_ids)}
+        if cfg.cross_attention_layers:
+            if cross is None and past_key_values is not None:  # a step after the prompt: its last mask row
+                cross = past_key_values.cross_last
+            elif cross is not None and past_key_values is not None:
+                past_key_values.cross_last = cross.last()
+            masks = {**masks, "cross": cross}
         router_logits = []
         deep_mask, deep_feats = deepstack if deepstack is not None else (None, [])
         if past_key_values is None:
@@ -488,6 +507,13 @@ class DecoderModel(nn.Module):
         if offload is None:
             return layer(x, cos, sin, masks, router_logits=router_logits, per_layer_input=per_layer_input,
                          shared_kv=shared_kv)
+        cross = masks.get("cross") if layer.is_cross else None
+        if cross is not None and cross.states is not None:  # the image features go in as an input, so that their
+            # gradient (a training projector or tower) comes out of the recompute
+            def run_cross(h, states):
+                """The cross-attention layer on h (B, T, H) with the image features `states` (B, V, H)."""
+                return layer(h, cos, sin, {**masks, "cross": replace(cross, states=states)})
+            return offloaded_layer(run_cross, x, *offload, extras=(cross.states,))
         # Only the layer input is kept (with "offload": in pinned CPU memory, copied on a side stream and
         # brought back ahead of the recompute); backward recomputes the layer from it. Gemma 4's per-layer input
         # and shared keys / values go in as further inputs, so their gradients come out of the recompute.

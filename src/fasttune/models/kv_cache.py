@@ -33,7 +33,10 @@ class KVCache:
             return (batch, 1, n, rank + c.head_dim, 0) if rank else (batch, c.num_kv_heads, n, c.head_dim, c.head_dim)
 
         # (Gemma 4's shared key/value layers read an earlier layer's cache and keep none)
-        shared = [hasattr(cfg, "kv_source") and cfg.kv_source(i) is not None for i in range(cfg.num_layers)]
+        # (and Llama 3.2 Vision's cross-attention layers keep their image keys / values in `cross` instead)
+        cross = set(getattr(cfg, "cross_attention_layers", None) or ())
+        shared = [hasattr(cfg, "kv_source") and cfg.kv_source(i) is not None or i in cross
+                  for i in range(cfg.num_layers)]
         shapes = [shape(i, 0 if lin or sh else max_len) for i, (lin, sh) in enumerate(zip(linear, shared))]
         self.keys = [torch.zeros(s[:4], dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s[:3] + s[4:], dtype=dtype, device=device) for s in shapes]
@@ -48,6 +51,10 @@ class KVCache:
             if deltanet:
                 self.recurrent[i] = torch.zeros(batch, cfg.linear_value_heads, cfg.linear_key_dim,
                                                 cfg.linear_value_dim, device=device)
+        # Llama 3.2 Vision: per cross-attention layer the image's (keys, values) (B, kv heads, V, head_dim), written
+        # at the prefill, and the prompt's last CrossInputs row that every later step uses (models/cross_attention.py)
+        self.cross: dict = {}
+        self.cross_last = None
         self.max_len, self.length, self.written = max_len, 0, 0
         self.slot: torch.Tensor | None = None
         self.read_len = max_len

@@ -39,8 +39,10 @@ KV_BUCKET = 256
 def graphs_wanted(model, device: torch.device) -> bool:
     """Whether decode steps are captured as CUDA graphs: on CUDA, unless FASTTUNE_CUDA_GRAPHS=0, for models
     whose layers run without host reads: mixture-of-experts models only where their experts take torch's grouped
-    GEMM kernel (experts_capturable); the others decode eagerly."""
-    if device.type != "cuda" or os.environ.get("FASTTUNE_CUDA_GRAPHS", "1") == "0":
+    GEMM kernel (experts_capturable); the others decode eagerly. Not for Llama 3.2 Vision's cross-attention layers,
+    whose image keys / values are new tensors (of each prompt's image count) at every call."""
+    if device.type != "cuda" or os.environ.get("FASTTUNE_CUDA_GRAPHS", "1") == "0" or \
+            getattr(model.arch, "cross_attention_layers", None):
         return False
     return getattr(model.arch, "num_experts", 0) == 0 or experts_capturable(model, device)
 
@@ -111,6 +113,7 @@ class DecodeStep:
         ropes = decoder.rope_tables(self.position, x.dtype)
         if self.model.arch.query_position_scale is not None:  # Ministral 3: from the device-side position
             masks["query_scale"] = query_scales(self.model.arch, self.position, x.dtype)
+        masks["cross"] = cache.cross_last  # Llama 3.2 Vision: the prompt's image (None: its layers skipped)
         # Gemma 4's per-layer embeddings of the step's token (models/gemma4.py)
         ple = per_layer_inputs(decoder, self.token, x) if self.model.arch.per_layer_input_size else None
         h = None  # each layer's output stays x + h, the add done by the next norm's kernel
@@ -193,6 +196,10 @@ class DecodeSession:
         for dst, src in ((cache.conv, prompt.conv), (cache.recurrent, prompt.recurrent)):  # Qwen3.5's linear layers
             for i, s in src.items():
                 dst[i].copy_(s if rows is None else s.index_select(0, rows))
+        pick = (lambda x: x) if rows is None else (lambda x: x.index_select(0, rows))  # noqa: E731
+        cache.cross = {i: (pick(k), pick(v)) for i, (k, v) in prompt.cross.items()}  # (Llama 3.2 Vision)
+        cache.cross_last = None if prompt.cross_last is None else \
+            prompt.cross_last if rows is None else prompt.cross_last.select(rows)
         cache.length = t
         cache.slot.fill_(t)
         mask = self.step.key_mask

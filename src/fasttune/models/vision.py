@@ -19,11 +19,11 @@ import re
 
 import torch
 
-from fasttune.constants import AUDIO_KEYS, VIDEO_KEYS
+from fasttune.constants import AUDIO_KEYS, CROSS_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision_families import FAMILIES, VisionFamily
-from fasttune.models.vision_features import (image_geometry, internvl_features, llava_features, llava_next_features,
+from fasttune.models.vision_features import (cross_image_inputs, image_geometry, internvl_features, llava_features, llava_next_features,
                                              pixtral_features, pooled_video_features, tile_features)
 from fasttune.models.vision_positions import packed_positions, qwen_vl_positions
 
@@ -213,7 +213,14 @@ class VisionCausalLM(CausalLM):
         rope_deltas (B, 1) (what generation adds to the positions of the tokens after the prompt). videos: the
         processor's pixel_values_videos, video_grid_thw and (Qwen2.5-VL) second_per_grid_ts (VIDEO_KEYS);
         segment_ids (B, T): packed rows' documents (1, 2, ...; padding 0), each of which gets its own multimodal
-        positions."""
+        positions. Llama 3.2 Vision (family.cross_attention): the text's own embeddings, and `cross`, its
+        cross-attention layers' image inputs (vision_features.cross_image_inputs; its aspect-ratio inputs in `videos`
+        under their processor keys, constants.CROSS_KEYS)."""
+        if self.family.cross_attention:
+            zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
+            return {"inputs_embeds": self.model.embed_tokens(input_ids), "position_ids": None, "rope_deltas": zeros,
+                    "image_blocks": None, "deepstack": None, "per_layer_ids": None,
+                    "cross": cross_image_inputs(self, input_ids, pixel_values, videos or {})}
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
         if segment_ids is not None and self.family.mrope:
             positions, deltas = self.packed_rope_index(input_ids, segment_ids, image_grid_thw, videos)
@@ -230,7 +237,7 @@ class VisionCausalLM(CausalLM):
         return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
                 "image_blocks": self.image_blocks(input_ids) if pixel_values is not None or
                 (videos or {}).get("pixel_values_videos") is not None else None,
-                "deepstack": deep, "per_layer_ids": per_layer_ids}
+                "deepstack": deep, "per_layer_ids": per_layer_ids, "cross": None}
 
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
         """(inputs_embeds, position_ids) for the decoder from input_ids and their images and videos
@@ -238,12 +245,12 @@ class VisionCausalLM(CausalLM):
         are added to `kwargs` unless given. Given position_ids win, but for a packed row's (segment_ids in `kwargs`)
         on a family with multimodal RoPE: their per-document plain positions are replaced by each document's
         multimodal ones."""
-        videos = {k: kwargs.pop(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS) if k in kwargs}
+        videos = {k: kwargs.pop(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS, *CROSS_KEYS) if k in kwargs}
         segments = kwargs.get("segment_ids")
         inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos, segments)
         if segments is not None and self.family.mrope and position_ids is not None and position_ids.dim() == 2:
             position_ids = None
-        for key in ("image_blocks", "deepstack", "per_layer_ids"):
+        for key in ("image_blocks", "deepstack", "per_layer_ids", "cross"):
             if kwargs.get(key) is None:
                 kwargs[key] = inputs[key]
         return inputs["inputs_embeds"], inputs["position_ids"] if position_ids is None else position_ids
@@ -375,7 +382,9 @@ class VisionCausalLM(CausalLM):
         (B, images, ...) layout too); tiles (N, tiles, C, H, W) with image_sizes and, LLaVA-OneVision, batch_num_images
         (rows,) (LLaVA-NeXT / -OneVision);
         pixel_values_videos, video_grid_thw (videos, 3) and
-        second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); mm_token_type_ids / token_type_ids are
+        second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); Llama 3.2 Vision's images per row (B,
+        images, tiles, C, H, W) with aspect_ratio_ids, aspect_ratio_mask and optionally cross_attention_mask as
+        keywords (CROSS_KEYS); mm_token_type_ids / token_type_ids are
         accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
         ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
         CausalLM.forward for the rest."""
@@ -389,8 +398,8 @@ class VisionCausalLM(CausalLM):
                 kwargs.get("input_features") is not None:
             raise ConfigError("pixel_values, pixel_values_videos and input_features go with the first forward pass "
                               "over the prompt's input_ids, not with inputs_embeds or a filled KV cache.")
-        for key in (*VIDEO_KEYS, *AUDIO_KEYS):  # None (or consumed above)
-            kwargs.pop(key, None)
+        for key in (*VIDEO_KEYS, *AUDIO_KEYS, *CROSS_KEYS):  # None (or consumed above; Llama 3.2 Vision's decode
+            kwargs.pop(key, None)  # steps use the prompt's last cross-attention mask row, kept in the KV cache)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, **kwargs)
 

@@ -55,6 +55,11 @@ class VisionFamily:
     # LLaVA-NeXT: each image as its grid of fixed-size tiles plus the whole image (the processor's image_sizes give the
     # grid), the grid's features cut back to the image's aspect ratio with a learned newline a row
     anyres: bool = False
+    # Llama 3.2 Vision (transformers' MllamaForConditionalGeneration): no image features in the text; each image (up
+    # to max_num_tiles tiles, with its aspect-ratio id) goes through the tower and the projector into the decoder's
+    # cross-attention layers (models/cross_attention.py), its one <|image|> token marking where the text starts
+    # attending to it
+    cross_attention: bool = False
 
 
 FAMILIES = {
@@ -132,6 +137,12 @@ FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 FAMILIES["qwen3_vl_moe"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_vl_moe")
 # Qwen3.5: Qwen3-VL's tower without DeepStack in front of the Qwen3.5 decoder (gated DeltaNet + gated attention)
 FAMILIES["qwen3_5"] = replace(FAMILIES["qwen3_vl"], model_type="qwen3_5", deepstack=False)
+FAMILIES["mllama"] = VisionFamily("mllama", (("vision_model", "vision_model"),
+                                            ("multi_modal_projector", "multi_modal_projector")),
+                                   r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.self_attn\."
+                                   r"(q_proj|k_proj|v_proj|o_proj)",
+                                   r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.mlp\.(fc1|fc2)",
+                                   cross_attention=True)
 FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
 
 
@@ -139,7 +150,8 @@ def patches_per_token(family: VisionFamily, vlm_config) -> float:
     """How many of the vision tower's patch positions one image placeholder token stands for (what the tower holds
     per token the decoder sees, for train/memory_policy.py's estimate): Qwen and Mistral 3 merge spatial_merge_size^2
     patches into a token, Gemma 3 pools its (image_size / patch_size)^2 patches into mm_tokens_per_image, Idefics3
-    shuffles scale_factor^2 patches into one, InternVL 1 / downsample_ratio^2, Gemma 4 pools pooling_kernel_size^2;
+    shuffles scale_factor^2 patches into one, InternVL 1 / downsample_ratio^2, Gemma 4 pools pooling_kernel_size^2,
+    Llama 3.2 Vision's one <|image|> stands for max_num_tiles tiles of (image_size / patch_size)^2 + 1 positions;
     LLaVA's families keep one a token (their tiles' and newline tokens aside). A value the config lacks counts as 4,
     the most common merge."""
     vision = getattr(vlm_config, "vision_config", None)
@@ -162,6 +174,9 @@ def patches_per_token(family: VisionFamily, vlm_config) -> float:
         return 1 / ratio ** 2 if ratio else 4.0
     elif family.positioned_patches:
         merge = getattr(vision, "pooling_kernel_size", None)
+    elif family.cross_attention:  # Llama 3.2 Vision: one <|image|> token for up to max_num_tiles tiles of patches
+        tiles = getattr(vision, "max_num_tiles", 4)
+        return float(tiles * ((side(vision.image_size) // side(vision.patch_size)) ** 2 + 1))
     else:  # LLaVA, LLaVA-NeXT, LLaVA-OneVision
         return 1.0
     return float(merge * merge) if merge else 4.0

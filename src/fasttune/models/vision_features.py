@@ -10,6 +10,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fasttune.errors import ConfigError
+
 
 def image_geometry(image_grid_thw, image_sizes, image_position_ids=None, pixel_attention_mask=None,
                    batch_num_images=None):
@@ -198,3 +200,46 @@ def pooled_video_features(model, pixel_values_videos: torch.Tensor, num_frames=N
     for video in per_frame.split(counts):
         pieces += [video.flatten(0, 1), newline]
     return torch.cat(pieces).to(model.dtype)
+
+
+def cross_image_inputs(model, input_ids: torch.Tensor, pixel_values, media: dict):
+    """Llama 3.2 Vision's inputs to its cross-attention layers (models/cross_attention.py's CrossInputs), or None
+    for a batch without images. pixel_values (B, images, tiles, C, H, W) as MllamaProcessor pads them (or (images,
+    tiles, C, H, W) for one row); media: its aspect_ratio_ids (B, images), aspect_ratio_mask (B, images, tiles) and
+    optionally cross_attention_mask (B, T, images, tiles), else built from the <|image|> tokens of input_ids
+    (image_token_spans). The tower's output of every tile goes through the projector, (B, images x tiles x
+    patches, hidden), as transformers' MllamaModel gives it. Raises ConfigError for <|image|> tokens without pixels,
+    pixels without their aspect-ratio inputs, or a row whose <|image|> tokens are not its images' count."""
+    from fasttune.models.cross_attention import cross_inputs, image_token_spans
+
+    token = model.image_token_id
+    if pixel_values is None:
+        if bool((input_ids == token).any()):
+            raise ConfigError("input_ids hold <|image|> tokens but no pixel_values were passed; pass the processor's "
+                              "pixel_values, aspect_ratio_ids and aspect_ratio_mask with them.")
+        return None
+    ratio_ids, ratio_mask = media.get("aspect_ratio_ids"), media.get("aspect_ratio_mask")
+    if ratio_ids is None or ratio_mask is None:
+        raise ConfigError("Llama 3.2 Vision's pixel_values need aspect_ratio_ids (B, images) and aspect_ratio_mask "
+                          "(B, images, tiles), as the processor returns them.")
+    if pixel_values.dim() == 5:  # one row's images
+        pixel_values, ratio_ids, ratio_mask = pixel_values[None], ratio_ids.reshape(1, -1), ratio_mask[None]
+    b, images = pixel_values.shape[:2]
+    if b != input_ids.shape[0]:
+        raise ConfigError(f"pixel_values hold images for {b} rows but input_ids has {input_ids.shape[0]}; Llama 3.2 "
+                          f"Vision takes the images per row, (B, images, tiles, C, H, W), as the processor pads them.")
+    counts, real = (input_ids == token).sum(dim=1).tolist(), (ratio_ids > 0).sum(dim=1).tolist()
+    for row, (n, m) in enumerate(zip(counts, real)):
+        if n != m and media.get("cross_attention_mask") is None:
+            raise ConfigError(f"Row {row} holds {n} <|image|> tokens but {m} images: a row was cut before an image "
+                              f"(raise max_seq_length) or pixel_values do not belong to these input_ids.")
+    tower = model.vision_model
+    dtype = next(tower.parameters()).dtype
+    hidden = tower(pixel_values=pixel_values.to(dtype), aspect_ratio_ids=ratio_ids,
+                   aspect_ratio_mask=ratio_mask).last_hidden_state  # (B, images, tiles, patches, out dim)
+    states = model.multi_modal_projector(hidden.to(model.multi_modal_projector.weight.dtype))
+    states = states.reshape(b, -1, model.config.hidden_size).to(model.dtype)
+    tiles = media.get("cross_attention_mask")
+    if tiles is None:
+        tiles = image_token_spans(input_ids, token, ratio_mask.sum(dim=-1), ratio_mask.shape[-1])
+    return cross_inputs(states, tiles.to(input_ids.device)[:, :input_ids.shape[1]], tower.num_patches, model.dtype)

@@ -1,0 +1,126 @@
+"""Llama 3.2 Vision's cross-attention layers (transformers' MllamaCrossAttentionDecoderLayer / MllamaTextCrossAttention):
+the text's queries attend to the image features instead of to the text. The decoder (models/decoder.py) runs them in
+place of a self-attention layer at the config's cross_attention_layers; what they read comes in `CrossInputs` (in the
+masks dict every layer gets), and in generation the image's keys and values stay in the KV cache
+(`KVCache.cross`), computed once at the prefill.
+
+transformers' rule, which this keeps so that the values equal the reference's: a text position that may attend to
+no image tile (text before the first image, a row without images) attends to every image position of its row with
+equal weight, padding included (its mask row is all zeros, not all -inf), and its MLP output is zeroed; the layer
+output is residual + tanh(gate) x sublayer for both sublayers.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fasttune.models.attention import attention
+from fasttune.models.config import ModelConfig
+from fasttune.models.kv_cache import KVCache
+from fasttune.models.norm import RMSNorm
+from fasttune.peft.lora import project
+
+
+@dataclass
+class CrossInputs:
+    """What the cross-attention layers read for one forward pass.
+
+    states: (B, V, H) the projected image features (V = images x tiles x patches per tile), or None in a decode
+    step (the cache holds their keys and values); allowed: (B, 1, T, V) bool, True where a text position attends an
+    image position (rows with none allowed already opened to every position, transformers' rule); rows: (B, T, 1) in
+    the model dtype, 1 where a text position has an image to attend (its MLP output kept), else 0."""
+    states: torch.Tensor | None
+    allowed: torch.Tensor
+    rows: torch.Tensor
+
+    def last(self) -> "CrossInputs":
+        """The last position's mask and row flag without the states: what each decode step after the prompt uses
+        (transformers repeats the prompt's last mask row for every new token)."""
+        return CrossInputs(None, self.allowed[:, :, -1:], self.rows[:, -1:])
+
+    def select(self, rows: torch.Tensor) -> "CrossInputs":
+        """These inputs for batch rows `rows` (B',) int64 (copies of a prompt in generation)."""
+        pick = lambda x: None if x is None else x.index_select(0, rows)  # noqa: E731
+        return CrossInputs(pick(self.states), pick(self.allowed), pick(self.rows))
+
+
+def cross_inputs(states: torch.Tensor, tile_mask: torch.Tensor, patches: int, dtype: torch.dtype) -> CrossInputs:
+    """CrossInputs from the projected features (B, V, H) and the processor's cross_attention_mask (B, T, images,
+    tiles), 1 where a text position attends an image's tile; each tile stands for `patches` image positions
+    (transformers' _prepare_cross_attention_mask, as a bool mask)."""
+    allowed = tile_mask.bool().repeat_interleave(patches, dim=3).flatten(2)[:, None]  # (B, 1, T, V)
+    any_allowed = allowed.any(dim=-1, keepdim=True)
+    rows = any_allowed[:, 0].to(dtype)  # (B, T, 1)
+    return CrossInputs(states, allowed | ~any_allowed, rows)
+
+
+def image_token_spans(input_ids: torch.Tensor, image_token_id: int, tiles: torch.Tensor, max_tiles: int) -> torch.Tensor:
+    """The processor's cross_attention_mask (B, T, images, max_tiles) long, from the token ids: the k-th <|image|>
+    of a row is attended from its position to the next <|image|> (or the row's end), a run of adjacent <|image|>
+    tokens sharing the span after the run's last one, over the image's first tiles[b, k] tiles (transformers'
+    get_cross_attention_token_mask and convert_sparse_cross_attention_mask_to_dense). input_ids (B, T); tiles
+    (B, images) long."""
+    b, t = input_ids.shape
+    images = tiles.shape[1]
+    out = torch.zeros(b, t, images, max_tiles, dtype=torch.long, device=input_ids.device)
+    for row, where in enumerate((input_ids == image_token_id).cpu().tolist()):
+        starts = [i for i, hit in enumerate(where) if hit]
+        ends = starts[1:] + [t]
+        for k in range(len(starts) - 2, -1, -1):  # a run of adjacent image tokens: all attend from there on
+            if starts[k + 1] == starts[k] + 1:
+                ends[k] = ends[k + 1]
+        for k, (start, end) in enumerate(zip(starts[:images], ends)):
+            out[row, start:end, k, :int(tiles[row, k])] = 1
+    return out
+
+
+class CrossAttention(nn.Module):
+    """One layer's cross-attention (`cross_attn`, transformers' names): q_proj on the text, k_proj / v_proj on the
+    image features, per-head q_norm / k_norm, no RoPE, o_proj; grouped key/value heads as the text's."""
+
+    keeps_block = False  # ("offload" keeps no q/k/v of this layer: models/kept_block.py)
+    rope_kind = "global"  # (the decoder passes cos / sin, unused here)
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        h, d = cfg.hidden_size, cfg.head_dim
+        self.q_proj = nn.Linear(h, cfg.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, cfg.num_kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * d, h, bias=False)
+        self.q_norm = RMSNorm(d, cfg.rms_norm_eps)
+        self.k_norm = RMSNorm(d, cfg.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cross: CrossInputs, cache: KVCache | None = None) -> torch.Tensor:
+        """x (B, T, H) normed text -> (B, T, H). The image keys / values come from cross.states (and go to `cache`
+        when given), or, when states is None, from `cache` (a decode step)."""
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_norm(project(x, self.q_proj)[0].view(b, t, cfg.num_heads, cfg.head_dim)).transpose(1, 2)
+        if cross.states is not None:
+            s = cross.states
+            k, v = project(s, self.k_proj, self.v_proj)
+            k = self.k_norm(k.view(b, -1, cfg.num_kv_heads, cfg.head_dim)).transpose(1, 2)
+            v = v.view(b, -1, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
+            if cache is not None:
+                cache.cross[self.layer_idx] = (k, v)
+        else:
+            k, v = cache.cross[self.layer_idx]
+        out = attention(q, k, v, cross.allowed, cfg.head_dim ** -0.5, None)
+        return project(out.transpose(1, 2).reshape(b, t, -1), self.o_proj)[0]
+
+
+def cross_layer(layer, x: torch.Tensor, masks: dict, cache: KVCache | None = None) -> torch.Tensor:
+    """A cross-attention decoder layer (DecoderLayer with `is_cross`) on x (B, T, H): x + tanh(attention gate) x
+    cross_attn(input_layernorm(x)), then + tanh(MLP gate) x rows x mlp(post_attention_layernorm(...)). Without image
+    features (masks["cross"] None and none cached) the layer is skipped, as transformers skips it."""
+    cross = masks.get("cross")
+    if cross is None or (cross.states is None and (cache is None or layer.layer_idx not in cache.cross)):
+        return x
+    h = layer.cross_attn(layer.attn_norm(x), cross, cache)
+    x = x + torch.tanh(layer.cross_attn_attn_gate) * h
+    h = layer.ffn(layer.mlp_norm(x)) * cross.rows
+    return x + torch.tanh(layer.cross_attn_mlp_gate) * h
