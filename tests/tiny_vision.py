@@ -845,8 +845,10 @@ def oracle_inputs(folder, batch, proc) -> dict:
     """What transformers' model needs besides the processor output to see the images as its processor marks them:
     Qwen's mm_token_type_ids (its multimodal positions) or Gemma 3's token_type_ids (two-way image attention);
     Mistral 3 needs none (plain positions, causal attention over the image tokens); Idefics3 takes its tiles in its
-    own (rows, images, C, H, W) layout (these keys replace the batch's)."""
+    own (rows, images, C, H, W) layout (these keys replace the batch's); Llama 3.2 Vision its cross_attention_mask."""
     marks = (batch["input_ids"] == proc.image_token_id).long()
+    if "mllama" in str(folder):  # MllamaProcessor's cross_attention_mask, by transformers' own functions
+        return {"cross_attention_mask": mllama_cross_mask(batch)}
     if any(name in str(folder) for name in ("mistral3", "internvl", "llava")):  # image tokens found by id
         return {}
     if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images,
@@ -914,3 +916,16 @@ def save_mllama(folder, seed: int = 0):
                     getattr(layer, name).normal_()
 
     return _save(folder, MllamaForConditionalGeneration, mllama_config(), mllama_processor(), seed, init=init)
+
+
+def mllama_cross_mask(batch: dict):
+    """MllamaProcessor's cross_attention_mask (B, T, images, tiles) for a batch of fasttune's processor, computed by
+    transformers' get_cross_attention_token_mask / convert_sparse_cross_attention_mask_to_dense (the oracle)."""
+    import torch
+    from transformers.models.mllama.processing_mllama import (convert_sparse_cross_attention_mask_to_dense,
+                                                              get_cross_attention_token_mask)
+
+    ids = batch["input_ids"]
+    spans = [get_cross_attention_token_mask(row.tolist(), 259) for row in ids]
+    tiles = [[int(n) for n in row[:len(s)]] for row, s in zip(batch["aspect_ratio_mask"].sum(-1), spans)]
+    return torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(spans, tiles, 4, ids.shape[1]))

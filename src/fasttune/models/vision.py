@@ -46,6 +46,12 @@ def _joint_deepstack(parts: list):
     return joint, layers
 
 
+# Packed rows would let a document's text attend to another document's images (a cross-attention mask spans the
+# row, and text before a document's first image attends to every image of the row, transformers' rule).
+PACKING_REFUSAL = ("packing=True: Llama 3.2 Vision's text attends to the images of its row through cross-attention, so "
+                   "packed documents would see each other's images; set packing=False.")
+
+
 def is_vision_config(hf_config) -> bool:
     """True for a transformers config of a vision-language family fasttune runs (FAMILIES) whose language model our
     decoder runs (config.decoder_runs: a Gemma 4 attending both ways everywhere stays on the fallback)."""
@@ -217,6 +223,8 @@ class VisionCausalLM(CausalLM):
         cross-attention layers' image inputs (vision_features.cross_image_inputs; its aspect-ratio inputs in `videos`
         under their processor keys, constants.CROSS_KEYS)."""
         if self.family.cross_attention:
+            if segment_ids is not None and pixel_values is not None:
+                raise ConfigError(PACKING_REFUSAL)
             zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
             return {"inputs_embeds": self.model.embed_tokens(input_ids), "position_ids": None, "rope_deltas": zeros,
                     "image_blocks": None, "deepstack": None, "per_layer_ids": None,

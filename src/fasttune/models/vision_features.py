@@ -231,7 +231,8 @@ def cross_image_inputs(model, input_ids: torch.Tensor, pixel_values, media: dict
     counts, real = (input_ids == token).sum(dim=1).tolist(), (ratio_ids > 0).sum(dim=1).tolist()
     for row, (n, m) in enumerate(zip(counts, real)):
         if n != m and media.get("cross_attention_mask") is None:
-            raise ConfigError(f"Row {row} holds {n} <|image|> tokens but {m} images: a row was cut before an image "
+            raise ConfigError(f"Row {row} holds {n} image placeholder tokens (<|image|>) but {m} images: a row was "
+                              f"cut before an image "
                               f"(raise max_seq_length) or pixel_values do not belong to these input_ids.")
     tower = model.vision_model
     dtype = next(tower.parameters()).dtype

@@ -152,13 +152,18 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         if not isinstance(self.model, CausalLM):
             raise ConfigError("packing=True needs fasttune's own decoder (its attention keeps packed documents "
                               "apart); this model runs through the transformers fallback. Set packing=False.")
+        if getattr(getattr(self.model, "family", None), "cross_attention", False):
+            from fasttune.models.vision import PACKING_REFUSAL
+
+            raise ConfigError(PACKING_REFUSAL)
         return pack_examples(examples, self.args.max_seq_length)
 
     def _check_ids_fit_model(self):
         """Token ids past the model's embedding (tokens added to the tokenizer but not to the model) are a
         ConfigError naming the fix, not an IndexError deep in the forward pass. Scans the data only when the
         tokenizer is larger than the embedding."""
-        vocab = self.model.arch.vocab_size
+        vocab = self.model.arch.vocab_size + getattr(self.model.arch, "extra_embeddings", 0)  # (Llama 3.2 Vision's
+        # <|image|> sits in the embedding's rows past the vocabulary)
         if self.tokenizer is None or len(self.tokenizer) <= vocab:
             return
         for examples in (self.train_examples, self.eval_examples or []):
