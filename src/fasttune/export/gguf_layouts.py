@@ -35,6 +35,10 @@ def check_supported(cfg) -> None:
     """ConfigError when llama.cpp has no architecture for `cfg` (a ModelConfig), or its architecture would compute
     another model (layer layouts, biases, RoPE scaling, MoE routing it does not have); a warning when llama.cpp
     drops a sliding window. Raises before anything is written."""
+    if getattr(cfg, "cross_attention_layers", None):
+        raise ConfigError("GGUF export: llama.cpp has no architecture for Llama 3.2 Vision's cross-attention layers "
+                          "(mllama). Save merged safetensors instead (save_pretrained_merged / fasttune export "
+                          "--format merged), which transformers and vLLM load.")
     if cfg.model_type not in ARCHITECTURES:
         text = [t for t in ARCHITECTURES if t not in VISION_TEXT_FAMILIES]  # those come with their vision tower
         *vlms, last = PROJECTORS

@@ -448,7 +448,8 @@ def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attentio
     if language:
         names = (list(attention_names) if attention else []) + (list(mlp_names) if mlp else [])
         if names:
-            parts.append(rf"{lm}layers\.\d+\.(self_attn|mlp)\.({'|'.join(names)})")
+            # (Llama 3.2 Vision's cross-attention layers: cross_attn, its projections named as self-attention's)
+            parts.append(rf"{lm}layers\.\d+\.(self_attn|cross_attn|mlp)\.({'|'.join(names)})")
         if mlp and model.arch.shared_expert_size:  # Qwen3.5-MoE's shared expert, Mistral 4's shared_experts (the
             shared = model.arch.module_name("shared_expert")  # routed ones: target_parameters)
             parts.append(rf"{lm}layers\.\d+\.mlp\.{shared}\.({'|'.join(mlp_names)})")
