@@ -864,6 +864,8 @@ def image_count(batch: dict, proc) -> int:
     InternVL's spans (one <img> each), else the pixel_values' images."""
     if "pixel_attention_mask" in batch:
         return int((batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids("<global-img>")).sum())
+    if "aspect_ratio_ids" in batch:  # Llama 3.2 Vision: per row its images, padding ones with id 0
+        return int((batch["aspect_ratio_ids"] > 0).sum())
     if proc.patch_span is not None:  # InternVL: one <img> an image
         return int((batch["input_ids"] == proc.tokenizer.convert_tokens_to_ids(proc.patch_span[0])).sum())
     return batch.get("image_grid_thw", batch["pixel_values"]).shape[0]

@@ -37,7 +37,8 @@ def _load(folder):
     return FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False), proc
 
 
-@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir"])
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir",
+                        "mllama_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 
@@ -79,7 +80,9 @@ def test_loss_curve_equals_dpo_on_transformers_and_peft(vl_folder, tmp_path):
         media = {k: v for k, v in batch.items() if k in IMAGE_KEYS}
         logits = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                      **{**media, **oracle_inputs(vl_folder, batch, proc)}).logits
-        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+        # (the prompt's ids may lie past the vocabulary: Llama 3.2 Vision's <|image|>; masked out below)
+        ids = batch["input_ids"][:, 1:, None].clamp(max=logits.shape[-1] - 1)
+        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids).squeeze(-1)
         return (logps * batch["completion_mask"][:, 1:]).sum(-1)
 
     losses = []

@@ -49,7 +49,8 @@ def _trainer(model, proc, tmp_path, rows=None, **kw):
     return KTOTrainer(model=model, processing_class=proc, train_dataset=rows or _rows(), args=args)
 
 
-@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir"])
+@pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir",
+                        "mllama_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 
@@ -81,7 +82,9 @@ def test_log_probs_equal_transformers_and_peft(vl_folder, tmp_path):
     def summed(b):
         media = {**{k: b[k] for k in IMAGE_KEYS if k in b}, **oracle_inputs(vl_folder, b, proc)}
         logits = twin(input_ids=b["input_ids"], attention_mask=b["attention_mask"], **media).logits
-        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, b["input_ids"][:, 1:, None]).squeeze(-1)
+        # (the prompt's ids may lie past the vocabulary: Llama 3.2 Vision's <|image|>; masked out below)
+        ids = b["input_ids"][:, 1:, None].clamp(max=logits.shape[-1] - 1)
+        logps = logits[:, :-1].float().log_softmax(-1).gather(-1, ids).squeeze(-1)
         return (logps * b["completion_mask"][:, 1:]).sum(-1)
 
     with torch.no_grad():
