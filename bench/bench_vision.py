@@ -22,6 +22,10 @@ image placeholders per row:
                  InternViT-300M, pixel-shuffled by 0.5: 256 tokens a patch) between <img> and </img>; pixel_values
                  (2 * 5, 3, 448, 448)
   llava-1.5-7b:  576 <image> tokens an image (one 336x336 image, CLIP ViT-L/14); pixel_values (2, 3, 336, 336)
+  llama-3.2-11b-vision: one <|image|> token a row (a 1120x1120 image as 2 x 2 tiles of 560, MllamaVisionModel's 32
+                 + 8 layers, 1,601 positions a tile); the text attends to the 6,404 image positions in the 8
+                 cross-attention layers; pixel_values (2, 1, 4, 3, 560, 560) with aspect_ratio_ids / _mask and the
+                 cross_attention_mask (image seen from its token on) given to both sides
 Labels are the ids with the image placeholders masked; two such batches (ids and pixel values) are drawn once and
 cycled, so the loss must fall. The hf rows pass the marks transformers' processors add (Qwen's mm_token_type_ids,
 Gemma 3's token_type_ids: 1 on the image tokens) only when the model's forward has that parameter; the row's note
@@ -39,6 +43,7 @@ appends a JSONL row (with the shape's name) to bench/results/vision_lora.jsonl. 
     python bench/bench_vision.py --matrix smolvlm        # the same three rows, smolvlm-2.2b
     python bench/bench_vision.py --matrix internvl       # the same three rows, internvl3.5-8b
     python bench/bench_vision.py --matrix llava          # the same three rows, llava-1.5-7b
+    python bench/bench_vision.py --matrix mllama         # the same three rows, llama-3.2-11b-vision
     python bench/bench_vision.py --shape gemma-3-4b --impl ours --gc on     # a single row
     OMP_NUM_THREADS=1 python bench/bench_vision.py --matrix gemma3 --smoke --out /tmp/v.jsonl   # CPU check
 
@@ -213,6 +218,23 @@ SHAPES = {
                  tie_word_embeddings=False),
         anyres=dict(tiles=3, pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]),
         before=[], after=[], text_ids=32000, image=336, prefix=64),
+    # Llama-3.2-11B-Vision's sizes (its config.json): Llama-3.1-8B's text layers with 8 cross-attention layers among
+    # the 40, the embedding 8 rows past the vocabulary (<|image|> = 128256); the tower on 560-pixel tiles
+    "llama-3.2-11b-vision": dict(
+        family="mllama", tiny="tiny-mllama",
+        text=dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=40,
+                  num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                  cross_attention_layers=[3, 8, 13, 18, 23, 28, 33, 38],
+                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                   "original_max_position_embeddings": 8192},
+                  bos_token_id=128000, eos_token_id=128009, pad_token_id=128004),
+        vision=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_global_layers=8,
+                    attention_heads=16, image_size=560, patch_size=14, max_num_tiles=4, vision_output_dim=7680,
+                    intermediate_layers_indices=[3, 7, 15, 23, 30], norm_eps=1e-5,
+                    supported_aspect_ratios=[[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]),
+        ids=dict(image_token_index=128256),
+        cross=dict(tiles=4, ratio_id=6), before=[], after=[], text_ids=128000, image=560, prefix=64),
     # --smoke: tests/tiny_vision.py's shapes (hidden 64, 2-3 layers, a 2-block vision tower); the tiny byte-level
     # tokenizer's ids (0..255 bytes, 256 eos/pad, 259/260 image start/end, 261 image placeholder)
     "tiny-qwen2.5-vl": dict(
@@ -308,6 +330,16 @@ SHAPES["tiny-llava-next"] = dict(
     ids=dict(image_token_id=259, vision_feature_layer=-2, vision_feature_select_strategy="default",
              image_grid_pinpoints=[[28, 56], [56, 28], [56, 56]], tie_word_embeddings=False),
     anyres=dict(tiles=3, pinpoints=[[28, 56], [56, 28], [56, 56]]))
+SHAPES["tiny-mllama"] = dict(
+    family="mllama",
+    text=dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, cross_attention_layers=[1], max_position_embeddings=512, rms_norm_eps=1e-5,
+              bos_token_id=257, eos_token_id=256, pad_token_id=256),
+    vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_global_layers=1, attention_heads=2,
+                image_size=28, patch_size=14, max_num_tiles=4, vision_output_dim=96, intermediate_layers_indices=[0, 1],
+                supported_aspect_ratios=[[1, 1], [1, 2], [2, 1], [1, 3], [3, 1], [1, 4], [2, 2], [4, 1]]),
+    ids=dict(image_token_index=259), cross=dict(tiles=4, ratio_id=7), before=[], after=[], text_ids=256, image=28,
+    prefix=8, lr=1e-2)
 # tiny Qwen3-VL with 4 experts of width 48, top 2, in every layer
 SHAPES["tiny-qwen3-vl-moe"] = dict(SHAPES["tiny-qwen3-vl"], family="qwen3_vl_moe", text=dict(
     SHAPES["tiny-qwen3-vl"]["text"], moe_intermediate_size=48, num_experts=4, num_experts_per_tok=2, mlp_only_layers=[]))
@@ -316,13 +348,14 @@ REAL_SHAPES = [k for k, v in SHAPES.items() if "tiny" in v]
 # (fullmatch): the vision towers' blocks have gate/up/down_proj (Qwen2.5-VL) or q/k/v_proj (SigLIP) too, which
 # this leaves out.
 HF_TARGETS = (r"model\.{language}\.layers\.\d+\."
-              r"(self_attn\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
+              r"((self_attn|cross_attn)\.(q_proj|k_proj|v_proj|o_proj)|mlp\.(gate_proj|up_proj|down_proj))")
 # matrix -> (shape, rows of (impl, gradient checkpointing, FASTTUNE_KERNELS for ours))
 ROWS = [("hf", "on", "-"), ("ours", "on", "triton"), ("ours", "off", "triton")]
 MATRIX = {"default": ("qwen2.5-vl-7b", ROWS), "qwen3": ("qwen3-vl-8b", ROWS), "gemma3": ("gemma-3-4b", ROWS),
           "qwen3-moe": ("qwen3-vl-30b-a3b", ROWS), "mistral3": ("ministral-3-8b", ROWS),
           "gemma4": ("gemma-4-ple", ROWS), "smolvlm": ("smolvlm-2.2b", ROWS), "internvl": ("internvl3.5-8b", ROWS),
-          "llava": ("llava-1.5-7b", ROWS), "llava-next": ("llava-next-mistral-7b", ROWS)}
+          "llava": ("llava-1.5-7b", ROWS), "llava-next": ("llava-next-mistral-7b", ROWS),
+          "mllama": ("llama-3.2-11b-vision", ROWS)}
 # Qwen3-VL-MoE: the MLP projections are stacked expert weights, which LoRA adapts as PEFT's target_parameters (ours
 # picks the same two from its layer-group switches)
 MOE_TARGET_PARAMETERS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
@@ -335,7 +368,7 @@ def hf_config(shape: str):
     cls = {"qwen2_5_vl": "Qwen2_5_VLConfig", "qwen3_vl": "Qwen3VLConfig", "gemma3": "Gemma3Config",
            "qwen3_vl_moe": "Qwen3VLMoeConfig", "mistral3": "Mistral3Config", "gemma4": "Gemma4Config",
            "idefics3": "Idefics3Config", "internvl": "InternVLConfig", "llava": "LlavaConfig",
-           "llava_next": "LlavaNextConfig"}[s["family"]]
+           "llava_next": "LlavaNextConfig", "mllama": "MllamaConfig"}[s["family"]]
     return getattr(transformers, cls)(text_config=dict(s["text"]), vision_config=dict(s["vision"]), **s["ids"])
 
 
@@ -390,6 +423,9 @@ def build_ours(shape: str, gc_mode: str, r: int, device: str):
                 "unpad and image_newline")
     elif SHAPES[shape]["family"] == "internvl":
         note = "patches through transformers' InternViT and projector (our pixel shuffle), frozen"
+    elif SHAPES[shape]["family"] == "mllama":
+        note = ("tiles through transformers' MllamaVisionModel and projector, frozen; our cross-attention layers "
+                "(LoRA on their q/k/v/o too, as on hf's side)")
     else:
         note = "positions: our qwen_vl_positions inside forward; vision tower: transformers' module, frozen"
     return model, note
@@ -441,7 +477,9 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     grid = s["image"] // patch
     patches = grid * grid  # temporal 1 (Qwen): the image is repeated over temporal_patch_size frames
     rows = s.get("rows")  # Mistral 3: rows of image tokens, each closed by a break (the last by an end) token
-    if s.get("fixed"):  # LLaVA: a fixed number of tokens an image
+    if s.get("cross"):  # Llama 3.2 Vision: one <|image|> token; the image's tiles reach the text by cross-attention
+        placeholders = 1
+    elif s.get("fixed"):  # LLaVA: a fixed number of tokens an image
         placeholders = s["fixed"]
     elif s.get("anyres"):  # LLaVA-NeXT: the square image's count for the pinpoint transformers picks
         from fasttune.data.vision import anyres_token_count
@@ -474,12 +512,22 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     for _ in range(n):
         input_ids = torch.randint(s.get("text_low", 0), s["text_ids"], (bs, seq), device=device, generator=g)
         input_ids[:, prefix:start] = torch.tensor(before, device=device)
-        input_ids[:, start:start + placeholders] = block if rows or s.get("tiles") else ids["image_token_id"]
+        image_id = ids.get("image_token_id", ids.get("image_token_index"))  # (MllamaConfig: image_token_index)
+        input_ids[:, start:start + placeholders] = block if rows or s.get("tiles") else image_id
         input_ids[:, start + placeholders:start + placeholders + len(after)] = torch.tensor(after, device=device)
         labels = input_ids.clone()
         labels[:, start:start + placeholders] = -100
         batch = dict(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), labels=labels)
-        if s.get("patches"):  # (rows x patches, C, H, W), as GotOcr2's processor gives them
+        if s.get("cross"):  # (rows, images, tiles, C, H, W); the image seen from its token on
+            tiles = s["cross"]["tiles"]
+            batch["pixel_values"] = torch.randn(bs, 1, tiles, 3, s["image"], s["image"], device=device,
+                                                generator=g).to(torch.bfloat16)
+            batch["aspect_ratio_ids"] = torch.full((bs, 1), s["cross"]["ratio_id"], device=device)
+            batch["aspect_ratio_mask"] = torch.ones(bs, 1, tiles, dtype=torch.long, device=device)
+            seen = torch.zeros(bs, seq, 1, tiles, dtype=torch.long, device=device)
+            seen[:, start:] = 1
+            batch["cross_attention_mask"] = seen
+        elif s.get("patches"):  # (rows x patches, C, H, W), as GotOcr2's processor gives them
             batch["pixel_values"] = torch.randn(bs * s["patches"], 3, s["image"], s["image"], device=device,
                                                 generator=g).to(torch.bfloat16)
         elif s.get("anyres"):  # (images, tiles, C, H, W) with each image's (height, width)
@@ -536,6 +584,8 @@ def hf_forward_kwargs(model, shape: str) -> tuple[dict, str]:
     from it and uses plain positions without it; a forward without the parameter finds the image tokens by id
     itself), Gemma 3's token_type_ids (1 = image token: its two-way image attention in training). Returns (a
     function of the batch giving the extra kwargs, the note saying which)."""
+    if SHAPES[shape]["family"] == "mllama":
+        return (lambda b: {"use_cache": False}), "cross_attention_mask in the batch (both sides)"
     if SHAPES[shape]["family"] in ("mistral3", "idefics3", "internvl", "llava", "llava_next"):
         return (lambda b: {"use_cache": False}), "no marks (the model finds its image tokens by id)"
     name = "token_type_ids" if SHAPES[shape]["family"] == "gemma3" else "mm_token_type_ids"
