@@ -1,15 +1,16 @@
 """GPU checks (skipped without CUDA) of vision-language models on our decoder against transformers on the card:
 Gemma 4 (its tower, embedder and two-way image attention in the sliding layers; E2B's per-layer embeddings), Mistral 3
 (Pixtral tower, Ministral 3's query scaling) and Mistral Small 4 (the same tower before latent attention and
-experts), SmolVLM (Idefics3 / SmolVLM2 tiles), InternVL (pixel-shuffled patches), LLaVA (CLIP), and Gemma 4 E2B
+experts), SmolVLM (Idefics3 / SmolVLM2 tiles), InternVL (pixel-shuffled patches), LLaVA (CLIP), Llama 3.2 Vision
+(cross-attention layers: the batch's image mask and, in generation, the cached image keys / values), and Gemma 4 E2B
 with audio clips beside the images: bf16 logits on such batches no further from fp32 than
 transformers' own bf16, and greedy fp32 decoding from such prompts equal to transformers'."""
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_vision import (save_gemma4, save_idefics3, save_internvl, save_llava, save_llava_next, save_llava_onevision,
-                         save_mistral3, save_smolvlm, solid_image)
+from tiny_vision import (mllama_cross_mask, save_gemma4, save_idefics3, save_internvl, save_llava, save_llava_next,
+                         save_llava_onevision, save_mistral3, save_mllama, save_smolvlm, solid_image)
 
 from fasttune import FastVisionModel
 
@@ -22,7 +23,8 @@ SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma
           "mistral3": lambda f: save_mistral3(f), "mistral4": lambda f: save_mistral3(f, text_type="mistral4"),
           "idefics3": lambda f: save_idefics3(f), "smolvlm": lambda f: save_smolvlm(f),
           "internvl": lambda f: save_internvl(f), "llava": lambda f: save_llava(f),
-          "llava_next": lambda f: save_llava_next(f), "llava_onevision": lambda f: save_llava_onevision(f)}
+          "llava_next": lambda f: save_llava_next(f), "llava_onevision": lambda f: save_llava_onevision(f),
+          "mllama": lambda f: save_mllama(f)}
 
 
 def _setup(family, folder, dtype):
@@ -38,6 +40,8 @@ def _setup(family, folder, dtype):
     batch = {k: v.to("cuda") for k, v in batch.items()}
     marks = {} if family.startswith(("mistral", "internvl", "llava")) else {
         "mm_token_type_ids": (batch["input_ids"] == proc.image_token_id).long()}
+    if family == "mllama":  # MllamaProcessor's cross_attention_mask, by transformers' functions
+        marks = {"cross_attention_mask": mllama_cross_mask({k: v.cpu() for k, v in batch.items()}).to("cuda")}
     if family in ("idefics3", "smolvlm"):  # transformers' layout of the tiles: (rows, images, C, H, W)
         marks = {"pixel_values": batch["pixel_values"][None],
                  "pixel_attention_mask": batch["pixel_attention_mask"][None]}
