@@ -30,11 +30,11 @@ def test_unsupported_settings_are_named(kw, match):
 
 
 def _configs():
-    from fasttune import (CPOConfig, DistillationConfig, GKDConfig, GMPOConfig, GRPOConfig, KTOConfig, ORPOConfig,
-                          RewardConfig, RLOOConfig)
+    from fasttune import (CPOConfig, DistillationConfig, GKDConfig, GMPOConfig, GRPOConfig, KTOConfig,
+                          OnlineDPOConfig, ORPOConfig, RewardConfig, RLOOConfig)
 
     return [SFTConfig, DPOConfig, KTOConfig, GRPOConfig, ORPOConfig, CPOConfig, RLOOConfig, RewardConfig,
-            DistillationConfig, GKDConfig, GMPOConfig]
+            DistillationConfig, GKDConfig, GMPOConfig, OnlineDPOConfig]
 
 
 @pytest.mark.parametrize("cls", _configs(), ids=lambda c: c.__name__)
@@ -45,8 +45,8 @@ def test_every_upstream_setting_is_accepted_at_its_default(cls):
 
     owners = upstream_defaults(cls)
     assert owners[0][0] == "transformers' TrainingArguments" and len(owners[0][1]) > 100
-    # TRL 1.x keeps ORPO, CPO, GKD and GMPO in trl.experimental
-    experimental = ("ORPOConfig", "CPOConfig", "GKDConfig", "GMPOConfig")
+    # TRL 1.x keeps ORPO, CPO, GKD, GMPO and online DPO in trl.experimental
+    experimental = ("ORPOConfig", "CPOConfig", "GKDConfig", "GMPOConfig", "OnlineDPOConfig")
     where = "TRL's experimental" if cls.__name__ in experimental else "TRL's"
     assert len(owners) == 2 and owners[1][0] == f"{where} {cls.__name__}"
     refused = []

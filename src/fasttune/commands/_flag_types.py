@@ -41,6 +41,8 @@ def int_or_share(text: str):
 def flag_type(f):
     """argparse type of a config field, from its annotation ('int | None' -> int or 'none')."""
     kinds = {k.strip() for k in str(f.type).split("|")}
+    if "list" in kinds:  # a number or a list of them (online DPO's per-epoch beta): "0.1,0.05", parsed by the config
+        return str
     if "bool" in kinds:
         return bool
     if "int" in kinds and "float" in kinds:  # *_steps: a whole number, or a share of the run below 1

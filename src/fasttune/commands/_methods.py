@@ -14,6 +14,8 @@ METHODS = {
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
     "gmpo": ("fasttune.train.objectives.gmpo:GMPOTrainer", "fasttune.train.objectives.gmpo:GMPOConfig"),
     "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
+    "online_dpo": ("fasttune.train.objectives.online_dpo:OnlineDPOTrainer",
+                   "fasttune.train.objectives.online_dpo:OnlineDPOConfig"),
     "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
                      "fasttune.train.objectives.distillation:DistillationConfig"),
     "gkd": ("fasttune.train.objectives.gkd:GKDTrainer", "fasttune.train.objectives.gkd:GKDConfig"),

@@ -218,7 +218,8 @@ def template_from_path(path) -> str:
 
 
 # configs TRL 1.x keeps under trl.experimental.<module>
-TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo", "GKDConfig": "gkd", "GMPOConfig": "gmpo"}
+TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo", "GKDConfig": "gkd", "GMPOConfig": "gmpo",
+                    "OnlineDPOConfig": "online_dpo"}
 
 
 def _trl_config(name: str):

@@ -185,7 +185,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         return pad if isinstance(pad, int) else 0
 
     def _micro_batches(self, epoch: int) -> list[list[int]]:
-        order, bs = self.epoch_order(epoch), self.args.per_device_train_batch_size
+        order, bs = self.epoch_order(epoch), self.micro_batch_rows
         return [order[i:i + bs] for i in range(0, len(order), bs)]
 
     def total_steps(self) -> int:
@@ -358,7 +358,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
 
     def epoch_progress(self, run: "_Run") -> float:
         """Epochs done as a float: the run's epoch plus the share of its micro-batches already trained."""
-        return run.epoch + run.micro / math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        return run.epoch + run.micro / math.ceil(len(self.train_examples) / self.micro_batch_rows)
 
     def _save(self, run: "_Run") -> Path:
         """checkpoint-<step> (see train/checkpoint.py); under FSDP every rank joins the gathers, rank 0 writes."""
@@ -471,7 +471,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             return  # (nothing to pick, and no hint to give: the examples are not scanned)
         from fasttune.train.memory_policy import agreed_pick, choose_checkpointing, most_media_tokens, recompute_hint
 
-        bs = self.args.per_device_train_batch_size
+        bs = self.micro_batch_rows
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
         media = bs * most_media_tokens(self.train_examples, self.tokenizer) if getattr(self.model, "family", None) \
             else 0

@@ -138,8 +138,7 @@ class ObjectiveHooks:
         if self.args.group_by_length:
             from transformers.trainer_pt_utils import get_length_grouped_indices
 
-            step_rows = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
-                         * self.dist.world)
+            step_rows = self.micro_batch_rows * self.args.gradient_accumulation_steps * self.dist.world
             lengths = [self.example_tokens(ex) for ex in self.train_examples]
             return [int(i) for i in get_length_grouped_indices(lengths, step_rows,
                                                                generator=self.data_generator(epoch))]
@@ -150,9 +149,14 @@ class ObjectiveHooks:
         seed = self.args.seed if getattr(self.args, "data_seed", None) is None else self.args.data_seed
         return torch.Generator().manual_seed(seed + epoch)
 
+    @property
+    def micro_batch_rows(self) -> int:
+        """Examples a micro-batch holds: per_device_train_batch_size (online DPO: two completions per prompt)."""
+        return self.args.per_device_train_batch_size
+
     def steps_per_epoch(self) -> int:
         """Optimizer steps of one epoch, all ranks' micro-batches together."""
-        micro = math.ceil(len(self.train_examples) / self.args.per_device_train_batch_size)
+        micro = math.ceil(len(self.train_examples) / self.micro_batch_rows)
         return math.ceil(micro / (self.args.gradient_accumulation_steps * self.dist.world))
 
     def step_groups(self, start_epoch: int, start_micro: int):

@@ -296,6 +296,24 @@ def test_rloo_on_images(qwen_vl_dir, tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
 
 
+@pytest.mark.parametrize("folder", ["qwen_vl_dir", "mllama_vl_dir"])
+def test_online_dpo_on_images(folder, request, tmp_path):
+    """OnlineDPOTrainer takes the same rows with images (GRPO's sampling and scoring, a pair per prompt): sampled
+    steps train the adapter (Qwen2.5-VL; Llama 3.2 Vision's images through cross-attention)."""
+    from fasttune import OnlineDPOConfig, OnlineDPOTrainer
+
+    model, proc = _load(request.getfixturevalue(folder))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
+    trainer = OnlineDPOTrainer(model, reward_funcs=[redness], processing_class=proc, train_dataset=_rows(),
+                               args=OnlineDPOConfig(output_dir=str(tmp_path / "odpo"), per_device_train_batch_size=2,
+                                                    max_new_tokens=4, max_steps=2, learning_rate=1e-2,
+                                                    logging_steps=1, save_strategy="no"))
+    trainer.train()
+    logs = [h for h in trainer.log_history if "loss" in h]
+    assert len(logs) == 2 and all("rewards/margins" in h and h["grad_norm"] > 0 for h in logs)
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters() if n in before)
+
+
 def _video_rows(frames):
     return [{"prompt": [{"role": "user", "content": [{"type": "video", "video": frames, "fps": 2},
                                                      {"type": "text", "text": "What moves?"}]}]}]

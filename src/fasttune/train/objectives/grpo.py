@@ -122,7 +122,7 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
             raise ConfigError(f"Each evaluation batch samples per_device_eval_batch_size x ranks = {per_eval} "
                               f"completions, which must hold whole groups of num_generations_eval="
                               f"{self.eval_generations}. Make it a multiple (as in TRL).")
-        completions_per_step = a.per_device_train_batch_size * a.gradient_accumulation_steps * self.dist.world
+        completions_per_step = self.micro_batch_rows * a.gradient_accumulation_steps * self.dist.world
         self.generation_steps, self.generations_per_step = generation_layout(a, self.dist.world)
         if completions_per_step % a.num_generations:
             raise ConfigError(
