@@ -60,6 +60,9 @@ def hf_config(family: str, **overrides):
                                                        "factor": 1.0})
     elif family == "arcee":  # the ungated ReLU² MLP (up_proj, down_proj)
         cfg = tf.ArceeConfig(**kw, tie_word_embeddings=False)
+    elif family == "seed_oss":  # Seed-OSS-36B's layout: q/k/v biases, none on o_proj or the MLP; no dropout
+        cfg = tf.SeedOssConfig(**kw, head_dim=16, attention_bias=True, attention_out_bias=False, mlp_bias=False,
+                               attention_dropout=0.0, residual_dropout=0.0, tie_word_embeddings=False)
     elif family == "apertus":  # xIELU in an ungated MLP, q/k norms, renamed pre-norms, llama3 RoPE (its default)
         cfg = tf.ApertusConfig(**kw, tie_word_embeddings=False)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
@@ -186,6 +189,12 @@ try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's
     from transformers import Lfm3Config  # noqa: F401
 
     FAMILIES.append("lfm3")
+except ImportError:
+    pass
+try:  # Seed-OSS: transformers 5.x (a GPU machine's older one runs the others)
+    from transformers import SeedOssConfig  # noqa: F401
+
+    FAMILIES.append("seed_oss")
 except ImportError:
     pass
 try:  # Gemma 4: transformers 5.5 and later

@@ -69,6 +69,10 @@ def check_supported(cfg) -> None:
         raise ConfigError(f"This {cfg.model_type} model has biases (attention_bias / mlp_bias / use_bias); "
                           f"llama.cpp's {arch} reads none, so it cannot be exported to GGUF. Save the merged model "
                           f"with save_pretrained_merged instead.")
+    if arch == "seed_oss" and (cfg.o_bias or cfg.mlp_bias):
+        raise ConfigError("This Seed-OSS model has biases on o_proj or the MLP (attention_out_bias / mlp_bias); "
+                          "llama.cpp's seed_oss reads only the q/k/v biases, so the GGUF would not load. Save the "
+                          "merged model with save_pretrained_merged instead. Nothing was written.")
     if arch == "olmo2":
         _check_olmo(cfg)
     elif arch == "exaone4":

@@ -10,7 +10,8 @@ SmolLM3's and EXAONE 4's layers without RoPE (`rope_layers`), OLMo 2/3's and EXA
 OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and GLM-4's adjacent-pair RoPE
 (`rope_interleaved`), Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
 with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`), and the ungated MLP
-(`mlp_gated`) of Arcee (ReLU²) and Apertus (xIELU).
+(`mlp_gated`) of Arcee (ReLU²) and Apertus (xIELU); Seed-OSS is Llama's layers with q/k/v biases apart from o_proj's
+(`attention_out_bias`).
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
-                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe")
+                      "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
+                      "seed_oss")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -298,8 +300,10 @@ class ModelConfig:
             eos_token_id=get("eos_token_id"),
         )
         if model_type in ("llama", "mistral", "ministral3", "smollm3", "olmo2", "olmo3", "granite", "arcee", "apertus",
-                          *CROSS_ATTENTION_FAMILIES):
+                          "seed_oss", *CROSS_ATTENTION_FAMILIES):
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+            if model_type == "seed_oss":  # Seed-OSS: q/k/v biases and the output projection's own switch
+                cfg.o_bias = bool(get("attention_out_bias", False))
             cfg.mlp_bias = bool(get("mlp_bias", False))
             if model_type == "smollm3":
                 cfg.rope_layers = _rope_layers(get, layers)

@@ -126,7 +126,7 @@ def assign_tensor(model: nn.Module, name: str, tensor: torch.Tensor):
 
 # Model-level dropouts of the families we run (attention weights; Phi-3's residual and embedding dropout), which
 # transformers applies while training and our decoder does not.
-DROPOUT_FIELDS = ("attention_dropout", "resid_pdrop", "embd_pdrop")
+DROPOUT_FIELDS = ("attention_dropout", "resid_pdrop", "embd_pdrop", "residual_dropout")  # (the last: Seed-OSS's)
 
 
 def _warn_unapplied_dropout(hf_config, source: str) -> None:
