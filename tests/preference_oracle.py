@@ -1,5 +1,7 @@
 """TRL 1.16 as the oracle for DPO / ORPO / KTO: our LoRA model and its transformers+PEFT twin with the same
 adapter (LoRA B randomised, so the policy differs from the reference), and one step's loss and gradients."""
+from contextlib import contextmanager
+
 import torch
 from peft_oracle import peft_grads, peft_twin, randomize_lora_b
 
@@ -132,3 +134,16 @@ def assert_ga_invariant(trainer_cls, make_args, rows, folder, tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-6, msg=k)
     return ta
+
+
+@contextmanager
+def restored(model):
+    """The module's model as it was, after a test that moves it (shift_policy)."""
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])

@@ -3,13 +3,11 @@ fixed completions through a subclass hook) is the oracle for one micro-batch's p
 and metrics (sigmoid and IPO, a missing-EOS penalty that flips a choice, prompts cut to max_length); plus the
 summed gradients over accumulation, the config's errors, a short run and the CLI."""
 import json
-from contextlib import contextmanager
-
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, ROWS
 from peft_oracle import peft_grads, peft_twin, saved_lora_adapter
-from preference_oracle import shift_policy
+from preference_oracle import restored, shift_policy
 
 from fasttune import FastLanguageModel, OnlineDPOConfig, OnlineDPOTrainer
 from fasttune.errors import ConfigError
@@ -28,19 +26,6 @@ def policy(tmp_path_factory, tiny_tokenizer):
     """Our LoRA model (random LoRA B) and its saved adapter, on the tiny Llama."""
     root = tmp_path_factory.mktemp("online_dpo")
     return (*saved_lora_adapter(root, tiny_tokenizer), root)
-
-
-@contextmanager
-def restored(model):
-    """The module's model as it was, after a test that moves it (shift_policy)."""
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in start:
-                    p.copy_(start[n])
 
 
 def _fixed_trl():

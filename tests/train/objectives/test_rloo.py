@@ -2,13 +2,11 @@
 with reward clipping, normalisation and the KL penalty, and for one step's loss and LoRA gradients; plus the config
 errors and the CLI."""
 import json
-from contextlib import contextmanager
-
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS, ROWS, G, assert_step_equals_trl, count_a
 from peft_oracle import peft_twin, saved_lora_adapter
-from preference_oracle import shift_policy
+from preference_oracle import restored, shift_policy
 
 from fasttune import FastLanguageModel, RLOOConfig, RLOOTrainer
 from fasttune.errors import ConfigError
@@ -60,19 +58,6 @@ def _score(ours, theirs):
     examples = ours.train_examples[:len(COMPLETIONS)]
     batch = ours.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
     return batch, theirs._generate_and_score_completions([row for row in ROWS for _ in range(G)])
-
-
-@contextmanager
-def restored(model):
-    """The module's model as it was, after a test that moves it (shift_policy)."""
-    start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in start:
-                    p.copy_(start[n])
 
 
 @pytest.mark.parametrize("cfg", [dict(beta=0.0), dict(beta=0.05, reward_clip_range=(0.0, 1.5)),
