@@ -10,7 +10,8 @@ from fasttune.errors import ModelLoadError
 def processor_settings(vlm_config, tokenizer) -> dict:
     """VisionProcessor's placeholder settings for a vision-language config: Qwen2.5-VL's one <|image_pad|> per
     merged patch, Gemma 3's fixed image sequence (Gemma3Processor's full_image_sequence), Gemma 4's soft tokens,
-    Pixtral's rows, Llama 3.2 Vision's one <|image|> (its images batched per row), Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
+    Pixtral's rows, Llama 3.2 Vision's one <|image|> (its images batched per row),
+    Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
     Idefics3Model computes it), InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
     patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's / LLaVA-OneVision's tiles (data/vision.py's anyres_token_count)."""
     if vlm_config.model_type == "gemma3":

@@ -1,8 +1,8 @@
-"""Llama 3.2 Vision's cross-attention layers (transformers' MllamaCrossAttentionDecoderLayer / MllamaTextCrossAttention):
-the text's queries attend to the image features instead of to the text. The decoder (models/decoder.py) runs them in
-place of a self-attention layer at the config's cross_attention_layers; what they read comes in `CrossInputs` (in the
-masks dict every layer gets), and in generation the image's keys and values stay in the KV cache
-(`KVCache.cross`), computed once at the prefill.
+"""Llama 3.2 Vision's cross-attention layers (transformers' MllamaCrossAttentionDecoderLayer /
+MllamaTextCrossAttention): the text's queries attend to the image features instead of to the text. The decoder
+(models/decoder.py) runs them in place of a self-attention layer at the config's cross_attention_layers; what they
+read comes in `CrossInputs` (in the masks dict every layer gets), and in generation the image's keys and values stay
+in the KV cache (`KVCache.cross`), computed once at the prefill.
 
 transformers' rule, which this keeps so that the values equal the reference's: a text position that may attend to
 no image tile (text before the first image, a row without images) attends to every image position of its row with
@@ -56,7 +56,8 @@ def cross_inputs(states: torch.Tensor, tile_mask: torch.Tensor, patches: int, dt
     return CrossInputs(states, allowed | ~any_allowed, rows)
 
 
-def image_token_spans(input_ids: torch.Tensor, image_token_id: int, tiles: torch.Tensor, max_tiles: int) -> torch.Tensor:
+def image_token_spans(input_ids: torch.Tensor, image_token_id: int, tiles: torch.Tensor,
+                      max_tiles: int) -> torch.Tensor:
     """The processor's cross_attention_mask (B, T, images, max_tiles) long, from the token ids: the k-th <|image|>
     of a row is attended from its position to the next <|image|> (or the row's end), a run of adjacent <|image|>
     tokens sharing the span after the run's last one, over the image's first tiles[b, k] tiles (transformers'

@@ -288,7 +288,8 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.arch = cfg
-        self.embed_tokens = word_embedding(cfg.vocab_size + cfg.extra_embeddings, cfg.hidden_size, cfg.embed_scale)  # Gemma: scaled inside
+        # (Gemma: scaled inside; Llama 3.2 Vision: rows past the vocabulary)
+        self.embed_tokens = word_embedding(cfg.vocab_size + cfg.extra_embeddings, cfg.hidden_size, cfg.embed_scale)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm_name = cfg.module_name("norm")
         setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,

@@ -23,8 +23,9 @@ from fasttune.constants import AUDIO_KEYS, CROSS_KEYS, VIDEO_KEYS
 from fasttune.errors import ConfigError
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.vision_families import FAMILIES, VisionFamily
-from fasttune.models.vision_features import (cross_image_inputs, image_geometry, internvl_features, llava_features, llava_next_features,
-                                             pixtral_features, pooled_video_features, tile_features)
+from fasttune.models.vision_features import (cross_image_inputs, image_geometry, internvl_features, llava_features,
+                                             llava_next_features, pixtral_features, pooled_video_features,
+                                             tile_features)
 from fasttune.models.vision_positions import packed_positions, qwen_vl_positions
 
 

@@ -141,7 +141,8 @@ FAMILIES["mllama"] = VisionFamily("mllama", (("vision_model", "vision_model"),
                                             ("multi_modal_projector", "multi_modal_projector")),
                                    r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.self_attn\."
                                    r"(q_proj|k_proj|v_proj|o_proj)",
-                                   r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.mlp\.(fc1|fc2)",
+                                   r"model\.vision_model\.(transformer|global_transformer)\.layers\.\d+\.mlp\."
+                                   r"(fc1|fc2)",
                                    cross_attention=True)
 FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
 
