@@ -124,14 +124,16 @@ def with_image_payloads(prompt: VisionPrompt) -> list[dict]:
     return [{**m, "content": [payload(item) for item in m["content"]]} for m in prompt.messages]
 
 
-def prompt_media(examples: list[dict], processor) -> dict:
+def prompt_media(examples: list[dict], processor, decoded: dict | None = None) -> dict:
     """The image inputs (pixel_values with image_grid_thw, or the family's image keys: processor.process_images) of
     the examples' images in row order, and the video inputs (pixel_values_videos with the family's keys:
     processor.process_videos) of their videos, each example's `images` / `videos` sources decoded again, once per
-    example object (a GRPO group's copies, a DPO pair's two rows are one); {} when none has either."""
+    example object (a GRPO group's copies, a DPO pair's two rows are one); {} when none has either. decoded: a dict
+    (example id -> its decoded images and videos) that keeps the decoded media for later calls on the same
+    examples (GRPO's sampling and then scoring of one rollout decode each video once); its owner clears it."""
     from fasttune.data.video import decoded as decode_videos
 
-    seen: dict[int, tuple] = {}
+    seen: dict[int, tuple] = {} if decoded is None else decoded
     for ex in examples:
         if id(ex) not in seen:
             seen[id(ex)] = ([to_pil(s, "an image of the batch") for s in ex.get("images", ())],

@@ -361,3 +361,28 @@ def test_video_prompts_reach_generation_and_scoring(qwen_video_dir, tmp_path):
     trainer.train()
     assert seen and seen[0]["type"] == "video" and len(seen[0]["video"]) == 4  # (the frames as the rows stored them)
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in trainer.log_history if "loss" in h)
+
+
+def test_a_rollout_decodes_each_prompts_video_once(qwen_video_dir, tmp_path, monkeypatch):
+    """Sampling and scoring one rollout share the prompt's decoded frames (a video file would otherwise be read
+    twice a step); the next rollout decodes again (nothing is kept past it)."""
+    from PIL import Image
+    from tiny_vision import patterned_frames
+
+    import fasttune.data.video as video
+    from fasttune import GRPOTrainer
+
+    model, proc = _load(qwen_video_dir)
+    frames = [Image.fromarray(f) for f in patterned_frames(4, 56, 56)]
+    trainer = GRPOTrainer(model, reward_funcs=[count_a], processing_class=proc, train_dataset=_video_rows(frames),
+                          args=_config(tmp_path, per_device_train_batch_size=G, max_steps=1))
+    calls, decode = [], video.decoded
+
+    def counted(sources, where):
+        calls.append(len(sources))
+        return decode(sources, where)
+    monkeypatch.setattr(video, "decoded", counted)
+    for _ in range(2):
+        batches = trainer.rollout(trainer.train_examples[:G], [G], seed=0)
+        assert batches[0]["pixel_values_videos"].shape[0] > 0
+    assert calls == [1, 1] and trainer._decoded_media is None

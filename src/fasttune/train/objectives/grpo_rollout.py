@@ -104,9 +104,14 @@ class Rollouts:
                 across_ranks: bool = False) -> list[dict]:
         """Sample a completion for each example (consecutive copies of a prompt form a group of `group`, default
         num_generations), score, and return the micro-batches (`sizes` completions each). across_ranks: the
-        examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score)."""
-        completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
-        return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
+        examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score). A
+        prompt's images and videos are decoded once for both sampling and scoring (kept for this rollout only)."""
+        self._decoded_media = {}
+        try:
+            completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
+            return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
+        finally:
+            self._decoded_media = None
 
     def sample(self, examples: list[dict], seed: int, model=None) -> tuple[list[list[int]], list[bool]]:
         """One completion per example from model.generate (temperature, top_p, top_k; seeded; `model`: the policy
@@ -125,7 +130,8 @@ class Rollouts:
 
             placeholders = [t for t in (model.image_token_id, model.video_token_id, model.audio_token_id)
                             if t is not None]
-            media = {**prompt_media(examples, self.tokenizer), "num_return_sequences": copies,
+            media = {**prompt_media(examples, self.tokenizer, getattr(self, "_decoded_media", None)),
+                     "num_return_sequences": copies,
                      "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
         # TRL's sampling settings, then its generation_kwargs over them
@@ -184,7 +190,7 @@ class Rollouts:
         attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
         b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
              "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
-        media = prompt_media(examples, self.tokenizer) if self.vision else {}
+        media = prompt_media(examples, self.tokenizer, getattr(self, "_decoded_media", None)) if self.vision else {}
         b.update(media)
         # The log-probs stay on the device (the loop's move is then a no-op): copying them back would wait for the
         # device once per micro-batch.
