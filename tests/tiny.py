@@ -63,6 +63,10 @@ def hf_config(family: str, **overrides):
     elif family == "seed_oss":  # Seed-OSS-36B's layout: q/k/v biases, none on o_proj or the MLP; no dropout
         cfg = tf.SeedOssConfig(**kw, head_dim=16, attention_bias=True, attention_out_bias=False, mlp_bias=False,
                                attention_dropout=0.0, residual_dropout=0.0, tie_word_embeddings=False)
+    elif family == "cohere2":  # 4 layers: 3 sliding (window 4, adjacent-pair RoPE), the 4th full without RoPE;
+        kw.update(num_hidden_layers=4)  # the parallel block, LayerNorms, logits x logit_scale (0.25: not 1)
+        cfg = tf.Cohere2Config(**kw, head_dim=16, sliding_window=4, logit_scale=0.25, tie_word_embeddings=True,
+                               layer_types=["sliding_attention"] * 3 + ["full_attention"])
     elif family == "apertus":  # xIELU in an ungated MLP, q/k norms, renamed pre-norms, llama3 RoPE (its default)
         cfg = tf.ApertusConfig(**kw, tie_word_embeddings=False)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
@@ -189,6 +193,12 @@ try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's
     from transformers import Lfm3Config  # noqa: F401
 
     FAMILIES.append("lfm3")
+except ImportError:
+    pass
+try:  # Cohere 2 (Command R7B, Command A)
+    from transformers import Cohere2Config  # noqa: F401
+
+    FAMILIES.append("cohere2")
 except ImportError:
     pass
 try:  # Seed-OSS: transformers 5.x (a GPU machine's older one runs the others)

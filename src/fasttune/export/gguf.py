@@ -295,7 +295,10 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_value_length(cfg.head_dim)
         writer.add_rope_dimension_count(cfg.rotary_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
-    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    if cfg.centered_norm:  # Cohere's LayerNorms (llama.cpp reads their eps under its LayerNorm key)
+        writer.add_layer_norm_eps(cfg.rms_norm_eps)
+    else:
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
     writer.add_file_type(int(file_type))
     if quantized:
@@ -331,7 +334,9 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_residual_scale(float(cfg.residual_multiplier))
         writer.add_attention_scale(float(cfg.scaling))
         writer.add_logit_scale(float(cfg.logits_scaling))
-    if ARCHITECTURES[cfg.model_type] in ("olmo2", "exaone4") and any(cfg.sliding_windows):  # layouts checked
+    if cfg.model_type == "cohere2":  # llama.cpp's cohere2 multiplies the logits by logit_scale (granite's divides)
+        writer.add_logit_scale(1.0 / float(cfg.logits_scaling))
+    if ARCHITECTURES[cfg.model_type] in ("olmo2", "exaone4", "cohere2") and any(cfg.sliding_windows):  # (checked)
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
     if ARCHITECTURES[cfg.model_type] == "gpt-oss":
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))

@@ -73,11 +73,17 @@ def check_supported(cfg) -> None:
         raise ConfigError("This Seed-OSS model has biases on o_proj or the MLP (attention_out_bias / mlp_bias); "
                           "llama.cpp's seed_oss reads only the q/k/v biases, so the GGUF would not load. Save the "
                           "merged model with save_pretrained_merged instead. Nothing was written.")
+    if arch == "cohere2":
+        window = next((w for w in cfg.sliding_windows if w), None)
+        if window is None or not _every_fourth_full(cfg, window):
+            raise ConfigError(f"This Cohere 2 model's layer_types {cfg.sliding_windows} are not 'three sliding "
+                              f"layers, then a full one', the only layout llama.cpp's cohere2 reads; save the merged "
+                              f"model with save_pretrained_merged instead. Nothing was written.")
     if arch == "olmo2":
         _check_olmo(cfg)
     elif arch == "exaone4":
         _check_exaone4(cfg)
-    elif arch not in ("gpt-oss", "gemma4") and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
+    elif arch not in ("gpt-oss", "gemma4", "cohere2") and arch not in GEMMA_27B_LAYERS and any(cfg.sliding_windows):
         window = next(w for w in cfg.sliding_windows if w)
         warnings.warn(f"llama.cpp's '{arch}' architecture has no sliding-window attention: the GGUF attends over "
                       f"the whole context, which equals this model only for sequences up to {window} tokens.")

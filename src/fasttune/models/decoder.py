@@ -130,6 +130,7 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         eps, off, f32 = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32
+        centered = cfg.centered_norm  # (Cohere's LayerNorms)
         # the token mixer: softmax attention, Qwen3.5's gated DeltaNet (models/gated_deltanet.py) or LFM2's short
         # convolution (models/short_conv.py)
         self.layer_idx = layer_idx
@@ -165,15 +166,17 @@ class DecoderLayer(nn.Module):
         self.residual_multiplier = cfg.residual_multiplier  # Granite
         renamed = PRE_NORM_NAMES.get(cfg.model_type)
         self.pre_norm_names = renamed or ("input_layernorm", "post_attention_layernorm")
+        # Cohere 2: attention and MLP side by side on the one input_layernorm's output (see forward)
+        self.parallel = cfg.parallel_block
         if not self.post_norm:
-            setattr(self, self.pre_norm_names[0], RMSNorm(cfg.hidden_size, eps, off, f32))
+            setattr(self, self.pre_norm_names[0], RMSNorm(cfg.hidden_size, eps, off, f32, centered))
         self.sandwich = cfg.sandwich_norm
         # the three norms of a sandwich block (after attention, before and after the MLP) by transformers' names
         self.norm_names = SANDWICH_NAMES.get(cfg.model_type, SANDWICH_NAMES["gemma2"])
         if self.sandwich:
             for name in self.norm_names:
                 setattr(self, name, RMSNorm(cfg.hidden_size, eps, off, f32))
-        else:
+        elif not self.parallel:
             setattr(self, self.pre_norm_names[1], RMSNorm(cfg.hidden_size, eps, off, f32))
         if self.post_norm:
             self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off, f32)
@@ -190,7 +193,7 @@ class DecoderLayer(nn.Module):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
         sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
         only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
-        if self.is_moe or self.sandwich or self.post_norm or self.is_cross:
+        if self.is_moe or self.sandwich or self.post_norm or self.is_cross or self.parallel:
             return self(x if h is None else x + h, cos, sin, mask, cache, per_layer_input=per_layer_input), None
         x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
@@ -262,6 +265,9 @@ class DecoderLayer(nn.Module):
         cross-attention layer (Llama 3.2 Vision) reads mask["cross"] (models/cross_attention.py)."""
         if self.is_cross:
             return cross_layer(self, x, mask, cache)
+        if self.parallel:  # Cohere 2: x + attention(n) + mlp(n), n = input_layernorm(x)
+            normed = self.attn_norm(x)
+            return x + self.mixer(normed, cos, sin, mask, cache) + self.ffn(normed)
         if self.is_moe:
             x, normed = self.attn_norm.with_residual(x)
             x, normed = self._post_attention(x, self.mixer(normed, cos, sin, mask, cache), cache)
@@ -293,7 +299,7 @@ class DecoderModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm_name = cfg.module_name("norm")
         setattr(self, self.norm_name, RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset,
-                                              cfg.norm_scale_fp32))
+                                              cfg.norm_scale_fp32, cfg.centered_norm))
         if cfg.per_layer_input_size:  # Gemma 4's per-layer embeddings (models/gemma4.py)
             build_per_layer_tables(self, cfg, lambda dim: RMSNorm(dim, cfg.rms_norm_eps, cfg.norm_offset,
                                                                   cfg.norm_scale_fp32))

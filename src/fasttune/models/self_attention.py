@@ -71,7 +71,7 @@ class Attention(nn.Module):
         # Whether "offload" may keep q/k/v and the post-attention residual so the recompute skips the projections
         # (models/kept_block.py): only where no other op reads the values skipped.
         self.keeps_block = not (cfg.fused_qkv or cfg.qk_norm or cfg.attn_sinks or cfg.sandwich_norm or cfg.post_norm
-                                or cfg.value_norm)
+                                or cfg.value_norm or cfg.parallel_block)
         # Adjacent-pair RoPE (rope_interleaved) as the usual half-split one on channels reordered evens-then-odds
         # inside the rotary part, in q and k alike: each pair lands at (j, j + rotary/2) and q.k is unchanged.
         self.reorder_pairs = cfg.rope_interleaved
