@@ -67,6 +67,8 @@ def hf_config(family: str, **overrides):
         kw.update(num_hidden_layers=4)  # the parallel block, LayerNorms, logits x logit_scale (0.25: not 1)
         cfg = tf.Cohere2Config(**kw, head_dim=16, sliding_window=4, logit_scale=0.25, tie_word_embeddings=True,
                                layer_types=["sliding_attention"] * 3 + ["full_attention"])
+    elif family == "cohere":  # Command R / Aya's layout: the parallel block, LayerNorms, adjacent-pair RoPE
+        cfg = tf.CohereConfig(**kw, logit_scale=0.25, tie_word_embeddings=True)
     elif family == "apertus":  # xIELU in an ungated MLP, q/k norms, renamed pre-norms, llama3 RoPE (its default)
         cfg = tf.ApertusConfig(**kw, tie_word_embeddings=False)
     elif family == "qwen3_moe":  # 4 experts, top-2; layer 0 dense (mlp_only_layers) to cover both kinds
@@ -198,7 +200,7 @@ except ImportError:
 try:  # Cohere 2 (Command R7B, Command A)
     from transformers import Cohere2Config  # noqa: F401
 
-    FAMILIES.append("cohere2")
+    FAMILIES += ["cohere", "cohere2"]
 except ImportError:
     pass
 try:  # Seed-OSS: transformers 5.x (a GPU machine's older one runs the others)

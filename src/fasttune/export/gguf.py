@@ -334,7 +334,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_residual_scale(float(cfg.residual_multiplier))
         writer.add_attention_scale(float(cfg.scaling))
         writer.add_logit_scale(float(cfg.logits_scaling))
-    if cfg.model_type == "cohere2":  # llama.cpp's cohere2 multiplies the logits by logit_scale (granite's divides)
+    if cfg.model_type in ("cohere", "cohere2"):  # llama.cpp's command-r / cohere2 multiply the logits by logit_scale
+        # (granite's divides)
         writer.add_logit_scale(1.0 / float(cfg.logits_scaling))
     if ARCHITECTURES[cfg.model_type] in ("olmo2", "exaone4", "cohere2") and any(cfg.sliding_windows):  # (checked)
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
@@ -368,8 +369,9 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
 
     kind = gguf.GGMLQuantizationType
     if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias",
-                                           "ssm_conv1d.weight", "shortconv.conv.weight")):
-        return kind.F32  # norms, biases, rope factors, MoE routers, convs: small, and llama.cpp keeps them in f32
+                                           "ssm_conv1d.weight", "shortconv.conv.weight", "_norm.weight")):
+        return kind.F32  # norms (Command R+'s q/k norms are (heads, head_dim)), biases, rope factors, MoE routers,
+        # convs: small, and llama.cpp keeps them in f32 (its CPU kernels multiply by no 16-bit norm)
     if quant not in METHODS:
         return _ggml_types(quant)[0]
     name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=ARCHITECTURES[cfg.model_type],

@@ -23,6 +23,7 @@ from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE wh
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
 WITHOUT_BIASES = ("olmo2", "ernie4_5", "gemma4")  # llama.cpp architectures that read no q/k/v/o or MLP biases
+COMMAND_R_PLUS_LAYERS = 64  # llama.cpp's command-r: q/k norms read (and required) from this many layers on
 FULL_EVERY = 4  # llama.cpp's olmo2 and exaone4 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
 
 
@@ -73,6 +74,11 @@ def check_supported(cfg) -> None:
         raise ConfigError("This Seed-OSS model has biases on o_proj or the MLP (attention_out_bias / mlp_bias); "
                           "llama.cpp's seed_oss reads only the q/k/v biases, so the GGUF would not load. Save the "
                           "merged model with save_pretrained_merged instead. Nothing was written.")
+    if arch == "command-r" and cfg.qk_norm != (cfg.num_layers >= COMMAND_R_PLUS_LAYERS):
+        raise ConfigError(f"This Cohere model has {cfg.num_layers} layers {'with' if cfg.qk_norm else 'without'} q/k "
+                          f"norms (use_qk_norm); llama.cpp's command-r reads q/k norms exactly when a model has "
+                          f"{COMMAND_R_PLUS_LAYERS} layers or more (Command R+'s layout), so the GGUF would not load. "
+                          f"Save the merged model with save_pretrained_merged instead. Nothing was written.")
     if arch == "cohere2":
         window = next((w for w in cfg.sliding_windows if w), None)
         if window is None or not _every_fourth_full(cfg, window):

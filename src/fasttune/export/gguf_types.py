@@ -36,7 +36,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "glm4_moe": "glm4moe", "qwen3_next": "qwen3next", "glm4_moe_lite": "deepseek2",
                  "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "gemma4_text": "gemma4",
                  "mistral4": "mistral4", "lfm2_moe": "lfm2moe", "seed_oss": "seed_oss",
-                 "cohere2": "cohere2",
+                 "cohere2": "cohere2", "cohere": "command-r",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_vl_moe_text": "qwen3vlmoe",

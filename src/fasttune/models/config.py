@@ -11,7 +11,7 @@ OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and
 (`rope_interleaved`), Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
 with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`), and the ungated MLP
 (`mlp_gated`) of Arcee (ReLU²) and Apertus (xIELU); Seed-OSS is Llama's layers with q/k/v biases apart from o_proj's
-(`attention_out_bias`); Cohere 2's layers run attention and MLP side by side on one LayerNorm (`parallel_block`,
+(`attention_out_bias`); Cohere's (Command R, Aya) and Cohere 2's layers run attention and MLP side by side on one LayerNorm (`parallel_block`,
 `centered_norm`), with RoPE on adjacent pairs in the sliding layers only and the logits times logit_scale.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
                       "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
-                      "seed_oss", "cohere2")
+                      "seed_oss", "cohere2", "cohere")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -330,12 +330,15 @@ class ModelConfig:
                 cfg.attn_scale = float(get("attention_multiplier", 1.0))
         elif model_type == "qwen2":
             cfg.attn_bias = True
-        elif model_type == "cohere2":  # adjacent-pair RoPE on the sliding layers only; logits times logit_scale
+        elif model_type in ("cohere", "cohere2"):  # adjacent-pair RoPE; logits times logit_scale
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.rope_interleaved = cfg.parallel_block = cfg.centered_norm = True
             cfg.rms_norm_eps = float(get("layer_norm_eps", 1e-5))
-            cfg.rope_layers = [t == "sliding_attention" for t in _layer_types(get, model_type, layers)]
             cfg.logits_scaling = 1.0 / float(get("logit_scale", 0.0625))
+            if model_type == "cohere2":  # RoPE in the sliding layers only
+                cfg.rope_layers = [t == "sliding_attention" for t in _layer_types(get, model_type, layers)]
+            else:  # Command R+: LayerNorms on q and k, a weight per head (use_qk_norm)
+                cfg.qk_norm = bool(get("use_qk_norm", False))
         elif model_type in VISION_TEXT_FAMILIES:
             if model_type in ("qwen3_vl_text", "qwen3_vl_moe_text"):
                 cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))

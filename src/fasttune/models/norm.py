@@ -35,6 +35,7 @@ class RMSNorm(nn.Module):
 
 def centered_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm without a bias over the last dim, in fp32 and cast back: transformers' CohereLayerNorm (Cohere's
-    norms; torch's layer_norm does the same arithmetic)."""
-    out = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], weight.float(), None, eps)
+    norms; torch's layer_norm does the same arithmetic). weight (dim,), or (heads, dim) for Command R+'s per-head
+    q/k norms over x (..., heads, dim)."""
+    out = torch.nn.functional.layer_norm(x.float(), x.shape[-1:], None, None, eps) * weight.float()
     return out.to(x.dtype)

@@ -56,11 +56,13 @@ class Attention(nn.Module):
             (cfg.module_name("q_norm"), cfg.module_name("k_norm"))
         if cfg.qk_norm:
             q_dim, k_dim = (self.q_size, self.kv_size) if cfg.qk_norm_full else (d, d)
+            if cfg.centered_norm:  # Command R+'s LayerNorms: a weight per head, (heads, head_dim)
+                q_dim, k_dim = (cfg.num_heads, d), (cfg.num_kv_heads, d)
             setattr(self, self.qk_norm_names[0], RMSNorm(q_dim, cfg.rms_norm_eps, cfg.norm_offset,
-                                                         cfg.norm_scale_fp32))
+                                                         cfg.norm_scale_fp32, cfg.centered_norm))
             if self.kv_source is None:
                 setattr(self, self.qk_norm_names[1], RMSNorm(k_dim, cfg.rms_norm_eps, cfg.norm_offset,
-                                                             cfg.norm_scale_fp32))
+                                                             cfg.norm_scale_fp32, cfg.centered_norm))
         if cfg.attn_sinks:
             self.sinks = nn.Parameter(torch.empty(cfg.num_heads))
         if cfg.attn_head_gate:  # LFM3: one sigmoid gate per head, from the layer's input
