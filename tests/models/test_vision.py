@@ -195,7 +195,8 @@ def test_merged_4bit_is_a_bitsandbytes_checkpoint_with_a_16_bit_tower(vl_train_d
     model.save_pretrained_merged(tmp_path / "m4", proc, save_method="merged_4bit")
     ref = AutoModelForImageTextToText.from_pretrained(tmp_path / "m4", device_map="cpu", dtype=torch.float32)
     ref.train()  # as tests/models/test_loading_quantized.py: no bf16 inference kernel of bitsandbytes on the CPU
-    kinds = {type(m).__name__ for n, m in ref.named_modules() if n.startswith(("model.visual.", "model.vision_tower."))}
+    kinds = {type(m).__name__ for n, m in ref.named_modules()
+             if n.startswith(("model.visual.", "model.vision_tower.", "model.vision_model.", "model.multi_modal_proj"))}
     assert "Linear" in kinds and "Linear4bit" not in kinds
     assert type(ref.model.language_model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
     ours, _ = FastVisionModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=True, dtype=torch.float32)

@@ -142,3 +142,27 @@ def test_the_memory_estimate_counts_each_image_as_its_tiles(loaded):
 
     model, _ = loaded
     assert patches_per_token(model.family, model.hf_config) == 4 * ((28 // 14) ** 2 + 1)
+
+
+def test_merged_4bit_keeps_the_projector_16_bit(mllama_vl_dir, tmp_path):
+    """save_method="merged_4bit": the projector, a bare Linear under a vision module's own name, stays 16-bit with
+    the tower (bitsandbytes' llm_int8_skip_modules names it), so transformers + bitsandbytes load the checkpoint
+    and give our load_in_4bit=True logits."""
+    from transformers import MllamaForConditionalGeneration
+
+    from fasttune import FastVisionModel
+
+    model, proc = FastVisionModel.from_pretrained(str(mllama_vl_dir), dtype=torch.float32, device="cpu")
+    model = FastVisionModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    model.save_pretrained_merged(tmp_path / "m4", proc, save_method="merged_4bit")
+    ref = MllamaForConditionalGeneration.from_pretrained(tmp_path / "m4", device_map="cpu", dtype=torch.float32)
+    ref.train()  # (no bf16 inference kernel of bitsandbytes on the CPU, as in test_vision.py)
+    assert type(ref.model.multi_modal_projector).__name__ == "Linear"
+    assert type(ref.model.language_model.layers[1].cross_attn.q_proj).__name__ == "Linear4bit"
+    ours, _ = FastVisionModel.from_pretrained(str(tmp_path / "m4"), load_in_4bit=True, dtype=torch.float32,
+                                              device="cpu")
+    batch, _ = _rows(proc)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        theirs = ref(**batch, cross_attention_mask=mllama_cross_mask(batch)).logits
+        torch.testing.assert_close(ours(**batch).logits[real], theirs[real], rtol=1e-5, atol=1e-5)

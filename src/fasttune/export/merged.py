@@ -117,10 +117,11 @@ def _decoder_linears(model) -> set:
     from fasttune.quant.linear import QuantLinear
 
     hf_name = checkpoint_names(model)
-    vision = tuple(f"{attr}." for attr, _ in model.family.vision_modules) if getattr(model, "family", None) else ()
+    vision = [attr for attr, _ in model.family.vision_modules] if getattr(model, "family", None) else []
+    # (a vision module may be a Linear itself: Llama 3.2 Vision's multi_modal_projector)
     return {hf_name(n.removesuffix(".base_layer")) for n, m in model.named_modules()
             if isinstance(m, (torch.nn.Linear, QuantLinear)) and "lm_head" not in n and n != "score"
-            and not n.startswith(vision)}
+            and not any(n == attr or n.startswith(attr + ".") for attr in vision)}
 
 
 def skipped_4bit_modules(model) -> list[str] | None:
