@@ -35,6 +35,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "ClassificationTrainer": "fasttune.train.objectives.classification",
          "ClassificationConfig": "fasttune.train.objectives.classification",
          "is_bfloat16_supported": "fasttune.dropin", "PatchDPOTrainer": "fasttune.dropin",
+         "is_bf16_supported": "fasttune.dropin:is_bfloat16_supported",  # (the vision notebooks' spelling)
          # Other fine-tuners' names for our trainer and its config (both take embedding_learning_rate).
          "UnslothTrainer": "fasttune.train.objectives.sft:SFTTrainer",
          "UnslothTrainingArguments": "fasttune.train.config:SFTConfig",
@@ -50,7 +51,8 @@ __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOC
            "OnlineDPOTrainer", "OnlineDPOConfig",
            "ClassificationTrainer", "ClassificationConfig", "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",
-           "is_bfloat16_supported", "PatchDPOTrainer", "UnslothTrainer", "UnslothTrainingArguments",
+           "is_bfloat16_supported", "is_bf16_supported", "PatchDPOTrainer", "UnslothTrainer",
+           "UnslothTrainingArguments",
            "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
            "apply_chat_template", "train_on_responses_only"]
 

@@ -157,10 +157,17 @@ def test_config_from_dict_suggests_nearest_key():
         SFTConfig.from_dict({"learning_rat": 1e-4})
 
 
-def test_bf16_flag_with_fp32_model_is_clear(tiny_model_dir, tmp_path):
+def test_bf16_flag_with_fp32_model_is_clear(tiny_model_dir, tmp_path, capsys):
+    """bf16=True with an fp32 model is an error; fp16=True on a CPU (the notebooks' `fp16=not is_bf16_supported()`)
+    trains in fp32 with a notice, as transformers' and TRL's trainers accept it there. train() returns the metrics
+    as a dict that also reads as transformers' TrainOutput (the notebooks' trainer_stats.metrics["train_runtime"])."""
     t = _trainer(tiny_model_dir("llama"), tmp_path / "o", max_steps=1, bf16=True)
     with pytest.raises(ConfigError, match="dtype='bfloat16'"):
         t.train()
+    stats = _trainer(tiny_model_dir("llama"), tmp_path / "p", max_steps=2, fp16=True).train()
+    assert "fp16=True has no effect on the CPU" in capsys.readouterr().err
+    assert stats.global_step == stats["global_step"] == 2 and stats.metrics["train_runtime"] > 0
+    assert stats.training_loss == stats["train_loss"] and isinstance(stats, dict)
 
 
 def test_full_finetuning_trains_all_and_saves_checkpoint(tiny_model_dir, tmp_path):

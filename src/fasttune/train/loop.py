@@ -37,7 +37,7 @@ from fasttune.wording import plural
 from fasttune.train.callbacks import CallbackMethods, TrainerCallbacks
 from fasttune.train.cuda_graphs import cuda_graph_step_for
 from fasttune.train.objective_hooks import ObjectiveHooks
-from fasttune.train.trainer_api import TrainerMethods
+from fasttune.train.trainer_api import TrainerMethods, TrainResult
 from fasttune.train.host_reads import host_values
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
@@ -195,9 +195,10 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         return max(1, math.ceil(self.args.num_train_epochs * self.steps_per_epoch()))
 
     # --- training ----------------------------------------------------------------------------------------------
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None) -> dict:
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None) -> TrainResult:
         """Train to max_steps / num_train_epochs; returns the run's metrics (train_loss, global_step, tokens/s,
-        first/last step loss, eval_loss with an eval set). SIGINT/SIGTERM stop after the current step with a
+        first/last step loss, eval_loss with an eval set): a dict that also reads as transformers' TrainOutput
+        (.metrics, .global_step, .training_loss). SIGINT/SIGTERM stop after the current step with a
         checkpoint; the metrics then hold `interrupted` and `checkpoint`. transformers' trial (hyperparameter
         search) must be None; ignore_keys_for_eval is accepted (see evaluate). Raises ConfigError for a trial, a
         resume that does not fit, NonFiniteLossError after max_nonfinite_steps bad steps in a row."""
@@ -207,7 +208,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         with neftune_noise(self.model, getattr(self.args, "neftune_noise_alpha", None)):  # SFT's NEFTune
             return self._train(resume_from_checkpoint)
 
-    def _train(self, resume_from_checkpoint) -> dict:
+    def _train(self, resume_from_checkpoint) -> TrainResult:
         run = self._start_run(resume_from_checkpoint)
         self.callbacks.train_begin(run)
         if self.args.eval_on_start and run.step == 0:  # transformers' eval_on_start: a baseline before step 1
@@ -373,15 +374,16 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         self.callbacks.fire("on_save")
         return path
 
-    def _finish_run(self, run: "_Run", stopped_by) -> dict:
+    def _finish_run(self, run: "_Run", stopped_by) -> TrainResult:
         """Close the bar, the final eval (unless this step's ran) and the reporters; the run's metrics."""
         run.bar.close()
         runtime, losses, step, total = time.perf_counter() - run.t0, run.losses, run.step, run.total
-        metrics = {"train_runtime": runtime, "train_loss": sum(losses) / max(1, len(losses)), "global_step": step,
-                   "train_steps_per_second": len(losses) / max(runtime, 1e-9),
-                   "train_tokens_per_second": run.tokens_done / max(runtime, 1e-9), "skipped_steps": run.skipped,
-                   "interrupted": bool(stopped_by and step < total),
-                   "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None}
+        metrics = TrainResult({
+            "train_runtime": runtime, "train_loss": sum(losses) / max(1, len(losses)), "global_step": step,
+            "train_steps_per_second": len(losses) / max(runtime, 1e-9),
+            "train_tokens_per_second": run.tokens_done / max(runtime, 1e-9), "skipped_steps": run.skipped,
+            "interrupted": bool(stopped_by and step < total),
+            "first_step_loss": losses[0] if losses else None, "last_step_loss": losses[-1] if losses else None})
         if metrics["interrupted"]:
             metrics["checkpoint"] = str(run.saved)
             print(f"fasttune: stopped by {stopped_by} at step {step}/{total}; checkpoint saved to {run.saved}. "
@@ -508,6 +510,12 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
 
     def _check_precision(self):
         dtype = self.model.dtype
+        if self.args.fp16 and dtype == torch.float32 and self.model.device.type == "cpu":
+            # the notebooks' `fp16=not is_bf16_supported()` on a machine without a GPU: transformers' and TRL's
+            # trainers accept it there and train in fp32, and so does this one
+            if self.dist.is_main:
+                print("fasttune: fp16=True has no effect on the CPU; training in float32.", file=sys.stderr)
+            return
         if self.args.bf16 and dtype != torch.bfloat16 or self.args.fp16 and dtype != torch.float16:
             want = "bfloat16" if self.args.bf16 else "float16"
             raise ConfigError(f"The config asks for {want} training but the model was loaded in {dtype}. Load it with "

@@ -14,6 +14,27 @@ import torch
 from fasttune.errors import ConfigError, write_error
 
 
+class TrainResult(dict):
+    """What train() returns: the run's metrics as a dict (train_loss, global_step, train_runtime, ...), which also
+    reads as transformers' TrainOutput, as the notebooks use it (`trainer_stats.metrics["train_runtime"]`,
+    `.global_step`, `.training_loss`)."""
+
+    @property
+    def metrics(self) -> dict:
+        """The metrics (a plain copy), TrainOutput.metrics."""
+        return dict(self)
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps done, TrainOutput.global_step."""
+        return self["global_step"]
+
+    @property
+    def training_loss(self) -> float:
+        """The mean step loss, TrainOutput.training_loss."""
+        return self["train_loss"]
+
+
 class TrainerMethods:
     """transformers.Trainer's names for evaluation, saving and metrics files (see the module docstring)."""
 
