@@ -36,6 +36,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "ClassificationConfig": "fasttune.train.objectives.classification",
          "is_bfloat16_supported": "fasttune.dropin", "PatchDPOTrainer": "fasttune.dropin",
          "is_bf16_supported": "fasttune.dropin:is_bfloat16_supported",  # (the vision notebooks' spelling)
+         "PatchFastRL": "fasttune.dropin", "unsloth_train": "fasttune.dropin",
          # Other fine-tuners' names for our trainer and its config (both take embedding_learning_rate).
          "UnslothTrainer": "fasttune.train.objectives.sft:SFTTrainer",
          "UnslothTrainingArguments": "fasttune.train.config:SFTConfig",
@@ -51,7 +52,8 @@ __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOC
            "OnlineDPOTrainer", "OnlineDPOConfig",
            "ClassificationTrainer", "ClassificationConfig", "FastTuneError", "FastModel",
            "FastVisionModel", "VisionDataCollator", "UnslothVisionDataCollator",
-           "is_bfloat16_supported", "is_bf16_supported", "PatchDPOTrainer", "UnslothTrainer",
+           "is_bfloat16_supported", "is_bf16_supported", "PatchDPOTrainer", "PatchFastRL", "unsloth_train",
+           "UnslothTrainer",
            "UnslothTrainingArguments",
            "get_chat_template", "standardize_sharegpt", "standardize_data_formats", "to_sharegpt",
            "apply_chat_template", "train_on_responses_only"]

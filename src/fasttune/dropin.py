@@ -18,3 +18,16 @@ def is_bfloat16_supported() -> bool:
 def PatchDPOTrainer() -> None:  # noqa: N802 - the name scripts call
     """No-op, kept for scripts that call it before TRL's DPOTrainer: our model works in TRL's trainers unpatched."""
     return None
+
+
+def PatchFastRL(algorithm: str | None = None, FastLanguageModel=None) -> None:  # noqa: N802,N803 - the names
+    """No-op, kept for the peer's GRPO notebooks that call `PatchFastRL("GRPO", FastLanguageModel)` before TRL's
+    GRPOTrainer: nothing is patched here (fasttune's GRPOTrainer is its own, and TRL's takes our model as it is)."""
+    return None
+
+
+def unsloth_train(trainer, *args, **kwargs):
+    """`trainer.train(*args, **kwargs)`, for scripts that call the peer's unsloth_train(trainer) (its gradient
+    accumulation fix, which fasttune's trainers and our model under transformers' Trainer do not need: the loss is
+    divided by the accumulated batch's target count). Returns what train() returns."""
+    return trainer.train(*args, **kwargs)

@@ -23,8 +23,9 @@ SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_p
 
 def test_unsloth_names_import_and_report_no_bf16_on_cpu():
     import fasttune.chat_templates as helpers
-    from fasttune import (FastLanguageModel, FastModel, PatchDPOTrainer, SFTConfig, SFTTrainer,  # noqa: F401
-                          UnslothTrainer, UnslothTrainingArguments, is_bfloat16_supported)
+    from fasttune import (FastLanguageModel, FastModel, PatchDPOTrainer, PatchFastRL, SFTConfig,  # noqa: F401
+                          SFTTrainer, UnslothTrainer, UnslothTrainingArguments, is_bf16_supported,
+                          is_bfloat16_supported, unsloth_train)
     # The notebooks import the dataset helpers from the package itself too (`from unsloth import to_sharegpt`).
     from fasttune import (apply_chat_template, get_chat_template, standardize_data_formats,  # noqa: F401
                           standardize_sharegpt, to_sharegpt, train_on_responses_only)
@@ -32,7 +33,13 @@ def test_unsloth_names_import_and_report_no_bf16_on_cpu():
     assert to_sharegpt is helpers.to_sharegpt and train_on_responses_only is helpers.train_on_responses_only
     assert UnslothTrainer is SFTTrainer and UnslothTrainingArguments is SFTConfig
     assert UnslothTrainingArguments(output_dir="o", embedding_learning_rate=1e-5).embedding_learning_rate == 1e-5
-    assert PatchDPOTrainer() is None
+    assert PatchDPOTrainer() is None and PatchFastRL("GRPO", FastLanguageModel) is None
+    assert is_bf16_supported is is_bfloat16_supported
+
+    class Trainer:  # unsloth_train(trainer) is trainer.train()
+        def train(self, resume_from_checkpoint=None):
+            return {"resumed": resume_from_checkpoint}
+    assert unsloth_train(Trainer(), resume_from_checkpoint=True) == {"resumed": True}
     if not torch.cuda.is_available():
         assert is_bfloat16_supported() is False
 

@@ -34,6 +34,10 @@ def test_save_method_lora_and_bad_method(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="save_method"):
         model.save_pretrained_merged(tmp_path / "b", tok, save_method="merged_3bit")
     assert not (tmp_path / "b").exists()
+    # the peer's name for merged_4bit (it refuses "merged_4bit" and asks for this one)
+    model.save_pretrained_merged(tmp_path / "c", tok, save_method="merged_4bit_forced")
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["quantization_config"]["load_in_4bit"] is True
 
 
 @pytest.mark.parametrize("family,expected", [("llama", "LlamaForCausalLM"), ("gemma3_text", "Gemma3ForCausalLM"),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
-from fasttune.errors import ModelLoadError
+from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.models.fallback import FallbackModel, FallbackWarning
 
 
@@ -118,6 +118,10 @@ def test_merged_checkpoint_and_modules_to_save(other_arch_dir, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model.eval()(ids).logits, rtol=1e-5, atol=1e-5)
     assert model.lora_settings is not None  # saving merged leaves the live model as it was
+    for method in ("merged_4bit", "merged_4bit_forced", "merged_fp8"):  # (it wrote 16-bit weights for them)
+        with pytest.raises(ConfigError, match="not implemented for models on the transformers fallback"):
+            model.save_pretrained_merged(tmp_path / "q", tok, save_method=method)
+    assert not (tmp_path / "q").exists()
 
 
 def test_full_finetuning_and_resume(other_arch_dir, tmp_path):

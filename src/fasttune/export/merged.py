@@ -17,6 +17,18 @@ from fasttune.peft.lora import LoraLinear, expert_lora_layers
 from fasttune.sharding import is_sharded, writes_here
 
 SAVE_METHODS = ("merged_16bit", "merged_4bit", "merged_fp8", "lora")
+# The peer's names for the same methods: it refuses "merged_4bit" for saving and asks for "merged_4bit_forced", so
+# scripts written for it carry that name.
+SAVE_METHOD_ALIASES = {"merged_4bit_forced": "merged_4bit"}
+
+
+def save_method_name(save_method: str) -> str:
+    """`save_method` as one of SAVE_METHODS (the peer's aliases resolved). Raises ConfigError for another name."""
+    name = SAVE_METHOD_ALIASES.get(save_method, save_method)
+    if name not in SAVE_METHODS:
+        raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS} "
+                          f"(or 'merged_4bit_forced', the same as 'merged_4bit').")
+    return name
 FP8_BLOCK = (128, 128)  # merged_fp8's weight_block_size
 # transformers' BitsAndBytesConfig for what merged_4bit writes (NF4, double-quantised, blocksize 64).
 BNB_4BIT_CONFIG = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False,
@@ -173,13 +185,13 @@ def save_merged(model, folder, tokenizer=None, save_method: str = "merged_16bit"
     """Save `model` to `folder` for transformers and return the folder. save_method: "merged_16bit" (LoRA merged,
     in the model's dtype, safetensors sharded at 5 GiB), "merged_4bit" (the same with the decoder's Linear weights
     re-quantised to bitsandbytes NF4), "merged_fp8" (those weights in FP8 with 128 x 128 block scales,
-    transformers' FineGrainedFP8 config; dense models), or "lora" (the adapter alone, PEFT's format). `tokenizer`,
+    transformers' FineGrainedFP8 config; dense models), or "lora" (the adapter alone, PEFT's format);
+    "merged_4bit_forced" (the peer's name) is "merged_4bit". `tokenizer`,
     if given, is saved alongside. The merged folder is written atomically (see atomic_folder).
 
     Raises ConfigError for an unknown save_method, merged_fp8 of a mixture-of-experts model or a merged save of an
     FSDP-sharded model, and WriteError (a ConfigError) when the disk is full or not writable."""
-    if save_method not in SAVE_METHODS:
-        raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
+    save_method = save_method_name(save_method)
     if save_method == "merged_fp8" and getattr(model.arch, "num_experts", 0):
         raise ConfigError("save_method='merged_fp8' writes dense models (FineGrainedFP8 Linear weights); this model's "
                           "stacked MoE experts have no FP8 layout here. Save merged_16bit (or merged_4bit).")

@@ -472,12 +472,16 @@ class FallbackModel(nn.Module):
         """A transformers checkpoint with any LoRA deltas added (merged_peft_state_dict, in the model's dtype) and
         tied embeddings as `arch.tie_embeddings` says, plus the tokenizer when given; save_method="lora" writes the
         adapter (save_pretrained) instead. Returns the folder as a Path; written atomically. Raises ConfigError for a
-        save_method outside SAVE_METHODS or a keyword outside SAVE_MERGED_IGNORED."""
-        from fasttune.export.merged import SAVE_METHODS, SAVE_MERGED_IGNORED
+        save_method outside SAVE_METHODS, the quantised ones ("merged_4bit", "merged_fp8": fasttune's decoder writes
+        them, the fallback does not), or a keyword outside SAVE_MERGED_IGNORED."""
+        from fasttune.export.merged import SAVE_MERGED_IGNORED, save_method_name
 
         refuse_unknown("save_pretrained_merged", kwargs, SAVE_MERGED_IGNORED)
-        if save_method not in SAVE_METHODS:
-            raise ConfigError(f"save_method='{save_method}' is not supported; use one of {SAVE_METHODS}.")
+        save_method = save_method_name(save_method)
+        if save_method in ("merged_4bit", "merged_fp8"):  # (it wrote 16-bit weights for them, silently)
+            raise ConfigError(f"save_method='{save_method}' is not implemented for models on the transformers "
+                              f"fallback ({self.arch.model_type}); save 'merged_16bit' and quantise it when loading "
+                              f"(load_in_4bit=True / load_in_fp8=True).")
         if save_method == "lora":
             return self.save_pretrained(folder, tokenizer)
         base = self.transformers_model
