@@ -1,5 +1,5 @@
-"""The peer's (Unsloth's) vision notebooks (Llama 3.2 Vision, Qwen2.5-VL) with only the import changed, on tiny
-random models offline: FastVisionModel with use_gradient_checkpointing="unsloth", the layer-group switches, rows
+"""The peer's (Unsloth's) vision notebooks (Llama 3.2 Vision, Qwen2.5-VL, Gemma 3; and LLaVA-NeXT) with only the
+import changed, on tiny random models offline: FastVisionModel with use_gradient_checkpointing="unsloth", the layer-group switches, rows
 converted to conversations with PIL images, for_inference and the notebook's `tokenizer(image, input_text, ...)` +
 generate with a TextStreamer, for_training, TRL's SFTTrainer with UnslothVisionDataCollator and the notebook's
 SFTConfig (TRL 1.x names: `processing_class=`, `max_length=`), the saved adapter loaded back with its processor, and
@@ -29,7 +29,8 @@ def convert_to_conversation(sample):
 
 
 @pytest.mark.parametrize("folder, trainer_from", [("mllama_vl_dir", "fasttune"), ("mllama_vl_dir", "trl"),
-                                                  ("qwen_vl_dir", "trl")])
+                                                  ("qwen_vl_dir", "trl"), ("gemma3_vl_dir", "trl"),
+                                                  ("llava_next_vl_dir", "fasttune")])
 def test_vision_notebook_flow(folder, trainer_from, request, tmp_path, monkeypatch):
     """trainer_from="fasttune": the notebook's trainer cell verbatim with `from fasttune import SFTTrainer,
     SFTConfig` (tokenizer=, max_seq_length=, a list of rows); "trl": TRL 1.16's own SFTTrainer, which takes
