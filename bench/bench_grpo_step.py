@@ -24,6 +24,8 @@ bench/results/grpo_step.jsonl and prints a table with the speed-up trl_step_s / 
 
     python bench/bench_grpo_step.py                     # GPU: llama-3.2-1b shape, 4 steps (1 warm-up), both rows
     python bench/bench_grpo_step.py --objective rloo    # the same with RLOOTrainer on both sides (beta 0.05)
+    python bench/bench_grpo_step.py --objective online_dpo   # OnlineDPOTrainer on both sides (TRL's experimental
+        # one): the same 64 completions a step, as 32 prompts x 2 (4 prompts a micro-batch), beta 0.1
     python bench/bench_grpo_step.py --fp32-head on      # both with cast_lm_head_to_fp32=True
     python bench/bench_grpo_step.py --objective distillation   # DistillationTrainer on both sides: the same number
         # of completions (8 x 8 prompts, one completion each), a llama-3.1-8b-shaped teacher (--teacher-shape)
@@ -168,6 +170,13 @@ class StepClock:
 def common_fields(a, cuda: bool) -> dict:
     """GRPOConfig (RLOOConfig with --objective rloo) fields both trainers take under the same names and meaning."""
     grpo = getattr(a, "objective", "grpo") == "grpo"
+    if getattr(a, "objective", "grpo") == "online_dpo":  # a pair per prompt; per_device_train_batch_size counts prompts
+        return dict(per_device_train_batch_size=a.num_generations // 2, gradient_accumulation_steps=a.prompts,
+                    max_new_tokens=a.completion_len, max_length=a.prompt_len + a.completion_len + 8,
+                    temperature=1.0, top_p=1.0, top_k=0, beta=beta(a), learning_rate=a.lr,
+                    lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
+                    max_steps=a.steps, logging_steps=1, optim="adamw_torch_fused" if cuda else "adamw_torch",
+                    bf16=cuda, seed=3407)
     if getattr(a, "objective", "grpo") == "distillation":  # one completion per prompt: num_generations x as many
         return dict(per_device_train_batch_size=a.num_generations, gradient_accumulation_steps=a.prompts,
                     max_completion_length=a.completion_len, temperature=1.0, top_p=1.0, top_k=0, beta=beta(a),
@@ -188,7 +197,7 @@ def beta(a) -> float:
     """--beta, else 0 for GRPO (no reference) and TRL's RLOO default 0.05 (the KL penalty on the rewards)."""
     if getattr(a, "beta", None) is not None:
         return a.beta
-    return {"rloo": 0.05, "distillation": 1.0}.get(getattr(a, "objective", "grpo"), 0.0)
+    return {"rloo": 0.05, "distillation": 1.0, "online_dpo": 0.1}.get(getattr(a, "objective", "grpo"), 0.0)
 
 
 def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
@@ -209,8 +218,13 @@ def run_trl(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
         def on_step_end(self, args, state, control, **kw):
             clock.step_end()
 
-    config, trainer_cls = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
-                           "distillation": (trl.DistillationConfig, trl.DistillationTrainer)}[a.objective]
+    if a.objective == "online_dpo":
+        from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
+
+        config, trainer_cls = OnlineDPOConfig, OnlineDPOTrainer
+    else:
+        config, trainer_cls = {"grpo": (trl.GRPOConfig, trl.GRPOTrainer), "rloo": (trl.RLOOConfig, trl.RLOOTrainer),
+                               "distillation": (trl.DistillationConfig, trl.DistillationTrainer)}[a.objective]
     args = config(output_dir=out_dir, **common_fields(a, a.device == "cuda"), use_vllm=False,
                   gradient_checkpointing=a.gc == "on", save_strategy="no", report_to=[], dataloader_num_workers=0,
                   use_cpu=a.device == "cpu")
@@ -231,7 +245,7 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     import torch
 
     from fasttune import (DistillationConfig, DistillationTrainer, FastLanguageModel, GRPOConfig, GRPOTrainer,
-                          RLOOConfig, RLOOTrainer)
+                          OnlineDPOConfig, OnlineDPOTrainer, RLOOConfig, RLOOTrainer)
     from fasttune.models.loading import build_model
 
     hf, cfg, dtype = build_hf(a.shape, a.device)
@@ -256,7 +270,8 @@ def run_ours(a, clock: StepClock, prompts: list[dict], tok, out_dir: str):
     clock_generate(model, a.device, clock.gen)
 
     config, trainer_cls = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer),
-                           "distillation": (DistillationConfig, DistillationTrainer)}[a.objective]
+                           "distillation": (DistillationConfig, DistillationTrainer),
+                           "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer)}[a.objective]
 
     class Timed(trainer_cls):
         def _after_step(self, run):
@@ -289,7 +304,8 @@ def child(a) -> dict:
     vocab = SHAPES[a.shape]["vocab_size"]
     tok = build_tokenizer(vocab)
     distill = a.objective == "distillation"  # one completion per prompt: num_generations x as many prompts
-    prompts = make_prompts(vocab, a.prompts * a.steps * (a.num_generations if distill else 1), a.prompt_len)
+    per_step = a.prompts * {"distillation": a.num_generations, "online_dpo": a.num_generations // 2}.get(a.objective, 1)
+    prompts = make_prompts(vocab, per_step * a.steps, a.prompt_len)
     clock = StepClock(a.device, a.profile_step)
     with tempfile.TemporaryDirectory() as tmp:
         run = run_trl if a.impl == "trl" else run_ours
@@ -302,19 +318,20 @@ def child(a) -> dict:
     if a.device == "cuda":
         peak = round(max(torch.cuda.max_memory_allocated() / 2**30, extra.pop("logged_peak_gib", 0)), 3)
     return {"bench": "grpo_step", "objective": a.objective, "impl": a.impl, "shape": a.shape,
-            "prompts_per_step": a.prompts * (a.num_generations if distill else 1),
-            "num_generations": 1 if distill else a.num_generations, "max_completion_length": a.completion_len,
+            "prompts_per_step": per_step,
+            "num_generations": {"distillation": 1, "online_dpo": 2}.get(a.objective, a.num_generations),
+            "max_completion_length": a.completion_len,
             "prompt_len": a.prompt_len, "steps": a.steps, "warmup_steps": a.warmup,
             "step_seconds": round(statistics.median(timed), 4), "each_step_seconds": [round(s, 4) for s in steps],
             "generate_seconds": round(statistics.median(gen_s), 4) if any(gen_s) else None,
             "each_generate_seconds": [round(s, 4) for s in clock.gen_seconds],
             "generated_tokens_per_second": round(sum(gen_n) / sum(gen_s), 1) if any(gen_s) else None,
             "losses": losses, "grad_norms": grad_norms,
-            "rewards": [h.get("reward") for h in logs],
+            "rewards": [h.get("reward", h.get("objective/scores")) for h in logs],
             "completion_mean_length": [h.get("completions/mean_length") for h in logs],
             "peak_gib": peak, "lora_r": a.r, "gradient_checkpointing": a.gc, "learning_rate": a.lr,
             "beta": beta(a), "cast_lm_head_to_fp32": a.fp32_head == "on",
-            "loss_type": {"grpo": "dapo", "rloo": "rloo", "distillation": "gkd"}[a.objective],
+            "loss_type": {"grpo": "dapo", "rloo": "rloo", "distillation": "gkd", "online_dpo": "sigmoid"}[a.objective],
             "teacher_shape": a.teacher_shape if a.objective == "distillation" else None,
             "teacher_quant": a.teacher_quant if a.objective == "distillation" else None,
             "quant": a.quant if a.impl == "ours" else "none", **run_fields(a.device), **extra}
@@ -367,8 +384,8 @@ def main():
     ap.add_argument("--r", type=int, default=16)
     ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--gc", choices=["on", "off"], default="on", help="gradient checkpointing, both trainers")
-    ap.add_argument("--objective", choices=["grpo", "rloo", "distillation"], default="grpo",
-                    help="GRPOTrainer, RLOOTrainer or DistillationTrainer")
+    ap.add_argument("--objective", choices=["grpo", "rloo", "distillation", "online_dpo"], default="grpo",
+                    help="GRPOTrainer, RLOOTrainer, DistillationTrainer or OnlineDPOTrainer")
     ap.add_argument("--teacher-shape", choices=sorted(SHAPES), default="llama-3.1-8b",
                     help="distillation: the teacher's shape (random weights, seed 1)")
     ap.add_argument("--quant", choices=["none", "fp8"], default="none",
