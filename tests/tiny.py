@@ -308,3 +308,11 @@ def load_classifier(folder, num_labels: int = 3, lora_r: int | None = None, **kw
     if lora_r:
         model = FastLanguageModel.get_peft_model(model, r=lora_r, use_gradient_checkpointing=False)
     return model, tok
+
+
+def right_padded_batch(seed: int = 4):
+    """(ids (2, 12) in [3, 300), attention mask with row 1 right-padded from position 9)."""
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(seed))
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    return ids, mask

@@ -1,7 +1,7 @@
 """Ernie 4.5: Llama's decoder with adjacent-pair RoPE (channels 2i and 2i + 1 rotate together) and optional biases."""
 import torch
 from peft_oracle import assert_grads_close, peft_grads, peft_twin, randomize_lora_b
-from tiny import hf_model, save_hf
+from tiny import hf_model, right_padded_batch, save_hf
 
 from fasttune import FastLanguageModel
 
@@ -12,9 +12,7 @@ def test_biased_model_and_its_lora_grads_equal_transformers_and_peft(tmp_path):
     folder = save_hf(hf_model("ernie4_5", use_bias=True), tmp_path / "m")
     hf = hf_model("ernie4_5", use_bias=True)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
-    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
+    ids, mask = right_padded_batch()
     valid = mask.bool()
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).logits

@@ -4,7 +4,7 @@ reads); here every bias is on, the dropout fields warn, and GGUF refuses the bia
 import pytest
 import torch
 from peft_oracle import assert_grads_close, peft_grads, peft_twin, randomize_lora_b
-from tiny import hf_model, save_hf
+from tiny import hf_model, right_padded_batch, save_hf
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError
@@ -20,9 +20,7 @@ def test_every_bias_equals_transformers_and_peft_and_gguf_refuses_them(tmp_path)
     hf = hf_model("seed_oss", **BIASES)
     ours, tok = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
     assert ours.arch.attn_bias and ours.arch.o_bias and ours.arch.mlp_bias
-    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(4))
-    mask = torch.ones_like(ids)
-    mask[1, 9:] = 0
+    ids, mask = right_padded_batch()
     valid = mask.bool()
     with torch.no_grad():
         want = hf(input_ids=ids, attention_mask=mask).logits
