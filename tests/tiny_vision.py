@@ -849,7 +849,7 @@ def oracle_inputs(folder, batch, proc) -> dict:
     marks = (batch["input_ids"] == proc.image_token_id).long()
     if "mllama" in str(folder):  # MllamaProcessor's cross_attention_mask, by transformers' own functions
         return {"cross_attention_mask": mllama_cross_mask(batch)}
-    if any(name in str(folder) for name in ("mistral3", "internvl", "llava")):  # image tokens found by id
+    if any(name in str(folder) for name in ("mistral3", "internvl", "llava", "aya")):  # image tokens found by id
         return {}
     if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images,
         # ...); here one row holds them all
@@ -931,3 +931,46 @@ def mllama_cross_mask(batch: dict):
     spans = [get_cross_attention_token_mask(row.tolist(), 259) for row in ids]
     tiles = [[int(n) for n in row[:len(s)]] for row, s in zip(batch["aspect_ratio_mask"].sum(-1), spans)]
     return torch.from_numpy(convert_sparse_cross_attention_mask_to_dense(spans, tiles, 4, ids.shape[1]))
+
+
+AYA_TEMPLATE = QWEN_VL_TEMPLATE.replace("<|vision_start|><|image_pad|><|vision_end|>", "<image>")
+AYA_TOKENS = ["<|START_OF_IMG|>", "<|END_OF_IMG|>", "<|IMG_PATCH|>"]  # ids 259, 260, 261
+
+
+def aya_vision_config():
+    """Aya Vision's layout (transformers' AyaVisionConfig): a 2-layer SigLIP tower on 56-pixel patches of 14 (every
+    patch of its last layer, pixel-shuffled 2 x 2 by the projector: 4 tokens a tile) before a Cohere 2 text model
+    (4 layers, the last one full)."""
+    from transformers import AyaVisionConfig
+
+    text = dict(model_type="cohere2", vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=1024,
+                sliding_window=8, layer_types=["sliding_attention"] * 3 + ["full_attention"], logit_scale=0.25,
+                bos_token_id=257, eos_token_id=256, pad_token_id=256)
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=56, patch_size=14)
+    return AyaVisionConfig(text_config=text, vision_config=vision, image_token_index=261, downsample_factor=2,
+                           tie_word_embeddings=True)
+
+
+def aya_vision_processor(tok=None):
+    """fasttune's VisionProcessor as AyaVisionProcessor expands images: GotOcr2's crops of 56 pixels (up to 4) and a
+    thumbnail, each tile 4 <|IMG_PATCH|> tokens after its TILE_<k> (the thumbnail's after TILE_GLOBAL), between
+    <|START_OF_IMG|> and <|END_OF_IMG|>."""
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+
+    tok = make_tiny_tokenizer(chat_template=AYA_TEMPLATE) if tok is None else tok
+    tok.add_special_tokens({"additional_special_tokens": AYA_TOKENS})
+    images = GotOcr2ImageProcessorPil(size={"height": 56, "width": 56}, crop_to_patches=True, min_patches=1,
+                                      max_patches=4)
+    return VisionProcessor(tok, images, AYA_TEMPLATE, "<image>", None, feature_token="<|IMG_PATCH|>",
+                           aya_tiles=("<|START_OF_IMG|>", "<|END_OF_IMG|>", "TILE", "TILE_GLOBAL", 4))
+
+
+def save_aya_vision(folder, seed: int = 0):
+    """Save a random tiny Aya Vision (fp32) with its processor to `folder`; returns the folder."""
+    from transformers import AyaVisionForConditionalGeneration
+
+    return _save(folder, AyaVisionForConditionalGeneration, aya_vision_config(), aya_vision_processor(), seed)

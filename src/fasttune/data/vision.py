@@ -53,7 +53,9 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     per feature of the image's whole-image tile, of its grid of tiles cut back to its aspect ratio and of one newline
     a row, or, with `cross_images` (Llama 3.2 Vision, as MllamaProcessor writes), the placeholder itself (the images
     reach the text through cross-attention; `image_sequence` is then the placeholder), the images batched per row
-    (`cross_image_batch`). The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
+    (`cross_image_batch`), or, with `aya_tiles` = (start token, end token, tile word, global word, tokens per tile)
+    (Aya Vision, as AyaVisionProcessor writes), the start token, for each crop `<tile word>_<k>` and its feature
+    tokens, the global word and the thumbnail's feature tokens, and the end token. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
     (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
@@ -66,9 +68,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
                  audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
                  video_stamps: tuple | None = None, image_tiles: tuple | None = None, patch_span: tuple | None = None,
-                 anyres: tuple | None = None, cross_images: bool = False):
+                 anyres: tuple | None = None, cross_images: bool = False, aya_tiles: tuple | None = None):
         self.tokenizer = tokenizer
         self.cross_images = cross_images
+        self.aya_tiles = aya_tiles
         self.anyres = anyres
         self.image_processor = image_processor
         self.chat_template = chat_template or getattr(tokenizer, "chat_template", None)
@@ -90,6 +93,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         self.patch_span = patch_span
         if patch_span:
             self.image_token_ids |= set(tokenizer.convert_tokens_to_ids(list(patch_span[:2])))
+        if aya_tiles:  # (its TILE_<n> / TILE_GLOBAL marks are plain text, trained as transformers' collators leave them)
+            self.image_token_ids |= set(tokenizer.convert_tokens_to_ids(list(aya_tiles[:2])))
         self.audio_extractor = audio_extractor if audio_marks else None
         self.audio_marks = audio_marks if audio_extractor is not None else None
         self.audio_token = self.audio_marks[1] if self.audio_marks else None
@@ -109,7 +114,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         audio_marks: tuple | None = None, video_token: str | None = None,
                         video_stamps: tuple | None = None, image_tiles: tuple | None = None,
                         patch_span: tuple | None = None, anyres: tuple | None = None,
-                        video_default: dict | None = None, cross_images: bool = False) -> "VisionProcessor":
+                        video_default: dict | None = None, cross_images: bool = False,
+                        aya_tiles: tuple | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). video_default: the video settings where the folder has no video_preprocessor_config.json
         (data/video.py's read_video_settings; by default the family's, from soft_token_marks / video_stamps). Raises
@@ -140,7 +146,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
                    read_video_settings(folder, video_default or (GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE
                                                                  if video_stamps else None)) if video_token else None,
-                   video_stamps, image_tiles, patch_span, anyres, cross_images)
+                   video_stamps, image_tiles, patch_span, anyres, cross_images, aya_tiles)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
@@ -150,12 +156,13 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         return VisionProcessor(tokenizer, self.image_processor, template, self.image_token, self.merge_size,
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
                                self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
-                               self.video_stamps, self.image_tiles, self.patch_span, self.anyres, self.cross_images)
+                               self.video_stamps, self.image_tiles, self.patch_span, self.anyres, self.cross_images,
+                               self.aya_tiles)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
                     "video_settings", "video_stamps", "image_tiles", "patch_span", "anyres",
-                    "cross_images"):  # not set yet
+                    "cross_images", "aya_tiles"):  # not set yet
             # (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
@@ -225,6 +232,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             grids = [None] * len(images)
         elif self.patch_span is not None:  # InternVL: each image's patches (crops and thumbnail) x tokens a patch
             grids = [int(n) * int(self.patch_span[2]) for n in out["num_patches"]]
+        elif self.aya_tiles is not None:  # Aya Vision: each image's patch count (crops and thumbnail)
+            grids = [int(n) for n in out["num_patches"]]
         elif self.soft_token_marks is not None:  # Gemma 4: the image processor counts each image's soft tokens
             grids = [int(n) for n in out["num_soft_tokens_per_image"]]
         else:  # Mistral 3: each resized (height, width); LLaVA-NeXT / -OneVision: each original one; Qwen: (t, h, w)
@@ -235,7 +244,7 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     def _crop_kwargs(self) -> dict:
         """InternVL: crop_to_patches=True, as InternVLProcessor passes it (its images_kwargs) over the image
         processor's own setting, which released checkpoints save as false (one squashed tile per image)."""
-        return {"crop_to_patches": True} if self.patch_span is not None else {}
+        return {"crop_to_patches": True} if self.patch_span is not None or self.aya_tiles is not None else {}
 
     def _rows_of_images(self, images: list, rows: list[int]) -> tuple[dict, list]:
         """LLaVA-OneVision with a row of several images: the image processor takes the images nested per row (its
@@ -276,6 +285,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                 out.append(self._tiles(*grid) + rest)
             elif self.patch_span is not None:
                 out.append(self.patch_span[0] + self.feature_token * int(grid) + self.patch_span[1] + rest)
+            elif self.aya_tiles is not None:
+                out.append(self._aya_tiles(int(grid)) + rest)
             elif self.anyres is not None:  # (None: LLaVA-OneVision's untiled image, its tile and a newline)
                 count = (self.anyres[1] // self.anyres[2]) ** 2 + 1 if grid is None else \
                     anyres_token_count(*grid, *self.anyres)
@@ -294,6 +305,14 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         height, width = (int(v) for v in size)
         rows = [self.feature_token * (width // side)] * (height // side)
         return brk.join(rows) + end
+
+    def _aya_tiles(self, patches: int) -> str:
+        """Aya Vision's tokens for an image cut into `patches` patches (its crops, then the thumbnail; 1: the
+        thumbnail alone), as AyaVisionProcessor.replace_image_token writes them."""
+        start, end, tile, whole, per_tile = self.aya_tiles
+        tokens = self.feature_token * int(per_tile)
+        crops = "".join(f"{tile}_{k}{tokens}" for k in range(1, patches))
+        return f"{start}{crops}{whole}{tokens}{end}"
 
     def _tiles(self, rows: int, cols: int) -> str:
         """Idefics3's tokens for an image cut into rows x cols crops (0 x 0: the whole image only)."""

@@ -69,6 +69,13 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         image = _token_of(tokenizer, vlm_config.image_token_id)
         return dict(image_token=image, merge_size=None,
                     patch_span=(_special(tokenizer, "<img>"), _special(tokenizer, "</img>"), per_patch))
+    if vlm_config.model_type == "aya_vision":  # AyaVisionProcessor: per tile its tokens (pixel-shuffled patches)
+        vision = vlm_config.vision_config
+        side = _side(vision.image_size) // _side(vision.patch_size) // vlm_config.downsample_factor
+        image = _token_of(tokenizer, vlm_config.image_token_index, "image_token_index")
+        return dict(image_token="<image>", merge_size=None, feature_token=image,
+                    aya_tiles=(_special(tokenizer, "<|START_OF_IMG|>"), _special(tokenizer, "<|END_OF_IMG|>"), "TILE",
+                               "TILE_GLOBAL", side * side))
     if vlm_config.model_type in ("idefics3", "smolvlm"):  # Idefics3Processor's tiles (data/vision.py)
         vision = vlm_config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 // vlm_config.scale_factor ** 2

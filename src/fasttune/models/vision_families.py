@@ -131,6 +131,10 @@ FAMILIES["llava_next"] = replace(FAMILIES["llava"], model_type="llava_next", any
 # tiles on a SigLIP tower before a Qwen2, a grid of more than anyres_max_N tiles' features interpolated down; videos as
 # frames of the tower's size, each frame's features pooled (models/vision_features.py: pooled_video_features)
 FAMILIES["llava_onevision"] = replace(FAMILIES["llava_next"], model_type="llava_onevision", video="pooled")
+# Aya Vision (transformers' AyaVisionForConditionalGeneration: aya-vision-8b / -32b): LLaVA's layout with every patch of
+# a SigLIP tower's last layer ("full") through a projector that pixel-shuffles them itself, on GotOcr2's tiles and
+# thumbnail, before a Cohere 2 text model
+FAMILIES["aya_vision"] = replace(FAMILIES["llava"], model_type="aya_vision")
 # SmolVLM2 (transformers' SmolVLMForConditionalGeneration): Idefics3's layout and image tiles (videos not taken)
 FAMILIES["smolvlm"] = replace(FAMILIES["idefics3"], model_type="smolvlm")
 # Qwen3-VL-MoE: Qwen3-VL's tower and DeepStack in front of a Qwen3-MoE-style decoder (experts in models/moe.py)
