@@ -55,7 +55,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
     reach the text through cross-attention; `image_sequence` is then the placeholder), the images batched per row
     (`cross_image_batch`), or, with `aya_tiles` = (start token, end token, tile word, global word, tokens per tile)
     (Aya Vision, as AyaVisionProcessor writes), the start token, for each crop `<tile word>_<k>` and its feature
-    tokens, the global word and the thumbnail's feature tokens, and the end token. The rows' tokens (and the tile marks and InternVL's start / end tokens) are never targets
+    tokens, the global word and the thumbnail's feature tokens, and the end token. The rows' tokens (and the tile marks
+    and InternVL's start / end tokens) are never targets
     (`image_token_ids`).
 
     Audio (Gemma 4 E2B / E4B, data/audio.py): with `audio_extractor` (the checkpoint's feature extractor) and
@@ -93,7 +94,8 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
         self.patch_span = patch_span
         if patch_span:
             self.image_token_ids |= set(tokenizer.convert_tokens_to_ids(list(patch_span[:2])))
-        if aya_tiles:  # (its TILE_<n> / TILE_GLOBAL marks are plain text, trained as transformers' collators leave them)
+        if aya_tiles:  # (its TILE_<n> / TILE_GLOBAL marks are plain text: trained, as transformers' collators leave
+            # them)
             self.image_token_ids |= set(tokenizer.convert_tokens_to_ids(list(aya_tiles[:2])))
         self.audio_extractor = audio_extractor if audio_marks else None
         self.audio_marks = audio_marks if audio_extractor is not None else None
