@@ -115,9 +115,9 @@ def test_other_trainer_arguments_are_accepted_unset_and_named_when_set(tiny_mode
                                           r"runs fused.*; model_init: pass the model itself"):
         SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "b"),
                    compute_loss_func=lambda *a, **k: 0, model_init=lambda: model)
-    with pytest.raises(ConfigError, match=r"SFTTrainer got unknown arguments \['max_seq_length'\]"):
+    with pytest.raises(ConfigError, match=r"SFTTrainer got unknown arguments \['max_seq_len'\]"):
         SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=_args(tmp_path, "c"),
-                   max_seq_length=64)
+                   max_seq_len=64)  # (max_seq_length, older TRL's trainer argument, is taken: see below)
     pairs = [{"prompt": "alpha", "chosen": " beta", "rejected": " gamma"}] * 2
     with pytest.raises(ConfigError, match=r"DPOTrainer does not implement compute_metrics: only SFTTrainer's "
                                           r"evaluation.*; data_collator: this trainer batches its own examples"):
@@ -158,3 +158,38 @@ def test_disable_dropout_as_trl(tiny_model_dir, tmp_path):
                        args=GRPOConfig(output_dir=str(tmp_path / "g"), per_device_train_batch_size=4,
                                        num_generations=4, max_completion_length=2))
     assert {m.p for m in grpo.model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+
+
+def test_training_arguments_and_older_trainer_settings_become_the_config(tiny_model_dir, tmp_path):
+    """The peer's Alpaca notebook: `SFTTrainer(..., dataset_text_field="text", max_seq_length=..., dataset_num_proc=2,
+    packing=False, args=transformers.TrainingArguments(...))`. The TrainingArguments' settings (those off their
+    defaults) and the older trainer keyword arguments become the SFTConfig, and train as that SFTConfig does; a
+    setting fasttune does not implement is refused by name, as on SFTConfig itself."""
+    from transformers import TrainingArguments
+
+    folder = str(tiny_model_dir("llama"))
+    rows = [{"body": row["text"]} for row in ROWS]
+    settings = dict(per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_steps=1, max_steps=3,
+                    learning_rate=5e-3, weight_decay=0.01, lr_scheduler_type="linear", seed=3407, logging_steps=1)
+    losses = []
+    for kind in ("training_arguments", "sft_config"):
+        model, tok = FastLanguageModel.from_pretrained(folder)
+        model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, random_state=3407)
+        out = str(tmp_path / kind)
+        if kind == "training_arguments":
+            trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows, dataset_text_field="body",
+                                 max_seq_length=64, dataset_num_proc=2, packing=False,
+                                 args=TrainingArguments(output_dir=out, report_to="none", **settings))
+        else:
+            trainer = SFTTrainer(model=model, tokenizer=tok, train_dataset=rows,
+                                 args=SFTConfig(output_dir=out, dataset_text_field="body", max_seq_length=64,
+                                                **settings))
+        assert isinstance(trainer.args, SFTConfig) and trainer.args.gradient_accumulation_steps == 2
+        assert trainer.args.dataset_text_field == "body" and trainer.args.max_seq_length == 64
+        trainer.train()
+        losses.append([h["loss"] for h in trainer.log_history if "loss" in h])
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    model, tok = FastLanguageModel.from_pretrained(folder)
+    with pytest.raises(ConfigError, match="torch_compile"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=ROWS,
+                   args=TrainingArguments(output_dir=str(tmp_path / "c"), torch_compile=True))

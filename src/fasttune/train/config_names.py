@@ -267,7 +267,8 @@ def upstream_defaults(cls) -> list[tuple[str, dict]]:
     return out
 
 
-def _same(value, default) -> bool:
+def same_value(value, default) -> bool:
+    """Whether a setting holds its default: transformers' str enums equal their strings, empty values each other."""
     value, default = getattr(value, "value", value), getattr(default, "value", default)
     try:
         return bool(value == default) or (value in ("", None, [], {}) and default in ("", None, [], {}))
@@ -280,7 +281,7 @@ def _upstream_default_only(cls, key: str, value, names: set):
     config (a setting fasttune does not implement) or, for a name no config has, the nearest field."""
     for owner, defaults in upstream_defaults(cls):
         if key in defaults:
-            if _same(value, defaults[key]):
+            if same_value(value, defaults[key]):
                 return
             raise ConfigError(f"{cls.__name__}({key}={value!r}) is not supported: fasttune does not implement "
                               f"{owner}.{key}; leave it at its default ({defaults[key]!r}) or remove it.")

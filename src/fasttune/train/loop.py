@@ -38,6 +38,7 @@ from fasttune.train.callbacks import CallbackMethods, TrainerCallbacks
 from fasttune.train.cuda_graphs import cuda_graph_step_for
 from fasttune.train.objective_hooks import ObjectiveHooks
 from fasttune.train.trainer_api import TrainerMethods, TrainResult
+from fasttune.train.args_from import config_from, legacy_trainer_args
 from fasttune.train.host_reads import host_values
 from fasttune.train.checkpoint import check_schedule, load_checkpoint, save_checkpoint, schedule_settings
 from fasttune.train.run_folder import prepare_output_dir, resolve_resume
@@ -104,8 +105,11 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
 
     def __init__(self, model, tokenizer=None, train_dataset=None, eval_dataset=None, args=None, config_cls=None,
                  processing_class=None, peft_config=None, callbacks=None, optimizers=None, **kwargs):
+        # older TRL trainers' own settings (SFTTrainer(dataset_text_field=..., max_seq_length=...)) and another
+        # config class (transformers' TrainingArguments) become the objective's config (train/args_from.py)
+        legacy = legacy_trainer_args(type(self).__name__, kwargs)
         check_trainer_kwargs(type(self).__name__, kwargs)
-        self.args = args if args is not None else config_cls()
+        self.args = config_from(args, config_cls, legacy) if config_cls is not None else args
         if peft_config is not None:  # TRL's way: the trainer adds the LoRA to a base model
             model = add_peft_config(model, peft_config, self.args)
         if getattr(self.args, "disable_dropout", False):

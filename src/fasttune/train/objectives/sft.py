@@ -35,7 +35,7 @@ class SFTTrainer(Trainer):
         self.vision_collator = data_collator if self.vision else None
         # transformers' Trainer contract: a text model's batches come from the given collator (data/collate.py)
         self.text_collator = data_collator if not self.vision else None
-        if self.text_collator is not None and args is not None and args.packing:
+        if self.text_collator is not None and (getattr(args, "packing", False) or kwargs.get("packing")):
             raise ConfigError("packing=True with a data_collator: packed rows carry per-document position and segment "
                               "ids that a collator does not pass on, so documents would attend to each other. Use "
                               "packing=False with the collator, or leave data_collator out.")
