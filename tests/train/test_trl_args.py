@@ -193,3 +193,25 @@ def test_training_arguments_and_older_trainer_settings_become_the_config(tiny_mo
     with pytest.raises(ConfigError, match="torch_compile"):
         SFTTrainer(model=model, tokenizer=tok, train_dataset=ROWS,
                    args=TrainingArguments(output_dir=str(tmp_path / "c"), torch_compile=True))
+
+
+def test_the_dpo_and_orpo_notebooks_trainer_calls(tiny_model_dir, tmp_path):
+    """The peer's DPO notebook: DPOTrainer(model, ref_model=None, args=DPOConfig(...), beta=..., tokenizer=...,
+    max_length=..., max_prompt_length=...) -> those settings in the DPOConfig; a separate ref_model is refused by name.
+    Its ORPO notebook's ORPOConfig(max_completion_length=...) is accepted (TRL's uses it for encoder-decoders only)."""
+    from fasttune import DPOConfig, DPOTrainer, ORPOConfig, ORPOTrainer, PatchDPOTrainer
+
+    PatchDPOTrainer()
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    pairs = [{"prompt": "alpha?", "chosen": " beta", "rejected": " gamma"}] * 4
+    dpo = DPOTrainer(model=model, ref_model=None, args=DPOConfig(output_dir=str(tmp_path / "d"), max_steps=1),
+                     beta=0.2, train_dataset=pairs, tokenizer=tok, max_length=64, max_prompt_length=32)
+    assert (dpo.args.beta, dpo.args.max_seq_length, dpo.args.max_prompt_length) == (0.2, 64, 32)
+    with pytest.raises(ConfigError, match="DPOTrainer does not implement ref_model"):
+        DPOTrainer(model=model, ref_model=model, args=DPOConfig(output_dir=str(tmp_path / "e")), train_dataset=pairs,
+                   tokenizer=tok)
+    orpo = ORPOTrainer(model=model, train_dataset=pairs, tokenizer=tok,
+                       args=ORPOConfig(output_dir=str(tmp_path / "o"), max_length=64, max_prompt_length=32,
+                                       max_completion_length=32, beta=0.1, max_steps=1))
+    assert orpo.args.max_completion_length == 32 and orpo.train()["global_step"] == 1

@@ -7,12 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 
-from fasttune.train.config_names import same_value
+from fasttune.train.config_names import ALIASES, same_value
 
 # Older TRL trainers' keyword arguments that are config fields today, per trainer: folded into `args`.
 LEGACY_TRAINER_ARGS = {
     "SFTTrainer": ("dataset_text_field", "max_seq_length", "packing", "dataset_num_proc", "dataset_batch_size",
                    "dataset_kwargs", "neftune_noise_alpha", "eval_packing"),
+    # the peer's DPO / ORPO notebooks: DPOTrainer(..., beta=0.1, max_length=1024, max_prompt_length=512)
+    "DPOTrainer": ("beta", "max_length", "max_prompt_length", "loss_type", "label_smoothing"),
+    "ORPOTrainer": ("beta", "max_length", "max_prompt_length"),
+    "CPOTrainer": ("beta", "max_length", "max_prompt_length", "loss_type", "label_smoothing"),
+    "KTOTrainer": ("beta", "max_length", "max_prompt_length"),
 }
 # Fields transformers' TrainingArguments fills in from others in its __post_init__ (not settings of their own).
 DERIVED = ("logging_dir", "accelerator_config")
@@ -32,7 +37,10 @@ def config_from(args, config_cls, overrides: dict | None = None):
         that class's defaults become config_cls's, by name. overrides: legacy_trainer_args' values.
     Returns: a config_cls instance. Raises ConfigError (from config_cls) for a setting it refuses.
     """
-    overrides = dict(overrides or {})
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    # (older TRL's max_length for SFT is max_seq_length here: an alias would clash with the copied field)
+    overrides = {ALIASES.get(k, k) if ALIASES.get(k) in names and k not in names else k: v
+                 for k, v in (overrides or {}).items()}
     if args is None:
         return config_cls(**overrides) if overrides else config_cls()
     if isinstance(args, config_cls):

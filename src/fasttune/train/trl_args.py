@@ -60,6 +60,10 @@ NOT_IMPLEMENTED = {
     "optimizer_cls_and_kwargs": "pass optimizers=(your_optimizer, None): an optimizer you build over the model's "
                                 "trainable parameters, with the config's schedule",
     "data_collator": "this trainer batches its own examples (SFTTrainer takes a data_collator)",
+    # (the peer's DPO notebooks pass ref_model=None, TRL's PEFT way, which is what fasttune does)
+    "ref_model": "the reference is the model as handed to the trainer (its LoRA switched off, or a frozen copy of an "
+                 "adapter already trained), as TRL takes a PEFT model; a separate reference model is not "
+                 "implemented, so leave ref_model out (or None)",
 }
 
 

@@ -42,6 +42,9 @@ class CPOConfig(TrainingConfig):
     simpo_gamma: float = 0.5  # SimPO's target reward margin
     alpha: float = 0.0  # AlphaPO's reward shape (0: log-prob rewards)
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
+    # TRL's: it truncates completions only for encoder-decoder models (which fasttune does not train); accepted and,
+    # for a decoder, unused, as there
+    max_completion_length: int | None = None
 
     def __post_init__(self):
         if self.loss_type == "alphapo":  # TRL's sugar, applied as its CPOConfig applies it

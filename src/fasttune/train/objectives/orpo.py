@@ -21,6 +21,9 @@ class ORPOConfig(TrainingConfig):
     beta: float = 0.1  # lambda in the paper: weight of the odds-ratio term
     disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's ORPO default)
     max_prompt_length: int | None = None  # keep the last tokens of longer prompts
+    # TRL's: it truncates completions only for encoder-decoder models (which fasttune does not train), so a
+    # decoder's completions are not cut by it there or here; accepted, as the peer's ORPO notebook passes it
+    max_completion_length: int | None = None
 
     def __post_init__(self):
         super().__post_init__()
