@@ -76,7 +76,7 @@ CASES = {
     "model an unsupported vision-language family": (
         lambda t, m: ["--model", str(_paligemma(t))],
         lambda t: f"'{t / 'paligemma'}' is a paligemma vision-language model, which fasttune does not run yet; "
-                  "its vision-language families are gemma3, gemma4, idefics3, internvl, llava"),
+                  "its vision-language families are aya_vision, gemma3, gemma4, idefics3, internvl, llava"),
     "model a vision-language tokenizer without the image token": (
         lambda t, m: ["--model", str(_llava(t))], "image_token_id 299 is not a token of this tokenizer"),
     "adapter with missing base": (lambda t, m: ["--model", str(_adapter(t))], "gone-base"),
