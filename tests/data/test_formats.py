@@ -122,3 +122,13 @@ def test_message_list_is_the_one_check_for_conversational_fields():
                        ([{"role": "user", "content": 3}], "'content' must be a string"), (5, "must be a string")]:
         with _pytest.raises(DataError, match=match):
             formats.message_list(bad, "Row 0", "prompt", "user")
+
+
+def test_a_text_column_beside_sharegpt_conversations_is_what_trains():
+    """The notebooks format `conversations` into `text` themselves (e.g. Gemma 3's drops the template's <bos>) and
+    TRL's SFTTrainer trains on `text`; so does fasttune. `messages` beside `text` stay chat rows, as in TRL."""
+    assert detect_format(["conversations", "text"]) == "text"
+    assert detect_format(["conversations", "body"], dataset_text_field="body") == "text"
+    assert detect_format(["conversations"]) == "sharegpt"
+    assert detect_format(["messages", "text"]) == "messages"
+    assert detect_format(["conversations", "text"], "sharegpt") == "sharegpt"

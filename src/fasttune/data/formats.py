@@ -87,7 +87,8 @@ def detect_format(
 ) -> str:
     """Return the layout of a dataset with these columns (one of FORMATS).
 
-    `override` forces a layout (its required columns must exist); "auto" or None detects it.
+    `override` forces a layout (its required columns must exist); "auto" or None detects it, in FORMATS' order,
+    except that a text column (dataset_text_field) beside ShareGPT `conversations` wins, as TRL reads such rows.
     """
     columns = list(column_names)
     where = source_name or "The dataset"
@@ -110,9 +111,13 @@ def detect_format(
             )
         return override
 
-    for fmt in FORMATS:
-        if all(c in columns for c in required_columns(fmt, dataset_text_field)):
-            return fmt
+    found = [fmt for fmt in FORMATS if all(c in columns for c in required_columns(fmt, dataset_text_field))]
+    if found[:1] == ["sharegpt"] and "text" in found:
+        # ShareGPT conversations beside the text column the notebooks format them into: the text, as TRL's
+        # SFTTrainer reads such a dataset (it does not take `conversations` for chat rows)
+        return "text"
+    if found:
+        return found[0]
 
     hint = ""
     if "chosen" in columns and "rejected" in columns:
