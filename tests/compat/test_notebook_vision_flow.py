@@ -1,6 +1,6 @@
 """The peer's (Unsloth's) vision notebooks (Llama 3.2 Vision, Qwen2.5-VL, Gemma 3; and LLaVA-NeXT) with only the
-import changed, on tiny random models offline: FastVisionModel with use_gradient_checkpointing="unsloth", the layer-group switches, rows
-converted to conversations with PIL images, for_inference and the notebook's `tokenizer(image, input_text, ...)` +
+import changed, on tiny random models offline: FastVisionModel with use_gradient_checkpointing="unsloth", the
+layer-group switches, rows converted to conversations with PIL images, for_inference and the notebook's `tokenizer(image, input_text, ...)` +
 generate with a TextStreamer, for_training, TRL's SFTTrainer with UnslothVisionDataCollator and the notebook's
 SFTConfig (TRL 1.x names: `processing_class=`, `max_length=`), the saved adapter loaded back with its processor, and
 the merged checkpoint in transformers."""

@@ -11,8 +11,9 @@ OLMo's whole-projection q/k norms (`post_norm`, `qk_norm_full`), Ernie 4.5's and
 (`rope_interleaved`), Granite's multipliers (`embedding_multiplier`, `residual_multiplier`, `logits_scaling`,
 with `attn_scale` its attention_multiplier), Hunyuan's q/k norms after RoPE (`qk_norm_after_rope`), and the ungated MLP
 (`mlp_gated`) of Arcee (ReLU²) and Apertus (xIELU); Seed-OSS is Llama's layers with q/k/v biases apart from o_proj's
-(`attention_out_bias`); Cohere's (Command R, Aya) and Cohere 2's layers run attention and MLP side by side on one LayerNorm (`parallel_block`,
-`centered_norm`), with RoPE on adjacent pairs in the sliding layers only and the logits times logit_scale.
+(`attention_out_bias`); Cohere's (Command R, Aya) and Cohere 2's layers run attention and MLP side by side on one
+LayerNorm (`parallel_block`, `centered_norm`), with RoPE on adjacent pairs (Cohere 2: in the sliding layers only)
+and the logits times logit_scale.
 """
 from __future__ import annotations
 
