@@ -949,3 +949,16 @@ def test_ratio_metrics_are_micro_batch_means_as_trl(ours_and_adapter, tmp_path, 
     assert len(got) == len(want) == 2 and got[1]["kl"] > 1e-4
     for key in ("loss", "kl", "entropy", "clip_ratio/region_mean"):
         assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-7), key
+
+
+def test_max_prompt_length_keeps_the_prompts_last_tokens(ours_and_adapter, tmp_path):
+    """Older TRL's GRPOConfig(max_prompt_length=...), which the peer's GRPO notebooks pass (TRL 1.x dropped it): a
+    longer text prompt keeps its last tokens, reward functions still get the whole prompt; None keeps it whole."""
+    model, tok, _ = ours_and_adapter
+    whole = _ours(model, tok, tmp_path / "a")
+    cut = _ours(model, tok, tmp_path / "b", max_prompt_length=3)
+    for full, short in zip(whole.train_examples, cut.train_examples):
+        assert short["prompt_ids"] == full["prompt_ids"][-3:] and short["prompt"] == full["prompt"]
+    assert max(len(ex["prompt_ids"]) for ex in whole.train_examples) > 3
+    with pytest.raises(ConfigError, match="max_prompt_length=0 is invalid"):
+        GRPOConfig(output_dir=str(tmp_path / "c"), max_prompt_length=0)

@@ -148,8 +148,9 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
     def prepare(self, dataset) -> list[dict]:
         """Rows with `prompt` (a string or a message list, encoded by data.prompts.encode_prompt; on a
         vision-language model a message list, with its images, by data.vision_prompts.encode_vision_prompt) and any
-        columns the reward functions read. Returns each prompt num_generations times in a row (the groups), so the
-        core's batch counting holds. Raises DataError naming the row for a bad prompt, a missing reward column, a
+        columns the reward functions read; a text prompt longer than max_prompt_length keeps its last tokens (older
+        TRL's rule; reward functions still get the whole prompt). Returns each prompt num_generations times in a row
+        (the groups), so the core's batch counting holds. Raises DataError naming the row for a bad prompt, a missing reward column, a
         prompt too long for max_seq_length (unless drop_long), or images on a model that reads text only."""
         a, tok = self.args, self.tokenizer
         rows, name = load_rows(dataset), source_name(dataset)
@@ -174,6 +175,13 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
                 prompt = with_image_payloads(laid_out)  # what TRL's reward functions get
             else:
                 prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))
+            cut = getattr(a, "max_prompt_length", None)
+            if cut is not None and len(ids) > cut:  # older TRL's left truncation of the prompt
+                if sources or videos:
+                    raise DataError(f"{where}: the prompt is {len(ids)} tokens with its images / videos, more than "
+                                    f"max_prompt_length={cut}, and cutting it would cut them. Raise "
+                                    f"max_prompt_length (or leave it None).")
+                ids = ids[-cut:]
             for col in needed:
                 if row.get(col) is None:
                     users = [n for f, n in zip(self.reward_funcs, self.reward_names) if col in required_columns(f)]

@@ -28,6 +28,9 @@ class OnlineRLConfig(TrainingConfig):
     num_generations: int = 8  # completions sampled per prompt (the group)
     num_generations_eval: int | None = None  # per eval prompt; None: num_generations (TRL's)
     max_completion_length: int = 256
+    # older TRL's (the peer's GRPO notebooks pass it; TRL 1.x dropped it): a text prompt keeps its last
+    # max_prompt_length tokens; None: prompts are not cut
+    max_prompt_length: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
@@ -69,6 +72,11 @@ class OnlineRLConfig(TrainingConfig):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"{name}={v!r} is invalid: it must be a whole number >= 1.")
+        if self.max_prompt_length is not None and (not isinstance(self.max_prompt_length, int)
+                                                   or isinstance(self.max_prompt_length, bool)
+                                                   or self.max_prompt_length < 1):
+            raise ConfigError(f"max_prompt_length={self.max_prompt_length!r} is invalid: a whole number of tokens >= 1, "
+                              f"or None to keep whole prompts.")
         if self.num_generations_eval is not None and (not isinstance(self.num_generations_eval, int)
                                                       or isinstance(self.num_generations_eval, bool)
                                                       or self.num_generations_eval < 1):
