@@ -150,8 +150,9 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
         vision-language model a message list, with its images, by data.vision_prompts.encode_vision_prompt) and any
         columns the reward functions read; a text prompt longer than max_prompt_length keeps its last tokens (older
         TRL's rule; reward functions still get the whole prompt). Returns each prompt num_generations times in a row
-        (the groups), so the core's batch counting holds. Raises DataError naming the row for a bad prompt, a missing reward column, a
-        prompt too long for max_seq_length (unless drop_long), or images on a model that reads text only."""
+        (the groups), so the core's batch counting holds. Raises DataError naming the row for a bad prompt, a missing
+        reward column, a prompt too long for max_seq_length (unless drop_long), a prompt with images longer than
+        max_prompt_length, or images on a model that reads text only."""
         a, tok = self.args, self.tokenizer
         rows, name = load_rows(dataset), source_name(dataset)
         base_dir = Path(dataset).expanduser().resolve().parent if isinstance(dataset, (str, os.PathLike)) else None

@@ -75,8 +75,8 @@ class OnlineRLConfig(TrainingConfig):
         if self.max_prompt_length is not None and (not isinstance(self.max_prompt_length, int)
                                                    or isinstance(self.max_prompt_length, bool)
                                                    or self.max_prompt_length < 1):
-            raise ConfigError(f"max_prompt_length={self.max_prompt_length!r} is invalid: a whole number of tokens >= 1, "
-                              f"or None to keep whole prompts.")
+            raise ConfigError(f"max_prompt_length={self.max_prompt_length!r} is invalid: a whole number of tokens "
+                              f">= 1, or None to keep whole prompts.")
         if self.num_generations_eval is not None and (not isinstance(self.num_generations_eval, int)
                                                       or isinstance(self.num_generations_eval, bool)
                                                       or self.num_generations_eval < 1):
