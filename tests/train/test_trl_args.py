@@ -215,3 +215,17 @@ def test_the_dpo_and_orpo_notebooks_trainer_calls(tiny_model_dir, tmp_path):
                        args=ORPOConfig(output_dir=str(tmp_path / "o"), max_length=64, max_prompt_length=32,
                                        max_completion_length=32, beta=0.1, max_steps=1))
     assert orpo.args.max_completion_length == 32 and orpo.train()["global_step"] == 1
+
+
+def test_trls_own_sft_config_becomes_ours(tiny_model_dir, tmp_path):
+    """args=trl.SFTConfig(...) given to fasttune's SFTTrainer: its settings off TRL's defaults become the SFTConfig
+    (TRL's max_length is our max_seq_length; bf16 at TRL's default is not carried over)."""
+    trl = pytest.importorskip("trl")
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ROWS, args=trl.SFTConfig(
+        output_dir=str(tmp_path / "o"), max_steps=2, per_device_train_batch_size=2, max_length=64, report_to="none",
+        learning_rate=1e-3, bf16=False))
+    a = trainer.args
+    assert isinstance(a, SFTConfig) and (a.max_seq_length, a.max_steps, a.learning_rate, a.bf16) == (64, 2, 1e-3, False)
+    assert trainer.train()["global_step"] == 2
