@@ -199,3 +199,23 @@ def test_dft_loss_on_the_fallback_equals_the_fast_path(tiny_model_dir, tmp_path)
         model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
         runs[fast] = _train(model, tok, tmp_path / f"d{fast}", steps=2, loss_type="dft")[1]
     torch.testing.assert_close(torch.tensor(runs[False]), torch.tensor(runs[True]), rtol=1e-5, atol=0)
+
+
+def test_a_vision_checkpoint_loaded_text_only_says_so(tmp_path, tiny_tokenizer):
+    """Llama 4 (not a family of ours): AutoModelForCausalLM loads Llama4ForCausalLM, its language model only. The
+    fallback's load says that the vision tower is not loaded and a merged save holds the language model alone (it
+    said nothing of the tower before); a text checkpoint gets no such warning (test above: one warning)."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = dict(hidden_size=64, intermediate_size=128, intermediate_size_mlp=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=300, num_local_experts=2,
+                num_experts_per_tok=1, pad_token_id=0, bos_token_id=1, eos_token_id=2, no_rope_layers=[1, 1])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14, vision_output_dim=64, projector_input_dim=64, projector_output_dim=64)
+    Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=vision, image_token_index=299)) \
+        .save_pretrained(tmp_path / "l4")
+    tiny_tokenizer.save_pretrained(tmp_path / "l4")
+    model, _, warned = _load(tmp_path / "l4", device="cpu")
+    assert isinstance(model, FallbackModel) and type(model.transformers_model).__name__ == "Llama4ForCausalLM"
+    messages = [str(w.message) for w in warned]
+    assert len(messages) == 2 and "the towers are not loaded" in messages[1] and "vision tower(s)" in messages[1]

@@ -134,6 +134,15 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
         why = f"fasttune's fast decoder does not read '{model_type}' GGUF files yet (its safetensors checkpoints it does)"
     warnings.warn(f"Architecture '{model_type}': {why}, so it is loaded through transformers + PEFT and trains at "
                   f"standard speed (same results, none of fasttune's speed-ups).", FallbackWarning, stacklevel=4)
+    towers = [name for name in ("vision_config", "audio_config") if getattr(hf_model.config, name, None) is not None
+              or getattr(hf_config, name, None) is not None]
+    if towers and not any(part in name for name, _ in hf_model.named_modules()
+                          for part in ("vision", "visual", "audio", "multi_modal_projector")):
+        # e.g. Llama 4: AutoModelForCausalLM's class holds the language model only
+        warnings.warn(f"'{path}' is a {model_type} checkpoint with {' and '.join(t[:-7] for t in towers)} "
+                      f"tower(s), but transformers' {type(hf_model).__name__} (what AutoModelForCausalLM loads) holds "
+                      f"its language model only: the towers are not loaded, training sees text only, and a merged "
+                      f"save holds the language model alone.", FallbackWarning, stacklevel=4)
     hf_model.requires_grad_(False)
     return FallbackModel((hf_model if quant else hf_model.to(device)).eval(), dtype)
 
