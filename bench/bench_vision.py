@@ -482,7 +482,7 @@ def make_batches(shape: str, bs: int, seq: int, device: str, n: int = 2):
     elif s.get("fixed"):  # LLaVA: a fixed number of tokens an image
         placeholders = s["fixed"]
     elif s.get("anyres"):  # LLaVA-NeXT: the square image's count for the pinpoint transformers picks
-        from fasttune.data.vision import anyres_token_count
+        from fasttune.data.vision_layouts import anyres_token_count
 
         placeholders = anyres_token_count(s["image"], s["image"], s["anyres"]["pinpoints"], s["image"], patch)
     elif s.get("patches"):  # InternVL: the image's patches' tokens between the shape's before / after ids

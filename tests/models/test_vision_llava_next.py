@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_vision import noise_image
 
-from fasttune.data.vision import anyres_token_count
+from fasttune.data.vision_layouts import anyres_token_count
 from fasttune.errors import ModelLoadError
 
 SIZES = [(70, 30), (30, 70), (40, 40), (100, 20), (29, 57)]  # (width, height): grids 1x2 / 2x1 / 2x2 / 1x3 / 2x1

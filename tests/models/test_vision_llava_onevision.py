@@ -8,7 +8,7 @@ import pytest
 import torch
 from tiny_vision import noise_image
 
-from fasttune.data.vision import anyres_token_count
+from fasttune.data.vision_layouts import anyres_token_count
 
 SIZES = [(70, 30), (30, 70), (40, 40), (100, 20), (28, 28)]  # (width, height); the last: one tile, nothing shrunk
 

@@ -13,7 +13,8 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     Pixtral's rows, Llama 3.2 Vision's one <|image|> (its images batched per row),
     Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
     Idefics3Model computes it), InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
-    patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's / LLaVA-OneVision's tiles (data/vision.py's anyres_token_count)."""
+    patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's / LLaVA-OneVision's tiles
+    (data/vision_layouts.py's anyres_token_count)."""
     if vlm_config.model_type == "gemma3":
         boi, eoi, soft = _tokens_of(tokenizer, vlm_config, "boi_token_id", "eoi_token_id", "image_token_id")
         return dict(image_token=boi, merge_size=None, feature_token=soft,
