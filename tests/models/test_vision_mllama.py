@@ -53,6 +53,19 @@ def test_tiles_and_cross_attention_mask_equal_transformers(loaded):
     assert third[0] == first[-1] + 1 and third[-1] == spans.shape[1] - 1  # the next image takes over to the end
 
 
+def test_cross_attention_mask_equals_transformers_on_random_rows():
+    from fasttune.models.cross_attention import image_token_spans
+
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(50):  # runs at the start, at the end, adjacent, lone; rows with no image
+        ids = torch.randint(3, 8, (3, 12), generator=gen)
+        ids[torch.rand(3, 12, generator=gen) < 0.3] = IMAGE
+        images = max(int((ids == IMAGE).sum(1).max()), 1)
+        ratio_mask = (torch.arange(4) < torch.randint(1, 5, (3, images, 1), generator=gen)).long()
+        batch = {"input_ids": ids, "aspect_ratio_mask": ratio_mask}
+        assert torch.equal(image_token_spans(ids, IMAGE, ratio_mask.sum(-1), 4), mllama_cross_mask(batch)), ids
+
+
 def test_logits_equal_transformers_with_a_row_without_images(loaded, hf):
     model, proc = loaded
     batch, _ = _rows(proc)

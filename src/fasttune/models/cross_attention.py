@@ -65,16 +65,22 @@ def image_token_spans(input_ids: torch.Tensor, image_token_id: int, tiles: torch
     (B, images) long."""
     b, t = input_ids.shape
     images = tiles.shape[1]
-    out = torch.zeros(b, t, images, max_tiles, dtype=torch.long, device=input_ids.device)
-    for row, where in enumerate((input_ids == image_token_id).cpu().tolist()):
-        starts = [i for i, hit in enumerate(where) if hit]
-        ends = starts[1:] + [t]
-        for k in range(len(starts) - 2, -1, -1):  # a run of adjacent image tokens: all attend from there on
-            if starts[k + 1] == starts[k] + 1:
-                ends[k] = ends[k + 1]
-        for k, (start, end) in enumerate(zip(starts[:images], ends)):
-            out[row, start:end, k, :int(tiles[row, k])] = 1
-    return out
+    pos = torch.arange(t, device=input_ids.device)
+    hit = input_ids == image_token_id
+    run_start = hit.clone()
+    run_start[:, 1:] &= ~hit[:, :-1]
+    # After each position, the next run's first token (or t): a span ends there, so a run's tokens share one end.
+    after = torch.where(run_start, pos, t)[:, 1:]
+    following = torch.cat([after, after.new_full((b, 1), t)], dim=1).flip(1).cummin(dim=1).values.flip(1)
+    rows, cols = hit.nonzero(as_tuple=True)
+    rank = (hit.cumsum(dim=1) - 1)[rows, cols]
+    keep = rank < images  # only the first `images` <|image|> tokens of a row get a span
+    starts = torch.full((b, images), t, dtype=torch.long, device=input_ids.device)
+    starts[rows[keep], rank[keep]] = cols[keep]
+    ends = following.gather(1, starts.clamp(max=t - 1))
+    spans = (pos[None, :, None] >= starts[:, None, :]) & (pos[None, :, None] < ends[:, None, :])  # (B, T, images)
+    tile_on = torch.arange(max_tiles, device=input_ids.device) < tiles[..., None]  # (B, images, max_tiles)
+    return (spans[..., None] & tile_on[:, None]).long()
 
 
 class CrossAttention(nn.Module):
