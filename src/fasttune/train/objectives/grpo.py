@@ -176,7 +176,7 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
                 prompt = with_image_payloads(laid_out)  # what TRL's reward functions get
             else:
                 prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))
-            cut = getattr(a, "max_prompt_length", None)
+            cut = a.max_prompt_length
             if cut is not None and len(ids) > cut:  # older TRL's left truncation of the prompt
                 if sources or videos:
                     raise DataError(f"{where}: the prompt is {len(ids)} tokens with its images / videos, more than "

@@ -32,6 +32,8 @@ class Rollouts:
     """Needs the trainer's args, model, dist, tokenizer, pad_id, vision, train_examples and the reward / metric
     methods of grpo_rewards.RewardScoring (grpo.py's GRPOTrainer)."""
 
+    _decoded_media: dict | None = None  # a rollout's decoded images / videos by source (set during rollout only)
+
     def step_batches(self, start_epoch: int, start_micro: int):
         """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
         that a resume samples the same), yielded num_iterations times as (epoch, next micro index, micro-batches)."""
@@ -130,7 +132,7 @@ class Rollouts:
 
             placeholders = [t for t in (model.image_token_id, model.video_token_id, model.audio_token_id)
                             if t is not None]
-            media = {**prompt_media(examples, self.tokenizer, getattr(self, "_decoded_media", None)),
+            media = {**prompt_media(examples, self.tokenizer, self._decoded_media),
                      "num_return_sequences": copies,
                      "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
@@ -190,7 +192,7 @@ class Rollouts:
         attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
         b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
              "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
-        media = prompt_media(examples, self.tokenizer, getattr(self, "_decoded_media", None)) if self.vision else {}
+        media = prompt_media(examples, self.tokenizer, self._decoded_media) if self.vision else {}
         b.update(media)
         # The log-probs stay on the device (the loop's move is then a no-op): copying them back would wait for the
         # device once per micro-batch.

@@ -163,7 +163,7 @@ class OnlineDPOTrainer(GRPOTrainer):
         chosen = (pairs[:, 0] < pairs[:, 1]).long()  # the first on a tie (TRL: first_half >= second_half)
         self._record_pairs(rollout, rewards, pairs, chosen)
         self.keep_completions(rollout, None, across_ranks)
-        mine = rollout.mine(torch.stack([chosen, chosen], dim=1).reshape(-1))  # per completion: its pair's choice
+        mine = rollout.mine(chosen.repeat_interleave(2))  # per completion: its pair's choice
         batches = self.micro_batches(examples, completion_ids, truncated, torch.zeros(len(examples)), sizes)
         start = 0
         for b in batches:
