@@ -53,6 +53,7 @@ class FallbackConfig:
     pad_token_id: Any = None
     bos_token_id: Any = None
     eos_token_id: Any = None
+    extra_embeddings: int = 0  # (embedding rows past vocab_size: none here, vocab_size counts every row)
 
     @property
     def head_dim(self) -> int | None:

@@ -39,7 +39,7 @@ def restore_added_tokens(model, base_tokenizer, adapter_tokenizer) -> list[int]:
         base = base_tokenizer.get_vocab()
         ids = sorted(i for t, i in adapter_tokenizer.get_vocab().items() if t not in base)
     else:
-        ids = list(range(model.arch.vocab_size + getattr(model.arch, "extra_embeddings", 0), len(adapter_tokenizer)))
+        ids = list(range(model.arch.vocab_size + model.arch.extra_embeddings, len(adapter_tokenizer)))
     if ids:
         init_token_rows(model, ids)
     return ids
@@ -113,7 +113,7 @@ def _with_rows(weight: torch.Tensor, size: int, ids: list[int]) -> torch.Tensor:
 def _check_no_lora(model):
     """Refuse (ConfigError) a change of the vocabulary after get_peft_model, or on an embedding with rows past the
     vocabulary (Llama 3.2 Vision's 8, <|image|> among them), whose layout transformers does not resize either."""
-    if getattr(model.arch, "extra_embeddings", 0):
+    if model.arch.extra_embeddings:
         raise ConfigError(f"This {model.arch.model_type} model's embedding has {model.arch.extra_embeddings} rows "
                           f"past its {model.arch.vocab_size}-token vocabulary (<|image|> among them), which fasttune "
                           f"does not resize; train without adding tokens (use the tokenizer's reserved special "

@@ -166,7 +166,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         """Token ids past the model's embedding (tokens added to the tokenizer but not to the model) are a
         ConfigError naming the fix, not an IndexError deep in the forward pass. Scans the data only when the
         tokenizer is larger than the embedding."""
-        vocab = self.model.arch.vocab_size + getattr(self.model.arch, "extra_embeddings", 0)  # (Llama 3.2 Vision's
+        vocab = self.model.arch.vocab_size + self.model.arch.extra_embeddings  # (Llama 3.2 Vision's
         # <|image|> sits in the embedding's rows past the vocabulary)
         if self.tokenizer is None or len(self.tokenizer) <= vocab:
             return
