@@ -95,6 +95,10 @@ def test_image_inputs_are_checked(loaded):
         model(**{k: v for k, v in batch.items() if k != "aspect_ratio_ids"})
     with pytest.raises(ConfigError, match="images for 3 rows but input_ids has 2"):
         model(**{**batch, "input_ids": batch["input_ids"][:2], "attention_mask": batch["attention_mask"][:2]})
+    cut = batch["input_ids"].clone()
+    cut[1][cut[1] == IMAGE] = 5  # row 1's placeholders gone (cut off), its images still there
+    with pytest.raises(ConfigError, match="Row 1 holds 0 image placeholder tokens"):
+        model(**{**batch, "input_ids": cut})
 
 
 @pytest.mark.parametrize("mode", [True, "offload"])

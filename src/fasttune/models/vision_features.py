@@ -179,8 +179,6 @@ def pooled_video_features(model, pixel_values_videos: torch.Tensor, num_frames=N
     grid shrunk to ceil(side / 2) a side by bilinear interpolation (its apply_pooling), then per video its frames'
     features in order and one image_newline feature. Raises ConfigError for num_frames that do not add up to the
     frames."""
-    from fasttune.errors import ConfigError
-
     cfg = model.hf_config
     if pixel_values_videos.dim() == 5:
         counts = [pixel_values_videos.shape[1]] * pixel_values_videos.shape[0]
@@ -228,12 +226,13 @@ def cross_image_inputs(model, input_ids: torch.Tensor, pixel_values, media: dict
     if b != input_ids.shape[0]:
         raise ConfigError(f"pixel_values hold images for {b} rows but input_ids has {input_ids.shape[0]}; Llama 3.2 "
                           f"Vision takes the images per row, (B, images, tiles, C, H, W), as the processor pads them.")
-    counts, real = (input_ids == token).sum(dim=1).tolist(), (ratio_ids > 0).sum(dim=1).tolist()
-    for row, (n, m) in enumerate(zip(counts, real)):
-        if n != m and media.get("cross_attention_mask") is None:
-            raise ConfigError(f"Row {row} holds {n} image placeholder tokens (<|image|>) but {m} images: a row was "
-                              f"cut before an image "
-                              f"(raise max_seq_length) or pixel_values do not belong to these input_ids.")
+    if media.get("cross_attention_mask") is None:  # the spans come from the tokens: they must match the images
+        counts, real = (input_ids == token).sum(dim=1).tolist(), (ratio_ids > 0).sum(dim=1).tolist()
+        for row, (n, m) in enumerate(zip(counts, real)):
+            if n != m:
+                raise ConfigError(f"Row {row} holds {n} image placeholder tokens (<|image|>) but {m} images: a row "
+                                  f"was cut before an image (raise max_seq_length) or pixel_values do not belong to "
+                                  f"these input_ids.")
     tower = model.vision_model
     dtype = next(tower.parameters()).dtype
     hidden = tower(pixel_values=pixel_values.to(dtype), aspect_ratio_ids=ratio_ids,
