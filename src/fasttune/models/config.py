@@ -22,15 +22,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fasttune.errors import ModelLoadError
-from fasttune.models.family_fields import (gemma4_fields, gemma4_unsupported, lfm2_fields, llama4_query_scale,
-                                           mla_fields, moe_fields, qwen3_5_fields)
+from fasttune.models.family_fields import (gemma4_fields, gemma4_unsupported, granite_hybrid_fields, lfm2_fields,
+                                           llama4_query_scale, mla_fields, moe_fields, qwen3_5_fields)
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
                       "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
-                      "seed_oss", "cohere2", "cohere")
+                      "seed_oss", "cohere2", "cohere", "granitemoehybrid")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -50,6 +50,9 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
            "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
            "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"},
            "mistral4": {"shared_expert": "shared_experts"}}
+# Granite 4.0 (GraniteMoeHybrid): the dense MLP is shared_mlp, its fused gate|up input_linear, its down output_linear
+RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linear", "gate_proj": "input_linear",
+                               "up_proj": "input_linear", "down_proj": "output_linear"}
 RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
@@ -157,8 +160,18 @@ class ModelConfig:
     linear_fused_projections: bool = False
     # Which token mixer the linear_layers run: "gated_deltanet" (Qwen3.5, Qwen3-Next: models/gated_deltanet.py) or
     # "short_conv" (LFM2's gated short convolution of linear_conv_kernel taps: models/short_conv.py)
+    # "short_conv" (LFM2's gated short convolution of linear_conv_kernel taps: models/short_conv.py) or "mamba2"
+    # (Granite 4.0's Mamba-2 mixer: models/mamba2.py)
     linear_kind: str = "gated_deltanet"
-    conv_bias: bool = False  # LFM2: biases on the short convolution and its two projections
+    conv_bias: bool = False  # LFM2: biases on the short convolution and its two projections; Mamba-2: on its conv1d
+    # Mamba-2 mixers (models/mamba2.py): heads of head_dim channels, B / C shared by groups of heads, d_state, biases
+    # on in_proj / out_proj, and the (min, max) clamp of the scan's steps (transformers' time_step_limit)
+    mamba_heads: int = 0
+    mamba_head_dim: int = 0
+    mamba_groups: int = 1
+    mamba_state: int = 0
+    mamba_proj_bias: bool = False
+    time_step_limit: tuple = (0.0, float("inf"))
     # DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash, models/mla.py): keys and values come from a
     # kv_lora_rank-wide latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); each head's query and key are
     # qk_nope_head_dim channels without RoPE then head_dim (qk_rope_head_dim) rotated ones, the rotated key shared
@@ -325,10 +338,7 @@ class ModelConfig:
                 cfg.cross_attention_layers = sorted(int(i) for i in get("cross_attention_layers") or ())
                 cfg.extra_embeddings = 8  # transformers' MllamaTextModel: nn.Embedding(vocab_size + 8, ...)
             if model_type == "granite":
-                cfg.embedding_multiplier = float(get("embedding_multiplier", 1.0))
-                cfg.residual_multiplier = float(get("residual_multiplier", 1.0))
-                cfg.logits_scaling = float(get("logits_scaling", 1.0))
-                cfg.attn_scale = float(get("attention_multiplier", 1.0))
+                granite_multipliers(cfg, get)
         elif model_type == "qwen2":
             cfg.attn_bias = True
         elif model_type in ("cohere", "cohere2"):  # adjacent-pair RoPE; logits times logit_scale
@@ -397,6 +407,9 @@ class ModelConfig:
         if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
             cfg.linear_fused_projections = True
             cfg.mrope_section, cfg.mrope_interleaved = None, False
+        if model_type == "granitemoehybrid":
+            granite_hybrid_fields(cfg, get)
+            granite_multipliers(cfg, get)
         if model_type in ("lfm2", "lfm3", "lfm2_moe"):
             lfm2_fields(cfg, get)
         if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"):
@@ -416,6 +429,14 @@ class ModelConfig:
         return cfg
 
 
+def granite_multipliers(cfg: ModelConfig, get) -> None:
+    """Granite's multipliers (transformers' GraniteConfig / GraniteMoeHybridConfig; each defaults to 1)."""
+    cfg.embedding_multiplier = float(get("embedding_multiplier", 1.0))
+    cfg.residual_multiplier = float(get("residual_multiplier", 1.0))
+    cfg.logits_scaling = float(get("logits_scaling", 1.0))
+    cfg.attn_scale = float(get("attention_multiplier", 1.0))
+
+
 def decoder_runs(hf_config) -> bool:
     """Whether fasttune's decoder runs this transformers config: its family is in SUPPORTED_FAMILIES, and it uses none
     of the features of that family the decoder lacks (Gemma 4's bidirectional attention over all tokens, an embedding
@@ -425,6 +446,8 @@ def decoder_runs(hf_config) -> bool:
     model_type = get("model_type")
     if model_type == "gemma4_text":
         return not gemma4_unsupported(get)
+    if model_type == "granitemoehybrid":  # Granite 4.0-H Tiny / Small: experts beside the shared MLP, not run yet
+        return not get("num_local_experts")
     return model_type in SUPPORTED_FAMILIES
 
 

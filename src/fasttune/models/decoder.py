@@ -27,6 +27,7 @@ from fasttune.models.masks import (build_masks, packed_segments, padding_runs, r
                                    segments_from_boundaries)
 from fasttune.models.gated_deltanet import GatedDeltaNet, segment_spans
 from fasttune.models.short_conv import ShortConv
+from fasttune.models.mamba2 import Mamba2Mixer
 from fasttune.models.gemma4 import (add_experts, add_per_layer_input, build_experts, build_per_layer_input,
                                     build_per_layer_tables, last_position, per_layer_inputs)
 from fasttune.models.mla import LatentAttention
@@ -57,8 +58,9 @@ class MLP(nn.Module):
         self.gated = cfg.mlp_gated
         # gate / up / down under the family's names (LFM2: w1 / w3 / w2)
         self.names = tuple(cfg.module_name(n) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.fused_name = cfg.module_name("gate_up_proj")  # (Granite 4.0: input_linear)
         if self.fused:
-            self.gate_up_proj = nn.Linear(h, 2 * i, bias=cfg.mlp_bias)
+            setattr(self, self.fused_name, nn.Linear(h, 2 * i, bias=cfg.mlp_bias))
         else:
             if self.gated:
                 setattr(self, self.names[0], nn.Linear(h, i, bias=cfg.mlp_bias))
@@ -71,6 +73,11 @@ class MLP(nn.Module):
     def gate(self) -> nn.Module:
         """The gate projection (gate_proj, or the family's name for it)."""
         return getattr(self, self.names[0])
+
+    @property
+    def gate_up(self) -> nn.Module:
+        """The fused gate|up projection (gate_up_proj, or the family's name for it), of a fused MLP."""
+        return getattr(self, self.fused_name)
 
     @property
     def up(self) -> nn.Module:
@@ -98,16 +105,16 @@ class MLP(nn.Module):
             u = one_linear(self.up, x)
             h = self.act_fn(u) if self.act == "xielu" else torch.relu(u).square()
             return project(h, self.down, values_unused=values_unused)[0]
-        pair = (self.gate_up_proj,) if self.fused else (self.gate, self.up)
+        pair = (self.gate_up,) if self.fused else (self.gate, self.up)
         if one_row_linears(x, pair):  # a batch-1 decode step: both projections and the activation in one launch
             if self.fused:
-                bias = self.gate_up_proj.bias
-                weights, biases = self.gate_up_proj.weight.chunk(2), (None, None) if bias is None else bias.chunk(2)
+                bias = self.gate_up.bias
+                weights, biases = self.gate_up.weight.chunk(2), (None, None) if bias is None else bias.chunk(2)
             else:
                 weights, biases = (m.weight for m in pair), (m.bias for m in pair)
             h = gated_gemv(x, *weights, *biases, self.act)
         elif self.fused:
-            h = gated_act_packed(self.gate_up_proj(x), self.act)
+            h = gated_act_packed(self.gate_up(x), self.act)
         else:
             h = gated_act(*project(x, self.gate, self.up), self.act)
         return project(h, self.down, values_unused=values_unused)[0]
@@ -148,6 +155,8 @@ class DecoderLayer(nn.Module):
                 Attention(cfg.layer_config(layer_idx), layer_idx)
         elif cfg.linear_kind == "short_conv":
             self.mixer_name, mixer = "conv", ShortConv(cfg, layer_idx)
+        elif cfg.linear_kind == "mamba2":
+            self.mixer_name, mixer = "mamba", Mamba2Mixer(cfg, layer_idx)
         else:
             self.mixer_name, mixer = "linear_attn", GatedDeltaNet(cfg, layer_idx)
         setattr(self, self.mixer_name, mixer)
@@ -203,7 +212,7 @@ class DecoderLayer(nn.Module):
     @property
     def mixer(self) -> nn.Module:
         """The layer's token mixer: `self_attn` (Attention), `linear_attn` (GatedDeltaNet) in Qwen3.5's linear
-        layers, or `conv` (ShortConv) in LFM2's."""
+        layers, `conv` (ShortConv) in LFM2's, or `mamba` (Mamba2Mixer) in Granite 4.0's."""
         return getattr(self, self.mixer_name)
 
     @property

@@ -20,6 +20,7 @@ import torch
 
 from fasttune.kernels.delta_chunk import chunked_rule
 from fasttune.kernels.delta_scan import scan_config
+from fasttune.models.chunk_packing import run_packed
 
 CHUNK = 64  # positions per chunk of the chunked form (fla's and transformers' size)
 L2_EPS = 1e-6
@@ -90,24 +91,10 @@ def gated_delta_rule(q, k, v, g, beta, spans=None, initial_state=None, final_sta
 
 
 def _packed(q, k, v, g, beta, spans, chunk: int = CHUNK):
-    """Runs that each start from a zero state, in one chunked pass: every run is moved to start a chunk (its row's
-    runs one after another, padded to whole chunks with inert positions: zero key, value, decay and beta), and the
-    scan zeroes the state as each run's first chunk starts."""
-    b, t = q.shape[:2]
-    index, keep = _packing_plan(tuple(spans), b, t, chunk, q.device)
-    width = index.shape[1]
-    real = index >= 0
-    gather = index.clamp(min=0).reshape(-1)
-
-    def moved(x):
-        """x (B, T, ...) -> (B, L, ...) in the packed layout, zeros at the padding."""
-        flat = x.reshape(b * t, *x.shape[2:]).index_select(0, gather).reshape(b, width, *x.shape[2:])
-        return flat * real.view(b, width, *([1] * (x.dim() - 2))).to(x.dtype)
-
-    o, _ = chunked_delta_rule(*(moved(x) for x in (q, k, v, g, beta)), keep=keep, chunk=chunk)
-    out = torch.zeros(b * t, *v.shape[2:], dtype=o.dtype, device=o.device)
-    out = out.index_copy(0, index[real], o[real])
-    return out.reshape(v.shape)
+    """Runs that each start from a zero state, in one chunked pass (models/chunk_packing.py): inert positions pad
+    each run to whole chunks (zero key, value, decay and beta), and the scan zeroes the state as a run starts."""
+    return run_packed(lambda *x: chunked_delta_rule(*x[:5], keep=x[5], chunk=chunk)[0], (q, k, v, g, beta), spans,
+                      chunk)
 
 
 def _fla(q, k, v, g, beta, spans, initial_state, final_state):
@@ -121,24 +108,6 @@ def _fla(q, k, v, g, beta, spans, initial_state, final_state):
     flat = [x.reshape(1, b * t, *x.shape[2:]) for x in (q, k, v, g, beta)]
     o, _ = chunk(*flat, use_qk_l2norm_in_kernel=True, cu_seqlens=starts, cu_seqlens_cpu=starts.cpu())
     return o.reshape(v.shape), None
-
-
-@functools.lru_cache(maxsize=4)  # every DeltaNet layer of a forward pass (and its recompute) packs alike
-def _packing_plan(spans: tuple, b: int, t: int, chunk: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(index (B, L) long: the flat source position of each packed slot, -1 for padding; keep (B, L / chunk): 0
-    where a run starts) for _packed."""
-    index, keep = [], []
-    for row in range(b):
-        positions, starts = [], set()
-        for r, start, end in spans:
-            if r == row:
-                starts.add(len(positions) // chunk)
-                positions += list(range(row * t + start, row * t + end)) + [-1] * (-(end - start) % chunk)
-        index.append(positions)
-        keep.append([0.0 if i in starts else 1.0 for i in range(len(positions) // chunk)])
-    width = max(len(p) for p in index)
-    return (torch.tensor([p + [-1] * (width - len(p)) for p in index], device=device),
-            torch.tensor([kp + [1.0] * (width // chunk - len(kp)) for kp in keep], device=device))
 
 
 def chunked_delta_rule(q, k, v, g, beta, initial_state=None, final_state: bool = False, chunk: int = CHUNK,

@@ -1,6 +1,6 @@
 """The family-specific parts of ModelConfig.from_hf (models/config.py): each reads one family's transformers config
 fields (`get(name, default)`) into a ModelConfig `cfg` in place — Qwen3.5's gated DeltaNet layers, LFM2 / LFM3's
-short convolutions, multi-head latent attention (GLM-4.7-Flash, DeepSeek-V2 / V3), Gemma 4, Ministral 3's query
+short convolutions, Granite 4.0's Mamba-2 layers, multi-head latent attention (GLM-4.7-Flash, DeepSeek-V2 / V3), Gemma 4, Ministral 3's query
 scaling and the mixture-of-experts fields of every MoE family. Each raises ModelLoadError for settings the decoder
 cannot run, naming the config field.
 """
@@ -86,6 +86,40 @@ def lfm2_fields(cfg, get) -> None:
         if multiplier is not None:
             width = multiple * ((int(multiplier * width) + multiple - 1) // multiple)
     cfg.intermediate_size = width
+
+
+def granite_hybrid_fields(cfg, get) -> None:
+    """Granite 4.0 (transformers' GraniteMoeHybridConfig): Mamba-2 mixers (models/mamba2.py) where layer_types says
+    "mamba" ("linear_attention" in transformers 5; absent: every layer), attention elsewhere, with RoPE only when
+    position_embedding_type is "rope" (Granite 4.0-H: none); the MLP is shared_mlp, shared_intermediate_size wide,
+    gate and up fused. Raises ModelLoadError for a layer type it does not know or Mamba sizes that do not fit."""
+    layers = cfg.num_layers
+    types = get("layer_types") or get("layers_block_type") or ["mamba"] * layers
+    kinds = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
+    if len(types) < layers or set(types) - set(kinds):
+        raise ModelLoadError(f"layer_types in the Granite 4.0 config must name 'mamba' or 'attention' for each of the "
+                             f"{layers} layers; it has {list(types)}. Fix config.json.")
+    cfg.linear_layers = [kinds[t] for t in types[:layers]]
+    cfg.linear_kind = "mamba2"
+    inner = int(float(get("mamba_expand", 2)) * cfg.hidden_size)
+    cfg.mamba_heads = int(get("mamba_n_heads", 128))
+    head_dim = get("mamba_d_head", "auto")
+    cfg.mamba_head_dim = inner // cfg.mamba_heads if head_dim in (None, "auto") else int(head_dim)
+    cfg.mamba_groups, cfg.mamba_state = int(get("mamba_n_groups", 1)), int(get("mamba_d_state", 256))
+    if cfg.mamba_heads * cfg.mamba_head_dim != inner or cfg.mamba_heads % cfg.mamba_groups:
+        raise ModelLoadError(f"The Granite 4.0 config's Mamba sizes do not fit: mamba_n_heads ({cfg.mamba_heads}) x "
+                             f"mamba_d_head ({cfg.mamba_head_dim}) must be mamba_expand x hidden_size ({inner}), and "
+                             f"mamba_n_groups ({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
+    cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
+    cfg.conv_bias = bool(get("mamba_conv_bias", True))
+    cfg.mamba_proj_bias = bool(get("mamba_proj_bias", False))
+    limit = get("time_step_limit", (0.0, float("inf")))
+    cfg.time_step_limit = (float(limit[0]), float(limit[1])) if limit else (0.0, float("inf"))
+    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+    if get("position_embedding_type") != "rope":
+        cfg.rope_layers = [False] * layers
+    cfg.intermediate_size = int(get("shared_intermediate_size", 1024))
+    cfg.fused_gate_up = True
 
 
 def mla_fields(cfg, get) -> None:

@@ -42,15 +42,21 @@ class KVCache:
         self.values = [torch.zeros(s[:3] + s[4:], dtype=dtype, device=device) for s in shapes]
         # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1), and for a gated DeltaNet
         # the delta-rule state (B, value heads, d_k, d_v) fp32 (models/gated_deltanet.py, models/short_conv.py)
+        # and for a Mamba-2 mixer x|B|C's history and the scan state (B, heads, head_dim, d_state) fp32 (mamba2.py)
         self.conv, self.recurrent = {}, {}
-        deltanet = getattr(cfg, "linear_kind", "gated_deltanet") == "gated_deltanet"
+        kind = getattr(cfg, "linear_kind", "gated_deltanet")
         for i in (i for i, lin in enumerate(linear) if lin):
-            channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim \
-                if deltanet else cfg.hidden_size
-            self.conv[i] = torch.zeros(batch, channels, cfg.linear_conv_kernel - 1, dtype=dtype, device=device)
-            if deltanet:
+            if kind == "gated_deltanet":
+                channels = 2 * cfg.linear_key_heads * cfg.linear_key_dim + cfg.linear_value_heads * cfg.linear_value_dim
                 self.recurrent[i] = torch.zeros(batch, cfg.linear_value_heads, cfg.linear_key_dim,
                                                 cfg.linear_value_dim, device=device)
+            elif kind == "mamba2":
+                channels = cfg.mamba_heads * cfg.mamba_head_dim + 2 * cfg.mamba_groups * cfg.mamba_state
+                self.recurrent[i] = torch.zeros(batch, cfg.mamba_heads, cfg.mamba_head_dim, cfg.mamba_state,
+                                                device=device)
+            else:
+                channels = cfg.hidden_size
+            self.conv[i] = torch.zeros(batch, channels, cfg.linear_conv_kernel - 1, dtype=dtype, device=device)
         # Llama 3.2 Vision: per cross-attention layer the image's (keys, values) (B, kv heads, V, head_dim), written
         # at the prefill, and the prompt's last CrossInputs row that every later step uses (models/cross_attention.py)
         self.cross: dict = {}

@@ -1,0 +1,87 @@
+"""The selective state-space scan of Mamba-2 layers (Dao & Gu, "Transformers are SSMs", 2024: state space duality),
+as transformers' Bamba / GraniteMoeHybrid mixers compute it (their torch path, mamba_ssm's `mamba_chunk_scan_combined`
+with dt already discretised).
+
+Per head h with a state S (head_dim x d_state) that starts at zero, for each position t:
+    S <- exp(dt_t A_h) S + dt_t x_t B_t^T;   y_t = S C_t + D_h x_t
+where x_t (head_dim,) is the head's input, B_t, C_t (d_state,) those of its group (heads / groups consecutive heads
+share one), dt_t > 0 its step and A_h < 0.
+
+`ssd_scan` runs whole sequences in the chunked form (fp32): inside a chunk of CHUNK positions the outputs are one
+masked product, (C B^T * exp(cumulative decay)) (dt x); between chunks a loop carries the state (linear in the
+length; transformers' torch path contracts a chunks x chunks decay matrix instead). Packed runs (documents, padding
+runs) each start from a zero state (models/chunk_packing.py). `ssd_step` is one decode step on a kept state.
+"""
+from __future__ import annotations
+
+import torch
+
+from fasttune.models.chunk_packing import run_packed
+
+CHUNK = 64  # positions per chunk: the (chunk x chunk) blocks per head stay small; the result does not depend on it
+
+
+def ssd_scan(x, dt, A, B, C, D, spans=None, initial_state=None, final_state: bool = False, chunk: int = CHUNK):
+    """The scan over whole sequences.
+
+    x (B, T, H, P) any float dtype; dt (B, T, H) fp32 steps (after softplus and clamping); A (H,) fp32 (negative);
+    B, C (B, T, G, N) with G dividing H; D (H,). spans: None (each row one sequence) or (row, start, end) runs that
+    each start from a zero state (packed documents). initial_state (B, H, P, N) fp32 (rows only, not with spans).
+    Returns (y (B, T, H, P) fp32 with the D skip, final state (B, H, P, N) fp32 or None)."""
+    skip = D.float()[:, None] * x.float()
+    if spans is not None:
+        y = run_packed(lambda x_, dt_, b_, c_, keep: _chunked(x_, dt_, A, b_, c_, keep=keep, chunk=chunk)[0],
+                       (x, dt, B, C), spans, chunk)
+        return y + skip, None
+    y, state = _chunked(x, dt, A, B, C, initial_state, chunk=chunk)
+    return y + skip, (state if final_state else None)
+
+
+def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
+    """ssd_scan's sum without the D skip, for rows that are each one sequence; keep (B, T / chunk) 0/1 (T a multiple
+    of chunk): the carried state is zeroed where a chunk's entry is 0 (packed runs). Returns (y (B, T, H, P) fp32,
+    final state (B, H, P, N) fp32)."""
+    b, t, h, p = x.shape
+    n_state = B.shape[-1]
+    group = h // B.shape[2]
+    pad = -t % chunk
+    xdt = x.float() * dt[..., None]  # (B, T, H, P)
+    a = dt * A  # (B, T, H) log-decay per position
+    B, C = (m.float().repeat_interleave(group, dim=2) for m in (B, C))  # (B, T, H, N)
+    if pad:
+        xdt, B, C = (torch.nn.functional.pad(m, (0, 0, 0, 0, 0, pad)) for m in (xdt, B, C))
+        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
+    n = (t + pad) // chunk
+    # (B, H, n, L, ...): heads first so each chunk's products are batched matmuls
+    xdt, B, C = (m.view(b, n, chunk, h, -1).permute(0, 3, 1, 2, 4) for m in (xdt, B, C))
+    cum = a.view(b, n, chunk, h).permute(0, 3, 1, 2).cumsum(-1)  # (B, H, n, L) decay from the chunk's start
+    # within a chunk: y_l = sum_{s <= l} exp(cum_l - cum_s) (C_l . B_s) xdt_s
+    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
+    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
+    y = (C @ B.transpose(-1, -2) * decay) @ xdt  # (B, H, n, L, P)
+    # each chunk's own contribution to the state at its end: sum_s exp(cum_last - cum_s) xdt_s B_s^T
+    to_end = (cum[..., -1:] - cum).exp()  # (B, H, n, L)
+    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ B  # (B, H, n, P, N)
+    total = cum[..., -1].exp()  # (B, H, n) a whole chunk's decay
+    state = x.new_zeros(b, h, p, n_state, dtype=torch.float32) if initial_state is None else initial_state.float()
+    entering = []
+    for c in range(n):  # the state entering each chunk
+        if keep is not None:
+            state = state * keep[:, c, None, None, None]
+        entering.append(state)
+        state = state * total[:, :, c, None, None] + chunk_states[:, :, c]
+    entering = torch.stack(entering, dim=2)  # (B, H, n, P, N)
+    y = y + (C @ entering.transpose(-1, -2)) * cum.exp()[..., None]  # the carried state read at each position
+    y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
+    return y, state
+
+
+def ssd_step(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
+    """One position per row (decode), as transformers' mamba2_selective_state_update: x (B, H, P); dt (B, H) fp32;
+    A (H,) fp32; B, C (B, G, N); D (H,); state (B, H, P, N) fp32, updated in place. Returns y (B, H, P) fp32."""
+    group = x.shape[1] // B.shape[1]
+    B, C = (m.float().repeat_interleave(group, dim=1) for m in (B, C))  # (B, H, N)
+    xf = x.float()
+    s = state * (dt * A).exp()[..., None, None] + (dt[..., None] * xf)[..., None] * B[:, :, None]
+    state.copy_(s)
+    return (s @ C[..., None])[..., 0] + D.float()[:, None] * xf
