@@ -178,14 +178,14 @@ def hf_config(family: str, **overrides):
                                   num_global_key_value_heads=1, hidden_size_per_layer_input=0, enable_moe_block=True,
                                   num_experts=4, top_k_experts=2, moe_intermediate_size=32,
                                   final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
-    elif family == "granitemoehybrid":  # Granite 4.0-H's layout: Mamba-2 layers (4 heads of 16, 2 groups, state 8)
+    elif family == "granitemoehybrid":  # Granite 4.0-H's layout: Mamba-2 layers (8 heads of 16, 2 groups, state 8)
         # around a NoPE attention layer, the shared MLP, Granite's multipliers away from 1
         kw.update(num_hidden_layers=4)
         cfg = tf.GraniteMoeHybridConfig(**kw, shared_intermediate_size=96, num_local_experts=0,
                                         layer_types=["linear_attention", "full_attention", "linear_attention",
                                                      "linear_attention"],
-                                        mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
-                                        mamba_expand=1, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                        mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                                        mamba_expand=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                                         attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
@@ -199,7 +199,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid"]
 try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's) runs the others
     from transformers import Lfm3Config  # noqa: F401
 

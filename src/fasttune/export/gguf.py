@@ -50,6 +50,7 @@ from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported
 from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, gemma4_router_scale_name, write_gemma4_metadata
+from fasttune.export.gguf_granite import GRANITE_HYBRID, granite_hybrid_metadata, granite_hybrid_tensors
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
@@ -178,15 +179,15 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             for part, value in mla_tensors(name, t, cfg):
                 out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
             continue
+        if arch == GRANITE_HYBRID:  # Mamba-2 layers and the shared MLP (export/gguf_granite.py)
+            for part, value in granite_hybrid_tensors(name, t, cfg):
+                out[_gguf_name(names, part, arch)] = value
+            continue
         if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
             t = t[:, 0]
         if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
             t = t + cfg.norm_offset
-        new = names.get_name(name, try_suffixes=(".weight", ".bias"))
-        if new is None:
-            raise ConfigError(f"Tensor '{name}' has no place in llama.cpp's '{arch}' architecture; this model cannot "
-                              f"be exported to GGUF as it is.")
-        out[new] = t
+        out[_gguf_name(names, name, arch)] = t
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
         if arch not in ("llama", "exaone4", "apertus"):  # the architectures whose graphs read rope_freqs
             raise ConfigError(f"llama3 RoPE scaling in a '{cfg.model_type}' model has no GGUF form in llama.cpp.")
@@ -201,6 +202,16 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
         for i in (i for i, sparse in enumerate(cfg.moe_layers) if sparse):  # by score alone, as the model does
             out[f"blk.{i}.exp_probs_b.bias"] = torch.zeros(cfg.num_experts)
     return out
+
+
+def _gguf_name(names, name: str, arch: str) -> str:
+    """llama.cpp's name for the tensor transformers calls `name` (gguf's tensor map). Raises ConfigError for a
+    tensor the architecture has no place for."""
+    new = names.get_name(name, try_suffixes=(".weight", ".bias"))
+    if new is None:
+        raise ConfigError(f"Tensor '{name}' has no place in llama.cpp's '{arch}' architecture; this model cannot "
+                          f"be exported to GGUF as it is.")
+    return new
 
 
 def _gpt_oss_experts(name: str, t: torch.Tensor, names) -> dict[str, torch.Tensor]:
@@ -268,6 +279,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     import gguf
 
     cfg = model.arch
+    arch_name = ARCHITECTURES[cfg.model_type]
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -286,10 +298,12 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     elif ARCHITECTURES[cfg.model_type] == "gemma4":
         write_gemma4_metadata(writer, cfg)
     else:
-        if cfg.model_type in ("lfm2", "lfm2_moe"):  # llama.cpp's LFM2 knows its convolution layers by 0 kv heads
+        if cfg.model_type in ("lfm2", "lfm2_moe", "granitemoehybrid"):  # llama.cpp's LFM2 and Granite 4.0 know
+            # their convolution / Mamba layers by 0 kv heads
             writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
+        if cfg.model_type in ("lfm2", "lfm2_moe"):
             writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
-        else:
+        elif cfg.model_type != "granitemoehybrid":
             writer.add_head_count_kv(cfg.num_kv_heads)
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
@@ -329,6 +343,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_xielu_alpha_n([float(a.alpha_n) for a in acts])
         writer.add_xielu_beta([float(a.beta) for a in acts])
         writer.add_xielu_eps([float(a.eps) for a in acts])
+    if arch_name == GRANITE_HYBRID:
+        granite_hybrid_metadata(writer, cfg)
     if cfg.model_type == "granite":  # llama.cpp's granite reads the four multipliers (the logit one divides)
         writer.add_embedding_scale(float(cfg.embedding_multiplier))
         writer.add_residual_scale(float(cfg.residual_multiplier))
@@ -369,7 +385,8 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
 
     kind = gguf.GGMLQuantizationType
     if t.dim() == 1 or gguf_name.endswith(("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight", ".bias",
-                                           "ssm_conv1d.weight", "shortconv.conv.weight", "_norm.weight")):
+                                           "ssm_conv1d.weight", "shortconv.conv.weight", "_norm.weight",
+                                           ".ssm_a", ".ssm_d")):
         return kind.F32  # norms (Command R+'s q/k norms are (heads, head_dim)), biases, rope factors, MoE routers,
         # convs: small, and llama.cpp keeps them in f32 (its CPU kernels multiply by no 16-bit norm)
     if quant not in METHODS:

@@ -62,6 +62,8 @@ def check_supported(cfg) -> None:
                           f"always leaves it out of every {SMOLLM3_NOPE_STEP}th layer and reads no pattern from the "
                           f"file, so the GGUF would compute another model. Save the merged model with "
                           f"save_pretrained_merged instead. Nothing was written.")
+    if arch == "granitehybrid":
+        _check_granite_hybrid(cfg)
     if arch in ("lfm2", "lfm2moe") and cfg.conv_bias:
         raise ConfigError("This LFM2 model has biases on its short convolutions (conv_bias=true); llama.cpp's lfm2 "
                           "reads none, so the GGUF would compute another model. Save the merged model with "
@@ -202,3 +204,18 @@ def _check_gpt_oss(cfg):
     if not all(cfg.moe_layers) or not cfg.attn_sinks:
         raise ConfigError("llama.cpp's gpt-oss has attention sinks and MoE MLPs in every layer; this model does "
                           "not, so it cannot be exported to GGUF.")
+
+
+def _check_granite_hybrid(cfg) -> None:
+    """llama.cpp's granitehybrid runs Mamba-2 layers twice as wide as the model (mamba_expand 2, asserted in its
+    graph) without projection biases, and attention without biases."""
+    inner = cfg.mamba_heads * cfg.mamba_head_dim
+    if any(cfg.linear_layers) and inner != 2 * cfg.hidden_size:
+        raise ConfigError(f"This Granite 4.0 model's Mamba layers are {inner} channels wide for hidden size "
+                          f"{cfg.hidden_size} (mamba_expand {inner / cfg.hidden_size:g}); llama.cpp's granitehybrid "
+                          f"runs only mamba_expand 2 (Granite 4.0's), so the GGUF would not load. Save the merged "
+                          f"model with save_pretrained_merged instead. Nothing was written.")
+    if cfg.mamba_proj_bias or cfg.attn_bias or cfg.o_bias:
+        raise ConfigError("This Granite 4.0 model has biases (mamba_proj_bias / attention_bias); llama.cpp's "
+                          "granitehybrid reads none, so the GGUF would compute another model. Save the merged model "
+                          "with save_pretrained_merged instead. Nothing was written.")

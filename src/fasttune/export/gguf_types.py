@@ -36,14 +36,14 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "glm4_moe": "glm4moe", "qwen3_next": "qwen3next", "glm4_moe_lite": "deepseek2",
                  "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "gemma4_text": "gemma4",
                  "mistral4": "mistral4", "lfm2_moe": "lfm2moe", "seed_oss": "seed_oss",
-                 "cohere2": "cohere2", "cohere": "command-r",
+                 "cohere2": "cohere2", "cohere": "command-r", "granitemoehybrid": "granitehybrid",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_vl_moe_text": "qwen3vlmoe",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
 # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
-ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3")
+ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3", "granitehybrid")
 
 
 def interleave_rotary_rows(w, n_heads: int):

@@ -344,11 +344,11 @@ def latent_attention_targets(arch) -> list[str]:
 
 def linear_attention_targets(arch) -> list[str]:
     """The linear layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
-    out_proj, Qwen3-Next's in_proj_qkvz and out_proj, or LFM2's short convolution's in_proj and out_proj; [] without
-    such layers."""
+    out_proj, Qwen3-Next's in_proj_qkvz and out_proj, or LFM2's short convolution's (and Granite 4.0's Mamba-2
+    mixer's) in_proj and out_proj; [] without such layers."""
     if not getattr(arch, "linear_layers", None):
         return []
-    if arch.linear_kind == "short_conv":
+    if arch.linear_kind in ("short_conv", "mamba2"):  # (Granite 4.0's Mamba-2 mixers: in_proj and out_proj too)
         return list(SHORT_CONV_TARGETS)
     return list(FUSED_LINEAR_ATTENTION_TARGETS if arch.linear_fused_projections else LINEAR_ATTENTION_TARGETS)
 

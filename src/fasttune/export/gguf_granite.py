@@ -1,0 +1,55 @@
+"""Granite 4.0's hybrid decoder in llama.cpp's "granitehybrid" layout: the tensors of the Mamba-2 layers and the shared
+MLP, and the keys llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py, GraniteHybridModel and
+Mamba2Model; src/models/granite-hybrid.cpp and src/llama-model.cpp's loader).
+
+- the conv is stored as (channels, kernel), A_log as ssm_a = -exp(A_log) and D as ssm_d, both (heads, 1); dt_bias as
+  ssm_dt.bias; the gated norm's weight as (groups, channels per group);
+- the shared MLP's fused input_linear splits into ffn_gate (first half) and ffn_up, output_linear is ffn_down;
+- per-layer key/value head counts are 0 in the Mamba layers (how llama.cpp tells them apart), and the attention layers
+  use RoPE only when the file says the rope is "finetuned" (position_embedding_type "rope"; Granite 4.0-H: none).
+"""
+from __future__ import annotations
+
+import torch
+
+GRANITE_HYBRID = "granitehybrid"
+
+
+def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor]]:
+    """One merged tensor (our name, fp32) -> [(transformers-style name that gguf's tensor map knows, tensor in
+    llama.cpp's layout)]."""
+    if name.endswith("shared_mlp.input_linear.weight"):
+        gate, up = t.chunk(2, dim=0)
+        stem = name.removesuffix("shared_mlp.input_linear.weight")
+        return [(f"{stem}mlp.gate_proj.weight", gate.contiguous()), (f"{stem}mlp.up_proj.weight", up.contiguous())]
+    if name.endswith("shared_mlp.output_linear.weight"):
+        return [(name.replace("shared_mlp.output_linear", "mlp.down_proj"), t)]
+    if ".mamba." not in name:
+        return [(name, t)]
+    if name.endswith("conv1d.weight"):
+        return [(name, t[:, 0].contiguous())]
+    if name.endswith(".A_log"):
+        return [(name, (-t.exp())[:, None])]
+    if name.endswith(".D"):
+        return [(name, t[:, None])]
+    if name.endswith(".dt_bias"):
+        return [(name.replace(".dt_bias", ".dt_proj.bias"), t)]
+    if name.endswith("mamba.norm.weight"):
+        return [(name, t.reshape(cfg.mamba_groups, -1))]
+    return [(name, t)]
+
+
+def granite_hybrid_metadata(writer, cfg) -> None:
+    """The keys llama.cpp's granitehybrid reads beyond the common ones: Granite's four multipliers, the Mamba-2 sizes
+    (conv kernel, state, groups, inner width, heads as the time-step rank), 0 key/value heads in the Mamba layers and
+    whether the attention layers rotate (rope "finetuned")."""
+    writer.add_embedding_scale(float(cfg.embedding_multiplier))
+    writer.add_residual_scale(float(cfg.residual_multiplier))
+    writer.add_attention_scale(float(cfg.scaling))
+    writer.add_logit_scale(float(cfg.logits_scaling))
+    writer.add_ssm_conv_kernel(cfg.linear_conv_kernel)
+    writer.add_ssm_state_size(cfg.mamba_state)
+    writer.add_ssm_group_count(cfg.mamba_groups)
+    writer.add_ssm_inner_size(cfg.mamba_heads * cfg.mamba_head_dim)
+    writer.add_ssm_time_step_rank(cfg.mamba_heads)
+    writer.add_rope_scaling_finetuned(not cfg.rope_layers or any(cfg.rope_layers))
