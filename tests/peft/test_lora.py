@@ -201,12 +201,18 @@ def test_phi3_whole_fused_groups_are_applied_without_a_warning(tiny_model_dir, r
 
 def test_default_targets_skip_names_a_dense_model_lacks(tiny_model_dir):
     """Arcee's MLP has no gate_proj: the default seven names apply as the six it has (PEFT applies a list that
-    matches some layers too); a gate_proj asked for by name is still an error naming the layers."""
+    matches some layers too); a gate_proj asked for by name beside names that match is skipped with a warning, as
+    PEFT skips it; alone, or a name outside the seven, it is an error naming the layers."""
     from fasttune.errors import ConfigError
 
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("arcee")))
     assert FastLanguageModel.get_peft_model(model, r=4).lora_settings.target_modules == [
         "down_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("arcee")))
-    with pytest.raises(ConfigError, match=r"\['gate_proj'\] match no layer"):
-        FastLanguageModel.get_peft_model(model, r=4, target_modules=["gate_proj", "up_proj"])
+    with pytest.warns(UserWarning, match=r"\['gate_proj'\] match no layer of this model and are skipped"):
+        model = FastLanguageModel.get_peft_model(model, r=4, target_modules=["gate_proj", "up_proj"])
+    assert {n.split(".")[-2] for n, p in model.named_parameters() if p.requires_grad} == {"up_proj"}
+    for targets, bad in ((["gate_proj"], "gate_proj"), (["up_proj", "gate_projj"], "gate_projj")):
+        model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("arcee")))
+        with pytest.raises(ConfigError, match=rf"\['{bad}'\] match no layer"):
+            FastLanguageModel.get_peft_model(model, r=4, target_modules=targets)

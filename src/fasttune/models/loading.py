@@ -16,7 +16,7 @@ import torch.nn as nn
 from fasttune.errors import ConfigError, ModelLoadError
 from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, read_json,
                                    torch_load)
-from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig
+from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig, decoder_runs
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.sequence_classification import classifier_class, is_classification_config
 from fasttune.models.vision_families import FAMILIES as VISION_FAMILIES
@@ -422,7 +422,8 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
             return text_classifier_from_vision(path, hf_config, classifier, dtype, device, quant, method == "fp8")
         return load_vision_model(path, dtype, device, quant, dequantize_fp8=method == "fp8"), hf_config
     model_cls = classifier_class(hf_config, classifier, str(path), fast)  # (fallback families are refused in it)
-    if not fast or hf_config.model_type not in SUPPORTED_FAMILIES:
+    # (decoder_runs: a family's layouts the decoder lacks, e.g. Granite 4.0-H's experts, stay on the fallback too)
+    if not fast or not decoder_runs(hf_config):
         from fasttune.models.fallback import load_fallback
 
         model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config,

@@ -202,13 +202,26 @@ def _resolve_targets(model: nn.Module, targets) -> list[str]:
     wanted = {FUSED_TARGETS[t] if FUSED_TARGETS.get(t) in present else t for t in targets}
     if present:
         _warn_widened(targets, present)
-    chosen = [n for n in linears if n.rsplit(".", 1)[-1] in wanted or n in wanted]
-    found = {n.rsplit(".", 1)[-1] for n in chosen}
-    unknown = sorted(t for t in wanted if t not in found and t not in chosen)
+    # PEFT's rule: a name selects the modules it equals or ends ("." + name), so "shared_mlp.input_linear" works too
+    chosen = [n for n in linears if any(_suffix_of(n, t) for t in wanted)]
+    unknown = sorted(t for t in wanted if not any(_suffix_of(n, t) for n in chosen))
+    # The seven Llama names notebooks pass to every model (the peer's Granite 4.0 notebook: gate_proj, up_proj and
+    # down_proj beside shared_mlp's) are skipped where the model lacks them, as PEFT skips them; other names that
+    # match nothing are typos and raise.
+    skipped = [t for t in unknown if t in DEFAULT_TARGETS] if chosen else []
+    unknown = [t for t in unknown if t not in skipped]
     if unknown:
         names = sorted({n.rsplit(".", 1)[-1] for n in linears})
         raise ConfigError(f"target_modules {unknown} match no layer of this model. Its linear layers are: {names}.")
+    if skipped:
+        warnings.warn(f"target_modules {skipped} match no layer of this model and are skipped (as PEFT skips "
+                      f"them); LoRA goes on the {len(chosen)} layers the other names select.", stacklevel=4)
     return chosen
+
+
+def _suffix_of(name: str, target: str) -> bool:
+    """Whether module `name` is selected by target_modules entry `target` (PEFT: equal, or ending in "." + it)."""
+    return name == target or name.endswith("." + target)
 
 
 # The parameters target_parameters can name: Experts' stacked weights (in their registration order, which is the
@@ -346,7 +359,7 @@ def linear_attention_targets(arch) -> list[str]:
     """The linear layers' default LoRA names for a ModelConfig `arch`: Qwen3.5's in_proj_qkv, in_proj_z and
     out_proj, Qwen3-Next's in_proj_qkvz and out_proj, or LFM2's short convolution's (and Granite 4.0's Mamba-2
     mixer's) in_proj and out_proj; [] without such layers."""
-    if not getattr(arch, "linear_layers", None):
+    if not any(getattr(arch, "linear_layers", None) or ()):  # (granite-4.0-micro: all layers attention)
         return []
     if arch.linear_kind in ("short_conv", "mamba2"):  # (Granite 4.0's Mamba-2 mixers: in_proj and out_proj too)
         return list(SHORT_CONV_TARGETS)

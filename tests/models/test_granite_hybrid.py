@@ -1,0 +1,125 @@
+"""Granite 4.0 (transformers' GraniteMoeHybrid) on our decoder: Mamba-2 layers (models/mamba2.py) beside attention
+layers, the shared MLP under its names, Granite's multipliers. The family tests (tests/tiny.py's FAMILIES: Granite
+4.0-H's NoPE layout) cover logits, LoRA gradients against PEFT, generation, merging and GGUF in llama.cpp; here what
+is Granite 4.0's own."""
+import warnings
+
+import pytest
+import torch
+from peft_oracle import check_logits_generation_and_merged, check_recompute_gradients
+from tiny import hf_model
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.models.config import ModelConfig, decoder_runs
+from fasttune.models.fallback import FallbackWarning
+
+# config.json as IBM's granite-4.0-h-micro ships it (sizes shrunk): the original layer names and NoPE
+ORIGINAL = dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=64, num_hidden_layers=4,
+                num_attention_heads=4, num_key_value_heads=2, shared_intermediate_size=96, num_local_experts=0,
+                layer_types=["mamba", "attention", "mamba", "mamba"], mamba_n_heads=8, mamba_d_head=16,
+                mamba_n_groups=2, mamba_d_state=8, mamba_expand=2, mamba_d_conv=4, mamba_conv_bias=True,
+                mamba_proj_bias=False, position_embedding_type="nope", attention_multiplier=0.0078125,
+                embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0, rms_norm_eps=1e-5)
+
+
+def _pair(folder, tokenizer, **overrides):
+    """transformers' tiny Granite 4.0 (`overrides` on tests/tiny.py's) with the Mamba parameters drawn away from
+    their initial values, and ours loaded from it in fp32."""
+    hf = hf_model("granitemoehybrid", **overrides)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(("A_log", "dt_bias", ".D", "conv1d.bias")):
+                p.normal_(0.0, 0.5)
+    hf.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    return hf, model
+
+
+def test_fields_from_the_original_config_json():
+    arch = ModelConfig.from_hf(ORIGINAL)
+    assert arch.linear_layers == [True, False, True, True] and arch.linear_kind == "mamba2"
+    assert (arch.mamba_heads, arch.mamba_head_dim, arch.mamba_groups, arch.mamba_state) == (8, 16, 2, 8)
+    assert arch.rope_layers == [False] * 4 and arch.intermediate_size == 96 and arch.fused_gate_up
+    assert (arch.embedding_multiplier, arch.residual_multiplier, arch.logits_scaling) == (12.0, 0.22, 8.0)
+    assert arch.scaling == 0.0078125 and arch.conv_bias and arch.time_step_limit == (0.0, float("inf"))
+    auto = ModelConfig.from_hf({**ORIGINAL, "mamba_d_head": "auto", "position_embedding_type": "rope"})
+    assert auto.mamba_head_dim == 16 and not auto.rope_layers  # (expand 2 x 64 / 8 heads; RoPE everywhere)
+    assert ModelConfig.from_hf({**ORIGINAL, "layer_types": None}).linear_layers == [True] * 4  # transformers' default
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"layer_types": ["mamba", "moe", "mamba", "mamba"]}, "must name 'mamba' or 'attention'"),
+    ({"mamba_d_head": 12}, "Mamba sizes do not fit"),
+    ({"mamba_n_groups": 3}, "must divide mamba_n_heads")])
+def test_bad_configs_are_load_errors(change, match):
+    with pytest.raises(ModelLoadError, match=match):
+        ModelConfig.from_hf({**ORIGINAL, **change})
+
+
+@pytest.mark.parametrize("overrides", [
+    {"position_embedding_type": "rope", "time_step_limit": (0.05, 0.6)},  # RoPE attention; clamped steps
+    {"layer_types": ["full_attention"] * 4, "position_embedding_type": "rope"}],  # granite-4.0-micro: no Mamba
+    ids=["rope-clamped", "all-attention"])
+def test_logits_generation_and_merged_equal_transformers(overrides, tmp_path, tiny_tokenizer):
+    check_logits_generation_and_merged(*_pair(tmp_path / "m", tiny_tokenizer, **overrides), 70, tmp_path)
+
+
+def test_packed_documents_do_not_share_a_state(tmp_path, tiny_tokenizer):
+    """Two documents packed in one row (positions restarting at 0) give each document's logits alone: each starts
+    the Mamba layers from a zero state and conv history, as the attention layer attends within it."""
+    _, model = _pair(tmp_path / "m", tiny_tokenizer)
+    ids = torch.randint(3, 300, (1, 90), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([list(range(70)) + list(range(20))])
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+        first, second = model(ids[:, :70]).logits, model(ids[:, 70:]).logits
+    torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-6)
+    assert (packed[:, 70:] - model(ids).logits[:, 70:]).abs().max() > 1e-4  # unpacked, the second one differs
+
+
+def test_recompute_gives_the_same_gradients(tmp_path, tiny_tokenizer):
+    _pair(tmp_path / "m", tiny_tokenizer)
+    check_recompute_gradients(tmp_path / "m")
+
+
+def test_the_peers_notebook_targets_adapt_attention_and_the_shared_mlp(tmp_path, tiny_tokenizer):
+    """The peer's Granite 4.0 notebook passes Llama's seven names and shared_mlp.input_linear / output_linear: the
+    dotted names select by suffix (PEFT's rule), the Llama MLP names Granite lacks are skipped with a warning."""
+    _, model = _pair(tmp_path / "m", tiny_tokenizer)
+    with pytest.warns(UserWarning, match=r"\['down_proj', 'gate_proj', 'up_proj'\] match no layer"):
+        lora = FastLanguageModel.get_peft_model(
+            model, r=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                        "shared_mlp.input_linear", "shared_mlp.output_linear"])
+    adapted = {n.split(".lora_")[0] for n, p in lora.named_parameters() if p.requires_grad}
+    assert len(adapted) == 4 + 4 * 2 and "model.layers.2.shared_mlp.input_linear" in adapted
+    default = FastLanguageModel.get_peft_model(_pair(tmp_path / "n", tiny_tokenizer)[1], r=4)
+    assert sorted(default.lora_settings.target_modules) == ["in_proj", "input_linear", "k_proj", "o_proj",
+                                                            "out_proj", "output_linear", "q_proj", "v_proj"]
+
+
+def test_moe_layout_goes_to_the_fallback(tmp_path, tiny_tokenizer):
+    """Granite 4.0-H Tiny / Small (experts beside the shared MLP) are not on our decoder yet: the transformers path
+    loads them, with its one warning."""
+    assert not decoder_runs({**ORIGINAL, "num_local_experts": 4})
+    hf = hf_model("granitemoehybrid", num_local_experts=4, num_experts_per_tok=2)
+    hf.save_pretrained(tmp_path / "m")
+    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
+    assert any(issubclass(w.category, FallbackWarning) for w in caught)
+    ids = torch.randint(3, 300, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits)
+
+
+def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, tiny_tokenizer):
+    """llama.cpp's granitehybrid asserts Mamba layers twice the model's width and reads no biases."""
+    for overrides, match in (({"mamba_expand": 1, "mamba_n_heads": 4}, "mamba_expand 1"),
+                             ({"mamba_proj_bias": True}, "biases")):
+        _, model = _pair(tmp_path / "m", tiny_tokenizer, **overrides)
+        with pytest.raises(ConfigError, match=match):
+            model.save_pretrained_gguf(tmp_path / "m.gguf", quantization_method="f16", progress=False)
+        assert not (tmp_path / "m.gguf").exists()
