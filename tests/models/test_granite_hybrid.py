@@ -123,3 +123,19 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, tiny_tokenizer):
         with pytest.raises(ConfigError, match=match):
             model.save_pretrained_gguf(tmp_path / "m.gguf", quantization_method="f16", progress=False)
         assert not (tmp_path / "m.gguf").exists()
+
+
+def test_loads_in_4bit_and_trains(tmp_path, tiny_tokenizer):
+    """QLoRA: the Mamba projections and the shared MLP load in NF4 like the attention's, and LoRA on them trains."""
+    pytest.importorskip("bitsandbytes")
+    from tiny import lora_losses
+
+    from fasttune.peft.lora_layer import is_quantized
+
+    _pair(tmp_path / "m", tiny_tokenizer)
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), load_in_4bit=True)
+    assert is_quantized(model.model.layers[0].mamba.in_proj) and is_quantized(model.model.layers[1].shared_mlp.gate_up)
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    losses = lora_losses(model, ids, steps=4)
+    assert losses[-1] < losses[0]

@@ -1,6 +1,7 @@
 """use_gradient_checkpointing="auto": the fastest policy that fits the free memory."""
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from fasttune.models.config import ModelConfig
@@ -185,3 +186,34 @@ def test_media_tokens_of_the_longest_examples():
     assert most_media_tokens(examples, proc) == 5
     assert most_media_tokens(examples[2:], proc) == 4  # a pair: two rows with the prompt's images
     assert most_media_tokens(examples, SimpleNamespace()) == 0  # a text tokenizer
+
+
+@pytest.mark.parametrize("heads, state, head_dim", [(16, 64, 32), (64, 128, 64)])
+def test_mamba_layer_count_matches_its_saved_tensors(heads, state, head_dim):
+    """The estimate of a Mamba-2 mixer's saved values (Granite 4.0: 64 heads of 64, state 128) is at least what
+    autograd keeps for one bf16 forward (each storage once, parameters not counted), and at most 1.3x it (an
+    overestimate only picks recompute sooner)."""
+    from fasttune.models.config import ModelConfig
+    from fasttune.models.mamba2 import Mamba2Mixer
+    from fasttune.train.memory_policy import _mamba_values
+
+    hidden = heads * head_dim // 2
+    cfg = ModelConfig.from_hf(dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=hidden,
+                                   num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   shared_intermediate_size=64, num_local_experts=0, layer_types=["mamba"],
+                                   mamba_n_heads=heads, mamba_d_head=head_dim, mamba_d_state=state, mamba_expand=2))
+    mixer = Mamba2Mixer(cfg, 0).to(torch.bfloat16)
+    params = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    x = torch.randn(1, 256, hidden, dtype=torch.bfloat16, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        mixer(x, None, None, {})
+    measured = sum(saved.values()) / 256 / 2
+    assert 1.0 <= _mamba_values(cfg) / measured < 1.3, (_mamba_values(cfg), measured)

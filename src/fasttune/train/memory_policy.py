@@ -20,14 +20,34 @@ RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and
 
 
 def _layer_values(cfg) -> list[int]:
-    """Values saved per token by each decoder layer: attention (6h + 2 kv) plus the MLP's gate, up and act (3I),
+    """Values saved per token by each decoder layer: attention (6h + 2 kv; a Mamba-2 mixer's own count in Granite
+    4.0's Mamba layers) plus the MLP's gate, up and act (3I),
     or for a sparse MoE layer k times its expert rows (input h, gate_up 2I, act I, output h) and the fp32 router
     logits (2E values)."""
     h, kv = cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim
     dense = 6 * h + 2 * kv + 3 * cfg.intermediate_size
     sparse = 6 * h + 2 * kv + cfg.num_experts_per_tok * (2 * h + 3 * cfg.moe_intermediate_size) + 2 * cfg.num_experts
     moe = list(cfg.moe_layers) if cfg.num_experts else []
-    return [sparse if i < len(moe) and moe[i] else dense for i in range(cfg.num_layers)]
+    values = [sparse if i < len(moe) and moe[i] else dense for i in range(cfg.num_layers)]
+    if getattr(cfg, "linear_kind", None) == "mamba2":  # Granite 4.0's Mamba-2 layers instead of attention
+        mixer = _mamba_values(cfg)
+        values = [v - 6 * h - 2 * kv + mixer if cfg.linear_layers[i] else v for i, v in enumerate(values)]
+    return values
+
+
+def _mamba_values(cfg) -> int:
+    """16-bit values a Mamba-2 mixer (models/mamba2.py) saves per token, an fp32 value counting 2, as counted on its
+    saved tensors (tests/train/test_memory_policy.py): the 16-bit input, in_proj's output, the conv's input and
+    output and out_proj's input (h + 3 * inner + 3 * conv + heads); the scan's fp32 B and C per head and their
+    transposes (10 * heads * d_state), its per-chunk (chunk x chunk) score and decay blocks (18 * heads * chunk) and
+    its and the gated norm's fp32 (tokens x inner) steps (12 * inner); about 2h more for the small ones (steps,
+    decays, the norm's statistics)."""
+    from fasttune.models.ssd import CHUNK
+
+    inner = cfg.mamba_heads * cfg.mamba_head_dim
+    conv = inner + 2 * cfg.mamba_groups * cfg.mamba_state
+    return (3 * cfg.hidden_size + 3 * inner + 3 * conv + cfg.mamba_heads + 10 * cfg.mamba_heads * cfg.mamba_state
+            + 18 * cfg.mamba_heads * CHUNK + 12 * inner)
 
 
 def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> int:
