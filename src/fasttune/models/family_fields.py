@@ -1,7 +1,7 @@
 """The family-specific parts of ModelConfig.from_hf (models/config.py): each reads one family's transformers config
 fields (`get(name, default)`) into a ModelConfig `cfg` in place — Qwen3.5's gated DeltaNet layers, LFM2 / LFM3's
-short convolutions, Granite 4.0's Mamba-2 layers, multi-head latent attention (GLM-4.7-Flash, DeepSeek-V2 / V3), Gemma 4, Ministral 3's query
-scaling and the mixture-of-experts fields of every MoE family. Each raises ModelLoadError for settings the decoder
+short convolutions, Granite 4.0's Mamba-2 layers, multi-head latent attention (GLM-4.7-Flash, DeepSeek-V2 / V3),
+Gemma 4, Ministral 3's query scaling and the mixture-of-experts fields of every MoE family. Each raises ModelLoadError for settings the decoder
 cannot run, naming the config field.
 """
 from __future__ import annotations
