@@ -178,10 +178,13 @@ def hf_config(family: str, **overrides):
                                   num_global_key_value_heads=1, hidden_size_per_layer_input=0, enable_moe_block=True,
                                   num_experts=4, top_k_experts=2, moe_intermediate_size=32,
                                   final_logit_softcapping=30.0, layer_types=["sliding_attention", "full_attention"])
-    elif family == "granitemoehybrid":  # Granite 4.0-H's layout: Mamba-2 layers (8 heads of 16, 2 groups, state 8)
-        # around a NoPE attention layer, the shared MLP, Granite's multipliers away from 1
-        kw.update(num_hidden_layers=4)
-        cfg = tf.GraniteMoeHybridConfig(**kw, shared_intermediate_size=96, num_local_experts=0,
+    elif family in ("granitemoehybrid", "granitemoehybrid_moe"):  # Granite 4.0-H's layout: Mamba-2 layers (8 heads
+        # of 16, 2 groups, state 8) around a NoPE attention layer, the shared MLP, Granite's multipliers away from 1;
+        # _moe: Granite 4.0-H Tiny's, 4 experts (top 2, 48 wide) beside the shared MLP
+        moe = family.endswith("_moe")
+        kw.update(num_hidden_layers=4, intermediate_size=48 if moe else kw["intermediate_size"])
+        cfg = tf.GraniteMoeHybridConfig(**kw, shared_intermediate_size=96, num_local_experts=4 if moe else 0,
+                                        num_experts_per_tok=2,
                                         layer_types=["linear_attention", "full_attention", "linear_attention",
                                                      "linear_attention"],
                                         mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
@@ -250,7 +253,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 centred = (family.startswith("gemma") and not family.startswith("gemma4")) or \
                     (family.startswith(("qwen3_5", "qwen3_next")) and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
-            if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight", "feed_forward.gate.weight")):
+            if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight", "feed_forward.gate.weight",
+                           "block_sparse_moe.router.weight")):
                 # decisive routing
                 p.normal_(0.0, 0.5)
             if n.endswith(("router.scale", "router.per_expert_scale")):  # Gemma 4's router scales: away from 1

@@ -2,17 +2,15 @@
 layers, the shared MLP under its names, Granite's multipliers. The family tests (tests/tiny.py's FAMILIES: Granite
 4.0-H's NoPE layout) cover logits, LoRA gradients against PEFT, generation, merging and GGUF in llama.cpp; here what
 is Granite 4.0's own."""
-import warnings
-
 import pytest
 import torch
-from peft_oracle import check_logits_generation_and_merged, check_recompute_gradients
+from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_recompute_gradients,
+                         moe_adapter_grads)
 from tiny import hf_model
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError, ModelLoadError
-from fasttune.models.config import ModelConfig, decoder_runs
-from fasttune.models.fallback import FallbackWarning
+from fasttune.models.config import ModelConfig
 
 # config.json as IBM's granite-4.0-h-micro ships it (sizes shrunk): the original layer names and NoPE
 ORIGINAL = dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=64, num_hidden_layers=4,
@@ -23,13 +21,16 @@ ORIGINAL = dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=64, n
                 embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0, rms_norm_eps=1e-5)
 
 
-def _pair(folder, tokenizer, **overrides):
-    """transformers' tiny Granite 4.0 (`overrides` on tests/tiny.py's) with the Mamba parameters drawn away from
-    their initial values, and ours loaded from it in fp32."""
-    hf = hf_model("granitemoehybrid", **overrides)
+DRAWN = ("A_log", "dt_bias", ".D", "conv1d.bias")  # Mamba parameters transformers starts at fixed values
+
+
+def _pair(folder, tokenizer, family="granitemoehybrid", **overrides):
+    """transformers' tiny Granite 4.0 (`overrides` on tests/tiny.py's `family`) with the Mamba parameters drawn away
+    from their initial values, and ours loaded from it in fp32."""
+    hf = hf_model(family, **overrides)
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith(("A_log", "dt_bias", ".D", "conv1d.bias")):
+            if name.endswith(DRAWN):
                 p.normal_(0.0, 0.5)
     hf.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -99,20 +100,44 @@ def test_the_peers_notebook_targets_adapt_attention_and_the_shared_mlp(tmp_path,
                                                             "out_proj", "output_linear", "q_proj", "v_proj"]
 
 
-def test_moe_layout_goes_to_the_fallback(tmp_path, tiny_tokenizer):
-    """Granite 4.0-H Tiny / Small (experts beside the shared MLP) are not on our decoder yet: the transformers path
-    loads them, with its one warning."""
-    assert not decoder_runs({**ORIGINAL, "num_local_experts": 4})
-    hf = hf_model("granitemoehybrid", num_local_experts=4, num_experts_per_tok=2)
-    hf.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
-    assert any(issubclass(w.category, FallbackWarning) for w in caught)
-    ids = torch.randint(3, 300, (1, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, hf(ids).logits)
+@pytest.fixture
+def moe_pair(tmp_path, tiny_tokenizer):
+    """Granite 4.0-H Tiny's layout (tests/tiny.py: 4 experts beside the shared MLP in every layer) and ours."""
+    return _pair(tmp_path / "moe", tiny_tokenizer, family="granitemoehybrid_moe")
+
+
+def test_moe_fields_logits_generation_and_merged_equal_transformers(moe_pair, tmp_path):
+    arch = moe_pair[1].arch
+    assert (arch.num_experts, arch.num_experts_per_tok, arch.moe_intermediate_size, arch.intermediate_size) == \
+        (4, 2, 48, 96) and arch.moe_name == "block_sparse_moe" and all(arch.moe_layers)
+    layer = moe_pair[1].model.layers[0]
+    assert layer.block_sparse_moe.router.weight.shape == (4, 64) and layer.shared_mlp.gate_up.weight.shape == (192, 64)
+    check_logits_generation_and_merged(*moe_pair, 30, tmp_path)
+
+
+def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(moe_pair, tmp_path):
+    """PEFT maps no MLP names on this family: the names adapt attention, the shared MLP and the Mamba projections,
+    and without target_modules the routed experts come as target_parameters (PEFT's names), as on LFM2-MoE."""
+    ours = FastLanguageModel.get_peft_model(moe_pair[1], r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert ours.lora_settings.target_parameters == ["block_sparse_moe.experts.down_proj",
+                                                    "block_sparse_moe.experts.gate_up_proj"]
+    drawn = {n: p for n, p in moe_pair[0].named_parameters() if n.endswith(DRAWN)}
+
+    def same_mamba_values(base):  # (the reference is built anew from tests/tiny.py: _pair's draws copied in)
+        with torch.no_grad():
+            for n, p in base.named_parameters():
+                if n in drawn:
+                    p.copy_(drawn[n])
+
+    mine, theirs = moe_adapter_grads("granitemoehybrid_moe", ours, tmp_path, prepare_ref=same_mamba_values)
+    assert mine.keys() == theirs.keys()
+    assert any(".block_sparse_moe.experts." in n for n in mine) and any(".shared_mlp.input_linear." in n for n in mine)
+    assert any(".mamba.in_proj." in n for n in mine)
+    assert_grads_close(mine, theirs)
+
+
+def test_moe_recompute_gives_the_same_gradients(moe_pair, tmp_path):
+    check_recompute_gradients(tmp_path / "moe")
 
 
 def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, tiny_tokenizer):

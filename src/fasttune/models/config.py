@@ -51,8 +51,9 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
            "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"},
            "mistral4": {"shared_expert": "shared_experts"}}
 # Granite 4.0 (GraniteMoeHybrid): the dense MLP is shared_mlp, its fused gate|up input_linear, its down output_linear
+# (and in Granite 4.0-H Tiny / Small the experts' block is block_sparse_moe, its router `router`: ModelConfig.moe_name)
 RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linear", "gate_proj": "input_linear",
-                               "up_proj": "input_linear", "down_proj": "output_linear"}
+                               "up_proj": "input_linear", "down_proj": "output_linear", "gate": "router"}
 RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
@@ -172,6 +173,9 @@ class ModelConfig:
     mamba_state: int = 0
     mamba_proj_bias: bool = False
     time_step_limit: tuple = (0.0, float("inf"))
+    # Granite 4.0-H Tiny / Small: every layer's experts (block_sparse_moe) are added to a dense MLP beside them
+    # (shared_mlp, intermediate_size wide), which transformers' layer holds, not the MoE block
+    shared_mlp_beside: bool = False
     # DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash, models/mla.py): keys and values come from a
     # kv_lora_rank-wide latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); each head's query and key are
     # qk_nope_head_dim channels without RoPE then head_dim (qk_rope_head_dim) rotated ones, the rotated key shared
@@ -248,6 +252,12 @@ class ModelConfig:
             return set()
         windows = self.sliding_windows or [None] * self.num_layers
         return {w for i, w in enumerate(windows) if self.layer_config(i).head_dim > head_dim}
+
+    @property
+    def moe_name(self) -> str:
+        """The MoE block's module name in a layer: the MLP's (`mlp`; LFM2-MoE's `feed_forward`), or Granite 4.0's
+        `block_sparse_moe`, whose dense `shared_mlp` sits beside it."""
+        return "block_sparse_moe" if self.shared_mlp_beside else self.module_name("mlp")
 
     def module_name(self, name: str) -> str:
         """This family's name for the Llama module `name` (RENAMED), e.g. "o_proj" -> "out_proj" in LFM2."""
@@ -446,8 +456,6 @@ def decoder_runs(hf_config) -> bool:
     model_type = get("model_type")
     if model_type == "gemma4_text":
         return not gemma4_unsupported(get)
-    if model_type == "granitemoehybrid":  # Granite 4.0-H Tiny / Small: experts beside the shared MLP, not run yet
-        return not get("num_local_experts")
     return model_type in SUPPORTED_FAMILIES
 
 

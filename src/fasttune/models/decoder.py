@@ -169,8 +169,11 @@ class DecoderLayer(nn.Module):
         else:  # Qwen3.5-MoE's shared expert is our dense MLP at its own width
             shared = MLP(replace(cfg, intermediate_size=cfg.shared_expert_size)) if cfg.shared_expert_size else None
             mlp = SparseMoeBlock(cfg, shared)
-        self.mlp_name = cfg.module_name("mlp")
+        self.mlp_name = cfg.moe_name if self.is_moe else cfg.module_name("mlp")
         setattr(self, self.mlp_name, mlp)
+        self.shared_beside = self.is_moe and cfg.shared_mlp_beside
+        if self.shared_beside:  # Granite 4.0-H: the dense MLP added to the experts' output
+            self.shared_mlp = MLP(cfg)
         self.post_norm = cfg.post_norm
         self.residual_multiplier = cfg.residual_multiplier  # Granite
         renamed = PRE_NORM_NAMES.get(cfg.model_type)
@@ -279,8 +282,11 @@ class DecoderLayer(nn.Module):
             return x + self.mixer(normed, cos, sin, mask, cache) + self.ffn(normed)
         if self.is_moe:
             x, normed = self.attn_norm.with_residual(x)
-            x, normed = self._post_attention(x, self.mixer(normed, cos, sin, mask, cache), cache)
+            x, normed = self._post_attention(x, self._scaled(self.mixer(normed, cos, sin, mask, cache)), cache)
             h, logits = self.ffn(normed)
+            if self.shared_beside:  # Granite 4.0-H: experts + shared MLP
+                h = h + self.shared_mlp(normed)
+            h = self._scaled(h)
             return (x + h, logits) if router_logits else x + h
         if self.post_norm:  # OLMo 2/3: the sublayers' outputs are normed, their inputs are not
             x = x + self.post_attention_layernorm(self.mixer(x, cos, sin, mask, cache))

@@ -92,7 +92,7 @@ def granite_hybrid_fields(cfg, get) -> None:
     """Granite 4.0 (transformers' GraniteMoeHybridConfig): Mamba-2 mixers (models/mamba2.py) where layer_types says
     "mamba" ("linear_attention" in transformers 5; absent: every layer), attention elsewhere, with RoPE only when
     position_embedding_type is "rope" (Granite 4.0-H: none); the MLP is shared_mlp, shared_intermediate_size wide,
-    gate and up fused. Raises ModelLoadError for a layer type it does not know or Mamba sizes that do not fit."""
+    gate and up fused, with num_local_experts experts (intermediate_size wide, top-k softmax routing) beside it. Raises ModelLoadError for a layer type it does not know or Mamba sizes that do not fit."""
     layers = cfg.num_layers
     types = get("layer_types") or get("layers_block_type") or ["mamba"] * layers
     kinds = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
@@ -118,6 +118,12 @@ def granite_hybrid_fields(cfg, get) -> None:
     cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
     if get("position_embedding_type") != "rope":
         cfg.rope_layers = [False] * layers
+    experts = int(get("num_local_experts", 0) or 0)
+    if experts:  # Granite 4.0-H Tiny / Small: top-k softmax routing (renormalised) beside the shared MLP
+        cfg.num_experts, cfg.num_experts_per_tok = experts, int(get("num_experts_per_tok", 2))
+        cfg.moe_intermediate_size = cfg.intermediate_size
+        cfg.moe_layers = [True] * layers
+        cfg.norm_topk_prob = cfg.shared_mlp_beside = True
     cfg.intermediate_size = int(get("shared_intermediate_size", 1024))
     cfg.fused_gate_up = True
 

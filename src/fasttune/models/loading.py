@@ -247,7 +247,14 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
 
 # Checkpoint names that transformers renames as it loads (its conversion_mapping's WeightRenaming), as
 # (on disk, in memory): our modules carry the in-memory names, which PEFT adapters use.
-CHECKPOINT_RENAMES = {"lfm3": ((".self_attn.gate_proj.", ".self_attn.g_proj."),)}
+CHECKPOINT_RENAMES = {"lfm3": ((".self_attn.gate_proj.", ".self_attn.g_proj."),),
+                      # Granite 4.0-H's stacked experts and router, as transformers 5's conversion_mapping renames them
+                      "granitemoehybrid": ((".block_sparse_moe.input_linear.weight",
+                                            ".block_sparse_moe.experts.gate_up_proj"),
+                                           (".block_sparse_moe.output_linear.weight",
+                                            ".block_sparse_moe.experts.down_proj"),
+                                           (".block_sparse_moe.router.layer.weight",
+                                            ".block_sparse_moe.router.weight"))}
 
 
 def _mtp_layers(hf_config, layers: int) -> tuple[str, ...]:

@@ -342,7 +342,8 @@ class Experts(nn.Module):
 
 
 class SparseMoeBlock(nn.Module):
-    """The MoE MLP of a decoder layer: `gate` (Router) picks `top_k` of the `experts` per token; Qwen3.5-MoE adds
+    """The MoE MLP of a decoder layer: `gate` (Router; Granite 4.0's `router`) picks `top_k` of the `experts` per token;
+    Qwen3.5-MoE adds
     `shared_expert` (a dense MLP module given by the decoder) times sigmoid(`shared_expert_gate`(x)).
 
     forward: x (B, T, H) -> (out (B, T, H) in x's dtype, router logits (B*T, E) for the auxiliary loss).
@@ -358,8 +359,9 @@ class SparseMoeBlock(nn.Module):
         self.renorm_eps = cfg.router_renorm_eps
         # LFM2-MoE: the routing bias is the block's own (fp32), its router in the model's dtype
         self.bias_on_block = self.sigmoid and cfg.score_bias == "block"
-        self.gate = Router(cfg.hidden_size, cfg.num_experts, fp32=self.grouped_softmax,
-                           score_bias=self.sigmoid and cfg.score_bias == "router")
+        self.router_name = cfg.module_name("gate")  # (Granite 4.0: router)
+        setattr(self, self.router_name, Router(cfg.hidden_size, cfg.num_experts, fp32=self.grouped_softmax,
+                                               score_bias=self.sigmoid and cfg.score_bias == "router"))
         self.fp32_tensors = ("expert_bias",) if self.bias_on_block else ()  # (read by the loader)
         if self.bias_on_block:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
@@ -378,9 +380,10 @@ class SparseMoeBlock(nn.Module):
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
         flat = x.reshape(-1, shape[-1])
-        logits = self.gate(flat)
+        gate = getattr(self, self.router_name)
+        logits = gate(flat)
         if self.sigmoid:
-            router = getattr(self.gate, "base_layer", self.gate)  # (under LoRA: a LoraLinear around it)
+            router = getattr(gate, "base_layer", gate)  # (under LoRA: a LoraLinear around it)
             bias = self.expert_bias if self.bias_on_block else getattr(router, "e_score_correction_bias", None)
             weights, experts = route_sigmoid(logits, bias, self.top_k, self.groups, self.norm_topk_prob,
                                              self.scaling, self.renorm_eps)

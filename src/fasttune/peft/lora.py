@@ -252,7 +252,7 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2")
 # MoE families without a shared expert whose MLP names PEFT maps to nothing (transformers has no conversion pattern
 # for them): the names adapt the dense feed-forwards, the experts come as target_parameters
-PEFT_MAPS_NO_EXPERTS = ("lfm2_moe",)
+PEFT_MAPS_NO_EXPERTS = ("lfm2_moe", "granitemoehybrid")
 
 
 def expert_target_parameters(arch) -> list[str]:
@@ -260,8 +260,8 @@ def expert_target_parameters(arch) -> list[str]:
     `experts.*` beside its dense MLP."""
     if getattr(arch, "moe_block", None) == "gemma4":
         return [f"experts.{p}" for p in EXPERT_PARAMETERS]
-    if arch is not None and arch.module_name("mlp") != "mlp":  # (LFM2-MoE: feed_forward.experts.*)
-        return [f"{arch.module_name('mlp')}.experts.{p}" for p in EXPERT_PARAMETERS]
+    if arch is not None and arch.moe_name != "mlp":  # (LFM2-MoE: feed_forward.experts.*; Granite 4.0: block_sparse_moe)
+        return [f"{arch.moe_name}.experts.{p}" for p in EXPERT_PARAMETERS]
     return list(EXPERT_TARGET_PARAMETERS)
 
 
@@ -271,6 +271,8 @@ def experts_by_parameters(arch) -> bool:
     (PEFT_MAPS_EXPERTS: the MLP names mean the experts; the shared experts and dense MLP layers stay frozen)."""
     if getattr(arch, "moe_block", None) == "gemma4":  # the MLP names are its dense MLP's, beside the experts
         return True
+    if not getattr(arch, "num_experts", 0):  # (Granite 4.0's dense models)
+        return False
     if getattr(arch, "model_type", None) in PEFT_MAPS_NO_EXPERTS:
         return True
     return bool(getattr(arch, "shared_expert_size", 0)) and getattr(arch, "model_type", None) not in PEFT_MAPS_EXPERTS
