@@ -164,3 +164,18 @@ def test_loads_in_4bit_and_trains(tmp_path, tiny_tokenizer):
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
     losses = lora_losses(model, ids, steps=4)
     assert losses[-1] < losses[0]
+
+
+def test_moe_gguf_logits_match_llama_cpp(tmp_path):
+    """Granite 4.0-H Tiny's layout in llama.cpp's granitehybrid: the experts as ffn_*_exps, the router as
+    ffn_gate_inp, the shared MLP as ffn_*_shexp; LoRA merged into attention, Mamba and shared MLP layers."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
+
+    model, tok, path, reader = lora_merged_gguf("granitemoehybrid_moe", tmp_path)
+    names = {t.name for t in reader.tensors}
+    assert {"blk.0.ffn_gate_exps.weight", "blk.0.ffn_gate_inp.weight", "blk.0.ffn_down_shexp.weight",
+            "blk.0.ssm_in.weight"} <= names and "blk.0.ffn_gate.weight" not in names
+    assert reader.fields["granitehybrid.expert_shared_feed_forward_length"].contents() == 96
+    rel, top1, _ = compare_logits(model, tok, path, PROMPTS, f32_cache=True)
+    assert rel < 3e-3 and top1 == 1.0, (rel, top1)

@@ -285,7 +285,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
     if cfg.intermediate_size and not cfg.double_wide_mlp:  # (Qwen3.5-MoE: only experts' widths; Gemma 4 E2B:
-        writer.add_feed_forward_length(cfg.intermediate_size)  # one per layer, export/gguf_gemma4.py)
+        # one per layer, export/gguf_gemma4.py; Granite 4.0-H's experts read it, the shared MLP its own key)
+        writer.add_feed_forward_length(cfg.moe_intermediate_size if cfg.shared_mlp_beside else cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
     if ARCHITECTURES[cfg.model_type] in MLA_ARCHITECTURES:  # multi-query attention over the latent
         write_mla_metadata(writer, cfg)

@@ -4,7 +4,9 @@ Mamba2Model; src/models/granite-hybrid.cpp and src/llama-model.cpp's loader).
 
 - the conv is stored as (channels, kernel), A_log as ssm_a = -exp(A_log) and D as ssm_d, both (heads, 1); dt_bias as
   ssm_dt.bias; the gated norm's weight as (groups, channels per group);
-- the shared MLP's fused input_linear splits into ffn_gate (first half) and ffn_up, output_linear is ffn_down;
+- the shared MLP's fused input_linear splits into ffn_gate (first half) and ffn_up, output_linear is ffn_down (beside
+  experts: ffn_gate_shexp, ffn_up_shexp, ffn_down_shexp); the stacked experts split into ffn_{gate,up,down}_exps, the
+  router is ffn_gate_inp;
 - per-layer key/value head counts are 0 in the Mamba layers (how llama.cpp tells them apart), and the attention layers
   use RoPE only when the file says the rope is "finetuned" (position_embedding_type "rope"; Granite 4.0-H: none).
 """
@@ -18,12 +20,22 @@ GRANITE_HYBRID = "granitehybrid"
 def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor]]:
     """One merged tensor (our name, fp32) -> [(transformers-style name that gguf's tensor map knows, tensor in
     llama.cpp's layout)]."""
+    mlp = "mlp.shared_expert" if cfg.num_experts else "mlp"  # (beside experts: llama.cpp's *_shexp tensors)
     if name.endswith("shared_mlp.input_linear.weight"):
         gate, up = t.chunk(2, dim=0)
         stem = name.removesuffix("shared_mlp.input_linear.weight")
-        return [(f"{stem}mlp.gate_proj.weight", gate.contiguous()), (f"{stem}mlp.up_proj.weight", up.contiguous())]
+        return [(f"{stem}{mlp}.gate_proj.weight", gate.contiguous()), (f"{stem}{mlp}.up_proj.weight", up.contiguous())]
     if name.endswith("shared_mlp.output_linear.weight"):
-        return [(name.replace("shared_mlp.output_linear", "mlp.down_proj"), t)]
+        return [(name.replace("shared_mlp.output_linear", f"{mlp}.down_proj"), t)]
+    if ".block_sparse_moe." in name:  # the stacked experts (E, 2I, H) gate rows first, (E, H, I); the router (E, H)
+        stem = name.split(".block_sparse_moe.")[0]
+        if "experts.gate_up_proj" in name:
+            gate, up = t.chunk(2, dim=1)
+            return [(f"{stem}.mlp.experts.gate_proj.weight", gate.contiguous()),
+                    (f"{stem}.mlp.experts.up_proj.weight", up.contiguous())]
+        if "experts.down_proj" in name:
+            return [(f"{stem}.mlp.experts.down_proj.weight", t)]
+        return [(f"{stem}.mlp.gate.weight", t)]
     if ".mamba." not in name:
         return [(name, t)]
     if name.endswith("conv1d.weight"):
@@ -42,7 +54,7 @@ def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, t
 def granite_hybrid_metadata(writer, cfg) -> None:
     """The keys llama.cpp's granitehybrid reads beyond the common ones: Granite's four multipliers, the Mamba-2 sizes
     (conv kernel, state, groups, inner width, heads as the time-step rank), 0 key/value heads in the Mamba layers and
-    whether the attention layers rotate (rope "finetuned")."""
+    whether the attention layers rotate (rope "finetuned"); with experts their width and the shared MLP's."""
     writer.add_embedding_scale(float(cfg.embedding_multiplier))
     writer.add_residual_scale(float(cfg.residual_multiplier))
     writer.add_attention_scale(float(cfg.scaling))
@@ -53,3 +65,5 @@ def granite_hybrid_metadata(writer, cfg) -> None:
     writer.add_ssm_inner_size(cfg.mamba_heads * cfg.mamba_head_dim)
     writer.add_ssm_time_step_rank(cfg.mamba_heads)
     writer.add_rope_scaling_finetuned(not cfg.rope_layers or any(cfg.rope_layers))
+    if cfg.num_experts:  # Granite 4.0-H Tiny / Small: the shared MLP's width (feed_forward_length: the experts')
+        writer.add_expert_shared_feed_forward_length(cfg.intermediate_size)
