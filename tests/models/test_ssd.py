@@ -76,3 +76,35 @@ def test_packed_runs_each_start_from_a_zero_state():
         want, _ = _recurrence(x[row:row + 1, part], dt[row:row + 1, part], a, bb[row:row + 1, part],
                               cc[row:row + 1, part], d)
         torch.testing.assert_close(y[row:row + 1, part], want, rtol=1e-4, atol=1e-5)
+
+
+def test_triton_chunk_scan_equals_the_recurrence(monkeypatch):
+    """With state and head sizes the Triton chunk scan takes (powers of two >= 16), the scan between chunks runs
+    kernels/delta_scan.py's kernels (the interpreter on a CPU): outputs and gradients still the recurrence's."""
+    pytest.importorskip("triton")
+    from fasttune.kernels.delta_scan import scan_config
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(1, 100, 2, 16, generator=g)
+    dt = torch.rand(1, 100, 2, generator=g) * 0.5 + 0.01
+    a, d = -torch.rand(2, generator=g) - 0.1, torch.randn(2, generator=g)
+    bb, cc = torch.randn(1, 100, 1, 16, generator=g), torch.randn(1, 100, 1, 16, generator=g)
+    assert scan_config(torch.zeros(1, 1, 1, 64, 16), x) is not None
+    inputs = [t.requires_grad_() for t in (x, dt, a, bb, cc, d)]
+    y, _ = ssd_scan(*inputs)
+    y.square().sum().backward()
+    got = [t.grad.clone() for t in inputs]
+    for t in inputs:
+        t.grad = None
+    group = 2  # (heads per group, for the functional recurrence below)
+    bh, ch = (m.repeat_interleave(group, dim=2) for m in (bb, cc))
+    s, ys = torch.zeros(1, 2, 16, 16), []
+    for i in range(100):
+        s = s * (dt[:, i] * a).exp()[..., None, None] + (dt[:, i, :, None] * x[:, i])[..., None] * bh[:, i, :, None]
+        ys.append((s @ ch[:, i, :, :, None])[..., 0] + d[:, None] * x[:, i])
+    want = torch.stack(ys, dim=1)
+    torch.testing.assert_close(y, want, rtol=1e-4, atol=1e-5)
+    want.square().sum().backward()
+    for name, mine, t in zip("x dt A B C D".split(), got, inputs):
+        torch.testing.assert_close(mine, t.grad, rtol=1e-4, atol=1e-3, msg=name)

@@ -8,14 +8,16 @@ where x_t (head_dim,) is the head's input, B_t, C_t (d_state,) those of its grou
 share one), dt_t > 0 its step and A_h < 0.
 
 `ssd_scan` runs whole sequences in the chunked form (fp32): inside a chunk of CHUNK positions the outputs are one
-masked product, (C B^T * exp(cumulative decay)) (dt x); between chunks a loop carries the state (linear in the
-length; transformers' torch path contracts a chunks x chunks decay matrix instead). Packed runs (documents, padding
+masked product, (C B^T * exp(cumulative decay)) (dt x); between chunks the delta rule's chunk scan carries the state
+(kernels/delta_scan.py: linear in the length, Triton on the GPU, its backward written out; transformers' torch path
+contracts a chunks x chunks decay matrix instead). Packed runs (documents, padding
 runs) each start from a zero state (models/chunk_packing.py). `ssd_step` is one decode step on a kept state.
 """
 from __future__ import annotations
 
 import torch
 
+from fasttune.kernels.delta_scan import chunk_scan
 from fasttune.models.chunk_packing import run_packed
 
 CHUNK = 64  # positions per chunk: the (chunk x chunk) blocks per head stay small; the result does not depend on it
@@ -59,21 +61,19 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
     y = (C @ B.transpose(-1, -2) * decay) @ xdt  # (B, H, n, L, P)
-    # each chunk's own contribution to the state at its end: sum_s exp(cum_last - cum_s) xdt_s B_s^T
+    # Between chunks, the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
+    # decay plus the chunk's own sum_s exp(cum_last - cum_s) B_s xdt_s^T: the delta rule's chunk scan
+    # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w = 0).
     to_end = (cum[..., -1:] - cum).exp()  # (B, H, n, L)
-    chunk_states = (xdt * to_end[..., None]).transpose(-1, -2) @ B  # (B, H, n, P, N)
+    keys = B * to_end[..., None]
     total = cum[..., -1].exp()  # (B, H, n) a whole chunk's decay
-    state = x.new_zeros(b, h, p, n_state, dtype=torch.float32) if initial_state is None else initial_state.float()
-    entering = []
-    for c in range(n):  # the state entering each chunk
-        if keep is not None:
-            state = state * keep[:, c, None, None, None]
-        entering.append(state)
-        state = state * total[:, :, c, None, None] + chunk_states[:, :, c]
-    entering = torch.stack(entering, dim=2)  # (B, H, n, P, N)
-    y = y + (C @ entering.transpose(-1, -2)) * cum.exp()[..., None]  # the carried state read at each position
+    state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
+        initial_state.float().transpose(-1, -2).contiguous()
+    tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    entering, _, state = chunk_scan(torch.zeros_like(keys), xdt, keys, total, state, keep, tf32)  # (B, H, n, N, P)
+    y = y + (C @ entering) * cum.exp()[..., None]  # the carried state read at each position
     y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
-    return y, state
+    return y, state.transpose(-1, -2)
 
 
 def ssd_step(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
