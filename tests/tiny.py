@@ -112,6 +112,12 @@ def hf_config(family: str, **overrides):
                                n_shared_experts=1, n_group=2, topk_group=1, routed_scaling_factor=2.5,
                                first_k_dense_replace=1, norm_topk_prob=True, use_qk_norm=True, attention_bias=True,
                                tie_word_embeddings=False, num_nextn_predict_layers=0)
+    elif family == "ernie4_5_moe":  # ERNIE-4.5-21B-A3B's layout: layer 0 dense, then 8 experts (top 2, 32 wide)
+        # chosen by probability + e_score_correction_bias, 2 shared experts; adjacent-pair RoPE
+        kw.update(num_hidden_layers=3)
+        cfg = tf.Ernie4_5_MoeConfig(**kw, head_dim=16, moe_num_experts=8, moe_k=2, moe_intermediate_size=32,
+                                    moe_num_shared_experts=2, moe_layer_start_index=1, moe_layer_interval=1,
+                                    tie_word_embeddings=True)
     elif family == "glm4_moe_lite":  # GLM-4.7-Flash: multi-head latent attention (q latent 24, kv latent 32,
         # 12 + 8 query/key channels, 16 value channels, interleaved RoPE); GLM-4.5's MoE, layer 0 dense
         kw.update(num_hidden_layers=3, num_key_value_heads=4)  # every head has its own key from the latent
@@ -261,7 +267,7 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.uniform_(0.5, 1.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
-            if family.startswith(("glm4_moe", "deepseek")) and n.endswith("bias"):  # transformers starts them at 0: make them matter
+            if family.startswith(("glm4_moe", "deepseek", "ernie4_5_moe")) and n.endswith("bias"):  # transformers starts them at 0: make them matter
                 p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):

@@ -30,7 +30,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
                       "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
-                      "seed_oss", "cohere2", "cohere", "granitemoehybrid")
+                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -38,8 +38,8 @@ VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qw
 # MllamaTextModel): Llama's self-attention layers with the cross-attention layers of models/cross_attention.py
 CROSS_ATTENTION_FAMILIES = ("mllama_text_model",)
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
-                "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4", "lfm2_moe")
-DEFAULT_THETAS = {"lfm2": 1000000.0, "lfm2_moe": 1000000.0}  # a config without rope_theta: the family's default_theta in transformers
+                "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4", "lfm2_moe", "ernie4_5_moe")
+DEFAULT_THETAS = {"lfm2": 1000000.0, "lfm2_moe": 1000000.0, "ernie4_5_moe": 500000.0}  # a config without rope_theta: the family's default_theta in transformers
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
 # k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.
@@ -49,7 +49,7 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
                     "norm": "embedding_norm"},
            "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
            "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"},
-           "mistral4": {"shared_expert": "shared_experts"}}
+           "mistral4": {"shared_expert": "shared_experts"}, "ernie4_5_moe": {"shared_expert": "shared_experts"}}
 # Granite 4.0 (GraniteMoeHybrid): the dense MLP is shared_mlp, its fused gate|up input_linear, its down output_linear
 # (and in Granite 4.0-H Tiny / Small the experts' block is block_sparse_moe, its router `router`: ModelConfig.moe_name)
 RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linear", "gate_proj": "input_linear",
@@ -138,7 +138,9 @@ class ModelConfig:
     # when norm_topk_prob) times routed_scaling_factor, the router in fp32; "softmax" is the usual top-k softmax;
     # "softmax_grouped" DeepSeek-V2's (route_softmax_grouped: softmax in fp32, the groups ranked by their best score,
     # weights not renormalised, times routed_scaling_factor); "softmax_pairs" Mistral 4's (route_softmax_pairs:
-    # DeepSeek-V3's groups and weights over softmax scores, the router in the model's dtype)
+    # DeepSeek-V3's groups and weights over softmax scores, the router in the model's dtype); "softmax_bias" ERNIE 4.5
+    # MoE's (route_softmax_bias: fp32 softmax, experts chosen by probability + bias, renormalised over
+    # max(sum, router_renorm_eps))
     router_scoring: str = "softmax"
     router_groups: tuple = (1, 1)  # (n_group, topk_group)
     router_renorm_eps: float = 1e-20  # added to the top-k weights' sum when renormalising (LFM2-MoE: 1e-6)
@@ -385,7 +387,7 @@ class ModelConfig:
         elif model_type == "hunyuan_v1_dense":
             cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
             cfg.qk_norm = cfg.qk_norm_after_rope = True
-        elif model_type == "ernie4_5":
+        elif model_type in ("ernie4_5", "ernie4_5_moe"):
             cfg.attn_bias = cfg.o_bias = cfg.mlp_bias = bool(get("use_bias", False))
             cfg.rope_interleaved = True
         elif model_type == "exaone4":  # OLMo 2's post-norm layers, per-head q/k norms; with a sliding window,

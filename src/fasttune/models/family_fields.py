@@ -276,6 +276,19 @@ def moe_fields(cfg, get) -> None:
         cfg.router_renorm_eps, cfg.score_bias = 1e-6, "block" if get("use_expert_bias", True) else None
         dense = int(get("num_dense_layers", 0) or 0)
         cfg.moe_layers = [i >= dense for i in range(cfg.num_layers)]
+    elif cfg.model_type == "ernie4_5_moe":  # transformers' Ernie4_5_MoeDecoderLayer / Ernie4_5_MoeTopKRouter: sparse
+        # where (i + 1) % moe_layer_interval == 0 within [start, end]; fp32 softmax, experts chosen by probability +
+        # e_score_correction_bias, weighted by their probabilities over max(their sum, moe_norm_min); shared experts
+        cfg.num_experts = get("moe_num_experts") or get("num_experts")
+        cfg.moe_intermediate_size = get("moe_intermediate_size")
+        cfg.shared_expert_size = cfg.moe_intermediate_size * int(get("moe_num_shared_experts", 0) or 0)
+        cfg.shared_expert_gated = False
+        cfg.router_scoring, cfg.norm_topk_prob = "softmax_bias", True
+        cfg.router_renorm_eps = float(get("moe_norm_min", 1e-12) or 1e-12)
+        start, end = int(get("moe_layer_start_index", 1)), int(get("moe_layer_end_index", -1))
+        end = cfg.num_layers - 1 if end == -1 else end
+        interval = int(get("moe_layer_interval", 1) or 1)
+        cfg.moe_layers = [(i + 1) % interval == 0 and start <= i <= end for i in range(cfg.num_layers)]
     elif cfg.model_type == "mixtral":
         cfg.num_experts = get("num_local_experts")
         cfg.moe_intermediate_size = cfg.intermediate_size
@@ -292,4 +305,4 @@ def moe_fields(cfg, get) -> None:
         step, dense = get("decoder_sparse_step", 1) or 1, set(get("mlp_only_layers") or [])
         cfg.moe_layers = [i not in dense and cfg.num_experts > 0 and (i + 1) % step == 0
                           for i in range(cfg.num_layers)]
-    cfg.num_experts_per_tok = get("num_experts_per_tok")
+    cfg.num_experts_per_tok = get("num_experts_per_tok") or get("moe_k")  # (ERNIE 4.5's config.json: moe_k)

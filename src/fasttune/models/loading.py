@@ -248,6 +248,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
 # Checkpoint names that transformers renames as it loads (its conversion_mapping's WeightRenaming), as
 # (on disk, in memory): our modules carry the in-memory names, which PEFT adapters use.
 CHECKPOINT_RENAMES = {"lfm3": ((".self_attn.gate_proj.", ".self_attn.g_proj."),),
+                      # ERNIE 4.5 MoE's routing bias: transformers 5 keeps it inside the router
+                      "ernie4_5_moe": ((".mlp.moe_statics.", ".mlp.gate.moe_statics."),),
                       # Granite 4.0-H's stacked experts and router, as transformers 5's conversion_mapping renames them
                       "granitemoehybrid": ((".block_sparse_moe.input_linear.weight",
                                             ".block_sparse_moe.experts.gate_up_proj"),

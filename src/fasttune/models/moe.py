@@ -66,6 +66,18 @@ def route_softmax_pairs(router_logits: torch.Tensor, top_k: int, groups: tuple, 
     return weights.float(), experts
 
 
+def route_softmax_bias(router_logits: torch.Tensor, bias: torch.Tensor, top_k: int,
+                       norm_min: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ERNIE 4.5 MoE's routing (transformers' Ernie4_5_MoeTopKRouter): softmax in fp32, the top_k experts by
+    probability + bias (e_score_correction_bias), weighted by their probabilities over max(their sum, norm_min).
+
+    router_logits (N, E); bias (E,) or (1, E) fp32 -> (weights (N, k) fp32, experts (N, k) int64)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    experts = torch.topk(probs + bias.float().reshape(-1), top_k, dim=-1)[1]
+    weights = probs.gather(1, experts)
+    return weights / weights.sum(dim=-1, keepdim=True).clamp(min=norm_min), experts
+
+
 def _pick_in_best_pairs(scores, choice, top_k: int, groups: tuple, norm_topk_prob: bool, scaling: float,
                         eps: float = 1e-20):
     """The top_k experts by `choice` (N, E) among the topk_group of n_group groups with the highest sum of their two
@@ -298,12 +310,15 @@ class Router(nn.Module):
 
     bias = None
 
-    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = False, fp32: bool = False):
+    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = False, fp32: bool = False,
+                 statics: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
-        self.keep_fp32 = score_bias or fp32  # (DeepSeek-V2's router is fp32 without a bias)
+        self.keep_fp32 = score_bias or fp32 or statics  # (DeepSeek-V2's router is fp32 without a bias)
         if score_bias:
             self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        if statics:  # ERNIE 4.5 MoE: the bias as transformers holds it, moe_statics.e_score_correction_bias (1, E)
+            self.moe_statics = MoeStatics(num_experts)
 
     @property
     def in_features(self) -> int:
@@ -320,6 +335,17 @@ class Router(nn.Module):
         if self.keep_fp32:
             return F.linear(x.float(), self.weight.float())
         return F.linear(x, self.weight.to(x.dtype))
+
+
+class MoeStatics(nn.Module):
+    """ERNIE 4.5 MoE's routing bias under transformers' name (Ernie4_5_MoeStatics): e_score_correction_bias (1, E),
+    a frozen fp32 parameter (keep_fp32, read by the loader)."""
+
+    keep_fp32 = True
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(1, num_experts), requires_grad=False)
 
 
 class Experts(nn.Module):
@@ -355,13 +381,15 @@ class SparseMoeBlock(nn.Module):
         self.sigmoid = cfg.router_scoring == "sigmoid"
         self.grouped_softmax = cfg.router_scoring == "softmax_grouped"
         self.softmax_pairs = cfg.router_scoring == "softmax_pairs"
+        self.softmax_bias = cfg.router_scoring == "softmax_bias"
         self.groups, self.scaling = cfg.router_groups, cfg.routed_scaling
         self.renorm_eps = cfg.router_renorm_eps
         # LFM2-MoE: the routing bias is the block's own (fp32), its router in the model's dtype
         self.bias_on_block = self.sigmoid and cfg.score_bias == "block"
         self.router_name = cfg.module_name("gate")  # (Granite 4.0: router)
         setattr(self, self.router_name, Router(cfg.hidden_size, cfg.num_experts, fp32=self.grouped_softmax,
-                                               score_bias=self.sigmoid and cfg.score_bias == "router"))
+                                               score_bias=self.sigmoid and cfg.score_bias == "router",
+                                               statics=self.softmax_bias))
         self.fp32_tensors = ("expert_bias",) if self.bias_on_block else ()  # (read by the loader)
         if self.bias_on_block:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
@@ -391,6 +419,9 @@ class SparseMoeBlock(nn.Module):
             weights, experts = route_softmax_grouped(logits, self.top_k, self.groups, self.scaling)
         elif self.softmax_pairs:
             weights, experts = route_softmax_pairs(logits, self.top_k, self.groups, self.norm_topk_prob, self.scaling)
+        elif self.softmax_bias:
+            statics = getattr(gate, "base_layer", gate).moe_statics  # (under LoRA: a LoraLinear around it)
+            weights, experts = route_softmax_bias(logits, statics.e_score_correction_bias, self.top_k, self.renorm_eps)
         else:
             weights, experts = route(logits, self.top_k, self.norm_topk_prob)
         out = self.experts(flat, weights, experts)

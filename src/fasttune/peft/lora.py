@@ -249,7 +249,7 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 
 # MoE families with a shared expert that PEFT maps as Qwen2-MoE (its _MODEL_TO_CONVERSION_PATTERN): the MLP names
 # mean the routed experts there
-PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2")
+PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "ernie4_5_moe")
 # MoE families without a shared expert whose MLP names PEFT maps to nothing (transformers has no conversion pattern
 # for them): the names adapt the dense feed-forwards, the experts come as target_parameters
 PEFT_MAPS_NO_EXPERTS = ("lfm2_moe", "granitemoehybrid")
