@@ -267,7 +267,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 p.uniform_(0.5, 1.5)
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
-            if family.startswith(("glm4_moe", "deepseek", "ernie4_5_moe")) and n.endswith("bias"):  # transformers starts them at 0: make them matter
+            # transformers starts these biases at 0: make them matter
+            if family.startswith(("glm4_moe", "deepseek", "ernie4_5_moe")) and n.endswith("bias"):
                 p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):

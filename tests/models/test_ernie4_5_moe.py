@@ -80,3 +80,35 @@ def test_lora_equals_peft_on_the_routed_experts(pair, tmp_path):
 
 def test_recompute_gives_the_same_gradients(pair, tmp_path):
     check_recompute_gradients(tmp_path / "m")
+
+
+def test_gguf_logits_equal_llama_cpp(tmp_path):
+    """llama.cpp's ernie4_5-moe (softmax gating with exp_probs_b, shared experts, a leading dense layer, an MoE step):
+    f16 logits of the LoRA-merged model within the family test's bound; the router and its bias in F32."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
+
+    model, tok, path, reader = lora_merged_gguf("ernie4_5_moe", tmp_path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "ernie4_5-moe" and field("ernie4_5-moe.leading_dense_block_count") == 1
+    assert field("ernie4_5-moe.interleave_moe_layer_step") == 1 and field("ernie4_5-moe.expert_shared_count") == 2
+    assert field("ernie4_5-moe.expert_shared_feed_forward_length") == 64
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.ffn_gate_inp.weight"] == types["blk.1.exp_probs_b.bias"] == "F32"
+    assert "blk.0.ffn_gate.weight" in types and "blk.0.ffn_gate_inp.weight" not in types
+    rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
+    assert rel < 2e-3 and top1 >= 1.0, (rel, top1)
+
+
+def test_gguf_refuses_moe_layers_llama_cpp_does_not_place(tmp_path):
+    from fasttune.errors import ConfigError
+
+    from bpe_tokenizers import make_bpe_tokenizer
+
+    hf_model("ernie4_5_moe", moe_layer_end_index=2, num_hidden_layers=4, vocab_size=416).save_pretrained(tmp_path / "m")
+    make_bpe_tokenizer("gpt2").save_pretrained(tmp_path / "m")
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "m"))
+    assert model.arch.moe_layers == [False, True, True, False]  # (no first / step rule gives this)
+    with pytest.raises(ConfigError, match="llama.cpp's rule"):
+        model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    assert not (tmp_path / "m.gguf").exists()

@@ -48,7 +48,7 @@ import torch
 
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
-from fasttune.export.gguf_layouts import check_methods, check_supported
+from fasttune.export.gguf_layouts import check_methods, check_supported, moe_layer_rule
 from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, gemma4_router_scale_name, write_gemma4_metadata
 from fasttune.export.gguf_granite import GRANITE_HYBRID, granite_hybrid_metadata, granite_hybrid_tensors
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
@@ -165,6 +165,9 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             continue
         if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
             name = name.removesuffix("_bias") + ".bias"
+        if name.endswith("gate.moe_statics.e_score_correction_bias"):  # ERNIE 4.5 MoE's (1, E): the same, (E,)
+            name, t = name.replace("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction.bias"), \
+                t.reshape(-1)
         if name.endswith("feed_forward.expert_bias"):  # LFM2-MoE's, the same
             name += ".bias"
         # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
@@ -368,10 +371,16 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
         if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
-                                             "deepseek2", "gemma4", "mistral4", "lfm2moe"):
+                                             "deepseek2", "gemma4", "mistral4", "lfm2moe", "ernie4_5-moe"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
         if cfg.router_scoring in ("sigmoid", "softmax_grouped", "softmax_pairs"):  # DeepSeek-V3's, V2's, Mistral 4's
             _deepseek_routing_metadata(writer, cfg)
+        elif arch_name == "ernie4_5-moe":  # llama.cpp's rule: sparse from the first MoE layer, every step-th
+            start, step = moe_layer_rule(cfg)
+            writer.add_leading_dense_block_count(start)
+            writer.add_interleave_moe_layer_step(step)
+            writer.add_expert_shared_count(cfg.shared_expert_size // cfg.moe_intermediate_size)  # (the converter's)
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)  # (what llama.cpp reads)
         elif cfg.shared_expert_size:
             writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)
 

@@ -22,7 +22,8 @@ from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE wh
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.
 GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}
-WITHOUT_BIASES = ("olmo2", "ernie4_5", "gemma4")  # llama.cpp architectures that read no q/k/v/o or MLP biases
+# llama.cpp architectures that read no q/k/v/o or MLP biases
+WITHOUT_BIASES = ("olmo2", "ernie4_5", "ernie4_5-moe", "gemma4")
 COMMAND_R_PLUS_LAYERS = 64  # llama.cpp's command-r: q/k norms read (and required) from this many layers on
 FULL_EVERY = 4  # llama.cpp's olmo2 and exaone4 with a sliding window: layer i attends fully when (i + 1) % 4 == 0
 
@@ -64,6 +65,8 @@ def check_supported(cfg) -> None:
                           f"save_pretrained_merged instead. Nothing was written.")
     if arch == "granitehybrid":
         _check_granite_hybrid(cfg)
+    if arch == "ernie4_5-moe":
+        moe_layer_rule(cfg)
     if arch in ("lfm2", "lfm2moe") and cfg.conv_bias:
         raise ConfigError("This LFM2 model has biases on its short convolutions (conv_bias=true); llama.cpp's lfm2 "
                           "reads none, so the GGUF would compute another model. Save the merged model with "
@@ -119,7 +122,8 @@ def check_supported(cfg) -> None:
                           "with save_pretrained_merged instead. Nothing was written.")
     if arch in ("glm4moe", "deepseek2", "mistral4", "lfm2moe"):
         _check_leading_dense(cfg)
-    elif cfg.num_experts and arch not in ("gpt-oss", "gemma4"):  # (Gemma 4: experts beside every dense MLP)
+    elif cfg.num_experts and arch not in ("gpt-oss", "gemma4", "ernie4_5-moe"):  # (Gemma 4: experts beside every
+        # dense MLP; ERNIE 4.5 MoE: its own layer rule, moe_layer_rule)
         if not all(cfg.moe_layers):
             dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
             raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "
@@ -219,3 +223,18 @@ def _check_granite_hybrid(cfg) -> None:
         raise ConfigError("This Granite 4.0 model has biases (mamba_proj_bias / attention_bias); llama.cpp's "
                           "granitehybrid reads none, so the GGUF would compute another model. Save the merged model "
                           "with save_pretrained_merged instead. Nothing was written.")
+
+
+def moe_layer_rule(cfg) -> tuple[int, int]:
+    """(first MoE layer, step) of llama.cpp's ernie4_5-moe rule, layer i sparse when i >= first and (i + 1) % step
+    == 0, that gives cfg.moe_layers; ConfigError when none does (an ERNIE 4.5 MoE model whose moe_layer_end_index
+    stops before the last layer)."""
+    layers = list(cfg.moe_layers)
+    first = layers.index(True) if True in layers else cfg.num_layers
+    for step in range(1, cfg.num_layers + 1):
+        if layers == [i >= first and (i + 1) % step == 0 for i in range(cfg.num_layers)]:
+            return first, step
+    raise ConfigError(f"This {cfg.model_type} model's MoE layers ({[i for i, m in enumerate(layers) if m]}) do not "
+                      f"follow llama.cpp's rule (every step-th layer from the first MoE layer to the last: "
+                      f"moe_layer_end_index must be the last layer), so the GGUF would compute another model. Save the "
+                      f"merged model with save_pretrained_merged instead. Nothing was written.")

@@ -39,7 +39,8 @@ VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qw
 CROSS_ATTENTION_FAMILIES = ("mllama_text_model",)
 MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_vl_moe_text", "qwen3_5_moe_text", "qwen3_next", "glm4_moe",
                 "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4", "lfm2_moe", "ernie4_5_moe")
-DEFAULT_THETAS = {"lfm2": 1000000.0, "lfm2_moe": 1000000.0, "ernie4_5_moe": 500000.0}  # a config without rope_theta: the family's default_theta in transformers
+# a config without rope_theta: the family's default_theta in transformers
+DEFAULT_THETAS = {"lfm2": 1000000.0, "lfm2_moe": 1000000.0, "ernie4_5_moe": 500000.0}
 # Module names where a family departs from Llama's, as transformers names them (so checkpoints load and PEFT
 # adapters carry the same keys): LFM2 calls the attention output out_proj and its q/k norms q_layernorm /
 # k_layernorm, the MLP feed_forward with w1 / w3 / w2 for gate / up / down, and the final norm embedding_norm.

@@ -1,8 +1,8 @@
 """The family-specific parts of ModelConfig.from_hf (models/config.py): each reads one family's transformers config
 fields (`get(name, default)`) into a ModelConfig `cfg` in place — Qwen3.5's gated DeltaNet layers, LFM2 / LFM3's
 short convolutions, Granite 4.0's Mamba-2 layers, multi-head latent attention (GLM-4.7-Flash, DeepSeek-V2 / V3),
-Gemma 4, Ministral 3's query scaling and the mixture-of-experts fields of every MoE family. Each raises ModelLoadError for settings the decoder
-cannot run, naming the config field.
+Gemma 4, Ministral 3's query scaling and the mixture-of-experts fields of every MoE family. Each raises
+ModelLoadError for settings the decoder cannot run, naming the config field.
 """
 from __future__ import annotations
 
@@ -92,7 +92,8 @@ def granite_hybrid_fields(cfg, get) -> None:
     """Granite 4.0 (transformers' GraniteMoeHybridConfig): Mamba-2 mixers (models/mamba2.py) where layer_types says
     "mamba" ("linear_attention" in transformers 5; absent: every layer), attention elsewhere, with RoPE only when
     position_embedding_type is "rope" (Granite 4.0-H: none); the MLP is shared_mlp, shared_intermediate_size wide,
-    gate and up fused, with num_local_experts experts (intermediate_size wide, top-k softmax routing) beside it. Raises ModelLoadError for a layer type it does not know or Mamba sizes that do not fit."""
+    gate and up fused, with num_local_experts experts (intermediate_size wide, top-k softmax routing) beside it.
+    Raises ModelLoadError for a layer type it does not know or Mamba sizes that do not fit."""
     layers = cfg.num_layers
     types = get("layer_types") or get("layers_block_type") or ["mamba"] * layers
     kinds = {"mamba": True, "linear_attention": True, "attention": False, "full_attention": False}
