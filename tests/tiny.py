@@ -196,6 +196,12 @@ def hf_config(family: str, **overrides):
                                         mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
                                         mamba_expand=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                                         attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True)
+    elif family == "nemotron_h":  # Nemotron-H's layout: Mamba-2 (8 heads of 16, 2 groups, state 8), ReLU² MLP,
+        # NoPE attention, MLP, Mamba
+        kw.update(num_hidden_layers=5)
+        cfg = tf.NemotronHConfig(**kw, head_dim=16, layers_block_type=["mamba", "mlp", "attention", "mlp", "mamba"],
+                                 mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4,
+                                 use_conv_bias=True, tie_word_embeddings=False, layer_norm_epsilon=1e-5)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)

@@ -21,6 +21,10 @@ from fasttune.models.outputs import CausalLMOutput, evaluation_as_transformers
 from fasttune.models.decoder import DecoderModel
 
 
+# Where a family's checkpoints name our top-level modules otherwise (CausalLM.checkpoint_name)
+CHECKPOINT_NAMES = {"nemotron_h": (("model.embed_tokens", "model.embeddings"), ("model.norm", "model.norm_f"))}
+
+
 class CausalLM(PreTrainedModel):
     """Our decoder as a transformers model: `CausalLM(config)` takes the family's transformers config (LlamaConfig,
     Qwen2Config, ...), which stays `model.config`; `model.arch` is fasttune's reading of it (ModelConfig).
@@ -188,6 +192,15 @@ class CausalLM(PreTrainedModel):
         if new_num_tokens > current:
             init_token_rows(self, list(range(current, new_num_tokens)))
         return self.get_input_embeddings()
+
+    def checkpoint_name(self, name: str) -> str:
+        """Our parameter / module name -> transformers' in this family's checkpoints: the same, except where a family
+        names the embeddings or the final norm otherwise (CHECKPOINT_NAMES: Nemotron-H's model.embeddings and
+        model.norm_f; the loader reads those names into ours, models/loading.py's CHECKPOINT_RENAMES)."""
+        for ours, theirs in CHECKPOINT_NAMES.get(self.arch.model_type, ()):
+            if name == ours or name.startswith(ours + "."):
+                return theirs + name[len(ours):]
+        return name
 
     def get_decoder(self) -> DecoderModel:
         """The backbone (transformers' `model.model`)."""

@@ -23,14 +23,15 @@ from typing import Any
 
 from fasttune.errors import ModelLoadError
 from fasttune.models.family_fields import (gemma4_fields, gemma4_unsupported, granite_hybrid_fields, lfm2_fields,
-                                           llama4_query_scale, mla_fields, moe_fields, qwen3_5_fields)
+                                           llama4_query_scale, mla_fields, moe_fields, nemotron_h_fields,
+                                           nemotron_h_kinds, qwen3_5_fields)
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
                       "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
-                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe")
+                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe", "nemotron_h")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -58,7 +59,7 @@ RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linea
 RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
-UNGATED = {"arcee": "relu2", "apertus": "xielu"}  # families whose MLP is down(act(up(x))), and that activation
+UNGATED = {"arcee": "relu2", "apertus": "xielu", "nemotron_h": "relu2"}  # families whose MLP is down(act(up(x))), and that activation
 
 
 @dataclass
@@ -179,6 +180,9 @@ class ModelConfig:
     # Granite 4.0-H Tiny / Small: every layer's experts (block_sparse_moe) are added to a dense MLP beside them
     # (shared_mlp, intermediate_size wide), which transformers' layer holds, not the MoE block
     shared_mlp_beside: bool = False
+    # Nemotron-H: each layer is one norm and one mixer (`mixer`: "mamba", "attention" or "mlp", transformers'
+    # NemotronHBlock) instead of attention then MLP; empty = the usual two-sublayer layers
+    layer_kinds: list = field(default_factory=list)
     # DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash, models/mla.py): keys and values come from a
     # kv_lora_rank-wide latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); each head's query and key are
     # qk_nope_head_dim channels without RoPE then head_dim (qk_rope_head_dim) rotated ones, the rotated key shared
@@ -305,7 +309,8 @@ class ModelConfig:
         layers = get("num_hidden_layers")
         theta, scaling, partial, local_theta = _rope_fields(get)
         gemma = model_type in ("gemma", "gemma2", "gemma3_text", "gemma4_text")
-        act = get("hidden_activation") if gemma else get("hidden_act", "silu")
+        act = get("hidden_activation") if gemma else get("mlp_hidden_act", "relu2") if model_type == "nemotron_h" \
+            else get("hidden_act", "silu")
         act = act or ("gelu_pytorch_tanh" if gemma else "silu")
         if act not in ACTIVATIONS or (act in UNGATED.values()) != (UNGATED.get(model_type) == act):
             raise ModelLoadError(f"Activation '{act}' in the model config is not supported (supported: {ACTIVATIONS}; "
@@ -420,6 +425,8 @@ class ModelConfig:
         if model_type == "qwen3_next":  # Qwen3.5's layers with fused DeltaNet projections and plain (partial) RoPE
             cfg.linear_fused_projections = True
             cfg.mrope_section, cfg.mrope_interleaved = None, False
+        if model_type == "nemotron_h":
+            nemotron_h_fields(cfg, get)
         if model_type == "granitemoehybrid":
             granite_hybrid_fields(cfg, get)
             granite_multipliers(cfg, get)
@@ -459,6 +466,8 @@ def decoder_runs(hf_config) -> bool:
     model_type = get("model_type")
     if model_type == "gemma4_text":
         return not gemma4_unsupported(get)
+    if model_type == "nemotron_h":  # Nemotron 3's mixture-of-experts layers are not run yet (the fallback runs them)
+        return "moe" not in nemotron_h_kinds(get)
     return model_type in SUPPORTED_FAMILIES
 
 

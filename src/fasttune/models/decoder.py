@@ -48,8 +48,11 @@ MLP_TILE_BYTES = 1 << 30  # one bf16 (tokens x intermediate) activation per MLP 
 
 class MLP(nn.Module):
     """The gated MLP (SwiGLU / GeGLU): down(act(gate(x)) * up(x)), gate/up fused for Phi-3 and GLM-4; or the ungated
-    down(act(up(x))) of Arcee (ReLU²) and Apertus (xIELU, models/xielu.py); long sequences run in tiles
+    down(act(up(x))) of Arcee (ReLU²), Apertus (xIELU, models/xielu.py) and Nemotron-H; long sequences run in tiles
     (MLP_TILE_BYTES of intermediate activations each)."""
+
+    rope_kind = "global"  # (as a Nemotron-H layer's mixer: the layer loop hands it a RoPE table it ignores)
+    keeps_block = False
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -138,6 +141,10 @@ class DecoderLayer(nn.Module):
         super().__init__()
         eps, off, f32 = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32
         centered = cfg.centered_norm  # (Cohere's LayerNorms)
+        self.kind = cfg.layer_kinds[layer_idx] if cfg.layer_kinds else None
+        if self.kind is not None:  # Nemotron-H: one norm and one mixer
+            self._single_mixer(cfg, layer_idx)
+            return
         # the token mixer: softmax attention, Qwen3.5's gated DeltaNet (models/gated_deltanet.py) or LFM2's short
         # convolution (models/short_conv.py)
         self.layer_idx = layer_idx
@@ -201,11 +208,27 @@ class DecoderLayer(nn.Module):
         if self.routed_beside:
             build_experts(self, cfg, lambda dim: RMSNorm(dim, eps, off, f32))
 
+    def _single_mixer(self, cfg: ModelConfig, layer_idx: int):
+        """A Nemotron-H layer (transformers' NemotronHBlock): `norm` and `mixer`, a Mamba-2 mixer, attention or an
+        MLP by cfg.layer_kinds; forward is x + mixer(norm(x))."""
+        self.layer_idx, self.is_cross, self.is_moe, self.parallel = layer_idx, False, False, False
+        self.is_linear = self.kind == "mamba"
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32)
+        if self.kind == "mamba":
+            mixer = Mamba2Mixer(cfg, layer_idx)
+        elif self.kind == "attention":
+            mixer = Attention(cfg.layer_config(layer_idx), layer_idx)
+            mixer.keeps_block = False  # (the kept block belongs to the two-sublayer layer's residual adds)
+        else:
+            mixer = MLP(cfg)
+        self.mixer_name = self.mlp_name = "mixer"
+        self.mixer = mixer
+
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None, per_layer_input=None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
         sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
         only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
-        if self.is_moe or self.sandwich or self.post_norm or self.is_cross or self.parallel:
+        if self.kind is not None or self.is_moe or self.sandwich or self.post_norm or self.is_cross or self.parallel:
             return self(x if h is None else x + h, cos, sin, mask, cache, per_layer_input=per_layer_input), None
         x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
@@ -215,13 +238,14 @@ class DecoderLayer(nn.Module):
     @property
     def mixer(self) -> nn.Module:
         """The layer's token mixer: `self_attn` (Attention), `linear_attn` (GatedDeltaNet) in Qwen3.5's linear
-        layers, `conv` (ShortConv) in LFM2's, or `mamba` (Mamba2Mixer) in Granite 4.0's."""
-        return getattr(self, self.mixer_name)
+        layers, `conv` (ShortConv) in LFM2's, `mamba` (Mamba2Mixer) in Granite 4.0's; a Nemotron-H layer's one
+        `mixer` (a Mamba-2 mixer, attention or its MLP)."""
+        return self._modules[self.mixer_name]
 
     @property
     def ffn(self) -> nn.Module:
-        """The layer's MLP or MoE block (`mlp`, or the family's name for it)."""
-        return getattr(self, self.mlp_name)
+        """The layer's MLP or MoE block (`mlp`, or the family's name for it; a Nemotron-H layer's mixer)."""
+        return self._modules[self.mlp_name]
 
     @property
     def attn_norm(self) -> nn.Module:
@@ -275,6 +299,11 @@ class DecoderLayer(nn.Module):
         per_layer_input (B, T, P) this layer's per-layer embedding, shared_kv the (k, v) a shared key/value layer
         attends over, and a layer whose keys and values are reused returns (x, k, v) outside generation. A
         cross-attention layer (Llama 3.2 Vision) reads mask["cross"] (models/cross_attention.py)."""
+        if self.kind is not None:  # Nemotron-H: x + mixer(norm(x))
+            normed = self.norm(x)
+            if self.kind == "mlp":
+                return x + self.mixer(normed, values_unused=recomputing())
+            return x + self.mixer(normed, cos, sin, mask, cache)
         if self.is_cross:
             return cross_layer(self, x, mask, cache)
         if self.parallel:  # Cohere 2: x + attention(n) + mlp(n), n = input_layernorm(x)

@@ -129,6 +129,55 @@ def granite_hybrid_fields(cfg, get) -> None:
     cfg.fused_gate_up = True
 
 
+# Nemotron-H's layer kinds: transformers 5's layers_block_type names, the original config's names and the letters of
+# its hybrid_override_pattern
+NEMOTRON_H_KINDS = {"linear_attention": "mamba", "mamba": "mamba", "M": "mamba", "full_attention": "attention",
+                    "attention": "attention", "*": "attention", "mlp": "mlp", "-": "mlp", "moe": "moe", "E": "moe"}
+
+
+def nemotron_h_kinds(get) -> list[str]:
+    """Nemotron-H's per-layer kinds ("mamba", "attention", "mlp", "moe") from layers_block_type (or the original
+    config.json's hybrid_override_pattern, one letter a layer: M, *, -, E). Raises ModelLoadError for a kind it does
+    not know."""
+    given = get("layers_block_type") or list(get("hybrid_override_pattern") or "")
+    unknown = sorted({str(k) for k in given} - set(NEMOTRON_H_KINDS))
+    if unknown or not given:
+        raise ModelLoadError(f"layers_block_type / hybrid_override_pattern in the Nemotron-H config must name a kind "
+                             f"per layer (mamba / attention / mlp / moe, or M * - E); it has {list(given)}. Fix "
+                             f"config.json.")
+    return [NEMOTRON_H_KINDS[k] for k in given]
+
+
+def nemotron_h_fields(cfg, get) -> None:
+    """Nemotron-H (transformers' NemotronHConfig: NVIDIA Nemotron-H, Nemotron Nano 2): every layer one RMSNorm and
+    one mixer (layer_kinds): Mamba-2 (models/mamba2.py; mamba_num_heads x mamba_head_dim wide, n_groups, no
+    expand), attention without RoPE, or an ungated ReLU² MLP; RMSNorms scale in fp32 (NemotronHRMSNorm). Raises
+    ModelLoadError for a kind it does not know or a layer count the kinds do not cover."""
+    kinds = nemotron_h_kinds(get)
+    if len(kinds) != cfg.num_layers:
+        raise ModelLoadError(f"The Nemotron-H config names {len(kinds)} layer kinds for {cfg.num_layers} layers "
+                             f"(num_hidden_layers); fix config.json.")
+    cfg.layer_kinds = kinds
+    cfg.linear_layers = [k == "mamba" for k in kinds]
+    cfg.linear_kind = "mamba2"
+    cfg.mamba_heads, cfg.mamba_head_dim = int(get("mamba_num_heads", 128)), int(get("mamba_head_dim", 64))
+    cfg.mamba_groups, cfg.mamba_state = int(get("n_groups", 8)), int(get("ssm_state_size", 128))
+    if cfg.mamba_heads % cfg.mamba_groups:
+        raise ModelLoadError(f"n_groups ({cfg.mamba_groups}) must divide mamba_num_heads ({cfg.mamba_heads}) in the "
+                             f"Nemotron-H config.")
+    cfg.linear_conv_kernel = int(get("conv_kernel", 4))
+    cfg.conv_bias = bool(get("use_conv_bias", True))
+    cfg.mamba_proj_bias = bool(get("use_bias", False))
+    limit = get("time_step_limit", (0.0, float("inf")))
+    cfg.time_step_limit = (float(limit[0]), float(limit[1])) if limit else (0.0, float("inf"))
+    cfg.rms_norm_eps = float(get("layer_norm_epsilon", 1e-5))
+    cfg.rope_layers = [False] * cfg.num_layers
+    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+    cfg.mlp_bias = bool(get("mlp_bias", False))
+    cfg.mlp_gated = False
+    cfg.norm_scale_fp32 = True
+
+
 def mla_fields(cfg, get) -> None:
     """Multi-head latent attention (transformers' Glm4MoeLiteAttention, DeepseekV3Attention): head_dim is the rotated
     part (qk_rope_head_dim: transformers maps head_dim to it), interleaved pairs unless rope_interleave is False, and

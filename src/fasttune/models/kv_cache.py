@@ -35,8 +35,10 @@ class KVCache:
         # (Gemma 4's shared key/value layers read an earlier layer's cache and keep none)
         # (and Llama 3.2 Vision's cross-attention layers keep their image keys / values in `cross` instead)
         cross = set(getattr(cfg, "cross_attention_layers", None) or ())
+        # (and a Nemotron-H layer whose mixer is an MLP attends to nothing)
+        kinds = getattr(cfg, "layer_kinds", None) or []
         shared = [hasattr(cfg, "kv_source") and cfg.kv_source(i) is not None or i in cross
-                  for i in range(cfg.num_layers)]
+                  or (bool(kinds) and kinds[i] in ("mlp", "moe")) for i in range(cfg.num_layers)]
         shapes = [shape(i, 0 if lin or sh else max_len) for i, (lin, sh) in enumerate(zip(linear, shared))]
         self.keys = [torch.zeros(s[:4], dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s[:3] + s[4:], dtype=dtype, device=device) for s in shapes]

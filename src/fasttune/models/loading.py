@@ -250,6 +250,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
 CHECKPOINT_RENAMES = {"lfm3": ((".self_attn.gate_proj.", ".self_attn.g_proj."),),
                       # ERNIE 4.5 MoE's routing bias: transformers 5 keeps it inside the router
                       "ernie4_5_moe": ((".mlp.moe_statics.", ".mlp.gate.moe_statics."),),
+                      # Nemotron-H: transformers' backbone.* names, and its embeddings / final norm under ours
+                      "nemotron_h": (("backbone.", "model."), ("model.embeddings.", "model.embed_tokens."),
+                                     ("model.norm_f.", "model.norm.")),
                       # Granite 4.0-H's stacked experts and router, as transformers 5's conversion_mapping renames them
                       "granitemoehybrid": ((".block_sparse_moe.input_linear.weight",
                                             ".block_sparse_moe.experts.gate_up_proj"),

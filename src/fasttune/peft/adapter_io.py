@@ -31,8 +31,9 @@ ADAPTER_FIX = ("Save the adapter again (model.save_pretrained, or fasttune train
 
 
 def checkpoint_names(model):
-    """Our module name -> transformers' checkpoint name (the same, except for vision-language models)."""
-    return model.checkpoint_name if getattr(model, "family", None) is not None else (lambda name: name)
+    """Our module name -> transformers' checkpoint name (the same, except for vision-language models and the families
+    CausalLM.checkpoint_name renames)."""
+    return getattr(model, "checkpoint_name", None) or (lambda name: name)
 
 
 def expert_adapter_keys(model) -> dict[str, str]:
