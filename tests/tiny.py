@@ -214,7 +214,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid", "nemotron_h"]
 try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's) runs the others
     from transformers import Lfm3Config  # noqa: F401
 

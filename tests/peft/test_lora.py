@@ -42,7 +42,10 @@ def test_lora_grads_equal_peft(family, tiny_model_dir, tmp_path):
     # Gemma 4's full layer takes its values from k_proj (attention_k_eq_v): no v_proj there
     # Granite 4.0-H's 3 Mamba-2 layers: the shared MLP (input_linear, output_linear) and the mixer's in_proj, out_proj
     expected = {"qwen3_5_text": 2 * (3 * 6 + 7), "lfm2": 2 * (3 * 5 + 7), "lfm3": 2 * (2 * 5 + 2 * 7),
-                "gemma4_text": 2 * (7 + 6), "granitemoehybrid": 2 * (3 * 4 + 6)}.get(
+                "gemma4_text": 2 * (7 + 6), "granitemoehybrid": 2 * (3 * 4 + 6),
+                # Nemotron-H: 2 Mamba layers (in_proj: PEFT refuses out_proj there), 2 MLP layers (up, down), 1
+                # attention layer (q/k/v/o)
+                "nemotron_h": 2 * (2 * 1 + 2 * 2 + 4)}.get(
         family, 2 * layers * per_layer)
     assert len(mine) == len(theirs) and len(mine) == expected
     # fp32 sums in another order: noise ~1e-6 of the tensor's largest entry (~3e-6 through Qwen3.5's delta rule,

@@ -50,7 +50,8 @@ from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported, moe_layer_rule
 from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, gemma4_router_scale_name, write_gemma4_metadata
-from fasttune.export.gguf_granite import GRANITE_HYBRID, granite_hybrid_metadata, granite_hybrid_tensors
+from fasttune.export.gguf_granite import (GRANITE_HYBRID, NEMOTRON_H, granite_hybrid_metadata, granite_hybrid_tensors,
+                                          nemotron_h_metadata, nemotron_h_tensors)
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
@@ -182,8 +183,9 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             for part, value in mla_tensors(name, t, cfg):
                 out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
             continue
-        if arch == GRANITE_HYBRID:  # Mamba-2 layers and the shared MLP (export/gguf_granite.py)
-            for part, value in granite_hybrid_tensors(name, t, cfg):
+        if arch in (GRANITE_HYBRID, NEMOTRON_H):  # Mamba-2 layers, MLPs (export/gguf_granite.py)
+            split = granite_hybrid_tensors if arch == GRANITE_HYBRID else nemotron_h_tensors
+            for part, value in split(name, t, cfg):
                 out[_gguf_name(names, part, arch)] = value
             continue
         if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
@@ -287,7 +289,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_layers)
-    if cfg.intermediate_size and not cfg.double_wide_mlp:  # (Qwen3.5-MoE: only experts' widths; Gemma 4 E2B:
+    if cfg.intermediate_size and not cfg.double_wide_mlp and not cfg.layer_kinds:  # (Qwen3.5-MoE: only experts'
+        # widths; Nemotron-H: per layer, export/gguf_granite.py; Gemma 4 E2B:
         # one per layer, export/gguf_gemma4.py; Granite 4.0-H's experts read it, the shared MLP its own key)
         writer.add_feed_forward_length(cfg.moe_intermediate_size if cfg.shared_mlp_beside else cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
@@ -307,7 +310,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
             writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
         if cfg.model_type in ("lfm2", "lfm2_moe"):
             writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
-        elif cfg.model_type != "granitemoehybrid":
+        elif cfg.model_type not in ("granitemoehybrid", "nemotron_h"):
             writer.add_head_count_kv(cfg.num_kv_heads)
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
@@ -349,6 +352,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_xielu_eps([float(a.eps) for a in acts])
     if arch_name == GRANITE_HYBRID:
         granite_hybrid_metadata(writer, cfg)
+    elif arch_name == NEMOTRON_H:
+        nemotron_h_metadata(writer, cfg)
     if cfg.model_type == "granite":  # llama.cpp's granite reads the four multipliers (the logit one divides)
         writer.add_embedding_scale(float(cfg.embedding_multiplier))
         writer.add_residual_scale(float(cfg.residual_multiplier))

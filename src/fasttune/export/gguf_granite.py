@@ -1,6 +1,7 @@
-"""Granite 4.0's hybrid decoder in llama.cpp's "granitehybrid" layout: the tensors of the Mamba-2 layers and the shared
-MLP, and the keys llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py, GraniteHybridModel and
-Mamba2Model; src/models/granite-hybrid.cpp and src/llama-model.cpp's loader).
+"""Granite 4.0's hybrid decoder in llama.cpp's "granitehybrid" layout and Nemotron-H's in its "nemotron_h": the tensors
+of the Mamba-2 layers and the MLPs, and the keys llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py,
+GraniteHybridModel, NemotronHModel and Mamba2Model; src/models/granite-hybrid.cpp, nemotron-h.cpp and
+src/llama-model.cpp's loader).
 
 - the conv is stored as (channels, kernel), A_log as ssm_a = -exp(A_log) and D as ssm_d, both (heads, 1); dt_bias as
   ssm_dt.bias; the gated norm's weight as (groups, channels per group);
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-GRANITE_HYBRID = "granitehybrid"
+GRANITE_HYBRID, NEMOTRON_H = "granitehybrid", "nemotron_h"
 
 
 def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor]]:
@@ -36,19 +37,55 @@ def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, t
         if "experts.down_proj" in name:
             return [(f"{stem}.mlp.experts.down_proj.weight", t)]
         return [(f"{stem}.mlp.gate.weight", t)]
-    if ".mamba." not in name:
-        return [(name, t)]
+    return [_mamba_tensor(name, t, cfg) if ".mamba." in name else (name, t)]
+
+
+def _mamba_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
+    """A Mamba-2 mixer's tensor (its name; only the mixer's) in llama.cpp's layout: the conv (C, K), ssm_a = -exp(A_log) and D as
+    (heads, 1), dt_bias as dt_proj.bias, the gated norm as (groups, channels per group); others as they are."""
     if name.endswith("conv1d.weight"):
-        return [(name, t[:, 0].contiguous())]
+        return name, t[:, 0].contiguous()
     if name.endswith(".A_log"):
-        return [(name, (-t.exp())[:, None])]
+        return name, (-t.exp())[:, None]
     if name.endswith(".D"):
-        return [(name, t[:, None])]
+        return name, t[:, None]
     if name.endswith(".dt_bias"):
-        return [(name.replace(".dt_bias", ".dt_proj.bias"), t)]
-    if name.endswith("mamba.norm.weight"):
-        return [(name, t.reshape(cfg.mamba_groups, -1))]
+        return name.replace(".dt_bias", ".dt_proj.bias"), t
+    if name.endswith(".norm.weight"):  # (callers pass the mixer's tensors only: this is its gated norm)
+        return name, t.reshape(cfg.mamba_groups, -1)
+    return name, t
+
+
+def nemotron_h_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor]]:
+    """One merged Nemotron-H tensor (transformers' names) -> [(the name gguf's tensor map knows for llama.cpp's
+    nemotron_h: backbone.layers.*, tensor in llama.cpp's layout)]: the Mamba layers' as Granite 4.0's."""
+    if not name.startswith("model.layers."):
+        return [(name, t)]
+    layer = int(name.split(".")[2])
+    name = "backbone." + name[len("model."):]
+    if cfg.linear_layers[layer] and ".mixer." in name:
+        return [_mamba_tensor(name, t, cfg)]
     return [(name, t)]
+
+
+def nemotron_h_metadata(writer, cfg) -> None:
+    """The keys llama.cpp's nemotron_h reads beyond the common ones (its converter's, a GraniteHybridModel's): the
+    Mamba-2 sizes, key/value heads only in the attention layers and an MLP width only in the MLP layers (0
+    elsewhere: how llama.cpp tells the layers apart), no RoPE, and the norms' eps under the LayerNorm key."""
+    _mamba_metadata(writer, cfg)
+    writer.add_head_count_kv([cfg.num_kv_heads if k == "attention" else 0 for k in cfg.layer_kinds])
+    writer.add_feed_forward_length([cfg.intermediate_size if k == "mlp" else 0 for k in cfg.layer_kinds])
+    writer.add_rope_scaling_finetuned(False)
+    writer.add_layer_norm_eps(cfg.rms_norm_eps)  # (llama.cpp's nemotron_h reads its RMSNorms' eps under this key)
+
+
+def _mamba_metadata(writer, cfg) -> None:
+    """The Mamba-2 keys: conv kernel, state size, groups, inner width and heads (as the time-step rank)."""
+    writer.add_ssm_conv_kernel(cfg.linear_conv_kernel)
+    writer.add_ssm_state_size(cfg.mamba_state)
+    writer.add_ssm_group_count(cfg.mamba_groups)
+    writer.add_ssm_inner_size(cfg.mamba_heads * cfg.mamba_head_dim)
+    writer.add_ssm_time_step_rank(cfg.mamba_heads)
 
 
 def granite_hybrid_metadata(writer, cfg) -> None:
@@ -59,11 +96,7 @@ def granite_hybrid_metadata(writer, cfg) -> None:
     writer.add_residual_scale(float(cfg.residual_multiplier))
     writer.add_attention_scale(float(cfg.scaling))
     writer.add_logit_scale(float(cfg.logits_scaling))
-    writer.add_ssm_conv_kernel(cfg.linear_conv_kernel)
-    writer.add_ssm_state_size(cfg.mamba_state)
-    writer.add_ssm_group_count(cfg.mamba_groups)
-    writer.add_ssm_inner_size(cfg.mamba_heads * cfg.mamba_head_dim)
-    writer.add_ssm_time_step_rank(cfg.mamba_heads)
+    _mamba_metadata(writer, cfg)
     writer.add_rope_scaling_finetuned(not cfg.rope_layers or any(cfg.rope_layers))
     if cfg.num_experts:  # Granite 4.0-H Tiny / Small: the shared MLP's width (feed_forward_length: the experts')
         writer.add_expert_shared_feed_forward_length(cfg.intermediate_size)

@@ -29,6 +29,10 @@ DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 LINEAR_ATTENTION_TARGETS = ["in_proj_qkv", "in_proj_z", "out_proj"]
 FUSED_LINEAR_ATTENTION_TARGETS = ["in_proj_qkvz", "out_proj"]  # Qwen3-Next's fused q/k/v/z projection
 SHORT_CONV_TARGETS = ["in_proj", "out_proj"]  # LFM2's short-convolution layers
+# Families PEFT calls Mamba-based (peft.tuners.tuners_utils): it refuses LoRA on their out_proj and conv1d, whose fused
+# kernels (mamba_ssm's) read the weight directly, so an adapter with them would not load in PEFT
+PEFT_MAMBA_FAMILIES = ("nemotron_h",)
+PEFT_MAMBA_REFUSED = ("out_proj", "conv1d")
 
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
 FUSED_TARGETS = {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
@@ -191,6 +195,14 @@ def validate_settings(s: LoraSettings) -> LoraSettings:
 def _resolve_targets(model: nn.Module, targets) -> list[str]:
     """Names of the Linear layers to wrap. `targets`: list of suffixes, a regex string, or 'all-linear'."""
     linears = _linear_names(model)
+    arch = getattr(model, "arch", None)
+    if getattr(arch, "model_type", None) in PEFT_MAMBA_FAMILIES:  # (PEFT refuses these there)
+        linears = [n for n in linears if n.rsplit(".", 1)[-1] not in PEFT_MAMBA_REFUSED]
+        asked = [t for t in ([targets] if isinstance(targets, str) else targets) if t in PEFT_MAMBA_REFUSED]
+        if asked:
+            raise ConfigError(f"target_modules {asked}: PEFT refuses LoRA on a Mamba layer's {' / '.join(asked)} in "
+                              f"{arch.model_type} models (mamba_ssm's fused kernels read those weights directly), so "
+                              f"the adapter would not load in PEFT. Leave them out; in_proj adapts the Mamba layers.")
     if targets == "all-linear":
         return linears
     if isinstance(targets, str):
@@ -363,6 +375,8 @@ def linear_attention_targets(arch) -> list[str]:
     mixer's) in_proj and out_proj; [] without such layers."""
     if not any(getattr(arch, "linear_layers", None) or ()):  # (granite-4.0-micro: all layers attention)
         return []
+    if arch.model_type in PEFT_MAMBA_FAMILIES:  # (PEFT refuses out_proj there: in_proj alone)
+        return ["in_proj"]
     if arch.linear_kind in ("short_conv", "mamba2"):  # (Granite 4.0's Mamba-2 mixers: in_proj and out_proj too)
         return list(SHORT_CONV_TARGETS)
     return list(FUSED_LINEAR_ATTENTION_TARGETS if arch.linear_fused_projections else LINEAR_ATTENTION_TARGETS)

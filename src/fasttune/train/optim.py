@@ -48,11 +48,14 @@ NO_DECAY_NAMES = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(
 def decay_parameter_names(model: torch.nn.Module) -> set[str]:
     """Names of the parameters that weight decay applies to, by transformers' Trainer rule: every parameter but
     biases and norm weights (those of nn.LayerNorm modules, and names with 'layernorm', 'rmsnorm', a 'norm' or
-    '*_norm' component). LoRA A/B and trainable embedding copies are decayed; norms kept trainable are not."""
+    '*_norm' component). LoRA A/B and trainable embedding copies are decayed; norms kept trainable are not. The
+    names are read as the family's checkpoints spell them (Nemotron-H's final norm is norm_f, which the rule decays,
+    as transformers' Trainer does)."""
     in_layernorm = {n for m_name, m in model.named_modules() if isinstance(m, torch.nn.LayerNorm)
                     for n, _ in m.named_parameters(prefix=m_name)}
+    hf_name = getattr(model, "checkpoint_name", None) or (lambda name: name)
     return {n for n, _ in model.named_parameters()
-            if n not in in_layernorm and not NO_DECAY_NAMES.search(n.lower())}
+            if n not in in_layernorm and not NO_DECAY_NAMES.search(hf_name(n).lower())}
 
 
 # transformers' names for bitsandbytes' 8-bit AdamW (block-wise quantised moments; tensors under 4096 values keep
