@@ -133,9 +133,9 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
            f"'{model_type}' is not supported by fasttune's fast decoder (supported: {', '.join(SUPPORTED_FAMILIES)})")
     if not forced and gguf_file is not None and model_type in SUPPORTED_FAMILIES:  # MoE families from GGUF
         why = f"fasttune's fast decoder does not read '{model_type}' GGUF files yet (its safetensors checkpoints it does)"
-    elif not forced and model_type == "granitemoehybrid":  # (config.decoder_runs)
-        why = ("fasttune's fast decoder runs Granite 4.0's dense models (granite-4.0-h-micro, -h-1b, -h-350m, "
-               "-micro) but not yet the experts of Granite 4.0-H Tiny / Small (num_local_experts > 0)")
+    elif not forced and model_type == "nemotron_h":  # (config.decoder_runs)
+        why = ("fasttune's fast decoder runs Nemotron-H's Mamba, attention and MLP layers but not yet the "
+               "mixture-of-experts layers of Nemotron 3 (\"moe\" / E in its layer pattern)")
     warnings.warn(f"Architecture '{model_type}': {why}, so it is loaded through transformers + PEFT and trains at "
                   f"standard speed (same results, none of fasttune's speed-ups).", FallbackWarning, stacklevel=4)
     towers = [name for name in ("vision_config", "audio_config") if getattr(hf_model.config, name, None) is not None
