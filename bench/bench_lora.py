@@ -94,6 +94,30 @@ SHAPES = {
     "gemma-3-4b": dict(vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, sliding_window=1024,
                        query_pre_attn_scalar=256, tie_word_embeddings=True, max_position_embeddings=131072),
+    # transformers' GraniteMoeHybridConfig with granite-4.0-h-micro's sizes as I recall its config.json (not checked
+    # offline): 40 layers, 4 of them NoPE attention (positions chosen here), Mamba-2 with 64 heads of 64 and state 128
+    "granite-4.0-h-micro": dict(vocab_size=100352, hidden_size=2048, intermediate_size=8192,
+                                shared_intermediate_size=8192, num_hidden_layers=40, num_attention_heads=32,
+                                num_key_value_heads=8, num_local_experts=0,
+                                layer_types=["full_attention" if i in (9, 18, 27, 36) else "linear_attention"
+                                             for i in range(40)],
+                                mamba_n_heads=64, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+                                mamba_expand=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True,
+                                max_position_embeddings=131072),
+    # transformers' NemotronHConfig with Nemotron Nano 2 9B's sizes as I recall its config.json (not checked offline):
+    # 56 layers of Mamba-2 (128 heads of 80, 8 groups, state 128), ReLU² MLPs (15,680) and 4 NoPE attention layers
+    "nemotron-nano-9b-v2": dict(vocab_size=131072, hidden_size=4480, intermediate_size=15680, num_hidden_layers=56,
+                                num_attention_heads=40, num_key_value_heads=8, head_dim=128, mamba_num_heads=128,
+                                mamba_head_dim=80, n_groups=8, ssm_state_size=128, tie_word_embeddings=False,
+                                layers_block_type=[("attention" if i in (13, 27, 41, 55) else "mlp") if i % 2 else
+                                                   "mamba" for i in range(56)]),
+    # transformers' Ernie4_5_MoeConfig with ERNIE-4.5-21B-A3B's sizes as I recall its config.json (not checked
+    # offline): 64 experts of 1,536 (top 6) and 2 shared, layer 0 dense; cut to 10 of its 28 layers
+    "ernie-4.5-21b-a3b-10l": dict(vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_hidden_layers=10,
+                                  num_attention_heads=20, num_key_value_heads=4, head_dim=128, moe_num_experts=64,
+                                  moe_k=6, moe_intermediate_size=1536, moe_num_shared_experts=2,
+                                  moe_layer_start_index=1, tie_word_embeddings=True),
     # transformers' Qwen2Config (q/k/v biases), Qwen2.5-14B's shape
     "qwen2.5-14b": dict(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
                         num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
@@ -103,7 +127,8 @@ OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "gra
                  "glm-4-9b": "Glm4Config", "qwen3.5-9b": "Qwen3_5TextConfig", "lfm2-1.2b": "Lfm2Config",
                  "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig", "lfm2-8b-a1b": "Lfm2MoeConfig",
                  "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig",
-                 "gemma-3-4b": "Gemma3TextConfig"}
+                 "gemma-3-4b": "Gemma3TextConfig", "granite-4.0-h-micro": "GraniteMoeHybridConfig",
+                 "nemotron-nano-9b-v2": "NemotronHConfig", "ernie-4.5-21b-a3b-10l": "Ernie4_5_MoeConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -192,6 +217,17 @@ MATRIX = {
                    ("ours", "gemma-4-ple-30l", "off", "triton", "none")],
     "lfm3": [("hf", "lfm3-1.7b", "on", "-", "none"), ("ours", "lfm3-1.7b", "on", "triton", "none"),
              ("ours", "lfm3-1.7b", "off", "triton", "none")],
+    # the Mamba-2 hybrids (transformers' side: its torch scan, mamba_ssm not installed) and ERNIE 4.5 MoE (LoRA on the
+    # experts on both sides: PEFT maps the MLP names to them)
+    "granite-h": [("hf", "granite-4.0-h-micro", "on", "-", "none"),
+                  ("ours", "granite-4.0-h-micro", "on", "triton", "none"),
+                  ("ours", "granite-4.0-h-micro", "off", "triton", "none")],
+    "nemotron-h": [("hf", "nemotron-nano-9b-v2", "on", "-", "none"),
+                   ("ours", "nemotron-nano-9b-v2", "on", "triton", "none"),
+                   ("ours", "nemotron-nano-9b-v2", "on", "triton", "nf4")],
+    "ernie-moe": [("hf", "ernie-4.5-21b-a3b-10l", "on", "-", "none"),
+                  ("ours", "ernie-4.5-21b-a3b-10l", "on", "triton", "none"),
+                  ("ours", "ernie-4.5-21b-a3b-10l", "off", "triton", "none")],
     # load_in_fp8 (ours only: transformers + PEFT has no FP8 training path; its bf16 rows are the baseline)
     "fp8": [("hf", "llama-3.1-8b", "on", "-", "none"), ("ours", "llama-3.1-8b", "on", "triton", "none"),
             ("ours", "llama-3.1-8b", "on", "triton", "fp8"), ("ours", "llama-3.1-8b", "off", "triton", "none"),
@@ -222,7 +258,15 @@ LFM3_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "in_proj", "out_proj", "
 MLA_TARGETS = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj"]  # multi-head latent attention
 
 
+GRANITE_H_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "input_linear", "output_linear", "in_proj", "out_proj"]
+NEMOTRON_H_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", "in_proj"]  # (PEFT: no out_proj)
+
+
 def targets(shape: str) -> list[str]:
+    if shape.startswith("granite-4.0-h"):
+        return list(GRANITE_H_TARGETS)
+    if shape.startswith("nemotron"):
+        return list(NEMOTRON_H_TARGETS)
     if shape.startswith("qwen3.5"):
         return TARGETS + LINEAR_TARGETS
     if shape.startswith("lfm2"):
