@@ -179,3 +179,70 @@ def test_moe_gguf_logits_match_llama_cpp(tmp_path):
     assert reader.fields["granitehybrid.expert_shared_feed_forward_length"].contents() == 96
     rel, top1, _ = compare_logits(model, tok, path, PROMPTS, f32_cache=True)
     assert rel < 3e-3 and top1 == 1.0, (rel, top1)
+
+
+# Granite 4.0's chat template, shortened (its roles between <|start_of_role|> / <|end_of_role|>)
+GRANITE_TEMPLATE = ("{%- for message in messages %}<|start_of_role|>{{ message['role'] }}<|end_of_role|>"
+                    "{{ message['content'] }}<|end_of_text|>\n{% endfor %}"
+                    "{%- if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{%- endif %}")
+
+
+def test_the_peers_granite_notebook_flow(tmp_path, tiny_tokenizer, monkeypatch):
+    """The peer's Granite 4.0 notebook, import changed: from_pretrained, get_peft_model with its target list,
+    conversations formatted by the chat template, TRL's SFTTrainer with its SFTConfig, train_on_responses_only with the
+    parts read off Granite's template, training, inference, the adapter saved and loaded back."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from fasttune import is_bfloat16_supported
+    from fasttune.chat_templates import train_on_responses_only
+
+    monkeypatch.chdir(tmp_path)
+    tiny_tokenizer.chat_template = GRANITE_TEMPLATE
+    _pair(tmp_path / "granite", tiny_tokenizer)
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(tmp_path / "granite"), max_seq_length=128,
+                                                         load_in_4bit=False, load_in_8bit=False,
+                                                         full_finetuning=False)
+    with pytest.warns(UserWarning, match="match no layer"):
+        model = FastLanguageModel.get_peft_model(
+            model, r=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+                                         "shared_mlp.input_linear", "shared_mlp.output_linear"],
+            lora_alpha=32, lora_dropout=0, bias="none", use_gradient_checkpointing="unsloth", random_state=3407,
+            use_rslora=False, loftq_config=None)
+    rows = [{"snippet": s, "recommendation": r} for s, r in
+            [("screen is black", "toggle acceleration"), ("lock at 5%", "reinstall firmware"),
+             ("blank pdf", "try another browser"), ("steps frozen", "re-pair the tracker")]]
+
+    def formatting_prompts_func(examples):
+        messages = [[{"role": "user", "content": u}, {"role": "assistant", "content": a}]
+                    for u, a in zip(examples["snippet"], examples["recommendation"])]
+        return {"text": [tokenizer.apply_chat_template(m, tokenize=False, add_generation_prompt=False)
+                         for m in messages]}
+
+    dataset = Dataset.from_list(rows).map(formatting_prompts_func, batched=True)
+    trainer = trl.SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=trl.SFTConfig(
+        dataset_text_field="text", per_device_train_batch_size=2, gradient_accumulation_steps=2, warmup_steps=0,
+        max_steps=3, learning_rate=2e-3, logging_steps=1, weight_decay=0.001, lr_scheduler_type="linear",
+        seed=3407, output_dir="outputs", report_to="none",
+        bf16=is_bfloat16_supported(), fp16=not is_bfloat16_supported(),  # (TRL refuses its bf16 default on a CPU)
+        # TRL 1.16 turns its MoE loss on for any config with output_router_logits (Granite's dense ones too), then
+        # reads config.num_experts, which Granite names num_local_experts: it fails on transformers' model alike
+        router_aux_loss_coef=0.0))
+    trainer = train_on_responses_only(trainer)  # (the parts read off Granite's template)
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    kept = batch["labels"][0] != -100
+    assert tokenizer.decode(batch["input_ids"][0][kept]).startswith("toggle acceleration<|end_of_text|>")
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    FastLanguageModel.for_inference(model)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": "screen is black"}], tokenize=True,
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(**inputs, max_new_tokens=6, use_cache=True, do_sample=False)
+    assert out.shape[1] > inputs["input_ids"].shape[1]
+    model.save_pretrained("granite_lora")
+    tokenizer.save_pretrained("granite_lora")
+    reloaded, _ = FastLanguageModel.from_pretrained(model_name="granite_lora", max_seq_length=128)
+    FastLanguageModel.for_inference(reloaded)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(out).logits, model(out).logits, atol=1e-4, rtol=0)
