@@ -147,3 +147,17 @@ def check_logits_generation_and_merged(hf, model, length: int, folder):
     merged = causal_lm_class(hf.config.model_type).from_pretrained(folder / "merged", dtype=torch.float32).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def check_packed_documents(model, first_len: int = 70, second_len: int = 20) -> None:
+    """Two documents packed in one row of our `model` (positions restarting at 0) give each document's logits alone
+    (a recurrent layer starts each from a zero state, attention attends within it), and differ from the unpacked
+    row's (so the check can fail)."""
+    ids = torch.randint(3, 300, (1, first_len + second_len), generator=torch.Generator().manual_seed(3))
+    positions = torch.tensor([list(range(first_len)) + list(range(second_len))])
+    with torch.no_grad():
+        packed = model(ids, position_ids=positions).logits
+        first, second = model(ids[:, :first_len]).logits, model(ids[:, first_len:]).logits
+        unpacked = model(ids).logits
+    torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-6)
+    assert (packed[:, first_len:] - unpacked[:, first_len:]).abs().max() > 1e-4

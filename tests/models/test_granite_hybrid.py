@@ -4,8 +4,8 @@ layers, the shared MLP under its names, Granite's multipliers. The family tests 
 is Granite 4.0's own."""
 import pytest
 import torch
-from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_recompute_gradients,
-                         moe_adapter_grads)
+from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_packed_documents,
+                         check_recompute_gradients, moe_adapter_grads)
 from tiny import hf_model
 
 from fasttune import FastLanguageModel
@@ -70,14 +70,7 @@ def test_logits_generation_and_merged_equal_transformers(overrides, tmp_path, ti
 def test_packed_documents_do_not_share_a_state(tmp_path, tiny_tokenizer):
     """Two documents packed in one row (positions restarting at 0) give each document's logits alone: each starts
     the Mamba layers from a zero state and conv history, as the attention layer attends within it."""
-    _, model = _pair(tmp_path / "m", tiny_tokenizer)
-    ids = torch.randint(3, 300, (1, 90), generator=torch.Generator().manual_seed(3))
-    positions = torch.tensor([list(range(70)) + list(range(20))])
-    with torch.no_grad():
-        packed = model(ids, position_ids=positions).logits
-        first, second = model(ids[:, :70]).logits, model(ids[:, 70:]).logits
-    torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-6)
-    assert (packed[:, 70:] - model(ids).logits[:, 70:]).abs().max() > 1e-4  # unpacked, the second one differs
+    check_packed_documents(_pair(tmp_path / "m", tiny_tokenizer)[1])
 
 
 def test_recompute_gives_the_same_gradients(tmp_path, tiny_tokenizer):

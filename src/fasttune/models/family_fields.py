@@ -114,8 +114,7 @@ def granite_hybrid_fields(cfg, get) -> None:
     cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
     cfg.conv_bias = bool(get("mamba_conv_bias", True))
     cfg.mamba_proj_bias = bool(get("mamba_proj_bias", False))
-    limit = get("time_step_limit", (0.0, float("inf")))
-    cfg.time_step_limit = (float(limit[0]), float(limit[1])) if limit else (0.0, float("inf"))
+    cfg.time_step_limit = _time_step_limit(get)
     cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
     if get("position_embedding_type") != "rope":
         cfg.rope_layers = [False] * layers
@@ -127,6 +126,12 @@ def granite_hybrid_fields(cfg, get) -> None:
         cfg.norm_topk_prob = cfg.shared_mlp_beside = True
     cfg.intermediate_size = int(get("shared_intermediate_size", 1024))
     cfg.fused_gate_up = True
+
+
+def _time_step_limit(get) -> tuple[float, float]:
+    """The Mamba-2 scan's (min, max) step clamp, transformers' time_step_limit (None: no clamp)."""
+    limit = get("time_step_limit", (0.0, float("inf")))
+    return (float(limit[0]), float(limit[1])) if limit else (0.0, float("inf"))
 
 
 # Nemotron-H's layer kinds: transformers 5's layers_block_type names, the original config's names and the letters of
@@ -168,8 +173,7 @@ def nemotron_h_fields(cfg, get) -> None:
     cfg.linear_conv_kernel = int(get("conv_kernel", 4))
     cfg.conv_bias = bool(get("use_conv_bias", True))
     cfg.mamba_proj_bias = bool(get("use_bias", False))
-    limit = get("time_step_limit", (0.0, float("inf")))
-    cfg.time_step_limit = (float(limit[0]), float(limit[1])) if limit else (0.0, float("inf"))
+    cfg.time_step_limit = _time_step_limit(get)
     cfg.rms_norm_eps = float(get("layer_norm_epsilon", 1e-5))
     cfg.rope_layers = [False] * cfg.num_layers
     cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
