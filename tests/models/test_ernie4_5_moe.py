@@ -112,3 +112,22 @@ def test_gguf_refuses_moe_layers_llama_cpp_does_not_place(tmp_path):
     with pytest.raises(ConfigError, match="llama.cpp's rule"):
         model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_loads_in_4bit_and_trains(pair, tmp_path):
+    """QLoRA: attention, the dense and shared MLPs and the stacked experts load in NF4 (the router stays fp32), and
+    LoRA on attention and the experts trains."""
+    pytest.importorskip("bitsandbytes")
+    from tiny import lora_losses
+
+    from fasttune.peft.lora_layer import is_quantized
+    from fasttune.quant.experts import QuantExpertWeight
+
+    model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), load_in_4bit=True)
+    mlp = model.model.layers[1].mlp
+    assert is_quantized(model.model.layers[1].self_attn.q_proj) and is_quantized(mlp.shared_experts.up_proj)
+    assert isinstance(mlp.experts.gate_up_proj, QuantExpertWeight) and mlp.gate.weight.dtype == torch.float32
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    losses = lora_losses(model, ids, steps=4)
+    assert losses[-1] < losses[0]

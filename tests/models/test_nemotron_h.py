@@ -109,3 +109,19 @@ def test_moe_layout_goes_to_the_fallback(tmp_path, tiny_tokenizer):
     ids = torch.randint(3, 300, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits)
+
+
+def test_loads_in_4bit_and_trains(folder):
+    """QLoRA: the Mamba, attention and MLP projections load in NF4, and LoRA on them trains."""
+    pytest.importorskip("bitsandbytes")
+    from tiny import lora_losses
+
+    from fasttune.peft.lora_layer import is_quantized
+
+    model, _ = FastLanguageModel.from_pretrained(str(folder), load_in_4bit=True)
+    layers = model.model.layers
+    assert all(is_quantized(m) for m in (layers[0].mixer.in_proj, layers[1].mixer.up_proj, layers[2].mixer.q_proj))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    losses = lora_losses(model, ids, steps=4)
+    assert losses[-1] < losses[0]
