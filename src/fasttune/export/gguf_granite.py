@@ -41,8 +41,9 @@ def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, t
 
 
 def _mamba_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
-    """A Mamba-2 mixer's tensor (its name; only the mixer's) in llama.cpp's layout: the conv (C, K), ssm_a = -exp(A_log) and D as
-    (heads, 1), dt_bias as dt_proj.bias, the gated norm as (groups, channels per group); others as they are."""
+    """A Mamba-2 mixer's tensor (its name; only the mixer's) in llama.cpp's layout: the conv (C, K),
+    ssm_a = -exp(A_log) and D as (heads, 1), dt_bias as dt_proj.bias, the gated norm as (groups, channels per
+    group); others as they are."""
     if name.endswith("conv1d.weight"):
         return name, t[:, 0].contiguous()
     if name.endswith(".A_log"):

@@ -59,7 +59,8 @@ RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linea
 RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
-UNGATED = {"arcee": "relu2", "apertus": "xielu", "nemotron_h": "relu2"}  # families whose MLP is down(act(up(x))), and that activation
+# families whose MLP is down(act(up(x))), and that activation
+UNGATED = {"arcee": "relu2", "apertus": "xielu", "nemotron_h": "relu2"}
 
 
 @dataclass

@@ -39,9 +39,9 @@ def _mamba_values(cfg) -> int:
     """16-bit values a Mamba-2 mixer (models/mamba2.py) saves per token, an fp32 value counting 2, as counted on its
     saved tensors (tests/train/test_memory_policy.py): the 16-bit input, in_proj's output, the conv's input and
     output and out_proj's input (h + 3 * inner + 3 * conv + heads); the scan's fp32 B and C per head, their
-    transposes and the chunk scan's inputs (12 * heads * d_state), its per-chunk (chunk x chunk) score and decay blocks (18 * heads * chunk) and
-    its and the gated norm's fp32 (tokens x inner) steps (12 * inner); about 2h more for the small ones (steps,
-    decays, the norm's statistics)."""
+    transposes and the chunk scan's inputs (12 * heads * d_state), its per-chunk (chunk x chunk) score and decay
+    blocks (18 * heads * chunk) and its and the gated norm's fp32 (tokens x inner) steps (12 * inner); about 2h more
+    for the small ones (steps, decays, the norm's statistics)."""
     from fasttune.models.ssd import CHUNK
 
     inner = cfg.mamba_heads * cfg.mamba_head_dim
