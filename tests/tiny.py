@@ -196,10 +196,16 @@ def hf_config(family: str, **overrides):
                                         mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
                                         mamba_expand=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                                         attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True)
-    elif family == "nemotron_h":  # Nemotron-H's layout: Mamba-2 (8 heads of 16, 2 groups, state 8), ReLU² MLP,
-        # NoPE attention, MLP, Mamba
+    elif family in ("nemotron_h", "nemotron_h_moe"):  # Nemotron-H's layout: Mamba-2 (8 heads of 16, 2 groups, state
+        # 8), ReLU² MLP, NoPE attention, MLP, Mamba; _moe: Nemotron 3's, the MLPs as 8 ReLU² experts (top 2 of 2
+        # groups, best 1 kept, scaled by 2.5) beside a shared expert
         kw.update(num_hidden_layers=5)
-        cfg = tf.NemotronHConfig(**kw, head_dim=16, layers_block_type=["mamba", "mlp", "attention", "mlp", "mamba"],
+        moe = family.endswith("_moe")
+        kinds = ["mamba", "moe" if moe else "mlp", "attention", "moe" if moe else "mlp", "mamba"]
+        if moe:
+            kw.update(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      moe_shared_expert_intermediate_size=48, n_group=2, topk_group=1, routed_scaling_factor=2.5)
+        cfg = tf.NemotronHConfig(**kw, head_dim=16, layers_block_type=kinds,
                                  mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4,
                                  use_conv_bias=True, tie_word_embeddings=False, layer_norm_epsilon=1e-5)
     elif family == "mixtral":
@@ -274,7 +280,7 @@ def hf_model(family: str, seed: int = 0, **overrides):
             if n.endswith(("act_fn.alpha_p", "act_fn.alpha_n")):  # Apertus' xIELU: away from its initial values
                 p.normal_(0.0, 0.5)
             # transformers starts these biases at 0: make them matter
-            if family.startswith(("glm4_moe", "deepseek", "ernie4_5_moe")) and n.endswith("bias"):
+            if family.startswith(("glm4_moe", "deepseek", "ernie4_5_moe", "nemotron_h_moe")) and n.endswith("bias"):
                 p.normal_(0.0, 0.5)
             if family == "gpt_oss":  # transformers starts biases at 0 and sinks near 0: make them matter
                 if n.endswith(("bias", "sinks")):

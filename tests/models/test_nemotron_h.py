@@ -92,20 +92,18 @@ def test_lora_keeps_to_what_peft_accepts(folder):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["in_proj", "out_proj"])
 
 
-def test_moe_layout_goes_to_the_fallback(tmp_path, tiny_tokenizer):
-    """Nemotron 3's mixture-of-experts layers (kind "moe") are not on our decoder yet: the transformers path loads
-    the model whole, with its warning, instead of dropping the experts."""
-    assert not decoder_runs({**ORIGINAL, "hybrid_override_pattern": "M-*EM"})
-    kinds = ["linear_attention", "moe", "full_attention", "mlp", "linear_attention"]  # (transformers' names)
-    hf = hf_model("nemotron_h", layers_block_type=kinds, n_routed_experts=4, num_experts_per_tok=2,
-                  moe_intermediate_size=32, moe_shared_expert_intermediate_size=32)
+def test_latent_experts_go_to_the_fallback(tmp_path, tiny_tokenizer):
+    """Experts behind latent projections (moe_latent_size) are not on our decoder yet: the transformers path loads
+    the model whole, with its warning naming why, instead of dropping the projections."""
+    assert decoder_runs({**ORIGINAL, "hybrid_override_pattern": "M-*EM"})
+    assert not decoder_runs({**ORIGINAL, "hybrid_override_pattern": "M-*EM", "moe_latent_size": 16})
+    hf = hf_model("nemotron_h_moe", moe_latent_size=16)
     hf.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
-    assert any(issubclass(w.category, FallbackWarning) and "mixture-of-experts layers of Nemotron 3" in str(w.message)
-               for w in caught)
+    assert any(issubclass(w.category, FallbackWarning) and "latent projections" in str(w.message) for w in caught)
     ids = torch.randint(3, 300, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, hf(ids).logits)

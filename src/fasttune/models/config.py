@@ -51,7 +51,8 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
                     "norm": "embedding_norm"},
            "glm4_moe": {"shared_expert": "shared_experts"}, "glm4_moe_lite": {"shared_expert": "shared_experts"},
            "deepseek_v3": {"shared_expert": "shared_experts"}, "deepseek_v2": {"shared_expert": "shared_experts"},
-           "mistral4": {"shared_expert": "shared_experts"}, "ernie4_5_moe": {"shared_expert": "shared_experts"}}
+           "mistral4": {"shared_expert": "shared_experts"}, "ernie4_5_moe": {"shared_expert": "shared_experts"},
+           "nemotron_h": {"shared_expert": "shared_experts"}}
 # Granite 4.0 (GraniteMoeHybrid): the dense MLP is shared_mlp, its fused gate|up input_linear, its down output_linear
 # (and in Granite 4.0-H Tiny / Small the experts' block is block_sparse_moe, its router `router`: ModelConfig.moe_name)
 RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linear", "gate_proj": "input_linear",
@@ -181,9 +182,10 @@ class ModelConfig:
     # Granite 4.0-H Tiny / Small: every layer's experts (block_sparse_moe) are added to a dense MLP beside them
     # (shared_mlp, intermediate_size wide), which transformers' layer holds, not the MoE block
     shared_mlp_beside: bool = False
-    # Nemotron-H: each layer is one norm and one mixer (`mixer`: "mamba", "attention" or "mlp", transformers'
+    # Nemotron-H: each layer is one norm and one mixer (`mixer`: "mamba", "attention", "mlp" or "moe", transformers'
     # NemotronHBlock) instead of attention then MLP; empty = the usual two-sublayer layers
     layer_kinds: list = field(default_factory=list)
+    experts_gated: bool = True  # False: Nemotron 3's ungated ReLU² experts (up_proj, down_proj: models/moe.py)
     # DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash, models/mla.py): keys and values come from a
     # kv_lora_rank-wide latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); each head's query and key are
     # qk_nope_head_dim channels without RoPE then head_dim (qk_rope_head_dim) rotated ones, the rotated key shared
@@ -265,6 +267,8 @@ class ModelConfig:
     def moe_name(self) -> str:
         """The MoE block's module name in a layer: the MLP's (`mlp`; LFM2-MoE's `feed_forward`), or Granite 4.0's
         `block_sparse_moe`, whose dense `shared_mlp` sits beside it."""
+        if self.layer_kinds:  # (Nemotron-H: the layer's one mixer)
+            return "mixer"
         return "block_sparse_moe" if self.shared_mlp_beside else self.module_name("mlp")
 
     def module_name(self, name: str) -> str:
@@ -467,8 +471,8 @@ def decoder_runs(hf_config) -> bool:
     model_type = get("model_type")
     if model_type == "gemma4_text":
         return not gemma4_unsupported(get)
-    if model_type == "nemotron_h":  # Nemotron 3's mixture-of-experts layers are not run yet (the fallback runs them)
-        return "moe" not in nemotron_h_kinds(get)
+    if model_type == "nemotron_h":  # Nemotron 3's latent-projected experts are not run yet (the fallback runs them)
+        return get("moe_latent_size") is None or "moe" not in nemotron_h_kinds(get)
     return model_type in SUPPORTED_FAMILIES
 
 

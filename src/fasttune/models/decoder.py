@@ -211,14 +211,18 @@ class DecoderLayer(nn.Module):
     def _single_mixer(self, cfg: ModelConfig, layer_idx: int):
         """A Nemotron-H layer (transformers' NemotronHBlock): `norm` and `mixer`, a Mamba-2 mixer, attention or an
         MLP by cfg.layer_kinds; forward is x + mixer(norm(x))."""
-        self.layer_idx, self.is_cross, self.is_moe, self.parallel = layer_idx, False, False, False
-        self.is_linear = self.kind == "mamba"
+        self.layer_idx, self.is_cross, self.parallel = layer_idx, False, False
+        self.is_linear, self.is_moe = self.kind == "mamba", self.kind == "moe"
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32)
         if self.kind == "mamba":
             mixer = Mamba2Mixer(cfg, layer_idx)
         elif self.kind == "attention":
             mixer = Attention(cfg.layer_config(layer_idx), layer_idx)
             mixer.keeps_block = False  # (the kept block belongs to the two-sublayer layer's residual adds)
+        elif self.kind == "moe":  # Nemotron 3: routed ReLU² experts and the shared ones (an ungated MLP)
+            shared = MLP(replace(cfg, intermediate_size=cfg.shared_expert_size)) if cfg.shared_expert_size else None
+            mixer = SparseMoeBlock(cfg, shared)
+            mixer.rope_kind, mixer.keeps_block = "global", False  # (the layer loop reads them off every mixer)
         else:
             mixer = MLP(cfg)
         self.mixer_name = self.mlp_name = "mixer"
@@ -303,6 +307,9 @@ class DecoderLayer(nn.Module):
             normed = self.norm(x)
             if self.kind == "mlp":
                 return x + self.mixer(normed, values_unused=recomputing())
+            if self.kind == "moe":
+                h, logits = self.mixer(normed)
+                return (x + h, logits) if router_logits else x + h
             return x + self.mixer(normed, cos, sin, mask, cache)
         if self.is_cross:
             return cross_layer(self, x, mask, cache)

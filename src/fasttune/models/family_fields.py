@@ -154,10 +154,12 @@ def nemotron_h_kinds(get) -> list[str]:
 
 
 def nemotron_h_fields(cfg, get) -> None:
-    """Nemotron-H (transformers' NemotronHConfig: NVIDIA Nemotron-H, Nemotron Nano 2): every layer one RMSNorm and
-    one mixer (layer_kinds): Mamba-2 (models/mamba2.py; mamba_num_heads x mamba_head_dim wide, n_groups, no
-    expand), attention without RoPE, or an ungated ReLU² MLP; RMSNorms scale in fp32 (NemotronHRMSNorm). Raises
-    ModelLoadError for a kind it does not know or a layer count the kinds do not cover."""
+    """Nemotron-H (transformers' NemotronHConfig: NVIDIA Nemotron-H, Nemotron Nano 2, Nemotron 3): every layer one
+    RMSNorm and one mixer (layer_kinds): Mamba-2 (models/mamba2.py; mamba_num_heads x mamba_head_dim wide, n_groups,
+    no expand), attention without RoPE, an ungated ReLU² MLP, or (Nemotron 3) ungated ReLU² experts routed as
+    DeepSeek-V3's (sigmoid scores + e_score_correction_bias, groups, routed_scaling_factor) beside shared experts;
+    RMSNorms scale in fp32 (NemotronHRMSNorm). Raises ModelLoadError for a kind it does not know or a layer count the
+    kinds do not cover."""
     kinds = nemotron_h_kinds(get)
     if len(kinds) != cfg.num_layers:
         raise ModelLoadError(f"The Nemotron-H config names {len(kinds)} layer kinds for {cfg.num_layers} layers "
@@ -180,6 +182,17 @@ def nemotron_h_fields(cfg, get) -> None:
     cfg.mlp_bias = bool(get("mlp_bias", False))
     cfg.mlp_gated = False
     cfg.norm_scale_fp32 = True
+    if "moe" in kinds:  # Nemotron 3: ungated ReLU² experts routed as DeepSeek-V3's, shared experts beside them
+        cfg.moe_layers = [k == "moe" for k in kinds]
+        cfg.num_experts, cfg.num_experts_per_tok = int(get("n_routed_experts")), int(get("num_experts_per_tok"))
+        cfg.moe_intermediate_size = int(get("moe_intermediate_size"))
+        shared = int(get("n_shared_experts", 1) or 0)
+        cfg.shared_expert_size = int(get("moe_shared_expert_intermediate_size")) if shared else 0
+        cfg.shared_expert_gated = cfg.experts_gated = False
+        cfg.router_scoring, cfg.score_bias = "sigmoid", "router"
+        cfg.routed_scaling = float(get("routed_scaling_factor", 1.0))
+        cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
+        cfg.router_groups = (int(get("n_group", 1) or 1), int(get("topk_group", 1) or 1))
 
 
 def mla_fields(cfg, get) -> None:

@@ -288,7 +288,7 @@ def _warn_unexpected(names: list[str], source: str, mtp_layers: tuple[str, ...] 
                       f"{', '.join(others[:5])}{more}.")
 
 
-EXPERT_STACKS = ("gate_up_proj", "down_proj")  # models/moe.py's Experts parameters
+EXPERT_STACKS = ("gate_up_proj", "up_proj", "down_proj")  # models/moe.py's Experts parameters (up_proj: ungated)
 
 
 def _quantize_experts(model: nn.Module, name: str, quant: str = "nf4"):

@@ -235,7 +235,8 @@ def expert_linear(x: torch.Tensor, weight, lora, offsets: torch.Tensor, counts: 
 
 
 def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-                    down_proj: torch.Tensor, act: str, method: str = "auto", lora: dict | None = None) -> torch.Tensor:
+                    down_proj: torch.Tensor, act: str, method: str = "auto", lora: dict | None = None,
+                    gated: bool = True) -> torch.Tensor:
     """sum_j weights[n, j] * down_e(act(gate_e(x_n)) * up_e(x_n)) for e = experts[n, j], without a loop over experts.
 
     x (N, H); weights (N, k) float; experts (N, k) int64; gate_up_proj (E, 2I, H) with gate rows first;
@@ -245,28 +246,35 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     weights and sums each token's k results.
     lora: optional low-rank updates of the stacked weights, {"gate_up_proj" | "down_proj": (a, b, scaling)} with
     a (E, in, r) and b (E, r, out) in x's dtype (ExpertLora.factors): expert e's weight acts as W_e + scaling *
-    (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed)."""
+    (a_e @ b_e)^T, computed as two more grouped GEMMs on the sorted rows (no merged weight is formed).
+    gated=False: Nemotron-H's ungated experts, down_e(relu(up_e(x_n))^2), gate_up_proj then being up_proj (E, I, H)
+    (its LoRA under "up_proj")."""
     lora = lora or {}
     groups = group_by_expert(experts, gate_up_proj.shape[0])
     offsets, counts = groups.offsets, groups.counts
     xs = permute(x, groups)
-    gate_up = expert_linear(xs, gate_up_proj, lora.get("gate_up_proj"), offsets, counts, method, stacked=True)
-    h = gated_act_packed(gate_up, act)
+    first = "gate_up_proj" if gated else "up_proj"
+    gate_up = expert_linear(xs, gate_up_proj, lora.get(first), offsets, counts, method, stacked=True)
+    h = gated_act_packed(gate_up, act) if gated else torch.relu(gate_up).square()
     out = expert_linear(h, down_proj, lora.get("down_proj"), offsets, counts, method, stacked=True)
     return unpermute(out, groups.pos, weights)
 
 
 def experts_reference(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tensor, gate_up_proj: torch.Tensor,
-                      down_proj: torch.Tensor, act: str) -> torch.Tensor:
-    """The plain loop over experts of transformers' eager MixtralExperts / Qwen3MoeExperts.forward: the
-    reference `experts_forward` is tested against. Same arguments and result."""
+                      down_proj: torch.Tensor, act: str, gated: bool = True) -> torch.Tensor:
+    """The plain loop over experts of transformers' eager MixtralExperts / Qwen3MoeExperts.forward (NemotronHExperts'
+    with gated=False): the reference `experts_forward` is tested against. Same arguments and result."""
     out = torch.zeros_like(x)
     for e in range(gate_up_proj.shape[0]):
         token, slot = torch.where(experts == e)
         if token.numel() == 0:
             continue
-        gate, up = F.linear(x[token], gate_up_proj[e]).chunk(2, dim=-1)
-        y = F.linear(gated_act_reference(gate, up, act), down_proj[e]) * weights[token, slot, None]
+        if gated:
+            gate, up = F.linear(x[token], gate_up_proj[e]).chunk(2, dim=-1)
+            h = gated_act_reference(gate, up, act)
+        else:
+            h = torch.relu(F.linear(x[token], gate_up_proj[e])).square()
+        y = F.linear(h, down_proj[e]) * weights[token, slot, None]
         out = out.index_add(0, token, y.to(x.dtype))
     return out
 
@@ -349,13 +357,17 @@ class MoeStatics(nn.Module):
 
 
 class Experts(nn.Module):
-    """E gated MLPs stored stacked: gate_up_proj (E, 2I, H) (gate rows, then up rows), down_proj (E, H, I).
+    """E gated MLPs stored stacked: gate_up_proj (E, 2I, H) (gate rows, then up rows), down_proj (E, H, I); or, with
+    gated=False, Nemotron-H's ungated ReLU² experts (transformers' NemotronHExperts): up_proj (E, I, H), down_proj.
     `lora` holds LoRA adapters of the stacked weights by parameter name (peft/lora.py's ExpertLora; empty
     without LoRA): anything with `disabled` and `factors(dtype) -> (a, b, scaling)` as experts_forward takes."""
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, act: str, gated: bool = True):
         super().__init__()
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.gated = gated
+        self.first_name = "gate_up_proj" if gated else "up_proj"
+        setattr(self, self.first_name, nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * intermediate_size,
+                                                                hidden_size)))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
         self.act = act
         self.lora = nn.ModuleDict()
@@ -364,7 +376,8 @@ class Experts(nn.Module):
         """x (N, H); weights (N, k) float and experts (N, k) int64 from `route` -> (N, H) in x's dtype; see
         experts_forward (with the enabled LoRA adapters of `lora`)."""
         lora = {name: adapter.factors(x.dtype) for name, adapter in self.lora.items() if not adapter.disabled}
-        return experts_forward(x, weights, experts, self.gate_up_proj, self.down_proj, self.act, lora=lora)
+        return experts_forward(x, weights, experts, getattr(self, self.first_name), self.down_proj, self.act,
+                               lora=lora, gated=self.gated)
 
 
 class SparseMoeBlock(nn.Module):
@@ -393,7 +406,8 @@ class SparseMoeBlock(nn.Module):
         self.fp32_tensors = ("expert_bias",) if self.bias_on_block else ()  # (read by the loader)
         if self.bias_on_block:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act)
+        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act,
+                               cfg.experts_gated)
         # a dense MLP every token takes (GLM-4.5's shared_experts), scaled by a learned gate in Qwen3.5-MoE
         self.shared_name = cfg.module_name("shared_expert") if shared_expert is not None else None
         if shared_expert is not None:
@@ -433,7 +447,7 @@ class SparseMoeBlock(nn.Module):
         return out.view(shape), logits
 
 
-_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.(mlp|block_sparse_moe|feed_forward)\.experts\.(\d+)\."
+_EXPERT_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.(mlp|block_sparse_moe|feed_forward|mixer)\.experts\.(\d+)\."
                             r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
 _ROUTER_TENSOR = re.compile(r"^(?:model\.)?(layers\.\d+)\.block_sparse_moe\.gate\.weight$")
 # Mixtral's w1/w3/w2 are gate/up/down (transformers' conversion_mapping: MergeModulelist + Concatenate).
@@ -465,8 +479,11 @@ class ExpertStacker:
         if m is None:
             return False
         layer, block, expert, part = m.group(1), m.group(2), int(m.group(3)), _PART[m.group(4)]
-        block = "feed_forward" if block == "feed_forward" else "mlp"  # (Mixtral's block_sparse_moe: our mlp)
+        block = block if block in ("feed_forward", "mixer") else "mlp"  # (Mixtral's block_sparse_moe: our mlp)
         target = f"model.{layer}.{block}.experts.{'down_proj' if part == 2 else 'gate_up_proj'}"
+        ungated = part == 1 and f"model.{layer}.{block}.experts.up_proj" in self.expected
+        if ungated:  # (Nemotron 3's experts: up_proj alone, whole rows)
+            target, part = f"model.{layer}.{block}.experts.up_proj", 2
         if target not in self.expected:
             raise ModelLoadError(f"checkpoint tensor '{name}' has no place in this config ({layer} is not a sparse "
                                  f"MoE layer). The checkpoint and config.json do not match.")

@@ -240,13 +240,14 @@ def _suffix_of(name: str, target: str) -> bool:
 # order PEFT nests its ParamWrappers in, so the adapter keys depend on it: adapter_io.expert_adapter_keys) and the
 # router's weight.
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")
+UNGATED_EXPERT_PARAMETERS = ("up_proj", "down_proj")  # Nemotron 3's ungated experts (models/moe.py's Experts)
 ROUTER_PARAMETER = "mlp.gate.weight"
 GPT_OSS_ROUTER = "mlp.router.weight"  # refused: not in SUPPORTED_PARAMETERS
 # The stacked experts under PEFT's target_parameters names (rank r each): what a vision-language MoE model's language
 # MLP switch and Qwen3.5-MoE's defaults adapt (api.py)
 EXPERT_TARGET_PARAMETERS = tuple(f"mlp.experts.{p}" for p in EXPERT_PARAMETERS)
 # (Gemma 4 keeps its experts beside the MLP, as layers.N.experts: the suffix without "mlp." covers both)
-SUPPORTED_PARAMETERS = tuple(f"experts.{p}" for p in EXPERT_PARAMETERS) + (ROUTER_PARAMETER,)
+SUPPORTED_PARAMETERS = tuple(f"experts.{p}" for p in EXPERT_PARAMETERS) + (ROUTER_PARAMETER, "experts.up_proj")
 # target_modules names that PEFT on transformers 5 reads as parameters of an MoE model (PEFT's
 # _MOE_TARGET_MODULE_MAPPING); Mixtral's checkpoint names w1/w3/w2 there too. The first two of each fused pair
 # are one stacked weight, so PEFT requires both.
@@ -264,7 +265,7 @@ GATE_UP_PATTERN = r".*\.gate_up_proj"
 PEFT_MAPS_EXPERTS = ("qwen3_next", "glm4_moe", "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "ernie4_5_moe")
 # MoE families without a shared expert whose MLP names PEFT maps to nothing (transformers has no conversion pattern
 # for them): the names adapt the dense feed-forwards, the experts come as target_parameters
-PEFT_MAPS_NO_EXPERTS = ("lfm2_moe", "granitemoehybrid")
+PEFT_MAPS_NO_EXPERTS = ("lfm2_moe", "granitemoehybrid", "nemotron_h")
 
 
 def expert_target_parameters(arch) -> list[str]:
@@ -272,8 +273,10 @@ def expert_target_parameters(arch) -> list[str]:
     `experts.*` beside its dense MLP."""
     if getattr(arch, "moe_block", None) == "gemma4":
         return [f"experts.{p}" for p in EXPERT_PARAMETERS]
-    if arch is not None and arch.moe_name != "mlp":  # (LFM2-MoE: feed_forward.experts.*; Granite 4.0: block_sparse_moe)
-        return [f"{arch.moe_name}.experts.{p}" for p in EXPERT_PARAMETERS]
+    if arch is not None and arch.moe_name != "mlp":  # (LFM2-MoE: feed_forward.experts.*; Granite 4.0: block_sparse_moe;
+        # Nemotron 3: mixer.experts.up_proj / down_proj)
+        return [f"{arch.moe_name}.experts.{p}"
+                for p in (EXPERT_PARAMETERS if arch.experts_gated else UNGATED_EXPERT_PARAMETERS)]
     return list(EXPERT_TARGET_PARAMETERS)
 
 
@@ -583,7 +586,7 @@ def expert_lora_layers(model: nn.Module):
     for n, m in model.named_modules():
         adapters = getattr(m, "lora", None)
         if isinstance(adapters, nn.ModuleDict):
-            out += [(f"{n}.{p}", adapters[p]) for p in EXPERT_PARAMETERS if p in adapters]
+            out += [(f"{n}.{p}", adapters[p]) for p in ("gate_up_proj", "up_proj", "down_proj") if p in adapters]
     return out
 
 
