@@ -6,7 +6,8 @@ import warnings
 
 import pytest
 import torch
-from peft_oracle import check_packed_documents, check_recompute_gradients
+from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_packed_documents,
+                         check_recompute_gradients, moe_adapter_grads)
 from tiny import hf_model
 
 from fasttune import FastLanguageModel
@@ -27,7 +28,7 @@ def folder(tmp_path, tiny_tokenizer):
     hf = hf_model("nemotron_h")
     with torch.no_grad():
         for name, p in hf.named_parameters():
-            if name.endswith(("A_log", "dt_bias", ".D", "conv1d.bias")):
+            if name.endswith(DRAWN):
                 p.normal_(0.0, 0.5)
     hf.save_pretrained(tmp_path / "m")
     tiny_tokenizer.save_pretrained(tmp_path / "m")
@@ -123,3 +124,93 @@ def test_loads_in_4bit_and_trains(folder):
     ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
     losses = lora_losses(model, ids, steps=4)
     assert losses[-1] < losses[0]
+
+
+@pytest.fixture
+def moe_folder(tmp_path, tiny_tokenizer):
+    """tests/tiny.py's Nemotron 3 layout (the MLP layers as 8 ReLU² experts beside a shared one), the Mamba parameters
+    and the routing bias drawn away from their initial values."""
+    hf = hf_model("nemotron_h_moe")
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith(DRAWN):
+                p.normal_(0.0, 0.5)
+        for name, b in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.normal_(0.0, 0.3)
+    hf.save_pretrained(tmp_path / "moe")
+    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    return hf, tmp_path / "moe"
+
+
+DRAWN = ("A_log", "dt_bias", ".D", "conv1d.bias")  # Mamba parameters transformers starts at fixed values
+
+
+def test_moe_fields_logits_generation_and_merged_equal_transformers(moe_folder, tmp_path):
+    hf, folder = moe_folder
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    arch = model.arch
+    assert arch.layer_kinds[1] == "moe" and arch.moe_layers == [False, True, False, True, False]
+    assert (arch.num_experts, arch.num_experts_per_tok, arch.moe_intermediate_size, arch.shared_expert_size) == \
+        (8, 2, 32, 48) and not arch.experts_gated and arch.router_scoring == "sigmoid"
+    assert arch.router_groups == (2, 1) and arch.routed_scaling == 2.5 and arch.moe_name == "mixer"
+    assert model.model.layers[1].mixer.experts.up_proj.shape == (8, 32, 64)
+    check_logits_generation_and_merged(hf, model, 30, tmp_path)
+
+
+def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(moe_folder, tmp_path):
+    """PEFT maps no MLP names to experts on this family: the names adapt attention, the shared experts and the Mamba
+    in_proj, and without target_modules the routed experts come as target_parameters (up_proj, down_proj)."""
+    hf, folder = moe_folder
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
+    assert ours.lora_settings.target_parameters == ["mixer.experts.down_proj", "mixer.experts.up_proj"]
+    drawn = {**dict(hf.named_parameters()), **dict(hf.named_buffers())}
+
+    def same_values(base):  # (the reference is built anew from tests/tiny.py: the fixture's draws copied in)
+        with torch.no_grad():
+            for n, t in [*base.named_parameters(), *base.named_buffers()]:
+                if n.endswith(DRAWN + ("e_score_correction_bias",)):
+                    t.copy_(drawn[n])
+
+    mine, theirs = moe_adapter_grads("nemotron_h_moe", ours, tmp_path, prepare_ref=same_values)
+    assert mine.keys() == theirs.keys()
+    assert any(".mixer.experts.lora_A" in n for n in mine) and any(".shared_experts.up_proj." in n for n in mine)
+    assert_grads_close(mine, theirs)
+
+
+def test_moe_recompute_gives_the_same_gradients(moe_folder):
+    check_recompute_gradients(moe_folder[1])
+
+
+def test_moe_loads_in_4bit_and_trains(moe_folder):
+    """QLoRA: the ungated expert stacks load as NF4 (the router fp32), LoRA on them and the rest trains."""
+    pytest.importorskip("bitsandbytes")
+    from tiny import lora_losses
+
+    from fasttune.quant.experts import QuantExpertWeight
+
+    model, _ = FastLanguageModel.from_pretrained(str(moe_folder[1]), load_in_4bit=True)
+    moe = model.model.layers[1].mixer
+    assert isinstance(moe.experts.up_proj, QuantExpertWeight) and moe.gate.weight.dtype == torch.float32
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    ids = torch.randint(3, 300, (2, 16), generator=torch.Generator().manual_seed(3))
+    losses = lora_losses(model, ids, steps=4)
+    assert losses[-1] < losses[0]
+
+
+def test_moe_gguf_logits_match_llama_cpp(tmp_path):
+    """Nemotron 3's layout in llama.cpp's nemotron_h_moe: the ungated expert stacks as ffn_up_exps / ffn_down_exps,
+    the router and its bias (F32), the shared experts as *_shexp; LoRA merged into every linear layer it may adapt."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
+
+    model, tok, path, reader = lora_merged_gguf("nemotron_h_moe", tmp_path)
+    field = lambda k: reader.fields[k].contents()  # noqa: E731
+    assert field("general.architecture") == "nemotron_h_moe"
+    assert field("nemotron_h_moe.feed_forward_length") == [0, 32, 0, 32, 0]
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.1.ffn_gate_inp.weight"] == types["blk.1.exp_probs_b.bias"] == "F32"
+    assert {"blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight", "blk.1.ffn_up_shexp.weight"} <= set(types)
+    rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
+    assert rel < 2e-3 and top1 >= 1.0, (rel, top1)

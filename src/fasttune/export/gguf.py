@@ -50,14 +50,15 @@ from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported, moe_layer_rule
 from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, gemma4_router_scale_name, write_gemma4_metadata
-from fasttune.export.gguf_granite import (GRANITE_HYBRID, NEMOTRON_H, granite_hybrid_metadata, granite_hybrid_tensors,
-                                          nemotron_h_metadata, nemotron_h_tensors)
+from fasttune.export.gguf_granite import (GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE, granite_hybrid_metadata,
+                                          granite_hybrid_tensors, nemotron_h_metadata, nemotron_h_tensors)
 from fasttune.export.gguf_mla import MLA_ARCHITECTURES, mla_tensors, write_mla_metadata
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, is_gated_norm, linear_attention_tensor
 from fasttune.export.gguf_qwen35 import write_metadata as qwen35_metadata
 from fasttune.export.gguf_mmproj import (check_vision_supported, image_processor_of, is_vision_model, mmproj_target,
                                         mmproj_type, text_rows, write_mmproj)
-from fasttune.export.gguf_types import ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS, interleave_rotary_rows
+from fasttune.export.gguf_types import (ARCHITECTURES, IMATRIX_METHODS, METHODS, ROTATE_PAIRS, architecture,
+                                        interleave_rotary_rows)
 from fasttune.export.imatrix import check_imatrix, resolve_imatrix
 from fasttune.sharding import writes_here
 
@@ -127,7 +128,7 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
     from fasttune.export.merged import merged_state_dict
 
     cfg = model.arch
-    arch = ARCHITECTURES[cfg.model_type]
+    arch = architecture(cfg)
     arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
     tensors = merged_state_dict(model, model.dtype)
@@ -183,7 +184,7 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             for part, value in mla_tensors(name, t, cfg):
                 out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
             continue
-        if arch in (GRANITE_HYBRID, NEMOTRON_H):  # Mamba-2 layers, MLPs (export/gguf_granite.py)
+        if arch in (GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE):  # Mamba-2 layers, MLPs (export/gguf_granite.py)
             split = granite_hybrid_tensors if arch == GRANITE_HYBRID else nemotron_h_tensors
             for part, value in split(name, t, cfg):
                 out[_gguf_name(names, part, arch)] = value
@@ -284,7 +285,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     import gguf
 
     cfg = model.arch
-    arch_name = ARCHITECTURES[cfg.model_type]
+    arch_name = architecture(cfg)
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
@@ -294,7 +295,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         # one per layer, export/gguf_gemma4.py; Granite 4.0-H's experts read it, the shared MLP its own key)
         writer.add_feed_forward_length(cfg.moe_intermediate_size if cfg.shared_mlp_beside else cfg.intermediate_size)
     writer.add_head_count(cfg.num_heads)
-    if ARCHITECTURES[cfg.model_type] in MLA_ARCHITECTURES:  # multi-query attention over the latent
+    if architecture(cfg) in MLA_ARCHITECTURES:  # multi-query attention over the latent
         write_mla_metadata(writer, cfg)
         if cfg.rope_scaling:  # yarn (gguf_layouts.check_supported)
             all_dim = cfg.rope_scaling.get("mscale_all_dim")
@@ -302,7 +303,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         if cfg.query_position_scale is not None:  # Mistral 4
             writer.add_attn_temperature_scale(float(cfg.query_position_scale[0]))
             writer.add_attn_temperature_length(int(cfg.query_position_scale[1]))
-    elif ARCHITECTURES[cfg.model_type] == "gemma4":
+    elif architecture(cfg) == "gemma4":
         write_gemma4_metadata(writer, cfg)
     else:
         if cfg.model_type in ("lfm2", "lfm2_moe", "granitemoehybrid"):  # llama.cpp's LFM2 and Granite 4.0 know
@@ -340,9 +341,9 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_rope_freq_base_swa(float(cfg.rope_local_theta))
     if cfg.mrope_section:  # Qwen-VL's multimodal RoPE: llama.cpp reads four sections (t, h, w, unused)
         writer.add_rope_dimension_sections([int(v) for v in cfg.mrope_section] + [0] * (4 - len(cfg.mrope_section)))
-    if ARCHITECTURES[cfg.model_type] in DELTANET_ARCHITECTURES:
+    if architecture(cfg) in DELTANET_ARCHITECTURES:
         qwen35_metadata(writer, cfg)
-    if ARCHITECTURES[cfg.model_type] in ("qwen3vl", "qwen3vlmoe"):  # images bring a DeepStack feature per layer
+    if architecture(cfg) in ("qwen3vl", "qwen3vlmoe"):  # images bring a DeepStack feature per layer
         writer.add_num_deepstack_layers(len(model.hf_config.vision_config.deepstack_visual_indexes))
     if cfg.model_type == "apertus":  # per-layer xIELU scalars, as stored (before softplus), as llama.cpp reads them
         acts = [layer.mlp.act_fn for layer in model.model.layers]
@@ -352,7 +353,7 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         writer.add_xielu_eps([float(a.eps) for a in acts])
     if arch_name == GRANITE_HYBRID:
         granite_hybrid_metadata(writer, cfg)
-    elif arch_name == NEMOTRON_H:
+    elif arch_name in (NEMOTRON_H, NEMOTRON_H_MOE):
         nemotron_h_metadata(writer, cfg)
     if cfg.model_type == "granite":  # llama.cpp's granite reads the four multipliers (the logit one divides)
         writer.add_embedding_scale(float(cfg.embedding_multiplier))
@@ -362,21 +363,22 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     if cfg.model_type in ("cohere", "cohere2"):  # llama.cpp's command-r / cohere2 multiply the logits by logit_scale
         # (granite's divides)
         writer.add_logit_scale(1.0 / float(cfg.logits_scaling))
-    if ARCHITECTURES[cfg.model_type] in ("olmo2", "exaone4", "cohere2") and any(cfg.sliding_windows):  # (checked)
+    if architecture(cfg) in ("olmo2", "exaone4", "cohere2") and any(cfg.sliding_windows):  # (checked)
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
-    if ARCHITECTURES[cfg.model_type] == "gpt-oss":
+    if architecture(cfg) == "gpt-oss":
         writer.add_sliding_window(int(next(w for w in cfg.sliding_windows if w)))
         if cfg.rope_scaling:  # yarn (gguf_layouts.check_supported)
             writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
             writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
             writer.add_rope_scaling_orig_ctx_len(int(cfg.rope_scaling.get("original_max_position_embeddings", 4096)))
-    if ARCHITECTURES[cfg.model_type] == "mistral3":
+    if architecture(cfg) == "mistral3":
         _mistral3_metadata(writer, cfg)
     if cfg.num_experts:
         writer.add_expert_count(cfg.num_experts)
         writer.add_expert_used_count(cfg.num_experts_per_tok)
-        if ARCHITECTURES[cfg.model_type] in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
-                                             "deepseek2", "gemma4", "mistral4", "lfm2moe", "ernie4_5-moe"):
+        if architecture(cfg) in ("qwen3moe", "qwen3vlmoe", "gpt-oss", "qwen35moe", "glm4moe", "qwen3next",
+                                             "deepseek2", "gemma4", "mistral4", "lfm2moe", "ernie4_5-moe",
+                                             "nemotron_h_moe"):
             writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)  # (llama's: its FFN length)
         if cfg.router_scoring in ("sigmoid", "softmax_grouped", "softmax_pairs"):  # DeepSeek-V3's, V2's, Mistral 4's
             _deepseek_routing_metadata(writer, cfg)
@@ -406,7 +408,7 @@ def tensor_type(gguf_name: str, t: torch.Tensor, quant: str, tied_output: bool, 
         # convs: small, and llama.cpp keeps them in f32 (its CPU kernels multiply by no 16-bit norm)
     if quant not in METHODS:
         return _ggml_types(quant)[0]
-    name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=ARCHITECTURES[cfg.model_type],
+    name = gguf_types.tensor_type(gguf_name, tuple(t.shape), quant, arch=architecture(cfg),
                                   n_layer=cfg.num_layers, n_head=cfg.num_heads, n_head_kv=cfg.num_kv_heads,
                                   tied=tied_output, n_expert=cfg.num_experts, imatrix=imatrix)
     return kind[name]
@@ -488,7 +490,7 @@ def _write_file(tmp: Path, model, name: str, vocab, tensors: dict, quant: str, b
     import gguf
 
     cfg = model.arch
-    writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[cfg.model_type])
+    writer = gguf.GGUFWriter(str(tmp), architecture(cfg))
     _write_metadata(writer, model, name, _ggml_types(quant)[1], quant not in ("f32", "f16", "bf16"))
     im = im if quant in IMATRIX_METHODS else None
     if im is not None:  # the keys llama-quantize writes when it is given an imatrix
@@ -588,7 +590,7 @@ def save_gguf(model, path, tokenizer=None, quantization_method="q8_0", progress:
         if im is not None:
             check_imatrix(im, tensors)
         packed = {}
-        if "mxfp4_moe" in quants and ARCHITECTURES[cfg.model_type] == "gpt-oss":
+        if "mxfp4_moe" in quants and architecture(cfg) == "gpt-oss":
             from fasttune.export.gguf_mxfp4 import checkpoint_mxfp4_experts
 
             packed = checkpoint_mxfp4_experts(model, tensors)  # unchanged experts of an MXFP4 checkpoint

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-GRANITE_HYBRID, NEMOTRON_H = "granitehybrid", "nemotron_h"
+GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE = "granitehybrid", "nemotron_h", "nemotron_h_moe"
 
 
 def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.Tensor]]:
@@ -63,6 +63,9 @@ def nemotron_h_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch
     if not name.startswith("model.layers."):
         return [(name, t)]
     layer = int(name.split(".")[2])
+    if ".mixer.experts." in name:  # Nemotron 3's ungated expert stacks (E, out, in): ffn_up_exps / ffn_down_exps
+        part = "up_proj" if ".experts.up_proj" in name else "down_proj"
+        return [(f"model.layers.{layer}.mlp.experts.{part}.weight", t)]
     name = "backbone." + name[len("model."):]
     if cfg.linear_layers[layer] and ".mixer." in name:
         return [_mamba_tensor(name, t, cfg)]
@@ -70,12 +73,16 @@ def nemotron_h_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch
 
 
 def nemotron_h_metadata(writer, cfg) -> None:
-    """The keys llama.cpp's nemotron_h reads beyond the common ones (its converter's, a GraniteHybridModel's): the
-    Mamba-2 sizes, key/value heads only in the attention layers and an MLP width only in the MLP layers (0
-    elsewhere: how llama.cpp tells the layers apart), no RoPE, and the norms' eps under the LayerNorm key."""
+    """The keys llama.cpp's nemotron_h / nemotron_h_moe read beyond the common ones (its converter's, a
+    GraniteHybridModel's): the Mamba-2 sizes, key/value heads only in the attention layers and an MLP (or expert)
+    width only in the MLP (MoE) layers (0 elsewhere: how llama.cpp tells the layers apart), the shared experts'
+    width, no RoPE, and the norms' eps under the LayerNorm key."""
     _mamba_metadata(writer, cfg)
     writer.add_head_count_kv([cfg.num_kv_heads if k == "attention" else 0 for k in cfg.layer_kinds])
-    writer.add_feed_forward_length([cfg.intermediate_size if k == "mlp" else 0 for k in cfg.layer_kinds])
+    widths = {"mlp": cfg.intermediate_size, "moe": cfg.moe_intermediate_size}
+    writer.add_feed_forward_length([widths.get(k, 0) for k in cfg.layer_kinds])
+    if cfg.num_experts:  # (Nemotron 3: the shared experts' width; the routing keys are DeepSeek-V3's, gguf.py)
+        writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)
     writer.add_rope_scaling_finetuned(False)
     writer.add_layer_norm_eps(cfg.rms_norm_eps)  # (llama.cpp's nemotron_h reads its RMSNorms' eps under this key)
 

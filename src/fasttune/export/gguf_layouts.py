@@ -15,7 +15,7 @@ import warnings
 from fasttune.errors import ConfigError
 from fasttune.export.gguf_mmproj import PROJECTORS
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, full_attention_interval
-from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS
+from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS, architecture
 from fasttune.models.config import VISION_TEXT_FAMILIES
 from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
 
@@ -46,7 +46,7 @@ def check_supported(cfg) -> None:
         *vlms, last = PROJECTORS
         raise ConfigError(f"GGUF export supports the families {', '.join(text)} and the vision-language models "
                           f"{', '.join(vlms)} and {last}; this model is '{cfg.model_type}'.")
-    arch = ARCHITECTURES[cfg.model_type]
+    arch = architecture(cfg)
     if arch in GEMMA_27B_LAYERS:
         big = cfg.num_layers == GEMMA_27B_LAYERS[arch]
         expected = (cfg.hidden_size / cfg.num_heads if big else cfg.head_dim) ** -0.5
@@ -122,8 +122,8 @@ def check_supported(cfg) -> None:
                           "with save_pretrained_merged instead. Nothing was written.")
     if arch in ("glm4moe", "deepseek2", "mistral4", "lfm2moe"):
         _check_leading_dense(cfg)
-    elif cfg.num_experts and arch not in ("gpt-oss", "gemma4", "ernie4_5-moe"):  # (Gemma 4: experts beside every
-        # dense MLP; ERNIE 4.5 MoE: its own layer rule, moe_layer_rule)
+    elif cfg.num_experts and arch not in ("gpt-oss", "gemma4", "ernie4_5-moe", "nemotron_h_moe"):  # (Gemma 4: experts
+        # beside every dense MLP; ERNIE 4.5 MoE: its own layer rule, moe_layer_rule; Nemotron 3: its layer kinds)
         if not all(cfg.moe_layers):
             dense = [i for i, moe in enumerate(cfg.moe_layers) if not moe]
             raise ConfigError(f"This {cfg.model_type} model has dense MLP layers ({', '.join(map(str, dense))}: "
@@ -143,7 +143,7 @@ def _check_leading_dense(cfg) -> None:
     if cfg.moe_layers != [i >= first for i in range(cfg.num_layers)]:
         raise ConfigError(f"This {cfg.model_type} model's sparse layers {cfg.moe_layers} are not 'dense first, then "
                           f"sparse' (first_k_dense_replace), the only layout llama.cpp's "
-                          f"{ARCHITECTURES[cfg.model_type]} reads; save the merged model with save_pretrained_merged "
+                          f"{architecture(cfg)} reads; save the merged model with save_pretrained_merged "
                           f"instead. Nothing was written.")
 
 

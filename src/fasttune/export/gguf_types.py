@@ -43,6 +43,16 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "qwen3_vl_moe_text": "qwen3vlmoe",
                  "qwen3_moe": "qwen3moe",
                  "mixtral": "llama", "gpt_oss": "gpt-oss"}
+
+
+def architecture(cfg) -> str:
+    """llama.cpp's architecture name for a ModelConfig: ARCHITECTURES by model_type, except that Nemotron-H with
+    experts (Nemotron 3) is llama.cpp's nemotron_h_moe."""
+    if cfg.model_type == "nemotron_h" and cfg.num_experts:
+        return "nemotron_h_moe"
+    return ARCHITECTURES[cfg.model_type]
+
+
 # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3", "granitehybrid")
 

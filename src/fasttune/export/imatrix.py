@@ -74,12 +74,12 @@ def imatrix_targets(model) -> dict[str, str]:
     q/k/v/o (or fused qkv), gate/up/down (or fused gate_up) of each layer; LoRA and NF4/int8 layers included."""
     import gguf
 
-    from fasttune.export.gguf_types import ARCHITECTURES
+    from fasttune.export.gguf_types import architecture
     from fasttune.peft.lora import LoraLinear
     from fasttune.quant.linear import QuantLinear
 
     cfg = model.arch
-    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[ARCHITECTURES[cfg.model_type]]
+    arch_enum = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[architecture(cfg)]
     names = gguf.get_tensor_name_map(arch_enum, cfg.num_layers)
     out = {}
     for name, module in model.named_modules():
