@@ -21,7 +21,8 @@ def _batch(device="cuda"):
 # (GLM-4.5: its fp32 router and sigmoid routing; GLM-4.7-Flash: multi-head latent attention. DeepSeek-V3's tiny
 # model is left to the fp32 test below: with one MoE layer of top-2 sigmoid routing its bf16 error swings with the
 # routing flips, ours and transformers' alike (0.007-0.019 over four seeds, 0.0111 against 0.0069 in one))
-@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite", "gemma4_e2b", "gemma4_moe", "lfm2_moe"])
+@pytest.mark.parametrize("family", FAMILIES + ["glm4_moe", "glm4_moe_lite", "gemma4_e2b", "gemma4_moe", "lfm2_moe",
+                                    "granitemoehybrid_moe", "nemotron_h_moe", "ernie4_5_moe"])
 def test_bf16_logits_close_to_transformers_bf16(family, tiny_model_dir):
     folder = tiny_model_dir(family)
     ours, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")

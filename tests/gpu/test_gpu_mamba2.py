@@ -1,0 +1,48 @@
+"""The Mamba-2 hybrids on the card (skipped without CUDA): the scan's Triton chunk scan against the fp32 recurrence,
+and for Granite 4.0-H (dense and MoE) and Nemotron-H (dense and Nemotron 3's MoE) bf16 LoRA training with recompute
+and greedy generation through the CUDA-graph decode equal to the eager one (the conv and scan states updated in
+place inside the graph)."""
+import pytest
+import torch
+from tiny import lora_losses
+
+from fasttune import FastLanguageModel
+from fasttune.models.ssd import ssd_scan, ssd_step
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 1e-2), (torch.float32, 1e-5)])
+def test_scan_at_granite_sizes_equals_the_recurrence(dtype, tolerance):
+    """Granite 4.0-H's head layout (64 heads of 64, one group, state 128) over 300 positions: the chunked scan (the
+    Triton chunk scan between chunks, TF32 products for 16-bit inputs) within the input dtype's rounding of the fp32
+    recurrence."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    h, p, n = 64, 64, 128
+    x = torch.randn(1, 300, h, p, device="cuda", generator=g)
+    dt = torch.rand(1, 300, h, device="cuda", generator=g) * 0.1 + 0.001
+    a = -torch.rand(h, device="cuda", generator=g) - 0.1
+    b, c = (torch.randn(1, 300, 1, n, device="cuda", generator=g) / n ** 0.5 for _ in range(2))
+    d = torch.randn(h, device="cuda", generator=g)
+    y, _ = ssd_scan(x.to(dtype), dt, a, b.to(dtype), c.to(dtype), d)
+    state, want = torch.zeros(1, h, p, n, device="cuda"), []
+    for i in range(300):
+        want.append(ssd_step(x[:, i], dt[:, i], a, b[:, i], c[:, i], d, state))
+    want = torch.stack(want, dim=1)
+    assert ((y - want).norm() / want.norm()).item() < tolerance
+
+
+@pytest.mark.parametrize("family", ["granitemoehybrid", "granitemoehybrid_moe", "nemotron_h", "nemotron_h_moe"])
+def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
+    ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    losses = lora_losses(model, ids, steps=6)
+    assert losses[-1] < losses[0]
+    prompt = ids[:, :20]
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0  # left padding
+    graphed = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
+    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    assert torch.equal(graphed, eager)
