@@ -17,7 +17,7 @@ from fasttune.models.sequence_classification import CLASSIFIER_ARGS, classifier_
 from fasttune.peft.adapter_io import CONFIG_NAME, classifier_head_settings, load_adapter_into, read_adapter_config
 from fasttune.peft.lora import (LoraSettings, apply_lora, default_targets,
                                 expert_target_parameters, experts_by_parameters, latent_attention_targets,
-                                linear_attention_targets)
+                                linear_attention_targets, present_targets)
 
 CHECKPOINTING_MODES = ("auto", True, False, "offload", "unsloth")
 
@@ -226,8 +226,10 @@ class FastModel(FastLanguageModel):
             target_modules = layer_group_targets(finetune_vision_layers, finetune_language_layers,
                                                  finetune_attention_modules, finetune_mlp_modules)
             arch = getattr(model, "arch", None)
-            if arch is not None:  # under the family's names (LFM2: out_proj, w1, w3, w2)
-                target_modules = [arch.module_name(t) for t in target_modules]
+            if arch is not None:  # under the family's names (LFM2: out_proj, w1, w3, w2), those it has (no gate_proj
+                # in Arcee's or Nemotron-H's MLPs)
+                target_modules = present_targets(model, list(dict.fromkeys(arch.module_name(t)
+                                                                           for t in target_modules)))
             if finetune_attention_modules:  # Qwen3.5's, Qwen3-Next's and LFM2's linear layers mix tokens too
                 latent = latent_attention_targets(arch)
                 if latent:  # multi-head latent attention: its own projections in place of q/k/v

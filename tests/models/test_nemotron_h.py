@@ -214,3 +214,18 @@ def test_moe_gguf_logits_match_llama_cpp(tmp_path):
     assert {"blk.1.ffn_up_exps.weight", "blk.1.ffn_down_exps.weight", "blk.1.ffn_up_shexp.weight"} <= set(types)
     rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
     assert rel < 2e-3 and top1 >= 1.0, (rel, top1)
+
+
+@pytest.mark.parametrize("attention, mlp, expected", [
+    (True, True, ["down_proj", "in_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    (False, True, ["down_proj", "up_proj"]),  # (no gate_proj in the ungated MLPs, and no warning about it)
+    (True, False, ["in_proj", "k_proj", "o_proj", "q_proj", "v_proj"]),
+])
+def test_fastmodel_switches(folder, attention, mlp, expected):
+    from fasttune import FastModel
+
+    model, _ = FastModel.from_pretrained(str(folder), dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (the switches pick the names; nothing to warn about)
+        lora = FastModel.get_peft_model(model, r=4, finetune_attention_modules=attention, finetune_mlp_modules=mlp)
+    assert sorted(lora.lora_settings.target_modules) == expected

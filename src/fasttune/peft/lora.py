@@ -358,10 +358,16 @@ def default_targets(model: nn.Module) -> list[str]:
         return latent_attention_targets(arch) + ["o_proj", "gate_proj", "up_proj", "down_proj"]
     if arch.num_experts:  # (LFM2-MoE: under LFM2's names)
         return list(dict.fromkeys([arch.module_name(t) for t in DEFAULT_TARGETS] + linear_attention_targets(arch)))
-    leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
     named = [arch.module_name(t) for t in DEFAULT_TARGETS]  # LFM2: out_proj, w1, w3, w2
-    chosen = [t for t in named if t in leaves or FUSED_TARGETS.get(t) in leaves] or named
-    return list(dict.fromkeys(chosen + linear_attention_targets(arch)))
+    return list(dict.fromkeys(present_targets(model, named) + linear_attention_targets(arch)))
+
+
+def present_targets(model: nn.Module, names: list[str]) -> list[str]:
+    """The target_modules `names` this model has a layer for (itself or the fused layer it belongs to: Phi-3's
+    qkv_proj), in order; all of them when it has none (the resolution then names the layers there are). Arcee's and
+    Nemotron-H's MLPs have no gate_proj: the seven usual names apply as the six they have."""
+    leaves = {n.rsplit(".", 1)[-1] for n in _linear_names(model)}
+    return [t for t in names if t in leaves or FUSED_TARGETS.get(t) in leaves] or list(names)
 
 
 def latent_attention_targets(arch) -> list[str]:
