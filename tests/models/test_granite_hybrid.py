@@ -180,7 +180,7 @@ GRANITE_TEMPLATE = ("{%- for message in messages %}<|start_of_role|>{{ message['
                     "{%- if add_generation_prompt %}<|start_of_role|>assistant<|end_of_role|>{%- endif %}")
 
 
-def test_the_peers_granite_notebook_flow(tmp_path, tiny_tokenizer, monkeypatch):
+def test_the_peers_granite_notebook_flow(tmp_path, monkeypatch):
     """The peer's Granite 4.0 notebook, import changed: from_pretrained, get_peft_model with its target list,
     conversations formatted by the chat template, TRL's SFTTrainer with its SFTConfig, train_on_responses_only with the
     parts read off Granite's template, training, inference, the adapter saved and loaded back."""
@@ -190,9 +190,10 @@ def test_the_peers_granite_notebook_flow(tmp_path, tiny_tokenizer, monkeypatch):
     from fasttune import is_bfloat16_supported
     from fasttune.chat_templates import train_on_responses_only
 
+    from tiny_tokenizer import make_tiny_tokenizer
+
     monkeypatch.chdir(tmp_path)
-    tiny_tokenizer.chat_template = GRANITE_TEMPLATE
-    _pair(tmp_path / "granite", tiny_tokenizer)
+    _pair(tmp_path / "granite", make_tiny_tokenizer(GRANITE_TEMPLATE))  # (its own: the shared one keeps ChatML)
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=str(tmp_path / "granite"), max_seq_length=128,
                                                          load_in_4bit=False, load_in_8bit=False,
                                                          full_finetuning=False)
