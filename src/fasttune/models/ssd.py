@@ -44,23 +44,27 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     of chunk): the carried state is zeroed where a chunk's entry is 0 (packed runs). Returns (y (B, T, H, P) fp32,
     final state (B, H, P, N) fp32)."""
     b, t, h, p = x.shape
-    n_state = B.shape[-1]
-    group = h // B.shape[2]
+    g, n_state = B.shape[2], B.shape[-1]
+    group = h // g
     pad = -t % chunk
     xdt = x.float() * dt[..., None]  # (B, T, H, P)
     a = dt * A  # (B, T, H) log-decay per position
-    B, C = (m.float().repeat_interleave(group, dim=2) for m in (B, C))  # (B, T, H, N)
+    B, C = B.float(), C.float()  # (B, T, G, N)
     if pad:
         xdt, B, C = (torch.nn.functional.pad(m, (0, 0, 0, 0, 0, pad)) for m in (xdt, B, C))
         a = torch.nn.functional.pad(a, (0, 0, 0, pad))
     n = (t + pad) // chunk
-    # (B, H, n, L, ...): heads first so each chunk's products are batched matmuls
-    xdt, B, C = (m.view(b, n, chunk, h, -1).permute(0, 3, 1, 2, 4) for m in (xdt, B, C))
+    # (B, H or G, n, L, ...): heads (groups) first so each chunk's products are batched matmuls
+    xdt = xdt.view(b, n, chunk, h, p).permute(0, 3, 1, 2, 4)
+    B, C = (m.view(b, n, chunk, g, n_state).permute(0, 3, 1, 2, 4) for m in (B, C))
     cum = a.view(b, n, chunk, h).permute(0, 3, 1, 2).cumsum(-1)  # (B, H, n, L) decay from the chunk's start
-    # within a chunk: y_l = sum_{s <= l} exp(cum_l - cum_s) (C_l . B_s) xdt_s
+    # within a chunk: y_l = sum_{s <= l} exp(cum_l - cum_s) (C_l . B_s) xdt_s, with C_l . B_s once per group (its
+    # heads share B and C), the decays per head
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    y = (C @ B.transpose(-1, -2) * decay) @ xdt  # (B, H, n, L, P)
+    scores = decay.view(b, g, group, n, chunk, chunk) * (C @ B.transpose(-1, -2))[:, :, None]
+    y = scores.view(b, h, n, chunk, chunk) @ xdt  # (B, H, n, L, P)
+    B, C = (m[:, :, None].expand(b, g, group, n, chunk, n_state).reshape(b, h, n, chunk, n_state) for m in (B, C))
     # Between chunks, the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
     # decay plus the chunk's own sum_s exp(cum_last - cum_s) B_s xdt_s^T: the delta rule's chunk scan
     # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w = 0).

@@ -37,17 +37,16 @@ def _layer_values(cfg) -> list[int]:
 
 def _mamba_values(cfg) -> int:
     """16-bit values a Mamba-2 mixer (models/mamba2.py) saves per token, an fp32 value counting 2, as counted on its
-    saved tensors (tests/train/test_memory_policy.py): the 16-bit input, in_proj's output, the conv's input and
-    output and out_proj's input (h + 3 * inner + 3 * conv + heads); the scan's fp32 B and C per head, their
-    transposes and the chunk scan's inputs (12 * heads * d_state), its per-chunk (chunk x chunk) score and decay
-    blocks (18 * heads * chunk) and its and the gated norm's fp32 (tokens x inner) steps (12 * inner); about 2h more
-    for the small ones (steps, decays, the norm's statistics)."""
+    saved tensors (tests/train/test_memory_policy.py): in_proj's output, the conv's and out_proj's inputs (16-bit:
+    2 inner + 2 conv + heads); per head the scan's state-sized operands (the chunk scan's keys and inputs, C: 8 heads
+    x d_state), its (chunk x chunk) decay and score blocks (8 heads x chunk) and its (tokens x inner) fp32 steps with
+    the gated norm's (15 inner); about 5h for the input and the small ones (steps, decays, norm statistics)."""
     from fasttune.models.ssd import CHUNK
 
     inner = cfg.mamba_heads * cfg.mamba_head_dim
     conv = inner + 2 * cfg.mamba_groups * cfg.mamba_state
-    return (3 * cfg.hidden_size + 3 * inner + 3 * conv + cfg.mamba_heads + 12 * cfg.mamba_heads * cfg.mamba_state
-            + 18 * cfg.mamba_heads * CHUNK + 12 * inner)
+    return (5 * cfg.hidden_size + 17 * inner + 2 * conv + cfg.mamba_heads
+            + 8 * cfg.mamba_heads * cfg.mamba_state + 8 * cfg.mamba_heads * CHUNK)
 
 
 def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> int:
