@@ -209,8 +209,9 @@ class DecoderLayer(nn.Module):
             build_experts(self, cfg, lambda dim: RMSNorm(dim, eps, off, f32))
 
     def _single_mixer(self, cfg: ModelConfig, layer_idx: int):
-        """A Nemotron-H layer (transformers' NemotronHBlock): `norm` and `mixer`, a Mamba-2 mixer, attention or an
-        MLP by cfg.layer_kinds; forward is x + mixer(norm(x))."""
+        """A Nemotron-H layer (transformers' NemotronHBlock): `norm` and `mixer`, a Mamba-2 mixer, attention, an MLP
+        or (Nemotron 3) an MoE block by cfg.layer_kinds; forward is x + mixer(norm(x)). The two-sublayer layers'
+        other attributes are not set: forward and unsummed return before reading them."""
         self.layer_idx, self.is_cross, self.parallel = layer_idx, False, False
         self.is_linear, self.is_moe = self.kind == "mamba", self.kind == "moe"
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32)
@@ -226,7 +227,7 @@ class DecoderLayer(nn.Module):
         else:
             mixer = MLP(cfg)
         self.mixer_name = self.mlp_name = "mixer"
-        self.mixer = mixer
+        self.mixer = mixer  # (registered in _modules by nn.Module; the `mixer` property reads it from there)
 
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None, per_layer_input=None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
