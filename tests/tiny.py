@@ -208,6 +208,11 @@ def hf_config(family: str, **overrides):
         cfg = tf.NemotronHConfig(**kw, head_dim=16, layers_block_type=kinds,
                                  mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8, conv_kernel=4,
                                  use_conv_bias=True, tie_word_embeddings=False, layer_norm_epsilon=1e-5)
+    elif family == "bamba":  # Bamba-9B's layout: Granite 4.0's Mamba-2 layers around an attention layer that rotates
+        # half of each head, a Llama MLP (feed_forward)
+        kw.update(num_hidden_layers=4)
+        cfg = tf.BambaConfig(**kw, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
+                             mamba_d_state=8, mamba_expand=2, tie_word_embeddings=False)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -220,7 +225,7 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid", "nemotron_h"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid", "nemotron_h", "bamba"]
 try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's) runs the others
     from transformers import Lfm3Config  # noqa: F401
 

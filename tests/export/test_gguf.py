@@ -328,7 +328,7 @@ def test_unsupported_models_are_config_errors(bpe, tmp_path):
                                           "arcee, apertus, qwen3_5_text, qwen3_5_moe_text, lfm2, glm4_moe, "
                                           "qwen3_next, glm4_moe_lite, deepseek_v3, deepseek_v2, gemma4_text, mistral4, "
                                           "lfm2_moe, seed_oss, cohere2, cohere, granitemoehybrid, ernie4_5_moe, "
-                                          "nemotron_h, qwen3_moe, mixtral, gpt_oss and the "
+                                          "nemotron_h, bamba, qwen3_moe, mixtral, gpt_oss and the "
                                           "vision-language "
                                           "models "
                                           "gemma3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, qwen3_5, qwen3_5_moe, "

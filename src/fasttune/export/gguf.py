@@ -175,9 +175,9 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
         # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
         # unchanged)
         if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = interleave_rotary_rows(t, cfg.num_heads)
+            t = interleave_rotary_rows(t, cfg.num_heads, cfg.rotary_dim)
         elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = interleave_rotary_rows(t, cfg.num_kv_heads)
+            t = interleave_rotary_rows(t, cfg.num_kv_heads, cfg.rotary_dim)
         if arch in DELTANET_ARCHITECTURES:
             name, t = linear_attention_tensor(name, t, cfg, tiled=arch != "qwen3next")
         if arch in MLA_ARCHITECTURES and ".self_attn." in name:  # kv_b_proj split into attn_k_b / attn_v_b
@@ -306,12 +306,12 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
     elif architecture(cfg) == "gemma4":
         write_gemma4_metadata(writer, cfg)
     else:
-        if cfg.model_type in ("lfm2", "lfm2_moe", "granitemoehybrid"):  # llama.cpp's LFM2 and Granite 4.0 know
+        if cfg.model_type in ("lfm2", "lfm2_moe", "granitemoehybrid", "bamba"):  # llama.cpp's LFM2 and Granite 4.0 know
             # their convolution / Mamba layers by 0 kv heads
             writer.add_head_count_kv([0 if lin else cfg.num_kv_heads for lin in cfg.linear_layers])
         if cfg.model_type in ("lfm2", "lfm2_moe"):
             writer.add_shortconv_l_cache(cfg.linear_conv_kernel)
-        elif cfg.model_type not in ("granitemoehybrid", "nemotron_h"):
+        elif cfg.model_type not in ("granitemoehybrid", "nemotron_h", "bamba"):
             writer.add_head_count_kv(cfg.num_kv_heads)
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)

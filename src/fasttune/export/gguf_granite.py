@@ -1,5 +1,5 @@
-"""Granite 4.0's hybrid decoder in llama.cpp's "granitehybrid" layout and Nemotron-H's in its "nemotron_h": the tensors
-of the Mamba-2 layers and the MLPs, and the keys llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py,
+"""Granite 4.0's (and Bamba's) hybrid decoder in llama.cpp's "granitehybrid" layout and Nemotron-H's in its
+"nemotron_h": the tensors of the Mamba-2 layers and the MLPs, and the keys llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py,
 GraniteHybridModel, NemotronHModel and Mamba2Model; src/models/granite-hybrid.cpp, nemotron-h.cpp and
 src/llama-model.cpp's loader).
 
@@ -100,10 +100,11 @@ def granite_hybrid_metadata(writer, cfg) -> None:
     """The keys llama.cpp's granitehybrid reads beyond the common ones: Granite's four multipliers, the Mamba-2 sizes
     (conv kernel, state, groups, inner width, heads as the time-step rank), 0 key/value heads in the Mamba layers and
     whether the attention layers rotate (rope "finetuned"); with experts their width and the shared MLP's."""
-    writer.add_embedding_scale(float(cfg.embedding_multiplier))
-    writer.add_residual_scale(float(cfg.residual_multiplier))
+    one = lambda v: 1.0 if v is None else float(v)  # noqa: E731  (Bamba: no multipliers)
+    writer.add_embedding_scale(one(cfg.embedding_multiplier))
+    writer.add_residual_scale(one(cfg.residual_multiplier))
     writer.add_attention_scale(float(cfg.scaling))
-    writer.add_logit_scale(float(cfg.logits_scaling))
+    writer.add_logit_scale(one(cfg.logits_scaling))
     _mamba_metadata(writer, cfg)
     writer.add_rope_scaling_finetuned(not cfg.rope_layers or any(cfg.rope_layers))
     if cfg.num_experts:  # Granite 4.0-H Tiny / Small: the shared MLP's width (feed_forward_length: the experts')

@@ -37,7 +37,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "deepseek_v3": "deepseek2", "deepseek_v2": "deepseek2", "gemma4_text": "gemma4",
                  "mistral4": "mistral4", "lfm2_moe": "lfm2moe", "seed_oss": "seed_oss",
                  "cohere2": "cohere2", "cohere": "command-r", "granitemoehybrid": "granitehybrid",
-                 "ernie4_5_moe": "ernie4_5-moe", "nemotron_h": "nemotron_h",
+                 "ernie4_5_moe": "ernie4_5-moe", "nemotron_h": "nemotron_h", "bamba": "granitehybrid",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_vl_moe_text": "qwen3vlmoe",
@@ -57,12 +57,19 @@ def architecture(cfg) -> str:
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3", "granitehybrid")
 
 
-def interleave_rotary_rows(w, n_heads: int):
+def interleave_rotary_rows(w, n_heads: int, rotary: int | None = None):
     """Reorder q/k projection rows (a torch tensor) within each head from transformers' rotate-half layout (dims i
-    and i + d/2 form a pair) to llama.cpp's adjacent pairs (2i, 2i + 1). Works on weights (out, in) and biases
+    and i + r/2 form a pair) to llama.cpp's adjacent pairs (2i, 2i + 1), over the first `rotary` dims of each head
+    (None: all; partial RoPE, e.g. Bamba's half, leaves the rest in place). Works on weights (out, in) and biases
     (out,)."""
+    import torch
+
     d = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, d // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+    r = d if rotary is None else rotary
+    heads = w.reshape(n_heads, d, *w.shape[1:])
+    rotated = heads[:, :r].reshape(n_heads, 2, r // 2, *w.shape[1:]).transpose(1, 2).reshape(n_heads, r,
+                                                                                              *w.shape[1:])
+    return torch.cat([rotated, heads[:, r:]], dim=1).reshape(w.shape)
 
 
 # method -> (default GGML type, gguf.LlamaFileType name)

@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fasttune.errors import ModelLoadError
-from fasttune.models.family_fields import (gemma4_fields, gemma4_unsupported, granite_hybrid_fields, lfm2_fields,
+from fasttune.models.family_fields import (bamba_fields, gemma4_fields, gemma4_unsupported, granite_hybrid_fields,
+                                           lfm2_fields,
                                            llama4_query_scale, mla_fields, moe_fields, nemotron_h_fields,
                                            nemotron_h_kinds, qwen3_5_fields)
 
@@ -31,7 +32,7 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
                       "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
-                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe", "nemotron_h")
+                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe", "nemotron_h", "bamba")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -57,6 +58,8 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
 # (and in Granite 4.0-H Tiny / Small the experts' block is block_sparse_moe, its router `router`: ModelConfig.moe_name)
 RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linear", "gate_proj": "input_linear",
                                "up_proj": "input_linear", "down_proj": "output_linear", "gate": "router"}
+# Bamba: Granite 4.0's Mamba layers with a Llama MLP named feed_forward and a final_layernorm
+RENAMED["bamba"] = {"mlp": "feed_forward", "norm": "final_layernorm"}
 RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
@@ -435,6 +438,8 @@ class ModelConfig:
         if model_type == "granitemoehybrid":
             granite_hybrid_fields(cfg, get)
             granite_multipliers(cfg, get)
+        if model_type == "bamba":
+            bamba_fields(cfg, get)
         if model_type in ("lfm2", "lfm3", "lfm2_moe"):
             lfm2_fields(cfg, get)
         if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"):

@@ -129,7 +129,8 @@ SANDWICH_NAMES = {"gemma2": ("post_attention_layernorm", "pre_feedforward_layern
                   "lfm3": ("post_operator_norm", "ffn_norm", "post_ffn_norm")}
 # A pre-norm block's two norms (before attention, before the MLP) where a family renames them (Apertus).
 PRE_NORM_NAMES = {"apertus": ("attention_layernorm", "feedforward_layernorm"), "lfm2": ("operator_norm", "ffn_norm"),
-                  "lfm3": ("operator_norm", "ffn_norm"), "lfm2_moe": ("operator_norm", "ffn_norm")}
+                  "lfm3": ("operator_norm", "ffn_norm"), "lfm2_moe": ("operator_norm", "ffn_norm"),
+                  "bamba": ("input_layernorm", "pre_ff_layernorm")}
 
 
 class DecoderLayer(nn.Module):

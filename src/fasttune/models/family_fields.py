@@ -101,20 +101,7 @@ def granite_hybrid_fields(cfg, get) -> None:
         raise ModelLoadError(f"layer_types in the Granite 4.0 config must name 'mamba' or 'attention' for each of the "
                              f"{layers} layers; it has {list(types)}. Fix config.json.")
     cfg.linear_layers = [kinds[t] for t in types[:layers]]
-    cfg.linear_kind = "mamba2"
-    inner = int(float(get("mamba_expand", 2)) * cfg.hidden_size)
-    cfg.mamba_heads = int(get("mamba_n_heads", 128))
-    head_dim = get("mamba_d_head", "auto")
-    cfg.mamba_head_dim = inner // cfg.mamba_heads if head_dim in (None, "auto") else int(head_dim)
-    cfg.mamba_groups, cfg.mamba_state = int(get("mamba_n_groups", 1)), int(get("mamba_d_state", 256))
-    if cfg.mamba_heads * cfg.mamba_head_dim != inner or cfg.mamba_heads % cfg.mamba_groups:
-        raise ModelLoadError(f"The Granite 4.0 config's Mamba sizes do not fit: mamba_n_heads ({cfg.mamba_heads}) x "
-                             f"mamba_d_head ({cfg.mamba_head_dim}) must be mamba_expand x hidden_size ({inner}), and "
-                             f"mamba_n_groups ({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
-    cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
-    cfg.conv_bias = bool(get("mamba_conv_bias", True))
-    cfg.mamba_proj_bias = bool(get("mamba_proj_bias", False))
-    cfg.time_step_limit = _time_step_limit(get)
+    _mamba_sizes(cfg, get, "Granite 4.0")
     cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
     if get("position_embedding_type") != "rope":
         cfg.rope_layers = [False] * layers
@@ -126,6 +113,42 @@ def granite_hybrid_fields(cfg, get) -> None:
         cfg.norm_topk_prob = cfg.shared_mlp_beside = True
     cfg.intermediate_size = int(get("shared_intermediate_size", 1024))
     cfg.fused_gate_up = True
+
+
+def _mamba_sizes(cfg, get, family: str) -> None:
+    """The Mamba-2 fields of Granite 4.0's and Bamba's configs (mamba_*: heads, head size or "auto" = expand x
+    hidden / heads, groups, state, conv, biases, time_step_limit). Raises ModelLoadError for sizes that do not fit."""
+    cfg.linear_kind = "mamba2"
+    inner = int(float(get("mamba_expand", 2)) * cfg.hidden_size)
+    cfg.mamba_heads = int(get("mamba_n_heads", 128))
+    head_dim = get("mamba_d_head", "auto")
+    cfg.mamba_head_dim = inner // cfg.mamba_heads if head_dim in (None, "auto") else int(head_dim)
+    cfg.mamba_groups, cfg.mamba_state = int(get("mamba_n_groups", 1)), int(get("mamba_d_state", 256))
+    if cfg.mamba_heads * cfg.mamba_head_dim != inner or cfg.mamba_heads % cfg.mamba_groups:
+        raise ModelLoadError(f"The {family} config's Mamba sizes do not fit: mamba_n_heads ({cfg.mamba_heads}) x "
+                             f"mamba_d_head ({cfg.mamba_head_dim}) must be mamba_expand x hidden_size ({inner}), and "
+                             f"mamba_n_groups ({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
+    cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
+    cfg.conv_bias = bool(get("mamba_conv_bias", True))
+    cfg.mamba_proj_bias = bool(get("mamba_proj_bias", False))
+    cfg.time_step_limit = _time_step_limit(get)
+
+
+def bamba_fields(cfg, get) -> None:
+    """Bamba (transformers' BambaConfig: IBM's Bamba-9B): Granite 4.0's Mamba-2 layers except at attn_layer_indices,
+    where attention rotates half of each head (BambaConfig fixes partial_rotary_factor at 0.5); a Llama MLP named
+    feed_forward, norms input_layernorm / pre_ff_layernorm / final_layernorm. Raises ModelLoadError for a z-loss
+    (z_loss_coefficient > 0: our loss has no such term) or Mamba sizes that do not fit."""
+    if float(get("z_loss_coefficient", 0.0) or 0.0) > 0:
+        raise ModelLoadError(f"This Bamba config trains with a z-loss (z_loss_coefficient={get('z_loss_coefficient')}),"
+                             f" which fasttune's loss does not add. Set it to 0 in config.json, or load the model with "
+                             f"fast=False (transformers computes it).")
+    attention = set(get("attn_layer_indices") or ())
+    cfg.linear_layers = [i not in attention for i in range(cfg.num_layers)]
+    _mamba_sizes(cfg, get, "Bamba")
+    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+    cfg.mlp_bias = bool(get("mlp_bias", False))
+    cfg.partial_rotary_factor = 0.5
 
 
 def _time_step_limit(get) -> tuple[float, float]:
