@@ -213,6 +213,14 @@ def hf_config(family: str, **overrides):
         kw.update(num_hidden_layers=4)
         cfg = tf.BambaConfig(**kw, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2,
                              mamba_d_state=8, mamba_expand=2, tie_word_embeddings=False)
+    elif family == "falcon_h1":  # Falcon-H1's layout: attention (RoPE) and Mamba-2 (8 heads of 16, 2 groups, state
+        # 8) side by side in every layer, its µP multipliers away from 1, the Mamba gated norm (norm before the gate)
+        cfg = tf.FalconH1Config(**kw, head_dim=16, mamba_d_ssm=128, mamba_n_heads=8, mamba_d_head=16,
+                                mamba_n_groups=2, mamba_d_state=8, mamba_rms_norm=True, mamba_norm_before_gate=True,
+                                embedding_multiplier=3.0, lm_head_multiplier=0.4, key_multiplier=0.7,
+                                attention_in_multiplier=1.3, attention_out_multiplier=0.8, ssm_in_multiplier=1.2,
+                                ssm_out_multiplier=0.6, ssm_multipliers=[1.1, 0.9, 1.2, 0.8, 1.3],
+                                mlp_multipliers=[1.4, 0.7], tie_word_embeddings=False)
     elif family == "mixtral":
         cfg = tf.MixtralConfig(**kw, num_local_experts=4, num_experts_per_tok=2, sliding_window=None,
                                tie_word_embeddings=False)
@@ -225,7 +233,8 @@ def hf_config(family: str, **overrides):
 
 FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3", "olmo2",
             "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
-            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid", "nemotron_h", "bamba"]
+            "hunyuan_v1_dense", "arcee", "apertus", "qwen3_5_text", "lfm2", "granitemoehybrid", "nemotron_h", "bamba",
+            "falcon_h1"]
 try:  # LFM3 came with transformers 5.2x; an older transformers (a GPU machine's) runs the others
     from transformers import Lfm3Config  # noqa: F401
 

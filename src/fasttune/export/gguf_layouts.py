@@ -41,6 +41,11 @@ def check_supported(cfg) -> None:
         raise ConfigError("GGUF export: llama.cpp has no architecture for Llama 3.2 Vision's cross-attention layers "
                           "(mllama). Save merged safetensors instead (save_pretrained_merged / fasttune export "
                           "--format merged), which transformers and vLLM load.")
+    if cfg.model_type == "falcon_h1":
+        raise ConfigError("GGUF export of Falcon-H1 is not supported yet: llama.cpp's falcon-h1 reads its µP "
+                          "multipliers folded into the weights, which fasttune's export does not do. Save merged "
+                          "safetensors instead (save_pretrained_merged / fasttune export --format merged), which "
+                          "transformers and vLLM load, or convert those with llama.cpp's convert_hf_to_gguf.py.")
     if cfg.model_type not in ARCHITECTURES:
         text = [t for t in ARCHITECTURES if t not in VISION_TEXT_FAMILIES]  # those come with their vision tower
         *vlms, last = PROJECTORS

@@ -22,8 +22,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from fasttune.errors import ModelLoadError
-from fasttune.models.family_fields import (bamba_fields, gemma4_fields, gemma4_unsupported, granite_hybrid_fields,
-                                           lfm2_fields,
+from fasttune.models.family_fields import (bamba_fields, falcon_h1_fields, gemma4_fields, gemma4_unsupported,
+                                           granite_hybrid_fields, lfm2_fields,
                                            llama4_query_scale, mla_fields, moe_fields, nemotron_h_fields,
                                            nemotron_h_kinds, qwen3_5_fields)
 
@@ -32,7 +32,8 @@ SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "
                       "hunyuan_v1_dense", "arcee", "apertus", "qwen3_moe", "mixtral",
                       "gpt_oss", "qwen3_5_text", "qwen3_5_moe_text", "qwen3_next", "lfm2", "lfm3", "glm4_moe",
                       "glm4_moe_lite", "deepseek_v3", "deepseek_v2", "gemma4_text", "mistral4", "lfm2_moe",
-                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe", "nemotron_h", "bamba")
+                      "seed_oss", "cohere2", "cohere", "granitemoehybrid", "ernie4_5_moe", "nemotron_h", "bamba",
+                      "falcon_h1")
 # Language models of vision-language checkpoints (models/vision.py): built from the VLM's text_config (Qwen3.5's,
 # "qwen3_5_text", is also a text checkpoint's model_type, so it is in SUPPORTED_FAMILIES).
 VISION_TEXT_FAMILIES = ("qwen2_vl_text", "qwen2_5_vl_text", "qwen3_vl_text", "qwen3_vl_moe_text")
@@ -58,8 +59,9 @@ RENAMED = {"lfm2": {"o_proj": "out_proj", "q_norm": "q_layernorm", "k_norm": "k_
 # (and in Granite 4.0-H Tiny / Small the experts' block is block_sparse_moe, its router `router`: ModelConfig.moe_name)
 RENAMED["granitemoehybrid"] = {"mlp": "shared_mlp", "gate_up_proj": "input_linear", "gate_proj": "input_linear",
                                "up_proj": "input_linear", "down_proj": "output_linear", "gate": "router"}
-# Bamba: Granite 4.0's Mamba layers with a Llama MLP named feed_forward and a final_layernorm
+# Bamba: Granite 4.0's Mamba layers with a Llama MLP named feed_forward and a final_layernorm (Falcon-H1 too)
 RENAMED["bamba"] = {"mlp": "feed_forward", "norm": "final_layernorm"}
+RENAMED["falcon_h1"] = RENAMED["bamba"]
 RENAMED["lfm2_moe"] = RENAMED["lfm2"]  # LFM2's layers with MoE feed-forwards (its gate, experts, expert_bias)
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh", "gelu_tanh", "gelu", "relu2", "xielu")
@@ -189,6 +191,17 @@ class ModelConfig:
     # NemotronHBlock) instead of attention then MLP; empty = the usual two-sublayer layers
     layer_kinds: list = field(default_factory=list)
     experts_gated: bool = True  # False: Nemotron 3's ungated ReLU² experts (up_proj, down_proj: models/moe.py)
+    # Falcon-H1: every layer runs attention and a Mamba-2 mixer side by side on the same normed input (their outputs
+    # added), with µP multipliers: (attention in, attention out, ssm in, ssm out), the in_proj output's five
+    # sections (z, x, B, C, dt: ssm_multipliers), the MLP's (gate, down); the embedding multiplier applies to looked-up
+    # ids only; the Mamba gated norm optional (mamba_rms_norm) and its norm before the gate (mamba_norm_before_gate)
+    parallel_mamba: bool = False
+    parallel_multipliers: tuple = (1.0, 1.0, 1.0, 1.0)
+    ssm_multipliers: tuple | None = None
+    mlp_multipliers: tuple | None = None
+    mamba_rms_norm: bool = True
+    mamba_norm_before_gate: bool = False
+    embedding_multiplier_ids_only: bool = False
     # DeepSeek-V2/V3's multi-head latent attention (GLM-4.7-Flash, models/mla.py): keys and values come from a
     # kv_lora_rank-wide latent (kv_a_proj_with_mqa, kv_a_layernorm, kv_b_proj); each head's query and key are
     # qk_nope_head_dim channels without RoPE then head_dim (qk_rope_head_dim) rotated ones, the rotated key shared
@@ -440,6 +453,8 @@ class ModelConfig:
             granite_multipliers(cfg, get)
         if model_type == "bamba":
             bamba_fields(cfg, get)
+        if model_type == "falcon_h1":
+            falcon_h1_fields(cfg, get)
         if model_type in ("lfm2", "lfm3", "lfm2_moe"):
             lfm2_fields(cfg, get)
         if model_type in ("glm4_moe_lite", "deepseek_v3", "deepseek_v2", "mistral4"):

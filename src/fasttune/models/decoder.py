@@ -61,6 +61,7 @@ class MLP(nn.Module):
         self.gated = cfg.mlp_gated
         # gate / up / down under the family's names (LFM2: w1 / w3 / w2)
         self.names = tuple(cfg.module_name(n) for n in ("gate_proj", "up_proj", "down_proj"))
+        self.multipliers = cfg.mlp_multipliers  # Falcon-H1: act(gate(x) * m_gate) * up(x), down(...) * m_down
         self.fused_name = cfg.module_name("gate_up_proj")  # (Granite 4.0: input_linear)
         if self.fused:
             setattr(self, self.fused_name, nn.Linear(h, 2 * i, bias=cfg.mlp_bias))
@@ -108,6 +109,10 @@ class MLP(nn.Module):
             u = one_linear(self.up, x)
             h = self.act_fn(u) if self.act == "xielu" else torch.relu(u).square()
             return project(h, self.down, values_unused=values_unused)[0]
+        if self.multipliers is not None:
+            gate, up = project(x, self.gate, self.up)
+            h = gated_act(gate * self.multipliers[0], up, self.act)
+            return project(h, self.down, values_unused=values_unused)[0] * self.multipliers[1]
         pair = (self.gate_up,) if self.fused else (self.gate, self.up)
         if one_row_linears(x, pair):  # a batch-1 decode step: both projections and the activation in one launch
             if self.fused:
@@ -143,8 +148,12 @@ class DecoderLayer(nn.Module):
         eps, off, f32 = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32
         centered = cfg.centered_norm  # (Cohere's LayerNorms)
         self.kind = cfg.layer_kinds[layer_idx] if cfg.layer_kinds else None
+        self.parallel_mamba = cfg.parallel_mamba
         if self.kind is not None:  # Nemotron-H: one norm and one mixer
             self._single_mixer(cfg, layer_idx)
+            return
+        if self.parallel_mamba:  # Falcon-H1: attention and Mamba side by side
+            self._attention_beside_mamba(cfg, layer_idx)
             return
         # the token mixer: softmax attention, Qwen3.5's gated DeltaNet (models/gated_deltanet.py) or LFM2's short
         # convolution (models/short_conv.py)
@@ -230,11 +239,30 @@ class DecoderLayer(nn.Module):
         self.mixer_name = self.mlp_name = "mixer"
         self.mixer = mixer  # (registered in _modules by nn.Module; the `mixer` property reads it from there)
 
+    def _attention_beside_mamba(self, cfg: ModelConfig, layer_idx: int):
+        """A Falcon-H1 layer (transformers' FalconH1DecoderLayer): `self_attn` and `mamba` on the same
+        input_layernorm output, their outputs scaled and added (parallel_multipliers), then `feed_forward` after
+        pre_ff_layernorm. The two-sublayer layers' other attributes are not set: forward and unsummed return before
+        reading them."""
+        self.layer_idx, self.is_cross, self.is_moe = layer_idx, False, False
+        self.parallel, self.is_linear = False, False
+        eps, off, f32 = cfg.rms_norm_eps, cfg.norm_offset, cfg.norm_scale_fp32
+        self.mixer_name, self.mlp_name = "self_attn", "feed_forward"
+        self.self_attn = Attention(cfg.layer_config(layer_idx), layer_idx)
+        self.self_attn.keeps_block = False  # (the kept block belongs to the two-sublayer layer's residual adds)
+        self.mamba = Mamba2Mixer(cfg, layer_idx)
+        self.feed_forward = MLP(cfg)
+        self.pre_norm_names = ("input_layernorm", "pre_ff_layernorm")
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off, f32)
+        self.pre_ff_layernorm = RMSNorm(cfg.hidden_size, eps, off, f32)
+        self.multipliers = cfg.parallel_multipliers
+
     def unsummed(self, x, h, cos, sin, mask, cache: KVCache | None = None, per_layer_input=None):
         """The layer applied to x + h (h: the previous layer's unsummed output, or None), returning (x', h') whose
         sum is the layer's output: the residual add joins the next norm's kernel (a decode step's loop; inference
         only). Plain pre-norm blocks; MoE, sandwich- and post-norm layers sum first and return h' None."""
-        if self.kind is not None or self.is_moe or self.sandwich or self.post_norm or self.is_cross or self.parallel:
+        if self.kind is not None or self.parallel_mamba or self.is_moe or self.sandwich or self.post_norm or \
+                self.is_cross or self.parallel:
             return self(x if h is None else x + h, cos, sin, mask, cache, per_layer_input=per_layer_input), None
         x, normed = self.attn_norm.with_residual(x, h)
         h = self._scaled(self.mixer(normed, cos, sin, mask, cache))
@@ -305,6 +333,12 @@ class DecoderLayer(nn.Module):
         per_layer_input (B, T, P) this layer's per-layer embedding, shared_kv the (k, v) a shared key/value layer
         attends over, and a layer whose keys and values are reused returns (x, k, v) outside generation. A
         cross-attention layer (Llama 3.2 Vision) reads mask["cross"] (models/cross_attention.py)."""
+        if self.parallel_mamba:  # Falcon-H1: x + mamba(n) * m_ssm_out + attention(n * m_attn_in) * m_attn_out
+            attn_in, attn_out, _, ssm_out = self.multipliers
+            normed = self.input_layernorm(x)
+            h = self.mamba(normed, cos, sin, mask, cache) * ssm_out
+            x = x + h + self.self_attn(normed * attn_in, cos, sin, mask, cache) * attn_out
+            return x + self.feed_forward(self.pre_ff_layernorm(x), values_unused=recomputing())
         if self.kind is not None:  # Nemotron-H: x + mixer(norm(x))
             normed = self.norm(x)
             if self.kind == "mlp":
@@ -441,8 +475,8 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         x = x.to(self.dtype)
         b, t = x.shape[:2]
-        if cfg.embedding_multiplier is not None:  # Granite scales given embeddings too, by a Python float
-            x = x * cfg.embedding_multiplier
+        if cfg.embedding_multiplier is not None and (inputs_embeds is None or not cfg.embedding_multiplier_ids_only):
+            x = x * cfg.embedding_multiplier  # (Granite scales given embeddings too, Falcon-H1 looked-up ids only)
         # Gemma 4's per-layer embeddings, looked up by id: input_ids, or with inputs_embeds that hold images, the ids
         # with the pad token at the image positions (per_layer_ids, models/vision.py)
         ple = per_layer_inputs(self, input_ids if input_ids is not None else per_layer_ids, x) \

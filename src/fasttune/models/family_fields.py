@@ -151,6 +151,41 @@ def bamba_fields(cfg, get) -> None:
     cfg.partial_rotary_factor = 0.5
 
 
+def falcon_h1_fields(cfg, get) -> None:
+    """Falcon-H1 (transformers' FalconH1Config): every layer attention and a Mamba-2 mixer side by side on one
+    input_layernorm output, then a Llama MLP (feed_forward, pre_ff_layernorm); the µP multipliers (ModelConfig's
+    parallel_* fields; key_multiplier folded into the attention scale, lm_head_multiplier into logits_scaling);
+    mamba_d_ssm channels wide (else mamba_expand x hidden). Raises ModelLoadError for Mamba sizes that do not fit."""
+    cfg.parallel_mamba = True
+    cfg.linear_layers = [True] * cfg.num_layers  # (every layer has a Mamba mixer: its caches and padding masks)
+    cfg.linear_kind = "mamba2"
+    inner = int(get("mamba_d_ssm") or float(get("mamba_expand", 2)) * cfg.hidden_size)
+    cfg.mamba_heads = int(get("mamba_n_heads", 128))
+    head_dim = get("mamba_d_head", "auto")
+    cfg.mamba_head_dim = inner // cfg.mamba_heads if head_dim in (None, "auto") else int(head_dim)
+    cfg.mamba_groups, cfg.mamba_state = int(get("mamba_n_groups", 1)), int(get("mamba_d_state", 256))
+    if cfg.mamba_heads * cfg.mamba_head_dim != inner or cfg.mamba_heads % cfg.mamba_groups:
+        raise ModelLoadError(f"The Falcon-H1 config's Mamba sizes do not fit: mamba_n_heads ({cfg.mamba_heads}) x "
+                             f"mamba_d_head ({cfg.mamba_head_dim}) must be mamba_d_ssm ({inner}), and mamba_n_groups "
+                             f"({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
+    cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
+    cfg.conv_bias = bool(get("mamba_conv_bias", True))
+    cfg.mamba_proj_bias = bool(get("projectors_bias", False))
+    cfg.time_step_limit = _time_step_limit(get)
+    cfg.mamba_rms_norm = bool(get("mamba_rms_norm", False))
+    cfg.mamba_norm_before_gate = bool(get("mamba_norm_before_gate", True))
+    cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
+    cfg.mlp_bias = bool(get("mlp_bias", False))
+    one = lambda k: float(get(k, 1.0) if get(k, 1.0) is not None else 1.0)  # noqa: E731
+    cfg.parallel_multipliers = (one("attention_in_multiplier"), one("attention_out_multiplier"),
+                                one("ssm_in_multiplier"), one("ssm_out_multiplier"))
+    cfg.ssm_multipliers = tuple(float(v) for v in (get("ssm_multipliers") or (1.0,) * 5))
+    cfg.mlp_multipliers = tuple(float(v) for v in (get("mlp_multipliers") or (1.0, 1.0)))
+    cfg.embedding_multiplier, cfg.embedding_multiplier_ids_only = one("embedding_multiplier"), True
+    cfg.logits_scaling = 1.0 / one("lm_head_multiplier")
+    cfg.attn_scale = cfg.head_dim ** -0.5 * one("key_multiplier")
+
+
 def _time_step_limit(get) -> tuple[float, float]:
     """The Mamba-2 scan's (min, max) step clamp, transformers' time_step_limit (None: no clamp)."""
     limit = get("time_step_limit", (0.0, float("inf")))

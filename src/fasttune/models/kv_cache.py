@@ -39,7 +39,9 @@ class KVCache:
         kinds = getattr(cfg, "layer_kinds", None) or []
         shared = [hasattr(cfg, "kv_source") and cfg.kv_source(i) is not None or i in cross
                   or (bool(kinds) and kinds[i] in ("mlp", "moe")) for i in range(cfg.num_layers)]
-        shapes = [shape(i, 0 if lin or sh else max_len) for i, (lin, sh) in enumerate(zip(linear, shared))]
+        both = getattr(cfg, "parallel_mamba", False)  # (Falcon-H1: every layer attends and runs a Mamba mixer)
+        shapes = [shape(i, 0 if (lin and not both) or sh else max_len)
+                  for i, (lin, sh) in enumerate(zip(linear, shared))]
         self.keys = [torch.zeros(s[:4], dtype=dtype, device=device) for s in shapes]
         self.values = [torch.zeros(s[:3] + s[4:], dtype=dtype, device=device) for s in shapes]
         # per linear layer: the conv's last kernel - 1 inputs (B, channels, kernel - 1), and for a gated DeltaNet

@@ -24,19 +24,21 @@ from fasttune.peft.lora import project
 
 class GroupedGatedRMSNorm(nn.Module):
     """RMSNorm of x * SiLU(gate) over each of `groups` equal channel groups (transformers'
-    GraniteMoeHybridRMSNormGated): fp32 math, w times the result; returns fp32 (the scan's output dtype there)."""
+    GraniteMoeHybridRMSNormGated): fp32 math, w times the result; returns fp32 (the scan's output dtype there).
+    before_gate: the RMSNorm of x, times w, then times SiLU(gate) (Falcon-H1's mamba_norm_before_gate)."""
 
-    def __init__(self, dim: int, groups: int, eps: float):
+    def __init__(self, dim: int, groups: int, eps: float, before_gate: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.groups, self.eps = groups, eps
+        self.groups, self.eps, self.before_gate = groups, eps, before_gate
 
     def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
         """x, gate (..., dim) -> (..., dim) fp32."""
-        h = x.float() * F.silu(gate.float())
+        h = x.float() if self.before_gate else x.float() * F.silu(gate.float())
         g = h.view(*h.shape[:-1], self.groups, -1)
         g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * g.view(h.shape)
+        out = self.weight.float() * g.view(h.shape)
+        return out * F.silu(gate.float()) if self.before_gate else out
 
 
 class Mamba2Mixer(nn.Module):
@@ -60,8 +62,13 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.ones(self.heads))
         self.A_log = nn.Parameter(torch.log(torch.arange(1, self.heads + 1, dtype=torch.float32)))
         self.D = nn.Parameter(torch.ones(self.heads))
-        self.norm = GroupedGatedRMSNorm(self.inner, self.groups, cfg.rms_norm_eps)
+        if cfg.mamba_rms_norm:  # (Falcon-H1 without it: y * SiLU(z))
+            self.norm = GroupedGatedRMSNorm(self.inner, self.groups, cfg.rms_norm_eps, cfg.mamba_norm_before_gate)
         self.out_proj = nn.Linear(self.inner, h, bias=cfg.mamba_proj_bias)
+        # Falcon-H1's µP: the input times ssm_in_multiplier, in_proj's z / x / B / C / dt sections times theirs
+        self.in_multiplier = cfg.parallel_multipliers[2] if cfg.parallel_mamba else 1.0
+        self.section_multipliers = cfg.ssm_multipliers
+        self._sections: dict = {}
 
     def forward(self, x, cos, sin, mask, cache=None):
         """x (B, T, H) -> (B, T, H). mask: the decoder's mask dict, read for "padding" (attention mask (B, T), 0 =
@@ -72,7 +79,12 @@ class Mamba2Mixer(nn.Module):
         keep = None if padding is None else padding[:, -t:, None]
         if keep is not None:
             x = (x * keep).to(x.dtype)
-        z, xbc, dt = project(x, self.in_proj)[0].split([self.inner, self.conv_dim, self.heads], dim=-1)
+        if self.in_multiplier != 1.0:
+            x = x * self.in_multiplier
+        projected = project(x, self.in_proj)[0]
+        if self.section_multipliers is not None:
+            projected = projected * self._section_scale(projected)
+        z, xbc, dt = projected.split([self.inner, self.conv_dim, self.heads], dim=-1)
         weight, bias = self.conv1d.weight, self.conv1d.bias
         step = cache is not None and cache.slot is not None
         if step:
@@ -98,5 +110,16 @@ class Mamba2Mixer(nn.Module):
                                 final_state=cache is not None)
             if cache is not None:
                 cache.recurrent[self.layer_idx].copy_(state)
-        y = self.norm(y.reshape(b, t, self.inner), z).to(x.dtype)
-        return project(y, self.out_proj)[0]
+        y = y.reshape(b, t, self.inner)
+        y = self.norm(y, z) if hasattr(self, "norm") else y * F.silu(z.float())
+        return project(y.to(x.dtype), self.out_proj)[0]
+
+    def _section_scale(self, like: torch.Tensor) -> torch.Tensor:
+        """Falcon-H1's per-channel µP scale of in_proj's output (transformers' compute_mup_vector): z, x, B, C, dt
+        sections times ssm_multipliers, in like's dtype and device (built once per both)."""
+        key = (like.device, like.dtype)
+        if key not in self._sections:
+            sizes = (self.inner, self.inner, self.groups * self.state_size, self.groups * self.state_size, self.heads)
+            scale = torch.cat([torch.full((n,), float(m)) for n, m in zip(sizes, self.section_multipliers)])
+            self._sections[key] = scale.to(device=like.device, dtype=like.dtype)
+        return self._sections[key]

@@ -31,7 +31,7 @@ FUSED_LINEAR_ATTENTION_TARGETS = ["in_proj_qkvz", "out_proj"]  # Qwen3-Next's fu
 SHORT_CONV_TARGETS = ["in_proj", "out_proj"]  # LFM2's short-convolution layers
 # Families PEFT calls Mamba-based (peft.tuners.tuners_utils): it refuses LoRA on their out_proj and conv1d, whose fused
 # kernels (mamba_ssm's) read the weight directly, so an adapter with them would not load in PEFT
-PEFT_MAMBA_FAMILIES = ("nemotron_h",)
+PEFT_MAMBA_FAMILIES = ("nemotron_h", "falcon_h1")
 PEFT_MAMBA_REFUSED = ("out_proj", "conv1d")
 
 # Phi-3 stores q/k/v and gate/up fused, GLM-4 gate/up; PEFT targets the fused layers by these names.
