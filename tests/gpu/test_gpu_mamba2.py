@@ -1,7 +1,7 @@
 """The Mamba-2 hybrids on the card (skipped without CUDA): the scan's Triton chunk scan against the fp32 recurrence,
-and for Granite 4.0-H (dense and MoE) and Nemotron-H (dense and Nemotron 3's MoE) bf16 LoRA training with recompute
-and greedy generation through the CUDA-graph decode equal to the eager one (the conv and scan states updated in
-place inside the graph)."""
+and for Granite 4.0-H (dense and MoE), Nemotron-H (dense and Nemotron 3's MoE), Bamba and Falcon-H1 bf16 LoRA
+training with recompute and greedy generation through the CUDA-graph decode equal to the eager one (the conv and
+scan states updated in place inside the graph)."""
 import pytest
 import torch
 from tiny import lora_losses
@@ -32,7 +32,8 @@ def test_scan_at_granite_sizes_equals_the_recurrence(dtype, tolerance):
     assert ((y - want).norm() / want.norm()).item() < tolerance
 
 
-@pytest.mark.parametrize("family", ["granitemoehybrid", "granitemoehybrid_moe", "nemotron_h", "nemotron_h_moe"])
+@pytest.mark.parametrize("family", ["granitemoehybrid", "granitemoehybrid_moe", "nemotron_h", "nemotron_h_moe",
+                                    "bamba", "falcon_h1"])
 def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
     model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
