@@ -271,6 +271,9 @@ def causal_lm_class(model_type: str):
         transformers.AutoModelForCausalLM
 
 
+MAMBA_DRAWN = ("A_log", "dt_bias", ".D", "conv1d.bias")
+
+
 def hf_model(family: str, seed: int = 0, **overrides):
     torch.manual_seed(seed)
     cfg = hf_config(family, **overrides)
@@ -285,6 +288,8 @@ def hf_model(family: str, seed: int = 0, **overrides):
                 centred = (family.startswith("gemma") and not family.startswith("gemma4")) or \
                     (family.startswith(("qwen3_5", "qwen3_next")) and "linear_attn" not in n)
                 p.normal_(0.0 if centred else 1.0, 0.1)
+            if (".mamba." in n or ".mixer." in n) and n.endswith(MAMBA_DRAWN):  # Mamba-2 parameters transformers
+                p.normal_(0.0, 0.5)  # starts at fixed values (A_log = log 1..H, D = dt_bias = 1, conv bias 0)
             if n.endswith(("mlp.gate.weight", "mlp.router.weight", "router.proj.weight", "feed_forward.gate.weight",
                            "block_sparse_moe.router.weight")):
                 # decisive routing

@@ -4,24 +4,15 @@ from 1) cover logits, LoRA gradients against PEFT, generation and merging; here 
 import pytest
 import torch
 from peft_oracle import check_logits_generation_and_merged, check_packed_documents, check_recompute_gradients
-from tiny import hf_model
+from tiny import saved_pair
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError
 from fasttune.models.config import ModelConfig
 
-DRAWN = ("A_log", "dt_bias", ".D", "conv1d.bias")  # Mamba parameters transformers starts at fixed values
-
-
 def _pair(folder, tokenizer, **overrides):
-    hf = hf_model("falcon_h1", **overrides)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(DRAWN):
-                p.normal_(0.0, 0.5)
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return hf, FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)[0]
+    """transformers' tiny Falcon-H1 (its Mamba parameters drawn in tests/tiny.py) and ours, loaded in fp32."""
+    return saved_pair("falcon_h1", folder, tokenizer, **overrides)
 
 
 def test_fields():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_packed_documents,
                          check_recompute_gradients, moe_adapter_grads)
-from tiny import hf_model
+from tiny import saved_pair
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError, ModelLoadError
@@ -21,21 +21,10 @@ ORIGINAL = dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=64, n
                 embedding_multiplier=12.0, residual_multiplier=0.22, logits_scaling=8.0, rms_norm_eps=1e-5)
 
 
-DRAWN = ("A_log", "dt_bias", ".D", "conv1d.bias")  # Mamba parameters transformers starts at fixed values
-
-
 def _pair(folder, tokenizer, family="granitemoehybrid", **overrides):
-    """transformers' tiny Granite 4.0 (`overrides` on tests/tiny.py's `family`) with the Mamba parameters drawn away
-    from their initial values, and ours loaded from it in fp32."""
-    hf = hf_model(family, **overrides)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(DRAWN):
-                p.normal_(0.0, 0.5)
-    hf.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
-    return hf, model
+    """transformers' tiny Granite 4.0 (`overrides` on tests/tiny.py's `family`, its Mamba parameters drawn there) and
+    ours loaded from it in fp32."""
+    return saved_pair(family, folder, tokenizer, **overrides)
 
 
 def test_fields_from_the_original_config_json():
@@ -114,15 +103,7 @@ def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(moe_pair,
     ours = FastLanguageModel.get_peft_model(moe_pair[1], r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert ours.lora_settings.target_parameters == ["block_sparse_moe.experts.down_proj",
                                                     "block_sparse_moe.experts.gate_up_proj"]
-    drawn = {n: p for n, p in moe_pair[0].named_parameters() if n.endswith(DRAWN)}
-
-    def same_mamba_values(base):  # (the reference is built anew from tests/tiny.py: _pair's draws copied in)
-        with torch.no_grad():
-            for n, p in base.named_parameters():
-                if n in drawn:
-                    p.copy_(drawn[n])
-
-    mine, theirs = moe_adapter_grads("granitemoehybrid_moe", ours, tmp_path, prepare_ref=same_mamba_values)
+    mine, theirs = moe_adapter_grads("granitemoehybrid_moe", ours, tmp_path)
     assert mine.keys() == theirs.keys()
     assert any(".block_sparse_moe.experts." in n for n in mine) and any(".shared_mlp.input_linear." in n for n in mine)
     assert any(".mamba.in_proj." in n for n in mine)

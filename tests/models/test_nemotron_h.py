@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_packed_documents,
                          check_recompute_gradients, moe_adapter_grads)
-from tiny import hf_model
+from tiny import hf_model, save_hf
 
 from fasttune import FastLanguageModel
 from fasttune.errors import ConfigError, ModelLoadError
@@ -24,14 +24,8 @@ ORIGINAL = dict(model_type="nemotron_h", vocab_size=300, hidden_size=64, interme
 
 @pytest.fixture
 def folder(tmp_path, tiny_tokenizer):
-    """tests/tiny.py's Nemotron-H with the Mamba parameters drawn away from their initial values."""
-    hf = hf_model("nemotron_h")
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(DRAWN):
-                p.normal_(0.0, 0.5)
-    hf.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
+    """tests/tiny.py's Nemotron-H (its Mamba parameters drawn there), saved."""
+    save_hf(hf_model("nemotron_h"), tmp_path / "m", tiny_tokenizer)
     return tmp_path / "m"
 
 
@@ -128,22 +122,11 @@ def test_loads_in_4bit_and_trains(folder):
 
 @pytest.fixture
 def moe_folder(tmp_path, tiny_tokenizer):
-    """tests/tiny.py's Nemotron 3 layout (the MLP layers as 8 ReLU² experts beside a shared one), the Mamba parameters
-    and the routing bias drawn away from their initial values."""
+    """tests/tiny.py's Nemotron 3 layout (the MLP layers as 8 ReLU² experts beside a shared one; the Mamba parameters
+    and the routing bias drawn there) and its folder."""
     hf = hf_model("nemotron_h_moe")
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if name.endswith(DRAWN):
-                p.normal_(0.0, 0.5)
-        for name, b in hf.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.normal_(0.0, 0.3)
-    hf.save_pretrained(tmp_path / "moe")
-    tiny_tokenizer.save_pretrained(tmp_path / "moe")
+    save_hf(hf, tmp_path / "moe", tiny_tokenizer)
     return hf, tmp_path / "moe"
-
-
-DRAWN = ("A_log", "dt_bias", ".D", "conv1d.bias")  # Mamba parameters transformers starts at fixed values
 
 
 def test_moe_fields_logits_generation_and_merged_equal_transformers(moe_folder, tmp_path):
@@ -161,19 +144,10 @@ def test_moe_fields_logits_generation_and_merged_equal_transformers(moe_folder, 
 def test_moe_lora_equals_peft_and_adapts_the_routed_experts_by_default(moe_folder, tmp_path):
     """PEFT maps no MLP names to experts on this family: the names adapt attention, the shared experts and the Mamba
     in_proj, and without target_modules the routed experts come as target_parameters (up_proj, down_proj)."""
-    hf, folder = moe_folder
-    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    model, _ = FastLanguageModel.from_pretrained(str(moe_folder[1]), dtype=torch.float32)
     ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False)
     assert ours.lora_settings.target_parameters == ["mixer.experts.down_proj", "mixer.experts.up_proj"]
-    drawn = {**dict(hf.named_parameters()), **dict(hf.named_buffers())}
-
-    def same_values(base):  # (the reference is built anew from tests/tiny.py: the fixture's draws copied in)
-        with torch.no_grad():
-            for n, t in [*base.named_parameters(), *base.named_buffers()]:
-                if n.endswith(DRAWN + ("e_score_correction_bias",)):
-                    t.copy_(drawn[n])
-
-    mine, theirs = moe_adapter_grads("nemotron_h_moe", ours, tmp_path, prepare_ref=same_values)
+    mine, theirs = moe_adapter_grads("nemotron_h_moe", ours, tmp_path)
     assert mine.keys() == theirs.keys()
     assert any(".mixer.experts.lora_A" in n for n in mine) and any(".shared_experts.up_proj." in n for n in mine)
     assert_grads_close(mine, theirs)

@@ -115,22 +115,25 @@ def granite_hybrid_fields(cfg, get) -> None:
     cfg.fused_gate_up = True
 
 
-def _mamba_sizes(cfg, get, family: str) -> None:
-    """The Mamba-2 fields of Granite 4.0's and Bamba's configs (mamba_*: heads, head size or "auto" = expand x
-    hidden / heads, groups, state, conv, biases, time_step_limit). Raises ModelLoadError for sizes that do not fit."""
+def _mamba_sizes(cfg, get, family: str, width_key: str = "mamba_expand", bias_key: str = "mamba_proj_bias") -> None:
+    """The Mamba-2 fields of Granite 4.0's, Bamba's and Falcon-H1's configs (mamba_*: heads, head size or "auto" =
+    width / heads, groups, state, conv, biases, time_step_limit). The width is mamba_expand x hidden_size, or with
+    width_key "mamba_d_ssm" (Falcon-H1) that field where set; bias_key names the in_proj / out_proj bias switch.
+    Raises ModelLoadError for sizes that do not fit."""
     cfg.linear_kind = "mamba2"
-    inner = int(float(get("mamba_expand", 2)) * cfg.hidden_size)
+    inner = int(get("mamba_d_ssm") or 0) if width_key == "mamba_d_ssm" else 0
+    inner = inner or int(float(get("mamba_expand", 2)) * cfg.hidden_size)
     cfg.mamba_heads = int(get("mamba_n_heads", 128))
     head_dim = get("mamba_d_head", "auto")
     cfg.mamba_head_dim = inner // cfg.mamba_heads if head_dim in (None, "auto") else int(head_dim)
     cfg.mamba_groups, cfg.mamba_state = int(get("mamba_n_groups", 1)), int(get("mamba_d_state", 256))
     if cfg.mamba_heads * cfg.mamba_head_dim != inner or cfg.mamba_heads % cfg.mamba_groups:
         raise ModelLoadError(f"The {family} config's Mamba sizes do not fit: mamba_n_heads ({cfg.mamba_heads}) x "
-                             f"mamba_d_head ({cfg.mamba_head_dim}) must be mamba_expand x hidden_size ({inner}), and "
-                             f"mamba_n_groups ({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
+                             f"mamba_d_head ({cfg.mamba_head_dim}) must be the Mamba width ({width_key}: {inner}), "
+                             f"and mamba_n_groups ({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
     cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
     cfg.conv_bias = bool(get("mamba_conv_bias", True))
-    cfg.mamba_proj_bias = bool(get("mamba_proj_bias", False))
+    cfg.mamba_proj_bias = bool(get(bias_key, False))
     cfg.time_step_limit = _time_step_limit(get)
 
 
@@ -158,20 +161,7 @@ def falcon_h1_fields(cfg, get) -> None:
     mamba_d_ssm channels wide (else mamba_expand x hidden). Raises ModelLoadError for Mamba sizes that do not fit."""
     cfg.parallel_mamba = True
     cfg.linear_layers = [True] * cfg.num_layers  # (every layer has a Mamba mixer: its caches and padding masks)
-    cfg.linear_kind = "mamba2"
-    inner = int(get("mamba_d_ssm") or float(get("mamba_expand", 2)) * cfg.hidden_size)
-    cfg.mamba_heads = int(get("mamba_n_heads", 128))
-    head_dim = get("mamba_d_head", "auto")
-    cfg.mamba_head_dim = inner // cfg.mamba_heads if head_dim in (None, "auto") else int(head_dim)
-    cfg.mamba_groups, cfg.mamba_state = int(get("mamba_n_groups", 1)), int(get("mamba_d_state", 256))
-    if cfg.mamba_heads * cfg.mamba_head_dim != inner or cfg.mamba_heads % cfg.mamba_groups:
-        raise ModelLoadError(f"The Falcon-H1 config's Mamba sizes do not fit: mamba_n_heads ({cfg.mamba_heads}) x "
-                             f"mamba_d_head ({cfg.mamba_head_dim}) must be mamba_d_ssm ({inner}), and mamba_n_groups "
-                             f"({cfg.mamba_groups}) must divide mamba_n_heads. Fix config.json.")
-    cfg.linear_conv_kernel = int(get("mamba_d_conv", 4))
-    cfg.conv_bias = bool(get("mamba_conv_bias", True))
-    cfg.mamba_proj_bias = bool(get("projectors_bias", False))
-    cfg.time_step_limit = _time_step_limit(get)
+    _mamba_sizes(cfg, get, "Falcon-H1", width_key="mamba_d_ssm", bias_key="projectors_bias")
     cfg.mamba_rms_norm = bool(get("mamba_rms_norm", False))
     cfg.mamba_norm_before_gate = bool(get("mamba_norm_before_gate", True))
     cfg.attn_bias = cfg.o_bias = bool(get("attention_bias", False))
