@@ -161,3 +161,11 @@ def check_packed_documents(model, first_len: int = 70, second_len: int = 20) -> 
         unpacked = model(ids).logits
     torch.testing.assert_close(packed, torch.cat([first, second], dim=1), rtol=1e-5, atol=1e-6)
     assert (packed[:, first_len:] - unpacked[:, first_len:]).abs().max() > 1e-4
+
+
+def assert_same_routing(want_weights, want_experts, weights, experts) -> None:
+    """Two top-k routings (weights (N, k), experts (N, k)) pick the same experts with the same weights, in whatever
+    order each lists a token's k experts."""
+    mine, theirs = experts.sort(-1).indices, want_experts.sort(-1).indices
+    assert torch.equal(want_experts.gather(1, theirs), experts.gather(1, mine))
+    torch.testing.assert_close(weights.gather(1, mine), want_weights.gather(1, theirs), rtol=1e-6, atol=1e-7)

@@ -346,6 +346,26 @@ def lora_losses(model, ids, steps: int = 5, lr: float = 1e-2) -> list[float]:
     return losses
 
 
+def check_bf16_lora_and_graph_decode(folder, monkeypatch) -> None:
+    """On CUDA, the model in `folder` in bf16: LoRA with recompute trains (loss falls over 6 steps), and greedy
+    generation through the CUDA-graph decode equals the eager decode (a recurrent layer's conv and state are updated in
+    place inside the graph), on a left-padded batch."""
+    from fasttune import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
+    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
+    ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
+    losses = lora_losses(model, ids, steps=6)
+    assert losses[-1] < losses[0]
+    prompt = ids[:, :20]
+    mask = torch.ones_like(prompt)
+    mask[1, :5] = 0  # left padding
+    graphed = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
+    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
+    assert torch.equal(graphed, eager)
+
+
 def load_classifier(folder, num_labels: int = 3, lora_r: int | None = None, **kwargs):
     """(fasttune's sequence classifier loaded in fp32 from the checkpoint in `folder` with a new `num_labels` head,
     its tokenizer); the head's draw seeded (0); with lora_r, LoRA of that rank added (no recompute)."""

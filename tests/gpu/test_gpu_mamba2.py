@@ -4,9 +4,8 @@ training with recompute and greedy generation through the CUDA-graph decode equa
 scan states updated in place inside the graph)."""
 import pytest
 import torch
-from tiny import lora_losses
+from tiny import check_bf16_lora_and_graph_decode
 
-from fasttune import FastLanguageModel
 from fasttune.models.ssd import ssd_scan, ssd_step
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
@@ -35,15 +34,4 @@ def test_scan_at_granite_sizes_equals_the_recurrence(dtype, tolerance):
 @pytest.mark.parametrize("family", ["granitemoehybrid", "granitemoehybrid_moe", "nemotron_h", "nemotron_h_moe",
                                     "bamba", "falcon_h1"])
 def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16, device="cuda")
-    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
-    ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    losses = lora_losses(model, ids, steps=6)
-    assert losses[-1] < losses[0]
-    prompt = ids[:, :20]
-    mask = torch.ones_like(prompt)
-    mask[1, :5] = 0  # left padding
-    graphed = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
-    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    assert torch.equal(graphed, eager)
+    check_bf16_lora_and_graph_decode(tiny_model_dir(family), monkeypatch)

@@ -3,7 +3,7 @@ our torch chunked form, forward and backward, whole rows and packed runs; the mo
 training and CUDA-graph generation of the tiny Qwen3.5."""
 import pytest
 import torch
-from tiny import lora_losses
+from tiny import check_bf16_lora_and_graph_decode
 
 from fasttune import FastLanguageModel
 from fasttune.models import delta_rule
@@ -82,19 +82,7 @@ def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_d
     """bf16 LoRA with recompute trains (loss falls); greedy generation through the CUDA-graph decode equals the
     eager decode (the linear layers' conv and state updated in place inside the graph). Qwen3-Next: its fused
     projections and experts (LoRA on them by default) too."""
-    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir(family)), dtype=torch.bfloat16,
-                                                   device="cuda")
-    model = FastLanguageModel.get_peft_model(model, r=8, use_gradient_checkpointing=True)
-    ids = torch.randint(3, 300, (2, 128), device="cuda", generator=torch.Generator(device="cuda").manual_seed(2))
-    losses = lora_losses(model, ids, steps=6)
-    assert losses[-1] < losses[0]
-    prompt = ids[:, :20]
-    mask = torch.ones_like(prompt)
-    mask[1, :5] = 0  # left padding
-    graphed = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    monkeypatch.setenv("FASTTUNE_CUDA_GRAPHS", "0")
-    eager = model.generate(prompt, attention_mask=mask, max_new_tokens=24, do_sample=False)
-    assert torch.equal(graphed, eager)
+    check_bf16_lora_and_graph_decode(tiny_model_dir(family), monkeypatch)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 5e-3), (torch.float32, 1e-5)])

@@ -4,8 +4,8 @@ attention (adjacent-pair RoPE), a dense first layer, then experts chosen by soft
 transformers and PEFT on tests/tiny.py's model (3 layers, layer 0 dense; 8 experts, top 2; 2 shared)."""
 import pytest
 import torch
-from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_recompute_gradients,
-                         moe_adapter_grads)
+from peft_oracle import (assert_grads_close, assert_same_routing, check_logits_generation_and_merged,
+                         check_recompute_gradients, moe_adapter_grads)
 from tiny import hf_config, hf_model, saved_pair
 
 from fasttune import FastLanguageModel
@@ -47,9 +47,7 @@ def test_routing_equals_transformers_router(norm_min):
     x = torch.randn(50, 64, generator=g)
     logits, want_w, want_e = router(x)
     got_w, got_e = route_softmax_bias(logits, router.moe_statics.e_score_correction_bias, 2, norm_min)
-    order_w, order_g = want_e.sort(-1).indices, got_e.sort(-1).indices
-    assert torch.equal(want_e.gather(1, order_w), got_e.gather(1, order_g))
-    torch.testing.assert_close(got_w.gather(1, order_g), want_w.gather(1, order_w), rtol=1e-6, atol=1e-7)
+    assert_same_routing(want_w, want_e, got_w, got_e)
 
 
 def test_logits_generation_and_merged_equal_transformers(pair, tmp_path):
