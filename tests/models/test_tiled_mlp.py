@@ -4,7 +4,7 @@ import torch
 from peft_oracle import randomize_lora_b
 
 from fasttune import FastLanguageModel
-from fasttune.models import decoder
+from fasttune.models import mlp as decoder  # (the MLP and its tile size live in models/mlp.py)
 
 
 def _loss_and_grads(model, ids):
