@@ -106,14 +106,14 @@ def test_gemma4_f32_file_matches(family, bpe, tmp_path, monkeypatch):
     values at f16 inputs, which alone puts the files 6e-4 / 2.5e-3 off; with our GELU made the same (inputs and
     outputs rounded to f16) what is left is 1e-4 to 3e-4, where a misplaced norm, scale, RoPE pair, shared layer or
     router scale would show at 1e-2 and more."""
-    import fasttune.models.decoder as decoder
     import fasttune.models.gemma4 as gemma4
+    import fasttune.models.mlp as mlp  # (the dense MLP's activation)
 
     def ggml_gelu(gate, up, act):
         assert act == "gelu_pytorch_tanh"
         return (torch.nn.functional.gelu(gate.half().float(), approximate="tanh").half().float() * up).to(gate.dtype)
 
-    monkeypatch.setattr(decoder, "gated_act", ggml_gelu)
+    monkeypatch.setattr(mlp, "gated_act", ggml_gelu)
     monkeypatch.setattr(gemma4, "gated_act", ggml_gelu)
     extra = {"vocab_size_per_layer_input": 416} if family == "gemma4_e2b" else {}
     model, tok = _tiny_lora_model(family, tmp_path / "m", bpe, **extra)
