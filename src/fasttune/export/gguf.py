@@ -16,6 +16,8 @@ the layout llama.cpp expects:
   experts with interleaved gate/up transposed and de-interleaved into `ffn_{gate,up,down}_exps` weights and biases
   (as convert_hf_to_gguf.py's GptOssModel does for unquantised experts); biases stay f32; configs llama.cpp's
   gpt-oss does not compute (SwiGLU alpha/limit, layer pattern) are ConfigErrors (export/gguf_layouts.py).
+- falcon_h1 -> "falcon-h1": the µP multipliers folded into the weights, as llama.cpp's converter does
+  (export/gguf_falcon_h1.py).
 Metadata per architecture follows llama.cpp's loader (context, sizes, heads, head dim, RoPE base/scaling,
 norm eps, Gemma 2/3 softcaps, sliding window and its per-layer pattern, Gemma 3's local RoPE base, the expert
 count, experts per token and (qwen3moe) the experts' feed-forward length).
@@ -49,6 +51,7 @@ import torch
 from fasttune.atomic import remove_leftovers
 from fasttune.errors import ConfigError, write_error
 from fasttune.export.gguf_layouts import check_methods, check_supported, moe_layer_rule
+from fasttune.export.gguf_falcon_h1 import FALCON_H1, falcon_h1_metadata, falcon_h1_tensors
 from fasttune.export.gguf_gemma4 import gemma4_rope_freqs, gemma4_router_scale_name, write_gemma4_metadata
 from fasttune.export.gguf_granite import (GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE, granite_hybrid_metadata,
                                           granite_hybrid_tensors, nemotron_h_metadata, nemotron_h_tensors)
@@ -187,6 +190,10 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
         if arch in (GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE):  # Mamba-2 layers, MLPs (export/gguf_granite.py)
             split = granite_hybrid_tensors if arch == GRANITE_HYBRID else nemotron_h_tensors
             for part, value in split(name, t, cfg):
+                out[_gguf_name(names, part, arch)] = value
+            continue
+        if arch == FALCON_H1:  # µP multipliers folded, Mamba-2 layers (export/gguf_falcon_h1.py)
+            for part, value in falcon_h1_tensors(name, t, cfg):
                 out[_gguf_name(names, part, arch)] = value
             continue
         if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
@@ -355,6 +362,8 @@ def _write_metadata(writer, model, name: str, file_type: int, quantized: bool):
         granite_hybrid_metadata(writer, cfg)
     elif arch_name in (NEMOTRON_H, NEMOTRON_H_MOE):
         nemotron_h_metadata(writer, cfg)
+    elif arch_name == FALCON_H1:
+        falcon_h1_metadata(writer, cfg)
     if cfg.model_type == "granite":  # llama.cpp's granite reads the four multipliers (the logit one divides)
         writer.add_embedding_scale(float(cfg.embedding_multiplier))
         writer.add_residual_scale(float(cfg.residual_multiplier))

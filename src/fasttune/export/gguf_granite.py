@@ -1,7 +1,7 @@
 """Granite 4.0's (and Bamba's) hybrid decoder in llama.cpp's "granitehybrid" layout and Nemotron-H's in its
-"nemotron_h": the tensors of the Mamba-2 layers and the MLPs, and the keys llama.cpp reads for them (sources: llama.cpp's convert_hf_to_gguf.py,
-GraniteHybridModel, NemotronHModel and Mamba2Model; src/models/granite-hybrid.cpp, nemotron-h.cpp and
-src/llama-model.cpp's loader).
+"nemotron_h": the tensors of the Mamba-2 layers and the MLPs, and the keys llama.cpp reads for them (the Mamba ones
+also Falcon-H1's, export/gguf_falcon_h1.py). Sources: llama.cpp's convert_hf_to_gguf.py, GraniteHybridModel,
+NemotronHModel and Mamba2Model; src/models/granite-hybrid.cpp, nemotron-h.cpp and src/llama-model.cpp's loader.
 
 - the conv is stored as (channels, kernel), A_log as ssm_a = -exp(A_log) and D as ssm_d, both (heads, 1); dt_bias as
   ssm_dt.bias; the gated norm's weight as (groups, channels per group);
@@ -37,10 +37,10 @@ def granite_hybrid_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, t
         if "experts.down_proj" in name:
             return [(f"{stem}.mlp.experts.down_proj.weight", t)]
         return [(f"{stem}.mlp.gate.weight", t)]
-    return [_mamba_tensor(name, t, cfg) if ".mamba." in name else (name, t)]
+    return [mamba_tensor(name, t, cfg) if ".mamba." in name else (name, t)]
 
 
-def _mamba_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
+def mamba_tensor(name: str, t: torch.Tensor, cfg) -> tuple[str, torch.Tensor]:
     """A Mamba-2 mixer's tensor (its name; only the mixer's) in llama.cpp's layout: the conv (C, K),
     ssm_a = -exp(A_log) and D as (heads, 1), dt_bias as dt_proj.bias, the gated norm as (groups, channels per
     group); others as they are."""
@@ -68,7 +68,7 @@ def nemotron_h_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch
         return [(f"model.layers.{layer}.mlp.experts.{part}.weight", t)]
     name = "backbone." + name[len("model."):]
     if cfg.linear_layers[layer] and ".mixer." in name:
-        return [_mamba_tensor(name, t, cfg)]
+        return [mamba_tensor(name, t, cfg)]
     return [(name, t)]
 
 
@@ -77,7 +77,7 @@ def nemotron_h_metadata(writer, cfg) -> None:
     GraniteHybridModel's): the Mamba-2 sizes, key/value heads only in the attention layers and an MLP (or expert)
     width only in the MLP (MoE) layers (0 elsewhere: how llama.cpp tells the layers apart), the shared experts'
     width, no RoPE, and the norms' eps under the LayerNorm key."""
-    _mamba_metadata(writer, cfg)
+    mamba_metadata(writer, cfg)
     writer.add_head_count_kv([cfg.num_kv_heads if k == "attention" else 0 for k in cfg.layer_kinds])
     widths = {"mlp": cfg.intermediate_size, "moe": cfg.moe_intermediate_size}
     writer.add_feed_forward_length([widths.get(k, 0) for k in cfg.layer_kinds])
@@ -87,7 +87,7 @@ def nemotron_h_metadata(writer, cfg) -> None:
     writer.add_layer_norm_eps(cfg.rms_norm_eps)  # (llama.cpp's nemotron_h reads its RMSNorms' eps under this key)
 
 
-def _mamba_metadata(writer, cfg) -> None:
+def mamba_metadata(writer, cfg) -> None:
     """The Mamba-2 keys: conv kernel, state size, groups, inner width and heads (as the time-step rank)."""
     writer.add_ssm_conv_kernel(cfg.linear_conv_kernel)
     writer.add_ssm_state_size(cfg.mamba_state)
@@ -105,7 +105,7 @@ def granite_hybrid_metadata(writer, cfg) -> None:
     writer.add_residual_scale(one(cfg.residual_multiplier))
     writer.add_attention_scale(float(cfg.scaling))
     writer.add_logit_scale(one(cfg.logits_scaling))
-    _mamba_metadata(writer, cfg)
+    mamba_metadata(writer, cfg)
     writer.add_rope_scaling_finetuned(not cfg.rope_layers or any(cfg.rope_layers))
     if cfg.num_experts:  # Granite 4.0-H Tiny / Small: the shared MLP's width (feed_forward_length: the experts')
         writer.add_expert_shared_feed_forward_length(cfg.intermediate_size)

@@ -13,6 +13,7 @@ import math
 import warnings
 
 from fasttune.errors import ConfigError
+from fasttune.export.gguf_falcon_h1 import FALCON_H1, check_falcon_h1
 from fasttune.export.gguf_mmproj import PROJECTORS
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, full_attention_interval
 from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS, architecture
@@ -41,11 +42,6 @@ def check_supported(cfg) -> None:
         raise ConfigError("GGUF export: llama.cpp has no architecture for Llama 3.2 Vision's cross-attention layers "
                           "(mllama). Save merged safetensors instead (save_pretrained_merged / fasttune export "
                           "--format merged), which transformers and vLLM load.")
-    if cfg.model_type == "falcon_h1":
-        raise ConfigError("GGUF export of Falcon-H1 is not supported yet: llama.cpp's falcon-h1 reads its µP "
-                          "multipliers folded into the weights, which fasttune's export does not do. Save merged "
-                          "safetensors instead (save_pretrained_merged / fasttune export --format merged), which "
-                          "transformers and vLLM load, or convert those with llama.cpp's convert_hf_to_gguf.py.")
     if cfg.model_type not in ARCHITECTURES:
         text = [t for t in ARCHITECTURES if t not in VISION_TEXT_FAMILIES]  # those come with their vision tower
         *vlms, last = PROJECTORS
@@ -70,6 +66,8 @@ def check_supported(cfg) -> None:
                           f"save_pretrained_merged instead. Nothing was written.")
     if arch == "granitehybrid":
         _check_granite_hybrid(cfg)
+    elif arch == FALCON_H1:
+        check_falcon_h1(cfg)
     if arch == "ernie4_5-moe":
         moe_layer_rule(cfg)
     if arch in ("lfm2", "lfm2moe") and cfg.conv_bias:

@@ -38,6 +38,7 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3"
                  "mistral4": "mistral4", "lfm2_moe": "lfm2moe", "seed_oss": "seed_oss",
                  "cohere2": "cohere2", "cohere": "command-r", "granitemoehybrid": "granitehybrid",
                  "ernie4_5_moe": "ernie4_5-moe", "nemotron_h": "nemotron_h", "bamba": "granitehybrid",
+                 "falcon_h1": "falcon-h1",
                  # vision-language models' text halves
                  "qwen2_vl_text": "qwen2vl", "qwen2_5_vl_text": "qwen2vl", "qwen3_vl_text": "qwen3vl",
                  "qwen3_vl_moe_text": "qwen3vlmoe",
