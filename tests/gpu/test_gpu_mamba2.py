@@ -31,6 +31,42 @@ def test_scan_at_granite_sizes_equals_the_recurrence(dtype, tolerance):
     assert ((y - want).norm() / want.norm()).item() < tolerance
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)])
+def test_scan_at_nemotron_sizes_values_and_gradients(dtype, tolerance):
+    """Nemotron Nano 2's head layout (heads of 80: the Triton chunk scan in blocks of 16 columns; 8 groups of 2 heads
+    here) over 200 positions: outputs and the gradients of x, dt, B and C against autograd through the fp32
+    recurrence (TF32 products for 16-bit inputs)."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    h, p, n, groups, t = 16, 80, 128, 8, 200
+    x = torch.randn(1, t, h, p, device="cuda", generator=g)
+    dt = torch.rand(1, t, h, device="cuda", generator=g) * 0.1 + 0.001
+    a = -torch.rand(h, device="cuda", generator=g) - 0.1
+    b, c = (torch.randn(1, t, groups, n, device="cuda", generator=g) / n ** 0.5 for _ in range(2))
+    d = torch.randn(h, device="cuda", generator=g)
+    ours = [(m.to(dtype) if m.dim() == 4 else m).clone().requires_grad_() for m in (x, dt, b, c)]
+    y, _ = ssd_scan(ours[0], ours[1], a, ours[2], ours[3], d)
+    ref = [m.clone().requires_grad_() for m in (x, dt, b, c)]
+    state, want = torch.zeros(1, h, p, n, device="cuda"), []
+    for i in range(t):  # y_t = S_t C_t + D x_t, S_t the state after position t
+        state = _next_state(state, ref[0][:, i], ref[1][:, i], a, ref[2][:, i])
+        cc = ref[3][:, i].repeat_interleave(h // groups, dim=1)
+        want.append((state @ cc[..., None])[..., 0] + d[:, None] * ref[0][:, i])
+    want = torch.stack(want, dim=1)
+    grad = torch.randn_like(want)
+    y.backward(grad)
+    want.backward(grad)
+    assert ((y - want).norm() / want.norm()).item() < tolerance
+    for name, mine, exact in zip("x dt B C".split(), ours, ref):
+        err = ((mine.grad.float() - exact.grad).norm() / exact.grad.norm()).item()
+        assert err < 2 * tolerance, (name, err)
+
+
+def _next_state(state, x, dt, a, b):
+    """The recurrence's state after one position, out of place (autograd): (B, H, P, N)."""
+    b = b.repeat_interleave(x.shape[1] // b.shape[1], dim=1)
+    return state * (dt * a).exp()[..., None, None] + (dt[..., None] * x)[..., None] * b[:, :, None]
+
+
 @pytest.mark.parametrize("family", ["granitemoehybrid", "granitemoehybrid_moe", "nemotron_h", "nemotron_h_moe",
                                     "bamba", "falcon_h1"])
 def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):

@@ -20,14 +20,23 @@ def _inputs(b, h, n, c, dk, dv, seed=0):
     return [x.requires_grad_() for x in (w, u, k, gamma, s0)]
 
 
-def _check(inputs, keep, tolerance):
-    twins = [x.detach().clone().requires_grad_() for x in inputs]
+def _check(inputs, keep, tolerance, with_w=True):
+    """Without w (Mamba-2's scan) the kernel returns no v (it is u): states and final state are compared, and the
+    gradients of the other inputs."""
+    if not with_w:
+        inputs[0] = None
+    twins = [None if x is None else x.detach().clone().requires_grad_() for x in inputs]
     got, want = chunk_scan(*inputs, keep=keep), chunk_scan_reference(*twins, keep=keep)
+    if not with_w:
+        assert got[1] is None
+        got, want = (got[0], got[2]), (want[0], want[2])
     grads = [torch.randn_like(x) for x in want]
     torch.autograd.backward(got, grads)
     torch.autograd.backward(want, grads)
-    for name, a, e in [*zip(["states", "v", "final"], got, want),
-                       *((n, x.grad, y.grad) for n, x, y in zip(["dw", "du", "dk", "dgamma", "ds0"], inputs, twins))]:
+    outputs = ["states", "v", "final"] if with_w else ["states", "final"]
+    for name, a, e in [*zip(outputs, got, want),
+                       *((n, x.grad, y.grad) for n, x, y in zip(["dw", "du", "dk", "dgamma", "ds0"], inputs, twins)
+                         if x is not None)]:
         err = ((a - e).norm() / e.norm()).item()
         assert err < tolerance, (name, err)
     return got
@@ -44,9 +53,17 @@ def _use(form, monkeypatch):
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
-@pytest.mark.parametrize("c,dk,dv", [(16, 16, 32), (64, 32, 16)])
+@pytest.mark.parametrize("c,dk,dv", [(16, 16, 32), (64, 32, 16), (16, 16, 48)])
 def test_scan_equals_the_torch_loop(form, c, dk, dv, monkeypatch):
+    """d_v 48: not a power of two, in blocks of 16 (Nemotron-H's Mamba heads of 80 run so)."""
     _check(_inputs(2, 3, 5, c, dk, dv), None, _use(form, monkeypatch))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_scan_without_correction_term(form, monkeypatch):
+    """w None (Mamba-2's scan between chunks, models/ssd.py): the loop with V_i = U_i, packed resets included."""
+    keep = torch.tensor([[1.0, 1, 0, 1, 1], [1.0, 0, 1, 1, 0]], device=DEVICE)
+    _check(_inputs(2, 3, 5, 16, 16, 48, seed=2), keep, _use(form, monkeypatch), with_w=False)
 
 
 @pytest.mark.parametrize("form", sorted(FORMS))
@@ -58,7 +75,8 @@ def test_keep_zeroes_the_state_where_a_run_starts(form, monkeypatch):
 
 
 def test_which_form_runs(monkeypatch):
-    """The Triton scan only for power-of-two tiles of at least 16 (tl.dot), never under FASTTUNE_DELTA_SCAN=torch;
+    """The Triton scan only for power-of-two C and d_k of at least 16 (tl.dot) and d_v a multiple of 16, never under
+    FASTTUNE_DELTA_SCAN=torch;
     FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles, bv capped at d_v; TF32 only on CUDA."""
     monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
     w = lambda c, dk: torch.empty(1, 1, 1, c, dk, device=DEVICE)  # noqa: E731
@@ -67,7 +85,9 @@ def test_which_form_runs(monkeypatch):
     assert scan_config(w(64, 128), u(64, 128)) == ScanConfig(64, 4, 2, "ieee")  # fp32 inputs: IEEE products
     assert scan_config(w(64, 128), u(64, 128), tf32=True) == ScanConfig(64, 4, 2, "tf32" if cuda else "ieee")
     assert scan_config(w(64, 128), u(64, 32)).bv == 32
-    for c, dk, dv in [(64, 24, 128), (48, 128, 128), (64, 128, 8)]:
+    assert scan_config(w(64, 128), u(64, 80)).bv == 16  # 80 = 5 blocks of 16
+    assert scan_config(w(64, 128), u(64, 96)).bv == 32
+    for c, dk, dv in [(64, 24, 128), (48, 128, 128), (64, 128, 8), (64, 128, 24)]:
         assert scan_config(w(c, dk), u(c, dv)) is None
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "64,8,3,tf32")
     assert scan_config(w(64, 128), u(64, 32)) == ScanConfig(32, 8, 3, "tf32" if cuda else "ieee")

@@ -1,11 +1,13 @@
 """kernels/tf32.py: TF32 products inside the block (on CUDA measurably coarser than IEEE: the switch took effect),
-torch's setting restored after, in its legacy API and in the newer one."""
+torch's setting restored after, in its legacy API and in the newer one; tf32_matmul's values and gradients."""
 import subprocess
 import sys
 
 import torch
 
-from fasttune.kernels.tf32 import tf32_products
+import pytest
+
+from fasttune.kernels.tf32 import _TF32Matmul, tf32_matmul, tf32_products
 from kernel_check import dtypes_for_device
 
 DEVICE, _ = dtypes_for_device()
@@ -38,3 +40,24 @@ def test_newer_api_setting_restored():
             "assert torch.backends.cuda.matmul.fp32_precision == 'ieee'\nprint('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
+
+
+def test_tf32_matmul_values_and_gradients():
+    """The autograd function against a @ b: on CUDA within TF32's rounding (its backward products also TF32: coarser
+    than IEEE), on a CPU exactly (no TF32 there); the plain product where not enabled; unequal batch dims refused."""
+    g = torch.Generator(device=DEVICE).manual_seed(1)
+    a, b = (torch.randn(3, 64, 32, device=DEVICE, generator=g) for _ in range(2))
+    b = b.transpose(-1, -2).contiguous()
+    da, db = (x.detach().clone().requires_grad_() for x in (a, b))
+    ea, eb = (x.detach().double().requires_grad_() for x in (a, b))
+    grad = torch.randn(3, 64, 64, device=DEVICE, generator=g)
+    _TF32Matmul.apply(da, db).backward(grad)
+    want = ea @ eb
+    want.backward(grad.double())
+    tolerance = 2e-3 if DEVICE == "cuda" else 1e-6
+    for got, exact in [(_TF32Matmul.apply(a, b), want), (da.grad, ea.grad), (db.grad, eb.grad)]:
+        assert ((got.double() - exact).norm() / exact.norm()).item() < tolerance
+    assert torch.equal(tf32_matmul(a, b, enabled=False), a @ b)
+    if DEVICE == "cuda":
+        with pytest.raises(ValueError, match="equal batch dims"):
+            tf32_matmul(a, b[:1], enabled=True)

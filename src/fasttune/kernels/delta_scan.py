@@ -9,6 +9,7 @@ Backward, with g the gradient of the state after chunk i (starting from the fina
     dV_i = dV_i' + K_i g;   dS_i = dS_i' + gamma_i g - W_i^T dV_i;   then g <- keep_i dS_i
 (primes: the gradients arriving from the later torch ops); the gradients of U, W, K and gamma follow in batched
 matmuls: dU = dV, dW_i = -dV_i S_i^T, dK_i = V_i g_i^T, dgamma_i = sum(S_i * g_i).
+Without W (Mamba-2's scan between chunks, models/ssd.py) V_i = U_i: no correction product either way.
 
 Two forms run it: Triton kernels (_scan_fwd, _scan_bwd: one program per (row x head, d_v block) keeps its fp32 state
 block in registers through every chunk, one launch each way) and a torch loop (a few launches per chunk). Why not
@@ -32,15 +33,15 @@ from fasttune.kernels.tf32 import tf32_products
 
 def chunk_scan_reference(w, u, k, gamma, s0, keep=None):
     """The scan in torch ops (autograd differentiates it). w, k (B, H, n, C, d_k); u (B, H, n, C, d_v); gamma
-    (B, H, n); s0 (B, H, d_k, d_v); all fp32; keep: None or (B, n) 0/1, the state multiplied by it as chunk i
-    starts (0: a new sequence begins there, packed documents). Returns (states (B, H, n, d_k, d_v), v
-    (B, H, n, C, d_v), final state (B, H, d_k, d_v))."""
+    (B, H, n); s0 (B, H, d_k, d_v); all fp32; w None: no correction term (V_i = U_i: Mamba-2's scan, models/ssd.py);
+    keep: None or (B, n) 0/1, the state multiplied by it as chunk i starts (0: a new sequence begins there, packed
+    documents). Returns (states (B, H, n, d_k, d_v), v (B, H, n, C, d_v), final state (B, H, d_k, d_v))."""
     state, states, values = s0, [], []
-    for i in range(w.shape[2]):
+    for i in range(k.shape[2]):
         if keep is not None:
             state = state * keep[:, i, None, None, None]
         states.append(state)
-        v = u[:, :, i] - w[:, :, i] @ state
+        v = u[:, :, i] if w is None else u[:, :, i] - w[:, :, i] @ state
         values.append(v)
         state = state * gamma[:, :, i, None, None] + k[:, :, i].transpose(-1, -2) @ v
     return torch.stack(states, dim=2), torch.stack(values, dim=2), state
@@ -61,7 +62,7 @@ if HAVE_TRITON:
     @triton.jit
     def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, keep_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, H,
                   C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
-                  PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                  HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
         """One (row x head, d_v block): the state (DK x BV, fp32) kept in registers through the n chunks."""
         bh, ck, cv, kv = _tiles(C, DK, DV, BV)
         s = tl.load(s0_ptr + bh * DK * DV + kv)
@@ -70,9 +71,11 @@ if HAVE_TRITON:
             if HAS_KEEP:
                 s = s * tl.load(keep_ptr + (bh // H) * n + i)
             tl.store(states_ptr + chunk * DK * DV + kv, s)
-            w = tl.load(w_ptr + chunk * C * DK + ck)
-            v = tl.load(u_ptr + chunk * C * DV + cv) - tl.dot(w, s, input_precision=PRECISION)
-            tl.store(v_ptr + chunk * C * DV + cv, v)
+            v = tl.load(u_ptr + chunk * C * DV + cv)
+            if HAS_W:
+                w = tl.load(w_ptr + chunk * C * DK + ck)
+                v = v - tl.dot(w, s, input_precision=PRECISION)
+                tl.store(v_ptr + chunk * C * DV + cv, v)
             k = tl.load(k_ptr + chunk * C * DK + ck)
             s = s * tl.load(gamma_ptr + chunk) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
         tl.store(final_ptr + bh * DK * DV + kv, s)
@@ -80,7 +83,7 @@ if HAVE_TRITON:
     @triton.jit
     def _scan_bwd(w_ptr, k_ptr, gamma_ptr, keep_ptr, dstates_ptr, dv_ptr, dfinal_ptr, ends_ptr, ds0_ptr, n, H,
                   C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
-                  PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                  HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
         """The reverse scan: dv (in: the later ops' dV; out: the total), ends (out: the gradient of each chunk's
         end state), ds0 (out: the initial state's)."""
         bh, ck, cv, kv = _tiles(C, DK, DV, BV)
@@ -91,9 +94,10 @@ if HAVE_TRITON:
             k = tl.load(k_ptr + chunk * C * DK + ck)
             dv = tl.load(dv_ptr + chunk * C * DV + cv) + tl.dot(k, g, input_precision=PRECISION)
             tl.store(dv_ptr + chunk * C * DV + cv, dv)
-            w = tl.load(w_ptr + chunk * C * DK + ck)
-            g = tl.load(dstates_ptr + chunk * DK * DV + kv) + g * tl.load(gamma_ptr + chunk) \
-                - tl.dot(tl.trans(w), dv, input_precision=PRECISION)
+            g = tl.load(dstates_ptr + chunk * DK * DV + kv) + g * tl.load(gamma_ptr + chunk)
+            if HAS_W:
+                w = tl.load(w_ptr + chunk * C * DK + ck)
+                g = g - tl.dot(tl.trans(w), dv, input_precision=PRECISION)
             if HAS_KEEP:
                 g = g * tl.load(keep_ptr + (bh // H) * n + (n - 1 - j))
         tl.store(ds0_ptr + bh * DK * DV + kv, g)
@@ -101,38 +105,43 @@ if HAVE_TRITON:
 
 def scan_forward(w, u, k, gamma, s0, keep, config):
     """The scan's forward (chunk_scan_reference's arguments; config: a ScanConfig for the Triton kernels, None for
-    the torch loop) -> (states, v, final state), nothing recorded for autograd."""
-    b, h, n, c, dk = w.shape
+    the torch loop) -> (states, v, final state), nothing recorded for autograd. Without w, v is u itself."""
+    b, h, n, c, dk = k.shape
     dv = u.shape[-1]
     if config is not None:
-        w, u, k, gamma, s0 = (x.contiguous() for x in (w, u, k, gamma, s0))
+        u, k, gamma, s0 = (x.contiguous() for x in (u, k, gamma, s0))
+        w = None if w is None else w.contiguous()
         keep = None if keep is None else keep.float().contiguous()
-        states = w.new_empty(b, h, n, dk, dv)
-        v = torch.empty_like(u)
+        states = k.new_empty(b, h, n, dk, dv)
+        v = u if w is None else torch.empty_like(u)
         final = torch.empty_like(s0)
         _scan_fwd[(b * h, dv // config.bv)](w, u, k, gamma, keep, s0, states, v, final, n, h, C=c, DK=dk, DV=dv,
-                                             BV=config.bv, HAS_KEEP=keep is not None, PRECISION=config.precision,
-                                             STAGES=config.stages, num_warps=config.warps)
+                                             BV=config.bv, HAS_KEEP=keep is not None, HAS_W=w is not None,
+                                             PRECISION=config.precision, STAGES=config.stages,
+                                             num_warps=config.warps)
         return states, v, final
-    w, u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (w, u, k))
+    u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (u, k))
+    w = None if w is None else w.reshape(b * h, n, c, dk)
     gamma = gamma.reshape(b * h, n)
     keep = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
-    states = w.new_empty(b * h, n, dk, dv)
-    v = torch.empty_like(u)
+    states = k.new_empty(b * h, n, dk, dv)
+    v = u if w is None else torch.empty_like(u)
     state = s0.reshape(b * h, dk, dv)
     for i in range(n):
         if keep is not None:
             state = state * keep[:, i, None, None]
         states[:, i] = state
-        v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
+        if w is not None:
+            v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
         state = torch.baddbmm(state * gamma[:, i, None, None], k[:, i].transpose(1, 2), v[:, i])
     return states.view(b, h, n, dk, dv), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
 
 
 def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
     """The scan's backward (the recurrences in the module docstring): the forward's w, k, gamma, keep and its
-    states and v, and the gradients of its three outputs (None: zero) -> (d w, d u, d k, d gamma, d s0)."""
-    b, h, n, c, dk = w.shape
+    states and v, and the gradients of its three outputs (None: zero) -> (d w (None without w), d u, d k, d gamma,
+    d s0)."""
+    b, h, n, c, dk = k.shape
     dv = v.shape[-1]
     d_states = torch.zeros_like(states) if d_states is None else d_states
     d_v = torch.zeros_like(v) if d_v is None else d_v
@@ -143,12 +152,14 @@ def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
         ends = torch.empty_like(states)  # the gradient of each chunk's end state
         d_s0 = torch.empty_like(d_final)
         keep = None if keep is None else keep.float().contiguous()
-        _scan_bwd[(b * h, dv // config.bv)](w.contiguous(), k.contiguous(), gamma.contiguous(), keep, d_states,
-                                             d_total, d_final, ends, d_s0, n, h, C=c, DK=dk, DV=dv, BV=config.bv,
-                                             HAS_KEEP=keep is not None, PRECISION=config.precision,
+        _scan_bwd[(b * h, dv // config.bv)](None if w is None else w.contiguous(), k.contiguous(),
+                                             gamma.contiguous(), keep, d_states, d_total, d_final, ends, d_s0, n, h,
+                                             C=c, DK=dk, DV=dv, BV=config.bv, HAS_KEEP=keep is not None,
+                                             HAS_W=w is not None, PRECISION=config.precision,
                                              STAGES=config.stages, num_warps=config.warps)
     else:
-        wf, kf = (x.reshape(b * h, n, c, dk) for x in (w, k))
+        kf = k.reshape(b * h, n, c, dk)
+        wf = None if w is None else w.reshape(b * h, n, c, dk)
         gf = gamma.reshape(b * h, n)
         keepf = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
         d_sf = d_states.reshape(b * h, n, dk, dv)
@@ -158,14 +169,15 @@ def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
         for i in reversed(range(n)):
             ends[:, i] = g
             d_total[:, i] = torch.baddbmm(d_total[:, i], kf[:, i], g)
-            g = torch.baddbmm(d_sf[:, i] + gf[:, i, None, None] * g, wf[:, i].transpose(1, 2), d_total[:, i],
-                              alpha=-1)
+            g = d_sf[:, i] + gf[:, i, None, None] * g
+            if wf is not None:
+                g = torch.baddbmm(g, wf[:, i].transpose(1, 2), d_total[:, i], alpha=-1)
             if keepf is not None:
                 g = g * keepf[:, i, None, None]
         d_total, ends, d_s0 = d_total.view(v.shape), ends.view(states.shape), g.view(b, h, dk, dv)
     # TF32 here too where the scan's products are
     with tf32_products() if config is not None and config.precision == "tf32" else contextlib.nullcontext():
-        d_w = -(d_total @ states.transpose(-1, -2))
+        d_w = None if w is None else -(d_total @ states.transpose(-1, -2))
         d_k = v @ ends.transpose(-1, -2)
     d_gamma = (states * ends).sum((-1, -2))
     return d_w, d_total, d_k, d_gamma, d_s0
@@ -176,11 +188,11 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, w, u, k, gamma, s0, keep, config):
-        """chunk_scan's arguments and a ScanConfig or None -> (states, v, final state)."""
+        """chunk_scan's arguments and a ScanConfig or None -> (states, v (None without w: it is u), final state)."""
         states, v, final = scan_forward(w, u, k, gamma, s0, keep, config)
         ctx.save_for_backward(w, k, gamma, states, v, keep)
         ctx.config = config
-        return states, v, final
+        return states, (None if w is None else v), final
 
     @staticmethod
     def backward(ctx, d_states, d_v, d_final):
@@ -220,24 +232,27 @@ def _parse_config(choice: str) -> ScanConfig:
 
 
 def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanConfig | None:
-    """The Triton scan's tiles for these inputs, or None where the torch loop runs: no Triton for w
-    (kernels/dispatch.py), FASTTUNE_DELTA_SCAN=torch, or C, d_k, d_v not powers of two >= 16 (tl.dot's limits).
+    """The Triton scan's tiles for these inputs (w: w or k, for the shapes), or None where the torch loop runs: no
+    Triton for w (kernels/dispatch.py), FASTTUNE_DELTA_SCAN=torch, C or d_k not powers of two >= 16 (tl.dot's limits)
+    or d_v not a multiple of 16 (the programs take blocks of bv columns, bv the largest power of two dividing d_v up
+    to the setting's: Nemotron-H's heads of 80 run in blocks of 16).
     Products in TF32 only where `tf32` (the caller's inputs were 16-bit, so TF32's 10-bit mantissas lose nothing
     they had) and w is on CUDA; else IEEE fp32. FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles
     (benchmarks; TF32 still only on CUDA); ConfigError for a malformed value."""
     choice = os.environ.get("FASTTUNE_DELTA_SCAN", "")
     c, dk, dv = w.shape[-2], w.shape[-1], u.shape[-1]
-    if choice == "torch" or not use_triton(w) or any(x < 16 or x & (x - 1) for x in (c, dk, dv)):
+    if choice == "torch" or not use_triton(w) or any(x < 16 or x & (x - 1) for x in (c, dk)) or dv % 16:
         return None
     if choice:
         config = _parse_config(choice)
     else:
         config = ScanConfig(precision="tf32" if tf32 else "ieee")
-    config = config._replace(bv=min(config.bv, dv))
+    config = config._replace(bv=min(config.bv, dv & -dv))  # dv & -dv: its largest power-of-two divisor
     return config if w.is_cuda else config._replace(precision="ieee")
 
 
 def chunk_scan(w, u, k, gamma, s0, keep=None, tf32: bool = False):
-    """chunk_scan_reference's scan (same arguments and returns, fp32) with the backward written out: by the Triton
-    kernels where scan_config allows (tf32: see there), else the torch loop."""
-    return _ChunkScan.apply(w, u, k, gamma, s0, keep, scan_config(w, u, tf32))
+    """chunk_scan_reference's scan (same arguments and returns, fp32; without w the returned v is None: it is u)
+    with the backward written out: by the Triton kernels where scan_config allows (tf32: see there), else the torch
+    loop."""
+    return _ChunkScan.apply(w, u, k, gamma, s0, keep, scan_config(k, u, tf32))

@@ -27,3 +27,35 @@ def tf32_products():
         yield
     finally:
         setattr(flags, name, old)
+
+
+class _TF32Matmul(torch.autograd.Function):
+    """a @ b with the product and both gradient products inside tf32_products (autograd runs the backward later,
+    outside any context the caller held around the forward)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        """a (..., M, K), b (..., K, N) fp32 with equal batch dims -> (..., M, N)."""
+        ctx.save_for_backward(a, b)
+        with tf32_products():
+            return a @ b
+
+    @staticmethod
+    def backward(ctx, grad):
+        """grad (..., M, N) -> (grad @ b^T, a^T @ grad), each only where its input needs it."""
+        a, b = ctx.saved_tensors
+        with tf32_products():
+            da = grad @ b.transpose(-1, -2) if ctx.needs_input_grad[0] else None
+            db = a.transpose(-1, -2) @ grad if ctx.needs_input_grad[1] else None
+        return da, db
+
+
+def tf32_matmul(a: torch.Tensor, b: torch.Tensor, enabled: bool) -> torch.Tensor:
+    """a @ b (a (..., M, K), b (..., K, N), fp32, the same batch dims), forward and backward on TF32 tensor cores
+    where `enabled` (the caller's data was 16-bit: TF32 keeps its bits) and a is on CUDA; else IEEE fp32 as torch
+    runs it. Returns (..., M, N)."""
+    if not (enabled and a.is_cuda):
+        return a @ b
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"tf32_matmul takes equal batch dims, got {tuple(a.shape)} and {tuple(b.shape)}")
+    return _TF32Matmul.apply(a, b)

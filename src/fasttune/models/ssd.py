@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.kernels.delta_scan import chunk_scan
+from fasttune.kernels.tf32 import tf32_matmul
 from fasttune.models.chunk_packing import run_packed
 
 CHUNK = 64  # positions per chunk: the (chunk x chunk) blocks per head stay small; the result does not depend on it
@@ -46,6 +47,8 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     b, t, h, p = x.shape
     g, n_state = B.shape[2], B.shape[-1]
     group = h // g
+    # TF32 products (forward and backward) where the inputs were 16-bit: TF32 keeps all their bits
+    tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     pad = -t % chunk
     xdt = x.float() * dt[..., None]  # (B, T, H, P)
     a = dt * A  # (B, T, H) log-decay per position
@@ -62,20 +65,20 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     # heads share B and C), the decays per head
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    scores = decay.view(b, g, group, n, chunk, chunk) * (C @ B.transpose(-1, -2))[:, :, None]
-    y = scores.view(b, h, n, chunk, chunk) @ xdt  # (B, H, n, L, P)
+    scores = decay.view(b, g, group, n, chunk, chunk) * tf32_matmul(C, B.transpose(-1, -2), tf32)[:, :, None]
+    xdt = xdt.contiguous()
+    y = tf32_matmul(scores.view(b, h, n, chunk, chunk), xdt, tf32)  # (B, H, n, L, P)
     B, C = (m[:, :, None].expand(b, g, group, n, chunk, n_state).reshape(b, h, n, chunk, n_state) for m in (B, C))
     # Between chunks, the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
     # decay plus the chunk's own sum_s exp(cum_last - cum_s) B_s xdt_s^T: the delta rule's chunk scan
-    # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w = 0).
+    # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w None).
     to_end = (cum[..., -1:] - cum).exp()  # (B, H, n, L)
     keys = B * to_end[..., None]
     total = cum[..., -1].exp()  # (B, H, n) a whole chunk's decay
     state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
         initial_state.float().transpose(-1, -2).contiguous()
-    tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    entering, _, state = chunk_scan(torch.zeros_like(keys), xdt, keys, total, state, keep, tf32)  # (B, H, n, N, P)
-    y = y + (C @ entering) * cum.exp()[..., None]  # the carried state read at each position
+    entering, _, state = chunk_scan(None, xdt, keys, total, state, keep, tf32)  # (B, H, n, N, P)
+    y = y + tf32_matmul(C, entering, tf32) * cum.exp()[..., None]  # the carried state read at each position
     y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
     return y, state.transpose(-1, -2)
 
