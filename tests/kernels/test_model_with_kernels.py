@@ -30,7 +30,7 @@ def _logits_and_grads(folder, kernels, monkeypatch):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma2", "phi3", "smollm3", "olmo3", "granite",
                                     "ernie4_5", "glm4", "hunyuan_v1_dense", "arcee",
-                                    "apertus"])
+                                    "apertus", "granitemoehybrid", "falcon_h1"])
 def test_logits_and_lora_grads_equal_torch_path(family, tiny_model_dir, monkeypatch):
     folder = tiny_model_dir(family)
     ref_logits, ref_grads = _logits_and_grads(folder, "torch", monkeypatch)

@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fasttune.kernels.gated_rmsnorm import gated_rms_norm
 from fasttune.models.config import ModelConfig
 from fasttune.models.gated_deltanet import causal_conv, conv_step, last_positions
 from fasttune.models.ssd import ssd_scan, ssd_step
@@ -24,21 +25,18 @@ from fasttune.peft.lora import project
 
 class GroupedGatedRMSNorm(nn.Module):
     """RMSNorm of x * SiLU(gate) over each of `groups` equal channel groups (transformers'
-    GraniteMoeHybridRMSNormGated): fp32 math, w times the result; returns fp32 (the scan's output dtype there).
-    before_gate: the RMSNorm of x, times w, then times SiLU(gate) (Falcon-H1's mamba_norm_before_gate)."""
+    GraniteMoeHybridRMSNormGated): fp32 math, w times the result. before_gate: the RMSNorm of x, times w, then times
+    SiLU(gate) (Falcon-H1's mamba_norm_before_gate). kernels/gated_rmsnorm.py computes it (Triton on the GPU)."""
 
     def __init__(self, dim: int, groups: int, eps: float, before_gate: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.groups, self.eps, self.before_gate = groups, eps, before_gate
 
-    def forward(self, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-        """x, gate (..., dim) -> (..., dim) fp32."""
-        h = x.float() if self.before_gate else x.float() * F.silu(gate.float())
-        g = h.view(*h.shape[:-1], self.groups, -1)
-        g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + self.eps)
-        out = self.weight.float() * g.view(h.shape)
-        return out * F.silu(gate.float()) if self.before_gate else out
+    def forward(self, x: torch.Tensor, gate: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """x, gate (..., dim) -> (..., dim) in out_dtype (transformers returns fp32 and casts before out_proj: the
+        same values; the kernel writes out_proj's input dtype directly)."""
+        return gated_rms_norm(x, gate, self.weight, self.groups, self.eps, self.before_gate, out_dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -111,8 +109,8 @@ class Mamba2Mixer(nn.Module):
             if cache is not None:
                 cache.recurrent[self.layer_idx].copy_(state)
         y = y.reshape(b, t, self.inner)
-        y = self.norm(y, z) if hasattr(self, "norm") else y * F.silu(z.float())
-        return project(y.to(x.dtype), self.out_proj)[0]
+        y = self.norm(y, z, x.dtype) if hasattr(self, "norm") else (y * F.silu(z.float())).to(x.dtype)
+        return project(y, self.out_proj)[0]
 
     def _section_scale(self, like: torch.Tensor) -> torch.Tensor:
         """Falcon-H1's per-channel µP scale of in_proj's output (transformers' compute_mup_vector): z, x, B, C, dt
