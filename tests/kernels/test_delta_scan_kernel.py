@@ -55,7 +55,8 @@ def _use(form, monkeypatch):
 @pytest.mark.parametrize("form", sorted(FORMS))
 @pytest.mark.parametrize("c,dk,dv", [(16, 16, 32), (64, 32, 16), (16, 16, 48)])
 def test_scan_equals_the_torch_loop(form, c, dk, dv, monkeypatch):
-    """d_v 48: not a power of two, in blocks of 16 (Nemotron-H's Mamba heads of 80 run so)."""
+    """d_v 48: not a power of two: one block of 64 masked past column 48 (by default), three of 16, or 32 + 16 masked
+    (Nemotron-H's Mamba heads of 80 run as 64 + 64 masked)."""
     _check(_inputs(2, 3, 5, c, dk, dv), None, _use(form, monkeypatch))
 
 
@@ -85,8 +86,8 @@ def test_which_form_runs(monkeypatch):
     assert scan_config(w(64, 128), u(64, 128)) == ScanConfig(64, 4, 2, "ieee")  # fp32 inputs: IEEE products
     assert scan_config(w(64, 128), u(64, 128), tf32=True) == ScanConfig(64, 4, 2, "tf32" if cuda else "ieee")
     assert scan_config(w(64, 128), u(64, 32)).bv == 32
-    assert scan_config(w(64, 128), u(64, 80)).bv == 16  # 80 = 5 blocks of 16
-    assert scan_config(w(64, 128), u(64, 96)).bv == 32
+    assert scan_config(w(64, 128), u(64, 80)).bv == 64  # two blocks of 64, the second masked past column 80
+    assert scan_config(w(64, 128), u(64, 48)).bv == 64
     for c, dk, dv in [(64, 24, 128), (48, 128, 128), (64, 128, 8), (64, 128, 24)]:
         assert scan_config(w(c, dk), u(c, dv)) is None
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", "64,8,3,tf32")

@@ -27,7 +27,7 @@ from typing import NamedTuple
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
+from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 from fasttune.kernels.tf32 import tf32_products
 
 
@@ -53,32 +53,33 @@ if HAVE_TRITON:
 
     @triton.jit
     def _tiles(C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
-        """This program's row x head and the offsets of its (C x DK), (C x BV) and (DK x BV) tiles."""
+        """This program's row x head, the offsets of its (C x DK), (C x BV) and (DK x BV) tiles and the mask of its
+        columns below DV (the last block of a d_v that is no power of two is partly outside)."""
         rc, rk = tl.arange(0, C), tl.arange(0, DK)
         rv = tl.program_id(1) * BV + tl.arange(0, BV)
         return (tl.program_id(0).to(tl.int64), rc[:, None] * DK + rk[None, :], rc[:, None] * DV + rv[None, :],
-                rk[:, None] * DV + rv[None, :])
+                rk[:, None] * DV + rv[None, :], (rv < DV)[None, :])
 
     @triton.jit
     def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, keep_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, H,
                   C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
                   HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
         """One (row x head, d_v block): the state (DK x BV, fp32) kept in registers through the n chunks."""
-        bh, ck, cv, kv = _tiles(C, DK, DV, BV)
-        s = tl.load(s0_ptr + bh * DK * DV + kv)
+        bh, ck, cv, kv, cols = _tiles(C, DK, DV, BV)
+        s = tl.load(s0_ptr + bh * DK * DV + kv, mask=cols, other=0.0)
         for i in tl.range(0, n, num_stages=STAGES):
             chunk = bh * n + i
             if HAS_KEEP:
                 s = s * tl.load(keep_ptr + (bh // H) * n + i)
-            tl.store(states_ptr + chunk * DK * DV + kv, s)
-            v = tl.load(u_ptr + chunk * C * DV + cv)
+            tl.store(states_ptr + chunk * DK * DV + kv, s, mask=cols)
+            v = tl.load(u_ptr + chunk * C * DV + cv, mask=cols, other=0.0)
             if HAS_W:
                 w = tl.load(w_ptr + chunk * C * DK + ck)
                 v = v - tl.dot(w, s, input_precision=PRECISION)
-                tl.store(v_ptr + chunk * C * DV + cv, v)
+                tl.store(v_ptr + chunk * C * DV + cv, v, mask=cols)
             k = tl.load(k_ptr + chunk * C * DK + ck)
             s = s * tl.load(gamma_ptr + chunk) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
-        tl.store(final_ptr + bh * DK * DV + kv, s)
+        tl.store(final_ptr + bh * DK * DV + kv, s, mask=cols)
 
     @triton.jit
     def _scan_bwd(w_ptr, k_ptr, gamma_ptr, keep_ptr, dstates_ptr, dv_ptr, dfinal_ptr, ends_ptr, ds0_ptr, n, H,
@@ -86,21 +87,21 @@ if HAVE_TRITON:
                   HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
         """The reverse scan: dv (in: the later ops' dV; out: the total), ends (out: the gradient of each chunk's
         end state), ds0 (out: the initial state's)."""
-        bh, ck, cv, kv = _tiles(C, DK, DV, BV)
-        g = tl.load(dfinal_ptr + bh * DK * DV + kv)
+        bh, ck, cv, kv, cols = _tiles(C, DK, DV, BV)
+        g = tl.load(dfinal_ptr + bh * DK * DV + kv, mask=cols, other=0.0)
         for j in tl.range(0, n, num_stages=STAGES):
             chunk = bh * n + (n - 1 - j)
-            tl.store(ends_ptr + chunk * DK * DV + kv, g)
+            tl.store(ends_ptr + chunk * DK * DV + kv, g, mask=cols)
             k = tl.load(k_ptr + chunk * C * DK + ck)
-            dv = tl.load(dv_ptr + chunk * C * DV + cv) + tl.dot(k, g, input_precision=PRECISION)
-            tl.store(dv_ptr + chunk * C * DV + cv, dv)
-            g = tl.load(dstates_ptr + chunk * DK * DV + kv) + g * tl.load(gamma_ptr + chunk)
+            dv = tl.load(dv_ptr + chunk * C * DV + cv, mask=cols, other=0.0) + tl.dot(k, g, input_precision=PRECISION)
+            tl.store(dv_ptr + chunk * C * DV + cv, dv, mask=cols)
+            g = tl.load(dstates_ptr + chunk * DK * DV + kv, mask=cols, other=0.0) + g * tl.load(gamma_ptr + chunk)
             if HAS_W:
                 w = tl.load(w_ptr + chunk * C * DK + ck)
                 g = g - tl.dot(tl.trans(w), dv, input_precision=PRECISION)
             if HAS_KEEP:
                 g = g * tl.load(keep_ptr + (bh // H) * n + (n - 1 - j))
-        tl.store(ds0_ptr + bh * DK * DV + kv, g)
+        tl.store(ds0_ptr + bh * DK * DV + kv, g, mask=cols)
 
 
 def scan_forward(w, u, k, gamma, s0, keep, config):
@@ -115,7 +116,7 @@ def scan_forward(w, u, k, gamma, s0, keep, config):
         states = k.new_empty(b, h, n, dk, dv)
         v = u if w is None else torch.empty_like(u)
         final = torch.empty_like(s0)
-        _scan_fwd[(b * h, dv // config.bv)](w, u, k, gamma, keep, s0, states, v, final, n, h, C=c, DK=dk, DV=dv,
+        _scan_fwd[(b * h, -(-dv // config.bv))](w, u, k, gamma, keep, s0, states, v, final, n, h, C=c, DK=dk, DV=dv,
                                              BV=config.bv, HAS_KEEP=keep is not None, HAS_W=w is not None,
                                              PRECISION=config.precision, STAGES=config.stages,
                                              num_warps=config.warps)
@@ -152,7 +153,7 @@ def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
         ends = torch.empty_like(states)  # the gradient of each chunk's end state
         d_s0 = torch.empty_like(d_final)
         keep = None if keep is None else keep.float().contiguous()
-        _scan_bwd[(b * h, dv // config.bv)](None if w is None else w.contiguous(), k.contiguous(),
+        _scan_bwd[(b * h, -(-dv // config.bv))](None if w is None else w.contiguous(), k.contiguous(),
                                              gamma.contiguous(), keep, d_states, d_total, d_final, ends, d_s0, n, h,
                                              C=c, DK=dk, DV=dv, BV=config.bv, HAS_KEEP=keep is not None,
                                              HAS_W=w is not None, PRECISION=config.precision,
@@ -234,8 +235,9 @@ def _parse_config(choice: str) -> ScanConfig:
 def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanConfig | None:
     """The Triton scan's tiles for these inputs (w: w or k, for the shapes), or None where the torch loop runs: no
     Triton for w (kernels/dispatch.py), FASTTUNE_DELTA_SCAN=torch, C or d_k not powers of two >= 16 (tl.dot's limits)
-    or d_v not a multiple of 16 (the programs take blocks of bv columns, bv the largest power of two dividing d_v up
-    to the setting's: Nemotron-H's heads of 80 run in blocks of 16).
+    or d_v not a multiple of 16 (the programs take blocks of bv columns, the setting's or d_v rounded up to a power
+    of two if smaller, the last block masked: Nemotron-H's heads of 80 run as two blocks of 64, one of them partly
+    masked; blocks of 16 reloaded each chunk's keys five times and took 1.07 ms a layer on the H200).
     Products in TF32 only where `tf32` (the caller's inputs were 16-bit, so TF32's 10-bit mantissas lose nothing
     they had) and w is on CUDA; else IEEE fp32. FASTTUNE_DELTA_SCAN="bv,warps,stages,precision" sets the tiles
     (benchmarks; TF32 still only on CUDA); ConfigError for a malformed value."""
@@ -247,7 +249,7 @@ def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanCon
         config = _parse_config(choice)
     else:
         config = ScanConfig(precision="tf32" if tf32 else "ieee")
-    config = config._replace(bv=min(config.bv, dv & -dv))  # dv & -dv: its largest power-of-two divisor
+    config = config._replace(bv=min(config.bv, next_pow2(dv)))
     return config if w.is_cuda else config._replace(precision="ieee")
 
 
