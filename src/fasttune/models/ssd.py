@@ -31,13 +31,13 @@ def ssd_scan(x, dt, A, B, C, D, spans=None, initial_state=None, final_state: boo
     B, C (B, T, G, N) with G dividing H; D (H,). spans: None (each row one sequence) or (row, start, end) runs that
     each start from a zero state (packed documents). initial_state (B, H, P, N) fp32 (rows only, not with spans).
     Returns (y (B, T, H, P) fp32 with the D skip, final state (B, H, P, N) fp32 or None)."""
-    skip = D.float()[:, None] * x.float()
+    D = D.float()[:, None]  # (H, 1): the skip y + D x in one pass (addcmul), x read in place
     if spans is not None:
         y = run_packed(lambda x_, dt_, b_, c_, keep: _chunked(x_, dt_, A, b_, c_, keep=keep, chunk=chunk)[0],
                        (x, dt, B, C), spans, chunk)
-        return y + skip, None
+        return torch.addcmul(y, x, D), None
     y, state = _chunked(x, dt, A, B, C, initial_state, chunk=chunk)
-    return y + skip, (state if final_state else None)
+    return torch.addcmul(y, x, D), (state if final_state else None)
 
 
 def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
@@ -68,17 +68,18 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     scores = decay.view(b, g, group, n, chunk, chunk) * tf32_matmul(C, B.transpose(-1, -2), tf32)[:, :, None]
     xdt = xdt.contiguous()
     y = tf32_matmul(scores.view(b, h, n, chunk, chunk), xdt, tf32)  # (B, H, n, L, P)
-    B, C = (m[:, :, None].expand(b, g, group, n, chunk, n_state).reshape(b, h, n, chunk, n_state) for m in (B, C))
+    C = C[:, :, None].expand(b, g, group, n, chunk, n_state).reshape(b, h, n, chunk, n_state)
     # Between chunks, the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
     # decay plus the chunk's own sum_s exp(cum_last - cum_s) B_s xdt_s^T: the delta rule's chunk scan
     # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w None).
     to_end = (cum[..., -1:] - cum).exp()  # (B, H, n, L)
-    keys = B * to_end[..., None]
+    # each head's keys in one product from its group's B (no per-head copy of B first)
+    keys = (B.contiguous()[:, :, None] * to_end.view(b, g, group, n, chunk, 1)).view(b, h, n, chunk, n_state)
     total = cum[..., -1].exp()  # (B, H, n) a whole chunk's decay
     state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
         initial_state.float().transpose(-1, -2).contiguous()
     entering, _, state = chunk_scan(None, xdt, keys, total, state, keep, tf32)  # (B, H, n, N, P)
-    y = y + tf32_matmul(C, entering, tf32) * cum.exp()[..., None]  # the carried state read at each position
+    y = torch.addcmul(y, tf32_matmul(C, entering, tf32), cum.exp()[..., None])  # the carried state at each position
     y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
     return y, state.transpose(-1, -2)
 
