@@ -2,6 +2,8 @@
 layers, the shared MLP under its names, Granite's multipliers. The family tests (tests/tiny.py's FAMILIES: Granite
 4.0-H's NoPE layout) cover logits, LoRA gradients against PEFT, generation, merging and GGUF in llama.cpp; here what
 is Granite 4.0's own."""
+import warnings
+
 import pytest
 import torch
 from peft_oracle import (assert_grads_close, check_logits_generation_and_merged, check_packed_documents,
@@ -122,6 +124,19 @@ def test_gguf_refuses_what_llama_cpp_cannot_run(tmp_path, tiny_tokenizer):
         with pytest.raises(ConfigError, match=match):
             model.save_pretrained_gguf(tmp_path / "m.gguf", quantization_method="f16", progress=False)
         assert not (tmp_path / "m.gguf").exists()
+
+
+def test_gguf_warns_of_a_time_step_limit_it_cannot_carry(tmp_path):
+    """llama.cpp reads no time_step_limit (and clamps no step): a clamped model's file is written with a warning
+    naming the field; the default (0, inf) writes without one."""
+    from llama_cpp_check import lora_merged_gguf
+
+    with pytest.warns(UserWarning, match=r"time_step_limit=\(0.05, 0.6\) is not carried"):
+        path = lora_merged_gguf("granitemoehybrid", tmp_path / "c", time_step_limit=(0.05, 0.6))[2]
+    assert path.stat().st_size > 0
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="time_step_limit")
+        lora_merged_gguf("granitemoehybrid", tmp_path / "d")
 
 
 def test_loads_in_4bit_and_trains(tmp_path, tiny_tokenizer):

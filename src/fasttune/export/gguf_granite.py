@@ -13,6 +13,8 @@ NemotronHModel and Mamba2Model; src/models/granite-hybrid.cpp, nemotron-h.cpp an
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE = "granitehybrid", "nemotron_h", "nemotron_h_moe"
@@ -88,7 +90,14 @@ def nemotron_h_metadata(writer, cfg) -> None:
 
 
 def mamba_metadata(writer, cfg) -> None:
-    """The Mamba-2 keys: conv kernel, state size, groups, inner width and heads (as the time-step rank)."""
+    """The Mamba-2 keys: conv kernel, state size, groups, inner width and heads (as the time-step rank). llama.cpp
+    has no key for a time_step_limit and clamps no step (as transformers' own decode step): a narrower limit than
+    (0, inf) is warned about, since the file then computes the prompt's steps unclamped."""
+    low, high = cfg.time_step_limit
+    if low > 0.0 or high < float("inf"):
+        warnings.warn(f"time_step_limit={tuple(cfg.time_step_limit)} is not carried into the GGUF file: llama.cpp "
+                      f"clamps no Mamba step, so steps outside it are computed as they come (as transformers' decode "
+                      f"step does); the merged safetensors keep the limit.", stacklevel=3)
     writer.add_ssm_conv_kernel(cfg.linear_conv_kernel)
     writer.add_ssm_state_size(cfg.mamba_state)
     writer.add_ssm_group_count(cfg.mamba_groups)
