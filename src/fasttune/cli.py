@@ -52,7 +52,9 @@ RUN_OPTIONS = {
                                           "from/value) are detected and mapped automatically"),
 }
 # Short aliases from DESIGN.md's CLI, and autotrain's names (`autotrain llm` commands run with `fasttune train`).
-QUANTIZATIONS = {"none": None, "int4": "nf4", "nf4": "nf4", "int8": "int8", "fp8": "fp8"}
+# autotrain's names, and the 4bit / 8bit of from_pretrained's load_in_4bit / load_in_8bit
+QUANTIZATIONS = {"none": None, "int4": "nf4", "nf4": "nf4", "4bit": "nf4", "int8": "int8", "8bit": "int8",
+                 "fp8": "fp8"}
 ALIASES = {"epochs": "num_train_epochs", "batch_size": "per_device_train_batch_size",
            "grad_accum": "gradient_accumulation_steps", "lr": "learning_rate", "embedding_lr": "embedding_learning_rate",
            "trainer": "method", "project_name": "output_dir", "data_path": "data"}
@@ -563,7 +565,10 @@ def main(argv=None) -> int:
         _note_distributed_failure()
         if ns.debug:
             raise
-        print(f"fasttune: error: {e}", file=sys.stderr)
+        message = str(e)
+        if ns.command == "export":  # the API's way out, in the command line's words
+            message = message.replace("with save_pretrained_merged", "with --format merged (save_pretrained_merged)")
+        print(f"fasttune: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         _note_distributed_failure()

@@ -70,8 +70,9 @@ def test_one_step_run_says_step_and_plots_its_point(tiny_model_dir, tmp_path, ca
     assert len(loss_line.get_xdata()) == 1 and loss_line.get_marker() not in (None, "None", "", " ")
 
 
-def test_train_banner_names_the_quantization(tiny_model_dir, tmp_path, capsys):
-    _train(tiny_model_dir("llama"), tmp_path, "o", "--max-steps", "1", "--quantization", "int4")
+@pytest.mark.parametrize("name", ["int4", "4bit"])  # autotrain's name; load_in_4bit's
+def test_train_banner_names_the_quantization(name, tiny_model_dir, tmp_path, capsys):
+    _train(tiny_model_dir("llama"), tmp_path, "o", "--max-steps", "1", "--quantization", name)
     assert re.search(r"fasttune: model .*\(llama, torch\.float32, cpu, int4 NF4 frozen weights\)",
                      capsys.readouterr().out)
 

@@ -101,3 +101,13 @@ def test_export_user_errors(args, match, adapter_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and match in err and "Traceback" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_refusal_names_the_command_line_way_out(tiny_model_dir, tmp_path, capsys):
+    """A model llama.cpp would compute otherwise (Falcon-H1 norming before the gate, its tiny default): the refusal
+    names --format merged beside the API's save_pretrained_merged, and nothing is written."""
+    rc = main(["export", "--model", str(tiny_model_dir("falcon_h1")), "--format", "gguf", "--quantization", "f16",
+               "--output", str(tmp_path / "m.gguf")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "with --format merged (save_pretrained_merged) instead" in err and "Traceback" not in err
+    assert not (tmp_path / "m.gguf").exists()
