@@ -44,15 +44,16 @@ def peft_grads(peft_model) -> dict:
     return out
 
 
-def moe_adapter_grads(family, ours, folder, prepare_ref=None) -> tuple[dict, dict]:
+def moe_adapter_grads(family, ours, folder, prepare_ref=None, **overrides) -> tuple[dict, dict]:
     """({name: grad} of our LoRA model `ours` (random B, saved to `folder`/adapter) under PEFT's names, the same
-    for PEFT's model built from that adapter over transformers' `family`), after one loss backward on the same
-    batch (2 x 20 tokens). `prepare_ref(base model)` sets values our model has beyond the tiny model's."""
+    for PEFT's model built from that adapter over transformers' `family` (config `overrides` on tests/tiny.py's),
+    after one loss backward on the same batch (2 x 20 tokens). `prepare_ref(base model)` sets values our model has
+    beyond the tiny model's."""
     from fasttune.peft.adapter_io import adapter_parameters
 
     randomize_lora_b(ours)
     ours.save_pretrained(folder / "adapter")
-    ref = peft_twin(family, folder / "adapter")
+    ref = peft_twin(family, folder / "adapter", **overrides)
     if prepare_ref is not None:
         prepare_ref(ref.base_model.model)
     ids = torch.randint(3, 300, (2, 20), generator=torch.Generator().manual_seed(6))

@@ -87,21 +87,43 @@ def test_lora_keeps_to_what_peft_accepts(folder):
         FastLanguageModel.get_peft_model(model, r=4, target_modules=["in_proj", "out_proj"])
 
 
-def test_latent_experts_go_to_the_fallback(tmp_path, tiny_tokenizer):
-    """Experts behind latent projections (moe_latent_size) are not on our decoder yet: the transformers path loads
-    the model whole, with its warning naming why, instead of dropping the projections."""
-    assert decoder_runs({**ORIGINAL, "hybrid_override_pattern": "M-*EM"})
-    assert not decoder_runs({**ORIGINAL, "hybrid_override_pattern": "M-*EM", "moe_latent_size": 16})
+@pytest.fixture
+def latent_folder(tmp_path, tiny_tokenizer):
+    """Nemotron 3 Super's layout on tests/tiny.py's Nemotron 3: the routed experts behind 16-wide latent
+    projections (moe_latent_size)."""
     hf = hf_model("nemotron_h_moe", moe_latent_size=16)
-    hf.save_pretrained(tmp_path / "m")
-    tiny_tokenizer.save_pretrained(tmp_path / "m")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        model, _ = FastLanguageModel.from_pretrained(str(tmp_path / "m"), dtype=torch.float32)
-    assert any(issubclass(w.category, FallbackWarning) and "latent projections" in str(w.message) for w in caught)
-    ids = torch.randint(3, 300, (1, 9))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, hf(ids).logits)
+    save_hf(hf, tmp_path / "latent", tiny_tokenizer)
+    return hf, tmp_path / "latent"
+
+
+def test_latent_experts_logits_generation_and_merged_equal_transformers(latent_folder, tmp_path):
+    """The experts run on fc1_latent_proj's output and go back through fc2_latent_proj (routing and the shared
+    experts on the hidden state, as transformers' NemotronHMoE): on our decoder, no fallback warning."""
+    hf, folder = latent_folder
+    assert decoder_runs({**ORIGINAL, "hybrid_override_pattern": "M-*EM", "moe_latent_size": 16})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=torch.float32)
+    moe = model.model.layers[1].mixer
+    assert model.arch.moe_latent_size == 16 and moe.fc1_latent_proj.weight.shape == (16, 64)
+    assert moe.experts.up_proj.shape == (8, 32, 16) and moe.fc2_latent_proj.weight.shape == (64, 16)
+    check_logits_generation_and_merged(hf, model, 30, tmp_path)
+
+
+def test_latent_experts_lora_equals_peft(latent_folder, tmp_path):
+    """LoRA on the routed experts (by default) and on the latent projections (named) against PEFT's."""
+    model, _ = FastLanguageModel.from_pretrained(str(latent_folder[1]), dtype=torch.float32)
+    ours = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=False,
+                                            target_modules=["fc1_latent_proj", "fc2_latent_proj", "q_proj"],
+                                            target_parameters=["mixer.experts.up_proj", "mixer.experts.down_proj"])
+    mine, theirs = moe_adapter_grads("nemotron_h_moe", ours, tmp_path, moe_latent_size=16)
+    assert mine.keys() == theirs.keys() and any(".fc1_latent_proj.lora_A" in n for n in mine)
+    assert any(".mixer.experts.lora_A" in n for n in mine)
+    assert_grads_close(mine, theirs)
+
+
+def test_latent_experts_recompute_gives_the_same_gradients(latent_folder):
+    check_recompute_gradients(latent_folder[1])
 
 
 def test_loads_in_4bit_and_trains(folder):
@@ -203,3 +225,18 @@ def test_fastmodel_switches(folder, attention, mlp, expected):
         warnings.simplefilter("error")  # (the switches pick the names; nothing to warn about)
         lora = FastModel.get_peft_model(model, r=4, finetune_attention_modules=attention, finetune_mlp_modules=mlp)
     assert sorted(lora.lora_settings.target_modules) == expected
+
+
+def test_latent_experts_gguf_logits_match_llama_cpp(tmp_path):
+    """Nemotron 3 Super's latent projections in llama.cpp's nemotron_h_moe: fc1 / fc2_latent_proj as ffn_latent_down
+    / ffn_latent_up, the experts latent-wide, moe_latent_size in the metadata; LoRA merged into every linear layer."""
+    pytest.importorskip("llama_cpp")
+    from llama_cpp_check import PROMPTS, compare_logits, lora_merged_gguf
+
+    model, tok, path, reader = lora_merged_gguf("nemotron_h_moe", tmp_path, moe_latent_size=16)
+    assert reader.fields["nemotron_h_moe.moe_latent_size"].contents() == 16
+    shapes = {t.name: list(t.shape) for t in reader.tensors}
+    assert shapes["blk.1.ffn_latent_down.weight"] == [64, 16] and shapes["blk.1.ffn_latent_up.weight"] == [16, 64]
+    assert shapes["blk.1.ffn_up_exps.weight"] == [16, 32, 8]
+    rel, top1, _ = compare_logits(model, tok, path, PROMPTS)
+    assert rel < 2e-3 and top1 >= 1.0, (rel, top1)

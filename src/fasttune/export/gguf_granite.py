@@ -78,13 +78,15 @@ def nemotron_h_metadata(writer, cfg) -> None:
     """The keys llama.cpp's nemotron_h / nemotron_h_moe read beyond the common ones (its converter's, a
     GraniteHybridModel's): the Mamba-2 sizes, key/value heads only in the attention layers and an MLP (or expert)
     width only in the MLP (MoE) layers (0 elsewhere: how llama.cpp tells the layers apart), the shared experts'
-    width, no RoPE, and the norms' eps under the LayerNorm key."""
+    width, the experts' latent width (Nemotron 3 Super), no RoPE, and the norms' eps under the LayerNorm key."""
     mamba_metadata(writer, cfg)
     writer.add_head_count_kv([cfg.num_kv_heads if k == "attention" else 0 for k in cfg.layer_kinds])
     widths = {"mlp": cfg.intermediate_size, "moe": cfg.moe_intermediate_size}
     writer.add_feed_forward_length([widths.get(k, 0) for k in cfg.layer_kinds])
     if cfg.num_experts:  # (Nemotron 3: the shared experts' width; the routing keys are DeepSeek-V3's, gguf.py)
         writer.add_expert_shared_feed_forward_length(cfg.shared_expert_size)
+    if cfg.moe_latent_size is not None:  # Nemotron 3 Super (fc1 / fc2_latent_proj: ffn_latent_down / _up)
+        writer.add_moe_latent_size(cfg.moe_latent_size)
     writer.add_rope_scaling_finetuned(False)
     writer.add_layer_norm_eps(cfg.rms_norm_eps)  # (llama.cpp's nemotron_h reads its RMSNorms' eps under this key)
 

@@ -25,7 +25,7 @@ from fasttune.errors import ModelLoadError
 from fasttune.models.family_fields import (bamba_fields, falcon_h1_fields, gemma4_fields, gemma4_unsupported,
                                            granite_hybrid_fields, lfm2_fields,
                                            llama4_query_scale, mla_fields, moe_fields, nemotron_h_fields,
-                                           nemotron_h_kinds, qwen3_5_fields)
+                                           qwen3_5_fields)
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
@@ -191,6 +191,9 @@ class ModelConfig:
     # NemotronHBlock) instead of attention then MLP; empty = the usual two-sublayer layers
     layer_kinds: list = field(default_factory=list)
     experts_gated: bool = True  # False: Nemotron 3's ungated ReLU² experts (up_proj, down_proj: models/moe.py)
+    # Nemotron 3 Super: the routed experts run on a moe_latent_size-wide projection of the hidden state
+    # (fc1_latent_proj before them, fc2_latent_proj after; routing and shared experts on the hidden state)
+    moe_latent_size: int | None = None
     # Falcon-H1: every layer runs attention and a Mamba-2 mixer side by side on the same normed input (their outputs
     # added), with µP multipliers: (attention in, attention out, ssm in, ssm out), the in_proj output's five
     # sections (z, x, B, C, dt: ssm_multipliers), the MLP's (gate, down); the embedding multiplier applies to looked-up
@@ -491,8 +494,6 @@ def decoder_runs(hf_config) -> bool:
     model_type = get("model_type")
     if model_type == "gemma4_text":
         return not gemma4_unsupported(get)
-    if model_type == "nemotron_h":  # Nemotron 3's latent-projected experts are not run yet (the fallback runs them)
-        return get("moe_latent_size") is None or "moe" not in nemotron_h_kinds(get)
     return model_type in SUPPORTED_FAMILIES
 
 

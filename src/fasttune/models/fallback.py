@@ -133,9 +133,6 @@ def load_fallback(path: Path, dtype: torch.dtype, device, model_type: str, force
            f"'{model_type}' is not supported by fasttune's fast decoder (supported: {', '.join(SUPPORTED_FAMILIES)})")
     if not forced and gguf_file is not None and model_type in SUPPORTED_FAMILIES:  # MoE families from GGUF
         why = f"fasttune's fast decoder does not read '{model_type}' GGUF files yet (its safetensors checkpoints it does)"
-    elif not forced and model_type == "nemotron_h":  # (config.decoder_runs)
-        why = ("fasttune's fast decoder runs Nemotron-H's and Nemotron 3's layers but not yet experts behind latent "
-               "projections (moe_latent_size)")
     warnings.warn(f"Architecture '{model_type}': {why}, so it is loaded through transformers + PEFT and trains at "
                   f"standard speed (same results, none of fasttune's speed-ups).", FallbackWarning, stacklevel=4)
     towers = [name for name in ("vision_config", "audio_config") if getattr(hf_model.config, name, None) is not None

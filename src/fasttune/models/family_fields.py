@@ -241,6 +241,8 @@ def nemotron_h_fields(cfg, get) -> None:
         cfg.routed_scaling = float(get("routed_scaling_factor", 1.0))
         cfg.norm_topk_prob = bool(get("norm_topk_prob", True))
         cfg.router_groups = (int(get("n_group", 1) or 1), int(get("topk_group", 1) or 1))
+        latent = get("moe_latent_size")
+        cfg.moe_latent_size = int(latent) if latent is not None else None
 
 
 def mla_fields(cfg, get) -> None:

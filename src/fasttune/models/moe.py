@@ -406,7 +406,11 @@ class SparseMoeBlock(nn.Module):
         self.fp32_tensors = ("expert_bias",) if self.bias_on_block else ()  # (read by the loader)
         if self.bias_on_block:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        self.experts = Experts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act,
+        latent = getattr(cfg, "moe_latent_size", None)
+        if latent is not None:  # Nemotron 3 Super: the experts run on a latent projection (transformers' NemotronHMoE)
+            self.fc1_latent_proj = nn.Linear(cfg.hidden_size, latent, bias=cfg.mlp_bias)
+            self.fc2_latent_proj = nn.Linear(latent, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.experts = Experts(cfg.num_experts, latent or cfg.hidden_size, cfg.moe_intermediate_size, cfg.hidden_act,
                                cfg.experts_gated)
         # a dense MLP every token takes (GLM-4.5's shared_experts), scaled by a learned gate in Qwen3.5-MoE
         self.shared_name = cfg.module_name("shared_expert") if shared_expert is not None else None
@@ -438,7 +442,10 @@ class SparseMoeBlock(nn.Module):
             weights, experts = route_softmax_bias(logits, statics.e_score_correction_bias, self.top_k, self.renorm_eps)
         else:
             weights, experts = route(logits, self.top_k, self.norm_topk_prob)
-        out = self.experts(flat, weights, experts)
+        if hasattr(self, "fc1_latent_proj"):  # routed on the hidden state, the experts on its latent projection
+            out = self.fc2_latent_proj(self.experts(self.fc1_latent_proj(flat), weights, experts))
+        else:
+            out = self.experts(flat, weights, experts)
         if self.shared_name is not None:
             shared = getattr(self, self.shared_name)(flat[None])[0]
             if hasattr(self, "shared_expert_gate"):  # transformers' Qwen3NextSparseMoeBlock
