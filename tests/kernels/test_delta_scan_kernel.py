@@ -107,3 +107,32 @@ def test_malformed_setting_is_a_config_error(bad, monkeypatch):
     monkeypatch.setenv("FASTTUNE_DELTA_SCAN", bad)
     with pytest.raises(ConfigError, match="FASTTUNE_DELTA_SCAN=.*'bv,warps,stages"):
         scan_config(torch.empty(1, 1, 1, 64, 128, device=DEVICE), torch.empty(1, 1, 1, 64, 128, device=DEVICE))
+
+
+@pytest.mark.parametrize("form", sorted(FORMS))
+def test_keys_shared_by_groups_of_heads(form, monkeypatch):
+    """k per group of 3 heads (Mamba-2's B): the states come with each group's heads side by side (d_v 48 each), equal
+    to the loop with every head's own copy of the keys; the key gradient is the sum of the group's heads'; w refused."""
+    from fasttune.kernels.delta_scan import _per_head
+
+    tolerance = _use(form, monkeypatch)
+    _, u, k, gamma, s0 = _inputs(2, 6, 4, 16, 16, 48, seed=3)
+    k = k[:, ::3].detach().clone().requires_grad_()  # 2 groups of 3 heads
+    keep = torch.tensor([[1.0, 0, 1, 1], [1.0, 1, 1, 0]], device=DEVICE)
+    twins = [x.detach().clone().requires_grad_() for x in (u, k, gamma, s0)]
+    states, v, final = chunk_scan(None, u, k, gamma, s0, keep=keep)
+    assert v is None and states.shape == (2, 2, 4, 16, 3 * 48)
+    per_head = twins[1].repeat_interleave(3, dim=1)
+    want_states, _, want_final = chunk_scan_reference(None, twins[0], per_head, *twins[2:], keep=keep)
+    grads = [torch.randn_like(want_states), torch.randn_like(want_final)]
+    from fasttune.kernels.delta_scan import _grouped
+
+    torch.autograd.backward([states, final], [_grouped(grads[0], 3), grads[1]])
+    torch.autograd.backward([want_states, want_final], grads)
+    for name, a, e in [("states", _per_head(states, 3), want_states), ("final", final, want_final),
+                       *((n, x.grad, y.grad) for n, x, y in zip(["du", "dk", "dgamma", "ds0"], (u, k, gamma, s0),
+                                                                 twins))]:
+        err = ((a - e).norm() / e.norm()).item()
+        assert err < tolerance, (name, err)
+    with pytest.raises(ValueError, match="w only with a key per head"):
+        chunk_scan(torch.zeros_like(u[..., :16]), u, k, gamma, s0)

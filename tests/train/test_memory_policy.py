@@ -188,11 +188,11 @@ def test_media_tokens_of_the_longest_examples():
     assert most_media_tokens(examples, SimpleNamespace()) == 0  # a text tokenizer
 
 
-@pytest.mark.parametrize("heads, state, head_dim", [(16, 64, 32), (64, 128, 64)])
-def test_mamba_layer_count_matches_its_saved_tensors(heads, state, head_dim):
-    """The estimate of a Mamba-2 mixer's saved values (Granite 4.0: 64 heads of 64, state 128) is at least what
-    autograd keeps for one bf16 forward (each storage once, parameters not counted), and at most 1.3x it (an
-    overestimate only picks recompute sooner)."""
+@pytest.mark.parametrize("heads, state, head_dim, groups", [(16, 64, 32, 1), (64, 128, 64, 1), (32, 128, 80, 8)])
+def test_mamba_layer_count_matches_its_saved_tensors(heads, state, head_dim, groups):
+    """The estimate of a Mamba-2 mixer's saved values (Granite 4.0: 64 heads of 64, state 128, one group; Nemotron
+    Nano 2's heads of 80 in 8 groups) is at least what autograd keeps for one bf16 forward (each storage once,
+    parameters not counted), and at most 1.3x it (an overestimate only picks recompute sooner)."""
     from fasttune.models.config import ModelConfig
     from fasttune.models.mamba2 import Mamba2Mixer
     from fasttune.train.memory_policy import _mamba_values
@@ -201,7 +201,8 @@ def test_mamba_layer_count_matches_its_saved_tensors(heads, state, head_dim):
     cfg = ModelConfig.from_hf(dict(model_type="granitemoehybrid", vocab_size=300, hidden_size=hidden,
                                    num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                                    shared_intermediate_size=64, num_local_experts=0, layer_types=["mamba"],
-                                   mamba_n_heads=heads, mamba_d_head=head_dim, mamba_d_state=state, mamba_expand=2))
+                                   mamba_n_heads=heads, mamba_d_head=head_dim, mamba_d_state=state, mamba_expand=2,
+                                   mamba_n_groups=groups))
     mixer = Mamba2Mixer(cfg, 0).to(torch.bfloat16)
     params = {p.untyped_storage().data_ptr() for p in mixer.parameters()}
     saved = {}

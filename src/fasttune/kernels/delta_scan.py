@@ -52,76 +52,102 @@ if HAVE_TRITON:
     import triton.language as tl
 
     @triton.jit
-    def _tiles(C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr):
-        """This program's row x head, the offsets of its (C x DK), (C x BV) and (DK x BV) tiles and the mask of its
-        columns below DV (the last block of a d_v that is no power of two is partly outside)."""
+    def _tiles(C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, GROUP: tl.constexpr):
+        """This program's row x head, the offsets of its (C x DK), (C x BV) and (DK x BV) tiles (the last in the
+        per-head layout of s0 / final, and within a chunk's block of the states' layout, where GROUP heads' columns
+        sit side by side), the mask of its columns below DV (the last block of a d_v that is no power of two is
+        partly outside), and its row x group (GROUP consecutive heads share keys and a block of states)."""
         rc, rk = tl.arange(0, C), tl.arange(0, DK)
         rv = tl.program_id(1) * BV + tl.arange(0, BV)
-        return (tl.program_id(0).to(tl.int64), rc[:, None] * DK + rk[None, :], rc[:, None] * DV + rv[None, :],
-                rk[:, None] * DV + rv[None, :], (rv < DV)[None, :])
+        bh = tl.program_id(0).to(tl.int64)
+        return (bh, rc[:, None] * DK + rk[None, :], rc[:, None] * DV + rv[None, :], rk[:, None] * DV + rv[None, :],
+                rk[:, None] * DV * GROUP + (bh % GROUP) * DV + rv[None, :], (rv < DV)[None, :], bh // GROUP)
 
     @triton.jit
     def _scan_fwd(w_ptr, u_ptr, k_ptr, gamma_ptr, keep_ptr, s0_ptr, states_ptr, v_ptr, final_ptr, n, H,
                   C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
-                  HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                  HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr):
         """One (row x head, d_v block): the state (DK x BV, fp32) kept in registers through the n chunks."""
-        bh, ck, cv, kv, cols = _tiles(C, DK, DV, BV)
+        bh, ck, cv, kv, kvs, cols, kh = _tiles(C, DK, DV, BV, GROUP)
         s = tl.load(s0_ptr + bh * DK * DV + kv, mask=cols, other=0.0)
         for i in tl.range(0, n, num_stages=STAGES):
             chunk = bh * n + i
             if HAS_KEEP:
                 s = s * tl.load(keep_ptr + (bh // H) * n + i)
-            tl.store(states_ptr + chunk * DK * DV + kv, s, mask=cols)
+            tl.store(states_ptr + (kh * n + i) * DK * DV * GROUP + kvs, s, mask=cols)
             v = tl.load(u_ptr + chunk * C * DV + cv, mask=cols, other=0.0)
             if HAS_W:
                 w = tl.load(w_ptr + chunk * C * DK + ck)
                 v = v - tl.dot(w, s, input_precision=PRECISION)
                 tl.store(v_ptr + chunk * C * DV + cv, v, mask=cols)
-            k = tl.load(k_ptr + chunk * C * DK + ck)
+            k = tl.load(k_ptr + (kh * n + i) * C * DK + ck)
             s = s * tl.load(gamma_ptr + chunk) + tl.dot(tl.trans(k), v, input_precision=PRECISION)
         tl.store(final_ptr + bh * DK * DV + kv, s, mask=cols)
 
     @triton.jit
     def _scan_bwd(w_ptr, k_ptr, gamma_ptr, keep_ptr, dstates_ptr, dv_ptr, dfinal_ptr, ends_ptr, ds0_ptr, n, H,
                   C: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BV: tl.constexpr, HAS_KEEP: tl.constexpr,
-                  HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr):
+                  HAS_W: tl.constexpr, PRECISION: tl.constexpr, STAGES: tl.constexpr, GROUP: tl.constexpr):
         """The reverse scan: dv (in: the later ops' dV; out: the total), ends (out: the gradient of each chunk's
-        end state), ds0 (out: the initial state's)."""
-        bh, ck, cv, kv, cols = _tiles(C, DK, DV, BV)
+        end state, in the states' layout, as dstates), ds0 (out: the initial state's)."""
+        bh, ck, cv, kv, kvs, cols, kh = _tiles(C, DK, DV, BV, GROUP)
         g = tl.load(dfinal_ptr + bh * DK * DV + kv, mask=cols, other=0.0)
         for j in tl.range(0, n, num_stages=STAGES):
-            chunk = bh * n + (n - 1 - j)
-            tl.store(ends_ptr + chunk * DK * DV + kv, g, mask=cols)
-            k = tl.load(k_ptr + chunk * C * DK + ck)
+            i = n - 1 - j
+            chunk = bh * n + i
+            at = (kh * n + i) * DK * DV * GROUP + kvs
+            tl.store(ends_ptr + at, g, mask=cols)
+            k = tl.load(k_ptr + (kh * n + i) * C * DK + ck)
             dv = tl.load(dv_ptr + chunk * C * DV + cv, mask=cols, other=0.0) + tl.dot(k, g, input_precision=PRECISION)
             tl.store(dv_ptr + chunk * C * DV + cv, dv, mask=cols)
-            g = tl.load(dstates_ptr + chunk * DK * DV + kv, mask=cols, other=0.0) + g * tl.load(gamma_ptr + chunk)
+            g = tl.load(dstates_ptr + at, mask=cols, other=0.0) + g * tl.load(gamma_ptr + chunk)
             if HAS_W:
                 w = tl.load(w_ptr + chunk * C * DK + ck)
                 g = g - tl.dot(tl.trans(w), dv, input_precision=PRECISION)
             if HAS_KEEP:
-                g = g * tl.load(keep_ptr + (bh // H) * n + (n - 1 - j))
+                g = g * tl.load(keep_ptr + (bh // H) * n + i)
         tl.store(ds0_ptr + bh * DK * DV + kv, g, mask=cols)
 
 
+def _grouped(per_head: torch.Tensor, group: int) -> torch.Tensor:
+    """(B, H, n, a, d) per head -> (B, H / group, n, a, group * d): each group's heads side by side in the last dim
+    (the states' layout with keys shared by `group` heads; the same tensor when group is 1)."""
+    b, h, n, a, d = per_head.shape
+    if group == 1:
+        return per_head
+    return per_head.view(b, h // group, group, n, a, d).permute(0, 1, 3, 4, 2, 5).reshape(b, h // group, n, a,
+                                                                                          group * d)
+
+
+def _per_head(grouped: torch.Tensor, group: int) -> torch.Tensor:
+    """_grouped's inverse: (B, G, n, a, group * d) -> (B, G * group, n, a, d)."""
+    b, g, n, a, gd = grouped.shape
+    if group == 1:
+        return grouped
+    return grouped.view(b, g, n, a, group, gd // group).permute(0, 1, 4, 2, 3, 5).reshape(b, g * group, n, a,
+                                                                                          gd // group)
+
+
 def scan_forward(w, u, k, gamma, s0, keep, config):
-    """The scan's forward (chunk_scan_reference's arguments; config: a ScanConfig for the Triton kernels, None for
-    the torch loop) -> (states, v, final state), nothing recorded for autograd. Without w, v is u itself."""
-    b, h, n, c, dk = k.shape
-    dv = u.shape[-1]
+    """The scan's forward (chunk_scan's arguments; config: a ScanConfig for the Triton kernels, None for the torch
+    loop) -> (states (B, H / group, n, d_k, group * d_v), v, final state), nothing recorded for autograd. Without w,
+    v is u itself."""
+    b, h, n, c, dv = u.shape
+    dk, group = k.shape[-1], h // k.shape[1]
     if config is not None:
         u, k, gamma, s0 = (x.contiguous() for x in (u, k, gamma, s0))
         w = None if w is None else w.contiguous()
         keep = None if keep is None else keep.float().contiguous()
-        states = k.new_empty(b, h, n, dk, dv)
+        states = k.new_empty(b, h // group, n, dk, group * dv)
         v = u if w is None else torch.empty_like(u)
         final = torch.empty_like(s0)
         _scan_fwd[(b * h, -(-dv // config.bv))](w, u, k, gamma, keep, s0, states, v, final, n, h, C=c, DK=dk, DV=dv,
                                              BV=config.bv, HAS_KEEP=keep is not None, HAS_W=w is not None,
-                                             PRECISION=config.precision, STAGES=config.stages,
+                                             PRECISION=config.precision, STAGES=config.stages, GROUP=group,
                                              num_warps=config.warps)
         return states, v, final
-    u, k = (x.reshape(b * h, n, c, x.shape[-1]) for x in (u, k))
+    u = u.reshape(b * h, n, c, dv)
+    k = k[:, :, None].expand(b, h // group, group, n, c, dk).reshape(b * h, n, c, dk)  # (each head's keys)
     w = None if w is None else w.reshape(b * h, n, c, dk)
     gamma = gamma.reshape(b * h, n)
     keep = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
@@ -135,15 +161,15 @@ def scan_forward(w, u, k, gamma, s0, keep, config):
         if w is not None:
             v[:, i] = torch.baddbmm(u[:, i], w[:, i], state, alpha=-1)
         state = torch.baddbmm(state * gamma[:, i, None, None], k[:, i].transpose(1, 2), v[:, i])
-    return states.view(b, h, n, dk, dv), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
+    return _grouped(states.view(b, h, n, dk, dv), group), v.view(b, h, n, c, dv), state.view(b, h, dk, dv)
 
 
 def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
     """The scan's backward (the recurrences in the module docstring): the forward's w, k, gamma, keep and its
-    states and v, and the gradients of its three outputs (None: zero) -> (d w (None without w), d u, d k, d gamma,
-    d s0)."""
-    b, h, n, c, dk = k.shape
-    dv = v.shape[-1]
+    states (its grouped layout) and v, and the gradients of its three outputs (None: zero) -> (d w (None without
+    w), d u, d k (per key group), d gamma, d s0)."""
+    b, h, n, c, dv = v.shape
+    dk, group = k.shape[-1], h // k.shape[1]
     d_states = torch.zeros_like(states) if d_states is None else d_states
     d_v = torch.zeros_like(v) if d_v is None else d_v
     d_final = states.new_zeros(b, h, dk, dv) if d_final is None else d_final
@@ -157,13 +183,13 @@ def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
                                              gamma.contiguous(), keep, d_states, d_total, d_final, ends, d_s0, n, h,
                                              C=c, DK=dk, DV=dv, BV=config.bv, HAS_KEEP=keep is not None,
                                              HAS_W=w is not None, PRECISION=config.precision,
-                                             STAGES=config.stages, num_warps=config.warps)
+                                             STAGES=config.stages, GROUP=group, num_warps=config.warps)
     else:
-        kf = k.reshape(b * h, n, c, dk)
+        kf = k[:, :, None].expand(b, h // group, group, n, c, dk).reshape(b * h, n, c, dk)
         wf = None if w is None else w.reshape(b * h, n, c, dk)
         gf = gamma.reshape(b * h, n)
         keepf = None if keep is None else keep[:, None].expand(b, h, n).reshape(b * h, n)
-        d_sf = d_states.reshape(b * h, n, dk, dv)
+        d_sf = _per_head(d_states, group).reshape(b * h, n, dk, dv)
         d_total = d_v.reshape(b * h, n, c, dv).clone()
         g = d_final.reshape(b * h, dk, dv)
         ends = torch.empty_like(d_sf)
@@ -175,12 +201,13 @@ def scan_backward(w, k, gamma, states, v, keep, config, d_states, d_v, d_final):
                 g = torch.baddbmm(g, wf[:, i].transpose(1, 2), d_total[:, i], alpha=-1)
             if keepf is not None:
                 g = g * keepf[:, i, None, None]
-        d_total, ends, d_s0 = d_total.view(v.shape), ends.view(states.shape), g.view(b, h, dk, dv)
-    # TF32 here too where the scan's products are
+        d_total, d_s0 = d_total.view(v.shape), g.view(b, h, dk, dv)
+        ends = _grouped(ends.view(b, h, n, dk, dv), group)
+    # TF32 here too where the scan's products are; each group's key gradient sums its heads' (v side by side)
     with tf32_products() if config is not None and config.precision == "tf32" else contextlib.nullcontext():
         d_w = None if w is None else -(d_total @ states.transpose(-1, -2))
-        d_k = v @ ends.transpose(-1, -2)
-    d_gamma = (states * ends).sum((-1, -2))
+        d_k = _grouped(v, group) @ ends.transpose(-1, -2)
+    d_gamma = (states * ends).view(b, h // group, n, dk, group, dv).sum((3, 5)).transpose(-1, -2).reshape(b, h, n)
     return d_w, d_total, d_k, d_gamma, d_s0
 
 
@@ -254,7 +281,13 @@ def scan_config(w: torch.Tensor, u: torch.Tensor, tf32: bool = False) -> ScanCon
 
 
 def chunk_scan(w, u, k, gamma, s0, keep=None, tf32: bool = False):
-    """chunk_scan_reference's scan (same arguments and returns, fp32; without w the returned v is None: it is u)
-    with the backward written out: by the Triton kernels where scan_config allows (tf32: see there), else the torch
-    loop."""
+    """chunk_scan_reference's scan (fp32; without w the returned v is None: it is u) with the backward written out:
+    by the Triton kernels where scan_config allows (tf32: see there), else the torch loop.
+
+    Keys may be shared by groups of consecutive heads (Mamba-2's B, models/ssd.py): k (B, H / group, n, C, d_k),
+    then (without w only) the states come grouped too, (B, H / group, n, d_k, group * d_v), each group's heads' d_v
+    columns side by side (a group's product with one (C x d_k) matrix is then one matmul); with group 1 both are
+    chunk_scan_reference's. Raises ValueError for w with shared keys."""
+    if w is not None and k.shape[1] != u.shape[1]:
+        raise ValueError(f"chunk_scan takes w only with a key per head: k has {k.shape[1]} heads, u {u.shape[1]}")
     return _ChunkScan.apply(w, u, k, gamma, s0, keep, scan_config(k, u, tf32))

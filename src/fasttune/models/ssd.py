@@ -68,18 +68,19 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     scores = decay.view(b, g, group, n, chunk, chunk) * tf32_matmul(C, B.transpose(-1, -2), tf32)[:, :, None]
     xdt = xdt.contiguous()
     y = tf32_matmul(scores.view(b, h, n, chunk, chunk), xdt, tf32)  # (B, H, n, L, P)
-    C = C[:, :, None].expand(b, g, group, n, chunk, n_state).reshape(b, h, n, chunk, n_state)
     # Between chunks, the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
-    # decay plus the chunk's own sum_s exp(cum_last - cum_s) B_s xdt_s^T: the delta rule's chunk scan
-    # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w None).
+    # decay plus the chunk's own sum_s B_s (exp(cum_last - cum_s) xdt_s)^T: the delta rule's chunk scan
+    # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w None) and the keys
+    # (B) shared by each group's heads, the decay to the chunk's end on the values; the entering states come with each
+    # group's heads side by side, so each chunk's C reads them in one product per group
     to_end = (cum[..., -1:] - cum).exp()  # (B, H, n, L)
-    # each head's keys in one product from its group's B (no per-head copy of B first)
-    keys = (B.contiguous()[:, :, None] * to_end.view(b, g, group, n, chunk, 1)).view(b, h, n, chunk, n_state)
     total = cum[..., -1].exp()  # (B, H, n) a whole chunk's decay
     state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
         initial_state.float().transpose(-1, -2).contiguous()
-    entering, _, state = chunk_scan(None, xdt, keys, total, state, keep, tf32)  # (B, H, n, N, P)
-    y = torch.addcmul(y, tf32_matmul(C, entering, tf32), cum.exp()[..., None])  # the carried state at each position
+    entering, _, state = chunk_scan(None, xdt * to_end[..., None], B.contiguous(), total, state, keep, tf32)
+    carried = tf32_matmul(C, entering, tf32).view(b, g, n, chunk, group, p).permute(0, 1, 4, 2, 3, 5)
+    y = torch.addcmul(y.view(b, g, group, n, chunk, p), carried, cum.exp().view(b, g, group, n, chunk, 1))
+    y = y.view(b, h, n, chunk, p)  # (+ the carried state read at each position)
     y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
     return y, state.transpose(-1, -2)
 

@@ -37,16 +37,19 @@ def _layer_values(cfg) -> list[int]:
 
 def _mamba_values(cfg) -> int:
     """16-bit values a Mamba-2 mixer (models/mamba2.py) saves per token, an fp32 value counting 2, as counted on its
-    saved tensors (tests/train/test_memory_policy.py): in_proj's output, the conv's and out_proj's inputs (16-bit:
-    2 inner + 2 conv + heads); per head the scan's state-sized operands (the chunk scan's keys and inputs, C: 8 heads
-    x d_state), its (chunk x chunk) decay and score blocks (8 heads x chunk) and its (tokens x inner) fp32 steps with
-    the gated norm's (15 inner); about 5h for the input and the small ones (steps, decays, norm statistics)."""
+    saved tensors with the torch kernels (tests/train/test_memory_policy.py; the Triton gated norm keeps fewer):
+    in_proj's output, the conv's and out_proj's inputs (16-bit: 2 inner + 2 conv + heads); about ten (tokens x
+    inner) fp32 tensors (the steps times the input, the decayed values, the outputs, the gated norm's: 20 inner);
+    the states entering each chunk (heads x d_state x head_dim fp32 a chunk); the (chunk x chunk) decay and score
+    blocks per head (4 heads x chunk); B and C per group in fp32 and their copies (12 groups x d_state); about 5h for
+    the input and the small ones (steps, decays, norm statistics)."""
     from fasttune.models.ssd import CHUNK
 
     inner = cfg.mamba_heads * cfg.mamba_head_dim
     conv = inner + 2 * cfg.mamba_groups * cfg.mamba_state
-    return (5 * cfg.hidden_size + 17 * inner + 2 * conv + cfg.mamba_heads
-            + 8 * cfg.mamba_heads * cfg.mamba_state + 8 * cfg.mamba_heads * CHUNK)
+    return (5 * cfg.hidden_size + 20 * inner + 2 * conv + cfg.mamba_heads
+            + 2 * cfg.mamba_heads * cfg.mamba_state * cfg.mamba_head_dim // CHUNK + 4 * cfg.mamba_heads * CHUNK
+            + 12 * cfg.mamba_groups * cfg.mamba_state)
 
 
 def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> int:
