@@ -31,11 +31,14 @@ def test_scan_at_granite_sizes_equals_the_recurrence(dtype, tolerance):
     assert ((y - want).norm() / want.norm()).item() < tolerance
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["torch-chunks", "fused-chunks"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.bfloat16, 2e-2), (torch.float32, 1e-4)])
-def test_scan_at_nemotron_sizes_values_and_gradients(dtype, tolerance):
-    """Nemotron Nano 2's head layout (heads of 80: the Triton chunk scan in blocks of 16 columns; 8 groups of 2 heads
-    here) over 200 positions: outputs and the gradients of x, dt, B and C against autograd through the fp32
-    recurrence (TF32 products for 16-bit inputs)."""
+def test_scan_at_nemotron_sizes_values_and_gradients(dtype, tolerance, fused, monkeypatch):
+    """Nemotron Nano 2's head layout (heads of 80: the Triton chunk scan in two blocks of 64 columns, the second
+    masked; 8 groups of 2 heads here) over 200 positions: outputs and the gradients of x, dt, B and C against autograd
+    through the fp32 recurrence (TF32 products for 16-bit inputs), with the torch within-chunk products and with the
+    fused kernels (FASTTUNE_SSD=triton, kernels/ssd_chunk.py)."""
+    monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "")
     g = torch.Generator(device="cuda").manual_seed(1)
     h, p, n, groups, t = 16, 80, 128, 8, 200
     x = torch.randn(1, t, h, p, device="cuda", generator=g)

@@ -40,6 +40,19 @@ def test_logits_and_lora_grads_equal_torch_path(family, tiny_model_dir, monkeypa
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("family", ["granitemoehybrid", "nemotron_h", "falcon_h1"])
+def test_fused_ssd_chunks_equal_torch_path(family, tiny_model_dir, monkeypatch):
+    """The Mamba-2 hybrids with the fused within-chunk kernels (FASTTUNE_SSD=triton, kernels/ssd_chunk.py; opt-in)
+    give the torch path's logits and LoRA gradients (left padding in the batch)."""
+    folder = tiny_model_dir(family)
+    ref_logits, ref_grads = _logits_and_grads(folder, "torch", monkeypatch)
+    monkeypatch.setenv("FASTTUNE_SSD", "triton")
+    logits, grads = _logits_and_grads(folder, "triton", monkeypatch)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    for n, g in grads.items():
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
 def test_lora_dropout_masks_equal_torch_path(tiny_model_dir, monkeypatch):
     """In training with LoRA dropout the fused path draws the same masks, in the same order, as the module path."""
     folder = tiny_model_dir("llama")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.kernels.delta_scan import chunk_scan
+from fasttune.kernels.ssd_chunk import fused_ssd_chunk, ssd_chunk
 from fasttune.kernels.tf32 import tf32_matmul
 from fasttune.models.chunk_packing import run_packed
 
@@ -31,6 +32,9 @@ def ssd_scan(x, dt, A, B, C, D, spans=None, initial_state=None, final_state: boo
     B, C (B, T, G, N) with G dividing H; D (H,). spans: None (each row one sequence) or (row, start, end) runs that
     each start from a zero state (packed documents). initial_state (B, H, P, N) fp32 (rows only, not with spans).
     Returns (y (B, T, H, P) fp32 with the D skip, final state (B, H, P, N) fp32 or None)."""
+    if spans is None and fused_ssd_chunk():  # (opt-in: kernels/ssd_chunk.py)
+        y, state = _fused(x, dt, A, B, C, D, initial_state, chunk)
+        return y, (state if final_state else None)
     D = D.float()[:, None]  # (H, 1): the skip y + D x in one pass (addcmul), x read in place
     if spans is not None:
         y = run_packed(lambda x_, dt_, b_, c_, keep: _chunked(x_, dt_, A, b_, c_, keep=keep, chunk=chunk)[0],
@@ -83,6 +87,30 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     y = y.view(b, h, n, chunk, p)  # (+ the carried state read at each position)
     y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
     return y, state.transpose(-1, -2)
+
+
+def _fused(x, dt, A, B, C, D, initial_state=None, chunk: int = CHUNK):
+    """ssd_scan of rows that are each one sequence with the within-chunk part fused (kernels/ssd_chunk.py: x, dt, B
+    and C read in place, y written in (B, T, H, P) order with the D skip); the chunk scan between chunks as in
+    _chunked. Returns (y (B, T, H, P) fp32, final state (B, H, P, N) fp32)."""
+    b, t, h, p = x.shape
+    g, n_state = B.shape[2], B.shape[-1]
+    tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
+    pad = -t % chunk
+    n = (t + pad) // chunk
+    cum = torch.nn.functional.pad(dt * A, (0, 0, 0, pad)).view(b, n, chunk, h).permute(0, 3, 1, 2).cumsum(-1)
+    cum = cum.contiguous()  # (B, H, n, L)
+    # the chunk scan's values dt x exp(cum_last - cum), one product of x as it lies (saved as it is, 16-bit) and a
+    # per-position scale
+    to_end = (cum[..., -1:] - cum).exp().permute(0, 2, 3, 1).reshape(b, n * chunk, h)[:, :t]
+    values = torch.nn.functional.pad(x * (dt * to_end)[..., None], (0, 0, 0, 0, 0, pad))
+    values = values.view(b, n, chunk, h, p).permute(0, 3, 1, 2, 4)
+    keys = torch.nn.functional.pad(B.float(), (0, 0, 0, 0, 0, pad)).view(b, n, chunk, g, n_state)
+    state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
+        initial_state.float().transpose(-1, -2).contiguous()
+    entering, _, state = chunk_scan(None, values, keys.permute(0, 3, 1, 2, 4).contiguous(), cum[..., -1].exp(),
+                                    state, None, tf32)
+    return ssd_chunk(x, dt, cum, B, C, entering, D, tf32), state.transpose(-1, -2)
 
 
 def ssd_step(x, dt, A, B, C, D, state: torch.Tensor) -> torch.Tensor:
