@@ -35,7 +35,7 @@ def _grads(fn, inputs, dy):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("p,n_state", [(24, 16), (16, 8)])
+@pytest.mark.parametrize("p,n_state", [(24, 16), (16, 8), (80, 16)])  # 80: two blocks of 64 columns
 def test_matches_reference(dtype, p, n_state):
     inputs = _inputs(dtype, p=p, n_state=n_state)
     dy = torch.randn(1, 100, 4, p, device=DEVICE)

@@ -27,12 +27,13 @@ if HAVE_TRITON:
     def _blocks(x_ptr, dt_ptr, cum_ptr, b_ptr, c_ptr, s_ptr, T, H, GROUP, n, P, N, sx_b, sx_t, sdt_b, sdt_t,
                 sb_b, sb_t, sc_b, sc_t, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                 PRECISION: tl.constexpr):
-        """This program's chunk: (row, head, chunk, positions, masks, x, dt, cum, B, C, S, scores, decay)."""
+        """This program's chunk and block of BP head_dim columns: (row, head, chunk, positions, columns, masks, x, dt,
+        cum, B, C, S, scores, decay)."""
         bh, c = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
         row, head = bh // H, bh % H
         grp = head // GROUP
         pos = c * L + tl.arange(0, L)
-        rp, rn = tl.arange(0, BP), tl.arange(0, BN)
+        rp, rn = tl.program_id(2) * BP + tl.arange(0, BP), tl.arange(0, BN)
         live = pos < T
         xm = live[:, None] & (rp < P)[None, :]
         nm = live[:, None] & (rn < N)[None, :]
@@ -50,17 +51,16 @@ if HAVE_TRITON:
         causal = tl.arange(0, L)[:, None] >= tl.arange(0, L)[None, :]
         decay = tl.exp(tl.where(causal, cum[:, None] - cum[None, :], float("-inf")))
         scores = tl.dot(cm, tl.trans(bm), input_precision=PRECISION) * decay
-        return row, head, grp, c, pos, live, xm, nm, sm, s_at, x, dt, cum, bm, cm, s, scores, decay
+        return row, head, grp, c, pos, rp, live, xm, nm, sm, s_at, x, dt, cum, bm, cm, s, scores, decay
 
     @triton.jit
     def _ssd_fwd(x_ptr, dt_ptr, cum_ptr, b_ptr, c_ptr, s_ptr, d_ptr, y_ptr, T, H, GROUP, n, P, N, sx_b, sx_t,
                  sdt_b, sdt_t, sb_b, sb_t, sc_b, sc_t, L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr,
                  PRECISION: tl.constexpr):
-        """y of one (row x head, chunk), in (B, T, H, P) order, with the D skip."""
-        row, head, grp, c, pos, live, xm, nm, sm, s_at, x, dt, cum, bm, cm, s, scores, decay = _blocks(
+        """y of one (row x head, chunk, column block), in (B, T, H, P) order, with the D skip."""
+        row, head, grp, c, pos, rp, live, xm, nm, sm, s_at, x, dt, cum, bm, cm, s, scores, decay = _blocks(
             x_ptr, dt_ptr, cum_ptr, b_ptr, c_ptr, s_ptr, T, H, GROUP, n, P, N, sx_b, sx_t, sdt_b, sdt_t, sb_b, sb_t,
             sc_b, sc_t, L, BP, BN, PRECISION)
-        rp = tl.arange(0, BP)
         y = tl.dot(scores, x * dt[:, None], input_precision=PRECISION)
         y += tl.exp(cum)[:, None] * tl.dot(cm, s, input_precision=PRECISION)
         y += tl.load(d_ptr + head).to(tl.float32) * x
@@ -70,11 +70,12 @@ if HAVE_TRITON:
     def _ssd_bwd(x_ptr, dt_ptr, cum_ptr, b_ptr, c_ptr, s_ptr, d_ptr, dy_ptr, dx_ptr, ddt_ptr, dcum_ptr, db_ptr,
                  dc_ptr, ds_ptr, dd_ptr, T, H, GROUP, n, P, N, sx_b, sx_t, sdt_b, sdt_t, sb_b, sb_t, sc_b, sc_t,
                  L: tl.constexpr, BP: tl.constexpr, BN: tl.constexpr, PRECISION: tl.constexpr):
-        """The gradients of one (row x head, chunk); d B / d C added atomically into fp32 (B, T, G, N) buffers."""
-        row, head, grp, c, pos, live, xm, nm, sm, s_at, x, dt, cum, bm, cm, s, scores, decay = _blocks(
+        """The gradients of one (row x head, chunk, column block): d x and d S of its columns stored, their sums over
+        the columns (d dt, d cum, d B, d C: fp32 buffers of zeros) added atomically, D's partial sum stored."""
+        row, head, grp, c, pos, rp, live, xm, nm, sm, s_at, x, dt, cum, bm, cm, s, scores, decay = _blocks(
             x_ptr, dt_ptr, cum_ptr, b_ptr, c_ptr, s_ptr, T, H, GROUP, n, P, N, sx_b, sx_t, sdt_b, sdt_t, sb_b, sb_t,
             sc_b, sc_t, L, BP, BN, PRECISION)
-        rp, rn = tl.arange(0, BP), tl.arange(0, BN)
+        rn = tl.arange(0, BN)
         dense = ((row * T + pos[:, None]) * H + head) * P + rp[None, :]
         dy = tl.load(dy_ptr + dense, mask=xm, other=0.0)
         xdt = x * dt[:, None]
@@ -96,9 +97,10 @@ if HAVE_TRITON:
         tl.store(ds_ptr + s_at, tl.dot(tl.trans(cm), dye, input_precision=PRECISION), mask=sm)
         # x, dt and the skip
         tl.store(dx_ptr + dense, d_xdt * dt[:, None] + d * dy, mask=xm)
-        tl.store(ddt_ptr + (row * T + pos) * H + head, tl.sum(d_xdt * x, axis=1), mask=live)
-        tl.store(dcum_ptr + ((row * H + head) * n + c) * L + tl.arange(0, L), d_cum)
-        tl.store(dd_ptr + (row * H + head) * n + c, tl.sum(tl.sum(dy * x, axis=1), axis=0))
+        tl.atomic_add(ddt_ptr + (row * T + pos) * H + head, tl.sum(d_xdt * x, axis=1), mask=live)
+        tl.atomic_add(dcum_ptr + ((row * H + head) * n + c) * L + tl.arange(0, L), d_cum)
+        tl.store(dd_ptr + ((row * H + head) * n + c) * tl.num_programs(2) + tl.program_id(2),
+                 tl.sum(tl.sum(dy * x, axis=1), axis=0))
         shared = ((row * T + pos[:, None]) * (H // GROUP) + grp) * N + rn[None, :]
         tl.atomic_add(db_ptr + shared, d_b, mask=nm)
         tl.atomic_add(dc_ptr + shared, d_c, mask=nm)
@@ -127,8 +129,10 @@ class _SSDChunkFunction(torch.autograd.Function):
         y = torch.empty(b, t, h, p, dtype=torch.float32, device=x.device)
         args = (t, h, h // g, chunks, p, n_state, x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
                 B.stride(0), B.stride(1), C.stride(0), C.stride(1))
-        blocks = dict(L=chunk, BP=max(16, next_pow2(p)), BN=max(16, next_pow2(n_state)), PRECISION=precision)
-        _ssd_fwd[(b * h, chunks)](x, dt, cum, B, C, entering, D, y, *args, **blocks, num_warps=4)
+        # up to 64 head_dim columns a program (the entering state's block is then at most d_state x 64 fp32)
+        blocks = dict(L=chunk, BP=min(64, max(16, next_pow2(p))), BN=max(16, next_pow2(n_state)), PRECISION=precision)
+        _ssd_fwd[(b * h, chunks, -(-p // blocks["BP"]))](x, dt, cum, B, C, entering, D, y, *args, **blocks,
+                                                          num_warps=4)
         ctx.save_for_backward(x, dt, cum, B, C, entering, D)
         ctx.args, ctx.blocks = args, blocks
         return y
@@ -140,15 +144,16 @@ class _SSDChunkFunction(torch.autograd.Function):
         b, t, h, p, g, n_state, chunks, chunk = _sizes(x, B, entering, cum)
         dy = dy.contiguous().float()
         dx = torch.empty(b, t, h, p, dtype=torch.float32, device=x.device)
-        ddt = torch.empty(b, t, h, dtype=torch.float32, device=x.device)
-        dcum = torch.empty_like(cum)
+        ddt = torch.zeros(b, t, h, dtype=torch.float32, device=x.device)
+        dcum = torch.zeros_like(cum)
         db = torch.zeros(b, t, g, n_state, dtype=torch.float32, device=x.device)
         dc = torch.zeros_like(db)
         ds = torch.zeros_like(entering)
-        dd = torch.empty(b, h, chunks, dtype=torch.float32, device=x.device)
-        _ssd_bwd[(b * h, chunks)](x, dt, cum, B, C, entering, D, dy, dx, ddt, dcum, db, dc, ds, dd, *ctx.args,
-                                  **ctx.blocks, num_warps=4)
-        return (dx.to(x.dtype), ddt, dcum, db.to(B.dtype), dc.to(C.dtype), ds, dd.sum((0, 2)).to(D.dtype), None)
+        column_blocks = -(-p // ctx.blocks["BP"])
+        dd = torch.empty(b, h, chunks, column_blocks, dtype=torch.float32, device=x.device)
+        _ssd_bwd[(b * h, chunks, column_blocks)](x, dt, cum, B, C, entering, D, dy, dx, ddt, dcum, db, dc, ds, dd,
+                                                 *ctx.args, **ctx.blocks, num_warps=4)
+        return (dx.to(x.dtype), ddt, dcum, db.to(B.dtype), dc.to(C.dtype), ds, dd.sum((0, 2, 3)).to(D.dtype), None)
 
 
 def ssd_chunk_reference(x, dt, cum, B, C, entering, D):
