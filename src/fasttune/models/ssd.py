@@ -32,8 +32,13 @@ def ssd_scan(x, dt, A, B, C, D, spans=None, initial_state=None, final_state: boo
     B, C (B, T, G, N) with G dividing H; D (H,). spans: None (each row one sequence) or (row, start, end) runs that
     each start from a zero state (packed documents). initial_state (B, H, P, N) fp32 (rows only, not with spans).
     Returns (y (B, T, H, P) fp32 with the D skip, final state (B, H, P, N) fp32 or None)."""
-    if spans is None and fused_ssd_chunk():  # (opt-in: kernels/ssd_chunk.py)
-        y, state = _fused(x, dt, A, B, C, D, initial_state, chunk)
+    if fused_ssd_chunk():  # (opt-in: kernels/ssd_chunk.py)
+        if spans is not None:  # (the D skip after, as below: positions no span covers get it too)
+            none = torch.zeros_like(D)
+            y = run_packed(lambda x_, dt_, b_, c_, keep: _fused(x_, dt_, A, b_, c_, none, keep=keep, chunk=chunk)[0],
+                           (x, dt, B, C), spans, chunk)
+            return torch.addcmul(y, x, D.float()[:, None]), None
+        y, state = _fused(x, dt, A, B, C, D, initial_state, chunk=chunk)
         return y, (state if final_state else None)
     D = D.float()[:, None]  # (H, 1): the skip y + D x in one pass (addcmul), x read in place
     if spans is not None:
@@ -89,10 +94,11 @@ def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
     return y, state.transpose(-1, -2)
 
 
-def _fused(x, dt, A, B, C, D, initial_state=None, chunk: int = CHUNK):
-    """ssd_scan of rows that are each one sequence with the within-chunk part fused (kernels/ssd_chunk.py: x, dt, B
-    and C read in place, y written in (B, T, H, P) order with the D skip); the chunk scan between chunks as in
-    _chunked. Returns (y (B, T, H, P) fp32, final state (B, H, P, N) fp32)."""
+def _fused(x, dt, A, B, C, D, initial_state=None, keep=None, chunk: int = CHUNK):
+    """ssd_scan of rows that are each one sequence (or, with keep, packed runs each starting a chunk, as _chunked
+    takes them) with the within-chunk part fused (kernels/ssd_chunk.py: x, dt, B and C read in place, y written in
+    (B, T, H, P) order with the D skip); the chunk scan between chunks as in _chunked. Returns (y (B, T, H, P) fp32,
+    final state (B, H, P, N) fp32)."""
     b, t, h, p = x.shape
     g, n_state = B.shape[2], B.shape[-1]
     tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
@@ -109,7 +115,7 @@ def _fused(x, dt, A, B, C, D, initial_state=None, chunk: int = CHUNK):
     state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
         initial_state.float().transpose(-1, -2).contiguous()
     entering, _, state = chunk_scan(None, values, keys.permute(0, 3, 1, 2, 4).contiguous(), cum[..., -1].exp(),
-                                    state, None, tf32)
+                                    state, keep, tf32)
     return ssd_chunk(x, dt, cum, B, C, entering, D, tf32), state.transpose(-1, -2)
 
 
