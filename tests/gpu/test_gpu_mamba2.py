@@ -74,3 +74,10 @@ def _next_state(state, x, dt, a, b):
                                     "bamba", "falcon_h1"])
 def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):
     check_bf16_lora_and_graph_decode(tiny_model_dir(family), monkeypatch)
+
+
+@pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1"])
+def test_bf16_lora_with_fused_chunks(family, tiny_model_dir, monkeypatch):
+    """The same with the fused within-chunk kernels (FASTTUNE_SSD=triton): training and the prefill take them."""
+    monkeypatch.setenv("FASTTUNE_SSD", "triton")
+    check_bf16_lora_and_graph_decode(tiny_model_dir(family), monkeypatch)
