@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import re
 import shutil
 import sys
 import warnings
@@ -568,6 +569,9 @@ def main(argv=None) -> int:
         message = str(e)
         if ns.command == "export":  # the API's way out, in the command line's words
             message = message.replace("with save_pretrained_merged", "with --format merged (save_pretrained_merged)")
+        elif ns.command == "train":  # a config field named as the API does: its flag first
+            message = re.sub(r"\b([A-Z][A-Za-z]*Config)\.([a-z][a-z0-9_]*)\b",
+                             lambda m: f"--{m[2].replace('_', '-')} ({m[1]}.{m[2]})", message)
         print(f"fasttune: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -49,3 +49,13 @@ def test_grpo_bad_reward_spec_and_row(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "Row 1 of prompts.jsonl" in err and "'answer'" in err
     assert not (tmp_path / "o2").exists()
+
+
+def test_grpo_without_rewards_names_the_flag(tiny_model_dir, tmp_path, capsys):
+    """A config field the API error names (GRPOConfig.reward_funcs) is named by its flag first on the command line;
+    nothing is left behind."""
+    rc = main(["train", "--method", "grpo", "--model", str(tiny_model_dir("llama")), "--data", _data(tmp_path),
+               "--output-dir", str(tmp_path / "o"), *ARGS])
+    err = capsys.readouterr().err
+    assert rc == 2 and "set --reward-funcs (GRPOConfig.reward_funcs) to" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
