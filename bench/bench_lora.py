@@ -112,6 +112,11 @@ SHAPES = {
                                 mamba_head_dim=80, n_groups=8, ssm_state_size=128, tie_word_embeddings=False,
                                 layers_block_type=[("attention" if i in (13, 27, 41, 55) else "mlp") if i % 2 else
                                                    "mamba" for i in range(56)]),
+    # transformers' BambaConfig with IBM's Bamba-9B sizes as I recall its config.json (not checked offline): 32 layers,
+    # attention at 9 / 18 / 27 (half-rotary), Mamba-2 with 128 heads of 64, one group, state 128
+    "bamba-9b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                     num_attention_heads=32, num_key_value_heads=8, attn_layer_indices=[9, 18, 27], mamba_n_heads=128,
+                     mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128, mamba_expand=2, tie_word_embeddings=False),
     # transformers' Ernie4_5_MoeConfig with ERNIE-4.5-21B-A3B's sizes as I recall its config.json (not checked
     # offline): 64 experts of 1,536 (top 6) and 2 shared, layer 0 dense; cut to 10 of its 28 layers
     "ernie-4.5-21b-a3b-10l": dict(vocab_size=103424, hidden_size=2560, intermediate_size=12288, num_hidden_layers=10,
@@ -128,7 +133,8 @@ OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "gra
                  "lfm3-1.7b": "Lfm3Config", "gemma-4-31b-12l": "Gemma4TextConfig", "lfm2-8b-a1b": "Lfm2MoeConfig",
                  "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig",
                  "gemma-3-4b": "Gemma3TextConfig", "granite-4.0-h-micro": "GraniteMoeHybridConfig",
-                 "nemotron-nano-9b-v2": "NemotronHConfig", "ernie-4.5-21b-a3b-10l": "Ernie4_5_MoeConfig"}
+                 "nemotron-nano-9b-v2": "NemotronHConfig", "ernie-4.5-21b-a3b-10l": "Ernie4_5_MoeConfig",
+                 "bamba-9b": "BambaConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -225,6 +231,8 @@ MATRIX = {
     "nemotron-h": [("hf", "nemotron-nano-9b-v2", "on", "-", "none"),
                    ("ours", "nemotron-nano-9b-v2", "on", "triton", "none"),
                    ("ours", "nemotron-nano-9b-v2", "on", "triton", "nf4")],
+    "bamba": [("hf", "bamba-9b", "on", "-", "none"), ("ours", "bamba-9b", "on", "triton", "none"),
+              ("ours", "bamba-9b", "on", "triton", "nf4")],
     "ernie-moe": [("hf", "ernie-4.5-21b-a3b-10l", "on", "-", "none"),
                   ("ours", "ernie-4.5-21b-a3b-10l", "on", "triton", "none"),
                   ("ours", "ernie-4.5-21b-a3b-10l", "off", "triton", "none")],
