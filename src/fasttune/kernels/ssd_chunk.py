@@ -106,7 +106,7 @@ if HAVE_TRITON:
         tl.atomic_add(dc_ptr + shared, d_c, mask=nm)
 
 
-def _sizes(x, B, entering, cum):
+def _sizes(x, B, cum):
     """(B, T, H, P, G, N, chunks, chunk) of the fused kernels' arguments."""
     b, t, h, p = x.shape
     return b, t, h, p, B.shape[2], B.shape[3], cum.shape[2], cum.shape[3]
@@ -125,7 +125,7 @@ class _SSDChunkFunction(torch.autograd.Function):
         """See ssd_chunk_reference; returns y (B, T, H, P) fp32."""
         x, dt, B, C = _strided(x), dt.contiguous(), _strided(B), _strided(C)
         cum, entering = cum.contiguous(), entering.contiguous()
-        b, t, h, p, g, n_state, chunks, chunk = _sizes(x, B, entering, cum)
+        b, t, h, p, g, n_state, chunks, chunk = _sizes(x, B, cum)
         y = torch.empty(b, t, h, p, dtype=torch.float32, device=x.device)
         args = (t, h, h // g, chunks, p, n_state, x.stride(0), x.stride(1), dt.stride(0), dt.stride(1),
                 B.stride(0), B.stride(1), C.stride(0), C.stride(1))
@@ -141,7 +141,7 @@ class _SSDChunkFunction(torch.autograd.Function):
     def backward(ctx, dy):
         """dy (B, T, H, P) -> (dx, d dt, d cum, dB, dC, d entering, dD, None)."""
         x, dt, cum, B, C, entering, D = ctx.saved_tensors
-        b, t, h, p, g, n_state, chunks, chunk = _sizes(x, B, entering, cum)
+        b, t, h, p, g, n_state, chunks, chunk = _sizes(x, B, cum)
         dy = dy.contiguous().float()
         dx = torch.empty(b, t, h, p, dtype=torch.float32, device=x.device)
         ddt = torch.zeros(b, t, h, dtype=torch.float32, device=x.device)
