@@ -105,6 +105,17 @@ SHAPES = {
                                 mamba_expand=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                                 attention_multiplier=0.0078125, logits_scaling=8.0, tie_word_embeddings=True,
                                 max_position_embeddings=131072),
+    # Granite 4.0-H Tiny (7B, ~1B active) as I recall its config.json (not checked offline): 64 experts of 512, top 6,
+    # beside a shared MLP of 1,024 in every layer; LoRA on attention, the shared MLP and the Mamba projections on both
+    # sides (the experts frozen: PEFT maps no names to them on this family)
+    "granite-4.0-h-tiny": dict(vocab_size=100352, hidden_size=1536, intermediate_size=512,
+                               shared_intermediate_size=1024, num_hidden_layers=40, num_attention_heads=12,
+                               num_key_value_heads=4, num_local_experts=64, num_experts_per_tok=6,
+                               layer_types=["full_attention" if i in (5, 15, 25, 35) else "linear_attention"
+                                            for i in range(40)],
+                               mamba_n_heads=48, mamba_d_head=64, mamba_n_groups=1, mamba_d_state=128,
+                               mamba_expand=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                               attention_multiplier=0.0078125, logits_scaling=6.0, tie_word_embeddings=True),
     # transformers' NemotronHConfig with Nemotron Nano 2 9B's sizes as I recall its config.json (not checked offline):
     # 56 layers of Mamba-2 (128 heads of 80, 8 groups, state 128), ReLU² MLPs (15,680) and 4 NoPE attention layers
     "nemotron-nano-9b-v2": dict(vocab_size=131072, hidden_size=4480, intermediate_size=15680, num_hidden_layers=56,
@@ -134,7 +145,7 @@ OTHER_CONFIGS = {"smollm3-3b": "SmolLM3Config", "olmo-3-7b": "Olmo3Config", "gra
                  "gemma-4-ple-30l": "Gemma4TextConfig", "gemma-4-26b-a4b-10l": "Gemma4TextConfig",
                  "gemma-3-4b": "Gemma3TextConfig", "granite-4.0-h-micro": "GraniteMoeHybridConfig",
                  "nemotron-nano-9b-v2": "NemotronHConfig", "ernie-4.5-21b-a3b-10l": "Ernie4_5_MoeConfig",
-                 "bamba-9b": "BambaConfig"}
+                 "bamba-9b": "BambaConfig", "granite-4.0-h-tiny": "GraniteMoeHybridConfig"}
 # Mixture-of-experts shapes (transformers' Qwen3MoeConfig), top-8 of 128 experts per token. LoRA goes on attention
 # only, or with --expert-lora on the experts too (the seven names: PEFT and fasttune both read the MLP names of an
 # MoE model as the stacked experts, gate_up_proj at rank 2r).
@@ -231,6 +242,9 @@ MATRIX = {
     "nemotron-h": [("hf", "nemotron-nano-9b-v2", "on", "-", "none"),
                    ("ours", "nemotron-nano-9b-v2", "on", "triton", "none"),
                    ("ours", "nemotron-nano-9b-v2", "on", "triton", "nf4")],
+    "granite-h-tiny": [("hf", "granite-4.0-h-tiny", "on", "-", "none"),
+                       ("ours", "granite-4.0-h-tiny", "on", "triton", "none"),
+                       ("ours", "granite-4.0-h-tiny", "off", "triton", "none")],
     "bamba": [("hf", "bamba-9b", "on", "-", "none"), ("ours", "bamba-9b", "on", "triton", "none"),
               ("ours", "bamba-9b", "on", "triton", "nf4")],
     "ernie-moe": [("hf", "ernie-4.5-21b-a3b-10l", "on", "-", "none"),
