@@ -126,6 +126,18 @@ def test_latent_experts_recompute_gives_the_same_gradients(latent_folder):
     check_recompute_gradients(latent_folder[1])
 
 
+def test_config_json_read_as_json_equals_the_config_object(folder):
+    """config.json as transformers 5 writes it (no num_hidden_layers: derived from the layer kinds; the time step's
+    infinity as {"__float__": "Infinity"}), read as plain JSON, gives the fields AutoConfig's object gives."""
+    import json
+
+    from transformers import AutoConfig
+
+    raw = json.loads((folder / "config.json").read_text())
+    assert ModelConfig.from_hf(raw) == ModelConfig.from_hf(AutoConfig.from_pretrained(folder))
+    assert ModelConfig.from_hf(raw).time_step_limit == (0.0, float("inf")) and decoder_runs(raw)
+
+
 def test_loads_in_4bit_and_trains(folder):
     """QLoRA: the Mamba, attention and MLP projections load in NF4, and LoRA on them trains."""
     pytest.importorskip("bitsandbytes")

@@ -25,7 +25,7 @@ from fasttune.errors import ModelLoadError
 from fasttune.models.family_fields import (bamba_fields, falcon_h1_fields, gemma4_fields, gemma4_unsupported,
                                            granite_hybrid_fields, lfm2_fields,
                                            llama4_query_scale, mla_fields, moe_fields, nemotron_h_fields,
-                                           qwen3_5_fields)
+                                           nemotron_h_kinds, qwen3_5_fields)
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "smollm3",
                       "olmo2", "olmo3", "granite", "ministral", "ministral3", "exaone4", "ernie4_5", "glm4",
@@ -331,6 +331,8 @@ class ModelConfig:
         kv_heads = get("num_key_value_heads") or heads
         head_dim = get("head_dim") or hidden // heads
         layers = get("num_hidden_layers")
+        if layers is None and model_type == "nemotron_h":  # transformers 5 saves it as the kinds' count only
+            layers = len(nemotron_h_kinds(get))
         theta, scaling, partial, local_theta = _rope_fields(get)
         gemma = model_type in ("gemma", "gemma2", "gemma3_text", "gemma4_text")
         act = get("hidden_activation") if gemma else get("mlp_hidden_act", "relu2") if model_type == "nemotron_h" \
