@@ -18,6 +18,7 @@ import os
 import torch
 
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
+from fasttune.kernels.tf32 import tf32_matmul
 
 if HAVE_TRITON:
     import triton
@@ -156,28 +157,30 @@ class _SSDChunkFunction(torch.autograd.Function):
         return (dx.to(x.dtype), ddt, dcum, db.to(B.dtype), dc.to(C.dtype), ds, dd.sum((0, 2, 3)).to(D.dtype), None)
 
 
-def ssd_chunk_reference(x, dt, cum, B, C, entering, D):
-    """The within-chunk outputs in torch ops. x (B, T, H, P) any float dtype; dt (B, T, H) fp32; cum (B, H, n, L) fp32,
-    each chunk's running log-decay (n * L >= T; positions past T ignored); B, C (B, T, G, N); entering
-    (B, G, n, N, H / G * P) fp32, the states entering each chunk in delta_scan's grouped layout; D (H,).
-    Returns y (B, T, H, P) fp32 (module docstring's formula)."""
+def ssd_chunk_reference(x, dt, cum, B, C, entering, D, tf32: bool = False):
+    """The within-chunk outputs in torch ops (the default form, models/ssd.py). x (B, T, H, P) any float dtype;
+    dt (B, T, H) fp32; cum (B, H, n, L) fp32, each chunk's running log-decay (n * L >= T; positions past T ignored);
+    B, C (B, T, G, N); entering (B, G, n, N, H / G * P) fp32, the states entering each chunk in delta_scan's grouped
+    layout; D (H,); tf32: the products on TF32 tensor cores, forward and backward (kernels/tf32.py; for 16-bit
+    callers on CUDA). Returns y (B, T, H, P) fp32 (fp64 for fp64 inputs; module docstring's formula): C_l . B_s once
+    per group (its heads share B and C), the decays per head, each group's entering states read in one product."""
     b, t, h, p = x.shape
     g, n_state = B.shape[2], B.shape[3]
     n, chunk = cum.shape[2], cum.shape[3]
-    pad = n * chunk - t
+    group, pad = h // g, n * chunk - t
     f = torch.promote_types(x.dtype, torch.float32)  # (fp64 for the tests' exact values)
     xdt = torch.nn.functional.pad(x.to(f) * dt[..., None], (0, 0, 0, 0, 0, pad))
     B, C = (torch.nn.functional.pad(m.to(f), (0, 0, 0, 0, 0, pad)) for m in (B, C))
-    xdt = xdt.view(b, n, chunk, h, p).permute(0, 3, 1, 2, 4)  # (B, H, n, L, P)
+    xdt = xdt.view(b, n, chunk, h, p).permute(0, 3, 1, 2, 4).contiguous()  # (B, H, n, L, P)
     B, C = (m.view(b, n, chunk, g, n_state).permute(0, 3, 1, 2, 4) for m in (B, C))  # (B, G, n, L, N)
     causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    scores = decay.view(b, g, h // g, n, chunk, chunk) * (C @ B.transpose(-1, -2))[:, :, None]
-    y = scores.view(b, h, n, chunk, chunk) @ xdt
-    carried = (C @ entering).view(b, g, n, chunk, h // g, p).permute(0, 1, 4, 2, 3, 5).reshape(b, h, n, chunk, p)
-    y = y + carried * cum.exp()[..., None]
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
-    return y + D.to(f)[:, None] * x.to(f)
+    scores = decay.view(b, g, group, n, chunk, chunk) * tf32_matmul(C, B.transpose(-1, -2), tf32)[:, :, None]
+    y = tf32_matmul(scores.view(b, h, n, chunk, chunk), xdt, tf32).view(b, g, group, n, chunk, p)
+    carried = tf32_matmul(C, entering.to(f), tf32).view(b, g, n, chunk, group, p).permute(0, 1, 4, 2, 3, 5)
+    y = torch.addcmul(y, carried, cum.exp().view(b, g, group, n, chunk, 1))
+    y = y.view(b, h, n, chunk, p).permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
+    return torch.addcmul(y, x, D.to(f)[:, None])
 
 
 def fused_ssd_chunk() -> bool:
@@ -186,9 +189,9 @@ def fused_ssd_chunk() -> bool:
 
 
 def ssd_chunk(x, dt, cum, B, C, entering, D, tf32: bool = False) -> torch.Tensor:
-    """ssd_chunk_reference's outputs (same arguments and result), by the Triton kernels where `use_triton(x)`
-    (products on TF32 where `tf32`, on CUDA), else the reference."""
-    if use_triton(x):
+    """ssd_chunk_reference's outputs (same arguments and result): by the Triton kernels where FASTTUNE_SSD=triton
+    and `use_triton(x)` (products on TF32 where `tf32`, on CUDA), else by the reference."""
+    if fused_ssd_chunk() and use_triton(x):
         precision = "tf32" if tf32 and x.is_cuda else "ieee"
         return _SSDChunkFunction.apply(x, dt, cum, B, C, entering, D, precision)
-    return ssd_chunk_reference(x, dt, cum, B, C, entering, D)
+    return ssd_chunk_reference(x, dt, cum, B, C, entering, D, tf32)

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.kernels.delta_scan import chunk_scan
-from fasttune.kernels.ssd_chunk import fused_ssd_chunk, ssd_chunk
-from fasttune.kernels.tf32 import tf32_matmul
+from fasttune.kernels.ssd_chunk import ssd_chunk
 from fasttune.models.chunk_packing import run_packed
 
 CHUNK = 64  # positions per chunk: the (chunk x chunk) blocks per head stay small; the result does not depend on it
@@ -32,81 +31,34 @@ def ssd_scan(x, dt, A, B, C, D, spans=None, initial_state=None, final_state: boo
     B, C (B, T, G, N) with G dividing H; D (H,). spans: None (each row one sequence) or (row, start, end) runs that
     each start from a zero state (packed documents). initial_state (B, H, P, N) fp32 (rows only, not with spans).
     Returns (y (B, T, H, P) fp32 with the D skip, final state (B, H, P, N) fp32 or None)."""
-    if fused_ssd_chunk():  # (opt-in: kernels/ssd_chunk.py)
-        if spans is not None:  # (the D skip after, as below: positions no span covers get it too)
-            none = torch.zeros_like(D)
-            y = run_packed(lambda x_, dt_, b_, c_, keep: _fused(x_, dt_, A, b_, c_, none, keep=keep, chunk=chunk)[0],
-                           (x, dt, B, C), spans, chunk)
-            return torch.addcmul(y, x, D.float()[:, None]), None
-        y, state = _fused(x, dt, A, B, C, D, initial_state, chunk=chunk)
-        return y, (state if final_state else None)
-    D = D.float()[:, None]  # (H, 1): the skip y + D x in one pass (addcmul), x read in place
-    if spans is not None:
-        y = run_packed(lambda x_, dt_, b_, c_, keep: _chunked(x_, dt_, A, b_, c_, keep=keep, chunk=chunk)[0],
+    if spans is not None:  # the D skip after the runs, so that positions no span covers get it too
+        none = torch.zeros_like(D)
+        y = run_packed(lambda x_, dt_, b_, c_, keep: _rows(x_, dt_, A, b_, c_, none, keep=keep, chunk=chunk)[0],
                        (x, dt, B, C), spans, chunk)
-        return torch.addcmul(y, x, D), None
-    y, state = _chunked(x, dt, A, B, C, initial_state, chunk=chunk)
-    return torch.addcmul(y, x, D), (state if final_state else None)
+        return torch.addcmul(y, x, D.float()[:, None]), None
+    y, state = _rows(x, dt, A, B, C, D, initial_state, chunk=chunk)
+    return y, (state if final_state else None)
 
 
-def _chunked(x, dt, A, B, C, initial_state=None, keep=None, chunk: int = CHUNK):
-    """ssd_scan's sum without the D skip, for rows that are each one sequence; keep (B, T / chunk) 0/1 (T a multiple
-    of chunk): the carried state is zeroed where a chunk's entry is 0 (packed runs). Returns (y (B, T, H, P) fp32,
-    final state (B, H, P, N) fp32)."""
+def _rows(x, dt, A, B, C, D, initial_state=None, keep=None, chunk: int = CHUNK):
+    """ssd_scan of rows that are each one sequence (or, with keep (B, T / chunk) 0/1, packed runs that each start a
+    chunk: the carried state is zeroed where a chunk's entry is 0). Returns (y (B, T, H, P) fp32 with the D skip,
+    final state (B, H, P, N) fp32).
+
+    Between chunks the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
+    decay plus the chunk's own sum_s B_s (exp(cum_last - cum_s) dt_s x_s)^T: the delta rule's chunk scan
+    (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term, the keys (B) shared by
+    each group's heads and the decay to the chunk's end on the values. Within chunks: kernels/ssd_chunk.py (the torch
+    form, or the fused kernels under FASTTUNE_SSD=triton)."""
     b, t, h, p = x.shape
     g, n_state = B.shape[2], B.shape[-1]
-    group = h // g
     # TF32 products (forward and backward) where the inputs were 16-bit: TF32 keeps all their bits
-    tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
-    pad = -t % chunk
-    xdt = x.float() * dt[..., None]  # (B, T, H, P)
-    a = dt * A  # (B, T, H) log-decay per position
-    B, C = B.float(), C.float()  # (B, T, G, N)
-    if pad:
-        xdt, B, C = (torch.nn.functional.pad(m, (0, 0, 0, 0, 0, pad)) for m in (xdt, B, C))
-        a = torch.nn.functional.pad(a, (0, 0, 0, pad))
-    n = (t + pad) // chunk
-    # (B, H or G, n, L, ...): heads (groups) first so each chunk's products are batched matmuls
-    xdt = xdt.view(b, n, chunk, h, p).permute(0, 3, 1, 2, 4)
-    B, C = (m.view(b, n, chunk, g, n_state).permute(0, 3, 1, 2, 4) for m in (B, C))
-    cum = a.view(b, n, chunk, h).permute(0, 3, 1, 2).cumsum(-1)  # (B, H, n, L) decay from the chunk's start
-    # within a chunk: y_l = sum_{s <= l} exp(cum_l - cum_s) (C_l . B_s) xdt_s, with C_l . B_s once per group (its
-    # heads share B and C), the decays per head
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=x.device).tril()
-    decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()
-    scores = decay.view(b, g, group, n, chunk, chunk) * tf32_matmul(C, B.transpose(-1, -2), tf32)[:, :, None]
-    xdt = xdt.contiguous()
-    y = tf32_matmul(scores.view(b, h, n, chunk, chunk), xdt, tf32)  # (B, H, n, L, P)
-    # Between chunks, the state (kept transposed, N x P) entering chunk c + 1 is the one entering c times the chunk's
-    # decay plus the chunk's own sum_s B_s (exp(cum_last - cum_s) xdt_s)^T: the delta rule's chunk scan
-    # (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term (w None) and the keys
-    # (B) shared by each group's heads, the decay to the chunk's end on the values; the entering states come with each
-    # group's heads side by side, so each chunk's C reads them in one product per group
-    to_end = (cum[..., -1:] - cum).exp()  # (B, H, n, L)
-    total = cum[..., -1].exp()  # (B, H, n) a whole chunk's decay
-    state = x.new_zeros(b, h, n_state, p, dtype=torch.float32) if initial_state is None else \
-        initial_state.float().transpose(-1, -2).contiguous()
-    entering, _, state = chunk_scan(None, xdt * to_end[..., None], B.contiguous(), total, state, keep, tf32)
-    carried = tf32_matmul(C, entering, tf32).view(b, g, n, chunk, group, p).permute(0, 1, 4, 2, 3, 5)
-    y = torch.addcmul(y.view(b, g, group, n, chunk, p), carried, cum.exp().view(b, g, group, n, chunk, 1))
-    y = y.view(b, h, n, chunk, p)  # (+ the carried state read at each position)
-    y = y.permute(0, 2, 3, 1, 4).reshape(b, n * chunk, h, p)[:, :t]
-    return y, state.transpose(-1, -2)
-
-
-def _fused(x, dt, A, B, C, D, initial_state=None, keep=None, chunk: int = CHUNK):
-    """ssd_scan of rows that are each one sequence (or, with keep, packed runs each starting a chunk, as _chunked
-    takes them) with the within-chunk part fused (kernels/ssd_chunk.py: x, dt, B and C read in place, y written in
-    (B, T, H, P) order with the D skip); the chunk scan between chunks as in _chunked. Returns (y (B, T, H, P) fp32,
-    final state (B, H, P, N) fp32)."""
-    b, t, h, p = x.shape
-    g, n_state = B.shape[2], B.shape[-1]
     tf32 = x.is_cuda and x.dtype in (torch.bfloat16, torch.float16)
     pad = -t % chunk
     n = (t + pad) // chunk
     cum = torch.nn.functional.pad(dt * A, (0, 0, 0, pad)).view(b, n, chunk, h).permute(0, 3, 1, 2).cumsum(-1)
-    cum = cum.contiguous()  # (B, H, n, L)
-    # the chunk scan's values dt x exp(cum_last - cum), one product of x as it lies (saved as it is, 16-bit) and a
+    cum = cum.contiguous()  # (B, H, n, L) the log-decay from each chunk's start
+    # the chunk scan's values dt x exp(cum_last - cum): one product of x as it lies (saved as it is) and a
     # per-position scale
     to_end = (cum[..., -1:] - cum).exp().permute(0, 2, 3, 1).reshape(b, n * chunk, h)[:, :t]
     values = torch.nn.functional.pad(x * (dt * to_end)[..., None], (0, 0, 0, 0, 0, pad))
