@@ -121,6 +121,11 @@ def _ggml_types(quant: str):
     return {"f32": (t.F32, f.ALL_F32), "f16": (t.F16, f.MOSTLY_F16), "bf16": (t.BF16, f.MOSTLY_BF16)}[quant]
 
 
+# The Mamba-2 hybrids' tensor writers: (our name, tensor, ModelConfig) -> [(name gguf's map knows, tensor)]
+HYBRID_TENSORS = {GRANITE_HYBRID: granite_hybrid_tensors, NEMOTRON_H: nemotron_h_tensors,
+                  NEMOTRON_H_MOE: nemotron_h_tensors, FALCON_H1: falcon_h1_tensors}
+
+
 def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
     """Merged weights under GGUF names, in llama.cpp's layout (see module docstring). Full precision (fp32). For a
     vision-language model these are the language model's; its vision tower's and projector's go into `vision`
@@ -187,13 +192,8 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
             for part, value in mla_tensors(name, t, cfg):
                 out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
             continue
-        if arch in (GRANITE_HYBRID, NEMOTRON_H, NEMOTRON_H_MOE):  # Mamba-2 layers, MLPs (export/gguf_granite.py)
-            split = granite_hybrid_tensors if arch == GRANITE_HYBRID else nemotron_h_tensors
-            for part, value in split(name, t, cfg):
-                out[_gguf_name(names, part, arch)] = value
-            continue
-        if arch == FALCON_H1:  # µP multipliers folded, Mamba-2 layers (export/gguf_falcon_h1.py)
-            for part, value in falcon_h1_tensors(name, t, cfg):
+        if arch in HYBRID_TENSORS:  # the Mamba-2 hybrids (export/gguf_granite.py, export/gguf_falcon_h1.py)
+            for part, value in HYBRID_TENSORS[arch](name, t, cfg):
                 out[_gguf_name(names, part, arch)] = value
             continue
         if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)

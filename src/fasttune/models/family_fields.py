@@ -176,14 +176,16 @@ def falcon_h1_fields(cfg, get) -> None:
     cfg.attn_scale = cfg.head_dim ** -0.5 * one("key_multiplier")
 
 
-def _time_step_limit(get) -> tuple[float, float]:
-    """The Mamba-2 scan's (min, max) step clamp, transformers' time_step_limit (None: no clamp). A bound may come as
-    transformers 5 writes an infinity into config.json ({"__float__": "Infinity"}), when the file is read as JSON."""
-    limit = get("time_step_limit", (0.0, float("inf")))
+def _json_float(v) -> float:
+    """A number from a config: a plain one, or a non-finite float as transformers 5 writes it into config.json
+    ({"__float__": "Infinity"}), when the file is read as JSON."""
+    return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
 
-    def bound(v):
-        return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
-    return (bound(limit[0]), bound(limit[1])) if limit else (0.0, float("inf"))
+
+def _time_step_limit(get) -> tuple[float, float]:
+    """The Mamba-2 scan's (min, max) step clamp, transformers' time_step_limit (None: no clamp)."""
+    limit = get("time_step_limit", (0.0, float("inf")))
+    return (_json_float(limit[0]), _json_float(limit[1])) if limit else (0.0, float("inf"))
 
 
 # Nemotron-H's layer kinds: transformers 5's layers_block_type names, the original config's names and the letters of

@@ -406,7 +406,7 @@ class SparseMoeBlock(nn.Module):
         self.fp32_tensors = ("expert_bias",) if self.bias_on_block else ()  # (read by the loader)
         if self.bias_on_block:
             self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))
-        latent = getattr(cfg, "moe_latent_size", None)
+        latent = cfg.moe_latent_size
         if latent is not None:  # Nemotron 3 Super: the experts run on a latent projection (transformers' NemotronHMoE)
             self.fc1_latent_proj = nn.Linear(cfg.hidden_size, latent, bias=cfg.mlp_bias)
             self.fc2_latent_proj = nn.Linear(latent, cfg.hidden_size, bias=cfg.mlp_bias)
