@@ -264,6 +264,7 @@ EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
+MEMORY_CAP_GIB = [None]  # --memory-cap-gib (set in main): the GPU memory the process may use, as a smaller card
 RECOMPUTE_LAYERS = [None]  # --recompute-layers (set in main): ours recomputes only the first N layers
 # --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
 TOKEN_STATS = [{}]
@@ -454,6 +455,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     import torch
 
     torch.manual_seed(0)
+    if MEMORY_CAP_GIB[0]:  # a smaller card's memory: the allocator frees its cached blocks before failing
+        torch.cuda.set_per_process_memory_fraction(MEMORY_CAP_GIB[0] * 2**30 / torch.cuda.mem_get_info()[1])
     model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
     model_gib = torch.cuda.memory_allocated() / 2**30  # weights and LoRA factors, before any step
@@ -509,6 +512,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3), "model_gib": round(model_gib, 3),
            "reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 3),
+           "memory_cap_gib": MEMORY_CAP_GIB[0], "alloc_retries": torch.cuda.memory_stats().get("num_alloc_retries"),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), "loss_first": losses[0],
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
@@ -564,6 +568,9 @@ def main():
     ap.add_argument("--recompute-layers", type=int, default=None,
                     help="ours with --gc on/offload: recompute only the first N layers (the rest keep their "
                          "activations), as use_gradient_checkpointing='auto' does when memory is between the modes")
+    ap.add_argument("--memory-cap-gib", type=float, default=None,
+                    help="cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction) as on a smaller "
+                         "card: whether the step runs within it, and how often the allocator had to free its cache")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
     RECOMPUTE_LAYERS[0] = a.recompute_layers
@@ -571,6 +578,7 @@ def main():
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
     CUDA_GRAPHS[0] = a.cuda_graphs
+    MEMORY_CAP_GIB[0] = a.memory_cap_gib
     TOKEN_STATS[0] = {"return_token_stats": True} if a.token_stats and a.impl == "ours" else {}
     if a.label_smoothing and a.impl == "ours":
         TOKEN_STATS[0]["smoothing"] = a.label_smoothing
@@ -602,7 +610,8 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
            "--out", out] + (["--expert-lora"] if a.expert_lora else []) + \
         (["--offload-embedding"] if a.offload_embedding else []) + \
         (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else []) + \
-        (["--recompute-layers", str(a.recompute_layers)] if a.recompute_layers is not None else [])
+        (["--recompute-layers", str(a.recompute_layers)] if a.recompute_layers is not None else []) + \
+        (["--memory-cap-gib", str(a.memory_cap_gib)] if a.memory_cap_gib else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 

@@ -18,16 +18,20 @@ def main():
     ap.add_argument("--bs", type=int, default=2)
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--expert-lora", action="store_true", help="MoE shapes: LoRA on the experts too (as bench_lora)")
+    ap.add_argument("--offload-embedding", action="store_true", help="ours reads the input embedding from host memory")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="self_cuda_time_total", help="with --ops, e.g. self_cpu_time_total")
     ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
     ap.add_argument("--host", action="store_true", help="host-bound check instead of a profile: the CPU time to issue "
                                                         "forward and backward, the wait for the GPU after them, and "
                                                         "every synchronising op of one step")
+    ap.add_argument("--memory", action="store_true", help="where reserved memory sits instead of a profile: the "
+                                                           "allocator's segments by CUDA stream, used and cached")
     ap.add_argument("--stacks", default="", help="comma-separated aten ops (e.g. aten::copy_,aten::add) whose "
                                                  "Python call sites to list, by CUDA time")
     a = ap.parse_args()
     bench_lora.EXPERT_LORA[0] = a.expert_lora
+    bench_lora.OFFLOAD_EMBEDDING[0] = a.offload_embedding
     torch.manual_seed(0)
     model = build_ours(a.shape, a.gc, 16, a.quant)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -45,6 +49,9 @@ def main():
     torch.cuda.synchronize()
     if a.host:
         _host_check(model, ids, step)
+        return
+    if a.memory:
+        _memory_by_stream()
         return
     cpu = a.ops or a.stacks
     acts = [torch.profiler.ProfilerActivity.CUDA] + ([torch.profiler.ProfilerActivity.CPU] if cpu else [])
@@ -102,6 +109,28 @@ def _host_check(model, ids, step):
         print(f"{n:4d}  {message}")
         for f in frames:
             print("        ", f)
+
+
+def _memory_by_stream():
+    """The caching allocator after the steps: reserved bytes by stream (a block freed on one stream is reused only
+    by allocations on that stream), how much of each is in use, and its largest cached block."""
+    gib = 2**30
+    print(f"peak allocated {torch.cuda.max_memory_allocated() / gib:.2f} GiB, peak reserved "
+          f"{torch.cuda.max_memory_reserved() / gib:.2f} GiB, now reserved {torch.cuda.memory_reserved() / gib:.2f}")
+    streams = {}
+    for seg in torch.cuda.memory_snapshot():
+        s = streams.setdefault(seg["stream"], {"segments": 0, "reserved": 0, "used": 0, "largest_free": 0})
+        s["segments"] += 1
+        s["reserved"] += seg["total_size"]
+        s["used"] += seg["allocated_size"]
+        free = [b["size"] for b in seg["blocks"] if b["state"] == "inactive"]
+        s["largest_free"] = max([s["largest_free"], *free])
+    for stream, s in sorted(streams.items(), key=lambda kv: -kv[1]["reserved"]):
+        print(f"stream {stream:#x}: {s['segments']} segments, {s['reserved'] / gib:.2f} GiB reserved, "
+              f"{s['used'] / gib:.2f} in use, largest cached block {s['largest_free'] / gib:.2f}")
+    stats = torch.cuda.memory_stats()
+    print("allocation retries (cache freed to fit):", stats.get("num_alloc_retries"),
+          "; device allocations:", stats.get("num_device_alloc"), "; frees:", stats.get("num_device_free"))
 
 
 def _print_stacks(prof, names):

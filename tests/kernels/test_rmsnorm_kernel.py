@@ -20,7 +20,7 @@ def test_rmsnorm_matches_reference(dtype, shape, offset, fp32):
     x = torch.randn(shape, device=DEVICE).to(dtype)
     w = (torch.randn(shape[-1], device=DEVICE) * 0.1 + (0 if offset else 1)).to(dtype)
     dy = torch.randn(shape, device=DEVICE).to(dtype)
-    ours, (dx, dw) = run_with_grads(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6, offset, fp32), [x, w], dy)
+    ours, (dx, dw) = run_with_grads(lambda a, b: _RMSNormFunction.apply(a, b, 1e-6, offset, fp32)[0], [x, w], dy)
     ref, (rdx, rdw) = run_with_grads(lambda a, b: rms_norm_reference(a, b, 1e-6, offset, fp32), [x, w], dy)
     ex, (edx, edw) = run_with_grads(lambda a, b: rms_norm_reference(a, b, 1e-6, offset, fp32),
                                     [x.double(), w.double()], dy.double())
@@ -47,8 +47,8 @@ def test_add_rmsnorm_matches_reference(dtype, shape, offset, fp32, with_h):
     x, ds, dy = (torch.randn(shape, device=DEVICE).to(dtype) for _ in range(3))
     h = torch.randn(shape, device=DEVICE).to(dtype) if with_h else None
     w = (torch.randn(shape[-1], device=DEVICE) * 0.1 + (0 if offset else 1)).to(dtype)
-    ours = _add_norm_with_grads(lambda a, b, c: _AddRMSNormFunction.apply(a, b, c, 1e-6, offset, fp32), x, h, w, ds,
-                                dy)
+    ours = _add_norm_with_grads(lambda a, b, c: _AddRMSNormFunction.apply(a, b, c, 1e-6, offset, fp32)[:2],
+                                x, h, w, ds, dy)
     ref = _add_norm_with_grads(lambda a, b, c: add_rms_norm_reference(a, b, c, 1e-6, offset, fp32), x, h, w, ds, dy)
     d = [t.double() if t is not None else None for t in (x, h, w, ds, dy)]
     ex = _add_norm_with_grads(lambda a, b, c: add_rms_norm_reference(a, b, c, 1e-6, offset, fp32), *d)

@@ -108,7 +108,8 @@ def test_auto_checkpointing_that_chose_offload_is_named(lora_model, tmp_path, mo
     """gradient checkpointing "auto" picking "offload" (memory is short) is refused as that choice, with the fix."""
     import fasttune.train.memory_policy as policy
 
-    monkeypatch.setattr(policy, "choose_checkpointing", lambda model, tokens, media=0: ("offload", "auto -> offload", None))
+    monkeypatch.setattr(policy, "choose_checkpointing",
+                        lambda model, tokens, media=0: ("offload", "auto -> offload", None, False))
     model, tok = lora_model(gc="auto")
     trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
                          args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, cuda_graphs=True))

@@ -39,17 +39,17 @@ def test_moe_estimate_counts_the_expert_rows():
 
 
 def test_picks_no_recompute_when_it_fits(monkeypatch):
-    mode, why, layers = choose_checkpointing(_fake_gpu_model(monkeypatch, 60), 4096)
+    mode, why, layers, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 60), 4096)
     assert mode is False and "off" in why and layers is None
 
 
 def test_picks_recompute_when_only_that_fits(monkeypatch):
-    mode, why, layers = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 4096)
+    mode, why, layers, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 4096)
     assert mode is True and layers == 31 and "first 31 of 32 layers" in why  # the last layer is never recomputed
 
 
 def test_picks_offload_when_nothing_else_fits(monkeypatch):
-    mode, _, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 131072)
+    mode, _, _, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 131072)
     assert mode == "offload"
 
 
@@ -79,7 +79,7 @@ def test_picks_the_fewest_recomputed_layers_that_fit(monkeypatch):
     # between the two modes (8B, 2 x 2048): recompute only part of the layers, and more of them with less memory
     picks = []
     for free in (14, 18, 22):
-        mode, why, layers = choose_checkpointing(_fake_gpu_model(monkeypatch, free), 4096)
+        mode, why, layers, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, free), 4096)
         assert mode is True and 0 < layers < 32, (free, why)
         assert f"first {layers} of 32 layers" in why
         picks.append(layers)
@@ -94,10 +94,10 @@ def test_picks_the_fewest_recomputed_layers_that_fit(monkeypatch):
 
 def test_trainable_states_count_against_the_budget(monkeypatch):
     model = _fake_gpu_model(monkeypatch, 18)
-    _, _, plain = choose_checkpointing(model, 4096)
+    _, _, plain, _ = choose_checkpointing(model, 4096)
     big = SimpleNamespace(requires_grad=True, grad=None, numel=lambda: 2**28, element_size=lambda: 4)  # 1 GiB of
     model.parameters = lambda: [big]  # fp32, counted, not allocated: 3 GiB of gradient and AdamW states
-    _, _, with_states = choose_checkpointing(model, 4096)
+    _, _, with_states, _ = choose_checkpointing(model, 4096)
     assert with_states > plain
 
 
@@ -107,13 +107,13 @@ def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch,
 
     monkeypatch.setattr(memory_policy, "choose_checkpointing",
                         lambda model, tokens, media=0: (True, "gradient checkpointing auto -> on for the first 1 of 2",
-                                                        1))
+                                                        1, True))
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4)
     trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
                          args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, report_to="none"))
     trainer.train()
-    assert model.gradient_checkpointing is True and model.recompute_layers == 1
+    assert model.gradient_checkpointing is True and model.recompute_layers == 1 and model.lean_saves is True
     assert "on for the first 1 of 2" in capsys.readouterr().err
 
 
@@ -172,8 +172,8 @@ def test_a_training_tower_counts_its_patches(monkeypatch):
     assert tower_bytes(_fake_vision_model(monkeypatch, 22, tower_trains=False), 512, 2, False) == 0  # frozen: none
     assert tower_bytes(model, 0, 2, False) == 0
     # the pick recomputes more layers when a training tower's images come along
-    _, _, without = choose_checkpointing(model, 4096)
-    _, _, with_images = choose_checkpointing(model, 4096, media_tokens=2048)
+    _, _, without, _ = choose_checkpointing(model, 4096)
+    _, _, with_images, _ = choose_checkpointing(model, 4096, media_tokens=2048)
     assert without is not None and with_images > without
 
 
@@ -218,3 +218,33 @@ def test_mamba_layer_count_matches_its_saved_tensors(heads, state, head_dim, gro
         mixer(x, None, None, {})
     measured = sum(saved.values()) / 256 / 2
     assert 1.0 <= _mamba_values(cfg) / measured < 1.3, (_mamba_values(cfg), measured)
+
+
+def test_lean_saves_come_before_one_more_recomputed_layer(monkeypatch):
+    """Where no recompute fits only with lean saves, "auto" takes it; with less memory, lean saves let fewer layers
+    be recomputed than without; with plenty, lean saves stay off (they cost a pass in backward)."""
+    from fasttune.train.memory_policy import RESERVE_BYTES, SAFETY, checkpointing_bytes, loss_bytes
+
+    lean = [2 * 4096 + 14336] * 32
+    monkeypatch.setattr(memory_policy, "lean_values", lambda model: lean)
+    fixed = loss_bytes(LLAMA_8B.vocab_size, 4096) + RESERVE_BYTES
+    plain, lean_need = (SAFETY * checkpointing_bytes(LLAMA_8B, 4096, 2, 0, saved) + fixed for saved in (None, lean))
+    mode, why, layers, on = choose_checkpointing(_fake_gpu_model(monkeypatch, (plain + lean_need) / 2 / 2**30), 4096)
+    assert mode is False and layers is None and on and "with lean saves" in why
+    assert choose_checkpointing(_fake_gpu_model(monkeypatch, plain / 2**30 + 0.1), 4096)[3] is False
+    mode, _, with_lean, on = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)
+    monkeypatch.setattr(memory_policy, "lean_values", lambda model: [0] * 32)
+    _, _, without, off = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)
+    assert mode is True and on and not off and with_lean < without
+
+
+def test_lean_values_of_a_tiny_model_on_the_fused_path(tiny_model_dir, monkeypatch):
+    """Counted only where the fused LoRA path runs: not for a projection without LoRA, nor on the torch path."""
+    from fasttune import FastLanguageModel
+    from fasttune.train.memory_policy import lean_values
+
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+    h, i = model.arch.hidden_size, model.arch.intermediate_size
+    attention_only = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj"])
+    assert lean_values(attention_only) == [0, h]  # (the first layer's norm output needs no gradient)

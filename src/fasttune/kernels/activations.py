@@ -3,9 +3,12 @@
 The Triton path computes in fp32 with one rounding, and saves only gate and up for backward (autograd on the
 torch reference also keeps act(gate), a third intermediate-sized tensor).
 """
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 
+from fasttune.kernels import rebuild
 from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
 ACT_IDS = {"silu": 0, "gelu_pytorch_tanh": 1, "gelu_tanh": 1, "gelu": 2}
@@ -134,13 +137,34 @@ class _PackedGatedActFunction(torch.autograd.Function):
         return d, None
 
 
+def _act_again(gate, up, *, act_id):
+    """_GatedActFunction's output again from its saved gate and up (kernels/rebuild.py)."""
+    y = torch.empty_like(gate)
+    n = gate.numel()
+    _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate, up, y, n, 1, 1, ACT=act_id, PACKED=False, BLOCK=_BLOCK)
+    return y
+
+
+def _packed_act_again(gate_up, *, act_id):
+    """_PackedGatedActFunction's output again from its saved gate_up."""
+    cols = gate_up.shape[-1] // 2
+    y = gate_up.new_empty(*gate_up.shape[:-1], cols)
+    n = y.numel()
+    _gated_fwd[(triton.cdiv(n, _BLOCK),)](gate_up, gate_up[..., cols:], y, n, cols, 2 * cols, ACT=act_id,
+                                          PACKED=True, BLOCK=_BLOCK)
+    return y
+
+
 def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
     """act(gate) * up, shaped like gate: the Triton kernel where `use_triton(gate)` and the shapes
     match, else `gated_act_reference`. Raises ValueError for an act not listed there."""
     if act not in ACT_IDS:
         raise ValueError(f"unsupported activation {act}")
     if use_triton(gate) and gate.shape == up.shape:
-        return _GatedActFunction.apply(gate, up, ACT_IDS[act])
+        y = _GatedActFunction.apply(gate, up, ACT_IDS[act])
+        if gate.is_contiguous() and up.is_contiguous():  # (else the saved ones are copies: nothing to share)
+            rebuild.mark(y, partial(_act_again, act_id=ACT_IDS[act]), gate.detach(), up.detach())
+        return y
     return gated_act_reference(gate, up, act)
 
 
@@ -154,5 +178,8 @@ def gated_act_packed(gate_up: torch.Tensor, act: str) -> torch.Tensor:
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} is odd: it must hold gate and up halves")
     if use_triton(gate_up) and gate_up.numel():
-        return _PackedGatedActFunction.apply(gate_up, ACT_IDS[act])
+        y = _PackedGatedActFunction.apply(gate_up, ACT_IDS[act])
+        if gate_up.is_contiguous():
+            rebuild.mark(y, partial(_packed_act_again, act_id=ACT_IDS[act]), gate_up.detach())
+        return y
     return gated_act_reference(*gate_up.chunk(2, dim=-1), act)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fasttune.kernels import lora_casts, lora_decode
+from fasttune.kernels import lora_casts, lora_decode, rebuild
 from fasttune.kernels.dispatch import kernel_choice
 from fasttune.kernels.fp8 import fp8_input_grad, fp8_linear, quantize_rows
 from fasttune.kernels.gemv import gemv, one_row_linears
@@ -64,8 +64,9 @@ def _dropout_p(layer) -> float:
 
 class _LoraGroupFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layers, values_unused, *params):
+    def forward(ctx, x, layers, values_unused, again, *params):
         """x (..., in); layers: the LoRA layers reading x; values_unused: skip the base GEMMs (see lora_group);
+        again: (fn, sources) that rebuild x for backward in place of keeping it (kernels/rebuild.py), or None;
         params: (lora_A, lora_B) per layer. Returns one (..., out_i) tensor per layer in x's dtype."""
         dtype, shape = x.dtype, x.shape
         x2 = x.reshape(-1, shape[-1])
@@ -112,13 +113,19 @@ class _LoraGroupFunction(torch.autograd.Function):
             outs.append(out.view(*shape[:-1], out.shape[-1]))
         ctx.layers, ctx.ranks, ctx.scales, ctx.probs, ctx.shape = layers, ranks, scales, probs, shape
         ctx.a_dtype, ctx.b_dtypes = params[0].dtype, [b.dtype for b in params[1::2]]
-        ctx.save_for_backward(x2, xa_all, a_all, *bs, *[m for m in masks if m is not None])
+        ctx.rebuild = None if again is None else again[0]
+        kept = (x2,) if again is None else again[1]  # the rebuild's sources, kept by other nodes anyway
+        ctx.n_kept = len(kept)
+        ctx.save_for_backward(*kept, xa_all, a_all, *bs, *[m for m in masks if m is not None])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):
         """grads: one (..., out_i) per output -> (dx (..., in) or None, None, None, dA/dB per layer or None)."""
-        x2, xa_all, a_all, *rest = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        kept, (xa_all, a_all, *rest) = saved[:ctx.n_kept], saved[ctx.n_kept:]
+        x2 = kept[0] if ctx.rebuild is None else rebuild.rebuilt(ctx.rebuild, kept)
+        x2 = x2.reshape(-1, x2.shape[-1])
         n = len(ctx.layers)
         bs, saved_masks = rest[:n], iter(rest[n:])
         masks = [next(saved_masks) if p else None for p in ctx.probs]
@@ -128,7 +135,7 @@ class _LoraGroupFunction(torch.autograd.Function):
         dropout = any(ctx.probs)
         gb_all = None if dropout else torch.cat(gbs, dim=1) if n > 1 else gbs[0]  # one GEMM each for dA and dx
         d_a = d_b = [None] * n
-        if any(ctx.needs_input_grad[3:]):  # adapters that train (frozen ones skip these GEMMs)
+        if any(ctx.needs_input_grad[4:]):  # adapters that train (frozen ones skip these GEMMs)
             d_b = [_scaled(torch.mm(g.t(), xa), s).to(dt)
                    for g, xa, s, dt in zip(gs, xa_all.split(ctx.ranks, dim=1), ctx.scales, ctx.b_dtypes)]
             if dropout:
@@ -155,7 +162,8 @@ class _LoraGroupFunction(torch.autograd.Function):
                 del w  # as in forward: one dequantised copy at a time
             dx = dx.view(ctx.shape)
         param_grads = [t for pair in zip(d_a, d_b) for t in pair]
-        return (dx, None, None, *[g if need else None for g, need in zip(param_grads, ctx.needs_input_grad[3:])])
+        grads = [g if need else None for g, need in zip(param_grads, ctx.needs_input_grad[4:])]
+        return (dx, None, None, None, *grads)
 
 
 def _scaled(t: torch.Tensor, s: float) -> torch.Tensor:
@@ -181,7 +189,8 @@ def lora_group(x: torch.Tensor, layers, values_unused: bool = False) -> tuple:
         outs = _decode_group(x, layers, params, casts)
         if outs is not None:
             return outs
-    return _LoraGroupFunction.apply(x, list(layers), values_unused, *params)
+    again = rebuild.rebuild_of(x) if torch.is_grad_enabled() else None
+    return _LoraGroupFunction.apply(x, list(layers), values_unused, again, *params)
 
 
 def _decode_group(x: torch.Tensor, layers, params, casts) -> tuple | None:

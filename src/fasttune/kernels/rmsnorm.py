@@ -5,8 +5,11 @@ torch reference keeps several fp32 copies). The weight gradient, needed only whe
 fine-tuning), is computed in torch from the saved statistics. `add_rms_norm` also folds a decoder layer's residual
 add into the norm (forward) and the residual gradient into the norm's input gradient (backward).
 """
+from functools import partial
+
 import torch
 
+from fasttune.kernels import rebuild
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
@@ -36,7 +39,8 @@ if HAVE_TRITON:
 
     @triton.jit
     def _rms_fwd(x_ptr, h_ptr, s_ptr, w_ptr, y_ptr, rstd_ptr, n_rows, n_cols, eps, offset, stride,
-                 BLOCK: tl.constexpr, ROWS: tl.constexpr, GEMMA: tl.constexpr, ADD: tl.constexpr):
+                 BLOCK: tl.constexpr, ROWS: tl.constexpr, GEMMA: tl.constexpr, ADD: tl.constexpr,
+                 RSTD_GIVEN: tl.constexpr = False):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         cols = tl.arange(0, BLOCK)
         mask = (rows < n_rows)[:, None] & (cols < n_cols)[None, :]
@@ -48,13 +52,17 @@ if HAVE_TRITON:
             tl.store(s_ptr + at, x, mask=mask)
             x = x.to(tl.float32)
         w = tl.load(w_ptr + cols, mask=cols < n_cols, other=0.0).to(tl.float32)[None, :]
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+        if RSTD_GIVEN:  # the output again from the saved statistics (kernels/rebuild.py): bitwise the same
+            rstd = tl.load(rstd_ptr + rows, mask=rows < n_rows, other=0.0)
+        else:
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / n_cols + eps)
         if GEMMA:
             y = x * rstd[:, None] * (offset + w)
         else:  # round to the activation dtype before scaling, as the reference does
             y = (x * rstd[:, None]).to(y_ptr.dtype.element_ty).to(tl.float32) * w
         tl.store(y_ptr + at, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
+        if not RSTD_GIVEN:
+            tl.store(rstd_ptr + rows, rstd, mask=rows < n_rows)
 
     @triton.jit
     def _rms_bwd(dy_ptr, ds_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_rows, n_cols, offset, stride,
@@ -95,6 +103,17 @@ def _launch_fwd(x2, h2, weight, eps, offset, fp32_scale=False):
     return s, y, rstd
 
 
+def _rebuild(x2, weight, rstd, *, offset, fp32_scale, shape):
+    """The norm's output again from its saved input x2 (rows, H) and 1/rms (rows,): one elementwise pass."""
+    y = torch.empty_like(x2)
+    block, rows, warps = _tiling(x2.shape[1])
+    _rms_fwd[(triton.cdiv(x2.shape[0], rows),)](x2, x2, x2, weight, y, rstd, x2.shape[0], x2.shape[1], 0.0, offset,
+                                                x2.stride(0), BLOCK=block, ROWS=rows,
+                                                GEMMA=bool(offset) or fp32_scale, ADD=False, RSTD_GIVEN=True,
+                                                num_warps=warps)
+    return y.view(shape)
+
+
 def _launch_bwd(ctx, dy, ds=None):
     s2, weight, rstd = ctx.saved_tensors
     dy2 = dy.reshape(s2.shape).contiguous()
@@ -124,10 +143,11 @@ class _RMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(x2, weight, rstd)
         ctx.offset, ctx.shape, ctx.needs_weight_grad = offset, x.shape, ctx.needs_input_grad[1]
         ctx.fp32_scale = fp32_scale
-        return y.view(x.shape)
+        ctx.mark_non_differentiable(rstd)
+        return y.view(x.shape), rstd
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy, _drstd):
         """dy (..., H) -> (dx, dweight (None when weight is frozen), None, None, None)."""
         dx, dw = _launch_bwd(ctx, dy)
         return dx, dw, None, None, None
@@ -146,11 +166,12 @@ class _AddRMSNormFunction(torch.autograd.Function):
         ctx.save_for_backward(s, weight, rstd)
         ctx.offset, ctx.shape, ctx.needs_weight_grad = offset, x.shape, ctx.needs_input_grad[2]
         ctx.has_h, ctx.fp32_scale = h2 is not None, fp32_scale
+        ctx.mark_non_differentiable(rstd)
         s = s.view(x.shape) if h2 is not None else x.view_as(x)  # x itself: an alias, no copy
-        return s, y.view(x.shape)
+        return s, y.view(x.shape), rstd
 
     @staticmethod
-    def backward(ctx, ds, dy):
+    def backward(ctx, ds, dy, _drstd):
         """ds, dy (..., H) -> (dx, dh (= dx when h was given), dweight, None, None, None)."""
         dx, dw = _launch_bwd(ctx, dy, ds)
         return dx, dx if ctx.has_h else None, dw, None, None, None
@@ -161,7 +182,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     """RMSNorm of x (..., H) with weight (H,): the Triton kernel where `use_triton(x)`, else `rms_norm_reference`
     (fp32_scale: see there)."""
     if use_triton(x):
-        return _RMSNormFunction.apply(x, weight, eps, offset, fp32_scale)
+        y, rstd = _RMSNormFunction.apply(x, weight, eps, offset, fp32_scale)
+        if not x.is_contiguous():  # the saved input is a copy: rebuilding from it would keep that copy
+            return y
+        again = partial(_rebuild, offset=offset, fp32_scale=fp32_scale, shape=y.shape)
+        return rebuild.mark(y, again, x.detach().view(-1, x.shape[-1]), weight.detach(), rstd)
     return rms_norm_reference(x, weight, eps, offset, fp32_scale)
 
 
@@ -169,5 +194,8 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
                  fp32_scale: bool = False):
     """(s, rms_norm(s)) with s = x + h, or s = x when h is None."""
     if use_triton(x):
-        return _AddRMSNormFunction.apply(x, h, weight, eps, offset, fp32_scale)
+        s, y, rstd = _AddRMSNormFunction.apply(x, h, weight, eps, offset, fp32_scale)
+        rows = s.detach().reshape(-1, s.shape[-1])  # the saved sum (a view: no copy)
+        again = partial(_rebuild, offset=offset, fp32_scale=fp32_scale, shape=y.shape)
+        return s, rebuild.mark(y, again, rows, weight.detach(), rstd)
     return add_rms_norm_reference(x, h, weight, eps, offset, fp32_scale)

@@ -16,6 +16,7 @@ import torch.nn as nn
 from transformers.modeling_outputs import BaseModelOutput, MoeModelOutputWithPast
 
 from fasttune.errors import ConfigError
+from fasttune.kernels.rebuild import lean_saves
 from fasttune.kernels.rope import mrope_cos_sin, rope_attention_factor, rope_cos_sin, rope_inv_freq
 from fasttune.models.config import ModelConfig
 from fasttune.models.cross_attention import CrossAttention, cross_layer
@@ -305,6 +306,9 @@ class DecoderModel(nn.Module):
         # With recompute on: how many layers, from the first, are recomputed; the later ones keep their activations
         # (use_gradient_checkpointing="auto" sets it to fill the free memory, train/memory_policy.py). None: all.
         self.recompute_layers: int | None = None
+        # Layers that keep their activations rebuild their norms' and activations' outputs in backward instead of
+        # keeping them (kernels/rebuild.py; "auto" turns it on when memory is the limit, train/memory_policy.py)
+        self.lean_saves = False
         # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
         self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
         self._inv_freq: dict = {}
@@ -455,9 +459,11 @@ class DecoderModel(nn.Module):
             recomputed = len(self.layers) if self.recompute_layers is None else self.recompute_layers
             for i, layer in enumerate(self.layers):
                 source = getattr(layer.mixer, "kv_source", None)
-                x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload if i < recomputed else None,
-                                    output_router_logits and layer.is_moe, None if ple is None else ple[:, :, i],
-                                    None if source is None else shared[source])
+                recompute = offload is not None and i < recomputed
+                with lean_saves(self.lean_saves and not recompute):
+                    x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload if recompute else None,
+                                        output_router_logits and layer.is_moe, None if ple is None else ple[:, :, i],
+                                        None if source is None else shared[source])
                 if getattr(layer.mixer, "kv_stored", False):
                     x, *shared[i] = x
                 elif isinstance(x, tuple):

@@ -486,15 +486,18 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             if hint is not None and self.dist.is_main:
                 print(f"fasttune: {hint}", file=sys.stderr)
             return
-        mode, why, recomputed = choose_checkpointing(self.model, bs * longest, media)
+        mode, why, recomputed, lean = choose_checkpointing(self.model, bs * longest, media)
         picks = self.dist.gather((mode, recomputed))
         if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)
             mode, recomputed = agreed_pick(picks, self.model.arch.num_layers)
+            lean = True  # (the memory-saving side: some rank's memory is the limit)
             why += f"; the ranks differ, so all take the most memory-saving pick ({mode!r}, recompute_layers " \
                    f"{recomputed})"
         self.model.gradient_checkpointing = mode
         if recomputed is not None:  # (only our decoder recomputes part of its layers)
             self.model.recompute_layers = recomputed
+        if hasattr(self.model, "lean_saves"):
+            self.model.lean_saves = lean
         self._auto_offload = mode == "offload"
         print(f"fasttune: {why}", file=sys.stderr)
 

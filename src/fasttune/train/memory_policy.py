@@ -3,7 +3,9 @@
 LoRA without recompute does ~4N FLOPs per token instead of ~6N, so "off" is taken whenever the activations it
 keeps fit; when they do not, only as many layers as needed are recomputed (each recomputed layer costs its forward
 again, each kept one its saved values; the last layer is never recomputed, see choose_checkpointing), and only when
-that does not fit either are the layer inputs sent to the host ("offload"). The estimate counts what one decoder
+that does not fit either are the layer inputs sent to the host ("offload"). Before one more layer is recomputed,
+lean saves are tried (the kept layers rebuild their norm and activation outputs in backward, kernels/rebuild.py).
+The estimate counts what one decoder
 layer saves for backward per token (with our kernels: the norm input and output, q/k/v, the attention output, gate,
 up and act(gate)), times layers and micro-batch tokens, and a training vision tower's patches likewise, with a
 safety factor; plus the loss chunk and the trainable parameters' optimizer state. CPU runs keep "off" (memory is
@@ -60,14 +62,70 @@ def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> in
     return checkpointing_bytes(cfg, tokens, bytes_per_el, cfg.num_layers if recompute else 0)
 
 
-def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int) -> int:
+def lean_values(model) -> list[int]:
+    """Values per token each decoder layer stops keeping with lean saves (models/decoder.py's `lean_saves`,
+    kernels/rebuild.py), counted only where the rebuild surely frees them: in a plain pre-norm layer (no sandwich or
+    post norms, not parallel, cross-attention, MoE or a linear mixer; RMSNorm, not centered) the attention norm's
+    output when q/k/v (or qkv_proj) are fused LoRA layers, the MLP norm's output when gate and up (gate_up) are,
+    and act(gate) * up when down_proj is. Zeros for anything but our decoder (0 where unsure: the estimate then
+    stays above the real peak)."""
+    cfg = model.arch
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or cfg.centered_norm:
+        return [0] * cfg.num_layers
+    values = [_lean_layer(layer, cfg) for layer in layers]
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if values and not getattr(getattr(embedding, "weight", None), "requires_grad", False) and \
+            _lean_layer(layers[0], cfg, with_mlp=False):
+        # A frozen embedding: the first norm's output needs no gradient, its norm keeps nothing to rebuild from
+        values[0] -= cfg.hidden_size
+    return values
+
+
+def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
+    from fasttune.models.mlp import MLP
+    from fasttune.models.self_attention import Attention
+
+    if getattr(layer, "kind", None) is not None or getattr(layer, "parallel_mamba", False) or \
+            any(getattr(layer, flag, True) for flag in ("is_cross", "parallel", "is_moe", "post_norm", "sandwich",
+                                                        "is_linear")):
+        return 0
+    mixer, mlp, h = layer.mixer, layer.ffn, cfg.hidden_size
+    saved = 0
+    if type(mixer) is Attention and not cfg.attn_head_gate:
+        if cfg.fused_qkv:
+            projections = (mixer.qkv_proj,)
+        else:
+            projections = (mixer.q_proj, mixer.k_proj) + (() if mixer.values_from_keys else (mixer.v_proj,))
+        if _fused_lora(*projections):
+            saved += h
+    if not with_mlp:
+        return saved
+    if type(mlp) is MLP and mlp.gated:
+        if _fused_lora(*((mlp.gate_up,) if mlp.fused else (mlp.gate, mlp.up))):
+            saved += h
+        if _fused_lora(mlp.down):
+            saved += mlp.intermediate
+    return saved
+
+
+def _fused_lora(*modules) -> bool:
+    """Whether the modules all run kernels/lora.py's fused path on a GPU (peft/lora_layer.py's can_fuse)."""
+    from fasttune.peft.lora_layer import LoraLinear
+
+    return all(type(m) is LoraLinear and not m.disabled and
+               not any(p.requires_grad for p in m.base_layer.parameters(recurse=False)) for m in modules)
+
+
+def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int, lean: list[int] | None = None) -> int:
     """Estimated peak bytes of activations when the first `recomputed` of cfg's layers are recomputed in backward
     and the later ones keep everything they save: the recomputed layers' inputs, plus the larger of the kept layers'
     full sets (alive together when backward starts) and one recomputed layer's full set (made during its backward,
     after the kept layers' backward has freed theirs). recomputed=0 is activation_bytes(..., recompute=False),
-    recomputed=layers is activation_bytes(..., recompute=True). No safety factor, no loss."""
+    recomputed=layers is activation_bytes(..., recompute=True). lean: lean_values' per-layer savings, which the
+    kept layers make with lean saves on. No safety factor, no loss."""
     values = _layer_values(cfg)
-    kept = sum(values[recomputed:])
+    kept = sum(values[recomputed:]) - (sum(lean[recomputed:]) if lean else 0)
     during = max(values[:recomputed]) if recomputed else 0
     return tokens * bytes_per_el * (recomputed * cfg.hidden_size + max(kept, during))
 
@@ -102,18 +160,20 @@ def loss_bytes(vocab: int, tokens: int) -> int:
     return 3 * min(CHUNK_BYTES, 4 * tokens * vocab)
 
 
-def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) -> tuple[bool | str, str, int | None]:
+def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) \
+        -> tuple[bool | str, str, int | None, bool]:
     """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
     `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
-    layers keep their activations; at least the last one does); else "offload". The estimate: SAFETY times
-    checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's `media_tokens` image /
-    video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and AdamW states (made at the
-    first step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
+    layers keep their activations; at least the last one does), each count tried without and then with lean saves
+    (the kept layers rebuild their norm and activation outputs in backward, lean_values); else "offload". The
+    estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's
+    `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and
+    AdamW states (made at the first step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
 
     Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
-    recompute_layers: how many layers from the first to recompute, None for all)."""
+    recompute_layers: how many layers from the first to recompute, None for all, lean_saves: bool)."""
     if model.device.type != "cuda":
-        return False, "gradient checkpointing auto -> off (CPU)", None
+        return False, "gradient checkpointing auto -> off (CPU)", None, False
     cfg, el = model.arch, torch.finfo(model.dtype).bits // 8
     # the trainable parameters' gradients and two AdamW states, in their dtype (LoRA: fp32), made at the first step
     states = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None) \
@@ -123,20 +183,25 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) 
     budget = free - RESERVE_BYTES
     gib, layers = 2**30, cfg.num_layers
     tower = [tower_bytes(model, media_tokens, el, recompute) for recompute in (False, True)]
+    lean = lean_values(model)
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
+    # Lean saves cost a pass over the rebuilt values, far less than recomputing a layer: tried before one more.
     for recomputed in range(layers):
-        need = SAFETY * (checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed) + tower[recomputed > 0]) + fixed
-        if need > budget:
-            continue
-        fits = f"needs ~{need / gib:.1f} GiB of {free / gib:.1f} GiB free for {micro_batch_tokens} tokens per " \
-               f"micro-batch"
-        if recomputed == 0:
-            return False, f"gradient checkpointing auto -> off: {fits}", None
-        return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
-                      f"{layers - recomputed} keep their activations): {fits}"), recomputed
+        for lean_on in (False, True) if any(lean) else (False,):
+            kept = checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed, lean if lean_on else None)
+            need = SAFETY * (kept + tower[recomputed > 0]) + fixed
+            if need > budget:
+                continue
+            fits = f"needs ~{need / gib:.1f} GiB of {free / gib:.1f} GiB free for {micro_batch_tokens} tokens per " \
+                   f"micro-batch" + (" with lean saves (norm and activation outputs rebuilt in backward)"
+                                     if lean_on else "")
+            if recomputed == 0:
+                return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
+            return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
+                          f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
     return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU): {micro_batch_tokens} tokens "
-                       f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None
+                       f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None, False
 
 
 def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None]:
@@ -160,7 +225,7 @@ def recompute_hint(model, micro_batch_tokens: int, media_tokens: int = 0) -> str
     if model.device.type != "cuda" or mode not in (True, "offload") or \
             getattr(model, "recompute_layers", "absent") is not None:  # (a count set, or not our decoder)
         return None
-    pick, _, recomputed = choose_checkpointing(model, micro_batch_tokens, media_tokens)
+    pick, _, recomputed, _ = choose_checkpointing(model, micro_batch_tokens, media_tokens)
     if pick is not False and recomputed is None:
         return None
     layers = model.arch.num_layers

@@ -1,0 +1,120 @@
+"""Lean saves (kernels/rebuild.py): layers that keep their activations rebuild the norms' and activations' outputs
+in backward. Gradients must be bitwise the same, the saved values must shrink by exactly what
+train/memory_policy.py's lean_values counts, and recomputed layers must be left alone."""
+import pytest
+import torch
+from peft_oracle import randomize_lora_b
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+from fasttune.kernels import rebuild
+from fasttune.train.memory_policy import lean_values
+
+pytest.importorskip("triton")
+
+
+def _model(folder, gc=False, dropout=0.0, dtype=torch.float32):
+    model, _ = FastLanguageModel.from_pretrained(str(folder), dtype=dtype)
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, lora_dropout=dropout,
+                                             use_gradient_checkpointing=gc)
+    randomize_lora_b(model)
+    return model
+
+
+def _step(model, lean: bool):
+    """(loss, LoRA grads, bytes of the distinct storages autograd saved) for one forward + backward."""
+    model.lean_saves = lean
+    torch.manual_seed(4)
+    ids = torch.randint(3, 300, (2, 9))
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads, sum(storages.values())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "phi3", "gemma2", "granite"])
+def test_lean_saves_keep_gradients_and_save_what_the_estimate_counts(family, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    model = _model(tiny_model_dir(family))
+    loss, grads, full = _step(model, lean=False)
+    lean_loss, lean_grads, lean = _step(model, lean=True)
+    assert torch.equal(lean_loss, loss)
+    for n, g in grads.items():
+        assert torch.equal(lean_grads[n], g), n
+    counted = sum(lean_values(model)) * 2 * 9 * 4  # values a token, per layer, times tokens and fp32 bytes
+    assert full - lean >= counted  # never fewer savings than the policy counts (it may count less: gemma2's)
+    if family in ("llama", "qwen3", "phi3", "granite"):
+        assert counted > 0 and full - lean == counted
+    if family == "llama":  # both norms' outputs and act(gate) * up; the first layer's input needs no gradient
+        h, i = model.arch.hidden_size, model.arch.intermediate_size
+        assert lean_values(model) == [h + i, 2 * h + i]
+
+
+def test_lean_saves_with_dropout_and_in_bf16(tiny_model_dir, monkeypatch):
+    """LoRA dropout (the masks kept, the dropped input rebuilt from the rebuilt input) and 16-bit activations."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    folder = tiny_model_dir("llama")
+    for kwargs in ({"dropout": 0.1}, {"dtype": torch.bfloat16}):
+        model = _model(folder, **kwargs)
+        model.train()
+        loss, grads, full = _step(model, lean=False)
+        lean_loss, lean_grads, lean = _step(model, lean=True)
+        assert torch.equal(lean_loss, loss) and lean < full, kwargs
+        for n, g in grads.items():
+            assert torch.equal(lean_grads[n], g), (kwargs, n)
+
+
+def test_recomputed_layers_keep_their_inputs(tiny_model_dir, monkeypatch):
+    """Only layers that keep their activations rebuild: with every layer recomputed lean saves change nothing;
+    with the first of two recomputed, only the second layer's values go."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    model = _model(tiny_model_dir("llama"), gc=True)
+    _, grads, full = _step(model, lean=False)
+    _, lean_grads, lean = _step(model, lean=True)
+    assert lean == full
+    model.recompute_layers = 1
+    _, _, partial = _step(model, lean=False)
+    _, partial_grads, partial_lean = _step(model, lean=True)
+    assert partial - partial_lean == lean_values(model)[1] * 2 * 9 * 4
+    for n, g in grads.items():
+        assert torch.equal(lean_grads[n], g) and torch.equal(partial_grads[n], g), n
+
+
+def test_torch_path_and_generation_mark_nothing(tiny_model_dir, monkeypatch):
+    """The torch reference path has no rebuild; without autograd, or for an output needing no gradient (whose
+    norm keeps nothing), nothing is marked."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    from fasttune.kernels.activations import gated_act
+    from fasttune.kernels.rmsnorm import add_rms_norm
+
+    x, w = torch.randn(3, 8, requires_grad=True), torch.ones(8)
+    with rebuild.lean_saves():
+        _, y = add_rms_norm(x, None, w, 1e-6)
+        assert rebuild.rebuild_of(y) is not None
+        fn, sources = rebuild.rebuild_of(y)
+        assert torch.equal(rebuild.rebuilt(fn, sources), y)
+        with torch.no_grad():
+            assert rebuild.rebuild_of(add_rms_norm(x, None, w, 1e-6)[1]) is None
+        assert rebuild.rebuild_of(add_rms_norm(x.detach(), None, w, 1e-6)[1]) is None
+        g, u = torch.randn(3, 16, requires_grad=True), torch.randn(3, 16)
+        a = gated_act(g, u, "silu")
+        assert torch.equal(rebuild.rebuilt(*rebuild.rebuild_of(a)), a)
+    assert rebuild.rebuild_of(add_rms_norm(x, None, w, 1e-6)[1]) is None  # lean saves off
+    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
+    with rebuild.lean_saves():
+        assert rebuild.rebuild_of(add_rms_norm(x, None, w, 1e-6)[1]) is None
+
+
+def test_lean_saves_setting_is_checked(tiny_model_dir):
+    model = _model(tiny_model_dir("llama"))
+    assert model.lean_saves is False
+    with pytest.raises(ConfigError, match="lean_saves='yes'"):
+        model.lean_saves = "yes"
