@@ -264,6 +264,7 @@ EXPERT_LORA = [False]  # --expert-lora (set in main)
 OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the input embedding in host memory
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
+LEAN_SAVES = [False]  # --lean-saves (set in main): ours' kept layers rebuild norm / activation outputs in backward
 MEMORY_CAP_GIB = [None]  # --memory-cap-gib (set in main): the GPU memory the process may use, as a smaller card
 RECOMPUTE_LAYERS = [None]  # --recompute-layers (set in main): ours recomputes only the first N layers
 # --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
@@ -398,6 +399,7 @@ def build_ours(shape: str, gc: str, r: int, quant: str = "none"):
                                              use_gradient_checkpointing=_gc_mode(gc))
     if RECOMPUTE_LAYERS[0] is not None:  # what use_gradient_checkpointing="auto" picks between the two modes
         model.recompute_layers = RECOMPUTE_LAYERS[0]
+    model.lean_saves = LEAN_SAVES[0]  # what "auto" adds when memory is the limit (kernels/rebuild.py)
     return model
 
 
@@ -507,6 +509,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
            "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
            "recompute_layers": getattr(model, "recompute_layers", None) if impl == "ours" else None,
+           "lean_saves": impl == "ours" and LEAN_SAVES[0],
            "token_stats": bool(TOKEN_STATS[0].get("return_token_stats")),
            "label_smoothing": TOKEN_STATS[0].get("smoothing", 0.0),
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
@@ -565,6 +568,8 @@ def main():
     ap.add_argument("--cuda-graphs", action="store_true",
                     help="ours: replay forward+backward as CUDA graphs (cuda_graphs=True); with --matrix, each of our "
                          "rows without offload runs again with graphs")
+    ap.add_argument("--lean-saves", action="store_true",
+                    help="ours: layers that keep their activations rebuild norm and activation outputs in backward")
     ap.add_argument("--recompute-layers", type=int, default=None,
                     help="ours with --gc on/offload: recompute only the first N layers (the rest keep their "
                          "activations), as use_gradient_checkpointing='auto' does when memory is between the modes")
@@ -574,6 +579,7 @@ def main():
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
     RECOMPUTE_LAYERS[0] = a.recompute_layers
+    LEAN_SAVES[0] = a.lean_saves
     EXPERT_LORA[0] = a.expert_lora
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
@@ -611,7 +617,8 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
         (["--offload-embedding"] if a.offload_embedding else []) + \
         (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else []) + \
         (["--recompute-layers", str(a.recompute_layers)] if a.recompute_layers is not None else []) + \
-        (["--memory-cap-gib", str(a.memory_cap_gib)] if a.memory_cap_gib else [])
+        (["--memory-cap-gib", str(a.memory_cap_gib)] if a.memory_cap_gib else []) + \
+        (["--lean-saves"] if a.lean_saves else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 

@@ -105,9 +105,8 @@ def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch,
     """The trainer resolving "auto" sets the mode and the picked recompute_layers, and says so."""
     from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 
-    monkeypatch.setattr(memory_policy, "choose_checkpointing",
-                        lambda model, tokens, media=0: (True, "gradient checkpointing auto -> on for the first 1 of 2",
-                                                        1, True))
+    picked = (True, "gradient checkpointing auto -> on for the first 1 of 2", 1, True)
+    monkeypatch.setattr(memory_policy, "choose_checkpointing", lambda model, tokens, media=0, lean_ok=True: picked)
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4)
     trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
@@ -248,3 +247,11 @@ def test_lean_values_of_a_tiny_model_on_the_fused_path(tiny_model_dir, monkeypat
     h, i = model.arch.hidden_size, model.arch.intermediate_size
     attention_only = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj"])
     assert lean_values(attention_only) == [0, h]  # (the first layer's norm output needs no gradient)
+
+
+def test_no_lean_saves_when_not_allowed(monkeypatch):
+    """lean_ok=False (FSDP: the trainer passes it) recomputes instead."""
+    monkeypatch.setattr(memory_policy, "lean_values", lambda model: [2 * 4096 + 14336] * 32)
+    assert choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)[3] is True
+    mode, _, _, lean = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096, lean_ok=False)
+    assert mode is True and lean is False

@@ -486,11 +486,14 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             if hint is not None and self.dist.is_main:
                 print(f"fasttune: {hint}", file=sys.stderr)
             return
-        mode, why, recomputed, lean = choose_checkpointing(self.model, bs * longest, media)
+        # (no lean saves under FSDP: a rebuild reads the norm's weight in backward, which FSDP frees between the
+        # passes; untested there, so the memory is found by recomputing instead)
+        lean_ok = not self.args.fsdp
+        mode, why, recomputed, lean = choose_checkpointing(self.model, bs * longest, media, lean_ok=lean_ok)
         picks = self.dist.gather((mode, recomputed))
         if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)
             mode, recomputed = agreed_pick(picks, self.model.arch.num_layers)
-            lean = True  # (the memory-saving side: some rank's memory is the limit)
+            lean = lean_ok  # (the memory-saving side: some rank's memory is the limit)
             why += f"; the ranks differ, so all take the most memory-saving pick ({mode!r}, recompute_layers " \
                    f"{recomputed})"
         self.model.gradient_checkpointing = mode

@@ -160,7 +160,7 @@ def loss_bytes(vocab: int, tokens: int) -> int:
     return 3 * min(CHUNK_BYTES, 4 * tokens * vocab)
 
 
-def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) \
+def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, lean_ok: bool = True) \
         -> tuple[bool | str, str, int | None, bool]:
     """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
     `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
@@ -169,6 +169,7 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) 
     estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's
     `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and
     AdamW states (made at the first step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
+    lean_ok=False never picks lean saves.
 
     Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
     recompute_layers: how many layers from the first to recompute, None for all, lean_saves: bool)."""
@@ -183,7 +184,7 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0) 
     budget = free - RESERVE_BYTES
     gib, layers = 2**30, cfg.num_layers
     tower = [tower_bytes(model, media_tokens, el, recompute) for recompute in (False, True)]
-    lean = lean_values(model)
+    lean = lean_values(model) if lean_ok else [0]
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
     # Lean saves cost a pass over the rebuilt values, far less than recomputing a layer: tried before one more.
