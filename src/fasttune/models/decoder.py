@@ -306,8 +306,9 @@ class DecoderModel(nn.Module):
         # With recompute on: how many layers, from the first, are recomputed; the later ones keep their activations
         # (use_gradient_checkpointing="auto" sets it to fill the free memory, train/memory_policy.py). None: all.
         self.recompute_layers: int | None = None
-        # Layers that keep their activations rebuild their norms' and activations' outputs in backward instead of
-        # keeping them (kernels/rebuild.py; "auto" turns it on when memory is the limit, train/memory_policy.py)
+        # Norms' and activations' outputs rebuilt in backward instead of kept (kernels/rebuild.py), in the layers
+        # that keep their activations and in a recomputed layer's re-run ("auto" turns it on when memory is the
+        # limit, train/memory_policy.py)
         self.lean_saves = False
         # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
         self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
@@ -498,6 +499,7 @@ class DecoderModel(nn.Module):
         if not mode:
             return None
         store = LayerInputOffloader(x.device, offload=mode == "offload")
+        store.lean = self.lean_saves
         # the attention outputs go to the host too: the recompute skips the attention kernel (models whose every
         # layer attends; Qwen3.5's linear-attention layers keep nothing)
         if mode == "offload" and not self.arch.linear_layers:

@@ -122,10 +122,13 @@ def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int, le
     and the later ones keep everything they save: the recomputed layers' inputs, plus the larger of the kept layers'
     full sets (alive together when backward starts) and one recomputed layer's full set (made during its backward,
     after the kept layers' backward has freed theirs). recomputed=0 is activation_bytes(..., recompute=False),
-    recomputed=layers is activation_bytes(..., recompute=True). lean: lean_values' per-layer savings, which the
-    kept layers make with lean saves on. No safety factor, no loss."""
+    recomputed=layers is activation_bytes(..., recompute=True). lean: lean_values' per-layer savings, which every
+    layer makes with lean saves on (kept ones for the whole backward, a recomputed one in its re-run). No safety
+    factor, no loss."""
     values = _layer_values(cfg)
-    kept = sum(values[recomputed:]) - (sum(lean[recomputed:]) if lean else 0)
+    if lean:
+        values = [v - saved for v, saved in zip(values, lean)]
+    kept = sum(values[recomputed:])
     during = max(values[:recomputed]) if recomputed else 0
     return tokens * bytes_per_el * (recomputed * cfg.hidden_size + max(kept, during))
 
@@ -201,8 +204,10 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
                 return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
             return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
                           f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
-    return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU): {micro_batch_tokens} tokens "
-                       f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None, False
+    lean_on = any(lean)  # (memory is short: the recompute rebuilds too)
+    return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU{', lean saves' if lean_on else ''}"
+                       f"): {micro_batch_tokens} tokens per micro-batch do not fit {free / gib:.1f} GiB free "
+                       f"otherwise"), None, lean_on
 
 
 def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None]:
