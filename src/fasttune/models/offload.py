@@ -30,7 +30,7 @@ def host_offload_budget() -> int:
     for path, used in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
         try:
-            limit, current = open(path).read().strip(), int(open(used).read())
+            limit, current = _read(path).strip(), int(_read(used))
         except (OSError, ValueError):
             continue
         if limit.isdigit():
@@ -38,9 +38,14 @@ def host_offload_budget() -> int:
     return max(0, int(available * 0.9) - HOST_MARGIN_BYTES)
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _meminfo_available() -> int:
     try:
-        for line in open("/proc/meminfo"):
+        for line in _read("/proc/meminfo").splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
     except OSError:

@@ -64,11 +64,12 @@ def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> in
 
 def lean_values(model) -> list[int]:
     """Values per token each decoder layer stops keeping with lean saves (models/decoder.py's `lean_saves`,
-    kernels/rebuild.py), counted only where the rebuild surely frees them: in a plain pre-norm layer (no sandwich or
-    post norms, not parallel, cross-attention, MoE or a linear mixer; RMSNorm, not centered) the attention norm's
-    output when q/k/v (or qkv_proj) are fused LoRA layers, the MLP norm's output when gate and up (gate_up) are,
-    and act(gate) * up when down_proj is. Zeros for anything but our decoder (0 where unsure: the estimate then
-    stays above the real peak)."""
+    kernels/rebuild.py), counted only where the rebuild surely frees them: in a decoder layer of attention and a
+    dense gated MLP (pre-norm, Gemma's sandwich or OLMo's post-norm; not parallel, cross-attention or a linear
+    mixer; RMSNorm, not centered) the attention norm's output when q/k/v (or qkv_proj) are fused LoRA layers, the
+    MLP norm's output when gate and up (gate_up) are, and act(gate) * up when down_proj is; in an MoE layer only
+    the attention norm's output. Zeros for anything but our decoder (0 where unsure: the estimate then stays above
+    the real peak)."""
     cfg = model.arch
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or cfg.centered_norm:
@@ -87,25 +88,26 @@ def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
     from fasttune.models.self_attention import Attention
 
     if getattr(layer, "kind", None) is not None or getattr(layer, "parallel_mamba", False) or \
-            any(getattr(layer, flag, True) for flag in ("is_cross", "parallel", "is_moe", "post_norm", "sandwich",
-                                                        "is_linear")):
+            any(getattr(layer, flag, True) for flag in ("is_cross", "parallel", "is_linear", "routed_beside")):
         return 0
     mixer, mlp, h = layer.mixer, layer.ffn, cfg.hidden_size
     saved = 0
-    if type(mixer) is Attention and not cfg.attn_head_gate:
+    # The attention norm's output (OLMo's post-norm layers attend over the residual itself, kept anyway)
+    if type(mixer) is Attention and not cfg.attn_head_gate and not layer.post_norm:
         if cfg.fused_qkv:
             projections = (mixer.qkv_proj,)
         else:
             projections = (mixer.q_proj, mixer.k_proj) + (() if mixer.values_from_keys else (mixer.v_proj,))
         if _fused_lora(*projections):
             saved += h
-    if not with_mlp:
+    # The MLP norm's output and act(gate) * up (an MoE block's router reads the norm's output, and its experts are
+    # not these kernels: counted as nothing)
+    if not with_mlp or type(mlp) is not MLP or not mlp.gated:
         return saved
-    if type(mlp) is MLP and mlp.gated:
-        if _fused_lora(*((mlp.gate_up,) if mlp.fused else (mlp.gate, mlp.up))):
-            saved += h
-        if _fused_lora(mlp.down):
-            saved += mlp.intermediate
+    if not layer.post_norm and _fused_lora(*((mlp.gate_up,) if mlp.fused else (mlp.gate, mlp.up))):
+        saved += h
+    if _fused_lora(mlp.down):
+        saved += mlp.intermediate
     return saved
 
 
