@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import torch
 
+from fasttune.kernels import rebuild
 from fasttune.kernels.dispatch import HAVE_TRITON, next_pow2, use_triton
 
 
@@ -261,13 +262,17 @@ class _ExpertLoraLinear(torch.autograd.Function):
     """y = mm(x, weight(dtype)) + scale * (x @ a_e) @ b_e (+ bias_e) on expert-sorted rows, the base frozen."""
 
     @staticmethod
-    def forward(ctx, x, a, b, offsets, counts, weight, mm, scale, bias):
+    def forward(ctx, x, a, b, offsets, counts, weight, mm, scale, bias, again):
         """x (S, K); a (E, K, r), b (E, r, N); weight: dtype -> the frozen (E, K, N) operand; mm(x, w, offsets,
-        counts): the grouped GEMM; bias (E, N) frozen or None. Returns (S, N); saves x, a, b and low = x @ a_e."""
+        counts): the grouped GEMM; bias (E, N) frozen or None; again: (fn, sources) rebuilding x in backward
+        instead of keeping it (kernels/rebuild.py), or None. Returns (S, N); saves x (or again's sources), a, b and
+        low = x @ a_e."""
         out = mm(x, weight(x.dtype), offsets, counts)
         low = grouped_thin_mm(x, a, offsets)
         grouped_expand_add_(out, low, b, offsets, scale, bias)
-        ctx.save_for_backward(x, a, b, offsets, counts, low)
+        kept = (x,) if again is None else again[1]
+        ctx.rebuild, ctx.n_kept = None if again is None else again[0], len(kept)
+        ctx.save_for_backward(*kept, a, b, offsets, counts, low)
         ctx.weight, ctx.mm, ctx.scale = weight, mm, scale
         return out
 
@@ -275,7 +280,9 @@ class _ExpertLoraLinear(torch.autograd.Function):
     def backward(ctx, dy):
         """dy (S, N) -> dx = dy @ W_e^T + g @ a_e^T (accumulated in place), da = x_e^T g_e, db = scale low_e^T dy_e,
         with g = scale * dy @ b_e^T; None for the rest."""
-        x, a, b, offsets, counts, low = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        kept, (a, b, offsets, counts, low) = saved[:ctx.n_kept], saved[ctx.n_kept:]
+        x = kept[0] if ctx.rebuild is None else rebuild.rebuilt(ctx.rebuild, kept)
         dy = dy.contiguous()
         g = grouped_thin_mm(dy, b.transpose(1, 2), offsets).mul_(ctx.scale)
         dx = da = db = None
@@ -286,7 +293,7 @@ class _ExpertLoraLinear(torch.autograd.Function):
             da = grouped_weight_grad(x, g, offsets, _like(a))
         if ctx.needs_input_grad[2]:
             db = grouped_weight_grad(low * ctx.scale, dy, offsets, _like(b))
-        return dx, da, db, None, None, None, None, None, None
+        return dx, da, db, None, None, None, None, None, None, None
 
 
 def expert_lora_linear(x: torch.Tensor, weight, mm, a: torch.Tensor, b: torch.Tensor, scale: float,
@@ -299,5 +306,7 @@ def expert_lora_linear(x: torch.Tensor, weight, mm, a: torch.Tensor, b: torch.Te
     backward, so nothing weight-sized is saved); mm(x, w, offsets, counts): the grouped GEMM for the base
     (models/moe.py's grouped_mm); a (E, K, r), b (E, r, N) in x's dtype (ExpertLora.factors); offsets/counts (E,)
     int32 cumulative row ends and group sizes; bias (E, N) or None (not trained). Returns (S, N) in x's dtype,
-    differentiable in x, a and b."""
-    return _ExpertLoraLinear.apply(x, a, b, offsets, counts, weight, mm, scale, bias)
+    differentiable in x, a and b. An x marked by kernels/rebuild.py (lean saves) is rebuilt in backward instead of
+    kept."""
+    again = rebuild.rebuild_of(x) if torch.is_grad_enabled() else None
+    return _ExpertLoraLinear.apply(x, a, b, offsets, counts, weight, mm, scale, bias, again)

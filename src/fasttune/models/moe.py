@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels.activations import gated_act_packed, gated_act_reference
 from fasttune.kernels.dispatch import launches_replayed, use_triton
+from fasttune.kernels.rebuild import call_rebuilding, mark_through
 from fasttune.kernels.grouped_lora import expert_lora_linear
 from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
 from fasttune.quant.experts import QuantExpertWeight
@@ -182,7 +183,9 @@ def _with_lora(out: torch.Tensor, x: torch.Tensor, lora, offsets, counts, method
     if lora is None:
         return out
     a, b, scaling = lora
-    low = grouped_mm(grouped_mm(x, a, offsets, counts, method), b, offsets, counts, method)
+    # (the rank-r product keeps x for a's gradient: with lean saves a marked x is rebuilt instead, kernels/rebuild.py)
+    xa = call_rebuilding(lambda rows, factor: grouped_mm(rows, factor, offsets, counts, method), x, a)
+    low = grouped_mm(xa, b, offsets, counts, method)
     return torch.add(out, low, alpha=scaling)
 
 
@@ -252,7 +255,7 @@ def experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: torch.Tenso
     lora = lora or {}
     groups = group_by_expert(experts, gate_up_proj.shape[0])
     offsets, counts = groups.offsets, groups.counts
-    xs = permute(x, groups)
+    xs = mark_through(permute(x, groups), lambda rows: permute(rows, groups), x)  # (lean saves: see kernels/rebuild.py)
     first = "gate_up_proj" if gated else "up_proj"
     gate_up = expert_linear(xs, gate_up_proj, lora.get(first), offsets, counts, method, stacked=True)
     h = gated_act_packed(gate_up, act) if gated else torch.relu(gate_up).square()
@@ -425,7 +428,7 @@ class SparseMoeBlock(nn.Module):
         shape = x.shape
         if self.training and self.jitter > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        flat = x.reshape(-1, shape[-1])
+        flat = mark_through(x.reshape(-1, shape[-1]), lambda t: t.reshape(-1, shape[-1]), x)  # (lean saves)
         gate = getattr(self, self.router_name)
         logits = gate(flat)
         if self.sigmoid:

@@ -67,9 +67,9 @@ def lean_values(model) -> list[int]:
     kernels/rebuild.py), counted only where the rebuild surely frees them: in a decoder layer of attention and a
     dense gated MLP (pre-norm, Gemma's sandwich or OLMo's post-norm; not parallel, cross-attention or a linear
     mixer; RMSNorm, not centered) the attention norm's output when q/k/v (or qkv_proj) are fused LoRA layers, the
-    MLP norm's output when gate and up (gate_up) are, and act(gate) * up when down_proj is; in an MoE layer only
-    the attention norm's output. Zeros for anything but our decoder (0 where unsure: the estimate then stays above
-    the real peak)."""
+    MLP norm's output when gate and up (gate_up) are, and act(gate) * up when down_proj is; in an MoE layer the
+    attention norm's output and, with LoRA on the stacked experts, their sorted input copies and act(gate) * up.
+    Zeros for anything but our decoder (0 where unsure: the estimate then stays above the real peak)."""
     cfg = model.arch
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or cfg.centered_norm:
@@ -85,6 +85,7 @@ def lean_values(model) -> list[int]:
 
 def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
     from fasttune.models.mlp import MLP
+    from fasttune.models.moe import SparseMoeBlock
     from fasttune.models.self_attention import Attention
 
     if getattr(layer, "kind", None) is not None or getattr(layer, "parallel_mamba", False) or \
@@ -100,15 +101,31 @@ def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
             projections = (mixer.q_proj, mixer.k_proj) + (() if mixer.values_from_keys else (mixer.v_proj,))
         if _fused_lora(*projections):
             saved += h
-    # The MLP norm's output and act(gate) * up (an MoE block's router reads the norm's output, and its experts are
-    # not these kernels: counted as nothing)
-    if not with_mlp or type(mlp) is not MLP or not mlp.gated:
+    if not with_mlp:
+        return saved
+    if type(mlp) is SparseMoeBlock:  # the experts' sorted input copy and act(gate) * up, where expert LoRA keeps them
+        return saved + _lean_experts(mlp, cfg)
+    # The MLP norm's output and act(gate) * up
+    if type(mlp) is not MLP or not mlp.gated:
         return saved
     if not layer.post_norm and _fused_lora(*((mlp.gate_up,) if mlp.fused else (mlp.gate, mlp.up))):
         saved += h
     if _fused_lora(mlp.down):
         saved += mlp.intermediate
     return saved
+
+
+def _lean_experts(block, cfg) -> int:
+    """Values per token an MoE block's gated experts (models/moe.py's Experts) stop keeping with lean saves: the k
+    expert-sorted copies of the input, kept by gate_up_proj's LoRA, and act(gate) * up, kept by down_proj's."""
+    from fasttune.models.moe import Experts
+
+    experts = block.experts
+    if type(experts) is not Experts or not experts.gated or hasattr(block, "fc1_latent_proj") or block.jitter:
+        return 0
+    enabled = {name for name, adapter in experts.lora.items() if not adapter.disabled}
+    k = cfg.num_experts_per_tok
+    return k * (cfg.hidden_size * ("gate_up_proj" in enabled) + cfg.moe_intermediate_size * ("down_proj" in enabled))
 
 
 def _fused_lora(*modules) -> bool:
