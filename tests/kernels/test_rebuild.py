@@ -49,7 +49,7 @@ def _step(model, lean: bool, through_backward: bool = False):
 @pytest.mark.parametrize("family,fused_experts", [("llama", False), ("qwen3", False), ("phi3", False),
                                                   ("gemma2", False), ("gemma3_text", False), ("granite", False),
                                                   ("olmo2", False), ("qwen3_moe", False), ("qwen3_moe", True),
-                                                  ("mixtral", False)])
+                                                  ("mixtral", False), ("gpt_oss", False)])
 def test_lean_saves_keep_gradients_and_save_what_the_estimate_counts(family, fused_experts, tiny_model_dir,
                                                                      monkeypatch):
     """Also an MoE's stacked-expert LoRA, on torch's grouped GEMMs and on the fused Triton path."""

@@ -10,8 +10,11 @@ input lies inside the closed interval, as torch's clamp does.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
+from fasttune.kernels import rebuild
 from fasttune.kernels.dispatch import HAVE_TRITON, use_triton
 
 _BLOCK = 1024
@@ -90,5 +93,16 @@ def clamped_swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.T
     if gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} is odd: it must interleave gate and up")
     if use_triton(gate_up) and gate_up.numel():
-        return _ClampedSwiGLU.apply(gate_up, limit, alpha)
+        y = _ClampedSwiGLU.apply(gate_up, limit, alpha)
+        if gate_up.is_contiguous():  # (else the saved one is a copy: nothing to share)
+            rebuild.mark(y, partial(_again, limit=float(limit), alpha=float(alpha)), gate_up.detach())
+        return y
     return clamped_swiglu_reference(gate_up, limit, alpha)
+
+
+def _again(gate_up, *, limit, alpha):
+    """_ClampedSwiGLU's output again from its saved gate_up (kernels/rebuild.py)."""
+    y = gate_up.new_empty(*gate_up.shape[:-1], gate_up.shape[-1] // 2)
+    n = y.numel()
+    _clamped_swiglu_fwd[(triton.cdiv(n, _BLOCK),)](gate_up, y, n, limit, alpha, BLOCK=_BLOCK)
+    return y

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fasttune.kernels.clamped_swiglu import clamped_swiglu, clamped_swiglu_reference
 from fasttune.kernels.moe_permute import group_by_expert, permute, unpermute
+from fasttune.kernels.rebuild import mark_through
 from fasttune.models.moe import expert_linear
 
 
@@ -45,7 +46,7 @@ def gpt_oss_experts_forward(x: torch.Tensor, weights: torch.Tensor, experts: tor
     lora = lora or {}
     groups = group_by_expert(experts, gate_up_bias.shape[0])
     offsets, counts = groups.offsets, groups.counts
-    xs = permute(x, groups)
+    xs = mark_through(permute(x, groups), lambda rows: permute(rows, groups), x)  # (lean saves: kernels/rebuild.py)
     gate_up = expert_linear(xs, gate_up_proj, lora.get("gate_up_proj"), offsets, counts, method, stacked=False,
                             bias=gate_up_bias)
     h = clamped_swiglu(gate_up, limit, alpha)
@@ -124,7 +125,7 @@ class GptOssMoeBlock(nn.Module):
         """x (B, T, H) -> (out, router logits); `values_unused` is accepted for the dense MLP's signature and has
         no effect."""
         shape = x.shape
-        flat = x.reshape(-1, shape[-1])
+        flat = mark_through(x.reshape(-1, shape[-1]), lambda t: t.reshape(-1, shape[-1]), x)  # (lean saves)
         logits = self.router(flat)
         weights, experts = route_top_logits(logits, self.top_k)
         return self.experts(flat, weights, experts).view(shape), logits

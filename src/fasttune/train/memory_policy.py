@@ -84,6 +84,7 @@ def lean_values(model) -> list[int]:
 
 
 def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
+    from fasttune.models.gpt_oss import GptOssMoeBlock
     from fasttune.models.mlp import MLP
     from fasttune.models.moe import SparseMoeBlock
     from fasttune.models.self_attention import Attention
@@ -103,8 +104,8 @@ def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
             saved += h
     if not with_mlp:
         return saved
-    if type(mlp) is SparseMoeBlock:  # the experts' sorted input copy and act(gate) * up, where expert LoRA keeps them
-        return saved + _lean_experts(mlp, cfg)
+    if type(mlp) in (SparseMoeBlock, GptOssMoeBlock):  # the experts' sorted input copies and act(gate) * up, where
+        return saved + _lean_experts(mlp, cfg)  # expert LoRA keeps them
     # The MLP norm's output and act(gate) * up
     if type(mlp) is not MLP or not mlp.gated:
         return saved
@@ -116,12 +117,15 @@ def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
 
 
 def _lean_experts(block, cfg) -> int:
-    """Values per token an MoE block's gated experts (models/moe.py's Experts) stop keeping with lean saves: the k
-    expert-sorted copies of the input, kept by gate_up_proj's LoRA, and act(gate) * up, kept by down_proj's."""
+    """Values per token an MoE block's gated experts (models/moe.py's Experts, gpt-oss's) stop keeping with lean
+    saves: the k expert-sorted copies of the input, kept by gate_up_proj's LoRA, and act(gate) * up, kept by
+    down_proj's."""
+    from fasttune.models.gpt_oss import GptOssExperts
     from fasttune.models.moe import Experts
 
     experts = block.experts
-    if type(experts) is not Experts or not experts.gated or hasattr(block, "fc1_latent_proj") or block.jitter:
+    gated = type(experts) is GptOssExperts or (type(experts) is Experts and experts.gated)
+    if not gated or hasattr(block, "fc1_latent_proj") or getattr(block, "jitter", 0):
         return 0
     enabled = {name for name, adapter in experts.lora.items() if not adapter.disabled}
     k = cfg.num_experts_per_tok
