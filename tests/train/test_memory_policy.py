@@ -219,9 +219,10 @@ def test_mamba_layer_count_matches_its_saved_tensors(heads, state, head_dim, gro
     assert 1.0 <= _mamba_values(cfg) / measured < 1.3, (_mamba_values(cfg), measured)
 
 
-def test_lean_saves_come_before_one_more_recomputed_layer(monkeypatch):
-    """Where no recompute fits only with lean saves, "auto" takes it; with less memory, lean saves let fewer layers
-    be recomputed than without; with plenty, lean saves stay off (they cost a pass in backward)."""
+def test_lean_saves_when_they_spare_recomputed_layers(monkeypatch):
+    """Where no recompute fits only with lean saves, "auto" takes them; with less memory, lean saves let fewer layers
+    be recomputed than without; with plenty, they stay off (they cost a pass in backward), and so they do where
+    they would spare fewer than LEAN_COST_LAYERS recomputed layers."""
     from fasttune.train.memory_policy import RESERVE_BYTES, SAFETY, checkpointing_bytes, loss_bytes
 
     lean = [2 * 4096 + 14336] * 32
@@ -234,7 +235,12 @@ def test_lean_saves_come_before_one_more_recomputed_layer(monkeypatch):
     mode, _, with_lean, on = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)
     monkeypatch.setattr(memory_policy, "lean_values", lambda model: [0] * 32)
     _, _, without, off = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)
-    assert mode is True and on and not off and with_lean < without
+    assert mode is True and on and not off and with_lean <= without - memory_policy.LEAN_COST_LAYERS
+    monkeypatch.setattr(memory_policy, "lean_values", lambda model: lean)
+    one_layer = (SAFETY * checkpointing_bytes(LLAMA_8B, 4096, 2, 1) + fixed) / 2**30  # plain fits recomputing one
+    assert SAFETY * checkpointing_bytes(LLAMA_8B, 4096, 2, 0, lean) + fixed <= one_layer * 2**30  # lean fits none
+    mode, _, layers, on = choose_checkpointing(_fake_gpu_model(monkeypatch, one_layer + 0.01), 4096)
+    assert mode is True and layers == 1 and not on
 
 
 def test_lean_values_of_a_tiny_model_on_the_fused_path(tiny_model_dir, monkeypatch):

@@ -3,8 +3,8 @@
 LoRA without recompute does ~4N FLOPs per token instead of ~6N, so "off" is taken whenever the activations it
 keeps fit; when they do not, only as many layers as needed are recomputed (each recomputed layer costs its forward
 again, each kept one its saved values; the last layer is never recomputed, see choose_checkpointing), and only when
-that does not fit either are the layer inputs sent to the host ("offload"). Before one more layer is recomputed,
-lean saves are tried (the kept layers rebuild their norm and activation outputs in backward, kernels/rebuild.py).
+that does not fit either are the layer inputs sent to the host ("offload"). Lean saves (layers rebuild their norm
+and activation outputs in backward, kernels/rebuild.py) are added where they spare recomputed layers.
 The estimate counts what one decoder
 layer saves for backward per token (with our kernels: the norm input and output, q/k/v, the attention output, gate,
 up and act(gate)), times layers and micro-batch tokens, and a training vision tower's patches likewise, with a
@@ -19,6 +19,10 @@ from fasttune.kernels.cross_entropy import CHUNK_BYTES
 
 SAFETY = 1.3  # allocator fragmentation and temporaries the count leaves out
 RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and the optimizer step
+# What lean saves cost, in recomputed layers: a layer's rebuild passes move ~(4h + 3I) x 2 bytes a token against
+# its forward's ~2 x (its weights) FLOPs a token, ~5% of a layer's forward time on the 8B shape at an H200's rates
+# (~3.5 TB/s, ~650 TFLOP/s), so ~1.6 layers' recompute for 32 layers; an estimate, not measured.
+LEAN_COST_LAYERS = 2
 
 
 def _layer_values(cfg) -> list[int]:
@@ -190,8 +194,9 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
         -> tuple[bool | str, str, int | None, bool]:
     """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
     `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
-    layers keep their activations; at least the last one does), each count tried without and then with lean saves
-    (the kept layers rebuild their norm and activation outputs in backward, lean_values); else "offload". The
+    layers keep their activations; at least the last one does), with lean saves (the layers rebuild their norm and
+    activation outputs in backward, lean_values) when they spare at least LEAN_COST_LAYERS recomputed layers;
+    else "offload". The
     estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's
     `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and
     AdamW states (made at the first step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
@@ -211,22 +216,30 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
     gib, layers = 2**30, cfg.num_layers
     tower = [tower_bytes(model, media_tokens, el, recompute) for recompute in (False, True)]
     lean = lean_values(model) if lean_ok else [0]
+
+    def need(recomputed: int, lean_on: bool) -> float:
+        kept = checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed, lean if lean_on else None)
+        return SAFETY * (kept + tower[recomputed > 0]) + fixed
+
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
-    # Lean saves cost a pass over the rebuilt values, far less than recomputing a layer: tried before one more.
-    for recomputed in range(layers):
-        for lean_on in (False, True) if any(lean) else (False,):
-            kept = checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed, lean if lean_on else None)
-            need = SAFETY * (kept + tower[recomputed > 0]) + fixed
-            if need > budget:
-                continue
-            fits = f"needs ~{need / gib:.1f} GiB of {free / gib:.1f} GiB free for {micro_batch_tokens} tokens per " \
-                   f"micro-batch" + (" with lean saves (norm and activation outputs rebuilt in backward)"
-                                     if lean_on else "")
-            if recomputed == 0:
-                return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
-            return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
-                          f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
+    def fewest(lean_on: bool) -> int | None:
+        return next((n for n in range(layers) if need(n, lean_on) <= budget), None)
+
+    plain = fewest(False)
+    leaner = fewest(True) if any(lean) else None
+    # Lean saves cost a pass over the rebuilt values in every layer, about LEAN_COST_LAYERS layers' recompute: taken
+    # only when they spare more recomputed layers than that (or spare "offload").
+    lean_on = leaner is not None and (plain is None or plain - leaner >= LEAN_COST_LAYERS)
+    recomputed = leaner if lean_on else plain
+    if recomputed is not None:
+        fits = f"needs ~{need(recomputed, lean_on) / gib:.1f} GiB of {free / gib:.1f} GiB free for " \
+               f"{micro_batch_tokens} tokens per micro-batch" + \
+               (" with lean saves (norm and activation outputs rebuilt in backward)" if lean_on else "")
+        if recomputed == 0:
+            return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
+        return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
+                      f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
     lean_on = any(lean)  # (memory is short: the recompute rebuilds too)
     return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU{', lean saves' if lean_on else ''}"
                        f"): {micro_batch_tokens} tokens per micro-batch do not fit {free / gib:.1f} GiB free "
