@@ -74,9 +74,11 @@ def lean_values(model) -> list[int]:
     MLP norm's output when gate and up (gate_up) are, and act(gate) * up when down_proj is; in an MoE layer the
     attention norm's output and, with LoRA on the stacked experts, their sorted input copies and act(gate) * up.
     Zeros for anything but our decoder (0 where unsure: the estimate then stays above the real peak)."""
+    from fasttune.kernels.dispatch import kernel_choice
+
     cfg = model.arch
     layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or cfg.centered_norm:
+    if layers is None or cfg.centered_norm or kernel_choice() == "torch":  # (torch's reference ops rebuild nothing)
         return [0] * cfg.num_layers
     values = [_lean_layer(layer, cfg) for layer in layers]
     embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
