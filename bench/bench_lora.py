@@ -265,6 +265,7 @@ OFFLOAD_EMBEDDING = [False]  # --offload-embedding (set in main): ours keeps the
 OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM head in host memory, streamed
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
 LEAN_SAVES = [False]  # --lean-saves (set in main): ours' kept layers rebuild norm / activation outputs in backward
+NO_LEAN = [False]  # --no-lean (set in main): --gc auto's pick without lean saves
 MEMORY_CAP_GIB = [None]  # --memory-cap-gib (set in main): the GPU memory the process may use, as a smaller card
 RECOMPUTE_LAYERS = [None]  # --recompute-layers (set in main): ours recomputes only the first N layers
 # --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
@@ -338,7 +339,7 @@ def hf_config(shape: str):
 
 
 def _gc_mode(gc: str):
-    return {"on": True, "off": False, "offload": "offload"}[gc]
+    return {"on": True, "off": False, "offload": "offload", "auto": "auto"}[gc]
 
 
 def quantize_linears(model, quant: str = "nf4"):
@@ -459,7 +460,19 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     torch.manual_seed(0)
     if MEMORY_CAP_GIB[0]:  # a smaller card's memory: the allocator frees its cached blocks before failing
         torch.cuda.set_per_process_memory_fraction(MEMORY_CAP_GIB[0] * 2**30 / torch.cuda.mem_get_info()[1])
+    if gc == "auto" and impl != "ours":
+        raise SystemExit("--gc auto is fasttune's policy: use it with --impl ours")
     model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
+    auto_pick = None
+    if gc == "auto":  # what SFTTrainer does at train start (train/loop.py), for this batch shape
+        from fasttune.train.memory_policy import choose_checkpointing
+
+        mode, auto_pick, recomputed, lean = choose_checkpointing(model, bs * seq, lean_ok=not NO_LEAN[0])
+        model.gradient_checkpointing = mode
+        if recomputed is not None:
+            model.recompute_layers = recomputed
+        model.lean_saves = lean
+        print(auto_pick, file=sys.stderr)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
     model_gib = torch.cuda.memory_allocated() / 2**30  # weights and LoRA factors, before any step
     params = [p for p in model.parameters() if p.requires_grad]
@@ -509,7 +522,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "offload_lm_head": impl == "ours" and OFFLOAD_LM_HEAD[0],
            "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
            "recompute_layers": getattr(model, "recompute_layers", None) if impl == "ours" else None,
-           "lean_saves": impl == "ours" and LEAN_SAVES[0],
+           "lean_saves": impl == "ours" and bool(getattr(model, "lean_saves", False)), "auto_pick": auto_pick,
            "token_stats": bool(TOKEN_STATS[0].get("return_token_stats")),
            "label_smoothing": TOKEN_STATS[0].get("smoothing", 0.0),
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
@@ -545,7 +558,8 @@ def main():
     ap.add_argument("--matrix", choices=sorted(MATRIX))
     ap.add_argument("--impl", choices=["ours", "hf"], default="ours")
     ap.add_argument("--shape", choices=sorted(SHAPES) + sorted(MOE_SHAPES), default="llama-3.2-1b")
-    ap.add_argument("--gc", choices=["on", "off", "offload"], default="on")
+    ap.add_argument("--gc", choices=["on", "off", "offload", "auto"], default="on",
+                    help="auto (ours): the trainer's pick for this batch and the free memory (see --memory-cap-gib)")
     ap.add_argument("--quant", choices=["none", "nf4", "fp8"], default="none")
     ap.add_argument("--max-context", action="store_true",
                     help="binary-search the longest bs-1 sequence that trains one step (in 1024-token steps)")
@@ -570,6 +584,7 @@ def main():
                          "rows without offload runs again with graphs")
     ap.add_argument("--lean-saves", action="store_true",
                     help="ours: layers that keep their activations rebuild norm and activation outputs in backward")
+    ap.add_argument("--no-lean", action="store_true", help="--gc auto: pick without lean saves (the A/B)")
     ap.add_argument("--recompute-layers", type=int, default=None,
                     help="ours with --gc on/offload: recompute only the first N layers (the rest keep their "
                          "activations), as use_gradient_checkpointing='auto' does when memory is between the modes")
@@ -580,6 +595,7 @@ def main():
     a = ap.parse_args()
     RECOMPUTE_LAYERS[0] = a.recompute_layers
     LEAN_SAVES[0] = a.lean_saves
+    NO_LEAN[0] = a.no_lean
     EXPERT_LORA[0] = a.expert_lora
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
@@ -618,7 +634,7 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
         (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else []) + \
         (["--recompute-layers", str(a.recompute_layers)] if a.recompute_layers is not None else []) + \
         (["--memory-cap-gib", str(a.memory_cap_gib)] if a.memory_cap_gib else []) + \
-        (["--lean-saves"] if a.lean_saves else [])
+        (["--lean-saves"] if a.lean_saves else []) + (["--no-lean"] if a.no_lean else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 

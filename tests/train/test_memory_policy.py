@@ -14,6 +14,8 @@ LLAMA_8B = ModelConfig(model_type="llama", vocab_size=128256, hidden_size=4096, 
 
 def _fake_gpu_model(monkeypatch, free_gib):
     monkeypatch.setattr(memory_policy.torch.cuda, "mem_get_info", lambda device=None: (int(free_gib * 2**30), 0))
+    monkeypatch.setattr(memory_policy.torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0,
+                        raising=False)
     return SimpleNamespace(arch=LLAMA_8B, dtype=torch.bfloat16, device=torch.device("cuda"))
 
 
@@ -263,3 +265,18 @@ def test_no_lean_saves_when_not_allowed(monkeypatch):
     assert choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)[3] is True
     mode, _, _, lean = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096, lean_ok=False)
     assert mode is True and lean is False
+
+
+def test_a_per_process_memory_cap_counts(monkeypatch):
+    """A cap set with torch.cuda.set_per_process_memory_fraction is what the process may fill, not the card."""
+    from fasttune.train.memory_policy import free_bytes
+
+    cuda = memory_policy.torch.cuda
+    monkeypatch.setattr(cuda, "mem_get_info", lambda device=None: (60 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(cuda, "memory_allocated", lambda device=None: 10 * 2**30)
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None: 1.0, raising=False)
+    assert free_bytes(torch.device("cuda")) == 60 * 2**30
+    monkeypatch.setattr(cuda, "get_per_process_memory_fraction", lambda device=None: 0.25, raising=False)
+    assert free_bytes(torch.device("cuda")) == 10 * 2**30  # 20 GiB of the card, 10 of them allocated
+    model = SimpleNamespace(arch=LLAMA_8B, dtype=torch.bfloat16, device=torch.device("cuda"))
+    assert choose_checkpointing(model, 4096)[0] is not False  # the 60 GiB free would have kept everything

@@ -192,6 +192,16 @@ def loss_bytes(vocab: int, tokens: int) -> int:
     return 3 * min(CHUNK_BYTES, 4 * tokens * vocab)
 
 
+def free_bytes(device: torch.device) -> int:
+    """GPU bytes this process may still allocate on `device`: the card's free memory, and no more than a cap set by
+    torch.cuda.set_per_process_memory_fraction (a GPU shared with other jobs) leaves above what is allocated."""
+    free, total = torch.cuda.mem_get_info(device)
+    fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda device=None: 1.0)(device)
+    if fraction < 1.0:
+        free = min(free, int(fraction * total) - torch.cuda.memory_allocated(device))
+    return max(0, free)
+
+
 def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, lean_ok: bool = True) \
         -> tuple[bool | str, str, int | None, bool]:
     """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
@@ -201,8 +211,8 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
     else "offload". The
     estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's
     `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and
-    AdamW states (made at the first step, in the parameters' dtype), against the free memory less RESERVE_BYTES.
-    lean_ok=False never picks lean saves.
+    AdamW states (made at the first step, in the parameters' dtype), against the free memory (free_bytes) less
+    RESERVE_BYTES. lean_ok=False never picks lean saves.
 
     Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
     recompute_layers: how many layers from the first to recompute, None for all, lean_saves: bool)."""
@@ -213,7 +223,7 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
     states = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None) \
         if hasattr(model, "parameters") else 0
     fixed = loss_bytes(cfg.vocab_size, micro_batch_tokens) + states
-    free, _ = torch.cuda.mem_get_info(model.device)
+    free = free_bytes(model.device)
     budget = free - RESERVE_BYTES
     gib, layers = 2**30, cfg.num_layers
     tower = [tower_bytes(model, media_tokens, el, recompute) for recompute in (False, True)]
