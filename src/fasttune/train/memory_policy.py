@@ -68,9 +68,10 @@ def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> in
 
 def lean_values(model) -> list[int]:
     """Values per token each decoder layer stops keeping with lean saves (models/decoder.py's `lean_saves`,
-    kernels/rebuild.py), counted only where the rebuild surely frees them: in a decoder layer of attention and a
-    dense gated MLP (pre-norm, Gemma's sandwich or OLMo's post-norm; not parallel, cross-attention or a linear
-    mixer; RMSNorm, not centered) the attention norm's output when q/k/v (or qkv_proj) are fused LoRA layers, the
+    kernels/rebuild.py), counted only where the rebuild surely frees them: in a decoder layer of a token mixer and
+    a dense gated MLP (pre-norm, Gemma's sandwich or OLMo's post-norm; not parallel or cross-attention; RMSNorm,
+    not centered) the attention norm's output when q/k/v (or qkv_proj) are fused LoRA layers (a linear mixer's
+    never counts: with padding it reads a masked copy), the
     MLP norm's output when gate and up (gate_up) are, and act(gate) * up when down_proj is; in an MoE layer the
     attention norm's output and, with LoRA on the stacked experts, their sorted input copies and act(gate) * up.
     Zeros for anything but our decoder (0 where unsure: the estimate then stays above the real peak)."""
@@ -96,7 +97,7 @@ def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
     from fasttune.models.self_attention import Attention
 
     if getattr(layer, "kind", None) is not None or getattr(layer, "parallel_mamba", False) or \
-            any(getattr(layer, flag, True) for flag in ("is_cross", "parallel", "is_linear", "routed_beside")):
+            any(getattr(layer, flag, True) for flag in ("is_cross", "parallel", "routed_beside")):
         return 0
     mixer, mlp, h = layer.mixer, layer.ffn, cfg.hidden_size
     saved = 0
