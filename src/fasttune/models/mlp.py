@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fasttune.kernels import rebuild
 from fasttune.kernels.activations import gated_act, gated_act_packed
 from fasttune.kernels.gemv import gated_gemv, one_row_linears
 from fasttune.models.config import ModelConfig
@@ -77,7 +78,11 @@ class MLP(nn.Module):
     def _mlp(self, x, values_unused: bool = False):
         if not self.gated:  # Arcee's down(relu(up(x)) ** 2), Apertus' down(xielu(up(x))), in torch ops
             u = one_linear(self.up, x)
-            h = self.act_fn(u) if self.act == "xielu" else torch.relu(u).square()
+            if self.act == "xielu":
+                h = self.act_fn(u)
+            else:  # (square keeps relu's output: down_proj's input is rebuilt from it with lean saves)
+                r = torch.relu(u)
+                h = rebuild.mark(r.square(), torch.square, r.detach())
             return project(h, self.down, values_unused=values_unused)[0]
         if self.multipliers is not None:
             gate, up = project(x, self.gate, self.up)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.kernels.cross_entropy import CHUNK_BYTES
+from fasttune.train.lean_count import lean_values
 
 SAFETY = 1.3  # allocator fragmentation and temporaries the count leaves out
 RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and the optimizer step
@@ -64,87 +65,6 @@ def activation_bytes(cfg, tokens: int, bytes_per_el: int, recompute: bool) -> in
     rows). recompute=True counts the layer inputs of all layers plus the largest layer's full set; no safety
     factor, no logits (see choose_checkpointing)."""
     return checkpointing_bytes(cfg, tokens, bytes_per_el, cfg.num_layers if recompute else 0)
-
-
-def lean_values(model) -> list[int]:
-    """Values per token each decoder layer stops keeping with lean saves (models/decoder.py's `lean_saves`,
-    kernels/rebuild.py), counted only where the rebuild surely frees them: in a decoder layer of a token mixer and
-    a dense gated MLP (pre-norm, Gemma's sandwich or OLMo's post-norm; not parallel or cross-attention; RMSNorm,
-    not centered) the attention norm's output when q/k/v (or qkv_proj) are fused LoRA layers (a linear mixer's
-    never counts: with padding it reads a masked copy), the
-    MLP norm's output when gate and up (gate_up) are, and act(gate) * up when down_proj is; in an MoE layer the
-    attention norm's output and, with LoRA on the stacked experts, their sorted input copies and act(gate) * up.
-    Zeros for anything but our decoder (0 where unsure: the estimate then stays above the real peak)."""
-    from fasttune.kernels.dispatch import kernel_choice
-
-    cfg = model.arch
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if layers is None or cfg.centered_norm or kernel_choice() == "torch":  # (torch's reference ops rebuild nothing)
-        return [0] * cfg.num_layers
-    values = [_lean_layer(layer, cfg) for layer in layers]
-    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    if values and not getattr(getattr(embedding, "weight", None), "requires_grad", False) and \
-            _lean_layer(layers[0], cfg, with_mlp=False):
-        # A frozen embedding: the first norm's output needs no gradient, its norm keeps nothing to rebuild from
-        values[0] -= cfg.hidden_size
-    return values
-
-
-def _lean_layer(layer, cfg, with_mlp: bool = True) -> int:
-    from fasttune.models.gpt_oss import GptOssMoeBlock
-    from fasttune.models.mlp import MLP
-    from fasttune.models.moe import SparseMoeBlock
-    from fasttune.models.self_attention import Attention
-
-    if getattr(layer, "kind", None) is not None or getattr(layer, "parallel_mamba", False) or \
-            any(getattr(layer, flag, True) for flag in ("is_cross", "parallel", "routed_beside")):
-        return 0
-    mixer, mlp, h = layer.mixer, layer.ffn, cfg.hidden_size
-    saved = 0
-    # The attention norm's output (OLMo's post-norm layers attend over the residual itself, kept anyway)
-    if type(mixer) is Attention and not cfg.attn_head_gate and not layer.post_norm:
-        if cfg.fused_qkv:
-            projections = (mixer.qkv_proj,)
-        else:
-            projections = (mixer.q_proj, mixer.k_proj) + (() if mixer.values_from_keys else (mixer.v_proj,))
-        if _fused_lora(*projections):
-            saved += h
-    if not with_mlp:
-        return saved
-    if type(mlp) in (SparseMoeBlock, GptOssMoeBlock):  # the experts' sorted input copies and act(gate) * up, where
-        return saved + _lean_experts(mlp, cfg)  # expert LoRA keeps them
-    # The MLP norm's output and act(gate) * up
-    if type(mlp) is not MLP or not mlp.gated:
-        return saved
-    if not layer.post_norm and _fused_lora(*((mlp.gate_up,) if mlp.fused else (mlp.gate, mlp.up))):
-        saved += h
-    if _fused_lora(mlp.down):
-        saved += mlp.intermediate
-    return saved
-
-
-def _lean_experts(block, cfg) -> int:
-    """Values per token an MoE block's gated experts (models/moe.py's Experts, gpt-oss's) stop keeping with lean
-    saves: the k expert-sorted copies of the input, kept by gate_up_proj's LoRA, and act(gate) * up, kept by
-    down_proj's."""
-    from fasttune.models.gpt_oss import GptOssExperts
-    from fasttune.models.moe import Experts
-
-    experts = block.experts
-    gated = type(experts) is GptOssExperts or (type(experts) is Experts and experts.gated)
-    if not gated or hasattr(block, "fc1_latent_proj") or getattr(block, "jitter", 0):
-        return 0
-    enabled = {name for name, adapter in experts.lora.items() if not adapter.disabled}
-    k = cfg.num_experts_per_tok
-    return k * (cfg.hidden_size * ("gate_up_proj" in enabled) + cfg.moe_intermediate_size * ("down_proj" in enabled))
-
-
-def _fused_lora(*modules) -> bool:
-    """Whether the modules all run kernels/lora.py's fused path on a GPU (peft/lora_layer.py's can_fuse)."""
-    from fasttune.peft.lora_layer import LoraLinear
-
-    return all(type(m) is LoraLinear and not m.disabled and
-               not any(p.requires_grad for p in m.base_layer.parameters(recurse=False)) for m in modules)
 
 
 def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int, lean: list[int] | None = None) -> int:
