@@ -245,20 +245,6 @@ def test_lean_saves_when_they_spare_recomputed_layers(monkeypatch):
     assert mode is True and layers == 1 and not on
 
 
-def test_lean_values_of_a_tiny_model_on_the_fused_path(tiny_model_dir, monkeypatch):
-    """Counted only where the fused LoRA path runs: not for a projection without LoRA, nor on the torch path."""
-    from fasttune import FastLanguageModel
-    from fasttune.train.memory_policy import lean_values
-
-    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
-    h = model.arch.hidden_size
-    attention_only = FastLanguageModel.get_peft_model(model, r=4, target_modules=["q_proj", "k_proj", "v_proj"])
-    assert lean_values(attention_only) == [0, h]  # (the first layer's norm output needs no gradient)
-    monkeypatch.setenv("FASTTUNE_KERNELS", "torch")
-    assert lean_values(attention_only) == [0, 0]
-
-
 def test_no_lean_saves_when_not_allowed(monkeypatch):
     """lean_ok=False (FSDP: the trainer passes it) recomputes instead."""
     monkeypatch.setattr(memory_policy, "lean_values", lambda model: [2 * 4096 + 14336] * 32)
