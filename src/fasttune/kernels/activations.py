@@ -162,7 +162,7 @@ def gated_act(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
         raise ValueError(f"unsupported activation {act}")
     if use_triton(gate) and gate.shape == up.shape:
         y = _GatedActFunction.apply(gate, up, ACT_IDS[act])
-        if gate.is_contiguous() and up.is_contiguous():  # (else the saved ones are copies: nothing to share)
+        if rebuild.active() and gate.is_contiguous() and up.is_contiguous():  # (else the saved ones are copies)
             rebuild.mark(y, partial(_act_again, act_id=ACT_IDS[act]), gate.detach(), up.detach())
         return y
     return gated_act_reference(gate, up, act)
@@ -179,7 +179,7 @@ def gated_act_packed(gate_up: torch.Tensor, act: str) -> torch.Tensor:
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} is odd: it must hold gate and up halves")
     if use_triton(gate_up) and gate_up.numel():
         y = _PackedGatedActFunction.apply(gate_up, ACT_IDS[act])
-        if gate_up.is_contiguous():
+        if rebuild.active() and gate_up.is_contiguous():
             rebuild.mark(y, partial(_packed_act_again, act_id=ACT_IDS[act]), gate_up.detach())
         return y
     return gated_act_reference(*gate_up.chunk(2, dim=-1), act)

@@ -94,7 +94,7 @@ def clamped_swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.T
         raise ValueError(f"gate_up's last dimension {gate_up.shape[-1]} is odd: it must interleave gate and up")
     if use_triton(gate_up) and gate_up.numel():
         y = _ClampedSwiGLU.apply(gate_up, limit, alpha)
-        if gate_up.is_contiguous():  # (else the saved one is a copy: nothing to share)
+        if rebuild.active() and gate_up.is_contiguous():  # (else the saved one is a copy: nothing to share)
             rebuild.mark(y, partial(_again, limit=float(limit), alpha=float(alpha)), gate_up.detach())
         return y
     return clamped_swiglu_reference(gate_up, limit, alpha)

@@ -66,8 +66,8 @@ def rebuilt(fn, sources) -> torch.Tensor:
 def mark_through(t: torch.Tensor, fn, x: torch.Tensor) -> torch.Tensor:
     """t = fn(x) (an exact, deterministic function such as a row gather), marked as rebuilt from x's own mark when x
     carries one: t then costs nothing to keep, where keeping x itself instead would cost x. Returns t."""
-    again = rebuild_of(x)
-    if again is not None and active() and t.requires_grad:
+    again = rebuild_of(x) if active() else None
+    if again is not None and t.requires_grad:
         inner, sources = again
         setattr(t, _ATTR, (lambda *s: fn(inner(*s)), sources))
     return t

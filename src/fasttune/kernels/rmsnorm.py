@@ -183,8 +183,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     (fp32_scale: see there)."""
     if use_triton(x):
         y, rstd = _RMSNormFunction.apply(x, weight, eps, offset, fp32_scale)
-        if not x.is_contiguous():  # the saved input is a copy: rebuilding from it would keep that copy
-            return y
+        if not rebuild.active() or not x.is_contiguous():  # (a non-contiguous input was saved as a copy: rebuilding
+            return y  # from it would keep that copy)
         again = partial(_rebuild, offset=offset, fp32_scale=fp32_scale, shape=y.shape)
         return rebuild.mark(y, again, x.detach().view(-1, x.shape[-1]), weight.detach(), rstd)
     return rms_norm_reference(x, weight, eps, offset, fp32_scale)
@@ -195,6 +195,8 @@ def add_rms_norm(x: torch.Tensor, h: torch.Tensor | None, weight: torch.Tensor, 
     """(s, rms_norm(s)) with s = x + h, or s = x when h is None."""
     if use_triton(x):
         s, y, rstd = _AddRMSNormFunction.apply(x, h, weight, eps, offset, fp32_scale)
+        if not rebuild.active():
+            return s, y
         rows = s.detach().reshape(-1, s.shape[-1])  # the saved sum (a view: no copy)
         again = partial(_rebuild, offset=offset, fp32_scale=fp32_scale, shape=y.shape)
         return s, rebuild.mark(y, again, rows, weight.detach(), rstd)

@@ -80,9 +80,11 @@ class MLP(nn.Module):
             u = one_linear(self.up, x)
             if self.act == "xielu":
                 h = self.act_fn(u)
-            else:  # (square keeps relu's output: down_proj's input is rebuilt from it with lean saves)
+            elif rebuild.active():  # (square keeps relu's output: down_proj's input is rebuilt from it)
                 r = torch.relu(u)
                 h = rebuild.mark(r.square(), torch.square, r.detach())
+            else:
+                h = torch.relu(u).square()
             return project(h, self.down, values_unused=values_unused)[0]
         if self.multipliers is not None:
             gate, up = project(x, self.gate, self.up)
