@@ -24,6 +24,7 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
          "DPOTrainer": "fasttune.train.objectives.dpo", "DPOConfig": "fasttune.train.objectives.dpo",
          "ORPOTrainer": "fasttune.train.objectives.orpo", "ORPOConfig": "fasttune.train.objectives.orpo",
          "CPOTrainer": "fasttune.train.objectives.cpo", "CPOConfig": "fasttune.train.objectives.cpo",
+         "TPOTrainer": "fasttune.train.objectives.tpo", "TPOConfig": "fasttune.train.objectives.tpo",
          "KTOTrainer": "fasttune.train.objectives.kto", "KTOConfig": "fasttune.train.objectives.kto",
          "RewardTrainer": "fasttune.train.objectives.reward", "RewardConfig": "fasttune.train.objectives.reward",
          "DistillationTrainer": "fasttune.train.objectives.distillation",
@@ -46,7 +47,8 @@ _LAZY = {"FastLanguageModel": "fasttune.api", "FastModel": "fasttune.api", "Fast
              "apply_chat_template", "train_on_responses_only")}}
 __all__ = ["FastLanguageModel", "SFTTrainer", "SFTConfig", "GRPOTrainer", "GRPOConfig", "RLOOTrainer", "RLOOConfig",
            "DPOTrainer", "DPOConfig",
-           "ORPOTrainer", "ORPOConfig", "CPOTrainer", "CPOConfig", "KTOTrainer", "KTOConfig", "RewardTrainer",
+           "ORPOTrainer", "ORPOConfig", "CPOTrainer", "CPOConfig", "TPOTrainer", "TPOConfig", "KTOTrainer",
+           "KTOConfig", "RewardTrainer",
            "RewardConfig",
            "DistillationTrainer", "DistillationConfig", "GKDTrainer", "GKDConfig", "GMPOTrainer", "GMPOConfig",
            "OnlineDPOTrainer", "OnlineDPOConfig",

@@ -24,7 +24,7 @@ from fasttune.train.config import SFTConfig, TrainingConfig
 RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
-    "method": (str, "sft", "training objective: sft | dpo | orpo | cpo | kto | grpo | gmpo | rloo | online_dpo | "
+    "method": (str, "sft", "training objective: sft | dpo | orpo | cpo | tpo | kto | grpo | gmpo | rloo | online_dpo | "
                            "distillation | gkd | reward | classification (its config's fields become flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),

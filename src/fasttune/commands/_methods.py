@@ -10,6 +10,7 @@ METHODS = {
     "dpo": ("fasttune.train.objectives.dpo:DPOTrainer", "fasttune.train.objectives.dpo:DPOConfig"),
     "orpo": ("fasttune.train.objectives.orpo:ORPOTrainer", "fasttune.train.objectives.orpo:ORPOConfig"),
     "cpo": ("fasttune.train.objectives.cpo:CPOTrainer", "fasttune.train.objectives.cpo:CPOConfig"),
+    "tpo": ("fasttune.train.objectives.tpo:TPOTrainer", "fasttune.train.objectives.tpo:TPOConfig"),
     "kto": ("fasttune.train.objectives.kto:KTOTrainer", "fasttune.train.objectives.kto:KTOConfig"),
     "grpo": ("fasttune.train.objectives.grpo:GRPOTrainer", "fasttune.train.objectives.grpo:GRPOConfig"),
     "gmpo": ("fasttune.train.objectives.gmpo:GMPOTrainer", "fasttune.train.objectives.gmpo:GMPOConfig"),
@@ -23,7 +24,7 @@ METHODS = {
     "classification": ("fasttune.train.objectives.classification:ClassificationTrainer",
                        "fasttune.train.objectives.classification:ClassificationConfig"),
 }
-PREFERENCE_METHODS = ("dpo", "orpo", "cpo", "kto", "reward")
+PREFERENCE_METHODS = ("dpo", "orpo", "cpo", "tpo", "kto", "reward")
 CLASSIFIER_METHODS = ("reward", "classification")  # loaded with a score head in place of the LM head
 
 
