@@ -30,14 +30,9 @@ def _trl():
     return TRLConfig, TRLTrainer
 
 
-@pytest.mark.parametrize("kw", [
-    {}, dict(loss_type="hinge"), dict(loss_type="ipo"), dict(loss_type="tpo-l", tpo_l_gamma=0.3),
-    dict(loss_type="sigmoid", label_smoothing=0.1, tpo_alpha=0.5), dict(tpo_alpha=0.0)],
-    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "tpo")
-def test_loss_and_grads_equal_trl(kw, tiny_model_dir, tmp_path):
+def _compare(model, tok, twin, tmp_path, **kw):
     from datasets import Dataset
 
-    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
     trl_config, trl_trainer = _trl()
     rows = triple_rows(4)
     ours = TPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=_args(tmp_path, **kw))
@@ -50,8 +45,28 @@ def test_loss_and_grads_equal_trl(kw, tiny_model_dir, tmp_path):
                 for ex in ours.train_examples]
     ref = trl_step(theirs, twin, theirs.data_collator(features))
     assert_same_step(our_step(ours), ref)
+    return ours, ref
+
+
+@pytest.mark.parametrize("kw", [
+    {}, dict(loss_type="hinge"), dict(loss_type="ipo"), dict(loss_type="tpo-l", tpo_l_gamma=0.3),
+    dict(loss_type="sigmoid", label_smoothing=0.1, tpo_alpha=0.5), dict(tpo_alpha=0.0)],
+    ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()) or "tpo")
+def test_loss_and_grads_equal_trl(kw, tiny_model_dir, tmp_path):
+    model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
+    ours, ref = _compare(model, tok, twin, tmp_path, **kw)
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
     assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(ours.log_history[0])
+
+
+def test_moe_adds_no_load_balancing_loss_as_trl(tiny_model_dir, tmp_path):
+    """TRL's TPO scores the logits only: with output_router_logits set, no load-balancing loss joins the loss."""
+    from preference_oracle import attention_lora_pair
+
+    model, tok, twin = attention_lora_pair(tiny_model_dir("qwen3_moe"), tmp_path, "qwen3_moe")
+    for config in (model.config, twin.config):
+        config.output_router_logits, config.router_aux_loss_coef = True, 0.3
+    _compare(model, tok, twin, tmp_path, loss_type="tpo-l")
 
 
 def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):

@@ -112,11 +112,9 @@ class TPOTrainer(PreferenceTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """This micro-batch's share of the mean triple loss plus tpo_alpha x the reference completions' NLL; metrics:
-        TRL's rewards/* and logps/*. On a mixture-of-experts model whose config has output_router_logits set, plus
-        the load-balancing loss's share (with_aux_loss)."""
+        TRL's rewards/* and logps/*. (TRL's TPO adds no MoE load-balancing loss, and neither does this.)"""
         args, n = self.args, batch["input_ids"].shape[0] // self._branches
-        aux = [] if getattr(self.model.config, "output_router_logits", False) else None
-        logps = self.logps(batch, aux_out=aux)  # completion tokens only
+        logps = self.logps(batch)  # completion tokens only
         sums_ = logps.sum(-1)
         seq = sums_ / batch["completion_mask"][:, 1:].sum(-1).clamp(min=1) if args.loss_type in MEAN_LOGPS \
             else sums_
@@ -125,4 +123,4 @@ class TPOTrainer(PreferenceTrainer):
         sums = pair_sums(args.beta * chosen.detach(), args.beta * rejected.detach(), chosen, rejected)
         if self._branches == 3:  # (TRL folds the term into the loss without logging it apart, and so does this)
             loss = loss + args.tpo_alpha * -sums_[2 * n:].sum() / self._nll_tokens
-        return self.report(self.with_aux_loss(loss, sums, aux), sums, num_items)
+        return self.report(loss, sums, num_items)
