@@ -52,15 +52,8 @@ class CPOConfig(TrainingConfig):
         super().__post_init__()
         check_beta(self.beta)
         check_prompt_length(self.max_prompt_length)
-        if self.loss_type not in CPO_LOSS_TYPES:
-            raise ConfigError(f"loss_type={self.loss_type!r} is not a CPO loss; choose one of "
-                              f"{', '.join(CPO_LOSS_TYPES)}.")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing={self.label_smoothing!r} is invalid: the share of flipped labels, "
-                              f"in [0, 0.5).")
-        if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
-            raise ConfigError(f"label_smoothing applies to the sigmoid and simpo losses; loss_type "
-                              f"'{self.loss_type}' ignores it (TRL warns and drops it). Set label_smoothing=0.0.")
+        check_loss_and_smoothing("CPO", self.loss_type, CPO_LOSS_TYPES, self.label_smoothing, ("sigmoid", "simpo"),
+                                 " (TRL warns and drops it)")
         if not self.cpo_alpha >= 0:
             raise ConfigError(f"cpo_alpha={self.cpo_alpha!r} is invalid: the NLL term's weight, >= 0.")
 
@@ -115,3 +108,17 @@ class CPOTrainer(PreferenceTrainer):
         sums["nll_loss"] = (nll_sum.detach() if args.cpo_alpha else nll_sum.new_zeros(()),
                             batch["completion_mask"][:pairs, 1:].sum())
         return self.report(self.with_aux_loss(loss, sums, aux), sums, num_items)
+
+
+def check_loss_and_smoothing(method: str, loss_type: str, types: tuple, label_smoothing: float, smoothed: tuple,
+                             dropped: str = ""):
+    """The reference-free preference configs' (CPO's, TPO's) loss checks. Raises ConfigError for a loss_type outside
+    `types`, label_smoothing outside [0, 0.5), or label_smoothing with the hinge or ipo loss (only the losses named
+    in `smoothed` smooth); `dropped` adds how TRL treats that case."""
+    if loss_type not in types:
+        raise ConfigError(f"loss_type={loss_type!r} is not a {method} loss; choose one of {', '.join(types)}.")
+    if not 0 <= label_smoothing < 0.5:
+        raise ConfigError(f"label_smoothing={label_smoothing!r} is invalid: the share of flipped labels, in [0, 0.5).")
+    if label_smoothing and loss_type in ("hinge", "ipo"):
+        raise ConfigError(f"label_smoothing applies to the {' and '.join(smoothed)} losses; loss_type "
+                          f"'{loss_type}' ignores it{dropped}. Set label_smoothing=0.0.")

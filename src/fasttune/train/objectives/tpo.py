@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from fasttune.data.triple_preference import collate_triples, tokenize_triple_rows
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
+from fasttune.train.objectives.cpo import check_loss_and_smoothing
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums, with_score_positions
 
@@ -47,15 +48,7 @@ class TPOConfig(TrainingConfig):
         super().__post_init__()
         check_beta(self.beta)
         check_prompt_length(self.max_prompt_length)
-        if self.loss_type not in TPO_LOSS_TYPES:
-            raise ConfigError(f"loss_type={self.loss_type!r} is not a TPO loss; choose one of "
-                              f"{', '.join(TPO_LOSS_TYPES)}.")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ConfigError(f"label_smoothing={self.label_smoothing!r} is invalid: the share of flipped labels, "
-                              f"in [0, 0.5).")
-        if self.label_smoothing and self.loss_type in ("hinge", "ipo"):
-            raise ConfigError(f"label_smoothing applies to the sigmoid and tpo-l losses; loss_type "
-                              f"'{self.loss_type}' ignores it. Set label_smoothing=0.0.")
+        check_loss_and_smoothing("TPO", self.loss_type, TPO_LOSS_TYPES, self.label_smoothing, ("sigmoid", "tpo-l"))
         if not self.tpo_alpha >= 0:
             raise ConfigError(f"tpo_alpha={self.tpo_alpha!r} is invalid: the reference NLL term's weight, >= 0.")
 
