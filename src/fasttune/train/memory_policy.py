@@ -72,14 +72,16 @@ def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int, le
     and the later ones keep everything they save: the recomputed layers' inputs, plus the larger of the kept layers'
     full sets (alive together when backward starts) and one recomputed layer's full set (made during its backward,
     after the kept layers' backward has freed theirs). recomputed=0 is activation_bytes(..., recompute=False),
-    recomputed=layers is activation_bytes(..., recompute=True). lean: lean_values' per-layer savings, which every
-    layer makes with lean saves on (kept ones for the whole backward, a recomputed one in its re-run). No safety
+    recomputed=layers is activation_bytes(..., recompute=True). lean: lean_values' per-layer savings, which the kept
+    layers make with lean saves on (a recomputed layer's re-run saves less at its peak: not counted). No safety
     factor, no loss."""
     values = _layer_values(cfg)
+    # A recomputed layer's re-run is counted whole even with lean saves: its backward starts with the act rebuild
+    # beside everything else it saved, so its peak falls by the norms' outputs at most.
+    during = max(values[:recomputed]) if recomputed else 0
     if lean:
         values = [v - saved for v, saved in zip(values, lean)]
     kept = sum(values[recomputed:])
-    during = max(values[:recomputed]) if recomputed else 0
     return tokens * bytes_per_el * (recomputed * cfg.hidden_size + max(kept, during))
 
 
