@@ -147,6 +147,10 @@ def test_an_explicit_full_recompute_gets_a_hint_when_fewer_layers_fit(monkeypatc
     assert recompute_hint(model, 4096) is None  # not recomputing: nothing to say
     model.recompute_layers, model.gradient_checkpointing = 20, True
     assert recompute_hint(model, 4096) is None  # a count chosen already
+    monkeypatch.setattr(memory_policy, "lean_values", lambda model: [2 * 4096 + 14336] * 32)
+    model = _fake_gpu_model(monkeypatch, 13)
+    model.recompute_layers, model.gradient_checkpointing = None, True
+    assert "layers with lean saves at 4096 tokens" in recompute_hint(model, 4096)
 
 
 def _fake_vision_model(monkeypatch, free_gib, tower_trains: bool):

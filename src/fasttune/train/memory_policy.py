@@ -202,11 +202,12 @@ def recompute_hint(model, micro_batch_tokens: int, media_tokens: int = 0) -> str
     if model.device.type != "cuda" or mode not in (True, "offload") or \
             getattr(model, "recompute_layers", "absent") is not None:  # (a count set, or not our decoder)
         return None
-    pick, _, recomputed, _ = choose_checkpointing(model, micro_batch_tokens, media_tokens)
+    pick, _, recomputed, lean = choose_checkpointing(model, micro_batch_tokens, media_tokens)
     if pick is not False and recomputed is None:
         return None
     layers = model.arch.num_layers
     fewer = "none of the layers" if pick is False else f"only the first {recomputed} of {layers} layers"
+    fewer += " with lean saves" if lean else ""
     return (f"hint: use_gradient_checkpointing={mode!r} recomputes all {layers} layers, but by the estimate this "
             f"GPU's free memory fits recomputing {fewer} at {micro_batch_tokens} tokens per micro-batch; "
             f"use_gradient_checkpointing='auto' picks that, and each layer not recomputed saves its forward pass.")
