@@ -45,6 +45,10 @@ def _compare(model, tok, twin, tmp_path, **kw):
                 for ex in ours.train_examples]
     ref = trl_step(theirs, twin, theirs.data_collator(features))
     assert_same_step(our_step(ours), ref)
+    ours_metrics, trl_metrics = ours.step_metrics(), theirs._metrics["train"]
+    for name in ("entropy", "logits/chosen", "logits/rejected", "mean_token_accuracy", "rewards/chosen",
+                 "rewards/margins", "logps/rejected"):
+        assert ours_metrics[name] == pytest.approx(trl_metrics[name][-1], rel=1e-4, abs=1e-6), name
     return ours, ref
 
 
@@ -56,7 +60,10 @@ def test_loss_and_grads_equal_trl(kw, tiny_model_dir, tmp_path):
     model, tok, twin = lora_pair(tiny_model_dir("llama"), tmp_path)
     ours, ref = _compare(model, tok, twin, tmp_path, **kw)
     assert first_logged_loss(ours) == pytest.approx(float(ref[0]), rel=1e-5)
-    assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen"} <= set(ours.log_history[0])
+    logged = ours.log_history[0]
+    assert {"rewards/chosen", "rewards/margins", "rewards/accuracies", "logps/chosen", "logits/chosen", "entropy",
+            "mean_token_accuracy"} <= set(logged)
+
 
 
 def test_moe_adds_no_load_balancing_loss_as_trl(tiny_model_dir, tmp_path):

@@ -24,7 +24,8 @@ from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.cpo import check_loss_and_smoothing
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
-from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums, with_score_positions
+from fasttune.train.objectives.preference_base import (PreferenceTrainer, pair_sums, token_sums,
+                                                        with_score_positions)
 
 TPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "tpo-l")
 MEAN_LOGPS = ("ipo", "tpo-l")  # losses that take each completion's mean token log-prob instead of its sum
@@ -105,15 +106,17 @@ class TPOTrainer(PreferenceTrainer):
 
     def micro_batch_loss(self, batch: dict, num_items: int):
         """This micro-batch's share of the mean triple loss plus tpo_alpha x the reference completions' NLL; metrics:
-        TRL's rewards/* and logps/*. (TRL's TPO adds no MoE load-balancing loss, and neither does this.)"""
+        TRL's rewards/*, logps/*, logits/*, entropy (every completion token) and mean_token_accuracy (the chosen
+        completions'). (TRL's TPO adds no MoE load-balancing loss, and neither does this.)"""
         args, n = self.args, batch["input_ids"].shape[0] // self._branches
-        logps = self.logps(batch)  # completion tokens only
+        logps, entropy, extras = self.logps(batch, extras=True)  # completion tokens only
         sums_ = logps.sum(-1)
         seq = sums_ / batch["completion_mask"][:, 1:].sum(-1).clamp(min=1) if args.loss_type in MEAN_LOGPS \
             else sums_
         chosen, rejected = seq[:n], seq[n:2 * n]
         loss = tpo_losses(chosen, rejected, args).sum() / num_items
         sums = pair_sums(args.beta * chosen.detach(), args.beta * rejected.detach(), chosen, rejected)
+        sums.update(token_sums(batch["completion_mask"][:, 1:], entropy, extras, slice(0, n), slice(n, 2 * n)))
         if self._branches == 3:  # (TRL folds the term into the loss without logging it apart, and so does this)
             loss = loss + args.tpo_alpha * -sums_[2 * n:].sum() / self._nll_tokens
         return self.report(loss, sums, num_items)
