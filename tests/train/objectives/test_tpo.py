@@ -96,6 +96,21 @@ def test_implicit_prompt_and_bad_rows(tiny_tokenizer):
         tokenize_triple_rows([{"prompt": "Q", "chosen": " a", "rejected": " b"}], tiny_tokenizer, max_seq_length=64)
 
 
+def test_conversational_rows_explicit_and_implicit(tiny_tokenizer):
+    """Message lists go through the chat template (the completions end with its end-of-turn); without a prompt
+    column the shared leading messages are the prompt, the reference's included."""
+    from fasttune.data.triple_preference import tokenize_triple_rows
+
+    user = [{"role": "user", "content": "Hi?"}]
+    replies = {side: [{"role": "assistant", "content": text}] for side, text in
+               (("chosen", "Hello."), ("rejected", "Go away."), ("reference", "Hello there!"))}
+    (explicit,) = tokenize_triple_rows([{"prompt": user, **replies}], tiny_tokenizer, max_seq_length=128)
+    (implicit,) = tokenize_triple_rows([{side: user + msgs for side, msgs in replies.items()}], tiny_tokenizer,
+                                       max_seq_length=128)
+    assert implicit == explicit
+    assert tiny_tokenizer.decode(explicit["reference_ids"]) == "Hello there!<|im_end|>\n"
+
+
 @pytest.mark.parametrize("kw, match", [
     (dict(loss_type="simpo"), "not a TPO loss"), (dict(beta=0), "beta=0(.0)? is invalid"),
     (dict(label_smoothing=0.5), "label_smoothing=0.5 is invalid"),
