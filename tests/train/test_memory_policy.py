@@ -270,3 +270,28 @@ def test_a_per_process_memory_cap_counts(monkeypatch):
     assert free_bytes(torch.device("cuda")) == 10 * 2**30  # 20 GiB of the card, 10 of them allocated
     model = SimpleNamespace(arch=LLAMA_8B, dtype=torch.bfloat16, device=torch.device("cuda"))
     assert choose_checkpointing(model, 4096)[0] is not False  # the 60 GiB free would have kept everything
+
+
+def test_trainer_lean_saves_setting(tiny_model_dir, tmp_path, monkeypatch):
+    """SFTConfig(lean_saves=True / False) forces lean saves on or off, whatever "auto" would pick (and False keeps
+    the pick from counting on them); None lets "auto" decide; True with FSDP is refused."""
+    from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+    from fasttune.errors import ConfigError
+
+    seen = []
+
+    def pick(model, tokens, media=0, lean_ok=True):
+        seen.append(lean_ok)
+        return True, "gradient checkpointing auto -> on for the first 1 of 2", 1, lean_ok
+
+    monkeypatch.setattr(memory_policy, "choose_checkpointing", pick)
+    for forced, gc in ((True, False), (False, "auto"), (None, "auto")):
+        model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=gc)
+        SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
+                   args=SFTConfig(output_dir=str(tmp_path / f"o{forced}"), max_steps=1, report_to="none",
+                                  lean_saves=forced)).train()
+        assert model.lean_saves is (forced is not False)
+    assert seen == [False, True]  # ("auto" runs twice: forced off, then free to choose)
+    with pytest.raises(ConfigError, match="lean_saves=True with fsdp=True"):
+        SFTConfig(output_dir="o", lean_saves=True, fsdp=True)

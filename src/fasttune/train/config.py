@@ -71,6 +71,9 @@ class TrainingConfig(metaclass=ConfigMeta):
     report_to: str | list = "none"  # "none" | "tensorboard" | "wandb" | "all" | "a,b" | a list; becomes a list
     fsdp: bool = False  # under torchrun: shard the model over the ranks (FSDP2) instead of a copy per GPU
     cuda_graphs: bool = False  # SFT: replay each micro-batch's forward+backward as a CUDA graph (train/cuda_graphs.py)
+    # Layers rebuild their norm / activation outputs in backward instead of keeping them (kernels/rebuild.py): None
+    # lets use_gradient_checkpointing="auto" decide (on when memory is the limit); True / False forces it
+    lean_saves: bool | None = None
 
     def __post_init__(self):
         for f in fields(self):
@@ -184,6 +187,9 @@ class SFTConfig(TrainingConfig):
         if not 0.0 <= self.label_smoothing_factor < 1.0:
             raise ConfigError(f"label_smoothing_factor={self.label_smoothing_factor!r} is invalid: the share of the "
                               f"loss spread over the vocabulary, in [0, 1) (0.1 is common; 0 turns it off).")
+        if self.lean_saves and self.fsdp:
+            raise ConfigError("lean_saves=True with fsdp=True: lean saves are untested under FSDP (their rebuild reads "
+                              "the norm weight FSDP frees between the passes). Leave lean_saves unset.")
         if self.neftune_noise_alpha is not None and self.cuda_graphs:
             raise ConfigError("neftune_noise_alpha with cuda_graphs=True: NEFTune's noise scale depends on each "
                               "batch's padded length, which CUDA graphs fix to the longest row; use one of the two.")

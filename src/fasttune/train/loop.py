@@ -472,6 +472,9 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         return self._graph_step.accepts(batch, mask is None or right_padded(mask))
 
     def _resolve_auto_checkpointing(self):
+        forced = self.args.lean_saves  # (None: "auto" decides below)
+        if forced is not None and hasattr(self.model, "lean_saves"):
+            self.model.lean_saves = forced
         mode = self.model.gradient_checkpointing
         if mode != "auto" and (mode not in (True, "offload") or self.model.device.type != "cuda"):
             return  # (nothing to pick, and no hint to give: the examples are not scanned)
@@ -488,7 +491,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             return
         # (no lean saves under FSDP: a rebuild reads the norm's weight in backward, which FSDP frees between the
         # passes; untested there, so the memory is found by recomputing instead)
-        lean_ok = not self.args.fsdp
+        lean_ok = not self.args.fsdp and forced is not False
         mode, why, recomputed, lean = choose_checkpointing(self.model, bs * longest, media, lean_ok=lean_ok)
         picks = self.dist.gather((mode, recomputed))
         if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)
@@ -500,7 +503,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         if recomputed is not None:  # (only our decoder recomputes part of its layers)
             self.model.recompute_layers = recomputed
         if hasattr(self.model, "lean_saves"):
-            self.model.lean_saves = lean
+            self.model.lean_saves = lean if forced is None else forced
         self._auto_offload = mode == "offload"
         print(f"fasttune: {why}", file=sys.stderr)
 
