@@ -255,6 +255,8 @@ def test_no_lean_saves_when_not_allowed(monkeypatch):
     assert choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096)[3] is True
     mode, _, _, lean = choose_checkpointing(_fake_gpu_model(monkeypatch, 13), 4096, lean_ok=False)
     assert mode is True and lean is False
+    mode, _, _, lean = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 131072)
+    assert mode == "offload" and lean is False  # (the fallback leaves them off: little gain at a re-run's peak)
 
 
 def test_a_per_process_memory_cap_counts(monkeypatch):

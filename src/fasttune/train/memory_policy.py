@@ -175,10 +175,9 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
             return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
         return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
                       f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
-    lean_on = any(lean)  # (memory is short: the recompute rebuilds too)
-    return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU{', lean saves' if lean_on else ''}"
-                       f"): {micro_batch_tokens} tokens per micro-batch do not fit {free / gib:.1f} GiB free "
-                       f"otherwise"), None, lean_on
+    # (no lean saves with offload: a recomputed layer's re-run gains little at its peak, for their pass)
+    return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU): {micro_batch_tokens} tokens "
+                       f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None, False
 
 
 def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None]:
