@@ -1,12 +1,12 @@
 """Lean saves: inputs a fused LoRA product's backward rebuilds from values saved anyway, instead of keeping them.
 
-In a decoder layer (one that keeps its activations, or a recomputed one's re-run), the q/k/v and gate/up products
-keep their input (the norm's output, hidden values a token) and down_proj keeps its input (act(gate) * up,
+In a decoder layer that keeps its activations (no recompute, or after recompute_layers), the q/k/v and gate/up
+products keep their input (the norm's output, hidden values a token) and down_proj keeps its input (act(gate) * up,
 intermediate values a token) for the LoRA A gradient. The norm already keeps its input and 1/rms, and the activation
 its gate and up, for their own backward: from those, the same kernels give the same values again in one elementwise
 pass. With lean saves on, the norm and activation mark their outputs with how to rebuild them, and kernels/lora.py
 keeps the sources (tensors already saved by those nodes, so no memory) in place of the output. On the 8B shape that
-is 2h + I of a layer's ~6h + 2kv + 3I values a token (~32%), for a pass over them in backward (about 1% of a step's
+is 2h + I of a layer's ~6h + 2kv + 3I values a token (~32%), for a pass over them in backward (~1.5% of a step's
 time, estimated; train/memory_policy.py turns it on only when memory is the limit).
 
 An MoE block's experts (models/moe.py) chain marks: the sorted copy of the normed input is rebuilt from the norm's

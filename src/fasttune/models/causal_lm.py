@@ -130,8 +130,8 @@ class CausalLM(PreTrainedModel):
 
     @property
     def lean_saves(self) -> bool:
-        """Whether decoder layers rebuild their norm and activation outputs in backward instead of keeping them
-        (the layers that keep their activations, and a recomputed layer's re-run): ~32% fewer saved values a dense
+        """Whether the decoder layers that keep their activations (no recompute, or those after recompute_layers)
+        rebuild their norm and activation outputs in backward instead of keeping them: ~32% fewer saved values a dense
         layer for one elementwise pass each (kernels/rebuild.py). use_gradient_checkpointing="auto" turns it on
         when memory is the limit; gradients are bitwise the same either way."""
         return self.model.lean_saves

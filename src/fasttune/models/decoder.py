@@ -307,8 +307,9 @@ class DecoderModel(nn.Module):
         # (use_gradient_checkpointing="auto" sets it to fill the free memory, train/memory_policy.py). None: all.
         self.recompute_layers: int | None = None
         # Norms' and activations' outputs rebuilt in backward instead of kept (kernels/rebuild.py), in the layers
-        # that keep their activations and in a recomputed layer's re-run ("auto" turns it on when memory is the
-        # limit, train/memory_policy.py)
+        # that keep their activations ("auto" turns it on when memory is the limit, train/memory_policy.py). Not in
+        # a recomputed layer's re-run: its backward follows at once, so its peak would fall by the norms' outputs
+        # at most (the activation is rebuilt while the rest is alive)
         self.lean_saves = False
         # whether any layer's mixer can keep its attention block under "offload" (models/kept_block.py)
         self.blocks_keepable = any(layer.mixer.keeps_block for layer in self.layers)
@@ -499,7 +500,6 @@ class DecoderModel(nn.Module):
         if not mode:
             return None
         store = LayerInputOffloader(x.device, offload=mode == "offload")
-        store.lean = self.lean_saves
         # the attention outputs go to the host too: the recompute skips the attention kernel (models whose every
         # layer attends; Qwen3.5's linear-attention layers keep nothing)
         if mode == "offload" and not self.arch.linear_layers:

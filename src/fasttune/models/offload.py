@@ -17,7 +17,6 @@ from functools import lru_cache
 import torch
 
 from fasttune.kernels.dispatch import side_stream
-from fasttune.kernels.rebuild import lean_saves
 
 HOST_MARGIN_BYTES = 8 << 30  # left free for the process itself, the data and the OS
 
@@ -143,7 +142,6 @@ class LayerInputOffloader:
         self.host_left = budget if self.side is not None else 0
         self.attention = None  # an AttentionKeeper when the layers' attention outputs are kept (keep_attention)
         self.block = None  # a BlockKeeper when their q/k/v and post-attention residuals are kept too (keep_block)
-        self.lean = False  # the recompute rebuilds norm / activation outputs in backward (kernels/rebuild.py)
 
     def keep_attention(self, layers: int, input_bytes: int, output_bytes: int) -> bool:
         """Also keep each layer's attention output (models/kept_attention.py), when the host budget holds `layers`
@@ -273,7 +271,7 @@ class _OffloadedLayer(torch.autograd.Function):
         x = ctx.offloader.load(ctx.slot).detach().requires_grad_(ctx.x_requires_grad)
         extras = [e.detach().requires_grad_(r) for e, r in zip(ctx.saved_tensors, ctx.extras_require_grad)]
         with replayed_rng(ctx.rng, x.device), torch.enable_grad(), \
-                _layer_scope(ctx.offloader, ctx.slot, recompute=True), lean_saves(ctx.offloader.lean):
+                _layer_scope(ctx.offloader, ctx.slot, recompute=True):
             out = ctx.run(x, *extras)
         # LoRA grads accumulate here, as in a reentrant checkpoint. `run` may return several tensors (an MoE
         # layer's output and its router logits): each one that got a gradient is back-propagated.

@@ -3,13 +3,12 @@
 LoRA without recompute does ~4N FLOPs per token instead of ~6N, so "off" is taken whenever the activations it
 keeps fit; when they do not, only as many layers as needed are recomputed (each recomputed layer costs its forward
 again, each kept one its saved values; the last layer is never recomputed, see choose_checkpointing), and only when
-that does not fit either are the layer inputs sent to the host ("offload"). Lean saves (layers rebuild their norm
-and activation outputs in backward, kernels/rebuild.py) are added where they spare recomputed layers.
-The estimate counts what one decoder
-layer saves for backward per token (with our kernels: the norm input and output, q/k/v, the attention output, gate,
-up and act(gate)), times layers and micro-batch tokens, and a training vision tower's patches likewise, with a
-safety factor; plus the loss chunk and the trainable parameters' optimizer state. CPU runs keep "off" (memory is
-rarely the limit).
+that does not fit either are the layer inputs sent to the host ("offload"). Lean saves (the kept layers rebuild
+their norm and activation outputs in backward, kernels/rebuild.py) are added where they spare recomputed layers.
+The estimate counts what one decoder layer saves for backward per token (with our kernels: the norm input and
+output, q/k/v, the attention output, gate, up and act(gate); less train/lean_count.py's count with lean saves),
+times layers and micro-batch tokens, and a training vision tower's patches likewise, with a safety factor; plus the
+loss chunk and the trainable parameters' optimizer state. CPU runs keep "off" (memory is rarely the limit).
 """
 from __future__ import annotations
 
@@ -20,9 +19,9 @@ from fasttune.train.lean_count import lean_values
 
 SAFETY = 1.3  # allocator fragmentation and temporaries the count leaves out
 RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and the optimizer step
-# What lean saves cost, in recomputed layers: a layer's rebuild passes move ~(4h + 3I) x 2 bytes a token against
+# What lean saves cost, in recomputed layers: a kept layer's rebuild passes move ~(4h + 3I) x 2 bytes a token against
 # its forward's ~2 x (its weights) FLOPs a token, ~5% of a layer's forward time on the 8B shape at an H200's rates
-# (~3.5 TB/s, ~650 TFLOP/s), so ~1.6 layers' recompute for 32 layers; an estimate, not measured.
+# (~3.5 TB/s, ~650 TFLOP/s), so at most ~1.6 layers' recompute for 32 layers; an estimate, not measured.
 LEAN_COST_LAYERS = 2
 
 
@@ -73,15 +72,10 @@ def checkpointing_bytes(cfg, tokens: int, bytes_per_el: int, recomputed: int, le
     full sets (alive together when backward starts) and one recomputed layer's full set (made during its backward,
     after the kept layers' backward has freed theirs). recomputed=0 is activation_bytes(..., recompute=False),
     recomputed=layers is activation_bytes(..., recompute=True). lean: lean_values' per-layer savings, which the kept
-    layers make with lean saves on (a recomputed layer's re-run saves less at its peak: not counted). No safety
-    factor, no loss."""
+    layers make with lean saves on (recomputed layers do not use them). No safety factor, no loss."""
     values = _layer_values(cfg)
-    # A recomputed layer's re-run is counted whole even with lean saves: its backward starts with the act rebuild
-    # beside everything else it saved, so its peak falls by the norms' outputs at most.
     during = max(values[:recomputed]) if recomputed else 0
-    if lean:
-        values = [v - saved for v, saved in zip(values, lean)]
-    kept = sum(values[recomputed:])
+    kept = sum(values[recomputed:]) - (sum(lean[recomputed:]) if lean else 0)
     return tokens * bytes_per_el * (recomputed * cfg.hidden_size + max(kept, during))
 
 
@@ -131,11 +125,10 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
     `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
     layers keep their activations; at least the last one does), with lean saves (the layers rebuild their norm and
     activation outputs in backward, lean_values) when they spare at least LEAN_COST_LAYERS recomputed layers;
-    else "offload". The
-    estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for the micro-batch's
-    `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable parameters' gradients and
-    AdamW states (made at the first step, in the parameters' dtype), against the free memory (free_bytes) less
-    RESERVE_BYTES. lean_ok=False never picks lean saves.
+    else "offload". The estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for
+    the micro-batch's `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable
+    parameters' gradients and AdamW states (made at the first step, in the parameters' dtype), against the free
+    memory (free_bytes) less RESERVE_BYTES. lean_ok=False never picks lean saves.
 
     Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
     recompute_layers: how many layers from the first to recompute, None for all, lean_saves: bool)."""
@@ -153,12 +146,14 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
     lean = lean_values(model) if lean_ok else [0]
 
     def need(recomputed: int, lean_on: bool) -> float:
+        """Estimated peak bytes with the first `recomputed` layers recomputed, with or without lean saves."""
         kept = checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed, lean if lean_on else None)
         return SAFETY * (kept + tower[recomputed > 0]) + fixed
 
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
     def fewest(lean_on: bool) -> int | None:
+        """The fewest recomputed layers (0 .. layers - 1) whose need fits the budget, or None."""
         return next((n for n in range(layers) if need(n, lean_on) <= budget), None)
 
     plain = fewest(False)
@@ -175,7 +170,7 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
             return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
         return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
                       f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
-    # (no lean saves with offload: a recomputed layer's re-run gains little at its peak, for their pass)
+    # (offload recomputes every layer, which lean saves leave alone)
     return "offload", (f"gradient checkpointing auto -> offload (layer inputs to CPU): {micro_batch_tokens} tokens "
                        f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None, False
 
