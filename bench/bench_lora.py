@@ -465,13 +465,10 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
     auto_pick = None
     if gc == "auto":  # what SFTTrainer does at train start (train/loop.py), for this batch shape
-        from fasttune.train.memory_policy import choose_checkpointing
+        from fasttune.train.memory_policy import apply_pick, choose_checkpointing
 
         mode, auto_pick, recomputed, lean = choose_checkpointing(model, bs * seq, lean_ok=not NO_LEAN[0])
-        model.gradient_checkpointing = mode
-        if recomputed is not None:
-            model.recompute_layers = recomputed
-        model.lean_saves = lean
+        apply_pick(model, mode, recomputed, lean)
         print(auto_pick, file=sys.stderr)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
     model_gib = torch.cuda.memory_allocated() / 2**30  # weights and LoRA factors, before any step

@@ -478,7 +478,8 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         mode = self.model.gradient_checkpointing
         if mode != "auto" and (mode not in (True, "offload") or self.model.device.type != "cuda"):
             return  # (nothing to pick, and no hint to give: the examples are not scanned)
-        from fasttune.train.memory_policy import agreed_pick, choose_checkpointing, most_media_tokens, recompute_hint
+        from fasttune.train.memory_policy import (agreed_pick, apply_pick, choose_checkpointing, most_media_tokens,
+                                                 recompute_hint)
 
         bs = self.micro_batch_rows
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
@@ -499,11 +500,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             lean = lean_ok  # (the memory-saving side: some rank's memory is the limit)
             why += f"; the ranks differ, so all take the most memory-saving pick ({mode!r}, recompute_layers " \
                    f"{recomputed})"
-        self.model.gradient_checkpointing = mode
-        if recomputed is not None:  # (only our decoder recomputes part of its layers)
-            self.model.recompute_layers = recomputed
-        if hasattr(self.model, "lean_saves"):
-            self.model.lean_saves = lean if forced is None else forced
+        apply_pick(self.model, mode, recomputed, lean if forced is None else forced)
         self._auto_offload = mode == "offload"
         print(f"fasttune: {why}", file=sys.stderr)
 

@@ -175,6 +175,16 @@ def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, 
                        f"per micro-batch do not fit {free / gib:.1f} GiB free otherwise"), None, False
 
 
+def apply_pick(model, mode: bool | str, recomputed: int | None, lean: bool):
+    """Set a choose_checkpointing pick on the model: its recompute mode, how many layers are recomputed (None keeps
+    the mode's default, every layer) and lean saves (where the model has them: our decoder's)."""
+    model.gradient_checkpointing = mode
+    if recomputed is not None:  # (only our decoder recomputes part of its layers)
+        model.recompute_layers = recomputed
+    if hasattr(model, "lean_saves"):
+        model.lean_saves = lean
+
+
 def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None]:
     """The one (mode, recompute_layers) every rank of a distributed run takes from their own choose_checkpointing
     picks: the one that saves the most memory (False < recomputing more layers < every layer < "offload"). Ranks must
