@@ -17,6 +17,7 @@ METHODS = {
     "rloo": ("fasttune.train.objectives.rloo:RLOOTrainer", "fasttune.train.objectives.rloo:RLOOConfig"),
     "online_dpo": ("fasttune.train.objectives.online_dpo:OnlineDPOTrainer",
                    "fasttune.train.objectives.online_dpo:OnlineDPOConfig"),
+    "a2po": ("fasttune.train.objectives.a2po:A2POTrainer", "fasttune.train.objectives.a2po:A2POConfig"),
     "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
                      "fasttune.train.objectives.distillation:DistillationConfig"),
     "gkd": ("fasttune.train.objectives.gkd:GKDTrainer", "fasttune.train.objectives.gkd:GKDConfig"),

@@ -218,8 +218,8 @@ def template_from_path(path) -> str:
 
 
 # configs TRL 1.x keeps under trl.experimental.<module>
-TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo", "GKDConfig": "gkd", "GMPOConfig": "gmpo",
-                    "OnlineDPOConfig": "online_dpo"}
+TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo", "TPOConfig": "tpo", "GKDConfig": "gkd",
+                    "GMPOConfig": "gmpo", "OnlineDPOConfig": "online_dpo", "A2POConfig": "a2po"}
 
 
 def _trl_config(name: str):
@@ -243,8 +243,8 @@ def _trl_config(name: str):
 @functools.lru_cache(maxsize=None)
 def upstream_defaults(cls) -> list[tuple[str, dict]]:
     """[(owner, {setting: default})] of the configs `cls` stands in for: transformers' TrainingArguments, and TRL's
-    config of the same name as `cls` or one of its bases (SFTConfig, DPOConfig, ...; ORPOConfig, CPOConfig,
-    GKDConfig and GMPOConfig from trl.experimental) when TRL is installed."""
+    config of the same name as `cls` or one of its bases (SFTConfig, DPOConfig, ...; TRL_EXPERIMENTAL's from
+    trl.experimental) when TRL is installed."""
     import dataclasses
 
     from transformers import TrainingArguments

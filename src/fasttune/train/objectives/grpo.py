@@ -81,6 +81,12 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
     packing_refusal = "packing does not apply to GRPO; set packing=False."
     config_cls = GRPOConfig
     uses_rewards = True  # (on-policy distillation samples and trains without reward functions)
+    # Completions scored as sampled: at the sampling temperature, left-padded rows at generation's positions. TRL's
+    # online DPO and A2PO score at temperature 1 with the model's default positions 0..T-1 (their forward passes no
+    # position ids), and so do theirs here (False).
+    scores_as_sampled = True
+    # (when the method needs its reference, the model has no LoRA adapters) what the refusal names, and its remedy
+    reference_refusal = (" with beta > 0", "Add LoRA with get_peft_model, or set beta=0.")
 
     @property
     def uses_reference(self) -> bool:
@@ -137,8 +143,8 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
         # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
         self.reference: ReferencePolicy | None = None
         if self.uses_reference:
-            self.reference = reference_policy(self.model, f"{name.removesuffix('Trainer')} with beta > 0",
-                                              "Add LoRA with get_peft_model, or set beta=0.")
+            when, remedy = self.reference_refusal
+            self.reference = reference_policy(self.model, f"{name.removesuffix('Trainer')}{when}", remedy)
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)
@@ -345,14 +351,16 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
                          aux_out: list | None = None):
         """fp32 log-probs (B, n) of the last n tokens of each row at the sampling temperature; 0 where masked
         (reference.model_token_logprobs). Positions come from the attention mask, as in generation (Qwen-VL's
-        multimodal positions from the model, which reads the mask too). `positions`: score_positions of
+        multimodal positions from the model, which reads the mask too); with scores_as_sampled False, temperature 1
+        and the model's default positions instead. `positions`: score_positions of
         attention_mask[:, -n:], to select the completion tokens without a device sync. media: the rows' image
         inputs (prompt_media) on a vision-language model. entropy=True: (log-probs, entropies (B, n)) (0 where
         masked). aux_out: a list that gets the forward's MoE load-balancing loss (model_token_logprobs)."""
+        as_sampled = self.scores_as_sampled
         return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
-                                    position_ids=self.sampling_positions(attention_mask, media),
-                                    temperature=self.args.temperature, media=media or None, entropy=entropy,
-                                    aux_out=aux_out, output_router_logits=aux_out is not None)
+                                    position_ids=self.sampling_positions(attention_mask, media) if as_sampled else None,
+                                    temperature=self.args.temperature if as_sampled else 1.0, media=media or None,
+                                    entropy=entropy, aux_out=aux_out, output_router_logits=aux_out is not None)
 
     def sampling_positions(self, attention_mask: torch.Tensor, media: dict | None) -> torch.Tensor | None:
         """Position ids (B, T) int64 of left-padded rows as generation gives them (attention_mask.cumsum - 1); None

@@ -55,6 +55,10 @@ class RewardScoring:
     """Scoring and metrics of the online objectives. The trainer provides `args` (max_unrewarded_steps),
     `tokenizer`, `reward_funcs`, `reward_names` and `state`; start_metrics() sets up the metric windows."""
 
+    # Conversational prompts' completions reach the reward functions as one assistant message (TRL's GRPO); False:
+    # as decoded text always (TRL's A2PO)
+    chat_completions = True
+
     def start_metrics(self):
         """Empty metric windows, the unrewarded-step count and (log_completions) the completions table."""
         self._metrics, self._ratios = metric_windows()
@@ -86,7 +90,7 @@ class RewardScoring:
             return torch.zeros(0, len(self.reward_funcs))
         texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
         prompts = [ex["prompt"] for ex in examples]
-        chat = not isinstance(prompts[0], str)
+        chat = self.chat_completions and not isinstance(prompts[0], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
         out = torch.zeros(len(examples), len(self.reward_funcs))

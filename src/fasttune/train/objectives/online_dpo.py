@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from fasttune.errors import ConfigError
 from fasttune.train.objectives.grpo import GRPOTrainer
 from fasttune.train.objectives.grpo_config import OnlineRLConfig
-from fasttune.train.objectives.reference import model_token_logprobs
 
 __all__ = ["OnlineDPOTrainer", "OnlineDPOConfig"]
 
@@ -102,6 +101,8 @@ class OnlineDPOTrainer(GRPOTrainer):
     completions' tokens; TRL's also sum the padding after a completion's stop token)."""
 
     config_cls = OnlineDPOConfig
+    scores_as_sampled = False  # TRL's online DPO: temperature 1, plain positions (module docstring)
+    reference_refusal = ("", "Add LoRA adapters with FastLanguageModel.get_peft_model.")
     packing_refusal = "packing does not apply to online DPO (completions are sampled per step); set packing=False."
 
     @property
@@ -129,14 +130,6 @@ class OnlineDPOTrainer(GRPOTrainer):
         betas = self.args.betas
         epoch = int(self.state.epoch or 0)
         return betas[min(epoch, len(betas) - 1)]
-
-    def completion_logps(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, n: int,
-                         positions: torch.Tensor | None = None, media: dict | None = None, entropy: bool = False,
-                         aux_out: list | None = None):
-        """fp32 log-probs (B, n) of the last n tokens of each row at temperature 1, the rows given plain positions
-        (TRL's online DPO forward); entropy=True: (log-probs, entropies). See GRPOTrainer.completion_logps."""
-        return model_token_logprobs(self.model, input_ids, attention_mask, attention_mask, positions, last=n,
-                                    position_ids=None, temperature=1.0, media=media or None, entropy=entropy)
 
     def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
         """GRPO's micro-batch, each prompt first cut from the left to max_length - the longest completion's length
