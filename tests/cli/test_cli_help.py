@@ -68,5 +68,5 @@ def test_help_names_every_method(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    listed = re.search(r"training objective: ([a-z_| ]+)", text).group(1)
+    listed = re.search(r"training objective: ([a-z0-9_| ]+)", text).group(1)
     assert {m.strip() for m in listed.split("|")} == set(METHODS)
