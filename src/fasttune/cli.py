@@ -25,7 +25,8 @@ RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
     "method": (str, "sft", "training objective: sft | dpo | orpo | cpo | tpo | kto | grpo | gmpo | rloo | online_dpo | "
-                           "a2po | distillation | gkd | reward | classification (its config's fields become flags)"),
+                           "a2po | sdft | distillation | gkd | reward | classification (its config's fields become "
+                           "flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -226,6 +227,9 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
     if method in ("grpo", "gmpo", "rloo", "online_dpo", "a2po") and not run["data"]:
         raise ConfigError(f"--method {method} needs --data with prompt rows (a `prompt` column, plus any columns your "
                           "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
+    if method == "sdft" and not run["data"]:
+        raise ConfigError("--method sdft needs --data with rows of a `prompt` and a `privileged_context` (what the "
+                          "teacher sees beside the prompt, e.g. a demonstration); the bundled demo set is for SFT.")
     if method == "distillation" and not (run["data"] and config.teacher_model_name_or_path):
         raise ConfigError("--method distillation needs --data with prompt rows (a `prompt` column) and "
                           "--teacher-model-name-or-path (the teacher's folder, .gguf file or hub id, with the "

@@ -1,11 +1,12 @@
 """Student-teacher divergences (on-policy distillation) against plain fp64 log_softmax formulas: values, the student's
-entropy, and gradients of the student's hidden states and head, for the forward KL, the reverse KL and the JSD."""
+entropy, and gradients of the student's hidden states and head, for the forward KL, the reverse KL and the JSD; the
+top-k divergence of the self-distillation trainers against TRL's."""
 import math
 
 import pytest
 import torch
 
-from fasttune.kernels.distill_divergence import token_divergence, token_divergence_reference
+from fasttune.kernels.distill_divergence import token_divergence, token_divergence_reference, topk_token_divergence
 
 
 def _plain(hs, ws, ht, wt, beta, temperature, softcap_s, softcap_t):
@@ -63,3 +64,30 @@ def test_identical_models_have_no_divergence_and_errors():
         token_divergence(h, w, h, w[:20], 0.5)
     empty, ent = token_divergence(h[:0], w, h[:0], w, 0.5)
     assert empty.shape == ent.shape == (0,)
+
+
+@pytest.mark.parametrize("add_tail", [False, True])
+@pytest.mark.parametrize("beta", [0.0, 0.5, 1.0])
+def test_topk_divergence_matches_trl(beta, add_tail):
+    """The top-k divergence (SDFT / SDPO) equals TRL's compute_topk_self_distillation_loss on the same logits (a
+    wider teacher head, cut to the student's vocabulary; a temperature and a student softcap), values and
+    gradients, over several chunks."""
+    loss_utils = pytest.importorskip("trl.experimental.sdft.loss_utils")
+    g = torch.Generator().manual_seed(2)
+    hs = (torch.randn(13, 16, generator=g, dtype=torch.float64) * 0.5).requires_grad_()
+    ws = torch.randn(40, 16, generator=g, dtype=torch.float64).requires_grad_()
+    ht, wt = torch.randn(13, 24, generator=g, dtype=torch.float64) * 0.5, torch.randn(43, 24, generator=g,
+                                                                                       dtype=torch.float64)
+    zs = torch.tanh((hs @ ws.t()) / 5.0) * 5.0 / 0.7
+    want = loss_utils.compute_topk_self_distillation_loss(zs, (ht @ wt[:40].t()) / 0.7, distillation_topk=6,
+                                                          distillation_alpha=beta, distillation_add_tail=add_tail)
+    up = torch.randn(13, generator=g, dtype=torch.float64)
+    gh, gw = torch.autograd.grad((want * up).sum(), (hs, ws))
+    got = topk_token_divergence(hs, ws, ht, wt, 6, beta, add_tail, 0.7, 5.0, None, chunk_tokens=4)
+    assert got.dtype == torch.float32 and (got >= -1e-6).all()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+    h2, w2 = torch.autograd.grad((got.double() * up).sum(), (hs, ws))
+    torch.testing.assert_close(h2, gh, rtol=1e-4, atol=3e-5)
+    torch.testing.assert_close(w2, gw, rtol=1e-4, atol=3e-5)
+    with pytest.raises(ValueError, match="k=41"):
+        topk_token_divergence(hs, ws, ht, wt, 41, beta)

@@ -15,6 +15,9 @@ student's entropy -sum p_s log p_s comes with the divergence (no gradient).
 
 - reference: plain log_softmax per chunk under torch.utils.checkpoint (autograd through the formulas above).
 - fused (default with a gradient): forward keeps nothing but its inputs; backward applies the closed-form gradient.
+
+topk_token_divergence is the same divergence on the student's top-k tokens only (TRL's self-distillation trainers:
+SDFT), torch only.
 """
 from __future__ import annotations
 
@@ -43,9 +46,15 @@ def _chunk_terms(hs, ws, ht, wt, beta, temperature, softcap_s, softcap_t):
     zs, ts = _logits(hs, ws, softcap_s, temperature)
     zt, _ = _logits(ht, wt, softcap_t, temperature)
     lps, lpt = zs.log_softmax(-1), zt.log_softmax(-1)
-    ps = lps.exp()
-    entropy = -(ps * lps).sum(-1)
-    lm = None
+    entropy = -(lps.exp() * lps).sum(-1)
+    div, lm = _divergence(lps, lpt, beta)
+    return div, entropy, lps, lpt, lm, ts
+
+
+def _divergence(lps, lpt, beta):
+    """(divergence (rows,) over the last axis of two log-distributions lps (student) / lpt (teacher), by beta as in
+    the module docstring; log m of the JSD's mixture, or None)."""
+    ps, lm = lps.exp(), None
     if beta == 0.0:
         div = (lpt.exp() * (lpt - lps)).sum(-1)
     elif beta == 1.0:
@@ -53,7 +62,56 @@ def _chunk_terms(hs, ws, ht, wt, beta, temperature, softcap_s, softcap_t):
     else:
         lm = torch.logaddexp(lps + math.log(1 - beta), lpt + math.log(beta))
         div = beta * (lpt.exp() * (lpt - lm)).sum(-1) + (1 - beta) * (ps * (lps - lm)).sum(-1)
-    return div, entropy, lps, lpt, lm, ts
+    return div, lm
+
+
+def _with_tail(logp):
+    """A top-k support's log-probs (rows, k), which sum to the mass P they hold, with one more entry for the rest: log
+    (1 - P) (TRL's add_tail_bucket; P capped just below 1)."""
+    held = logp.logsumexp(-1, keepdim=True).clamp(max=-1e-7)
+    return torch.cat([logp, torch.log(-torch.expm1(held))], dim=-1)
+
+
+def _topk_chunk(hs, ws, ht, wt, k, beta, add_tail, temperature, softcap_s, softcap_t):
+    zs, _ = _logits(hs, ws, softcap_s, temperature)
+    zt, _ = _logits(ht, wt, softcap_t, temperature)
+    top, idx = zs.topk(k, dim=-1)
+    lps = top - zs.logsumexp(-1, keepdim=True)
+    lpt = zt.gather(-1, idx) - zt.logsumexp(-1, keepdim=True)
+    if add_tail:
+        lps, lpt = _with_tail(lps), _with_tail(lpt)
+    else:  # the top-k conditional distributions
+        lps, lpt = lps.log_softmax(-1), lpt.log_softmax(-1)
+    return _divergence(lps, lpt, beta)[0]
+
+
+def topk_token_divergence(hs: torch.Tensor, ws: torch.Tensor, ht: torch.Tensor, wt: torch.Tensor, k: int,
+                          beta: float, add_tail: bool = False, temperature: float = 1.0,
+                          softcap_s: float | None = None, softcap_t: float | None = None,
+                          chunk_tokens: int | None = None) -> torch.Tensor:
+    """The divergence of each token on the student's top-k tokens, as TRL 1.16's self-distillation trainers (SDFT,
+    SDPO) compute their default loss (trl.experimental.sdft.loss_utils.compute_topk_self_distillation_loss): both
+    models' log-probs (logits as in token_divergence) at the k tokens the student ranks highest, renormalised over
+    those k (add_tail=False) or with one more entry for the mass outside them (add_tail=True), then the divergence
+    of `beta` (module docstring) between the two. Torch only, chunk by chunk (under activation checkpointing when
+    a gradient is needed), so the logits of at most one chunk exist at once.
+
+    Args: hs, ws, ht, wt, beta, temperature, softcap_s, softcap_t, chunk_tokens as token_divergence; k: 1 <= k <= the
+        student's vocabulary. Returns: (N,) fp32 divergences, differentiable in hs and ws (the top-k choice is not).
+    Raises: ValueError as token_divergence, and for k outside [1, vocabulary].
+    """
+    _check(hs, ws, ht, wt, beta)
+    if not 1 <= k <= ws.shape[0]:
+        raise ValueError(f"k={k} must be in [1, {ws.shape[0]}] (the student's vocabulary)")
+    wt = wt[:ws.shape[0]]
+    chunk = chunk_tokens or max(1, _chunk_tokens(ws.shape[0]) // 2)
+    grad = torch.is_grad_enabled() and (hs.requires_grad or ws.requires_grad)
+    divs = []
+    for start in range(0, hs.shape[0], chunk):
+        args = (hs[start:start + chunk], ws, ht[start:start + chunk].detach(), wt.detach(), k, beta, add_tail,
+                temperature, softcap_s, softcap_t)
+        divs.append(checkpoint(_topk_chunk, *args, use_reentrant=False) if grad else _topk_chunk(*args))
+    return torch.cat(divs) if divs else hs.new_zeros(0, dtype=torch.float32)
 
 
 def _check(hs, ws, ht, wt, beta):

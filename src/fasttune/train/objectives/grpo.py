@@ -201,11 +201,19 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
                                 f"{a.max_completion_length} at most {limit} fit in max_seq_length. Shorten it, raise "
                                 f"max_seq_length, or set drop_long=True to skip such rows.")
             columns = {k: v for k, v in row.items() if k != "prompt"}
-            examples.append({"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns,
-                             "images": sources, "videos": videos})
+            example = {"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns,
+                       "images": sources, "videos": videos}
+            if self.extend_example(example, row, where, limit):
+                examples.append(example)
         if not examples:
             raise DataError("No usable prompts: every row was longer than the prompt limit and drop_long=True.")
         return [ex for ex in examples for _ in range(a.num_generations)]
+
+    def extend_example(self, example: dict, row: dict, where: str, limit: int) -> bool:
+        """What an objective adds to a prepared example from its row (prepare; `where` names the row, `limit` is the
+        most prompt tokens that leave room for max_completion_length); False drops the row (drop_long). GRPO adds
+        nothing."""
+        return True
 
     def epoch_order(self, epoch: int) -> list[int]:
         """Prompts in random order (data_generator's), each prompt's num_generations copies kept together."""

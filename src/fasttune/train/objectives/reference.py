@@ -165,6 +165,25 @@ class ReferencePolicy:
         if not identity:
             self.saved = {n: p.detach().clone() for n, p in trainable}
 
+    @classmethod
+    def from_weights(cls, model, weights: dict) -> "ReferencePolicy":
+        """A policy of `model` with `weights` ({trainable parameter name: tensor of its shape}) swapped in: SDFT's
+        EMA teacher (weights it moves with blend)."""
+        policy = cls.__new__(cls)
+        policy.model, policy.saved = model, weights
+        return policy
+
+    @torch.no_grad()
+    def blend(self, rate: float):
+        """Move the kept weights towards the model's: w <- (1 - rate) w + rate x the parameter (an exponential moving
+        average, TRL's PEFTAdapterEMACallback update). Only for a policy that keeps weights (is_copy)."""
+        params = dict(self.model.named_parameters())
+        for n, w in self.saved.items():
+            p = params[n]
+            if isinstance(p, DTensor) and not isinstance(w, DTensor):  # FSDP sharded the model after the copy
+                w = self.saved[n] = distribute_tensor(w.to(p.device), p.device_mesh, p.placements)
+            w.mul_(1.0 - rate).add_(p.detach().to(w.dtype), alpha=rate)
+
     @property
     def is_copy(self) -> bool:
         """True when the reference is a frozen copy of the starting weights (not the base with adapters off)."""
