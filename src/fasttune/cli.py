@@ -25,8 +25,8 @@ RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
     "method": (str, "sft", "training objective: sft | dpo | orpo | cpo | tpo | kto | grpo | gmpo | rloo | online_dpo | "
-                           "a2po | sdft | distillation | gkd | reward | classification (its config's fields become "
-                           "flags)"),
+                           "a2po | sdft | sdpo | distillation | gkd | reward | classification (its config's fields "
+                           "become flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -224,7 +224,7 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
     if method == "classification" and not run["data"]:
         raise ConfigError("--method classification needs --data with labelled rows (a `text` column and a `label` "
                           "column: class names or indices, numbers, or 0/1 lists); the bundled demo set is for SFT.")
-    if method in ("grpo", "gmpo", "rloo", "online_dpo", "a2po") and not run["data"]:
+    if method in ("grpo", "gmpo", "rloo", "online_dpo", "a2po", "sdpo") and not run["data"]:
         raise ConfigError(f"--method {method} needs --data with prompt rows (a `prompt` column, plus any columns your "
                           "reward functions read, e.g. `answer` for exact_match); the bundled demo set is for SFT.")
     if method == "sdft" and not run["data"]:

@@ -19,6 +19,7 @@ METHODS = {
                    "fasttune.train.objectives.online_dpo:OnlineDPOConfig"),
     "a2po": ("fasttune.train.objectives.a2po:A2POTrainer", "fasttune.train.objectives.a2po:A2POConfig"),
     "sdft": ("fasttune.train.objectives.sdft:SDFTTrainer", "fasttune.train.objectives.sdft:SDFTConfig"),
+    "sdpo": ("fasttune.train.objectives.sdpo:SDPOTrainer", "fasttune.train.objectives.sdpo:SDPOConfig"),
     "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
                      "fasttune.train.objectives.distillation:DistillationConfig"),
     "gkd": ("fasttune.train.objectives.gkd:GKDTrainer", "fasttune.train.objectives.gkd:GKDConfig"),

@@ -220,7 +220,7 @@ def template_from_path(path) -> str:
 # configs TRL 1.x keeps under trl.experimental.<module>
 TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo", "TPOConfig": "tpo", "GKDConfig": "gkd",
                     "GMPOConfig": "gmpo", "OnlineDPOConfig": "online_dpo", "A2POConfig": "a2po",
-                    "SDFTConfig": "sdft"}
+                    "SDFTConfig": "sdft", "SDPOConfig": "sdpo"}
 
 
 def _trl_config(name: str):
