@@ -25,8 +25,8 @@ RUN_OPTIONS = {
     "model": (str, None, "model folder, .gguf file, adapter folder or hub id (default: embedded SmolLM2-135M)"),
     "data": (str, None, "dataset file (.jsonl/.json/.csv/.parquet) or save_to_disk folder (default: bundled demo)"),
     "method": (str, "sft", "training objective: sft | dpo | orpo | cpo | tpo | kto | grpo | gmpo | rloo | online_dpo | "
-                           "a2po | sdft | sdpo | distillation | gkd | reward | classification (its config's fields "
-                           "become flags)"),
+                           "a2po | sdft | sdpo | distillation | gkd | iw_opd | reward | classification (its config's "
+                           "fields become flags)"),
     "lora_r": (int, 16, "LoRA rank"),
     "lora_alpha": (float, 16.0, "LoRA alpha"),
     "lora_dropout": (float, 0.0, "LoRA dropout"),
@@ -238,6 +238,10 @@ def resolve_settings(ns: argparse.Namespace) -> tuple[dict, TrainingConfig]:
         raise ConfigError("--method gkd needs --data with conversations (a `messages` column ending with the "
                           "assistant's turn, or `prompt` and `completion`) and --teacher-model-name-or-path (the "
                           "teacher's folder, .gguf file or hub id, with the student's tokenizer).")
+    if method == "iw_opd" and not (run["data"] and config.teacher_model_name_or_path):
+        raise ConfigError("--method iw_opd needs --data with conversations (a `messages` column; with --lmbda 1, the "
+                          "default, it may end with the user's turn) and --teacher-model-name-or-path (the teacher's "
+                          "folder, .gguf file or hub id, with the student's tokenizer).")
     run["data"] = _data_file(run["data"])
     if run["peft"] is False and not run["full_finetuning"]:
         raise ConfigError("--peft false: fasttune trains LoRA adapters unless --full-finetuning is given; pass "

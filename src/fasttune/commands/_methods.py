@@ -20,6 +20,7 @@ METHODS = {
     "a2po": ("fasttune.train.objectives.a2po:A2POTrainer", "fasttune.train.objectives.a2po:A2POConfig"),
     "sdft": ("fasttune.train.objectives.sdft:SDFTTrainer", "fasttune.train.objectives.sdft:SDFTConfig"),
     "sdpo": ("fasttune.train.objectives.sdpo:SDPOTrainer", "fasttune.train.objectives.sdpo:SDPOConfig"),
+    "iw_opd": ("fasttune.train.objectives.iw_opd:IWOPDTrainer", "fasttune.train.objectives.iw_opd:IWOPDConfig"),
     "distillation": ("fasttune.train.objectives.distillation:DistillationTrainer",
                      "fasttune.train.objectives.distillation:DistillationConfig"),
     "gkd": ("fasttune.train.objectives.gkd:GKDTrainer", "fasttune.train.objectives.gkd:GKDConfig"),

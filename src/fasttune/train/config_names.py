@@ -220,7 +220,8 @@ def template_from_path(path) -> str:
 # configs TRL 1.x keeps under trl.experimental.<module>
 TRL_EXPERIMENTAL = {"ORPOConfig": "orpo", "CPOConfig": "cpo", "TPOConfig": "tpo", "GKDConfig": "gkd",
                     "GMPOConfig": "gmpo", "OnlineDPOConfig": "online_dpo", "A2POConfig": "a2po",
-                    "SDFTConfig": "sdft", "SDPOConfig": "sdpo"}
+                    "SDFTConfig": "sdft", "SDPOConfig": "sdpo",
+                    "IWOPDConfig": "iw_opd"}
 
 
 def _trl_config(name: str):

@@ -56,6 +56,7 @@ class GKDTrainer(DistillationTrainer):
     without a completion, or longer than max_seq_length (unless drop_long)."""
 
     config_cls = GKDConfig
+    prompt_only_rows = False  # whether a conversation may end with the user's turn (no completion: sampled only)
 
     def __init__(self, model, teacher_model=None, args: GKDConfig | None = None, data_collator=None,
                  train_dataset=None, eval_dataset=None, processing_class=None, tokenizer=None, **kwargs):
@@ -90,7 +91,9 @@ class GKDTrainer(DistillationTrainer):
             enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
             ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
             cut = next((j for j, (start, _) in enumerate(offsets) if start >= len(text)), len(ids))
-            if cut == len(ids):
+            if full == text and self.prompt_only_rows:  # a prompt-only conversation
+                cut = len(ids)
+            elif cut == len(ids):
                 raise DataError(f"{where}: the completion encodes to no tokens after the prompt; give a non-empty "
                                 f"last assistant message.")
             if len(ids) > model_limit or cut + a.max_new_tokens > model_limit:
@@ -111,6 +114,13 @@ class GKDTrainer(DistillationTrainer):
         messages = row.get("messages")
         if messages is None and isinstance(row.get("prompt"), list) and isinstance(row.get("completion"), list):
             messages = list(row["prompt"]) + list(row["completion"])
+        if messages is not None and self.prompt_only_rows and isinstance(messages, list) and messages and \
+                isinstance(messages[-1], dict) and messages[-1].get("role") != "assistant":
+            if not getattr(tok, "chat_template", None):
+                raise DataError(f"{where}: conversational rows need a tokenizer with a chat template; set one "
+                                f"(chat_template=...).")
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **kwargs)
+            return messages, text, text
         if messages is not None:
             if not isinstance(messages, list) or len(messages) < 2 or not isinstance(messages[-1], dict) or \
                     messages[-1].get("role") != "assistant":

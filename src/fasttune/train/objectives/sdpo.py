@@ -117,6 +117,7 @@ class SDPOTrainer(SelfDistillationTrainer):
         self._check_teacher()
         self.eps_high = self.args.epsilon_high if self.args.epsilon_high is not None else self.args.epsilon
         self._degenerate = {"train": defaultdict(int), "eval": defaultdict(int)}  # steps in a row, per warning
+        self._feedback_warned = False  # (the unused-feedback warning is given once)
 
     # --- scoring: rewards, advantages and the teachers' prompts ------------------------------------------------
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
@@ -181,7 +182,7 @@ class SDPOTrainer(SelfDistillationTrainer):
                 a.environment_feedback_only_without_solution and demo is not None)
             solved, fed = solved + (demo is not None), fed + use
             plans.append((demo, use))
-        if available and not a.include_environment_feedback and not getattr(self, "_feedback_warned", False):
+        if available and not a.include_environment_feedback and not self._feedback_warned:
             self._feedback_warned = True
             warnings.warn("SDPO got environment feedback (privileged_context) in the rows, but "
                           "include_environment_feedback=False, so it is not used; set include_environment_feedback="
