@@ -153,54 +153,7 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
         del tensors["lm_head.weight"]
     out = {}
     for name in list(tensors):
-        t = tensors.pop(name).float()
-        if arch == "gpt-oss" and ".mlp.experts." in name:
-            out.update(_gpt_oss_experts(name, t, names))
-            continue
-        if ".mlp.act_fn." in name:  # Apertus' xIELU scalars: GGUF metadata (_write_metadata), not tensors
-            continue
-        if name.endswith(("self_attn.sinks", "layer_scalar")):  # (gpt-oss's sinks, Gemma 4's output scale)
-            name += ".weight"
-        if name.endswith(("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj")):  # (E, 2I, H), gate rows
-            # first -> two (E, I, H) tensors
-            gate, up = t.chunk(2, dim=1)
-            for part, proj in ((gate, "gate_proj"), (up, "up_proj")):
-                out[names.get_name(f"{name.removesuffix('gate_up_proj')}{proj}.weight",
-                                   try_suffixes=(".weight",))] = part.contiguous()
-            continue
-        if name.endswith(("experts.down_proj", "experts.gate_up_proj")):  # (Gemma 4's fused gate_up stays whole)
-            name += ".weight"
-        if arch == "gemma4" and name.endswith(("router.scale", "router.per_expert_scale")):
-            out[gemma4_router_scale_name(name)] = t  # 26B-A4B (export/gguf_gemma4.py)
-            continue
-        if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
-            name = name.removesuffix("_bias") + ".bias"
-        if name.endswith("gate.moe_statics.e_score_correction_bias"):  # ERNIE 4.5 MoE's (1, E): the same, (E,)
-            name, t = name.replace("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction.bias"), \
-                t.reshape(-1)
-        if name.endswith("feed_forward.expert_bias"):  # LFM2-MoE's, the same
-            name += ".bias"
-        # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
-        # unchanged)
-        if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
-            t = interleave_rotary_rows(t, cfg.num_heads, cfg.rotary_dim)
-        elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
-            t = interleave_rotary_rows(t, cfg.num_kv_heads, cfg.rotary_dim)
-        if arch in DELTANET_ARCHITECTURES:
-            name, t = linear_attention_tensor(name, t, cfg, tiled=arch != "qwen3next")
-        if arch in MLA_ARCHITECTURES and ".self_attn." in name:  # kv_b_proj split into attn_k_b / attn_v_b
-            for part, value in mla_tensors(name, t, cfg):
-                out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
-            continue
-        if arch in HYBRID_TENSORS:  # the Mamba-2 hybrids (export/gguf_granite.py, export/gguf_falcon_h1.py)
-            for part, value in HYBRID_TENSORS[arch](name, t, cfg):
-                out[_gguf_name(names, part, arch)] = value
-            continue
-        if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
-            t = t[:, 0]
-        if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
-            t = t + cfg.norm_offset
-        out[_gguf_name(names, name, arch)] = t
+        out.update(gguf_parts(name, tensors.pop(name).float(), cfg, arch, names))
     if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
         if arch not in ("llama", "exaone4", "apertus"):  # the architectures whose graphs read rope_freqs
             raise ConfigError(f"llama3 RoPE scaling in a '{cfg.model_type}' model has no GGUF form in llama.cpp.")
@@ -214,6 +167,62 @@ def gguf_tensors(model, vision: dict | None = None) -> dict[str, torch.Tensor]:
     if arch == "lfm2moe" and cfg.score_bias is None:  # llama.cpp's lfm2moe requires the routing bias: zeros choose
         for i in (i for i, sparse in enumerate(cfg.moe_layers) if sparse):  # by score alone, as the model does
             out[f"blk.{i}.exp_probs_b.bias"] = torch.zeros(cfg.num_experts)
+    return out
+
+
+def gguf_parts(name: str, t: torch.Tensor, cfg, arch: str, names) -> dict[str, torch.Tensor]:
+    """One merged tensor (our name, fp32) -> {llama.cpp's name: tensor in its layout} for architecture `arch` (names:
+    gguf's tensor map of it): usually one tensor, several where llama.cpp splits one (stacked experts' gate and up,
+    latent attention's kv_b_proj, Granite 4.0's fused MLP), none for values that go into the metadata. The reverse of
+    the names and splits is what models/gguf_hybrid.py reads back. Raises ConfigError for a tensor the architecture
+    has no place for."""
+    out = {}
+    if arch == "gpt-oss" and ".mlp.experts." in name:
+        return _gpt_oss_experts(name, t, names)
+    if ".mlp.act_fn." in name:  # Apertus' xIELU scalars: GGUF metadata (_write_metadata), not tensors
+        return out
+    if name.endswith(("self_attn.sinks", "layer_scalar")):  # (gpt-oss's sinks, Gemma 4's output scale)
+        name += ".weight"
+    if name.endswith(("mlp.experts.gate_up_proj", "feed_forward.experts.gate_up_proj")):  # (E, 2I, H), gate rows
+        # first -> two (E, I, H) tensors
+        gate, up = t.chunk(2, dim=1)
+        for part, proj in ((gate, "gate_proj"), (up, "up_proj")):
+            out[names.get_name(f"{name.removesuffix('gate_up_proj')}{proj}.weight",
+                               try_suffixes=(".weight",))] = part.contiguous()
+        return out
+    if name.endswith(("experts.down_proj", "experts.gate_up_proj")):  # (Gemma 4's fused gate_up stays whole)
+        name += ".weight"
+    if arch == "gemma4" and name.endswith(("router.scale", "router.per_expert_scale")):
+        out[gemma4_router_scale_name(name)] = t  # 26B-A4B (export/gguf_gemma4.py)
+        return out
+    if name.endswith("gate.e_score_correction_bias"):  # GLM-4.5's routing bias: llama.cpp's exp_probs_b.bias
+        name = name.removesuffix("_bias") + ".bias"
+    if name.endswith("gate.moe_statics.e_score_correction_bias"):  # ERNIE 4.5 MoE's (1, E): the same, (E,)
+        name, t = name.replace("gate.moe_statics.e_score_correction_bias", "moe_statics.e_score_correction.bias"), \
+            t.reshape(-1)
+    if name.endswith("feed_forward.expert_bias"):  # LFM2-MoE's, the same
+        name += ".bias"
+    # llama.cpp's ROTATE_PAIRS architectures rotate adjacent pairs (a NoPE layer's q and k move alike: scores
+    # unchanged)
+    if arch in ROTATE_PAIRS and name.endswith(("q_proj.weight", "q_proj.bias")):
+        t = interleave_rotary_rows(t, cfg.num_heads, cfg.rotary_dim)
+    elif arch in ROTATE_PAIRS and name.endswith(("k_proj.weight", "k_proj.bias")):
+        t = interleave_rotary_rows(t, cfg.num_kv_heads, cfg.rotary_dim)
+    if arch in DELTANET_ARCHITECTURES:
+        name, t = linear_attention_tensor(name, t, cfg, tiled=arch != "qwen3next")
+    if arch in MLA_ARCHITECTURES and ".self_attn." in name:  # kv_b_proj split into attn_k_b / attn_v_b
+        for part, value in mla_tensors(name, t, cfg):
+            out[names.get_name(part, try_suffixes=(".weight", ".bias"))] = value
+        return out
+    if arch in HYBRID_TENSORS:  # the Mamba-2 hybrids (export/gguf_granite.py, export/gguf_falcon_h1.py)
+        for part, value in HYBRID_TENSORS[arch](name, t, cfg):
+            out[_gguf_name(names, part, arch)] = value
+        return out
+    if arch in ("lfm2", "lfm2moe") and name.endswith("conv.conv.weight"):  # llama.cpp's shortconv.conv: (C, K)
+        t = t[:, 0]
+    if cfg.norm_offset and name.endswith("norm.weight") and not is_gated_norm(name):
+        t = t + cfg.norm_offset
+    out[_gguf_name(names, name, arch)] = t
     return out
 
 

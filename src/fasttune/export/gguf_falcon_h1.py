@@ -77,12 +77,12 @@ def falcon_h1_tensors(name: str, t: torch.Tensor, cfg) -> list[tuple[str, torch.
         factor = {"gate_proj": gate_m, "down_proj": down_m}.get(name.split(".")[-2], 1.0)
     elif ".mamba." in name:
         if name.endswith("in_proj.weight"):
-            return [(name, t * _in_proj_scale(cfg)[:, None])]
+            return [(name, t * _in_proj_scale(cfg).to(t)[:, None])]
         if name.endswith("out_proj.weight"):
             return [(name, t * ssm_out)]
         out = [mamba_tensor(name, t, cfg)]
         if name.endswith("conv1d.weight") and not cfg.conv_bias:
-            out.append((name.replace(".weight", ".bias"), torch.zeros(t.shape[0])))
+            out.append((name.replace(".weight", ".bias"), t.new_zeros(t.shape[0])))
         return out
     return [(name, t * factor if factor != 1.0 else t)]
 

@@ -58,18 +58,18 @@ def architecture(cfg) -> str:
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3", "granitehybrid")
 
 
-def interleave_rotary_rows(w, n_heads: int, rotary: int | None = None):
+def interleave_rotary_rows(w, n_heads: int, rotary: int | None = None, inverse: bool = False):
     """Reorder q/k projection rows (a torch tensor) within each head from transformers' rotate-half layout (dims i
     and i + r/2 form a pair) to llama.cpp's adjacent pairs (2i, 2i + 1), over the first `rotary` dims of each head
-    (None: all; partial RoPE, e.g. Bamba's half, leaves the rest in place). Works on weights (out, in) and biases
-    (out,)."""
+    (None: all; partial RoPE, e.g. Bamba's half, leaves the rest in place); inverse=True: back from llama.cpp's to
+    transformers'. Works on weights (out, in) and biases (out,)."""
     import torch
 
     d = w.shape[0] // n_heads
     r = d if rotary is None else rotary
     heads = w.reshape(n_heads, d, *w.shape[1:])
-    rotated = heads[:, :r].reshape(n_heads, 2, r // 2, *w.shape[1:]).transpose(1, 2).reshape(n_heads, r,
-                                                                                              *w.shape[1:])
+    split = (n_heads, r // 2, 2) if inverse else (n_heads, 2, r // 2)
+    rotated = heads[:, :r].reshape(*split, *w.shape[1:]).transpose(1, 2).reshape(n_heads, r, *w.shape[1:])
     return torch.cat([rotated, heads[:, r:]], dim=1).reshape(w.shape)
 
 

@@ -21,6 +21,7 @@ import torch
 
 from fasttune.errors import ModelLoadError
 from fasttune.export.mxfp4 import dequantize_mxfp4
+from fasttune.models.gguf_hybrid import ARCHITECTURES as HYBRID_ARCHITECTURES
 from fasttune.models.gguf_qwen35 import ARCHITECTURES as QWEN35_ARCHITECTURES
 from fasttune.models.gguf_qwen35 import from_gguf, gguf_lookup_name, qwen35_config
 
@@ -231,8 +232,8 @@ class GGUFContents:
         self.architecture = arch = metadata["general.architecture"]
         renamed = "mistral" if "llama" in arch and "mistral" in str(metadata.get("general.name", "")) else arch
         renamed = _RENAMED_ARCHITECTURES.get(arch, _READ_AS.get(arch, renamed))
-        if arch in QWEN35_ARCHITECTURES:  # no transformers table: models/gguf_qwen35.py reads the config and tensors
-            renamed = "qwen2"
+        if arch in QWEN35_ARCHITECTURES or arch in HYBRID_ARCHITECTURES:  # no transformers table:
+            renamed = "qwen2"  # models/gguf_qwen35.py and gguf_hybrid.py read the config and tensors
         elif arch not in GGUF_SUPPORTED_ARCHITECTURES and renamed not in GGUF_SUPPORTED_ARCHITECTURES:
             raise ModelLoadError(f"transformers has no GGUF mapping for architecture '{arch}', so the GGUF file "
                                  f"'{path}' cannot be read into a model. Use the model's transformers folder "
@@ -269,6 +270,12 @@ class GGUFContents:
         if arch in QWEN35_ARCHITECTURES:
             config = {**qwen35_config(arch_values(metadata, arch), arch, path), "tie_word_embeddings": config["tie_word_embeddings"]}
             model_type = config["model_type"]
+        if arch in HYBRID_ARCHITECTURES:
+            from fasttune.models.gguf_hybrid import hybrid_config
+
+            config = {**hybrid_config(arch_values(metadata, arch), arch, path, {t[0] for t in tensor_table}),
+                      "tie_word_embeddings": config["tie_word_embeddings"]}
+            model_type = config["model_type"]
         if arch == "lfm2":  # as transformers' load_gguf_checkpoint reads llama.cpp's LFM2: per-layer key/value heads,
             heads = metadata.get(f"{arch}.attention.head_count_kv")  # 0 in the short-convolution layers
             heads = heads if isinstance(heads, list) else [heads] * config["num_hidden_layers"]
@@ -285,9 +292,12 @@ class GGUFContents:
     def tensors(self, names):
         """(transformers name, float32 tensor) for each weight the file has among `names` (the model's parameter
         names, e.g. `model.layers.0.self_attn.q_proj.weight`), dequantised lazily, one tensor at a time."""
-        from gguf import GGML_QUANT_SIZES, MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
+        from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
+        if self.architecture in HYBRID_ARCHITECTURES:
+            yield from self._hybrid_tensors(names)
+            return
         processor = TENSOR_PROCESSORS.get(_READ_AS.get(self.architecture, self.architecture),
                                           TensorProcessor)(config=self.config)
         arch = next((k for k, v in MODEL_ARCH_NAMES.items() if v == self.architecture), None)
@@ -313,11 +323,7 @@ class GGUFContents:
         wanted, halves, given = set(names), {}, set()
         for name, shape, kind, offset in self._table:
             kind = GGMLQuantizationType(kind)
-            block, size = GGML_QUANT_SIZES[kind]
-            count = int(np.prod(shape)) if shape else 1
-            start = self._data_start + offset
-            raw = self._blob[start:start + count // block * size]
-            raw = raw.reshape(*shape[:-1], shape[-1] // block * size) if shape else raw
+            raw = self._raw(shape, kind, offset)
             if gpt_oss and (m := _GPT_OSS_EXPERTS.fullmatch(name)):
                 layer, part, kind_name = m.groups()
                 target = f"model.layers.{layer}.mlp.experts.{'down_proj' if part == 'down' else 'gate_up_proj'}"
@@ -352,6 +358,45 @@ class GGUFContents:
         yield from parsed["tensors"].items()  # tensors a processor assembled itself (split MoE experts)
         if gpt_oss:
             self._check_gpt_oss_complete(names, given, to_hf, halves)
+
+    def _raw(self, shape, kind, offset: int) -> np.ndarray:
+        """A tensor's bytes in the memory-mapped file, shaped (..., row bytes) as the dequantisers take them."""
+        from gguf import GGML_QUANT_SIZES
+
+        block, size = GGML_QUANT_SIZES[kind]
+        count = int(np.prod(shape)) if shape else 1
+        start = self._data_start + offset
+        raw = self._blob[start:start + count // block * size]
+        return raw.reshape(*shape[:-1], shape[-1] // block * size) if shape else raw
+
+    def _hybrid_tensors(self, names):
+        """tensors() of a Mamba-2 hybrid file (models/gguf_hybrid.py): each of `names` joined from the GGUF tensors
+        the exporter splits it into, and undone from llama.cpp's layout."""
+        from gguf import GGMLQuantizationType
+        from transformers import AutoConfig
+
+        from fasttune.models.gguf_hybrid import from_gguf, gguf_layout
+
+        fields = dict(self.config)
+        hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        layout, cfg = gguf_layout(list(names), hf_config, self.architecture)
+        owner = {g: ours for ours, parts in layout.items() for g, _ in parts}
+        pending = {}
+        for name, shape, kind, offset in self._table:
+            ours = owner.get(name)
+            if ours is None:
+                continue
+            kind = GGMLQuantizationType(kind)
+            t = _owned_float32(self._dequantize(name, self._raw(shape, kind, offset), kind))
+            parts = layout[ours]
+            if len(parts) == 1:
+                yield ours, from_gguf(ours, t, cfg, self.architecture)
+                continue
+            pending.setdefault(ours, {})[name] = t
+            if len(pending[ours]) == len(parts):
+                got = pending.pop(ours)
+                yield ours, from_gguf(ours, torch.cat([got[g] for g, _ in parts], dim=parts[0][1]), cfg,
+                                      self.architecture)
 
     def _dequantize(self, name: str, raw: np.ndarray, kind) -> np.ndarray:
         """dequantize_fast of one tensor; a ModelLoadError naming the tensor and its type when the installed gguf
