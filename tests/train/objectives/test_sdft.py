@@ -3,15 +3,15 @@ completions through a subclass hook) is the oracle for one micro-batch's loss, L
 distillation mode, the teacher kinds "base" and "live", chat prompts, skipped tokens and the importance weights of
 reused samples; plus the EMA teacher, the accumulation mean, the config's and data's errors, a short run with
 evaluation and the CLI."""
-import copy
 import json
 import math
 
 import pytest
 import torch
 from grpo_oracle import COMPLETIONS
-from peft_oracle import peft_grads, peft_twin, saved_lora_adapter
-from preference_oracle import restored, shift_policy
+from peft_oracle import saved_lora_adapter
+from preference_oracle import restored
+from self_distillation_oracle import both, one_step_both
 
 from fasttune import FastLanguageModel, SDFTConfig, SDFTTrainer
 from fasttune.errors import ConfigError, DataError
@@ -33,33 +33,10 @@ def policy(tmp_path_factory, tiny_tokenizer):
     return (*saved_lora_adapter(root, tiny_tokenizer), root)
 
 
-def _fixed_trl():
-    from trl.experimental.sdft import SDFTTrainer as TRLSDFT
-
-    class FixedCompletionsSDFT(TRLSDFT):
-        """TRL's trainer whose completions are COMPLETIONS, in order."""
-
-        def _generate(self, prompt_ids):
-            return prompt_ids, [list(c) for c in COMPLETIONS[:len(prompt_ids)]]
-
-    return FixedCompletionsSDFT
-
-
 def _both(policy, tmp_path, rows=ROWS, **cfg):
-    from datasets import Dataset
-    from trl.experimental.sdft import SDFTConfig as TRLConfig
+    from trl.experimental.sdft import SDFTConfig as TRLConfig, SDFTTrainer as TRLTrainer
 
-    model, tok, root = policy
-    common = dict(per_device_train_batch_size=len(COMPLETIONS), gradient_accumulation_steps=1, num_generations=G,
-                  max_completion_length=5, learning_rate=1e-3, **cfg)
-    ours = SDFTTrainer(model, processing_class=tok, train_dataset=rows,
-                       args=SDFTConfig(output_dir=str(tmp_path / "ours"), shuffle=False, **common))
-    theirs = _fixed_trl()(model=peft_twin("llama", root / "adapter"), processing_class=copy.deepcopy(tok),
-                          train_dataset=Dataset.from_list(rows),
-                          args=TRLConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", bf16=False,
-                                         gradient_checkpointing=False, **common))
-    theirs.current_gradient_accumulation_steps = 1  # (set by its training loop, which this test does not run)
-    return ours, theirs
+    return both(policy, tmp_path, SDFTTrainer, SDFTConfig, TRLTrainer, TRLConfig, rows, G, **cfg)
 
 
 CASES = {"topk": dict(distillation_topk=5), "topk-tail": dict(distillation_topk=7, distillation_add_tail=True),
@@ -79,29 +56,8 @@ def test_step_equals_trl(policy, tmp_path, case):
     importance weights act)."""
     model = policy[0]
     rows = CHAT if case == "chat" else ROWS
-    with restored(model):
-        ours, theirs = _both(policy, tmp_path, rows, **CASES[case])
-        reused = case == "reused-samples"
-        if not reused:
-            shift_policy(model, theirs.model)
-        examples = ours.train_examples
-        batch = ours.score(examples, COMPLETIONS, [256 not in c for c in COMPLETIONS], [len(COMPLETIONS)])[0]
-        inputs = theirs._prepare_training_batch([dict(r) for r in rows for _ in range(G)])
-        if reused:
-            assert "old_logps" in batch and "old_per_token_logps" in inputs
-            shift_policy(model, theirs.model)
-        model.zero_grad(set_to_none=True)
-        loss, _ = ours.micro_batch_loss(batch, ours.count_items(batch))
-        loss.backward()
-        got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        theirs.model.train()
-        want_loss = theirs.compute_loss(theirs.model, inputs)
-        want_loss.backward()
-        want = peft_grads(theirs.model)
-    torch.testing.assert_close(loss.detach(), want_loss.detach(), rtol=1e-5, atol=1e-7)
-    assert abs(float(loss.detach())) > 1e-5 and set(got) == set(want) and len(got) > 0
-    for n in got:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-4, atol=1e-6, msg=n)
+    ours, theirs = _both(policy, tmp_path, rows, **CASES[case])
+    one_step_both(model, ours, theirs, rows, G, reused=case == "reused-samples")
     for name in ("self_distillation/distillation_loss", "sdft/distillation_loss"):
         s, n = ours._ratios[name][-1]
         assert float(s / n) == pytest.approx(theirs._metrics["train"][name][-1], rel=1e-4, abs=1e-7)
