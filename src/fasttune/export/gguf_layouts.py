@@ -16,9 +16,8 @@ from fasttune.errors import ConfigError
 from fasttune.export.gguf_falcon_h1 import FALCON_H1, check_falcon_h1
 from fasttune.export.gguf_mmproj import PROJECTORS
 from fasttune.export.gguf_qwen35 import DELTANET_ARCHITECTURES, full_attention_interval
-from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS, architecture
+from fasttune.export.gguf_types import ARCHITECTURES, MOE_METHODS, SMOLLM3_NOPE_STEP, architecture
 from fasttune.models.config import VISION_TEXT_FAMILIES
-from fasttune.models.gguf_file import SMOLLM3_NOPE_STEP  # llama.cpp: no RoPE where (i + 1) % step == 0
 
 # llama.cpp scales Gemma 2/3 queries by head_dim ** -0.5, except for the 27B models (known by their layer count),
 # whose query_pre_attn_scalar is hidden / heads.

@@ -55,6 +55,8 @@ def architecture(cfg) -> str:
 
 
 # llama.cpp's LLAMA_ROPE_TYPE_NORM architectures among ours
+# llama.cpp's smollm3: no RoPE where (i + 1) % step == 0, a step fixed in its code (no GGUF key)
+SMOLLM3_NOPE_STEP = 4
 ROTATE_PAIRS = ("llama", "smollm3", "granite", "arcee", "mistral3", "granitehybrid")
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from fasttune.errors import ModelLoadError
+from fasttune.export.gguf_types import SMOLLM3_NOPE_STEP
 from fasttune.export.mxfp4 import dequantize_mxfp4
 from fasttune.models.gguf_hybrid import ARCHITECTURES as HYBRID_ARCHITECTURES
 from fasttune.models.gguf_qwen35 import ARCHITECTURES as QWEN35_ARCHITECTURES
@@ -35,9 +36,8 @@ _MODEL_TYPES = {"gemma3": "gemma3_text", "gemma4": "gemma4_text", "qwen2moe": "q
 # updated_architecture).
 _RENAMED_ARCHITECTURES = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "gpt-oss": "gpt_oss",
                           "minimax-m2": "minimax_m2"}
-# llama.cpp's smollm3 is its llama (same keys, tensors and q/k row pairing) with no RoPE in every 4th layer, a step
-# fixed in llama.cpp's code (no GGUF key); transformers has no GGUF table for it, so it is read as llama.
-SMOLLM3_NOPE_STEP = 4
+# llama.cpp's smollm3 is its llama (same keys, tensors and q/k row pairing) with no RoPE in every
+# SMOLLM3_NOPE_STEP-th layer (export/gguf_types.py); transformers has no GGUF table for it, so it is read as llama.
 _READ_AS = {"smollm3": "llama"}
 # Stacked MoE experts (llama.cpp's 3-D ffn_{gate,up,down}_exps, ne = (in, out, E)) -> transformers 5's stacked
 # weights: gate and up are concatenated (gate rows first) into experts.gate_up_proj (E, 2I, H).
@@ -291,7 +291,8 @@ class GGUFContents:
 
     def tensors(self, names):
         """(transformers name, float32 tensor) for each weight the file has among `names` (the model's parameter
-        names, e.g. `model.layers.0.self_attn.q_proj.weight`), dequantised lazily, one tensor at a time."""
+        names, e.g. `model.layers.0.self_attn.q_proj.weight`, or a {name: shape} dict, which the Mamba-2 hybrids'
+        files need), dequantised lazily, one tensor at a time."""
         from gguf import MODEL_ARCH_NAMES, GGMLQuantizationType, get_tensor_name_map
         from transformers.modeling_gguf_pytorch_utils import TENSOR_PROCESSORS, TensorProcessor
 
@@ -369,17 +370,19 @@ class GGUFContents:
         raw = self._blob[start:start + count // block * size]
         return raw.reshape(*shape[:-1], shape[-1] // block * size) if shape else raw
 
-    def _hybrid_tensors(self, names):
-        """tensors() of a Mamba-2 hybrid file (models/gguf_hybrid.py): each of `names` joined from the GGUF tensors
-        the exporter splits it into, and undone from llama.cpp's layout."""
+    def _hybrid_tensors(self, names: dict):
+        """tensors() of a Mamba-2 hybrid file (models/gguf_hybrid.py): each of `names` ({name: shape}) joined from the
+        GGUF tensors the exporter splits it into, and undone from llama.cpp's layout."""
         from gguf import GGMLQuantizationType
         from transformers import AutoConfig
 
         from fasttune.models.gguf_hybrid import from_gguf, gguf_layout
 
+        if not isinstance(names, dict):
+            raise ValueError("a Mamba-2 hybrid's tensors need the model's {name: shape}")
         fields = dict(self.config)
         hf_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-        layout, cfg = gguf_layout(list(names), hf_config, self.architecture)
+        layout, cfg = gguf_layout(names, hf_config, self.architecture)
         owner = {g: ours for ours, parts in layout.items() for g, _ in parts}
         pending = {}
         for name, shape, kind, offset in self._table:

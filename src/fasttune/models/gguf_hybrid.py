@@ -10,7 +10,7 @@ FalconH1Model over Mamba2Model) writes:
 - a granitehybrid file whose multipliers are all 1, whose attention scale is 1 / sqrt(head size) and whose
   attention rotates half of each head without experts is Bamba's (BambaConfig fixes that rotation); the others are
   Granite 4.0's;
-- tensor names as the exporter writes them (export/gguf.py's gguf_parts, asked for each of the model's tensors), so
+- tensor names as the exporter writes them (export/gguf_parts.py, asked for each of the model's tensors), so
   the tensors llama.cpp splits (Granite's fused shared MLP, the experts' gate and up) are joined again;
 - Falcon-H1's µP multipliers are folded into its weights in the file, so it reads back with every multiplier 1 (the
   same function), its Mamba output normed after the gate where the file has the norm (llama.cpp's only form);
@@ -134,22 +134,19 @@ def _granite_config(get, path, layers, kv, head_dim, hidden, heads, inner, mamba
     return fields
 
 
-def gguf_layout(names: list[str], hf_config, arch: str) -> tuple[dict[str, list[tuple[str, int | None]]], object]:
-    """({our tensor name: [(GGUF tensor name, the dimension the parts join along or None)]} as export/gguf.py writes
-    each tensor of a model with `names` (its state dict's) and config `hf_config` into architecture `arch`, the
-    model's ModelConfig)."""
+def gguf_layout(shapes: dict, hf_config, arch: str) -> tuple[dict[str, list[tuple[str, int | None]]], object]:
+    """({our tensor name: [(GGUF tensor name, the dimension the parts join along or None)]} as export/gguf_parts.py
+    writes each tensor of a model with `shapes` ({state dict name: shape}) and config `hf_config` into architecture
+    `arch`, the model's ModelConfig)."""
     import gguf
 
-    from fasttune.export.gguf import gguf_parts
-    from fasttune.models.causal_lm import CausalLM
+    from fasttune.export.gguf_parts import gguf_parts
     from fasttune.models.config import ModelConfig
 
     cfg = ModelConfig.from_hf(hf_config)
     tensor_map = gguf.get_tensor_name_map({v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.num_layers)
-    with torch.device("meta"):
-        shapes = {n: t.shape for n, t in CausalLM(hf_config).state_dict().items()}
     layout = {}
-    for name in names:
+    for name in shapes:
         full = shapes[name]
         parts = gguf_parts(name, torch.empty(full, device="meta"), cfg, arch, tensor_map)
         first = next(iter(parts.values()))

@@ -523,7 +523,7 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     hf_config = with_architectures(hf_config)
     ModelConfig.from_hf(hf_config)
     with torch.device("meta"):  # our parameter names are transformers' names
-        names = list(CausalLM(hf_config).state_dict())
+        names = {n: t.shape for n, t in CausalLM(hf_config).state_dict().items()}
     try:
         model = build_model(hf_config, contents.tensors(names), dtype, device, str(path), quant, model_cls=model_cls)
     except (ValueError, KeyError, NotImplementedError) as e:  # a tensor type the gguf package cannot dequantise
