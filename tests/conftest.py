@@ -144,6 +144,8 @@ llava_next_vl_dir = _saved_vl("save_llava_next", "tiny-llava-next")
 llava_onevision_vl_dir = _saved_vl("save_llava_onevision", "tiny-llava-onevision")
 mllama_vl_dir = _saved_vl("save_mllama", "tiny-mllama")
 aya_vision_vl_dir = _saved_vl("save_aya_vision", "tiny-aya-vision")
+paligemma_vl_dir = _saved_vl("save_paligemma", "tiny-paligemma")
+paligemma2_vl_dir = _saved_vl("save_paligemma2", "tiny-paligemma2")
 
 @pytest.fixture(scope="session")
 def qwen_video_dir(tmp_path_factory):
@@ -170,7 +172,8 @@ VL_FIXTURES = {"qwen2_vl": "qwen2_vl_dir", "qwen2_5_vl": "qwen_vl_dir", "qwen3_v
                "idefics3": "idefics3_vl_dir", "smolvlm": "smolvlm_vl_dir", "internvl": "internvl_vl_dir",
                "llava": "llava_vl_dir", "llava_next": "llava_next_vl_dir",
                "llava_onevision": "llava_onevision_vl_dir", "mllama": "mllama_vl_dir",
-               "aya_vision": "aya_vision_vl_dir"}
+               "aya_vision": "aya_vision_vl_dir", "paligemma": "paligemma_vl_dir",
+               "paligemma2": "paligemma2_vl_dir"}
 
 
 @pytest.fixture(params=sorted(VL_FIXTURES))

@@ -851,6 +851,9 @@ def oracle_inputs(folder, batch, proc) -> dict:
         return {"cross_attention_mask": mllama_cross_mask(batch)}
     if any(name in str(folder) for name in ("mistral3", "internvl", "llava", "aya")):  # image tokens found by id
         return {}
+    if "paligemma" in str(folder):  # a collated batch marks its answers; a prompt from the processor is all prefix
+        return {} if "token_type_ids" in batch else {"token_type_ids": batch["input_ids"] * 0}  # (two-way), as
+    # PaliGemmaProcessor's
     if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images,
         # ...); here one row holds them all
         return {"pixel_values": batch["pixel_values"][None],
@@ -974,3 +977,48 @@ def save_aya_vision(folder, seed: int = 0):
     from transformers import AyaVisionForConditionalGeneration
 
     return _save(folder, AyaVisionForConditionalGeneration, aya_vision_config(), aya_vision_processor(), seed)
+
+
+def paligemma_config(text_type: str = "gemma"):
+    """PaliGemma's layout (transformers' PaliGemmaConfig): a 2-layer SigLIP tower on 28-pixel images of 14-pixel
+    patches (4 tokens an image) through the linear projector before a Gemma (`text_type` "gemma2": PaliGemma 2's Gemma
+    2, its sliding layer's window 4 cutting through the prefix)."""
+    from transformers import PaliGemmaConfig
+
+    text = dict(model_type=text_type, vocab_size=272, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rms_norm_eps=1e-6, bos_token_id=257, eos_token_id=256, pad_token_id=256)
+    if text_type == "gemma2":
+        text.update(sliding_window=4, query_pre_attn_scalar=16, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
+                  patch_size=14, projection_dim=64)
+    return PaliGemmaConfig(text_config=text, vision_config=vision, image_token_id=259, projection_dim=64)
+
+
+def paligemma_processor(tok=None):
+    """fasttune's VisionProcessor as PaliGemmaProcessor lays rows out: each image's 4 <image> tokens first, then <bos>
+    (here <|im_start|>), the prompt and "\\n" (the prefix), the answer and <eos>; SigLIP's image processor at 28
+    pixels. The template is data/vision_settings.py's PaliGemma one (its checkpoints ship none)."""
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from fasttune.data.vision import VisionProcessor
+    from fasttune.data.vision_settings import PALIGEMMA_TEMPLATE
+
+    tok = make_tiny_tokenizer(chat_template=None) if tok is None else tok
+    tok.bos_token = "<|im_start|>"  # id 257
+    tok.add_special_tokens({"additional_special_tokens": ["<image>"]})  # id 259
+    images = SiglipImageProcessorPil(size={"height": 28, "width": 28})
+    return VisionProcessor(tok, images, PALIGEMMA_TEMPLATE, "<image>", None, image_sequence="<image>" * 4,
+                           prefix_lm=True)
+
+
+def save_paligemma(folder, seed: int = 0, text_type: str = "gemma"):
+    """Save a random tiny PaliGemma (PaliGemma 2 with text_type "gemma2"; fp32) with its processor; returns the
+    folder."""
+    from transformers import PaliGemmaForConditionalGeneration
+
+    return _save(folder, PaliGemmaForConditionalGeneration, paligemma_config(text_type), paligemma_processor(), seed)
+
+
+def save_paligemma2(folder, seed: int = 0):
+    return save_paligemma(folder, seed, "gemma2")

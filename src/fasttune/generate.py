@@ -131,7 +131,8 @@ def generate(model, input_ids: torch.Tensor | None = None, attention_mask: torch
     (StoppingCriteria objects, in addition to the stop ids and the length), `streamer` (put(ids) / end(), as
     TextStreamer: gets the prompt, then each new token), `output_scores` / `output_logits` /
     `return_dict_in_generate`. `use_cache` is accepted (the KV cache is always used), as are `tokenizer`,
-    `token_type_ids` and `synced_gpus` (no effect here). fasttune's own: `seed` (sampling from a private generator).
+    `token_type_ids`, `labels` and `synced_gpus` (no effect here; PaliGemma's whole prompt is its prefix, attending
+    both ways, as its processor's prompts mark it). fasttune's own: `seed` (sampling from a private generator).
 
     Raises ConfigError for an unknown (misspelt) argument, for decoding modes not implemented here (num_beams > 1,
     penalty_alpha, assistant_model, prefix_allowed_tokens_fn, ...; see generate_args.py), for invalid values and for

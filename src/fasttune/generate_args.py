@@ -29,8 +29,9 @@ IGNORED = {"cache_implementation", "cache_config", "max_cache_len", "compile_con
            "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold",
            "assistant_lookbehind", "target_lookbehind", "early_stopping", "length_penalty", "transformers_version"}
 # generate() arguments that are not GenerationConfig fields. Those mapped to None must be None (or absent).
+# (labels: PaliGemmaProcessor returns them with every prompt; no effect, as token_type_ids)
 CALL_ARGS = {"inputs", "generation_config", "logits_processor", "stopping_criteria", "streamer", "seed",
-             "tokenizer", "token_type_ids", "synced_gpus"}
+             "tokenizer", "token_type_ids", "labels", "synced_gpus"}
 REFUSED_CALL_ARGS = {"prefix_allowed_tokens_fn": "constrained generation", "assistant_model": "assisted generation",
                      "assistant_tokenizer": "assisted generation", "negative_prompt_ids": "classifier-free guidance",
                      "negative_prompt_attention_mask": "classifier-free guidance",

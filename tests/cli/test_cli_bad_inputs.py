@@ -74,8 +74,9 @@ CASES = {
     "model not a causal LM": (lambda t, m: ["--model", str(_t5(t))],
                               lambda t: f"transformers cannot load '{t / 't5'}' as a causal language model"),
     "model an unsupported vision-language family": (
-        lambda t, m: ["--model", str(_paligemma(t))],
-        lambda t: f"'{t / 'paligemma'}' is a paligemma vision-language model, which fasttune does not run yet; "
+        lambda t, m: ["--model", str(_video_llava(t))],
+        lambda t: f"'{t / 'video-llava'}' is a llava_next_video vision-language model, which fasttune does not run "
+                  "yet; "
                   "its vision-language families are aya_vision, gemma3, gemma4, idefics3, internvl, llava"),
     "model a vision-language tokenizer without the image token": (
         lambda t, m: ["--model", str(_llava(t))], "image_token_id 299 is not a token of this tokenizer"),
@@ -121,19 +122,21 @@ def _llava(t):
     return t / "llava"
 
 
-def _paligemma(t):
-    """A PaliGemma checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM refuses."""
+def _video_llava(t):
+    """A LLaVA-NeXT-Video checkpoint: a vision-language family fasttune does not run, which AutoModelForCausalLM
+    refuses."""
     from tiny_tokenizer import make_tiny_tokenizer
-    from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
+    from transformers import LlavaNextVideoConfig, LlavaNextVideoForConditionalGeneration
 
-    text = dict(model_type="gemma", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+    text = dict(model_type="llama", vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                 num_attention_heads=2, num_key_value_heads=2, head_dim=16)
-    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=2, image_size=32, patch_size=8)
-    config = PaliGemmaConfig(text_config=text, vision_config=vision, image_token_id=299, projection_dim=32)
-    PaliGemmaForConditionalGeneration(config).save_pretrained(t / "paligemma")
-    make_tiny_tokenizer().save_pretrained(t / "paligemma")
-    return t / "paligemma"
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    config = LlavaNextVideoConfig(text_config=text, vision_config=vision, image_token_index=298,
+                                  video_token_index=299, image_grid_pinpoints=[[32, 32]])
+    LlavaNextVideoForConditionalGeneration(config).save_pretrained(t / "video-llava")
+    make_tiny_tokenizer().save_pretrained(t / "video-llava")
+    return t / "video-llava"
 
 
 def _t5(t):

@@ -74,8 +74,9 @@ def test_placeholder_count_must_match_the_images(vl_dir):
     model, proc = FastVisionModel.from_pretrained(str(vl_dir))
     batch = _batch(proc)
     cut = {k: v for k, v in batch.items()}
-    at = 8 if "mllama" in str(vl_dir) else 12  # cuts row 1 inside its first image (Llama 3.2 Vision: between its
-    cut["input_ids"] = batch["input_ids"][:, :at]  # two <|image|> tokens)
+    # cuts row 1 inside its first image (Llama 3.2 Vision: between its two <|image|> tokens; PaliGemma, whose images
+    at = 8 if "mllama" in str(vl_dir) else 6 if "paligemma" in str(vl_dir) else 12  # come first: inside the second)
+    cut["input_ids"] = batch["input_ids"][:, :at]
     cut["attention_mask"] = batch["attention_mask"][:, :at]
     with pytest.raises(ConfigError, match="image placeholder tokens"):
         model(**cut)
@@ -273,6 +274,8 @@ def test_generate_with_images_equals_full_forwards(vl_dir):
             # Gemma 3's plain positions count from each row's first real token, as generate's do
             plain = None if "image_grid_thw" in batch else (mask.cumsum(-1) - 1).clamp(min=0)
             media = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask")}
+            if model.family.prefix_lm:  # PaliGemma: the prompt is the prefix (two-way), the new tokens the suffix
+                media["token_type_ids"] = (torch.arange(ids.shape[1]) >= batch["input_ids"].shape[1]).long()[None]
             logits = model(input_ids=ids, attention_mask=mask, position_ids=plain, **media).logits
             ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)

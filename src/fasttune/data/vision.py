@@ -70,8 +70,10 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                  image_rows: tuple | None = None, soft_token_marks: tuple | None = None, audio_extractor=None,
                  audio_marks: tuple | None = None, video_token: str | None = None, video_settings: dict | None = None,
                  video_stamps: tuple | None = None, image_tiles: tuple | None = None, patch_span: tuple | None = None,
-                 anyres: tuple | None = None, cross_images: bool = False, aya_tiles: tuple | None = None):
+                 anyres: tuple | None = None, cross_images: bool = False, aya_tiles: tuple | None = None,
+                 prefix_lm: bool = False):
         self.tokenizer = tokenizer
+        self.prefix_lm = prefix_lm
         self.cross_images = cross_images
         self.aya_tiles = aya_tiles
         self.anyres = anyres
@@ -118,10 +120,13 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                         video_stamps: tuple | None = None, image_tiles: tuple | None = None,
                         patch_span: tuple | None = None, anyres: tuple | None = None,
                         video_default: dict | None = None, cross_images: bool = False,
-                        aya_tiles: tuple | None = None) -> "VisionProcessor":
+                        aya_tiles: tuple | None = None, prefix_lm: bool = False,
+                        default_template: str | None = None) -> "VisionProcessor":
         """Load the parts saved in `folder` (the tokenizer too unless given; with audio_marks, the audio feature
         extractor). video_default: the video settings where the folder has no video_preprocessor_config.json
-        (data/video.py's read_video_settings; by default the family's, from soft_token_marks / video_stamps). Raises
+        (data/video.py's read_video_settings; by default the family's, from soft_token_marks / video_stamps).
+        prefix_lm: PaliGemma's layout (its prompt attends both ways; the answer is the only target: token_type_ids);
+        default_template: the chat template where the folder and the tokenizer have none (PaliGemma's). Raises
         ModelLoadError naming the missing part."""
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -145,11 +150,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
             except (OSError, ValueError) as e:
                 raise ModelLoadError(f"No usable audio feature extractor in '{folder}' ({e}): a model with an audio "
                                      f"tower needs the feature_extractor entry of its processor_config.json.") from None
-        return cls(tokenizer, image_processor, read_chat_template(folder), image_token, merge_size, feature_token,
+        return cls(tokenizer, image_processor, read_chat_template(folder) or getattr(tokenizer, "chat_template", None)
+                   or default_template, image_token, merge_size, feature_token,
                    image_sequence, image_rows, soft_token_marks, audio_extractor, audio_marks, video_token,
                    read_video_settings(folder, video_default or (GEMMA4_VIDEO if soft_token_marks else QWEN3_VIDEO_SIZE
                                                                  if video_stamps else None)) if video_token else None,
-                   video_stamps, image_tiles, patch_span, anyres, cross_images, aya_tiles)
+                   video_stamps, image_tiles, patch_span, anyres, cross_images, aya_tiles, prefix_lm)
 
     def with_tokenizer(self, tokenizer) -> "VisionProcessor":
         """This processor around another tokenizer (an adapter's own, with its added tokens and chat template, the
@@ -160,12 +166,12 @@ class VisionProcessor(ProcessorMixin, AudioClips, VideoFrames):
                                self.feature_token, self.image_sequence, self.image_rows, self.soft_token_marks,
                                self.audio_extractor, self.audio_marks, self.video_token, self.video_settings,
                                self.video_stamps, self.image_tiles, self.patch_span, self.anyres, self.cross_images,
-                               self.aya_tiles)
+                               self.aya_tiles, self.prefix_lm)
 
     def __getattr__(self, name):
         if name in ("tokenizer", "image_processor", "audio_extractor", "audio_marks", "video_token",
                     "video_settings", "video_stamps", "image_tiles", "patch_span", "anyres",
-                    "cross_images", "aya_tiles"):  # not set yet
+                    "cross_images", "aya_tiles", "prefix_lm"):  # not set yet
             # (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)

@@ -59,7 +59,7 @@ class VisionEncoder:
             return p.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         ids = tokens(messages)
-        if self.responses_only:
+        if self.responses_only or p.prefix_lm:  # (PaliGemma's prefix sees itself both ways: never a target)
             labels = [IGNORE_INDEX] * len(ids)
             for i, m in enumerate(messages):
                 if m.get("role") == "assistant":
@@ -94,11 +94,15 @@ class VisionEncoder:
 def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
     """Examples of VisionEncoder -> one batch: input_ids / attention_mask / labels (B, T) right-padded, the images
     of all rows in order as pixel_values (patches, C*T*P*P) and image_grid_thw (images, 3), and their audio clips
-    as input_features / input_features_mask. Packed rows (data/packing.py) also give position_ids and segment_ids
-    (B, T), padding 0, and their documents' image counts stand for rows' (`image_rows`)."""
+    as input_features / input_features_mask; for PaliGemma (processor.prefix_lm) token_type_ids (B, T), 1 on the
+    answers (the targets) and 0 on the prefix, as PaliGemmaProcessor's. Packed rows (data/packing.py) also give
+    position_ids and segment_ids (B, T), padding 0, and their documents' image counts stand for rows'
+    (`image_rows`)."""
     tensors, labels, _ = pad_rows([e["input_ids"] for e in examples], [e["labels"] for e in examples],
                                   processor.pad_id())
     batch = {**tensors, **labels}
+    if processor.prefix_lm:  # PaliGemma: the answers (the targets) are the suffix, the rest the prefix
+        batch["token_type_ids"] = (batch["labels"] != IGNORE_INDEX).long()
     width = batch["input_ids"].shape[1]
     for key in ("position_ids", "segment_ids"):  # packed rows
         if key in examples[0]:

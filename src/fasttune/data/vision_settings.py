@@ -13,8 +13,9 @@ def processor_settings(vlm_config, tokenizer) -> dict:
     Pixtral's rows, Llama 3.2 Vision's one <|image|> (its images batched per row),
     Idefics3's tiles (image_seq_len tokens a tile: (image_size / patch_size)^2 / scale_factor^2, as
     Idefics3Model computes it), InternVL's patch spans ((image_size / patch_size)^2 x downsample_ratio^2 tokens a
-    patch, InternVLProcessor's image_seq_length) or LLaVA-NeXT's / LLaVA-OneVision's tiles
-    (data/vision_layouts.py's anyres_token_count)."""
+    patch, InternVLProcessor's image_seq_length), LLaVA-NeXT's / LLaVA-OneVision's tiles
+    (data/vision_layouts.py's anyres_token_count), or PaliGemma's (image_size / patch_size)^2 an image with its
+    prefix-LM layout and its template (PALIGEMMA_TEMPLATE, where the checkpoint has none)."""
     if vlm_config.model_type == "gemma3":
         boi, eoi, soft = _tokens_of(tokenizer, vlm_config, "boi_token_id", "eoi_token_id", "image_token_id")
         return dict(image_token=boi, merge_size=None, feature_token=soft,
@@ -77,6 +78,12 @@ def processor_settings(vlm_config, tokenizer) -> dict:
         return dict(image_token="<image>", merge_size=None, feature_token=image,
                     aya_tiles=(_special(tokenizer, "<|START_OF_IMG|>"), _special(tokenizer, "<|END_OF_IMG|>"), "TILE",
                                "TILE_GLOBAL", side * side))
+    if vlm_config.model_type == "paligemma":  # PaliGemmaProcessor: an <image> per patch, then <bos>, prompt, "\n"
+        vision = vlm_config.vision_config
+        count = (_side(vision.image_size) // _side(vision.patch_size)) ** 2
+        image = _token_of(tokenizer, vlm_config.image_token_id)
+        return dict(image_token=image, merge_size=None, image_sequence=image * count, prefix_lm=True,
+                    default_template=PALIGEMMA_TEMPLATE.replace("<image>", image))
     if vlm_config.model_type in ("idefics3", "smolvlm"):  # Idefics3Processor's tiles (data/vision.py)
         vision = vlm_config.vision_config
         per_tile = (vision.image_size // vision.patch_size) ** 2 // vlm_config.scale_factor ** 2
@@ -93,6 +100,23 @@ def processor_settings(vlm_config, tokenizer) -> dict:
                 [vlm_config.vision_start_token_id, vlm_config.vision_end_token_id]))
     return settings
 
+
+# PaliGemma's checkpoints have no chat template: a conversation is laid out as PaliGemmaProcessor lays out a prompt and
+# its suffix: the user turn's images (their placeholders) first, then <bos>, its text and "\n" (the prefix, which
+# attends both ways); the assistant's text and <eos> (the suffix, the only target)
+PALIGEMMA_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['content'] is string -%}{%- set items = [{'type': 'text', 'text': message['content']}] -%}"
+    "{%- else -%}{%- set items = message['content'] -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}"
+    "{%- for item in items -%}{%- if item['type'] == 'image' -%}<image>{%- endif -%}{%- endfor -%}"
+    "{{ bos_token }}{%- for item in items -%}{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}"
+    "{%- endfor -%}{{ '\n' }}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- for item in items -%}{%- if item['type'] == 'text' -%}{{ item['text'] }}{%- endif -%}{%- endfor -%}"
+    "{{ eos_token }}"
+    "{%- endif -%}"
+    "{%- endfor -%}")
 
 QWEN3_VIDEO_TYPES = ("qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe")  # Qwen3VLProcessor's families
 QWEN_VIDEO_TYPES = ("qwen2_vl", "qwen2_5_vl") + QWEN3_VIDEO_TYPES

@@ -53,8 +53,9 @@ def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, seg
     """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
     `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
     `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
-    (B, T; no cache): tokens of one image (equal ids >= 0) also see each other, later ones included; a window
-    still applies (transformers' Gemma 3: AND(window, OR(causal, block))); blocks_in_full_layers=False keeps the
+    (B, T; no cache): tokens of one block (an image; PaliGemma's prefix; equal ids >= 0) also see each other, later
+    ones included, beyond a window too (transformers' create_sliding_window_causal_mask: OR(AND(causal, window),
+    block)); blocks_in_full_layers=False keeps the
     full layers' mask causal (Gemma 4's create_masks_for_vision_model). window_kernels=True (past 0: training, or a
     prefill into an empty cache, whose keys are the T new ones):
     when only causality and the windows restrict attention, full layers get None and each window a SlidingWindow,
@@ -67,6 +68,7 @@ def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, seg
     q = torch.arange(past, past + t, device=device)[:, None]
     kv = torch.arange(past + t, device=device)[None, :]
     plain = causal = kv <= q
+    same = None
     if image_blocks is not None:
         same = (image_blocks[:, :, None] == image_blocks[:, None, :]) & (image_blocks[:, :, None] >= 0)
         causal = causal[None] | same  # (B, T, T)
@@ -75,7 +77,8 @@ def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, seg
         if w is None:
             allowed = causal if blocks_in_full_layers else plain
         else:
-            allowed = causal & (q - kv < w)
+            allowed = plain & (q - kv < w)
+            allowed = allowed if same is None else allowed[None] | same
         allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])

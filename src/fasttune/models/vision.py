@@ -5,7 +5,8 @@ transformers loads it; the language model is our decoder with our kernels, built
 `text_config`. `VisionCausalLM.forward` owns the glue: image features replace the image placeholder tokens of
 the embedded sequence (as transformers' `masked_scatter` does), Qwen's 3-axis positions for multimodal RoPE come
 from `qwen_vl_positions` (transformers' `get_rope_index` rule, for images), Qwen3-VL's DeepStack features are
-added after its first decoder layers, and Gemma 3's image tokens attend to each other both ways.
+added after its first decoder layers, Gemma 3's image tokens attend to each other both ways, and PaliGemma's prefix
+(images and prompt, token_type_ids 0) attends both ways.
 
 Parameter names inside the model: `model.*` (our decoder), `lm_head`, and the family's vision modules
 (`visual.*` for Qwen, `vision_tower.*` and `multi_modal_projector.*` for Gemma 3). `checkpoint_name` maps them to
@@ -202,6 +203,10 @@ class VisionCausalLM(CausalLM):
             hidden = self.vision_tower(pixel_values=pixel_values.to(self.dtype),
                                        pixel_position_ids=image_grid_thw).last_hidden_state
             return self.embed_vision(inputs_embeds=hidden).reshape(-1, self.config.hidden_size).to(self.dtype), []
+        if self.family.prefix_lm:  # PaliGemma: every patch's last hidden state through the linear projector
+            weight = self.multi_modal_projector.linear.weight
+            hidden = self.vision_tower(pixel_values=pixel_values.to(weight.dtype)).last_hidden_state
+            return self.multi_modal_projector(hidden).reshape(-1, self.config.hidden_size).to(self.dtype), []
         if self.family.model_type == "gemma3":
             tower = self.vision_tower
             hidden = tower(pixel_values=pixel_values.to(self.multi_modal_projector.mm_input_projection_weight.dtype)
@@ -213,7 +218,8 @@ class VisionCausalLM(CausalLM):
         return feats.to(self.dtype), deep
 
     def multimodal_inputs(self, input_ids: torch.Tensor, pixel_values=None, image_grid_thw=None,
-                          attention_mask=None, videos: dict | None = None, segment_ids=None) -> dict:
+                          attention_mask=None, videos: dict | None = None, segment_ids=None,
+                          token_type_ids=None) -> dict:
         """What the decoder gets for a prompt with images and videos: inputs_embeds (B, T, H) (see embed),
         position_ids ((3, B, T) for multimodal RoPE, else None), image_blocks (Gemma 3's two-way image attention,
         else None), deepstack ((visual-token mask (B, T), [per-layer features]) for Qwen3-VL, else None) and
@@ -222,7 +228,8 @@ class VisionCausalLM(CausalLM):
         segment_ids (B, T): packed rows' documents (1, 2, ...; padding 0), each of which gets its own multimodal
         positions. Llama 3.2 Vision (family.cross_attention): the text's own embeddings, and `cross`, its
         cross-attention layers' image inputs (vision_features.cross_image_inputs; its aspect-ratio inputs in `videos`
-        under their processor keys, constants.CROSS_KEYS)."""
+        under their processor keys, constants.CROSS_KEYS). token_type_ids (B, T): PaliGemma's prefix (0) and suffix (1),
+        whose prefix attends both ways (image_blocks)."""
         if self.family.cross_attention:
             if segment_ids is not None and pixel_values is not None:
                 raise ConfigError(PACKING_REFUSAL)
@@ -243,9 +250,9 @@ class VisionCausalLM(CausalLM):
                 if other is not None:
                     media = media | (input_ids == other)
             per_layer_ids = input_ids.masked_fill(media, pad)
-        return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas,
-                "image_blocks": self.image_blocks(input_ids) if pixel_values is not None or
-                (videos or {}).get("pixel_values_videos") is not None else None,
+        blocks = self.image_blocks(input_ids, token_type_ids) if self.family.prefix_lm or pixel_values is not None or \
+            (videos or {}).get("pixel_values_videos") is not None else None
+        return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas, "image_blocks": blocks,
                 "deepstack": deep, "per_layer_ids": per_layer_ids, "cross": None}
 
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
@@ -256,7 +263,8 @@ class VisionCausalLM(CausalLM):
         multimodal ones."""
         videos = {k: kwargs.pop(k) for k in (*VIDEO_KEYS, *AUDIO_KEYS, *CROSS_KEYS) if k in kwargs}
         segments = kwargs.get("segment_ids")
-        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos, segments)
+        inputs = self.multimodal_inputs(input_ids, pixel_values, image_grid_thw, attention_mask, videos, segments,
+                                        kwargs.pop("token_type_ids", None))
         if segments is not None and self.family.mrope and position_ids is not None and position_ids.dim() == 2:
             position_ids = None
         for key in ("image_blocks", "deepstack", "per_layer_ids", "cross"):
@@ -341,10 +349,16 @@ class VisionCausalLM(CausalLM):
                               f"input_features do not belong to these input_ids.")
         return x.masked_scatter(is_audio[..., None].expand_as(x), feats)
 
-    def image_blocks(self, input_ids: torch.Tensor):
+    def image_blocks(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None):
         """(B, T) long: each image's (Gemma 4: and video frame's) run of placeholder tokens numbered 0, 1, ... per
         row, text -1, for families whose image tokens attend both ways (transformers' get_block_sequence_ids_for_mask);
-        else None."""
+        PaliGemma's prefix (token_type_ids 0) as block 0 and its suffix -1, as transformers' PaliGemmaModel builds its
+        mask (without token_type_ids the whole row is the prefix, as there: its text config asks for two-way
+        attention); else None."""
+        if self.family.prefix_lm:
+            if token_type_ids is None:
+                return torch.zeros_like(input_ids)
+            return torch.where(token_type_ids.to(input_ids.device) == 0, 0, -1)
         if not self.family.bidirectional_images:
             return None
         is_image = input_ids == self.image_token_id
@@ -393,16 +407,21 @@ class VisionCausalLM(CausalLM):
         pixel_values_videos, video_grid_thw (videos, 3) and
         second_per_grid_ts (videos,) (Qwen2.5-VL) as keywords (VIDEO_KEYS); Llama 3.2 Vision's images per row (B,
         images, tiles, C, H, W) with aspect_ratio_ids, aspect_ratio_mask and optionally cross_attention_mask as
-        keywords (CROSS_KEYS); mm_token_type_ids / token_type_ids are
-        accepted and unused (image and video tokens are found by id; Gemma 3's images attend within themselves both
-        ways, as with its token_type_ids). Positions default to the multimodal RoPE positions of input_ids. See
-        CausalLM.forward for the rest."""
+        keywords (CROSS_KEYS); token_type_ids: PaliGemma's prefix (0, attending both ways) and suffix (1), as
+        PaliGemmaProcessor returns them (without them the whole row is the prefix, as in transformers);
+        mm_token_type_ids, and token_type_ids for the other families, are accepted and unused (image and video
+        tokens are found by id; Gemma 3's images attend within themselves both ways, as with its token_type_ids).
+        Positions default to the multimodal RoPE positions of input_ids. See CausalLM.forward for the rest."""
         if inputs_embeds is None and input_ids is not None and past_key_values is None:
             geometry = image_geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask,
                                       batch_num_images)
+            kwargs["token_type_ids"] = token_type_ids  # (PaliGemma's prefix; with_images takes it)
             inputs_embeds, position_ids = self.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                            position_ids, kwargs)
             input_ids = None
+        elif self.family.prefix_lm and input_ids is not None and getattr(past_key_values, "length", None) == 0:
+            kwargs.setdefault("image_blocks", self.image_blocks(input_ids, token_type_ids))  # (a prompt without
+            # images into an empty cache: PaliGemma's prefix too)
         elif pixel_values is not None or kwargs.get("pixel_values_videos") is not None or \
                 kwargs.get("input_features") is not None:
             raise ConfigError("pixel_values, pixel_values_videos and input_features go with the first forward pass "
@@ -428,9 +447,20 @@ class VisionBackbone:
         if inputs_embeds is None and input_ids is not None:
             geometry = image_geometry(image_grid_thw, image_sizes, image_position_ids, pixel_attention_mask,
                                       batch_num_images)
+            kwargs["token_type_ids"] = token_type_ids  # (PaliGemma's prefix; with_images takes it)
             inputs_embeds, position_ids = m.with_images(input_ids, pixel_values, geometry, attention_mask,
                                                         position_ids, kwargs)
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
+
+
+def refuse_prefix_lm(model, trainer: str) -> None:
+    """ConfigError for a PaliGemma model (family.prefix_lm) in a trainer that scores completions without its
+    prefix / suffix layout (the preference and online objectives): they would see each completion both ways."""
+    family = getattr(model, "family", None)
+    if family is not None and family.prefix_lm:
+        raise ConfigError(f"{trainer} does not train PaliGemma yet: its prefix-LM attention (the prompt both ways, "
+                          f"the answer causally) is implemented for SFTTrainer (rows of images, a prompt and its "
+                          f"answer). Train it with SFTTrainer.")
 
 
 def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attention: bool, mlp: bool,

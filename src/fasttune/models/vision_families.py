@@ -60,6 +60,10 @@ class VisionFamily:
     # cross-attention layers (models/cross_attention.py), its one <|image|> token marking where the text starts
     # attending to it
     cross_attention: bool = False
+    # PaliGemma (transformers' PaliGemmaForConditionalGeneration): prefix-LM attention, the prefix (the images and the
+    # prompt: token_type_ids 0) seeing itself both ways and the suffix (the answer) causally; the tower's last hidden
+    # state through a one-linear projector
+    prefix_lm: bool = False
 
 
 FAMILIES = {
@@ -149,6 +153,10 @@ FAMILIES["mllama"] = VisionFamily("mllama", (("vision_model", "vision_model"),
                                    r"(fc1|fc2)",
                                    cross_attention=True)
 FAMILIES["qwen3_5_moe"] = replace(FAMILIES["qwen3_5"], model_type="qwen3_5_moe")  # its decoder's MLPs: experts
+# PaliGemma / PaliGemma 2: a SigLIP tower and a linear projector (Gemma 3's module names) before a Gemma / Gemma 2
+# decoder, the images' tokens first in the row, then <bos>, the prompt and "\n" (the prefix), then the answer
+FAMILIES["paligemma"] = replace(FAMILIES["gemma3"], model_type="paligemma", bidirectional_images=False,
+                                prefix_lm=True)
 
 
 def patches_per_token(family: VisionFamily, vlm_config) -> float:

@@ -12,7 +12,8 @@ from fasttune.data.vision import VisionProcessor
 from fasttune.data.vision_rows import VisionDataCollator, collate_vision
 from fasttune.errors import ConfigError, DataError
 
-BATCH_KEYS = MEDIA_KEYS  # the media inputs a micro-batch may carry to the model
+BATCH_KEYS = (*MEDIA_KEYS, "token_type_ids")  # the media inputs a micro-batch may carry to the model (and
+# PaliGemma's prefix / suffix)
 
 
 def is_vision_model(model) -> bool:
