@@ -105,6 +105,16 @@ def test_config_errors_and_defaults(tmp_path):
             SDPOConfig(output_dir=str(tmp_path), **kw)
 
 
+def test_a_chat_prompt_must_end_with_the_user(policy, tmp_path):
+    from fasttune.errors import DataError
+
+    model, tok, _ = policy
+    rows = [{"prompt": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], "answer": "b"}]
+    with pytest.raises(DataError, match="Row 0.*last message is not the user's"):
+        SDPOTrainer(model, reward_funcs=[exact], processing_class=tok, train_dataset=rows,
+                    args=SDPOConfig(output_dir=str(tmp_path), num_generations=G, max_completion_length=5))
+
+
 def test_degenerate_steps_warn(policy, tmp_path):
     """Flat rewards and no successful completion warn on the first such step (TRL's diagnostics)."""
     model, tok, _ = policy

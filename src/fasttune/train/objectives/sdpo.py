@@ -119,6 +119,13 @@ class SDPOTrainer(SelfDistillationTrainer):
         self._degenerate = {"train": defaultdict(int), "eval": defaultdict(int)}  # steps in a row, per warning
         self._feedback_warned = False  # (the unused-feedback warning is given once)
 
+    def extend_example(self, example: dict, row: dict, where: str, limit: int) -> bool:
+        """A chat prompt must end with the user's turn, which the teacher's prompt rewrites: DataError naming the row
+        here rather than mid-training."""
+        if isinstance(row.get("prompt"), list):
+            rewritten_prompt(row["prompt"], lambda text: text, where, "SDPO")
+        return True
+
     # --- scoring: rewards, advantages and the teachers' prompts ------------------------------------------------
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
               sizes: list[int], group: int | None = None, across_ranks: bool = False) -> list[dict]:
