@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 from tiny_vision import (mllama_cross_mask, save_gemma4, save_idefics3, save_internvl, save_llava, save_llava_next,
-                         save_llava_onevision, save_mistral3, save_mllama, save_smolvlm, solid_image)
+                         save_llava_onevision, save_mistral3, save_mllama, save_paligemma, save_smolvlm,
+                         solid_image)
 
 from fasttune import FastVisionModel
 
@@ -24,7 +25,8 @@ SAVERS = {"gemma4": lambda f: save_gemma4(f), "gemma4_e2b": lambda f: save_gemma
           "idefics3": lambda f: save_idefics3(f), "smolvlm": lambda f: save_smolvlm(f),
           "internvl": lambda f: save_internvl(f), "llava": lambda f: save_llava(f),
           "llava_next": lambda f: save_llava_next(f), "llava_onevision": lambda f: save_llava_onevision(f),
-          "mllama": lambda f: save_mllama(f)}
+          "mllama": lambda f: save_mllama(f), "paligemma": lambda f: save_paligemma(f),
+          "paligemma2": lambda f: save_paligemma(f, text_type="gemma2")}
 
 
 def _setup(family, folder, dtype):
@@ -42,6 +44,8 @@ def _setup(family, folder, dtype):
         "mm_token_type_ids": (batch["input_ids"] == proc.image_token_id).long()}
     if family == "mllama":  # MllamaProcessor's cross_attention_mask, by transformers' functions
         marks = {"cross_attention_mask": mllama_cross_mask({k: v.cpu() for k, v in batch.items()}).to("cuda")}
+    if family.startswith("paligemma"):  # a prompt is all prefix (two-way), as PaliGemmaProcessor marks it
+        marks = {"token_type_ids": torch.zeros_like(batch["input_ids"])}
     if family in ("idefics3", "smolvlm"):  # transformers' layout of the tiles: (rows, images, C, H, W)
         marks = {"pixel_values": batch["pixel_values"][None],
                  "pixel_attention_mask": batch["pixel_attention_mask"][None]}
