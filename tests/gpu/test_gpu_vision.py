@@ -167,16 +167,18 @@ def test_bf16_towers_lora_loss_and_gradients_close_to_peft(tmp_path):
     assert sum(mine) < 1.5 * sum(peft) + 4e-3, (mine, peft)
 
 
-@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3"])
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "gemma3", "mllama", "paligemma"])
 def test_bf16_packed_rows_match_each_document_alone(family, tmp_path):
     """packing=True on the card: a packed row (Qwen: varlen attention over its documents; Gemma 3: the dense mask with
-    its two-way image blocks) gives each document's bf16 logits within bf16 noise of the document alone."""
+    its two-way image blocks; Llama 3.2 Vision: each document's cross-attention to its own images; PaliGemma: each
+    document's prefix) gives each document's bf16 logits within bf16 noise of the document alone."""
     from tiny_vision import save_gemma3, save_qwen_vl
 
     from fasttune.data.packing import pack_examples
     from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
-    folder = {"qwen2_5_vl": save_qwen_vl, "gemma3": save_gemma3}[family](tmp_path / family)
+    folder = {"qwen2_5_vl": save_qwen_vl, "gemma3": save_gemma3, "mllama": save_mllama,
+              "paligemma": save_paligemma}[family](tmp_path / family)
     model, proc = FastVisionModel.from_pretrained(str(folder), dtype=torch.bfloat16, device="cuda")
     rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": solid_image(color)},
                                                        {"type": "text", "text": "hue?" * k}]},

@@ -137,16 +137,31 @@ def test_sampled_copies_of_an_image_prompt_reuse_its_cached_image(loaded):
     assert torch.equal(sampled[0::2], greedy) and torch.equal(sampled[1::2], greedy)
 
 
-def test_packing_adding_tokens_and_gguf_are_refused_by_name(loaded, tmp_path):
-    from fasttune import SFTConfig, SFTTrainer
+def test_packed_training_and_the_refusals(loaded, mllama_vl_dir, tmp_path):
+    """SFTTrainer(packing=True) trains on packed rows (each document attends its own images, tests/models/
+    test_vision_packing.py); a processor's cross_attention_mask with packed rows, adding tokens and GGUF are refused
+    by name."""
+    from fasttune import FastVisionModel, SFTConfig, SFTTrainer
+    from fasttune.data.packing import pack_examples
+    from fasttune.data.vision_rows import VisionEncoder, collate_vision
 
     model, proc = loaded
-    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": noise_image((28, 28), 6)},
+    lora, _ = FastVisionModel.from_pretrained(str(mllama_vl_dir), device="cpu")
+    lora = FastVisionModel.get_peft_model(lora, r=4)
+    rows = [{"messages": [{"role": "user", "content": [{"type": "image", "image": noise_image((28, 28), 6 + i)},
                                                        {"type": "text", "text": "?"}]},
-                          {"role": "assistant", "content": "noise"}]}] * 2
-    with pytest.raises(ConfigError, match="packing=True: Llama 3.2 Vision"):
-        SFTTrainer(model=model, processing_class=proc, train_dataset=rows,
-                   args=SFTConfig(output_dir=str(tmp_path / "out"), packing=True, max_steps=1, report_to="none"))
+                          {"role": "assistant", "content": "noise"}]} for i in range(4)]
+    trainer = SFTTrainer(model=lora, processing_class=proc, train_dataset=rows,
+                         args=SFTConfig(output_dir=str(tmp_path / "out"), packing=True, max_steps=1, report_to="none",
+                                        per_device_train_batch_size=1, gradient_accumulation_steps=1))
+    assert len(trainer.train_examples) == 1 and len(trainer.train_examples[0]["images"]) == 4
+    result = trainer.train()
+    assert result["global_step"] == 1 and torch.isfinite(torch.tensor(result["train_loss"]))
+    encoder = VisionEncoder(proc, 256, train_on_responses_only=False)
+    batch = collate_vision(pack_examples([encoder.encode(r, i) for i, r in enumerate(rows[:2])], 256), proc)
+    given = torch.ones(*batch["input_ids"].shape, 2, batch["aspect_ratio_mask"].shape[-1], dtype=torch.long)
+    with pytest.raises(ConfigError, match="Packed rows .* take no cross_attention_mask"):
+        model(**batch, cross_attention_mask=given)
     with pytest.raises(ConfigError, match="8 rows past its 259-token vocabulary"):
         model.resize_token_embeddings(len(proc.tokenizer) + 1)
     with pytest.raises(ConfigError, match="cross-attention layers"):

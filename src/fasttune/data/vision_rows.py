@@ -108,9 +108,10 @@ def collate_vision(examples: list[dict], processor: VisionProcessor) -> dict:
         if key in examples[0]:
             batch[key] = torch.tensor([e[key] + [0] * (width - len(e[key])) for e in examples], dtype=torch.long)
     images = [to_pil(im, "an image of the batch") for e in examples for im in e["images"]]
-    if images:
-        batch.update(processor.process_images(images, [n for e in examples
-                                                       for n in e.get("image_rows", [len(e["images"])])]))
+    if images:  # (Llama 3.2 Vision batches the images per row: a packed row's are all its documents')
+        rows = [len(e["images"]) for e in examples] if processor.cross_images else \
+            [n for e in examples for n in e.get("image_rows", [len(e["images"])])]
+        batch.update(processor.process_images(images, rows))
     clips = [c for e in examples for c in e.get("audio", ())]
     if clips:
         batch.update(processor.process_audio(clips))

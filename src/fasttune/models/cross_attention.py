@@ -7,7 +7,9 @@ in the KV cache (`KVCache.cross`), computed once at the prefill.
 transformers' rule, which this keeps so that the values equal the reference's: a text position that may attend to
 no image tile (text before the first image, a row without images) attends to every image position of its row with
 equal weight, padding included (its mask row is all zeros, not all -inf), and its MLP output is zeroed; the layer
-output is residual + tanh(gate) x sublayer for both sublayers.
+output is residual + tanh(gate) x sublayer for both sublayers. Packed rows (segment_ids) give each document what it
+gets alone: its spans end with it, its text before its first image opens to its own images only, and a document
+without images is left as it is (as the layer skips a batch without images).
 """
 from __future__ import annotations
 
@@ -30,39 +32,55 @@ class CrossInputs:
     states: (B, V, H) the projected image features (V = images x tiles x patches per tile), or None in a decode
     step (the cache holds their keys and values); allowed: (B, 1, T, V) bool, True where a text position attends an
     image position (rows with none allowed already opened to every position, transformers' rule); rows: (B, T, 1) in
-    the model dtype, 1 where a text position has an image to attend (its MLP output kept), else 0."""
+    the model dtype, 1 where a text position has an image to attend (its MLP output kept), else 0; attend: None, or
+    for packed rows (B, T, 1) in the model dtype, 0 where a position's document has no image (the layer then leaves
+    it as it is, as it skips a batch without images), else 1."""
     states: torch.Tensor | None
     allowed: torch.Tensor
     rows: torch.Tensor
+    attend: torch.Tensor | None = None
 
     def last(self) -> "CrossInputs":
         """The last position's mask and row flag without the states: what each decode step after the prompt uses
         (transformers repeats the prompt's last mask row for every new token)."""
-        return CrossInputs(None, self.allowed[:, :, -1:], self.rows[:, -1:])
+        return CrossInputs(None, self.allowed[:, :, -1:], self.rows[:, -1:],
+                           None if self.attend is None else self.attend[:, -1:])
 
     def select(self, rows: torch.Tensor) -> "CrossInputs":
         """These inputs for batch rows `rows` (B',) int64 (copies of a prompt in generation)."""
         pick = lambda x: None if x is None else x.index_select(0, rows)  # noqa: E731
-        return CrossInputs(pick(self.states), pick(self.allowed), pick(self.rows))
+        return CrossInputs(pick(self.states), pick(self.allowed), pick(self.rows), pick(self.attend))
 
 
-def cross_inputs(states: torch.Tensor, tile_mask: torch.Tensor, patches: int, dtype: torch.dtype) -> CrossInputs:
+def cross_inputs(states: torch.Tensor, tile_mask: torch.Tensor, patches: int, dtype: torch.dtype,
+                 own_images: torch.Tensor | None = None) -> CrossInputs:
     """CrossInputs from the projected features (B, V, H) and the processor's cross_attention_mask (B, T, images,
     tiles), 1 where a text position attends an image's tile; each tile stands for `patches` image positions
-    (transformers' _prepare_cross_attention_mask, as a bool mask)."""
-    allowed = tile_mask.bool().repeat_interleave(patches, dim=3).flatten(2)[:, None]  # (B, 1, T, V)
+    (transformers' _prepare_cross_attention_mask, as a bool mask). own_images (B, T, images) bool, for packed rows:
+    the images of each position's document; a position attending none then opens to its own document's images (every
+    tile) instead of the row's, and one whose document has none is left as it is (CrossInputs.attend)."""
+    def positions(mask):  # (B, T, images, tiles) -> (B, 1, T, V)
+        return mask.bool().repeat_interleave(patches, dim=3).flatten(2)[:, None]
+
+    allowed = positions(tile_mask)
     any_allowed = allowed.any(dim=-1, keepdim=True)
     rows = any_allowed[:, 0].to(dtype)  # (B, T, 1)
-    return CrossInputs(states, allowed | ~any_allowed, rows)
+    if own_images is None:
+        return CrossInputs(states, allowed | ~any_allowed, rows)
+    own = positions(own_images[..., None].expand(*own_images.shape, tile_mask.shape[-1]))
+    has_own = own.any(dim=-1, keepdim=True)
+    opened = torch.where(has_own, own, torch.ones_like(own))  # (no image of its own: any keys; attend 0 drops them)
+    return CrossInputs(states, allowed | (~any_allowed & opened), rows, has_own[:, 0].to(dtype))
 
 
 def image_token_spans(input_ids: torch.Tensor, image_token_id: int, tiles: torch.Tensor,
-                      max_tiles: int) -> torch.Tensor:
+                      max_tiles: int, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
     """The processor's cross_attention_mask (B, T, images, max_tiles) long, from the token ids: the k-th <|image|>
     of a row is attended from its position to the next <|image|> (or the row's end), a run of adjacent <|image|>
     tokens sharing the span after the run's last one, over the image's first tiles[b, k] tiles (transformers'
     get_cross_attention_token_mask and convert_sparse_cross_attention_mask_to_dense). input_ids (B, T); tiles
-    (B, images) long."""
+    (B, images) long; segment_ids (B, T) long, packed rows' documents: a span also ends with its document, so each
+    document's text attends its own images only, and its text before them none (as alone)."""
     b, t = input_ids.shape
     images = tiles.shape[1]
     pos = torch.arange(t, device=input_ids.device)
@@ -78,6 +96,10 @@ def image_token_spans(input_ids: torch.Tensor, image_token_id: int, tiles: torch
     starts = torch.full((b, images), t, dtype=torch.long, device=input_ids.device)
     starts[rows[keep], rank[keep]] = cols[keep]
     ends = following.gather(1, starts.clamp(max=t - 1))
+    if segment_ids is not None:  # each position's document's end: the next position of another document (or t)
+        boundary = torch.where(segment_ids[:, 1:] != segment_ids[:, :-1], pos[1:], t)
+        doc_end = torch.cat([boundary, boundary.new_full((b, 1), t)], dim=1).flip(1).cummin(dim=1).values.flip(1)
+        ends = torch.minimum(ends, doc_end.gather(1, starts.clamp(max=t - 1)))
     spans = (pos[None, :, None] >= starts[:, None, :]) & (pos[None, :, None] < ends[:, None, :])  # (B, T, images)
     tile_on = torch.arange(max_tiles, device=input_ids.device) < tiles[..., None]  # (B, images, max_tiles)
     return (spans[..., None] & tile_on[:, None]).long()
@@ -128,6 +150,8 @@ def cross_layer(layer, x: torch.Tensor, masks: dict, cache: KVCache | None = Non
     if cross is None or (cross.states is None and (cache is None or layer.layer_idx not in cache.cross)):
         return x
     h = layer.cross_attn(layer.attn_norm(x), cross, cache)
+    if cross.attend is not None:  # (packed rows: a document without images is left as it is)
+        h = h * cross.attend
     x = x + torch.tanh(layer.cross_attn_attn_gate) * h
     h = layer.ffn(layer.mlp_norm(x)) * cross.rows
     return x + torch.tanh(layer.cross_attn_mlp_gate) * h

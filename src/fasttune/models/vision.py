@@ -48,12 +48,6 @@ def _joint_deepstack(parts: list):
     return joint, layers
 
 
-# Packed rows would let a document's text attend to another document's images (a cross-attention mask spans the
-# row, and text before a document's first image attends to every image of the row, transformers' rule).
-PACKING_REFUSAL = ("packing=True: Llama 3.2 Vision's text attends to the images of its row through cross-attention, so "
-                   "packed documents would see each other's images; set packing=False.")
-
-
 def is_vision_config(hf_config) -> bool:
     """True for a transformers config of a vision-language family fasttune runs (FAMILIES) whose language model our
     decoder runs (config.decoder_runs: a Gemma 4 attending both ways everywhere stays on the fallback)."""
@@ -231,12 +225,10 @@ class VisionCausalLM(CausalLM):
         under their processor keys, constants.CROSS_KEYS). token_type_ids (B, T): PaliGemma's prefix (0) and suffix (1),
         whose prefix attends both ways (image_blocks)."""
         if self.family.cross_attention:
-            if segment_ids is not None and pixel_values is not None:
-                raise ConfigError(PACKING_REFUSAL)
             zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
             return {"inputs_embeds": self.model.embed_tokens(input_ids), "position_ids": None, "rope_deltas": zeros,
                     "image_blocks": None, "deepstack": None, "per_layer_ids": None,
-                    "cross": cross_image_inputs(self, input_ids, pixel_values, videos or {})}
+                    "cross": cross_image_inputs(self, input_ids, pixel_values, videos or {}, segment_ids)}
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
         if segment_ids is not None and self.family.mrope:
             positions, deltas = self.packed_rope_index(input_ids, segment_ids, image_grid_thw, videos)

@@ -200,14 +200,16 @@ def pooled_video_features(model, pixel_values_videos: torch.Tensor, num_frames=N
     return torch.cat(pieces).to(model.dtype)
 
 
-def cross_image_inputs(model, input_ids: torch.Tensor, pixel_values, media: dict):
+def cross_image_inputs(model, input_ids: torch.Tensor, pixel_values, media: dict, segment_ids=None):
     """Llama 3.2 Vision's inputs to its cross-attention layers (models/cross_attention.py's CrossInputs), or None
     for a batch without images. pixel_values (B, images, tiles, C, H, W) as MllamaProcessor pads them (or (images,
     tiles, C, H, W) for one row); media: its aspect_ratio_ids (B, images), aspect_ratio_mask (B, images, tiles) and
     optionally cross_attention_mask (B, T, images, tiles), else built from the <|image|> tokens of input_ids
-    (image_token_spans). The tower's output of every tile goes through the projector, (B, images x tiles x
-    patches, hidden), as transformers' MllamaModel gives it. Raises ConfigError for <|image|> tokens without pixels,
-    pixels without their aspect-ratio inputs, or a row whose <|image|> tokens are not its images' count."""
+    (image_token_spans; segment_ids (B, T): packed rows' documents, each attending its own images). The tower's
+    output of every tile goes through the projector, (B, images x tiles x patches, hidden), as transformers'
+    MllamaModel gives it. Raises ConfigError for <|image|> tokens without pixels, pixels without their aspect-ratio
+    inputs, a row whose <|image|> tokens are not its images' count, or a given cross_attention_mask with packed rows
+    (it cannot say which document an image belongs to)."""
     from fasttune.models.cross_attention import cross_inputs, image_token_spans
 
     token = model.image_token_id
@@ -240,6 +242,27 @@ def cross_image_inputs(model, input_ids: torch.Tensor, pixel_values, media: dict
     states = model.multi_modal_projector(hidden.to(model.multi_modal_projector.weight.dtype))
     states = states.reshape(b, -1, model.config.hidden_size).to(model.dtype)
     tiles = media.get("cross_attention_mask")
+    if tiles is not None and segment_ids is not None:
+        raise ConfigError("Packed rows (segment_ids) take no cross_attention_mask: fasttune builds each document's "
+                          "own from its <|image|> tokens; leave it out.")
+    own = None
+    if segment_ids is not None:
+        segment_ids = segment_ids.to(input_ids.device)
+        own = document_images(input_ids, token, segment_ids, images)
     if tiles is None:
-        tiles = image_token_spans(input_ids, token, ratio_mask.sum(dim=-1), ratio_mask.shape[-1])
-    return cross_inputs(states, tiles.to(input_ids.device)[:, :input_ids.shape[1]], tower.num_patches, model.dtype)
+        tiles = image_token_spans(input_ids, token, ratio_mask.sum(dim=-1), ratio_mask.shape[-1], segment_ids)
+    return cross_inputs(states, tiles.to(input_ids.device)[:, :input_ids.shape[1]], tower.num_patches, model.dtype,
+                        own)
+
+
+def document_images(input_ids: torch.Tensor, image_token_id: int, segment_ids: torch.Tensor,
+                    images: int) -> torch.Tensor:
+    """(B, T, images) bool: for packed rows, which of its row's images (the k-th <|image|> of the row is image k)
+    belong to each position's document (segment_ids (B, T), padding 0)."""
+    hit = input_ids == image_token_id
+    rows, cols = hit.nonzero(as_tuple=True)
+    rank = (hit.cumsum(dim=1) - 1)[rows, cols]
+    keep = rank < images
+    image_segment = torch.zeros(input_ids.shape[0], images, dtype=segment_ids.dtype, device=input_ids.device)
+    image_segment[rows[keep], rank[keep]] = segment_ids[rows[keep], cols[keep]]
+    return (segment_ids[:, :, None] == image_segment[:, None, :]) & (image_segment[:, None, :] > 0)

@@ -156,10 +156,6 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         if not isinstance(self.model, CausalLM):
             raise ConfigError("packing=True needs fasttune's own decoder (its attention keeps packed documents "
                               "apart); this model runs through the transformers fallback. Set packing=False.")
-        if getattr(getattr(self.model, "family", None), "cross_attention", False):
-            from fasttune.models.vision import PACKING_REFUSAL
-
-            raise ConfigError(PACKING_REFUSAL)
         return pack_examples(examples, self.args.max_seq_length)
 
     def _check_ids_fit_model(self):
