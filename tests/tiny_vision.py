@@ -851,9 +851,13 @@ def oracle_inputs(folder, batch, proc) -> dict:
         return {"cross_attention_mask": mllama_cross_mask(batch)}
     if any(name in str(folder) for name in ("mistral3", "internvl", "llava", "aya")):  # image tokens found by id
         return {}
-    if "paligemma" in str(folder):  # a collated batch marks its answers; a prompt from the processor is all prefix
-        return {} if "token_type_ids" in batch else {"token_type_ids": batch["input_ids"] * 0}  # (two-way), as
-    # PaliGemmaProcessor's
+    if "paligemma" in str(folder):  # a collated batch marks its answers (an objective's batch: its completions); a
+        if "token_type_ids" in batch:  # prompt from the processor is all prefix (two-way), as PaliGemmaProcessor's
+            return {}
+        types, done = batch["input_ids"] * 0, batch.get("completion_mask")  # (GRPO's: the last columns only)
+        if done is not None:
+            types[:, types.shape[1] - done.shape[1]:] = done.long()
+        return {"token_type_ids": types}
     if "idefics3" in str(folder) or "smolvlm" in str(folder):  # transformers' layout of the tiles: (rows, images,
         # ...); here one row holds them all
         return {"pixel_values": batch["pixel_values"][None],

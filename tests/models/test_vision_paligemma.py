@@ -2,16 +2,15 @@
 the prompt and "\\n" as the prefix, attending both ways; the answer and <eos> as the suffix, causal and the only
 target), rows collated exactly as transformers' PaliGemmaProcessor lays out a prompt and its suffix, the logits of
 both layouts (and of PaliGemma 2's sliding layer, whose window the prefix crosses) and greedy generation equal
-transformers', and the objectives that do not implement the layout refused by name. Logits, LoRA against PEFT,
-merging, 4-bit, generation and the SFT loss curve also run in the shared vision tests (tests/conftest.py's
-vl_dir)."""
+transformers'. Logits, LoRA against PEFT, merging, 4-bit, generation, packing and the SFT loss curve also run in the
+shared vision tests (tests/conftest.py's vl_dir), and DPO's loss curve and GRPO's step (completions as the suffix)
+in tests/train/objectives/test_dpo_vision.py and test_grpo_vision.py."""
 import copy
 
 import pytest
 import torch
 from tiny_vision import noise_image
 
-from fasttune.errors import ConfigError
 
 
 def _rows(images, answers=("a cat", "dog dog")):
@@ -69,16 +68,3 @@ def test_greedy_generation_equals_transformers(loaded):
     with torch.no_grad():
         want = hf.generate(**prompt, max_new_tokens=6, do_sample=False)
     assert torch.equal(model.generate(**prompt, max_new_tokens=6, do_sample=False), want)
-
-
-def test_objectives_without_the_layout_are_refused(paligemma_vl_dir, tmp_path):
-    from fasttune import DPOConfig, DPOTrainer, FastVisionModel, GRPOConfig, GRPOTrainer
-
-    model, proc = FastVisionModel.from_pretrained(str(paligemma_vl_dir))
-    model = FastVisionModel.get_peft_model(model, r=4)
-    rows = [{"prompt": "x", "chosen": "a", "rejected": "b"}]
-    with pytest.raises(ConfigError, match="DPOTrainer does not train PaliGemma yet.*SFTTrainer"):
-        DPOTrainer(model, processing_class=proc, train_dataset=rows, args=DPOConfig(output_dir=str(tmp_path)))
-    with pytest.raises(ConfigError, match="GRPOTrainer does not train PaliGemma yet"):
-        GRPOTrainer(model, reward_funcs=["length"], processing_class=proc, train_dataset=[{"prompt": "x"}],
-                    args=GRPOConfig(output_dir=str(tmp_path)))

@@ -445,16 +445,6 @@ class VisionBackbone:
         return m.model(None, attention_mask, position_ids, None, inputs_embeds, **kwargs)
 
 
-def refuse_prefix_lm(model, trainer: str) -> None:
-    """ConfigError for a PaliGemma model (family.prefix_lm) in a trainer that scores completions without its
-    prefix / suffix layout (the preference and online objectives): they would see each completion both ways."""
-    family = getattr(model, "family", None)
-    if family is not None and family.prefix_lm:
-        raise ConfigError(f"{trainer} does not train PaliGemma yet: its prefix-LM attention (the prompt both ways, "
-                          f"the answer causally) is implemented for SFTTrainer (rows of images, a prompt and its "
-                          f"answer). Train it with SFTTrainer.")
-
-
 def vision_targets(model: VisionCausalLM, vision: bool, language: bool, attention: bool, mlp: bool,
                    attention_names, mlp_names, audio: bool = False) -> str:
     """The target_modules regex for FastModel's layer-group switches on a vision-language model, over

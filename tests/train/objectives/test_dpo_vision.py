@@ -38,7 +38,7 @@ def _load(folder):
 
 
 @pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir",
-                        "mllama_vl_dir"])
+                        "mllama_vl_dir", "paligemma_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 

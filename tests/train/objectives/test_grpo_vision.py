@@ -58,7 +58,7 @@ def _fixed(model, proc, tmp_path, rows=None, **kw):
 
 
 @pytest.fixture(params=["qwen_vl_dir", "gemma3_vl_dir", "idefics3_vl_dir", "internvl_vl_dir", "llava_vl_dir",
-                        "mllama_vl_dir"])
+                        "mllama_vl_dir", "paligemma_vl_dir"])
 def vl_folder(request):
     return request.getfixturevalue(request.param)
 

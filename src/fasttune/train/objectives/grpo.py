@@ -105,10 +105,7 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
                               "prompts and decode completions for the reward functions.")
         self.vision = getattr(model, "family", None) is not None  # a vision-language model: prompts may hold images
         if self.vision:
-            from fasttune.models.vision import refuse_prefix_lm
-
             require_processor(tok, name)
-            refuse_prefix_lm(model, name)
         given = reward_funcs is not None
         self.reward_funcs = trainer_reward_funcs(
             reward_funcs if given else args.reward_funcs, reward_processing_classes,

@@ -70,10 +70,8 @@ class PreferenceTrainer(EvalWindow, Trainer):
         self.vision = self.supports_vision and getattr(model, "family", None) is not None
         if self.vision:
             from fasttune.data.vision_prompts import require_processor
-            from fasttune.models.vision import refuse_prefix_lm
 
             require_processor(tok, type(self).__name__)
-            refuse_prefix_lm(model, type(self).__name__)
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
         if hasattr(self.args, "router_aux_loss_coef"):  # DPO / KTO: TRL's MoE load-balancing loss, on by default
             apply_router_aux_loss_coef(self.model, self.args.router_aux_loss_coef)

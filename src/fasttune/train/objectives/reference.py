@@ -107,18 +107,25 @@ def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     """(N, H) final hidden states of fasttune's `model` (a CausalLM) at the positions that predict the scored tokens:
     `mask` (B, n) bool marks the scored tokens among the last n of input_ids (B, T), N = mask.sum(); `positions`:
     score_positions(mask), to select them without a device sync; position_ids / media / aux_out /
-    output_router_logits as in model_token_logprobs. Differentiable when the model trains."""
+    output_router_logits as in model_token_logprobs. On PaliGemma (family.prefix_lm) the scored tokens (the
+    completions) are the suffix, attending causally, and the rest of each row the prefix, attending both ways (its
+    token_type_ids). Differentiable when the model trains."""
     from fasttune.models.moe import load_balancing_loss
 
     start = input_ids.shape[1] - mask.shape[1]
     if output_router_logits is None:
         output_router_logits = bool(getattr(model.config, "output_router_logits", False))
     router = aux_out is not None and model.arch.num_experts > 0 and output_router_logits
-    if media:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
+    prefix_lm = getattr(getattr(model, "family", None), "prefix_lm", False)
+    if media or prefix_lm:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
         from fasttune.models.vision import VisionBackbone
 
+        types = None
+        if prefix_lm:  # PaliGemma: the completions are the suffix
+            types = torch.zeros_like(input_ids)
+            types[:, start:] = mask.long()
         out = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                    output_router_logits=router, **media)
+                                    output_router_logits=router, token_type_ids=types, **(media or {}))
     else:
         out = model.model(input_ids, attention_mask, position_ids, output_router_logits=router)
     if router and out.router_logits:
