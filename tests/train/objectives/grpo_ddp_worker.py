@@ -1,6 +1,8 @@
 """Run under torchrun (2 processes, gloo) by test_grpo_distributed.py: GRPO, then RLOO, whose groups span the two
-ranks, then on-policy distillation (distillation_rank<r>.json: the log; the test runs one process alike). Each rank writes what it saw to <out>/<method>_rank<r>.json: the advantages of fixed completions scored across ranks (and,
-on rank 0, the same completions scored in one process), the sizes of its sampling calls, its log and eval metrics."""
+ranks, then on-policy distillation (distillation_rank<r>.json: the log; the test runs one process alike), then
+A2PO's stage 1 (a2po_rank<r>.json). Each rank writes what it saw to <out>/<method>_rank<r>.json: the advantages of
+fixed completions scored across ranks (and, on rank 0, the same completions scored in one process), the sizes of its
+sampling calls, its log and eval metrics."""
 import json
 import sys
 
@@ -83,6 +85,42 @@ def distillation_trainer(model_dir, teacher_dir, out, batch):
     return Fixed(model, teacher_dir, args=args, train_dataset=ROWS * 2, processing_class=tok)
 
 
+def a2po(model_dir, out):
+    """A2PO's stage 1 on 2 ranks: each rank samples its share of the prompts (fixed completions per prompt and
+    sample, so any split samples alike) and the values are gathered; rank 0 also estimates them in one process. Then
+    one training step. Writes a2po_rank<r>.json."""
+    from fasttune import A2POConfig, A2POTrainer
+
+    class Fixed(A2POTrainer):
+        def sample(self, examples, seed, model=None):
+            seen, out = {}, []
+            for ex in examples:
+                i = int(ex["prompt"].split()[1])
+                j = seen[i] = seen.get(i, -1) + 1
+                out.append([5 + i] * (1 if i == 3 else 1 + (i + j) % 3))  # prompt 3 never scores
+            return out, [False] * len(out)
+
+    def long(completions, **_):
+        return [float(len(c) > 2) for c in completions]
+
+    model, tok = FastLanguageModel.from_pretrained(model_dir, dtype="float32")
+    model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8)
+    args = A2POConfig(output_dir=f"{out}/a2po", per_device_train_batch_size=1, num_value_samples=3,
+                      max_completion_length=4, max_steps=1, logging_steps=1, shuffle=False, save_strategy="no")
+    trainer = Fixed(model, reward_funcs=[long], args=args, train_dataset=ROWS, processing_class=tok)
+    trainer.estimate_optimal_values()
+    seen = {"values": {str(list(k)): v for k, v in sorted(trainer._values.items())},
+            "kept": [ex["prompt"] for ex in trainer.train_examples]}
+    if trainer.dist.rank == 0:
+        alone = Fixed(model, reward_funcs=[long], args=args, train_dataset=ROWS, processing_class=tok)
+        alone._estimate(alone.train_examples, across_ranks=False)
+        seen["one_process"] = {str(list(k)): v for k, v in sorted(alone._values.items())}
+    trainer.train()
+    seen["log"] = trainer.log_history
+    with open(f"{out}/a2po_rank{trainer.dist.rank}.json", "w") as f:
+        json.dump(seen, f)
+
+
 if __name__ == "__main__":
     for name in ("grpo", "rloo"):  # one launch for all: process start and imports are most of its time
         run(*sys.argv[1:3], name)
@@ -91,3 +129,4 @@ if __name__ == "__main__":
     trainer.train()
     with open(f"{out}/distillation_rank{trainer.dist.rank}.json", "w") as f:
         json.dump(trainer.log_history, f)
+    a2po(model_dir, out)

@@ -1,6 +1,7 @@
 """GRPO / RLOO under torchrun (2 CPU processes, gloo): each rank samples and scores only its own completions, the
 rewards are gathered so that advantages of groups spanning ranks equal one process's, and evaluation splits its
-batches between the ranks with the same metrics on both; on-policy distillation on 2 ranks equals one process."""
+batches between the ranks with the same metrics on both; on-policy distillation on 2 ranks equals one process;
+A2PO's stage 1 samples a share of the prompts on each rank and gathers one process's values."""
 import json
 import subprocess
 import sys
@@ -66,3 +67,10 @@ def test_distillation_on_two_ranks_equals_one_process(launched):
     assert len(two) == len(one.log_history) == 2
     for key in ("loss", "grad_norm", "completions/mean_length", "completions/max_length"):
         assert [h[key] for h in two] == pytest.approx([h[key] for h in one.log_history], rel=1e-5), key
+
+
+def test_a2po_stage1_values_gathered_over_ranks(launched):
+    r0, r1 = (json.loads((launched / f"a2po_rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["values"] == r1["values"] == pytest.approx(r0["one_process"]) and len(r0["values"]) == 4
+    assert r0["kept"] == r1["kept"] and r0["kept"] == [f"question {i} a b" for i in range(3)]  # 3 dropped on both
+    assert any("loss" in e for e in r0["log"])
