@@ -1,5 +1,6 @@
 """Training checkpoints: trainable weights (safetensors), a PEFT adapter, optimizer, scheduler, grad scaler, RNG
-states, data position and the run's identity (what must match to resume).
+states, data position, the run's identity (what must match to resume) and the objective's own state (its JSON, and
+its tensors in objective.safetensors: TR-DPO's synced reference).
 
 Each checkpoint is written into a temporary folder and renamed to `checkpoint-<step>` only when complete, so a
 folder with that name is always whole. Nothing here unpickles: tensors load with `weights_only=True`, the rest is
@@ -24,6 +25,7 @@ from fasttune.train.optim import lr_lambda, warmup_count
 from fasttune.train.run_folder import STATE_NAME, list_checkpoints
 from fasttune.train.fsdp import full_optimizer_state, gather_state, is_sharded, shard_like, shard_optimizer_state
 
+OBJECTIVE_TENSORS = "objective.safetensors"  # the objective's own tensors (Trainer.objective_tensors)
 SCHEDULE_KEYS = ("learning_rate", "embedding_learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs",
                  "warmup_steps", "warmup_ratio", "weight_decay", "optim", "adam_beta1", "adam_beta2", "adam_epsilon",
                  "per_device_train_batch_size", "gradient_accumulation_steps", "seed", "data_seed")
@@ -59,8 +61,9 @@ def trainable_state(model, keep: bool = True) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, scaler, state: dict,
-                    total_limit: int | None = None, write: bool = True) -> Path:
-    """`write=False` (FSDP ranks other than 0): only join the gathers."""
+                    total_limit: int | None = None, write: bool = True, tensors: dict | None = None) -> Path:
+    """`write=False` (FSDP ranks other than 0): only join the gathers. `tensors`: the objective's
+    ({name: tensor}, Trainer.objective_tensors), written to OBJECTIVE_TENSORS when there are any."""
     from safetensors.torch import save_file
 
     from fasttune.peft.adapter_io import adapter_tensors, write_adapter
@@ -70,12 +73,15 @@ def save_checkpoint(output_dir: Path, step: int, model, optimizer, scheduler, sc
     trainable = trainable_state(model, keep=write)
     adapter = adapter_tensors(model) if sharded and lora else None
     optim = full_optimizer_state(optimizer, keep=write) if sharded else optimizer.state_dict()
+    extra = gather_state(tensors, keep=write) if tensors else {}
     if not write:
         return final
     earlier = [p for p in output_dir.glob("checkpoint-*") if p.is_dir() and p != final]
     with atomic_folder(final, f"checkpoint {final.name}", replace=True,
                        kept="Earlier checkpoints are intact." if earlier else "") as tmp:
         save_file(trainable, str(tmp / "trainable.safetensors"))
+        if extra:
+            save_file(extra, str(tmp / OBJECTIVE_TENSORS))
         if adapter is not None:
             write_adapter(model, tmp / "adapter", adapter)
         elif lora:
@@ -194,4 +200,6 @@ def load_checkpoint(path: Path, model, optimizer, scheduler, scaler, identity: d
     if scaler is not None and blob.get("scaler"):
         scaler.load_state_dict(blob["scaler"])
     set_rng_state(state["rng"], blob["rng"])
+    extra = path / OBJECTIVE_TENSORS
+    state["objective_tensors"] = load_safetensors(extra, fix=fix) if extra.exists() else {}
     return state

@@ -262,6 +262,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             run.tokens_before = state.get("tokens_seen", 0)
             self.log_history = state["log_history"]
             self.load_objective_state(state.get("objective") or {})
+            self.load_objective_tensors(state["objective_tensors"], run.step)
             if self.dist.is_main:
                 done = " (already complete: nothing left to train)" if run.step >= total else ""
                 print(f"fasttune: resuming from {ckpt} at step {run.step} of {total}{done}.", file=sys.stderr)
@@ -369,7 +370,8 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         path = run.out_dir / f"checkpoint-{run.step}"
         if self.dist.is_main or is_sharded(self.model):
             path = save_checkpoint(run.out_dir, run.step, self.model, run.optimizer, run.scheduler, run.scaler,
-                                   state, self.args.save_total_limit, write=self.dist.is_main)
+                                   state, self.args.save_total_limit, write=self.dist.is_main,
+                                   tensors=self.objective_tensors())
         self.dist.barrier()
         self.callbacks.fire("on_save")
         return path

@@ -125,6 +125,15 @@ class ObjectiveHooks:
     def load_objective_state(self, state: dict) -> None:
         """Restore what `objective_state` returned when the checkpoint was saved ({} from older checkpoints)."""
 
+    def objective_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors of the objective that a checkpoint keeps (objective.safetensors; gathered under FSDP) and a resume
+        restores: {} by default (TR-DPO's synced reference, reference_sync.py)."""
+        return {}
+
+    def load_objective_tensors(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        """Restore what `objective_tensors` returned, from the checkpoint of optimizer step `step` ({} from a
+        checkpoint without them)."""
+
     def epoch_order(self, epoch: int) -> list[int]:
         """The training examples' indices in the order epoch `epoch` visits them (seeded by args.data_seed, else
         args.seed, + epoch when args.shuffle). With args.group_by_length, transformers' LengthGroupedSampler order

@@ -11,7 +11,7 @@ from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.dpo_loss import check_losses, f_scores, pair_losses
 from fasttune.train.objectives.preference_base import PreferenceTrainer, pair_sums, token_sums
-from fasttune.train.objectives.reference import reference_policy
+from fasttune.train.objectives.reference_sync import ReferenceSync, check_sync_settings, synced_reference
 
 
 @dataclass
@@ -21,8 +21,9 @@ class DPOConfig(TrainingConfig):
     tokens of log p_t - log sum_v p_v^2), no gradient through them; ld_alpha: LD-DPO (Liu et al. 2024), each
     completion's log-prob is its tokens' within the shorter completion's length plus ld_alpha x the rest's, for
     policy and reference alike. Raises ConfigError for beta <= 0, an unknown loss_type or f_divergence_type,
-    loss_weights that do not match, label_smoothing outside [0, 0.5), max_prompt_length < 1, ld_alpha < 0, or
-    use_weighting with aot / aot_unpaired (they sort the pairs, as TRL refuses)."""
+    loss_weights that do not match, label_smoothing outside [0, 0.5), max_prompt_length < 1, ld_alpha < 0,
+    use_weighting with aot / aot_unpaired (they sort the pairs, as TRL refuses), and the sync settings that
+    reference_sync.check_sync_settings refuses (sync_ref_model with precompute_ref_log_probs too)."""
 
     weighted_losses = True  # (not a field) TRL's list of loss types is taken as it is, see config_names
     beta: float = 0.1
@@ -39,6 +40,10 @@ class DPOConfig(TrainingConfig):
     ld_alpha: float | None = None  # LD-DPO: the weight of the longer completion's tokens past the shorter's length
     # TRL's MoE load-balancing loss weight; None: the model config's (so it is on for MoE models, as in TRL 1.16)
     router_aux_loss_coef: float | None = None
+    # TR-DPO (reference_sync.py): every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def __post_init__(self):
         if isinstance(self.loss_type, str) and "," in self.loss_type:  # a CLI flag: "sigmoid,sft"
@@ -53,6 +58,8 @@ class DPOConfig(TrainingConfig):
         check_beta(self.beta)
         check_losses(self.loss_type, self.loss_weights, self.label_smoothing, self.f_divergence_type)
         check_prompt_length(self.max_prompt_length)
+        check_sync_settings(self, "precompute_ref_log_probs=True fixes the reference log-probs before training (as "
+                                  "TRL refuses)" if self.precompute_ref_log_probs else None)
         if self.ld_alpha is not None and not self.ld_alpha >= 0:
             raise ConfigError(f"ld_alpha={self.ld_alpha!r} is invalid: the weight of the tokens past the shorter "
                               f"completion's length, >= 0 (LD-DPO uses values in [0, 1]), or None for plain sums.")
@@ -74,11 +81,11 @@ def check_prompt_length(n):
         raise ConfigError(f"max_prompt_length={n!r} is invalid: a whole number >= 1, or None for no limit.")
 
 
-class DPOTrainer(PreferenceTrainer):
+class DPOTrainer(ReferenceSync, PreferenceTrainer):
     """DPO on paired rows (prompt, chosen, rejected). The reference log-probs come from the data
     (ref_chosen_logps / ref_rejected_logps), from the model before training (precompute_ref_log_probs=True), or
     else from a ReferencePolicy each step; that needs LoRA, so full fine-tuning without the first two raises
-    ConfigError."""
+    ConfigError, and so does sync_ref_model (TR-DPO, reference_sync.py) with reference log-probs in the data."""
 
     config_cls = DPOConfig
     method = "DPO"
@@ -97,9 +104,11 @@ class DPOTrainer(PreferenceTrainer):
             for examples in missing:
                 self._precompute(examples)
         elif missing:
-            self.reference = reference_policy(
-                model, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
+            self.reference = synced_reference(
+                model, a, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
                               "precompute_ref_log_probs=True to take them from the model before training.")
+        self.check_reference_sync("DPO", "the data's ref_chosen_logps / ref_rejected_logps columns fix the "
+                                         "reference log-probs")
 
     def sequence_logps(self, per_token: torch.Tensor, batch: dict) -> torch.Tensor:
         """(2B,) completion log-probs from per-token ones (2B, T-1), chosen rows first: their sums, or with ld_alpha

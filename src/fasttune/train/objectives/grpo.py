@@ -30,7 +30,8 @@ from fasttune.train.objectives.grpo_rollout import Rollouts
 from fasttune.train.objectives.grpo_loss import (clip_stats, high_entropy_mask, off_policy_mask, per_token_loss,
                                                  reduce_loss, vespo_weights)
 from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
-from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs, reference_policy
+from fasttune.train.objectives.reference import ReferencePolicy, model_token_logprobs
+from fasttune.train.objectives.reference_sync import ReferenceSync, synced_reference
 from fasttune.train.reward_models import trainer_reward_funcs
 from fasttune.train.rewards import required_columns, reward_name
 
@@ -54,7 +55,7 @@ def _fp32_head(model, name: str) -> None:
     model.fp32_head = True
 
 
-class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
+class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
     args that are not a GRPOConfig, no tokenizer, a reward_weights length that does not match, completions per
@@ -144,7 +145,7 @@ class GRPOTrainer(Rollouts, EntropyBonus, RewardScoring, Trainer):
         self.reference: ReferencePolicy | None = None
         if self.uses_reference:
             when, remedy = self.reference_refusal
-            self.reference = reference_policy(self.model, f"{name.removesuffix('Trainer')}{when}", remedy)
+            self.reference = synced_reference(self.model, a, f"{name.removesuffix('Trainer')}{when}", remedy)
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from fasttune.errors import ConfigError
 from fasttune.train.config import TrainingConfig
 from fasttune.train.objectives.grpo_loss import AGGREGATIONS, IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES, SCALE_REWARDS
+from fasttune.train.objectives.reference_sync import check_sync_settings
 
 
 @dataclass
@@ -139,8 +140,9 @@ class OnlineRLConfig(TrainingConfig):
 
 @dataclass
 class GRPOConfig(OnlineRLConfig):
-    """OnlineRLConfig plus GRPO's loss settings. Raises ConfigError as OnlineRLConfig, and for an unknown loss_type,
-    scale_rewards or multi_objective_aggregation."""
+    """OnlineRLConfig plus GRPO's loss settings. Raises ConfigError as OnlineRLConfig, for an unknown loss_type,
+    scale_rewards or multi_objective_aggregation, and for the sync settings that reference_sync.check_sync_settings
+    refuses (sync_ref_model with beta=0 too)."""
 
     loss_type: str = "dapo"  # dapo | grpo | bnpo | dr_grpo (TRL's names; dapo is TRL 1.16's default)
     scale_rewards: str = "group"  # group | batch | none (true/false mean group/none, as in TRL)
@@ -166,11 +168,16 @@ class GRPOConfig(OnlineRLConfig):
     # TRL's MoE load-balancing loss weight on the policy's forward; None: the model config's (so it is on for MoE
     # models, as in TRL 1.16); 0.0: off
     router_aux_loss_coef: float | None = None
+    # TR-DPO (reference_sync.py): every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def __post_init__(self):
         if isinstance(self.scale_rewards, bool):
             self.scale_rewards = "group" if self.scale_rewards else "none"
         super().__post_init__()
+        check_sync_settings(self, "beta=0 takes no reference passes (as TRL refuses)" if self.beta == 0 else None)
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type='{self.loss_type}' is not supported; use one of {LOSS_TYPES}.")
         if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
@@ -208,17 +215,22 @@ class GRPOConfig(OnlineRLConfig):
 @dataclass
 class RLOOConfig(OnlineRLConfig):
     """OnlineRLConfig with TRL 1.16 RLOOConfig's defaults (num_generations 2, beta 0.05) plus its own fields.
-    Raises ConfigError as OnlineRLConfig, and for a reward_clip_range that is not two numbers, low <= high. The
-    CLI's form of reward_clip_range is "low,high"."""
+    Raises ConfigError as OnlineRLConfig, for a reward_clip_range that is not two numbers, low <= high, and as
+    GRPOConfig for the sync settings. The CLI's form of reward_clip_range is "low,high"."""
 
     num_generations: int = 2
     beta: float = 0.05  # weight of the KL penalty (sampling policy - reference log-ratio) taken off the rewards
     normalize_advantages: bool = False  # advantages scaled to mean 0, std 1 over the batch
     reward_clip_range: tuple | list | str | None = None  # (low, high): rewards clamped before the KL penalty
     router_aux_loss_coef: float | None = None  # as GRPOConfig's (TRL's MoE load-balancing loss weight)
+    # TR-DPO (reference_sync.py): every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def __post_init__(self):
         super().__post_init__()
+        check_sync_settings(self, "beta=0 takes no reference passes (as TRL refuses)" if self.beta == 0 else None)
         clip = self.reward_clip_range
         if isinstance(clip, str):
             clip = [part for part in clip.split(",") if part.strip()]

@@ -19,7 +19,7 @@ from fasttune.train.config import TrainingConfig
 from fasttune.train.host_reads import host_values
 from fasttune.train.objectives.dpo import check_beta, check_prompt_length
 from fasttune.train.objectives.preference_base import PreferenceTrainer, token_sums, with_score_positions
-from fasttune.train.objectives.reference import reference_policy
+from fasttune.train.objectives.reference_sync import ReferenceSync, check_sync_settings, synced_reference
 
 LOSS_TYPES = ("kto", "apo_zero_unpaired")
 
@@ -27,7 +27,8 @@ LOSS_TYPES = ("kto", "apo_zero_unpaired")
 @dataclass
 class KTOConfig(TrainingConfig):
     """TrainingConfig plus KTO's fields, as in TRL's KTOConfig. Raises ConfigError for beta <= 0, max_prompt_length
-    < 1, an unknown loss_type or a negative desirable_weight / undesirable_weight."""
+    < 1, an unknown loss_type, a negative desirable_weight / undesirable_weight, and the sync settings that
+    reference_sync.check_sync_settings refuses (sync_ref_model with precompute_ref_log_probs too)."""
 
     beta: float = 0.1
     disable_dropout: bool = True  # TRL's: every nn.Dropout of the model (LoRA's too) set to p=0 (TRL's KTO default)
@@ -38,10 +39,16 @@ class KTOConfig(TrainingConfig):
     precompute_ref_log_probs: bool = False  # the rows' reference log-probs once before training (TRL's name)
     # TRL's MoE load-balancing loss weight; None: the model config's (so it is on for MoE models, as in TRL 1.16)
     router_aux_loss_coef: float | None = None
+    # TR-DPO (reference_sync.py): every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref
+    sync_ref_model: bool = False
+    ref_model_mixup_alpha: float = 0.6
+    ref_model_sync_steps: int = 512
 
     def __post_init__(self):
         super().__post_init__()
         check_beta(self.beta)
+        check_sync_settings(self, "precompute_ref_log_probs=True fixes the reference log-probs before training (as "
+                                  "TRL refuses)" if self.precompute_ref_log_probs else None)
         check_prompt_length(self.max_prompt_length)
         if self.loss_type not in LOSS_TYPES:
             raise ConfigError(f"loss_type='{self.loss_type}' is not supported by KTO; use one of {LOSS_TYPES}.")
@@ -67,7 +74,7 @@ def weight_advice(labels: list[bool], desirable_weight: float, undesirable_weigh
             f"[{und[0]}, {und[1]}] (but NOT BOTH), as TRL does (KTO paper, Eq. 8).")
 
 
-class KTOTrainer(PreferenceTrainer):
+class KTOTrainer(ReferenceSync, PreferenceTrainer):
     """KTO on unpaired rows (prompt, completion, label); paired rows are split into a desirable and an undesirable
     row. The reference is the model as handed to the trainer: a ReferencePolicy, or with precompute_ref_log_probs
     the rows' log-probs computed once before training (the KL rows of loss_type="kto" are paired anew each step, so
@@ -84,8 +91,8 @@ class KTOTrainer(PreferenceTrainer):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
         a = self.args
         if not a.precompute_ref_log_probs or a.loss_type == "kto":  # reference passes during training
-            self.reference = reference_policy(
-                model, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (with full fine-tuning, "
+            self.reference = synced_reference(
+                model, a, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (with full fine-tuning, "
                               "loss_type='apo_zero_unpaired' and precompute_ref_log_probs=True need no reference "
                               "passes).")
         if a.precompute_ref_log_probs:  # once, before training: the model as it is now is the reference

@@ -161,15 +161,17 @@ class ReferencePolicy:
     modules_to_save) is kept as a frozen copy of the trainable weights and swapped in for the reference passes. The
     swap writes the parameters in place, so a reference pass must come before the policy's forward of the same
     batch, never between that forward and its backward.
+
+    keep_copy: keep the copy even for a fresh adapter (TR-DPO's syncs move it, reference_sync.py).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, keep_copy: bool = False):
         self.model = model
         self.saved = None
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         identity = model.lora_settings is not None and all(
             "lora_" in n and ("lora_B" not in n or not p.detach().any()) for n, p in trainable)
-        if not identity:
+        if keep_copy or not identity:
             self.saved = {n: p.detach().clone() for n, p in trainable}
 
     @classmethod
@@ -220,9 +222,10 @@ class ReferencePolicy:
                     params[n].copy_(value)
 
 
-def reference_policy(model, method: str, remedy: str) -> ReferencePolicy:
+def reference_policy(model, method: str, remedy: str, keep_copy: bool = False) -> ReferencePolicy:
     """The reference of `method` (DPO, KTO, GRPO with beta > 0): the model as it is now, i.e. as handed to the
-    trainer (see ReferencePolicy). Call it once the trainer holds the model, before any training step.
+    trainer (see ReferencePolicy; keep_copy as there). Call it once the trainer holds the model, before any training
+    step.
 
     Raises ConfigError (naming `method` and ending with `remedy`) for a model without LoRA adapters (full
     fine-tuning): its reference would be a second copy of every weight, which fasttune does not keep.
@@ -232,4 +235,4 @@ def reference_policy(model, method: str, remedy: str) -> ReferencePolicy:
                           f"fasttune keeps as a frozen copy of the LoRA weights (or the base with the adapters off); "
                           f"but this model has no LoRA adapters (full fine-tuning), and fasttune keeps no second copy "
                           f"of the whole model. {remedy}")
-    return ReferencePolicy(model)
+    return ReferencePolicy(model, keep_copy)
