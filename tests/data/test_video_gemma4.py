@@ -74,7 +74,9 @@ def test_video_rows_train_and_equal_transformers(video_model, tmp_path):
     model, proc, folder = video_model
     assert proc.video_token == "<|video|>"  # (and Gemma4VideoProcessor's sampling defaults, not in the saved file)
     assert proc.video_settings == {"max_soft_tokens": 70, "do_sample_frames": True, "num_frames": 32}
-    red, blue = Image.new("RGB", (64, 48), "red"), Image.new("RGB", (64, 48), "blue")
+    # patterned frames: a run of equal patches would hide which of them a token attends (the sliding window, 4
+    # tokens, is shorter than a frame's run)
+    red, blue = (Image.fromarray(f) for f in patterned_frames(2, 48, 64))
     rows = [{"messages": [{"role": "user", "content": [{"type": "video", "video": [red, blue, red], "fps": 1},
                                                        {"type": "text", "text": "what happens?"}]},
                           {"role": "assistant", "content": "it blinks"}]},

@@ -20,7 +20,7 @@ def gated_rms_norm_reference(y: torch.Tensor, z: torch.Tensor, weight: torch.Ten
     """y, z (..., D) any float dtypes, weight (D,), D a multiple of groups -> (..., D) fp32 (transformers'
     arithmetic: the norm's statistics per group of D / groups channels, everything in fp32)."""
     h = y.float() if before_gate else y.float() * F.silu(z.float())
-    g = h.view(*h.shape[:-1], groups, -1)
+    g = h.view(*h.shape[:-1], groups, h.shape[-1] // groups)  # (an explicit size: no rows is valid too)
     g = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps)
     out = weight.float() * g.view(h.shape)
     return out * F.silu(z.float()) if before_gate else out

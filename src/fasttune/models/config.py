@@ -224,6 +224,10 @@ class ModelConfig:
     layer_scalar: bool = False
     norm_scale_fp32: bool = False  # Gemma 4: RMSNorms apply w in fp32, then cast (Llama's cast, then scale)
     image_blocks_sliding_only: bool = False  # Gemma 4: an image's tokens see each other in the sliding layers only
+    # PaliGemma: a block (its prefix) sees itself past the sliding window too, OR(AND(causal, window), block), as
+    # transformers' create_sliding_window_causal_mask composes an or_mask; Gemma 3 / 4 keep the window on their image
+    # blocks, AND(window, OR(causal, block)) (their create_masks_for_vision_model)
+    blocks_beyond_window: bool = False
     # Gemma 4 E2B / E4B: the last kv_shared_layers layers compute no keys or values: each reuses those of the last
     # earlier layer of its kind (sliding / full), and with double_wide_mlp their MLPs are twice intermediate_size;
     # per-layer embeddings (PLE) of per_layer_input_size channels per layer from a per_layer_vocab_size table

@@ -441,7 +441,8 @@ class DecoderModel(nn.Module):
                 masks.update(build_masks(None, t, x.device, wide, past, segment_ids))
         else:
             masks = build_masks(attention_mask, t, x.device, windows, past, segment_ids, image_blocks,
-                                not cfg.image_blocks_sliding_only, window_kernels=past == 0)
+                                not cfg.image_blocks_sliding_only, window_kernels=past == 0,
+                                blocks_beyond_window=cfg.blocks_beyond_window)
         if cfg.query_position_scale is not None and (given_positions or past + t > cfg.query_position_scale[1]):
             masks = {**masks, "query_scale": query_scales(cfg, position_ids, x.dtype)}
         if cfg.linear_layers:  # what Qwen3.5's and LFM2's linear layers read (gated_deltanet.py, short_conv.py)

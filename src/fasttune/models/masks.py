@@ -49,13 +49,15 @@ def segments_from_boundaries(cu_q: torch.Tensor, cu_k: torch.Tensor | None, batc
 
 
 def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, segment_ids=None,
-                image_blocks=None, blocks_in_full_layers: bool = True, window_kernels: bool = False) -> dict:
+                image_blocks=None, blocks_in_full_layers: bool = True, window_kernels: bool = False,
+                blocks_beyond_window: bool = False) -> dict:
     """Boolean (B, 1, T, past + T) masks per sliding-window size (None = full causal) for T new positions after
     `past` cached ones; attention_mask covers all past + T. {None: None} means plain causal (see `attention`).
     `segment_ids` (B, T) of packed rows keep attention inside each document (block-diagonal). `image_blocks`
     (B, T; no cache): tokens of one block (an image; PaliGemma's prefix; equal ids >= 0) also see each other, later
-    ones included, beyond a window too (transformers' create_sliding_window_causal_mask: OR(AND(causal, window),
-    block)); blocks_in_full_layers=False keeps the
+    ones included; a window still applies to them (Gemma 3 / 4's create_masks_for_vision_model: AND(window,
+    OR(causal, block))), or with blocks_beyond_window not (PaliGemma: transformers' create_sliding_window_causal_mask
+    with an or_mask, OR(AND(causal, window), block)); blocks_in_full_layers=False keeps the
     full layers' mask causal (Gemma 4's create_masks_for_vision_model). window_kernels=True (past 0: training, or a
     prefill into an empty cache, whose keys are the T new ones):
     when only causality and the windows restrict attention, full layers get None and each window a SlidingWindow,
@@ -77,8 +79,11 @@ def build_masks(attention_mask, t: int, device, windows: set, past: int = 0, seg
         if w is None:
             allowed = causal if blocks_in_full_layers else plain
         else:
-            allowed = plain & (q - kv < w)
-            allowed = allowed if same is None else allowed[None] | same
+            near = q - kv < w
+            if same is None:
+                allowed = plain & near
+            else:
+                allowed = (plain & near)[None] | same if blocks_beyond_window else causal & near
         allowed = allowed[:, None] if allowed.dim() == 3 else allowed[None, None]
         if segment_ids is not None:
             allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])

@@ -73,6 +73,8 @@ class VisionCausalLM(CausalLM):
     def attach_vision(self, vlm_config, family: VisionFamily, modules: dict):
         """Install the vision modules (`{attribute: nn.Module}`, already on the model's device and dtype)."""
         self.family, self._vlm_config = family, vlm_config
+        if family.prefix_lm:  # PaliGemma's prefix sees itself past a sliding window (ModelConfig.blocks_beyond_window)
+            self.arch.blocks_beyond_window = True
         for attr, module in modules.items():
             module.requires_grad_(False)
             setattr(self, attr, module)
