@@ -530,8 +530,8 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "loss_last": losses[-1], "grad_norm_min": min(norms), "card": torch.cuda.get_device_name(),
            "torch": torch.__version__, "transformers": transformers.__version__,
            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    if impl == "ours" and os.environ.get("FASTTUNE_SSD"):  # the Mamba scan's fused chunks (kernels/ssd_chunk.py)
-        row["ssd"] = os.environ["FASTTUNE_SSD"]
+    if impl == "ours" and os.environ.get("FASTTUNE_SSD"):  # the Mamba scan's chunks (kernels/ssd_chunk.py): "torch"
+        row["ssd"] = os.environ["FASTTUNE_SSD"]  # takes the torch form, else the fused kernels (the default)
     if shape.startswith("qwen3.5"):  # both sides' delta rule: fla's kernels when installed, else torch
         try:
             import fla

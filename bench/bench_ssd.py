@@ -1,7 +1,7 @@
 """One Mamba-2 mixer (in_proj, conv, the selective scan, the gated norm, out_proj) forward and forward + backward, on
 one GPU, per implementation: transformers' layer as it runs without mamba_ssm (its torch scan:
-GraniteMoeHybridMambaLayer / NemotronHMamba2Mixer), ours with the torch within-chunk products (the default) and
-ours with the fused within-chunk kernels (FASTTUNE_SSD=triton, kernels/ssd_chunk.py). All three hold the same bf16
+GraniteMoeHybridMambaLayer / NemotronHMamba2Mixer), ours with the torch within-chunk products (FASTTUNE_SSD=torch)
+and ours with the fused within-chunk kernels (kernels/ssd_chunk.py, the default). All three hold the same bf16
 weights (ours loaded from transformers' state dict); outputs are compared with transformers' (relative Frobenius
 error), peak memory is the forward + backward's. Timings are medians of 10 runs after 3 warm-ups; rows go to
 bench/results/ssd.jsonl. Shapes: Granite-4.0-H-micro's mixer (64 heads of 64, one group) and Nemotron-Nano-9B-v2's
@@ -101,7 +101,7 @@ def main():
         x = torch.randn(a.bs, a.seq, hidden, device=a.device, dtype=theirs.in_proj.weight.dtype) * 0.5
         with torch.no_grad():
             want = theirs(x).float()
-        for impl, ssd in (("transformers", None), ("ours", ""), ("ours-fused", "triton")):
+        for impl, ssd in (("transformers", None), ("ours", "torch"), ("ours-fused", "triton")):
             if ssd is not None:
                 os.environ["FASTTUNE_SSD"] = ssd
             model = theirs if ssd is None else ours

@@ -37,8 +37,8 @@ def test_scan_at_nemotron_sizes_values_and_gradients(dtype, tolerance, fused, mo
     """Nemotron Nano 2's head layout (heads of 80: the Triton chunk scan in two blocks of 64 columns, the second
     masked; 8 groups of 2 heads here) over 200 positions: outputs and the gradients of x, dt, B and C against autograd
     through the fp32 recurrence (TF32 products for 16-bit inputs), with the torch within-chunk products and with the
-    fused kernels (FASTTUNE_SSD=triton, kernels/ssd_chunk.py)."""
-    monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "")
+    fused kernels (the default; FASTTUNE_SSD=torch takes the torch form, kernels/ssd_chunk.py)."""
+    monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "torch")
     g = torch.Generator(device="cuda").manual_seed(1)
     h, p, n, groups, t = 16, 80, 128, 8, 200
     x = torch.randn(1, t, h, p, device="cuda", generator=g)
@@ -73,11 +73,12 @@ def _next_state(state, x, dt, a, b):
 @pytest.mark.parametrize("family", ["granitemoehybrid", "granitemoehybrid_moe", "nemotron_h", "nemotron_h_moe",
                                     "bamba", "falcon_h1"])
 def test_bf16_lora_trains_and_generation_graphs_equal_eager(family, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_SSD", "torch")  # the torch within-chunk form (the fused kernels: the next test)
     check_bf16_lora_and_graph_decode(tiny_model_dir(family), monkeypatch)
 
 
 @pytest.mark.parametrize("family", ["nemotron_h", "falcon_h1"])
 def test_bf16_lora_with_fused_chunks(family, tiny_model_dir, monkeypatch):
-    """The same with the fused within-chunk kernels (FASTTUNE_SSD=triton): training and the prefill take them."""
+    """The same with the fused within-chunk kernels (the default): training and the prefill take them."""
     monkeypatch.setenv("FASTTUNE_SSD", "triton")
     check_bf16_lora_and_graph_decode(tiny_model_dir(family), monkeypatch)

@@ -32,6 +32,7 @@ def _logits_and_grads(folder, kernels, monkeypatch):
                                     "ernie4_5", "glm4", "hunyuan_v1_dense", "arcee",
                                     "apertus", "granitemoehybrid", "falcon_h1"])
 def test_logits_and_lora_grads_equal_torch_path(family, tiny_model_dir, monkeypatch):
+    monkeypatch.setenv("FASTTUNE_SSD", "torch")  # (the fused chunks: the next test)
     folder = tiny_model_dir(family)
     ref_logits, ref_grads = _logits_and_grads(folder, "torch", monkeypatch)
     logits, grads = _logits_and_grads(folder, "triton", monkeypatch)
@@ -42,7 +43,7 @@ def test_logits_and_lora_grads_equal_torch_path(family, tiny_model_dir, monkeypa
 
 @pytest.mark.parametrize("family", ["granitemoehybrid", "nemotron_h", "falcon_h1"])
 def test_fused_ssd_chunks_equal_torch_path(family, tiny_model_dir, monkeypatch):
-    """The Mamba-2 hybrids with the fused within-chunk kernels (FASTTUNE_SSD=triton, kernels/ssd_chunk.py; opt-in)
+    """The Mamba-2 hybrids with the fused within-chunk kernels (kernels/ssd_chunk.py, the default)
     give the torch path's logits and LoRA gradients (left padding in the batch)."""
     folder = tiny_model_dir(family)
     ref_logits, ref_grads = _logits_and_grads(folder, "torch", monkeypatch)

@@ -60,7 +60,7 @@ def test_fused_scan_equals_the_recurrence(monkeypatch):
     s0 = torch.randn(1, 4, 16, 16, generator=gen)
 
     def run(fused):
-        monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "")
+        monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "torch")
         monkeypatch.setenv("FASTTUNE_KERNELS", "triton" if fused else "torch")
         leaves = [t.clone().requires_grad_() for t in (x, dt, a, bb, cc, d)]
         y, state = ssd_scan(*leaves, initial_state=s0, final_state=True)
@@ -83,7 +83,7 @@ def test_fused_packed_runs_equal_the_torch_form(monkeypatch):
     spans = [(0, 0, 30), (0, 30, 90), (1, 0, 70)]
 
     def run(fused):
-        monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "")
+        monkeypatch.setenv("FASTTUNE_SSD", "triton" if fused else "torch")
         monkeypatch.setenv("FASTTUNE_KERNELS", "triton" if fused else "torch")
         leaves = [t.clone().requires_grad_() for t in (x, dt, a, bb, cc, d)]
         y, _ = ssd_scan(*leaves, spans=spans)

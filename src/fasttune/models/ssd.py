@@ -49,7 +49,7 @@ def _rows(x, dt, A, B, C, D, initial_state=None, keep=None, chunk: int = CHUNK):
     decay plus the chunk's own sum_s B_s (exp(cum_last - cum_s) dt_s x_s)^T: the delta rule's chunk scan
     (kernels/delta_scan.py: Triton kernels, a written-out backward) with no correction term, the keys (B) shared by
     each group's heads and the decay to the chunk's end on the values. Within chunks: kernels/ssd_chunk.py (the torch
-    form, or the fused kernels under FASTTUNE_SSD=triton)."""
+    form under FASTTUNE_SSD=torch, else the fused kernels)."""
     b, t, h, p = x.shape
     g, n_state = B.shape[2], B.shape[-1]
     # TF32 products (forward and backward) where the inputs were 16-bit: TF32 keeps all their bits
