@@ -65,8 +65,8 @@ def test_every_upstream_setting_is_accepted_at_its_default(cls):
     (SFTConfig, dict(truncation_mode="keep_end"),
      r"does not implement TRL's SFTConfig\.truncation_mode; leave it at its default \('keep_start'\)"),
     (SFTConfig, dict(packing_strategy="wrapped"), r"TRL's SFTConfig\.packing_strategy.*'bfd'"),
-    ("GRPOConfig", dict(use_transformers_paged=True),
-     r"TRL's GRPOConfig\.use_transformers_paged; leave it at its default \(False\)"),
+    ("GRPOConfig", dict(ds3_gather_for_generation=False),
+     r"TRL's GRPOConfig\.ds3_gather_for_generation; leave it at its default \(True\)"),
     ("GRPOConfig", dict(loss_type=["dapo", "grpo"]), r"one loss at a time \(DPOConfig takes TRL's weighted list\)"),
     (DPOConfig, dict(label_smoothing_factor=0.1), "label smoothing is applied in supervised fine-tuning"),
     (SFTConfig, dict(label_smoothing_factor=1.0), r"label_smoothing_factor=1.0 is invalid.*\[0, 1\)"),
@@ -147,12 +147,15 @@ def test_schedule_keywords_from_json_text():
 
 
 def test_use_vllm_samples_with_fasttunes_generate():
-    """GRPO / RLOO scripts written for TRL's vLLM sampling run: use_vllm and the vllm_* settings are accepted, with a
-    warning that fasttune's own generate() samples; other configs do not know them."""
+    """GRPO / RLOO scripts written for TRL's vLLM (or transformers' paged / continuous-batching) sampling run: those
+    settings are accepted, with a warning that fasttune's own generate() samples; other configs do not know them."""
     from fasttune import GRPOConfig, RLOOConfig
 
     for cls in (GRPOConfig, RLOOConfig):
         with pytest.warns(UserWarning, match=r"use_vllm=True\): fasttune samples the completions with its own"):
             cls(output_dir="o", use_vllm=True, vllm_mode="server", vllm_gpu_memory_utilization=0.3)
+        for engine in ("use_transformers_paged", "use_transformers_continuous_batching"):  # TRL's other engines
+            with pytest.warns(UserWarning, match=rf"{engine}=True\): fasttune samples .* transformers' "):
+                cls(output_dir="o", **{engine: True})
     with pytest.raises(ConfigError, match="unknown setting 'use_vllm'"):
         SFTConfig(output_dir="o", use_vllm=True)

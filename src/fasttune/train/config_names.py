@@ -9,7 +9,8 @@ TypeError).
   train_on_responses_only=True).
 - Bookkeeping settings that change nothing fasttune computes are accepted and dropped (run names, dataloader
   workers, hub ids with push_to_hub off, DDP tuning, eval gathering, ...).
-- GRPO / RLOO: TRL's `use_vllm` and `vllm_*` settings are accepted (a warning with use_vllm=True): completions are
+- GRPO / RLOO: TRL's `use_vllm` and `vllm_*` settings, and `use_transformers_paged` /
+  `use_transformers_continuous_batching`, are accepted (a warning when one is True): completions are
   sampled by fasttune's own generate() from the weights being trained.
 - `gradient_checkpointing` is accepted: recompute is the model's setting here (`use_gradient_checkpointing` of
   get_peft_model, "auto" by default), not the trainer's.
@@ -29,6 +30,12 @@ import warnings
 from fasttune.errors import ConfigError
 
 ALIASES = {"max_length": "max_seq_length"}
+# TRL's choices of the engine that samples GRPO / RLOO completions -> what the warning adds: fasttune's generate()
+# samples them whatever is chosen
+SAMPLING_ENGINES = {
+    "use_vllm": "no vLLM engine or server is started and the vllm_* settings are unused.",
+    "use_transformers_paged": "transformers' paged generation is not used.",
+    "use_transformers_continuous_batching": "transformers' continuous batching is not used."}
 NO_EFFECT = {"run_name", "logging_dir", "logging_strategy", "logging_nan_inf_filter",
              "dataloader_num_workers", "dataloader_pin_memory", "dataloader_persistent_workers",
              "dataloader_prefetch_factor", "remove_unused_columns", "ddp_find_unused_parameters", "label_names",
@@ -137,12 +144,12 @@ def translate(cls, kwargs: dict) -> dict:
                     raise ConfigError(f"{cls.__name__}: chat_template and chat_template_path both give the chat "
                                       f"template; give one.")
                 out["chat_template"] = template_from_path(value)
-        elif (key == "use_vllm" or key.startswith("vllm_")) and "num_generations" in names:
-            if key == "use_vllm" and value:
-                warnings.warn(f"{cls.__name__}(use_vllm=True): fasttune samples the completions with its own "
+        elif (key in SAMPLING_ENGINES or key.startswith("vllm_")) and "num_generations" in names:
+            if key in SAMPLING_ENGINES and value:
+                warnings.warn(f"{cls.__name__}({key}=True): fasttune samples the completions with its own "
                               f"generate() (KV cache and decode kernels on the training GPU, from the weights being "
-                              f"trained, so no importance-sampling correction is needed); no vLLM engine or server is "
-                              f"started and the vllm_* settings are unused.", UserWarning, stacklevel=4)
+                              f"trained, so no importance-sampling correction is needed); {SAMPLING_ENGINES[key]}",
+                              UserWarning, stacklevel=4)
         elif key in REFUSED:
             ok, fix = REFUSED[key]
             if value not in ok:
