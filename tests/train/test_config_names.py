@@ -104,6 +104,12 @@ def test_upstream_values_translate():
     assert DPOConfig(loss_type=["ipo"]).loss_type == "ipo"
     assert SFTConfig(assistant_only_loss=True).train_on_responses_only is True
     assert SFTConfig(padding_free=True, assistant_only_loss=False).train_on_responses_only is False
+    # settings that change nothing fasttune computes are dropped at any value
+    assert DPOConfig(precompute_ref_batch_size=8).beta == 0.1
+    import fasttune
+    g = fasttune.GRPOConfig(cache_implementation="static", log_multimodal=False,
+                            transformers_continuous_batching_config={"max_batch_tokens": 256})
+    assert not hasattr(g, "cache_implementation") and not hasattr(g, "log_multimodal")
 
 
 def test_chat_template_path(tmp_path):

@@ -55,7 +55,11 @@ NO_EFFECT = {"run_name", "logging_dir", "logging_strategy", "logging_nan_inf_fil
              "pad_to_multiple_of", "eval_packing", "shuffle_dataset",
              # TRL: rows flattened without padding, attended per document; the same losses as padded rows, which
              # fasttune batches (right padding runs as plain causal attention; packing=True packs for speed)
-             "padding_free"}
+             "padding_free",
+             # TRL: the batch size of the reference log-probs' precompute, the generation cache's class, the
+             # completions table's images and the continuous-batching engine's settings leave the losses as they are
+             "precompute_ref_batch_size", "cache_implementation", "log_multimodal",
+             "transformers_continuous_batching_config"}
 # setting -> (values that keep fasttune's behaviour, the fix for any other value)
 REFUSED = {
     "push_to_hub": ((False, None), "fasttune does not upload during training (no network at run time); save with "
