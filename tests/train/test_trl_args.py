@@ -123,6 +123,17 @@ def test_other_trainer_arguments_are_accepted_unset_and_named_when_set(tiny_mode
                                           r"evaluation.*; data_collator: this trainer batches its own examples"):
         DPOTrainer(model=model, processing_class=tok, train_dataset=pairs, data_collator=lambda f: f,
                    compute_metrics=lambda p: {})
+    from fasttune import GRPOConfig, GRPOTrainer  # TRL's agent rollouts: named, with the way round
+
+    def reward(completions, **_):
+        return [0.0] * len(completions)
+
+    grpo = dict(model=model, reward_funcs=[reward], processing_class=tok, train_dataset=[{"prompt": "hi"}],
+                args=GRPOConfig(output_dir=str(tmp_path / "g"), per_device_train_batch_size=2, num_generations=2))
+    GRPOTrainer(**grpo, tools=None, rollout_func=None, environment_factory=None)
+    with pytest.raises(ConfigError, match=r"GRPOTrainer does not implement environment_factory: .*; rollout_func: "
+                                          r".*; tools: .*score the completions' tool calls in a reward function"):
+        GRPOTrainer(**grpo, tools=[len], rollout_func=lambda p, t: {}, environment_factory=dict)
 
 
 def _dpo_losses(folder, tmp_path, name, lora_dropout, **cfg):

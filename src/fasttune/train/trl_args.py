@@ -64,6 +64,13 @@ NOT_IMPLEMENTED = {
     "ref_model": "the reference is the model as handed to the trainer (its LoRA switched off, or a frozen copy of an "
                  "adapter already trained), as TRL takes a PEFT model; a separate reference model is not "
                  "implemented, so leave ref_model out (or None)",
+    # TRL's GRPO / RLOO agent rollouts: fasttune samples single-turn completions with its own generate()
+    "tools": "completions are sampled in one turn by fasttune's generate(); tool calls inside a rollout (TRL's tool "
+             "loop) are not implemented: score the completions' tool calls in a reward function instead",
+    "rollout_func": "completions are sampled by fasttune's generate() from the weights being trained; a custom "
+                    "rollout function is not implemented",
+    "environment_factory": "completions are sampled in one turn by fasttune's generate(); environments with tools "
+                           "are not implemented: score the completions in a reward function instead",
 }
 
 
