@@ -11,7 +11,8 @@ with the loop; `control` is its TrainerControl, and the loop honours should_trai
 every rank), should_log, should_evaluate and should_save (on top of logging_steps / eval_steps / save_steps).
 on_predict fires from SFTTrainer.predict. Not honoured: should_epoch_stop (the loop's batches are planned per step,
 not per epoch).
-EarlyStoppingCallback needs load_best_model_at_end, which fasttune does not implement: it is refused.
+EarlyStoppingCallback needs load_best_model_at_end, which fasttune does not implement: it is refused. TRL's
+BEMACallback is run as fasttune's (train/bema.py: the same average, of the trainable weights, so LoRA models too).
 """
 from __future__ import annotations
 
@@ -49,6 +50,10 @@ class TrainerCallbacks:
         from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
         cb = callback() if isinstance(callback, type) else callback
+        if type(cb).__name__ == "BEMACallback" and type(cb).__module__.startswith("trl."):
+            from fasttune.train.bema import BEMACallback
+
+            cb = BEMACallback.from_trl(cb)  # TRL's copies the whole model; ours averages the trainable weights
         if isinstance(cb, EarlyStoppingCallback):
             raise ConfigError("EarlyStoppingCallback needs load_best_model_at_end=True and metric_for_best_model, "
                               "which fasttune does not implement. Stop on your own condition with a TrainerCallback "

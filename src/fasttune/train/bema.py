@@ -1,0 +1,106 @@
+"""BEMA, bias-corrected exponential moving averages of the weights (Block & Zhang 2025, "EMA Without the Lag",
+arXiv 2508.00180), as TRL 1.16's `BEMACallback` computes them:
+
+    theta'_t = alpha_t (theta_t - theta_0) + EMA_t,   EMA_t = (1 - beta_t) EMA_{t-1} + beta_t theta_t,
+    alpha_t = (lag + multiplier t)^-bias_power,       beta_t = max((lag + multiplier t)^-ema_power, min_ema_multiplier)
+
+theta_0 and EMA are snapshots of the weights taken at step `update_after` (at the start of training when that step
+never comes, e.g. the default 0); the average moves after every `update_freq`-th step after it, and is written to
+<output_dir>/bema at the end of training by the model's own save_pretrained.
+
+TRL's callback copies the whole model (`type(model)(model.config)`) and zips the trainable parameters with all of the
+copy's, so it works for full fine-tuning only. This one averages the trainable parameters, so on a LoRA model the
+average is of the adapter (each A, B and modules_to_save, as TRL's adapter EMA averages them) and bema/ is a PEFT
+adapter; with full fine-tuning it is every weight and bema/ a transformers checkpoint. Passing TRL's BEMACallback to a
+fasttune trainer runs this one with its settings (train/callbacks.py).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import TrainerCallback
+
+from fasttune.errors import ConfigError
+
+SETTINGS = ("update_freq", "ema_power", "bias_power", "lag", "update_after", "multiplier", "min_ema_multiplier",
+            "device")
+
+
+class BEMACallback(TrainerCallback):
+    """BEMA of the trainable weights (module docstring), TRL's settings and defaults: update_freq (steps between
+    updates, 400), ema_power (kappa, 0.5), bias_power (eta, 0.2), lag (rho, 10), update_after (tau, 0),
+    multiplier (gamma, 1.0), min_ema_multiplier (0.0), device (where the three copies of the trainable weights live,
+    "cpu"). After training, `weights` holds {parameter name: averaged tensor} and <output_dir>/bema the saved model.
+    Raises ConfigError for update_freq < 1 and, at train start, under fsdp=True (sharded weights)."""
+
+    def __init__(self, update_freq: int = 400, ema_power: float = 0.5, bias_power: float = 0.2, lag: int = 10,
+                 update_after: int = 0, multiplier: float = 1.0, min_ema_multiplier: float = 0.0,
+                 device: str = "cpu"):
+        if not isinstance(update_freq, int) or update_freq < 1:
+            raise ConfigError(f"BEMACallback(update_freq={update_freq!r}) is invalid: the optimizer steps between "
+                              f"updates of the average, a whole number >= 1.")
+        self.update_freq, self.ema_power, self.bias_power, self.lag = update_freq, ema_power, bias_power, lag
+        self.update_after, self.multiplier, self.min_ema_multiplier = update_after, multiplier, min_ema_multiplier
+        self.device = device
+        self.params: dict[str, torch.nn.Parameter] = {}
+        self.theta0: dict[str, torch.Tensor] = {}
+        self.ema: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def from_trl(cls, callback) -> "BEMACallback":
+        """This callback with the settings of TRL's BEMACallback instance `callback`. Raises ConfigError for TRL's
+        experimental update_ref_model=True (a BEMA reference model), which is not implemented."""
+        if getattr(callback, "update_ref_model", False):
+            raise ConfigError("BEMACallback(update_ref_model=True) moves the reference model to the average, which "
+                              "fasttune does not implement; for a moving reference use sync_ref_model=True "
+                              "(TR-DPO) in the config, or leave update_ref_model off.")
+        return cls(**{name: getattr(callback, name) for name in SETTINGS})
+
+    def ema_beta(self, step: int) -> float:
+        """beta_t = max((lag + multiplier t)^-ema_power, min_ema_multiplier)."""
+        return max((self.lag + self.multiplier * step) ** (-self.ema_power), self.min_ema_multiplier)
+
+    def bema_alpha(self, step: int) -> float:
+        """alpha_t = (lag + multiplier t)^-bias_power."""
+        return (self.lag + self.multiplier * step) ** (-self.bias_power)
+
+    @torch.no_grad()
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if getattr(args, "fsdp", False):
+            raise ConfigError("BEMACallback with fsdp=True is not implemented (the average would need the gathered "
+                              "weights every update); train on one GPU or with DDP, or drop the callback.")
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.theta0 = {n: p.detach().to(self.device, copy=True) for n, p in self.params.items()}
+        self.ema = {n: t.clone() for n, t in self.theta0.items()}
+        self.weights = {n: t.clone() for n, t in self.theta0.items()}
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, **kwargs):
+        step = state.global_step
+        if step < self.update_after:
+            return
+        if step == self.update_after:  # the snapshots are taken here
+            for n, p in self.params.items():
+                self.theta0[n].copy_(p.detach())
+                self.ema[n].copy_(p.detach())
+        elif (step - self.update_after) % self.update_freq == 0:
+            beta, alpha = self.ema_beta(step), self.bema_alpha(step)
+            for n, p in self.params.items():
+                theta = p.detach().to(self.device)
+                self.ema[n].mul_(1 - beta).add_(theta, alpha=beta)
+                self.weights[n].copy_(self.ema[n] + alpha * (theta - self.theta0[n]))
+
+    @torch.no_grad()
+    def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        if not state.is_world_process_zero or not self.params:
+            return
+        current = {n: p.detach().clone() for n, p in self.params.items()}
+        try:  # the averaged weights in place for the save, then the trained ones back
+            for n, p in self.params.items():
+                p.copy_(self.weights[n])
+            model.save_pretrained(str(Path(args.output_dir) / "bema"))
+        finally:
+            for n, p in self.params.items():
+                p.copy_(current[n])
