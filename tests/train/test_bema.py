@@ -79,3 +79,18 @@ def test_refusals(tiny_model_dir, tmp_path):
         SFTTrainer(*FastLanguageModel.from_pretrained(str(tiny_model_dir("llama"))), train_dataset=ROWS,
                    callbacks=[exp.BEMACallback(update_ref_model=True)],
                    args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, report_to="none"))
+
+
+def test_full_finetuning_saves_a_transformers_checkpoint_of_the_average(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype="float32",
+                                                   full_finetuning=True)
+    bema = BEMACallback(update_freq=1, lag=2)
+    SFTTrainer(model, tok, train_dataset=ROWS, callbacks=[bema], args=SFTConfig(
+        output_dir=str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-2,
+        save_strategy="no", report_to="none")).train()
+    saved = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "bema").named_parameters())
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert name in bema.weights and not torch.equal(bema.weights[name], dict(model.named_parameters())[name])
+    torch.testing.assert_close(saved[name], bema.weights[name])
