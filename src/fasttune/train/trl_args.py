@@ -61,9 +61,9 @@ NOT_IMPLEMENTED = {
                                 "trainable parameters, with the config's schedule",
     "data_collator": "this trainer batches its own examples (SFTTrainer takes a data_collator)",
     # (the peer's DPO notebooks pass ref_model=None, TRL's PEFT way, which is what fasttune does)
-    "ref_model": "the reference is the model as handed to the trainer (its LoRA switched off, or a frozen copy of an "
-                 "adapter already trained), as TRL takes a PEFT model; a separate reference model is not "
-                 "implemented, so leave ref_model out (or None)",
+    "ref_model": "the reference is the model as handed to the trainer (its LoRA switched off, a frozen copy of an "
+                 "adapter already trained, or with full fine-tuning a copy of every weight), as TRL takes it with "
+                 "ref_model=None; a separate reference model is not implemented, so leave ref_model out (or None)",
     # TRL's GRPO / RLOO agent rollouts: fasttune samples single-turn completions with its own generate()
     "tools": "completions are sampled in one turn by fasttune's generate(); tool calls inside a rollout (TRL's tool "
              "loop) are not implemented: score the completions' tool calls in a reward function instead",

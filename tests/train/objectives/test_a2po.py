@@ -183,9 +183,9 @@ def test_config_errors_and_defaults(tmp_path, policy):
         with pytest.raises(ConfigError, match=match):
             A2POConfig(output_dir=str(tmp_path), **kw)
     _, tok, root = policy
-    full, _ = FastLanguageModel.from_pretrained(str(root / "llama"), dtype="float32")
-    with pytest.raises(ConfigError, match="Add LoRA adapters"):
-        A2POTrainer(full, reward_funcs=[contains_answer], processing_class=tok, train_dataset=ROWS, args=cfg)
+    full, _ = FastLanguageModel.from_pretrained(str(root / "llama"), dtype="float32", full_finetuning=True)
+    trainer = A2POTrainer(full, reward_funcs=[contains_answer], processing_class=tok, train_dataset=ROWS, args=cfg)
+    assert set(trainer.reference.saved) == {n for n, _ in full.named_parameters()}  # full fine-tuning: every weight
 
 
 def test_every_prompt_filtered_is_an_error(policy, tmp_path):

@@ -113,13 +113,17 @@ def test_eval_loss_is_the_objective(tiny_model_dir, tmp_path):
     assert "eval_rewards/accuracies" in metrics
 
 
-def test_full_finetuning_needs_reference_log_probs(tiny_model_dir, tmp_path):
+def test_full_finetuning_keeps_a_reference_copy_or_precomputes(tiny_model_dir, tmp_path):
+    """Full fine-tuning: the reference is a copy of every weight (its curve against TRL's: test_reference_sync.py),
+    or with precompute_ref_log_probs no copy at all; both start at ln 2 (policy == reference)."""
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
-    with pytest.raises(ConfigError, match="precompute_ref_log_probs"):
-        DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(2), args=_args(tmp_path))
+    copy = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(2), args=_args(tmp_path))
+    assert copy.reference.is_copy and len(copy.reference.saved) == len(list(model.parameters()))
     trainer = DPOTrainer(model=model, tokenizer=tok, train_dataset=pair_rows(2),
                          args=_args(tmp_path, precompute_ref_log_probs=True))
-    assert our_step(trainer, 2)[0] == pytest.approx(0.6931472, rel=1e-5)  # policy == reference before training
+    assert trainer.reference is None
+    for t in (copy, trainer):
+        assert our_step(t, 2)[0] == pytest.approx(0.6931472, rel=1e-5)  # policy == reference before training
 
 
 @pytest.mark.parametrize("kw, match", [({"beta": 0}, "beta"), ({"loss_type": "kto"}, "loss_type"),

@@ -362,9 +362,10 @@ def test_errors_name_the_field(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match="multiple of num_generations"):
         GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**{**args, "per_device_train_batch_size": 3}),
                     train_dataset=ROWS, processing_class=tok)
-    with pytest.raises(ConfigError, match="beta > 0 .*no LoRA adapters"):
-        GRPOTrainer(model, reward_funcs=[count_a], args=GRPOConfig(**args, beta=0.1), train_dataset=ROWS,
-                    processing_class=tok)
+    full, _ = FastLanguageModel.from_pretrained(str(tiny_dir), dtype="float32", full_finetuning=True)
+    kl = GRPOTrainer(full, reward_funcs=[count_a], args=GRPOConfig(**args, beta=0.1), train_dataset=ROWS,
+                     processing_class=tok)  # full fine-tuning with beta > 0: the reference is a copy of every weight
+    assert set(kl.reference.saved) == {n for n, _ in full.named_parameters()}
     with pytest.raises(ConfigError, match="loss_type"):
         GRPOConfig(**args, loss_type="ppo")
     with pytest.raises(ConfigError, match="reward_weights"):

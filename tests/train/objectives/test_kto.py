@@ -51,10 +51,15 @@ def test_gradient_accumulation_is_invariant(tiny_model_dir, tmp_path):
     assert all("kl" in h for h in trainer.log_history)
 
 
-def test_needs_adapters(tiny_model_dir, tmp_path):
+def test_full_finetuning_keeps_a_reference_copy(tiny_model_dir, tmp_path):
+    """As TRL keeps a reference model: step 1's rewards are 0 (policy == reference), step 2's are not."""
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
-    with pytest.raises(ConfigError, match="LoRA"):
-        KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(2), args=_args(tmp_path))
+    trainer = KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
+                         args=_args(tmp_path, max_steps=2, learning_rate=1e-3, logging_steps=1))
+    assert len(trainer.reference.saved) == len(list(model.parameters()))
+    trainer.train()
+    first, second = trainer.log_history[:2]
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and abs(second["rewards/chosen"]) > 1e-4
 
 
 def test_one_row_per_step_is_refused(tiny_model_dir, tmp_path):
@@ -150,7 +155,7 @@ def test_reference_is_the_loaded_adapter_as_in_trl(loss_type, tiny_model_dir, tm
 
 def test_precomputed_reference_allows_full_finetuning_without_kl(tiny_model_dir, tmp_path):
     """With every reference log-prob computed before training (apo_zero_unpaired has no KL rows), full fine-tuning
-    needs no second copy of the model; loss_type="kto" still pairs its KL rows per step, so it is refused."""
+    needs no second copy of the model; loss_type="kto" still pairs its KL rows per step, so it keeps one."""
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
     trainer = KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
                          args=_args(tmp_path, max_steps=2, learning_rate=1e-4, loss_type="apo_zero_unpaired",
@@ -163,9 +168,9 @@ def test_precomputed_reference_allows_full_finetuning_without_kl(tiny_model_dir,
     assert first["loss"] == pytest.approx((0.5 + 0.75 + 0.5 + 0.5) / 4, abs=1e-6)
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
     assert trainer.log_history[1]["loss"] < first["loss"]
-    with pytest.raises(ConfigError, match="LoRA.*apo_zero_unpaired"):
-        KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
-                   args=_args(tmp_path, precompute_ref_log_probs=True))
+    kl_rows = KTOTrainer(model=model, tokenizer=tok, train_dataset=unpaired_rows(4),
+                         args=_args(tmp_path, precompute_ref_log_probs=True))
+    assert kl_rows.reference.is_copy  # loss_type="kto" pairs its KL rows anew each step: their reference passes stay
 
 
 def test_moe_load_balancing_loss_equals_trl(tiny_model_dir, tmp_path):

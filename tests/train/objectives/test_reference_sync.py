@@ -185,3 +185,46 @@ def test_cli_trains_dpo_with_syncs_and_refuses_a_bad_alpha(tiny_model_dir, tmp_p
     err = capsys.readouterr().err
     assert "ref_model_mixup_alpha=2.0 is invalid" in err and "Traceback" not in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("sync", [False, True])
+def test_full_finetuning_dpo_curve_equals_trl(sync, tiny_model_dir, tmp_path):
+    """Full fine-tuning: the reference is a second copy of every weight, as TRL's reference model; with
+    sync_ref_model (alpha 0.5 every step) TRL mixes that model's weights, which for full weights is what ours does.
+    Three steps' logged losses and rewards equal TRL's DPOTrainer train() on a transformers model."""
+    import trl
+    from datasets import Dataset
+    from preference_oracle import trl_args
+    from transformers import AutoModelForCausalLM
+
+    folder = tiny_model_dir("llama")
+    rows = pair_rows(4)
+    cfg = dict(max_steps=3, learning_rate=1e-3, beta=0.5, logging_steps=1, sync_ref_model=sync,
+               ref_model_mixup_alpha=0.5, ref_model_sync_steps=1)
+    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype="float32", full_finetuning=True)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=DPOConfig(
+        output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, shuffle=False, save_strategy="no", **cfg))
+    assert ours.reference.is_copy and set(ours.reference.saved) == {n for n, _ in model.named_parameters()}
+    ours.train()
+    twin = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    theirs = trl.DPOTrainer(model=twin, args=trl_args(trl.DPOConfig, tmp_path, **cfg),
+                            train_dataset=Dataset.from_list(rows), processing_class=tok)
+    theirs.train()
+    got = [h for h in ours.log_history if "loss" in h]
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == 3 and got[0]["loss"] == pytest.approx(LN2, abs=1e-6)
+    assert (got[2]["loss"] > 0.2) == sync  # a reference that follows the policy keeps the margins small
+    for key in ("loss", "rewards/chosen", "rewards/margins"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-6), key
+
+
+def test_full_finetuning_reference_under_fsdp_is_refused(tiny_model_dir, tmp_path):
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), full_finetuning=True)
+    from types import SimpleNamespace
+
+    from fasttune.train.objectives.reference_sync import synced_reference
+
+    # (the trainers refuse fsdp=True outside torchrun first: the rule itself, with the run's settings)
+    with pytest.raises(ConfigError, match="full fine-tuning under fsdp=True is not implemented"):
+        synced_reference(model, SimpleNamespace(fsdp=True, sync_ref_model=False))
+    assert synced_reference(model, SimpleNamespace(fsdp=False, sync_ref_model=False)).is_copy

@@ -93,7 +93,6 @@ class A2POTrainer(GRPOTrainer):
     packing_refusal = "packing does not apply to A2PO (completions are sampled per step); set packing=False."
     chat_completions = False  # TRL's A2PO hands the reward functions decoded text
     scores_as_sampled = False  # temperature 1, the model's default positions (module docstring)
-    reference_refusal = ("", "Add LoRA adapters with FastLanguageModel.get_peft_model.")
 
     @property
     def uses_reference(self) -> bool:

@@ -84,8 +84,9 @@ def check_prompt_length(n):
 class DPOTrainer(ReferenceSync, PreferenceTrainer):
     """DPO on paired rows (prompt, chosen, rejected). The reference log-probs come from the data
     (ref_chosen_logps / ref_rejected_logps), from the model before training (precompute_ref_log_probs=True), or
-    else from a ReferencePolicy each step; that needs LoRA, so full fine-tuning without the first two raises
-    ConfigError, and so does sync_ref_model (TR-DPO, reference_sync.py) with reference log-probs in the data."""
+    else from a ReferencePolicy each step (with full fine-tuning a second copy of the weights, as TRL keeps a
+    reference model). Raises ConfigError for sync_ref_model (TR-DPO, reference_sync.py) with reference log-probs in
+    the data."""
 
     config_cls = DPOConfig
     method = "DPO"
@@ -104,9 +105,7 @@ class DPOTrainer(ReferenceSync, PreferenceTrainer):
             for examples in missing:
                 self._precompute(examples)
         elif missing:
-            self.reference = synced_reference(
-                model, a, "DPO", "Give the data 'ref_chosen_logps' / 'ref_rejected_logps' columns, or set "
-                              "precompute_ref_log_probs=True to take them from the model before training.")
+            self.reference = synced_reference(model, a)
         self.check_reference_sync("DPO", "the data's ref_chosen_logps / ref_rejected_logps columns fix the "
                                          "reference log-probs")
 

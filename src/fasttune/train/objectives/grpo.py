@@ -59,8 +59,8 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
     args that are not a GRPOConfig, no tokenizer, a reward_weights length that does not match, completions per
-    step (or per eval batch) that are not whole groups of num_generations (num_generations_eval), or beta > 0 on a
-    model without LoRA adapters (full fine-tuning). An eval_dataset is evaluated as TRL evaluates one
+    step (or per eval batch) that are not whole groups of num_generations (num_generations_eval). With beta > 0 and
+    full fine-tuning the reference is a second copy of the weights (as TRL keeps a reference model). An eval_dataset is evaluated as TRL evaluates one
     (evaluation_pass).
 
     With beta > 0 the KL reference is the policy as handed to the trainer, as TRL 1.16's GRPOTrainer takes a PEFT
@@ -86,8 +86,6 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
     # online DPO and A2PO score at temperature 1 with the model's default positions 0..T-1 (their forward passes no
     # position ids), and so do theirs here (False).
     scores_as_sampled = True
-    # (when the method needs its reference, the model has no LoRA adapters) what the refusal names, and its remedy
-    reference_refusal = (" with beta > 0", "Add LoRA with get_peft_model, or set beta=0.")
 
     @property
     def uses_reference(self) -> bool:
@@ -144,8 +142,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         # The reference is taken now, from the model as handed over (before any step), as TRL copies its "ref".
         self.reference: ReferencePolicy | None = None
         if self.uses_reference:
-            when, remedy = self.reference_refusal
-            self.reference = synced_reference(self.model, a, f"{name.removesuffix('Trainer')}{when}", remedy)
+            self.reference = synced_reference(self.model, a)
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)

@@ -78,8 +78,8 @@ class KTOTrainer(ReferenceSync, PreferenceTrainer):
     """KTO on unpaired rows (prompt, completion, label); paired rows are split into a desirable and an undesirable
     row. The reference is the model as handed to the trainer: a ReferencePolicy, or with precompute_ref_log_probs
     the rows' log-probs computed once before training (the KL rows of loss_type="kto" are paired anew each step, so
-    their reference passes remain). Raises ConfigError when a reference pass is needed and the model has no LoRA
-    (full fine-tuning), and, for loss_type="kto", with one row per optimizer step; warns (UserWarning) when the
+    their reference passes remain; with full fine-tuning the ReferencePolicy is a second copy of the weights, as TRL
+    keeps a reference model). Raises ConfigError for loss_type="kto" with one row per optimizer step; warns (UserWarning) when the
     weights do not fit the label balance (weight_advice)."""
 
     config_cls = KTOConfig
@@ -91,10 +91,7 @@ class KTOTrainer(ReferenceSync, PreferenceTrainer):
         super().__init__(model, tokenizer, train_dataset, eval_dataset, args, **kwargs)
         a = self.args
         if not a.precompute_ref_log_probs or a.loss_type == "kto":  # reference passes during training
-            self.reference = synced_reference(
-                model, a, "KTO", "Add LoRA adapters with FastLanguageModel.get_peft_model (with full fine-tuning, "
-                              "loss_type='apo_zero_unpaired' and precompute_ref_log_probs=True need no reference "
-                              "passes).")
+            self.reference = synced_reference(model, a)
         if a.precompute_ref_log_probs:  # once, before training: the model as it is now is the reference
             for examples in [self.train_examples] + ([self.eval_examples] if self.eval_examples else []):
                 for part, ref in self.logps_before_training(examples):

@@ -102,7 +102,6 @@ class OnlineDPOTrainer(GRPOTrainer):
 
     config_cls = OnlineDPOConfig
     scores_as_sampled = False  # TRL's online DPO: temperature 1, plain positions (module docstring)
-    reference_refusal = ("", "Add LoRA adapters with FastLanguageModel.get_peft_model.")
     packing_refusal = "packing does not apply to online DPO (completions are sampled per step); set packing=False."
 
     @property

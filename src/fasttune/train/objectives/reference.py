@@ -8,7 +8,6 @@ from contextlib import contextmanager
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from fasttune.errors import ConfigError
 from fasttune.kernels.token_logprobs import EXTRAS, logit_extras
 
 
@@ -158,9 +157,11 @@ class ReferencePolicy:
 
     A fresh adapter (every LoRA B zero, nothing else trained) is the base itself: the reference passes switch the
     adapters off, with no copy. An adapter that is not the identity (loaded from a folder, trained, or with
-    modules_to_save) is kept as a frozen copy of the trainable weights and swapped in for the reference passes. The
-    swap writes the parameters in place, so a reference pass must come before the policy's forward of the same
-    batch, never between that forward and its backward.
+    modules_to_save) is kept as a frozen copy of the trainable weights and swapped in for the reference passes; so is
+    every weight of a fully fine-tuned model (a second copy of the model, as TRL keeps its reference model). The
+    swap exchanges the values of each parameter and its copy in place, one parameter at a time (no third copy of the
+    model), so a reference pass must come before the policy's forward of the same batch, never between that forward
+    and its backward.
 
     keep_copy: keep the copy even for a fresh adapter (TR-DPO's syncs move it, reference_sync.py).
     """
@@ -206,33 +207,28 @@ class ReferencePolicy:
                 yield
             return
         params = dict(self.model.named_parameters())
-        current = {}
         with torch.no_grad():
             for n, ref in self.saved.items():
                 p = params[n]
                 if isinstance(p, DTensor) and not isinstance(ref, DTensor):  # FSDP sharded it after the copy
-                    ref = self.saved[n] = distribute_tensor(ref.to(p.device), p.device_mesh, p.placements)
-                current[n] = p.detach().clone()
-                p.copy_(ref)
+                    self.saved[n] = distribute_tensor(ref.to(p.device), p.device_mesh, p.placements)
+            self._swap(params)  # the reference's weights in the model, the policy's in self.saved
         try:
             yield
         finally:
             with torch.no_grad():
-                for n, value in current.items():
-                    params[n].copy_(value)
+                self._swap(params)
+
+    def _swap(self, params: dict):
+        """Exchange each parameter's values with its kept copy's, one parameter at a time."""
+        for n, kept in self.saved.items():
+            p = params[n]
+            held = p.detach().clone()
+            p.copy_(kept)
+            kept.copy_(held)
 
 
-def reference_policy(model, method: str, remedy: str, keep_copy: bool = False) -> ReferencePolicy:
-    """The reference of `method` (DPO, KTO, GRPO with beta > 0): the model as it is now, i.e. as handed to the
-    trainer (see ReferencePolicy; keep_copy as there). Call it once the trainer holds the model, before any training
-    step.
-
-    Raises ConfigError (naming `method` and ending with `remedy`) for a model without LoRA adapters (full
-    fine-tuning): its reference would be a second copy of every weight, which fasttune does not keep.
-    """
-    if model.lora_settings is None:
-        raise ConfigError(f"{method} compares the model with a reference, the model as handed to the trainer, which "
-                          f"fasttune keeps as a frozen copy of the LoRA weights (or the base with the adapters off); "
-                          f"but this model has no LoRA adapters (full fine-tuning), and fasttune keeps no second copy "
-                          f"of the whole model. {remedy}")
+def reference_policy(model, keep_copy: bool = False) -> ReferencePolicy:
+    """The reference of DPO, KTO, GRPO with beta > 0, ...: the model as it is now, i.e. as handed to the trainer (see
+    ReferencePolicy; keep_copy as there). Call it once the trainer holds the model, before any training step."""
     return ReferencePolicy(model, keep_copy)

@@ -6,9 +6,10 @@ and RLOOConfig: after every ref_model_sync_steps-th optimizer step the reference
 
 (TRL's SyncRefModelCallback, at on_step_end: before that step's log, evaluation and checkpoint).
 
-TRL syncs only a separate full-size reference model and refuses a PEFT model. fasttune's reference is the LoRA
-adapter's starting weights (reference.py; a fresh adapter is the base model), so the mix is of the adapter's
-trainable parameters: each LoRA A and B and any modules_to_save, as TRL's PEFT adapter EMA mixes adapters.
+TRL syncs only a separate full-size reference model (full fine-tuning, where ours is the same: a copy of every
+weight, mixed exactly) and refuses a PEFT model. On LoRA fasttune's reference is the adapter's starting weights
+(reference.py; a fresh adapter is the base model), so the mix is of the adapter's trainable parameters: each LoRA A
+and B and any modules_to_save, as TRL's PEFT adapter EMA mixes adapters.
 - alpha = 1 (the paper's hard update) makes the reference the policy exactly, and so does the mix of
   modules_to_save for any alpha (they are linear in their weights).
 - For alpha < 1 the reference's LoRA product B' A' (B' = alpha B + (1 - alpha) B_ref, A' likewise) differs from the
@@ -45,11 +46,16 @@ def check_sync_settings(config, no_reference: str | None = None):
                           f"sync_ref_model=False, or drop that setting.")
 
 
-def synced_reference(model, args, method: str, remedy: str) -> ReferencePolicy:
-    """reference_policy(model, method, remedy), kept as a copy of the adapter's weights when args.sync_ref_model is
-    on (the copy is what the syncs move; a fresh adapter's copy is still the base model). Raises ConfigError as
-    reference_policy does."""
-    return reference_policy(model, method, remedy, keep_copy=bool(getattr(args, "sync_ref_model", False)))
+def synced_reference(model, args) -> ReferencePolicy:
+    """reference_policy(model), kept as a copy of the trainable weights when args.sync_ref_model is on (the copy is
+    what the syncs move; a fresh adapter's copy is still the base model). Raises ConfigError for full fine-tuning
+    under fsdp=True: every rank would hold a whole copy of the model before the sharding."""
+    if model.lora_settings is None and getattr(args, "fsdp", False):
+        raise ConfigError("A reference for full fine-tuning under fsdp=True is not implemented: the reference is a "
+                          "copy of every weight, which each rank would hold whole before sharding. Use LoRA "
+                          "(get_peft_model), or reference log-probs computed before training "
+                          "(precompute_ref_log_probs=True, DPO / KTO), or train without FSDP.")
+    return reference_policy(model, keep_copy=bool(getattr(args, "sync_ref_model", False)))
 
 
 class ReferenceSync:
