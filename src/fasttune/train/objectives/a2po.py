@@ -83,8 +83,8 @@ class A2POTrainer(GRPOTrainer):
     """A*-PO on rows with a `prompt` (module docstring), as TRL 1.16's trl.experimental.a2po A2POTrainer:
     GRPOTrainer's arguments (model, reward_funcs: callables, built-in names or reward models, args, train_dataset,
     eval_dataset, processing_class, ...) with A2POConfig. The reference is the policy as handed to the trainer, as
-    TRL's frozen copy (the base with the adapters off for a fresh adapter, else a copy of the adapter), so a model
-    without LoRA adapters is refused. Stage 1 runs when train() starts (estimate_optimal_values). Logs TRL's metrics
+    TRL's frozen copy (the base with the adapters off for a fresh adapter, else a copy of the adapter; with full
+    fine-tuning a copy of every weight). Stage 1 runs when train() starts (estimate_optimal_values). Logs TRL's metrics
     (reward, v_star, implicit_reward, advantage: means over the micro-batches since the last entry) with
     rewards/<name>/mean and completions/*. Raises ConfigError as GRPOTrainer, and for a vision-language model (TRL's
     A2PO reads text prompts only)."""

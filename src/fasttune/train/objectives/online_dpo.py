@@ -93,8 +93,9 @@ class OnlineDPOTrainer(GRPOTrainer):
     """Online DPO on rows with a `prompt` (module docstring), as TRL 1.16's trl.experimental.online_dpo
     OnlineDPOTrainer: GRPOTrainer's arguments, data, sampling, reward functions and reward models (reward_funcs,
     reward_processing_classes) and images, with OnlineDPOConfig. The reference is the policy as handed over (its
-    LoRA switched off, as TRL does for a PEFT model): a model without LoRA adapters is refused, as is ref_model= (a
-    separate reference model) and an eval_dataset (TRL's trainer has no evaluation for it). Logs TRL's metrics:
+    LoRA switched off, as TRL does for a PEFT model; with full fine-tuning a copy of every weight); ref_model= (a
+    separate reference model) and an eval_dataset (TRL's trainer has no evaluation for it) are refused. Logs TRL's
+    metrics:
     objective/kl, objective/entropy, objective/non_score_reward, objective/rlhf_reward, objective/scores,
     objective/scores_margin, rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies, logps/chosen,
     logps/rejected, val/contain_eos_token, beta (objective/kl, entropy, non_score_reward and rlhf_reward over the

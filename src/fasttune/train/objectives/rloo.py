@@ -52,7 +52,7 @@ def leave_one_out_advantages(rewards_per_func: torch.Tensor, weights: torch.Tens
 class RLOOTrainer(GRPOTrainer):
     """RLOO on rows with a `prompt`, as TRL 1.16's RLOOTrainer: GRPOTrainer's arguments, data, sampling, reward
     functions (and reward models), images and evaluation, with RLOOConfig. With beta > 0 (the default, 0.05) the
-    reference is the policy as handed to the trainer (see GRPOTrainer) and needs LoRA adapters. Raises ConfigError as
+    reference is the policy as handed to the trainer (see GRPOTrainer). Raises ConfigError as
     GRPOTrainer does."""
 
     config_cls = RLOOConfig
