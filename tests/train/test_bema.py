@@ -75,10 +75,51 @@ def test_refusals(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"update_freq=0\) is invalid"):
         BEMACallback(update_freq=0)
     exp = pytest.importorskip("trl.experimental.bema_for_ref_model")
-    with pytest.raises(ConfigError, match="update_ref_model=True.*sync_ref_model=True"):
-        SFTTrainer(*FastLanguageModel.from_pretrained(str(tiny_model_dir("llama"))), train_dataset=ROWS,
-                   callbacks=[exp.BEMACallback(update_ref_model=True)],
-                   args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, report_to="none"))
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    sft = SFTTrainer(FastLanguageModel.get_peft_model(model, r=4), tok, train_dataset=ROWS,
+                     callbacks=[exp.BEMACallback(update_ref_model=True)],
+                     args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, report_to="none"))
+    with pytest.raises(ConfigError, match="update_ref_model=True.*SFTTrainer takes no reference passes"):
+        sft.train()
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_bema_reference_model(lora, tiny_model_dir, tmp_path):
+    """TRL's experimental update_ref_model: after every 2nd step the reference takes the average. Full fine-tuning:
+    four steps' DPO losses and rewards equal TRL's experimental DPOTrainer with the same callback (TRL loads the
+    average into its reference model). LoRA: the reference adapter is the average after training."""
+    trl = pytest.importorskip("trl")
+    exp = pytest.importorskip("trl.experimental.bema_for_ref_model")
+    from datasets import Dataset
+    from preference_oracle import pair_rows, trl_args
+    from transformers import AutoModelForCausalLM
+
+    from fasttune import DPOConfig, DPOTrainer
+
+    folder, rows = tiny_model_dir("llama"), pair_rows(4)
+    settings = dict(update_freq=1, lag=2, update_ref_model=True, ref_model_update_freq=2, ref_model_update_after=0)
+    cfg = dict(max_steps=4, learning_rate=1e-3, beta=0.5, logging_steps=1)
+    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype="float32", full_finetuning=not lora)
+    if lora:
+        model = FastLanguageModel.get_peft_model(model, r=4, use_gradient_checkpointing=False)
+    ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, callbacks=[exp.BEMACallback(**settings)],
+                      args=DPOConfig(output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, shuffle=False,
+                                     save_strategy="no", **cfg))
+    ours.train()
+    bema = next(cb for cb in ours.callbacks.callbacks if isinstance(cb, BEMACallback))
+    for n, w in bema.weights.items():  # the last update (step 4) is the reference
+        torch.testing.assert_close(ours.reference.saved[n], w)
+    if lora:
+        return
+    theirs = exp.DPOTrainer(model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                            args=trl_args(trl.DPOConfig, tmp_path, **cfg), train_dataset=Dataset.from_list(rows),
+                            processing_class=tok, callbacks=[exp.BEMACallback(**settings)])
+    theirs.train()
+    got = [h for h in ours.log_history if "loss" in h]
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == 4
+    for key in ("loss", "rewards/chosen", "rewards/margins"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-6), key
 
 
 def test_full_finetuning_saves_a_transformers_checkpoint_of_the_average(tiny_model_dir, tmp_path):

@@ -13,6 +13,11 @@ copy's, so it works for full fine-tuning only. This one averages the trainable p
 average is of the adapter (each A, B and modules_to_save, as TRL's adapter EMA averages them) and bema/ is a PEFT
 adapter; with full fine-tuning it is every weight and bema/ a transformers checkpoint. Passing TRL's BEMACallback to a
 fasttune trainer runs this one with its settings (train/callbacks.py).
+
+update_ref_model (TRL's experimental bema_for_ref_model): after every ref_model_update_freq-th step from
+ref_model_update_after on, the reference of DPO, KTO, GRPO (beta > 0), ... takes the averaged weights: the copy of
+every weight with full fine-tuning (TRL loads the average into its reference model: the same), the reference adapter
+on LoRA (TRL's PEFT path loads the average into the base model instead).
 """
 from __future__ import annotations
 
@@ -25,21 +30,29 @@ from fasttune.errors import ConfigError
 
 SETTINGS = ("update_freq", "ema_power", "bias_power", "lag", "update_after", "multiplier", "min_ema_multiplier",
             "device")
+REF_SETTINGS = ("update_ref_model", "ref_model_update_freq", "ref_model_update_after")  # TRL's experimental ones
 
 
 class BEMACallback(TrainerCallback):
     """BEMA of the trainable weights (module docstring), TRL's settings and defaults: update_freq (steps between
     updates, 400), ema_power (kappa, 0.5), bias_power (eta, 0.2), lag (rho, 10), update_after (tau, 0),
     multiplier (gamma, 1.0), min_ema_multiplier (0.0), device (where the three copies of the trainable weights live,
-    "cpu"). After training, `weights` holds {parameter name: averaged tensor} and <output_dir>/bema the saved model.
-    Raises ConfigError for update_freq < 1 and, at train start, under fsdp=True (sharded weights)."""
+    "cpu"), and TRL's experimental update_ref_model (False), ref_model_update_freq (400), ref_model_update_after (0)
+    (module docstring). After training, `weights` holds {parameter name: averaged tensor} and <output_dir>/bema the
+    saved model. Raises ConfigError for update_freq or ref_model_update_freq < 1 and, at train start, under
+    fsdp=True (sharded weights) or for update_ref_model on a trainer without a reference."""
 
     def __init__(self, update_freq: int = 400, ema_power: float = 0.5, bias_power: float = 0.2, lag: int = 10,
                  update_after: int = 0, multiplier: float = 1.0, min_ema_multiplier: float = 0.0,
-                 device: str = "cpu"):
-        if not isinstance(update_freq, int) or update_freq < 1:
-            raise ConfigError(f"BEMACallback(update_freq={update_freq!r}) is invalid: the optimizer steps between "
-                              f"updates of the average, a whole number >= 1.")
+                 device: str = "cpu", update_ref_model: bool = False, ref_model_update_freq: int = 400,
+                 ref_model_update_after: int = 0):
+        for name, value in (("update_freq", update_freq), ("ref_model_update_freq", ref_model_update_freq)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"BEMACallback({name}={value!r}) is invalid: the optimizer steps between updates, "
+                                  f"a whole number >= 1.")
+        self.update_ref_model, self.ref_model_update_freq = update_ref_model, ref_model_update_freq
+        self.ref_model_update_after = ref_model_update_after
+        self.trainer = None  # set by the trainer's callbacks (bind_trainer): whose reference update_ref_model moves
         self.update_freq, self.ema_power, self.bias_power, self.lag = update_freq, ema_power, bias_power, lag
         self.update_after, self.multiplier, self.min_ema_multiplier = update_after, multiplier, min_ema_multiplier
         self.device = device
@@ -50,13 +63,13 @@ class BEMACallback(TrainerCallback):
 
     @classmethod
     def from_trl(cls, callback) -> "BEMACallback":
-        """This callback with the settings of TRL's BEMACallback instance `callback`. Raises ConfigError for TRL's
-        experimental update_ref_model=True (a BEMA reference model), which is not implemented."""
-        if getattr(callback, "update_ref_model", False):
-            raise ConfigError("BEMACallback(update_ref_model=True) moves the reference model to the average, which "
-                              "fasttune does not implement; for a moving reference use sync_ref_model=True "
-                              "(TR-DPO) in the config, or leave update_ref_model off.")
-        return cls(**{name: getattr(callback, name) for name in SETTINGS})
+        """This callback with the settings of TRL's BEMACallback instance `callback` (its experimental subclass's
+        reference settings too)."""
+        return cls(**{name: getattr(callback, name) for name in SETTINGS + REF_SETTINGS if hasattr(callback, name)})
+
+    def bind_trainer(self, trainer):
+        """The trainer whose reference update_ref_model moves (called when the callback is added)."""
+        self.trainer = trainer
 
     def ema_beta(self, step: int) -> float:
         """beta_t = max((lag + multiplier t)^-ema_power, min_ema_multiplier)."""
@@ -71,6 +84,15 @@ class BEMACallback(TrainerCallback):
         if getattr(args, "fsdp", False):
             raise ConfigError("BEMACallback with fsdp=True is not implemented (the average would need the gathered "
                               "weights every update); train on one GPU or with DDP, or drop the callback.")
+        if self.update_ref_model:
+            reference = getattr(self.trainer, "reference", None)
+            if reference is None:
+                raise ConfigError(f"BEMACallback(update_ref_model=True) moves the reference to the average, but "
+                                  f"{type(self.trainer).__name__} takes no reference passes here (no reference "
+                                  f"objective, beta=0, or reference log-probs computed before training). Leave "
+                                  f"update_ref_model off.")
+            if not reference.is_copy:  # a fresh adapter's reference (the base): the copy the updates move
+                reference.saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         self.theta0 = {n: p.detach().to(self.device, copy=True) for n, p in self.params.items()}
         self.ema = {n: t.clone() for n, t in self.theta0.items()}
@@ -91,6 +113,11 @@ class BEMACallback(TrainerCallback):
                 theta = p.detach().to(self.device)
                 self.ema[n].mul_(1 - beta).add_(theta, alpha=beta)
                 self.weights[n].copy_(self.ema[n] + alpha * (theta - self.theta0[n]))
+        after = step - self.ref_model_update_after
+        if self.update_ref_model and after >= 0 and after % self.ref_model_update_freq == 0:
+            saved = self.trainer.reference.saved
+            for n, w in self.weights.items():
+                saved[n].copy_(w)
 
     @torch.no_grad()
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):

@@ -54,6 +54,8 @@ class TrainerCallbacks:
             from fasttune.train.bema import BEMACallback
 
             cb = BEMACallback.from_trl(cb)  # TRL's copies the whole model; ours averages the trainable weights
+        if hasattr(cb, "bind_trainer"):
+            cb.bind_trainer(self.trainer)
         if isinstance(cb, EarlyStoppingCallback):
             raise ConfigError("EarlyStoppingCallback needs load_best_model_at_end=True and metric_for_best_model, "
                               "which fasttune does not implement. Stop on your own condition with a TrainerCallback "
