@@ -50,12 +50,12 @@ class TrainerCallbacks:
         from transformers.trainer_callback import EarlyStoppingCallback, TrainerCallback
 
         cb = callback() if isinstance(callback, type) else callback
-        if type(cb).__name__ == "BEMACallback" and type(cb).__module__.startswith("trl."):
-            from fasttune.train.bema import BEMACallback
+        from fasttune.train.bema import BEMACallback
 
+        if type(cb).__name__ == "BEMACallback" and type(cb).__module__.startswith("trl."):
             cb = BEMACallback.from_trl(cb)  # TRL's copies the whole model; ours averages the trainable weights
-        if hasattr(cb, "bind_trainer"):
-            cb.bind_trainer(self.trainer)
+        if isinstance(cb, BEMACallback):
+            cb.bind_trainer(self.trainer)  # (update_ref_model moves this trainer's reference)
         if isinstance(cb, EarlyStoppingCallback):
             raise ConfigError("EarlyStoppingCallback needs load_best_model_at_end=True and metric_for_best_model, "
                               "which fasttune does not implement. Stop on your own condition with a TrainerCallback "
