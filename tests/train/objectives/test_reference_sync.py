@@ -190,7 +190,7 @@ def test_cli_trains_dpo_with_syncs_and_refuses_a_bad_alpha(tiny_model_dir, tmp_p
 @pytest.mark.parametrize("sync", [False, True])
 def test_full_finetuning_dpo_curve_equals_trl(sync, tiny_model_dir, tmp_path):
     """Full fine-tuning: the reference is a second copy of every weight, as TRL's reference model; with
-    sync_ref_model (alpha 0.5 every step) TRL mixes that model's weights, which for full weights is what ours does.
+    sync_ref_model (alpha 0.3 every step) TRL mixes that model's weights, which for full weights is what ours does.
     Three steps' logged losses and rewards equal TRL's DPOTrainer train() on a transformers model."""
     import trl
     from datasets import Dataset
@@ -200,7 +200,7 @@ def test_full_finetuning_dpo_curve_equals_trl(sync, tiny_model_dir, tmp_path):
     folder = tiny_model_dir("llama")
     rows = pair_rows(4)
     cfg = dict(max_steps=3, learning_rate=1e-3, beta=0.5, logging_steps=1, sync_ref_model=sync,
-               ref_model_mixup_alpha=0.5, ref_model_sync_steps=1)
+               ref_model_mixup_alpha=0.3, ref_model_sync_steps=1)
     model, tok = FastLanguageModel.from_pretrained(str(folder), dtype="float32", full_finetuning=True)
     ours = DPOTrainer(model=model, tokenizer=tok, train_dataset=rows, args=DPOConfig(
         output_dir=str(tmp_path / "ours"), per_device_train_batch_size=4, shuffle=False, save_strategy="no", **cfg))
@@ -228,3 +228,36 @@ def test_full_finetuning_reference_under_fsdp_is_refused(tiny_model_dir, tmp_pat
     with pytest.raises(ConfigError, match="full fine-tuning under fsdp=True is not implemented"):
         synced_reference(model, SimpleNamespace(fsdp=True, sync_ref_model=False))
     assert synced_reference(model, SimpleNamespace(fsdp=False, sync_ref_model=False)).is_copy
+
+
+def test_full_finetuning_grpo_with_syncs_equals_trl(tiny_model_dir, tmp_path):
+    """GRPO with beta > 0, full fine-tuning, sync_ref_model (alpha 0.3 every step): three steps' loss and KL equal
+    TRL's GRPOTrainer on the transformers model with the same fixed completions."""
+    import trl
+    from datasets import Dataset
+    from grpo_oracle import count_a, fixed_completions_trl
+    from transformers import AutoModelForCausalLM
+
+    from fasttune.train.rewards import ExactMatch
+
+    folder = tiny_model_dir("llama")
+    rewards = [ExactMatch(), count_a]
+    cfg = dict(per_device_train_batch_size=len(COMPLETIONS), gradient_accumulation_steps=1, num_generations=G,
+               max_completion_length=6, max_steps=3, learning_rate=1e-3, beta=0.2, logging_steps=1,
+               sync_ref_model=True, ref_model_mixup_alpha=0.3, ref_model_sync_steps=1)
+    model, tok = FastLanguageModel.from_pretrained(str(folder), dtype="float32", full_finetuning=True)
+    ours = _fixed(GRPOTrainer)(model, reward_funcs=rewards, processing_class=tok, train_dataset=ROWS,
+                               args=GRPOConfig(output_dir=str(tmp_path / "ours"), shuffle=False, save_strategy="no",
+                                               **cfg))
+    ours.train()
+    theirs = fixed_completions_trl()(
+        model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), reward_funcs=list(rewards),
+        processing_class=tok, train_dataset=Dataset.from_list(ROWS),
+        args=trl.GRPOConfig(output_dir=str(tmp_path / "trl"), use_cpu=True, report_to="none", bf16=False,
+                            shuffle_dataset=False, save_strategy="no", **cfg))
+    theirs.train()
+    got = [h for h in ours.log_history if "loss" in h]
+    want = [h for h in theirs.state.log_history if "loss" in h]
+    assert len(got) == len(want) == 3 and got[0]["kl"] == pytest.approx(0, abs=1e-7) and got[2]["kl"] > 1e-6
+    for key in ("loss", "kl"):
+        assert [h[key] for h in got] == pytest.approx([h[key] for h in want], rel=1e-4, abs=1e-7), key
