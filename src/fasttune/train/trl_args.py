@@ -65,8 +65,9 @@ NOT_IMPLEMENTED = {
                  "adapter already trained, or with full fine-tuning a copy of every weight), as TRL takes it with "
                  "ref_model=None; a separate reference model is not implemented, so leave ref_model out (or None)",
     # TRL's GRPO / RLOO agent rollouts: fasttune samples single-turn completions with its own generate()
-    "tools": "completions are sampled in one turn by fasttune's generate(); tool calls inside a rollout (TRL's tool "
-             "loop) are not implemented: score the completions' tool calls in a reward function instead",
+    "tools": "this trainer samples its completions in one turn, as TRL's trainer of its name does; tool calls "
+             "inside a rollout run in GRPOTrainer (and GMPOTrainer): use one of those, or score the completions' "
+             "tool calls in a reward function",
     "rollout_func": "completions are sampled by fasttune's generate() from the weights being trained; a custom "
                     "rollout function is not implemented",
     "environment_factory": "completions are sampled in one turn by fasttune's generate(); environments with tools "

@@ -90,6 +90,7 @@ class A2POTrainer(GRPOTrainer):
     A2PO reads text prompts only)."""
 
     config_cls = A2POConfig
+    takes_tools = False  # (TRL's trainer of this name samples in one turn)
     packing_refusal = "packing does not apply to A2PO (completions are sampled per step); set packing=False."
     chat_completions = False  # TRL's A2PO hands the reward functions decoded text
     scores_as_sampled = False  # temperature 1, the model's default positions (module docstring)

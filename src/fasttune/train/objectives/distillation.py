@@ -80,6 +80,7 @@ class DistillationTrainer(GRPOTrainer):
     (offload_lm_head); and as GRPOTrainer for the sampling settings and data."""
 
     config_cls = DistillationConfig
+    takes_tools = False  # (TRL's trainer of this name samples in one turn)
     uses_rewards = False
     packing_refusal = "packing does not apply to distillation (completions are sampled per step); set packing=False."
 

@@ -27,6 +27,7 @@ from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
 from fasttune.train.objectives.grpo_config import GRPOConfig, generation_layout
 from fasttune.train.objectives.grpo_entropy import EntropyBonus
 from fasttune.train.objectives.grpo_rollout import Rollouts
+from fasttune.train.objectives.grpo_tools import ToolCalls
 from fasttune.train.objectives.grpo_loss import (clip_stats, high_entropy_mask, off_policy_mask, per_token_loss,
                                                  reduce_loss, vespo_weights)
 from fasttune.train.objectives.grpo_rewards import NoRewardError, RewardScoring, metric_windows
@@ -82,6 +83,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
     packing_refusal = "packing does not apply to GRPO; set packing=False."
     config_cls = GRPOConfig
     uses_rewards = True  # (on-policy distillation samples and trains without reward functions)
+    takes_tools = True  # TRL's tools= (grpo_tools.py); trainers that sample in one turn refuse them
     # Completions scored as sampled: at the sampling temperature, left-padded rows at generation's positions. TRL's
     # online DPO and A2PO score at temperature 1 with the model's default positions 0..T-1 (their forward passes no
     # position ids), and so do theirs here (False).
@@ -93,7 +95,8 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         return self.args.beta != 0.0
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
-                 eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None, **kwargs):
+                 eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None,
+                 tools=None, **kwargs):
         name, config = type(self).__name__, self.config_cls.__name__
         args = args if args is not None else self.config_cls()
         if not isinstance(args, self.config_cls):
@@ -120,6 +123,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
             from fasttune.data.templates import resolve_chat_template
 
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
+        self.tool_calls = self._tool_calls(tools, tok, args, kwargs)
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
         a = self.args
         per_eval = a.per_device_eval_batch_size * self.dist.world
@@ -147,6 +151,19 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)
         self.start_metrics()
+
+    def _tool_calls(self, tools, tok, args, kwargs: dict) -> ToolCalls | None:
+        """TRL's tools (grpo_tools.py) when given (None or [] is no tools); a trainer that samples in one turn
+        (takes_tools False) hands them to the core's check, which refuses them by name."""
+        if not tools:
+            return None
+        if not self.takes_tools:
+            kwargs["tools"] = tools
+            return None
+        if self.vision:
+            raise ConfigError(f"{type(self).__name__}: tools with a vision-language model are not implemented (tool "
+                              f"results with images); use a text model, or leave tools out.")
+        return ToolCalls(tools, tok, args.max_tool_calling_iterations, args.chat_template_kwargs, type(self).__name__)
 
     # --- data --------------------------------------------------------------------------------------------------
     def prepare(self, dataset) -> list[dict]:
@@ -178,6 +195,12 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
                                                 **(a.chat_template_kwargs or {}))
                 ids, sources, videos = laid_out.ids, laid_out.sources, laid_out.videos
                 prompt = with_image_payloads(laid_out)  # what TRL's reward functions get
+            elif self.tool_calls is not None:  # rendered with the tools' schemas (and TRL's training template)
+                if not isinstance(prompt, list):
+                    raise DataError(f"{where}: field 'prompt' is a string, but tools need conversational prompts "
+                                    f"(a list of messages) to render the tools and parse the calls. Give prompts as "
+                                    f"[{{'role': 'user', 'content': ...}}].")
+                prompt, ids = encode_prompt(prompt, tok, where, **self.tool_calls.prompt_kwargs())
             else:
                 prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))
             cut = a.max_prompt_length

@@ -168,6 +168,9 @@ class GRPOConfig(OnlineRLConfig):
     # TRL's MoE load-balancing loss weight on the policy's forward; None: the model config's (so it is on for MoE
     # models, as in TRL 1.16); 0.0: off
     router_aux_loss_coef: float | None = None
+    # TRL's: with tools=, the most tool-calling turns a completion gets (grpo_tools.py); None: until a turn calls no
+    # tool or max_completion_length is reached
+    max_tool_calling_iterations: int | None = None
     # TR-DPO (reference_sync.py): every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
@@ -186,6 +189,9 @@ class GRPOConfig(OnlineRLConfig):
         if self.delta is not None and self.delta <= 1:
             raise ConfigError(f"delta={self.delta} is invalid: the cap on the ratio must be > 1 (INTELLECT-2 uses 4; "
                               f"above 1 + epsilon_high), or None to turn it off.")
+        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
+            raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations} is invalid: it counts "
+                              f"tool-calling turns (0 runs no tool), or None for no limit.")
         if self.sapo_temperature_pos <= 0 or self.sapo_temperature_neg <= 0:
             raise ConfigError("sapo_temperature_pos and sapo_temperature_neg must be > 0.")
         if not 0.0 <= self.top_entropy_quantile <= 1.0:

@@ -3,6 +3,7 @@ convention: train/rewards.py), the stop after too many unrewarded steps, and TRL
 rewards/<name>/*, completions/*, kl, clip_ratio/*), merged into each log entry. A mixin of GRPOTrainer."""
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections import defaultdict
@@ -92,6 +93,9 @@ class RewardScoring:
         prompts = [ex["prompt"] for ex in examples]
         chat = self.chat_completions and not isinstance(prompts[0], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+        turns = getattr(self, "_turns", None)
+        if turns is not None:  # a tool loop ran: each completion as its parsed turns and tool results (TRL's)
+            completions = copy.deepcopy(turns.messages)
         columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
         out = torch.zeros(len(examples), len(self.reward_funcs))
         self._scored = (prompts, completions)
@@ -127,7 +131,9 @@ class RewardScoring:
         """This rank's scored completions (rewards (n, F), their ids, truncated flags, optional extra (n,)) as a
         Rollout; across_ranks under torchrun: every rank's, gathered on the host in rank order (every rank calls it
         once per step), so group statistics see groups that span ranks as TRL's gather does."""
-        lengths = [len(c) for c in completion_ids]
+        turns = getattr(self, "_turns", None)
+        # (after a tool loop, the model's own tokens only, as TRL counts them)
+        lengths = [len(c) for c in completion_ids] if turns is None else [sum(m) for m in turns.tool_masks]
         if not (across_ranks and self.dist.active):
             return Rollout(rewards_per_func, lengths, list(truncated), 0, len(lengths), extra)
         parts = self.dist.gather((rewards_per_func, lengths, list(truncated), extra))

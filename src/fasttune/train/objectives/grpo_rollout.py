@@ -10,6 +10,7 @@ import torch
 from fasttune.data.vision_prompts import prompt_media
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.objectives.grpo_loss import group_advantages
+from fasttune.train.objectives.grpo_tools import ToolTurns, tool_turns
 from fasttune.train.objectives.reference import score_positions
 
 # Under torchrun each rank samples its own share of a step: with its own seed, so that a group split over ranks
@@ -33,6 +34,7 @@ class Rollouts:
     methods of grpo_rewards.RewardScoring (grpo.py's GRPOTrainer)."""
 
     _decoded_media: dict | None = None  # a rollout's decoded images / videos by source (set during rollout only)
+    _turns: ToolTurns | None = None  # a rollout's completions after the tool loop (set during rollout only)
 
     def step_batches(self, start_epoch: int, start_micro: int):
         """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
@@ -111,14 +113,20 @@ class Rollouts:
         self._decoded_media = {}
         try:
             completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
+            if getattr(self, "tool_calls", None) is not None and examples:  # TRL's tool loop (grpo_tools.py)
+                self._turns = tool_turns(self, examples, completion_ids, seed)
+                stops = set(stop_token_ids(self.tokenizer, self.model))
+                completion_ids = self._turns.completion_ids
+                truncated = [not c or c[-1] not in stops for c in completion_ids]  # TRL's: the last turn's end
             return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
         finally:
-            self._decoded_media = None
+            self._decoded_media = self._turns = None
 
-    def sample(self, examples: list[dict], seed: int, model=None) -> tuple[list[list[int]], list[bool]]:
+    def sample(self, examples: list[dict], seed: int, model=None,
+               max_new_tokens: int | None = None) -> tuple[list[list[int]], list[bool]]:
         """One completion per example from model.generate (temperature, top_p, top_k; seeded; `model`: the policy
-        unless given, e.g. GKD's teacher): (token ids up to and including the first stop token, whether each hit
-        max_completion_length without one)."""
+        unless given, e.g. GKD's teacher; at most max_new_tokens, default max_completion_length): (token ids up to and
+        including the first stop token, whether each hit the length without one)."""
         a, model = self.args, self.model if model is None else model
         stops = stop_token_ids(self.tokenizer, model)
         media = {}
@@ -137,9 +145,9 @@ class Rollouts:
                      "logits_processor": [SuppressTokensLogitsProcessor(placeholders, device=model.device)]}
         ids, mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
         # TRL's sampling settings, then its generation_kwargs over them
-        options = dict(max_new_tokens=a.max_completion_length, do_sample=True, temperature=a.temperature,
-                       top_p=a.top_p, top_k=a.top_k, min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                       eos_token_id=stops, pad_token_id=self.pad_id, seed=seed)
+        options = dict(max_new_tokens=max_new_tokens or a.max_completion_length, do_sample=True,
+                       temperature=a.temperature, top_p=a.top_p, top_k=a.top_k, min_p=a.min_p,
+                       repetition_penalty=a.repetition_penalty, eos_token_id=stops, pad_token_id=self.pad_id, seed=seed)
         options.update(a.generation_kwargs or {})
         out = model.generate(ids.to(model.device), attention_mask=mask.to(model.device), **{**options, **media})
         completions, truncated = [], []
@@ -162,8 +170,20 @@ class Rollouts:
                                                     group or a.num_generations, a.scale_rewards,
                                                     a.multi_objective_aggregation)
         self._record_rollout(rollout, rewards, std)
+        if getattr(self, "tool_calls", None) is not None:
+            self._record_tools(len(rollout.lengths), across_ranks)
         self.keep_completions(rollout, advantages, across_ranks)
         return self.micro_batches(examples, completion_ids, truncated, rollout.mine(advantages), sizes)
+
+    def _record_tools(self, completions: int, across_ranks: bool):
+        """TRL's tools/call_frequency (tool calls per completion) and tools/failure_frequency (failed calls per call,
+        0 without calls) of the rollout; across_ranks: summed over every rank (each calls it once per step)."""
+        turns = self._turns
+        calls, failures = (turns.calls, turns.failures) if turns is not None else (0, 0)
+        if across_ranks and self.dist.active:
+            calls, failures = self.dist.sum(calls), self.dist.sum(failures)
+        self._metrics["tools/call_frequency"].append(calls / max(completions, 1))
+        self._metrics["tools/failure_frequency"].append(failures / calls if calls else 0.0)
 
     def micro_batches(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],
                       advantages: torch.Tensor, sizes: list[int]) -> list[dict]:
@@ -173,13 +193,15 @@ class Rollouts:
         for n in sizes:
             part = slice(start, start + n)
             start += n
-            b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part])
+            # (with tools, each row's tool mask: the tool results' tokens are context, not trained)
+            masks = {} if self._turns is None else {"tool_masks": self._turns.tool_masks[part]}
+            b = self._micro_batch(examples[part], completion_ids[part], truncated[part], advantages[part], **masks)
             b["steps"] = len(sizes)  # a plain int: the loop moves only tensors to the device
             batches.append(b)
         return batches
 
     @torch.no_grad()  # the old and reference log-probs are constants of the loss (also when score() is called alone)
-    def _micro_batch(self, examples, completion_ids, truncated, advantages) -> dict:
+    def _micro_batch(self, examples, completion_ids, truncated, advantages, tool_masks=None) -> dict:
         prompt_ids, prompt_mask = left_pad([ex["prompt_ids"] for ex in examples], self.pad_id)
         width = max(len(c) for c in completion_ids)
         comp = torch.full((len(examples), width), self.pad_id, dtype=torch.long)
@@ -190,7 +212,12 @@ class Rollouts:
             comp_mask[r, :len(c)] = int(keep)
         input_ids = torch.cat([prompt_ids, comp], dim=1)
         attention_mask = torch.cat([prompt_mask, comp_mask], dim=1)
-        b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": comp_mask,
+        loss_mask = comp_mask
+        if tool_masks is not None:  # attention sees the tool results; the loss and token counts skip them (TRL's)
+            loss_mask = comp_mask.clone()
+            for r, m in enumerate(tool_masks):
+                loss_mask[r, :len(m)] *= torch.tensor(m, dtype=loss_mask.dtype)
+        b = {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": loss_mask,
              "advantages": advantages.float(), "completion_positions": score_positions(comp_mask)}
         media = prompt_media(examples, self.tokenizer, self._decoded_media) if self.vision else {}
         b.update(media)

@@ -102,6 +102,7 @@ class OnlineDPOTrainer(GRPOTrainer):
     completions' tokens; TRL's also sum the padding after a completion's stop token)."""
 
     config_cls = OnlineDPOConfig
+    takes_tools = False  # (TRL's trainer of this name samples in one turn)
     scores_as_sampled = False  # TRL's online DPO: temperature 1, plain positions (module docstring)
     packing_refusal = "packing does not apply to online DPO (completions are sampled per step); set packing=False."
 

@@ -56,6 +56,7 @@ class RLOOTrainer(GRPOTrainer):
     GRPOTrainer does."""
 
     config_cls = RLOOConfig
+    takes_tools = False  # (TRL's trainer of this name samples in one turn)
     packing_refusal = "packing does not apply to RLOO; set packing=False."
 
     @property

@@ -125,6 +125,7 @@ class SelfDistillationTrainer(GRPOTrainer):
     distillation_topk above the vocabulary."""
 
     metric_name = "self_distillation"  # TRL's second name of the distillation-loss metric: the trainer's
+    takes_tools = False  # (TRL's SDFT / SDPO sample in one turn)
 
     @property
     def uses_reference(self) -> bool:
