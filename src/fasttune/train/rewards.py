@@ -172,7 +172,7 @@ def required_columns(func) -> tuple[str, ...]:
         params = inspect.signature(func).parameters.values()
     except (TypeError, ValueError):  # builtins and some C callables have no signature
         return ()
-    own = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra")
+    own = ("prompts", "completions", "completion_ids", "trainer_state", "log_metric", "log_extra", "environments")
     return tuple(p.name for p in params if p.default is p.empty and p.name not in own
                  and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
 

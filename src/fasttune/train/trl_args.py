@@ -70,8 +70,8 @@ NOT_IMPLEMENTED = {
              "tool calls in a reward function",
     "rollout_func": "completions are sampled by fasttune's generate() from the weights being trained; a custom "
                     "rollout function is not implemented",
-    "environment_factory": "completions are sampled in one turn by fasttune's generate(); environments with tools "
-                           "are not implemented: score the completions in a reward function instead",
+    "environment_factory": "this trainer samples its completions in one turn, as TRL's trainer of its name does; "
+                           "environments run in GRPOTrainer (and GMPOTrainer): use one of those",
 }
 
 

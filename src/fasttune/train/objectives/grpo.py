@@ -27,6 +27,7 @@ from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
 from fasttune.train.objectives.grpo_config import GRPOConfig, generation_layout
 from fasttune.train.objectives.grpo_entropy import EntropyBonus
 from fasttune.train.objectives.grpo_rollout import Rollouts
+from fasttune.train.objectives.grpo_environments import Environments
 from fasttune.train.objectives.grpo_tools import ToolCalls
 from fasttune.train.objectives.grpo_loss import (clip_stats, high_entropy_mask, off_policy_mask, per_token_loss,
                                                  reduce_loss, vespo_weights)
@@ -96,7 +97,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None,
-                 tools=None, **kwargs):
+                 tools=None, environment_factory=None, **kwargs):
         name, config = type(self).__name__, self.config_cls.__name__
         args = args if args is not None else self.config_cls()
         if not isinstance(args, self.config_cls):
@@ -109,21 +110,31 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         if self.vision:
             require_processor(tok, name)
         given = reward_funcs is not None
+        self.environments = self._environments(environment_factory, tools, kwargs)
+        env_rewards = self.environments.reward_funcs if self.environments is not None else []
+        funcs = reward_funcs if given else args.reward_funcs
+        # (an environment with get_reward may be the only reward source, as in TRL)
         self.reward_funcs = trainer_reward_funcs(
-            reward_funcs if given else args.reward_funcs, reward_processing_classes,
-            "reward_funcs" if given else f"{config}.reward_funcs", args.max_completion_length,
-            args.per_device_train_batch_size, model, args.chat_template_kwargs) if self.uses_rewards else []
+            funcs, reward_processing_classes, "reward_funcs" if given else f"{config}.reward_funcs",
+            args.max_completion_length, args.per_device_train_batch_size, model, args.chat_template_kwargs) \
+            if self.uses_rewards and (funcs or not env_rewards) else []
         self.reward_names = [reward_name(f) for f in self.reward_funcs]
         weights = args.reward_weights or [1.0] * len(self.reward_funcs)
         if len(weights) != len(self.reward_funcs):
             raise ConfigError(f"reward_weights has {len(weights)} values but there are {len(self.reward_funcs)} "
                               f"reward functions ({', '.join(self.reward_names)}); give one weight per function.")
-        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        # environments' get_reward: one more reward function each, weight 1 (TRL's)
+        self.reward_funcs += env_rewards
+        self.reward_names += [reward_name(f) for f in env_rewards]
+        self.reward_weights = torch.tensor(list(weights) + [1.0] * len(env_rewards), dtype=torch.float32)
+        if self.environments is not None and train_dataset is None:
+            train_dataset = self._placeholder_rows(args)
         if args.chat_template:
             from fasttune.data.templates import resolve_chat_template
 
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
-        self.tool_calls = self._tool_calls(tools, tok, args, kwargs)
+        self.tool_calls = self._tool_calls(tools if self.environments is None else self.environments.all_tools, tok,
+                                           args, kwargs)
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
         a = self.args
         per_eval = a.per_device_eval_batch_size * self.dist.world
@@ -151,6 +162,34 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)
         self.start_metrics()
+
+    def _environments(self, factory, tools, kwargs: dict) -> Environments | None:
+        """TRL's environment_factory (grpo_environments.py) when given; a trainer that samples in one turn hands it to
+        the core's check, which refuses it by name."""
+        if factory is None:
+            return None
+        if not self.takes_tools:
+            kwargs["environment_factory"] = factory
+            return None
+        if self.vision:
+            raise ConfigError(f"{type(self).__name__}: environment_factory with a vision-language model is not "
+                              f"implemented; use a text model.")
+        return Environments(factory, list(tools or []), type(self).__name__)
+
+    def _placeholder_rows(self, args) -> list[dict]:
+        """TRL's stand-in dataset when an environment owns the data: one generation batch of prompts that are one empty
+        user message (reset() supplies the task). Raises ConfigError with several environments or without
+        max_steps."""
+        name = type(self).__name__
+        if self.environments.multi:
+            raise ConfigError(f"{name}: several environments need a train_dataset with an 'environment' column that "
+                              f"routes each row; give one, or a single environment factory.")
+        if args.max_steps <= 0:
+            raise ConfigError(f"{name}: without a train_dataset (the environment supplies the prompts) set max_steps "
+                              f"to the number of steps to train.")
+        batch = args.generation_batch_size or args.per_device_train_batch_size * (
+            args.steps_per_generation or args.gradient_accumulation_steps)
+        return [{"prompt": [{"role": "user", "content": ""}]}] * max(1, batch // args.num_generations)
 
     def _tool_calls(self, tools, tok, args, kwargs: dict) -> ToolCalls | None:
         """TRL's tools (grpo_tools.py) when given (None or [] is no tools); a trainer that samples in one turn
@@ -187,6 +226,10 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         for i, row in enumerate(rows):
             where = row_label(i, name)
             prompt, sources, videos = row.get("prompt"), [], []
+            env = None
+            if self.environments is not None:  # (a missing prompt is an empty user message: reset() supplies it)
+                env = self.environments.name_of(row, where)
+                prompt = prompt if prompt is not None else [{"role": "user", "content": ""}]
             if has_images(row) and not self.vision:
                 raise DataError(f"{where}: the row has images, but {type(self.model).__name__} reads text only. Load "
                                 f"a vision-language model with FastVisionModel.from_pretrained, or drop the images.")
@@ -200,7 +243,8 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
                     raise DataError(f"{where}: field 'prompt' is a string, but tools need conversational prompts "
                                     f"(a list of messages) to render the tools and parse the calls. Give prompts as "
                                     f"[{{'role': 'user', 'content': ...}}].")
-                prompt, ids = encode_prompt(prompt, tok, where, **self.tool_calls.prompt_kwargs())
+                schemas = None if env is None and self.environments is None else self.environments.tools[env]
+                prompt, ids = encode_prompt(prompt, tok, where, **self.tool_calls.prompt_kwargs(schemas))
             else:
                 prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))
             cut = a.max_prompt_length
@@ -224,6 +268,8 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
             columns = {k: v for k, v in row.items() if k != "prompt"}
             example = {"prompt": prompt, "prompt_ids": ids, "input_ids": ids, "columns": columns,
                        "images": sources, "videos": videos}
+            if self.environments is not None:
+                example.update(environment=env, row=self.environments.reset_kwargs(row), where=where)
             if self.extend_example(example, row, where, limit):
                 examples.append(example)
         if not examples:

@@ -102,6 +102,8 @@ class RewardScoring:
         log_extra = _no_completions_table if self._completions is None else self._completions.add_extra
         kwargs = dict(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
                       trainer_state=self.state, log_metric=self._log_metric, log_extra=log_extra)
+        if getattr(self, "_rollout_envs", None) is not None:  # TRL's: the rollouts' environment instances
+            kwargs["environments"] = self._rollout_envs
         calls = {j: func(**kwargs) for j, func in enumerate(self.reward_funcs) if not is_async_callable(func)}
         pending = {j: func for j, func in enumerate(self.reward_funcs) if is_async_callable(func)}
         if pending:  # async reward functions run concurrently, on one event loop kept across steps (as TRL)

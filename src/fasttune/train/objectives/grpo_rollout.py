@@ -9,6 +9,7 @@ import torch
 
 from fasttune.data.vision_prompts import prompt_media
 from fasttune.generate import left_pad, stop_token_ids
+from fasttune.train.objectives.grpo_environments import reset_rollouts
 from fasttune.train.objectives.grpo_loss import group_advantages
 from fasttune.train.objectives.grpo_tools import ToolTurns, tool_turns
 from fasttune.train.objectives.reference import score_positions
@@ -35,6 +36,7 @@ class Rollouts:
 
     _decoded_media: dict | None = None  # a rollout's decoded images / videos by source (set during rollout only)
     _turns: ToolTurns | None = None  # a rollout's completions after the tool loop (set during rollout only)
+    _rollout_envs: list | None = None  # a rollout's environment instances, one per completion (during rollout only)
 
     def step_batches(self, start_epoch: int, start_micro: int):
         """Per optimizer step, the group's prompts sampled and scored once (rollout, seeded by epoch and micro so
@@ -112,15 +114,18 @@ class Rollouts:
         prompt's images and videos are decoded once for both sampling and scoring (kept for this rollout only)."""
         self._decoded_media = {}
         try:
+            row_tools = None
+            if getattr(self, "environments", None) is not None and examples:  # reset (grpo_environments.py)
+                examples, self._rollout_envs, row_tools = reset_rollouts(self, examples)
             completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
             if getattr(self, "tool_calls", None) is not None and examples:  # TRL's tool loop (grpo_tools.py)
-                self._turns = tool_turns(self, examples, completion_ids, seed)
+                self._turns = tool_turns(self, examples, completion_ids, seed, row_tools)
                 stops = set(stop_token_ids(self.tokenizer, self.model))
                 completion_ids = self._turns.completion_ids
                 truncated = [not c or c[-1] not in stops for c in completion_ids]  # TRL's: the last turn's end
             return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
         finally:
-            self._decoded_media = self._turns = None
+            self._decoded_media = self._turns = self._rollout_envs = None
 
     def sample(self, examples: list[dict], seed: int, model=None,
                max_new_tokens: int | None = None) -> tuple[list[list[int]], list[bool]]:

@@ -78,8 +78,6 @@ class ToolCalls:
             raise ConfigError(f"{trainer_name}: two tools are named {', '.join(twice)}; the model calls tools by "
                               f"name, so give each its own.")
         self.tools, self.tokenizer = tools, tokenizer
-        self.sync = {t.__name__: t for t in tools if not is_async_callable(t)}
-        self.coroutines = {t.__name__: t for t in tools if is_async_callable(t)}
         self.max_iterations = max_iterations
         self.template_kwargs = dict(template_kwargs or {})
         u = self.utils
@@ -105,18 +103,26 @@ class ToolCalls:
                                   f"turn follows, and TRL has no training-safe version of it ({e}). Set a "
                                   f"prefix-preserving chat template.") from None
 
-    def prompt_kwargs(self) -> dict:
-        """Keyword arguments of apply_chat_template for the prompts: the tools' schemas and the template."""
-        return {"tools": self.tools, "chat_template": self.chat_template, **self.template_kwargs}
+    def prompt_kwargs(self, tools: list | None = None) -> dict:
+        """Keyword arguments of apply_chat_template for the prompts: the schemas of `tools` (default: all of them;
+        an environment's prompts render its own) and the template."""
+        return {"tools": (self.tools if tools is None else tools) or None, "chat_template": self.chat_template,
+                **self.template_kwargs}
 
-    def parse(self, ids: list[int], prefix: list[int]) -> dict:
+    def parse(self, ids: list[int], prefix: list[int], tools: list | None = None) -> dict:
         """A sampled turn's token ids (after the `prefix` ids it continued) -> an assistant message, with
-        `tool_calls` when it calls tools (TRL's parse_response: plain text where parsing fails)."""
-        return self.utils.parse_response(self.tokenizer, ids, prefix=prefix, tools=self.tools)
+        `tool_calls` when it calls tools (TRL's parse_response with the schemas of `tools`, default all: plain text
+        where parsing fails)."""
+        return self.utils.parse_response(self.tokenizer, ids, prefix=prefix,
+                                         tools=self.tools if tools is None else tools)
 
-    def run(self, tool_calls: list[dict]) -> tuple[list[dict], int]:
-        """Run one turn's tool calls -> (their `tool` messages: the sync tools' results in call order, then the async
-        ones', as TRL orders them; the number that failed)."""
+    def run(self, tool_calls: list[dict], tools: list | None = None) -> tuple[list[dict], int]:
+        """Run one turn's tool calls with `tools` (default all; a rollout with an environment: the standalone tools
+        and that instance's) -> (their `tool` messages: the sync tools' results in call order, then the async ones',
+        as TRL orders them; the number that failed)."""
+        tools = self.tools if tools is None else tools
+        sync = {t.__name__: t for t in tools if not is_async_callable(t)}
+        coroutines = {t.__name__: t for t in tools if is_async_callable(t)}
         results, pending, failures = [], [], 0
         for call in tool_calls:
             if call.get("type") != "function":
@@ -126,10 +132,10 @@ class ToolCalls:
                 continue
             name, arguments = call["function"]["name"], call["function"].get("arguments") or {}
             try:
-                if name in self.sync:
-                    results.append((name, self.sync[name](**arguments)))
-                elif name in self.coroutines:
-                    pending.append((name, self.coroutines[name](**arguments)))
+                if name in sync:
+                    results.append((name, sync[name](**arguments)))
+                elif name in coroutines:
+                    pending.append((name, coroutines[name](**arguments)))
                 else:
                     raise ValueError(f"Tool {name} not found.")
             except Exception as e:  # a tool's failure is the model's to learn from, as in TRL
@@ -173,24 +179,27 @@ async def _caught(coroutine):
         return None, e
 
 
-def tool_turns(trainer, examples: list[dict], completion_ids: list[list[int]], seed: int) -> ToolTurns:
+def tool_turns(trainer, examples: list[dict], completion_ids: list[list[int]], seed: int,
+               row_tools: list | None = None) -> ToolTurns:
     """TRL's tool loop over one rollout's first turns.
 
     trainer: the GRPOTrainer (its `tool_calls`, `args.max_completion_length`, `sample`, `model`); examples: the
     rollout's prepared examples (prompt_ids, a message-list prompt); completion_ids: each example's first sampled
-    turn, stop token included; seed: the rollout's seed (each later turn samples with seed + its index).
+    turn, stop token included; seed: the rollout's seed (each later turn samples with seed + its index); row_tools:
+    per example (the tools it may call, the tools whose schemas parse its turns), with environments; None: all tools.
     Returns the completions with their tool results and later turns (ToolTurns)."""
     tc, budget = trainer.tool_calls, trainer.args.max_completion_length
+    row_tools = row_tools or [(None, None)] * len(examples)
     context_limit = getattr(trainer.model.config, "max_position_embeddings", None) or float("inf")
     prompt_ids = [ex["prompt_ids"] for ex in examples]
     turns = ToolTurns([list(c) for c in completion_ids], [[1] * len(c) for c in completion_ids],
-                      [[tc.parse(c, p)] for c, p in zip(completion_ids, prompt_ids)])
+                      [[tc.parse(c, p, row_tools[i][1])] for i, (c, p) in enumerate(zip(completion_ids, prompt_ids))])
     pending = [i for i, m in enumerate(turns.messages) if m[-1].get("tool_calls")]
     iteration = 0
     while pending and (tc.max_iterations is None or iteration < tc.max_iterations):
         contexts, kept = [], []
         for i in pending:
-            messages, failures = tc.run(turns.messages[i][-1]["tool_calls"])
+            messages, failures = tc.run(turns.messages[i][-1]["tool_calls"], row_tools[i][0])
             turns.calls += len(turns.messages[i][-1]["tool_calls"])
             turns.failures += failures
             context = prompt_ids[i] + turns.completion_ids[i] + tc.suffix_ids(messages)
@@ -214,7 +223,7 @@ def tool_turns(trainer, examples: list[dict], completion_ids: list[list[int]], s
             turns.tool_masks[i] += [0] * shown + [1] * len(ids)
             turns.completion_ids[i] = context[len(prompt_ids[i]):] + ids
             if ids:
-                message = tc.parse(ids, context)
+                message = tc.parse(ids, context, row_tools[i][1])
                 turns.messages[i].append(message)
                 if message.get("tool_calls"):
                     pending.append(i)
