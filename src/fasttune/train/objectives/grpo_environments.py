@@ -47,9 +47,10 @@ class Environments:
     factory: a callable that returns an environment instance, or a dict {name: such a callable}. standalone: the
     trainer's `tools=`, offered beside every environment's own. trainer_name: for messages.
 
-    Attributes: multi (a dict was given), standalone (the trainer's tools), tools ({name: standalone + the tools of the instance made to check the
-    class, whose schemas the prompts render}; the single factory's name is None), reward_funcs (one per class with
-    get_reward). Raises ConfigError for a factory that is not callable or an instance without a callable reset."""
+    Attributes: multi (a dict was given), standalone (the trainer's tools), tools ({name: standalone + the tools of
+    the instance made to check the class, whose schemas the prompts render}; the single factory's name is None),
+    reward_funcs (one per class with get_reward). Raises ConfigError for a factory that is not callable or an instance
+    without a callable reset."""
 
     def __init__(self, factory, standalone: list, trainer_name: str):
         self.multi = isinstance(factory, dict)
