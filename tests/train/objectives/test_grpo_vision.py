@@ -386,3 +386,14 @@ def test_a_rollout_decodes_each_prompts_video_once(qwen_video_dir, tmp_path, mon
         batches = trainer.rollout(trainer.train_examples[:G], [G], seed=0)
         assert batches[0]["pixel_values_videos"].shape[0] > 0
     assert calls == [1, 1] and trainer._decoded_media is None
+
+
+def test_tools_and_environments_are_refused_on_vision_models(qwen_vl_dir, tmp_path):
+    from fasttune import GRPOTrainer
+
+    model, proc = _load(qwen_vl_dir)
+    for kwargs in ({"tools": [len]}, {"environment_factory": object}):
+        name = next(iter(kwargs))
+        with pytest.raises(ConfigError, match=f"{name} with a vision-language model is not implemented"):
+            GRPOTrainer(model, reward_funcs=[count_a], processing_class=proc, train_dataset=_rows(),
+                        args=_config(tmp_path), **kwargs)

@@ -163,17 +163,24 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         self.start_entropy_control(a)
         self.start_metrics()
 
-    def _environments(self, factory, tools, kwargs: dict) -> Environments | None:
-        """TRL's environment_factory (grpo_environments.py) when given; a trainer that samples in one turn hands it to
-        the core's check, which refuses it by name."""
-        if factory is None:
-            return None
+    def _builds(self, name: str, value, kwargs: dict) -> bool:
+        """Whether to build TRL's agent setting `name` (tools, environment_factory) given as `value`: not when unset
+        (None or empty); a trainer that samples in one turn (takes_tools False) hands it to the core's check, which
+        refuses it by name. Raises ConfigError on a vision-language model."""
+        if not value:
+            return False
         if not self.takes_tools:
-            kwargs["environment_factory"] = factory
-            return None
+            kwargs[name] = value
+            return False
         if self.vision:
-            raise ConfigError(f"{type(self).__name__}: environment_factory with a vision-language model is not "
-                              f"implemented; use a text model.")
+            raise ConfigError(f"{type(self).__name__}: {name} with a vision-language model is not implemented (tool "
+                              f"results and observations with images); use a text model.")
+        return True
+
+    def _environments(self, factory, tools, kwargs: dict) -> Environments | None:
+        """TRL's environment_factory (grpo_environments.py), when this trainer builds it."""
+        if not self._builds("environment_factory", factory, kwargs):
+            return None
         return Environments(factory, list(tools or []), type(self).__name__)
 
     def _placeholder_rows(self, args) -> list[dict]:
@@ -192,16 +199,9 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         return [{"prompt": [{"role": "user", "content": ""}]}] * max(1, batch // args.num_generations)
 
     def _tool_calls(self, tools, tok, args, kwargs: dict) -> ToolCalls | None:
-        """TRL's tools (grpo_tools.py) when given (None or [] is no tools); a trainer that samples in one turn
-        (takes_tools False) hands them to the core's check, which refuses them by name."""
-        if not tools:
+        """TRL's tools (grpo_tools.py), when this trainer builds them."""
+        if not self._builds("tools", tools, kwargs):
             return None
-        if not self.takes_tools:
-            kwargs["tools"] = tools
-            return None
-        if self.vision:
-            raise ConfigError(f"{type(self).__name__}: tools with a vision-language model are not implemented (tool "
-                              f"results with images); use a text model, or leave tools out.")
         return ToolCalls(tools, tok, args.max_tool_calling_iterations, args.chat_template_kwargs, type(self).__name__)
 
     # --- data --------------------------------------------------------------------------------------------------
