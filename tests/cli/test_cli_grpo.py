@@ -59,3 +59,58 @@ def test_grpo_without_rewards_names_the_flag(tiny_model_dir, tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "set --reward-funcs (GRPOConfig.reward_funcs) to" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+AGENT_PY = '''
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: The first integer.
+        b: The second integer.
+    """
+    return a * b
+
+
+class Counter:
+    def reset(self, **row):
+        self.n = 0
+        return " (count)"
+
+    def bump(self) -> int:
+        """Count one more."""
+        self.n += 1
+        return self.n
+
+    def get_reward(self):
+        return float(self.n)
+
+
+def length(completions, **_):
+    return [float(len(c)) for c in completions]
+'''
+
+
+def test_grpo_tools_and_environment_from_files(tmp_path, capsys):
+    """--tools / --environment-factory / --reward-funcs take the user's own code as file.py:name (or an import
+    path): a run with them trains and logs the tool and environment metrics; a template without tools exits 2."""
+    from grpo_tools_oracle import LONG, tool_tokenizer
+    from tiny import hf_model, save_hf
+
+    from fasttune.cli import main
+
+    model = save_hf(hf_model("llama", **LONG), tmp_path / "model", tool_tokenizer())
+    (tmp_path / "agent.py").write_text(AGENT_PY)
+    agent = str(tmp_path / "agent.py")
+    data = _data(tmp_path, [{"prompt": [{"role": "user", "content": f"{i} times 2?"}]} for i in range(2)])
+    out = tmp_path / "out"
+    flags = ["--method", "grpo", "--model", str(model), "--data", data, *ARGS, "--max-tool-calling-iterations", "1"]
+    rc = main(["train", *flags, "--reward-funcs", f"{agent}:length", "--tools", f"{agent}:multiply",
+               "--environment-factory", f"{agent}:Counter", "--output-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    log = [json.loads(x) for x in (out / "log_history.jsonl").read_text().splitlines()]
+    assert {"tools/call_frequency", "rewards/Counter/mean", "rewards/length/mean"} <= set(log[0])
+    rc = main(["train", *flags, "--reward-funcs", "length", "--tools", f"{agent}:nothing",
+               "--output-dir", str(tmp_path / "o2")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "defines no 'nothing'" in err and "Traceback" not in err and not (tmp_path / "o2").exists()

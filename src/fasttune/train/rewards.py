@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from fasttune.errors import ConfigError
+from fasttune.train.imports import import_callables, is_import_spec
 
 BUILTIN_NAMES = ("exact_match", "regex:<pattern>", "length", "length:<n>", "model:<folder>")
 
@@ -93,8 +94,9 @@ class RewardModelFolder:
 
 
 def builtin_reward(spec: str, max_completion_length: int, field: str = "reward_funcs") -> Callable:
-    """A built-in reward function from its name; a ConfigError naming `field` for unknown names, bad patterns or a
-    `model:` folder that does not exist."""
+    """A built-in reward function from its name, or the user's function from an import spec (train/imports.py:
+    package.module.function or path/to/file.py:function); a ConfigError naming `field` for unknown names, bad
+    patterns, a `model:` folder that does not exist, or a spec that does not import a callable."""
     if spec.startswith("model:"):
         folder = Path(spec[len("model:"):].strip()).expanduser()
         if not str(folder) or not folder.is_dir():
@@ -123,9 +125,11 @@ def builtin_reward(spec: str, max_completion_length: int, field: str = "reward_f
                 raise ConfigError(f"{field}: '{spec}' is invalid: write length:<n> with a whole number n >= 1 "
                                   f"(tokens), or plain 'length' for max_completion_length.")
         return LengthReward(limit, spec)
+    if is_import_spec(spec):  # the user's own function, as TRL's command line takes one
+        return import_callables([spec], field)[0]
     raise ConfigError(f"{field}: unknown reward function '{spec}'. Built-in names: {', '.join(BUILTIN_NAMES)}; "
-                      f"or pass Python callables f(prompts, completions, **columns) -> list[float] to "
-                      f"GRPOTrainer(reward_funcs=...).")
+                      f"your own as package.module.function or path/to/file.py:function; or pass Python callables "
+                      f"f(prompts, completions, **columns) -> list[float] to GRPOTrainer(reward_funcs=...).")
 
 
 def split_specs(text: str) -> list[str]:

@@ -24,7 +24,8 @@ from fasttune.errors import ConfigError, DataError
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
-from fasttune.train.objectives.grpo_config import GRPOConfig, generation_layout
+from fasttune.train.imports import import_callables
+from fasttune.train.objectives.grpo_config import GRPOConfig, environment_factories, generation_layout
 from fasttune.train.objectives.grpo_entropy import EntropyBonus
 from fasttune.train.objectives.grpo_rollout import Rollouts
 from fasttune.train.objectives.grpo_environments import Environments
@@ -110,6 +111,10 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         if self.vision:
             require_processor(tok, name)
         given = reward_funcs is not None
+        if tools is None and getattr(args, "tools", None):  # (the command line's and YAML's import specs)
+            tools = import_callables(args.tools, "tools")
+        if environment_factory is None and getattr(args, "environment_factory", None):
+            environment_factory = environment_factories(args.environment_factory)
         self.environments = self._environments(environment_factory, tools, kwargs)
         env_rewards = self.environments.reward_funcs if self.environments is not None else []
         funcs = reward_funcs if given else args.reward_funcs

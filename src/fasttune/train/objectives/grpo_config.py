@@ -171,6 +171,11 @@ class GRPOConfig(OnlineRLConfig):
     # TRL's: with tools=, the most tool-calling turns a completion gets (grpo_tools.py); None: until a turn calls no
     # tool or max_completion_length is reached
     max_tool_calling_iterations: int | None = None
+    # the command line's / YAML's way to the trainer's tools= and environment_factory= (train/imports.py specs):
+    # "pkg.module.func,tools.py:other"; an environment "pkg.module.EnvClass", or "name=spec,name2=spec2" to route
+    # rows by their `environment` column
+    tools: str | list | None = None
+    environment_factory: str | None = None
     # TR-DPO (reference_sync.py): every ref_model_sync_steps optimizer steps, ref <- alpha x policy + (1 - alpha) x ref
     sync_ref_model: bool = False
     ref_model_mixup_alpha: float = 0.6
@@ -189,6 +194,12 @@ class GRPOConfig(OnlineRLConfig):
         if self.delta is not None and self.delta <= 1:
             raise ConfigError(f"delta={self.delta} is invalid: the cap on the ratio must be > 1 (INTELLECT-2 uses 4; "
                               f"above 1 + epsilon_high), or None to turn it off.")
+        if self.tools:  # import specs fail here (CLI / YAML), not after the model has loaded
+            from fasttune.train.imports import import_callables
+
+            import_callables(self.tools, "tools")
+        if self.environment_factory:
+            environment_factories(self.environment_factory)
         if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
             raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations} is invalid: it counts "
                               f"tool-calling turns (0 runs no tool), or None for no limit.")
@@ -285,3 +296,22 @@ def generation_layout(a, world: int) -> tuple[int, int]:
                           f"{a.per_device_train_batch_size * spg} completions a rank, which must be whole groups of "
                           f"num_generations={a.num_generations} (their advantages are taken within the batch).")
     return 1, ga // spg
+
+
+def environment_factories(value):
+    """GRPOConfig.environment_factory -> what GRPOTrainer(environment_factory=...) takes: one import spec -> its
+    callable; "name=spec,name2=spec2" -> {name: callable}.
+    Raises ConfigError as train.imports.import_callables, and for a "name=spec" list with an empty or repeated
+    name."""
+    from fasttune.train.imports import import_callables
+
+    field = "environment_factory"
+    if isinstance(value, str) and "=" in value:
+        pairs = [p.partition("=") for p in value.split(",")]
+        names = [n.strip() for n, _, _ in pairs]
+        if not all(names) or len(set(names)) != len(names):
+            raise ConfigError(f"{field}={value!r} is invalid: write name=package.module.Class pairs, each name once.")
+        value = {n.strip(): s.strip() for n, _, s in pairs}
+    if isinstance(value, dict):
+        return {str(n): import_callables([s], f"{field}[{n!r}]")[0] for n, s in value.items()}
+    return import_callables([value], field)[0]
