@@ -7,6 +7,8 @@
 - dequant: kernels/nf4.py's dequantize_nf4 of each projection's NF4 weight, in GB/s (packed bytes read + 16-bit
   weight written), against the torch reference.
 
+- dequant sweep (--dequant-sweep): the dequantisation's launch tiling (weights per program x warps), GB/s each.
+
 Appends one JSONL row per case to bench/results/lora_gemm.jsonl and prints them. Usage:
 
     python bench/bench_lora_gemm.py                                  # a GPU machine
@@ -85,10 +87,35 @@ def dequant_rows(device: str, dtype, scale: int) -> list[dict]:
     return rows
 
 
+def dequant_sweep_rows(device: str, dtype, scale: int) -> list[dict]:
+    """dequantize_nf4's launch tiling swept (weights per program x warps) on the gate/up and q/o shapes: GB/s each,
+    and whether the result equals the default launch's."""
+    from fasttune.kernels.nf4 import dequantize_nf4
+    from fasttune.quant.nf4 import quantize_nf4
+
+    rows = []
+    for name in ("gate_up", "q_o"):
+        n, k = PROJECTIONS[name]
+        state = quantize_nf4(torch.randn(n // scale, k // scale, device=device) * 0.02)
+        nbytes = state.packed.numel() + state.packed.numel() * 2 * torch.finfo(dtype).bits // 8
+        want = dequantize_nf4(state, dtype)
+        for per_program in (1024, 2048, 4096, 8192, 16384):
+            for warps in (2, 4, 8, 16):
+                def run():
+                    return dequantize_nf4(state, dtype, per_program, warps)
+                us = timed_us(run, device)
+                rows.append(dict(case="dequant_sweep", projection=name, weights_per_program=per_program,
+                                 num_warps=warps, us=round(us, 1), gb_s=round(nbytes / us / 1e3),
+                                 same=bool(torch.equal(run(), want))))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_gemm.jsonl"))
+    parser.add_argument("--dequant-sweep", action="store_true",
+                        help="only the NF4 dequantisation's launch tiling, swept (weights per program x warps)")
     args = parser.parse_args()
     import transformers
 
@@ -100,7 +127,10 @@ def main():
         import os
 
         os.environ.setdefault("FASTTUNE_KERNELS", "triton")  # the Triton interpreter (TRITON_INTERPRET=1)
-    rows = order_rows(args.device, dtype, tokens, scale) + dequant_rows(args.device, dtype, scale)
+    if args.dequant_sweep:
+        rows = dequant_sweep_rows(args.device, dtype, scale)
+    else:
+        rows = order_rows(args.device, dtype, tokens, scale) + dequant_rows(args.device, dtype, scale)
     meta = dict(bench="lora_gemm", device=torch.cuda.get_device_name() if on_gpu else "cpu",
                 torch=torch.__version__, transformers=transformers.__version__, time=time.strftime("%Y-%m-%dT%H:%M:%S"))
     with open(args.out, "a") as f:

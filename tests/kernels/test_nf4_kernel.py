@@ -36,3 +36,14 @@ def test_dequantize_large_weight_bit_equal(monkeypatch, dtype):
     w = torch.randn(4096, 4096, generator=torch.Generator().manual_seed(5)).to(DEVICE) * 0.02
     state = quantize_nf4(w, blocksize=64, double_quant=True)
     assert torch.equal(dequantize_nf4(state, dtype), dequantize_nf4_reference(state, dtype))
+
+
+@pytest.mark.parametrize("per_program,warps", [(1024, 2), (16384, 8)])
+def test_launch_tiling_leaves_the_weight_as_it_is(monkeypatch, per_program, warps):
+    """Other tilings (the sweep of bench_lora_gemm.py --dequant-sweep) write the same weight, a partial last
+    program included."""
+    monkeypatch.setenv("FASTTUNE_KERNELS", "triton")
+    w = torch.randn(300, 129, generator=torch.Generator().manual_seed(4)).to(DEVICE) * 0.02
+    state = quantize_nf4(w, blocksize=64, double_quant=True)
+    assert torch.equal(dequantize_nf4(state, DTYPES[0], per_program, warps),
+                       dequantize_nf4_reference(state, DTYPES[0]))

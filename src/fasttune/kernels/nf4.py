@@ -41,8 +41,16 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
-def dequantize_nf4(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
-    """The weight of `state` as a dense `dtype` tensor of state.shape."""
+# Weights each program writes, and its warps (None: Triton's default, 4). bench/bench_lora_gemm.py --dequant-sweep
+# times other values.
+WEIGHTS_PER_PROGRAM = 4096
+NUM_WARPS = None
+
+
+def dequantize_nf4(state: NF4State, dtype: torch.dtype, weights_per_program: int | None = None,
+                   num_warps: int | None = None) -> torch.Tensor:
+    """The weight of `state` as a dense `dtype` tensor of state.shape. weights_per_program / num_warps: the launch's
+    tiling (default WEIGHTS_PER_PROGRAM / NUM_WARPS; the result is the same)."""
     if not use_triton(state.packed):
         return dequantize_nf4_reference(state, dtype)
     n = 1
@@ -52,7 +60,8 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
     if bs & (bs - 1):  # bitsandbytes' block sizes are powers of two; another one takes the torch path
         return dequantize_nf4_reference(state, dtype)
     out = torch.empty(state.shape, dtype=dtype, device=state.packed.device)
-    rows = max(1, 4096 // bs)  # ~4,096 weights per program
+    rows = max(1, (weights_per_program or WEIGHTS_PER_PROGRAM) // bs)
+    warps = num_warps or NUM_WARPS
     nested = state.nested
     absmax = state.absmax if nested else state.absmax.float()
     # Unused pointers (no double quantisation) still need a tensor; absmax stands in.
@@ -60,6 +69,7 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype) -> torch.Tensor:
         state.packed, absmax, state.code, state.nested_absmax if nested else absmax,
         state.nested_code if nested else absmax, out, n, state.offset,
         BLOCKSIZE=bs, NESTED_BLOCKSIZE=state.nested_blocksize, NESTED=nested, ROWS=rows,
+        **({"num_warps": warps} if warps else {}),
         # No fused multiply-add: the nested scale is code * absmax rounded, then + offset rounded, as in
         # bitsandbytes and the reference; an FMA moves the fp32 scale's last bit and, at bf16 ties, the weight.
         enable_fp_fusion=False)
