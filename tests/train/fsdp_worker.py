@@ -3,7 +3,7 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels
+max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT).
@@ -29,6 +29,7 @@ def run(model_dir, out_dir, o):
         model_dir = os.path.join(os.path.dirname(model_dir), o["model"])
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
                                                    load_in_4bit=o.get("load_in_4bit", False),
+                                                   load_in_8bit=o.get("load_in_8bit", False),
                                                    load_in_fp8=o.get("load_in_fp8", False), **head)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False))
@@ -51,6 +52,19 @@ def run(model_dir, out_dir, o):
     trainer.train(resume_from_checkpoint=o.get("resume"))
     if o.get("fsdp") or trainer.dist.is_main:  # FSDP: a collective, rank 0 writes; DDP: rank 0 alone saves (two
         model.save_pretrained(f"{out_dir}/adapter")  # ranks writing the same folder would race)
+    if o.get("fsdp") and (o.get("load_in_4bit") or o.get("load_in_8bit")):  # this rank's share of the storage
+        from torch.distributed.tensor import DTensor
+
+        from fasttune.quant.linear import QuantLinear
+
+        held = {"local": 0, "whole": 0}
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                for t in (m.packed, m.absmax) if m.quant_type == "nf4" else (m.qweight,):
+                    held["local"] += (t.to_local() if isinstance(t, DTensor) else t).numel()
+                    held["whole"] += t.numel()
+        with open(f"{out_dir}/quant_shards_rank{trainer.dist.rank}.json", "w") as f:
+            json.dump(held, f)
     return trainer.dist.is_main, [h["loss"] for h in trainer.log_history]
 
 

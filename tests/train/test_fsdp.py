@@ -45,8 +45,9 @@ CASES = {
     # recompute inside backward re-runs each sharded layer (its all-gather hooks fire again); trainable
     # embeddings/lm_head live in the root's shard group, whose gradients are reduced at the end of backward
     "recompute-on-modules-to-save": {"checkpointing": True, "modules_to_save": ["embed_tokens", "lm_head"]},
-    # NF4 buffers replicated, the rest sharded; packing leaves the last step short: one rank runs a filler pass
+    # NF4 storage sharded too (FSDP-QLoRA); packing leaves the last step short: one rank runs a filler pass
     "recompute-on-nf4-packing": {"checkpointing": True, "load_in_4bit": True, "packing": True},
+    "int8": {"checkpointing": False, "load_in_8bit": True},  # int8 weights sharded likewise
     # FP8 weights (load_in_fp8) are buffers too: replicated, multiplied on each rank as in one process
     "recompute-on-fp8": {"checkpointing": True, "load_in_fp8": True},
     "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
@@ -110,6 +111,17 @@ def test_two_processes_equal_one(fsdp_runs, case):
     assert len((two_dir / "log_history.jsonl").read_text().splitlines()) == steps
     assert (two_dir / "checkpoint-3" / "trainer_state.json").exists()
     _assert_same_adapter(one_dir / "checkpoint-3", two_dir / "checkpoint-3")
+
+
+@pytest.mark.parametrize("case", ["recompute-on-nf4-packing", "int8"])
+def test_quantised_storage_is_sharded(fsdp_runs, case):
+    """Each rank holds about half of the packed NF4 weights and block scales, or of the int8 weights (FSDP pads the
+    last shard)."""
+    _, root, _, _ = fsdp_runs
+    held = [json.loads((root / "two" / case / f"quant_shards_rank{r}.json").read_text()) for r in range(2)]
+    assert held[0]["whole"] == held[1]["whole"] > 0
+    assert sum(h["local"] for h in held) == held[0]["whole"]
+    assert all(h["local"] <= held[0]["whole"] // 2 + 64 for h in held)
 
 
 def test_sft_token_metrics_over_ranks_as_trl(fsdp_runs):

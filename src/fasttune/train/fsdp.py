@@ -5,8 +5,11 @@ just before it runs (forward, and the recompute in backward) and frees them afte
 Gradients are reduce-scattered by FSDP (summed: the loss is already divided by the global target count), the
 optimizer holds only this rank's shard, and checkpoints/adapters hold full tensors gathered with
 `DTensor.full_tensor()` (a collective: every rank calls it, rank 0 writes), so they resume on any world size, with
-or without FSDP. NF4/int8/FP8 weights are buffers, which fully_shard does not shard: with a quantised base each rank
-holds the whole quantised model and only the 16-bit parts (embeddings, lm_head, norms, biases, LoRA) are sharded.
+or without FSDP. NF4 and int8 weights (integer storage held as buffers, which fully_shard leaves whole) become frozen
+parameters first (shardable_quant_storage), so they are sharded too, as in FSDP-QLoRA: each rank keeps its share of
+the packed NF4 weights and their 8-bit block scales (int8: of the int8 weights) and all-gathers a layer's before it
+runs. FP8 weights (a floating dtype the mixed-precision policy would cast), the small fp32 scales and NF4 expert stacks
+stay whole on every rank.
 """
 from __future__ import annotations
 
@@ -59,6 +62,7 @@ def shard_model(model):
 
     if is_sharded(model):
         return model  # a second trainer on the same model (e.g. a warm-up run): already sharded
+    shardable_quant_storage(model)
     dtype = model.dtype
     # Mixed parameter dtypes (bf16 base, fp32 LoRA) all-gather in one dtype; fp32 models need no cast.
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
@@ -74,6 +78,31 @@ def shard_model(model):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unsharded weights' memory back to the device (auto checkpointing reads it)
     return model
+
+
+def shardable_quant_storage(model) -> int:
+    """Make the integer storage of `model`'s quantised Linears (QuantLinear: NF4's packed weights and 8-bit block
+    scales, int8's weights) frozen nn.Parameters instead of buffers, in place, so that fully_shard shards them (it
+    shards parameters only; FSDP2 does not cast integer parameters and all-gathers a group of mixed dtypes as bytes).
+    Floating-point storage stays a buffer: the mixed-precision policy would cast it. Inside a layer's forward and
+    backward the module then holds the whole tensors again (FSDP2's all-gather), which is all QuantLinear reads.
+    Returns the number of tensors changed."""
+    from torch import nn
+
+    from fasttune.quant.linear import QuantLinear
+
+    changed = 0
+    for module in model.modules():
+        if not isinstance(module, QuantLinear) or module.quant_type not in ("nf4", "int8"):
+            continue
+        for name in ("packed", "absmax") if module.quant_type == "nf4" else ("qweight",):
+            t = module._buffers.get(name)
+            if t is None or t.is_floating_point():  # (an NF4 absmax without double quantisation is fp32)
+                continue
+            del module._buffers[name]
+            module.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            changed += 1
+    return changed
 
 
 def full_optimizer_state(optimizer, keep: bool) -> dict | None:
