@@ -95,7 +95,8 @@ def trl_rollout(cls, adapter, tok, tmp_path, rows, reward_funcs, **kwargs):
     tr = cls(model=peft_twin("llama", adapter, **LONG), reward_funcs=reward_funcs, args=args,
              train_dataset=Dataset.from_list(rows), processing_class=copy.deepcopy(tok), **kwargs)
     tr.current_gradient_accumulation_steps = 1
-    return tr, tr._generate_and_score_completions([row for row in rows for _ in range(G)])
+    # (each completion its own row dict, as TRL's dataloader gives them: a rollout_func's fields are merged into them)
+    return tr, tr._generate_and_score_completions([dict(row) for row in rows for _ in range(G)])
 
 
 def assert_rollouts_equal(got: dict, want: dict):

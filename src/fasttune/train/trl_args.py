@@ -68,8 +68,8 @@ NOT_IMPLEMENTED = {
     "tools": "this trainer samples its completions in one turn, as TRL's trainer of its name does; tool calls "
              "inside a rollout run in GRPOTrainer (and GMPOTrainer): use one of those, or score the completions' "
              "tool calls in a reward function",
-    "rollout_func": "completions are sampled by fasttune's generate() from the weights being trained; a custom "
-                    "rollout function is not implemented",
+    "rollout_func": "this trainer samples its completions with fasttune's generate(); a custom rollout function "
+                    "runs in GRPOTrainer (and GMPOTrainer): use one of those",
     "environment_factory": "this trainer samples its completions in one turn, as TRL's trainer of its name does; "
                            "environments run in GRPOTrainer (and GMPOTrainer): use one of those",
 }

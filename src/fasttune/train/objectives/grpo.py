@@ -98,7 +98,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, train_dataset=None,
                  eval_dataset=None, processing_class=None, tokenizer=None, reward_processing_classes=None,
-                 tools=None, environment_factory=None, **kwargs):
+                 tools=None, environment_factory=None, rollout_func=None, **kwargs):
         name, config = type(self).__name__, self.config_cls.__name__
         args = args if args is not None else self.config_cls()
         if not isinstance(args, self.config_cls):
@@ -140,6 +140,10 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
             tok.chat_template = resolve_chat_template(args.chat_template)  # kept on the tokenizer saved later
         self.tool_calls = self._tool_calls(tools if self.environments is None else self.environments.all_tools, tok,
                                            args, kwargs)
+        self.rollout_func = rollout_func if self._builds("rollout_func", rollout_func, kwargs) else None
+        if self.rollout_func is not None and self.tool_calls is not None:
+            raise ConfigError(f"{name}: rollout_func with tools or environment_factory is not implemented (the tool "
+                              f"loop after a custom rollout); run the tools inside your rollout_func, or leave it out.")
         super().__init__(model, tok, train_dataset, eval_dataset, args, config_cls=self.config_cls, **kwargs)
         a = self.args
         per_eval = a.per_device_eval_batch_size * self.dist.world
@@ -226,7 +230,9 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         if limit < 1:
             raise ConfigError(f"max_completion_length={a.max_completion_length} leaves no room for the prompt within "
                               f"max_seq_length={min(a.max_seq_length, model_limit)}; lower max_completion_length.")
-        needed = sorted({c for f in self.reward_funcs for c in required_columns(f)})
+        # (a rollout_func may supply columns itself, as extra fields: not checked here)
+        needed = sorted({c for f in self.reward_funcs for c in required_columns(f)}) \
+            if getattr(self, "rollout_func", None) is None else []
         examples = []
         for i, row in enumerate(rows):
             where = row_label(i, name)

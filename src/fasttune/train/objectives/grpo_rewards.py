@@ -94,7 +94,7 @@ class RewardScoring:
         chat = self.chat_completions and not isinstance(prompts[0], str)
         completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
         turns = getattr(self, "_turns", None)
-        if turns is not None:  # a tool loop ran: each completion as its parsed turns and tool results (TRL's)
+        if turns is not None and turns.messages is not None:  # a tool loop ran: parsed turns and tool results
             completions = copy.deepcopy(turns.messages)
         columns = {k: [ex["columns"].get(k) for ex in examples] for k in examples[0]["columns"]}
         out = torch.zeros(len(examples), len(self.reward_funcs))

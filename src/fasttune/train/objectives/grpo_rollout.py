@@ -11,6 +11,7 @@ from fasttune.data.vision_prompts import prompt_media
 from fasttune.generate import left_pad, stop_token_ids
 from fasttune.train.objectives.grpo_environments import reset_rollouts
 from fasttune.train.objectives.grpo_loss import group_advantages
+from fasttune.train.objectives.grpo_rollout_func import custom_rollout
 from fasttune.train.objectives.grpo_tools import ToolTurns, tool_turns
 from fasttune.train.objectives.reference import score_positions
 
@@ -117,7 +118,12 @@ class Rollouts:
             row_tools = None
             if getattr(self, "environments", None) is not None and examples:  # reset (grpo_environments.py)
                 examples, self._rollout_envs, row_tools = reset_rollouts(self, examples)
-            completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
+            if getattr(self, "rollout_func", None) is not None and examples:  # the user's (grpo_rollout_func.py)
+                examples, completion_ids, self._turns = custom_rollout(self, examples)
+                stops = set(stop_token_ids(self.tokenizer, self.model))
+                truncated = [c[-1] not in stops for c in completion_ids]  # TRL's: the last token's
+            else:
+                completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
             if getattr(self, "tool_calls", None) is not None and examples:  # TRL's tool loop (grpo_tools.py)
                 self._turns = tool_turns(self, examples, completion_ids, seed, row_tools)
                 stops = set(stop_token_ids(self.tokenizer, self.model))

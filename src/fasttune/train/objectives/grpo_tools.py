@@ -32,7 +32,8 @@ from fasttune.train.rewards import is_async_callable, run_async
 class ToolTurns:
     """A rollout's completions after the tool loop: token ids (the model's turns and the tool results between them),
     tool_masks (1 for the model's tokens, 0 for the tool results', per token), messages (each completion as its
-    message list), calls and failures (tool calls made and failed in this rollout)."""
+    message list; None after a rollout_func, whose completions are decoded as sampled ones are), calls and failures
+    (tool calls made and failed in this rollout)."""
 
     completion_ids: list
     tool_masks: list
