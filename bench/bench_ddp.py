@@ -89,7 +89,7 @@ def worker(a):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before building: each rank on its own GPU
     data = rows(256, SHAPES[a.shape]["vocab_size"], a.seq, a.seq + 1)
-    model = build_sharded(a.shape, device) if a.meta_init else build(a.shape, device)
+    model = build_sharded(a.shape, device) if a.meta_init else build(a.shape, device, a.quant)
     from fasttune.api import set_gradient_checkpointing
 
     set_gradient_checkpointing(model, {"on": True, "off": False}.get(a.gc, a.gc))
@@ -109,6 +109,7 @@ def worker(a):
 
         print(json.dumps({"bench": "ddp", "gpus": world, "grad_accum": a.grad_accum, "shape": a.shape,
                           "mode": "fsdp" if a.fsdp else "ddp" if world > 1 else "single", "meta_init": a.meta_init,
+                          "quant": a.quant,
                           "gc": a.gc, "batch_per_gpu": a.bs, "seq": a.seq, "steps": a.steps,
                           "tokens_per_second": round(metrics["train_tokens_per_second"], 1),
                           "peak_gib_rank0": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
@@ -130,11 +131,15 @@ def main():
     ap.add_argument("--only-fsdp", action="store_true", help="run only the FSDP launch (a model too big for one GPU)")
     ap.add_argument("--meta-init", action="store_true",
                     help="FSDP: build on the meta device and materialise only each rank's shards (random values)")
+    ap.add_argument("--quant", default="none", choices=["none", "nf4"],
+                    help="nf4: the base quantised (QLoRA; under --fsdp its NF4 storage is sharded too)")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ddp.jsonl"))
     a = ap.parse_args()
     if a.meta_init and not (a.fsdp or a.only_fsdp):
         ap.error("--meta-init needs --fsdp or --only-fsdp (an unsharded model is built whole)")
+    if a.meta_init and a.quant != "none":
+        ap.error("--meta-init builds a bf16 base; --quant nf4 needs the whole model built first")
     if a.shape == "llama-3.1-70b" and not a.worker and not (a.only_fsdp and a.meta_init):
         ap.error("--shape llama-3.1-70b fits no single GPU: use it with --only-fsdp --meta-init")
     if a.worker:
@@ -143,7 +148,7 @@ def main():
     for gpus, ga, fsdp in launches(a):  # the same global batch every way
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
                "--worker", "--shape", a.shape, "--seq", str(a.seq), "--bs", str(a.bs), "--steps", str(a.steps),
-               "--grad-accum", str(ga), "--gc", a.gc] + (["--fsdp"] if fsdp else []) + (
+               "--grad-accum", str(ga), "--gc", a.gc, "--quant", a.quant] + (["--fsdp"] if fsdp else []) + (
                ["--meta-init"] if fsdp and a.meta_init else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:

@@ -28,7 +28,9 @@ SHAPES = dict(SHAPES, tiny=dict(vocab_size=512, hidden_size=64, intermediate_siz
                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
 
 
-def build(shape: str, device: str):
+def build(shape: str, device: str, quant: str = "none"):
+    """A random-init CausalLM of `shape` on `device` (bf16 on CUDA) with LoRA r16; quant "nf4" / "fp8": its decoder
+    Linears quantised first (bench_lora.quantize_linears)."""
     import torch
 
     from fasttune.api import FastLanguageModel
@@ -49,6 +51,10 @@ def build(shape: str, device: str):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
+    if quant != "none":
+        from bench_lora import quantize_linears
+
+        quantize_linears(model, quant)
     model.lora_settings, model.name_or_path, model.max_seq_length = None, shape, 4096
     return FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
 
