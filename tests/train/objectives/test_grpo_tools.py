@@ -164,3 +164,20 @@ def test_refusals_name_the_fix(tool_setup, tmp_path, tiny_tokenizer):
         _ours(model, tok, tmp_path, rows=[{"prompt": "hi"}])
     with pytest.raises(ConfigError, match="max_tool_calling_iterations=-1"):
         GRPOConfig(output_dir=str(tmp_path / "e"), max_tool_calling_iterations=-1)
+
+
+def test_gmpo_takes_the_same_tool_loop(tool_setup, tmp_path):
+    """GMPOTrainer (TRL's subclass of GRPOTrainer) runs the same loop: its scripted batch equals GRPO's."""
+    from fasttune import GMPOConfig, GMPOTrainer
+
+    model, tok, _ = tool_setup
+
+    class ScriptedGMPO(GMPOTrainer):
+        sample = Scripted.sample
+
+    gmpo = ScriptedGMPO(model, reward_funcs=[tool_reward], processing_class=tok, train_dataset=ROWS, tools=TOOLS,
+                        args=GMPOConfig(output_dir=str(tmp_path / "g"), shuffle=False, per_device_train_batch_size=8,
+                                        num_generations=4, max_completion_length=BUDGET))
+    got, want = our_rollout(gmpo), our_rollout(_ours(model, tok, tmp_path))
+    for key in ("input_ids", "attention_mask", "completion_mask", "advantages"):
+        torch.testing.assert_close(got[key], want[key])
