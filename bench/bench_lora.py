@@ -266,6 +266,7 @@ OFFLOAD_LM_HEAD = [False]  # --offload-lm-head (set in main): ours keeps the LM 
 CUDA_GRAPHS = [False]  # --cuda-graphs (set in main): ours replays forward+backward as a CUDA graph
 LEAN_SAVES = [False]  # --lean-saves (set in main): ours' kept layers rebuild norm / activation outputs in backward
 NO_LEAN = [False]  # --no-lean (set in main): --gc auto's pick without lean saves
+NO_PARTIAL_OFFLOAD = [False]  # --no-partial-offload (set in main): --gc auto's pick with every input on the GPU
 MEMORY_CAP_GIB = [None]  # --memory-cap-gib (set in main): the GPU memory the process may use, as a smaller card
 RECOMPUTE_LAYERS = [None]  # --recompute-layers (set in main): ours recomputes only the first N layers
 # --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
@@ -467,7 +468,9 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     if gc == "auto":  # what SFTTrainer does at train start (train/loop.py), for this batch shape
         from fasttune.train.memory_policy import apply_pick, choose_checkpointing
 
-        mode, auto_pick, recomputed, lean = choose_checkpointing(model, bs * seq, lean_ok=not NO_LEAN[0])
+        offload_ok = not (CUDA_GRAPHS[0] or NO_PARTIAL_OFFLOAD[0])  # (graphs cannot capture host copies)
+        mode, auto_pick, recomputed, lean = choose_checkpointing(model, bs * seq, lean_ok=not NO_LEAN[0],
+                                                                 offload_ok=offload_ok)
         apply_pick(model, mode, recomputed, lean)
         print(auto_pick, file=sys.stderr)
     torch.cuda.reset_peak_memory_stats()  # after building: the peak still holds the weights, not init transients
@@ -582,6 +585,8 @@ def main():
     ap.add_argument("--lean-saves", action="store_true",
                     help="ours: layers that keep their activations rebuild norm and activation outputs in backward")
     ap.add_argument("--no-lean", action="store_true", help="--gc auto: pick without lean saves (the A/B)")
+    ap.add_argument("--no-partial-offload", action="store_true",
+                    help="--gc auto: pick without sending part of the layer inputs to the host (the A/B)")
     ap.add_argument("--recompute-layers", type=int, default=None,
                     help="ours with --gc on/offload: recompute only the first N layers (the rest keep their "
                          "activations), as use_gradient_checkpointing='auto' does when memory is between the modes")
@@ -593,6 +598,7 @@ def main():
     RECOMPUTE_LAYERS[0] = a.recompute_layers
     LEAN_SAVES[0] = a.lean_saves
     NO_LEAN[0] = a.no_lean
+    NO_PARTIAL_OFFLOAD[0] = a.no_partial_offload
     EXPERT_LORA[0] = a.expert_lora
     OFFLOAD_EMBEDDING[0] = a.offload_embedding
     OFFLOAD_LM_HEAD[0] = a.offload_lm_head
@@ -631,7 +637,8 @@ def _subprocess_row(a, impl, shape, gc, kernels, quant, bs, seq, steps, warmup, 
         (["--offload-lm-head"] if a.offload_lm_head else []) + (["--cuda-graphs"] if graphs and impl == "ours" else []) + \
         (["--recompute-layers", str(a.recompute_layers)] if a.recompute_layers is not None else []) + \
         (["--memory-cap-gib", str(a.memory_cap_gib)] if a.memory_cap_gib else []) + \
-        (["--lean-saves"] if a.lean_saves else []) + (["--no-lean"] if a.no_lean else [])
+        (["--lean-saves"] if a.lean_saves else []) + (["--no-lean"] if a.no_lean else []) + \
+        (["--no-partial-offload"] if a.no_partial_offload else [])
     return run_row(cmd, env, None if quiet else f"{impl} {shape} gc={gc} quant={quant} graphs={graphs}")
 
 

@@ -109,7 +109,8 @@ def test_auto_checkpointing_that_chose_offload_is_named(lora_model, tmp_path, mo
     import fasttune.train.memory_policy as policy
 
     monkeypatch.setattr(policy, "choose_checkpointing",
-                        lambda model, tokens, media=0, lean_ok=True: ("offload", "auto -> offload", None, False))
+                        lambda model, tokens, media=0, lean_ok=True, offload_ok=True:
+                        ("offload", "auto -> offload", None, False))
     model, tok = lora_model(gc="auto")
     trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
                          args=SFTConfig(output_dir=str(tmp_path / "o"), max_steps=1, cuda_graphs=True))

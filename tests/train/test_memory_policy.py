@@ -46,8 +46,28 @@ def test_picks_no_recompute_when_it_fits(monkeypatch):
 
 
 def test_picks_recompute_when_only_that_fits(monkeypatch):
+    monkeypatch.setattr(memory_policy, "OFFLOAD_COST_LAYERS", 100)  # (inputs kept on the GPU)
     mode, why, layers, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 4096)
     assert mode is True and layers == 31 and "first 31 of 32 layers" in why  # the last layer is never recomputed
+
+
+def test_offloaded_inputs_let_more_layers_keep_their_activations(monkeypatch):
+    """With the recomputed layers' inputs in host memory, fewer layers need recomputing: taken when that spares more
+    than OFFLOAD_COST_LAYERS; the estimate counts the two inputs offload still holds on the GPU."""
+    from fasttune.train.memory_policy import OFFLOAD_INPUTS_ON_GPU, RESERVE_BYTES, SAFETY, checkpointing_bytes
+
+    mode, why, layers, _ = choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 4096)
+    assert mode == "offload" and layers < 31 - memory_policy.OFFLOAD_COST_LAYERS
+    assert f"offload for the first {layers} of 32 layers" in why and "inputs in CPU memory" in why
+    budget = 5 * 2**30 - RESERVE_BYTES - memory_policy.loss_bytes(LLAMA_8B.vocab_size, 4096)
+    inputs = 4096 * 4096 * 2
+    assert SAFETY * (checkpointing_bytes(LLAMA_8B, 4096, 2, layers) - (layers - OFFLOAD_INPUTS_ON_GPU) * inputs) \
+        <= budget
+    assert SAFETY * (checkpointing_bytes(LLAMA_8B, 4096, 2, layers - 1) - (layers - 1 - OFFLOAD_INPUTS_ON_GPU)
+                     * inputs) > budget
+    # with room for everything, nothing is recomputed or offloaded; CUDA graphs keep the inputs on the GPU
+    assert choose_checkpointing(_fake_gpu_model(monkeypatch, 60), 4096)[0] is False
+    assert choose_checkpointing(_fake_gpu_model(monkeypatch, 5), 4096, offload_ok=False)[:3:2] == (True, 31)
 
 
 def test_picks_offload_when_nothing_else_fits(monkeypatch):
@@ -108,7 +128,8 @@ def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch,
     from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
 
     picked = (True, "gradient checkpointing auto -> on for the first 1 of 2", 1, True)
-    monkeypatch.setattr(memory_policy, "choose_checkpointing", lambda model, tokens, media=0, lean_ok=True: picked)
+    monkeypatch.setattr(memory_policy, "choose_checkpointing",
+                        lambda model, tokens, media=0, lean_ok=True, offload_ok=True: picked)
     model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), dtype=torch.float32)
     model = FastLanguageModel.get_peft_model(model, r=4)
     trainer = SFTTrainer(model, tok, train_dataset=[{"text": "abc abc"}] * 4,
@@ -118,13 +139,22 @@ def test_trainer_applies_the_partial_pick(tiny_model_dir, tmp_path, monkeypatch,
     assert "on for the first 1 of 2" in capsys.readouterr().err
 
 
-def test_ranks_agree_on_the_most_memory_saving_pick():
-    from fasttune.train.memory_policy import agreed_pick
+def test_ranks_agree_on_the_most_memory_saving_pick(monkeypatch):
+    from fasttune.train.memory_policy import agreed_pick, peak_estimate
 
-    assert agreed_pick([(False, None), (True, 5)], 32) == (True, 5)
-    assert agreed_pick([(True, 20), (True, 5), (False, None)], 32) == (True, 20)
-    assert agreed_pick([(True, None), (True, 31)], 32) == (True, None)
-    assert agreed_pick([(True, 31), ("offload", None), (False, None)], 32) == ("offload", None)
+    need, _ = peak_estimate(_fake_gpu_model(monkeypatch, 18), 4096, lean_ok=False)
+
+    def agree(*picks):
+        return agreed_pick([(m, n, False) for m, n in picks], 32, need)[:2]
+
+    assert agree((False, None), (True, 5)) == (True, 5)
+    assert agree((True, 20), (True, 5), (False, None)) == (True, 20)
+    assert agree((True, None), (True, 31)) == (True, 31)  # the last layer's input only adds to the peak
+    assert agree((True, 31), ("offload", None), (False, None)) == ("offload", None)
+    assert agree((True, 20), ("offload", 20), (True, 5)) == ("offload", 20)  # same count, less memory
+    # the pick a poorer rank took because it fits where one layer more with inputs on the GPU does not
+    assert need(20, False, True) < need(21, False)
+    assert agree((True, 21), ("offload", 20)) == ("offload", 20)
 
 
 def test_an_explicit_full_recompute_gets_a_hint_when_fewer_layers_fit(monkeypatch):
@@ -138,9 +168,9 @@ def test_an_explicit_full_recompute_gets_a_hint_when_fewer_layers_fit(monkeypatc
     model = _fake_gpu_model(monkeypatch, 18)
     model.recompute_layers, model.gradient_checkpointing = None, True
     assert "only the first" in recompute_hint(model, 4096)
-    model = _fake_gpu_model(monkeypatch, 5)  # only the last layer could be kept: still fewer
+    model = _fake_gpu_model(monkeypatch, 5)  # little room: fewer with the inputs in host memory
     model.recompute_layers, model.gradient_checkpointing = None, True
-    assert "first 31 of 32" in recompute_hint(model, 4096)
+    assert "inputs in CPU memory" in recompute_hint(model, 4096)
     assert recompute_hint(model, 131072) is None  # nothing fewer fits
     model = _fake_gpu_model(monkeypatch, 60)
     model.recompute_layers, model.gradient_checkpointing = None, False
@@ -282,7 +312,7 @@ def test_trainer_lean_saves_setting(tiny_model_dir, tmp_path, monkeypatch):
 
     seen = []
 
-    def pick(model, tokens, media=0, lean_ok=True):
+    def pick(model, tokens, media=0, lean_ok=True, offload_ok=True):
         seen.append(lean_ok)
         return True, "gradient checkpointing auto -> on for the first 1 of 2", 1, lean_ok
 

@@ -477,7 +477,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         if mode != "auto" and (mode not in (True, "offload") or self.model.device.type != "cuda"):
             return  # (nothing to pick, and no hint to give: the examples are not scanned)
         from fasttune.train.memory_policy import (agreed_pick, apply_pick, choose_checkpointing, most_media_tokens,
-                                                 recompute_hint)
+                                                 peak_estimate, recompute_hint)
 
         bs = self.micro_batch_rows
         longest = max(self.example_tokens(ex) for ex in self.train_examples)
@@ -491,13 +491,14 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         # (no lean saves under FSDP: a rebuild reads the norm's weight in backward, which FSDP frees between the
         # passes; untested there, so the memory is found by recomputing instead)
         lean_ok = not self.args.fsdp and forced is not False
-        mode, why, recomputed, lean = choose_checkpointing(self.model, bs * longest, media, lean_ok=lean_ok)
-        picks = self.dist.gather((mode, recomputed))
+        mode, why, recomputed, lean = choose_checkpointing(self.model, bs * longest, media, lean_ok=lean_ok,
+                                                           offload_ok=not self.args.cuda_graphs)
+        picks = self.dist.gather((mode, recomputed, lean))
         if len(set(picks)) > 1:  # every rank must recompute the same layers (see agreed_pick)
-            mode, recomputed = agreed_pick(picks, self.model.arch.num_layers)
-            lean = lean_ok  # (the memory-saving side: some rank's memory is the limit)
+            need, _ = peak_estimate(self.model, bs * longest, media, lean_ok)
+            mode, recomputed, lean = agreed_pick(picks, self.model.arch.num_layers, need)
             why += f"; the ranks differ, so all take the most memory-saving pick ({mode!r}, recompute_layers " \
-                   f"{recomputed})"
+                   f"{recomputed}, lean saves {lean})"
         apply_pick(self.model, mode, recomputed, lean if forced is None else forced)
         self._auto_offload = mode == "offload"
         print(f"fasttune: {why}", file=sys.stderr)

@@ -23,6 +23,14 @@ RESERVE_BYTES = 2 << 30  # left free for the CUDA context, cuBLAS workspaces and
 # its forward's ~2 x (its weights) FLOPs a token, ~5% of a layer's forward time on the 8B shape at an H200's rates
 # (~3.5 TB/s, ~650 TFLOP/s), so at most ~1.6 layers' recompute for 32 layers; an estimate, not measured.
 LEAN_COST_LAYERS = 2
+# What sending the recomputed layers' inputs to the host ("offload" with part of the layers recomputed) costs, in
+# recomputed layers: its copies run on a side stream under the layers' arithmetic (measured on one H200, 8B bf16 at
+# 2 x 2048 tokens with every layer recomputed: 12,619 tokens/s with "offload" against 12,559 with True), so it is
+# taken only where it spares at least two recomputed layers; an estimate kept above the measured ~0.
+OFFLOAD_COST_LAYERS = 1
+# Layer inputs "offload" still holds on the GPU: the one being copied out and the one brought back ahead of its
+# backward (models/offload.py prefetches one layer).
+OFFLOAD_INPUTS_ON_GPU = 2
 
 
 def _layer_values(cfg) -> list[int]:
@@ -119,55 +127,77 @@ def free_bytes(device: torch.device) -> int:
     return max(0, free)
 
 
-def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, lean_ok: bool = True) \
-        -> tuple[bool | str, str, int | None, bool]:
-    """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
-    `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
-    layers keep their activations; at least the last one does), with lean saves (the layers rebuild their norm and
-    activation outputs in backward, lean_values) when they spare at least LEAN_COST_LAYERS recomputed layers;
-    else "offload". The estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for
-    the micro-batch's `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable
-    parameters' gradients and AdamW states (made at the first step, in the parameters' dtype), against the free
-    memory (free_bytes) less RESERVE_BYTES. lean_ok=False never picks lean saves.
-
-    Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
-    recompute_layers: how many layers from the first to recompute, None for all, lean_saves: bool)."""
-    if model.device.type != "cuda":
-        return False, "gradient checkpointing auto -> off (CPU)", None, False
+def peak_estimate(model, micro_batch_tokens: int, media_tokens: int = 0, lean_ok: bool = True):
+    """(need, lean): need(recomputed, lean_on, offloaded=False) -> the estimated peak bytes of training `model` on
+    micro-batches of `micro_batch_tokens` tokens with its first `recomputed` layers recomputed, with or without lean
+    saves, their inputs on the GPU or (offloaded) in host memory but for OFFLOAD_INPUTS_ON_GPU of them: SAFETY times
+    checkpointing_bytes (plus a training tower's tower_bytes), plus loss_bytes and the trainable parameters' gradients
+    and AdamW states; lean: lean_values per layer ([0] with lean_ok False)."""
     cfg, el = model.arch, torch.finfo(model.dtype).bits // 8
     # the trainable parameters' gradients and two AdamW states, in their dtype (LoRA: fp32), made at the first step
     states = sum(3 * p.numel() * p.element_size() for p in model.parameters() if p.requires_grad and p.grad is None) \
         if hasattr(model, "parameters") else 0
     fixed = loss_bytes(cfg.vocab_size, micro_batch_tokens) + states
-    free = free_bytes(model.device)
-    budget = free - RESERVE_BYTES
-    gib, layers = 2**30, cfg.num_layers
     tower = [tower_bytes(model, media_tokens, el, recompute) for recompute in (False, True)]
     lean = lean_values(model) if lean_ok else [0]
 
-    def need(recomputed: int, lean_on: bool) -> float:
-        """Estimated peak bytes with the first `recomputed` layers recomputed, with or without lean saves."""
+    def need(recomputed: int, lean_on: bool, offloaded: bool = False) -> float:
+        """Estimated peak bytes (see peak_estimate)."""
         kept = checkpointing_bytes(cfg, micro_batch_tokens, el, recomputed, lean if lean_on else None)
+        if offloaded:
+            kept -= max(0, recomputed - OFFLOAD_INPUTS_ON_GPU) * micro_batch_tokens * cfg.hidden_size * el
         return SAFETY * (kept + tower[recomputed > 0]) + fixed
+    return need, lean
+
+
+def choose_checkpointing(model, micro_batch_tokens: int, media_tokens: int = 0, lean_ok: bool = True,
+                         offload_ok: bool = True) \
+        -> tuple[bool | str, str, int | None, bool]:
+    """The fastest recompute policy whose estimated peak fits the free GPU memory for micro-batches of
+    `micro_batch_tokens` tokens: no recompute; else recompute the fewest first layers that makes it fit (the later
+    layers keep their activations; at least the last one does), with lean saves (the layers rebuild their norm and
+    activation outputs in backward, lean_values) when they spare more recomputed layers than LEAN_COST_LAYERS, and
+    with the recomputed layers' inputs in host memory ("offload" for those layers) when that spares more than
+    OFFLOAD_COST_LAYERS (each choice's cost counted in recomputed layers, the cheapest taken); else "offload" for
+    every layer. The estimate: SAFETY times checkpointing_bytes (plus a training vision tower's tower_bytes for
+    the micro-batch's `media_tokens` image / video placeholder tokens), plus loss_bytes and the trainable
+    parameters' gradients and AdamW states (made at the first step, in the parameters' dtype), against the free
+    memory (free_bytes) less RESERVE_BYTES. lean_ok=False never picks lean saves; offload_ok=False (CUDA graphs:
+    host copies cannot be captured) never sends only part of the inputs to the host.
+
+    Returns (mode for model.gradient_checkpointing: False | True | "offload", a one-line explanation,
+    recompute_layers: how many layers from the first to recompute, None for all, lean_saves: bool)."""
+    if model.device.type != "cuda":
+        return False, "gradient checkpointing auto -> off (CPU)", None, False
+    free = free_bytes(model.device)
+    budget = free - RESERVE_BYTES
+    gib, layers = 2**30, model.arch.num_layers
+    need, lean = peak_estimate(model, micro_batch_tokens, media_tokens, lean_ok)
 
     # Fewest recomputed layers first: each one recomputed costs time. The last layer is never recomputed: its
     # backward runs first, right after the forward pass, so recomputing it would only add its input to the peak.
-    def fewest(lean_on: bool) -> int | None:
-        """The fewest recomputed layers (0 .. layers - 1) whose need fits the budget, or None."""
-        return next((n for n in range(layers) if need(n, lean_on) <= budget), None)
+    def fewest(lean_on: bool, offloaded: bool) -> int | None:
+        """The fewest recomputed layers (0 .. layers - 1; at least 1 with offloaded inputs) whose need fits the
+        budget, or None."""
+        return next((n for n in range(1 if offloaded else 0, layers) if need(n, lean_on, offloaded) <= budget), None)
 
-    plain = fewest(False)
-    leaner = fewest(True) if any(lean) else None
-    # Lean saves cost a pass over the rebuilt values in every layer, about LEAN_COST_LAYERS layers' recompute: taken
-    # only when they spare more recomputed layers than that (or spare "offload").
-    lean_on = leaner is not None and (plain is None or plain - leaner >= LEAN_COST_LAYERS)
-    recomputed = leaner if lean_on else plain
-    if recomputed is not None:
-        fits = f"needs ~{need(recomputed, lean_on) / gib:.1f} GiB of {free / gib:.1f} GiB free for " \
+    # Each choice's cost in recomputed layers: lean saves a pass over the rebuilt values in every layer, the
+    # offloaded inputs their copies; the cheapest fitting choice is taken (the plainer one on a tie).
+    choices = [(n + LEAN_COST_LAYERS * lean_on + OFFLOAD_COST_LAYERS * offloaded, lean_on, offloaded, n)
+               for offloaded in ((False, True) if offload_ok else (False,))
+               for lean_on in ((False, True) if any(lean) else (False,))
+               for n in [fewest(lean_on, offloaded)] if n is not None]
+    if choices:
+        _, lean_on, offloaded, recomputed = min(choices, key=lambda c: (c[0], c[2], c[1]))
+        fits = f"needs ~{need(recomputed, lean_on, offloaded) / gib:.1f} GiB of {free / gib:.1f} GiB free for " \
                f"{micro_batch_tokens} tokens per micro-batch" + \
                (" with lean saves (norm and activation outputs rebuilt in backward)" if lean_on else "")
         if recomputed == 0:
             return False, f"gradient checkpointing auto -> off: {fits}", None, lean_on
+        if offloaded:
+            return "offload", (f"gradient checkpointing auto -> offload for the first {recomputed} of {layers} "
+                               f"layers (recomputed, their inputs in CPU memory; the last {layers - recomputed} keep "
+                               f"their activations): {fits}"), recomputed, lean_on
         return True, (f"gradient checkpointing auto -> on for the first {recomputed} of {layers} layers (the last "
                       f"{layers - recomputed} keep their activations): {fits}"), recomputed, lean_on
     # (offload recomputes every layer, which lean saves leave alone)
@@ -185,17 +215,17 @@ def apply_pick(model, mode: bool | str, recomputed: int | None, lean: bool):
         model.lean_saves = lean
 
 
-def agreed_pick(picks: list[tuple], layers: int) -> tuple[bool | str, int | None]:
-    """The one (mode, recompute_layers) every rank of a distributed run takes from their own choose_checkpointing
-    picks: the one that saves the most memory (False < recomputing more layers < every layer < "offload"). Ranks must
-    agree: under FSDP a layer's recompute gathers its shards, a collective every rank has to join."""
-    def saving(pick):
-        """How much memory a pick saves, as an order."""
-        mode, recomputed = pick
-        if mode == "offload":
-            return layers + 1
-        return 0 if mode is False else layers if recomputed is None else recomputed
-    return max(picks, key=saving)
+def agreed_pick(picks: list[tuple], layers: int, need) -> tuple[bool | str, int | None, bool]:
+    """The one (mode, recompute_layers, lean_saves) every rank of a distributed run takes from their own
+    choose_checkpointing picks: the one whose estimated peak (`need`, peak_estimate's, the same on every rank) is the
+    least. It fits every rank: the poorest rank's own pick fits its memory and needs no less. Ranks must agree: under
+    FSDP a layer's recompute gathers its shards, a collective every rank has to join."""
+    def peak(pick):
+        """The pick's estimated peak bytes; full "offload" below everything (its one layer's set is what remains)."""
+        mode, recomputed, lean = pick
+        count = 0 if mode is False else layers if recomputed is None else recomputed
+        return (-1.0, 0) if mode == "offload" and recomputed is None else (need(count, lean, mode == "offload"), 1)
+    return min(picks, key=peak)
 
 
 def recompute_hint(model, micro_batch_tokens: int, media_tokens: int = 0) -> str | None:
@@ -212,6 +242,7 @@ def recompute_hint(model, micro_batch_tokens: int, media_tokens: int = 0) -> str
     layers = model.arch.num_layers
     fewer = "none of the layers" if pick is False else f"only the first {recomputed} of {layers} layers"
     fewer += " with lean saves" if lean else ""
+    fewer += " and their inputs in CPU memory ('offload' for those layers)" if pick == "offload" else ""
     return (f"hint: use_gradient_checkpointing={mode!r} recomputes all {layers} layers, but by the estimate this "
             f"GPU's free memory fits recomputing {fewer} at {micro_batch_tokens} tokens per micro-batch; "
             f"use_gradient_checkpointing='auto' picks that, and each layer not recomputed saves its forward pass.")
