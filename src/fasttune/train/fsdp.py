@@ -66,9 +66,18 @@ def shard_model(model):
     dtype = model.dtype
     # Mixed parameter dtypes (bf16 base, fp32 LoRA) all-gather in one dtype; fp32 models need no cast.
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
-    for layer in model.model.layers:
+    layers = list(model.model.layers)
+    for layer in layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    # Explicit prefetch: each layer's all-gather starts while the layer before it (forward) or after it (backward)
+    # computes, rather than when the layer is reached; the recompute inside backward reorders the hooks FSDP's
+    # implicit backward prefetch reads. One more layer's weights are whole at a time.
+    for i, layer in enumerate(layers):
+        if i + 1 < len(layers):
+            layer.set_modules_to_forward_prefetch([layers[i + 1]])
+        if i > 0:
+            layer.set_modules_to_backward_prefetch([layers[i - 1]])
     for m in model.modules():
         if is_sharded(m):
             # Sum, not mean: the loss is already divided by the global target count. A plain SUM (no PREMUL_SUM,
