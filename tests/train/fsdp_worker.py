@@ -55,11 +55,12 @@ def run(model_dir, out_dir, o):
     if o.get("fsdp") and (o.get("load_in_4bit") or o.get("load_in_8bit")):  # this rank's share of the storage
         from torch.distributed.tensor import DTensor
 
+        from fasttune.quant.experts import QuantExpertWeight
         from fasttune.quant.linear import QuantLinear
 
         held = {"local": 0, "whole": 0}
         for m in model.modules():
-            if isinstance(m, QuantLinear):
+            if isinstance(m, (QuantLinear, QuantExpertWeight)):
                 for t in (m.packed, m.absmax) if m.quant_type == "nf4" else (m.qweight,):
                     held["local"] += (t.to_local() if isinstance(t, DTensor) else t).numel()
                     held["whole"] += t.numel()

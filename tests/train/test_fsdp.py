@@ -48,6 +48,8 @@ CASES = {
     # NF4 storage sharded too (FSDP-QLoRA); packing leaves the last step short: one rank runs a filler pass
     "recompute-on-nf4-packing": {"checkpointing": True, "load_in_4bit": True, "packing": True},
     "int8": {"checkpointing": False, "load_in_8bit": True},  # int8 weights sharded likewise
+    # a mixture of experts in NF4 under FSDP: the stacked experts' NF4 storage sharded too
+    "moe-nf4": {"checkpointing": True, "model": "qwen3_moe", "load_in_4bit": True},
     # FP8 weights (load_in_fp8) are buffers too: replicated, multiplied on each rank as in one process
     "recompute-on-fp8": {"checkpointing": True, "load_in_fp8": True},
     "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
@@ -113,7 +115,7 @@ def test_two_processes_equal_one(fsdp_runs, case):
     _assert_same_adapter(one_dir / "checkpoint-3", two_dir / "checkpoint-3")
 
 
-@pytest.mark.parametrize("case", ["recompute-on-nf4-packing", "int8"])
+@pytest.mark.parametrize("case", ["recompute-on-nf4-packing", "int8", "moe-nf4"])
 def test_quantised_storage_is_sharded(fsdp_runs, case):
     """Each rank holds about half of the packed NF4 weights and block scales, or of the int8 weights (FSDP pads the
     last shard)."""

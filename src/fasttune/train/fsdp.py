@@ -8,8 +8,8 @@ optimizer holds only this rank's shard, and checkpoints/adapters hold full tenso
 or without FSDP. NF4 and int8 weights (integer storage held as buffers, which fully_shard leaves whole) become frozen
 parameters first (shardable_quant_storage), so they are sharded too, as in FSDP-QLoRA: each rank keeps its share of
 the packed NF4 weights and their 8-bit block scales (int8: of the int8 weights) and all-gathers a layer's before it
-runs. FP8 weights (a floating dtype the mixed-precision policy would cast), the small fp32 scales and NF4 expert stacks
-stay whole on every rank.
+runs (NF4 expert stacks too). FP8 weights (a floating dtype the mixed-precision policy would cast) and the small fp32
+scales stay whole on every rank.
 """
 from __future__ import annotations
 
@@ -90,19 +90,20 @@ def shard_model(model):
 
 
 def shardable_quant_storage(model) -> int:
-    """Make the integer storage of `model`'s quantised Linears (QuantLinear: NF4's packed weights and 8-bit block
-    scales, int8's weights) frozen nn.Parameters instead of buffers, in place, so that fully_shard shards them (it
+    """Make the integer storage of `model`'s quantised Linears and NF4 expert stacks (QuantLinear, QuantExpertWeight:
+    NF4's packed weights and 8-bit block scales, int8's weights) frozen nn.Parameters instead of buffers, in place, so that fully_shard shards them (it
     shards parameters only; FSDP2 does not cast integer parameters and all-gathers a group of mixed dtypes as bytes).
     Floating-point storage stays a buffer: the mixed-precision policy would cast it. Inside a layer's forward and
     backward the module then holds the whole tensors again (FSDP2's all-gather), which is all QuantLinear reads.
     Returns the number of tensors changed."""
     from torch import nn
 
+    from fasttune.quant.experts import QuantExpertWeight
     from fasttune.quant.linear import QuantLinear
 
     changed = 0
     for module in model.modules():
-        if not isinstance(module, QuantLinear) or module.quant_type not in ("nf4", "int8"):
+        if not isinstance(module, (QuantLinear, QuantExpertWeight)) or module.quant_type not in ("nf4", "int8"):
             continue
         for name in ("packed", "absmax") if module.quant_type == "nf4" else ("qweight",):
             t = module._buffers.get(name)
