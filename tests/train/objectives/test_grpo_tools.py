@@ -162,6 +162,8 @@ def test_refusals_name_the_fix(tool_setup, tmp_path, tiny_tokenizer):
         _ours(model, tiny_tokenizer, tmp_path)  # plain ChatML: no tools in the template
     with pytest.raises(DataError, match="Row 0.*'prompt' is a string.*conversational"):
         _ours(model, tok, tmp_path, rows=[{"prompt": "hi"}])
+    with pytest.raises(DataError, match="Row 0.*with the tools' schemas, more than max_prompt_length=64"):
+        _ours(model, tok, tmp_path, max_prompt_length=64)
     with pytest.raises(ConfigError, match="max_tool_calling_iterations=-1"):
         GRPOConfig(output_dir=str(tmp_path / "e"), max_tool_calling_iterations=-1)
 

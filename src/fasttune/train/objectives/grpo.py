@@ -264,6 +264,10 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
                     raise DataError(f"{where}: the prompt is {len(ids)} tokens with its images / videos, more than "
                                     f"max_prompt_length={cut}, and cutting it would cut them. Raise "
                                     f"max_prompt_length (or leave it None).")
+                if self.tool_calls is not None:  # (the tools' schemas open the prompt: a cut would drop them)
+                    raise DataError(f"{where}: the prompt is {len(ids)} tokens with the tools' schemas, more than "
+                                    f"max_prompt_length={cut}, and cutting it would cut the schemas. Raise "
+                                    f"max_prompt_length (or leave it None, as TRL 1.x has no such cut).")
                 ids = ids[-cut:]
             for col in needed:
                 if row.get(col) is None:
