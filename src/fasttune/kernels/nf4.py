@@ -41,16 +41,21 @@ if HAVE_TRITON:
         tl.store(out_ptr + offs, values.to(out_ptr.dtype.element_ty), mask=offs < n)
 
 
-# Weights each program writes, and its warps (None: Triton's default, 4). bench/bench_lora_gemm.py --dequant-sweep
-# times other values.
+# Weights each program writes, and its warps (None: Triton's default, 4), for small and large weights.
+# bench/bench_lora_gemm.py --dequant-sweep on one H200 (bench/results/lora_gemm.jsonl, session 42): an 8B gate/up
+# projection (58.7M weights) took 58.8 us with 4,096 weights and 4 warps a program and 50.4 us with 1,024 and 2
+# (2.5 -> 2.9 TB/s); a 4096 x 4096 one was fastest near the defaults (24.5 us; 26.7 with 1,024 and 2).
 WEIGHTS_PER_PROGRAM = 4096
 NUM_WARPS = None
+LARGE_WEIGHT = 1 << 25  # weights from which the large tiling below is taken
+LARGE_WEIGHTS_PER_PROGRAM, LARGE_NUM_WARPS = 1024, 2
 
 
 def dequantize_nf4(state: NF4State, dtype: torch.dtype, weights_per_program: int | None = None,
                    num_warps: int | None = None) -> torch.Tensor:
     """The weight of `state` as a dense `dtype` tensor of state.shape. weights_per_program / num_warps: the launch's
-    tiling (default WEIGHTS_PER_PROGRAM / NUM_WARPS; the result is the same)."""
+    tiling (default WEIGHTS_PER_PROGRAM / NUM_WARPS, or the LARGE_ ones from LARGE_WEIGHT weights; the result is the
+    same)."""
     if not use_triton(state.packed):
         return dequantize_nf4_reference(state, dtype)
     n = 1
@@ -60,8 +65,9 @@ def dequantize_nf4(state: NF4State, dtype: torch.dtype, weights_per_program: int
     if bs & (bs - 1):  # bitsandbytes' block sizes are powers of two; another one takes the torch path
         return dequantize_nf4_reference(state, dtype)
     out = torch.empty(state.shape, dtype=dtype, device=state.packed.device)
-    rows = max(1, (weights_per_program or WEIGHTS_PER_PROGRAM) // bs)
-    warps = num_warps or NUM_WARPS
+    large = n >= LARGE_WEIGHT
+    rows = max(1, (weights_per_program or (LARGE_WEIGHTS_PER_PROGRAM if large else WEIGHTS_PER_PROGRAM)) // bs)
+    warps = num_warps or (LARGE_NUM_WARPS if large else NUM_WARPS)
     nested = state.nested
     absmax = state.absmax if nested else state.absmax.float()
     # Unused pointers (no double quantisation) still need a tensor; absmax stands in.
