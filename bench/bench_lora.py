@@ -459,11 +459,20 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
     import torch
 
     torch.manual_seed(0)
-    if MEMORY_CAP_GIB[0]:  # a smaller card's memory: the allocator frees its cached blocks before failing
+
+    def cap():
+        """A smaller card's memory: the allocator frees its cached blocks before failing."""
         torch.cuda.set_per_process_memory_fraction(MEMORY_CAP_GIB[0] * 2**30 / torch.cuda.mem_get_info()[1])
+    # A quantised base is built here from random 16-bit weights on the GPU (the whole 16-bit model at once), which
+    # from_pretrained never holds (it quantises tensor by tensor): its cap applies once the model is built.
+    if MEMORY_CAP_GIB[0] and quant == "none":
+        cap()
     if gc == "auto" and impl != "ours":
         raise SystemExit("--gc auto is fasttune's policy: use it with --impl ours")
     model = (build_ours if impl == "ours" else build_hf)(shape, gc, r, quant)
+    if MEMORY_CAP_GIB[0] and quant != "none":
+        torch.cuda.empty_cache()  # (the 16-bit weights' blocks back to the card, as a loaded model never had them)
+        cap()
     auto_pick = None
     if gc == "auto":  # what SFTTrainer does at train start (train/loop.py), for this batch shape
         from fasttune.train.memory_policy import apply_pick, choose_checkpointing
@@ -592,7 +601,9 @@ def main():
                          "activations), as use_gradient_checkpointing='auto' does when memory is between the modes")
     ap.add_argument("--memory-cap-gib", type=float, default=None,
                     help="cap the process's GPU memory (torch.cuda.set_per_process_memory_fraction) as on a smaller "
-                         "card: whether the step runs within it, and how often the allocator had to free its cache")
+                         "card: whether the step runs within it, and how often the allocator had to free its cache "
+                         "(a quantised base: from after its build, which holds the 16-bit model from_pretrained never "
+                         "holds)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "lora_sft.jsonl"))
     a = ap.parse_args()
     RECOMPUTE_LAYERS[0] = a.recompute_layers
