@@ -81,6 +81,9 @@ class BEMACallback(TrainerCallback):
 
     @torch.no_grad()
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        """Snapshot the trainable weights (theta_0, the EMA, the average); with update_ref_model, make sure the
+        trainer's reference holds a copy to move. Raises ConfigError under fsdp=True, or for update_ref_model on a
+        trainer without a reference."""
         if getattr(args, "fsdp", False):
             raise ConfigError("BEMACallback with fsdp=True is not implemented (the average would need the gathered "
                               "weights every update); train on one GPU or with DDP, or drop the callback.")
@@ -100,6 +103,9 @@ class BEMACallback(TrainerCallback):
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, **kwargs):
+        """After optimizer step state.global_step: the snapshots at update_after, the average's update every
+        update_freq steps after it, and (update_ref_model) the reference set to the average every
+        ref_model_update_freq steps from ref_model_update_after."""
         step = state.global_step
         if step < self.update_after:
             return
@@ -121,6 +127,7 @@ class BEMACallback(TrainerCallback):
 
     @torch.no_grad()
     def on_train_end(self, args, state, control, model=None, processing_class=None, **kwargs):
+        """Save the model with the averaged weights to <output_dir>/bema (rank 0), then put the trained ones back."""
         if not state.is_world_process_zero or not self.params:
             return
         current = {n: p.detach().clone() for n, p in self.params.items()}

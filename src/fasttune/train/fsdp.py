@@ -91,8 +91,9 @@ def shard_model(model):
 
 def shardable_quant_storage(model) -> int:
     """Make the integer storage of `model`'s quantised Linears and NF4 expert stacks (QuantLinear, QuantExpertWeight:
-    NF4's packed weights and 8-bit block scales, int8's weights) frozen nn.Parameters instead of buffers, in place, so that fully_shard shards them (it
-    shards parameters only; FSDP2 does not cast integer parameters and all-gathers a group of mixed dtypes as bytes).
+    NF4's packed weights and 8-bit block scales, int8's weights) frozen nn.Parameters instead of buffers, in place,
+    so that fully_shard shards them (it shards parameters only; FSDP2 does not cast integer parameters and
+    all-gathers a group of mixed dtypes as bytes).
     Floating-point storage stays a buffer: the mixed-precision policy would cast it. Inside a layer's forward and
     backward the module then holds the whole tensors again (FSDP2's all-gather), which is all QuantLinear reads.
     Returns the number of tensors changed."""

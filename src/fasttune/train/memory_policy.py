@@ -220,11 +220,12 @@ def agreed_pick(picks: list[tuple], layers: int, need) -> tuple[bool | str, int 
     choose_checkpointing picks: the one whose estimated peak (`need`, peak_estimate's, the same on every rank) is the
     least. It fits every rank: the poorest rank's own pick fits its memory and needs no less. Ranks must agree: under
     FSDP a layer's recompute gathers its shards, a collective every rank has to join."""
-    def peak(pick):
+    def peak(pick) -> float:
         """The pick's estimated peak bytes; full "offload" below everything (its one layer's set is what remains)."""
         mode, recomputed, lean = pick
-        count = 0 if mode is False else layers if recomputed is None else recomputed
-        return (-1.0, 0) if mode == "offload" and recomputed is None else (need(count, lean, mode == "offload"), 1)
+        if mode == "offload" and recomputed is None:
+            return -1.0
+        return need(0 if mode is False else layers if recomputed is None else recomputed, lean, mode == "offload")
     return min(picks, key=peak)
 
 

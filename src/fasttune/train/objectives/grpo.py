@@ -63,8 +63,9 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
     args that are not a GRPOConfig, no tokenizer, a reward_weights length that does not match, completions per
     step (or per eval batch) that are not whole groups of num_generations (num_generations_eval). With beta > 0 and
-    full fine-tuning the reference is a second copy of the weights (as TRL keeps a reference model). An eval_dataset is evaluated as TRL evaluates one
-    (evaluation_pass).
+    full fine-tuning the reference is a second copy of the weights (as TRL keeps a reference model). An eval_dataset
+    is evaluated as TRL evaluates one (evaluation_pass). tools, environment_factory, rollout_func: TRL's agent
+    rollouts (grpo_tools.py, grpo_environments.py, grpo_rollout_func.py).
 
     With beta > 0 the KL reference is the policy as handed to the trainer, as TRL 1.16's GRPOTrainer takes a PEFT
     model: a fresh adapter (LoRA B zero) is the base with the adapters off; an adapter loaded from a folder, already
@@ -254,7 +255,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
                     raise DataError(f"{where}: field 'prompt' is a string, but tools need conversational prompts "
                                     f"(a list of messages) to render the tools and parse the calls. Give prompts as "
                                     f"[{{'role': 'user', 'content': ...}}].")
-                schemas = None if env is None and self.environments is None else self.environments.tools[env]
+                schemas = self.environments.tools[env] if self.environments is not None else None
                 prompt, ids = encode_prompt(prompt, tok, where, **self.tool_calls.prompt_kwargs(schemas))
             else:
                 prompt, ids = encode_prompt(prompt, tok, where, **(a.chat_template_kwargs or {}))

@@ -26,9 +26,11 @@ def _reward_of(env_type: type):
     rollouts whose instance is exactly of env_type, None for the others], named after the class."""
     if inspect.iscoroutinefunction(env_type.get_reward):
         async def get_reward(environments, **_):
+            """environments: each completion's instance -> their get_reward() (None for other classes')."""
             return [await e.get_reward() if type(e) is env_type else None for e in environments]
     else:
         def get_reward(environments, **_):
+            """environments: each completion's instance -> their get_reward() (None for other classes')."""
             return [e.get_reward() if type(e) is env_type else None for e in environments]
     get_reward.__name__ = env_type.__name__
     return get_reward

@@ -120,15 +120,14 @@ class Rollouts:
                 examples, self._rollout_envs, row_tools = reset_rollouts(self, examples)
             if getattr(self, "rollout_func", None) is not None and examples:  # the user's (grpo_rollout_func.py)
                 examples, completion_ids, self._turns = custom_rollout(self, examples)
-                stops = set(stop_token_ids(self.tokenizer, self.model))
-                truncated = [c[-1] not in stops for c in completion_ids]  # TRL's: the last token's
             else:
                 completion_ids, truncated = self.sample(examples, seed) if examples else ([], [])
             if getattr(self, "tool_calls", None) is not None and examples:  # TRL's tool loop (grpo_tools.py)
                 self._turns = tool_turns(self, examples, completion_ids, seed, row_tools)
-                stops = set(stop_token_ids(self.tokenizer, self.model))
                 completion_ids = self._turns.completion_ids
-                truncated = [not c or c[-1] not in stops for c in completion_ids]  # TRL's: the last turn's end
+            if self._turns is not None:  # completions built from turns: truncated unless they end with a stop (TRL's)
+                stops = set(stop_token_ids(self.tokenizer, self.model))
+                truncated = [not c or c[-1] not in stops for c in completion_ids]
             return self.score(examples, completion_ids, truncated, sizes, group, across_ranks)
         finally:
             self._decoded_media = self._turns = self._rollout_envs = None

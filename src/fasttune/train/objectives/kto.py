@@ -79,8 +79,8 @@ class KTOTrainer(ReferenceSync, PreferenceTrainer):
     row. The reference is the model as handed to the trainer: a ReferencePolicy, or with precompute_ref_log_probs
     the rows' log-probs computed once before training (the KL rows of loss_type="kto" are paired anew each step, so
     their reference passes remain; with full fine-tuning the ReferencePolicy is a second copy of the weights, as TRL
-    keeps a reference model). Raises ConfigError for loss_type="kto" with one row per optimizer step; warns (UserWarning) when the
-    weights do not fit the label balance (weight_advice)."""
+    keeps a reference model). Raises ConfigError for loss_type="kto" with one row per optimizer step; warns
+    (UserWarning) when the weights do not fit the label balance (weight_advice)."""
 
     config_cls = KTOConfig
     method = "KTO"

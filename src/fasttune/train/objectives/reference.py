@@ -1,6 +1,6 @@
 """What the preference and RL objectives share about the model: per-token log-probs through the lm_head in chunks
 (model_token_logprobs), and the reference policy of DPO, KTO and GRPO (beta > 0): the policy as handed to the
-trainer (reference_policy, a ReferencePolicy), as TRL 1.16 takes it."""
+trainer (a ReferencePolicy, made by reference_sync.synced_reference), as TRL 1.16 takes it."""
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -227,8 +227,3 @@ class ReferencePolicy:
             p.copy_(kept)
             kept.copy_(held)
 
-
-def reference_policy(model, keep_copy: bool = False) -> ReferencePolicy:
-    """The reference of DPO, KTO, GRPO with beta > 0, ...: the model as it is now, i.e. as handed to the trainer (see
-    ReferencePolicy; keep_copy as there). Call it once the trainer holds the model, before any training step."""
-    return ReferencePolicy(model, keep_copy)

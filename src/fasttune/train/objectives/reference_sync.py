@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from fasttune.errors import ConfigError
-from fasttune.train.objectives.reference import ReferencePolicy, reference_policy
+from fasttune.train.objectives.reference import ReferencePolicy
 
 FIELDS = ("sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps")
 TENSOR_PREFIX = "reference."
@@ -47,15 +47,17 @@ def check_sync_settings(config, no_reference: str | None = None):
 
 
 def synced_reference(model, args) -> ReferencePolicy:
-    """reference_policy(model), kept as a copy of the trainable weights when args.sync_ref_model is on (the copy is
-    what the syncs move; a fresh adapter's copy is still the base model). Raises ConfigError for full fine-tuning
-    under fsdp=True: every rank would hold a whole copy of the model before the sharding."""
+    """The reference of DPO, KTO, GRPO with beta > 0, ...: the model as it is now, i.e. as handed to the trainer
+    (ReferencePolicy; call it before any training step), kept as a copy of the trainable weights when
+    args.sync_ref_model is on (the copy is what the syncs move; a fresh adapter's copy is still the base model).
+    Raises ConfigError for full fine-tuning under fsdp=True: every rank would hold a whole copy of the model before
+    the sharding."""
     if model.lora_settings is None and getattr(args, "fsdp", False):
         raise ConfigError("A reference for full fine-tuning under fsdp=True is not implemented: the reference is a "
                           "copy of every weight, which each rank would hold whole before sharding. Use LoRA "
                           "(get_peft_model), or reference log-probs computed before training "
                           "(precompute_ref_log_probs=True, DPO / KTO), or train without FSDP.")
-    return reference_policy(model, keep_copy=bool(getattr(args, "sync_ref_model", False)))
+    return ReferencePolicy(model, keep_copy=bool(getattr(args, "sync_ref_model", False)))
 
 
 class ReferenceSync:
