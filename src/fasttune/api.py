@@ -47,7 +47,7 @@ class FastLanguageModel:
     def from_pretrained(model_name: str = "", max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
                         load_in_8bit: bool = False, full_finetuning: bool = False, device=None, fast: bool = True,
                         offload_embedding: bool = False, offload_lm_head: bool = False, load_in_fp8=False,
-                        **kwargs):
+                        fsdp: bool = False, **kwargs):
         """Load a model folder, .gguf file, adapter folder or (online) hub id. Returns (model, tokenizer).
 
         Architectures outside our decoder, and any model with fast=False, load through transformers + PEFT
@@ -64,6 +64,13 @@ class FastLanguageModel:
         load_in_fp8="block" (128 x 128 block scales are not implemented) and FP8 on a GPU below compute capability
         8.9.
 
+        fsdp=True loads for SFTConfig(fsdp=True) (FSDP2 over a torchrun launch, FSDP-QLoRA with load_in_4bit): each
+        weight is quantised on this process's GPU as it arrives and kept in host memory, and the trainer moves the
+        model to the GPU one decoder layer at a time as it shards it, so no GPU ever holds the whole model (a 70B
+        model in 4 bits, ~37 GiB, trains on GPUs of 24 GiB). Each process holds the whole quantised model in host
+        memory until then. Without a GPU it loads as usual. ConfigError with offload_lm_head, and for vision-language
+        models and the transformers fallback (fsdp=True does not shard them).
+
         Sequence classifiers and reward models: auto_model=AutoModelForSequenceClassification (from transformers)
         with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as
         transformers' from_pretrained takes them, gives a SequenceClassifier (models/sequence_classification.py):
@@ -79,6 +86,9 @@ class FastLanguageModel:
             raise ConfigError("load_in_16bit=True asks for 16-bit weights and load_in_4bit / load_in_8bit / "
                               "load_in_fp8 for quantised ones; give one.")
         quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning, load_in_fp8)
+        if fsdp and offload_lm_head:
+            raise ConfigError("fsdp=True shards the LM head over the GPUs, but offload_lm_head=True keeps it in host "
+                              "memory; load without offload_lm_head (each GPU then holds only its shard of the head).")
         for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
             if on and full_finetuning:
                 raise ConfigError(f"{name}=True keeps a frozen weight in host memory, and full_finetuning=True trains "
@@ -97,9 +107,12 @@ class FastLanguageModel:
         path = resolve_model_path(model_name)
         if path.is_dir() and (path / CONFIG_NAME).exists():
             return _at_load(*_load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant,
-                                                offload_embedding, offload_lm_head, classifier), extra)
+                                                offload_embedding, offload_lm_head, classifier, fsdp), extra)
+        staged = fsdp and device.type == "cuda"  # kept on the host until shard_model moves it, a layer at a time
         model, hf_config, tokenizer = load_model_and_tokenizer(path, dtype, device, fast=fast, quant=quant,
-                                                               classifier=classifier)
+                                                               classifier=classifier, store="cpu" if staged else None)
+        if staged:
+            model.fsdp_device = device
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         for name, on, offload in (("offload_embedding", offload_embedding, offload_input_embedding),
                                   ("offload_lm_head", offload_lm_head, offload_lm_head_)):
@@ -319,7 +332,8 @@ def _check_fp8_device(device: torch.device) -> None:
 
 
 def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetuning, fast=True, quant=None,
-                       offload_embedding: bool = False, offload_lm_head: bool = False, classifier: dict | None = None):
+                       offload_embedding: bool = False, offload_lm_head: bool = False, classifier: dict | None = None,
+                       fsdp: bool = False):
     cfg = read_adapter_config(folder)
     head = {}
     if cfg.get("task_type") == "SEQ_CLS":  # a classifier's adapter: its saved head settings, the caller's first
@@ -343,7 +357,7 @@ def _load_with_adapter(folder: Path, max_seq_length, dtype, device, full_finetun
                                                          device=device, fast=fast, load_in_4bit=quant == "nf4",
                                                          load_in_8bit=quant == "int8", load_in_fp8=quant == "fp8",
                                                          offload_embedding=offload_embedding,
-                                                         offload_lm_head=offload_lm_head, **head)
+                                                         offload_lm_head=offload_lm_head, fsdp=fsdp, **head)
     tokenizer = attach_adapter(model, tokenizer, folder)
     model.fast_tokenizer = tokenizer
     if getattr(model, "is_sequence_classifier", False):  # the adapter's own tokenizer pads its batches

@@ -458,7 +458,8 @@ def _train(run: dict, config: TrainingConfig, out: Path):
                                                        load_in_8bit=QUANTIZATIONS[run["quantization"]] == "int8",
                                                        load_in_fp8=QUANTIZATIONS[run["quantization"]] == "fp8",
                                                        offload_embedding=run["offload_embedding"],
-                                                       offload_lm_head=run["offload_lm_head"], **head)
+                                                       offload_lm_head=run["offload_lm_head"],
+                                                       fsdp=bool(getattr(config, "fsdp", False)), **head)
     for w in caught:  # the fallback notice as one line of our own; other warnings as Python shows them
         if issubclass(w.category, FallbackWarning):
             print(f"fasttune: warning: {w.message}", file=sys.stderr)

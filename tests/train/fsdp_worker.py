@@ -6,7 +6,7 @@ torch and the process group once for all of them); options: grad_accum, fsdp, ch
 max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
-router_aux_loss_coef (SFT).
+router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
@@ -30,7 +30,8 @@ def run(model_dir, out_dir, o):
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
                                                    load_in_4bit=o.get("load_in_4bit", False),
                                                    load_in_8bit=o.get("load_in_8bit", False),
-                                                   load_in_fp8=o.get("load_in_fp8", False), **head)
+                                                   load_in_fp8=o.get("load_in_fp8", False),
+                                                   fsdp=o.get("staged", False), **head)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False))
     dpo = o.get("method") in ("dpo", "reward")

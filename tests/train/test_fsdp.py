@@ -188,3 +188,30 @@ def test_fsdp_needs_torchrun(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="fsdp=True .* single process"):
         SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"text": "abc"}],
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1, fsdp=True))
+
+
+def test_move_outside_moves_all_but_the_layers(tiny_model_dir):
+    """shard_model's first move for a model loaded with fsdp=True: everything outside the decoder layers goes to the
+    device (here the meta device, which nothing else uses), tied weights stay one Parameter, the layers stay."""
+    from fasttune import FastLanguageModel
+    from fasttune.train.fsdp import move_outside
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama", tie_word_embeddings=True)))
+    layers = list(model.model.layers)
+    move_outside(model, layers, torch.device("meta"))
+    inside = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
+    tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    assert inside and all(t.is_meta != (id(t) in inside) for t in tensors.values())
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_a_model_loaded_for_fsdp_needs_fsdp(tiny_model_dir, tmp_path):
+    from fasttune import FastLanguageModel, SFTConfig, SFTTrainer
+    from fasttune.errors import ConfigError
+
+    model, tok = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model = FastLanguageModel.get_peft_model(model, r=4)
+    model.fsdp_device = torch.device("cuda", 0)  # what from_pretrained(fsdp=True) marks on a GPU machine
+    with pytest.raises(ConfigError, match=r"from_pretrained\(fsdp=True\).*Set fsdp=True"):
+        SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"text": "abc"}],
+                   args=SFTConfig(output_dir=str(tmp_path), max_steps=1))

@@ -142,7 +142,7 @@ def _warn_unapplied_dropout(hf_config, source: str) -> None:
 
 
 def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, quant: str | None = None,
-                model_cls=CausalLM) -> CausalLM:
+                model_cls=CausalLM, store=None) -> CausalLM:
     """Create the decoder on the meta device and fill it tensor by tensor (no full-precision copy in between).
 
     `model_cls`: CausalLM or a subclass built from the same config (models/vision.py's language model,
@@ -152,7 +152,10 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     peak memory stays near the quantised size; with "nf4" / "fp8" the stacked MoE experts too, each stack once it is
     whole (FP8 experts multiply in 16 bits: quant/experts.py).
     Checkpoints already quantised by bitsandbytes ("bnb-4bit"/"bnb-8bit") load as they are, or are dequantised
-    when quant is None."""
+    when quant is None.
+    store: where the loaded tensors are kept (None: `device`). from_pretrained(fsdp=True) passes the host ("cpu")
+    with `device` the GPU: each weight is quantised on the GPU and kept in host memory, so no GPU holds the whole
+    model before FSDP shards it (train/fsdp.py's shard_model moves it there a layer at a time)."""
     from fasttune.models.moe import ExpertStacker
     from fasttune.quant.prequantized import PendingQuantized
 
@@ -167,8 +170,9 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     fp32 = {f"{n}.{a}" for n, m in model.named_modules()
             for a in ((*m._parameters, *m._buffers) if getattr(m, "keep_fp32", False) else
                       getattr(m, "fp32_tensors", ()))}
+    store = None if store is None else torch.device(store)
     pending = PendingQuantized(linears, source)
-    experts = ExpertStacker(model, expected, device, dtype)
+    experts = ExpertStacker(model, expected, store or device, dtype)
     _warn_unapplied_dropout(hf_config, source)
     if quant == "int8" and model.arch.num_experts:
         warnings.warn(f"{source}: the MoE experts are not quantised to int8 (load_in_4bit quantises them to NF4); "
@@ -187,7 +191,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             continue
         if experts.take(name, t):  # one expert's tensor of a stacked MoE weight
             while quant in ("nf4", "fp8") and experts.just_completed:  # quantised as soon as its stack is whole
-                _quantize_experts(model, experts.just_completed.pop(), quant)
+                _quantize_experts(model, experts.just_completed.pop(), quant, device)
             continue
         if not name.startswith("model.") and (f"model.{name}" in expected or pending.claims(f"model.{name}")):
             name = f"model.{name}"  # bare decoder checkpoints (no `model.` prefix)
@@ -200,6 +204,7 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
                                      f"{tuple(state.shape)} but the config implies {want}. The checkpoint and "
                                      f"config.json do not match.")
             _install_weight(model, module_name, state.to(device), dtype, quant)
+            _keep_on(model.get_submodule(module_name), store)
             seen.add(f"{module_name}.weight")
         if taken:
             continue
@@ -215,10 +220,11 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
             from fasttune.quant.linear import quantize
 
             _install_weight(model, module_name, quantize(t.to(device=device, dtype=dtype), quant), dtype, quant)
+            _keep_on(model.get_submodule(module_name), store)
         else:
-            assign_tensor(model, name, t.to(device=device, dtype=torch.float32 if name in fp32 else dtype))
+            assign_tensor(model, name, t.to(device=store or device, dtype=torch.float32 if name in fp32 else dtype))
             if quant in ("nf4", "fp8") and attr in EXPERT_STACKS and module_name.endswith(".experts"):
-                _quantize_experts(model, name, quant)
+                _quantize_experts(model, name, quant, device)
         seen.add(name)
     pending.check_complete()
     _warn_unexpected(unexpected, source, mtp)
@@ -227,8 +233,8 @@ def build_model(hf_config, tensors, dtype: torch.dtype, device, source: str, qua
     if classifier:
         if "score.weight" not in seen:
             std = float(getattr(hf_config, "initializer_range", 0.02) or 0.02)
-            assign_tensor(model, "score.weight", torch.empty(tuple(model.score.weight.shape), device=device,
-                                                             dtype=torch.float32).normal_(0.0, std).to(dtype))
+            score = torch.empty(tuple(model.score.weight.shape), device=device, dtype=torch.float32)  # (its RNG)
+            assign_tensor(model, "score.weight", score.normal_(0.0, std).to(device=store or device, dtype=dtype))
             seen.add("score.weight")
     elif cfg.tie_embeddings:
         seen.add("lm_head.weight")
@@ -291,15 +297,30 @@ def _warn_unexpected(names: list[str], source: str, mtp_layers: tuple[str, ...] 
 EXPERT_STACKS = ("gate_up_proj", "up_proj", "down_proj")  # models/moe.py's Experts parameters (up_proj: ungated)
 
 
-def _quantize_experts(model: nn.Module, name: str, quant: str = "nf4"):
+def _quantize_experts(model: nn.Module, name: str, quant: str = "nf4", device=None):
     """Replace the stacked expert parameter `name` (E, out, in) by its NF4 / FP8 QuantExpertWeight
-    (quant/experts.py)."""
+    (quant/experts.py), quantised on `device` (None: where the stack is) and kept where the stack was."""
     from fasttune.quant.experts import QuantExpertWeight
 
     owner, _, attr = name.rpartition(".")
     module = model.get_submodule(owner)
-    holder = QuantExpertWeight.quantize(module._parameters.pop(attr).detach(), quant)
-    module.add_module(attr, holder)
+    stack = module._parameters.pop(attr).detach()
+    holder = QuantExpertWeight.quantize(stack if device is None else stack.to(device), quant)
+    module.add_module(attr, holder.to(stack.device))
+
+
+def _keep_on(module: nn.Module, store: torch.device | None):
+    """Move `module`'s loaded tensors (not those still on the meta device: a bias yet to arrive) to `store`; nothing
+    when store is None (tensors stay where they were made)."""
+    if store is None:
+        return
+    for tensors in (module._parameters, module._buffers):
+        for name, t in tensors.items():
+            if t is not None and not t.is_meta and t.device != store:
+                if isinstance(t, nn.Parameter):
+                    tensors[name] = nn.Parameter(t.detach().to(store), requires_grad=t.requires_grad)
+                else:
+                    tensors[name] = t.to(store)
 
 
 def _install_weight(model: nn.Module, module_name: str, state, dtype: torch.dtype, quant: str | None):
@@ -412,19 +433,23 @@ def _moved(part, device, dtype):
 
 
 def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None,
-               classifier: dict | None = None):
+               classifier: dict | None = None, store=None):
     """Returns (model, transformers config). `path` is a resolved folder or .gguf file. Architectures outside our
     decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel.
     `classifier`: None, or the sequence-classification head asked for ({"num_labels": ..., ...}, see
-    models/sequence_classification.py's classifier_config); a checkpoint saved as a classifier loads as one too."""
+    models/sequence_classification.py's classifier_config); a checkpoint saved as a classifier loads as one too.
+    `store`: build_model's (the host for from_pretrained(fsdp=True)); ConfigError for the models that do not load
+    through build_model (vision-language models, the transformers fallback)."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
-        return _load_gguf(path, dtype, device, fast, quant, classifier=classifier)
+        return _load_gguf(path, dtype, device, fast, quant, classifier=classifier, store=store)
     hf_config = with_architectures(load_hf_config(path))
     # damaged weight files are named here, on both paths, before anything is loaded
     check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
     if is_vision_config(hf_config):
+        if store is not None:
+            _refuse_staging(path, f"a {hf_config.model_type} vision-language model")
         if not fast:
             raise ModelLoadError(f"'{path}' is a {hf_config.model_type} vision-language model, which the "
                                  f"transformers fallback (fast=False) does not load; leave fast at True (its language "
@@ -438,6 +463,9 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     if not fast or not decoder_runs(hf_config):
         from fasttune.models.fallback import load_fallback
 
+        if store is not None:
+            _refuse_staging(path, "a model that runs on the transformers fallback")
+
         model = load_fallback(path, dtype, device, hf_config.model_type, forced=fast is False, hf_config=hf_config,
                               vision_families=tuple(VISION_FAMILIES),
                               quant=quant)
@@ -450,8 +478,15 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     elif method in ("fp8", "compressed-tensors"):  # (compressed-tensors stores the scale, not its inverse)
         tensors = fp8_tensors(tensors, dtype, block, str(path), device,
                               "_scale" if method == "compressed-tensors" else "_scale_inv")
-    model = build_model(hf_config, tensors, dtype, device, str(path), quant, model_cls=model_cls)
+    model = build_model(hf_config, tensors, dtype, device, str(path), quant, model_cls=model_cls, store=store)
     return model, hf_config
+
+
+def _refuse_staging(path: Path, what: str):
+    """ConfigError: from_pretrained(fsdp=True) for a model FSDP does not shard."""
+    raise ConfigError(f"from_pretrained(fsdp=True): '{path}' is {what}, which fsdp=True training does not shard "
+                      f"(it needs fasttune's own text decoder). Load it without fsdp=True and train on one GPU, or on "
+                      f"several with plain data parallelism (torchrun without fsdp).")
 
 
 # quantization_config methods whose checkpoints we read (compressed-tensors: its FP8 formats only)
@@ -497,7 +532,7 @@ GGUF_MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss", "qwen3_5_moe_text", "qwe
 
 
 def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None, contents=None,
-               classifier: dict | None = None):
+               classifier: dict | None = None, store=None):
     """A .gguf file, parsed once (models/gguf_file.py): `contents` is that parse when the caller has it."""
     from transformers import AutoConfig
 
@@ -515,6 +550,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     if not fast or model_type not in SUPPORTED_FAMILIES or moe_elsewhere:
         from fasttune.models.fallback import load_fallback
 
+        if store is not None:
+            _refuse_staging(path, "a model that runs on the transformers fallback")
         model = load_fallback(path.parent, dtype, device, model_type, forced=fast is False, gguf_file=path.name,
                               quant=quant)
         return model, model.hf_config
@@ -525,7 +562,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     with torch.device("meta"):  # our parameter names are transformers' names
         names = {n: t.shape for n, t in CausalLM(hf_config).state_dict().items()}
     try:
-        model = build_model(hf_config, contents.tensors(names), dtype, device, str(path), quant, model_cls=model_cls)
+        model = build_model(hf_config, contents.tensors(names), dtype, device, str(path), quant, model_cls=model_cls,
+                            store=store)
     except (ValueError, KeyError, NotImplementedError) as e:  # a tensor type the gguf package cannot dequantise
         raise ModelLoadError(f"Cannot load the weights of '{path}' ({type(e).__name__}: {e}). The file may use a "
                              f"tensor type newer than the installed gguf package (`pip install -U gguf`), or be "
@@ -534,16 +572,16 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
 
 
 def load_model_and_tokenizer(path: Path, dtype: torch.dtype, device, fast: bool = True, quant: str | None = None,
-                             classifier: dict | None = None):
-    """(model, transformers config, tokenizer or None) of a resolved folder or .gguf file, as load_model and
-    load_tokenizer(required=False) give them; a .gguf file is read once for all three."""
+                             classifier: dict | None = None, store=None):
+    """(model, transformers config, tokenizer or None) of a resolved folder or .gguf file, as load_model (with its
+    `store`) and load_tokenizer(required=False) give them; a .gguf file is read once for all three."""
     if path.is_file() and path.suffix == ".gguf":
         from fasttune.models.gguf_file import read_gguf
 
         contents = read_gguf(path)
-        model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents, classifier=classifier)
+        model, hf_config = _load_gguf(path, dtype, device, fast, quant, contents, classifier=classifier, store=store)
         return model, hf_config, gguf_tokenizer(contents, required=False)
-    model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant, classifier=classifier)
+    model, hf_config = load_model(path, dtype, device, fast=fast, quant=quant, classifier=classifier, store=store)
     if isinstance(model, VisionCausalLM):
         from fasttune.data.vision import VisionProcessor
         from fasttune.data.vision_settings import processor_settings

@@ -486,6 +486,9 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
     validate_settings(settings)
     if any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules()):
         raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
+    if settings.use_dora and getattr(model, "fsdp_device", None) is not None:
+        raise ConfigError("use_dora=True on a model loaded with from_pretrained(fsdp=True): fsdp=True training does "
+                          "not support DoRA yet. Use plain LoRA with fsdp, or load without fsdp=True for DoRA.")
     model.requires_grad_(False)
     _map_moe_targets(model, settings)
     validate_settings(settings)  # again: the MoE names may have become target_parameters (DoRA refuses those)
@@ -513,7 +516,7 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
             r, _ = settings.rank_alpha(name)
             adapter = ExpertLora(getattr(experts, attr), r, settings.scaling_for(name),
                                  transposed=getattr(experts, "is_transposed", False))
-            adapter.reset_parameters()
+            reset_on(adapter, getattr(model, "fsdp_device", None))
             experts.lora[attr] = adapter
     finally:
         if seed is not None:
@@ -532,8 +535,24 @@ def _wrap_linear(model: nn.Module, name: str, settings: LoraSettings, key: str) 
         lora = DoraLinear(getattr(parent, attr), r, settings.scaling_for(key), settings.lora_dropout)
     else:
         lora = LoraLinear(getattr(parent, attr), r, settings.scaling_for(key), settings.lora_dropout)
-    lora.reset_parameters()
+    reset_on(lora, getattr(model, "fsdp_device", None))
     setattr(parent, attr, lora)
+
+
+def reset_on(adapter: nn.Module, device) -> None:
+    """adapter.reset_parameters() with its random draw made on `device` (None: where its parameters are), the
+    parameters staying where they are: a model loaded with from_pretrained(fsdp=True) waits in host memory, and its
+    adapters start as they would on its GPU (CUDA's generator draws other values than the CPU's)."""
+    own = [p for p in adapter._parameters.values() if p is not None]
+    if device is None or all(p.device == device for p in own):
+        adapter.reset_parameters()
+        return
+    home = [p.device for p in own]
+    for p in own:
+        p.data = p.data.to(device)
+    adapter.reset_parameters()
+    for p, where in zip(own, home):
+        p.data = p.data.to(where)
 
 
 def savable_modules(model: nn.Module, modules) -> list[str]:

@@ -21,8 +21,13 @@ from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here
 
 
 def check_fsdp(model, args, world: int, trainer_name: str):
-    """ConfigError for combinations that cannot run sharded; called when the trainer is built."""
+    """ConfigError for combinations that cannot run sharded, and for a model loaded for FSDP (from_pretrained with
+    fsdp=True, still in host memory) given to a trainer without fsdp=True; called when the trainer is built."""
     if not getattr(args, "fsdp", False):
+        if getattr(model, "fsdp_device", None) is not None:
+            raise ConfigError("The model was loaded with from_pretrained(fsdp=True): it waits in host memory for FSDP "
+                              "to shard it onto the GPUs. Set fsdp=True in the trainer's config (under torchrun: "
+                              "`fasttune train --gpus N --fsdp`), or load it without fsdp=True.")
         return
     from fasttune.models.causal_lm import CausalLM
 
@@ -57,7 +62,10 @@ def check_fsdp(model, args, world: int, trainer_name: str):
 
 def shard_model(model):
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place. LoRA weights stay
-    fp32 masters; forward/backward compute in the model's dtype; gradients are reduced in fp32."""
+    fp32 masters; forward/backward compute in the model's dtype; gradients are reduced in fp32. A model loaded with
+    from_pretrained(fsdp=True) (in host memory, `model.fsdp_device` naming its GPU) moves there as it is sharded:
+    the parts outside the decoder layers first, then each layer whole just before fully_shard keeps this rank's
+    shard of it, so the GPU's peak is the shards plus one layer."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if is_sharded(model):
@@ -67,9 +75,16 @@ def shard_model(model):
     # Mixed parameter dtypes (bf16 base, fp32 LoRA) all-gather in one dtype; fp32 models need no cast.
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     layers = list(model.model.layers)
+    staged = getattr(model, "fsdp_device", None)  # from_pretrained(fsdp=True): the model waits in host memory
+    if staged is not None:
+        move_outside(model, layers, staged)
     for layer in layers:
+        if staged is not None:
+            layer.to(staged)  # one whole layer on the GPU at a time: fully_shard keeps this rank's shard of it
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
+    if staged is not None:
+        del model.fsdp_device
     # Explicit prefetch: each layer's all-gather starts while the layer before it (forward) or after it (backward)
     # computes, rather than when the layer is reached; the recompute inside backward reorders the hooks FSDP's
     # implicit backward prefetch reads. One more layer's weights are whole at a time.
@@ -87,6 +102,30 @@ def shard_model(model):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unsharded weights' memory back to the device (auto checkpointing reads it)
     return model
+
+
+def move_outside(model, layers: list, device) -> None:
+    """Move every tensor of CausalLM `model` that is not in one of `layers` (the embeddings, final norm, LM head, the
+    model's own tensors) to `device`, in place; tied weights stay tied, and a module's own .to() rules hold (a host
+    embedding stays in host memory)."""
+    inside = {id(m) for layer in layers for m in layer.modules()}
+
+    def visit(module):
+        for child in module.children():
+            if id(child) in inside:
+                continue
+            if any(id(m) in inside for m in child.modules()):
+                visit(child)  # a container of layers (the decoder): its other parts one by one
+            else:
+                child.to(device)
+        for p in module._parameters.values():
+            if p is not None:
+                p.data = p.data.to(device)
+        for name, b in module._buffers.items():
+            if b is not None:
+                module._buffers[name] = b.to(device)
+    visit(model)
+    model.tie_weights()  # (a move that cannot keep a Parameter's identity, e.g. to another kind of device, untied it)
 
 
 def shardable_quant_storage(model) -> int:

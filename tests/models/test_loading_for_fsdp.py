@@ -1,0 +1,64 @@
+"""Loading for FSDP (from_pretrained(fsdp=True)): every loaded tensor kept on build_model's `store` while the
+quantisation runs on `device`, and the models FSDP does not shard refused before any weight is read.
+
+On the CPU the store is the meta device: a tensor that skipped the store would stay on the CPU. The GPU half (quantised
+on the GPU, kept on the host, moved back layer by layer by shard_model) is tests/gpu/test_gpu_fsdp_loading.py.
+"""
+import pytest
+import torch
+
+from fasttune import FastLanguageModel
+from fasttune.errors import ConfigError
+from fasttune.models.loading import load_model
+
+
+def _tensors(model) -> dict:
+    return {**dict(model.named_parameters()), **dict(model.named_buffers())}
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "int8", "fp8"])
+def test_every_loaded_tensor_is_kept_on_the_store(quant, tiny_model_dir):
+    folder = tiny_model_dir("llama", attention_bias=True)  # (biases: loaded before or after their weight)
+    plain, _ = load_model(folder, torch.bfloat16, "cpu", quant=quant)
+    kept, _ = load_model(folder, torch.bfloat16, "cpu", quant=quant, store="meta")
+    want, got = _tensors(plain), _tensors(kept)
+    assert sorted(got) == sorted(want)
+    assert [n for n, t in got.items() if not t.is_meta] == []
+    assert {n: (t.shape, t.dtype) for n, t in got.items()} == {n: (t.shape, t.dtype) for n, t in want.items()}
+    assert kept.lm_head.weight is kept.model.embed_tokens.weight or not kept.arch.tie_embeddings
+
+
+def test_a_classifier_head_is_drawn_where_it_would_be_and_kept_on_the_store(tiny_model_dir):
+    folder = tiny_model_dir("llama")
+    head = {"num_labels": 2}
+    torch.manual_seed(0)
+    plain, _ = load_model(folder, torch.float32, "cpu", classifier=head)
+    torch.manual_seed(0)
+    kept, _ = load_model(folder, torch.float32, "cpu", classifier=head, store="meta")
+    assert kept.score.weight.is_meta and plain.score.weight.abs().sum() > 0
+
+
+def test_models_fsdp_does_not_shard_are_refused_before_loading(tmp_path, tiny_model_dir):
+    from tiny_vision import qwen_vl_config
+
+    vision = tmp_path / "vl"
+    qwen_vl_config().save_pretrained(vision)  # (a config alone: refused before any weight is looked for)
+    with pytest.raises(ConfigError, match=r"fsdp=True\): .*vision-language model"):
+        load_model(vision, torch.float32, "cpu", store="cpu")
+    with pytest.raises(ConfigError, match="transformers fallback"):
+        load_model(tiny_model_dir("llama"), torch.float32, "cpu", fast=False, store="cpu")
+
+
+def test_from_pretrained_fsdp(tiny_model_dir):
+    folder = str(tiny_model_dir("llama"))
+    with pytest.raises(ConfigError, match="offload_lm_head"):
+        FastLanguageModel.from_pretrained(folder, fsdp=True, offload_lm_head=True)
+    model, _ = FastLanguageModel.from_pretrained(folder, fsdp=True)  # without a GPU: loaded as usual
+    assert model.device.type == "cpu" and getattr(model, "fsdp_device", None) is None
+
+
+def test_dora_on_a_model_loaded_for_fsdp_is_refused(tiny_model_dir):
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
+    model.fsdp_device = torch.device("cuda", 0)  # what from_pretrained(fsdp=True) marks on a GPU machine
+    with pytest.raises(ConfigError, match="use_dora=True .*fsdp=True"):
+        FastLanguageModel.get_peft_model(model, r=4, use_dora=True)
