@@ -64,12 +64,14 @@ class FastLanguageModel:
         load_in_fp8="block" (128 x 128 block scales are not implemented) and FP8 on a GPU below compute capability
         8.9.
 
-        fsdp=True loads for SFTConfig(fsdp=True) (FSDP2 over a torchrun launch, FSDP-QLoRA with load_in_4bit): each
-        weight is quantised on this process's GPU as it arrives and kept in host memory, and the trainer moves the
-        model to the GPU one decoder layer at a time as it shards it, so no GPU ever holds the whole model (a 70B
-        model in 4 bits, ~37 GiB, trains on GPUs of 24 GiB). Each process holds the whole quantised model in host
-        memory until then. Without a GPU it loads as usual. ConfigError with offload_lm_head, and for vision-language
-        models and the transformers fallback (fsdp=True does not shard them).
+        fsdp=True loads for SFTConfig(fsdp=True) (FSDP2 over a torchrun launch, FSDP-QLoRA with load_in_4bit): rank
+        0 quantises each weight on its GPU as it arrives and keeps the model in host memory; the other ranks build
+        it on the meta device from the checkpoint's headers (no weights read; pre-quantised and .bin checkpoints
+        are read and kept in host memory by every rank). The trainer moves the model to the GPUs one decoder layer
+        at a time as it shards it, rank 0 sending each layer to the others, so no GPU ever holds the whole model (a
+        70B model in 4 bits, ~37 GiB, trains on GPUs of 24 GiB) and one copy waits in host memory. Outside a
+        torchrun launch on the CPU it loads as usual. ConfigError with offload_embedding / offload_lm_head, and for
+        vision-language models and the transformers fallback (fsdp=True does not shard them).
 
         Sequence classifiers and reward models: auto_model=AutoModelForSequenceClassification (from transformers)
         with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as
@@ -86,9 +88,10 @@ class FastLanguageModel:
             raise ConfigError("load_in_16bit=True asks for 16-bit weights and load_in_4bit / load_in_8bit / "
                               "load_in_fp8 for quantised ones; give one.")
         quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning, load_in_fp8)
-        if fsdp and offload_lm_head:
-            raise ConfigError("fsdp=True shards the LM head over the GPUs, but offload_lm_head=True keeps it in host "
-                              "memory; load without offload_lm_head (each GPU then holds only its shard of the head).")
+        for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
+            if fsdp and on:
+                raise ConfigError(f"fsdp=True shards the model over the GPUs, but {name}=True keeps a weight whole "
+                                  f"in host memory; load without {name} (each GPU then holds only its shard).")
         for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
             if on and full_finetuning:
                 raise ConfigError(f"{name}=True keeps a frozen weight in host memory, and full_finetuning=True trains "
@@ -97,7 +100,7 @@ class FastLanguageModel:
             from fasttune.defaults import default_model_path
 
             model_name = default_model_path()
-        from fasttune.train.distributed import local_device
+        from fasttune.train.distributed import launched_by_torchrun, local_device
 
         device = torch.device(device) if device is not None else (local_device() or torch.device(
             "cuda" if torch.cuda.is_available() else "cpu"))  # under torchrun: this process's GPU
@@ -108,11 +111,11 @@ class FastLanguageModel:
         if path.is_dir() and (path / CONFIG_NAME).exists():
             return _at_load(*_load_with_adapter(path, max_seq_length, dtype, device, full_finetuning, fast, quant,
                                                 offload_embedding, offload_lm_head, classifier, fsdp), extra)
-        staged = fsdp and device.type == "cuda"  # kept on the host until shard_model moves it, a layer at a time
+        store = _fsdp_store(fsdp, device)
         model, hf_config, tokenizer = load_model_and_tokenizer(path, dtype, device, fast=fast, quant=quant,
-                                                               classifier=classifier, store="cpu" if staged else None)
-        if staged:
-            model.fsdp_device = device
+                                                               classifier=classifier, store=store)
+        if fsdp and (store is not None or launched_by_torchrun()):
+            model.fsdp_device = device  # where shard_model moves it (train/fsdp.py)
         _finish(model, tokenizer, hf_config, str(path.resolve()), max_seq_length)
         for name, on, offload in (("offload_embedding", offload_embedding, offload_input_embedding),
                                   ("offload_lm_head", offload_lm_head, offload_lm_head_)):
@@ -317,6 +320,20 @@ def _quant_type(load_in_4bit: bool, load_in_8bit: bool, full_finetuning: bool, l
         raise ConfigError(f"full_finetuning=True needs 16-bit weights (quantised weights are frozen); drop "
                           f"{asked[0]}, or train LoRA adapters on the quantised model.")
     return quant
+
+
+def _fsdp_store(fsdp: bool, device: torch.device) -> str | None:
+    """build_model's `store` for from_pretrained(fsdp=...): None (load onto `device`) without fsdp; with it, the
+    host on a GPU process (quantised on the GPU, kept in host memory) and, on the ranks after the first of a
+    torchrun launch, "meta" (built from the checkpoint's headers; rank 0 sends the weights as the trainer shards
+    them, train/fsdp.py)."""
+    from fasttune.train.distributed import launch_rank, launched_by_torchrun
+
+    if not fsdp:
+        return None
+    if launched_by_torchrun() and launch_rank() != 0:
+        return "meta"
+    return "cpu" if device.type == "cuda" else None
 
 
 def _check_fp8_device(device: torch.device) -> None:

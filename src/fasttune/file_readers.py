@@ -142,6 +142,30 @@ def iter_safetensors(path: str | Path, fix: str = REDOWNLOAD):
         raise damaged_weights(path, e, "safetensors", fix) from None
 
 
+# safetensors' dtype names (its header's "dtype" field) -> torch dtype names
+SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+                      "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def meta_safetensors(path: str | Path, fix: str = REDOWNLOAD):
+    """Yield (name, empty tensor on the meta device) of a .safetensors file from its header alone (each tensor's
+    shape and dtype; no tensor data is read); a damaged file or an unknown dtype raises ModelLoadError."""
+    import torch
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as sf:
+            for k in sf.keys():
+                view = sf.get_slice(k)
+                dtype = getattr(torch, SAFETENSORS_DTYPES[view.get_dtype()])
+                yield k, torch.empty(view.get_shape(), dtype=dtype, device="meta")
+    except FastTuneError:
+        raise
+    except Exception as e:  # SafetensorError, OSError, KeyError (a dtype name not in the table)
+        raise damaged_weights(path, e, "safetensors", fix) from None
+
+
 def load_safetensors(path: str | Path, fix: str = REDOWNLOAD) -> dict:
     """All tensors of a .safetensors file as a CPU dict, like safetensors.torch.load_file (read through
     iter_safetensors); damage raises ModelLoadError."""

@@ -1,15 +1,19 @@
 """Loading for FSDP (from_pretrained(fsdp=True)): every loaded tensor kept on build_model's `store` while the
-quantisation runs on `device`, and the models FSDP does not shard refused before any weight is read.
+quantisation runs on `device`, the ranks after the first building from the headers alone, and the models FSDP does
+not shard refused before any weight is read.
 
 On the CPU the store is the meta device: a tensor that skipped the store would stay on the CPU. The GPU half (quantised
 on the GPU, kept on the host, moved back layer by layer by shard_model) is tests/gpu/test_gpu_fsdp_loading.py.
 """
 import pytest
 import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig
 
 from fasttune import FastLanguageModel
-from fasttune.errors import ConfigError
-from fasttune.models.loading import load_model
+from fasttune.errors import ConfigError, ModelLoadError
+from fasttune.file_readers import iter_safetensors
+from fasttune.models.loading import build_model, load_model
 
 
 def _tensors(model) -> dict:
@@ -20,12 +24,37 @@ def _tensors(model) -> dict:
 def test_every_loaded_tensor_is_kept_on_the_store(quant, tiny_model_dir):
     folder = tiny_model_dir("llama", attention_bias=True)  # (biases: loaded before or after their weight)
     plain, _ = load_model(folder, torch.bfloat16, "cpu", quant=quant)
-    kept, _ = load_model(folder, torch.bfloat16, "cpu", quant=quant, store="meta")
+    kept = build_model(AutoConfig.from_pretrained(folder), iter_safetensors(folder / "model.safetensors"),
+                       torch.bfloat16, "cpu", str(folder), quant, store="meta")
     want, got = _tensors(plain), _tensors(kept)
     assert sorted(got) == sorted(want)
     assert [n for n, t in got.items() if not t.is_meta] == []
     assert {n: (t.shape, t.dtype) for n, t in got.items()} == {n: (t.shape, t.dtype) for n, t in want.items()}
     assert kept.lm_head.weight is kept.model.embed_tokens.weight or not kept.arch.tie_embeddings
+
+
+def test_meta_store_builds_from_the_headers_alone(tiny_model_dir, tmp_path):
+    """A rank after the first (store="meta"): the model built from the safetensors headers, every tensor on the meta
+    device; a .bin checkpoint cannot be read so, and is read and kept in host memory instead; a damaged header is
+    named."""
+    folder = tiny_model_dir("llama")
+    plain, _ = load_model(folder, torch.bfloat16, "cpu", quant="nf4")
+    meta, _ = load_model(folder, torch.bfloat16, "cpu", quant="nf4", store="meta")
+    assert all(t.is_meta for t in _tensors(meta).values())
+    assert {n: (t.shape, t.dtype) for n, t in _tensors(meta).items()} == \
+        {n: (t.shape, t.dtype) for n, t in _tensors(plain).items()}
+    binary = tmp_path / "bin"
+    binary.mkdir()
+    for f in folder.iterdir():
+        if f.suffix != ".safetensors":
+            (binary / f.name).write_bytes(f.read_bytes())
+    torch.save(load_file(str(folder / "model.safetensors")), binary / "pytorch_model.bin")
+    host, _ = load_model(binary, torch.bfloat16, "cpu", quant="nf4", store="meta")
+    for name, t in _tensors(plain).items():
+        assert torch.equal(_tensors(host)[name], t), name
+    (folder / "model.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load_model(folder, torch.bfloat16, "cpu", store="meta")
 
 
 def test_a_classifier_head_is_drawn_where_it_would_be_and_kept_on_the_store(tiny_model_dir):
@@ -34,7 +63,8 @@ def test_a_classifier_head_is_drawn_where_it_would_be_and_kept_on_the_store(tiny
     torch.manual_seed(0)
     plain, _ = load_model(folder, torch.float32, "cpu", classifier=head)
     torch.manual_seed(0)
-    kept, _ = load_model(folder, torch.float32, "cpu", classifier=head, store="meta")
+    kept = build_model(AutoConfig.from_pretrained(folder), iter_safetensors(folder / "model.safetensors"),
+                       torch.float32, "cpu", str(folder), model_cls=type(plain), store="meta")
     assert kept.score.weight.is_meta and plain.score.weight.abs().sum() > 0
 
 
@@ -51,8 +81,9 @@ def test_models_fsdp_does_not_shard_are_refused_before_loading(tmp_path, tiny_mo
 
 def test_from_pretrained_fsdp(tiny_model_dir):
     folder = str(tiny_model_dir("llama"))
-    with pytest.raises(ConfigError, match="offload_lm_head"):
-        FastLanguageModel.from_pretrained(folder, fsdp=True, offload_lm_head=True)
+    for offload in ("offload_embedding", "offload_lm_head"):
+        with pytest.raises(ConfigError, match=f"fsdp=True shards .*{offload}=True"):
+            FastLanguageModel.from_pretrained(folder, fsdp=True, **{offload: True})
     model, _ = FastLanguageModel.from_pretrained(folder, fsdp=True)  # without a GPU: loaded as usual
     assert model.device.type == "cpu" and getattr(model, "fsdp_device", None) is None
 

@@ -32,6 +32,11 @@ def run(model_dir, out_dir, o):
                                                    load_in_8bit=o.get("load_in_8bit", False),
                                                    load_in_fp8=o.get("load_in_fp8", False),
                                                    fsdp=o.get("staged", False), **head)
+    if o.get("staged"):  # where this rank's loaded tensors are: on the meta device after rank 0
+        os.makedirs(out_dir, exist_ok=True)
+        tensors = [*model.parameters(), *model.buffers()]
+        with open(f"{out_dir}/load_rank{os.environ.get('RANK', '0')}.json", "w") as f:
+            json.dump({"meta": sum(t.is_meta for t in tensors), "tensors": len(tensors)}, f)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False))
     dpo = o.get("method") in ("dpo", "reward")

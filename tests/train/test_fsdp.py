@@ -62,6 +62,10 @@ CASES = {
     # a mixture of experts under DDP with TRL's load-balancing loss (weighted up so its share shows): each rank adds
     # its share / the step's micro-batches over all ranks, as DDP's average over ranks of TRL's / GA gives
     "ddp-moe-aux": {"fsdp": False, "checkpointing": False, "model": "qwen3_moe", "router_aux_loss_coef": 0.1},
+    # from_pretrained(fsdp=True): rank 1 builds the model on the meta device, rank 0 sends each part as it is sharded
+    # (NF4 storage and offsets, the trained head, the LoRA draws; NF4 expert stacks)
+    "staged-nf4": {"checkpointing": True, "load_in_4bit": True, "staged": True, "modules_to_save": ["lm_head"]},
+    "staged-moe-nf4": {"checkpointing": False, "model": "qwen3_moe", "load_in_4bit": True, "staged": True},
     # the first half of the resume test below
     "lm-head-to-save": {"modules_to_save": ["lm_head"]},
 }
@@ -124,6 +128,16 @@ def test_quantised_storage_is_sharded(fsdp_runs, case):
     assert held[0]["whole"] == held[1]["whole"] > 0
     assert sum(h["local"] for h in held) == held[0]["whole"]
     assert all(h["local"] <= held[0]["whole"] // 2 + 64 for h in held)
+
+
+@pytest.mark.parametrize("case", ["staged-nf4", "staged-moe-nf4"])
+def test_loaded_for_fsdp_rank_1_reads_no_weights(fsdp_runs, case):
+    """from_pretrained(fsdp=True) under torchrun: rank 1's model is all on the meta device until shard_model fills
+    it from rank 0 (whose losses then equal one process's: test_two_processes_equal_one)."""
+    _, root, _, _ = fsdp_runs
+    loaded = [json.loads((root / "two" / case / f"load_rank{r}.json").read_text()) for r in range(2)]
+    assert loaded[0]["meta"] == 0 and loaded[0]["tensors"] > 0
+    assert loaded[1] == {"meta": loaded[0]["tensors"], "tensors": loaded[0]["tensors"]}
 
 
 def test_sft_token_metrics_over_ranks_as_trl(fsdp_runs):
@@ -190,15 +204,15 @@ def test_fsdp_needs_torchrun(tiny_model_dir, tmp_path):
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1, fsdp=True))
 
 
-def test_move_outside_moves_all_but_the_layers(tiny_model_dir):
+def test_place_outside_moves_all_but_the_layers(tiny_model_dir):
     """shard_model's first move for a model loaded with fsdp=True: everything outside the decoder layers goes to the
     device (here the meta device, which nothing else uses), tied weights stay one Parameter, the layers stay."""
     from fasttune import FastLanguageModel
-    from fasttune.train.fsdp import move_outside
+    from fasttune.train.fsdp_staged import place_outside
 
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama", tie_word_embeddings=True)))
     layers = list(model.model.layers)
-    move_outside(model, layers, torch.device("meta"))
+    place_outside(model, layers, torch.device("meta"), fill=False)
     inside = {id(t) for layer in layers for t in (*layer.parameters(), *layer.buffers())}
     tensors = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     assert inside and all(t.is_meta != (id(t) in inside) for t in tensors.values())

@@ -14,8 +14,8 @@ import torch
 import torch.nn as nn
 
 from fasttune.errors import ConfigError, ModelLoadError
-from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, read_json,
-                                   torch_load)
+from fasttune.file_readers import (REDOWNLOAD, check_weight_files, iter_safetensors, meta_safetensors,
+                                   read_json, torch_load)
 from fasttune.models.config import MOE_FAMILIES, SUPPORTED_FAMILIES, ModelConfig, decoder_runs
 from fasttune.models.causal_lm import CausalLM
 from fasttune.models.sequence_classification import classifier_class, is_classification_config
@@ -438,8 +438,10 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     decoder, and every model when fast=False, load through transformers (+ PEFT later): a FallbackModel.
     `classifier`: None, or the sequence-classification head asked for ({"num_labels": ..., ...}, see
     models/sequence_classification.py's classifier_config); a checkpoint saved as a classifier loads as one too.
-    `store`: build_model's (the host for from_pretrained(fsdp=True)); ConfigError for the models that do not load
-    through build_model (vision-language models, the transformers fallback)."""
+    `store`: build_model's (the host for from_pretrained(fsdp=True)); "meta" builds the model from the safetensors
+    headers alone, on the meta device (a rank that receives its weights from rank 0: train/fsdp.py), or, for
+    checkpoints whose tensors must be read (pre-quantised, .bin), in host memory. ConfigError for the models that do
+    not load through build_model (vision-language models, the transformers fallback)."""
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"'{path}' is a file but not a .gguf; pass a model folder or a .gguf file.")
@@ -472,7 +474,13 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         return model, model.hf_config
     ModelConfig.from_hf(hf_config)  # unsupported settings fail here, before any tensor is read
     method, block = checkpoint_quantization(hf_config, path)
-    tensors = _iter_tensors(_weight_files(path))
+    files = _weight_files(path)
+    if store is not None and torch.device(store).type == "meta":
+        if method is None and all(f.suffix == ".safetensors" for f in files):  # shapes alone: rank 0 sends the data
+            tensors = (t for f in files for t in meta_safetensors(f))
+            return build_model(hf_config, tensors, dtype, "meta", str(path), quant, model_cls=model_cls), hf_config
+        store = "cpu"  # (a pre-quantised or .bin checkpoint: its tensors are read and kept in host memory)
+    tensors = _iter_tensors(files)
     if method == "mxfp4":
         tensors = mxfp4_tensors(tensors, dtype)
     elif method in ("fp8", "compressed-tensors"):  # (compressed-tensors stores the scale, not its inverse)

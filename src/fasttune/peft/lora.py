@@ -544,6 +544,8 @@ def reset_on(adapter: nn.Module, device) -> None:
     parameters staying where they are: a model loaded with from_pretrained(fsdp=True) waits in host memory, and its
     adapters start as they would on its GPU (CUDA's generator draws other values than the CPU's)."""
     own = [p for p in adapter._parameters.values() if p is not None]
+    if any(p.is_meta for p in own):
+        return  # a rank that receives its weights from rank 0 (from_pretrained(fsdp=True)): nothing to draw
     if device is None or all(p.device == device for p in own):
         adapter.reset_parameters()
         return

@@ -120,7 +120,10 @@ def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool =
         code2 = dynamic_map(flat.device)
         scaled2, nested_absmax = _blockwise(absmax - offset, 256)
         state.absmax = _nearest(scaled2, code2).to(torch.uint8)
-        state.nested_absmax, state.nested_code, state.offset = nested_absmax, code2, float(offset)
+        # (a shape-only quantisation on the meta device has no offset to read: the loading rank sends it, FSDP's
+        # train/fsdp.py fill)
+        state.nested_absmax, state.nested_code = nested_absmax, code2
+        state.offset = 0.0 if offset.is_meta else float(offset)
     return state
 
 

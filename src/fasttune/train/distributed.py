@@ -63,6 +63,12 @@ def local_device() -> torch.device | None:
     return None
 
 
+def launch_rank() -> int:
+    """This process's rank in a torchrun launch (torchrun's RANK), 0 when not distributed; readable before the
+    process group starts (from_pretrained(fsdp=True) loads on rank 0 only)."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
+
+
 _HOST_GROUPS: dict = {}
 
 

@@ -63,10 +63,13 @@ def check_fsdp(model, args, world: int, trainer_name: str):
 def shard_model(model):
     """fully_shard each decoder layer, then the root (embeddings, final norm, lm_head), in place. LoRA weights stay
     fp32 masters; forward/backward compute in the model's dtype; gradients are reduced in fp32. A model loaded with
-    from_pretrained(fsdp=True) (in host memory, `model.fsdp_device` naming its GPU) moves there as it is sharded:
-    the parts outside the decoder layers first, then each layer whole just before fully_shard keeps this rank's
-    shard of it, so the GPU's peak is the shards plus one layer."""
+    from_pretrained(fsdp=True) (`model.fsdp_device` naming its GPU; in host memory on rank 0, on the meta device on
+    the others) moves there as it is sharded: the parts outside the decoder layers first, then each layer whole
+    (rank 0 sending it to the others: fsdp_staged.py) just before fully_shard keeps this rank's shard of it, so the
+    GPU's peak is the shards plus one layer."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from fasttune.train.fsdp_staged import any_rank_on_meta, place, place_outside
 
     if is_sharded(model):
         return model  # a second trainer on the same model (e.g. a warm-up run): already sharded
@@ -75,12 +78,13 @@ def shard_model(model):
     # Mixed parameter dtypes (bf16 base, fp32 LoRA) all-gather in one dtype; fp32 models need no cast.
     policy = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
     layers = list(model.model.layers)
-    staged = getattr(model, "fsdp_device", None)  # from_pretrained(fsdp=True): the model waits in host memory
+    staged = getattr(model, "fsdp_device", None)  # from_pretrained(fsdp=True): not on its GPU yet
     if staged is not None:
-        move_outside(model, layers, staged)
+        fill = any_rank_on_meta(model, staged)
+        place_outside(model, layers, staged, fill)
     for layer in layers:
         if staged is not None:
-            layer.to(staged)  # one whole layer on the GPU at a time: fully_shard keeps this rank's shard of it
+            place(layer, staged, fill)  # one whole layer on the GPU at a time: fully_shard keeps this rank's shard
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     if staged is not None:
@@ -102,30 +106,6 @@ def shard_model(model):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the unsharded weights' memory back to the device (auto checkpointing reads it)
     return model
-
-
-def move_outside(model, layers: list, device) -> None:
-    """Move every tensor of CausalLM `model` that is not in one of `layers` (the embeddings, final norm, LM head, the
-    model's own tensors) to `device`, in place; tied weights stay tied, and a module's own .to() rules hold (a host
-    embedding stays in host memory)."""
-    inside = {id(m) for layer in layers for m in layer.modules()}
-
-    def visit(module):
-        for child in module.children():
-            if id(child) in inside:
-                continue
-            if any(id(m) in inside for m in child.modules()):
-                visit(child)  # a container of layers (the decoder): its other parts one by one
-            else:
-                child.to(device)
-        for p in module._parameters.values():
-            if p is not None:
-                p.data = p.data.to(device)
-        for name, b in module._buffers.items():
-            if b is not None:
-                module._buffers[name] = b.to(device)
-    visit(model)
-    model.tie_weights()  # (a move that cannot keep a Parameter's identity, e.g. to another kind of device, untied it)
 
 
 def shardable_quant_storage(model) -> int:
