@@ -168,4 +168,4 @@ def test_dora_with_fsdp_is_refused(tiny_model_dir, tmp_path):
 
     model, _ = _dora(tiny_model_dir("llama"), randomize=False)
     with pytest.raises(ConfigError, match="fsdp=True with DoRA"):
-        check_fsdp(model, SFTConfig(output_dir=str(tmp_path), fsdp=True), 2, "SFTTrainer")
+        check_fsdp(model, SFTConfig(output_dir=str(tmp_path), fsdp=True), 2, SFTTrainer)

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -229,3 +230,16 @@ def test_a_model_loaded_for_fsdp_needs_fsdp(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"from_pretrained\(fsdp=True\).*Set fsdp=True"):
         SFTTrainer(model=model, tokenizer=tok, train_dataset=[{"text": "abc"}],
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1))
+
+
+@pytest.mark.parametrize("name", ["GRPOTrainer", "RLOOTrainer", "GMPOTrainer", "A2POTrainer", "OnlineDPOTrainer",
+                                  "DistillationTrainer", "GKDTrainer", "IWOPDTrainer", "SDFTTrainer", "SDPOTrainer"])
+def test_trainers_that_sample_refuse_fsdp_by_name(name, tmp_path):
+    """Every trainer that samples completions inside its step (GRPO's loop and those built on it) is refused under
+    fsdp=True with its own name: a rank's generation runs its own number of forwards, which sharded layers cannot."""
+    import fasttune
+    from fasttune.errors import ConfigError
+    from fasttune.train.fsdp import check_fsdp
+
+    with pytest.raises(ConfigError, match=f"fsdp=True is not supported for {name}: its generation"):
+        check_fsdp(object(), SimpleNamespace(fsdp=True), 2, getattr(fasttune, name))

@@ -20,9 +20,11 @@ from fasttune.errors import ConfigError
 from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here  # noqa: F401
 
 
-def check_fsdp(model, args, world: int, trainer_name: str):
+def check_fsdp(model, args, world: int, trainer_cls: type):
     """ConfigError for combinations that cannot run sharded, and for a model loaded for FSDP (from_pretrained with
-    fsdp=True, still in host memory) given to a trainer without fsdp=True; called when the trainer is built."""
+    fsdp=True, still in host memory) given to a trainer without fsdp=True; called when the trainer (of class
+    `trainer_cls`) is built."""
+    trainer_name, lineage = trainer_cls.__name__, {c.__name__ for c in trainer_cls.__mro__}
     if not getattr(args, "fsdp", False):
         if getattr(model, "fsdp_device", None) is not None:
             raise ConfigError("The model was loaded with from_pretrained(fsdp=True): it waits in host memory for FSDP "
@@ -31,6 +33,10 @@ def check_fsdp(model, args, world: int, trainer_name: str):
         return
     from fasttune.models.causal_lm import CausalLM
 
+    if "GRPOTrainer" in lineage:  # GRPO and the trainers built on its sampling loop (RLOO, distillation, ...)
+        raise ConfigError(f"fsdp=True is not supported for {trainer_name}: its generation runs a different number of "
+                          f"forward passes on each rank, and sharded layers need all ranks in every forward. Set "
+                          f"fsdp=False.")
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
                           "process. Launch with `fasttune train --gpus N --fsdp ...` or `torchrun --nproc-per-node N "
@@ -55,9 +61,6 @@ def check_fsdp(model, args, world: int, trainer_name: str):
     if trainer_name == "KTOTrainer" and getattr(args, "loss_type", "kto") == "kto":
         raise ConfigError("fsdp=True is not supported for KTO with loss_type='kto' yet: its KL estimate runs a "
                           "different number of forward passes on each rank in a short step. Set fsdp=False.")
-    if trainer_name == "GRPOTrainer":
-        raise ConfigError("fsdp=True is not supported for GRPO: its generation runs a different number of forward "
-                          "passes on each rank, and sharded layers need all ranks in every forward. Set fsdp=False.")
 
 
 def shard_model(model):
