@@ -243,3 +243,14 @@ def test_trainers_that_sample_refuse_fsdp_by_name(name, tmp_path):
 
     with pytest.raises(ConfigError, match=f"fsdp=True is not supported for {name}: its generation"):
         check_fsdp(object(), SimpleNamespace(fsdp=True), 2, getattr(fasttune, name))
+
+
+@pytest.mark.parametrize("offload", ["offload_embedding", "offload_lm_head"])
+def test_weights_kept_in_host_memory_refuse_fsdp(offload, tiny_model_dir):
+    from fasttune import FastLanguageModel, SFTTrainer
+    from fasttune.errors import ConfigError
+    from fasttune.train.fsdp import check_fsdp
+
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), **{offload: True})
+    with pytest.raises(ConfigError, match=f"fsdp=True shards the model .*{offload}=True keeps a weight"):
+        check_fsdp(model, SimpleNamespace(fsdp=True), 2, SFTTrainer)

@@ -44,11 +44,14 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
     if not isinstance(model, CausalLM):
         raise ConfigError("fsdp=True needs fasttune's own decoder; this model runs through the transformers fallback. "
                           "Set fsdp=False (data-parallel: each GPU holds the whole model).")
+    from fasttune.models.host_embedding import HostEmbedding
     from fasttune.models.host_head import HostLMHead
 
-    if isinstance(model.lm_head, HostLMHead):
-        raise ConfigError("fsdp=True shards the LM head over the GPUs, but offload_lm_head=True keeps it in host "
-                          "memory; load without offload_lm_head (each GPU then holds only its shard of the head).")
+    for name, held in (("offload_lm_head", isinstance(model.lm_head, HostLMHead)),
+                       ("offload_embedding", isinstance(model.model.embed_tokens, HostEmbedding))):
+        if held:  # (FSDP would shard the host-held weight onto the GPUs, which neither option means)
+            raise ConfigError(f"fsdp=True shards the model over the GPUs, but {name}=True keeps a weight whole in "
+                              f"host memory; load without {name} (each GPU then holds only its shard).")
     from fasttune.peft.dora import DoraLinear
 
     if any(isinstance(m, DoraLinear) for m in model.modules()):
