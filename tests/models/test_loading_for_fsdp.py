@@ -35,8 +35,8 @@ def test_every_loaded_tensor_is_kept_on_the_store(quant, tiny_model_dir):
 
 def test_meta_store_builds_from_the_headers_alone(tiny_model_dir, tmp_path):
     """A rank after the first (store="meta"): the model built from the safetensors headers, every tensor on the meta
-    device; a .bin checkpoint cannot be read so, and is read and kept in host memory instead; a damaged header is
-    named."""
+    device; a .bin checkpoint or a GGUF cannot be read so, and is read and kept in host memory instead; a damaged
+    header is named."""
     folder = tiny_model_dir("llama")
     plain, _ = load_model(folder, torch.bfloat16, "cpu", quant="nf4")
     meta, _ = load_model(folder, torch.bfloat16, "cpu", quant="nf4", store="meta")
@@ -52,6 +52,14 @@ def test_meta_store_builds_from_the_headers_alone(tiny_model_dir, tmp_path):
     host, _ = load_model(binary, torch.bfloat16, "cpu", quant="nf4", store="meta")
     for name, t in _tensors(plain).items():
         assert torch.equal(_tensors(host)[name], t), name
+    from bpe_tokenizers import make_bpe_tokenizer
+    from tiny import hf_model, save_hf
+
+    save_hf(hf_model("llama", vocab_size=416), tmp_path / "g", make_bpe_tokenizer("gpt2"))
+    model, tok = FastLanguageModel.from_pretrained(str(tmp_path / "g"))
+    gguf = model.save_pretrained_gguf(tmp_path / "m.gguf", tok, quantization_method="f16", progress=False)
+    from_gguf, _ = load_model(gguf, torch.float32, "cpu", store="meta")  # (a GGUF is read: kept on the host)
+    assert all(t.device.type == "cpu" for t in _tensors(from_gguf).values())
     (folder / "model.safetensors").write_bytes(b"\xff" * 64)
     with pytest.raises(ModelLoadError, match="model.safetensors"):
         load_model(folder, torch.bfloat16, "cpu", store="meta")

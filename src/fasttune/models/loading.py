@@ -567,6 +567,8 @@ def _load_gguf(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     model_cls = classifier_class(hf_config, classifier, str(path), True)
     hf_config = with_architectures(hf_config)
     ModelConfig.from_hf(hf_config)
+    if store is not None and torch.device(store).type == "meta":
+        store = "cpu"  # (a GGUF's tensors are read and dequantised: kept in host memory, as load_model's .bin files)
     with torch.device("meta"):  # our parameter names are transformers' names
         names = {n: t.shape for n, t in CausalLM(hf_config).state_dict().items()}
     try:
