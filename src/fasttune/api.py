@@ -67,11 +67,12 @@ class FastLanguageModel:
         fsdp=True loads for SFTConfig(fsdp=True) (FSDP2 over a torchrun launch, FSDP-QLoRA with load_in_4bit): rank
         0 quantises each weight on its GPU as it arrives and keeps the model in host memory; the other ranks build
         it on the meta device from the checkpoint's headers (no weights read; pre-quantised, .bin and GGUF
-        checkpoints are read and kept in host memory by every rank). The trainer moves the model to the GPUs one decoder layer
-        at a time as it shards it, rank 0 sending each layer to the others, so no GPU ever holds the whole model (a
-        70B model in 4 bits, ~37 GiB, trains on GPUs of 24 GiB) and one copy waits in host memory. Outside a
-        torchrun launch on the CPU it loads as usual. ConfigError with offload_embedding / offload_lm_head, and for
-        vision-language models and the transformers fallback (fsdp=True does not shard them).
+        checkpoints are read and kept in host memory by every rank). The trainer moves the model to the GPUs one
+        decoder layer at a time as it shards it, rank 0 sending each layer to the others, so no GPU ever holds the
+        whole model (a 70B model in 4 bits, ~37 GiB, trains on GPUs of 24 GiB) and one copy waits in host memory.
+        Outside a torchrun launch on the CPU it loads as usual. ConfigError with offload_embedding /
+        offload_lm_head, and for vision-language models and the transformers fallback (fsdp=True does not shard
+        them).
 
         Sequence classifiers and reward models: auto_model=AutoModelForSequenceClassification (from transformers)
         with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as
@@ -89,10 +90,9 @@ class FastLanguageModel:
                               "load_in_fp8 for quantised ones; give one.")
         quant = _quant_type(load_in_4bit, load_in_8bit, full_finetuning, load_in_fp8)
         for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
-            if fsdp and on:
+            if on and fsdp:
                 raise ConfigError(f"fsdp=True shards the model over the GPUs, but {name}=True keeps a weight whole "
                                   f"in host memory; load without {name} (each GPU then holds only its shard).")
-        for name, on in (("offload_embedding", offload_embedding), ("offload_lm_head", offload_lm_head)):
             if on and full_finetuning:
                 raise ConfigError(f"{name}=True keeps a frozen weight in host memory, and full_finetuning=True trains "
                                   f"it; drop one of the two.")
