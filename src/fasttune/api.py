@@ -391,8 +391,8 @@ def _adapter_base(folder: Path, base: str) -> str:
 
     override = (f"Pass the base model yourself: `--model BASE --adapter {folder}` on the command line (generate, "
                 f"chat, export), or in Python `model, tokenizer = FastLanguageModel.from_pretrained(BASE)` then "
-                f"`tokenizer = fasttune.api.attach_adapter(model, tokenizer, '{folder}')`; or set base_model_name_or_path in "
-                f"{folder / CONFIG_NAME} to the base's path on this machine.")
+                f"`tokenizer = fasttune.api.attach_adapter(model, tokenizer, '{folder}')`; or set "
+                f"base_model_name_or_path in {folder / CONFIG_NAME} to the base's path on this machine.")
     if embedded_base_of(folder / WEIGHTS_NAME):
         try:
             return default_model_path()
