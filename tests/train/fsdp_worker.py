@@ -3,7 +3,8 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward"), kernels
+max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward" | "kto"),
+rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded).
@@ -16,8 +17,8 @@ import sys
 
 import torch
 
-from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, RewardConfig, RewardTrainer, SFTConfig,
-                      SFTTrainer)
+from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer,
+                      SFTConfig, SFTTrainer)
 
 
 def run(model_dir, out_dir, o):
@@ -39,8 +40,12 @@ def run(model_dir, out_dir, o):
             json.dump({"meta": sum(t.is_meta for t in tensors), "tensors": len(tensors)}, f)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False))
-    dpo = o.get("method") in ("dpo", "reward")
-    if dpo:
+    dpo = o.get("method") in ("dpo", "reward", "kto")
+    if o.get("method") == "kto":
+        from preference_oracle import unpaired_rows
+
+        rows, config, trainer_cls = unpaired_rows(o.get("rows", 24)), KTOConfig, KTOTrainer
+    elif dpo:
         from preference_oracle import pair_rows
 
         rows, config, trainer_cls = pair_rows(24), *((RewardConfig, RewardTrainer) if reward else

@@ -61,9 +61,6 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
     if model.dtype == torch.float16:
         raise ConfigError("fsdp=True does not support float16 weights (loss scaling over shards is not implemented). "
                           "Load the model in bfloat16 or float32 (dtype=...), or set fsdp=False.")
-    if trainer_name == "KTOTrainer" and getattr(args, "loss_type", "kto") == "kto":
-        raise ConfigError("fsdp=True is not supported for KTO with loss_type='kto' yet: its KL estimate runs a "
-                          "different number of forward passes on each rank in a short step. Set fsdp=False.")
 
 
 def shard_model(model):

@@ -288,6 +288,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         # every rank's micro-batches: TRL divides the MoE load-balancing loss by gradient_accumulation_steps and DDP
         # averages the ranks, where fasttune sums them
         self.step_micro_batches = len(full_group)
+        self.step_fillers = fillers
         self.prepare_step(host_group, across_ranks=True)
         total = self.dist.sum(sum(self.count_items(b) for b in host_group))
         num_items = int(total) if float(total).is_integer() else total  # (GRPO's shares of a generation's tokens)

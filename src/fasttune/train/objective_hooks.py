@@ -28,6 +28,9 @@ class ObjectiveHooks:
     only where micro_batch_loss is the plain SFT loss of {"input_ids", "attention_mask", "labels"}."""
     evaluates: bool = True
     """Whether evaluate() has a loss to report (GRPO: not yet)."""
+    step_fillers: int = 0
+    """Under FSDP, how many micro-batches this rank's share of the current step is short of the busiest rank's
+    (set by the loop before prepare_step; see there)."""
 
     def prepare(self, dataset) -> list[dict]:
         """Rows (datasets.Dataset, list of dicts or a file path) -> this objective's examples (dicts of token ids
@@ -84,7 +87,9 @@ class ObjectiveHooks:
         """Called with this rank's micro-batches of one optimizer step before any forward, as collated (on the
         host, so reading them costs no device sync), with across_ranks=True: objectives whose loss needs statistics
         of the whole accumulated batch (ORPO's token count, KTO's KL estimate) take them here, summed over the ranks
-        when across_ranks. An objective may call it itself with across_ranks=False (e.g. per eval batch)."""
+        when across_ranks. An objective may call it itself with across_ranks=False (e.g. per eval batch).
+        Under FSDP one whose statistics need forward passes runs `self.step_fillers` more of them (this rank's share
+        of the step is that many micro-batches short of the busiest rank's; every sharded forward needs all ranks)."""
 
     def collate_batch(self, examples: list[dict]) -> dict:
         """Examples -> one micro-batch of tensors (on the CPU; the loop moves it to the device)."""

@@ -169,6 +169,9 @@ class KTOTrainer(ReferenceSync, PreferenceTrainer):
             policy = self.logps(kl)
             parts.append((policy.sum(-1) - self.reference_logps(kl).sum(-1)).sum())
             start += n
+        for _ in range(self.step_fillers if across_ranks else 0):  # FSDP: as many KL passes as the busiest rank
+            filler = self.to_device(with_score_positions(self.collate_batch([self.train_examples[0]])))
+            self.logps(filler), self.reference_logps(filler)
         total, count = sum(host_values(parts)), len(prompts)  # one read for the step's KL passes
         if across_ranks:
             total, count = self.dist.sum(total), self.dist.sum(count)
