@@ -95,9 +95,3 @@ def test_from_pretrained_fsdp(tiny_model_dir):
     model, _ = FastLanguageModel.from_pretrained(folder, fsdp=True)  # without a GPU: loaded as usual
     assert model.device.type == "cpu" and getattr(model, "fsdp_device", None) is None
 
-
-def test_dora_on_a_model_loaded_for_fsdp_is_refused(tiny_model_dir):
-    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")))
-    model.fsdp_device = torch.device("cuda", 0)  # what from_pretrained(fsdp=True) marks on a GPU machine
-    with pytest.raises(ConfigError, match="use_dora=True .*fsdp=True"):
-        FastLanguageModel.get_peft_model(model, r=4, use_dora=True)

@@ -161,11 +161,3 @@ def test_dora_on_experts_is_refused(tiny_model_dir):
         FastLanguageModel.get_peft_model(model, r=4, use_dora=True)  # the default targets adapt the experts
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("qwen3_moe")))
     FastLanguageModel.get_peft_model(model, r=4, use_dora=True, target_modules=["q_proj", "v_proj"])
-
-
-def test_dora_with_fsdp_is_refused(tiny_model_dir, tmp_path):
-    from fasttune.train.fsdp import check_fsdp
-
-    model, _ = _dora(tiny_model_dir("llama"), randomize=False)
-    with pytest.raises(ConfigError, match="fsdp=True with DoRA"):
-        check_fsdp(model, SFTConfig(output_dir=str(tmp_path), fsdp=True), 2, SFTTrainer)

@@ -39,7 +39,8 @@ def run(model_dir, out_dir, o):
         with open(f"{out_dir}/load_rank{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump({"meta": sum(t.is_meta for t in tensors), "tensors": len(tensors)}, f)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
-                                             use_gradient_checkpointing=o.get("checkpointing", False))
+                                             use_gradient_checkpointing=o.get("checkpointing", False),
+                                             use_dora=o.get("use_dora", False))
     dpo = o.get("method") in ("dpo", "reward", "kto")
     if o.get("method") == "kto":
         from preference_oracle import unpaired_rows

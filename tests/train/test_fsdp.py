@@ -67,6 +67,10 @@ CASES = {
     # (NF4 storage and offsets, the trained head, the LoRA draws; NF4 expert stacks)
     "staged-nf4": {"checkpointing": True, "load_in_4bit": True, "staged": True, "modules_to_save": ["lm_head"]},
     "staged-moe-nf4": {"checkpointing": False, "model": "qwen3_moe", "load_in_4bit": True, "staged": True},
+    # DoRA: inside a layer's forward its weights are whole again (all-gathered), which the norm of W + BA reads;
+    # the magnitude vectors are sharded trainable parameters; NF4 base (the norm dequantises it)
+    "dora-nf4": {"checkpointing": True, "use_dora": True, "load_in_4bit": True},
+    "staged-dora": {"checkpointing": False, "use_dora": True, "staged": True},
     # the first half of the resume test below
     "lm-head-to-save": {"modules_to_save": ["lm_head"]},
 }
@@ -146,7 +150,7 @@ def test_quantised_storage_is_sharded(fsdp_runs, case):
     assert all(h["local"] <= held[0]["whole"] // 2 + 64 for h in held)
 
 
-@pytest.mark.parametrize("case", ["staged-nf4", "staged-moe-nf4"])
+@pytest.mark.parametrize("case", ["staged-nf4", "staged-moe-nf4", "staged-dora"])
 def test_loaded_for_fsdp_rank_1_reads_no_weights(fsdp_runs, case):
     """from_pretrained(fsdp=True) under torchrun: rank 1's model is all on the meta device until shard_model fills
     it from rank 0 (whose losses then equal one process's: test_two_processes_equal_one)."""

@@ -21,7 +21,7 @@ from fasttune.kernels.gemv import gemv, one_row_linears
 from fasttune.kernels.lora import lora_group
 from fasttune.kernels.transpose import swap_outer
 from fasttune.peft.dora import DoraLinear
-from fasttune.peft.lora_layer import LoraLinear, can_fuse, is_quantized  # noqa: F401 - re-exported
+from fasttune.peft.lora_layer import LoraLinear, can_fuse, init_lora_A, is_quantized  # noqa: F401 - re-exported
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # Qwen3.5's linear-attention (gated DeltaNet) projections that the defaults and the attention switch add where a
@@ -141,7 +141,7 @@ class ExpertLora(nn.Module):
     def reset_parameters(self):
         """PEFT's default init of the (E*r, in) lora_A: kaiming-uniform (a=sqrt(5)); lora_B zeros. Draws from torch's
         global generator."""
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_A(self.lora_A)
         nn.init.zeros_(self.lora_B)
 
     def factors(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -486,9 +486,6 @@ def apply_lora(model: nn.Module, settings: LoraSettings, seed: int | None = 3407
     validate_settings(settings)
     if any(isinstance(m, (LoraLinear, ExpertLora)) for m in model.modules()):
         raise ConfigError("This model already has LoRA adapters; call get_peft_model once per model.")
-    if settings.use_dora and getattr(model, "fsdp_device", None) is not None:
-        raise ConfigError("use_dora=True on a model loaded with from_pretrained(fsdp=True): fsdp=True training does "
-                          "not support DoRA yet. Use plain LoRA with fsdp, or load without fsdp=True for DoRA.")
     model.requires_grad_(False)
     _map_moe_targets(model, settings)
     validate_settings(settings)  # again: the MoE names may have become target_parameters (DoRA refuses those)
@@ -540,21 +537,15 @@ def _wrap_linear(model: nn.Module, name: str, settings: LoraSettings, key: str) 
 
 
 def reset_on(adapter: nn.Module, device) -> None:
-    """adapter.reset_parameters() with its random draw made on `device` (None: where its parameters are), the
+    """adapter.reset_parameters() with lora_A's random draw made on `device` (None: where the adapter is), the
     parameters staying where they are: a model loaded with from_pretrained(fsdp=True) waits in host memory, and its
-    adapters start as they would on its GPU (CUDA's generator draws other values than the CPU's)."""
-    own = [p for p in adapter._parameters.values() if p is not None]
-    if any(p.is_meta for p in own):
-        return  # a rank that receives its weights from rank 0 (from_pretrained(fsdp=True)): nothing to draw
-    if device is None or all(p.device == device for p in own):
-        adapter.reset_parameters()
-        return
-    home = [p.device for p in own]
-    for p in own:
-        p.data = p.data.to(device)
+    adapters start as they would on its GPU (CUDA's generator draws other values than the CPU's). lora_B starts at
+    zero, so nothing else depends on the draw (DoRA's magnitude is the base weight's norm)."""
     adapter.reset_parameters()
-    for p, where in zip(own, home):
-        p.data = p.data.to(where)
+    a = adapter.lora_A
+    if device is not None and not a.is_meta and a.device != torch.device(device):
+        # (a rank that receives its weights from rank 0 holds them on the meta device: nothing to draw there)
+        a.data.copy_(init_lora_A(torch.empty_like(a, device=device)))
 
 
 def savable_modules(model: nn.Module, modules) -> list[str]:

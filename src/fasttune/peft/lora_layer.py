@@ -11,6 +11,12 @@ import torch.nn as nn
 from fasttune.kernels.lora import fused_lora_enabled, lora_group
 
 
+def init_lora_A(t: torch.Tensor) -> torch.Tensor:
+    """PEFT's default init of a lora_A (r, in) (or a stack of them): kaiming-uniform with a=sqrt(5), in place, from
+    torch's global generator of t's device; with lora_B zero the adapter starts as the identity. Returns t."""
+    return nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
 class LoraLinear(nn.Module):
     """A frozen base Linear (or QuantLinear) plus a trainable low-rank update, as PEFT's lora.Linear: y = base(x) +
     scaling * dropout(x) @ A^T @ B^T, with lora_A (r, in_features) and lora_B (out_features, r) fp32 master weights cast
@@ -35,8 +41,7 @@ class LoraLinear(nn.Module):
     def reset_parameters(self):
         """PEFT's default init: lora_A kaiming-uniform (a=sqrt(5)), lora_B zeros, so the layer starts equal to its base.
         Draws from torch's global generator."""
-        # PEFT's default init: A ~ kaiming-uniform(a=sqrt(5)), B = 0, so the adapter starts as the identity.
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        init_lora_A(self.lora_A)
         nn.init.zeros_(self.lora_B)
 
     def delta_weight(self) -> torch.Tensor:

@@ -52,12 +52,6 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
         if held:  # (FSDP would shard the host-held weight onto the GPUs, which neither option means)
             raise ConfigError(f"fsdp=True shards the model over the GPUs, but {name}=True keeps a weight whole in "
                               f"host memory; load without {name} (each GPU then holds only its shard).")
-    from fasttune.peft.dora import DoraLinear
-
-    if any(isinstance(m, DoraLinear) for m in model.modules()):
-        raise ConfigError("fsdp=True with DoRA (use_dora=True) is not supported yet: the DoRA norm needs each layer's "
-                          "whole weight, which has not been tested with sharded layers. Use plain LoRA with fsdp, or "
-                          "DoRA without it.")
     if model.dtype == torch.float16:
         raise ConfigError("fsdp=True does not support float16 weights (loss scaling over shards is not implemented). "
                           "Load the model in bfloat16 or float32 (dtype=...), or set fsdp=False.")
