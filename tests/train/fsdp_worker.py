@@ -64,8 +64,8 @@ def run(model_dir, out_dir, o):
     trainer.train(resume_from_checkpoint=o.get("resume"))
     if o.get("fsdp") or trainer.dist.is_main:  # FSDP: a collective, rank 0 writes; DDP: rank 0 alone saves (two
         model.save_pretrained(f"{out_dir}/adapter")  # ranks writing the same folder would race)
-    if o.get("fsdp") and (o.get("load_in_4bit") or o.get("load_in_8bit")):  # this rank's share of the storage
-        from torch.distributed.tensor import DTensor
+    if o.get("fsdp") and (o.get("load_in_4bit") or o.get("load_in_8bit") or o.get("load_in_fp8")):
+        from torch.distributed.tensor import DTensor  # this rank's share of the quantised storage
 
         from fasttune.quant.experts import QuantExpertWeight
         from fasttune.quant.linear import QuantLinear
@@ -73,7 +73,8 @@ def run(model_dir, out_dir, o):
         held = {"local": 0, "whole": 0}
         for m in model.modules():
             if isinstance(m, (QuantLinear, QuantExpertWeight)):
-                for t in (m.packed, m.absmax) if m.quant_type == "nf4" else (m.qweight,):
+                for name in ("packed", "absmax") if m.quant_type == "nf4" else ("qweight",):
+                    t = m._parameters.get(name, m._buffers.get(name))  # (as held, not as read)
                     held["local"] += (t.to_local() if isinstance(t, DTensor) else t).numel()
                     held["whole"] += t.numel()
         with open(f"{out_dir}/quant_shards_rank{trainer.dist.rank}.json", "w") as f:

@@ -51,8 +51,9 @@ CASES = {
     "int8": {"checkpointing": False, "load_in_8bit": True},  # int8 weights sharded likewise
     # a mixture of experts in NF4 under FSDP: the stacked experts' NF4 storage sharded too
     "moe-nf4": {"checkpointing": True, "model": "qwen3_moe", "load_in_4bit": True},
-    # FP8 weights (load_in_fp8) are buffers too: replicated, multiplied on each rank as in one process
+    # FP8 weights (load_in_fp8) sharded as their bytes, read back as FP8 inside each layer's forward
     "recompute-on-fp8": {"checkpointing": True, "load_in_fp8": True},
+    "moe-fp8": {"checkpointing": False, "model": "qwen3_moe", "load_in_fp8": True},  # FP8 expert stacks likewise
     "dpo": {"checkpointing": True, "method": "dpo"},  # reference pass + policy pass per micro-batch
     # a sequence classifier: the score head (a module to save) in the root's shard group, no LM head
     "reward": {"checkpointing": True, "method": "reward"},
@@ -139,10 +140,10 @@ def test_kto_under_fsdp_equals_ddp(fsdp_runs):
     _assert_same_adapter(root / "two" / "kto-ddp", root / "two" / "kto-fsdp")
 
 
-@pytest.mark.parametrize("case", ["recompute-on-nf4-packing", "int8", "moe-nf4"])
+@pytest.mark.parametrize("case", ["recompute-on-nf4-packing", "int8", "moe-nf4", "recompute-on-fp8", "moe-fp8"])
 def test_quantised_storage_is_sharded(fsdp_runs, case):
-    """Each rank holds about half of the packed NF4 weights and block scales, or of the int8 weights (FSDP pads the
-    last shard)."""
+    """Each rank holds about half of the packed NF4 weights and block scales, or of the int8 / FP8 weights (FSDP pads
+    the last shard)."""
     _, root, _, _ = fsdp_runs
     held = [json.loads((root / "two" / case / f"quant_shards_rank{r}.json").read_text()) for r in range(2)]
     assert held[0]["whole"] == held[1]["whole"] > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from fasttune.kernels.fp8 import FP8
 from fasttune.quant import fp8_rows, int8, nf4
 
 QUANT_TYPES = ("nf4", "int8", "fp8")
@@ -33,7 +34,21 @@ class _DequantMatmul(torch.autograd.Function):
         return grad @ ctx.layer.dequantized_weight(grad.dtype), None
 
 
-class QuantLinear(nn.Module):
+class ByteHeldFP8:
+    """Mixin for a module whose FP8 weights `qweight` may be held as their bytes, a uint8 tensor of the same shape
+    (FSDP shards integer parameters as they are and would cast a floating one: train/fsdp.py's
+    shardable_quant_storage): reading `qweight` then gives the FP8 view of those bytes (no copy). A sharded
+    parameter (outside FSDP's forward) reads as it is held."""
+
+    def __getattr__(self, name: str):
+        value = super().__getattr__(name)
+        if name == "qweight" and value is not None and value.dtype == torch.uint8 and \
+                self.__dict__.get("quant_type") == "fp8" and not hasattr(value, "device_mesh"):
+            return value.view(FP8)
+        return value
+
+
+class QuantLinear(ByteHeldFP8, nn.Module):
     """A frozen Linear (bias optional) whose weight is an NF4State or Int8State, dequantised to `compute_dtype`
     on each use, or an FP8State, multiplied in FP8. x (..., in_features) -> (..., out_features) in x's dtype. The
     bias is not trained."""

@@ -8,8 +8,8 @@ optimizer holds only this rank's shard, and checkpoints/adapters hold full tenso
 or without FSDP. NF4 and int8 weights (integer storage held as buffers, which fully_shard leaves whole) become frozen
 parameters first (shardable_quant_storage), so they are sharded too, as in FSDP-QLoRA: each rank keeps its share of
 the packed NF4 weights and their 8-bit block scales (int8: of the int8 weights) and all-gathers a layer's before it
-runs (NF4 expert stacks too). FP8 weights (a floating dtype the mixed-precision policy would cast) and the small fp32
-scales stay whole on every rank.
+runs (NF4 expert stacks too); FP8 weights likewise, held as their bytes (the mixed-precision policy would cast a
+floating parameter). The small fp32 scales stay whole on every rank.
 """
 from __future__ import annotations
 
@@ -106,28 +106,31 @@ def shard_model(model):
 
 
 def shardable_quant_storage(model) -> int:
-    """Make the integer storage of `model`'s quantised Linears and NF4 expert stacks (QuantLinear, QuantExpertWeight:
-    NF4's packed weights and 8-bit block scales, int8's weights) frozen nn.Parameters instead of buffers, in place,
-    so that fully_shard shards them (it shards parameters only; FSDP2 does not cast integer parameters and
-    all-gathers a group of mixed dtypes as bytes).
-    Floating-point storage stays a buffer: the mixed-precision policy would cast it. Inside a layer's forward and
-    backward the module then holds the whole tensors again (FSDP2's all-gather), which is all QuantLinear reads.
-    Returns the number of tensors changed."""
+    """Make the storage of `model`'s quantised Linears and expert stacks (QuantLinear, QuantExpertWeight: NF4's
+    packed weights and 8-bit block scales, int8's weights, FP8's weights held as their bytes) frozen nn.Parameters
+    instead of buffers, in place, so that fully_shard shards them (it shards parameters only; FSDP2 does not cast
+    integer parameters and all-gathers a group of mixed dtypes as bytes). FP8 weights become uint8 Parameters of
+    the same shape, read back as FP8 (quant/linear.py's ByteHeldFP8): a floating parameter would be cast by the
+    mixed-precision policy. Floating-point scales stay buffers (small; the policy would cast them too).
+    Inside a layer's forward and backward the module then holds the whole tensors again (FSDP2's all-gather), which
+    is all the layers read. Returns the number of tensors changed."""
     from torch import nn
 
     from fasttune.quant.experts import QuantExpertWeight
     from fasttune.quant.linear import QuantLinear
 
+    names = {"nf4": ("packed", "absmax"), "int8": ("qweight",), "fp8": ("qweight",)}
     changed = 0
     for module in model.modules():
-        if not isinstance(module, (QuantLinear, QuantExpertWeight)) or module.quant_type not in ("nf4", "int8"):
+        if not isinstance(module, (QuantLinear, QuantExpertWeight)) or module.quant_type not in names:
             continue
-        for name in ("packed", "absmax") if module.quant_type == "nf4" else ("qweight",):
+        for name in names[module.quant_type]:
             t = module._buffers.get(name)
-            if t is None or t.is_floating_point():  # (an NF4 absmax without double quantisation is fp32)
-                continue
+            if t is None or (t.is_floating_point() and module.quant_type != "fp8"):
+                continue  # (an NF4 absmax without double quantisation is fp32)
             del module._buffers[name]
-            module.register_parameter(name, nn.Parameter(t, requires_grad=False))
+            held = t.view(torch.uint8) if module.quant_type == "fp8" else t
+            module.register_parameter(name, nn.Parameter(held, requires_grad=False))
             changed += 1
     return changed
 
