@@ -60,8 +60,9 @@ def test_shard_model_moves_a_host_model_to_the_gpu(tiny_model_dir):
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
-def test_two_gpus_train_alike_loaded_either_way(tiny_model_dir, tmp_path):
-    runs = [(str(tmp_path / name), {"fsdp": True, "grad_accum": 1, "load_in_4bit": True, "dtype": "bfloat16",
+@pytest.mark.parametrize("quant", ["load_in_4bit", "load_in_fp8"])  # (FP8: sharded as uint8 bytes over NCCL)
+def test_two_gpus_train_alike_loaded_either_way(quant, tiny_model_dir, tmp_path):
+    runs = [(str(tmp_path / name), {"fsdp": True, "grad_accum": 1, quant: True, "dtype": "bfloat16",
                                     "staged": name == "staged"}) for name in ("staged", "plain")]
     proc = _torchrun(2, str(TESTS / "train" / "fsdp_worker.py"), str(tiny_model_dir("llama")), json.dumps(runs))
     assert proc.returncode == 0, proc.stderr[-3000:]
