@@ -274,3 +274,18 @@ def test_weights_kept_in_host_memory_refuse_fsdp(offload, tiny_model_dir):
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), **{offload: True})
     with pytest.raises(ConfigError, match=f"fsdp=True shards the model .*{offload}=True keeps a weight"):
         check_fsdp(model, SimpleNamespace(fsdp=True), 2, SFTTrainer)
+
+
+def test_quantised_storage_stays_whole_where_torch_cannot_shard_integers(tiny_model_dir, monkeypatch):
+    """Before torch 2.13 fully_shard fails on integer parameters (pytorch/pytorch#177844): the storage then stays in
+    buffers (whole on every rank) with a warning naming the upgrade, instead of a crash in fully_shard."""
+    from fasttune import FastLanguageModel
+    from fasttune.train.fsdp import integer_params_shardable, shardable_quant_storage
+
+    assert integer_params_shardable()  # (CI's torch)
+    model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), load_in_4bit=True)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    assert not integer_params_shardable()
+    with pytest.warns(UserWarning, match=r"torch 2.11.0\+cu130: FSDP2 cannot shard integer parameters"):
+        assert shardable_quant_storage(model) == 0
+    assert not any(p.dtype == torch.uint8 for p in model.parameters())  # (all still buffers)

@@ -13,6 +13,8 @@ floating parameter). The small fp32 scales stay whole on every rank.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from fasttune.errors import ConfigError
@@ -113,16 +115,23 @@ def shardable_quant_storage(model) -> int:
     the same shape, read back as FP8 (quant/linear.py's ByteHeldFP8): a floating parameter would be cast by the
     mixed-precision policy. Floating-point scales stay buffers (small; the policy would cast them too).
     Inside a layer's forward and backward the module then holds the whole tensors again (FSDP2's all-gather), which
-    is all the layers read. Returns the number of tensors changed."""
+    is all the layers read. Returns the number of tensors changed; 0, with a warning, on a torch whose fully_shard
+    cannot take integer parameters (integer_params_shardable): the storage then stays whole on every rank."""
     from torch import nn
 
     from fasttune.quant.experts import QuantExpertWeight
     from fasttune.quant.linear import QuantLinear
 
     names = {"nf4": ("packed", "absmax"), "int8": ("qweight",), "fp8": ("qweight",)}
+    quantised = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExpertWeight))]
+    if quantised and not integer_params_shardable():
+        warnings.warn(f"torch {torch.__version__}: FSDP2 cannot shard integer parameters before torch 2.13 "
+                      f"(pytorch/pytorch#177844), so the quantised weights stay whole on every GPU (the 16-bit ones and "
+                      f"LoRA are sharded). Upgrade torch to shard them too.")
+        return 0
     changed = 0
-    for module in model.modules():
-        if not isinstance(module, (QuantLinear, QuantExpertWeight)) or module.quant_type not in names:
+    for module in quantised:
+        if module.quant_type not in names:
             continue
         for name in names[module.quant_type]:
             t = module._buffers.get(name)
@@ -133,6 +142,14 @@ def shardable_quant_storage(model) -> int:
             module.register_parameter(name, nn.Parameter(held, requires_grad=False))
             changed += 1
     return changed
+
+
+def integer_params_shardable() -> bool:
+    """Whether this torch's fully_shard takes parameters of integer dtype: before 2.13 it made each sharded parameter
+    require gradients before copying the flag, which an integer tensor cannot (pytorch/pytorch#177844)."""
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(torch.__version__) >= "2.13"
 
 
 def full_optimizer_state(optimizer, keep: bool) -> dict | None:
