@@ -72,6 +72,9 @@ CASES = {
     # the magnitude vectors are sharded trainable parameters; NF4 base (the norm dequantises it)
     "dora-nf4": {"checkpointing": True, "use_dora": True, "load_in_4bit": True},
     "staged-dora": {"checkpointing": False, "use_dora": True, "staged": True},
+    # float16 weights: the loss scaled (GradScaler), each rank unscaling its shards; a step is skipped on every rank
+    # together, since the trainer's non-finite check reads the global gradient norm
+    "fp16": {"checkpointing": True, "dtype": "float16"},
     # the first half of the resume test below
     "lm-head-to-save": {"modules_to_save": ["lm_head"]},
 }

@@ -54,9 +54,6 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
         if held:  # (FSDP would shard the host-held weight onto the GPUs, which neither option means)
             raise ConfigError(f"fsdp=True shards the model over the GPUs, but {name}=True keeps a weight whole in "
                               f"host memory; load without {name} (each GPU then holds only its shard).")
-    if model.dtype == torch.float16:
-        raise ConfigError("fsdp=True does not support float16 weights (loss scaling over shards is not implemented). "
-                          "Load the model in bfloat16 or float32 (dtype=...), or set fsdp=False.")
 
 
 def shard_model(model):
