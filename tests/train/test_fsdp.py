@@ -72,6 +72,7 @@ CASES = {
     # the magnitude vectors are sharded trainable parameters; NF4 base (the norm dequantises it)
     "dora-nf4": {"checkpointing": True, "use_dora": True, "load_in_4bit": True},
     "staged-dora": {"checkpointing": False, "use_dora": True, "staged": True},
+    "staged-reward": {"checkpointing": True, "method": "reward", "staged": True},  # a classifier: its new score head
     # float16 weights: the loss scaled (GradScaler), each rank unscaling its shards; a step is skipped on every rank
     # together, since the trainer's non-finite check reads the global gradient norm
     "fp16": {"checkpointing": True, "dtype": "float16"},
@@ -154,7 +155,7 @@ def test_quantised_storage_is_sharded(fsdp_runs, case):
     assert all(h["local"] <= held[0]["whole"] // 2 + 64 for h in held)
 
 
-@pytest.mark.parametrize("case", ["staged-nf4", "staged-moe-nf4", "staged-dora"])
+@pytest.mark.parametrize("case", ["staged-nf4", "staged-moe-nf4", "staged-dora", "staged-reward"])
 def test_loaded_for_fsdp_rank_1_reads_no_weights(fsdp_runs, case):
     """from_pretrained(fsdp=True) under torchrun: rank 1's model is all on the meta device until shard_model fills
     it from rank 0 (whose losses then equal one process's: test_two_processes_equal_one)."""
