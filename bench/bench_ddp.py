@@ -9,7 +9,12 @@ pre-tokenized learnable rows of `--seq` tokens. Usage on a 2-GPU machine:
     python bench/bench_ddp.py --gpus 2 --only-fsdp --meta-init --shape llama-3.1-70b   # larger than one GPU
 
 `--fsdp` builds the model like the other runs (whole, on each GPU) and then shards it, so its losses must match
-theirs. `--meta-init` builds it on the meta device instead, shards it and materialises only this rank's shards
+theirs. `--load-dir DIR` loads a saved model folder instead, with from_pretrained(fsdp=True) under --fsdp (rank 0
+reads it into host memory, the others build on the meta device; each layer moves to the GPUs as it is sharded), and
+reports the GPU peak while loading and each rank's peak host memory; `--write-model` first writes a random model of
+`--shape` there (16-bit safetensors):
+
+    python bench/bench_ddp.py --gpus 2 --only-fsdp --quant nf4 --load-dir /tmp/m8b --write-model `--meta-init` builds it on the meta device instead, shards it and materialises only this rank's shards
 with random values (per-rank seeds): a model larger than one GPU fits, but its losses are not comparable.
 """
 from __future__ import annotations
@@ -89,7 +94,11 @@ def worker(a):
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # before building: each rank on its own GPU
     data = rows(256, SHAPES[a.shape]["vocab_size"], a.seq, a.seq + 1)
-    model = build_sharded(a.shape, device) if a.meta_init else build(a.shape, device, a.quant)
+    load = {}
+    if a.load_dir:
+        model, load = loaded(a, cuda)
+    else:
+        model = build_sharded(a.shape, device) if a.meta_init else build(a.shape, device, a.quant)
     from fasttune.api import set_gradient_checkpointing
 
     set_gradient_checkpointing(model, {"on": True, "off": False}.get(a.gc, a.gc))
@@ -104,6 +113,7 @@ def worker(a):
                 torch.cuda.reset_peak_memory_stats()
             results[name] = (trainer.train(), [h["loss"] for h in trainer.log_history])
     metrics, losses = results["timed"]
+    host = trainer.dist.gather(load.get("host_peak_gib"))
     if trainer.dist.is_main:
         import transformers
 
@@ -114,8 +124,52 @@ def worker(a):
                           "tokens_per_second": round(metrics["train_tokens_per_second"], 1),
                           "peak_gib_rank0": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
                           "losses": losses, "card": torch.cuda.get_device_name() if cuda else "cpu",
+                          **({"load_dir": a.load_dir, "load_peak_gib_rank0": load["gpu_peak_gib"],
+                              "load_host_peak_gib": host} if a.load_dir else {}),
                           "torch": torch.__version__,
                           "transformers": transformers.__version__, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+
+
+def loaded(a, cuda: bool):
+    """(model with LoRA r16, {"gpu_peak_gib", "host_peak_gib"}) from --load-dir, loaded with fsdp=True under --fsdp:
+    this rank's GPU peak while loading and its peak host memory (resident set) so far."""
+    import resource
+
+    import torch
+
+    from fasttune.api import FastLanguageModel
+
+    model, _ = FastLanguageModel.from_pretrained(a.load_dir, load_in_4bit=a.quant == "nf4", fsdp=a.fsdp,
+                                                 dtype="bfloat16" if cuda else "float32")
+    model = FastLanguageModel.get_peft_model(model, r=16, lora_alpha=16)
+    gpu = round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None
+    host = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)  # (KiB on Linux)
+    return model, {"gpu_peak_gib": gpu, "host_peak_gib": host}
+
+
+def write_model(shape: str, folder: str):
+    """A random model of `shape` saved to `folder` as transformers' files (config.json, 16-bit safetensors), built on
+    the CPU (~2 bytes a weight of host memory)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from fasttune.models.causal_lm import CausalLM
+
+    cfg = shape_config(shape)
+    torch.manual_seed(0)
+    torch.set_default_dtype(torch.bfloat16)
+    model = CausalLM(cfg)
+    torch.set_default_dtype(torch.float32)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.02)
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(folder)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if getattr(cfg, "tie_word_embeddings", False):
+        state.pop("lm_head.weight")  # (tied: the embedding's)
+    save_file(state, str(Path(folder) / "model.safetensors"))
 
 
 def main():
@@ -133,6 +187,8 @@ def main():
                     help="FSDP: build on the meta device and materialise only each rank's shards (random values)")
     ap.add_argument("--quant", default="none", choices=["none", "nf4"],
                     help="nf4: the base quantised (QLoRA; under --fsdp its NF4 storage is sharded too)")
+    ap.add_argument("--load-dir", default=None, help="load this model folder (with fsdp=True under --fsdp)")
+    ap.add_argument("--write-model", action="store_true", help="first write a random --shape model to --load-dir")
     ap.add_argument("--worker", action="store_true")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "ddp.jsonl"))
     a = ap.parse_args()
@@ -142,14 +198,20 @@ def main():
         ap.error("--meta-init builds a bf16 base; --quant nf4 needs the whole model built first")
     if a.shape == "llama-3.1-70b" and not a.worker and not (a.only_fsdp and a.meta_init):
         ap.error("--shape llama-3.1-70b fits no single GPU: use it with --only-fsdp --meta-init")
+    if a.load_dir and a.meta_init:
+        ap.error("--load-dir loads real weights; --meta-init builds random ones")
     if a.worker:
         return worker(a)
+    if a.write_model:
+        if not a.load_dir:
+            ap.error("--write-model writes to --load-dir; give it")
+        write_model(a.shape, a.load_dir)
     rows_out = []
     for gpus, ga, fsdp in launches(a):  # the same global batch every way
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus}", __file__,
                "--worker", "--shape", a.shape, "--seq", str(a.seq), "--bs", str(a.bs), "--steps", str(a.steps),
                "--grad-accum", str(ga), "--gc", a.gc, "--quant", a.quant] + (["--fsdp"] if fsdp else []) + (
-               ["--meta-init"] if fsdp and a.meta_init else [])
+               ["--meta-init"] if fsdp and a.meta_init else []) + (["--load-dir", a.load_dir] if a.load_dir else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(f"FAILED gpus={gpus} fsdp={fsdp}:\n{proc.stderr[-3000:]}", flush=True)
