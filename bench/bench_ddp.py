@@ -14,8 +14,10 @@ reads it into host memory, the others build on the meta device; each layer moves
 reports the GPU peak while loading and each rank's peak host memory; `--write-model` first writes a random model of
 `--shape` there (16-bit safetensors):
 
-    python bench/bench_ddp.py --gpus 2 --only-fsdp --quant nf4 --load-dir /tmp/m8b --write-model `--meta-init` builds it on the meta device instead, shards it and materialises only this rank's shards
-with random values (per-rank seeds): a model larger than one GPU fits, but its losses are not comparable.
+    python bench/bench_ddp.py --gpus 2 --only-fsdp --quant nf4 --load-dir /tmp/m8b --write-model
+
+`--meta-init` builds it on the meta device instead, shards it and materialises only this rank's shards with random
+values (per-rank seeds): a model larger than one GPU fits, but its losses are not comparable.
 """
 from __future__ import annotations
 
