@@ -3,7 +3,8 @@ torchrun without fsdp) DDP.
 
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
-max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward" | "kto"),
+max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward" | "kto" |
+"grpo"),
 rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
@@ -17,8 +18,14 @@ import sys
 
 import torch
 
-from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, KTOConfig, KTOTrainer, RewardConfig, RewardTrainer,
-                      SFTConfig, SFTTrainer)
+from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer,
+                      RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
+
+
+def _distinct(completions, **_):
+    """GRPO's reward in the "grpo" runs: the completion's number of distinct characters (completions of one length
+    still differ, so the advantages are not all 0)."""
+    return [float(len(set(c))) for c in completions]
 
 
 def run(model_dir, out_dir, o):
@@ -54,13 +61,22 @@ def run(model_dir, out_dir, o):
     else:
         rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
         config, trainer_cls = SFTConfig, SFTTrainer
-    args = config(output_dir=out_dir, per_device_train_batch_size=o.get("batch", 2),
-                  gradient_accumulation_steps=o["grad_accum"],
-                  learning_rate=1e-2, max_steps=o.get("max_steps", 5), save_steps=3, logging_steps=1,
-                  fsdp=o.get("fsdp", False), packing=o.get("packing", False),
-                  **({} if dpo else {"max_seq_length": 48}),
-                  **({"router_aux_loss_coef": o["router_aux_loss_coef"]} if "router_aux_loss_coef" in o else {}))
-    trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
+    if o.get("method") == "grpo":  # groups of 2 sampled completions (each rank's stop at their own lengths)
+        args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=2,
+                          gradient_accumulation_steps=o["grad_accum"], max_completion_length=6, learning_rate=1e-2,
+                          max_steps=o.get("max_steps", 3), logging_steps=1, shuffle=False, beta=0.1,
+                          fsdp=o.get("fsdp", False), eval_strategy="no", per_device_eval_batch_size=2)
+        trainer = GRPOTrainer(model, reward_funcs=[_distinct], args=args, processing_class=tok,
+                              train_dataset=[{"prompt": f"question {i} a b"} for i in range(8)],
+                              eval_dataset=[{"prompt": f"check {i} c"} for i in range(3)])  # (3 batches: 2 + 1)
+    else:
+        args = config(output_dir=out_dir, per_device_train_batch_size=o.get("batch", 2),
+                      gradient_accumulation_steps=o["grad_accum"],
+                      learning_rate=1e-2, max_steps=o.get("max_steps", 5), save_steps=3, logging_steps=1,
+                      fsdp=o.get("fsdp", False), packing=o.get("packing", False),
+                      **({} if dpo else {"max_seq_length": 48}),
+                      **({"router_aux_loss_coef": o["router_aux_loss_coef"]} if "router_aux_loss_coef" in o else {}))
+        trainer = trainer_cls(model=model, tokenizer=tok, train_dataset=rows, args=args)
     trainer.train(resume_from_checkpoint=o.get("resume"))
     if o.get("fsdp") or trainer.dist.is_main:  # FSDP: a collective, rank 0 writes; DDP: rank 0 alone saves (two
         model.save_pretrained(f"{out_dir}/adapter")  # ranks writing the same folder would race)
@@ -79,7 +95,13 @@ def run(model_dir, out_dir, o):
                     held["whole"] += t.numel()
         with open(f"{out_dir}/quant_shards_rank{trainer.dist.rank}.json", "w") as f:
             json.dump(held, f)
-    return trainer.dist.is_main, [h["loss"] for h in trainer.log_history]
+    losses = [h["loss"] for h in trainer.log_history if "loss" in h]
+    if o.get("method") == "grpo":  # what was sampled and scored, step by step, and an evaluation split 2 + 1
+        evaluated = trainer.evaluate()
+        if trainer.dist.is_main:
+            with open(f"{out_dir}/grpo_log.json", "w") as f:
+                json.dump({"log": trainer.log_history, "eval": evaluated}, f)
+    return trainer.dist.is_main, losses
 
 
 def main(model_dir, runs):

@@ -14,6 +14,7 @@ floating parameter). The small fp32 scales stay whole on every rank.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import torch
 
@@ -35,9 +36,9 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
         return
     from fasttune.models.causal_lm import CausalLM
 
-    if "GRPOTrainer" in lineage:  # GRPO and the trainers built on its sampling loop (RLOO, distillation, ...)
-        raise ConfigError(f"fsdp=True is not supported for {trainer_name}: its generation runs a different number of "
-                          f"forward passes on each rank, and sharded layers need all ranks in every forward. Set "
+    if "GRPOTrainer" in lineage and trainer_name != "GRPOTrainer":  # those built on GRPO's loop (RLOO, GKD, ...)
+        raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPOTrainer's sampling runs with the "
+                          f"model gathered on every rank; {trainer_name}'s other passes are untested sharded). Set "
                           f"fsdp=False.")
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
@@ -123,8 +124,8 @@ def shardable_quant_storage(model) -> int:
     quantised = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExpertWeight))]
     if quantised and not integer_params_shardable():
         warnings.warn(f"torch {torch.__version__}: FSDP2 cannot shard integer parameters before torch 2.13 "
-                      f"(pytorch/pytorch#177844), so the quantised weights stay whole on every GPU (the 16-bit ones and "
-                      f"LoRA are sharded). Upgrade torch to shard them too.")
+                      f"(pytorch/pytorch#177844), so the quantised weights stay whole on every GPU (the 16-bit ones "
+                      f"and LoRA are sharded). Upgrade torch to shard them too.")
         return 0
     changed = 0
     for module in quantised:
@@ -139,6 +140,39 @@ def shardable_quant_storage(model) -> int:
             module.register_parameter(name, nn.Parameter(held, requires_grad=False))
             changed += 1
     return changed
+
+
+@contextmanager
+def unsharded(model):
+    """Every FSDP module of `model` all-gathered for the block and kept whole through its forwards (each rank holds
+    the whole model meanwhile, as TRL's unwrap_model_for_generation gathers it), so that the forwards inside need no
+    collectives and each rank may run as many as its own work needs (GRPO's sampling: each rank's completions stop
+    at their own lengths); resharded after. Entering and leaving are collectives (every rank must). Nested, the
+    outermost block does the work (GRPO's evaluation around its rollouts). Nothing for a model that is not sharded."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if model.__dict__.get("_unsharded_depth", 0):
+        model._unsharded_depth += 1
+        try:
+            yield
+        finally:
+            model._unsharded_depth -= 1
+        return
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    layers = [m for m in modules if m is not model]  # (the root never reshards after forward: FSDP's rule)
+    for m in layers:
+        m.set_reshard_after_forward(False, recurse=False)
+    for m in modules:
+        m.unshard()
+    model._unsharded_depth = 1
+    try:
+        yield
+    finally:
+        model._unsharded_depth = 0
+        for m in modules:
+            m.reshard()
+        for m in layers:
+            m.set_reshard_after_forward(True, recurse=False)
 
 
 def integer_params_shardable() -> bool:

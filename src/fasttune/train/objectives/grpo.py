@@ -10,6 +10,7 @@ the reward functions' scoring in grpo_rewards.py, the entropy bonus in grpo_entr
 from __future__ import annotations
 
 import os
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ from fasttune.data.sources import load_rows, source_name
 from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, require_processor, row_images,
                                          with_image_payloads)
 from fasttune.errors import ConfigError, DataError
+from fasttune.train.fsdp import is_sharded, unsharded
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
@@ -343,16 +345,11 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         self._metrics, self._ratios = metric_windows()
         was_training = self.model.training
         self.model.eval()
-        losses = []
         try:
-            # under torchrun each rank samples every world-th batch; losses and metrics are gathered
-            for i in range(per_batch * self.dist.rank, len(prompts), per_batch * self.dist.world):
-                group = [ex for ex in prompts[i:i + per_batch] for _ in range(n)]
-                batch = self.rollout(group, [len(group)], self.args.seed + 7_000_003 + i, n)[0]
-                batch = self.to_device(batch)
-                loss, _ = self.micro_batch_loss(batch, self.count_items(batch))
-                losses.append(loss)
-                self.callbacks.fire("on_prediction_step")
+            # under torchrun each rank samples every world-th batch; losses and metrics are gathered (FSDP: with the
+            # model gathered on every rank for the whole pass, whose ranks run different numbers of batches)
+            with unsharded(self.model) if is_sharded(self.model) else nullcontext():
+                losses = self._evaluation_batches(prompts, per_batch, n)
             rollouts = self.step_metrics(across_ranks=True)
         finally:
             self.model.train(was_training)
@@ -360,6 +357,18 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         losses = [x for part in self.dist.gather(host_values(losses)) for x in part]
         metrics = {"loss": float(sum(losses)) / len(losses), **rollouts}
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+
+    def _evaluation_batches(self, prompts: list[dict], per_batch: int, n: int) -> list:
+        """This rank's share of evaluation_pass's batches (every world-th): their losses (device scalars)."""
+        losses = []
+        for i in range(per_batch * self.dist.rank, len(prompts), per_batch * self.dist.world):
+            group = [ex for ex in prompts[i:i + per_batch] for _ in range(n)]
+            batch = self.rollout(group, [len(group)], self.args.seed + 7_000_003 + i, n)[0]
+            batch = self.to_device(batch)
+            loss, _ = self.micro_batch_loss(batch, self.count_items(batch))
+            losses.append(loss)
+            self.callbacks.fire("on_prediction_step")
+        return losses
 
     # --- the loss ----------------------------------------------------------------------------------------------
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, float]:

@@ -5,6 +5,8 @@ which one generation batch may feed over several optimizer steps (steps_per_gene
 (num_iterations)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import torch
 
 from fasttune.data.vision_prompts import prompt_media
@@ -13,6 +15,7 @@ from fasttune.train.objectives.grpo_environments import reset_rollouts
 from fasttune.train.objectives.grpo_loss import group_advantages
 from fasttune.train.objectives.grpo_rollout_func import custom_rollout
 from fasttune.train.objectives.grpo_tools import ToolTurns, tool_turns
+from fasttune.train.fsdp import is_sharded, unsharded
 from fasttune.train.objectives.reference import score_positions
 
 # Under torchrun each rank samples its own share of a step: with its own seed, so that a group split over ranks
@@ -114,6 +117,12 @@ class Rollouts:
         examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score). A
         prompt's images and videos are decoded once for both sampling and scoring (kept for this rollout only)."""
         self._decoded_media = {}
+        with unsharded(self.model) if is_sharded(self.model) else nullcontext():  # (FSDP: see unsharded)
+            return self._rollout(examples, sizes, seed, group, across_ranks)
+
+    def _rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None,
+                 across_ranks: bool) -> list[dict]:
+        """rollout's work (see there)."""
         try:
             row_tools = None
             if getattr(self, "environments", None) is not None and examples:  # reset (grpo_environments.py)
