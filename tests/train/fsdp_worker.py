@@ -4,7 +4,7 @@ torchrun without fsdp) DDP.
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
 max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward" | "kto" |
-"grpo"),
+"grpo" | "rloo" | "gmpo"; evaluate: also evaluate() the sampling ones),
 rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
@@ -18,8 +18,12 @@ import sys
 
 import torch
 
-from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer,
-                      RewardConfig, RewardTrainer, SFTConfig, SFTTrainer)
+from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, GMPOConfig, GMPOTrainer, GRPOConfig, GRPOTrainer,
+                      KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig,
+                      SFTTrainer)
+
+
+SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer)}
 
 
 def _distinct(completions, **_):
@@ -61,12 +65,13 @@ def run(model_dir, out_dir, o):
     else:
         rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
         config, trainer_cls = SFTConfig, SFTTrainer
-    if o.get("method") == "grpo":  # groups of 2 sampled completions (each rank's stop at their own lengths)
-        args = GRPOConfig(output_dir=out_dir, per_device_train_batch_size=2, num_generations=2,
+    if o.get("method") in SAMPLING:  # groups of 2 sampled completions (each rank's stop at their own lengths)
+        config, trainer_cls = SAMPLING[o["method"]]
+        args = config(output_dir=out_dir, per_device_train_batch_size=2, num_generations=2,
                           gradient_accumulation_steps=o["grad_accum"], max_completion_length=6, learning_rate=1e-2,
                           max_steps=o.get("max_steps", 3), logging_steps=1, shuffle=False, beta=0.1,
                           fsdp=o.get("fsdp", False), eval_strategy="no", per_device_eval_batch_size=2)
-        trainer = GRPOTrainer(model, reward_funcs=[_distinct], args=args, processing_class=tok,
+        trainer = trainer_cls(model, reward_funcs=[_distinct], args=args, processing_class=tok,
                               train_dataset=[{"prompt": f"question {i} a b"} for i in range(8)],
                               eval_dataset=[{"prompt": f"check {i} c"} for i in range(3)])  # (3 batches: 2 + 1)
     else:
@@ -96,8 +101,8 @@ def run(model_dir, out_dir, o):
         with open(f"{out_dir}/quant_shards_rank{trainer.dist.rank}.json", "w") as f:
             json.dump(held, f)
     losses = [h["loss"] for h in trainer.log_history if "loss" in h]
-    if o.get("method") == "grpo":  # what was sampled and scored, step by step, and an evaluation split 2 + 1
-        evaluated = trainer.evaluate()
+    if o.get("method") in SAMPLING:  # what was sampled and scored, step by step, and an evaluation split 2 + 1
+        evaluated = trainer.evaluate() if o.get("evaluate") else None
         if trainer.dist.is_main:
             with open(f"{out_dir}/grpo_log.json", "w") as f:
                 json.dump({"log": trainer.log_history, "eval": evaluated}, f)

@@ -23,6 +23,10 @@ from fasttune.errors import ConfigError
 from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here  # noqa: F401
 
 
+# The trainers on GRPO's sampling loop tested under FSDP (sampling in `unsharded`, tests/train/test_fsdp.py)
+SHARDED_SAMPLERS = ("GRPOTrainer", "RLOOTrainer", "GMPOTrainer")
+
+
 def check_fsdp(model, args, world: int, trainer_cls: type):
     """ConfigError for combinations that cannot run sharded, and for a model loaded for FSDP (from_pretrained with
     fsdp=True, still in host memory) given to a trainer without fsdp=True; called when the trainer (of class
@@ -36,10 +40,10 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
         return
     from fasttune.models.causal_lm import CausalLM
 
-    if "GRPOTrainer" in lineage and trainer_name != "GRPOTrainer":  # those built on GRPO's loop (RLOO, GKD, ...)
-        raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPOTrainer's sampling runs with the "
-                          f"model gathered on every rank; {trainer_name}'s other passes are untested sharded). Set "
-                          f"fsdp=False.")
+    if "GRPOTrainer" in lineage and trainer_name not in SHARDED_SAMPLERS:  # A2PO, online DPO, distillation, ...
+        raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPO's, RLOO's and GMPO's sampling "
+                          f"runs with the model gathered on every rank; {trainer_name}'s other passes are untested "
+                          f"sharded). Set fsdp=False.")
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
                           "process. Launch with `fasttune train --gpus N --fsdp ...` or `torchrun --nproc-per-node N "
