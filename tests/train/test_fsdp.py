@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -30,8 +31,19 @@ def _run(model_dir, procs: int, runs: list) -> dict:
     runs = [(str(out), options) for out, options in runs]
     proc = subprocess.run(cmd + [str(model_dir), json.dumps(runs)], capture_output=True, text=True, env=env,
                           timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    fatal = proc.stderr.find("Fatal Python error")
+    crash = proc.stderr[fatal:fatal + 5000] if fatal >= 0 else ""
+    if "Segmentation fault" in crash and "_functional_collectives" in crash:
+        raise GlooCrash(crash)
+    if proc.returncode != 0:  # a crashed rank's stack (faulthandler's) first, then the launcher's end
+        pytest.fail((crash + "\n...\n" if crash else "") + proc.stderr[-3000:])
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+class GlooCrash(Exception):
+    """A rank segfaulted inside gloo's all-gather (torch's functional collectives; seen in about 1 launch of 10 when
+    the CPU is shared with other tests, never in fasttune's frames): a torch / gloo fault on the CPU, after which the
+    fixture runs its 2-process launch once more from a clean folder; a second crash fails."""
 
 
 def _assert_same_adapter(a_dir: Path, b_dir: Path):
@@ -118,10 +130,18 @@ def fsdp_runs(tmp_path_factory, tiny_tokenizer):
     save_hf(hf_model("qwen3_moe"), root / "qwen3_moe", tiny_tokenizer)  # (the "model" option's folder)
     one = _run(folder, 1, [*[(root / "one" / c, _one(o)) for c, o in CASES.items()],
                            (root / "one" / "ddp-one-batch", dict(CASES["ddp"], grad_accum=1, batch=4, fsdp=False))])
-    (root / "resumed_two").mkdir()
-    shutil.copytree(root / "one" / RESUME_CASE / "checkpoint-3", root / "resumed_two" / "checkpoint-3")
-    two = _run(folder, 2, [*[(root / "two" / c, _two(o)) for c, o in {**CASES, **TWO_ONLY}.items()],
-                           (root / "resumed_two", _two(dict(CASES[RESUME_CASE], resume=True)))])
+
+    def launch_two():
+        for out in (root / "two", root / "resumed_two"):
+            shutil.rmtree(out, ignore_errors=True)
+        shutil.copytree(root / "one" / RESUME_CASE / "checkpoint-3", root / "resumed_two" / "checkpoint-3")
+        return _run(folder, 2, [*[(root / "two" / c, _two(o)) for c, o in {**CASES, **TWO_ONLY}.items()],
+                                (root / "resumed_two", _two(dict(CASES[RESUME_CASE], resume=True)))])
+    try:
+        two = launch_two()
+    except GlooCrash as e:  # (see GlooCrash: once)
+        warnings.warn(f"the 2-process launch crashed in gloo; run once more:\n{str(e)[:1500]}")
+        two = launch_two()
     losses = {c: (one.get(str(root / "one" / c)), two[str(root / "two" / c)]) for c in {**CASES, **TWO_ONLY}}
     return folder, root, losses, two[str(root / "resumed_two")]
 
