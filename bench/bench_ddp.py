@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_packing import SHAPES, build, rows  # noqa: E402
+from bench_packing import SHAPES, build, random_decoder, rows  # noqa: E402
 from bench_lora import ROPE  # noqa: E402
 
 SHAPES = dict(SHAPES, **{"llama-3.1-70b": dict(vocab_size=128256, hidden_size=8192, intermediate_size=28672,
@@ -155,17 +155,8 @@ def write_model(shape: str, folder: str):
     import torch
     from safetensors.torch import save_file
 
-    from fasttune.models.causal_lm import CausalLM
-
     cfg = shape_config(shape)
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    model = CausalLM(cfg)
-    torch.set_default_dtype(torch.float32)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.02)
+    model = random_decoder(cfg, "cpu", torch.bfloat16)
     Path(folder).mkdir(parents=True, exist_ok=True)
     cfg.save_pretrained(folder)
     state = {k: v.contiguous() for k, v in model.state_dict().items()}

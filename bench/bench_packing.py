@@ -28,20 +28,12 @@ SHAPES = dict(SHAPES, tiny=dict(vocab_size=512, hidden_size=64, intermediate_siz
                                 num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True))
 
 
-def build(shape: str, device: str, quant: str = "none"):
-    """A random-init CausalLM of `shape` on `device` (bf16 on CUDA) with LoRA r16; quant "nf4" / "fp8": its decoder
-    Linears quantised first (bench_lora.quantize_linears)."""
+def random_decoder(cfg, device: str, dtype):
+    """A CausalLM of transformers config `cfg` on `device` in `dtype`, seeded 0: matrices normal(0, 0.02), norms 1."""
     import torch
 
-    from fasttune.api import FastLanguageModel
     from fasttune.models.causal_lm import CausalLM
 
-    cfg = hf_config(shape) if shape != "tiny" else None
-    if cfg is None:
-        from transformers import LlamaConfig
-
-        cfg = LlamaConfig(**SHAPES["tiny"], max_position_embeddings=4096)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     torch.manual_seed(0)
     torch.set_default_dtype(dtype)
     with torch.device(device):
@@ -51,6 +43,22 @@ def build(shape: str, device: str, quant: str = "none"):
         for p in model.parameters():
             if p.dim() == 2:
                 p.normal_(0.0, 0.02)
+    return model
+
+
+def build(shape: str, device: str, quant: str = "none"):
+    """A random-init CausalLM of `shape` on `device` (bf16 on CUDA) with LoRA r16; quant "nf4" / "fp8": its decoder
+    Linears quantised first (bench_lora.quantize_linears)."""
+    import torch
+
+    from fasttune.api import FastLanguageModel
+
+    cfg = hf_config(shape) if shape != "tiny" else None
+    if cfg is None:
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(**SHAPES["tiny"], max_position_embeddings=4096)
+    model = random_decoder(cfg, device, torch.bfloat16 if device == "cuda" else torch.float32)
     if quant != "none":
         from bench_lora import quantize_linears
 
