@@ -19,11 +19,12 @@ import sys
 import torch
 
 from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, GMPOConfig, GMPOTrainer, GRPOConfig, GRPOTrainer,
-                      KTOConfig, KTOTrainer, RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig,
-                      SFTTrainer)
+                      KTOConfig, KTOTrainer, OnlineDPOConfig, OnlineDPOTrainer, RewardConfig, RewardTrainer,
+                      RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 
 
-SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer)}
+SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer),
+            "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer)}
 
 
 def _distinct(completions, **_):
@@ -73,7 +74,8 @@ def run(model_dir, out_dir, o):
                           fsdp=o.get("fsdp", False), eval_strategy="no", per_device_eval_batch_size=2)
         trainer = trainer_cls(model, reward_funcs=[_distinct], args=args, processing_class=tok,
                               train_dataset=[{"prompt": f"question {i} a b"} for i in range(8)],
-                              eval_dataset=[{"prompt": f"check {i} c"} for i in range(3)])  # (3 batches: 2 + 1)
+                              **({"eval_dataset": [{"prompt": f"check {i} c"} for i in range(3)]}  # (3 batches:
+                                 if o.get("evaluate") else {}))  # 2 + 1)
     else:
         args = config(output_dir=out_dir, per_device_train_batch_size=o.get("batch", 2),
                       gradient_accumulation_steps=o["grad_accum"],

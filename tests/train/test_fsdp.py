@@ -98,10 +98,11 @@ RESUME_CASE = "lm-head-to-save"
 KTO = {"method": "kto", "rows": 22, "max_steps": 6, "checkpointing": True}
 # GRPO samples with the model gathered on every rank (each rank's completions stop at their own lengths), scores and
 # trains sharded: the same completions, losses and adapter as DDP's over the same 2 ranks.
-# RLOO and GMPO (GRPO's loop, their own advantages / loss) likewise, for 2 steps.
+# RLOO, GMPO and online DPO (GRPO's loop, their own advantages / losses) likewise, for 2 steps.
 SAMPLED = {"grpo": {"method": "grpo", "checkpointing": True, "evaluate": True},
            "rloo": {"method": "rloo", "checkpointing": False, "max_steps": 2},
-           "gmpo": {"method": "gmpo", "checkpointing": True, "max_steps": 2}}
+           "gmpo": {"method": "gmpo", "checkpointing": True, "max_steps": 2},
+           "online_dpo": {"method": "online_dpo", "checkpointing": False, "max_steps": 2}}  # (pairs, its DPO loss)
 TWO_ONLY = {"kto-fsdp": dict(KTO, fsdp=True), "kto-ddp": dict(KTO, fsdp=False),
             **{f"{m}-{mode}": dict(o, fsdp=mode == "fsdp") for m, o in SAMPLED.items() for mode in ("fsdp", "ddp")}}
 
@@ -163,14 +164,16 @@ def test_two_processes_equal_one(fsdp_runs, case):
 
 @pytest.mark.parametrize("method", sorted(SAMPLED))
 def test_sampling_under_fsdp_equals_ddp(fsdp_runs, method):
-    """GRPO / RLOO / GMPO sharded: sampling (with the reference and old log-probs) runs unsharded, a different number
-    of forwards on each rank; the losses, adapter (and GRPO's uneven evaluation) equal DDP's over the same 2 ranks."""
+    """GRPO / RLOO / GMPO / online DPO sharded: sampling (with the reference and old log-probs) runs unsharded, a
+    different number of forwards on each rank; the losses, adapter (and GRPO's uneven evaluation) equal DDP's over the
+    same 2 ranks."""
     _, root, losses, _ = fsdp_runs
     fsdp, ddp = losses[f"{method}-fsdp"][1], losses[f"{method}-ddp"][1]
     runs = [json.loads((root / "two" / f"{method}-{m}" / "grpo_log.json").read_text()) for m in ("fsdp", "ddp")]
-    logs = [[e for e in r["log"] if "reward" in e] for r in runs]  # the training steps' entries
-    assert len(fsdp) == SAMPLED[method].get("max_steps", 3) and len({e["reward"] for e in logs[0]}) > 1
-    assert [e["reward"] for e in logs[0]] == [e["reward"] for e in logs[1]]  # the same completions sampled
+    key = "rewards/_distinct/mean"
+    logs = [[e for e in r["log"] if key in e] for r in runs]  # the training steps' entries
+    assert len(fsdp) == SAMPLED[method].get("max_steps", 3) and len({e[key] for e in logs[0]}) > 1
+    assert [e[key] for e in logs[0]] == [e[key] for e in logs[1]]  # the same completions sampled
     if SAMPLED[method].get("evaluate"):  # 3 batches, 2 on rank 0 and 1 on rank 1, in one gathered pass
         assert runs[0]["eval"]["eval_reward"] == runs[1]["eval"]["eval_reward"]
         assert runs[0]["eval"]["eval_loss"] == pytest.approx(runs[1]["eval"]["eval_loss"], rel=2e-4, abs=1e-9)
@@ -302,11 +305,11 @@ def test_a_model_loaded_for_fsdp_needs_fsdp(tiny_model_dir, tmp_path):
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1))
 
 
-@pytest.mark.parametrize("name", ["A2POTrainer", "OnlineDPOTrainer",
-                                  "DistillationTrainer", "GKDTrainer", "IWOPDTrainer", "SDFTTrainer", "SDPOTrainer"])
+@pytest.mark.parametrize("name", ["A2POTrainer", "DistillationTrainer", "GKDTrainer", "IWOPDTrainer", "SDFTTrainer",
+                                  "SDPOTrainer"])
 def test_trainers_built_on_grpo_refuse_fsdp_by_name(name, tmp_path):
-    """The trainers built on GRPO's sampling loop are refused under fsdp=True with their own names (GRPO itself
-    trains sharded, test_grpo_under_fsdp_equals_ddp; their other passes are untested sharded)."""
+    """The other trainers built on GRPO's sampling loop are refused under fsdp=True with their own names (GRPO, RLOO,
+    GMPO and online DPO train sharded, test_sampling_under_fsdp_equals_ddp; these have passes untested sharded)."""
     import fasttune
     from fasttune.errors import ConfigError
     from fasttune.train.fsdp import check_fsdp
