@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from fasttune.kernels.fp8 import FP8, quantize_rows_reference
 from fasttune.quant import nf4
-from fasttune.quant.linear import ByteHeldFP8, hold_nf4, move_storage
+from fasttune.quant.linear import hold_nf4, move_storage
 
 _FP8_CHUNK_ELEMENTS = 1 << 26  # weights (de)quantised at once: a 256 MB fp32 temporary at most, few launches
 
@@ -28,7 +28,7 @@ def _experts_a_chunk(shape) -> int:
     return max(1, _FP8_CHUNK_ELEMENTS // max(1, shape[-1] * shape[-2]))
 
 
-class QuantExpertWeight(ByteHeldFP8, nn.Module):
+class QuantExpertWeight(nn.Module):
     """A frozen stacked expert weight (E, out, in) held as NF4 buffers, or FP8 values and row scales.
 
     Args: state (an NF4State of the (E, out, in) weight, or a (float8 values, fp32 scales of shape[:-1]) pair),

@@ -9,6 +9,8 @@ compressed-tensors' channel-wise keys (quant/fp8_rows.py).
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -35,20 +37,34 @@ class _DequantMatmul(torch.autograd.Function):
 
 
 class ByteHeldFP8:
-    """Mixin for a module whose FP8 weights `qweight` may be held as their bytes, a uint8 tensor of the same shape
-    (FSDP shards integer parameters as they are and would cast a floating one: train/fsdp.py's
-    shardable_quant_storage): reading `qweight` then gives the FP8 view of those bytes (no copy). A sharded
-    parameter (outside FSDP's forward) reads as it is held."""
+    """Mixin for a module whose FP8 weights `qweight` are held as their bytes, a uint8 tensor of the same shape
+    (FSDP shards integer parameters as they are and would cast a floating one): reading `qweight` gives the FP8 view
+    of those bytes (no copy); a sharded parameter (outside FSDP's forward) reads as it is held. Only the modules
+    hold_fp8_as_bytes converts take it, so no other module pays for the attribute hook."""
 
     def __getattr__(self, name: str):
         value = super().__getattr__(name)
-        if name == "qweight" and value is not None and value.dtype == torch.uint8 and \
-                self.__dict__.get("quant_type") == "fp8" and not hasattr(value, "device_mesh"):
+        if name == "qweight" and value.dtype == torch.uint8 and not hasattr(value, "device_mesh"):
             return value.view(FP8)
         return value
 
 
-class QuantLinear(ByteHeldFP8, nn.Module):
+@functools.lru_cache(maxsize=None)
+def _byte_held(cls: type) -> type:
+    """`cls` with ByteHeldFP8 in front (one class per quantised module class)."""
+    return type(f"ByteHeld{cls.__name__}", (ByteHeldFP8, cls), {})
+
+
+def hold_fp8_as_bytes(module: nn.Module) -> None:
+    """Make FP8 `module`'s (QuantLinear, QuantExpertWeight) `qweight` buffer a frozen uint8 Parameter of its bytes,
+    in place, read back as FP8 (ByteHeldFP8, the module's class swapped for a subclass with it, as fully_shard swaps
+    a module's class for its FSDP one). Used by train/fsdp.py's shardable_quant_storage."""
+    weight = module._buffers.pop("qweight")
+    module.__class__ = _byte_held(type(module))
+    module.register_parameter("qweight", nn.Parameter(weight.view(torch.uint8), requires_grad=False))
+
+
+class QuantLinear(nn.Module):
     """A frozen Linear (bias optional) whose weight is an NF4State or Int8State, dequantised to `compute_dtype`
     on each use, or an FP8State, multiplied in FP8. x (..., in_features) -> (..., out_features) in x's dtype. The
     bias is not trained."""

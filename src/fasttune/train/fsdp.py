@@ -114,7 +114,7 @@ def shardable_quant_storage(model) -> int:
     packed weights and 8-bit block scales, int8's weights, FP8's weights held as their bytes) frozen nn.Parameters
     instead of buffers, in place, so that fully_shard shards them (it shards parameters only; FSDP2 does not cast
     integer parameters and all-gathers a group of mixed dtypes as bytes). FP8 weights become uint8 Parameters of
-    the same shape, read back as FP8 (quant/linear.py's ByteHeldFP8): a floating parameter would be cast by the
+    the same shape, read back as FP8 (quant/linear.py's hold_fp8_as_bytes): a floating parameter would be cast by the
     mixed-precision policy. Floating-point scales stay buffers (small; the policy would cast them too).
     Inside a layer's forward and backward the module then holds the whole tensors again (FSDP2's all-gather), which
     is all the layers read. Returns the number of tensors changed; 0, with a warning, on a torch whose fully_shard
@@ -122,9 +122,9 @@ def shardable_quant_storage(model) -> int:
     from torch import nn
 
     from fasttune.quant.experts import QuantExpertWeight
-    from fasttune.quant.linear import QuantLinear
+    from fasttune.quant.linear import QuantLinear, hold_fp8_as_bytes
 
-    names = {"nf4": ("packed", "absmax"), "int8": ("qweight",), "fp8": ("qweight",)}
+    names = {"nf4": ("packed", "absmax"), "int8": ("qweight",)}
     quantised = [m for m in model.modules() if isinstance(m, (QuantLinear, QuantExpertWeight))]
     if quantised and not integer_params_shardable():
         warnings.warn(f"torch {torch.__version__}: FSDP2 cannot shard integer parameters before torch 2.13 "
@@ -133,15 +133,15 @@ def shardable_quant_storage(model) -> int:
         return 0
     changed = 0
     for module in quantised:
-        if module.quant_type not in names:
-            continue
-        for name in names[module.quant_type]:
+        if module.quant_type == "fp8" and "qweight" in module._buffers:
+            hold_fp8_as_bytes(module)
+            changed += 1
+        for name in names.get(module.quant_type, ()):
             t = module._buffers.get(name)
-            if t is None or (t.is_floating_point() and module.quant_type != "fp8"):
-                continue  # (an NF4 absmax without double quantisation is fp32)
+            if t is None or t.is_floating_point():  # (an NF4 absmax without double quantisation is fp32)
+                continue
             del module._buffers[name]
-            held = t.view(torch.uint8) if module.quant_type == "fp8" else t
-            module.register_parameter(name, nn.Parameter(held, requires_grad=False))
+            module.register_parameter(name, nn.Parameter(t, requires_grad=False))
             changed += 1
     return changed
 

@@ -51,7 +51,9 @@ def place_outside(model: nn.Module, layers: list, device: torch.device, fill: bo
     inside = {id(m) for layer in layers for m in layer.modules()}
     whole, holders = [], []
 
-    def visit(module):
+    def visit(module: nn.Module) -> None:
+        """Sort `module`'s children into `whole` (no layer inside) and containers of layers (visited in turn);
+        `module` itself joins `holders`."""
         holders.append(module)
         for child in module.children():
             if id(child) in inside:
@@ -81,12 +83,13 @@ def place_outside(model: nn.Module, layers: list, device: torch.device, fill: bo
 
 def _broadcast(module: nn.Module, tensors: list[torch.Tensor]) -> None:
     """Rank 0's values of `tensors` (the same list on every rank) and of `module`'s NF4 offsets into every rank's."""
+    sending = dist.get_rank() == 0
     with torch.no_grad():
         for t in tensors:
-            flat = t.detach().reshape(-1)
-            if flat.data_ptr() != t.data_ptr() and dist.get_rank() != 0:
-                raise RuntimeError("a receiving tensor is not contiguous")  # (to_empty makes contiguous ones)
-            dist.broadcast(flat.view(torch.uint8), src=0)
+            if not (sending or t.is_contiguous()):  # (to_empty makes contiguous ones: a view would not receive)
+                raise RuntimeError("a receiving tensor is not contiguous")
+            held = t.detach().contiguous() if sending else t.detach()
+            dist.broadcast(held.reshape(-1).view(torch.uint8), src=0)
     nf4 = [m for m in module.modules() if getattr(m, "quant_type", None) == "nf4"]
     if nf4:
         offsets = [[m.offset for m in nf4]]
