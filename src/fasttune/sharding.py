@@ -39,3 +39,17 @@ def gather_state(tensors: dict, keep: bool) -> dict:
         if keep:
             out[k] = t.contiguous().cpu()
     return out
+
+
+def join_unused(x: torch.Tensor, modules) -> torch.Tensor:
+    """x + 0 x (the sum of every trainable parameter of `modules`; None entries skipped), so that backward gives
+    each of them a gradient (zeros where the pass did not use it). FSDP reduce-scatters the gradients of one sharded
+    unit together, with each rank sending those its backward produced: a rank whose batch skipped a trainable module
+    (a vision tower with no images in the batch, Llama 3.2 Vision's cross-attention layers without images) would send
+    fewer than the others and the collective would hang. Callers apply it only to sharded models, with grad enabled.
+    x: any floating tensor; returned in its dtype and shape."""
+    params = [p for m in modules if m is not None for p in m.parameters() if p.requires_grad]
+    if not params:
+        return x
+    zero = torch.stack([p.sum().float() for p in params]).sum() * 0.0
+    return x + zero.to(x.dtype)

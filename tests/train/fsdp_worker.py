@@ -8,7 +8,9 @@ max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, meth
 rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
-router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded).
+router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded),
+vision (a tiny vision-language model's folder beside model_dir, its tower trained with LoRA too; "sft", "dpo" and
+"grpo" (beta: its KL weight, default 0.1) on rows with images, some without: vision_rows).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
@@ -18,9 +20,9 @@ import sys
 
 import torch
 
-from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, GMPOConfig, GMPOTrainer, GRPOConfig, GRPOTrainer,
-                      KTOConfig, KTOTrainer, OnlineDPOConfig, OnlineDPOTrainer, RewardConfig, RewardTrainer,
-                      RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
+from fasttune import (DPOConfig, DPOTrainer, FastLanguageModel, FastVisionModel, GMPOConfig, GMPOTrainer, GRPOConfig,
+                      GRPOTrainer, KTOConfig, KTOTrainer, OnlineDPOConfig, OnlineDPOTrainer, RewardConfig,
+                      RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 
 
 SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer),
@@ -29,8 +31,34 @@ SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer)
 
 def _distinct(completions, **_):
     """GRPO's reward in the "grpo" runs: the completion's number of distinct characters (completions of one length
-    still differ, so the advantages are not all 0)."""
-    return [float(len(set(c))) for c in completions]
+    still differ, so the advantages are not all 0); a conversational completion's (a vision prompt's) content."""
+    return [float(len(set(c if isinstance(c, str) else c[0]["content"]))) for c in completions]
+
+
+def vision_rows(method: str) -> list[dict]:
+    """Rows with one image (of two sizes) or none: rows 2-3 of every 4 have none, so with 2 rows a micro-batch
+    and a rank one rank's micro-batch holds no image. "grpo": 3 prompts, so the second step of 2 ranks x 1 prompt
+    is short (one rank samples nothing and runs the loop's filler pass)."""
+    from tiny_vision import solid_image
+
+    names = ["blue", "green", "red"]
+    colours = {"red": (200, 30, 30), "green": (30, 180, 40), "blue": (30, 40, 210)}
+
+    def images(i):
+        return [solid_image(colours[names[i % 3]], (28 * (1 + i % 2), 56))] if i % 4 < 2 else []
+
+    def user(i, text):
+        return [{"role": "user", "content": [{"type": "image"}] * len(images(i)) + [{"type": "text", "text": text}]}]
+
+    if method == "sft":
+        return [{"images": images(i), "messages": [*user(i, f"what is {i}?"),
+                                                   {"role": "assistant", "content": "noise " * (1 + i % 3)}]}
+                for i in range(8)]
+    if method == "dpo":
+        return [{"images": images(i), "prompt": user(i, "Colour?"),
+                 "chosen": [{"role": "assistant", "content": names[i % 3]}],
+                 "rejected": [{"role": "assistant", "content": f"{names[(i + 1) % 3]}, I think"}]} for i in range(8)]
+    return [{"images": images(i), "prompt": user(i, f"Colour {i}?")} for i in (0, 2, 1)]
 
 
 def run(model_dir, out_dir, o):
@@ -38,8 +66,10 @@ def run(model_dir, out_dir, o):
     reward = o.get("method") == "reward"  # a one-output sequence classifier (its score head seeded alike)
     head = {"auto_model": "AutoModelForSequenceClassification", "num_labels": 1} if reward else {}
     torch.manual_seed(0)
-    if o.get("model"):
-        model_dir = os.path.join(os.path.dirname(model_dir), o["model"])
+    if o.get("model") or o.get("vision"):
+        model_dir = os.path.join(os.path.dirname(model_dir), o.get("model") or o["vision"])
+    if o.get("vision"):
+        return run_vision(model_dir, out_dir, o)
     model, tok = FastLanguageModel.from_pretrained(model_dir, dtype=o.get("dtype"),
                                                    load_in_4bit=o.get("load_in_4bit", False),
                                                    load_in_8bit=o.get("load_in_8bit", False),
@@ -109,6 +139,33 @@ def run(model_dir, out_dir, o):
             with open(f"{out_dir}/grpo_log.json", "w") as f:
                 json.dump({"log": trainer.log_history, "eval": evaluated}, f)
     return trainer.dist.is_main, losses
+
+
+def run_vision(model_dir, out_dir, o):
+    """run() for a vision-language model (option "vision"): SFT, DPO or GRPO (method) on vision_rows."""
+    torch.manual_seed(0)
+    model, proc = FastVisionModel.from_pretrained(model_dir, dtype=torch.float32)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=True,
+                                           use_gradient_checkpointing=o.get("checkpointing", False))
+    method = o.get("method", "sft")
+    common = dict(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
+                  learning_rate=1e-2, max_steps=o.get("max_steps", 5), logging_steps=1, shuffle=False, save_steps=3,
+                  fsdp=o.get("fsdp", False))
+    rows = vision_rows(method)
+    if method == "grpo":
+        trainer = GRPOTrainer(model, reward_funcs=[_distinct], processing_class=proc, train_dataset=rows,
+                              args=GRPOConfig(num_generations=2, max_completion_length=6, beta=o.get("beta", 0.1),
+                                              **common))
+    elif method == "dpo":
+        trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=DPOConfig(**common))
+    else:
+        trainer = SFTTrainer(model, proc, train_dataset=rows, args=SFTConfig(max_seq_length=1024, **common))
+    trainer.train()
+    model.save_pretrained(f"{out_dir}/adapter")  # (a collective under FSDP; rank 0 writes)
+    if method == "grpo" and trainer.dist.is_main:
+        with open(f"{out_dir}/grpo_log.json", "w") as f:
+            json.dump({"log": trainer.log_history, "eval": None}, f)
+    return trainer.dist.is_main, [h["loss"] for h in trainer.log_history if "loss" in h]
 
 
 def main(model_dir, runs):

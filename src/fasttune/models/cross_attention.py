@@ -23,6 +23,7 @@ from fasttune.models.config import ModelConfig
 from fasttune.models.kv_cache import KVCache
 from fasttune.models.norm import RMSNorm
 from fasttune.peft.lora import project
+from fasttune.sharding import is_sharded, join_unused
 
 
 @dataclass
@@ -148,7 +149,8 @@ def cross_layer(layer, x: torch.Tensor, masks: dict, cache: KVCache | None = Non
     features (masks["cross"] None and none cached) the layer is skipped, as transformers skips it."""
     cross = masks.get("cross")
     if cross is None or (cross.states is None and (cache is None or layer.layer_idx not in cache.cross)):
-        return x
+        # (Under FSDP another rank's batch may have images: this rank still sends the layer's zero gradients.)
+        return join_unused(x, [layer]) if torch.is_grad_enabled() and is_sharded(layer) else x
     h = layer.cross_attn(layer.attn_norm(x), cross, cache)
     if cross.attend is not None:  # (packed rows: a document without images is left as it is)
         h = h * cross.attend

@@ -518,6 +518,11 @@ class DecoderModel(nn.Module):
 
     def _run_layer(self, layer, x, cos, sin, masks, offload=None, router_logits: bool = False, per_layer_input=None,
                    shared_kv=None):
+        if not layer.is_cross and masks.get("cross") is not None:
+            # Only cross-attention layers read the image features. Under FSDP every input that requires grad is
+            # wrapped for its post-backward hook, whose backward then sends zeros into the (trained) tower's graph,
+            # and from inside a recompute that means running the forward pass's graph backward early: a failure.
+            masks = {k: v for k, v in masks.items() if k != "cross"}
         if offload is None:
             return layer(x, cos, sin, masks, router_logits=router_logits, per_layer_input=per_layer_input,
                          shared_kv=shared_kv)

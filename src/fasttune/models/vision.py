@@ -28,6 +28,7 @@ from fasttune.models.vision_features import (cross_image_inputs, image_geometry,
                                              llava_next_features, pixtral_features, pooled_video_features,
                                              tile_features)
 from fasttune.models.vision_positions import packed_positions, qwen_vl_positions
+from fasttune.sharding import is_sharded, join_unused
 
 
 def _joint_deepstack(parts: list):
@@ -228,10 +229,11 @@ class VisionCausalLM(CausalLM):
         whose prefix attends both ways (image_blocks)."""
         if self.family.cross_attention:
             zeros = torch.zeros(input_ids.shape[0], 1, dtype=torch.long, device=input_ids.device)
-            return {"inputs_embeds": self.model.embed_tokens(input_ids), "position_ids": None, "rope_deltas": zeros,
-                    "image_blocks": None, "deepstack": None, "per_layer_ids": None,
+            return {"inputs_embeds": self._joined(self.model.embed_tokens(input_ids)), "position_ids": None,
+                    "rope_deltas": zeros, "image_blocks": None, "deepstack": None, "per_layer_ids": None,
                     "cross": cross_image_inputs(self, input_ids, pixel_values, videos or {}, segment_ids)}
         x, deep = self.embed(input_ids, pixel_values, image_grid_thw, with_deepstack=True, videos=videos)
+        x = self._joined(x)
         if segment_ids is not None and self.family.mrope:
             positions, deltas = self.packed_rope_index(input_ids, segment_ids, image_grid_thw, videos)
         else:
@@ -248,6 +250,13 @@ class VisionCausalLM(CausalLM):
             (videos or {}).get("pixel_values_videos") is not None else None
         return {"inputs_embeds": x, "position_ids": positions, "rope_deltas": deltas, "image_blocks": blocks,
                 "deepstack": deep, "per_layer_ids": per_layer_ids, "cross": None}
+
+    def _joined(self, x: torch.Tensor) -> torch.Tensor:
+        """x, joined under FSDP (with grad) to every trainable parameter of the vision modules (sharding.join_unused):
+        a rank whose batch has no images, videos or audio still sends their (zero) gradients."""
+        if not (torch.is_grad_enabled() and is_sharded(self)):
+            return x
+        return join_unused(x, [getattr(self, attr, None) for attr, _ in self.family.vision_modules])
 
     def with_images(self, input_ids, pixel_values, image_grid_thw, attention_mask, position_ids, kwargs: dict):
         """(inputs_embeds, position_ids) for the decoder from input_ids and their images and videos

@@ -128,9 +128,6 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
             raise ConfigError(f"{type(self).__name__} does not train vision-language models yet; SFTTrainer "
                               f"(image + text conversations), DPOTrainer and KTOTrainer (preference rows with "
                               f"images) and GRPOTrainer (prompts with images) do.")
-        if getattr(self, "vision", False) and self.args.fsdp:
-            raise ConfigError("fsdp=True is not supported for vision-language models yet; train on one GPU, or "
-                              "several with plain data parallelism (torchrun without fsdp).")
         self._train_source, self._eval_source = train_dataset, eval_dataset
         if train_dataset is None:
             raise ConfigError("train_dataset is required: a datasets.Dataset, a list of dicts or a file path.")
@@ -411,9 +408,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         try:
             parts = []  # each micro-batch's loss sum, left on the device until the step's one read
             for _ in range(fillers):
-                filler = self.to_device(self.collate_batch([self.train_examples[0]]))
-                loss, _ = self.micro_batch_loss(filler, num_items)
-                (loss * 0.0).backward()
+                self.filler_loss(num_items).backward()
             if fillers:
                 self.step_reads()  # (drops what the fillers recorded: they are not the step's batches)
             for i, b in enumerate(group):

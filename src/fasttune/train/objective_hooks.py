@@ -37,6 +37,13 @@ class ObjectiveHooks:
         and whatever collate_batch needs). Required; raises ConfigError / DataError for data that does not fit."""
         raise NotImplementedError
 
+    def filler_loss(self, num_items: int) -> torch.Tensor:
+        """A loss of value 0 (on the device) whose backward the loop runs on a rank short of micro-batches in a step
+        under FSDP: its forward and backward join every sharded layer's collectives, as the busiest rank's passes do,
+        and leave the gradients unchanged. This one: micro_batch_loss of the first training example, times 0."""
+        batch = self.to_device(self.collate_batch([self.train_examples[0]]))
+        return self.micro_batch_loss(batch, num_items)[0] * 0.0
+
     def micro_batch_loss(self, batch: dict, num_items: int) -> tuple[torch.Tensor, torch.Tensor | float]:
         """The loss of one micro-batch (on the device). Returns (loss to backprop, already divided by num_items;
         unnormalised loss sum for logging). The sum may stay a tensor on the device: the loop reads the step's sums

@@ -19,8 +19,8 @@ from fasttune.constants import MEDIA_KEYS
 from fasttune.data.formats import row_label
 from fasttune.data.prompts import encode_prompt
 from fasttune.data.sources import load_rows, source_name
-from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, require_processor, row_images,
-                                         with_image_payloads)
+from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, prompt_media, require_processor,
+                                         row_images, with_image_payloads)
 from fasttune.errors import ConfigError, DataError
 from fasttune.train.fsdp import is_sharded, unsharded
 from fasttune.train.host_reads import host_values
@@ -420,6 +420,18 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         # The core logs sum(part) / num_items as the step loss: report this micro-batch's share of it (in float64,
         # as float(loss) * num_items; the core reads it once per step).
         return loss, loss.detach().to(torch.float64) * num_items
+
+    def filler_loss(self, num_items: int) -> torch.Tensor:
+        """The loop's zero-weight pass for a rank without a micro-batch in a short step under FSDP (ObjectiveHooks'):
+        a training example holds a prompt, not a scored completion, so the pass is one policy forward over the first
+        prompt (with its images) and its last token's log-prob times 0. micro_batch_loss runs one forward too, and no
+        other collective in such a step (its ranks are not in lockstep)."""
+        example = self.train_examples[0]
+        ids = torch.tensor([example["prompt_ids"]])
+        media = prompt_media([example], self.tokenizer) if self.vision else {}
+        dev = self.to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), **media})
+        ids, mask = dev.pop("input_ids"), dev.pop("attention_mask")
+        return self.completion_logps(ids, mask, 1, None, dev).sum() * 0.0
 
     def policy_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The policy's (log-probs, entropies) (B, n) float32 of the batch's completion tokens (completion_logps)
