@@ -23,8 +23,9 @@ from fasttune.errors import ConfigError
 from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here  # noqa: F401
 
 
-# The trainers on GRPO's sampling loop tested under FSDP (sampling in `unsharded`, tests/train/test_fsdp.py)
-SHARDED_SAMPLERS = ("GRPOTrainer", "RLOOTrainer", "GMPOTrainer", "OnlineDPOTrainer")
+# The trainers on GRPO's sampling loop tested under FSDP (sampling in `unsharded`, tests/train/test_fsdp.py; A2PO's
+# stage 1 too)
+SHARDED_SAMPLERS = ("GRPOTrainer", "RLOOTrainer", "GMPOTrainer", "OnlineDPOTrainer", "A2POTrainer")
 
 
 def check_fsdp(model, args, world: int, trainer_cls: type):
@@ -41,9 +42,9 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
     from fasttune.models.causal_lm import CausalLM
 
     if "GRPOTrainer" in lineage and trainer_name not in SHARDED_SAMPLERS:  # A2PO, online DPO, distillation, ...
-        raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPO's, RLOO's, GMPO's and online "
-                          f"DPO's sampling runs with the model gathered on every rank; {trainer_name}'s other passes "
-                          f"are untested sharded). Set fsdp=False.")
+        raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPO's, RLOO's, GMPO's, online "
+                          f"DPO's and A2PO's sampling runs with the model gathered on every rank; {trainer_name}'s "
+                          f"other passes are untested sharded). Set fsdp=False.")
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
                           "process. Launch with `fasttune train --gpus N --fsdp ...` or `torchrun --nproc-per-node N "

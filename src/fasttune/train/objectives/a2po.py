@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import math
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from fasttune.errors import ConfigError, DataError
+from fasttune.train.fsdp import is_sharded, shard_model, unsharded
 from fasttune.train.objectives.grpo import GRPOTrainer
 from fasttune.train.objectives.grpo_config import OnlineRLConfig
 
@@ -184,7 +186,13 @@ class A2POTrainer(GRPOTrainer):
         return (rewards_per_func * self.reward_weights[None]).nansum(dim=1)
 
     def _train(self, resume_from_checkpoint):
-        self.estimate_optimal_values()
+        if self.args.fsdp:
+            # Under FSDP stage 1 samples after sharding (from_pretrained(fsdp=True) leaves ranks after the first
+            # without weights until then), with the model gathered whole: each rank samples its own share of the
+            # prompts, a different number of forwards (the training loop's own shard_model call is then a no-op).
+            shard_model(self.model)
+        with unsharded(self.model) if is_sharded(self.model) else nullcontext():
+            self.estimate_optimal_values()
         return super()._train(resume_from_checkpoint)
 
     # --- stage 2 -----------------------------------------------------------------------------------------------

@@ -60,6 +60,18 @@ def _fp32_head(model, name: str) -> None:
     model.fp32_head = True
 
 
+def check_sharded_reference(trainer_name: str, args, reference: ReferencePolicy):
+    """ConfigError under fsdp=True for a reference kept as a copy of the trainable weights (an adapter that is not
+    fresh: loaded from a folder, or with modules_to_save; sync_ref_model): GRPO's loop scores the reference inside
+    the rollout, with the model gathered whole and each rank running its own number of forwards, where swapping the
+    copy in is untested (a fresh adapter's reference, the adapters switched off, runs there)."""
+    if getattr(args, "fsdp", False) and reference.is_copy:
+        raise ConfigError(f"fsdp=True: {trainer_name}'s reference here is a copy of the trainable weights (an adapter "
+                          f"loaded from a folder, modules_to_save, or sync_ref_model), which is not supported sharded "
+                          f"yet. Start from a fresh adapter without modules_to_save, or set fsdp=False (GRPO, RLOO "
+                          f"and GMPO: or beta=0, no reference).")
+
+
 class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer):
     """GRPO (Shao et al. 2024) as TRL's GRPOTrainer computes it, on rows with a `prompt`. reward_funcs: callables
     and/or built-in names (see fasttune.train.rewards), default GRPOConfig.reward_funcs. Raises ConfigError for
@@ -170,6 +182,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         self.reference: ReferencePolicy | None = None
         if self.uses_reference:
             self.reference = synced_reference(self.model, a)
+            check_sharded_reference(type(self).__name__, a, self.reference)
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)

@@ -9,6 +9,7 @@ import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fasttune.kernels.token_logprobs import EXTRAS, logit_extras
+from fasttune.sharding import is_sharded
 
 
 def score_positions(mask: torch.Tensor) -> torch.Tensor:
@@ -151,6 +152,36 @@ def adapters_disabled(model):
             yield
 
 
+def _rank0_says(model, identity: bool) -> bool:
+    """`identity` as rank 0 found it, for a model loaded with from_pretrained(fsdp=True) under torchrun (still
+    unsharded: `model.fsdp_device` set on every rank), whose ranks after the first hold their weights on the meta
+    device until FSDP shards the model and cannot read them; else `identity`. Every rank calls it then."""
+    import torch.distributed as dist
+
+    if getattr(model, "fsdp_device", None) is None or not (dist.is_available() and dist.is_initialized()):
+        return identity
+    said = [identity]
+    dist.broadcast_object_list(said, src=0)
+    return bool(said[0])
+
+
+def _reshard(model):
+    """Under FSDP2, free every sharded module's gathered parameters, so that the next forward gathers the values just
+    swapped into the shards: FSDP keeps the root's parameters (embeddings, LM head, a vision tower) gathered after a
+    forward, and the policy's forward after a reference pass would otherwise run with the reference's LM head (or
+    the reverse). A no-op without FSDP."""
+    for m in model.modules():
+        if is_sharded(m):
+            m.reshard()
+
+
+def _distributed(full: torch.Tensor, param: DTensor) -> DTensor:
+    """A copy `full` taken before FSDP sharded `param`, as a DTensor laid out like it. distribute_tensor takes the
+    values from rank 0, so a copy of a rank's meta tensor (from_pretrained(fsdp=True)) only needs its shape there."""
+    local = torch.empty(full.shape, dtype=full.dtype, device=param.device) if full.is_meta else full.to(param.device)
+    return distribute_tensor(local, param.device_mesh, param.placements)
+
+
 class ReferencePolicy:
     """The reference of DPO, KTO and GRPO: the policy as handed to the trainer, as TRL takes it (TRL copies a given
     PEFT adapter as a frozen "ref" adapter; an adapter it creates from a peft_config is the base, adapters off).
@@ -171,7 +202,8 @@ class ReferencePolicy:
         self.saved = None
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         identity = model.lora_settings is not None and all(
-            "lora_" in n and ("lora_B" not in n or not p.detach().any()) for n, p in trainable)
+            "lora_" in n and ("lora_B" not in n or p.is_meta or not p.detach().any()) for n, p in trainable)
+        identity = _rank0_says(model, identity)
         if keep_copy or not identity:
             self.saved = {n: p.detach().clone() for n, p in trainable}
 
@@ -191,7 +223,7 @@ class ReferencePolicy:
         for n, w in self.saved.items():
             p = params[n]
             if isinstance(p, DTensor) and not isinstance(w, DTensor):  # FSDP sharded the model after the copy
-                w = self.saved[n] = distribute_tensor(w.to(p.device), p.device_mesh, p.placements)
+                w = self.saved[n] = _distributed(w, p)
             w.mul_(1.0 - rate).add_(p.detach().to(w.dtype), alpha=rate)
 
     @property
@@ -211,12 +243,14 @@ class ReferencePolicy:
             for n, ref in self.saved.items():
                 p = params[n]
                 if isinstance(p, DTensor) and not isinstance(ref, DTensor):  # FSDP sharded it after the copy
-                    self.saved[n] = distribute_tensor(ref.to(p.device), p.device_mesh, p.placements)
+                    self.saved[n] = _distributed(ref, p)
+            _reshard(self.model)
             self._swap(params)  # the reference's weights in the model, the policy's in self.saved
         try:
             yield
         finally:
             with torch.no_grad():
+                _reshard(self.model)
                 self._swap(params)
 
     def _swap(self, params: dict):
