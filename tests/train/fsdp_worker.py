@@ -9,8 +9,8 @@ rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded),
-vision (a tiny vision-language model's folder beside model_dir, its tower trained with LoRA too; "sft", "dpo" and
-"grpo" (beta: its KL weight, default 0.1) on rows with images, some without: vision_rows).
+vision (a tiny vision-language model's folder beside model_dir, its tower trained with LoRA too; "sft", "dpo", "kto"
+and "grpo" (beta: its KL weight, default 0.1) on rows with images, some without: vision_rows).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
 """
 import faulthandler
@@ -58,6 +58,9 @@ def vision_rows(method: str) -> list[dict]:
         return [{"images": images(i), "prompt": user(i, "Colour?"),
                  "chosen": [{"role": "assistant", "content": names[i % 3]}],
                  "rejected": [{"role": "assistant", "content": f"{names[(i + 1) % 3]}, I think"}]} for i in range(8)]
+    if method == "kto":
+        return [{"images": images(i), "prompt": user(i, "Colour?"), "label": i % 3 != 1,
+                 "completion": [{"role": "assistant", "content": names[i % 3]}]} for i in range(8)]
     return [{"images": images(i), "prompt": user(i, f"Colour {i}?")} for i in (0, 2, 1)]
 
 
@@ -161,6 +164,8 @@ def run_vision(model_dir, out_dir, o):
                                               **common))
     elif method == "dpo":
         trainer = DPOTrainer(model=model, processing_class=proc, train_dataset=rows, args=DPOConfig(**common))
+    elif method == "kto":
+        trainer = KTOTrainer(model=model, processing_class=proc, train_dataset=rows, args=KTOConfig(**common))
     else:
         trainer = SFTTrainer(model, proc, train_dataset=rows, args=SFTConfig(max_seq_length=1024, **common))
     trainer.train()
