@@ -20,9 +20,9 @@ import sys
 
 import torch
 
-from fasttune import (A2POConfig, A2POTrainer, DPOConfig, DPOTrainer, FastLanguageModel, FastVisionModel, GMPOConfig, GMPOTrainer, GRPOConfig,
-                      GRPOTrainer, KTOConfig, KTOTrainer, OnlineDPOConfig, OnlineDPOTrainer, RewardConfig,
-                      RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
+from fasttune import (A2POConfig, A2POTrainer, DPOConfig, DPOTrainer, FastLanguageModel, FastVisionModel, GMPOConfig,
+                      GMPOTrainer, GRPOConfig, GRPOTrainer, KTOConfig, KTOTrainer, OnlineDPOConfig, OnlineDPOTrainer,
+                      RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 
 
 SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer),
