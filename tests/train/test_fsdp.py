@@ -133,12 +133,18 @@ SAMPLED = {"grpo": {"method": "grpo", "checkpointing": True, "evaluate": True},
            # too, after a staged load (FSDP run only: rank 1 has no weights until the model is sharded)
            # (its loss regresses beta2 x a log-ratio of ~1e-3: last-bit differences reach ~3e-6 in the adapter)
            "a2po": {"method": "a2po", "checkpointing": True, "staged": True, "adapter_atol": 1e-5}}
+# Distillation and GKD: the student's pass goes through the model's forward (the root's shards gathered), the
+# teacher whole on every rank; GKD's student samples gathered. Distillation after a staged load with a trained LM
+# head (the divergence reads the gathered head after the forward); the teacher is the MoE folder.
+DISTILLED = {"distillation": {"method": "distillation", "checkpointing": True, "modules_to_save": ["lm_head"],
+                              "staged": True},
+             "gkd": {"method": "gkd", "checkpointing": False}}
 TWO_ONLY = {"kto-fsdp": dict(KTO, fsdp=True), "kto-ddp": dict(KTO, fsdp=False),
             # KTO on rows with images (one rank's micro-batch of some steps without): FSDP equals DDP likewise
             "vision-kto-fsdp": {"vision": "qwen_vl", "method": "kto", "checkpointing": True, "fsdp": True},
             "vision-kto-ddp": {"vision": "qwen_vl", "method": "kto", "checkpointing": True, "fsdp": False},
             **{f"{m}-{mode}": dict(o, fsdp=mode == "fsdp", staged=o.get("staged", False) and mode == "fsdp")
-               for m, o in SAMPLED.items() for mode in ("fsdp", "ddp")}}
+               for m, o in {**SAMPLED, **DISTILLED}.items() for mode in ("fsdp", "ddp")}}
 
 
 def _one(options: dict) -> dict:
@@ -220,6 +226,17 @@ def test_sampling_under_fsdp_equals_ddp(fsdp_runs, method):
     torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(ddp), rtol=2e-4, atol=1e-7)
     _assert_same_adapter(root / "two" / f"{method}-ddp", root / "two" / f"{method}-fsdp",
                          SAMPLED[method].get("adapter_atol", 1e-6))
+
+
+@pytest.mark.parametrize("method", sorted(DISTILLED))
+def test_distillation_under_fsdp_equals_ddp(fsdp_runs, method):
+    """Distillation and GKD sharded (the student's samples and passes; the teacher whole on every rank) give DDP's
+    losses and adapter over the same 2 ranks."""
+    _, root, losses, _ = fsdp_runs
+    fsdp, ddp = losses[f"{method}-fsdp"][1], losses[f"{method}-ddp"][1]
+    assert len(fsdp) == 3 and len(set(fsdp)) == 3
+    torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(ddp), rtol=1e-5, atol=0)
+    _assert_same_adapter(root / "two" / f"{method}-ddp", root / "two" / f"{method}-fsdp")
 
 
 @pytest.mark.parametrize("case", ["kto", "vision-kto"])
@@ -345,11 +362,11 @@ def test_a_model_loaded_for_fsdp_needs_fsdp(tiny_model_dir, tmp_path):
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1))
 
 
-@pytest.mark.parametrize("name", ["DistillationTrainer", "GKDTrainer", "IWOPDTrainer", "SDFTTrainer",
-                                  "SDPOTrainer"])
+@pytest.mark.parametrize("name", ["IWOPDTrainer", "SDFTTrainer", "SDPOTrainer"])
 def test_trainers_built_on_grpo_refuse_fsdp_by_name(name, tmp_path):
     """The other trainers built on GRPO's sampling loop are refused under fsdp=True with their own names (GRPO, RLOO,
-    GMPO and online DPO train sharded, test_sampling_under_fsdp_equals_ddp; these have passes untested sharded)."""
+    GMPO, online DPO, A2PO, distillation and GKD train sharded: the tests above; these have passes untested
+    sharded)."""
     import fasttune
     from fasttune.errors import ConfigError
     from fasttune.train.fsdp import check_fsdp

@@ -348,7 +348,7 @@ class CausalLM(PreTrainedModel):
                 cache_position=None, cu_seq_lens_q=None, cu_seq_lens_k=None, max_length_q=None, max_length_k=None,
                 seq_idx=None, output_router_logits: bool | None = None, image_blocks=None, deepstack=None,
                 per_layer_ids=None, return_token_stats: bool = False, dft: bool = False, smoothing: float = 0.0,
-                cross=None):
+                cross=None, backbone: bool = False):
         """input_ids (B, T) int64 -> CausalLMOutput (transformers' ModelOutput; a tuple with return_dict=False).
 
         labels (B, T): -100 = ignored; loss = summed cross-entropy of label[t+1] given tokens <= t, divided by
@@ -372,7 +372,10 @@ class CausalLM(PreTrainedModel):
         smoothing e (transformers' label_smoothing_factor): each target's loss (1 - e) x cross-entropy + e x the
         mean of -log p over the vocabulary, as transformers' LabelSmoother (not with offload_lm_head). (No keyword
         here may contain "label" but `labels`: transformers' Trainer takes every such one for a label column.)
-        cross: Llama 3.2 Vision's image inputs to its cross-attention layers (models/vision.py builds them)."""
+        cross: Llama 3.2 Vision's image inputs to its cross-attention layers (models/vision.py builds them).
+        backbone=True: the decoder's output (BaseModelOutput: last_hidden_state (B, T, H), router_logits), without the
+        LM head: what a caller that applies the head itself reads (distillation's divergence), through this module's
+        forward so that FSDP gathers the root's shards (embeddings, LM head) and runs its hooks."""
         if output_router_logits is None:
             output_router_logits = bool(getattr(self.config, "output_router_logits", False))
         output_router_logits = output_router_logits and self.arch.num_experts > 0 and past_key_values is None
@@ -382,6 +385,8 @@ class CausalLM(PreTrainedModel):
                          cu_seq_lens_k=cu_seq_lens_k, seq_idx=seq_idx, output_router_logits=output_router_logits,
                          image_blocks=image_blocks, deepstack=deepstack, per_layer_ids=per_layer_ids, cross=cross,
                          last_only=past_key_values is not None and logits_to_keep == 1 and labels is None)
+        if backbone:
+            return out
         hidden = out.last_hidden_state
         router_logits = out.router_logits if output_router_logits and out.router_logits else None
         logits = loss = loss_sum = count = stats = None

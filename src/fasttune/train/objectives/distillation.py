@@ -100,12 +100,15 @@ class DistillationTrainer(GRPOTrainer):
         from fasttune.models.host_head import host_head
 
         a, model = self.args, self.model
+        # (from_pretrained(fsdp=True): the student waits in host memory, or on the meta device after rank 0, for
+        # the GPU FSDP moves it to; the teacher, whole on every rank, goes there now)
+        device = getattr(model, "fsdp_device", None) or model.device
         teacher = teacher if teacher is not None else a.teacher_model_name_or_path
         if teacher is None:
             raise ConfigError("DistillationTrainer needs a teacher: teacher_model=<a model or its folder>, or "
                               "DistillationConfig(teacher_model_name_or_path=...).")
         if isinstance(teacher, (str, os.PathLike)):
-            kw = {"dtype": model.dtype, "device": model.device, **(a.teacher_model_init_kwargs or {})}
+            kw = {"dtype": model.dtype, "device": device, **(a.teacher_model_init_kwargs or {})}
             teacher, _ = (FastVisionModel if self.vision else FastLanguageModel).from_pretrained(str(teacher), **kw)
         if teacher is model:
             raise ConfigError("The teacher is the student itself; give a separate (usually larger) teacher model.")
@@ -125,9 +128,9 @@ class DistillationTrainer(GRPOTrainer):
             raise ConfigError(f"The teacher's vocabulary ({teacher.lm_head.weight.shape[0]} tokens) is smaller than "
                               f"the student's ({model.lm_head.weight.shape[0]}): distillation compares their "
                               f"distributions token by token, so they need the same tokenizer.")
-        if teacher.device != model.device:
-            raise ConfigError(f"The teacher is on {teacher.device} and the student on {model.device}; load both on "
-                              f"the same device.")
+        if teacher.device != device:
+            raise ConfigError(f"The teacher is on {teacher.device} and the student on {device}; load both on the "
+                              f"same device.")
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)

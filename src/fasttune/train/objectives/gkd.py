@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from fasttune.data.formats import row_label
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError
+from fasttune.train.fsdp import is_sharded, unsharded
 from fasttune.train.objectives.distillation import DistillationConfig, DistillationTrainer
 
 __all__ = ["GKDTrainer", "GKDConfig"]
@@ -160,13 +162,15 @@ class GKDTrainer(DistillationTrainer):
             sources += [pick] * n
         completions = [list(ex["completion_ids"]) for ex in examples]
         truncated = [False] * len(examples)
-        for pick, model in (("student", None), ("teacher", self.teacher)):
-            where = [i for i, s in enumerate(sources) if s == pick]
-            if where:
-                ids, cut = self.sample([examples[i] for i in where], seed, model=model)
-                for i, c, t in zip(where, ids, cut):
-                    completions[i], truncated[i] = c, t
-        return self.score(examples, completions, truncated, sizes, group, across_ranks)
+        # (FSDP: the student samples gathered whole, as GRPO's rollout does; each rank runs its own generate calls)
+        with unsharded(self.model) if is_sharded(self.model) else nullcontext():
+            for pick, model in (("student", None), ("teacher", self.teacher)):
+                where = [i for i, s in enumerate(sources) if s == pick]
+                if where:
+                    ids, cut = self.sample([examples[i] for i in where], seed, model=model)
+                    for i, c, t in zip(where, ids, cut):
+                        completions[i], truncated[i] = c, t
+            return self.score(examples, completions, truncated, sizes, group, across_ranks)
 
     @torch.no_grad()
     def evaluation_pass(self, dataset=None, metric_key_prefix: str = "eval") -> dict:

@@ -109,7 +109,9 @@ def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
     score_positions(mask), to select them without a device sync; position_ids / media / aux_out /
     output_router_logits as in model_token_logprobs. On PaliGemma (family.prefix_lm) the scored tokens (the
     completions) are the suffix, attending causally, and the rest of each row the prefix, attending both ways (its
-    token_type_ids). Differentiable when the model trains."""
+    token_type_ids). Under FSDP the pass goes through the model's forward (backbone=True), which gathers the root's
+    shards; they stay gathered after it (FSDP's rule for the root), so the caller may read the LM head's weight.
+    Differentiable when the model trains."""
     from fasttune.models.moe import load_balancing_loss
 
     start = input_ids.shape[1] - mask.shape[1]
@@ -117,13 +119,17 @@ def scored_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, 
         output_router_logits = bool(getattr(model.config, "output_router_logits", False))
     router = aux_out is not None and model.arch.num_experts > 0 and output_router_logits
     prefix_lm = getattr(getattr(model, "family", None), "prefix_lm", False)
-    if media or prefix_lm:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
+    types = None
+    if prefix_lm:  # PaliGemma: the completions are the suffix
+        types = torch.zeros_like(input_ids)
+        types[:, start:] = mask.long()
+    if is_sharded(model):  # FSDP: through the root's forward, which gathers the embeddings and the LM head
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    output_router_logits=router, backbone=True, **({"token_type_ids": types} if prefix_lm else {}),
+                    **(media or {}))
+    elif media or prefix_lm:  # images merged into the embeddings, multimodal positions: the model's own backbone pass
         from fasttune.models.vision import VisionBackbone
 
-        types = None
-        if prefix_lm:  # PaliGemma: the completions are the suffix
-            types = torch.zeros_like(input_ids)
-            types[:, start:] = mask.long()
         out = VisionBackbone(model)(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                     output_router_logits=router, token_type_ids=types, **(media or {}))
     else:
