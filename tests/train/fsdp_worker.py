@@ -4,7 +4,8 @@ torchrun without fsdp) DDP.
 argv: model_dir runs-json, a list of [out_dir, options] run one after another in this process (starting Python,
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
 max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward" | "kto" |
-"grpo" | "rloo" | "gmpo" | "online_dpo" | "a2po" | "distillation" | "gkd"; evaluate: also evaluate() the sampling ones),
+"grpo" | "rloo" | "gmpo" | "online_dpo" | "a2po" | "distillation" | "gkd" |
+"iw_opd"; evaluate: also evaluate() the sampling ones),
 rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
@@ -22,14 +23,15 @@ import torch
 
 from fasttune import (A2POConfig, A2POTrainer, DistillationConfig, DistillationTrainer, DPOConfig, DPOTrainer,
                       FastLanguageModel, FastVisionModel, GKDConfig, GKDTrainer, GMPOConfig, GMPOTrainer, GRPOConfig,
-                      GRPOTrainer, KTOConfig, KTOTrainer, OnlineDPOConfig, OnlineDPOTrainer, RewardConfig,
-                      RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
+                      GRPOTrainer, IWOPDConfig, IWOPDTrainer, KTOConfig, KTOTrainer, OnlineDPOConfig,
+                      OnlineDPOTrainer, RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
 
 
 SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer),
             "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer), "a2po": (A2POConfig, A2POTrainer),
-            "distillation": (DistillationConfig, DistillationTrainer), "gkd": (GKDConfig, GKDTrainer)}
-TEACHER = ("distillation", "gkd")  # (the trainers with a teacher: the "qwen3_moe" folder beside model_dir)
+            "distillation": (DistillationConfig, DistillationTrainer), "gkd": (GKDConfig, GKDTrainer),
+            "iw_opd": (IWOPDConfig, IWOPDTrainer)}
+TEACHER = ("distillation", "gkd", "iw_opd")  # (the trainers with a teacher: the "qwen3_moe" folder beside model_dir)
 
 
 def _distinct(completions, **_):
@@ -106,8 +108,8 @@ def run(model_dir, out_dir, o):
         config, trainer_cls = SAMPLING[o["method"]]
         # (A2PO: one completion a prompt, and 2 reference samples a prompt for its stage 1's values)
         own = {"num_generations": 1, "num_value_samples": 2} if o["method"] == "a2po" else \
-            {"lmbda": 1.0, "max_new_tokens": 6} if o["method"] == "gkd" else {} if o["method"] in TEACHER else \
-            {"num_generations": 2, "beta": 0.1}
+            {"lmbda": 1.0, "max_new_tokens": 6} if o["method"] in ("gkd", "iw_opd") else \
+            {} if o["method"] in TEACHER else {"num_generations": 2, "beta": 0.1}
         args = config(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
                       max_completion_length=6, learning_rate=1e-2, max_steps=o.get("max_steps", 3), logging_steps=1,
                       shuffle=False, fsdp=o.get("fsdp", False), eval_strategy="no", per_device_eval_batch_size=2,
@@ -115,7 +117,7 @@ def run(model_dir, out_dir, o):
         given = {"reward_funcs": [_distinct]} if o["method"] not in TEACHER else \
             {"teacher_model": os.path.join(os.path.dirname(model_dir), "qwen3_moe")}  # (a teacher of another family)
         prompts = [{"prompt": f"question {i} a b"} for i in range(8)]
-        if o["method"] == "gkd":  # (conversations; lmbda=1: the student samples every completion)
+        if o["method"] in ("gkd", "iw_opd"):  # (conversations; lmbda=1: the student samples every completion)
             prompts = [{"messages": [{"role": "user", "content": f"question {i} a b"},
                                      {"role": "assistant", "content": "abc " * (1 + i % 3)}]} for i in range(8)]
         trainer = trainer_cls(model, args=args, processing_class=tok, train_dataset=prompts, **given,

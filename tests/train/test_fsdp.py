@@ -138,7 +138,8 @@ SAMPLED = {"grpo": {"method": "grpo", "checkpointing": True, "evaluate": True},
 # head (the divergence reads the gathered head after the forward); the teacher is the MoE folder.
 DISTILLED = {"distillation": {"method": "distillation", "checkpointing": True, "modules_to_save": ["lm_head"],
                               "staged": True},
-             "gkd": {"method": "gkd", "checkpointing": False}}
+             "gkd": {"method": "gkd", "checkpointing": False},
+             "iw_opd": {"method": "iw_opd", "checkpointing": True, "staged": True}}  # (GKD's, its own loss)
 TWO_ONLY = {"kto-fsdp": dict(KTO, fsdp=True), "kto-ddp": dict(KTO, fsdp=False),
             # KTO on rows with images (one rank's micro-batch of some steps without): FSDP equals DDP likewise
             "vision-kto-fsdp": {"vision": "qwen_vl", "method": "kto", "checkpointing": True, "fsdp": True},
@@ -230,8 +231,8 @@ def test_sampling_under_fsdp_equals_ddp(fsdp_runs, method):
 
 @pytest.mark.parametrize("method", sorted(DISTILLED))
 def test_distillation_under_fsdp_equals_ddp(fsdp_runs, method):
-    """Distillation and GKD sharded (the student's samples and passes; the teacher whole on every rank) give DDP's
-    losses and adapter over the same 2 ranks."""
+    """Distillation, GKD and IW-OPD sharded (the student's samples and passes; the teacher whole on every rank) give
+    DDP's losses and adapter over the same 2 ranks."""
     _, root, losses, _ = fsdp_runs
     fsdp, ddp = losses[f"{method}-fsdp"][1], losses[f"{method}-ddp"][1]
     assert len(fsdp) == 3 and len(set(fsdp)) == 3
@@ -362,11 +363,11 @@ def test_a_model_loaded_for_fsdp_needs_fsdp(tiny_model_dir, tmp_path):
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1))
 
 
-@pytest.mark.parametrize("name", ["IWOPDTrainer", "SDFTTrainer", "SDPOTrainer"])
+@pytest.mark.parametrize("name", ["SDFTTrainer", "SDPOTrainer"])
 def test_trainers_built_on_grpo_refuse_fsdp_by_name(name, tmp_path):
     """The other trainers built on GRPO's sampling loop are refused under fsdp=True with their own names (GRPO, RLOO,
-    GMPO, online DPO, A2PO, distillation and GKD train sharded: the tests above; these have passes untested
-    sharded)."""
+    GMPO, online DPO, A2PO, distillation, GKD and IW-OPD train sharded: the tests above; these swap EMA weights,
+    untested sharded)."""
     import fasttune
     from fasttune.errors import ConfigError
     from fasttune.train.fsdp import check_fsdp

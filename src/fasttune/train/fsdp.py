@@ -24,9 +24,10 @@ from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here
 
 
 # The trainers on GRPO's sampling loop tested under FSDP (sampling in `unsharded`, tests/train/test_fsdp.py; A2PO's
-# stage 1 too; distillation's and GKD's student passes through the model's forward, their teacher whole on each rank)
+# stage 1 too; distillation's, GKD's and IW-OPD's student passes through the model's forward, their teacher whole on
+# each rank)
 SHARDED_SAMPLERS = ("GRPOTrainer", "RLOOTrainer", "GMPOTrainer", "OnlineDPOTrainer", "A2POTrainer",
-                    "DistillationTrainer", "GKDTrainer")
+                    "DistillationTrainer", "GKDTrainer", "IWOPDTrainer")
 
 
 def check_fsdp(model, args, world: int, trainer_cls: type):
@@ -42,10 +43,10 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
         return
     from fasttune.models.causal_lm import CausalLM
 
-    if "GRPOTrainer" in lineage and trainer_name not in SHARDED_SAMPLERS:  # IW-OPD, SDFT, SDPO
+    if "GRPOTrainer" in lineage and trainer_name not in SHARDED_SAMPLERS:  # SDFT, SDPO
         raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPO's, RLOO's, GMPO's, online "
-                          f"DPO's, A2PO's, distillation's and GKD's sampling runs with the model gathered on every "
-                          f"rank; {trainer_name}'s other passes are untested sharded). Set fsdp=False.")
+                          f"DPO's, A2PO's and the distillation trainers' sampling runs with the model gathered on "
+                          f"every rank; {trainer_name}'s other passes are untested sharded). Set fsdp=False.")
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
                           "process. Launch with `fasttune train --gpus N --fsdp ...` or `torchrun --nproc-per-node N "
