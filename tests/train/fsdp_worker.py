@@ -5,7 +5,7 @@ argv: model_dir runs-json, a list of [out_dir, options] run one after another in
 torch and the process group once for all of them); options: grad_accum, fsdp, checkpointing, modules_to_save,
 max_steps, resume, dtype, load_in_4bit, load_in_8bit, load_in_fp8, packing, method ("sft" | "dpo" | "reward" | "kto" |
 "grpo" | "rloo" | "gmpo" | "online_dpo" | "a2po" | "distillation" | "gkd" |
-"iw_opd"; evaluate: also evaluate() the sampling ones),
+"iw_opd" | "sdft" | "sdpo" (SAMPLING); evaluate: also evaluate() the sampling ones),
 rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
@@ -24,14 +24,36 @@ import torch
 from fasttune import (A2POConfig, A2POTrainer, DistillationConfig, DistillationTrainer, DPOConfig, DPOTrainer,
                       FastLanguageModel, FastVisionModel, GKDConfig, GKDTrainer, GMPOConfig, GMPOTrainer, GRPOConfig,
                       GRPOTrainer, IWOPDConfig, IWOPDTrainer, KTOConfig, KTOTrainer, OnlineDPOConfig,
-                      OnlineDPOTrainer, RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer, SFTConfig, SFTTrainer)
+                      OnlineDPOTrainer, RewardConfig, RewardTrainer, RLOOConfig, RLOOTrainer, SDFTConfig, SDFTTrainer,
+                      SDPOConfig, SDPOTrainer, SFTConfig, SFTTrainer)
 
 
-SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer), "rloo": (RLOOConfig, RLOOTrainer), "gmpo": (GMPOConfig, GMPOTrainer),
-            "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer), "a2po": (A2POConfig, A2POTrainer),
-            "distillation": (DistillationConfig, DistillationTrainer), "gkd": (GKDConfig, GKDTrainer),
-            "iw_opd": (IWOPDConfig, IWOPDTrainer)}
-TEACHER = ("distillation", "gkd", "iw_opd")  # (the trainers with a teacher: the "qwen3_moe" folder beside model_dir)
+# The trainers on GRPO's sampling loop: (config, trainer, their own settings, their rows, reward / teacher given).
+GROUPS = {"num_generations": 2, "beta": 0.1}  # groups of 2 sampled completions, a KL term
+ON_POLICY = {"lmbda": 1.0, "max_new_tokens": 6}  # GKD's loop: the student samples every completion
+TEACHER = "teacher"  # (the "qwen3_moe" folder beside model_dir: a teacher of another family, the same tokenizer)
+SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer, GROUPS, "prompts", "reward"),
+            "rloo": (RLOOConfig, RLOOTrainer, GROUPS, "prompts", "reward"),
+            "gmpo": (GMPOConfig, GMPOTrainer, GROUPS, "prompts", "reward"),
+            "online_dpo": (OnlineDPOConfig, OnlineDPOTrainer, GROUPS, "prompts", "reward"),
+            # one completion a prompt, and 2 reference samples a prompt for stage 1's values
+            "a2po": (A2POConfig, A2POTrainer, {"num_generations": 1, "num_value_samples": 2}, "prompts", "reward"),
+            "distillation": (DistillationConfig, DistillationTrainer, {}, "prompts", TEACHER),
+            "gkd": (GKDConfig, GKDTrainer, ON_POLICY, "conversations", TEACHER),
+            "iw_opd": (IWOPDConfig, IWOPDTrainer, ON_POLICY, "conversations", TEACHER),
+            # the EMA teacher: its weights swapped into the (sharded) student for the teacher's passes
+            "sdft": (SDFTConfig, SDFTTrainer, {"num_generations": 2, "teacher_model_kind": "ema",
+                                               "teacher_update_rate": 0.5}, "privileged", None),
+            "sdpo": (SDPOConfig, SDPOTrainer, {"num_generations": 2}, "privileged", "reward")}
+
+
+def sampling_rows(kind: str) -> list[dict]:
+    """8 rows of a sampling trainer's kind: prompts, conversations (GKD's), or prompts with privileged context."""
+    if kind == "conversations":
+        return [{"messages": [{"role": "user", "content": f"question {i} a b"},
+                              {"role": "assistant", "content": "abc " * (1 + i % 3)}]} for i in range(8)]
+    extra = (lambda i: {"privileged_context": f"Answer: {i} b"}) if kind == "privileged" else (lambda i: {})
+    return [{"prompt": f"question {i} a b", **extra(i)} for i in range(8)]
 
 
 def _distinct(completions, **_):
@@ -105,21 +127,14 @@ def run(model_dir, out_dir, o):
         rows = [{"text": f"row {i} " + "abc " * (1 + i % 5)} for i in range(24)]
         config, trainer_cls = SFTConfig, SFTTrainer
     if o.get("method") in SAMPLING:  # groups of 2 sampled completions (each rank's stop at their own lengths)
-        config, trainer_cls = SAMPLING[o["method"]]
-        # (A2PO: one completion a prompt, and 2 reference samples a prompt for its stage 1's values)
-        own = {"num_generations": 1, "num_value_samples": 2} if o["method"] == "a2po" else \
-            {"lmbda": 1.0, "max_new_tokens": 6} if o["method"] in ("gkd", "iw_opd") else \
-            {} if o["method"] in TEACHER else {"num_generations": 2, "beta": 0.1}
+        config, trainer_cls, own, kind, given = SAMPLING[o["method"]]
         args = config(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
                       max_completion_length=6, learning_rate=1e-2, max_steps=o.get("max_steps", 3), logging_steps=1,
                       shuffle=False, fsdp=o.get("fsdp", False), eval_strategy="no", per_device_eval_batch_size=2,
                       **own)
-        given = {"reward_funcs": [_distinct]} if o["method"] not in TEACHER else \
-            {"teacher_model": os.path.join(os.path.dirname(model_dir), "qwen3_moe")}  # (a teacher of another family)
-        prompts = [{"prompt": f"question {i} a b"} for i in range(8)]
-        if o["method"] in ("gkd", "iw_opd"):  # (conversations; lmbda=1: the student samples every completion)
-            prompts = [{"messages": [{"role": "user", "content": f"question {i} a b"},
-                                     {"role": "assistant", "content": "abc " * (1 + i % 3)}]} for i in range(8)]
+        given = {"reward_funcs": [_distinct]} if given == "reward" else {} if given is None else \
+            {"teacher_model": os.path.join(os.path.dirname(model_dir), "qwen3_moe")}
+        prompts = sampling_rows(kind)
         trainer = trainer_cls(model, args=args, processing_class=tok, train_dataset=prompts, **given,
                               **({"eval_dataset": [{"prompt": f"check {i} c"} for i in range(3)]}  # (3 batches:
                                  if o.get("evaluate") else {}))  # 2 + 1)

@@ -133,13 +133,18 @@ SAMPLED = {"grpo": {"method": "grpo", "checkpointing": True, "evaluate": True},
            # too, after a staged load (FSDP run only: rank 1 has no weights until the model is sharded)
            # (its loss regresses beta2 x a log-ratio of ~1e-3: last-bit differences reach ~3e-6 in the adapter)
            "a2po": {"method": "a2po", "checkpointing": True, "staged": True, "adapter_atol": 1e-5}}
-# Distillation and GKD: the student's pass goes through the model's forward (the root's shards gathered), the
-# teacher whole on every rank; GKD's student samples gathered. Distillation after a staged load with a trained LM
-# head (the divergence reads the gathered head after the forward); the teacher is the MoE folder.
+# Distillation, GKD and IW-OPD: the student's pass goes through the model's forward (the root's shards gathered),
+# the teacher whole on every rank; GKD's student samples gathered. Distillation after a staged load with a trained
+# LM head (the divergence reads the gathered head after the forward); the teacher is the MoE folder. SDFT and SDPO:
+# their EMA teacher is the student with other weights.
 DISTILLED = {"distillation": {"method": "distillation", "checkpointing": True, "modules_to_save": ["lm_head"],
                               "staged": True},
              "gkd": {"method": "gkd", "checkpointing": False},
-             "iw_opd": {"method": "iw_opd", "checkpointing": True, "staged": True}}  # (GKD's, its own loss)
+             "iw_opd": {"method": "iw_opd", "checkpointing": True, "staged": True},  # (GKD's, its own loss)
+             # SDFT's EMA teacher: its weights swapped into the shards for the teacher's passes, blended after each
+             # step; after a staged load (rank 1's copy of meta tensors takes rank 0's values)
+             "sdft": {"method": "sdft", "checkpointing": True, "staged": True},
+             "sdpo": {"method": "sdpo", "checkpointing": True}}  # (rewards too; its EMA teacher reprompted)
 TWO_ONLY = {"kto-fsdp": dict(KTO, fsdp=True), "kto-ddp": dict(KTO, fsdp=False),
             # KTO on rows with images (one rank's micro-batch of some steps without): FSDP equals DDP likewise
             "vision-kto-fsdp": {"vision": "qwen_vl", "method": "kto", "checkpointing": True, "fsdp": True},
@@ -231,8 +236,8 @@ def test_sampling_under_fsdp_equals_ddp(fsdp_runs, method):
 
 @pytest.mark.parametrize("method", sorted(DISTILLED))
 def test_distillation_under_fsdp_equals_ddp(fsdp_runs, method):
-    """Distillation, GKD and IW-OPD sharded (the student's samples and passes; the teacher whole on every rank) give
-    DDP's losses and adapter over the same 2 ranks."""
+    """Distillation, GKD and IW-OPD sharded (the student's samples and passes; the teacher whole on every rank) and
+    SDFT and SDPO (their EMA teacher swapped into the shards) give DDP's losses and adapter over the same 2 ranks."""
     _, root, losses, _ = fsdp_runs
     fsdp, ddp = losses[f"{method}-fsdp"][1], losses[f"{method}-ddp"][1]
     assert len(fsdp) == 3 and len(set(fsdp)) == 3
@@ -363,19 +368,6 @@ def test_a_model_loaded_for_fsdp_needs_fsdp(tiny_model_dir, tmp_path):
                    args=SFTConfig(output_dir=str(tmp_path), max_steps=1))
 
 
-@pytest.mark.parametrize("name", ["SDFTTrainer", "SDPOTrainer"])
-def test_trainers_built_on_grpo_refuse_fsdp_by_name(name, tmp_path):
-    """The other trainers built on GRPO's sampling loop are refused under fsdp=True with their own names (GRPO, RLOO,
-    GMPO, online DPO, A2PO, distillation, GKD and IW-OPD train sharded: the tests above; these swap EMA weights,
-    untested sharded)."""
-    import fasttune
-    from fasttune.errors import ConfigError
-    from fasttune.train.fsdp import check_fsdp
-
-    with pytest.raises(ConfigError, match=f"fsdp=True is not supported for {name} yet"):
-        check_fsdp(object(), SimpleNamespace(fsdp=True), 2, getattr(fasttune, name))
-
-
 def test_sampling_trainers_refuse_a_copied_reference_under_fsdp():
     """GRPO's loop scores the reference inside the gathered rollout, where swapping in a copied reference is
     untested: a ConfigError naming the causes; a fresh adapter's reference (adapters off) and fsdp=False pass."""
@@ -391,13 +383,13 @@ def test_sampling_trainers_refuse_a_copied_reference_under_fsdp():
 
 @pytest.mark.parametrize("offload", ["offload_embedding", "offload_lm_head"])
 def test_weights_kept_in_host_memory_refuse_fsdp(offload, tiny_model_dir):
-    from fasttune import FastLanguageModel, SFTTrainer
+    from fasttune import FastLanguageModel
     from fasttune.errors import ConfigError
     from fasttune.train.fsdp import check_fsdp
 
     model, _ = FastLanguageModel.from_pretrained(str(tiny_model_dir("llama")), **{offload: True})
     with pytest.raises(ConfigError, match=f"fsdp=True shards the model .*{offload}=True keeps a weight"):
-        check_fsdp(model, SimpleNamespace(fsdp=True), 2, SFTTrainer)
+        check_fsdp(model, SimpleNamespace(fsdp=True), 2)
 
 
 def test_quantised_storage_stays_whole_where_torch_cannot_shard_integers(tiny_model_dir, monkeypatch):

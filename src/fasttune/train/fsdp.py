@@ -23,18 +23,10 @@ from fasttune.errors import ConfigError
 from fasttune.sharding import full_tensor, gather_state, is_sharded, writes_here  # noqa: F401
 
 
-# The trainers on GRPO's sampling loop tested under FSDP (sampling in `unsharded`, tests/train/test_fsdp.py; A2PO's
-# stage 1 too; distillation's, GKD's and IW-OPD's student passes through the model's forward, their teacher whole on
-# each rank)
-SHARDED_SAMPLERS = ("GRPOTrainer", "RLOOTrainer", "GMPOTrainer", "OnlineDPOTrainer", "A2POTrainer",
-                    "DistillationTrainer", "GKDTrainer", "IWOPDTrainer")
-
-
-def check_fsdp(model, args, world: int, trainer_cls: type):
+def check_fsdp(model, args, world: int):
     """ConfigError for combinations that cannot run sharded, and for a model loaded for FSDP (from_pretrained with
-    fsdp=True, still in host memory) given to a trainer without fsdp=True; called when the trainer (of class
-    `trainer_cls`) is built."""
-    trainer_name, lineage = trainer_cls.__name__, {c.__name__ for c in trainer_cls.__mro__}
+    fsdp=True, still in host memory) given to a trainer without fsdp=True; called when a trainer is built (every
+    fasttune trainer runs sharded: tests/train/test_fsdp.py; `world`: the launch's processes)."""
     if not getattr(args, "fsdp", False):
         if getattr(model, "fsdp_device", None) is not None:
             raise ConfigError("The model was loaded with from_pretrained(fsdp=True): it waits in host memory for FSDP "
@@ -43,10 +35,6 @@ def check_fsdp(model, args, world: int, trainer_cls: type):
         return
     from fasttune.models.causal_lm import CausalLM
 
-    if "GRPOTrainer" in lineage and trainer_name not in SHARDED_SAMPLERS:  # SDFT, SDPO
-        raise ConfigError(f"fsdp=True is not supported for {trainer_name} yet (GRPO's, RLOO's, GMPO's, online "
-                          f"DPO's, A2PO's and the distillation trainers' sampling runs with the model gathered on "
-                          f"every rank; {trainer_name}'s other passes are untested sharded). Set fsdp=False.")
     if world < 2:
         raise ConfigError("fsdp=True shards the model over the processes of a torchrun launch, but this is a single "
                           "process. Launch with `fasttune train --gpus N --fsdp ...` or `torchrun --nproc-per-node N "

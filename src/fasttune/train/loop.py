@@ -118,7 +118,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         self.tokenizer = tokenizer if tokenizer is not None else processing_class
         self.log_history: list[dict] = []
         self.dist = Dist()  # torchrun: joins the process group; otherwise a single process
-        check_fsdp(model, self.args, self.dist.world, type(self))
+        check_fsdp(model, self.args, self.dist.world)
         if getattr(model, "is_sequence_classifier", False) and not self.trains_classifiers:
             raise ConfigError(f"{type(self).__name__} trains language models, and this model is a sequence "
                               f"classifier (a `score` head, no LM head). Train a reward model (num_labels=1) with "
