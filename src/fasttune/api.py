@@ -67,12 +67,13 @@ class FastLanguageModel:
         fsdp=True loads for SFTConfig(fsdp=True) (FSDP2 over a torchrun launch, FSDP-QLoRA with load_in_4bit): rank
         0 quantises each weight on its GPU as it arrives and keeps the model in host memory; the other ranks build
         it on the meta device from the checkpoint's headers (no weights read; pre-quantised, .bin and GGUF
-        checkpoints are read and kept in host memory by every rank). The trainer moves the model to the GPUs one
+        checkpoints are read and kept in host memory by every rank; so are vision-language models, which
+        transformers reads whole into host memory on each rank). The trainer moves the model to the GPUs one
         decoder layer at a time as it shards it, rank 0 sending each layer to the others, so no GPU ever holds the
         whole model (a 70B model in 4 bits, ~37 GiB, trains on GPUs of 24 GiB) and one copy waits in host memory.
         Outside a torchrun launch on the CPU it loads as usual. ConfigError with offload_embedding /
-        offload_lm_head, and for vision-language models and the transformers fallback (fsdp=True does not shard
-        them).
+        offload_lm_head, for the transformers fallback (fsdp=True does not shard it) and for a sequence classifier
+        on a vision-language model.
 
         Sequence classifiers and reward models: auto_model=AutoModelForSequenceClassification (from transformers)
         with num_labels (1 for a reward model / regression), and optionally id2label, label2id and problem_type, as

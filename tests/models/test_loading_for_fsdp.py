@@ -81,10 +81,26 @@ def test_models_fsdp_does_not_shard_are_refused_before_loading(tmp_path, tiny_mo
 
     vision = tmp_path / "vl"
     qwen_vl_config().save_pretrained(vision)  # (a config alone: refused before any weight is looked for)
-    with pytest.raises(ConfigError, match=r"fsdp=True\): .*vision-language model"):
-        load_model(vision, torch.float32, "cpu", store="cpu")
+    with pytest.raises(ConfigError, match=r"fsdp=True\): .*sequence classifier on a qwen2_5_vl vision-language"):
+        load_model(vision, torch.float32, "cpu", store="cpu", classifier={"num_labels": 2})
     with pytest.raises(ConfigError, match="transformers fallback"):
         load_model(tiny_model_dir("llama"), torch.float32, "cpu", fast=False, store="cpu")
+
+
+def test_a_vision_language_model_is_read_on_every_rank(qwen_vl_dir):
+    """A vision-language checkpoint has no header-only build (transformers reads it whole): a rank after the first
+    (store "meta") reads it too and keeps it in host memory, no tensor left on the meta device, NF4 as a plain
+    load's."""
+    from fasttune.models.vision import VisionCausalLM
+
+    plain, _ = load_model(qwen_vl_dir, torch.float32, "cpu", quant="nf4")
+    kept, _ = load_model(qwen_vl_dir, torch.float32, "cpu", quant="nf4", store="meta")
+    assert isinstance(kept, VisionCausalLM) and kept.family is not None
+    tensors = dict(kept.state_dict())
+    assert tensors.keys() == plain.state_dict().keys()
+    assert not any(t.is_meta for t in tensors.values()) and all(t.device.type == "cpu" for t in tensors.values())
+    for name, t in plain.state_dict().items():
+        assert torch.equal(tensors[name], t), name
 
 
 def test_from_pretrained_fsdp(tiny_model_dir):

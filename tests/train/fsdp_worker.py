@@ -176,7 +176,8 @@ def run(model_dir, out_dir, o):
 def run_vision(model_dir, out_dir, o):
     """run() for a vision-language model (option "vision"): SFT, DPO or GRPO (method) on vision_rows."""
     torch.manual_seed(0)
-    model, proc = FastVisionModel.from_pretrained(model_dir, dtype=torch.float32)
+    model, proc = FastVisionModel.from_pretrained(model_dir, dtype=torch.float32, fsdp=o.get("staged", False),
+                                                  load_in_4bit=o.get("load_in_4bit", False))
     model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=True,
                                            use_gradient_checkpointing=o.get("checkpointing", False))
     method = o.get("method", "sft")

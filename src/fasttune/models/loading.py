@@ -350,11 +350,13 @@ def _dequantize(state, dtype: torch.dtype) -> torch.Tensor:
 
 
 def load_vision_model(path: Path, dtype: torch.dtype, device, quant: str | None = None,
-                      dequantize_fp8: bool = False) -> VisionCausalLM:
+                      dequantize_fp8: bool = False, store=None) -> VisionCausalLM:
     """A vision-language checkpoint folder -> VisionCausalLM. transformers loads the whole model on the CPU (it
     knows the checkpoint layouts; an FP8 checkpoint, `dequantize_fp8`, dequantised by its FineGrainedFP8Config), then
-    vision_model_from_hf moves it over. Raises ModelLoadError when transformers cannot load it."""
-    return vision_model_from_hf(_hf_vision_model(path, dtype, dequantize_fp8), dtype, device, str(path), quant)
+    vision_model_from_hf moves it over (`store`: where it is kept, as build_model's). Raises ModelLoadError when
+    transformers cannot load it."""
+    return vision_model_from_hf(_hf_vision_model(path, dtype, dequantize_fp8), dtype, device, str(path), quant,
+                                store=store)
 
 
 def _hf_vision_model(path: Path, dtype: torch.dtype, dequantize_fp8: bool):
@@ -402,10 +404,12 @@ def _language_model(hf) -> tuple:
     return text_config, [(f"model.{k}", v) for k, v in language.state_dict().items()]
 
 
-def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str | None = None) -> VisionCausalLM:
+def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str | None = None,
+                         store=None) -> VisionCausalLM:
     """transformers' vision-language model (e.g. Qwen2_5_VLForConditionalGeneration) -> VisionCausalLM: its
     vision modules move to `device` as they are; the language model's tensors fill our decoder (quantised with
-    `quant` like a text model). The language half of `hf` is left to the caller to free."""
+    `quant` like a text model). `store`: build_model's (the host for from_pretrained(fsdp=True): quantised on
+    `device`, kept there, the vision modules too). The language half of `hf` is left to the caller to free."""
     family = VISION_FAMILIES[hf.config.model_type]
     tower = getattr(hf.config.vision_config, "model_type", None)
     if family.layer_features and tower not in ("clip_vision_model", "siglip_vision_model"):
@@ -417,8 +421,9 @@ def vision_model_from_hf(hf, dtype: torch.dtype, device, source: str, quant: str
                                                               None) == "vision")
     if not text_config.tie_word_embeddings:
         tensors.append(("lm_head.weight", hf.lm_head.weight))
-    model = build_model(text_config, iter(tensors), dtype, device, source, quant, model_cls=VisionCausalLM)
-    modules = {attr: _moved(getattr(hf.model, hf_name), device, dtype)
+    model = build_model(text_config, iter(tensors), dtype, device, source, quant, model_cls=VisionCausalLM,
+                        store=store)
+    modules = {attr: _moved(getattr(hf.model, hf_name), device if store is None else store, dtype)
                for attr, hf_name in family.vision_modules
                if getattr(hf.model, hf_name, None) is not None}  # (Gemma 4 without audio has no audio tower)
     model.attach_vision(hf.config, family, modules)
@@ -450,8 +455,9 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     # damaged weight files are named here, on both paths, before anything is loaded
     check_weight_files(sorted(path.glob("*.safetensors")) + sorted(path.glob("pytorch_model*.bin")))
     if is_vision_config(hf_config):
-        if store is not None:
-            _refuse_staging(path, f"a {hf_config.model_type} vision-language model")
+        if store is not None and (classifier is not None or is_classification_config(hf_config)):
+            _refuse_staging(path, f"a sequence classifier on a {hf_config.model_type} vision-language model",
+                            shardable=True)
         if not fast:
             raise ModelLoadError(f"'{path}' is a {hf_config.model_type} vision-language model, which the "
                                  f"transformers fallback (fast=False) does not load; leave fast at True (its language "
@@ -459,7 +465,10 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
         method, _ = checkpoint_quantization(hf_config, path, fallback=False)
         if classifier is not None or is_classification_config(hf_config):
             return text_classifier_from_vision(path, hf_config, classifier, dtype, device, quant, method == "fp8")
-        return load_vision_model(path, dtype, device, quant, dequantize_fp8=method == "fp8"), hf_config
+        # (from_pretrained(fsdp=True): transformers reads the whole checkpoint into host memory on every rank anyway,
+        # so every rank keeps its model there, the ranks after the first too: none waits on the meta device)
+        return load_vision_model(path, dtype, device, quant, dequantize_fp8=method == "fp8",
+                                 store=None if store is None else "cpu"), hf_config
     model_cls = classifier_class(hf_config, classifier, str(path), fast)  # (fallback families are refused in it)
     # (decoder_runs: a family's layouts the decoder lacks, e.g. Granite 4.0-H's experts, stay on the fallback too)
     if not fast or not decoder_runs(hf_config):
@@ -490,8 +499,13 @@ def load_model(path: Path, dtype: torch.dtype, device, fast: bool = True, quant:
     return model, hf_config
 
 
-def _refuse_staging(path: Path, what: str):
-    """ConfigError: from_pretrained(fsdp=True) for a model FSDP does not shard."""
+def _refuse_staging(path: Path, what: str, shardable: bool = False):
+    """ConfigError: from_pretrained(fsdp=True) for a model FSDP does not shard, or (`shardable`) one that the
+    trainer's fsdp=True shards but that this load cannot keep in host memory for it."""
+    if shardable:
+        raise ConfigError(f"from_pretrained(fsdp=True): '{path}' is {what}, which this load does not keep in host "
+                          f"memory for FSDP yet. Load it without fsdp=True: the trainer's fsdp=True still shards it "
+                          f"(each rank loads it whole onto its GPU first).")
     raise ConfigError(f"from_pretrained(fsdp=True): '{path}' is {what}, which fsdp=True training does not shard "
                       f"(it needs fasttune's own text decoder). Load it without fsdp=True and train on one GPU, or on "
                       f"several with plain data parallelism (torchrun without fsdp).")
