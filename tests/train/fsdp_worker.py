@@ -10,6 +10,7 @@ rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded),
+rank_seed (_rank_seed),
 vision (a tiny vision-language model's folder beside model_dir, its tower trained with LoRA too; "sft", "dpo", "kto"
 and "grpo" (beta: its KL weight, default 0.1) on rows with images, some without: vision_rows).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
@@ -110,9 +111,10 @@ def run(model_dir, out_dir, o):
         tensors = [*model.parameters(), *model.buffers()]
         with open(f"{out_dir}/load_rank{os.environ.get('RANK', '0')}.json", "w") as f:
             json.dump({"meta": sum(t.is_meta for t in tensors), "tensors": len(tensors)}, f)
+    seeded = _rank_seed(o)
     model = FastLanguageModel.get_peft_model(model, r=4, lora_alpha=8, modules_to_save=o.get("modules_to_save"),
                                              use_gradient_checkpointing=o.get("checkpointing", False),
-                                             use_dora=o.get("use_dora", False))
+                                             use_dora=o.get("use_dora", False), **seeded)
     dpo = o.get("method") in ("dpo", "reward", "kto")
     if o.get("method") == "kto":
         from preference_oracle import unpaired_rows
@@ -173,12 +175,24 @@ def run(model_dir, out_dir, o):
     return trainer.dist.is_main, losses
 
 
+def _rank_seed(o) -> dict:
+    """Option rank_seed: seed each rank differently (1000 + its rank) before the LoRA weights are drawn, as
+    accelerate's set_seed(device_specific=True) does, and draw them from that seed (random_state=None; the default
+    3407 would draw the same on every rank): the trainer must start every rank from rank 0's adapter. Returns
+    get_peft_model's keywords."""
+    if not o.get("rank_seed"):
+        return {}
+    torch.manual_seed(1000 + int(os.environ.get("RANK", "0")))
+    return {"random_state": None}
+
+
 def run_vision(model_dir, out_dir, o):
     """run() for a vision-language model (option "vision"): SFT, DPO or GRPO (method) on vision_rows."""
     torch.manual_seed(0)
     model, proc = FastVisionModel.from_pretrained(model_dir, dtype=torch.float32, fsdp=o.get("staged", False),
                                                   load_in_4bit=o.get("load_in_4bit", False))
-    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=True,
+    seeded = _rank_seed(o)
+    model = FastVisionModel.get_peft_model(model, r=4, lora_alpha=8, finetune_vision_layers=True, **seeded,
                                            use_gradient_checkpointing=o.get("checkpointing", False))
     method = o.get("method", "sft")
     common = dict(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],

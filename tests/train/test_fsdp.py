@@ -73,6 +73,10 @@ CASES = {
     "fused-kernels": {"checkpointing": True, "kernels": "triton"},
     # plain DDP (no fsdp) with the default recompute mode: gradients all-reduced, every rank holding the model
     "ddp": {"fsdp": False, "checkpointing": "auto"},
+    # each rank seeded differently before its LoRA draws (accelerate's device-specific seeds): DDP and FSDP start
+    # every rank from rank 0's adapter (Dist.same_start), else the replicas train apart
+    "ddp-rank-seeds": {"fsdp": False, "checkpointing": True, "rank_seed": True},
+    "rank-seeds": {"checkpointing": True, "rank_seed": True},
     # a mixture of experts under DDP with TRL's load-balancing loss (weighted up so its share shows): each rank adds
     # its share / the step's micro-batches over all ranks, as DDP's average over ranks of TRL's / GA gives
     "ddp-moe-aux": {"fsdp": False, "checkpointing": False, "model": "qwen3_moe", "router_aux_loss_coef": 0.1},
@@ -110,7 +114,10 @@ CASES = {
     "mllama-sft": {"vision": "mllama", "checkpointing": True},
     # from_pretrained(fsdp=True) of a vision-language model (NF4 language layers): every rank keeps its model in
     # host memory (transformers reads the checkpoint whole there anyway) until FSDP moves it a layer at a time
-    "vision-staged-nf4": {"vision": "qwen_vl", "checkpointing": True, "staged": True, "load_in_4bit": True},
+    # (each rank seeded differently before its LoRA draws: every rank read the weights, so rank 0 sends the
+    # trainable ones alone as each part is placed)
+    "vision-staged-nf4": {"vision": "qwen_vl", "checkpointing": True, "staged": True, "load_in_4bit": True,
+                          "rank_seed": True},
     # the first half of the resume test below
     "lm-head-to-save": {"modules_to_save": ["lm_head"]},
 }

@@ -51,6 +51,22 @@ def _destroy_process_group():
     dist.destroy_process_group()
 
 
+def broadcast_from_rank0(tensors) -> None:
+    """Rank 0's values of `tensors` (the same list, shapes and dtypes on every rank) copied into every rank's, in
+    place, one packed broadcast per dtype. A collective."""
+    by_dtype: dict = {}
+    for t in tensors:
+        by_dtype.setdefault(t.dtype, []).append(t)
+    with torch.no_grad():
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            dist.broadcast(flat, src=0)
+            offset = 0
+            for t in group:
+                t.copy_(flat[offset:offset + t.numel()].view_as(t))
+                offset += t.numel()
+
+
 def launched_by_torchrun() -> bool:
     """Whether this process is one of several (torchrun's WORLD_SIZE > 1)."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -147,6 +163,15 @@ class Dist:
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
+
+    def same_start(self, model):
+        """Rank 0's values of `model`'s trainable parameters in every rank's, in place (no-op without torchrun), as
+        torch's DistributedDataParallel broadcasts a module when it wraps it: the ranks then start from one
+        adapter even when a script drew its LoRA weights after seeding each rank differently (accelerate's
+        set_seed(..., device_specific=True)), where the replicas would otherwise train apart. Every rank must call
+        it; the parameters are whole (not sharded yet) on this rank's device."""
+        if self.active:
+            broadcast_from_rank0([p for p in model.parameters() if p.requires_grad])
 
     def barrier(self):
         """Wait for every rank (no-op without torchrun)."""

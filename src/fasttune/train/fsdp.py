@@ -61,6 +61,7 @@ def shard_model(model):
     GPU's peak is the shards plus one layer."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from fasttune.train.distributed import broadcast_from_rank0
     from fasttune.train.fsdp_staged import any_rank_on_meta, place, place_outside
 
     if is_sharded(model):
@@ -74,6 +75,8 @@ def shard_model(model):
     if staged is not None:
         fill = any_rank_on_meta(model, staged)
         place_outside(model, layers, staged, fill)
+    else:  # one adapter on every rank before each rank keeps its shard (place() does it for a staged model)
+        broadcast_from_rank0([p for p in model.parameters() if p.requires_grad])
     for layer in layers:
         if staged is not None:
             place(layer, staged, fill)  # one whole layer on the GPU at a time: fully_shard keeps this rank's shard

@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fasttune.train.distributed import broadcast_from_rank0
+
 
 def _tensors(module: nn.Module, recurse: bool = True) -> list[torch.Tensor]:
     return list(chain(module.parameters(recurse=recurse), module.buffers(recurse=recurse)))
@@ -35,13 +37,17 @@ def any_rank_on_meta(model: nn.Module, device: torch.device) -> bool:
 
 def place(module: nn.Module, device: torch.device, fill: bool) -> None:
     """Put `module` (with its submodules) on `device`: moved there, or allocated empty where its tensors are on the
-    meta device; with `fill`, rank 0's tensors and NF4 offsets then broadcast into every rank's (a collective)."""
+    meta device; then rank 0's tensors and NF4 offsets broadcast into every rank's with `fill`, else rank 0's
+    trainable parameters only (every rank read the weights; the LoRA draws may differ: Dist.same_start). A
+    collective."""
     if any(t.is_meta for t in _tensors(module)):
         module.to_empty(device=device)
     else:
         module.to(device)
     if fill:
         _broadcast(module, _tensors(module))
+    else:
+        broadcast_from_rank0([p for p in module.parameters() if p.requires_grad])
 
 
 def place_outside(model: nn.Module, layers: list, device: torch.device, fill: bool) -> None:

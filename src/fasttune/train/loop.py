@@ -236,6 +236,8 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         model.train()
         if args.fsdp:
             shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
+        else:
+            self.dist.same_start(model)  # (DDP: one adapter on every rank; shard_model does it under FSDP)
         self._resolve_auto_checkpointing()
         self._graph_step = cuda_graph_step_for(self) if args.cuda_graphs else None
         optimizer = self.optimizer = self._given_optimizers[0] or build_optimizer(model, args)
