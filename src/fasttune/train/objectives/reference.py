@@ -175,7 +175,9 @@ def _reshard(model):
     """Under FSDP2, free every sharded module's gathered parameters, so that the next forward gathers the values just
     swapped into the shards: FSDP keeps the root's parameters (embeddings, LM head, a vision tower) gathered after a
     forward, and the policy's forward after a reference pass would otherwise run with the reference's LM head (or
-    the reverse). A no-op without FSDP."""
+    the reverse). A no-op without FSDP (whose root is then not sharded either)."""
+    if not is_sharded(model):
+        return
     for m in model.modules():
         if is_sharded(m):
             m.reshard()
