@@ -10,7 +10,7 @@ rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded),
-rank_seed (_rank_seed),
+rank_seed (_rank_seed), prompts (how many rows a sampling trainer gets, default 8),
 vision (a tiny vision-language model's folder beside model_dir, its tower trained with LoRA too; "sft", "dpo", "kto"
 and "grpo" (beta: its KL weight, default 0.1) on rows with images, some without: vision_rows).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
@@ -48,13 +48,13 @@ SAMPLING = {"grpo": (GRPOConfig, GRPOTrainer, GROUPS, "prompts", "reward"),
             "sdpo": (SDPOConfig, SDPOTrainer, {"num_generations": 2}, "privileged", "reward")}
 
 
-def sampling_rows(kind: str) -> list[dict]:
-    """8 rows of a sampling trainer's kind: prompts, conversations (GKD's), or prompts with privileged context."""
+def sampling_rows(kind: str, n: int = 8) -> list[dict]:
+    """n rows of a sampling trainer's kind: prompts, conversations (GKD's), or prompts with privileged context."""
     if kind == "conversations":
         return [{"messages": [{"role": "user", "content": f"question {i} a b"},
-                              {"role": "assistant", "content": "abc " * (1 + i % 3)}]} for i in range(8)]
+                              {"role": "assistant", "content": "abc " * (1 + i % 3)}]} for i in range(n)]
     extra = (lambda i: {"privileged_context": f"Answer: {i} b"}) if kind == "privileged" else (lambda i: {})
-    return [{"prompt": f"question {i} a b", **extra(i)} for i in range(8)]
+    return [{"prompt": f"question {i} a b", **extra(i)} for i in range(n)]
 
 
 def _distinct(completions, **_):
@@ -136,7 +136,7 @@ def run(model_dir, out_dir, o):
                       **own)
         given = {"reward_funcs": [_distinct]} if given == "reward" else {} if given is None else \
             {"teacher_model": os.path.join(os.path.dirname(model_dir), "qwen3_moe")}
-        prompts = sampling_rows(kind)
+        prompts = sampling_rows(kind, o.get("prompts", 8))
         trainer = trainer_cls(model, args=args, processing_class=tok, train_dataset=prompts, **given,
                               **({"eval_dataset": [{"prompt": f"check {i} c"} for i in range(3)]}  # (3 batches:
                                  if o.get("evaluate") else {}))  # 2 + 1)

