@@ -60,7 +60,9 @@ def cross_inputs(states: torch.Tensor, tile_mask: torch.Tensor, patches: int, dt
     (transformers' _prepare_cross_attention_mask, as a bool mask). own_images (B, T, images) bool, for packed rows:
     the images of each position's document; a position attending none then opens to its own document's images (every
     tile) instead of the row's, and one whose document has none is left as it is (CrossInputs.attend)."""
-    def positions(mask):  # (B, T, images, tiles) -> (B, 1, T, V)
+    def positions(mask: torch.Tensor) -> torch.Tensor:
+        """A per-tile mask (B, T, images, tiles) -> a bool mask over the image positions (B, 1, T, V): each tile's
+        value repeated for its `patches` positions."""
         return mask.bool().repeat_interleave(patches, dim=3).flatten(2)[:, None]
 
     allowed = positions(tile_mask)

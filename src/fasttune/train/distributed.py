@@ -51,20 +51,26 @@ def _destroy_process_group():
     dist.destroy_process_group()
 
 
-def broadcast_from_rank0(tensors) -> None:
-    """Rank 0's values of `tensors` (the same list, shapes and dtypes on every rank) copied into every rank's, in
-    place, one packed broadcast per dtype. A collective."""
+def _packed(tensors, collective) -> None:
+    """Run `collective` (in place on one flat tensor) over `tensors` packed per dtype, and copy the results back into
+    them: one collective per dtype instead of one per LoRA matrix."""
     by_dtype: dict = {}
     for t in tensors:
         by_dtype.setdefault(t.dtype, []).append(t)
     with torch.no_grad():
         for group in by_dtype.values():
             flat = torch.cat([t.detach().reshape(-1) for t in group])
-            dist.broadcast(flat, src=0)
+            collective(flat)
             offset = 0
             for t in group:
                 t.copy_(flat[offset:offset + t.numel()].view_as(t))
                 offset += t.numel()
+
+
+def broadcast_from_rank0(tensors) -> None:
+    """Rank 0's values of `tensors` (the same list, shapes and dtypes on every rank) copied into every rank's, in
+    place, one packed broadcast per dtype. A collective."""
+    _packed(tensors, lambda flat: dist.broadcast(flat, src=0))
 
 
 def launched_by_torchrun() -> bool:
@@ -151,18 +157,11 @@ class Dist:
         joins as zeros). Every rank must call it."""
         if not self.active:
             return
-        by_dtype: dict = {}
+        params = list(params)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)  # a rank without data this step still joins the reduction
-            by_dtype.setdefault(p.grad.dtype, []).append(p.grad)
-        for grads in by_dtype.values():  # one collective per dtype instead of one per LoRA matrix
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
-                offset += g.numel()
+        _packed([p.grad for p in params], dist.all_reduce)
 
     def same_start(self, model):
         """Rank 0's values of `model`'s trainable parameters in every rank's, in place (no-op without torchrun), as
