@@ -19,6 +19,9 @@ def main():
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--expert-lora", action="store_true", help="MoE shapes: LoRA on the experts too (as bench_lora)")
     ap.add_argument("--offload-embedding", action="store_true", help="ours reads the input embedding from host memory")
+    ap.add_argument("--offload-lm-head", action="store_true", help="ours streams the LM head from host memory")
+    ap.add_argument("--lean-saves", action="store_true", help="as bench_lora's --lean-saves")
+    ap.add_argument("--recompute-layers", type=int, default=None, help="as bench_lora's --recompute-layers")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--sort", default="self_cuda_time_total", help="with --ops, e.g. self_cpu_time_total")
     ap.add_argument("--ops", action="store_true", help="group by aten op and input shapes")
@@ -27,11 +30,19 @@ def main():
                                                         "every synchronising op of one step")
     ap.add_argument("--memory", action="store_true", help="where reserved memory sits instead of a profile: the "
                                                            "allocator's segments by CUDA stream, used and cached")
+    ap.add_argument("--growth", action="store_true", help="what makes reserved memory grow: the allocator's "
+                                                           "history over the first steps, each new mapping of "
+                                                           "device memory by the call site that needed it")
+    ap.add_argument("--trace", default="", help="after --host (if given): a chrome trace of one step (CPU ops and "
+                                                "kernels) written gzipped to this path, and the GPU's idle time")
     ap.add_argument("--stacks", default="", help="comma-separated aten ops (e.g. aten::copy_,aten::add) whose "
                                                  "Python call sites to list, by CUDA time")
     a = ap.parse_args()
     bench_lora.EXPERT_LORA[0] = a.expert_lora
     bench_lora.OFFLOAD_EMBEDDING[0] = a.offload_embedding
+    bench_lora.OFFLOAD_LM_HEAD[0] = a.offload_lm_head
+    bench_lora.LEAN_SAVES[0] = a.lean_saves
+    bench_lora.RECOMPUTE_LAYERS[0] = a.recompute_layers
     torch.manual_seed(0)
     model = build_ours(a.shape, a.gc, 16, a.quant)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -44,11 +55,17 @@ def main():
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if a.growth:
+        _growth(step)
+        return
     for _ in range(3):
         step()
     torch.cuda.synchronize()
     if a.host:
         _host_check(model, ids, step)
+    if a.trace:
+        _trace(step, a.trace)
+    if a.host or a.trace:
         return
     if a.memory:
         _memory_by_stream()
@@ -131,6 +148,99 @@ def _memory_by_stream():
     stats = torch.cuda.memory_stats()
     print("allocation retries (cache freed to fit):", stats.get("num_alloc_retries"),
           "; device allocations:", stats.get("num_device_alloc"), "; frees:", stats.get("num_device_free"))
+
+
+def _trace(step, path: str):
+    """One step under torch.profiler (CPU and CUDA), saved as a gzipped chrome trace; prints the step's wall time
+    and how long the GPU ran no kernel on any stream (the gaps a host-bound or waiting step leaves)."""
+    import gzip
+    import os
+    import tempfile
+    import time
+
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA and e.time_range.end > e.time_range.start)
+    busy, end = 0.0, None
+    for a, b in spans:
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    first = spans[0][0] if spans else 0
+    print(f"trace step: wall {1e3 * wall:.1f} ms, GPU kernels span {(end - first) / 1e3:.1f} ms, "
+          f"GPU busy {busy / 1e3:.1f} ms")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(raw)
+        with open(raw, "rb") as f, gzip.open(path, "wb") as out:
+            out.write(f.read())
+
+
+def _growth(step, steps: int = 3):
+    """Reserved memory grows when no cached block of the allocating stream fits: replay the allocator's history of
+    the first `steps` steps and sum each growth (a new segment, or pages mapped onto an expandable one) by the call
+    site that asked for it, with the bytes allocated and reserved at that moment; then the blocks cached at the
+    reserved peak by size. Source of the trace format: torch.cuda.memory._snapshot()'s "device_traces"."""
+    gib = 2**30
+    torch.cuda.memory._record_memory_history(stacks="python", max_entries=2_000_000)
+    starts = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        starts.append(torch.cuda.memory_reserved())
+        step()
+    torch.cuda.synchronize()
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    print("reserved before each step (GiB):", [round(s / gib, 2) for s in starts],
+          "after:", round(torch.cuda.memory_reserved() / gib, 2),
+          "peak allocated", round(torch.cuda.max_memory_allocated() / gib, 2))
+    trace = [e for dev in snap["device_traces"] for e in dev]
+    allocated = reserved = 0
+    by_site, growths, live = {}, [], {}
+    for e in trace:
+        act, size = e["action"], e["size"]
+        if act == "alloc":
+            allocated += size
+            live[e["addr"]] = (size, e.get("stream", 0))
+        elif act == "free_completed":
+            allocated -= size
+            live.pop(e["addr"], None)
+        elif act in ("segment_alloc", "segment_map"):
+            reserved += size
+            frames = [f"{f['filename'].split('/')[-1]}:{f['line']} {f['name']}" for f in e.get("frames", [])
+                      if "fasttune" in f["filename"] or "bench" in f["filename"]][:4]
+            key = (e.get("stream", 0), tuple(frames))
+            n, total = by_site.get(key, (0, 0))
+            by_site[key] = (n + 1, total + size)
+            growths.append((size, allocated, reserved))
+        elif act in ("segment_free", "segment_unmap"):
+            reserved -= size
+    print(f"{len(growths)} growths, {sum(g[0] for g in growths) / gib:.2f} GiB mapped; the largest 12 "
+          "(size, allocated then, reserved after):")
+    for size, al, res in sorted(growths, key=lambda g: -g[0])[:12]:
+        print(f"   {size / gib:6.2f}  {al / gib:6.2f}  {res / gib:6.2f}")
+    print("growth by stream and call site (GiB, count):")
+    for (stream, frames), (n, total) in sorted(by_site.items(), key=lambda kv: -kv[1][1])[:15]:
+        print(f"  {total / gib:6.2f} GiB {n:4d}x stream {stream:#x}")
+        for f in frames:
+            print("        ", f)
+    _memory_by_stream()
+    sizes = {}
+    for seg in torch.cuda.memory_snapshot():
+        for b in seg["blocks"]:
+            if b["state"] == "inactive" and b["size"] >= 2**20:
+                key = round(b["size"] / 2**20, -1)
+                sizes[key] = sizes.get(key, 0) + 1
+    print("cached free blocks now, MiB (rounded) x count:", sorted(sizes.items(), key=lambda kv: -kv[0] * kv[1])[:20])
 
 
 def _print_stacks(prof, names):

@@ -110,11 +110,19 @@ def test_block_kept_only_where_its_copies_hide_under_the_arithmetic():
 
 
 def test_host_pool_reuses_a_buffer_among_other_sizes():
-    """A pooled buffer is found among idle ones of other sizes (list.remove compared tensors elementwise)."""
+    """A pooled buffer is found among idle ones of other sizes (list.remove compared tensors elementwise), and is
+    handed out only after the copy that last read it is done (the host waits then, not in backward)."""
     from fasttune.models.offload import _HostPool
 
-    pool = _HostPool()
+    class Copy:  # stands for the torch.cuda.Event that load() returns a buffer with
+        waited = False
+
+        def synchronize(self):
+            self.waited = True
+
+    pool, copy = _HostPool(), Copy()
     big, fit = torch.empty(100, dtype=torch.uint8), torch.empty(50, dtype=torch.uint8)
-    pool.idle = [big, fit]
-    assert pool.get(48) is fit
-    assert len(pool.idle) == 1 and pool.idle[0] is big
+    pool.put(big)
+    pool.put(fit, copy)
+    assert pool.get(48) is fit and copy.waited
+    assert len(pool.idle) == 1 and pool.idle[0][0] is big

@@ -67,7 +67,8 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     """The one copy stream of `device`, shared by every offload store and streamed weight. The caching allocator
     keeps freed blocks per stream: a new stream per forward pass (torch hands out 32 in turn) left each step's
     copy buffers cached for streams that came back only 32 steps later, and the reserved memory grew to several
-    times the allocated (38-60 GiB reserved for 12 GiB allocated at 32K tokens)."""
+    times the allocated (38-60 GiB reserved for 12 GiB allocated at 32K tokens). For the same reason the copies
+    on it write into memory allocated from the main stream (the callers allocate first): it caches no blocks."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _SIDE_STREAMS:
         _SIDE_STREAMS[index] = torch.cuda.Stream(torch.device("cuda", index))

@@ -41,9 +41,14 @@ def head_tiles(weight: torch.Tensor, device: torch.device, dtype: torch.dtype, r
     side = side_stream(device)
 
     def fetch(start):
-        """Start copying the tile of `rows` rows from `start` on the side stream -> (tile, its copy's event)."""
+        """Start copying the tile of `rows` rows from `start` on the side stream -> (tile, its copy's event). The tile
+        is the main stream's memory (as in models/offload.py's fetch: the side stream keeps no cache of its own), so
+        the copy first waits for the main stream's queued work, which may still use that memory."""
+        source = weight[start:start + rows]
+        tile = torch.empty(source.shape, dtype=source.dtype, device=device)
+        side.wait_stream(main)
         with torch.cuda.stream(side):
-            tile = weight[start:start + rows].to(device, non_blocking=True)
+            tile.copy_(source, non_blocking=True)
             done = torch.cuda.Event()
             done.record(side)
         return tile, done
@@ -52,7 +57,6 @@ def head_tiles(weight: torch.Tensor, device: torch.device, dtype: torch.dtype, r
     for start in range(0, v, rows):
         tile, done = pending
         main.wait_event(done)
-        tile.record_stream(main)
         if start + rows < v:
             pending = fetch(start + rows)
         yield start, tile.to(dtype)

@@ -463,6 +463,8 @@ class DecoderModel(nn.Module):
             for i, layer in enumerate(self.layers):
                 source = getattr(layer.mixer, "kv_source", None)
                 recompute = offload is not None and i < recomputed
+                if offload is not None and i == recomputed:  # the last offloaded layer's tensors, before the kept
+                    offload[0].release_copied()  # layers allocate (LayerInputOffloader.save)
                 with lean_saves(self.lean_saves and not recompute):
                     x = self._run_layer(layer, x, *ropes[layer.mixer.rope_kind], masks, offload if recompute else None,
                                         output_router_logits and layer.is_moe, None if ple is None else ple[:, :, i],
@@ -474,6 +476,8 @@ class DecoderModel(nn.Module):
                     router_logits.append(logits)
                 if i < len(deep_feats):
                     x = add_at(x, deep_mask, deep_feats[i])
+            if offload is not None:
+                offload[0].release_copied()
         else:  # generation: no recompute, keys/values go to the cache
             first_shared = cfg.num_layers - cfg.kv_shared_layers if last_only and t > 1 and cfg.kv_shared_layers \
                 else None

@@ -55,18 +55,24 @@ def _meminfo_available() -> int:
 class _HostPool:
     """Page-locked host buffers, reused across steps. torch's pinned allocator rounds every block up to a power
     of two (a 3.4 GB layer input at 400K tokens takes 4 GiB), so buffers are plain host byte tensors registered
-    with CUDA instead: exactly the bytes asked for, pinned once and reused while the sizes fit."""
+    with CUDA instead: exactly the bytes asked for, pinned once and reused while the sizes fit.
+
+    A buffer comes back with the event of the last copy that reads it (`put`), and is handed out again only once that
+    copy is done: backward never waits on the host for its copies (a wait there let the GPU catch up with Python)."""
 
     def __init__(self):
-        self.idle: list[torch.Tensor] = []
+        self.idle: list[tuple[torch.Tensor, torch.cuda.Event | None]] = []
         self.registered: set[int] = set()
 
     def get(self, nbytes: int) -> torch.Tensor:
         """A pinned uint8 host buffer of at least `nbytes` (an idle one up to 25% larger, else a new one)."""
         # By position, not list.remove: that compares tensors with ==, elementwise (an error between sizes).
-        fits = [i for i, b in enumerate(self.idle) if nbytes <= b.numel() <= nbytes * 5 // 4]
+        fits = [i for i, (b, _) in enumerate(self.idle) if nbytes <= b.numel() <= nbytes * 5 // 4]
         if fits:
-            return self.idle.pop(min(fits, key=lambda i: self.idle[i].numel()))
+            buf, copied = self.idle.pop(min(fits, key=lambda i: self.idle[i][0].numel()))
+            if copied is not None:
+                copied.synchronize()  # (long done by the next forward pass: backward's copies ran a step ago)
+            return buf
         self.release_idle()  # other sizes (another sequence length): give their pages back first
         buf = torch.empty(nbytes, dtype=torch.uint8)
         if int(torch.cuda.cudart().cudaHostRegister(buf.data_ptr(), nbytes, 0)) == 0:
@@ -75,13 +81,16 @@ class _HostPool:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
         return buf
 
-    def put(self, buf: torch.Tensor):
-        """Return `buf` (from get) to the pool once no copy reads or writes it."""
-        self.idle.append(buf)
+    def put(self, buf: torch.Tensor, copied: torch.cuda.Event | None = None):
+        """Return `buf` (from get) to the pool; `copied`: the event after the last copy that reads or writes it
+        (None: no copy is pending)."""
+        self.idle.append((buf, copied))
 
     def release_idle(self):
-        """Unpin and free every idle buffer."""
-        for buf in self.idle:
+        """Unpin and free every idle buffer (once its copies are done)."""
+        for buf, copied in self.idle:
+            if copied is not None:
+                copied.synchronize()
             if buf.data_ptr() in self.registered:
                 torch.cuda.cudart().cudaHostUnregister(buf.data_ptr())
                 self.registered.discard(buf.data_ptr())
@@ -138,6 +147,7 @@ class LayerInputOffloader:
         self.device = device
         self.side = side_stream(device) if device.type == "cuda" and offload else None
         self.slots: list[dict | None] = []
+        self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # (saved tensor, its copy's event): release_copied
         budget = host_offload_budget() if host_bytes is None else host_bytes
         self.host_left = budget if self.side is not None else 0
         self.attention = None  # an AttentionKeeper when the layers' attention outputs are kept (keep_attention)
@@ -173,7 +183,7 @@ class LayerInputOffloader:
     def save(self, x: torch.Tensor) -> int:
         """Keep a layer's input x until backward and return its slot index for `load`: copied to a pinned host buffer on
         the side stream, or kept on the device (the tensor itself, detached) without offloading, on a CPU, or once the
-        host budget (host_offload_budget) is used up."""
+        host budget (host_offload_budget) is used up. An offloaded x stays referenced until `release_copied`."""
         nbytes = x.numel() * x.element_size()
         if self.side is None or nbytes > self.host_left:
             # Kept on the device: no offloading asked for, a CPU, or host memory is used up (very long
@@ -187,40 +197,63 @@ class LayerInputOffloader:
         self.side.wait_stream(torch.cuda.current_stream(self.device))  # x must be computed before it is copied
         with torch.cuda.stream(self.side):
             host.copy_(x, non_blocking=True)
-        x.record_stream(self.side)  # x's memory is not reused until the copy is done
+            copied = torch.cuda.Event()
+            copied.record(self.side)
+        # x stays referenced until the main stream has waited for its copy (release_copied), not record_stream'd:
+        # a block freed with a pending side-stream use is held back from every allocation until the GPU has run
+        # that copy, and Python runs layers ahead of the GPU, so at 32K tokens such held blocks grew the cache by
+        # tens of GiB. Freed after the main stream's wait, the block is reused in stream order at once.
+        self.copying.append((x, copied))
         self.slots.append({"host": host, "buf": buf, "dev": None, "event": None})
         return len(self.slots) - 1
+
+    def release_copied(self):
+        """Let go of the device tensors whose host copies `save` started (this store's and its keepers'): the main
+        stream waits for the copies (in stream order; the host does not wait), then the references are dropped, so
+        their memory goes to the main stream's next allocations. Called as each offloaded layer starts (its
+        predecessor's copies had that layer's time), after the last one, and by `load`."""
+        for store in (self, *(k.store for k in (self.attention, self.block) if k is not None)):
+            if store.copying:
+                # One side stream runs the copies in order: waiting for the last one waits for them all.
+                torch.cuda.current_stream(store.device).wait_event(store.copying[-1][1])
+                store.copying = []
 
     def __del__(self):
         # A forward whose backward never ran (an exception, or a graph dropped unused) still holds host
         # buffers: wait for their copies, then give them back to the pool instead of leaking page-locked memory.
         leftovers = [slot["buf"] for slot in self.slots if slot is not None and "buf" in slot]
-        if leftovers:
-            self.side.synchronize()
+        if leftovers or getattr(self, "copying", None):
+            self.side.synchronize()  # (also: no copy may still read a tensor freed with `copying`)
             for buf in leftovers:
                 _POOL.put(buf)
 
     def fetch(self, i: int):
-        """Start copying entry i back to the device on the side stream (no-op if it is there already)."""
+        """Start copying entry i back to the device on the side stream (no-op if it is there already). The device
+        tensor is allocated from the main stream's blocks (a side stream's freed blocks serve only that stream, and
+        its cache grew by a layer's values each time Python ran ahead of the GPU); the copy waits for the work
+        already queued on the main stream, which may still use the memory it gets."""
         slot = self.slots[i]
         if slot is None or slot["dev"] is not None:
             return  # freed, fetched already, or never left the device
+        main = torch.cuda.current_stream(self.device)
+        dev = torch.empty(slot["host"].shape, dtype=slot["host"].dtype, device=self.device)
+        self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
-            slot["dev"] = slot["host"].to(self.device, non_blocking=True)
+            dev.copy_(slot["host"], non_blocking=True)
             slot["event"] = torch.cuda.Event()
             slot["event"].record(self.side)
+        slot["dev"] = dev
 
     def load(self, i: int, prefetch: bool = True) -> torch.Tensor:
-        """Entry i (layer i's input) on the device; with `prefetch`, starts bringing back entry i-1."""
+        """Entry i (layer i's input) on the device; with `prefetch`, starts bringing back entry i-1. The host never
+        waits here: the main stream waits for the copy, and the host buffer returns to the pool with its event."""
         slot = self.slots[i]
         if self.side is not None:
+            self.release_copied()  # (backward has begun: the forward pass's last copies)
             self.fetch(i)
-            main = torch.cuda.current_stream(self.device)
             if slot["event"] is not None:
-                main.wait_event(slot["event"])
-                slot["dev"].record_stream(main)
-                slot["event"].synchronize()  # the copy from the host buffer is done: it may be reused
-                _POOL.put(slot["buf"])
+                torch.cuda.current_stream(self.device).wait_event(slot["event"])
+                _POOL.put(slot["buf"], slot["event"])
             if prefetch and i > 0:
                 self.fetch(i - 1)
         self.slots[i] = None  # frees the host copy once backward no longer needs it
@@ -255,6 +288,7 @@ class _OffloadedLayer(torch.autograd.Function):
         device as they are."""
         ctx.set_materialize_grads(False)  # a second output (MoE router logits) may get no gradient
         ctx.run, ctx.offloader = run, offloader
+        offloader.release_copied()  # the layer before's copies had its time: its tensors' memory may be reused
         ctx.slot = offloader.save(x)
         ctx.x_requires_grad = x.requires_grad
         ctx.extras_require_grad = [e.requires_grad for e in extras]
