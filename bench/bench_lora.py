@@ -268,6 +268,7 @@ LEAN_SAVES = [False]  # --lean-saves (set in main): ours' kept layers rebuild no
 NO_LEAN = [False]  # --no-lean (set in main): --gc auto's pick without lean saves
 NO_PARTIAL_OFFLOAD = [False]  # --no-partial-offload (set in main): --gc auto's pick with every input on the GPU
 MEMORY_CAP_GIB = [None]  # --memory-cap-gib (set in main): the GPU memory the process may use, as a smaller card
+KEEP_BLOCK = ["auto"]  # --keep-block (set in main): the kept attention block's cost model, or always / never
 RECOMPUTE_LAYERS = [None]  # --recompute-layers (set in main): ours recomputes only the first N layers
 # --token-stats / --label-smoothing (set in main): ours' model call asks for TRL's SFT token metrics too, or smooths
 TOKEN_STATS = [{}]
@@ -532,6 +533,7 @@ def run_one(impl: str, shape: str, gc: str, bs: int, seq: int, steps: int, warmu
            "cuda_graphs": graphs is not None and graphs.replays > 0, "steps": steps,
            "recompute_layers": getattr(model, "recompute_layers", None) if impl == "ours" else None,
            "lean_saves": impl == "ours" and bool(getattr(model, "lean_saves", False)), "auto_pick": auto_pick,
+           "keep_block": KEEP_BLOCK[0] if impl == "ours" else None,
            "token_stats": bool(TOKEN_STATS[0].get("return_token_stats")),
            "label_smoothing": TOKEN_STATS[0].get("smoothing", 0.0),
            "tokens_per_second": round(bs * seq * steps / elapsed, 1),
@@ -594,6 +596,9 @@ def main():
     ap.add_argument("--lean-saves", action="store_true",
                     help="ours: layers that keep their activations rebuild norm and activation outputs in backward")
     ap.add_argument("--no-lean", action="store_true", help="--gc auto: pick without lean saves (the A/B)")
+    ap.add_argument("--keep-block", choices=["auto", "always", "never"], default="auto",
+                    help="ours with --gc offload: keep each recomputed layer's q/k/v and post-attention residual on "
+                         "the host whatever block_pays says (models/kept_block.py), or never: the A/B of its cost model")
     ap.add_argument("--no-partial-offload", action="store_true",
                     help="--gc auto: pick without sending part of the layer inputs to the host (the A/B)")
     ap.add_argument("--recompute-layers", type=int, default=None,
@@ -608,6 +613,11 @@ def main():
     a = ap.parse_args()
     RECOMPUTE_LAYERS[0] = a.recompute_layers
     LEAN_SAVES[0] = a.lean_saves
+    KEEP_BLOCK[0] = a.keep_block
+    if a.keep_block != "auto":  # the A/B of kept_block.block_pays (bench only: the product keeps its cost model)
+        import fasttune.models.decoder as decoder
+
+        decoder.block_pays = lambda *args, keep=a.keep_block == "always": keep
     NO_LEAN[0] = a.no_lean
     NO_PARTIAL_OFFLOAD[0] = a.no_partial_offload
     EXPERT_LORA[0] = a.expert_lora
