@@ -4,7 +4,9 @@ with "offload" that input lives in pinned CPU memory between forward and backwar
 Forward: the layer runs without building a graph; its input is copied to the host on a side CUDA stream while
 the next layers compute. Backward (layers in reverse): the input of layer i is already on the GPU (it was
 prefetched while layer i+1 ran its backward); layer i is recomputed from it and back-propagated, and the copy
-of layer i-1's input starts. The copies overlap compute instead of stalling it.
+of layer i-1's input starts. The copies overlap compute instead of stalling it. Every device tensor a copy reads or
+writes is the main stream's memory, given back in stream order once the main stream has waited for the copy, and
+the host never waits for a copy in a training step (Python runs layers ahead of the GPU; see save and fetch).
 
 On a CPU the same path runs with plain host copies, so the recompute logic is tested without a GPU.
 """
