@@ -10,7 +10,8 @@ rows (KTO's unpaired rows), kernels
 (FASTTUNE_KERNELS for that run),
 batch (per_device_train_batch_size, default 2), model (another tiny family's folder beside model_dir),
 router_aux_loss_coef (SFT), staged (from_pretrained(fsdp=True): the model waits in host memory until sharded),
-rank_seed (_rank_seed), prompts (how many rows a sampling trainer gets, default 8),
+rank_seed (_rank_seed), prompts (how many rows a sampling trainer gets, default 8), config (a sampling trainer's
+config fields over its own settings),
 vision (a tiny vision-language model's folder beside model_dir, its tower trained with LoRA too; "sft", "dpo", "kto"
 and "grpo" (beta: its KL weight, default 0.1) on rows with images, some without: vision_rows).
 Prints {out_dir: per-step losses} (JSON) on rank 0.
@@ -130,10 +131,11 @@ def run(model_dir, out_dir, o):
         config, trainer_cls = SFTConfig, SFTTrainer
     if o.get("method") in SAMPLING:  # groups of 2 sampled completions (each rank's stop at their own lengths)
         config, trainer_cls, own, kind, given = SAMPLING[o["method"]]
-        args = config(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
+        fields = dict(output_dir=out_dir, per_device_train_batch_size=2, gradient_accumulation_steps=o["grad_accum"],
                       max_completion_length=6, learning_rate=1e-2, max_steps=o.get("max_steps", 3), logging_steps=1,
                       shuffle=False, fsdp=o.get("fsdp", False), eval_strategy="no", per_device_eval_batch_size=2,
                       **own)
+        args = config(**{**fields, **o.get("config", {})})
         given = {"reward_funcs": [_distinct]} if given == "reward" else {} if given is None else \
             {"teacher_model": os.path.join(os.path.dirname(model_dir), "qwen3_moe")}
         prompts = sampling_rows(kind, o.get("prompts", 8))
@@ -166,6 +168,15 @@ def run(model_dir, out_dir, o):
                     held["whole"] += t.numel()
         with open(f"{out_dir}/quant_shards_rank{trainer.dist.rank}.json", "w") as f:
             json.dump(held, f)
+    if o.get("fsdp") and isinstance(getattr(trainer, "teacher", None), torch.nn.Module):  # (SDFT's: the EMA swap)
+        from torch.distributed.tensor import DTensor  # this rank's share of the teacher
+
+        from fasttune.sharding import is_sharded
+
+        params = list(trainer.teacher.model.layers.parameters())  # (its root stays gathered after a pass)
+        with open(f"{out_dir}/teacher_rank{trainer.dist.rank}.json", "w") as f:
+            json.dump({"sharded": is_sharded(trainer.teacher), "whole": sum(p.numel() for p in params),
+                       "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)}, f)
     losses = [h["loss"] for h in trainer.log_history if "loss" in h]
     if o.get("method") in SAMPLING:  # what was sampled and scored, step by step, and an evaluation split 2 + 1
         evaluated = trainer.evaluate() if o.get("evaluate") else None

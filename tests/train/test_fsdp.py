@@ -144,9 +144,10 @@ SAMPLED = {"grpo": {"method": "grpo", "checkpointing": True, "evaluate": True},
            # (its loss regresses beta2 x a log-ratio of ~1e-3: last-bit differences reach ~3e-6 in the adapter)
            "a2po": {"method": "a2po", "checkpointing": True, "staged": True, "adapter_atol": 1e-5}}
 # Distillation, GKD and IW-OPD: the student's pass goes through the model's forward (the root's shards gathered),
-# the teacher whole on every rank; GKD's student samples gathered. Distillation after a staged load with a trained
-# LM head (the divergence reads the gathered head after the forward); the teacher is the MoE folder. SDFT and SDPO:
-# their EMA teacher is the student with other weights.
+# the teacher sharded too (DDP: whole on every rank); GKD's student samples gathered. Distillation after a staged
+# load (the teacher read from its folder staged as well) with a trained LM head (the divergence reads the gathered
+# heads after the forwards); the teacher is the MoE folder. SDFT and SDPO: their EMA teacher is the student with
+# other weights.
 DISTILLED = {"distillation": {"method": "distillation", "checkpointing": True, "modules_to_save": ["lm_head"],
                               "staged": True},
              "gkd": {"method": "gkd", "checkpointing": False},
@@ -157,7 +158,15 @@ DISTILLED = {"distillation": {"method": "distillation", "checkpointing": True, "
              "sdpo": {"method": "sdpo", "checkpointing": True},  # (rewards too; its EMA teacher reprompted)
              # 3 prompts: the third step is short, and rank 1's filler runs the teacher's pass (EMA weights swapped
              # in) before the student's, as rank 0's micro-batch does
-             "sdft-short-step": {"method": "sdft", "checkpointing": True, "prompts": 3}}
+             "sdft-short-step": {"method": "sdft", "checkpointing": True, "prompts": 3},
+             # 5 prompts (one completion each, 4 a step): rank 1 has none in the second step, and its filler runs
+             # the sharded teacher's pass after the student's, as rank 0's micro-batch does; an evaluation of 3
+             # batches (2 on rank 0, 1 on rank 1) with the teacher gathered too
+             "distillation-short-step": {"method": "distillation", "checkpointing": True, "prompts": 5,
+                                         "evaluate": True, "config": {"per_device_eval_batch_size": 1}},
+             # the teacher samples every completion (seq_kd, lmbda 0): gathered whole for the rollouts
+             "gkd-seq-kd": {"method": "gkd", "checkpointing": False, "config": {"lmbda": 0.0, "seq_kd": True}}}
+TEACHERS = ["distillation", "gkd", "iw_opd", "distillation-short-step", "gkd-seq-kd"]  # (a separate teacher model)
 TWO_ONLY = {"kto-fsdp": dict(KTO, fsdp=True), "kto-ddp": dict(KTO, fsdp=False),
             # KTO on rows with images (one rank's micro-batch of some steps without): FSDP equals DDP likewise
             "vision-kto-fsdp": {"vision": "qwen_vl", "method": "kto", "checkpointing": True, "fsdp": True},
@@ -249,13 +258,22 @@ def test_sampling_under_fsdp_equals_ddp(fsdp_runs, method):
 
 @pytest.mark.parametrize("method", sorted(DISTILLED))
 def test_distillation_under_fsdp_equals_ddp(fsdp_runs, method):
-    """Distillation, GKD and IW-OPD sharded (the student's samples and passes; the teacher whole on every rank) and
-    SDFT and SDPO (their EMA teacher swapped into the shards) give DDP's losses and adapter over the same 2 ranks."""
+    """Distillation, GKD and IW-OPD sharded (the student's samples and passes, and the teacher: each rank holds half
+    of it) and SDFT and SDPO (their EMA teacher swapped into the shards) give DDP's losses and adapter over the same 2
+    ranks; with a short step (a filler's teacher pass) and with the teacher sampling (gathered for the rollouts)."""
     _, root, losses, _ = fsdp_runs
     fsdp, ddp = losses[f"{method}-fsdp"][1], losses[f"{method}-ddp"][1]
     assert len(fsdp) == 3 and len(set(fsdp)) >= 2
     torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(ddp), rtol=1e-5, atol=0)
     _assert_same_adapter(root / "two" / f"{method}-ddp", root / "two" / f"{method}-fsdp")
+    if method in TEACHERS:  # each rank held about half of the teacher's layers (FSDP pads the last shard; its root,
+        # the embeddings and the head, stays gathered after its first pass, as the student's)
+        for rank in (0, 1):
+            held = json.loads((root / "two" / f"{method}-fsdp" / f"teacher_rank{rank}.json").read_text())
+            assert held["sharded"] and 0.45 * held["whole"] <= held["local"] <= 0.55 * held["whole"], held
+    if DISTILLED[method].get("evaluate"):
+        runs = [json.loads((root / "two" / f"{method}-{m}" / "grpo_log.json").read_text()) for m in ("fsdp", "ddp")]
+        assert runs[0]["eval"]["eval_loss"] == pytest.approx(runs[1]["eval"]["eval_loss"], rel=1e-5)
 
 
 @pytest.mark.parametrize("case", ["kto", "vision-kto"])

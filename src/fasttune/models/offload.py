@@ -149,7 +149,7 @@ class LayerInputOffloader:
         self.device = device
         self.side = side_stream(device) if device.type == "cuda" and offload else None
         self.slots: list[dict | None] = []
-        self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # (saved tensor, its copy's event): release_copied
+        self.copying: list[tuple[torch.Tensor, torch.cuda.Event]] = []  # (tensor, its copy's event): release_copied
         budget = host_offload_budget() if host_bytes is None else host_bytes
         self.host_left = budget if self.side is not None else 0
         self.attention = None  # an AttentionKeeper when the layers' attention outputs are kept (keep_attention)

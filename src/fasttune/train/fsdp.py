@@ -14,7 +14,7 @@ floating parameter). The small fp32 scales stay whole on every rank.
 from __future__ import annotations
 
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
@@ -171,6 +171,17 @@ def unsharded(model):
             m.reshard()
         for m in layers:
             m.set_reshard_after_forward(True, recurse=False)
+
+
+@contextmanager
+def all_unsharded(*models):
+    """`unsharded` for each of `models` that is sharded (None and unsharded ones are skipped), entered in order:
+    a policy and the teacher it is distilled from, say. Collective like unsharded: every rank enters the same ones."""
+    with ExitStack() as stack:
+        for model in models:
+            if model is not None and is_sharded(model):
+                stack.enter_context(unsharded(model))
+        yield
 
 
 def integer_params_shardable() -> bool:

@@ -236,6 +236,7 @@ class Trainer(ObjectiveHooks, CallbackMethods, TrainerMethods):
         model.train()
         if args.fsdp:
             shard_model(model)  # before the optimizer (it must hold this rank's shards) and the memory estimate
+            self.shard_companions()
         else:
             self.dist.same_start(model)  # (DDP: one adapter on every rank; shard_model does it under FSDP)
         self._resolve_auto_checkpointing()

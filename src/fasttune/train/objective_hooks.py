@@ -37,6 +37,10 @@ class ObjectiveHooks:
         and whatever collate_batch needs). Required; raises ConfigError / DataError for data that does not fit."""
         raise NotImplementedError
 
+    def shard_companions(self) -> None:
+        """Under FSDP, shard the other models this objective runs beside the policy (a distillation teacher), as the
+        loop starts training, right after the policy: none by default."""
+
     def filler_loss(self, num_items: int) -> torch.Tensor:
         """A loss of value 0 (on the device) whose backward the loop runs on a rank short of micro-batches in a step
         under FSDP: its forward and backward join every sharded layer's collectives, as the busiest rank's passes do,

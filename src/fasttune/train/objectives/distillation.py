@@ -16,6 +16,7 @@ import torch
 from fasttune.constants import MEDIA_KEYS
 from fasttune.errors import ConfigError
 from fasttune.kernels.distill_divergence import token_divergence
+from fasttune.train.fsdp import is_sharded, shard_model
 from fasttune.train.objectives.grpo import GRPOTrainer
 from fasttune.train.objectives.grpo_config import OnlineRLConfig
 from fasttune.train.objectives.reference import scored_hidden
@@ -101,14 +102,16 @@ class DistillationTrainer(GRPOTrainer):
 
         a, model = self.args, self.model
         # (from_pretrained(fsdp=True): the student waits in host memory, or on the meta device after rank 0, for
-        # the GPU FSDP moves it to; the teacher, whole on every rank, goes there now)
+        # the GPU FSDP moves it to; under FSDP a teacher read from a folder is loaded the same way, and sharded with
+        # the student when training starts: shard_companions)
         device = getattr(model, "fsdp_device", None) or model.device
         teacher = teacher if teacher is not None else a.teacher_model_name_or_path
         if teacher is None:
             raise ConfigError("DistillationTrainer needs a teacher: teacher_model=<a model or its folder>, or "
                               "DistillationConfig(teacher_model_name_or_path=...).")
         if isinstance(teacher, (str, os.PathLike)):
-            kw = {"dtype": model.dtype, "device": device, **(a.teacher_model_init_kwargs or {})}
+            kw = {"dtype": model.dtype, "device": device, **({"fsdp": True} if a.fsdp else {}),
+                  **(a.teacher_model_init_kwargs or {})}
             teacher, _ = (FastVisionModel if self.vision else FastLanguageModel).from_pretrained(str(teacher), **kw)
         if teacher is model:
             raise ConfigError("The teacher is the student itself; give a separate (usually larger) teacher model.")
@@ -128,13 +131,38 @@ class DistillationTrainer(GRPOTrainer):
             raise ConfigError(f"The teacher's vocabulary ({teacher.lm_head.weight.shape[0]} tokens) is smaller than "
                               f"the student's ({model.lm_head.weight.shape[0]}): distillation compares their "
                               f"distributions token by token, so they need the same tokenizer.")
-        if teacher.device != device:
+        if getattr(teacher, "fsdp_device", teacher.device) != device:  # (a staged teacher: the GPU it will use)
             raise ConfigError(f"The teacher is on {teacher.device} and the student on {device}; load both on the "
                               f"same device.")
         teacher.eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
         return teacher
+
+    def shard_companions(self) -> None:
+        """Under FSDP the teacher is sharded like the student (each decoder layer, then the root; train/fsdp.py's
+        shard_model), as TRL's trainers prepare it with accelerate: each GPU holds its share of the teacher and
+        gathers a layer's weights just before the layer runs. Its passes then run in lockstep on every rank (the
+        micro-batches, and filler_loss in a short step); its root (embeddings, final norm, LM head) stays gathered
+        after its first pass (FSDP's rule for the root, which the divergence reads)."""
+        if not is_sharded(self.teacher):
+            shard_model(self.teacher)
+
+    def gathered_for_evaluation(self) -> list:
+        """The student and the teacher: an evaluation's ranks run different numbers of batches."""
+        return [self.model, self.teacher]
+
+    def filler_loss(self, num_items: int) -> torch.Tensor:
+        """GRPO's zero-weight pass (a rank without a micro-batch in a short step under FSDP), then the sharded
+        teacher's pass over the same prompt, as a busy rank's micro_batch_loss runs the student's and then the
+        teacher's (their layers' gathers meet in that order)."""
+        loss = super().filler_loss(num_items)
+        if is_sharded(self.teacher):
+            ids, mask, media = self.filler_inputs()
+            last = torch.ones((1, 1), dtype=torch.bool, device=ids.device)
+            with torch.no_grad():
+                scored_hidden(self.teacher, ids, mask, last, None, None, media or None)
+        return loss
 
     # --- sampling: no rewards, one completion per prompt ----------------------------------------------------------
     def score(self, examples: list[dict], completion_ids: list[list[int]], truncated: list[bool],

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ import torch
 from fasttune.data.formats import row_label
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError
-from fasttune.train.fsdp import is_sharded, unsharded
+from fasttune.train.fsdp import all_unsharded
 from fasttune.train.objectives.distillation import DistillationConfig, DistillationTrainer
 
 __all__ = ["GKDTrainer", "GKDConfig"]
@@ -162,8 +161,9 @@ class GKDTrainer(DistillationTrainer):
             sources += [pick] * n
         completions = [list(ex["completion_ids"]) for ex in examples]
         truncated = [False] * len(examples)
-        # (FSDP: the student samples gathered whole, as GRPO's rollout does; each rank runs its own generate calls)
-        with unsharded(self.model) if is_sharded(self.model) else nullcontext():
+        # (FSDP: the student samples gathered whole, as GRPO's rollout does, and with seq_kd the teacher too; each
+        # rank runs its own generate calls)
+        with all_unsharded(self.model, self.teacher if a.seq_kd else None):
             for pick, model in (("student", None), ("teacher", self.teacher)):
                 where = [i for i, s in enumerate(sources) if s == pick]
                 if where:

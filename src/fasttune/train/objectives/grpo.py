@@ -10,7 +10,6 @@ the reward functions' scoring in grpo_rewards.py, the entropy bonus in grpo_entr
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ from fasttune.data.sources import load_rows, source_name
 from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, prompt_media, require_processor,
                                          row_images, with_image_payloads)
 from fasttune.errors import ConfigError, DataError
-from fasttune.train.fsdp import is_sharded, unsharded
+from fasttune.train.fsdp import all_unsharded
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
@@ -361,7 +360,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         try:
             # under torchrun each rank samples every world-th batch; losses and metrics are gathered (FSDP: with the
             # model gathered on every rank for the whole pass, whose ranks run different numbers of batches)
-            with unsharded(self.model) if is_sharded(self.model) else nullcontext():
+            with all_unsharded(*self.gathered_for_evaluation()):
                 losses = self._evaluation_batches(prompts, per_batch, n)
             rollouts = self.step_metrics(across_ranks=True)
         finally:
@@ -370,6 +369,11 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         losses = [x for part in self.dist.gather(host_values(losses)) for x in part]
         metrics = {"loss": float(sum(losses)) / len(losses), **rollouts}
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
+
+    def gathered_for_evaluation(self) -> list:
+        """The models evaluation_pass gathers whole on every rank under FSDP (its ranks run different numbers of
+        batches, so the sharded passes could not meet): the policy; a distillation teacher too."""
+        return [self.model]
 
     def _evaluation_batches(self, prompts: list[dict], per_batch: int, n: int) -> list:
         """This rank's share of evaluation_pass's batches (every world-th): their losses (device scalars)."""
@@ -439,12 +443,16 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         a training example holds a prompt, not a scored completion, so the pass is one policy forward over the first
         prompt (with its images) and its last token's log-prob times 0. micro_batch_loss runs one forward too, and no
         other collective in such a step (its ranks are not in lockstep)."""
+        ids, mask, media = self.filler_inputs()
+        return self.completion_logps(ids, mask, 1, None, media).sum() * 0.0
+
+    def filler_inputs(self) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(input_ids (1, P), attention_mask, media) of the first training prompt on the device: filler_loss's pass."""
         example = self.train_examples[0]
         ids = torch.tensor([example["prompt_ids"]])
         media = prompt_media([example], self.tokenizer) if self.vision else {}
         dev = self.to_device({"input_ids": ids, "attention_mask": torch.ones_like(ids), **media})
-        ids, mask = dev.pop("input_ids"), dev.pop("attention_mask")
-        return self.completion_logps(ids, mask, 1, None, dev).sum() * 0.0
+        return dev.pop("input_ids"), dev.pop("attention_mask"), dev
 
     def policy_logps(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """The policy's (log-probs, entropies) (B, n) float32 of the batch's completion tokens (completion_logps)
