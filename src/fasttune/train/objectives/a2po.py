@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import math
 import sys
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
 from fasttune.errors import ConfigError, DataError
-from fasttune.train.fsdp import is_sharded, shard_model, unsharded
+from fasttune.train.fsdp import shard_model
 from fasttune.train.objectives.grpo import GRPOTrainer
 from fasttune.train.objectives.grpo_config import OnlineRLConfig
 
@@ -191,7 +190,7 @@ class A2POTrainer(GRPOTrainer):
             # without weights until then), with the model gathered whole: each rank samples its own share of the
             # prompts, a different number of forwards (the training loop's own shard_model call is then a no-op).
             shard_model(self.model)
-        with unsharded(self.model) if is_sharded(self.model) else nullcontext():
+        with self.gathered():
             self.estimate_optimal_values()
         return super()._train(resume_from_checkpoint)
 

@@ -148,9 +148,9 @@ class DistillationTrainer(GRPOTrainer):
         if not is_sharded(self.teacher):
             shard_model(self.teacher)
 
-    def gathered_for_evaluation(self) -> list:
-        """The student and the teacher: an evaluation's ranks run different numbers of batches."""
-        return [self.model, self.teacher]
+    def evaluation_companions(self) -> tuple:
+        """The teacher: an evaluation's ranks run different numbers of batches."""
+        return (self.teacher,)
 
     def filler_loss(self, num_items: int) -> torch.Tensor:
         """GRPO's zero-weight pass (a rank without a micro-batch in a short step under FSDP), then the sharded

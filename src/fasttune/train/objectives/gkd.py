@@ -21,7 +21,6 @@ import torch
 from fasttune.data.formats import row_label
 from fasttune.data.sources import load_rows, source_name
 from fasttune.errors import ConfigError, DataError
-from fasttune.train.fsdp import all_unsharded
 from fasttune.train.objectives.distillation import DistillationConfig, DistillationTrainer
 
 __all__ = ["GKDTrainer", "GKDConfig"]
@@ -163,7 +162,7 @@ class GKDTrainer(DistillationTrainer):
         truncated = [False] * len(examples)
         # (FSDP: the student samples gathered whole, as GRPO's rollout does, and with seq_kd the teacher too; each
         # rank runs its own generate calls)
-        with all_unsharded(self.model, self.teacher if a.seq_kd else None):
+        with self.gathered(self.teacher if a.seq_kd else None):
             for pick, model in (("student", None), ("teacher", self.teacher)):
                 where = [i for i, s in enumerate(sources) if s == pick]
                 if where:

@@ -21,7 +21,6 @@ from fasttune.data.sources import load_rows, source_name
 from fasttune.data.vision_prompts import (encode_vision_prompt, has_images, prompt_media, require_processor,
                                          row_images, with_image_payloads)
 from fasttune.errors import ConfigError, DataError
-from fasttune.train.fsdp import all_unsharded
 from fasttune.train.host_reads import host_values
 from fasttune.train.loop import Trainer
 from fasttune.train.trl_args import load_named_model, router_aux_loss_weight
@@ -57,18 +56,6 @@ def _fp32_head(model, name: str) -> None:
                           f"streamed head computes 16-bit logits). Load the model without offload_lm_head, or leave "
                           f"cast_lm_head_to_fp32=False.")
     model.fp32_head = True
-
-
-def check_sharded_reference(trainer_name: str, args, reference: ReferencePolicy):
-    """ConfigError under fsdp=True for a reference kept as a copy of the trainable weights (an adapter that is not
-    fresh: loaded from a folder, or with modules_to_save; sync_ref_model): GRPO's loop scores the reference inside
-    the rollout, with the model gathered whole and each rank running its own number of forwards, where swapping the
-    copy in is untested (a fresh adapter's reference, the adapters switched off, runs there)."""
-    if getattr(args, "fsdp", False) and reference.is_copy:
-        raise ConfigError(f"fsdp=True: {trainer_name}'s reference here is a copy of the trainable weights (an adapter "
-                          f"loaded from a folder, modules_to_save, or sync_ref_model), which is not supported sharded "
-                          f"yet. Start from a fresh adapter without modules_to_save, or set fsdp=False (GRPO, RLOO "
-                          f"and GMPO: or beta=0, no reference).")
 
 
 class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer):
@@ -181,7 +168,6 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         self.reference: ReferencePolicy | None = None
         if self.uses_reference:
             self.reference = synced_reference(self.model, a)
-            check_sharded_reference(type(self).__name__, a, self.reference)
         self.eps_low = a.epsilon
         self.eps_high = a.epsilon_high if a.epsilon_high is not None else a.epsilon
         self.start_entropy_control(a)
@@ -360,7 +346,7 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         try:
             # under torchrun each rank samples every world-th batch; losses and metrics are gathered (FSDP: with the
             # model gathered on every rank for the whole pass, whose ranks run different numbers of batches)
-            with all_unsharded(*self.gathered_for_evaluation()):
+            with self.gathered(*self.evaluation_companions()):
                 losses = self._evaluation_batches(prompts, per_batch, n)
             rollouts = self.step_metrics(across_ranks=True)
         finally:
@@ -370,10 +356,10 @@ class GRPOTrainer(ReferenceSync, Rollouts, EntropyBonus, RewardScoring, Trainer)
         metrics = {"loss": float(sum(losses)) / len(losses), **rollouts}
         return {f"{metric_key_prefix}_{k}": v for k, v in metrics.items()}
 
-    def gathered_for_evaluation(self) -> list:
-        """The models evaluation_pass gathers whole on every rank under FSDP (its ranks run different numbers of
-        batches, so the sharded passes could not meet): the policy; a distillation teacher too."""
-        return [self.model]
+    def evaluation_companions(self) -> tuple:
+        """The models evaluation_pass gathers whole on every rank under FSDP beside the policy (its ranks run
+        different numbers of batches, so sharded passes could not meet): none here; a distillation teacher."""
+        return ()
 
     def _evaluation_batches(self, prompts: list[dict], per_batch: int, n: int) -> list:
         """This rank's share of evaluation_pass's batches (every world-th): their losses (device scalars)."""

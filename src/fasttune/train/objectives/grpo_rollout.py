@@ -5,7 +5,7 @@ which one generation batch may feed over several optimizer steps (steps_per_gene
 (num_iterations)."""
 from __future__ import annotations
 
-from contextlib import nullcontext
+from contextlib import ExitStack
 
 import torch
 
@@ -15,7 +15,7 @@ from fasttune.train.objectives.grpo_environments import reset_rollouts
 from fasttune.train.objectives.grpo_loss import group_advantages
 from fasttune.train.objectives.grpo_rollout_func import custom_rollout
 from fasttune.train.objectives.grpo_tools import ToolTurns, tool_turns
-from fasttune.train.fsdp import is_sharded, unsharded
+from fasttune.train.fsdp import all_unsharded, is_sharded
 from fasttune.train.objectives.reference import score_positions
 
 # Under torchrun each rank samples its own share of a step: with its own seed, so that a group split over ranks
@@ -117,8 +117,20 @@ class Rollouts:
         examples are this rank's share of a step whose groups may span ranks (rewards gathered, see score). A
         prompt's images and videos are decoded once for both sampling and scoring (kept for this rollout only)."""
         self._decoded_media = {}
-        with unsharded(self.model) if is_sharded(self.model) else nullcontext():  # (FSDP: see unsharded)
+        with self.gathered():  # (FSDP)
             return self._rollout(examples, sizes, seed, group, across_ranks)
+
+    def gathered(self, *others) -> ExitStack:
+        """Under FSDP, a context in which the policy (and `others`, e.g. a distillation teacher; None skipped) is
+        gathered whole on every rank (train/fsdp.py's unsharded) and a copied reference's weights too
+        (ReferencePolicy.gathered), so that sampling and the reference passes inside need no collectives and each
+        rank runs as many as its own work needs. Entering and leaving are collectives; nothing without FSDP."""
+        stack = ExitStack()
+        reference = getattr(self, "reference", None)
+        if reference is not None and is_sharded(self.model):
+            stack.enter_context(reference.gathered())  # (before unsharded: the copy is laid out like the shards)
+        stack.enter_context(all_unsharded(self.model, *others))
+        return stack
 
     def _rollout(self, examples: list[dict], sizes: list[int], seed: int, group: int | None,
                  across_ranks: bool) -> list[dict]:

@@ -208,6 +208,7 @@ class ReferencePolicy:
     def __init__(self, model, keep_copy: bool = False):
         self.model = model
         self.saved = None
+        self.whole = None  # the copy gathered whole for a block (gathered), else None
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         identity = model.lora_settings is not None and all(
             "lora_" in n and ("lora_B" not in n or p.is_meta or not p.detach().any()) for n, p in trainable)
@@ -220,7 +221,7 @@ class ReferencePolicy:
         """A policy of `model` with `weights` ({trainable parameter name: tensor of its shape}) swapped in: SDFT's
         EMA teacher (weights it moves with blend)."""
         policy = cls.__new__(cls)
-        policy.model, policy.saved = model, weights
+        policy.model, policy.saved, policy.whole = model, weights, None
         return policy
 
     @torch.no_grad()
@@ -240,11 +241,48 @@ class ReferencePolicy:
         return self.saved is not None
 
     @contextmanager
+    def gathered(self):
+        """Under FSDP, the kept copy whole on every rank for the block, for `active` inside a block where the model is
+        gathered whole too (train/fsdp.py's unsharded: GRPO's rollouts, where each rank runs its own number of
+        passes): there the swap exchanges whole tensors in place, with no collective and no reshard. Enter it before
+        the model's unsharded block (the copy is laid out like the sharded parameters first). A collective on entry
+        (every rank); nested, the outermost does the work; nothing for a reference without a copy."""
+        if self.saved is None or self.whole is not None:
+            yield
+            return
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            whole = {}
+            for n, ref in self.saved.items():
+                p = params[n]
+                if isinstance(p, DTensor):
+                    if not isinstance(ref, DTensor):  # FSDP sharded it after the copy
+                        ref = self.saved[n] = _distributed(ref, p)
+                    whole[n] = ref.full_tensor()
+                else:
+                    whole[n] = ref
+        self.whole = whole
+        try:
+            yield
+        finally:
+            self.whole = None
+
+    @contextmanager
     def active(self):
         """Within this context the model computes the reference policy."""
         if self.saved is None:
             with adapters_disabled(self.model):
                 yield
+            return
+        if self.whole is not None and self.model.__dict__.get("_unsharded_depth", 0):  # both gathered whole
+            params = dict(self.model.named_parameters())
+            with torch.no_grad():
+                self._swap(params, self.whole)
+            try:
+                yield
+            finally:
+                with torch.no_grad():
+                    self._swap(params, self.whole)
             return
         params = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -261,9 +299,9 @@ class ReferencePolicy:
                 _reshard(self.model)
                 self._swap(params)
 
-    def _swap(self, params: dict):
-        """Exchange each parameter's values with its kept copy's, one parameter at a time."""
-        for n, kept in self.saved.items():
+    def _swap(self, params: dict, saved: dict | None = None):
+        """Exchange each parameter's values with its kept copy's (`saved`, default self.saved), one at a time."""
+        for n, kept in (self.saved if saved is None else saved).items():
             p = params[n]
             held = p.detach().clone()
             p.copy_(kept)
