@@ -149,7 +149,10 @@ SAMPLED = {"grpo": {"method": "grpo", "checkpointing": True, "evaluate": True},
            # KL gradient is a difference of nearly equal terms, so Adam turns the reduction order into ~1.2e-5 in
            # its weights (the LoRA factors: ~1e-6); without the swap the third step samples other completions
            "grpo-reference-copy": {"method": "grpo", "checkpointing": True, "modules_to_save": ["lm_head"],
-                                   "staged": True, "evaluate": True, "adapter_atol": 2e-5}}
+                                   "staged": True, "evaluate": True, "adapter_atol": 2e-5},
+           # A2PO's stage 1 scores its reference samples with the copy swapped in too (gathered with the model)
+           "a2po-reference-copy": {"method": "a2po", "checkpointing": True, "modules_to_save": ["lm_head"],
+                                   "adapter_atol": 2e-5}}
 # Distillation, GKD and IW-OPD: the student's pass goes through the model's forward (the root's shards gathered),
 # the teacher sharded too (DDP: whole on every rank); GKD's student samples gathered. Distillation after a staged
 # load (the teacher read from its folder staged as well) with a trained LM head (the divergence reads the gathered
