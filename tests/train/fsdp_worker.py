@@ -173,7 +173,7 @@ def run(model_dir, out_dir, o):
 
         from fasttune.sharding import is_sharded
 
-        params = list(trainer.teacher.model.layers.parameters())  # (its root stays gathered after a pass)
+        params = list(trainer.teacher.parameters())  # (its root is freed again after each optimizer step)
         with open(f"{out_dir}/teacher_rank{trainer.dist.rank}.json", "w") as f:
             json.dump({"sharded": is_sharded(trainer.teacher), "whole": sum(p.numel() for p in params),
                        "local": sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)}, f)

@@ -276,8 +276,8 @@ def test_distillation_under_fsdp_equals_ddp(fsdp_runs, method):
     assert len(fsdp) == 3 and len(set(fsdp)) >= 2
     torch.testing.assert_close(torch.tensor(fsdp), torch.tensor(ddp), rtol=1e-5, atol=0)
     _assert_same_adapter(root / "two" / f"{method}-ddp", root / "two" / f"{method}-fsdp")
-    if method in TEACHERS:  # each rank held about half of the teacher's layers (FSDP pads the last shard; its root,
-        # the embeddings and the head, stays gathered after its first pass, as the student's)
+    if method in TEACHERS:  # each rank held about half of the teacher after training (FSDP pads the last shard; its
+        # root, the embeddings and the head, gathered by each pass, is freed after each optimizer step)
         for rank in (0, 1):
             held = json.loads((root / "two" / f"{method}-fsdp" / f"teacher_rank{rank}.json").read_text())
             assert held["sharded"] and 0.45 * held["whole"] <= held["local"] <= 0.55 * held["whole"], held

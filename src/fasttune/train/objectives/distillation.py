@@ -144,9 +144,17 @@ class DistillationTrainer(GRPOTrainer):
         shard_model), as TRL's trainers prepare it with accelerate: each GPU holds its share of the teacher and
         gathers a layer's weights just before the layer runs. Its passes then run in lockstep on every rank (the
         micro-batches, and filler_loss in a short step); its root (embeddings, final norm, LM head) stays gathered
-        after its first pass (FSDP's rule for the root, which the divergence reads)."""
+        after a pass (FSDP's rule for the root, which the divergence reads) until the optimizer step (_after_step)."""
         if not is_sharded(self.teacher):
             shard_model(self.teacher)
+
+    def _after_step(self, run):
+        """Under FSDP the sharded teacher's root (embeddings, final norm, LM head), gathered by its passes and kept so
+        by FSDP's rule for a root, is freed after each optimizer step (no collective): the next step's rollouts, which
+        gather the student whole, run without it, and its next pass gathers it again."""
+        if is_sharded(self.teacher):
+            self.teacher.reshard()
+        super()._after_step(run)
 
     def evaluation_companions(self) -> tuple:
         """The teacher: an evaluation's ranks run different numbers of batches."""
