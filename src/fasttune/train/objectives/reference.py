@@ -274,34 +274,30 @@ class ReferencePolicy:
             with adapters_disabled(self.model):
                 yield
             return
-        if self.whole is not None and self.model.__dict__.get("_unsharded_depth", 0):  # both gathered whole
-            params = dict(self.model.named_parameters())
-            with torch.no_grad():
-                self._swap(params, self.whole)
-            try:
-                yield
-            finally:
-                with torch.no_grad():
-                    self._swap(params, self.whole)
-            return
         params = dict(self.model.named_parameters())
+        # Inside a gathered rollout (the model unsharded, the copy gathered whole: see gathered) the swap is of whole
+        # tensors, with no collective; otherwise of the shards, around a reshard of what FSDP keeps gathered.
+        whole = self.whole is not None and self.model.__dict__.get("_unsharded_depth", 0)
+        kept = self.whole if whole else self.saved
         with torch.no_grad():
-            for n, ref in self.saved.items():
-                p = params[n]
-                if isinstance(p, DTensor) and not isinstance(ref, DTensor):  # FSDP sharded it after the copy
-                    self.saved[n] = _distributed(ref, p)
-            _reshard(self.model)
-            self._swap(params)  # the reference's weights in the model, the policy's in self.saved
+            if not whole:
+                for n, ref in self.saved.items():
+                    p = params[n]
+                    if isinstance(p, DTensor) and not isinstance(ref, DTensor):  # FSDP sharded it after the copy
+                        self.saved[n] = _distributed(ref, p)
+                _reshard(self.model)
+            self._swap(params, kept)  # the reference's weights in the model, the policy's in the copy
         try:
             yield
         finally:
             with torch.no_grad():
-                _reshard(self.model)
-                self._swap(params)
+                if not whole:
+                    _reshard(self.model)
+                self._swap(params, kept)
 
-    def _swap(self, params: dict, saved: dict | None = None):
-        """Exchange each parameter's values with its kept copy's (`saved`, default self.saved), one at a time."""
-        for n, kept in (self.saved if saved is None else saved).items():
+    def _swap(self, params: dict, saved: dict):
+        """Exchange each parameter's values with its kept copy's in `saved` ({name: tensor}), one at a time."""
+        for n, kept in saved.items():
             p = params[n]
             held = p.detach().clone()
             p.copy_(kept)
